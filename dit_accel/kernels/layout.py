@@ -1,0 +1,210 @@
+"""BlockLayout: which key blocks each query block visits, and how.
+
+A layout is the kernels' view of a pattern. Query tokens are cut into blocks of
+``block_q`` rows and key tokens into blocks of ``block_k`` columns (the last
+block of each may be ragged). For every query block the layout lists the key
+blocks to visit, in increasing order, each either *full* (every in-range pair
+allowed: the kernel runs it unmasked) or *partial* (an element mask from
+``mask_table`` applies). Unlisted blocks are skipped.
+
+Tensors (``Hl`` is 1 when all heads share the pattern, else the head count):
+
+- ``kv_counts``  int32 ``[Hl, nQ]``: visited key blocks per query block.
+- ``kv_indices`` int32 ``[Hl, nQ, max_kv]``: their indices (entries past the count are 0).
+- ``kv_mask_ids`` int32 ``[Hl, nQ, max_kv]``: ``-1`` for full blocks, else a row of ``mask_table``.
+- ``q_counts``, ``q_indices``, ``q_mask_ids``: the transposed layout, per key
+  block the query blocks that visit it (used by the dK/dV backward pass).
+- ``mask_table`` bool ``[P, block_q, block_k]``: distinct element masks of partial blocks.
+
+Token positions past ``q_len``/``kv_len`` in a ragged last block are always
+masked by the kernels; the layout need not mark them. A query row with no
+allowed key produces a zero output and ``lse = -inf``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, Tuple
+
+import torch
+
+__all__ = ["BlockLayout"]
+
+_INT = torch.int32
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _pack(visited: torch.Tensor, ids: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """[Hl, R, C] visit matrix -> counts [Hl, R], indices/mask ids [Hl, R, max] (ascending)."""
+    counts = visited.sum(-1).to(_INT)
+    width = max(int(counts.max()) if counts.numel() else 0, 1)
+    # Stable sort puts visited columns first, in ascending column order.
+    order = torch.sort((~visited).to(torch.int8), dim=-1, stable=True).indices[..., :width]
+    keep = torch.arange(width, device=visited.device) < counts[..., None]
+    indices = torch.where(keep, order, 0).to(_INT)
+    mask_ids = torch.where(keep, torch.gather(ids, -1, order), -1).to(_INT)
+    return counts.contiguous(), indices.contiguous(), mask_ids.contiguous()
+
+
+@dataclass(frozen=True, eq=False)
+class BlockLayout:
+    """Block-sparse visit list shared by every attention backend (see module docstring)."""
+
+    q_len: int
+    kv_len: int
+    block_q: int
+    block_k: int
+    kv_counts: torch.Tensor
+    kv_indices: torch.Tensor
+    kv_mask_ids: torch.Tensor
+    q_counts: torch.Tensor
+    q_indices: torch.Tensor
+    q_mask_ids: torch.Tensor
+    mask_table: torch.Tensor
+
+    # ----------------------------------------------------------------- build
+    @classmethod
+    def from_block_masks(
+        cls,
+        visited: torch.Tensor,
+        *,
+        q_len: int,
+        kv_len: int,
+        block_q: int,
+        block_k: int,
+        mask_ids: torch.Tensor | None = None,
+        mask_table: torch.Tensor | None = None,
+    ) -> "BlockLayout":
+        """Build from a block-level visit matrix.
+
+        Args:
+            visited: bool ``[nQ, nK]`` or ``[Hl, nQ, nK]``, True where a block pair is visited.
+            mask_ids: int ``[..., nQ, nK]``: ``-1`` for full blocks, else an index into
+                ``mask_table``. ``None`` means every visited block is full.
+            mask_table: bool ``[P, block_q, block_k]`` element masks of partial blocks.
+        """
+        if visited.dim() == 2:
+            visited = visited[None]
+        visited = visited.bool()
+        n_q, n_k = _cdiv(q_len, block_q), _cdiv(kv_len, block_k)
+        if visited.shape[-2:] != (n_q, n_k):
+            raise ValueError(
+                f"visited has block shape {tuple(visited.shape[-2:])}, expected ({n_q}, {n_k}) for "
+                f"q_len={q_len}, kv_len={kv_len}, block_q={block_q}, block_k={block_k}")
+        if mask_ids is None:
+            mask_ids = torch.full(visited.shape, -1, dtype=_INT, device=visited.device)
+        else:
+            mask_ids = mask_ids.to(_INT).expand(visited.shape)
+        if mask_table is None:
+            mask_table = torch.zeros(0, block_q, block_k, dtype=torch.bool, device=visited.device)
+        mask_ids = torch.where(visited, mask_ids, -1)
+        kv = _pack(visited, mask_ids)
+        qt = _pack(visited.transpose(-1, -2), mask_ids.transpose(-1, -2))
+        return cls(q_len, kv_len, block_q, block_k, *kv, *qt, mask_table.bool().contiguous())
+
+    @classmethod
+    def from_dense_mask(cls, mask: torch.Tensor, block_q: int = 64, block_k: int = 64) -> "BlockLayout":
+        """Build from a token mask ``[N, M]`` or ``[H, N, M]`` (True = allowed).
+
+        Blocks with no allowed pair are skipped, blocks whose in-range pairs are all
+        allowed are full, the rest are partial with their element mask (deduplicated).
+        Materialises the mask, so meant for tests, inspection and moderate N.
+        """
+        if mask.dtype != torch.bool or mask.dim() not in (2, 3):
+            raise ValueError(f"mask must be a bool tensor [N, M] or [H, N, M]; got {mask.dtype} {tuple(mask.shape)}")
+        if mask.dim() == 2:
+            mask = mask[None]
+        hl, q_len, kv_len = mask.shape
+        n_q, n_k = _cdiv(q_len, block_q), _cdiv(kv_len, block_k)
+        padded = torch.zeros(hl, n_q * block_q, n_k * block_k, dtype=torch.bool, device=mask.device)
+        padded[:, :q_len, :kv_len] = mask
+        inside = torch.zeros_like(padded[0])
+        inside[:q_len, :kv_len] = True
+        blocks = padded.view(hl, n_q, block_q, n_k, block_k).permute(0, 1, 3, 2, 4)
+        inside_b = inside.view(n_q, block_q, n_k, block_k).permute(0, 2, 1, 3)
+        visited = blocks.any(dim=(-1, -2))
+        full = (blocks | ~inside_b).all(dim=(-1, -2)) & visited
+        partial = visited & ~full
+        mask_ids = torch.full(visited.shape, -1, dtype=_INT, device=mask.device)
+        if partial.any():
+            table, inverse = torch.unique(blocks[partial].reshape(-1, block_q * block_k), dim=0, return_inverse=True)
+            mask_ids[partial] = inverse.to(_INT)
+            table = table.view(-1, block_q, block_k)
+        else:
+            table = None
+        return cls.from_block_masks(visited, q_len=q_len, kv_len=kv_len, block_q=block_q, block_k=block_k,
+                                    mask_ids=mask_ids, mask_table=table)
+
+    # --------------------------------------------------------------- inspect
+    @property
+    def num_heads(self) -> int:
+        """1 when all heads share the layout, else the number of heads."""
+        return self.kv_counts.shape[0]
+
+    @property
+    def num_q_blocks(self) -> int:
+        return self.kv_counts.shape[1]
+
+    @property
+    def num_kv_blocks(self) -> int:
+        return self.q_counts.shape[1]
+
+    @property
+    def device(self) -> torch.device:
+        return self.kv_counts.device
+
+    def density(self) -> float:
+        """Fraction of block pairs the kernels visit (full or partial), averaged over heads.
+
+        Its inverse is the ideal ("speed of light") speedup over dense attention.
+        """
+        return float(self.kv_counts.sum()) / (self.num_heads * self.num_q_blocks * self.num_kv_blocks)
+
+    def partial_fraction(self) -> float:
+        """Fraction of visited blocks that need an element mask."""
+        visited = int(self.kv_counts.sum())
+        return float((self.kv_mask_ids >= 0).sum()) / max(visited, 1)
+
+    def block_masks(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``(visited, mask_ids)`` as dense ``[Hl, nQ, nK]`` block matrices."""
+        hl, n_q, n_k = self.num_heads, self.num_q_blocks, self.num_kv_blocks
+        visited = torch.zeros(hl, n_q, n_k, dtype=torch.bool, device=self.device)
+        mask_ids = torch.full((hl, n_q, n_k), -1, dtype=_INT, device=self.device)
+        keep = torch.arange(self.kv_indices.shape[-1], device=self.device) < self.kv_counts[..., None]
+        h, q, slot = keep.nonzero(as_tuple=True)
+        k = self.kv_indices[h, q, slot].long()
+        visited[h, q, k] = True
+        mask_ids[h, q, k] = self.kv_mask_ids[h, q, slot]
+        return visited, mask_ids
+
+    def to_dense_mask(self) -> torch.Tensor:
+        """Token mask ``[Hl, q_len, kv_len]`` of exactly what the kernels compute (for tests)."""
+        visited, mask_ids = self.block_masks()
+        hl, n_q, n_k = visited.shape
+        bq, bk = self.block_q, self.block_k
+        table = torch.cat([self.mask_table, torch.ones(1, bq, bk, dtype=torch.bool, device=self.device)])
+        tiles = table[torch.where(mask_ids >= 0, mask_ids, table.shape[0] - 1).long()]  # [Hl,nQ,nK,bq,bk]
+        tiles &= visited[..., None, None]
+        dense = tiles.permute(0, 1, 3, 2, 4).reshape(hl, n_q * bq, n_k * bk)
+        return dense[:, : self.q_len, : self.kv_len]
+
+    # ---------------------------------------------------------------- device
+    def to(self, device) -> "BlockLayout":
+        """The same layout with its tensors on ``device`` (cached per device)."""
+        device = torch.device(device)
+        if device == self.device:
+            return self
+        cache: Dict[torch.device, BlockLayout] = self.__dict__.setdefault("_device_cache", {})
+        if device not in cache:
+            moved = {name: getattr(self, name).to(device) for name in self._TENSORS}
+            cache[device] = BlockLayout(self.q_len, self.kv_len, self.block_q, self.block_k, **moved)
+        return cache[device]
+
+    _TENSORS = ("kv_counts", "kv_indices", "kv_mask_ids", "q_counts", "q_indices", "q_mask_ids", "mask_table")
+
+    def __repr__(self) -> str:
+        return (f"BlockLayout(q_len={self.q_len}, kv_len={self.kv_len}, block=({self.block_q}, {self.block_k}), "
+                f"heads={self.num_heads}, density={self.density():.3f}, partial={self.partial_fraction():.3f})")
