@@ -1,0 +1,120 @@
+"""Paired fidelity metrics of a method's frames against the dense frames.
+
+Frames everywhere in :mod:`dit_accel.eval` are float tensors ``[F, 3, H, W]``
+in ``[0, 1]`` (see :func:`to_frames` for conversions from ``uint8`` arrays).
+
+PSNR is capped at :data:`PSNR_CAP` dB: identical frames have an infinite PSNR,
+which would poison means and JSON, so every per-frame value is clamped to the
+cap (an MSE floor of ``1e-10`` at ``data_range=1``).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Dict, List, Optional
+
+import numpy as np
+import torch
+
+__all__ = ["PSNR_CAP", "to_frames", "psnr_per_frame", "ssim_per_frame", "paired_metrics", "LPIPSScorer"]
+
+PSNR_CAP = 100.0  # dB, = -10 log10(1e-10): what identical frames report
+
+
+def to_frames(video) -> torch.Tensor:
+    """``np.ndarray``/tensor ``[F, H, W, 3]`` (uint8 or float in [0, 1]) or ``[F, 3, H, W]`` -> float ``[F, 3, H, W]``."""
+    x = torch.as_tensor(np.asarray(video) if not isinstance(video, torch.Tensor) else video)
+    if x.dim() == 3:  # a single image
+        x = x[None]
+    if x.dim() != 4:
+        raise ValueError(f"video must be [F, H, W, 3] or [F, 3, H, W]; got shape {tuple(x.shape)}")
+    if x.shape[-1] in (1, 3) and x.shape[1] not in (1, 3):
+        x = x.permute(0, 3, 1, 2)
+    if x.dtype == torch.uint8:
+        x = x.float() / 255.0
+    return x.float().clamp(0.0, 1.0).contiguous()
+
+
+def _check_pair(pred: torch.Tensor, ref: torch.Tensor) -> None:
+    if pred.shape != ref.shape:
+        raise ValueError(f"frame shapes differ: method {tuple(pred.shape)} vs dense {tuple(ref.shape)}; "
+                         "generate both with the same --frames/--height/--width")
+
+
+def psnr_per_frame(pred, ref) -> torch.Tensor:
+    """PSNR in dB per frame (``data_range=1``), capped at :data:`PSNR_CAP`. Returns ``[F]``."""
+    from torchmetrics.functional.image import peak_signal_noise_ratio
+
+    pred, ref = to_frames(pred), to_frames(ref)
+    _check_pair(pred, ref)
+    values = peak_signal_noise_ratio(pred, ref, data_range=1.0, reduction="none", dim=(1, 2, 3))
+    return torch.nan_to_num(values, posinf=PSNR_CAP).clamp(max=PSNR_CAP)
+
+
+def ssim_per_frame(pred, ref) -> torch.Tensor:
+    """SSIM per frame (Gaussian window 11, shrunk to fit tiny frames). Returns ``[F]``."""
+    from torchmetrics.functional.image import structural_similarity_index_measure
+
+    pred, ref = to_frames(pred), to_frames(ref)
+    _check_pair(pred, ref)
+    side = min(pred.shape[-2:])
+    kernel = 11 if side >= 11 else max(3, side - (1 - side % 2))  # odd and <= the frame side
+    return structural_similarity_index_measure(pred, ref, data_range=1.0, reduction="none",
+                                               kernel_size=kernel, sigma=1.5 * kernel / 11)
+
+
+def paired_metrics(pred, ref, lpips: Optional["LPIPSScorer"] = None) -> Dict[str, object]:
+    """PSNR/SSIM (and LPIPS when a scorer is given) per frame and their means."""
+    psnr = psnr_per_frame(pred, ref)
+    ssim = ssim_per_frame(pred, ref)
+    out: Dict[str, object] = {
+        "psnr": float(psnr.mean()), "ssim": float(ssim.mean()),
+        "psnr_per_frame": [round(float(v), 4) for v in psnr],
+        "ssim_per_frame": [round(float(v), 6) for v in ssim],
+    }
+    if lpips is not None:
+        values = lpips(pred, ref)
+        out["lpips"] = float(values.mean())
+        out["lpips_per_frame"] = [round(float(v), 6) for v in values]
+    return out
+
+
+class LPIPSScorer:
+    """LPIPS through torchmetrics, when torchvision and the backbone weights are present.
+
+    Use :meth:`create`, which returns ``(scorer, None)`` or ``(None, skip_line)``.
+    """
+
+    def __init__(self, metric):
+        self.metric = metric
+
+    @classmethod
+    def create(cls, net: str = "alex", device="cpu"):
+        try:
+            import torchvision  # noqa: F401
+        except ImportError:
+            return None, ("LPIPS skipped: needs torchvision and its pretrained backbone "
+                          "(pip install torchvision, then run once online to cache the weights)")
+        try:
+            from torchmetrics.image.lpip import LearnedPerceptualImagePatchSimilarity
+
+            metric = LearnedPerceptualImagePatchSimilarity(net_type=net, normalize=True).to(device)
+        except Exception as exc:  # offline without cached backbone weights: one line, not a traceback
+            return None, (f"LPIPS skipped: the {net} backbone weights could not be loaded "
+                          f"({type(exc).__name__}); cache them under $TORCH_HOME/hub/checkpoints by running once online")
+        return cls(metric), None
+
+    @torch.no_grad()
+    def __call__(self, pred, ref) -> torch.Tensor:
+        pred, ref = to_frames(pred), to_frames(ref)
+        device = next(self.metric.parameters(), torch.empty(0)).device
+        values = []
+        for a, b in zip(pred, ref):
+            self.metric.reset()
+            values.append(float(self.metric(a[None].to(device), b[None].to(device))))
+        return torch.tensor(values)
+
+
+def mean_or_none(values: List[Optional[float]]) -> Optional[float]:
+    values = [v for v in values if v is not None and not math.isnan(v)]
+    return float(np.mean(values)) if values else None
