@@ -1,0 +1,659 @@
+"""Triton block-sparse attention over a :class:`BlockLayout` (forward and backward).
+
+Three GPU kernels (plus a small preprocess) implement FlashAttention-2 style
+attention restricted to the blocks a layout lists:
+
+- ``_fwd_kernel``: grid ``(query tiles, B*H)``. Each program keeps its query tile
+  in registers and walks the key blocks its layout row lists (``kv_indices``),
+  with an online softmax in base 2 (``exp2`` with a ``log2(e)``-scaled scale).
+  Full blocks run without any masking; the element mask of ``mask_table`` is
+  applied only to partial blocks (``kv_mask_ids >= 0``) and the bounds mask only
+  to the ragged last key block.
+- ``_bwd_dkdv_kernel``: grid ``(key tiles, B*H)``, walks the *transposed* layout
+  (``q_indices``: only the query blocks that visit this key block) and recomputes
+  ``P`` from the saved log-sum-exp.
+- ``_bwd_dq_kernel``: grid ``(query tiles, B*H)`` over the forward layout.
+
+Both backward kernels own their outputs, so no atomics are needed.
+
+The kernel tile ``(BLOCK_M, BLOCK_N)`` may be smaller than the layout block
+``(block_q, block_k)`` (it always divides it): a layout block is then covered by
+several programs (query side) or several loop steps (key side). That keeps
+layouts at 128 usable on GPUs with less shared memory and with head dim 256.
+
+Public entry points (pure functions, no autograd; DISPATCH wraps them in custom
+ops): :func:`triton_forward`, :func:`triton_backward`,
+:func:`triton_unavailable_reason`, :func:`select_config`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import torch
+
+from .layout import BlockLayout
+
+try:  # triton is a Linux runtime dependency; keep the module importable without it
+    import triton
+    import triton.language as tl
+
+    _TRITON_IMPORT_ERROR: Optional[str] = None
+except Exception as exc:  # pragma: no cover - depends on the install
+    triton = None
+    tl = None
+    _TRITON_IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
+
+__all__ = [
+    "triton_forward",
+    "triton_backward",
+    "triton_unavailable_reason",
+    "KernelConfig",
+    "select_config",
+    "SUPPORTED_DTYPES",
+    "MAX_HEAD_DIM",
+]
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_HEAD_DIM = 256
+_LOG2E = 1.4426950408889634
+_MIN_BLOCK_D = 16  # tl.dot needs K >= 16
+
+
+# ---------------------------------------------------------------------------
+# kernels
+# ---------------------------------------------------------------------------
+if triton is not None:
+
+    @triton.jit
+    def _fwd_kernel(
+        Q, K, V, O, LSE,
+        KV_COUNTS, KV_INDICES, KV_MASK_IDS, MASK_TABLE,
+        sqb, sqh, sqn, sqd,
+        skb, skh, skn, skd,
+        svb, svh, svn, svd,
+        sob, soh, son, sod,
+        slb, slh,
+        lay_ch, lay_cq,
+        lay_ih, lay_iq,
+        mt_p, mt_i,
+        H, q_len, kv_len, head_dim, layout_bq, layout_bk,
+        qk_scale,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+        DOT_PRECISION: tl.constexpr,
+    ):
+        pid_m = tl.program_id(0)
+        pid_bh = tl.program_id(1)
+        off_b = (pid_bh // H).to(tl.int64)
+        off_h = pid_bh % H
+        # Query tiles of one layout block are consecutive programs.
+        qb = pid_m // (layout_bq // BLOCK_M)
+        row0 = pid_m * BLOCK_M
+        mrow0 = row0 - qb * layout_bq  # row offset inside the layout block's element mask
+
+        offs_m0 = tl.arange(0, BLOCK_M)
+        offs_n0 = tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, BLOCK_D)
+        offs_m = row0 + offs_m0
+        m_ok = offs_m < q_len
+        d_ok = offs_d < head_dim
+
+        q_ptrs = Q + off_b * sqb + off_h.to(tl.int64) * sqh + offs_m[:, None] * sqn + offs_d[None, :] * sqd
+        q = tl.load(q_ptrs, mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+        k_base = K + off_b * skb + off_h.to(tl.int64) * skh
+        v_base = V + off_b * svb + off_h.to(tl.int64) * svh
+
+        count = tl.load(KV_COUNTS + off_h * lay_ch + qb * lay_cq)
+        row_base = off_h * lay_ih + qb * lay_iq
+        n_sub = layout_bk // BLOCK_N
+
+        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+        # One flat loop over (visited key block, key tile inside it) so the
+        # compiler can software-pipeline the K/V loads.
+        for j in range(0, count * n_sub):
+            slot = j // n_sub
+            sub = j - slot * n_sub
+            kb = tl.load(KV_INDICES + row_base + slot)
+            mid = tl.load(KV_MASK_IDS + row_base + slot)
+            col0 = kb * layout_bk + sub * BLOCK_N
+            offs_n = col0 + offs_n0
+            n_ok = offs_n < kv_len
+            kt = tl.load(k_base + offs_n[None, :] * skn + offs_d[:, None] * skd,
+                         mask=n_ok[None, :] & d_ok[:, None], other=0.0)
+            s = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale
+            if (mid >= 0) | (col0 + BLOCK_N > kv_len):
+                # Partial block or ragged last key tile: the only places a mask is applied.
+                em = tl.load(MASK_TABLE + tl.maximum(mid, 0).to(tl.int64) * mt_p
+                             + (mrow0 + offs_m0)[:, None] * mt_i + (sub * BLOCK_N + offs_n0)[None, :],
+                             )
+                s = tl.where(((em != 0) | (mid < 0)) & n_ok[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            # A row that has seen no allowed key keeps m = -inf; use 0 to avoid inf - inf.
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.math.exp2(m_i - m_use)
+            p = tl.math.exp2(s - m_use[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = tl.load(v_base + offs_n[:, None] * svn + offs_d[None, :] * svd,
+                        mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+            acc = acc * alpha[:, None]
+            acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
+            m_i = m_new
+
+        empty = l_i == 0.0
+        l_safe = tl.where(empty, 1.0, l_i)
+        out = acc / l_safe[:, None]
+        lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
+        o_ptrs = O + off_b * sob + off_h.to(tl.int64) * soh + offs_m[:, None] * son + offs_d[None, :] * sod
+        tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
+        tl.store(LSE + off_b * slb + off_h.to(tl.int64) * slh + offs_m, lse, mask=m_ok)
+
+    @triton.jit
+    def _bwd_preprocess_kernel(
+        O, DO, DELTA,
+        sob, soh, son, sod,
+        sdb, sdh, sdn, sdd,
+        H, q_len, head_dim,
+        BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):
+        pid_m = tl.program_id(0)
+        pid_bh = tl.program_id(1)
+        off_b = (pid_bh // H).to(tl.int64)
+        off_h = (pid_bh % H).to(tl.int64)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, BLOCK_D)
+        mask = (offs_m < q_len)[:, None] & (offs_d < head_dim)[None, :]
+        o = tl.load(O + off_b * sob + off_h * soh + offs_m[:, None] * son + offs_d[None, :] * sod,
+                    mask=mask, other=0.0).to(tl.float32)
+        do = tl.load(DO + off_b * sdb + off_h * sdh + offs_m[:, None] * sdn + offs_d[None, :] * sdd,
+                     mask=mask, other=0.0).to(tl.float32)
+        # DELTA is a contiguous (B*H, q_len) buffer.
+        tl.store(DELTA + pid_bh.to(tl.int64) * q_len + offs_m, tl.sum(o * do, 1), mask=offs_m < q_len)
+
+    @triton.jit
+    def _bwd_dkdv_kernel(
+        Q, K, V, DO, LSE, DELTA, DK, DV,
+        Q_COUNTS, Q_INDICES, Q_MASK_IDS, MASK_TABLE,
+        sqb, sqh, sqn, sqd,
+        skb, skh, skn, skd,
+        svb, svh, svn, svd,
+        sdb, sdh, sdn, sdd,
+        slb, slh,
+        lay_ch, lay_ck,
+        lay_ih, lay_ik,
+        mt_p, mt_i,
+        H, q_len, kv_len, head_dim, layout_bq, layout_bk,
+        sm_scale, qk_scale,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+        DOT_PRECISION: tl.constexpr,
+    ):
+        pid_n = tl.program_id(0)
+        pid_bh = tl.program_id(1)
+        off_b = (pid_bh // H).to(tl.int64)
+        off_h = pid_bh % H
+        kb = pid_n // (layout_bk // BLOCK_N)
+        col0 = pid_n * BLOCK_N
+        mcol0 = col0 - kb * layout_bk
+
+        offs_m0 = tl.arange(0, BLOCK_M)
+        offs_n0 = tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, BLOCK_D)
+        offs_n = col0 + offs_n0
+        n_ok = offs_n < kv_len
+        d_ok = offs_d < head_dim
+        kv_mask = n_ok[:, None] & d_ok[None, :]
+        k = tl.load(K + off_b * skb + off_h.to(tl.int64) * skh + offs_n[:, None] * skn + offs_d[None, :] * skd,
+                    mask=kv_mask, other=0.0)
+        v = tl.load(V + off_b * svb + off_h.to(tl.int64) * svh + offs_n[:, None] * svn + offs_d[None, :] * svd,
+                    mask=kv_mask, other=0.0)
+        q_base = Q + off_b * sqb + off_h.to(tl.int64) * sqh
+        do_base = DO + off_b * sdb + off_h.to(tl.int64) * sdh
+        lse_base = LSE + off_b * slb + off_h.to(tl.int64) * slh
+        delta_base = DELTA + pid_bh.to(tl.int64) * q_len
+        ragged = col0 + BLOCK_N > kv_len
+
+        count = tl.load(Q_COUNTS + off_h * lay_ch + kb * lay_ck)
+        row_base = off_h * lay_ih + kb * lay_ik
+        m_sub = layout_bq // BLOCK_M
+        dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+        dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+        for j in range(0, count * m_sub):
+            slot = j // m_sub
+            sub = j - slot * m_sub
+            qb = tl.load(Q_INDICES + row_base + slot)
+            mid = tl.load(Q_MASK_IDS + row_base + slot)
+            offs_m = qb * layout_bq + sub * BLOCK_M + offs_m0
+            m_ok = offs_m < q_len
+            q_mask = m_ok[:, None] & d_ok[None, :]
+            q = tl.load(q_base + offs_m[:, None] * sqn + offs_d[None, :] * sqd, mask=q_mask, other=0.0)
+            do = tl.load(do_base + offs_m[:, None] * sdn + offs_d[None, :] * sdd, mask=q_mask, other=0.0)
+            # Rows past q_len or without any allowed key get lse = +inf so that P = 0.
+            lse = tl.load(lse_base + offs_m, mask=m_ok, other=float("inf")) * 1.4426950408889634
+            lse = tl.where(lse == float("-inf"), float("inf"), lse)
+            delta = tl.load(delta_base + offs_m, mask=m_ok, other=0.0)
+            st = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_N, BLOCK_M]
+            if (mid >= 0) | ragged:
+                em = tl.load(MASK_TABLE + tl.maximum(mid, 0).to(tl.int64) * mt_p
+                             + (sub * BLOCK_M + offs_m0)[None, :] * mt_i + (mcol0 + offs_n0)[:, None],
+                             )
+                st = tl.where(((em != 0) | (mid < 0)) & n_ok[:, None], st, float("-inf"))
+            pt = tl.math.exp2(st - lse[None, :])
+            dv = tl.dot(pt.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
+            dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+            dst = pt * (dpt - delta[None, :])
+            dk = tl.dot(dst.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
+
+        dk = dk * sm_scale
+        tl.store(DK + off_b * skb + off_h.to(tl.int64) * skh + offs_n[:, None] * skn + offs_d[None, :] * skd,
+                 dk.to(DK.dtype.element_ty), mask=kv_mask)
+        tl.store(DV + off_b * svb + off_h.to(tl.int64) * svh + offs_n[:, None] * svn + offs_d[None, :] * svd,
+                 dv.to(DV.dtype.element_ty), mask=kv_mask)
+
+    @triton.jit
+    def _bwd_dq_kernel(
+        Q, K, V, DO, LSE, DELTA, DQ,
+        KV_COUNTS, KV_INDICES, KV_MASK_IDS, MASK_TABLE,
+        sqb, sqh, sqn, sqd,
+        skb, skh, skn, skd,
+        svb, svh, svn, svd,
+        sdb, sdh, sdn, sdd,
+        slb, slh,
+        lay_ch, lay_cq,
+        lay_ih, lay_iq,
+        mt_p, mt_i,
+        H, q_len, kv_len, head_dim, layout_bq, layout_bk,
+        sm_scale, qk_scale,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+        DOT_PRECISION: tl.constexpr,
+    ):
+        pid_m = tl.program_id(0)
+        pid_bh = tl.program_id(1)
+        off_b = (pid_bh // H).to(tl.int64)
+        off_h = pid_bh % H
+        qb = pid_m // (layout_bq // BLOCK_M)
+        row0 = pid_m * BLOCK_M
+        mrow0 = row0 - qb * layout_bq
+
+        offs_m0 = tl.arange(0, BLOCK_M)
+        offs_n0 = tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, BLOCK_D)
+        offs_m = row0 + offs_m0
+        m_ok = offs_m < q_len
+        d_ok = offs_d < head_dim
+        q_mask = m_ok[:, None] & d_ok[None, :]
+        q = tl.load(Q + off_b * sqb + off_h.to(tl.int64) * sqh + offs_m[:, None] * sqn + offs_d[None, :] * sqd,
+                    mask=q_mask, other=0.0)
+        do = tl.load(DO + off_b * sdb + off_h.to(tl.int64) * sdh + offs_m[:, None] * sdn + offs_d[None, :] * sdd,
+                     mask=q_mask, other=0.0)
+        lse = tl.load(LSE + off_b * slb + off_h.to(tl.int64) * slh + offs_m, mask=m_ok,
+                      other=float("inf")) * 1.4426950408889634
+        lse = tl.where(lse == float("-inf"), float("inf"), lse)
+        delta = tl.load(DELTA + pid_bh.to(tl.int64) * q_len + offs_m, mask=m_ok, other=0.0)
+        k_base = K + off_b * skb + off_h.to(tl.int64) * skh
+        v_base = V + off_b * svb + off_h.to(tl.int64) * svh
+
+        count = tl.load(KV_COUNTS + off_h * lay_ch + qb * lay_cq)
+        row_base = off_h * lay_ih + qb * lay_iq
+        n_sub = layout_bk // BLOCK_N
+        dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        for j in range(0, count * n_sub):
+            slot = j // n_sub
+            sub = j - slot * n_sub
+            kb = tl.load(KV_INDICES + row_base + slot)
+            mid = tl.load(KV_MASK_IDS + row_base + slot)
+            col0 = kb * layout_bk + sub * BLOCK_N
+            offs_n = col0 + offs_n0
+            n_ok = offs_n < kv_len
+            kv_mask = n_ok[:, None] & d_ok[None, :]
+            k = tl.load(k_base + offs_n[:, None] * skn + offs_d[None, :] * skd, mask=kv_mask, other=0.0)
+            v = tl.load(v_base + offs_n[:, None] * svn + offs_d[None, :] * svd, mask=kv_mask, other=0.0)
+            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+            if (mid >= 0) | (col0 + BLOCK_N > kv_len):
+                em = tl.load(MASK_TABLE + tl.maximum(mid, 0).to(tl.int64) * mt_p
+                             + (mrow0 + offs_m0)[:, None] * mt_i + (sub * BLOCK_N + offs_n0)[None, :],
+                             )
+                s = tl.where(((em != 0) | (mid < 0)) & n_ok[None, :], s, float("-inf"))
+            p = tl.math.exp2(s - lse[:, None])
+            dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+            ds = p * (dp - delta[:, None])
+            dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
+
+        dq = dq * sm_scale
+        tl.store(DQ + off_b * sqb + off_h.to(tl.int64) * sqh + offs_m[:, None] * sqn + offs_d[None, :] * sqd,
+                 dq.to(DQ.dtype.element_ty), mask=q_mask)
+
+    KERNELS = {
+        "fwd": _fwd_kernel,
+        "bwd_preprocess": _bwd_preprocess_kernel,
+        "bwd_dkdv": _bwd_dkdv_kernel,
+        "bwd_dq": _bwd_dq_kernel,
+    }
+else:  # pragma: no cover
+    KERNELS = {}
+
+
+# ---------------------------------------------------------------------------
+# launch configurations
+# ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class KernelConfig:
+    """One compiled variant of a kernel: its constexprs and launch options.
+
+    ``block_m`` / ``block_n`` are the kernel's tile (they divide the layout's
+    ``block_q`` / ``block_k``); ``block_d`` is the padded head dim.
+    """
+
+    kernel: str  # "fwd", "bwd_preprocess", "bwd_dkdv", "bwd_dq"
+    dtype: torch.dtype
+    block_d: int
+    block_m: int
+    block_n: int  # unused (0) for bwd_preprocess
+    num_warps: int
+    num_stages: int
+
+    @property
+    def dot_precision(self) -> str:
+        # fp32 inputs: exact fp32 products (what torch does by default), not tf32.
+        return "ieee" if self.dtype == torch.float32 else "tf32"
+
+    @property
+    def name(self) -> str:
+        dt = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}[self.dtype]
+        return (f"{self.kernel}-{dt}-d{self.block_d}-m{self.block_m}n{self.block_n}"
+                f"-w{self.num_warps}s{self.num_stages}")
+
+
+# Dynamic shared memory per block (bytes), from the CUDA programming guide's
+# compute capability table: sm_80/87 163 KB, sm_86/89/120 99 KB, sm_90/100 227 KB.
+SHARED_MEMORY_LIMITS = {80: 166912, 86: 101376, 87: 166912, 89: 101376, 90: 232448, 100: 232448, 120: 101376}
+
+
+def shared_memory_limit(arch: int) -> int:
+    """Max dynamic shared memory per block for compute capability ``arch`` (e.g. 90)."""
+    if arch in SHARED_MEMORY_LIMITS:
+        return SHARED_MEMORY_LIMITS[arch]
+    return 101376  # conservative default for unknown parts
+
+
+def block_d_for(head_dim: int) -> int:
+    """Padded head dim the kernels use: next power of two, at least 16."""
+    return max(_MIN_BLOCK_D, 1 << (int(head_dim) - 1).bit_length())
+
+
+def select_config(kernel: str, dtype: torch.dtype, head_dim: int, block_q: int, block_k: int,
+                  arch: int = 80) -> KernelConfig:
+    """Launch configuration for ``kernel`` given dtype, head dim, layout block sizes and GPU arch.
+
+    Rules (not autotuned: no GPU was available while writing them, see the report):
+    tiles follow FlashAttention-2's choices (fwd 128x128 for d <= 64, 128x64 for
+    d = 128; bwd 64x64 or smaller), shrink for fp32 and d = 256 so every config
+    fits 99 KB of shared memory where the part only has that much, and
+    ``num_stages`` is 3 on parts with large shared memory (sm_80, sm_90), else 2.
+    """
+    bd = block_d_for(head_dim)
+    big_smem = shared_memory_limit(arch) >= 160 * 1024
+    wide = dtype == torch.float32  # 4-byte elements: halve tiles
+    stages = 3 if big_smem else 2
+    if kernel == "bwd_preprocess":
+        return KernelConfig(kernel, dtype, bd, 64 if bd <= 128 else 32, 0, 4, 1)
+    if kernel == "fwd":
+        bm = 128 if bd <= 128 else 64
+        bn = 128 if bd <= 64 else 64
+        if bd >= 256:
+            bn = 32
+        if wide:
+            bm, bn = min(bm, 64), min(bn, 64 if bd <= 64 else 32)
+        warps = 8 if bm * bd >= 128 * 128 else 4
+        if bd >= 256 or (wide and bd >= 128):
+            stages = min(stages, 2)
+    elif kernel in ("bwd_dkdv", "bwd_dq"):
+        bm = bn = 64
+        if bd >= 128:
+            bm, bn = (32, 64) if kernel == "bwd_dkdv" else (64, 32)
+        if bd >= 256 or (wide and bd >= 128):
+            bm = bn = 32
+        elif wide:
+            bm, bn = (32, 64) if kernel == "bwd_dkdv" else (64, 32)
+        warps = 8 if bd >= 128 and not (bm == bn == 32) else 4
+        stages = 2 if bd <= 64 else 1
+    else:
+        raise ValueError(f"kernel must be one of {sorted(KERNELS) or ['fwd', 'bwd_preprocess', 'bwd_dkdv', 'bwd_dq']}; got {kernel!r}")
+    return KernelConfig(kernel, dtype, bd, min(bm, block_q), min(bn, block_k), warps, stages)
+
+
+# ---------------------------------------------------------------------------
+# availability and validation
+# ---------------------------------------------------------------------------
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def triton_unavailable_reason(device=None) -> Optional[str]:
+    """``None`` when the Triton kernels can run on ``device``, else a sentence saying why not.
+
+    Usable: a CUDA device with triton installed, or a CPU device when
+    ``TRITON_INTERPRET=1`` was set before triton was imported (slow; for tests).
+    """
+    if triton is None:
+        return f"triton is not importable ({_TRITON_IMPORT_ERROR}); install triton (Linux) or use backend='torch'."
+    device = torch.device("cpu" if device is None else device)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            return "no CUDA device is available to torch; use backend='torch' on this machine."
+        if _interpreting():
+            return ("TRITON_INTERPRET=1 is set, so triton runs kernels on the CPU; unset it to run "
+                    "the triton backend on CUDA tensors.")
+        major, _ = torch.cuda.get_device_capability(device)
+        if major < 8:
+            return f"the triton kernels need compute capability >= 8.0 (sm_80); this GPU is sm_{major}x. Use backend='torch'."
+        return None
+    if device.type == "cpu":
+        if _interpreting():
+            return None
+        return ("triton needs a CUDA device; on CPU it only runs through its interpreter: set "
+                "TRITON_INTERPRET=1 before anything imports triton (slow, for tests), or use backend='torch'.")
+    return f"triton kernels support CUDA (or CPU under TRITON_INTERPRET=1), not {device.type!r}; use backend='torch'."
+
+
+def _check_tensor(name: str, t, ndim: int = 4) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of shape (B, H, N, D); got {type(t).__name__}")
+    if t.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dims (B, H, N, D); got shape {tuple(t.shape)}")
+    if t.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"{name} must be float16, bfloat16 or float32; got {t.dtype}. Cast it first.")
+
+
+def _validate(q, k, v, layout) -> BlockLayout:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        _check_tensor(name, t)
+    if not isinstance(layout, BlockLayout):
+        raise TypeError(f"layout must be a dit_accel BlockLayout; got {type(layout).__name__}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k, v must share one dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v must be on one device; got {q.device}, {k.device}, {v.device}")
+    b, h, n, d = q.shape
+    if k.shape != v.shape or k.shape[0] != b or k.shape[1] != h or k.shape[3] != d:
+        raise ValueError(f"k and v must be (B, H, M, D) matching q's B, H, D; got q {tuple(q.shape)}, "
+                         f"k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if d > MAX_HEAD_DIM or d < 1:
+        raise ValueError(f"head dim D must be in [1, {MAX_HEAD_DIM}]; got {d}. Use backend='torch' for larger heads.")
+    if n != layout.q_len or k.shape[2] != layout.kv_len:
+        raise ValueError(f"layout was built for q_len={layout.q_len}, kv_len={layout.kv_len} but q has "
+                         f"N={n} and k/v have M={k.shape[2]}; build the layout for these lengths.")
+    if layout.num_heads not in (1, h):
+        raise ValueError(f"layout has {layout.num_heads} heads; it must have 1 (shared) or H={h}.")
+    for name, bs in (("block_q", layout.block_q), ("block_k", layout.block_k)):
+        if bs < 16 or bs > 256 or bs & (bs - 1):
+            raise ValueError(f"layout.{name} must be a power of two in [16, 256] for the triton kernels; got {bs}.")
+    reason = triton_unavailable_reason(q.device)
+    if reason is not None:
+        raise RuntimeError(reason)
+    return layout.to(q.device)
+
+
+def _arch(device: torch.device) -> int:
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        return major * 10 + minor
+    return 80  # interpreter: any valid config works
+
+
+def _layout_args(layout: BlockLayout, transposed: bool):
+    counts = layout.q_counts if transposed else layout.kv_counts
+    indices = layout.q_indices if transposed else layout.kv_indices
+    mask_ids = layout.q_mask_ids if transposed else layout.kv_mask_ids
+    indices, mask_ids, counts = indices.contiguous(), mask_ids.contiguous(), counts.contiguous()
+    assert mask_ids.stride() == indices.stride()
+    shared = layout.num_heads == 1  # one pattern for all heads: head stride 0
+    table = layout.mask_table
+    if table.numel() == 0:
+        table = torch.ones(1, layout.block_q, layout.block_k, dtype=torch.bool, device=layout.device)
+    table = table.contiguous().view(torch.uint8)
+    strides = (0 if shared else counts.stride(0), counts.stride(1),
+               0 if shared else indices.stride(0), indices.stride(1),
+               table.stride(0), table.stride(1))
+    return counts, indices, mask_ids, table, strides
+
+
+def _default_scale(scale, d: int) -> float:
+    if scale is None:
+        return 1.0 / math.sqrt(d)
+    scale = float(scale)
+    if not math.isfinite(scale):
+        raise ValueError(f"scale must be a finite float; got {scale}")
+    return scale
+
+
+# ---------------------------------------------------------------------------
+# launchers
+# ---------------------------------------------------------------------------
+def triton_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: BlockLayout,
+                   scale: Optional[float] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Block-sparse attention forward with the Triton kernel.
+
+    Args:
+        q: ``(B, H, N, D)``; k, v: ``(B, H, M, D)``; fp16, bf16 or fp32 (one dtype), any
+            strides, ``D <= 256``. ``N == layout.q_len`` and ``M == layout.kv_len``.
+        layout: :class:`BlockLayout` with 1 (shared) or ``H`` heads; block sizes powers of
+            two in [16, 256].
+        scale: softmax scale, default ``1/sqrt(D)``.
+
+    Returns:
+        ``o`` ``(B, H, N, D)`` in q's dtype (contiguous) and ``lse`` fp32 ``(B, H, N)``
+        natural log. Rows with no allowed key give ``o = 0`` and ``lse = -inf``.
+
+    Example:
+        >>> layout = BlockLayout.from_dense_mask(mask, block_q=64, block_k=64)
+        >>> o, lse = triton_forward(q, k, v, layout, scale=None)
+    """
+    layout = _validate(q, k, v, layout)
+    b, h, n, d = q.shape
+    m = k.shape[2]
+    scale = _default_scale(scale, d)
+    o = torch.empty((b, h, n, d), dtype=q.dtype, device=q.device)
+    lse = torch.empty((b, h, n), dtype=torch.float32, device=q.device)
+    if o.numel() == 0:
+        return o, lse.fill_(float("-inf"))
+    if m == 0:
+        return o.zero_(), lse.fill_(float("-inf"))
+    cfg = select_config("fwd", q.dtype, d, layout.block_q, layout.block_k, _arch(q.device))
+    counts, indices, mask_ids, table, lay_strides = _layout_args(layout, transposed=False)
+    grid = (triton.cdiv(n, layout.block_q) * (layout.block_q // cfg.block_m), b * h)
+    _fwd_kernel[grid](
+        q, k, v, o, lse,
+        counts, indices, mask_ids, table,
+        *q.stride(), *k.stride(), *v.stride(), *o.stride(),
+        lse.stride(0), lse.stride(1),
+        *lay_strides,
+        h, n, m, d, layout.block_q, layout.block_k,
+        scale * _LOG2E,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d, DOT_PRECISION=cfg.dot_precision,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return o, lse
+
+
+def triton_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
+                    lse: torch.Tensor, layout: BlockLayout, scale: Optional[float] = None
+                    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of :func:`triton_forward` w.r.t. q, k, v.
+
+    Args:
+        do: upstream gradient ``(B, H, N, D)`` (any float dtype; cast to q's dtype).
+        q, k, v, layout, scale: exactly as given to :func:`triton_forward`.
+        o, lse: its outputs (``lse`` fp32 natural log ``(B, H, N)``).
+
+    Returns:
+        ``(dq, dk, dv)`` shaped, typed and (when dense) strided like q, k, v. ``dk``/``dv`` come
+        from a kernel that walks the transposed layout (only the query blocks that
+        visit each key block); ``dq`` from one over the forward layout. No atomics.
+    """
+    layout = _validate(q, k, v, layout)
+    _check_tensor("do", do)
+    _check_tensor("o", o)
+    if do.shape != q.shape or o.shape != q.shape:
+        raise ValueError(f"do and o must have q's shape {tuple(q.shape)}; got do {tuple(do.shape)}, o {tuple(o.shape)}")
+    if not isinstance(lse, torch.Tensor) or lse.shape != q.shape[:3]:
+        raise ValueError(f"lse must be a tensor of shape {tuple(q.shape[:3])} (B, H, N); got "
+                         f"{tuple(lse.shape) if isinstance(lse, torch.Tensor) else type(lse).__name__}")
+    b, h, n, d = q.shape
+    m = k.shape[2]
+    scale = _default_scale(scale, d)
+    do = do.to(q.dtype)
+    o = o.to(q.dtype)
+    lse = lse.to(torch.float32)
+    if q.numel() == 0 or k.numel() == 0:
+        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    arch = _arch(q.device)
+
+    pre = select_config("bwd_preprocess", q.dtype, d, layout.block_q, layout.block_k, arch)
+    delta = torch.empty((b * h, n), dtype=torch.float32, device=q.device)
+    _bwd_preprocess_kernel[(triton.cdiv(n, pre.block_m), b * h)](
+        o, do, delta, *o.stride(), *do.stride(), h, n, d,
+        BLOCK_M=pre.block_m, BLOCK_D=pre.block_d, num_warps=pre.num_warps, num_stages=pre.num_stages,
+    )
+
+    common_strides = (*q.stride(), *k.stride(), *v.stride(), *do.stride(), lse.stride(0), lse.stride(1))
+    sizes = (h, n, m, d, layout.block_q, layout.block_k, scale, scale * _LOG2E)
+    # dk/dv share k/v's strides: allocate them like k/v.
+    dk = torch.empty_like(k)
+    dv = torch.empty_like(v)
+    if dk.stride() != k.stride() or dv.stride() != v.stride():  # e.g. overlapping or odd strides
+        k, v = k.contiguous(), v.contiguous()
+        dk, dv = torch.empty_like(k), torch.empty_like(v)
+        common_strides = (*q.stride(), *k.stride(), *v.stride(), *do.stride(), lse.stride(0), lse.stride(1))
+
+    cfg = select_config("bwd_dkdv", q.dtype, d, layout.block_q, layout.block_k, arch)
+    counts, indices, mask_ids, table, lay_strides = _layout_args(layout, transposed=True)
+    grid = (triton.cdiv(m, layout.block_k) * (layout.block_k // cfg.block_n), b * h)
+    _bwd_dkdv_kernel[grid](
+        q, k, v, do, lse, delta, dk, dv,
+        counts, indices, mask_ids, table,
+        *common_strides, *lay_strides, *sizes,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d, DOT_PRECISION=cfg.dot_precision,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+
+    dq = torch.empty_like(q)
+    if dq.stride() != q.stride():
+        q = q.contiguous()
+        dq = torch.empty_like(q)
+        common_strides = (*q.stride(), *k.stride(), *v.stride(), *do.stride(), lse.stride(0), lse.stride(1))
+    cfg = select_config("bwd_dq", q.dtype, d, layout.block_q, layout.block_k, arch)
+    counts, indices, mask_ids, table, lay_strides = _layout_args(layout, transposed=False)
+    grid = (triton.cdiv(n, layout.block_q) * (layout.block_q // cfg.block_m), b * h)
+    _bwd_dq_kernel[grid](
+        q, k, v, do, lse, delta, dq,
+        counts, indices, mask_ids, table,
+        *common_strides, *lay_strides, *sizes,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d, DOT_PRECISION=cfg.dot_precision,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return dq, dk, dv
