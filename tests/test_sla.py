@@ -1,0 +1,197 @@
+"""SLA: classification, PyTorch twin and fused Triton kernel against an independent fp32 reference.
+
+The reference below is written from METHODS.md directly: dense token masks expanded from the
+block classes, masked softmax attention, plain (quadratic) linear attention with the class mask.
+The Triton cases run under TRITON_INTERPRET=1 on CPU (slow: small N, few heads).
+"""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dit_accel.methods import SLA
+from dit_accel.kernels.sla import (CRITICAL, MARGINAL, NEGLIGIBLE, sla_attention, sla_block_counts, sla_classify,
+                                   sla_density)
+
+
+# ----------------------------------------------------------------------------- independent reference
+def brute_force_classes(q, k, method):
+    """Per (b, h, query block) loop: pooled scores, ranked with Python's sorted (stable)."""
+    b_, h_, nq, _ = q.shape
+    nk = k.shape[-2]
+    bq, bk = method.block_q, method.block_k
+    q, k = q.double(), k.double()
+    ks = k - k.mean(dim=-2, keepdim=True)
+    n_qb, n_kb = math.ceil(nq / bq), math.ceil(nk / bk)
+    n_crit = max(1, math.ceil(round(method.topk * n_kb, 9)))
+    n_neg = min(n_kb - n_crit, math.floor(round(method.negligible * n_kb, 9)))
+    out = torch.zeros(b_, h_, n_qb, n_kb, dtype=torch.int8)
+    for b in range(b_):
+        for h in range(h_):
+            kbs = [ks[b, h, j * bk:(j + 1) * bk].mean(0) for j in range(n_kb)]
+            for i in range(n_qb):
+                qb = q[b, h, i * bq:(i + 1) * bq].mean(0)
+                sc = [float(qb @ kb) for kb in kbs]
+                ranked = sorted(range(n_kb), key=lambda j: -sc[j])  # stable: lower index first on ties
+                for j in ranked[:n_crit]:
+                    out[b, h, i, j] = 1
+                for j in ranked[n_kb - n_neg:]:
+                    out[b, h, i, j] = 2
+    return out
+
+
+def reference_sla(q, k, v, classes, method, proj=None, scale=None, eps=1e-6):
+    """fp32 dense reference of O = O_s + proj(O_l) given the block classes (1 crit, 0 marg, 2 negl)."""
+    nq, nk, d = q.shape[-2], k.shape[-2], q.shape[-1]
+    scale = scale if scale is not None else d ** -0.5
+    q, k, v = q.float(), k.float(), v.float()
+    tok = classes.long().repeat_interleave(method.block_q, -2)[..., :nq, :]
+    tok = tok.repeat_interleave(method.block_k, -1)[..., :nk]
+    crit, marg = tok == 1, tok == 0
+    s = (q @ k.transpose(-1, -2)) * scale
+    s = s.masked_fill(~crit, float("-inf"))
+    lse = torch.logsumexp(s, -1)
+    o_s = torch.softmax(s, -1) @ v
+    phi = {"softmax": lambda x: torch.softmax(x, -1), "elu": lambda x: F.elu(x) + 1,
+           "relu": torch.relu}[method.feature_map]
+    a = phi(q) @ phi(k).transpose(-1, -2)
+    if method.linear_tokens == "marginal":
+        a = a * marg
+    o_l = (a @ v) / (a.sum(-1, keepdim=True) + eps)
+    o_lp = proj(o_l) if proj is not None else torch.zeros_like(o_s)
+    return o_s + o_lp, o_s, lse, o_lp
+
+
+def make_qkv(b, h, n, d, dtype=torch.float32, nk=None, requires_grad=False):
+    nk = n if nk is None else nk
+    q = torch.randn(b, h, n, d, dtype=dtype)
+    k = torch.randn(b, h, nk, d, dtype=dtype)
+    v = torch.randn(b, h, nk, d, dtype=dtype)
+    # Give keys some block structure so the ranking is not all ties.
+    k = k + 0.5 * torch.randn(b, h, 1, d, dtype=dtype)
+    return [t.requires_grad_(requires_grad) for t in (q, k, v)]
+
+
+def make_proj(d, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    proj = torch.nn.Linear(d, d)
+    with torch.no_grad():
+        proj.weight.copy_(torch.randn(d, d, generator=g) * 0.3)
+        proj.bias.copy_(torch.randn(d, generator=g) * 0.1)
+    return proj
+
+
+# ----------------------------------------------------------------------------- classification
+@pytest.mark.parametrize("nq,nk,topk,negl,bq", [
+    (63, 63, 0.3, 0.0, 64), (130, 257, 0.4, 0.2, 64), (257, 257, 0.2, 0.4, 128), (257, 130, 0.5, 0.5, 64),
+], ids=["n63", "n130-k257-negl", "n257-bq128-negl", "n257-k130-half"])
+def test_classification_matches_brute_force(nq, nk, topk, negl, bq):
+    method = SLA(topk=topk, negligible=negl, block_q=bq)
+    q, k, _ = make_qkv(2, 2, nq, 16, nk=nk)
+    blocks = sla_classify(q, k, method)
+    expect = brute_force_classes(q, k, method)
+    assert torch.equal(blocks.classes, expect)
+    n_kb, n_crit, n_neg, n_marg = sla_block_counts(nk, method)
+    assert blocks.critical.shape[-1] == n_crit and blocks.negligible.shape[-1] == n_neg
+    assert ((blocks.classes == CRITICAL).sum(-1) == n_crit).all()
+    assert ((blocks.classes == NEGLIGIBLE).sum(-1) == n_neg).all()
+    assert ((blocks.classes == MARGINAL).sum(-1) == n_marg).all()
+    assert torch.equal(blocks.classes.gather(-1, blocks.critical.long()), torch.full_like(blocks.critical, 1,
+                                                                                          dtype=torch.int8))
+    assert (blocks.critical.diff(dim=-1) > 0).all()  # ascending, distinct
+    assert torch.equal(torch.sort(blocks.marginal, -1).values, blocks.marginal)
+
+
+def test_classification_ties_are_deterministic():
+    method = SLA(topk=0.25, negligible=0.25)
+    q = torch.ones(1, 1, 64, 8)
+    k = torch.ones(1, 1, 256, 8)  # every block scores the same
+    blocks = sla_classify(q, k, method)
+    assert blocks.critical.tolist() == [[[[0]]]]
+    assert blocks.negligible.tolist() == [[[[3]]]]
+
+
+@pytest.mark.parametrize("n", [1, 5, 63, 64, 65])
+def test_at_least_one_critical_block(n):
+    method = SLA(topk=0.01)
+    q, k, _ = make_qkv(1, 2, n, 8)
+    blocks = sla_classify(q, k, method)
+    assert blocks.critical.shape[-1] == 1
+    assert ((blocks.classes == CRITICAL).sum(-1) == 1).all()
+    assert sla_density(n, method) == 1 / math.ceil(n / 64)
+
+
+def test_density():
+    assert sla_density(32760, SLA(topk=0.05)) == 26 / 512
+    assert sla_density(64 * 30, SLA(topk=0.1)) == 3 / 30  # no float round-up to 4
+    assert sla_density(100, SLA(topk=1.0)) == 1.0
+
+
+# ----------------------------------------------------------------------------- twin vs reference
+TWIN_CASES = [
+    # (nq, nk, d, method kwargs)
+    (63, 63, 64, dict(topk=0.5)),
+    (130, 130, 80, dict(topk=0.4, negligible=0.3)),
+    (257, 257, 64, dict(topk=0.2, negligible=0.4, block_q=128)),
+    (130, 257, 64, dict(topk=0.3, feature_map="elu")),
+    (257, 130, 80, dict(topk=0.3, feature_map="relu", negligible=0.3)),
+    (257, 257, 64, dict(topk=0.3, negligible=0.3, linear_tokens="all")),
+]
+TWIN_IDS = ["n63", "n130-d80-negl", "n257-bq128-negl", "q130-k257-elu", "q257-k130-d80-relu", "n257-all"]
+
+
+@pytest.mark.parametrize("nq,nk,d,kw", TWIN_CASES, ids=TWIN_IDS)
+def test_twin_forward_backward_matches_reference(nq, nk, d, kw):
+    method = SLA(**kw)
+    q, k, v = make_qkv(1, 2, nq, d, nk=nk, requires_grad=True)
+    proj = make_proj(d)
+    o_s, lse, o_lp, info = sla_attention(q, k, v, method, proj, backend="torch", return_parts=True)
+    ref, ref_s, ref_lse, ref_lp = reference_sla(q, k, v, info["blocks"].classes, method, proj)
+    torch.testing.assert_close(o_s, ref_s, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(lse, ref_lse, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(o_lp, ref_lp, atol=2e-5, rtol=1e-4)
+    do = torch.randn_like(ref)
+    params = [q, k, v, proj.weight, proj.bias]
+    got = torch.autograd.grad(((o_s + o_lp) * do).sum() + lse.sum(), params)
+    want = torch.autograd.grad((ref * do).sum() + ref_lse.sum(), params)
+    for name, g, w in zip(["dq", "dk", "dv", "dW", "db"], got, want):
+        torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+
+
+def test_twin_topk_one_zero_proj_is_dense_attention():
+    q, k, v = make_qkv(2, 2, 130, 64)
+    proj = torch.nn.Linear(64, 64)
+    torch.nn.init.zeros_(proj.weight)
+    torch.nn.init.zeros_(proj.bias)
+    o = sla_attention(q, k, v, SLA(topk=1.0), proj, backend="torch")
+    torch.testing.assert_close(o, F.scaled_dot_product_attention(q, k, v), atol=2e-5, rtol=1e-4)
+
+
+def test_twin_without_proj_is_top_k_sparse_attention():
+    q, k, v = make_qkv(1, 2, 257, 64)
+    method = SLA(topk=0.4)
+    o, o_s, lse, o_lp, info = (sla_attention(q, k, v, method, backend="torch"),
+                               *sla_attention(q, k, v, method, backend="torch", return_parts=True))
+    torch.testing.assert_close(o, o_s)
+    assert not o_lp.any()
+    assert info["density"] == sla_density(257, method)
+
+
+# ----------------------------------------------------------------------------- validation
+def test_bad_inputs_raise_clear_errors():
+    q, k, v = make_qkv(1, 1, 64, 16)
+    with pytest.raises(TypeError, match="SLA config"):
+        sla_attention(q, k, v, "sla")
+    with pytest.raises(ValueError, match=r"\(B, H, N, D\)"):
+        sla_attention(q[0], k[0], v[0], SLA())
+    with pytest.raises(TypeError, match="share a dtype"):
+        sla_attention(q, k.half(), v, SLA())
+    with pytest.raises(ValueError, match="same shape"):
+        sla_attention(q, k, v[:, :, :32], SLA())
+    with pytest.raises(ValueError, match="Linear\\(16, 16\\)"):
+        sla_attention(q, k, v, SLA(), torch.nn.Linear(16, 8))
+    with pytest.raises(ValueError, match="backend"):
+        sla_attention(q, k, v, SLA(), backend="cuda")
+    with pytest.raises(TypeError, match="int64"):
+        sla_attention(q.long(), k.long(), v.long(), SLA())
