@@ -1,0 +1,170 @@
+"""Load a pipeline from an embedded tiny name, a local folder or a Hugging Face hub id.
+
+Failures become one :class:`ModelLoadError` line that says what to do, instead
+of a minute of network retries followed by a traceback: the local cache is
+tried first (``local_files_only``), ``HF_HUB_OFFLINE=1`` is honoured, and the
+hub is probed once with a short timeout before any download starts.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import torch
+
+from .tiny import TINY_MODELS, build_tiny_pipeline
+
+__all__ = ["load_pipeline", "ModelLoadError", "resolve_model_kind"]
+
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
+_PROBE_TIMEOUT_S = 5.0
+
+
+class ModelLoadError(RuntimeError):
+    """A model could not be loaded; the message is one actionable line."""
+
+
+def resolve_model_kind(model: str) -> str:
+    """``"tiny"``, ``"folder"`` or ``"hub"`` for a ``--model`` value (no I/O beyond a stat)."""
+    if not isinstance(model, str) or not model:
+        raise ValueError(f"model={model!r} is invalid: pass a tiny name ({', '.join(TINY_MODELS)}), a folder or a hub id")
+    if model in TINY_MODELS:
+        return "tiny"
+    if Path(model).expanduser().exists():
+        return "folder"
+    if _REPO_ID.match(model) and not model.startswith((".", "/", "~")):
+        return "hub"
+    raise ModelLoadError(
+        f"model {model!r} is neither an embedded tiny model ({', '.join(TINY_MODELS)}), an existing folder, "
+        "nor a hub id like 'Wan-AI/Wan2.1-T2V-1.3B-Diffusers'"
+    )
+
+
+def _offline() -> bool:
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+        return True
+    try:  # huggingface_hub reads the variable once at import
+        from huggingface_hub import constants
+
+        return bool(constants.HF_HUB_OFFLINE)
+    except ImportError:  # pragma: no cover
+        return False
+
+
+def _from_pretrained(source: str, dtype, **kwargs):
+    import warnings
+
+    from diffusers import DiffusionPipeline
+
+    with warnings.catch_warnings():
+        # Newer Diffusers renamed torch_dtype to dtype; the old name works across all supported versions.
+        warnings.simplefilter("ignore", FutureWarning)
+        return DiffusionPipeline.from_pretrained(source, torch_dtype=dtype, **kwargs)
+
+
+def _hint(model: str) -> str:
+    return (
+        f"download it where there is network (`huggingface-cli download {model}`) and set HF_HUB_OFFLINE=1, "
+        "pass a local folder with --model PATH, or use --model tiny-wan for a random-weight smoke run"
+    )
+
+
+def load_pipeline(model: str, *, device="cpu", dtype: torch.dtype = torch.float32, offload: bool = False, seed: int = 0):
+    """Load a Diffusers pipeline.
+
+    Args:
+        model: an embedded tiny model (``"tiny-wan"``, ``"tiny-flux"``; random
+            weights built offline), a local folder holding a Diffusers pipeline
+            (``model_index.json``), or a hub id such as
+            ``"Wan-AI/Wan2.1-T2V-1.3B-Diffusers"``.
+        device: where the modules go (``"cpu"``, ``"cuda"``, ...).
+        dtype: weight dtype (``torch.float32``, ``torch.bfloat16``, ...).
+        offload: ``enable_model_cpu_offload`` onto ``device`` instead of moving
+            the whole pipeline there (for big models on small GPUs).
+        seed: weight seed of the tiny models (ignored otherwise).
+
+    Raises:
+        ModelLoadError: with one line that says what to do (offline and not
+            cached, hub unreachable, missing folder, not a pipeline folder).
+
+    Example::
+
+        pipe = load_pipeline("tiny-wan")
+        pipe = load_pipeline("Wan-AI/Wan2.1-T2V-1.3B-Diffusers", device="cuda", dtype=torch.bfloat16)
+    """
+    kind = resolve_model_kind(model)
+    if kind == "tiny":
+        pipe = build_tiny_pipeline(model, seed=seed, device="cpu" if offload else device, dtype=dtype)
+    elif kind == "folder":
+        pipe = _from_folder(Path(model).expanduser(), dtype)
+    else:
+        pipe = _from_hub(model, dtype)
+    if kind != "tiny" or offload:
+        _place(pipe, device, offload)
+    return pipe
+
+
+def _place(pipe, device, offload: bool) -> None:
+    if offload:
+        dev = torch.device(device)
+        if dev.type == "cpu":
+            return  # offloading to the CPU is where the weights already are
+        pipe.enable_model_cpu_offload(device=dev)
+    else:
+        pipe.to(device)
+
+
+def _from_folder(folder: Path, dtype):
+    if not (folder / "model_index.json").is_file():
+        raise ModelLoadError(
+            f"{folder} is not a Diffusers pipeline folder (no model_index.json); pass the folder that "
+            "`pipe.save_pretrained()` or `huggingface-cli download` produced"
+        )
+    try:
+        return _from_pretrained(str(folder), dtype, local_files_only=True)
+    except (OSError, ValueError) as err:
+        raise ModelLoadError(f"could not load the pipeline in {folder}: {_first_line(err)}") from err
+
+
+def _from_hub(model: str, dtype):
+    # 1. The cache, without touching the network (fast, and works offline).
+    try:
+        return _from_pretrained(model, dtype, local_files_only=True)
+    except (OSError, ValueError) as err:
+        cache_error = err
+    if _offline():
+        raise ModelLoadError(
+            f"{model!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE=1 forbids downloading; "
+            + _hint(model)
+        ) from cache_error
+    # 2. One short probe before a download, so no connection means one line, not minutes of retries.
+    _probe_hub(model)
+    try:
+        return _from_pretrained(model, dtype)
+    except (OSError, ValueError) as err:
+        raise ModelLoadError(f"could not download {model!r}: {_first_line(err)}; " + _hint(model)) from err
+
+
+def _probe_hub(model: str) -> None:
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+
+    try:
+        HfApi().model_info(model, timeout=_PROBE_TIMEOUT_S)
+    except GatedRepoError as err:
+        raise ModelLoadError(
+            f"{model!r} is gated: accept its license on huggingface.co and run `huggingface-cli login`"
+        ) from err
+    except RepositoryNotFoundError as err:
+        raise ModelLoadError(
+            f"{model!r} was not found on the Hugging Face hub (typo? private repo needs `huggingface-cli login`)"
+        ) from err
+    except Exception as err:  # connection refused, DNS, timeout, proxy: all mean "no hub here"
+        raise ModelLoadError(f"cannot reach the Hugging Face hub to fetch {model!r} ({type(err).__name__}); " + _hint(model)) from err
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return text[0] if text else type(err).__name__
