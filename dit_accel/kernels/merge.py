@@ -1,0 +1,44 @@
+"""Exact log-sum-exp merge of two attention results over disjoint key sets."""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["merge_attention"]
+
+
+def merge_attention(o_a: torch.Tensor, lse_a: torch.Tensor, o_b: torch.Tensor, lse_b: torch.Tensor):
+    """Combine attention over key set A with attention over a disjoint key set B.
+
+    ``O = (e^{lse_a} O_a + e^{lse_b} O_b) / (e^{lse_a} + e^{lse_b})``, computed stably.
+
+    Args:
+        o_a, o_b: ``(B, H, N, D)`` outputs (any float dtype; the result has o_a's dtype).
+        lse_a, lse_b: ``(B, H, N)`` natural-log sum-exp of each part; ``-inf`` marks
+            a row that saw no key in that part (its output is ignored).
+
+    Returns:
+        ``(o, lse)`` as if attention had run over the union of both key sets.
+        Rows empty on both sides give ``o = 0`` and ``lse = -inf`` (never NaN).
+
+    Example::
+
+        o_v, lse_v = block_sparse_attention(q, k_video, v_video, layout, return_lse=True)
+        o_t, lse_t = dense_attention_reference(q, k_text, v_text)
+        o, lse = merge_attention(o_v, lse_v, o_t, lse_t)
+    """
+    if o_a.shape != o_b.shape:
+        raise ValueError(f"o_a and o_b must have the same shape; got {tuple(o_a.shape)} and {tuple(o_b.shape)}")
+    if lse_a.shape != o_a.shape[:-1] or lse_b.shape != o_b.shape[:-1]:
+        raise ValueError(f"lse_a and lse_b must have shape {tuple(o_a.shape[:-1])} (o without its last dim); "
+                         f"got {tuple(lse_a.shape)} and {tuple(lse_b.shape)}")
+    lse_a, lse_b = lse_a.float(), lse_b.float()
+    top = torch.maximum(lse_a, lse_b)
+    # Both sides -inf: shift by 0 so the weights are exp(-inf) = 0 rather than NaN.
+    top = torch.where(torch.isinf(top), torch.zeros_like(top), top)
+    w_a, w_b = torch.exp(lse_a - top), torch.exp(lse_b - top)
+    total = w_a + w_b
+    lse = top + torch.log(total)  # -inf where both sides are empty
+    denom = torch.where(total > 0, total, torch.ones_like(total))
+    o = (o_a.float() * (w_a / denom)[..., None] + o_b.float() * (w_b / denom)[..., None])
+    return o.to(o_a.dtype), lse

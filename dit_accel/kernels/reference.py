@@ -1,0 +1,42 @@
+"""Dense fp32 masked attention: the oracle every backend is tested against."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+__all__ = ["dense_attention_reference"]
+
+
+def dense_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                              mask: torch.Tensor | None = None, scale: float | None = None):
+    """Plain softmax attention in fp32, restricted to ``mask``.
+
+    Args:
+        q: ``(B, H, N, D)``; k, v: ``(B, H, M, D)``.
+        mask: bool ``[N, M]`` or ``[H, N, M]`` (True = allowed), or ``None`` for dense.
+        scale: softmax scale, default ``1/sqrt(D)``.
+
+    Returns:
+        ``(o, lse)``: o fp32 ``(B, H, N, D)``, lse fp32 ``(B, H, N)`` (natural log).
+        A row with no allowed key gives ``o = 0`` and ``lse = -inf``.
+
+    Materialises the ``N x M`` score matrix: for tests and small sizes only.
+    """
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError("q, k, v must be (B, H, N, D) tensors")
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    q, k, v = q.float(), k.float(), v.float()
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scale
+    if mask is not None:
+        if mask.dtype != torch.bool:
+            raise ValueError(f"mask must be bool (True = allowed); got {mask.dtype}")
+        if mask.dim() == 3:
+            mask = mask[None]
+        scores = scores.masked_fill(~mask.to(scores.device), float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)
+    # Empty rows: lse = -inf; subtract 0 instead so exp gives exact zeros, not NaN.
+    safe = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
+    probs = torch.exp(scores - safe[..., None])
+    return torch.matmul(probs, v), lse
