@@ -1,0 +1,93 @@
+"""``dit-accel eval``: quality vs speed of sparse attention methods against dense.
+
+Example::
+
+    dit-accel eval --model tiny-wan --methods dense,gna,radial --method-config methods.yaml \\
+        --prompts prompts.txt --seeds 0,1 --frames 9 --height 64 --width 64 --steps 2 --out eval_out/
+
+Writes results.json, report.md, pareto.png and grid.png to --out; dense
+outputs are cached under --out/cache (or --cache-dir) and reused.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+__all__ = ["register", "run"]
+
+
+def _int_list(text: str):
+    try:
+        return [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 0,1; got {text!r}") from None
+
+
+def register(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("eval", help="compare methods with dense: PSNR/SSIM/LPIPS/CLIP/FID and speed",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="tiny-wan, tiny-flux, a local pipeline folder or a hub id")
+    p.add_argument("--methods", default="dense,radial,tile,gna,sla",
+                   help="comma-separated methods (dense = the baseline row); default %(default)s")
+    p.add_argument("--method-config", metavar="FILE",
+                   help="JSON/YAML: {method: options} or {method: [options, ...]} to compare several configs; "
+                        "keys dense_steps/dense_last_steps/dense_layers go to dit_accel.apply")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--prompts", metavar="FILE", help="text file, one prompt per line")
+    src.add_argument("--prompt", action="append", help="a prompt (repeatable)")
+    p.add_argument("--seeds", type=_int_list, default=[0], help="comma-separated seeds (default 0)")
+    p.add_argument("--frames", type=int, help="frames per video (video models)")
+    p.add_argument("--height", type=int)
+    p.add_argument("--width", type=int)
+    p.add_argument("--steps", type=int, help="denoising steps")
+    p.add_argument("--guidance-scale", type=float)
+    p.add_argument("--max-sequence-length", type=int)
+    p.add_argument("--out", required=True, metavar="DIR")
+    p.add_argument("--cache-dir", metavar="DIR", help="dense output cache (default OUT/cache)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
+                   help="default bfloat16 on cuda, float32 on cpu")
+    p.add_argument("--repeats", type=int, default=1, help="timing repeats of the first sample (median reported)")
+    p.add_argument("--warmup", type=int, default=None, help="warm-up generations per method (default 1 cuda, 0 cpu)")
+    p.add_argument("--real", metavar="DIR", help="folder of real images for FID vs real")
+    p.add_argument("--clip-model", metavar="PATH", help="CLIP model folder or hub id (env DIT_ACCEL_CLIP_MODEL)")
+    p.add_argument("--fid-weights", metavar="PATH",
+                   help="TorchScript Inception file or module:factory (env DIT_ACCEL_FID_WEIGHTS)")
+    p.add_argument("--no-lpips", action="store_true", help="do not try LPIPS")
+    p.add_argument("--capture", metavar="DIR", help="also save the dense run's q/k/v for `dit-accel bench fidelity`")
+    p.set_defaults(func=run)
+    return p
+
+
+def run(args) -> int:
+    import os
+
+    os.environ.setdefault("HF_HUB_OFFLINE", os.environ.get("HF_HUB_OFFLINE", "0"))
+    import torch
+
+    from ..eval.runner import EvalSettings, load_method_specs, run_eval
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = args.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
+    if args.prompts:
+        with open(args.prompts) as fh:
+            prompts = [line.strip() for line in fh if line.strip() and not line.startswith("#")]
+    else:
+        prompts = args.prompt or ["a red panda walking through a bamboo forest, cinematic lighting"]
+    if args.repeats < 1:
+        raise SystemExit("dit-accel eval: --repeats must be >= 1")
+    try:
+        specs = load_method_specs(args.methods.split(","), args.method_config)
+    except (ValueError, OSError) as exc:
+        print(f"dit-accel eval: {exc}")
+        return 2
+    settings = EvalSettings(model=args.model, prompts=prompts, seeds=args.seeds, frames=args.frames,
+                            height=args.height, width=args.width, steps=args.steps,
+                            guidance_scale=args.guidance_scale, max_sequence_length=args.max_sequence_length,
+                            device=device, dtype=dtype, repeats=args.repeats, warmup=args.warmup)
+    results = run_eval(settings, specs, args.out, cache_dir=args.cache_dir, clip_model=args.clip_model,
+                       fid_weights=args.fid_weights, real_dir=args.real, lpips=not args.no_lpips,
+                       capture=args.capture)
+    print(open(os.path.join(args.out, "report.md")).read().split("\n## Settings")[0])
+    print(f"wrote {args.out}/results.json, report.md, pareto.png, grid.png")
+    return 1 if any(r.get("error") for r in results["rows"]) else 0

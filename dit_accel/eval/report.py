@@ -1,0 +1,130 @@
+"""Report files of ``dit-accel eval``: report.md, pareto.png, grid.png.
+
+All three are rendered from the results dict that is also saved as
+results.json, so a report can be re-rendered from that file alone
+(:func:`render_all`).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import List, Optional, Sequence
+
+import numpy as np
+
+__all__ = ["write_report", "plot_pareto", "frame_grid", "render_all", "markdown_table"]
+
+
+def _fmt(value, digits=3) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(_fmt(c) if not isinstance(c, str) else c for c in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def _config_text(config: dict) -> str:
+    skip = {"label", "method"}
+    return ", ".join(f"{k}={v}" for k, v in config.items() if k not in skip) or "defaults"
+
+
+def write_report(results: dict, path) -> None:
+    """One table row per method: quality beside speed, then settings and skipped metrics."""
+    header = ["method", "config", "density", "PSNR dB", "SSIM", "LPIPS", "CLIP", "FID vs dense", "FID vs real",
+              "transformer s", "end-to-end s", "speedup (transformer)", "speedup (e2e)", "VAE decode s",
+              "text enc s"]
+    table = []
+    for r in results["rows"]:
+        t = r.get("times") or {}
+        if r.get("error"):
+            table.append([r["label"], _config_text(r["config"]), "failed: " + r["error"].replace("|", "/")]
+                         + ["-"] * (len(header) - 3))
+            continue
+        table.append([r["label"], _config_text(r["config"]), r.get("density"), _fmt(r.get("psnr"), 2),
+                      _fmt(r.get("ssim"), 4), _fmt(r.get("lpips"), 4), _fmt(r.get("clip"), 2),
+                      _fmt(r.get("fid_dense"), 4), _fmt(r.get("fid_real"), 4), t.get("transformer"),
+                      t.get("total"), _fmt(r.get("speedup_transformer"), 2) + ("x" if r.get("speedup_transformer") else ""),
+                      _fmt(r.get("speedup_e2e"), 2) + ("x" if r.get("speedup_e2e") else ""),
+                      t.get("vae_decode"), t.get("text_encoder")])
+    s = results["settings"]
+    v = results["versions"]
+    lines = ["# dit-accel eval report", ""]
+    if results.get("note"):
+        lines += [f"**Note: {results['note']}.**", ""]
+    lines += [markdown_table(header, table), "",
+              f"PSNR/SSIM/LPIPS: against the dense output with the same prompt and seed (PSNR capped at 100 dB). "
+              f"Times: median of {s['repeats']} run(s) per sample set, seconds per video. "
+              f"Density: visited block fraction of sparse attention calls.", "",
+              "## Settings", "",
+              f"- model: `{s['model']}`, device {s['device']}, dtype {s['dtype']}",
+              f"- frames {s['frames']}, {s['height']}x{s['width']}, steps {s['steps']}, "
+              f"guidance {s['guidance_scale']}, seeds {s['seeds']}, {len(s['prompts'])} prompt(s)",
+              f"- dense baseline: {results['dense_generated']} generated, {results['dense_cached']} from cache",
+              f"- versions: " + ", ".join(f"{k} {val}" for k, val in v.items() if val is not None), ""]
+    if results.get("skipped"):
+        lines += ["## Skipped metrics", ""] + [f"- {line}" for line in results["skipped"]] + [""]
+    Path(path).write_text("\n".join(lines))
+
+
+def plot_pareto(results: dict, path) -> None:
+    """Quality (PSNR, SSIM) against transformer speedup, one point per method/config."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in results["rows"] if not r.get("error")]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, key, name in ((axes[0], "psnr", "PSNR vs dense (dB)"), (axes[1], "ssim", "SSIM vs dense")):
+        for r in rows:
+            x = r.get("speedup_transformer") or (1.0 if r["label"] == "dense" else None)
+            y = r.get(key)
+            if x is None or y is None:
+                continue
+            ax.scatter([x], [y], s=40)
+            ax.annotate(r["label"], (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        ax.set_xlabel("transformer speedup vs dense (x)")
+        ax.set_ylabel(name)
+        ax.grid(alpha=0.3)
+    title = f"{results['settings']['model']} on {results['settings']['device']}"
+    if results.get("note"):
+        title += " (random-weight tiny model)"
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def frame_grid(labels: List[str], videos: List[np.ndarray], path, columns: int = 4) -> None:
+    """Rows = methods (dense first), columns = evenly spaced frames; labels drawn on the left."""
+    from PIL import Image, ImageDraw
+
+    if not videos:
+        return
+    n_frames = videos[0].shape[0]
+    picks = sorted(set(np.linspace(0, n_frames - 1, min(columns, n_frames)).round().astype(int).tolist()))
+    h, w = videos[0].shape[1:3]
+    label_w = 110
+    grid = Image.new("RGB", (label_w + w * len(picks), h * len(videos)), "white")
+    draw = ImageDraw.Draw(grid)
+    for i, (label, video) in enumerate(zip(labels, videos)):
+        draw.text((4, i * h + h // 2 - 6), label[:18], fill="black")
+        for j, f in enumerate(picks):
+            frame = video[min(f, video.shape[0] - 1)]
+            grid.paste(Image.fromarray(np.ascontiguousarray(frame)), (label_w + j * w, i * h))
+    grid.save(path)
+
+
+def render_all(results_json, out_dir: Optional[str] = None) -> None:
+    """Re-render report.md and pareto.png from a saved results.json."""
+    results = json.loads(Path(results_json).read_text())
+    out = Path(out_dir or Path(results_json).parent)
+    write_report(results, out / "report.md")
+    plot_pareto(results, out / "pareto.png")

@@ -1,0 +1,429 @@
+"""Quality-vs-speed evaluation: dense baseline plus methods, same prompts and seeds.
+
+:func:`run_eval` drives ``dit-accel eval``. For every (prompt, seed) the dense
+baseline (the unpatched pipeline) is generated once and cached on disk, keyed by
+a hash of model + settings + prompt + seed, so later runs reuse it. Each method
+then runs through :func:`dit_accel.apply` with the same settings, and the
+outputs are scored against the dense ones (see :mod:`dit_accel.eval.report`
+for the files written).
+
+Example::
+
+    from dit_accel.eval.runner import EvalSettings, MethodSpec, run_eval
+    settings = EvalSettings(model="tiny-wan", prompts=["a cat"], seeds=[0], frames=9, height=64, width=64, steps=2)
+    results = run_eval(settings, [MethodSpec.parse("gna", {"kernel_size": (3, 4, 4)})], "out/")
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import os
+import platform
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+
+from ..methods import Dense, Method, method_from_name
+from .metrics import mean_or_none, paired_metrics, to_frames
+from .timing import StageTimer, median_times
+
+__all__ = ["EvalSettings", "MethodSpec", "load_method_specs", "run_eval", "dense_cache_key", "APPLY_KEYS"]
+
+# Keys of a method config entry that go to dit_accel.apply() rather than the method.
+APPLY_KEYS = ("dense_steps", "dense_last_steps", "dense_layers", "layer_methods", "backend", "weights")
+
+
+@dataclass
+class EvalSettings:
+    """Everything that defines a generation (part of the dense cache key)."""
+
+    model: str
+    prompts: List[str]
+    seeds: List[int] = field(default_factory=lambda: [0])
+    frames: Optional[int] = None
+    height: Optional[int] = None
+    width: Optional[int] = None
+    steps: Optional[int] = None
+    guidance_scale: Optional[float] = None
+    max_sequence_length: Optional[int] = None
+    device: str = "cpu"
+    dtype: str = "float32"
+    repeats: int = 1
+    warmup: Optional[int] = None  # None: 1 on CUDA, 0 on CPU
+
+    def call_kwargs(self, pipe) -> dict:
+        params = inspect.signature(pipe.__call__).parameters
+        wanted = {"num_frames": self.frames, "height": self.height, "width": self.width,
+                  "num_inference_steps": self.steps, "guidance_scale": self.guidance_scale,
+                  "max_sequence_length": self.max_sequence_length}
+        return {k: v for k, v in wanted.items() if v is not None and k in params}
+
+
+@dataclass
+class MethodSpec:
+    """One row of the report: a method config, the apply() options and a label."""
+
+    label: str
+    method: Method
+    apply_kwargs: Dict[str, object] = field(default_factory=dict)
+
+    @classmethod
+    def parse(cls, name: str, options: Optional[dict] = None, label: Optional[str] = None) -> "MethodSpec":
+        options = dict(options or {})
+        options.pop("method", None)
+        label = options.pop("label", None) or label or name
+        apply_kwargs = {k: options.pop(k) for k in APPLY_KEYS if k in options}
+        options = {k: tuple(v) if isinstance(v, list) else v for k, v in options.items()}
+        return cls(label, method_from_name(name, **options), apply_kwargs)
+
+    def describe(self) -> dict:
+        return {"label": self.label, **self.method.to_dict(), **self.apply_kwargs}
+
+
+def _read_config(path: str):
+    text = Path(path).read_text()
+    if str(path).endswith((".yaml", ".yml")):
+        import yaml
+
+        return yaml.safe_load(text)
+    return json.loads(text)
+
+
+def load_method_specs(methods: Optional[Sequence[str]], config_path: Optional[str] = None) -> List[MethodSpec]:
+    """Method rows from ``--methods`` names and an optional ``--method-config`` file.
+
+    The file (JSON or YAML) maps a method name to its options, or to a list of
+    option dicts to compare several configs of one method; or it is a list of
+    entries ``{"method": name, "label": ..., **options}``. Options named in
+    :data:`APPLY_KEYS` (``dense_steps``...) go to ``dit_accel.apply``. Names in
+    ``methods`` without a config entry use the method's defaults; with
+    ``methods`` given, config entries of other methods are ignored. ``dense`` is
+    the baseline itself and never needs a spec.
+    """
+    entries: List[tuple] = []
+    if config_path:
+        cfg = _read_config(config_path)
+        if isinstance(cfg, dict):
+            for name, value in cfg.items():
+                for i, opts in enumerate(value if isinstance(value, list) else [value or {}]):
+                    label = name if not isinstance(value, list) or len(value) == 1 else f"{name}#{i}"
+                    entries.append((name, opts, label))
+        elif isinstance(cfg, list):
+            for opts in cfg:
+                if not isinstance(opts, dict) or "method" not in opts:
+                    raise ValueError(f"--method-config {config_path}: list entries need a 'method' key; got {opts!r}")
+                entries.append((opts["method"], opts, opts.get("label")))
+        else:
+            raise ValueError(f"--method-config {config_path}: expected a mapping or a list, got {type(cfg).__name__}")
+    names = [m.strip().lower() for m in methods if m.strip()] if methods else None
+    if names is not None:
+        entries = [e for e in entries if e[0].lower() in names]
+        configured = {e[0].lower() for e in entries}
+        entries += [(n, {}, n) for n in names if n not in configured]
+    specs, seen = [], set()
+    for name, opts, label in entries:
+        if name.lower() == "dense" and not opts:
+            continue  # the baseline row
+        spec = MethodSpec.parse(name.lower(), opts, label)
+        while spec.label in seen:
+            spec.label += "'"
+        seen.add(spec.label)
+        specs.append(spec)
+    return specs
+
+
+def dense_cache_key(settings: EvalSettings, prompt: str, seed: int) -> str:
+    blob = json.dumps({"model": settings.model, "frames": settings.frames, "height": settings.height,
+                       "width": settings.width, "steps": settings.steps, "guidance": settings.guidance_scale,
+                       "max_sequence_length": settings.max_sequence_length, "dtype": settings.dtype,
+                       "device": torch.device(settings.device).type, "prompt": prompt, "seed": int(seed)},
+                      sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+
+# ----------------------------------------------------------------- generation
+def _load_pipe(settings: EvalSettings):
+    dtype = getattr(torch, settings.dtype)
+    try:
+        from ..pipelines.loading import load_pipeline
+    except ImportError:  # loading module not there: only the tiny models
+        from ..pipelines.tiny import build_tiny_pipeline
+
+        return build_tiny_pipeline(settings.model, device=settings.device, dtype=dtype)
+    return load_pipeline(settings.model, device=settings.device, dtype=dtype)
+
+
+def _frames_of(output) -> np.ndarray:
+    """Pipeline output (output_type='np') -> uint8 [F, H, W, 3]."""
+    frames = getattr(output, "frames", None)
+    if frames is None:
+        frames = getattr(output, "images")
+    arr = np.asarray(frames[0] if not isinstance(frames, np.ndarray) or frames.ndim == 5 else frames)
+    if arr.ndim == 3:
+        arr = arr[None]
+    if arr.dtype != np.uint8:
+        arr = (np.clip(arr, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+    return arr
+
+
+def _generate(pipe, timer: StageTimer, settings: EvalSettings, prompt: str, seed: int) -> tuple:
+    generator = torch.Generator("cpu").manual_seed(int(seed))  # CPU generator: same noise on any device
+    timer.start()
+    with torch.no_grad():
+        out = pipe(prompt, generator=generator, output_type="np", **settings.call_kwargs(pipe))
+    times = timer.stop()
+    return _frames_of(out), times
+
+
+def _timed_runs(pipe, timer, settings, samples, progress, label) -> tuple:
+    """Generate every sample once (timed), plus warm-up and extra timing repeats of the first."""
+    warmup = settings.warmup if settings.warmup is not None else (1 if timer.cuda else 0)
+    prompt0, seed0 = samples[0]
+    for _ in range(warmup):
+        _generate(pipe, timer, settings, prompt0, seed0)
+    videos, runs = [], []
+    for prompt, seed in samples:
+        video, times = _generate(pipe, timer, settings, prompt, seed)
+        videos.append(video)
+        runs.append(times)
+        progress.update(1)
+    for _ in range(max(settings.repeats - 1, 0)):
+        runs.append(_generate(pipe, timer, settings, prompt0, seed0)[1])
+    return videos, runs
+
+
+def _versions() -> dict:
+    import dit_accel
+
+    out = {"dit_accel": dit_accel.__version__, "torch": torch.__version__, "python": platform.python_version(),
+           "platform": platform.platform(), "cpu_count": os.cpu_count()}
+    for mod in ("diffusers", "transformers", "torchmetrics", "triton"):
+        try:
+            out[mod] = __import__(mod).__version__
+        except Exception:
+            out[mod] = None
+    if torch.cuda.is_available():
+        out["gpu"] = torch.cuda.get_device_name()
+    return out
+
+
+def _summary_density(handle) -> tuple:
+    summary, stats = {}, []
+    try:
+        summary = dict(handle.summary())
+    except Exception:
+        pass
+    try:
+        stats = list(handle.stats())
+    except Exception:
+        pass
+    density = None
+    for key in ("density", "mean_density", "visited_density"):
+        if isinstance(summary.get(key), (int, float)):
+            density = float(summary[key])
+            break
+    if density is None and stats:
+        density = mean_or_none([s.get("density") for s in stats])
+    return density, summary, stats
+
+
+def _jsonable(obj):
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, (np.floating, np.integer)):
+        return obj.item()
+    if isinstance(obj, torch.Tensor):
+        return obj.tolist()
+    if isinstance(obj, float) and not np.isfinite(obj):
+        return None
+    if obj is None or isinstance(obj, (str, int, float, bool)):
+        return obj
+    return str(obj)
+
+
+# ------------------------------------------------------------------ the run
+def run_eval(settings: EvalSettings, specs: Sequence[MethodSpec], out_dir, *, cache_dir=None,
+             clip_model: Optional[str] = None, fid_weights: Optional[str] = None, fid_feature=None,
+             clip_scorer=None, real_dir: Optional[str] = None, lpips: bool = True, capture: Optional[str] = None,
+             pipe=None, log=print) -> dict:
+    """Run the dense baseline and every method, score them, write the report files.
+
+    Args:
+        settings: prompts, seeds and generation settings shared by all rows.
+        specs: method rows (see :func:`load_method_specs`).
+        out_dir: where results.json, report.md, pareto.png and grid.png go.
+        cache_dir: dense output cache (default ``out_dir/cache``).
+        clip_model / clip_scorer: CLIP model path or id, or a ready
+            :class:`~dit_accel.eval.clip.ClipScorer`.
+        fid_weights / fid_feature: FID Inception weights spec, or an ``nn.Module``.
+        real_dir: folder of real images/frames for a second FID column.
+        capture: also save the dense run's q/k/v there (``apply(pipe, Dense(), capture=DIR)``)
+            for ``dit-accel bench fidelity``.
+        pipe: a ready pipeline (else loaded from ``settings.model``).
+
+    Returns the results dict also written to ``results.json``.
+    """
+    from tqdm.auto import tqdm
+
+    from . import report
+    from .clip import create_clip_scorer
+    from .fid import create_fid_feature, frechet_distance
+    from .metrics import LPIPSScorer
+
+    if not settings.prompts:
+        raise ValueError("no prompts: pass --prompts FILE (one prompt per line) or --prompt TEXT")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cache_dir = Path(cache_dir) if cache_dir else out_dir / "cache"
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    samples = [(p, int(s)) for p in settings.prompts for s in settings.seeds]
+    skipped: List[str] = []
+
+    pipe = pipe if pipe is not None else _load_pipe(settings)
+    if hasattr(pipe, "set_progress_bar_config"):
+        pipe.set_progress_bar_config(disable=True)
+    timer = StageTimer(pipe, settings.device)
+    timer.install()
+    rows: List[dict] = []
+    try:
+        # ---- dense baseline (cached)
+        dense_videos, dense_runs, generated = [], [], 0
+        with tqdm(total=len(samples), desc="dense", unit="video") as bar:
+            for prompt, seed in samples:
+                path = cache_dir / f"dense_{dense_cache_key(settings, prompt, seed)}.npz"
+                if path.exists():
+                    with np.load(path) as data:
+                        dense_videos.append(data["frames"])
+                        dense_runs.append(json.loads(str(data["times"])))
+                    bar.update(1)
+                    continue
+                videos, runs = _timed_runs(pipe, timer, settings, [(prompt, seed)], bar, "dense")
+                generated += 1
+                dense_videos.append(videos[0])
+                dense_runs.extend(runs)
+                np.savez_compressed(path, frames=videos[0], times=json.dumps(median_times(runs)))
+        if capture:
+            import dit_accel
+
+            with dit_accel.apply(pipe, Dense(), capture=capture):
+                _generate(pipe, timer, settings, *samples[0])
+        dense_times = median_times(dense_runs)
+        rows.append({"label": "dense", "config": {"method": "dense", "label": "dense"}, "videos": dense_videos,
+                     "times": dense_times, "density": 1.0, "summary": {}, "stats": []})
+        log(f"dense: {generated} generated, {len(samples) - generated} from cache ({cache_dir})")
+
+        # ---- methods
+        import dit_accel
+
+        with tqdm(total=len(samples) * len(specs), desc="methods", unit="video") as bar:
+            for spec in specs:
+                bar.set_postfix_str(spec.label)
+                done = bar.n
+                row = {"label": spec.label, "config": spec.describe()}
+                try:
+                    handle = dit_accel.apply(pipe, spec.method, **spec.apply_kwargs)
+                    try:
+                        videos, runs = _timed_runs(pipe, timer, settings, samples, bar, spec.label)
+                        row["density"], row["summary"], row["stats"] = _summary_density(handle)
+                    finally:
+                        handle.remove()
+                    row.update(videos=videos, times=median_times(runs))
+                except Exception as exc:  # one bad config must not sink the report
+                    row["error"] = f"{type(exc).__name__}: {exc}"
+                    log(f"{spec.label}: failed: {row['error']}")
+                    bar.update(done + len(samples) - bar.n)
+                rows.append(row)
+    finally:
+        timer.remove()
+
+    # ---- scoring
+    lpips_scorer = None
+    if lpips:
+        lpips_scorer, why = LPIPSScorer.create(device=settings.device)
+        if why:
+            skipped.append(why)
+    if clip_scorer is None:
+        clip_scorer, why = create_clip_scorer(clip_model, device=settings.device)
+        if why:
+            skipped.append(why)
+    if fid_feature is None:
+        fid_feature, why = create_fid_feature(fid_weights, device=settings.device)
+        if why:
+            skipped.append(why)
+    real = _load_real(real_dir, dense_videos[0].shape[1:3]) if real_dir else None
+    if real_dir and fid_feature is None:
+        skipped.append("FID vs --real skipped: no FID feature extractor (see the FID line)")
+    for line in skipped:
+        log(line)
+
+    dense_t = rows[0]["times"] or {}
+    with tqdm(total=len(rows), desc="scoring", unit="method") as bar:
+        for row in rows:
+            bar.set_postfix_str(row["label"])
+            bar.update(1)
+            if "videos" not in row:
+                continue
+            per_sample = [paired_metrics(v, d, lpips_scorer) for v, d in zip(row["videos"], dense_videos)]
+            row["samples"] = [{"prompt": p, "seed": s, **m} for (p, s), m in zip(samples, per_sample)]
+            for key in ("psnr", "ssim", "lpips"):
+                row[key] = mean_or_none([m.get(key) for m in per_sample])
+            if clip_scorer is not None:
+                row["clip"] = clip_scorer.score_many(row["videos"], [p for p, _ in samples])
+            if fid_feature is not None:
+                row["fid_dense"] = _safe_fid(frechet_distance, row["videos"], dense_videos, fid_feature,
+                                             settings.device, skipped)
+                if real is not None:
+                    row["fid_real"] = _safe_fid(frechet_distance, row["videos"], real, fid_feature,
+                                                settings.device, skipped)
+            t = row["times"] or {}
+            for stage, key in (("transformer", "speedup_transformer"), ("total", "speedup_e2e")):
+                if t.get(stage) and dense_t.get(stage):
+                    row[key] = dense_t[stage] / t[stage]
+
+    results = {
+        "settings": asdict(settings), "versions": _versions(), "methods": [s.describe() for s in specs],
+        "dense_generated": generated, "dense_cached": len(samples) - generated, "cache_dir": str(cache_dir),
+        "skipped": sorted(set(skipped)), "capture": capture,
+        "rows": [{k: v for k, v in r.items() if k != "videos"} for r in rows],
+    }
+    if _is_tiny(settings.model):
+        results["note"] = "tiny model with RANDOM weights: numbers check the pipeline, not quality"
+    results = _jsonable(results)
+    (out_dir / "results.json").write_text(json.dumps(results, indent=2))
+    report.write_report(results, out_dir / "report.md")
+    report.plot_pareto(results, out_dir / "pareto.png")
+    report.frame_grid([r["label"] for r in rows if "videos" in r], [r["videos"][0] for r in rows if "videos" in r],
+                      out_dir / "grid.png")
+    return results
+
+
+def _is_tiny(model: str) -> bool:
+    return isinstance(model, str) and model.startswith("tiny-")
+
+
+def _safe_fid(fn, a, b, feature, device, skipped) -> Optional[float]:
+    try:
+        return fn(a, b, feature, device=device)
+    except ValueError as exc:
+        skipped.append(f"FID skipped: {exc}")
+        return None
+
+
+def _load_real(real_dir: str, size) -> torch.Tensor:
+    """Images of a folder (png/jpg/webp, recursively) resized to the generated frame size."""
+    from PIL import Image
+
+    files = sorted(p for p in Path(real_dir).rglob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp"))
+    if not files:
+        raise ValueError(f"--real {real_dir}: no .png/.jpg/.jpeg/.webp images found")
+    h, w = int(size[0]), int(size[1])
+    imgs = [np.asarray(Image.open(p).convert("RGB").resize((w, h), Image.BICUBIC)) for p in files]
+    return to_frames(np.stack(imgs))
+
