@@ -1,0 +1,126 @@
+"""``dit-accel info``: versions, device, kernel backends, supported models and methods.
+
+Every section degrades to a one-line note when the module behind it is missing
+or broken, so ``info`` is the command to run when something else fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+
+__all__ = ["register", "run", "collect_info"]
+
+_METHOD_NOTES = {
+    "dense": "dense attention through dit_accel's path (baseline, no-op check)",
+    "radial": "Radial attention: dense near frames, band halving with temporal distance (video, 3-D grid)",
+    "tile": "sliding tile attention (STA): window of tiles, implemented as GNA with stride = tile",
+    "gna": "generalized neighborhood attention (NATTEN semantics: kernel, stride, dilation, causal)",
+    "sla": "sparse-linear attention: top-k block softmax + linear branch with a trainable projection; "
+           "with the projection at zero (no fine-tuning) it is training-free top-k block-sparse attention",
+}
+
+
+def register(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("info", help="versions, device, kernel backends, supported models and methods",
+                              description=__doc__.splitlines()[0])
+    p.add_argument("--device", default=None, help="device to check backends on (default: cuda if available, else cpu)")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(func=run, _parser=p)
+    return p
+
+
+def _version(name: str) -> str:
+    try:
+        from importlib.metadata import version
+
+        return version(name)
+    except Exception:
+        return "not installed"
+
+
+def _safe(fn):
+    try:
+        return fn()
+    except Exception as err:  # info must never crash: report the reason instead
+        return f"unavailable ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"
+
+
+def _device_info(device):
+    import torch
+
+    cuda = torch.cuda.is_available()
+    dev = device or ("cuda" if cuda else "cpu")
+    out = {"selected": dev, "cuda_available": cuda, "cpu_threads": torch.get_num_threads()}
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        out["triton_mode"] = "interpreter (TRITON_INTERPRET=1: correct but slow, for tests on CPU)"
+    if cuda:
+        out["cuda_devices"] = [
+            f"{i}: {torch.cuda.get_device_name(i)} (sm_{''.join(map(str, torch.cuda.get_device_capability(i)))})"
+            for i in range(torch.cuda.device_count())
+        ]
+        out["cuda_runtime"] = torch.version.cuda
+    return out
+
+
+def _backends(device):
+    from dit_accel.kernels import available_backends
+
+    return {name: ("usable" if why is None else f"not usable: {why}") for name, why in available_backends(device).items()}
+
+
+def _models():
+    from dit_accel.pipelines.presets import PRESETS
+
+    return {name: f"{p.notes} (diffusers>={p.min_diffusers})" for name, p in PRESETS.items()}
+
+
+def collect_info(device=None) -> dict:
+    """The ``info`` report as a dict (also used by the JSON sidecar of ``generate``)."""
+    import dit_accel
+
+    from ..pipelines.tiny import TINY_MODELS
+
+    versions = {
+        "dit_accel": dit_accel.__version__,
+        "python": platform.python_version(),
+        **{name: _version(name) for name in ("torch", "triton", "diffusers", "transformers", "accelerate", "peft")},
+    }
+    info = {"versions": versions, "device": _safe(lambda: _device_info(device))}
+    dev = device or (info["device"]["selected"] if isinstance(info["device"], dict) else "cpu")
+    info["backends"] = _safe(lambda: _backends(dev))
+    info["supported_models"] = _safe(_models)
+    info["methods"] = dict(_METHOD_NOTES)
+    info["tiny_models"] = dict(TINY_MODELS)
+    return info
+
+
+def _print_section(title: str, body) -> None:
+    print(f"{title}:")
+    if isinstance(body, dict):
+        width = max((len(str(k)) for k in body), default=0)
+        for key, value in body.items():
+            if isinstance(value, list):
+                value = "; ".join(map(str, value))
+            print(f"  {str(key):<{width}}  {value}")
+    else:
+        print(f"  {body}")
+
+
+def run(args) -> int:
+    info = collect_info(getattr(args, "device", None))
+    if getattr(args, "json", False):
+        json.dump(info, sys.stdout, indent=2, default=str)
+        print()
+        return 0
+    _print_section("versions", info["versions"])
+    _print_section("device", info["device"])
+    _print_section("kernel backends (auto: triton on CUDA, else torch; force with --backend or DIT_ACCEL_BACKEND)",
+                   info["backends"])
+    _print_section("supported transformer classes", info["supported_models"])
+    _print_section("methods", info["methods"])
+    _print_section("embedded tiny models (RANDOM WEIGHTS, for smoke runs only)", info["tiny_models"])
+    return 0

@@ -1,0 +1,115 @@
+"""``dit-accel``: generate, info, finetune, eval, bench.
+
+Each subcommand lives in its own module ``dit_accel.cli.<name>`` exposing
+``register(subparsers)`` (adds its parser and ``set_defaults(func=run)``) and
+``run(args) -> int``. Only the module of the subcommand being run is imported,
+so ``dit-accel --help`` stays fast and does not import torch or Diffusers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+from typing import Optional, Sequence
+
+__all__ = ["main", "build_parser", "SUBCOMMANDS"]
+
+# name -> (module, one-line help shown by `dit-accel --help`)
+SUBCOMMANDS = {
+    "generate": ("dit_accel.cli.generate", "generate a video/image with a sparse-attention method (default: tiny-wan smoke run)"),
+    "info": ("dit_accel.cli.info", "versions, device, kernel backends, supported models and methods"),
+    "finetune": ("dit_accel.cli.finetune", "fine-tune a model for a sparse method (SLA projections, LoRA) by distillation"),
+    "eval": ("dit_accel.cli.eval", "quality of a sparse method against dense (PSNR, SSIM, LPIPS, FID, CLIP)"),
+    "bench": ("dit_accel.cli.bench", "attention kernel and end-to-end speed benchmarks"),
+}
+
+_EPILOG = """examples:
+  dit-accel generate                                   # tiny-wan, random weights, < 1 min on a CPU
+  dit-accel generate --model Wan-AI/Wan2.1-T2V-1.3B-Diffusers --method radial --device cuda --dtype bfloat16
+  dit-accel info
+run `dit-accel COMMAND --help` for the options of a command."""
+
+
+def _setup_environment() -> None:
+    # Triton on a machine without CUDA only runs through its interpreter, which must be
+    # chosen before anything imports triton (Diffusers does).
+    if "TRITON_INTERPRET" not in os.environ and not _has_cuda_driver():
+        os.environ["TRITON_INTERPRET"] = "1"
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def _has_cuda_driver() -> bool:
+    import ctypes
+
+    try:
+        ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return False
+    return True
+
+
+def _load(name: str):
+    module_name = SUBCOMMANDS[name][0]
+    try:
+        return importlib.import_module(module_name)
+    except ModuleNotFoundError as err:
+        if err.name and (err.name == module_name or module_name.startswith(err.name + ".")):
+            return None
+        raise
+
+
+def build_parser(command: Optional[str] = None) -> argparse.ArgumentParser:
+    """The top-level parser; only ``command``'s module is imported and registered."""
+    from dit_accel import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="dit-accel",
+        description="Sparse attention (radial, sliding tile, GNA, SLA) for Diffusers diffusion transformers.",
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"dit-accel {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (_, help_text) in SUBCOMMANDS.items():
+        if name == command:
+            module = _load(name)
+            if module is not None:
+                module.register(sub)
+                continue
+        # Placeholder so `--help` lists every command without importing it.
+        sub.add_parser(name, help=help_text, add_help=False)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of the ``dit-accel`` console script; returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    if command is not None and command not in SUBCOMMANDS:
+        command = None  # let argparse report the invalid choice
+    if command is not None:
+        _setup_environment()
+        if _load(command) is None:
+            print(f"dit-accel: the '{command}' command is not available in this installation "
+                  f"({SUBCOMMANDS[command][0]} is missing).", file=sys.stderr)
+            return 2
+    parser = build_parser(command)
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    func = getattr(args, "func", None)
+    if func is None:  # pragma: no cover - a module that forgot set_defaults(func=run)
+        print(f"dit-accel: '{args.command}' did not register a run function", file=sys.stderr)
+        return 2
+    try:
+        return int(func(args) or 0)
+    except KeyboardInterrupt:
+        print("dit-accel: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
