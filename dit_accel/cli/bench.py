@@ -1,0 +1,128 @@
+"""``dit-accel bench``: kernel speed and attention fidelity.
+
+Examples::
+
+    dit-accel bench kernels --device cpu --quick --out bench.json --plot bench.png
+    dit-accel bench kernels --device cuda --out bench_h100.json
+    dit-accel bench fidelity --capture capture/ --methods gna,tile,radial,sla --density 0.2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+__all__ = ["register", "run"]
+
+
+def register(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("bench", help="benchmark kernels (speed) or methods on captured q/k/v (fidelity)",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="bench_kind", metavar="{kernels,fidelity}")
+    sub.required = True
+
+    k = sub.add_parser("kernels", help="block-sparse and SLA kernels vs dense SDPA at model shapes")
+    k.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    k.add_argument("--quick", action="store_true", help="one shape, three densities, few repeats")
+    k.add_argument("--densities", default=None, help="comma-separated target densities (default 0.05..0.5)")
+    k.add_argument("--shapes", default=None, help="comma-separated substrings of shape names to keep, e.g. Wan,FLUX")
+    k.add_argument("--backends", default=None, help="block-sparse backends (default: every usable one)")
+    k.add_argument("--repeats", type=int, default=None)
+    k.add_argument("--warmup", type=int, default=None)
+    k.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"])
+    k.add_argument("--no-sla", action="store_true", help="skip the SLA rows")
+    k.add_argument("--out", metavar="FILE.json", help="write the results as JSON")
+    k.add_argument("--plot", metavar="FILE.png", help="speedup vs density plot")
+    k.set_defaults(func=run)
+
+    f = sub.add_parser("fidelity", help="error of each method vs dense on captured q/k/v")
+    f.add_argument("--capture", required=True, metavar="DIR",
+                   help="folder of layerLLL_stepSSS.pt files (dit-accel eval --capture DIR, or "
+                        "dit_accel.apply(pipe, Dense(), capture=DIR))")
+    f.add_argument("--methods", default="gna,tile,radial,sla", help="comma-separated methods")
+    f.add_argument("--method-config", metavar="FILE", help="JSON/YAML method options, as for dit-accel eval")
+    f.add_argument("--density", type=float, default=None, help="retune methods to this visited density")
+    f.add_argument("--device", default="cpu")
+    f.add_argument("--backend", default="auto")
+    f.add_argument("--max-files", type=int, default=None)
+    f.add_argument("--out", metavar="FILE.json")
+    f.set_defaults(func=run)
+    return p
+
+
+def _floats(text):
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise SystemExit(f"dit-accel bench: expected comma-separated numbers, got {text!r}") from None
+
+
+def run(args) -> int:
+    return _run_kernels(args) if args.bench_kind == "kernels" else _run_fidelity(args)
+
+
+def _run_kernels(args) -> int:
+    import sys
+
+    import torch
+
+    from ..eval import bench
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        print("dit-accel bench kernels: --device cuda but no CUDA device is visible; use --device cpu")
+        return 2
+    cuda = device.startswith("cuda")
+    if cuda:
+        shapes = bench.GPU_SHAPES[:1] if args.quick else bench.GPU_SHAPES
+    else:
+        shapes = bench.CPU_QUICK_SHAPES if args.quick else bench.CPU_SHAPES
+    if args.shapes:
+        keep = [s.strip().lower() for s in args.shapes.split(",")]
+        shapes = [s for s in shapes if any(k in s.name.lower() for k in keep)]
+    densities = _floats(args.densities) if args.densities else (
+        bench.CPU_QUICK_DENSITIES if args.quick else bench.DENSITIES)
+    if any(not 0 < d <= 1 for d in densities):
+        print(f"dit-accel bench kernels: --densities must be in (0, 1]; got {densities}")
+        return 2
+    repeats = args.repeats if args.repeats is not None else (2 if args.quick and not cuda else None)
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    if not cuda:
+        print("NOTE: CPU run - reduced shapes and the PyTorch backend (Triton kernels need a GPU); "
+              "numbers are not comparable with GPU numbers.")
+    result = bench.bench_kernels(shapes, densities, device=device, dtype=dtype, warmup=args.warmup, repeats=repeats,
+                                 backends=args.backends.split(",") if args.backends else None, sla=not args.no_sla)
+    result["command"] = "dit-accel " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("dit-accel") else \
+        "dit-accel bench kernels " + " ".join(a for a in sys.argv[1:] if a not in ("bench", "kernels"))
+    print(f"device: {result['device_name']}, dtype {result['dtype']}, versions {result['versions']}, "
+          f"{result['date']}")
+    print(bench.kernels_table(result))
+    for note in result["notes"]:
+        print(f"note: {note}")
+    if args.out:
+        with open(args.out, "w") as fh:
+            json.dump(result, fh, indent=2)
+        print(f"wrote {args.out}")
+    if args.plot:
+        bench.plot_kernels(result, args.plot)
+        print(f"wrote {args.plot}")
+    return 0
+
+
+def _run_fidelity(args) -> int:
+    from ..eval.fidelity import bench_fidelity, fidelity_table
+    from ..eval.runner import load_method_specs
+
+    try:
+        specs = load_method_specs(args.methods.split(","), args.method_config)
+        result = bench_fidelity(args.capture, {s.label: s.method for s in specs}, match_density=args.density,
+                                device=args.device, backend=args.backend, max_files=args.max_files)
+    except ValueError as exc:
+        print(f"dit-accel bench fidelity: {exc}")
+        return 2
+    print(fidelity_table(result))
+    if args.out:
+        with open(args.out, "w") as fh:
+            json.dump(result, fh, indent=2)
+        print(f"wrote {args.out}")
+    return 0

@@ -1,0 +1,298 @@
+"""Kernel benchmark: block-sparse and SLA attention against dense, at model shapes.
+
+:func:`bench_kernels` times, for each model shape and target density:
+
+- dense SDPA (``torch.nn.functional.scaled_dot_product_attention``) and
+  flash-attn's dense kernel when ``flash_attn`` is installed;
+- :func:`dit_accel.kernels.block_sparse_attention` on every usable backend, with
+  a sliding-tile layout from :func:`dit_accel.patterns.tile_layout` whose window
+  is chosen to land nearest the target density (q/k/v already in tiled order:
+  the permutation is not timed);
+- :func:`dit_accel.kernels.sla.sla_attention` with ``topk = density`` and a
+  zero-initialised projection (sparse plus linear branch).
+
+It reports time, dense-equivalent TFLOPS ``4*B*H*N^2*D / t`` (``N`` = real
+tokens, whatever the kernel visits), speedup over dense SDPA, and the fraction
+of the ideal ``1/density`` speedup reached (``speedup * density``, with the
+visited block density of the layout). On CPU the shapes are reduced (fewer
+tokens and heads) and the output says so.
+"""
+
+from __future__ import annotations
+
+import datetime
+import itertools
+import math
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["ModelShape", "GPU_SHAPES", "CPU_SHAPES", "CPU_QUICK_SHAPES", "DENSITIES", "bench_kernels",
+           "tile_layout_for_density", "time_fn"]
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    name: str
+    grid: Tuple[int, ...]
+    heads: int
+    head_dim: int = 128
+    batch: int = 1
+
+    @property
+    def tokens(self) -> int:
+        return math.prod(self.grid)
+
+
+# Real shapes: latent token grids after patchify; heads/head dim from the model configs.
+GPU_SHAPES = (
+    ModelShape("Wan2.1 480p", (21, 30, 52), 12),      # N = 32,760 (1.3B: 12 heads of 128)
+    ModelShape("Wan2.1 720p", (21, 45, 80), 12),      # N = 75,600
+    ModelShape("HunyuanVideo 720p", (30, 48, 80), 24),  # N = 115,200
+    ModelShape("FLUX 1024px", (64, 64), 24),          # N = 4,096
+    ModelShape("FLUX 4K", (256, 256), 24),            # N = 65,536
+)
+# CPU: the same models at reduced grids and 2 heads, so a 2-core machine finishes.
+CPU_SHAPES = (
+    ModelShape("Wan2.1 480p (reduced)", (6, 15, 26), 2),
+    ModelShape("HunyuanVideo 720p (reduced)", (8, 12, 20), 2),
+    ModelShape("FLUX 1024px (reduced)", (48, 48), 2),
+)
+CPU_QUICK_SHAPES = (ModelShape("Wan2.1 480p (reduced)", (6, 15, 26), 2),)
+DENSITIES = (0.05, 0.1, 0.2, 0.3, 0.5)
+CPU_QUICK_DENSITIES = (0.1, 0.25, 0.5)
+
+
+def time_fn(fn: Callable[[], object], device: torch.device, *, warmup: int, repeats: int) -> float:
+    """Median seconds of ``fn()``: CUDA events on GPU, perf_counter on CPU."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end) / 1000.0)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _odd_windows(n: int) -> List[int]:
+    return [w for w in range(1, n + 1, 2)] + ([n] if n % 2 == 0 else [])
+
+
+def tile_layout_for_density(grid: Sequence[int], density: float, block: int = 64):
+    """Sliding-tile layout on ``grid`` whose visited density is nearest ``density``.
+
+    Tiles hold one ``block`` each (:func:`default_tile`), so a window of ``w``
+    tiles per dimension visits about ``prod(w_d / n_d)`` of the blocks.
+    Returns ``(perm, layout, window)``.
+    """
+    from ..patterns import TilePermutation, default_tile, tile_layout
+
+    tile = default_tile(tuple(grid), block)
+    n_tiles = TilePermutation(tuple(grid), tile).padded_grid
+    n_tiles = [p // t for p, t in zip(n_tiles, tile)]
+    best = None
+    for window in itertools.product(*[_odd_windows(n) for n in n_tiles]):
+        est = math.prod(min(w, n) / n for w, n in zip(window, n_tiles))
+        fracs = [math.log(min(w, n) / n) for w, n in zip(window, n_tiles)]
+        mean = sum(fracs) / len(fracs)
+        # nearest density first; among near ties, the most even window (a realistic neighbourhood)
+        score = abs(math.log(est / density)) + 0.02 * sum((f - mean) ** 2 for f in fracs)
+        if best is None or score < best[0]:
+            best = (score, window)
+    window = tuple(min(w, n) if w <= n else n for w, n in zip(best[1], n_tiles))
+    window = tuple(w if w % 2 else w - 1 for w in window)
+    perm, layout = tile_layout(tuple(grid), tile, window, block_q=block, block_k=block)
+    return perm, layout, window
+
+
+def _flash_attn():
+    try:
+        from flash_attn import flash_attn_func
+    except Exception:
+        return None
+    return flash_attn_func
+
+
+def bench_kernels(shapes: Sequence[ModelShape], densities: Sequence[float], *, device="cpu",
+                  dtype: Optional[torch.dtype] = None, warmup: Optional[int] = None, repeats: Optional[int] = None,
+                  backends: Optional[Sequence[str]] = None, sla: bool = True, log=print,
+                  progress: bool = True) -> dict:
+    """Time dense and sparse attention kernels; returns a JSON-ready dict (``rows`` list).
+
+    Args:
+        shapes: model shapes (:data:`GPU_SHAPES`, :data:`CPU_SHAPES`).
+        densities: target visited densities in ``(0, 1]``.
+        device: ``"cpu"`` or ``"cuda"``; dtype defaults to bf16 on CUDA, fp32 on CPU.
+        warmup, repeats: per kernel (defaults 3/10 on CUDA, 1/3 on CPU).
+        backends: block-sparse backends to try (default: every usable one;
+            FlexAttention on CPU only when asked: it compiles for minutes).
+    """
+    from tqdm.auto import tqdm
+
+    from ..kernels import available_backends, block_sparse_attention
+    from ..kernels.sla import sla_attention, sla_density
+    from ..methods import SLA
+
+    device = torch.device(device)
+    cuda = device.type == "cuda"
+    dtype = dtype or (torch.bfloat16 if cuda else torch.float32)
+    warmup = warmup if warmup is not None else (3 if cuda else 1)
+    repeats = repeats if repeats is not None else (10 if cuda else 3)
+    usable = {name: why for name, why in available_backends(device).items()}
+    if backends is None:
+        backends = [b for b, why in usable.items() if why is None and (cuda or b == "torch")]
+    notes = [f"{b}: {usable[b]}" for b in usable if usable[b] is not None]
+    if not cuda:
+        notes.append("CPU run: reduced shapes (fewer tokens and heads than the real models) and the PyTorch "
+                     "backend; the Triton kernels need a GPU. Not comparable with GPU numbers.")
+    flash = _flash_attn() if cuda else None
+    if cuda and flash is None:
+        notes.append("flash-attn not installed: no flash-attn row")
+
+    rows: List[dict] = []
+    total = len(shapes) * (1 + len(densities) * (len(backends) + int(sla))) + (len(shapes) if flash else 0)
+    bar = tqdm(total=total, desc="bench kernels", unit="kernel", disable=not progress)
+
+    def record(shape: ModelShape, kernel: str, seconds: float, density: float, dense_s: Optional[float], **extra):
+        flops = 4.0 * shape.batch * shape.heads * shape.tokens ** 2 * shape.head_dim
+        speedup = dense_s / seconds if dense_s else None
+        rows.append({"shape": shape.name, "grid": list(shape.grid), "tokens": shape.tokens, "heads": shape.heads,
+                     "head_dim": shape.head_dim, "batch": shape.batch, "kernel": kernel, "density": density,
+                     "time_ms": seconds * 1e3, "tflops_dense_equiv": flops / seconds / 1e12, "speedup": speedup,
+                     "ideal_speedup": 1.0 / density, "fraction_of_ideal": speedup * density if speedup else None,
+                     **extra})
+        bar.update(1)
+
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    for shape in shapes:
+        bar.set_postfix_str(shape.name)
+        b, h, n, d = shape.batch, shape.heads, shape.tokens, shape.head_dim
+        q, k, v = (torch.randn(b, h, n, d, generator=gen).to(device, dtype) for _ in range(3))
+        with torch.no_grad():
+            dense_s = time_fn(lambda: F.scaled_dot_product_attention(q, k, v), device, warmup=warmup, repeats=repeats)
+            record(shape, "dense SDPA", dense_s, 1.0, dense_s)
+            if flash is not None:
+                qf, kf, vf = (t.transpose(1, 2).contiguous() for t in (q, k, v))
+                record(shape, "flash-attn (dense)",
+                       time_fn(lambda: flash(qf, kf, vf), device, warmup=warmup, repeats=repeats), 1.0, dense_s)
+            for target in densities:
+                try:
+                    perm, layout, window = tile_layout_for_density(shape.grid, target)
+                except Exception as exc:
+                    notes.append(f"{shape.name} density {target}: no tile layout ({type(exc).__name__}: {exc})")
+                    bar.update(len(backends))
+                    layout = None
+                if layout is not None:
+                    np_ = perm.num_padded
+                    qp, kp, vp = (torch.randn(b, h, np_, d, generator=gen).to(device, dtype) for _ in range(3))
+                    lay = layout.to(device)
+                    for backend in backends:
+                        try:
+                            t = time_fn(lambda: block_sparse_attention(qp, kp, vp, lay, backend=backend), device,
+                                        warmup=warmup, repeats=repeats)
+                        except Exception as exc:
+                            notes.append(f"{shape.name} {backend}: failed ({type(exc).__name__}: {exc})"[:300])
+                            bar.update(1)
+                            continue
+                        record(shape, f"block-sparse tile [{backend}]", t, layout.density(), dense_s,
+                               target_density=target, window=list(window), padded_tokens=np_,
+                               partial_fraction=layout.partial_fraction())
+                    del qp, kp, vp
+                if sla:
+                    method = SLA(topk=target)
+                    proj = torch.nn.Linear(d, d).to(device, dtype)
+                    torch.nn.init.zeros_(proj.weight)
+                    torch.nn.init.zeros_(proj.bias)
+                    try:
+                        t = time_fn(lambda: sla_attention(q, k, v, method, proj), device, warmup=warmup,
+                                    repeats=repeats)
+                        record(shape, "SLA (sparse+linear)", t, sla_density(n, method), dense_s, target_density=target)
+                    except Exception as exc:
+                        notes.append(f"{shape.name} SLA: failed ({type(exc).__name__}: {exc})"[:300])
+                        bar.update(1)
+        del q, k, v
+    bar.close()
+    return {"kind": "kernels", "device": str(device), "device_name": _device_name(device), "dtype": str(dtype),
+            "reduced_sizes": not cuda, "warmup": warmup, "repeats": repeats, "backends": list(backends),
+            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "versions": _versions(), "notes": notes, "rows": rows}
+
+
+def _device_name(device: torch.device) -> str:
+    import os
+    import platform
+
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{platform.processor() or platform.machine()} CPU, {os.cpu_count()} cores, {torch.get_num_threads()} threads"
+
+
+def _versions() -> dict:
+    import dit_accel
+
+    out = {"dit_accel": dit_accel.__version__, "torch": torch.__version__}
+    try:
+        import triton
+
+        out["triton"] = triton.__version__
+    except Exception:
+        out["triton"] = None
+    return out
+
+
+def kernels_table(result: dict) -> str:
+    """Markdown table of a :func:`bench_kernels` result."""
+    from .report import markdown_table
+
+    header = ["shape", "N", "H", "kernel", "density", "time ms", "TFLOPS (dense-eq.)", "speedup", "ideal",
+              "% of ideal"]
+    rows = [[r["shape"], str(r["tokens"]), str(r["heads"]), r["kernel"], f"{r['density']:.3f}",
+             f"{r['time_ms']:.2f}", f"{r['tflops_dense_equiv']:.4f}",
+             f"{r['speedup']:.2f}x" if r["speedup"] else "-", f"{r['ideal_speedup']:.1f}x",
+             f"{100 * r['fraction_of_ideal']:.0f}%" if r["fraction_of_ideal"] else "-"] for r in result["rows"]]
+    return markdown_table(header, rows)
+
+
+def plot_kernels(result: dict, path) -> None:
+    """Speedup vs density per shape, one line per kernel, with the 1/density ideal."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shapes = list(dict.fromkeys(r["shape"] for r in result["rows"]))
+    fig, axes = plt.subplots(1, len(shapes), figsize=(5 * len(shapes), 4), squeeze=False)
+    for ax, shape in zip(axes[0], shapes):
+        rows = [r for r in result["rows"] if r["shape"] == shape and r["density"] < 1.0]
+        for kernel in dict.fromkeys(r["kernel"] for r in rows):
+            pts = sorted((r["density"], r["speedup"]) for r in rows if r["kernel"] == kernel and r["speedup"])
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=kernel)
+        ds = sorted({r["density"] for r in rows})
+        if ds:
+            ax.plot(ds, [1 / x for x in ds], "k--", alpha=0.5, label="ideal 1/density")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("visited density")
+        ax.set_ylabel("speedup vs dense SDPA")
+        ax.set_title(shape, fontsize=9)
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=7)
+    fig.suptitle(f"{result['device_name']} ({result['dtype']})" + (" - reduced CPU shapes" if result["reduced_sizes"]
+                                                                      else ""), fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

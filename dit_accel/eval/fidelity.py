@@ -1,0 +1,170 @@
+"""Attention-level fidelity of sparse methods on captured q/k/v.
+
+A capture folder holds ``layer{L:03d}_step{S:03d}.pt`` files, each a dict
+``{"q", "k", "v": (B, H, N, D) tensors, "grid": tuple, "layer": int,
+"layer_name": str, "step": int}``, written by::
+
+    handle = dit_accel.apply(pipe, dit_accel.Dense(), capture="capture/", capture_layers=[0, 10],
+                             capture_steps=[0, 25])
+    pipe(prompt); handle.remove()
+
+(or ``dit-accel eval ... --capture DIR``). :func:`bench_fidelity` runs every
+method on those exact inputs, through the same plans ``dit_accel.apply``
+uses, and compares with dense attention: relative L2 error
+``||o - o_dense|| / ||o_dense||`` and cosine similarity, per layer (averaged
+over the captured steps), beside each method's visited density.
+
+``match_density=D`` re-tunes the methods to a common density so their errors
+compare like for like: SLA ``topk = D``, Tile window and GNA kernel chosen
+nearest ``D`` on the captured grid; Radial's density is fixed by its rule and
+is reported as it is.
+"""
+
+from __future__ import annotations
+
+import datetime
+import itertools
+import math
+import re
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from ..methods import GNA, SLA, Method, Radial, Tile
+
+__all__ = ["load_capture", "method_attention", "matched_method", "bench_fidelity", "fidelity_table"]
+
+_NAME = re.compile(r"layer(\d+)_step(\d+)\.pt$")
+
+
+def load_capture(directory) -> List[Path]:
+    """Capture files of ``directory`` sorted by (layer, step); ValueError when there are none."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise ValueError(f"--capture {directory}: not a folder; make one with `dit-accel eval ... --capture DIR` "
+                         "or dit_accel.apply(pipe, Dense(), capture=DIR)")
+    files = sorted((p for p in directory.iterdir() if _NAME.search(p.name)),
+                   key=lambda p: tuple(int(x) for x in _NAME.search(p.name).groups()))
+    if not files:
+        raise ValueError(f"--capture {directory}: no layerLLL_stepSSS.pt files found")
+    return files
+
+
+@torch.no_grad()
+def method_attention(q, k, v, method: Method, grid, *, backend: str = "auto") -> Tuple[torch.Tensor, float]:
+    """Output of ``method`` on video tokens q, k, v ``(B, H, N, D)`` in raster order, and its density."""
+    from ..kernels import block_sparse_attention
+    from ..kernels.sla import sla_attention
+    from ..pipelines.plans import build_plan
+
+    plan = build_plan(method, grid)
+    if plan.kind == "dense":
+        return F.scaled_dot_product_attention(q, k, v), 1.0
+    if plan.kind == "sla":
+        o, _, _, info = sla_attention(q, k, v, method, None, backend=backend, return_parts=True)
+        return o, float(info["density"])
+    if plan.perm is not None:
+        qp, kp, vp = (plan.perm.permute(t, dim=-2) for t in (q, k, v))
+        o = block_sparse_attention(qp, kp, vp, plan.layout.to(q.device), backend=backend)
+        return plan.perm.unpermute(o, dim=-2), float(plan.density)
+    return block_sparse_attention(q, k, v, plan.layout.to(q.device), backend=backend), float(plan.density)
+
+
+def matched_method(method: Method, grid: Sequence[int], density: float) -> Method:
+    """A config of the same method whose visited density on ``grid`` is near ``density``."""
+    grid = tuple(int(g) for g in grid)
+    if isinstance(method, SLA):
+        return SLA(**{**_fields(method), "topk": min(max(density, 1e-6), 1.0),
+                      "negligible": min(method.negligible, 1.0 - density)})
+    if isinstance(method, Tile):
+        from .bench import tile_layout_for_density
+        from ..patterns import default_tile
+
+        _, _, window = tile_layout_for_density(grid, density)
+        return Tile(tile=default_tile(grid, 64), window=window)
+    if isinstance(method, GNA):
+        # Token-level density of a separable window ~ prod(k_d / g_d); stride 1.
+        best = None
+        for ks in itertools.product(*[range(2, g + 1) for g in grid]) if math.prod(grid) <= 10 ** 6 else []:
+            est = math.prod(k / g for k, g in zip(ks, grid))
+            fr = [math.log(k / g) for k, g in zip(ks, grid)]
+            score = abs(math.log(est / density)) + 0.02 * sum((f - sum(fr) / len(fr)) ** 2 for f in fr)
+            if best is None or score < best[0]:
+                best = (score, ks)
+        return GNA(**{**_fields(method), "kernel_size": best[1], "stride": 1})
+    return method  # Dense, Radial: fixed by their rule
+
+
+def _fields(method: Method) -> dict:
+    d = method.to_dict()
+    d.pop("method", None)
+    return d
+
+
+def bench_fidelity(capture_dir, methods: Dict[str, Method], *, match_density: Optional[float] = None,
+                   device="cpu", backend: str = "auto", max_files: Optional[int] = None, log=print) -> dict:
+    """Relative L2 error and cosine similarity of each method vs dense, per captured layer.
+
+    Args:
+        capture_dir: folder of capture files (see module docstring).
+        methods: ``{label: method config}``.
+        match_density: retune methods to this density (see :func:`matched_method`).
+        device: where attention runs; files are loaded to it one at a time.
+        max_files: only the first files (sorted by layer, step).
+    """
+    from tqdm.auto import tqdm
+
+    files = load_capture(capture_dir)[:max_files]
+    rows: List[dict] = []
+    notes: List[str] = []
+    for path in tqdm(files, desc="fidelity", unit="file"):
+        data = torch.load(path, map_location="cpu", weights_only=False)
+        q, k, v = (data[n].to(device, torch.float32) for n in ("q", "k", "v"))
+        grid = tuple(int(g) for g in data["grid"])
+        ref = F.scaled_dot_product_attention(q, k, v)
+        for label, method in methods.items():
+            cfg = matched_method(method, grid, match_density) if match_density else method
+            try:
+                out, density = method_attention(q, k, v, cfg, grid, backend=backend)
+            except (ValueError, TypeError, RuntimeError) as exc:
+                notes.append(f"{label} on {path.name}: {type(exc).__name__}: {exc}"[:300])
+                continue
+            err = float((out.float() - ref).norm() / ref.norm().clamp_min(1e-30))
+            cos = float(F.cosine_similarity(out.float().flatten(), ref.flatten(), dim=0))
+            rows.append({"file": path.name, "layer": int(data.get("layer", -1)),
+                         "layer_name": data.get("layer_name", ""), "step": int(data.get("step", -1)),
+                         "grid": list(grid), "tokens": q.shape[-2], "heads": q.shape[1], "method": label,
+                         "config": cfg.to_dict(), "density": density, "rel_l2": err, "cosine": cos})
+    for line in notes:
+        log(line)
+    per_layer: Dict[Tuple[int, str], dict] = {}
+    for r in rows:
+        slot = per_layer.setdefault((r["layer"], r["method"]), {"layer": r["layer"], "layer_name": r["layer_name"],
+                                                                 "method": r["method"], "n": 0, "rel_l2": 0.0,
+                                                                 "cosine": 0.0, "density": 0.0})
+        slot["n"] += 1
+        for key in ("rel_l2", "cosine", "density"):
+            slot[key] += r[key]
+    layers = []
+    for slot in per_layer.values():
+        n = slot.pop("n")
+        layers.append({**slot, **{k: slot[k] / n for k in ("rel_l2", "cosine", "density")}, "steps": n})
+    layers.sort(key=lambda s: (s["layer"], s["method"]))
+    import dit_accel
+
+    return {"kind": "fidelity", "capture": str(capture_dir), "files": len(files), "match_density": match_density,
+            "device": str(device), "methods": {k: m.to_dict() for k, m in methods.items()},
+            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "versions": {"dit_accel": dit_accel.__version__, "torch": torch.__version__},
+            "notes": notes, "per_layer": layers, "rows": rows}
+
+
+def fidelity_table(result: dict) -> str:
+    """Markdown: one row per (layer, method) with density, relative L2 and cosine."""
+    from .report import markdown_table
+
+    rows = [[str(s["layer"]), s["layer_name"] or "-", s["method"], f"{s['density']:.3f}", f"{s['rel_l2']:.4f}",
+             f"{s['cosine']:.5f}", str(s["steps"])] for s in result["per_layer"]]
+    return markdown_table(["layer", "name", "method", "density", "rel. L2 error", "cosine", "steps"], rows)
