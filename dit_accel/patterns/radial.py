@@ -1,0 +1,182 @@
+"""Radial attention (reference-implementation semantics, METHODS.md), at block level.
+
+The rule is defined on frame pairs: same, adjacent and sink key frames are
+dense; farther pairs keep a diagonal band whose half-width halves each time the
+frame distance crosses a power of two, and pairs whose band would be narrower
+than a block are kept only every ``B / width`` frames. The band is placed at
+the frames' token offsets (raster order) and reduced to ``B x B`` blocks: a
+block is kept iff more than 60% of its non-empty columns have more than 1/3 of
+their rows inside the band. Rows and columns are the block's real tokens (a
+ragged last block has fewer); a column is non-empty when at least one of its
+rows is inside the band.
+
+Block decisions depend only on the in-frame positions covered by the query and
+key blocks and on the frame-pair rules involved, so they are evaluated once per
+distinct combination (a few thousand for 720p video) with closed-form band
+counts per column: never a token mask.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence, Tuple
+
+import torch
+
+from ..kernels.layout import BlockLayout
+from .gna import _as_grid
+
+__all__ = ["radial_layout", "radial_mask"]
+
+_DROP, _FULL = 0, 1  # frame-pair states; 2 + i is a band of half-width halves[i]
+
+
+def _radial_args(grid, block_size, decay, sink_frames):
+    grid = _as_grid(grid)
+    if len(grid) != 3:
+        raise ValueError(f"grid={grid} is invalid for radial attention: expected (T, H, W), frames first")
+    if not isinstance(block_size, int) or isinstance(block_size, bool) or block_size < 1:
+        raise ValueError(f"block_size={block_size!r} is invalid: expected a positive int (64 or 128)")
+    if not isinstance(decay, (int, float)) or isinstance(decay, bool) or not 0.0 < float(decay) <= 1.0:
+        raise ValueError(f"decay={decay!r} is invalid: expected a number in (0, 1]")
+    frames = tuple(sink_frames) if isinstance(sink_frames, (tuple, list)) else None
+    if frames is None or not all(isinstance(f, int) and not isinstance(f, bool) and f >= 0 for f in frames):
+        raise ValueError(f"sink_frames={sink_frames!r} is invalid: expected a tuple of non-negative frame indices, "
+                         f"() to disable the attention sink")
+    if any(f >= grid[0] for f in frames):
+        raise ValueError(f"sink_frames={frames} is invalid for grid={grid}: frame indices must be < {grid[0]}")
+    return grid, block_size, float(decay), frames
+
+
+def _frame_pair_states(frames: int, tokens_per_frame: int, block: int, decay: float,
+                       sink_frames: Sequence[int]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(state [F, F], halves)``: per (query frame, key frame) drop / full / band index."""
+    ref = 2 ** tokens_per_frame.bit_length()
+    halves, state = [], torch.empty(frames, frames, dtype=torch.long)
+    for qf in range(frames):
+        for kf in range(frames):
+            dist = abs(qf - kf)
+            if kf in sink_frames or dist <= 1:
+                state[qf, kf] = _FULL
+                continue
+            width = ref / 2 ** dist.bit_length()
+            if width < block and dist % int(block / width) != 0:
+                state[qf, kf] = _DROP
+                continue
+            half = math.floor(max(decay * width, block))  # |k - l| is an integer
+            if half >= tokens_per_frame - 1:
+                state[qf, kf] = _FULL
+                continue
+            if half not in halves:
+                halves.append(half)
+            state[qf, kf] = 2 + halves.index(half)
+    return state, torch.tensor(halves, dtype=torch.long)
+
+
+def _segments(num_tokens: int, tokens_per_frame: int, block: int):
+    """Per block, its frame segments: frame [nb, m] (-1 = none), in-frame [lo, hi) [nb, m]."""
+    nb = -(-num_tokens // block)
+    start = torch.arange(nb) * block
+    end = torch.clamp(start + block, max=num_tokens)
+    first, last = start // tokens_per_frame, (end - 1) // tokens_per_frame
+    m = int((last - first).max()) + 1
+    frame = first[:, None] + torch.arange(m)[None, :]
+    valid = frame <= last[:, None]
+    lo = torch.clamp(start[:, None] - frame * tokens_per_frame, min=0)
+    hi = torch.clamp(end[:, None] - frame * tokens_per_frame, max=tokens_per_frame)
+    frame = torch.where(valid, frame, -1)
+    lo, hi = torch.where(valid, lo, 0), torch.where(valid, hi, 0)
+    return frame, lo, hi
+
+
+def _block_decisions(frame, lo, hi, state, halves, num_tokens, tokens_per_frame, block, q_blocks, k_blocks):
+    """Keep/drop for the block pairs ``(q_blocks[i], k_blocks[i])`` by the 60% / 1/3 column rule."""
+    cols = k_blocks[:, None] * block + torch.arange(block)[None, :]  # [U, B] token index
+    col_ok = cols < num_tokens
+    kf = torch.where(col_ok, cols // tokens_per_frame, 0)
+    pos = cols % tokens_per_frame
+    count = torch.zeros(cols.shape, dtype=torch.long)
+    for i in range(frame.shape[1]):
+        qf, qlo, qhi = frame[q_blocks, i], lo[q_blocks, i], hi[q_blocks, i]
+        st = state[torch.clamp(qf, min=0)[:, None], kf]  # [U, B]
+        seg_ok = (qf >= 0)[:, None] & col_ok
+        half = halves[torch.clamp(st - 2, min=0)] if halves.numel() else torch.zeros_like(st)
+        band = torch.clamp(torch.minimum(qhi[:, None], pos + half + 1) - torch.maximum(qlo[:, None], pos - half), min=0)
+        contrib = torch.where(st == _FULL, (qhi - qlo)[:, None], torch.where(st >= 2, band, 0))
+        count += torch.where(seg_ok, contrib, 0)
+    rows = torch.clamp(num_tokens - q_blocks * block, max=block)  # real rows of each query block
+    nonempty = ((count > 0) & col_ok).sum(-1)
+    high = ((3 * count > rows[:, None]) & col_ok).sum(-1)
+    return 5 * high > 3 * nonempty  # high / nonempty > 0.6, exactly
+
+
+def radial_layout(grid, block_size: int = 128, decay: float = 1.0, sink_frames: Sequence[int] = (0,)) -> BlockLayout:
+    """Block layout of radial attention over raster token order, without ``N x N``.
+
+    Args:
+        grid: ``(T, H, W)`` latent token grid, frames first.
+        block_size: ``B``, block size of the rule and of the layout (``block_q == block_k``).
+        decay: band width factor in ``(0, 1]``.
+        sink_frames: key frames every query attends to fully; ``()`` disables the sink.
+
+    Returns:
+        A :class:`~dit_accel.kernels.layout.BlockLayout` with ``q_len == kv_len == T*H*W``
+        (any length: the last block may be ragged). Every visited block is full:
+        the pattern is block-level by construction.
+
+    Example::
+
+        layout = radial_layout((18, 48, 80), 128)   # Wan 2.1 720p: about 71% block sparsity
+    """
+    grid, block, decay, sinks = _radial_args(grid, block_size, decay, sink_frames)
+    frames, s = grid[0], grid[1] * grid[2]
+    n = frames * s
+    state, halves = _frame_pair_states(frames, s, block, decay, sinks)
+    frame, lo, hi = _segments(n, s, block)
+    nb, m = frame.shape
+
+    # Block pairs whose frame segments relate alike decide alike: describe each
+    # (query segment, key segment) pair translation-invariantly, dedupe, and
+    # evaluate the column rule once per distinct combination.
+    seg_len = hi - lo
+    ids = []
+    for i in range(m):
+        for j in range(m):
+            fq, fk = frame[:, i][:, None], frame[:, j][None, :]
+            st = torch.where((fq >= 0) & (fk >= 0), state[fq.clamp(min=0), fk.clamp(min=0)], _DROP)
+            lq, lk = seg_len[:, i][:, None], seg_len[:, j][None, :]
+            rel = lo[:, i][:, None] - lo[:, j][None, :]  # query start - key start, in frame positions
+            half = halves[(st - 2).clamp(min=0)] if halves.numel() else torch.zeros_like(st)
+            band = st >= 2
+            # Canonical forms: a band that misses the segments is a drop, one that covers them is full.
+            misses = (rel < -(lq - 1) - half) | (rel > lk - 1 + half)
+            covers = torch.maximum(rel + lq - 1, lk - 1 - rel) <= half
+            st = torch.where(band & misses, _DROP, torch.where(band & covers, _FULL, st))
+            st = torch.where((lq == 0) | (lk == 0), _DROP, st)
+            rel = torch.where(st >= 2, rel + 2 * block + int(halves.max() if halves.numel() else 0), 0)
+            desc = ((st * (block + 1) + lq) * (block + 1) + lk) * (4 * block + 2 * nb * block + 1) + rel
+            ids.append(torch.unique(desc.flatten(), return_inverse=True)[1])
+            del fq, fk, st, lq, lk, rel, half, band, misses, covers, desc
+    radix = max(int(x.max()) + 1 for x in ids)
+    if radix ** len(ids) < 2 ** 62:
+        key = ids[0]
+        for x in ids[1:]:
+            key = key * radix + x
+        _, inverse = torch.unique(key, return_inverse=True)
+    else:  # many frames per block (tiny frames): one integer key would overflow
+        _, inverse = torch.unique(torch.stack(ids, 1), dim=0, return_inverse=True)
+    del ids
+    n_unique = int(inverse.max()) + 1
+    pair = torch.arange(nb * nb)
+    first = torch.full((n_unique,), nb * nb, dtype=torch.long).scatter_reduce(0, inverse, pair, "amin")
+    keep = _block_decisions(frame, lo, hi, state, halves, n, s, block, first // nb, first % nb)
+    visited = keep[inverse].view(nb, nb)
+    return BlockLayout.from_block_masks(visited, q_len=n, kv_len=n, block_q=block, block_k=block)
+
+
+def radial_mask(grid, block_size: int = 128, decay: float = 1.0, sink_frames: Sequence[int] = (0,)) -> torch.Tensor:
+    """Token mask of radial attention, bool ``[N, N]`` in raster order: :func:`radial_layout` expanded.
+
+    Materialises ``N x N``: for inspection and tests. Arguments as in :func:`radial_layout`.
+    """
+    return radial_layout(grid, block_size, decay, sink_frames).to_dense_mask()[0]

@@ -1,0 +1,225 @@
+"""Token masks and the tile permutation against brute-force definitions written here.
+
+The references below are written independently of dit_accel.patterns: per query
+coordinate they compute the allowed keys of each dimension with a NATTEN-style
+window-start formula (or the STA tile rule), then enumerate the allowed key
+tokens explicitly. No Kronecker products, no shared helpers.
+"""
+
+import itertools
+import math
+
+import pytest
+import torch
+
+from dit_accel.patterns import TilePermutation, default_tile, gna_mask, tile_mask
+
+
+# ----------------------------------------------------------------- references
+def _ref_keys_1d(x, extent, k, s, d, causal):
+    """Allowed key coordinates of query coordinate x along one dimension."""
+    r = x % d
+    size = len(range(r, extent, d))  # keys sharing x's dilation group
+    i = x // d
+    if causal:
+        last = min((i // s) * s + s - 1, size - 1)
+        lo, hi = max(last - k + 1, 0), i
+    else:
+        leader = min((i // s) * s + s // 2, size - 1)
+        lo = min(max(leader - k // 2, 0), size - k)  # shift inward at the borders
+        hi = lo + k - 1
+    return [j * d + r for j in range(lo, hi + 1)]
+
+
+def _raster(coords, grid):
+    idx = 0
+    for c, g in zip(coords, grid):
+        idx = idx * g + c
+    return idx
+
+
+def _ref_mask(grid, keys_per_dim):
+    n = math.prod(grid)
+    mask = torch.zeros(n, n, dtype=torch.bool)
+    for q in itertools.product(*[range(g) for g in grid]):
+        qi = _raster(q, grid)
+        for kc in itertools.product(*[keys_per_dim[d][q[d]] for d in range(len(grid))]):
+            mask[qi, _raster(kc, grid)] = True
+    return mask
+
+
+def _ref_gna(grid, k, s, d, causal):
+    nd = len(grid)
+    k, s, d = [(v,) * nd if isinstance(v, int) else v for v in (k, s, d)]
+    causal = (causal,) * nd if isinstance(causal, bool) else causal
+    keys = [[_ref_keys_1d(x, grid[a], k[a], s[a], d[a], causal[a]) for x in range(grid[a])] for a in range(nd)]
+    return _ref_mask(grid, keys)
+
+
+def _ref_sta(grid, tile, window):
+    keys = []
+    for extent, t, w in zip(grid, tile, window):
+        n_tiles = -(-extent // t)
+        per = []
+        for x in range(extent):
+            if w >= n_tiles:
+                tiles = range(n_tiles)
+            else:
+                c = min(max(x // t, w // 2), n_tiles - 1 - w // 2)
+                tiles = range(c - w // 2, c + w // 2 + 1)
+            per.append([y for y in range(extent) if y // t in tiles])
+        keys.append(per)
+    return _ref_mask(grid, keys)
+
+
+def _windows(row):
+    nz = row.nonzero().flatten()
+    return int(nz.min()), int(nz.max()) + 1
+
+
+# --------------------------------------------------------- worked examples
+@pytest.mark.parametrize("extent,k,s,causal,expected", [
+    (7, 3, 1, False, [(0, 3), (0, 3), (1, 4), (2, 5), (3, 6), (4, 7), (4, 7)]),
+    (8, 4, 1, False, [(0, 4), (0, 4), (0, 4), (1, 5), (2, 6), (3, 7), (4, 8), (4, 8)]),
+    (12, 6, 3, False, [(0, 6)] * 3 + [(1, 7)] * 3 + [(4, 10)] * 3 + [(6, 12)] * 3),
+    (10, 4, 4, False, [(0, 4)] * 4 + [(4, 8)] * 4 + [(6, 10)] * 2),
+    (8, 4, 2, True, [(0, 1), (0, 2), (0, 3), (0, 4), (2, 5), (2, 6), (4, 7), (4, 8)]),
+], ids=["L7k3", "L8k4", "L12k6s3", "L10k4s4", "causal-L8k4s2"])
+def test_methods_worked_examples(extent, k, s, causal, expected):
+    mask = gna_mask((extent,), k, s, is_causal=causal)
+    assert [_windows(r) for r in mask] == expected
+    assert all(int(r.sum()) == e - b for r, (b, e) in zip(mask, expected))  # contiguous
+
+
+# --------------------------------------------------------- brute force GNA
+_CASES_1D = [(L, k, s, d, c) for L in (7, 10, 13) for k in (2, 3, 4, 5) for s in range(1, k + 1)
+             for d in (1, 2) for c in (False, True) if k * d <= L]
+
+
+@pytest.mark.parametrize("extent,k,s,d,causal", _CASES_1D,
+                         ids=[f"L{L}-k{k}-s{s}-d{d}{'-causal' if c else ''}" for L, k, s, d, c in _CASES_1D])
+def test_gna_1d_brute_force(extent, k, s, d, causal):
+    assert torch.equal(gna_mask(extent, k, s, d, causal), _ref_gna((extent,), k, s, d, causal))
+
+
+@pytest.mark.parametrize("grid,k,s,d,causal", [
+    ((9, 11), (3, 4), (1, 1), 1, False),
+    ((9, 11), (3, 4), (2, 3), (1, 2), False),
+    ((9, 11), (4, 5), (4, 5), 1, (False, True)),
+    ((8, 8), 4, 4, 1, False),
+    ((10, 7), (5, 2), (3, 2), (2, 3), True),
+    ((5, 6, 7), (3, 2, 4), (2, 1, 3), (1, 2, 1), False),
+    ((5, 6, 7), (2, 3, 3), (1, 3, 2), 1, (True, False, False)),
+    ((6, 4, 9), (3, 4, 3), (3, 2, 1), (2, 1, 3), False),
+    ((3, 4, 5), (3, 4, 5), 1, 1, False),
+], ids=["2d-nat", "2d-stride-dil", "2d-blocked-causalW", "2d-blocked-divisible", "2d-causal-dil",
+        "3d-mixed", "3d-causalT", "3d-dil", "3d-full-window"])
+def test_gna_nd_brute_force(grid, k, s, d, causal):
+    mask = gna_mask(grid, k, s, d, causal)
+    assert mask.shape == (math.prod(grid),) * 2
+    assert torch.equal(mask, _ref_gna(grid, k, s, d, causal))
+
+
+def test_gna_window_sizes_and_dense():
+    grid, k = (6, 7, 5), (3, 4, 5)
+    assert (gna_mask(grid, k, (2, 3, 1)).sum(-1) == math.prod(k)).all()  # exactly prod(k) keys per query
+    assert gna_mask(grid, grid).all()  # kernel == extent is dense
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(grid=(8, 8), kernel_size=1), "kernel_size.*>= 2"),
+    (dict(grid=(8, 8), kernel_size=(3, 3, 3)), "kernel_size.*3 values.*2 dimensions"),
+    (dict(grid=(8, 8), kernel_size=3, stride=4), "stride.*<= kernel_size"),
+    (dict(grid=(8, 8), kernel_size=3, stride=0), "stride.*>= 1"),
+    (dict(grid=(8, 8), kernel_size=3, dilation=(1, 3)), "kernel_size\\*dilation.*9.*exceeds.*8"),
+    (dict(grid=(8, 8), kernel_size=(3, 9)), "exceeds the grid extent 8"),
+    (dict(grid=(8, 8), kernel_size=3, is_causal=(True,)), "is_causal"),
+    (dict(grid=(2, 3, 4, 5), kernel_size=2), "grid"),
+    (dict(grid=(8, 0), kernel_size=2), "grid"),
+], ids=["k<2", "tuple-len", "stride>k", "stride<1", "k*d>extent", "k>extent", "causal-len", "4d-grid", "empty-dim"])
+def test_gna_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        gna_mask(**kwargs)
+
+
+def test_gna_type_errors():
+    with pytest.raises(TypeError, match="kernel_size"):
+        gna_mask((8,), 2.5)
+    with pytest.raises(TypeError, match="is_causal"):
+        gna_mask((8,), 3, is_causal=1)
+
+
+# ------------------------------------------------------------- sliding tile
+_TILE_CASES = [
+    ((12,), (4,), (3,)),
+    ((13,), (4,), (3,)),
+    ((10, 9), (2, 3), (3, 1)),
+    ((7, 11), (3, 4), (3, 3)),
+    ((6, 5, 9), (2, 3, 4), (3, 1, 1)),
+    ((5, 7, 9), (2, 2, 4), (1, 5, 3)),
+    ((3, 5), (4, 2), (3, 7)),  # tile larger than the extent, window wider than the grid
+]
+
+
+@pytest.mark.parametrize("grid,tile,window", _TILE_CASES, ids=lambda v: "x".join(map(str, v)))
+def test_tile_mask_matches_sta_definition(grid, tile, window):
+    assert torch.equal(tile_mask(grid, tile, window), _ref_sta(grid, tile, window))
+
+
+@pytest.mark.parametrize("grid,tile,window", [
+    ((12,), (4,), (3,)), ((8, 12), (2, 3), (3, 3)), ((6, 8, 8), (2, 2, 4), (3, 1, 1)), ((9, 8, 6), (3, 2, 2), (1, 3, 3)),
+], ids=["1d", "2d", "3d", "3d-odd-tile"])
+def test_tile_is_gna_for_divisible_extents(grid, tile, window):
+    kernel = tuple(w * t for w, t in zip(window, tile))
+    assert torch.equal(tile_mask(grid, tile, window), gna_mask(grid, kernel, tile))
+
+
+def test_tile_bad_arguments():
+    with pytest.raises(ValueError, match="window.*odd"):
+        tile_mask((8, 8), 2, (3, 2))
+    with pytest.raises(ValueError, match="tile.*2 dimensions"):
+        tile_mask((8, 8), (2, 2, 2), 3)
+
+
+# -------------------------------------------------------------- permutation
+@pytest.mark.parametrize("grid,tile", [((10,), (4,)), ((5, 7), (2, 4)), ((3, 5, 6), (2, 2, 4)), ((4, 8, 8), (2, 4, 8))],
+                         ids=["1d-pad", "2d-pad", "3d-pad", "3d-exact"])
+def test_tile_permutation(grid, tile):
+    perm = TilePermutation(grid, tile)
+    n = math.prod(grid)
+    padded = tuple(-(-g // t) * t for g, t in zip(grid, tile))
+    assert perm.num_tokens == n and perm.padded_grid == padded and perm.num_padded == math.prod(padded)
+
+    # Reference order: tile coordinates first, then coordinates inside the tile, both raster.
+    n_tiles = [p // t for p, t in zip(padded, tile)]
+    expected = []
+    for tc in itertools.product(*[range(m) for m in n_tiles]):
+        for ic in itertools.product(*[range(t) for t in tile]):
+            c = [a * t + b for a, t, b in zip(tc, tile, ic)]
+            expected.append(_raster(c, grid) if all(x < g for x, g in zip(c, grid)) else -1)
+    assert perm.order.tolist() == expected
+
+    x = torch.randn(2, n, 3, requires_grad=True)
+    y = perm.permute(x, dim=1)
+    assert y.shape == (2, perm.num_padded, 3)
+    assert (y[:, perm.order < 0] == 0).all()
+    assert torch.equal(y[:, perm.order >= 0], x[:, perm.order[perm.order >= 0]])
+    assert torch.equal(perm.unpermute(y, dim=1), x)
+    (perm.unpermute(y * 2, dim=1)).sum().backward()
+    assert torch.equal(x.grad, torch.full_like(x, 2.0))
+
+    z = torch.randn(2, 3, n, 4)
+    assert torch.equal(perm.unpermute(perm.permute(z)), z)  # default dim=-2, any leading dims
+    with pytest.raises(ValueError, match="dim"):
+        perm.permute(z, dim=-1)
+
+
+def test_default_tile():
+    for grid, block in [((30, 48, 80), 64), ((30, 48, 80), 128), ((21, 60, 104), 64), ((64, 64), 64), ((100,), 64),
+                        ((3, 5, 7), 64)]:
+        tile = default_tile(grid, block)
+        assert len(tile) == len(grid) and math.prod(tile) == block
+    assert default_tile((30, 48, 80), 64) == (2, 4, 8)  # no padding, most cube-like
+    assert default_tile((30, 48, 80), 128) == (2, 8, 8)
+    with pytest.raises(ValueError, match="block"):
+        default_tile((8, 8), 0)
