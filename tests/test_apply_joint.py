@@ -1,0 +1,63 @@
+"""Joint (video + text) attention merge vs a dense masked fp32 reference, odd sizes."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import dit_accel
+from dit_accel.patterns import gna_mask
+from dit_accel.pipelines.joint import joint_attention
+from dit_accel.pipelines.plans import build_plan
+
+
+def _reference(q, k, v, allowed):
+    s = torch.matmul(q.double(), k.double().transpose(-1, -2)) / math.sqrt(q.shape[-1])
+    p = torch.softmax(s.masked_fill(~allowed, float("-inf")), -1).nan_to_num(0.0)
+    return torch.matmul(p, v.double()).float()
+
+
+CASES = [
+    pytest.param((3, 3, 7), (2, 3, 3), 5, "first", [5, 2], id="grid3x3x7-text5-first-padded"),
+    pytest.param((2, 5, 13), (2, 3, 5), 9, "last", [9, 0], id="grid2x5x13-text9-last-one-without-text"),
+    pytest.param((63,), 7, 4, "last", None, id="grid63-text4-last-nomask"),
+]
+
+
+@pytest.mark.parametrize("grid,kernel,num_text,position,valid", CASES)
+def test_joint_merge_equals_masked_reference(grid, kernel, num_text, position, valid):
+    method = dit_accel.GNA(kernel_size=kernel)
+    plan = build_plan(method, grid)
+    nv = math.prod(grid)
+    b, h, d = 2, 3, 16
+    s = nv + num_text
+    q, k, v = (torch.randn(b, h, s, d) for _ in range(3))
+    key_mask = None
+    allowed = torch.ones(b, 1, s, s, dtype=torch.bool)
+    video = slice(num_text, s) if position == "first" else slice(0, nv)
+    text = slice(0, num_text) if position == "first" else slice(nv, s)
+    allowed[:, :, video, video] = gna_mask(grid, method.kernel_size)
+    if valid is not None:
+        key_mask = torch.ones(b, 1, 1, s, dtype=torch.bool)
+        for i, n in enumerate(valid):
+            key_mask[i, ..., text.start + n:text.stop] = False
+        allowed &= key_mask
+    out, density = joint_attention(q, k, v, plan, num_video=nv, text_first=position == "first", key_mask=key_mask,
+                                   scale=None, backend="torch", dense_sdpa=F.scaled_dot_product_attention)
+    torch.testing.assert_close(out, _reference(q, k, v, allowed), atol=1e-5, rtol=1e-5)
+    assert density == pytest.approx(plan.layout.density())
+
+
+def test_joint_sla_with_all_blocks_critical_is_dense():
+    torch.manual_seed(0)
+    nv, nt = 130, 7
+    q, k, v = (torch.randn(1, 2, nv + nt, 16) for _ in range(3))
+    proj = torch.nn.Linear(16, 16)
+    torch.nn.init.zeros_(proj.weight)
+    torch.nn.init.zeros_(proj.bias)
+    plan = build_plan(dit_accel.SLA(topk=1.0), (nv,))
+    out, density = joint_attention(q, k, v, plan, num_video=nv, text_first=True, key_mask=None, scale=None,
+                                   backend="torch", dense_sdpa=F.scaled_dot_product_attention, proj=proj)
+    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v), atol=1e-5, rtol=1e-5)
+    assert float(density) == pytest.approx(1.0)
