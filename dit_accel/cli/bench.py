@@ -57,13 +57,21 @@ def _floats(text):
         raise SystemExit(f"dit-accel bench: expected comma-separated numbers, got {text!r}") from None
 
 
+def _command_line(args) -> str:
+    parts = ["dit-accel bench kernels"]
+    for name in ("device", "densities", "shapes", "backends", "repeats", "warmup", "dtype", "out", "plot"):
+        value = getattr(args, name)
+        if value is not None:
+            parts.append(f"--{name} {value}")
+    parts += [flag for flag, on in (("--quick", args.quick), ("--no-sla", args.no_sla)) if on]
+    return " ".join(parts)
+
+
 def run(args) -> int:
     return _run_kernels(args) if args.bench_kind == "kernels" else _run_fidelity(args)
 
 
 def _run_kernels(args) -> int:
-    import sys
-
     import torch
 
     from ..eval import bench
@@ -92,8 +100,7 @@ def _run_kernels(args) -> int:
               "numbers are not comparable with GPU numbers.")
     result = bench.bench_kernels(shapes, densities, device=device, dtype=dtype, warmup=args.warmup, repeats=repeats,
                                  backends=args.backends.split(",") if args.backends else None, sla=not args.no_sla)
-    result["command"] = "dit-accel " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("dit-accel") else \
-        "dit-accel bench kernels " + " ".join(a for a in sys.argv[1:] if a not in ("bench", "kernels"))
+    result["command"] = _command_line(args)
     print(f"device: {result['device_name']}, dtype {result['dtype']}, versions {result['versions']}, "
           f"{result['date']}")
     print(bench.kernels_table(result))
