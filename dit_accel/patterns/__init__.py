@@ -9,6 +9,10 @@ without materialising ``N x N``: :func:`gna_layout`, :func:`tile_layout`
 
 from .gna import gna_mask
 from .layouts import gna_layout, tile_layout
+from .radial import radial_layout, radial_mask
 from .tile import TilePermutation, default_tile, tile_mask
 
-__all__ = ["gna_mask", "tile_mask", "TilePermutation", "default_tile", "gna_layout", "tile_layout"]
+__all__ = [
+    "gna_mask", "tile_mask", "radial_mask", "TilePermutation", "default_tile",
+    "gna_layout", "tile_layout", "radial_layout",
+]
