@@ -13,8 +13,8 @@ fp32 softmax. Gradients come from autograd through these torch ops.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import List, Tuple
+from dataclasses import dataclass, field
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +27,10 @@ __all__ = ["torch_block_sparse_attention"]
 CHUNK_BYTES = 256 << 20
 # Start a new chunk when padding a row to the chunk's visit count would waste more than this.
 _PAD_WASTE = 0.125
+# Shortest run of rows worth a strided (copy-free) chunk.
+_MIN_RUN = 4
+# Chunk masks up to this size are cached with the layout's plan.
+_MASK_CACHE_BYTES = 32 << 20
 
 
 @dataclass(frozen=True)
@@ -36,28 +40,89 @@ class _Chunk:
     mask_ids: torch.Tensor   # int64 [R, C] -1 full, -2 padded slot, else mask_table row
     width: int               # C, key blocks per row
     clean: bool              # no mask needed at all
+    # Set for a run of consecutive rows whose key blocks are one contiguous range that
+    # moves by a fixed step per row: (first row, first flat key block, step). K/V are then
+    # overlapping strided views, not gathered copies.
+    run: Optional[Tuple[int, int, int]] = None
+    uniform: bool = False    # every row has the same element mask: build and broadcast one row
 
 
 @dataclass(frozen=True)
 class _Plan:
     chunks: Tuple[_Chunk, ...]
     empty_rows: torch.Tensor  # int64 rows that visit nothing (o = 0, lse = -inf)
-    inverse: torch.Tensor     # int64 [Hl*nQ]: position of each row in the concatenated chunk outputs
+    masks: dict = field(default_factory=dict)  # (chunk, device, fused) -> (mask, row_ok), filled lazily
+
+
+def _find_runs(counts: torch.Tensor, indices: torch.Tensor, max_rows) -> List[Tuple[int, int, int, int]]:
+    """Runs ``(flat_row, rows, start_block, step)`` of >= _MIN_RUN rows, same head, equal count,
+    contiguous key blocks, start advancing by a constant ``step >= 0``."""
+    hl, n_q = counts.shape
+    width = indices.shape[-1]
+    slot = torch.arange(width)
+    first = indices[..., 0]
+    contiguous = ((indices == first[..., None] + slot) | (slot >= counts[..., None])).all(-1) & (counts > 0)
+    runs = []
+    counts_l, first_l, contig_l = counts.tolist(), first.tolist(), contiguous.tolist()
+    for h in range(hl):
+        i = 0
+        while i < n_q:
+            if not contig_l[h][i]:
+                i += 1
+                continue
+            j = i + 1
+            step = None
+            while (j < n_q and contig_l[h][j] and counts_l[h][j] == counts_l[h][i]
+                   and j - i < max_rows(counts_l[h][i])):
+                d = first_l[h][j] - first_l[h][j - 1]
+                if d < 0 or (step is not None and d != step):
+                    break
+                step = d
+                j += 1
+            if j - i >= _MIN_RUN:
+                runs.append((h * n_q + i, j - i, first_l[h][i], step or 0))
+            i = j if j - i >= _MIN_RUN else i + 1
+    return runs
+
+
+def _make_chunk(rows, flat_counts, indices, mask_ids, n_q, n_k, ragged_kv_block, run=None) -> _Chunk:
+    width = int(flat_counts[rows].max())
+    h, qb = rows // n_q, rows % n_q
+    slot_ok = torch.arange(width)[None, :] < flat_counts[rows][:, None]
+    kv_local = indices[h, qb, :width]
+    ids = torch.where(slot_ok, mask_ids[h, qb, :width], torch.full_like(kv_local, -2))
+    kv = torch.where(slot_ok, h[:, None] * n_k + kv_local, torch.zeros_like(kv_local))
+    ragged = (kv_local == ragged_kv_block) & slot_ok
+    clean = bool((ids == -1).all()) and not bool(ragged.any())
+    uniform = bool((ids == ids[:1]).all()) and bool((ragged == ragged[:1]).all())
+    return _Chunk(rows, kv.reshape(-1).contiguous(), ids, width, clean, run, uniform)
 
 
 def _plan(layout: BlockLayout, rows_per_budget) -> _Plan:
-    """Group rows by visit count; ``rows_per_budget(width)`` caps a chunk's row count."""
+    """Strided runs first; the other rows sorted by visit count and gathered in chunks.
+
+    ``rows_per_budget(width)`` caps a chunk's row count.
+    """
     counts = layout.kv_counts.cpu().long()
     indices = layout.kv_indices.cpu().long()
     mask_ids = layout.kv_mask_ids.cpu().long()
     hl, n_q = counts.shape
     n_k = layout.num_kv_blocks
     flat_counts = counts.reshape(-1)
-    order = torch.sort(flat_counts, stable=True).indices
     ragged_kv_block = n_k - 1 if layout.kv_len % layout.block_k else -1
-
-    counts_list = flat_counts[order].tolist()
     chunks: List[_Chunk] = []
+
+    in_run = torch.zeros(hl * n_q, dtype=torch.bool)
+    for row0, n_rows, first, step in _find_runs(counts, indices, rows_per_budget):
+        rows = torch.arange(row0, row0 + n_rows)
+        in_run[rows] = True
+        head = row0 // n_q
+        chunks.append(_make_chunk(rows, flat_counts, indices, mask_ids, n_q, n_k, ragged_kv_block,
+                                  run=(row0, head * n_k + first, step)))
+
+    rest = (~in_run).nonzero().flatten()
+    order = rest[torch.sort(flat_counts[rest], stable=True).indices]
+    counts_list = flat_counts[order].tolist()
     start = 0
     total = len(counts_list)
     while start < total and counts_list[start] == 0:
@@ -73,43 +138,65 @@ def _plan(layout: BlockLayout, rows_per_budget) -> _Plan:
             if width != first and (width - first) > _PAD_WASTE * width:
                 break
             end += 1
-        rows = order[start:end]
-        width = counts_list[end - 1]
-        h = rows // n_q
-        qb = rows % n_q
-        slot_ok = torch.arange(width)[None, :] < flat_counts[rows][:, None]
-        kv_local = indices[h, qb, :width]
-        ids = torch.where(slot_ok, mask_ids[h, qb, :width], torch.full_like(kv_local, -2))
-        kv = torch.where(slot_ok, h[:, None] * n_k + kv_local, torch.zeros_like(kv_local))
-        clean = bool((ids == -1).all()) and not bool(((kv_local == ragged_kv_block) & slot_ok).any())
-        chunks.append(_Chunk(rows, kv.reshape(-1).contiguous(), ids, width, clean))
+        chunks.append(_make_chunk(order[start:end], flat_counts, indices, mask_ids, n_q, n_k, ragged_kv_block))
         start = end
-    concat_order = torch.cat([torch.cat([c.rows for c in chunks]) if chunks else order[:0], empty_rows])
-    inverse = torch.empty_like(concat_order)
-    inverse[concat_order] = torch.arange(concat_order.numel())
-    return _Plan(tuple(chunks), empty_rows, inverse)
+    return _Plan(tuple(chunks), empty_rows)
 
 
 def _chunk_mask(layout: BlockLayout, chunk: _Chunk, device) -> torch.Tensor:
-    """bool ``[R, block_q, C*block_k]``: slot valid, element mask of partial blocks, key in range."""
+    """bool ``[R, block_q, C*block_k]`` (R = 1 for uniform chunks): slot valid, element mask
+    of partial blocks, key in range."""
     bq, bk = layout.block_q, layout.block_k
+    ids, kv = chunk.mask_ids, chunk.kv
+    if chunk.uniform:
+        ids, kv = ids[:1], kv[: chunk.width]
     table = layout.mask_table.to(device)
     full = torch.ones(1, bq, bk, dtype=torch.bool, device=device)
     empty = torch.zeros(1, bq, bk, dtype=torch.bool, device=device)
     table = torch.cat([table, empty, full])  # id -1 -> full, -2 -> empty (padded slot)
-    ids = chunk.mask_ids.to(device)
+    ids = ids.to(device)
     tiles = table[torch.where(ids >= 0, ids, table.shape[0] + ids)]  # [R, C, bq, bk]
     n_k = layout.num_kv_blocks
-    kv_block = (chunk.kv.to(device) % n_k).view(ids.shape)
+    kv_block = (kv.to(device) % n_k).view(ids.shape)
     key_pos = kv_block[..., None] * bk + torch.arange(bk, device=device)  # [R, C, bk]
     tiles = tiles & (key_pos < layout.kv_len)[:, :, None, :]
     r, c = ids.shape
     return tiles.permute(0, 2, 1, 3).reshape(r, bq, c * bk)
 
 
+def _cached_mask(plan: "_Plan", i: int, layout: BlockLayout, chunk: _Chunk, device, fused: bool):
+    """``(mask, row_ok)`` for chunk ``i``, cached on the plan (small masks only).
+
+    fused: additive fp32 bias ``[1, R, bq, C*bk]`` (0 / -inf); else bool "masked out".
+    row_ok: bool ``[1, R, bq]`` rows with at least one allowed key, or None if all have one.
+    """
+    key = (i, str(device), fused)
+    hit = plan.masks.get(key)
+    if hit is not None:
+        return hit
+    allowed = _chunk_mask(layout, chunk, device)[None]
+    if fused:
+        mask = torch.zeros(allowed.shape, dtype=torch.float32, device=device).masked_fill_(~allowed, float("-inf"))
+    else:
+        mask = ~allowed
+    row_ok = allowed.any(-1)
+    row_ok = None if bool(row_ok.all()) else row_ok
+    if mask.numel() * mask.element_size() <= _MASK_CACHE_BYTES:
+        plan.masks[key] = (mask, row_ok)
+    return mask, row_ok
+
+
 def _pad_blocks(x: torch.Tensor, block: int) -> torch.Tensor:
     pad = -x.shape[2] % block
     return F.pad(x, (0, 0, 0, pad)) if pad else x
+
+
+def _window(blocks: torch.Tensor, first: int, step: int, rows: int, width: int) -> torch.Tensor:
+    """Overlapping view ``[BG, rows, width*bk, D]``: row i sees blocks first + i*step ... + width-1."""
+    bg, _, bk, d = blocks.shape
+    s_bg, s_blk = blocks.stride(0), blocks.stride(1)
+    return blocks.as_strided((bg, rows, width * bk, d), (s_bg, step * s_blk, d, 1),
+                             blocks.storage_offset() + first * s_blk)
 
 
 def _use_fused(device: torch.device) -> bool:
@@ -153,42 +240,46 @@ def torch_block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     qb = _pad_blocks(q, bq).reshape(b * g, hl * n_q, bq, d)
     kb = _pad_blocks(k, bk).reshape(b * g, hl * n_k, bk, d)
     vb = _pad_blocks(v, bk).reshape(b * g, hl * n_k, bk, d)
+    # Strided windows assume dense block storage.
+    kb, vb = kb.contiguous(), vb.contiguous()
     dev = q.device
 
-    outs, lses = [], []
-    for chunk in plan.chunks:
-        rows, kv = chunk.rows.to(dev), chunk.kv.to(dev)
-        r, c = rows.numel(), chunk.width
-        q_c = qb.index_select(1, rows)                                    # [BG, R, bq, D]
-        k_c = kb.index_select(1, kv).reshape(b * g, r, c * bk, d)         # [BG, R, C*bk, D]
-        v_c = vb.index_select(1, kv).reshape(b * g, r, c * bk, d)
-        allowed = None if chunk.clean else _chunk_mask(layout, chunk, dev)  # [R, bq, C*bk]
+    rows_total = hl * n_q
+    o = q.new_zeros(b * g, rows_total, bq, d)
+    lse = q.new_full((b * g, rows_total, bq), float("-inf"))
+    for i, chunk in enumerate(plan.chunks):
+        r, c = chunk.rows.numel(), chunk.width
+        if chunk.run is not None:
+            row0, kv0, step = chunk.run
+            q_c = qb[:, row0:row0 + r]
+            k_c = _window(kb, kv0, step, r, c)
+            v_c = _window(vb, kv0, step, r, c)
+        else:
+            rows, kv = chunk.rows.to(dev), chunk.kv.to(dev)
+            q_c = qb.index_select(1, rows)                                    # [BG, R, bq, D]
+            k_c = kb.index_select(1, kv).reshape(b * g, r, c * bk, d)         # [BG, R, C*bk, D]
+            v_c = vb.index_select(1, kv).reshape(b * g, r, c * bk, d)
+        mask, row_ok = (None, None) if chunk.clean else _cached_mask(plan, i, layout, chunk, dev, fused)
         if fused:
-            bias = None
-            if allowed is not None:
-                bias = torch.zeros(allowed.shape, dtype=torch.float32, device=dev)
-                bias = bias.masked_fill_(~allowed, float("-inf"))[None]
             o_c, lse_c = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-                q_c, k_c, v_c, attn_mask=bias, scale=scale)
+                q_c, k_c, v_c, attn_mask=mask, scale=scale)
         else:
             scores = torch.matmul(q_c, k_c.transpose(-1, -2)) * scale
-            if allowed is not None:
-                scores = scores.masked_fill(~allowed[None], float("-inf"))
+            if mask is not None:
+                scores = scores.masked_fill(mask, float("-inf"))
             lse_c = torch.logsumexp(scores, dim=-1)
             shift = torch.where(torch.isinf(lse_c), torch.zeros_like(lse_c), lse_c)
             o_c = torch.matmul(torch.exp(scores - shift[..., None]), v_c)
-        if allowed is not None:
+        if row_ok is not None:
             # A row whose visited keys are all masked: o is 0 already, lse must be -inf.
-            lse_c = torch.where(allowed.any(-1)[None], lse_c, torch.full_like(lse_c, float("-inf")))
-        outs.append(o_c)
-        lses.append(lse_c)
-    n_empty = plan.empty_rows.numel()
-    if n_empty:
-        outs.append(q.new_zeros(b * g, n_empty, bq, d))
-        lses.append(q.new_full((b * g, n_empty, bq), float("-inf")))
-    inverse = plan.inverse.to(dev)
-    o = torch.cat(outs, dim=1).index_select(1, inverse)
-    lse = torch.cat(lses, dim=1).index_select(1, inverse)
+            lse_c = torch.where(row_ok, lse_c, torch.full_like(lse_c, float("-inf")))
+        # Write into the output in place (autograd records the slice copies).
+        if chunk.run is not None:
+            o[:, row0:row0 + r] = o_c
+            lse[:, row0:row0 + r] = lse_c
+        else:
+            o = o.index_copy(1, rows, o_c) if o.requires_grad or o_c.requires_grad else o.index_copy_(1, rows, o_c)
+            lse = lse.index_copy(1, rows, lse_c) if lse_c.requires_grad else lse.index_copy_(1, rows, lse_c)
     o = o.reshape(b, h, n_q * bq, d)[:, :, : layout.q_len]
     lse = lse.reshape(b, h, n_q * bq)[:, :, : layout.q_len]
     return o.to(out_dtype), lse
