@@ -1,0 +1,411 @@
+"""``dit-accel generate``: one video (or image) with a sparse-attention method.
+
+Loads the model (an embedded tiny model, a local folder or a hub id), applies
+the method with :func:`dit_accel.apply`, runs the pipeline with a progress bar
+over the denoising steps, writes the video and a JSON sidecar (``OUT.json``)
+with the full settings, versions, timings and per-layer density.
+
+With no arguments it runs ``tiny-wan`` (random weights, offline, well under a
+minute on a 2-core CPU): the smoke test of an installation.
+
+Defaults are layered: explicit flags > the model's defaults (paper presets for
+real models, grid-sized settings for tiny models) > the method config's own
+defaults. The sidecar records what was actually used.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import inspect
+import json
+import os
+import re
+import sys
+import time
+from pathlib import Path
+
+from .options import add_method_options, method_from_args, schedule_from_args
+
+__all__ = ["register", "run", "generate", "TransformerTimer"]
+
+_DTYPES = ("auto", "float32", "bfloat16", "float16")
+DEFAULT_PROMPT = "a red panda climbing a bamboo stalk, soft morning light"
+
+
+def register(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "generate",
+        help="generate a video/image with a sparse-attention method (default: tiny-wan smoke run)",
+        description=__doc__.split("\n\n")[0] + " With no arguments: tiny-wan, RANDOM WEIGHTS, for smoke runs.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    m = p.add_argument_group("model and output")
+    m.add_argument("--model", default="tiny-wan",
+                   help="hub id (e.g. Wan-AI/Wan2.1-T2V-1.3B-Diffusers), a local pipeline folder, or an embedded "
+                        "tiny model: tiny-wan / tiny-flux (RANDOM WEIGHTS, offline, for smoke runs only)")
+    m.add_argument("--out", default=None,
+                   help="output path: .mp4, .gif, .png (image, or frames NAME_00000.png...) or a folder of PNG "
+                        "frames; a JSON sidecar goes to OUT.json (default: outputs/<model>-<method>.mp4, .png for "
+                        "image models)")
+    m.add_argument("--fps", type=int, default=16, help="frames per second of the written video")
+    g = p.add_argument_group("generation (unset = the model's default; tiny models: small sizes)")
+    g.add_argument("--prompt", default=DEFAULT_PROMPT)
+    g.add_argument("--negative-prompt", default=None)
+    g.add_argument("--frames", type=int, default=None, help="number of frames (video models; Wan: 4k+1)")
+    g.add_argument("--height", type=int, default=None)
+    g.add_argument("--width", type=int, default=None)
+    g.add_argument("--steps", type=int, default=None, help="denoising steps")
+    g.add_argument("--seed", type=int, default=0, help="noise seed (and weight seed of tiny models)")
+    g.add_argument("--guidance", type=float, default=None, help="guidance scale")
+    g.add_argument("--max-sequence-length", type=int, default=None,
+                   help="text tokens for the T5 encoder (tiny models: 64)")
+    d = p.add_argument_group("device")
+    d.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available, else cpu)")
+    d.add_argument("--dtype", choices=_DTYPES, default="auto",
+                   help="weight dtype; auto = bfloat16 on CUDA, float32 on CPU and for tiny models")
+    d.add_argument("--offload", action="store_true", help="enable_model_cpu_offload (big models on small GPUs)")
+    add_method_options(p, default_method="dense")
+    p.add_argument("--no-model-defaults", action="store_true",
+                   help="ignore the model's preset method/schedule defaults; use only flags and config defaults")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--debug", action="store_true", help="show full tracebacks instead of one-line errors")
+    p.set_defaults(func=run, _parser=p)
+    return p
+
+
+# ----------------------------------------------------------------------------- timing
+class TransformerTimer:
+    """Wall time spent inside the transformer(s): forward pre/post hooks, CUDA-synchronised.
+
+    Nested calls (a transformer inside another) are counted once. Use as a context
+    manager; ``seconds`` and ``calls`` hold the totals.
+    """
+
+    def __init__(self, modules):
+        self.modules = [m for m in modules if m is not None]
+        self.seconds = 0.0
+        self.calls = 0
+        self._depth = 0
+        self._start = 0.0
+        self._hooks = []
+
+    @staticmethod
+    def _sync(module):
+        import torch
+
+        if torch.cuda.is_available():
+            try:
+                device = next(module.parameters()).device
+            except StopIteration:
+                return
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+
+    def _pre(self, module, *_):
+        if self._depth == 0:
+            self._sync(module)
+            self._start = time.perf_counter()
+        self._depth += 1
+
+    def _post(self, module, *_):
+        self._depth -= 1
+        if self._depth == 0:
+            self._sync(module)
+            self.seconds += time.perf_counter() - self._start
+            self.calls += 1
+
+    def __enter__(self):
+        for module in self.modules:
+            self._hooks.append(module.register_forward_pre_hook(self._pre))
+            self._hooks.append(module.register_forward_hook(self._post))
+        return self
+
+    def __exit__(self, *exc):
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks.clear()
+        return False
+
+
+# ----------------------------------------------------------------------------- helpers
+class _UsageError(Exception):
+    """A problem the user can fix; printed as one line."""
+
+
+def _slug(model: str) -> str:
+    name = Path(model.rstrip("/\\")).name if os.sep in model or "/" in model else model
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-") or "model"
+
+
+def _pick_device(device):
+    import torch
+
+    if device is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(device)
+    except RuntimeError as err:
+        raise _UsageError(f"--device {device!r} is not a device: {err}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise _UsageError(f"--device {device} but CUDA is not available here; use --device cpu")
+    return device
+
+
+def _pick_dtype(name: str, device: str, tiny: bool):
+    import torch
+
+    if name == "auto":
+        name = "bfloat16" if device.startswith("cuda") and not tiny else "float32"
+    return getattr(torch, name), name
+
+
+def _accepts(pipe) -> set:
+    return set(inspect.signature(pipe.__call__).parameters)
+
+
+def _model_defaults(model: str, pipe, method_name: str, use: bool):
+    """(method field defaults, schedule defaults, source) for this model."""
+    from ..pipelines.tiny import TINY_METHOD_DEFAULTS, is_tiny_model
+
+    if not use:
+        return {}, {}, "none (--no-model-defaults)"
+    if is_tiny_model(model):
+        return dict(TINY_METHOD_DEFAULTS.get(model, {}).get(method_name, {})), {}, f"{model} grid-sized defaults"
+    transformer = getattr(pipe, "transformer", None)
+    try:
+        from ..pipelines.presets import recommended
+
+        method, schedule = recommended(transformer, method_name)
+    except Exception:  # no preset for this model/method: the config's own defaults apply
+        return {}, {}, "method config defaults"
+    fields = {k: v for k, v in method.to_dict().items() if k != "method"}
+    return fields, dict(schedule), f"{type(transformer).__name__} preset (paper defaults)"
+
+
+def _to_jsonable(value):
+    import torch
+
+    if isinstance(value, dict):
+        return {str(k): _to_jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return [_to_jsonable(v) for v in value]
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    if isinstance(value, torch.dtype):
+        return str(value).replace("torch.", "")
+    if isinstance(value, Path):
+        return str(value)
+    if hasattr(value, "item") and callable(value.item):
+        try:
+            return value.item()
+        except Exception:
+            pass
+    return str(value)
+
+
+def _versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    import dit_accel
+
+    out = {"dit_accel": dit_accel.__version__, "python": sys.version.split()[0]}
+    for name in ("torch", "triton", "diffusers", "transformers"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def _frames_from_output(output, is_video: bool):
+    """The first sample of a pipeline output: video frames or one image."""
+    frames = getattr(output, "frames", None) if is_video else None
+    if frames is None:
+        frames = getattr(output, "images", None)
+    if frames is None:  # return_dict=False tuples
+        frames = output[0]
+    return frames[0]
+
+
+# ----------------------------------------------------------------------------- main work
+def generate(args) -> dict:
+    """Run ``generate`` for parsed ``args``; returns the sidecar dict (also written to OUT.json)."""
+    import torch
+
+    import dit_accel
+
+    from ..io import save_video, to_uint8_frames
+    from ..pipelines.loading import ModelLoadError, load_pipeline, resolve_model_kind
+    from ..pipelines.tiny import RANDOM_WEIGHTS_LABEL, TINY_DEFAULTS, is_tiny_model
+
+    t_total = time.perf_counter()
+    parser = getattr(args, "_parser", None)
+    tiny = is_tiny_model(args.model)
+    for flag in ("frames", "height", "width", "steps", "max_sequence_length"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise _UsageError(f"--{flag.replace('_', '-')} must be >= 1; got {value}")
+    if args.guidance is not None and args.guidance < 0:
+        raise _UsageError(f"--guidance must be >= 0; got {args.guidance}")
+    try:
+        kind = resolve_model_kind(args.model)
+    except (ModelLoadError, ValueError) as err:
+        raise _UsageError(str(err)) from None
+    device = _pick_device(args.device)
+    dtype, dtype_name = _pick_dtype(args.dtype, device, tiny)
+    method_name = args.method or "dense"
+    # Validate flags that do not need the model before the (possibly long) load.
+    method_from_args(args, parser=parser)
+
+    t0 = time.perf_counter()
+    try:
+        pipe = load_pipeline(args.model, device=device, dtype=dtype, offload=args.offload, seed=args.seed)
+    except ModelLoadError as err:
+        raise _UsageError(str(err)) from None
+    load_s = time.perf_counter() - t0
+    if args.quiet:
+        pipe.set_progress_bar_config(disable=True)
+    else:
+        pipe.set_progress_bar_config(desc=f"denoising ({method_name})", leave=True)
+
+    field_defaults, schedule_defaults, defaults_source = _model_defaults(
+        args.model, pipe, method_name, not args.no_model_defaults)
+    method = method_from_args(args, defaults=field_defaults, parser=parser)
+    schedule = schedule_from_args(args, defaults=schedule_defaults)
+
+    accepts = _accepts(pipe)
+    is_video = "num_frames" in accepts
+    call = {"prompt": args.prompt}
+    suggested = dict(TINY_DEFAULTS.get(args.model, {})) if tiny else {}
+    wanted = {
+        "negative_prompt": args.negative_prompt,
+        "num_frames": args.frames if args.frames is not None else suggested.get("num_frames"),
+        "height": args.height if args.height is not None else suggested.get("height"),
+        "width": args.width if args.width is not None else suggested.get("width"),
+        "num_inference_steps": args.steps if args.steps is not None else suggested.get("num_inference_steps"),
+        "guidance_scale": args.guidance,
+        "max_sequence_length": args.max_sequence_length if args.max_sequence_length is not None
+        else suggested.get("max_sequence_length"),
+    }
+    if not is_video and args.frames not in (None, 1):
+        raise _UsageError(f"--frames {args.frames}: {type(pipe).__name__} generates images; drop --frames")
+    for key, value in wanted.items():
+        if value is not None and key in accepts:
+            call[key] = value
+    call["generator"] = torch.Generator(device="cpu").manual_seed(args.seed)
+    call["output_type"] = "np"
+
+    out = Path(args.out) if args.out else Path("outputs") / f"{_slug(args.model)}-{method_name}{'.mp4' if is_video else '.png'}"
+
+    handle, apply_error = None, None
+    try:
+        apply = dit_accel.apply
+    except (ImportError, AttributeError) as err:  # integration not installed: only dense can still run
+        apply, apply_error = None, f"dit_accel.apply unavailable ({err})"
+    if apply is None and method_name != "dense":
+        raise _UsageError(f"--method {method_name} needs dit_accel.apply, which failed to import: {apply_error}")
+    if apply is not None:
+        try:
+            handle = apply(pipe, method, **schedule)
+        except (ValueError, TypeError) as err:
+            raise _UsageError(str(err)) from None
+
+    transformers = [getattr(pipe, name, None) for name in ("transformer", "transformer_2")]
+    try:
+        with TransformerTimer(transformers) as timer:
+            t0 = time.perf_counter()
+            try:
+                output = pipe(**call)
+            except ValueError as err:  # e.g. a window larger than this grid: raised before attention runs
+                raise _UsageError(str(err)) from err
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            pipeline_s = time.perf_counter() - t0
+        stats = handle.stats() if handle is not None else []
+        summary = handle.summary() if handle is not None else None
+    finally:
+        if handle is not None:
+            handle.remove()
+
+    frames = to_uint8_frames(_frames_from_output(output, is_video))
+    t0 = time.perf_counter()
+    written = save_video(frames, out, fps=args.fps)
+    save_s = time.perf_counter() - t0
+
+    densities = [r.get("density") for r in stats if r.get("density") is not None]
+    record = {
+        "output": str(written),
+        "label": RANDOM_WEIGHTS_LABEL if tiny else None,
+        "model": args.model,
+        "model_kind": kind,
+        "pipeline": type(pipe).__name__,
+        "transformer": type(getattr(pipe, "transformer", None)).__name__,
+        "method": method.to_dict(),
+        "schedule": schedule,
+        "defaults_source": defaults_source,
+        "settings": {
+            "prompt": args.prompt,
+            "negative_prompt": args.negative_prompt,
+            "frames": call.get("num_frames"),
+            "height": call.get("height"),
+            "width": call.get("width"),
+            "steps": call.get("num_inference_steps"),
+            "guidance": call.get("guidance_scale"),
+            "max_sequence_length": call.get("max_sequence_length"),
+            "seed": args.seed,
+            "device": device,
+            "dtype": dtype_name,
+            "offload": bool(args.offload),
+            "fps": args.fps,
+            "pipeline_call": {k: v for k, v in call.items() if k not in ("generator", "prompt")},
+        },
+        "output_shape": list(frames.shape),
+        "timing": {
+            "transformer_s": timer.seconds,
+            "transformer_calls": timer.calls,
+            "end_to_end_s": pipeline_s,
+            "load_s": load_s,
+            "save_s": save_s,
+            "total_s": time.perf_counter() - t_total,
+            "note": "transformer_s: wall time inside transformer forward calls (CUDA-synchronised); "
+                    "end_to_end_s: the whole pipeline call (text encoders, denoising, VAE decode)",
+        },
+        "density": {
+            "mean": summary.get("mean_density") if summary else None,
+            "per_layer": stats,
+            "note": "visited block fraction of video-video attention per layer, mean over sparse calls; "
+                    "None for layers/steps that ran dense",
+        },
+        "summary": summary,
+        "warnings": [w for w in (apply_error,) if w],
+        "versions": _versions(),
+        "command": ["dit-accel", *sys.argv[1:]] if Path(sys.argv[0]).name in ("dit-accel", "__main__.py") else None,
+        "created_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+    if densities and record["density"]["mean"] is None:
+        record["density"]["mean"] = sum(densities) / len(densities)
+    record = _to_jsonable(record)
+    sidecar = Path(str(written) + ".json")
+    sidecar.write_text(json.dumps(record, indent=2) + "\n")
+    record["sidecar"] = str(sidecar)
+    return record
+
+
+def run(args) -> int:
+    try:
+        record = generate(args)
+    except _UsageError as err:
+        if getattr(args, "debug", False):
+            raise
+        print(f"dit-accel generate: error: {err}", file=sys.stderr)
+        return 2
+    t = record["timing"]
+    shape = "x".join(str(s) for s in record["output_shape"][:3])
+    density = record["density"]["mean"]
+    print(f"wrote {record['output']} ({shape}, {record['method']['method']}) and {record['sidecar']}")
+    print(f"pipeline {t['end_to_end_s']:.2f} s, transformer {t['transformer_s']:.2f} s over "
+          f"{t['transformer_calls']} calls" + (f", mean density {density:.3f}" if density is not None else ""))
+    if record["label"]:
+        print(f"note: {record['model']} has {record['label']}")
+    return 0
