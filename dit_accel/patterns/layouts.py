@@ -89,8 +89,7 @@ def _separable_layout(perm: TilePermutation, relations: Sequence[torch.Tensor], 
 
     full = torch.ones(n_q, n_k, dtype=torch.bool)
     empty = torch.zeros(n_q, n_k, dtype=torch.bool)
-    key = torch.zeros(n_q, n_k, dtype=torch.long)  # mixed-radix id of the per-dim sub-mask classes
-    sub_tables = []
+    sub_tables, sub_ids = [], []
     for d, rel in enumerate(relations):
         m = _extend(rel, perm.padded_grid[d])
         lp, bq, bk = m.shape[0], box_q[d], box_k[d]
@@ -99,20 +98,22 @@ def _separable_layout(perm: TilePermutation, relations: Sequence[torch.Tensor], 
         classes, cls = torch.unique(sub.reshape(-1, bq * bk), dim=0, return_inverse=True)
         cls = cls.view(sub.shape[:2])
         sub_tables.append(classes.view(-1, bq, bk))
-        pair_cls = cls[iq[d][:, None], ik[d][None, :]]
-        pair_full = classes.all(-1)[pair_cls]
-        pair_empty = ~classes.any(-1)[pair_cls]
-        full &= pair_full
-        empty |= pair_empty
-        key = key * classes.shape[0] + pair_cls
+        sub_ids.append(cls)
+        # Interval-pair tables are tiny; expand them to block pairs by rows, then columns.
+        full &= classes.all(-1)[cls].index_select(0, iq[d]).index_select(1, ik[d])
+        empty |= (~classes.any(-1))[cls].index_select(0, iq[d]).index_select(1, ik[d])
 
     visited = ~empty
     partial = visited & ~full
     mask_ids = torch.full((n_q, n_k), -1, dtype=torch.int32)
     table = None
     if partial.any():
-        uniq, inverse = torch.unique(key[partial], return_inverse=True)
-        mask_ids[partial] = inverse.to(torch.int32)
+        qi, ki = partial.nonzero(as_tuple=True)
+        key = torch.zeros_like(qi)  # mixed-radix id of the per-dim sub-mask classes
+        for d, cls in enumerate(sub_ids):
+            key = key * sub_tables[d].shape[0] + cls[iq[d][qi], ik[d][ki]]
+        uniq, inverse = torch.unique(key, return_inverse=True)
+        mask_ids[qi, ki] = inverse.to(torch.int32)
         # Decode the mixed-radix keys back to per-dim classes and take the Kronecker product.
         table = torch.ones(uniq.numel(), 1, 1, dtype=torch.bool)
         rem = uniq

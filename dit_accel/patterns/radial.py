@@ -138,27 +138,33 @@ def radial_layout(grid, block_size: int = 128, decay: float = 1.0, sink_frames: 
     # Block pairs whose frame segments relate alike decide alike: describe each
     # (query segment, key segment) pair translation-invariantly, dedupe, and
     # evaluate the column rule once per distinct combination.
-    seg_len = hi - lo
+    seg_len = (hi - lo).to(torch.int32)
+    lo32 = lo.to(torch.int32)
+    state8 = state.to(torch.int8)
+    shift = 2 * block + (int(halves.max()) if halves.numel() else 0)  # makes band offsets non-negative
     ids = []
     for i in range(m):
         for j in range(m):
-            fq, fk = frame[:, i][:, None], frame[:, j][None, :]
-            st = torch.where((fq >= 0) & (fk >= 0), state[fq.clamp(min=0), fk.clamp(min=0)], _DROP)
+            fq, fk = frame[:, i], frame[:, j]
+            st = state8.index_select(0, fq.clamp(min=0)).index_select(1, fk.clamp(min=0))  # [nb, nb]
             lq, lk = seg_len[:, i][:, None], seg_len[:, j][None, :]
-            rel = lo[:, i][:, None] - lo[:, j][None, :]  # query start - key start, in frame positions
-            half = halves[(st - 2).clamp(min=0)] if halves.numel() else torch.zeros_like(st)
-            band = st >= 2
+            st[(fq < 0) | (lq[:, 0] == 0)] = _DROP
+            st[:, (fk < 0) | (lk[0] == 0)] = _DROP
+            rel = lo32[:, i][:, None] - lo32[None, :, j]  # query start - key start, in frame positions
             # Canonical forms: a band that misses the segments is a drop, one that covers them is full.
-            misses = (rel < -(lq - 1) - half) | (rel > lk - 1 + half)
-            covers = torch.maximum(rel + lq - 1, lk - 1 - rel) <= half
-            st = torch.where(band & misses, _DROP, torch.where(band & covers, _FULL, st))
-            st = torch.where((lq == 0) | (lk == 0), _DROP, st)
-            rel = torch.where(st >= 2, rel + 2 * block + int(halves.max() if halves.numel() else 0), 0)
-            desc = ((st * (block + 1) + lq) * (block + 1) + lk) * (4 * block + 2 * nb * block + 1) + rel
+            for b, half in enumerate(halves.tolist()):
+                band = st == 2 + b
+                st[band & ((rel < -(lq - 1) - half) | (rel > lk - 1 + half))] = _DROP
+                st[band & (torch.maximum(rel + lq - 1, lk - 1 - rel) <= half)] = _FULL
+            rel = torch.where(st >= 2, rel + shift, 0)
+            desc = ((st.long() * (block + 1) + lq) * (block + 1) + lk) * (2 * shift + 1) + rel
+            del st, rel
             ids.append(torch.unique(desc.flatten(), return_inverse=True)[1])
-            del fq, fk, st, lq, lk, rel, half, band, misses, covers, desc
+            del desc
     radix = max(int(x.max()) + 1 for x in ids)
-    if radix ** len(ids) < 2 ** 62:
+    if len(ids) == 1:  # blocks never straddle frames
+        inverse = ids[0]
+    elif radix ** len(ids) < 2 ** 62:
         key = ids[0]
         for x in ids[1:]:
             key = key * radix + x
