@@ -48,7 +48,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
                    help="default bfloat16 on cuda, float32 on cpu")
     p.add_argument("--repeats", type=int, default=1, help="timing repeats of the first sample (median reported)")
-    p.add_argument("--warmup", type=int, default=None, help="warm-up generations per method (default 1 cuda, 0 cpu)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed warm-up generations per row (default 1)")
     p.add_argument("--real", metavar="DIR", help="folder of real images for FID vs real")
     p.add_argument("--clip-model", metavar="PATH", help="CLIP model folder or hub id (env DIT_ACCEL_CLIP_MODEL)")
     p.add_argument("--fid-weights", metavar="PATH",

@@ -54,7 +54,7 @@ class EvalSettings:
     device: str = "cpu"
     dtype: str = "float32"
     repeats: int = 1
-    warmup: Optional[int] = None  # None: 1 on CUDA, 0 on CPU
+    warmup: int = 1  # untimed generations per row before timing (lazy init, caches, CUDA autotune)
 
     def call_kwargs(self, pipe) -> dict:
         params = inspect.signature(pipe.__call__).parameters
@@ -182,7 +182,7 @@ def _generate(pipe, timer: StageTimer, settings: EvalSettings, prompt: str, seed
 
 def _timed_runs(pipe, timer, settings, samples, progress, label) -> tuple:
     """Generate every sample once (timed), plus warm-up and extra timing repeats of the first."""
-    warmup = settings.warmup if settings.warmup is not None else (1 if timer.cuda else 0)
+    warmup = settings.warmup
     prompt0, seed0 = samples[0]
     for _ in range(warmup):
         _generate(pipe, timer, settings, prompt0, seed0)
@@ -229,6 +229,8 @@ def _summary_density(handle) -> tuple:
             break
     if density is None and stats:
         density = mean_or_none([s.get("density") for s in stats])
+    if density is None and summary.get("sparse_calls") == 0 and summary.get("dense_calls"):
+        density = 1.0  # the plan resolved to dense attention on this grid (window covers it all)
     return density, summary, stats
 
 
