@@ -167,13 +167,19 @@ def gna_layout(grid, kernel_size, stride=1, dilation=1, is_causal=False, *, tile
 def tile_layout(grid, tile, window, *, block_q: int = 64, block_k: int = 64) -> Tuple[TilePermutation, BlockLayout]:
     """Block layout of :func:`tile_mask` (sliding tile attention) over tiled order, without ``N x N``.
 
-    The permutation uses the STA tile itself, so ``prod(tile)`` must be a multiple
-    of ``block_q`` and ``block_k`` (e.g. tile (6, 8, 8) with blocks of 64 or 128),
-    and then every visited block is full: no element masks, except where a
-    non-divisible extent leaves padded keys inside a block.
+    The permutation uses the STA tile itself when its blocks are boxes inside it
+    (``prod(tile)`` a multiple of ``block_q`` and ``block_k``, e.g. tile (6, 8, 8)
+    with blocks of 64 or 128); then every visited block is full, except where a
+    non-divisible extent leaves padded keys inside a block. Any other tile (say
+    (3, 5, 5)) still works: the permutation falls back to :func:`default_tile`
+    and blocks on window borders get element masks.
 
-    Returns ``(perm, layout)`` like :func:`gna_layout`.
+    Returns ``(perm, layout)`` like :func:`gna_layout`; ``perm.tile`` is the
+    permutation tile actually used.
     """
     grid, tile, rels = _tile_relations(grid, tile, window)
+    block_q, block_k = _check_block("block_q", block_q), _check_block("block_k", block_k)
+    if _block_box(tile, block_q) is None or _block_box(tile, block_k) is None:
+        tile = None  # the STA tile cannot hold whole blocks: permute by a tile that can
     perm = _permutation(grid, tile, block_q, block_k)
     return perm, _separable_layout(perm, rels, block_q, block_k)
