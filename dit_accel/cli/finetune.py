@@ -1,0 +1,167 @@
+"""``dit-accel finetune``: LoRA (+ SLA projections) for a sparse method, by distillation or on data.
+
+Examples::
+
+    # distill the dense model into SLA, no dataset (how SLA was tuned)
+    dit-accel finetune --model Wan-AI/Wan2.1-T2V-1.3B-Diffusers --method sla --topk 0.05 \\
+        --mode distill --prompts prompts.txt --steps 2000 --lr 1e-4 --rank 64 --output sla-wan \\
+        --mixed-precision bf16 --gradient-checkpointing --checkpoint-every 200
+
+    # several GPUs (or 2 CPU processes with gloo: add --cpu)
+    accelerate launch --num_processes 2 -m dit_accel.cli.finetune --model tiny-wan --method gna ...
+
+    # load the result
+    handle = dit_accel.apply(pipe, dit_accel.training.load_method("sla-wan"), weights="sla-wan")
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Optional, Sequence
+
+from .options import add_method_options, method_from_args
+
+__all__ = ["register", "run", "main", "config_from_args"]
+
+_DESCRIPTION = (
+    "Fine-tune LoRA adapters (and SLA's projections) so a model works well under a sparse attention method. "
+    "distill: the dense model is the teacher (MSE between student and teacher transformer outputs on the same "
+    "noisy latents, timesteps and prompts); data: flow-matching loss on a caption folder (metadata.jsonl). "
+    "Runs under `accelerate launch` on 1..N processes."
+)
+
+
+def _add_arguments(p: argparse.ArgumentParser) -> None:
+    add_method_options(p, default_method=None, weights=False)
+    g = p.add_argument_group("fine-tuning")
+    g.add_argument("--model", default="tiny-wan", help="tiny-wan, a local Diffusers folder or a hub id (Wan family)")
+    g.add_argument("--mode", choices=("distill", "data"), default="distill",
+                   help="distill: dense teacher, needs --prompts; data: needs --data (default: distill)")
+    g.add_argument("--steps", type=int, default=1000, help="optimizer steps (default 1000)")
+    g.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (default 1e-4)")
+    g.add_argument("--lr-warmup-steps", type=int, default=0, help="linear warmup steps (default 0)")
+    g.add_argument("--weight-decay", type=float, default=0.0)
+    g.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping, 0 disables (default 1.0)")
+    g.add_argument("--rank", type=int, default=16, help="LoRA rank (default 16)")
+    g.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default: the rank)")
+    g.add_argument("--target-modules", default="to_q,to_k,to_v,to_out.0",
+                   help="comma-separated module names that get LoRA (default to_q,to_k,to_v,to_out.0)")
+    g.add_argument("--prompts", default=None, metavar="FILE", help="text file, one prompt per line (distill)")
+    g.add_argument("--data", default=None, metavar="DIR",
+                   help="folder with metadata.jsonl ({'file_name', 'text'}) and images/videos (data mode; "
+                        "in distill mode it supplies real latents and prompts)")
+    g.add_argument("--output", required=True, metavar="DIR", help="output folder (weights, checkpoints, log)")
+    g.add_argument("--batch-size", type=int, default=1, help="samples per process per step (default 1)")
+    g.add_argument("--frames", type=int, default=None, help="frames per sample (default: 81; tiny models: 17)")
+    g.add_argument("--height", type=int, default=None, help="pixel height (default: 480; tiny models: 128)")
+    g.add_argument("--width", type=int, default=None, help="pixel width (default: 832; tiny models: 128)")
+    g.add_argument("--max-sequence-length", type=int, default=None, help="text tokens (default 512; tiny: 32)")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--checkpoint-every", type=int, default=0, metavar="K",
+                   help="checkpoint every K steps (the last step is always checkpointed)")
+    g.add_argument("--checkpoints-total-limit", type=int, default=2, help="checkpoints kept (0: all; default 2)")
+    g.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --output")
+    g.add_argument("--overwrite", action="store_true", help="replace what --output holds")
+    g.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), default="no")
+    g.add_argument("--gradient-checkpointing", action="store_true")
+    g.add_argument("--log-every", type=int, default=10, help="progress-bar loss update interval (default 10)")
+    g.add_argument("--eval-batches", type=int, default=2,
+                   help="held-out batches whose loss is logged before and after training (default 2, 0 disables)")
+    g.add_argument("--sla-lr-scale", type=float, default=1.0, help="SLA projection learning rate relative to --lr")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def register(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("finetune", help="fine-tune LoRA (+ SLA projections) for a sparse method",
+                              description=_DESCRIPTION)
+    _add_arguments(p)
+    p.set_defaults(func=run, _parser=p)
+    return p
+
+
+def config_from_args(args: argparse.Namespace):
+    """Parsed options -> :class:`dit_accel.training.FinetuneConfig` (ValueError on bad combinations)."""
+    from ..training import FinetuneConfig
+
+    if args.method is None:
+        raise ValueError("--method is required: one of sla, radial, tile, gna.")
+    if args.method == "dense":
+        raise ValueError("--method dense has nothing to adapt to; choose sla, radial, tile or gna.")
+    for flag in ("dense_steps", "dense_last_steps"):
+        if getattr(args, flag, None):
+            raise ValueError(f"--{flag.replace('_', '-')} is a denoising-loop schedule; finetune trains single "
+                             "transformer calls. Pass it to `generate` instead.")
+    method = method_from_args(args, parser=None)
+    tiny = isinstance(args.model, str) and args.model.startswith("tiny-")
+    defaults = {"frames": 17, "height": 128, "width": 128, "max_sequence_length": 32} if tiny else \
+        {"frames": 81, "height": 480, "width": 832, "max_sequence_length": 512}
+    dense_layers = args.dense_layers
+    if isinstance(dense_layers, int):
+        dense_layers = list(range(dense_layers))
+    return FinetuneConfig(
+        model=args.model, method=method, output=args.output, mode=args.mode, steps=args.steps, lr=args.lr,
+        rank=args.rank, alpha=args.alpha,
+        target_modules=tuple(t.strip() for t in args.target_modules.split(",") if t.strip()),
+        prompts=args.prompts, data=args.data, batch_size=args.batch_size,
+        frames=args.frames if args.frames is not None else defaults["frames"],
+        height=args.height if args.height is not None else defaults["height"],
+        width=args.width if args.width is not None else defaults["width"],
+        max_sequence_length=args.max_sequence_length or defaults["max_sequence_length"],
+        seed=args.seed, checkpoint_every=args.checkpoint_every, checkpoints_total_limit=args.checkpoints_total_limit,
+        resume=args.resume, overwrite=args.overwrite, mixed_precision=args.mixed_precision,
+        gradient_checkpointing=args.gradient_checkpointing, log_every=args.log_every,
+        weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm, lr_warmup_steps=args.lr_warmup_steps,
+        backend=args.backend or "auto", dense_layers=dense_layers, eval_batches=args.eval_batches,
+        sla_lr_scale=args.sla_lr_scale,
+        progress=not args.no_progress,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the fine-tuning; prints a one-line summary. Input errors: message on stderr, exit status 2."""
+    try:
+        config = config_from_args(args)
+        from ..training import finetune
+
+        result = finetune(config)
+    except ValueError as err:
+        print(f"dit-accel finetune: error: {err}", file=sys.stderr)
+        return 2
+    except Exception as err:  # model loading errors are one actionable line, not a traceback
+        if type(err).__name__ == "ModelLoadError":
+            print(f"dit-accel finetune: error: {err}", file=sys.stderr)
+            return 2
+        raise
+    from accelerate import PartialState
+
+    if PartialState().is_main_process:
+        loss = result["loss"]
+        msg = f"finetune: {len(loss)} steps this session"
+        if loss:
+            msg += f", loss {loss[0]:.4g} -> {loss[-1]:.4g}"
+        if result.get("eval_loss_start") is not None:
+            msg += f", held-out loss {result['eval_loss_start']:.4g} -> {result['eval_loss_end']:.4g}"
+        print(msg + f"; weights in {result['output']}")
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Standalone entry point (``python -m dit_accel.cli.finetune`` / ``accelerate launch -m ...``)."""
+    if "TRITON_INTERPRET" not in os.environ:
+        import ctypes
+
+        try:
+            ctypes.CDLL("libcuda.so.1")
+        except OSError:
+            os.environ["TRITON_INTERPRET"] = "1"  # before anything imports triton
+    parser = argparse.ArgumentParser(prog="dit-accel finetune", description=_DESCRIPTION)
+    _add_arguments(parser)
+    args = parser.parse_args(argv)
+    args._parser = parser
+    return run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

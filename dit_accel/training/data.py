@@ -1,0 +1,196 @@
+"""Training inputs: prompt files (distill mode) and caption folders (data mode).
+
+Data folders use the usual Diffusers training layout::
+
+    data/
+      metadata.jsonl      one JSON object per line: {"file_name": "clip1.mp4", "text": "a cat ..."}
+      clip1.mp4
+      photo.png
+
+Images become 1-frame videos. Videos are cut to the first ``frames`` frames
+(the last frame is repeated when a clip is shorter). Every sample is resized so
+that it covers ``(height, width)`` and centre-cropped. The sample order is a
+pure function of ``(seed, epoch)`` so that resumed runs see the same data.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import List, Sequence
+
+import numpy as np
+import torch
+
+__all__ = ["read_prompts", "CaptionDataset", "IMAGE_EXTENSIONS", "VIDEO_EXTENSIONS", "sample_indices",
+           "step_generator", "check_batchable"]
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+VIDEO_EXTENSIONS = (".mp4", ".gif", ".webm", ".mov", ".mkv", ".avi")
+
+
+def read_prompts(path) -> List[str]:
+    """Prompts from a text file, one per line (blank lines and ``#`` comments skipped)."""
+    if path is None:
+        raise ValueError("--prompts is required in distill mode: a text file with one prompt per line.")
+    p = Path(path)
+    if not p.is_file():
+        raise ValueError(f"--prompts {str(p)!r} does not exist or is not a file; pass a text file with one prompt per line.")
+    prompts = [ln.strip() for ln in p.read_text(encoding="utf-8").splitlines()]
+    prompts = [ln for ln in prompts if ln and not ln.startswith("#")]
+    if not prompts:
+        raise ValueError(f"--prompts {str(p)!r} holds no prompts; write one prompt per line.")
+    return prompts
+
+
+def _load_frames(path: Path) -> np.ndarray:
+    """File -> uint8 array [F, H, W, 3]."""
+    if path.suffix.lower() in IMAGE_EXTENSIONS:
+        from PIL import Image
+
+        with Image.open(path) as im:
+            return np.asarray(im.convert("RGB"))[None]
+    try:
+        from ..io import load_video
+    except ImportError:  # dit_accel.io not available: read with imageio directly
+        load_video = None
+    if load_video is not None:
+        return np.asarray(load_video(str(path)))
+    import imageio.v3 as iio
+
+    frames = np.asarray(iio.imread(path, index=None))
+    if frames.ndim == 3:
+        frames = frames[None]
+    if frames.shape[-1] == 4:
+        frames = frames[..., :3]
+    elif frames.ndim == 3 or frames.shape[-1] == 1:
+        frames = np.repeat(frames.reshape(*frames.shape[:3], 1), 3, axis=-1)
+    return frames
+
+
+def _resize_crop(frames: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """[F, 3, H, W] float -> [F, 3, height, width]: cover then centre-crop."""
+    h, w = frames.shape[-2:]
+    scale = max(height / h, width / w)
+    nh, nw = max(height, round(h * scale)), max(width, round(w * scale))
+    if (nh, nw) != (h, w):
+        frames = torch.nn.functional.interpolate(frames, size=(nh, nw), mode="bilinear", antialias=True, align_corners=False)
+    top, left = (nh - height) // 2, (nw - width) // 2
+    return frames[..., top:top + height, left:left + width]
+
+
+class CaptionDataset:
+    """Captioned images/videos from a folder with ``metadata.jsonl``; validated on construction.
+
+    Args:
+        root: the folder.
+        frames, height, width: the pixel shape every sample is brought to
+            (images always give 1 frame).
+
+    Raises ValueError (naming the folder and what to fix) when the folder is
+    missing or empty, ``metadata.jsonl`` is missing or malformed, a listed file
+    does not exist, media files have no caption, or a caption is empty.
+    ``item(i)`` returns ``(pixels [3, F, H, W] in [-1, 1], caption)``.
+    """
+
+    def __init__(self, root, *, frames: int, height: int, width: int):
+        if root is None:
+            raise ValueError("--data is required in data mode: a folder with metadata.jsonl and images/videos.")
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise ValueError(f"--data {str(self.root)!r} does not exist or is not a folder.")
+        media = sorted(p.name for p in self.root.iterdir()
+                       if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS + VIDEO_EXTENSIONS)
+        meta = self.root / "metadata.jsonl"
+        if not media:
+            raise ValueError(
+                f"--data {str(self.root)!r} holds no images or videos ({', '.join(IMAGE_EXTENSIONS + VIDEO_EXTENSIONS)})."
+            )
+        if not meta.is_file():
+            raise ValueError(
+                f"--data {str(self.root)!r} has no metadata.jsonl; write one line per file: "
+                '{"file_name": "clip.mp4", "text": "its caption"}.'
+            )
+        captions = {}
+        for n, line in enumerate(meta.read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                name, text = row["file_name"], row["text"]
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise ValueError(f"{meta}:{n}: expected a JSON object with 'file_name' and 'text'.") from None
+            if not isinstance(text, str) or not text.strip():
+                raise ValueError(f"{meta}:{n}: the caption ('text') of {name!r} is empty.")
+            if not (self.root / name).is_file():
+                raise ValueError(f"{meta}:{n}: file {name!r} does not exist in {str(self.root)!r}.")
+            captions[name] = text.strip()
+        missing = [m for m in media if m not in captions]
+        if missing:
+            shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+            raise ValueError(f"--data {str(self.root)!r}: no caption in metadata.jsonl for {shown}.")
+        self.files: List[str] = sorted(captions)
+        self.captions = [captions[f] for f in self.files]
+        self.frames, self.height, self.width = frames, height, width
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def num_frames(self, i: int) -> int:
+        return 1 if Path(self.files[i]).suffix.lower() in IMAGE_EXTENSIONS else self.frames
+
+    def item(self, i: int):
+        frames = _load_frames(self.root / self.files[i])
+        if frames.ndim != 4 or frames.shape[0] == 0:
+            raise ValueError(f"could not read frames from {self.root / self.files[i]}")
+        want = self.num_frames(i)
+        frames = frames[:want]
+        if frames.shape[0] < want:  # short clip: hold the last frame
+            frames = np.concatenate([frames, np.repeat(frames[-1:], want - frames.shape[0], axis=0)])
+        x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+        x = _resize_crop(x, self.height, self.width).clamp(-1, 1)
+        return x.permute(1, 0, 2, 3).contiguous(), self.captions[i]
+
+
+def _generator(*parts: int) -> torch.Generator:
+    # A stable integer from the parts; Python's hash() is salted per process, so not that.
+    value = 0x9E3779B9
+    for p in parts:
+        value = (value * 1_000_003 + int(p) + 0x632BE5AB) % (2**63 - 1)
+    return torch.Generator().manual_seed(value)
+
+
+def sample_indices(n_items: int, *, seed: int, step: int, batch: int, rank: int, world: int) -> List[int]:
+    """Dataset indices for one rank at one optimizer step: epoch permutations from (seed, epoch).
+
+    Global position ``p = step * batch * world + rank * batch + i`` maps to epoch
+    ``p // n_items`` and slot ``p % n_items`` of that epoch's permutation, so the
+    order depends only on (seed, step), never on earlier steps.
+    """
+    out, cache = [], {}
+    for i in range(batch):
+        pos = step * batch * world + rank * batch + i
+        epoch, slot = divmod(pos, n_items)
+        if epoch not in cache:
+            cache[epoch] = torch.randperm(n_items, generator=_generator(seed, 0xDA7A, epoch)).tolist()
+        out.append(cache[epoch][slot])
+    return out
+
+
+def step_generator(seed: int, step: int, rank: int) -> torch.Generator:
+    """The CPU generator for everything random in one step on one rank (noise, timesteps, prompts)."""
+    return _generator(seed, 0x57E9, step, rank)
+
+
+def check_batchable(dataset: CaptionDataset, batch_size: int) -> None:
+    """Images (1 frame) and videos cannot share a batch; say so before training."""
+    kinds = {dataset.num_frames(i) for i in range(len(dataset))}
+    if batch_size > 1 and len(kinds) > 1:
+        raise ValueError(
+            f"--data {str(dataset.root)!r} mixes images and videos; with --batch-size {batch_size} their "
+            "latents cannot be stacked. Use --batch-size 1 or a folder of one kind."
+        )
+
+
+def stack(items: Sequence[torch.Tensor]) -> torch.Tensor:
+    return torch.stack(list(items))

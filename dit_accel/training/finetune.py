@@ -1,0 +1,577 @@
+"""Fine-tuning a sparse-attention student: LoRA (+ SLA projections) with accelerate and peft.
+
+Two modes:
+
+- ``distill`` (no dataset, how SLA was tuned): the dense model is the teacher.
+  Each step draws clean latents (standard normal, or VAE latents of ``data``
+  when given), a noise level ``sigma`` and a prompt; the student (the model
+  under ``dit_accel.apply(method)`` with trainable LoRA) and the teacher (the
+  same transformer with the LoRA disabled and dit_accel's processors swapped
+  out, under ``no_grad``) see the same noisy latents, timesteps and prompt
+  embeddings; loss = MSE(student output, teacher output).
+- ``data``: a caption folder (see :mod:`dit_accel.training.data`) encoded with
+  the pipeline's VAE; flow-matching loss MSE(prediction, noise - latents).
+
+Everything random in a step comes from a generator seeded with ``(seed, step,
+rank)``, data order from ``(seed, epoch)``, and checkpoints hold the trainable
+tensors, the optimizer state and the loss history, so a run that is stopped and
+resumed ends bit-identical to an uninterrupted one.
+
+Example::
+
+    from dit_accel import SLA
+    from dit_accel.training import FinetuneConfig, finetune
+
+    result = finetune(FinetuneConfig(model="tiny-wan", method=SLA(topk=0.2), output="out",
+                                     prompts="prompts.txt", steps=10, frames=9, height=64, width=64))
+    print(result["loss"][0], result["loss"][-1])
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import platform
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..methods import GNA, SLA, Method, Radial, Tile
+from . import data as data_mod
+from .model_io import ModelIO, model_io_for
+from .weights import save_trained_weights, sla_state_dict
+
+__all__ = ["FinetuneConfig", "finetune", "validate_config", "FINETUNE_METHODS", "RUN_FILE", "LOG_FILE"]
+
+FINETUNE_METHODS = ("sla", "radial", "tile", "gna")
+MODES = ("distill", "data")
+MIXED_PRECISION = ("no", "fp16", "bf16")
+RUN_FILE = "finetune_run.json"
+LOG_FILE = "finetune_log.json"
+CKPT_DIR = "checkpoints"
+DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+
+# Settings that may change between a run and its resumption (they do not change the trajectory).
+_RESUMABLE = {"steps", "checkpoint_every", "log_every", "resume", "overwrite", "output", "checkpoints_total_limit",
+              "progress", "eval_batches"}
+
+
+@dataclass
+class FinetuneConfig:
+    """Settings of one fine-tuning run (the CLI maps its options onto these fields 1:1).
+
+    Args:
+        model: ``"tiny-wan"``, a local Diffusers folder, a hub id, or an already
+            loaded pipeline object (its transformer is modified in place).
+        method: a :class:`~dit_accel.Method` config (SLA, Radial, Tile or GNA).
+        output: output folder (weights, checkpoints, log).
+        mode: ``"distill"`` (dense teacher, ``prompts`` file) or ``"data"`` (``data`` folder).
+        steps: total optimizer steps. lr: AdamW learning rate (constant after
+            ``lr_warmup_steps`` linear warmup).
+        rank, alpha: LoRA rank and alpha (``alpha=None`` -> ``rank``).
+        target_modules: module names (suffixes) that get LoRA adapters.
+        prompts: text file, one prompt per line (distill mode).
+        data: caption folder with ``metadata.jsonl`` (data mode; optional in
+            distill mode, where it supplies clean latents and prompts).
+        batch_size: samples per process per step. frames, height, width: pixel shape.
+        seed: seeds LoRA init, noise, timesteps, prompt choice and data order.
+        checkpoint_every: checkpoint each K steps (0: only the final step).
+        resume: continue from the last checkpoint in ``output``.
+        overwrite: delete ``output`` contents when it holds another run.
+        mixed_precision: ``"no"``, ``"fp16"`` or ``"bf16"`` (frozen weights in
+            that dtype, trainable ones in fp32, forward under autocast).
+        gradient_checkpointing: recompute transformer blocks in backward.
+        log_every: progress-bar/log print interval in steps.
+        sla_lr_scale: learning rate of the SLA projections relative to ``lr``.
+        eval_batches: fixed held-out batches whose loss is measured before the
+            first and after the last step (``eval_loss_start``/``eval_loss_end``; 0 disables).
+    """
+
+    model: Any
+    method: Method
+    output: str
+    mode: str = "distill"
+    steps: int = 1000
+    lr: float = 1e-4
+    rank: int = 16
+    alpha: Optional[float] = None
+    target_modules: Tuple[str, ...] = DEFAULT_TARGETS
+    prompts: Optional[str] = None
+    data: Optional[str] = None
+    batch_size: int = 1
+    frames: int = 81
+    height: int = 480
+    width: int = 832
+    seed: int = 0
+    checkpoint_every: int = 0
+    checkpoints_total_limit: int = 2
+    resume: bool = False
+    overwrite: bool = False
+    mixed_precision: str = "no"
+    gradient_checkpointing: bool = False
+    log_every: int = 10
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    lr_warmup_steps: int = 0
+    max_sequence_length: int = 512
+    backend: str = "auto"
+    dense_layers: Optional[Sequence[int]] = None
+    eval_batches: int = 2
+    sla_lr_scale: float = 1.0
+    progress: bool = True
+
+    def settings(self) -> Dict[str, Any]:
+        """JSON-able settings (the method as its dict, the model as its name)."""
+        out = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if f.name == "method":
+                v = v.to_dict()
+            elif f.name == "model" and not isinstance(v, str):
+                v = f"<{type(v).__name__} object>"
+            elif isinstance(v, Path):
+                v = str(v)
+            out[f.name] = v
+        return json.loads(json.dumps(out))
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(message)
+
+
+def validate_config(config: FinetuneConfig) -> None:
+    """Check the settings that need no model (types, ranges, files); ValueError naming the option."""
+    c = config
+    _require(isinstance(c.method, Method) and c.method.name in FINETUNE_METHODS,
+             f"method={c.method!r} is invalid: fine-tuning supports {list(FINETUNE_METHODS)} configs "
+             "(e.g. dit_accel.SLA(topk=0.05)).")
+    _require(c.mode in MODES, f"--mode {c.mode!r} is invalid: choose one of {list(MODES)}.")
+    for name in ("steps", "rank", "batch_size", "frames", "height", "width", "max_sequence_length"):
+        v = getattr(c, name)
+        _require(isinstance(v, int) and not isinstance(v, bool) and v > 0,
+                 f"--{name.replace('_', '-')} {v!r} is invalid: must be a positive integer.")
+    for name in ("checkpoint_every", "lr_warmup_steps", "seed", "checkpoints_total_limit", "eval_batches"):
+        v = getattr(c, name)
+        _require(isinstance(v, int) and v >= 0, f"--{name.replace('_', '-')} {v!r} is invalid: must be an integer >= 0.")
+    _require(isinstance(c.log_every, int) and c.log_every > 0, f"--log-every {c.log_every!r} must be a positive integer.")
+    _require(isinstance(c.lr, (int, float)) and math.isfinite(c.lr) and c.lr > 0, f"--lr {c.lr!r} must be a positive number.")
+    _require(c.alpha is None or (isinstance(c.alpha, (int, float)) and c.alpha > 0),
+             f"--alpha {c.alpha!r} must be a positive number (default: the rank).")
+    _require(isinstance(c.sla_lr_scale, (int, float)) and c.sla_lr_scale > 0,
+             f"--sla-lr-scale {c.sla_lr_scale!r} must be a positive number.")
+    _require(c.mixed_precision in MIXED_PRECISION,
+             f"--mixed-precision {c.mixed_precision!r} is invalid: choose one of {list(MIXED_PRECISION)}.")
+    targets = tuple(c.target_modules) if not isinstance(c.target_modules, str) else tuple(c.target_modules.split(","))
+    _require(bool(targets) and all(isinstance(t, str) and t.strip() for t in targets),
+             f"--target-modules {c.target_modules!r} must name at least one module, e.g. to_q,to_k,to_v,to_out.0.")
+    _require(not (c.resume and c.overwrite), "--resume and --overwrite exclude each other: continue a run or replace it.")
+    _require(c.output is not None and str(c.output).strip() != "", "--output is required: the folder for weights and logs.")
+    if c.mode == "distill" and c.data is None:
+        data_mod.read_prompts(c.prompts)
+
+
+def _prepare_output(config: FinetuneConfig, is_main: bool) -> Path:
+    """Refuse an output folder that holds something else, unless --resume (same run) or --overwrite."""
+    out = Path(config.output)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--output {str(out)!r} exists and is not a folder.")
+    contents = list(out.iterdir()) if out.is_dir() else []
+    run_file = out / RUN_FILE
+    if contents and not config.overwrite:
+        if not config.resume:
+            what = "another fine-tuning run" if run_file.is_file() else "other files"
+            raise ValueError(
+                f"--output {str(out)!r} already holds {what}; pass --resume to continue that run, "
+                "--overwrite to replace it, or choose an empty folder."
+            )
+        if not run_file.is_file():
+            raise ValueError(f"--resume: {str(out)!r} holds no fine-tuning run ({RUN_FILE} missing); "
+                             "use an empty folder or --overwrite.")
+        previous = json.loads(run_file.read_text())
+        current = config.settings()
+        diff = sorted(k for k in set(previous) | set(current)
+                      if k not in _RESUMABLE and previous.get(k) != current.get(k))
+        if diff:
+            detail = ", ".join(f"{k}: {previous.get(k)!r} -> {current.get(k)!r}" for k in diff[:4])
+            raise ValueError(f"--resume: {str(out)!r} holds a different run ({detail}); "
+                             "use the same settings, another --output, or --overwrite.")
+    if is_main:
+        if contents and config.overwrite:
+            for p in contents:
+                shutil.rmtree(p) if p.is_dir() else p.unlink()
+        out.mkdir(parents=True, exist_ok=True)
+        run_file.write_text(json.dumps(config.settings(), indent=2) + "\n")
+    return out
+
+
+def _check_method_fits(method: Method, io: ModelIO, config: FinetuneConfig) -> Tuple[int, ...]:
+    """Token grid for the chosen shape; ValueError when the method cannot run on it."""
+    io.check_geometry(config.frames, config.height, config.width)
+    grid = io.token_grid(config.frames, config.height, config.width)
+    try:
+        from ..pipelines.plans import build_plan
+    except ImportError:
+        build_plan = None
+    try:
+        if build_plan is not None:
+            build_plan(method, grid)  # the same validation apply() runs at the first call
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"--method {method.name} does not fit this model at {config.frames}x{config.height}x"
+                         f"{config.width} (token grid {grid}): {e}") from None
+    if isinstance(method, Radial) and grid[0] < 3:
+        raise ValueError(f"--method radial needs at least 3 latent frames to be sparse; token grid {grid} has "
+                         f"{grid[0]}. Use more --frames (e.g. {io.vae_scale_temporal * 4 + 1}).")
+    return grid
+
+
+def _load_pipe(config: FinetuneConfig, device, dtype):
+    if not isinstance(config.model, str):
+        return config.model.to(device=device, dtype=dtype) if dtype != torch.float32 else config.model.to(device)
+    try:
+        from ..pipelines.loading import load_pipeline
+    except ImportError:
+        load_pipeline = None
+    if load_pipeline is not None:
+        return load_pipeline(config.model, device=device, dtype=dtype, seed=0)
+    from ..pipelines.tiny import build_tiny_pipeline
+
+    return build_tiny_pipeline(config.model, device=device, dtype=dtype)
+
+
+class _DenseTeacher:
+    """Runs the transformer as the dense teacher: LoRA off, original attention processors in."""
+
+    def __init__(self, transformer: nn.Module, dense_processors: dict):
+        self.transformer = transformer
+        self.dense = dense_processors
+
+    @contextlib.contextmanager
+    def active(self):
+        t = self.transformer
+        sparse = t.attn_processors
+        t.set_attn_processor(dict(self.dense))
+        t.disable_adapters()
+        try:
+            yield
+        finally:
+            t.enable_adapters()
+            t.set_attn_processor(sparse)
+
+
+def _save_rng() -> dict:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _load_rng(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _checkpoints(out: Path) -> List[Path]:
+    root = out / CKPT_DIR
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-") and (p / "state.json").is_file()]
+    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+
+
+def _save_checkpoint(out: Path, step: int, params: Dict[str, nn.Parameter], optimizer, scaler, losses, limit: int):
+    from safetensors.torch import save_file
+
+    root = out / CKPT_DIR
+    final = root / f"step-{step:06d}"
+    tmp = root / f".tmp-step-{step:06d}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    save_file({k: p.detach().cpu().contiguous() for k, p in params.items()}, str(tmp / "trainable.safetensors"))
+    torch.save({"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict() if scaler is not None else None,
+                "rng": _save_rng()}, tmp / "optimizer.pt")
+    (tmp / "state.json").write_text(json.dumps({"step": step, "loss": losses}) + "\n")
+    if final.exists():
+        shutil.rmtree(final)
+    tmp.rename(final)  # a checkpoint folder with state.json is always complete
+    if limit > 0:
+        for old in _checkpoints(out)[:-limit]:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def _load_checkpoint(path: Path, params: Dict[str, nn.Parameter], optimizer, scaler) -> Tuple[int, List[float]]:
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(path / "trainable.safetensors"))
+    if set(tensors) != set(params):
+        raise ValueError(f"checkpoint {path} does not match this run's trainable parameters "
+                         f"({len(tensors)} saved, {len(params)} now); use --overwrite to start again.")
+    with torch.no_grad():
+        for k, p in params.items():
+            p.copy_(tensors[k])
+    blob = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=False)
+    optimizer.load_state_dict(blob["optimizer"])
+    if scaler is not None and blob.get("scaler") is not None:
+        scaler.load_state_dict(blob["scaler"])
+    _load_rng(blob["rng"])
+    state = json.loads((path / "state.json").read_text())
+    return int(state["step"]), list(state["loss"])
+
+
+def _versions() -> dict:
+    import accelerate
+    import diffusers
+    import peft
+
+    from .. import __version__
+
+    return {"dit_accel": __version__, "torch": torch.__version__, "diffusers": diffusers.__version__,
+            "peft": peft.__version__, "accelerate": accelerate.__version__, "python": platform.python_version()}
+
+
+def _sync_grads(params: Sequence[nn.Parameter], accelerator) -> None:
+    """Average gradients over processes in one flat all-reduce (no DDP wrapper: the SLA
+    projections live outside the transformer's module tree and the teacher shares its weights)."""
+    if accelerator.num_processes == 1:
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    flat = accelerator.reduce(flat, reduction="mean")
+    offset = 0
+    for p, g in zip(params, grads):
+        n = g.numel()
+        p.grad = flat[offset:offset + n].view_as(p).clone()
+        offset += n
+
+
+def finetune(config: FinetuneConfig) -> Dict[str, Any]:
+    """Fine-tune ``config.model`` for ``config.method`` and write the result to ``config.output``.
+
+    Returns a dict with ``output`` (folder), ``loss`` (per-step losses, averaged
+    over processes), ``initial_loss``, ``final_loss``, ``steps``, ``resumed_from``
+    (step or None), ``seconds`` and the live objects ``pipe`` and ``handle``
+    (the trained student, dit_accel installed, LoRA active).
+
+    All input errors (ValueError) are raised before the first optimizer step.
+    """
+    from accelerate import Accelerator
+    from peft import LoraConfig
+
+    import dit_accel
+
+    validate_config(config)
+    method = config.method
+    targets = tuple(config.target_modules.split(",")) if isinstance(config.target_modules, str) else tuple(config.target_modules)
+    prompts: Optional[List[str]] = None
+    dataset = None
+    if config.data is not None:
+        dataset = data_mod.CaptionDataset(config.data, frames=config.frames, height=config.height, width=config.width)
+        data_mod.check_batchable(dataset, config.batch_size)
+    elif config.mode == "data":
+        data_mod.CaptionDataset(None, frames=1, height=1, width=1)  # raises the "--data is required" error
+    else:
+        prompts = data_mod.read_prompts(config.prompts)
+
+    accelerator = Accelerator(mixed_precision=config.mixed_precision)
+    out = _prepare_output(config, accelerator.is_main_process)
+    accelerator.wait_for_everyone()
+    device = accelerator.device
+    weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[config.mixed_precision]
+
+    pipe = _load_pipe(config, device, weight_dtype)
+    io = model_io_for(pipe, max_sequence_length=config.max_sequence_length)
+    grid = _check_method_fits(method, io, config)
+    transformer = pipe.transformer
+
+    # Prompt embeddings once; the text encoder is not needed afterwards.
+    texts = sorted(set(dataset.captions)) if dataset is not None else prompts
+    embeds = io.encode_prompts(texts, device, weight_dtype)
+    text_index = {t: i for i, t in enumerate(texts)}
+    if getattr(pipe, "text_encoder", None) is not None:
+        pipe.text_encoder.to("cpu")
+    if dataset is None and getattr(pipe, "vae", None) is not None:
+        pipe.vae.to("cpu")
+
+    transformer.requires_grad_(False)
+    dense_processors = transformer.attn_processors
+    apply_kwargs = {"backend": config.backend}
+    if config.dense_layers is not None:
+        apply_kwargs["dense_layers"] = list(config.dense_layers)
+    handle = dit_accel.apply(transformer, method, **apply_kwargs)
+    teacher = _DenseTeacher(transformer, dense_processors)
+
+    lora_config = LoraConfig(r=config.rank, lora_alpha=config.alpha if config.alpha is not None else config.rank,
+                             init_lora_weights=True, target_modules=list(targets))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)  # LoRA A init draws from the global generator
+        try:
+            transformer.add_adapter(lora_config)
+        except ValueError as e:
+            raise ValueError(f"--target-modules {','.join(targets)}: {e}") from None
+    projections = handle.sla_projections() if hasattr(handle, "sla_projections") else {}
+    if isinstance(method, SLA) and not projections:
+        raise ValueError("--method sla: dit_accel.apply created no SLA projections for this model.")
+
+    params: Dict[str, nn.Parameter] = {}
+    for name, p in transformer.named_parameters():
+        if "lora_" in name:
+            params[f"transformer.{name}"] = p
+    for name, module in projections.items():
+        for pname, p in module.named_parameters():
+            params[f"sla.{name}.{pname}"] = p
+    if not any(k.startswith("transformer.") for k in params):
+        raise ValueError(f"--target-modules {','.join(targets)} matched no layers of {type(transformer).__name__}.")
+    for p in params.values():
+        p.requires_grad_(True)
+        p.data = p.data.float()  # trainable tensors in fp32 whatever the frozen weights use
+    trainable = list(params.values())
+    if config.gradient_checkpointing:
+        transformer.enable_gradient_checkpointing()
+    transformer.train()
+
+    lora_params = [p for k, p in params.items() if k.startswith("transformer.")]
+    sla_params = [p for k, p in params.items() if k.startswith("sla.")]
+    groups = [{"params": lora_params, "lr_scale": 1.0}]
+    if sla_params:
+        groups.append({"params": sla_params, "lr_scale": config.sla_lr_scale})
+    optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
+    optimizer = accelerator.prepare(optimizer)
+    scaler = getattr(accelerator, "scaler", None)
+
+    start, losses, resumed_from = 0, [], None
+    if config.resume:
+        found = _checkpoints(out)
+        if found:
+            start, losses = _load_checkpoint(found[-1], params, optimizer, scaler)
+            losses = losses[:start]
+            resumed_from = start
+        elif accelerator.is_main_process:
+            print(f"--resume: no checkpoint in {out / CKPT_DIR}; starting from step 0")
+
+    rank, world = accelerator.process_index, accelerator.num_processes
+    latent_shape = io.latent_shape(config.batch_size, config.frames, config.height, config.width)
+
+    def batch_for(step: int, held_out: bool = False):
+        # Held-out batches (eval loss) use their own streams: rank-independent, disjoint from training steps.
+        g = data_mod.step_generator(config.seed + 0x5EED if held_out else config.seed, step, 0 if held_out else rank)
+        sigma = torch.rand(config.batch_size, generator=g)
+        if dataset is not None:
+            idx = data_mod.sample_indices(len(dataset), seed=config.seed + (0x5EED if held_out else 0), step=step,
+                                          batch=config.batch_size, rank=0 if held_out else rank,
+                                          world=1 if held_out else world)
+            items = [dataset.item(i) for i in idx]
+            pixels = torch.stack([x for x, _ in items])
+            if getattr(pipe.vae, "device", None) != device:
+                pipe.vae.to(device)
+            clean = io.encode_video(pixels).float().cpu()
+            choice = [text_index[c] for _, c in items]
+        else:
+            shape = latent_shape
+            clean = torch.randn(shape, generator=g)
+            choice = torch.randint(len(texts), (config.batch_size,), generator=g).tolist()
+        noise = torch.randn(clean.shape, generator=g)
+        s = sigma.view(-1, *([1] * (clean.dim() - 1)))
+        noisy = (1.0 - s) * clean + s * noise
+        return (noisy.to(device, weight_dtype), (sigma * 1000.0).to(device, weight_dtype),
+                embeds[choice].to(device), (noise - clean).to(device))
+
+    def loss_on(batch, *, grad: bool):
+        noisy, timesteps, prompt_embeds, flow_target = batch
+        with accelerator.autocast():
+            if config.mode == "distill":
+                with torch.no_grad(), teacher.active():
+                    target = io.forward(transformer, noisy, timesteps, prompt_embeds).float()
+            else:
+                target = flow_target.float()
+            with contextlib.nullcontext() if grad else torch.no_grad():
+                pred = io.forward(transformer, noisy, timesteps, prompt_embeds)
+                return torch.nn.functional.mse_loss(pred.float(), target)
+
+    def eval_loss() -> Optional[float]:
+        if not config.eval_batches:
+            return None
+        values = [float(loss_on(batch_for(i, held_out=True), grad=False)) for i in range(config.eval_batches)]
+        return sum(values) / len(values)
+
+    try:  # the first forward finds model/method mismatches before anything is trained
+        eval_start = eval_loss()
+    except ValueError as e:
+        raise ValueError(f"--method {method.name} on token grid {grid}: {e}") from None
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=config.steps, initial=start, disable=not (config.progress and accelerator.is_main_process),
+               desc=f"finetune {method.name}/{config.mode}")
+    t0 = time.perf_counter()
+    for step in range(start, config.steps):
+        warm = min(1.0, (step + 1) / config.lr_warmup_steps) if config.lr_warmup_steps else 1.0
+        for group in optimizer.param_groups:
+            group["lr"] = config.lr * warm * group["lr_scale"]
+        try:
+            loss = loss_on(batch_for(step), grad=True)
+        except ValueError as e:
+            if step == start:  # a model/method mismatch found by the first forward: nothing trained yet
+                raise ValueError(f"--method {method.name} on token grid {grid}: {e}") from None
+            raise
+        accelerator.backward(loss)
+        _sync_grads(trainable, accelerator)
+        if config.max_grad_norm and config.max_grad_norm > 0:
+            accelerator.clip_grad_norm_(trainable, config.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        value = float(accelerator.reduce(loss.detach().float().reshape(1), reduction="mean").item())
+        losses.append(value)
+        bar.update(1)
+        if (step + 1) % config.log_every == 0 or step + 1 == config.steps:
+            bar.set_postfix(loss=f"{value:.4g}")
+        done = step + 1
+        if accelerator.is_main_process and (
+                done == config.steps or (config.checkpoint_every and done % config.checkpoint_every == 0)):
+            _save_checkpoint(out, done, params, optimizer, scaler, losses, config.checkpoints_total_limit)
+        accelerator.wait_for_everyone()
+    bar.close()
+    seconds = time.perf_counter() - t0
+    eval_end = eval_loss()
+
+    if accelerator.is_main_process:
+        save_trained_weights(out, transformer=transformer, method=method, lora_config=lora_config,
+                             sla_projections=projections or None,
+                             extra={"model": config.settings()["model"], "token_grid": list(grid),
+                                    "frames": config.frames, "height": config.height, "width": config.width})
+        log = {
+            "settings": config.settings(),
+            "versions": _versions(),
+            "num_processes": world,
+            "device": str(device),
+            "token_grid": list(grid),
+            "trainable_parameters": int(sum(p.numel() for p in trainable)),
+            "resumed_from": resumed_from,
+            "seconds_this_session": round(seconds, 3),
+            "loss": [{"step": i + 1, "loss": v} for i, v in enumerate(losses)],
+            "initial_loss": losses[0] if losses else None,
+            "final_loss": losses[-1] if losses else None,
+            "eval_loss_start": eval_start,
+            "eval_loss_end": eval_end,
+        }
+        (out / LOG_FILE).write_text(json.dumps(log, indent=2) + "\n")
+    accelerator.wait_for_everyone()
+    transformer.eval()
+    return {
+        "output": str(out), "loss": losses, "initial_loss": losses[0] if losses else None,
+        "final_loss": losses[-1] if losses else None, "steps": config.steps, "resumed_from": resumed_from,
+        "seconds": seconds, "num_processes": world, "eval_loss_start": eval_start, "eval_loss_end": eval_end, "pipe": pipe, "handle": handle,
+        "sla_state": sla_state_dict(projections) if projections else {},
+    }

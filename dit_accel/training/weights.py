@@ -1,0 +1,168 @@
+"""Saving and loading fine-tuned weights: a Diffusers LoRA plus the SLA projections.
+
+An output folder of ``dit-accel finetune`` holds::
+
+    pytorch_lora_weights.safetensors   Diffusers-format LoRA ("transformer." keys, adapter
+                                       metadata with rank/alpha): pipe.load_lora_weights(DIR)
+    sla_projections.safetensors        SLA only: "<attention module>.weight"/".bias" per layer
+    dit_accel_method.json              the method config and LoRA settings the weights belong to
+
+Load everything in one line::
+
+    handle = dit_accel.apply(pipe, dit_accel.training.load_method(DIR), weights=DIR)
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Dict, Optional
+
+import torch
+from torch import nn
+
+from ..methods import Method, method_from_name
+
+__all__ = [
+    "LORA_FILE", "SLA_FILE", "METHOD_FILE", "ADAPTER_NAME",
+    "save_trained_weights", "load_trained_weights", "load_method", "lora_state_dict", "sla_state_dict",
+]
+
+LORA_FILE = "pytorch_lora_weights.safetensors"
+SLA_FILE = "sla_projections.safetensors"
+METHOD_FILE = "dit_accel_method.json"
+ADAPTER_NAME = "dit_accel"
+
+
+def _lora_mixin():
+    # The LoRA loader of Wan pipelines; classmethods work without a pipeline instance.
+    from diffusers.loaders.lora_pipeline import WanLoraLoaderMixin
+
+    return WanLoraLoaderMixin
+
+
+def _json_roundtrip(d: dict) -> dict:
+    return json.loads(json.dumps(d))
+
+
+def lora_state_dict(transformer: nn.Module, adapter_name: str = "default") -> Dict[str, torch.Tensor]:
+    """peft LoRA tensors of ``transformer`` (keys without the ``transformer.`` prefix), detached fp32 copies."""
+    from peft.utils import get_peft_model_state_dict
+
+    sd = get_peft_model_state_dict(transformer, adapter_name=adapter_name)
+    return {k: v.detach().float().cpu().contiguous() for k, v in sd.items()}
+
+
+def sla_state_dict(projections: Dict[str, nn.Module]) -> Dict[str, torch.Tensor]:
+    """``{"<layer>.weight": ..., "<layer>.bias": ...}`` fp32 copies of SLA projections."""
+    out = {}
+    for name, module in projections.items():
+        for pname, p in module.named_parameters():
+            out[f"{name}.{pname}"] = p.detach().float().cpu().contiguous()
+    return out
+
+
+def save_trained_weights(output_dir, *, transformer: nn.Module, method: Method, lora_config,
+                         sla_projections: Optional[Dict[str, nn.Module]] = None, extra: Optional[dict] = None,
+                         adapter_name: str = "default") -> None:
+    """Write the LoRA (Diffusers format), the SLA projections and the method file to ``output_dir``."""
+    from safetensors.torch import save_file
+
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    metadata = lora_config.to_dict()
+    metadata = {k: (sorted(v) if isinstance(v, set) else v) for k, v in metadata.items()}
+    _lora_mixin().save_lora_weights(
+        out, transformer_lora_layers=lora_state_dict(transformer, adapter_name),
+        transformer_lora_adapter_metadata=metadata, weight_name=LORA_FILE,
+    )
+    if sla_projections:
+        save_file(sla_state_dict(sla_projections), str(out / SLA_FILE))
+    info = {
+        "format": 1,
+        "method": _json_roundtrip(method.to_dict()),
+        "lora": {"rank": lora_config.r, "alpha": lora_config.lora_alpha,
+                 "target_modules": sorted(lora_config.target_modules)},
+        "files": {"lora": LORA_FILE, "sla_projections": SLA_FILE if sla_projections else None},
+        **(extra or {}),
+    }
+    (out / METHOD_FILE).write_text(json.dumps(info, indent=2) + "\n")
+
+
+def _read_info(folder: Path) -> dict:
+    if not folder.is_dir():
+        raise ValueError(f"weights={str(folder)!r} is not a folder; pass the output folder of `dit-accel finetune`.")
+    path = folder / METHOD_FILE
+    if not path.is_file():
+        raise ValueError(f"weights={str(folder)!r} has no {METHOD_FILE}; is it the output folder of `dit-accel finetune`?")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON ({e}).") from None
+
+
+def load_method(folder) -> Method:
+    """The method config a fine-tuned folder was trained with (for ``apply(pipe, load_method(DIR), weights=DIR)``)."""
+    d = dict(_read_info(Path(folder))["method"])
+    name = d.pop("method")
+    for k, v in d.items():  # JSON turned tuples into lists
+        if isinstance(v, list):
+            d[k] = tuple(tuple(x) if isinstance(x, list) else x for x in v)
+    return method_from_name(name, **d)
+
+
+def load_trained_weights(handle, folder) -> None:
+    """Load a fine-tuned folder into an installed dit_accel handle (``apply(..., weights=DIR)`` calls this).
+
+    Loads the LoRA into ``handle.transformer`` (as adapter ``"dit_accel"``; the
+    same tensors ``pipe.load_lora_weights(DIR)`` would load) and, for SLA, the
+    projections into ``handle.sla_projections()``.
+
+    Raises ValueError when the folder is missing files, when it was trained for
+    a different method config than ``handle.method``, or when its SLA
+    projections do not match the model's attention layers.
+    """
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    info = _read_info(folder)
+    saved = info.get("method", {})
+    method = getattr(handle, "method", None)
+    current = _json_roundtrip(method.to_dict()) if method is not None else None
+    if current is not None and saved != current:
+        diff = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
+        raise ValueError(
+            f"weights={str(folder)!r} were trained for {saved} but the handle's method is {current} "
+            f"(differs in {diff}). Apply the saved method: "
+            f"dit_accel.apply(pipe, dit_accel.training.load_method({str(folder)!r}), weights=...)."
+        )
+    lora_path = folder / LORA_FILE
+    if not lora_path.is_file():
+        raise ValueError(f"weights={str(folder)!r} is missing {LORA_FILE}.")
+    transformer = handle.transformer
+    state, metadata = _lora_mixin().lora_state_dict(str(folder), weight_name=LORA_FILE, return_lora_metadata=True)
+    if ADAPTER_NAME in (getattr(transformer, "peft_config", None) or {}):
+        transformer.delete_adapters(ADAPTER_NAME)  # loading twice replaces, never stacks
+    transformer.load_lora_adapter(state, prefix="transformer", metadata=metadata, adapter_name=ADAPTER_NAME)
+
+    projections = handle.sla_projections() if hasattr(handle, "sla_projections") else {}
+    if saved.get("method") == "sla" or projections:
+        sla_path = folder / SLA_FILE
+        if not sla_path.is_file():
+            raise ValueError(f"weights={str(folder)!r} is missing {SLA_FILE} (the method is SLA).")
+        tensors = load_file(str(sla_path))
+        expected = sla_state_dict(projections)
+        missing = sorted(set(expected) - set(tensors))
+        unexpected = sorted(set(tensors) - set(expected))
+        if missing or unexpected:
+            raise ValueError(
+                f"{sla_path} does not match the model's SLA layers: missing {missing[:4]}, unexpected {unexpected[:4]}; "
+                "was it trained on a different model or with different dense_layers?"
+            )
+        with torch.no_grad():
+            for name, module in projections.items():
+                for pname, p in module.named_parameters():
+                    src = tensors[f"{name}.{pname}"]
+                    if src.shape != p.shape:
+                        raise ValueError(f"{sla_path}: {name}.{pname} has shape {tuple(src.shape)}, model has {tuple(p.shape)}.")
+                    p.copy_(src.to(p.dtype))
