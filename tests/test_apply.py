@@ -285,3 +285,43 @@ def test_errors_name_the_argument(models):
     finally:
         model.reset_attention_backend()
     _clean(model)
+
+
+def test_gradients_reach_lora_style_params_and_sla_projection(models):
+    model = models["flux"]
+    kwargs = _inputs("flux", model, batch=1)
+    with dit_accel.apply(model, dit_accel.SLA(topk=0.5), backend="torch") as handle:
+        proj = handle.sla_projections()["transformer_blocks.0.attn"]
+        q_weight = model.transformer_blocks[0].attn.to_q.weight
+        model.zero_grad()
+        model(**kwargs)[0].square().mean().backward()
+        assert proj.weight.grad is not None and proj.weight.grad.abs().sum() > 0
+        assert q_weight.grad is not None and q_weight.grad.abs().sum() > 0
+    model.zero_grad(set_to_none=True)
+    _clean(model)
+
+
+def test_weights_folder_loads_lora_and_projections_and_remove_unloads(tmp_path):
+    from peft import LoraConfig
+
+    from dit_accel.training.weights import save_trained_weights
+
+    model = T.build("wan", seed=3)
+    kwargs = _inputs("wan", model, batch=1)
+    dense = _run(model, kwargs)
+    method = dit_accel.SLA(topk=0.5)
+    lora = LoraConfig(r=2, lora_alpha=2, target_modules=["to_q", "to_v"], init_lora_weights=False)
+    with dit_accel.apply(model, method, backend="torch") as handle:
+        model.add_adapter(lora)
+        for p in handle.sla_projections().values():
+            torch.nn.init.normal_(p.weight, std=0.3)
+        trained = _run(model, kwargs)
+        save_trained_weights(tmp_path, transformer=model, method=method, lora_config=lora,
+                             sla_projections=handle.sla_projections())
+    model.unload_lora()
+    assert torch.equal(_run(model, kwargs), dense)
+    with dit_accel.apply(model, method, backend="torch", weights=tmp_path):
+        torch.testing.assert_close(_run(model, kwargs), trained, atol=1e-5, rtol=1e-5)
+    assert torch.equal(_run(model, kwargs), dense)
+    assert not getattr(model, "peft_config", None)
+    _clean(model)

@@ -150,6 +150,7 @@ class AccelHandle:
         self._captured = set()
         self._warned = False
         self.removed = False
+        self._adapters: List[Tuple[nn.Module, List[str], bool]] = []  # LoRA adapters loaded by weights=
         self.transformers: List[nn.Module] = [m for _, m in found]
         self.transformer = self.transformers[0]
         self._states: List[_Transformer] = []
@@ -230,6 +231,12 @@ class AccelHandle:
                 layer.module.processor = layer.original
             if layer.sla_proj is not None and getattr(layer.module, _SLA_ATTR, None) is layer.sla_proj:
                 delattr(layer.module, _SLA_ATTR)
+        for transformer, names, had_lora in self._adapters:
+            if had_lora:
+                transformer.delete_adapters(names)
+            else:  # no LoRA before apply(): take the peft layers out entirely
+                transformer.unload_lora()
+        self._adapters = []
         for state in self._states:
             if state.hook is not None:
                 state.hook.remove()
@@ -484,7 +491,13 @@ def apply(pipe_or_transformer, method: Method, *, dense_steps: int = 0, dense_la
         try:
             from ..training.weights import load_trained_weights
 
+            before = [set(getattr(t, "peft_config", None) or {}) for t in handle.transformers]
             load_trained_weights(handle, weights)
+            # remove() must also take away the LoRA that the weights brought in.
+            for t, old in zip(handle.transformers, before):
+                new = sorted(set(getattr(t, "peft_config", None) or {}) - old)
+                if new:
+                    handle._adapters.append((t, new, bool(old)))
         except Exception:
             handle.remove()
             raise
