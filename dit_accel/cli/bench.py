@@ -121,7 +121,7 @@ def _run_fidelity(args) -> int:
     from ..eval.runner import load_method_specs
 
     try:
-        specs = load_method_specs(args.methods.split(","), args.method_config)
+        specs = load_method_specs(args.methods.split(","), args.method_config, include_dense=True)
         result = bench_fidelity(args.capture, {s.label: s.method for s in specs}, match_density=args.density,
                                 device=args.device, backend=args.backend, max_files=args.max_files)
     except ValueError as exc:

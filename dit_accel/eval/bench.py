@@ -88,7 +88,8 @@ def time_fn(fn: Callable[[], object], device: torch.device, *, warmup: int, repe
 
 
 def _odd_windows(n: int) -> List[int]:
-    return [w for w in range(1, n + 1, 2)] + ([n] if n % 2 == 0 else [])
+    # Windows are odd tile counts; on an even tile count, n + 1 is the odd window that covers all.
+    return list(range(1, n + 1, 2)) + ([n + 1] if n % 2 == 0 else [])
 
 
 def tile_layout_for_density(grid: Sequence[int], density: float, block: int = 64):
@@ -112,8 +113,7 @@ def tile_layout_for_density(grid: Sequence[int], density: float, block: int = 64
         score = abs(math.log(est / density)) + 0.02 * sum((f - mean) ** 2 for f in fracs)
         if best is None or score < best[0]:
             best = (score, window)
-    window = tuple(min(w, n) if w <= n else n for w, n in zip(best[1], n_tiles))
-    window = tuple(w if w % 2 else w - 1 for w in window)
+    window = best[1]
     perm, layout = tile_layout(tuple(grid), tile, window, block_q=block, block_k=block)
     return perm, layout, window
 

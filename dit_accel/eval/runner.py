@@ -94,7 +94,8 @@ def _read_config(path: str):
     return json.loads(text)
 
 
-def load_method_specs(methods: Optional[Sequence[str]], config_path: Optional[str] = None) -> List[MethodSpec]:
+def load_method_specs(methods: Optional[Sequence[str]], config_path: Optional[str] = None, *,
+                      include_dense: bool = False) -> List[MethodSpec]:
     """Method rows from ``--methods`` names and an optional ``--method-config`` file.
 
     The file (JSON or YAML) maps a method name to its options, or to a list of
@@ -103,7 +104,7 @@ def load_method_specs(methods: Optional[Sequence[str]], config_path: Optional[st
     :data:`APPLY_KEYS` (``dense_steps``...) go to ``dit_accel.apply``. Names in
     ``methods`` without a config entry use the method's defaults; with
     ``methods`` given, config entries of other methods are ignored. ``dense`` is
-    the baseline itself and never needs a spec.
+    the eval baseline itself and gets no spec unless ``include_dense``.
     """
     entries: List[tuple] = []
     if config_path:
@@ -127,7 +128,7 @@ def load_method_specs(methods: Optional[Sequence[str]], config_path: Optional[st
         entries += [(n, {}, n) for n in names if n not in configured]
     specs, seen = [], set()
     for name, opts, label in entries:
-        if name.lower() == "dense" and not opts:
+        if name.lower() == "dense" and not include_dense:
             continue  # the baseline row
         spec = MethodSpec.parse(name.lower(), opts, label)
         while spec.label in seen:
