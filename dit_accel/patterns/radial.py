@@ -132,6 +132,7 @@ def radial_layout(grid, block_size: int = 128, decay: float = 1.0, sink_frames: 
     Example::
 
         layout = radial_layout((18, 48, 80), 128)   # Wan 2.1 720p, 69 frames: 56.9% block sparsity
+        layout = radial_layout((18, 48, 80), 128, decay=0.2)   # 71.3%, the most this shape allows
     """
     grid, block, decay, sinks = _radial_args(grid, block_size, decay, sink_frames)
     frames, s = grid[0], grid[1] * grid[2]
