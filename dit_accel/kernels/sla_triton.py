@@ -31,12 +31,13 @@ def launch_config(block_q: int, head_dim: int, dtype: torch.dtype) -> dict:
     """Compile-time tile sizes and launch options shared by the kernels and the AOT checks.
 
     Tiles are 64 query rows; a 128-row classification block is two tiles (SUB = 2), which keeps
-    shared memory within sm_89's 99 KiB. The linear branch's dots run in fp32 for fp16 inputs
-    (its gradients, ~do / (phi(q) . z), underflow fp16) and in the input dtype otherwise.
+    shared memory within sm_89's 99 KiB. The linear branch's dots run in the input dtype (its
+    gradients are rescaled per head so fp16 does not underflow); fp32 inputs use one stage.
     """
     block_d = max(16, triton.next_power_of_2(head_dim))
+    fp32 = dtype == torch.float32
     return {"BLOCK_M": 64, "SUB": block_q // 64, "BLOCK_N": BLOCK_K, "BLOCK_D": block_d,
-            "LIN_FP32": dtype != torch.bfloat16, "num_warps": 4, "num_stages": 2}
+            "LIN_FP32": fp32, "num_warps": 4, "num_stages": 1 if fp32 else 2}
 
 
 @triton.jit
@@ -154,7 +155,7 @@ def _sla_fwd_kernel(
 
 @triton.jit
 def _sla_bwd_dq_kernel(
-    Q, K, V, DO, LSE, DELTA, DNUM, DDEN, CRIT, LIN, DQ,
+    Q, K, V, DO, LSE, DELTA, DNUM, DDEN, DSCALE, CRIT, LIN, DQ,
     sqb, sqh, sqn, skb, skh, skn, svb, svh, svn,
     H, NQ_TOK, NK_TOK, D, KC, NL, scale,
     BLOCK_M: tl.constexpr, SUB: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -219,13 +220,14 @@ def _sla_bwd_dq_kernel(
             kf = _lin(tl.where(k_valid[:, None], _phi(k.to(tl.float32), d_valid, FEATURE), 0.0), q, LIN_FP32)
             da = tl.dot(dnum, tl.trans(_lin(v, q, LIN_FP32))) + dden[:, None]
             dqf += LIN_SIGN * tl.dot(_lin(da, q, LIN_FP32), kf)
+        dqf = dqf * tl.load(DSCALE + pid_bh)  # undo the per-head rescaling of dnum / dden
         dq += _phi_bwd(q.to(tl.float32), qf, dqf, d_valid, FEATURE)
     tl.store(DQ + row[:, None] * D + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=qd_mask)
 
 
 @triton.jit
 def _dkdv_tile(q_base, sqn, DO, LSE, DELTA, DNUM, DDEN, row_base, offs_m, k, v, kf, dk, dv, dkf,
-               NQ_TOK, D, scale, offs_d, d_valid, k_valid,
+               NQ_TOK, D, scale, lin_scale, offs_d, d_valid, k_valid,
                SOFTMAX: tl.constexpr, LIN: tl.constexpr, SIGN: tl.constexpr, FEATURE: tl.constexpr,
                LIN_FP32: tl.constexpr):
     """One query tile's contribution to a key block: softmax part (dk unscaled) and/or linear part."""
@@ -248,7 +250,7 @@ def _dkdv_tile(q_base, sqn, DO, LSE, DELTA, DNUM, DDEN, row_base, offs_m, k, v, 
         dnum = _lin(tl.load(DNUM + rows[:, None] * D + offs_d[None, :], mask=qd_mask, other=0.0), q, LIN_FP32)
         dden = tl.load(DDEN + rows, mask=m_valid, other=0.0)
         a = tl.dot(qf, tl.trans(kf))
-        dv += SIGN * tl.dot(tl.trans(_lin(a, q, LIN_FP32)), dnum)
+        dv += (SIGN * lin_scale) * tl.dot(tl.trans(_lin(a, q, LIN_FP32)), dnum)
         da = tl.dot(dnum, tl.trans(_lin(v, q, LIN_FP32))) + dden[:, None]
         dkf += SIGN * tl.dot(tl.trans(_lin(da, q, LIN_FP32)), qf)
     return dk, dv, dkf
@@ -256,7 +258,7 @@ def _dkdv_tile(q_base, sqn, DO, LSE, DELTA, DNUM, DDEN, row_base, offs_m, k, v, 
 
 @triton.jit
 def _sla_bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, DNUM, DDEN, CRIT_T, CRIT_T_CNT, LIN_T, LIN_T_CNT, DK, DV,
+    Q, K, V, DO, LSE, DELTA, DNUM, DDEN, DSCALE, CRIT_T, CRIT_T_CNT, LIN_T, LIN_T_CNT, DK, DV,
     sqb, sqh, sqn, skb, skh, skn, svb, svh, svn,
     H, NQ_TOK, NK_TOK, D, scale,
     BLOCK_M: tl.constexpr, SUB: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -287,6 +289,7 @@ def _sla_bwd_dkdv_kernel(
     kf = _lin(kf32, k, LIN_FP32)
     row_base = pid_bh.to(tl.int64) * NQ_TOK
     list_at = pid_bh.to(tl.int64) * n_kb + pid_n
+    lin_scale = tl.load(DSCALE + pid_bh)
 
     # Query blocks that hold this key block as critical: softmax gradient (+ linear removal).
     cnt = tl.load(CRIT_T_CNT + list_at)
@@ -295,7 +298,7 @@ def _sla_bwd_dkdv_kernel(
         for t in tl.static_range(SUB):
             dk, dv, dkf = _dkdv_tile(q_base, sqn, DO, LSE, DELTA, DNUM, DDEN, row_base,
                                      (i * SUB + t) * BLOCK_M + offs_mb, k, v, kf, dk, dv, dkf,
-                                     NQ_TOK, D, scale, offs_d, d_valid, k_valid,
+                                     NQ_TOK, D, scale, lin_scale, offs_d, d_valid, k_valid,
                                      True, HAS_LIN and SUB_CRIT, -1, FEATURE, LIN_FP32)
     # Softmax dk was accumulated unscaled; the linear dkf is kept apart until the phi backward.
     dk = dk * scale
@@ -306,9 +309,9 @@ def _sla_bwd_dkdv_kernel(
             for t in tl.static_range(SUB):
                 dk, dv, dkf = _dkdv_tile(q_base, sqn, DO, LSE, DELTA, DNUM, DDEN, row_base,
                                          (i * SUB + t) * BLOCK_M + offs_mb, k, v, kf, dk, dv, dkf,
-                                         NQ_TOK, D, scale, offs_d, d_valid, k_valid,
+                                         NQ_TOK, D, scale, lin_scale, offs_d, d_valid, k_valid,
                                          False, True, LIN_SIGN, FEATURE, LIN_FP32)
-        dk += _phi_bwd(k.to(tl.float32), kf32, dkf, d_valid, FEATURE)
+        dk += _phi_bwd(k.to(tl.float32), kf32, dkf * lin_scale, d_valid, FEATURE)
 
     out = (pid_bh.to(tl.int64) * NK_TOK + offs_k)[:, None] * D + offs_d[None, :]
     tl.store(DK + out, dk.to(DK.dtype.element_ty), mask=kv_mask)
@@ -376,9 +379,15 @@ def sla_backward(do, dlse, dnum, dden, q, k, v, o, lse, critical, lin_blocks, sc
     # d lse / d s = p, so an lse gradient shifts delta: ds = p * (dp - (rowsum(do*o) - dlse)).
     delta = ((do.float() * o.float()).sum(-1) - dlse.float()).contiguous()
     if has_lin:
-        dnum, dden = dnum.float().contiguous(), dden.float().contiguous()
+        # dnum ~ do / (phi(q) . z) is tiny; the kernels see it rescaled to O(1) per (batch, head)
+        # (every linear-branch gradient is linear in (dnum, dden)) and multiply the scale back.
+        dnum, dden = dnum.float(), dden.float()
+        dscale = torch.maximum(dnum.abs().amax((-1, -2)), dden.abs().amax(-1)).clamp_min(1e-30)
+        dnum = (dnum / dscale[..., None, None]).contiguous()
+        dden = (dden / dscale[..., None]).contiguous()
+        dscale = dscale.contiguous()
     else:  # unused by the kernels; any live allocation will do
-        dnum, dden = delta, delta
+        dnum = dden = dscale = delta
     lin_ptr = lin_blocks if lin_blocks.numel() else critical
     crit_t, crit_cnt = transposed_lists(critical, n_kb)
     lin_t, lin_cnt = transposed_lists(lin_blocks, n_kb) if has_lin else (crit_t, crit_cnt)
@@ -387,11 +396,11 @@ def sla_backward(do, dlse, dnum, dden, q, k, v, o, lse, critical, lin_blocks, sc
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
     consts = dict(FEATURE=feature, HAS_LIN=has_lin, SUB_CRIT=sub_critical, LIN_SIGN=lin_sign, **cfg)
     _sla_bwd_dq_kernel[(triton.cdiv(nq, cfg["BLOCK_M"]), b * h)](
-        q, k, v, do, lse, delta, dnum, dden, critical, lin_ptr, dq,
+        q, k, v, do, lse, delta, dnum, dden, dscale, critical, lin_ptr, dq,
         *_strides(q), *_strides(k), *_strides(v),
         h, nq, nk, d, critical.shape[-1], lin_blocks.shape[-1], scale, **consts)
     _sla_bwd_dkdv_kernel[(n_kb, b * h)](
-        q, k, v, do, lse, delta, dnum, dden, crit_t, crit_cnt, lin_t, lin_cnt, dk, dv,
+        q, k, v, do, lse, delta, dnum, dden, dscale, crit_t, crit_cnt, lin_t, lin_cnt, dk, dv,
         *_strides(q), *_strides(k), *_strides(v),
         h, nq, nk, d, scale, **consts)
     return dq, dk, dv

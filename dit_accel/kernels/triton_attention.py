@@ -55,12 +55,14 @@ __all__ = [
     "select_config",
     "SUPPORTED_DTYPES",
     "MAX_HEAD_DIM",
+    "GPU_LAYOUT_BLOCKS",
 ]
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+GPU_LAYOUT_BLOCKS = (64, 128, 256)  # layout block sizes accepted on CUDA
 MAX_HEAD_DIM = 256
 _LOG2E = 1.4426950408889634
-_MIN_BLOCK_D = 16  # tl.dot needs K >= 16
+_MIN_BLOCK_D = 64  # smaller heads are padded: fewer kernel variants to ship
 
 
 # ---------------------------------------------------------------------------
@@ -358,8 +360,10 @@ class KernelConfig:
 
     @property
     def dot_precision(self) -> str:
-        # fp32 inputs: exact fp32 products (what torch does by default), not tf32.
-        return "ieee" if self.dtype == torch.float32 else "tf32"
+        # fp32 inputs use tf32 tensor-core products with fp32 accumulation (as torch
+        # does with allow_tf32): "ieee"/"tf32x3" compile to kernels that are several
+        # times slower to build and need more shared memory than sm_89 has at d=256.
+        return "tf32"
 
     @property
     def name(self) -> str:
@@ -381,7 +385,7 @@ def shared_memory_limit(arch: int) -> int:
 
 
 def block_d_for(head_dim: int) -> int:
-    """Padded head dim the kernels use: next power of two, at least 16."""
+    """Padded head dim the kernels use: next power of two, at least 64."""
     return max(_MIN_BLOCK_D, 1 << (int(head_dim) - 1).bit_length())
 
 
@@ -397,32 +401,31 @@ def select_config(kernel: str, dtype: torch.dtype, head_dim: int, block_q: int, 
     """
     bd = block_d_for(head_dim)
     big_smem = shared_memory_limit(arch) >= 160 * 1024
-    wide = dtype == torch.float32  # 4-byte elements: halve tiles
+    wide = dtype == torch.float32  # 4-byte elements: smaller tiles
     stages = 3 if big_smem else 2
     if kernel == "bwd_preprocess":
         return KernelConfig(kernel, dtype, bd, 64 if bd <= 128 else 32, 0, 4, 1)
     if kernel == "fwd":
-        bm = 128 if bd <= 128 else 64
-        bn = 128 if bd <= 64 else 64
-        if bd >= 256:
-            bn = 32
+        # FA2-style: a tall query tile kept in registers, 64-wide key tiles streamed.
+        bm, bn = (128, 64) if bd <= 128 else (64, 32)
         if wide:
-            bm, bn = min(bm, 64), min(bn, 64 if bd <= 64 else 32)
+            bm, bn = (64, 64) if bd <= 64 else ((64, 32) if bd <= 128 else (32, 32))
         warps = 8 if bm * bd >= 128 * 128 else 4
         if bd >= 256 or (wide and bd >= 128):
-            stages = min(stages, 2)
+            stages = 2 if big_smem and not (wide and bd >= 256) else 1
     elif kernel in ("bwd_dkdv", "bwd_dq"):
+        # The owned tile (keys for dK/dV, queries for dQ) is the larger one.
         bm = bn = 64
-        if bd >= 128:
+        if bd >= 128 or wide:
             bm, bn = (32, 64) if kernel == "bwd_dkdv" else (64, 32)
         if bd >= 256 or (wide and bd >= 128):
             bm = bn = 32
-        elif wide:
-            bm, bn = (32, 64) if kernel == "bwd_dkdv" else (64, 32)
-        warps = 8 if bd >= 128 and not (bm == bn == 32) else 4
+        if wide and bd >= 256 and not big_smem:
+            bm, bn = (16, 32) if kernel == "bwd_dkdv" else (32, 16)
+        warps = 8 if bd >= 128 and bm * bn >= 2048 else 4
         stages = 2 if bd <= 64 else 1
     else:
-        raise ValueError(f"kernel must be one of {sorted(KERNELS) or ['fwd', 'bwd_preprocess', 'bwd_dkdv', 'bwd_dq']}; got {kernel!r}")
+        raise ValueError(f"kernel must be one of 'fwd', 'bwd_preprocess', 'bwd_dkdv', 'bwd_dq'; got {kernel!r}")
     return KernelConfig(kernel, dtype, bd, min(bm, block_q), min(bn, block_k), warps, stages)
 
 
@@ -489,9 +492,16 @@ def _validate(q, k, v, layout) -> BlockLayout:
                          f"N={n} and k/v have M={k.shape[2]}; build the layout for these lengths.")
     if layout.num_heads not in (1, h):
         raise ValueError(f"layout has {layout.num_heads} heads; it must have 1 (shared) or H={h}.")
+    # GPU launches only use the compiled-and-checked tiles (triton_compile.LAYOUT_BLOCKS);
+    # the interpreter also takes 16 and 32, which keeps CPU tests fast.
+    allowed = GPU_LAYOUT_BLOCKS if q.device.type == "cuda" else (16, 32) + GPU_LAYOUT_BLOCKS
     for name, bs in (("block_q", layout.block_q), ("block_k", layout.block_k)):
-        if bs < 16 or bs > 256 or bs & (bs - 1):
-            raise ValueError(f"layout.{name} must be a power of two in [16, 256] for the triton kernels; got {bs}.")
+        if bs not in allowed:
+            raise ValueError(f"layout.{name} must be one of {allowed} for the triton kernels on {q.device.type}; "
+                             f"got {bs}. Rebuild the layout with block_q/block_k 64 or 128, or use backend='torch'.")
+    if tuple(layout.mask_table.shape[1:]) != (layout.block_q, layout.block_k) and layout.mask_table.numel():
+        raise ValueError(f"layout.mask_table must be [P, {layout.block_q}, {layout.block_k}]; got "
+                         f"{tuple(layout.mask_table.shape)}")
     reason = triton_unavailable_reason(q.device)
     if reason is not None:
         raise RuntimeError(reason)
@@ -541,8 +551,8 @@ def triton_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Bl
     Args:
         q: ``(B, H, N, D)``; k, v: ``(B, H, M, D)``; fp16, bf16 or fp32 (one dtype), any
             strides, ``D <= 256``. ``N == layout.q_len`` and ``M == layout.kv_len``.
-        layout: :class:`BlockLayout` with 1 (shared) or ``H`` heads; block sizes powers of
-            two in [16, 256].
+        layout: :class:`BlockLayout` with 1 (shared) or ``H`` heads; ``block_q``/``block_k``
+            in (64, 128, 256) on CUDA, also 16 or 32 under the interpreter.
         scale: softmax scale, default ``1/sqrt(D)``.
 
     Returns:
