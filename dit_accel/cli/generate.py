@@ -37,7 +37,8 @@ def register(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "generate",
         help="generate a video/image with a sparse-attention method (default: tiny-wan smoke run)",
-        description=__doc__.split("\n\n")[0] + " With no arguments: tiny-wan, RANDOM WEIGHTS, for smoke runs.",
+        description="Generate one video (or image) with a sparse-attention method and write it with a JSON "
+                    "sidecar (OUT.json). With no arguments: tiny-wan, RANDOM WEIGHTS, a smoke run.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     m = p.add_argument_group("model and output")
@@ -380,7 +381,7 @@ def generate(args) -> dict:
         "summary": summary,
         "warnings": [w for w in (apply_error,) if w],
         "versions": _versions(),
-        "command": ["dit-accel", *sys.argv[1:]] if Path(sys.argv[0]).name in ("dit-accel", "__main__.py") else None,
+        "command": ["dit-accel", *getattr(args, "_argv", ["generate"])],
         "created_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
     if densities and record["density"]["mean"] is None:

@@ -97,6 +97,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return 2
     parser = build_parser(command)
     args = parser.parse_args(argv)
+    args._argv = argv  # recorded in output metadata (e.g. the generate sidecar)
     if args.command is None:
         parser.print_help()
         return 0
