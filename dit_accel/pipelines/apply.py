@@ -148,7 +148,7 @@ class AccelHandle:
         self._manual_step: Optional[Tuple[int, Optional[int]]] = None
         self._plans: Dict[tuple, Plan] = {}
         self._captured = set()
-        self._warned = False
+        self._warned = set()
         self.removed = False
         self._adapters: List[Tuple[nn.Module, List[str], bool]] = []  # LoRA adapters loaded by weights=
         self.transformers: List[nn.Module] = [m for _, m in found]
@@ -318,9 +318,7 @@ class AccelHandle:
     def _run_processor(self, layer: _Layer, attn, args, kwargs):
         call = layer.state.current
         if call is None:  # called outside the transformer's forward: nothing known about the grid
-            if not self._warned:
-                warnings.warn("dit_accel: attention called outside the transformer forward; running dense")
-                self._warned = True
+            self._warn_once("dit_accel: attention called outside the transformer forward; running dense")
             layer.stats.dense_calls += 1
             return layer.original(attn, *args, **kwargs)
         method = self._method_for(layer, call.step, call.total)
@@ -333,6 +331,11 @@ class AccelHandle:
         plan = self._plan(method, call.info.grid)
         with _native_scope(), SDPAInterceptor(self, layer, plan, capture):
             return layer.original(attn, *args, **kwargs)
+
+    def _warn_once(self, message: str) -> None:
+        if message not in self._warned:
+            self._warned.add(message)
+            warnings.warn(message, stacklevel=3)
 
     def _timer(self, layer: _Layer, device):
         return _Timer(layer.stats, device) if self.measure_time else contextlib.nullcontext()

@@ -107,6 +107,11 @@ def route_sdpa(handle: "AccelHandle", layer: "_Layer", plan, capture: bool, call
     joint_ok = (num_text == 0 and key_mask is None) or (
         position != "none" and 0 < num_text <= max(state.info.num_text, 0))
     if not (self_attention and num_video > 0 and joint_ok):
+        if sq == sk and sq >= num_video > 0:  # looked like self-attention but could not be routed: say why once
+            handle._warn_once(f"dit_accel: {layer.name} made an SDPA call it cannot make sparse (length {sq}, "
+                              f"{num_video} video tokens, mask {type(call.get('attn_mask')).__name__}, "
+                              f"is_causal={call.get('is_causal', False)}, dropout_p={call.get('dropout_p', 0.0)}); "
+                              "running it dense")
         layer.stats.dense_calls += 1
         return _SDPA(**call)
 
