@@ -22,6 +22,7 @@ outputs are dropped by :meth:`TilePermutation.unpermute`.
 
 from __future__ import annotations
 
+import math
 from typing import List, Sequence, Tuple
 
 import torch
@@ -62,22 +63,15 @@ def _block_intervals(perm: TilePermutation, box: Sequence[int]) -> List[torch.Te
     """Per dimension, the interval id (start // box extent) of every block, in tiled order."""
     nd = len(box)
     per_tile = [t // b for t, b in zip(perm.tile, box)]  # boxes per tile along each dim
-    n_blocks = perm.num_padded // _prod(box)
+    n_blocks = perm.num_padded // math.prod(box)
     idx = torch.arange(n_blocks)
-    tile_idx, inner = idx // _prod(per_tile), idx % _prod(per_tile)
+    tile_idx, inner = idx // math.prod(per_tile), idx % math.prod(per_tile)
     out = [None] * nd
     for d in reversed(range(nd)):
         start = (tile_idx % perm.num_tiles[d]) * perm.tile[d] + (inner % per_tile[d]) * box[d]
         out[d] = start // box[d]
         tile_idx, inner = tile_idx // perm.num_tiles[d], inner // per_tile[d]
     return out
-
-
-def _prod(xs) -> int:
-    p = 1
-    for x in xs:
-        p *= x
-    return p
 
 
 def _separable_layout(perm: TilePermutation, relations: Sequence[torch.Tensor], block_q: int,
