@@ -325,3 +325,15 @@ def test_weights_folder_loads_lora_and_projections_and_remove_unloads(tmp_path):
     assert torch.equal(_run(model, kwargs), dense)
     assert not getattr(model, "peft_config", None)
     _clean(model)
+
+
+@pytest.mark.parametrize("class_name", SUPPORTED)
+def test_preset_defaults_are_valid_method_configs(class_name):
+    from dit_accel.pipelines.presets import recommended
+
+    preset = PRESETS[class_name]
+    assert preset.text_position in ("none", "first", "last") and preset.attention
+    for method_name in preset.defaults:
+        method, kwargs = recommended(class_name, method_name)
+        assert method.name == method_name
+        assert set(kwargs) <= {"dense_steps", "dense_last_steps", "dense_layers"}
