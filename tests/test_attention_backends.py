@@ -14,6 +14,16 @@ from dit_accel.kernels import (BlockLayout, available_backends, block_sparse_att
 from dit_accel.kernels import attention as attention_mod
 from dit_accel.kernels.torch_backend import torch_block_sparse_attention
 
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Tiny tensors: threads only add scheduling latency on the shared 2-core CI machine.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 TOL = {torch.float32: dict(atol=2e-5, rtol=1e-4), torch.float16: dict(atol=3e-3, rtol=3e-3)}
 GRAD_TOL = {torch.float32: dict(atol=1e-4, rtol=1e-4), torch.float16: dict(atol=1e-2, rtol=1e-2)}
 
@@ -200,15 +210,6 @@ def test_torch_backend_n8192_without_n_by_n():
         ref, ref_lse = dense_attention_reference(q[:, :, rows], k, v, mask)
         torch.testing.assert_close(o[:, :, rows], ref, **TOL[torch.float32])
         assert_close_lse(lse[:, :, rows], ref_lse, atol=1e-5, rtol=1e-5)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny tensors: threads only add scheduling latency on the shared 2-core CI machine.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.mark.parametrize("backend", ["torch", "flex"])

@@ -10,6 +10,16 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 import dit_accel.kernels.ops  # noqa: F401  (registers the dit_accel:: custom ops)
 from dit_accel.kernels import BlockLayout, available_backends, block_sparse_attention, dense_attention_reference
 
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Tiny tensors: threads only add scheduling latency on the shared 2-core CI machine.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 pytestmark = pytest.mark.skipif(available_backends()["triton"] is not None,
                                 reason=f"triton backend unavailable: {available_backends()['triton']}")
 
@@ -56,15 +66,6 @@ def test_fake_implementations_give_shapes_without_running():
     assert o.shape == q.shape and o.dtype == torch.float16
     assert lse.shape == q.shape[:3] and lse.dtype == torch.float32
     assert dq.shape == q.shape and dk.shape == k.shape and dv.dtype == torch.float16
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny tensors: threads only add scheduling latency on the shared 2-core CI machine.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def test_opcheck_forward_and_backward_ops():
