@@ -150,7 +150,8 @@ def test_generate_subprocess_python_m(tmp_path):
     (["--method", "tile", "--window", "2"], "--window"),
     (["--method", "radial", "--topk", "0.5"], "--topk"),
     (["--dtype", "int8"], "--dtype"),
-], ids=["zero-frames", "missing-folder", "even-window", "flag-of-other-method", "bad-dtype"])
+    (["--out", "clip.avi"], "--out"),
+], ids=["zero-frames", "missing-folder", "even-window", "flag-of-other-method", "bad-dtype", "bad-suffix"])
 def test_generate_bad_args_fail_fast_with_clear_errors(argv, needle, capsys):
     try:
         code = main(["generate", *argv, "--quiet"])
@@ -169,3 +170,20 @@ def test_offline_hub_id_is_one_short_message(monkeypatch, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1
     assert "HF_HUB_OFFLINE" in err[0] and "tiny-wan" in err[0] and "local folder" in err[0]
+
+
+def test_load_pipeline_from_saved_folder(tmp_path):
+    import torch
+
+    from dit_accel.pipelines.loading import ModelLoadError, load_pipeline
+    from dit_accel.pipelines.tiny import build_tiny_pipeline
+
+    pipe = build_tiny_pipeline("tiny-flux", seed=3)
+    pipe.save_pretrained(tmp_path / "flux")
+    loaded = load_pipeline(str(tmp_path / "flux"))
+    assert type(loaded).__name__ == "FluxPipeline"
+    a, b = pipe.transformer.state_dict(), loaded.transformer.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert loaded.tokenizer_2("héllo").input_ids == pipe.tokenizer_2("héllo").input_ids
+    with pytest.raises(ModelLoadError, match="model_index.json"):
+        load_pipeline(str(tmp_path))

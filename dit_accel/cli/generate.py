@@ -236,7 +236,7 @@ def generate(args) -> dict:
 
     import dit_accel
 
-    from ..io import save_video, to_uint8_frames
+    from ..io import VIDEO_SUFFIXES, save_video, to_uint8_frames
     from ..pipelines.loading import ModelLoadError, load_pipeline, resolve_model_kind
     from ..pipelines.tiny import RANDOM_WEIGHTS_LABEL, TINY_DEFAULTS, is_tiny_model
 
@@ -253,6 +253,11 @@ def generate(args) -> dict:
         kind = resolve_model_kind(args.model)
     except (ModelLoadError, ValueError) as err:
         raise _UsageError(str(err)) from None
+    if args.out and Path(args.out).suffix and Path(args.out).suffix.lower() not in VIDEO_SUFFIXES:
+        raise _UsageError(f"--out {args.out}: unknown suffix {Path(args.out).suffix!r}; use .mp4, .gif, .png "
+                          "or a folder path (PNG frames)")
+    if args.fps <= 0:
+        raise _UsageError(f"--fps must be >= 1; got {args.fps}")
     device = _pick_device(args.device)
     dtype, dtype_name = _pick_dtype(args.dtype, device, tiny)
     method_name = args.method or "dense"
