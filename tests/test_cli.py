@@ -187,3 +187,11 @@ def test_load_pipeline_from_saved_folder(tmp_path):
     assert loaded.tokenizer_2("héllo").input_ids == pipe.tokenizer_2("héllo").input_ids
     with pytest.raises(ModelLoadError, match="model_index.json"):
         load_pipeline(str(tmp_path))
+
+
+def test_info_degrades_when_modules_are_missing(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "dit_accel.kernels", None)  # import now raises ImportError
+    monkeypatch.setitem(sys.modules, "dit_accel.pipelines.presets", None)
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("unavailable (ImportError") == 2 and "tiny-wan" in out

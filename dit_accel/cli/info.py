@@ -78,11 +78,15 @@ def _models():
     return {name: f"{p.notes} (diffusers>={p.min_diffusers})" for name, p in PRESETS.items()}
 
 
+def _tiny():
+    from dit_accel.pipelines.tiny import TINY_MODELS
+
+    return dict(TINY_MODELS)
+
+
 def collect_info(device=None) -> dict:
     """The ``info`` report as a dict (also used by the JSON sidecar of ``generate``)."""
     import dit_accel
-
-    from ..pipelines.tiny import TINY_MODELS
 
     versions = {
         "dit_accel": dit_accel.__version__,
@@ -94,7 +98,7 @@ def collect_info(device=None) -> dict:
     info["backends"] = _safe(lambda: _backends(dev))
     info["supported_models"] = _safe(_models)
     info["methods"] = dict(_METHOD_NOTES)
-    info["tiny_models"] = dict(TINY_MODELS)
+    info["tiny_models"] = _safe(_tiny)
     return info
 
 
