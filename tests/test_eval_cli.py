@@ -84,11 +84,19 @@ def test_eval_tiny_wan_writes_report_and_reuses_dense_cache(tmp_path, weights, c
     mtimes = [p.stat().st_mtime_ns for p in cache_files]
     args2 = [a for a in args if a not in ("--capture", str(tmp_path / "capture"))]
     args2[args2.index("dense,gna,radial")] = "dense,gna"
+    real = tmp_path / "real"
+    real.mkdir()
+    from PIL import Image
+
+    for i in range(3):
+        Image.fromarray((torch.rand(40, 50, 3) * 255).byte().numpy()).save(real / f"img{i}.png")
+    args2 += ["--real", str(real)]
     assert main(args2) == 0
     res2 = json.loads((out / "results.json").read_text())
     assert res2["dense_generated"] == 0 and res2["dense_cached"] == 1
     assert [p.stat().st_mtime_ns for p in sorted((out / "cache").iterdir())] == mtimes
     assert [r["label"] for r in res2["rows"]] == ["dense", "gna"]
+    assert all(r["fid_real"] is not None for r in res2["rows"]) and res2["dense_times_from_cache"]
     assert res2["rows"][1]["psnr"] == pytest.approx(rows["gna"]["psnr"])  # same seeds, same output
     assert "dense: 0 generated, 1 from cache" in capsys.readouterr().out
 

@@ -66,7 +66,9 @@ def write_report(results: dict, path) -> None:
               f"- model: `{s['model']}`, device {s['device']}, dtype {s['dtype']}",
               f"- frames {s['frames']}, {s['height']}x{s['width']}, steps {s['steps']}, "
               f"guidance {s['guidance_scale']}, seeds {s['seeds']}, {len(s['prompts'])} prompt(s)",
-              f"- dense baseline: {results['dense_generated']} generated, {results['dense_cached']} from cache",
+              f"- dense baseline: {results['dense_generated']} generated, {results['dense_cached']} from cache"
+              + (" (cached samples keep the timings measured when they were generated)"
+                 if results.get("dense_times_from_cache") else ""),
               f"- versions: " + ", ".join(f"{k} {val}" for k, val in v.items() if val is not None), ""]
     if results.get("skipped"):
         lines += ["## Skipped metrics", ""] + [f"- {line}" for line in results["skipped"]] + [""]
