@@ -71,7 +71,7 @@ def _backward(ctx, do, dlse, dnum, dden):
         dnum = torch.zeros(o.shape, dtype=torch.float32, device=o.device) if dnum is None else dnum
         dden = torch.zeros_like(lse) if dden is None else dden
     else:
-        dnum = dden = lse.new_empty((0,))
+        dnum, dden = lse.new_empty((0,)), lse.new_empty((0,))
     dq, dk, dv = sla_bwd(do, dlse, dnum, dden, q, k, v, o, lse, critical, lin_blocks, scale, feature, has_lin,
                          sub_critical, lin_sign, block_q)
     return dq, dk, dv, None, None, None, None, None, None, None, None

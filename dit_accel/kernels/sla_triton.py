@@ -355,7 +355,8 @@ def sla_forward(q, k, v, critical, lin_blocks, scale, feature, has_lin, sub_crit
         num = torch.empty(b, h, nq, d, dtype=torch.float32, device=q.device)
         den = torch.empty(b, h, nq, dtype=torch.float32, device=q.device)
     else:
-        num = den = torch.empty(0, dtype=torch.float32, device=q.device)
+        num = torch.empty(0, dtype=torch.float32, device=q.device)
+        den = torch.empty(0, dtype=torch.float32, device=q.device)
     grid = (triton.cdiv(nq, cfg["BLOCK_M"]), b * h)
     # Unused pointers get a live allocation: empty tensors may carry a null address.
     lin_ptr = lin_blocks if lin_blocks.numel() else critical
