@@ -41,7 +41,7 @@ def prompts_file(tmp_path_factory):
 
 
 def _config(output, prompts, **kw):
-    base = dict(model="tiny-wan", method=METHOD, output=str(output), prompts=str(prompts), steps=10, lr=2e-3, rank=4,
+    base = dict(model="tiny-wan", method=METHOD, output=str(output), prompts=None if prompts is None else str(prompts), steps=10, lr=2e-3, rank=4,
                 seed=0, progress=False, eval_batches=0, **SHAPE)
     base.update(kw)
     return FinetuneConfig(**base)
@@ -154,18 +154,21 @@ def _free_port() -> int:
 
 
 def test_accelerate_launch_two_cpu_processes(prompts_file, tmp_path):
+    # `accelerate launch --cpu` alone starts ONE process unless mpirun is used; `--multi_gpu` starts
+    # torchrun workers, and on a machine without CUDA the trainer asks accelerate for MULTI_CPU (gloo).
     out = tmp_path / "ddp"
-    env = dict(os.environ, TRITON_INTERPRET="1", HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    env = dict(os.environ, TRITON_INTERPRET="1", HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO), OMP_NUM_THREADS="1",
+               CUDA_VISIBLE_DEVICES="", ACCELERATE_USE_CPU="true")
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
-           "--cpu", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
+           "--multi_gpu", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
            "-m", "dit_accel.cli.finetune", "--model", "tiny-wan", "--method", "sla", "--topk", "0.5",
            "--prompts", str(prompts_file), "--output", str(out), "--steps", "3", "--rank", "2",
-           "--frames", "5", "--height", "32", "--width", "64", "--max-sequence-length", "8",
+           "--frames", "9", "--height", "64", "--width", "128", "--max-sequence-length", "8",
            "--eval-batches", "0", "--no-progress"]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     log = json.loads((out / "finetune_log.json").read_text())
-    assert log["num_processes"] == 2 and len(log["loss"]) == 3
+    assert log["num_processes"] == 2 and len(log["loss"]) == 3 and log["loss"][0]["loss"] > 0
     assert (out / LORA_FILE).is_file()
 
 
@@ -230,7 +233,7 @@ def test_bad_inputs_fail_before_training(case, tmp_path, prompts_file):
         kw, expect = dict(method=dit_accel.GNA(kernel_size=(3, 16, 16))), "does not fit.*grid"
     elif case == "unsupported-model":
         kw, expect = dict(model="tiny-flux"), "WanTransformer3DModel"
-    cfg = _config(out, prompts_file, steps=1, **kw)
+    cfg = _config(out, kw.pop("prompts", prompts_file), steps=1, **kw)
     with pytest.raises(ValueError, match=expect):
         finetune(cfg)
     assert not (out / "checkpoints").exists() and not (out / LORA_FILE).exists()

@@ -147,7 +147,7 @@ class CaptionDataset:
         frames = frames[:want]
         if frames.shape[0] < want:  # short clip: hold the last frame
             frames = np.concatenate([frames, np.repeat(frames[-1:], want - frames.shape[0], axis=0)])
-        x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+        x = torch.from_numpy(np.array(frames, dtype=np.uint8)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
         x = _resize_crop(x, self.height, self.width).clamp(-1, 1)
         return x.permute(1, 0, 2, 3).contiguous(), self.captions[i]
 

@@ -179,8 +179,12 @@ def validate_config(config: FinetuneConfig) -> None:
         data_mod.read_prompts(c.prompts)
 
 
-def _prepare_output(config: FinetuneConfig, is_main: bool) -> Path:
-    """Refuse an output folder that holds something else, unless --resume (same run) or --overwrite."""
+def _prepare_output(config: FinetuneConfig, accelerator) -> Path:
+    """Refuse an output folder that holds something else, unless --resume (same run) or --overwrite.
+
+    Every process checks before the main process writes anything (then all wait), so the
+    other ranks never see the run file the main process just created.
+    """
     out = Path(config.output)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--output {str(out)!r} exists and is not a folder.")
@@ -204,12 +208,14 @@ def _prepare_output(config: FinetuneConfig, is_main: bool) -> Path:
             detail = ", ".join(f"{k}: {previous.get(k)!r} -> {current.get(k)!r}" for k in diff[:4])
             raise ValueError(f"--resume: {str(out)!r} holds a different run ({detail}); "
                              "use the same settings, another --output, or --overwrite.")
-    if is_main:
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
         if contents and config.overwrite:
             for p in contents:
                 shutil.rmtree(p) if p.is_dir() else p.unlink()
         out.mkdir(parents=True, exist_ok=True)
         run_file.write_text(json.dumps(config.settings(), indent=2) + "\n")
+    accelerator.wait_for_everyone()
     return out
 
 
@@ -384,9 +390,13 @@ def finetune(config: FinetuneConfig) -> Dict[str, Any]:
     else:
         prompts = data_mod.read_prompts(config.prompts)
 
-    accelerator = Accelerator(mixed_precision=config.mixed_precision)
-    out = _prepare_output(config, accelerator.is_main_process)
-    accelerator.wait_for_everyone()
+    # cpu=True on machines without CUDA: with several launched processes (torchrun / `accelerate launch
+    # --multi_gpu`) accelerate then runs MULTI_CPU over gloo instead of silently training N separate copies.
+    import os
+
+    use_cpu = not torch.cuda.is_available() or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
+    accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=use_cpu)
+    out = _prepare_output(config, accelerator)
     device = accelerator.device
     weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[config.mixed_precision]
 
