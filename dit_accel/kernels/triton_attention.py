@@ -519,16 +519,17 @@ def _layout_args(layout: BlockLayout, transposed: bool):
     counts = layout.q_counts if transposed else layout.kv_counts
     indices = layout.q_indices if transposed else layout.kv_indices
     mask_ids = layout.q_mask_ids if transposed else layout.kv_mask_ids
+    # Row-major strides are passed explicitly (size-1 dims may carry any stride in torch).
     indices, mask_ids, counts = indices.contiguous(), mask_ids.contiguous(), counts.contiguous()
-    assert mask_ids.stride() == indices.stride()
-    shared = layout.num_heads == 1  # one pattern for all heads: head stride 0
+    hl, rows, width = indices.shape
+    shared = hl == 1  # one pattern for all heads: head stride 0
     table = layout.mask_table
     if table.numel() == 0:
         table = torch.ones(1, layout.block_q, layout.block_k, dtype=torch.bool, device=layout.device)
     table = table.contiguous().view(torch.uint8)
-    strides = (0 if shared else counts.stride(0), counts.stride(1),
-               0 if shared else indices.stride(0), indices.stride(1),
-               table.stride(0), table.stride(1))
+    strides = (0 if shared else rows, 1,
+               0 if shared else rows * width, width,
+               layout.block_q * layout.block_k, layout.block_k)
     return counts, indices, mask_ids, table, strides
 
 

@@ -1,0 +1,325 @@
+"""Triton block-sparse attention vs an fp32 dense masked reference written here.
+
+On CPU these run through the Triton interpreter (conftest sets TRITON_INTERPRET=1),
+so sizes stay small (N <= 257, block 32/64/128). bf16 and large-N checks are
+GPU-only (`@pytest.mark.gpu`): the interpreter's bf16 tl.dot is wrong.
+"""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dit_accel.kernels.layout import BlockLayout
+from dit_accel.kernels.triton_attention import (
+    select_config,
+    triton_backward,
+    triton_forward,
+    triton_unavailable_reason,
+)
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# (o, lse, grads) absolute tolerances; fp32 products are tf32 on a GPU.
+TOL = {
+    torch.float32: (2e-3, 1e-3, 5e-3) if DEVICE == "cuda" else (1e-4, 1e-4, 2e-4),
+    torch.float16: (4e-3, 2e-3, 2e-2),
+    torch.bfloat16: (2e-2, 1e-2, 8e-2),
+}
+DT = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+# ------------------------------------------------------------------ reference
+def dense_reference(q, k, v, mask, scale=None):
+    """fp32 softmax attention restricted to ``mask`` ([N, M] or [H, N, M]); empty rows -> 0, lse -inf."""
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    s = (q.float() @ k.float().transpose(-1, -2)) * scale
+    s = s.masked_fill(~mask, float("-inf"))
+    lse = torch.logsumexp(s, dim=-1)
+    p = torch.exp(s - torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)[..., None])
+    return p @ v.float(), lse
+
+
+def random_mask(heads, n, m, *, density=0.4, block=32, seed=0, empty_rows=(), full_block=None):
+    """Random bool mask: about half the ``block`` x ``block`` tiles empty (skipped by the layout),
+    random elements in the others, one dense rectangle (full blocks) and some empty rows."""
+    g = torch.Generator().manual_seed(seed)
+    tiles = torch.rand(heads, -(-n // block), -(-m // block), generator=g) < 0.5
+    tiles = tiles.repeat_interleave(block, 1).repeat_interleave(block, 2)[:, :n, :m]
+    mask = tiles & (torch.rand(heads, n, m, generator=g) < density)
+    if full_block is not None:
+        r0, r1, c0, c1 = full_block
+        mask[:, r0:r1, c0:c1] = True
+    for r in empty_rows:
+        mask[:, r] = False
+    return mask
+
+
+def banded_mask(n, m, width):
+    i = torch.arange(n)[:, None] * (m / n)
+    j = torch.arange(m)[None, :]
+    return (i - j).abs() <= width
+
+
+def make_qkv(b, h, n, m, d, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(b, h, x, d, generator=g).to(dtype).to(DEVICE) for x in (n, m, m))
+    return q, k, v
+
+
+def check_forward(q, k, v, mask, layout, scale=None):
+    o, lse = triton_forward(q, k, v, layout.to(q.device), scale)
+    o_ref, lse_ref = dense_reference(q, k, v, mask.to(q.device), scale)
+    tol_o, tol_l, _ = TOL[q.dtype]
+    assert o.dtype == q.dtype and o.shape == q.shape
+    assert lse.dtype == torch.float32 and lse.shape == q.shape[:3]
+    assert torch.isfinite(o).all()
+    torch.testing.assert_close(o.float(), o_ref, atol=tol_o, rtol=tol_o)
+    empty = torch.isinf(lse_ref)
+    assert torch.equal(torch.isneginf(lse), empty), "rows without keys must give lse = -inf, others finite"
+    torch.testing.assert_close(lse[~empty], lse_ref[~empty], atol=tol_l, rtol=tol_l)
+    return o, lse
+
+
+def check_backward(q, k, v, mask, layout, scale=None):
+    o, lse = triton_forward(q, k, v, layout.to(q.device), scale)
+    do = torch.randn_like(o)
+    dq, dk, dv = triton_backward(do, q, k, v, o, lse, layout.to(q.device), scale)
+    qr, kr, vr = (x.detach().float().requires_grad_() for x in (q, k, v))
+    o_ref, _ = dense_reference(qr, kr, vr, mask.to(q.device), scale)
+    o_ref.backward(do.float())
+    tol = TOL[q.dtype][2]
+    for name, got, want, x in (("dq", dq, qr.grad, q), ("dk", dk, kr.grad, k), ("dv", dv, vr.grad, v)):
+        assert got.dtype == x.dtype and got.shape == x.shape, name
+        assert torch.isfinite(got).all(), f"{name} has non-finite values"
+        torch.testing.assert_close(got.float(), want, atol=tol, rtol=tol, msg=lambda m: f"{name}: {m}")
+
+
+# ------------------------------------------------------------------ forward / backward vs reference
+# Odd sizes exercise ragged last blocks; N >= 130 uses 64-blocks to keep the interpreter fast.
+FWD_CASES = [(63, 64, torch.float32), (63, 80, torch.float32), (130, 80, torch.float32), (257, 64, torch.float32),
+             (257, 80, torch.float32), (63, 80, torch.float16), (130, 64, torch.float16), (257, 80, torch.float16)]
+
+
+def _block(n):
+    return 32 if n < 100 else 64
+
+
+@pytest.mark.parametrize("n,d,dtype", FWD_CASES, ids=[f"N{n}-D{d}-{DT[t]}" for n, d, t in FWD_CASES])
+def test_forward_random_mask(n, d, dtype):
+    heads = 2
+    # Per-head pattern (Hl = H) with skipped, partial and full blocks, ragged tails and an empty row.
+    b = _block(n)
+    mask = random_mask(heads, n, n, block=b, seed=n + d, empty_rows=(3,), full_block=(b, 2 * b, 0, 2 * b))
+    layout = BlockLayout.from_dense_mask(mask, block_q=_block(n), block_k=_block(n))
+    assert layout.num_heads == heads and 0 < layout.partial_fraction() < 1
+    q, k, v = make_qkv(1, heads, n, n, d, dtype, seed=n)
+    check_forward(q, k, v, mask, layout)
+
+
+BWD_CASES = [(63, 64, torch.float32), (130, 80, torch.float32), (63, 80, torch.float16), (130, 64, torch.float16)]
+
+
+@pytest.mark.parametrize("n,d,dtype", BWD_CASES, ids=[f"N{n}-D{d}-{DT[t]}" for n, d, t in BWD_CASES])
+def test_backward_random_mask(n, d, dtype):
+    heads = 2
+    b = _block(n)
+    mask = random_mask(heads, n, n, block=b, seed=7 * n + d, empty_rows=(5,), full_block=(b, 2 * b, b, 2 * b))
+    layout = BlockLayout.from_dense_mask(mask, block_q=_block(n), block_k=_block(n))
+    assert 0 < layout.density() < 1
+    q, k, v = make_qkv(1, heads, n, n, d, dtype, seed=d)
+    check_backward(q, k, v, mask, layout)
+
+
+def test_shared_layout_banded_batch():
+    """Hl = 1 (one pattern for all heads, head stride 0), batch 2, 2 heads."""
+    n = 100
+    mask = banded_mask(n, n, 12)
+    layout = BlockLayout.from_dense_mask(mask, block_q=32, block_k=32)
+    assert layout.num_heads == 1 and layout.density() < 0.7
+    q, k, v = make_qkv(2, 2, n, n, 64, torch.float32, seed=1)
+    check_forward(q, k, v, mask, layout)
+    check_backward(q, k, v, mask, layout)
+
+
+@pytest.mark.parametrize("n,m", [(63, 130), (130, 63)], ids=["q63-kv130", "q130-kv63"])
+def test_different_q_and_kv_lengths(n, m):
+    mask = random_mask(1, n, m, density=0.5, seed=3, empty_rows=(1,))
+    mask |= banded_mask(n, m, 8)
+    mask[:, 1] = False
+    layout = BlockLayout.from_dense_mask(mask, block_q=32, block_k=64)
+    q, k, v = make_qkv(1, 1, n, m, 80, torch.float32, seed=2)
+    check_forward(q, k, v, mask, layout)
+    check_backward(q, k, v, mask, layout)
+
+
+def test_layout_blocks_larger_than_kernel_tile():
+    """Layout blocks of 128 are split into kernel tiles (fwd 128x64, bwd 64x64): sub-tile offsets."""
+    n, d = 200, 64
+    mask = random_mask(1, n, n, density=0.5, block=64, seed=11, empty_rows=(150,), full_block=(0, 128, 128, 200))[0]
+    layout = BlockLayout.from_dense_mask(mask, block_q=128, block_k=128)
+    for kernel in ("fwd", "bwd_dkdv", "bwd_dq"):
+        cfg = select_config(kernel, torch.float32, d, 128, 128, 80)
+        assert cfg.block_m < 128 or cfg.block_n < 128, cfg  # really sub-tiled
+    q, k, v = make_qkv(1, 1, n, n, d, torch.float32, seed=4)
+    check_forward(q, k, v, mask, layout)
+    check_backward(q, k, v, mask, layout)
+
+
+def test_rows_without_keys_give_zero_and_neg_inf():
+    n = 63
+    mask = random_mask(2, n, n, density=0.6, seed=5, empty_rows=(0, 31, 32, 62))
+    mask[1, :40] = False  # whole query blocks without keys in head 1
+    layout = BlockLayout.from_dense_mask(mask, block_q=32, block_k=32)
+    q, k, v = make_qkv(1, 2, n, n, 64, torch.float32, seed=5)
+    o, lse = check_forward(q, k, v, mask, layout)
+    assert torch.all(o[0, 1, :40] == 0) and torch.isneginf(lse[0, 1, :40]).all()
+    check_backward(q, k, v, mask, layout)
+
+
+def test_no_visited_blocks_at_all():
+    n = 40
+    mask = torch.zeros(n, n, dtype=torch.bool)
+    layout = BlockLayout.from_dense_mask(mask, block_q=32, block_k=32)
+    q, k, v = make_qkv(1, 1, n, n, 64, torch.float32)
+    o, lse = triton_forward(q, k, v, layout.to(q.device), None)
+    assert torch.all(o == 0) and torch.isneginf(lse).all()
+    dq, dk, dv = triton_backward(torch.randn_like(o), q, k, v, o, lse, layout.to(q.device), None)
+    assert all(torch.all(g == 0) for g in (dq, dk, dv))
+
+
+@pytest.mark.parametrize("n", [63, 257], ids=["N63", "N257"])
+def test_full_window_equals_sdpa(n):
+    """All-True mask: every block full (ragged last block only bounds-masked) == dense SDPA."""
+    d = 64 if n > 100 else 80
+    mask = torch.ones(n, n, dtype=torch.bool)
+    layout = BlockLayout.from_dense_mask(mask, block_q=64, block_k=64)
+    assert layout.partial_fraction() == 0 and layout.density() == 1
+    q, k, v = make_qkv(1, 1, n, n, d, torch.float32, seed=n)
+    o, lse = triton_forward(q, k, v, layout.to(q.device), 0.1)
+    o_sdpa = F.scaled_dot_product_attention(q, k, v, scale=0.1)
+    torch.testing.assert_close(o, o_sdpa, atol=TOL[torch.float32][0], rtol=TOL[torch.float32][0])
+    lse_ref = torch.logsumexp((q @ k.transpose(-1, -2)) * 0.1, dim=-1)
+    torch.testing.assert_close(lse, lse_ref, atol=1e-4, rtol=1e-4)
+    if n == 63:
+        qr, kr, vr = (x.clone().requires_grad_() for x in (q, k, v))
+        do = torch.randn_like(o)
+        F.scaled_dot_product_attention(qr, kr, vr, scale=0.1).backward(do)
+        grads = triton_backward(do, q, k, v, o, lse, layout.to(q.device), 0.1)
+        for got, want in zip(grads, (qr.grad, kr.grad, vr.grad)):
+            torch.testing.assert_close(got, want, atol=TOL[torch.float32][2], rtol=TOL[torch.float32][2])
+
+
+def test_strided_inputs_and_custom_scale():
+    """q/k/v as (B, N, H, D) tensors viewed as (B, H, N, D), like Diffusers' projections."""
+    n, h, d = 100, 2, 64
+    mask = banded_mask(n, n, 20)
+    layout = BlockLayout.from_dense_mask(mask, block_q=32, block_k=32)
+    base = [torch.randn(1, n, h, d).to(DEVICE) for _ in range(3)]
+    q, k, v = (x.transpose(1, 2) for x in base)
+    assert not q.is_contiguous()
+    check_forward(q, k, v, mask, layout, scale=0.2)
+    check_backward(q, k, v, mask, layout, scale=0.2)
+
+
+# ------------------------------------------------------------------ API boundary
+def _small():
+    mask = banded_mask(64, 64, 10)
+    layout = BlockLayout.from_dense_mask(mask, block_q=32, block_k=32)
+    q, k, v = make_qkv(1, 2, 64, 64, 64, torch.float32)
+    return q, k, v, layout
+
+
+def test_unavailable_reason():
+    if DEVICE == "cpu":
+        assert triton_unavailable_reason("cpu") is None  # conftest set TRITON_INTERPRET=1
+    else:
+        assert triton_unavailable_reason("cuda") is None
+    reason = triton_unavailable_reason("meta")
+    assert isinstance(reason, str) and "backend='torch'" in reason
+
+
+@pytest.mark.parametrize("bad", ["dtype", "mixed_dtype", "ndim", "length", "heads", "head_dim", "layout_type"])
+def test_bad_inputs_raise_clear_errors(bad):
+    q, k, v, layout = _small()
+    if bad == "dtype":
+        q, k, v = (x.double() for x in (q, k, v))
+        err, match = TypeError, "float16, bfloat16 or float32"
+    elif bad == "mixed_dtype":
+        k = k.half()
+        err, match = TypeError, "share one dtype"
+    elif bad == "ndim":
+        q = q[0]
+        err, match = ValueError, "4 dims"
+    elif bad == "length":
+        q = q[:, :, :50]
+        err, match = ValueError, "q_len=64"
+    elif bad == "heads":
+        layout = BlockLayout.from_dense_mask(torch.ones(3, 64, 64, dtype=torch.bool), 32, 32)
+        err, match = ValueError, "1 \\(shared\\) or H=2"
+    elif bad == "head_dim":
+        q, k, v = (torch.zeros(1, 2, 64, 264) for _ in range(3))
+        err, match = ValueError, "head dim"
+    else:
+        layout = "not a layout"
+        err, match = TypeError, "BlockLayout"
+    with pytest.raises(err, match=match):
+        triton_forward(q, k, v, layout, None)
+
+
+def test_backward_checks_lse_shape():
+    q, k, v, layout = _small()
+    o, lse = triton_forward(q, k, v, layout, None)
+    with pytest.raises(ValueError, match="lse must be"):
+        triton_backward(torch.randn_like(o), q, k, v, o, lse[..., :10], layout, None)
+
+
+@pytest.mark.parametrize("arch", [80, 89, 90])
+def test_configs_tile_the_layout_blocks(arch):
+    """Every kernel tile divides the layout block it serves (pure Python, no compile)."""
+    for kernel in ("fwd", "bwd_dkdv", "bwd_dq"):
+        for dtype in (torch.float16, torch.bfloat16, torch.float32):
+            for d in (32, 64, 80, 96, 128, 256):
+                for bq in (64, 128, 256):
+                    for bk in (64, 128, 256):
+                        cfg = select_config(kernel, dtype, d, bq, bk, arch)
+                        assert bq % cfg.block_m == 0 and bk % cfg.block_n == 0, cfg
+                        assert cfg.block_d >= d and cfg.block_d & (cfg.block_d - 1) == 0
+
+
+# ------------------------------------------------------------------ GPU only
+GPU_CASES = [(n, d, dt, b) for n in (1000, 4133) for d in (64, 128) for dt in (torch.bfloat16, torch.float16)
+             for b in (64, 128)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n,d,dtype,block", GPU_CASES,
+                         ids=[f"N{n}-D{d}-{DT[t]}-B{b}" for n, d, t, b in GPU_CASES])
+def test_gpu_forward_backward_large(n, d, dtype, block):
+    mask = random_mask(2, n, n, density=0.05, seed=n, empty_rows=(7,), full_block=(0, 256, 256, 512))
+    mask |= banded_mask(n, n, 100)
+    mask[:, 7] = False
+    layout = BlockLayout.from_dense_mask(mask.to(DEVICE), block_q=block, block_k=block)
+    q, k, v = make_qkv(1, 2, n, n, d, dtype, seed=d)
+    check_forward(q, k, v, mask, layout)
+    check_backward(q, k, v, mask, layout)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("d", [80, 96, 256], ids=["D80", "D96", "D256"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_gpu_odd_head_dims(d, dtype):
+    n = 777
+    mask = random_mask(1, n, n, density=0.2, seed=d, full_block=(128, 256, 0, 128))[0]
+    layout = BlockLayout.from_dense_mask(mask.to(DEVICE), block_q=64, block_k=64)
+    q, k, v = make_qkv(2, 2, n, n, d, dtype, seed=d)
+    check_forward(q, k, v, mask, layout)
+    check_backward(q, k, v, mask, layout)
+
+
+@pytest.mark.gpu
+def test_gpu_full_window_bf16_equals_sdpa():
+    n, d = 4096, 128
+    layout = BlockLayout.from_dense_mask(torch.ones(n, n, dtype=torch.bool, device=DEVICE), 128, 128)
+    q, k, v = make_qkv(1, 4, n, n, d, torch.bfloat16)
+    o, _ = triton_forward(q, k, v, layout, None)
+    torch.testing.assert_close(o, F.scaled_dot_product_attention(q, k, v), atol=2e-2, rtol=2e-2)
