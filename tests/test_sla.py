@@ -195,3 +195,19 @@ def test_bad_inputs_raise_clear_errors():
         sla_attention(q, k, v, SLA(), backend="cuda")
     with pytest.raises(TypeError, match="int64"):
         sla_attention(q.long(), k.long(), v.long(), SLA())
+
+
+def test_backend_selection(monkeypatch):
+    q, k, v = make_qkv(1, 1, 64, 16)
+    method = SLA(topk=0.5)
+    assert sla_attention(q, k, v, method, backend="auto", return_parts=True)[3]["backend"] == "torch"  # CPU
+    assert sla_attention(q, k, v, method, backend="flex", return_parts=True)[3]["backend"] == "torch"
+    monkeypatch.setenv("DIT_ACCEL_BACKEND", "triton")
+    assert sla_attention(q, k, v, method, backend="auto", return_parts=True)[3]["backend"] == "triton"
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match="backend='triton' cannot run.*backend='torch'"):
+        sla_attention(q, k, v, method, backend="triton")
+    q2, k2, v2 = make_qkv(1, 1, 64, 160)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    with pytest.raises(ValueError, match="head dim 160"):
+        sla_attention(q2, k2, v2, method, backend="triton")

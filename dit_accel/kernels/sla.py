@@ -49,7 +49,7 @@ MARGINAL, CRITICAL, NEGLIGIBLE = 0, 1, 2
 # Guards the linear branch's division when phi(q) . z is (close to) zero.
 LINEAR_EPS = 1e-6
 
-_BACKENDS = ("auto", "triton", "torch")
+_BACKENDS = ("auto", "triton", "torch", "flex")
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _TRITON_MAX_HEAD_DIM = 128
 
@@ -310,7 +310,8 @@ def sla_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, method: SLA
             ``nn.Linear(D, D)`` per layer. ``None`` drops the linear branch (not computed).
         scale: softmax scale, default ``1 / sqrt(D)``.
         backend: ``"auto"`` (Triton on CUDA, PyTorch twin on CPU; env ``DIT_ACCEL_BACKEND``
-            overrides), ``"triton"`` (CPU only under ``TRITON_INTERPRET=1``) or ``"torch"``.
+            overrides), ``"triton"`` (CPU only under ``TRITON_INTERPRET=1``) or ``"torch"``;
+            ``"flex"`` (accepted for pipeline-wide settings) runs the PyTorch twin.
         return_parts: also return the parts, for log-sum-exp merging with other keys.
 
     Returns:
@@ -329,7 +330,8 @@ def sla_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, method: SLA
     _check_inputs(q, k, v, method, proj, scale, backend)
     d = q.shape[-1]
     scale = float(scale) if scale is not None else 1.0 / math.sqrt(d)
-    backend = _resolve_backend(backend, q.device, d)
+    # SLA has no FlexAttention variant; a pipeline-wide backend="flex" runs the PyTorch twin.
+    backend = _resolve_backend("torch" if backend == "flex" else backend, q.device, d)
     blocks = sla_classify(q, k, method)
     _, _, _, n_marg = sla_block_counts(k.shape[-2], method)
     with_linear = proj is not None and (method.linear_tokens == "all" or n_marg > 0)
