@@ -249,3 +249,31 @@ def test_cli_reports_input_errors(tmp_path, capsys):
     rc = main(["--model", "tiny-wan", "--method", "dense", "--output", str(tmp_path / "out")])
     assert rc == 2
     assert "sla, radial, tile or gna" in capsys.readouterr().err
+
+
+def test_teacher_is_the_dense_model_without_lora():
+    from peft import LoraConfig
+
+    from dit_accel.training.finetune import _DenseTeacher
+
+    pipe = build_tiny_pipeline("tiny-wan")
+    t = pipe.transformer
+    dense = _probe(t)
+    processors = t.attn_processors
+    handle = dit_accel.apply(t, METHOD)
+    t.add_adapter(LoraConfig(r=2, lora_alpha=2, init_lora_weights=False, target_modules=["to_q", "to_v"]))
+    student = _probe(t)
+    with _DenseTeacher(t, processors).active():
+        teacher = _probe(t)
+    assert not torch.allclose(student, dense, atol=1e-4)
+    torch.testing.assert_close(teacher, dense, rtol=0, atol=0)
+    torch.testing.assert_close(_probe(t), student, rtol=0, atol=0)  # student restored after the teacher call
+    handle.remove()
+
+
+def test_bf16_mixed_precision_with_gradient_checkpointing(prompts_file, tmp_path):
+    res = finetune(_config(tmp_path / "bf16", prompts_file, steps=2, mixed_precision="bf16",
+                           gradient_checkpointing=True))
+    assert len(res["loss"]) == 2 and all(np.isfinite(res["loss"]))
+    lora = load_file(str(tmp_path / "bf16" / LORA_FILE))
+    assert all(t.dtype == torch.float32 for t in lora.values())  # trainable tensors stay fp32

@@ -395,6 +395,11 @@ def finetune(config: FinetuneConfig) -> Dict[str, Any]:
     import os
 
     use_cpu = not torch.cuda.is_available() or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
+    from accelerate.state import AcceleratorState
+
+    # accelerate keeps one process-global state; a second finetune() call in the same process (other
+    # mixed precision) must be able to configure it again. The process group (PartialState) is kept.
+    AcceleratorState._reset_state(reset_partial_state=False)
     accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=use_cpu)
     out = _prepare_output(config, accelerator)
     device = accelerator.device
