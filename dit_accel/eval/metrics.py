@@ -22,7 +22,7 @@ PSNR_CAP = 100.0  # dB, = -10 log10(1e-10): what identical frames report
 
 
 def to_frames(video) -> torch.Tensor:
-    """``np.ndarray``/tensor ``[F, H, W, 3]`` (uint8 or float in [0, 1]) or ``[F, 3, H, W]`` -> float ``[F, 3, H, W]``."""
+    """Video ``[F, H, W, 3]`` (uint8, or float in [0, 1]) or ``[F, 3, H, W]`` -> float ``[F, 3, H, W]`` in [0, 1]."""
     x = torch.as_tensor(np.asarray(video) if not isinstance(video, torch.Tensor) else video)
     if x.dim() == 3:  # a single image
         x = x[None]
@@ -101,7 +101,7 @@ class LPIPSScorer:
             metric = LearnedPerceptualImagePatchSimilarity(net_type=net, normalize=True).to(device)
         except Exception as exc:  # offline without cached backbone weights: one line, not a traceback
             return None, (f"LPIPS skipped: the {net} backbone weights could not be loaded "
-                          f"({type(exc).__name__}); cache them under $TORCH_HOME/hub/checkpoints by running once online")
+                          f"({type(exc).__name__}); run once online to cache them in $TORCH_HOME/hub/checkpoints")
         return cls(metric), None
 
     @torch.no_grad()

@@ -24,6 +24,10 @@ def _fmt(value, digits=3) -> str:
     return str(value)
 
 
+def _speedup(value) -> str:
+    return f"{value:.2f}x" if value else "-"
+
+
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(_fmt(c) if not isinstance(c, str) else c for c in r) + " |" for r in rows]
@@ -50,8 +54,7 @@ def write_report(results: dict, path) -> None:
         table.append([r["label"], _config_text(r["config"]), r.get("density"), _fmt(r.get("psnr"), 2),
                       _fmt(r.get("ssim"), 4), _fmt(r.get("lpips"), 4), _fmt(r.get("clip"), 2),
                       _fmt(r.get("fid_dense"), 4), _fmt(r.get("fid_real"), 4), t.get("transformer"),
-                      t.get("total"), _fmt(r.get("speedup_transformer"), 2) + ("x" if r.get("speedup_transformer") else ""),
-                      _fmt(r.get("speedup_e2e"), 2) + ("x" if r.get("speedup_e2e") else ""),
+                      t.get("total"), _speedup(r.get("speedup_transformer")), _speedup(r.get("speedup_e2e")),
                       t.get("vae_decode"), t.get("text_encoder")])
     s = results["settings"]
     v = results["versions"]
