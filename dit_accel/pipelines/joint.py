@@ -76,14 +76,14 @@ def video_attention(q, k, v, plan, *, backend: str, scale: Optional[float], proj
 
 
 def joint_attention(q, k, v, plan, *, num_video: int, text_first: bool, key_mask: Optional[torch.Tensor],
-                    scale: Optional[float], backend: str, dense_sdpa: Callable, proj=None, on_video_qkv=None):
+                    scale: Optional[float], backend: str, dense_sdpa: Callable, proj=None):
     """Joint attention over ``[text, video]`` (``text_first``) or ``[video, text]``.
 
     Args:
         q, k, v: ``(B, H, S, D)``, ``S = num_video + num_text``.
         key_mask: bool key-padding mask broadcastable to ``(B, 1, 1, S)`` (True = attend) or None.
         dense_sdpa: the original ``scaled_dot_product_attention`` (text queries use it).
-        on_video_qkv: optional callback receiving the video q, k, v (capture).
+        proj: SLA projection of the layer (SLA plans only).
     Returns ``(o (B, H, S, D), density)``.
     """
     s = q.shape[2]
@@ -92,8 +92,6 @@ def joint_attention(q, k, v, plan, *, num_video: int, text_first: bool, key_mask
     text = slice(0, num_text) if text_first else slice(num_video, s)
     scale_value = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
     qv, kv, vv = q[:, :, video], k[:, :, video], v[:, :, video]
-    if on_video_qkv is not None:
-        on_video_qkv(qv, kv, vv)
 
     text_valid = None
     if key_mask is not None:

@@ -115,13 +115,10 @@ def route_sdpa(handle: "AccelHandle", layer: "_Layer", plan, capture: bool, call
         layer.stats.dense_calls += 1
         return _SDPA(**call)
 
-    on_qkv = None
-    if capture:
-        on_qkv = functools.partial(handle._capture, layer, state)
+    if capture:  # outside the timer: disk I/O is not attention time
+        video = slice(num_text, sq) if position == "first" else slice(0, num_video)
+        handle._capture(layer, state, q[:, :, video], k[:, :, video], v[:, :, video])
     if plan.kind == "dense":  # Dense(), full windows, or a schedule-dense step with capture/timing on
-        if on_qkv is not None:
-            video = slice(num_text, sq) if position == "first" else slice(0, num_video)
-            on_qkv(q[:, :, video], k[:, :, video], v[:, :, video])
         with handle._timer(layer, q.device):
             out = _SDPA(**call)
         layer.stats.dense_calls += 1
@@ -129,8 +126,7 @@ def route_sdpa(handle: "AccelHandle", layer: "_Layer", plan, capture: bool, call
     with handle._timer(layer, q.device):
         out, density = joint_attention(
             q, k, v, plan, num_video=num_video, text_first=position == "first", key_mask=key_mask,
-            scale=call.get("scale"), backend=handle.backend, dense_sdpa=_SDPA, proj=layer.sla_proj,
-            on_video_qkv=on_qkv)
+            scale=call.get("scale"), backend=handle.backend, dense_sdpa=_SDPA, proj=layer.sla_proj)
     layer.stats.sparse_calls += 1
     layer.stats.densities.append(density)
     return out
