@@ -26,7 +26,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     k.add_argument("--quick", action="store_true", help="one shape, three densities, few repeats")
     k.add_argument("--densities", default=None, help="comma-separated target densities (default 0.05..0.5)")
     k.add_argument("--shapes", default=None, help="comma-separated substrings of shape names to keep, e.g. Wan,FLUX")
-    k.add_argument("--backends", default=None, help="block-sparse backends (default: every usable one)")
+    k.add_argument("--backends", default=None, help="block-sparse backends, e.g. triton,flex,torch (default: triton,flex on GPU, torch on CPU)")
     k.add_argument("--repeats", type=int, default=None)
     k.add_argument("--warmup", type=int, default=None)
     k.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"])
