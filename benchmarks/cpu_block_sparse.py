@@ -10,6 +10,10 @@ Patterns (built at block level, no N x N mask):
               all full (the perfectly block-sparse case, like aligned tile/GNA layouts).
 - ``window``: 1-D token sliding window |i - j| <= w with the same visited density;
               the band's edge blocks are partial (element masks).
+- ``tile``:   sliding tile attention on a (8, 32, 32) video grid, tile (2, 4, 8),
+              window (1, 5, 3) tiles (dit_accel.patterns.tile_layout; 11.7% of blocks),
+              in tiled token order. Key blocks are not one contiguous range, so this
+              exercises the gathering path.
 
 Prints one markdown table row per pattern for BENCHMARKS.md. Times are medians of
 ``--repeats`` runs after one warm-up (the warm-up also builds the cached chunk plan).
@@ -72,6 +76,18 @@ def window_layout(n: int, block: int, density: float) -> BlockLayout:
                                         mask_ids=ids, mask_table=table)
 
 
+def make_layout(name: str, args) -> BlockLayout:
+    if name == "band":
+        return band_layout(args.n, args.block, args.density)
+    if name == "window":
+        return window_layout(args.n, args.block, args.density)
+    from dit_accel.patterns import tile_layout
+
+    if args.n != 8192 or args.block != 64:
+        raise SystemExit("--pattern tile uses a fixed (8, 32, 32) grid: keep --n 8192 --block 64")
+    return tile_layout((8, 32, 32), (2, 4, 8), (1, 5, 3), block_q=64, block_k=64)[1]
+
+
 def timed(fn, repeats: int) -> float:
     fn()  # warm-up (and plan building)
     times = []
@@ -90,7 +106,7 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--block", type=int, default=64)
     p.add_argument("--density", type=float, default=0.10)
-    p.add_argument("--pattern", choices=["band", "window", "both"], default="both")
+    p.add_argument("--pattern", choices=["band", "window", "tile", "all"], default="all")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--backward", action="store_true", help="also time forward+backward")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
@@ -102,13 +118,13 @@ def main(argv=None) -> int:
     q, k, v = (torch.randn(shape) for _ in range(3))
     cmd = "python benchmarks/cpu_block_sparse.py " + " ".join(argv if argv is not None else sys.argv[1:])
     machine = f"{platform.machine()} CPU, {torch.get_num_threads()} threads, torch {torch.__version__}"
-    patterns = ["band", "window"] if args.pattern == "both" else [args.pattern]
+    patterns = ["band", "window", "tile"] if args.pattern == "all" else [args.pattern]
 
     with torch.no_grad():
         sdpa_ms = timed(lambda: F.scaled_dot_product_attention(q, k, v), args.repeats)
     rows = []
     for name in patterns:
-        layout = (band_layout if name == "band" else window_layout)(args.n, args.block, args.density)
+        layout = make_layout(name, args)
         with torch.no_grad():
             sparse_ms = timed(lambda: block_sparse_attention(q, k, v, layout, backend="torch"), args.repeats)
         density = layout.density()

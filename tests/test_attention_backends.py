@@ -165,6 +165,39 @@ def test_torch_backend_banded_runs(n, heads):
         torch.testing.assert_close(gr, rg, **GRAD_TOL[torch.float32])
 
 
+@pytest.mark.parametrize("heads", [1, 2], ids=["shared", "per_head"])
+def test_torch_backend_shared_key_lists(heads):
+    """Query blocks with identical key-block lists (tile layouts) are gathered once per list."""
+    n, m, block = 290, 200, 32  # 10 query blocks, 7 ragged key blocks
+    g = torch.Generator().manual_seed(3)
+    pattern = torch.rand(heads, 5, 7, generator=g) < 0.5
+    pattern[..., 0] = True
+    visited = pattern.repeat_interleave(2, dim=1)  # query blocks 2i and 2i+1 share a list
+    ids = torch.where(torch.rand(heads, 5, 7, generator=g) < 0.4, 0, -1).repeat_interleave(2, dim=1)
+    ids[..., 1] = 1
+    table = torch.rand(2, block, block, generator=g) < 0.6
+    table[1, :, :] = False  # a partial block that allows nothing ...
+    table[1, :, :3] = True  # ... except three columns
+    layout = BlockLayout.from_block_masks(visited, q_len=n, kv_len=m, block_q=block, block_k=block,
+                                          mask_ids=ids.int(), mask_table=table)
+    q, k, v = qkv(1, 2, n, m, 64, torch.float32)
+    o, lse = block_sparse_attention(q, k, v, layout, return_lse=True, backend="torch")
+    ref, ref_lse = dense_attention_reference(q, k, v, layout.to_dense_mask())
+    with torch.no_grad():  # the CPU flash path (the call above differentiates lse: matmul path)
+        o_fused, lse_fused = torch_block_sparse_attention(q, k, v, layout, 1 / 8, fused=True)
+    torch.testing.assert_close(o_fused, ref, **TOL[torch.float32])
+    assert_close_lse(lse_fused, ref_lse, atol=1e-5, rtol=1e-5)
+    for plan in layout.__dict__["_torch_plans"].values():
+        assert any(c.group > 1 for c in plan.chunks)
+    torch.testing.assert_close(o, ref, **TOL[torch.float32])
+    assert_close_lse(lse, ref_lse, atol=1e-5, rtol=1e-5)
+    do = torch.randn_like(o)
+    grads = torch.autograd.grad((o * do).sum(), (q, k, v))
+    ref_grads = torch.autograd.grad((ref * do).sum(), (q, k, v))
+    for gr, rg in zip(grads, ref_grads):
+        torch.testing.assert_close(gr, rg, **GRAD_TOL[torch.float32])
+
+
 class _MaxNumel(TorchDispatchMode):
     """Records the largest tensor any aten op produces."""
 

@@ -35,9 +35,9 @@ _MASK_CACHE_BYTES = 32 << 20
 
 @dataclass(frozen=True)
 class _Chunk:
-    rows: torch.Tensor       # int64 [R]   flat row ids hl * nQ + q_block
-    kv: torch.Tensor         # int64 [R*C] flat key-block ids hl * nK + kv_block (padded slots -> 0)
-    mask_ids: torch.Tensor   # int64 [R, C] -1 full, -2 padded slot, else mask_table row
+    rows: torch.Tensor       # int64 [U*G] flat row ids hl * nQ + q_block
+    kv: torch.Tensor         # int64 [U*C] flat key-block ids hl * nK + kv_block (padded slots -> 0)
+    mask_ids: torch.Tensor   # int64 [U, C] -1 full, -2 padded slot, else mask_table row
     width: int               # C, key blocks per row
     clean: bool              # no mask needed at all
     # Set for a run of consecutive rows whose key blocks are one contiguous range that
@@ -45,6 +45,7 @@ class _Chunk:
     # overlapping strided views, not gathered copies.
     run: Optional[Tuple[int, int, int]] = None
     uniform: bool = False    # every row has the same element mask: build and broadcast one row
+    group: int = 1           # G rows share each key-block list (rows are unit-major)
 
 
 @dataclass(frozen=True)
@@ -86,22 +87,41 @@ def _find_runs(counts: torch.Tensor, indices: torch.Tensor, max_rows) -> List[Tu
 
 
 def _make_chunk(rows, flat_counts, indices, mask_ids, n_q, n_k, ragged_kv_block, run=None) -> _Chunk:
-    width = int(flat_counts[rows].max())
-    h, qb = rows // n_q, rows % n_q
-    slot_ok = torch.arange(width)[None, :] < flat_counts[rows][:, None]
+    """``rows`` int64 ``[U, G]``: U units of G rows each sharing one key-block list."""
+    lead = rows[:, 0]
+    width = int(flat_counts[lead].max())
+    h, qb = lead // n_q, lead % n_q
+    slot_ok = torch.arange(width)[None, :] < flat_counts[lead][:, None]
     kv_local = indices[h, qb, :width]
     ids = torch.where(slot_ok, mask_ids[h, qb, :width], torch.full_like(kv_local, -2))
     kv = torch.where(slot_ok, h[:, None] * n_k + kv_local, torch.zeros_like(kv_local))
     ragged = (kv_local == ragged_kv_block) & slot_ok
     clean = bool((ids == -1).all()) and not bool(ragged.any())
     uniform = bool((ids == ids[:1]).all()) and bool((ragged == ragged[:1]).all())
-    return _Chunk(rows, kv.reshape(-1).contiguous(), ids, width, clean, run, uniform)
+    return _Chunk(rows.reshape(-1).contiguous(), kv.reshape(-1).contiguous(), ids, width, clean, run, uniform,
+                  group=rows.shape[1])
+
+
+def _group_rows(rows: torch.Tensor, flat_counts, indices, mask_ids, n_q) -> List[torch.Tensor]:
+    """Rows with identical (head, key-block list, mask ids) -> one ``[G]`` tensor per distinct list.
+
+    Tile layouts repeat lists a lot (every query block of a tile, clamped windows at
+    borders): gathering K/V once per list instead of once per row saves most copies.
+    """
+    groups = {}
+    for r in rows.tolist():
+        h, qb = divmod(r, n_q)
+        c = int(flat_counts[r])
+        key = (h, tuple(indices[h, qb, :c].tolist()), tuple(mask_ids[h, qb, :c].tolist()))
+        groups.setdefault(key, []).append(r)
+    return [torch.tensor(g) for g in groups.values()]
 
 
 def _plan(layout: BlockLayout, rows_per_budget) -> _Plan:
-    """Strided runs first; the other rows sorted by visit count and gathered in chunks.
+    """Strided runs first; the other rows grouped by identical key-block lists, the groups
+    sorted by (size, visit count) and gathered in chunks.
 
-    ``rows_per_budget(width)`` caps a chunk's row count.
+    ``rows_per_budget(width)`` caps a chunk's number of distinct lists.
     """
     counts = layout.kv_counts.cpu().long()
     indices = layout.kv_indices.cpu().long()
@@ -117,28 +137,24 @@ def _plan(layout: BlockLayout, rows_per_budget) -> _Plan:
         rows = torch.arange(row0, row0 + n_rows)
         in_run[rows] = True
         head = row0 // n_q
-        chunks.append(_make_chunk(rows, flat_counts, indices, mask_ids, n_q, n_k, ragged_kv_block,
+        chunks.append(_make_chunk(rows[:, None], flat_counts, indices, mask_ids, n_q, n_k, ragged_kv_block,
                                   run=(row0, head * n_k + first, step)))
 
     rest = (~in_run).nonzero().flatten()
-    order = rest[torch.sort(flat_counts[rest], stable=True).indices]
-    counts_list = flat_counts[order].tolist()
-    start = 0
-    total = len(counts_list)
-    while start < total and counts_list[start] == 0:
-        start += 1
-    empty_rows = order[:start]
+    empty_rows = rest[flat_counts[rest] == 0]
+    groups = _group_rows(rest[flat_counts[rest] > 0], flat_counts, indices, mask_ids, n_q)
+    groups.sort(key=lambda g: (g.numel(), int(flat_counts[g[0]])))
+    start, total = 0, len(groups)
     while start < total:
-        first = counts_list[start]
+        size, first = groups[start].numel(), int(flat_counts[groups[start][0]])
         end = start + 1
-        while end < total:
-            width = counts_list[end]
-            if end + 1 - start > rows_per_budget(width):
-                break
-            if width != first and (width - first) > _PAD_WASTE * width:
+        while end < total and groups[end].numel() == size:
+            width = int(flat_counts[groups[end][0]])
+            if end + 1 - start > rows_per_budget(width) or (width - first) > _PAD_WASTE * width:
                 break
             end += 1
-        chunks.append(_make_chunk(order[start:end], flat_counts, indices, mask_ids, n_q, n_k, ragged_kv_block))
+        rows = torch.stack(groups[start:end])
+        chunks.append(_make_chunk(rows, flat_counts, indices, mask_ids, n_q, n_k, ragged_kv_block))
         start = end
     return _Plan(tuple(chunks), empty_rows)
 
@@ -167,14 +183,18 @@ def _chunk_mask(layout: BlockLayout, chunk: _Chunk, device) -> torch.Tensor:
 def _cached_mask(plan: "_Plan", i: int, layout: BlockLayout, chunk: _Chunk, device, fused: bool):
     """``(mask, row_ok)`` for chunk ``i``, cached on the plan (small masks only).
 
-    fused: additive fp32 bias ``[1, R, bq, C*bk]`` (0 / -inf); else bool "masked out".
-    row_ok: bool ``[1, R, bq]`` rows with at least one allowed key, or None if all have one.
+    fused: additive fp32 bias ``[1, U, G*bq, C*bk]`` (0 / -inf; U = 1 when uniform); else
+    bool "masked out". row_ok: bool ``[1, U, G*bq]`` rows with at least one allowed key,
+    or None if all have one.
     """
     key = (i, str(device), fused)
     hit = plan.masks.get(key)
     if hit is not None:
         return hit
-    allowed = _chunk_mask(layout, chunk, device)[None]
+    allowed = _chunk_mask(layout, chunk, device)
+    if chunk.group > 1:  # the G query blocks of a unit share the unit's element masks
+        allowed = allowed.repeat(1, chunk.group, 1)
+    allowed = allowed[None]
     if fused:
         mask = torch.zeros(allowed.shape, dtype=torch.float32, device=device).masked_fill_(~allowed, float("-inf"))
     else:
@@ -231,7 +251,7 @@ def torch_block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     budget = max(1, chunk_bytes // bytes_per_key)
 
     cache = layout.__dict__.setdefault("_torch_plans", {})
-    key = (budget,)
+    key = (budget, fused)
     if key not in cache:
         cache[key] = _plan(layout, lambda width: max(1, budget // max(width, 1)))
     plan: _Plan = cache[key]
@@ -248,7 +268,8 @@ def torch_block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     o = q.new_zeros(b * g, rows_total, bq, d)
     lse = q.new_full((b * g, rows_total, bq), float("-inf"))
     for i, chunk in enumerate(plan.chunks):
-        r, c = chunk.rows.numel(), chunk.width
+        r, c, grp = chunk.rows.numel(), chunk.width, chunk.group
+        units = r // grp
         if chunk.run is not None:
             row0, kv0, step = chunk.run
             q_c = qb[:, row0:row0 + r]
@@ -256,9 +277,10 @@ def torch_block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
             v_c = _window(vb, kv0, step, r, c)
         else:
             rows, kv = chunk.rows.to(dev), chunk.kv.to(dev)
-            q_c = qb.index_select(1, rows)                                    # [BG, R, bq, D]
-            k_c = kb.index_select(1, kv).reshape(b * g, r, c * bk, d)         # [BG, R, C*bk, D]
-            v_c = vb.index_select(1, kv).reshape(b * g, r, c * bk, d)
+            # A unit's G query blocks attend together to its one gathered key list.
+            q_c = qb.index_select(1, rows).reshape(b * g, units, grp * bq, d)       # [BG, U, G*bq, D]
+            k_c = kb.index_select(1, kv).reshape(b * g, units, c * bk, d)           # [BG, U, C*bk, D]
+            v_c = vb.index_select(1, kv).reshape(b * g, units, c * bk, d)
         mask, row_ok = (None, None) if chunk.clean else _cached_mask(plan, i, layout, chunk, dev, fused)
         if fused:
             o_c, lse_c = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
@@ -278,6 +300,7 @@ def torch_block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
             o[:, row0:row0 + r] = o_c
             lse[:, row0:row0 + r] = lse_c
         else:
+            o_c, lse_c = o_c.reshape(b * g, r, bq, d), lse_c.reshape(b * g, r, bq)
             o = o.index_copy(1, rows, o_c) if o.requires_grad or o_c.requires_grad else o.index_copy_(1, rows, o_c)
             lse = lse.index_copy(1, rows, lse_c) if lse_c.requires_grad else lse.index_copy_(1, rows, lse_c)
     o = o.reshape(b, h, n_q * bq, d)[:, :, : layout.q_len]
