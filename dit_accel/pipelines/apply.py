@@ -111,16 +111,21 @@ def _head_dim(module: nn.Module) -> int:
 def _find_transformers(obj) -> Tuple[List[Tuple[str, nn.Module]], object]:
     """[(prefix, transformer)], scheduler for a pipeline or a bare transformer."""
     if isinstance(obj, nn.Module):
-        return [("", obj)], None
-    found = []
-    for attr in ("transformer", "transformer_2"):  # Wan 2.2 A14B has a second (low-noise) expert
-        module = getattr(obj, attr, None)
-        if isinstance(module, nn.Module):
-            found.append(("" if attr == "transformer" else f"{attr}.", module))
-    if not found:
-        raise TypeError(f"apply() needs a Diffusers pipeline with a `transformer` or a transformer module; "
-                        f"got {type(obj).__name__}")
-    return found, obj
+        found, pipe = [("", obj)], None
+    else:
+        found, pipe = [], obj
+        for attr in ("transformer", "transformer_2"):  # Wan 2.2 A14B has a second (low-noise) expert
+            module = getattr(obj, attr, None)
+            if isinstance(module, nn.Module):
+                found.append(("" if attr == "transformer" else f"{attr}.", module))
+        if not found:
+            raise TypeError(f"apply() needs a Diffusers pipeline with a `transformer` or a transformer module; "
+                            f"got {type(obj).__name__}")
+    for _, module in found:
+        if hasattr(module, "_orig_mod"):  # torch.compile wrapper: the graph would not see the new processors
+            raise ValueError("apply() got a torch.compile'd transformer (OptimizedModule); apply dit_accel to the "
+                             "uncompiled module (transformer._orig_mod) instead")
+    return found, pipe
 
 
 class AccelHandle:
