@@ -1,14 +1,23 @@
 """Pure-PyTorch block-sparse attention: the CPU backend and the kernels' twin.
 
-Only the key blocks a query block visits are gathered, never an ``N x N`` matrix:
-query blocks (per layout head) are sorted by how many key blocks they visit and
-cut into chunks whose gathered keys/values fit a memory budget. A chunk pads its
-rows to the chunk's largest visit count with masked dummy slots. Chunks whose
-blocks are all full, equal in count and in range run unmasked.
+Only the key blocks a query block visits are touched, never an ``N x N`` matrix.
+A plan, built once per layout and cached on it, sorts the query-block rows
+(per layout head) into chunks:
 
-On CPU each chunk runs through ATen's fused flash-attention kernel (it returns the
-log-sum-exp and has a backward); elsewhere through explicit fp32 matmuls and an
-fp32 softmax. Gradients come from autograd through these torch ops.
+- *runs*: consecutive rows whose key blocks form one contiguous range moving by
+  a fixed step (banded / 1-D window layouts). K and V are overlapping strided
+  views, so nothing is copied.
+- *units*: rows with identical key-block lists (every query block of a tile,
+  clamped windows at borders) share one gathered copy of their K/V blocks.
+  Units are sorted by visit count and cut into chunks within a memory budget;
+  a chunk pads its lists to its largest count with masked dummy slots.
+
+Chunks whose blocks are all full, equal in count and in range run unmasked;
+others get an additive mask built from ``mask_table`` and the ragged bounds.
+On CPU each chunk runs through ATen's fused flash-attention kernel (it returns
+the log-sum-exp and has a backward, but ignores a gradient on the lse, so
+callers that differentiate lse get the matmul path); elsewhere through explicit
+fp32 matmuls and an fp32 softmax. Gradients come from autograd through these ops.
 """
 
 from __future__ import annotations
@@ -29,8 +38,8 @@ CHUNK_BYTES = 256 << 20
 _PAD_WASTE = 0.125
 # Shortest run of rows worth a strided (copy-free) chunk.
 _MIN_RUN = 4
-# Chunk masks up to this size are cached with the layout's plan.
-_MASK_CACHE_BYTES = 32 << 20
+# Chunk masks are cached with the layout's plan up to this many bytes in all.
+_MASK_CACHE_BYTES = 64 << 20
 
 
 @dataclass(frozen=True)
@@ -181,7 +190,7 @@ def _chunk_mask(layout: BlockLayout, chunk: _Chunk, device) -> torch.Tensor:
 
 
 def _cached_mask(plan: "_Plan", i: int, layout: BlockLayout, chunk: _Chunk, device, fused: bool):
-    """``(mask, row_ok)`` for chunk ``i``, cached on the plan (small masks only).
+    """``(mask, row_ok)`` for chunk ``i``, cached on the plan (up to ``_MASK_CACHE_BYTES``).
 
     fused: additive fp32 bias ``[1, U, G*bq, C*bk]`` (0 / -inf; U = 1 when uniform); else
     bool "masked out". row_ok: bool ``[1, U, G*bq]`` rows with at least one allowed key,
@@ -201,7 +210,9 @@ def _cached_mask(plan: "_Plan", i: int, layout: BlockLayout, chunk: _Chunk, devi
         mask = ~allowed
     row_ok = allowed.any(-1)
     row_ok = None if bool(row_ok.all()) else row_ok
-    if mask.numel() * mask.element_size() <= _MASK_CACHE_BYTES:
+    size = mask.numel() * mask.element_size()
+    cached = sum(m.numel() * m.element_size() for m, _ in plan.masks.values())
+    if cached + size <= _MASK_CACHE_BYTES:
         plan.masks[key] = (mask, row_ok)
     return mask, row_ok
 
