@@ -98,6 +98,10 @@ def test_reload_through_apply_gives_identical_outputs(straight):
         reloaded = _probe(fresh.transformer)
     assert not torch.allclose(base, trained)
     torch.testing.assert_close(reloaded, trained, rtol=0, atol=1e-6)
+    # A bare transformer (no pipeline) loads the same way.
+    bare = build_tiny_pipeline("tiny-wan").transformer
+    with dit_accel.apply(bare, load_method(out), weights=out):
+        torch.testing.assert_close(_probe(bare), trained, rtol=0, atol=1e-6)
 
 
 def test_reload_rejects_other_method_and_missing_files(straight, tmp_path):

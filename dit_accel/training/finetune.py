@@ -58,6 +58,7 @@ RUN_FILE = "finetune_run.json"
 LOG_FILE = "finetune_log.json"
 CKPT_DIR = "checkpoints"
 DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+_CACHED_PROMPTS = 256
 
 # Settings that may change between a run and its resumption (they do not change the trajectory).
 _RESUMABLE = {"steps", "checkpoint_every", "log_every", "resume", "overwrite", "output", "checkpoints_total_limit",
@@ -410,12 +411,18 @@ def finetune(config: FinetuneConfig) -> Dict[str, Any]:
     grid = _check_method_fits(method, io, config)
     transformer = pipe.transformer
 
-    # Prompt embeddings once; the text encoder is not needed afterwards.
+    # Up to _CACHED_PROMPTS texts are embedded once and the text encoder leaves the device; more
+    # (a large caption set) are embedded per batch so memory does not grow with the dataset.
     texts = sorted(set(dataset.captions)) if dataset is not None else prompts
-    embeds = io.encode_prompts(texts, device, weight_dtype)
     text_index = {t: i for i, t in enumerate(texts)}
-    if getattr(pipe, "text_encoder", None) is not None:
+    embeds = io.encode_prompts(texts, device, weight_dtype) if len(texts) <= _CACHED_PROMPTS else None
+    if embeds is not None and getattr(pipe, "text_encoder", None) is not None:
         pipe.text_encoder.to("cpu")
+
+    def embed(choice: List[int]) -> torch.Tensor:
+        if embeds is not None:
+            return embeds[choice]
+        return io.encode_prompts([texts[i] for i in choice], device, weight_dtype)
     if dataset is None and getattr(pipe, "vae", None) is not None:
         pipe.vae.to("cpu")
 
@@ -500,7 +507,7 @@ def finetune(config: FinetuneConfig) -> Dict[str, Any]:
         s = sigma.view(-1, *([1] * (clean.dim() - 1)))
         noisy = (1.0 - s) * clean + s * noise
         return (noisy.to(device, weight_dtype), (sigma * 1000.0).to(device, weight_dtype),
-                embeds[choice].to(device), (noise - clean).to(device))
+                embed(choice).to(device), (noise - clean).to(device))
 
     def loss_on(batch, *, grad: bool):
         noisy, timesteps, prompt_embeds, flow_target = batch
