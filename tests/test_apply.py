@@ -337,3 +337,14 @@ def test_preset_defaults_are_valid_method_configs(class_name):
         method, kwargs = recommended(class_name, method_name)
         assert method.name == method_name
         assert set(kwargs) <= {"dense_steps", "dense_last_steps", "dense_layers"}
+
+
+def test_wrapped_calls_run_on_the_native_backend_inside_a_global_backend_context():
+    from diffusers.models.attention_dispatch import _AttentionBackendRegistry, attention_backend
+
+    from dit_accel.pipelines.processor import _native_scope
+
+    with attention_backend("flex"):
+        with _native_scope():
+            assert _AttentionBackendRegistry._active_backend.value == "native"
+        assert _AttentionBackendRegistry._active_backend.value == "flex"
