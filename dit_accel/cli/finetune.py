@@ -7,8 +7,9 @@ Examples::
         --mode distill --prompts prompts.txt --steps 2000 --lr 1e-4 --rank 64 --output sla-wan \\
         --mixed-precision bf16 --gradient-checkpointing --checkpoint-every 200
 
-    # several GPUs (or 2 CPU processes with gloo: add --cpu)
-    accelerate launch --num_processes 2 -m dit_accel.cli.finetune --model tiny-wan --method gna ...
+    # several GPUs; on a machine without CUDA the same line runs N CPU processes over gloo
+    # (plain `accelerate launch --cpu --num_processes 2` starts only one process unless mpirun is set up)
+    accelerate launch --multi_gpu --num_processes 2 -m dit_accel.cli.finetune --model tiny-wan --method gna ...
 
     # load the result
     handle = dit_accel.apply(pipe, dit_accel.training.load_method("sla-wan"), weights="sla-wan")

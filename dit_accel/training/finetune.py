@@ -572,6 +572,7 @@ def finetune(config: FinetuneConfig) -> Dict[str, Any]:
         save_trained_weights(out, transformer=transformer, method=method, lora_config=lora_config,
                              sla_projections=projections or None,
                              extra={"model": config.settings()["model"], "token_grid": list(grid),
+                                    "dense_layers": apply_kwargs.get("dense_layers"),
                                     "frames": config.frames, "height": config.height, "width": config.width})
         log = {
             "settings": config.settings(),

@@ -157,7 +157,8 @@ def load_trained_weights(handle, folder) -> None:
         if missing or unexpected:
             raise ValueError(
                 f"{sla_path} does not match the model's SLA layers: missing {missing[:4]}, unexpected {unexpected[:4]}; "
-                "was it trained on a different model or with different dense_layers?"
+                f"was it trained on a different model? It was trained with dense_layers={info.get('dense_layers')}; "
+                "pass the same dense_layers to apply()."
             )
         with torch.no_grad():
             for name, module in projections.items():
