@@ -238,9 +238,11 @@ def test_bad_inputs_fail_before_training(case, tmp_path, prompts_file):
     elif case == "unsupported-model":
         kw, expect = dict(model="tiny-flux"), "WanTransformer3DModel"
     cfg = _config(out, kw.pop("prompts", prompts_file), steps=1, **kw)
+    existed = out.exists()
     with pytest.raises(ValueError, match=expect):
         finetune(cfg)
     assert not (out / "checkpoints").exists() and not (out / LORA_FILE).exists()
+    assert existed or not out.exists()  # a rejected run writes nothing
 
 
 def test_cli_reports_input_errors(tmp_path, capsys):

@@ -181,11 +181,11 @@ def validate_config(config: FinetuneConfig) -> None:
         data_mod.read_prompts(c.prompts)
 
 
-def _prepare_output(config: FinetuneConfig, accelerator) -> Path:
+def _check_output(config: FinetuneConfig) -> Tuple[Path, list]:
     """Refuse an output folder that holds something else, unless --resume (same run) or --overwrite.
 
-    Every process checks before the main process writes anything (then all wait), so the
-    other ranks never see the run file the main process just created.
+    Reads only: every process checks at start, and nothing is written until every other
+    input check has passed (see :func:`_init_output`), so a rejected run leaves no trace.
     """
     out = Path(config.output)
     if out.exists() and not out.is_dir():
@@ -210,6 +210,12 @@ def _prepare_output(config: FinetuneConfig, accelerator) -> Path:
             detail = ", ".join(f"{k}: {previous.get(k)!r} -> {current.get(k)!r}" for k in diff[:4])
             raise ValueError(f"--resume: {str(out)!r} holds a different run ({detail}); "
                              "use the same settings, another --output, or --overwrite.")
+    return out, contents
+
+
+def _init_output(config: FinetuneConfig, accelerator, out: Path, contents: list) -> None:
+    """Main process: clear (--overwrite) and write the run file; all processes wait for it."""
+    run_file = out / RUN_FILE
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         if contents and config.overwrite:
@@ -218,7 +224,6 @@ def _prepare_output(config: FinetuneConfig, accelerator) -> Path:
         out.mkdir(parents=True, exist_ok=True)
         run_file.write_text(json.dumps(config.settings(), indent=2) + "\n")
     accelerator.wait_for_everyone()
-    return out
 
 
 def _check_method_fits(method: Method, io: ModelIO, config: FinetuneConfig) -> Tuple[int, ...]:
@@ -403,7 +408,7 @@ def finetune(config: FinetuneConfig) -> Dict[str, Any]:
     # mixed precision) must be able to configure it again. The process group (PartialState) is kept.
     AcceleratorState._reset_state(reset_partial_state=False)
     accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=use_cpu)
-    out = _prepare_output(config, accelerator)
+    out, out_contents = _check_output(config)
     device = accelerator.device
     weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[config.mixed_precision]
 
@@ -532,6 +537,7 @@ def finetune(config: FinetuneConfig) -> Dict[str, Any]:
         eval_start = eval_loss()
     except ValueError as e:
         raise ValueError(f"--method {method.name} on token grid {grid}: {e}") from None
+    _init_output(config, accelerator, out, out_contents)
 
     from tqdm.auto import tqdm
 
