@@ -274,14 +274,15 @@ def triton_unavailable_reason(device: torch.device, head_dim: int) -> Optional[s
             "before importing triton, or use backend='torch'")
 
 
-def _resolve_backend(backend: str, device: torch.device, head_dim: int) -> str:
+def _resolve_backend(backend: str, device: torch.device, head_dim: int, dtype: torch.dtype) -> str:
     if backend == "auto":
         env = os.environ.get("DIT_ACCEL_BACKEND", "").strip().lower()
         if env in ("triton", "torch"):
             backend = env
         else:  # unknown names (e.g. "flex", meant for other kernels) fall back to auto
-            backend = "triton" if device.type == "cuda" and triton_unavailable_reason(device, head_dim) is None \
-                else "torch"
+            # fp32 tiles need more shared memory than sm_89 offers, so GPUs run fp32 through the twin.
+            fused = device.type == "cuda" and dtype != torch.float32
+            backend = "triton" if fused and triton_unavailable_reason(device, head_dim) is None else "torch"
     if backend == "triton":
         why = triton_unavailable_reason(device, head_dim)
         if why is not None:
@@ -309,8 +310,8 @@ def sla_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, method: SLA
         proj: module applied to the linear branch on the head dim, normally a zero-initialised
             ``nn.Linear(D, D)`` per layer. ``None`` drops the linear branch (not computed).
         scale: softmax scale, default ``1 / sqrt(D)``.
-        backend: ``"auto"`` (Triton on CUDA, PyTorch twin on CPU; env ``DIT_ACCEL_BACKEND``
-            overrides), ``"triton"`` (CPU only under ``TRITON_INTERPRET=1``) or ``"torch"``;
+        backend: ``"auto"`` (Triton on CUDA for fp16/bf16, else the PyTorch twin; env
+            ``DIT_ACCEL_BACKEND`` overrides), ``"triton"`` (CPU only under ``TRITON_INTERPRET=1``) or ``"torch"``;
             ``"flex"`` (accepted for pipeline-wide settings) runs the PyTorch twin.
         return_parts: also return the parts, for log-sum-exp merging with other keys.
 
@@ -331,7 +332,7 @@ def sla_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, method: SLA
     d = q.shape[-1]
     scale = float(scale) if scale is not None else 1.0 / math.sqrt(d)
     # SLA has no FlexAttention variant; a pipeline-wide backend="flex" runs the PyTorch twin.
-    backend = _resolve_backend("torch" if backend == "flex" else backend, q.device, d)
+    backend = _resolve_backend("torch" if backend == "flex" else backend, q.device, d, q.dtype)
     blocks = sla_classify(q, k, method)
     _, _, _, n_marg = sla_block_counts(k.shape[-2], method)
     with_linear = proj is not None and (method.linear_tokens == "all" or n_marg > 0)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.errors import OutOfResources
 
 __all__ = ["sla_forward", "sla_backward", "FEATURE_IDS", "launch_config", "transposed_lists"]
 
@@ -343,6 +344,14 @@ def transposed_lists(index: torch.Tensor, n_kb: int):
     return order.contiguous(), counts.contiguous()
 
 
+def _launch(kernel, grid, *args, **kwargs):
+    try:
+        kernel[grid](*args, **kwargs)
+    except OutOfResources as exc:
+        raise ValueError(f"the fused SLA kernel does not fit this GPU ({exc}); fp32 tiles need more shared memory "
+                         "than sm_89 offers: use bfloat16/float16 inputs or backend='torch'") from None
+
+
 def sla_forward(q, k, v, critical, lin_blocks, scale, feature, has_lin, sub_critical, lin_sign, block_q):
     """Launch the fused forward kernel. Returns ``(o, lse, num_c, den_c)`` (num/den empty without linear)."""
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
@@ -360,7 +369,8 @@ def sla_forward(q, k, v, critical, lin_blocks, scale, feature, has_lin, sub_crit
     grid = (triton.cdiv(nq, cfg["BLOCK_M"]), b * h)
     # Unused pointers get a live allocation: empty tensors may carry a null address.
     lin_ptr = lin_blocks if lin_blocks.numel() else critical
-    _sla_fwd_kernel[grid](
+    _launch(
+        _sla_fwd_kernel, grid,
         q, k, v, critical, lin_ptr, o, lse, num if has_lin else lse, den if has_lin else lse,
         *_strides(q), *_strides(k), *_strides(v),
         h, nq, nk, d, critical.shape[-1], lin_blocks.shape[-1], scale,
@@ -396,11 +406,13 @@ def sla_backward(do, dlse, dnum, dden, q, k, v, o, lse, critical, lin_blocks, sc
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
     consts = dict(FEATURE=feature, HAS_LIN=has_lin, SUB_CRIT=sub_critical, LIN_SIGN=lin_sign, **cfg)
-    _sla_bwd_dq_kernel[(triton.cdiv(nq, cfg["BLOCK_M"]), b * h)](
+    _launch(
+        _sla_bwd_dq_kernel, (triton.cdiv(nq, cfg["BLOCK_M"]), b * h),
         q, k, v, do, lse, delta, dnum, dden, dscale, critical, lin_ptr, dq,
         *_strides(q), *_strides(k), *_strides(v),
         h, nq, nk, d, critical.shape[-1], lin_blocks.shape[-1], scale, **consts)
-    _sla_bwd_dkdv_kernel[(n_kb, b * h)](
+    _launch(
+        _sla_bwd_dkdv_kernel, (n_kb, b * h),
         q, k, v, do, lse, delta, dnum, dden, dscale, crit_t, crit_cnt, lin_t, lin_cnt, dk, dv,
         *_strides(q), *_strides(k), *_strides(v),
         h, nq, nk, d, scale, **consts)
