@@ -176,10 +176,11 @@ def _sparse_branch_torch(q, k, v, critical, block_q, block_k, scale):
     qb = F.pad(q, (0, 0, 0, pad_q)).view(b, h, n_q, block_q, d)
     kb = F.pad(k, (0, 0, 0, pad_k)).view(b, h, n_k, block_k, d)
     vb = F.pad(v, (0, 0, 0, pad_k)).view(b, h, n_k, block_k, d)
-    idx = critical.long()[..., None, None].expand(b, h, n_q, kc, block_k, d)
-    # Gather only the critical blocks: [B, H, nQ, kc * Bk, D].
-    kg = torch.gather(kb[:, :, None].expand(b, h, n_q, n_k, block_k, d), 3, idx).flatten(3, 4)
-    vg = torch.gather(vb[:, :, None].expand(b, h, n_q, n_k, block_k, d), 3, idx).flatten(3, 4)
+    # Gather only the critical blocks: [B, H, nQ, kc * Bk, D]. Gathering from the un-expanded
+    # [B, H, nK, Bk, D] keeps the backward's scatter at the size of K, not nQ times it.
+    idx = critical.long().reshape(b, h, n_q * kc, 1, 1).expand(b, h, n_q * kc, block_k, d)
+    kg = torch.gather(kb, 2, idx).view(b, h, n_q, kc * block_k, d)
+    vg = torch.gather(vb, 2, idx).view(b, h, n_q, kc * block_k, d)
     tok = critical.long()[..., None] * block_k + torch.arange(block_k, device=q.device)
     valid = (tok < nk_tok).flatten(3, 4)[..., None, :]  # [B, H, nQ, 1, kc * Bk]
     s = (qb @ kg.transpose(-1, -2)) * scale
