@@ -102,7 +102,7 @@ def _run_kernels(args) -> int:
                                  backends=args.backends.split(",") if args.backends else None, sla=not args.no_sla)
     result["command"] = _command_line(args)
     print(f"device: {result['device_name']}, dtype {result['dtype']}, versions {result['versions']}, "
-          f"{result['date']}")
+          f"{result['date']}, load average {result['load_average']}")
     print(bench.kernels_table(result))
     for note in result["notes"]:
         print(f"note: {note}")

@@ -229,9 +229,19 @@ def bench_kernels(shapes: Sequence[ModelShape], densities: Sequence[float], *, d
         del q, k, v
     bar.close()
     return {"kind": "kernels", "device": str(device), "device_name": _device_name(device), "dtype": str(dtype),
-            "reduced_sizes": not cuda, "warmup": warmup, "repeats": repeats, "backends": list(backends),
+            "reduced_sizes": not cuda, "load_average": _load_average(), "warmup": warmup, "repeats": repeats, "backends": list(backends),
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "versions": _versions(), "notes": notes, "rows": rows}
+
+
+def _load_average():
+    """1/5/15-minute load averages: CPU timings on a shared machine mean little when these exceed the cores."""
+    import os
+
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
 
 
 def _device_name(device: torch.device) -> str:

@@ -210,6 +210,10 @@ def _versions() -> dict:
             out[mod] = None
     if torch.cuda.is_available():
         out["gpu"] = torch.cuda.get_device_name()
+    try:
+        out["load_average"] = [round(x, 2) for x in os.getloadavg()]  # CPU timings mean little when high
+    except OSError:
+        pass
     return out
 
 
