@@ -312,8 +312,9 @@ def sla_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, method: SLA
             ``nn.Linear(D, D)`` per layer. ``None`` drops the linear branch (not computed).
         scale: softmax scale, default ``1 / sqrt(D)``.
         backend: ``"auto"`` (Triton on CUDA for fp16/bf16, else the PyTorch twin; env
-            ``DIT_ACCEL_BACKEND`` overrides), ``"triton"`` (CPU only under ``TRITON_INTERPRET=1``) or ``"torch"``;
-            ``"flex"`` (accepted for pipeline-wide settings) runs the PyTorch twin.
+            ``DIT_ACCEL_BACKEND`` overrides), ``"triton"`` (on CPU only under
+            ``TRITON_INTERPRET=1``) or ``"torch"``; ``"flex"`` (accepted for pipeline-wide
+            settings) runs the PyTorch twin.
         return_parts: also return the parts, for log-sum-exp merging with other keys.
 
     Returns:
