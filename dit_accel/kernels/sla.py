@@ -104,14 +104,21 @@ class SLABlocks:
     @property
     def marginal(self) -> torch.Tensor:
         """int64 ``[B, H, nQ, km]`` marginal key-block indices, ascending (``km`` is the same for all)."""
-        is_marg = self.classes == MARGINAL
-        km = int(is_marg.shape[-1]) - self.critical.shape[-1] - self.negligible.shape[-1]
-        # Stable sort brings the marginal columns first, in ascending order.
-        return torch.sort((~is_marg).to(torch.int8), dim=-1, stable=True).indices[..., :km]
+        km = self.classes.shape[-1] - self.critical.shape[-1] - self.negligible.shape[-1]
+        return true_columns(self.classes == MARGINAL, km)
 
     def density(self) -> float:
         """Visited (critical) block fraction."""
         return self.critical.shape[-1] / self.classes.shape[-1]
+
+
+def true_columns(mask: torch.Tensor, width: int) -> torch.Tensor:
+    """int64 indices of the first ``width`` True columns of each row of ``mask``, ascending.
+
+    A stable sort of ``~mask`` brings the True columns first in column order; ``width`` comes from
+    shapes, so there is no host sync. Rows with fewer True columns are padded with False columns.
+    """
+    return torch.sort((~mask).to(torch.int8), dim=-1, stable=True).indices[..., :width]
 
 
 def _mean_pool(x: torch.Tensor, block: int) -> torch.Tensor:

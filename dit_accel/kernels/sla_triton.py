@@ -22,6 +22,8 @@ import triton
 import triton.language as tl
 from triton.runtime.errors import OutOfResources
 
+from .sla import true_columns
+
 __all__ = ["sla_forward", "sla_backward", "FEATURE_IDS", "launch_config", "transposed_lists"]
 
 FEATURE_IDS = {"softmax": 0, "elu": 1, "relu": 2}
@@ -339,8 +341,7 @@ def transposed_lists(index: torch.Tensor, n_kb: int):
         visited.scatter_(-1, index.long(), True)
     visited = visited.transpose(-1, -2)
     counts = visited.sum(-1, dtype=torch.int32)
-    # Stable sort brings the visiting query blocks first, ascending.
-    order = torch.sort((~visited).to(torch.int8), dim=-1, stable=True).indices.to(torch.int32)
+    order = true_columns(visited, n_qb).to(torch.int32)
     return order.contiguous(), counts.contiguous()
 
 
