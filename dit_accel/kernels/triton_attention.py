@@ -421,7 +421,7 @@ def select_config(kernel: str, dtype: torch.dtype, head_dim: int, block_q: int, 
         if bd >= 256 or (wide and bd >= 128):
             bm = bn = 32
         if wide and bd >= 256 and not big_smem:
-            bm, bn = (16, 32) if kernel == "bwd_dkdv" else (32, 16)
+            bm = bn = 16  # fp32 d=256 operands alone fill 99 KB at 32x32
         warps = 8 if bd >= 128 and bm * bn >= 2048 else 4
         stages = 2 if bd <= 64 else 1
     else:

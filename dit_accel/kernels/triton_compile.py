@@ -128,6 +128,10 @@ def compile_for_target(cfg: KernelConfig, arch: int):
     ``result.asm["ptx"]`` / ``result.asm["cubin"]`` the generated code. Raises
     whatever triton raises when the kernel does not compile.
     """
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        # Triton's code generator fails in a process whose `tl` is patched for the interpreter.
+        raise RuntimeError("compile_for_target cannot run while TRITON_INTERPRET=1 is set in this process; "
+                           "use compile_shipped(...), which compiles in fresh processes, or unset it.")
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -140,17 +144,24 @@ def compile_for_target(cfg: KernelConfig, arch: int):
 
 
 def _compile_summary(job: Tuple[KernelConfig, int]) -> dict:
+    import resource
+
     cfg, arch = job
     start = time.perf_counter()
+    cpu0 = time.process_time() + resource.getrusage(resource.RUSAGE_CHILDREN).ru_utime
     out = {"name": cfg.name, "kernel": cfg.kernel, "arch": arch, "shared": None, "limit": shared_memory_limit(arch),
-           "mma": None, "error": None}
+           "mma": None, "wgmma": None, "error": None}
     try:
         ck = compile_for_target(cfg, arch)
         out["shared"] = int(ck.metadata.shared)
-        out["mma"] = "mma" in ck.asm["ptx"]
+        ptx = ck.asm["ptx"]
+        out["mma"] = "mma" in ptx  # mma.sync (sm_80/89) or wgmma (sm_90): tensor cores
+        out["wgmma"] = "wgmma" in ptx
     except Exception as exc:  # reported, not raised: the caller lists every failure
         out["error"] = f"{type(exc).__name__}: {str(exc)[-2000:]}"
     out["seconds"] = time.perf_counter() - start
+    # CPU time including ptxas (a child process): what the compile costs on an idle machine.
+    out["cpu_seconds"] = time.process_time() + resource.getrusage(resource.RUSAGE_CHILDREN).ru_utime - cpu0
     return out
 
 
@@ -160,7 +171,8 @@ def compile_shipped(archs: Sequence[int] = TARGET_ARCHS, workers: int = 2,
 
     Each dict has ``name``, ``kernel``, ``arch``, ``shared`` (bytes), ``limit`` (the
     arch's shared memory per block), ``mma`` (tensor-core instructions in the PTX),
-    ``error`` (None when it compiled) and ``seconds``. Compiles run in ``workers``
+    ``wgmma`` (Hopper warpgroup MMA), ``error`` (None when it compiled), ``seconds``
+    and ``cpu_seconds`` (including ptxas). Compiles run in ``workers``
     spawned processes with ``TRITON_INTERPRET=0`` (triton's code generator does not
     work in a process where the interpreter is active) and use triton's on-disk cache.
     """
@@ -190,8 +202,9 @@ def _main(argv: Sequence[str]) -> int:
         ok = r["error"] is None and r["shared"] <= r["limit"]
         bad += not ok
         print(f"sm_{r['arch']} {r['name']:<40} shared={r['shared']!s:>7} / {r['limit']} "
-              f"mma={r['mma']} {r['seconds']:.1f}s {'ok' if ok else 'FAIL ' + str(r['error'])[:200]}")
-    print(f"{len(results)} compiles, {bad} failed, {time.perf_counter() - start:.1f}s wall")
+              f"mma={r['mma']} {r['seconds']:.1f}s cpu={r['cpu_seconds']:.1f}s {'ok' if ok else 'FAIL ' + str(r['error'])[:200]}")
+    cpu = sum(r["cpu_seconds"] for r in results)
+    print(f"{len(results)} compiles, {bad} failed, {time.perf_counter() - start:.1f}s wall, {cpu:.1f}s cpu")
     return 1 if bad else 0
 
 
