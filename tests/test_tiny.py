@@ -27,6 +27,30 @@ def test_same_seed_same_weights_and_rng_untouched(name):
     assert any(not torch.equal(a[k], c[k]) for k in a if a[k].is_floating_point() and a[k].numel() > 1)
 
 
+def _fingerprint(name):
+    pipe = build_tiny_pipeline(name, seed=0)
+    return [float(sum(p.double().abs().sum() for p in getattr(pipe, c).parameters())) for c in COMPONENTS[name]]
+
+
+def test_weights_identical_across_processes():
+    """Same seed, fresh interpreter (different import order, hash seed): same weights."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = ("import json, sys; sys.path.insert(0, 'tests'); from test_tiny import _fingerprint; "
+            "print(json.dumps({n: _fingerprint(n) for n in ('tiny-flux', 'tiny-wan')}))")
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(repo), "HF_HUB_OFFLINE": "1", "PYTHONHASHSEED": "123"}
+    res = subprocess.run([sys.executable, "-c", code], cwd=repo, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0, res.stderr
+    other = json.loads(res.stdout.strip().splitlines()[-1])
+    assert other == {n: _fingerprint(n) for n in ("tiny-flux", "tiny-wan")}
+
+
 @pytest.mark.parametrize("attr", ["tokenizer", "tokenizer_2"])
 def test_code_built_tokenizer_handles_any_text(attr):
     pipe = build_tiny_pipeline("tiny-flux")
@@ -40,6 +64,7 @@ def test_code_built_tokenizer_handles_any_text(attr):
     assert tok.eos_token_id in enc.input_ids[0].tolist()
     assert tok.decode(tok("a cat").input_ids, skip_special_tokens=True) == "a cat"
     assert tok.unk_token_id not in tok(prompts[1]).input_ids  # byte level: nothing is unknown
+    assert sorted(tok.get_vocab().values()) == list(range(len(tok)))  # contiguous ids
 
 
 def test_tiny_wan_default_grid_is_big_enough_for_sparsity():

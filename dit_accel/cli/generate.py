@@ -25,7 +25,7 @@ import sys
 import time
 from pathlib import Path
 
-from .options import add_method_options, method_from_args, schedule_from_args
+from .options import add_method_options, check_method_flags, method_from_args, schedule_from_args
 
 __all__ = ["register", "run", "generate", "TransformerTimer"]
 
@@ -238,7 +238,7 @@ def generate(args) -> dict:
 
     from ..io import VIDEO_SUFFIXES, save_video, to_uint8_frames
     from ..pipelines.loading import ModelLoadError, load_pipeline, resolve_model_kind
-    from ..pipelines.tiny import RANDOM_WEIGHTS_LABEL, TINY_DEFAULTS, is_tiny_model
+    from ..pipelines.tiny import RANDOM_WEIGHTS_LABEL, TINY_DEFAULTS, TINY_METHOD_DEFAULTS, is_tiny_model
 
     t_total = time.perf_counter()
     parser = getattr(args, "_parser", None)
@@ -261,8 +261,13 @@ def generate(args) -> dict:
     device = _pick_device(args.device)
     dtype, dtype_name = _pick_dtype(args.dtype, device, tiny)
     method_name = args.method or "dense"
-    # Validate flags that do not need the model before the (possibly long) load.
-    method_from_args(args, parser=parser)
+    # Fail on bad flags before the (possibly long) load. Tiny models' defaults are known
+    # now; a real model's preset defaults only after loading, so there only the flag/method
+    # pairing is checked early and the values are validated after the load.
+    if tiny and not args.no_model_defaults:
+        method_from_args(args, defaults=TINY_METHOD_DEFAULTS.get(args.model, {}).get(method_name, {}), parser=parser)
+    else:
+        check_method_flags(args, parser)
 
     t0 = time.perf_counter()
     try:

@@ -34,6 +34,7 @@ __all__ = [
     "int_tuple",
     "int_list",
     "method_options_given",
+    "check_method_flags",
 ]
 
 METHODS = ("dense", "radial", "tile", "gna", "sla")
@@ -176,11 +177,7 @@ def method_from_args(args: argparse.Namespace, defaults: Optional[dict] = None,
     parser = parser or getattr(args, "_parser", None)
     name = getattr(args, "method", None) or "dense"
     given = method_options_given(args)
-    wrong = [dest for dest in given if name not in _FIELDS[dest][1]]
-    if wrong:
-        flags = ", ".join(_flag(d) for d in wrong)
-        _error(parser, f"{flags} {'does' if len(wrong) == 1 else 'do'} not apply to --method {name}; "
-                       + "; ".join(f"{_flag(d)} is for --method {'/'.join(_FIELDS[d][1])}" for d in wrong))
+    check_method_flags(args, parser)
     options = {}
     valid = _config_fields(name)
     for key, value in (defaults or {}).items():
@@ -198,6 +195,17 @@ def method_from_args(args: argparse.Namespace, defaults: Optional[dict] = None,
         field = next((f for f in sorted(options, key=len, reverse=True) if f".{f}=" in str(err)), None)
         prefix = f"{flag_of[field]}: " if field in flag_of and field in _given_fields(name, given) else ""
         _error(parser, prefix + str(err))
+
+
+def check_method_flags(args: argparse.Namespace, parser: Optional[argparse.ArgumentParser] = None) -> None:
+    """Error (via ``parser.error``) when a per-method flag does not belong to ``--method``."""
+    parser = parser or getattr(args, "_parser", None)
+    name = getattr(args, "method", None) or "dense"
+    wrong = [dest for dest in method_options_given(args) if name not in _FIELDS[dest][1]]
+    if wrong:
+        flags = ", ".join(_flag(d) for d in wrong)
+        _error(parser, f"{flags} {'does' if len(wrong) == 1 else 'do'} not apply to --method {name}; "
+                       + "; ".join(f"{_flag(d)} is for --method {'/'.join(_FIELDS[d][1])}" for d in wrong))
 
 
 def schedule_from_args(args: argparse.Namespace, defaults: Optional[dict] = None) -> dict:

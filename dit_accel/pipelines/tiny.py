@@ -86,9 +86,9 @@ def build_tiny_pipeline(name: str, *, seed: int = 0, device="cpu", dtype: torch.
         raise ValueError(f"unknown tiny model {name!r}; choose one of {sorted(TINY_MODELS)}")
     builder = {"tiny-wan": _build_wan, "tiny-flux": _build_flux}[name]
     # fork_rng: weight init draws from the global generator; do not disturb the caller's stream.
+    # Builders seed after their imports: a first-time import may itself draw random numbers.
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        pipe = builder()
+        pipe = builder(seed)
     if dtype == torch.float32:
         pipe.to(device=device)
     else:
@@ -116,9 +116,9 @@ def _byte_tokenizer(*, bos: str | None, eos: str, pad: str, unk: str, model_max_
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
-    specials = [pad, eos, unk] + ([bos] if bos else [])
+    specials = list(dict.fromkeys([pad, eos, unk] + ([bos] if bos else [])))  # CLIP: pad is eos
     alphabet = pre_tokenizers.ByteLevel.alphabet()
-    vocab = {tok: i for i, tok in enumerate(specials)}
+    vocab = {tok: i for i, tok in enumerate(specials)}  # contiguous ids: len(tokenizer) is the vocab size
     for ch in sorted(alphabet):
         vocab[ch] = len(vocab)
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token=unk))
@@ -148,10 +148,11 @@ def _t5_tokenizer():
 
 
 # ----------------------------------------------------------------------------- tiny-wan
-def _build_wan():
+def _build_wan(seed: int):
     from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
     from transformers import UMT5Config, UMT5EncoderModel
 
+    torch.manual_seed(seed)
     tokenizer = _t5_tokenizer()
     text_encoder = UMT5EncoderModel(
         UMT5Config(
@@ -198,10 +199,11 @@ def _build_wan():
 
 
 # ----------------------------------------------------------------------------- tiny-flux
-def _build_flux():
+def _build_flux(seed: int):
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
+    torch.manual_seed(seed)
     clip_tok = _byte_tokenizer(
         bos="<|startoftext|>", eos="<|endoftext|>", pad="<|endoftext|>", unk="<|unk|>", model_max_length=77
     )
