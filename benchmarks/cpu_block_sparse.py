@@ -16,7 +16,8 @@ Patterns (built at block level, no N x N mask):
               exercises the gathering path.
 
 Prints one markdown table row per pattern for BENCHMARKS.md. Times are medians of
-``--repeats`` runs after one warm-up (the warm-up also builds the cached chunk plan).
+``--repeats`` runs after one warm-up (the warm-up also builds the cached chunk plan),
+dense and sparse alternating so that load from other processes hits both alike.
 """
 
 from __future__ import annotations
@@ -88,14 +89,16 @@ def make_layout(name: str, args) -> BlockLayout:
     return tile_layout((8, 32, 32), (2, 4, 8), (1, 5, 3), block_q=64, block_k=64)[1]
 
 
-def timed(fn, repeats: int) -> float:
-    fn()  # warm-up (and plan building)
-    times = []
+def timed_pair(dense, sparse, repeats: int):
+    """Median ms of each, alternating the two so load changes hit both alike."""
+    dense(), sparse()  # warm-up (and the sparse plan)
+    times = ([], [])
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3
+        for fn, out in ((dense, times[0]), (sparse, times[1])):
+            t0 = time.perf_counter()
+            fn()
+            out.append(time.perf_counter() - t0)
+    return statistics.median(times[0]) * 1e3, statistics.median(times[1]) * 1e3
 
 
 def main(argv=None) -> int:
@@ -120,13 +123,13 @@ def main(argv=None) -> int:
     machine = f"{platform.machine()} CPU, {torch.get_num_threads()} threads, torch {torch.__version__}"
     patterns = ["band", "window", "tile"] if args.pattern == "all" else [args.pattern]
 
-    with torch.no_grad():
-        sdpa_ms = timed(lambda: F.scaled_dot_product_attention(q, k, v), args.repeats)
     rows = []
     for name in patterns:
         layout = make_layout(name, args)
         with torch.no_grad():
-            sparse_ms = timed(lambda: block_sparse_attention(q, k, v, layout, backend="torch"), args.repeats)
+            sdpa_ms, sparse_ms = timed_pair(lambda: F.scaled_dot_product_attention(q, k, v),
+                                            lambda: block_sparse_attention(q, k, v, layout, backend="torch"),
+                                            args.repeats)
         density = layout.density()
         speedup = sdpa_ms / sparse_ms
         row = (f"| {machine} | torch backend fwd fp32, {name} | {args.n} | {args.d} | {args.heads} | "
@@ -135,9 +138,10 @@ def main(argv=None) -> int:
         rows.append(row)
         if args.backward:
             qg, kg, vg = (t.clone().requires_grad_() for t in (q, k, v))
-            dense_bw = timed(lambda: F.scaled_dot_product_attention(qg, kg, vg).sum().backward(), args.repeats)
-            sparse_bw = timed(lambda: block_sparse_attention(qg, kg, vg, layout, backend="torch").sum().backward(),
-                              args.repeats)
+            dense_bw, sparse_bw = timed_pair(
+                lambda: F.scaled_dot_product_attention(qg, kg, vg).sum().backward(),
+                lambda: block_sparse_attention(qg, kg, vg, layout, backend="torch").sum().backward(),
+                args.repeats)
             rows.append(f"| {machine} | torch backend fwd+bwd fp32, {name} | {args.n} | {args.d} | {args.heads} | "
                         f"{density:.3f} | {dense_bw:.1f} | {sparse_bw:.1f} | {dense_bw / sparse_bw:.2f}x | "
                         f"{dense_bw / sparse_bw * density:.0%} | `{cmd.strip()}` |")

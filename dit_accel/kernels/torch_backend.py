@@ -222,12 +222,42 @@ def _pad_blocks(x: torch.Tensor, block: int) -> torch.Tensor:
     return F.pad(x, (0, 0, 0, pad)) if pad else x
 
 
-def _window(blocks: torch.Tensor, first: int, step: int, rows: int, width: int) -> torch.Tensor:
-    """Overlapping view ``[BG, rows, width*bk, D]``: row i sees blocks first + i*step ... + width-1."""
+def _window_view(blocks: torch.Tensor, first: int, step: int, rows: int, width: int) -> torch.Tensor:
+    """Overlapping view ``[BG, rows, width*bk, D]`` of blocks ``[BG, nB, bk, D]`` (dense):
+    row i sees blocks ``first + i*step`` .. ``+ width-1``."""
     bg, _, bk, d = blocks.shape
     s_bg, s_blk = blocks.stride(0), blocks.stride(1)
     return blocks.as_strided((bg, rows, width * bk, d), (s_bg, step * s_blk, d, 1),
                              blocks.storage_offset() + first * s_blk)
+
+
+class _Windows(torch.autograd.Function):
+    """:func:`_window_view` whose backward adds the window gradients back with ``width``
+    strided adds (autograd's generic overlapping as_strided backward is far slower)."""
+
+    @staticmethod
+    def forward(ctx, blocks, first: int, step: int, rows: int, width: int):
+        ctx.geometry = (blocks.shape, first, step, rows, width)
+        return _window_view(blocks, first, step, rows, width)
+
+    @staticmethod
+    def backward(ctx, grad):
+        shape, first, step, rows, width = ctx.geometry
+        bg, _, bk, d = shape
+        grad = grad.reshape(bg, rows, width, bk, d)
+        out = grad.new_zeros(shape)
+        for j in range(width):
+            if step == 0:
+                out[:, first + j] += grad[:, :, j].sum(1)
+            else:
+                out[:, first + j:first + j + step * (rows - 1) + 1:step] += grad[:, :, j]
+        return out, None, None, None, None
+
+
+def _window(blocks: torch.Tensor, first: int, step: int, rows: int, width: int) -> torch.Tensor:
+    if blocks.requires_grad and torch.is_grad_enabled():
+        return _Windows.apply(blocks, first, step, rows, width)
+    return _window_view(blocks, first, step, rows, width)
 
 
 def _use_fused(device: torch.device) -> bool:
