@@ -117,3 +117,9 @@ def test_eval_missing_weights_skip_lines_and_bad_config_row(tmp_path, monkeypatc
     assert "kernel_size" in res["rows"][1]["error"]
     assert "failed" in (out / "report.md").read_text()
     assert (out / "pareto.png").exists() and (out / "grid.png").exists()
+
+
+def test_eval_bad_model_is_one_line(tmp_path, capsys):
+    assert main(["eval", "--model", str(tmp_path / "no-such-model"), "--out", str(tmp_path / "out")]) == 2
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 1 and out[0].startswith("dit-accel eval:") and "no-such-model" in out[0]

@@ -85,9 +85,17 @@ def run(args) -> int:
                             height=args.height, width=args.width, steps=args.steps,
                             guidance_scale=args.guidance_scale, max_sequence_length=args.max_sequence_length,
                             device=device, dtype=dtype, repeats=args.repeats, warmup=args.warmup)
-    results = run_eval(settings, specs, args.out, cache_dir=args.cache_dir, clip_model=args.clip_model,
-                       fid_weights=args.fid_weights, real_dir=args.real, lpips=not args.no_lpips,
-                       capture=args.capture)
+    try:
+        from ..pipelines.loading import ModelLoadError
+    except ImportError:  # pragma: no cover - loading module missing
+        ModelLoadError = OSError
+    try:
+        results = run_eval(settings, specs, args.out, cache_dir=args.cache_dir, clip_model=args.clip_model,
+                           fid_weights=args.fid_weights, real_dir=args.real, lpips=not args.no_lpips,
+                           capture=args.capture)
+    except (ModelLoadError, ValueError, OSError) as exc:
+        print(f"dit-accel eval: {exc}")
+        return 2
     print(open(os.path.join(args.out, "report.md")).read().split("\n## Settings")[0])
     print(f"wrote {args.out}/results.json, report.md, pareto.png, grid.png")
     return 1 if any(r.get("error") for r in results["rows"]) else 0
