@@ -38,21 +38,18 @@ def flex_unavailable_reason(device=None) -> Optional[str]:
 
 
 def _split_full_partial(layout: BlockLayout):
-    """kv lists split into (partial, full) parts, each ``[Hl, nQ]`` counts + ``[Hl, nQ, nK]`` indices."""
-    n_k = layout.num_kv_blocks
+    """kv lists split into (partial, full) parts: counts ``[Hl, nQ]``, indices ``[Hl, nQ, nK]``."""
     slots = torch.arange(layout.kv_indices.shape[-1], device=layout.device)
     valid = slots < layout.kv_counts[..., None]
     parts = []
     for want_full in (False, True):
         sel = valid & ((layout.kv_mask_ids < 0) == want_full)
-        counts = sel.sum(-1).to(torch.int32)
-        # Selected slots first, in their (ascending) order; pad with 0 to nK columns.
+        # Selected slots first, keeping their ascending order; the rest become 0.
         order = torch.sort((~sel).to(torch.int8), dim=-1, stable=True).indices
-        idx = torch.gather(layout.kv_indices, -1, order)
-        idx = torch.where(torch.gather(sel, -1, order), idx, torch.zeros_like(idx))
-        full_idx = torch.zeros(*idx.shape[:-1], max(n_k, idx.shape[-1]), dtype=torch.int32, device=layout.device)
-        full_idx[..., : idx.shape[-1]] = idx
-        parts.append((counts, full_idx[..., :n_k].contiguous()))
+        idx = torch.where(torch.gather(sel, -1, order), torch.gather(layout.kv_indices, -1, order), 0)
+        padded = torch.zeros(*idx.shape[:-1], layout.num_kv_blocks, dtype=torch.int32, device=layout.device)
+        padded[..., : idx.shape[-1]] = idx
+        parts.append((sel.sum(-1).to(torch.int32), padded))
     return parts
 
 
