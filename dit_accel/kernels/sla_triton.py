@@ -30,17 +30,19 @@ FEATURE_IDS = {"softmax": 0, "elu": 1, "relu": 2}
 BLOCK_K = 64
 
 
-def launch_config(block_q: int, head_dim: int, dtype: torch.dtype) -> dict:
+def launch_config(block_q: int, head_dim: int, dtype: torch.dtype, kernel: str = "fwd") -> dict:
     """Compile-time tile sizes and launch options shared by the kernels and the AOT checks.
 
-    Tiles are 64 query rows; a 128-row classification block is two tiles (SUB = 2), which keeps
-    shared memory within sm_89's 99 KiB. The linear branch's dots run in the input dtype (its
-    gradients are rescaled per head so fp16 does not underflow); fp32 inputs use one stage.
+    ``kernel`` is ``"fwd"``, ``"bwd_dq"`` or ``"bwd_dkdv"``. Tiles are 64 query rows; a 128-row
+    classification block is two tiles (SUB = 2). The dK/dV kernel holds the most operands, so it
+    runs unpipelined (one stage: 96 KiB at D = 128 in half precision, within sm_89's 99 KiB; two
+    stages need 104.5 KiB). The linear branch's dots run in the input dtype (its gradients are
+    rescaled per head so fp16 does not underflow).
     """
     block_d = max(16, triton.next_power_of_2(head_dim))
     fp32 = dtype == torch.float32
     return {"BLOCK_M": 64, "SUB": block_q // 64, "BLOCK_N": BLOCK_K, "BLOCK_D": block_d,
-            "LIN_FP32": fp32, "num_warps": 4, "num_stages": 1 if fp32 else 2}
+            "LIN_FP32": fp32, "num_warps": 4, "num_stages": 1 if fp32 or kernel == "bwd_dkdv" else 2}
 
 
 @triton.jit
@@ -295,25 +297,24 @@ def _sla_bwd_dkdv_kernel(
     lin_scale = tl.load(DSCALE + pid_bh)
 
     # Query blocks that hold this key block as critical: softmax gradient (+ linear removal).
+    # One loop over (listed query block, sub-tile) pairs: unrolled sub-tiles would hold twice the buffers.
     cnt = tl.load(CRIT_T_CNT + list_at)
-    for c in range(cnt):
-        i = tl.load(CRIT_T + list_at * n_qb + c)
-        for t in tl.static_range(SUB):
-            dk, dv, dkf = _dkdv_tile(q_base, sqn, DO, LSE, DELTA, DNUM, DDEN, row_base,
-                                     (i * SUB + t) * BLOCK_M + offs_mb, k, v, kf, dk, dv, dkf,
-                                     NQ_TOK, D, scale, lin_scale, offs_d, d_valid, k_valid,
-                                     True, HAS_LIN and SUB_CRIT, -1, FEATURE, LIN_FP32)
+    for c in range(cnt * SUB):
+        i = tl.load(CRIT_T + list_at * n_qb + c // SUB)
+        dk, dv, dkf = _dkdv_tile(q_base, sqn, DO, LSE, DELTA, DNUM, DDEN, row_base,
+                                 (i * SUB + c % SUB) * BLOCK_M + offs_mb, k, v, kf, dk, dv, dkf,
+                                 NQ_TOK, D, scale, lin_scale, offs_d, d_valid, k_valid,
+                                 True, HAS_LIN and SUB_CRIT, -1, FEATURE, LIN_FP32)
     # Softmax dk was accumulated unscaled; the linear dkf is kept apart until the phi backward.
     dk = dk * scale
     if HAS_LIN:
         cnt = tl.load(LIN_T_CNT + list_at)
-        for c in range(cnt):
-            i = tl.load(LIN_T + list_at * n_qb + c)
-            for t in tl.static_range(SUB):
-                dk, dv, dkf = _dkdv_tile(q_base, sqn, DO, LSE, DELTA, DNUM, DDEN, row_base,
-                                         (i * SUB + t) * BLOCK_M + offs_mb, k, v, kf, dk, dv, dkf,
-                                         NQ_TOK, D, scale, lin_scale, offs_d, d_valid, k_valid,
-                                         False, True, LIN_SIGN, FEATURE, LIN_FP32)
+        for c in range(cnt * SUB):
+            i = tl.load(LIN_T + list_at * n_qb + c // SUB)
+            dk, dv, dkf = _dkdv_tile(q_base, sqn, DO, LSE, DELTA, DNUM, DDEN, row_base,
+                                     (i * SUB + c % SUB) * BLOCK_M + offs_mb, k, v, kf, dk, dv, dkf,
+                                     NQ_TOK, D, scale, lin_scale, offs_d, d_valid, k_valid,
+                                     False, True, LIN_SIGN, FEATURE, LIN_FP32)
         dk += _phi_bwd(k.to(tl.float32), kf32, dkf * lin_scale, d_valid, FEATURE)
 
     out = (pid_bh.to(tl.int64) * NK_TOK + offs_k)[:, None] * D + offs_d[None, :]
@@ -385,7 +386,8 @@ def sla_backward(do, dlse, dnum, dden, q, k, v, o, lse, critical, lin_blocks, sc
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
     b, h, nq, d = q.shape
     nk = k.shape[-2]
-    cfg = launch_config(block_q, d, q.dtype)
+    cfg_dq = launch_config(block_q, d, q.dtype, "bwd_dq")
+    cfg_dkdv = launch_config(block_q, d, q.dtype, "bwd_dkdv")
     n_kb = triton.cdiv(nk, BLOCK_K)
     do = do.contiguous()
     # d lse / d s = p, so an lse gradient shifts delta: ds = p * (dp - (rowsum(do*o) - dlse)).
@@ -406,15 +408,15 @@ def sla_backward(do, dlse, dnum, dden, q, k, v, o, lse, critical, lin_blocks, sc
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
-    consts = dict(FEATURE=feature, HAS_LIN=has_lin, SUB_CRIT=sub_critical, LIN_SIGN=lin_sign, **cfg)
+    flags = dict(FEATURE=feature, HAS_LIN=has_lin, SUB_CRIT=sub_critical, LIN_SIGN=lin_sign)
     _launch(
-        _sla_bwd_dq_kernel, (triton.cdiv(nq, cfg["BLOCK_M"]), b * h),
+        _sla_bwd_dq_kernel, (triton.cdiv(nq, cfg_dq["BLOCK_M"]), b * h),
         q, k, v, do, lse, delta, dnum, dden, dscale, critical, lin_ptr, dq,
         *_strides(q), *_strides(k), *_strides(v),
-        h, nq, nk, d, critical.shape[-1], lin_blocks.shape[-1], scale, **consts)
+        h, nq, nk, d, critical.shape[-1], lin_blocks.shape[-1], scale, **flags, **cfg_dq)
     _launch(
         _sla_bwd_dkdv_kernel, (n_kb, b * h),
         q, k, v, do, lse, delta, dnum, dden, dscale, crit_t, crit_cnt, lin_t, lin_cnt, dk, dv,
         *_strides(q), *_strides(k), *_strides(v),
-        h, nq, nk, d, scale, **consts)
+        h, nq, nk, d, scale, **flags, **cfg_dkdv)
     return dq, dk, dv
