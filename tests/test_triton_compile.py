@@ -77,3 +77,12 @@ def test_shared_memory_limits():
     assert shared_memory_limit(80) == 163 * 1024
     assert shared_memory_limit(89) == 99 * 1024
     assert shared_memory_limit(90) == 227 * 1024
+
+
+def test_compile_for_target_refuses_interpreter_process(monkeypatch):
+    from dit_accel.kernels.triton_compile import compile_for_target
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    cfg = shipped_kernel_configs(90)[0]
+    with pytest.raises(RuntimeError, match="compile_shipped"):
+        compile_for_target(cfg, 90)

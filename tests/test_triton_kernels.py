@@ -95,36 +95,33 @@ def check_backward(q, k, v, mask, layout, scale=None):
 
 
 # ------------------------------------------------------------------ forward / backward vs reference
-# Odd sizes exercise ragged last blocks; N >= 130 uses 64-blocks to keep the interpreter fast.
-FWD_CASES = [(63, 64, torch.float32), (63, 80, torch.float32), (130, 80, torch.float32), (257, 64, torch.float32),
-             (257, 80, torch.float32), (63, 80, torch.float16), (130, 64, torch.float16), (257, 80, torch.float16)]
+# Odd sizes exercise ragged last blocks. 32-blocks give many partial/full/skipped blocks per case.
+FWD_CASES = [(n, d, dt) for n in (63, 130, 257) for d in (64, 80) for dt in (torch.float32, torch.float16)]
 
 
-def _block(n):
-    return 32 if n < 100 else 64
-
-
+BLOCK = 32
 @pytest.mark.parametrize("n,d,dtype", FWD_CASES, ids=[f"N{n}-D{d}-{DT[t]}" for n, d, t in FWD_CASES])
 def test_forward_random_mask(n, d, dtype):
     heads = 2
     # Per-head pattern (Hl = H) with skipped, partial and full blocks, ragged tails and an empty row.
-    b = _block(n)
+    b = BLOCK
     mask = random_mask(heads, n, n, block=b, seed=n + d, empty_rows=(3,), full_block=(b, 2 * b, 0, 2 * b))
-    layout = BlockLayout.from_dense_mask(mask, block_q=_block(n), block_k=_block(n))
+    layout = BlockLayout.from_dense_mask(mask, block_q=BLOCK, block_k=BLOCK)
     assert layout.num_heads == heads and 0 < layout.partial_fraction() < 1
     q, k, v = make_qkv(1, heads, n, n, d, dtype, seed=n)
     check_forward(q, k, v, mask, layout)
 
 
-BWD_CASES = [(63, 64, torch.float32), (130, 80, torch.float32), (63, 80, torch.float16), (130, 64, torch.float16)]
+BWD_CASES = [(n, d, dt) for n in (63, 130) for d in (64, 80) for dt in (torch.float32, torch.float16)]
+BWD_CASES += [(257, 80, torch.float32), (257, 64, torch.float16)]
 
 
 @pytest.mark.parametrize("n,d,dtype", BWD_CASES, ids=[f"N{n}-D{d}-{DT[t]}" for n, d, t in BWD_CASES])
 def test_backward_random_mask(n, d, dtype):
     heads = 2
-    b = _block(n)
+    b = BLOCK
     mask = random_mask(heads, n, n, block=b, seed=7 * n + d, empty_rows=(5,), full_block=(b, 2 * b, b, 2 * b))
-    layout = BlockLayout.from_dense_mask(mask, block_q=_block(n), block_k=_block(n))
+    layout = BlockLayout.from_dense_mask(mask, block_q=BLOCK, block_k=BLOCK)
     assert 0 < layout.density() < 1
     q, k, v = make_qkv(1, heads, n, n, d, dtype, seed=d)
     check_backward(q, k, v, mask, layout)
