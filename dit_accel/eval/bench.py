@@ -179,11 +179,11 @@ def bench_kernels(shapes: Sequence[ModelShape], densities: Sequence[float], *, d
                      **extra})
         bar.update(1)
 
-    gen = torch.Generator(device="cpu").manual_seed(0)
+    gen = torch.Generator(device=device).manual_seed(0)  # draw on the device: GPU shapes are GBs
     for shape in shapes:
         bar.set_postfix_str(shape.name)
         b, h, n, d = shape.batch, shape.heads, shape.tokens, shape.head_dim
-        q, k, v = (torch.randn(b, h, n, d, generator=gen).to(device, dtype) for _ in range(3))
+        q, k, v = (torch.randn(b, h, n, d, generator=gen, device=device, dtype=dtype) for _ in range(3))
         with torch.no_grad():
             dense_s = time_fn(lambda: F.scaled_dot_product_attention(q, k, v), device, warmup=warmup, repeats=repeats)
             record(shape, "dense SDPA", dense_s, 1.0, dense_s)
@@ -200,7 +200,8 @@ def bench_kernels(shapes: Sequence[ModelShape], densities: Sequence[float], *, d
                     layout = None
                 if layout is not None:
                     np_ = perm.num_padded
-                    qp, kp, vp = (torch.randn(b, h, np_, d, generator=gen).to(device, dtype) for _ in range(3))
+                    qp, kp, vp = (torch.randn(b, h, np_, d, generator=gen, device=device, dtype=dtype)
+                                  for _ in range(3))
                     lay = layout.to(device)
                     for backend in backends:
                         try:
