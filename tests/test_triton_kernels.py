@@ -21,7 +21,7 @@ from dit_accel.kernels.triton_attention import (
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # (o, lse, grads) absolute tolerances; fp32 products are tf32 on a GPU.
 TOL = {
-    torch.float32: (2e-3, 1e-3, 5e-3) if DEVICE == "cuda" else (1e-4, 1e-4, 2e-4),
+    torch.float32: (5e-3, 5e-3, 2e-2) if DEVICE == "cuda" else (1e-4, 1e-4, 2e-4),
     torch.float16: (4e-3, 2e-3, 2e-2),
     torch.bfloat16: (2e-2, 1e-2, 8e-2),
 }

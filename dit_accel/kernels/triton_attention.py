@@ -393,11 +393,21 @@ def select_config(kernel: str, dtype: torch.dtype, head_dim: int, block_q: int, 
                   arch: int = 80) -> KernelConfig:
     """Launch configuration for ``kernel`` given dtype, head dim, layout block sizes and GPU arch.
 
-    Rules (not autotuned: no GPU was available while writing them, see the report):
-    tiles follow FlashAttention-2's choices (fwd 128x128 for d <= 64, 128x64 for
-    d = 128; bwd 64x64 or smaller), shrink for fp32 and d = 256 so every config
-    fits 99 KB of shared memory where the part only has that much, and
-    ``num_stages`` is 3 on parts with large shared memory (sm_80, sm_90), else 2.
+    Hand-set rules (not autotuned: no GPU was available while writing them):
+
+    - forward, fp16/bf16: query tile 128 x key tile 64 for padded head dims 64 and
+      128 (8 warps at d=128), the FlashAttention-2 / Triton-tutorial choice on
+      A100/H100; 64 x 32 at d=256. fp32: 64x64 (d=64), 64x32 (d=128), 32x32 (d=256).
+    - dK/dV: 64 x 64 at d=64, else 32 query rows per step over a 64-key tile; dQ the
+      mirror image (64 queries, 32 keys per step); 32x32 at d=256, 16x16 for fp32
+      d=256 on 99 KB parts.
+    - ``num_stages`` 3 on parts with >= 160 KB shared memory (sm_80, sm_90), 2 on
+      99 KB parts (sm_86, sm_89, sm_120), fewer for the widest tiles.
+    - Tiles never exceed the layout block (``min(tile, block)``), so a 64-block
+      layout runs 64-row forward tiles.
+
+    Every result is listed by :func:`dit_accel.kernels.triton_compile.shipped_kernel_configs`
+    and compiled for sm_80/89/90 by the test suite (shared memory within limits).
     """
     bd = block_d_for(head_dim)
     big_smem = shared_memory_limit(arch) >= 160 * 1024
@@ -614,6 +624,8 @@ def triton_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch
     if not isinstance(lse, torch.Tensor) or lse.shape != q.shape[:3]:
         raise ValueError(f"lse must be a tensor of shape {tuple(q.shape[:3])} (B, H, N); got "
                          f"{tuple(lse.shape) if isinstance(lse, torch.Tensor) else type(lse).__name__}")
+    if not (do.device == o.device == lse.device == q.device):
+        raise ValueError(f"do, o and lse must be on q's device {q.device}; got {do.device}, {o.device}, {lse.device}")
     b, h, n, d = q.shape
     m = k.shape[2]
     scale = _default_scale(scale, d)
