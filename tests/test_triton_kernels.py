@@ -149,14 +149,15 @@ def test_different_q_and_kv_lengths(n, m):
     check_backward(q, k, v, mask, layout)
 
 
-def test_layout_blocks_larger_than_kernel_tile():
-    """Layout blocks of 128 are split into kernel tiles (fwd 128x64, bwd 64x64): sub-tile offsets."""
+@pytest.mark.parametrize("block", [128, 256], ids=["B128", "B256"])
+def test_layout_blocks_larger_than_kernel_tile(block):
+    """Layout blocks of 128/256 are split into kernel tiles (e.g. fwd 64x64): sub-tile offsets."""
     n, d = 200, 64
     mask = random_mask(1, n, n, density=0.5, block=64, seed=11, empty_rows=(150,), full_block=(0, 128, 128, 200))[0]
-    layout = BlockLayout.from_dense_mask(mask, block_q=128, block_k=128)
+    layout = BlockLayout.from_dense_mask(mask, block_q=block, block_k=block)
     for kernel in ("fwd", "bwd_dkdv", "bwd_dq"):
-        cfg = select_config(kernel, torch.float32, d, 128, 128, 80)
-        assert cfg.block_m < 128 or cfg.block_n < 128, cfg  # really sub-tiled
+        cfg = select_config(kernel, torch.float32, d, block, block, 80)
+        assert cfg.block_m < block and cfg.block_n < block, cfg  # really sub-tiled on both sides
     q, k, v = make_qkv(1, 1, n, n, d, torch.float32, seed=4)
     check_forward(q, k, v, mask, layout)
     check_backward(q, k, v, mask, layout)
