@@ -68,7 +68,8 @@ def test_shipped_list_spans_dtypes_head_dims_and_kernels():
     assert {c.dtype for c in configs} == {torch.float16, torch.bfloat16, torch.float32}
     assert {c.block_d for c in configs} == {64, 128, 256}
     assert {c.kernel for c in configs} == {"fwd", "bwd_preprocess", "bwd_dkdv", "bwd_dq"}
-    fwd = {(c.block_m, c.block_n) for c in configs if c.kernel == "fwd" and c.dtype == torch.bfloat16 and c.block_d == 128}
+    fwd = {(c.block_m, c.block_n) for c in configs
+           if c.kernel == "fwd" and c.dtype == torch.bfloat16 and c.block_d == 128}
     assert fwd == {(64, 64), (128, 64)}  # one tile per layout block size 64 / >= 128
 
 

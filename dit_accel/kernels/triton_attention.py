@@ -463,7 +463,8 @@ def triton_unavailable_reason(device=None) -> Optional[str]:
                     "the triton backend on CUDA tensors.")
         major, _ = torch.cuda.get_device_capability(device)
         if major < 8:
-            return f"the triton kernels need compute capability >= 8.0 (sm_80); this GPU is sm_{major}x. Use backend='torch'."
+            return (f"the triton kernels need compute capability >= 8.0 (sm_80); this GPU is sm_{major}x. "
+                    "Use backend='torch'.")
         return None
     if device.type == "cpu":
         if _interpreting():

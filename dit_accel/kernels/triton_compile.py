@@ -20,12 +20,11 @@ Example::
 
 from __future__ import annotations
 
-import json
+import multiprocessing
 import os
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
-import multiprocessing
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -202,7 +201,8 @@ def _main(argv: Sequence[str]) -> int:
         ok = r["error"] is None and r["shared"] <= r["limit"]
         bad += not ok
         print(f"sm_{r['arch']} {r['name']:<40} shared={r['shared']!s:>7} / {r['limit']} "
-              f"mma={r['mma']} {r['seconds']:.1f}s cpu={r['cpu_seconds']:.1f}s {'ok' if ok else 'FAIL ' + str(r['error'])[:200]}")
+              f"mma={r['mma']} {r['seconds']:.1f}s cpu={r['cpu_seconds']:.1f}s "
+              f"{'ok' if ok else 'FAIL ' + str(r['error'])[:200]}")
     cpu = sum(r["cpu_seconds"] for r in results)
     print(f"{len(results)} compiles, {bad} failed, {time.perf_counter() - start:.1f}s wall, {cpu:.1f}s cpu")
     return 1 if bad else 0
