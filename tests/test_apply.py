@@ -278,12 +278,18 @@ def test_errors_name_the_argument(models):
     with dit_accel.apply(models["flux"], dit_accel.Radial()):
         with pytest.raises(ValueError, match="Radial attention needs a video"):
             _run(models["flux"], _inputs("flux", models["flux"], batch=1))
+    from diffusers.models.attention_dispatch import _AttentionBackendRegistry
+
+    # set_attention_backend also sets Diffusers' process-wide backend, which
+    # reset_attention_backend() leaves behind: restore it or later tests run on flex.
+    previous = _AttentionBackendRegistry._active_backend
     model.set_attention_backend("flex")
     try:
         with pytest.raises(ValueError, match="native"):
             dit_accel.apply(model, dit_accel.Dense())
     finally:
         model.reset_attention_backend()
+        _AttentionBackendRegistry.set_active_backend(previous)
     _clean(model)
 
 
