@@ -213,3 +213,24 @@ def test_backend_selection(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     with pytest.raises(ValueError, match="head dim 160"):
         sla_attention(q2, k2, v2, method, backend="triton")
+
+
+def test_twin_never_materialises_n_by_n():
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class LargestTensor(TorchDispatchMode):
+        largest = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(t, torch.Tensor):
+                    LargestTensor.largest = max(LargestTensor.largest, t.numel())
+            return out
+
+    n, d = 8192, 16
+    q, k, v = make_qkv(1, 1, n, d, requires_grad=True)
+    with LargestTensor():
+        o = sla_attention(q, k, v, SLA(topk=0.05, negligible=0.1), make_proj(d), backend="torch")
+        o.sum().backward()
+    assert LargestTensor.largest < n * n // 8, LargestTensor.largest  # gathered blocks: ~ n * 7 * 64
