@@ -7,6 +7,7 @@ from .attention import available_backends, block_sparse_attention
 from .layout import BlockLayout
 from .merge import merge_attention
 from .reference import dense_attention_reference
+from .sla import sla_attention, sla_classify, sla_density
 
 __all__ = [
     "BlockLayout",
@@ -14,4 +15,7 @@ __all__ = [
     "merge_attention",
     "available_backends",
     "dense_attention_reference",
+    "sla_attention",
+    "sla_classify",
+    "sla_density",
 ]
