@@ -134,22 +134,38 @@ class Tile(Method):
 
 @dataclass(frozen=True)
 class Radial(Method):
-    """Radial attention: dense on nearby frames, a band that halves with distance.
+    """Radial attention: dense on nearby frames, a spatial neighbourhood that halves with distance.
+
+    Frame pairs follow the reference rule (METHODS.md): same, adjacent and sink
+    key frames are dense; a farther pair is dropped by the power-of-two split
+    rule or kept with a half-width ``half = max(decay * width, block_size)``
+    tokens that halves each time the frame distance crosses a power of two.
 
     Args:
         decay: band width factor in ``(0, 1]`` (paper: 0.95 to 1.0).
         block_size: block granularity in tokens, 64 or 128 (128 default; 64 for Wan 2.2).
         sink_frames: key frames every query attends to fully (attention sink);
             ``(0,)`` is the reference setting for Wan, ``()`` disables it.
+        spatial: what a kept far frame pair allows inside the frames.
+            ``"band"`` (default): the reference code, a diagonal band ``|k - l| <= half``
+            over raster positions, reduced to ``block_size`` blocks (raster order).
+            ``"window"``: a true 2-D window, the frame scaled by ``sqrt((2*half + 1) / (H*W))``:
+            ``kh = min(2*floor(H*sqrt(.)/2) + 1, H)`` rows by ``kw`` (same with ``W``)
+            columns around the query, pushed inward at borders like GNA, so every
+            query sees ``kh*kw ~ 2*half + 1`` keys (token density comparable to the
+            band). Exact per token, on tiled order (tokens permuted like GNA / Tile);
+            see :mod:`dit_accel.patterns.radial_window`.
 
     Example::
 
         dit_accel.apply(pipe, dit_accel.Radial(decay=0.95), dense_steps=12, dense_layers=1)
+        dit_accel.apply(pipe, dit_accel.Radial(decay=0.95, spatial="window"), dense_steps=12, dense_layers=1)
     """
 
     decay: float = 1.0
     block_size: int = 128
     sink_frames: Tuple[int, ...] = (0,)
+    spatial: str = "band"
     name = "radial"
 
     def __post_init__(self):
@@ -160,6 +176,8 @@ class Radial(Method):
         frames = tuple(self.sink_frames) if isinstance(self.sink_frames, (tuple, list)) else None
         if frames is None or not all(isinstance(f, int) and f >= 0 for f in frames):
             _fail("Radial", "sink_frames", self.sink_frames, "expected a tuple of non-negative frame indices")
+        if self.spatial not in ("band", "window"):
+            _fail("Radial", "spatial", self.spatial, "must be 'band' (reference raster band) or 'window' (2-D window)")
         object.__setattr__(self, "sink_frames", frames)
         object.__setattr__(self, "decay", float(self.decay))
 

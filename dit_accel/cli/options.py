@@ -50,6 +50,7 @@ _FIELDS = {
     "causal": ("is_causal", ("gna",)),
     "decay": ("decay", ("radial",)),
     "sink_frames": ("sink_frames", ("radial",)),
+    "radial_spatial": ("spatial", ("radial",)),
     "block_size": (None, ("radial", "sla")),  # radial: block_size, sla: block_q
     "topk": ("topk", ("sla",)),
     "negligible": ("negligible", ("sla",)),
@@ -135,6 +136,9 @@ def add_method_options(parser: argparse.ArgumentParser, *, default_method: Optio
     r.add_argument("--decay", type=_fraction, default=None, help="radial: band decay in (0, 1] (paper: 0.95)")
     r.add_argument("--sink-frames", type=int_list, default=None, metavar="F,...",
                    help="radial: key frames every query attends to (default 0; 'none' disables)")
+    r.add_argument("--radial-spatial", choices=("band", "window"), default=None,
+                   help="radial: far frame pairs keep the reference raster band (band, default) or a 2-D "
+                        "window of rows x columns on tiled order (window)")
     r.add_argument("--block-size", type=int, default=None, choices=(64, 128),
                    help="radial: block granularity; sla: query block size")
     r.add_argument("--topk", type=_fraction, default=None, help="sla: fraction of key blocks kept for softmax (0, 1]")

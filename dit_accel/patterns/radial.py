@@ -19,6 +19,9 @@ Block decisions depend only on the in-frame positions covered by the query and
 key blocks and on the frame-pair rules involved, so they are evaluated once per
 distinct combination (a few thousand for 720p video) with closed-form band
 counts per column: never a token mask.
+
+A variant with the same frame-pair rule and a true 2-D spatial window per far
+frame pair, on tiled order, lives in :mod:`dit_accel.patterns.radial_window`.
 """
 
 from __future__ import annotations

@@ -82,13 +82,16 @@ def _radial_plan(method: Radial, grid) -> Plan:
     if len(grid) != 3:
         raise ValueError(f"Radial attention needs a video token grid (T, H, W); this model has grid {tuple(grid)}. "
                          "Use GNA or Tile for image models")
-    try:
-        from ..patterns import radial_layout
-    except ImportError:  # older checkouts export it from the submodule only
-        from ..patterns.radial import radial_layout
+    sinks = tuple(f for f in method.sink_frames if f < grid[0])
+    if method.spatial == "window":  # 2-D windows: tiled order, permuted like GNA / Tile
+        from ..patterns import radial_window_layout
 
-    layout = radial_layout(tuple(grid), block_size=method.block_size, decay=method.decay,
-                           sink_frames=tuple(f for f in method.sink_frames if f < grid[0]))
+        perm, layout = radial_window_layout(tuple(grid), block_size=method.block_size, decay=method.decay,
+                                            sink_frames=sinks)
+        return Plan("layout", method, tuple(grid), layout, perm, layout.density())
+    from ..patterns import radial_layout
+
+    layout = radial_layout(tuple(grid), block_size=method.block_size, decay=method.decay, sink_frames=sinks)
     return Plan("layout", method, tuple(grid), layout, None, layout.density())
 
 
