@@ -11,7 +11,8 @@ intends by spatial decay.
 
 The definition, written once (``F, H, W`` the grid, ``S = H*W``)::
 
-    state(qf, kf)   = reference rule (radial.py): drop | full | band(half)
+    state(qf, kf)   = reference rule (radial.py): drop | full | band(half),
+                      half = floor(max(decay * width, B)) tokens, B = block_size
     full            -> window (kh, kw) = (H, W)
     band(half)      -> a  = 2*half + 1                        # keys an interior band query sees
                        rh = floor(H * sqrt(a / S) / 2)        # the frame scaled by sqrt(a / S):
