@@ -37,6 +37,13 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def _check_size(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name}={value!r} is invalid: expected a positive int such as 64 or 128 "
+                         "(the Triton kernels take 16, 32, 64, 128 or 256)")
+    return value
+
+
 def _pack(visited: torch.Tensor, ids: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """[Hl, R, C] visit matrix -> counts [Hl, R], indices/mask ids [Hl, R, max] (ascending)."""
     counts = visited.sum(-1).to(_INT)
@@ -86,6 +93,10 @@ class BlockLayout:
                 ``mask_table``. ``None`` means every visited block is full.
             mask_table: bool ``[P, block_q, block_k]`` element masks of partial blocks.
         """
+        block_q, block_k = _check_size("block_q", block_q), _check_size("block_k", block_k)
+        if not isinstance(visited, torch.Tensor) or visited.dim() not in (2, 3):
+            raise ValueError("visited must be a bool tensor [nQ, nK] or [Hl, nQ, nK]; got "
+                             f"{type(visited).__name__} {tuple(getattr(visited, 'shape', ()))}")
         if visited.dim() == 2:
             visited = visited[None]
         visited = visited.bool()
@@ -113,8 +124,14 @@ class BlockLayout:
         allowed are full, the rest are partial with their element mask (deduplicated).
         Materialises the mask, so meant for tests, inspection and moderate N.
         """
+        if not isinstance(mask, torch.Tensor):
+            raise TypeError(f"mask must be a torch bool tensor [N, M] or [H, N, M]; got {type(mask).__name__}. "
+                            "Convert it with torch.as_tensor(mask, dtype=torch.bool)")
         if mask.dtype != torch.bool or mask.dim() not in (2, 3):
             raise ValueError(f"mask must be a bool tensor [N, M] or [H, N, M]; got {mask.dtype} {tuple(mask.shape)}")
+        if 0 in mask.shape:
+            raise ValueError(f"mask has an empty dimension {tuple(mask.shape)}; attention needs N, M >= 1")
+        block_q, block_k = _check_size("block_q", block_q), _check_size("block_k", block_k)
         if mask.dim() == 2:
             mask = mask[None]
         hl, q_len, kv_len = mask.shape

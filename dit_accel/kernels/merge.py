@@ -27,6 +27,14 @@ def merge_attention(o_a: torch.Tensor, lse_a: torch.Tensor, o_b: torch.Tensor, l
         o_t, lse_t = dense_attention_reference(q, k_text, v_text)
         o, lse = merge_attention(o_v, lse_v, o_t, lse_t)
     """
+    for name, t in (("o_a", o_a), ("lse_a", lse_a), ("o_b", o_b), ("lse_b", lse_b)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor; got {type(t).__name__}")
+        if not t.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor; got {t.dtype}. Outputs and lse come from "
+                            "block_sparse_attention(..., return_lse=True)")
+        if t.device != o_a.device:
+            raise ValueError(f"{name} is on {t.device} but o_a is on {o_a.device}; move all four to one device")
     if o_a.shape != o_b.shape:
         raise ValueError(f"o_a and o_b must have the same shape; got {tuple(o_a.shape)} and {tuple(o_b.shape)}")
     if lse_a.shape != o_a.shape[:-1] or lse_b.shape != o_b.shape[:-1]:

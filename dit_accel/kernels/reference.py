@@ -26,12 +26,20 @@ def dense_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     """
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError("q, k, v must be (B, H, N, D) tensors")
+    if k.shape[:-1] != v.shape[:-1] or q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"k and v must be (B, H, M, D) matching q {tuple(q.shape)}; got k {tuple(k.shape)}, "
+                         f"v {tuple(v.shape)}")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     q, k, v = q.float(), k.float(), v.float()
     scores = torch.matmul(q, k.transpose(-1, -2)) * scale
     if mask is not None:
         if mask.dtype != torch.bool:
             raise ValueError(f"mask must be bool (True = allowed); got {mask.dtype}")
+        n, m = scores.shape[-2:]
+        heads_ok = mask.dim() == 2 or mask.shape[0] in (1, q.shape[1])
+        if mask.dim() not in (2, 3) or mask.shape[-2:] != (n, m) or not heads_ok:
+            raise ValueError(f"mask must be [N, M] = [{n}, {m}] or [H, N, M] with H in (1, {q.shape[1]}); "
+                             f"got {tuple(mask.shape)}")
         if mask.dim() == 3:
             mask = mask[None]
         scores = scores.masked_fill(~mask.to(scores.device), float("-inf"))
