@@ -19,6 +19,7 @@ import torch
 __all__ = ["PSNR_CAP", "to_frames", "psnr_per_frame", "ssim_per_frame", "paired_metrics", "LPIPSScorer"]
 
 PSNR_CAP = 100.0  # dB, = -10 log10(1e-10): what identical frames report
+_RANGE_SLACK = 1e-2  # float frames may overshoot [0, 1] by rounding, not by a different convention
 
 
 def to_frames(video) -> torch.Tensor:
@@ -32,6 +33,14 @@ def to_frames(video) -> torch.Tensor:
         x = x.permute(0, 3, 1, 2)
     if x.dtype == torch.uint8:
         x = x.float() / 255.0
+    elif not x.is_floating_point():
+        raise TypeError(f"video must be uint8 (0-255) or float in [0, 1]; got {x.dtype}")
+    elif x.numel():
+        # Clamping a [0, 255] or [-1, 1] float video would silently wreck every metric.
+        lo, hi = float(x.min()), float(x.max())
+        if lo < -_RANGE_SLACK or hi > 1.0 + _RANGE_SLACK or math.isnan(lo) or math.isnan(hi):
+            raise ValueError(f"float video values must lie in [0, 1]; got min {lo:.4g}, max {hi:.4g}. "
+                             "Divide 0-255 frames by 255 (or pass uint8), map [-1, 1] frames with (x + 1) / 2")
     return x.float().clamp(0.0, 1.0).contiguous()
 
 

@@ -94,6 +94,8 @@ class TilePermutation:
         """Raster ``[..., N, ...]`` -> tiled and zero-padded ``[..., Np, ...]`` along ``dim`` (differentiable)."""
         dim = self._check(x, dim, self.num_tokens, "N raster tokens")
         gather, _ = self._indices(x.device)
+        if self.num_padded == self.num_tokens:  # no padding: one gather, no concatenated copy of x
+            return x.index_select(dim, gather)
         zero = x.new_zeros(x.shape[:dim] + (1,) + x.shape[dim + 1:])
         return torch.cat([x, zero], dim).index_select(dim, gather)
 
