@@ -64,15 +64,36 @@ def _probe(transformer, seed=123):
                            return_dict=False)[0]
 
 
-def test_distillation_lowers_student_teacher_loss(prompts_file, tmp_path):
-    # GNA: a fixed sparse pattern, so 10 LoRA steps transfer to unseen noise (SLA's top-k selection
-    # moves with the input; on random tiny weights it needs more than 10 steps to generalise).
-    res = finetune(_config(tmp_path / "gna", prompts_file, method=dit_accel.GNA(kernel_size=(3, 3, 3)), lr=5e-3,
-                           eval_batches=4))
+# Distillation gradients are mostly sample-specific (on tiny-wan with random latents the per-sample
+# gradients are almost orthogonal), so SLA needs several samples per step for 10 steps to generalise:
+# at batch 1 its held-out loss rises x1.0-1.2 for every lr; 16 samples at lr 1e-3 lower it 5-8% on 4 seeds.
+# GNA's error is a fixed pattern and transfers from single samples.
+@pytest.mark.parametrize("case", ["sla", "gna"])
+def test_distillation_lowers_student_teacher_loss(case, prompts_file, tmp_path):
+    if case == "sla":
+        kw = dict(method=dit_accel.SLA(topk=0.5), batch_size=16, lr=1e-3, eval_batches=2)
+    else:
+        kw = dict(method=dit_accel.GNA(kernel_size=(3, 3, 3)), lr=5e-3, eval_batches=4)
+    res = finetune(_config(tmp_path / case, prompts_file, **kw))
     assert res["eval_loss_start"] > 1e-5  # the sparse student starts away from the dense teacher
     assert len(res["loss"]) == 10 and all(v > 0 for v in res["loss"])
     # Held-out batches (fixed noise, timesteps, prompts) measured before step 1 and after step 10.
-    assert res["eval_loss_end"] < 0.95 * res["eval_loss_start"], (res["eval_loss_start"], res["eval_loss_end"])
+    assert res["eval_loss_end"] < 0.97 * res["eval_loss_start"], (res["eval_loss_start"], res["eval_loss_end"])
+    if case == "sla":  # the same run without learning stays put: the assertion above measures training
+        frozen = finetune(_config(tmp_path / "frozen", prompts_file, **dict(kw, lr=1e-9)))
+        assert frozen["eval_loss_start"] == res["eval_loss_start"]
+        assert frozen["eval_loss_end"] > 0.99 * frozen["eval_loss_start"]
+
+
+def test_gradient_accumulation_averages_micro_batches(prompts_file, tmp_path):
+    # 2 micro-batches of 1 sample: the logged loss is their mean.
+    acc = finetune(_config(tmp_path / "acc", prompts_file, steps=2, gradient_accumulation_steps=2))
+    one = finetune(_config(tmp_path / "one", prompts_file, steps=2, lr=1e-9))  # ~untrained losses of batches 0, 1
+    # Micro-batch streams are those of plain steps: the first accumulated step averages plain steps 0 and 1.
+    assert acc["loss"][0] == pytest.approx((one["loss"][0] + one["loss"][1]) / 2, rel=1e-4)
+    assert acc["loss"][0] != pytest.approx(one["loss"][0], rel=1e-3)
+    log = json.loads((tmp_path / "acc" / "finetune_log.json").read_text())
+    assert log["samples_per_step"] == 2 and len(log["loss"]) == 2
 
 
 def test_sla_distillation_outputs(straight):
@@ -283,3 +304,29 @@ def test_bf16_mixed_precision_with_gradient_checkpointing(prompts_file, tmp_path
     assert len(res["loss"]) == 2 and all(np.isfinite(res["loss"]))
     lora = load_file(str(tmp_path / "bf16" / LORA_FILE))
     assert all(t.dtype == torch.float32 for t in lora.values())  # trainable tensors stay fp32
+
+
+def test_generate_reads_the_method_from_weights(prompts_file, tmp_path, capsys):
+    from dit_accel.cli.main import main
+
+    out = tmp_path / "ft"
+    assert main(["finetune", "--model", "tiny-wan", "--method", "sla", "--topk", "0.5", "--prompts", str(prompts_file),
+                 "--output", str(out), "--steps", "2", "--rank", "2", "--frames", "9", "--height", "64", "--width",
+                 "128", "--max-sequence-length", "8", "--eval-batches", "0", "--no-progress"]) == 0
+    video = tmp_path / "v.gif"
+    common = ["generate", "--weights", str(out), "--frames", "9", "--height", "64", "--width", "128", "--steps", "1",
+              "--quiet"]
+    assert main(common + ["--out", str(video)]) == 0, capsys.readouterr().err
+    assert video.is_file()
+    meta = json.loads(Path(str(video) + ".json").read_text())
+    assert meta["method"] == load_method(out).to_dict() and meta["method"]["topk"] == 0.5
+    assert meta["density"]["mean"] == pytest.approx(0.5)  # the SLA student ran, not dense
+    # Repeating the saved method is fine; contradicting it is a clear error before anything loads.
+    assert main(common + ["--method", "sla", "--topk", "0.5", "--out", str(tmp_path / "again.gif")]) == 0
+    capsys.readouterr()
+    assert main(common + ["--method", "gna", "--out", str(tmp_path / "x.gif")]) == 2
+    assert "trained for sla" in capsys.readouterr().err
+    assert main(common + ["--topk", "0.25", "--out", str(tmp_path / "y.gif")]) == 2
+    assert "--topk" in capsys.readouterr().err
+    assert main(common[:1] + ["--weights", str(tmp_path / "nowhere"), "--out", str(tmp_path / "z.gif")]) == 2
+    assert "--weights" in capsys.readouterr().err

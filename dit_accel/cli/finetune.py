@@ -54,7 +54,10 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
                    help="folder with metadata.jsonl ({'file_name', 'text'}) and images/videos (data mode; "
                         "in distill mode it supplies real latents and prompts)")
     g.add_argument("--output", required=True, metavar="DIR", help="output folder (weights, checkpoints, log)")
-    g.add_argument("--batch-size", type=int, default=1, help="samples per process per step (default 1)")
+    g.add_argument("--batch-size", type=int, default=1, help="samples per process per micro-batch (default 1)")
+    g.add_argument("--gradient-accumulation-steps", type=int, default=1, metavar="A",
+                   help="micro-batches per optimizer step (default 1); distillation needs ~8+ samples per step "
+                        "(batch x A x processes) for short runs to lower the held-out loss")
     g.add_argument("--frames", type=int, default=None, help="frames per sample (default: 81; tiny models: 17)")
     g.add_argument("--height", type=int, default=None, help="pixel height (default: 480; tiny models: 128)")
     g.add_argument("--width", type=int, default=None, help="pixel width (default: 832; tiny models: 128)")
@@ -106,6 +109,7 @@ def config_from_args(args: argparse.Namespace):
         rank=args.rank, alpha=args.alpha,
         target_modules=tuple(t.strip() for t in args.target_modules.split(",") if t.strip()),
         prompts=args.prompts, data=args.data, batch_size=args.batch_size,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
         frames=args.frames if args.frames is not None else defaults["frames"],
         height=args.height if args.height is not None else defaults["height"],
         width=args.width if args.width is not None else defaults["width"],

@@ -67,6 +67,10 @@ def register(subparsers) -> argparse.ArgumentParser:
                    help="weight dtype; auto = bfloat16 on CUDA, float32 on CPU and for tiny models")
     d.add_argument("--offload", action="store_true", help="enable_model_cpu_offload (big models on small GPUs)")
     add_method_options(p, default_method="dense")
+    for action in p._actions:  # unset --method: dense, or the method a --weights folder was trained with
+        if action.dest == "method":
+            action.default = argparse.SUPPRESS
+            action.help = "attention method (default: dense; with --weights DIR, the method DIR was trained with)"
     p.add_argument("--no-model-defaults", action="store_true",
                    help="ignore the model's preset method/schedule defaults; use only flags and config defaults")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -230,6 +234,46 @@ def _frames_from_output(output, is_video: bool):
 
 
 # ----------------------------------------------------------------------------- main work
+def _saved_dense_layers(folder):
+    """``dense_layers`` a fine-tuned folder was trained with (its SLA projections exist only for the others)."""
+    from ..training.weights import read_weights_info
+
+    return read_weights_info(folder).get("dense_layers")
+
+
+def _saved_method(args):
+    """The method a ``--weights`` folder was trained with, or None without ``--weights``."""
+    if not getattr(args, "weights", None):
+        return None
+    from ..training.weights import load_method
+
+    try:
+        return load_method(args.weights)
+    except ValueError as err:
+        raise _UsageError(f"--weights: {err}") from None
+
+
+def _method_for_weights(args, saved, parser):
+    """The saved method; method flags may repeat it but must not change it (the weights fit only it)."""
+    from .options import method_options_given
+
+    given = method_options_given(args)
+    if args.method != saved.name:
+        raise _UsageError(f"--method {args.method} disagrees with --weights {args.weights}, which was trained for "
+                          f"{saved.name} ({saved}); drop --method (it is read from the folder) or pass --method "
+                          f"{saved.name}.")
+    if not given:
+        return saved
+    wanted = method_from_args(args, defaults={k: v for k, v in saved.to_dict().items() if k != "method"},
+                              parser=parser)
+    if wanted.to_dict() != saved.to_dict():
+        diff = sorted(k for k in saved.to_dict() if saved.to_dict()[k] != wanted.to_dict().get(k))
+        raise _UsageError(f"method options {', '.join('--' + k.replace('_', '-') for k in diff)} disagree with "
+                          f"--weights {args.weights}, which was trained for {saved}; drop them (the method is read "
+                          "from the folder).")
+    return saved
+
+
 def generate(args) -> dict:
     """Run ``generate`` for parsed ``args``; returns the sidecar dict (also written to OUT.json)."""
     import torch
@@ -260,11 +304,15 @@ def generate(args) -> dict:
         raise _UsageError(f"--fps must be >= 1; got {args.fps}")
     device = _pick_device(args.device)
     dtype, dtype_name = _pick_dtype(args.dtype, device, tiny)
-    method_name = args.method or "dense"
+    saved = _saved_method(args)
+    method_name = getattr(args, "method", None) or (saved.name if saved is not None else "dense")
+    args.method = method_name
     # Fail on bad flags before the (possibly long) load. Tiny models' defaults are known
     # now; a real model's preset defaults only after loading, so there only the flag/method
     # pairing is checked early and the values are validated after the load.
-    if tiny and not args.no_model_defaults:
+    if saved is not None:
+        method = _method_for_weights(args, saved, parser)
+    elif tiny and not args.no_model_defaults:
         method_from_args(args, defaults=TINY_METHOD_DEFAULTS.get(args.model, {}).get(method_name, {}), parser=parser)
     else:
         check_method_flags(args, parser)
@@ -281,8 +329,14 @@ def generate(args) -> dict:
         pipe.set_progress_bar_config(desc=f"denoising ({method_name})", leave=True)
 
     field_defaults, schedule_defaults, defaults_source = _model_defaults(
-        args.model, pipe, method_name, not args.no_model_defaults)
-    method = method_from_args(args, defaults=field_defaults, parser=parser)
+        args.model, pipe, method_name, not args.no_model_defaults and saved is None)
+    if saved is None:
+        method = method_from_args(args, defaults=field_defaults, parser=parser)
+    else:
+        defaults_source = f"--weights {args.weights}"
+        trained_dense = _saved_dense_layers(args.weights)
+        if args.dense_layers is None and trained_dense is not None:
+            schedule_defaults = dict(schedule_defaults, dense_layers=trained_dense)
     schedule = schedule_from_args(args, defaults=schedule_defaults)
 
     accepts = _accepts(pipe)

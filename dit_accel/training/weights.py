@@ -25,7 +25,8 @@ from ..methods import Method, method_from_name
 
 __all__ = [
     "LORA_FILE", "SLA_FILE", "METHOD_FILE", "ADAPTER_NAME",
-    "save_trained_weights", "load_trained_weights", "load_method", "lora_state_dict", "sla_state_dict",
+    "save_trained_weights", "load_trained_weights", "load_method", "read_weights_info", "lora_state_dict",
+    "sla_state_dict",
 ]
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
@@ -99,6 +100,11 @@ def _read_info(folder: Path) -> dict:
         return json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{path} is not valid JSON ({e}).") from None
+
+
+def read_weights_info(folder) -> dict:
+    """The contents of a fine-tuned folder's ``dit_accel_method.json`` (method, LoRA settings, dense_layers, shape)."""
+    return _read_info(Path(folder))
 
 
 def load_method(folder) -> Method:
