@@ -92,3 +92,80 @@ def test_to_frames_rejects_float_video_in_other_ranges():
         to_frames(torch.zeros(2, 3, 8, 8, dtype=torch.int64))
     # Rounding overshoot is still accepted and clamped.
     assert float(to_frames(video * 1.001).max()) <= 1.0
+
+
+# ------------------------------------------------------------- bench CLI
+@pytest.mark.parametrize("argv, expected", [
+    (["--shapes", "nosuchmodel"], "matches none"),
+    (["--backends", "cuda"], "choose from"),
+    (["--repeats", "0"], "--repeats must be >= 1"),  # before: statistics.StatisticsError traceback
+    (["--warmup", "-1"], "--warmup must be >= 0"),
+    (["--densities", "abc"], "--densities must be"),
+    (["--device", "mps"], "expected cpu or cuda"),  # before: raw torch.Generator RuntimeError
+], ids=["shapes", "backends", "repeats", "warmup", "densities", "device"])
+def test_bench_kernels_rejects_bad_flags_before_running(argv, expected, capsys):
+    from dit_accel.cli.main import main
+
+    assert main(["bench", "kernels", "--device", "cpu", "--quick", "--no-sla", *argv]) == 2
+    assert expected in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["--backend", "cuda"], "--backend cuda"), (["--device", "mps"], "expected cpu or cuda"),
+    (["--density", "2"], "--density must be in (0, 1]"), (["--max-files", "0"], "--max-files must be >= 1"),
+], ids=["backend", "device", "density", "max-files"])
+def test_bench_fidelity_rejects_bad_flags(argv, expected, tmp_path, capsys):
+    from dit_accel.cli.main import main
+
+    assert main(["bench", "fidelity", "--capture", str(tmp_path), *argv]) == 2
+    assert expected in capsys.readouterr().out
+
+
+# -------------------------------------------------------------- eval CLI
+@pytest.mark.parametrize("argv, expected", [
+    (["--frames", "0"], "--frames must be >= 1"), (["--steps", "-2"], "--steps must be >= 1"),
+    (["--device", "mps"], "--device mps"), (["--prompts", "/nonexistent/prompts.txt"], "--prompts"),
+    (["--warmup", "-1"], "--warmup must be >= 0"),
+], ids=["frames", "steps", "device", "prompts-file", "warmup"])
+def test_eval_rejects_bad_flags_with_one_line(argv, expected, tmp_path, capsys):
+    from dit_accel.cli.main import main
+
+    assert main(["eval", "--model", "tiny-wan", "--methods", "dense", "--out", str(tmp_path / "o"), *argv]) == 2
+    assert expected in capsys.readouterr().out
+
+
+def test_eval_tiny_model_uses_smoke_run_sizes_and_grid_sized_methods(tmp_path, monkeypatch):
+    """README: `dit-accel eval --model tiny-wan --methods dense,gna,radial,tile ...` with no sizes.
+
+    Before: the pipeline defaults (Wan: 81 frames at 480x832, 50 steps) ran for hours on a CPU,
+    and GNA's default kernel 7 failed on tiny-wan's (5, 8, 8) grid."""
+    from dit_accel.cli.main import main
+    from dit_accel.eval import runner
+    from dit_accel.methods import GNA
+    from dit_accel.pipelines.tiny import TINY_DEFAULTS, TINY_METHOD_DEFAULTS
+
+    seen = {}
+
+    def fake_run_eval(settings, specs, out, **kwargs):
+        seen.update(settings=settings, specs=specs)
+        raise ValueError("stop before generating")
+
+    monkeypatch.setattr(runner, "run_eval", fake_run_eval)
+    assert main(["eval", "--model", "tiny-wan", "--methods", "dense,gna,tile", "--frames", "9",
+                 "--out", str(tmp_path)]) == 2
+    s, want = seen["settings"], TINY_DEFAULTS["tiny-wan"]
+    assert (s.frames, s.height, s.width, s.steps) == (9, want["height"], want["width"], want["num_inference_steps"])
+    gna = {spec.label: spec.method for spec in seen["specs"]}["gna"]
+    assert gna == GNA(**TINY_METHOD_DEFAULTS["tiny-wan"]["gna"])
+
+
+def test_method_config_entries_override_defaults(tmp_path):
+    from dit_accel.eval.runner import load_method_specs
+    from dit_accel.methods import GNA
+
+    cfg = tmp_path / "m.json"
+    cfg.write_text('{"gna": {"kernel_size": [3, 4, 4]}}')
+    defaults = {"gna": {"kernel_size": (3, 6, 6)}, "tile": {"tile": (1, 8, 8), "window": (3, 1, 1)}}
+    specs = {s.label: s.method for s in load_method_specs(["gna", "tile"], str(cfg), defaults=defaults)}
+    assert specs["gna"] == GNA(kernel_size=(3, 4, 4))
+    assert specs["tile"].tile == (1, 8, 8)

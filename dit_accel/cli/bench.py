@@ -54,7 +54,20 @@ def _floats(text):
     try:
         return [float(x) for x in text.split(",") if x.strip()]
     except ValueError:
-        raise SystemExit(f"dit-accel bench: expected comma-separated numbers, got {text!r}") from None
+        return None
+
+
+def _device_error(device: str, cuda_available: bool):
+    """Why ``--device`` cannot be used here (None when it can)."""
+    import re
+
+    if device == "cpu":
+        return None
+    if not re.fullmatch(r"cuda(:\d+)?", device):
+        return f"--device {device}: expected cpu or cuda (cuda:N)"
+    if not cuda_available:
+        return f"--device {device} but no CUDA device is visible; use --device cpu"
+    return None
 
 
 def _command_line(args) -> str:
@@ -76,10 +89,24 @@ def _run_kernels(args) -> int:
 
     from ..eval import bench
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        print("dit-accel bench kernels: --device cuda but no CUDA device is visible; use --device cpu")
+    from ..kernels.attention import BACKENDS
+
+    def fail(message: str) -> int:
+        print(f"dit-accel bench kernels: {message}")
         return 2
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    error = _device_error(device, torch.cuda.is_available())
+    if error:
+        return fail(error)
+    for name in ("repeats", "warmup"):
+        value, minimum = getattr(args, name), 1 if name == "repeats" else 0
+        if value is not None and value < minimum:
+            return fail(f"--{name} must be >= {minimum}; got {value}")
+    backends = [b.strip() for b in args.backends.split(",") if b.strip()] if args.backends else None
+    unknown = sorted(set(backends or ()) - set(BACKENDS))
+    if unknown or backends == []:
+        return fail(f"--backends {args.backends!r}: choose from {', '.join(BACKENDS)} (comma-separated)")
     cuda = device.startswith("cuda")
     if cuda:
         shapes = bench.GPU_SHAPES[:1] if args.quick else bench.GPU_SHAPES
@@ -87,19 +114,23 @@ def _run_kernels(args) -> int:
         shapes = bench.CPU_QUICK_SHAPES if args.quick else bench.CPU_SHAPES
     if args.shapes:
         keep = [s.strip().lower() for s in args.shapes.split(",")]
+        available = shapes
         shapes = [s for s in shapes if any(k in s.name.lower() for k in keep)]
+        if not shapes:
+            return fail(f"--shapes {args.shapes!r} matches none of the {'GPU' if cuda else 'CPU'} shapes: "
+                        f"{', '.join(s.name for s in available)}")
     densities = _floats(args.densities) if args.densities else (
         bench.CPU_QUICK_DENSITIES if args.quick else bench.DENSITIES)
-    if any(not 0 < d <= 1 for d in densities):
-        print(f"dit-accel bench kernels: --densities must be in (0, 1]; got {densities}")
-        return 2
+    if not densities or any(not 0 < d <= 1 for d in densities):
+        return fail(f"--densities must be comma-separated numbers in (0, 1] such as 0.1,0.25; "
+                    f"got {args.densities!r}")
     repeats = args.repeats if args.repeats is not None else (2 if args.quick and not cuda else None)
     dtype = getattr(torch, args.dtype) if args.dtype else None
     if not cuda:
         print("NOTE: CPU run - reduced shapes and the PyTorch backend (Triton kernels need a GPU); "
               "numbers are not comparable with GPU numbers.")
     result = bench.bench_kernels(shapes, densities, device=device, dtype=dtype, warmup=args.warmup, repeats=repeats,
-                                 backends=args.backends.split(",") if args.backends else None, sla=not args.no_sla)
+                                 backends=backends, sla=not args.no_sla)
     result["command"] = _command_line(args)
     print(f"device: {result['device_name']}, dtype {result['dtype']}, versions {result['versions']}, "
           f"{result['date']}, load average {result['load_average']}")
@@ -117,9 +148,22 @@ def _run_kernels(args) -> int:
 
 
 def _run_fidelity(args) -> int:
+    import torch
+
     from ..eval.fidelity import bench_fidelity, fidelity_table
     from ..eval.runner import load_method_specs
+    from ..kernels.attention import BACKENDS
 
+    error = _device_error(args.device, torch.cuda.is_available())
+    if error is None and args.backend not in ("auto",) + BACKENDS:
+        error = f"--backend {args.backend}: choose from auto, {', '.join(BACKENDS)}"
+    if error is None and args.density is not None and not 0 < args.density <= 1:
+        error = f"--density must be in (0, 1]; got {args.density}"
+    if error is None and args.max_files is not None and args.max_files < 1:
+        error = f"--max-files must be >= 1; got {args.max_files}"
+    if error:
+        print(f"dit-accel bench fidelity: {error}")
+        return 2
     try:
         specs = load_method_specs(args.methods.split(","), args.method_config, include_dense=True)
         result = bench_fidelity(args.capture, {s.label: s.method for s in specs}, match_density=args.density,

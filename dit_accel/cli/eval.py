@@ -67,23 +67,51 @@ def run(args) -> int:
 
     from ..eval.runner import EvalSettings, load_method_specs, run_eval
 
+    from ..pipelines.tiny import TINY_DEFAULTS, TINY_METHOD_DEFAULTS, is_tiny_model
+
+    def fail(message: str) -> int:
+        print(f"dit-accel eval: {message}")
+        return 2
+
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device != "cpu" and not (device.startswith("cuda") and torch.cuda.is_available()):
+        return fail(f"--device {device}: use cpu" + (" or cuda" if torch.cuda.is_available() else
+                                                     " (no CUDA device is visible here)"))
     dtype = args.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
+    for name in ("frames", "height", "width", "steps", "max_sequence_length", "repeats"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            return fail(f"--{name.replace('_', '-')} must be >= 1; got {value}")
+    if args.warmup < 0:
+        return fail(f"--warmup must be >= 0; got {args.warmup}")
+    if not args.seeds:
+        return fail("--seeds needs at least one seed, e.g. --seeds 0,1")
     if args.prompts:
-        with open(args.prompts) as fh:
-            prompts = [line.strip() for line in fh if line.strip() and not line.startswith("#")]
+        try:
+            with open(args.prompts) as fh:
+                prompts = [line.strip() for line in fh if line.strip() and not line.startswith("#")]
+        except OSError as exc:
+            return fail(f"--prompts {args.prompts}: {exc.strerror or exc}; pass a text file, one prompt per line")
     else:
         prompts = args.prompt or ["a red panda walking through a bamboo forest, cinematic lighting"]
-    if args.repeats < 1:
-        raise SystemExit("dit-accel eval: --repeats must be >= 1")
+    # Tiny models: unset sizes and method options take the grid-sized smoke-run defaults that
+    # `dit-accel generate` uses; the pipeline defaults (e.g. Wan 81x480x832, 50 steps) would run for
+    # hours on a CPU, and paper-sized windows are invalid on a (5, 8, 8) grid.
+    tiny = is_tiny_model(args.model)
+    suggested = TINY_DEFAULTS.get(args.model, {}) if tiny else {}
+
+    def pick(value, key):
+        return value if value is not None else suggested.get(key)
+
     try:
-        specs = load_method_specs(args.methods.split(","), args.method_config)
+        specs = load_method_specs(args.methods.split(","), args.method_config,
+                                  defaults=TINY_METHOD_DEFAULTS.get(args.model) if tiny else None)
     except (ValueError, OSError) as exc:
-        print(f"dit-accel eval: {exc}")
-        return 2
-    settings = EvalSettings(model=args.model, prompts=prompts, seeds=args.seeds, frames=args.frames,
-                            height=args.height, width=args.width, steps=args.steps,
-                            guidance_scale=args.guidance_scale, max_sequence_length=args.max_sequence_length,
+        return fail(str(exc))
+    settings = EvalSettings(model=args.model, prompts=prompts, seeds=args.seeds, frames=pick(args.frames, "num_frames"),
+                            height=pick(args.height, "height"), width=pick(args.width, "width"),
+                            steps=pick(args.steps, "num_inference_steps"), guidance_scale=args.guidance_scale,
+                            max_sequence_length=pick(args.max_sequence_length, "max_sequence_length"),
                             device=device, dtype=dtype, repeats=args.repeats, warmup=args.warmup)
     try:
         from ..pipelines.loading import ModelLoadError

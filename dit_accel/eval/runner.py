@@ -95,7 +95,7 @@ def _read_config(path: str):
 
 
 def load_method_specs(methods: Optional[Sequence[str]], config_path: Optional[str] = None, *,
-                      include_dense: bool = False) -> List[MethodSpec]:
+                      include_dense: bool = False, defaults: Optional[Dict[str, dict]] = None) -> List[MethodSpec]:
     """Method rows from ``--methods`` names and an optional ``--method-config`` file.
 
     The file (JSON or YAML) maps a method name to its options, or to a list of
@@ -105,6 +105,8 @@ def load_method_specs(methods: Optional[Sequence[str]], config_path: Optional[st
     ``methods`` without a config entry use the method's defaults; with
     ``methods`` given, config entries of other methods are ignored. ``dense`` is
     the eval baseline itself and gets no spec unless ``include_dense``.
+    ``defaults`` (``{name: options}``, e.g. the tiny models' grid-sized settings)
+    replaces the method's own defaults for names without a config entry.
     """
     entries: List[tuple] = []
     if config_path:
@@ -125,7 +127,7 @@ def load_method_specs(methods: Optional[Sequence[str]], config_path: Optional[st
     if names is not None:
         entries = [e for e in entries if e[0].lower() in names]
         configured = {e[0].lower() for e in entries}
-        entries += [(n, {}, n) for n in names if n not in configured]
+        entries += [(n, dict((defaults or {}).get(n, {})), n) for n in names if n not in configured]
     specs, seen = [], set()
     for name, opts, label in entries:
         if name.lower() == "dense" and not include_dense:
