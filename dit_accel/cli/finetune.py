@@ -55,9 +55,10 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
                         "in distill mode it supplies real latents and prompts)")
     g.add_argument("--output", required=True, metavar="DIR", help="output folder (weights, checkpoints, log)")
     g.add_argument("--batch-size", type=int, default=1, help="samples per process per micro-batch (default 1)")
-    g.add_argument("--gradient-accumulation-steps", type=int, default=1, metavar="A",
-                   help="micro-batches per optimizer step (default 1); distillation needs ~8+ samples per step "
-                        "(batch x A x processes) for short runs to lower the held-out loss")
+    g.add_argument("--gradient-accumulation-steps", type=int, default=None, metavar="A",
+                   help="micro-batches per optimizer step (samples per step = batch x A x processes). Default: "
+                        "distill: enough for 8 samples per step (one-sample distillation steps mostly fit noise), "
+                        "data: 1")
     g.add_argument("--frames", type=int, default=None, help="frames per sample (default: 81; tiny models: 17)")
     g.add_argument("--height", type=int, default=None, help="pixel height (default: 480; tiny models: 128)")
     g.add_argument("--width", type=int, default=None, help="pixel width (default: 832; tiny models: 128)")

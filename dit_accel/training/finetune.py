@@ -60,6 +60,8 @@ LOG_FILE = "finetune_log.json"
 CKPT_DIR = "checkpoints"
 DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 _CACHED_PROMPTS = 256
+# Default samples per optimizer step in distill mode (see FinetuneConfig, "Samples per step").
+DISTILL_SAMPLES_PER_STEP = 8
 
 # Settings that may change between a run and its resumption (they do not change the trajectory).
 _RESUMABLE = {"steps", "checkpoint_every", "log_every", "resume", "overwrite", "output", "checkpoints_total_limit",
@@ -86,8 +88,8 @@ class FinetuneConfig:
         batch_size: samples per process per micro-batch. frames, height, width: pixel shape.
         gradient_accumulation_steps: micro-batches averaged into one optimizer step
             (samples per step = batch_size x this x processes; memory stays that of one micro-batch).
-            Distillation gradients are mostly sample-specific: with fewer than ~8 samples per step
-            the held-out loss can rise over the first tens of steps (see "Samples per step" below).
+            ``None`` (default): distill mode accumulates until a step holds at least
+            ``DISTILL_SAMPLES_PER_STEP`` (8) samples, data mode uses 1 (see "Samples per step" below).
         seed: seeds LoRA init, noise, timesteps, prompt choice and data order.
         checkpoint_every: checkpoint each K steps (0: only the final step).
         resume: continue from the last checkpoint in ``output``.
@@ -100,11 +102,12 @@ class FinetuneConfig:
         eval_batches: fixed held-out batches whose loss is measured before the
             first and after the last step (``eval_loss_start``/``eval_loss_end``; 0 disables).
 
-    Samples per step (measured on tiny-wan, SLA(topk=0.5), distill, 10 steps): per-sample
-    gradients are almost orthogonal (pairwise cosine 0.00 +- 0.03 in every parameter group),
-    so one-sample steps mostly fit the sample's own noise: at batch 1 no learning rate from
-    1e-5 to 2e-3 lowered the held-out loss (x1.00 to x1.16), while 16 samples per step at
-    lr 1e-3 lowered it 5-8% on each of 4 seeds. Long runs average the noise out either way.
+    Samples per step (measured on tiny-wan, SLA(topk=0.5), distill, 10 steps): the mean
+    gradient over many samples is stable (two disjoint 48-sample means agree at cosine 0.88),
+    but each sample's gradient points along it with a random sign (pairwise cosine 0.00 +- 0.03),
+    so one-sample steps mostly fit that sample: at batch 1 no learning rate from 1e-5 to 2e-3
+    lowered the held-out loss (x1.00 to x1.16), while 16 samples per step at lr 1e-3 lowered it
+    5-8% on each of 4 seeds. Long runs average the noise out either way.
     """
 
     model: Any
@@ -119,7 +122,7 @@ class FinetuneConfig:
     prompts: Optional[str] = None
     data: Optional[str] = None
     batch_size: int = 1
-    gradient_accumulation_steps: int = 1
+    gradient_accumulation_steps: Optional[int] = None
     frames: int = 81
     height: int = 480
     width: int = 832
@@ -168,10 +171,15 @@ def validate_config(config: FinetuneConfig) -> None:
              f"method={c.method!r} is invalid: fine-tuning supports {list(FINETUNE_METHODS)} configs "
              "(e.g. dit_accel.SLA(topk=0.05)).")
     _require(c.mode in MODES, f"--mode {c.mode!r} is invalid: choose one of {list(MODES)}.")
-    for name in ("steps", "rank", "batch_size", "gradient_accumulation_steps", "frames", "height", "width", "max_sequence_length"):
+    for name in ("steps", "rank", "batch_size", "frames", "height", "width", "max_sequence_length"):
         v = getattr(c, name)
         _require(isinstance(v, int) and not isinstance(v, bool) and v > 0,
                  f"--{name.replace('_', '-')} {v!r} is invalid: must be a positive integer.")
+    _require(c.gradient_accumulation_steps is None or (
+        isinstance(c.gradient_accumulation_steps, int) and not isinstance(c.gradient_accumulation_steps, bool)
+        and c.gradient_accumulation_steps > 0),
+        f"--gradient-accumulation-steps {c.gradient_accumulation_steps!r} is invalid: must be a positive integer "
+        "(or unset for the mode's default).")
     for name in ("checkpoint_every", "lr_warmup_steps", "seed", "checkpoints_total_limit", "eval_batches"):
         v = getattr(c, name)
         _require(isinstance(v, int) and v >= 0, f"--{name.replace('_', '-')} {v!r} is invalid: must be an integer >= 0.")
@@ -503,6 +511,8 @@ def finetune(config: FinetuneConfig) -> Dict[str, Any]:
     latent_shape = io.latent_shape(config.batch_size, config.frames, config.height, config.width)
 
     accum = config.gradient_accumulation_steps
+    if accum is None:
+        accum = math.ceil(DISTILL_SAMPLES_PER_STEP / (config.batch_size * world)) if config.mode == "distill" else 1
 
     def batch_for(step: int, held_out: bool = False):
         # ``step`` counts micro-batches (optimizer step * accum + micro), so accum=1 keeps the streams of
@@ -555,12 +565,13 @@ def finetune(config: FinetuneConfig) -> Dict[str, Any]:
     _init_output(config, accelerator, out, out_contents)
 
     samples_per_step = config.batch_size * accum * accelerator.num_processes
-    if config.mode == "distill" and samples_per_step < 8 and config.progress and accelerator.is_main_process:
+    if config.mode == "distill" and samples_per_step < DISTILL_SAMPLES_PER_STEP and config.progress \
+            and accelerator.is_main_process:
         import sys
 
         print(f"note: {samples_per_step} sample(s) per optimizer step; distillation gradients are mostly "
-              "sample-specific, so the loss can rise before it falls. --gradient-accumulation-steps 8 (or a "
-              "larger --batch-size / more processes) averages them.", file=sys.stderr)
+              "sample-specific, so the held-out loss can rise before it falls. Leave --gradient-accumulation-steps "
+              f"unset (>= {DISTILL_SAMPLES_PER_STEP} samples per step) or raise --batch-size.", file=sys.stderr)
 
     from tqdm.auto import tqdm
 
@@ -614,6 +625,7 @@ def finetune(config: FinetuneConfig) -> Dict[str, Any]:
             "device": str(device),
             "token_grid": list(grid),
             "trainable_parameters": int(sum(p.numel() for p in trainable)),
+            "gradient_accumulation_steps": accum,
             "samples_per_step": samples_per_step,
             "resumed_from": resumed_from,
             "seconds_this_session": round(seconds, 3),
@@ -629,6 +641,7 @@ def finetune(config: FinetuneConfig) -> Dict[str, Any]:
     return {
         "output": str(out), "loss": losses, "initial_loss": losses[0] if losses else None,
         "final_loss": losses[-1] if losses else None, "steps": config.steps, "resumed_from": resumed_from,
-        "seconds": seconds, "num_processes": world, "eval_loss_start": eval_start, "eval_loss_end": eval_end, "pipe": pipe, "handle": handle,
+        "seconds": seconds, "num_processes": world, "samples_per_step": samples_per_step,
+        "eval_loss_start": eval_start, "eval_loss_end": eval_end, "pipe": pipe, "handle": handle,
         "sla_state": sla_state_dict(projections) if projections else {},
     }
