@@ -169,3 +169,19 @@ def test_method_config_entries_override_defaults(tmp_path):
     specs = {s.label: s.method for s in load_method_specs(["gna", "tile"], str(cfg), defaults=defaults)}
     assert specs["gna"] == GNA(kernel_size=(3, 4, 4))
     assert specs["tile"].tile == (1, 8, 8)
+
+
+# ------------------------------------------------------ tiny-model defaults
+@pytest.mark.parametrize("model, grid", [("tiny-wan", (5, 8, 8)), ("tiny-flux", (16, 16))], ids=["wan", "flux"])
+def test_tiny_method_defaults_are_sparse_on_their_grid(model, grid):
+    """A sparse method's smoke-run default must actually skip blocks (tiny-flux GNA visited 100%)."""
+    from dit_accel.methods import method_from_name
+    from dit_accel.pipelines.plans import build_plan
+    from dit_accel.pipelines.tiny import TINY_METHOD_DEFAULTS
+
+    for name, options in TINY_METHOD_DEFAULTS[model].items():
+        plan = build_plan(method_from_name(name, **options), grid)
+        if plan.kind == "layout":
+            assert plan.density < 1.0, (name, options, plan.density)
+        else:
+            assert plan.kind == "sla", (name, plan.kind)

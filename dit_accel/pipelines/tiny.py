@@ -57,7 +57,9 @@ TINY_METHOD_DEFAULTS = {
     },
     "tiny-flux": {  # image grid (16, 16): four 8x8 tiles
         "tile": {"tile": (8, 8), "window": (1, 1)},
-        "gna": {"kernel_size": (8, 8)},
+        # A stride-1 window visits all four 64-token blocks of a 16x16 grid (density 1.0);
+        # stride = kernel = tile is GNA's blocked special case: perfectly block-sparse, 1 of 4.
+        "gna": {"kernel_size": (8, 8), "stride": (8, 8)},
         "sla": {"topk": 0.5},
     },
 }
