@@ -41,8 +41,10 @@ def prompts_file(tmp_path_factory):
 
 
 def _config(output, prompts, **kw):
-    base = dict(model="tiny-wan", method=METHOD, output=str(output), prompts=None if prompts is None else str(prompts), steps=10, lr=2e-3, rank=4,
-                seed=0, progress=False, eval_batches=0, gradient_accumulation_steps=1, **SHAPE)
+    # One sample per step keeps these runs fast; the default (8 samples in distill mode) is tested separately.
+    base = dict(model="tiny-wan", method=METHOD, output=str(output), prompts=None if prompts is None else str(prompts),
+                steps=10, lr=2e-3, rank=4, seed=0, progress=False, eval_batches=0, gradient_accumulation_steps=1,
+                **SHAPE)
     base.update(kw)
     return FinetuneConfig(**base)
 

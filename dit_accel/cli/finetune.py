@@ -7,8 +7,8 @@ Examples::
         --mode distill --prompts prompts.txt --steps 2000 --lr 1e-4 --rank 64 --output sla-wan \\
         --mixed-precision bf16 --gradient-checkpointing --checkpoint-every 200
 
-    # several GPUs; on a machine without CUDA the same line runs N CPU processes over gloo
-    # (plain `accelerate launch --cpu --num_processes 2` starts only one process unless mpirun is set up)
+    # several GPUs; on a machine without CUDA the same line runs N CPU processes over gloo.
+    # --multi_gpu is needed for CPU processes too: without it (or with --cpu) accelerate starts ONE process.
     accelerate launch --multi_gpu --num_processes 2 -m dit_accel.cli.finetune --model tiny-wan --method gna ...
 
     # load the result

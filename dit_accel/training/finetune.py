@@ -393,8 +393,10 @@ def finetune(config: FinetuneConfig) -> Dict[str, Any]:
 
     Returns a dict with ``output`` (folder), ``loss`` (per-step losses, averaged
     over processes), ``initial_loss``, ``final_loss``, ``steps``, ``resumed_from``
-    (step or None), ``seconds`` and the live objects ``pipe`` and ``handle``
-    (the trained student, dit_accel installed, LoRA active).
+    (step or None), ``seconds``, ``samples_per_step``, ``eval_loss_start`` /
+    ``eval_loss_end`` (held-out student-teacher or flow loss, None when
+    ``eval_batches=0``) and the live objects ``pipe`` and ``handle`` (the trained
+    student, dit_accel installed, LoRA active).
 
     All input errors (ValueError) are raised before the first optimizer step.
     """
