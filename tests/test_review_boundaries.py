@@ -185,3 +185,11 @@ def test_tiny_method_defaults_are_sparse_on_their_grid(model, grid):
             assert plan.density < 1.0, (name, options, plan.density)
         else:
             assert plan.kind == "sla", (name, plan.kind)
+
+
+def test_stats_reads_device_densities_in_one_batch():
+    from dit_accel.pipelines.apply import _as_floats
+
+    values = [0.5, None, torch.tensor(0.25), torch.tensor([0.75]), 1]
+    assert sorted(_as_floats(values)) == [0.25, 0.5, 0.75, 1.0]
+    assert _as_floats([]) == []

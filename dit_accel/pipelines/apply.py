@@ -73,6 +73,24 @@ class _Layer:
         return self.state.preset
 
 
+def _as_floats(values) -> List[float]:
+    """Floats and 0-d tensors -> Python floats, one device sync per device (not one per call).
+
+    SLA densities stay on the device during generation (no host sync on the attention
+    path); thousands of per-call ``float(t)`` reads in stats() would each wait for the GPU.
+    """
+    out: List[float] = []
+    by_device: Dict[torch.device, list] = {}
+    for v in values:
+        if isinstance(v, torch.Tensor):
+            by_device.setdefault(v.device, []).append(v.detach().float().reshape(()))
+        elif v is not None:
+            out.append(float(v))
+    for tensors in by_device.values():
+        out.extend(torch.stack(tensors).cpu().tolist())
+    return out
+
+
 def _check_int(name: str, value, minimum: int = 0) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"{name}={value!r} is invalid: expected an int >= {minimum}")
@@ -374,7 +392,7 @@ class AccelHandle:
             for start, end in s.events:
                 s.time_ms += start.elapsed_time(end)
             s.events.clear()
-            values = [float(d) for d in s.densities if d is not None]
+            values = _as_floats(s.densities)
             rows.append({
                 "layer": layer.name,
                 "index": layer.index,
