@@ -1,102 +1,89 @@
-"""AOT compile checks of every shipped SLA kernel config for sm_80 / sm_89 / sm_90 (no GPU needed).
+"""Every shipped SLA kernel configuration compiles for sm_80, sm_89 and sm_90 and fits (no GPU needed).
 
-Fails on Triton compile errors and on shared memory above the target's per-block limit.
-The linear-branch flags are set to the heaviest variant (HAS_LIN and SUB_CRIT on); fp16 and
-bf16 use the same tile sizes, so bf16 stands for both half types. Set DIT_ACCEL_AOT_FULL=1 for
-the whole matrix (3 kernels x 3 targets x 4 tile shapes).
+``shipped_sla_configs()`` is what the launchers can pick on CUDA: 3 kernels (forward, dQ,
+dK/dV) x fp16 / bf16 x padded head dim 64 / 128 x linear-branch variant (none, direct,
+subtract) = 36 per arch, 108 compiles. They run through ``triton_compile.compile_shipped``
+(2 spawned worker processes, each compiling many configs after one import; triton's on-disk
+cache makes warm runs fast). Fails on compile errors, on shared memory above the part's
+limit and on kernels without tensor-core instructions. Numbers are checked by the
+interpreter tests (test_sla_triton.py).
 """
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
 
-from dit_accel.kernels import sla_triton as st
+pytest.importorskip("triton")
 
-ROOT = Path(__file__).resolve().parents[1]
-SMEM_LIMIT = {80: 163 * 1024, 89: 99 * 1024, 90: 227 * 1024}
-KERNELS = {"fwd": st._sla_fwd_kernel, "bwd_dq": st._sla_bwd_dq_kernel, "bwd_dkdv": st._sla_bwd_dkdv_kernel}
-FP32_PTRS = {"LSE", "NUM", "DEN", "DELTA", "DNUM", "DDEN", "DSCALE"}
-DTYPE_PTRS = {"Q", "K", "V", "O", "DO", "DQ", "DK", "DV"}
-INT_PTRS = {"CRIT", "LIN", "CRIT_T", "CRIT_T_CNT", "LIN_T", "LIN_T_CNT"}
-CONSTEXPRS = ("BLOCK_M", "SUB", "BLOCK_N", "BLOCK_D", "FEATURE", "HAS_LIN", "SUB_CRIT", "LIN_SIGN", "LIN_FP32")
-TORCH_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+from dit_accel.kernels import sla_triton as st  # noqa: E402
+from dit_accel.kernels.sla import SLABlocks, sla_classify  # noqa: E402
+from dit_accel.kernels.triton_compile import TARGET_ARCHS, compile_shipped, shared_memory_limit  # noqa: E402
+from dit_accel.methods import SLA  # noqa: E402
 
-
-def _signature(kernel, dtype: str) -> dict:
-    sig = {}
-    for name in kernel.arg_names:
-        if name in CONSTEXPRS:
-            sig[name] = "constexpr"
-        elif name in FP32_PTRS:
-            sig[name] = "*fp32"
-        elif name in INT_PTRS:
-            sig[name] = "*i32"
-        elif name in DTYPE_PTRS:
-            sig[name] = f"*{dtype}"
-        elif name == "scale":
-            sig[name] = "fp32"
-        else:
-            sig[name] = "i32"
-    return sig
-
-
-# (block_q, head dim): head dim 64 -> BLOCK_D 64; 80, 96, 128 -> BLOCK_D 128. fp16 shares bf16's tiles.
-SHAPES = [(64, 64), (64, 128), (128, 64), (128, 128)]
-# Shipped GPU configs are half precision: sla_attention's "auto" runs fp32 through the PyTorch twin
-# on CUDA (fp32 fwd / dQ tiles need 112 / 160 KiB at D = 128, above sm_89's limit; measured with
-# this file's compile_case).
-ALL_CASES = [(kname, arch, bq, d, "bf16") for kname in KERNELS for arch in SMEM_LIMIT for bq, d in SHAPES]
-# AOT compiles of the D = 128 tiles take about a minute each on a small CPU, so by default the
-# tightest one runs (dK/dV at D = 128 on sm_89: 96 of 99 KiB) plus the other two kernels at D = 64
-# (seconds each); DIT_ACCEL_AOT_FULL=1 runs every config.
-DEFAULT_CASES = [("bwd_dkdv", 89, 128, 128, "bf16"), ("fwd", 89, 128, 64, "bf16"), ("bwd_dq", 89, 128, 64, "bf16")]
-CASES = ALL_CASES if os.environ.get("DIT_ACCEL_AOT_FULL") == "1" else DEFAULT_CASES
-IDS = [f"{k}-sm{a}-bq{b}-d{d}-{t}" for k, a, b, d, t in CASES]
-
-
-def compile_case(kname, arch, block_q, head_dim, dtype) -> int:
-    """AOT-compile one kernel config; returns its shared memory in bytes."""
-    kernel = KERNELS[kname]
-    cfg = st.launch_config(block_q, head_dim, TORCH_DTYPES[dtype], kname)
-    options = {"num_warps": cfg.pop("num_warps"), "num_stages": cfg.pop("num_stages")}
-    consts = dict(cfg, FEATURE=0, HAS_LIN=True, SUB_CRIT=True, LIN_SIGN=-1)
-    src = ASTSource(fn=kernel, signature=_signature(kernel, dtype), constexprs=consts)
-    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
-    return compiled.metadata.shared
-
-
-def _compile_all() -> dict:
-    out = {}
-    for case, name in zip(CASES, IDS):
-        try:
-            out[name] = compile_case(*case)
-        except Exception as exc:  # reported per case by the test below
-            out[name] = f"{type(exc).__name__}: {exc}"[:2000]
-    return out
+# (has_lin, sub_crit) the launchers can be asked for; (False, True) normalises to (False, False).
+FLAG_REQUESTS = [(False, False), (False, True), (True, False), (True, True)]
 
 
 @pytest.fixture(scope="module")
 def compiled():
-    # The kernels must be real JITFunctions, so compile in a child without TRITON_INTERPRET.
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "tests"), env.get("PYTHONPATH", "")])
-    code = "import json, test_sla_compile as t; print(json.dumps(t._compile_all()))"
-    res = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True,
-                         timeout=60 * len(CASES) + 300)
-    assert res.returncode == 0, res.stderr[-4000:]
-    return json.loads(res.stdout.strip().splitlines()[-1])
+    configs = st.shipped_sla_configs()
+    return compile_shipped(TARGET_ARCHS, workers=2, configs={a: configs for a in TARGET_ARCHS})
 
 
-@pytest.mark.parametrize("case", IDS)
-def test_sla_kernel_compiles_within_shared_memory(compiled, case):
-    arch = int(case.split("-sm")[1].split("-")[0])
-    shared = compiled[case]
-    assert isinstance(shared, int), f"{case} failed to compile: {shared}"
-    assert shared <= SMEM_LIMIT[arch], f"{case} needs {shared} B of shared memory, limit {SMEM_LIMIT[arch]} B"
+@pytest.mark.parametrize("arch", TARGET_ARCHS, ids=lambda a: f"sm_{a}")
+def test_every_shipped_sla_config_compiles_and_fits(compiled, arch):
+    rows = [r for r in compiled if r["arch"] == arch]
+    assert sorted(r["name"] for r in rows) == sorted(c.name for c in st.shipped_sla_configs())
+    failed = [f"{r['name']}: {r['error']}" for r in rows if r["error"] is not None]
+    assert not failed, "SLA kernels that do not compile for sm_%d:\n%s" % (arch, "\n".join(failed))
+    too_big = [f"{r['name']}: {r['shared']} B > {r['limit']} B" for r in rows if r["shared"] > r["limit"]]
+    assert not too_big, "SLA kernels over the shared-memory limit of sm_%d:\n%s" % (arch, "\n".join(too_big))
+
+
+def test_sla_kernels_use_tensor_cores(compiled):
+    """Every SLA kernel's dots must compile to mma (sm_80/89) or wgmma/mma (sm_90), not FMA loops."""
+    no_mma = [f"sm_{r['arch']} {r['name']}" for r in compiled if r["error"] is None and not r["mma"]]
+    assert not no_mma, f"no mma in the PTX of: {no_mma}"
+
+
+def test_shipped_list_covers_every_launch_choice():
+    shipped = set(st.shipped_sla_configs())
+    for kernel in st.SLA_KERNELS:
+        for dtype in st.SLA_DTYPES:
+            for d in (1, 8, 16, 32, 48, 64, 72, 80, 96, 112, 128):
+                for has_lin, sub_crit in FLAG_REQUESTS:
+                    assert st.select_sla_config(kernel, dtype, d, has_lin, sub_crit) in shipped
+
+
+def test_shipped_list_spans_dtypes_head_dims_kernels_and_variants():
+    configs = st.shipped_sla_configs()
+    assert len(configs) == 36 == len(set(configs))
+    assert {c.dtype for c in configs} == {torch.float16, torch.bfloat16}
+    assert {c.block_d for c in configs} == {64, 128}
+    assert {c.kernel for c in configs} == {"fwd", "bwd_dq", "bwd_dkdv"}
+    assert {(c.has_lin, c.sub_crit) for c in configs} == {(False, False), (True, False), (True, True)}
+
+
+@pytest.mark.parametrize("path", ["none", "direct", "subtract"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_launchers_launch_only_shipped_configs(monkeypatch, dtype, path):
+    """The forward and backward launchers pick their kernels through select_sla_config: record them."""
+    launched = []
+    monkeypatch.setattr(st, "_launch", lambda cfg, grid, *args: launched.append(cfg))
+    method = SLA(topk=0.3, negligible=0.3, block_q=128)
+    q, k, v = (torch.randn(1, 2, 200, 80, dtype=dtype) for _ in range(3))
+    blocks: SLABlocks = sla_classify(q.float(), k.float(), method)
+    lin = {"none": blocks.critical[..., :0], "direct": blocks.marginal.to(torch.int32),
+           "subtract": blocks.negligible}[path]
+    has_lin, sub, sign = path != "none", path == "subtract", -1 if path == "subtract" else 1
+    o, lse, num, den = st.sla_forward(q, k, v, blocks.critical, lin, 0.1, 0, has_lin, sub, sign, 128)
+    dnum = torch.zeros(q.shape) if has_lin else num
+    den_grad = torch.zeros(lse.shape) if has_lin else den
+    st.sla_backward(torch.zeros_like(q), torch.zeros_like(lse), dnum, den_grad, q, k, v, q, lse,
+                    blocks.critical, lin, 0.1, 0, has_lin, sub, sign, 128)
+    assert [c.kernel for c in launched] == ["fwd", "bwd_dq", "bwd_dkdv"]
+    assert set(launched) <= set(st.shipped_sla_configs())
+    assert {(c.has_lin, c.sub_crit, c.block_d, c.dtype) for c in launched} == {(has_lin, sub, 128, dtype)}
+
+
+def test_shared_memory_limits():
+    # Max dynamic shared memory per block, CUDA C programming guide (compute capabilities table).
+    assert [shared_memory_limit(a) for a in TARGET_ARCHS] == [163 * 1024, 99 * 1024, 227 * 1024]

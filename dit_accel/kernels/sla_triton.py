@@ -1,109 +1,188 @@
 """Fused Triton kernels of SLA (sparse-linear attention), forward and backward.
 
-One program per query block (forward, dQ) or key block (dK/dV). The forward pass loads each
+One program per query tile (forward, dQ) or key block (dK/dV). The forward pass loads each
 critical key block once and uses it twice: the online-softmax update of the sparse branch
 and, when the marginal sums are taken by subtraction, the removal of that block from the
 linear branch (``num -= (phi(q) phi(K_j)^T) V_j``, ``den -= rowsum(phi(q) phi(K_j)^T)``).
-A second, optional list of key blocks adds (``+1``) or removes (``-1``) linear-attention
-terms only: the negligible blocks (subtracted) or the marginal blocks (added directly, when
-there are fewer of them than critical + negligible ones).
+A second, optional list of key blocks adds (``lin_sign = +1``) or removes (``-1``)
+linear-attention terms only: the marginal blocks (added directly, when there are fewer of
+them than critical + negligible ones) or the negligible blocks (subtracted).
 
 The kernels return the linear branch's *corrections* ``num_c`` / ``den_c``; the caller adds
 the global term ``phi(q) @ (phi(K)^T V)`` (a dense matmul, cuBLAS-fast, and autograd-native
 so its backward needs no kernel) and divides. Backward: a dQ kernel (over the critical and
-linear lists of a query block) and a dK/dV kernel (over the transposed lists of a key block),
-both recomputing ``phi`` in-kernel. Pointer arithmetic only (no block pointers).
+linear lists of a query tile) and a dK/dV kernel (over the transposed lists of a key block).
+Pointer arithmetic only (no block pointers).
+
+The feature maps ``phi(q)``, ``phi(k)`` are elementwise PyTorch ops done once per call
+(``O(N D)``), read by the kernels as tensors, and the kernels return the gradients w.r.t.
+them (``dqf``, ``dkf``) for a PyTorch ``phi`` backward. Computing ``phi`` inside the kernels
+recomputed it for every visit of a block and, for the row softmax over the head dim, made
+the kernels so large that ``ptxas`` spilled and took 15-40 s per configuration.
+
+Compile-time variety is kept small so every shipped configuration can be compiled ahead of
+time (:func:`shipped_sla_configs`, ``tests/test_sla_compile.py``): the feature map is not a
+kernel parameter at all, the query tiles per classification block (``SUB``) and the linear
+sign are runtime arguments, and head dims pad to 64 or 128.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List
 
 import torch
 import triton
 import triton.language as tl
 from triton.runtime.errors import OutOfResources
 
-from .sla import true_columns
+from .sla import feature_map, true_columns
 
-__all__ = ["sla_forward", "sla_backward", "FEATURE_IDS", "launch_config", "transposed_lists"]
+__all__ = ["sla_forward", "sla_backward", "FEATURE_IDS", "SLAKernelConfig", "select_sla_config",
+           "shipped_sla_configs", "transposed_lists", "SLA_KERNELS", "SLA_DTYPES", "SLA_BLOCK_DS"]
 
 FEATURE_IDS = {"softmax": 0, "elu": 1, "relu": 2}
-BLOCK_K = 64
+_FEATURE_NAMES = {i: name for name, i in FEATURE_IDS.items()}
+BLOCK_M = 64  # query rows per program; a 128-row classification block is two tiles
+BLOCK_K = 64  # key rows per block (SLA's block_k)
+SLA_KERNELS = ("fwd", "bwd_dq", "bwd_dkdv")
+SLA_DTYPES = (torch.float16, torch.bfloat16)  # on CUDA; the CPU interpreter also runs float32
+SLA_BLOCK_DS = (64, 128)  # padded head dims; the fused kernel takes head dims <= 128
+_LIN_VARIANTS = ((False, False), (True, False), (True, True))  # (HAS_LIN, SUB_CRIT) the launchers use
+_DTYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 
 
-def launch_config(block_q: int, head_dim: int, dtype: torch.dtype, kernel: str = "fwd") -> dict:
-    """Compile-time tile sizes and launch options shared by the kernels and the AOT checks.
+@dataclass(frozen=True)
+class SLAKernelConfig:
+    """One compiled variant of an SLA kernel: its constexprs and launch options.
 
-    ``kernel`` is ``"fwd"``, ``"bwd_dq"`` or ``"bwd_dkdv"``. Tiles are 64 query rows; a 128-row
-    classification block is two tiles (SUB = 2). The dK/dV kernel holds the most operands, so it
-    runs unpipelined (one stage: 96 KiB at D = 128 in half precision, within sm_89's 99 KiB; two
-    stages need 104.5 KiB). The linear branch's dots run in the input dtype (its gradients are
-    rescaled per head so fp16 does not underflow).
+    ``has_lin``: the linear branch is on; ``sub_crit``: the critical blocks are also removed
+    from the linear branch's global sums (the "subtract" plan; implies ``has_lin``).
     """
-    block_d = max(16, triton.next_power_of_2(head_dim))
-    fp32 = dtype == torch.float32
-    return {"BLOCK_M": 64, "SUB": block_q // 64, "BLOCK_N": BLOCK_K, "BLOCK_D": block_d,
-            "LIN_FP32": fp32, "num_warps": 4, "num_stages": 1 if fp32 or kernel == "bwd_dkdv" else 2}
+
+    kernel: str
+    dtype: torch.dtype
+    block_d: int
+    has_lin: bool
+    sub_crit: bool
+    num_warps: int
+    num_stages: int
+    block_m: int = BLOCK_M
+    block_n: int = BLOCK_K
+
+    @property
+    def name(self) -> str:
+        lin = "sub" if self.sub_crit else ("lin" if self.has_lin else "nolin")
+        return f"sla_{self.kernel}-{_DTYPE_NAMES[self.dtype]}-d{self.block_d}-{lin}"
+
+    def constexprs(self) -> dict:
+        return {"BLOCK_M": self.block_m, "BLOCK_N": self.block_n, "BLOCK_D": self.block_d,
+                "HAS_LIN": self.has_lin, "SUB_CRIT": self.sub_crit}
+
+    def launch_kwargs(self) -> dict:
+        return dict(self.constexprs(), num_warps=self.num_warps, num_stages=self.num_stages)
+
+    def aot_source(self):
+        """``(kernel, signature, constexprs, attrs)`` for ``triton.compile(ASTSource(...))``.
+
+        Used by :func:`dit_accel.kernels.triton_compile.compile_for_target`. Pointers and the
+        token / batch / head strides get the divisibility-16 hint the JIT gives them in
+        typical launches (contiguous half-precision tensors, head dims 64 / 128).
+        """
+        kernel = _KERNEL_FNS[self.kernel]
+        consts = self.constexprs()
+        ptr = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32"}[self.dtype]
+        signature, attrs = {}, {}
+        for i, name in enumerate(kernel.arg_names):
+            if name in consts:
+                signature[name] = "constexpr"
+                continue
+            if name in ("Q", "K", "V", "O", "DO", "DV"):
+                signature[name] = ptr
+            elif name in ("QF", "KF"):  # phi(q), phi(k) in the linear branch's compute dtype
+                signature[name] = ptr
+            elif name in ("DQ", "DK"):  # fp32 when the phi backward is added on the host
+                signature[name] = "*fp32" if self.has_lin else ptr
+            elif name in ("LSE", "NUM", "DEN", "DELTA", "DNUM", "DDEN", "DSCALE", "DQF", "DKF"):
+                signature[name] = "*fp32"
+            elif name in ("CRIT", "LIN", "CRIT_T", "CRIT_T_CNT", "LIN_T", "LIN_T_CNT"):
+                signature[name] = "*i32"
+            elif name in ("scale", "lin_sign"):
+                signature[name] = "fp32"
+            else:
+                signature[name] = "i32"
+            if signature[name].startswith("*") or name in _DIV16_ARGS:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+        return kernel, signature, consts, attrs
 
 
-@triton.jit
-def _lin(x, ref, LIN_FP32: tl.constexpr):
-    """Cast a linear-branch dot operand to the linear branch's compute dtype."""
-    if LIN_FP32:
-        y = x.to(tl.float32)
-    else:
-        y = x.to(ref.dtype)
-    return y
+_DIV16_ARGS = {"sqb", "sqh", "sqn", "skb", "skh", "skn", "svb", "svh", "svn", "D"}
 
 
-@triton.jit
-def _phi(x, d_valid, FEATURE: tl.constexpr):
-    """Feature map on rows of x (fp32), over the head dim; padded head-dim columns give 0."""
-    if FEATURE == 0:
-        xm = tl.where(d_valid[None, :], x, float("-inf"))
-        e = tl.exp(xm - tl.max(xm, 1)[:, None])
-        f = e / tl.sum(e, 1)[:, None]
-    elif FEATURE == 1:
-        f = tl.where(d_valid[None, :], tl.where(x > 0, x + 1.0, tl.exp(x)), 0.0)
-    else:
-        f = tl.maximum(x, 0.0)
-    return f
+def _block_d(head_dim: int) -> int:
+    return max(SLA_BLOCK_DS[0], triton.next_power_of_2(head_dim))
 
 
-@triton.jit
-def _phi_bwd(x, f, g, d_valid, FEATURE: tl.constexpr):
-    """Gradient of _phi at x (f = phi(x)) for the upstream gradient g."""
-    if FEATURE == 0:
-        dx = f * (g - tl.sum(f * g, 1)[:, None])
-    elif FEATURE == 1:
-        dx = tl.where(d_valid[None, :], g * tl.where(x > 0, 1.0, tl.exp(x)), 0.0)
-    else:
-        dx = tl.where(x > 0, g, 0.0)
-    return dx
+def select_sla_config(kernel: str, dtype: torch.dtype, head_dim: int, has_lin: bool,
+                      sub_crit: bool) -> SLAKernelConfig:
+    """The configuration the launchers use for ``kernel`` on ``dtype`` inputs with ``head_dim``.
+
+    Tiles are 64 x 64 for every head dim (padded to 64 or 128), 4 warps. The forward and dQ
+    kernels double-buffer their loads (two stages) except where that exceeds sm_89's 99 KiB of
+    shared memory: the dK/dV kernel (most operands) and, at head dim 128, the dQ kernel of the
+    subtract plan (three tiles per step: 104 KiB with two stages, 72 KiB with one) run
+    unpipelined. ``float32`` is accepted for the CPU interpreter only: its tiles need up to
+    224 KiB (dK/dV at 128), so CUDA runs fp32 through the PyTorch twin.
+    """
+    if kernel not in SLA_KERNELS:
+        raise ValueError(f"kernel must be one of {SLA_KERNELS}, got {kernel!r}")
+    if dtype not in SLA_DTYPES + (torch.float32,):
+        raise TypeError(f"dtype must be float16 or bfloat16 (float32 in the interpreter), got {dtype}")
+    if not 1 <= head_dim <= SLA_BLOCK_DS[-1]:
+        raise ValueError(f"head_dim must be in [1, {SLA_BLOCK_DS[-1]}] for the fused SLA kernel, got {head_dim}")
+    block_d, sub_crit = _block_d(head_dim), bool(has_lin and sub_crit)
+    one_stage = kernel == "bwd_dkdv" or (kernel == "bwd_dq" and sub_crit and block_d == 128)
+    return SLAKernelConfig(kernel, dtype, block_d, bool(has_lin), sub_crit, num_warps=4,
+                           num_stages=1 if one_stage or dtype == torch.float32 else 2)
+
+
+def shipped_sla_configs() -> List[SLAKernelConfig]:
+    """Every configuration :func:`select_sla_config` returns for a CUDA launch (fp16 / bf16)."""
+    seen = {}
+    for kernel in SLA_KERNELS:
+        for dtype in SLA_DTYPES:
+            for head_dim in range(1, SLA_BLOCK_DS[-1] + 1):
+                for has_lin, sub_crit in _LIN_VARIANTS:
+                    cfg = select_sla_config(kernel, dtype, head_dim, has_lin, sub_crit)
+                    seen.setdefault(cfg, cfg)
+    return list(seen)
 
 
 @triton.jit
 def _sla_fwd_kernel(
-    Q, K, V, CRIT, LIN, O, LSE, NUM, DEN,
+    Q, K, V, QF, KF, CRIT, LIN, O, LSE, NUM, DEN,
     sqb, sqh, sqn, skb, skh, skn, svb, svh, svn,
-    H, NQ_TOK, NK_TOK, D, KC, NL, scale,
-    BLOCK_M: tl.constexpr, SUB: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    FEATURE: tl.constexpr, HAS_LIN: tl.constexpr, SUB_CRIT: tl.constexpr, LIN_SIGN: tl.constexpr,
-    LIN_FP32: tl.constexpr,
+    H, NQ_TOK, NK_TOK, D, KC, NL, SUB, scale, lin_sign,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_LIN: tl.constexpr, SUB_CRIT: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // H
     h = pid_bh % H
-    n_qb = tl.cdiv(NQ_TOK, BLOCK_M * SUB)  # classification blocks
+    n_qb = tl.cdiv(NQ_TOK, BLOCK_M * SUB)  # classification blocks (SUB query tiles each)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     m_valid = offs_m < NQ_TOK
     d_valid = offs_d < D
-    q_base = Q + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh
+    qd_mask = m_valid[:, None] & d_valid[None, :]
     k_base = K + b.to(tl.int64) * skb + h.to(tl.int64) * skh
     v_base = V + b.to(tl.int64) * svb + h.to(tl.int64) * svh
-    q = tl.load(q_base + offs_m[:, None] * sqn + offs_d[None, :], mask=m_valid[:, None] & d_valid[None, :], other=0.0)
+    kf_base = KF + pid_bh.to(tl.int64) * NK_TOK * D
+    q = tl.load(Q + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh + offs_m[:, None] * sqn + offs_d[None, :],
+                mask=qd_mask, other=0.0)
+    row = pid_bh.to(tl.int64) * NQ_TOK + offs_m
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -111,7 +190,7 @@ def _sla_fwd_kernel(
     num = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     den = tl.zeros([BLOCK_M], tl.float32)
     if HAS_LIN:
-        qf = _lin(tl.where(m_valid[:, None], _phi(q.to(tl.float32), d_valid, FEATURE), 0.0), q, LIN_FP32)
+        qf = tl.load(QF + row[:, None] * D + offs_d[None, :], mask=qd_mask, other=0.0)
 
     crit_row = CRIT + (pid_bh.to(tl.int64) * n_qb + pid_m // SUB) * KC
     for c in range(KC):
@@ -130,15 +209,14 @@ def _sla_fwd_kernel(
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
         if HAS_LIN:
-            if SUB_CRIT:  # the same K/V tile leaves the linear branch's global sums
-                kf = _lin(tl.where(k_valid[:, None], _phi(k.to(tl.float32), d_valid, FEATURE), 0.0), q, LIN_FP32)
+            if SUB_CRIT:  # the same V tile leaves the linear branch's global sums
+                kf = tl.load(kf_base + offs_k[:, None] * D + offs_d[None, :], mask=kv_mask, other=0.0)
                 a = tl.dot(qf, tl.trans(kf))
-                num -= tl.dot(_lin(a, q, LIN_FP32), _lin(v, q, LIN_FP32))
+                num -= tl.dot(a.to(v.dtype), v)
                 den -= tl.sum(a, 1)
 
-    o = acc / l_i[:, None]
-    row = pid_bh.to(tl.int64) * NQ_TOK + offs_m
-    tl.store(O + row[:, None] * D + offs_d[None, :], o.to(O.dtype.element_ty), mask=m_valid[:, None] & d_valid[None, :])
+    o = acc * (1.0 / l_i)[:, None]
+    tl.store(O + row[:, None] * D + offs_d[None, :], o.to(O.dtype.element_ty), mask=qd_mask)
     tl.store(LSE + row, m_i + tl.log(l_i), mask=m_valid)
 
     if HAS_LIN:
@@ -146,26 +224,23 @@ def _sla_fwd_kernel(
         for c in range(NL):
             j = tl.load(lin_row + c)
             offs_k = j * BLOCK_N + offs_n
-            k_valid = offs_k < NK_TOK
-            kv_mask = k_valid[:, None] & d_valid[None, :]
-            k = tl.load(k_base + offs_k[:, None] * skn + offs_d[None, :], mask=kv_mask, other=0.0)
+            kv_mask = (offs_k < NK_TOK)[:, None] & d_valid[None, :]
+            kf = tl.load(kf_base + offs_k[:, None] * D + offs_d[None, :], mask=kv_mask, other=0.0)
             v = tl.load(v_base + offs_k[:, None] * svn + offs_d[None, :], mask=kv_mask, other=0.0)
-            kf = _lin(tl.where(k_valid[:, None], _phi(k.to(tl.float32), d_valid, FEATURE), 0.0), q, LIN_FP32)
-            a = tl.dot(qf, tl.trans(kf))
-            num += LIN_SIGN * tl.dot(_lin(a, q, LIN_FP32), _lin(v, q, LIN_FP32))
-            den += LIN_SIGN * tl.sum(a, 1)
-        tl.store(NUM + row[:, None] * D + offs_d[None, :], num, mask=m_valid[:, None] & d_valid[None, :])
+            a = lin_sign * tl.dot(qf, tl.trans(kf))
+            num += tl.dot(a.to(v.dtype), v)
+            den += tl.sum(a, 1)
+        tl.store(NUM + row[:, None] * D + offs_d[None, :], num, mask=qd_mask)
         tl.store(DEN + row, den, mask=m_valid)
 
 
 @triton.jit
 def _sla_bwd_dq_kernel(
-    Q, K, V, DO, LSE, DELTA, DNUM, DDEN, DSCALE, CRIT, LIN, DQ,
+    Q, K, V, KF, DO, LSE, DELTA, DNUM, DDEN, DSCALE, CRIT, LIN, DQ, DQF,
     sqb, sqh, sqn, skb, skh, skn, svb, svh, svn,
-    H, NQ_TOK, NK_TOK, D, KC, NL, scale,
-    BLOCK_M: tl.constexpr, SUB: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    FEATURE: tl.constexpr, HAS_LIN: tl.constexpr, SUB_CRIT: tl.constexpr, LIN_SIGN: tl.constexpr,
-    LIN_FP32: tl.constexpr,
+    H, NQ_TOK, NK_TOK, D, KC, NL, SUB, scale, lin_sign,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_LIN: tl.constexpr, SUB_CRIT: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -180,6 +255,7 @@ def _sla_bwd_dq_kernel(
     qd_mask = m_valid[:, None] & d_valid[None, :]
     k_base = K + b.to(tl.int64) * skb + h.to(tl.int64) * skh
     v_base = V + b.to(tl.int64) * svb + h.to(tl.int64) * svh
+    kf_base = KF + pid_bh.to(tl.int64) * NK_TOK * D
     q = tl.load(Q + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh + offs_m[:, None] * sqn + offs_d[None, :],
                 mask=qd_mask, other=0.0)
     row = pid_bh.to(tl.int64) * NQ_TOK + offs_m
@@ -189,8 +265,7 @@ def _sla_bwd_dq_kernel(
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     dqf = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     if HAS_LIN:
-        qf = tl.where(m_valid[:, None], _phi(q.to(tl.float32), d_valid, FEATURE), 0.0)
-        dnum = _lin(tl.load(DNUM + row[:, None] * D + offs_d[None, :], mask=qd_mask, other=0.0), q, LIN_FP32)
+        dnum = tl.load(DNUM + row[:, None] * D + offs_d[None, :], mask=qd_mask, other=0.0).to(q.dtype)
         dden = tl.load(DDEN + row, mask=m_valid, other=0.0)
 
     crit_row = CRIT + (pid_bh.to(tl.int64) * n_qb + pid_m // SUB) * KC
@@ -208,67 +283,45 @@ def _sla_bwd_dq_kernel(
         dq += tl.dot(ds.to(k.dtype), k)
         if HAS_LIN:
             if SUB_CRIT:
-                kf = _lin(tl.where(k_valid[:, None], _phi(k.to(tl.float32), d_valid, FEATURE), 0.0), q, LIN_FP32)
-                da = tl.dot(dnum, tl.trans(_lin(v, q, LIN_FP32))) + dden[:, None]
-                dqf -= tl.dot(_lin(da, q, LIN_FP32), kf)
-    dq = dq * scale
+                kf = tl.load(kf_base + offs_k[:, None] * D + offs_d[None, :], mask=kv_mask, other=0.0)
+                da = tl.dot(dnum, tl.trans(v)) + dden[:, None]
+                dqf -= tl.dot(da.to(kf.dtype), kf)
+    tl.store(DQ + row[:, None] * D + offs_d[None, :], (dq * scale).to(DQ.dtype.element_ty), mask=qd_mask)
 
     if HAS_LIN:
         lin_row = LIN + (pid_bh.to(tl.int64) * n_qb + pid_m // SUB) * NL
         for c in range(NL):
             j = tl.load(lin_row + c)
             offs_k = j * BLOCK_N + offs_n
-            k_valid = offs_k < NK_TOK
-            kv_mask = k_valid[:, None] & d_valid[None, :]
-            k = tl.load(k_base + offs_k[:, None] * skn + offs_d[None, :], mask=kv_mask, other=0.0)
+            kv_mask = (offs_k < NK_TOK)[:, None] & d_valid[None, :]
+            kf = tl.load(kf_base + offs_k[:, None] * D + offs_d[None, :], mask=kv_mask, other=0.0)
             v = tl.load(v_base + offs_k[:, None] * svn + offs_d[None, :], mask=kv_mask, other=0.0)
-            kf = _lin(tl.where(k_valid[:, None], _phi(k.to(tl.float32), d_valid, FEATURE), 0.0), q, LIN_FP32)
-            da = tl.dot(dnum, tl.trans(_lin(v, q, LIN_FP32))) + dden[:, None]
-            dqf += LIN_SIGN * tl.dot(_lin(da, q, LIN_FP32), kf)
+            da = lin_sign * (tl.dot(dnum, tl.trans(v)) + dden[:, None])
+            dqf += tl.dot(da.to(kf.dtype), kf)
         dqf = dqf * tl.load(DSCALE + pid_bh)  # undo the per-head rescaling of dnum / dden
-        dq += _phi_bwd(q.to(tl.float32), qf, dqf, d_valid, FEATURE)
-    tl.store(DQ + row[:, None] * D + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=qd_mask)
+        tl.store(DQF + row[:, None] * D + offs_d[None, :], dqf, mask=qd_mask)
 
 
 @triton.jit
-def _dkdv_tile(q_base, sqn, DO, LSE, DELTA, DNUM, DDEN, row_base, offs_m, k, v, kf, dk, dv, dkf,
-               NQ_TOK, D, scale, lin_scale, offs_d, d_valid, k_valid,
-               SOFTMAX: tl.constexpr, LIN: tl.constexpr, SIGN: tl.constexpr, FEATURE: tl.constexpr,
-               LIN_FP32: tl.constexpr):
-    """One query tile's contribution to a key block: softmax part (dk unscaled) and/or linear part."""
-    m_valid = offs_m < NQ_TOK
-    qd_mask = m_valid[:, None] & d_valid[None, :]
-    q = tl.load(q_base + offs_m[:, None] * sqn + offs_d[None, :], mask=qd_mask, other=0.0)
-    rows = row_base + offs_m
-    if SOFTMAX:
-        do = tl.load(DO + rows[:, None] * D + offs_d[None, :], mask=qd_mask, other=0.0)
-        lse = tl.load(LSE + rows, mask=m_valid, other=0.0)
-        delta = tl.load(DELTA + rows, mask=m_valid, other=0.0)
-        s = tl.dot(q, tl.trans(k)) * scale
-        p = tl.where(m_valid[:, None] & k_valid[None, :], tl.exp(s - lse[:, None]), 0.0)
-        dv += tl.dot(tl.trans(p).to(do.dtype), do)
-        dp = tl.dot(do, tl.trans(v))
-        ds = p * (dp - delta[:, None])
-        dk += tl.dot(tl.trans(ds).to(q.dtype), q)
-    if LIN:
-        qf = _lin(tl.where(m_valid[:, None], _phi(q.to(tl.float32), d_valid, FEATURE), 0.0), q, LIN_FP32)
-        dnum = _lin(tl.load(DNUM + rows[:, None] * D + offs_d[None, :], mask=qd_mask, other=0.0), q, LIN_FP32)
-        dden = tl.load(DDEN + rows, mask=m_valid, other=0.0)
-        a = tl.dot(qf, tl.trans(kf))
-        dv += (SIGN * lin_scale) * tl.dot(tl.trans(_lin(a, q, LIN_FP32)), dnum)
-        da = tl.dot(dnum, tl.trans(_lin(v, q, LIN_FP32))) + dden[:, None]
-        dkf += SIGN * tl.dot(tl.trans(_lin(da, q, LIN_FP32)), qf)
-    return dk, dv, dkf
+def _dkdv_linear(QF, DNUM, DDEN, rows, qd_mask, m_valid, offs_d, kf, v, dv, dkf, weight, D):
+    """One query tile's linear-branch contribution to a key block, times ``weight`` (sign x dscale)."""
+    qf = tl.load(QF + rows[:, None] * D + offs_d[None, :], mask=qd_mask, other=0.0)
+    dnum = tl.load(DNUM + rows[:, None] * D + offs_d[None, :], mask=qd_mask, other=0.0).to(qf.dtype)
+    dden = tl.load(DDEN + rows, mask=m_valid, other=0.0)
+    a = tl.dot(qf, tl.trans(kf))
+    dv += weight * tl.dot(tl.trans(a).to(qf.dtype), dnum)
+    da = tl.dot(dnum, tl.trans(v)) + dden[:, None]
+    dkf += weight * tl.dot(tl.trans(da).to(qf.dtype), qf)
+    return dv, dkf
 
 
 @triton.jit
 def _sla_bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, DNUM, DDEN, DSCALE, CRIT_T, CRIT_T_CNT, LIN_T, LIN_T_CNT, DK, DV,
+    Q, K, V, QF, KF, DO, LSE, DELTA, DNUM, DDEN, DSCALE, CRIT_T, CRIT_T_CNT, LIN_T, LIN_T_CNT, DK, DV, DKF,
     sqb, sqh, sqn, skb, skh, skn, svb, svh, svn,
-    H, NQ_TOK, NK_TOK, D, scale,
-    BLOCK_M: tl.constexpr, SUB: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    FEATURE: tl.constexpr, HAS_LIN: tl.constexpr, SUB_CRIT: tl.constexpr, LIN_SIGN: tl.constexpr,
-    LIN_FP32: tl.constexpr,
+    H, NQ_TOK, NK_TOK, D, SUB, scale, lin_sign,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_LIN: tl.constexpr, SUB_CRIT: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -287,39 +340,54 @@ def _sla_bwd_dkdv_kernel(
                 mask=kv_mask, other=0.0)
     v = tl.load(V + b.to(tl.int64) * svb + h.to(tl.int64) * svh + offs_k[:, None] * svn + offs_d[None, :],
                 mask=kv_mask, other=0.0)
+    krow = pid_bh.to(tl.int64) * NK_TOK + offs_k
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dkf = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    kf32 = tl.where(k_valid[:, None], _phi(k.to(tl.float32), d_valid, FEATURE), 0.0)
-    kf = _lin(kf32, k, LIN_FP32)
+    if HAS_LIN:
+        kf = tl.load(KF + krow[:, None] * D + offs_d[None, :], mask=kv_mask, other=0.0)
+        lin_scale = tl.load(DSCALE + pid_bh)
     row_base = pid_bh.to(tl.int64) * NQ_TOK
     list_at = pid_bh.to(tl.int64) * n_kb + pid_n
-    lin_scale = tl.load(DSCALE + pid_bh)
 
     # Query blocks that hold this key block as critical: softmax gradient (+ linear removal).
     # One loop over (listed query block, sub-tile) pairs: unrolled sub-tiles would hold twice the buffers.
     cnt = tl.load(CRIT_T_CNT + list_at)
     for c in range(cnt * SUB):
         i = tl.load(CRIT_T + list_at * n_qb + c // SUB)
-        dk, dv, dkf = _dkdv_tile(q_base, sqn, DO, LSE, DELTA, DNUM, DDEN, row_base,
-                                 (i * SUB + c % SUB) * BLOCK_M + offs_mb, k, v, kf, dk, dv, dkf,
-                                 NQ_TOK, D, scale, lin_scale, offs_d, d_valid, k_valid,
-                                 True, HAS_LIN and SUB_CRIT, -1, FEATURE, LIN_FP32)
-    # Softmax dk was accumulated unscaled; the linear dkf is kept apart until the phi backward.
-    dk = dk * scale
+        offs_m = (i * SUB + c % SUB) * BLOCK_M + offs_mb
+        m_valid = offs_m < NQ_TOK
+        qd_mask = m_valid[:, None] & d_valid[None, :]
+        rows = row_base + offs_m
+        q = tl.load(q_base + offs_m[:, None] * sqn + offs_d[None, :], mask=qd_mask, other=0.0)
+        do = tl.load(DO + rows[:, None] * D + offs_d[None, :], mask=qd_mask, other=0.0)
+        lse = tl.load(LSE + rows, mask=m_valid, other=0.0)
+        delta = tl.load(DELTA + rows, mask=m_valid, other=0.0)
+        s = tl.dot(q, tl.trans(k)) * scale
+        p = tl.where(m_valid[:, None] & k_valid[None, :], tl.exp(s - lse[:, None]), 0.0)
+        dv += tl.dot(tl.trans(p).to(do.dtype), do)
+        dp = tl.dot(do, tl.trans(v))
+        ds = p * (dp - delta[:, None])
+        dk += tl.dot(tl.trans(ds).to(q.dtype), q)
+        if HAS_LIN:
+            if SUB_CRIT:
+                dv, dkf = _dkdv_linear(QF, DNUM, DDEN, rows, qd_mask, m_valid, offs_d, kf, v, dv, dkf,
+                                       -lin_scale, D)
+    # Softmax dk was accumulated unscaled; the linear dkf is returned apart for the phi backward.
+    tl.store(DK + krow[:, None] * D + offs_d[None, :], (dk * scale).to(DK.dtype.element_ty), mask=kv_mask)
     if HAS_LIN:
         cnt = tl.load(LIN_T_CNT + list_at)
         for c in range(cnt * SUB):
             i = tl.load(LIN_T + list_at * n_qb + c // SUB)
-            dk, dv, dkf = _dkdv_tile(q_base, sqn, DO, LSE, DELTA, DNUM, DDEN, row_base,
-                                     (i * SUB + c % SUB) * BLOCK_M + offs_mb, k, v, kf, dk, dv, dkf,
-                                     NQ_TOK, D, scale, lin_scale, offs_d, d_valid, k_valid,
-                                     False, True, LIN_SIGN, FEATURE, LIN_FP32)
-        dk += _phi_bwd(k.to(tl.float32), kf32, dkf * lin_scale, d_valid, FEATURE)
+            offs_m = (i * SUB + c % SUB) * BLOCK_M + offs_mb
+            m_valid = offs_m < NQ_TOK
+            dv, dkf = _dkdv_linear(QF, DNUM, DDEN, row_base + offs_m, m_valid[:, None] & d_valid[None, :],
+                                   m_valid, offs_d, kf, v, dv, dkf, lin_sign * lin_scale, D)
+        tl.store(DKF + krow[:, None] * D + offs_d[None, :], dkf, mask=kv_mask)
+    tl.store(DV + krow[:, None] * D + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=kv_mask)
 
-    out = (pid_bh.to(tl.int64) * NK_TOK + offs_k)[:, None] * D + offs_d[None, :]
-    tl.store(DK + out, dk.to(DK.dtype.element_ty), mask=kv_mask)
-    tl.store(DV + out, dv.to(DV.dtype.element_ty), mask=kv_mask)
+
+_KERNEL_FNS = {"fwd": _sla_fwd_kernel, "bwd_dq": _sla_bwd_dq_kernel, "bwd_dkdv": _sla_bwd_dkdv_kernel}
 
 
 # --------------------------------------------------------------------------- host wrappers
@@ -329,6 +397,23 @@ def _strides(t: torch.Tensor):
 
 def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _features(x: torch.Tensor, feature: int):
+    """``(x fp32, phi(x) fp32, phi(x) contiguous in x's dtype)``: the kernels' linear operands."""
+    x32 = x.float()
+    f32 = feature_map(x32, _FEATURE_NAMES[feature])
+    return x32, f32, f32.to(x.dtype).contiguous()
+
+
+def _feature_backward(x32: torch.Tensor, f32: torch.Tensor, g: torch.Tensor, feature: int) -> torch.Tensor:
+    """Gradient of phi at ``x32`` (``f32 = phi(x32)``) for the upstream gradient ``g`` (all fp32)."""
+    name = _FEATURE_NAMES[feature]
+    if name == "softmax":
+        return f32 * (g - (f32 * g).sum(-1, keepdim=True))
+    if name == "elu":
+        return torch.where(x32 > 0, g, g * torch.exp(x32))
+    return torch.where(x32 > 0, g, torch.zeros_like(g))
 
 
 def transposed_lists(index: torch.Tensor, n_kb: int):
@@ -346,52 +431,64 @@ def transposed_lists(index: torch.Tensor, n_kb: int):
     return order.contiguous(), counts.contiguous()
 
 
-def _launch(kernel, grid, *args, **kwargs):
+def _check_device_dtype(q: torch.Tensor):
+    if q.is_cuda and q.dtype not in SLA_DTYPES:
+        raise ValueError(f"the fused SLA kernel takes float16 or bfloat16 on CUDA, got {q.dtype}: cast the inputs, "
+                         "or use backend='torch' (what backend='auto' picks for float32)")
+
+
+def _launch(cfg: SLAKernelConfig, grid, *args):
     try:
-        kernel[grid](*args, **kwargs)
+        _KERNEL_FNS[cfg.kernel][grid](*args, **cfg.launch_kwargs())
     except OutOfResources as exc:
-        raise ValueError(f"the fused SLA kernel does not fit this GPU ({exc}); fp32 tiles need more shared memory "
-                         "than sm_89 offers: use bfloat16/float16 inputs or backend='torch'") from None
+        raise ValueError(f"the fused SLA kernel {cfg.name} does not fit this GPU ({exc}); "
+                         "use bfloat16/float16 inputs or backend='torch'") from None
 
 
 def sla_forward(q, k, v, critical, lin_blocks, scale, feature, has_lin, sub_critical, lin_sign, block_q):
     """Launch the fused forward kernel. Returns ``(o, lse, num_c, den_c)`` (num/den empty without linear)."""
+    _check_device_dtype(q)
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
     b, h, nq, d = q.shape
     nk = k.shape[-2]
-    cfg = launch_config(block_q, d, q.dtype)
+    cfg = select_sla_config("fwd", q.dtype, d, has_lin, sub_critical)
     o = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty(b, h, nq, dtype=torch.float32, device=q.device)
     if has_lin:
+        qf, kf = _features(q, feature)[2], _features(k, feature)[2]
         num = torch.empty(b, h, nq, d, dtype=torch.float32, device=q.device)
         den = torch.empty(b, h, nq, dtype=torch.float32, device=q.device)
-    else:
+    else:  # unused pointers get a live allocation: empty tensors may carry a null address
+        qf = kf = q
         num = torch.empty(0, dtype=torch.float32, device=q.device)
         den = torch.empty(0, dtype=torch.float32, device=q.device)
-    grid = (triton.cdiv(nq, cfg["BLOCK_M"]), b * h)
-    # Unused pointers get a live allocation: empty tensors may carry a null address.
+    grid = (triton.cdiv(nq, BLOCK_M), b * h)
     lin_ptr = lin_blocks if lin_blocks.numel() else critical
-    _launch(
-        _sla_fwd_kernel, grid,
-        q, k, v, critical, lin_ptr, o, lse, num if has_lin else lse, den if has_lin else lse,
-        *_strides(q), *_strides(k), *_strides(v),
-        h, nq, nk, d, critical.shape[-1], lin_blocks.shape[-1], scale,
-        FEATURE=feature, HAS_LIN=has_lin, SUB_CRIT=sub_critical, LIN_SIGN=lin_sign, **cfg)
+    _launch(cfg, grid,
+            q, k, v, qf, kf, critical, lin_ptr, o, lse, num if has_lin else lse, den if has_lin else lse,
+            *_strides(q), *_strides(k), *_strides(v),
+            h, nq, nk, d, critical.shape[-1], lin_blocks.shape[-1], block_q // BLOCK_M, scale, float(lin_sign))
     return o, lse, num, den
 
 
 def sla_backward(do, dlse, dnum, dden, q, k, v, o, lse, critical, lin_blocks, scale, feature, has_lin,
                  sub_critical, lin_sign, block_q):
     """Launch the dQ and dK/dV kernels. ``dlse`` (may be zeros) is folded into delta."""
+    _check_device_dtype(q)
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
     b, h, nq, d = q.shape
     nk = k.shape[-2]
-    cfg_dq = launch_config(block_q, d, q.dtype, "bwd_dq")
-    cfg_dkdv = launch_config(block_q, d, q.dtype, "bwd_dkdv")
+    cfg_dq = select_sla_config("bwd_dq", q.dtype, d, has_lin, sub_critical)
+    cfg_dkdv = select_sla_config("bwd_dkdv", q.dtype, d, has_lin, sub_critical)
     n_kb = triton.cdiv(nk, BLOCK_K)
     do = do.contiguous()
     # d lse / d s = p, so an lse gradient shifts delta: ds = p * (dp - (rowsum(do*o) - dlse)).
     delta = ((do.float() * o.float()).sum(-1) - dlse.float()).contiguous()
+    # With the linear branch, dq / dk leave the kernels in fp32 and get the phi backward added here.
+    grad_dtype = torch.float32 if has_lin else q.dtype
+    dq = torch.empty(q.shape, dtype=grad_dtype, device=q.device)
+    dk = torch.empty(k.shape, dtype=grad_dtype, device=k.device)
+    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
     if has_lin:
         # dnum ~ do / (phi(q) . z) is tiny; the kernels see it rescaled to O(1) per (batch, head)
         # (every linear-branch gradient is linear in (dnum, dden)) and multiply the scale back.
@@ -400,23 +497,26 @@ def sla_backward(do, dlse, dnum, dden, q, k, v, o, lse, critical, lin_blocks, sc
         dnum = (dnum / dscale[..., None, None]).contiguous()
         dden = (dden / dscale[..., None]).contiguous()
         dscale = dscale.contiguous()
+        q32, qf32, qf = _features(q, feature)
+        k32, kf32, kf = _features(k, feature)
+        dqf = torch.empty(q.shape, dtype=torch.float32, device=q.device)
+        dkf = torch.empty(k.shape, dtype=torch.float32, device=k.device)
     else:  # unused by the kernels; any live allocation will do
         dnum = dden = dscale = delta
+        qf, kf, dqf, dkf = q, k, dq, dk
     lin_ptr = lin_blocks if lin_blocks.numel() else critical
     crit_t, crit_cnt = transposed_lists(critical, n_kb)
     lin_t, lin_cnt = transposed_lists(lin_blocks, n_kb) if has_lin else (crit_t, crit_cnt)
-    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
-    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
-    flags = dict(FEATURE=feature, HAS_LIN=has_lin, SUB_CRIT=sub_critical, LIN_SIGN=lin_sign)
-    _launch(
-        _sla_bwd_dq_kernel, (triton.cdiv(nq, cfg_dq["BLOCK_M"]), b * h),
-        q, k, v, do, lse, delta, dnum, dden, dscale, critical, lin_ptr, dq,
-        *_strides(q), *_strides(k), *_strides(v),
-        h, nq, nk, d, critical.shape[-1], lin_blocks.shape[-1], scale, **flags, **cfg_dq)
-    _launch(
-        _sla_bwd_dkdv_kernel, (n_kb, b * h),
-        q, k, v, do, lse, delta, dnum, dden, dscale, crit_t, crit_cnt, lin_t, lin_cnt, dk, dv,
-        *_strides(q), *_strides(k), *_strides(v),
-        h, nq, nk, d, scale, **flags, **cfg_dkdv)
+    n_sub, sign = block_q // BLOCK_M, float(lin_sign)
+    _launch(cfg_dq, (triton.cdiv(nq, BLOCK_M), b * h),
+            q, k, v, kf, do, lse, delta, dnum, dden, dscale, critical, lin_ptr, dq, dqf,
+            *_strides(q), *_strides(k), *_strides(v),
+            h, nq, nk, d, critical.shape[-1], lin_blocks.shape[-1], n_sub, scale, sign)
+    _launch(cfg_dkdv, (n_kb, b * h),
+            q, k, v, qf, kf, do, lse, delta, dnum, dden, dscale, crit_t, crit_cnt, lin_t, lin_cnt, dk, dv, dkf,
+            *_strides(q), *_strides(k), *_strides(v),
+            h, nq, nk, d, n_sub, scale, sign)
+    if has_lin:
+        dq = (dq + _feature_backward(q32, qf32, dqf, feature)).to(q.dtype)
+        dk = (dk + _feature_backward(k32, kf32, dkf, feature)).to(k.dtype)
     return dq, dk, dv

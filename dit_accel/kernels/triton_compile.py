@@ -123,6 +123,11 @@ def _signature(fn, cfg: KernelConfig):
 def compile_for_target(cfg: KernelConfig, arch: int):
     """Compile ``cfg`` for ``sm_<arch>`` without a GPU; returns triton's CompiledKernel.
 
+    ``cfg`` is a :class:`KernelConfig` or any config with ``name``, ``kernel``, ``dtype``,
+    ``num_warps``, ``num_stages`` and an ``aot_source()`` method returning ``(kernel,
+    signature, constexprs, attrs)`` (``sla_triton.SLAKernelConfig``); :func:`compile_shipped`
+    compiles those too.
+
     ``result.metadata.shared`` is the shared memory (bytes) the kernel needs,
     ``result.asm["ptx"]`` / ``result.asm["cubin"]`` the generated code. Raises
     whatever triton raises when the kernel does not compile.
@@ -135,8 +140,12 @@ def compile_for_target(cfg: KernelConfig, arch: int):
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    fn = _jit_function(KERNELS[cfg.kernel])
-    signature, constexprs, attrs = _signature(fn, cfg)
+    if hasattr(cfg, "aot_source"):  # configs of other kernel modules (SLA) describe their own source
+        kernel, signature, constexprs, attrs = cfg.aot_source()
+        fn = _jit_function(kernel)
+    else:
+        fn = _jit_function(KERNELS[cfg.kernel])
+        signature, constexprs, attrs = _signature(fn, cfg)
     src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
     return triton.compile(src, target=GPUTarget("cuda", int(arch), 32),
                           options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
