@@ -13,8 +13,11 @@
 
 It reports time, dense-equivalent TFLOPS ``4*B*H*N^2*D / t`` (``N`` = real
 tokens, whatever the kernel visits), speedup over dense SDPA, and the fraction
-of the ideal ``1/density`` speedup reached (``speedup * density``, with the
-visited block density of the layout). On CPU the shapes are reduced (fewer
+of the ideal speedup reached. The ideal is ``1/work``, where ``work`` is the
+kernel's visited block density scaled to the dense computation over the real
+tokens, ``density * (Np/N)^2`` (``Np`` = tokens after tile padding): padded
+blocks cost time that dense SDPA on ``N`` tokens never spends, so ``1/density``
+alone would be an ideal no kernel can reach. On CPU the shapes are reduced (fewer
 tokens and heads) and the output says so.
 """
 
@@ -172,10 +175,12 @@ def bench_kernels(shapes: Sequence[ModelShape], densities: Sequence[float], *, d
     def record(shape: ModelShape, kernel: str, seconds: float, density: float, dense_s: Optional[float], **extra):
         flops = 4.0 * shape.batch * shape.heads * shape.tokens ** 2 * shape.head_dim
         speedup = dense_s / seconds if dense_s else None
+        work = density * (extra.get("padded_tokens", shape.tokens) / shape.tokens) ** 2  # vs dense on N tokens
         rows.append({"shape": shape.name, "grid": list(shape.grid), "tokens": shape.tokens, "heads": shape.heads,
                      "head_dim": shape.head_dim, "batch": shape.batch, "kernel": kernel, "density": density,
                      "time_ms": seconds * 1e3, "tflops_dense_equiv": flops / seconds / 1e12, "speedup": speedup,
-                     "ideal_speedup": 1.0 / density, "fraction_of_ideal": speedup * density if speedup else None,
+                     "work_vs_dense": work, "ideal_speedup": 1.0 / work,
+                     "fraction_of_ideal": speedup * work if speedup else None,
                      **extra})
         bar.update(1)
 
