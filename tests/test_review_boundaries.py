@@ -193,3 +193,15 @@ def test_stats_reads_device_densities_in_one_batch():
     values = [0.5, None, torch.tensor(0.25), torch.tensor([0.75]), 1]
     assert sorted(_as_floats(values)) == [0.25, 0.5, 0.75, 1.0]
     assert _as_floats([]) == []
+
+
+def test_backend_availability_names_bad_and_missing_devices(capsys):
+    from dit_accel.cli.main import main
+    from dit_accel.kernels import available_backends
+
+    with pytest.raises(ValueError, match="not a torch device"):
+        available_backends("banana")  # before: torch's RuntimeError listing every device type
+    if not torch.cuda.is_available():
+        assert available_backends("cuda")["flex"] is not None  # before: "usable" on a CPU-only machine
+    assert main(["info", "--device", "banana"]) == 2
+    assert "--device banana is not a torch device" in capsys.readouterr().out

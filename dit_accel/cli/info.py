@@ -115,7 +115,16 @@ def _print_section(title: str, body) -> None:
 
 
 def run(args) -> int:
-    info = collect_info(getattr(args, "device", None))
+    import torch
+
+    device = getattr(args, "device", None)
+    if device is not None:
+        try:
+            torch.device(device)
+        except (RuntimeError, TypeError):
+            print(f"dit-accel info: --device {device} is not a torch device; use cpu, cuda or cuda:N")
+            return 2
+    info = collect_info(device)
     if getattr(args, "json", False):
         json.dump(info, sys.stdout, indent=2, default=str)
         print()

@@ -43,7 +43,10 @@ def available_backends(device=None) -> Dict[str, Optional[str]]:
         >>> available_backends("cpu")["torch"] is None
         True
     """
-    device = torch.device("cpu" if device is None else device)
+    try:
+        device = torch.device("cpu" if device is None else device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device={device!r} is not a torch device; pass 'cpu', 'cuda' or 'cuda:N'") from None
     from .flex_backend import flex_unavailable_reason
 
     return {"triton": _triton_reason(device), "flex": flex_unavailable_reason(device), "torch": None}

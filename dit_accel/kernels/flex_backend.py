@@ -34,6 +34,9 @@ def flex_unavailable_reason(device=None) -> Optional[str]:
     if _flex_module() is None:
         return (f"torch.nn.attention.flex_attention is not available in torch {torch.__version__}; "
                 "upgrade to torch >= 2.5 or use backend='torch'.")
+    device = torch.device("cpu" if device is None else device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        return "no CUDA device is available to torch; use backend='torch' on this machine."
     return None
 
 
