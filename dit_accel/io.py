@@ -68,6 +68,11 @@ def to_uint8_frames(frames) -> np.ndarray:
     if arr.dtype != np.uint8:
         if np.issubdtype(arr.dtype, np.floating):
             arr = np.nan_to_num(arr, nan=0.0)
+            lo, hi = (float(arr.min()), float(arr.max())) if arr.size else (0.0, 0.0)
+            # Clipping a 0-255 or [-1, 1] float video would silently save a white or dark one.
+            if lo < -0.01 or hi > 1.01:
+                raise ValueError(f"float frames must lie in [0, 1]; got min {lo:.4g}, max {hi:.4g}. Divide 0-255 "
+                                 "frames by 255 (or pass uint8), map [-1, 1] frames with (x + 1) / 2")
             arr = (np.clip(arr, 0.0, 1.0) * 255.0).round().astype(np.uint8)
         elif np.issubdtype(arr.dtype, np.integer) or arr.dtype == bool:
             arr = np.clip(arr, 0, 255).astype(np.uint8) if arr.dtype != bool else arr.astype(np.uint8) * 255

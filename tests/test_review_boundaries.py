@@ -205,3 +205,15 @@ def test_backend_availability_names_bad_and_missing_devices(capsys):
         assert available_backends("cuda")["flex"] is not None  # before: "usable" on a CPU-only machine
     assert main(["info", "--device", "banana"]) == 2
     assert "--device banana is not a torch device" in capsys.readouterr().out
+
+
+def test_save_video_rejects_float_frames_in_other_ranges(tmp_path):
+    from dit_accel.io import load_video, save_video
+
+    frames = np.random.default_rng(0).random((3, 16, 16, 3), dtype=np.float32)
+    with pytest.raises(ValueError, match="Divide 0-255"):
+        save_video(frames * 255.0, tmp_path / "a.gif")  # before: written as an all-white video
+    with pytest.raises(ValueError, match=r"\[-1, 1\]"):
+        save_video(frames * 2 - 1, tmp_path / "b.gif")
+    save_video(frames, tmp_path / "c.gif")
+    assert load_video(tmp_path / "c.gif").shape == (3, 16, 16, 3)
