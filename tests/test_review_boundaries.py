@@ -217,3 +217,21 @@ def test_save_video_rejects_float_frames_in_other_ranges(tmp_path):
         save_video(frames * 2 - 1, tmp_path / "b.gif")
     save_video(frames, tmp_path / "c.gif")
     assert load_video(tmp_path / "c.gif").shape == (3, 16, 16, 3)
+
+
+def test_apply_checks_the_capture_folder_before_any_forward(tmp_path):
+    """Before: FileExistsError / TypeError from os.makedirs in the middle of the first attention call."""
+    import dit_accel
+    from _tiny_transformers import build
+
+    transformer = build("wan")
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    with pytest.raises(ValueError, match="is a file"):
+        dit_accel.apply(transformer, dit_accel.Dense(), capture=a_file)
+    with pytest.raises(TypeError, match="capture must be a folder path"):
+        dit_accel.apply(transformer, dit_accel.Dense(), capture=123)
+    assert not any(type(m.processor).__name__ == "SparseAttnProcessor"
+                   for m in transformer.modules() if hasattr(m, "processor"))
+    with dit_accel.apply(transformer, dit_accel.Dense(), capture=tmp_path / "new" / "caps"):
+        assert (tmp_path / "new" / "caps").is_dir()

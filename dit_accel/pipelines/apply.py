@@ -111,6 +111,21 @@ def _check_int_list(name: str, value) -> Optional[Tuple[int, ...]]:
     return items
 
 
+def _check_capture_dir(capture) -> str:
+    """The capture folder, created now: a bad path fails here, not in the middle of a generation."""
+    if not isinstance(capture, (str, os.PathLike)):
+        raise TypeError(f"capture must be a folder path (str or os.PathLike); got {type(capture).__name__}")
+    path = os.fspath(capture)
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"capture={path!r} is a file; pass a folder for the layerLLL_stepSSS.pt captures")
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as exc:
+        raise ValueError(f"capture={path!r}: cannot create the folder ({exc.strerror or exc}); "
+                         "pass a writable folder") from None
+    return path
+
+
 def _check_method(name: str, method) -> Method:
     if not isinstance(method, Method):
         hint = f"dit_accel.method_from_name({method!r})" if isinstance(method, str) else "dit_accel.Tile(...)"
@@ -505,6 +520,8 @@ def apply(pipe_or_transformer, method: Method, *, dense_steps: int = 0, dense_la
             _check_method(f"layer_methods[{i}]", m)
     if backend not in BACKENDS:
         raise ValueError(f"backend={backend!r} is invalid: choose one of {', '.join(BACKENDS)}")
+    if capture is not None:
+        capture = _check_capture_dir(capture)
     capture_layers = _check_int_list("capture_layers", capture_layers)
     capture_steps = _check_int_list("capture_steps", capture_steps)
     if scheduler is not None and not hasattr(scheduler, "timesteps"):
