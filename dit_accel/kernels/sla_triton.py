@@ -400,20 +400,22 @@ def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
 
 
 def _features(x: torch.Tensor, feature: int):
-    """``(x fp32, phi(x) fp32, phi(x) contiguous in x's dtype)``: the kernels' linear operands."""
-    x32 = x.float()
-    f32 = feature_map(x32, _FEATURE_NAMES[feature])
-    return x32, f32, f32.to(x.dtype).contiguous()
+    """``(phi(x) fp32, phi(x) contiguous in x's dtype)``: the kernels' linear-branch operands."""
+    f32 = feature_map(x.float(), _FEATURE_NAMES[feature])
+    return f32, f32.to(x.dtype).contiguous()
 
 
-def _feature_backward(x32: torch.Tensor, f32: torch.Tensor, g: torch.Tensor, feature: int) -> torch.Tensor:
-    """Gradient of phi at ``x32`` (``f32 = phi(x32)``) for the upstream gradient ``g`` (all fp32)."""
+def _feature_backward(f32: torch.Tensor, g: torch.Tensor, feature: int) -> torch.Tensor:
+    """Gradient of phi for the upstream gradient ``g``, from ``f32 = phi(x)`` alone (all fp32).
+
+    elu + 1: 1 where x > 0 (there f = x + 1 > 1), else exp(x) = f, i.e. min(f, 1); relu: f > 0.
+    """
     name = _FEATURE_NAMES[feature]
     if name == "softmax":
         return f32 * (g - (f32 * g).sum(-1, keepdim=True))
     if name == "elu":
-        return torch.where(x32 > 0, g, g * torch.exp(x32))
-    return torch.where(x32 > 0, g, torch.zeros_like(g))
+        return g * f32.clamp(max=1.0)
+    return g * (f32 > 0)
 
 
 def transposed_lists(index: torch.Tensor, n_kb: int):
@@ -455,7 +457,7 @@ def sla_forward(q, k, v, critical, lin_blocks, scale, feature, has_lin, sub_crit
     o = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty(b, h, nq, dtype=torch.float32, device=q.device)
     if has_lin:
-        qf, kf = _features(q, feature)[2], _features(k, feature)[2]
+        qf, kf = _features(q, feature)[1], _features(k, feature)[1]
         num = torch.empty(b, h, nq, d, dtype=torch.float32, device=q.device)
         den = torch.empty(b, h, nq, dtype=torch.float32, device=q.device)
     else:  # unused pointers get a live allocation: empty tensors may carry a null address
@@ -497,8 +499,8 @@ def sla_backward(do, dlse, dnum, dden, q, k, v, o, lse, critical, lin_blocks, sc
         dnum = (dnum / dscale[..., None, None]).contiguous()
         dden = (dden / dscale[..., None]).contiguous()
         dscale = dscale.contiguous()
-        q32, qf32, qf = _features(q, feature)
-        k32, kf32, kf = _features(k, feature)
+        qf32, qf = _features(q, feature)
+        kf32, kf = _features(k, feature)
         dqf = torch.empty(q.shape, dtype=torch.float32, device=q.device)
         dkf = torch.empty(k.shape, dtype=torch.float32, device=k.device)
     else:  # unused by the kernels; any live allocation will do
@@ -517,6 +519,6 @@ def sla_backward(do, dlse, dnum, dden, q, k, v, o, lse, critical, lin_blocks, sc
             *_strides(q), *_strides(k), *_strides(v),
             h, nq, nk, d, n_sub, scale, sign)
     if has_lin:
-        dq = (dq + _feature_backward(q32, qf32, dqf, feature)).to(q.dtype)
-        dk = (dk + _feature_backward(k32, kf32, dkf, feature)).to(k.dtype)
+        dq = (dq + _feature_backward(qf32, dqf, feature)).to(q.dtype)
+        dk = (dk + _feature_backward(kf32, dkf, feature)).to(k.dtype)
     return dq, dk, dv
