@@ -235,3 +235,26 @@ def test_apply_checks_the_capture_folder_before_any_forward(tmp_path):
                    for m in transformer.modules() if hasattr(m, "processor"))
     with dit_accel.apply(transformer, dit_accel.Dense(), capture=tmp_path / "new" / "caps"):
         assert (tmp_path / "new" / "caps").is_dir()
+
+
+def test_dense_steps_follow_ddim_schedulers_without_step_index():
+    """CogVideoX pipelines use DDIM/DPM schedulers that have no `step_index`.
+
+    Before: every call counted as step 0, so dense_steps=N silently ran the whole
+    generation dense (and dense_last_steps never triggered)."""
+    import dit_accel
+    from _tiny_transformers import build, inputs
+    from diffusers import DDIMScheduler
+
+    model = build("wan")
+    kwargs = inputs("wan", model)
+    sched = DDIMScheduler()
+    sched.set_timesteps(4)
+    assert not hasattr(sched, "step_index")
+    with dit_accel.apply(model, dit_accel.GNA(kernel_size=(2, 3, 3)), dense_steps=1, dense_last_steps=1,
+                         backend="torch", scheduler=sched) as handle, torch.no_grad():
+        for t in sched.timesteps:
+            for _ in range(2):  # classifier-free guidance: two calls per step
+                model(**{**kwargs, "timestep": t.expand(1)})
+        # steps 0 and 3 dense, 1 and 2 sparse
+        assert [(r["sparse_calls"], r["dense_calls"]) for r in handle.stats()] == [(4, 4), (4, 4)]

@@ -314,10 +314,28 @@ class AccelHandle:
         order = max(int(getattr(scheduler, "order", 1) or 1), 1)
         timesteps = getattr(scheduler, "timesteps", None)
         total = len(timesteps) // order if timesteps is not None else None
-        index = getattr(scheduler, "step_index", None)
+        if not hasattr(scheduler, "step_index"):
+            # DDIM-style schedulers (CogVideoX's DDIM and DPM among them) keep no step counter:
+            # the position is where this call's timestep sits in the schedule.
+            return self._timestep_position(scheduler, timesteps, args), total
+        index = scheduler.step_index
         if index is None:  # before the first scheduler.step() of this run
             index = getattr(scheduler, "begin_index", None) or 0
         return int(index) // order, total
+
+    def _timestep_position(self, scheduler, timesteps, args: dict) -> int:
+        t = args.get("timestep")
+        if timesteps is not None and len(timesteps) and t is not None:
+            # One host sync per transformer call, only for schedulers without step_index.
+            t = torch.as_tensor(t).reshape(-1)[:1].to(device=timesteps.device, dtype=torch.float64)
+            hits = torch.isclose(timesteps.to(torch.float64), t).nonzero()
+            if hits.numel():
+                return int(hits[0, 0])
+        if self.dense_steps or self.dense_last_steps or self.capture_steps is not None:
+            self._warn_once(f"dit_accel: {type(scheduler).__name__} has no step_index and this call's timestep is "
+                            "not in scheduler.timesteps; every call counts as step 0 for dense_steps/"
+                            "dense_last_steps/capture_steps (use handle.set_step(i, total) to say which step runs)")
+        return 0
 
     def _method_for(self, layer: _Layer, step: int, total: Optional[int]) -> Optional[Method]:
         """The method a layer runs at this step, or None when the schedule makes it dense."""
