@@ -258,3 +258,20 @@ def test_dense_steps_follow_ddim_schedulers_without_step_index():
                 model(**{**kwargs, "timestep": t.expand(1)})
         # steps 0 and 3 dense, 1 and 2 sparse
         assert [(r["sparse_calls"], r["dense_calls"]) for r in handle.stats()] == [(4, 4), (4, 4)]
+
+
+def test_schedules_that_leave_nothing_sparse_warn():
+    """Before: `--dense-steps 10 --steps 4` or dense_layers >= the layer count silently gave a dense run."""
+    import dit_accel
+    from _tiny_transformers import build, inputs
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    model = build("wan")
+    method = dit_accel.GNA(kernel_size=(2, 3, 3))
+    with pytest.warns(UserWarning, match="covers all 2 attention layers"):
+        dit_accel.apply(model, method, dense_layers=5).remove()
+    sched = FlowMatchEulerDiscreteScheduler()
+    sched.set_timesteps(3)
+    with dit_accel.apply(model, method, dense_steps=2, dense_last_steps=1, scheduler=sched), torch.no_grad():
+        with pytest.warns(UserWarning, match="cover all 3 denoising steps"):
+            model(**inputs("wan", model))

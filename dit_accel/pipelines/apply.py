@@ -212,6 +212,9 @@ class AccelHandle:
                 self.remove()
                 raise ValueError(f"{name} has layer indices {bad} but the model has {n_layers} attention layers "
                                  f"(0..{n_layers - 1})")
+        if n_layers and set(range(n_layers)) <= self.dense_layers and not isinstance(method, Dense):
+            warnings.warn(f"dense_layers covers all {n_layers} attention layers: {method.name} never runs and the "
+                          "model stays dense. Pass fewer layers (e.g. dense_layers=1)", stacklevel=3)
 
     # ----------------------------------------------------------------- install
     def _install(self, prefix: str, transformer: nn.Module) -> None:
@@ -359,6 +362,11 @@ class AccelHandle:
         # Build (and so validate) every plan this grid needs before any attention runs.
         for method in {self.method, *self.layer_methods.values()}:
             self._plan(method, info.grid)
+        sparse = any(not isinstance(m, Dense) for m in (self.method, *self.layer_methods.values()))
+        if sparse and total is not None and self.dense_steps + self.dense_last_steps >= total:
+            self._warn_once(f"dit_accel: dense_steps={self.dense_steps} + dense_last_steps={self.dense_last_steps} "
+                            f"cover all {total} denoising steps: every step runs dense. Lower them or raise the "
+                            "number of steps")
         state.current = _Call(info, step, total)
 
     # ------------------------------------------------------------------- calls
