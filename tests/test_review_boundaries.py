@@ -275,3 +275,16 @@ def test_schedules_that_leave_nothing_sparse_warn():
     with dit_accel.apply(model, method, dense_steps=2, dense_last_steps=1, scheduler=sched), torch.no_grad():
         with pytest.warns(UserWarning, match="cover all 3 denoising steps"):
             model(**inputs("wan", model))
+
+
+def test_merge_ignores_the_output_of_an_empty_side():
+    """merge_attention's contract: a side with lse = -inf is ignored. SDPA returns NaN rows for
+    fully masked queries; before, NaN * 0 leaked into the merged output."""
+    o_a, o_b = torch.randn(1, 1, 3, 4), torch.full((1, 1, 3, 4), float("nan"))
+    lse_a = torch.zeros(1, 1, 3)
+    lse_b = torch.full((1, 1, 3), float("-inf"))
+    o, lse = merge_attention(o_a, lse_a, o_b, lse_b)
+    torch.testing.assert_close(o, o_a)
+    torch.testing.assert_close(lse, lse_a)
+    o, _ = merge_attention(o_b, lse_b, o_b, lse_b)
+    assert torch.equal(o, torch.zeros_like(o))

@@ -48,5 +48,9 @@ def merge_attention(o_a: torch.Tensor, lse_a: torch.Tensor, o_b: torch.Tensor, l
     total = w_a + w_b
     lse = top + torch.log(total)  # -inf where both sides are empty
     denom = torch.where(total > 0, total, torch.ones_like(total))
-    o = (o_a.float() * (w_a / denom)[..., None] + o_b.float() * (w_b / denom)[..., None])
+    # A side with weight 0 (lse = -inf) is ignored even if its output holds NaN, as SDPA gives
+    # for fully masked rows: where(), not multiplication by 0.
+    part_a = torch.where((w_a > 0)[..., None], o_a.float() * (w_a / denom)[..., None], 0.0)
+    part_b = torch.where((w_b > 0)[..., None], o_b.float() * (w_b / denom)[..., None], 0.0)
+    o = part_a + part_b
     return o.to(o_a.dtype), lse
