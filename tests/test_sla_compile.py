@@ -39,9 +39,13 @@ def test_every_shipped_sla_config_compiles_and_fits(compiled, arch):
 
 
 def test_sla_kernels_use_tensor_cores(compiled):
-    """Every SLA kernel's dots must compile to mma (sm_80/89) or wgmma/mma (sm_90), not FMA loops."""
-    no_mma = [f"sm_{r['arch']} {r['name']}" for r in compiled if r["error"] is None and not r["mma"]]
+    """Every SLA kernel's dots compile to mma.sync (sm_80/89) and Hopper wgmma (sm_90), not FMA loops."""
+    rows = [r for r in compiled if r["error"] is None]
+    assert rows
+    no_mma = [f"sm_{r['arch']} {r['name']}" for r in rows if not r["mma"]]
     assert not no_mma, f"no mma in the PTX of: {no_mma}"
+    no_wgmma = [r["name"] for r in rows if r["arch"] == 90 and not r["wgmma"]]
+    assert not no_wgmma, f"no wgmma in the sm_90 PTX of: {no_wgmma}"
 
 
 def test_shipped_list_covers_every_launch_choice():

@@ -147,7 +147,11 @@ def select_sla_config(kernel: str, dtype: torch.dtype, head_dim: int, has_lin: b
 
 
 def shipped_sla_configs() -> List[SLAKernelConfig]:
-    """Every configuration :func:`select_sla_config` returns for a CUDA launch (fp16 / bf16)."""
+    """Every configuration :func:`select_sla_config` returns for a CUDA launch (fp16 / bf16).
+
+    Listed slowest-to-compile first (dK/dV, head dim 128, subtract plan), so a pool of
+    compile workers finishes together.
+    """
     seen = {}
     for kernel in SLA_KERNELS:
         for dtype in SLA_DTYPES:
@@ -155,7 +159,7 @@ def shipped_sla_configs() -> List[SLAKernelConfig]:
                 for has_lin, sub_crit in _LIN_VARIANTS:
                     cfg = select_sla_config(kernel, dtype, head_dim, has_lin, sub_crit)
                     seen.setdefault(cfg, cfg)
-    return list(seen)
+    return sorted(seen, key=lambda c: (-SLA_KERNELS.index(c.kernel), -c.block_d, -c.has_lin - c.sub_crit))
 
 
 @triton.jit
