@@ -20,6 +20,10 @@ def _fail(cls: str, name: str, value, allowed: str) -> None:
     raise ValueError(f"{cls}.{name}={value!r} is invalid: {allowed}.")
 
 
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def _as_tuple(cls: str, name: str, value, *, minimum: int, ndim: int | None = None) -> tuple:
     items = (value,) if isinstance(value, int) else tuple(value) if isinstance(value, (tuple, list)) else None
     if items is None or not items or not all(isinstance(v, int) and not isinstance(v, bool) for v in items):
@@ -80,21 +84,25 @@ class GNA(Method):
         ks = _as_tuple("GNA", "kernel_size", self.kernel_size, minimum=2)
         st = _as_tuple("GNA", "stride", self.stride, minimum=1)
         dl = _as_tuple("GNA", "dilation", self.dilation, minimum=1)
-        for nm, v in (("kernel_size", ks), ("stride", st), ("dilation", dl)):
-            object.__setattr__(self, nm, v)
-        n = max(len(t) for t in (ks, st, dl) if isinstance(t, tuple)) if any(
-            isinstance(t, tuple) for t in (ks, st, dl)) else None
-        for nm, v in (("kernel_size", ks), ("stride", st), ("dilation", dl)):
-            if n is not None and isinstance(v, tuple) and len(v) != n:
-                _fail("GNA", nm, v, f"per-dimension tuples must all have the same length ({n})")
-        kt = ks if isinstance(ks, tuple) else (ks,) * (n or 1)
-        stt = st if isinstance(st, tuple) else (st,) * len(kt)
-        for k, s in zip(kt, stt):
-            if s > k:
-                _fail("GNA", "stride", self.stride, f"stride must be <= kernel_size ({self.kernel_size})")
-        if not isinstance(self.is_causal, bool):
-            if not (isinstance(self.is_causal, tuple) and all(isinstance(c, bool) for c in self.is_causal)):
-                _fail("GNA", "is_causal", self.is_causal, "expected a bool or a tuple of bools")
+        causal = self.is_causal
+        if isinstance(causal, list):
+            causal = tuple(causal)
+        if not (isinstance(causal, bool) or (
+                isinstance(causal, tuple) and causal and all(isinstance(c, bool) for c in causal))):
+            _fail("GNA", "is_causal", self.is_causal, "expected a bool or a tuple of bools, one per grid dimension")
+        values = {"kernel_size": ks, "stride": st, "dilation": dl, "is_causal": causal}
+        for name, value in values.items():
+            object.__setattr__(self, name, value)
+        lengths = {len(v) for v in values.values() if isinstance(v, tuple)}
+        if len(lengths) > 1:
+            given = {name: v for name, v in values.items() if isinstance(v, tuple)}
+            raise ValueError(f"GNA per-dimension tuples must all have the same length; got {given}. "
+                             "Use ints for settings shared by every dimension.")
+        n = lengths.pop() if lengths else 1
+        kt = ks if isinstance(ks, tuple) else (ks,) * n
+        stt = st if isinstance(st, tuple) else (st,) * n
+        if any(s > k for k, s in zip(kt, stt)):
+            _fail("GNA", "stride", self.stride, f"stride must be <= kernel_size ({self.kernel_size}) in every dimension")
         if self.tile is not None:
             object.__setattr__(self, "tile", _as_tuple("GNA", "tile", self.tile, minimum=1))
 
@@ -169,7 +177,7 @@ class Radial(Method):
     name = "radial"
 
     def __post_init__(self):
-        if not isinstance(self.decay, (int, float)) or not 0.0 < float(self.decay) <= 1.0:
+        if not _is_number(self.decay) or not 0.0 < float(self.decay) <= 1.0:
             _fail("Radial", "decay", self.decay, "must be a number in (0, 1]")
         if self.block_size not in (64, 128):
             _fail("Radial", "block_size", self.block_size, "must be 64 or 128")
@@ -213,9 +221,9 @@ class SLA(Method):
     name = "sla"
 
     def __post_init__(self):
-        if not isinstance(self.topk, (int, float)) or not 0.0 < float(self.topk) <= 1.0:
+        if not _is_number(self.topk) or not 0.0 < float(self.topk) <= 1.0:
             _fail("SLA", "topk", self.topk, "must be a fraction in (0, 1]")
-        if not isinstance(self.negligible, (int, float)) or not 0.0 <= float(self.negligible) <= 1.0 - float(self.topk):
+        if not _is_number(self.negligible) or not 0.0 <= float(self.negligible) <= 1.0 - float(self.topk):
             _fail("SLA", "negligible", self.negligible, f"must be in [0, 1 - topk] = [0, {1.0 - float(self.topk):g}]")
         if self.block_q not in (64, 128):
             _fail("SLA", "block_q", self.block_q, "must be 64 or 128")
