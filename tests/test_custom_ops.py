@@ -11,17 +11,11 @@ import dit_accel.kernels.ops  # noqa: F401  (registers the dit_accel:: custom op
 from dit_accel.kernels import BlockLayout, available_backends, block_sparse_attention, dense_attention_reference
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny tensors: threads only add scheduling latency on the shared 2-core CI machine.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-pytestmark = pytest.mark.skipif(available_backends()["triton"] is not None,
-                                reason=f"triton backend unavailable: {available_backends()['triton']}")
+pytestmark = [
+    pytest.mark.usefixtures("one_thread"),
+    pytest.mark.skipif(available_backends()["triton"] is not None,
+                       reason=f"triton backend unavailable: {available_backends()['triton']}"),
+]
 
 N, D, H = 40, 16, 2
 

@@ -6,13 +6,7 @@ import torch
 from dit_accel.kernels import dense_attention_reference, merge_attention
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny tensors: threads only add scheduling latency on the shared 2-core CI machine.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _split_case(n=37, m=53, split=20, d=16):

@@ -13,13 +13,7 @@ from dit_accel.patterns import (TilePermutation, gna_layout, gna_mask, radial_la
                                 tile_mask)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Layout construction is sort/unique bound; on a shared 2-core machine extra threads only contend.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _tiled_coords(grid, tile):

@@ -149,6 +149,13 @@ def _t5_tokenizer():
     return _byte_tokenizer(bos=None, eos="</s>", pad="<pad>", unk="<unk>", model_max_length=512)
 
 
+def _tiny_t5_settings(tokenizer) -> dict:
+    """Config of the tiny (U)T5 text encoders (Wan uses UMT5, FLUX T5: same fields)."""
+    return dict(vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+                relative_attention_num_buckets=8, pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id, decoder_start_token_id=tokenizer.pad_token_id)
+
+
 # ----------------------------------------------------------------------------- tiny-wan
 def _build_wan(seed: int):
     from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
@@ -156,20 +163,7 @@ def _build_wan(seed: int):
 
     torch.manual_seed(seed)
     tokenizer = _t5_tokenizer()
-    text_encoder = UMT5EncoderModel(
-        UMT5Config(
-            vocab_size=len(tokenizer),
-            d_model=32,
-            d_kv=8,
-            d_ff=64,
-            num_layers=2,
-            num_heads=4,
-            relative_attention_num_buckets=8,
-            pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            decoder_start_token_id=tokenizer.pad_token_id,
-        )
-    ).eval()
+    text_encoder = UMT5EncoderModel(UMT5Config(**_tiny_t5_settings(tokenizer))).eval()
     z_dim = 4
     vae = AutoencoderKLWan(
         base_dim=4,  # conv3d is slow on CPU; the decoder dominates the smoke-run time
@@ -224,20 +218,7 @@ def _build_flux(seed: int):
         )
     ).eval()
     t5_tok = _t5_tokenizer()
-    t5 = T5EncoderModel(
-        T5Config(
-            vocab_size=len(t5_tok),
-            d_model=32,
-            d_kv=8,
-            d_ff=64,
-            num_layers=2,
-            num_heads=4,
-            relative_attention_num_buckets=8,
-            pad_token_id=t5_tok.pad_token_id,
-            eos_token_id=t5_tok.eos_token_id,
-            decoder_start_token_id=t5_tok.pad_token_id,
-        )
-    ).eval()
+    t5 = T5EncoderModel(T5Config(**_tiny_t5_settings(t5_tok))).eval()
     latent_channels = 4
     vae = AutoencoderKL(
         in_channels=3,
