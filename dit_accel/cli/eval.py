@@ -12,6 +12,7 @@ outputs are cached under --out/cache (or --cache-dir) and reused.
 from __future__ import annotations
 
 import argparse
+import os
 
 __all__ = ["register", "run"]
 
@@ -125,5 +126,5 @@ def run(args) -> int:
         print(f"dit-accel eval: {exc}")
         return 2
     print(open(os.path.join(args.out, "report.md")).read().split("\n## Settings")[0])
-    print(f"wrote {args.out}/results.json, report.md, pareto.png, grid.png")
+    print(f"wrote {os.path.join(args.out, 'results.json')}, report.md, pareto.png, grid.png")
     return 1 if any(r.get("error") for r in results["rows"]) else 0
