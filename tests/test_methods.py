@@ -52,3 +52,14 @@ def test_valid_configs_are_normalised():
 def test_invalid_values_name_the_field(factory, field):
     with pytest.raises(ValueError, match=field.replace(".", r"\.")):
         factory()
+
+
+def test_grid_dependent_errors_give_followable_advice():
+    from dit_accel.pipelines.plans import build_plan
+
+    with pytest.raises(ValueError, match="exceeds the token grid extent 6 on dimension 1.*smaller kernel"):
+        build_plan(GNA(kernel_size=(3, 7, 3)), (4, 6, 8))
+    # A single latent frame cannot take any GNA kernel (>= 2): point to what works.
+    with pytest.raises(ValueError, match="extent 1 on dimension 0.*use Tile"):
+        build_plan(GNA(kernel_size=(3, 3, 3)), (1, 8, 8))
+    assert build_plan(Tile(tile=(1, 4, 4), window=(1, 1, 1)), (1, 8, 8)).kind == "layout"

@@ -53,9 +53,12 @@ def _gna_plan(method: GNA, grid) -> Plan:
     causal = _per_dim("GNA", "is_causal", method.is_causal, grid)
     for d, (k, s, di, g) in enumerate(zip(ks, st, dl, grid)):
         if k * di > g:
+            # GNA kernels are >= 2, so an extent-1 dimension (a single latent frame) cannot take one.
+            advice = ("GNA needs at least 2 tokens along every dimension: use Tile (window 1 on that "
+                      "dimension) or more frames" if g < 2 else "use a smaller kernel or a larger resolution")
             raise ValueError(f"GNA.kernel_size={method.kernel_size!r} with dilation {method.dilation!r}: "
                              f"kernel*dilation = {k * di} exceeds the token grid extent {g} on dimension {d} "
-                             f"(grid {tuple(grid)}); use a smaller kernel or a larger resolution")
+                             f"(grid {tuple(grid)}); {advice}")
     # A window covering the whole grid (non-causal) is dense attention: take the dense path.
     if all(k == g and di == 1 for k, di, g in zip(ks, dl, grid)) and not any(causal):
         return Plan("dense", method, tuple(grid))
