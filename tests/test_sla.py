@@ -186,7 +186,7 @@ def test_bad_inputs_raise_clear_errors():
         sla_attention(q, k, v, "sla")
     with pytest.raises(ValueError, match=r"\(B, H, N, D\)"):
         sla_attention(q[0], k[0], v[0], SLA())
-    with pytest.raises(TypeError, match="share a dtype"):
+    with pytest.raises(TypeError, match="share one dtype"):
         sla_attention(q, k.half(), v, SLA())
     with pytest.raises(ValueError, match="same shape"):
         sla_attention(q, k, v[:, :, :32], SLA())

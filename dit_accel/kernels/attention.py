@@ -9,6 +9,7 @@ from typing import Dict, Optional
 
 import torch
 
+from .checks import check_qkv
 from .layout import BlockLayout
 
 __all__ = ["block_sparse_attention", "available_backends", "BACKENDS", "ENV_BACKEND"]
@@ -17,7 +18,6 @@ __all__ = ["block_sparse_attention", "available_backends", "BACKENDS", "ENV_BACK
 BACKENDS = ("triton", "flex", "torch")
 #: Environment variable that overrides ``backend="auto"``.
 ENV_BACKEND = "DIT_ACCEL_BACKEND"
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
 
 
@@ -76,24 +76,8 @@ def _resolve_backend(backend: str, device: torch.device) -> str:
 
 
 def _validate(q, k, v, layout, scale) -> float:
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor of shape (B, H, N, D); got {type(t).__name__}")
-        if t.dim() != 4:
-            raise ValueError(f"{name} must have 4 dims (B, H, N, D) like scaled_dot_product_attention; got shape "
-                             f"{tuple(t.shape)}. Reshape (B, N, H, D) inputs with .transpose(1, 2).")
-        if t.dtype not in _DTYPES:
-            raise TypeError(f"{name} must be float16, bfloat16 or float32; got {t.dtype}. Cast it first.")
-    if not (q.dtype == k.dtype == v.dtype):
-        raise TypeError(f"q, k, v must share one dtype; got q {q.dtype}, k {k.dtype}, v {v.dtype}. Cast them to one.")
-    if not (q.device == k.device == v.device):
-        raise ValueError(f"q, k, v must be on one device; got q {q.device}, k {k.device}, v {v.device}.")
+    check_qkv(q, k, v)
     b, h, n, d = q.shape
-    if k.shape != v.shape:
-        raise ValueError(f"k and v must have the same shape; got k {tuple(k.shape)}, v {tuple(v.shape)}.")
-    if k.shape[0] != b or k.shape[1] != h or k.shape[3] != d:
-        raise ValueError(f"k/v must be (B, H, M, D) with q's B={b}, H={h}, D={d}; got {tuple(k.shape)}. "
-                         "Repeat k/v heads for grouped-query attention.")
     if not 1 <= d <= MAX_HEAD_DIM:
         raise ValueError(f"head dim D must be in [1, {MAX_HEAD_DIM}]; got {d}. Split larger heads.")
     if not isinstance(layout, BlockLayout):

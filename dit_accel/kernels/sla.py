@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..methods import SLA
+from .checks import check_qkv
 
 __all__ = [
     "sla_attention",
@@ -50,7 +51,6 @@ MARGINAL, CRITICAL, NEGLIGIBLE = 0, 1, 2
 LINEAR_EPS = 1e-6
 
 _BACKENDS = ("auto", "triton", "torch", "flex")
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _TRITON_MAX_HEAD_DIM = 128
 
 
@@ -238,21 +238,7 @@ def _check_inputs(q, k, v, method, proj, scale, backend):
     if not isinstance(method, SLA):
         raise TypeError(f"method must be a dit_accel.SLA config, got {type(method).__name__}; "
                         "build one with dit_accel.SLA(topk=...)")
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor of shape (B, H, N, D), got {type(t).__name__}")
-        if t.dim() != 4:
-            raise ValueError(f"{name} must have shape (B, H, N, D) like SDPA, got {tuple(t.shape)}")
-        if t.dtype not in _DTYPES:
-            raise TypeError(f"{name}.dtype={t.dtype} is not supported; use float16, bfloat16 or float32")
-    if not (q.dtype == k.dtype == v.dtype):
-        raise TypeError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if not (q.device == k.device == v.device):
-        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
-    if k.shape != v.shape:
-        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
-    if q.shape[:2] != k.shape[:2] or q.shape[-1] != k.shape[-1]:
-        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} must agree on batch, heads and head dim")
+    check_qkv(q, k, v)
     if q.shape[-2] == 0 or k.shape[-2] == 0:
         raise ValueError("q and k need at least one token")
     if proj is not None and not callable(proj):

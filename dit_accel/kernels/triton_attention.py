@@ -35,6 +35,7 @@ from typing import Optional, Tuple
 
 import torch
 
+from .checks import SUPPORTED_DTYPES, check_qkv, check_tensor
 from .layout import BlockLayout
 
 try:  # triton is a Linux runtime dependency; keep the module importable without it
@@ -58,7 +59,6 @@ __all__ = [
     "GPU_LAYOUT_BLOCKS",
 ]
 
-SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 GPU_LAYOUT_BLOCKS = (64, 128, 256)  # layout block sizes accepted on CUDA
 MAX_HEAD_DIM = 256
 _LOG2E = 1.4426950408889634
@@ -474,28 +474,11 @@ def triton_unavailable_reason(device=None) -> Optional[str]:
     return f"triton kernels support CUDA (or CPU under TRITON_INTERPRET=1), not {device.type!r}; use backend='torch'."
 
 
-def _check_tensor(name: str, t, ndim: int = 4) -> None:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor of shape (B, H, N, D); got {type(t).__name__}")
-    if t.dim() != ndim:
-        raise ValueError(f"{name} must have {ndim} dims (B, H, N, D); got shape {tuple(t.shape)}")
-    if t.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"{name} must be float16, bfloat16 or float32; got {t.dtype}. Cast it first.")
-
-
 def _validate(q, k, v, layout) -> BlockLayout:
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        _check_tensor(name, t)
+    check_qkv(q, k, v)
     if not isinstance(layout, BlockLayout):
         raise TypeError(f"layout must be a dit_accel BlockLayout; got {type(layout).__name__}")
-    if not (q.dtype == k.dtype == v.dtype):
-        raise TypeError(f"q, k, v must share one dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
-    if not (q.device == k.device == v.device):
-        raise ValueError(f"q, k, v must be on one device; got {q.device}, {k.device}, {v.device}")
     b, h, n, d = q.shape
-    if k.shape != v.shape or k.shape[0] != b or k.shape[1] != h or k.shape[3] != d:
-        raise ValueError(f"k and v must be (B, H, M, D) matching q's B, H, D; got q {tuple(q.shape)}, "
-                         f"k {tuple(k.shape)}, v {tuple(v.shape)}")
     if d > MAX_HEAD_DIM or d < 1:
         raise ValueError(f"head dim D must be in [1, {MAX_HEAD_DIM}]; got {d}. Use backend='torch' for larger heads.")
     if n != layout.q_len or k.shape[2] != layout.kv_len:
@@ -618,8 +601,8 @@ def triton_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch
         visit each key block); ``dq`` from one over the forward layout. No atomics.
     """
     layout = _validate(q, k, v, layout)
-    _check_tensor("do", do)
-    _check_tensor("o", o)
+    check_tensor("do", do)
+    check_tensor("o", o)
     if do.shape != q.shape or o.shape != q.shape:
         raise ValueError(f"do and o must have q's shape {tuple(q.shape)}; got do {tuple(do.shape)}, o {tuple(o.shape)}")
     if not isinstance(lse, torch.Tensor) or lse.shape != q.shape[:3]:

@@ -1,0 +1,37 @@
+"""Boundary checks shared by every attention entry point (block-sparse backends,
+Triton launchers, SLA), so a bad q/k/v reads the same everywhere."""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["SUPPORTED_DTYPES", "check_tensor", "check_qkv"]
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def check_tensor(name: str, t) -> None:
+    """``t`` is a 4-D (B, H, N, D) tensor of a supported float dtype."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of shape (B, H, N, D); got {type(t).__name__}")
+    if t.dim() != 4:
+        raise ValueError(f"{name} must have 4 dims (B, H, N, D) like scaled_dot_product_attention; got shape "
+                         f"{tuple(t.shape)}. Reshape (B, N, H, D) inputs with .transpose(1, 2).")
+    if t.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"{name} must be float16, bfloat16 or float32; got {t.dtype}. Cast it first.")
+
+
+def check_qkv(q, k, v) -> None:
+    """q ``(B, H, N, D)`` and k, v ``(B, H, M, D)`` of one supported dtype on one device."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        check_tensor(name, t)
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k, v must share one dtype; got q {q.dtype}, k {k.dtype}, v {v.dtype}. Cast them to one.")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v must be on one device; got q {q.device}, k {k.device}, v {v.device}.")
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape; got k {tuple(k.shape)}, v {tuple(v.shape)}.")
+    b, h, _, d = q.shape
+    if k.shape[0] != b or k.shape[1] != h or k.shape[3] != d:
+        raise ValueError(f"k/v must be (B, H, M, D) with q's B={b}, H={h}, D={d}; got {tuple(k.shape)}. "
+                         "Repeat k/v heads for grouped-query attention.")
