@@ -32,7 +32,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-from ..methods import GNA, SLA, Method, Radial, Tile
+from ..methods import GNA, SLA, Method, Tile
 
 __all__ = ["load_capture", "method_attention", "matched_method", "bench_fidelity", "fidelity_table"]
 

@@ -72,7 +72,7 @@ def write_report(results: dict, path) -> None:
               f"- dense baseline: {results['dense_generated']} generated, {results['dense_cached']} from cache"
               + (" (cached samples keep the timings measured when they were generated)"
                  if results.get("dense_times_from_cache") else ""),
-              f"- versions: " + ", ".join(f"{k} {val}" for k, val in v.items() if val is not None), ""]
+              "- versions: " + ", ".join(f"{k} {val}" for k, val in v.items() if val is not None), ""]
     if results.get("skipped"):
         lines += ["## Skipped metrics", ""] + [f"- {line}" for line in results["skipped"]] + [""]
     Path(path).write_text("\n".join(lines))

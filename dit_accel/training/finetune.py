@@ -45,7 +45,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..methods import GNA, SLA, Method, Radial, Tile
+from ..methods import SLA, Method, Radial
 from . import data as data_mod
 from .model_io import ModelIO, model_io_for
 from .weights import save_trained_weights, sla_state_dict
