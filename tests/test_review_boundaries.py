@@ -142,7 +142,7 @@ def test_eval_tiny_model_uses_smoke_run_sizes_and_grid_sized_methods(tmp_path, m
     from dit_accel.cli.main import main
     from dit_accel.eval import runner
     from dit_accel.methods import GNA
-    from dit_accel.pipelines.tiny import TINY_DEFAULTS, TINY_METHOD_DEFAULTS
+    from dit_accel.models.tiny import TINY_DEFAULTS, TINY_METHOD_DEFAULTS
 
     seen = {}
 
@@ -177,7 +177,7 @@ def test_tiny_method_defaults_are_sparse_on_their_grid(model, grid):
     """A sparse method's smoke-run default must actually skip blocks (tiny-flux GNA visited 100%)."""
     from dit_accel.methods import method_from_name
     from dit_accel.pipelines.plans import build_plan
-    from dit_accel.pipelines.tiny import TINY_METHOD_DEFAULTS
+    from dit_accel.models.tiny import TINY_METHOD_DEFAULTS
 
     for name, options in TINY_METHOD_DEFAULTS[model].items():
         plan = build_plan(method_from_name(name, **options), grid)
@@ -222,7 +222,7 @@ def test_save_video_rejects_float_frames_in_other_ranges(tmp_path):
 def test_apply_checks_the_capture_folder_before_any_forward(tmp_path):
     """Before: FileExistsError / TypeError from os.makedirs in the middle of the first attention call."""
     import dit_accel
-    from _tiny_transformers import build
+    from dit_accel.models.tiny import build_tiny_transformer as build
 
     transformer = build("wan")
     a_file = tmp_path / "a_file"
@@ -243,7 +243,7 @@ def test_dense_steps_follow_ddim_schedulers_without_step_index():
     Before: every call counted as step 0, so dense_steps=N silently ran the whole
     generation dense (and dense_last_steps never triggered)."""
     import dit_accel
-    from _tiny_transformers import build, inputs
+    from dit_accel.models.tiny import build_tiny_transformer as build, tiny_transformer_inputs as inputs
     from diffusers import DDIMScheduler
 
     model = build("wan")
@@ -263,7 +263,7 @@ def test_dense_steps_follow_ddim_schedulers_without_step_index():
 def test_schedules_that_leave_nothing_sparse_warn():
     """Before: `--dense-steps 10 --steps 4` or dense_layers >= the layer count silently gave a dense run."""
     import dit_accel
-    from _tiny_transformers import build, inputs
+    from dit_accel.models.tiny import build_tiny_transformer as build, tiny_transformer_inputs as inputs
     from diffusers import FlowMatchEulerDiscreteScheduler
 
     model = build("wan")

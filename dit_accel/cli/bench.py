@@ -89,7 +89,7 @@ def _run_kernels(args) -> int:
 
     from ..eval import bench
 
-    from ..kernels.attention import BACKENDS
+    from ..kernels.backends import BACKENDS
 
     def fail(message: str) -> int:
         print(f"dit-accel bench kernels: {message}")
@@ -152,7 +152,7 @@ def _run_fidelity(args) -> int:
 
     from ..eval.fidelity import bench_fidelity, fidelity_table
     from ..eval.runner import load_method_specs
-    from ..kernels.attention import BACKENDS
+    from ..kernels.backends import BACKENDS
 
     error = _device_error(args.device, torch.cuda.is_available())
     if error is None and args.backend not in ("auto",) + BACKENDS:

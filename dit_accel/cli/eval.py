@@ -66,7 +66,7 @@ def run(args) -> int:
 
     from ..eval.runner import EvalSettings, load_method_specs, run_eval
 
-    from ..pipelines.tiny import TINY_DEFAULTS, TINY_METHOD_DEFAULTS, is_tiny_model
+    from ..models.tiny import TINY_DEFAULTS, TINY_METHOD_DEFAULTS, is_tiny_model
 
     def fail(message: str) -> int:
         print(f"dit-accel eval: {message}")
@@ -113,7 +113,7 @@ def run(args) -> int:
                             max_sequence_length=pick(args.max_sequence_length, "max_sequence_length"),
                             device=device, dtype=dtype, repeats=args.repeats, warmup=args.warmup)
     try:
-        from ..pipelines.loading import ModelLoadError
+        from ..models.loading import ModelLoadError
     except ImportError:  # pragma: no cover - loading module missing
         ModelLoadError = OSError
     try:

@@ -171,7 +171,7 @@ def _accepts(pipe) -> set:
 
 def _model_defaults(model: str, pipe, method_name: str, use: bool):
     """(method field defaults, schedule defaults, source) for this model."""
-    from ..pipelines.tiny import TINY_METHOD_DEFAULTS, is_tiny_model
+    from ..models.tiny import TINY_METHOD_DEFAULTS, is_tiny_model
 
     if not use:
         return {}, {}, "none (--no-model-defaults)"
@@ -281,8 +281,8 @@ def generate(args) -> dict:
     import dit_accel
 
     from ..io import VIDEO_SUFFIXES, save_video, to_uint8_frames
-    from ..pipelines.loading import ModelLoadError, load_pipeline, resolve_model_kind
-    from ..pipelines.tiny import RANDOM_WEIGHTS_LABEL, TINY_DEFAULTS, TINY_METHOD_DEFAULTS, is_tiny_model
+    from ..models.loading import ModelLoadError, load_pipeline, resolve_model_kind
+    from ..models.tiny import RANDOM_WEIGHTS_LABEL, TINY_DEFAULTS, TINY_METHOD_DEFAULTS, is_tiny_model
 
     t_total = time.perf_counter()
     parser = getattr(args, "_parser", None)

@@ -79,7 +79,7 @@ def _models():
 
 
 def _tiny():
-    from dit_accel.pipelines.tiny import TINY_MODELS
+    from dit_accel.models.tiny import TINY_MODELS
 
     return dict(TINY_MODELS)
 

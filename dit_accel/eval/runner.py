@@ -153,9 +153,9 @@ def dense_cache_key(settings: EvalSettings, prompt: str, seed: int) -> str:
 def _load_pipe(settings: EvalSettings):
     dtype = getattr(torch, settings.dtype)
     try:
-        from ..pipelines.loading import load_pipeline
+        from ..models.loading import load_pipeline
     except ImportError:  # loading module not there: only the tiny models
-        from ..pipelines.tiny import build_tiny_pipeline
+        from ..models.tiny import build_tiny_pipeline
 
         return build_tiny_pipeline(settings.model, device=settings.device, dtype=dtype)
     return load_pipeline(settings.model, device=settings.device, dtype=dtype)

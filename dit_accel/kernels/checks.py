@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["SUPPORTED_DTYPES", "check_tensor", "check_qkv"]
+__all__ = ["SUPPORTED_DTYPES", "check_tensor", "check_qkv", "check_scale"]
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -35,3 +35,16 @@ def check_qkv(q, k, v) -> None:
     if k.shape[0] != b or k.shape[1] != h or k.shape[3] != d:
         raise ValueError(f"k/v must be (B, H, M, D) with q's B={b}, H={h}, D={d}; got {tuple(k.shape)}. "
                          "Repeat k/v heads for grouped-query attention.")
+
+
+def check_scale(scale, head_dim: int) -> float:
+    """The softmax scale as a Python float: ``1/sqrt(head_dim)`` for None, else a positive finite number."""
+    import math
+    import numbers
+
+    if scale is None:
+        return 1.0 / math.sqrt(head_dim)
+    if isinstance(scale, (bool, torch.Tensor)) or not isinstance(scale, numbers.Real) or not math.isfinite(scale) \
+            or scale <= 0:
+        raise ValueError(f"scale must be a positive finite number (default 1/sqrt(D)); got {scale!r}.")
+    return float(scale)

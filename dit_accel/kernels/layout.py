@@ -24,17 +24,15 @@ allowed key produces a zero output and ``lse = -inf``.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, Tuple
+from typing import Tuple
 
 import torch
+
+from .._util import cdiv as _cdiv
 
 __all__ = ["BlockLayout"]
 
 _INT = torch.int32
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 def _check_size(name: str, value) -> int:
@@ -210,17 +208,19 @@ class BlockLayout:
 
     # ---------------------------------------------------------------- device
     def to(self, device) -> "BlockLayout":
-        """The same layout with its tensors on ``device`` (cached per device)."""
+        """The same layout with its tensors on ``device`` (a new layout; ``self`` when already there).
+
+        Callers that move a layout on every call keep the copy: :class:`dit_accel.kernels` does, per
+        device, in an explicit cache.
+        """
         device = torch.device(device)
         if device == self.device:
             return self
-        cache: Dict[torch.device, BlockLayout] = self.__dict__.setdefault("_device_cache", {})
-        if device not in cache:
-            moved = {name: getattr(self, name).to(device) for name in self._TENSORS}
-            cache[device] = BlockLayout(self.q_len, self.kv_len, self.block_q, self.block_k, **moved)
-        return cache[device]
+        moved = {name: getattr(self, name).to(device) for name in self.TENSORS}
+        return BlockLayout(self.q_len, self.kv_len, self.block_q, self.block_k, **moved)
 
-    _TENSORS = ("kv_counts", "kv_indices", "kv_mask_ids", "q_counts", "q_indices", "q_mask_ids", "mask_table")
+    #: The layout's tensor fields, in constructor order (the custom ops take them one by one).
+    TENSORS = ("kv_counts", "kv_indices", "kv_mask_ids", "q_counts", "q_indices", "q_mask_ids", "mask_table")
 
     def __repr__(self) -> str:
         return (f"BlockLayout(q_len={self.q_len}, kv_len={self.kv_len}, block=({self.block_q}, {self.block_k}), "

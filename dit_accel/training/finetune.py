@@ -269,12 +269,12 @@ def _load_pipe(config: FinetuneConfig, device, dtype):
     if not isinstance(config.model, str):
         return config.model.to(device=device, dtype=dtype) if dtype != torch.float32 else config.model.to(device)
     try:
-        from ..pipelines.loading import load_pipeline
+        from ..models.loading import load_pipeline
     except ImportError:
         load_pipeline = None
     if load_pipeline is not None:
         return load_pipeline(config.model, device=device, dtype=dtype, seed=0)
-    from ..pipelines.tiny import build_tiny_pipeline
+    from ..models.tiny import build_tiny_pipeline
 
     return build_tiny_pipeline(config.model, device=device, dtype=dtype)
 

@@ -1,0 +1,167 @@
+"""Small utilities shared across the package: versions, JSON conversion, timing, environment probes.
+
+Import-light on purpose (torch is imported only inside the functions that need it).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+from typing import Callable, Dict, Iterable, List, Optional
+
+__all__ = ["cdiv", "versions", "to_jsonable", "Timer", "time_median", "load_average", "has_cuda_driver",
+           "use_interpreter_without_cuda", "is_int", "is_number"]
+
+
+def cdiv(a: int, b: int) -> int:
+    """Ceiling division of non-negative ints."""
+    return -(-a // b)
+
+
+def is_int(value) -> bool:
+    """A Python or numpy integer, not a bool."""
+    import numbers
+
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and not _is_numpy_bool(value)
+
+
+def is_number(value) -> bool:
+    """A finite-or-not real number (Python or numpy scalar), not a bool."""
+    import numbers
+
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and not _is_numpy_bool(value)
+
+
+def _is_numpy_bool(value) -> bool:
+    return type(value).__name__ == "bool_" and type(value).__module__ == "numpy"
+
+
+_PACKAGES = ("torch", "triton", "diffusers", "transformers", "accelerate", "peft", "torchmetrics")
+
+
+def versions(packages: Iterable[str] = _PACKAGES) -> Dict[str, Optional[str]]:
+    """Versions of dit_accel, Python and ``packages`` (None when not installed)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from . import __version__
+
+    out: Dict[str, Optional[str]] = {"dit_accel": __version__, "python": platform.python_version()}
+    for name in packages:
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def to_jsonable(value):
+    """Dicts, sequences, numbers, tensors, dtypes, paths and numpy scalars -> plain JSON values.
+
+    Non-finite floats become None (JSON has no inf/NaN); anything else unknown becomes ``str(value)``.
+    """
+    if isinstance(value, dict):
+        return {str(k): to_jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return [to_jsonable(v) for v in value]
+    if isinstance(value, bool) or value is None or isinstance(value, (str, int)):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, Path):
+        return str(value)
+    if type(value).__module__ == "torch" and type(value).__name__ == "dtype":
+        return str(value).replace("torch.", "")
+    if hasattr(value, "tolist") and callable(value.tolist):  # tensors, numpy arrays and scalars
+        try:
+            return to_jsonable(value.tolist())
+        except Exception:
+            pass
+    return str(value)
+
+
+class Timer:
+    """Accumulated wall time of ``with`` blocks: CUDA events on a CUDA device (read lazily), else perf_counter.
+
+    ``seconds`` synchronises once when CUDA events are pending; ``calls`` counts the blocks.
+    """
+
+    def __init__(self, device=None):
+        self.cuda = device is not None and getattr(device, "type", str(device).split(":")[0]) == "cuda"
+        self.calls = 0
+        self._seconds = 0.0
+        self._events: List = []
+        self._start = None
+
+    def __enter__(self) -> "Timer":
+        if self.cuda:
+            import torch
+
+            self._start = torch.cuda.Event(enable_timing=True)
+            self._start.record()
+        else:
+            self._start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        if self.cuda:
+            import torch
+
+            end = torch.cuda.Event(enable_timing=True)
+            end.record()
+            self._events.append((self._start, end))
+        else:
+            self._seconds += time.perf_counter() - self._start
+        self.calls += 1
+        return False
+
+    @property
+    def seconds(self) -> float:
+        if self._events:
+            import torch
+
+            torch.cuda.synchronize()
+            self._seconds += sum(a.elapsed_time(b) for a, b in self._events) / 1e3
+            self._events.clear()
+        return self._seconds
+
+
+def time_median(fn: Callable[[], object], device=None, *, warmup: int, repeats: int) -> float:
+    """Median seconds of ``fn()`` over ``repeats`` runs after ``warmup`` runs."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        timer = Timer(device)
+        with timer:
+            fn()
+        times.append(timer.seconds)
+    return statistics.median(times)
+
+
+def load_average() -> Optional[List[float]]:
+    """1/5/15-minute load averages: CPU timings mean little when these exceed the core count."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def has_cuda_driver() -> bool:
+    """Whether the CUDA driver library loads, checked without importing torch or triton."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return False
+    return True
+
+
+def use_interpreter_without_cuda() -> None:
+    """Select Triton's interpreter on a machine without CUDA; must run before anything imports triton."""
+    if "TRITON_INTERPRET" not in os.environ and not has_cuda_driver():
+        os.environ["TRITON_INTERPRET"] = "1"

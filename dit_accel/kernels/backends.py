@@ -1,0 +1,210 @@
+"""Which backend runs an attention call, and why the others cannot: one table, consulted once per call.
+
+Each kernel family (``"block_sparse"``, ``"sla"``) lists its backends in the order
+``backend="auto"`` considers them. A backend answers ``can_run(request)`` with
+``None`` or a sentence saying why not and what to do; :func:`resolve` asks once
+per call. ``$DIT_ACCEL_BACKEND`` overrides ``auto`` (parsed in one place,
+:func:`env_backend`), and a forced backend that cannot run raises
+:class:`BackendUnavailable` with that sentence.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from dataclasses import dataclass
+from typing import Callable, Dict, Optional, Tuple
+
+import torch
+
+__all__ = ["BACKENDS", "ENV_BACKEND", "BackendUnavailable", "Request", "available_backends", "env_backend",
+           "resolve", "triton_reason", "interpreting"]
+
+#: Every backend name, in the order ``auto`` considers them for block-sparse attention.
+BACKENDS = ("triton", "flex", "torch")
+#: Environment variable that overrides ``backend="auto"``.
+ENV_BACKEND = "DIT_ACCEL_BACKEND"
+#: Largest head dim of the Triton kernels (block-sparse); the PyTorch twin takes any.
+TRITON_MAX_HEAD_DIM = 256
+#: Layout block sizes the Triton kernels take on a GPU (the compiled, checked tiles); the
+#: interpreter also takes 16 and 32, which keeps CPU tests fast.
+GPU_LAYOUT_BLOCKS = (64, 128, 256)
+INTERPRETER_LAYOUT_BLOCKS = (16, 32) + GPU_LAYOUT_BLOCKS
+
+
+class BackendUnavailable(RuntimeError):
+    """A backend that was asked for by name cannot run these inputs here (the message says why and what to do)."""
+
+
+@dataclass(frozen=True)
+class Request:
+    """What a backend needs to know to say whether it can run one call."""
+
+    device: torch.device
+    dtype: torch.dtype
+    head_dim: int
+    needs_grad: bool = False
+    block_q: int = 64
+    block_k: int = 64
+
+    @classmethod
+    def of(cls, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_q: int = 64, block_k: int = 64) -> "Request":
+        grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+        return cls(q.device, q.dtype, q.shape[-1], grad, block_q, block_k)
+
+
+# ---------------------------------------------------------------- environment
+def interpreting() -> bool:
+    """Triton runs kernels on the CPU through its interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def env_backend() -> Optional[str]:
+    """The backend ``$DIT_ACCEL_BACKEND`` forces, or None (unset or ``auto``); ValueError for another word."""
+    value = os.environ.get(ENV_BACKEND, "").strip().lower()
+    if value in ("", "auto"):
+        return None
+    if value not in BACKENDS:
+        raise ValueError(f"environment variable {ENV_BACKEND}={value!r} is not a backend; allowed: "
+                         f"{', '.join(BACKENDS)} (or unset it to let dit_accel choose).")
+    return value
+
+
+def triton_reason(device) -> Optional[str]:
+    """``None`` when the Triton kernels can run on ``device``, else why not (without importing triton).
+
+    Usable: a CUDA device of compute capability >= 8.0 with triton installed, or a
+    CPU device when ``TRITON_INTERPRET=1`` was set before triton was imported.
+    """
+    device = torch.device(device)
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed; `pip install triton` (Linux) or use backend='torch'."
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            return "no CUDA device is available to torch; use backend='torch' on this machine."
+        if interpreting():
+            return ("TRITON_INTERPRET=1 is set, so triton runs kernels on the CPU; unset it to run "
+                    "the triton backend on CUDA tensors.")
+        major, _ = torch.cuda.get_device_capability(device)
+        if major < 8:
+            return (f"the triton kernels need compute capability >= 8.0 (sm_80); this GPU is sm_{major}x. "
+                    "Use backend='torch'.")
+        return None
+    if device.type == "cpu":
+        if interpreting():
+            return None
+        return ("triton needs a CUDA device; on CPU it only runs through its interpreter: set "
+                "TRITON_INTERPRET=1 before anything imports triton (slow, for tests), or use backend='torch'.")
+    return f"triton kernels support CUDA (or CPU under TRITON_INTERPRET=1), not {device.type!r}; use backend='torch'."
+
+
+def _flex_reason(device: torch.device) -> Optional[str]:
+    try:
+        from torch.nn.attention import flex_attention as module
+    except ImportError:
+        module = None
+    if module is None or not hasattr(module, "BlockMask"):
+        return (f"torch.nn.attention.flex_attention is not available in torch {torch.__version__}; "
+                "upgrade to torch >= 2.5 or use backend='torch'.")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        return "no CUDA device is available to torch; use backend='torch' on this machine."
+    return None
+
+
+# -------------------------------------------------------------- the table
+def _block_sparse_triton(r: Request) -> Optional[str]:
+    reason = triton_reason(r.device)
+    if reason is not None:
+        return reason
+    if r.head_dim > TRITON_MAX_HEAD_DIM:
+        return f"head dim {r.head_dim} > {TRITON_MAX_HEAD_DIM} is not supported by the Triton kernels; use backend='torch'."
+    allowed = GPU_LAYOUT_BLOCKS if r.device.type == "cuda" else INTERPRETER_LAYOUT_BLOCKS
+    for name, size in (("block_q", r.block_q), ("block_k", r.block_k)):
+        if size not in allowed:
+            return (f"layout.{name}={size} is not one of {allowed} that the triton kernels take on "
+                    f"{r.device.type}; rebuild the layout with blocks of 64 or 128, or use backend='torch'.")
+    return None
+
+
+def _block_sparse_flex(r: Request) -> Optional[str]:
+    reason = _flex_reason(r.device)
+    if reason is None and r.needs_grad and r.device.type == "cpu":
+        reason = ("backend='flex' has no backward on CPU (FlexAttention limitation); use backend='torch' for "
+                  "gradients on CPU, or run under torch.no_grad().")
+    return reason
+
+
+def _sla_triton(r: Request) -> Optional[str]:
+    from .sla.configs import SLA_DTYPES, SLA_MAX_HEAD_DIM
+
+    reason = triton_reason(r.device)
+    if reason is not None:
+        return reason
+    if r.head_dim > SLA_MAX_HEAD_DIM:
+        return f"head dim {r.head_dim} > {SLA_MAX_HEAD_DIM} is not supported by the Triton SLA kernel; use backend='torch'."
+    if r.device.type == "cuda" and r.dtype not in SLA_DTYPES:
+        return (f"the fused SLA kernel takes float16 or bfloat16 on CUDA, not {r.dtype} (fp32 tiles do not fit "
+                "sm_89's shared memory); cast the inputs or use backend='torch'.")
+    return None
+
+
+def _always(_: Request) -> Optional[str]:
+    return None
+
+
+# family -> ((name, can_run, auto picks it), ...) in priority order. Flex is never picked by `auto`:
+# uncompiled FlexAttention materialises the scores, compiled it takes minutes to build on CPU.
+_TABLE: Dict[str, Tuple[Tuple[str, Callable[[Request], Optional[str]], bool], ...]] = {
+    "block_sparse": (("triton", _block_sparse_triton, True), ("flex", _block_sparse_flex, False),
+                     ("torch", _always, True)),
+    "sla": (("triton", _sla_triton, True), ("torch", _always, True)),
+}
+
+
+def available_backends(device=None) -> Dict[str, Optional[str]]:
+    """Which block-sparse attention backends can run on ``device`` (default CPU).
+
+    Returns:
+        ``{name: None}`` for a usable backend, ``{name: "why not, and what to do"}`` otherwise,
+        for every name in :data:`BACKENDS`.
+
+    Example::
+
+        >>> available_backends("cpu")["torch"] is None
+        True
+    """
+    try:
+        device = torch.device("cpu" if device is None else device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device={device!r} is not a torch device; pass 'cpu', 'cuda' or 'cuda:N'") from None
+    return {"triton": triton_reason(device), "flex": _flex_reason(device), "torch": None}
+
+
+def resolve(family: str, backend: str, request: Request) -> str:
+    """The backend that runs this call: ``backend`` itself when it can, else BackendUnavailable saying why.
+
+    ``"auto"`` takes ``$DIT_ACCEL_BACKEND`` when set, else the first backend of the
+    family that ``auto`` may pick and that can run ``request`` (the CPU interpreter
+    never counts for ``auto``: it is for tests). A backend a family does not have
+    (``"flex"`` for SLA) runs the family's PyTorch twin.
+    """
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be a string, one of {('auto',) + BACKENDS}; got {type(backend).__name__}")
+    if backend != "auto" and backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {('auto',) + BACKENDS}; got {backend!r}.")
+    table = _TABLE[family]
+    names = [name for name, _, _ in table]
+    forced = backend if backend != "auto" else env_backend()
+    if forced is None:
+        for name, can_run, auto in table:
+            if auto and (name != "triton" or request.device.type == "cuda") and can_run(request) is None:
+                return name
+        return "torch"
+    if forced not in names:
+        return "torch"
+    if torch.compiler.is_compiling():  # checked when the graph was first traced; no host work in the graph
+        return forced
+    reason = dict((n, c) for n, c, _ in table)[forced](request)
+    if reason is not None:
+        raise BackendUnavailable(f"attention backend {forced!r} cannot run on {request.device}: {reason}")
+    return forced

@@ -1,0 +1,115 @@
+"""The Triton path as torch custom ops, so ``torch.compile(fullgraph=True)`` traces it.
+
+``dit_accel::block_sparse_fwd`` and ``dit_accel::block_sparse_bwd`` take the
+layout as its tensors plus Python ints; each op rebuilds a :class:`BlockLayout`
+inside and calls the launchers of :mod:`.triton` (imported lazily: importing
+this module does not import triton). The ops do not check their inputs:
+:func:`dit_accel.kernels.block_sparse_attention` has, once, before choosing them. Fake
+implementations give the output shapes without running anything, and
+``register_autograd`` connects the two ops. No host syncs on this path: the
+layout's geometry is already Python ints.
+"""
+
+from __future__ import annotations
+
+from typing import List, Tuple
+
+import torch
+
+from ..layout import BlockLayout
+
+__all__ = ["triton_block_sparse_attention"]
+
+Tensor = torch.Tensor
+
+
+def _layout(kv_counts, kv_indices, kv_mask_ids, q_counts, q_indices, q_mask_ids, mask_table,
+            q_len, kv_len, block_q, block_k) -> BlockLayout:
+    return BlockLayout(q_len, kv_len, block_q, block_k, kv_counts, kv_indices, kv_mask_ids,
+                       q_counts, q_indices, q_mask_ids, mask_table)
+
+
+@torch.library.custom_op("dit_accel::block_sparse_fwd", mutates_args=())
+def block_sparse_fwd(q: Tensor, k: Tensor, v: Tensor,
+                     kv_counts: Tensor, kv_indices: Tensor, kv_mask_ids: Tensor,
+                     q_counts: Tensor, q_indices: Tensor, q_mask_ids: Tensor, mask_table: Tensor,
+                     q_len: int, kv_len: int, block_q: int, block_k: int, scale: float) -> Tuple[Tensor, Tensor]:
+    from .triton import triton_forward
+
+    layout = _layout(kv_counts, kv_indices, kv_mask_ids, q_counts, q_indices, q_mask_ids, mask_table,
+                     q_len, kv_len, block_q, block_k)
+    o, lse = triton_forward(q, k, v, layout, scale)
+    return o, lse
+
+
+@block_sparse_fwd.register_fake
+def _(q, k, v, kv_counts, kv_indices, kv_mask_ids, q_counts, q_indices, q_mask_ids, mask_table,
+      q_len, kv_len, block_q, block_k, scale):
+    b, h, n, d = q.shape
+    return q.new_empty((b, h, n, d)), q.new_empty((b, h, n), dtype=torch.float32)
+
+
+@torch.library.custom_op("dit_accel::block_sparse_bwd", mutates_args=())
+def block_sparse_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor,
+                     kv_counts: Tensor, kv_indices: Tensor, kv_mask_ids: Tensor,
+                     q_counts: Tensor, q_indices: Tensor, q_mask_ids: Tensor, mask_table: Tensor,
+                     q_len: int, kv_len: int, block_q: int, block_k: int,
+                     scale: float) -> Tuple[Tensor, Tensor, Tensor]:
+    from .triton import triton_backward
+
+    layout = _layout(kv_counts, kv_indices, kv_mask_ids, q_counts, q_indices, q_mask_ids, mask_table,
+                     q_len, kv_len, block_q, block_k)
+    dq, dk, dv = triton_backward(do, q, k, v, o, lse, layout, scale)
+    # Outputs of a custom op must not alias its inputs.
+    return dq.contiguous(), dk.contiguous(), dv.contiguous()
+
+
+@block_sparse_bwd.register_fake
+def _(do, q, k, v, o, lse, kv_counts, kv_indices, kv_mask_ids, q_counts, q_indices, q_mask_ids, mask_table,
+      q_len, kv_len, block_q, block_k, scale):
+    return (torch.empty(q.shape, dtype=q.dtype, device=q.device),
+            torch.empty(k.shape, dtype=k.dtype, device=k.device),
+            torch.empty(v.shape, dtype=v.dtype, device=v.device))
+
+
+_N_LAYOUT = 7  # layout tensors after q, k, v
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v = inputs[:3]
+    layout_tensors = inputs[3:3 + _N_LAYOUT]
+    ctx.geometry = inputs[3 + _N_LAYOUT:]
+    ctx.set_materialize_grads(False)  # an unused lse then arrives as None: no extra kernels
+    o, lse = output
+    ctx.save_for_backward(q, k, v, o, lse, *layout_tensors)
+
+
+def _backward(ctx, grad_o, grad_lse):
+    q, k, v, o, lse, *layout_tensors = ctx.saved_tensors
+    q_len, kv_len, block_q, block_k, scale = ctx.geometry
+    if grad_o is None:
+        grad_o = torch.zeros_like(o)
+    dq, dk, dv = block_sparse_bwd(grad_o, q, k, v, o, lse, *layout_tensors, q_len, kv_len, block_q, block_k, scale)
+    if grad_lse is not None:
+        # d lse_i / d s_ij = P_ij, so with g = grad_lse:
+        #   dq_i += scale * g_i * sum_j P_ij k_j  (attention with values k)
+        #   dk_j += scale * sum_i P_ij g_i q_i    (the dv of a backward with do = g*q)
+        g = torch.nan_to_num(grad_lse.float(), nan=0.0, posinf=0.0, neginf=0.0)
+        attn_k, _ = block_sparse_fwd(q, k, k, *layout_tensors, q_len, kv_len, block_q, block_k, scale)
+        do_lse = (g[..., None] * q.float()).to(q.dtype)
+        _, _, dk_lse = block_sparse_bwd(do_lse, q, k, v, o, lse, *layout_tensors,
+                                        q_len, kv_len, block_q, block_k, scale)
+        dq = (dq.float() + scale * g[..., None] * attn_k.float()).to(dq.dtype)
+        dk = (dk.float() + scale * dk_lse.float()).to(dk.dtype)
+    return (dq, dk, dv) + (None,) * (_N_LAYOUT + 5)
+
+
+block_sparse_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def triton_block_sparse_attention(q: Tensor, k: Tensor, v: Tensor, layout: BlockLayout,
+                                  scale: float) -> Tuple[Tensor, Tensor]:
+    """``(o, lse)`` through the custom op; ``layout`` already on q's device, inputs validated."""
+    tensors: List[Tensor] = [getattr(layout, name) for name in BlockLayout.TENSORS]
+    return block_sparse_fwd(q, k, v, *tensors, layout.q_len, layout.kv_len, layout.block_q, layout.block_k,
+                            float(scale))

@@ -1,0 +1,10 @@
+"""SLA (sparse-linear attention): :mod:`.api` (entry point), :mod:`.common` (parameters,
+classification, feature maps), :mod:`.naive` (PyTorch twin), :mod:`.triton` + :mod:`.ops`
+(fused kernels as custom ops), :mod:`.configs` (launch configurations)."""
+
+from .api import sla_attention
+from .common import (CRITICAL, MARGINAL, NEGLIGIBLE, SLABlocks, SLAParams, feature_map, sla_block_counts,
+                     sla_classify, sla_density)
+
+__all__ = ["sla_attention", "sla_classify", "sla_density", "sla_block_counts", "SLABlocks", "SLAParams",
+           "feature_map", "MARGINAL", "CRITICAL", "NEGLIGIBLE"]

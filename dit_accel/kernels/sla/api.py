@@ -1,0 +1,98 @@
+"""SLA: sparse-linear attention, the public entry point (semantics in :mod:`.common`).
+
+Two implementations share the classification of :mod:`.common`: the PyTorch twin
+(:mod:`.naive`, CPU path and test oracle) and the fused Triton kernel
+(:mod:`.triton` + :mod:`.ops`). :mod:`dit_accel.kernels.backends` picks one per call.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from ..backends import Request, resolve
+from ..checks import check_qkv, check_scale
+from .common import SLAParams, sla_block_counts, sla_classify
+from .naive import sla_torch
+
+__all__ = ["sla_attention"]
+
+
+def _check(q, k, v, proj, scale) -> float:
+    check_qkv(q, k, v)
+    if q.shape[-2] == 0 or k.shape[-2] == 0:
+        raise ValueError("q and k need at least one token")
+    if proj is not None and not callable(proj):
+        raise TypeError(f"proj must be an nn.Module mapping (..., D) -> (..., D) or None, got {type(proj).__name__}")
+    if isinstance(proj, nn.Linear) and (proj.in_features, proj.out_features) != (q.shape[-1], q.shape[-1]):
+        raise ValueError(f"proj must be Linear({q.shape[-1]}, {q.shape[-1]}) acting on the head dim, "
+                         f"got Linear({proj.in_features}, {proj.out_features})")
+    return check_scale(scale, q.shape[-1])
+
+
+def sla_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, method,
+                  proj: Optional[nn.Module] = None, *, scale: Optional[float] = None,
+                  backend: str = "auto", return_parts: bool = False):
+    """Sparse-linear attention: ``O = O_sparse + proj(O_linear)`` (METHODS.md, section SLA).
+
+    Per ``(batch, head)`` key blocks are classified per query block from pooled scores
+    (:func:`sla_classify`): *critical* blocks get exact softmax attention, *marginal* blocks
+    go through linear attention (``phi`` = ``method.feature_map``), *negligible* blocks are
+    skipped. With ``proj`` still zero (its initialisation), **SLA is training-free top-k
+    block-sparse attention**; fine-tuning ``proj`` (and LoRA) recovers the marginal mass.
+
+    Args:
+        q: ``(B, H, Nq, D)``; k, v: ``(B, H, Nk, D)`` (like SDPA), float16 / bfloat16 / float32.
+            Any lengths (ragged last blocks are masked); the Triton kernel needs ``D <= 128``.
+        method: :class:`SLAParams` or a :class:`dit_accel.SLA` config (topk, negligible, block
+            sizes, feature map, linear token set).
+        proj: module applied to the linear branch on the head dim, normally a zero-initialised
+            ``nn.Linear(D, D)`` per layer. ``None`` drops the linear branch (not computed).
+        scale: softmax scale, default ``1 / sqrt(D)``.
+        backend: ``"auto"`` (Triton on CUDA for fp16/bf16, else the PyTorch twin; env
+            ``DIT_ACCEL_BACKEND`` overrides), ``"triton"`` (on CPU only under
+            ``TRITON_INTERPRET=1``) or ``"torch"``; ``"flex"`` (accepted for pipeline-wide
+            settings) runs the PyTorch twin.
+        return_parts: also return the parts, for log-sum-exp merging with other keys.
+
+    Returns:
+        ``o`` ``(B, H, Nq, D)`` in q's dtype; with ``return_parts=True`` the tuple
+        ``(o_sparse, lse_sparse, o_linear_projected, info)``: ``o_sparse`` in q's dtype,
+        ``lse_sparse`` fp32 ``(B, H, Nq)`` (natural log), ``o_linear_projected`` in q's dtype
+        (zeros when ``proj`` is None) and ``info`` a dict with ``density`` (visited critical
+        block fraction), ``blocks`` (:class:`SLABlocks`) and ``backend``.
+        All outputs are differentiable w.r.t. q, k, v and proj's parameters.
+
+    Example::
+
+        proj = torch.nn.Linear(64, 64); torch.nn.init.zeros_(proj.weight); torch.nn.init.zeros_(proj.bias)
+        o = sla_attention(q, k, v, dit_accel.SLA(topk=0.05), proj)
+    """
+    method = SLAParams.of(method)
+    scale = _check(q, k, v, proj, scale)
+    # SLA has no FlexAttention variant: a pipeline-wide backend="flex" runs the PyTorch twin.
+    backend = resolve("sla", backend, Request.of(q, k, v, method.block_q, method.block_k))
+    blocks = sla_classify(q, k, method)
+    _, _, _, n_marg = sla_block_counts(k.shape[-2], method)
+    with_linear = proj is not None and (method.linear_tokens == "all" or n_marg > 0)
+
+    if backend == "torch":
+        o_s, lse, o_l = sla_torch(q, k, v, blocks, method, scale, with_linear)
+    else:
+        from .ops import sla_triton_attention
+
+        o_s, lse, o_l = sla_triton_attention(q, k, v, blocks, method, scale, with_linear)
+
+    o_lp = None
+    if proj is not None:
+        if o_l is None:  # no marginal blocks: O_l is exactly zero, proj(0) is still its bias
+            o_l = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+        weight = getattr(proj, "weight", None)
+        o_lp = proj(o_l.to(weight.dtype) if isinstance(weight, torch.Tensor) else o_l).to(q.dtype)
+    o = o_s if o_lp is None else o_s + o_lp
+    if not return_parts:
+        return o
+    info = {"density": blocks.density(), "blocks": blocks, "backend": backend}
+    return o_s, lse, (o_lp if o_lp is not None else torch.zeros_like(o_s)), info

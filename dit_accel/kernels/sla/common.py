@@ -1,0 +1,183 @@
+"""SLA pieces shared by the PyTorch twin and the fused kernel: parameters, block classification, feature maps.
+
+Semantics (METHODS.md, section SLA), per ``(batch, head)``:
+
+1. Classify block pairs from pooled scores: ``k_s = k - mean_tokens(k)``,
+   ``score = mean_pool(q, Bq) @ mean_pool(k_s, Bk)^T``; per query block the top
+   ``ceil(topk * nK)`` key blocks (at least 1) are *critical*, the bottom
+   ``floor(negligible * nK)`` are *negligible*, the rest *marginal*.
+2. Sparse branch: exact softmax attention over the critical blocks only.
+3. Linear branch: ``O_l = phi(q) H / (phi(q) . z + eps)`` with
+   ``H = sum phi(K_j)^T V_j`` and ``z = sum colsum(phi(K_j))`` over the marginal
+   blocks (``linear_tokens="marginal"``) or over all tokens (``"all"``).
+4. ``O = O_s + proj(O_l)``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..._util import cdiv as _cdiv
+
+__all__ = ["SLAParams", "SLABlocks", "sla_block_counts", "sla_density", "sla_classify", "feature_map",
+           "true_columns", "FEATURE_IDS", "MARGINAL", "CRITICAL", "NEGLIGIBLE", "LINEAR_EPS", "FEATURE_MAPS", "LINEAR_TOKENS"]
+
+# Values of the int8 class map.
+MARGINAL, CRITICAL, NEGLIGIBLE = 0, 1, 2
+
+# Guards the linear branch's division when phi(q) . z is (close to) zero.
+LINEAR_EPS = 1e-6
+
+FEATURE_MAPS = ("softmax", "elu", "relu")
+FEATURE_IDS = {name: i for i, name in enumerate(FEATURE_MAPS)}  # the kernels' runtime feature-map argument
+LINEAR_TOKENS = ("marginal", "all")
+
+
+@dataclass(frozen=True)
+class SLAParams:
+    """The kernels' view of an SLA configuration (plain values; ``dit_accel.SLA`` converts to it).
+
+    Args:
+        topk: fraction of key blocks kept for softmax attention, in ``(0, 1]``.
+        negligible: fraction of key blocks skipped, in ``[0, 1 - topk]``.
+        block_q: query block size (64 or 128). block_k: key block size (64).
+        feature_map: ``"softmax"``, ``"elu"`` or ``"relu"``.
+        linear_tokens: ``"marginal"`` (paper) or ``"all"`` (later reference code).
+    """
+
+    topk: float
+    negligible: float = 0.0
+    block_q: int = 64
+    block_k: int = 64
+    feature_map: str = "softmax"
+    linear_tokens: str = "marginal"
+
+    @classmethod
+    def of(cls, config) -> "SLAParams":
+        """An :class:`SLAParams` from itself or any object with the same attributes (e.g. ``dit_accel.SLA``)."""
+        if isinstance(config, cls):
+            return config
+        names = ("topk", "negligible", "block_q", "block_k", "feature_map", "linear_tokens")  # the fields
+        missing = [name for name in names if not hasattr(config, name)]
+        if missing:
+            raise TypeError(f"method must be a dit_accel.SLA config (or SLAParams); got {type(config).__name__} "
+                            f"without {missing}. Build one with dit_accel.SLA(topk=...)")
+        return cls(*(getattr(config, name) for name in names))
+
+
+def sla_block_counts(n_kv: int, method) -> tuple:
+    """``(n_blocks, n_critical, n_negligible, n_marginal)`` per query block for ``n_kv`` keys.
+
+    ``n_critical = max(1, ceil(topk * nK))`` and ``n_negligible = floor(negligible * nK)``
+    (clipped so the classes never overlap). The counts are the same for every query block.
+    """
+    method = SLAParams.of(method)
+    n_k = _cdiv(n_kv, method.block_k)
+    # The 1e-9 keeps e.g. 0.1 * 30 = 3.0000000000000004 from rounding up to 4 blocks.
+    n_crit = min(n_k, max(1, math.ceil(method.topk * n_k - 1e-9)))
+    n_neg = min(n_k - n_crit, math.floor(method.negligible * n_k + 1e-9))
+    return n_k, n_crit, n_neg, n_k - n_crit - n_neg
+
+
+def sla_density(n_tokens: int, method) -> float:
+    """Fraction of key blocks the sparse branch visits (critical blocks / all blocks) for a length.
+
+    Example: ``sla_density(32760, SLA(topk=0.05))`` is ``26 / 512``.
+    """
+    method = SLAParams.of(method)
+    if not isinstance(n_tokens, int) or n_tokens < 1:
+        raise ValueError(f"n_tokens must be a positive int, got {n_tokens!r}")
+    n_k, n_crit, _, _ = sla_block_counts(n_tokens, method)
+    return n_crit / n_k
+
+
+@dataclass(frozen=True, eq=False)
+class SLABlocks:
+    """Block classification of one SLA call.
+
+    Attributes:
+        critical: int32 ``[B, H, nQ, kc]`` critical key-block indices per query block, ascending.
+        negligible: int32 ``[B, H, nQ, kn]`` negligible key-block indices, ascending (``kn`` may be 0).
+        classes: int8 ``[B, H, nQ, nK]``: ``CRITICAL`` (1), ``MARGINAL`` (0) or ``NEGLIGIBLE`` (2).
+        scores: fp32 ``[B, H, nQ, nK]`` pooled block scores the classes were taken from.
+    """
+
+    critical: torch.Tensor
+    negligible: torch.Tensor
+    classes: torch.Tensor
+    scores: torch.Tensor
+
+    @property
+    def marginal(self) -> torch.Tensor:
+        """int64 ``[B, H, nQ, km]`` marginal key-block indices, ascending (``km`` is the same for all)."""
+        km = self.classes.shape[-1] - self.critical.shape[-1] - self.negligible.shape[-1]
+        return true_columns(self.classes == MARGINAL, km)
+
+    def density(self) -> float:
+        """Visited (critical) block fraction."""
+        return self.critical.shape[-1] / self.classes.shape[-1]
+
+
+def true_columns(mask: torch.Tensor, width: int) -> torch.Tensor:
+    """int64 indices of the first ``width`` True columns of each row of ``mask``, ascending.
+
+    A stable sort of ``~mask`` brings the True columns first in column order; ``width`` comes from
+    shapes, so there is no host sync. Rows with fewer True columns are padded with False columns.
+    """
+    return torch.sort((~mask).to(torch.int8), dim=-1, stable=True).indices[..., :width]
+
+
+def _mean_pool(x: torch.Tensor, block: int) -> torch.Tensor:
+    """[B, H, N, D] -> [B, H, cdiv(N, block), D] mean over the real tokens of each block."""
+    b, h, n, d = x.shape
+    nb = _cdiv(n, block)
+    pad = nb * block - n
+    sums = F.pad(x, (0, 0, 0, pad)).view(b, h, nb, block, d).sum(-2)
+    counts = torch.full((nb,), float(block), device=x.device, dtype=x.dtype)
+    counts[-1] = block - pad
+    return sums / counts[:, None]
+
+
+@torch.no_grad()
+def sla_classify(q: torch.Tensor, k: torch.Tensor, method) -> SLABlocks:
+    """Classify key blocks per query block (critical / marginal / negligible), see the module docstring.
+
+    Not differentiable (the top-k choice has no gradient). Ties are broken towards the lower
+    key-block index for critical and towards the higher index for negligible blocks, so the
+    result is deterministic.
+
+    Args:
+        q: ``[B, H, Nq, D]``; k: ``[B, H, Nk, D]``.
+    Returns:
+        :class:`SLABlocks`.
+    """
+    method = SLAParams.of(method)
+    qf, kf = q.detach().float(), k.detach().float()
+    n_k, n_crit, n_neg, _ = sla_block_counts(kf.shape[-2], method)
+    qb = _mean_pool(qf, method.block_q)
+    # Pooling is linear, so pooling k - mean(k) equals pooling k minus the mean.
+    kb = _mean_pool(kf, method.block_k) - kf.mean(dim=-2, keepdim=True)
+    scores = qb @ kb.transpose(-1, -2)
+    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices
+    critical = torch.sort(order[..., :n_crit], dim=-1).values
+    negligible = torch.sort(order[..., n_k - n_neg:], dim=-1).values
+    classes = torch.full(scores.shape, MARGINAL, dtype=torch.int8, device=q.device)
+    classes.scatter_(-1, critical, CRITICAL)
+    classes.scatter_(-1, negligible, NEGLIGIBLE)
+    return SLABlocks(critical.to(torch.int32).contiguous(), negligible.to(torch.int32).contiguous(),
+                     classes, scores)
+
+
+def feature_map(x: torch.Tensor, kind: str) -> torch.Tensor:
+    """phi of the linear branch, applied on the head dimension (fp32 in, fp32 out)."""
+    if kind == "softmax":
+        return torch.softmax(x, dim=-1)
+    if kind == "elu":
+        return F.elu(x) + 1.0
+    if kind == "relu":
+        return F.relu(x)
+    raise ValueError(f"feature_map must be 'softmax', 'elu' or 'relu', got {kind!r}")

@@ -1,0 +1,197 @@
+"""dit-accel CLI: generate end to end on tiny models, info, option parsing, clear errors."""
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dit_accel.cli import main as cli_main
+from dit_accel.cli.main import main
+from dit_accel.cli.options import add_method_options, int_tuple, method_from_args, schedule_from_args
+from dit_accel.io import load_video
+from dit_accel.methods import GNA, SLA, Dense, Radial, Tile
+
+REPO = Path(__file__).resolve().parents[1]
+SIDECAR_KEYS = {"output", "label", "model", "method", "schedule", "settings", "output_shape", "timing",
+                "density", "versions"}
+
+
+def _parse(argv):
+    p = argparse.ArgumentParser(prog="t")
+    add_method_options(p)
+    return p, p.parse_args(argv)
+
+
+# ----------------------------------------------------------------------------- options
+@pytest.mark.parametrize("argv, expected", [
+    ([], Dense()),
+    (["--method", "tile", "--tile", "6,8,8", "--window", "3x3x3"], Tile(tile=(6, 8, 8), window=(3, 3, 3))),
+    (["--method", "gna", "--kernel-size", "7", "--stride", "1,2,2", "--causal"],
+     GNA(kernel_size=7, stride=(1, 2, 2), is_causal=True)),
+    (["--method", "radial", "--decay", "0.95", "--block-size", "64", "--sink-frames", "none"],
+     Radial(decay=0.95, block_size=64, sink_frames=())),
+    (["--method", "sla", "--topk", "0.1", "--block-size", "128", "--feature-map", "elu"],
+     SLA(topk=0.1, block_q=128, feature_map="elu")),
+], ids=["dense", "tile", "gna", "radial", "sla"])
+def test_method_from_args(argv, expected):
+    _, args = _parse(argv)
+    assert method_from_args(args) == expected
+
+
+def test_defaults_layering_and_schedule():
+    _, args = _parse(["--method", "tile", "--window", "1,1,1", "--dense-layers", "0,2", "--dense-steps", "3"])
+    m = method_from_args(args, defaults={"tile": (1, 8, 8), "window": (3, 3, 3), "unrelated": 1})
+    assert m == Tile(tile=(1, 8, 8), window=(1, 1, 1))  # flag beats default, default beats class default
+    s = schedule_from_args(args, defaults={"dense_steps": 12, "dense_last_steps": 2})
+    assert s == {"dense_steps": 3, "dense_last_steps": 2, "dense_layers": [0, 2], "backend": "auto"}
+    _, args = _parse(["--dense-layers", "1"])
+    assert schedule_from_args(args)["dense_layers"] == 1
+    assert int_tuple("(6, 8, 8)") == (6, 8, 8) and int_tuple("7") == 7
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["--method", "tile", "--window", "2,3,3"], "--window"),
+    (["--method", "radial", "--window", "3"], "--window"),
+    (["--method", "sla", "--topk", "1.5"], "--topk"),
+    (["--method", "gna", "--kernel-size", "3", "--stride", "5"], "--stride"),
+    (["--tile", "a,b"], "--tile"),
+    (["--dense-steps", "-1"], "--dense-steps"),
+], ids=["even-window", "wrong-method", "topk-range", "stride-gt-kernel", "not-a-tuple", "negative-steps"])
+def test_bad_method_options_name_the_flag(argv, flag, capsys):
+    p, args = (None, None)
+    with pytest.raises(SystemExit) as exc:
+        p, args = _parse(argv)
+        method_from_args(args, parser=p)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert flag in err.splitlines()[-1], err
+
+
+# ----------------------------------------------------------------------------- main / info
+def test_help_is_fast_and_lists_commands():
+    code = ("import sys; from dit_accel.cli.main import main\n"
+            "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+            "print('HEAVY' if {'torch', 'diffusers'} & set(sys.modules) else 'LIGHT')")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    for cmd in ("generate", "info", "finetune", "eval", "bench"):
+        assert cmd in out.stdout
+    assert out.stdout.strip().endswith("LIGHT")
+
+
+def test_missing_subcommand_module_is_a_clear_message(monkeypatch, capsys):
+    monkeypatch.setitem(cli_main.SUBCOMMANDS, "bench", ("dit_accel.cli._not_there", "benchmarks"))
+    assert main(["bench"]) == 2
+    assert "not available" in capsys.readouterr().err
+
+
+def test_info_runs(capsys):
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    for word in ("torch", "diffusers", "tiny-wan", "WanTransformer3DModel", "training-free top-k", "torch"):
+        assert word in out
+    assert main(["info", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["backends"]["torch"] == "usable"
+
+
+# ----------------------------------------------------------------------------- generate
+def _sidecar(path):
+    return json.loads(Path(str(path) + ".json").read_text())
+
+
+def test_generate_tiny_wan_sparse_in_process(tmp_path, capsys):
+    out = tmp_path / "wan.mp4"
+    argv = ["generate", "--frames", "9", "--height", "128", "--width", "128", "--steps", "2",
+            "--method", "tile", "--tile", "1,8,8", "--window", "1,1,1", "--out", str(out), "--quiet"]
+    assert main(argv) == 0, capsys.readouterr().err
+    video = load_video(out)
+    assert video.shape == (9, 128, 128, 3)
+    meta = _sidecar(out)
+    assert SIDECAR_KEYS <= set(meta)
+    assert "random weights" in meta["label"] and "random weights" in capsys.readouterr().out
+    assert meta["method"] == {"method": "tile", "tile": [1, 8, 8], "window": [1, 1, 1]}
+    assert meta["settings"]["frames"] == 9 and meta["settings"]["steps"] == 2
+    t = meta["timing"]
+    assert t["transformer_calls"] == 2 * 2  # classifier-free guidance: two calls per step
+    assert 0 < t["transformer_s"] <= t["end_to_end_s"]
+    layers = meta["density"]["per_layer"]
+    assert [r["layer"] for r in layers] == ["blocks.0.attn1", "blocks.1.attn1"]
+    # grid (3, 8, 8), one 64-token tile per frame, window 1: each frame attends only to itself.
+    for row in layers:
+        assert row["sparse_calls"] == 4 and row["density"] == pytest.approx(1 / 3)
+    assert meta["density"]["mean"] == pytest.approx(1 / 3)
+
+
+def test_generate_tiny_flux_writes_png(tmp_path):
+    out = tmp_path / "img.png"
+    assert main(["generate", "--model", "tiny-flux", "--steps", "1", "--out", str(out), "--quiet"]) == 0
+    assert load_video(out).shape == (1, 64, 64, 3)
+    assert _sidecar(out)["pipeline"] == "FluxPipeline"
+
+
+def test_generate_subprocess_python_m(tmp_path):
+    out = tmp_path / "clip.gif"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "dit_accel", "generate", "--frames", "5", "--height", "32", "--width", "48",
+           "--steps", "1", "--out", str(out), "--quiet"]
+    res = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert load_video(out).shape == (5, 32, 48, 3)
+    assert SIDECAR_KEYS <= set(_sidecar(out))
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--frames", "0"], "--frames"),
+    (["--model", "./no/such/folder"], "neither"),
+    (["--method", "tile", "--window", "2"], "--window"),
+    (["--method", "radial", "--topk", "0.5"], "--topk"),
+    (["--dtype", "int8"], "--dtype"),
+    (["--out", "clip.avi"], "--out"),
+], ids=["zero-frames", "missing-folder", "even-window", "flag-of-other-method", "bad-dtype", "bad-suffix"])
+def test_generate_bad_args_fail_fast_with_clear_errors(argv, needle, capsys):
+    try:
+        code = main(["generate", *argv, "--quiet"])
+    except SystemExit as exc:  # argparse errors
+        code = exc.code
+    assert code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert needle in err[-1] and "Traceback" not in "\n".join(err)
+
+
+def test_offline_hub_id_is_one_short_message(monkeypatch, tmp_path, capsys):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # empty cache
+    code = main(["generate", "--model", "nobody/not-a-real-model", "--out", str(tmp_path / "x.mp4"), "--quiet"])
+    assert code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1
+    assert "HF_HUB_OFFLINE" in err[0] and "tiny-wan" in err[0] and "local folder" in err[0]
+
+
+def test_load_pipeline_from_saved_folder(tmp_path):
+    import torch
+
+    from dit_accel.models.loading import ModelLoadError, load_pipeline
+    from dit_accel.models.tiny import build_tiny_pipeline
+
+    pipe = build_tiny_pipeline("tiny-flux", seed=3)
+    pipe.save_pretrained(tmp_path / "flux")
+    loaded = load_pipeline(str(tmp_path / "flux"))
+    assert type(loaded).__name__ == "FluxPipeline"
+    a, b = pipe.transformer.state_dict(), loaded.transformer.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert loaded.tokenizer_2("héllo").input_ids == pipe.tokenizer_2("héllo").input_ids
+    with pytest.raises(ModelLoadError, match="model_index.json"):
+        load_pipeline(str(tmp_path))
+
+
+def test_info_degrades_when_modules_are_missing(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "dit_accel.kernels", None)  # import now raises ImportError
+    monkeypatch.setitem(sys.modules, "dit_accel.pipelines.presets", None)
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("unavailable (") == 2, out

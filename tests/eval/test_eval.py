@@ -1,0 +1,125 @@
+"""`dit-accel eval` end to end on tiny-wan: report files, dense cache reuse, metrics with offline weights."""
+import json
+
+import pytest
+import torch
+
+from dit_accel.cli.main import main
+from dit_accel.eval.runner import MethodSpec, load_method_specs
+
+from tests.eval.offline_models import TinyFeatures, tiny_clip
+
+
+def test_method_config_file_forms(tmp_path):
+    cfg = tmp_path / "m.yaml"
+    cfg.write_text("gna: {kernel_size: [2, 2, 2], dense_steps: 1}\n"
+                   "radial: [{decay: 1.0, block_size: 64}, {decay: 0.5, block_size: 64, label: r-half}]\n"
+                   "sla: {topk: 0.2}\n")
+    specs = load_method_specs(["dense", "gna", "radial", "tile"], str(cfg))
+    labels = [s.label for s in specs]
+    assert labels == ["gna", "radial#0", "r-half", "tile"]  # sla not asked for; tile on defaults
+    assert specs[0].apply_kwargs == {"dense_steps": 1} and specs[0].method.kernel_size == (2, 2, 2)
+    assert specs[2].method.decay == 0.5
+    lst = tmp_path / "m.json"
+    lst.write_text(json.dumps([{"method": "sla", "topk": 0.1}, {"method": "sla", "topk": 0.3, "label": "sla30"}]))
+    specs = load_method_specs(None, str(lst))
+    assert [s.label for s in specs] == ["sla", "sla30"]
+    with pytest.raises(ValueError, match="unknown method"):
+        MethodSpec.parse("sparse")
+    with pytest.raises(ValueError, match="topk"):
+        load_method_specs(["sla"], str(_write(tmp_path / "bad.json", {"sla": {"topk": 2.0}})))
+
+
+def _write(path, obj):
+    path.write_text(json.dumps(obj))
+    return path
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory):
+    root = tmp_path_factory.mktemp("weights")
+    model, tokenizer = tiny_clip()
+    model.save_pretrained(root / "clip")
+    tokenizer.save_pretrained(root / "clip")
+    torch.jit.script(TinyFeatures().eval()).save(str(root / "fid.pt"))
+    return root
+
+
+def test_eval_tiny_wan_writes_report_and_reuses_dense_cache(tmp_path, weights, capsys):
+    cfg = _write(tmp_path / "methods.json", {"gna": {"kernel_size": [2, 2, 2]}, "radial": {"block_size": 64}})
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red cat\n# a comment line\n\n")
+    out = tmp_path / "out"
+    args = ["eval", "--model", "tiny-wan", "--methods", "dense,gna,radial", "--method-config", str(cfg),
+            "--prompts", str(prompts), "--seeds", "0", "--frames", "9", "--height", "32", "--width", "64",
+            "--steps", "2", "--warmup", "0", "--max-sequence-length", "16", "--out", str(out), "--device", "cpu",
+            "--clip-model", str(weights / "clip"), "--fid-weights", str(weights / "fid.pt"), "--no-lpips",
+            "--capture", str(tmp_path / "capture")]
+    assert main(args) == 0
+    for name in ("results.json", "report.md", "pareto.png", "grid.png"):
+        assert (out / name).stat().st_size > 0, name
+    res = json.loads((out / "results.json").read_text())
+    assert res["dense_generated"] == 1 and res["dense_cached"] == 0
+    rows = {r["label"]: r for r in res["rows"]}
+    assert set(rows) == {"dense", "gna", "radial"}
+    for label, row in rows.items():
+        assert "error" not in row, row.get("error")
+        assert len(row["samples"]) == 1 and len(row["samples"][0]["psnr_per_frame"]) == 9
+        assert row["clip"] is not None and row["fid_dense"] is not None
+        for stage in ("total", "transformer", "vae_decode", "text_encoder"):
+            assert row["times"][stage] > 0
+        assert row["times"]["total"] >= row["times"]["transformer"] + row["times"]["vae_decode"]
+    assert rows["dense"]["psnr"] == 100.0 and rows["dense"]["fid_dense"] < 1e-3
+    # 24 tokens = one 64-token block, so visited density is 1 but the element mask makes it sparse
+    assert 0 < rows["gna"]["density"] <= 1 and rows["gna"]["speedup_transformer"] > 0
+    assert rows["gna"]["summary"]["sparse_calls"] > 0 and rows["gna"]["psnr"] < 100
+    assert res["versions"]["torch"] == torch.__version__ and res["settings"]["frames"] == 9
+    assert not any("CLIP" in s or "FID" in s for s in res["skipped"])
+    report = (out / "report.md").read_text()
+    assert "| gna |" in report and "| radial |" in report and "RANDOM weights" in report
+    assert sorted(p.name for p in (tmp_path / "capture").iterdir())[0] == "layer000_step000.pt"
+
+    # Second run: the dense baseline comes from the cache, never regenerated.
+    cache_files = sorted((out / "cache").iterdir())
+    mtimes = [p.stat().st_mtime_ns for p in cache_files]
+    args2 = [a for a in args if a not in ("--capture", str(tmp_path / "capture"))]
+    args2[args2.index("dense,gna,radial")] = "dense,gna"
+    real = tmp_path / "real"
+    real.mkdir()
+    from PIL import Image
+
+    for i in range(3):
+        Image.fromarray((torch.rand(40, 50, 3) * 255).byte().numpy()).save(real / f"img{i}.png")
+    args2 += ["--real", str(real)]
+    assert main(args2) == 0
+    res2 = json.loads((out / "results.json").read_text())
+    assert res2["dense_generated"] == 0 and res2["dense_cached"] == 1
+    assert [p.stat().st_mtime_ns for p in sorted((out / "cache").iterdir())] == mtimes
+    assert [r["label"] for r in res2["rows"]] == ["dense", "gna"]
+    assert all(r["fid_real"] is not None for r in res2["rows"]) and res2["dense_times_from_cache"]
+    assert res2["rows"][1]["psnr"] == pytest.approx(rows["gna"]["psnr"])  # same seeds, same output
+    assert "dense: 0 generated, 1 from cache" in capsys.readouterr().out
+
+
+def test_eval_missing_weights_skip_lines_and_bad_config_row(tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("DIT_ACCEL_CLIP_MODEL", raising=False)
+    monkeypatch.delenv("DIT_ACCEL_FID_WEIGHTS", raising=False)
+    cfg = _write(tmp_path / "m.json", {"gna": {"kernel_size": [9, 9, 9]}})  # larger than the tiny grid
+    out = tmp_path / "out"
+    rc = main(["eval", "--model", "tiny-wan", "--methods", "gna", "--method-config", str(cfg), "--prompt", "a cat",
+               "--frames", "5", "--height", "32", "--width", "32", "--steps", "1", "--max-sequence-length", "16",
+               "--warmup", "0",
+               "--out", str(out), "--device", "cpu", "--no-lpips"])
+    text = capsys.readouterr().out
+    assert rc == 1  # a failed method row is reported, not raised
+    assert "CLIP score skipped" in text and "FID skipped" in text
+    res = json.loads((out / "results.json").read_text())
+    assert "kernel_size" in res["rows"][1]["error"]
+    assert "failed" in (out / "report.md").read_text()
+    assert (out / "pareto.png").exists() and (out / "grid.png").exists()
+
+
+def test_eval_bad_model_is_one_line(tmp_path, capsys):
+    assert main(["eval", "--model", str(tmp_path / "no-such-model"), "--out", str(tmp_path / "out")]) == 2
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 1 and out[0].startswith("dit-accel eval:") and "no-such-model" in out[0]

@@ -1,0 +1,314 @@
+"""block_sparse_attention backends (torch, flex), their selection and input errors, against the dense oracle."""
+
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from dit_accel.kernels import BackendUnavailable, BlockLayout, available_backends, block_sparse_attention
+from dit_accel.kernels import backends as backends_mod
+from dit_accel.kernels.block_sparse import naive
+from dit_accel.kernels.block_sparse.naive import torch_block_sparse_attention
+from tests.utils import assert_lse_close, reference
+
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+TOL = {torch.float32: dict(atol=2e-5, rtol=1e-4), torch.float16: dict(atol=3e-3, rtol=3e-3)}
+GRAD_TOL = {torch.float32: dict(atol=1e-4, rtol=1e-4), torch.float16: dict(atol=1e-2, rtol=1e-2)}
+
+
+# ------------------------------------------------------------------ helpers
+def random_mask(heads, n, m, block, seed):
+    """Random token mask with full blocks, partial blocks, skipped blocks and empty rows."""
+    g = torch.Generator().manual_seed(seed)
+    n_q, n_k = -(-n // block), -(-m // block)
+    kind = torch.randint(0, 3, (heads, n_q, n_k), generator=g)  # 0 skip, 1 full, 2 partial
+    kind[:, :, 0] = 1  # most rows see something
+    kind[:, 1] = 0     # ...but query block 1 visits nothing
+    up = lambda t: t.repeat_interleave(block, -2).repeat_interleave(block, -1)[:, :n, :m]
+    elem = torch.rand(heads, n, m, generator=g) < 0.5
+    mask = (up(kind) == 1) | ((up(kind) == 2) & elem)
+    mask[:, 3] = False  # a single empty row inside a visited block
+    return mask
+
+
+def band_layout(n, block, width, heads=1):
+    n_b = -(-n // block)
+    qb = torch.arange(n_b)[:, None]
+    start = (qb - width // 2).clamp(0, max(n_b - width, 0))
+    kb = torch.arange(n_b)[None]
+    vis = ((kb >= start) & (kb < start + width))[None].repeat(heads, 1, 1)
+    for hh in range(1, heads):
+        vis[hh] = torch.roll(vis[hh], hh, 1)  # a different (wrapped) band per head
+    return BlockLayout.from_block_masks(vis, q_len=n, kv_len=n, block_q=block, block_k=block)
+
+
+def qkv(b, h, n, m, d, dtype, grad=True):
+    t = [torch.randn(b, h, x, d).to(dtype) for x in (n, m, m)]
+    return [x.requires_grad_(grad) for x in t]
+
+
+# ------------------------------------------------------------------ torch backend
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("d", [64, 80], ids=lambda d: f"D{d}")
+@pytest.mark.parametrize("n, heads_layout", [(63, "shared"), (130, "per_head"), (257, "shared"), (257, "per_head")],
+                         ids=["N63-shared", "N130-per_head", "N257-shared", "N257-per_head"])
+def test_torch_backend_matches_reference(n, heads_layout, d, dtype):
+    h = 2
+    mask = random_mask(1 if heads_layout == "shared" else h, n, n, 32, seed=n + d)
+    layout = BlockLayout.from_dense_mask(mask, block_q=32, block_k=32)
+    assert layout.partial_fraction() > 0
+    q, k, v = qkv(1, h, n, n, d, dtype)
+    o = block_sparse_attention(q, k, v, layout, backend="torch")
+    assert o.dtype == dtype and o.shape == q.shape
+    ref, _ = reference(q, k, v, mask)
+    torch.testing.assert_close(o.float(), ref, **TOL[dtype])
+    assert (o[:, :, 32:64] == 0).all()  # query block 1 visits nothing
+
+    do = torch.randn_like(ref)
+    grads = torch.autograd.grad((o.float() * do).sum(), (q, k, v))
+    ref_grads = torch.autograd.grad((ref * do).sum(), (q, k, v))
+    for name, g, rg in zip("qkv", grads, ref_grads):
+        assert g.dtype == dtype, name
+        torch.testing.assert_close(g.float(), rg.float(), **GRAD_TOL[dtype], msg=lambda m: f"d{name}: {m}")
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["cpu_flash", "matmul"])
+def test_torch_backend_lse_and_lse_gradient(fused):
+    """o and lse on both internal paths; lse gradients (which select the matmul path)."""
+    n, m, d = 130, 97, 64  # q_len != kv_len, both ragged
+    mask = random_mask(2, n, m, 32, seed=1)
+    layout = BlockLayout.from_dense_mask(mask, block_q=32, block_k=32)
+    q, k, v = qkv(2, 2, n, m, d, torch.float32)
+    with torch.no_grad():
+        o, lse = torch_block_sparse_attention(q, k, v, layout, 0.11, fused=fused)
+    ro, rlse = reference(q, k, v, mask, scale=0.11)
+    torch.testing.assert_close(o, ro, **TOL[torch.float32])
+    assert_lse_close(lse, rlse, atol=1e-5, rtol=1e-5)
+    # lse must carry its gradient too (text-token merging differentiates through it).
+    g = torch.randn_like(lse)
+    loss = lambda o_, l_: (o_ * 0.5).sum() + (torch.where(torch.isinf(l_), 0.0, l_) * g).sum()
+    o2, l2 = block_sparse_attention(q, k, v, layout, return_lse=True, scale=0.11, backend="torch")
+    grads = torch.autograd.grad(loss(o2, l2), (q, k, v))
+    ref_grads = torch.autograd.grad(loss(ro, rlse), (q, k, v))
+    for gr, rg in zip(grads, ref_grads):
+        torch.testing.assert_close(gr, rg, **GRAD_TOL[torch.float32])
+
+
+@pytest.mark.parametrize("heads", [1, 3], ids=["shared", "per_head"])
+@pytest.mark.parametrize("n, width", [(257, 5), (300, 9)], ids=["N257-band5", "N300-band9"])
+def test_torch_backend_banded_runs(n, width, heads):
+    """Banded layouts take the copy-free strided path (steps 1 and, at clamped borders, 0)."""
+    layout = band_layout(n, 16, width, heads)
+    q, k, v = qkv(1, 3, n, n, 64, torch.float32)
+    o, lse = block_sparse_attention(q, k, v, layout, return_lse=True, backend="torch")
+    mask = layout.to_dense_mask()
+    ref, ref_lse = reference(q, k, v, mask)
+    torch.testing.assert_close(o, ref, **TOL[torch.float32])
+    assert_lse_close(lse, ref_lse, atol=1e-5, rtol=1e-5)
+    plan = next(iter(naive._PLANS.entries(layout).values()))
+    steps = {c.run[2] for c in plan.chunks if c.run is not None}
+    assert 1 in steps and (width < 9 or 0 in steps), steps
+    do = torch.randn_like(o)
+    grads = torch.autograd.grad((o * do).sum(), (q, k, v))
+    ref_grads = torch.autograd.grad((ref * do).sum(), (q, k, v))
+    for gr, rg in zip(grads, ref_grads):
+        torch.testing.assert_close(gr, rg, **GRAD_TOL[torch.float32])
+
+
+@pytest.mark.parametrize("heads", [1, 2], ids=["shared", "per_head"])
+def test_torch_backend_shared_key_lists(heads):
+    """Query blocks with identical key-block lists (tile layouts) are gathered once per list."""
+    n, m, block = 290, 200, 32  # 10 query blocks, 7 ragged key blocks
+    g = torch.Generator().manual_seed(3)
+    pattern = torch.rand(heads, 5, 7, generator=g) < 0.5
+    pattern[..., 0] = True
+    visited = pattern.repeat_interleave(2, dim=1)  # query blocks 2i and 2i+1 share a list
+    ids = torch.where(torch.rand(heads, 5, 7, generator=g) < 0.4, 0, -1).repeat_interleave(2, dim=1)
+    ids[..., 1] = 1
+    table = torch.rand(2, block, block, generator=g) < 0.6
+    table[1, :, :] = False  # a partial block that allows nothing ...
+    table[1, :, :3] = True  # ... except three columns
+    layout = BlockLayout.from_block_masks(visited, q_len=n, kv_len=m, block_q=block, block_k=block,
+                                          mask_ids=ids.int(), mask_table=table)
+    q, k, v = qkv(1, 2, n, m, 64, torch.float32)
+    o, lse = block_sparse_attention(q, k, v, layout, return_lse=True, backend="torch")
+    ref, ref_lse = reference(q, k, v, layout.to_dense_mask())
+    with torch.no_grad():  # the CPU flash path (the call above differentiates lse: matmul path)
+        o_fused, lse_fused = torch_block_sparse_attention(q, k, v, layout, 1 / 8, fused=True)
+    torch.testing.assert_close(o_fused, ref, **TOL[torch.float32])
+    assert_lse_close(lse_fused, ref_lse, atol=1e-5, rtol=1e-5)
+    for plan in naive._PLANS.entries(layout).values():
+        assert any(c.group > 1 for c in plan.chunks)
+    torch.testing.assert_close(o, ref, **TOL[torch.float32])
+    assert_lse_close(lse, ref_lse, atol=1e-5, rtol=1e-5)
+    do = torch.randn_like(o)
+    grads = torch.autograd.grad((o * do).sum(), (q, k, v))
+    ref_grads = torch.autograd.grad((ref * do).sum(), (q, k, v))
+    for gr, rg in zip(grads, ref_grads):
+        torch.testing.assert_close(gr, rg, **GRAD_TOL[torch.float32])
+
+
+class _MaxNumel(TorchDispatchMode):
+    """Records the largest tensor any aten op produces."""
+
+    def __init__(self):
+        super().__init__()
+        self.max_numel = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                self.max_numel = max(self.max_numel, t.numel())
+        return out
+
+
+def test_torch_backend_n8192_without_n_by_n():
+    n, block, d = 8192, 64, 32
+    # Window with partial edge blocks (via element masks) plus per-head difference.
+    base = band_layout(n, block, 9, heads=2)
+    visited, _ = base.block_masks()
+    n_b = n // block
+    ids = torch.full(visited.shape, -1, dtype=torch.int32)
+    edge = torch.zeros_like(visited)
+    edge[:, torch.arange(n_b), (torch.arange(n_b) + 4).clamp(max=n_b - 1)] = True
+    ids[edge & visited] = 0
+    table = torch.tril(torch.ones(block, block, dtype=torch.bool))[None]
+    layout = BlockLayout.from_block_masks(visited, q_len=n - 5, kv_len=n - 5, block_q=block, block_k=block,
+                                          mask_ids=ids, mask_table=table)
+    q, k, v = qkv(1, 2, n - 5, n - 5, d, torch.float32, grad=False)
+    with _MaxNumel() as probe, torch.no_grad():
+        o, lse = block_sparse_attention(q, k, v, layout, return_lse=True, backend="torch")
+    assert probe.max_numel < n * n // 4, f"largest intermediate {probe.max_numel} elements ~ N x N"
+    # Check a few query blocks against the reference on those rows only.
+    vis, mids = layout.block_masks()
+    for qb in (0, 37, n_b - 1):
+        rows = torch.arange(qb * block, min((qb + 1) * block, n - 5))
+        mask = torch.zeros(2, rows.numel(), n - 5, dtype=torch.bool)
+        for hh in range(2):
+            for kb in vis[hh, qb].nonzero().flatten().tolist():
+                cols = slice(kb * block, min((kb + 1) * block, n - 5))
+                tile = table[0] if mids[hh, qb, kb] >= 0 else torch.ones(block, block, dtype=torch.bool)
+                mask[hh, :, cols] = tile[: rows.numel(), : cols.stop - cols.start]
+        ref, ref_lse = reference(q[:, :, rows], k, v, mask)
+        torch.testing.assert_close(o[:, :, rows], ref, **TOL[torch.float32])
+        assert_lse_close(lse[:, :, rows], ref_lse, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["torch", "flex"])
+def test_full_window_equals_sdpa(backend):
+    n, d = 130, 64
+    layout = BlockLayout.from_dense_mask(torch.ones(n, n, dtype=torch.bool), block_q=32, block_k=32)
+    assert layout.density() == 1.0
+    q, k, v = qkv(2, 2, n, n, d, torch.float32, grad=False)
+    with torch.no_grad():
+        o = block_sparse_attention(q, k, v, layout, backend=backend)
+    torch.testing.assert_close(o, F.scaled_dot_product_attention(q, k, v), **TOL[torch.float32])
+
+
+# ------------------------------------------------------------------ flex backend
+@pytest.mark.skipif(available_backends()["flex"] is not None, reason="FlexAttention not in this torch")
+@pytest.mark.parametrize("heads_layout", ["shared", "per_head"])
+@pytest.mark.parametrize("n", [63, 130], ids=lambda n: f"N{n}")
+def test_flex_backend_matches_reference(n, heads_layout):
+    h = 2
+    m = n + 7
+    mask = random_mask(1 if heads_layout == "shared" else h, n, m, 32, seed=n)
+    layout = BlockLayout.from_dense_mask(mask, block_q=32, block_k=32)
+    q, k, v = qkv(1, h, n, m, 64, torch.float32, grad=False)
+    o, lse = block_sparse_attention(q, k, v, layout, return_lse=True, backend="flex")
+    ref, ref_lse = reference(q, k, v, mask)
+    torch.testing.assert_close(o, ref, **TOL[torch.float32])
+    assert_lse_close(lse, ref_lse, atol=1e-5, rtol=1e-5)
+
+
+def test_flex_backward_on_cpu_says_what_to_do():
+    layout = BlockLayout.from_dense_mask(torch.ones(40, 40, dtype=torch.bool), 32, 32)
+    q, k, v = qkv(1, 1, 40, 40, 16, torch.float32)
+    with pytest.raises(BackendUnavailable, match="backend='torch'"):
+        block_sparse_attention(q, k, v, layout, backend="flex")
+
+
+# ------------------------------------------------------------------ selection and errors
+def test_available_backends_on_cpu(monkeypatch):
+    avail = available_backends()
+    assert set(avail) == {"triton", "flex", "torch"} and avail["torch"] is None
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    reason = available_backends("cpu")["triton"]
+    assert reason is not None and "TRITON_INTERPRET" in reason and "backend='torch'" in reason
+
+
+def test_auto_picks_torch_on_cpu_and_env_overrides(monkeypatch):
+    monkeypatch.delenv(backends_mod.ENV_BACKEND, raising=False)
+    request = backends_mod.Request(torch.device("cpu"), torch.float32, 64)
+    resolve = backends_mod.resolve
+    assert resolve("block_sparse", "auto", request) == "torch"
+    assert resolve("sla", "auto", request) == "torch"
+    monkeypatch.setenv(backends_mod.ENV_BACKEND, "flex")
+    assert resolve("block_sparse", "auto", request) == "flex"
+    assert resolve("sla", "auto", request) == "torch"  # SLA has no flex variant: its twin runs
+    assert resolve("block_sparse", "torch", request) == "torch"  # explicit choice wins over env
+    monkeypatch.setenv(backends_mod.ENV_BACKEND, "cuda-magic")
+    with pytest.raises(ValueError, match="DIT_ACCEL_BACKEND"):
+        resolve("block_sparse", "auto", request)
+
+
+def test_forcing_unavailable_backend_raises_reason(monkeypatch):
+    monkeypatch.setattr(backends_mod, "triton_reason", lambda device: "triton is not installed; do X")
+    layout = BlockLayout.from_dense_mask(torch.ones(16, 16, dtype=torch.bool), 16, 16)
+    q, k, v = qkv(1, 1, 16, 16, 16, torch.float32, grad=False)
+    with pytest.raises(BackendUnavailable, match="triton is not installed; do X"):
+        block_sparse_attention(q, k, v, layout, backend="triton")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        block_sparse_attention(q, k, v, layout, backend="cuda")
+
+
+def _bad_calls():
+    q, k, v = qkv(1, 2, 40, 40, 16, torch.float32, grad=False)
+    lay = BlockLayout.from_dense_mask(torch.ones(40, 40, dtype=torch.bool), 16, 16)
+    lay3 = BlockLayout.from_dense_mask(torch.ones(3, 40, 40, dtype=torch.bool), 16, 16)
+    lay_short = BlockLayout.from_dense_mask(torch.ones(39, 40, dtype=torch.bool), 16, 16)
+    return {
+        "q_3d": ((q[0], k, v, lay), {}, ValueError, "q must have 4 dims"),
+        "int_dtype": ((q.long(), k, v, lay), {}, TypeError, "q must be float16, bfloat16 or float32"),
+        "mixed_dtype": ((q, k.half(), v, lay), {}, TypeError, "share one dtype"),
+        "heads_mismatch": ((q, k[:, :1], v[:, :1], lay), {}, ValueError, "H=2"),
+        "kv_shape": ((q, k, v[..., :8], lay), {}, ValueError, "k and v must have the same shape"),
+        "not_layout": ((q, k, v, torch.ones(40, 40)), {}, TypeError, "from_dense_mask"),
+        "layout_len": ((q, k, v, lay_short), {}, ValueError, "q_len=39"),
+        "layout_heads": ((q, k, v, lay3), {}, ValueError, "layout has 3 heads"),
+        "scale": ((q, k, v, lay), {"scale": float("nan")}, ValueError, "scale must be"),
+        "backend_type": ((q, k, v, lay), {"backend": 3}, TypeError, "backend must be a string"),
+        "head_dim_triton": ((torch.randn(1, 1, 16, 300), torch.randn(1, 1, 16, 300), torch.randn(1, 1, 16, 300),
+                             BlockLayout.from_dense_mask(torch.ones(16, 16, dtype=torch.bool), 16, 16)),
+                            {"backend": "triton"}, BackendUnavailable, "head dim 300 > 256.*backend='torch'"),
+    }
+
+
+@pytest.mark.parametrize("case", list(_bad_calls()))
+def test_bad_input_errors_name_the_argument(case):
+    args, kwargs, exc, text = _bad_calls()[case]
+    with pytest.raises(exc, match=text):
+        block_sparse_attention(*args, **kwargs)
+
+
+def test_large_head_dims_run_on_the_torch_backend():
+    """Only the Triton kernels stop at D = 256; auto on CPU runs the twin at any head dim."""
+    q, k, v = qkv(1, 1, 40, 40, 300, torch.float32, grad=False)
+    mask = torch.rand(40, 40) < 0.5
+    mask[:, 0] = True
+    layout = BlockLayout.from_dense_mask(mask, 16, 16)
+    torch.testing.assert_close(block_sparse_attention(q, k, v, layout), reference(q, k, v, mask)[0],
+                               **TOL[torch.float32])
+
+
+def test_import_does_not_import_triton():
+    code = "import sys, dit_accel.kernels; assert 'triton' not in sys.modules, 'triton imported'"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=str(__import__("pathlib").Path(__file__).parents[2]))

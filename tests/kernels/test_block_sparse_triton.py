@@ -1,0 +1,257 @@
+"""Triton block-sparse attention vs the fp32 dense masked reference (tests/utils.py).
+
+On CPU these run through the Triton interpreter (conftest sets TRITON_INTERPRET=1),
+so sizes stay small (N <= 257, block 32/64/128). bf16 and large-N checks are
+GPU-only (`@pytest.mark.gpu`): the interpreter's bf16 tl.dot is wrong.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dit_accel.kernels import BlockLayout, block_sparse_attention
+from dit_accel.kernels.backends import BackendUnavailable, triton_reason
+from dit_accel.kernels.block_sparse.configs import select_config
+from dit_accel.kernels.block_sparse.triton import triton_backward, triton_forward
+from tests.utils import (DEVICE, DT, TOL, assert_attention_close, assert_grads_close, banded_mask, make_qkv,
+                         random_mask)
+
+def _scale(q, scale):
+    return q.shape[-1] ** -0.5 if scale is None else scale
+
+
+def check_forward(q, k, v, mask, layout, scale=None):
+    o, lse = triton_forward(q, k, v, layout.to(q.device), _scale(q, scale))
+    assert_attention_close(o, lse, q, k, v, mask, scale)
+    return o, lse
+
+
+def check_backward(q, k, v, mask, layout, scale=None):
+    o, lse = triton_forward(q, k, v, layout.to(q.device), _scale(q, scale))
+    do = torch.randn_like(o)
+    grads = triton_backward(do, q, k, v, o, lse, layout.to(q.device), _scale(q, scale))
+    assert_grads_close(grads, q, k, v, mask, do, scale)
+
+
+# ------------------------------------------------------------------ forward / backward vs reference
+# Odd sizes exercise ragged last blocks. 32-blocks give many partial/full/skipped blocks per case.
+FWD_CASES = [(n, d, dt) for n in (63, 130, 257) for d in (64, 80) for dt in (torch.float32, torch.float16)]
+
+
+BLOCK = 32
+@pytest.mark.parametrize("n,d,dtype", FWD_CASES, ids=[f"N{n}-D{d}-{DT[t]}" for n, d, t in FWD_CASES])
+def test_forward_random_mask(n, d, dtype):
+    heads = 2
+    # Per-head pattern (Hl = H) with skipped, partial and full blocks, ragged tails and an empty row.
+    b = BLOCK
+    mask = random_mask(heads, n, n, block=b, seed=n + d, empty_rows=(3,), full_block=(b, 2 * b, 0, 2 * b))
+    layout = BlockLayout.from_dense_mask(mask, block_q=BLOCK, block_k=BLOCK)
+    assert layout.num_heads == heads and 0 < layout.partial_fraction() < 1
+    q, k, v = make_qkv(1, heads, n, n, d, dtype, seed=n)
+    check_forward(q, k, v, mask, layout)
+
+
+BWD_CASES = [(n, d, dt) for n in (63, 130) for d in (64, 80) for dt in (torch.float32, torch.float16)]
+BWD_CASES += [(257, 80, torch.float32), (257, 64, torch.float16)]
+
+
+@pytest.mark.parametrize("n,d,dtype", BWD_CASES, ids=[f"N{n}-D{d}-{DT[t]}" for n, d, t in BWD_CASES])
+def test_backward_random_mask(n, d, dtype):
+    heads = 2
+    b = BLOCK
+    mask = random_mask(heads, n, n, block=b, seed=7 * n + d, empty_rows=(5,), full_block=(b, 2 * b, b, 2 * b))
+    layout = BlockLayout.from_dense_mask(mask, block_q=BLOCK, block_k=BLOCK)
+    assert 0 < layout.density() < 1
+    q, k, v = make_qkv(1, heads, n, n, d, dtype, seed=d)
+    check_backward(q, k, v, mask, layout)
+
+
+def test_shared_layout_banded_batch():
+    """Hl = 1 (one pattern for all heads, head stride 0), batch 2, 2 heads."""
+    n = 100
+    mask = banded_mask(n, n, 12)
+    layout = BlockLayout.from_dense_mask(mask, block_q=32, block_k=32)
+    assert layout.num_heads == 1 and layout.density() < 0.7
+    q, k, v = make_qkv(2, 2, n, n, 64, torch.float32, seed=1)
+    check_forward(q, k, v, mask, layout)
+    check_backward(q, k, v, mask, layout)
+
+
+@pytest.mark.parametrize("n,m", [(63, 130), (130, 63)], ids=["q63-kv130", "q130-kv63"])
+def test_different_q_and_kv_lengths(n, m):
+    mask = random_mask(1, n, m, density=0.5, seed=3, empty_rows=(1,))
+    mask |= banded_mask(n, m, 8)
+    mask[:, 1] = False
+    layout = BlockLayout.from_dense_mask(mask, block_q=32, block_k=64)
+    q, k, v = make_qkv(1, 1, n, m, 80, torch.float32, seed=2)
+    check_forward(q, k, v, mask, layout)
+    check_backward(q, k, v, mask, layout)
+
+
+@pytest.mark.parametrize("block", [128, 256], ids=["B128", "B256"])
+def test_layout_blocks_larger_than_kernel_tile(block):
+    """Layout blocks of 128/256 are split into kernel tiles (e.g. fwd 64x64): sub-tile offsets."""
+    n, d = 200, 64
+    mask = random_mask(1, n, n, density=0.5, block=64, seed=11, empty_rows=(150,), full_block=(0, 128, 128, 200))[0]
+    layout = BlockLayout.from_dense_mask(mask, block_q=block, block_k=block)
+    for kernel in ("fwd", "bwd_dkdv", "bwd_dq"):
+        cfg = select_config(kernel, torch.float32, d, block, block, 80)
+        assert cfg.block_m < block and cfg.block_n < block, cfg  # really sub-tiled on both sides
+    q, k, v = make_qkv(1, 1, n, n, d, torch.float32, seed=4)
+    check_forward(q, k, v, mask, layout)
+    check_backward(q, k, v, mask, layout)
+
+
+def test_rows_without_keys_give_zero_and_neg_inf():
+    n = 63
+    mask = random_mask(2, n, n, density=0.6, seed=5, empty_rows=(0, 31, 32, 62))
+    mask[1, :40] = False  # whole query blocks without keys in head 1
+    layout = BlockLayout.from_dense_mask(mask, block_q=32, block_k=32)
+    q, k, v = make_qkv(1, 2, n, n, 64, torch.float32, seed=5)
+    o, lse = check_forward(q, k, v, mask, layout)
+    assert torch.all(o[0, 1, :40] == 0) and torch.isneginf(lse[0, 1, :40]).all()
+    check_backward(q, k, v, mask, layout)
+
+
+def test_no_visited_blocks_at_all():
+    n = 40
+    mask = torch.zeros(n, n, dtype=torch.bool)
+    layout = BlockLayout.from_dense_mask(mask, block_q=32, block_k=32)
+    q, k, v = make_qkv(1, 1, n, n, 64, torch.float32)
+    o, lse = triton_forward(q, k, v, layout.to(q.device), 0.125)
+    assert torch.all(o == 0) and torch.isneginf(lse).all()
+    dq, dk, dv = triton_backward(torch.randn_like(o), q, k, v, o, lse, layout.to(q.device), 0.125)
+    assert all(torch.all(g == 0) for g in (dq, dk, dv))
+
+
+@pytest.mark.parametrize("n", [63, 257], ids=["N63", "N257"])
+def test_full_window_equals_sdpa(n):
+    """All-True mask: every block full (ragged last block only bounds-masked) == dense SDPA."""
+    d = 64 if n > 100 else 80
+    mask = torch.ones(n, n, dtype=torch.bool)
+    layout = BlockLayout.from_dense_mask(mask, block_q=64, block_k=64)
+    assert layout.partial_fraction() == 0 and layout.density() == 1
+    q, k, v = make_qkv(1, 1, n, n, d, torch.float32, seed=n)
+    o, lse = triton_forward(q, k, v, layout.to(q.device), 0.1)
+    o_sdpa = F.scaled_dot_product_attention(q, k, v, scale=0.1)
+    torch.testing.assert_close(o, o_sdpa, atol=TOL[torch.float32][0], rtol=TOL[torch.float32][0])
+    lse_ref = torch.logsumexp((q @ k.transpose(-1, -2)) * 0.1, dim=-1)
+    torch.testing.assert_close(lse, lse_ref, atol=1e-4, rtol=1e-4)
+    if n == 63:
+        qr, kr, vr = (x.clone().requires_grad_() for x in (q, k, v))
+        do = torch.randn_like(o)
+        F.scaled_dot_product_attention(qr, kr, vr, scale=0.1).backward(do)
+        grads = triton_backward(do, q, k, v, o, lse, layout.to(q.device), 0.1)
+        for got, want in zip(grads, (qr.grad, kr.grad, vr.grad)):
+            torch.testing.assert_close(got, want, atol=TOL[torch.float32][2], rtol=TOL[torch.float32][2])
+
+
+def test_strided_inputs_and_custom_scale():
+    """q/k/v as (B, N, H, D) tensors viewed as (B, H, N, D), like Diffusers' projections."""
+    n, h, d = 100, 2, 64
+    mask = banded_mask(n, n, 20)
+    layout = BlockLayout.from_dense_mask(mask, block_q=32, block_k=32)
+    base = [torch.randn(1, n, h, d).to(DEVICE) for _ in range(3)]
+    q, k, v = (x.transpose(1, 2) for x in base)
+    assert not q.is_contiguous()
+    check_forward(q, k, v, mask, layout, scale=0.2)
+    check_backward(q, k, v, mask, layout, scale=0.2)
+
+
+# ------------------------------------------------------------------ API boundary
+def _small():
+    mask = banded_mask(64, 64, 10)
+    layout = BlockLayout.from_dense_mask(mask, block_q=32, block_k=32)
+    q, k, v = make_qkv(1, 2, 64, 64, 64, torch.float32)
+    return q, k, v, layout
+
+
+def test_unavailable_reason():
+    assert triton_reason(DEVICE) is None  # CPU: conftest set TRITON_INTERPRET=1
+    reason = triton_reason("meta")
+    assert isinstance(reason, str) and "backend='torch'" in reason
+
+
+@pytest.mark.parametrize("bad", ["dtype", "mixed_dtype", "ndim", "length", "heads", "head_dim", "block",
+                                 "layout_type"])
+def test_bad_inputs_raise_clear_errors(bad):
+    """Checked once by block_sparse_attention before the triton launcher is chosen."""
+    q, k, v, layout = _small()
+    if bad == "dtype":
+        q, k, v = (x.double() for x in (q, k, v))
+        err, match = TypeError, "float16, bfloat16 or float32"
+    elif bad == "mixed_dtype":
+        k = k.half()
+        err, match = TypeError, "share one dtype"
+    elif bad == "ndim":
+        q = q[0]
+        err, match = ValueError, "4 dims"
+    elif bad == "length":
+        q = q[:, :, :50]
+        err, match = ValueError, "q_len=64"
+    elif bad == "heads":
+        layout = BlockLayout.from_dense_mask(torch.ones(3, 64, 64, dtype=torch.bool), 32, 32)
+        err, match = ValueError, "1 \\(shared by all heads\\) or H=2"
+    elif bad == "head_dim":
+        q, k, v = (torch.zeros(1, 2, 64, 264) for _ in range(3))
+        err, match = BackendUnavailable, "head dim 264 > 256.*backend='torch'"
+    elif bad == "block":
+        layout = BlockLayout.from_dense_mask(torch.ones(64, 64, dtype=torch.bool), 8, 8)
+        err, match = BackendUnavailable, "block_q=8"
+    else:
+        layout = "not a layout"
+        err, match = TypeError, "BlockLayout"
+    with pytest.raises(err, match=match):
+        block_sparse_attention(q, k, v, layout, backend="triton")
+
+
+@pytest.mark.parametrize("arch", [80, 89, 90])
+def test_configs_tile_the_layout_blocks(arch):
+    """Every kernel tile divides the layout block it serves (pure Python, no compile)."""
+    for kernel in ("fwd", "bwd_dkdv", "bwd_dq"):
+        for dtype in (torch.float16, torch.bfloat16, torch.float32):
+            for d in (32, 64, 80, 96, 128, 256):
+                for bq in (64, 128, 256):
+                    for bk in (64, 128, 256):
+                        cfg = select_config(kernel, dtype, d, bq, bk, arch)
+                        assert bq % cfg.block_m == 0 and bk % cfg.block_n == 0, cfg
+                        assert cfg.block_d >= d and cfg.block_d & (cfg.block_d - 1) == 0
+
+
+# ------------------------------------------------------------------ GPU only
+GPU_CASES = [(n, d, dt, b) for n in (1000, 4133) for d in (64, 128) for dt in (torch.bfloat16, torch.float16)
+             for b in (64, 128)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n,d,dtype,block", GPU_CASES,
+                         ids=[f"N{n}-D{d}-{DT[t]}-B{b}" for n, d, t, b in GPU_CASES])
+def test_gpu_forward_backward_large(n, d, dtype, block):
+    mask = random_mask(2, n, n, density=0.05, seed=n, empty_rows=(7,), full_block=(0, 256, 256, 512))
+    mask |= banded_mask(n, n, 100)
+    mask[:, 7] = False
+    layout = BlockLayout.from_dense_mask(mask.to(DEVICE), block_q=block, block_k=block)
+    q, k, v = make_qkv(1, 2, n, n, d, dtype, seed=d)
+    check_forward(q, k, v, mask, layout)
+    check_backward(q, k, v, mask, layout)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("d", [80, 96, 256], ids=["D80", "D96", "D256"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_gpu_odd_head_dims(d, dtype):
+    n = 777
+    mask = random_mask(1, n, n, density=0.2, seed=d, full_block=(128, 256, 0, 128))[0]
+    layout = BlockLayout.from_dense_mask(mask.to(DEVICE), block_q=64, block_k=64)
+    q, k, v = make_qkv(2, 2, n, n, d, dtype, seed=d)
+    check_forward(q, k, v, mask, layout)
+    check_backward(q, k, v, mask, layout)
+
+
+@pytest.mark.gpu
+def test_gpu_full_window_bf16_equals_sdpa():
+    n, d = 4096, 128
+    layout = BlockLayout.from_dense_mask(torch.ones(n, n, dtype=torch.bool, device=DEVICE), 128, 128)
+    q, k, v = make_qkv(1, 4, n, n, d, torch.bfloat16)
+    o, _ = triton_forward(q, k, v, layout, d ** -0.5)
+    torch.testing.assert_close(o, F.scaled_dot_product_attention(q, k, v), atol=2e-2, rtol=2e-2)

@@ -1,0 +1,171 @@
+"""SLA: classification, PyTorch twin and fused Triton kernel against an independent fp32 reference.
+
+The reference (tests/kernels/sla_reference.py) is written from METHODS.md directly: dense token masks expanded from the
+block classes, masked softmax attention, plain (quadratic) linear attention with the class mask.
+The Triton cases run under TRITON_INTERPRET=1 on CPU (slow: small N, few heads).
+"""
+import math
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dit_accel.kernels import BackendUnavailable
+from dit_accel.kernels.sla import (CRITICAL, MARGINAL, NEGLIGIBLE, sla_attention, sla_block_counts, sla_classify,
+                                   sla_density)
+from dit_accel.methods import SLA
+from tests.kernels.sla_reference import brute_force_classes, make_proj, make_qkv, reference_sla
+
+
+# ----------------------------------------------------------------------------- classification
+@pytest.mark.parametrize("nq,nk,topk,negl,bq", [
+    (63, 63, 0.3, 0.0, 64), (130, 257, 0.4, 0.2, 64), (257, 257, 0.2, 0.4, 128), (257, 130, 0.5, 0.5, 64),
+], ids=["n63", "n130-k257-negl", "n257-bq128-negl", "n257-k130-half"])
+def test_classification_matches_brute_force(nq, nk, topk, negl, bq):
+    method = SLA(topk=topk, negligible=negl, block_q=bq)
+    q, k, _ = make_qkv(2, 2, nq, 16, nk=nk)
+    blocks = sla_classify(q, k, method)
+    expect = brute_force_classes(q, k, method)
+    assert torch.equal(blocks.classes, expect)
+    n_kb, n_crit, n_neg, n_marg = sla_block_counts(nk, method)
+    assert blocks.critical.shape[-1] == n_crit and blocks.negligible.shape[-1] == n_neg
+    assert ((blocks.classes == CRITICAL).sum(-1) == n_crit).all()
+    assert ((blocks.classes == NEGLIGIBLE).sum(-1) == n_neg).all()
+    assert ((blocks.classes == MARGINAL).sum(-1) == n_marg).all()
+    assert torch.equal(blocks.classes.gather(-1, blocks.critical.long()), torch.full_like(blocks.critical, 1,
+                                                                                          dtype=torch.int8))
+    assert (blocks.critical.diff(dim=-1) > 0).all()  # ascending, distinct
+    assert torch.equal(torch.sort(blocks.marginal, -1).values, blocks.marginal)
+
+
+def test_classification_ties_are_deterministic():
+    method = SLA(topk=0.25, negligible=0.25)
+    q = torch.ones(1, 1, 64, 8)
+    k = torch.ones(1, 1, 256, 8)  # every block scores the same
+    blocks = sla_classify(q, k, method)
+    assert blocks.critical.tolist() == [[[[0]]]]
+    assert blocks.negligible.tolist() == [[[[3]]]]
+
+
+@pytest.mark.parametrize("n", [1, 5, 63, 64, 65])
+def test_at_least_one_critical_block(n):
+    method = SLA(topk=0.01)
+    q, k, _ = make_qkv(1, 2, n, 8)
+    blocks = sla_classify(q, k, method)
+    assert blocks.critical.shape[-1] == 1
+    assert ((blocks.classes == CRITICAL).sum(-1) == 1).all()
+    assert sla_density(n, method) == 1 / math.ceil(n / 64)
+
+
+def test_density():
+    assert sla_density(32760, SLA(topk=0.05)) == 26 / 512
+    assert sla_density(64 * 30, SLA(topk=0.1)) == 3 / 30  # no float round-up to 4
+    assert sla_density(100, SLA(topk=1.0)) == 1.0
+
+
+# ----------------------------------------------------------------------------- twin vs reference
+TWIN_CASES = [
+    # (nq, nk, d, method kwargs)
+    (63, 63, 64, dict(topk=0.5)),
+    (130, 130, 80, dict(topk=0.4, negligible=0.3)),
+    (257, 257, 64, dict(topk=0.2, negligible=0.4, block_q=128)),
+    (130, 257, 64, dict(topk=0.3, feature_map="elu")),
+    (257, 130, 80, dict(topk=0.3, feature_map="relu", negligible=0.3)),
+    (257, 257, 64, dict(topk=0.3, negligible=0.3, linear_tokens="all")),
+]
+TWIN_IDS = ["n63", "n130-d80-negl", "n257-bq128-negl", "q130-k257-elu", "q257-k130-d80-relu", "n257-all"]
+
+
+@pytest.mark.parametrize("nq,nk,d,kw", TWIN_CASES, ids=TWIN_IDS)
+def test_twin_forward_backward_matches_reference(nq, nk, d, kw):
+    method = SLA(**kw)
+    q, k, v = make_qkv(1, 2, nq, d, nk=nk, requires_grad=True)
+    proj = make_proj(d)
+    o_s, lse, o_lp, info = sla_attention(q, k, v, method, proj, backend="torch", return_parts=True)
+    ref, ref_s, ref_lse, ref_lp = reference_sla(q, k, v, info["blocks"].classes, method, proj)
+    torch.testing.assert_close(o_s, ref_s, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(lse, ref_lse, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(o_lp, ref_lp, atol=2e-5, rtol=1e-4)
+    do = torch.randn_like(ref)
+    params = [q, k, v, proj.weight, proj.bias]
+    got = torch.autograd.grad(((o_s + o_lp) * do).sum() + lse.sum(), params)
+    want = torch.autograd.grad((ref * do).sum() + ref_lse.sum(), params)
+    for name, g, w in zip(["dq", "dk", "dv", "dW", "db"], got, want):
+        torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+
+
+def test_twin_topk_one_zero_proj_is_dense_attention():
+    q, k, v = make_qkv(2, 2, 130, 64)
+    proj = torch.nn.Linear(64, 64)
+    torch.nn.init.zeros_(proj.weight)
+    torch.nn.init.zeros_(proj.bias)
+    o = sla_attention(q, k, v, SLA(topk=1.0), proj, backend="torch")
+    torch.testing.assert_close(o, F.scaled_dot_product_attention(q, k, v), atol=2e-5, rtol=1e-4)
+
+
+def test_twin_without_proj_is_top_k_sparse_attention():
+    q, k, v = make_qkv(1, 2, 257, 64)
+    method = SLA(topk=0.4)
+    o, o_s, lse, o_lp, info = (sla_attention(q, k, v, method, backend="torch"),
+                               *sla_attention(q, k, v, method, backend="torch", return_parts=True))
+    torch.testing.assert_close(o, o_s)
+    assert not o_lp.any()
+    assert info["density"] == sla_density(257, method)
+
+
+# ----------------------------------------------------------------------------- validation
+def test_bad_inputs_raise_clear_errors():
+    q, k, v = make_qkv(1, 1, 64, 16)
+    with pytest.raises(TypeError, match="SLA config"):
+        sla_attention(q, k, v, "sla")
+    with pytest.raises(ValueError, match=r"\(B, H, N, D\)"):
+        sla_attention(q[0], k[0], v[0], SLA())
+    with pytest.raises(TypeError, match="share one dtype"):
+        sla_attention(q, k.half(), v, SLA())
+    with pytest.raises(ValueError, match="same shape"):
+        sla_attention(q, k, v[:, :, :32], SLA())
+    with pytest.raises(ValueError, match="Linear\\(16, 16\\)"):
+        sla_attention(q, k, v, SLA(), torch.nn.Linear(16, 8))
+    with pytest.raises(ValueError, match="backend"):
+        sla_attention(q, k, v, SLA(), backend="cuda")
+    with pytest.raises(TypeError, match="int64"):
+        sla_attention(q.long(), k.long(), v.long(), SLA())
+
+
+def test_backend_selection(monkeypatch):
+    q, k, v = make_qkv(1, 1, 64, 16)
+    method = SLA(topk=0.5)
+    assert sla_attention(q, k, v, method, backend="auto", return_parts=True)[3]["backend"] == "torch"  # CPU
+    assert sla_attention(q, k, v, method, backend="flex", return_parts=True)[3]["backend"] == "torch"
+    monkeypatch.setenv("DIT_ACCEL_BACKEND", "triton")
+    if os.environ.get("TRITON_INTERPRET") == "1":  # CPU tensors reach Triton only through its interpreter
+        assert sla_attention(q, k, v, method, backend="auto", return_parts=True)[3]["backend"] == "triton"
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(BackendUnavailable, match="backend 'triton' cannot run.*backend='torch'"):
+        sla_attention(q, k, v, method, backend="triton")
+    q2, k2, v2 = make_qkv(1, 1, 64, 160)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    with pytest.raises(BackendUnavailable, match="head dim 160"):
+        sla_attention(q2, k2, v2, method, backend="triton")
+
+
+def test_twin_never_materialises_n_by_n():
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class LargestTensor(TorchDispatchMode):
+        largest = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(t, torch.Tensor):
+                    LargestTensor.largest = max(LargestTensor.largest, t.numel())
+            return out
+
+    n, d = 8192, 16
+    q, k, v = make_qkv(1, 1, n, d, requires_grad=True)
+    with LargestTensor():
+        o = sla_attention(q, k, v, SLA(topk=0.05, negligible=0.1), make_proj(d), backend="torch")
+        o.sum().backward()
+    assert LargestTensor.largest < n * n // 8, LargestTensor.largest  # gathered blocks: ~ n * 7 * 64

@@ -1,0 +1,167 @@
+"""Fused SLA Triton kernel (TRITON_INTERPRET=1 on CPU) against the independent reference in test_sla.py."""
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dit_accel.kernels.sla import sla_attention, sla_classify
+from dit_accel.kernels.sla.ops import linear_plan, sla_triton_attention
+from dit_accel.methods import SLA
+from tests.kernels.sla_reference import make_proj, make_qkv, reference_sla
+
+HAS_CUDA = torch.cuda.is_available()
+# CPU tensors reach Triton only through its interpreter (set by conftest on machines without CUDA).
+interpreter = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+                                 reason="runs the Triton interpreter on CPU tensors")
+
+
+def _qkv(nq, nk, d, dtype=torch.float32, strided=False, device="cpu"):
+    if strided:  # (B, N, H, D) storage seen as (B, H, N, D), like Diffusers' processors
+        q, k, v = (torch.randn(1, n, 2, d).transpose(1, 2) for n in (nq, nk, nk))
+    else:
+        q, k, v = make_qkv(1, 2, nq, d, nk=nk)
+    return [t.to(device=device, dtype=dtype).requires_grad_(True) for t in (q, k, v)]
+
+
+CASES = [
+    # nq, nk, d, method kwargs, linear path, strided inputs
+    (63, 63, 64, dict(topk=0.5), "auto", False),
+    (257, 257, 64, dict(topk=0.2, negligible=0.2), "auto", True),
+    (257, 257, 64, dict(topk=0.4, negligible=0.2, block_q=128, feature_map="elu"), "auto", False),
+    (130, 257, 64, dict(topk=0.2, feature_map="relu"), "auto", False),
+    (257, 257, 64, dict(topk=0.4, negligible=0.2, block_q=128), "subtract", False),
+    (130, 130, 80, dict(topk=0.4, negligible=0.2, linear_tokens="all"), "auto", False),
+]
+IDS = ["n63-one-block", "n257-subtract-strided", "n257-bq128-elu-direct", "q130-k257-relu-subtract",
+       "n257-bq128-forced-subtract", "n130-d80-all"]
+
+
+@interpreter
+@pytest.mark.parametrize("nq,nk,d,kw,path,strided", CASES, ids=IDS)
+def test_triton_forward_backward_matches_reference(nq, nk, d, kw, path, strided):
+    method = SLA(**kw)
+    q, k, v = _qkv(nq, nk, d, strided=strided)
+    proj = make_proj(d)
+    blocks = sla_classify(q, k, method)
+    if path != "auto":
+        assert linear_plan(nk, method, True, "auto") != path  # the forced path is the one auto skips
+    o_s, lse, o_l = sla_triton_attention(q, k, v, blocks, method, d ** -0.5, True, path)
+    o = o_s + proj(o_l)
+    ref, ref_s, ref_lse, ref_lp = reference_sla(q, k, v, blocks.classes, method, proj)
+    torch.testing.assert_close(o_s, ref_s, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(lse, ref_lse, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(o, ref, atol=1e-4, rtol=1e-4)
+    do = torch.randn_like(ref)
+    params = [q, k, v, proj.weight, proj.bias]
+    got = torch.autograd.grad((o * do).sum() + (lse * 0.5).sum(), params)
+    want = torch.autograd.grad((ref * do).sum() + (ref_lse * 0.5).sum(), params)
+    for name, g, w in zip(["dq", "dk", "dv", "dW", "db"], got, want):
+        tol = 1e-4 * max(1.0, w.abs().max().item())
+        torch.testing.assert_close(g, w, atol=tol, rtol=1e-3, msg=lambda m: f"{name}: {m}")
+
+
+@interpreter
+def test_triton_public_api_matches_twin():
+    method = SLA(topk=0.3, negligible=0.3)
+    q, k, v = _qkv(130, 130, 64)
+    proj = make_proj(64)
+    o_t = sla_attention(q, k, v, method, proj, backend="triton")
+    o_c = sla_attention(q, k, v, method, proj, backend="torch")
+    torch.testing.assert_close(o_t, o_c, atol=1e-5, rtol=1e-4)
+
+
+@interpreter
+def test_triton_topk_one_with_zero_proj_is_dense():
+    q, k, v = _qkv(130, 130, 64)
+    proj = torch.nn.Linear(64, 64)
+    torch.nn.init.zeros_(proj.weight)
+    torch.nn.init.zeros_(proj.bias)
+    o = sla_attention(q, k, v, SLA(topk=1.0), proj, backend="triton")
+    torch.testing.assert_close(o, F.scaled_dot_product_attention(q, k, v), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=interpreter)])
+def test_negligible_blocks_contribute_nothing(backend):
+    method = SLA(topk=0.2, negligible=0.4)  # 5 key blocks: 1 critical, 2 negligible, 2 marginal
+    q, k, v = (t.detach() for t in _qkv(257, 257, 64))
+    proj = make_proj(64)
+    blocks = sla_classify(q, k, method)
+    qb = 2
+    neg = blocks.negligible[0, 0, qb].long().tolist()
+    assert len(neg) == 2
+    v2 = v.clone()
+    for j in neg:  # V does not enter the classification, so the classes stay the same
+        v2[0, 0, j * 64:(j + 1) * 64] += 10.0 * torch.randn(min(64, 257 - j * 64), 64)
+    o1 = sla_attention(q, k, v, method, proj, backend=backend)
+    o2 = sla_attention(q, k, v2, method, proj, backend=backend)
+    rows = slice(qb * 64, (qb + 1) * 64)
+    torch.testing.assert_close(o2[0, 0, rows], o1[0, 0, rows], atol=1e-5, rtol=1e-5)
+    assert (o2[0, 0] - o1[0, 0]).abs().max() > 1e-2  # other query blocks do see those keys
+
+
+@interpreter
+def test_triton_fp16_matches_reference():
+    method = SLA(topk=0.2, negligible=0.2)
+    q, k, v = _qkv(257, 257, 64, dtype=torch.float16)
+    proj = make_proj(64)
+    o_s, lse, o_lp, info = sla_attention(q, k, v, method, proj, backend="triton", return_parts=True)
+    assert o_s.dtype == torch.float16 and o_lp.dtype == torch.float16 and lse.dtype == torch.float32
+    o = o_s + o_lp
+    ref = reference_sla(q, k, v, info["blocks"].classes, method, proj)[0]
+    torch.testing.assert_close(o.float(), ref, atol=2e-2, rtol=2e-2)
+    do = torch.randn_like(ref)
+    got = torch.autograd.grad((o.float() * do).sum(), [q, k, v])
+    want = torch.autograd.grad((ref * do).sum(), [q, k, v])
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g.float(), w.float(), atol=3e-2 * max(1.0, w.abs().max().item()), rtol=3e-2)
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=interpreter)])
+def test_torch_compile_fullgraph(backend):
+    method = SLA(topk=0.3, negligible=0.3)
+    q, k, v = _qkv(130, 130, 64)
+    proj = make_proj(64)
+
+    def f(q, k, v):
+        return sla_attention(q, k, v, method, proj, backend=backend)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    o_c = compiled(q, k, v)
+    o_e = f(q, k, v)
+    torch.testing.assert_close(o_c, o_e, atol=1e-6, rtol=1e-6)
+    g_c = torch.autograd.grad(o_c.sum(), [q, k, v])
+    g_e = torch.autograd.grad(o_e.sum(), [q, k, v])
+    for a, b in zip(g_c, g_e):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+@interpreter
+def test_custom_op_fake_impls():
+    method = SLA(topk=0.3, negligible=0.3)
+    q, k, v = (t.detach() for t in _qkv(130, 130, 64))
+    blocks = sla_classify(q, k, method)
+    lin = blocks.negligible
+    args = (q, k, v, blocks.critical, lin, 0.125, 0, True, True, -1, 64)
+    torch.library.opcheck(torch.ops.dit_accel.sla_fwd.default, args,
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+# ----------------------------------------------------------------------------- GPU only
+@pytest.mark.gpu
+@pytest.mark.parametrize("d", [64, 80, 96, 128])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_gpu_half_precision_matches_reference(dtype, d):
+    method = SLA(topk=0.1, negligible=0.1, block_q=128 if d == 128 else 64)
+    q, k, v = _qkv(1000, 1000, d, dtype=dtype, device="cuda")
+    proj = make_proj(d).cuda()
+    o_s, lse, o_lp, info = sla_attention(q, k, v, method, proj, backend="triton", return_parts=True)
+    ref = reference_sla(q, k, v, info["blocks"].classes, method, proj)[0]
+    o = (o_s + o_lp).float()
+    torch.testing.assert_close(o, ref, atol=3e-2, rtol=3e-2)
+    do = torch.randn_like(ref)
+    got = torch.autograd.grad((o * do).sum(), [q, k, v])
+    want = torch.autograd.grad((ref * do).sum(), [q, k, v])
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g.float(), w.float(), atol=5e-2 * max(1.0, w.abs().max().item()), rtol=5e-2)

@@ -1,0 +1,356 @@
+"""dit_accel.apply on tiny random transformers of every supported class (CPU, fp32).
+
+The reference for a sparse run is independent of dit_accel's path: a
+TorchFunctionMode written here catches every SDPA call of the *unmodified*
+model and replaces it with fp32 dense attention under a token mask in which
+video-video pairs follow the pattern's raster mask (``gna_mask``/``tile_mask``/
+``radial_mask``), every pair involving a text token is allowed, and padded text
+keys are excluded.
+"""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+
+import dit_accel
+from dit_accel.patterns import gna_mask, tile_mask
+
+from dit_accel.models import tiny as T
+from dit_accel.pipelines.presets import PRESETS, SUPPORTED, preset_for
+from dit_accel.pipelines.processor import SparseAttnProcessor
+
+SPARSE = {name: dit_accel.GNA(kernel_size=(3, 5)) if name == "flux" else dit_accel.GNA(kernel_size=(2, 5, 5))
+          for name in T.TRANSFORMER_NAMES}
+PADDED = {"hunyuan", "mochi"}  # models whose text padding mask the test exercises
+
+
+def _dense_masked(q, k, v, allowed, scale):
+    s = torch.matmul(q.double(), k.double().transpose(-1, -2)) * scale
+    s = s.masked_fill(~allowed, float("-inf"))
+    p = torch.softmax(s, dim=-1).nan_to_num(0.0)
+    return torch.matmul(p, v.double()).to(q.dtype)
+
+
+class ReferenceAttention(TorchFunctionMode):
+    """Replaces self/joint SDPA calls of a model by masked dense attention."""
+
+    def __init__(self, pattern: torch.Tensor, text_position: str):
+        super().__init__()
+        self.pattern, self.position, self.calls = pattern, text_position, 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is not F.scaled_dot_product_attention:
+            return func(*args, **kwargs)
+        names = ("query", "key", "value", "attn_mask")
+        call = dict(zip(names, args), **kwargs)
+        q, k, v, mask = call["query"], call["key"], call["value"], call.get("attn_mask")
+        nv, s = self.pattern.shape[0], q.shape[2]
+        if k.shape[2] != s or s < nv or (self.position == "none" and s != nv):
+            return func(*args, **kwargs)  # cross-attention, text-only refiner
+        allowed = torch.ones(s, s, dtype=torch.bool)
+        video = slice(s - nv, s) if self.position == "first" else slice(0, nv)
+        allowed[video, video] = self.pattern
+        allowed = allowed[None, None]
+        if mask is not None:
+            allowed = allowed & mask.reshape(mask.shape[0], 1, 1, s)
+        self.calls += 1
+        return _dense_masked(q, k, v, allowed, call.get("scale") or 1 / math.sqrt(q.shape[-1]))
+
+
+def _inputs(name, model, batch=2, grid=None):
+    valid = [T.TRANSFORMER_TEXT[name], 3] if name in PADDED and batch == 2 else None
+    return T.tiny_transformer_inputs(name, model, grid=grid, batch=batch, text_valid=valid)
+
+
+@pytest.fixture(scope="module")
+def models():
+    return {name: T.build_tiny_transformer(name) for name in T.TRANSFORMER_NAMES}
+
+
+def _run(model, kwargs):
+    with torch.no_grad():
+        return model(**kwargs)[0]
+
+
+def _clean(model):
+    assert not any(isinstance(getattr(m, "processor", None), SparseAttnProcessor) for m in model.modules())
+    assert not model._forward_pre_hooks and not model._forward_pre_hooks_with_kwargs
+    assert not any(n.endswith("dit_accel_sla_proj") for n, _ in model.named_modules())
+
+
+@pytest.mark.parametrize("name", T.TRANSFORMER_NAMES)
+def test_dense_and_full_window_reproduce_dense(models, name):
+    model = models[name]
+    kwargs = _inputs(name, model)
+    ref = _run(model, kwargs)
+    grid = T.TRANSFORMER_GRIDS[name]
+    for method in (dit_accel.Dense(), dit_accel.GNA(kernel_size=grid)):
+        with dit_accel.apply(model, method, backend="torch") as handle:
+            out = _run(model, kwargs)
+        torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+        assert all(r["sparse_calls"] == 0 and r["dense_calls"] > 0 and r["density"] is None for r in handle.stats())
+    _clean(model)
+
+
+@pytest.mark.parametrize("name", T.TRANSFORMER_NAMES)
+def test_sparse_matches_masked_reference_and_remove_restores(models, name):
+    model = models[name]
+    kwargs = _inputs(name, model)
+    processors = {n: m.processor for n, m in model.named_modules() if hasattr(m, "processor")}
+    dense = _run(model, kwargs)
+    method, grid = SPARSE[name], T.TRANSFORMER_GRIDS[name]
+    with ReferenceAttention(gna_mask(grid, method.kernel_size), PRESETS[type(model).__name__].text_position) as ref_mode:
+        ref = _run(model, kwargs)
+    handle = dit_accel.apply(model, method, backend="torch")
+    out = _run(model, kwargs)
+    assert ref_mode.calls == len(handle.layers) * (2 if name == "mochi" else 1)  # Mochi: one SDPA per sample
+    torch.testing.assert_close(out, ref, atol=2e-4, rtol=2e-4)
+    assert (out - dense).abs().max() > 1e-3
+    from dit_accel.patterns import gna_layout
+
+    expected = gna_layout(grid, method.kernel_size)[1].density()
+    for row in handle.stats():
+        assert row["method"] == "gna" and row["dense_calls"] == 0 and row["sparse_calls"] >= 1
+        assert row["density"] == pytest.approx(expected)
+    handle.remove()
+    assert torch.equal(_run(model, kwargs), dense)
+    assert processors == {n: m.processor for n, m in model.named_modules() if hasattr(m, "processor")}
+    assert all(processors[n] is m.processor for n, m in model.named_modules() if hasattr(m, "processor"))
+    _clean(model)
+
+
+@pytest.mark.parametrize("method", [
+    pytest.param(dit_accel.Tile(tile=(1, 8, 8), window=(3, 1, 1)), id="tile-1x8x8-w3x1x1"),
+    pytest.param(dit_accel.Radial(block_size=64, decay=1.0, sink_frames=()), id="radial-b64"),
+])
+def test_tile_and_radial_match_reference_on_wan(models, method):
+    model, grid = models["wan"], (7, 8, 8)  # 7 frames: radial drops far frame pairs
+    kwargs = _inputs("wan", model, batch=1, grid=grid)
+    if isinstance(method, dit_accel.Tile):
+        pattern = tile_mask(grid, method.tile, method.window)
+    else:
+        try:
+            from dit_accel.patterns import radial_mask
+        except ImportError:  # exported from the package once the patterns owner adds it
+            from dit_accel.patterns.radial import radial_mask
+
+        pattern = radial_mask(grid, block_size=method.block_size, decay=method.decay, sink_frames=method.sink_frames)
+    assert not pattern.all()
+    with ReferenceAttention(pattern, "none"):
+        ref = _run(model, kwargs)
+    with dit_accel.apply(model, method, backend="torch") as handle:
+        out = _run(model, kwargs)
+    torch.testing.assert_close(out, ref, atol=2e-4, rtol=2e-4)
+    plan = handle._plans[(method, grid)]
+    assert handle.stats()[0]["density"] == pytest.approx(plan.layout.density()) and plan.layout.density() < 1
+
+
+def test_resolution_change_rebuilds_layout(models):
+    model, method = models["wan"], dit_accel.GNA(kernel_size=(2, 3, 3))
+    handle = dit_accel.apply(model, method, backend="torch")
+    try:
+        for grid in ((4, 8, 8), (3, 6, 10)):
+            kwargs = _inputs("wan", model, batch=1, grid=grid)
+            out = _run(model, kwargs)
+            handle.remove()
+            with ReferenceAttention(gna_mask(grid, method.kernel_size), "none"):
+                ref = _run(model, kwargs)
+            handle = dit_accel.apply(model, method, backend="torch")
+            torch.testing.assert_close(out, ref, atol=2e-4, rtol=2e-4)
+        _run(model, _inputs("wan", model, batch=1, grid=(4, 8, 8)))
+        _run(model, _inputs("wan", model, batch=1, grid=(3, 6, 10)))
+        assert {key[1] for key in handle._plans} == {(4, 8, 8), (3, 6, 10)}
+    finally:
+        handle.remove()
+
+
+def test_two_handles_do_not_interfere_and_apply_twice_replaces(models):
+    a, b = T.build_tiny_transformer("wan", seed=0), T.build_tiny_transformer("wan", seed=0)
+    kwargs = _inputs("wan", a, batch=1)
+    m1, m2 = dit_accel.GNA(kernel_size=(2, 3, 3)), dit_accel.GNA(kernel_size=(3, 5, 7))
+    with dit_accel.apply(a, m1, backend="torch"):
+        alone1 = _run(a, kwargs)
+    with dit_accel.apply(a, m2, backend="torch"):
+        alone2 = _run(a, kwargs)
+    ha, hb = dit_accel.apply(a, m1, backend="torch"), dit_accel.apply(b, m2, backend="torch")
+    assert torch.equal(_run(a, kwargs), alone1) and torch.equal(_run(b, kwargs), alone2)
+    hb.remove()
+    h2 = dit_accel.apply(a, dit_accel.Dense())  # replaces ha cleanly
+    assert ha.removed
+    assert torch.equal(_run(a, kwargs), _run(b, kwargs))
+    h2.remove()
+    _clean(a)
+    _clean(b)
+
+
+def test_dense_layers_layer_methods_and_steps_on_bare_transformer(models):
+    model = models["hunyuan"]  # 2 attention layers: double- then single-stream block
+    kwargs = _inputs("hunyuan", model)
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    sched = FlowMatchEulerDiscreteScheduler()
+    sched.set_timesteps(4)
+    handle = dit_accel.apply(model, SPARSE["hunyuan"], dense_steps=1, dense_last_steps=1, dense_layers=[1],
+                             backend="torch", scheduler=sched)
+    try:
+        sample = torch.zeros(1)
+        for t in sched.timesteps:
+            _run(model, kwargs)
+            _run(model, kwargs)  # classifier-free guidance: a second call in the same step
+            sched.step(torch.zeros(1), t, sample)
+        rows = handle.stats()
+        assert [r["layer"] for r in rows] == ["transformer_blocks.0.attn", "single_transformer_blocks.0.attn"]
+        assert (rows[0]["sparse_calls"], rows[0]["dense_calls"]) == (4, 4)  # steps 1, 2 sparse; 0 and 3 dense
+        assert (rows[1]["sparse_calls"], rows[1]["dense_calls"]) == (0, 8)
+        assert rows[1]["method"] == "dense"
+    finally:
+        handle.remove()
+
+    # set_step on a bare transformer; layer_methods override; dense_layers as "first N"
+    handle = dit_accel.apply(model, dit_accel.Dense(), dense_steps=2, layer_methods={1: SPARSE["hunyuan"]},
+                             backend="torch")
+    try:
+        with pytest.raises(ValueError, match="set_step"):
+            _run(model, kwargs)
+        for step in range(3):
+            handle.set_step(step, 3)
+            _run(model, kwargs)
+        rows = handle.stats()
+        assert rows[0]["sparse_calls"] == 0 and (rows[1]["sparse_calls"], rows[1]["dense_calls"]) == (1, 2)
+    finally:
+        handle.remove()
+    with dit_accel.apply(model, SPARSE["hunyuan"], dense_layers=1, backend="torch") as handle:
+        _run(model, kwargs)
+        assert [r["sparse_calls"] for r in handle.stats()] == [0, 1]
+
+
+def test_sla_projections_capture_and_timing(models, tmp_path):
+    model = models["flux"]
+    kwargs = _inputs("flux", model, batch=1)
+    method = dit_accel.SLA(topk=0.5)
+    handle = dit_accel.apply(model, method, backend="torch", capture=tmp_path, capture_layers=[1], timing=True)
+    try:
+        projections = handle.sla_projections()
+        assert sorted(projections) == ["single_transformer_blocks.0.attn", "transformer_blocks.0.attn"]
+        assert all(float(p.weight.detach().abs().sum()) == 0 for p in projections.values())
+        out0 = _run(model, kwargs)
+        for p in projections.values():
+            torch.nn.init.normal_(p.weight, std=0.5)
+        out1 = _run(model, kwargs)
+        assert (out1 - out0).abs().max() > 1e-4  # the projection feeds the output
+        rows = handle.stats()
+        assert all(r["sparse_calls"] == 2 and 0 < r["density"] <= 1 and r["time_ms"] > 0 for r in rows)
+        saved = torch.load(tmp_path / "layer001_step000.pt")
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["layer001_step000.pt"]
+        assert saved["grid"] == T.TRANSFORMER_GRIDS["flux"] and saved["layer"] == 1 and saved["step"] == 0
+        assert saved["q"].shape == (1, 2, 130, 16) and saved["layer_name"] == "single_transformer_blocks.0.attn"
+    finally:
+        handle.remove()
+    _clean(model)
+
+
+def test_errors_name_the_argument(models):
+    model = models["wan"]
+    with pytest.raises(TypeError, match="method_from_name"):
+        dit_accel.apply(model, "tile")
+    with pytest.raises(ValueError, match="backend"):
+        dit_accel.apply(model, dit_accel.Dense(), backend="cuda")
+    with pytest.raises(ValueError, match="dense_steps"):
+        dit_accel.apply(model, dit_accel.Dense(), dense_steps=-1)
+    with pytest.raises(ValueError, match="dense_layers"):
+        dit_accel.apply(model, dit_accel.Dense(), dense_layers=[5])
+    _clean(model)
+    with pytest.raises(ValueError, match="FluxTransformer2DModel"):
+        dit_accel.apply(torch.nn.Linear(2, 2), dit_accel.Dense())
+    assert set(SUPPORTED) == {"WanTransformer3DModel", "HunyuanVideoTransformer3DModel", "CogVideoXTransformer3DModel",
+                              "MochiTransformer3DModel", "LTXVideoTransformer3DModel", "FluxTransformer2DModel"}
+    with pytest.raises(ValueError, match=r"diffusers>=0\.35\.0"):
+        preset_for(model, diffusers_version="0.31.0")
+    # Grid-dependent validation happens in the pre-hook, before any attention.
+    with dit_accel.apply(model, dit_accel.GNA(kernel_size=(9, 3, 3)), backend="torch") as handle:
+        with pytest.raises(ValueError, match="exceeds the token grid extent"):
+            _run(model, _inputs("wan", model, batch=1))
+        assert all(r["sparse_calls"] == r["dense_calls"] == 0 for r in handle.stats())
+    with dit_accel.apply(models["flux"], dit_accel.Radial()):
+        with pytest.raises(ValueError, match="Radial attention needs a video"):
+            _run(models["flux"], _inputs("flux", models["flux"], batch=1))
+    from diffusers.models.attention_dispatch import _AttentionBackendRegistry
+
+    # set_attention_backend also sets Diffusers' process-wide backend, which
+    # reset_attention_backend() leaves behind: restore it or later tests run on flex.
+    previous = _AttentionBackendRegistry._active_backend
+    model.set_attention_backend("flex")
+    try:
+        with pytest.raises(ValueError, match="native"):
+            dit_accel.apply(model, dit_accel.Dense())
+    finally:
+        model.reset_attention_backend()
+        _AttentionBackendRegistry.set_active_backend(previous)
+    _clean(model)
+
+
+def test_gradients_reach_lora_style_params_and_sla_projection(models):
+    model = models["flux"]
+    kwargs = _inputs("flux", model, batch=1)
+    with dit_accel.apply(model, dit_accel.SLA(topk=0.5), backend="torch") as handle:
+        proj = handle.sla_projections()["transformer_blocks.0.attn"]
+        q_weight = model.transformer_blocks[0].attn.to_q.weight
+        model.zero_grad()
+        model(**kwargs)[0].square().mean().backward()
+        assert proj.weight.grad is not None and proj.weight.grad.abs().sum() > 0
+        assert q_weight.grad is not None and q_weight.grad.abs().sum() > 0
+    model.zero_grad(set_to_none=True)
+    _clean(model)
+
+
+def test_weights_folder_loads_lora_and_projections_and_remove_unloads(tmp_path):
+    from peft import LoraConfig
+
+    from dit_accel.training.weights import save_trained_weights
+
+    model = T.build_tiny_transformer("wan", seed=3)
+    kwargs = _inputs("wan", model, batch=1)
+    dense = _run(model, kwargs)
+    method = dit_accel.SLA(topk=0.5)
+    lora = LoraConfig(r=2, lora_alpha=2, target_modules=["to_q", "to_v"], init_lora_weights=False)
+    with dit_accel.apply(model, method, backend="torch") as handle:
+        model.add_adapter(lora)
+        for p in handle.sla_projections().values():
+            torch.nn.init.normal_(p.weight, std=0.3)
+        trained = _run(model, kwargs)
+        save_trained_weights(tmp_path, transformer=model, method=method, lora_config=lora,
+                             sla_projections=handle.sla_projections())
+    model.unload_lora()
+    assert torch.equal(_run(model, kwargs), dense)
+    with dit_accel.apply(model, method, backend="torch", weights=tmp_path):
+        torch.testing.assert_close(_run(model, kwargs), trained, atol=1e-5, rtol=1e-5)
+    assert torch.equal(_run(model, kwargs), dense)
+    assert not getattr(model, "peft_config", None)
+    _clean(model)
+
+
+@pytest.mark.parametrize("class_name", SUPPORTED)
+def test_preset_defaults_are_valid_method_configs(class_name):
+    from dit_accel.pipelines.presets import recommended
+
+    preset = PRESETS[class_name]
+    assert preset.text_position in ("none", "first", "last") and preset.attention
+    for method_name in preset.defaults:
+        method, kwargs = recommended(class_name, method_name)
+        assert method.name == method_name
+        assert set(kwargs) <= {"dense_steps", "dense_last_steps", "dense_layers"}
+
+
+def test_wrapped_calls_run_on_the_native_backend_inside_a_global_backend_context():
+    from diffusers.models.attention_dispatch import _AttentionBackendRegistry, attention_backend
+
+    from dit_accel.pipelines.processor import _native_scope
+
+    with attention_backend("flex"):
+        with _native_scope():
+            assert _AttentionBackendRegistry._active_backend.value == "native"
+        assert _AttentionBackendRegistry._active_backend.value == "flex"

@@ -1,0 +1,87 @@
+"""Helpers shared by the test suite: q/k/v factory, masks, tolerances, and the one dense oracle.
+
+Every attention result is compared with :func:`reference`, which is the package's
+own :func:`dit_accel.kernels.dense_attention_reference` (fp32, masked, empty rows
+give 0 and ``lse = -inf``); ``tests/kernels/test_reference.py`` checks that oracle
+against a per-row definition written in the test.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from dit_accel.kernels import dense_attention_reference as reference
+
+__all__ = ["DEVICE", "DT", "TOL", "make_qkv", "reference", "random_mask", "banded_mask", "assert_lse_close",
+           "assert_attention_close", "assert_grads_close"]
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DT = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+# (o, lse, grads) absolute/relative tolerances per dtype; fp32 products are tf32 on a GPU.
+TOL = {
+    torch.float32: (5e-3, 5e-3, 2e-2) if DEVICE == "cuda" else (1e-4, 1e-4, 2e-4),
+    torch.float16: (4e-3, 2e-3, 2e-2),
+    torch.bfloat16: (2e-2, 1e-2, 8e-2),
+}
+
+
+def make_qkv(b: int, h: int, n: int, m: int, d: int, dtype=torch.float32, *, seed: int = 0, device=DEVICE,
+             requires_grad: bool = False):
+    """Random ``q (b, h, n, d)``, ``k, v (b, h, m, d)`` from a fixed seed (drawn on the CPU, then moved)."""
+    g = torch.Generator().manual_seed(seed)
+    out = [torch.randn(b, h, x, d, generator=g).to(dtype).to(device) for x in (n, m, m)]
+    return [t.requires_grad_(requires_grad) for t in out]
+
+
+def random_mask(heads: int, n: int, m: int, *, density: float = 0.4, block: int = 32, seed: int = 0,
+                empty_rows=(), full_block=None) -> torch.Tensor:
+    """Random bool mask ``[heads, n, m]``: about half the ``block`` tiles empty (skipped by a layout),
+    random elements in the others, an optional dense rectangle (full blocks) and empty rows."""
+    g = torch.Generator().manual_seed(seed)
+    tiles = torch.rand(heads, -(-n // block), -(-m // block), generator=g) < 0.5
+    tiles = tiles.repeat_interleave(block, 1).repeat_interleave(block, 2)[:, :n, :m]
+    mask = tiles & (torch.rand(heads, n, m, generator=g) < density)
+    if full_block is not None:
+        r0, r1, c0, c1 = full_block
+        mask[:, r0:r1, c0:c1] = True
+    for r in empty_rows:
+        mask[:, r] = False
+    return mask
+
+
+def banded_mask(n: int, m: int, width: float) -> torch.Tensor:
+    """``|i * m/n - j| <= width``: a diagonal band, bool ``[n, m]``."""
+    i = torch.arange(n)[:, None] * (m / n)
+    j = torch.arange(m)[None, :]
+    return (i - j).abs() <= width
+
+
+def assert_lse_close(lse: torch.Tensor, ref: torch.Tensor, atol: float = 1e-5, rtol: float = 1e-5) -> None:
+    """Same rows without keys (``-inf``), and close values elsewhere."""
+    assert torch.equal(torch.isneginf(lse), torch.isinf(ref)), "rows without keys must give lse = -inf, others finite"
+    fin = ~torch.isinf(ref)
+    torch.testing.assert_close(lse[fin].double(), ref[fin].double(), atol=atol, rtol=rtol)
+
+
+def assert_attention_close(o, lse, q, k, v, mask, scale=None):
+    """``(o, lse)`` of a kernel equal :func:`reference` on ``mask`` within q's dtype tolerance."""
+    o_ref, lse_ref = reference(q, k, v, None if mask is None else mask.to(q.device), scale)
+    tol_o, tol_l, _ = TOL[q.dtype]
+    assert o.dtype == q.dtype and o.shape == q.shape
+    assert torch.isfinite(o).all()
+    torch.testing.assert_close(o.float(), o_ref, atol=tol_o, rtol=tol_o)
+    if lse is not None:
+        assert lse.dtype == torch.float32 and lse.shape == q.shape[:3]
+        assert_lse_close(lse, lse_ref, atol=tol_l, rtol=tol_l)
+
+
+def assert_grads_close(grads, q, k, v, mask, do, scale=None):
+    """``(dq, dk, dv)`` equal the gradients of :func:`reference` for upstream gradient ``do``."""
+    qr, kr, vr = (x.detach().float().requires_grad_() for x in (q, k, v))
+    o_ref, _ = reference(qr, kr, vr, None if mask is None else mask.to(q.device), scale)
+    o_ref.backward(do.float())
+    tol = TOL[q.dtype][2]
+    for name, got, want, x in zip(("dq", "dk", "dv"), grads, (qr.grad, kr.grad, vr.grad), (q, k, v)):
+        assert got.dtype == x.dtype and got.shape == x.shape, name
+        assert torch.isfinite(got).all(), f"{name} has non-finite values"
+        torch.testing.assert_close(got.float(), want, atol=tol, rtol=tol, msg=lambda m: f"{name}: {m}")
