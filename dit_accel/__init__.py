@@ -7,20 +7,32 @@ One line on any supported pipeline::
     ...
     handle.remove()
 
-Methods: :class:`Dense`, :class:`GNA`, :class:`Tile`, :class:`Radial`, :class:`SLA`.
+Methods: :class:`Dense`, :class:`GNA`, :class:`Tile`, :class:`Radial`, :class:`SLA`, and any
+method registered with :func:`register_method`; models: the presets, and any class
+registered with :func:`register_preset`.
 """
 
-from .methods import GNA, SLA, Dense, Method, Radial, Tile, method_from_name
+__version__ = "0.2.0"
 
-__version__ = "0.1.0"
+# Names resolve on first use: `import dit_accel` (and `dit-accel --help`) stays free of torch and diffusers.
+_EXPORTS = {
+    **{name: "methods" for name in ("Method", "Dense", "GNA", "Tile", "Radial", "SLA", "method_from_name",
+                                    "register_method", "unregister_method", "registered_methods", "option")},
+    **{name: "pipelines.apply" for name in ("apply", "AccelHandle")},
+    **{name: "pipelines.presets" for name in ("register_preset", "unregister_preset", "Preset", "GridInfo")},
+}
 
-__all__ = ["apply", "Dense", "GNA", "Tile", "Radial", "SLA", "Method", "method_from_name", "__version__"]
+__all__ = sorted(_EXPORTS) + ["__version__"]
 
 
 def __getattr__(name):
-    # apply() pulls in diffusers; keep `import dit_accel` light for kernel-only users.
-    if name == "apply":
-        from .pipelines.apply import apply
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'dit_accel' has no attribute {name!r}")
+    import importlib
 
-        return apply
-    raise AttributeError(f"module 'dit_accel' has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{module}", __name__), name)
+
+
+def __dir__():
+    return __all__

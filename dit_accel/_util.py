@@ -13,7 +13,8 @@ import time
 from pathlib import Path
 from typing import Callable, Dict, Iterable, List, Optional
 
-__all__ = ["cdiv", "versions", "to_jsonable", "Timer", "time_median", "load_average", "has_cuda_driver",
+__all__ = ["cdiv", "versions", "to_jsonable", "Timer", "time_median", "load_average", "has_cuda_driver", "DitAccelWarning",
+           "WarningLog",
            "use_interpreter_without_cuda", "is_int", "is_number"]
 
 
@@ -165,3 +166,26 @@ def use_interpreter_without_cuda() -> None:
     """Select Triton's interpreter on a machine without CUDA; must run before anything imports triton."""
     if "TRITON_INTERPRET" not in os.environ and not has_cuda_driver():
         os.environ["TRITON_INTERPRET"] = "1"
+
+
+class DitAccelWarning(UserWarning):
+    """A warning from dit_accel (the CLI prints these as one clean line, or hides them with --quiet)."""
+
+
+class WarningLog:
+    """Warn once per message, and keep every message (for ``handle.warnings`` and the JSON sidecars)."""
+
+    def __init__(self) -> None:
+        self.messages: List[str] = []
+        self._keys = set()
+
+    def warn(self, message: str, stacklevel: int = 3, key=None) -> None:
+        """Warn unless this message (or ``key``, for messages that differ in detail) was warned before."""
+        key = message if key is None else key
+        if key in self._keys:
+            return
+        self._keys.add(key)
+        self.messages.append(message)
+        import warnings
+
+        warnings.warn(message, DitAccelWarning, stacklevel=stacklevel)

@@ -1,58 +1,192 @@
-"""Method configurations: one validated, frozen dataclass per attention method.
+"""Method configurations and the method registry: the method is the unit of extension.
 
-A config holds only the method's own parameters. Everything that depends on the
-model (token grid, text length, head count) is resolved when the config meets a
-transformer in :func:`dit_accel.apply`. Invalid values raise ``ValueError`` at
-construction, naming the field, the value and what is allowed.
+A method is one frozen dataclass, registered once with :func:`register_method`
+(its CLI name, a one-line summary, whether ``dit-accel finetune`` can train it),
+whose fields carry their CLI metadata (:func:`option`) and whose
+:meth:`Method.plan` turns a token grid into a :class:`~dit_accel.plans.Plan`
+through its pattern. The CLI flags, ``dit-accel info`` and ``dit-accel finetune``
+derive their tables from the registry; nothing else needs to know a method.
+
+A config holds only the method's own parameters and checks the shape-free rules
+when it is built (a bad value raises ``ValueError``/``TypeError`` naming the
+field, the value and what is allowed); the rules that need the grid run once,
+in the pattern, when the plan is built.
+
+Example: a new method, complete::
+
+    @dit_accel.register_method("frames", summary="each frame attends to itself and the previous one")
+    @dataclasses.dataclass(frozen=True)
+    class PreviousFrame(dit_accel.Method):
+        reach: int = dit_accel.option(1, "frames back each query sees", parse="int")
+
+        def plan(self, grid):
+            layout = BlockLayout.from_dense_mask(my_mask(grid, self.reach))   # the pattern
+            return LayoutPlan(self, grid, layout)
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
-from typing import Tuple, Union
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Dict, Optional, Tuple, Union
+
+from .patterns.checks import int_or_tuple, number_in, positive_int
+from .patterns.gna import check_gna_args
+from .patterns.radial import check_radial_args
+from .patterns.tile import check_tile_args
+
+__all__ = ["Method", "Dense", "GNA", "Tile", "Radial", "SLA", "method_from_name", "register_method",
+           "unregister_method", "registered_methods", "MethodEntry", "option", "CliOption"]
 
 IntOrTuple = Union[int, Tuple[int, ...]]
-
-__all__ = ["Method", "Dense", "GNA", "Tile", "Radial", "SLA", "method_from_name"]
-
-
-def _fail(cls: str, name: str, value, allowed: str) -> None:
-    raise ValueError(f"{cls}.{name}={value!r} is invalid: {allowed}.")
+_PARSERS = ("ints", "int", "float", "str", "flag", "int_list")
 
 
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+# ------------------------------------------------------------------ CLI metadata
+@dataclass(frozen=True)
+class CliOption:
+    """How a config field appears on the command line (``--flag``), read by :mod:`dit_accel.cli.options`.
+
+    ``parse``: ``"ints"`` (an int or a tuple like ``6,8,8``), ``"int"``, ``"float"``, ``"str"``
+    (with ``choices``), ``"flag"`` (a switch that sets True) or ``"int_list"`` (``0,3`` or ``none``).
+    Methods may share a flag (``--tile`` sets ``Tile.tile`` and ``GNA.tile``) when they parse it alike.
+    """
+
+    help: str
+    parse: str = "ints"
+    flag: Optional[str] = None
+    metavar: Optional[str] = None
+    choices: Optional[Tuple[Any, ...]] = None
 
 
-def _as_tuple(cls: str, name: str, value, *, minimum: int, ndim: int | None = None) -> tuple:
-    items = (value,) if isinstance(value, int) else tuple(value) if isinstance(value, (tuple, list)) else None
-    if items is None or not items or not all(isinstance(v, int) and not isinstance(v, bool) for v in items):
-        _fail(cls, name, value, "expected an int or a tuple of ints, one per grid dimension")
-    if ndim is not None and len(items) not in (1, ndim):
-        _fail(cls, name, value, f"expected {ndim} values, one per grid dimension (T, H, W)")
-    if len(items) > 3:
-        _fail(cls, name, value, "at most 3 dimensions (T, H, W) are supported")
-    if any(v < minimum for v in items):
-        _fail(cls, name, value, f"every value must be >= {minimum}")
-    return items if len(items) > 1 else items[0]
+def option(default, help: str, *, parse: str = "ints", flag: Optional[str] = None, metavar: Optional[str] = None,
+           choices: Optional[Tuple[Any, ...]] = None):
+    """A config field with CLI metadata: ``tile: IntOrTuple = option((6, 8, 8), "tokens per tile")``."""
+    if parse not in _PARSERS:
+        raise ValueError(f"parse={parse!r} is invalid: choose one of {_PARSERS}")
+    meta = CliOption(help, parse, flag, metavar, tuple(choices) if choices is not None else None)
+    return field(default=default, metadata={"cli": meta})
 
 
+# ------------------------------------------------------------------ the registry
 class Method:
-    """Base class of method configs; ``name`` is the CLI spelling."""
+    """Base class of method configs; subclasses are frozen dataclasses registered by :func:`register_method`."""
 
-    name: str = ""
+    name: ClassVar[str] = ""
+
+    def plan(self, grid: Tuple[int, ...]):
+        """The :class:`~dit_accel.plans.Plan` this method runs on ``grid`` (grid rules are checked here)."""
+        raise NotImplementedError(f"{type(self).__name__} does not implement plan(grid)")
+
+    def at_density(self, grid: Tuple[int, ...], density: float) -> "Method":
+        """A config of this method whose visited density on ``grid`` is near ``density`` (for like-for-like
+        comparisons in ``bench fidelity``); methods whose density is fixed by their rule return themselves."""
+        return self
 
     def to_dict(self) -> dict:
-        return {"method": self.name, **{f.name: getattr(self, f.name) for f in fields(self)}}
+        return {"method": self.name, **{f.name: getattr(self, f.name) for f in dataclasses.fields(self)}}
+
+    def replace(self, **changes) -> "Method":
+        return dataclasses.replace(self, **changes)
 
 
+@dataclass(frozen=True)
+class MethodEntry:
+    """A registered method: its CLI name, class, one-line summary and whether it can be fine-tuned."""
+
+    name: str
+    cls: type
+    summary: str
+    finetunable: bool
+
+    def cli_options(self) -> Dict[str, CliOption]:
+        """``{field name: CliOption}`` of the fields that appear on the command line."""
+        return {f.name: f.metadata["cli"] for f in dataclasses.fields(self.cls) if "cli" in f.metadata}
+
+
+_REGISTRY: Dict[str, MethodEntry] = {}
+
+
+def register_method(name: str, *, summary: str, finetunable: bool = False):
+    """Class decorator: register a :class:`Method` dataclass under the CLI name ``name``.
+
+    Example::
+
+        @register_method("tile", summary="sliding tile attention", finetunable=True)
+        @dataclass(frozen=True)
+        class Tile(Method): ...
+    """
+    if not isinstance(name, str) or not name.isidentifier() or name != name.lower():
+        raise ValueError(f"name={name!r} is invalid: a lower-case identifier such as 'tile' (it becomes a CLI "
+                         "--method value)")
+
+    def decorate(cls):
+        if not (isinstance(cls, type) and issubclass(cls, Method) and dataclasses.is_dataclass(cls)):
+            raise TypeError(f"register_method({name!r}) decorates a dataclass subclass of dit_accel.Method; got {cls!r}")
+        if name in _REGISTRY and _REGISTRY[name].cls.__qualname__ != cls.__qualname__:
+            raise ValueError(f"a method named {name!r} is already registered ({_REGISTRY[name].cls.__name__}); "
+                             "pick another name or unregister_method it first")
+        cls.name = name
+        _REGISTRY[name] = MethodEntry(name, cls, summary, bool(finetunable))
+        return cls
+
+    return decorate
+
+
+def unregister_method(name: str) -> None:
+    """Remove a registered method (no error when absent)."""
+    _REGISTRY.pop(name, None)
+
+
+def registered_methods() -> Dict[str, MethodEntry]:
+    """``{name: MethodEntry}`` of every registered method, in registration order."""
+    return dict(_REGISTRY)
+
+
+def method_from_name(name: str, **options) -> Method:
+    """Build a method config from its registered name (``dense``, ``gna``, ``tile``, ``radial``, ``sla``, ...)."""
+    if not isinstance(name, str):
+        raise TypeError(f"name must be a method name string such as 'tile'; got {type(name).__name__}. "
+                        f"Registered: {sorted(_REGISTRY)}")
+    entry = _REGISTRY.get(name.lower())
+    if entry is None:
+        raise ValueError(f"unknown method {name!r}; choose one of {sorted(_REGISTRY)}")
+    return entry.cls(**options)
+
+
+def _freeze(obj, **values) -> None:
+    for key, value in values.items():
+        object.__setattr__(obj, key, value)
+
+
+# ------------------------------------------------------------------ the built-in methods
+@register_method("dense", summary="dense attention through dit_accel's path (baseline, no-op check)")
 @dataclass(frozen=True)
 class Dense(Method):
     """Dense attention through dit_accel's path: a baseline and a no-op check."""
 
-    name = "dense"
+    def plan(self, grid):
+        from .plans import DensePlan
+
+        return DensePlan(self, grid, "Dense()")
 
 
+def _separable_plan(method: Method, grid, relations, tile, what: str):
+    """Dense when the window covers the grid, else a tiled-order block layout of the relations."""
+    from .patterns.permutation import permutation_for
+    from .patterns.separable import covers_grid, separable_layout
+    from .plans import DensePlan, LayoutPlan
+
+    if covers_grid(relations):
+        return DensePlan(method, grid, f"the {what} covers the whole grid {tuple(grid)}")
+    perm = permutation_for(tuple(grid), tile, 64, 64)
+    token_density = math.prod(float(r.float().mean()) for r in relations)
+    return LayoutPlan(method, grid, separable_layout(perm, relations, 64, 64), perm, token_density=token_density)
+
+
+@register_method("gna", finetunable=True,
+                 summary="generalized neighborhood attention (NATTEN semantics: kernel, stride, dilation, causal)")
 @dataclass(frozen=True)
 class GNA(Method):
     """Generalized neighborhood attention (NATTEN semantics, see METHODS.md).
@@ -63,7 +197,7 @@ class GNA(Method):
         dilation: dilation per dimension, ``>= 1``.
         is_causal: causal along each dimension (bool or tuple of bools).
         tile: token tile used to make the window block-sparse. ``None`` picks a
-            tile of 64 or 128 tokens that fits the grid.
+            tile of 64 tokens that fits the grid.
 
     ``kernel_size * dilation`` must not exceed the grid extent; that is checked
     when the grid is known (before the first attention call).
@@ -73,47 +207,57 @@ class GNA(Method):
         dit_accel.apply(pipe, dit_accel.GNA(kernel_size=(9, 24, 24), stride=(1, 8, 8)))
     """
 
-    kernel_size: IntOrTuple = 7
-    stride: IntOrTuple = 1
-    dilation: IntOrTuple = 1
-    is_causal: Union[bool, Tuple[bool, ...]] = False
-    tile: IntOrTuple | None = None
-    name = "gna"
+    kernel_size: IntOrTuple = option(7, "gna: window size in tokens per dimension (>= 2)", metavar="T,H,W")
+    stride: IntOrTuple = option(1, "gna: stride (1 <= stride <= kernel)", metavar="T,H,W")
+    dilation: IntOrTuple = option(1, "gna: dilation (>= 1)", metavar="T,H,W")
+    is_causal: Union[bool, Tuple[bool, ...]] = option(False, "gna: causal along every dimension", parse="flag",
+                                                      flag="--causal")
+    tile: Optional[IntOrTuple] = option(None, "gna: tile used to make the window block-sparse", metavar="T,H,W")
 
     def __post_init__(self):
-        ks = _as_tuple("GNA", "kernel_size", self.kernel_size, minimum=2)
-        st = _as_tuple("GNA", "stride", self.stride, minimum=1)
-        dl = _as_tuple("GNA", "dilation", self.dilation, minimum=1)
-        causal = self.is_causal
-        if isinstance(causal, list):
-            causal = tuple(causal)
-        if not (isinstance(causal, bool) or (
-                isinstance(causal, tuple) and causal and all(isinstance(c, bool) for c in causal))):
-            _fail("GNA", "is_causal", self.is_causal, "expected a bool or a tuple of bools, one per grid dimension")
-        values = {"kernel_size": ks, "stride": st, "dilation": dl, "is_causal": causal}
-        for name, value in values.items():
-            object.__setattr__(self, name, value)
-        lengths = {len(v) for v in values.values() if isinstance(v, tuple)}
+        ks, st, dl, ca = check_gna_args(self.kernel_size, self.stride, self.dilation, self.is_causal, owner="GNA.")
+        tile = None if self.tile is None else int_or_tuple("GNA.", "tile", self.tile, minimum=1)
+        lengths = {len(v) for v in (ks, st, dl, ca, tile) if isinstance(v, tuple)}
         if len(lengths) > 1:
-            given = {name: v for name, v in values.items() if isinstance(v, tuple)}
-            raise ValueError(f"GNA per-dimension tuples must all have the same length; got {given}. "
-                             "Use ints for settings shared by every dimension.")
-        n = lengths.pop() if lengths else 1
-        kt = ks if isinstance(ks, tuple) else (ks,) * n
-        stt = st if isinstance(st, tuple) else (st,) * n
-        if any(s > k for k, s in zip(kt, stt)):
-            _fail("GNA", "stride", self.stride, f"stride must be <= kernel_size ({self.kernel_size}) in every dimension")
-        if self.tile is not None:
-            object.__setattr__(self, "tile", _as_tuple("GNA", "tile", self.tile, minimum=1))
+            raise ValueError(f"GNA.tile={tile!r} has a different number of dimensions than kernel_size, stride, "
+                             "dilation or is_causal; give one value per grid dimension everywhere")
+        _freeze(self, kernel_size=ks, stride=st, dilation=dl, is_causal=ca, tile=tile)
+
+    def plan(self, grid):
+        from .patterns.checks import per_dim
+        from .patterns.gna import gna_relations
+
+        grid, rels = gna_relations(grid, self.kernel_size, self.stride, self.dilation, self.is_causal)
+        tile = None if self.tile is None else per_dim("tile", self.tile, len(grid), owner="GNA.")
+        return _separable_plan(self, grid, rels, tile, "window")
+
+    def at_density(self, grid, density):
+        # Rank stride-1 windows by token density prod(k_d / g_d), then keep the nearest of the
+        # closest few by the visited *block* density their plans report.
+        import itertools
+
+        grid = tuple(grid)
+        scored = []
+        for ks in itertools.product(*[range(2, g + 1) for g in grid]):
+            fr = [math.log(k / g) for k, g in zip(ks, grid)]
+            spread = sum((f - sum(fr) / len(fr)) ** 2 for f in fr)
+            scored.append((abs(sum(fr) - math.log(density)) + 0.02 * spread, ks))
+        scored.sort()
+        candidates = [self.replace(kernel_size=ks, stride=1) for _, ks in scored[:8]]
+        return min(candidates, key=lambda m: abs(math.log((m.plan(grid).density or 1.0) / density)))
 
 
+@register_method("tile", finetunable=True,
+                 summary="sliding tile attention (STA): window of tiles, implemented as GNA with stride = tile")
 @dataclass(frozen=True)
 class Tile(Method):
     """Sliding tile attention (STA): windows counted in tiles.
 
     Args:
         tile: tokens per tile, per dimension (T, H, W) for video, (H, W) for images.
-        window: window size in tiles per dimension, odd, ``>= 1``.
+        window: window size in tiles per dimension, ``>= 1``. An even window ``w``
+            covers the same tiles as ``w + 1`` (FastVideo's convention: its searched
+            strategies use even sizes).
 
     Implemented as GNA with ``kernel_size = window * tile`` and ``stride = tile``.
     Extents that are not multiples of the tile are padded, never rejected.
@@ -123,23 +267,47 @@ class Tile(Method):
         dit_accel.apply(pipe, dit_accel.Tile(tile=(6, 8, 8), window=(3, 3, 3)))
     """
 
-    tile: IntOrTuple = (6, 8, 8)
-    window: IntOrTuple = (3, 3, 3)
-    name = "tile"
+    tile: IntOrTuple = option((6, 8, 8), "tile: tokens per tile (gna: tile used to make the window block-sparse)",
+                              metavar="T,H,W")
+    window: IntOrTuple = option((3, 3, 3), "tile: window in tiles per dimension (e.g. 3,3,3; even w covers w+1)",
+                                metavar="T,H,W")
 
     def __post_init__(self):
-        tile = _as_tuple("Tile", "tile", self.tile, minimum=1)
-        window = _as_tuple("Tile", "window", self.window, minimum=1)
-        tt = tile if isinstance(tile, tuple) else (tile,)
-        wt = window if isinstance(window, tuple) else (window,)
-        if len(tt) > 1 and len(wt) > 1 and len(tt) != len(wt):
-            _fail("Tile", "window", self.window, f"must have as many dimensions as tile {self.tile}")
-        if any(w % 2 == 0 for w in wt):
-            _fail("Tile", "window", self.window, "window sizes are counted in tiles and must be odd (1, 3, 5, ...)")
-        object.__setattr__(self, "tile", tile)
-        object.__setattr__(self, "window", window)
+        tile, window = check_tile_args(self.tile, self.window, owner="Tile.")
+        _freeze(self, tile=tile, window=window)
+
+    def plan(self, grid):
+        from .patterns.permutation import block_box
+        from .patterns.tile import tile_relations
+
+        grid, tile, rels = tile_relations(grid, self.tile, self.window)
+        # Permute by the STA tile when it holds whole 64-token blocks; else let a default tile do it.
+        return _separable_plan(self, grid, rels, tile if block_box(tile, 64) is not None else None, "window")
+
+    def at_density(self, grid, density):
+        # Tiles of one 64-token block each: a window of w tiles per dimension visits about
+        # prod(w_d / n_d) of the blocks. Nearest density first; among near ties the most even window.
+        import itertools
+
+        from .patterns.permutation import TilePermutation, default_tile
+
+        grid = tuple(grid)
+        tile = default_tile(grid, 64)
+        n_tiles = TilePermutation(grid, tile).num_tiles
+        best = None
+        # Odd windows, plus n + 1 on an even tile count n: the odd window that covers the dimension.
+        candidates = [list(range(1, n + 1, 2)) + ([n + 1] if n % 2 == 0 else []) for n in n_tiles]
+        for window in itertools.product(*candidates):
+            fracs = [math.log(min(w, n) / n) for w, n in zip(window, n_tiles)]
+            mean = sum(fracs) / len(fracs)
+            score = abs(sum(fracs) - math.log(density)) + 0.02 * sum((f - mean) ** 2 for f in fracs)
+            if best is None or score < best[0]:
+                best = (score, window)
+        return Tile(tile=tile, window=best[1])
 
 
+@register_method("radial", finetunable=True,
+                 summary="radial attention: dense near frames, band halving with temporal distance (video only)")
 @dataclass(frozen=True)
 class Radial(Method):
     """Radial attention: dense on nearby frames, a spatial neighbourhood that halves with distance.
@@ -153,43 +321,62 @@ class Radial(Method):
         decay: band width factor in ``(0, 1]`` (paper: 0.95 to 1.0).
         block_size: block granularity in tokens, 64 or 128 (128 default; 64 for Wan 2.2).
         sink_frames: key frames every query attends to fully (attention sink);
-            ``(0,)`` is the reference setting for Wan, ``()`` disables it.
+            ``(0,)`` is the reference setting for Wan, ``()`` disables it. Frames
+            beyond a clip's length are ignored for that clip.
         spatial: what a kept far frame pair allows inside the frames.
             ``"band"`` (default): the reference code, a diagonal band ``|k - l| <= half``
             over raster positions, reduced to ``block_size`` blocks (raster order).
-            ``"window"``: a true 2-D window, the frame scaled by ``sqrt((2*half + 1) / (H*W))``:
-            ``kh = min(2*floor(H*sqrt(.)/2) + 1, H)`` rows by ``kw`` (same with ``W``)
-            columns around the query, pushed inward at borders like GNA, so every
-            query sees ``kh*kw ~ 2*half + 1`` keys (token density comparable to the
-            band). Exact per token, on tiled order (tokens permuted like GNA / Tile);
-            see :mod:`dit_accel.patterns.radial_window`.
+            ``"window"``: a true 2-D window, the frame scaled by ``sqrt((2*half + 1) / (H*W))``,
+            pushed inward at borders like GNA, so every query sees ``~2*half + 1`` keys;
+            exact per token, on tiled order (see :mod:`dit_accel.patterns.radial_window`).
 
     Example::
 
         dit_accel.apply(pipe, dit_accel.Radial(decay=0.95), dense_steps=12, dense_layers=1)
-        dit_accel.apply(pipe, dit_accel.Radial(decay=0.95, spatial="window"), dense_steps=12, dense_layers=1)
     """
 
-    decay: float = 1.0
-    block_size: int = 128
-    sink_frames: Tuple[int, ...] = (0,)
-    spatial: str = "band"
-    name = "radial"
+    decay: float = option(1.0, "radial: band decay in (0, 1] (paper: 0.95)", parse="float")
+    block_size: int = option(128, "radial: block granularity; sla: query block size", parse="int",
+                             choices=(64, 128))
+    sink_frames: Tuple[int, ...] = option((0,), "radial: key frames every query attends to (default 0; 'none' "
+                                                "disables)", parse="int_list", metavar="F,...")
+    spatial: str = option("band", "radial: far frame pairs keep the reference raster band (band) or a 2-D window "
+                                  "of rows x columns on tiled order (window)", parse="str", flag="--radial-spatial",
+                          choices=("band", "window"))
 
     def __post_init__(self):
-        if not _is_number(self.decay) or not 0.0 < float(self.decay) <= 1.0:
-            _fail("Radial", "decay", self.decay, "must be a number in (0, 1]")
-        if self.block_size not in (64, 128):
-            _fail("Radial", "block_size", self.block_size, "must be 64 or 128")
-        frames = tuple(self.sink_frames) if isinstance(self.sink_frames, (tuple, list)) else None
-        if frames is None or not all(isinstance(f, int) and f >= 0 for f in frames):
-            _fail("Radial", "sink_frames", self.sink_frames, "expected a tuple of non-negative frame indices")
+        block, decay, sinks = check_radial_args(self.block_size, self.decay, self.sink_frames, owner="Radial.",
+                                                block_sizes=(64, 128))
         if self.spatial not in ("band", "window"):
-            _fail("Radial", "spatial", self.spatial, "must be 'band' (reference raster band) or 'window' (2-D window)")
-        object.__setattr__(self, "sink_frames", frames)
-        object.__setattr__(self, "decay", float(self.decay))
+            raise ValueError(f"Radial.spatial={self.spatial!r} is invalid: must be 'band' (reference raster band) "
+                             "or 'window' (2-D window)")
+        _freeze(self, block_size=block, decay=decay, sink_frames=sinks)
+
+    def plan(self, grid):
+        from .patterns.radial import radial_layout
+        from .patterns.radial_window import radial_window_layout
+        from .plans import DensePlan, LayoutPlan
+
+        grid = tuple(grid)
+        if len(grid) != 3:
+            raise ValueError(f"Radial attention needs a video token grid (T, H, W); this model has grid {grid}. "
+                             "Use GNA or Tile for image models")
+        sinks = tuple(f for f in self.sink_frames if f < grid[0])
+        if self.spatial == "window":
+            perm, layout = radial_window_layout(grid, self.block_size, self.decay, sinks)
+        else:
+            perm, layout = None, radial_layout(grid, self.block_size, self.decay, sinks)
+        if layout.density() == 1.0 and layout.partial_fraction() == 0.0 and (
+                perm is None or perm.num_padded == perm.num_tokens):
+            return DensePlan(self, grid, f"radial attention keeps every block on grid {grid} (at most 2 frames, "
+                                         "or frames smaller than a block)")
+        return LayoutPlan(self, grid, layout, perm)
 
 
+@register_method("sla", finetunable=True,
+                 summary="sparse-linear attention: top-k block softmax + linear branch with a trainable projection; "
+                         "with the projection at zero (no fine-tuning) it is training-free top-k block-sparse "
+                         "attention")
 @dataclass(frozen=True)
 class SLA(Method):
     """Sparse-linear attention (SLA): top-k block-sparse softmax plus linear attention.
@@ -212,38 +399,32 @@ class SLA(Method):
         linear_tokens: ``"marginal"`` (paper) or ``"all"`` (later reference code).
     """
 
-    topk: float = 0.05
-    negligible: float = 0.0
-    block_q: int = 64
+    topk: float = option(0.05, "sla: fraction of key blocks kept for softmax (0, 1]", parse="float")
+    negligible: float = option(0.0, "sla: fraction of key blocks skipped [0, 1-topk]", parse="float")
+    block_q: int = option(64, "radial: block granularity; sla: query block size", parse="int", flag="--block-size",
+                          choices=(64, 128))
     block_k: int = 64
-    feature_map: str = "softmax"
-    linear_tokens: str = "marginal"
-    name = "sla"
+    feature_map: str = option("softmax", "sla: linear-branch feature map", parse="str",
+                              choices=("softmax", "elu", "relu"))
+    linear_tokens: str = option("marginal", "sla: tokens of the linear branch (marginal = paper, all = later "
+                                            "reference code)", parse="str", choices=("marginal", "all"))
 
     def __post_init__(self):
-        if not _is_number(self.topk) or not 0.0 < float(self.topk) <= 1.0:
-            _fail("SLA", "topk", self.topk, "must be a fraction in (0, 1]")
-        if not _is_number(self.negligible) or not 0.0 <= float(self.negligible) <= 1.0 - float(self.topk):
-            _fail("SLA", "negligible", self.negligible, f"must be in [0, 1 - topk] = [0, {1.0 - float(self.topk):g}]")
-        if self.block_q not in (64, 128):
-            _fail("SLA", "block_q", self.block_q, "must be 64 or 128")
-        if self.block_k != 64:
-            _fail("SLA", "block_k", self.block_k, "must be 64")
-        if self.feature_map not in ("softmax", "elu", "relu"):
-            _fail("SLA", "feature_map", self.feature_map, "must be 'softmax', 'elu' or 'relu'")
-        if self.linear_tokens not in ("marginal", "all"):
-            _fail("SLA", "linear_tokens", self.linear_tokens, "must be 'marginal' or 'all'")
-        object.__setattr__(self, "topk", float(self.topk))
-        object.__setattr__(self, "negligible", float(self.negligible))
+        topk = number_in("topk", self.topk, 0.0, 1.0, owner="SLA.", lo_open=True)
+        negligible = number_in("negligible", self.negligible, 0.0, 1.0 - topk, owner="SLA.")
+        block_q = positive_int("block_q", self.block_q, owner="SLA.", allowed=(64, 128))
+        block_k = positive_int("block_k", self.block_k, owner="SLA.", allowed=(64,))
+        for name, allowed in (("feature_map", ("softmax", "elu", "relu")), ("linear_tokens", ("marginal", "all"))):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"SLA.{name}={getattr(self, name)!r} is invalid: must be one of "
+                                 f"{', '.join(map(repr, allowed))}")
+        _freeze(self, topk=topk, negligible=negligible, block_q=block_q, block_k=block_k)
 
+    def plan(self, grid):
+        from .kernels import SLAParams
+        from .plans import SLAPlan
 
-_BY_NAME = {cls.name: cls for cls in (Dense, GNA, Tile, Radial, SLA)}
+        return SLAPlan(self, tuple(grid), SLAParams.of(self))
 
-
-def method_from_name(name: str, **options) -> Method:
-    """Build a method config from its CLI name (``dense``, ``gna``, ``tile``, ``radial``, ``sla``)."""
-    try:
-        cls = _BY_NAME[name.lower()]
-    except KeyError:
-        raise ValueError(f"unknown method {name!r}; choose one of {sorted(_BY_NAME)}") from None
-    return cls(**options)
+    def at_density(self, grid, density):
+        return self.replace(topk=min(max(density, 1e-6), 1.0), negligible=min(self.negligible, 1.0 - density))

@@ -176,11 +176,10 @@ def test_method_config_entries_override_defaults(tmp_path):
 def test_tiny_method_defaults_are_sparse_on_their_grid(model, grid):
     """A sparse method's smoke-run default must actually skip blocks (tiny-flux GNA visited 100%)."""
     from dit_accel.methods import method_from_name
-    from dit_accel.pipelines.plans import build_plan
     from dit_accel.models.tiny import TINY_METHOD_DEFAULTS
 
     for name, options in TINY_METHOD_DEFAULTS[model].items():
-        plan = build_plan(method_from_name(name, **options), grid)
+        plan = method_from_name(name, **options).plan(grid)
         if plan.kind == "layout":
             assert plan.density < 1.0, (name, options, plan.density)
         else:
@@ -188,7 +187,7 @@ def test_tiny_method_defaults_are_sparse_on_their_grid(model, grid):
 
 
 def test_stats_reads_device_densities_in_one_batch():
-    from dit_accel.pipelines.apply import _as_floats
+    from dit_accel.pipelines.stats import as_floats as _as_floats
 
     values = [0.5, None, torch.tensor(0.25), torch.tensor([0.75]), 1]
     assert sorted(_as_floats(values)) == [0.25, 0.5, 0.75, 1.0]

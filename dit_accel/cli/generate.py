@@ -236,7 +236,7 @@ def _frames_from_output(output, is_video: bool):
 # ----------------------------------------------------------------------------- main work
 def _saved_dense_layers(folder):
     """``dense_layers`` a fine-tuned folder was trained with (its SLA projections exist only for the others)."""
-    from ..training.weights import read_weights_info
+    from ..weights import read_weights_info
 
     return read_weights_info(folder).get("dense_layers")
 
@@ -245,7 +245,7 @@ def _saved_method(args):
     """The method a ``--weights`` folder was trained with, or None without ``--weights``."""
     if not getattr(args, "weights", None):
         return None
-    from ..training.weights import load_method
+    from ..weights import load_method
 
     try:
         return load_method(args.weights)

@@ -90,35 +90,17 @@ def time_fn(fn: Callable[[], object], device: torch.device, *, warmup: int, repe
     return statistics.median(times)
 
 
-def _odd_windows(n: int) -> List[int]:
-    # Windows are odd tile counts; on an even tile count, n + 1 is the odd window that covers all.
-    return list(range(1, n + 1, 2)) + ([n + 1] if n % 2 == 0 else [])
-
-
 def tile_layout_for_density(grid: Sequence[int], density: float, block: int = 64):
-    """Sliding-tile layout on ``grid`` whose visited density is nearest ``density``.
+    """Sliding-tile layout on ``grid`` whose visited density is nearest ``density`` (``Tile.at_density``).
 
-    Tiles hold one ``block`` each (:func:`default_tile`), so a window of ``w``
-    tiles per dimension visits about ``prod(w_d / n_d)`` of the blocks.
     Returns ``(perm, layout, window)``.
     """
-    from ..patterns import TilePermutation, default_tile, tile_layout
+    from ..methods import Tile
+    from ..patterns import tile_layout
 
-    tile = default_tile(tuple(grid), block)
-    n_tiles = TilePermutation(tuple(grid), tile).padded_grid
-    n_tiles = [p // t for p, t in zip(n_tiles, tile)]
-    best = None
-    for window in itertools.product(*[_odd_windows(n) for n in n_tiles]):
-        est = math.prod(min(w, n) / n for w, n in zip(window, n_tiles))
-        fracs = [math.log(min(w, n) / n) for w, n in zip(window, n_tiles)]
-        mean = sum(fracs) / len(fracs)
-        # nearest density first; among near ties, the most even window (a realistic neighbourhood)
-        score = abs(math.log(est / density)) + 0.02 * sum((f - mean) ** 2 for f in fracs)
-        if best is None or score < best[0]:
-            best = (score, window)
-    window = best[1]
-    perm, layout = tile_layout(tuple(grid), tile, window, block_q=block, block_k=block)
-    return perm, layout, window
+    method = Tile().at_density(tuple(grid), density)
+    perm, layout = tile_layout(tuple(grid), method.tile, method.window, block_q=block, block_k=block)
+    return perm, layout, method.window
 
 
 def _flash_attn():

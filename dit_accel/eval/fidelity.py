@@ -23,8 +23,6 @@ is reported as it is.
 from __future__ import annotations
 
 import datetime
-import itertools
-import math
 import re
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -32,7 +30,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-from ..methods import GNA, SLA, Method, Tile
+from ..methods import Method
 
 __all__ = ["load_capture", "method_attention", "matched_method", "bench_fidelity", "fidelity_table"]
 
@@ -54,63 +52,20 @@ def load_capture(directory) -> List[Path]:
 
 @torch.no_grad()
 def method_attention(q, k, v, method: Method, grid, *, backend: str = "auto") -> Tuple[torch.Tensor, float]:
-    """Output of ``method`` on video tokens q, k, v ``(B, H, N, D)`` in raster order, and its density."""
-    from ..kernels import block_sparse_attention
-    from ..kernels.sla import sla_attention
-    from ..pipelines.plans import build_plan
+    """Output of ``method`` on video tokens q, k, v ``(B, H, N, D)`` in raster order, and its visited density.
 
-    plan = build_plan(method, grid)
-    if plan.kind == "dense":
+    Runs the method's plan exactly as the pipelines do (``Plan.run``); a dense plan runs dense attention.
+    """
+    plan = method.plan(grid)
+    if plan.is_dense:
         return F.scaled_dot_product_attention(q, k, v), 1.0
-    if plan.kind == "sla":
-        o, _, _, info = sla_attention(q, k, v, method, None, backend=backend, return_parts=True)
-        return o, float(info["density"])
-    if plan.perm is not None:
-        qp, kp, vp = (plan.perm.permute(t, dim=-2) for t in (q, k, v))
-        o = block_sparse_attention(qp, kp, vp, plan.layout.to(q.device), backend=backend)
-        return plan.perm.unpermute(o, dim=-2), float(plan.density)
-    return block_sparse_attention(q, k, v, plan.layout.to(q.device), backend=backend), float(plan.density)
+    out, density = plan.run(q, k, v, backend=backend)
+    return out, float(density)
 
 
 def matched_method(method: Method, grid: Sequence[int], density: float) -> Method:
-    """A config of the same method whose visited density on ``grid`` is near ``density``."""
-    grid = tuple(int(g) for g in grid)
-    if isinstance(method, SLA):
-        return SLA(**{**_fields(method), "topk": min(max(density, 1e-6), 1.0),
-                      "negligible": min(method.negligible, 1.0 - density)})
-    if isinstance(method, Tile):
-        from .bench import tile_layout_for_density
-        from ..patterns import default_tile
-
-        _, _, window = tile_layout_for_density(grid, density)
-        return Tile(tile=default_tile(grid, 64), window=window)
-    if isinstance(method, GNA):
-        # Rank stride-1 windows by their token density prod(k_d / g_d), then build the
-        # closest few and keep the one whose visited *block* density is nearest.
-        from ..pipelines.plans import build_plan
-
-        ranges = [range(2, g + 1) for g in grid]
-        scored = []
-        for ks in itertools.product(*ranges):
-            fr = [math.log(k / g) for k, g in zip(ks, grid)]
-            spread = sum((f - sum(fr) / len(fr)) ** 2 for f in fr)
-            scored.append((abs(sum(fr) - math.log(density)) + 0.02 * spread, ks))
-        scored.sort()
-        best = None
-        for _, ks in scored[:8]:
-            cand = GNA(**{**_fields(method), "kernel_size": ks, "stride": 1})
-            plan = build_plan(cand, grid)
-            got = 1.0 if plan.density is None else plan.density
-            if best is None or abs(math.log(got / density)) < best[0]:
-                best = (abs(math.log(got / density)), cand)
-        return best[1]
-    return method  # Dense, Radial: fixed by their rule
-
-
-def _fields(method: Method) -> dict:
-    d = method.to_dict()
-    d.pop("method", None)
-    return d
+    """A config of the same method whose visited density on ``grid`` is near ``density`` (``Method.at_density``)."""
+    return method.at_density(tuple(int(g) for g in grid), density)
 
 
 def bench_fidelity(capture_dir, methods: Dict[str, Method], *, match_density: Optional[float] = None,

@@ -1,18 +1,22 @@
 """What may attend to what: attention patterns as index math.
 
 Token masks (raster order, for inspection and tests): :func:`gna_mask`,
-:func:`tile_mask`, :func:`radial_mask`. Block layouts for the kernels, built
-without materialising ``N x N``: :func:`gna_layout`, :func:`tile_layout`
-(tiled order, with a :class:`TilePermutation`) and :func:`radial_layout`
-(raster order). The spatial-window radial variant (``Radial(spatial="window")``):
-:func:`radial_window_mask` and :func:`radial_window_layout` (tiled order).
+:func:`tile_mask`, :func:`radial_mask`, :func:`radial_window_mask`. Block layouts
+for the kernels, built without materialising ``N x N``: :func:`gna_layout`,
+:func:`tile_layout`, :func:`radial_window_layout` (tiled order, with a
+:class:`TilePermutation`) and :func:`radial_layout` (raster order).
+
+Layout: :mod:`.separable` is the one window machinery (1-D relations, Kronecker
+masks, box-block layouts) that :mod:`.gna`, :mod:`.tile` and :mod:`.radial_window`
+share; :mod:`.permutation` the tiled order; :mod:`.radial` the reference radial
+rule; :mod:`.checks` the argument rules the method configs reuse.
 """
 
-from .gna import gna_mask
-from .layouts import gna_layout, tile_layout
+from .gna import gna_layout, gna_mask
+from .permutation import TilePermutation, default_tile
 from .radial import radial_layout, radial_mask
 from .radial_window import radial_window_layout, radial_window_mask
-from .tile import TilePermutation, default_tile, tile_mask
+from .tile import tile_layout, tile_mask
 
 __all__ = [
     "gna_mask", "tile_mask", "radial_mask", "TilePermutation", "default_tile",

@@ -1,11 +1,8 @@
-"""Generalized neighborhood attention (GNA), NATTEN semantics, as index math.
+"""Generalized neighborhood attention (GNA), NATTEN semantics (METHODS.md), on the separable machinery.
 
-Everything in :mod:`dit_accel.patterns` that is a window derives from one
-function, :func:`_relation_1d`: the allowed relation ``M[L, L]`` of a single
-grid dimension (tiny). A token pair is allowed iff it is allowed along every
-dimension, so the token mask is the Kronecker product of the per-dimension
-relations (raster order ``idx = t*H*W + h*W + w``), and a block layout over
-box-shaped blocks is the Kronecker product of per-dimension sub-relations.
+:func:`check_gna_args` holds the shape-free rules (``dit_accel.GNA`` calls it when
+the config is built); :func:`gna_relations` adds the grid rules and gives the
+per-dimension relations from which :func:`gna_mask` and :func:`gna_layout` derive.
 """
 
 from __future__ import annotations
@@ -14,119 +11,58 @@ from typing import Sequence, Tuple, Union
 
 import torch
 
-__all__ = ["gna_mask"]
+from ..kernels.layout import BlockLayout
+from .checks import as_grid, bool_or_tuple, int_or_tuple, per_dim, per_dim_bool
+from .permutation import TilePermutation, permutation_for
+from .separable import kron, relation_1d, separable_layout
+
+__all__ = ["gna_mask", "gna_layout", "check_gna_args", "gna_relations"]
 
 IntOrTuple = Union[int, Sequence[int]]
 
 
-# ------------------------------------------------------------------ arguments
-def _as_grid(grid) -> Tuple[int, ...]:
-    if isinstance(grid, int) and not isinstance(grid, bool):
-        grid = (grid,)
-    if not isinstance(grid, (tuple, list, torch.Size)) or not 1 <= len(grid) <= 3 or not all(
-            isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in grid):
-        raise ValueError(f"grid={grid!r} is invalid: expected 1 to 3 positive ints, (L,), (H, W) or (T, H, W)")
-    return tuple(int(v) for v in grid)
+def check_gna_args(kernel_size, stride=1, dilation=1, is_causal=False, *, owner: str = ""):
+    """Shape-free GNA rules; returns the values normalised (ints stay ints, sequences become tuples).
+
+    ``kernel_size >= 2``, ``stride >= 1``, ``dilation >= 1`` per dimension; per-dimension
+    tuples of one length; ``stride <= kernel_size`` wherever both are known.
+    """
+    values = {"kernel_size": int_or_tuple(owner, "kernel_size", kernel_size, minimum=2),
+              "stride": int_or_tuple(owner, "stride", stride, minimum=1),
+              "dilation": int_or_tuple(owner, "dilation", dilation, minimum=1),
+              "is_causal": bool_or_tuple(owner, "is_causal", is_causal)}
+    lengths = {len(v) for v in values.values() if isinstance(v, tuple)}
+    if len(lengths) > 1:
+        given = {name: v for name, v in values.items() if isinstance(v, tuple)}
+        raise ValueError(f"{owner or 'GNA '}per-dimension tuples must all have the same length; got {given}. "
+                         "Use ints for settings shared by every dimension.")
+    n = lengths.pop() if lengths else 1
+    ks = per_dim("kernel_size", values["kernel_size"], n)
+    st = per_dim("stride", values["stride"], n)
+    if any(s > k for k, s in zip(ks, st)):
+        raise ValueError(f"{owner}stride={values['stride']!r} is invalid: stride must be <= "
+                         f"kernel_size={values['kernel_size']!r} in every dimension")
+    return values["kernel_size"], values["stride"], values["dilation"], values["is_causal"]
 
 
-def _per_dim(name: str, value, ndim: int, *, minimum: int = 1) -> Tuple[int, ...]:
-    """Broadcast an int or validate a per-dimension tuple of ints."""
-    if isinstance(value, int) and not isinstance(value, bool):
-        value = (value,) * ndim
-    elif isinstance(value, (tuple, list, torch.Size)) and all(
-            isinstance(v, int) and not isinstance(v, bool) for v in value):
-        if len(value) != ndim:
-            raise ValueError(f"{name}={tuple(value)!r} has {len(value)} values but the grid has {ndim} "
-                             f"dimensions; pass one int or one value per grid dimension")
-        value = tuple(int(v) for v in value)
-    else:
-        raise TypeError(f"{name}={value!r} is invalid: expected an int or a tuple of {ndim} ints")
-    if any(v < minimum for v in value):
-        raise ValueError(f"{name}={value!r} is invalid: every value must be >= {minimum}")
-    return value
-
-
-def _per_dim_bool(name: str, value, ndim: int) -> Tuple[bool, ...]:
-    if isinstance(value, bool):
-        return (value,) * ndim
-    if isinstance(value, (tuple, list)) and all(isinstance(v, bool) for v in value):
-        if len(value) != ndim:
-            raise ValueError(f"{name}={tuple(value)!r} has {len(value)} values but the grid has {ndim} "
-                             f"dimensions; pass one bool or one per grid dimension")
-        return tuple(value)
-    raise TypeError(f"{name}={value!r} is invalid: expected a bool or a tuple of {ndim} bools")
-
-
-def _gna_args(grid, kernel_size, stride, dilation, is_causal):
-    """Validate GNA arguments against the grid; returns per-dimension tuples."""
-    grid = _as_grid(grid)
+def gna_relations(grid, kernel_size, stride=1, dilation=1, is_causal=False):
+    """``(grid, relations)``: GNA arguments checked against ``grid``, one ``[L, L]`` relation per dimension."""
+    grid = as_grid(grid)
+    check_gna_args(kernel_size, stride, dilation, is_causal)
     nd = len(grid)
-    ks = _per_dim("kernel_size", kernel_size, nd, minimum=2)
-    st = _per_dim("stride", stride, nd, minimum=1)
-    dl = _per_dim("dilation", dilation, nd, minimum=1)
-    ca = _per_dim_bool("is_causal", is_causal, nd)
+    ks, st = per_dim("kernel_size", kernel_size, nd, minimum=2), per_dim("stride", stride, nd)
+    dl, ca = per_dim("dilation", dilation, nd), per_dim_bool("is_causal", is_causal, nd)
     for d in range(nd):
-        if st[d] > ks[d]:
-            raise ValueError(f"stride={st!r} is invalid: stride must be <= kernel_size={ks!r} "
-                             f"(dimension {d}: {st[d]} > {ks[d]})")
         if ks[d] * dl[d] > grid[d]:
+            # Kernels are >= 2, so an extent-1 dimension (a single latent frame) cannot take one.
+            advice = ("GNA needs at least 2 tokens along every dimension: use Tile (window 1 on that dimension) "
+                      "or more frames" if grid[d] < 2 else "use a smaller kernel_size or dilation")
             raise ValueError(f"kernel_size*dilation = {ks[d]}*{dl[d]} = {ks[d] * dl[d]} exceeds the grid extent "
                              f"{grid[d]} along dimension {d} of grid={grid}; the limit is kernel_size*dilation <= "
-                             f"extent: use a smaller kernel_size or dilation")
-    return grid, ks, st, dl, ca
+                             f"extent: {advice}")
+    return grid, [relation_1d(grid[d], ks[d], st[d], dl[d], ca[d]) for d in range(nd)]
 
 
-# ----------------------------------------------------------------- the rule
-def _window_1d(extent: int, kernel: int, stride: int, causal: bool) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Per-query key window ``[start, end)`` on one undilated dimension (METHODS.md 1-D rule).
-
-    Accepts ``kernel == 1`` and ``kernel <= extent`` (internal callers such as
-    sliding-tile windows of one tile); the public API validates ``kernel >= 2``.
-    """
-    i = torch.arange(extent)
-    group = i // stride
-    if causal:
-        leader = torch.clamp(group * stride + stride - 1, max=extent - 1)
-        return torch.clamp(leader - (kernel - 1), min=0), i + 1
-    left = kernel // 2
-    right = kernel // 2 + kernel % 2 - 1  # even kernels take one more key on the left
-    leader = torch.clamp(group * stride + stride // 2, max=extent - 1)
-    centre = torch.clamp(leader, min=left, max=extent - 1 - right)  # pushed inward at borders
-    return centre - left, centre + right + 1
-
-
-def _relation_1d(extent: int, kernel: int, stride: int = 1, dilation: int = 1, causal: bool = False) -> torch.Tensor:
-    """Allowed relation of one dimension, bool ``[extent, extent]`` (query, key).
-
-    Dilation splits the dimension into ``dilation`` interleaved groups; queries
-    and keys must share a group and the rule applies to coordinates inside it.
-    """
-    x = torch.arange(extent)
-    g, inner = x % dilation, x // dilation
-    allowed = torch.zeros(extent, extent, dtype=torch.bool)
-    for r in range(dilation):
-        members = x[g == r]
-        start, end = _window_1d(members.numel(), kernel, stride, causal)
-        keys = inner[members]
-        allowed[members[:, None], members[None, :]] = (start[:, None] <= keys[None, :]) & (keys[None, :] < end[:, None])
-    return allowed
-
-
-def _kron(relations: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Token mask ``[N, N]`` (raster order) from per-dimension relations: allowed iff allowed along every dim."""
-    mask = torch.ones(1, 1, dtype=torch.bool)
-    for rel in relations:
-        n, m = mask.shape
-        mask = (mask[:, None, :, None] & rel[None, :, None, :]).reshape(n * rel.shape[0], m * rel.shape[1])
-    return mask
-
-
-def _gna_relations(grid, kernel_size, stride, dilation, is_causal):
-    grid, ks, st, dl, ca = _gna_args(grid, kernel_size, stride, dilation, is_causal)
-    return grid, [_relation_1d(grid[d], ks[d], st[d], dl[d], ca[d]) for d in range(len(grid))]
-
-
-# ------------------------------------------------------------------- public
 def gna_mask(grid, kernel_size: IntOrTuple, stride: IntOrTuple = 1, dilation: IntOrTuple = 1,
              is_causal: Union[bool, Sequence[bool]] = False) -> torch.Tensor:
     """Token mask of generalized neighborhood attention (NATTEN semantics).
@@ -143,13 +79,39 @@ def gna_mask(grid, kernel_size: IntOrTuple, stride: IntOrTuple = 1, dilation: In
         bool ``[N, N]`` in raster order (``idx = t*H*W + h*W + w``), True = allowed.
         Every query sees exactly ``prod(kernel_size)`` keys when non-causal.
 
-    Materialises ``N x N``: for inspection and tests. Kernels use
-    :func:`dit_accel.patterns.gna_layout`, which never does.
+    Materialises ``N x N``: for inspection and tests. Kernels use :func:`gna_layout`, which never does.
 
     Example::
 
         >>> gna_mask((7,), 3)[0].nonzero().flatten().tolist()
         [0, 1, 2]
     """
-    _, rels = _gna_relations(grid, kernel_size, stride, dilation, is_causal)
-    return _kron(rels)
+    return kron(gna_relations(grid, kernel_size, stride, dilation, is_causal)[1])
+
+
+def gna_layout(grid, kernel_size, stride=1, dilation=1, is_causal=False, *, tile=None, block_q: int = 64,
+               block_k: int = 64) -> Tuple[TilePermutation, BlockLayout]:
+    """Block layout of :func:`gna_mask` over tiled token order, built without ``N x N``.
+
+    Args:
+        grid, kernel_size, stride, dilation, is_causal: as in :func:`gna_mask`.
+        tile: token tile of the permutation (int or one per dimension); its volume
+            must be a multiple of ``block_q`` and ``block_k`` and every block must
+            be a box inside it. ``None`` picks :func:`default_tile`.
+        block_q, block_k: kernel block sizes.
+
+    Returns:
+        ``(perm, layout)``: ``layout.q_len == layout.kv_len == perm.num_padded``.
+        Run attention on ``perm.permute(q)``, ``perm.permute(k)``,
+        ``perm.permute(v)`` and ``perm.unpermute`` the output. Padded keys are
+        never allowed. Blocks are full, skipped, or partial with a deduplicated
+        element mask; with stride a multiple of the tile and window starts on
+        tile borders there are no partial blocks.
+
+    Example::
+
+        perm, layout = gna_layout((30, 48, 80), (18, 24, 24), stride=(6, 8, 8), tile=(6, 8, 8), block_q=128)
+    """
+    grid, rels = gna_relations(grid, kernel_size, stride, dilation, is_causal)
+    perm = permutation_for(grid, tile, block_q, block_k)
+    return perm, separable_layout(perm, rels, block_q, block_k)

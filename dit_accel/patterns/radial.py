@@ -31,32 +31,41 @@ from typing import Sequence, Tuple
 
 import torch
 
+from .._util import is_int
 from ..kernels.layout import BlockLayout
-from .gna import _as_grid
+from .checks import as_grid, number_in, positive_int
 
-__all__ = ["radial_layout", "radial_mask"]
+__all__ = ["radial_layout", "radial_mask", "check_radial_args", "radial_args", "frame_pair_states"]
 
-_DROP, _FULL = 0, 1  # frame-pair states; 2 + i is a band of half-width halves[i]
+# Frame-pair states of frame_pair_states(): drop, full, and 2 + i for a band of half-width halves[i]
+# (radial_window maps them by these numbers).
+_DROP, _FULL = 0, 1
 
 
-def _radial_args(grid, block_size, decay, sink_frames):
-    grid = _as_grid(grid)
-    if len(grid) != 3:
-        raise ValueError(f"grid={grid} is invalid for radial attention: expected (T, H, W), frames first")
-    if not isinstance(block_size, int) or isinstance(block_size, bool) or block_size < 1:
-        raise ValueError(f"block_size={block_size!r} is invalid: expected a positive int (64 or 128)")
-    if not isinstance(decay, (int, float)) or isinstance(decay, bool) or not 0.0 < float(decay) <= 1.0:
-        raise ValueError(f"decay={decay!r} is invalid: expected a number in (0, 1]")
+def check_radial_args(block_size, decay, sink_frames, *, owner: str = "", block_sizes: Tuple[int, ...] = ()):
+    """Shape-free radial rules: a positive block size (one of ``block_sizes`` when given), ``decay`` in
+    ``(0, 1]``, sink frames a tuple of non-negative frame indices. Returns ``(block_size, decay, sinks)``."""
+    block_size = positive_int("block_size", block_size, owner=owner, allowed=block_sizes)
+    decay = number_in("decay", decay, 0.0, 1.0, owner=owner, lo_open=True)
     frames = tuple(sink_frames) if isinstance(sink_frames, (tuple, list)) else None
-    if frames is None or not all(isinstance(f, int) and not isinstance(f, bool) and f >= 0 for f in frames):
-        raise ValueError(f"sink_frames={sink_frames!r} is invalid: expected a tuple of non-negative frame indices, "
-                         f"() to disable the attention sink")
+    if frames is None or not all(is_int(f) and f >= 0 for f in frames):
+        raise ValueError(f"{owner}sink_frames={sink_frames!r} is invalid: expected a tuple of non-negative frame "
+                         "indices, () to disable the attention sink")
+    return block_size, decay, tuple(int(f) for f in frames)
+
+
+def radial_args(grid, block_size, decay, sink_frames):
+    grid = as_grid(grid)
+    if len(grid) != 3:
+        raise ValueError(f"grid={grid} is invalid for radial attention: expected (T, H, W), frames first "
+                         "(radial attention needs a time axis: use GNA or Tile for images)")
+    block_size, decay, frames = check_radial_args(block_size, decay, sink_frames)
     if any(f >= grid[0] for f in frames):
         raise ValueError(f"sink_frames={frames} is invalid for grid={grid}: frame indices must be < {grid[0]}")
-    return grid, block_size, float(decay), frames
+    return grid, block_size, decay, frames
 
 
-def _frame_pair_states(frames: int, tokens_per_frame: int, block: int, decay: float,
+def frame_pair_states(frames: int, tokens_per_frame: int, block: int, decay: float,
                        sink_frames: Sequence[int]) -> Tuple[torch.Tensor, torch.Tensor]:
     """``(state [F, F], halves)``: per (query frame, key frame) drop / full / band index."""
     ref = 2 ** tokens_per_frame.bit_length()
@@ -137,10 +146,10 @@ def radial_layout(grid, block_size: int = 128, decay: float = 1.0, sink_frames: 
         layout = radial_layout((18, 48, 80), 128)   # Wan 2.1 720p, 69 frames: 56.9% block sparsity
         layout = radial_layout((18, 48, 80), 128, decay=0.2)   # 71.3%, the most this shape allows
     """
-    grid, block, decay, sinks = _radial_args(grid, block_size, decay, sink_frames)
+    grid, block, decay, sinks = radial_args(grid, block_size, decay, sink_frames)
     frames, s = grid[0], grid[1] * grid[2]
     n = frames * s
-    state, halves = _frame_pair_states(frames, s, block, decay, sinks)
+    state, halves = frame_pair_states(frames, s, block, decay, sinks)
     frame, lo, hi = _segments(n, s, block)
     nb, m = frame.shape
 

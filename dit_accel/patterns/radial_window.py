@@ -28,7 +28,7 @@ The definition, written once (``F, H, W`` the grid, ``S = H*W``)::
 So within a kept frame pair every query sees exactly ``kh * kw`` keys, about
 the ``2*half + 1`` of the band; at equal decay the token density of the two
 variants is comparable. The per-axis windows are GNA relations
-(:func:`~dit_accel.patterns.gna._relation_1d` with kernel ``kh`` / ``kw``),
+(:func:`~dit_accel.patterns.separable.relation_1d` with kernel ``kh`` / ``kw``),
 so the spatial relation of a frame pair is separable.
 
 Layout: tokens are permuted with a :class:`TilePermutation` whose tile is one
@@ -47,14 +47,12 @@ from typing import List, Sequence, Tuple
 import torch
 
 from ..kernels.layout import BlockLayout
-from .gna import _kron, _per_dim, _relation_1d
-from .layouts import _block_intervals, _box, _extend
-from .radial import _DROP, _FULL, _frame_pair_states, _radial_args
-from .tile import TilePermutation, _block_box, _pick_tile
+from .checks import per_dim
+from .permutation import TilePermutation, block_box, pick_tile
+from .radial import frame_pair_states, radial_args
+from .separable import kron, relation_1d, separable_blocks
 
 __all__ = ["radial_window_layout", "radial_window_mask"]
-
-assert (_DROP, _FULL) == (0, 1)  # _window_states maps the reference's state numbers by position
 
 
 def _band_to_window(half: int, height: int, width: int) -> Tuple[int, int]:
@@ -71,10 +69,10 @@ def _window_states(grid, block: int, decay: float, sinks) -> Tuple[torch.Tensor,
     ``windows[0] == (H, W)`` is the dense frame pair.
     """
     frames, height, width = grid
-    ref_state, halves = _frame_pair_states(frames, height * width, block, decay, sinks)
+    ref_state, halves = frame_pair_states(frames, height * width, block, decay, sinks)
     windows = [(height, width)]
     index = {(height, width): 0}
-    lookup = [-1, 0]  # reference states _DROP = 0, _FULL = 1, then 2 + i for band half-width halves[i]
+    lookup = [-1, 0]  # reference states: drop, full, then one per band half-width in `halves`
     for half in halves.tolist():
         win = _band_to_window(half, height, width)
         if win not in index:
@@ -86,9 +84,9 @@ def _window_states(grid, block: int, decay: float, sinks) -> Tuple[torch.Tensor,
 
 def _window_tile(grid, tile, block: int) -> Tuple[int, int, int]:
     if tile is None:
-        return (1,) + _pick_tile(grid[1:], (block,))
-    tile = _per_dim("tile", tile, 3, minimum=1)
-    if tile[0] != 1 or _block_box(tile, block) is None:
+        return (1,) + pick_tile(grid[1:], (block,))
+    tile = per_dim("tile", tile, 3, minimum=1)
+    if tile[0] != 1 or block_box(tile, block) is None:
         raise ValueError(f"tile={tile} is invalid for the spatial-window radial layout: the tile must be one frame "
                          f"deep (1, th, tw) with th*tw a multiple of block_size={block} and blocks that are boxes "
                          f"(e.g. (1, 8, 8) for 64, (1, 8, 16) for 128). Pass such a tile, or tile=None to pick one")
@@ -107,10 +105,10 @@ def radial_window_mask(grid, block_size: int = 128, decay: float = 1.0,
 
         mask = radial_window_mask((9, 21, 27), block_size=64, decay=1.0)   # [5103, 5103]
     """
-    grid, block, decay, sinks = _radial_args(grid, block_size, decay, sink_frames)
+    grid, block, decay, sinks = radial_args(grid, block_size, decay, sink_frames)
     frames, height, width = grid
     state, windows = _window_states(grid, block, decay, sinks)
-    spatial = torch.stack([_kron([_relation_1d(height, kh), _relation_1d(width, kw)]) for kh, kw in windows])
+    spatial = torch.stack([kron([relation_1d(height, kh), relation_1d(width, kw)]) for kh, kw in windows])
     pairs = spatial[state.clamp(min=0)] & (state >= 0)[:, :, None, None]  # [F, F, S, S]
     n = frames * height * width
     return pairs.permute(0, 2, 1, 3).reshape(n, n)
@@ -141,52 +139,30 @@ def radial_window_layout(grid, block_size: int = 128, decay: float = 1.0, sink_f
 
         perm, layout = radial_window_layout((18, 48, 80), 128, decay=1.0)   # tile (1, 8, 16)
     """
-    grid, block, decay, sinks = _radial_args(grid, block_size, decay, sink_frames)
+    grid, block, decay, sinks = radial_args(grid, block_size, decay, sink_frames)
     frames, height, width = grid
     tile = _window_tile(grid, tile, block)
     perm = TilePermutation(grid, tile)
     frame_perm = TilePermutation((height, width), tile[1:])  # tiled order inside one frame
-    box = _box(frame_perm, block, "block_size")
-    intervals = _block_intervals(frame_perm, box)  # per axis, interval id of each in-frame block
     state, windows = _window_states(grid, block, decay, sinks)
-    n_s = intervals[0].numel()
 
-    # Per window: in-frame block pairs that are full / visited, and element masks of partial ones.
+    # Per window: the in-frame block pairs it visits and the element masks of partial ones
+    # (the separable machinery on one frame), with mask ids offset into one shared table.
     visited_w, ids_w, tables, offset = [], [], [], 0
-    for win in windows:
-        full = torch.ones(n_s, n_s, dtype=torch.bool)
-        empty = torch.zeros(n_s, n_s, dtype=torch.bool)
-        sub_tables, sub_ids = [], []
-        for d, (extent, k) in enumerate(zip((height, width), win)):
-            m = _extend(_relation_1d(extent, k), frame_perm.padded_grid[d])
-            b = box[d]
-            sub = m.view(m.shape[0] // b, b, m.shape[0] // b, b).permute(0, 2, 1, 3)
-            classes, cls = torch.unique(sub.reshape(-1, b * b), dim=0, return_inverse=True)
-            cls = cls.view(sub.shape[:2])[intervals[d]][:, intervals[d]]  # [n_s, n_s]
-            sub_tables.append(classes.view(-1, b, b))
-            sub_ids.append(cls)
-            full &= classes.all(-1)[cls]
-            empty |= ~classes.any(-1)[cls]
-        visited = ~empty
-        partial = visited & ~full
-        ids = torch.full((n_s, n_s), -1, dtype=torch.long)
-        if partial.any():
-            key = sub_ids[0][partial] * sub_tables[1].shape[0] + sub_ids[1][partial]
-            uniq, inverse = torch.unique(key, return_inverse=True)
-            ids[partial] = inverse + offset
-            rows, cols = sub_tables[0][uniq // sub_tables[1].shape[0]], sub_tables[1][uniq % sub_tables[1].shape[0]]
-            # Element mask of an (1, bh, bw) box pair: kron(rows, cols) in the box's raster order.
-            tables.append((rows[:, :, None, :, None] & cols[:, None, :, None, :]).reshape(-1, block, block))
-            offset += uniq.numel()
+    for kh, kw in windows:
+        visited, ids, table = separable_blocks(frame_perm, [relation_1d(height, kh), relation_1d(width, kw)],
+                                               block, block)
         visited_w.append(visited)
-        ids_w.append(ids)
+        ids_w.append(torch.where(ids >= 0, ids + offset, ids))
+        tables.append(table)
+        offset += table.shape[0]
 
     # Frame pairs pick their window's in-frame tables: [F, F, n_s, n_s] -> [F*n_s, F*n_s].
     kept = (state >= 0)[:, :, None, None]
-    visited = (torch.stack(visited_w)[state.clamp(min=0)] & kept).permute(0, 2, 1, 3).reshape(frames * n_s, -1)
+    visited = (torch.stack(visited_w)[state.clamp(min=0)] & kept).permute(0, 2, 1, 3).reshape(
+        frames * visited_w[0].shape[0], -1)
     mask_ids = torch.where(kept, torch.stack(ids_w)[state.clamp(min=0)], -1)
-    mask_ids = mask_ids.permute(0, 2, 1, 3).reshape(frames * n_s, -1)
-    table = torch.cat(tables) if tables else None
+    mask_ids = mask_ids.permute(0, 2, 1, 3).reshape(visited.shape)
     layout = BlockLayout.from_block_masks(visited, q_len=perm.num_padded, kv_len=perm.num_padded, block_q=block,
-                                          block_k=block, mask_ids=mask_ids, mask_table=table)
+                                          block_k=block, mask_ids=mask_ids, mask_table=torch.cat(tables))
     return perm, layout

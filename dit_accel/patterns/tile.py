@@ -1,219 +1,95 @@
-"""Token tiles: the tile permutation, the default tile, and sliding tile attention (STA).
+"""Sliding tile attention (STA): windows counted in tiles, on the separable machinery.
 
-Sliding tile attention is GNA with ``kernel_size = window * tile`` and
-``stride = tile`` applied on the tile-padded grid (METHODS.md), so it shares
-:func:`dit_accel.patterns.gna._relation_1d` with :func:`gna_mask`.
+STA is GNA with ``kernel_size = window * tile`` and ``stride = tile`` applied on
+the tile-padded grid (METHODS.md), so it shares :func:`~.separable.relation_1d`
+with :func:`~.gna.gna_mask`. An even window ``w`` follows FastVideo's STA: it
+covers tiles ``centre - w//2 .. centre + w//2``, the same tiles as ``w + 1``.
 """
 
 from __future__ import annotations
 
-import itertools
-import math
-from typing import List, Sequence, Tuple
+from typing import Tuple
 
 import torch
 
-from .gna import _as_grid, _kron, _per_dim, _relation_1d
+from .._util import cdiv
+from ..kernels.layout import BlockLayout
+from .checks import as_grid, int_or_tuple, per_dim, positive_int
+from .permutation import TilePermutation, block_box, permutation_for
+from .separable import kron, relation_1d, separable_layout
 
-__all__ = ["TilePermutation", "default_tile", "tile_mask"]
+__all__ = ["tile_mask", "tile_layout", "check_tile_args", "tile_relations", "covered_tiles"]
 
 
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
+def covered_tiles(window: int) -> int:
+    """Tiles a window of ``window`` covers per dimension: odd windows themselves, even ``w`` as ``w + 1``."""
+    return window | 1
 
 
-# --------------------------------------------------------------- permutation
-class TilePermutation:
-    """Raster token order <-> tiled order, padding each dimension to a tile multiple.
+def check_tile_args(tile, window, *, owner: str = ""):
+    """Shape-free STA rules: ``tile >= 1`` and ``window >= 1`` (in tiles) per dimension, matching lengths."""
+    tile = int_or_tuple(owner, "tile", tile, minimum=1)
+    window = int_or_tuple(owner, "window", window, minimum=1)
+    if isinstance(tile, tuple) and isinstance(window, tuple) and len(tile) != len(window):
+        raise ValueError(f"{owner}window={window!r} is invalid: must have as many dimensions as tile {tile}")
+    return tile, window
 
-    Tiled order lists tiles in raster order of their tile coordinates, and the
-    tokens of each tile contiguously, in raster order inside the tile. Padded
-    positions (beyond the grid along some dimension) hold zeros after
-    :meth:`permute`; layouts never let a query attend to them.
 
-    Args:
-        grid: ``(L,)``, ``(H, W)`` or ``(T, H, W)``.
-        tile: tokens per tile, int or one per dimension.
+def tile_relations(grid, tile, window) -> Tuple[Tuple[int, ...], Tuple[int, ...], list]:
+    """``(grid, tile, relations)``: STA arguments checked against ``grid``, one relation per dimension.
 
-    Attributes:
-        num_tokens: ``N = prod(grid)``.
-        padded_grid: grid rounded up to tile multiples.
-        num_padded: ``Np = prod(padded_grid)``.
-        order: LongTensor ``[Np]``: raster index of each tiled position, ``-1`` for padding.
-
-    Example::
-
-        perm = TilePermutation((30, 48, 80), (6, 8, 8))
-        q_tiled = perm.permute(q)           # (B, H, N, D) -> (B, H, Np, D)
-        out = perm.unpermute(out_tiled)     # (B, H, Np, D) -> (B, H, N, D)
+    Along a dimension, STA is GNA (kernel ``covered_tiles(window) * tile``, stride ``tile``)
+    on the tile-padded extent, cut to the real tokens; a window of more tiles than the
+    dimension has covers it all (dense along it).
     """
-
-    def __init__(self, grid, tile):
-        self.grid = _as_grid(grid)
-        self.tile = _per_dim("tile", tile, len(self.grid), minimum=1)
-        self.padded_grid = tuple(_cdiv(g, t) * t for g, t in zip(self.grid, self.tile))
-        self.num_tiles = tuple(p // t for p, t in zip(self.padded_grid, self.tile))
-        self.num_tokens = math.prod(self.grid)
-        self.num_padded = math.prod(self.padded_grid)
-        self.tile_volume = math.prod(self.tile)
-        coords = self.coords()  # [Np, nd] padded coordinates of each tiled position
-        real = (coords < torch.tensor(self.grid)).all(-1)
-        strides = torch.tensor([math.prod(self.grid[d + 1:]) for d in range(len(self.grid))])
-        self.order = torch.where(real, (coords * strides).sum(-1), -1)
-        self.inverse = real.nonzero().flatten()[torch.argsort(self.order[real])]  # tiled position of each raster index
-        self._device_cache = {}
-
-    def coords(self) -> torch.Tensor:
-        """LongTensor ``[Np, ndim]``: the padded grid coordinate of each tiled position."""
-        nd = len(self.grid)
-        pos = torch.arange(self.num_padded)
-        tile_idx, inner = pos // self.tile_volume, pos % self.tile_volume
-        out = torch.empty(self.num_padded, nd, dtype=torch.long)
-        for d in reversed(range(nd)):
-            out[:, d] = (tile_idx % self.num_tiles[d]) * self.tile[d] + inner % self.tile[d]
-            tile_idx, inner = tile_idx // self.num_tiles[d], inner // self.tile[d]
-        return out
-
-    def _indices(self, device) -> Tuple[torch.Tensor, torch.Tensor]:
-        device = torch.device(device)
-        if device not in self._device_cache:
-            gather = torch.where(self.order >= 0, self.order, self.num_tokens)  # N = the appended zero row
-            self._device_cache[device] = (gather.to(device), self.inverse.to(device))
-        return self._device_cache[device]
-
-    def _check(self, x: torch.Tensor, dim: int, expected: int, what: str) -> int:
-        if not -x.dim() <= dim < x.dim():
-            raise ValueError(f"dim={dim} is out of range for a tensor with {x.dim()} dimensions")
-        dim %= x.dim()
-        if x.shape[dim] != expected:
-            raise ValueError(f"x has {x.shape[dim]} positions along dim={dim}, expected {expected} ({what}) "
-                             f"for grid={self.grid}, tile={self.tile}")
-        return dim
-
-    def permute(self, x: torch.Tensor, dim: int = -2) -> torch.Tensor:
-        """Raster ``[..., N, ...]`` -> tiled and zero-padded ``[..., Np, ...]`` along ``dim`` (differentiable)."""
-        dim = self._check(x, dim, self.num_tokens, "N raster tokens")
-        gather, _ = self._indices(x.device)
-        if self.num_padded == self.num_tokens:  # no padding: one gather, no concatenated copy of x
-            return x.index_select(dim, gather)
-        zero = x.new_zeros(x.shape[:dim] + (1,) + x.shape[dim + 1:])
-        return torch.cat([x, zero], dim).index_select(dim, gather)
-
-    def unpermute(self, x: torch.Tensor, dim: int = -2) -> torch.Tensor:
-        """Tiled ``[..., Np, ...]`` -> raster ``[..., N, ...]`` along ``dim``; padded positions are dropped."""
-        dim = self._check(x, dim, self.num_padded, "Np tiled positions")
-        _, inverse = self._indices(x.device)
-        return x.index_select(dim, inverse)
-
-    def __repr__(self) -> str:
-        return (f"TilePermutation(grid={self.grid}, tile={self.tile}, padded_grid={self.padded_grid}, "
-                f"N={self.num_tokens}, Np={self.num_padded})")
-
-
-# ---------------------------------------------------------------- block boxes
-def _block_box(tile: Sequence[int], block: int):
-    """Shape of a block of ``block`` consecutive tiled positions if it is a box inside a tile, else None.
-
-    Inside a tile tokens are in raster order, so a block is a box iff it spans
-    whole trailing dimensions and a divisor of the next one.
-    """
-    box: List[int] = [1] * len(tile)
-    rem = block
-    for d in reversed(range(len(tile))):
-        if rem == 1:
-            break
-        if rem >= tile[d]:
-            if rem % tile[d]:
-                return None
-            box[d], rem = tile[d], rem // tile[d]
-        else:
-            if tile[d] % rem:
-                return None
-            box[d], rem = rem, 1
-    return tuple(box) if rem == 1 else None
-
-
-def _pick_tile(grid: Tuple[int, ...], blocks: Sequence[int]) -> Tuple[int, ...]:
-    block = max(blocks)
-    if len(grid) == 1:
-        return (block,)
-    # Candidates: tile volume == the largest block, every block a box. Fewest padded
-    # tokens first, then the most cube-like tile (window locality), then larger trailing extents.
-    divisors = [t for t in range(1, block + 1) if block % t == 0]
-    best, best_key = None, None
-    for tile in itertools.product(*[divisors] * len(grid)):
-        if math.prod(tile) != block or any(_block_box(tile, b) is None for b in blocks):
-            continue
-        padded = math.prod(_cdiv(g, t) * t for g, t in zip(grid, tile))
-        key = (padded, max(tile) / min(tile), tuple(-t for t in reversed(tile)))
-        if best_key is None or key < best_key:
-            best, best_key = tile, key
-    if best is None:  # pragma: no cover - block is a power of two in practice
-        raise ValueError(f"no tile of {block} tokens with box-shaped blocks {tuple(blocks)} exists for grid={grid}; "
-                         f"pass tile= explicitly")
-    return best
-
-
-def default_tile(grid, block: int = 64) -> Tuple[int, ...]:
-    """A tile of ``block`` tokens for ``grid`` in which each block of ``block`` tokens is a box.
-
-    Picks, among tiles whose volume equals ``block``, the one that pads the grid
-    least, then the most cube-like one. 1-D grids get ``(block,)``.
-
-    Example::
-
-        >>> default_tile((30, 48, 80), 64)
-        (2, 4, 8)
-    """
-    grid = _as_grid(grid)
-    if not isinstance(block, int) or isinstance(block, bool) or block < 1:
-        raise ValueError(f"block={block!r} is invalid: expected a positive int such as 64 or 128")
-    return _pick_tile(grid, (block,))
-
-
-# ----------------------------------------------------------------- STA rule
-def _tile_args(grid, tile, window):
-    grid = _as_grid(grid)
-    tile = _per_dim("tile", tile, len(grid), minimum=1)
-    window = _per_dim("window", window, len(grid), minimum=1)
-    if any(w % 2 == 0 for w in window):
-        raise ValueError(f"window={window!r} is invalid: windows are counted in tiles and must be odd (1, 3, 5, ...)")
-    return grid, tile, window
-
-
-def _tile_relation_1d(extent: int, tile: int, window: int) -> torch.Tensor:
-    """STA along one dimension: GNA (kernel window*tile, stride tile) on the padded extent, cut to real tokens.
-
-    A window wider than the padded extent (``window > n_tiles``) covers every
-    tile: dense along that dimension.
-    """
-    padded = _cdiv(extent, tile) * tile
-    kernel = min(window * tile, padded)
-    return _relation_1d(padded, kernel, min(tile, kernel))[:extent, :extent]
-
-
-def _tile_relations(grid, tile, window):
-    grid, tile, window = _tile_args(grid, tile, window)
-    return grid, tile, [_tile_relation_1d(g, t, w) for g, t, w in zip(grid, tile, window)]
+    grid = as_grid(grid)
+    check_tile_args(tile, window)
+    tile, window = per_dim("tile", tile, len(grid)), per_dim("window", window, len(grid))
+    relations = []
+    for extent, t, w in zip(grid, tile, window):
+        padded = cdiv(extent, t) * t
+        kernel = min(covered_tiles(w) * t, padded)
+        relations.append(relation_1d(padded, kernel, min(t, kernel))[:extent, :extent])
+    return grid, tile, relations
 
 
 def tile_mask(grid, tile, window) -> torch.Tensor:
     """Token mask of sliding tile attention (STA), bool ``[N, N]`` in raster order.
 
-    A query in tile ``q`` (per dimension) sees the key tiles within ``window // 2``
-    of ``clamp(q, window // 2, n_tiles - 1 - window // 2)``. Extents that are not
-    tile multiples are padded (the last tile is partly empty), never rejected;
-    a window of more tiles than the dimension has is dense along it.
+    A query in tile ``q`` (per dimension) sees the key tiles within ``w // 2`` of
+    ``clamp(q, w // 2, n_tiles - 1 - w // 2)``. Extents that are not tile multiples
+    are padded (the last tile is partly empty), never rejected; a window of more
+    tiles than the dimension has is dense along it.
 
     Args:
         grid: ``(L,)``, ``(H, W)`` or ``(T, H, W)``.
         tile: tokens per tile, int or one per dimension.
-        window: window in tiles, odd, int or one per dimension.
+        window: window in tiles, int or one per dimension; an even ``w`` covers the same
+            tiles as ``w + 1`` (FastVideo's convention).
 
-    Implemented as GNA with ``kernel_size = window * tile``, ``stride = tile``
-    on the tile-padded grid. Example::
+    Example::
 
         mask = tile_mask((30, 48, 80), tile=(6, 8, 8), window=(3, 3, 3))  # ~91% sparse
     """
-    _, _, rels = _tile_relations(grid, tile, window)
-    return _kron(rels)
+    return kron(tile_relations(grid, tile, window)[2])
+
+
+def tile_layout(grid, tile, window, *, block_q: int = 64, block_k: int = 64) -> Tuple[TilePermutation, BlockLayout]:
+    """Block layout of :func:`tile_mask` (sliding tile attention) over tiled order, without ``N x N``.
+
+    The permutation uses the STA tile itself when its blocks are boxes inside it
+    (``prod(tile)`` a multiple of ``block_q`` and ``block_k``, e.g. tile (6, 8, 8)
+    with blocks of 64 or 128); then every visited block is full, except where a
+    non-divisible extent leaves padded keys inside a block. Any other tile (say
+    (3, 5, 5)) still works: the permutation falls back to :func:`default_tile`
+    and blocks on window borders get element masks.
+
+    Returns ``(perm, layout)`` like :func:`gna_layout`; ``perm.tile`` is the
+    permutation tile actually used.
+    """
+    grid, tile, rels = tile_relations(grid, tile, window)
+    block_q, block_k = positive_int("block_q", block_q), positive_int("block_k", block_k)
+    if block_box(tile, block_q) is None or block_box(tile, block_k) is None:
+        tile = None  # the STA tile cannot hold whole blocks: permute by a tile that can
+    perm = permutation_for(grid, tile, block_q, block_k)
+    return perm, separable_layout(perm, rels, block_q, block_k)

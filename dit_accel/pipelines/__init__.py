@@ -1,12 +1,15 @@
-"""Where dit_accel plugs into Diffusers: :func:`apply`, per-model presets, tiny pipelines.
+"""Where dit_accel plugs into Diffusers: :func:`apply`, per-model presets, hooks.
 
 ``apply(pipe, method)`` wraps the attention processors of the supported
-transformer classes (:data:`SUPPORTED`) and returns an :class:`AccelHandle`
-whose ``remove()`` restores the pipeline exactly. See ``apply.py`` for the API,
-``processor.py`` for the mechanism and ``presets.py`` for per-model data.
+transformer classes and returns an :class:`AccelHandle` whose ``remove()``
+restores the pipeline exactly. Layout: :mod:`.apply` (install / uninstall),
+:mod:`.hooks` (the transformer hook, the processor wrapper, SDPA interception),
+:mod:`.context` (the per-call context), :mod:`.schedule` (which method, which
+step), :mod:`.stats` and :mod:`.capture` (observers), :mod:`.presets` (per-model data).
 """
 
 from .apply import AccelHandle, apply
-from .presets import PRESETS, SUPPORTED, Preset, preset_for, recommended
+from .presets import PRESETS, SUPPORTED, GridInfo, Preset, preset_for, recommended, register_preset, unregister_preset
 
-__all__ = ["apply", "AccelHandle", "PRESETS", "SUPPORTED", "Preset", "preset_for", "recommended"]
+__all__ = ["apply", "AccelHandle", "PRESETS", "SUPPORTED", "Preset", "GridInfo", "preset_for", "recommended",
+           "register_preset", "unregister_preset"]

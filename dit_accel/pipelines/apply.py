@@ -1,129 +1,54 @@
-"""``dit_accel.apply``: make a Diffusers pipeline's self-attention sparse, and undo it.
+"""``dit_accel.apply``: make a Diffusers pipeline's self-attention sparse, and ``remove()`` to undo it.
 
-See :mod:`dit_accel.pipelines.processor` for the mechanism (wrapped processors and
-a scoped SDPA interceptor) and :mod:`dit_accel.pipelines.presets` for per-model data.
-All state (plans, statistics, the current step and grid) lives in the
-:class:`AccelHandle`; nothing is stored on classes or modules beyond the wrapped
-processors, one forward pre-hook per transformer and, for SLA, one projection
-submodule per attention layer, all of which :meth:`AccelHandle.remove` takes away.
+``apply`` checks its arguments, builds the :class:`~.schedule.Schedule`, the shared
+:class:`~.hooks.Runtime` (plans, statistics, capture, warnings) and one
+:class:`~.hooks.TransformerHook` per transformer, and returns an
+:class:`AccelHandle`. Nothing is stored on classes or modules beyond the wrapped
+processors, one forward pre/post hook per transformer and, for SLA, one
+projection submodule per attention layer, all of which ``remove()`` takes away.
 """
 
 from __future__ import annotations
 
-import contextlib
-import inspect
-import os
-import warnings
-from dataclasses import dataclass, field
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
-import torch
 from torch import nn
 
+from .._util import WarningLog, is_int
 from ..methods import SLA, Dense, Method
-from .plans import Plan, build_plan
-from .presets import GridInfo, Preset, preset_for
-from .processor import SDPAInterceptor, SparseAttnProcessor, _native_scope, _Timer
+from ..plans import Plan
+from ..weights import load_into
+from .capture import Capture, check_capture_dir
+from .hooks import Runtime, SparseAttnProcessor, TransformerHook, attention_modules
+from .presets import preset_for
+from .schedule import Schedule, StepSource
+from .stats import Stats
 
-__all__ = ["apply", "AccelHandle"]
+__all__ = ["apply", "AccelHandle", "BACKENDS"]
 
 BACKENDS = ("auto", "triton", "torch", "flex")
-_SLA_ATTR = "dit_accel_sla_proj"  # submodule name of the SLA projection on each attention module
 
 
-@dataclass
-class _LayerStats:
-    sparse_calls: int = 0
-    dense_calls: int = 0
-    densities: list = field(default_factory=list)
-    time_ms: float = 0.0
-    timed_calls: int = 0
-    events: list = field(default_factory=list)  # CUDA (start, end) pairs, read lazily
-
-
-@dataclass
-class _Call:
-    info: GridInfo
-    step: int
-    total: Optional[int]
-
-
-@dataclass(eq=False)
-class _Transformer:
-    module: nn.Module
-    prefix: str  # "" or e.g. "transformer_2." for stats names
-    preset: Preset
-    signature: inspect.Signature
-    hook: object = None
-    current: Optional[_Call] = None
-
-
-@dataclass(eq=False)
-class _Layer:
-    index: int
-    name: str
-    module: nn.Module
-    original: object
-    state: _Transformer
-    stats: _LayerStats = field(default_factory=_LayerStats)
-    sla_proj: Optional[nn.Module] = None
-
-    @property
-    def preset(self) -> Preset:
-        return self.state.preset
-
-
-def _as_floats(values) -> List[float]:
-    """Floats and 0-d tensors -> Python floats, one device sync per device (not one per call).
-
-    SLA densities stay on the device during generation (no host sync on the attention
-    path); thousands of per-call ``float(t)`` reads in stats() would each wait for the GPU.
-    """
-    out: List[float] = []
-    by_device: Dict[torch.device, list] = {}
-    for v in values:
-        if isinstance(v, torch.Tensor):
-            by_device.setdefault(v.device, []).append(v.detach().float().reshape(()))
-        elif v is not None:
-            out.append(float(v))
-    for tensors in by_device.values():
-        out.extend(torch.stack(tensors).cpu().tolist())
-    return out
-
-
+# ------------------------------------------------------------------ argument checks
 def _check_int(name: str, value, minimum: int = 0) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name}={value!r} is invalid: expected an int >= {minimum}")
-    return value
+    if not is_int(value) or value < minimum:
+        raise (TypeError if not is_int(value) else ValueError)(
+            f"{name}={value!r} is invalid: expected an int >= {minimum}")
+    return int(value)
 
 
 def _check_int_list(name: str, value) -> Optional[Tuple[int, ...]]:
     if value is None:
         return None
-    if isinstance(value, int) and not isinstance(value, bool):
+    if is_int(value):
         value = [value]
     try:
         items = tuple(value)
     except TypeError:
-        raise ValueError(f"{name}={value!r} is invalid: expected a list of non-negative ints or None") from None
-    if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in items):
+        raise TypeError(f"{name}={value!r} is invalid: expected a list of non-negative ints or None") from None
+    if not all(is_int(i) and i >= 0 for i in items):
         raise ValueError(f"{name}={value!r} is invalid: expected a list of non-negative ints or None")
-    return items
-
-
-def _check_capture_dir(capture) -> str:
-    """The capture folder, created now: a bad path fails here, not in the middle of a generation."""
-    if not isinstance(capture, (str, os.PathLike)):
-        raise TypeError(f"capture must be a folder path (str or os.PathLike); got {type(capture).__name__}")
-    path = os.fspath(capture)
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise ValueError(f"capture={path!r} is a file; pass a folder for the layerLLL_stepSSS.pt captures")
-    try:
-        os.makedirs(path, exist_ok=True)
-    except OSError as exc:
-        raise ValueError(f"capture={path!r}: cannot create the folder ({exc.strerror or exc}); "
-                         "pass a writable folder") from None
-    return path
+    return tuple(int(i) for i in items)
 
 
 def _check_method(name: str, method) -> Method:
@@ -134,15 +59,8 @@ def _check_method(name: str, method) -> Method:
     return method
 
 
-def _head_dim(module: nn.Module) -> int:
-    if isinstance(getattr(module, "head_dim", None), int):
-        return module.head_dim
-    heads = getattr(module, "heads")
-    return module.to_q.out_features // heads
-
-
 def _find_transformers(obj) -> Tuple[List[Tuple[str, nn.Module]], object]:
-    """[(prefix, transformer)], scheduler for a pipeline or a bare transformer."""
+    """[(prefix, transformer)], pipeline (None for a bare transformer)."""
     if isinstance(obj, nn.Module):
         found, pipe = [("", obj)], None
     else:
@@ -161,128 +79,49 @@ def _find_transformers(obj) -> Tuple[List[Tuple[str, nn.Module]], object]:
     return found, pipe
 
 
+def _sla_projection(module: nn.Module) -> nn.Linear:
+    """A zero ``Linear(D, D)`` on the module's device and dtype: SLA starts as plain top-k sparse attention."""
+    d = module.head_dim if isinstance(getattr(module, "head_dim", None), int) else \
+        module.to_q.out_features // module.heads
+    ref = next(module.parameters())
+    proj = nn.Linear(d, d, device=ref.device, dtype=ref.dtype)
+    nn.init.zeros_(proj.weight)
+    nn.init.zeros_(proj.bias)
+    return proj
+
+
+# ------------------------------------------------------------------ the handle
 class AccelHandle:
-    """The installed configuration. Returned by :func:`apply`.
+    """The installed configuration, returned by :func:`apply`.
 
     Methods: :meth:`remove` (also on leaving a ``with`` block), :meth:`stats`,
-    :meth:`summary`, :meth:`sla_projections`, :meth:`set_step`.
+    :meth:`summary`, :meth:`sla_projections`, :meth:`set_step`, :meth:`plan`.
     Attributes: ``transformer`` (the first/only transformer), ``transformers``,
-    ``method``, ``backend``, ``measure_time`` (set True to time attention calls).
+    ``method``, ``schedule``, ``backend``, ``warnings`` (every dit_accel warning so far).
     """
 
-    def __init__(self, pipe_or_transformer, method: Method, *, dense_steps: int, dense_last_steps: int,
-                 dense_layers, layer_methods, backend: str, capture, capture_layers, capture_steps,
-                 scheduler, timing: bool):
-        self.method = method
-        self.backend = backend
-        self.dense_steps, self.dense_last_steps = dense_steps, dense_last_steps
-        self.layer_methods: Dict[int, Method] = dict(layer_methods or {})
-        self.capture_dir = None if capture is None else os.fspath(capture)
-        self.capture_layers, self.capture_steps = capture_layers, capture_steps
-        self.measure_time = bool(timing)
-        found, pipe = _find_transformers(pipe_or_transformer)
-        self._pipe = pipe
-        self._scheduler = scheduler
-        self._manual_step: Optional[Tuple[int, Optional[int]]] = None
-        self._plans: Dict[tuple, Plan] = {}
-        self._captured = set()
-        self._warned = set()
-        self.removed = False
-        self._adapters: List[Tuple[nn.Module, List[str], bool]] = []  # LoRA adapters loaded by weights=
-        self.transformers: List[nn.Module] = [m for _, m in found]
+    def __init__(self, hooks: List[TransformerHook], schedule: Schedule, runtime: Runtime, steps: StepSource):
+        self._hooks, self.schedule, self._runtime, self._steps = hooks, schedule, runtime, steps
+        self.transformers = [h.transformer for h in hooks]
         self.transformer = self.transformers[0]
-        self._states: List[_Transformer] = []
-        self._layers: List[_Layer] = []
-        self._dense_layer_spec = dense_layers
-        try:
-            for prefix, module in found:
-                self._install(prefix, module)
-        except Exception:
-            self.remove()
-            raise
-        n_layers = max((sum(1 for l in self._layers if l.state is s) for s in self._states), default=0)
-        if isinstance(dense_layers, int) and not isinstance(dense_layers, bool):
-            self.dense_layers = frozenset(range(min(dense_layers, n_layers)))
-        else:
-            self.dense_layers = frozenset(dense_layers or ())
-        for name, indices in (("dense_layers", self.dense_layers), ("layer_methods", self.layer_methods),
-                              ("capture_layers", self.capture_layers or ())):
-            bad = sorted(i for i in indices if i >= n_layers)
-            if bad:
-                self.remove()
-                raise ValueError(f"{name} has layer indices {bad} but the model has {n_layers} attention layers "
-                                 f"(0..{n_layers - 1})")
-        if n_layers and set(range(n_layers)) <= self.dense_layers and not isinstance(method, Dense):
-            warnings.warn(f"dense_layers covers all {n_layers} attention layers: {method.name} never runs and the "
-                          "model stays dense. Pass fewer layers (e.g. dense_layers=1)", stacklevel=3)
+        self.method = schedule.method
+        self.backend = runtime.backend
+        self.removed = False
+        self._adapters: List[Tuple[nn.Module, List[str], bool]] = []  # LoRA adapters that weights= loaded
+        for hook in hooks:
+            hook.detach = self.remove
 
-    # ----------------------------------------------------------------- install
-    def _install(self, prefix: str, transformer: nn.Module) -> None:
-        preset = preset_for(transformer)
-        for module in transformer.modules():  # apply() twice: the previous handle goes first
-            proc = getattr(module, "processor", None)
-            if isinstance(proc, SparseAttnProcessor) and proc.handle is not self:
-                proc.handle.remove()
-        state = _Transformer(transformer, prefix, preset, inspect.signature(type(transformer).forward))
-        self._states.append(state)
-        index = 0
-        for name, module in transformer.named_modules():
-            if not preset.matches(name):
-                continue
-            original = getattr(module, "processor", None)
-            if original is None:
-                continue
-            if isinstance(original, nn.Module):
-                raise ValueError(f"{prefix}{name} uses a trainable attention processor ({type(original).__name__}, "
-                                 "e.g. IP-Adapter); dit_accel wraps plain processors only. Unload it first")
-            backend = getattr(original, "_attention_backend", None)
-            if backend is not None and str(getattr(backend, "value", backend)) != "native":
-                raise ValueError(f"{prefix}{name} uses the Diffusers attention backend {backend!r}; dit_accel "
-                                 "intercepts the native backend. Call transformer.reset_attention_backend() "
-                                 "(or set_attention_backend('native')) before dit_accel.apply()")
-            if getattr(original, "_parallel_config", None) is not None:
-                raise ValueError(f"{prefix}{name} runs context-parallel attention; dit_accel does not support "
-                                 "context parallelism. Disable it before dit_accel.apply()")
-            layer = _Layer(index, prefix + name, module, original, state)
-            if isinstance(self.layer_methods.get(index, self.method), SLA):
-                layer.sla_proj = self._new_projection(module)
-                module.add_module(_SLA_ATTR, layer.sla_proj)
-            module.processor = SparseAttnProcessor(original, self, layer)
-            self._layers.append(layer)
-            index += 1
-        if index == 0:
-            raise ValueError(f"found no attention modules matching {preset.attention} in {type(transformer).__name__}")
-        state.hook = transformer.register_forward_pre_hook(
-            lambda module, args, kwargs, _s=state: self._pre_hook(_s, args, kwargs), with_kwargs=True)
-
-    @staticmethod
-    def _new_projection(module: nn.Module) -> nn.Linear:
-        d = _head_dim(module)
-        ref = next(module.parameters())
-        proj = nn.Linear(d, d, device=ref.device, dtype=ref.dtype)
-        nn.init.zeros_(proj.weight)  # zero: SLA starts as plain top-k sparse attention
-        nn.init.zeros_(proj.bias)
-        return proj
-
+    # --------------------------------------------------------------- lifecycle
     def remove(self) -> None:
-        """Restore every wrapped processor, drop hooks and SLA projections. Idempotent."""
-        for layer in self._layers:
-            if isinstance(getattr(layer.module, "processor", None), SparseAttnProcessor) and \
-                    layer.module.processor.handle is self:
-                layer.module.processor = layer.original
-            if layer.sla_proj is not None and getattr(layer.module, _SLA_ATTR, None) is layer.sla_proj:
-                delattr(layer.module, _SLA_ATTR)
+        """Restore every wrapped processor, drop hooks, SLA projections and loaded LoRA adapters. Idempotent."""
+        for hook in self._hooks:
+            hook.remove()
         for transformer, names, had_lora in self._adapters:
             if had_lora:
                 transformer.delete_adapters(names)
             else:  # no LoRA before apply(): take the peft layers out entirely
                 transformer.unload_lora()
         self._adapters = []
-        for state in self._states:
-            if state.hook is not None:
-                state.hook.remove()
-                state.hook = None
-            state.current = None
         self.removed = True
 
     def __enter__(self) -> "AccelHandle":
@@ -292,6 +131,15 @@ class AccelHandle:
         self.remove()
         return False
 
+    def load_weights(self, folder) -> None:
+        """Load a fine-tuned folder (``dit-accel finetune`` output); ``remove()`` unloads its LoRA too."""
+        before = [set(getattr(t, "peft_config", None) or {}) for t in self.transformers]
+        load_into(self, folder)
+        for transformer, old in zip(self.transformers, before):
+            new = sorted(set(getattr(transformer, "peft_config", None) or {}) - old)
+            if new:
+                self._adapters.append((transformer, new, bool(old)))
+
     # ---------------------------------------------------------------- schedule
     def set_step(self, step: int, total: Optional[int] = None) -> None:
         """Tell a bare transformer which denoising step comes next (``0 <= step < total``).
@@ -299,187 +147,121 @@ class AccelHandle:
         Needed for ``dense_steps``/``dense_last_steps`` when apply() got a bare
         transformer and no ``scheduler=``; overrides the scheduler when set.
         """
-        _check_int("step", step)
+        step = _check_int("step", step)
         if total is not None:
-            _check_int("total", total, 1)
-        self._manual_step = (step, total)
+            total = _check_int("total", total, 1)
+            if step >= total:
+                raise ValueError(f"step={step} is invalid for total={total}: steps count 0 .. total - 1")
+        self._steps.manual = (step, total)
 
-    def _step(self, args: dict) -> Tuple[int, Optional[int]]:
-        if self._manual_step is not None:
-            return self._manual_step
-        scheduler = self._scheduler if self._scheduler is not None else getattr(self._pipe, "scheduler", None)
-        if scheduler is None:
-            if self.dense_steps or self.dense_last_steps:
-                raise ValueError("dense_steps/dense_last_steps need the denoising step: apply() got a bare "
-                                 "transformer, so pass scheduler=pipe.scheduler to apply() or call "
-                                 "handle.set_step(i, total) before each transformer call")
-            return 0, None
-        order = max(int(getattr(scheduler, "order", 1) or 1), 1)
-        timesteps = getattr(scheduler, "timesteps", None)
-        total = len(timesteps) // order if timesteps is not None else None
-        if not hasattr(scheduler, "step_index"):
-            # DDIM-style schedulers (CogVideoX's DDIM and DPM among them) keep no step counter:
-            # the position is where this call's timestep sits in the schedule.
-            return self._timestep_position(scheduler, timesteps, args), total
-        index = scheduler.step_index
-        if index is None:  # before the first scheduler.step() of this run
-            index = getattr(scheduler, "begin_index", None) or 0
-        return int(index) // order, total
+    def plan(self, method: Method, grid) -> Plan:
+        """The plan ``method`` runs on ``grid`` (the one the attention calls use; built once per geometry)."""
+        return self._runtime.plans.get(method, grid)
 
-    def _timestep_position(self, scheduler, timesteps, args: dict) -> int:
-        t = args.get("timestep")
-        if timesteps is not None and len(timesteps) and t is not None:
-            # One host sync per transformer call, only for schedulers without step_index.
-            t = torch.as_tensor(t).reshape(-1)[:1].to(device=timesteps.device, dtype=torch.float64)
-            hits = torch.isclose(timesteps.to(torch.float64), t).nonzero()
-            if hits.numel():
-                return int(hits[0, 0])
-        if self.dense_steps or self.dense_last_steps or self.capture_steps is not None:
-            self._warn_once(f"dit_accel: {type(scheduler).__name__} has no step_index and this call's timestep is "
-                            "not in scheduler.timesteps; every call counts as step 0 for dense_steps/"
-                            "dense_last_steps/capture_steps (use handle.set_step(i, total) to say which step runs)")
-        return 0
+    @property
+    def plans(self) -> Dict[tuple, Plan]:
+        """Every plan built so far, by ``(method, grid)``."""
+        return self._runtime.plans.items()
 
-    def _method_for(self, layer: _Layer, step: int, total: Optional[int]) -> Optional[Method]:
-        """The method a layer runs at this step, or None when the schedule makes it dense."""
-        if layer.index in self.dense_layers or step < self.dense_steps:
-            return None
-        if self.dense_last_steps and total is not None and step >= total - self.dense_last_steps:
-            return None
-        return self.layer_methods.get(layer.index, self.method)
-
-    def _plan(self, method: Method, grid) -> Plan:
-        key = (method, tuple(grid))
-        plan = self._plans.get(key)
-        if plan is None:
-            plan = self._plans[key] = build_plan(method, grid)
-        return plan
-
-    def _pre_hook(self, state: _Transformer, args, kwargs) -> None:
-        bound = state.signature.bind_partial(state.module, *args, **kwargs).arguments
-        info = state.preset.read_grid(state.module, bound)
-        step, total = self._step(bound)
-        # Build (and so validate) every plan this grid needs before any attention runs.
-        for method in {self.method, *self.layer_methods.values()}:
-            self._plan(method, info.grid)
-        sparse = any(not isinstance(m, Dense) for m in (self.method, *self.layer_methods.values()))
-        if sparse and total is not None and self.dense_steps + self.dense_last_steps >= total:
-            self._warn_once(f"dit_accel: dense_steps={self.dense_steps} + dense_last_steps={self.dense_last_steps} "
-                            f"cover all {total} denoising steps: every step runs dense. Lower them or raise the "
-                            "number of steps")
-        state.current = _Call(info, step, total)
-
-    # ------------------------------------------------------------------- calls
-    def _wants_capture(self, layer: _Layer, step: int) -> bool:
-        if self.capture_dir is None:
-            return False
-        if self.capture_layers is not None and layer.index not in self.capture_layers:
-            return False
-        if self.capture_steps is not None and step not in self.capture_steps:
-            return False
-        return (layer.index, step) not in self._captured
-
-    def _run_processor(self, layer: _Layer, attn, args, kwargs):
-        call = layer.state.current
-        if call is None:  # called outside the transformer's forward: nothing known about the grid
-            self._warn_once("dit_accel: attention called outside the transformer forward; running dense")
-            layer.stats.dense_calls += 1
-            return layer.original(attn, *args, **kwargs)
-        method = self._method_for(layer, call.step, call.total)
-        capture = self._wants_capture(layer, call.step)
-        if method is None:
-            if not (capture or self.measure_time):
-                layer.stats.dense_calls += 1
-                return layer.original(attn, *args, **kwargs)
-            method = Dense()
-        plan = self._plan(method, call.info.grid)
-        with _native_scope(), SDPAInterceptor(self, layer, plan, capture):
-            return layer.original(attn, *args, **kwargs)
-
-    def _warn_once(self, message: str) -> None:
-        if message not in self._warned:
-            self._warned.add(message)
-            warnings.warn(message, stacklevel=3)
-
-    def _timer(self, layer: _Layer, device):
-        return _Timer(layer.stats, device) if self.measure_time else contextlib.nullcontext()
-
-    def _capture(self, layer: _Layer, call: _Call, q, k, v) -> None:
-        key = (layer.index, call.step)
-        if key in self._captured:
-            return
-        self._captured.add(key)
-        os.makedirs(self.capture_dir, exist_ok=True)
-        # clone(): a slice would otherwise save the whole joint sequence's storage.
-        data = {name: t.detach().to("cpu").clone(memory_format=torch.contiguous_format)
-                for name, t in (("q", q), ("k", k), ("v", v))}
-        data.update(grid=tuple(call.info.grid), layer=layer.index, layer_name=layer.name, step=call.step)
-        torch.save(data, os.path.join(self.capture_dir, f"layer{layer.index:03d}_step{call.step:03d}.pt"))
-
-    # -------------------------------------------------------------- reporting
-    def _layer_method(self, layer: _Layer) -> Method:
-        return Dense() if layer.index in self.dense_layers else self.layer_methods.get(layer.index, self.method)
-
-    def stats(self) -> List[dict]:
-        """Per attention layer: ``layer`` (module name), ``index``, ``method``, ``density``
-        (mean visited block fraction of the video-video part over sparse calls; None if
-        none ran sparse), ``sparse_calls``, ``dense_calls``, ``time_ms`` (total attention
-        time of measured calls, None unless ``measure_time``/``timing=True``)."""
-        if any(l.stats.events for l in self._layers) and torch.cuda.is_available():
-            torch.cuda.synchronize()
-        rows = []
-        for layer in self._layers:
-            s = layer.stats
-            for start, end in s.events:
-                s.time_ms += start.elapsed_time(end)
-            s.events.clear()
-            values = _as_floats(s.densities)
-            rows.append({
-                "layer": layer.name,
-                "index": layer.index,
-                "method": self._layer_method(layer).name,
-                "density": sum(values) / len(values) if values else None,
-                "sparse_calls": s.sparse_calls,
-                "dense_calls": s.dense_calls,
-                "time_ms": s.time_ms if s.timed_calls else None,
-            })
-        return rows
-
-    def summary(self) -> dict:
-        """Totals over layers: calls, call-weighted mean density / sparsity, attention time."""
-        rows = self.stats()
-        sparse = sum(r["sparse_calls"] for r in rows)
-        weighted = [(r["density"], r["sparse_calls"]) for r in rows if r["density"] is not None]
-        mean = sum(d * n for d, n in weighted) / sum(n for _, n in weighted) if weighted else None
-        times = [r["time_ms"] for r in rows if r["time_ms"] is not None]
-        return {
-            "method": self.method.name,
-            "config": self.method.to_dict(),
-            "layers": len(rows),
-            "sparse_layers": sum(1 for r in rows if r["sparse_calls"]),
-            "sparse_calls": sparse,
-            "dense_calls": sum(r["dense_calls"] for r in rows),
-            "mean_density": mean,
-            "sparsity": None if mean is None else 1.0 - mean,
-            "time_ms": sum(times) if times else None,
-            "dense_steps": self.dense_steps,
-            "dense_last_steps": self.dense_last_steps,
-            "dense_layers": sorted(self.dense_layers),
-            "backend": self.backend,
-        }
-
-    def sla_projections(self) -> Dict[str, nn.Linear]:
-        """SLA output projections by attention module name (empty unless a layer runs SLA)."""
-        return {l.name: l.sla_proj for l in self._layers if l.sla_proj is not None}
+    # --------------------------------------------------------------- reporting
+    @property
+    def _layers(self) -> List[SparseAttnProcessor]:
+        return [layer for hook in self._hooks for layer in hook.layers]
 
     @property
     def layers(self) -> List[str]:
-        """Names of the wrapped attention modules, in layer-index order."""
-        return [l.name for l in self._layers]
+        """Names of the wrapped attention modules, in layer order."""
+        return [layer.name for layer in self._layers]
+
+    @property
+    def warnings(self) -> List[str]:
+        return list(self._runtime.warnings.messages)
+
+    def stats(self) -> List[dict]:
+        """Per attention layer (see :meth:`dit_accel.pipelines.stats.Stats.rows`)."""
+        methods = [self.schedule.layer_method(layer.index).name for layer in self._layers]
+        return self._runtime.stats.rows(methods)
+
+    def summary(self) -> dict:
+        """Totals over layers: calls, call-weighted mean density and sparsity, attention time, the settings."""
+        s = self.schedule
+        return {"method": self.method.name, "config": self.method.to_dict(), **self._runtime.stats.summarize(
+            self.stats()), "dense_steps": s.dense_steps, "dense_last_steps": s.dense_last_steps,
+            "dense_layers": sorted(s.dense_layers), "backend": self.backend, "warnings": self.warnings}
+
+    def sla_projections(self) -> Dict[str, nn.Linear]:
+        """SLA output projections by attention module name (empty unless a layer runs SLA)."""
+        return {layer.name: layer.sla_proj for layer in self._layers if layer.sla_proj is not None}
 
     def __repr__(self) -> str:
         state = "removed" if self.removed else "active"
         return f"AccelHandle({self.method!r}, layers={len(self._layers)}, backend={self.backend!r}, {state})"
+
+
+# ------------------------------------------------------------------ apply
+def _check_apply_args(method, dense_steps, dense_last_steps, dense_layers, layer_methods, backend, capture_layers,
+                      capture_steps, scheduler):
+    method = _check_method("method", method)
+    dense_steps, dense_last_steps = _check_int("dense_steps", dense_steps), _check_int("dense_last_steps",
+                                                                                       dense_last_steps)
+    if dense_layers is not None and not is_int(dense_layers):
+        dense_layers = _check_int_list("dense_layers", dense_layers)
+    elif dense_layers is not None:
+        dense_layers = _check_int("dense_layers", dense_layers)
+    if layer_methods is not None and not isinstance(layer_methods, dict):
+        raise TypeError(f"layer_methods must be a dict {{layer index: Method}}; got {type(layer_methods).__name__}")
+    layer_methods = {_check_int("layer_methods key", i): _check_method(f"layer_methods[{i}]", m)
+                     for i, m in (layer_methods or {}).items()}
+    if not isinstance(backend, str) or backend not in BACKENDS:
+        raise ValueError(f"backend={backend!r} is invalid: choose one of {', '.join(BACKENDS)}")
+    if scheduler is not None and not hasattr(scheduler, "timesteps"):
+        raise TypeError(f"scheduler={type(scheduler).__name__} has no `timesteps`; pass a Diffusers scheduler")
+    return (method, dense_steps, dense_last_steps, dense_layers, layer_methods,
+            _check_int_list("capture_layers", capture_layers), _check_int_list("capture_steps", capture_steps))
+
+
+def _resolve_layers(schedule_args: dict, n_layers: int, capture_layers, warnings: WarningLog) -> Schedule:
+    """The schedule with ``dense_layers`` as indices, every layer index checked against ``n_layers``."""
+    dense_layers = schedule_args.pop("dense_layers")
+    if is_int(dense_layers):
+        dense_layers = frozenset(range(min(dense_layers, n_layers)))
+    schedule = Schedule(dense_layers=frozenset(dense_layers or ()), **schedule_args)
+    for name, indices in (("dense_layers", schedule.dense_layers), ("layer_methods", schedule.layer_methods),
+                          ("capture_layers", capture_layers or ())):
+        bad = sorted(i for i in indices if i >= n_layers)
+        if bad:
+            raise ValueError(f"{name} has layer indices {bad} but the model has {n_layers} attention layers "
+                             f"(0..{n_layers - 1})")
+    if n_layers and set(range(n_layers)) <= schedule.dense_layers and schedule.sparse:
+        warnings.warn(f"dit_accel: dense_layers covers all {n_layers} attention layers: {schedule.method.name} "
+                      "never runs and the model stays dense. Pass fewer layers (e.g. dense_layers=1)", stacklevel=4)
+    return schedule
+
+
+def _remove_previous(found) -> None:
+    """apply() twice on one model: the previous handle goes first."""
+    for _, transformer in found:
+        for module in transformer.modules():
+            proc = getattr(module, "processor", None)
+            if isinstance(proc, SparseAttnProcessor):
+                proc.owner.detach()
+
+
+def _install(targets, schedule: Schedule, runtime: Runtime, steps: StepSource) -> List[TransformerHook]:
+    """One TransformerHook per transformer; SLA projections for every layer that may run SLA."""
+    hooks: List[TransformerHook] = []
+    try:
+        for prefix, transformer, preset, modules in targets:
+            hook = TransformerHook(transformer, prefix, preset, schedule, runtime, steps)
+            projections = {i: _sla_projection(m) for i, (_, m) in enumerate(modules)
+                           if isinstance(schedule.layer_methods.get(i, schedule.method), SLA)}
+            hook.install(modules, sum(len(h.layers) for h in hooks), projections)
+            hooks.append(hook)
+    except Exception:
+        for hook in hooks:
+            hook.remove()
+        raise
+    return hooks
 
 
 def apply(pipe_or_transformer, method: Method, *, dense_steps: int = 0, dense_last_steps: int = 0,
@@ -496,14 +278,16 @@ def apply(pipe_or_transformer, method: Method, *, dense_steps: int = 0, dense_la
     Args:
         pipe_or_transformer: a pipeline (its ``transformer`` and, for Wan 2.2,
             ``transformer_2`` are wrapped) or a transformer of a supported class
-            (:data:`dit_accel.pipelines.presets.SUPPORTED`).
-        method: ``dit_accel.Dense()``, ``GNA(...)``, ``Tile(...)``, ``Radial(...)`` or ``SLA(...)``.
+            (:data:`dit_accel.pipelines.presets.PRESETS`, or one registered with
+            :func:`dit_accel.register_preset`).
+        method: ``dit_accel.Dense()``, ``GNA(...)``, ``Tile(...)``, ``Radial(...)``, ``SLA(...)`` or any
+            registered method config.
         dense_steps: run the first N denoising steps dense.
         dense_last_steps: run the last N denoising steps dense.
         dense_layers: int N (the first N attention layers dense) or a list of layer indices.
         layer_methods: ``{layer index: Method}`` overrides of ``method`` per layer.
         backend: kernel backend, one of ``"auto"``, ``"triton"``, ``"torch"``, ``"flex"``.
-        weights: folder of fine-tuned weights (SLA projections) to load after installing.
+        weights: folder of fine-tuned weights (LoRA, SLA projections) to load after installing.
         capture: folder; saves video q/k/v of attention calls as
             ``layer{L:03d}_step{S:03d}.pt`` (first call per layer and step).
         capture_layers, capture_steps: restrict capture to these indices (None = all).
@@ -530,43 +314,27 @@ def apply(pipe_or_transformer, method: Method, *, dense_steps: int = 0, dense_la
         print(handle.summary()["mean_density"])
         handle.remove()
     """
-    method = _check_method("method", method)
-    _check_int("dense_steps", dense_steps)
-    _check_int("dense_last_steps", dense_last_steps)
-    if dense_layers is not None:
-        if isinstance(dense_layers, int) and not isinstance(dense_layers, bool):
-            _check_int("dense_layers", dense_layers)
-        else:
-            dense_layers = _check_int_list("dense_layers", dense_layers)
-    if layer_methods is not None:
-        if not isinstance(layer_methods, dict):
-            raise ValueError(f"layer_methods must be a dict {{layer index: Method}}; got {type(layer_methods).__name__}")
-        for i, m in layer_methods.items():
-            _check_int("layer_methods key", i)
-            _check_method(f"layer_methods[{i}]", m)
-    if backend not in BACKENDS:
-        raise ValueError(f"backend={backend!r} is invalid: choose one of {', '.join(BACKENDS)}")
-    if capture is not None:
-        capture = _check_capture_dir(capture)
-    capture_layers = _check_int_list("capture_layers", capture_layers)
-    capture_steps = _check_int_list("capture_steps", capture_steps)
-    if scheduler is not None and not hasattr(scheduler, "timesteps"):
-        raise ValueError(f"scheduler={type(scheduler).__name__} has no `timesteps`; pass a Diffusers scheduler")
-    handle = AccelHandle(pipe_or_transformer, method, dense_steps=dense_steps, dense_last_steps=dense_last_steps,
-                         dense_layers=dense_layers, layer_methods=layer_methods, backend=backend, capture=capture,
-                         capture_layers=capture_layers, capture_steps=capture_steps, scheduler=scheduler,
-                         timing=timing)
+    method, dense_steps, dense_last_steps, dense_layers, layer_methods, capture_layers, capture_steps = \
+        _check_apply_args(method, dense_steps, dense_last_steps, dense_layers, layer_methods, backend,
+                          capture_layers, capture_steps, scheduler)
+    capture = None if capture is None else Capture(check_capture_dir(capture), capture_layers, capture_steps)
+    found, pipe = _find_transformers(pipe_or_transformer)
+    _remove_previous(found)
+    targets = [(prefix, t, preset, attention_modules(t, prefix, preset))
+               for prefix, t in found for preset in [preset_for(t)]]
+    log = WarningLog()
+    needs_step = bool(dense_steps or dense_last_steps or capture_steps is not None)
+    steps = StepSource(lambda: scheduler if scheduler is not None else getattr(pipe, "scheduler", None), needs_step,
+                       lambda message: log.warn(f"dit_accel: {message}"))
+    schedule = _resolve_layers(dict(method=method, layer_methods=layer_methods, dense_layers=dense_layers,
+                                    dense_steps=dense_steps, dense_last_steps=dense_last_steps),
+                               max(len(m) for *_, m in targets), capture_layers, log)
+    names = [name for *_, modules in targets for name, _ in modules]
+    runtime = Runtime(backend, Stats(names, timing), capture, log)
+    handle = AccelHandle(_install(targets, schedule, runtime, steps), schedule, runtime, steps)
     if weights is not None:
         try:
-            from ..training.weights import load_trained_weights
-
-            before = [set(getattr(t, "peft_config", None) or {}) for t in handle.transformers]
-            load_trained_weights(handle, weights)
-            # remove() must also take away the LoRA that the weights brought in.
-            for t, old in zip(handle.transformers, before):
-                new = sorted(set(getattr(t, "peft_config", None) or {}) - old)
-                if new:
-                    handle._adapters.append((t, new, bool(old)))
+            handle.load_weights(weights)
         except Exception:
             handle.remove()
             raise

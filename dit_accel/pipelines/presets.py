@@ -29,7 +29,8 @@ from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
-__all__ = ["Preset", "PRESETS", "SUPPORTED", "GridInfo", "preset_for", "recommended"]
+__all__ = ["Preset", "PRESETS", "SUPPORTED", "GridInfo", "preset_for", "recommended", "register_preset",
+           "unregister_preset"]
 
 
 @dataclass(frozen=True)
@@ -245,7 +246,30 @@ PRESETS: Dict[str, Preset] = {
     )
 }
 
-SUPPORTED: Tuple[str, ...] = tuple(PRESETS)
+SUPPORTED: Tuple[str, ...] = tuple(PRESETS)  # the classes the package ships presets for
+
+
+def register_preset(preset: Preset) -> Preset:
+    """Support another transformer class: ``apply`` finds ``preset`` by ``preset.class_name`` (and subclasses).
+
+    Example::
+
+        register_preset(Preset("MyVideoTransformer", attention=(r"blocks\\.\\d+\\.attn1",), text_position="none",
+                               read_grid=my_grid_reader, min_diffusers="0.35.0"))
+    """
+    if not isinstance(preset, Preset):
+        raise TypeError(f"preset must be a dit_accel.pipelines.Preset; got {type(preset).__name__}")
+    if preset.text_position not in ("none", "first", "last"):
+        raise ValueError(f"Preset.text_position={preset.text_position!r} is invalid: 'none', 'first' or 'last'")
+    if not callable(preset.read_grid):
+        raise TypeError("Preset.read_grid must be callable: (transformer, bound forward arguments) -> GridInfo")
+    PRESETS[preset.class_name] = preset
+    return preset
+
+
+def unregister_preset(class_name: str) -> None:
+    """Remove a registered preset (no error when absent)."""
+    PRESETS.pop(class_name, None)
 
 
 def _version_tuple(v: str) -> Tuple[int, ...]:
@@ -266,7 +290,8 @@ def preset_for(transformer: torch.nn.Module, diffusers_version: Optional[str] = 
             if preset is not None:
                 break
     if preset is None:
-        raise ValueError(f"dit_accel does not support transformer class {name}; supported: {', '.join(SUPPORTED)}")
+        raise ValueError(f"dit_accel does not support transformer class {name}; supported: {', '.join(PRESETS)}. "
+                         "Support another class with dit_accel.register_preset(Preset(...))")
     if diffusers_version is None:
         import diffusers
 
@@ -290,6 +315,6 @@ def recommended(transformer_or_class, method: str):
     name = transformer_or_class if isinstance(transformer_or_class, str) else (
         transformer_or_class.__name__ if isinstance(transformer_or_class, type) else type(transformer_or_class).__name__)
     if name not in PRESETS:
-        raise ValueError(f"no preset for {name}; supported: {', '.join(SUPPORTED)}")
+        raise ValueError(f"no preset for {name}; supported: {', '.join(PRESETS)}")
     entry = PRESETS[name].defaults.get(method, {"method": {}, "apply": {}})
     return method_from_name(method, **entry["method"]), dict(entry["apply"])

@@ -2,7 +2,7 @@
 
 Public API::
 
-    from dit_accel.training import FinetuneConfig, finetune, load_trained_weights, load_method
+    from dit_accel.training import FinetuneConfig, finetune, load_into, load_method
 
 CLI: ``dit-accel finetune --help``. Output folders load back with
 ``dit_accel.apply(pipe, load_method(DIR), weights=DIR)``.
@@ -10,6 +10,7 @@ CLI: ``dit-accel finetune --help``. Output folders load back with
 
 # Eager import on purpose: the function `finetune` must shadow the submodule of the same name.
 from .finetune import FinetuneConfig, finetune, validate_config
-from .weights import load_method, load_trained_weights, save_trained_weights
+from ..weights import load_into, load_method, load_trained_weights, save_trained_weights
 
-__all__ = ["FinetuneConfig", "finetune", "validate_config", "load_trained_weights", "load_method", "save_trained_weights"]
+__all__ = ["FinetuneConfig", "finetune", "validate_config", "load_into", "load_trained_weights", "load_method",
+           "save_trained_weights"]

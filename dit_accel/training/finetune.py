@@ -48,7 +48,7 @@ from torch import nn
 from ..methods import SLA, Method, Radial
 from . import data as data_mod
 from .model_io import ModelIO, model_io_for
-from .weights import save_trained_weights, sla_state_dict
+from ..weights import save_trained_weights, sla_state_dict
 
 __all__ = ["FinetuneConfig", "finetune", "validate_config", "FINETUNE_METHODS", "RUN_FILE", "LOG_FILE"]
 
@@ -250,12 +250,7 @@ def _check_method_fits(method: Method, io: ModelIO, config: FinetuneConfig) -> T
     io.check_geometry(config.frames, config.height, config.width)
     grid = io.token_grid(config.frames, config.height, config.width)
     try:
-        from ..pipelines.plans import build_plan
-    except ImportError:
-        build_plan = None
-    try:
-        if build_plan is not None:
-            build_plan(method, grid)  # the same validation apply() runs at the first call
+        method.plan(grid)  # the same validation apply() runs at the first call
     except (ValueError, TypeError) as e:
         raise ValueError(f"--method {method.name} does not fit this model at {config.frames}x{config.height}x"
                          f"{config.width} (token grid {grid}): {e}") from None

@@ -53,13 +53,13 @@ def test_defaults_layering_and_schedule():
 
 
 @pytest.mark.parametrize("argv, flag", [
-    (["--method", "tile", "--window", "2,3,3"], "--window"),
+    (["--method", "tile", "--window", "0,3,3"], "--window"),
     (["--method", "radial", "--window", "3"], "--window"),
     (["--method", "sla", "--topk", "1.5"], "--topk"),
     (["--method", "gna", "--kernel-size", "3", "--stride", "5"], "--stride"),
     (["--tile", "a,b"], "--tile"),
     (["--dense-steps", "-1"], "--dense-steps"),
-], ids=["even-window", "wrong-method", "topk-range", "stride-gt-kernel", "not-a-tuple", "negative-steps"])
+], ids=["zero-window", "wrong-method", "topk-range", "stride-gt-kernel", "not-a-tuple", "negative-steps"])
 def test_bad_method_options_name_the_flag(argv, flag, capsys):
     p, args = (None, None)
     with pytest.raises(SystemExit) as exc:
@@ -147,11 +147,11 @@ def test_generate_subprocess_python_m(tmp_path):
 @pytest.mark.parametrize("argv, needle", [
     (["--frames", "0"], "--frames"),
     (["--model", "./no/such/folder"], "neither"),
-    (["--method", "tile", "--window", "2"], "--window"),
+    (["--method", "tile", "--window", "0"], "--window"),
     (["--method", "radial", "--topk", "0.5"], "--topk"),
     (["--dtype", "int8"], "--dtype"),
     (["--out", "clip.avi"], "--out"),
-], ids=["zero-frames", "missing-folder", "even-window", "flag-of-other-method", "bad-dtype", "bad-suffix"])
+], ids=["zero-frames", "missing-folder", "zero-window", "flag-of-other-method", "bad-dtype", "bad-suffix"])
 def test_generate_bad_args_fail_fast_with_clear_errors(argv, needle, capsys):
     try:
         code = main(["generate", *argv, "--quiet"])

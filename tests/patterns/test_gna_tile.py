@@ -158,6 +158,8 @@ _TILE_CASES = [
     ((6, 5, 9), (2, 3, 4), (3, 1, 1)),
     ((5, 7, 9), (2, 2, 4), (1, 5, 3)),
     ((3, 5), (4, 2), (3, 7)),  # tile larger than the extent, window wider than the grid
+    ((9, 13), (2, 3), (2, 4)),  # even windows (FastVideo's strategies use them): centre +- w//2
+    ((6, 8, 10), (2, 2, 2), (2, 3, 4)),
 ]
 
 
@@ -174,9 +176,15 @@ def test_tile_is_gna_for_divisible_extents(grid, tile, window):
     assert torch.equal(tile_mask(grid, tile, window), gna_mask(grid, kernel, tile))
 
 
+def test_even_window_covers_the_tiles_of_the_next_odd_window():
+    """FastVideo's STA: an even window w covers centre - w//2 .. centre + w//2, like w + 1."""
+    assert torch.equal(tile_mask((8, 12), 2, (2, 4)), tile_mask((8, 12), 2, (3, 5)))
+    assert not torch.equal(tile_mask((8, 12), 2, (2, 4)), tile_mask((8, 12), 2, (1, 3)))
+
+
 def test_tile_bad_arguments():
-    with pytest.raises(ValueError, match="window.*odd"):
-        tile_mask((8, 8), 2, (3, 2))
+    with pytest.raises(ValueError, match="window.*>= 1"):
+        tile_mask((8, 8), 2, (3, 0))
     with pytest.raises(ValueError, match="tile.*2 dimensions"):
         tile_mask((8, 8), (2, 2, 2), 3)
 

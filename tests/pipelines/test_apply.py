@@ -20,7 +20,7 @@ from dit_accel.patterns import gna_mask, tile_mask
 
 from dit_accel.models import tiny as T
 from dit_accel.pipelines.presets import PRESETS, SUPPORTED, preset_for
-from dit_accel.pipelines.processor import SparseAttnProcessor
+from dit_accel.pipelines.hooks import SparseAttnProcessor
 
 SPARSE = {name: dit_accel.GNA(kernel_size=(3, 5)) if name == "flux" else dit_accel.GNA(kernel_size=(2, 5, 5))
           for name in T.TRANSFORMER_NAMES}
@@ -145,7 +145,7 @@ def test_tile_and_radial_match_reference_on_wan(models, method):
     with dit_accel.apply(model, method, backend="torch") as handle:
         out = _run(model, kwargs)
     torch.testing.assert_close(out, ref, atol=2e-4, rtol=2e-4)
-    plan = handle._plans[(method, grid)]
+    plan = handle.plan(method, grid)
     assert handle.stats()[0]["density"] == pytest.approx(plan.layout.density()) and plan.layout.density() < 1
 
 
@@ -163,7 +163,7 @@ def test_resolution_change_rebuilds_layout(models):
             torch.testing.assert_close(out, ref, atol=2e-4, rtol=2e-4)
         _run(model, _inputs("wan", model, batch=1, grid=(4, 8, 8)))
         _run(model, _inputs("wan", model, batch=1, grid=(3, 6, 10)))
-        assert {key[1] for key in handle._plans} == {(4, 8, 8), (3, 6, 10)}
+        assert {key[1] for key in handle.plans} == {(4, 8, 8), (3, 6, 10)}
     finally:
         handle.remove()
 
@@ -272,7 +272,7 @@ def test_errors_name_the_argument(models):
         preset_for(model, diffusers_version="0.31.0")
     # Grid-dependent validation happens in the pre-hook, before any attention.
     with dit_accel.apply(model, dit_accel.GNA(kernel_size=(9, 3, 3)), backend="torch") as handle:
-        with pytest.raises(ValueError, match="exceeds the token grid extent"):
+        with pytest.raises(ValueError, match="exceeds the grid extent"):
             _run(model, _inputs("wan", model, batch=1))
         assert all(r["sparse_calls"] == r["dense_calls"] == 0 for r in handle.stats())
     with dit_accel.apply(models["flux"], dit_accel.Radial()):
@@ -310,7 +310,7 @@ def test_gradients_reach_lora_style_params_and_sla_projection(models):
 def test_weights_folder_loads_lora_and_projections_and_remove_unloads(tmp_path):
     from peft import LoraConfig
 
-    from dit_accel.training.weights import save_trained_weights
+    from dit_accel.weights import save_trained_weights
 
     model = T.build_tiny_transformer("wan", seed=3)
     kwargs = _inputs("wan", model, batch=1)
@@ -348,7 +348,7 @@ def test_preset_defaults_are_valid_method_configs(class_name):
 def test_wrapped_calls_run_on_the_native_backend_inside_a_global_backend_context():
     from diffusers.models.attention_dispatch import _AttentionBackendRegistry, attention_backend
 
-    from dit_accel.pipelines.processor import _native_scope
+    from dit_accel.pipelines.hooks import native_scope as _native_scope
 
     with attention_backend("flex"):
         with _native_scope():

@@ -65,7 +65,7 @@ def test_window_matches_masked_reference(wan, sinks):
     with dit_accel.apply(model, method, backend="torch") as handle:
         out = _run(model, kwargs)
     torch.testing.assert_close(out, ref, atol=2e-4, rtol=2e-4)
-    plan = handle._plans[(method, GRID)]
+    plan = handle.plan(method, GRID)
     assert plan.kind == "layout" and plan.perm is not None and plan.perm.tile[0] == 1
     expected = radial_window_layout(GRID, 64, 1.0, sinks)[1].density()
     assert plan.density == pytest.approx(expected) and expected < 1
@@ -79,6 +79,6 @@ def test_window_differs_from_band_and_band_stays_raster(wan):
         method = dit_accel.Radial(block_size=64, sink_frames=(), spatial=spatial)
         with dit_accel.apply(model, method, backend="torch") as handle:
             outs[spatial] = _run(model, kwargs)
-        plan = handle._plans[(method, GRID)]
+        plan = handle.plan(method, GRID)
         assert (plan.perm is None) == (spatial == "band")
     assert (outs["band"] - outs["window"]).abs().max() > 1e-4

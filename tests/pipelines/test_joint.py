@@ -8,8 +8,6 @@ import torch.nn.functional as F
 
 import dit_accel
 from dit_accel.patterns import gna_mask
-from dit_accel.pipelines.joint import joint_attention
-from dit_accel.pipelines.plans import build_plan
 
 
 def _reference(q, k, v, allowed):
@@ -28,7 +26,7 @@ CASES = [
 @pytest.mark.parametrize("grid,kernel,num_text,position,valid", CASES)
 def test_joint_merge_equals_masked_reference(grid, kernel, num_text, position, valid):
     method = dit_accel.GNA(kernel_size=kernel)
-    plan = build_plan(method, grid)
+    plan = method.plan(grid)
     nv = math.prod(grid)
     b, h, d = 2, 3, 16
     s = nv + num_text
@@ -43,8 +41,8 @@ def test_joint_merge_equals_masked_reference(grid, kernel, num_text, position, v
         for i, n in enumerate(valid):
             key_mask[i, ..., text.start + n:text.stop] = False
         allowed &= key_mask
-    out, density = joint_attention(q, k, v, plan, num_video=nv, text_first=position == "first", key_mask=key_mask,
-                                   scale=None, backend="torch", dense_sdpa=F.scaled_dot_product_attention)
+    out, density = plan.run(q, k, v, num_text=num_text, text_first=position == "first", key_mask=key_mask,
+                            backend="torch")
     torch.testing.assert_close(out, _reference(q, k, v, allowed), atol=1e-5, rtol=1e-5)
     assert density == pytest.approx(plan.layout.density())
 
@@ -56,8 +54,7 @@ def test_joint_sla_with_all_blocks_critical_is_dense():
     proj = torch.nn.Linear(16, 16)
     torch.nn.init.zeros_(proj.weight)
     torch.nn.init.zeros_(proj.bias)
-    plan = build_plan(dit_accel.SLA(topk=1.0), (nv,))
-    out, density = joint_attention(q, k, v, plan, num_video=nv, text_first=True, key_mask=None, scale=None,
-                                   backend="torch", dense_sdpa=F.scaled_dot_product_attention, proj=proj)
+    plan = dit_accel.SLA(topk=1.0).plan((nv,))
+    out, density = plan.run(q, k, v, num_text=nt, text_first=True, backend="torch", proj=proj)
     torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v), atol=1e-5, rtol=1e-5)
     assert float(density) == pytest.approx(1.0)

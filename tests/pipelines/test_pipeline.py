@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import dit_accel
-from dit_accel.pipelines.processor import SparseAttnProcessor
+from dit_accel.pipelines.hooks import SparseAttnProcessor
 from dit_accel.models.tiny import build_tiny_pipeline
 
 from dit_accel.models import tiny as T

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 import dit_accel
 from dit_accel.models.tiny import build_tiny_pipeline
 from dit_accel.training import FinetuneConfig, finetune, load_method
-from dit_accel.training.weights import LORA_FILE, METHOD_FILE, SLA_FILE
+from dit_accel.weights import LORA_FILE, METHOD_FILE, SLA_FILE
 
 REPO = Path(__file__).resolve().parents[1]
 # Token grid (3, 4, 8) = 96 tokens: two 64-key blocks, SLA keeps one -> the student differs from the teacher.

@@ -1,4 +1,4 @@
-"""Saving and loading fine-tuned weights: a Diffusers LoRA plus the SLA projections.
+"""The fine-tuned weights folder: a Diffusers LoRA plus the SLA projections, written by ``dit-accel finetune``.
 
 An output folder of ``dit-accel finetune`` holds::
 
@@ -10,6 +10,10 @@ An output folder of ``dit-accel finetune`` holds::
 Load everything in one line::
 
     handle = dit_accel.apply(pipe, dit_accel.training.load_method(DIR), weights=DIR)
+
+It sits below both :mod:`dit_accel.pipelines` (``apply(..., weights=DIR)`` loads it
+with :func:`load_into`) and :mod:`dit_accel.training` (which writes it), so neither
+imports the other.
 """
 
 from __future__ import annotations
@@ -21,11 +25,11 @@ from typing import Dict, Optional
 import torch
 from torch import nn
 
-from ..methods import Method, method_from_name
+from .methods import Method, method_from_name
 
 __all__ = [
     "LORA_FILE", "SLA_FILE", "METHOD_FILE", "ADAPTER_NAME",
-    "save_trained_weights", "load_trained_weights", "load_method", "read_weights_info", "lora_state_dict",
+    "save_trained_weights", "load_into", "load_trained_weights", "load_method", "read_weights_info", "lora_state_dict",
     "sla_state_dict",
 ]
 
@@ -117,7 +121,7 @@ def load_method(folder) -> Method:
     return method_from_name(name, **d)
 
 
-def load_trained_weights(handle, folder) -> None:
+def load_into(handle, folder) -> None:
     """Load a fine-tuned folder into an installed dit_accel handle (``apply(..., weights=DIR)`` calls this).
 
     Loads the LoRA into ``handle.transformer`` (as adapter ``"dit_accel"``; the
@@ -173,3 +177,6 @@ def load_trained_weights(handle, folder) -> None:
                     if src.shape != p.shape:
                         raise ValueError(f"{sla_path}: {name}.{pname} has shape {tuple(src.shape)}, model has {tuple(p.shape)}.")
                     p.copy_(src.to(p.dtype))
+
+
+load_trained_weights = load_into  # the name used before the weights folder format moved here

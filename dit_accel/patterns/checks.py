@@ -1,0 +1,103 @@
+"""Argument checks shared by the patterns and the method configs: one message per rule.
+
+Shape-free checks (an int or a tuple of ints, a bool or a tuple of bools, a
+positive block size) run when a method config is built; grid checks (one value
+per grid dimension) run in the pattern functions once the grid is known. The
+``owner`` prefix (``"GNA."``) names the config a value came from. Numpy integer
+scalars count as ints.
+"""
+
+from __future__ import annotations
+
+from typing import Tuple, Union
+
+from .._util import is_int, is_number
+
+__all__ = ["as_grid", "int_or_tuple", "bool_or_tuple", "per_dim", "per_dim_bool", "positive_int", "number_in",
+           "ints"]
+
+IntOrTuple = Union[int, Tuple[int, ...]]
+
+
+def _fail(owner: str, name: str, value, allowed: str, exc=ValueError):
+    raise exc(f"{owner}{name}={value!r} is invalid: {allowed}")
+
+
+def as_grid(grid) -> Tuple[int, ...]:
+    """``(L,)``, ``(H, W)`` or ``(T, H, W)`` of positive ints (an int is a 1-D grid)."""
+    if is_int(grid):
+        grid = (grid,)
+    if not isinstance(grid, (tuple, list)) or not 1 <= len(grid) <= 3 or not all(  # torch.Size is a tuple
+            is_int(v) and v >= 1 for v in grid):
+        _fail("", "grid", grid, "expected 1 to 3 positive ints, (L,), (H, W) or (T, H, W)")
+    return tuple(int(v) for v in grid)
+
+
+def ints(owner: str, name: str, value, *, minimum: int) -> Tuple[int, ...]:
+    """An int or a non-empty sequence of at most 3 ints, each ``>= minimum``, as a tuple."""
+    items = (value,) if is_int(value) else tuple(value) if isinstance(value, (tuple, list)) else None
+    if items is None or not items or not all(is_int(v) for v in items):
+        _fail(owner, name, value, "expected an int or a tuple of ints, one per grid dimension", TypeError)
+    if len(items) > 3:
+        _fail(owner, name, value, "at most 3 dimensions (T, H, W) are supported")
+    if any(v < minimum for v in items):
+        _fail(owner, name, value, f"every value must be >= {minimum}")
+    return tuple(int(v) for v in items)
+
+
+def int_or_tuple(owner: str, name: str, value, *, minimum: int) -> IntOrTuple:
+    """Shape-free: an int (shared by every dimension) or a tuple of ints (one per dimension)."""
+    items = ints(owner, name, value, minimum=minimum)
+    return items if not is_int(value) else items[0]
+
+
+def bool_or_tuple(owner: str, name: str, value) -> Union[bool, Tuple[bool, ...]]:
+    """Shape-free: a bool or a non-empty tuple of bools."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, (tuple, list)) and value and all(isinstance(v, bool) for v in value) and len(value) <= 3:
+        return tuple(value)
+    _fail(owner, name, value, "expected a bool or a tuple of bools, one per grid dimension", TypeError)
+
+
+def per_dim(name: str, value, ndim: int, *, minimum: int = 1, owner: str = "") -> Tuple[int, ...]:
+    """Against a grid of ``ndim`` dimensions: an int broadcast, or exactly ``ndim`` ints."""
+    items = ints(owner, name, value, minimum=minimum)
+    if len(items) == 1 and is_int(value):
+        return items * ndim
+    if len(items) != ndim:
+        raise ValueError(f"{owner}{name}={items!r} has {len(items)} values but the grid has {ndim} dimensions; "
+                         "pass one int or one value per grid dimension")
+    return items
+
+
+def per_dim_bool(name: str, value, ndim: int, *, owner: str = "") -> Tuple[bool, ...]:
+    """Against a grid of ``ndim`` dimensions: a bool broadcast, or exactly ``ndim`` bools."""
+    value = bool_or_tuple(owner, name, value)
+    if isinstance(value, bool):
+        return (value,) * ndim
+    if len(value) != ndim:
+        raise ValueError(f"{owner}{name}={value!r} has {len(value)} values but the grid has {ndim} dimensions; "
+                         "pass one bool or one per grid dimension")
+    return value
+
+
+def positive_int(name: str, value, *, owner: str = "", allowed: Tuple[int, ...] = ()) -> int:
+    """A positive int (a block size), optionally one of ``allowed``."""
+    if not is_int(value) or value < 1:
+        _fail(owner, name, value, "expected a positive int such as 64 or 128", TypeError if not is_int(value)
+              else ValueError)
+    if allowed and value not in allowed:
+        _fail(owner, name, value, f"must be one of {', '.join(map(str, allowed))}")
+    return int(value)
+
+
+def number_in(name: str, value, lo: float, hi: float, *, owner: str = "", lo_open: bool = False) -> float:
+    """A real number (Python or numpy) in ``[lo, hi]`` (``(lo, hi]`` with ``lo_open``), as a float."""
+    bracket = "(" if lo_open else "["
+    if not is_number(value):
+        _fail(owner, name, value, f"must be a number in {bracket}{lo:g}, {hi:g}]", TypeError)
+    value = float(value)
+    if not (lo < value <= hi if lo_open else lo <= value <= hi):
+        _fail(owner, name, value, f"must be a number in {bracket}{lo:g}, {hi:g}]")
+    return value

@@ -1,0 +1,169 @@
+"""Tiled token order: the tile permutation, block boxes inside a tile, and the default tile.
+
+Tiled order lists tiles in raster order of their tile coordinates and the tokens
+of each tile contiguously (raster order inside the tile), so a multi-dimensional
+window becomes a few contiguous blocks (METHODS.md, "Tile permutation").
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from typing import List, Sequence, Tuple
+
+import torch
+
+from .._util import cdiv
+from .checks import as_grid, per_dim, positive_int
+
+__all__ = ["TilePermutation", "default_tile", "block_box", "pick_tile", "permutation_for"]
+
+
+class TilePermutation:
+    """Raster token order <-> tiled order, padding each dimension to a tile multiple.
+
+    Tiled order lists tiles in raster order of their tile coordinates, and the
+    tokens of each tile contiguously, in raster order inside the tile. Padded
+    positions (beyond the grid along some dimension) hold zeros after
+    :meth:`permute`; layouts never let a query attend to them.
+
+    Args:
+        grid: ``(L,)``, ``(H, W)`` or ``(T, H, W)``.
+        tile: tokens per tile, int or one per dimension.
+
+    Attributes:
+        num_tokens: ``N = prod(grid)``.
+        padded_grid: grid rounded up to tile multiples.
+        num_padded: ``Np = prod(padded_grid)``.
+        order: LongTensor ``[Np]``: raster index of each tiled position, ``-1`` for padding.
+
+    Example::
+
+        perm = TilePermutation((30, 48, 80), (6, 8, 8))
+        q_tiled = perm.permute(q)           # (B, H, N, D) -> (B, H, Np, D)
+        out = perm.unpermute(out_tiled)     # (B, H, Np, D) -> (B, H, N, D)
+    """
+
+    def __init__(self, grid, tile):
+        self.grid = as_grid(grid)
+        self.tile = per_dim("tile", tile, len(self.grid), minimum=1)
+        self.padded_grid = tuple(cdiv(g, t) * t for g, t in zip(self.grid, self.tile))
+        self.num_tiles = tuple(p // t for p, t in zip(self.padded_grid, self.tile))
+        self.num_tokens = math.prod(self.grid)
+        self.num_padded = math.prod(self.padded_grid)
+        self.tile_volume = math.prod(self.tile)
+        coords = self.coords()  # [Np, nd] padded coordinates of each tiled position
+        real = (coords < torch.tensor(self.grid)).all(-1)
+        strides = torch.tensor([math.prod(self.grid[d + 1:]) for d in range(len(self.grid))])
+        self.order = torch.where(real, (coords * strides).sum(-1), -1)
+        self.inverse = real.nonzero().flatten()[torch.argsort(self.order[real])]  # tiled position of each raster index
+        self._device_cache = {}
+
+    def coords(self) -> torch.Tensor:
+        """LongTensor ``[Np, ndim]``: the padded grid coordinate of each tiled position."""
+        nd = len(self.grid)
+        pos = torch.arange(self.num_padded)
+        tile_idx, inner = pos // self.tile_volume, pos % self.tile_volume
+        out = torch.empty(self.num_padded, nd, dtype=torch.long)
+        for d in reversed(range(nd)):
+            out[:, d] = (tile_idx % self.num_tiles[d]) * self.tile[d] + inner % self.tile[d]
+            tile_idx, inner = tile_idx // self.num_tiles[d], inner // self.tile[d]
+        return out
+
+    def _indices(self, device) -> Tuple[torch.Tensor, torch.Tensor]:
+        device = torch.device(device)
+        if device not in self._device_cache:
+            gather = torch.where(self.order >= 0, self.order, self.num_tokens)  # N = the appended zero row
+            self._device_cache[device] = (gather.to(device), self.inverse.to(device))
+        return self._device_cache[device]
+
+    def _check(self, x: torch.Tensor, dim: int, expected: int, what: str) -> int:
+        if not -x.dim() <= dim < x.dim():
+            raise ValueError(f"dim={dim} is out of range for a tensor with {x.dim()} dimensions")
+        dim %= x.dim()
+        if x.shape[dim] != expected:
+            raise ValueError(f"x has {x.shape[dim]} positions along dim={dim}, expected {expected} ({what}) "
+                             f"for grid={self.grid}, tile={self.tile}")
+        return dim
+
+    def permute(self, x: torch.Tensor, dim: int = -2) -> torch.Tensor:
+        """Raster ``[..., N, ...]`` -> tiled and zero-padded ``[..., Np, ...]`` along ``dim`` (differentiable)."""
+        dim = self._check(x, dim, self.num_tokens, "N raster tokens")
+        gather, _ = self._indices(x.device)
+        if self.num_padded == self.num_tokens:  # no padding: one gather, no concatenated copy of x
+            return x.index_select(dim, gather)
+        zero = x.new_zeros(x.shape[:dim] + (1,) + x.shape[dim + 1:])
+        return torch.cat([x, zero], dim).index_select(dim, gather)
+
+    def unpermute(self, x: torch.Tensor, dim: int = -2) -> torch.Tensor:
+        """Tiled ``[..., Np, ...]`` -> raster ``[..., N, ...]`` along ``dim``; padded positions are dropped."""
+        dim = self._check(x, dim, self.num_padded, "Np tiled positions")
+        _, inverse = self._indices(x.device)
+        return x.index_select(dim, inverse)
+
+    def __repr__(self) -> str:
+        return (f"TilePermutation(grid={self.grid}, tile={self.tile}, padded_grid={self.padded_grid}, "
+                f"N={self.num_tokens}, Np={self.num_padded})")
+
+
+def block_box(tile: Sequence[int], block: int):
+    """Shape of a block of ``block`` consecutive tiled positions if it is a box inside a tile, else None.
+
+    Inside a tile tokens are in raster order, so a block is a box iff it spans
+    whole trailing dimensions and a divisor of the next one.
+    """
+    box: List[int] = [1] * len(tile)
+    rem = block
+    for d in reversed(range(len(tile))):
+        if rem == 1:
+            break
+        if rem >= tile[d]:
+            if rem % tile[d]:
+                return None
+            box[d], rem = tile[d], rem // tile[d]
+        else:
+            if tile[d] % rem:
+                return None
+            box[d], rem = rem, 1
+    return tuple(box) if rem == 1 else None
+
+
+def pick_tile(grid: Tuple[int, ...], blocks: Sequence[int]) -> Tuple[int, ...]:
+    block = max(blocks)
+    if len(grid) == 1:
+        return (block,)
+    # Candidates: tile volume == the largest block, every block a box. Fewest padded
+    # tokens first, then the most cube-like tile (window locality), then larger trailing extents.
+    divisors = [t for t in range(1, block + 1) if block % t == 0]
+    best, best_key = None, None
+    for tile in itertools.product(*[divisors] * len(grid)):
+        if math.prod(tile) != block or any(block_box(tile, b) is None for b in blocks):
+            continue
+        padded = math.prod(cdiv(g, t) * t for g, t in zip(grid, tile))
+        key = (padded, max(tile) / min(tile), tuple(-t for t in reversed(tile)))
+        if best_key is None or key < best_key:
+            best, best_key = tile, key
+    if best is None:  # pragma: no cover - block is a power of two in practice
+        raise ValueError(f"no tile of {block} tokens with box-shaped blocks {tuple(blocks)} exists for grid={grid}; "
+                         f"pass tile= explicitly")
+    return best
+
+
+def default_tile(grid, block: int = 64) -> Tuple[int, ...]:
+    """A tile of ``block`` tokens for ``grid`` in which each block of ``block`` tokens is a box.
+
+    Picks, among tiles whose volume equals ``block``, the one that pads the grid
+    least, then the most cube-like one. 1-D grids get ``(block,)``.
+
+    Example::
+
+        >>> default_tile((30, 48, 80), 64)
+        (2, 4, 8)
+    """
+    return pick_tile(as_grid(grid), (positive_int("block", block),))
+
+
+def permutation_for(grid: Tuple[int, ...], tile, block_q: int, block_k: int) -> TilePermutation:
+    """The tiled order for blocks of ``block_q``/``block_k``: ``tile`` itself, or a picked one for None."""
+    block_q, block_k = positive_int("block_q", block_q), positive_int("block_k", block_k)
+    return TilePermutation(grid, pick_tile(grid, (block_q, block_k)) if tile is None else tile)

@@ -1,0 +1,186 @@
+"""The one window machinery: separable patterns as index math, masks and block layouts without ``N x N``.
+
+Every window in :mod:`dit_accel.patterns` (GNA, sliding tile, the spatial part of
+radial-window) is *separable*: a token pair is allowed iff it is allowed along
+every grid dimension. A pattern is therefore given by one small relation
+``M_d[L_d, L_d]`` per dimension (:func:`relation_1d`), and:
+
+- its token mask (raster order ``idx = t*H*W + h*W + w``) is the Kronecker
+  product of the relations (:func:`kron`);
+- its block layout over tiled order (:class:`TilePermutation`) follows from
+  per-dimension sub-relations when every block is an axis-aligned box of the
+  padded grid (:func:`separable_blocks`, :func:`separable_layout`): a block pair is
+  full iff every per-dimension sub-relation is all True, empty iff one is all
+  False, otherwise partial with element mask ``kron(sub_0, sub_1, ...)``.
+
+Only per-dimension tables (at most ``L_d x L_d``) and block-pair tables are built.
+
+Padding: key coordinates beyond the grid are never allowed. A padded query
+coordinate behaves like the last real coordinate of its dimension, so padded
+query rows never turn a full block partial and never have an empty row; their
+outputs are dropped by :meth:`TilePermutation.unpermute`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+
+from ..kernels.layout import BlockLayout
+from .permutation import TilePermutation, block_box
+
+__all__ = ["window_1d", "relation_1d", "kron", "covers_grid", "block_boxes", "block_intervals", "separable_blocks",
+           "separable_layout"]
+
+
+# ------------------------------------------------------------------ the 1-D rule
+def window_1d(extent: int, kernel: int, stride: int = 1, causal: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per-query key window ``[start, end)`` on one undilated dimension (METHODS.md, GNA 1-D rule).
+
+    Accepts ``kernel == 1`` and any ``kernel <= extent`` (sliding-tile windows of one
+    tile); :mod:`dit_accel.patterns.gna` requires ``kernel >= 2`` of its users.
+    """
+    i = torch.arange(extent)
+    group = i // stride
+    if causal:
+        leader = torch.clamp(group * stride + stride - 1, max=extent - 1)
+        return torch.clamp(leader - (kernel - 1), min=0), i + 1
+    left = kernel // 2
+    right = kernel // 2 + kernel % 2 - 1  # even kernels take one more key on the left
+    leader = torch.clamp(group * stride + stride // 2, max=extent - 1)
+    centre = torch.clamp(leader, min=left, max=extent - 1 - right)  # pushed inward at borders
+    return centre - left, centre + right + 1
+
+
+def relation_1d(extent: int, kernel: int, stride: int = 1, dilation: int = 1, causal: bool = False) -> torch.Tensor:
+    """Allowed relation of one dimension, bool ``[extent, extent]`` (query, key).
+
+    Dilation splits the dimension into ``dilation`` interleaved groups; queries
+    and keys must share a group and the rule applies to coordinates inside it.
+    """
+    x = torch.arange(extent)
+    g, inner = x % dilation, x // dilation
+    allowed = torch.zeros(extent, extent, dtype=torch.bool)
+    for r in range(dilation):
+        members = x[g == r]
+        start, end = window_1d(members.numel(), kernel, stride, causal)
+        keys = inner[members]
+        allowed[members[:, None], members[None, :]] = (start[:, None] <= keys[None, :]) & (keys[None, :] < end[:, None])
+    return allowed
+
+
+def kron(relations: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Token mask ``[N, N]`` (raster order) from per-dimension relations: allowed iff allowed along every dim."""
+    mask = torch.ones(1, 1, dtype=torch.bool)
+    for rel in relations:
+        n, m = mask.shape
+        mask = (mask[:, None, :, None] & rel[None, :, None, :]).reshape(n * rel.shape[0], m * rel.shape[1])
+    return mask
+
+
+def covers_grid(relations: Sequence[torch.Tensor]) -> bool:
+    """Whether the separable pattern allows every pair: then it is dense attention."""
+    return all(bool(rel.all()) for rel in relations)
+
+
+# ------------------------------------------------------------------ blocks as boxes
+def block_boxes(perm: TilePermutation, block_q: int, block_k: int) -> Tuple[Tuple[int, ...], Tuple[int, ...]]:
+    """The box shape of query and key blocks inside ``perm``'s tile; ValueError when a block is no box."""
+    boxes = []
+    for name, block in (("block_q", block_q), ("block_k", block_k)):
+        box = block_box(perm.tile, block)
+        if box is None:
+            raise ValueError(
+                f"{name}={block} does not cut tile={perm.tile} (volume {perm.tile_volume}) into boxes: the tile "
+                f"volume must be a multiple of {name} and each block must span whole trailing tile dimensions "
+                f"(e.g. tile (2, 8, 8) with blocks of 64 or 128). Pass such a tile, or tile=None to pick one")
+        boxes.append(box)
+    return boxes[0], boxes[1]
+
+
+def _extend(rel: torch.Tensor, padded: int) -> torch.Tensor:
+    """``[L, L]`` relation -> ``[Lp, Lp]``: padded keys never allowed, padded queries copy the last real one."""
+    extent = rel.shape[0]
+    rows = torch.clamp(torch.arange(padded), max=extent - 1)
+    out = torch.zeros(padded, padded, dtype=torch.bool)
+    out[:, :extent] = rel[rows]
+    return out
+
+
+def block_intervals(perm: TilePermutation, box: Sequence[int]) -> List[torch.Tensor]:
+    """Per dimension, the interval id (start // box extent) of every block, in tiled order."""
+    nd = len(box)
+    per_tile = [t // b for t, b in zip(perm.tile, box)]  # boxes per tile along each dim
+    n_blocks = perm.num_padded // math.prod(box)
+    idx = torch.arange(n_blocks)
+    tile_idx, inner = idx // math.prod(per_tile), idx % math.prod(per_tile)
+    out: List[Optional[torch.Tensor]] = [None] * nd
+    for d in reversed(range(nd)):
+        start = (tile_idx % perm.num_tiles[d]) * perm.tile[d] + (inner % per_tile[d]) * box[d]
+        out[d] = start // box[d]
+        tile_idx, inner = tile_idx // perm.num_tiles[d], inner // per_tile[d]
+    return out
+
+
+def _kron_tables(parts: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``[U, a_d, b_d]`` per dimension -> ``[U, prod a_d, prod b_d]``: the element mask of box pairs."""
+    table = torch.ones(parts[0].shape[0], 1, 1, dtype=torch.bool)
+    for part in parts:
+        u, a, b = table.shape
+        table = (table[:, :, None, :, None] & part[:, None, :, None, :]).reshape(u, a * part.shape[1],
+                                                                               b * part.shape[2])
+    return table
+
+
+def separable_blocks(perm: TilePermutation, relations: Sequence[torch.Tensor], block_q: int, block_k: int):
+    """Block-level view of the separable pattern ``kron(relations)`` over ``perm``'s tiled order.
+
+    Returns ``(visited, mask_ids, table)``: bool ``[nQ, nK]``, int64 ``[nQ, nK]`` (-1 for
+    full and unvisited blocks, else a row of ``table``) and bool ``[P, block_q, block_k]``
+    element masks of the distinct partial blocks (``P`` may be 0).
+    """
+    box_q, box_k = block_boxes(perm, block_q, block_k)
+    iq, ik = block_intervals(perm, box_q), block_intervals(perm, box_k)
+    n_q, n_k = iq[0].numel(), ik[0].numel()
+    full = torch.ones(n_q, n_k, dtype=torch.bool)
+    empty = torch.zeros(n_q, n_k, dtype=torch.bool)
+    sub_tables, sub_ids = [], []
+    for d, rel in enumerate(relations):
+        m = _extend(rel, perm.padded_grid[d])
+        lp, bq, bk = m.shape[0], box_q[d], box_k[d]
+        sub = m.view(lp // bq, bq, lp // bk, bk).permute(0, 2, 1, 3)  # [nIq, nIk, bq, bk]
+        # Dedupe sub-masks by content: a sliding window repeats few shapes.
+        classes, cls = torch.unique(sub.reshape(-1, bq * bk), dim=0, return_inverse=True)
+        cls = cls.view(sub.shape[:2])
+        sub_tables.append(classes.view(-1, bq, bk))
+        sub_ids.append(cls)
+        # Interval-pair tables are tiny; expand them to block pairs by rows, then columns.
+        full &= classes.all(-1)[cls].index_select(0, iq[d]).index_select(1, ik[d])
+        empty |= (~classes.any(-1))[cls].index_select(0, iq[d]).index_select(1, ik[d])
+    visited = ~empty
+    partial = visited & ~full
+    mask_ids = torch.full((n_q, n_k), -1, dtype=torch.long)
+    table = torch.zeros(0, block_q, block_k, dtype=torch.bool)
+    if partial.any():
+        qi, ki = partial.nonzero(as_tuple=True)
+        key = torch.zeros_like(qi)  # mixed-radix id of the per-dim sub-mask classes
+        for d, cls in enumerate(sub_ids):
+            key = key * sub_tables[d].shape[0] + cls[iq[d][qi], ik[d][ki]]
+        uniq, inverse = torch.unique(key, return_inverse=True)
+        mask_ids[qi, ki] = inverse
+        parts, rem = [], uniq  # decode the mixed-radix keys back to per-dim classes
+        for tab in reversed(sub_tables):
+            parts.append(tab[rem % tab.shape[0]])
+            rem = rem // tab.shape[0]
+        table = _kron_tables(parts[::-1])
+    return visited, mask_ids, table
+
+
+def separable_layout(perm: TilePermutation, relations: Sequence[torch.Tensor], block_q: int,
+                     block_k: int) -> BlockLayout:
+    """Block layout over tiled order of the separable pattern ``kron(relations)`` (real-grid relations)."""
+    visited, mask_ids, table = separable_blocks(perm, relations, block_q, block_k)
+    return BlockLayout.from_block_masks(visited, q_len=perm.num_padded, kv_len=perm.num_padded, block_q=block_q,
+                                        block_k=block_k, mask_ids=mask_ids, mask_table=table)

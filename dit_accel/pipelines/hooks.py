@@ -1,0 +1,336 @@
+"""The interception point: a transformer hook, a processor wrapper per attention layer, a scoped SDPA interceptor.
+
+Mechanism (why it looks like this)
+----------------------------------
+Diffusers attention modules delegate their maths to a *processor*. Copying each
+model's processor body would break on every Diffusers release, so dit_accel keeps
+the model's own processor and wraps it:
+
+1. :class:`TransformerHook` puts a forward pre-hook on the transformer. Per call
+   it reads the token grid (the preset knows how), the denoising step
+   (:class:`~.schedule.StepSource`) and, from the :class:`~.schedule.Schedule`,
+   the plan each layer runs; that :class:`~.context.CallContext` is pushed on a
+   per-thread stack and popped by a post-hook. Plans are built (and the grid
+   rules checked) here, before any attention runs.
+2. :class:`SparseAttnProcessor` replaces ``module.processor`` on the targeted
+   self/joint attention modules only (the preset lists them). It calls the
+   original processor unchanged; attributes Diffusers reads or sets on
+   processors (``_attention_backend``, ``_parallel_config``, ...) reach the
+   original, so enabling a Diffusers feature after ``apply`` configures the real
+   processor and never silently bypasses it.
+3. While that call runs, a :class:`torch.overrides.TorchFunctionMode`
+   (:class:`SDPAInterceptor`) sees every ``scaled_dot_product_attention`` call
+   made inside the processor: Diffusers' native attention backend ends in exactly
+   that call, and CogVideoX/Mochi processors call it directly. There q, k, v are
+   projected, normalised and rotated (RoPE), laid out ``(B, H, S, D)``.
+   Cross-attention (key length differs) and anything unrecognised go to the
+   original SDPA unchanged; self and joint attention run the layer's plan.
+
+There is no global monkeypatching and no module-level mutable state; all state
+is in the hooks and the :class:`Runtime` they share.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import inspect
+import threading
+from typing import Dict, List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+from .._util import WarningLog
+from ..methods import Method
+from ..plans import Plan
+from .capture import Capture
+from .context import CallContext, ContextStack
+from .presets import Preset
+from .schedule import Schedule, StepSource
+from .stats import Stats
+
+__all__ = ["SparseAttnProcessor", "SDPAInterceptor", "TransformerHook", "Runtime", "PlanCache", "SLA_ATTR",
+           "attention_modules"]
+
+_SDPA = F.scaled_dot_product_attention
+_SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+SLA_ATTR = "dit_accel_sla_proj"  # submodule name of the SLA projection on each attention module
+
+
+class PlanCache:
+    """Plans by (method, grid): built once per geometry, shared by every layer and call."""
+
+    def __init__(self) -> None:
+        self._plans: Dict[Tuple[Method, Tuple[int, ...]], Plan] = {}
+        self._lock = threading.Lock()
+
+    def get(self, method: Method, grid) -> Plan:
+        key = (method, tuple(int(g) for g in grid))
+        plan = self._plans.get(key)
+        if plan is None:
+            plan = method.plan(key[1])
+            with self._lock:
+                plan = self._plans.setdefault(key, plan)
+        return plan
+
+    def items(self) -> Dict[Tuple[Method, Tuple[int, ...]], Plan]:
+        return dict(self._plans)
+
+
+class Runtime:
+    """What the hooks of one ``apply`` share: backend, plans, statistics, capture, warnings."""
+
+    def __init__(self, backend: str, stats: Stats, capture: Optional[Capture], warnings: WarningLog):
+        self.backend = backend
+        self.plans = PlanCache()
+        self.stats = stats
+        self.capture = capture
+        self.warnings = warnings
+
+
+def native_scope():
+    """Diffusers' ``attention_backend('native')`` when another process-wide backend is active."""
+    from diffusers.models import attention_dispatch as ad
+
+    registry = getattr(ad, "_AttentionBackendRegistry", None)
+    active = getattr(registry, "_active_backend", None)
+    if active is None or str(getattr(active, "value", active)) == "native":
+        return contextlib.nullcontext()
+    return ad.attention_backend("native")
+
+
+def _backend_name(processor) -> Optional[str]:
+    backend = getattr(processor, "_attention_backend", None)
+    return None if backend is None else str(getattr(backend, "value", backend))
+
+
+# ------------------------------------------------------------------ the layer
+class SparseAttnProcessor:
+    """Wraps one attention module's original processor (see the module docstring).
+
+    Reads and writes of attributes the wrapper does not own go to the original
+    processor, and Diffusers' signature-based keyword filtering sees the original
+    ``__call__`` signature, so the module behaves as before apart from SDPA.
+    """
+
+    _OWN = ("original", "owner", "index", "slot", "name", "sla_proj", "__call__")
+
+    def __init__(self, original, owner: "TransformerHook", index: int, slot: int, name: str,
+                 sla_proj: Optional[nn.Module]):
+        for key, value in (("original", original), ("owner", owner), ("index", index), ("slot", slot),
+                           ("name", name), ("sla_proj", sla_proj)):
+            object.__setattr__(self, key, value)
+        # Diffusers (Attention, FluxAttention, LTXAttention) filters call kwargs with
+        # inspect.signature(processor.__call__): expose the original signature.
+        introspect = functools.partial(type(self).__call__, self)
+        functools.update_wrapper(introspect, original.__call__)
+        self.__dict__["__call__"] = introspect
+
+    def __call__(self, attn, *args, **kwargs):
+        owner, runtime = self.owner, self.owner.runtime
+        context = owner.stack.current()
+        if context is None:  # called outside the transformer's forward: nothing is known about the grid
+            runtime.warnings.warn("dit_accel: attention called outside the transformer forward; running dense")
+            runtime.stats.dense(self.slot)
+            return self.original(attn, *args, **kwargs)
+        backend = _backend_name(self.original)
+        if backend not in (None, "native"):
+            runtime.warnings.warn(f"dit_accel: {self.name} uses the Diffusers attention backend {backend!r}, which "
+                                  "dit_accel cannot intercept: it runs dense. Call transformer.reset_attention_"
+                                  "backend() to run the sparse method")
+            runtime.stats.dense(self.slot, f"attention backend {backend}")
+            return self.original(attn, *args, **kwargs)
+        plan = context.plans[self.index]
+        capture = runtime.capture is not None and runtime.capture.wants(self.index, context.step)
+        if (plan is None or plan.is_dense) and not (capture or runtime.stats.timing):
+            runtime.stats.dense(self.slot, None if plan is None else plan.dense_reason)
+            return self.original(attn, *args, **kwargs)
+        with native_scope(), SDPAInterceptor(self, context, plan, capture):
+            return self.original(attn, *args, **kwargs)
+
+    def __getattr__(self, name):
+        if name.startswith("__") or name in self._OWN:
+            raise AttributeError(name)
+        return getattr(self.original, name)
+
+    def __setattr__(self, name, value):
+        if name in self._OWN:
+            object.__setattr__(self, name, value)
+        else:  # Diffusers configures processors by attribute (_parallel_config, _attention_backend, ...)
+            setattr(self.original, name, value)
+
+    def __delattr__(self, name):
+        if name in self._OWN:
+            object.__delattr__(self, name)
+        else:
+            delattr(self.original, name)
+
+    def __repr__(self) -> str:
+        return f"SparseAttnProcessor({type(self.original).__name__}, layer={self.index})"
+
+
+def _key_padding_mask(mask, batch: int, s: int) -> tuple:
+    """(usable, mask): a bool key mask broadcastable to (B, 1, 1, S), or (False, None) if not one."""
+    if mask is None:
+        return True, None
+    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+        return False, None
+    if mask.dim() == 2 and mask.shape[-1] == s and mask.shape[0] in (1, batch):
+        return True, mask[:, None, None, :]
+    if mask.dim() == 4 and mask.shape[1:3] == (1, 1) and mask.shape[3] == s and mask.shape[0] in (1, batch):
+        return True, mask
+    return False, None
+
+
+class SDPAInterceptor(TorchFunctionMode):
+    """Routes the SDPA calls issued inside one processor call to the layer's plan."""
+
+    def __init__(self, layer: SparseAttnProcessor, context: CallContext, plan: Optional[Plan], capture: bool):
+        super().__init__()
+        self.layer, self.context, self.plan, self.capture = layer, context, plan, capture
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is not _SDPA:
+            return func(*args, **kwargs)
+        call = dict(zip(_SDPA_ARGS, args))
+        call.update(kwargs)
+        return self.route(call)
+
+    def route(self, call: dict):
+        layer, context, runtime = self.layer, self.context, self.layer.owner.runtime
+        q, k, v = call["query"], call["key"], call["value"]
+        sq, sk = q.shape[-2], k.shape[-2]
+        num_video, position = context.num_video, layer.owner.preset.text_position
+        num_text = sq - num_video
+        ok_mask, key_mask = _key_padding_mask(call.get("attn_mask"), q.shape[0], sk)
+        self_attention = (
+            q.dim() == 4 and sq == sk and k.shape[:2] == q.shape[:2] and v.shape[:3] == k.shape[:3]
+            and not call.get("is_causal", False) and not call.get("enable_gqa", False)
+            and float(call.get("dropout_p", 0.0) or 0.0) == 0.0 and ok_mask)
+        joint_ok = (num_text == 0 and key_mask is None) or (position != "none" and 0 < num_text <= max(
+            context.num_text, 0))
+        if not (self_attention and num_video > 0 and joint_ok):
+            if sq == sk and sq >= num_video > 0:  # looked like self-attention but could not be routed: say why
+                runtime.warnings.warn(
+                    f"dit_accel: {layer.name} made an SDPA call it cannot make sparse (length {sq}, {num_video} video "
+                    f"tokens, mask {type(call.get('attn_mask')).__name__}, is_causal={call.get('is_causal', False)}, "
+                    f"dropout_p={call.get('dropout_p', 0.0)}); running it dense")
+            runtime.stats.dense(layer.slot)
+            return _SDPA(**call)
+        if self.capture:  # outside the timer: disk I/O is not attention time
+            video = slice(num_text, sq) if position == "first" else slice(0, num_video)
+            runtime.capture.save(layer.index, layer.name, context.grid, context.step, q[:, :, video],
+                                 k[:, :, video], v[:, :, video])
+        plan = self.plan
+        with runtime.stats.timed(layer.slot, q.device):
+            if plan is None or plan.is_dense:
+                out = _SDPA(**call)
+            else:
+                out, density = plan.run(q, k, v, num_text=num_text, text_first=position == "first",
+                                        key_mask=key_mask, scale=call.get("scale"), backend=runtime.backend,
+                                        proj=layer.sla_proj, sdpa=_SDPA)
+        if plan is None or plan.is_dense:
+            runtime.stats.dense(layer.slot, None if plan is None else plan.dense_reason)
+        else:
+            runtime.stats.sparse(layer.slot, density)
+        return out
+
+
+# ------------------------------------------------------------------ the transformer
+def attention_modules(transformer: nn.Module, prefix: str, preset: Preset) -> List[Tuple[str, nn.Module]]:
+    """The (name, module) pairs ``preset`` targets in ``transformer``, in model order; ValueError when they
+    cannot be wrapped (a trainable processor, a non-native Diffusers attention backend, none found)."""
+    found = []
+    for name, module in transformer.named_modules():
+        if not preset.matches(name) or getattr(module, "processor", None) is None:
+            continue
+        original, where = module.processor, prefix + name
+        if isinstance(original, nn.Module):
+            raise ValueError(f"{where} uses a trainable attention processor ({type(original).__name__}, e.g. "
+                             "IP-Adapter); dit_accel wraps plain processors only. Unload it first")
+        backend = _backend_name(original)
+        if backend not in (None, "native"):
+            raise ValueError(f"{where} uses the Diffusers attention backend {backend!r}; dit_accel intercepts the "
+                             "native backend. Call transformer.reset_attention_backend() (or "
+                             "set_attention_backend('native')) before dit_accel.apply()")
+        found.append((where, module))
+    if not found:
+        raise ValueError(f"found no attention modules matching {preset.attention} in {type(transformer).__name__}")
+    return found
+
+
+class TransformerHook:
+    """Installs and removes dit_accel on one transformer: the forward hooks and one wrapper per attention layer."""
+
+    def __init__(self, transformer: nn.Module, prefix: str, preset: Preset, schedule: Schedule, runtime: Runtime,
+                 steps: StepSource):
+        self.transformer, self.prefix, self.preset = transformer, prefix, preset
+        self.schedule, self.runtime, self.steps = schedule, runtime, steps
+        self.stack = ContextStack()
+        self.signature = inspect.signature(type(transformer).forward)
+        self.layers: List[SparseAttnProcessor] = []
+        self._modules: List[nn.Module] = []
+        self._handles = []
+        self.detach = self.remove  # what a later apply() on this transformer calls first (the whole handle's remove)
+
+    def install(self, modules: List[Tuple[str, nn.Module]], first_slot: int, projections: Dict[int, nn.Module]):
+        """Wrap the processors of ``modules`` (``projections``: SLA ``Linear(D, D)`` per layer index), hook forward."""
+        for index, (name, module) in enumerate(modules):
+            proj = projections.get(index)
+            if proj is not None:
+                module.add_module(SLA_ATTR, proj)
+            module.processor = SparseAttnProcessor(module.processor, self, index, first_slot + index, name, proj)
+            self.layers.append(module.processor)
+            self._modules.append(module)
+        self._handles = [
+            self.transformer.register_forward_pre_hook(self._pre_forward, with_kwargs=True),
+            self.transformer.register_forward_hook(lambda *_: self.stack.pop(), always_call=True),
+        ]
+
+    def remove(self) -> None:
+        """Put the original processors back (unless the user replaced the wrapper since) and drop the hooks."""
+        for module, layer in zip(self._modules, self.layers):
+            if getattr(module, "processor", None) is layer:
+                module.processor = layer.original
+            if layer.sla_proj is not None and getattr(module, SLA_ATTR, None) is layer.sla_proj:
+                delattr(module, SLA_ATTR)
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def _pre_forward(self, module, args, kwargs) -> None:
+        bound = self.signature.bind_partial(module, *args, **kwargs).arguments
+        info = self.preset.read_grid(module, bound)
+        step, total = self.steps.current(bound)
+        plans = tuple(self._plan(layer, step, total, info.grid) for layer in self.layers)
+        schedule = self.schedule
+        if schedule.sparse and total is not None and schedule.dense_steps + schedule.dense_last_steps >= total:
+            self.runtime.warnings.warn(f"dit_accel: dense_steps={schedule.dense_steps} + dense_last_steps="
+                                       f"{schedule.dense_last_steps} cover all {total} denoising steps: every step "
+                                       "runs dense. Lower them or raise the number of steps")
+        self._check_processors()
+        self.stack.push(CallContext(tuple(info.grid), info.num_text, step, total, plans))
+
+    def _plan(self, layer: SparseAttnProcessor, step: int, total: Optional[int], grid) -> Optional[Plan]:
+        method = self.schedule.method_for(layer.index, step, total)
+        if method is None:
+            return None
+        plan = self.runtime.plans.get(method, grid)
+        if plan.is_dense and method.name != "dense":
+            self.runtime.warnings.warn(f"dit_accel: {method!r} on {layer.name} (and every layer it runs on): "
+                                       f"{plan.dense_reason}, so it runs dense. Choose a smaller window for this "
+                                       "grid", key=("dense plan", method, plan.grid))
+        return plan
+
+    def _check_processors(self) -> None:
+        for module, layer in zip(self._modules, self.layers):
+            if getattr(module, "processor", None) is not layer:
+                self.runtime.warnings.warn(
+                    f"dit_accel: the attention processor of {layer.name} was replaced after apply() "
+                    f"(now {type(getattr(module, 'processor', None)).__name__}); that layer runs the new processor, "
+                    "not dit_accel's method, and handle.remove() leaves it in place")
+

@@ -1,0 +1,97 @@
+"""Which method each attention layer runs at each denoising step, and where the step comes from.
+
+:class:`Schedule` is pure data (no state): ``method_for(layer, step, total)``.
+:class:`StepSource` reads the step from the scheduler's position (classifier-free
+guidance calls the transformer twice per step; both calls get the same step),
+from a manual ``set_step``, or from the call's timestep for schedulers without
+``step_index``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Dict, FrozenSet, Optional, Tuple
+
+import torch
+
+from ..methods import Dense, Method
+
+__all__ = ["Schedule", "StepSource"]
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """``method`` everywhere, except ``layer_methods[i]`` on layer ``i``, and dense on ``dense_layers``,
+    the first ``dense_steps`` and the last ``dense_last_steps`` denoising steps."""
+
+    method: Method
+    layer_methods: Dict[int, Method] = field(default_factory=dict)
+    dense_layers: FrozenSet[int] = frozenset()
+    dense_steps: int = 0
+    dense_last_steps: int = 0
+
+    def method_for(self, layer: int, step: int, total: Optional[int]) -> Optional[Method]:
+        """The method layer ``layer`` runs at ``step`` of ``total``, or None where the schedule makes it dense."""
+        if layer in self.dense_layers or step < self.dense_steps:
+            return None
+        if self.dense_last_steps and total is not None and step >= total - self.dense_last_steps:
+            return None
+        return self.layer_methods.get(layer, self.method)
+
+    def layer_method(self, layer: int) -> Method:
+        """The method a layer runs on its sparse steps (``Dense()`` on dense layers)."""
+        return Dense() if layer in self.dense_layers else self.layer_methods.get(layer, self.method)
+
+    def methods(self) -> Tuple[Method, ...]:
+        """Every method some layer may run (plans for a new grid are built for each)."""
+        return tuple(dict.fromkeys((self.method, *self.layer_methods.values())))
+
+    @property
+    def sparse(self) -> bool:
+        return any(not isinstance(m, Dense) for m in self.methods())
+
+
+class StepSource:
+    """The current denoising step ``(step, total)`` for one transformer call."""
+
+    def __init__(self, scheduler_of: Callable[[], object], needs_step: bool, warn: Callable[[str], None]):
+        self._scheduler_of = scheduler_of  # the explicit scheduler, else the pipeline's (read per call)
+        self._needs_step = needs_step  # dense_steps / dense_last_steps / capture_steps depend on it
+        self._warn = warn
+        self.manual: Optional[Tuple[int, Optional[int]]] = None
+
+    def current(self, args: dict) -> Tuple[int, Optional[int]]:
+        if self.manual is not None:
+            return self.manual
+        scheduler = self._scheduler_of()
+        if scheduler is None:
+            if self._needs_step:
+                raise ValueError("dense_steps/dense_last_steps need the denoising step: apply() got a bare "
+                                 "transformer, so pass scheduler=pipe.scheduler to apply() or call "
+                                 "handle.set_step(i, total) before each transformer call")
+            return 0, None
+        order = max(int(getattr(scheduler, "order", 1) or 1), 1)
+        timesteps = getattr(scheduler, "timesteps", None)
+        total = len(timesteps) // order if timesteps is not None else None
+        if not hasattr(scheduler, "step_index"):
+            # DDIM-style schedulers (CogVideoX's DDIM and DPM among them) keep no step counter:
+            # the position is where this call's timestep sits in the schedule.
+            return self._timestep_position(scheduler, timesteps, args), total
+        index = scheduler.step_index
+        if index is None:  # before the first scheduler.step() of this run
+            index = getattr(scheduler, "begin_index", None) or 0
+        return int(index) // order, total
+
+    def _timestep_position(self, scheduler, timesteps, args: dict) -> int:
+        t = args.get("timestep")
+        if timesteps is not None and len(timesteps) and t is not None:
+            # One host sync per transformer call, only for schedulers without step_index.
+            t = torch.as_tensor(t).reshape(-1)[:1].to(device=timesteps.device, dtype=torch.float64)
+            hits = torch.isclose(timesteps.to(torch.float64), t).nonzero()
+            if hits.numel():
+                return int(hits[0, 0])
+        if self._needs_step:
+            self._warn(f"{type(scheduler).__name__} has no step_index and this call's timestep is not in "
+                       "scheduler.timesteps; every call counts as step 0 for dense_steps/dense_last_steps/"
+                       "capture_steps (use handle.set_step(i, total) to say which step runs)")
+        return 0

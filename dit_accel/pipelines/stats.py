@@ -1,0 +1,110 @@
+"""Observers of attention calls: per-layer statistics and timing.
+
+The layer hooks report every call here (sparse with its visited density, or
+dense); :meth:`Stats.rows` and :meth:`Stats.summary` are what
+``handle.stats()`` / ``handle.summary()`` return. SLA densities stay on the
+device during generation (no host sync on the attention path) and are read
+with one sync per device when the statistics are asked for.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
+import torch
+
+from .._util import Timer
+
+__all__ = ["Stats", "LayerStats", "as_floats"]
+
+
+def as_floats(values) -> List[float]:
+    """Floats and 0-d tensors -> Python floats, one device sync per device (not one per call)."""
+    out: List[float] = []
+    by_device: Dict[torch.device, list] = {}
+    for v in values:
+        if isinstance(v, torch.Tensor):
+            by_device.setdefault(v.device, []).append(v.detach().float().reshape(()))
+        elif v is not None:
+            out.append(float(v))
+    for tensors in by_device.values():
+        out.extend(torch.stack(tensors).cpu().tolist())
+    return out
+
+
+@dataclass
+class LayerStats:
+    sparse_calls: int = 0
+    dense_calls: int = 0
+    densities: list = field(default_factory=list)
+    dense_reasons: Dict[str, int] = field(default_factory=dict)  # plan-dense calls by reason
+    timer: Optional[Timer] = None
+
+
+class Stats:
+    """Per-layer counters, densities and (with ``timing``) attention time."""
+
+    def __init__(self, names: List[str], timing: bool = False):
+        self.names = list(names)
+        self.timing = bool(timing)
+        self.layers = [LayerStats() for _ in self.names]
+
+    def sparse(self, layer: int, density) -> None:
+        self.layers[layer].sparse_calls += 1
+        self.layers[layer].densities.append(density)
+
+    def dense(self, layer: int, reason: Optional[str] = None) -> None:
+        stats = self.layers[layer]
+        stats.dense_calls += 1
+        if reason is not None:
+            stats.dense_reasons[reason] = stats.dense_reasons.get(reason, 0) + 1
+
+    def timed(self, layer: int, device):
+        """A context manager that adds the enclosed time to the layer when timing is on."""
+        if not self.timing:
+            return contextlib.nullcontext()
+        stats = self.layers[layer]
+        if stats.timer is None:
+            stats.timer = Timer(device)
+        return stats.timer
+
+    def rows(self, methods: List[str]) -> List[dict]:
+        """Per layer: ``layer``, ``index``, ``method``, ``density`` (mean visited block fraction over sparse
+        calls, None if none ran sparse), ``sparse_calls``, ``dense_calls``, ``dense_reason`` (why calls ran
+        dense although the schedule asked for the method, e.g. a window that covers the grid) and
+        ``time_ms`` (None unless timing)."""
+        rows = []
+        for index, (name, stats) in enumerate(zip(self.names, self.layers)):
+            values = as_floats(stats.densities)
+            timer = stats.timer
+            rows.append({
+                "layer": name,
+                "index": index,
+                "method": methods[index],
+                "density": sum(values) / len(values) if values else None,
+                "sparse_calls": stats.sparse_calls,
+                "dense_calls": stats.dense_calls,
+                "dense_reason": "; ".join(f"dense ({reason})" for reason in stats.dense_reasons) or None,
+                "time_ms": timer.seconds * 1e3 if timer is not None and timer.calls else None,
+            })
+        return rows
+
+    @staticmethod
+    def summarize(rows: List[dict]) -> dict:
+        """Totals over layers: calls, call-weighted mean density and sparsity, attention time."""
+        weighted = [(r["density"], r["sparse_calls"]) for r in rows if r["density"] is not None]
+        mean = sum(d * n for d, n in weighted) / sum(n for _, n in weighted) if weighted else None
+        times = [r["time_ms"] for r in rows if r["time_ms"] is not None]
+        reasons = sorted({r["dense_reason"] for r in rows if r["dense_reason"]})
+        return {
+            "layers": len(rows),
+            "sparse_layers": sum(1 for r in rows if r["sparse_calls"]),
+            "sparse_calls": sum(r["sparse_calls"] for r in rows),
+            "dense_calls": sum(r["dense_calls"] for r in rows),
+            "mean_density": mean,
+            "sparsity": None if mean is None else 1.0 - mean,
+            "dense_reasons": reasons,
+            "time_ms": sum(times) if times else None,
+        }
