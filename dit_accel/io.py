@@ -44,13 +44,10 @@ def to_uint8_frames(frames) -> np.ndarray:
         return np.ascontiguousarray(arr)
     if _is_pil(frames):
         return _pil_rgb(frames)[None]
-    try:
-        import torch
+    import torch
 
-        if isinstance(frames, torch.Tensor):
-            frames = frames.detach().float().cpu().numpy() if frames.is_floating_point() else frames.cpu().numpy()
-    except ImportError:  # pragma: no cover - torch is a dependency
-        pass
+    if isinstance(frames, torch.Tensor):
+        frames = frames.detach().float().cpu().numpy() if frames.is_floating_point() else frames.cpu().numpy()
     arr = np.asarray(frames)
     if arr.ndim == 5 and arr.shape[0] == 1:
         arr = arr[0]
@@ -155,10 +152,8 @@ def load_video(path) -> np.ndarray:
 
 # ----------------------------------------------------------------------------- formats
 def _is_pil(x) -> bool:
-    try:
-        from PIL import Image
-    except ImportError:  # pragma: no cover
-        return False
+    from PIL import Image
+
     return isinstance(x, Image.Image)
 
 

@@ -4,22 +4,9 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from dit_accel._util import use_interpreter_without_cuda  # noqa: E402  (imports neither torch nor triton)
 
-def _has_cuda() -> bool:
-    # Checked through the driver library rather than torch so triton is not imported first.
-    import ctypes
-
-    try:
-        ctypes.CDLL("libcuda.so.1")
-    except OSError:
-        return False
-    import torch
-
-    return torch.cuda.is_available()
-
-
-if not _has_cuda():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+use_interpreter_without_cuda()  # checked through the driver library: triton must not be imported first
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

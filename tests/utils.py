@@ -8,12 +8,16 @@ against a per-row definition written in the test.
 
 from __future__ import annotations
 
+import math
+
 import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
 
 from dit_accel.kernels import dense_attention_reference as reference
 
 __all__ = ["DEVICE", "DT", "TOL", "make_qkv", "reference", "random_mask", "banded_mask", "assert_lse_close",
-           "assert_attention_close", "assert_grads_close"]
+           "assert_attention_close", "assert_grads_close", "ReferenceAttention"]
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DT = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
@@ -85,3 +89,37 @@ def assert_grads_close(grads, q, k, v, mask, do, scale=None):
         assert got.dtype == x.dtype and got.shape == x.shape, name
         assert torch.isfinite(got).all(), f"{name} has non-finite values"
         torch.testing.assert_close(got.float(), want, atol=tol, rtol=tol, msg=lambda m: f"{name}: {m}")
+
+
+class ReferenceAttention(TorchFunctionMode):
+    """While active, a model's self/joint SDPA calls run the dense oracle restricted to ``pattern``.
+
+    ``pattern`` is the bool ``[N, N]`` video-video mask; text tokens (``text_position``
+    ``"first"``/``"last"``) attend and are attended densely, and a boolean key-padding
+    mask of the call is honoured. Cross-attention and text-only calls pass through.
+    ``calls`` counts the calls it replaced.
+    """
+
+    def __init__(self, pattern: torch.Tensor, text_position: str):
+        super().__init__()
+        self.pattern, self.position, self.calls = pattern, text_position, 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is not F.scaled_dot_product_attention:
+            return func(*args, **kwargs)
+        call = dict(zip(("query", "key", "value", "attn_mask"), args), **kwargs)
+        q, k, v, mask = call["query"], call["key"], call["value"], call.get("attn_mask")
+        nv, s = self.pattern.shape[0], q.shape[2]
+        if k.shape[2] != s or s < nv or (self.position == "none" and s != nv):
+            return func(*args, **kwargs)  # cross-attention, text-only refiner
+        allowed = torch.ones(s, s, dtype=torch.bool)
+        video = slice(s - nv, s) if self.position == "first" else slice(0, nv)
+        allowed[video, video] = self.pattern
+        scale = call.get("scale") or 1 / math.sqrt(q.shape[-1])
+        outs = []
+        for b in range(q.shape[0]):  # the oracle takes one [H, N, M] mask: per sample for padding masks
+            keep = allowed if mask is None else allowed & mask.reshape(-1, s)[b if mask.shape[0] > 1 else 0]
+            outs.append(reference(q[b:b + 1], k[b:b + 1], v[b:b + 1], keep, scale)[0])
+        self.calls += 1
+        return torch.cat(outs).to(q.dtype)

@@ -112,10 +112,8 @@ def run(args) -> int:
                             steps=pick(args.steps, "num_inference_steps"), guidance_scale=args.guidance_scale,
                             max_sequence_length=pick(args.max_sequence_length, "max_sequence_length"),
                             device=device, dtype=dtype, repeats=args.repeats, warmup=args.warmup)
-    try:
-        from ..models.loading import ModelLoadError
-    except ImportError:  # pragma: no cover - loading module missing
-        ModelLoadError = OSError
+    from ..models.loading import ModelLoadError
+
     try:
         results = run_eval(settings, specs, args.out, cache_dir=args.cache_dir, clip_model=args.clip_model,
                            fid_weights=args.fid_weights, real_dir=args.real, lpips=not args.no_lpips,

@@ -18,10 +18,10 @@ Examples::
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from typing import Optional, Sequence
 
+from .._util import use_interpreter_without_cuda
 from .options import add_method_options, method_from_args
 
 __all__ = ["register", "run", "main", "config_from_args"]
@@ -144,7 +144,9 @@ def run(args: argparse.Namespace) -> int:
 
     if PartialState().is_main_process:
         loss = result["loss"]
-        msg = f"finetune: {len(loss)} steps this session"
+        msg = f"finetune: {result['steps_this_session']} steps this session"
+        if result["resumed_from"] is not None:
+            msg += f" (resumed at step {result['resumed_from']} of {result['steps']})"
         if loss:
             msg += f", loss {loss[0]:.4g} -> {loss[-1]:.4g}"
         if result.get("eval_loss_start") is not None:
@@ -155,13 +157,7 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Standalone entry point (``python -m dit_accel.cli.finetune`` / ``accelerate launch -m ...``)."""
-    if "TRITON_INTERPRET" not in os.environ:
-        import ctypes
-
-        try:
-            ctypes.CDLL("libcuda.so.1")
-        except OSError:
-            os.environ["TRITON_INTERPRET"] = "1"  # before anything imports triton
+    use_interpreter_without_cuda()  # before anything imports triton
     parser = argparse.ArgumentParser(prog="dit-accel finetune", description=_DESCRIPTION)
     _add_arguments(parser)
     args = parser.parse_args(argv)

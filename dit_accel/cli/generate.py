@@ -16,7 +16,6 @@ defaults. The sidecar records what was actually used.
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import inspect
 import json
 import os
@@ -25,9 +24,10 @@ import sys
 import time
 from pathlib import Path
 
+from .._util import to_jsonable, versions
 from .options import add_method_options, check_method_flags, method_from_args, schedule_from_args
 
-__all__ = ["register", "run", "generate", "TransformerTimer"]
+__all__ = ["register", "run", "generate"]
 
 _DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEFAULT_PROMPT = "a red panda climbing a bamboo stalk, soft morning light"
@@ -77,60 +77,6 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--debug", action="store_true", help="show full tracebacks instead of one-line errors")
     p.set_defaults(func=run, _parser=p)
     return p
-
-
-# ----------------------------------------------------------------------------- timing
-class TransformerTimer:
-    """Wall time spent inside the transformer(s): forward pre/post hooks, CUDA-synchronised.
-
-    Nested calls (a transformer inside another) are counted once. Use as a context
-    manager; ``seconds`` and ``calls`` hold the totals.
-    """
-
-    def __init__(self, modules):
-        self.modules = [m for m in modules if m is not None]
-        self.seconds = 0.0
-        self.calls = 0
-        self._depth = 0
-        self._start = 0.0
-        self._hooks = []
-
-    @staticmethod
-    def _sync(module):
-        import torch
-
-        if torch.cuda.is_available():
-            try:
-                device = next(module.parameters()).device
-            except StopIteration:
-                return
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-
-    def _pre(self, module, *_):
-        if self._depth == 0:
-            self._sync(module)
-            self._start = time.perf_counter()
-        self._depth += 1
-
-    def _post(self, module, *_):
-        self._depth -= 1
-        if self._depth == 0:
-            self._sync(module)
-            self.seconds += time.perf_counter() - self._start
-            self.calls += 1
-
-    def __enter__(self):
-        for module in self.modules:
-            self._hooks.append(module.register_forward_pre_hook(self._pre))
-            self._hooks.append(module.register_forward_hook(self._post))
-        return self
-
-    def __exit__(self, *exc):
-        for hook in self._hooks:
-            hook.remove()
-        self._hooks.clear()
-        return False
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -188,41 +134,6 @@ def _model_defaults(model: str, pipe, method_name: str, use: bool):
     return fields, dict(schedule), f"{type(transformer).__name__} preset (paper defaults)"
 
 
-def _to_jsonable(value):
-    import torch
-
-    if isinstance(value, dict):
-        return {str(k): _to_jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple, set, frozenset)):
-        return [_to_jsonable(v) for v in value]
-    if isinstance(value, (str, int, float, bool)) or value is None:
-        return value
-    if isinstance(value, torch.dtype):
-        return str(value).replace("torch.", "")
-    if isinstance(value, Path):
-        return str(value)
-    if hasattr(value, "item") and callable(value.item):
-        try:
-            return value.item()
-        except Exception:
-            pass
-    return str(value)
-
-
-def _versions() -> dict:
-    from importlib.metadata import PackageNotFoundError, version
-
-    import dit_accel
-
-    out = {"dit_accel": dit_accel.__version__, "python": sys.version.split()[0]}
-    for name in ("torch", "triton", "diffusers", "transformers"):
-        try:
-            out[name] = version(name)
-        except PackageNotFoundError:
-            out[name] = None
-    return out
-
-
 def _frames_from_output(output, is_video: bool):
     """The first sample of a pipeline output: video frames or one image."""
     frames = getattr(output, "frames", None) if is_video else None
@@ -274,183 +185,182 @@ def _method_for_weights(args, saved, parser):
     return saved
 
 
-def generate(args) -> dict:
-    """Run ``generate`` for parsed ``args``; returns the sidecar dict (also written to OUT.json)."""
-    import torch
+def _check_flags(args) -> None:
+    """Everything about the flags that needs no model: fail before a (possibly long) load."""
+    from ..io import VIDEO_SUFFIXES
 
-    import dit_accel
-
-    from ..io import VIDEO_SUFFIXES, save_video, to_uint8_frames
-    from ..models.loading import ModelLoadError, load_pipeline, resolve_model_kind
-    from ..models.tiny import RANDOM_WEIGHTS_LABEL, TINY_DEFAULTS, TINY_METHOD_DEFAULTS, is_tiny_model
-
-    t_total = time.perf_counter()
-    parser = getattr(args, "_parser", None)
-    tiny = is_tiny_model(args.model)
     for flag in ("frames", "height", "width", "steps", "max_sequence_length"):
         value = getattr(args, flag)
         if value is not None and value < 1:
             raise _UsageError(f"--{flag.replace('_', '-')} must be >= 1; got {value}")
     if args.guidance is not None and args.guidance < 0:
         raise _UsageError(f"--guidance must be >= 0; got {args.guidance}")
-    try:
-        kind = resolve_model_kind(args.model)
-    except (ModelLoadError, ValueError) as err:
-        raise _UsageError(str(err)) from None
     if args.out and Path(args.out).suffix and Path(args.out).suffix.lower() not in VIDEO_SUFFIXES:
         raise _UsageError(f"--out {args.out}: unknown suffix {Path(args.out).suffix!r}; use .mp4, .gif, .png "
                           "or a folder path (PNG frames)")
     if args.fps <= 0:
         raise _UsageError(f"--fps must be >= 1; got {args.fps}")
-    device = _pick_device(args.device)
-    dtype, dtype_name = _pick_dtype(args.dtype, device, tiny)
+
+
+def _early_method(args, parser, tiny: bool):
+    """The method of a --weights folder, or the flags checked against the method (values too for tiny models,
+    whose defaults are known before loading). Sets ``args.method``. Returns the saved method or None."""
+    from ..models.tiny import TINY_METHOD_DEFAULTS
+
     saved = _saved_method(args)
-    method_name = getattr(args, "method", None) or (saved.name if saved is not None else "dense")
-    args.method = method_name
-    # Fail on bad flags before the (possibly long) load. Tiny models' defaults are known
-    # now; a real model's preset defaults only after loading, so there only the flag/method
-    # pairing is checked early and the values are validated after the load.
+    args.method = getattr(args, "method", None) or (saved.name if saved is not None else "dense")
     if saved is not None:
-        method = _method_for_weights(args, saved, parser)
-    elif tiny and not args.no_model_defaults:
-        method_from_args(args, defaults=TINY_METHOD_DEFAULTS.get(args.model, {}).get(method_name, {}), parser=parser)
+        return _method_for_weights(args, saved, parser)
+    if tiny and not args.no_model_defaults:
+        method_from_args(args, defaults=TINY_METHOD_DEFAULTS.get(args.model, {}).get(args.method, {}), parser=parser)
     else:
         check_method_flags(args, parser)
+    return None
 
-    t0 = time.perf_counter()
-    try:
-        pipe = load_pipeline(args.model, device=device, dtype=dtype, offload=args.offload, seed=args.seed)
-    except ModelLoadError as err:
-        raise _UsageError(str(err)) from None
-    load_s = time.perf_counter() - t0
-    if args.quiet:
-        pipe.set_progress_bar_config(disable=True)
-    else:
-        pipe.set_progress_bar_config(desc=f"denoising ({method_name})", leave=True)
 
-    field_defaults, schedule_defaults, defaults_source = _model_defaults(
-        args.model, pipe, method_name, not args.no_model_defaults and saved is None)
+def _method_and_schedule(args, pipe, saved, parser):
+    """``(method, apply kwargs, defaults source)``: flags > the model's defaults > the config's defaults."""
+    fields, schedule_defaults, source = _model_defaults(args.model, pipe, args.method,
+                                                        not args.no_model_defaults and saved is None)
     if saved is None:
-        method = method_from_args(args, defaults=field_defaults, parser=parser)
+        method = method_from_args(args, defaults=fields, parser=parser)
     else:
-        defaults_source = f"--weights {args.weights}"
+        method, source = saved, f"--weights {args.weights}"
         trained_dense = _saved_dense_layers(args.weights)
         if args.dense_layers is None and trained_dense is not None:
             schedule_defaults = dict(schedule_defaults, dense_layers=trained_dense)
-    schedule = schedule_from_args(args, defaults=schedule_defaults)
+    return method, schedule_from_args(args, defaults=schedule_defaults), source
+
+
+def _pipeline_call(args, pipe, tiny: bool) -> dict:
+    """Keyword arguments of the pipeline call: the flags, else the tiny model's sizes, else the pipeline's."""
+    import torch
+
+    from ..models.tiny import TINY_DEFAULTS
 
     accepts = _accepts(pipe)
-    is_video = "num_frames" in accepts
-    call = {"prompt": args.prompt}
     suggested = dict(TINY_DEFAULTS.get(args.model, {})) if tiny else {}
-    wanted = {
-        "negative_prompt": args.negative_prompt,
-        "num_frames": args.frames if args.frames is not None else suggested.get("num_frames"),
-        "height": args.height if args.height is not None else suggested.get("height"),
-        "width": args.width if args.width is not None else suggested.get("width"),
-        "num_inference_steps": args.steps if args.steps is not None else suggested.get("num_inference_steps"),
-        "guidance_scale": args.guidance,
-        "max_sequence_length": args.max_sequence_length if args.max_sequence_length is not None
-        else suggested.get("max_sequence_length"),
-    }
-    if not is_video and args.frames not in (None, 1):
+    if "num_frames" not in accepts and args.frames not in (None, 1):
         raise _UsageError(f"--frames {args.frames}: {type(pipe).__name__} generates images; drop --frames")
+    wanted = {"negative_prompt": args.negative_prompt, "num_frames": args.frames, "height": args.height,
+              "width": args.width, "num_inference_steps": args.steps, "guidance_scale": args.guidance,
+              "max_sequence_length": args.max_sequence_length}
+    call = {"prompt": args.prompt}
     for key, value in wanted.items():
+        value = value if value is not None else suggested.get(key)
         if value is not None and key in accepts:
             call[key] = value
     call["generator"] = torch.Generator(device="cpu").manual_seed(args.seed)
     call["output_type"] = "np"
+    return call
 
-    out = Path(args.out) if args.out else Path("outputs") / f"{_slug(args.model)}-{method_name}{'.mp4' if is_video else '.png'}"
 
-    handle, apply_error = None, None
+def _run_pipeline(pipe, call: dict, method, schedule: dict, device: str):
+    """Apply the method, run the pipeline timed per stage, and take dit_accel off again.
+
+    Returns ``(output, times, transformer calls, stats, summary)``.
+    """
+    import dit_accel
+
+    from ..eval.timing import StageTimer
+
     try:
-        apply = dit_accel.apply
-    except (ImportError, AttributeError) as err:  # integration not installed: only dense can still run
-        apply, apply_error = None, f"dit_accel.apply unavailable ({err})"
-    if apply is None and method_name != "dense":
-        raise _UsageError(f"--method {method_name} needs dit_accel.apply, which failed to import: {apply_error}")
-    if apply is not None:
-        try:
-            handle = apply(pipe, method, **schedule)
-        except (ValueError, TypeError) as err:
-            raise _UsageError(str(err)) from None
-
-    transformers = [getattr(pipe, name, None) for name in ("transformer", "transformer_2")]
+        handle = dit_accel.apply(pipe, method, **schedule)
+    except (ValueError, TypeError) as err:
+        raise _UsageError(str(err)) from None
     try:
-        with TransformerTimer(transformers) as timer:
-            t0 = time.perf_counter()
+        with StageTimer(pipe, device) as timer:
+            timer.start()
             try:
                 output = pipe(**call)
             except ValueError as err:  # e.g. a window larger than this grid: raised before attention runs
                 raise _UsageError(str(err)) from err
-            if device.startswith("cuda"):
-                torch.cuda.synchronize()
-            pipeline_s = time.perf_counter() - t0
-        stats = handle.stats() if handle is not None else []
-        summary = handle.summary() if handle is not None else None
+            times = timer.stop()
+            calls = timer.calls("transformer")
+        return output, times, calls, handle.stats(), handle.summary()
     finally:
-        if handle is not None:
-            handle.remove()
+        handle.remove()
 
-    frames = to_uint8_frames(_frames_from_output(output, is_video))
-    t0 = time.perf_counter()
-    written = save_video(frames, out, fps=args.fps)
-    save_s = time.perf_counter() - t0
 
-    densities = [r.get("density") for r in stats if r.get("density") is not None]
-    record = {
+def _record(args, pipe, method, schedule, source, call, frames, written, times, calls, stats, summary, elapsed):
+    """The JSON sidecar: settings, versions, timings and per-layer density."""
+    import datetime
+
+    from ..models.loading import resolve_model_kind
+    from ..models.tiny import RANDOM_WEIGHTS_LABEL, is_tiny_model
+
+    return {
         "output": str(written),
-        "label": RANDOM_WEIGHTS_LABEL if tiny else None,
+        "label": RANDOM_WEIGHTS_LABEL if is_tiny_model(args.model) else None,
         "model": args.model,
-        "model_kind": kind,
+        "model_kind": resolve_model_kind(args.model),
         "pipeline": type(pipe).__name__,
         "transformer": type(getattr(pipe, "transformer", None)).__name__,
         "method": method.to_dict(),
         "schedule": schedule,
-        "defaults_source": defaults_source,
-        "settings": {
-            "prompt": args.prompt,
-            "negative_prompt": args.negative_prompt,
-            "frames": call.get("num_frames"),
-            "height": call.get("height"),
-            "width": call.get("width"),
-            "steps": call.get("num_inference_steps"),
-            "guidance": call.get("guidance_scale"),
-            "max_sequence_length": call.get("max_sequence_length"),
-            "seed": args.seed,
-            "device": device,
-            "dtype": dtype_name,
-            "offload": bool(args.offload),
-            "fps": args.fps,
-            "pipeline_call": {k: v for k, v in call.items() if k not in ("generator", "prompt")},
-        },
+        "defaults_source": source,
+        "settings": {"prompt": args.prompt, "negative_prompt": args.negative_prompt, "frames": call.get("num_frames"),
+                     "height": call.get("height"), "width": call.get("width"),
+                     "steps": call.get("num_inference_steps"), "guidance": call.get("guidance_scale"),
+                     "max_sequence_length": call.get("max_sequence_length"), "seed": args.seed,
+                     "device": args.device, "dtype": args.dtype, "offload": bool(args.offload), "fps": args.fps,
+                     "pipeline_call": {k: v for k, v in call.items() if k not in ("generator", "prompt")}},
         "output_shape": list(frames.shape),
-        "timing": {
-            "transformer_s": timer.seconds,
-            "transformer_calls": timer.calls,
-            "end_to_end_s": pipeline_s,
-            "load_s": load_s,
-            "save_s": save_s,
-            "total_s": time.perf_counter() - t_total,
-            "note": "transformer_s: wall time inside transformer forward calls (CUDA-synchronised); "
-                    "end_to_end_s: the whole pipeline call (text encoders, denoising, VAE decode)",
-        },
-        "density": {
-            "mean": summary.get("mean_density") if summary else None,
-            "per_layer": stats,
-            "note": "visited block fraction of video-video attention per layer, mean over sparse calls; "
-                    "None for layers/steps that ran dense",
-        },
+        "timing": {**elapsed, "transformer_s": times["transformer"], "transformer_calls": calls,
+                   "end_to_end_s": times["total"], "vae_decode_s": times["vae_decode"],
+                   "note": "transformer_s: wall time inside transformer forward calls (CUDA-synchronised); "
+                           "end_to_end_s: the whole pipeline call (text encoders, denoising, VAE decode)"},
+        "density": {"mean": summary.get("mean_density"), "per_layer": stats,
+                    "note": "visited block fraction of video-video attention per layer, mean over sparse calls; "
+                            "None for layers/steps that ran dense"},
         "summary": summary,
-        "warnings": [w for w in (apply_error,) if w],
-        "versions": _versions(),
+        "warnings": summary.get("warnings", []),
+        "versions": versions(("torch", "triton", "diffusers", "transformers")),
         "command": ["dit-accel", *getattr(args, "_argv", ["generate"])],
-        "created_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "created_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
-    if densities and record["density"]["mean"] is None:
-        record["density"]["mean"] = sum(densities) / len(densities)
-    record = _to_jsonable(record)
+
+
+def generate(args) -> dict:
+    """Run ``generate`` for parsed ``args``; returns the sidecar dict (also written to OUT.json)."""
+    from ..io import save_video, to_uint8_frames
+    from ..models.loading import ModelLoadError, load_pipeline, resolve_model_kind
+    from ..models.tiny import is_tiny_model
+
+    t_total = time.perf_counter()
+    parser = getattr(args, "_parser", None)
+    tiny = is_tiny_model(args.model)
+    _check_flags(args)
+    try:
+        resolve_model_kind(args.model)
+    except (ModelLoadError, ValueError) as err:
+        raise _UsageError(str(err)) from None
+    args.device = _pick_device(args.device)
+    dtype, args.dtype = _pick_dtype(args.dtype, args.device, tiny)
+    saved = _early_method(args, parser, tiny)
+
+    t0 = time.perf_counter()
+    try:
+        pipe = load_pipeline(args.model, device=args.device, dtype=dtype, offload=args.offload, seed=args.seed)
+    except ModelLoadError as err:
+        raise _UsageError(str(err)) from None
+    load_s = time.perf_counter() - t0
+    pipe.set_progress_bar_config(disable=True) if args.quiet else pipe.set_progress_bar_config(
+        desc=f"denoising ({args.method})", leave=True)
+
+    method, schedule, source = _method_and_schedule(args, pipe, saved, parser)
+    call = _pipeline_call(args, pipe, tiny)
+    is_video = "num_frames" in call
+    out = Path(args.out) if args.out else Path("outputs") / f"{_slug(args.model)}-{args.method}" \
+        f"{'.mp4' if is_video else '.png'}"
+    output, times, calls, stats, summary = _run_pipeline(pipe, call, method, schedule, args.device)
+
+    frames = to_uint8_frames(_frames_from_output(output, is_video))
+    t0 = time.perf_counter()
+    written = save_video(frames, out, fps=args.fps)
+    elapsed = {"load_s": load_s, "save_s": time.perf_counter() - t0, "total_s": time.perf_counter() - t_total}
+    record = to_jsonable(_record(args, pipe, method, schedule, source, call, frames, written, times, calls, stats,
+                                 summary, elapsed))
     sidecar = Path(str(written) + ".json")
     sidecar.write_text(json.dumps(record, indent=2) + "\n")
     record["sidecar"] = str(sidecar)

@@ -9,20 +9,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 
+from .. import _util
+
 __all__ = ["register", "run", "collect_info"]
-
-_METHOD_NOTES = {
-    "dense": "dense attention through dit_accel's path (baseline, no-op check)",
-    "radial": "Radial attention: dense near frames, band halving with temporal distance (video, 3-D grid)",
-    "tile": "sliding tile attention (STA): window of tiles, implemented as GNA with stride = tile",
-    "gna": "generalized neighborhood attention (NATTEN semantics: kernel, stride, dilation, causal)",
-    "sla": "sparse-linear attention: top-k block softmax + linear branch with a trainable projection; "
-           "with the projection at zero (no fine-tuning) it is training-free top-k block-sparse attention",
-}
-
 
 def register(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("info", help="versions, device, kernel backends, supported models and methods",
@@ -31,15 +22,6 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=run, _parser=p)
     return p
-
-
-def _version(name: str) -> str:
-    try:
-        from importlib.metadata import version
-
-        return version(name)
-    except Exception:
-        return "not installed"
 
 
 def _safe(fn):
@@ -67,37 +49,38 @@ def _device_info(device):
 
 
 def _backends(device):
-    from dit_accel.kernels import available_backends
+    from ..kernels import available_backends
 
     return {name: ("usable" if why is None else f"not usable: {why}") for name, why in available_backends(device).items()}
 
 
 def _models():
-    from dit_accel.pipelines.presets import PRESETS
+    from ..pipelines.presets import PRESETS
 
     return {name: f"{p.notes} (diffusers>={p.min_diffusers})" for name, p in PRESETS.items()}
 
 
+def _methods():
+    from ..methods import registered_methods
+
+    return {name: entry.summary + ("" if entry.finetunable or name == "dense" else " (not fine-tunable)")
+            for name, entry in registered_methods().items()}
+
+
 def _tiny():
-    from dit_accel.models.tiny import TINY_MODELS
+    from ..models.tiny import TINY_MODELS
 
     return dict(TINY_MODELS)
 
 
 def collect_info(device=None) -> dict:
     """The ``info`` report as a dict (also used by the JSON sidecar of ``generate``)."""
-    import dit_accel
-
-    versions = {
-        "dit_accel": dit_accel.__version__,
-        "python": platform.python_version(),
-        **{name: _version(name) for name in ("torch", "triton", "diffusers", "transformers", "accelerate", "peft")},
-    }
+    versions = {name: value or "not installed" for name, value in _util.versions().items()}
     info = {"versions": versions, "device": _safe(lambda: _device_info(device))}
     dev = device or (info["device"]["selected"] if isinstance(info["device"], dict) else "cpu")
     info["backends"] = _safe(lambda: _backends(dev))
     info["supported_models"] = _safe(_models)
-    info["methods"] = dict(_METHOD_NOTES)
+    info["methods"] = _safe(_methods)
     info["tiny_models"] = _safe(_tiny)
     return info
 

@@ -14,6 +14,8 @@ import os
 import sys
 from typing import Optional, Sequence
 
+from .._util import use_interpreter_without_cuda
+
 __all__ = ["main", "build_parser", "SUBCOMMANDS"]
 
 # name -> (module, one-line help shown by `dit-accel --help`)
@@ -35,34 +37,13 @@ run `dit-accel COMMAND --help` for the options of a command."""
 def _setup_environment() -> None:
     # Triton on a machine without CUDA only runs through its interpreter, which must be
     # chosen before anything imports triton (Diffusers does).
-    if "TRITON_INTERPRET" not in os.environ and not _has_cuda_driver():
-        os.environ["TRITON_INTERPRET"] = "1"
+    use_interpreter_without_cuda()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-
-def _has_cuda_driver() -> bool:
-    import ctypes
-
-    try:
-        ctypes.CDLL("libcuda.so.1")
-    except OSError:
-        return False
-    return True
-
-
-def _load(name: str):
-    module_name = SUBCOMMANDS[name][0]
-    try:
-        return importlib.import_module(module_name)
-    except ModuleNotFoundError as err:
-        if err.name and (err.name == module_name or module_name.startswith(err.name + ".")):
-            return None
-        raise
 
 
 def build_parser(command: Optional[str] = None) -> argparse.ArgumentParser:
     """The top-level parser; only ``command``'s module is imported and registered."""
-    from dit_accel import __version__
+    from .. import __version__
 
     parser = argparse.ArgumentParser(
         prog="dit-accel",
@@ -74,10 +55,8 @@ def build_parser(command: Optional[str] = None) -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (_, help_text) in SUBCOMMANDS.items():
         if name == command:
-            module = _load(name)
-            if module is not None:
-                module.register(sub)
-                continue
+            importlib.import_module(SUBCOMMANDS[name][0]).register(sub)
+            continue
         # Placeholder so `--help` lists every command without importing it.
         sub.add_parser(name, help=help_text, add_help=False)
     return parser
@@ -91,22 +70,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         command = None  # let argparse report the invalid choice
     if command is not None:
         _setup_environment()
-        if _load(command) is None:
-            print(f"dit-accel: the '{command}' command is not available in this installation "
-                  f"({SUBCOMMANDS[command][0]} is missing).", file=sys.stderr)
-            return 2
     parser = build_parser(command)
     args = parser.parse_args(argv)
     args._argv = argv  # recorded in output metadata (e.g. the generate sidecar)
     if args.command is None:
         parser.print_help()
         return 0
-    func = getattr(args, "func", None)
-    if func is None:  # pragma: no cover - a module that forgot set_defaults(func=run)
-        print(f"dit-accel: '{args.command}' did not register a run function", file=sys.stderr)
-        return 2
     try:
-        return int(func(args) or 0)
+        return int(args.func(args) or 0)
     except KeyboardInterrupt:
         print("dit-accel: interrupted", file=sys.stderr)
         return 130

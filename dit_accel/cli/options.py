@@ -1,4 +1,9 @@
-"""Method options shared by ``generate``, ``finetune`` and ``eval``.
+"""Method options shared by ``generate``, ``finetune`` and ``eval``, derived from the method registry.
+
+Every registered method's config fields that carry CLI metadata
+(:func:`dit_accel.option`) become flags; methods that share a flag (``--tile``
+for Tile and GNA, ``--block-size`` for Radial and SLA) share one option. A
+method registered outside the package gets its flags the same way.
 
 Usage in a subcommand::
 
@@ -21,46 +26,14 @@ from __future__ import annotations
 
 import argparse
 import re
-from typing import Optional
+from typing import Dict, List, Optional, Tuple
 
-from ..methods import Method, method_from_name
+from ..methods import CliOption, Method, method_from_name, registered_methods
 
-__all__ = [
-    "METHODS",
-    "BACKENDS",
-    "add_method_options",
-    "method_from_args",
-    "schedule_from_args",
-    "int_tuple",
-    "int_list",
-    "method_options_given",
-    "check_method_flags",
-]
+__all__ = ["BACKENDS", "add_method_options", "method_from_args", "schedule_from_args", "int_tuple", "int_list",
+           "method_options_given", "check_method_flags", "method_flags"]
 
-METHODS = ("dense", "radial", "tile", "gna", "sla")
 BACKENDS = ("auto", "triton", "torch", "flex")
-
-# flag dest -> (config field, methods that take it)
-_FIELDS = {
-    "tile": ("tile", ("tile", "gna")),
-    "window": ("window", ("tile",)),
-    "kernel_size": ("kernel_size", ("gna",)),
-    "stride": ("stride", ("gna",)),
-    "dilation": ("dilation", ("gna",)),
-    "causal": ("is_causal", ("gna",)),
-    "decay": ("decay", ("radial",)),
-    "sink_frames": ("sink_frames", ("radial",)),
-    "radial_spatial": ("spatial", ("radial",)),
-    "block_size": (None, ("radial", "sla")),  # radial: block_size, sla: block_q
-    "topk": ("topk", ("sla",)),
-    "negligible": ("negligible", ("sla",)),
-    "feature_map": ("feature_map", ("sla",)),
-    "linear_tokens": ("linear_tokens", ("sla",)),
-}
-
-
-def _flag(dest: str) -> str:
-    return "--" + dest.replace("_", "-")
 
 
 def int_tuple(text: str):
@@ -76,22 +49,22 @@ def int_tuple(text: str):
 
 
 def int_list(text: str):
-    """``"none"`` / ``""`` -> ``()``; ``"0,1"`` -> ``(0, 1)``."""
-    if text.strip().lower() in ("", "none", "off"):
+    """``"none"`` / ``""`` -> ``()``; ``"0,1"`` / ``"[0, 1]"`` -> ``(0, 1)``."""
+    if text.strip().lower() in ("", "none", "off", "[]"):
         return ()
     value = int_tuple(text)
     return value if isinstance(value, tuple) else (value,)
 
 
 def _layers(text: str):
-    """``--dense-layers 2`` = the first 2 layers; ``--dense-layers 0,5,7`` = those layers; ``none``."""
+    """``--dense-layers 2`` = the first 2 layers; ``0,5,7`` or ``[1]`` = those layers; ``none``."""
     value = int_list(text)
-    if len(value) == 1 and "," not in text:
+    if len(value) == 1 and not re.search(r"[,\[\]()]", text):
         return value[0]
     return list(value)
 
 
-def _fraction(text: str) -> float:
+def _number(text: str) -> float:
     try:
         return float(text)
     except ValueError:
@@ -108,58 +81,86 @@ def _nonneg_int(text: str) -> int:
     return value
 
 
+_TYPES = {"ints": int_tuple, "int": int, "float": _number, "str": str, "int_list": int_list}
+
+
+def method_flags() -> Dict[str, Tuple[CliOption, List[Tuple[str, str]]]]:
+    """``{flag: (first option, [(method, field), ...])}`` over every registered method, in registration order."""
+    flags: Dict[str, Tuple[CliOption, List[Tuple[str, str]]]] = {}
+    for name, entry in registered_methods().items():
+        for field_name, opt in entry.cli_options().items():
+            flag = opt.flag or "--" + field_name.replace("_", "-")
+            first, users = flags.setdefault(flag, (opt, []))
+            if first.parse != opt.parse:
+                raise ValueError(f"methods {users[0][0]!r} and {name!r} both use {flag} but parse it differently "
+                                 f"({first.parse} vs {opt.parse}); give one of them another flag")
+            users.append((name, field_name))
+    return flags
+
+
+def _dest(flag: str) -> str:
+    return flag.lstrip("-").replace("-", "_")
+
+
 def add_method_options(parser: argparse.ArgumentParser, *, default_method: Optional[str] = "dense",
                        weights: bool = True) -> argparse.ArgumentParser:
-    """Add ``--method``, the per-method options and the schedule options to ``parser``.
+    """Add ``--method``, every registered method's options and the schedule options to ``parser``.
 
     Args:
         parser: an ``argparse`` parser (or subparser).
         default_method: value of ``--method`` when not given.
         weights: also add ``--weights DIR`` (trained SLA projections / LoRA from ``finetune``).
     """
+    names = list(registered_methods())
     g = parser.add_argument_group("attention method")
-    g.add_argument("--method", choices=METHODS, default=default_method,
-                   help=f"attention method (default: {default_method}); dense runs through the same path as a baseline")
+    g.add_argument("--method", choices=names, default=default_method, metavar="{" + ",".join(names) + "}",
+                   help=f"attention method (default: {default_method}); dense runs through the same path as a "
+                        "baseline; `dit-accel info` describes each")
     g.add_argument("--backend", choices=BACKENDS, default=None,
                    help="kernel backend: auto (Triton on GPU, PyTorch otherwise), triton, torch, flex")
-    t = parser.add_argument_group("tile / gna options (per-dimension tuples like 6,8,8 for T,H,W)")
-    t.add_argument("--tile", type=int_tuple, default=None, metavar="T,H,W",
-                   help="tokens per tile (tile: the STA tile; gna: tile used to make the window block-sparse)")
-    t.add_argument("--window", type=int_tuple, default=None, metavar="T,H,W",
-                   help="tile: window in tiles per dimension, odd (e.g. 3,3,3)")
-    t.add_argument("--kernel-size", type=int_tuple, default=None, metavar="T,H,W",
-                   help="gna: window size in tokens per dimension (>= 2)")
-    t.add_argument("--stride", type=int_tuple, default=None, metavar="T,H,W", help="gna: stride (1 <= stride <= kernel)")
-    t.add_argument("--dilation", type=int_tuple, default=None, metavar="T,H,W", help="gna: dilation (>= 1)")
-    t.add_argument("--causal", action="store_true", default=None, help="gna: causal along every dimension")
-    r = parser.add_argument_group("radial / sla options")
-    r.add_argument("--decay", type=_fraction, default=None, help="radial: band decay in (0, 1] (paper: 0.95)")
-    r.add_argument("--sink-frames", type=int_list, default=None, metavar="F,...",
-                   help="radial: key frames every query attends to (default 0; 'none' disables)")
-    r.add_argument("--radial-spatial", choices=("band", "window"), default=None,
-                   help="radial: far frame pairs keep the reference raster band (band, default) or a 2-D "
-                        "window of rows x columns on tiled order (window)")
-    r.add_argument("--block-size", type=int, default=None, choices=(64, 128),
-                   help="radial: block granularity; sla: query block size")
-    r.add_argument("--topk", type=_fraction, default=None, help="sla: fraction of key blocks kept for softmax (0, 1]")
-    r.add_argument("--negligible", type=_fraction, default=None, help="sla: fraction of key blocks skipped [0, 1-topk]")
-    r.add_argument("--feature-map", choices=("softmax", "elu", "relu"), default=None, help="sla: linear-branch feature map")
-    r.add_argument("--linear-tokens", choices=("marginal", "all"), default=None,
-                   help="sla: tokens of the linear branch (marginal = paper, all = later reference code)")
+    m = parser.add_argument_group("method options (per-dimension tuples like 6,8,8 for T,H,W; each flag names the "
+                                  "methods it applies to)")
+    for flag, (opt, users) in method_flags().items():
+        helps = list(dict.fromkeys(registered_methods()[n].cls.__dataclass_fields__[f].metadata["cli"].help
+                                   for n, f in users))
+        kwargs = dict(dest=_dest(flag), default=None, help="; ".join(helps))
+        if opt.parse == "flag":
+            m.add_argument(flag, action="store_true", **kwargs)
+        else:
+            m.add_argument(flag, type=_TYPES[opt.parse], metavar=opt.metavar, choices=opt.choices, **kwargs)
     s = parser.add_argument_group("schedule (dense where sparsity hurts most)")
     s.add_argument("--dense-steps", type=_nonneg_int, default=None, metavar="N", help="first N denoising steps dense")
     s.add_argument("--dense-last-steps", type=_nonneg_int, default=None, metavar="N", help="last N denoising steps dense")
     s.add_argument("--dense-layers", type=_layers, default=None, metavar="N|L,L,...",
-                   help="dense layers: the first N (e.g. 1) or an explicit list (e.g. 0,5,7)")
+                   help="dense layers: the first N (e.g. 1) or an explicit list (e.g. 0,5,7 or [1])")
     if weights:
         s.add_argument("--weights", default=None, metavar="DIR",
                        help="trained weights from `dit-accel finetune` (SLA projections, LoRA)")
     return parser
 
 
-def method_options_given(args: argparse.Namespace) -> dict:
-    """The per-method flags the user gave: ``{dest: value}``."""
-    return {dest: getattr(args, dest) for dest in _FIELDS if getattr(args, dest, None) is not None}
+def method_options_given(args: argparse.Namespace) -> Dict[str, object]:
+    """The per-method flags the user gave: ``{flag: value}``."""
+    given = {flag: getattr(args, _dest(flag), None) for flag in method_flags()}
+    return {flag: value for flag, value in given.items() if value is not None and value is not False}
+
+
+def _fields_of(name: str) -> Dict[str, str]:
+    """``{flag: field}`` for method ``name``."""
+    return {flag: field for flag, (_, users) in method_flags().items() for n, field in users if n == name}
+
+
+def check_method_flags(args: argparse.Namespace, parser: Optional[argparse.ArgumentParser] = None) -> None:
+    """Error (via ``parser.error``) when a per-method flag does not belong to ``--method``."""
+    parser = parser or getattr(args, "_parser", None)
+    name = getattr(args, "method", None) or "dense"
+    own = _fields_of(name)
+    wrong = [flag for flag in method_options_given(args) if flag not in own]
+    if wrong:
+        users = method_flags()
+        _error(parser, f"{', '.join(wrong)} {'does' if len(wrong) == 1 else 'do'} not apply to --method {name}; "
+                       + "; ".join(f"{flag} is for --method {'/'.join(n for n, _ in users[flag][1])}"
+                                   for flag in wrong))
 
 
 def method_from_args(args: argparse.Namespace, defaults: Optional[dict] = None,
@@ -168,8 +169,8 @@ def method_from_args(args: argparse.Namespace, defaults: Optional[dict] = None,
 
     Args:
         args: parsed arguments (from a parser that had :func:`add_method_options`).
-        defaults: config field defaults to use for fields the user did not give
-            (e.g. a model preset's paper values); fields not in the config are ignored.
+        defaults: config field defaults for fields the user did not give (e.g. a
+            model preset's paper values); fields the config does not have are ignored.
         parser: where to report errors (``parser.error`` exits with status 2);
             defaults to ``args._parser`` when set, else a ``ValueError`` is raised.
 
@@ -180,36 +181,17 @@ def method_from_args(args: argparse.Namespace, defaults: Optional[dict] = None,
     """
     parser = parser or getattr(args, "_parser", None)
     name = getattr(args, "method", None) or "dense"
-    given = method_options_given(args)
     check_method_flags(args, parser)
-    options = {}
-    valid = _config_fields(name)
-    for key, value in (defaults or {}).items():
-        if key in valid:
-            options[key] = value
-    for dest, value in given.items():
-        field = _FIELDS[dest][0] or ("block_size" if name == "radial" else "block_q")
-        if dest == "causal":
-            value = True
-        options[field] = value
+    own = _fields_of(name)
+    fields = set(registered_methods()[name].cls.__dataclass_fields__)
+    options = {k: v for k, v in (defaults or {}).items() if k in fields}
+    given = {own[flag]: value for flag, value in method_options_given(args).items()}
+    options.update(given)
     try:
         return method_from_name(name, **options)
     except (ValueError, TypeError) as err:
-        flag_of = {(_FIELDS[d][0] or ("block_size" if name == "radial" else "block_q")): _flag(d) for d in _FIELDS}
-        field = next((f for f in sorted(options, key=len, reverse=True) if f".{f}=" in str(err)), None)
-        prefix = f"{flag_of[field]}: " if field in flag_of and field in _given_fields(name, given) else ""
-        _error(parser, prefix + str(err))
-
-
-def check_method_flags(args: argparse.Namespace, parser: Optional[argparse.ArgumentParser] = None) -> None:
-    """Error (via ``parser.error``) when a per-method flag does not belong to ``--method``."""
-    parser = parser or getattr(args, "_parser", None)
-    name = getattr(args, "method", None) or "dense"
-    wrong = [dest for dest in method_options_given(args) if name not in _FIELDS[dest][1]]
-    if wrong:
-        flags = ", ".join(_flag(d) for d in wrong)
-        _error(parser, f"{flags} {'does' if len(wrong) == 1 else 'do'} not apply to --method {name}; "
-                       + "; ".join(f"{_flag(d)} is for --method {'/'.join(_FIELDS[d][1])}" for d in wrong))
+        flag = next((f for f, field in own.items() if field in given and f".{field}=" in str(err)), None)
+        _error(parser, (f"{flag}: " if flag else "") + str(err))
 
 
 def schedule_from_args(args: argparse.Namespace, defaults: Optional[dict] = None) -> dict:
@@ -220,12 +202,7 @@ def schedule_from_args(args: argparse.Namespace, defaults: Optional[dict] = None
     preset's paper schedule), then 0 / None / "auto".
     """
     defaults = defaults or {}
-    out = {
-        "dense_steps": 0,
-        "dense_last_steps": 0,
-        "dense_layers": None,
-        "backend": "auto",
-    }
+    out = {"dense_steps": 0, "dense_last_steps": 0, "dense_layers": None, "backend": "auto"}
     for key in out:
         if key in defaults:
             out[key] = defaults[key]
@@ -237,16 +214,6 @@ def schedule_from_args(args: argparse.Namespace, defaults: Optional[dict] = None
     if getattr(args, "weights", None):
         out["weights"] = args.weights
     return out
-
-
-def _config_fields(name: str) -> set:
-    from dataclasses import fields
-
-    return {f.name for f in fields(type(method_from_name(name)))}
-
-
-def _given_fields(name: str, given: dict) -> set:
-    return {(_FIELDS[d][0] or ("block_size" if name == "radial" else "block_q")) for d in given}
 
 
 def _error(parser, message: str):

@@ -24,18 +24,17 @@ tokens and heads) and the output says so.
 from __future__ import annotations
 
 import datetime
-import itertools
 import math
-import statistics
-import time
 from dataclasses import dataclass
 from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 
+from .._util import load_average, time_median, versions
+
 __all__ = ["ModelShape", "GPU_SHAPES", "CPU_SHAPES", "CPU_QUICK_SHAPES", "DENSITIES", "bench_kernels",
-           "tile_layout_for_density", "time_fn"]
+           "tile_layout_for_density", "time_fn", "bench_sla"]
 
 
 @dataclass(frozen=True)
@@ -72,22 +71,7 @@ CPU_QUICK_DENSITIES = (0.1, 0.25, 0.5)
 
 def time_fn(fn: Callable[[], object], device: torch.device, *, warmup: int, repeats: int) -> float:
     """Median seconds of ``fn()``: CUDA events on GPU, perf_counter on CPU."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end) / 1000.0)
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return time_median(fn, device, warmup=warmup, repeats=repeats)
 
 
 def tile_layout_for_density(grid: Sequence[int], density: float, block: int = 64):
@@ -217,19 +201,9 @@ def bench_kernels(shapes: Sequence[ModelShape], densities: Sequence[float], *, d
         del q, k, v
     bar.close()
     return {"kind": "kernels", "device": str(device), "device_name": _device_name(device), "dtype": str(dtype),
-            "reduced_sizes": not cuda, "load_average": _load_average(), "warmup": warmup, "repeats": repeats, "backends": list(backends),
+            "reduced_sizes": not cuda, "load_average": load_average(), "warmup": warmup, "repeats": repeats, "backends": list(backends),
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-            "versions": _versions(), "notes": notes, "rows": rows}
-
-
-def _load_average():
-    """1/5/15-minute load averages: CPU timings on a shared machine mean little when these exceed the cores."""
-    import os
-
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        return None
+            "versions": versions(("torch", "triton")), "notes": notes, "rows": rows}
 
 
 def _device_name(device: torch.device) -> str:
@@ -240,19 +214,6 @@ def _device_name(device: torch.device) -> str:
         return torch.cuda.get_device_name(device)
     cpu = platform.processor() or platform.machine()
     return f"{cpu} CPU, {os.cpu_count()} cores, {torch.get_num_threads()} threads"
-
-
-def _versions() -> dict:
-    import dit_accel
-
-    out = {"dit_accel": dit_accel.__version__, "torch": torch.__version__}
-    try:
-        import triton
-
-        out["triton"] = triton.__version__
-    except Exception:
-        out["triton"] = None
-    return out
 
 
 def kernels_table(result: dict) -> str:
@@ -300,3 +261,50 @@ def plot_kernels(result: dict, path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def bench_sla(n_tokens: int = 32760, heads: int = 12, head_dim: int = 128, *, topk: float = 0.05,
+              dtype: torch.dtype = torch.bfloat16, backward: bool = True, batch: int = 1,
+              warmup: int = 3, iters: int = 10, device: str = "cuda") -> dict:
+    """Time the fused SLA kernel against SDPA (dense) at one shape; CUDA only.
+
+    Returns a dict with ``sla_fwd_ms``, ``sdpa_fwd_ms`` (and ``*_bwd_ms`` when ``backward``:
+    forward+backward time), ``speedup_fwd``, ``density`` and ``ideal_speedup`` (1 / density).
+    Default shape: Wan2.1-1.3B at 480p (N = 32,760, 12 heads, D = 128, bf16), 95% sparsity.
+    """
+    from ..kernels import sla_attention, sla_density
+    from ..methods import SLA
+
+    if not torch.cuda.is_available():
+        raise RuntimeError("bench_sla needs a CUDA device")
+    method = SLA(topk=topk)
+    g = torch.Generator(device=device).manual_seed(0)
+    shape = (batch, heads, n_tokens, head_dim)
+    q, k, v = (torch.randn(shape, device=device, dtype=dtype, generator=g, requires_grad=backward)
+               for _ in range(3))
+    proj = torch.nn.Linear(head_dim, head_dim, device=device, dtype=dtype)
+    torch.nn.init.zeros_(proj.weight)
+    torch.nn.init.zeros_(proj.bias)
+
+    def timed(fn):  # milliseconds
+        return time_fn(fn, torch.device(device), warmup=warmup, repeats=iters) * 1e3
+
+    def sla_fwd():
+        with torch.no_grad():
+            sla_attention(q, k, v, method, proj, backend="triton")
+
+    def sdpa_fwd():
+        with torch.no_grad():
+            F.scaled_dot_product_attention(q, k, v)
+
+    out = {"n_tokens": n_tokens, "heads": heads, "head_dim": head_dim, "dtype": str(dtype),
+           "density": sla_density(n_tokens, method)}
+    out["ideal_speedup"] = 1.0 / out["density"]
+    out["sla_fwd_ms"], out["sdpa_fwd_ms"] = timed(sla_fwd), timed(sdpa_fwd)
+    out["speedup_fwd"] = out["sdpa_fwd_ms"] / out["sla_fwd_ms"]
+    if backward:
+        do = torch.randn(shape, device=device, dtype=dtype, generator=g)
+        out["sla_fwd_bwd_ms"] = timed(lambda: sla_attention(q, k, v, method, proj, backend="triton").backward(do))
+        out["sdpa_fwd_bwd_ms"] = timed(lambda: F.scaled_dot_product_attention(q, k, v).backward(do))
+        out["speedup_fwd_bwd"] = out["sdpa_fwd_bwd_ms"] / out["sla_fwd_bwd_ms"]
+    return out

@@ -1,19 +1,16 @@
 """Report files of ``dit-accel eval``: report.md, pareto.png, grid.png.
 
-All three are rendered from the results dict that is also saved as
-results.json, so a report can be re-rendered from that file alone
-(:func:`render_all`).
+All three are rendered from the results dict that is also saved as results.json.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import List, Sequence
 
 import numpy as np
 
-__all__ = ["write_report", "plot_pareto", "frame_grid", "render_all", "markdown_table"]
+__all__ = ["write_report", "plot_pareto", "frame_grid", "markdown_table"]
 
 
 def _fmt(value, digits=3) -> str:
@@ -125,11 +122,3 @@ def frame_grid(labels: List[str], videos: List[np.ndarray], path, columns: int =
             frame = video[min(f, video.shape[0] - 1)]
             grid.paste(Image.fromarray(np.ascontiguousarray(frame)), (label_w + j * w, i * h))
     grid.save(path)
-
-
-def render_all(results_json, out_dir: Optional[str] = None) -> None:
-    """Re-render report.md and pareto.png from a saved results.json."""
-    results = json.loads(Path(results_json).read_text())
-    out = Path(out_dir or Path(results_json).parent)
-    write_report(results, out / "report.md")
-    plot_pareto(results, out / "pareto.png")

@@ -19,16 +19,16 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
-import os
-import platform
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
+from .._util import load_average, to_jsonable, versions
 from ..methods import Dense, Method, method_from_name
+from ..models.tiny import is_tiny_model
 from .metrics import mean_or_none, paired_metrics, to_frames
 from .timing import StageTimer, median_times
 
@@ -150,17 +150,6 @@ def dense_cache_key(settings: EvalSettings, prompt: str, seed: int) -> str:
 
 
 # ----------------------------------------------------------------- generation
-def _load_pipe(settings: EvalSettings):
-    dtype = getattr(torch, settings.dtype)
-    try:
-        from ..models.loading import load_pipeline
-    except ImportError:  # loading module not there: only the tiny models
-        from ..models.tiny import build_tiny_pipeline
-
-        return build_tiny_pipeline(settings.model, device=settings.device, dtype=dtype)
-    return load_pipeline(settings.model, device=settings.device, dtype=dtype)
-
-
 def _frames_of(output) -> np.ndarray:
     """Pipeline output (output_type='np') -> uint8 [F, H, W, 3]."""
     frames = getattr(output, "frames", None)
@@ -183,7 +172,7 @@ def _generate(pipe, timer: StageTimer, settings: EvalSettings, prompt: str, seed
     return _frames_of(out), times
 
 
-def _timed_runs(pipe, timer, settings, samples, progress, label) -> tuple:
+def _timed_runs(pipe, timer, settings, samples, progress) -> tuple:
     """Generate every sample once (timed), plus warm-up and extra timing repeats of the first."""
     warmup = settings.warmup
     prompt0, seed0 = samples[0]
@@ -200,64 +189,127 @@ def _timed_runs(pipe, timer, settings, samples, progress, label) -> tuple:
     return videos, runs
 
 
-def _versions() -> dict:
-    import dit_accel
-
-    out = {"dit_accel": dit_accel.__version__, "torch": torch.__version__, "python": platform.python_version(),
-           "platform": platform.platform(), "cpu_count": os.cpu_count()}
-    for mod in ("diffusers", "transformers", "torchmetrics", "triton"):
-        try:
-            out[mod] = __import__(mod).__version__
-        except Exception:
-            out[mod] = None
-    if torch.cuda.is_available():
-        out["gpu"] = torch.cuda.get_device_name()
-    try:
-        out["load_average"] = [round(x, 2) for x in os.getloadavg()]  # CPU timings mean little when high
-    except OSError:
-        pass
-    return out
-
-
 def _summary_density(handle) -> tuple:
-    summary, stats = {}, []
-    try:
-        summary = dict(handle.summary())
-    except Exception:
-        pass
-    try:
-        stats = list(handle.stats())
-    except Exception:
-        pass
-    density = None
-    for key in ("density", "mean_density", "visited_density"):
-        if isinstance(summary.get(key), (int, float)):
-            density = float(summary[key])
-            break
-    if density is None and stats:
-        density = mean_or_none([s.get("density") for s in stats])
+    """``(mean visited density, summary, per-layer stats)`` of a finished run."""
+    summary, stats = handle.summary(), handle.stats()
+    density = summary["mean_density"]
     if density is None and summary.get("sparse_calls") == 0 and summary.get("dense_calls"):
         density = 1.0  # the plan resolved to dense attention on this grid (window covers it all)
     return density, summary, stats
 
 
-def _jsonable(obj):
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, (np.floating, np.integer)):
-        return obj.item()
-    if isinstance(obj, torch.Tensor):
-        return obj.tolist()
-    if isinstance(obj, float) and not np.isfinite(obj):
-        return None
-    if obj is None or isinstance(obj, (str, int, float, bool)):
-        return obj
-    return str(obj)
-
-
 # ------------------------------------------------------------------ the run
+def _dense_row(pipe, timer, settings: EvalSettings, samples, cache_dir: Path, log) -> Tuple[dict, int]:
+    """The dense baseline row, from the cache where it has the sample; ``(row, samples generated)``."""
+    from tqdm.auto import tqdm
+
+    videos, runs, missing = [None] * len(samples), [], []
+    with tqdm(total=len(samples), desc="dense", unit="video") as bar:
+        for i, (prompt, seed) in enumerate(samples):
+            path = cache_dir / f"dense_{dense_cache_key(settings, prompt, seed)}.npz"
+            if path.exists():
+                with np.load(path) as data:
+                    videos[i] = data["frames"]
+                    runs.append(json.loads(str(data["times"])))
+                bar.update(1)
+            else:
+                missing.append((i, path))
+        if missing:  # one warm-up for all uncached samples, then each is generated and cached
+            new_videos, new_runs = _timed_runs(pipe, timer, settings, [samples[i] for i, _ in missing], bar)
+            runs.extend(new_runs)
+            for (i, path), video, times in zip(missing, new_videos, new_runs):
+                videos[i] = video
+                np.savez_compressed(path, frames=video, times=json.dumps(times))
+    log(f"dense: {len(missing)} generated, {len(samples) - len(missing)} from cache ({cache_dir})")
+    row = {"label": "dense", "config": {"method": "dense", "label": "dense"}, "videos": videos,
+           "times": median_times(runs), "density": 1.0, "summary": {}, "stats": []}
+    return row, len(missing)
+
+
+def _method_rows(pipe, timer, settings: EvalSettings, samples, specs: Sequence[MethodSpec], log) -> List[dict]:
+    """One row per method spec; a config that fails is reported in its row, not raised."""
+    import dit_accel
+    from tqdm.auto import tqdm
+
+    rows = []
+    with tqdm(total=len(samples) * len(specs), desc="methods", unit="video") as bar:
+        for spec in specs:
+            bar.set_postfix_str(spec.label)
+            done = bar.n
+            row = {"label": spec.label, "config": spec.describe()}
+            try:
+                with dit_accel.apply(pipe, spec.method, **spec.apply_kwargs) as handle:
+                    videos, runs = _timed_runs(pipe, timer, settings, samples, bar)
+                    row["density"], row["summary"], row["stats"] = _summary_density(handle)
+                row.update(videos=videos, times=median_times(runs))
+            except Exception as exc:  # one bad config must not sink the report
+                row["error"] = f"{type(exc).__name__}: {exc}"
+                log(f"{spec.label}: failed: {row['error']}")
+                bar.update(done + len(samples) - bar.n)
+            rows.append(row)
+    return rows
+
+
+class _Scorers:
+    """The metric networks that are available here (LPIPS, CLIP, FID features), and why others are skipped."""
+
+    def __init__(self, settings: EvalSettings, *, lpips: bool, clip_model, clip_scorer, fid_weights, fid_feature,
+                 real_dir, frame_size):
+        from .clip import create_clip_scorer
+        from .fid import create_fid_feature
+        from .metrics import LPIPSScorer
+
+        self.device, self.skipped = settings.device, []
+        self.lpips = self._keep(LPIPSScorer.create(device=self.device)) if lpips else None
+        self.clip = clip_scorer or self._keep(create_clip_scorer(clip_model, device=self.device))
+        self.fid = fid_feature or self._keep(create_fid_feature(fid_weights, device=self.device))
+        self.real = None
+        if real_dir:
+            try:
+                self.real = _load_real(real_dir, frame_size)
+            except (ValueError, OSError) as exc:
+                self.skipped.append(f"FID vs --real skipped: {exc}")
+            if self.fid is None:
+                self.skipped.append("FID vs --real skipped: no FID feature extractor (see the FID line)")
+
+    def _keep(self, made):
+        value, why = made
+        if why:
+            self.skipped.append(why)
+        return value
+
+    def score(self, row: dict, dense: dict, samples) -> None:
+        """Quality of ``row`` against the dense row, and its speedups, written into ``row``."""
+        from .fid import frechet_distance
+
+        per_sample = [paired_metrics(v, d, self.lpips) for v, d in zip(row["videos"], dense["videos"])]
+        row["samples"] = [{"prompt": p, "seed": s, **m} for (p, s), m in zip(samples, per_sample)]
+        for key in ("psnr", "ssim", "lpips"):
+            row[key] = mean_or_none([m.get(key) for m in per_sample])
+        if self.clip is not None:
+            row["clip"] = self.clip.score_many(row["videos"], [p for p, _ in samples])
+        if self.fid is not None:
+            row["fid_dense"] = _safe_fid(frechet_distance, row["videos"], dense["videos"], self.fid, self.device,
+                                         self.skipped)
+            if self.real is not None:
+                row["fid_real"] = _safe_fid(frechet_distance, row["videos"], self.real, self.fid, self.device,
+                                            self.skipped)
+        t, dense_t = row["times"] or {}, dense["times"] or {}
+        for stage, key in (("transformer", "speedup_transformer"), ("total", "speedup_e2e")):
+            if t.get(stage) and dense_t.get(stage):
+                row[key] = dense_t[stage] / t[stage]
+
+
+def _write_results(out_dir: Path, results: dict, rows: List[dict]) -> None:
+    from . import report
+
+    (out_dir / "results.json").write_text(json.dumps(results, indent=2))
+    report.write_report(results, out_dir / "report.md")
+    report.plot_pareto(results, out_dir / "pareto.png")
+    shown = [r for r in rows if "videos" in r]
+    report.frame_grid([r["label"] for r in shown], [r["videos"][0] for r in shown], out_dir / "grid.png")
+
+
 def run_eval(settings: EvalSettings, specs: Sequence[MethodSpec], out_dir, *, cache_dir=None,
              clip_model: Optional[str] = None, fid_weights: Optional[str] = None, fid_feature=None,
              clip_scorer=None, real_dir: Optional[str] = None, lpips: bool = True, capture: Optional[str] = None,
@@ -279,12 +331,7 @@ def run_eval(settings: EvalSettings, specs: Sequence[MethodSpec], out_dir, *, ca
 
     Returns the results dict also written to ``results.json``.
     """
-    from tqdm.auto import tqdm
-
-    from . import report
-    from .clip import create_clip_scorer
-    from .fid import create_fid_feature, frechet_distance
-    from .metrics import LPIPSScorer
+    import dit_accel
 
     if not settings.prompts:
         raise ValueError("no prompts: pass --prompts FILE (one prompt per line) or --prompt TEXT")
@@ -293,137 +340,39 @@ def run_eval(settings: EvalSettings, specs: Sequence[MethodSpec], out_dir, *, ca
     cache_dir = Path(cache_dir) if cache_dir else out_dir / "cache"
     cache_dir.mkdir(parents=True, exist_ok=True)
     samples = [(p, int(s)) for p in settings.prompts for s in settings.seeds]
-    skipped: List[str] = []
 
-    pipe = pipe if pipe is not None else _load_pipe(settings)
-    if hasattr(pipe, "set_progress_bar_config"):
-        pipe.set_progress_bar_config(disable=True)
-    timer = StageTimer(pipe, settings.device)
-    timer.install()
-    rows: List[dict] = []
-    try:
-        # ---- dense baseline (cached)
-        dense_videos, dense_runs, missing = [None] * len(samples), [], []
-        with tqdm(total=len(samples), desc="dense", unit="video") as bar:
-            for i, (prompt, seed) in enumerate(samples):
-                path = cache_dir / f"dense_{dense_cache_key(settings, prompt, seed)}.npz"
-                if path.exists():
-                    with np.load(path) as data:
-                        dense_videos[i] = data["frames"]
-                        dense_runs.append(json.loads(str(data["times"])))
-                    bar.update(1)
-                else:
-                    missing.append((i, path))
-            if missing:  # one warm-up for all uncached samples, then each is generated and cached
-                videos, runs = _timed_runs(pipe, timer, settings, [samples[i] for i, _ in missing], bar, "dense")
-                dense_runs.extend(runs)
-                for (i, path), video, times in zip(missing, videos, runs):
-                    dense_videos[i] = video
-                    np.savez_compressed(path, frames=video, times=json.dumps(times))
-        generated = len(missing)
+    if pipe is None:
+        from ..models.loading import load_pipeline
+
+        pipe = load_pipeline(settings.model, device=settings.device, dtype=getattr(torch, settings.dtype))
+    pipe.set_progress_bar_config(disable=True)
+    with StageTimer(pipe, settings.device) as timer:
+        dense, generated = _dense_row(pipe, timer, settings, samples, cache_dir, log)
         if capture:
-            import dit_accel
-
             with dit_accel.apply(pipe, Dense(), capture=capture):
                 _generate(pipe, timer, settings, *samples[0])
-        dense_times = median_times(dense_runs)
-        rows.append({"label": "dense", "config": {"method": "dense", "label": "dense"}, "videos": dense_videos,
-                     "times": dense_times, "density": 1.0, "summary": {}, "stats": []})
-        log(f"dense: {generated} generated, {len(samples) - generated} from cache ({cache_dir})")
+        rows = [dense] + _method_rows(pipe, timer, settings, samples, specs, log)
 
-        # ---- methods
-        import dit_accel
-
-        with tqdm(total=len(samples) * len(specs), desc="methods", unit="video") as bar:
-            for spec in specs:
-                bar.set_postfix_str(spec.label)
-                done = bar.n
-                row = {"label": spec.label, "config": spec.describe()}
-                try:
-                    handle = dit_accel.apply(pipe, spec.method, **spec.apply_kwargs)
-                    try:
-                        videos, runs = _timed_runs(pipe, timer, settings, samples, bar, spec.label)
-                        row["density"], row["summary"], row["stats"] = _summary_density(handle)
-                    finally:
-                        handle.remove()
-                    row.update(videos=videos, times=median_times(runs))
-                except Exception as exc:  # one bad config must not sink the report
-                    row["error"] = f"{type(exc).__name__}: {exc}"
-                    log(f"{spec.label}: failed: {row['error']}")
-                    bar.update(done + len(samples) - bar.n)
-                rows.append(row)
-    finally:
-        timer.remove()
-
-    # ---- scoring
-    lpips_scorer = None
-    if lpips:
-        lpips_scorer, why = LPIPSScorer.create(device=settings.device)
-        if why:
-            skipped.append(why)
-    if clip_scorer is None:
-        clip_scorer, why = create_clip_scorer(clip_model, device=settings.device)
-        if why:
-            skipped.append(why)
-    if fid_feature is None:
-        fid_feature, why = create_fid_feature(fid_weights, device=settings.device)
-        if why:
-            skipped.append(why)
-    real = None
-    if real_dir:
-        try:
-            real = _load_real(real_dir, dense_videos[0].shape[1:3])
-        except (ValueError, OSError) as exc:
-            skipped.append(f"FID vs --real skipped: {exc}")
-    if real_dir and fid_feature is None:
-        skipped.append("FID vs --real skipped: no FID feature extractor (see the FID line)")
-    for line in skipped:
+    scorers = _Scorers(settings, lpips=lpips, clip_model=clip_model, clip_scorer=clip_scorer, fid_weights=fid_weights,
+                       fid_feature=fid_feature, real_dir=real_dir, frame_size=dense["videos"][0].shape[1:3])
+    for line in scorers.skipped:
         log(line)
-
-    dense_t = rows[0]["times"] or {}
-    with tqdm(total=len(rows), desc="scoring", unit="method") as bar:
-        for row in rows:
-            bar.set_postfix_str(row["label"])
-            bar.update(1)
-            if "videos" not in row:
-                continue
-            per_sample = [paired_metrics(v, d, lpips_scorer) for v, d in zip(row["videos"], dense_videos)]
-            row["samples"] = [{"prompt": p, "seed": s, **m} for (p, s), m in zip(samples, per_sample)]
-            for key in ("psnr", "ssim", "lpips"):
-                row[key] = mean_or_none([m.get(key) for m in per_sample])
-            if clip_scorer is not None:
-                row["clip"] = clip_scorer.score_many(row["videos"], [p for p, _ in samples])
-            if fid_feature is not None:
-                row["fid_dense"] = _safe_fid(frechet_distance, row["videos"], dense_videos, fid_feature,
-                                             settings.device, skipped)
-                if real is not None:
-                    row["fid_real"] = _safe_fid(frechet_distance, row["videos"], real, fid_feature,
-                                                settings.device, skipped)
-            t = row["times"] or {}
-            for stage, key in (("transformer", "speedup_transformer"), ("total", "speedup_e2e")):
-                if t.get(stage) and dense_t.get(stage):
-                    row[key] = dense_t[stage] / t[stage]
-
+    for row in rows:
+        if "videos" in row:
+            scorers.score(row, dense, samples)
     results = {
-        "settings": asdict(settings), "versions": _versions(), "methods": [s.describe() for s in specs],
-        "dense_generated": generated, "dense_cached": len(samples) - generated, "cache_dir": str(cache_dir),
-        "dense_times_from_cache": generated < len(samples),
-        "skipped": sorted(set(skipped)), "capture": capture,
-        "rows": [{k: v for k, v in r.items() if k != "videos"} for r in rows],
+        "settings": asdict(settings), "versions": {**versions(("torch", "triton", "diffusers", "transformers",
+                                                                 "torchmetrics")), "load_average": load_average()},
+        "methods": [s.describe() for s in specs], "dense_generated": generated,
+        "dense_cached": len(samples) - generated, "cache_dir": str(cache_dir),
+        "dense_times_from_cache": generated < len(samples), "skipped": sorted(set(scorers.skipped)),
+        "capture": capture, "rows": [{k: v for k, v in r.items() if k != "videos"} for r in rows],
     }
-    if _is_tiny(settings.model):
+    if is_tiny_model(settings.model):
         results["note"] = "tiny model with RANDOM weights: numbers check the pipeline, not quality"
-    results = _jsonable(results)
-    (out_dir / "results.json").write_text(json.dumps(results, indent=2))
-    report.write_report(results, out_dir / "report.md")
-    report.plot_pareto(results, out_dir / "pareto.png")
-    report.frame_grid([r["label"] for r in rows if "videos" in r], [r["videos"][0] for r in rows if "videos" in r],
-                      out_dir / "grid.png")
+    results = to_jsonable(results)
+    _write_results(out_dir, results, rows)
     return results
-
-
-def _is_tiny(model: str) -> bool:
-    return isinstance(model, str) and model.startswith("tiny-")
 
 
 def _safe_fid(fn, a, b, feature, device, skipped) -> Optional[float]:

@@ -41,7 +41,8 @@ class StageTimer:
         self._handles: List = []
         self._restore: List = []
         self._spans: Dict[str, List] = {}
-        self._open: Dict[int, object] = {}
+        self._open: Dict[int, str] = {}  # module id -> stage of the calls in progress
+        self._tokens: Dict[int, object] = {}
         self._t0 = None
 
     # ------------------------------------------------------------- install
@@ -76,12 +77,13 @@ class StageTimer:
             return
 
         def pre(mod, args):
-            self._open[id(mod)] = self._begin()
+            if stage not in self._open.values():  # a transformer inside another one's forward counts once
+                self._open[id(mod)] = stage
+                self._tokens[id(mod)] = self._begin()
 
         def post(mod, args, out):
-            token = self._open.pop(id(mod), None)
-            if token is not None:
-                self._end(stage, token)
+            if self._open.pop(id(mod), None) is not None:
+                self._end(stage, self._tokens.pop(id(mod)))
 
         self._handles.append(module.register_forward_pre_hook(pre))
         self._handles.append(module.register_forward_hook(post))
@@ -110,6 +112,10 @@ class StageTimer:
         if self.cuda:
             torch.cuda.synchronize()
         self._t0 = self._begin()
+
+    def calls(self, stage: str) -> int:
+        """Completed calls of ``stage`` in the run since :meth:`start` (nested transformer calls count once)."""
+        return len(self._spans.get(stage, ()))
 
     def stop(self) -> Dict[str, float]:
         """Seconds per stage for the run since :meth:`start` (``total`` = end to end)."""

@@ -15,7 +15,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 from torch import nn
 
 from .._util import WarningLog, is_int
-from ..methods import SLA, Dense, Method
+from ..methods import SLA, Method
 from ..plans import Plan
 from ..weights import load_into
 from .capture import Capture, check_capture_dir
@@ -130,6 +130,11 @@ class AccelHandle:
     def __exit__(self, *exc) -> bool:
         self.remove()
         return False
+
+    def bypassed(self):
+        """Context manager: inside it, this thread's attention calls run the original processors (dense
+        attention, no SLA projection) without touching the model, e.g. for a dense teacher in distillation."""
+        return self._runtime.bypass()
 
     def load_weights(self, folder) -> None:
         """Load a fine-tuned folder (``dit-accel finetune`` output); ``remove()`` unloads its LoRA too."""

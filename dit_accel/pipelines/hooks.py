@@ -89,6 +89,20 @@ class Runtime:
         self.stats = stats
         self.capture = capture
         self.warnings = warnings
+        self._local = threading.local()  # per-thread bypass depth (handle.bypassed())
+
+    @property
+    def bypassed(self) -> bool:
+        return getattr(self._local, "bypass", 0) > 0
+
+    @contextlib.contextmanager
+    def bypass(self):
+        """In this thread, attention runs the original processors (dense, no SLA projection) and is not counted."""
+        self._local.bypass = getattr(self._local, "bypass", 0) + 1
+        try:
+            yield
+        finally:
+            self._local.bypass -= 1
 
 
 def native_scope():
@@ -131,6 +145,8 @@ class SparseAttnProcessor:
 
     def __call__(self, attn, *args, **kwargs):
         owner, runtime = self.owner, self.owner.runtime
+        if runtime.bypassed:
+            return self.original(attn, *args, **kwargs)
         context = owner.stack.current()
         if context is None:  # called outside the transformer's forward: nothing is known about the grid
             runtime.warnings.warn("dit_accel: attention called outside the transformer forward; running dense")

@@ -50,22 +50,9 @@ def _load_frames(path: Path) -> np.ndarray:
 
         with Image.open(path) as im:
             return np.asarray(im.convert("RGB"))[None]
-    try:
-        from ..io import load_video
-    except ImportError:  # dit_accel.io not available: read with imageio directly
-        load_video = None
-    if load_video is not None:
-        return np.asarray(load_video(str(path)))
-    import imageio.v3 as iio
+    from ..io import load_video
 
-    frames = np.asarray(iio.imread(path, index=None))
-    if frames.ndim == 3:
-        frames = frames[None]
-    if frames.shape[-1] == 4:
-        frames = frames[..., :3]
-    elif frames.ndim == 3 or frames.shape[-1] == 1:
-        frames = np.repeat(frames.reshape(*frames.shape[:3], 1), 3, axis=-1)
-    return frames
+    return np.asarray(load_video(str(path)))
 
 
 def _resize_crop(frames: torch.Tensor, height: int, width: int) -> torch.Tensor:

@@ -33,9 +33,10 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import platform
+import os
 import random
 import shutil
+import sys
 import time
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -45,14 +46,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..methods import SLA, Method, Radial
+from .._util import versions
+from ..methods import SLA, Method, Radial, registered_methods
+from ..weights import save_trained_weights, sla_state_dict
 from . import data as data_mod
 from .model_io import ModelIO, model_io_for
-from ..weights import save_trained_weights, sla_state_dict
 
-__all__ = ["FinetuneConfig", "finetune", "validate_config", "FINETUNE_METHODS", "RUN_FILE", "LOG_FILE"]
-
-FINETUNE_METHODS = ("sla", "radial", "tile", "gna")
+__all__ = ["FinetuneConfig", "finetune", "validate_config", "finetune_methods", "RUN_FILE", "LOG_FILE"]
 MODES = ("distill", "data")
 MIXED_PRECISION = ("no", "fp16", "bf16")
 RUN_FILE = "finetune_run.json"
@@ -159,6 +159,11 @@ class FinetuneConfig:
         return json.loads(json.dumps(out))
 
 
+def finetune_methods() -> Tuple[str, ...]:
+    """Names of the registered methods that can be fine-tuned (``register_method(..., finetunable=True)``)."""
+    return tuple(name for name, entry in registered_methods().items() if entry.finetunable)
+
+
 def _require(ok: bool, message: str) -> None:
     if not ok:
         raise ValueError(message)
@@ -167,8 +172,8 @@ def _require(ok: bool, message: str) -> None:
 def validate_config(config: FinetuneConfig) -> None:
     """Check the settings that need no model (types, ranges, files); ValueError naming the option."""
     c = config
-    _require(isinstance(c.method, Method) and c.method.name in FINETUNE_METHODS,
-             f"method={c.method!r} is invalid: fine-tuning supports {list(FINETUNE_METHODS)} configs "
+    _require(isinstance(c.method, Method) and c.method.name in finetune_methods(),
+             f"method={c.method!r} is invalid: fine-tuning supports {list(finetune_methods())} configs "
              "(e.g. dit_accel.SLA(topk=0.05)).")
     _require(c.mode in MODES, f"--mode {c.mode!r} is invalid: choose one of {list(MODES)}.")
     for name in ("steps", "rank", "batch_size", "frames", "height", "width", "max_sequence_length"):
@@ -200,8 +205,16 @@ def validate_config(config: FinetuneConfig) -> None:
         data_mod.read_prompts(c.prompts)
 
 
-def _check_output(config: FinetuneConfig) -> Tuple[Path, list]:
+def _run_record(config: FinetuneConfig, world: int) -> dict:
+    """What identifies a run (written to RUN_FILE): the settings and the number of processes."""
+    return {**config.settings(), "num_processes": world}
+
+
+def _check_output(config: FinetuneConfig, world: int) -> Tuple[Path, list]:
     """Refuse an output folder that holds something else, unless --resume (same run) or --overwrite.
+
+    A run resumed with another number of processes would see other data and noise per step and end
+    elsewhere than the uninterrupted run, so it is refused like any other changed setting.
 
     Reads only: every process checks at start, and nothing is written until every other
     input check has passed (see :func:`_init_output`), so a rejected run leaves no trace.
@@ -222,7 +235,8 @@ def _check_output(config: FinetuneConfig) -> Tuple[Path, list]:
             raise ValueError(f"--resume: {str(out)!r} holds no fine-tuning run ({RUN_FILE} missing); "
                              "use an empty folder or --overwrite.")
         previous = json.loads(run_file.read_text())
-        current = config.settings()
+        previous.setdefault("num_processes", 1)  # run files of 0.1 had no process count (single process)
+        current = _run_record(config, world)
         diff = sorted(k for k in set(previous) | set(current)
                       if k not in _RESUMABLE and previous.get(k) != current.get(k))
         if diff:
@@ -241,7 +255,7 @@ def _init_output(config: FinetuneConfig, accelerator, out: Path, contents: list)
             for p in contents:
                 shutil.rmtree(p) if p.is_dir() else p.unlink()
         out.mkdir(parents=True, exist_ok=True)
-        run_file.write_text(json.dumps(config.settings(), indent=2) + "\n")
+        run_file.write_text(json.dumps(_run_record(config, accelerator.num_processes), indent=2) + "\n")
     accelerator.wait_for_everyone()
 
 
@@ -263,35 +277,9 @@ def _check_method_fits(method: Method, io: ModelIO, config: FinetuneConfig) -> T
 def _load_pipe(config: FinetuneConfig, device, dtype):
     if not isinstance(config.model, str):
         return config.model.to(device=device, dtype=dtype) if dtype != torch.float32 else config.model.to(device)
-    try:
-        from ..models.loading import load_pipeline
-    except ImportError:
-        load_pipeline = None
-    if load_pipeline is not None:
-        return load_pipeline(config.model, device=device, dtype=dtype, seed=0)
-    from ..models.tiny import build_tiny_pipeline
+    from ..models.loading import load_pipeline
 
-    return build_tiny_pipeline(config.model, device=device, dtype=dtype)
-
-
-class _DenseTeacher:
-    """Runs the transformer as the dense teacher: LoRA off, original attention processors in."""
-
-    def __init__(self, transformer: nn.Module, dense_processors: dict):
-        self.transformer = transformer
-        self.dense = dense_processors
-
-    @contextlib.contextmanager
-    def active(self):
-        t = self.transformer
-        sparse = t.attn_processors
-        t.set_attn_processor(dict(self.dense))
-        t.disable_adapters()
-        try:
-            yield
-        finally:
-            t.enable_adapters()
-            t.set_attn_processor(sparse)
+    return load_pipeline(config.model, device=device, dtype=dtype, seed=0)
 
 
 def _save_rng() -> dict:
@@ -357,17 +345,6 @@ def _load_checkpoint(path: Path, params: Dict[str, nn.Parameter], optimizer, sca
     return int(state["step"]), list(state["loss"])
 
 
-def _versions() -> dict:
-    import accelerate
-    import diffusers
-    import peft
-
-    from .. import __version__
-
-    return {"dit_accel": __version__, "torch": torch.__version__, "diffusers": diffusers.__version__,
-            "peft": peft.__version__, "accelerate": accelerate.__version__, "python": platform.python_version()}
-
-
 def _sync_grads(params: Sequence[nn.Parameter], accelerator) -> None:
     """Average gradients over processes in one flat all-reduce (no DDP wrapper: the SLA
     projections live outside the transformer's module tree and the teacher shares its weights)."""
@@ -383,262 +360,298 @@ def _sync_grads(params: Sequence[nn.Parameter], accelerator) -> None:
         offset += n
 
 
+def _read_inputs(config: FinetuneConfig):
+    """``(prompts, dataset)``: the prompt list (distill without data) or the caption folder, checked."""
+    if config.data is not None:
+        dataset = data_mod.CaptionDataset(config.data, frames=config.frames, height=config.height, width=config.width)
+        data_mod.check_batchable(dataset, config.batch_size)
+        return None, dataset
+    if config.mode == "data":
+        data_mod.CaptionDataset(None, frames=1, height=1, width=1)  # raises the "--data is required" error
+    return data_mod.read_prompts(config.prompts), None
+
+
+def _accelerator(config: FinetuneConfig):
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    # cpu=True on machines without CUDA: with several launched processes (torchrun / `accelerate launch
+    # --multi_gpu`) accelerate then runs MULTI_CPU over gloo instead of silently training N separate copies.
+    use_cpu = not torch.cuda.is_available() or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
+    # accelerate keeps one process-global state; a second finetune() call in the same process (other
+    # mixed precision) must be able to configure it again. The process group (PartialState) is kept.
+    AcceleratorState._reset_state(reset_partial_state=False)
+    return Accelerator(mixed_precision=config.mixed_precision, cpu=use_cpu)
+
+
+class _Trainer:
+    """One run's live objects and its steps: batches, the loss, held-out evaluation, one optimizer step."""
+
+    def __init__(self, config: FinetuneConfig, accelerator, prompts, dataset):
+        self.config, self.accelerator, self.dataset = config, accelerator, dataset
+        self.device = accelerator.device
+        self.weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[
+            config.mixed_precision]
+        self.rank, self.world = accelerator.process_index, accelerator.num_processes
+        self.pipe = _load_pipe(config, self.device, self.weight_dtype)
+        self.io = model_io_for(self.pipe, max_sequence_length=config.max_sequence_length)
+        self.grid = _check_method_fits(config.method, self.io, config)
+        self.transformer = self.pipe.transformer
+        self._prepare_text(prompts)
+        self._install_student()
+        self.accum = config.gradient_accumulation_steps or (
+            math.ceil(DISTILL_SAMPLES_PER_STEP / (config.batch_size * self.world)) if config.mode == "distill" else 1)
+        self.samples_per_step = config.batch_size * self.accum * self.world
+
+    # ------------------------------------------------------------- set-up
+    def _prepare_text(self, prompts) -> None:
+        # Up to _CACHED_PROMPTS texts are embedded once and the text encoder leaves the device; more
+        # (a large caption set) are embedded per batch so memory does not grow with the dataset.
+        self.texts = sorted(set(self.dataset.captions)) if self.dataset is not None else prompts
+        self.text_index = {t: i for i, t in enumerate(self.texts)}
+        self.embeds = None
+        if len(self.texts) <= _CACHED_PROMPTS:
+            self.embeds = self.io.encode_prompts(self.texts, self.device, self.weight_dtype)
+            if getattr(self.pipe, "text_encoder", None) is not None:
+                self.pipe.text_encoder.to("cpu")
+        if self.dataset is None and getattr(self.pipe, "vae", None) is not None:
+            self.pipe.vae.to("cpu")
+
+    def _install_student(self) -> None:
+        """dit_accel on the transformer, LoRA adapters, the trainable parameters and the optimizer."""
+        import dit_accel
+        from peft import LoraConfig
+
+        config, transformer = self.config, self.transformer
+        transformer.requires_grad_(False)
+        apply_kwargs = {"backend": config.backend}
+        if config.dense_layers is not None:
+            apply_kwargs["dense_layers"] = list(config.dense_layers)
+        self.dense_layers = apply_kwargs.get("dense_layers")
+        self.handle = dit_accel.apply(transformer, config.method, **apply_kwargs)
+        targets = tuple(config.target_modules.split(",")) if isinstance(config.target_modules, str) else tuple(
+            config.target_modules)
+        self.lora_config = LoraConfig(r=config.rank, lora_alpha=config.alpha if config.alpha is not None else
+                                      config.rank, init_lora_weights=True, target_modules=list(targets))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(config.seed)  # LoRA A init draws from the global generator
+            try:
+                transformer.add_adapter(self.lora_config)
+            except ValueError as e:
+                raise ValueError(f"--target-modules {','.join(targets)}: {e}") from None
+        self.projections = self.handle.sla_projections()
+        if isinstance(config.method, SLA) and not self.projections:
+            raise ValueError("--method sla: dit_accel.apply created no SLA projections for this model.")
+        self.params = _trainable(transformer, self.projections, targets)
+        if config.gradient_checkpointing:
+            transformer.enable_gradient_checkpointing()
+        transformer.train()
+        groups = [{"params": [p for k, p in self.params.items() if k.startswith("transformer.")], "lr_scale": 1.0}]
+        sla = [p for k, p in self.params.items() if k.startswith("sla.")]
+        if sla:
+            groups.append({"params": sla, "lr_scale": config.sla_lr_scale})
+        optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
+        self.optimizer = self.accelerator.prepare(optimizer)
+        self.scaler = getattr(self.accelerator, "scaler", None)
+
+    # ------------------------------------------------------------- batches and losses
+    def batch(self, step: int, held_out: bool = False):
+        """Noisy latents, timesteps, prompt embeddings and flow target of micro-batch ``step``.
+
+        ``step`` counts micro-batches (optimizer step * accum + micro), so accum=1 keeps the streams of
+        plain steps. Held-out batches (eval loss) use their own streams: rank-independent, disjoint
+        from training.
+        """
+        config = self.config
+        seed = config.seed + (0x5EED if held_out else 0)
+        rank, world = (0, 1) if held_out else (self.rank, self.world)
+        g = data_mod.step_generator(seed, step, rank)
+        sigma = torch.rand(config.batch_size, generator=g)
+        if self.dataset is not None:
+            idx = data_mod.sample_indices(len(self.dataset), seed=seed, step=step, batch=config.batch_size, rank=rank,
+                                          world=world)
+            items = [self.dataset.item(i) for i in idx]
+            if getattr(self.pipe.vae, "device", None) != self.device:
+                self.pipe.vae.to(self.device)
+            clean = self.io.encode_video(torch.stack([x for x, _ in items])).float().cpu()
+            choice = [self.text_index[c] for _, c in items]
+        else:
+            clean = torch.randn(self.io.latent_shape(config.batch_size, config.frames, config.height, config.width),
+                                generator=g)
+            choice = torch.randint(len(self.texts), (config.batch_size,), generator=g).tolist()
+        noise = torch.randn(clean.shape, generator=g)
+        s = sigma.view(-1, *([1] * (clean.dim() - 1)))
+        noisy = (1.0 - s) * clean + s * noise
+        embeds = self.embeds[choice] if self.embeds is not None else self.io.encode_prompts(
+            [self.texts[i] for i in choice], self.device, self.weight_dtype)
+        return (noisy.to(self.device, self.weight_dtype), (sigma * 1000.0).to(self.device, self.weight_dtype),
+                embeds.to(self.device), (noise - clean).to(self.device))
+
+    def loss(self, batch, *, grad: bool):
+        noisy, timesteps, prompt_embeds, flow_target = batch
+        with self.accelerator.autocast():
+            if self.config.mode == "distill":  # the teacher: the same transformer, dense, without LoRA
+                with torch.no_grad(), self.handle.bypassed(), _adapters_disabled(self.transformer):
+                    target = self.io.forward(self.transformer, noisy, timesteps, prompt_embeds).float()
+            else:
+                target = flow_target.float()
+            with contextlib.nullcontext() if grad else torch.no_grad():
+                pred = self.io.forward(self.transformer, noisy, timesteps, prompt_embeds)
+                return torch.nn.functional.mse_loss(pred.float(), target)
+
+    def eval_loss(self) -> Optional[float]:
+        if not self.config.eval_batches:
+            return None
+        values = [float(self.loss(self.batch(i, held_out=True), grad=False)) for i in range(self.config.eval_batches)]
+        return sum(values) / len(values)
+
+    def step(self, step: int, first: bool) -> float:
+        """One optimizer step (``accum`` micro-batches); returns the loss averaged over processes."""
+        config = self.config
+        warm = min(1.0, (step + 1) / config.lr_warmup_steps) if config.lr_warmup_steps else 1.0
+        for group in self.optimizer.param_groups:
+            group["lr"] = config.lr * warm * group["lr_scale"]
+        loss = 0.0
+        for micro in range(self.accum):
+            try:
+                micro_loss = self.loss(self.batch(step * self.accum + micro), grad=True) / self.accum
+            except ValueError as e:
+                if first:  # a model/method mismatch found by the first forward: nothing trained yet
+                    raise ValueError(f"--method {config.method.name} on token grid {self.grid}: {e}") from None
+                raise
+            self.accelerator.backward(micro_loss)
+            loss = loss + micro_loss.detach()
+        trainable = list(self.params.values())
+        _sync_grads(trainable, self.accelerator)
+        if config.max_grad_norm and config.max_grad_norm > 0:
+            self.accelerator.clip_grad_norm_(trainable, config.max_grad_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(self.accelerator.reduce(loss.float().reshape(1), reduction="mean").item())
+
+
+@contextlib.contextmanager
+def _adapters_disabled(transformer):
+    transformer.disable_adapters()
+    try:
+        yield
+    finally:
+        transformer.enable_adapters()
+
+
+def _trainable(transformer, projections, targets) -> Dict[str, nn.Parameter]:
+    """LoRA and SLA-projection parameters by checkpoint key, made trainable in fp32."""
+    params: Dict[str, nn.Parameter] = {f"transformer.{n}": p for n, p in transformer.named_parameters()
+                                       if "lora_" in n}
+    if not params:
+        raise ValueError(f"--target-modules {','.join(targets)} matched no layers of {type(transformer).__name__}.")
+    for name, module in projections.items():
+        for pname, p in module.named_parameters():
+            params[f"sla.{name}.{pname}"] = p
+    for p in params.values():
+        p.requires_grad_(True)
+        p.data = p.data.float()  # trainable tensors in fp32 whatever the frozen weights use
+    return params
+
+
+def _resume(trainer: _Trainer, out: Path) -> Tuple[int, List[float], Optional[int]]:
+    """``(start step, losses so far, resumed_from)`` from the last checkpoint when ``--resume``."""
+    if not trainer.config.resume:
+        return 0, [], None
+    found = _checkpoints(out)
+    if not found:
+        if trainer.accelerator.is_main_process:
+            print(f"--resume: no checkpoint in {out / CKPT_DIR}; starting from step 0")
+        return 0, [], None
+    start, losses = _load_checkpoint(found[-1], trainer.params, trainer.optimizer, trainer.scaler)
+    return start, losses[:start], start
+
+
+def _train(trainer: _Trainer, out: Path, start: int, losses: List[float]) -> float:
+    """The training loop from ``start``; checkpoints on the main process. Returns the seconds it took."""
+    from tqdm.auto import tqdm
+
+    config, accelerator = trainer.config, trainer.accelerator
+    bar = tqdm(total=config.steps, initial=start, disable=not (config.progress and accelerator.is_main_process),
+               desc=f"finetune {config.method.name}/{config.mode}")
+    t0 = time.perf_counter()
+    for step in range(start, config.steps):
+        losses.append(trainer.step(step, first=step == start))
+        bar.update(1)
+        if (step + 1) % config.log_every == 0 or step + 1 == config.steps:
+            bar.set_postfix(loss=f"{losses[-1]:.4g}")
+        done = step + 1
+        if accelerator.is_main_process and (
+                done == config.steps or (config.checkpoint_every and done % config.checkpoint_every == 0)):
+            _save_checkpoint(out, done, trainer.params, trainer.optimizer, trainer.scaler, losses,
+                             config.checkpoints_total_limit)
+        accelerator.wait_for_everyone()
+    bar.close()
+    return time.perf_counter() - t0
+
+
+def _write_results(trainer: _Trainer, out: Path, result: dict) -> None:
+    """The weights folder and the log (main process)."""
+    config = trainer.config
+    save_trained_weights(out, transformer=trainer.transformer, method=config.method, lora_config=trainer.lora_config,
+                         sla_projections=trainer.projections or None,
+                         extra={"model": config.settings()["model"], "token_grid": list(trainer.grid),
+                                "dense_layers": trainer.dense_layers, "frames": config.frames,
+                                "height": config.height, "width": config.width})
+    losses = result["loss"]
+    log = {
+        "settings": config.settings(), "versions": versions(("torch", "diffusers", "peft", "accelerate")),
+        "num_processes": trainer.world, "device": str(trainer.device), "token_grid": list(trainer.grid),
+        "trainable_parameters": int(sum(p.numel() for p in trainer.params.values())),
+        "gradient_accumulation_steps": trainer.accum, "samples_per_step": trainer.samples_per_step,
+        "resumed_from": result["resumed_from"], "seconds_this_session": round(result["seconds"], 3),
+        "loss": [{"step": i + 1, "loss": v} for i, v in enumerate(losses)],
+        "initial_loss": result["initial_loss"], "final_loss": result["final_loss"],
+        "eval_loss_start": result["eval_loss_start"], "eval_loss_end": result["eval_loss_end"],
+    }
+    (out / LOG_FILE).write_text(json.dumps(log, indent=2) + "\n")
+
+
 def finetune(config: FinetuneConfig) -> Dict[str, Any]:
     """Fine-tune ``config.model`` for ``config.method`` and write the result to ``config.output``.
 
     Returns a dict with ``output`` (folder), ``loss`` (per-step losses, averaged
-    over processes), ``initial_loss``, ``final_loss``, ``steps``, ``resumed_from``
-    (step or None), ``seconds``, ``samples_per_step``, ``eval_loss_start`` /
+    over processes; the steps of earlier sessions too after ``--resume``),
+    ``initial_loss``, ``final_loss``, ``steps``, ``resumed_from`` (step or None),
+    ``steps_this_session``, ``seconds``, ``samples_per_step``, ``eval_loss_start`` /
     ``eval_loss_end`` (held-out student-teacher or flow loss, None when
     ``eval_batches=0``) and the live objects ``pipe`` and ``handle`` (the trained
     student, dit_accel installed, LoRA active).
 
     All input errors (ValueError) are raised before the first optimizer step.
     """
-    from accelerate import Accelerator
-    from peft import LoraConfig
-
-    import dit_accel
-
     validate_config(config)
-    method = config.method
-    targets = tuple(config.target_modules.split(",")) if isinstance(config.target_modules, str) else tuple(config.target_modules)
-    prompts: Optional[List[str]] = None
-    dataset = None
-    if config.data is not None:
-        dataset = data_mod.CaptionDataset(config.data, frames=config.frames, height=config.height, width=config.width)
-        data_mod.check_batchable(dataset, config.batch_size)
-    elif config.mode == "data":
-        data_mod.CaptionDataset(None, frames=1, height=1, width=1)  # raises the "--data is required" error
-    else:
-        prompts = data_mod.read_prompts(config.prompts)
-
-    # cpu=True on machines without CUDA: with several launched processes (torchrun / `accelerate launch
-    # --multi_gpu`) accelerate then runs MULTI_CPU over gloo instead of silently training N separate copies.
-    import os
-
-    use_cpu = not torch.cuda.is_available() or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
-    from accelerate.state import AcceleratorState
-
-    # accelerate keeps one process-global state; a second finetune() call in the same process (other
-    # mixed precision) must be able to configure it again. The process group (PartialState) is kept.
-    AcceleratorState._reset_state(reset_partial_state=False)
-    accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=use_cpu)
-    out, out_contents = _check_output(config)
-    device = accelerator.device
-    weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[config.mixed_precision]
-
-    pipe = _load_pipe(config, device, weight_dtype)
-    io = model_io_for(pipe, max_sequence_length=config.max_sequence_length)
-    grid = _check_method_fits(method, io, config)
-    transformer = pipe.transformer
-
-    # Up to _CACHED_PROMPTS texts are embedded once and the text encoder leaves the device; more
-    # (a large caption set) are embedded per batch so memory does not grow with the dataset.
-    texts = sorted(set(dataset.captions)) if dataset is not None else prompts
-    text_index = {t: i for i, t in enumerate(texts)}
-    embeds = io.encode_prompts(texts, device, weight_dtype) if len(texts) <= _CACHED_PROMPTS else None
-    if embeds is not None and getattr(pipe, "text_encoder", None) is not None:
-        pipe.text_encoder.to("cpu")
-
-    def embed(choice: List[int]) -> torch.Tensor:
-        if embeds is not None:
-            return embeds[choice]
-        return io.encode_prompts([texts[i] for i in choice], device, weight_dtype)
-    if dataset is None and getattr(pipe, "vae", None) is not None:
-        pipe.vae.to("cpu")
-
-    transformer.requires_grad_(False)
-    dense_processors = transformer.attn_processors
-    apply_kwargs = {"backend": config.backend}
-    if config.dense_layers is not None:
-        apply_kwargs["dense_layers"] = list(config.dense_layers)
-    handle = dit_accel.apply(transformer, method, **apply_kwargs)
-    teacher = _DenseTeacher(transformer, dense_processors)
-
-    lora_config = LoraConfig(r=config.rank, lora_alpha=config.alpha if config.alpha is not None else config.rank,
-                             init_lora_weights=True, target_modules=list(targets))
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(config.seed)  # LoRA A init draws from the global generator
-        try:
-            transformer.add_adapter(lora_config)
-        except ValueError as e:
-            raise ValueError(f"--target-modules {','.join(targets)}: {e}") from None
-    projections = handle.sla_projections() if hasattr(handle, "sla_projections") else {}
-    if isinstance(method, SLA) and not projections:
-        raise ValueError("--method sla: dit_accel.apply created no SLA projections for this model.")
-
-    params: Dict[str, nn.Parameter] = {}
-    for name, p in transformer.named_parameters():
-        if "lora_" in name:
-            params[f"transformer.{name}"] = p
-    for name, module in projections.items():
-        for pname, p in module.named_parameters():
-            params[f"sla.{name}.{pname}"] = p
-    if not any(k.startswith("transformer.") for k in params):
-        raise ValueError(f"--target-modules {','.join(targets)} matched no layers of {type(transformer).__name__}.")
-    for p in params.values():
-        p.requires_grad_(True)
-        p.data = p.data.float()  # trainable tensors in fp32 whatever the frozen weights use
-    trainable = list(params.values())
-    if config.gradient_checkpointing:
-        transformer.enable_gradient_checkpointing()
-    transformer.train()
-
-    lora_params = [p for k, p in params.items() if k.startswith("transformer.")]
-    sla_params = [p for k, p in params.items() if k.startswith("sla.")]
-    groups = [{"params": lora_params, "lr_scale": 1.0}]
-    if sla_params:
-        groups.append({"params": sla_params, "lr_scale": config.sla_lr_scale})
-    optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
-    optimizer = accelerator.prepare(optimizer)
-    scaler = getattr(accelerator, "scaler", None)
-
-    start, losses, resumed_from = 0, [], None
-    if config.resume:
-        found = _checkpoints(out)
-        if found:
-            start, losses = _load_checkpoint(found[-1], params, optimizer, scaler)
-            losses = losses[:start]
-            resumed_from = start
-        elif accelerator.is_main_process:
-            print(f"--resume: no checkpoint in {out / CKPT_DIR}; starting from step 0")
-
-    rank, world = accelerator.process_index, accelerator.num_processes
-    latent_shape = io.latent_shape(config.batch_size, config.frames, config.height, config.width)
-
-    accum = config.gradient_accumulation_steps
-    if accum is None:
-        accum = math.ceil(DISTILL_SAMPLES_PER_STEP / (config.batch_size * world)) if config.mode == "distill" else 1
-
-    def batch_for(step: int, held_out: bool = False):
-        # ``step`` counts micro-batches (optimizer step * accum + micro), so accum=1 keeps the streams of
-        # plain steps. Held-out batches (eval loss) use their own streams: rank-independent, disjoint
-        # from training.
-        g = data_mod.step_generator(config.seed + 0x5EED if held_out else config.seed, step, 0 if held_out else rank)
-        sigma = torch.rand(config.batch_size, generator=g)
-        if dataset is not None:
-            idx = data_mod.sample_indices(len(dataset), seed=config.seed + (0x5EED if held_out else 0), step=step,
-                                          batch=config.batch_size, rank=0 if held_out else rank,
-                                          world=1 if held_out else world)
-            items = [dataset.item(i) for i in idx]
-            pixels = torch.stack([x for x, _ in items])
-            if getattr(pipe.vae, "device", None) != device:
-                pipe.vae.to(device)
-            clean = io.encode_video(pixels).float().cpu()
-            choice = [text_index[c] for _, c in items]
-        else:
-            shape = latent_shape
-            clean = torch.randn(shape, generator=g)
-            choice = torch.randint(len(texts), (config.batch_size,), generator=g).tolist()
-        noise = torch.randn(clean.shape, generator=g)
-        s = sigma.view(-1, *([1] * (clean.dim() - 1)))
-        noisy = (1.0 - s) * clean + s * noise
-        return (noisy.to(device, weight_dtype), (sigma * 1000.0).to(device, weight_dtype),
-                embed(choice).to(device), (noise - clean).to(device))
-
-    def loss_on(batch, *, grad: bool):
-        noisy, timesteps, prompt_embeds, flow_target = batch
-        with accelerator.autocast():
-            if config.mode == "distill":
-                with torch.no_grad(), teacher.active():
-                    target = io.forward(transformer, noisy, timesteps, prompt_embeds).float()
-            else:
-                target = flow_target.float()
-            with contextlib.nullcontext() if grad else torch.no_grad():
-                pred = io.forward(transformer, noisy, timesteps, prompt_embeds)
-                return torch.nn.functional.mse_loss(pred.float(), target)
-
-    def eval_loss() -> Optional[float]:
-        if not config.eval_batches:
-            return None
-        values = [float(loss_on(batch_for(i, held_out=True), grad=False)) for i in range(config.eval_batches)]
-        return sum(values) / len(values)
-
+    prompts, dataset = _read_inputs(config)
+    accelerator = _accelerator(config)
+    out, out_contents = _check_output(config, accelerator.num_processes)
+    trainer = _Trainer(config, accelerator, prompts, dataset)
+    start, losses, resumed_from = _resume(trainer, out)
     try:  # the first forward finds model/method mismatches before anything is trained
-        eval_start = eval_loss()
+        eval_start = trainer.eval_loss()
     except ValueError as e:
-        raise ValueError(f"--method {method.name} on token grid {grid}: {e}") from None
+        raise ValueError(f"--method {config.method.name} on token grid {trainer.grid}: {e}") from None
     _init_output(config, accelerator, out, out_contents)
-
-    samples_per_step = config.batch_size * accum * accelerator.num_processes
-    if config.mode == "distill" and samples_per_step < DISTILL_SAMPLES_PER_STEP and config.progress \
+    if config.mode == "distill" and trainer.samples_per_step < DISTILL_SAMPLES_PER_STEP and config.progress \
             and accelerator.is_main_process:
-        import sys
-
-        print(f"note: {samples_per_step} sample(s) per optimizer step; distillation gradients are mostly "
+        print(f"note: {trainer.samples_per_step} sample(s) per optimizer step; distillation gradients are mostly "
               "sample-specific, so the held-out loss can rise before it falls. Leave --gradient-accumulation-steps "
               f"unset (>= {DISTILL_SAMPLES_PER_STEP} samples per step) or raise --batch-size.", file=sys.stderr)
-
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=config.steps, initial=start, disable=not (config.progress and accelerator.is_main_process),
-               desc=f"finetune {method.name}/{config.mode}")
-    t0 = time.perf_counter()
-    for step in range(start, config.steps):
-        warm = min(1.0, (step + 1) / config.lr_warmup_steps) if config.lr_warmup_steps else 1.0
-        for group in optimizer.param_groups:
-            group["lr"] = config.lr * warm * group["lr_scale"]
-        loss = 0.0
-        for micro in range(accum):
-            try:
-                micro_loss = loss_on(batch_for(step * accum + micro), grad=True) / accum
-            except ValueError as e:
-                if step == start:  # a model/method mismatch found by the first forward: nothing trained yet
-                    raise ValueError(f"--method {method.name} on token grid {grid}: {e}") from None
-                raise
-            accelerator.backward(micro_loss)
-            loss = loss + micro_loss.detach()
-        _sync_grads(trainable, accelerator)
-        if config.max_grad_norm and config.max_grad_norm > 0:
-            accelerator.clip_grad_norm_(trainable, config.max_grad_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-        value = float(accelerator.reduce(loss.float().reshape(1), reduction="mean").item())
-        losses.append(value)
-        bar.update(1)
-        if (step + 1) % config.log_every == 0 or step + 1 == config.steps:
-            bar.set_postfix(loss=f"{value:.4g}")
-        done = step + 1
-        if accelerator.is_main_process and (
-                done == config.steps or (config.checkpoint_every and done % config.checkpoint_every == 0)):
-            _save_checkpoint(out, done, params, optimizer, scaler, losses, config.checkpoints_total_limit)
-        accelerator.wait_for_everyone()
-    bar.close()
-    seconds = time.perf_counter() - t0
-    eval_end = eval_loss()
-
-    if accelerator.is_main_process:
-        save_trained_weights(out, transformer=transformer, method=method, lora_config=lora_config,
-                             sla_projections=projections or None,
-                             extra={"model": config.settings()["model"], "token_grid": list(grid),
-                                    "dense_layers": apply_kwargs.get("dense_layers"),
-                                    "frames": config.frames, "height": config.height, "width": config.width})
-        log = {
-            "settings": config.settings(),
-            "versions": _versions(),
-            "num_processes": world,
-            "device": str(device),
-            "token_grid": list(grid),
-            "trainable_parameters": int(sum(p.numel() for p in trainable)),
-            "gradient_accumulation_steps": accum,
-            "samples_per_step": samples_per_step,
-            "resumed_from": resumed_from,
-            "seconds_this_session": round(seconds, 3),
-            "loss": [{"step": i + 1, "loss": v} for i, v in enumerate(losses)],
-            "initial_loss": losses[0] if losses else None,
-            "final_loss": losses[-1] if losses else None,
-            "eval_loss_start": eval_start,
-            "eval_loss_end": eval_end,
-        }
-        (out / LOG_FILE).write_text(json.dumps(log, indent=2) + "\n")
-    accelerator.wait_for_everyone()
-    transformer.eval()
-    return {
+    seconds = _train(trainer, out, start, losses)
+    result = {
         "output": str(out), "loss": losses, "initial_loss": losses[0] if losses else None,
         "final_loss": losses[-1] if losses else None, "steps": config.steps, "resumed_from": resumed_from,
-        "seconds": seconds, "num_processes": world, "samples_per_step": samples_per_step,
-        "eval_loss_start": eval_start, "eval_loss_end": eval_end, "pipe": pipe, "handle": handle,
-        "sla_state": sla_state_dict(projections) if projections else {},
+        "steps_this_session": config.steps - start, "seconds": seconds, "num_processes": trainer.world,
+        "samples_per_step": trainer.samples_per_step, "eval_loss_start": eval_start,
+        "eval_loss_end": trainer.eval_loss(),
     }
+    if accelerator.is_main_process:
+        _write_results(trainer, out, result)
+    accelerator.wait_for_everyone()
+    trainer.transformer.eval()
+    return {**result, "pipe": trainer.pipe, "handle": trainer.handle,
+            "sla_state": sla_state_dict(trainer.projections) if trainer.projections else {}}

@@ -1,6 +1,5 @@
 """block_sparse_attention backends (torch, flex), their selection and input errors, against the dense oracle."""
 
-import math
 import subprocess
 import sys
 

@@ -107,7 +107,7 @@ def test_twin_topk_one_zero_proj_is_dense_attention():
 def test_twin_without_proj_is_top_k_sparse_attention():
     q, k, v = make_qkv(1, 2, 257, 64)
     method = SLA(topk=0.4)
-    o, o_s, lse, o_lp, info = (sla_attention(q, k, v, method, backend="torch"),
+    o, o_s, _lse, o_lp, info = (sla_attention(q, k, v, method, backend="torch"),
                                *sla_attention(q, k, v, method, backend="torch", return_parts=True))
     torch.testing.assert_close(o, o_s)
     assert not o_lp.any()

@@ -1,64 +1,26 @@
 """dit_accel.apply on tiny random transformers of every supported class (CPU, fp32).
 
-The reference for a sparse run is independent of dit_accel's path: a
-TorchFunctionMode written here catches every SDPA call of the *unmodified*
-model and replaces it with fp32 dense attention under a token mask in which
+The reference for a sparse run is independent of dit_accel's path:
+``tests.utils.ReferenceAttention`` catches every SDPA call of the *unmodified*
+model and replaces it with the fp32 dense oracle under a token mask in which
 video-video pairs follow the pattern's raster mask (``gna_mask``/``tile_mask``/
 ``radial_mask``), every pair involving a text token is allowed, and padded text
 keys are excluded.
 """
 
-import math
-
 import pytest
 import torch
-import torch.nn.functional as F
-from torch.overrides import TorchFunctionMode
 
 import dit_accel
-from dit_accel.patterns import gna_mask, tile_mask
-
 from dit_accel.models import tiny as T
-from dit_accel.pipelines.presets import PRESETS, SUPPORTED, preset_for
+from dit_accel.patterns import gna_mask, tile_mask
 from dit_accel.pipelines.hooks import SparseAttnProcessor
+from dit_accel.pipelines.presets import PRESETS, SUPPORTED, preset_for
+from tests.utils import ReferenceAttention
 
 SPARSE = {name: dit_accel.GNA(kernel_size=(3, 5)) if name == "flux" else dit_accel.GNA(kernel_size=(2, 5, 5))
           for name in T.TRANSFORMER_NAMES}
 PADDED = {"hunyuan", "mochi"}  # models whose text padding mask the test exercises
-
-
-def _dense_masked(q, k, v, allowed, scale):
-    s = torch.matmul(q.double(), k.double().transpose(-1, -2)) * scale
-    s = s.masked_fill(~allowed, float("-inf"))
-    p = torch.softmax(s, dim=-1).nan_to_num(0.0)
-    return torch.matmul(p, v.double()).to(q.dtype)
-
-
-class ReferenceAttention(TorchFunctionMode):
-    """Replaces self/joint SDPA calls of a model by masked dense attention."""
-
-    def __init__(self, pattern: torch.Tensor, text_position: str):
-        super().__init__()
-        self.pattern, self.position, self.calls = pattern, text_position, 0
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is not F.scaled_dot_product_attention:
-            return func(*args, **kwargs)
-        names = ("query", "key", "value", "attn_mask")
-        call = dict(zip(names, args), **kwargs)
-        q, k, v, mask = call["query"], call["key"], call["value"], call.get("attn_mask")
-        nv, s = self.pattern.shape[0], q.shape[2]
-        if k.shape[2] != s or s < nv or (self.position == "none" and s != nv):
-            return func(*args, **kwargs)  # cross-attention, text-only refiner
-        allowed = torch.ones(s, s, dtype=torch.bool)
-        video = slice(s - nv, s) if self.position == "first" else slice(0, nv)
-        allowed[video, video] = self.pattern
-        allowed = allowed[None, None]
-        if mask is not None:
-            allowed = allowed & mask.reshape(mask.shape[0], 1, 1, s)
-        self.calls += 1
-        return _dense_masked(q, k, v, allowed, call.get("scale") or 1 / math.sqrt(q.shape[-1]))
 
 
 def _inputs(name, model, batch=2, grid=None):
@@ -133,10 +95,7 @@ def test_tile_and_radial_match_reference_on_wan(models, method):
     if isinstance(method, dit_accel.Tile):
         pattern = tile_mask(grid, method.tile, method.window)
     else:
-        try:
-            from dit_accel.patterns import radial_mask
-        except ImportError:  # exported from the package once the patterns owner adds it
-            from dit_accel.patterns.radial import radial_mask
+        from dit_accel.patterns import radial_mask
 
         pattern = radial_mask(grid, block_size=method.block_size, decay=method.decay, sink_frames=method.sink_frames)
     assert not pattern.all()

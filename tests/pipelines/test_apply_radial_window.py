@@ -1,45 +1,20 @@
 """dit_accel.apply(..., Radial(spatial="window")) on the tiny Wan transformer (CPU, fp32).
 
-The reference is independent of dit_accel's attention path: a TorchFunctionMode
-written here replaces every self-attention SDPA call of the *unmodified* model
-by fp64 dense attention under ``radial_window_mask`` (raster order). Wan's
-self-attention is video-only, so the mask covers the whole sequence.
+The reference is independent of dit_accel's attention path:
+``tests.utils.ReferenceAttention`` replaces every self-attention SDPA call of the
+*unmodified* model by the dense oracle under ``radial_window_mask`` (raster
+order). Wan's self-attention is video-only, so the mask covers the whole sequence.
 """
-
-import math
 
 import pytest
 import torch
-import torch.nn.functional as F
-from torch.overrides import TorchFunctionMode
 
 import dit_accel
-from dit_accel.patterns import radial_window_layout, radial_window_mask
-
 from dit_accel.models import tiny as T
+from dit_accel.patterns import radial_window_layout, radial_window_mask
+from tests.utils import ReferenceAttention
 
 GRID = (6, 12, 16)  # S = 192, B = 64: far frame pairs get a 9 x 13 window, distance 5 is dropped
-
-
-class MaskedSelfAttention(TorchFunctionMode):
-    def __init__(self, pattern: torch.Tensor):
-        super().__init__()
-        self.pattern, self.calls = pattern, 0
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is not F.scaled_dot_product_attention:
-            return func(*args, **kwargs)
-        call = dict(zip(("query", "key", "value"), args), **kwargs)
-        q, k, v = call["query"], call["key"], call["value"]
-        n = self.pattern.shape[0]
-        if q.shape[2] != n or k.shape[2] != n:  # cross-attention to text
-            return func(*args, **kwargs)
-        self.calls += 1
-        scale = call.get("scale") or 1 / math.sqrt(q.shape[-1])
-        s = torch.matmul(q.double(), k.double().transpose(-1, -2)) * scale
-        p = torch.softmax(s.masked_fill(~self.pattern, float("-inf")), dim=-1)
-        return torch.matmul(p, v.double()).to(q.dtype)
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +34,7 @@ def test_window_matches_masked_reference(wan, sinks):
     method = dit_accel.Radial(block_size=64, decay=1.0, sink_frames=sinks, spatial="window")
     pattern = radial_window_mask(GRID, 64, 1.0, sinks)
     assert not pattern.all()
-    with MaskedSelfAttention(pattern) as ref_mode:
+    with ReferenceAttention(pattern, "none") as ref_mode:
         ref = _run(model, kwargs)
     assert ref_mode.calls == 2  # two transformer blocks
     with dit_accel.apply(model, method, backend="torch") as handle:

@@ -285,16 +285,15 @@ def test_cli_reports_input_errors(tmp_path, capsys):
 def test_teacher_is_the_dense_model_without_lora():
     from peft import LoraConfig
 
-    from dit_accel.training.finetune import _DenseTeacher
+    from dit_accel.training.finetune import _adapters_disabled
 
     pipe = build_tiny_pipeline("tiny-wan")
     t = pipe.transformer
     dense = _probe(t)
-    processors = t.attn_processors
     handle = dit_accel.apply(t, METHOD)
     t.add_adapter(LoraConfig(r=2, lora_alpha=2, init_lora_weights=False, target_modules=["to_q", "to_v"]))
     student = _probe(t)
-    with _DenseTeacher(t, processors).active():
+    with handle.bypassed(), _adapters_disabled(t):  # how the trainer runs its dense teacher
         teacher = _probe(t)
     assert not torch.allclose(student, dense, atol=1e-4)
     torch.testing.assert_close(teacher, dense, rtol=0, atol=0)

@@ -1,9 +1,9 @@
 """CPU benchmark: dit_accel's torch backend vs dense SDPA at N = 8192.
 
-Usage (from the repository root)::
+Usage::
 
-    python benchmarks/cpu_block_sparse.py                       # N=8192, D=64, 8 heads, ~10% blocks
-    python benchmarks/cpu_block_sparse.py --pattern window --repeats 7 --backward
+    python -m dit_accel.eval.bench_cpu                          # N=8192, D=64, 8 heads, ~10% blocks
+    python -m dit_accel.eval.bench_cpu --pattern window --repeats 7 --backward
 
 Patterns (built at block level, no N x N mask):
 - ``band``:   each query block visits the ~density*nK key blocks around its diagonal,
@@ -23,19 +23,15 @@ dense and sparse alternating so that load from other processes hits both alike.
 from __future__ import annotations
 
 import argparse
-import os
 import platform
 import statistics
 import sys
 import time
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import torch
+import torch.nn.functional as F
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-from dit_accel.kernels import BlockLayout, block_sparse_attention  # noqa: E402
+from ..kernels import BlockLayout, block_sparse_attention
 
 
 def band_layout(n: int, block: int, density: float) -> BlockLayout:
@@ -82,7 +78,7 @@ def make_layout(name: str, args) -> BlockLayout:
         return band_layout(args.n, args.block, args.density)
     if name == "window":
         return window_layout(args.n, args.block, args.density)
-    from dit_accel.patterns import tile_layout
+    from ..patterns import tile_layout
 
     if args.n != 8192 or args.block != 64:
         raise SystemExit("--pattern tile uses a fixed (8, 32, 32) grid: keep --n 8192 --block 64")
@@ -119,7 +115,7 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
     shape = (args.batch, args.heads, args.n, args.d)
     q, k, v = (torch.randn(shape) for _ in range(3))
-    cmd = "python benchmarks/cpu_block_sparse.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    cmd = "python -m dit_accel.eval.bench_cpu " + " ".join(argv if argv is not None else sys.argv[1:])
     machine = f"{platform.machine()} CPU, {torch.get_num_threads()} threads, torch {torch.__version__}"
     patterns = ["band", "window", "tile"] if args.pattern == "all" else [args.pattern]
 

@@ -1,6 +1,6 @@
 """Time and peak memory of the block-layout constructors at video scale (one CPU core).
 
-Run: ``python -m dit_accel.patterns._measure [T H W] [--block 128]``. Each constructor
+Run: ``python -m dit_accel.eval.bench_layouts [T H W] [--block 128]``. Each constructor
 runs in a fresh process with one torch thread; memory is the growth of the
 process's peak RSS during the call (a dense N x N mask would be N^2 bytes).
 """
