@@ -15,6 +15,7 @@ the most recent call (the forward being differentiated).
 
 from __future__ import annotations
 
+import math
 import threading
 from dataclasses import dataclass
 from typing import List, Optional, Tuple
@@ -41,10 +42,7 @@ class CallContext:
 
     @property
     def num_video(self) -> int:
-        n = 1
-        for g in self.grid:
-            n *= g
-        return n
+        return math.prod(self.grid)
 
 
 class ContextStack:

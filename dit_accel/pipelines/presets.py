@@ -23,6 +23,7 @@ FluxTransformer2DModel       (B, N, C) packed        rows x cols of ``img_ids``
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Optional, Tuple
@@ -42,10 +43,7 @@ class GridInfo:
 
     @property
     def num_video(self) -> int:
-        n = 1
-        for g in self.grid:
-            n *= g
-        return n
+        return math.prod(self.grid)
 
 
 GridReader = Callable[[torch.nn.Module, Dict[str, object]], GridInfo]
