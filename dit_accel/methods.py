@@ -84,6 +84,12 @@ class Method:
         comparisons in ``bench fidelity``); methods whose density is fixed by their rule return themselves."""
         return self
 
+    def for_shares(self, grid: Tuple[int, ...], shares: int) -> "Method":
+        """The config to run when context parallelism gives each of ``shares`` ring ranks an equal slab of
+        ``grid`` along its first axis: one whose blocks do not straddle ranks, where the method can choose
+        (a default tile); the method itself otherwise."""
+        return self
+
     def to_dict(self) -> dict:
         return {"method": self.name, **{f.name: getattr(self, f.name) for f in dataclasses.fields(self)}}
 
@@ -230,6 +236,15 @@ class GNA(Method):
         grid, rels = gna_relations(grid, self.kernel_size, self.stride, self.dilation, self.is_causal)
         tile = None if self.tile is None else per_dim("tile", self.tile, len(grid), owner="GNA.")
         return _separable_plan(self, grid, rels, tile, "window")
+
+    def for_shares(self, grid, shares):
+        # The default tile is the most cube-like one, which may span the frames of several ranks: pick the
+        # tile for one rank's slab instead, so tiles (and their blocks) stay whole on every rank.
+        if self.tile is not None or shares <= 1 or grid[0] % shares:
+            return self
+        from .patterns.permutation import pick_tile
+
+        return self.replace(tile=pick_tile((grid[0] // shares,) + tuple(grid[1:]), (64,)))
 
     def at_density(self, grid, density):
         # Rank stride-1 windows by token density prod(k_d / g_d), then keep the nearest of the

@@ -88,13 +88,24 @@ class Plan:
     def num_tokens(self) -> int:
         return math.prod(self.grid)
 
-    def attend(self, q, k, v, *, scale: Optional[float], backend: str, proj=None):
+    def attend(self, q, k, v, *, scale: Optional[float], backend: str, proj=None, heads=None):
         """Attention among video tokens (raster order): ``(o, lse, o_extra or None, density)``.
 
         ``o_extra`` is added to the merged output (SLA's projected linear branch);
-        ``density`` is a float or a 0-d tensor (never synced here).
+        ``density`` is a float or a 0-d tensor (never synced here). ``heads = (start, stop)``:
+        q, k, v hold only these heads of the model (context parallelism splits heads).
         """
         raise NotImplementedError
+
+    def attend_part(self, q, k, v, *, rows: Tuple[int, int], shards, scale: Optional[float], backend: str,
+                    proj=None, heads=None):
+        """Attention of the video queries ``rows = (start, stop)`` (raster indices; ``q`` holds only those)
+        against every video key (``k, v`` hold all of them), as the concatenation of the key ``shards``
+        ``[(start, stop), ...]``. Same returns as :meth:`attend`. The default runs one call over all keys."""
+        return self.attend(q, k, v, scale=scale, backend=backend, proj=proj, heads=heads)
+
+    def check_part(self, rows: Tuple[int, int]) -> None:
+        """ValueError unless :meth:`attend_part` can serve the video queries ``rows`` (whole blocks)."""
 
     def run(self, q, k, v, *, num_text: int = 0, text_first: bool = False, key_mask: Optional[torch.Tensor] = None,
             scale: Optional[float] = None, backend: str = "auto", proj=None,
@@ -148,7 +159,7 @@ class DensePlan(Plan):
     def __init__(self, method, grid, reason: str):
         super().__init__(method, grid, density=1.0, dense_reason=reason, token_density=1.0)
 
-    def attend(self, q, k, v, *, scale, backend, proj=None):
+    def attend(self, q, k, v, *, scale, backend, proj=None, heads=None):
         scale = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
         o, lse = attend_with_lse(q, k, v, None, scale)
         return o, lse, None, 1.0
@@ -163,22 +174,86 @@ class LayoutPlan(Plan):
         super().__init__(method, grid, density=layout.density(), token_density=token_density)
         self.layout = layout
         self.perm = perm
-        self._layouts: Dict[torch.device, BlockLayout] = {}  # per-device copies, made once
+        self._layouts: Dict[tuple, BlockLayout] = {}  # per (device, heads) copies, made once
+        self._parts: Dict[tuple, "_Part"] = {}
 
-    def layout_on(self, device) -> BlockLayout:
-        device = torch.device(device)
-        if device not in self._layouts:
-            self._layouts[device] = layout_on(self.layout, device)
-        return self._layouts[device]
+    def layout_on(self, device, heads=None) -> BlockLayout:
+        key = (torch.device(device), heads if self.layout.num_heads > 1 else None)
+        if key not in self._layouts:
+            layout = self.layout if key[1] is None else self.layout.select(heads=heads)
+            self._layouts[key] = layout_on(layout, key[0])
+        return self._layouts[key]
 
-    def attend(self, q, k, v, *, scale, backend, proj=None):
-        layout = self.layout_on(q.device)
+    def attend(self, q, k, v, *, scale, backend, proj=None, heads=None):
+        layout = self.layout_on(q.device, heads)
         if self.perm is not None:  # tiled order: windows become contiguous blocks
             q, k, v = (self.perm.permute(x, dim=-2) for x in (q, k, v))
         o, lse = block_sparse_attention(q, k, v, layout, scale=scale, return_lse=True, backend=backend)
         if self.perm is not None:
             o, lse = self.perm.unpermute(o, dim=-2), self.perm.unpermute(lse, dim=-1)
         return o, lse, None, self.density
+
+    def attend_part(self, q, k, v, *, rows, shards, scale, backend, proj=None, heads=None):
+        part = self._part(tuple(rows), tuple(map(tuple, shards)), heads, q.device)
+        if self.perm is not None:  # local rows to their tiled positions; all keys to tiled order
+            q = torch.cat([q, q.new_zeros(q.shape[:2] + (1, q.shape[3]))], 2).index_select(2, part.gather)
+            k, v = self.perm.permute(k, dim=-2), self.perm.permute(v, dim=-2)
+        o = lse = None
+        for (start, stop), layout in zip(part.cols, part.layouts):  # one key shard at a time (ring order)
+            o_s, lse_s = block_sparse_attention(q, k[:, :, start:stop], v[:, :, start:stop], layout, scale=scale,
+                                                return_lse=True, backend=backend)
+            o, lse = (o_s, lse_s) if o is None else merge_attention(o, lse, o_s, lse_s)
+        if self.perm is not None:
+            o, lse = o.index_select(2, part.scatter), lse.index_select(2, part.scatter)
+        return o, lse, None, part.density
+
+    def check_part(self, rows: Tuple[int, int]) -> None:
+        self._span(tuple(rows), self.layout.block_q)
+
+    def _part(self, rows, shards, heads, device) -> "_Part":
+        key = (rows, shards, heads, device)
+        if key not in self._parts:
+            span = self._span(rows, self.layout.block_q)
+            cols = [self._span(shard, self.layout.block_k) for shard in shards]
+            layout = self.layout if heads is None or self.layout.num_heads == 1 else self.layout.select(heads=heads)
+            layouts = [layout_on(layout.select(rows=span, cols=c), device) for c in cols]
+            visited = sum(float(lay.kv_counts.sum()) for lay in layouts)
+            total = sum(lay.num_heads * lay.num_q_blocks * lay.num_kv_blocks for lay in layouts)
+            gather = scatter = None
+            if self.perm is not None:
+                order = self.perm.order[span[0]:span[1]]
+                gather = torch.where(order >= 0, order - rows[0], rows[1] - rows[0]).to(device)
+                scatter = (self.perm.inverse[rows[0]:rows[1]] - span[0]).to(device)
+            self._parts[key] = _Part(cols, layouts, gather, scatter, visited / total)
+        return self._parts[key]
+
+    def _span(self, rows: Tuple[int, int], block: int) -> Tuple[int, int]:
+        """The layout positions of the raster tokens ``rows``: the same range in raster order; in tiled order
+        the range of whole blocks their tiles fill. ValueError when the tokens do not fill whole blocks."""
+        if self.perm is None:
+            span = rows
+        else:
+            tiled = self.perm.inverse[rows[0]:rows[1]]
+            span = (int(tiled.min()), min(-(-(int(tiled.max()) + 1) // block) * block, self.perm.num_padded))
+            order = self.perm.order[span[0]:span[1]]
+            inside = (order == -1) | ((order >= rows[0]) & (order < rows[1]))
+            if not bool(inside.all()):
+                span = None
+        length = self.layout.q_len
+        if span is None or span[0] % block or (span[1] % block and span[1] != length):
+            raise ValueError(
+                f"tokens {rows[0]}..{rows[1] - 1} of grid {self.grid} do not fill whole {block}-token blocks of "
+                f"{self.method!r}'s layout{' (tiled order)' if self.perm is not None else ''}: split the sequence "
+                "so every rank holds whole blocks (for tiled patterns whole tile slabs along the first axis), e.g. a "
+                "frame count that is a multiple of the ring degree times the tile depth")
+        return span
+
+
+class _Part:
+    """One rank's share of a LayoutPlan under ring attention (see :meth:`LayoutPlan.attend_part`)."""
+
+    def __init__(self, cols, layouts, gather, scatter, density):
+        self.cols, self.layouts, self.gather, self.scatter, self.density = cols, layouts, gather, scatter, density
 
 
 class SLAPlan(Plan):
@@ -190,7 +265,15 @@ class SLAPlan(Plan):
         super().__init__(method, grid)
         self.params = params
 
-    def attend(self, q, k, v, *, scale, backend, proj=None):
+    def check_part(self, rows: Tuple[int, int]) -> None:
+        block = self.params.block_q
+        if rows[0] % block or (rows[1] % block and rows[1] != self.num_tokens):
+            raise ValueError(f"video tokens {rows[0]}..{rows[1] - 1} of grid {self.grid} do not fill whole "
+                             f"{block}-token query blocks of {self.method!r}: split the sequence so every rank holds "
+                             "whole blocks (a token count per rank that is a multiple of the block)")
+
+    def attend(self, q, k, v, *, scale, backend, proj=None, heads=None):
+        # Under context parallelism (attend_part) k, v hold every key: pooling and linear sums stay global.
         o, lse, o_lin, info = sla_attention(q, k, v, self.params, proj, scale=scale, backend=backend,
                                             return_parts=True)
         return o, lse, (o_lin if proj is not None else None), info["density"]

@@ -23,6 +23,7 @@ from typing import Optional, Sequence
 
 from .._util import use_interpreter_without_cuda
 from .options import add_method_options, method_from_args
+from .parallel import add_cp_option
 
 __all__ = ["register", "run", "main", "config_from_args"]
 
@@ -76,6 +77,7 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
                    help="held-out batches whose loss is logged before and after training (default 2, 0 disables)")
     g.add_argument("--sla-lr-scale", type=float, default=1.0, help="SLA projection learning rate relative to --lr")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_cp_option(g)
 
 
 def register(subparsers) -> argparse.ArgumentParser:
@@ -121,7 +123,7 @@ def config_from_args(args: argparse.Namespace):
         weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm, lr_warmup_steps=args.lr_warmup_steps,
         backend=args.backend or "auto", dense_layers=dense_layers, eval_batches=args.eval_batches,
         sla_lr_scale=args.sla_lr_scale,
-        progress=not args.no_progress,
+        progress=not args.no_progress, cp=args.cp,
     )
 
 

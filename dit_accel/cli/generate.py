@@ -25,7 +25,9 @@ import time
 from pathlib import Path
 
 from .._util import to_jsonable, versions
+from . import parallel
 from .options import add_method_options, check_method_flags, method_from_args, schedule_from_args
+from .parallel import add_cp_option
 
 __all__ = ["register", "run", "generate"]
 
@@ -66,6 +68,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     d.add_argument("--dtype", choices=_DTYPES, default="auto",
                    help="weight dtype; auto = bfloat16 on CUDA, float32 on CPU and for tiny models")
     d.add_argument("--offload", action="store_true", help="enable_model_cpu_offload (big models on small GPUs)")
+    add_cp_option(d)
     add_method_options(p, default_method="dense")
     for action in p._actions:  # unset --method: dense, or the method a --weights folder was trained with
         if action.dest == "method":
@@ -277,7 +280,8 @@ def _run_pipeline(pipe, call: dict, method, schedule: dict, device: str):
                 raise _UsageError(str(err)) from err
             times = timer.stop()
             calls = timer.calls("transformer")
-        return output, times, calls, handle.stats(), handle.summary()
+        # Under --cp every rank counts its own share: gather the rows of all ranks (a collective).
+        return output, times, calls, handle.stats(all_ranks=True), handle.summary(all_ranks=True)
     finally:
         handle.remove()
 
@@ -304,6 +308,7 @@ def _record(args, pipe, method, schedule, source, call, frames, written, times, 
                      "steps": call.get("num_inference_steps"), "guidance": call.get("guidance_scale"),
                      "max_sequence_length": call.get("max_sequence_length"), "seed": args.seed,
                      "device": args.device, "dtype": args.dtype, "offload": bool(args.offload), "fps": args.fps,
+                     "cp": None if args.cp is None else {"ulysses": args.cp[0], "ring": args.cp[1]},
                      "pipeline_call": {k: v for k, v in call.items() if k not in ("generator", "prompt")}},
         "output_shape": list(frames.shape),
         "timing": {**elapsed, "transformer_s": times["transformer"], "transformer_calls": calls,
@@ -335,6 +340,12 @@ def generate(args) -> dict:
         resolve_model_kind(args.model)
     except (ModelLoadError, ValueError) as err:
         raise _UsageError(str(err)) from None
+    cp_config = None
+    if args.cp is not None:
+        try:
+            cp_config, args.device = parallel.start(args.cp, args.device)
+        except ValueError as err:
+            raise _UsageError(str(err)) from None
     args.device = _pick_device(args.device)
     dtype, args.dtype = _pick_dtype(args.dtype, args.device, tiny)
     saved = _early_method(args, parser, tiny)
@@ -345,7 +356,13 @@ def generate(args) -> dict:
     except ModelLoadError as err:
         raise _UsageError(str(err)) from None
     load_s = time.perf_counter() - t0
-    pipe.set_progress_bar_config(disable=True) if args.quiet else pipe.set_progress_bar_config(
+    if cp_config is not None:
+        try:
+            parallel.enable(pipe, cp_config)
+        except ValueError as err:
+            raise _UsageError(str(err)) from None
+    quiet = args.quiet or not parallel.is_main()
+    pipe.set_progress_bar_config(disable=True) if quiet else pipe.set_progress_bar_config(
         desc=f"denoising ({args.method})", leave=True)
 
     method, schedule, source = _method_and_schedule(args, pipe, saved, parser)
@@ -357,6 +374,8 @@ def generate(args) -> dict:
 
     frames = to_uint8_frames(_frames_from_output(output, is_video))
     t0 = time.perf_counter()
+    if not parallel.is_main():  # every rank holds the same frames; rank 0 writes them
+        return {"output": None, "rank": None}
     written = save_video(frames, out, fps=args.fps)
     elapsed = {"load_s": load_s, "save_s": time.perf_counter() - t0, "total_s": time.perf_counter() - t_total}
     record = to_jsonable(_record(args, pipe, method, schedule, source, call, frames, written, times, calls, stats,
@@ -375,6 +394,8 @@ def run(args) -> int:
             raise
         print(f"dit-accel generate: error: {err}", file=sys.stderr)
         return 2
+    if record["output"] is None:  # a context-parallel rank other than 0
+        return 0
     t = record["timing"]
     shape = "x".join(str(s) for s in record["output_shape"][:3])
     density = record["density"]["mean"]
@@ -384,3 +405,14 @@ def run(args) -> int:
     if record["label"]:
         print(f"note: {record['model']} has {record['label']}")
     return 0
+
+
+def main(argv=None) -> int:
+    """Standalone entry point: ``python -m dit_accel.cli.generate`` (e.g. under ``torchrun`` with ``--cp``)."""
+    from .main import main as dit_accel_main
+
+    return dit_accel_main(["generate", *(sys.argv[1:] if argv is None else argv)])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -34,7 +34,7 @@ from ..methods import Method
 
 __all__ = ["load_capture", "method_attention", "matched_method", "bench_fidelity", "fidelity_table"]
 
-_NAME = re.compile(r"layer(\d+)_step(\d+)\.pt$")
+_NAME = re.compile(r"layer(\d+)_step(\d+)(?:_heads\d+-\d+)?\.pt$")
 
 
 def load_capture(directory) -> List[Path]:

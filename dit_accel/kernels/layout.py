@@ -24,7 +24,7 @@ allowed key produces a zero output and ``lse = -inf``.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 
@@ -194,6 +194,29 @@ class BlockLayout:
         visited[h, q, k] = True
         mask_ids[h, q, k] = self.kv_mask_ids[h, q, slot]
         return visited, mask_ids
+
+    def select(self, *, rows: Optional[Tuple[int, int]] = None, cols: Optional[Tuple[int, int]] = None,
+               heads: Optional[Tuple[int, int]] = None) -> "BlockLayout":
+        """The layout restricted to query tokens ``rows = (start, stop)``, key tokens ``cols`` and layout heads.
+
+        ``start`` must be a multiple of the block size, ``stop`` too unless it is the length (a
+        ragged last block). ``heads`` selects layout heads (a shared layout, one head, keeps its
+        single head). Used to split attention across ranks (context parallelism).
+        """
+        rows = (0, self.q_len) if rows is None else rows
+        cols = (0, self.kv_len) if cols is None else cols
+        for name, (start, stop), block, length in (("rows", rows, self.block_q, self.q_len),
+                                                   ("cols", cols, self.block_k, self.kv_len)):
+            if not (0 <= start < stop <= length) or start % block or (stop % block and stop != length):
+                raise ValueError(f"{name}={(start, stop)} must be block-aligned ({block}) within [0, {length}]")
+        visited, mask_ids = self.block_masks()
+        if heads is not None and self.num_heads > 1:
+            visited, mask_ids = visited[heads[0]:heads[1]], mask_ids[heads[0]:heads[1]]
+        qs, ks = slice(rows[0] // self.block_q, _cdiv(rows[1], self.block_q)), \
+            slice(cols[0] // self.block_k, _cdiv(cols[1], self.block_k))
+        return BlockLayout.from_block_masks(visited[:, qs, ks], q_len=rows[1] - rows[0], kv_len=cols[1] - cols[0],
+                                            block_q=self.block_q, block_k=self.block_k,
+                                            mask_ids=mask_ids[:, qs, ks], mask_table=self.mask_table)
 
     def to_dense_mask(self) -> torch.Tensor:
         """Token mask ``[Hl, q_len, kv_len]`` of exactly what the kernels compute (for tests)."""

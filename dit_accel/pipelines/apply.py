@@ -79,6 +79,12 @@ def _find_transformers(obj) -> Tuple[List[Tuple[str, nn.Module]], object]:
     return found, pipe
 
 
+def _distributed() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
+
+
 def _sla_projection(module: nn.Module) -> nn.Linear:
     """A zero ``Linear(D, D)`` on the module's device and dtype: SLA starts as plain top-k sparse attention."""
     d = module.head_dim if isinstance(getattr(module, "head_dim", None), int) else \
@@ -182,16 +188,29 @@ class AccelHandle:
     def warnings(self) -> List[str]:
         return list(self._runtime.warnings.messages)
 
-    def stats(self) -> List[dict]:
-        """Per attention layer (see :meth:`dit_accel.pipelines.stats.Stats.rows`)."""
-        methods = [self.schedule.layer_method(layer.index).name for layer in self._layers]
-        return self._runtime.stats.rows(methods)
+    def stats(self, all_ranks: bool = False) -> List[dict]:
+        """Per attention layer (see :meth:`dit_accel.pipelines.stats.Stats.rows`).
 
-    def summary(self) -> dict:
-        """Totals over layers: calls, call-weighted mean density and sparsity, attention time, the settings."""
+        Under context parallelism each rank counts its own calls and the visited density of its
+        own share; ``all_ranks=True`` (a collective: call it on every rank) returns every rank's
+        rows, each with its ``rank``.
+        """
+        methods = [self.schedule.layer_method(layer.index).name for layer in self._layers]
+        rows = self._runtime.stats.rows(methods)
+        if not all_ranks or not _distributed():
+            return rows
+        import torch.distributed as dist
+
+        gathered = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, rows)
+        return [{**row, "rank": rank} for rank, rank_rows in enumerate(gathered) for row in rank_rows]
+
+    def summary(self, all_ranks: bool = False) -> dict:
+        """Totals over layers (and over ranks with ``all_ranks``, a collective): calls, call-weighted mean
+        density and sparsity, attention time, the settings."""
         s = self.schedule
         return {"method": self.method.name, "config": self.method.to_dict(), **self._runtime.stats.summarize(
-            self.stats()), "dense_steps": s.dense_steps, "dense_last_steps": s.dense_last_steps,
+            self.stats(all_ranks)), "dense_steps": s.dense_steps, "dense_last_steps": s.dense_last_steps,
             "dense_layers": sorted(s.dense_layers), "backend": self.backend, "warnings": self.warnings}
 
     def sla_projections(self) -> Dict[str, nn.Linear]:

@@ -2,7 +2,9 @@
 
 Files are ``layer{L:03d}_step{S:03d}.pt`` dicts ``{"q", "k", "v": (B, H, N, D) tensors,
 "grid", "layer", "layer_name", "step"}``, one per (layer, step): the first call of
-a step (the conditional branch under classifier-free guidance).
+a step (the conditional branch under classifier-free guidance). Under context
+parallelism each Ulysses rank saves the whole sequence of its heads as
+``layer{L:03d}_step{S:03d}_heads{H0}-{H1}.pt`` (with ``"heads": (H0, H1)``).
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ class Capture:
             return False
         return (layer, step) not in self._done
 
-    def save(self, layer: int, name: str, grid, step: int, q, k, v) -> None:
+    def save(self, layer: int, name: str, grid, step: int, q, k, v, heads=None) -> None:
         with self._lock:
             if (layer, step) in self._done:
                 return
@@ -57,4 +59,7 @@ class Capture:
         data = {key: t.detach().to("cpu").clone(memory_format=torch.contiguous_format)
                 for key, t in (("q", q), ("k", k), ("v", v))}
         data.update(grid=tuple(grid), layer=layer, layer_name=name, step=step)
-        torch.save(data, os.path.join(self.folder, f"layer{layer:03d}_step{step:03d}.pt"))
+        tag = "" if heads is None else f"_heads{heads[0]}-{heads[1]}"
+        if heads is not None:
+            data["heads"] = tuple(heads)
+        torch.save(data, os.path.join(self.folder, f"layer{layer:03d}_step{step:03d}{tag}.pt"))

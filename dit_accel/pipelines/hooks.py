@@ -18,6 +18,9 @@ the model's own processor and wraps it:
    processors (``_attention_backend``, ``_parallel_config``, ...) reach the
    original, so enabling a Diffusers feature after ``apply`` configures the real
    processor and never silently bypasses it.
+   Context parallelism is the exception: the wrapper keeps ``_parallel_config``
+   itself and runs the collectives around the sparse call (:mod:`.parallel`), while
+   the original processor computes on its own share; ``remove()`` hands the config back.
 3. While that call runs, a :class:`torch.overrides.TorchFunctionMode`
    (:class:`SDPAInterceptor`) sees every ``scaled_dot_product_attention`` call
    made inside the processor: Diffusers' native attention backend ends in exactly
@@ -35,6 +38,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import math
 import threading
 from typing import Dict, List, Optional, Tuple
 
@@ -48,6 +52,7 @@ from ..methods import Method
 from ..plans import Plan
 from .capture import Capture
 from .context import CallContext, ContextStack
+from .parallel import Split, check_split, run_split
 from .presets import Preset
 from .schedule import Schedule, StepSource
 from .stats import Stats
@@ -130,12 +135,16 @@ class SparseAttnProcessor:
     ``__call__`` signature, so the module behaves as before apart from SDPA.
     """
 
-    _OWN = ("original", "owner", "index", "slot", "name", "sla_proj", "__call__")
+    _OWN = ("original", "owner", "index", "slot", "name", "sla_proj", "parallel", "__call__")
 
     def __init__(self, original, owner: "TransformerHook", index: int, slot: int, name: str,
                  sla_proj: Optional[nn.Module]):
+        # A context-parallel config moves into the wrapper, which runs the collectives (see .parallel).
+        parallel = getattr(original, "_parallel_config", None)
+        if parallel is not None:
+            original._parallel_config = None
         for key, value in (("original", original), ("owner", owner), ("index", index), ("slot", slot),
-                           ("name", name), ("sla_proj", sla_proj)):
+                           ("name", name), ("sla_proj", sla_proj), ("parallel", parallel)):
             object.__setattr__(self, key, value)
         # Diffusers (Attention, FluxAttention, LTXAttention) filters call kwargs with
         # inspect.signature(processor.__call__): expose the original signature.
@@ -145,7 +154,8 @@ class SparseAttnProcessor:
 
     def __call__(self, attn, *args, **kwargs):
         owner, runtime = self.owner, self.owner.runtime
-        if runtime.bypassed:
+        split = Split.of(self.parallel)
+        if runtime.bypassed and split is None:
             return self.original(attn, *args, **kwargs)
         context = owner.stack.current()
         if context is None:  # called outside the transformer's forward: nothing is known about the grid
@@ -159,15 +169,18 @@ class SparseAttnProcessor:
                                   "backend() to run the sparse method")
             runtime.stats.dense(self.slot, f"attention backend {backend}")
             return self.original(attn, *args, **kwargs)
-        plan = context.plans[self.index]
-        capture = runtime.capture is not None and runtime.capture.wants(self.index, context.step)
-        if (plan is None or plan.is_dense) and not (capture or runtime.stats.timing):
+        plan = None if runtime.bypassed else context.plans[self.index]
+        capture = not runtime.bypassed and runtime.capture is not None and runtime.capture.wants(self.index,
+                                                                                                 context.step)
+        if (plan is None or plan.is_dense) and not (capture or runtime.stats.timing or split is not None):
             runtime.stats.dense(self.slot, None if plan is None else plan.dense_reason)
             return self.original(attn, *args, **kwargs)
-        with native_scope(), SDPAInterceptor(self, context, plan, capture):
+        with native_scope(), SDPAInterceptor(self, context, plan, capture, split):
             return self.original(attn, *args, **kwargs)
 
     def __getattr__(self, name):
+        if name == "_parallel_config":
+            return self.parallel
         if name.startswith("__") or name in self._OWN:
             raise AttributeError(name)
         return getattr(self.original, name)
@@ -175,7 +188,10 @@ class SparseAttnProcessor:
     def __setattr__(self, name, value):
         if name in self._OWN:
             object.__setattr__(self, name, value)
-        else:  # Diffusers configures processors by attribute (_parallel_config, _attention_backend, ...)
+        elif name == "_parallel_config":  # enable_parallelism() after apply(): the wrapper runs it
+            Split.of(value)  # refuses what dit_accel cannot run, in enable_parallelism itself
+            object.__setattr__(self, "parallel", value)
+        else:  # Diffusers configures processors by attribute (_attention_backend, ...): the original's
             setattr(self.original, name, value)
 
     def __delattr__(self, name):
@@ -204,9 +220,10 @@ def _key_padding_mask(mask, batch: int, s: int) -> tuple:
 class SDPAInterceptor(TorchFunctionMode):
     """Routes the SDPA calls issued inside one processor call to the layer's plan."""
 
-    def __init__(self, layer: SparseAttnProcessor, context: CallContext, plan: Optional[Plan], capture: bool):
+    def __init__(self, layer: SparseAttnProcessor, context: CallContext, plan: Optional[Plan], capture: bool,
+                 split: Optional[Split] = None):
         super().__init__()
-        self.layer, self.context, self.plan, self.capture = layer, context, plan, capture
+        self.layer, self.context, self.plan, self.capture, self.split = layer, context, plan, capture, split
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -220,28 +237,35 @@ class SDPAInterceptor(TorchFunctionMode):
         layer, context, runtime = self.layer, self.context, self.layer.owner.runtime
         q, k, v = call["query"], call["key"], call["value"]
         sq, sk = q.shape[-2], k.shape[-2]
-        num_video, position = context.num_video, layer.owner.preset.text_position
+        split = self.split
+        num_video, position = context.num_video // (split.world if split else 1), layer.owner.preset.text_position
         num_text = sq - num_video
         ok_mask, key_mask = _key_padding_mask(call.get("attn_mask"), q.shape[0], sk)
         self_attention = (
             q.dim() == 4 and sq == sk and k.shape[:2] == q.shape[:2] and v.shape[:3] == k.shape[:3]
             and not call.get("is_causal", False) and not call.get("enable_gqa", False)
             and float(call.get("dropout_p", 0.0) or 0.0) == 0.0 and ok_mask)
-        joint_ok = (num_text == 0 and key_mask is None) or (position != "none" and 0 < num_text <= max(
-            context.num_text, 0))
+        joint_ok = (num_text == 0 and key_mask is None) or (position != "none" and 0 < num_text * (
+            split.world if split else 1) <= max(context.num_text, 0))
         if not (self_attention and num_video > 0 and joint_ok):
             if sq == sk and sq >= num_video > 0:  # looked like self-attention but could not be routed: say why
                 runtime.warnings.warn(
                     f"dit_accel: {layer.name} made an SDPA call it cannot make sparse (length {sq}, {num_video} video "
                     f"tokens, mask {type(call.get('attn_mask')).__name__}, is_causal={call.get('is_causal', False)}, "
                     f"dropout_p={call.get('dropout_p', 0.0)}); running it dense")
+            if split is not None:
+                raise ValueError(f"dit_accel: {layer.name} made an SDPA call it cannot run under context "
+                                 "parallelism (see the warning above)")
             runtime.stats.dense(layer.slot)
             return _SDPA(**call)
+        if split is not None:
+            return self._run_split(call, q, k, v, num_text, key_mask)
         if self.capture:  # outside the timer: disk I/O is not attention time
             video = slice(num_text, sq) if position == "first" else slice(0, num_video)
             runtime.capture.save(layer.index, layer.name, context.grid, context.step, q[:, :, video],
                                  k[:, :, video], v[:, :, video])
         plan = self.plan
+        density = None
         with runtime.stats.timed(layer.slot, q.device):
             if plan is None or plan.is_dense:
                 out = _SDPA(**call)
@@ -249,10 +273,30 @@ class SDPAInterceptor(TorchFunctionMode):
                 out, density = plan.run(q, k, v, num_text=num_text, text_first=position == "first",
                                         key_mask=key_mask, scale=call.get("scale"), backend=runtime.backend,
                                         proj=layer.sla_proj, sdpa=_SDPA)
+        self._count(density)
+        return out
+
+    def _count(self, density) -> None:
+        runtime, plan, slot = self.layer.owner.runtime, self.plan, self.layer.slot
+        if runtime.bypassed:
+            return
         if plan is None or plan.is_dense:
-            runtime.stats.dense(layer.slot, None if plan is None else plan.dense_reason)
+            runtime.stats.dense(slot, None if plan is None else plan.dense_reason)
         else:
-            runtime.stats.sparse(layer.slot, density)
+            runtime.stats.sparse(slot, density)
+
+    def _run_split(self, call, q, k, v, num_text, key_mask):
+        """Context parallelism: this rank's share through the collectives of :mod:`.parallel`."""
+        layer, runtime = self.layer, self.layer.owner.runtime
+        context = self.context
+        capture = None if not self.capture else lambda cq, ck, cv, heads: runtime.capture.save(
+            layer.index, layer.name, context.grid, context.step, cq, ck, cv, heads=heads)
+        with runtime.stats.timed(layer.slot, q.device):
+            out, density = run_split(self.plan, q, k, v, split=self.split, num_text=num_text * self.split.world,
+                                     text_first=layer.owner.preset.text_position == "first", key_mask=key_mask,
+                                     scale=call.get("scale"), backend=runtime.backend, proj=layer.sla_proj,
+                                     capture=capture)
+        self._count(density)
         return out
 
 
@@ -312,6 +356,8 @@ class TransformerHook:
         for module, layer in zip(self._modules, self.layers):
             if getattr(module, "processor", None) is layer:
                 module.processor = layer.original
+                if layer.parallel is not None:  # a context-parallel model stays exactly that
+                    layer.original._parallel_config = layer.parallel
             if layer.sla_proj is not None and getattr(module, SLA_ATTR, None) is layer.sla_proj:
                 delattr(module, SLA_ATTR)
         for handle in self._handles:
@@ -322,7 +368,11 @@ class TransformerHook:
         bound = self.signature.bind_partial(module, *args, **kwargs).arguments
         info = self.preset.read_grid(module, bound)
         step, total = self.steps.current(bound)
-        plans = tuple(self._plan(layer, step, total, info.grid) for layer in self.layers)
+        split = Split.of(self.layers[0].parallel) if self.layers else None
+        plans = tuple(self._plan(layer, step, total, info.grid, split) for layer in self.layers)
+        if split is not None:
+            check_split(split, math.prod(info.grid), info.num_text if self.preset.text_position != "none" else 0,
+                        plans)
         schedule = self.schedule
         if schedule.sparse and total is not None and schedule.dense_steps + schedule.dense_last_steps >= total:
             self.runtime.warnings.warn(f"dit_accel: dense_steps={schedule.dense_steps} + dense_last_steps="
@@ -331,10 +381,13 @@ class TransformerHook:
         self._check_processors()
         self.stack.push(CallContext(tuple(info.grid), info.num_text, step, total, plans))
 
-    def _plan(self, layer: SparseAttnProcessor, step: int, total: Optional[int], grid) -> Optional[Plan]:
+    def _plan(self, layer: SparseAttnProcessor, step: int, total: Optional[int], grid,
+              split: Optional[Split]) -> Optional[Plan]:
         method = self.schedule.method_for(layer.index, step, total)
         if method is None:
             return None
+        if split is not None and split.ring > 1:
+            method = method.for_shares(tuple(grid), split.ring)
         plan = self.runtime.plans.get(method, grid)
         if plan.is_dense and method.name != "dense":
             self.runtime.warnings.warn(f"dit_accel: {method!r} on {layer.name} (and every layer it runs on): "

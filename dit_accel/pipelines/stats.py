@@ -99,8 +99,8 @@ class Stats:
         times = [r["time_ms"] for r in rows if r["time_ms"] is not None]
         reasons = sorted({r["dense_reason"] for r in rows if r["dense_reason"]})
         return {
-            "layers": len(rows),
-            "sparse_layers": sum(1 for r in rows if r["sparse_calls"]),
+            "layers": len({r["layer"] for r in rows}),
+            "sparse_layers": len({r["layer"] for r in rows if r["sparse_calls"]}),
             "sparse_calls": sum(r["sparse_calls"] for r in rows),
             "dense_calls": sum(r["dense_calls"] for r in rows),
             "mean_density": mean,

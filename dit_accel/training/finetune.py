@@ -101,6 +101,8 @@ class FinetuneConfig:
         sla_lr_scale: learning rate of the SLA projections relative to ``lr``.
         eval_batches: fixed held-out batches whose loss is measured before the
             first and after the last step (``eval_loss_start``/``eval_loss_end``; 0 disables).
+        cp: ``(ulysses, ring)`` degrees of context parallelism over all launched processes: every
+            process sees the same samples and holds a share of each sequence (no data parallelism).
 
     Samples per step (measured on tiny-wan, SLA(topk=0.5), distill, 10 steps): the mean
     gradient over many samples is stable (two disjoint 48-sample means agree at cosine 0.88),
@@ -143,6 +145,7 @@ class FinetuneConfig:
     eval_batches: int = 2
     sla_lr_scale: float = 1.0
     progress: bool = True
+    cp: Optional[Tuple[int, int]] = None
 
     def settings(self) -> Dict[str, Any]:
         """JSON-able settings (the method as its dict, the model as its name)."""
@@ -345,14 +348,15 @@ def _load_checkpoint(path: Path, params: Dict[str, nn.Parameter], optimizer, sca
     return int(state["step"]), list(state["loss"])
 
 
-def _sync_grads(params: Sequence[nn.Parameter], accelerator) -> None:
-    """Average gradients over processes in one flat all-reduce (no DDP wrapper: the SLA
-    projections live outside the transformer's module tree and the teacher shares its weights)."""
+def _sync_grads(params: Sequence[nn.Parameter], accelerator, reduction: str = "mean") -> None:
+    """Combine gradients over processes in one flat all-reduce (no DDP wrapper: the SLA projections live
+    outside the transformer's module tree and the teacher shares its weights). Data parallelism averages;
+    context parallelism sums (each process holds the gradient through its own share of the tokens)."""
     if accelerator.num_processes == 1:
         return
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
     flat = torch.cat([g.reshape(-1) for g in grads])
-    flat = accelerator.reduce(flat, reduction="mean")
+    flat = accelerator.reduce(flat, reduction=reduction)
     offset = 0
     for p, g in zip(params, grads):
         n = g.numel()
@@ -392,7 +396,8 @@ class _Trainer:
         self.device = accelerator.device
         self.weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[
             config.mixed_precision]
-        self.rank, self.world = accelerator.process_index, accelerator.num_processes
+        # Under context parallelism every process trains on the same samples: one data-parallel rank.
+        self.rank, self.world = (0, 1) if config.cp else (accelerator.process_index, accelerator.num_processes)
         self.pipe = _load_pipe(config, self.device, self.weight_dtype)
         self.io = model_io_for(self.pipe, max_sequence_length=config.max_sequence_length)
         self.grid = _check_method_fits(config.method, self.io, config)
@@ -445,6 +450,8 @@ class _Trainer:
         self.params = _trainable(transformer, self.projections, targets)
         if config.gradient_checkpointing:
             transformer.enable_gradient_checkpointing()
+        if config.cp:
+            self._enable_parallelism()
         transformer.train()
         groups = [{"params": [p for k, p in self.params.items() if k.startswith("transformer.")], "lr_scale": 1.0}]
         sla = [p for k, p in self.params.items() if k.startswith("sla.")]
@@ -453,6 +460,18 @@ class _Trainer:
         optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
         self.optimizer = self.accelerator.prepare(optimizer)
         self.scaler = getattr(self.accelerator, "scaler", None)
+
+    def _enable_parallelism(self) -> None:
+        from diffusers import ContextParallelConfig
+
+        from ..pipelines.parallel import require_accelerator
+
+        (ulysses, ring), processes = self.config.cp, self.accelerator.num_processes
+        if ulysses * ring != processes:
+            raise ValueError(f"--cp ulysses={ulysses},ring={ring} needs {ulysses * ring} processes; "
+                             f"{processes} were launched")
+        require_accelerator()
+        self.transformer.enable_parallelism(config=ContextParallelConfig(ulysses_degree=ulysses, ring_degree=ring))
 
     # ------------------------------------------------------------- batches and losses
     def batch(self, step: int, held_out: bool = False):
@@ -522,7 +541,7 @@ class _Trainer:
             self.accelerator.backward(micro_loss)
             loss = loss + micro_loss.detach()
         trainable = list(self.params.values())
-        _sync_grads(trainable, self.accelerator)
+        _sync_grads(trainable, self.accelerator, "sum" if config.cp else "mean")
         if config.max_grad_norm and config.max_grad_norm > 0:
             self.accelerator.clip_grad_norm_(trainable, config.max_grad_norm)
         self.optimizer.step()
@@ -601,7 +620,7 @@ def _write_results(trainer: _Trainer, out: Path, result: dict) -> None:
     losses = result["loss"]
     log = {
         "settings": config.settings(), "versions": versions(("torch", "diffusers", "peft", "accelerate")),
-        "num_processes": trainer.world, "device": str(trainer.device), "token_grid": list(trainer.grid),
+        "num_processes": trainer.accelerator.num_processes, "device": str(trainer.device), "token_grid": list(trainer.grid),
         "trainable_parameters": int(sum(p.numel() for p in trainer.params.values())),
         "gradient_accumulation_steps": trainer.accum, "samples_per_step": trainer.samples_per_step,
         "resumed_from": result["resumed_from"], "seconds_this_session": round(result["seconds"], 3),
@@ -645,7 +664,8 @@ def finetune(config: FinetuneConfig) -> Dict[str, Any]:
     result = {
         "output": str(out), "loss": losses, "initial_loss": losses[0] if losses else None,
         "final_loss": losses[-1] if losses else None, "steps": config.steps, "resumed_from": resumed_from,
-        "steps_this_session": config.steps - start, "seconds": seconds, "num_processes": trainer.world,
+        "steps_this_session": config.steps - start, "seconds": seconds,
+        "num_processes": accelerator.num_processes,
         "samples_per_step": trainer.samples_per_step, "eval_loss_start": eval_start,
         "eval_loss_end": trainer.eval_loss(),
     }

@@ -13,7 +13,7 @@ from dit_accel.cli.options import add_method_options, int_tuple, method_from_arg
 from dit_accel.io import load_video
 from dit_accel.methods import GNA, SLA, Dense, Radial, Tile
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SIDECAR_KEYS = {"output", "label", "model", "method", "schedule", "settings", "output_shape", "timing",
                 "density", "versions"}
 

@@ -17,7 +17,7 @@ from dit_accel.models.tiny import build_tiny_pipeline
 from dit_accel.training import FinetuneConfig, finetune, load_method
 from dit_accel.weights import LORA_FILE, METHOD_FILE, SLA_FILE
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 # Token grid (3, 4, 8) = 96 tokens: two 64-key blocks, SLA keeps one -> the student differs from the teacher.
 SHAPE = dict(frames=9, height=64, width=128, max_sequence_length=16)
 METHOD = dit_accel.SLA(topk=0.5)
@@ -199,6 +199,30 @@ def test_accelerate_launch_two_cpu_processes(prompts_file, tmp_path):
     assert log["num_processes"] == 2 and len(log["loss"]) == 3 and log["loss"][0]["loss"] > 0
     assert log["gradient_accumulation_steps"] == 4 and log["samples_per_step"] == 8
     assert (out / LORA_FILE).is_file()
+
+
+def test_context_parallel_finetune_matches_one_process(prompts_file, tmp_path):
+    """`finetune --cp ulysses=2` under torchrun trains the same LoRA and SLA projections as one process (the
+    gradients of each rank's share of the tokens are summed, every rank sees the same samples)."""
+    from dit_accel.cli.finetune import main
+
+    common = ["--model", "tiny-wan", "--method", "sla", "--topk", "0.5", "--prompts", str(prompts_file), "--steps",
+              "2", "--rank", "2", "--frames", "9", "--height", "64", "--width", "128", "--max-sequence-length", "8",
+              "--eval-batches", "0", "--gradient-accumulation-steps", "2", "--no-progress"]
+    env = dict(os.environ, TRITON_INTERPRET="1", HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           str(Path(__file__).with_name("cp_finetune_worker.py")), *common, "--cp", "ulysses=2", "--output",
+           str(tmp_path / "cp")]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert main([*common, "--output", str(tmp_path / "one")]) == 0
+    for name in (LORA_FILE, SLA_FILE):
+        cp, one = load_file(str(tmp_path / "cp" / name)), load_file(str(tmp_path / "one" / name))
+        assert cp.keys() == one.keys() and cp
+        for key in cp:
+            torch.testing.assert_close(cp[key], one[key], atol=1e-5, rtol=1e-4, msg=lambda m: f"{name} {key}: {m}")
+    log = json.loads((tmp_path / "cp" / "finetune_log.json").read_text())
+    assert log["num_processes"] == 2 and log["samples_per_step"] == 2 and log["settings"]["cp"] == [2, 1]
 
 
 def _data_folder(root: Path, *, with_gif=True, caption_all=True) -> Path:

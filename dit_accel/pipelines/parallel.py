@@ -1,0 +1,243 @@
+"""Context parallelism for dit_accel's layers: Ulysses, Ring, and both at once (Diffusers' "unified").
+
+Diffusers splits the token sequence across ranks (``transformer.enable_parallelism(
+config=ContextParallelConfig(ulysses_degree=U, ring_degree=R))``): each rank holds an equal,
+contiguous share of the video tokens (and of the text tokens in joint models). For the
+layers dit_accel wraps, dit_accel runs the collectives itself instead of Diffusers'
+templated attention, for two reasons. Diffusers' templated attention recomputes plain SDPA
+in its backward pass, outside any interception, so a sparse forward would get dense
+gradients; and the joint models' gathered sequence is rank-interleaved (``[t0, v0, t1,
+v1]``), which the sparse pattern must see as ``[text, video]``. With autograd-capable
+collectives (``torch.distributed._functional_collectives``) the sparse op stays inside
+autograd, and the reordering happens around it. (Registering a backend with Diffusers'
+dispatcher would not help: its context-parallel path is the same templated attention.)
+
+- Ulysses (``U > 1``): an all-to-all trades the sequence split for a head split; every rank
+  then runs the plan on the whole sequence for ``H/U`` heads (per-head layouts use the
+  global head indices), and a second all-to-all trades back.
+- Ring (``R > 1``): every rank keeps its queries and gathers all keys and values, then
+  attends key shard by key shard with the plan's layout sliced at global token indices,
+  merging the shards by log-sum-exp (finite when a shard has no visible key). The plan's
+  blocks must not straddle ranks: a rank's tokens must fill whole blocks (in tiled order,
+  whole tile slabs), which is checked before any attention runs. The shards are
+  gathered at once, not passed around the ring, so a rank holds all keys of its heads
+  (as with Ulysses).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from ..plans import Plan, attend_with_lse
+from ..kernels import merge_attention
+
+__all__ = ["Split", "run_split", "check_split", "require_accelerator"]
+
+
+def require_accelerator() -> None:
+    """ValueError on a machine without an accelerator: Diffusers 0.42 places each context-parallel rank on
+    ``rank % torch.accelerator.device_count()``, which divides by zero there."""
+    if torch.accelerator.device_count() == 0:
+        raise ValueError("context parallelism needs an accelerator per process: Diffusers places each rank on "
+                         "`rank % torch.accelerator.device_count()`, which is a division by zero on a machine "
+                         "without one")
+
+
+@dataclass(frozen=True)
+class Split:
+    """How context parallelism splits the sequence of the layers (read from Diffusers' config)."""
+
+    ulysses: int
+    ring: int
+    ulysses_rank: int
+    ring_rank: int
+    ulysses_group: object
+    ring_group: object
+
+    @classmethod
+    def of(cls, parallel_config) -> Optional["Split"]:
+        """The split of a Diffusers ``ParallelConfig`` (None without context parallelism)."""
+        cp = getattr(parallel_config, "context_parallel_config", None)
+        if cp is None or cp.ulysses_degree * cp.ring_degree == 1:
+            return None
+        if getattr(cp, "ulysses_anything", False) or getattr(cp, "ring_anything", False):
+            raise ValueError("dit_accel runs context parallelism with equal shares per rank; ulysses_anything / "
+                             "ring_anything (uneven shares) are not supported. Choose sizes whose token count is a "
+                             "multiple of the number of ranks")
+        return cls(cp.ulysses_degree, cp.ring_degree, cp._ulysses_local_rank, cp._ring_local_rank,
+                   cp._ulysses_mesh.get_group(), cp._ring_mesh.get_group())
+
+    @property
+    def world(self) -> int:
+        return self.ulysses * self.ring
+
+    def shards(self, num_video: int) -> List[Tuple[int, int]]:
+        """Video rows ``(start, stop)`` each ring member holds after the Ulysses gather, in ring order."""
+        share = num_video // self.ring
+        return [(r * share, (r + 1) * share) for r in range(self.ring)]
+
+    def heads(self, local_heads: int) -> Tuple[int, int]:
+        """Global head indices this rank attends for after the Ulysses exchange (``local_heads = H / U``)."""
+        return self.ulysses_rank * local_heads, (self.ulysses_rank + 1) * local_heads
+
+
+def check_split(split: Split, num_video: int, num_text: int, plans) -> None:
+    """Refuse, before any attention, a sequence that does not split into equal whole shares."""
+    advice = {"video": "choose a frame count or resolution whose video token count is one",
+              "text": "choose a text length (max_sequence_length) that is one"}
+    for what, count in (("video", num_video), ("text", num_text)):
+        if count % split.world:
+            raise ValueError(f"context parallelism over {split.world} ranks splits the {count} {what} tokens into "
+                             f"equal shares, and {count} is not a multiple of {split.world}: {advice[what]} (or "
+                             "use fewer ranks)")
+    if split.ring > 1:
+        shards = split.shards(num_video)
+        for plan in {p for p in plans if p is not None and not p.is_dense}:
+            for shard in shards:
+                plan.check_part(shard)
+
+
+# ------------------------------------------------------------------ collectives (autograd-capable)
+def _funcol():
+    import torch.distributed._functional_collectives as funcol
+
+    return funcol
+
+
+def _wait(x):
+    funcol = _funcol()
+    return funcol.wait_tensor(x) if hasattr(funcol, "wait_tensor") else x
+
+
+def ulysses_gather(x: torch.Tensor, split: Split) -> torch.Tensor:
+    """``(B, H, S, D)`` sequence share -> ``(B, H/U, U*S, D)``: this rank's heads, the group's shares in order."""
+    b, h, s, d = x.shape
+    u = split.ulysses
+    if h % u:
+        raise ValueError(f"Ulysses over {u} ranks splits the {h} attention heads into equal groups, and {h} is not "
+                         f"a multiple of {u}: use a ulysses degree that divides the head count (or ring)")
+    x = x.reshape(b, u, h // u, s, d).transpose(0, 1).contiguous()  # [U, B, h, S, D]: part p goes to rank p
+    x = _wait(_funcol().all_to_all_single_autograd(x, None, None, split.ulysses_group))
+    return x.permute(1, 2, 0, 3, 4).reshape(b, h // u, u * s, d)
+
+
+def ulysses_scatter(x: torch.Tensor, split: Split) -> torch.Tensor:
+    """Inverse of :func:`ulysses_gather`: ``(B, H/U, U*S, D)`` -> ``(B, H, S, D)``."""
+    b, h, us, d = x.shape
+    u = split.ulysses
+    x = x.reshape(b, h, u, us // u, d).permute(2, 0, 1, 3, 4).contiguous()  # [U, B, h, S, D]: share p to rank p
+    x = _wait(_funcol().all_to_all_single_autograd(x, None, None, split.ulysses_group))
+    return x.transpose(0, 1).reshape(b, u * h, us // u, d)
+
+
+def ring_gather(x: torch.Tensor, split: Split, dim: int = 2) -> torch.Tensor:
+    """Concatenate the ring members' tensors along ``dim`` (ring order), with an autograd backward."""
+    return _wait(_funcol().all_gather_tensor_autograd(x.contiguous(), dim, split.ring_group))
+
+
+def _gather_mask(mask: Optional[torch.Tensor], split: Split) -> Optional[torch.Tensor]:
+    """A ``(B, 1, 1, S_local)`` key mask of this rank's share -> the mask of every share (no gradient)."""
+    if mask is None:
+        return None
+    import torch.distributed as dist
+
+    for size, group in ((split.ulysses, split.ulysses_group), (split.ring, split.ring_group)):
+        if size > 1:
+            parts = [torch.empty_like(mask) for _ in range(size)]
+            dist.all_gather(parts, mask.contiguous(), group=group)
+            mask = torch.cat(parts, dim=-1)
+    return mask
+
+
+# ------------------------------------------------------------------ one attention call
+def _split_joint(x: torch.Tensor, chunks: int, num_text: int, text_first: bool):
+    """``(B, h, chunks*S, D)`` of ``chunks`` shares ``[text, video]`` (or ``[video, text]``) -> text, video."""
+    b, h, cs, d = x.shape
+    x = x.reshape(b, h, chunks, cs // chunks, d)
+    text = x[:, :, :, :num_text] if text_first else x[:, :, :, cs // chunks - num_text:]
+    video = x[:, :, :, num_text:] if text_first else x[:, :, :, :cs // chunks - num_text]
+    return text.reshape(b, h, -1, d), video.reshape(b, h, -1, d)
+
+
+def _join(text: torch.Tensor, video: torch.Tensor, chunks: int, text_first: bool) -> torch.Tensor:
+    b, h, _, d = video.shape
+    parts = [text.reshape(b, h, chunks, -1, d), video.reshape(b, h, chunks, -1, d)]
+    return torch.cat(parts if text_first else parts[::-1], dim=3).reshape(b, h, -1, d)
+
+
+def run_split(plan: Optional[Plan], q, k, v, *, split: Split, num_text: int, text_first: bool, key_mask,
+              scale: Optional[float], backend: str, proj=None, capture=None):
+    """One attention call of a wrapped layer under context parallelism.
+
+    Args:
+        plan: the layer's plan, or None (dense by the schedule).
+        q, k, v: this rank's share ``(B, H, S_local, D)``: ``num_text`` text tokens (all ranks
+            together) and the video tokens, in the order the model uses (``text_first``).
+        key_mask: this rank's bool key-padding mask ``(B, 1, 1, S_local)`` or None.
+        capture: ``capture(q, k, v, heads)`` of the whole video sequence of this rank's heads, called by
+            the first ring rank of each head group (None: no capture).
+    Returns ``(o (B, H, S_local, D), density or None)``.
+    """
+    text_local = num_text // split.world
+    if split.ulysses > 1:
+        q, k, v = (ulysses_gather(x, split) for x in (q, k, v))
+    chunks = split.ulysses
+    mask = _gather_mask(key_mask, split)
+    tq, vq = _split_joint(q, chunks, text_local, text_first)
+    tk, vk = _split_joint(k, chunks, text_local, text_first)
+    tv, vv = _split_joint(v, chunks, text_local, text_first)
+    if split.ring > 1:
+        tk, vk, tv, vv = (ring_gather(x, split) for x in (tk, vk, tv, vv))
+    heads = split.heads(q.shape[1])
+    if capture is not None:
+        with torch.no_grad():
+            all_q = ring_gather(vq, split) if split.ring > 1 else vq
+        if split.ring_rank == 0:
+            capture(all_q, vk, vv, heads)
+    mask_text = mask_video = None
+    if mask is not None:  # gathered shares in (ring, ulysses) order, each [text, video] like the tokens
+        m_text, m_video = _split_joint(mask.reshape(mask.shape[0], 1, -1, 1), split.world, text_local, text_first)
+        mask_text, mask_video = m_text.reshape(mask.shape[0], -1), m_video.reshape(mask.shape[0], -1)
+        if not bool(mask_video.all()):
+            raise ValueError("a key-padding mask on video tokens is not supported under context parallelism")
+    if plan is None or plan.is_dense:  # one SDPA over the whole sequence in the model's order, as without splitting
+        order = [(a, b) if text_first else (b, a) for a, b in ((tq, vq), (tk, vk), (tv, vv))]
+        keys_mask = None if mask is None else torch.cat([mask_text, mask_video] if text_first else
+                                                        [mask_video, mask_text], 1)[:, None, None, :]
+        q_all, k_all, v_all = (torch.cat(pair, 2) for pair in order)
+        out = F.scaled_dot_product_attention(q_all, k_all, v_all, attn_mask=keys_mask, scale=scale)
+        n_first = order[0][0].shape[2]
+        o_text, o_video = (out[:, :, :n_first], out[:, :, n_first:]) if text_first else (
+            out[:, :, n_first:], out[:, :, :n_first])
+        return _finish(o_text, o_video, q.dtype, chunks, text_first, split), None
+    scale_value = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    num_video = vk.shape[2]
+    if split.ring > 1:
+        o_video, lse, extra, density = plan.attend_part(
+            vq, vk, vv, rows=split.shards(num_video)[split.ring_rank], shards=split.shards(num_video), scale=scale,
+            backend=backend, proj=proj, heads=heads)
+    else:
+        o_video, lse, extra, density = plan.attend(vq, vk, vv, scale=scale, backend=backend, proj=proj, heads=heads)
+    if tk.shape[2]:
+        o_text_keys, lse_text = attend_with_lse(vq, tk, tv, mask_text, scale_value)
+        o_video, _ = merge_attention(o_video, lse, o_text_keys, lse_text)
+        keys_mask = None if mask_text is None else torch.cat(
+            [mask_text, torch.ones_like(mask_text[:, :1]).expand(-1, num_video)], 1)[:, None, None, :]
+        o_text = F.scaled_dot_product_attention(tq, torch.cat([tk, vk], 2), torch.cat([tv, vv], 2),
+                                                attn_mask=keys_mask, scale=scale)
+    else:
+        o_text = tq
+    if extra is not None:
+        o_video = o_video + extra.to(o_video.dtype)
+    return _finish(o_text, o_video, q.dtype, chunks, text_first, split), density
+
+
+def _finish(o_text, o_video, dtype, chunks: int, text_first: bool, split: Split) -> torch.Tensor:
+    """Back to this rank's share: shares interleaved again, then the inverse Ulysses exchange."""
+    out = _join(o_text.to(dtype), o_video.to(dtype), chunks, text_first)
+    return ulysses_scatter(out, split) if split.ulysses > 1 else out

@@ -1,0 +1,219 @@
+"""Worker for tests/pipelines/test_parallel.py: run under ``torchrun --nproc_per_node N``.
+
+``python -m torch.distributed.run --nproc_per_node N tests/pipelines/cp_worker.py SCENARIO OUT.json``
+
+Every rank builds the same tiny transformers (fixed seeds), computes the single-process
+dit_accel result itself (no parallelism), then the context-parallel result through
+Diffusers' ``enable_parallelism`` in both call orders, and rank 0 writes the largest
+differences (and the errors of the cases that must be refused) to OUT.json.
+
+Test harness only: on CPU Diffusers computes ``rank % torch.accelerator.device_count()``,
+which is a modulo by zero, so ``device_count`` is patched to 1 in this process.
+"""
+
+import json
+import os
+import sys
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+torch.accelerator.device_count = lambda: 1  # the harness workaround (see module docstring)
+
+import dit_accel  # noqa: E402
+from diffusers import ContextParallelConfig  # noqa: E402
+from dit_accel.models import tiny as T  # noqa: E402
+
+WAN_GRID, FLUX_GRID = (4, 8, 8), (8, 16)
+METHODS = {
+    "wan": {"dense": dit_accel.Dense(), "tile": dit_accel.Tile(tile=(1, 8, 8), window=(3, 1, 1)),
+            "gna": dit_accel.GNA(kernel_size=(2, 5, 5)), "radial": dit_accel.Radial(block_size=64, decay=1.0),
+            "sla": dit_accel.SLA(topk=0.5),
+            # causal in time: under ring, the first rank's queries see no key of the second rank's shard
+            "gna-causal": dit_accel.GNA(kernel_size=(2, 5, 5), is_causal=(True, False, False))},
+    "flux": {"dense": dit_accel.Dense(), "tile": dit_accel.Tile(tile=(4, 16), window=(1, 1)),
+             "gna": dit_accel.GNA(kernel_size=(3, 5)), "sla": dit_accel.SLA(topk=0.5)},
+}
+
+
+def build(name: str):
+    """A tiny transformer with 4 heads (Ulysses over 4 ranks needs H % 4 == 0), same weights on every rank."""
+    cls_name, config = T._TRANSFORMER_CONFIGS[name]
+    import diffusers
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = getattr(diffusers, cls_name)(**{**config, "num_attention_heads": 4})
+        for p in model.parameters():
+            if p.abs().sum() == 0:
+                p.data.normal_(0, 0.05)
+    return model.eval()
+
+
+def inputs(name, model):
+    grid = WAN_GRID if name == "wan" else FLUX_GRID
+    return T.tiny_transformer_inputs(name, model, grid=grid, batch=1, text=8)  # 8 text tokens: 2 or 4 equal shares
+
+
+def run(model, kwargs, grad=False):
+    with torch.set_grad_enabled(grad):
+        return model(**kwargs)[0]
+
+
+def cp_config(ulysses: int, ring: int):
+    return ContextParallelConfig(ulysses_degree=ulysses, ring_degree=ring)
+
+
+def compare(name, method, ulysses, ring, order):
+    """Max |single-process - context-parallel| of one (model, method, call order)."""
+    single_model = build(name)
+    kwargs = inputs(name, single_model)
+    with dit_accel.apply(single_model, method, backend="torch"):
+        want = run(single_model, kwargs)
+    model = build(name)
+    if order == "apply-first":
+        handle = dit_accel.apply(model, method, backend="torch")
+        model.enable_parallelism(config=cp_config(ulysses, ring))
+    else:
+        model.enable_parallelism(config=cp_config(ulysses, ring))
+        handle = dit_accel.apply(model, method, backend="torch")
+    got = run(model, kwargs)
+    stats = handle.summary()
+    handle.remove()
+    plain_model = build(name)
+    plain_model.enable_parallelism(config=cp_config(ulysses, ring))
+    # After remove() the model is a plain context-parallel model again: the same result, or (Diffusers' ring on
+    # the native backend) the same error.
+    after_remove, plain_cp = outcome(model, kwargs), outcome(plain_model, kwargs)
+    same = after_remove == plain_cp if isinstance(plain_cp, str) else (
+        not isinstance(after_remove, str) and torch.equal(after_remove, plain_cp))
+    return {"diff": float((got - want).abs().max()), "finite": bool(torch.isfinite(got).all()),
+            "sparse_calls": stats["sparse_calls"], "dense_calls": stats["dense_calls"], "remove_exact": same}
+
+
+def outcome(model, kwargs):
+    """The output, or the error message of a model that cannot run."""
+    try:
+        return run(model, kwargs)
+    except ValueError as exc:
+        return str(exc)
+
+
+def gradients(name, method, ulysses, ring):
+    """Max relative difference of LoRA and SLA-projection gradients, context-parallel (summed over ranks) vs one
+    process."""
+    from peft import LoraConfig
+
+    def grads(parallel: bool):
+        model = build(name)
+        kwargs = inputs(name, model)
+        handle = dit_accel.apply(model, method, backend="torch")
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(1)
+            model.add_adapter(LoraConfig(r=2, lora_alpha=2, init_lora_weights=False,
+                                         target_modules=["to_q", "to_k", "to_v"]))
+        if parallel:
+            model.enable_parallelism(config=cp_config(ulysses, ring))
+        params = {n: p for n, p in model.named_parameters() if "lora_" in n}
+        for i, (proj_name, proj) in enumerate(handle.sla_projections().items()):
+            with torch.no_grad():  # non-zero projections, the same in both runs
+                proj.weight.copy_(torch.randn(proj.weight.shape, generator=torch.Generator().manual_seed(i)) * 0.1)
+            params.update({f"{proj_name}.{n}": p for n, p in proj.named_parameters()})
+        for p in params.values():
+            p.requires_grad_(True)
+        out = run(model, kwargs, grad=True)
+        (out.float() ** 2).mean().backward()
+        out_grads = {n: p.grad.detach().clone() for n, p in params.items()}
+        if parallel:  # each rank holds the gradient through its own tokens: the total is the sum
+            for g in out_grads.values():
+                dist.all_reduce(g)
+        handle.remove()
+        return out_grads
+
+    want, got = grads(False), grads(True)
+    assert want.keys() == got.keys() and want
+    return {"rel": max(float((got[n] - want[n]).norm() / want[n].norm().clamp_min(1e-12)) for n in want),
+            "params": len(want), "sla_params": sum("lora_" not in n for n in want)}
+
+
+def capture(ulysses, ring) -> float:
+    """Captured q/k/v under context parallelism (one file per head group) == the single-process capture."""
+    import tempfile
+
+    folder = os.path.join(tempfile.gettempdir(), f"dit_accel_cp_capture_{os.environ['TORCHELASTIC_RUN_ID']}")
+    single = build("wan")
+    with dit_accel.apply(single, dit_accel.Tile(tile=(1, 8, 8), window=(3, 1, 1)), capture=folder + "/one",
+                         capture_layers=[0]):
+        run(single, inputs("wan", single))
+    model = build("wan")
+    model.enable_parallelism(config=cp_config(ulysses, ring))
+    with dit_accel.apply(model, dit_accel.Tile(tile=(1, 8, 8), window=(3, 1, 1)), capture=folder + "/cp",
+                         capture_layers=[0]):
+        run(model, inputs("wan", model))
+    dist.barrier()
+    want = torch.load(f"{folder}/one/layer000_step000.pt")
+    parts = sorted(os.listdir(folder + "/cp"))
+    got = [torch.load(f"{folder}/cp/{p}") for p in parts]
+    heads = sorted(tuple(g["heads"]) for g in got)
+    q = torch.cat([g["q"] for g in sorted(got, key=lambda g: g["heads"])], dim=1)
+    assert heads == [(i * 4 // ulysses, (i + 1) * 4 // ulysses) for i in range(ulysses)], heads
+    return float((q - want["q"]).abs().max())
+
+
+def refused(fn) -> str:
+    try:
+        fn()
+    except (ValueError, TypeError) as exc:
+        return str(exc)
+    return ""
+
+
+def scenario(name: str) -> dict:
+    if name == "four":  # Ulysses over 4 ranks and Ulysses x Ring (2 x 2), Wan, one call order (4 CPU processes)
+        return {f"{split}/{label}": compare("wan", method, *degrees, "apply-first")
+                for split, degrees in (("ulysses4", (4, 1)), ("unified", (2, 2)))
+                for label, method in METHODS["wan"].items() if label != "gna-causal"}
+    ulysses, ring = {"ulysses2": (2, 1), "ring2": (1, 2)}[name]
+    out = {f"{model_name}/{label}/{order}": compare(model_name, method, ulysses, ring, order)
+           for model_name in ("wan", "flux") for label, method in METHODS[model_name].items()
+           for order in ("apply-first", "parallel-first")}
+    # training: gradients through the sparse op
+    out["grad/wan/sla"] = gradients("wan", dit_accel.SLA(topk=0.5), ulysses, ring)
+    out["grad/wan/tile"] = gradients("wan", dit_accel.Tile(tile=(1, 8, 8), window=(3, 1, 1)), ulysses, ring)
+
+    def uneven():
+        model = build("wan")
+        dit_accel.apply(model, dit_accel.Tile(tile=(1, 8, 8), window=(3, 1, 1)), backend="torch")
+        model.enable_parallelism(config=cp_config(ulysses, ring))
+        run(model, T.tiny_transformer_inputs("wan", model, grid=(3, 5, 5)))
+
+    out["uneven"] = refused(uneven)
+    out["capture"] = capture(ulysses, ring)
+    if name == "ring2":
+        def straddling():
+            model = build("wan")
+            dit_accel.apply(model, dit_accel.Radial(block_size=64), backend="torch")
+            model.enable_parallelism(config=cp_config(ulysses, ring))
+            run(model, T.tiny_transformer_inputs("wan", model, grid=(5, 8, 8)))  # 160 tokens per rank
+
+        out["straddling"] = refused(straddling)
+    return out
+
+
+def main() -> int:
+    name, path = sys.argv[1], sys.argv[2]
+    dist.init_process_group("gloo")
+    torch.manual_seed(0)
+    result = scenario(name)
+    if dist.get_rank() == 0:
+        with open(path, "w") as fh:
+            json.dump(result, fh, indent=1)
+    dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,16 @@
+"""Worker for tests/training/test_finetune.py: ``dit-accel finetune --cp ...`` under torchrun.
+
+Test harness only: on CPU Diffusers computes ``rank % torch.accelerator.device_count()``,
+a modulo by zero, so ``device_count`` is patched to 1 in this process before the CLI runs.
+"""
+
+import sys
+
+import torch
+
+torch.accelerator.device_count = lambda: 1
+
+from dit_accel.cli.finetune import main  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
