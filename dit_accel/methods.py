@@ -28,15 +28,17 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Dict, Optional, Tuple, Union
 
-from .patterns.checks import int_or_tuple, number_in, positive_int
+from .kernels.sla.common import LINEAR_EPS, REFERENCE_LINEAR_EPS, ROUNDINGS
+from .patterns.checks import int_or_tuple, number_in, per_head, positive_int
 from .patterns.gna import check_gna_args
-from .patterns.radial import check_radial_args
-from .patterns.tile import check_tile_args
+from .patterns.radial import RADIAL_RULES, check_radial_args
+from .patterns.tile import check_tile_args, read_sta_strategy
 
-__all__ = ["Method", "Dense", "GNA", "Tile", "Radial", "SLA", "method_from_name", "register_method",
+__all__ = ["Method", "Dense", "GNA", "Tile", "TileStrategy", "Radial", "SLA", "method_from_name", "register_method",
            "unregister_method", "registered_methods", "MethodEntry", "option", "CliOption"]
 
 IntOrTuple = Union[int, Tuple[int, ...]]
@@ -272,10 +274,14 @@ class Tile(Method):
         tile: tokens per tile, per dimension (T, H, W) for video, (H, W) for images.
         window: window size in tiles per dimension, ``>= 1``. An even window ``w``
             covers the same tiles as ``w + 1`` (FastVideo's convention: its searched
-            strategies use even sizes).
+            strategies use even sizes). A tuple of windows, one per attention head
+            (``((3, 3, 3), (1, 6, 10), ...)``), gives every head its own window; the
+            heads run as one per-head block layout in one kernel launch, and the
+            number of windows must equal the model's head count.
 
     Implemented as GNA with ``kernel_size = window * tile`` and ``stride = tile``.
     Extents that are not multiples of the tile are padded, never rejected.
+    FastVideo's searched windows per (step, layer, head): :meth:`from_strategy`.
 
     Example::
 
@@ -291,13 +297,35 @@ class Tile(Method):
         tile, window = check_tile_args(self.tile, self.window, owner="Tile.")
         _freeze(self, tile=tile, window=window)
 
-    def plan(self, grid):
-        from .patterns.permutation import block_box
-        from .patterns.tile import tile_relations
+    @classmethod
+    def from_strategy(cls, path, *, tile=(6, 8, 8)) -> "TileStrategy":
+        """FastVideo's searched STA windows per (step, layer, head), read from its mask-strategy JSON.
 
-        grid, tile, rels = tile_relations(grid, self.tile, self.window)
-        # Permute by the STA tile when it holds whole 64-token blocks; else let a default tile do it.
-        return _separable_plan(self, grid, rels, tile if block_box(tile, 64) is not None else None, "window")
+        Returns a :class:`TileStrategy`: at denoising step ``s`` layer ``l`` runs
+        ``Tile(tile, window=<the file's windows of (s, l), one per head>)``.
+
+        Example::
+
+            dit_accel.apply(pipe, dit_accel.Tile.from_strategy("mask_strategy_hunyuan.json"))
+        """
+        return TileStrategy(path=os.fspath(path), tile=tile)
+
+    @property
+    def heads(self) -> Optional[int]:
+        """Number of per-head windows, or None when every head shares one window."""
+        windows = per_head(self.window)
+        return None if windows is None else len(windows)
+
+    def plan(self, grid):
+        from .patterns.tile import tile_covers_grid, tile_layout, tile_token_density
+        from .plans import DensePlan, LayoutPlan
+
+        if tile_covers_grid(grid, self.tile, self.window):
+            return DensePlan(self, tuple(grid), f"the window covers the whole grid {tuple(grid)}")
+        # Tiled by the STA tile when it holds whole 64-token blocks; else by a default tile.
+        perm, layout = tile_layout(grid, self.tile, self.window)
+        return LayoutPlan(self, perm.grid, layout, perm,
+                          token_density=tile_token_density(grid, self.tile, self.window))
 
     def at_density(self, grid, density):
         # Tiles of one 64-token block each: a window of w tiles per dimension visits about
@@ -319,6 +347,70 @@ class Tile(Method):
             if best is None or score < best[0]:
                 best = (score, window)
         return Tile(tile=tile, window=best[1])
+
+
+@register_method("tile_strategy",
+                 summary="sliding tile attention with FastVideo's searched windows per (step, layer, head), read from "
+                         "its STA mask-strategy JSON (Tile.from_strategy)")
+@dataclass(frozen=True)
+class TileStrategy(Method):
+    """Sliding tile attention whose windows change per denoising step, layer and head (FastVideo's STA search).
+
+    The file maps ``"step_layer_head"`` to a window ``[wt, wh, ww]`` in tiles (even sizes
+    cover ``w + 1`` tiles, as in FastVideo). The step is the denoising step index (both
+    classifier-free-guidance calls of a step share it), the layer the attention-layer index
+    in model order (HunyuanVideo: double-stream blocks, then single-stream blocks, as
+    FastVideo numbers them). At step ``s``, layer ``l`` runs ``Tile(tile, window=<its
+    windows, one per head>)``; a (step, layer) the file does not list runs dense.
+    Build it with :meth:`Tile.from_strategy`.
+
+    Args:
+        path: the strategy JSON (read and checked when the config is built).
+        tile: tokens per tile, FastVideo's (6, 8, 8) by default.
+
+    Example::
+
+        strategy = dit_accel.Tile.from_strategy("mask_strategy_hunyuan.json")
+        dit_accel.apply(pipe, strategy)      # no dense_steps: the file's early steps are full windows
+    """
+
+    path: str = option("", "tile_strategy: FastVideo STA mask-strategy JSON (\"step_layer_head\" -> [wt, wh, ww])",
+                       parse="str", flag="--strategy", metavar="FILE")
+    tile: IntOrTuple = option((6, 8, 8), "tile_strategy: tokens per tile (FastVideo: 6,8,8)", metavar="T,H,W")
+
+    def __post_init__(self):
+        if not isinstance(self.path, (str, os.PathLike)) or not os.fspath(self.path):
+            raise ValueError(f"TileStrategy.path={self.path!r} is invalid: pass the FastVideo STA mask-strategy JSON "
+                             "file, e.g. Tile.from_strategy('mask_strategy_hunyuan.json')")
+        path = os.fspath(self.path)
+        table = read_sta_strategy(path)
+        some = next(iter(table.values()))
+        tile, _ = check_tile_args(self.tile, some, owner="TileStrategy.")
+        _freeze(self, path=path, tile=tile)
+        object.__setattr__(self, "_table", table)
+        object.__setattr__(self, "_tiles", {})  # (step, layer) -> Tile, made on first use
+
+    @property
+    def heads(self) -> int:
+        """Heads per layer in the strategy (the model's head count must match)."""
+        return len(next(iter(self._table.values())))
+
+    @property
+    def steps(self) -> Tuple[int, ...]:
+        """The denoising steps the strategy lists."""
+        return tuple(sorted({step for step, _ in self._table}))
+
+    def for_layer_step(self, layer: int, step: int) -> Optional[Tile]:
+        """The :class:`Tile` (per-head windows) that ``layer`` runs at ``step``; None (dense) when not listed."""
+        key = (int(step), int(layer))
+        tile = self._tiles.get(key)
+        if tile is None and key in self._table:
+            tile = self._tiles.setdefault(key, Tile(tile=self.tile, window=self._table[key]))
+        return tile
+
+    def plan(self, grid):
+        raise ValueError("TileStrategy has one plan per (layer, step): use strategy.for_layer_step(layer, step)"
+                         ".plan(grid); dit_accel.apply resolves it for every call")
 
 
 @register_method("radial", finetunable=True,
@@ -344,6 +436,10 @@ class Radial(Method):
             ``"window"``: a true 2-D window, the frame scaled by ``sqrt((2*half + 1) / (H*W))``,
             pushed inward at borders like GNA, so every query sees ``~2*half + 1`` keys;
             exact per token, on tiled order (see :mod:`dit_accel.patterns.radial_window`).
+        rule: how the band becomes blocks (``spatial="band"`` only). ``"union"`` (default):
+            METHODS.md's rule on the placed bands. ``"reference"``: the reference code's
+            blocks exactly (per-frame-pair reduction, a fixed 128 in the frame-drop test),
+            for its published numbers; the presets that quote the reference use it.
 
     Example::
 
@@ -358,6 +454,9 @@ class Radial(Method):
     spatial: str = option("band", "radial: far frame pairs keep the reference raster band (band) or a 2-D window "
                                   "of rows x columns on tiled order (window)", parse="str", flag="--radial-spatial",
                           choices=("band", "window"))
+    rule: str = option("union", "radial: block rule: union (METHODS.md) or reference (the reference code's blocks "
+                                "exactly, for its published numbers)", parse="str", flag="--radial-rule",
+                       choices=RADIAL_RULES)
 
     def __post_init__(self):
         block, decay, sinks = check_radial_args(self.block_size, self.decay, self.sink_frames, owner="Radial.",
@@ -365,6 +464,12 @@ class Radial(Method):
         if self.spatial not in ("band", "window"):
             raise ValueError(f"Radial.spatial={self.spatial!r} is invalid: must be 'band' (reference raster band) "
                              "or 'window' (2-D window)")
+        if self.rule not in RADIAL_RULES:
+            raise ValueError(f"Radial.rule={self.rule!r} is invalid: must be 'union' (METHODS.md) or 'reference' "
+                             "(the reference code's blocks)")
+        if self.rule == "reference" and self.spatial != "band":
+            raise ValueError("Radial.rule='reference' reproduces the reference code's raster band; it needs "
+                             "spatial='band' (the 2-D window variant has no reference)")
         _freeze(self, block_size=block, decay=decay, sink_frames=sinks)
 
     def plan(self, grid):
@@ -380,7 +485,7 @@ class Radial(Method):
         if self.spatial == "window":
             perm, layout = radial_window_layout(grid, self.block_size, self.decay, sinks)
         else:
-            perm, layout = None, radial_layout(grid, self.block_size, self.decay, sinks)
+            perm, layout = None, radial_layout(grid, self.block_size, self.decay, sinks, rule=self.rule)
         if layout.density() == 1.0 and layout.partial_fraction() == 0.0 and (
                 perm is None or perm.num_padded == perm.num_tokens):
             return DensePlan(self, grid, f"radial attention keeps every block on grid {grid} (at most 2 frames, "
@@ -404,36 +509,66 @@ class SLA(Method):
 
     While ``proj`` is still zero (no fine-tuning), SLA is training-free top-k
     block-sparse attention. Fine-tune with ``dit-accel finetune --method sla``.
+    Checkpoints trained with the reference code (thu-ml/SLA, TurboDiffusion) need
+    :meth:`reference`.
 
     Args:
         topk: fraction of key blocks kept for softmax attention, in ``(0, 1]``.
         negligible: fraction of key blocks skipped, in ``[0, 1 - topk]``.
         block_q: query block size, 64 or 128.
-        block_k: key block size, 64.
+        block_k: key block size, 64, or 128 (TurboDiffusion's SageSLA on sm_90; the fused
+            Triton kernel has 64-key blocks, so 128 runs on the PyTorch twin).
         feature_map: ``"softmax"`` (over head dim), ``"elu"`` (elu+1) or ``"relu"``.
         linear_tokens: ``"marginal"`` (paper) or ``"all"`` (later reference code).
+        rounding: critical blocks per query block out of ``K``: ``"ceil"`` (``ceil(topk*K)``)
+            or ``"floor"`` (the reference's ``int(topk*K)``); at least one block either way
+            (the reference yields NaN outputs at zero blocks).
+        linear_eps: added to the linear branch's denominator (reference code: 1e-5).
     """
 
     topk: float = option(0.05, "sla: fraction of key blocks kept for softmax (0, 1]", parse="float")
     negligible: float = option(0.0, "sla: fraction of key blocks skipped [0, 1-topk]", parse="float")
     block_q: int = option(64, "radial: block granularity; sla: query block size", parse="int", flag="--block-size",
                           choices=(64, 128))
-    block_k: int = 64
+    block_k: int = option(64, "sla: key block size (128: TurboDiffusion's SageSLA on sm_90, runs on the PyTorch "
+                              "twin)", parse="int", choices=(64, 128))
     feature_map: str = option("softmax", "sla: linear-branch feature map", parse="str",
                               choices=("softmax", "elu", "relu"))
     linear_tokens: str = option("marginal", "sla: tokens of the linear branch (marginal = paper, all = later "
                                             "reference code)", parse="str", choices=("marginal", "all"))
+    rounding: str = option("ceil", "sla: critical blocks per query block: ceil(topk*K) or floor = the reference's "
+                                   "int(topk*K); at least 1 either way", parse="str", choices=ROUNDINGS)
+    linear_eps: float = option(LINEAR_EPS, "sla: epsilon of the linear branch's denominator (reference: 1e-5)",
+                               parse="float")
 
     def __post_init__(self):
         topk = number_in("topk", self.topk, 0.0, 1.0, owner="SLA.", lo_open=True)
         negligible = number_in("negligible", self.negligible, 0.0, 1.0 - topk, owner="SLA.")
         block_q = positive_int("block_q", self.block_q, owner="SLA.", allowed=(64, 128))
-        block_k = positive_int("block_k", self.block_k, owner="SLA.", allowed=(64,))
-        for name, allowed in (("feature_map", ("softmax", "elu", "relu")), ("linear_tokens", ("marginal", "all"))):
+        block_k = positive_int("block_k", self.block_k, owner="SLA.", allowed=(64, 128))
+        linear_eps = number_in("linear_eps", self.linear_eps, 0.0, 1.0, owner="SLA.", lo_open=True)
+        for name, allowed in (("feature_map", ("softmax", "elu", "relu")), ("linear_tokens", ("marginal", "all")),
+                              ("rounding", ROUNDINGS)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"SLA.{name}={getattr(self, name)!r} is invalid: must be one of "
                                  f"{', '.join(map(repr, allowed))}")
-        _freeze(self, topk=topk, negligible=negligible, block_q=block_q, block_k=block_k)
+        _freeze(self, topk=topk, negligible=negligible, block_q=block_q, block_k=block_k, linear_eps=linear_eps)
+
+    @classmethod
+    def reference(cls, topk: float, *, block_q: int = 64, block_k: int = 64, feature_map: str = "softmax") -> "SLA":
+        """SLA exactly as the reference code computes it (thu-ml/SLA, and TurboDiffusion, which vendors it).
+
+        Linear attention over all tokens, ``int(topk * K)`` critical blocks (at least one),
+        epsilon 1e-5, no negligible class. Use it for checkpoints trained with that code.
+        Block sizes: 64 x 64 in thu-ml/SLA and TurboDiffusion's training; TurboDiffusion's
+        ``sla`` inference uses ``block_q=128``, its SageSLA ``block_k=128`` on sm_90.
+
+        Example::
+
+            dit_accel.apply(pipe, dit_accel.SLA.reference(topk=0.1), weights="converted/")
+        """
+        return cls(topk=topk, block_q=block_q, block_k=block_k, feature_map=feature_map, linear_tokens="all",
+                   rounding="floor", linear_eps=REFERENCE_LINEAR_EPS)
 
     def plan(self, grid):
         from .kernels import SLAParams

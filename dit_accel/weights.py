@@ -3,7 +3,9 @@
 An output folder of ``dit-accel finetune`` holds::
 
     pytorch_lora_weights.safetensors   Diffusers-format LoRA ("transformer." keys, adapter
-                                       metadata with rank/alpha): pipe.load_lora_weights(DIR)
+                                       metadata with rank/alpha): pipe.load_lora_weights(DIR);
+                                       absent when files.lora is null (a converted checkpoint
+                                       without LoRA, see dit_accel.convert)
     sla_projections.safetensors        SLA only: "<attention module>.weight"/".bias" per layer
     dit_accel_method.json              the method config and LoRA settings the weights belong to
 
@@ -19,6 +21,7 @@ imports the other.
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Dict, Optional
 
@@ -30,7 +33,7 @@ from .methods import Method, method_from_name
 __all__ = [
     "LORA_FILE", "SLA_FILE", "METHOD_FILE", "ADAPTER_NAME",
     "save_trained_weights", "load_into", "load_trained_weights", "load_method", "read_weights_info", "lora_state_dict",
-    "sla_state_dict",
+    "sla_state_dict", "method_from_dict",
 ]
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
@@ -111,14 +114,40 @@ def read_weights_info(folder) -> dict:
     return _read_info(Path(folder))
 
 
-def load_method(folder) -> Method:
-    """The method config a fine-tuned folder was trained with (for ``apply(pipe, load_method(DIR), weights=DIR)``)."""
-    d = dict(_read_info(Path(folder))["method"])
+def method_from_dict(d: dict) -> Method:
+    """The method config of a ``Method.to_dict()`` read back from JSON (lists become tuples again)."""
+    d = dict(d)
     name = d.pop("method")
     for k, v in d.items():  # JSON turned tuples into lists
         if isinstance(v, list):
             d[k] = tuple(tuple(x) if isinstance(x, list) else x for x in v)
     return method_from_name(name, **d)
+
+
+def load_method(folder) -> Method:
+    """The method config a fine-tuned folder was trained with (for ``apply(pipe, load_method(DIR), weights=DIR)``)."""
+    return method_from_dict(_read_info(Path(folder))["method"])
+
+
+def _check_method(folder: Path, saved: dict, method) -> None:
+    """The handle's method must be the one the weights were trained for; only SLA's linear-token rule
+    may differ (a warning: the projections then see another linear branch than they learned)."""
+    current = _json_roundtrip(method.to_dict())
+    if saved == current:
+        return
+    diff = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
+    if diff == ["linear_tokens"]:
+        warnings.warn(
+            f"weights={str(folder)!r} were trained with SLA linear_tokens={saved['linear_tokens']!r} but the method "
+            f"runs linear_tokens={current['linear_tokens']!r}: the projections learned one linear branch and now "
+            "see the other, so the output differs from the trained model. Apply the saved method "
+            f"(dit_accel.training.load_method({str(folder)!r})) to run them as trained.", UserWarning, stacklevel=3)
+        return
+    raise ValueError(
+        f"weights={str(folder)!r} were trained for {saved} but the handle's method is {current} "
+        f"(differs in {diff}). Apply the saved method: "
+        f"dit_accel.apply(pipe, dit_accel.training.load_method({str(folder)!r}), weights=...)."
+    )
 
 
 def load_into(handle, folder) -> None:
@@ -129,31 +158,21 @@ def load_into(handle, folder) -> None:
     projections into ``handle.sla_projections()``.
 
     Raises ValueError when the folder is missing files, when it was trained for
-    a different method config than ``handle.method``, or when its SLA
-    projections do not match the model's attention layers.
+    a different method config than ``handle.method`` (only SLA's ``linear_tokens``
+    may differ, with a warning), or when its SLA projections do not match the
+    model's attention layers.
     """
     from safetensors.torch import load_file
 
     folder = Path(folder)
     info = _read_info(folder)
-    saved = info.get("method", {})
+    # Through the config and back: fields added since the folder was written take their defaults.
+    saved = _json_roundtrip(method_from_dict(info["method"]).to_dict()) if "method" in info else {}
     method = getattr(handle, "method", None)
-    current = _json_roundtrip(method.to_dict()) if method is not None else None
-    if current is not None and saved != current:
-        diff = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
-        raise ValueError(
-            f"weights={str(folder)!r} were trained for {saved} but the handle's method is {current} "
-            f"(differs in {diff}). Apply the saved method: "
-            f"dit_accel.apply(pipe, dit_accel.training.load_method({str(folder)!r}), weights=...)."
-        )
-    lora_path = folder / LORA_FILE
-    if not lora_path.is_file():
-        raise ValueError(f"weights={str(folder)!r} is missing {LORA_FILE}.")
-    transformer = handle.transformer
-    state, metadata = _lora_mixin().lora_state_dict(str(folder), weight_name=LORA_FILE, return_lora_metadata=True)
-    if ADAPTER_NAME in (getattr(transformer, "peft_config", None) or {}):
-        transformer.delete_adapters(ADAPTER_NAME)  # loading twice replaces, never stacks
-    transformer.load_lora_adapter(state, prefix="transformer", metadata=metadata, adapter_name=ADAPTER_NAME)
+    if method is not None:
+        _check_method(folder, saved, method)
+    if (info.get("files") or {}).get("lora", LORA_FILE) is not None:
+        _load_lora(handle.transformer, folder)
 
     projections = handle.sla_projections() if hasattr(handle, "sla_projections") else {}
     if saved.get("method") == "sla" or projections:
@@ -177,6 +196,16 @@ def load_into(handle, folder) -> None:
                     if src.shape != p.shape:
                         raise ValueError(f"{sla_path}: {name}.{pname} has shape {tuple(src.shape)}, model has {tuple(p.shape)}.")
                     p.copy_(src.to(p.dtype))
+
+
+def _load_lora(transformer: nn.Module, folder: Path) -> None:
+    lora_path = folder / LORA_FILE
+    if not lora_path.is_file():
+        raise ValueError(f"weights={str(folder)!r} is missing {LORA_FILE}.")
+    state, metadata = _lora_mixin().lora_state_dict(str(folder), weight_name=LORA_FILE, return_lora_metadata=True)
+    if ADAPTER_NAME in (getattr(transformer, "peft_config", None) or {}):
+        transformer.delete_adapters(ADAPTER_NAME)  # loading twice replaces, never stacks
+    transformer.load_lora_adapter(state, prefix="transformer", metadata=metadata, adapter_name=ADAPTER_NAME)
 
 
 load_trained_weights = load_into  # the name used before the weights folder format moved here

@@ -43,7 +43,7 @@ def test_valid_configs_are_normalised():
         (lambda: SLA(topk=True), "SLA.topk"),
         (lambda: SLA(topk=0.5, negligible=0.6), "SLA.negligible"),
         (lambda: SLA(block_q=32), "SLA.block_q"),
-        (lambda: SLA(block_k=128), "SLA.block_k"),
+        (lambda: SLA(block_k=32), "SLA.block_k"),
         (lambda: SLA(feature_map="tanh"), "SLA.feature_map"),
         (lambda: SLA(linear_tokens="some"), "SLA.linear_tokens"),
         (lambda: method_from_name("sparse"), "unknown method"),

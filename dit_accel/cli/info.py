@@ -2,24 +2,31 @@
 
 Every section degrades to a one-line note when the module behind it is missing
 or broken, so ``info`` is the command to run when something else fails.
+``--model MODEL`` adds each method's published setting for that model (or
+dit_accel's default where none is published), its density on the published
+shape and its source.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 
 from .. import _util
 
-__all__ = ["register", "run", "collect_info"]
+__all__ = ["register", "run", "collect_info", "model_settings"]
 
 def register(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("info", help="versions, device, kernel backends, supported models and methods",
                               description=__doc__.splitlines()[0])
     p.add_argument("--device", default=None, help="device to check backends on (default: cuda if available, else cpu)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--model", default=None, metavar="MODEL",
+                   help="also list each method's published setting for this model, its density and source (a hub "
+                        "id, a Diffusers folder, a tiny model, a transformer class or a family such as 'Wan 2.2')")
     p.set_defaults(func=run, _parser=p)
     return p
 
@@ -73,6 +80,44 @@ def _tiny():
     return dict(TINY_MODELS)
 
 
+def _density(method, grid):
+    """Visited block fraction of ``method`` on ``grid`` (SLA: its critical-block fraction)."""
+    from ..kernels import sla_density
+
+    plan = method.plan(grid)
+    if plan.density is None and hasattr(plan, "params"):
+        return sla_density(math.prod(grid), plan.params)
+    return plan.density
+
+
+def _setting(method, apply_kwargs, grid, where: str, source: str) -> dict:
+    out = {"config": method.to_dict(), "apply": apply_kwargs, "source": source}
+    if grid is not None:
+        out.update(grid=list(grid), shape=where, density=round(_density(method, grid), 4))
+    return out
+
+
+def model_settings(model: str) -> dict:
+    """Per registered method, the published settings for ``model`` (or dit_accel's preset default), each with
+    its config, ``apply`` kwargs, density on the published grid and source."""
+    from ..methods import registered_methods
+    from ..pipelines.presets import PRESETS, published_settings, recommended, resolve_model_family
+
+    class_name, family = resolve_model_family(model)
+    preset = PRESETS[class_name]
+    known = published_settings(class_name, family=family)
+    grid, where = (known[0].grid, known[0].shape) if known else (None, None)
+    methods = {}
+    for name in registered_methods():
+        found = published_settings(class_name, name, family)
+        if found:
+            methods[name] = [_setting(*p.build(), p.grid, p.shape, p.source) for p in found]
+        elif name in preset.defaults:
+            source = "dit_accel preset default (no published setting for this model)"
+            methods[name] = [_setting(*recommended(class_name, name, family), grid, where, source)]
+    return {"model": model, "transformer": class_name, "family": family, "methods": methods}
+
+
 def collect_info(device=None) -> dict:
     """The ``info`` report as a dict (also used by the JSON sidecar of ``generate``)."""
     versions = {name: value or "not installed" for name, value in _util.versions().items()}
@@ -108,6 +153,13 @@ def run(args) -> int:
             print(f"dit-accel info: --device {device} is not a torch device; use cpu, cuda or cuda:N")
             return 2
     info = collect_info(device)
+    model = getattr(args, "model", None)
+    if model is not None:
+        try:
+            info["model_settings"] = model_settings(model)
+        except ValueError as err:
+            print(f"dit-accel info: --model {model}: {err}")
+            return 2
     if getattr(args, "json", False):
         json.dump(info, sys.stdout, indent=2, default=str)
         print()
@@ -119,4 +171,20 @@ def run(args) -> int:
     _print_section("supported transformer classes", info["supported_models"])
     _print_section("methods", info["methods"])
     _print_section("embedded tiny models (RANDOM WEIGHTS, for smoke runs only)", info["tiny_models"])
+    if model is not None:
+        _print_settings(info["model_settings"])
     return 0
+
+
+def _print_settings(settings: dict) -> None:
+    family = settings["family"] or settings["transformer"]
+    print(f"settings for {settings['model']} ({family}; published by the methods' authors unless marked):")
+    for name, entries in settings["methods"].items():
+        for entry in entries:
+            config = ", ".join(f"{k}={v}" for k, v in entry["config"].items() if k != "method")
+            apply = ", ".join(f"{k}={v}" for k, v in entry["apply"].items())
+            print(f"  {name}: {config}" + (f"; apply: {apply}" if apply else ""))
+            if "density" in entry:
+                grid = "x".join(map(str, entry["grid"]))
+                print(f"      density {entry['density']:.4f} on grid {grid} ({entry['shape']})")
+            print(f"      source: {entry['source']}")

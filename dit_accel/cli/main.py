@@ -1,4 +1,4 @@
-"""``dit-accel``: generate, info, finetune, eval, bench.
+"""``dit-accel``: generate, info, finetune, eval, bench, convert.
 
 Each subcommand lives in its own module ``dit_accel.cli.<name>`` exposing
 ``register(subparsers)`` (adds its parser and ``set_defaults(func=run)``) and
@@ -25,6 +25,7 @@ SUBCOMMANDS = {
     "finetune": ("dit_accel.cli.finetune", "fine-tune a model for a sparse method (SLA projections, LoRA) by distillation"),
     "eval": ("dit_accel.cli.eval", "quality of a sparse method against dense (PSNR, SSIM, LPIPS, FID, CLIP)"),
     "bench": ("dit_accel.cli.bench", "attention kernel and end-to-end speed benchmarks"),
+    "convert": ("dit_accel.cli.convert", "an SLA/TurboDiffusion Wan checkpoint as a dit_accel weights folder"),
 }
 
 _EPILOG = """examples:

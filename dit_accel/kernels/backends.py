@@ -135,13 +135,16 @@ def _block_sparse_flex(r: Request) -> Optional[str]:
 
 
 def _sla_triton(r: Request) -> Optional[str]:
-    from .sla.configs import SLA_DTYPES, SLA_MAX_HEAD_DIM
+    from .sla.configs import BLOCK_K, SLA_DTYPES, SLA_MAX_HEAD_DIM
 
     reason = triton_reason(r.device)
     if reason is not None:
         return reason
     if r.head_dim > SLA_MAX_HEAD_DIM:
         return f"head dim {r.head_dim} > {SLA_MAX_HEAD_DIM} is not supported by the Triton SLA kernel; use backend='torch'."
+    if r.block_k != BLOCK_K:
+        return (f"the fused SLA kernel has {BLOCK_K}-key blocks, not block_k={r.block_k}; SLA(block_k={r.block_k}) "
+                "runs on the PyTorch twin (backend='torch').")
     if r.device.type == "cuda" and r.dtype not in SLA_DTYPES:
         return (f"the fused SLA kernel takes float16 or bfloat16 on CUDA, not {r.dtype} (fp32 tiles do not fit "
                 "sm_89's shared memory); cast the inputs or use backend='torch'.")

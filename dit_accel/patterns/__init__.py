@@ -10,6 +10,11 @@ Layout: :mod:`.separable` is the one window machinery (1-D relations, Kronecker
 masks, box-block layouts) that :mod:`.gna`, :mod:`.tile` and :mod:`.radial_window`
 share; :mod:`.permutation` the tiled order; :mod:`.radial` the reference radial
 rule; :mod:`.checks` the argument rules the method configs reuse.
+
+Windows and kernel sizes may be given per attention head (``tile_mask``,
+``tile_layout``, ``gna_mask``, ``gna_layout``): masks gain a head axis and layouts
+one layout head per attention head (:func:`.separable.stack_heads`).
+:func:`.tile.read_sta_strategy` reads FastVideo's per-(step, layer, head) windows.
 """
 
 from .gna import gna_layout, gna_mask

@@ -9,12 +9,12 @@ scalars count as ints.
 
 from __future__ import annotations
 
-from typing import Tuple, Union
+from typing import Optional, Tuple, Union
 
 from .._util import is_int, is_number
 
 __all__ = ["as_grid", "int_or_tuple", "bool_or_tuple", "per_dim", "per_dim_bool", "positive_int", "number_in",
-           "ints"]
+           "ints", "per_head"]
 
 IntOrTuple = Union[int, Tuple[int, ...]]
 
@@ -49,6 +49,14 @@ def int_or_tuple(owner: str, name: str, value, *, minimum: int) -> IntOrTuple:
     """Shape-free: an int (shared by every dimension) or a tuple of ints (one per dimension)."""
     items = ints(owner, name, value, minimum=minimum)
     return items if not is_int(value) else items[0]
+
+
+def per_head(value) -> Optional[tuple]:
+    """The per-head values of a window or kernel size given one per attention head (a sequence holding at
+    least one sequence, e.g. ``((3, 3, 3), (1, 6, 10))``) as a tuple, or None for one value shared by all heads."""
+    if isinstance(value, (tuple, list)) and any(isinstance(v, (tuple, list)) for v in value):
+        return tuple(value)
+    return None
 
 
 def bool_or_tuple(owner: str, name: str, value) -> Union[bool, Tuple[bool, ...]]:

@@ -3,6 +3,8 @@
 :func:`check_gna_args` holds the shape-free rules (``dit_accel.GNA`` calls it when
 the config is built); :func:`gna_relations` adds the grid rules and gives the
 per-dimension relations from which :func:`gna_mask` and :func:`gna_layout` derive.
+A kernel size per attention head (``kernel_size=((9, 24, 24), (3, 48, 48))``) gives
+a mask per head and a per-head layout (:func:`~.separable.stack_heads`).
 """
 
 from __future__ import annotations
@@ -12,9 +14,9 @@ from typing import Sequence, Tuple, Union
 import torch
 
 from ..kernels.layout import BlockLayout
-from .checks import as_grid, bool_or_tuple, int_or_tuple, per_dim, per_dim_bool
+from .checks import as_grid, bool_or_tuple, int_or_tuple, per_dim, per_dim_bool, per_head
 from .permutation import TilePermutation, permutation_for
-from .separable import kron, relation_1d, separable_layout
+from .separable import kron, relation_1d, separable_layout, stack_heads
 
 __all__ = ["gna_mask", "gna_layout", "check_gna_args", "gna_relations"]
 
@@ -25,8 +27,14 @@ def check_gna_args(kernel_size, stride=1, dilation=1, is_causal=False, *, owner:
     """Shape-free GNA rules; returns the values normalised (ints stay ints, sequences become tuples).
 
     ``kernel_size >= 2``, ``stride >= 1``, ``dilation >= 1`` per dimension; per-dimension
-    tuples of one length; ``stride <= kernel_size`` wherever both are known.
+    tuples of one length; ``stride <= kernel_size`` wherever both are known. ``kernel_size``
+    may hold one kernel size per attention head (each checked against the shared stride,
+    dilation and causality); it is returned as a tuple of per-head kernel sizes.
     """
+    heads = per_head(kernel_size)
+    if heads is not None:
+        checked = [check_gna_args(k, stride, dilation, is_causal, owner=owner) for k in heads]
+        return (tuple(c[0] for c in checked),) + checked[0][1:]
     values = {"kernel_size": int_or_tuple(owner, "kernel_size", kernel_size, minimum=2),
               "stride": int_or_tuple(owner, "stride", stride, minimum=1),
               "dilation": int_or_tuple(owner, "dilation", dilation, minimum=1),
@@ -46,8 +54,11 @@ def check_gna_args(kernel_size, stride=1, dilation=1, is_causal=False, *, owner:
 
 
 def gna_relations(grid, kernel_size, stride=1, dilation=1, is_causal=False):
-    """``(grid, relations)``: GNA arguments checked against ``grid``, one ``[L, L]`` relation per dimension."""
+    """``(grid, relations)``: GNA arguments (one kernel size) checked against ``grid``, one ``[L, L]``
+    relation per dimension."""
     grid = as_grid(grid)
+    if per_head(kernel_size) is not None:
+        raise ValueError(f"kernel_size={kernel_size!r} holds per-head kernel sizes; gna_relations takes one")
     check_gna_args(kernel_size, stride, dilation, is_causal)
     nd = len(grid)
     ks, st = per_dim("kernel_size", kernel_size, nd, minimum=2), per_dim("stride", stride, nd)
@@ -77,7 +88,8 @@ def gna_mask(grid, kernel_size: IntOrTuple, stride: IntOrTuple = 1, dilation: In
 
     Returns:
         bool ``[N, N]`` in raster order (``idx = t*H*W + h*W + w``), True = allowed.
-        Every query sees exactly ``prod(kernel_size)`` keys when non-causal.
+        Every query sees exactly ``prod(kernel_size)`` keys when non-causal. With a
+        kernel size per head (a tuple of them), ``[H, N, N]``.
 
     Materialises ``N x N``: for inspection and tests. Kernels use :func:`gna_layout`, which never does.
 
@@ -86,6 +98,9 @@ def gna_mask(grid, kernel_size: IntOrTuple, stride: IntOrTuple = 1, dilation: In
         >>> gna_mask((7,), 3)[0].nonzero().flatten().tolist()
         [0, 1, 2]
     """
+    heads = per_head(kernel_size)
+    if heads is not None:
+        return torch.stack([kron(gna_relations(grid, k, stride, dilation, is_causal)[1]) for k in heads])
     return kron(gna_relations(grid, kernel_size, stride, dilation, is_causal)[1])
 
 
@@ -106,12 +121,19 @@ def gna_layout(grid, kernel_size, stride=1, dilation=1, is_causal=False, *, tile
         ``perm.permute(v)`` and ``perm.unpermute`` the output. Padded keys are
         never allowed. Blocks are full, skipped, or partial with a deduplicated
         element mask; with stride a multiple of the tile and window starts on
-        tile borders there are no partial blocks.
+        tile borders there are no partial blocks. Per-head kernel sizes give a
+        per-head layout (``layout.num_heads`` = number of kernel sizes).
 
     Example::
 
         perm, layout = gna_layout((30, 48, 80), (18, 24, 24), stride=(6, 8, 8), tile=(6, 8, 8), block_q=128)
     """
-    grid, rels = gna_relations(grid, kernel_size, stride, dilation, is_causal)
+    heads = per_head(kernel_size)
+    kernels = tuple(tuple(k) if isinstance(k, list) else k for k in (heads or (kernel_size,)))
+    grid = as_grid(grid)
     perm = permutation_for(grid, tile, block_q, block_k)
-    return perm, separable_layout(perm, rels, block_q, block_k)
+    layouts = {k: separable_layout(perm, gna_relations(grid, k, stride, dilation, is_causal)[1], block_q, block_k)
+               for k in dict.fromkeys(kernels)}  # one layout per distinct kernel size
+    if heads is None:
+        return perm, layouts[kernels[0]]
+    return perm, stack_heads([layouts[k] for k in kernels])

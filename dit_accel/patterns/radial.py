@@ -10,10 +10,18 @@ their rows inside the band. Rows and columns are the block's real tokens (a
 ragged last block has fewer); a column is non-empty when at least one of its
 rows is inside the band.
 
-The reduction is over the placed (global) band, as METHODS.md states. The
-reference code reduces each frame pair separately and ORs the block masks; the
-two agree whenever ``H*W`` is a multiple of ``B`` (e.g. 48x80 with B = 128) and
-differ only in blocks that straddle a frame border otherwise.
+The reduction is over the placed (global) band, as METHODS.md states
+(``rule="union"``). The reference code reduces each frame pair separately and ORs
+the block masks; the two agree whenever ``H*W`` is a multiple of ``B`` (e.g.
+48x80 with B = 128) and differ only in blocks that straddle a frame border
+otherwise. ``rule="reference"`` reproduces the reference code's blocks exactly:
+that per-pair reduction (a pair's rows of a block count against a fixed ``B``
+rows, and a frame's tokens past its ``ceil(S/B)`` blocks are cut from the pair),
+its frame-drop test with a fixed 128 where the rule says ``B`` (it matters at
+``B = 64``, Wan 2.2), under which adjacent frames of fewer than 256 tokens can be
+dropped too, and, when ``T*H*W`` is not a block multiple, a dense last block row
+and column (the reference pads the tokens to a block multiple and its text-border
+rule treats the block holding the last video tokens like text).
 
 Block decisions depend only on the in-frame positions covered by the query and
 key blocks and on the frame-pair rules involved, so they are evaluated once per
@@ -31,11 +39,16 @@ from typing import Sequence, Tuple
 
 import torch
 
-from .._util import is_int
+from .._util import cdiv, is_int
 from ..kernels.layout import BlockLayout
 from .checks import as_grid, number_in, positive_int
 
-__all__ = ["radial_layout", "radial_mask", "check_radial_args", "radial_args", "frame_pair_states"]
+__all__ = ["radial_layout", "radial_mask", "check_radial_args", "radial_args", "frame_pair_states", "RADIAL_RULES"]
+
+#: ``"union"``: METHODS.md's rule (the default); ``"reference"``: the reference code's blocks exactly.
+RADIAL_RULES = ("union", "reference")
+# The reference code's frame-drop test hard-codes this threshold, whatever the block size.
+_REFERENCE_SPLIT = 128
 
 # Frame-pair states of frame_pair_states(): drop, full, and 2 + i for a band of half-width halves[i]
 # (radial_window maps them by these numbers).
@@ -66,19 +79,28 @@ def radial_args(grid, block_size, decay, sink_frames):
 
 
 def frame_pair_states(frames: int, tokens_per_frame: int, block: int, decay: float,
-                       sink_frames: Sequence[int]) -> Tuple[torch.Tensor, torch.Tensor]:
-    """``(state [F, F], halves)``: per (query frame, key frame) drop / full / band index."""
+                      sink_frames: Sequence[int], rule: str = "union") -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(state [F, F], halves)``: per (query frame, key frame) drop / full / band index.
+
+    ``rule="reference"``: the drop test uses 128 instead of ``block`` and also applies to
+    adjacent frames (only sink key frames skip it), as in the reference code.
+    """
     ref = 2 ** tokens_per_frame.bit_length()
+    union = rule == "union"
+    split = block if union else _REFERENCE_SPLIT
     halves, state = [], torch.empty(frames, frames, dtype=torch.long)
     for qf in range(frames):
         for kf in range(frames):
             dist = abs(qf - kf)
-            if kf in sink_frames or dist <= 1:
+            if kf in sink_frames or (union and dist <= 1):
                 state[qf, kf] = _FULL
                 continue
             width = ref / 2 ** dist.bit_length()
-            if width < block and dist % int(block / width) != 0:
+            if width < split and dist % int(split / width) != 0:
                 state[qf, kf] = _DROP
+                continue
+            if dist <= 1:  # the reference rule: same and adjacent frames that survived the drop test
+                state[qf, kf] = _FULL
                 continue
             half = math.floor(max(decay * width, block))  # |k - l| is an integer
             if half >= tokens_per_frame - 1:
@@ -127,7 +149,8 @@ def _block_decisions(frame, lo, hi, state, halves, num_tokens, tokens_per_frame,
     return 5 * high > 3 * nonempty  # high / nonempty > 0.6, exactly
 
 
-def radial_layout(grid, block_size: int = 128, decay: float = 1.0, sink_frames: Sequence[int] = (0,)) -> BlockLayout:
+def radial_layout(grid, block_size: int = 128, decay: float = 1.0, sink_frames: Sequence[int] = (0,), *,
+                  rule: str = "union") -> BlockLayout:
     """Block layout of radial attention over raster token order, without ``N x N``.
 
     Args:
@@ -135,6 +158,8 @@ def radial_layout(grid, block_size: int = 128, decay: float = 1.0, sink_frames: 
         block_size: ``B``, block size of the rule and of the layout (``block_q == block_k``).
         decay: band width factor in ``(0, 1]``.
         sink_frames: key frames every query attends to fully; ``()`` disables the sink.
+        rule: ``"union"`` (METHODS.md, the default) or ``"reference"`` (the reference
+            code's blocks exactly; see the module docstring).
 
     Returns:
         A :class:`~dit_accel.kernels.layout.BlockLayout` with ``q_len == kv_len == T*H*W``
@@ -145,9 +170,65 @@ def radial_layout(grid, block_size: int = 128, decay: float = 1.0, sink_frames: 
 
         layout = radial_layout((18, 48, 80), 128)   # Wan 2.1 720p, 69 frames: 56.9% block sparsity
         layout = radial_layout((18, 48, 80), 128, decay=0.2)   # 71.3%, the most this shape allows
+        layout = radial_layout((21, 30, 52), 128, 0.2, rule="reference")   # Wan 480p as the reference: 0.3438
     """
     grid, block, decay, sinks = radial_args(grid, block_size, decay, sink_frames)
-    frames, s = grid[0], grid[1] * grid[2]
+    if rule not in RADIAL_RULES:
+        raise ValueError(f"rule={rule!r} is invalid: must be one of {RADIAL_RULES}")
+    n = math.prod(grid)
+    blocks = _union_blocks if rule == "union" else _reference_blocks
+    visited = blocks(grid[0], grid[1] * grid[2], block, decay, sinks)
+    return BlockLayout.from_block_masks(visited, q_len=n, kv_len=n, block_q=block, block_k=block)
+
+
+def _pair_blocks(tokens_per_frame: int, block: int, row_shift: int, col_shift: int, half) -> torch.Tensor:
+    """The reference code's keep/drop ``[P, P]`` for one frame pair alone (``P = ceil(S / B)``).
+
+    The pair's frames start ``row_shift``/``col_shift`` tokens into their first blocks; a
+    frame's tokens past its ``P`` blocks are cut; a column is dense when more than a third of
+    the block's ``B`` rows (not its frame rows) are inside the band. ``half`` None: full pair.
+    """
+    s, b = tokens_per_frame, block
+    per = torch.arange(cdiv(s, b))
+    lo = torch.clamp(per * b - row_shift, min=0)[:, None, None]  # frame rows [lo, hi) of query block a
+    hi = torch.clamp((per + 1) * b - row_shift, max=s)[:, None, None]
+    col = (per[:, None] * b + torch.arange(b)[None, :] - col_shift)[None]  # frame column of each key column
+    if half is None:
+        count = (hi - lo).expand(-1, col.shape[1], b)
+    else:
+        count = torch.clamp(torch.minimum(hi, col + half + 1) - torch.maximum(lo, col - half), min=0)
+    count = torch.where((col >= 0) & (col < s), count, 0)
+    nonempty, high = (count > 0).sum(-1), (3 * count > b).sum(-1)
+    return 5 * high > 3 * nonempty  # high / nonempty > 0.6, exactly
+
+
+def _reference_blocks(frames: int, s: int, block: int, decay: float, sinks) -> torch.Tensor:
+    """Visited ``[nb, nb]`` of the reference code: per-frame-pair reductions ORed at the pairs' block offsets."""
+    state, halves = frame_pair_states(frames, s, block, decay, sinks, rule="reference")
+    nb, per = cdiv(frames * s, block), cdiv(s, block)
+    visited = torch.zeros(nb, nb, dtype=torch.bool)
+    pairs = {}  # a pair's blocks depend only on its state and the frames' offsets inside their blocks
+    for qf in range(frames):
+        r0, row_shift = divmod(qf * s, block)
+        for kf in range(frames):
+            st = int(state[qf, kf])
+            if st == _DROP:
+                continue
+            c0, col_shift = divmod(kf * s, block)
+            key = (st, row_shift, col_shift)
+            if key not in pairs:
+                pairs[key] = _pair_blocks(s, block, row_shift, col_shift, None if st == _FULL else int(halves[st - 2]))
+            visited[r0:r0 + per, c0:c0 + per] |= pairs[key]
+    # The reference runs only on lengths padded to a block multiple, and its text-border rule
+    # then makes the block that holds the last video tokens (and the padding) a dense row and column.
+    tail = frames * s // block
+    visited[tail:] = True
+    visited[:, tail:] = True
+    return visited
+
+
+def _union_blocks(frames: int, s: int, block: int, decay: float, sinks) -> torch.Tensor:
+    """Visited ``[nb, nb]`` of METHODS.md's rule: the placed bands reduced by the column rule."""
     n = frames * s
     state, halves = frame_pair_states(frames, s, block, decay, sinks)
     frame, lo, hi = _segments(n, s, block)
@@ -194,13 +275,13 @@ def radial_layout(grid, block_size: int = 128, decay: float = 1.0, sink_frames: 
     pair = torch.arange(nb * nb)
     first = torch.full((n_unique,), nb * nb, dtype=torch.long).scatter_reduce(0, inverse, pair, "amin")
     keep = _block_decisions(frame, lo, hi, state, halves, n, s, block, first // nb, first % nb)
-    visited = keep[inverse].view(nb, nb)
-    return BlockLayout.from_block_masks(visited, q_len=n, kv_len=n, block_q=block, block_k=block)
+    return keep[inverse].view(nb, nb)
 
 
-def radial_mask(grid, block_size: int = 128, decay: float = 1.0, sink_frames: Sequence[int] = (0,)) -> torch.Tensor:
+def radial_mask(grid, block_size: int = 128, decay: float = 1.0, sink_frames: Sequence[int] = (0,), *,
+                rule: str = "union") -> torch.Tensor:
     """Token mask of radial attention, bool ``[N, N]`` in raster order: :func:`radial_layout` expanded.
 
     Materialises ``N x N``: for inspection and tests. Arguments as in :func:`radial_layout`.
     """
-    return radial_layout(grid, block_size, decay, sink_frames).to_dense_mask()[0]
+    return radial_layout(grid, block_size, decay, sink_frames, rule=rule).to_dense_mask()[0]

@@ -15,6 +15,10 @@ every grid dimension. A pattern is therefore given by one small relation
 
 Only per-dimension tables (at most ``L_d x L_d``) and block-pair tables are built.
 
+Per-head patterns (a window per attention head, as in FastVideo's searched STA
+strategies) are one layout per distinct window, stacked along the layout's head
+axis by :func:`stack_heads`: one kernel launch runs every head with its own blocks.
+
 Padding: key coordinates beyond the grid are never allowed. A padded query
 coordinate behaves like the last real coordinate of its dimension, so padded
 query rows never turn a full block partial and never have an empty row; their
@@ -32,7 +36,7 @@ from ..kernels.layout import BlockLayout
 from .permutation import TilePermutation, block_box
 
 __all__ = ["window_1d", "relation_1d", "kron", "covers_grid", "block_boxes", "block_intervals", "separable_blocks",
-           "separable_layout"]
+           "separable_layout", "stack_heads"]
 
 
 # ------------------------------------------------------------------ the 1-D rule
@@ -184,3 +188,48 @@ def separable_layout(perm: TilePermutation, relations: Sequence[torch.Tensor], b
     visited, mask_ids, table = separable_blocks(perm, relations, block_q, block_k)
     return BlockLayout.from_block_masks(visited, q_len=perm.num_padded, kv_len=perm.num_padded, block_q=block_q,
                                         block_k=block_k, mask_ids=mask_ids, mask_table=table)
+
+
+# ------------------------------------------------------------------ per-head layouts
+def stack_heads(layouts: Sequence[BlockLayout]) -> BlockLayout:
+    """One per-head :class:`BlockLayout` (``Hl = len(layouts)``) from single-head layouts, head ``h`` = ``layouts[h]``.
+
+    The layouts must share lengths and block sizes. Repeated layout objects (heads with the same
+    window) are packed once and share their element masks in the stacked ``mask_table``. Works on
+    the packed lists directly, so memory stays ``H x nQ x max visits``, never ``H x nQ x nK``.
+
+    Example::
+
+        _, wide = tile_layout(grid, (6, 8, 8), (3, 6, 10))
+        _, narrow = tile_layout(grid, (6, 8, 8), (3, 3, 3))
+        layout = stack_heads([wide, narrow, narrow])   # 3 heads, one kernel launch
+    """
+    layouts = list(layouts)
+    if not layouts or not all(isinstance(x, BlockLayout) for x in layouts):
+        raise TypeError("stack_heads takes a non-empty sequence of BlockLayout, one per head")
+    first = layouts[0]
+    shape = (first.q_len, first.kv_len, first.block_q, first.block_k)
+    for h, lay in enumerate(layouts):
+        got = (lay.q_len, lay.kv_len, lay.block_q, lay.block_k)
+        if got != shape or lay.num_heads != 1:
+            raise ValueError(f"layouts[{h}] has (q_len, kv_len, block_q, block_k) = {got} and {lay.num_heads} heads; "
+                             f"stack_heads needs single-head layouts that all match layouts[0] {shape}")
+    distinct = list({id(lay): lay for lay in layouts}.values())
+    slot = {id(lay): u for u, lay in enumerate(distinct)}
+    heads = torch.tensor([slot[id(lay)] for lay in layouts])
+    offsets = [0]
+    for lay in distinct[:-1]:  # mask-table rows of each distinct layout in the stacked table
+        offsets.append(offsets[-1] + lay.mask_table.shape[0])
+
+    def stacked(name: str, fill: int, shift: bool) -> torch.Tensor:
+        parts = [getattr(lay, name)[0] for lay in distinct]
+        out = torch.full((len(parts),) + parts[0].shape[:-1] + (max(p.shape[-1] for p in parts),), fill,
+                         dtype=parts[0].dtype)
+        for u, (part, offset) in enumerate(zip(parts, offsets)):
+            out[u, ..., :part.shape[-1]] = torch.where(part >= 0, part + offset, part) if shift and offset else part
+        return out if len(distinct) == len(layouts) else out.index_select(0, heads)  # one copy per head
+
+    fields = {name: stacked(name, fill, name.endswith("mask_ids"))
+              for name, fill in (("kv_counts", 0), ("kv_indices", 0), ("kv_mask_ids", -1), ("q_counts", 0),
+                                 ("q_indices", 0), ("q_mask_ids", -1))}
+    return BlockLayout(*shape, **fields, mask_table=torch.cat([lay.mask_table for lay in distinct]).contiguous())

@@ -4,21 +4,33 @@ STA is GNA with ``kernel_size = window * tile`` and ``stride = tile`` applied on
 the tile-padded grid (METHODS.md), so it shares :func:`~.separable.relation_1d`
 with :func:`~.gna.gna_mask`. An even window ``w`` follows FastVideo's STA: it
 covers tiles ``centre - w//2 .. centre + w//2``, the same tiles as ``w + 1``.
+
+Windows may differ per attention head: ``window=((3, 3, 3), (1, 6, 10), ...)``,
+one window per head. Masks then have a head axis and layouts one layout head per
+attention head (:func:`~.separable.stack_heads`). FastVideo's searched strategies
+choose such a per-head window for every (denoising step, layer):
+:func:`read_sta_strategy` reads its mask-strategy JSON.
 """
 
 from __future__ import annotations
 
-from typing import Tuple
+import functools
+import json
+import math
+import re
+from pathlib import Path
+from typing import Dict, Tuple
 
 import torch
 
-from .._util import cdiv
+from .._util import cdiv, is_int
 from ..kernels.layout import BlockLayout
-from .checks import as_grid, int_or_tuple, per_dim, positive_int
+from .checks import as_grid, int_or_tuple, per_dim, per_head, positive_int
 from .permutation import TilePermutation, block_box, permutation_for
-from .separable import kron, relation_1d, separable_layout
+from .separable import covers_grid, kron, relation_1d, separable_layout, stack_heads
 
-__all__ = ["tile_mask", "tile_layout", "check_tile_args", "tile_relations", "covered_tiles"]
+__all__ = ["tile_mask", "tile_layout", "check_tile_args", "tile_relations", "covered_tiles", "tile_token_density",
+           "tile_covers_grid", "read_sta_strategy"]
 
 
 def covered_tiles(window: int) -> int:
@@ -27,22 +39,34 @@ def covered_tiles(window: int) -> int:
 
 
 def check_tile_args(tile, window, *, owner: str = ""):
-    """Shape-free STA rules: ``tile >= 1`` and ``window >= 1`` (in tiles) per dimension, matching lengths."""
+    """Shape-free STA rules: ``tile >= 1`` and ``window >= 1`` (in tiles) per dimension, matching lengths.
+
+    ``window`` is one window (an int or a tuple of ints) or a tuple of per-head windows (each an int or
+    a tuple of ints). Returns ``(tile, window)`` normalised (per-head windows as a tuple of windows).
+    """
     tile = int_or_tuple(owner, "tile", tile, minimum=1)
-    window = int_or_tuple(owner, "window", window, minimum=1)
-    if isinstance(tile, tuple) and isinstance(window, tuple) and len(tile) != len(window):
-        raise ValueError(f"{owner}window={window!r} is invalid: must have as many dimensions as tile {tile}")
-    return tile, window
+    heads = per_head(window)
+    if heads is None:
+        windows = (int_or_tuple(owner, "window", window, minimum=1),)
+    else:
+        windows = tuple(int_or_tuple(owner, f"window[{h}]", w, minimum=1) for h, w in enumerate(heads))
+    lengths = {len(w) for w in windows if isinstance(w, tuple)} | ({len(tile)} if isinstance(tile, tuple) else set())
+    if len(lengths) > 1:
+        raise ValueError(f"{owner}window={window!r} is invalid: every window must have as many dimensions as "
+                         f"tile {tile} (one value per grid dimension)")
+    return tile, (windows if heads is not None else windows[0])
 
 
 def tile_relations(grid, tile, window) -> Tuple[Tuple[int, ...], Tuple[int, ...], list]:
-    """``(grid, tile, relations)``: STA arguments checked against ``grid``, one relation per dimension.
+    """``(grid, tile, relations)``: one STA window checked against ``grid``, one relation per dimension.
 
     Along a dimension, STA is GNA (kernel ``covered_tiles(window) * tile``, stride ``tile``)
     on the tile-padded extent, cut to the real tokens; a window of more tiles than the
     dimension has covers it all (dense along it).
     """
     grid = as_grid(grid)
+    if per_head(window) is not None:
+        raise ValueError(f"window={window!r} holds per-head windows; tile_relations takes one window")
     check_tile_args(tile, window)
     tile, window = per_dim("tile", tile, len(grid)), per_dim("window", window, len(grid))
     relations = []
@@ -53,8 +77,32 @@ def tile_relations(grid, tile, window) -> Tuple[Tuple[int, ...], Tuple[int, ...]
     return grid, tile, relations
 
 
+def _windows(grid, tile, window) -> Tuple[Tuple[int, ...], Tuple[int, ...], Tuple[Tuple[int, ...], ...]]:
+    """``(grid, tile, windows)`` with every window as a per-dimension tuple (one per head, or one shared)."""
+    grid = as_grid(grid)
+    tile, window = check_tile_args(tile, window)
+    tile = per_dim("tile", tile, len(grid))
+    heads = per_head(window) or (window,)
+    return grid, tile, tuple(per_dim("window", w, len(grid)) for w in heads)
+
+
+def tile_token_density(grid, tile, window) -> float:
+    """Allowed token pairs / N^2 of the STA pattern, averaged over heads for per-head windows."""
+    grid, tile, windows = _windows(grid, tile, window)
+    density = {}
+    for w in dict.fromkeys(windows):
+        density[w] = math.prod(float(rel.float().mean()) for rel in tile_relations(grid, tile, w)[2])
+    return sum(density[w] for w in windows) / len(windows)
+
+
+def tile_covers_grid(grid, tile, window) -> bool:
+    """Whether every head's window covers the whole grid (the pattern is dense attention)."""
+    grid, tile, windows = _windows(grid, tile, window)
+    return all(covers_grid(tile_relations(grid, tile, w)[2]) for w in dict.fromkeys(windows))
+
+
 def tile_mask(grid, tile, window) -> torch.Tensor:
-    """Token mask of sliding tile attention (STA), bool ``[N, N]`` in raster order.
+    """Token mask of sliding tile attention (STA), bool ``[N, N]`` in raster order (``[H, N, N]`` per head).
 
     A query in tile ``q`` (per dimension) sees the key tiles within ``w // 2`` of
     ``clamp(q, w // 2, n_tiles - 1 - w // 2)``. Extents that are not tile multiples
@@ -65,13 +113,30 @@ def tile_mask(grid, tile, window) -> torch.Tensor:
         grid: ``(L,)``, ``(H, W)`` or ``(T, H, W)``.
         tile: tokens per tile, int or one per dimension.
         window: window in tiles, int or one per dimension; an even ``w`` covers the same
-            tiles as ``w + 1`` (FastVideo's convention).
+            tiles as ``w + 1`` (FastVideo's convention). A tuple of windows (one per
+            attention head) gives a mask per head.
 
     Example::
 
         mask = tile_mask((30, 48, 80), tile=(6, 8, 8), window=(3, 3, 3))  # ~91% sparse
+        masks = tile_mask((8, 8, 8), 2, window=((1, 3, 3), (3, 1, 1)))   # [2, 512, 512]
     """
-    return kron(tile_relations(grid, tile, window)[2])
+    heads = per_head(window)
+    if heads is None:
+        return kron(tile_relations(grid, tile, window)[2])
+    return torch.stack([kron(tile_relations(grid, tile, w)[2]) for w in heads])
+
+
+# A strategy runs a handful of distinct windows in hundreds of (step, layer) combinations:
+# each distinct window's layout (and the tiled order) is built once and stacked per head from these caches.
+@functools.lru_cache(maxsize=8)
+def _permutation(grid, tile, block_q: int, block_k: int) -> TilePermutation:
+    return permutation_for(grid, tile, block_q, block_k)
+
+
+@functools.lru_cache(maxsize=16)
+def _window_layout(grid, tile, window, perm: TilePermutation, block_q: int, block_k: int) -> BlockLayout:
+    return separable_layout(perm, tile_relations(grid, tile, window)[2], block_q, block_k)
 
 
 def tile_layout(grid, tile, window, *, block_q: int = 64, block_k: int = 64) -> Tuple[TilePermutation, BlockLayout]:
@@ -84,12 +149,72 @@ def tile_layout(grid, tile, window, *, block_q: int = 64, block_k: int = 64) -> 
     (3, 5, 5)) still works: the permutation falls back to :func:`default_tile`
     and blocks on window borders get element masks.
 
+    Per-head windows give a per-head layout (``layout.num_heads`` = number of windows),
+    run by the kernels in one launch.
+
     Returns ``(perm, layout)`` like :func:`gna_layout`; ``perm.tile`` is the
     permutation tile actually used.
     """
-    grid, tile, rels = tile_relations(grid, tile, window)
+    grid, tile, windows = _windows(grid, tile, window)
     block_q, block_k = positive_int("block_q", block_q), positive_int("block_k", block_k)
-    if block_box(tile, block_q) is None or block_box(tile, block_k) is None:
-        tile = None  # the STA tile cannot hold whole blocks: permute by a tile that can
-    perm = permutation_for(grid, tile, block_q, block_k)
-    return perm, separable_layout(perm, rels, block_q, block_k)
+    boxed = block_box(tile, block_q) is not None and block_box(tile, block_k) is not None
+    # The STA tile cannot hold whole blocks: permute by a tile that can.
+    perm = _permutation(grid, tile if boxed else None, block_q, block_k)
+    layouts = [_window_layout(grid, tile, w, perm, block_q, block_k) for w in windows]
+    return perm, (layouts[0] if per_head(window) is None else stack_heads(layouts))
+
+
+# ------------------------------------------------------------------ FastVideo strategies
+_KEY = re.compile(r"^(\d+)_(\d+)_(\d+)$")
+
+
+def _strategy_entries(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except OSError as err:
+        raise ValueError(f"cannot read the STA strategy file {str(path)!r}: {err}") from None
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{str(path)!r} is not valid JSON ({err}); expected FastVideo's STA mask strategy, "
+                         '{"step_layer_head": [wt, wh, ww], ...}') from None
+    if not isinstance(data, dict) or not data:
+        raise ValueError(f"{str(path)!r} must hold a non-empty JSON object {{\"step_layer_head\": [wt, wh, ww]}} "
+                         f"(FastVideo's STA mask strategy); got {type(data).__name__}")
+    return data
+
+
+def read_sta_strategy(path) -> Dict[Tuple[int, int], Tuple[Tuple[int, ...], ...]]:
+    """FastVideo's STA mask-strategy JSON as ``{(step, layer): (window of head 0, window of head 1, ...)}``.
+
+    The file maps ``"step_layer_head"`` (denoising step, attention-layer index in model
+    order, head) to a window ``[wt, wh, ww]`` counted in tiles (even sizes allowed, see
+    :func:`tile_mask`). Every (step, layer) present must list heads ``0 .. H-1`` with
+    the same ``H`` everywhere, and every window must have the same number of dimensions.
+
+    Example::
+
+        table = read_sta_strategy("mask_strategy_hunyuan.json")
+        table[(20, 5)][:2]   # ((3, 6, 10), (5, 6, 4)): windows of heads 0 and 1 at step 20, layer 5
+    """
+    path = Path(path)
+    heads: Dict[Tuple[int, int], Dict[int, Tuple[int, ...]]] = {}
+    dims = set()
+    for key, value in _strategy_entries(path).items():
+        match = _KEY.match(str(key))
+        if match is None:
+            raise ValueError(f"{str(path)!r}: key {key!r} is not \"step_layer_head\" (three non-negative ints "
+                             "joined by underscores, e.g. \"12_0_3\")")
+        if not (isinstance(value, list) and 1 <= len(value) <= 3 and all(is_int(v) and v >= 1 for v in value)):
+            raise ValueError(f"{str(path)!r}: {key!r} maps to {value!r}; expected a window in tiles, a list of 1 to "
+                             "3 positive ints such as [3, 6, 10]")
+        step, layer, head = map(int, match.groups())
+        heads.setdefault((step, layer), {})[head] = tuple(int(v) for v in value)
+        dims.add(len(value))
+    if len(dims) > 1:
+        raise ValueError(f"{str(path)!r} mixes windows of {sorted(dims)} dimensions; a strategy holds one kind")
+    n_heads = max(len(by_head) for by_head in heads.values())
+    for (step, layer), by_head in sorted(heads.items()):
+        missing = sorted(set(range(n_heads)) - set(by_head))
+        if missing:
+            raise ValueError(f"{str(path)!r}: step {step}, layer {layer} lacks heads {missing[:8]}; every "
+                             f"(step, layer) in a strategy lists heads 0..{n_heads - 1}")
+    return {key: tuple(by_head[h] for h in range(len(by_head))) for key, by_head in heads.items()}

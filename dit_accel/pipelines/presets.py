@@ -3,7 +3,9 @@
 A preset says which attention modules hold self/joint attention (the only ones
 dit_accel touches), where the text tokens sit in a joint sequence, how to read
 the latent token grid ``(T, H, W)`` (or ``(H, W)``) from the transformer's
-forward arguments, the paper defaults for each method, and the oldest Diffusers
+forward arguments, the settings the methods' authors published for the model
+(:class:`Published`: values, the shape they were published for, and their
+source), dit_accel's defaults for the other methods, and the oldest Diffusers
 release the integration was checked against. Nothing here copies Diffusers code;
 the grid readers only look at input shapes and the transformer config.
 
@@ -23,15 +25,17 @@ FluxTransformer2DModel       (B, N, C) packed        rows x cols of ``img_ids``
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Optional, Tuple
+from pathlib import Path
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
 
-__all__ = ["Preset", "PRESETS", "SUPPORTED", "GridInfo", "preset_for", "recommended", "register_preset",
-           "unregister_preset"]
+__all__ = ["Preset", "PRESETS", "SUPPORTED", "GridInfo", "Published", "preset_for", "recommended", "register_preset",
+           "unregister_preset", "family_of", "published_settings", "resolve_model_family"]
 
 
 @dataclass(frozen=True)
@@ -62,9 +66,12 @@ class Preset:
             ``"none"`` (self-attention over video only), ``"first"`` or ``"last"``.
         read_grid: ``(transformer, bound_forward_arguments) -> GridInfo``.
         min_diffusers: oldest Diffusers version this preset is known to work with.
-        defaults: per method name, ``{"method": {...config fields}, "apply": {...apply kwargs}}``
-            taken from the papers (see METHODS.md).
+        defaults: per method name, ``{"method": {...config fields}, "apply": {...apply kwargs}}``:
+            dit_accel's defaults where no published setting exists.
         notes: one line for ``dit-accel info``.
+        published: the settings the methods' authors published for this class
+            (:class:`Published`); the first of a (family, method) is what
+            :func:`recommended` returns for it.
     """
 
     class_name: str
@@ -74,6 +81,7 @@ class Preset:
     min_diffusers: str
     defaults: Dict[str, Dict[str, dict]] = field(default_factory=dict)
     notes: str = ""
+    published: Tuple["Published", ...] = ()
 
     def matches(self, module_name: str) -> bool:
         return any(re.fullmatch(p, module_name) for p in self.attention)
@@ -156,6 +164,61 @@ def _flux_grid(model, args) -> GridInfo:
     return GridInfo((h, w), _text_len(args))
 
 
+# ---------------------------------------------------------------------- published
+@dataclass(frozen=True)
+class Published:
+    """A setting a method's authors published for a model: the values, the shape, the source.
+
+    Attributes:
+        family: the model family it was published for (``"Wan 2.1"``, ``"Wan 2.2"``, ``"HunyuanVideo"``).
+        method: the registered method name. config: its config fields. apply: ``apply`` kwargs.
+        shape: the video it was published for (resolution, frames, steps, checkpoint).
+        grid: the latent token grid of that shape (where ``dit-accel info`` reports the density).
+        source: the paper or repository (with commit and file) the values come from.
+    """
+
+    family: str
+    method: str
+    config: Dict[str, Any]
+    apply: Dict[str, Any]
+    shape: str
+    grid: Tuple[int, ...]
+    source: str
+
+    def build(self):
+        """``(Method, apply kwargs)`` of this setting."""
+        from ..methods import method_from_name
+
+        return method_from_name(self.method, **self.config), dict(self.apply)
+
+
+_RADIAL_REPO = "mit-han-lab/radial-attention@72788d4"
+_WAN_PUBLISHED = (
+    Published("Wan 2.1", "radial", {"decay": 0.2, "block_size": 128, "sink_frames": (0,), "rule": "reference"},
+              {"dense_steps": 12, "dense_layers": 1}, "768x1280, 69 frames, 50 steps (Wan2.1-T2V-14B)", (18, 48, 80),
+              f"{_RADIAL_REPO} scripts/wan_t2v_inference.sh; block 128 and frame-0 sink: "
+              "radial_attn/models/wan/attention.py, radial_attn/attn_mask.py"),
+    Published("Wan 2.2", "radial", {"decay": 0.8, "block_size": 64, "sink_frames": (0,), "rule": "reference"},
+              {"dense_steps": 11, "dense_layers": 1}, "768x1280, 77 frames, 40 steps (Wan2.2-T2V-A14B)", (20, 48, 80),
+              f"{_RADIAL_REPO} scripts/wan_22_t2v_inference.sh; block 64: radial_attn/models/wan2_2/attention.py"),
+    Published("Wan 2.1", "sla", {"topk": 0.05}, {}, "480p, 81 frames (Wan2.1-T2V-1.3B, after fine-tuning)",
+              (21, 30, 52), "SLA paper (Zhang et al., arXiv:2509.24006): 95% sparsity on Wan2.1-T2V-1.3B"),
+    Published("Wan 2.1", "sla", {"topk": 0.1, "block_q": 128, "block_k": 64, "linear_tokens": "all",
+                                 "rounding": "floor", "linear_eps": 1e-5},
+              {}, "480p, 81 frames, 4 steps (TurboWan2.1-T2V-1.3B-480P checkpoints; `dit-accel convert`)",
+              (21, 30, 52), "thu-ml/TurboDiffusion@fcf81c9 README (--sla_topk 0.1 default, 0.15 recommended), "
+              "turbodiffusion/inference/modify_model.py (sla: BLKQ=128, BLKK=64), turbodiffusion/SLA/core.py"),
+)
+_HUNYUAN_PUBLISHED = (
+    Published("HunyuanVideo", "radial", {"decay": 0.95, "block_size": 128, "sink_frames": (), "rule": "reference"},
+              {"dense_steps": 12}, "768x1280, 117 frames, 50 steps", (30, 48, 80),
+              f"{_RADIAL_REPO} scripts/hunyuan_t2v_inference.sh (dense_layers 0); no sink: radial_attn/attn_mask.py"),
+    Published("HunyuanVideo", "tile", {"tile": (6, 8, 8), "window": (3, 3, 3)}, {"dense_steps": 15},
+              "768x1280, 117 frames, 50 steps", (30, 48, 80),
+              "STA paper (Zhang et al., arXiv:2502.04507) as calibrated in docs/METHODS.md; the searched per-head "
+              "windows: FastVideo assets/mask_strategy_hunyuan.json through Tile.from_strategy"),
+)
+
 # ---------------------------------------------------------------------- presets
 _RADIAL_VIDEO = {"method": {"decay": 0.95, "block_size": 128}, "apply": {"dense_steps": 12, "dense_layers": 1}}
 _SLA = {"method": {"topk": 0.05}, "apply": {}}
@@ -169,16 +232,13 @@ PRESETS: Dict[str, Preset] = {
             text_position="none",
             read_grid=_wan_grid,
             min_diffusers="0.35.0",
-            defaults={
-                # Radial attention paper, Wan 2.1: 12 of 50 steps dense, first block dense, sink on frame 0.
-                # (Wan 2.2 uses block_size=64.)
-                "radial": {"method": {"decay": 0.95, "block_size": 128, "sink_frames": (0,)},
-                           "apply": {"dense_steps": 12, "dense_layers": 1}},
+            defaults={  # radial: see published (SLA too, for Wan 2.1)
                 "tile": {"method": {"tile": (6, 8, 8), "window": (3, 3, 3)}, "apply": {"dense_steps": 15}},
                 "gna": {"method": {"kernel_size": (7, 16, 16)}, "apply": {"dense_steps": 15}},
                 "sla": _SLA,
             },
             notes="Wan 2.1 / 2.2 T2V and I2V; self-attention blocks.*.attn1 (video only)",
+            published=_WAN_PUBLISHED,
         ),
         Preset(
             "HunyuanVideoTransformer3DModel",
@@ -187,15 +247,12 @@ PRESETS: Dict[str, Preset] = {
             text_position="last",
             read_grid=_hunyuan_grid,
             min_diffusers="0.35.0",
-            defaults={
-                # STA paper: tile (6,8,8), window (3,3,3) tiles, first 15 of 50 steps dense.
-                "tile": {"method": {"tile": (6, 8, 8), "window": (3, 3, 3)}, "apply": {"dense_steps": 15}},
-                "radial": {"method": {"decay": 0.95, "block_size": 128, "sink_frames": ()},
-                           "apply": {"dense_steps": 12, "dense_layers": 1}},
+            defaults={  # radial and tile: see published
                 "gna": {"method": {"kernel_size": (18, 24, 24), "stride": (6, 8, 8)}, "apply": {"dense_steps": 15}},
                 "sla": _SLA,
             },
             notes="HunyuanVideo; joint attention [video, text] with padded-text key mask",
+            published=_HUNYUAN_PUBLISHED,
         ),
         Preset(
             "CogVideoXTransformer3DModel",
@@ -300,19 +357,115 @@ def preset_for(transformer: torch.nn.Module, diffusers_version: Optional[str] = 
     return preset
 
 
-def recommended(transformer_or_class, method: str):
-    """Paper defaults for ``method`` on a model: ``(Method, apply_kwargs)``.
+def _class_name(transformer_or_class) -> str:
+    if isinstance(transformer_or_class, str):
+        return transformer_or_class
+    cls = transformer_or_class if isinstance(transformer_or_class, type) else type(transformer_or_class)
+    return cls.__name__
+
+
+def family_of(pipe_or_transformer) -> Optional[str]:
+    """The model family of a pipeline or transformer for :class:`Published` lookups, or None when unknown.
+
+    Wan pipelines with a second expert (``transformer_2``, Wan 2.2 A14B) and Wan transformers with
+    48 latent channels (Wan 2.2 TI2V-5B) are ``"Wan 2.2"``, other Wan models ``"Wan 2.1"`` (a bare
+    A14B expert looks like Wan 2.1: pass ``family=`` to :func:`recommended` for it).
+    """
+    transformer = getattr(pipe_or_transformer, "transformer", pipe_or_transformer)
+    name = _class_name(transformer)
+    if name == "WanTransformer3DModel":
+        config = getattr(transformer, "config", None)
+        second = getattr(pipe_or_transformer, "transformer_2", None) is not None
+        return "Wan 2.2" if second or getattr(config, "in_channels", None) == 48 else "Wan 2.1"
+    preset = PRESETS.get(name)
+    return preset.published[0].family if preset is not None and preset.published else None
+
+
+def published_settings(transformer_or_class, method: Optional[str] = None,
+                       family: Optional[str] = None) -> Tuple[Published, ...]:
+    """The published settings for a model class (a name, a class or an instance), optionally of one method
+    and one family (default: the family of an instance, else every family)."""
+    preset = PRESETS.get(_class_name(transformer_or_class))
+    if preset is None:
+        return ()
+    if family is None and not isinstance(transformer_or_class, (str, type)):
+        family = family_of(transformer_or_class)
+    return tuple(p for p in preset.published
+                 if (method is None or p.method == method) and (family is None or p.family == family))
+
+
+def recommended(transformer_or_class, method: str, family: Optional[str] = None):
+    """The settings for ``method`` on a model: ``(Method, apply_kwargs)``.
+
+    The first published setting of the model's family (:class:`Published`, e.g. the radial
+    reference scripts' decay and dense steps) when there is one, else dit_accel's preset
+    default, else the method's config defaults.
 
     Example::
 
-        m, kw = recommended(pipe.transformer, "radial")
+        m, kw = recommended(pipe.transformer, "radial")   # Wan 2.1: Radial(decay=0.2, rule="reference"), ...
         dit_accel.apply(pipe, m, **kw)
     """
     from ..methods import method_from_name
 
-    name = transformer_or_class if isinstance(transformer_or_class, str) else (
-        transformer_or_class.__name__ if isinstance(transformer_or_class, type) else type(transformer_or_class).__name__)
+    name = _class_name(transformer_or_class)
     if name not in PRESETS:
         raise ValueError(f"no preset for {name}; supported: {', '.join(PRESETS)}")
+    published = published_settings(transformer_or_class, method, family)
+    if published:
+        return published[0].build()
     entry = PRESETS[name].defaults.get(method, {"method": {}, "apply": {}})
     return method_from_name(method, **entry["method"]), dict(entry["apply"])
+
+
+# Words in a hub id or folder name that name a model family (first match wins: "wan2.2" before "wan").
+_FAMILY_WORDS = (
+    (r"wan-?2[._]?2", "WanTransformer3DModel", "Wan 2.2"), (r"wan", "WanTransformer3DModel", "Wan 2.1"),
+    (r"hunyuan", "HunyuanVideoTransformer3DModel", "HunyuanVideo"),
+    (r"cogvideo", "CogVideoXTransformer3DModel", None), (r"mochi", "MochiTransformer3DModel", None),
+    (r"ltx", "LTXVideoTransformer3DModel", None), (r"flux", "FluxTransformer2DModel", None),
+)
+
+
+def _folder_family(folder: Path) -> Optional[Tuple[str, Optional[str]]]:
+    """``(class name, family)`` from a Diffusers folder's ``model_index.json``, or None."""
+    index = folder / "model_index.json"
+    if not index.is_file():
+        return None
+    info = json.loads(index.read_text())
+    entry = info.get("transformer") or [None, None]
+    name = entry[1] if isinstance(entry, list) and len(entry) == 2 else None
+    if name not in PRESETS:
+        return None
+    if name == "WanTransformer3DModel":
+        second = isinstance(info.get("transformer_2"), list) and info["transformer_2"][1] is not None
+        return name, "Wan 2.2" if second or info.get("expand_timesteps") else "Wan 2.1"
+    return name, family_of(name)
+
+
+def resolve_model_family(model: str) -> Tuple[str, Optional[str]]:
+    """``(transformer class name, family)`` for a ``--model`` value, without loading the model.
+
+    Accepts a transformer class name (``WanTransformer3DModel``), a family (``"Wan 2.2"``), an
+    embedded tiny model, a local Diffusers folder (its ``model_index.json``) or a hub id / folder
+    name that names the family (``Wan-AI/Wan2.2-T2V-A14B-Diffusers``).
+    """
+    if not isinstance(model, str) or not model.strip():
+        raise ValueError(f"model={model!r} is invalid: pass a hub id, a folder, a tiny model or a class name")
+    if model in PRESETS:
+        return model, family_of(model)
+    families = {p.family: p for preset in PRESETS.values() for p in preset.published}
+    for family in families:
+        if model.strip().lower() == family.lower():
+            return next(c for c, preset in PRESETS.items() if families[family] in preset.published), family
+    if model.startswith("tiny-"):
+        model = {"tiny-wan": "Wan", "tiny-flux": "FLUX"}.get(model, model)
+    folder = Path(model).expanduser()
+    found = _folder_family(folder) if folder.is_dir() else None
+    if found is not None:
+        return found
+    for pattern, class_name, family in _FAMILY_WORDS:
+        if re.search(pattern, model.lower()):
+            return class_name, family
+    raise ValueError(f"cannot tell which model {model!r} is: pass a transformer class ({', '.join(PRESETS)}), a "
+                     f"family ({', '.join(families)}), a Diffusers folder or a hub id naming the model")

@@ -31,12 +31,19 @@ class Schedule:
     dense_last_steps: int = 0
 
     def method_for(self, layer: int, step: int, total: Optional[int]) -> Optional[Method]:
-        """The method layer ``layer`` runs at ``step`` of ``total``, or None where the schedule makes it dense."""
+        """The method layer ``layer`` runs at ``step`` of ``total``, or None where the schedule makes it dense.
+
+        A method whose settings change per layer and step (``TileStrategy``: FastVideo's
+        searched windows) resolves here through its ``for_layer_step(layer, step)``, which
+        returns the method to run or None (dense).
+        """
         if layer in self.dense_layers or step < self.dense_steps:
             return None
         if self.dense_last_steps and total is not None and step >= total - self.dense_last_steps:
             return None
-        return self.layer_methods.get(layer, self.method)
+        method = self.layer_methods.get(layer, self.method)
+        resolve = getattr(method, "for_layer_step", None)
+        return method if resolve is None else resolve(layer, step)
 
     def layer_method(self, layer: int) -> Method:
         """The method a layer runs on its sparse steps (``Dense()`` on dense layers)."""

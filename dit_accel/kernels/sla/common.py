@@ -4,17 +4,20 @@ Semantics (METHODS.md, section SLA), per ``(batch, head)``:
 
 1. Classify block pairs from pooled scores: ``k_s = k - mean_tokens(k)``,
    ``score = mean_pool(q, Bq) @ mean_pool(k_s, Bk)^T``; per query block the top
-   ``ceil(topk * nK)`` key blocks (at least 1) are *critical*, the bottom
+   ``ceil(topk * nK)`` key blocks (``rounding="floor"``: the reference's
+   ``int(topk * nK)``; at least 1 either way) are *critical*, the bottom
    ``floor(negligible * nK)`` are *negligible*, the rest *marginal*.
 2. Sparse branch: exact softmax attention over the critical blocks only.
 3. Linear branch: ``O_l = phi(q) H / (phi(q) . z + eps)`` with
    ``H = sum phi(K_j)^T V_j`` and ``z = sum colsum(phi(K_j))`` over the marginal
-   blocks (``linear_tokens="marginal"``) or over all tokens (``"all"``).
+   blocks (``linear_tokens="marginal"``) or over all tokens (``"all"``);
+   ``eps = linear_eps`` (1e-6; the reference code uses 1e-5).
 4. ``O = O_s + proj(O_l)``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -24,17 +27,21 @@ import torch.nn.functional as F
 from ..._util import cdiv as _cdiv
 
 __all__ = ["SLAParams", "SLABlocks", "sla_block_counts", "sla_density", "sla_classify", "feature_map",
-           "true_columns", "FEATURE_IDS", "MARGINAL", "CRITICAL", "NEGLIGIBLE", "LINEAR_EPS", "FEATURE_MAPS", "LINEAR_TOKENS"]
+           "true_columns", "FEATURE_IDS", "MARGINAL", "CRITICAL", "NEGLIGIBLE", "LINEAR_EPS", "REFERENCE_LINEAR_EPS",
+           "FEATURE_MAPS", "LINEAR_TOKENS", "ROUNDINGS"]
 
 # Values of the int8 class map.
 MARGINAL, CRITICAL, NEGLIGIBLE = 0, 1, 2
 
 # Guards the linear branch's division when phi(q) . z is (close to) zero.
 LINEAR_EPS = 1e-6
+# The reference code's value (thu-ml/SLA and TurboDiffusion: ``1e-5 + phi(q) . z``).
+REFERENCE_LINEAR_EPS = 1e-5
 
 FEATURE_MAPS = ("softmax", "elu", "relu")
 FEATURE_IDS = {name: i for i, name in enumerate(FEATURE_MAPS)}  # the kernels' runtime feature-map argument
 LINEAR_TOKENS = ("marginal", "all")
+ROUNDINGS = ("ceil", "floor")  # critical-block count: ceil(topk * nK), or the reference's int(topk * nK)
 
 
 @dataclass(frozen=True)
@@ -44,9 +51,11 @@ class SLAParams:
     Args:
         topk: fraction of key blocks kept for softmax attention, in ``(0, 1]``.
         negligible: fraction of key blocks skipped, in ``[0, 1 - topk]``.
-        block_q: query block size (64 or 128). block_k: key block size (64).
+        block_q: query block size (64 or 128). block_k: key block size (64 or 128).
         feature_map: ``"softmax"``, ``"elu"`` or ``"relu"``.
         linear_tokens: ``"marginal"`` (paper) or ``"all"`` (later reference code).
+        rounding: ``"ceil"`` or ``"floor"`` (reference) critical-block count, at least 1.
+        linear_eps: epsilon of the linear branch's denominator.
     """
 
     topk: float
@@ -55,30 +64,42 @@ class SLAParams:
     block_k: int = 64
     feature_map: str = "softmax"
     linear_tokens: str = "marginal"
+    rounding: str = "ceil"
+    linear_eps: float = LINEAR_EPS
 
     @classmethod
     def of(cls, config) -> "SLAParams":
-        """An :class:`SLAParams` from itself or any object with the same attributes (e.g. ``dit_accel.SLA``)."""
+        """An :class:`SLAParams` from itself or any object with the same attributes (e.g. ``dit_accel.SLA``);
+        ``rounding`` and ``linear_eps`` may be absent (their defaults apply)."""
         if isinstance(config, cls):
             return config
-        names = ("topk", "negligible", "block_q", "block_k", "feature_map", "linear_tokens")  # the fields
-        missing = [name for name in names if not hasattr(config, name)]
+        names = _PARAM_NAMES  # not dataclasses.fields(): torch.compile traces this
+        missing = [name for name in names if not hasattr(config, name) and name not in ("rounding", "linear_eps")]
         if missing:
             raise TypeError(f"method must be a dit_accel.SLA config (or SLAParams); got {type(config).__name__} "
                             f"without {missing}. Build one with dit_accel.SLA(topk=...)")
-        return cls(*(getattr(config, name) for name in names))
+        return cls(**{name: getattr(config, name) for name in names if hasattr(config, name)})
+
+
+_PARAM_NAMES = tuple(f.name for f in dataclasses.fields(SLAParams))
 
 
 def sla_block_counts(n_kv: int, method) -> tuple:
     """``(n_blocks, n_critical, n_negligible, n_marginal)`` per query block for ``n_kv`` keys.
 
-    ``n_critical = max(1, ceil(topk * nK))`` and ``n_negligible = floor(negligible * nK)``
-    (clipped so the classes never overlap). The counts are the same for every query block.
+    ``n_critical = max(1, ceil(topk * nK))``, or with ``rounding="floor"`` the reference's
+    ``max(1, min(nK, int(topk * nK)))`` (the reference itself allows 0 blocks, which gives NaN
+    outputs; we keep one). ``n_negligible = floor(negligible * nK)`` (clipped so the classes
+    never overlap). The counts are the same for every query block.
     """
     method = SLAParams.of(method)
     n_k = _cdiv(n_kv, method.block_k)
-    # The 1e-9 keeps e.g. 0.1 * 30 = 3.0000000000000004 from rounding up to 4 blocks.
-    n_crit = min(n_k, max(1, math.ceil(method.topk * n_k - 1e-9)))
+    if method.rounding == "floor":
+        # The reference's float product, unrounded: int(0.29 * 100) is 28 there, so here too.
+        n_crit = max(1, min(n_k, int(method.topk * n_k)))
+    else:
+        # The 1e-9 keeps e.g. 0.1 * 30 = 3.0000000000000004 from rounding up to 4 blocks.
+        n_crit = min(n_k, max(1, math.ceil(method.topk * n_k - 1e-9)))
     n_neg = min(n_k - n_crit, math.floor(method.negligible * n_k + 1e-9))
     return n_k, n_crit, n_neg, n_k - n_crit - n_neg
 

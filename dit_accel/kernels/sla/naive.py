@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from ..._util import cdiv as _cdiv
-from .common import LINEAR_EPS, MARGINAL, SLABlocks, SLAParams, feature_map
+from .common import MARGINAL, SLABlocks, SLAParams, feature_map
 
 __all__ = ["sla_torch"]
 
@@ -50,7 +50,7 @@ def _linear_branch_torch(q, k, v, blocks: SLABlocks, method: SLAParams):
         zs = kf.sum(-2)  # [B, H, D]
         num = qf @ hs
         den = (qf * zs[:, :, None]).sum(-1)
-        return num / (den + LINEAR_EPS)[..., None]
+        return num / (den + method.linear_eps)[..., None]
     bq, bk = method.block_q, method.block_k
     n_q, n_k = blocks.classes.shape[-2:]
     pad_k = n_k * bk - nk_tok
@@ -64,7 +64,7 @@ def _linear_branch_torch(q, k, v, blocks: SLABlocks, method: SLAParams):
     qfb = F.pad(qf, (0, 0, 0, n_q * bq - nq_tok)).view(b, h, n_q, bq, d)
     num = qfb @ h_q
     den = (qfb * z_q[:, :, :, None]).sum(-1)
-    o = num / (den + LINEAR_EPS)[..., None]
+    o = num / (den + method.linear_eps)[..., None]
     return o.reshape(b, h, n_q * bq, d)[:, :, :nq_tok]
 
 

@@ -1,0 +1,252 @@
+"""Checkpoints of the SLA reference code (TurboDiffusion, thu-ml/SLA) as dit_accel weights folders.
+
+TurboDiffusion (and thu-ml/SLA integrated into Wan the same way) fine-tunes one
+``proj_l = Linear(D, D)`` per self-attention layer together with the model and
+saves the original Wan (not Diffusers) state dict. The supported key layout is
+TurboDiffusion's at commit fcf81c9 (``turbodiffusion/inference/modify_model.py``,
+``turbodiffusion/rcm/networks/wan2pt1.py``, ``wan2pt2.py``)::
+
+    blocks.{i}.self_attn.attn_op.local_attn.proj_l.weight   [D, D]
+    blocks.{i}.self_attn.attn_op.local_attn.proj_l.bias     [D]
+    blocks.{i}.self_attn.q.weight, ..., head.head.weight    the Wan model itself
+
+with optional ``net.`` / ``net_ema.`` / ``model.`` / ``module.`` / ``_orig_mod.`` /
+``diffusion_model.`` prefixes and an optional ``{"state_dict": ...}`` wrapper; any
+module path between ``self_attn`` (or Diffusers' ``attn1``) and ``proj_l`` is
+accepted. LoRA tensors (``lora_A``/``lora_B``, ``lora_down``/``lora_up`` + ``alpha``,
+original or Diffusers names) go through Diffusers' own Wan LoRA conversion.
+
+Layer ``i``'s projection becomes Diffusers' ``blocks.{i}.attn1`` (``transformer_2.``
+in front for Wan 2.2's second expert), and the folder records the SLA config the
+weights were trained with (:meth:`dit_accel.SLA.reference`), so
+``load_method(DIR)`` gives it back. The model's own weights cannot go into the
+folder (it holds LoRA and projections only): a checkpoint that carries them is
+refused unless ``base_weights="skip"`` says the Diffusers model you load has the
+same ones (see the README, "Converting SLA checkpoints").
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import torch
+
+from .methods import SLA
+from .weights import LORA_FILE, METHOD_FILE, SLA_FILE
+
+__all__ = ["convert_checkpoint", "read_checkpoint", "split_checkpoint", "SplitCheckpoint", "SUPPORTED_LAYOUT"]
+
+SUPPORTED_LAYOUT = ("TurboDiffusion@fcf81c9 / thu-ml SLA in Wan: blocks.{i}.self_attn.<...>.proj_l.{weight,bias} "
+                    "(+ the original Wan model's keys, + optional LoRA)")
+
+_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "net_ema.", "net.", "model.", "module.", "_orig_mod.")
+_WRAPPERS = ("state_dict", "model", "net", "net_ema", "module")
+_PROJ = re.compile(r"^blocks\.(\d+)\.(?:self_attn|attn1)\.(?:\w+\.)*?proj_l\.(weight|bias)$")
+_LORA = re.compile(r"\.(lora_A|lora_B|lora_down|lora_up)\.|\.alpha$")
+_QUANTIZED = re.compile(r"\.(int8_weight|scale)$")
+# The Wan model's own tensors, in the original layout and in Diffusers' (recognised, never converted).
+_BASE = re.compile(
+    r"^(patch_embedding|text_embedding|time_embedding|time_projection|head|img_emb|condition_embedder|proj_out|"
+    r"scale_shift_table|rope)(\.|$)"
+    r"|^blocks\.\d+\.(modulation|scale_shift_table|norm[123]\.|ffn\.|"
+    r"(self_attn|cross_attn|attn1|attn2)\.(q|k|v|o|norm_q|norm_k|k_img|v_img|norm_k_img|to_q|to_k|to_v|to_out\.0|"
+    r"add_k_proj|add_v_proj|norm_added_k)\.)")
+
+_EXPECTED = ("blocks.{i}.self_attn.<...>.proj_l.weight/.bias (SLA projections), LoRA tensors (lora_A/lora_B, "
+             "lora_down/lora_up, alpha), or the Wan model's own keys (patch_embedding.*, blocks.{i}.self_attn.q.*, "
+             "blocks.{i}.ffn.*, head.*, ...)")
+
+
+@dataclass
+class SplitCheckpoint:
+    """A checkpoint's tensors by kind: SLA projections per layer, LoRA tensors, the model's own keys."""
+
+    projections: Dict[int, Dict[str, torch.Tensor]] = field(default_factory=dict)
+    lora: Dict[str, torch.Tensor] = field(default_factory=dict)
+    base: List[str] = field(default_factory=list)
+
+
+def read_checkpoint(path) -> Dict[str, torch.Tensor]:
+    """The tensors of a ``.safetensors``, ``.pt``/``.pth`` (read with ``weights_only=True``) checkpoint,
+    unwrapped from ``{"state_dict": ...}``-style containers."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"checkpoint {str(path)!r} is not a file")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state = load_file(str(path))
+    else:
+        try:
+            state = torch.load(str(path), map_location="cpu", weights_only=True)
+        except Exception as err:  # pickle errors come in many types: say what the file must be
+            raise ValueError(f"cannot read {str(path)!r} as a PyTorch state dict ({type(err).__name__}: {err}); "
+                             "pass a .safetensors or a .pt/.pth state dict") from None
+    while isinstance(state, dict) and len(state) == 1 and next(iter(state)) in _WRAPPERS:
+        state = next(iter(state.values()))
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{str(path)!r} does not hold a flat state dict of tensors (keys -> tensors)")
+    return state
+
+
+def _strip(key: str) -> str:
+    changed = True
+    while changed:
+        changed = False
+        for prefix in _PREFIXES:
+            if key.startswith(prefix):
+                key, changed = key[len(prefix):], True
+    return key
+
+
+def split_checkpoint(state: Dict[str, torch.Tensor]) -> SplitCheckpoint:
+    """Sort a state dict's tensors into SLA projections, LoRA and the model's own keys.
+
+    Raises ValueError for quantized checkpoints (TurboDiffusion's ``-quant`` files) and for any key
+    that is none of these, listing what was found and what was expected.
+    """
+    out, unknown = SplitCheckpoint(), []
+    for raw, tensor in state.items():
+        key = _strip(raw)
+        proj = _PROJ.match(key)
+        if proj is not None:
+            out.projections.setdefault(int(proj.group(1)), {})[proj.group(2)] = tensor
+        elif _LORA.search(key):
+            out.lora[key] = tensor
+        elif _QUANTIZED.search(key):
+            raise ValueError(f"{raw!r} is a quantized weight (Int8Linear): this is a quantized checkpoint "
+                             "(TurboDiffusion's *-quant.pth); convert the unquantized one (*.pth without -quant)")
+        elif _BASE.match(key):
+            out.base.append(raw)
+        else:
+            unknown.append(raw)
+    if unknown:
+        raise ValueError(f"{len(unknown)} keys are neither SLA projections, LoRA nor Wan model weights: "
+                         f"{unknown[:6]}{' ...' if len(unknown) > 6 else ''}. Expected {_EXPECTED}. Supported layout: "
+                         f"{SUPPORTED_LAYOUT}")
+    return out
+
+
+def _projection_tensors(split: SplitCheckpoint, prefix: str, where: str) -> Dict[str, torch.Tensor]:
+    """``{"<prefix>blocks.{i}.attn1.weight": ...}`` in fp32, every layer checked for a square weight and a bias."""
+    if not split.projections:
+        raise ValueError(f"{where} has no SLA projections (blocks.{{i}}.self_attn.<...>.proj_l.weight); expected "
+                         f"{SUPPORTED_LAYOUT}")
+    out, dims = {}, set()
+    for layer, parts in sorted(split.projections.items()):
+        weight, bias = parts.get("weight"), parts.get("bias")
+        if weight is None or bias is None or weight.dim() != 2 or weight.shape[0] != weight.shape[1] or \
+                tuple(bias.shape) != (weight.shape[0],):
+            raise ValueError(f"{where}: layer {layer}'s proj_l must be a Linear(D, D) weight [D, D] and bias [D]; "
+                             f"got {({k: tuple(v.shape) for k, v in parts.items()})}")
+        dims.add(weight.shape[0])
+        out[f"{prefix}blocks.{layer}.attn1.weight"] = weight.float().contiguous()
+        out[f"{prefix}blocks.{layer}.attn1.bias"] = bias.float().contiguous()
+    if len(dims) > 1:
+        raise ValueError(f"{where}: the projections have different head dims {sorted(dims)}")
+    return out
+
+
+def _lora_layers(lora: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """LoRA tensors in Diffusers' Wan naming without the ``transformer.`` prefix (Diffusers converts them)."""
+    from diffusers.loaders.lora_pipeline import WanLoraLoaderMixin
+
+    diffusers_names = any(".attn1." in k or ".to_q." in k for k in lora)
+    prefix = "transformer." if diffusers_names else "diffusion_model."
+    try:
+        converted = WanLoraLoaderMixin.lora_state_dict({prefix + k: v for k, v in lora.items()})
+    except Exception as err:  # Diffusers raises several types for layouts it does not know
+        raise ValueError(f"Diffusers cannot convert the checkpoint's LoRA tensors ({type(err).__name__}: {err}); "
+                         f"found e.g. {sorted(lora)[:4]}") from None
+    return {k[len("transformer."):] if k.startswith("transformer.") else k: v.float().contiguous()
+            for k, v in converted.items()}
+
+
+def _method_json(method: SLA, lora: Dict[str, torch.Tensor], sources: List[str], layers: int, skipped: int) -> dict:
+    ranks = sorted({int(v.shape[0]) for k, v in lora.items() if k.endswith("lora_A.weight")})
+    modules = sorted({k.split(".lora_")[0].split(".", 2)[-1] for k in lora})
+    return {
+        "format": 1,
+        "method": json.loads(json.dumps(method.to_dict())),
+        "lora": {"rank": ranks[0] if len(ranks) == 1 else ranks, "alpha": None, "target_modules": modules}
+        if lora else None,
+        "files": {"lora": LORA_FILE if lora else None, "sla_projections": SLA_FILE},
+        "dense_layers": None,  # the reference replaces every self-attention layer
+        "converted_from": {"checkpoints": sources, "layout": SUPPORTED_LAYOUT, "sla_layers": layers,
+                           "model_tensors_not_converted": skipped},
+    }
+
+
+def convert_checkpoint(checkpoint, output, *, method: Optional[SLA] = None, transformer_2=None,
+                       base_weights: str = "refuse", overwrite: bool = False) -> Path:
+    """Write a weights folder (LoRA + SLA projections + method) from an SLA reference checkpoint of Wan.
+
+    Args:
+        checkpoint: ``.pth``/``.pt``/``.safetensors`` in the reference layout (module docstring);
+            for Wan 2.2 A14B the high-noise expert (Diffusers' ``transformer``).
+        output: the folder to write (``apply(..., weights=output)``, ``generate --weights output``).
+        method: the :class:`dit_accel.SLA` the weights were trained with; default
+            ``SLA.reference(topk=0.1)`` (TurboDiffusion's default top-k). A config with
+            ``linear_tokens="marginal"`` warns: the reference trains with all tokens.
+        transformer_2: Wan 2.2 A14B's low-noise expert checkpoint (Diffusers' ``transformer_2``).
+        base_weights: what to do with the model's own tensors when the checkpoint carries them:
+            ``"refuse"`` (default, ValueError) or ``"skip"`` (the Diffusers model you load has them).
+        overwrite: replace the files of an existing folder.
+
+    Returns the folder. Raises ValueError for unknown keys (listing them), quantized checkpoints,
+    missing projections, or a non-empty ``output`` without ``overwrite``.
+
+    Example::
+
+        convert_checkpoint("TurboWan2.1-T2V-1.3B-480P.pth", "turbo/", method=SLA.reference(topk=0.1, block_q=128),
+                           base_weights="skip")
+        handle = dit_accel.apply(pipe, load_method("turbo/"), weights="turbo/")
+    """
+    import warnings
+
+    from diffusers.loaders.lora_pipeline import WanLoraLoaderMixin
+    from safetensors.torch import save_file
+
+    method = SLA.reference(topk=0.1) if method is None else method
+    if not isinstance(method, SLA):
+        raise TypeError(f"method must be a dit_accel.SLA config (e.g. SLA.reference(topk=0.1)); got {method!r}")
+    if base_weights not in ("refuse", "skip"):
+        raise ValueError(f"base_weights={base_weights!r} is invalid: 'refuse' or 'skip'")
+    if method.linear_tokens != "all":
+        warnings.warn(f"{method!r} runs the linear branch on the marginal blocks, but checkpoints of the reference "
+                      "code (TurboDiffusion, thu-ml/SLA) were trained with it on all tokens: the projections will "
+                      "see another linear branch than they learned. Use SLA.reference(...)", UserWarning, stacklevel=2)
+    out = Path(output)
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not overwrite)):
+        raise ValueError(f"output={str(out)!r} exists and is not an empty folder; pass overwrite=True (--overwrite)")
+    sources = [("", checkpoint)] + ([("transformer_2.", transformer_2)] if transformer_2 is not None else [])
+    projections, lora, skipped = {}, {}, 0
+    for prefix, path in sources:
+        split = split_checkpoint(read_checkpoint(path))
+        if split.base and base_weights == "refuse":
+            raise ValueError(
+                f"{str(path)!r} carries the model's own weights too ({len(split.base)} tensors, e.g. "
+                f"{split.base[:3]}): a weights folder holds LoRA and SLA projections only. If the Diffusers model you "
+                "load has these weights (projection-only fine-tuning), pass base_weights='skip' (--skip-base-weights); "
+                "for a fully fine-tuned or distilled checkpoint (TurboDiffusion) load its weights into Diffusers "
+                "first (WanTransformer3DModel.from_single_file) and then skip them here")
+        skipped += len(split.base)
+        projections.update(_projection_tensors(split, prefix, str(path)))
+        if split.lora and prefix:
+            raise ValueError(f"{str(path)!r} (transformer_2) carries LoRA tensors; only the first checkpoint's LoRA "
+                             "is converted")
+        if split.lora:
+            lora = _lora_layers(split.lora)
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in (LORA_FILE, SLA_FILE):
+        (out / stale).unlink(missing_ok=True)
+    save_file(projections, str(out / SLA_FILE))
+    if lora:
+        WanLoraLoaderMixin.save_lora_weights(out, transformer_lora_layers=lora, weight_name=LORA_FILE)
+    info = _method_json(method, lora, [str(p) for _, p in sources], len(projections) // 2, skipped)
+    (out / METHOD_FILE).write_text(json.dumps(info, indent=2) + "\n")
+    return out
