@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from .kernels import block_sparse_attention, merge_attention, sla_attention
-from .kernels.block_sparse.api import layout_on
+from .kernels.block_sparse.api import layout_on, prepare_layout
 from .kernels.layout import BlockLayout
 
 __all__ = ["Plan", "DensePlan", "LayoutPlan", "SLAPlan", "attend_with_lse"]
@@ -107,6 +107,11 @@ class Plan:
     def check_part(self, rows: Tuple[int, int]) -> None:
         """ValueError unless :meth:`attend_part` can serve the video queries ``rows`` (whole blocks)."""
 
+    def prepare(self, device, backend: str = "auto") -> None:
+        """Build now what calls on ``device`` derive from the plan (device copies, kernel plans), so a call
+        only reads them: the pipelines' hooks call it before the transformer runs (``torch.compile``
+        then traces attention without building anything)."""
+
     def run(self, q, k, v, *, num_text: int = 0, text_first: bool = False, key_mask: Optional[torch.Tensor] = None,
             scale: Optional[float] = None, backend: str = "auto", proj=None,
             sdpa: Callable = F.scaled_dot_product_attention):
@@ -183,6 +188,11 @@ class LayoutPlan(Plan):
             layout = self.layout if key[1] is None else self.layout.select(heads=heads)
             self._layouts[key] = layout_on(layout, key[0])
         return self._layouts[key]
+
+    def prepare(self, device, backend: str = "auto") -> None:
+        prepare_layout(self.layout_on(device), device, backend)
+        if self.perm is not None:
+            self.perm.prepare(device)
 
     def attend(self, q, k, v, *, scale, backend, proj=None, heads=None):
         layout = self.layout_on(q.device, heads)

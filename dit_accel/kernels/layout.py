@@ -16,6 +16,10 @@ Tensors (``Hl`` is 1 when all heads share the pattern, else the head count):
   block the query blocks that visit it (used by the dK/dV backward pass).
 - ``mask_table`` bool ``[P, block_q, block_k]``: distinct element masks of partial blocks.
 
+``derived`` holds what backends compute from a layout (device copies, chunk plans,
+block masks), through :class:`~dit_accel.kernels._cache.LayoutCache`; it is not part of
+the layout's value and goes with it.
+
 Token positions past ``q_len``/``kv_len`` in a ragged last block are always
 masked by the kernels; the layout need not mark them. A query row with no
 allowed key produces a zero output and ``lse = -inf``.
@@ -23,7 +27,7 @@ allowed key produces a zero output and ``lse = -inf``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional, Tuple
 
 import torch
@@ -69,6 +73,7 @@ class BlockLayout:
     q_indices: torch.Tensor
     q_mask_ids: torch.Tensor
     mask_table: torch.Tensor
+    derived: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     # ----------------------------------------------------------------- build
     @classmethod

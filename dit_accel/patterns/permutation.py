@@ -70,6 +70,10 @@ class TilePermutation:
             tile_idx, inner = tile_idx // self.num_tiles[d], inner // self.tile[d]
         return out
 
+    def prepare(self, device) -> None:
+        """Move the index tensors to ``device`` now (``torch.compile`` then traces calls without moving them)."""
+        self._indices(device)
+
     def _indices(self, device) -> Tuple[torch.Tensor, torch.Tensor]:
         device = torch.device(device)
         if device not in self._device_cache:

@@ -46,7 +46,8 @@ class CallContext:
 
 
 class ContextStack:
-    """Per-thread stack of :class:`CallContext` (a transformer may call another one inside its forward)."""
+    """Per-thread stack of :class:`CallContext` (a transformer may call another one inside its forward);
+    each attention layer keeps one of its plans the same way."""
 
     def __init__(self) -> None:
         self._local = threading.local()

@@ -58,9 +58,10 @@ from .schedule import Schedule, StepSource
 from .stats import Stats
 
 __all__ = ["SparseAttnProcessor", "SDPAInterceptor", "TransformerHook", "Runtime", "PlanCache", "SLA_ATTR",
-           "attention_modules"]
+           "attention_modules", "LayerReport"]
 
 _SDPA = F.scaled_dot_product_attention
+_UNFLATTEN = torch.Tensor.unflatten  # re-entered as torch.unflatten (see SDPAInterceptor)
 _SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
 SLA_ATTR = "dit_accel_sla_proj"  # submodule name of the SLA projection on each attention module
 
@@ -126,6 +127,64 @@ def _backend_name(processor) -> Optional[str]:
     return None if backend is None else str(getattr(backend, "value", backend))
 
 
+class LayerReport:
+    """How one attention layer reports its calls (sparse with a density, dense with a reason) and warnings.
+
+    In eager mode straight to the :class:`Runtime`'s statistics and warnings. Code that
+    ``torch.compile`` traces cannot count in Python (a counter read there becomes a constant
+    of the graph, a list read a guard, and ``warnings`` breaks the graph), so there the layer
+    only stores a note, which the compiled code repeats on every call and the transformer's
+    post-hook hands on (:meth:`flush`). Only attributes of this object are written there, and
+    nothing layer-specific is read, so the blocks of a regionally compiled model share one graph.
+    """
+
+    def __init__(self, runtime: Runtime, slot: int, index: int):
+        self.runtime, self.slot, self.index = runtime, slot, index
+        self.call = None  # (sparse, density or dense reason), stored by compiled code
+        self.warnings = ()  # ((message, key), ...)
+
+    def warn(self, message: str, key=None) -> None:
+        if torch.compiler.is_compiling():
+            self.warnings = (*self.warnings, (message, key))
+        else:
+            self.runtime.warnings.warn(message, key=key)
+
+    def dense(self, reason: Optional[str] = None) -> None:
+        if torch.compiler.is_compiling():
+            self.call = (False, reason)
+        else:
+            self.runtime.stats.dense(self.slot, reason)
+
+    def sparse(self, density) -> None:
+        if torch.compiler.is_compiling():
+            self.call = (True, density)
+        else:
+            self.runtime.stats.sparse(self.slot, density)
+
+    def timed(self, device):
+        if torch.compiler.is_compiling():
+            if self.runtime.stats.timing:
+                self.warn("dit_accel: attention time is not measured inside torch.compile'd code (stats time_ms "
+                          "covers eager calls only); time the compiled model as a whole", key="compiled timing")
+            return contextlib.nullcontext()
+        return self.runtime.stats.timed(self.slot, device)
+
+    def capture(self, context: CallContext) -> bool:
+        if torch.compiler.is_compiling():  # reading the step would specialise the graph to it
+            self.warn("dit_accel: capture does not save layers that run inside torch.compile'd code; capture with "
+                      "an eager run", key="compiled capture")
+            return False
+        return self.runtime.capture.wants(self.index, context.step)
+
+    def flush(self) -> None:
+        """Hand the notes of a compiled call on to the statistics and warnings (eager: nothing to do)."""
+        call, warnings, self.call, self.warnings = self.call, self.warnings, None, ()
+        if call is not None:
+            self.sparse(call[1]) if call[0] else self.dense(call[1])
+        for message, key in warnings:
+            self.warn(message, key)
+
+
 # ------------------------------------------------------------------ the layer
 class SparseAttnProcessor:
     """Wraps one attention module's original processor (see the module docstring).
@@ -135,7 +194,13 @@ class SparseAttnProcessor:
     ``__call__`` signature, so the module behaves as before apart from SDPA.
     """
 
-    _OWN = ("original", "owner", "index", "slot", "name", "sla_proj", "parallel", "__call__")
+    _OWN = ("original", "owner", "index", "slot", "name", "sla_proj", "parallel", "plans", "report")
+
+    def __new__(cls, original, *args, **kwargs):
+        # Diffusers (Attention, FluxAttention, LTXAttention) filters call kwargs with
+        # inspect.signature(processor.__call__): the instance is of a subclass whose __call__
+        # carries the original's signature (a class attribute, so torch.compile traces it).
+        return object.__new__(_with_signature(type(original)) if cls is SparseAttnProcessor else cls)
 
     def __init__(self, original, owner: "TransformerHook", index: int, slot: int, name: str,
                  sla_proj: Optional[nn.Module]):
@@ -144,13 +209,9 @@ class SparseAttnProcessor:
         if parallel is not None:
             original._parallel_config = None
         for key, value in (("original", original), ("owner", owner), ("index", index), ("slot", slot),
-                           ("name", name), ("sla_proj", sla_proj), ("parallel", parallel)):
+                           ("name", name), ("sla_proj", sla_proj), ("parallel", parallel),
+                           ("plans", ContextStack()), ("report", LayerReport(owner.runtime, slot, index))):
             object.__setattr__(self, key, value)
-        # Diffusers (Attention, FluxAttention, LTXAttention) filters call kwargs with
-        # inspect.signature(processor.__call__): expose the original signature.
-        introspect = functools.partial(type(self).__call__, self)
-        functools.update_wrapper(introspect, original.__call__)
-        self.__dict__["__call__"] = introspect
 
     def __call__(self, attn, *args, **kwargs):
         owner, runtime = self.owner, self.owner.runtime
@@ -159,21 +220,22 @@ class SparseAttnProcessor:
             return self.original(attn, *args, **kwargs)
         context = owner.stack.current()
         if context is None:  # called outside the transformer's forward: nothing is known about the grid
-            runtime.warnings.warn("dit_accel: attention called outside the transformer forward; running dense")
-            runtime.stats.dense(self.slot)
+            self.report.warn("dit_accel: attention called outside the transformer forward; running dense")
+            self.report.dense()
             return self.original(attn, *args, **kwargs)
         backend = _backend_name(self.original)
         if backend not in (None, "native"):
-            runtime.warnings.warn(f"dit_accel: {self.name} uses the Diffusers attention backend {backend!r}, which "
-                                  "dit_accel cannot intercept: it runs dense. Call transformer.reset_attention_"
-                                  "backend() to run the sparse method")
-            runtime.stats.dense(self.slot, f"attention backend {backend}")
+            self.report.warn(f"dit_accel: {self.name} uses the Diffusers attention backend {backend!r}, which "
+                              "dit_accel cannot intercept: it runs dense. Call transformer.reset_attention_"
+                              "backend() to run the sparse method")
+            self.report.dense(f"attention backend {backend}")
             return self.original(attn, *args, **kwargs)
-        plan = None if runtime.bypassed else context.plans[self.index]
-        capture = not runtime.bypassed and runtime.capture is not None and runtime.capture.wants(self.index,
-                                                                                                 context.step)
+        # The layer's own plan stack, not context.plans[self.index]: compiled code would specialise on the
+        # index, and regional compilation could not share one graph between the blocks.
+        plan = None if runtime.bypassed else self.plans.current()
+        capture = not runtime.bypassed and runtime.capture is not None and self.report.capture(context)
         if (plan is None or plan.is_dense) and not (capture or runtime.stats.timing or split is not None):
-            runtime.stats.dense(self.slot, None if plan is None else plan.dense_reason)
+            self.report.dense(None if plan is None else plan.dense_reason)
             return self.original(attn, *args, **kwargs)
         with native_scope(), SDPAInterceptor(self, context, plan, capture, split):
             return self.original(attn, *args, **kwargs)
@@ -204,6 +266,19 @@ class SparseAttnProcessor:
         return f"SparseAttnProcessor({type(self.original).__name__}, layer={self.index})"
 
 
+@functools.lru_cache(maxsize=None)
+def _with_signature(processor_type: type) -> type:
+    """The :class:`SparseAttnProcessor` subclass for wrapping ``processor_type`` (see ``__new__``)."""
+
+    def __call__(self, attn, *args, **kwargs):
+        return SparseAttnProcessor.__call__(self, attn, *args, **kwargs)
+
+    __call__.__signature__ = inspect.signature(processor_type.__call__)
+    __call__.__doc__ = SparseAttnProcessor.__call__.__doc__
+    return type(SparseAttnProcessor.__name__, (SparseAttnProcessor,), {"__call__": __call__,
+                                                                       "__module__": __name__})
+
+
 def _key_padding_mask(mask, batch: int, s: int) -> tuple:
     """(usable, mask): a bool key mask broadcastable to (B, 1, 1, S), or (False, None) if not one."""
     if mask is None:
@@ -218,7 +293,11 @@ def _key_padding_mask(mask, batch: int, s: int) -> tuple:
 
 
 class SDPAInterceptor(TorchFunctionMode):
-    """Routes the SDPA calls issued inside one processor call to the layer's plan."""
+    """Routes the SDPA calls issued inside one processor call to the layer's plan.
+
+    ``Tensor.unflatten`` (which processors call to split heads) re-enters as ``torch.unflatten``:
+    its Python method calls ``super()``, which Dynamo cannot trace under a mode.
+    """
 
     def __init__(self, layer: SparseAttnProcessor, context: CallContext, plan: Optional[Plan], capture: bool,
                  split: Optional[Split] = None):
@@ -228,7 +307,7 @@ class SDPAInterceptor(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is not _SDPA:
-            return func(*args, **kwargs)
+            return (torch.unflatten if func is _UNFLATTEN else func)(*args, **kwargs)
         call = dict(zip(_SDPA_ARGS, args))
         call.update(kwargs)
         return self.route(call)
@@ -249,14 +328,14 @@ class SDPAInterceptor(TorchFunctionMode):
             split.world if split else 1) <= max(context.num_text, 0))
         if not (self_attention and num_video > 0 and joint_ok):
             if sq == sk and sq >= num_video > 0:  # looked like self-attention but could not be routed: say why
-                runtime.warnings.warn(
+                layer.report.warn(
                     f"dit_accel: {layer.name} made an SDPA call it cannot make sparse (length {sq}, {num_video} video "
                     f"tokens, mask {type(call.get('attn_mask')).__name__}, is_causal={call.get('is_causal', False)}, "
                     f"dropout_p={call.get('dropout_p', 0.0)}); running it dense")
             if split is not None:
                 raise ValueError(f"dit_accel: {layer.name} made an SDPA call it cannot run under context "
                                  "parallelism (see the warning above)")
-            runtime.stats.dense(layer.slot)
+            layer.report.dense()
             return _SDPA(**call)
         if split is not None:
             return self._run_split(call, q, k, v, num_text, key_mask)
@@ -266,7 +345,7 @@ class SDPAInterceptor(TorchFunctionMode):
                                  k[:, :, video], v[:, :, video])
         plan = self.plan
         density = None
-        with runtime.stats.timed(layer.slot, q.device):
+        with layer.report.timed(q.device):
             if plan is None or plan.is_dense:
                 out = _SDPA(**call)
             else:
@@ -277,13 +356,13 @@ class SDPAInterceptor(TorchFunctionMode):
         return out
 
     def _count(self, density) -> None:
-        runtime, plan, slot = self.layer.owner.runtime, self.plan, self.layer.slot
-        if runtime.bypassed:
+        layer, plan = self.layer, self.plan
+        if layer.owner.runtime.bypassed:
             return
         if plan is None or plan.is_dense:
-            runtime.stats.dense(slot, None if plan is None else plan.dense_reason)
+            layer.report.dense(None if plan is None else plan.dense_reason)
         else:
-            runtime.stats.sparse(slot, density)
+            layer.report.sparse(density)
 
     def _run_split(self, call, q, k, v, num_text, key_mask):
         """Context parallelism: this rank's share through the collectives of :mod:`.parallel`."""
@@ -291,7 +370,7 @@ class SDPAInterceptor(TorchFunctionMode):
         context = self.context
         capture = None if not self.capture else lambda cq, ck, cv, heads: runtime.capture.save(
             layer.index, layer.name, context.grid, context.step, cq, ck, cv, heads=heads)
-        with runtime.stats.timed(layer.slot, q.device):
+        with layer.report.timed(q.device):
             out, density = run_split(self.plan, q, k, v, split=self.split, num_text=num_text * self.split.world,
                                      text_first=layer.owner.preset.text_position == "first", key_mask=key_mask,
                                      scale=call.get("scale"), backend=runtime.backend, proj=layer.sla_proj,
@@ -348,7 +427,7 @@ class TransformerHook:
             self._modules.append(module)
         self._handles = [
             self.transformer.register_forward_pre_hook(self._pre_forward, with_kwargs=True),
-            self.transformer.register_forward_hook(lambda *_: self.stack.pop(), always_call=True),
+            self.transformer.register_forward_hook(self._post_forward, always_call=True),
         ]
 
     def remove(self) -> None:
@@ -364,6 +443,17 @@ class TransformerHook:
             handle.remove()
         self._handles = []
 
+    # The hooks run eagerly even when the transformer is compiled (torch.compile calls module hooks outside
+    # its graph; a compiled caller that inlines the call gets a graph break here): plans and their device
+    # data are built here, and the traced attention layers only read them.
+    @torch.compiler.disable
+    def _post_forward(self, *_) -> None:
+        self.stack.pop()
+        for layer in self.layers:
+            layer.plans.pop()
+            layer.report.flush()
+
+    @torch.compiler.disable
     def _pre_forward(self, module, args, kwargs) -> None:
         bound = self.signature.bind_partial(module, *args, **kwargs).arguments
         info = self.preset.read_grid(module, bound)
@@ -379,7 +469,13 @@ class TransformerHook:
                                        f"{schedule.dense_last_steps} cover all {total} denoising steps: every step "
                                        "runs dense. Lower them or raise the number of steps")
         self._check_processors()
+        hidden = bound.get("hidden_states")
+        if isinstance(hidden, torch.Tensor):
+            for plan in {id(p): p for p in plans if p is not None}.values():
+                plan.prepare(hidden.device, self.runtime.backend)
         self.stack.push(CallContext(tuple(info.grid), info.num_text, step, total, plans))
+        for layer, plan in zip(self.layers, plans):
+            layer.plans.push(plan)
 
     def _plan(self, layer: SparseAttnProcessor, step: int, total: Optional[int], grid,
               split: Optional[Split]) -> Optional[Plan]:

@@ -7,14 +7,14 @@ from typing import Optional
 import torch
 
 from .._cache import LayoutCache
-from ..backends import Request, resolve
+from ..backends import Request, env_backend, resolve
 from ..checks import check_qkv, check_scale
 from ..layout import BlockLayout
 
-__all__ = ["block_sparse_attention", "layout_on"]
+__all__ = ["block_sparse_attention", "layout_on", "prepare_layout"]
 
 # Per-device copies of layouts, so a CPU-built layout moves to the GPU once, not per call.
-_ON_DEVICE = LayoutCache()
+_ON_DEVICE = LayoutCache("block_sparse.device")
 
 
 def layout_on(layout: BlockLayout, device: torch.device) -> BlockLayout:
@@ -22,6 +22,24 @@ def layout_on(layout: BlockLayout, device: torch.device) -> BlockLayout:
     if layout.device == device:
         return layout
     return _ON_DEVICE.get(layout, device, lambda: layout.to(device))
+
+
+def prepare_layout(layout: BlockLayout, device, backend: str = "auto") -> BlockLayout:
+    """``layout`` on ``device`` with what the backend that will run it derives from it built now
+    (the PyTorch twin's chunk plan, FlexAttention's block mask), so a later call, traced by
+    ``torch.compile`` or not, only reads them. Returns the device copy."""
+    device = torch.device(device)
+    layout = layout_on(layout, device)
+    forced = backend if backend != "auto" else env_backend()
+    if forced == "flex":
+        from .flex import prepare
+
+        prepare(layout)
+    elif forced == "torch" or (forced is None and device.type != "cuda"):
+        from .naive import prepare
+
+        prepare(layout)
+    return layout
 
 
 def _check(q, k, v, layout, scale) -> float:

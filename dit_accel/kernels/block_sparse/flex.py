@@ -20,10 +20,10 @@ from torch.nn.attention import flex_attention as _flex
 from .._cache import LayoutCache
 from ..layout import BlockLayout
 
-__all__ = ["flex_block_sparse_attention", "layout_to_block_mask"]
+__all__ = ["flex_block_sparse_attention", "layout_to_block_mask", "prepare"]
 
 # One BlockMask per layout (its mask_mod closes over the layout's tables).
-_BLOCK_MASKS = LayoutCache()
+_BLOCK_MASKS = LayoutCache("block_sparse.flex")
 
 
 def _split_full_partial(layout: BlockLayout):
@@ -64,6 +64,15 @@ def layout_to_block_mask(layout: BlockLayout):
         mask_mod=mask_mod, seq_lengths=(layout.q_len, layout.kv_len))
 
 
+def _block_mask(layout: BlockLayout):
+    return _BLOCK_MASKS.get(layout, "block_mask", lambda: layout_to_block_mask(layout))
+
+
+def prepare(layout: BlockLayout) -> None:
+    """Build ``layout``'s BlockMask now (``torch.compile`` then traces calls without building it)."""
+    _block_mask(layout)
+
+
 def flex_block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: BlockLayout,
                                 scale: float, return_lse: bool = True) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Run ``layout`` through FlexAttention; inputs already checked. Returns ``(o, lse or None)``.
@@ -72,7 +81,7 @@ def flex_block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     through FlexAttention's own backward on GPU; forward only on CPU. The log-sum-exp
     is requested only when ``return_lse`` (compiled FlexAttention on CPU cannot return it).
     """
-    block_mask = _BLOCK_MASKS.get(layout, "block_mask", lambda: layout_to_block_mask(layout))
+    block_mask = _block_mask(layout)
     if not return_lse:
         return _flex.flex_attention(q, k, v, block_mask=block_mask, scale=scale), None
     if hasattr(_flex, "AuxRequest"):  # torch >= 2.9

@@ -1,8 +1,8 @@
 """Pure-PyTorch block-sparse attention: the CPU backend and the kernels' twin.
 
 Only the key blocks a query block visits are touched, never an ``N x N`` matrix.
-A plan, built once per layout (held in this module's explicit :class:`LayoutCache`), sorts the query-block rows
-(per layout head) into chunks:
+A plan, built once per layout (held in this module's explicit :class:`LayoutCache`; :func:`prepare`
+builds it ahead), sorts the query-block rows (per layout head) into chunks:
 
 - *runs*: consecutive rows whose key blocks form one contiguous range moving by
   a fixed step (banded / 1-D window layouts). K and V are overlapping strided
@@ -12,16 +12,22 @@ A plan, built once per layout (held in this module's explicit :class:`LayoutCach
   Units are sorted by visit count and cut into chunks within a memory budget;
   a chunk pads its lists to its largest count with masked dummy slots.
 
-Chunks whose blocks are all full, equal in count and in range run unmasked;
-others get an additive mask built from ``mask_table`` and the ragged bounds.
+A call runs each chunk in slices of units that fit its memory budget (the plan does
+not depend on batch, heads or head dim). Chunks whose blocks are all full, equal in
+count and in range run unmasked; others get an additive mask built from
+``mask_table`` and the ragged bounds.
 On CPU each chunk runs through ATen's fused flash-attention kernel (it returns
 the log-sum-exp and has a backward, but ignores a gradient on the lse, so
 callers that differentiate lse get the matmul path); elsewhere through explicit
 fp32 matmuls and an fp32 softmax. Gradients come from autograd through these ops.
+
+With the plan prepared, a call makes no host synchronisation and reads no cache it
+would have to fill, so ``torch.compile(fullgraph=True)`` traces it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import List, Optional, Tuple
 
@@ -31,7 +37,7 @@ import torch.nn.functional as F
 from .._cache import LayoutCache
 from ..layout import BlockLayout
 
-__all__ = ["torch_block_sparse_attention"]
+__all__ = ["torch_block_sparse_attention", "prepare"]
 
 # Bytes of gathered K/V (+ mask, or scores on the matmul path) per chunk.
 CHUNK_BYTES = 256 << 20
@@ -41,8 +47,10 @@ _PAD_WASTE = 0.125
 _MIN_RUN = 4
 # Chunk masks are cached with the layout's plan up to this many bytes in all.
 _MASK_CACHE_BYTES = 64 << 20
-# Chunk plans per (layout, budget, fused).
-_PLANS = LayoutCache()
+# Chunk plans per layout.
+_PLANS = LayoutCache("block_sparse.torch")
+# Units per chunk the plan allows: a call slices chunks further to its own budget.
+_PLAN_UNIT_BYTES = 64 * 4 * (2 * 64 + 64)  # key-block slot bytes at batch x heads 1, head dim 64, block 64
 
 
 @dataclass(frozen=True)
@@ -58,6 +66,7 @@ class _Chunk:
     run: Optional[Tuple[int, int, int]] = None
     uniform: bool = False    # every row has the same element mask: build and broadcast one row
     group: int = 1           # G rows share each key-block list (rows are unit-major)
+    rows_ok: bool = True     # every query row has at least one allowed key (no lse fix-up needed)
 
 
 @dataclass(frozen=True)
@@ -98,7 +107,7 @@ def _find_runs(counts: torch.Tensor, indices: torch.Tensor, max_rows) -> List[Tu
     return runs
 
 
-def _make_chunk(rows, flat_counts, indices, mask_ids, n_q, n_k, ragged_kv_block, run=None) -> _Chunk:
+def _make_chunk(layout, rows, flat_counts, indices, mask_ids, n_q, n_k, ragged_kv_block, run=None) -> _Chunk:
     """``rows`` int64 ``[U, G]``: U units of G rows each sharing one key-block list."""
     lead = rows[:, 0]
     width = int(flat_counts[lead].max())
@@ -110,8 +119,11 @@ def _make_chunk(rows, flat_counts, indices, mask_ids, n_q, n_k, ragged_kv_block,
     ragged = (kv_local == ragged_kv_block) & slot_ok
     clean = bool((ids == -1).all()) and not bool(ragged.any())
     uniform = bool((ids == ids[:1]).all()) and bool((ragged == ragged[:1]).all())
-    return _Chunk(rows.reshape(-1).contiguous(), kv.reshape(-1).contiguous(), ids, width, clean, run, uniform,
-                  group=rows.shape[1])
+    chunk = _Chunk(rows.reshape(-1).contiguous(), kv.reshape(-1).contiguous(), ids, width, clean, run, uniform,
+                   group=rows.shape[1])
+    if not clean:  # decided here, on the host, so a call never syncs to ask
+        chunk = dataclasses.replace(chunk, rows_ok=bool(_chunk_mask(layout, chunk, "cpu").any(-1).all()))
+    return chunk
 
 
 def _group_rows(rows: torch.Tensor, flat_counts, indices, mask_ids, n_q) -> List[torch.Tensor]:
@@ -149,7 +161,7 @@ def _plan(layout: BlockLayout, rows_per_budget) -> _Plan:
         rows = torch.arange(row0, row0 + n_rows)
         in_run[rows] = True
         head = row0 // n_q
-        chunks.append(_make_chunk(rows[:, None], flat_counts, indices, mask_ids, n_q, n_k, ragged_kv_block,
+        chunks.append(_make_chunk(layout, rows[:, None], flat_counts, indices, mask_ids, n_q, n_k, ragged_kv_block,
                                   run=(row0, head * n_k + first, step)))
 
     rest = (~in_run).nonzero().flatten()
@@ -166,7 +178,7 @@ def _plan(layout: BlockLayout, rows_per_budget) -> _Plan:
                 break
             end += 1
         rows = torch.stack(groups[start:end])
-        chunks.append(_make_chunk(rows, flat_counts, indices, mask_ids, n_q, n_k, ragged_kv_block))
+        chunks.append(_make_chunk(layout, rows, flat_counts, indices, mask_ids, n_q, n_k, ragged_kv_block))
         start = end
     return _Plan(tuple(chunks), empty_rows)
 
@@ -193,11 +205,12 @@ def _chunk_mask(layout: BlockLayout, chunk: _Chunk, device) -> torch.Tensor:
 
 
 def _cached_mask(plan: "_Plan", i: int, layout: BlockLayout, chunk: _Chunk, device, fused: bool):
-    """``(mask, row_ok)`` for chunk ``i``, cached on the plan (up to ``_MASK_CACHE_BYTES``).
+    """``(mask, row_ok)`` for chunk ``i``, cached on the plan (up to ``_MASK_CACHE_BYTES``; never
+    filled while torch.compile traces, where the mask is part of the graph).
 
     fused: additive fp32 bias ``[1, U, G*bq, C*bk]`` (0 / -inf; U = 1 when uniform); else
     bool "masked out". row_ok: bool ``[1, U, G*bq]`` rows with at least one allowed key,
-    or None if all have one.
+    or None if all have one (``chunk.rows_ok``).
     """
     key = (i, str(device), fused)
     hit = plan.masks.get(key)
@@ -211,12 +224,12 @@ def _cached_mask(plan: "_Plan", i: int, layout: BlockLayout, chunk: _Chunk, devi
         mask = torch.zeros(allowed.shape, dtype=torch.float32, device=device).masked_fill_(~allowed, float("-inf"))
     else:
         mask = ~allowed
-    row_ok = allowed.any(-1)
-    row_ok = None if bool(row_ok.all()) else row_ok
-    size = mask.numel() * mask.element_size()
-    cached = sum(m.numel() * m.element_size() for m, _ in plan.masks.values())
-    if cached + size <= _MASK_CACHE_BYTES:
-        plan.masks[key] = (mask, row_ok)
+    row_ok = None if chunk.rows_ok else allowed.any(-1)
+    if not torch.compiler.is_compiling():
+        size = mask.numel() * mask.element_size()
+        cached = sum(m.numel() * m.element_size() for m, _ in plan.masks.values())
+        if cached + size <= _MASK_CACHE_BYTES:
+            plan.masks[key] = (mask, row_ok)
     return mask, row_ok
 
 
@@ -226,12 +239,14 @@ def _pad_blocks(x: torch.Tensor, block: int) -> torch.Tensor:
 
 
 def _window_view(blocks: torch.Tensor, first: int, step: int, rows: int, width: int) -> torch.Tensor:
-    """Overlapping view ``[BG, rows, width*bk, D]`` of blocks ``[BG, nB, bk, D]`` (dense):
+    """Overlapping view ``[BG, rows, width*bk, D]`` of blocks ``[BG, nB, bk, D]`` (contiguous):
     row i sees blocks ``first + i*step`` .. ``+ width-1``."""
     bg, _, bk, d = blocks.shape
-    s_bg, s_blk = blocks.stride(0), blocks.stride(1)
-    return blocks.as_strided((bg, rows, width * bk, d), (s_bg, step * s_blk, d, 1),
-                             blocks.storage_offset() + first * s_blk)
+    if step == 0:
+        return blocks[:, first:first + width].reshape(bg, 1, width * bk, d).expand(bg, rows, width * bk, d)
+    # [BG, rows, bk, D, width] -> [BG, rows, width, bk, D]: (width, bk) merge into one stride-D axis.
+    windows = blocks[:, first:first + step * (rows - 1) + width].unfold(1, width, step)
+    return windows.permute(0, 1, 4, 2, 3).reshape(bg, rows, width * bk, d)
 
 
 class _Windows(torch.autograd.Function):
@@ -267,6 +282,20 @@ def _use_fused(device: torch.device) -> bool:
     return device.type == "cpu" and hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu")
 
 
+def prepare(layout: BlockLayout) -> None:
+    """Build ``layout``'s chunk plan now (``torch.compile`` then traces calls without building it)."""
+    _plan_of(layout)
+
+
+def _plan_of(layout: BlockLayout) -> _Plan:
+    return _PLANS.get(layout, "plan", lambda: _plan(layout, lambda width: max(1, _budget(_PLAN_UNIT_BYTES, width))))
+
+
+def _budget(bytes_per_slot: int, width: int, chunk_bytes: int = CHUNK_BYTES) -> int:
+    """Units of ``width`` key-block slots that fit ``chunk_bytes``."""
+    return max(1, chunk_bytes // (bytes_per_slot * max(width, 1)))
+
+
 def torch_block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: BlockLayout,
                                  scale: float, *, lse_grad: bool = False, fused: bool | None = None,
                                  chunk_bytes: int = CHUNK_BYTES) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -278,7 +307,7 @@ def torch_block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
             gradient, so this selects the matmul path.
         fused: use ATen's CPU flash kernel per chunk (default: on CPU when present and
             ``lse_grad`` is False).
-        chunk_bytes: memory budget per chunk.
+        chunk_bytes: memory budget per chunk slice.
 
     Returns:
         ``(o, lse)``: o ``(B, H, q_len, D)`` in q's dtype, lse fp32 ``(B, H, q_len)``.
@@ -291,10 +320,8 @@ def torch_block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     out_dtype = q.dtype
     q, k, v = q.float(), k.float(), v.float()
 
-    bytes_per_key = b * g * bk * 4 * (2 * d + (bq if not fused else 0)) + bq * bk * 4
-    budget = max(1, chunk_bytes // bytes_per_key)
-
-    plan: _Plan = _PLANS.get(layout, (budget, fused), lambda: _plan(layout, lambda width: max(1, budget // max(width, 1))))
+    plan = _plan_of(layout)
+    bytes_per_slot = b * g * bk * 4 * (2 * d + (bq if not fused else 0)) + bq * bk * 4
 
     # Heads split as (g, hl): head = g_idx * hl + hl_idx, matching both Hl = 1 and Hl = H.
     qb = _pad_blocks(q, bq).reshape(b * g, hl * n_q, bq, d)
@@ -308,41 +335,59 @@ def torch_block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     o = q.new_zeros(b * g, rows_total, bq, d)
     lse = q.new_full((b * g, rows_total, bq), float("-inf"))
     for i, chunk in enumerate(plan.chunks):
-        r, c, grp = chunk.rows.numel(), chunk.width, chunk.group
-        units = r // grp
-        if chunk.run is not None:
-            row0, kv0, step = chunk.run
-            q_c = qb[:, row0:row0 + r]
-            k_c = _window(kb, kv0, step, r, c)
-            v_c = _window(vb, kv0, step, r, c)
-        else:
-            rows, kv = chunk.rows.to(dev), chunk.kv.to(dev)
-            # A unit's G query blocks attend together to its one gathered key list.
-            q_c = qb.index_select(1, rows).reshape(b * g, units, grp * bq, d)       # [BG, U, G*bq, D]
-            k_c = kb.index_select(1, kv).reshape(b * g, units, c * bk, d)           # [BG, U, C*bk, D]
-            v_c = vb.index_select(1, kv).reshape(b * g, units, c * bk, d)
+        c, grp = chunk.width, chunk.group
         mask, row_ok = (None, None) if chunk.clean else _cached_mask(plan, i, layout, chunk, dev, fused)
-        if fused:
-            o_c, lse_c = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-                q_c, k_c, v_c, attn_mask=mask, scale=scale)
-        else:
-            scores = torch.matmul(q_c, k_c.transpose(-1, -2)) * scale
-            if mask is not None:
-                scores = scores.masked_fill(mask, float("-inf"))
-            lse_c = torch.logsumexp(scores, dim=-1)
-            shift = torch.where(torch.isinf(lse_c), torch.zeros_like(lse_c), lse_c)
-            o_c = torch.matmul(torch.exp(scores - shift[..., None]), v_c)
-        if row_ok is not None:
-            # A row whose visited keys are all masked: o is 0 already, lse must be -inf.
-            lse_c = torch.where(row_ok, lse_c, torch.full_like(lse_c, float("-inf")))
-        # Write into the output in place (autograd records the slice copies).
-        if chunk.run is not None:
-            o[:, row0:row0 + r] = o_c
-            lse[:, row0:row0 + r] = lse_c
-        else:
-            o_c, lse_c = o_c.reshape(b * g, r, bq, d), lse_c.reshape(b * g, r, bq)
-            o = o.index_copy(1, rows, o_c) if o.requires_grad or o_c.requires_grad else o.index_copy_(1, rows, o_c)
-            lse = lse.index_copy(1, rows, lse_c) if lse_c.requires_grad else lse.index_copy_(1, rows, lse_c)
+        units = chunk.rows.numel() // grp
+        step_units = _budget(bytes_per_slot * grp, c, chunk_bytes)
+        for u0 in range(0, units, step_units):
+            u1 = min(units, u0 + step_units)
+            part = (slice(None), slice(u0, u1)) if mask is not None and mask.shape[1] > 1 else (slice(None),)
+            o, lse = _run_units(qb, kb, vb, o, lse, chunk, u0, u1, scale, fused,
+                                None if mask is None else mask[part], None if row_ok is None else row_ok[part])
     o = o.reshape(b, h, n_q * bq, d)[:, :, : layout.q_len]
     lse = lse.reshape(b, h, n_q * bq)[:, :, : layout.q_len]
     return o.to(out_dtype), lse
+
+
+def _run_units(qb, kb, vb, o, lse, chunk: _Chunk, u0: int, u1: int, scale: float, fused: bool, mask, row_ok):
+    """Units ``u0:u1`` of ``chunk``: attention of their query blocks to their key blocks, written into o, lse."""
+    bg, _, bq, d = qb.shape
+    bk = kb.shape[2]
+    c, grp = chunk.width, chunk.group
+    units = u1 - u0
+    if chunk.run is not None:  # G = 1: a unit is a row
+        row0, kv0, step = chunk.run
+        r0 = row0 + u0
+        q_c = qb[:, r0:r0 + units]
+        k_c = _window(kb, kv0 + u0 * step, step, units, c)
+        v_c = _window(vb, kv0 + u0 * step, step, units, c)
+    else:
+        rows = chunk.rows[u0 * grp:u1 * grp].to(qb.device)
+        kv = chunk.kv[u0 * c:u1 * c].to(qb.device)
+        # A unit's G query blocks attend together to its one gathered key list.
+        q_c = qb.index_select(1, rows).reshape(bg, units, grp * bq, d)       # [BG, U, G*bq, D]
+        k_c = kb.index_select(1, kv).reshape(bg, units, c * bk, d)           # [BG, U, C*bk, D]
+        v_c = vb.index_select(1, kv).reshape(bg, units, c * bk, d)
+    if fused:
+        o_c, lse_c = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q_c, k_c, v_c, attn_mask=mask,
+                                                                               scale=scale)
+    else:
+        scores = torch.matmul(q_c, k_c.transpose(-1, -2)) * scale
+        if mask is not None:
+            scores = scores.masked_fill(mask, float("-inf"))
+        lse_c = torch.logsumexp(scores, dim=-1)
+        shift = torch.where(torch.isinf(lse_c), torch.zeros_like(lse_c), lse_c)
+        o_c = torch.matmul(torch.exp(scores - shift[..., None]), v_c)
+    if row_ok is not None:
+        # A row whose visited keys are all masked: o is 0 already, lse must be -inf.
+        lse_c = torch.where(row_ok, lse_c, torch.full_like(lse_c, float("-inf")))
+    # Write into the output in place (autograd records the slice copies).
+    n_rows = units * grp
+    if chunk.run is not None:
+        o[:, r0:r0 + n_rows] = o_c
+        lse[:, r0:r0 + n_rows] = lse_c
+        return o, lse
+    o_c, lse_c = o_c.reshape(bg, n_rows, bq, d), lse_c.reshape(bg, n_rows, bq)
+    o = o.index_copy(1, rows, o_c) if o.requires_grad or o_c.requires_grad else o.index_copy_(1, rows, o_c)
+    lse = lse.index_copy(1, rows, lse_c) if lse_c.requires_grad else lse.index_copy_(1, rows, lse_c)
+    return o, lse

@@ -1,0 +1,145 @@
+"""torch.compile after dit_accel.apply: the whole transformer and Diffusers' regional compilation
+(compile_repeated_blocks), both with fullgraph=True (any graph break is an error), on tiny Wan and FLUX.
+
+Every compiled output is compared with the same model run eagerly; the first compiled call is the model's
+first call (no eager warm-up). Graph counts come from Dynamo's counters.
+"""
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+import dit_accel
+from dit_accel.models.tiny import build_tiny_transformer, tiny_transformer_inputs
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+METHODS = {
+    "wan": {
+        "tile": dit_accel.Tile(tile=(2, 4, 4), window=(1, 1, 1)),
+        "gna": dit_accel.GNA(kernel_size=(2, 5, 5), tile=(1, 8, 8)),
+        "radial": dit_accel.Radial(block_size=64),
+        "sla": dit_accel.SLA(topk=0.3),
+        "dense": dit_accel.Dense(),
+    },
+    "flux": {
+        "tile": dit_accel.Tile(tile=(4, 4), window=(1, 1)),
+        "gna": dit_accel.GNA(kernel_size=(5, 5)),
+        "sla": dit_accel.SLA(topk=0.3),
+        "dense": dit_accel.Dense(),
+    },
+}
+CASES = [(model, name) for model, methods in METHODS.items() for name in methods]
+# Grids of the resolution-change test: a second resolution of the same model.
+GRIDS = {"wan": [(4, 8, 8), (4, 8, 12)], "flux": [(10, 13), (12, 16)]}
+# Dynamo backends of the method matrix: graph breaks are Dynamo's (any backend finds them); AOT autograd's
+# tracing of the attention code is checked on the blocks (regional), where it is cheap to run.
+BACKEND = {"whole": "eager", "regional": "aot_eager"}
+# Regional compilation compiles each block class once: Wan has one, FLUX two (double and single stream).
+BLOCK_CLASSES = {"wan": 1, "flux": 2}
+
+
+def _compiled(model, how: str, backend: str):
+    torch._dynamo.reset()
+    counters.clear()
+    if how == "whole":
+        return torch.compile(model, fullgraph=True, backend=backend)
+    model.compile_repeated_blocks(fullgraph=True, backend=backend)
+    return model
+
+
+def _eager_outputs(model_name, method, calls, **apply_kwargs):
+    """Outputs of an identical eager model with the same method: ``{(grid, step): out}``."""
+    model = build_tiny_transformer(model_name)
+    handle = dit_accel.apply(model, method, backend="torch", **apply_kwargs)
+    out = {}
+    with torch.no_grad():
+        for grid, step, total in calls:
+            if total is not None:
+                handle.set_step(step, total)
+            out[grid, step] = model(**tiny_transformer_inputs(model_name, model, grid=grid))[0]
+    handle.remove()
+    return out
+
+
+@pytest.mark.parametrize("how", ["whole", "regional"])
+@pytest.mark.parametrize("model_name, method_name", CASES, ids=[f"{m}-{n}" for m, n in CASES])
+def test_fullgraph_compile_matches_eager(model_name, method_name, how):
+    method = METHODS[model_name][method_name]
+    grid = GRIDS[model_name][0]
+    want = _eager_outputs(model_name, method, [(grid, 0, None)])[grid, 0]
+    model = build_tiny_transformer(model_name)
+    handle = dit_accel.apply(model, method, backend="torch")
+    compiled = _compiled(model, how, BACKEND[how])
+    kwargs = tiny_transformer_inputs(model_name, model, grid=grid)
+    with torch.no_grad():
+        first = compiled(**kwargs)[0]  # no eager warm-up: plans are built by the (eager) forward pre-hook
+        second = compiled(**kwargs)[0]
+    torch.testing.assert_close(first, want, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(second, want, atol=1e-6, rtol=1e-5)
+    # Regional compilation: one graph per block class, shared by every block of it (the layers' plans are
+    # not specialised into the graph by layer index).
+    assert counters["stats"]["unique_graphs"] == (1 if how == "whole" else BLOCK_CLASSES[model_name])
+    # Calls inside compiled code are still counted: 2 calls of every layer.
+    summary = handle.summary()
+    layers = summary["layers"]
+    if method_name == "dense":
+        assert (summary["sparse_calls"], summary["dense_calls"]) == (0, 2 * layers)
+    else:
+        assert (summary["sparse_calls"], summary["dense_calls"]) == (2 * layers, 0)
+        assert summary["mean_density"] is not None and summary["mean_density"] < 1
+    handle.remove()
+
+
+@pytest.mark.parametrize("model_name, how, method_name", [("wan", "regional", "tile"), ("flux", "whole", "gna")])
+def test_steps_do_not_recompile_and_a_resolution_compiles_once(model_name, how, method_name):
+    """dense_steps=1 over 3 steps: one graph for the dense step and one for the sparse steps; a second
+    resolution adds one graph per phase; going back and forth adds none."""
+    method = METHODS[model_name][method_name]
+    grids = GRIDS[model_name]
+    calls = [(grid, step, 3) for grid in grids for step in range(3)]
+    want = _eager_outputs(model_name, method, calls, dense_steps=1)
+    model = build_tiny_transformer(model_name)
+    handle = dit_accel.apply(model, method, backend="torch", dense_steps=1)
+    compiled = _compiled(model, how, "eager")  # recompiles are Dynamo's guards: any backend counts them
+    per_phase = 1 if how == "whole" else BLOCK_CLASSES[model_name]
+    graphs = []
+    with torch.no_grad():
+        for grid, step, total in calls + calls:
+            handle.set_step(step, total)
+            out = compiled(**tiny_transformer_inputs(model_name, model, grid=grid))[0]
+            torch.testing.assert_close(out, want[grid, step], atol=1e-6, rtol=1e-5)
+            graphs.append(counters["stats"]["unique_graphs"])
+    # steps 0, 1, 2 at the first grid, then at the second, then both again
+    assert graphs == [per_phase, 2 * per_phase, 2 * per_phase, 3 * per_phase, 4 * per_phase, 4 * per_phase] + \
+        [4 * per_phase] * 6
+    handle.remove()
+
+
+@pytest.mark.parametrize("model_name, how, method_name", [("wan", "regional", "radial"), ("flux", "whole", "sla")])
+def test_inductor_compile_matches_eager(model_name, how, method_name):
+    """The inductor backend (C++ codegen on CPU) with fullgraph=True."""
+    method = METHODS[model_name][method_name]
+    grid = GRIDS[model_name][0]
+    want = _eager_outputs(model_name, method, [(grid, 0, None)])[grid, 0]
+    model = build_tiny_transformer(model_name)
+    handle = dit_accel.apply(model, method, backend="torch")
+    compiled = _compiled(model, how, "inductor")
+    with torch.no_grad():
+        got = compiled(**tiny_transformer_inputs(model_name, model, grid=grid))[0]
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
+    assert handle.summary()["sparse_calls"] == handle.summary()["layers"]
+    handle.remove()
+
+
+def test_compiled_layers_report_warnings_and_skip_capture(tmp_path):
+    """Inside compiled code a layer cannot warn or capture; its notes reach the handle after the call."""
+    model = build_tiny_transformer("wan")
+    handle = dit_accel.apply(model, METHODS["wan"]["tile"], backend="torch", capture=tmp_path, timing=True)
+    compiled = _compiled(model, "whole", "aot_eager")
+    with torch.no_grad():
+        compiled(**tiny_transformer_inputs("wan", model))
+    warnings = " ".join(handle.warnings)
+    assert "capture does not save layers" in warnings and "not measured inside torch.compile" in warnings
+    assert not list(tmp_path.iterdir())
+    handle.remove()
