@@ -159,7 +159,7 @@ def method_from_name(name: str, **options) -> Method:
                         f"Registered: {sorted(_REGISTRY)}")
     entry = _REGISTRY.get(name.lower())
     if entry is None:
-        raise ValueError(f"unknown method {name!r}; choose one of {sorted(_REGISTRY)}")
+        raise ValueError(f"name={name!r} is not a registered method; choose one of {sorted(_REGISTRY)}")
     return entry.cls(**options)
 
 

@@ -46,7 +46,7 @@ def test_valid_configs_are_normalised():
         (lambda: SLA(block_k=32), "SLA.block_k"),
         (lambda: SLA(feature_map="tanh"), "SLA.feature_map"),
         (lambda: SLA(linear_tokens="some"), "SLA.linear_tokens"),
-        (lambda: method_from_name("sparse"), "unknown method"),
+        (lambda: method_from_name("sparse"), "is not a registered method"),
     ],
     ids=lambda x: x if isinstance(x, str) else "",
 )

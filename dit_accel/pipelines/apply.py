@@ -10,6 +10,7 @@ projection submodule per attention layer, all of which ``remove()`` takes away.
 
 from __future__ import annotations
 
+import os
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 from torch import nn
@@ -51,6 +52,19 @@ def _check_int_list(name: str, value) -> Optional[Tuple[int, ...]]:
     return tuple(int(i) for i in items)
 
 
+def _check_bool(name: str, value) -> bool:
+    if not isinstance(value, bool) and not (type(value).__name__ == "bool_" and type(value).__module__ == "numpy"):
+        raise TypeError(f"{name}={value!r} is invalid: expected True or False")
+    return bool(value)
+
+
+def _check_weights(weights):
+    if weights is not None and not isinstance(weights, (str, os.PathLike)):
+        raise TypeError(f"weights={weights!r} is invalid: expected the path of a weights folder (str or os.PathLike) "
+                        "written by dit-accel finetune or dit_accel.save_weights, or None")
+    return weights
+
+
 def _check_method(name: str, method) -> Method:
     if not isinstance(method, Method):
         hint = f"dit_accel.method_from_name({method!r})" if isinstance(method, str) else "dit_accel.Tile(...)"
@@ -90,7 +104,9 @@ def _sla_projection(module: nn.Module) -> nn.Linear:
     d = module.head_dim if isinstance(getattr(module, "head_dim", None), int) else \
         module.to_q.out_features // module.heads
     ref = next(module.parameters())
-    proj = nn.Linear(d, d, device=ref.device, dtype=ref.dtype)
+    # Sequential CPU offload leaves the model's parameters on the meta device: the projection starts on the CPU
+    # and moves to the compute device at its first call (SparseAttnProcessor.projection).
+    proj = nn.Linear(d, d, device="cpu" if ref.device.type == "meta" else ref.device, dtype=ref.dtype)
     nn.init.zeros_(proj.weight)
     nn.init.zeros_(proj.bias)
     return proj
@@ -224,8 +240,10 @@ class AccelHandle:
 
 # ------------------------------------------------------------------ apply
 def _check_apply_args(method, dense_steps, dense_last_steps, dense_layers, layer_methods, backend, capture_layers,
-                      capture_steps, scheduler):
+                      capture_steps, scheduler, weights, timing):
     method = _check_method("method", method)
+    _check_weights(weights)
+    _check_bool("timing", timing)
     dense_steps, dense_last_steps = _check_int("dense_steps", dense_steps), _check_int("dense_last_steps",
                                                                                        dense_last_steps)
     if dense_layers is not None and not is_int(dense_layers):
@@ -340,14 +358,15 @@ def apply(pipe_or_transformer, method: Method, *, dense_steps: int = 0, dense_la
     """
     method, dense_steps, dense_last_steps, dense_layers, layer_methods, capture_layers, capture_steps = \
         _check_apply_args(method, dense_steps, dense_last_steps, dense_layers, layer_methods, backend,
-                          capture_layers, capture_steps, scheduler)
+                          capture_layers, capture_steps, scheduler, weights, timing)
     capture = None if capture is None else Capture(check_capture_dir(capture), capture_layers, capture_steps)
     found, pipe = _find_transformers(pipe_or_transformer)
     _remove_previous(found)
     targets = [(prefix, t, preset, attention_modules(t, prefix, preset))
                for prefix, t in found for preset in [preset_for(t)]]
     log = WarningLog()
-    needs_step = bool(dense_steps or dense_last_steps or capture_steps is not None)
+    per_step = any(hasattr(m, "for_layer_step") for m in (method, *layer_methods.values()))  # e.g. TileStrategy
+    needs_step = bool(dense_steps or dense_last_steps or capture_steps is not None or per_step)
     steps = StepSource(lambda: scheduler if scheduler is not None else getattr(pipe, "scheduler", None), needs_step,
                        lambda message: log.warn(f"dit_accel: {message}"))
     schedule = _resolve_layers(dict(method=method, layer_methods=layer_methods, dense_layers=dense_layers,

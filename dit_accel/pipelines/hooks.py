@@ -57,13 +57,12 @@ from .presets import Preset
 from .schedule import Schedule, StepSource
 from .stats import Stats
 
-__all__ = ["SparseAttnProcessor", "SDPAInterceptor", "TransformerHook", "Runtime", "PlanCache", "SLA_ATTR",
+__all__ = ["SparseAttnProcessor", "SDPAInterceptor", "TransformerHook", "Runtime", "PlanCache",
            "attention_modules", "LayerReport"]
 
 _SDPA = F.scaled_dot_product_attention
 _UNFLATTEN = torch.Tensor.unflatten  # re-entered as torch.unflatten (see SDPAInterceptor)
 _SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
-SLA_ATTR = "dit_accel_sla_proj"  # submodule name of the SLA projection on each attention module
 
 
 class PlanCache:
@@ -240,6 +239,19 @@ class SparseAttnProcessor:
         with native_scope(), SDPAInterceptor(self, context, plan, capture, split):
             return self.original(attn, *args, **kwargs)
 
+    def projection(self, device) -> Optional[nn.Module]:
+        """The layer's SLA projection on ``device``.
+
+        Projections are dit_accel's, not submodules of the model: ``state_dict()``/``save_pretrained``
+        write the model itself, and offloading (model, sequential, group) never puts them on the meta
+        device. So they follow the attention inputs here instead (a move of ``D x D`` weights, once).
+        ``handle.sla_projections()`` gives them to an optimizer.
+        """
+        proj = self.sla_proj
+        if proj is not None and proj.weight.device != device:
+            proj.to(device)
+        return proj
+
     def __getattr__(self, name):
         if name == "_parallel_config":
             return self.parallel
@@ -351,7 +363,7 @@ class SDPAInterceptor(TorchFunctionMode):
             else:
                 out, density = plan.run(q, k, v, num_text=num_text, text_first=position == "first",
                                         key_mask=key_mask, scale=call.get("scale"), backend=runtime.backend,
-                                        proj=layer.sla_proj, sdpa=_SDPA)
+                                        proj=layer.projection(q.device), sdpa=_SDPA)
         self._count(density)
         return out
 
@@ -373,8 +385,8 @@ class SDPAInterceptor(TorchFunctionMode):
         with layer.report.timed(q.device):
             out, density = run_split(self.plan, q, k, v, split=self.split, num_text=num_text * self.split.world,
                                      text_first=layer.owner.preset.text_position == "first", key_mask=key_mask,
-                                     scale=call.get("scale"), backend=runtime.backend, proj=layer.sla_proj,
-                                     capture=capture)
+                                     scale=call.get("scale"), backend=runtime.backend,
+                                     proj=layer.projection(q.device), capture=capture)
         self._count(density)
         return out
 
@@ -419,10 +431,8 @@ class TransformerHook:
     def install(self, modules: List[Tuple[str, nn.Module]], first_slot: int, projections: Dict[int, nn.Module]):
         """Wrap the processors of ``modules`` (``projections``: SLA ``Linear(D, D)`` per layer index), hook forward."""
         for index, (name, module) in enumerate(modules):
-            proj = projections.get(index)
-            if proj is not None:
-                module.add_module(SLA_ATTR, proj)
-            module.processor = SparseAttnProcessor(module.processor, self, index, first_slot + index, name, proj)
+            module.processor = SparseAttnProcessor(module.processor, self, index, first_slot + index, name,
+                                                   projections.get(index))
             self.layers.append(module.processor)
             self._modules.append(module)
         self._handles = [
@@ -437,8 +447,6 @@ class TransformerHook:
                 module.processor = layer.original
                 if layer.parallel is not None:  # a context-parallel model stays exactly that
                     layer.original._parallel_config = layer.parallel
-            if layer.sla_proj is not None and getattr(module, SLA_ATTR, None) is layer.sla_proj:
-                delattr(module, SLA_ATTR)
         for handle in self._handles:
             handle.remove()
         self._handles = []

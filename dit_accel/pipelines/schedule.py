@@ -63,7 +63,7 @@ class StepSource:
 
     def __init__(self, scheduler_of: Callable[[], object], needs_step: bool, warn: Callable[[str], None]):
         self._scheduler_of = scheduler_of  # the explicit scheduler, else the pipeline's (read per call)
-        self._needs_step = needs_step  # dense_steps / dense_last_steps / capture_steps depend on it
+        self._needs_step = needs_step  # dense_steps / dense_last_steps / capture_steps / per-step methods need it
         self._warn = warn
         self.manual: Optional[Tuple[int, Optional[int]]] = None
 
@@ -73,7 +73,8 @@ class StepSource:
         scheduler = self._scheduler_of()
         if scheduler is None:
             if self._needs_step:
-                raise ValueError("dense_steps/dense_last_steps need the denoising step: apply() got a bare "
+                raise ValueError("dense_steps/dense_last_steps/capture_steps and per-step methods (Tile.from_strategy) "
+                                 "need the denoising step: apply() got a bare "
                                  "transformer, so pass scheduler=pipe.scheduler to apply() or call "
                                  "handle.set_step(i, total) before each transformer call")
             return 0, None

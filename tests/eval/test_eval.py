@@ -24,7 +24,7 @@ def test_method_config_file_forms(tmp_path):
     lst.write_text(json.dumps([{"method": "sla", "topk": 0.1}, {"method": "sla", "topk": 0.3, "label": "sla30"}]))
     specs = load_method_specs(None, str(lst))
     assert [s.label for s in specs] == ["sla", "sla30"]
-    with pytest.raises(ValueError, match="unknown method"):
+    with pytest.raises(ValueError, match="is not a registered method"):
         MethodSpec.parse("sparse")
     with pytest.raises(ValueError, match="topk"):
         load_method_specs(["sla"], str(_write(tmp_path / "bad.json", {"sla": {"topk": 2.0}})))
