@@ -26,6 +26,7 @@ from __future__ import annotations
 import datetime
 import math
 from dataclasses import dataclass
+from functools import partial
 from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
@@ -156,7 +157,7 @@ def bench_kernels(shapes: Sequence[ModelShape], densities: Sequence[float], *, d
         b, h, n, d = shape.batch, shape.heads, shape.tokens, shape.head_dim
         q, k, v = (torch.randn(b, h, n, d, generator=gen, device=device, dtype=dtype) for _ in range(3))
         with torch.no_grad():
-            dense_s = time_fn(lambda: F.scaled_dot_product_attention(q, k, v), device, warmup=warmup, repeats=repeats)
+            dense_s = time_fn(partial(F.scaled_dot_product_attention, q, k, v), device, warmup=warmup, repeats=repeats)
             record(shape, "dense SDPA", dense_s, 1.0, dense_s)
             if flash is not None:
                 qf, kf, vf = (t.transpose(1, 2).contiguous() for t in (q, k, v))
@@ -192,7 +193,7 @@ def bench_kernels(shapes: Sequence[ModelShape], densities: Sequence[float], *, d
                     torch.nn.init.zeros_(proj.weight)
                     torch.nn.init.zeros_(proj.bias)
                     try:
-                        t = time_fn(lambda: sla_attention(q, k, v, method, proj), device, warmup=warmup,
+                        t = time_fn(partial(sla_attention, q, k, v, method, proj), device, warmup=warmup,
                                     repeats=repeats)
                         record(shape, "SLA (sparse+linear)", t, sla_density(n, method), dense_s, target_density=target)
                     except Exception as exc:

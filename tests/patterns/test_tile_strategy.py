@@ -49,7 +49,7 @@ def _fastvideo_mask(grid, tile, window):
 
 def _write_strategy(path, table):
     """``table[(step, layer)] = [window of head 0, ...]`` as FastVideo's mask-strategy JSON."""
-    data = {f"{s}_{l}_{h}": list(w) for (s, l), heads in table.items() for h, w in enumerate(heads)}
+    data = {f"{s}_{layer}_{h}": list(w) for (s, layer), heads in table.items() for h, w in enumerate(heads)}
     path.write_text(json.dumps(data, indent=1))
     return path
 
