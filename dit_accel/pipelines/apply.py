@@ -11,6 +11,7 @@ projection submodule per attention layer, all of which ``remove()`` takes away.
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 from torch import nn
@@ -21,7 +22,7 @@ from ..plans import Plan
 from ..weights import load_into
 from .capture import Capture, check_capture_dir
 from .hooks import Runtime, SparseAttnProcessor, TransformerHook, attention_modules
-from .presets import preset_for
+from .presets import check_pipeline, preset_for
 from .schedule import Schedule, StepSource
 from .stats import Stats
 
@@ -61,7 +62,7 @@ def _check_bool(name: str, value) -> bool:
 def _check_weights(weights):
     if weights is not None and not isinstance(weights, (str, os.PathLike)):
         raise TypeError(f"weights={weights!r} is invalid: expected the path of a weights folder (str or os.PathLike) "
-                        "written by dit-accel finetune or dit_accel.save_weights, or None")
+                        "written by dit-accel finetune or dit-accel convert, or None")
     return weights
 
 
@@ -79,6 +80,7 @@ def _find_transformers(obj) -> Tuple[List[Tuple[str, nn.Module]], object]:
         found, pipe = [("", obj)], None
     else:
         found, pipe = [], obj
+        check_pipeline(obj)
         for attr in ("transformer", "transformer_2"):  # Wan 2.2 A14B has a second (low-noise) expert
             module = getattr(obj, attr, None)
             if isinstance(module, nn.Module):
@@ -140,7 +142,12 @@ class AccelHandle:
             hook.remove()
         for transformer, names, had_lora in self._adapters:
             if had_lora:
-                transformer.delete_adapters(names)
+                users = [a for a in _active_adapters(transformer) if a not in names]
+                with warnings.catch_warnings():  # peft notes that the active set changes: that is intended
+                    warnings.filterwarnings("ignore", message=".*was active which is now deleted.*")
+                    transformer.delete_adapters(names)
+                if users:
+                    transformer.set_adapters(users)
             else:  # no LoRA before apply(): take the peft layers out entirely
                 transformer.unload_lora()
         self._adapters = []
@@ -161,11 +168,21 @@ class AccelHandle:
     def load_weights(self, folder) -> None:
         """Load a fine-tuned folder (``dit-accel finetune`` output); ``remove()`` unloads its LoRA too."""
         before = [set(getattr(t, "peft_config", None) or {}) for t in self.transformers]
-        load_into(self, folder)
-        for transformer, old in zip(self.transformers, before):
+        active = [_active_adapters(t) for t in self.transformers]
+        with warnings.catch_warnings():  # peft's "multiple adapters" notice: composing them is the point
+            warnings.filterwarnings("ignore", message=".*peft_config.*multiple adapters.*")
+            load_into(self, folder)
+        for transformer, old, users in zip(self.transformers, before, active):
             new = sorted(set(getattr(transformer, "peft_config", None) or {}) - old)
             if new:
                 self._adapters.append((transformer, new, bool(old)))
+            if new and users:
+                # Loading activates only the new adapter; keep the user's active ones on beside it (weight 1 each).
+                transformer.set_adapters(users + [a for a in new if a not in users])
+                self._runtime.warnings.warn(
+                    f"weights= loaded LoRA adapter {new} beside the active adapters {users}: both are active "
+                    f"(weight 1.0 each; change with transformer.set_adapters). remove() deletes {new} and "
+                    f"leaves {users} active.")
 
     # ---------------------------------------------------------------- schedule
     def set_step(self, step: int, total: Optional[int] = None) -> None:
@@ -382,3 +399,13 @@ def apply(pipe_or_transformer, method: Method, *, dense_steps: int = 0, dense_la
             handle.remove()
             raise
     return handle
+
+
+def _active_adapters(transformer) -> List[str]:
+    """The transformer's active LoRA adapters ([] without peft layers)."""
+    if not getattr(transformer, "peft_config", None):
+        return []
+    try:
+        return list(transformer.active_adapters())
+    except (ValueError, AttributeError):
+        return []

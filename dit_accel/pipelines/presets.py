@@ -335,6 +335,23 @@ def _version_tuple(v: str) -> Tuple[int, ...]:
     return tuple(out)
 
 
+# Pipelines whose transformer class is supported but whose calls are not: refused at apply() with the reason.
+UNSUPPORTED_PIPELINES: Dict[str, str] = {
+    "LTXConditionPipeline": (
+        "it calls the transformer with video_coords (per-token positions of its conditioning frames and the "
+        "video) and no num_frames/height/width, and its token count changes with the conditions, so the "
+        "token grid the sparse patterns need is unknown. Use LTXPipeline or LTXImageToVideoPipeline"),
+}
+
+
+def check_pipeline(pipe) -> None:
+    """ValueError when ``pipe`` is a pipeline class listed in :data:`UNSUPPORTED_PIPELINES` (or a subclass)."""
+    for cls in type(pipe).__mro__:
+        reason = UNSUPPORTED_PIPELINES.get(cls.__name__)
+        if reason is not None:
+            raise ValueError(f"dit_accel does not support {type(pipe).__name__}: {reason}.")
+
+
 def preset_for(transformer: torch.nn.Module, diffusers_version: Optional[str] = None) -> Preset:
     """The preset for ``transformer``'s class; ValueError for unsupported classes or old Diffusers."""
     name = type(transformer).__name__

@@ -313,3 +313,53 @@ def test_wrapped_calls_run_on_the_native_backend_inside_a_global_backend_context
         with _native_scope():
             assert _AttentionBackendRegistry._active_backend.value == "native"
         assert _AttentionBackendRegistry._active_backend.value == "flex"
+
+
+def _tiny_wan_call(model):
+    inputs = T.tiny_transformer_inputs("wan", model)
+    inputs.pop("return_dict", None)
+    with torch.no_grad():
+        return model(**inputs, return_dict=False)[0]
+
+
+def test_dense_is_a_pure_pass_through_under_a_global_diffusers_backend():
+    """Dense() leaves the user's global attention backend in charge: bit-identical to no apply() at all,
+    although that backend itself differs from the native one."""
+    from diffusers.models.attention_dispatch import attention_backend
+
+    model = T.build_tiny_transformer("wan")
+    native = _tiny_wan_call(model)
+    with attention_backend("_native_math"):
+        plain = _tiny_wan_call(model)
+        with dit_accel.apply(model, dit_accel.Dense()):
+            dense = _tiny_wan_call(model)
+    assert torch.equal(dense, plain)
+    assert not torch.equal(plain, native)  # the check would be vacuous if the backends agreed bit for bit
+
+
+def test_a_processor_set_after_apply_is_respected_and_kept_by_remove():
+    model = T.build_tiny_transformer("wan")
+    dense = _tiny_wan_call(model)
+    handle = dit_accel.apply(model, dit_accel.Tile(tile=(1, 4, 4), window=(1, 1, 1)))
+    sparse = _tiny_wan_call(model)
+    assert not torch.allclose(sparse, dense)
+    block = model.blocks[0].attn1
+    user = type(block.processor.original)()  # the user's own processor instance
+    block.set_processor(user)
+    with pytest.warns(dit_accel.DitAccelWarning, match="blocks.0.attn1 was replaced after apply"):
+        mixed = _tiny_wan_call(model)
+    assert not torch.allclose(mixed, sparse) and not torch.allclose(mixed, dense)  # layer 0 dense, layer 1 sparse
+    handle.remove()
+    assert block.processor is user  # remove() does not overwrite the user's choice
+    assert not isinstance(model.blocks[1].attn1.processor, SparseAttnProcessor)
+    torch.testing.assert_close(_tiny_wan_call(model), dense, rtol=0, atol=0)
+
+
+def test_ltx_condition_pipeline_is_refused_with_its_reason():
+    from diffusers import LTXConditionPipeline
+
+    pipe = LTXConditionPipeline(scheduler=None, vae=None, text_encoder=None, tokenizer=None,
+                                transformer=T.build_tiny_transformer("ltx"))
+    with pytest.raises(ValueError, match=r"does not support LTXConditionPipeline: .*video_coords.*Use LTXPipeline"):
+        dit_accel.apply(pipe, dit_accel.Tile(tile=(1, 4, 4), window=(1, 3, 3)))
+    assert not any(isinstance(p, SparseAttnProcessor) for p in pipe.transformer.attn_processors.values())

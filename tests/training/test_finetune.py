@@ -159,6 +159,29 @@ def test_diffusers_load_lora_weights_accepts_the_lora(straight):
     handle.remove()
 
 
+def test_weights_compose_with_the_users_active_adapter(straight):
+    """apply(weights=) keeps the user's active LoRA on beside its own (and says so); remove() restores
+    exactly the user's model."""
+    from peft import LoraConfig
+
+    pipe = build_tiny_pipeline("tiny-wan")
+    t = pipe.transformer
+    torch.manual_seed(0)
+    t.add_adapter(LoraConfig(r=4, target_modules=["to_q"], init_lora_weights=False), adapter_name="user")
+    user_only = _probe(t)
+    with pytest.warns(dit_accel.DitAccelWarning, match=r"beside the active adapters \['user'\]"):
+        handle = dit_accel.apply(pipe, METHOD, weights=straight["output"])
+    assert t.active_adapters() == ["user", "dit_accel"]
+    both = _probe(t)
+    t.set_adapters(["dit_accel"])
+    ours_only = _probe(t)
+    t.set_adapters(["user", "dit_accel"])
+    assert not torch.allclose(both, ours_only) and not torch.allclose(both, user_only)
+    handle.remove()
+    assert t.active_adapters() == ["user"] and list(t.peft_config) == ["user"]
+    torch.testing.assert_close(_probe(t), user_only, rtol=0, atol=0)
+
+
 def test_resume_equals_uninterrupted_run(straight, prompts_file, tmp_path):
     out = tmp_path / "resumed"
     first = finetune(_config(out, prompts_file, steps=6, checkpoint_every=3))
