@@ -29,12 +29,14 @@ from __future__ import annotations
 
 import json
 import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional
 
 import torch
 
+from ._util import DitAccelWarning
 from .methods import SLA
 from .weights import LORA_FILE, METHOD_FILE, SLA_FILE
 
@@ -206,8 +208,6 @@ def convert_checkpoint(checkpoint, output, *, method: Optional[SLA] = None, tran
                            base_weights="skip")
         handle = dit_accel.apply(pipe, load_method("turbo/"), weights="turbo/")
     """
-    import warnings
-
     from diffusers.loaders.lora_pipeline import WanLoraLoaderMixin
     from safetensors.torch import save_file
 
@@ -217,9 +217,9 @@ def convert_checkpoint(checkpoint, output, *, method: Optional[SLA] = None, tran
     if base_weights not in ("refuse", "skip"):
         raise ValueError(f"base_weights={base_weights!r} is invalid: 'refuse' or 'skip'")
     if method.linear_tokens != "all":
-        warnings.warn(f"{method!r} runs the linear branch on the marginal blocks, but checkpoints of the reference "
+        warnings.warn(f"dit_accel: {method!r} runs the linear branch on the marginal blocks, but checkpoints of the reference "
                       "code (TurboDiffusion, thu-ml/SLA) were trained with it on all tokens: the projections will "
-                      "see another linear branch than they learned. Use SLA.reference(...)", UserWarning, stacklevel=2)
+                      "see another linear branch than they learned. Use SLA.reference(...)", DitAccelWarning, stacklevel=2)
     out = Path(output)
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not overwrite)):
         raise ValueError(f"output={str(out)!r} exists and is not an empty folder; pass overwrite=True (--overwrite)")

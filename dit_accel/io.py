@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["save_video", "load_video", "to_uint8_frames", "VIDEO_SUFFIXES"]
+__all__ = ["save_video", "load_video", "to_uint8_frames", "output_files", "VIDEO_SUFFIXES"]
 
 VIDEO_SUFFIXES = (".mp4", ".gif", ".png")
 _GIF_TAG = b"dit_accel"
@@ -110,17 +110,24 @@ def save_video(frames, path, fps: int = 16) -> Path:
         _write_mp4(arr, path, fps)
     elif suffix == ".gif":
         _write_gif(arr, path, fps)
-    elif suffix == ".png":
-        if len(arr) == 1:
-            _write_png(arr[0], path)
-        else:
-            for i, frame in enumerate(arr):
-                _write_png(frame, path.with_name(f"{path.stem}_{i:05d}.png"))
-    else:
-        path.mkdir(parents=True, exist_ok=True)
-        for i, frame in enumerate(arr):
-            _write_png(frame, path / f"frame_{i:05d}.png")
+    elif suffix == ".png" or not suffix:
+        if not suffix:
+            path.mkdir(parents=True, exist_ok=True)
+        for frame, file in zip(arr, output_files(path, len(arr))):
+            _write_png(frame, file)
     return path
+
+
+def output_files(path, num_frames: int) -> list:
+    """The files :func:`save_video` writes for ``num_frames`` frames at ``path``: the path itself for a video
+    or one-frame PNG, ``NAME_00000.png``... beside it for a PNG sequence, ``frame_00000.png``... in a folder."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix in (".mp4", ".gif") or (suffix == ".png" and num_frames == 1):
+        return [path]
+    if suffix == ".png":
+        return [path.with_name(f"{path.stem}_{i:05d}.png") for i in range(num_frames)]
+    return [path / f"frame_{i:05d}.png" for i in range(num_frames)]
 
 
 def load_video(path) -> np.ndarray:

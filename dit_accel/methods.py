@@ -187,7 +187,8 @@ def _separable_plan(method: Method, grid, relations, tile, what: str):
     from .plans import DensePlan, LayoutPlan
 
     if covers_grid(relations):
-        return DensePlan(method, grid, f"the {what} covers the whole grid {tuple(grid)}")
+        return DensePlan(method, grid, f"the {what} covers the whole grid {tuple(grid)}; a smaller {what} makes it "
+                                       "sparse")
     perm = permutation_for(tuple(grid), tile, 64, 64)
     token_density = math.prod(float(r.float().mean()) for r in relations)
     return LayoutPlan(method, grid, separable_layout(perm, relations, 64, 64), perm, token_density=token_density)
@@ -321,7 +322,8 @@ class Tile(Method):
         from .plans import DensePlan, LayoutPlan
 
         if tile_covers_grid(grid, self.tile, self.window):
-            return DensePlan(self, tuple(grid), f"the window covers the whole grid {tuple(grid)}")
+            return DensePlan(self, tuple(grid), f"the window covers the whole grid {tuple(grid)}; a smaller window "
+                                                "(or tile) makes it sparse")
         # Tiled by the STA tile when it holds whole 64-token blocks; else by a default tile.
         perm, layout = tile_layout(grid, self.tile, self.window)
         return LayoutPlan(self, perm.grid, layout, perm,

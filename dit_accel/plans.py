@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from .kernels import block_sparse_attention, merge_attention, sla_attention
+from .kernels.backends import Request, resolve
 from .kernels.block_sparse.api import layout_on, prepare_layout
 from .kernels.layout import BlockLayout
 
@@ -107,6 +108,10 @@ class Plan:
     def check_part(self, rows: Tuple[int, int]) -> None:
         """ValueError unless :meth:`attend_part` can serve the video queries ``rows`` (whole blocks)."""
 
+    def backend_for(self, q, k, v, backend: str) -> str:
+        """The kernel backend a call with these inputs runs (``backend`` resolved as the kernels resolve it)."""
+        return "sdpa"
+
     def prepare(self, device, backend: str = "auto") -> None:
         """Build now what calls on ``device`` derive from the plan (device copies, kernel plans), so a call
         only reads them: the pipelines' hooks call it before the transformer runs (``torch.compile``
@@ -188,6 +193,9 @@ class LayoutPlan(Plan):
             layout = self.layout if key[1] is None else self.layout.select(heads=heads)
             self._layouts[key] = layout_on(layout, key[0])
         return self._layouts[key]
+
+    def backend_for(self, q, k, v, backend: str) -> str:
+        return resolve("block_sparse", backend, Request.of(q, k, v, self.layout.block_q, self.layout.block_k))
 
     def prepare(self, device, backend: str = "auto") -> None:
         prepare_layout(self.layout_on(device), device, backend)
@@ -274,6 +282,9 @@ class SLAPlan(Plan):
     def __init__(self, method, grid, params):
         super().__init__(method, grid)
         self.params = params
+
+    def backend_for(self, q, k, v, backend: str) -> str:
+        return resolve("sla", backend, Request.of(q, k, v, self.params.block_q, self.params.block_k))
 
     def check_part(self, rows: Tuple[int, int]) -> None:
         block = self.params.block_q

@@ -28,6 +28,7 @@ from typing import Dict, Optional
 import torch
 from torch import nn
 
+from ._util import DitAccelWarning
 from .methods import Method, method_from_name
 
 __all__ = [
@@ -129,7 +130,11 @@ def load_method(folder) -> Method:
     return method_from_dict(_read_info(Path(folder))["method"])
 
 
-def _check_method(folder: Path, saved: dict, method) -> None:
+def _warn(message: str) -> None:
+    warnings.warn(message, DitAccelWarning, stacklevel=4)
+
+
+def _check_method(folder: Path, saved: dict, method, warn) -> None:
     """The handle's method must be the one the weights were trained for; only SLA's linear-token rule
     may differ (a warning: the projections then see another linear branch than they learned)."""
     current = _json_roundtrip(method.to_dict())
@@ -137,16 +142,15 @@ def _check_method(folder: Path, saved: dict, method) -> None:
         return
     diff = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
     if diff == ["linear_tokens"]:
-        warnings.warn(
-            f"weights={str(folder)!r} were trained with SLA linear_tokens={saved['linear_tokens']!r} but the method "
-            f"runs linear_tokens={current['linear_tokens']!r}: the projections learned one linear branch and now "
-            "see the other, so the output differs from the trained model. Apply the saved method "
-            f"(dit_accel.training.load_method({str(folder)!r})) to run them as trained.", UserWarning, stacklevel=3)
+        warn(f"dit_accel: weights={str(folder)!r} were trained with SLA linear_tokens={saved['linear_tokens']!r} but "
+             f"the method runs linear_tokens={current['linear_tokens']!r}: the projections learned one linear branch "
+             "and now see the other, so the output differs from the trained model. Apply the saved method "
+             f"(dit_accel.load_method({str(folder)!r})) to run them as trained.")
         return
     raise ValueError(
         f"weights={str(folder)!r} were trained for {saved} but the handle's method is {current} "
         f"(differs in {diff}). Apply the saved method: "
-        f"dit_accel.apply(pipe, dit_accel.training.load_method({str(folder)!r}), weights=...)."
+        f"dit_accel.apply(pipe, dit_accel.load_method({str(folder)!r}), weights=...)."
     )
 
 
@@ -169,8 +173,9 @@ def load_into(handle, folder) -> None:
     # Through the config and back: fields added since the folder was written take their defaults.
     saved = _json_roundtrip(method_from_dict(info["method"]).to_dict()) if "method" in info else {}
     method = getattr(handle, "method", None)
-    if method is not None:
-        _check_method(folder, saved, method)
+    if method is not None:  # the handle's warning log (its sidecars list the warning), else a plain warning
+        log = getattr(getattr(handle, "_runtime", None), "warnings", None)
+        _check_method(folder, saved, method, log.warn if log is not None else _warn)
     if (info.get("files") or {}).get("lora", LORA_FILE) is not None:
         _load_lora(handle.transformer, folder)
 

@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import argparse
 
+from .options import HelpFormatter, plain
+
 __all__ = ["register", "run"]
 
 
 def register(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("convert", help="an SLA/TurboDiffusion Wan checkpoint as a dit_accel weights folder",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+                              description=plain(__doc__), formatter_class=HelpFormatter)
     p.add_argument("checkpoint", help="the checkpoint (.pth, .pt or .safetensors) in the reference key layout "
                                       "(blocks.{i}.self_attn.<...>.proj_l.weight/.bias); Wan 2.2: the high-noise "
                                       "expert")

@@ -14,6 +14,8 @@ from __future__ import annotations
 import argparse
 import os
 
+from .options import HelpFormatter, plain
+
 __all__ = ["register", "run"]
 
 
@@ -24,12 +26,16 @@ def _int_list(text: str):
         raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 0,1; got {text!r}") from None
 
 
+DEFAULT_METHODS = "dense,radial,tile,gna,sla"
+
+
 def register(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("eval", help="compare methods with dense: PSNR/SSIM/LPIPS/CLIP/FID and speed",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+                              description=plain(__doc__), formatter_class=HelpFormatter)
     p.add_argument("--model", required=True, help="tiny-wan, tiny-flux, a local pipeline folder or a hub id")
-    p.add_argument("--methods", default="dense,radial,tile,gna,sla",
-                   help="comma-separated methods (dense = the baseline row); default %(default)s")
+    p.add_argument("--methods", default=None,
+                   help=f"comma-separated methods (dense = the baseline row); default: {DEFAULT_METHODS} (those "
+                        "the model can run: no radial for image models)")
     p.add_argument("--method-config", metavar="FILE",
                    help="JSON/YAML: {method: options} or {method: [options, ...]} to compare several configs; "
                         "keys dense_steps/dense_last_steps/dense_layers go to dit_accel.apply")
@@ -41,7 +47,8 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--height", type=int)
     p.add_argument("--width", type=int)
     p.add_argument("--steps", type=int, help="denoising steps")
-    p.add_argument("--guidance-scale", type=float)
+    p.add_argument("--guidance-scale", "--guidance", dest="guidance_scale", type=float,
+                   help="classifier-free guidance scale (default: the model's)")
     p.add_argument("--max-sequence-length", type=int)
     p.add_argument("--out", required=True, metavar="DIR")
     p.add_argument("--cache-dir", metavar="DIR", help="dense output cache (default OUT/cache)")
@@ -55,6 +62,8 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--fid-weights", metavar="PATH",
                    help="TorchScript Inception file or module:factory (env DIT_ACCEL_FID_WEIGHTS)")
     p.add_argument("--no-lpips", action="store_true", help="do not try LPIPS")
+    p.add_argument("--quiet", action="store_true",
+                   help="no warnings on the terminal (results.json lists them)")
     p.add_argument("--capture", metavar="DIR", help="also save the dense run's q/k/v for `dit-accel bench fidelity`")
     p.set_defaults(func=run)
     return p
@@ -103,8 +112,9 @@ def run(args) -> int:
         return value if value is not None else suggested.get(key)
 
     try:
-        specs = load_method_specs(args.methods.split(","), args.method_config,
-                                  defaults=TINY_METHOD_DEFAULTS.get(args.model) if tiny else None)
+        specs = load_method_specs((args.methods or DEFAULT_METHODS).split(","), args.method_config,
+                                  defaults=TINY_METHOD_DEFAULTS.get(args.model) if tiny else None,
+                                  explicit=args.methods is not None)
     except (ValueError, OSError) as exc:
         return fail(str(exc))
     settings = EvalSettings(model=args.model, prompts=prompts, seeds=args.seeds, frames=pick(args.frames, "num_frames"),

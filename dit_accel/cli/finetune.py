@@ -22,7 +22,7 @@ import sys
 from typing import Optional, Sequence
 
 from .._util import use_interpreter_without_cuda
-from .options import add_method_options, method_from_args
+from .options import HelpFormatter, add_method_options, method_from_args
 from .parallel import add_cp_option
 
 __all__ = ["register", "run", "main", "config_from_args"]
@@ -76,13 +76,14 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--eval-batches", type=int, default=2,
                    help="held-out batches whose loss is logged before and after training (default 2, 0 disables)")
     g.add_argument("--sla-lr-scale", type=float, default=1.0, help="SLA projection learning rate relative to --lr")
-    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g.add_argument("--quiet", "--no-progress", dest="quiet", action="store_true",
+                   help="no progress bar and no warnings on the terminal (they stay in the output folder's log)")
     add_cp_option(g)
 
 
 def register(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("finetune", help="fine-tune LoRA (+ SLA projections) for a sparse method",
-                              description=_DESCRIPTION)
+                              description=_DESCRIPTION, formatter_class=HelpFormatter)
     _add_arguments(p)
     p.set_defaults(func=run, _parser=p)
     return p
@@ -123,7 +124,7 @@ def config_from_args(args: argparse.Namespace):
         weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm, lr_warmup_steps=args.lr_warmup_steps,
         backend=args.backend or "auto", dense_layers=dense_layers, eval_batches=args.eval_batches,
         sla_lr_scale=args.sla_lr_scale,
-        progress=not args.no_progress, cp=args.cp,
+        progress=not args.quiet, cp=args.cp,
     )
 
 
@@ -160,7 +161,7 @@ def run(args: argparse.Namespace) -> int:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Standalone entry point (``python -m dit_accel.cli.finetune`` / ``accelerate launch -m ...``)."""
     use_interpreter_without_cuda()  # before anything imports triton
-    parser = argparse.ArgumentParser(prog="dit-accel finetune", description=_DESCRIPTION)
+    parser = argparse.ArgumentParser(prog="dit-accel finetune", description=_DESCRIPTION, formatter_class=HelpFormatter)
     _add_arguments(parser)
     args = parser.parse_args(argv)
     args._parser = parser

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from .._util import to_jsonable, versions
 from . import parallel
-from .options import add_method_options, check_method_flags, method_from_args, schedule_from_args
+from .options import HelpFormatter, add_method_options, check_method_flags, method_from_args, schedule_from_args
 from .parallel import add_cp_option
 
 __all__ = ["register", "run", "generate"]
@@ -39,9 +39,9 @@ def register(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "generate",
         help="generate a video/image with a sparse-attention method (default: tiny-wan smoke run)",
-        description="Generate one video (or image) with a sparse-attention method and write it with a JSON "
+        description="Generate one video (or image) with a sparse-attention method and write it with a JSON\n"
                     "sidecar (OUT.json). With no arguments: tiny-wan, RANDOM WEIGHTS, a smoke run.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     m = p.add_argument_group("model and output")
     m.add_argument("--model", default="tiny-wan",
@@ -60,7 +60,8 @@ def register(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--width", type=int, default=None)
     g.add_argument("--steps", type=int, default=None, help="denoising steps")
     g.add_argument("--seed", type=int, default=0, help="noise seed (and weight seed of tiny models)")
-    g.add_argument("--guidance", type=float, default=None, help="guidance scale")
+    g.add_argument("--guidance-scale", "--guidance", dest="guidance", type=float, default=None,
+                   help="classifier-free guidance scale")
     g.add_argument("--max-sequence-length", type=int, default=None,
                    help="text tokens for the T5 encoder (tiny models: 64)")
     d = p.add_argument_group("device")
@@ -76,7 +77,8 @@ def register(subparsers) -> argparse.ArgumentParser:
             action.help = "attention method (default: dense; with --weights DIR, the method DIR was trained with)"
     p.add_argument("--no-model-defaults", action="store_true",
                    help="ignore the model's preset method/schedule defaults; use only flags and config defaults")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--quiet", action="store_true",
+                   help="no progress bar and no warnings on the terminal (the JSON sidecar lists them)")
     p.add_argument("--debug", action="store_true", help="show full tracebacks instead of one-line errors")
     p.set_defaults(func=run, _parser=p)
     return p
@@ -197,7 +199,7 @@ def _check_flags(args) -> None:
         if value is not None and value < 1:
             raise _UsageError(f"--{flag.replace('_', '-')} must be >= 1; got {value}")
     if args.guidance is not None and args.guidance < 0:
-        raise _UsageError(f"--guidance must be >= 0; got {args.guidance}")
+        raise _UsageError(f"--guidance-scale must be >= 0; got {args.guidance}")
     if args.out and Path(args.out).suffix and Path(args.out).suffix.lower() not in VIDEO_SUFFIXES:
         raise _UsageError(f"--out {args.out}: unknown suffix {Path(args.out).suffix!r}; use .mp4, .gif, .png "
                           "or a folder path (PNG frames)")
@@ -294,7 +296,7 @@ def _record(args, pipe, method, schedule, source, call, frames, written, times, 
     from ..models.tiny import RANDOM_WEIGHTS_LABEL, is_tiny_model
 
     return {
-        "output": str(written),
+        "output": str(written[0]) if len(written) == 1 else [str(f) for f in written],
         "label": RANDOM_WEIGHTS_LABEL if is_tiny_model(args.model) else None,
         "model": args.model,
         "model_kind": resolve_model_kind(args.model),
@@ -302,6 +304,7 @@ def _record(args, pipe, method, schedule, source, call, frames, written, times, 
         "transformer": type(getattr(pipe, "transformer", None)).__name__,
         "method": method.to_dict(),
         "schedule": schedule,
+        "backends_used": summary.get("backends_used", []),  # what "backend" (auto: the best available) ran
         "defaults_source": source,
         "settings": {"prompt": args.prompt, "negative_prompt": args.negative_prompt, "frames": call.get("num_frames"),
                      "height": call.get("height"), "width": call.get("width"),
@@ -328,7 +331,7 @@ def _record(args, pipe, method, schedule, source, call, frames, written, times, 
 
 def generate(args) -> dict:
     """Run ``generate`` for parsed ``args``; returns the sidecar dict (also written to OUT.json)."""
-    from ..io import save_video, to_uint8_frames
+    from ..io import output_files, save_video, to_uint8_frames
     from ..models.loading import ModelLoadError, load_pipeline, resolve_model_kind
     from ..models.tiny import is_tiny_model
 
@@ -376,11 +379,12 @@ def generate(args) -> dict:
     t0 = time.perf_counter()
     if not parallel.is_main():  # every rank holds the same frames; rank 0 writes them
         return {"output": None, "rank": None}
-    written = save_video(frames, out, fps=args.fps)
+    save_video(frames, out, fps=args.fps)
+    written = output_files(out, len(frames))
     elapsed = {"load_s": load_s, "save_s": time.perf_counter() - t0, "total_s": time.perf_counter() - t_total}
     record = to_jsonable(_record(args, pipe, method, schedule, source, call, frames, written, times, calls, stats,
                                  summary, elapsed))
-    sidecar = Path(str(written) + ".json")
+    sidecar = Path(str(out) + ".json")
     sidecar.write_text(json.dumps(record, indent=2) + "\n")
     record["sidecar"] = str(sidecar)
     return record
@@ -399,7 +403,12 @@ def run(args) -> int:
     t = record["timing"]
     shape = "x".join(str(s) for s in record["output_shape"][:3])
     density = record["density"]["mean"]
-    print(f"wrote {record['output']} ({shape}, {record['method']['method']}) and {record['sidecar']}")
+    files = record["output"]
+    what = files if isinstance(files, str) else f"{len(files)} frames {files[0]} .. {Path(files[-1]).name}"
+    print(f"wrote {what} ({shape}, {record['method']['method']}) and {record['sidecar']}")
+    asked, made = record["settings"]["frames"], record["output_shape"][0]
+    if asked is not None and record["settings"]["pipeline_call"].get("num_frames") is not None and made != asked:
+        print(f"note: {record['pipeline']} made {made} frames for --frames {asked} (its VAE takes 4k+1 frames)")
     print(f"pipeline {t['end_to_end_s']:.2f} s, transformer {t['transformer_s']:.2f} s over "
           f"{t['transformer_calls']} calls" + (f", mean density {density:.3f}" if density is not None else ""))
     if record["label"]:

@@ -16,12 +16,13 @@ import os
 import sys
 
 from .. import _util
+from .options import HelpFormatter
 
 __all__ = ["register", "run", "collect_info", "model_settings"]
 
 def register(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("info", help="versions, device, kernel backends, supported models and methods",
-                              description=__doc__.splitlines()[0])
+                              description=__doc__.splitlines()[0], formatter_class=HelpFormatter)
     p.add_argument("--device", default=None, help="device to check backends on (default: cuda if available, else cpu)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--model", default=None, metavar="MODEL",

@@ -9,6 +9,7 @@ so ``dit-accel --help`` stays fast and does not import torch or Diffusers.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import os
 import sys
@@ -40,6 +41,41 @@ def _setup_environment() -> None:
     # chosen before anything imports triton (Diffusers does).
     use_interpreter_without_cuda()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@contextlib.contextmanager
+def _show_warnings(quiet: bool):
+    """dit_accel's warnings as one clean line each on stderr (above any progress bar), none with ``--quiet``.
+
+    Either way they are kept: the commands write them into their JSON outputs. Other libraries' warnings
+    keep Python's format.
+    """
+    import warnings
+
+    from .._util import DitAccelWarning
+
+    python_default = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if not issubclass(category, DitAccelWarning):
+            return python_default(message, category, filename, lineno, file, line)
+        if quiet:
+            return None
+        text = str(message)
+        text = text[len("dit_accel: "):] if text.startswith("dit_accel: ") else text
+        try:
+            from tqdm import tqdm
+
+            tqdm.write(f"dit-accel: warning: {text}", file=sys.stderr)
+        except ImportError:
+            print(f"dit-accel: warning: {text}", file=sys.stderr)
+        return None
+
+    warnings.showwarning = show
+    try:
+        yield
+    finally:
+        warnings.showwarning = python_default
 
 
 def build_parser(command: Optional[str] = None) -> argparse.ArgumentParser:
@@ -78,7 +114,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.print_help()
         return 0
     try:
-        return int(args.func(args) or 0)
+        with _show_warnings(bool(getattr(args, "quiet", False))):
+            return int(args.func(args) or 0)
     except KeyboardInterrupt:
         print("dit-accel: interrupted", file=sys.stderr)
         return 130

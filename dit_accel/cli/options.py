@@ -30,10 +30,30 @@ from typing import Dict, List, Optional, Tuple
 
 from ..methods import CliOption, Method, method_from_name, registered_methods
 
-__all__ = ["BACKENDS", "add_method_options", "method_from_args", "schedule_from_args", "int_tuple", "int_list",
+__all__ = ["BACKENDS", "HelpFormatter", "plain", "add_method_options", "method_from_args", "schedule_from_args", "int_tuple", "int_list",
            "method_options_given", "check_method_flags", "method_flags"]
 
 BACKENDS = ("auto", "triton", "torch", "flex")
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Descriptions as written; "(default: X)" after an option's help only when X says something (not None or
+    False) and the help text does not state its default already."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        default = action.default
+        if (default is None or default is False or default is argparse.SUPPRESS or "default" in text.lower()
+                or action.option_strings == [] or isinstance(action, argparse._HelpAction)):
+            return text
+        return f"{text} (default: {default})" if text else f"default: {default}"
+
+
+def plain(docstring: str) -> str:
+    """A module docstring as --help text: without reST markup (``code``, literal-block ``::``)."""
+    text = re.sub(r"``([^`]+)``", r"\1", docstring)
+    text = re.sub(r":(?:func|class|meth|mod|data):`~?([^`]+)`", r"\1", text)
+    return re.sub(r"::\n", ":\n", text)
 
 
 def int_tuple(text: str):
@@ -114,8 +134,8 @@ def add_method_options(parser: argparse.ArgumentParser, *, default_method: Optio
     names = list(registered_methods())
     g = parser.add_argument_group("attention method")
     g.add_argument("--method", choices=names, default=default_method, metavar="{" + ",".join(names) + "}",
-                   help=f"attention method (default: {default_method}); dense runs through the same path as a "
-                        "baseline; `dit-accel info` describes each")
+                   help="attention method" + (f" (default: {default_method})" if default_method else "") +
+                        "; dense runs through the same path as a baseline; `dit-accel info` describes each")
     g.add_argument("--backend", choices=BACKENDS, default=None,
                    help="kernel backend: auto (Triton on GPU, PyTorch otherwise), triton, torch, flex")
     m = parser.add_argument_group("method options (per-dimension tuples like 6,8,8 for T,H,W; each flag names the "

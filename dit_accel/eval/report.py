@@ -104,21 +104,38 @@ def plot_pareto(results: dict, path) -> None:
     plt.close(fig)
 
 
-def frame_grid(labels: List[str], videos: List[np.ndarray], path, columns: int = 4) -> None:
-    """Rows = methods (dense first), columns = evenly spaced frames; labels drawn on the left."""
+def frame_grid(labels: List[str], videos: List[np.ndarray], path, columns: int = 4, diff_gain: float = 4.0) -> None:
+    """The first sample of every row side by side: rows = methods (the first, dense, is the reference),
+    columns = evenly spaced frames, each followed by its difference map ``|frame - dense| * diff_gain``.
+    Column headers name the frame; under every tile of a method row, its PSNR against dense."""
     from PIL import Image, ImageDraw
+
+    from .metrics import psnr_per_frame
 
     if not videos:
         return
     n_frames = videos[0].shape[0]
     picks = sorted(set(np.linspace(0, n_frames - 1, min(columns, n_frames)).round().astype(int).tolist()))
     h, w = videos[0].shape[1:3]
-    label_w = 110
-    grid = Image.new("RGB", (label_w + w * len(picks), h * len(videos)), "white")
+    tile_w, label_w, header_h, caption_h = max(w, 72), 110, 16, 14
+    row_h = h + caption_h
+    grid = Image.new("RGB", (label_w + 2 * tile_w * len(picks), header_h + row_h * len(videos)), "white")
     draw = ImageDraw.Draw(grid)
+    for j, f in enumerate(picks):
+        draw.text((label_w + 2 * j * tile_w + 2, 2), f"frame {f}", fill="black")
+        draw.text((label_w + (2 * j + 1) * tile_w + 2, 2), f"|diff| x{diff_gain:g}", fill="black")
+    reference = videos[0]
     for i, (label, video) in enumerate(zip(labels, videos)):
-        draw.text((4, i * h + h // 2 - 6), label[:18], fill="black")
+        top = header_h + i * row_h
+        draw.text((4, top + h // 2 - 6), label[:18], fill="black")
+        psnr = psnr_per_frame(video, reference).tolist() if i else None
         for j, f in enumerate(picks):
             frame = video[min(f, video.shape[0] - 1)]
-            grid.paste(Image.fromarray(np.ascontiguousarray(frame)), (label_w + j * w, i * h))
+            ref = reference[min(f, reference.shape[0] - 1)]
+            diff = np.clip(np.abs(frame.astype(np.float32) - ref.astype(np.float32)) * diff_gain, 0, 255)
+            left = label_w + 2 * j * tile_w
+            grid.paste(Image.fromarray(np.ascontiguousarray(frame)), (left, top))
+            grid.paste(Image.fromarray(diff.astype(np.uint8)), (left + tile_w, top))
+            caption = "reference" if psnr is None else f"{psnr[min(f, len(psnr) - 1)]:.1f} dB"
+            draw.text((left + 2, top + h), caption, fill="black")
     grid.save(path)

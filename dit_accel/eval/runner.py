@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import inspect
+import dataclasses
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -27,7 +28,7 @@ import numpy as np
 import torch
 
 from .._util import load_average, to_jsonable, versions
-from ..methods import Dense, Method, method_from_name
+from ..methods import Dense, Method, method_from_name, registered_methods
 from ..models.tiny import is_tiny_model
 from .metrics import mean_or_none, paired_metrics, to_frames
 from .timing import StageTimer, median_times
@@ -71,31 +72,64 @@ class MethodSpec:
     label: str
     method: Method
     apply_kwargs: Dict[str, object] = field(default_factory=dict)
+    explicit: bool = True  # asked for by name (else one of the default methods: skipped where it does not fit)
 
     @classmethod
-    def parse(cls, name: str, options: Optional[dict] = None, label: Optional[str] = None) -> "MethodSpec":
+    def parse(cls, name: str, options: Optional[dict] = None, label: Optional[str] = None, *,
+              source: str = "--method-config", explicit: bool = True) -> "MethodSpec":
+        """ValueError naming ``source``, the method and the offending key for unknown options or values."""
+        _check_names([name], source)
+        if not isinstance(options, (dict, type(None))):
+            raise ValueError(f"{source}: {name}: expected a mapping of options, got {options!r}")
         options = dict(options or {})
         options.pop("method", None)
         label = options.pop("label", None) or label or name
         apply_kwargs = {k: options.pop(k) for k in APPLY_KEYS if k in options}
+        valid = [f.name for f in dataclasses.fields(registered_methods()[name.lower()].cls) if f.init]
+        unknown = sorted(set(options) - set(valid))
+        if unknown:
+            raise ValueError(f"{source}: {name} has no option {unknown[0]!r}; valid options: "
+                             f"{', '.join(valid + list(APPLY_KEYS)) or 'none'}")
         options = {k: tuple(v) if isinstance(v, list) else v for k, v in options.items()}
-        return cls(label, method_from_name(name, **options), apply_kwargs)
+        try:
+            method = method_from_name(name, **options)
+        except (ValueError, TypeError) as err:
+            raise ValueError(f"{source}: {name}: {err}") from None
+        return cls(label, method, apply_kwargs, explicit)
 
     def describe(self) -> dict:
         return {"label": self.label, **self.method.to_dict(), **self.apply_kwargs}
 
 
 def _read_config(path: str):
+    """The --method-config file's contents; ValueError with the parser's one-line reason when it is not valid."""
     text = Path(path).read_text()
     if str(path).endswith((".yaml", ".yml")):
         import yaml
 
-        return yaml.safe_load(text)
-    return json.loads(text)
+        try:
+            return yaml.safe_load(text)
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            raise ValueError(f"--method-config {path}: not valid YAML{where} "
+                             f"({getattr(err, 'problem', None) or err})") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"--method-config {path}: not valid JSON ({err}); YAML files need a .yaml suffix") from None
+
+
+def _check_names(names, source: str) -> None:
+    known = registered_methods()
+    for name in names:
+        if name.lower() not in known:
+            raise ValueError(f"{source}: unknown method {name!r}; valid methods: {', '.join(sorted(known))}")
 
 
 def load_method_specs(methods: Optional[Sequence[str]], config_path: Optional[str] = None, *,
-                      include_dense: bool = False, defaults: Optional[Dict[str, dict]] = None) -> List[MethodSpec]:
+                      include_dense: bool = False, defaults: Optional[Dict[str, dict]] = None,
+                      explicit: bool = True) -> List[MethodSpec]:
     """Method rows from ``--methods`` names and an optional ``--method-config`` file.
 
     The file (JSON or YAML) maps a method name to its options, or to a list of
@@ -106,12 +140,16 @@ def load_method_specs(methods: Optional[Sequence[str]], config_path: Optional[st
     ``methods`` given, config entries of other methods are ignored. ``dense`` is
     the eval baseline itself and gets no spec unless ``include_dense``.
     ``defaults`` (``{name: options}``, e.g. the tiny models' grid-sized settings)
-    replaces the method's own defaults for names without a config entry.
+    replaces the method's own defaults for names without a config entry. ``explicit=False``
+    marks the rows as the default list (:func:`run_eval` skips the ones the model cannot run).
+    Unknown method names, unknown options and invalid values raise ValueError naming them.
     """
     entries: List[tuple] = []
+    source = f"--method-config {config_path}"
     if config_path:
         cfg = _read_config(config_path)
         if isinstance(cfg, dict):
+            _check_names([str(name) for name in cfg], source)
             for name, value in cfg.items():
                 for i, opts in enumerate(value if isinstance(value, list) else [value or {}]):
                     label = name if not isinstance(value, list) or len(value) == 1 else f"{name}#{i}"
@@ -120,11 +158,13 @@ def load_method_specs(methods: Optional[Sequence[str]], config_path: Optional[st
             for opts in cfg:
                 if not isinstance(opts, dict) or "method" not in opts:
                     raise ValueError(f"--method-config {config_path}: list entries need a 'method' key; got {opts!r}")
+                _check_names([str(opts["method"])], source)
                 entries.append((opts["method"], opts, opts.get("label")))
         else:
             raise ValueError(f"--method-config {config_path}: expected a mapping or a list, got {type(cfg).__name__}")
     names = [m.strip().lower() for m in methods if m.strip()] if methods else None
     if names is not None:
+        _check_names(names, "--methods")
         entries = [e for e in entries if e[0].lower() in names]
         configured = {e[0].lower() for e in entries}
         entries += [(n, dict((defaults or {}).get(n, {})), n) for n in names if n not in configured]
@@ -132,7 +172,8 @@ def load_method_specs(methods: Optional[Sequence[str]], config_path: Optional[st
     for name, opts, label in entries:
         if name.lower() == "dense" and not include_dense:
             continue  # the baseline row
-        spec = MethodSpec.parse(name.lower(), opts, label)
+        spec = MethodSpec.parse(name.lower(), opts, label, source=source if config_path else "--methods",
+                                explicit=explicit)
         while spec.label in seen:
             spec.label += "'"
         seen.add(spec.label)
@@ -300,6 +341,24 @@ class _Scorers:
                 row[key] = dense_t[stage] / t[stage]
 
 
+def _fitting(specs: Sequence[MethodSpec], pipe, log) -> List[MethodSpec]:
+    """The specs the pipeline can run: on an image model (no time axis), methods that need one are dropped
+    from the default list with a note, and refused (ValueError) when asked for by name."""
+    if "num_frames" in inspect.signature(pipe.__call__).parameters:
+        return list(specs)
+    kept = []
+    for spec in specs:
+        try:
+            spec.method.plan((16, 16))
+        except ValueError as err:
+            if spec.explicit:
+                raise ValueError(f"{spec.label}: {type(pipe).__name__} makes images, and {err}") from None
+            log(f"{spec.label}: skipped ({type(pipe).__name__} makes images: {err})")
+            continue
+        kept.append(spec)
+    return kept
+
+
 def _write_results(out_dir: Path, results: dict, rows: List[dict]) -> None:
     from . import report
 
@@ -346,6 +405,7 @@ def run_eval(settings: EvalSettings, specs: Sequence[MethodSpec], out_dir, *, ca
 
         pipe = load_pipeline(settings.model, device=settings.device, dtype=getattr(torch, settings.dtype))
     pipe.set_progress_bar_config(disable=True)
+    specs = _fitting(specs, pipe, log)
     with StageTimer(pipe, settings.device) as timer:
         dense, generated = _dense_row(pipe, timer, settings, samples, cache_dir, log)
         if capture:
@@ -367,6 +427,7 @@ def run_eval(settings: EvalSettings, specs: Sequence[MethodSpec], out_dir, *, ca
         "dense_cached": len(samples) - generated, "cache_dir": str(cache_dir),
         "dense_times_from_cache": generated < len(samples), "skipped": sorted(set(scorers.skipped)),
         "capture": capture, "rows": [{k: v for k, v in r.items() if k != "videos"} for r in rows],
+        "warnings": sorted({w for r in rows for w in (r.get("summary") or {}).get("warnings", [])}),
     }
     if is_tiny_model(settings.model):
         results["note"] = "tiny model with RANDOM weights: numbers check the pipeline, not quality"

@@ -139,7 +139,7 @@ class LayerReport:
 
     def __init__(self, runtime: Runtime, slot: int, index: int):
         self.runtime, self.slot, self.index = runtime, slot, index
-        self.call = None  # (sparse, density or dense reason), stored by compiled code
+        self.call = None  # (sparse, density or dense reason, backend), stored by compiled code
         self.warnings = ()  # ((message, key), ...)
 
     def warn(self, message: str, key=None) -> None:
@@ -150,15 +150,15 @@ class LayerReport:
 
     def dense(self, reason: Optional[str] = None) -> None:
         if torch.compiler.is_compiling():
-            self.call = (False, reason)
+            self.call = (False, reason, None)
         else:
             self.runtime.stats.dense(self.slot, reason)
 
-    def sparse(self, density) -> None:
+    def sparse(self, density, backend: Optional[str] = None) -> None:
         if torch.compiler.is_compiling():
-            self.call = (True, density)
+            self.call = (True, density, backend)
         else:
-            self.runtime.stats.sparse(self.slot, density)
+            self.runtime.stats.sparse(self.slot, density, backend)
 
     def timed(self, device):
         if torch.compiler.is_compiling():
@@ -179,7 +179,7 @@ class LayerReport:
         """Hand the notes of a compiled call on to the statistics and warnings (eager: nothing to do)."""
         call, warnings, self.call, self.warnings = self.call, self.warnings, None, ()
         if call is not None:
-            self.sparse(call[1]) if call[0] else self.dense(call[1])
+            self.sparse(*call[1:]) if call[0] else self.dense(call[1])
         for message, key in warnings:
             self.warn(message, key)
 
@@ -364,17 +364,17 @@ class SDPAInterceptor(TorchFunctionMode):
                 out, density = plan.run(q, k, v, num_text=num_text, text_first=position == "first",
                                         key_mask=key_mask, scale=call.get("scale"), backend=runtime.backend,
                                         proj=layer.projection(q.device), sdpa=_SDPA)
-        self._count(density)
+        self._count(density, q, k, v)
         return out
 
-    def _count(self, density) -> None:
+    def _count(self, density, q, k, v) -> None:
         layer, plan = self.layer, self.plan
         if layer.owner.runtime.bypassed:
             return
         if plan is None or plan.is_dense:
             layer.report.dense(None if plan is None else plan.dense_reason)
         else:
-            layer.report.sparse(density)
+            layer.report.sparse(density, plan.backend_for(q, k, v, layer.owner.runtime.backend))
 
     def _run_split(self, call, q, k, v, num_text, key_mask):
         """Context parallelism: this rank's share through the collectives of :mod:`.parallel`."""
@@ -387,7 +387,7 @@ class SDPAInterceptor(TorchFunctionMode):
                                      text_first=layer.owner.preset.text_position == "first", key_mask=key_mask,
                                      scale=call.get("scale"), backend=runtime.backend,
                                      proj=layer.projection(q.device), capture=capture)
-        self._count(density)
+        self._count(density, q, k, v)
         return out
 
 
@@ -493,10 +493,12 @@ class TransformerHook:
         if split is not None and split.ring > 1:
             method = method.for_shares(tuple(grid), split.ring)
         plan = self.runtime.plans.get(method, grid)
-        if plan.is_dense and method.name != "dense":
+        # A per-step method (FastVideo's searched windows) picks full windows on purpose: no warning.
+        chosen = self.schedule.layer_methods.get(layer.index, self.schedule.method)
+        if plan.is_dense and method.name != "dense" and not hasattr(chosen, "for_layer_step"):
             self.runtime.warnings.warn(f"dit_accel: {method!r} on {layer.name} (and every layer it runs on): "
-                                       f"{plan.dense_reason}, so it runs dense. Choose a smaller window for this "
-                                       "grid", key=("dense plan", method, plan.grid))
+                                       f"{plan.dense_reason}, so it runs dense attention (no speedup)",
+                                       key=("dense plan", method, plan.grid))
         return plan
 
     def _check_processors(self) -> None:

@@ -40,6 +40,7 @@ class LayerStats:
     dense_calls: int = 0
     densities: list = field(default_factory=list)
     dense_reasons: Dict[str, int] = field(default_factory=dict)  # plan-dense calls by reason
+    backends: Dict[str, int] = field(default_factory=dict)  # sparse calls by the kernel backend that ran them
     timer: Optional[Timer] = None
 
 
@@ -51,9 +52,12 @@ class Stats:
         self.timing = bool(timing)
         self.layers = [LayerStats() for _ in self.names]
 
-    def sparse(self, layer: int, density) -> None:
-        self.layers[layer].sparse_calls += 1
-        self.layers[layer].densities.append(density)
+    def sparse(self, layer: int, density, backend: Optional[str] = None) -> None:
+        stats = self.layers[layer]
+        stats.sparse_calls += 1
+        stats.densities.append(density)
+        if backend is not None:
+            stats.backends[backend] = stats.backends.get(backend, 0) + 1
 
     def dense(self, layer: int, reason: Optional[str] = None) -> None:
         stats = self.layers[layer]
@@ -73,8 +77,8 @@ class Stats:
     def rows(self, methods: List[str]) -> List[dict]:
         """Per layer: ``layer``, ``index``, ``method``, ``density`` (mean visited block fraction over sparse
         calls, None if none ran sparse), ``sparse_calls``, ``dense_calls``, ``dense_reason`` (why calls ran
-        dense although the schedule asked for the method, e.g. a window that covers the grid) and
-        ``time_ms`` (None unless timing)."""
+        dense although the schedule asked for the method, e.g. a window that covers the grid), ``backend``
+        (the kernel backends its sparse calls ran, e.g. ``"torch"``) and ``time_ms`` (None unless timing)."""
         rows = []
         for index, (name, stats) in enumerate(zip(self.names, self.layers)):
             values = as_floats(stats.densities)
@@ -87,6 +91,7 @@ class Stats:
                 "sparse_calls": stats.sparse_calls,
                 "dense_calls": stats.dense_calls,
                 "dense_reason": "; ".join(f"dense ({reason})" for reason in stats.dense_reasons) or None,
+                "backend": ",".join(sorted(stats.backends)) or None,
                 "time_ms": timer.seconds * 1e3 if timer is not None and timer.calls else None,
             })
         return rows
@@ -106,5 +111,6 @@ class Stats:
             "mean_density": mean,
             "sparsity": None if mean is None else 1.0 - mean,
             "dense_reasons": reasons,
+            "backends_used": sorted({b for r in rows if r.get("backend") for b in r["backend"].split(",")}),
             "time_ms": sum(times) if times else None,
         }

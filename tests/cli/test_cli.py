@@ -2,6 +2,7 @@
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -117,6 +118,37 @@ def test_generate_tiny_wan_sparse_in_process(tmp_path, capsys):
     for row in layers:
         assert row["sparse_calls"] == 4 and row["density"] == pytest.approx(1 / 3)
     assert meta["density"]["mean"] == pytest.approx(1 / 3)
+    assert meta["schedule"]["backend"] == "auto" and meta["backends_used"] == ["torch"]
+    assert {row["backend"] for row in layers} == {"torch"}
+
+
+def test_generate_says_when_a_sparse_method_runs_dense(tmp_path, capsys):
+    """A window that covers the grid: one clean warning line naming layer and grid, recorded in the sidecar;
+    --quiet hides it from the terminal only. PNG frames are listed as written; a frame count the VAE rounds
+    is noted; --guidance-scale and --guidance are one option."""
+    out = tmp_path / "vid.png"
+    argv = ["generate", "--frames", "8", "--height", "64", "--width", "64", "--steps", "1", "--guidance", "2",
+            "--method", "tile", "--tile", "6,8,8", "--window", "3,3,3", "--out", str(out)]
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    # Our warning lines, and any raw Python warning raised from our sources ("dit_accel/x.py:12: UserWarning").
+    lines = [line for line in captured.err.splitlines()
+             if "dit-accel: warning" in line or re.search(r"dit_accel/\S+\.py:\d+: \w*Warning", line)]
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("dit-accel: warning: Tile(") and "blocks.0.attn1" in lines[0]
+    assert "covers the whole grid (3, 4, 4)" in lines[0] and ".py:" not in lines[0]
+    assert "made 9 frames for --frames 8" in captured.out and "9 frames" in captured.out
+    meta = _sidecar(out)
+    assert meta["output"] == [str(tmp_path / f"vid_{i:05d}.png") for i in range(9)]
+    assert all(Path(p).is_file() for p in meta["output"]) and not out.exists()
+    assert meta["settings"]["guidance"] == 2.0
+    assert len(meta["warnings"]) == 1 and "covers the whole grid" in meta["warnings"][0]
+    assert meta["summary"]["sparse_calls"] == 0 and meta["backends_used"] == []
+    assert all(r["dense_reason"].startswith("dense (the window covers the whole grid") for r in
+               meta["density"]["per_layer"])
+    assert main([*argv, "--quiet", "--guidance-scale", "2"]) == 0
+    assert "dit-accel: warning" not in capsys.readouterr().err
+    assert len(_sidecar(out)["warnings"]) == 1
 
 
 def test_generate_tiny_flux_writes_png(tmp_path):

@@ -98,3 +98,26 @@ def test_bench_fidelity_matched_density_and_errors(tmp_path, capsys):
     assert 0.25 <= dens["gna"] <= 1.0
     assert main(["bench", "fidelity", "--capture", str(tmp_path / "nowhere")]) == 2
     assert "--capture" in capsys.readouterr().out
+
+
+def test_bench_fidelity_reports_an_unreachable_density(tmp_path, capsys):
+    """Radial's density is fixed by its rule: on 4 frames of one block each it cannot go down to 0.25."""
+    from dit_accel import Radial
+
+    cap = _write_capture(tmp_path / "cap", layers=(1,))
+    out = tmp_path / "fid.json"
+    assert main(["bench", "fidelity", "--capture", str(cap), "--methods", "radial,tile", "--density", "0.25",
+                 "--method-config", str(_config(tmp_path, {"radial": {"block_size": 64}})), "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    reached = Radial(block_size=64).plan((4, 8, 8)).density
+    assert reached > 0.25 * 1.15
+    notes = [n for n in res["notes"] if n.startswith("radial")]
+    assert len(notes) == 1 and "0.25 is not reachable" in notes[0] and f"{reached:.3f}" in notes[0]
+    assert not [n for n in res["notes"] if n.startswith("tile")]
+    assert notes[0] in capsys.readouterr().out
+
+
+def _config(tmp_path, options):
+    path = tmp_path / "methods.json"
+    path.write_text(json.dumps(options))
+    return path

@@ -1,6 +1,7 @@
 """`dit-accel eval` end to end on tiny-wan: report files, dense cache reuse, metrics with offline weights."""
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -24,10 +25,40 @@ def test_method_config_file_forms(tmp_path):
     lst.write_text(json.dumps([{"method": "sla", "topk": 0.1}, {"method": "sla", "topk": 0.3, "label": "sla30"}]))
     specs = load_method_specs(None, str(lst))
     assert [s.label for s in specs] == ["sla", "sla30"]
-    with pytest.raises(ValueError, match="is not a registered method"):
+    with pytest.raises(ValueError, match="unknown method 'sparse'; valid methods: dense, gna"):
         MethodSpec.parse("sparse")
     with pytest.raises(ValueError, match="topk"):
         load_method_specs(["sla"], str(_write(tmp_path / "bad.json", {"sla": {"topk": 2.0}})))
+
+
+@pytest.mark.parametrize("text, message", [
+    ("tile: {windoww: [1, 1, 1]}\n", "tile has no option 'windoww'; valid options: tile, window"),
+    ("tilee: {window: [1, 1, 1]}\n", "unknown method 'tilee'; valid methods: dense, gna"),
+    ("tile: {window: [1, 1\n", "not valid YAML at line 2"),
+    ("- {topk: 0.2}\n", "list entries need a 'method' key"),
+])
+def test_method_config_mistakes_exit_2_with_one_line(tmp_path, capsys, text, message):
+    cfg = tmp_path / "m.yaml"
+    cfg.write_text(text)
+    assert main(["eval", "--model", "tiny-wan", "--methods", "dense,tile", "--method-config", str(cfg),
+                 "--prompt", "x", "--out", str(tmp_path / "out")]) == 2
+    out = capsys.readouterr().out.strip()
+    assert len(out.splitlines()) == 1 and message in out and "Traceback" not in out
+
+
+def test_default_methods_skip_what_an_image_model_cannot_run(capsys):
+    """tiny-flux has no time axis: the default list drops radial with a note; asking for radial is refused."""
+    from dit_accel.eval.runner import _fitting
+    from dit_accel.models.tiny import TINY_METHOD_DEFAULTS, build_tiny_pipeline
+
+    pipe = build_tiny_pipeline("tiny-flux")
+    defaults = load_method_specs(["dense", "radial", "tile"], explicit=False,
+                                 defaults=TINY_METHOD_DEFAULTS["tiny-flux"])
+    kept = _fitting(defaults, pipe, print)
+    assert [s.label for s in kept] == ["tile"] and "radial: skipped (FluxPipeline makes images" in \
+        capsys.readouterr().out
+    with pytest.raises(ValueError, match="radial: FluxPipeline makes images"):
+        _fitting(load_method_specs(["radial"]), pipe, print)
 
 
 def _write(path, obj):
@@ -123,3 +154,29 @@ def test_eval_bad_model_is_one_line(tmp_path, capsys):
     assert main(["eval", "--model", str(tmp_path / "no-such-model"), "--out", str(tmp_path / "out")]) == 2
     out = capsys.readouterr().out.strip().splitlines()
     assert len(out) == 1 and out[0].startswith("dit-accel eval:") and "no-such-model" in out[0]
+
+
+def test_frame_grid_has_headers_difference_maps_and_psnr(tmp_path):
+    """grid.png: a header row, each frame followed by |frame - dense| x gain, and the row's PSNR per column."""
+    from PIL import Image
+
+    from dit_accel.eval.metrics import psnr_per_frame
+    from dit_accel.eval.report import frame_grid
+
+    g = np.random.default_rng(0)
+    dense = g.integers(0, 200, (5, 32, 80, 3), dtype=np.uint8)
+    other = dense.copy()
+    other[:, :8] += 40  # a band that differs
+    frame_grid(["dense", "tile"], [dense, other], tmp_path / "grid.png", columns=2, diff_gain=4)
+    img = np.asarray(Image.open(tmp_path / "grid.png"))
+    label_w, header_h, caption_h, tile_w = 110, 16, 14, 80
+    assert img.shape == (header_h + 2 * (32 + caption_h), label_w + 2 * 2 * tile_w, 3)
+    top = header_h + 32 + caption_h  # the tile row
+    frame0 = img[top:top + 32, label_w:label_w + tile_w]
+    diff0 = img[top:top + 32, label_w + tile_w:label_w + 2 * tile_w]
+    np.testing.assert_array_equal(frame0, other[0])
+    np.testing.assert_array_equal(diff0[:8], np.full((8, 80, 3), 160, np.uint8))
+    np.testing.assert_array_equal(diff0[8:], 0)
+    assert img[top + 32:top + 32 + caption_h, label_w:label_w + tile_w].min() < 128  # the PSNR caption is drawn
+    assert img[:header_h, label_w:].min() < 128  # the column headers are drawn
+    assert float(psnr_per_frame(other, dense)[0]) < 40
