@@ -38,7 +38,7 @@ _DESCRIPTION = (
 def _add_arguments(p: argparse.ArgumentParser) -> None:
     add_method_options(p, default_method=None, weights=False)
     g = p.add_argument_group("fine-tuning")
-    g.add_argument("--model", default="tiny-wan", help="tiny-wan, a local Diffusers folder or a hub id (Wan family)")
+    g.add_argument("--model", default="tiny-wan", help="tiny-wan, tiny-flux, a local Diffusers folder or a hub id (Wan, HunyuanVideo or FLUX; --mode data: Wan)")
     g.add_argument("--mode", choices=("distill", "data"), default="distill",
                    help="distill: dense teacher, needs --prompts; data: needs --data (default: distill)")
     g.add_argument("--steps", type=int, default=1000, help="optimizer steps (default 1000)")

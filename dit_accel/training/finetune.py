@@ -50,7 +50,7 @@ from .._util import versions
 from ..methods import SLA, Method, Radial, registered_methods
 from ..weights import save_trained_weights, sla_state_dict
 from . import data as data_mod
-from .model_io import ModelIO, model_io_for
+from .model_io import ModelIO, model_io_for, take
 
 __all__ = ["FinetuneConfig", "finetune", "validate_config", "finetune_methods", "RUN_FILE", "LOG_FILE"]
 MODES = ("distill", "data")
@@ -400,6 +400,12 @@ class _Trainer:
         self.rank, self.world = (0, 1) if config.cp else (accelerator.process_index, accelerator.num_processes)
         self.pipe = _load_pipe(config, self.device, self.weight_dtype)
         self.io = model_io_for(self.pipe, max_sequence_length=config.max_sequence_length)
+        if config.mode == "data" and not self.io.data_mode:
+            raise ValueError(f"--mode data supports Wan models only ({self.io.family} needs its own VAE encoding); "
+                             "use --mode distill (the dense model is the teacher, no data needed).")
+        if config.cp and self.io.family != "Wan":
+            raise ValueError(f"--cp: context-parallel fine-tuning is tested on Wan only, not {self.io.family}; "
+                             "run it on one process.")
         self.grid = _check_method_fits(config.method, self.io, config)
         self.transformer = self.pipe.transformer
         self._prepare_text(prompts)
@@ -501,21 +507,21 @@ class _Trainer:
         noise = torch.randn(clean.shape, generator=g)
         s = sigma.view(-1, *([1] * (clean.dim() - 1)))
         noisy = (1.0 - s) * clean + s * noise
-        embeds = self.embeds[choice] if self.embeds is not None else self.io.encode_prompts(
+        text = take(self.embeds, choice, self.device) if self.embeds is not None else self.io.encode_prompts(
             [self.texts[i] for i in choice], self.device, self.weight_dtype)
         return (noisy.to(self.device, self.weight_dtype), (sigma * 1000.0).to(self.device, self.weight_dtype),
-                embeds.to(self.device), (noise - clean).to(self.device))
+                text, (noise - clean).to(self.device))
 
     def loss(self, batch, *, grad: bool):
-        noisy, timesteps, prompt_embeds, flow_target = batch
+        noisy, timesteps, text, flow_target = batch
         with self.accelerator.autocast():
             if self.config.mode == "distill":  # the teacher: the same transformer, dense, without LoRA
                 with torch.no_grad(), self.handle.bypassed(), _adapters_disabled(self.transformer):
-                    target = self.io.forward(self.transformer, noisy, timesteps, prompt_embeds).float()
+                    target = self.io.forward(self.transformer, noisy, timesteps, text).float()
             else:
                 target = flow_target.float()
             with contextlib.nullcontext() if grad else torch.no_grad():
-                pred = self.io.forward(self.transformer, noisy, timesteps, prompt_embeds)
+                pred = self.io.forward(self.transformer, noisy, timesteps, text)
                 return torch.nn.functional.mse_loss(pred.float(), target)
 
     def eval_loss(self) -> Optional[float]:

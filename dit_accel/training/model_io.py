@@ -1,21 +1,37 @@
 """What the trainer needs to know about a pipeline family: shapes, prompts, VAE, forward.
 
-Fine-tuning supports the Wan family (Wan 2.1 / 2.2 text-to-video and the tiny
-``tiny-wan`` test model): its transformer takes ``(hidden_states, timestep,
-encoder_hidden_states)`` with 5-D latents ``(B, C, T, H, W)`` and a flow-matching
-schedule. Other families raise a clear error before any training starts.
+Distillation (random latents, the dense model as teacher) supports:
+
+- Wan 2.1 / 2.2 (and ``tiny-wan``): 5-D latents ``(B, C, T, H, W)``, text embeddings;
+- HunyuanVideo: 5-D latents, text embeddings with their mask, pooled CLIP embedding,
+  embedded guidance (Radial's published LoRA recipe covers it);
+- FLUX (and ``tiny-flux``): packed 2x2 latent patches ``(B, N, C)`` with their
+  position ids, pooled embedding and embedded guidance (one image, ``frames=1``).
+
+``--mode data`` (the flow-matching loss on your clips) needs the family's VAE encoding
+and is Wan only. CogVideoX, Mochi and LTX-Video are refused before any training:
+their transformers take inputs the pipelines build per call (CogVideoX's rotary
+embeddings on ``(B, T, C, H, W)`` latents, Mochi's attention mask, LTX's packed
+tokens with RoPE scales), which this module does not reproduce yet.
+
+Text conditioning is a dict of tensors with the prompts on dim 0 (see :func:`take`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import torch
 
-__all__ = ["ModelIO", "model_io_for", "SUPPORTED_TRANSFORMERS"]
+__all__ = ["ModelIO", "HunyuanVideoIO", "FluxIO", "model_io_for", "take", "SUPPORTED_TRANSFORMERS"]
 
-SUPPORTED_TRANSFORMERS = ("WanTransformer3DModel",)
+Text = Dict[str, torch.Tensor]
+
+
+def take(text: Text, index, device=None) -> Text:
+    """Rows ``index`` of every tensor of ``text`` (prompts on dim 0), optionally moved to ``device``."""
+    return {k: (v[index] if device is None else v[index].to(device)) for k, v in text.items()}
 
 
 @dataclass
@@ -37,9 +53,13 @@ class ModelIO:
     def vae_scale_spatial(self) -> int:
         return int(getattr(self.pipe, "vae_scale_factor_spatial", 8))
 
+    def _patch(self) -> tuple:
+        """The transformer's (time, height, width) patch."""
+        return tuple(self.transformer.config.patch_size)
+
     def check_geometry(self, frames: int, height: int, width: int) -> None:
         """Raise ValueError when (frames, height, width) do not map onto the latent token grid."""
-        patch = tuple(self.transformer.config.patch_size)
+        patch = self._patch()
         step = self.vae_scale_spatial * patch[1]
         if height % step or width % step or height <= 0 or width <= 0:
             raise ValueError(
@@ -60,20 +80,26 @@ class ModelIO:
     def token_grid(self, frames: int, height: int, width: int) -> tuple:
         """Video-token grid (T, H, W) after patchify: what the sparse pattern sees."""
         _, _, t, h, w = self.latent_shape(1, frames, height, width)
-        pt, ph, pw = tuple(self.transformer.config.patch_size)
+        pt, ph, pw = self._patch()
         return (t // pt, h // ph, w // pw)
 
+    family = "Wan"
+    data_mode = True  # encode_video works: --mode data is possible
+
     @torch.no_grad()
-    def encode_prompts(self, prompts: Sequence[str], device, dtype) -> torch.Tensor:
-        """Prompt embeddings ``(P, L, D)`` for a list of prompts (text encoder, no grad)."""
-        out: List[torch.Tensor] = []
+    def encode_prompts(self, prompts: Sequence[str], device, dtype) -> Text:
+        """Text conditioning of a list of prompts (text encoder, no grad), prompts on dim 0."""
+        rows: List[Text] = []
         for prompt in prompts:  # one at a time: padding is fixed-length anyway, memory stays flat
-            emb, _ = self.pipe.encode_prompt(
-                prompt, do_classifier_free_guidance=False, num_videos_per_prompt=1,
-                max_sequence_length=self.max_sequence_length, device=device, dtype=dtype,
-            )
-            out.append(emb[0])
-        return torch.stack(out)
+            rows.append(self._encode_one(prompt, device, dtype))
+        return {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
+
+    def _encode_one(self, prompt: str, device, dtype) -> Text:
+        emb, _ = self.pipe.encode_prompt(
+            prompt, do_classifier_free_guidance=False, num_videos_per_prompt=1,
+            max_sequence_length=self.max_sequence_length, device=device, dtype=dtype,
+        )
+        return {"encoder_hidden_states": emb[0]}
 
     @torch.no_grad()
     def encode_video(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -95,20 +121,109 @@ class ModelIO:
             latents = (latents - mean) / std
         return latents
 
-    def forward(self, transformer, latents: torch.Tensor, timesteps: torch.Tensor, prompt_embeds: torch.Tensor):
+    def forward(self, transformer, latents: torch.Tensor, timesteps: torch.Tensor, text: Text):
         """Transformer prediction for noisy latents at timesteps in [0, 1000)."""
-        return transformer(
-            hidden_states=latents, timestep=timesteps, encoder_hidden_states=prompt_embeds, return_dict=False
-        )[0]
+        return transformer(hidden_states=latents, timestep=timesteps, return_dict=False, **text)[0]
+
+
+class HunyuanVideoIO(ModelIO):
+    """HunyuanVideo: Wan's latent layout (patch ``patch_size_t`` x ``patch_size``^2), text with its mask,
+    the pooled CLIP embedding and embedded guidance (the pipeline's default 6.0, scaled by 1000 as it does)."""
+
+    family = "HunyuanVideo"
+    data_mode = False
+    guidance: float = 6.0
+
+    def _patch(self) -> tuple:
+        c = self.transformer.config
+        return (int(c.patch_size_t), int(c.patch_size), int(c.patch_size))
+
+    def _encode_one(self, prompt: str, device, dtype) -> Text:
+        emb, pooled, mask = self.pipe.encode_prompt(
+            prompt, prompt_2=None, num_videos_per_prompt=1, device=device, dtype=dtype,
+            max_sequence_length=self.max_sequence_length)
+        return {"encoder_hidden_states": emb[0], "encoder_attention_mask": mask[0], "pooled_projections": pooled[0]}
+
+    def forward(self, transformer, latents, timesteps, text: Text):
+        guidance = None
+        if getattr(transformer.config, "guidance_embeds", False):
+            guidance = torch.full((latents.shape[0],), self.guidance * 1000.0, device=latents.device,
+                                  dtype=latents.dtype)
+        return transformer(hidden_states=latents, timestep=timesteps, guidance=guidance, return_dict=False,
+                           **text)[0]
+
+
+class FluxIO(ModelIO):
+    """FLUX: one image (``frames=1``) as packed 2x2 latent patches ``(B, N, C)`` with their position ids, the
+    T5 embedding, the pooled CLIP embedding and embedded guidance (3.5, the pipeline's default)."""
+
+    family = "FLUX"
+    data_mode = False
+    guidance: float = 3.5
+    _grid: Optional[tuple] = None
+
+    @property
+    def vae_scale_spatial(self) -> int:
+        return int(getattr(self.pipe, "vae_scale_factor", 8))
+
+    def check_geometry(self, frames: int, height: int, width: int) -> None:
+        step = 2 * self.vae_scale_spatial
+        if frames != 1:
+            raise ValueError(f"--frames {frames} is invalid for FLUX: it makes images; use --frames 1.")
+        if height % step or width % step or height <= 0 or width <= 0:
+            raise ValueError(f"--height {height} / --width {width} must be positive multiples of {step} "
+                             f"(VAE factor {self.vae_scale_spatial} x 2x2 packing) for FLUX.")
+
+    def token_grid(self, frames: int, height: int, width: int) -> tuple:
+        step = 2 * self.vae_scale_spatial
+        self._grid = (height // step, width // step)  # forward() builds the position ids from it
+        return self._grid
+
+    def latent_shape(self, batch: int, frames: int, height: int, width: int) -> tuple:
+        h, w = self.token_grid(frames, height, width)
+        return (batch, h * w, int(self.transformer.config.in_channels))
+
+    def _encode_one(self, prompt: str, device, dtype) -> Text:
+        emb, pooled, _ = self.pipe.encode_prompt(prompt, prompt_2=None, device=device, num_images_per_prompt=1,
+                                                 max_sequence_length=self.max_sequence_length)
+        return {"encoder_hidden_states": emb[0].to(dtype), "pooled_projections": pooled[0].to(dtype)}
+
+    def forward(self, transformer, latents, timesteps, text: Text):
+        if self._grid is None:
+            raise RuntimeError("FluxIO.forward before token_grid(): the image size is unknown")
+        h, w = self._grid
+        rows = torch.arange(h, device=latents.device).repeat_interleave(w)
+        cols = torch.arange(w, device=latents.device).repeat(h)
+        img_ids = torch.stack([torch.zeros_like(rows), rows, cols], dim=1).to(latents.dtype)
+        txt_ids = torch.zeros(text["encoder_hidden_states"].shape[1], 3, device=latents.device, dtype=latents.dtype)
+        guidance = None
+        if getattr(transformer.config, "guidance_embeds", False):
+            guidance = torch.full((latents.shape[0],), self.guidance, device=latents.device, dtype=latents.dtype)
+        return transformer(hidden_states=latents, timestep=timesteps / 1000.0, guidance=guidance, img_ids=img_ids,
+                           txt_ids=txt_ids, return_dict=False, **text)[0]
+
+
+_FAMILIES = {"WanTransformer3DModel": ModelIO, "HunyuanVideoTransformer3DModel": HunyuanVideoIO,
+             "FluxTransformer2DModel": FluxIO}
+SUPPORTED_TRANSFORMERS = tuple(_FAMILIES)
+_NOT_YET = {
+    "CogVideoXTransformer3DModel": "its transformer takes (B, T, C, H, W) latents and rotary embeddings that "
+                                   "the pipeline builds per call",
+    "MochiTransformer3DModel": "its transformer needs the pipeline's text attention mask handling per call",
+    "LTXVideoTransformer3DModel": "its transformer takes packed tokens with per-call RoPE scales and sizes",
+}
 
 
 def model_io_for(pipe, *, max_sequence_length: int = 512) -> ModelIO:
-    """The glue for ``pipe``; ValueError naming the supported families otherwise."""
+    """The glue for ``pipe``'s family; ValueError naming the supported families (and why not) otherwise."""
     transformer = getattr(pipe, "transformer", None)
     name = type(transformer).__name__
-    if transformer is None or name not in SUPPORTED_TRANSFORMERS:
+    cls = None if transformer is None else next(
+        (_FAMILIES[b.__name__] for b in type(transformer).__mro__ if b.__name__ in _FAMILIES), None)
+    if cls is None:
+        why = _NOT_YET.get(name)
         raise ValueError(
             f"fine-tuning supports pipelines whose transformer is one of {list(SUPPORTED_TRANSFORMERS)}; "
-            f"this model has {name}. Use a Wan model (e.g. --model tiny-wan or a Wan2.1 folder)."
-        )
-    return ModelIO(pipe, max_sequence_length=max_sequence_length)
+            f"this model has {name}" + (f" ({why})" if why else "") +
+            ". Use a Wan, HunyuanVideo or FLUX model (e.g. --model tiny-wan or --model tiny-flux).")
+    return cls(pipe, max_sequence_length=max_sequence_length)
