@@ -5,6 +5,7 @@ Examples::
     dit-accel bench kernels --device cpu --quick --out bench.json --plot bench.png
     dit-accel bench kernels --device cuda --out bench_h100.json
     dit-accel bench fidelity --capture capture/ --methods gna,tile,radial,sla --density 0.2
+    dit-accel bench sass --arch 90 --kernel fwd --json sass.json
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ __all__ = ["register", "run"]
 def register(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("bench", help="benchmark kernels (speed) or methods on captured q/k/v (fidelity)",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="bench_kind", metavar="{kernels,fidelity}")
+    sub = p.add_subparsers(dest="bench_kind", metavar="{kernels,fidelity,sass}")
     sub.required = True
 
     k = sub.add_parser("kernels", help="block-sparse and SLA kernels vs dense SDPA at model shapes")
@@ -47,6 +48,20 @@ def register(subparsers) -> argparse.ArgumentParser:
     f.add_argument("--max-files", type=int, default=None)
     f.add_argument("--out", metavar="FILE.json")
     f.set_defaults(func=run)
+
+    s = sub.add_parser("sass", help="static GPU inspection: SASS per tile vs the dense kernel, registers, spills, "
+                                    "occupancy (compile-time, no GPU needed)")
+    s.add_argument("--arch", default="80,89,90", help="comma-separated compute capabilities (default 80,89,90)")
+    s.add_argument("--family", default="block_sparse,sla", help="block_sparse, sla or both (default)")
+    s.add_argument("--kernel", default=None, help="kernel names, e.g. fwd,bwd_dq (default: all)")
+    s.add_argument("--dtype", default=None, help="e.g. bfloat16,float16 (default: all shipped)")
+    s.add_argument("--head-dim", default=None, help="padded head dims, e.g. 64,128 (default: all shipped)")
+    s.add_argument("--workers", type=int, default=2, help="compile processes (default 2)")
+    s.add_argument("--no-dense", action="store_true", help="skip the dense kernel beside each row")
+    s.add_argument("--search", choices=["block_sparse", "sla"], default=None,
+                   help="rank the candidate launch configurations of a family instead (slow: hundreds of compiles)")
+    s.add_argument("--json", metavar="FILE.json", help="write the rows as JSON")
+    s.set_defaults(func=_run_sass)
     return p
 
 
@@ -176,4 +191,49 @@ def _run_fidelity(args) -> int:
         with open(args.out, "w") as fh:
             json.dump(result, fh, indent=2)
         print(f"wrote {args.out}")
+    return 0
+
+
+def _run_sass(args) -> int:
+    """``dit-accel bench sass``: compile the shipped kernels for GPU targets and print the SASS table."""
+    from .._util import versions
+    from ..kernels import sass
+
+    def words(text):
+        return [w.strip() for w in text.split(",") if w.strip()] if text else None
+
+    try:
+        archs = [int(a) for a in words(args.arch)]
+        head_dims = [int(d) for d in words(args.head_dim)] if args.head_dim else None
+    except ValueError:
+        print(f"dit-accel bench sass: --arch and --head-dim take comma-separated integers; got {args.arch!r}, "
+              f"{args.head_dim!r}")
+        return 2
+    families = words(args.family)
+    bad = sorted(set(families) - {"block_sparse", "sla"})
+    if bad or args.workers < 1:
+        print(f"dit-accel bench sass: --family takes block_sparse,sla (got {bad}); --workers must be >= 1")
+        return 2
+    if args.search:
+        groups = sass.search(args.search, archs, workers=args.workers)
+        result = {"kind": "sass-search", "family": args.search, "versions": versions(),
+                  "groups": {" ".join(map(str, k)): v for k, v in groups.items()}}
+        for key, ranked in groups.items():
+            best = ranked[0]
+            cyc = sass.tile_cycles(best) if best.get("error") is None else None
+            print(f"{' '.join(map(str, key)):<48} best {best['name']:<44} "
+                  f"{'clean' if sass.clean(best) else 'NOT CLEAN'} "
+                  f"{cyc['per_pair']:.4f} cyc/pair ({cyc['bound']})" if cyc else "no candidate compiled")
+    else:
+        rows = sass.report(archs, families, words(args.kernel), words(args.dtype), head_dims, dense=not args.no_dense,
+                           workers=args.workers)
+        result = {"kind": "sass", "note": "compile-time analysis (no GPU): SASS of the compiled cubins",
+                  "versions": versions(), "rows": rows}
+        print("Compile-time analysis: SASS instructions per tile of each kernel's main loop, beside the in-repo dense")
+        print("kernel compiled with the same tile, warps, stages, dtype and target.")
+        print(sass.sass_table(rows))
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(result, fh, indent=1, default=str)
+        print(f"wrote {args.json}")
     return 0
