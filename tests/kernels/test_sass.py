@@ -228,4 +228,8 @@ def test_cli_bench_sass_prints_the_table_and_writes_json(rows, tmp_path, capsys)
     assert "Compile-time analysis" in text and "| sm_90 | fwd-bf16-d128-m" in text
     data = json.loads(out.read_text())
     assert data["kind"] == "sass" and data["rows"] and all(r["dense"] for r in data["rows"])
-    assert main(["bench", "sass", "--arch", "nine"]) == 2
+    for bad in (["--arch", "nine"], ["--arch", "75"], ["--family", "dense"], ["--kernel", "forward"],
+                ["--dtype", "bf16"], ["--head-dim", "96"], ["--workers", "0"],
+                ["--arch", "90", "--family", "sla", "--kernel", "bwd_preprocess"]):  # no such SLA kernel
+        assert main(["bench", "sass", *bad]) == 2, bad
+    assert "--kernel takes" in capsys.readouterr().err
