@@ -5,20 +5,34 @@ Examples::
     dit-accel bench kernels --device cpu --quick --out bench.json --plot bench.png
     dit-accel bench kernels --device cuda --out bench_h100.json
     dit-accel bench fidelity --capture capture/ --methods gna,tile,radial,sla --density 0.2
+    dit-accel bench sass --arch 90 --kernel fwd --json sass.json
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 __all__ = ["register", "run"]
+
+
+_SASS_DESCRIPTION = """\
+Compile every shipped block-sparse and SLA kernel configuration for GPU targets on this
+machine (no GPU needed) and read the cubins with the ptxas, cuobjdump and nvdisasm that
+ship with triton: registers, spill bytes, shared memory, occupancy, ptxas advisories
+(C7515: serialised wgmma) and the SASS instructions per tile of each kernel's main loop,
+beside the in-repo dense kernel with the same tile, warps, stages, dtype and target.
+Compile-time analysis, not a measurement. Results are cached in $DIT_ACCEL_CACHE
+(default ~/.cache/dit_accel); a cold run of every configuration takes minutes.
+
+example: dit-accel bench sass --arch 90 --family block_sparse --kernel fwd --dtype bfloat16 --head-dim 128"""
 
 
 def register(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("bench", help="benchmark kernels (speed) or methods on captured q/k/v (fidelity)",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="bench_kind", metavar="{kernels,fidelity}")
+    sub = p.add_subparsers(dest="bench_kind", metavar="{kernels,fidelity,sass}")
     sub.required = True
 
     k = sub.add_parser("kernels", help="block-sparse and SLA kernels vs dense SDPA at model shapes")
@@ -47,6 +61,21 @@ def register(subparsers) -> argparse.ArgumentParser:
     f.add_argument("--max-files", type=int, default=None)
     f.add_argument("--out", metavar="FILE.json")
     f.set_defaults(func=run)
+
+    s = sub.add_parser("sass", help="static GPU inspection: SASS per tile vs the dense kernel, registers, spills, "
+                                    "occupancy (compile-time, no GPU needed)",
+                       description=_SASS_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    s.add_argument("--arch", default="80,89,90", help="comma-separated compute capabilities (default 80,89,90)")
+    s.add_argument("--family", default="block_sparse,sla", help="block_sparse, sla or both (default)")
+    s.add_argument("--kernel", default=None, help="kernel names, e.g. fwd,bwd_dq (default: all)")
+    s.add_argument("--dtype", default=None, help="e.g. bfloat16,float16 (default: all shipped)")
+    s.add_argument("--head-dim", default=None, help="padded head dims, e.g. 64,128 (default: all shipped)")
+    s.add_argument("--workers", type=int, default=2, help="compile processes (default 2)")
+    s.add_argument("--no-dense", action="store_true", help="skip the dense kernel beside each row")
+    s.add_argument("--search", choices=["block_sparse", "sla"], default=None,
+                   help="rank the candidate launch configurations of a family instead (slow: hundreds of compiles)")
+    s.add_argument("--json", metavar="FILE.json", help="write the rows as JSON")
+    s.set_defaults(func=_run_sass)
     return p
 
 
@@ -176,4 +205,65 @@ def _run_fidelity(args) -> int:
         with open(args.out, "w") as fh:
             json.dump(result, fh, indent=2)
         print(f"wrote {args.out}")
+    return 0
+
+
+#: Kernel names ``bench sass --kernel`` takes (block-sparse and SLA).
+_SASS_KERNELS = ("fwd", "bwd_preprocess", "bwd_dkdv", "bwd_dq", "bwd_dkdv_lin")
+
+
+def _run_sass(args) -> int:
+    """``dit-accel bench sass``: compile the shipped kernels for GPU targets and print the SASS table."""
+    from .._util import versions
+    from ..kernels import sass
+
+    def words(text):
+        return [w.strip() for w in text.split(",") if w.strip()] if text else None
+
+    def refuse(message: str) -> int:
+        print(f"dit-accel bench sass: {message}", file=sys.stderr)
+        return 2
+
+    try:
+        archs = [int(a) for a in words(args.arch) or []]
+        head_dims = [int(d) for d in words(args.head_dim)] if args.head_dim else None
+    except ValueError:
+        return refuse(f"--arch and --head-dim take comma-separated integers; got {args.arch!r}, {args.head_dim!r}")
+    families = words(args.family) or []
+    checks = [("--arch", archs, lambda a: a >= 80, "compute capabilities >= 80, e.g. 80,89,90"),
+              ("--family", families, {"block_sparse", "sla"}.__contains__, "block_sparse, sla"),
+              ("--kernel", words(args.kernel) or [], set(_SASS_KERNELS).__contains__, ", ".join(_SASS_KERNELS)),
+              ("--dtype", words(args.dtype) or [], {"bfloat16", "float16", "float32"}.__contains__,
+               "bfloat16, float16, float32"),
+              ("--head-dim", head_dims or [], {64, 128, 256}.__contains__, "padded head dims 64, 128, 256")]
+    for flag, values, ok, expected in checks:
+        bad = [v for v in values if not ok(v)]
+        if bad or (flag in ("--arch", "--family") and not values):
+            return refuse(f"{flag} takes {expected}; got {bad or 'nothing'}")
+    if args.workers < 1:
+        return refuse(f"--workers must be >= 1; got {args.workers}")
+    if args.search:
+        groups = sass.search(args.search, archs, workers=args.workers)
+        result = {"kind": "sass-search", "family": args.search, "versions": versions(),
+                  "groups": {" ".join(map(str, k)): v for k, v in groups.items()}}
+        for key, ranked in groups.items():
+            best = ranked[0]
+            cyc = sass.tile_cycles(best) if best.get("error") is None else None
+            print(f"{' '.join(map(str, key)):<48} best {best['name']:<44} "
+                  f"{'clean' if sass.clean(best) else 'NOT CLEAN'} "
+                  f"{cyc['per_pair']:.4f} cyc/pair ({cyc['bound']})" if cyc else "no candidate compiled")
+    else:
+        rows = sass.report(archs, families, words(args.kernel), words(args.dtype), head_dims, dense=not args.no_dense,
+                           workers=args.workers)
+        result = {"kind": "sass", "note": "compile-time analysis (no GPU): SASS of the compiled cubins",
+                  "versions": versions(), "rows": rows}
+        if not rows:
+            return refuse("no shipped configuration matches these filters")
+        print("Compile-time analysis: SASS instructions per tile of each kernel's main loop, beside the in-repo dense")
+        print("kernel compiled with the same tile, warps, stages, dtype and target.")
+        print(sass.sass_table(rows))
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(result, fh, indent=1, default=str)
+        print(f"wrote {args.json}")
     return 0

@@ -18,7 +18,7 @@ from typing import Callable, Dict, Optional, Tuple
 import torch
 
 __all__ = ["BACKENDS", "ENV_BACKEND", "BackendUnavailable", "Request", "available_backends", "env_backend",
-           "resolve", "triton_reason", "interpreting"]
+           "resolve", "triton_reason", "interpreting", "TUNED"]
 
 #: Every backend name, in the order ``auto`` considers them for block-sparse attention.
 BACKENDS = ("triton", "flex", "torch")
@@ -46,11 +46,13 @@ class Request:
     needs_grad: bool = False
     block_q: int = 64
     block_k: int = 64
+    density: Optional[float] = None  # visited fraction, when the caller knows it (autotune's density bucket)
 
     @classmethod
-    def of(cls, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_q: int = 64, block_k: int = 64) -> "Request":
+    def of(cls, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_q: int = 64, block_k: int = 64,
+           density: Optional[float] = None) -> "Request":
         grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-        return cls(q.device, q.dtype, q.shape[-1], grad, block_q, block_k)
+        return cls(q.device, q.dtype, q.shape[-1], grad, block_q, block_k, density)
 
 
 # ---------------------------------------------------------------- environment
@@ -183,13 +185,37 @@ def available_backends(device=None) -> Dict[str, Optional[str]]:
     return {"triton": triton_reason(device), "flex": _flex_reason(device), "torch": None}
 
 
-def resolve(family: str, backend: str, request: Request) -> str:
+#: Backends ``auto`` times against each other on CUDA (:mod:`.autotune`), per family.
+TUNED = {"block_sparse": ("triton", "flex")}
+
+
+def _tuned(family: str, request: Request, tuner) -> Optional[str]:
+    """The autotuned backend for ``request`` on CUDA: the stored choice of its shape class, else
+    ``tuner(contenders, request)`` (which times them); None when there is nothing to choose."""
+    from . import autotune
+
+    if request.device.type != "cuda" or not autotune.enabled() or torch.compiler.is_compiling():
+        return None
+    contenders = [name for name, can_run, _ in _TABLE[family]
+                  if name in TUNED.get(family, ()) and can_run(request) is None]
+    if len(contenders) < 2:
+        return None
+    stored = autotune.cached_choice(autotune.ShapeClass.of(family, request, request.density))
+    if stored in contenders:
+        return stored
+    return tuner(contenders, request) if tuner is not None else None
+
+
+def resolve(family: str, backend: str, request: Request, tuner=None) -> str:
     """The backend that runs this call: ``backend`` itself when it can, else BackendUnavailable saying why.
 
-    ``"auto"`` takes ``$DIT_ACCEL_BACKEND`` when set, else the first backend of the
-    family that ``auto`` may pick and that can run ``request`` (the CPU interpreter
-    never counts for ``auto``: it is for tests). A backend a family does not have
-    (``"flex"`` for SLA) runs the family's PyTorch twin.
+    ``"auto"`` takes ``$DIT_ACCEL_BACKEND`` when set; on CUDA, the autotuned choice among
+    :data:`TUNED` (:mod:`.autotune`: the stored choice for this shape class, else
+    ``tuner(contenders, request)``, e.g. :func:`dit_accel.kernels.autotune.block_sparse_tuner`,
+    times them; ``DIT_ACCEL_AUTOTUNE=0`` turns it off); else the first backend of the family
+    that ``auto`` may pick and that can run ``request`` (the CPU interpreter never counts for
+    ``auto``: it is for tests). A backend a family does not have (``"flex"`` for SLA) runs the
+    family's PyTorch twin.
     """
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a string, one of {('auto',) + BACKENDS}; got {type(backend).__name__}")
@@ -199,6 +225,9 @@ def resolve(family: str, backend: str, request: Request) -> str:
     names = [name for name, _, _ in table]
     forced = backend if backend != "auto" else env_backend()
     if forced is None:
+        tuned = _tuned(family, request, tuner)
+        if tuned is not None:
+            return tuned
         for name, can_run, auto in table:
             if auto and (name != "triton" or request.device.type == "cuda") and can_run(request) is None:
                 return name

@@ -8,7 +8,8 @@ reports what the compiled artefact says.
 - :func:`shipped_kernel_configs` lists every configuration of every kernel family
   (block-sparse forward/backward, SLA forward/backward) that a launcher can pick.
 - :func:`compile_for_target` compiles one of them for ``sm_<arch>``.
-- :func:`compile_shipped` compiles many in parallel worker processes.
+- :func:`compile_shipped` compiles many in parallel worker processes and reads each
+  artefact (:mod:`dit_accel.kernels.sass`: registers, spills, ptxas advisories, SASS).
 
 Each configuration object describes its own source through ``aot_source()``
 (``(kernel, signature, constexprs, attrs)``) and has ``name``, ``kernel``,
@@ -29,22 +30,23 @@ import os
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence
 
 from .backends import interpreting
 from .block_sparse.configs import TARGET_ARCHS, shared_memory_limit
 from .block_sparse.configs import shipped_configs as _block_sparse_configs
 from .sla.configs import shipped_configs as _sla_configs
 
-__all__ = ["TARGET_ARCHS", "shipped_kernel_configs", "compile_for_target", "compile_shipped", "shared_memory_limit"]
+__all__ = ["TARGET_ARCHS", "shipped_kernel_configs", "compile_for_target", "compile_shipped", "shared_memory_limit",
+           "map_in_workers"]
 
 
 def shipped_kernel_configs(arch: Optional[int] = None, family: Optional[str] = None) -> list:
     """Every configuration the launchers can launch on ``sm_<arch>`` (all targets when None).
 
-    ``family`` restricts the list to ``"block_sparse"`` or ``"sla"``. Block-sparse
-    configurations depend on the target (shared memory decides tiles and stages);
-    SLA's are the same on every target.
+    ``family`` restricts the list to ``"block_sparse"`` or ``"sla"``. Configurations depend
+    on the target (shared memory decides tiles and stages, registers the warps; sm_90 adds
+    the TMA variants). For ``arch=None`` the lists of all targets are concatenated.
     """
     if family not in (None, "block_sparse", "sla"):
         raise ValueError(f"family must be None, 'block_sparse' or 'sla'; got {family!r}")
@@ -52,7 +54,7 @@ def shipped_kernel_configs(arch: Optional[int] = None, family: Optional[str] = N
     if family in (None, "block_sparse"):
         out += _block_sparse_configs(arch)
     if family in (None, "sla"):
-        out += _sla_configs()
+        out += _sla_configs(arch)
     return out
 
 
@@ -88,53 +90,44 @@ def compile_for_target(cfg, arch: int):
                           options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
 
 
-def _compile_summary(job: Tuple[object, int]) -> dict:
-    import resource
+def map_in_workers(fn, jobs: Sequence, workers: int = 2) -> list:
+    """``[fn(job) for job in jobs]`` in ``workers`` spawned processes with ``TRITON_INTERPRET=0``.
 
-    cfg, arch = job
-    start = time.perf_counter()
-    cpu0 = time.process_time() + resource.getrusage(resource.RUSAGE_CHILDREN).ru_utime
-    out = {"name": cfg.name, "kernel": cfg.kernel, "arch": arch, "shared": None, "limit": shared_memory_limit(arch),
-           "mma": None, "wgmma": None, "error": None}
+    Triton's code generator does not work in a process where the interpreter is active, and
+    ptxas is CPU-bound, so compiles run in fresh processes; slow jobs should come first.
+    """
+    if not jobs:
+        return []
+    old = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "0"  # inherited by the spawned workers
     try:
-        ck = compile_for_target(cfg, arch)
-        out["shared"] = int(ck.metadata.shared)
-        ptx = ck.asm["ptx"]
-        out["mma"] = "mma" in ptx  # mma.sync (sm_80/89) or wgmma (sm_90): tensor cores
-        out["wgmma"] = "wgmma" in ptx
-    except Exception as exc:  # reported, not raised: the caller lists every failure
-        out["error"] = f"{type(exc).__name__}: {str(exc)[-2000:]}"
-    out["seconds"] = time.perf_counter() - start
-    # CPU time including ptxas (a child process): what the compile costs on an idle machine.
-    out["cpu_seconds"] = time.process_time() + resource.getrusage(resource.RUSAGE_CHILDREN).ru_utime - cpu0
-    return out
+        ctx = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(max_workers=max(1, min(workers, len(jobs))), mp_context=ctx) as pool:
+            return list(pool.map(fn, jobs, chunksize=1))
+    finally:
+        if old is None:
+            os.environ.pop("TRITON_INTERPRET", None)
+        else:
+            os.environ["TRITON_INTERPRET"] = old
 
 
 def compile_shipped(archs: Sequence[int] = TARGET_ARCHS, workers: int = 2,
                     configs: Optional[Dict[int, list]] = None) -> List[dict]:
     """Compile every shipped configuration for each arch in ``archs``; one dict per (config, arch).
 
-    Each dict has ``name``, ``kernel``, ``arch``, ``shared`` (bytes), ``limit`` (the
-    arch's shared memory per block), ``mma`` (tensor-core instructions in the PTX),
-    ``wgmma`` (Hopper warpgroup MMA), ``error`` (None when it compiled), ``seconds``
-    and ``cpu_seconds`` (including ptxas). Compiles run in ``workers``
-    spawned processes with ``TRITON_INTERPRET=0`` (triton's code generator does not
-    work in a process where the interpreter is active) and use triton's on-disk cache.
+    Each dict is :func:`dit_accel.kernels.sass.analyze`'s: ``name``, ``kernel``, ``arch``,
+    ``shared`` (bytes), ``limit`` (the arch's shared memory per block), ``mma`` / ``wgmma``
+    (tensor-core instructions in the PTX), ``registers``, ``stack``, ``local``,
+    ``spill_stores`` / ``spill_loads``, ``warnings`` (ptxas advisories such as C7515),
+    ``occupancy`` and ``error`` (None when it compiled; no SASS loops: see
+    :func:`dit_accel.kernels.sass.paired`). Compiles run
+    in ``workers`` spawned processes and land in triton's on-disk cache; the analyses in
+    dit_accel's (``$DIT_ACCEL_CACHE``), so a warm run reads files only.
     """
+    from .sass import analyze_many
+
     jobs = [(cfg, a) for a in archs for cfg in (configs[a] if configs else shipped_kernel_configs(a))]
-    # Slow compiles first so the pool ends together.
-    jobs.sort(key=lambda j: (str(j[0].dtype) != "torch.float32", j[0].kernel == "bwd_preprocess"))
-    old = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "0"  # inherited by the spawned workers
-    try:
-        ctx = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(max_workers=max(1, workers), mp_context=ctx) as pool:
-            return list(pool.map(_compile_summary, jobs, chunksize=1))
-    finally:
-        if old is None:
-            os.environ.pop("TRITON_INTERPRET", None)
-        else:
-            os.environ["TRITON_INTERPRET"] = old
+    return analyze_many(jobs, workers, loops=False)
 
 
 def _main(argv: Sequence[str]) -> int:
@@ -144,13 +137,11 @@ def _main(argv: Sequence[str]) -> int:
     results = compile_shipped(archs, workers=int(os.environ.get("DIT_ACCEL_COMPILE_WORKERS", "2")))
     bad = 0
     for r in results:
-        ok = r["error"] is None and r["shared"] <= r["limit"]
+        ok = r["error"] is None and r["shared"] <= r["limit"] and not r["stack"] and not r["local"]
         bad += not ok
-        print(f"sm_{r['arch']} {r['name']:<40} shared={r['shared']!s:>7} / {r['limit']} "
-              f"mma={r['mma']} {r['seconds']:.1f}s cpu={r['cpu_seconds']:.1f}s "
-              f"{'ok' if ok else 'FAIL ' + str(r['error'])[:200]}")
-    cpu = sum(r["cpu_seconds"] for r in results)
-    print(f"{len(results)} compiles, {bad} failed, {time.perf_counter() - start:.1f}s wall, {cpu:.1f}s cpu")
+        print(f"sm_{r['arch']} {r['name']:<44} shared={r.get('shared')!s:>7} / {r['limit']} "
+              f"regs={r.get('registers')} stack={r.get('stack')} {'ok' if ok else 'FAIL ' + str(r['error'])[:200]}")
+    print(f"{len(results)} configurations, {bad} failed, {time.perf_counter() - start:.1f}s wall")
     return 1 if bad else 0
 
 

@@ -30,7 +30,9 @@ def random_mask(heads, n, m, block, seed):
     kind = torch.randint(0, 3, (heads, n_q, n_k), generator=g)  # 0 skip, 1 full, 2 partial
     kind[:, :, 0] = 1  # most rows see something
     kind[:, 1] = 0     # ...but query block 1 visits nothing
-    up = lambda t: t.repeat_interleave(block, -2).repeat_interleave(block, -1)[:, :n, :m]
+    def up(t):
+        return t.repeat_interleave(block, -2).repeat_interleave(block, -1)[:, :n, :m]
+
     elem = torch.rand(heads, n, m, generator=g) < 0.5
     mask = (up(kind) == 1) | ((up(kind) == 2) & elem)
     mask[:, 3] = False  # a single empty row inside a visited block
@@ -92,7 +94,9 @@ def test_torch_backend_lse_and_lse_gradient(fused):
     assert_lse_close(lse, rlse, atol=1e-5, rtol=1e-5)
     # lse must carry its gradient too (text-token merging differentiates through it).
     g = torch.randn_like(lse)
-    loss = lambda o_, l_: (o_ * 0.5).sum() + (torch.where(torch.isinf(l_), 0.0, l_) * g).sum()
+    def loss(o_, l_):
+        return (o_ * 0.5).sum() + (torch.where(torch.isinf(l_), 0.0, l_) * g).sum()
+
     o2, l2 = block_sparse_attention(q, k, v, layout, return_lse=True, scale=0.11, backend="torch")
     grads = torch.autograd.grad(loss(o2, l2), (q, k, v))
     ref_grads = torch.autograd.grad(loss(ro, rlse), (q, k, v))

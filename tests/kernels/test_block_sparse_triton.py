@@ -255,3 +255,102 @@ def test_gpu_full_window_bf16_equals_sdpa():
     q, k, v = make_qkv(1, 4, n, n, d, torch.bfloat16)
     o, _ = triton_forward(q, k, v, layout, d ** -0.5)
     torch.testing.assert_close(o, F.scaled_dot_product_attention(q, k, v), atol=2e-2, rtol=2e-2)
+
+
+# ------------------------------------------------------------------ the tile plan, TMA, 64-bit offsets
+def test_plan_splits_blocks_into_full_partial_and_skipped_tiles():
+    """A partial 64-block whose 32-column halves are all-True / all-False gives a full and a skipped tile."""
+    from dit_accel.kernels.block_sparse.triton import tile_plan
+
+    n = 128
+    mask = torch.zeros(n, n, dtype=torch.bool)
+    mask[:64, :32] = True          # block (0, 0): left half full, right half empty
+    mask[64:, 64:] = True          # block (1, 1): full
+    mask[64:70, 0] = True          # block (1, 0): partial everywhere it is visited
+    layout = BlockLayout.from_dense_mask(mask, block_q=64, block_k=64)
+    assert layout.partial_fraction() == pytest.approx(2 / 3)
+    plan = tile_plan(layout, 64, 32)
+    rows = plan.plan[0]
+    n_full, n_part = rows[:, 0].tolist(), rows[:, 1].tolist()
+    assert n_full == [1, 2] and n_part == [0, 1]  # row 1: key tiles 2, 3 full; tile 0 partial; tile 1 skipped
+    assert rows[1, 2:2 + plan.wf].tolist() == [2, 3] and rows[1, 2 + plan.wf] == 0
+    q, k, v = make_qkv(1, 1, n, n, 64, torch.float32, seed=3)
+    check_forward(q, k, v, mask, layout)
+
+
+def test_plan_is_built_once_per_layout_and_tile():
+    from dit_accel.kernels.block_sparse import triton as bst
+
+    layout = BlockLayout.from_dense_mask(banded_mask(96, 96, 10), block_q=32, block_k=32)
+    first = bst._plan(layout, 32, 32, False)
+    rebuilt = BlockLayout(*(getattr(layout, f) for f in ("q_len", "kv_len", "block_q", "block_k")),
+                          *(getattr(layout, t) for t in BlockLayout.TENSORS))  # as the custom op does
+    assert bst._plan(rebuilt, 32, 32, False) is first
+    assert bst._plan(layout, 32, 32, True) is not first
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_tma_path_through_the_interpreter(monkeypatch, dtype):
+    """sm_90 configurations load K/V (Q/dO for dK/dV) through TMA descriptors: out-of-range rows and
+    head-dim columns arrive as zeros. Pretend the device is an sm_90 to run that path."""
+    from dit_accel.kernels.block_sparse import triton as bst
+
+    monkeypatch.setattr(bst, "_arch", lambda device: 90)
+    assert select_config("fwd", dtype, 80, 32, 32, 90).tma
+    n, d = 100, 80
+    mask = random_mask(2, n, n, block=32, seed=9, empty_rows=(4,), full_block=(32, 64, 0, 64))
+    layout = BlockLayout.from_dense_mask(mask, block_q=32, block_k=32)
+    q, k, v = make_qkv(1, 2, n, n, d, dtype, seed=9)
+    check_forward(q, k, v, mask, layout)
+    check_backward(q, k, v, mask, layout)
+
+
+def test_misaligned_tensors_fall_back_to_pointers(monkeypatch):
+    from dit_accel.kernels.block_sparse import triton as bst
+
+    monkeypatch.setattr(bst, "_arch", lambda device: 90)
+    base = torch.randn(1, 1, 64, 64 + 1)[..., 1:]  # base pointer 4 bytes off 16-byte alignment
+    assert not bst.tma_ok(base) and bst.tma_ok(torch.randn(1, 1, 64, 64))
+    layout = BlockLayout.from_dense_mask(banded_mask(64, 64, 8), 32, 32)
+    assert not bst._config("fwd", base, layout, (base, base)).tma
+    check_forward(base, base, base, banded_mask(64, 64, 8), layout)
+
+
+def test_token_offsets_are_64_bit_in_the_bnhd_layout():
+    """k, v in (B, N, H, D) storage with H*D = 5120: token 420,000 sits at element 2.15e9 > 2^31.
+    Only the last key blocks are visited and only they are written: the rest of the 4.3 GB storage
+    stays untouched virtual memory, so this runs through the interpreter in fp16."""
+    h, d, m, n = 40, 128, 420_096, 64
+    storage = torch.empty(1, m, h, d, dtype=torch.float16)  # allocated lazily: pages appear when written
+    k = storage.transpose(1, 2)
+    keys = slice(m - 128, m)
+    g = torch.Generator().manual_seed(0)
+    storage[:, keys] = torch.randn(1, 128, h, d, generator=g).half()
+    v = k  # same storage, same offsets
+    q = torch.randn(1, h, n, d, generator=g).half()
+    visited = torch.zeros(1, -(-m // 64), dtype=torch.bool)
+    visited[0, -2:] = True
+    layout = BlockLayout.from_block_masks(visited, q_len=n, kv_len=m, block_q=64, block_k=64)
+    o, lse = triton_forward(q, k, v, layout, d ** -0.5)
+    kk = k[:, :, keys].float()
+    ref = torch.softmax((q.float() @ kk.transpose(-1, -2)) * d ** -0.5, -1) @ kk
+    torch.testing.assert_close(o.float(), ref, atol=4e-3, rtol=2e-3)
+    torch.testing.assert_close(lse, torch.logsumexp((q.float() @ kk.transpose(-1, -2)) * d ** -0.5, -1),
+                               atol=2e-3, rtol=2e-3)
+
+
+@pytest.mark.gpu
+def test_gpu_token_offsets_are_64_bit_bf16():
+    h, d, m, n = 40, 128, 420_096, 256
+    storage = torch.randn(1, m, h, d, dtype=torch.bfloat16, device="cuda")
+    k = v = storage.transpose(1, 2)
+    q = torch.randn(1, h, n, d, dtype=torch.bfloat16, device="cuda")
+    visited = torch.zeros(-(-n // 128), -(-m // 128), dtype=torch.bool, device="cuda")
+    visited[:, -3:] = True
+    visited[:, :2] = True
+    layout = BlockLayout.from_block_masks(visited, q_len=n, kv_len=m, block_q=128, block_k=128)
+    o, _ = triton_forward(q, k, v, layout, d ** -0.5)
+    idx = torch.cat([torch.arange(256), torch.arange(m - 3 * 128, m)]).cuda()
+    kk = k[:, :, idx].float()
+    ref = torch.softmax((q.float() @ kk.transpose(-1, -2)) * d ** -0.5, -1) @ kk
+    torch.testing.assert_close(o.float(), ref, atol=2e-2, rtol=2e-2)

@@ -143,7 +143,7 @@ def test_custom_op_fake_impls():
     q, k, v = (t.detach() for t in _qkv(130, 130, 64))
     blocks = sla_classify(q, k, method)
     lin = blocks.negligible
-    args = (q, k, v, blocks.critical, lin, 0.125, 0, True, True, -1, 64)
+    args = (q, k, v, blocks.critical, torch.cat([lin, blocks.critical], -1), 0.125, 0, True, -1, 64)
     torch.library.opcheck(torch.ops.dit_accel.sla_fwd.default, args,
                           test_utils=("test_schema", "test_faketensor"))
 
@@ -165,3 +165,105 @@ def test_gpu_half_precision_matches_reference(dtype, d):
     want = torch.autograd.grad((ref * do).sum(), [q, k, v])
     for g, w in zip(got, want):
         torch.testing.assert_close(g.float(), w.float(), atol=5e-2 * max(1.0, w.abs().max().item()), rtol=5e-2)
+
+
+# ----------------------------------------------------------------------------- half-precision numerics
+def _linear_reference(q, k, v, classes, method):
+    """fp32 linear attention over the marginal blocks of ``classes`` (the branch before proj)."""
+    ref = reference_sla(q, k, v, classes, method, None)
+    proj = torch.nn.Linear(q.shape[-1], q.shape[-1], bias=False)
+    with torch.no_grad():
+        proj.weight.copy_(torch.eye(q.shape[-1]))
+    return reference_sla(q, k, v, classes, method, proj)[3] - ref[3]
+
+
+def _dominated_case(dtype, device="cpu", boost=30.0):
+    """relu features where key blocks 0, 1 (critical) and 2 (negligible) carry ~boost x the linear mass of
+    the marginal blocks 3, 4: the subtract plan removes almost everything it adds, so any inconsistency
+    between the kernel's corrections and the global sums shows."""
+    from dit_accel.kernels.sla import SLABlocks
+
+    method = SLA(topk=0.4, negligible=0.2, feature_map="relu")
+    q, k, v = (t.detach() for t in _qkv(257, 257, 64))
+    k = k.clone()
+    k[..., :192, :] *= boost
+    classes = torch.tensor([1, 1, 2, 0, 0], dtype=torch.int8).expand(1, 2, 5, 5).contiguous()
+    blocks = SLABlocks(torch.tensor([0, 1], dtype=torch.int32).expand(1, 2, 5, 2).contiguous(),
+                       torch.tensor([2], dtype=torch.int32).expand(1, 2, 5, 1).contiguous(),
+                       classes, torch.zeros(1, 2, 5, 5))
+    to = dict(device=device)
+    blocks = SLABlocks(*(t.to(**to) for t in (blocks.critical, blocks.negligible, blocks.classes, blocks.scores)))
+    return [t.to(device=device, dtype=dtype) for t in (q, k, v)], blocks, method
+
+
+@interpreter
+def test_subtract_plan_cancels_exactly_fp16():
+    """Global sums minus critical and negligible blocks equal the marginal sums: the kernel's corrections use
+    the same rounded phi as the fp32 global sums, and one fp32 score for numerator and denominator."""
+    (q, k, v), blocks, method = _dominated_case(torch.float16)
+    _, _, o_l = sla_triton_attention(q, k, v, blocks, method, 0.125, True, "subtract")
+    ref = _linear_reference(q.float(), k.float(), v.float(), blocks.classes, method)
+    torch.testing.assert_close(o_l, ref, atol=2e-4 * ref.abs().max().item(), rtol=1e-3)
+
+
+@interpreter
+@pytest.mark.parametrize("feature", ["relu", "elu"])
+def test_unnormalised_linear_scores_do_not_overflow_fp16(feature):
+    """relu / elu scores phi(q).phi(k) far above fp16's 65,504 (q, k ~ 100 sigma): finite and right."""
+    method = SLA(topk=0.3, negligible=0.2, feature_map=feature)
+    q, k, v = (t.detach() * s for t, s in zip(_qkv(130, 130, 64), (100.0, 100.0, 1.0)))
+    q, k, v = (t.half() for t in (q, k, v))
+    blocks = sla_classify(q, k, method)
+    qf, kf = torch.relu(q.float()), torch.relu(k.float())
+    assert (qf @ kf.transpose(-1, -2)).max() > 4 * 65504
+    for path in ("direct", "subtract"):
+        _, _, o_l = sla_triton_attention(q, k, v, blocks, method, 0.125, True, path)
+        ref = _linear_reference(q.float(), k.float(), v.float(), blocks.classes, method)
+        assert torch.isfinite(o_l).all(), path
+        torch.testing.assert_close(o_l, ref, atol=2e-3 * ref.abs().max().item(), rtol=2e-3, msg=path)
+
+
+@interpreter
+def test_row_without_critical_block_gives_zero_not_nan_fp16():
+    from dit_accel.kernels.sla.triton import sla_forward
+
+    q, k, v = (t.detach().half() for t in _qkv(100, 130, 64))
+    none = torch.zeros(1, 2, 2, 0, dtype=torch.int32)
+    o, lse, _, _ = sla_forward(q, k, v, none, none, 0.125, 0, False, 1, 64)
+    assert torch.equal(o, torch.zeros_like(o)) and torch.isneginf(lse).all()
+
+
+@pytest.mark.gpu
+def test_gpu_subtract_plan_cancels_bf16():
+    (q, k, v), blocks, method = _dominated_case(torch.bfloat16, "cuda")
+    _, _, o_l = sla_triton_attention(q, k, v, blocks, method, 0.125, True, "subtract")
+    ref = _linear_reference(q.float(), k.float(), v.float(), blocks.classes, method)
+    torch.testing.assert_close(o_l, ref, atol=2e-3 * ref.abs().max().item(), rtol=1e-2)
+
+
+@pytest.mark.gpu
+def test_gpu_linear_scores_large_and_empty_rows_bf16():
+    from dit_accel.kernels.sla.triton import sla_forward
+
+    method = SLA(topk=0.3, negligible=0.2, feature_map="relu")
+    q, k, v = (t.detach() * s for t, s in zip(_qkv(1000, 1000, 64, device="cuda"), (60.0, 60.0, 1.0)))
+    q, k, v = (t.bfloat16() for t in (q, k, v))
+    blocks = sla_classify(q, k, method)
+    _, _, o_l = sla_triton_attention(q, k, v, blocks, method, 0.125, True, "direct")
+    ref = _linear_reference(q.float(), k.float(), v.float(), blocks.classes, method)
+    torch.testing.assert_close(o_l, ref, atol=1e-2 * ref.abs().max().item(), rtol=1e-2)
+    none = torch.zeros(1, 2, 16, 0, dtype=torch.int32, device="cuda")
+    o, lse, _, _ = sla_forward(q, k, v, none, none, 0.125, 0, False, 1, 64)
+    assert torch.equal(o, torch.zeros_like(o)) and torch.isneginf(lse).all()
+
+
+@pytest.mark.gpu
+def test_gpu_sla_token_offsets_are_64_bit_bf16():
+    """k, v in (B, N, H, D) storage past 2^31 elements: token 420,000 x 5120."""
+    h, d, m = 40, 128, 420_096
+    k = torch.randn(1, m, h, d, dtype=torch.bfloat16, device="cuda").transpose(1, 2)
+    q = torch.randn(1, h, 256, d, dtype=torch.bfloat16, device="cuda")
+    method = SLA(topk=0.001)
+    o_s, lse, o_lp, info = sla_attention(q, k, k, method, None, backend="triton", return_parts=True)
+    o_t = sla_attention(q, k, k, method, None, backend="torch")
+    torch.testing.assert_close(o_s.float(), o_t.float(), atol=2e-2, rtol=2e-2)

@@ -7,6 +7,7 @@ the test suite can compile each ahead of time (:mod:`dit_accel.kernels.compile`)
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
@@ -14,8 +15,10 @@ import torch
 
 from ..backends import GPU_LAYOUT_BLOCKS
 from ..checks import SUPPORTED_DTYPES
+from ..dense.configs import ARG_TYPES, DIV16, tma_supported
 
-__all__ = ["KernelConfig", "select_config", "shipped_configs", "shared_memory_limit", "block_d_for",
+__all__ = ["KernelConfig", "select_config", "shipped_configs", "pointer_fallback", "candidates", "shared_memory_limit",
+           "block_d_for",
            "SHARED_MEMORY_LIMITS", "TARGET_ARCHS", "BLOCK_DS", "KERNEL_NAMES"]
 
 TARGET_ARCHS = (80, 89, 90)
@@ -30,7 +33,9 @@ class KernelConfig:
     """One compiled variant of a kernel: its constexprs and launch options.
 
     ``block_m`` / ``block_n`` are the kernel's tile (they divide the layout's
-    ``block_q`` / ``block_k``); ``block_d`` is the padded head dim.
+    ``block_q`` / ``block_k``); ``block_d`` is the padded head dim, ``even_d`` says the
+    head dim equals it (no column masks), ``tma`` that K/V (Q/dO for dK/dV) arrive as
+    TMA tensor descriptors (sm_90).
     """
 
     kernel: str  # "fwd", "bwd_preprocess", "bwd_dkdv", "bwd_dq"
@@ -40,6 +45,8 @@ class KernelConfig:
     block_n: int  # unused (0) for bwd_preprocess
     num_warps: int
     num_stages: int
+    tma: bool = False
+    even_d: bool = True
 
     @property
     def dot_precision(self) -> str:
@@ -51,31 +58,33 @@ class KernelConfig:
     @property
     def name(self) -> str:
         return (f"{self.kernel}-{_DTYPE_NAMES[self.dtype]}-d{self.block_d}-m{self.block_m}n{self.block_n}"
-                f"-w{self.num_warps}s{self.num_stages}")
+                f"-w{self.num_warps}s{self.num_stages}{'-tma' if self.tma else ''}{'' if self.even_d else '-oddd'}")
+
+    def constexprs(self) -> dict:
+        return {"BLOCK_M": self.block_m, "BLOCK_N": self.block_n, "BLOCK_D": self.block_d, "EVEN_D": self.even_d,
+                "TMA": self.tma, "DOT_PRECISION": self.dot_precision}
+
+    def dense(self):
+        """The dense kernel with the same tile, warps, stages, dtype and load path (None for bwd_preprocess)."""
+        from ..dense.configs import DenseConfig
+
+        if self.kernel == "bwd_preprocess":
+            return None
+        return DenseConfig(self.kernel, self.dtype, self.block_d, self.block_m, self.block_n, self.num_warps,
+                           self.num_stages, self.tma, self.even_d)
 
     def aot_source(self):
         """``(kernel, signature, constexprs, attrs)`` for ``triton.compile(ASTSource(...))`` (see compile.py)."""
+        from ..dense.configs import aot_signature, tma_args
         from .triton import KERNELS
 
         fn = KERNELS[self.kernel]
-        constexprs = {"BLOCK_M": self.block_m, "BLOCK_D": self.block_d}
-        if "BLOCK_N" in fn.arg_names:
-            constexprs["BLOCK_N"] = self.block_n
-        if "DOT_PRECISION" in fn.arg_names:
-            constexprs["DOT_PRECISION"] = self.dot_precision
-        signature, attrs = {}, {}
-        for i, name in enumerate(fn.arg_names):
-            if name in constexprs:
-                signature[name] = "constexpr"
-                continue
-            if name in _UNIT_STRIDES:
-                constexprs[name] = 1
-                signature[name] = "constexpr"
-                continue
-            signature[name] = _ARG_TYPES.get(name, "i32").replace("DT", _PTR_DTYPE[self.dtype])
-            if signature[name].startswith("*") or name in _DIV16:
-                attrs[(i,)] = [["tt.divisibility", 16]]
-        return fn, signature, constexprs, attrs
+        consts = {k: v for k, v in self.constexprs().items() if k in fn.arg_names}
+        tma = None
+        if self.tma:
+            rows = self.block_m if self.kernel == "bwd_dkdv" else self.block_n
+            tma = {name: (1, 1, rows, self.block_d) for name in tma_args(self.kernel)}
+        return aot_signature(fn, _ARG_TYPES, consts, _DIV16, self.dtype, tma)
 
 
 # Dynamic shared memory per block (bytes), from the CUDA programming guide's
@@ -95,41 +104,80 @@ def block_d_for(head_dim: int) -> int:
     return max(_MIN_BLOCK_D, 1 << (int(head_dim) - 1).bit_length())
 
 
+#: fp16 / bf16 launch configurations ranked first by ``dit-accel bench sass --search block_sparse``
+#: (:func:`dit_accel.kernels.sass.rank`: no spill, no serialised wgmma, fewest modelled cycles per
+#: score element, then the tallest owned tile, occupancy and stages), per (target, kernel,
+#: padded head dim): ``(for layout blocks of 128 and more, for 64-blocks)``, each
+#: ``(block_m, block_n, warps, stages)``. sm_89 runs sm_80's unless it has its own (same mma.sync
+#: code; the compile tests check them there). Other cases keep the rules of :func:`select_config`.
+TUNED: Dict[Tuple[int, str, int], Tuple[Tuple[int, int, int, int], Tuple[int, int, int, int]]] = {
+    (80, "fwd", 64): ((128, 64, 8, 3), (64, 64, 4, 3)),
+    (80, "fwd", 128): ((128, 64, 8, 3), (64, 64, 4, 3)),
+    (80, "bwd_dq", 128): ((128, 32, 8, 2), (64, 64, 8, 2)),
+    (80, "bwd_dkdv", 128): ((32, 64, 8, 2), (32, 64, 8, 2)),
+    (89, "fwd", 128): ((128, 64, 8, 3), (64, 64, 8, 3)),  # sm_80's 64-block choice spills 8 B here
+    (89, "bwd_dq", 64): ((128, 32, 8, 2), (64, 32, 4, 2)),  # 64 x 64: partial tiles 1.6x a full one
+    (89, "bwd_dkdv", 64): ((32, 64, 4, 2), (32, 64, 4, 2)),
+    (90, "fwd", 64): ((128, 128, 8, 3), (64, 64, 4, 3)),
+    (90, "fwd", 128): ((128, 64, 8, 3), (64, 64, 4, 3)),
+    (90, "bwd_dq", 64): ((64, 32, 4, 2), (64, 32, 4, 2)),  # 64 x 64: partial tiles 1.6x a full one
+    (90, "bwd_dq", 128): ((128, 32, 8, 2), (64, 32, 4, 2)),
+    (90, "bwd_dkdv", 64): ((32, 64, 4, 2), (32, 64, 4, 2)),
+    (90, "bwd_dkdv", 128): ((32, 128, 8, 2), (32, 64, 4, 1)),
+}
+
+
+def _tuned(kernel: str, dtype: torch.dtype, bd: int, block_q: int, block_k: int, arch: int):
+    """The searched ``(block_m, block_n, warps, stages)`` for these layout blocks, or None."""
+    if dtype == torch.float32:
+        return None
+    target = 90 if arch >= 90 else (80 if shared_memory_limit(arch) >= 160 * 1024 else 89)
+    choices = TUNED.get((target, kernel, bd)) or TUNED.get((min(target, 80), kernel, bd))
+    if choices is None:
+        return None
+    big = choices[0]
+    return big if big[0] <= block_q and big[1] <= block_k else choices[1]
+
+
 def select_config(kernel: str, dtype: torch.dtype, head_dim: int, block_q: int, block_k: int,
                   arch: int = 80) -> KernelConfig:
     """Launch configuration for ``kernel`` given dtype, head dim, layout block sizes and GPU arch.
 
-    Hand-set rules (not autotuned: no GPU was available while writing them):
+    fp16 / bf16 at padded head dims 64 and 128 take :data:`TUNED` (chosen from the compiled
+    artefacts). The other cases keep hand-set rules, checked by the same compile tests:
 
-    - forward, fp16/bf16: query tile 128 x key tile 64 for padded head dims 64 and
-      128 (8 warps at d=128), the FlashAttention-2 / Triton-tutorial choice on
-      A100/H100; 64 x 32 at d=256. fp32: 64x64 (d=64), 64x32 (d=128), 32x32 (d=256).
-    - dK/dV: 64 x 64 at d=64, else 32 query rows per step over a 64-key tile; dQ the
-      mirror image (64 queries, 32 keys per step); 32x32 at d=256, 16x16 for fp32
-      d=256 on 99 KB parts.
-    - ``num_stages`` 3 on parts with >= 160 KB shared memory (sm_80, sm_90), 2 on
-      99 KB parts (sm_86, sm_89, sm_120), fewer for the widest tiles.
-    - Tiles never exceed the layout block (``min(tile, block)``), so a 64-block
-      layout runs 64-row forward tiles.
+    - forward: 128 x 64 tiles (64 x 32 at d=256); fp32 64x64 (d=64), 64x32 (d=128), 32x32 (d=256);
+      8 warps for the larger fp32 accumulators.
+    - dK/dV: 64 x 64 at d=64, else 32 query rows per step over a 64-key tile; dQ the mirror
+      image; 32x32 at d=256, 16x16 for fp32 d=256 on 99 KB parts.
+    - ``num_stages`` 3 on parts with >= 160 KB shared memory (sm_80, sm_90), 2 on 99 KB parts
+      (sm_86, sm_89, sm_120), fewer for the widest tiles.
 
-    Every result is listed by :func:`shipped_configs`
-    and compiled for sm_80/89/90 by the test suite (shared memory within limits).
+    Tiles never exceed the layout block (``min(tile, block)``). On sm_90 K/V (Q/dO for dK/dV)
+    load through TMA descriptors. Every result is listed by :func:`shipped_configs` and compiled
+    for sm_80/89/90 by the test suite.
     """
     bd = block_d_for(head_dim)
     big_smem = shared_memory_limit(arch) >= 160 * 1024
     wide = dtype == torch.float32  # 4-byte elements: smaller tiles
     stages = 3 if big_smem else 2
-    if kernel == "bwd_preprocess":
-        return KernelConfig(kernel, dtype, bd, 64 if bd <= 128 else 32, 0, 4, 1)
-    if kernel == "fwd":
+    if kernel == "bwd_preprocess":  # one variant per dtype: masked loads serve every head dim
+        return KernelConfig(kernel, dtype, max(BLOCK_DS), 32, 0, 4, 1, False, True)
+    if kernel not in ("fwd", "bwd_dkdv", "bwd_dq"):
+        raise ValueError(f"kernel must be one of 'fwd', 'bwd_preprocess', 'bwd_dkdv', 'bwd_dq'; got {kernel!r}")
+    tuned = _tuned(kernel, dtype, bd, block_q, block_k, arch)
+    if tuned is not None:
+        bm, bn, warps, stages = tuned
+    elif kernel == "fwd":
         # FA2-style: a tall query tile kept in registers, 64-wide key tiles streamed.
         bm, bn = (128, 64) if bd <= 128 else (64, 32)
         if wide:
             bm, bn = (64, 64) if bd <= 64 else ((64, 32) if bd <= 128 else (32, 32))
-        warps = 8 if bm * bd >= 128 * 128 else 4
+        # 8 warps once a warp's share of the fp32 accumulator would crowd 255 registers.
+        warps = 8 if bm * bd * (4 if wide else 2) >= 2 ** 14 else 4
         if bd >= 256 or (wide and bd >= 128):
             stages = 2 if big_smem and not (wide and bd >= 256) else 1
-    elif kernel in ("bwd_dkdv", "bwd_dq"):
+    else:
         # The owned tile (keys for dK/dV, queries for dQ) is the larger one.
         bm = bn = 64
         if bd >= 128 or wide:
@@ -139,32 +187,40 @@ def select_config(kernel: str, dtype: torch.dtype, head_dim: int, block_q: int, 
         if wide and bd >= 256 and not big_smem:
             bm = bn = 16  # fp32 d=256 operands alone fill 99 KB at 32x32
         warps = 8 if bd >= 128 and bm * bn >= 2048 else 4
+        # Where 4 warps spill (the compile tests): dK/dV at d=256 and fp32 d=64, fp32 dQ at d=256.
+        if (kernel == "bwd_dkdv" and (bd >= 256 or (wide and bd <= 64))) or (wide and bd >= 256):
+            warps = 8
         stages = 2 if bd <= 64 else 1
-    else:
-        raise ValueError(f"kernel must be one of 'fwd', 'bwd_preprocess', 'bwd_dkdv', 'bwd_dq'; got {kernel!r}")
-    return KernelConfig(kernel, dtype, bd, min(bm, block_q), min(bn, block_k), warps, stages)
+    tma = tma_supported(arch, dtype, bd)
+    # TMA zero-fills head-dim columns past D, so the TMA variant serves every head dim (it masks
+    # only the Q / O accesses outside the loops); pointer kernels read whole BLOCK_D columns and
+    # the launchers give them zero-padded copies for other head dims.
+    return KernelConfig(kernel, dtype, bd, min(bm, block_q), min(bn, block_k), warps, stages, tma=tma, even_d=not tma)
 
 
-_PTR_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
-# Argument types of the kernels by name ("DT" = the q/k/v dtype); every other argument is an i32.
-_ARG_TYPES = {
-    **{name: "*DT" for name in ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV")},
-    **{name: "*fp32" for name in ("LSE", "DELTA")},
-    **{name: "*i32" for name in ("KV_COUNTS", "KV_INDICES", "KV_MASK_IDS", "Q_COUNTS", "Q_INDICES", "Q_MASK_IDS")},
-    "MASK_TABLE": "*u8", "qk_scale": "fp32", "sm_scale": "fp32",
-}
-# The JIT specialises integer arguments equal to 1 into constants: the head-dim
-# strides of contiguous-last-dim tensors are 1 in every launch we make.
-_UNIT_STRIDES = {"sqd", "skd", "svd", "sod", "sdd"}
-# Arguments that are multiples of 16 in typical launches (pointers, token strides,
-# head dims 64/80/96/128): the JIT would give them the same divisibility hint.
-_DIV16 = {"sqb", "sqh", "sqn", "skb", "skh", "skn", "svb", "svh", "svn", "sob", "soh", "son",
-          "sdb", "sdh", "sdn", "head_dim"}
+# Argument types and divisibility hints: the dense kernels' plus the plan's.
+_ARG_TYPES = {**ARG_TYPES, "PLAN": "*i32", "BITS": "*i64"}
+_DIV16 = DIV16 | {"bits_w"}  # layout block sizes (64, 128, 256)
+
+
+def candidates(kernel: str, dtype: torch.dtype, block_d: int, arch: int) -> List[KernelConfig]:
+    """Launch configurations worth compiling for ``kernel`` on ``sm_<arch>`` (the search space of
+    ``dit-accel bench sass --search``): the FlashAttention-2 tiles (a tall owned tile, the streamed
+    side 32 to 128), 4 or 8 warps, 1 to 4 stages."""
+    tiles = {"fwd": [(64, 64), (128, 64), (128, 128)], "bwd_dkdv": [(32, 64), (64, 64), (32, 128)],
+             "bwd_dq": [(64, 32), (64, 64), (128, 32)]}[kernel]
+    stages = {"fwd": (2, 3, 4), "bwd_dkdv": (1, 2), "bwd_dq": (1, 2)}[kernel]
+    if shared_memory_limit(arch) < 160 * 1024:
+        stages = stages[:-1]
+    tma = tma_supported(arch, dtype, block_d)
+    return [KernelConfig(kernel, dtype, block_d, bm, bn, w, st, tma, not tma)
+            for bm, bn in tiles for w in (4, 8) for st in stages]
 
 
 def shipped_configs(arch: Optional[int] = None) -> List[KernelConfig]:
     """Every configuration :func:`select_config` can return for a GPU launch on ``sm_<arch>`` (all targets
-    when None): each kernel, dtype, padded head dim and layout block size, duplicates removed."""
+    when None): each kernel, dtype, padded head dim and layout block size and, on TMA targets, the
+    pointer fallback for tensors that are not 16-byte aligned; duplicates removed."""
     archs = TARGET_ARCHS if arch is None else (arch,)
     seen: Dict[Tuple, KernelConfig] = {}
     for a in archs:
@@ -175,4 +231,12 @@ def shipped_configs(arch: Optional[int] = None) -> List[KernelConfig]:
                         for bk in GPU_LAYOUT_BLOCKS:
                             cfg = select_config(kernel, dtype, bd, bq, bk, a)
                             seen.setdefault(cfg, cfg)
+                            if cfg.tma:  # the launcher's fallback when a tensor is not TMA-aligned
+                                cfg = pointer_fallback(cfg)
+                                seen.setdefault(cfg, cfg)
     return list(seen)
+
+
+def pointer_fallback(cfg: KernelConfig) -> KernelConfig:
+    """The pointer-load variant of a TMA configuration (same tiles, warps and stages)."""
+    return dataclasses.replace(cfg, tma=False, even_d=True)

@@ -6,13 +6,15 @@ inside and calls the launchers of :mod:`.triton` (imported lazily: importing
 this module does not import triton). The ops do not check their inputs:
 :func:`dit_accel.kernels.block_sparse_attention` has, once, before choosing them. Fake
 implementations give the output shapes without running anything, and
-``register_autograd`` connects the two ops. No host syncs on this path: the
-layout's geometry is already Python ints.
+``register_autograd`` connects the two ops; an ``lse`` gradient enters the backward
+op as ``delta - dlse``, so ``return_lse`` training costs no extra kernel. The
+launchers derive the kernels' tile plan once per (layout tensors, tile shape), the
+only host sync of this path (cached: later calls have none).
 """
 
 from __future__ import annotations
 
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 
@@ -54,19 +56,19 @@ def block_sparse_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse
                      kv_counts: Tensor, kv_indices: Tensor, kv_mask_ids: Tensor,
                      q_counts: Tensor, q_indices: Tensor, q_mask_ids: Tensor, mask_table: Tensor,
                      q_len: int, kv_len: int, block_q: int, block_k: int,
-                     scale: float) -> Tuple[Tensor, Tensor, Tensor]:
+                     scale: float, dlse: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
     from .triton import triton_backward
 
     layout = _layout(kv_counts, kv_indices, kv_mask_ids, q_counts, q_indices, q_mask_ids, mask_table,
                      q_len, kv_len, block_q, block_k)
-    dq, dk, dv = triton_backward(do, q, k, v, o, lse, layout, scale)
+    dq, dk, dv = triton_backward(do, q, k, v, o, lse, layout, scale, dlse)
     # Outputs of a custom op must not alias its inputs.
     return dq.contiguous(), dk.contiguous(), dv.contiguous()
 
 
 @block_sparse_bwd.register_fake
 def _(do, q, k, v, o, lse, kv_counts, kv_indices, kv_mask_ids, q_counts, q_indices, q_mask_ids, mask_table,
-      q_len, kv_len, block_q, block_k, scale):
+      q_len, kv_len, block_q, block_k, scale, dlse=None):
     return (torch.empty(q.shape, dtype=q.dtype, device=q.device),
             torch.empty(k.shape, dtype=k.dtype, device=k.device),
             torch.empty(v.shape, dtype=v.dtype, device=v.device))
@@ -89,18 +91,9 @@ def _backward(ctx, grad_o, grad_lse):
     q_len, kv_len, block_q, block_k, scale = ctx.geometry
     if grad_o is None:
         grad_o = torch.zeros_like(o)
-    dq, dk, dv = block_sparse_bwd(grad_o, q, k, v, o, lse, *layout_tensors, q_len, kv_len, block_q, block_k, scale)
-    if grad_lse is not None:
-        # d lse_i / d s_ij = P_ij, so with g = grad_lse:
-        #   dq_i += scale * g_i * sum_j P_ij k_j  (attention with values k)
-        #   dk_j += scale * sum_i P_ij g_i q_i    (the dv of a backward with do = g*q)
-        g = torch.nan_to_num(grad_lse.float(), nan=0.0, posinf=0.0, neginf=0.0)
-        attn_k, _ = block_sparse_fwd(q, k, k, *layout_tensors, q_len, kv_len, block_q, block_k, scale)
-        do_lse = (g[..., None] * q.float()).to(q.dtype)
-        _, _, dk_lse = block_sparse_bwd(do_lse, q, k, v, o, lse, *layout_tensors,
-                                        q_len, kv_len, block_q, block_k, scale)
-        dq = (dq.float() + scale * g[..., None] * attn_k.float()).to(dq.dtype)
-        dk = (dk.float() + scale * dk_lse.float()).to(dk.dtype)
+    # An lse gradient g enters the same kernels as delta - g (d lse_i / d s_ij = P_ij).
+    dq, dk, dv = block_sparse_bwd(grad_o, q, k, v, o, lse, *layout_tensors, q_len, kv_len, block_q, block_k, scale,
+                                  grad_lse)
     return (dq, dk, dv) + (None,) * (_N_LAYOUT + 5)
 
 

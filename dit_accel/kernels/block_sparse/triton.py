@@ -1,46 +1,54 @@
 """Triton block-sparse attention over a :class:`BlockLayout` (forward and backward).
 
-Three GPU kernels (plus a small preprocess) implement FlashAttention-2 style
-attention restricted to the blocks a layout lists:
+Three GPU kernels (plus a small preprocess) implement FlashAttention-2 style attention
+restricted to the tiles a layout visits. Each is the in-repo dense kernel
+(:mod:`dit_accel.kernels.dense`) plus a list lookup per tile, written from the same tile
+steps (:mod:`dit_accel.kernels.dense.tiles`):
 
-- ``_fwd_kernel``: grid ``(query tiles, B*H)``. Each program keeps its query tile
-  in registers and walks the key blocks its layout row lists (``kv_indices``),
-  with an online softmax in base 2 (``exp2`` with a ``log2(e)``-scaled scale).
-  Full blocks run without any masking; the element mask of ``mask_table`` is
-  applied only to partial blocks (``kv_mask_ids >= 0``) and the bounds mask only
-  to the ragged last key block.
-- ``_bwd_dkdv_kernel``: grid ``(key tiles, B*H)``, walks the *transposed* layout
-  (``q_indices``: only the query blocks that visit this key block) and recomputes
-  ``P`` from the saved log-sum-exp.
-- ``_bwd_dq_kernel``: grid ``(query tiles, B*H)`` over the forward layout.
+- ``_fwd_kernel``: grid ``(query tiles, B*H)``. Each program keeps its query tile in
+  registers and runs two loops over key tiles: the *full* tiles (every pair allowed: no
+  mask code at all) and then the *partial* tiles (an element mask, bit-packed one int64
+  word per row per 64 keys and loaded as a 1-D vector, or the ragged last key tile).
+- ``_bwd_dkdv_kernel``: grid ``(key tiles, B*H)``, walks the *transposed* plan (only the
+  query tiles that visit this key tile) and recomputes ``P`` from the saved log-sum-exp.
+- ``_bwd_dq_kernel``: grid ``(query tiles, B*H)`` over the forward plan.
 
 Both backward kernels own their outputs, so no atomics are needed.
 
-The kernel tile ``(BLOCK_M, BLOCK_N)`` may be smaller than the layout block
-``(block_q, block_k)`` (it always divides it): a layout block is then covered by
-several programs (query side) or several loop steps (key side). That keeps
-layouts at 128 usable on GPUs with less shared memory and with head dim 256.
+The *plan* (:func:`tile_plan`) is the layout at kernel-tile granularity, derived once per
+(layout, tile shape) and cached: per query tile (key tile for dK/dV) the full and partial
+tiles of the other side, and for partial tiles an offset into a table of bit-packed row
+masks (:func:`dit_accel.kernels.dense.tiles.row_bits`). A layout block larger than the
+kernel tile is split into tiles, each classified on its own: a sub-tile of a partial block
+whose pairs are all allowed runs unmasked, an all-masked one is skipped.
 
-Launchers (pure functions, no autograd and no input checks: :mod:`.ops` wraps
-them in custom ops, and :func:`dit_accel.kernels.block_sparse_attention` has
-checked the inputs and chosen this backend): :func:`triton_forward`,
-:func:`triton_backward`. Launch configurations: :mod:`.configs`.
+On sm_90 K and V (Q and dO for dK/dV) are loaded through TMA tensor descriptors when their
+base and strides are 16-byte aligned; otherwise, and on older GPUs, through pointers with
+64-bit tile offsets (no int32 overflow past ~419k tokens in the (B, N, H, D) layout).
+
+Launchers (pure functions, no autograd and no input checks: :mod:`.ops` wraps them in custom
+ops, and :func:`dit_accel.kernels.block_sparse_attention` has checked the inputs and chosen
+this backend): :func:`triton_forward`, :func:`triton_backward`. Launch configurations:
+:mod:`.configs`.
 """
 
 from __future__ import annotations
 
-from typing import Tuple
+import dataclasses
+import threading
+import weakref
+from typing import Callable, Dict, Hashable, Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
+from ..dense.tiles import LN2, LOG2E, dkdv_step, dq_step, fwd_step, load_tile, row_bits
+from ..dense.triton import _bwd_preprocess_kernel
 from ..layout import BlockLayout
-from .configs import select_config
+from .configs import KernelConfig, pointer_fallback, select_config
 
-__all__ = ["triton_forward", "triton_backward", "KERNELS"]
-
-_LOG2E = 1.4426950408889634
+__all__ = ["triton_forward", "triton_backward", "KERNELS", "TilePlan", "tile_plan", "tma_ok"]
 
 
 # ---------------------------------------------------------------------------
@@ -49,262 +57,180 @@ _LOG2E = 1.4426950408889634
 
 @triton.jit
 def _fwd_kernel(
-    Q, K, V, O, LSE,
-    KV_COUNTS, KV_INDICES, KV_MASK_IDS, MASK_TABLE,
-    sqb, sqh, sqn, sqd,
-    skb, skh, skn, skd,
-    svb, svh, svn, svd,
-    sob, soh, son, sod,
-    slb, slh,
-    lay_ch, lay_cq,
-    lay_ih, lay_iq,
-    mt_p, mt_i,
-    H, q_len, kv_len, head_dim, layout_bq, layout_bk,
-    qk_scale,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    Q, K, V, O, LSE, PLAN, BITS,  # noqa: E741 (the attention output, named like Q, K, V)
+    sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son, slb, slh,
+    plan_h, plan_r, wf, wp, bits_w,
+    H, q_len, kv_len, head_dim, qk_scale,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
+    TMA: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    off_b = (pid_bh // H).to(tl.int64)
-    off_h = pid_bh % H
-    # Query tiles of one layout block are consecutive programs.
-    qb = pid_m // (layout_bq // BLOCK_M)
+    b = pid_bh // H
+    h = pid_bh % H
     row0 = pid_m * BLOCK_M
-    mrow0 = row0 - qb * layout_bq  # row offset inside the layout block's element mask
+    q_base = Q + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh
+    if TMA:  # K, V are tensor descriptors; the bases are unused
+        k_base = q_base
+        v_base = q_base
+    else:
+        k_base = K + b.to(tl.int64) * skb + h.to(tl.int64) * skh
+        v_base = V + b.to(tl.int64) * svb + h.to(tl.int64) * svh
+    q = load_tile(q_base, q_base, b, h, row0, q_len, sqn, head_dim, BLOCK_M, BLOCK_D, False, True, EVEN_D)
 
-    offs_m0 = tl.arange(0, BLOCK_M)
-    offs_n0 = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_m = row0 + offs_m0
-    m_ok = offs_m < q_len
-    d_ok = offs_d < head_dim
-
-    q_ptrs = Q + off_b * sqb + off_h.to(tl.int64) * sqh + offs_m[:, None] * sqn + offs_d[None, :] * sqd
-    q = tl.load(q_ptrs, mask=m_ok[:, None] & d_ok[None, :], other=0.0)
-    k_base = K + off_b * skb + off_h.to(tl.int64) * skh
-    v_base = V + off_b * svb + off_h.to(tl.int64) * svh
-
-    count = tl.load(KV_COUNTS + off_h * lay_ch + qb * lay_cq)
-    row_base = off_h * lay_ih + qb * lay_iq
-    n_sub = layout_bk // BLOCK_N
+    # This query tile's row of the plan: [n_full, n_partial, full tiles (wf), partial tiles (wp), bit offsets (wp)].
+    plan = PLAN + h.to(tl.int64) * plan_h + pid_m.to(tl.int64) * plan_r
+    n_full = tl.load(plan)
+    n_part = tl.load(plan + 1)
+    full = plan + 2
+    part = full + wf
+    bits = part + wp
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for i in range(0, n_full):  # loop: full
+        col = tl.load(full + i) * BLOCK_N
+        k = load_tile(K, k_base, b, h, col, kv_len, skn, head_dim, BLOCK_N, BLOCK_D, TMA, False, EVEN_D)
+        v = load_tile(V, v_base, b, h, col, kv_len, svn, head_dim, BLOCK_N, BLOCK_D, TMA, False, EVEN_D)
+        acc, m_i, l_i = fwd_step(q, k, v, acc, m_i, l_i, qk_scale, 0, False, DOT_PRECISION)
+    rows = tl.arange(0, BLOCK_M)
+    for i in range(0, n_part):  # loop: partial
+        col = tl.load(part + i) * BLOCK_N
+        keep = row_bits(BITS, tl.load(bits + i), rows, bits_w, BLOCK_N)
+        k = load_tile(K, k_base, b, h, col, kv_len, skn, head_dim, BLOCK_N, BLOCK_D, TMA, True, EVEN_D)
+        v = load_tile(V, v_base, b, h, col, kv_len, svn, head_dim, BLOCK_N, BLOCK_D, TMA, True, EVEN_D)
+        acc, m_i, l_i = fwd_step(q, k, v, acc, m_i, l_i, qk_scale, keep, True, DOT_PRECISION)
 
-    # One flat loop over (visited key block, key tile inside it) so the
-    # compiler can software-pipeline the K/V loads.
-    for j in range(0, count * n_sub):
-        slot = j // n_sub
-        sub = j - slot * n_sub
-        kb = tl.load(KV_INDICES + row_base + slot)
-        mid = tl.load(KV_MASK_IDS + row_base + slot)
-        col0 = kb * layout_bk + sub * BLOCK_N
-        offs_n = col0 + offs_n0
-        n_ok = offs_n < kv_len
-        kt = tl.load(k_base + offs_n[None, :] * skn + offs_d[:, None] * skd,
-                     mask=n_ok[None, :] & d_ok[:, None], other=0.0)
-        s = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale
-        if (mid >= 0) | (col0 + BLOCK_N > kv_len):
-            # Partial block or ragged last key tile: the only places a mask is applied.
-            em = tl.load(MASK_TABLE + tl.maximum(mid, 0).to(tl.int64) * mt_p
-                         + (mrow0 + offs_m0)[:, None] * mt_i + (sub * BLOCK_N + offs_n0)[None, :],
-                         )
-            s = tl.where(((em != 0) | (mid < 0)) & n_ok[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        # A row that has seen no allowed key keeps m = -inf; use 0 to avoid inf - inf.
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.math.exp2(m_i - m_use)
-        p = tl.math.exp2(s - m_use[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_base + offs_n[:, None] * svn + offs_d[None, :] * svd,
-                    mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-        acc = acc * alpha[:, None]
-        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
-        m_i = m_new
-
-    empty = l_i == 0.0
+    empty = l_i == 0.0  # rows that saw no allowed key: o = 0, lse = -inf
     l_safe = tl.where(empty, 1.0, l_i)
-    out = acc / l_safe[:, None]
-    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
-    o_ptrs = O + off_b * sob + off_h.to(tl.int64) * soh + offs_m[:, None] * son + offs_d[None, :] * sod
-    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
-    tl.store(LSE + off_b * slb + off_h.to(tl.int64) * slh + offs_m, lse, mask=m_ok)
-
-@triton.jit
-def _bwd_preprocess_kernel(
-    O, DO, DELTA,
-    sob, soh, son, sod,
-    sdb, sdh, sdn, sdd,
-    H, q_len, head_dim,
-    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
-):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    off_b = (pid_bh // H).to(tl.int64)
-    off_h = (pid_bh % H).to(tl.int64)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_m = row0 + rows
     offs_d = tl.arange(0, BLOCK_D)
-    mask = (offs_m < q_len)[:, None] & (offs_d < head_dim)[None, :]
-    o = tl.load(O + off_b * sob + off_h * soh + offs_m[:, None] * son + offs_d[None, :] * sod,
-                mask=mask, other=0.0).to(tl.float32)
-    do = tl.load(DO + off_b * sdb + off_h * sdh + offs_m[:, None] * sdn + offs_d[None, :] * sdd,
-                 mask=mask, other=0.0).to(tl.float32)
-    # DELTA is a contiguous (B*H, q_len) buffer.
-    tl.store(DELTA + pid_bh.to(tl.int64) * q_len + offs_m, tl.sum(o * do, 1), mask=offs_m < q_len)
+    o_ptrs = O + b.to(tl.int64) * sob + h.to(tl.int64) * soh + offs_m.to(tl.int64)[:, None] * son + offs_d[None, :]
+    tl.store(o_ptrs, (acc / l_safe[:, None]).to(O.dtype.element_ty),
+             mask=(offs_m < q_len)[:, None] & (offs_d < head_dim)[None, :])
+    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * LN2)
+    tl.store(LSE + b.to(tl.int64) * slb + h.to(tl.int64) * slh + offs_m, lse, mask=offs_m < q_len)
+
 
 @triton.jit
 def _bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV,
-    Q_COUNTS, Q_INDICES, Q_MASK_IDS, MASK_TABLE,
-    sqb, sqh, sqn, sqd,
-    skb, skh, skn, skd,
-    svb, svh, svn, svd,
-    sdb, sdh, sdn, sdd,
-    slb, slh,
-    lay_ch, lay_ck,
-    lay_ih, lay_ik,
-    mt_p, mt_i,
-    H, q_len, kv_len, head_dim, layout_bq, layout_bk,
-    sm_scale, qk_scale,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    Q, K, V, DO, LSE2, DELTA, DK, DV, PLAN, BITS,
+    sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdb, sdh, sdn,
+    plan_h, plan_r, wf, wp, bits_w,
+    H, q_len, kv_len, head_dim, sm_scale, qk_scale,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
+    TMA: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    off_b = (pid_bh // H).to(tl.int64)
-    off_h = pid_bh % H
-    kb = pid_n // (layout_bk // BLOCK_N)
+    b = pid_bh // H
+    h = pid_bh % H
     col0 = pid_n * BLOCK_N
-    mcol0 = col0 - kb * layout_bk
+    k_base = K + b.to(tl.int64) * skb + h.to(tl.int64) * skh
+    v_base = V + b.to(tl.int64) * svb + h.to(tl.int64) * svh
+    if TMA:  # Q, dO are tensor descriptors; the bases are unused
+        q_base = k_base
+        do_base = k_base
+    else:
+        q_base = Q + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh
+        do_base = DO + b.to(tl.int64) * sdb + h.to(tl.int64) * sdh
+    k = load_tile(k_base, k_base, b, h, col0, kv_len, skn, head_dim, BLOCK_N, BLOCK_D, False, True, EVEN_D)
+    v = load_tile(v_base, v_base, b, h, col0, kv_len, svn, head_dim, BLOCK_N, BLOCK_D, False, True, EVEN_D)
+    rows_at = pid_bh.to(tl.int64) * q_len  # LSE2 / DELTA rows of this (batch, head)
+    offs_m = tl.arange(0, BLOCK_M)
 
-    offs_m0 = tl.arange(0, BLOCK_M)
-    offs_n0 = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_n = col0 + offs_n0
-    n_ok = offs_n < kv_len
-    d_ok = offs_d < head_dim
-    kv_mask = n_ok[:, None] & d_ok[None, :]
-    k = tl.load(K + off_b * skb + off_h.to(tl.int64) * skh + offs_n[:, None] * skn + offs_d[None, :] * skd,
-                mask=kv_mask, other=0.0)
-    v = tl.load(V + off_b * svb + off_h.to(tl.int64) * svh + offs_n[:, None] * svn + offs_d[None, :] * svd,
-                mask=kv_mask, other=0.0)
-    q_base = Q + off_b * sqb + off_h.to(tl.int64) * sqh
-    do_base = DO + off_b * sdb + off_h.to(tl.int64) * sdh
-    lse_base = LSE + off_b * slb + off_h.to(tl.int64) * slh
-    delta_base = DELTA + pid_bh.to(tl.int64) * q_len
-    ragged = col0 + BLOCK_N > kv_len
-
-    count = tl.load(Q_COUNTS + off_h * lay_ch + kb * lay_ck)
-    row_base = off_h * lay_ih + kb * lay_ik
-    m_sub = layout_bq // BLOCK_M
+    plan = PLAN + h.to(tl.int64) * plan_h + pid_n.to(tl.int64) * plan_r
+    n_full = tl.load(plan)
+    n_part = tl.load(plan + 1)
+    full = plan + 2
+    part = full + wf
+    bits = part + wp
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    for j in range(0, count * m_sub):
-        slot = j // m_sub
-        sub = j - slot * m_sub
-        qb = tl.load(Q_INDICES + row_base + slot)
-        mid = tl.load(Q_MASK_IDS + row_base + slot)
-        offs_m = qb * layout_bq + sub * BLOCK_M + offs_m0
-        m_ok = offs_m < q_len
-        q_mask = m_ok[:, None] & d_ok[None, :]
-        q = tl.load(q_base + offs_m[:, None] * sqn + offs_d[None, :] * sqd, mask=q_mask, other=0.0)
-        do = tl.load(do_base + offs_m[:, None] * sdn + offs_d[None, :] * sdd, mask=q_mask, other=0.0)
-        # Rows past q_len or without any allowed key get lse = +inf so that P = 0.
-        lse = tl.load(lse_base + offs_m, mask=m_ok, other=float("inf")) * 1.4426950408889634
-        lse = tl.where(lse == float("-inf"), float("inf"), lse)
-        delta = tl.load(delta_base + offs_m, mask=m_ok, other=0.0)
-        st = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_N, BLOCK_M]
-        if (mid >= 0) | ragged:
-            em = tl.load(MASK_TABLE + tl.maximum(mid, 0).to(tl.int64) * mt_p
-                         + (sub * BLOCK_M + offs_m0)[None, :] * mt_i + (mcol0 + offs_n0)[:, None],
-                         )
-            st = tl.where(((em != 0) | (mid < 0)) & n_ok[:, None], st, float("-inf"))
-        pt = tl.math.exp2(st - lse[None, :])
-        dv = tl.dot(pt.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
-        dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
-        dst = pt * (dpt - delta[None, :])
-        dk = tl.dot(dst.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
+    for i in range(0, n_full):  # loop: full
+        row = tl.load(full + i) * BLOCK_M
+        q = load_tile(Q, q_base, b, h, row, q_len, sqn, head_dim, BLOCK_M, BLOCK_D, TMA, False, EVEN_D)
+        do = load_tile(DO, do_base, b, h, row, q_len, sdn, head_dim, BLOCK_M, BLOCK_D, TMA, False, EVEN_D)
+        lse = tl.load(LSE2 + rows_at + row + offs_m)
+        delta = tl.load(DELTA + rows_at + row + offs_m)
+        dk, dv = dkdv_step(k, v, q, do, lse, delta, dk, dv, qk_scale, 0, False, DOT_PRECISION)
+    keys = tl.arange(0, BLOCK_N)
+    for i in range(0, n_part):  # loop: partial
+        row = tl.load(part + i) * BLOCK_M
+        keep = row_bits(BITS, tl.load(bits + i), keys, bits_w, BLOCK_M)
+        q = load_tile(Q, q_base, b, h, row, q_len, sqn, head_dim, BLOCK_M, BLOCK_D, TMA, True, EVEN_D)
+        do = load_tile(DO, do_base, b, h, row, q_len, sdn, head_dim, BLOCK_M, BLOCK_D, TMA, True, EVEN_D)
+        m_ok = row + offs_m < q_len  # rows past q_len: lse = +inf, so P = 0
+        lse = tl.load(LSE2 + rows_at + row + offs_m, mask=m_ok, other=float("inf"))
+        delta = tl.load(DELTA + rows_at + row + offs_m, mask=m_ok, other=0.0)
+        dk, dv = dkdv_step(k, v, q, do, lse, delta, dk, dv, qk_scale, keep, True, DOT_PRECISION)
 
-    dk = dk * sm_scale
-    tl.store(DK + off_b * skb + off_h.to(tl.int64) * skh + offs_n[:, None] * skn + offs_d[None, :] * skd,
-             dk.to(DK.dtype.element_ty), mask=kv_mask)
-    tl.store(DV + off_b * svb + off_h.to(tl.int64) * svh + offs_n[:, None] * svn + offs_d[None, :] * svd,
-             dv.to(DV.dtype.element_ty), mask=kv_mask)
+    offs_n = col0 + keys
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = (offs_n < kv_len)[:, None] & (offs_d < head_dim)[None, :]
+    rows = offs_n.to(tl.int64)[:, None]
+    # dK / dV are allocated like K / V: same strides.
+    dk_ptrs = DK + b.to(tl.int64) * skb + h.to(tl.int64) * skh + rows * skn + offs_d[None, :]
+    dv_ptrs = DV + b.to(tl.int64) * svb + h.to(tl.int64) * svh + rows * svn + offs_d[None, :]
+    tl.store(dk_ptrs, (dk * sm_scale).to(DK.dtype.element_ty), mask=mask)
+    tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=mask)
+
 
 @triton.jit
 def _bwd_dq_kernel(
-    Q, K, V, DO, LSE, DELTA, DQ,
-    KV_COUNTS, KV_INDICES, KV_MASK_IDS, MASK_TABLE,
-    sqb, sqh, sqn, sqd,
-    skb, skh, skn, skd,
-    svb, svh, svn, svd,
-    sdb, sdh, sdn, sdd,
-    slb, slh,
-    lay_ch, lay_cq,
-    lay_ih, lay_iq,
-    mt_p, mt_i,
-    H, q_len, kv_len, head_dim, layout_bq, layout_bk,
-    sm_scale, qk_scale,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    Q, K, V, DO, LSE2, DELTA, DQ, PLAN, BITS,
+    sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdb, sdh, sdn,
+    plan_h, plan_r, wf, wp, bits_w,
+    H, q_len, kv_len, head_dim, sm_scale, qk_scale,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
+    TMA: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    off_b = (pid_bh // H).to(tl.int64)
-    off_h = pid_bh % H
-    qb = pid_m // (layout_bq // BLOCK_M)
+    b = pid_bh // H
+    h = pid_bh % H
     row0 = pid_m * BLOCK_M
-    mrow0 = row0 - qb * layout_bq
-
-    offs_m0 = tl.arange(0, BLOCK_M)
-    offs_n0 = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_m = row0 + offs_m0
+    q_base = Q + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh
+    do_base = DO + b.to(tl.int64) * sdb + h.to(tl.int64) * sdh
+    if TMA:  # K, V are tensor descriptors; the bases are unused
+        k_base = q_base
+        v_base = q_base
+    else:
+        k_base = K + b.to(tl.int64) * skb + h.to(tl.int64) * skh
+        v_base = V + b.to(tl.int64) * svb + h.to(tl.int64) * svh
+    q = load_tile(q_base, q_base, b, h, row0, q_len, sqn, head_dim, BLOCK_M, BLOCK_D, False, True, EVEN_D)
+    do = load_tile(do_base, do_base, b, h, row0, q_len, sdn, head_dim, BLOCK_M, BLOCK_D, False, True, EVEN_D)
+    rows = tl.arange(0, BLOCK_M)
+    offs_m = row0 + rows
     m_ok = offs_m < q_len
-    d_ok = offs_d < head_dim
-    q_mask = m_ok[:, None] & d_ok[None, :]
-    q = tl.load(Q + off_b * sqb + off_h.to(tl.int64) * sqh + offs_m[:, None] * sqn + offs_d[None, :] * sqd,
-                mask=q_mask, other=0.0)
-    do = tl.load(DO + off_b * sdb + off_h.to(tl.int64) * sdh + offs_m[:, None] * sdn + offs_d[None, :] * sdd,
-                 mask=q_mask, other=0.0)
-    lse = tl.load(LSE + off_b * slb + off_h.to(tl.int64) * slh + offs_m, mask=m_ok,
-                  other=float("inf")) * 1.4426950408889634
-    lse = tl.where(lse == float("-inf"), float("inf"), lse)
+    lse = tl.load(LSE2 + pid_bh.to(tl.int64) * q_len + offs_m, mask=m_ok, other=float("inf"))
     delta = tl.load(DELTA + pid_bh.to(tl.int64) * q_len + offs_m, mask=m_ok, other=0.0)
-    k_base = K + off_b * skb + off_h.to(tl.int64) * skh
-    v_base = V + off_b * svb + off_h.to(tl.int64) * svh
 
-    count = tl.load(KV_COUNTS + off_h * lay_ch + qb * lay_cq)
-    row_base = off_h * lay_ih + qb * lay_iq
-    n_sub = layout_bk // BLOCK_N
+    plan = PLAN + h.to(tl.int64) * plan_h + pid_m.to(tl.int64) * plan_r
+    n_full = tl.load(plan)
+    n_part = tl.load(plan + 1)
+    full = plan + 2
+    part = full + wf
+    bits = part + wp
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    for j in range(0, count * n_sub):
-        slot = j // n_sub
-        sub = j - slot * n_sub
-        kb = tl.load(KV_INDICES + row_base + slot)
-        mid = tl.load(KV_MASK_IDS + row_base + slot)
-        col0 = kb * layout_bk + sub * BLOCK_N
-        offs_n = col0 + offs_n0
-        n_ok = offs_n < kv_len
-        kv_mask = n_ok[:, None] & d_ok[None, :]
-        k = tl.load(k_base + offs_n[:, None] * skn + offs_d[None, :] * skd, mask=kv_mask, other=0.0)
-        v = tl.load(v_base + offs_n[:, None] * svn + offs_d[None, :] * svd, mask=kv_mask, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
-        if (mid >= 0) | (col0 + BLOCK_N > kv_len):
-            em = tl.load(MASK_TABLE + tl.maximum(mid, 0).to(tl.int64) * mt_p
-                         + (mrow0 + offs_m0)[:, None] * mt_i + (sub * BLOCK_N + offs_n0)[None, :],
-                         )
-            s = tl.where(((em != 0) | (mid < 0)) & n_ok[None, :], s, float("-inf"))
-        p = tl.math.exp2(s - lse[:, None])
-        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
-        ds = p * (dp - delta[:, None])
-        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
+    for i in range(0, n_full):  # loop: full
+        col = tl.load(full + i) * BLOCK_N
+        k = load_tile(K, k_base, b, h, col, kv_len, skn, head_dim, BLOCK_N, BLOCK_D, TMA, False, EVEN_D)
+        v = load_tile(V, v_base, b, h, col, kv_len, svn, head_dim, BLOCK_N, BLOCK_D, TMA, False, EVEN_D)
+        dq = dq_step(q, do, lse, delta, k, v, dq, qk_scale, 0, False, DOT_PRECISION)
+    for i in range(0, n_part):  # loop: partial
+        col = tl.load(part + i) * BLOCK_N
+        keep = row_bits(BITS, tl.load(bits + i), rows, bits_w, BLOCK_N)
+        k = load_tile(K, k_base, b, h, col, kv_len, skn, head_dim, BLOCK_N, BLOCK_D, TMA, True, EVEN_D)
+        v = load_tile(V, v_base, b, h, col, kv_len, svn, head_dim, BLOCK_N, BLOCK_D, TMA, True, EVEN_D)
+        dq = dq_step(q, do, lse, delta, k, v, dq, qk_scale, keep, True, DOT_PRECISION)
 
-    dq = dq * sm_scale
-    tl.store(DQ + off_b * sqb + off_h.to(tl.int64) * sqh + offs_m[:, None] * sqn + offs_d[None, :] * sqd,
-             dq.to(DQ.dtype.element_ty), mask=q_mask)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = m_ok[:, None] & (offs_d < head_dim)[None, :]
+    dq_ptrs = DQ + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh + offs_m.to(tl.int64)[:, None] * sqn + offs_d[None, :]
+    tl.store(dq_ptrs, (dq * sm_scale).to(DQ.dtype.element_ty), mask=mask)  # dQ is allocated like Q
+
 
 KERNELS = {
     "fwd": _fwd_kernel,
@@ -312,6 +238,152 @@ KERNELS = {
     "bwd_dkdv": _bwd_dkdv_kernel,
     "bwd_dq": _bwd_dq_kernel,
 }
+
+
+# ---------------------------------------------------------------------------
+# the plan: the layout at kernel-tile granularity
+# ---------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class TilePlan:
+    """A layout at kernel-tile granularity, for one kernel tile shape.
+
+    ``plan``: int32 ``[Hl, R, 2 + wf + 2 * wp]``; row ``r`` (an owned tile: a query tile, or a
+    key tile for dK/dV) is ``[n_full, n_partial, full tiles (wf), partial tiles (wp), bit
+    offsets (wp)]``, tiles of the streamed side ascending. ``bits``: int64 row-mask words;
+    the words of a partial tile start at its bit offset, one per owned row, the next 64
+    streamed columns ``bits_w`` words further.
+    """
+
+    plan: torch.Tensor
+    bits: torch.Tensor
+    wf: int
+    wp: int
+    bits_w: int
+
+    def args(self) -> tuple:
+        """``plan_h, plan_r, wf, wp, bits_w`` as the kernels take them (head stride 0: one pattern for all heads)."""
+        head = 0 if self.plan.shape[0] == 1 else self.plan.stride(0)
+        return head, self.plan.stride(1), self.wf, self.wp, self.bits_w
+
+    def tile_counts(self) -> Tuple[int, int]:
+        """``(full, partial)`` tiles listed over all rows (for tests and statistics)."""
+        return int(self.plan[..., 0].sum()), int(self.plan[..., 1].sum())
+
+
+def _pack_bits(masks: torch.Tensor) -> torch.Tensor:
+    """bool ``[..., C]`` -> int64 ``[..., cdiv(C, 64)]``: bit ``j`` of word ``w`` is column ``64 w + j``."""
+    cols = masks.shape[-1]
+    words = -(-cols // 64)
+    padded = torch.nn.functional.pad(masks.to(torch.uint8), (0, words * 64 - cols))
+    byte_bits = padded.view(*masks.shape[:-1], words * 8, 8) << torch.arange(8, dtype=torch.uint8,
+                                                                            device=masks.device)
+    packed = byte_bits.sum(-1, dtype=torch.uint8)  # distinct bits: the sum is the bitwise or
+    return packed.contiguous().view(torch.int64)  # little-endian: byte 0 holds bits 0..7
+
+
+def _mask_stats(table: torch.Tensor, n_cols: int, tile_r: int, tile_c: int):
+    """Per mask (the table's, then an all-True one for full blocks), unbounded and bounded to the
+    columns of the ragged last block: ``any``/``all`` per (row sub-tile, column sub-tile) and the bit words."""
+    p, block_r, block_c = table.shape
+    dev = table.device
+    masks = torch.cat([table.bool(), torch.ones(1, block_r, block_c, dtype=torch.bool, device=dev)])
+    last = n_cols - (-(-n_cols // block_c) - 1) * block_c  # columns of the last block that exist
+    both = torch.stack([masks, masks & (torch.arange(block_c, device=dev) < last)])
+    r_sub, c_sub = block_r // tile_r, block_c // tile_c
+    tiles = both.view(2, p + 1, r_sub, tile_r, c_sub, tile_c)
+    any_t = tiles.any(5).any(3)  # [2, P+1, r_sub, c_sub]
+    all_t = tiles.all(5).all(3)
+    words = _pack_bits(both.view(2, p + 1, block_r, c_sub, tile_c))  # [2, P+1, block_r, c_sub, W]
+    return any_t, all_t, words.permute(0, 1, 3, 4, 2).contiguous().view(-1)  # -> [2, P+1, c_sub, W, block_r]
+
+
+def tile_plan(layout: BlockLayout, tile_r: int, tile_c: int, transposed: bool = False) -> TilePlan:
+    """The :class:`TilePlan` of ``layout`` for ``(tile_r, tile_c)`` kernel tiles (owned x streamed).
+
+    ``transposed``: key tiles own, query tiles stream (the dK/dV kernel). Every visited tile is
+    classified on its own: *full* when all its pairs are allowed and it is not ragged (no mask
+    code runs on it), *partial* when some are (its bit-packed element mask applies), skipped
+    otherwise. A tile reaching past the streamed length is partial with that bound in its bits.
+    """
+    if transposed:
+        counts, indices, mask_ids = layout.q_counts, layout.q_indices, layout.q_mask_ids
+        table, n_rows, n_cols = layout.mask_table.transpose(1, 2), layout.kv_len, layout.q_len
+        block_r, block_c = layout.block_k, layout.block_q
+    else:
+        counts, indices, mask_ids = layout.kv_counts, layout.kv_indices, layout.kv_mask_ids
+        table, n_rows, n_cols = layout.mask_table, layout.q_len, layout.kv_len
+        block_r, block_c = layout.block_q, layout.block_k
+    if table.shape[1:] != (block_r, block_c):  # an empty table may carry any block shape
+        table = table.new_zeros((0, block_r, block_c))
+    dev = indices.device
+    p = table.shape[0]
+    r_sub, c_sub = block_r // tile_r, block_c // tile_c
+    n_words = -(-tile_c // 64)
+    any_t, all_t, bits = _mask_stats(table, n_cols, tile_r, tile_c)
+
+    t = torch.arange(-(-n_rows // tile_r), device=dev)
+    rb, rs = t // r_sub, (t % r_sub)[None, :, None, None]
+    width = indices.shape[-1]
+    cs = torch.arange(c_sub, device=dev)
+    u = indices[:, rb].long()[..., None] * c_sub + cs  # [Hl, R, width, c_sub] streamed tile index
+    mid = mask_ids[:, rb].long()[..., None]
+    pm = torch.where(mid >= 0, mid, p).expand_as(u)
+    ragged = (u + 1) * tile_c > n_cols
+    var = ragged.long()
+    listed = (torch.arange(width, device=dev) < counts[:, rb, None])[..., None] & (u * tile_c < n_cols)
+    full = listed & ~ragged & all_t[var, pm, rs, cs]
+    part = listed & ~full & any_t[var, pm, rs, cs]
+    entry = ((var * (p + 1) + pm) * c_sub + cs) * (n_words * block_r) + rs * tile_r
+
+    hl, rows = u.shape[:2]
+    u, entry, full, part = (x.reshape(hl, rows, -1) for x in (u, entry, full, part))
+    order = torch.sort(torch.where(full, 0, torch.where(part, 1, 2)).to(torch.int8), dim=-1, stable=True).indices
+    u, entry = torch.gather(u, -1, order), torch.gather(entry, -1, order)
+    n_full, n_part = full.sum(-1), part.sum(-1)
+    wf = int(n_full.max()) if n_full.numel() else 0  # one host sync per (layout, tile shape): cached
+    wp = int(n_part.max()) if n_part.numel() else 0
+    at = (n_full[..., None] + torch.arange(wp, device=dev)).clamp(max=u.shape[-1] - 1)
+    plan = torch.cat([n_full[..., None], n_part[..., None], u[..., :wf], torch.gather(u, -1, at),
+                      torch.gather(entry, -1, at)], -1)
+    return TilePlan(plan.to(torch.int32).contiguous(), bits, wf, wp, block_r)
+
+
+class _PlanCache:
+    """Plans per layout, keyed by the identity of the layout's ``kv_indices`` tensor.
+
+    The custom ops rebuild a :class:`BlockLayout` around the same tensors on every call, so the
+    layout object cannot be the key; an entry goes when its tensor goes.
+    """
+
+    def __init__(self) -> None:
+        self._entries: Dict[int, tuple] = {}
+        self._lock = threading.Lock()
+
+    def get(self, anchor: torch.Tensor, key: Hashable, build: Callable[[], TilePlan]) -> TilePlan:
+        slot = self._entries.get(id(anchor))
+        if slot is not None and slot[0]() is anchor and key in slot[1]:
+            return slot[1][key]
+        value = build()  # outside the lock: a racing duplicate build is harmless
+        with self._lock:
+            slot = self._entries.get(id(anchor))
+            if slot is None or slot[0]() is not anchor:
+                ident = id(anchor)
+
+                def drop(ref, ident=ident):
+                    if self._entries.get(ident, (None,))[0] is ref:
+                        self._entries.pop(ident, None)
+
+                slot = (weakref.ref(anchor, drop), {})
+                self._entries[ident] = slot
+            return slot[1].setdefault(key, value)
+
+
+_PLANS = _PlanCache()
+
+
+def _plan(layout: BlockLayout, tile_r: int, tile_c: int, transposed: bool) -> TilePlan:
+    return _PLANS.get(layout.kv_indices, (transposed, tile_r, tile_c),
+                      lambda: tile_plan(layout, tile_r, tile_c, transposed))
 
 
 # ---------------------------------------------------------------------------
@@ -324,22 +396,47 @@ def _arch(device: torch.device) -> int:
     return 80  # interpreter: any valid config works
 
 
-def _layout_args(layout: BlockLayout, transposed: bool):
-    counts = layout.q_counts if transposed else layout.kv_counts
-    indices = layout.q_indices if transposed else layout.kv_indices
-    mask_ids = layout.q_mask_ids if transposed else layout.kv_mask_ids
-    # Row-major strides are passed explicitly (size-1 dims may carry any stride in torch).
-    indices, mask_ids, counts = indices.contiguous(), mask_ids.contiguous(), counts.contiguous()
-    hl, rows, width = indices.shape
-    shared = hl == 1  # one pattern for all heads: head stride 0
-    table = layout.mask_table
-    if table.numel() == 0:
-        table = torch.ones(1, layout.block_q, layout.block_k, dtype=torch.bool, device=layout.device)
-    table = table.contiguous().view(torch.uint8)
-    strides = (0 if shared else rows, 1,
-               0 if shared else rows * width, width,
-               layout.block_q * layout.block_k, layout.block_k)
-    return counts, indices, mask_ids, table, strides
+def tma_ok(*tensors: torch.Tensor) -> bool:
+    """Whether TMA descriptors can address these (B, H, N, D) tensors: 16-byte aligned base and strides."""
+    for t in tensors:
+        size = t.element_size()
+        if t.data_ptr() % 16 or t.stride(-1) != 1 or any((s * size) % 16 for s in t.stride()[:-1]):
+            return False
+    return True
+
+
+def _config(kernel: str, q: torch.Tensor, layout: BlockLayout, streamed: Tuple[torch.Tensor, ...]) -> KernelConfig:
+    """The launch configuration; TMA is dropped when the streamed tensors are not TMA-aligned."""
+    cfg = select_config(kernel, q.dtype, q.shape[-1], layout.block_q, layout.block_k, _arch(q.device))
+    if cfg.tma and not tma_ok(*streamed):
+        cfg = pointer_fallback(cfg)
+    return cfg
+
+
+def _pad_d(cfg: KernelConfig, *tensors: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+    """Pointer kernels read whole ``block_d`` columns (no column masks in their loops): other head
+    dims run on zero-padded copies, which change no score and no output column."""
+    d = tensors[0].shape[-1]
+    if cfg.tma or d == cfg.block_d:
+        return tensors
+    return tuple(torch.nn.functional.pad(t, (0, cfg.block_d - d)) for t in tensors)
+
+
+def _streamed(cfg: KernelConfig, tensors: Tuple[torch.Tensor, ...], rows: int) -> Tuple[object, ...]:
+    """The streamed operands as the kernel takes them: TMA descriptors of ``rows`` x block_d, or the tensors."""
+    if not cfg.tma:
+        return tensors
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    return tuple(TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, rows, cfg.block_d]) for t in tensors)
+
+
+def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _strides(t: torch.Tensor) -> Tuple[int, int, int]:
+    return t.stride(0), t.stride(1), t.stride(2)
 
 
 # ---------------------------------------------------------------------------
@@ -374,25 +471,40 @@ def triton_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Bl
         return o, lse.fill_(float("-inf"))
     if m == 0:
         return o.zero_(), lse.fill_(float("-inf"))
-    cfg = select_config("fwd", q.dtype, d, layout.block_q, layout.block_k, _arch(q.device))
-    counts, indices, mask_ids, table, lay_strides = _layout_args(layout, transposed=False)
-    grid = (triton.cdiv(n, layout.block_q) * (layout.block_q // cfg.block_m), b * h)
-    _fwd_kernel[grid](
-        q, k, v, o, lse,
-        counts, indices, mask_ids, table,
-        *q.stride(), *k.stride(), *v.stride(), *o.stride(),
-        lse.stride(0), lse.stride(1),
-        *lay_strides,
-        h, n, m, d, layout.block_q, layout.block_k,
-        scale * _LOG2E,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d, DOT_PRECISION=cfg.dot_precision,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
+    cfg = _config("fwd", q, layout, (k, v))
+    plan = _plan(layout, cfg.block_m, cfg.block_n, transposed=False)
+    q, k, v = _pad_d(cfg, q, k, v)
+    out = o if q.shape[-1] == d else torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    kd, vd = _streamed(cfg, (k, v), cfg.block_n)
+    _fwd_kernel[(triton.cdiv(n, cfg.block_m), b * h)](
+        q, kd, vd, out, lse, plan.plan, plan.bits,
+        *_strides(q), *_strides(k), *_strides(v), *_strides(out), lse.stride(0), lse.stride(1),
+        *plan.args(), h, n, m, q.shape[-1], scale * LOG2E,
+        **cfg.constexprs(), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
+    if out is not o:
+        o.copy_(out[..., :d])
     return o, lse
 
 
+def _preprocess(o, do, lse, dlse, layout) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(delta, lse2)``: ``rowsum(dO * O) - dlse`` and the base-2 lse, contiguous ``(B*H, N)`` fp32."""
+    b, h, n, d = o.shape
+    pre = select_config("bwd_preprocess", o.dtype, d, layout.block_q, layout.block_k, _arch(o.device))
+    delta = torch.empty((b * h, n), dtype=torch.float32, device=o.device)
+    lse2 = torch.empty_like(delta)
+    _bwd_preprocess_kernel[(triton.cdiv(n, pre.block_m), b * h)](
+        o, do, lse, dlse if dlse is not None else lse, delta, lse2,
+        *_strides(o), *_strides(do), lse.stride(0), lse.stride(1), h, n, d,
+        BLOCK_M=pre.block_m, BLOCK_D=pre.block_d, HAS_DLSE=dlse is not None,
+        num_warps=pre.num_warps, num_stages=pre.num_stages,
+    )
+    return delta, lse2
+
+
 def triton_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
-                    lse: torch.Tensor, layout: BlockLayout, scale: float
+                    lse: torch.Tensor, layout: BlockLayout, scale: float, dlse: Optional[torch.Tensor] = None
                     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of :func:`triton_forward` w.r.t. q, k, v.
 
@@ -400,62 +512,50 @@ def triton_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch
         do: upstream gradient ``(B, H, N, D)`` (any float dtype; cast to q's dtype).
         q, k, v, layout, scale: exactly as given to :func:`triton_forward`.
         o, lse: its outputs (``lse`` fp32 natural log ``(B, H, N)``).
+        dlse: optional gradient w.r.t. ``lse`` ``(B, H, N)``; it enters as ``delta - dlse``
+            (``d lse_i / d s_ij = P_ij``), at no extra kernel cost.
 
     Returns:
-        ``(dq, dk, dv)`` shaped, typed and (when dense) strided like q, k, v. ``dk``/``dv`` come
-        from a kernel that walks the transposed layout (only the query blocks that
-        visit each key block); ``dq`` from one over the forward layout. No atomics.
+        ``(dq, dk, dv)`` shaped and typed like q, k, v (strided like them when last-dim
+        contiguous). ``dk``/``dv`` come from a kernel that walks the transposed plan (only the
+        query tiles that visit each key tile); ``dq`` from one over the forward plan. No atomics.
     """
     b, h, n, d = q.shape
     m = k.shape[2]
-    do = do.to(q.dtype)
-    o = o.to(q.dtype)
-    lse = lse.to(torch.float32)
     if q.numel() == 0 or k.numel() == 0:
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
-    arch = _arch(q.device)
+    q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
+    do = _last_dim_contiguous(do.to(q.dtype))
+    o = _last_dim_contiguous(o.to(q.dtype))
+    lse = lse.to(torch.float32)
+    if dlse is not None:
+        dlse = torch.nan_to_num(dlse.to(torch.float32), nan=0.0, posinf=0.0, neginf=0.0)
+    delta, lse2 = _preprocess(o, do, lse, dlse, layout)
+    cfg_kv, cfg_q = _config("bwd_dkdv", q, layout, (q, do)), _config("bwd_dq", q, layout, (k, v))
+    if not (cfg_kv.tma and cfg_q.tma):  # a pointer kernel among them: odd head dims run padded
+        q, k, v, do = _pad_d(pointer_fallback(cfg_kv), q, k, v, do)
+    sizes = (h, n, m, q.shape[-1], scale, scale * LOG2E)
+    # dK / dV share K / V's strides (and dQ Q's): allocate them alike; odd strides get dense copies.
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    if dk.stride() != k.stride() or dv.stride() != v.stride() or dq.stride() != q.stride():
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    strides = (*_strides(q), *_strides(k), *_strides(v), *_strides(do))
 
-    pre = select_config("bwd_preprocess", q.dtype, d, layout.block_q, layout.block_k, arch)
-    delta = torch.empty((b * h, n), dtype=torch.float32, device=q.device)
-    _bwd_preprocess_kernel[(triton.cdiv(n, pre.block_m), b * h)](
-        o, do, delta, *o.stride(), *do.stride(), h, n, d,
-        BLOCK_M=pre.block_m, BLOCK_D=pre.block_d, num_warps=pre.num_warps, num_stages=pre.num_stages,
+    cfg = cfg_kv
+    plan = _plan(layout, cfg.block_n, cfg.block_m, transposed=True)
+    qd, dod = _streamed(cfg, (q, do), cfg.block_m)
+    _bwd_dkdv_kernel[(triton.cdiv(m, cfg.block_n), b * h)](
+        qd, k, v, dod, lse2, delta, dk, dv, plan.plan, plan.bits, *strides, *plan.args(), *sizes,
+        **cfg.constexprs(), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
-
-    common_strides = (*q.stride(), *k.stride(), *v.stride(), *do.stride(), lse.stride(0), lse.stride(1))
-    sizes = (h, n, m, d, layout.block_q, layout.block_k, scale, scale * _LOG2E)
-    # dk/dv share k/v's strides: allocate them like k/v.
-    dk = torch.empty_like(k)
-    dv = torch.empty_like(v)
-    if dk.stride() != k.stride() or dv.stride() != v.stride():  # e.g. overlapping or odd strides
-        k, v = k.contiguous(), v.contiguous()
-        dk, dv = torch.empty_like(k), torch.empty_like(v)
-        common_strides = (*q.stride(), *k.stride(), *v.stride(), *do.stride(), lse.stride(0), lse.stride(1))
-
-    cfg = select_config("bwd_dkdv", q.dtype, d, layout.block_q, layout.block_k, arch)
-    counts, indices, mask_ids, table, lay_strides = _layout_args(layout, transposed=True)
-    grid = (triton.cdiv(m, layout.block_k) * (layout.block_k // cfg.block_n), b * h)
-    _bwd_dkdv_kernel[grid](
-        q, k, v, do, lse, delta, dk, dv,
-        counts, indices, mask_ids, table,
-        *common_strides, *lay_strides, *sizes,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d, DOT_PRECISION=cfg.dot_precision,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    cfg = cfg_q
+    plan = _plan(layout, cfg.block_m, cfg.block_n, transposed=False)
+    kd, vd = _streamed(cfg, (k, v), cfg.block_n)
+    _bwd_dq_kernel[(triton.cdiv(n, cfg.block_m), b * h)](
+        q, kd, vd, do, lse2, delta, dq, plan.plan, plan.bits, *strides, *plan.args(), *sizes,
+        **cfg.constexprs(), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
-
-    dq = torch.empty_like(q)
-    if dq.stride() != q.stride():
-        q = q.contiguous()
-        dq = torch.empty_like(q)
-        common_strides = (*q.stride(), *k.stride(), *v.stride(), *do.stride(), lse.stride(0), lse.stride(1))
-    cfg = select_config("bwd_dq", q.dtype, d, layout.block_q, layout.block_k, arch)
-    counts, indices, mask_ids, table, lay_strides = _layout_args(layout, transposed=False)
-    grid = (triton.cdiv(n, layout.block_q) * (layout.block_q // cfg.block_m), b * h)
-    _bwd_dq_kernel[grid](
-        q, k, v, do, lse, delta, dq,
-        counts, indices, mask_ids, table,
-        *common_strides, *lay_strides, *sizes,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d, DOT_PRECISION=cfg.dot_precision,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
+    if dq.shape[-1] != d:
+        dq, dk, dv = (g[..., :d].contiguous() for g in (dq, dk, dv))
     return dq, dk, dv

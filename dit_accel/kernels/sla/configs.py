@@ -2,43 +2,78 @@
 
 Compile-time variety is kept small so every shipped configuration can be compiled ahead of
 time (:func:`shipped_configs`): the feature map is not a kernel parameter at all, the query
-tiles per classification block (``SUB``) and the linear sign are runtime arguments, and head
-dims pad to 64 or 128.
+tiles per classification block (``SUB``) and the linear sign are runtime arguments, the
+subtract plan is a list (negligible + critical blocks, sign -1) rather than a variant, and
+head dims pad to 64 or 128 (the launchers pass zero-padded copies for other head dims, so the
+kernels' head dim is a constexpr and they have no column masks).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
+from ..dense.configs import ARG_TYPES, DIV16, aot_signature
+
 __all__ = ["SLAKernelConfig", "select_sla_config", "shipped_configs", "SLA_KERNELS", "SLA_DTYPES", "SLA_BLOCK_DS",
-           "SLA_MAX_HEAD_DIM", "BLOCK_M", "BLOCK_K"]
+           "SLA_MAX_HEAD_DIM", "BLOCK_M", "BLOCK_K", "LAUNCH"]
 
 BLOCK_M = 64  # query rows per program; a 128-row classification block is two tiles
 BLOCK_K = 64  # key rows per block (SLA's block_k)
-SLA_KERNELS = ("fwd", "bwd_dq", "bwd_dkdv")
+SLA_KERNELS = ("fwd", "bwd_dq", "bwd_dkdv", "bwd_dkdv_lin")  # bwd_dkdv_lin: linear-branch dK/dV
 SLA_DTYPES = (torch.float16, torch.bfloat16)  # on CUDA; the CPU interpreter also runs float32
 SLA_BLOCK_DS = (64, 128)  # padded head dims; the fused kernel takes head dims <= 128
 SLA_MAX_HEAD_DIM = SLA_BLOCK_DS[-1]
-_LIN_VARIANTS = ((False, False), (True, False), (True, True))  # (HAS_LIN, SUB_CRIT) the launchers use
 _DTYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+
+#: (num_warps, num_stages) per (target, kernel, padded head dim, linear branch): the candidates
+#: that compile without spills, without serialised wgmma and within the target's shared
+#: memory, with the fewest modelled cycles per tile (``dit-accel bench sass --search sla``).
+LAUNCH: Dict[Tuple[int, str, int, bool], Tuple[int, int]] = {
+    (80, "fwd", 64, False): (4, 2), (80, "fwd", 64, True): (8, 2),
+    (80, "fwd", 128, False): (4, 2), (80, "fwd", 128, True): (8, 2),
+    (80, "bwd_dq", 64, False): (4, 3), (80, "bwd_dq", 64, True): (8, 3),
+    (80, "bwd_dq", 128, False): (8, 3), (80, "bwd_dq", 128, True): (8, 2),
+    (89, "fwd", 64, False): (8, 3), (89, "fwd", 64, True): (8, 3),
+    (89, "fwd", 128, False): (8, 3), (89, "fwd", 128, True): (8, 3),
+    (89, "bwd_dq", 64, False): (4, 3), (89, "bwd_dq", 64, True): (8, 3),
+    (89, "bwd_dq", 128, False): (8, 2), (89, "bwd_dq", 128, True): (8, 2),
+    (90, "fwd", 64, False): (4, 2), (90, "fwd", 64, True): (4, 2),
+    (90, "fwd", 128, False): (4, 3), (90, "fwd", 128, True): (4, 3),
+    (90, "bwd_dq", 64, False): (4, 3), (90, "bwd_dq", 64, True): (4, 3),
+    (90, "bwd_dq", 128, False): (4, 2), (90, "bwd_dq", 128, True): (8, 3),
+    (80, "bwd_dkdv", 64, False): (8, 3), (80, "bwd_dkdv", 128, False): (8, 3),
+    (89, "bwd_dkdv", 64, False): (8, 3), (89, "bwd_dkdv", 128, False): (8, 3),
+    (90, "bwd_dkdv", 64, False): (4, 3), (90, "bwd_dkdv", 128, False): (8, 3),
+    (80, "bwd_dkdv_lin", 64, True): (4, 3), (80, "bwd_dkdv_lin", 128, True): (8, 3),
+    (89, "bwd_dkdv_lin", 64, True): (8, 3), (89, "bwd_dkdv_lin", 128, True): (8, 3),
+    (90, "bwd_dkdv_lin", 64, True): (4, 1), (90, "bwd_dkdv_lin", 128, True): (8, 2),
+}
+
+
+def _target(arch: int) -> int:
+    """The configured target an arch runs: 90 (Hopper and later), 80 (A100-class shared memory) or 89."""
+    from ..block_sparse.configs import shared_memory_limit
+
+    if arch >= 90:
+        return 90
+    return 80 if shared_memory_limit(arch) >= 160 * 1024 else 89
 
 
 @dataclass(frozen=True)
 class SLAKernelConfig:
     """One compiled variant of an SLA kernel: its constexprs and launch options.
 
-    ``has_lin``: the linear branch is on; ``sub_crit``: the critical blocks are also removed
-    from the linear branch's global sums (the "subtract" plan; implies ``has_lin``).
+    ``has_lin``: the linear branch is on (forward and dQ; the linear-branch dK/dV is a kernel
+    of its own).
     """
 
     kernel: str
     dtype: torch.dtype
     block_d: int
     has_lin: bool
-    sub_crit: bool
     num_warps: int
     num_stages: int
     block_m: int = BLOCK_M
@@ -46,53 +81,44 @@ class SLAKernelConfig:
 
     @property
     def name(self) -> str:
-        lin = "sub" if self.sub_crit else ("lin" if self.has_lin else "nolin")
-        return f"sla_{self.kernel}-{_DTYPE_NAMES[self.dtype]}-d{self.block_d}-{lin}"
+        return (f"sla_{self.kernel}-{_DTYPE_NAMES[self.dtype]}-d{self.block_d}-{'lin' if self.has_lin else 'nolin'}"
+                f"-w{self.num_warps}s{self.num_stages}")
 
     def constexprs(self) -> dict:
-        return {"BLOCK_M": self.block_m, "BLOCK_N": self.block_n, "BLOCK_D": self.block_d,
-                "HAS_LIN": self.has_lin, "SUB_CRIT": self.sub_crit}
+        """The kernel's constexpr arguments (the dK/dV kernels have no ``HAS_LIN``: it is in their types)."""
+        out = {"BLOCK_M": self.block_m, "BLOCK_N": self.block_n, "BLOCK_D": self.block_d}
+        if self.kernel in ("fwd", "bwd_dq"):
+            out["HAS_LIN"] = self.has_lin
+        return out
 
     def launch_kwargs(self) -> dict:
         return dict(self.constexprs(), num_warps=self.num_warps, num_stages=self.num_stages)
 
+    def dense(self):
+        """The dense kernel with the same tile, warps, stages and dtype (pointer loads, like SLA's)."""
+        from ..dense.configs import DenseConfig
+
+        if self.kernel == "bwd_dkdv_lin":
+            return None  # linear attention: no dense softmax counterpart
+        return DenseConfig(self.kernel, self.dtype, self.block_d, self.block_m, self.block_n, self.num_warps,
+                           self.num_stages, False, True)
+
     def aot_source(self):
         """``(kernel, signature, constexprs, attrs)`` for ``triton.compile(ASTSource(...))``.
 
-        Used by :func:`dit_accel.kernels.triton_compile.compile_for_target`. Pointers and the
-        token / batch / head strides get the divisibility-16 hint the JIT gives them in
-        typical launches (contiguous half-precision tensors, head dims 64 / 128).
+        Used by :func:`dit_accel.kernels.compile.compile_for_target`. Pointers and the token /
+        batch / head strides get the divisibility-16 hint the JIT gives them in typical
+        launches (contiguous half-precision tensors, head dims 64 / 128).
         """
         from .triton import KERNELS
 
-        kernel = KERNELS[self.kernel]
-        consts = self.constexprs()
-        ptr = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32"}[self.dtype]
-        signature, attrs = {}, {}
-        for i, name in enumerate(kernel.arg_names):
-            if name in consts:
-                signature[name] = "constexpr"
-                continue
-            if name in ("Q", "K", "V", "O", "DO", "DV"):
-                signature[name] = ptr
-            elif name in ("QF", "KF"):  # phi(q), phi(k) in the linear branch's compute dtype
-                signature[name] = ptr
-            elif name in ("DQ", "DK"):  # fp32 when the phi backward is added on the host
-                signature[name] = "*fp32" if self.has_lin else ptr
-            elif name in ("LSE", "NUM", "DEN", "DELTA", "DNUM", "DDEN", "DSCALE", "DQF", "DKF"):
-                signature[name] = "*fp32"
-            elif name in ("CRIT", "LIN", "CRIT_T", "CRIT_T_CNT", "LIN_T", "LIN_T_CNT"):
-                signature[name] = "*i32"
-            elif name in ("scale", "lin_sign"):
-                signature[name] = "fp32"
-            else:
-                signature[name] = "i32"
-            if signature[name].startswith("*") or name in _DIV16_ARGS:
-                attrs[(i,)] = [["tt.divisibility", 16]]
-        return kernel, signature, consts, attrs
-
-
-_DIV16_ARGS = {"sqb", "sqh", "sqn", "skb", "skh", "skn", "svb", "svh", "svn", "D"}
+        # dK / dV always leave in fp32 (the linear kernel may add to them; the launcher casts once).
+        types = dict(ARG_TYPES, QF="*DT", KF="*DT", DNUM="*DT", DQ="*fp32" if self.has_lin else "*DT", DK="*fp32",
+                     DV="*fp32",
+                     **{n: "*fp32" for n in ("NUM", "DEN", "DDEN", "DSCALE", "INV_S", "DQF", "DKF")},
+                     **{n: "*i32" for n in ("CRIT", "LIN", "CRIT_T", "CRIT_T_CNT", "LIN_T", "LIN_T_CNT")},
+                     lin_sign="fp32")
+        return aot_signature(KERNELS[self.kernel], types, self.constexprs(), DIV16 | {"D"}, self.dtype)
 
 
 def _block_d(head_dim: int) -> int:
@@ -100,15 +126,12 @@ def _block_d(head_dim: int) -> int:
 
 
 def select_sla_config(kernel: str, dtype: torch.dtype, head_dim: int, has_lin: bool,
-                      sub_crit: bool) -> SLAKernelConfig:
-    """The configuration the launchers use for ``kernel`` on ``dtype`` inputs with ``head_dim``.
+                      arch: int = 80) -> SLAKernelConfig:
+    """The configuration the launchers use for ``kernel`` on ``dtype`` inputs with ``head_dim`` on ``sm_<arch>``.
 
-    Tiles are 64 x 64 for every head dim (padded to 64 or 128), 4 warps. The forward and dQ
-    kernels double-buffer their loads (two stages) except where that exceeds sm_89's 99 KiB of
-    shared memory: the dK/dV kernel (most operands) and, at head dim 128, the dQ kernel of the
-    subtract plan (three tiles per step: 104 KiB with two stages, 72 KiB with one) run
-    unpipelined. ``float32`` is accepted for the CPU interpreter only: its tiles need up to
-    224 KiB (dK/dV at 128), so CUDA runs fp32 through the PyTorch twin.
+    Tiles are 64 x 64 for every head dim (padded to 64 or 128); warps and stages come from
+    :data:`LAUNCH`. ``float32`` is accepted for the CPU interpreter only (CUDA runs fp32
+    through the PyTorch twin).
     """
     if kernel not in SLA_KERNELS:
         raise ValueError(f"kernel must be one of {SLA_KERNELS}, got {kernel!r}")
@@ -116,23 +139,37 @@ def select_sla_config(kernel: str, dtype: torch.dtype, head_dim: int, has_lin: b
         raise TypeError(f"dtype must be float16 or bfloat16 (float32 in the interpreter), got {dtype}")
     if not 1 <= head_dim <= SLA_BLOCK_DS[-1]:
         raise ValueError(f"head_dim must be in [1, {SLA_BLOCK_DS[-1]}] for the fused SLA kernel, got {head_dim}")
-    block_d, sub_crit = _block_d(head_dim), bool(has_lin and sub_crit)
-    one_stage = kernel == "bwd_dkdv" or (kernel == "bwd_dq" and sub_crit and block_d == 128)
-    return SLAKernelConfig(kernel, dtype, block_d, bool(has_lin), sub_crit, num_warps=4,
-                           num_stages=1 if one_stage or dtype == torch.float32 else 2)
+    # Only the forward and dQ kernels have a linear-branch variant; the linear dK/dV kernel is one.
+    block_d = _block_d(head_dim)
+    has_lin = bool(has_lin) if kernel in ("fwd", "bwd_dq") else kernel == "bwd_dkdv_lin"
+    warps, stages = LAUNCH[(_target(arch), kernel, block_d, has_lin)]
+    return SLAKernelConfig(kernel, dtype, block_d, has_lin, warps, stages)
 
 
-def shipped_configs() -> List[SLAKernelConfig]:
-    """Every configuration :func:`select_sla_config` returns for a CUDA launch (fp16 / bf16).
+def shipped_configs(arch: Optional[int] = None) -> List[SLAKernelConfig]:
+    """Every configuration :func:`select_sla_config` returns for a CUDA launch (fp16 / bf16) on ``sm_<arch>``
+    (all targets when None).
 
-    Listed slowest-to-compile first (dK/dV, head dim 128, subtract plan), so a pool of
-    compile workers finishes together.
+    Listed slowest-to-compile first (linear-branch dK/dV, head dim 128), so a pool of compile
+    workers finishes together.
     """
+    from ..block_sparse.configs import TARGET_ARCHS
+
     seen = {}
-    for kernel in SLA_KERNELS:
-        for dtype in SLA_DTYPES:
-            for head_dim in range(1, SLA_BLOCK_DS[-1] + 1):
-                for has_lin, sub_crit in _LIN_VARIANTS:
-                    cfg = select_sla_config(kernel, dtype, head_dim, has_lin, sub_crit)
-                    seen.setdefault(cfg, cfg)
-    return sorted(seen, key=lambda c: (-SLA_KERNELS.index(c.kernel), -c.block_d, -c.has_lin - c.sub_crit))
+    for a in (TARGET_ARCHS if arch is None else (arch,)):
+        for kernel in SLA_KERNELS:
+            for dtype in SLA_DTYPES:
+                for head_dim in SLA_BLOCK_DS:
+                    for has_lin in (False, True):  # normalised per kernel: duplicates drop out
+                        cfg = select_sla_config(kernel, dtype, head_dim, has_lin, a)
+                        seen.setdefault((a, cfg), cfg)
+    return sorted(seen.values(), key=lambda c: (-SLA_KERNELS.index(c.kernel), -c.block_d, -c.has_lin))
+
+
+def candidates(kernel: str, dtype: torch.dtype, block_d: int, has_lin: bool, arch: int) -> List[SLAKernelConfig]:
+    """Warps and stages worth compiling for an SLA kernel (the search space of ``dit-accel bench sass --search``):
+    the streaming kernels keep at least two stages (a prefetch); the dK/dV kernels, with the most
+    operands, may do without."""
+    stages = (1, 2, 3) if kernel.startswith("bwd_dkdv") else (2, 3)
+    lin = has_lin if kernel in ("fwd", "bwd_dq") else kernel == "bwd_dkdv_lin"
+    return [SLAKernelConfig(kernel, dtype, block_d, lin, w, st) for w in (4, 8) for st in stages]

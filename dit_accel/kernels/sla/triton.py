@@ -1,24 +1,25 @@
 """Fused Triton kernels of SLA (sparse-linear attention), forward and backward.
 
-One program per query tile (forward, dQ) or key block (dK/dV). The forward pass loads each
-critical key block once and uses it twice: the online-softmax update of the sparse branch
-and, when the marginal sums are taken by subtraction, the removal of that block from the
-linear branch (``num -= (phi(q) phi(K_j)^T) V_j``, ``den -= rowsum(phi(q) phi(K_j)^T)``).
-A second, optional list of key blocks adds (``lin_sign = +1``) or removes (``-1``)
-linear-attention terms only: the marginal blocks (added directly, when there are fewer of
-them than critical + negligible ones) or the negligible blocks (subtracted).
+One program per query tile (forward, dQ) or key block (dK/dV), written from the dense
+kernels' tile steps (:mod:`dit_accel.kernels.dense.tiles`):
 
-The kernels return the linear branch's *corrections* ``num_c`` / ``den_c``; the caller adds
-the global term ``phi(q) @ (phi(K)^T V)`` (a dense matmul, cuBLAS-fast, and autograd-native
-so its backward needs no kernel) and divides. Backward: a dQ kernel (over the critical and
-linear lists of a query tile) and a dK/dV kernel (over the transposed lists of a key block).
-Pointer arithmetic only (no block pointers).
+- the *critical* loop is the sparse branch: an online softmax over the critical key blocks,
+  with no mask code (the scale folded into one FFMA before ``exp2``); only the ragged last
+  key block, which can only be the last critical block of a row, runs in a second, masked loop;
+- the *linear* loop adds (``lin_sign = +1``: the marginal blocks) or removes (``-1``: the
+  negligible and the critical blocks, the "subtract" plan) linear-attention terms
+  ``num += (phi(q) phi(K_j)^T) V_j``, ``den += rowsum(phi(q) phi(K_j)^T)``. It runs apart
+  from the softmax loop: fusing the two kept both accumulators live and spilled.
 
-The feature maps ``phi(q)``, ``phi(k)`` are elementwise PyTorch ops done once per call
-(``O(N D)``), read by the kernels as tensors, and the kernels return the gradients w.r.t.
-them (``dqf``, ``dkf``) for a PyTorch ``phi`` backward. Computing ``phi`` inside the kernels
-recomputed it for every visit of a block and, for the row softmax over the head dim, made
-the kernels so large that ``ptxas`` spilled and took 15-40 s per configuration.
+The kernels return the linear branch's *corrections* ``num_c`` / ``den_c``; the caller adds the
+global term ``phi(q) @ (phi(K)^T V)`` (a dense matmul, autograd-native) and divides.
+
+Numerics of the linear terms: the scores ``a = phi(q) phi(K)^T`` accumulate in fp32 and are
+divided by a per-row scale ``s_i >= 1`` (``sum|phi(q_i)| * max|phi(k)| / 2^15``, so ``a / s``
+fits fp16 whatever relu/elu give); ``a / s`` enters the ``@ V`` product as a hi + lo pair in the
+input dtype (about 16 significant bits), and the same fp32 ``a`` gives the denominator, so
+numerator, denominator and the caller's fp32 global sums (taken from the same rounded
+``phi``) agree and the subtract plan cancels (:func:`_dot_split`). Token offsets are formed in 64 bits.
 
 Launch configurations and the list of shipped ones: :mod:`.configs`.
 """
@@ -30,244 +31,288 @@ import triton
 import triton.language as tl
 from triton.runtime.errors import OutOfResources
 
+from ..dense.tiles import LN2, LOG2E, dkdv_step, dq_step, fwd_step, load_tile
 from .common import FEATURE_IDS, feature_map, true_columns
 from .configs import BLOCK_K, BLOCK_M, SLAKernelConfig, select_sla_config
 
-__all__ = ["sla_forward", "sla_backward", "FEATURE_IDS", "transposed_lists", "KERNELS"]
+__all__ = ["sla_forward", "sla_backward", "FEATURE_IDS", "transposed_lists", "KERNELS", "row_scale"]
 
 _FEATURE_NAMES = {i: name for name, i in FEATURE_IDS.items()}
+#: Linear scores are divided by a per-row scale so that they stay below this (fp16 max is 65504).
+SCORE_BOUND = 2.0 ** 15
+
+
+@triton.jit
+def _split(x, DT: tl.constexpr):
+    """fp32 ``x`` as ``hi + lo`` in dtype ``DT`` (about twice the dtype's significant bits)."""
+    hi = x.to(DT)
+    return hi, (x - hi.to(tl.float32)).to(DT)
+
+
+@triton.jit
+def _dot_split(a, b, acc, DT: tl.constexpr):
+    """``acc + a @ b`` for fp32 ``a`` and ``b`` in dtype ``DT``, with ``a`` as hi + lo in ``DT`` (about
+    twice its significant bits): one product of twice the depth, ``[a_hi | a_lo] @ [b ; b]``, so
+    one accumulator and one chain of tensor-core instructions (two chains into the same
+    accumulator serialise Hopper's wgmma pipeline)."""
+    hi, lo = _split(a, DT)
+    rows: tl.constexpr = a.shape[0]
+    depth: tl.constexpr = a.shape[1]
+    cols: tl.constexpr = b.shape[1]
+    a2 = tl.join(hi, lo).reshape([rows, 2 * depth])  # columns hi_0, lo_0, hi_1, lo_1, ...
+    b2 = tl.permute(tl.join(b, b), (0, 2, 1)).reshape([2 * depth, cols])  # rows b_0, b_0, b_1, b_1, ...
+    return tl.dot(a2, b2, acc, input_precision="ieee")
 
 
 @triton.jit
 def _sla_fwd_kernel(
-    Q, K, V, QF, KF, CRIT, LIN, O, LSE, NUM, DEN,
+    Q, K, V, QF, KF, CRIT, LIN, INV_S, O, LSE, NUM, DEN,  # noqa: E741 (the attention output)
     sqb, sqh, sqn, skb, skh, skn, svb, svh, svn,
-    H, NQ_TOK, NK_TOK, D, KC, NL, SUB, scale, lin_sign,
+    H, NQ_TOK, NK_TOK, D, KC, NL, SUB, qk_scale, lin_sign,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    HAS_LIN: tl.constexpr, SUB_CRIT: tl.constexpr,
+    HAS_LIN: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // H
     h = pid_bh % H
+    row0 = pid_m * BLOCK_M
     n_qb = tl.cdiv(NQ_TOK, BLOCK_M * SUB)  # classification blocks (SUB query tiles each)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    m_valid = offs_m < NQ_TOK
-    d_valid = offs_d < D
-    qd_mask = m_valid[:, None] & d_valid[None, :]
+    q_base = Q + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh
     k_base = K + b.to(tl.int64) * skb + h.to(tl.int64) * skh
     v_base = V + b.to(tl.int64) * svb + h.to(tl.int64) * svh
-    kf_base = KF + pid_bh.to(tl.int64) * NK_TOK * D
-    q = tl.load(Q + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh + offs_m[:, None] * sqn + offs_d[None, :],
-                mask=qd_mask, other=0.0)
-    row = pid_bh.to(tl.int64) * NQ_TOK + offs_m
+    q = load_tile(q_base, q_base, b, h, row0, NQ_TOK, sqn, D, BLOCK_M, BLOCK_D, False, True, True)
 
+    crit = CRIT + (pid_bh.to(tl.int64) * n_qb + pid_m // SUB) * KC
+    # Critical blocks ascend, so only the last one can be the ragged last key block.
+    last = tl.load(crit + tl.maximum(KC - 1, 0), mask=KC > 0, other=0)  # KC = 0: no block, o = 0
+    n_main = KC - ((KC > 0) & ((last + 1) * BLOCK_N > NK_TOK)).to(tl.int32)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    num = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    den = tl.zeros([BLOCK_M], tl.float32)
-    if HAS_LIN:
-        qf = tl.load(QF + row[:, None] * D + offs_d[None, :], mask=qd_mask, other=0.0)
+    for c in range(0, n_main):  # loop: critical
+        col = tl.load(crit + c) * BLOCK_N
+        k = load_tile(k_base, k_base, b, h, col, NK_TOK, skn, D, BLOCK_N, BLOCK_D, False, False, True)
+        v = load_tile(v_base, v_base, b, h, col, NK_TOK, svn, D, BLOCK_N, BLOCK_D, False, False, True)
+        acc, m_i, l_i = fwd_step(q, k, v, acc, m_i, l_i, qk_scale, 0, False, "ieee")
+    for c in range(n_main, KC):  # loop: ragged
+        col = tl.load(crit + c) * BLOCK_N
+        k = load_tile(k_base, k_base, b, h, col, NK_TOK, skn, D, BLOCK_N, BLOCK_D, False, True, True)
+        v = load_tile(v_base, v_base, b, h, col, NK_TOK, svn, D, BLOCK_N, BLOCK_D, False, True, True)
+        keep = (col + tl.arange(0, BLOCK_N) < NK_TOK)[None, :]
+        acc, m_i, l_i = fwd_step(q, k, v, acc, m_i, l_i, qk_scale, keep, True, "ieee")
 
-    crit_row = CRIT + (pid_bh.to(tl.int64) * n_qb + pid_m // SUB) * KC
-    for c in range(KC):
-        j = tl.load(crit_row + c)
-        offs_k = j * BLOCK_N + offs_n
-        k_valid = offs_k < NK_TOK
-        kv_mask = k_valid[:, None] & d_valid[None, :]
-        k = tl.load(k_base + offs_k[:, None] * skn + offs_d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(v_base + offs_k[:, None] * svn + offs_d[None, :], mask=kv_mask, other=0.0)
-        s = tl.dot(q, tl.trans(k)) * scale
-        s = tl.where(k_valid[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp(m_i - m_new)
-        p = tl.exp(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
-        if HAS_LIN:
-            if SUB_CRIT:  # the same V tile leaves the linear branch's global sums
-                kf = tl.load(kf_base + offs_k[:, None] * D + offs_d[None, :], mask=kv_mask, other=0.0)
-                a = tl.dot(qf, tl.trans(kf))
-                num -= tl.dot(a.to(v.dtype), v)
-                den -= tl.sum(a, 1)
-
-    o = acc * (1.0 / l_i)[:, None]
-    tl.store(O + row[:, None] * D + offs_d[None, :], o.to(O.dtype.element_ty), mask=qd_mask)
-    tl.store(LSE + row, m_i + tl.log(l_i), mask=m_valid)
+    offs_m = row0 + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_ok = offs_m < NQ_TOK
+    qd_mask = m_ok[:, None] & (offs_d < D)[None, :]
+    row = pid_bh.to(tl.int64) * NQ_TOK + offs_m  # rows of the contiguous (B, H, N, .) outputs
+    empty = l_i == 0.0  # a row that saw no key: o = 0, lse = -inf (not 0/0)
+    l_safe = tl.where(empty, 1.0, l_i)
+    tl.store(O + row[:, None] * D + offs_d[None, :], (acc / l_safe[:, None]).to(O.dtype.element_ty), mask=qd_mask)
+    tl.store(LSE + row, tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * LN2), mask=m_ok)
 
     if HAS_LIN:
-        lin_row = LIN + (pid_bh.to(tl.int64) * n_qb + pid_m // SUB) * NL
-        for c in range(NL):
-            j = tl.load(lin_row + c)
-            offs_k = j * BLOCK_N + offs_n
-            kv_mask = (offs_k < NK_TOK)[:, None] & d_valid[None, :]
-            kf = tl.load(kf_base + offs_k[:, None] * D + offs_d[None, :], mask=kv_mask, other=0.0)
-            v = tl.load(v_base + offs_k[:, None] * svn + offs_d[None, :], mask=kv_mask, other=0.0)
-            a = lin_sign * tl.dot(qf, tl.trans(kf))
-            num += tl.dot(a.to(v.dtype), v)
+        tile = pid_bh.to(tl.int64) * NK_TOK * D  # QF / KF are contiguous (B, H, N, D)
+        qf = load_tile(QF + pid_bh.to(tl.int64) * NQ_TOK * D, QF + pid_bh.to(tl.int64) * NQ_TOK * D, b, h, row0,
+                       NQ_TOK, D, D, BLOCK_M, BLOCK_D, False, True, True)
+        inv_s = tl.load(INV_S + row, mask=m_ok, other=1.0)
+        num = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        den = tl.zeros([BLOCK_M], tl.float32)
+        lin = LIN + (pid_bh.to(tl.int64) * n_qb + pid_m // SUB) * NL
+        for c in range(0, NL):  # loop: linear
+            col = tl.load(lin + c) * BLOCK_N
+            kf = load_tile(KF + tile, KF + tile, b, h, col, NK_TOK, D, D, BLOCK_N, BLOCK_D, False, True, True)
+            v = load_tile(v_base, v_base, b, h, col, NK_TOK, svn, D, BLOCK_N, BLOCK_D, False, True, True)
+            a = tl.dot(qf, tl.trans(kf), input_precision="ieee") * inv_s[:, None]
+            num = _dot_split(a, v, num, V.dtype.element_ty)
             den += tl.sum(a, 1)
-        tl.store(NUM + row[:, None] * D + offs_d[None, :], num, mask=qd_mask)
-        tl.store(DEN + row, den, mask=m_valid)
+        s = lin_sign / inv_s
+        tl.store(NUM + row[:, None] * D + offs_d[None, :], num * s[:, None], mask=qd_mask)
+        tl.store(DEN + row, den * s, mask=m_ok)
 
 
 @triton.jit
 def _sla_bwd_dq_kernel(
-    Q, K, V, KF, DO, LSE, DELTA, DNUM, DDEN, DSCALE, CRIT, LIN, DQ, DQF,
+    Q, K, V, KF, DO, LSE2, DELTA, DNUM, DDEN, DSCALE, CRIT, LIN, DQ, DQF,
     sqb, sqh, sqn, skb, skh, skn, svb, svh, svn,
-    H, NQ_TOK, NK_TOK, D, KC, NL, SUB, scale, lin_sign,
+    H, NQ_TOK, NK_TOK, D, KC, NL, SUB, sm_scale, qk_scale, lin_sign,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    HAS_LIN: tl.constexpr, SUB_CRIT: tl.constexpr,
+    HAS_LIN: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // H
     h = pid_bh % H
-    n_qb = tl.cdiv(NQ_TOK, BLOCK_M * SUB)  # classification blocks
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    m_valid = offs_m < NQ_TOK
-    d_valid = offs_d < D
-    qd_mask = m_valid[:, None] & d_valid[None, :]
+    row0 = pid_m * BLOCK_M
+    n_qb = tl.cdiv(NQ_TOK, BLOCK_M * SUB)
+    q_base = Q + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh
     k_base = K + b.to(tl.int64) * skb + h.to(tl.int64) * skh
     v_base = V + b.to(tl.int64) * svb + h.to(tl.int64) * svh
-    kf_base = KF + pid_bh.to(tl.int64) * NK_TOK * D
-    q = tl.load(Q + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh + offs_m[:, None] * sqn + offs_d[None, :],
-                mask=qd_mask, other=0.0)
+    own = pid_bh.to(tl.int64) * NQ_TOK * D  # this (batch, head) in the contiguous (B, H, N, D) tensors
+    q = load_tile(q_base, q_base, b, h, row0, NQ_TOK, sqn, D, BLOCK_M, BLOCK_D, False, True, True)
+    do = load_tile(DO + own, DO + own, b, h, row0, NQ_TOK, D, D, BLOCK_M, BLOCK_D, False, True, True)
+    offs_m = row0 + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_ok = offs_m < NQ_TOK
     row = pid_bh.to(tl.int64) * NQ_TOK + offs_m
-    do = tl.load(DO + row[:, None] * D + offs_d[None, :], mask=qd_mask, other=0.0)
-    lse = tl.load(LSE + row, mask=m_valid, other=0.0)
-    delta = tl.load(DELTA + row, mask=m_valid, other=0.0)
+    lse = tl.load(LSE2 + row, mask=m_ok, other=float("inf"))
+    delta = tl.load(DELTA + row, mask=m_ok, other=0.0)
+
+    crit = CRIT + (pid_bh.to(tl.int64) * n_qb + pid_m // SUB) * KC
+    last = tl.load(crit + tl.maximum(KC - 1, 0), mask=KC > 0, other=0)  # KC = 0: no block, o = 0
+    n_main = KC - ((KC > 0) & ((last + 1) * BLOCK_N > NK_TOK)).to(tl.int32)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    dqf = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    if HAS_LIN:
-        dnum = tl.load(DNUM + row[:, None] * D + offs_d[None, :], mask=qd_mask, other=0.0).to(q.dtype)
-        dden = tl.load(DDEN + row, mask=m_valid, other=0.0)
-
-    crit_row = CRIT + (pid_bh.to(tl.int64) * n_qb + pid_m // SUB) * KC
-    for c in range(KC):
-        j = tl.load(crit_row + c)
-        offs_k = j * BLOCK_N + offs_n
-        k_valid = offs_k < NK_TOK
-        kv_mask = k_valid[:, None] & d_valid[None, :]
-        k = tl.load(k_base + offs_k[:, None] * skn + offs_d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(v_base + offs_k[:, None] * svn + offs_d[None, :], mask=kv_mask, other=0.0)
-        s = tl.dot(q, tl.trans(k)) * scale
-        p = tl.where(k_valid[None, :], tl.exp(s - lse[:, None]), 0.0)
-        dp = tl.dot(do, tl.trans(v))
-        ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(k.dtype), k)
-        if HAS_LIN:
-            if SUB_CRIT:
-                kf = tl.load(kf_base + offs_k[:, None] * D + offs_d[None, :], mask=kv_mask, other=0.0)
-                da = tl.dot(dnum, tl.trans(v)) + dden[:, None]
-                dqf -= tl.dot(da.to(kf.dtype), kf)
-    tl.store(DQ + row[:, None] * D + offs_d[None, :], (dq * scale).to(DQ.dtype.element_ty), mask=qd_mask)
+    for c in range(0, n_main):  # loop: critical
+        col = tl.load(crit + c) * BLOCK_N
+        k = load_tile(k_base, k_base, b, h, col, NK_TOK, skn, D, BLOCK_N, BLOCK_D, False, False, True)
+        v = load_tile(v_base, v_base, b, h, col, NK_TOK, svn, D, BLOCK_N, BLOCK_D, False, False, True)
+        dq = dq_step(q, do, lse, delta, k, v, dq, qk_scale, 0, False, "ieee")
+    for c in range(n_main, KC):  # loop: ragged
+        col = tl.load(crit + c) * BLOCK_N
+        k = load_tile(k_base, k_base, b, h, col, NK_TOK, skn, D, BLOCK_N, BLOCK_D, False, True, True)
+        v = load_tile(v_base, v_base, b, h, col, NK_TOK, svn, D, BLOCK_N, BLOCK_D, False, True, True)
+        keep = (col + tl.arange(0, BLOCK_N) < NK_TOK)[None, :]
+        dq = dq_step(q, do, lse, delta, k, v, dq, qk_scale, keep, True, "ieee")
+    qd_mask = m_ok[:, None] & (offs_d < D)[None, :]
+    tl.store(DQ + row[:, None] * D + offs_d[None, :], (dq * sm_scale).to(DQ.dtype.element_ty), mask=qd_mask)
 
     if HAS_LIN:
-        lin_row = LIN + (pid_bh.to(tl.int64) * n_qb + pid_m // SUB) * NL
-        for c in range(NL):
-            j = tl.load(lin_row + c)
-            offs_k = j * BLOCK_N + offs_n
-            kv_mask = (offs_k < NK_TOK)[:, None] & d_valid[None, :]
-            kf = tl.load(kf_base + offs_k[:, None] * D + offs_d[None, :], mask=kv_mask, other=0.0)
-            v = tl.load(v_base + offs_k[:, None] * svn + offs_d[None, :], mask=kv_mask, other=0.0)
-            da = lin_sign * (tl.dot(dnum, tl.trans(v)) + dden[:, None])
-            dqf += tl.dot(da.to(kf.dtype), kf)
-        dqf = dqf * tl.load(DSCALE + pid_bh)  # undo the per-head rescaling of dnum / dden
+        # dnum / dden arrive rescaled to O(1) per (batch, head); DSCALE undoes it at the end.
+        dnum = load_tile(DNUM + own, DNUM + own, b, h, row0, NQ_TOK, D, D, BLOCK_M, BLOCK_D, False, True, True)
+        dden = tl.load(DDEN + row, mask=m_ok, other=0.0)
+        tile = pid_bh.to(tl.int64) * NK_TOK * D
+        dqf = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        lin = LIN + (pid_bh.to(tl.int64) * n_qb + pid_m // SUB) * NL
+        for c in range(0, NL):  # loop: linear
+            col = tl.load(lin + c) * BLOCK_N
+            kf = load_tile(KF + tile, KF + tile, b, h, col, NK_TOK, D, D, BLOCK_N, BLOCK_D, False, True, True)
+            v = load_tile(v_base, v_base, b, h, col, NK_TOK, svn, D, BLOCK_N, BLOCK_D, False, True, True)
+            da = tl.dot(dnum, tl.trans(v), input_precision="ieee") + dden[:, None]
+            dqf = _dot_split(da, kf, dqf, Q.dtype.element_ty)
+        dqf = dqf * (lin_sign * tl.load(DSCALE + pid_bh))
         tl.store(DQF + row[:, None] * D + offs_d[None, :], dqf, mask=qd_mask)
 
 
 @triton.jit
-def _dkdv_linear(QF, DNUM, DDEN, rows, qd_mask, m_valid, offs_d, kf, v, dv, dkf, weight, D):
-    """One query tile's linear-branch contribution to a key block, times ``weight`` (sign x dscale)."""
-    qf = tl.load(QF + rows[:, None] * D + offs_d[None, :], mask=qd_mask, other=0.0)
-    dnum = tl.load(DNUM + rows[:, None] * D + offs_d[None, :], mask=qd_mask, other=0.0).to(qf.dtype)
-    dden = tl.load(DDEN + rows, mask=m_valid, other=0.0)
-    a = tl.dot(qf, tl.trans(kf))
-    dv += weight * tl.dot(tl.trans(a).to(qf.dtype), dnum)
-    da = tl.dot(dnum, tl.trans(v)) + dden[:, None]
-    dkf += weight * tl.dot(tl.trans(da).to(qf.dtype), qf)
-    return dv, dkf
-
-
-@triton.jit
 def _sla_bwd_dkdv_kernel(
-    Q, K, V, QF, KF, DO, LSE, DELTA, DNUM, DDEN, DSCALE, CRIT_T, CRIT_T_CNT, LIN_T, LIN_T_CNT, DK, DV, DKF,
+    Q, K, V, DO, LSE2, DELTA, CRIT_T, CRIT_T_CNT, DK, DV,
     sqb, sqh, sqn, skb, skh, skn, svb, svh, svn,
-    H, NQ_TOK, NK_TOK, D, SUB, scale, lin_sign,
+    H, NQ_TOK, NK_TOK, D, SUB, sm_scale, qk_scale,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    HAS_LIN: tl.constexpr, SUB_CRIT: tl.constexpr,
 ):
+    """Softmax dK / dV of a key block over the query tiles that hold it as critical."""
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // H
     h = pid_bh % H
-    n_qb = tl.cdiv(NQ_TOK, BLOCK_M * SUB)  # classification blocks
+    col0 = pid_n * BLOCK_N
+    n_qb = tl.cdiv(NQ_TOK, BLOCK_M * SUB)
     n_kb = tl.cdiv(NK_TOK, BLOCK_N)
-    offs_k = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_mb = tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    k_valid = offs_k < NK_TOK
-    d_valid = offs_d < D
-    kv_mask = k_valid[:, None] & d_valid[None, :]
     q_base = Q + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh
-    k = tl.load(K + b.to(tl.int64) * skb + h.to(tl.int64) * skh + offs_k[:, None] * skn + offs_d[None, :],
-                mask=kv_mask, other=0.0)
-    v = tl.load(V + b.to(tl.int64) * svb + h.to(tl.int64) * svh + offs_k[:, None] * svn + offs_d[None, :],
-                mask=kv_mask, other=0.0)
-    krow = pid_bh.to(tl.int64) * NK_TOK + offs_k
-    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    dkf = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    if HAS_LIN:
-        kf = tl.load(KF + krow[:, None] * D + offs_d[None, :], mask=kv_mask, other=0.0)
-        lin_scale = tl.load(DSCALE + pid_bh)
-    row_base = pid_bh.to(tl.int64) * NQ_TOK
+    k_base = K + b.to(tl.int64) * skb + h.to(tl.int64) * skh
+    v_base = V + b.to(tl.int64) * svb + h.to(tl.int64) * svh
+    own_q = pid_bh.to(tl.int64) * NQ_TOK * D
+    k = load_tile(k_base, k_base, b, h, col0, NK_TOK, skn, D, BLOCK_N, BLOCK_D, False, True, True)
+    v = load_tile(v_base, v_base, b, h, col0, NK_TOK, svn, D, BLOCK_N, BLOCK_D, False, True, True)
+    rows_at = pid_bh.to(tl.int64) * NQ_TOK
+    offs_mb = tl.arange(0, BLOCK_M)
     list_at = pid_bh.to(tl.int64) * n_kb + pid_n
 
-    # Query blocks that hold this key block as critical: softmax gradient (+ linear removal).
-    # One loop over (listed query block, sub-tile) pairs: unrolled sub-tiles would hold twice the buffers.
+    # Query tiles of the query blocks holding this key block as critical, ascending: only the
+    # last listed block can hold the ragged (or absent) last query tiles.
     cnt = tl.load(CRIT_T_CNT + list_at)
-    for c in range(cnt * SUB):
-        i = tl.load(CRIT_T + list_at * n_qb + c // SUB)
-        offs_m = (i * SUB + c % SUB) * BLOCK_M + offs_mb
-        m_valid = offs_m < NQ_TOK
-        qd_mask = m_valid[:, None] & d_valid[None, :]
-        rows = row_base + offs_m
-        q = tl.load(q_base + offs_m[:, None] * sqn + offs_d[None, :], mask=qd_mask, other=0.0)
-        do = tl.load(DO + rows[:, None] * D + offs_d[None, :], mask=qd_mask, other=0.0)
-        lse = tl.load(LSE + rows, mask=m_valid, other=0.0)
-        delta = tl.load(DELTA + rows, mask=m_valid, other=0.0)
-        s = tl.dot(q, tl.trans(k)) * scale
-        p = tl.where(m_valid[:, None] & k_valid[None, :], tl.exp(s - lse[:, None]), 0.0)
-        dv += tl.dot(tl.trans(p).to(do.dtype), do)
-        dp = tl.dot(do, tl.trans(v))
-        ds = p * (dp - delta[:, None])
-        dk += tl.dot(tl.trans(ds).to(q.dtype), q)
-        if HAS_LIN:
-            if SUB_CRIT:
-                dv, dkf = _dkdv_linear(QF, DNUM, DDEN, rows, qd_mask, m_valid, offs_d, kf, v, dv, dkf,
-                                       -lin_scale, D)
-    # Softmax dk was accumulated unscaled; the linear dkf is returned apart for the phi backward.
-    tl.store(DK + krow[:, None] * D + offs_d[None, :], (dk * scale).to(DK.dtype.element_ty), mask=kv_mask)
-    if HAS_LIN:
-        cnt = tl.load(LIN_T_CNT + list_at)
-        for c in range(cnt * SUB):
-            i = tl.load(LIN_T + list_at * n_qb + c // SUB)
-            offs_m = (i * SUB + c % SUB) * BLOCK_M + offs_mb
-            m_valid = offs_m < NQ_TOK
-            dv, dkf = _dkdv_linear(QF, DNUM, DDEN, row_base + offs_m, m_valid[:, None] & d_valid[None, :],
-                                   m_valid, offs_d, kf, v, dv, dkf, lin_sign * lin_scale, D)
-        tl.store(DKF + krow[:, None] * D + offs_d[None, :], dkf, mask=kv_mask)
+    crit = CRIT_T + list_at * n_qb
+    last = tl.load(crit + tl.maximum(cnt - 1, 0))
+    n_main = tl.minimum(cnt * SUB, tl.maximum((cnt - 1) * SUB + tl.maximum(NQ_TOK // BLOCK_M - last * SUB, 0), 0))
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    for c in range(0, n_main):  # loop: critical
+        row = (tl.load(crit + c // SUB) * SUB + c % SUB) * BLOCK_M
+        q = load_tile(q_base, q_base, b, h, row, NQ_TOK, sqn, D, BLOCK_M, BLOCK_D, False, False, True)
+        do = load_tile(DO + own_q, DO + own_q, b, h, row, NQ_TOK, D, D, BLOCK_M, BLOCK_D, False, False, True)
+        lse = tl.load(LSE2 + rows_at + row + offs_mb)
+        delta = tl.load(DELTA + rows_at + row + offs_mb)
+        dk, dv = dkdv_step(k, v, q, do, lse, delta, dk, dv, qk_scale, 0, False, "ieee")
+    for c in range(n_main, cnt * SUB):  # loop: ragged (rows past NQ_TOK: lse = +inf, so P = 0)
+        row = (tl.load(crit + c // SUB) * SUB + c % SUB) * BLOCK_M
+        m_ok = row + offs_mb < NQ_TOK
+        q = load_tile(q_base, q_base, b, h, row, NQ_TOK, sqn, D, BLOCK_M, BLOCK_D, False, True, True)
+        do = load_tile(DO + own_q, DO + own_q, b, h, row, NQ_TOK, D, D, BLOCK_M, BLOCK_D, False, True, True)
+        lse = tl.load(LSE2 + rows_at + row + offs_mb, mask=m_ok, other=float("inf"))
+        delta = tl.load(DELTA + rows_at + row + offs_mb, mask=m_ok, other=0.0)
+        dk, dv = dkdv_step(k, v, q, do, lse, delta, dk, dv, qk_scale, 0, False, "ieee")
+
+    offs_k = col0 + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    krow = pid_bh.to(tl.int64) * NK_TOK + offs_k
+    kv_mask = (offs_k < NK_TOK)[:, None] & (offs_d < D)[None, :]
+    tl.store(DK + krow[:, None] * D + offs_d[None, :], (dk * sm_scale).to(DK.dtype.element_ty), mask=kv_mask)
     tl.store(DV + krow[:, None] * D + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=kv_mask)
 
 
-KERNELS = {"fwd": _sla_fwd_kernel, "bwd_dq": _sla_bwd_dq_kernel, "bwd_dkdv": _sla_bwd_dkdv_kernel}
+@triton.jit
+def _sla_bwd_dkdv_lin_kernel(
+    V, QF, KF, DNUM, DDEN, DSCALE, INV_S, LIN_T, LIN_T_CNT, DV, DKF,
+    svb, svh, svn,
+    H, NQ_TOK, NK_TOK, D, SUB, lin_sign,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Linear-branch dV (added to ``DV``, fp32) and d phi(K) of a key block, over the query tiles that
+    add (marginal) or remove (critical, negligible) it. A kernel of its own: beside the softmax
+    accumulators it spilled."""
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    col0 = pid_n * BLOCK_N
+    n_qb = tl.cdiv(NQ_TOK, BLOCK_M * SUB)
+    n_kb = tl.cdiv(NK_TOK, BLOCK_N)
+    v_base = V + b.to(tl.int64) * svb + h.to(tl.int64) * svh
+    own_q = pid_bh.to(tl.int64) * NQ_TOK * D
+    own_k = pid_bh.to(tl.int64) * NK_TOK * D
+    v = load_tile(v_base, v_base, b, h, col0, NK_TOK, svn, D, BLOCK_N, BLOCK_D, False, True, True)
+    kf = load_tile(KF + own_k, KF + own_k, b, h, col0, NK_TOK, D, D, BLOCK_N, BLOCK_D, False, True, True)
+    rows_at = pid_bh.to(tl.int64) * NQ_TOK
+    offs_mb = tl.arange(0, BLOCK_M)
+    list_at = pid_bh.to(tl.int64) * n_kb + pid_n
+    cnt = tl.load(LIN_T_CNT + list_at)
+    lin = LIN_T + list_at * n_qb
+    # Two passes over the query tiles, one accumulator each: with both live the kernel spilled.
+    # dnum_s = s * dnum, dden_s = s * dden (prepared by the launcher): a^T / s and
+    # (V dnum_s^T + dden_s) / s keep every operand in range and give the exact products.
+    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    for c in range(0, cnt * SUB):  # loop: linear
+        row = (tl.load(lin + c // SUB) * SUB + c % SUB) * BLOCK_M
+        m_ok = row + offs_mb < NQ_TOK
+        qf = load_tile(QF + own_q, QF + own_q, b, h, row, NQ_TOK, D, D, BLOCK_M, BLOCK_D, False, True, True)
+        dnum = load_tile(DNUM + own_q, DNUM + own_q, b, h, row, NQ_TOK, D, D, BLOCK_M, BLOCK_D, False, True, True)
+        inv_s = tl.load(INV_S + rows_at + row + offs_mb, mask=m_ok, other=1.0)
+        at = tl.dot(kf, tl.trans(qf), input_precision="ieee") * inv_s[None, :]
+        dv = _dot_split(at, dnum, dv, V.dtype.element_ty)
+    dkf = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    for c in range(0, cnt * SUB):  # loop: linear_dkf
+        row = (tl.load(lin + c // SUB) * SUB + c % SUB) * BLOCK_M
+        m_ok = row + offs_mb < NQ_TOK
+        qf = load_tile(QF + own_q, QF + own_q, b, h, row, NQ_TOK, D, D, BLOCK_M, BLOCK_D, False, True, True)
+        dnum = load_tile(DNUM + own_q, DNUM + own_q, b, h, row, NQ_TOK, D, D, BLOCK_M, BLOCK_D, False, True, True)
+        dden = tl.load(DDEN + rows_at + row + offs_mb, mask=m_ok, other=0.0)
+        inv_s = tl.load(INV_S + rows_at + row + offs_mb, mask=m_ok, other=1.0)
+        dat = (tl.dot(v, tl.trans(dnum), input_precision="ieee") + dden[None, :]) * inv_s[None, :]
+        dkf = _dot_split(dat, qf, dkf, V.dtype.element_ty)
+
+    weight = lin_sign * tl.load(DSCALE + pid_bh)
+    offs_k = col0 + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    krow = pid_bh.to(tl.int64) * NK_TOK + offs_k
+    kv_mask = (offs_k < NK_TOK)[:, None] & (offs_d < D)[None, :]
+    dv_ptrs = DV + krow[:, None] * D + offs_d[None, :]
+    tl.store(dv_ptrs, tl.load(dv_ptrs, mask=kv_mask, other=0.0) + dv * weight, mask=kv_mask)
+    tl.store(DKF + krow[:, None] * D + offs_d[None, :], dkf * weight, mask=kv_mask)
+
+
+KERNELS = {"fwd": _sla_fwd_kernel, "bwd_dq": _sla_bwd_dq_kernel, "bwd_dkdv": _sla_bwd_dkdv_kernel,
+           "bwd_dkdv_lin": _sla_bwd_dkdv_lin_kernel}
 
 
 # --------------------------------------------------------------------------- host wrappers
@@ -279,10 +324,29 @@ def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _features(x: torch.Tensor, feature: int):
-    """``(phi(x) fp32, phi(x) contiguous in x's dtype)``: the kernels' linear-branch operands."""
-    f32 = feature_map(x.float(), _FEATURE_NAMES[feature])
-    return f32, f32.to(x.dtype).contiguous()
+def _pad_d(block_d: int, *tensors: torch.Tensor):
+    """The kernels read whole ``block_d`` columns: other head dims run on zero-padded copies (a zero
+    column changes no score, no feature product and no output column)."""
+    d = tensors[0].shape[-1]
+    if d == block_d:
+        return tensors
+    return tuple(torch.nn.functional.pad(t, (0, block_d - d)) for t in tensors)
+
+
+def _features(x: torch.Tensor, feature: int) -> torch.Tensor:
+    """phi(x) rounded to x's dtype, contiguous: the kernels' operand (callers upcast the same values)."""
+    return feature_map(x.float(), _FEATURE_NAMES[feature]).to(x.dtype).contiguous()
+
+
+def row_scale(qf: torch.Tensor, kf: torch.Tensor) -> torch.Tensor:
+    """Per-row divisor ``s_i >= 1`` of the linear scores, fp32 ``(B, H, Nq)`` (the kernels take ``1 / s``).
+
+    ``|phi(q_i) . phi(k_j)| <= sum|phi(q_i)| * max|phi(k)|``, so the scores divided by ``s_i`` stay
+    below :data:`SCORE_BOUND` and fit fp16 (unnormalised relu / elu features overflow it otherwise).
+    Numerator and denominator scale alike, so ``s`` cancels.
+    """
+    kmax = kf.float().abs().amax(dim=(-1, -2))[..., None]
+    return (qf.float().abs().sum(-1) * kmax / SCORE_BOUND).clamp_min(1.0).contiguous()
 
 
 def _feature_backward(f32: torch.Tensor, g: torch.Tensor, feature: int) -> torch.Tensor:
@@ -301,7 +365,7 @@ def _feature_backward(f32: torch.Tensor, g: torch.Tensor, feature: int) -> torch
 def transposed_lists(index: torch.Tensor, n_kb: int):
     """[B, H, nQ, L] key-block lists -> per key block its query blocks ``[B, H, nK, nQ]`` + counts ``[B, H, nK]``.
 
-    No host sync: the width is nQ (the worst case), so shapes are static.
+    No host sync: the width is nQ (the worst case), so shapes are static. Query blocks ascend.
     """
     b, h, n_qb, width = index.shape
     visited = torch.zeros(b, h, n_qb, n_kb, dtype=torch.bool, device=index.device)
@@ -313,6 +377,19 @@ def transposed_lists(index: torch.Tensor, n_kb: int):
     return order.contiguous(), counts.contiguous()
 
 
+def _live(index: torch.Tensor) -> torch.Tensor:
+    """An int32 block list as a kernel argument: an empty one becomes a live one-element allocation
+    (empty tensors may carry a null address; the kernels read no entry of it)."""
+    return index if index.numel() else index.new_zeros(1)
+
+
+def _arch(device: torch.device) -> int:
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        return major * 10 + minor
+    return 80  # interpreter: any valid config works
+
+
 def _launch(cfg: SLAKernelConfig, grid, *args):
     try:
         KERNELS[cfg.kernel][grid](*args, **cfg.launch_kwargs())
@@ -321,76 +398,97 @@ def _launch(cfg: SLAKernelConfig, grid, *args):
                          "use bfloat16/float16 inputs or backend='torch'") from None
 
 
-def sla_forward(q, k, v, critical, lin_blocks, scale, feature, has_lin, sub_critical, lin_sign, block_q):
-    """Launch the fused forward kernel. Returns ``(o, lse, num_c, den_c)`` (num/den empty without linear)."""
-    q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
+def sla_forward(q, k, v, critical, lin_blocks, scale, feature, has_lin, lin_sign, block_q):
+    """Launch the fused forward kernel. Returns ``(o, lse, num_c, den_c)`` (num/den empty without linear).
+
+    ``lin_blocks`` ``[B, H, nQ, L]``: key blocks whose linear terms are added (``lin_sign = 1``)
+    or removed (``-1``); ``critical`` ``[B, H, nQ, kc]`` ascending, ``kc >= 1``.
+    """
     b, h, nq, d = q.shape
     nk = k.shape[-2]
-    cfg = select_sla_config("fwd", q.dtype, d, has_lin, sub_critical)
-    o = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    cfg = select_sla_config("fwd", q.dtype, d, has_lin, _arch(q.device))
+    if has_lin:
+        qf, kf = _pad_d(cfg.block_d, _features(q, feature), _features(k, feature))
+        inv_s = row_scale(qf, kf).reciprocal_()
+    q, k, v = _pad_d(cfg.block_d, *(_last_dim_contiguous(t) for t in (q, k, v)))
+    dp = cfg.block_d
+    o = torch.empty((b, h, nq, dp), dtype=q.dtype, device=q.device)
     lse = torch.empty(b, h, nq, dtype=torch.float32, device=q.device)
     if has_lin:
-        qf, kf = _features(q, feature)[1], _features(k, feature)[1]
-        num = torch.empty(b, h, nq, d, dtype=torch.float32, device=q.device)
+        num = torch.empty(b, h, nq, dp, dtype=torch.float32, device=q.device)
         den = torch.empty(b, h, nq, dtype=torch.float32, device=q.device)
     else:  # unused pointers get a live allocation: empty tensors may carry a null address
         qf = kf = q
-        num = torch.empty(0, dtype=torch.float32, device=q.device)
-        den = torch.empty(0, dtype=torch.float32, device=q.device)
-    grid = (triton.cdiv(nq, BLOCK_M), b * h)
-    lin_ptr = lin_blocks if lin_blocks.numel() else critical
-    _launch(cfg, grid,
-            q, k, v, qf, kf, critical, lin_ptr, o, lse, num if has_lin else lse, den if has_lin else lse,
+        inv_s = num = den = lse
+    crit_ptr, lin_ptr = _live(critical), _live(lin_blocks)
+    _launch(cfg, (triton.cdiv(nq, BLOCK_M), b * h),
+            q, k, v, qf, kf, crit_ptr, lin_ptr, inv_s, o, lse, num, den,
             *_strides(q), *_strides(k), *_strides(v),
-            h, nq, nk, d, critical.shape[-1], lin_blocks.shape[-1], block_q // BLOCK_M, scale, float(lin_sign))
-    return o, lse, num, den
+            h, nq, nk, dp, critical.shape[-1], lin_blocks.shape[-1], block_q // BLOCK_M, scale * LOG2E,
+            float(lin_sign))
+    if not has_lin:  # two distinct empties: a custom op's outputs may not alias
+        num, den = (torch.empty(0, dtype=torch.float32, device=q.device) for _ in range(2))
+    elif dp != d:
+        num = num[..., :d].contiguous()
+    return (o if dp == d else o[..., :d].contiguous()), lse, num, den
 
 
 def sla_backward(do, dlse, dnum, dden, q, k, v, o, lse, critical, lin_blocks, scale, feature, has_lin,
-                 sub_critical, lin_sign, block_q):
+                 lin_sign, block_q):
     """Launch the dQ and dK/dV kernels. ``dlse`` (may be zeros) is folded into delta."""
-    q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
     b, h, nq, d = q.shape
     nk = k.shape[-2]
-    cfg_dq = select_sla_config("bwd_dq", q.dtype, d, has_lin, sub_critical)
-    cfg_dkdv = select_sla_config("bwd_dkdv", q.dtype, d, has_lin, sub_critical)
+    arch = _arch(q.device)
+    cfg_dq = select_sla_config("bwd_dq", q.dtype, d, has_lin, arch)
+    cfg_dkdv = select_sla_config("bwd_dkdv", q.dtype, d, has_lin, arch)
     n_kb = triton.cdiv(nk, BLOCK_K)
-    do = do.contiguous()
+    do = do.to(q.dtype).contiguous()
     # d lse / d s = p, so an lse gradient shifts delta: ds = p * (dp - (rowsum(do*o) - dlse)).
     delta = ((do.float() * o.float()).sum(-1) - dlse.float()).contiguous()
+    if has_lin:
+        qf, kf = _pad_d(cfg_dq.block_d, _features(q, feature), _features(k, feature))
+        phi_q, phi_k = (feature_map(t.float(), _FEATURE_NAMES[feature]) for t in (q, k))  # for the phi backward
+    q, k, v, do = _pad_d(cfg_dq.block_d, *(_last_dim_contiguous(t) for t in (q, k, v)), do)
+    lse2 = torch.where(torch.isneginf(lse), float("inf"), lse.float() * 1.4426950408889634).contiguous()
     # With the linear branch, dq / dk leave the kernels in fp32 and get the phi backward added here.
-    grad_dtype = torch.float32 if has_lin else q.dtype
-    dq = torch.empty(q.shape, dtype=grad_dtype, device=q.device)
-    dk = torch.empty(k.shape, dtype=grad_dtype, device=k.device)
-    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    # dK / dV leave the kernels in fp32 (the linear kernel adds to dV), and so does dQ with the linear branch.
+    dq = torch.empty(q.shape, dtype=torch.float32 if has_lin else q.dtype, device=q.device)
+    dk = torch.empty(k.shape, dtype=torch.float32, device=k.device)
+    dv = torch.empty(v.shape, dtype=torch.float32, device=v.device)
     if has_lin:
         # dnum ~ do / (phi(q) . z) is tiny; the kernels see it rescaled to O(1) per (batch, head)
         # (every linear-branch gradient is linear in (dnum, dden)) and multiply the scale back.
-        dnum, dden = dnum.float(), dden.float()
+        # dK/dV also takes it times the rows' score divisor s (see the kernel).
+        dnum, dden = _pad_d(cfg_dq.block_d, dnum.float())[0], dden.float()
         dscale = torch.maximum(dnum.abs().amax((-1, -2)), dden.abs().amax(-1)).clamp_min(1e-30)
-        dnum = (dnum / dscale[..., None, None]).contiguous()
-        dden = (dden / dscale[..., None]).contiguous()
-        dscale = dscale.contiguous()
-        qf32, qf = _features(q, feature)
-        kf32, kf = _features(k, feature)
+        dnum = dnum / dscale[..., None, None]
+        dden = dden / dscale[..., None]
+        s = row_scale(qf, kf)
+        dnum_s = (dnum * s[..., None]).to(q.dtype).contiguous()
+        dden_s = (dden * s).contiguous()
+        dnum, dden, dscale = dnum.to(q.dtype).contiguous(), dden.contiguous(), dscale.contiguous()
+        inv_s = s.reciprocal_()
         dqf = torch.empty(q.shape, dtype=torch.float32, device=q.device)
         dkf = torch.empty(k.shape, dtype=torch.float32, device=k.device)
     else:  # unused by the kernels; any live allocation will do
-        dnum = dden = dscale = delta
+        dnum = dden = dscale = inv_s = dnum_s = dden_s = delta
         qf, kf, dqf, dkf = q, k, dq, dk
-    lin_ptr = lin_blocks if lin_blocks.numel() else critical
+    crit_ptr, lin_ptr = _live(critical), _live(lin_blocks)
     crit_t, crit_cnt = transposed_lists(critical, n_kb)
-    lin_t, lin_cnt = transposed_lists(lin_blocks, n_kb) if has_lin else (crit_t, crit_cnt)
+    lin_t, lin_cnt = transposed_lists(lin_blocks, n_kb) if has_lin else (None, None)
     n_sub, sign = block_q // BLOCK_M, float(lin_sign)
+    strides, dp = (*_strides(q), *_strides(k), *_strides(v)), q.shape[-1]
     _launch(cfg_dq, (triton.cdiv(nq, BLOCK_M), b * h),
-            q, k, v, kf, do, lse, delta, dnum, dden, dscale, critical, lin_ptr, dq, dqf,
-            *_strides(q), *_strides(k), *_strides(v),
-            h, nq, nk, d, critical.shape[-1], lin_blocks.shape[-1], n_sub, scale, sign)
-    _launch(cfg_dkdv, (n_kb, b * h),
-            q, k, v, qf, kf, do, lse, delta, dnum, dden, dscale, crit_t, crit_cnt, lin_t, lin_cnt, dk, dv, dkf,
-            *_strides(q), *_strides(k), *_strides(v),
-            h, nq, nk, d, n_sub, scale, sign)
+            q, k, v, kf, do, lse2, delta, dnum, dden, dscale, crit_ptr, lin_ptr, dq, dqf, *strides,
+            h, nq, nk, dp, critical.shape[-1], lin_blocks.shape[-1], n_sub, scale, scale * LOG2E, sign)
+    _launch(cfg_dkdv, (n_kb, b * h), q, k, v, do, lse2, delta, crit_t, crit_cnt, dk, dv, *strides,
+            h, nq, nk, dp, n_sub, scale, scale * LOG2E)
     if has_lin:
-        dq = (dq + _feature_backward(qf32, dqf, feature)).to(q.dtype)
-        dk = (dk + _feature_backward(kf32, dkf, feature)).to(k.dtype)
-    return dq, dk, dv
+        cfg_lin = select_sla_config("bwd_dkdv_lin", q.dtype, d, True, arch)
+        _launch(cfg_lin, (n_kb, b * h), v, qf, kf, dnum_s, dden_s, dscale, inv_s, lin_t, lin_cnt, dv, dkf,
+                *_strides(v), h, nq, nk, dp, n_sub, sign)
+    dq, dk, dv, dqf, dkf = (g[..., :d] for g in (dq, dk, dv, dqf, dkf))  # drop padded columns
+    if has_lin:
+        dq = dq + _feature_backward(phi_q, dqf, feature)
+        dk = dk + _feature_backward(phi_k, dkf, feature)
+    return tuple(g.to(v.dtype).contiguous() for g in (dq, dk, dv))

@@ -1,0 +1,236 @@
+"""Runtime backend choice on real GPUs: time the contenders once per shape class, keep the faster.
+
+No GPU has timed the Triton kernels while they were written, so on CUDA ``backend="auto"``
+does not trust a fixed order: the first call of a *shape class* runs every contender
+(the Triton kernel and FlexAttention for block-sparse attention) after a warm-up, times them
+with CUDA events and keeps the fastest. The choice is stored on disk
+(``$DIT_ACCEL_CACHE/autotune.json``, default ``~/.cache/dit_accel``), keyed by
+:class:`ShapeClass`: GPU name, torch and triton versions, family, dtype, head dim and a
+density bucket. ``DIT_ACCEL_AUTOTUNE=0`` turns it off (``auto`` then takes the table order of
+:mod:`dit_accel.kernels.backends`).
+
+Entry points hand :func:`dit_accel.kernels.backends.resolve` a *tuner*
+(:func:`block_sparse_tuner`); the decision itself (:func:`choose`) takes the timer as an
+argument, so it is tested on CPU with injected timings. :func:`cached_choices` lists what
+is stored and :func:`info` summarises it (``dit-accel info``).
+
+Example::
+
+    from dit_accel.kernels import autotune
+    for row in autotune.cached_choices():
+        print(row["key"], row["choice"], row["times_ms"])
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import statistics
+import threading
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Dict, List, Mapping, Optional, Sequence
+
+__all__ = ["ENV_AUTOTUNE", "ShapeClass", "density_bucket", "enabled", "choose", "cuda_event_timer", "cached_choice",
+           "cached_choices", "info", "clear", "cache_path", "block_sparse_tuner", "DENSITY_BUCKETS"]
+
+#: Environment variable: ``0`` turns the timing off.
+ENV_AUTOTUNE = "DIT_ACCEL_AUTOTUNE"
+#: Upper edges of the density buckets: the fraction of visited tiles decides which kernel wins.
+DENSITY_BUCKETS = (0.05, 0.1, 0.2, 0.35, 0.5, 0.75, 1.0)
+
+Timer = Callable[[Callable[[], object], int, int], float]
+
+
+def enabled() -> bool:
+    """Whether ``auto`` times its contenders (``$DIT_ACCEL_AUTOTUNE`` unset or not ``0``)."""
+    return os.environ.get(ENV_AUTOTUNE, "1").strip().lower() not in ("0", "false", "off", "no")
+
+
+def density_bucket(density: Optional[float]) -> str:
+    """``"<=0.1"``-style label of the smallest bucket holding ``density``; ``"any"`` when unknown."""
+    if density is None:
+        return "any"
+    for edge in DENSITY_BUCKETS:
+        if density <= edge + 1e-12:
+            return f"<={edge:g}"
+    return f"<={DENSITY_BUCKETS[-1]:g}"
+
+
+@dataclass(frozen=True)
+class ShapeClass:
+    """What a timing result is valid for: the calls that share these fields run alike."""
+
+    device_name: str
+    torch: str
+    triton: str
+    family: str
+    dtype: str
+    head_dim: int
+    density: str  # a density_bucket label
+
+    @classmethod
+    def of(cls, family: str, request, density: Optional[float] = None) -> "ShapeClass":
+        """The class of a :class:`dit_accel.kernels.backends.Request` (on a CUDA device)."""
+        import torch
+
+        try:
+            import triton
+
+            triton_version = triton.__version__
+        except ImportError:
+            triton_version = "none"
+        dev = request.device
+        name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else dev.type
+        return cls(name, torch.__version__, triton_version, family, str(request.dtype).replace("torch.", ""),
+                   int(request.head_dim), density_bucket(density))
+
+    def key(self) -> str:
+        return "|".join(str(v) for v in asdict(self).values())
+
+
+# ----------------------------------------------------------------------------- the on-disk cache
+_LOCK = threading.Lock()
+_MEMORY: Dict[str, dict] = {}
+_LOADED: Dict[str, bool] = {}
+
+
+def cache_path() -> Path:
+    """The JSON file holding the choices (``$DIT_ACCEL_CACHE/autotune.json``)."""
+    root = os.environ.get("DIT_ACCEL_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "dit_accel")
+    return Path(root) / "autotune.json"
+
+
+def _entries() -> Dict[str, dict]:
+    path = str(cache_path())
+    if not _LOADED.get(path):
+        try:
+            _MEMORY.update(json.loads(Path(path).read_text()))
+        except (OSError, ValueError):
+            pass
+        _LOADED[path] = True
+    return _MEMORY
+
+
+def _store(key: str, entry: dict) -> None:
+    with _LOCK:
+        entries = _entries()
+        entries[key] = entry
+        path = cache_path()
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(entries, indent=1, sort_keys=True))
+            tmp.replace(path)
+        except OSError:
+            pass  # a read-only home still tunes, per process
+
+
+def cached_choice(shape: ShapeClass) -> Optional[str]:
+    """The stored choice for ``shape``, or None."""
+    entry = _entries().get(shape.key())
+    return entry["choice"] if entry else None
+
+
+def cached_choices() -> List[dict]:
+    """Every stored choice, for ``dit-accel info``:
+    ``[{"key", "shape": {field: value}, "choice", "times_ms": {backend: ms or None}, "date", ...}]``."""
+    fields = list(ShapeClass.__dataclass_fields__)
+    out = []
+    for key, entry in sorted(_entries().items()):
+        out.append({"key": key, "shape": dict(zip(fields, key.split("|"))), **entry})
+    return out
+
+
+def info() -> dict:
+    """The autotuner's state for ``dit-accel info``: ``{"enabled", "cache", "choices": {shape: "choice (times)"}}``."""
+    choices = {}
+    for row in cached_choices():
+        shape = row["shape"]
+        label = (f"{shape['device_name']} {shape['family']} {shape['dtype']} d{shape['head_dim']} "
+                 f"density {shape['density']}")
+        times = ", ".join(f"{k} {'failed' if t is None else f'{t:.3f} ms'}" for k, t in row["times_ms"].items())
+        choices[label] = f"{row['choice']} ({times}; torch {shape['torch']}, triton {shape['triton']}, {row['date']})"
+    return {"enabled": enabled(), "cache": str(cache_path()), "choices": choices}
+
+
+def clear() -> None:
+    """Forget every stored choice (in memory and on disk)."""
+    with _LOCK:
+        _MEMORY.clear()
+        try:
+            cache_path().unlink()
+        except OSError:
+            pass
+
+
+# ----------------------------------------------------------------------------- timing and the decision
+def cuda_event_timer(fn: Callable[[], object], warmup: int = 3, repeats: int = 10) -> float:
+    """Median milliseconds of ``fn()`` on the current CUDA stream, timed with CUDA events after ``warmup`` calls."""
+    import torch
+
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def choose(shape: ShapeClass, contenders: Mapping[str, Callable[[], object]], timer: Timer = cuda_event_timer,
+           warmup: int = 3, repeats: int = 10) -> str:
+    """The fastest contender for ``shape``: the stored choice, else time each and store the winner.
+
+    A contender that raises is out (its time is recorded as ``None``); when every one fails,
+    the first is returned and nothing is stored. Ties go to the earlier contender.
+    """
+    names = list(contenders)
+    if not names:
+        raise ValueError("choose() needs at least one contender")
+    stored = cached_choice(shape)
+    if stored in contenders:
+        return stored
+    if len(names) == 1:
+        return names[0]
+    times: Dict[str, Optional[float]] = {}
+    for name in names:
+        try:
+            times[name] = float(timer(contenders[name], warmup, repeats))
+        except Exception:  # a contender that cannot run these inputs is not chosen
+            times[name] = None
+    ok = {n: t for n, t in times.items() if t is not None}
+    if not ok:
+        return names[0]
+    best = min(ok, key=lambda n: (ok[n], names.index(n)))
+    _store(shape.key(), {"choice": best, "times_ms": times, "warmup": warmup, "repeats": repeats,
+                         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")})
+    return best
+
+
+def block_sparse_tuner(q, k, v, layout, scale: float, density: Optional[float] = None,
+                       timer: Timer = cuda_event_timer) -> Callable[[Sequence[str]], str]:
+    """A tuner for :func:`dit_accel.kernels.backends.resolve`: given the backends that can run,
+    time each through :func:`dit_accel.kernels.block_sparse_attention` on these very inputs
+    (without autograd) and return the fastest, once per shape class."""
+    def tune(names: Sequence[str], request) -> str:
+        import torch
+
+        from .block_sparse import block_sparse_attention
+
+        d = layout.density() if density is None else density
+        shape = ShapeClass.of("block_sparse", request, d)
+
+        def run(name):
+            return lambda: block_sparse_attention(q.detach(), k.detach(), v.detach(), layout, scale=scale,
+                                                  backend=name)
+
+        with torch.no_grad():
+            return choose(shape, {name: run(name) for name in names}, timer)
+
+    return tune

@@ -1,0 +1,86 @@
+"""The in-repo dense FlashAttention-2 Triton kernel: the sparse kernels' yardstick and the dense GPU baseline.
+
+:mod:`.tiles` holds the tile steps the dense and sparse kernels share, :mod:`.triton` the dense
+kernels and launchers, :mod:`.configs` their configurations (one per sparse configuration, for
+:mod:`dit_accel.kernels.sass`). Importing this package does not import triton.
+
+- :func:`dense_attention`: softmax attention through the Triton kernels (differentiable).
+- :func:`dense_contenders`: the dense contenders of ``dit-accel bench kernels`` on some inputs.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Dict, Optional
+
+import torch
+
+__all__ = ["dense_attention", "dense_contenders", "DENSE_CONTENDERS"]
+
+#: Names of the dense contenders of ``dit-accel bench kernels``, in report order.
+DENSE_CONTENDERS = ("dense SDPA", "dense Triton (dit_accel)", "flash-attn (dense)")
+
+
+class _DenseAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, scale):
+        from .triton import dense_forward
+
+        o, lse = dense_forward(q, k, v, scale)
+        ctx.save_for_backward(q, k, v, o, lse)
+        ctx.scale = scale
+        return o, lse
+
+    @staticmethod
+    def backward(ctx, do, dlse):
+        from .triton import dense_backward
+
+        q, k, v, o, lse = ctx.saved_tensors
+        return (*dense_backward(do, q, k, v, o, lse, ctx.scale), None)
+
+
+def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optional[float] = None,
+                    return_lse: bool = False):
+    """Dense softmax attention with the in-repo Triton kernels (forward and backward).
+
+    Args:
+        q: ``(B, H, N, D)``; k, v: ``(B, H, M, D)``; one dtype of fp16 / bf16 / fp32, ``D <= 256``,
+            on a CUDA device of compute capability >= 8.0 (or the CPU under ``TRITON_INTERPRET=1``).
+        scale: softmax scale, default ``1/sqrt(D)``.
+        return_lse: also return the fp32 natural-log log-sum-exp ``(B, H, N)``.
+
+    Example::
+
+        >>> o = dense_attention(q, k, v)  # == F.scaled_dot_product_attention(q, k, v) up to rounding
+    """
+    from ..checks import check_qkv, check_scale
+
+    check_qkv(q, k, v)
+    scale = check_scale(scale, q.shape[-1])
+    if q.shape[-1] > 256 or k.shape[2] == 0:
+        raise ValueError(f"the dense Triton kernel takes 1 <= M and D <= 256; got M={k.shape[2]}, D={q.shape[-1]}")
+    o, lse = _DenseAttention.apply(q, k, v, scale)
+    return (o, lse) if return_lse else o
+
+
+def dense_contenders(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                     scale: Optional[float] = None) -> Dict[str, Callable[[], torch.Tensor]]:
+    """``{name: zero-argument callable}`` of the dense contenders that can run on these inputs, in
+    :data:`DENSE_CONTENDERS` order: SDPA always, the in-repo Triton kernel where triton can run on
+    q's device, flash-attn (``(B, N, H, D)`` copies made here, not timed) when it is installed
+    and q is a half-precision CUDA tensor. For ``dit-accel bench kernels``."""
+    import torch.nn.functional as F
+
+    from ..backends import triton_reason
+
+    out: Dict[str, Callable[[], torch.Tensor]] = {
+        DENSE_CONTENDERS[0]: lambda: F.scaled_dot_product_attention(q, k, v, scale=scale)}
+    if triton_reason(q.device) is None and q.shape[-1] <= 256:
+        out[DENSE_CONTENDERS[1]] = lambda: dense_attention(q, k, v, scale)
+    try:
+        from flash_attn import flash_attn_func
+    except Exception:  # not installed, or built for another torch
+        flash_attn_func = None
+    if flash_attn_func is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
+        qf, kf, vf = (t.transpose(1, 2).contiguous() for t in (q, k, v))
+        out[DENSE_CONTENDERS[2]] = lambda: flash_attn_func(qf, kf, vf, softmax_scale=scale)
+    return out

@@ -1,0 +1,235 @@
+"""Static GPU inspection (dit_accel.kernels.sass) and the per-tile parity the kernels must keep.
+
+The parity tests compile the main configurations for sm_80/89/90 (spawned processes, triton's
+and dit_accel's on-disk caches) next to the in-repo dense kernel with the same tile, warps,
+stages, dtype and target, and compare the SASS of their inner loops per tile. These are
+compile-time facts, deterministic on this machine. Spills and C7515 are checked on every
+shipped configuration in test_compile_block_sparse.py / test_compile_sla.py.
+"""
+
+import json
+import textwrap
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from dit_accel.kernels import sass  # noqa: E402
+from dit_accel.kernels.block_sparse.configs import select_config  # noqa: E402
+from dit_accel.kernels.sla.configs import select_sla_config  # noqa: E402
+
+# ----------------------------------------------------------------------------- parser (no compile)
+SASS = textwrap.dedent("""\
+    \t.text._k:
+    _k:
+    \t//## File "{src}", line 2
+            /*0000*/                   MOV R1, c[0x0][0x28] ;
+    .L_x_0:
+    \t//## File "{src}", line 3
+            /*0010*/                   LDG.E R2, [R4.64] ;
+            /*0020*/                   HMMA.16816.F32.BF16 R8, R12, R16, R8 ;
+            /*0030*/              @P0 BRA `(.L_x_1) ;
+    \t//## File "{src}", line 4
+            /*0040*/                   MUFU.EX2 R3, R3 ;
+            /*0050*/                   SHFL.BFLY PT, R5, R3, 0x1, 0x1f ;
+    .L_x_1:
+    \t//## File "{src}", line 9 inlined at "{src}", line 3
+            /*0060*/                   BAR.SYNC.DEFER_BLOCKING 0x0 ;
+            /*0070*/                   IADD3 R6, R6, 0x1, RZ ;
+            /*0080*/              @P1 BRA `(.L_x_0) ;
+    \t//## File "{src}", line 5
+            /*0090*/                   EXIT ;
+    """)
+
+
+def test_parse_and_count_a_loop(tmp_path):
+    src = tmp_path / "k.py"
+    src.write_text("def k():\n    x = 0\n    for i in range(3):  # loop: main\n        y = i\n    return x\n"
+                   + "\n" * 3 + "def helper():\n    pass\n")
+    instrs, labels = sass.parse_sass(SASS.format(src=src))
+    assert [i.opcode.split(".")[0] for i in instrs][:3] == ["MOV", "LDG", "HMMA"]
+    assert {k: labels[k] for k in ("_k", ".L_x_0", ".L_x_1")} == {"_k": 0, ".L_x_0": 0x10, ".L_x_1": 0x60}
+    (loop,) = sass.find_loops(instrs, labels)
+    # head .L_x_0 .. back edge at 0x80: 8 instructions, 6 when the forward branch skips two.
+    assert (loop.head, loop.end, loop.max_path, loop.min_path) == (0x10, 0x80, 8, 6)
+    assert loop.classes == {"global": 1, "tensor": 1, "branch": 2, "mufu": 1, "shfl": 1, "barrier": 1, "int": 1}
+    assert loop.min_classes.get("mufu", 0) == 0
+    sass._name_loops([loop], instrs, str(src))  # the inlined line counts at its call site (line 3)
+    assert (loop.name, loop.source_line) == ("main", 3)
+    # A cubin from triton's shared cache may name another checkout's copy of the same file.
+    elsewhere = "/another/checkout/" + "/".join(src.parts[-3:])
+    instrs, labels = sass.parse_sass(SASS.format(src=elsewhere))
+    (loop,) = sass.find_loops(instrs, labels)
+    sass._name_loops([loop], instrs, str(src))
+    assert loop.name == "main"
+
+
+@pytest.mark.parametrize("opcode,cls", [("HGMMA.64x64x16.F32.BF16", "tensor"), ("UTMALDG.4D", "global"),
+                                        ("LDSM.16.M88.4", "shared"), ("STL.64", "local"), ("SYNCS.ARRIVE.TRANS64",
+                                                                                            "barrier"),
+                                        ("WARPGROUP.DEPBAR.LE", "barrier"), ("ULEA", "int"), ("FFMA", "fp"),
+                                        ("BRA", "branch"), ("MUFU.EX2", "mufu")])
+def test_classify(opcode, cls):
+    assert sass.classify(opcode) == cls
+
+
+def test_ptxas_log_and_occupancy():
+    log = ("ptxas info    : (C7515) Potential Performance Loss: wgmma.mma_async instructions are serialized due to x\n"
+           "ptxas info    : Function properties for k\n"
+           "    472 bytes stack frame, 748 bytes spill stores, 608 bytes spill loads\n"
+           "ptxas info    : Used 255 registers, used 1 barriers, 472 bytes cumulative stack size\n")
+    rep = sass.parse_ptxas_log(log)
+    assert (rep["stack"], rep["spill_stores"], rep["spill_loads"], rep["ptxas_registers"]) == (472, 748, 608, 255)
+    assert [w["code"] for w in rep["warnings"]] == ["C7515"]
+    # 255 registers round up to 256 per thread, 8192 per warp: 8 warps per SM, two CTAs of 4 warps.
+    assert sass.occupancy(90, 255, 100_000, 4) == {"ctas": 2, "warps": 8, "limit": "registers"}
+    assert sass.occupancy(90, 128, 200_000, 8)["limit"] == "shared"
+    assert sass.occupancy(89, 64, 1_000, 4) == {"ctas": 8, "warps": 32, "limit": "registers"}
+    assert sass.occupancy(89, 32, 1_000, 4) == {"ctas": 12, "warps": 48, "limit": "warps"}
+
+
+# ----------------------------------------------------------------------------- parity (compiles)
+MAIN = [(90, 128), (90, 64), (80, 128)]  # (arch, head dim) of the forward and backward parity
+LAYOUT_BLOCKS = (64, 128)
+KERNELS = ("fwd", "bwd_dq", "bwd_dkdv")
+
+
+def _parity_jobs():
+    """Beside a dense twin: the main cases (bf16 and the forward in fp16 too), sm_89's forward, every
+    target's SLA forward with and without the linear branch."""
+    jobs = [(select_config(kernel, torch.bfloat16, d, block, block, arch), arch) for arch, d in MAIN
+            for block in LAYOUT_BLOCKS for kernel in KERNELS]
+    jobs += [(select_config("fwd", torch.float16, d, block, block, arch), arch) for arch, d in MAIN
+             for block in LAYOUT_BLOCKS]
+    jobs += [(select_config("fwd", torch.bfloat16, 128, block, block, 89), 89) for block in LAYOUT_BLOCKS]
+    jobs += [(select_sla_config("fwd", torch.bfloat16, d, lin, arch), arch)
+             for arch in (80, 89, 90) for d in (64, 128) for lin in (False, True)]
+    return list(dict.fromkeys(jobs))
+
+
+def _partial_jobs():
+    """Partial against full tiles needs no twin: every target, padded head dim 64 / 128, bf16."""
+    jobs = [(select_config(kernel, torch.bfloat16, d, block, block, arch), arch) for arch in (80, 89, 90)
+            for d in (64, 128) for block in LAYOUT_BLOCKS for kernel in KERNELS]
+    return [job for job in dict.fromkeys(jobs) if job not in set(_parity_jobs())]
+
+
+@pytest.fixture(scope="module")
+def rows():
+    paired = sass.paired(_parity_jobs(), workers=2) + sass.paired(_partial_jobs(), dense=False, workers=2)
+    return {(r["name"], r["arch"]): r for r in paired}
+
+
+def _with_twin(r):
+    return r.get("dense") is not None
+
+
+def _failures(rows, keep, check):
+    bad = [f"sm_{r['arch']} {r['name']}: {check(r)}" for r in rows.values() if keep(r) and check(r)]
+    return "\n".join(bad)
+
+
+def _ratio_over(limit):
+    def check(r):
+        if r.get("error"):
+            return r["error"][:300]
+        if r["ratio"] is None:
+            return "no main loop found beside the dense kernel's"
+        return None if r["ratio"] <= limit else (
+            f"{r['ratio']:.3f}x the dense kernel per tile (> {limit}x): "
+            f"{r['loops'][sass.main_loop(r)]['instructions']} vs "
+            f"{r['dense']['loops']['full']['instructions']} instructions")
+    return check
+
+
+def _fake_row(main=400, dense=360, masked=500, **extra):
+    row = {"name": "fwd-fake", "family": "block_sparse", "kernel": "fwd", "arch": 90, "error": None,
+           "loops": {"full": {"instructions": main}, "partial": {"instructions": masked}},
+           "dense": {"loops": {"full": {"instructions": dense}}}, "shared": 1, "limit": 2, "stack": 0, "local": 0,
+           "spill_stores": 0, "c7515": False, **extra}
+    row["ratio"], row["partial_ratio"] = sass.loop_ratios(row)
+    return row
+
+
+def test_checks_flag_regressed_rows():
+    """The parity and cleanliness checks fail on rows that regress (no compile: synthetic rows)."""
+    ok, slow, masked = _fake_row(), _fake_row(main=420), _fake_row(masked=601)
+    assert _ratio_over(1.15)(ok) is None and "1.167x the dense kernel" in _ratio_over(1.15)(slow)
+    assert "no main loop" in _ratio_over(1.15)(_fake_row(loops={}))
+    assert "boom" in _ratio_over(1.15)(_fake_row(error="boom"))
+    assert (ok["partial_ratio"], masked["partial_ratio"]) == (1.25, 601 / 400)
+    rows = {("a", 90): ok, ("b", 90): slow}
+    assert _failures(rows, _with_twin, _ratio_over(1.15)).startswith("sm_90 fwd-fake: 1.167x")
+    assert sass.clean(ok)
+    for bad in ({"stack": 8}, {"local": 8}, {"spill_stores": 4}, {"c7515": True}, {"shared": 3}, {"error": "x"}):
+        assert not sass.clean(_fake_row(**bad)), bad
+
+
+def test_block_sparse_forward_is_within_1_15x_dense_per_tile(rows):
+    """The full-tile loop of the forward kernels: every instruction beyond the dense kernel's is overhead."""
+    bad = _failures(rows, lambda r: _with_twin(r) and r["family"] == "block_sparse" and r["kernel"] == "fwd",
+                    _ratio_over(1.15))
+    assert not bad, "block-sparse forward configurations above 1.15x the dense kernel per tile:\n" + bad
+
+
+def test_block_sparse_backward_is_within_1_15x_dense_per_tile(rows):
+    bad = _failures(rows, lambda r: _with_twin(r) and r["family"] == "block_sparse" and r["kernel"] != "fwd",
+                    _ratio_over(1.15))
+    assert not bad, "block-sparse backward configurations above 1.15x the dense backward per tile:\n" + bad
+
+
+def test_sla_critical_loop_is_within_1_25x_dense_per_tile(rows):
+    bad = _failures(rows, lambda r: r["family"] == "sla", _ratio_over(1.25))
+    assert {r["arch"] for r in rows.values() if r["family"] == "sla"} == {80, 89, 90}
+    assert not bad, "SLA configurations whose critical-block loop is above 1.25x the dense kernel per tile:\n" + bad
+
+
+def test_partial_tile_costs_at_most_1_5x_a_full_one(rows):
+    def check(r):
+        if r["partial_ratio"] is None:
+            return "no partial / full loop pair"
+        return None if r["partial_ratio"] <= 1.5 else f"partial tile {r['partial_ratio']:.3f}x a full one"
+
+    bad = _failures(rows, lambda r: r["family"] == "block_sparse", check)
+    assert not bad, "partial (masked) tiles above 1.5x a full tile:\n" + bad
+
+
+def test_main_loops_use_async_tensor_cores(rows):
+    """sm_90: wgmma (asynchronous warpgroup MMA) in the loop; sm_80/89: mma.sync. No serialisation."""
+    for r in rows.values():
+        loop = r["loops"][sass.main_loop(r)]
+        assert loop["classes"].get("tensor", 0) > 0, f"sm_{r['arch']} {r['name']}: no tensor-core instruction"
+        assert not r["c7515"], f"sm_{r['arch']} {r['name']}: {r['warnings']}"
+        if r["arch"] == 90:
+            assert r["wgmma"], f"{r['name']}: no wgmma on sm_90"
+
+
+def test_report_table_and_partial_cost(rows):
+    sample = [r for r in rows.values() if r["arch"] == 90 and r["kernel"] == "fwd"][:2]
+    table = sass.sass_table(sample)
+    assert table.count("\n") == len(sample) + 1 and "dense" in table.splitlines()[0]
+    json.dumps(sample)  # JSON-ready
+    cost = sass.partial_block_cost(90, "bfloat16", 128)
+    fwd = rows[(select_config("fwd", torch.bfloat16, 128, 128, 128, 90).name, 90)]
+    assert cost == pytest.approx(fwd["partial_ratio"]) and 1.0 < cost <= 1.5
+    assert 0 < sass.partial_block_cost(90, "bfloat16", 128, model="cycles") <= cost
+    cyc = sass.tile_cycles(fwd)
+    assert cyc["bound"] in ("issue", "tensor", "mufu") and cyc["cycles"] > 0
+
+
+def test_cli_bench_sass_prints_the_table_and_writes_json(rows, tmp_path, capsys):
+    from dit_accel.cli.main import main
+
+    out = tmp_path / "sass.json"
+    assert main(["bench", "sass", "--arch", "90", "--family", "block_sparse", "--kernel", "fwd", "--dtype",
+                 "bfloat16", "--head-dim", "128", "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "Compile-time analysis" in text and "| sm_90 | fwd-bf16-d128-m" in text
+    data = json.loads(out.read_text())
+    assert data["kind"] == "sass" and data["rows"] and all(r["dense"] for r in data["rows"])
+    for bad in (["--arch", "nine"], ["--arch", "75"], ["--family", "dense"], ["--kernel", "forward"],
+                ["--dtype", "bf16"], ["--head-dim", "96"], ["--workers", "0"],
+                ["--arch", "90", "--family", "sla", "--kernel", "bwd_preprocess"]):  # no such SLA kernel
+        assert main(["bench", "sass", *bad]) == 2, bad
+    assert "--kernel takes" in capsys.readouterr().err
