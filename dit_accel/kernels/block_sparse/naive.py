@@ -85,6 +85,10 @@ class _Chunk:
 @dataclass(frozen=True)
 class _Plan:
     chunks: Tuple[_Chunk, ...]
+    # Outputs come out chunk by chunk and are concatenated, with one zero row last when some rows
+    # visit nothing; ``gather[row]`` is where each row's output sits there (None: in order already).
+    gather: Optional[torch.Tensor]
+    has_empty: bool
 
 
 def prepare(layout: BlockLayout) -> None:
@@ -125,22 +129,24 @@ def _read_rows(layout: BlockLayout) -> _Rows:
 
 def _find_runs(rows: _Rows) -> List[Tuple[int, int, int]]:
     """Runs ``(first_row, n_rows, step)``: >= _MIN_RUN consecutive rows of one head with equal mask
-    signatures and one contiguous key range each, its start moving by a constant ``step >= 0``."""
+    signatures and one contiguous key range each, its start moving by a constant ``step >= 1``
+    (rows with the same range are better served as one unit: its queries attend together)."""
     def contiguous(r):
         keys = rows.lists[r]
         return bool(keys) and keys[-1] - keys[0] == len(keys) - 1
 
     runs, r, total = [], 0, len(rows.lists)
     while r < total:
-        end, step = r + 1, None
+        end = r + 1
         if contiguous(r):
-            while (end < total and end % rows.n_q and contiguous(end) and rows.masks[end] == rows.masks[r]):
+            step = None
+            while end < total and end % rows.n_q and contiguous(end) and rows.masks[end] == rows.masks[r]:
                 d = rows.lists[end][0] - rows.lists[end - 1][0]
-                if d < 0 or (step is not None and d != step):
+                if d < 1 or (step is not None and d != step):
                     break
                 step, end = d, end + 1
         if end - r >= _MIN_RUN:
-            runs.append((r, end - r, step or 0))
+            runs.append((r, end - r, step))
             r = end
         else:
             r += 1
@@ -174,7 +180,19 @@ def _build_plan(layout: BlockLayout) -> _Plan:
     free = [r for r in range(len(rows.lists)) if r not in in_run]
     for (group, _, sig), units in _units(rows, free).items():
         chunks.append(_make_chunk(layout, units, [rows.lists[u[0]] for u in units], masks.get(group, sig)))
-    return _Plan(tuple(chunks))
+    return _Plan(tuple(chunks), *_output_order(chunks, len(rows.lists), layout.device))
+
+
+def _output_order(chunks: List[_Chunk], n_rows: int, device) -> Tuple[Optional[torch.Tensor], bool]:
+    """``(gather, has_empty)`` of :class:`_Plan`: the position of each row in the chunks' concatenated
+    outputs; rows no chunk computes point at the zero row appended after them."""
+    order = torch.cat([c.rows.cpu() for c in chunks]) if chunks else torch.zeros(0, dtype=torch.long)
+    gather = torch.full((n_rows,), order.numel(), dtype=torch.long)
+    gather[order] = torch.arange(order.numel())
+    has_empty = order.numel() < n_rows
+    if not has_empty and torch.equal(gather, torch.arange(n_rows)):
+        return None, False
+    return gather.to(device), has_empty
 
 
 def _make_chunk(layout, units: List[List[int]], lists: List[Tuple[int, ...]], mask: Optional[_Mask],
@@ -244,8 +262,6 @@ def _window_view(blocks: torch.Tensor, first: int, step: int, rows: int, width: 
     """Overlapping view ``[BG, rows, width*bk, D]`` of blocks ``[BG, nB, bk, D]`` (contiguous):
     row i sees blocks ``first + i*step`` .. ``+ width-1``."""
     bg, _, bk, d = blocks.shape
-    if step == 0:
-        return blocks[:, first:first + width].reshape(bg, 1, width * bk, d).expand(bg, rows, width * bk, d)
     # [BG, rows, bk, D, width] -> [BG, rows, width, bk, D]: (width, bk) merge into one stride-D axis.
     windows = blocks[:, first:first + step * (rows - 1) + width].unfold(1, width, step)
     return windows.permute(0, 1, 4, 2, 3).reshape(bg, rows, width * bk, d)
@@ -267,10 +283,7 @@ class _Windows(torch.autograd.Function):
         grad = grad.reshape(bg, rows, width, bk, d)
         out = grad.new_zeros(shape)
         for j in range(width):
-            if step == 0:
-                out[:, first + j] += grad[:, :, j].sum(1)
-            else:
-                out[:, first + j:first + j + step * (rows - 1) + 1:step] += grad[:, :, j]
+            out[:, first + j:first + j + step * (rows - 1) + 1:step] += grad[:, :, j]
         return out, None, None, None, None
 
 
@@ -312,50 +325,61 @@ def torch_block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     bq, bk = layout.block_q, layout.block_k
     bg = b * (h // hl)
     fused = (_use_fused(q.device) and not lse_grad) if fused is None else fused
-    out_dtype = q.dtype
     plan = _plan_of(layout)
 
     # Heads split as (g, hl): head = g_idx * hl + hl_idx, matching both Hl = 1 and Hl = H.
     qb = _pad_blocks(q.float(), bq).reshape(bg, hl * n_q, bq, d)
-    # Gathers and strided windows read whole blocks: dense block storage.
-    kb = _pad_blocks(k.float(), bk).reshape(bg, hl * n_k, bk, d).contiguous()
-    vb = _pad_blocks(v.float(), bk).reshape(bg, hl * n_k, bk, d).contiguous()
-    o = qb.new_zeros(bg, hl * n_q, bq, d)
-    lse = qb.new_full((bg, hl * n_q, bq), float("-inf"))
+    # K over V on the batch axis: one gather (or one window view) serves both. Dense block storage.
+    kvb = _pad_blocks(torch.cat([k.float(), v.float()]), bk).reshape(2 * bg, hl * n_k, bk, d)
+    outs: List[torch.Tensor] = []
+    lses: List[torch.Tensor] = []
     for chunk in plan.chunks:
         step = _units_per_slice(chunk, bg, bq, bk, d, fused, chunk_bytes)
         for u0 in range(0, chunk.units, step):
-            _run_slice(qb, kb, vb, o, lse, chunk, u0, min(chunk.units, u0 + step), scale, fused)
+            o_c, lse_c = _run_slice(qb, kvb, chunk, u0, min(chunk.units, u0 + step), scale, fused)
+            outs.append(o_c)
+            lses.append(lse_c)
+    o, lse = _assemble(plan, outs, lses, qb)
     o = o.reshape(b, h, n_q * bq, d)[:, :, : layout.q_len]
     lse = lse.reshape(b, h, n_q * bq)[:, :, : layout.q_len]
-    return o.to(out_dtype), lse
+    return o.to(q.dtype), lse
 
 
-def _slice_qkv(qb, kb, vb, chunk: _Chunk, u0: int, u1: int):
-    """Q ``[BG, U, G*bq, D]`` and K, V ``[BG, U, C*bk, D]`` of units ``u0:u1``: views where the
-    blocks are consecutive, else gathered copies. Also the rows (None when consecutive)."""
+def _assemble(plan: _Plan, outs: List[torch.Tensor], lses: List[torch.Tensor], qb: torch.Tensor):
+    """The slices' outputs ``[BG, rows, bq, D]`` and lse ``[BG, rows, bq]`` in row order; rows that
+    visit nothing get o = 0 and lse = -inf."""
     bg, _, bq, d = qb.shape
-    bk = kb.shape[2]
+    if plan.has_empty:
+        outs = outs + [qb.new_zeros(bg, 1, bq, d)]
+        lses = lses + [qb.new_full((bg, 1, bq), float("-inf"))]
+    o = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
+    lse = lses[0] if len(lses) == 1 else torch.cat(lses, dim=1)
+    if plan.gather is not None:
+        o, lse = o.index_select(1, plan.gather), lse.index_select(1, plan.gather)
+    return o, lse
+
+
+def _slice_qkv(qb, kvb, chunk: _Chunk, u0: int, u1: int):
+    """Q ``[BG, U, G*bq, D]`` and K, V ``[BG, U, C*bk, D]`` of units ``u0:u1``: views where the
+    blocks are consecutive, else gathered copies."""
+    bg, _, bq, d = qb.shape
+    bk = kvb.shape[2]
     units, grp, c = u1 - u0, chunk.group, chunk.width
     if chunk.first_row is not None:
         r0 = chunk.first_row + u0 * grp
-        q_c, rows = qb[:, r0:r0 + units * grp], None
+        q_c = qb[:, r0:r0 + units * grp]
     else:
-        rows = chunk.rows if units == chunk.units else chunk.rows[u0 * grp:u1 * grp]
-        q_c = qb.index_select(1, rows)
+        q_c = qb.index_select(1, chunk.rows if units == chunk.units else chunk.rows[u0 * grp:u1 * grp])
     q_c = q_c.reshape(bg, units, grp * bq, d)
     if chunk.run is not None:
         _, kv0, step = chunk.run
-        k_c = _window(kb, kv0 + u0 * step, step, units, c)
-        v_c = _window(vb, kv0 + u0 * step, step, units, c)
+        kv_c = _window(kvb, kv0 + u0 * step, step, units, c)
     elif chunk.first_kv is not None:
-        k_c = kb[:, chunk.first_kv:chunk.first_kv + c].reshape(bg, 1, c * bk, d)
-        v_c = vb[:, chunk.first_kv:chunk.first_kv + c].reshape(bg, 1, c * bk, d)
+        kv_c = kvb[:, chunk.first_kv:chunk.first_kv + c].reshape(2 * bg, 1, c * bk, d)
     else:
         kv = chunk.kv if units == chunk.units else chunk.kv[u0 * c:u1 * c]
-        k_c = kb.index_select(1, kv).reshape(bg, units, c * bk, d)
-        v_c = vb.index_select(1, kv).reshape(bg, units, c * bk, d)
-    return q_c, k_c, v_c, rows
+        kv_c = kvb.index_select(1, kv).reshape(2 * bg, units, c * bk, d)
+    return q_c, kv_c[:bg], kv_c[bg:]
 
 
 def _attend(q_c, k_c, v_c, mask: Optional[_Mask], scale: float, fused: bool):
@@ -377,18 +401,9 @@ def _attend(q_c, k_c, v_c, mask: Optional[_Mask], scale: float, fused: bool):
     return o_c, lse_c
 
 
-def _run_slice(qb, kb, vb, o, lse, chunk: _Chunk, u0: int, u1: int, scale: float, fused: bool) -> None:
-    """Units ``u0:u1`` of ``chunk``: attention of their query blocks to their key blocks, written into o, lse
-    in place (autograd records the writes)."""
+def _run_slice(qb, kvb, chunk: _Chunk, u0: int, u1: int, scale: float, fused: bool):
+    """Units ``u0:u1`` of ``chunk``: ``(o [BG, U*G, bq, D], lse [BG, U*G, bq])`` of their query blocks."""
     bg, _, bq, d = qb.shape
-    q_c, k_c, v_c, rows = _slice_qkv(qb, kb, vb, chunk, u0, u1)
-    o_c, lse_c = _attend(q_c, k_c, v_c, chunk.mask, scale, fused)
+    o_c, lse_c = _attend(*_slice_qkv(qb, kvb, chunk, u0, u1), chunk.mask, scale, fused)
     n_rows = (u1 - u0) * chunk.group
-    o_c, lse_c = o_c.reshape(bg, n_rows, bq, d), lse_c.reshape(bg, n_rows, bq)
-    if rows is None:
-        r0 = chunk.first_row + u0 * chunk.group
-        o[:, r0:r0 + n_rows] = o_c
-        lse[:, r0:r0 + n_rows] = lse_c
-    else:
-        o.index_copy_(1, rows, o_c)
-        lse.index_copy_(1, rows, lse_c)
+    return o_c.reshape(bg, n_rows, bq, d), lse_c.reshape(bg, n_rows, bq)
