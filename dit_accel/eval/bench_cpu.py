@@ -12,7 +12,8 @@ Patterns at ``N = 8192`` (the default sizes; names carry the visited density the
 - ``gna-strided-0.094``: GNA kernel (2, 12, 16), stride (2, 4, 8), grid (8, 32, 32).
 - ``gna-0.105`` / ``gna-0.282``: GNA stride 1, kernels (2, 9, 9) / (3, 11, 11), grid (8, 32, 32).
 - ``radial-0.109`` / ``radial-0.296``: radial attention, grids (128, 8, 8) / (64, 8, 16), block 64.
-- ``sla-0.2``: the SLA twin, topk 0.2, no linear branch (``proj=None``), vs SDPA only.
+- ``sla-0.2``: the SLA twin, topk 0.2, with the linear branch and a zero-initialised
+  projection (SLA before fine-tuning), vs SDPA only.
 - ``band`` / ``window``: a block band / 1-D token window at ``--density`` (synthetic).
 
 Every round runs each contender once, in an order that rotates between rounds, so
@@ -112,7 +113,10 @@ def contenders(name: str, q, k, v, args):
         from ..kernels.sla.common import SLAParams
 
         params = SLAParams(topk=float(name.split("-")[1]), block_q=args.block, block_k=args.block)
-        calls["dit"] = lambda: sla_attention(q, k, v, params, None, backend="torch")
+        proj = torch.nn.Linear(args.d, args.d)  # zero-initialised, as SLA starts: the linear branch still runs
+        torch.nn.init.zeros_(proj.weight)
+        torch.nn.init.zeros_(proj.bias)
+        calls["dit"] = lambda: sla_attention(q, k, v, params, proj, backend="torch")
         return calls, None
     layout = make_layout(name, args)
     calls["dit"] = lambda: block_sparse_attention(q, k, v, layout, backend="torch")
