@@ -239,6 +239,29 @@ def test_flex_backward_on_cpu_says_what_to_do():
         block_sparse_attention(q, k, v, layout, backend="flex")
 
 
+@pytest.mark.skipif(available_backends()["flex"] is not None, reason="FlexAttention not in this torch")
+def test_flex_backend_compiles_on_cpu_forward():
+    """torch.compile of backend='flex' runs the fused CPU kernel (the lse is not requested unless asked);
+    asking for the lse, or for gradients, fails with a message that says what to do."""
+    from dit_accel.kernels.block_sparse.api import prepare_layout
+
+    n = 130
+    mask = random_mask(1, n, n, 32, seed=5)
+    layout = prepare_layout(BlockLayout.from_dense_mask(mask, block_q=32, block_k=32), "cpu", backend="flex")
+    q, k, v = qkv(1, 2, n, n, 64, torch.float32, grad=False)
+    torch._dynamo.reset()
+    run = torch.compile(lambda q, k, v: block_sparse_attention(q, k, v, layout, backend="flex"), fullgraph=True)
+    with torch.no_grad():
+        o = run(q, k, v)
+    torch.testing.assert_close(o, reference(q, k, v, mask)[0], **TOL[torch.float32])
+    with_lse = torch.compile(lambda q, k, v: block_sparse_attention(q, k, v, layout, backend="flex", return_lse=True),
+                             fullgraph=True)
+    with torch.no_grad(), pytest.raises(Exception, match="return_lse=False"):
+        with_lse(q, k, v)
+    with pytest.raises(Exception, match="backward"):
+        run(q.requires_grad_(), k, v).sum().backward()
+
+
 # ------------------------------------------------------------------ selection and errors
 def test_available_backends_on_cpu(monkeypatch):
     avail = available_backends()
