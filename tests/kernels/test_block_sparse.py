@@ -205,6 +205,32 @@ def test_torch_backend_n8192_without_n_by_n():
         assert_lse_close(lse[:, :, rows], ref_lse, atol=1e-5, rtol=1e-5)
 
 
+def scattered_layout(n, block, per_row, seed=0):
+    """Every query block visits ``per_row`` random key blocks (distinct lists, not one range: gathered)."""
+    n_b = -(-n // block)
+    g = torch.Generator().manual_seed(seed)
+    order = torch.rand(n_b, n_b, generator=g).argsort(-1)[:, :per_row]
+    vis = torch.zeros(n_b, n_b, dtype=torch.bool).scatter_(1, order, True)
+    return BlockLayout.from_block_masks(vis, q_len=n, kv_len=n, block_q=block, block_k=block)
+
+
+def test_dense_is_faster_decides_from_density_gathers_and_size():
+    assert naive.dense_is_faster(band_layout(8192, 64, 128), batch_heads=4)  # everything visited
+    assert not naive.dense_is_faster(band_layout(8192, 64, 13), batch_heads=4)  # a 0.1 band: views, no gather
+    sparse, dense = scattered_layout(8192, 64, 13), scattered_layout(8192, 64, 64)  # densities 0.1, 0.5
+    assert not naive.dense_is_faster(sparse, batch_heads=4)
+    assert naive.dense_is_faster(dense, batch_heads=4)
+    # Gathered lists cost more than a band of the same density.
+    assert naive.sparse_cost_ratio(sparse, batch_heads=4) > naive.sparse_cost_ratio(band_layout(8192, 64, 13),
+                                                                                    batch_heads=4)
+    # Small N: a call's fixed cost is not paid back by few skipped blocks, more heads help.
+    small = band_layout(320, 64, 3)  # 0.6 density at 5 blocks
+    assert naive.dense_is_faster(small, batch_heads=1, head_dim=32)
+    assert naive.sparse_cost_ratio(small, batch_heads=64, head_dim=32) < naive.sparse_cost_ratio(small, head_dim=32)
+    ratios = [naive.sparse_cost_ratio(scattered_layout(4096, 64, w), batch_heads=8) for w in (4, 16, 32, 48)]
+    assert ratios == sorted(ratios)  # monotone in density
+
+
 @pytest.mark.parametrize("backend", ["torch", "flex"])
 def test_full_window_equals_sdpa(backend):
     n, d = 130, 64

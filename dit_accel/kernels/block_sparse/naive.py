@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from .._cache import LayoutCache
 from ..layout import BlockLayout
 
-__all__ = ["torch_block_sparse_attention", "prepare"]
+__all__ = ["torch_block_sparse_attention", "prepare", "dense_is_faster", "sparse_cost_ratio"]
 
 # Bytes per slice on one thread (gathered K/V, Q and output, plus scores on the matmul path). Well
 # under glibc's largest dynamic mmap threshold (32 MiB), so buffers come back from the heap.
@@ -102,6 +102,60 @@ def prepare(layout: BlockLayout) -> None:
 
 def _plan_of(layout: BlockLayout) -> _Plan:
     return _PLANS.get(layout, "plan", lambda: _build_plan(layout))
+
+
+# ----------------------------------------------------------------------------- cost model
+# Measured on the project's shared 2-core CPU, one thread, fp32 forward (docs/cpu_bench.md): time of
+# the twin over dense SDPA's is about density * (_COST_BASE + _COST_GATHER * gathered lists per query
+# row + _COST_PARTIAL * partial-block share) + _CALL_SECONDS / dense time, dense time about
+# _DENSE_SECONDS * batch*heads * q_len * kv_len * head_dim. Fitted to tile, GNA (strided and stride 1)
+# and radial at N = 8192 (densities 0.09-0.52) and band / window layouts at N = 320..5120; near the
+# break-even (radial 0.465: measured 1.04, GNA stride 1 0.517: 0.96) the measurements are within noise.
+_COST_BASE = 1.3
+_COST_GATHER = 1.0
+_COST_PARTIAL = 0.4
+_CALL_SECONDS = 3.5e-4
+_DENSE_SECONDS = 9e-11
+
+
+def sparse_cost_ratio(layout: BlockLayout, *, batch_heads: int = 1, head_dim: int = 64) -> float:
+    """Estimated time of this module's block-sparse attention over dense SDPA's on CPU (< 1: sparse wins).
+
+    From the layout alone: visited density, the share of partial blocks, how many distinct key-block
+    lists must be gathered (rows whose keys are one contiguous range are read as views; rows sharing
+    a list share one gather), and the fixed cost of a call against dense attention's time at
+    ``q_len x kv_len`` for ``batch_heads`` (batch times heads) heads of ``head_dim``.
+    """
+    counts, idx, ids = layout.kv_counts.cpu().long(), layout.kv_indices.cpu().long(), layout.kv_mask_ids.cpu()
+    visited = counts > 0
+    first = idx[..., 0]
+    last = idx.gather(-1, (counts - 1).clamp(min=0)[..., None])[..., 0]
+    gathered = visited & (last - first != counts - 1)
+    if bool(gathered.any()):
+        head = torch.arange(counts.shape[0])[:, None].expand_as(counts)
+        keys = torch.cat([head[..., None], counts[..., None], idx, ids.long()], dim=-1)[gathered]
+        lists = torch.unique(keys, dim=0).shape[0]
+    else:
+        lists = 0
+    rows = max(int(visited.sum()), 1)
+    efficiency = _COST_BASE + _COST_GATHER * lists / rows + _COST_PARTIAL * layout.partial_fraction()
+    dense_seconds = _DENSE_SECONDS * batch_heads * layout.q_len * layout.kv_len * head_dim
+    return layout.density() * efficiency + _CALL_SECONDS / dense_seconds
+
+
+def dense_is_faster(layout: BlockLayout, *, batch_heads: int = 1, head_dim: int = 64) -> bool:
+    """Whether dense attention is expected to be at least as fast as the PyTorch twin on ``layout`` (CPU).
+
+    ``sparse_cost_ratio(layout, ...) >= 1``: true for layouts too dense to pay off (e.g. radial or
+    GNA stride 1 near 0.4-0.5 visited density) and for small ``N`` where a call's fixed cost
+    outweighs the skipped blocks. Pure: reads the layout, changes nothing.
+
+    Example::
+
+        >>> if dense_is_faster(layout, batch_heads=q.shape[0] * q.shape[1], head_dim=q.shape[-1]):
+        ...     o = F.scaled_dot_product_attention(q, k, v, attn_mask=layout.to_dense_mask())
+    """
+    return sparse_cost_ratio(layout, batch_heads=batch_heads, head_dim=head_dim) >= 1.0
 
 
 # ----------------------------------------------------------------------------- plan
