@@ -1,37 +1,47 @@
-"""CPU benchmark: dit_accel's torch backend vs dense SDPA at N = 8192.
+"""CPU benchmark: dit_accel's PyTorch backend vs dense SDPA and compiled FlexAttention, interleaved.
 
 Usage::
 
-    python -m dit_accel.eval.bench_cpu                          # N=8192, D=64, 8 heads, ~10% blocks
-    python -m dit_accel.eval.bench_cpu --pattern window --repeats 7 --backward
+    python -m dit_accel.eval.bench_cpu                              # the issue-14 table, 1 and 2 threads
+    python -m dit_accel.eval.bench_cpu --patterns radial-0.109,sla-0.2 --threads 1 --rounds 9
+    python -m dit_accel.eval.bench_cpu --no-flex --backward          # also forward+backward (vs SDPA)
 
-Patterns (built at block level, no N x N mask):
-- ``band``:   each query block visits the ~density*nK key blocks around its diagonal,
-              all full (the perfectly block-sparse case, like aligned tile/GNA layouts).
-- ``window``: 1-D token sliding window |i - j| <= w with the same visited density;
-              the band's edge blocks are partial (element masks).
-- ``tile``:   sliding tile attention on a (8, 32, 32) video grid, tile (2, 4, 8),
-              window (1, 5, 3) tiles (dit_accel.patterns.tile_layout; 11.7% of blocks),
-              in tiled token order. Key blocks are not one contiguous range, so this
-              exercises the gathering path.
+Patterns at ``N = 8192`` (the default sizes; names carry the visited density they give):
 
-Prints one markdown table row per pattern for BENCHMARKS.md. Times are medians of
-``--repeats`` runs after one warm-up (the warm-up also builds the cached chunk plan),
-dense and sparse alternating so that load from other processes hits both alike.
+- ``tile-0.117``: sliding tile attention, grid (8, 32, 32), tile (2, 4, 8), window (1, 5, 3).
+- ``gna-strided-0.094``: GNA kernel (2, 12, 16), stride (2, 4, 8), grid (8, 32, 32).
+- ``gna-0.105`` / ``gna-0.282``: GNA stride 1, kernels (2, 9, 9) / (3, 11, 11), grid (8, 32, 32).
+- ``radial-0.109`` / ``radial-0.296``: radial attention, grids (128, 8, 8) / (64, 8, 16), block 64.
+- ``sla-0.2``: the SLA twin, topk 0.2, with the linear branch and a zero-initialised
+  projection (SLA before fine-tuning), vs SDPA only.
+- ``band`` / ``window``: a block band / 1-D token window at ``--density`` (synthetic).
+
+Every round runs each contender once, in an order that rotates between rounds, so
+load from other processes hits all of them alike; the speedups reported are medians
+of per-round ratios, the times medians of rounds. Compiled flex is
+``torch.compile(flex_attention)`` with a ``BlockMask`` of the same visited blocks and
+element masks (what a PyTorch user would write); it is compiled before the rounds.
+The load average is printed before and after: on a shared machine, quote it.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
+import os
 import platform
 import statistics
 import sys
 import time
+from typing import Callable, Dict, List
 
 import torch
 import torch.nn.functional as F
 
 from ..kernels import BlockLayout, block_sparse_attention
+
+TABLE_PATTERNS = ("tile-0.117", "gna-strided-0.094", "gna-0.105", "gna-0.282", "radial-0.109", "radial-0.296",
+                  "sla-0.2")
 
 
 def band_layout(n: int, block: int, density: float) -> BlockLayout:
@@ -50,100 +60,154 @@ def window_layout(n: int, block: int, density: float) -> BlockLayout:
     half_blocks = max(0, round(density * n_b) // 2)
     w = half_blocks * block  # visited offsets: |d| <= half_blocks (edge blocks partial)
     a = torch.arange(block)
-    offsets = list(range(-half_blocks - 1, half_blocks + 2))
     tables, kinds = [], {}
-    for d in offsets:
+    for d in range(-half_blocks - 1, half_blocks + 2):
         m = ((d * block + a[None, :]) - a[:, None]).abs() <= w
         if m.all():
             kinds[d] = -1
         elif m.any():
             kinds[d] = len(tables)
             tables.append(m)
-    qb = torch.arange(n_b)[:, None]
-    kb = torch.arange(n_b)[None, :]
-    diff = kb - qb
+    diff = torch.arange(n_b)[None, :] - torch.arange(n_b)[:, None]
     visited = torch.zeros(n_b, n_b, dtype=torch.bool)
     ids = torch.full((n_b, n_b), -1, dtype=torch.int32)
     for d, kind in kinds.items():
-        sel = diff == d
-        visited |= sel
-        ids[sel] = kind
+        visited |= diff == d
+        ids[diff == d] = kind
     table = torch.stack(tables) if tables else None
     return BlockLayout.from_block_masks(visited, q_len=n, kv_len=n, block_q=block, block_k=block,
                                         mask_ids=ids, mask_table=table)
 
 
 def make_layout(name: str, args) -> BlockLayout:
+    """The block layout of pattern ``name`` (all but ``sla-*``)."""
+    from ..patterns import gna_layout, radial_layout, tile_layout
+
     if name == "band":
         return band_layout(args.n, args.block, args.density)
     if name == "window":
         return window_layout(args.n, args.block, args.density)
-    from ..patterns import tile_layout
-
     if args.n != 8192 or args.block != 64:
-        raise SystemExit("--pattern tile uses a fixed (8, 32, 32) grid: keep --n 8192 --block 64")
-    return tile_layout((8, 32, 32), (2, 4, 8), (1, 5, 3), block_q=64, block_k=64)[1]
+        raise SystemExit(f"--patterns {name} uses fixed grids: keep --n 8192 --block 64")
+    grid = (8, 32, 32)
+    if name == "tile-0.117":
+        return tile_layout(grid, (2, 4, 8), (1, 5, 3))[1]
+    if name == "gna-strided-0.094":
+        return gna_layout(grid, (2, 12, 16), stride=(2, 4, 8))[1]
+    if name == "gna-0.105":
+        return gna_layout(grid, (2, 9, 9))[1]
+    if name == "gna-0.282":
+        return gna_layout(grid, (3, 11, 11))[1]
+    if name == "radial-0.109":
+        return radial_layout((128, 8, 8), 64)
+    if name == "radial-0.296":
+        return radial_layout((64, 8, 16), 64)
+    raise SystemExit(f"unknown pattern {name!r}")
 
 
-def timed_pair(dense, sparse, repeats: int):
-    """Median ms of each, alternating the two so load changes hit both alike."""
-    dense(), sparse()  # warm-up (and the sparse plan)
-    times = ([], [])
-    for _ in range(repeats):
-        for fn, out in ((dense, times[0]), (sparse, times[1])):
+def contenders(name: str, q, k, v, args):
+    """``({contender: call}, visited density or None)`` for one pattern; SDPA first."""
+    calls: Dict[str, Callable[[], object]] = {"sdpa": lambda: F.scaled_dot_product_attention(q, k, v)}
+    if name.startswith("sla-"):
+        from ..kernels.sla import sla_attention
+        from ..kernels.sla.common import SLAParams
+
+        params = SLAParams(topk=float(name.split("-")[1]), block_q=args.block, block_k=args.block)
+        proj = torch.nn.Linear(args.d, args.d)  # zero-initialised, as SLA starts: the linear branch still runs
+        torch.nn.init.zeros_(proj.weight)
+        torch.nn.init.zeros_(proj.bias)
+        calls["dit"] = lambda: sla_attention(q, k, v, params, proj, backend="torch")
+        return calls, None
+    layout = make_layout(name, args)
+    calls["dit"] = lambda: block_sparse_attention(q, k, v, layout, backend="torch")
+    if args.flex:
+        from torch.nn.attention.flex_attention import flex_attention
+
+        from ..kernels.block_sparse.flex import layout_to_block_mask
+
+        block_mask = layout_to_block_mask(layout)
+        compiled = torch.compile(flex_attention, dynamic=False)
+        calls["flex"] = lambda: compiled(q, k, v, block_mask=block_mask)
+    return calls, layout.density()
+
+
+def run_rounds(calls: Dict[str, Callable[[], object]], rounds: int) -> Dict[str, List[float]]:
+    """Seconds per round per contender; the contender order rotates every round."""
+    names = list(calls)
+    times: Dict[str, List[float]] = {n: [] for n in names}
+    for fn in calls.values():  # warm-up: plans, block masks, compilation
+        fn()
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[:r % len(names)]:
             t0 = time.perf_counter()
-            fn()
-            out.append(time.perf_counter() - t0)
-    return statistics.median(times[0]) * 1e3, statistics.median(times[1]) * 1e3
+            calls[name]()
+            times[name].append(time.perf_counter() - t0)
+    return times
+
+
+def _ratio(times: Dict[str, List[float]], base: str, other: str) -> float:
+    return statistics.median(b / o for b, o in zip(times[base], times[other]))
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--n", type=int, default=8192)
     p.add_argument("--d", type=int, default=64)
-    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--heads", type=int, default=4)
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--block", type=int, default=64)
-    p.add_argument("--density", type=float, default=0.10)
-    p.add_argument("--pattern", choices=["band", "window", "tile", "all"], default="all")
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--backward", action="store_true", help="also time forward+backward")
-    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    p.add_argument("--density", type=float, default=0.10, help="for the synthetic band / window patterns")
+    p.add_argument("--patterns", default=",".join(TABLE_PATTERNS),
+                   help=f"comma-separated, from {TABLE_PATTERNS + ('band', 'window')}")
+    p.add_argument("--rounds", "--repeats", type=int, default=7, help="interleaved rounds (--repeats: older name)")
+    p.add_argument("--threads", default="1,2", help="comma-separated torch.set_num_threads values")
+    p.add_argument("--no-flex", dest="flex", action="store_false", help="skip compiled FlexAttention")
+    p.add_argument("--backward", action="store_true", help="also time forward+backward (dit vs SDPA)")
     args = p.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    cmd = "python -m dit_accel.eval.bench_cpu " + " ".join(argv if argv is not None else sys.argv[1:])
+    load0 = os.getloadavg()
+    started = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
     torch.manual_seed(0)
     shape = (args.batch, args.heads, args.n, args.d)
     q, k, v = (torch.randn(shape) for _ in range(3))
-    cmd = "python -m dit_accel.eval.bench_cpu " + " ".join(argv if argv is not None else sys.argv[1:])
-    machine = f"{platform.machine()} CPU, {torch.get_num_threads()} threads, torch {torch.__version__}"
-    patterns = ["band", "window", "tile"] if args.pattern == "all" else [args.pattern]
 
     rows = []
-    for name in patterns:
-        layout = make_layout(name, args)
-        with torch.no_grad():
-            sdpa_ms, sparse_ms = timed_pair(lambda: F.scaled_dot_product_attention(q, k, v),
-                                            lambda: block_sparse_attention(q, k, v, layout, backend="torch"),
-                                            args.repeats)
-        density = layout.density()
-        speedup = sdpa_ms / sparse_ms
-        row = (f"| {machine} | torch backend fwd fp32, {name} | {args.n} | {args.d} | {args.heads} | "
-               f"{density:.3f} ({layout.partial_fraction():.0%} partial) | {sdpa_ms:.1f} | {sparse_ms:.1f} | "
-               f"{speedup:.2f}x | {speedup * density:.0%} | `{cmd.strip()}` |")
-        rows.append(row)
-        if args.backward:
-            qg, kg, vg = (t.clone().requires_grad_() for t in (q, k, v))
-            dense_bw, sparse_bw = timed_pair(
-                lambda: F.scaled_dot_product_attention(qg, kg, vg).sum().backward(),
-                lambda: block_sparse_attention(qg, kg, vg, layout, backend="torch").sum().backward(),
-                args.repeats)
-            rows.append(f"| {machine} | torch backend fwd+bwd fp32, {name} | {args.n} | {args.d} | {args.heads} | "
-                        f"{density:.3f} | {dense_bw:.1f} | {sparse_bw:.1f} | {dense_bw / sparse_bw:.2f}x | "
-                        f"{dense_bw / sparse_bw * density:.0%} | `{cmd.strip()}` |")
-    print("| machine | kernel | N | D | heads | visited density | SDPA ms | sparse ms | speedup | "
-          "fraction of 1/density | command |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for threads in (int(t) for t in args.threads.split(",")):
+        torch.set_num_threads(threads)
+        for name in args.patterns.split(","):
+            calls, density = contenders(name, q, k, v, args)
+            with torch.no_grad():
+                times = run_rounds(calls, args.rounds)
+            ms = {c: statistics.median(t) * 1e3 for c, t in times.items()}
+            vs_sdpa = _ratio(times, "sdpa", "dit")
+            ideal = f"{vs_sdpa * density:.0%}" if density else ""
+            vs_flex = f"{_ratio(times, 'flex', 'dit'):.2f}x" if "flex" in times else ""
+            flex_ms = f"{ms['flex']:.1f}" if "flex" in ms else ""
+            dens = f"{density:.3f}" if density else name.split("-")[1]
+            rows.append(f"| {name} | {dens} | {threads} | {ms['sdpa']:.1f} | {ms['dit']:.1f} | {flex_ms} | "
+                        f"{vs_sdpa:.2f}x | {ideal} | {vs_flex} |")
+            if args.backward and density:
+                qg, kg, vg = (t.clone().requires_grad_() for t in (q, k, v))
+                layout = make_layout(name, args)
+                times = run_rounds({"sdpa": lambda: F.scaled_dot_product_attention(qg, kg, vg).sum().backward(),
+                                    "dit": lambda: block_sparse_attention(qg, kg, vg, layout,
+                                                                          backend="torch").sum().backward()},
+                                   args.rounds)
+                ms = {c: statistics.median(t) * 1e3 for c, t in times.items()}
+                rows.append(f"| {name} fwd+bwd | {dens} | {threads} | {ms['sdpa']:.1f} | {ms['dit']:.1f} | | "
+                            f"{_ratio(times, 'sdpa', 'dit'):.2f}x | | |")
+            print(rows[-1], flush=True)
+    load1 = os.getloadavg()
+    print()
+    print(f"{started}, {platform.machine()} {os.cpu_count()} CPUs, torch {torch.__version__}, "
+          f"B={args.batch} H={args.heads} N={args.n} D={args.d} fp32 forward, {args.rounds} rounds; "
+          f"load average before {load0[0]:.2f} {load0[1]:.2f} {load0[2]:.2f}, "
+          f"after {load1[0]:.2f} {load1[1]:.2f} {load1[2]:.2f}")
+    print(f"command: `{cmd.strip()}`")
+    print()
+    print("| pattern | visited density | threads | SDPA ms | dit ms | compiled flex ms | dit vs SDPA | "
+          "% of 1/density ideal | dit vs compiled flex |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for row in rows:
         print(row)
     return 0

@@ -107,7 +107,8 @@ def test_torch_backend_lse_and_lse_gradient(fused):
 @pytest.mark.parametrize("heads", [1, 3], ids=["shared", "per_head"])
 @pytest.mark.parametrize("n, width", [(257, 5), (300, 9)], ids=["N257-band5", "N300-band9"])
 def test_torch_backend_banded_runs(n, width, heads):
-    """Banded layouts take the copy-free strided path (steps 1 and, at clamped borders, 0)."""
+    """Banded layouts take copy-free paths: strided windows (step 1) and, for the rows of a clamped
+    border that share one key range, a single unit whose K/V are a view."""
     layout = band_layout(n, 16, width, heads)
     q, k, v = qkv(1, 3, n, n, 64, torch.float32)
     o, lse = block_sparse_attention(q, k, v, layout, return_lse=True, backend="torch")
@@ -117,7 +118,10 @@ def test_torch_backend_banded_runs(n, width, heads):
     assert_lse_close(lse, ref_lse, atol=1e-5, rtol=1e-5)
     plan = next(iter(naive._PLANS.entries(layout).values()))
     steps = {c.run[2] for c in plan.chunks if c.run is not None}
-    assert 1 in steps and (width < 9 or 0 in steps), steps
+    assert steps == {1}, steps
+    if heads == 1:  # (the other heads' bands wrap around: those rows are gathered)
+        assert all(c.run is not None or c.first_kv is not None for c in plan.chunks)  # nothing gathered
+    assert width < 9 or any(c.group > 1 for c in plan.chunks)  # the clamped border rows attend together
     do = torch.randn_like(o)
     grads = torch.autograd.grad((o * do).sum(), (q, k, v))
     ref_grads = torch.autograd.grad((ref * do).sum(), (q, k, v))
@@ -205,6 +209,32 @@ def test_torch_backend_n8192_without_n_by_n():
         assert_lse_close(lse[:, :, rows], ref_lse, atol=1e-5, rtol=1e-5)
 
 
+def scattered_layout(n, block, per_row, seed=0):
+    """Every query block visits ``per_row`` random key blocks (distinct lists, not one range: gathered)."""
+    n_b = -(-n // block)
+    g = torch.Generator().manual_seed(seed)
+    order = torch.rand(n_b, n_b, generator=g).argsort(-1)[:, :per_row]
+    vis = torch.zeros(n_b, n_b, dtype=torch.bool).scatter_(1, order, True)
+    return BlockLayout.from_block_masks(vis, q_len=n, kv_len=n, block_q=block, block_k=block)
+
+
+def test_dense_is_faster_decides_from_density_gathers_and_size():
+    assert naive.dense_is_faster(band_layout(8192, 64, 128), batch_heads=4)  # everything visited
+    assert not naive.dense_is_faster(band_layout(8192, 64, 13), batch_heads=4)  # a 0.1 band: views, no gather
+    sparse, dense = scattered_layout(8192, 64, 13), scattered_layout(8192, 64, 64)  # densities 0.1, 0.5
+    assert not naive.dense_is_faster(sparse, batch_heads=4)
+    assert naive.dense_is_faster(dense, batch_heads=4)
+    # Gathered lists cost more than a band of the same density.
+    assert naive.sparse_cost_ratio(sparse, batch_heads=4) > naive.sparse_cost_ratio(band_layout(8192, 64, 13),
+                                                                                    batch_heads=4)
+    # Small N: a call's fixed cost is not paid back by few skipped blocks, more heads help.
+    small = band_layout(320, 64, 3)  # 0.6 density at 5 blocks
+    assert naive.dense_is_faster(small, batch_heads=1, head_dim=32)
+    assert naive.sparse_cost_ratio(small, batch_heads=64, head_dim=32) < naive.sparse_cost_ratio(small, head_dim=32)
+    ratios = [naive.sparse_cost_ratio(scattered_layout(4096, 64, w), batch_heads=8) for w in (4, 16, 32, 48)]
+    assert ratios == sorted(ratios)  # monotone in density
+
+
 @pytest.mark.parametrize("backend", ["torch", "flex"])
 def test_full_window_equals_sdpa(backend):
     n, d = 130, 64
@@ -237,6 +267,29 @@ def test_flex_backward_on_cpu_says_what_to_do():
     q, k, v = qkv(1, 1, 40, 40, 16, torch.float32)
     with pytest.raises(BackendUnavailable, match="backend='torch'"):
         block_sparse_attention(q, k, v, layout, backend="flex")
+
+
+@pytest.mark.skipif(available_backends()["flex"] is not None, reason="FlexAttention not in this torch")
+def test_flex_backend_compiles_on_cpu_forward():
+    """torch.compile of backend='flex' runs the fused CPU kernel (the lse is not requested unless asked);
+    asking for the lse, or for gradients, fails with a message that says what to do."""
+    from dit_accel.kernels.block_sparse.api import prepare_layout
+
+    n = 130
+    mask = random_mask(1, n, n, 32, seed=5)
+    layout = prepare_layout(BlockLayout.from_dense_mask(mask, block_q=32, block_k=32), "cpu", backend="flex")
+    q, k, v = qkv(1, 2, n, n, 64, torch.float32, grad=False)
+    torch._dynamo.reset()
+    run = torch.compile(lambda q, k, v: block_sparse_attention(q, k, v, layout, backend="flex"), fullgraph=True)
+    with torch.no_grad():
+        o = run(q, k, v)
+    torch.testing.assert_close(o, reference(q, k, v, mask)[0], **TOL[torch.float32])
+    with_lse = torch.compile(lambda q, k, v: block_sparse_attention(q, k, v, layout, backend="flex", return_lse=True),
+                             fullgraph=True)
+    with torch.no_grad(), pytest.raises(Exception, match="return_lse=False"):
+        with_lse(q, k, v)
+    with pytest.raises(Exception, match="backward"):
+        run(q.requires_grad_(), k, v).sum().backward()
 
 
 # ------------------------------------------------------------------ selection and errors

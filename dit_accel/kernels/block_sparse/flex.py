@@ -7,7 +7,9 @@ the layout's own tables, so it is exact everywhere (eager FlexAttention evaluate
 it on every pair).
 
 Eager (uncompiled) FlexAttention materialises the score matrix: on CPU use it at
-small N; wrap the caller in ``torch.compile`` for the fused kernel.
+small N; wrap the caller in ``torch.compile`` for the fused kernel (build the block
+mask first with :func:`prepare`). Compiled FlexAttention on CPU is forward-only and
+cannot return the log-sum-exp, so the lse is requested only when asked for.
 """
 
 from __future__ import annotations
@@ -82,6 +84,10 @@ def flex_block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     is requested only when ``return_lse`` (compiled FlexAttention on CPU cannot return it).
     """
     block_mask = _block_mask(layout)
+    if return_lse and q.device.type == "cpu" and torch.compiler.is_compiling():
+        raise NotImplementedError(
+            "backend='flex' cannot return the log-sum-exp under torch.compile on CPU (compiled FlexAttention "
+            "on CPU is forward-only and has no return_lse); call it with return_lse=False, or use backend='torch'.")
     if not return_lse:
         return _flex.flex_attention(q, k, v, block_mask=block_mask, scale=scale), None
     if hasattr(_flex, "AuxRequest"):  # torch >= 2.9

@@ -1,35 +1,38 @@
 """Pure-PyTorch block-sparse attention: the CPU backend and the kernels' twin.
 
 Only the key blocks a query block visits are touched, never an ``N x N`` matrix.
-A plan, built once per layout (held in this module's explicit :class:`LayoutCache`; :func:`prepare`
-builds it ahead), sorts the query-block rows (per layout head) into chunks:
+A plan, built once per layout (held in this module's :class:`LayoutCache`;
+:func:`prepare` builds it ahead), sorts the query-block rows into *chunks* of
+*units*. A unit is G query blocks of one layout head with the same key-block list
+and the same element masks; it attends to its C key blocks in one piece. A chunk
+holds units of equal G, C and element masks, so one mask row serves the whole
+chunk (broadcast, never repeated per unit) and chunks without partial blocks
+need no mask at all. Two kinds of chunk:
 
 - *runs*: consecutive rows whose key blocks form one contiguous range moving by
   a fixed step (banded / 1-D window layouts). K and V are overlapping strided
   views, so nothing is copied.
-- *units*: rows with identical key-block lists (every query block of a tile,
-  clamped windows at borders) share one gathered copy of their K/V blocks.
-  Units are sorted by visit count and cut into chunks within a memory budget;
-  a chunk pads its lists to its largest count with masked dummy slots.
+- *gathered*: the units' K/V blocks are copied into one buffer per slice; a unit
+  whose key blocks are one contiguous range alone in its slice is a view instead.
 
-A call runs each chunk in slices of units that fit its memory budget (the plan does
-not depend on batch, heads or head dim). Chunks whose blocks are all full, equal in
-count and in range run unmasked; others get an additive mask built from
-``mask_table`` and the ragged bounds.
-On CPU each chunk runs through ATen's fused flash-attention kernel (it returns
-the log-sum-exp and has a backward, but ignores a gradient on the lse, so
-callers that differentiate lse get the matmul path); elsewhere through explicit
-fp32 matmuls and an fp32 softmax. Gradients come from autograd through these ops.
+A call cuts each chunk into slices of about :func:`slice_bytes` (Python ints from
+the shapes: the plan does not depend on batch, heads or head dim). On one thread
+slices stay well under glibc's mmap threshold, so their buffers are reused from
+the heap: a fresh mmap'd buffer page-faults on every call, which used to cost more
+than the copy itself. With more threads slices grow: every op is a parallel region
+whose barrier, on a busy machine, can wait a scheduler time slice for a thread. On CPU each slice runs through ATen's fused flash-attention
+kernel (it returns the log-sum-exp and has a backward, but ignores a gradient on
+the lse, so callers that differentiate lse get the matmul path); elsewhere
+through explicit fp32 matmuls and an fp32 softmax. Gradients come from autograd.
 
-With the plan prepared, a call makes no host synchronisation and reads no cache it
-would have to fill, so ``torch.compile(fullgraph=True)`` traces it.
+With the plan prepared, a call makes no host synchronisation and fills no cache,
+so ``torch.compile(fullgraph=True)`` traces it.
 """
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass, field
-from typing import List, Optional, Tuple
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -37,202 +40,277 @@ import torch.nn.functional as F
 from .._cache import LayoutCache
 from ..layout import BlockLayout
 
-__all__ = ["torch_block_sparse_attention", "prepare"]
+__all__ = ["torch_block_sparse_attention", "prepare", "dense_is_faster", "sparse_cost_ratio"]
 
-# Bytes of gathered K/V (+ mask, or scores on the matmul path) per chunk.
-CHUNK_BYTES = 256 << 20
-# Start a new chunk when padding a row to the chunk's visit count would waste more than this.
-_PAD_WASTE = 0.125
+# Bytes per slice on one thread (gathered K/V, Q and output, plus scores on the matmul path). Well
+# under glibc's largest dynamic mmap threshold (32 MiB), so buffers come back from the heap.
+CHUNK_BYTES = 8 << 20
+# Bytes per slice per thread with more than one thread (fewer, larger parallel regions; on this
+# project's shared 2-core machine 32 MiB slices at 2 threads ran radial 0.109 in half the time of 8 MiB).
+CHUNK_BYTES_PER_THREAD = 16 << 20
 # Shortest run of rows worth a strided (copy-free) chunk.
 _MIN_RUN = 4
-# Chunk masks are cached with the layout's plan up to this many bytes in all.
-_MASK_CACHE_BYTES = 64 << 20
+# Additive fp32 chunk masks are kept up to this many bytes per layout; past it a mask is kept
+# as bool and turned additive on each call (one elementwise op per chunk).
+_MASK_CACHE_BYTES = 32 << 20
 # Chunk plans per layout.
 _PLANS = LayoutCache("block_sparse.torch")
-# Units per chunk the plan allows: a call slices chunks further to its own budget.
-_PLAN_UNIT_BYTES = 64 * 4 * (2 * 64 + 64)  # key-block slot bytes at batch x heads 1, head dim 64, block 64
+
+
+@dataclass(frozen=True)
+class _Mask:
+    """Element mask shared by every unit of a chunk.
+
+    ``allowed`` bool ``[1, 1, R, C*bk]`` with R = G*bq, or 1 when every query row has the same
+    mask (only key-range masking); ``additive`` the same as fp32 0 / -inf when cached
+    (None past the cache budget); ``row_ok`` bool ``[R]`` rows with at least one allowed
+    key, or None when all have one.
+    """
+
+    allowed: torch.Tensor
+    additive: Optional[torch.Tensor]
+    row_ok: Optional[torch.Tensor]
 
 
 @dataclass(frozen=True)
 class _Chunk:
-    rows: torch.Tensor       # int64 [U*G] flat row ids hl * nQ + q_block
-    kv: torch.Tensor         # int64 [U*C] flat key-block ids hl * nK + kv_block (padded slots -> 0)
-    mask_ids: torch.Tensor   # int64 [U, C] -1 full, -2 padded slot, else mask_table row
-    width: int               # C, key blocks per row
-    clean: bool              # no mask needed at all
-    # Set for a run of consecutive rows whose key blocks are one contiguous range that
-    # moves by a fixed step per row: (first row, first flat key block, step). K/V are then
-    # overlapping strided views, not gathered copies.
+    rows: torch.Tensor          # int64 [U*G] flat rows hl * nQ + q_block, unit-major
+    kv: torch.Tensor            # int64 [U*C] flat key blocks hl * nK + kv_block
+    units: int                  # U
+    group: int                  # G, query blocks per unit
+    width: int                  # C, key blocks per unit
+    mask: Optional[_Mask]       # None: every visited block full and in range
+    # Set for runs: (first row, first flat key block, step); G = 1 and rows are consecutive.
     run: Optional[Tuple[int, int, int]] = None
-    uniform: bool = False    # every row has the same element mask: build and broadcast one row
-    group: int = 1           # G rows share each key-block list (rows are unit-major)
-    rows_ok: bool = True     # every query row has at least one allowed key (no lse fix-up needed)
+    first_row: Optional[int] = None  # rows are first_row, first_row + 1, ...: sliced, not gathered
+    first_kv: Optional[int] = None   # U = 1 and key blocks consecutive from first_kv: a view, not a copy
 
 
 @dataclass(frozen=True)
 class _Plan:
     chunks: Tuple[_Chunk, ...]
-    empty_rows: torch.Tensor  # int64 rows that visit nothing (o = 0, lse = -inf)
-    masks: dict = field(default_factory=dict)  # (chunk, device, fused) -> (mask, row_ok), filled lazily
+    # Outputs come out chunk by chunk and are concatenated, with one zero row last when some rows
+    # visit nothing; ``gather[row]`` is where each row's output sits there (None: in order already).
+    gather: Optional[torch.Tensor]
+    has_empty: bool
 
 
-def _find_runs(counts: torch.Tensor, indices: torch.Tensor, max_rows) -> List[Tuple[int, int, int, int]]:
-    """Runs ``(flat_row, rows, start_block, step)`` of >= _MIN_RUN rows, same head, equal count,
-    contiguous key blocks, start advancing by a constant ``step >= 0``."""
-    hl, n_q = counts.shape
-    width = indices.shape[-1]
-    slot = torch.arange(width)
-    first = indices[..., 0]
-    contiguous = ((indices == first[..., None] + slot) | (slot >= counts[..., None])).all(-1) & (counts > 0)
-    runs = []
-    counts_l, first_l, contig_l = counts.tolist(), first.tolist(), contiguous.tolist()
-    for h in range(hl):
-        i = 0
-        while i < n_q:
-            if not contig_l[h][i]:
-                i += 1
-                continue
-            j = i + 1
+def prepare(layout: BlockLayout) -> None:
+    """Build ``layout``'s chunk plan now (``torch.compile`` then traces calls without building it)."""
+    _plan_of(layout)
+
+
+def _plan_of(layout: BlockLayout) -> _Plan:
+    return _PLANS.get(layout, "plan", lambda: _build_plan(layout))
+
+
+# ----------------------------------------------------------------------------- cost model
+# Measured on the project's shared 2-core CPU, one thread, fp32 forward (docs/cpu_bench.md): time of
+# the twin over dense SDPA's is about density * (_COST_BASE + _COST_GATHER * gathered lists per query
+# row + _COST_PARTIAL * partial-block share) + _CALL_SECONDS / dense time, dense time about
+# _DENSE_SECONDS * batch*heads * q_len * kv_len * head_dim. Fitted to tile, GNA (strided and stride 1)
+# and radial at N = 8192 (densities 0.09-0.52) and band / window layouts at N = 320..5120; near the
+# break-even (radial 0.465: measured 1.04, GNA stride 1 0.517: 0.96) the measurements are within noise.
+_COST_BASE = 1.3
+_COST_GATHER = 1.0
+_COST_PARTIAL = 0.4
+_CALL_SECONDS = 3.5e-4
+_DENSE_SECONDS = 9e-11
+
+
+def sparse_cost_ratio(layout: BlockLayout, *, batch_heads: int = 1, head_dim: int = 64) -> float:
+    """Estimated time of this module's block-sparse attention over dense SDPA's on CPU (< 1: sparse wins).
+
+    From the layout alone: visited density, the share of partial blocks, how many distinct key-block
+    lists must be gathered (rows whose keys are one contiguous range are read as views; rows sharing
+    a list share one gather), and the fixed cost of a call against dense attention's time at
+    ``q_len x kv_len`` for ``batch_heads`` (batch times heads) heads of ``head_dim``.
+    """
+    counts, idx, ids = layout.kv_counts.cpu().long(), layout.kv_indices.cpu().long(), layout.kv_mask_ids.cpu()
+    visited = counts > 0
+    first = idx[..., 0]
+    last = idx.gather(-1, (counts - 1).clamp(min=0)[..., None])[..., 0]
+    gathered = visited & (last - first != counts - 1)
+    if bool(gathered.any()):
+        head = torch.arange(counts.shape[0])[:, None].expand_as(counts)
+        keys = torch.cat([head[..., None], counts[..., None], idx, ids.long()], dim=-1)[gathered]
+        lists = torch.unique(keys, dim=0).shape[0]
+    else:
+        lists = 0
+    rows = max(int(visited.sum()), 1)
+    efficiency = _COST_BASE + _COST_GATHER * lists / rows + _COST_PARTIAL * layout.partial_fraction()
+    dense_seconds = _DENSE_SECONDS * batch_heads * layout.q_len * layout.kv_len * head_dim
+    return layout.density() * efficiency + _CALL_SECONDS / dense_seconds
+
+
+def dense_is_faster(layout: BlockLayout, *, batch_heads: int = 1, head_dim: int = 64) -> bool:
+    """Whether dense attention is expected to be at least as fast as the PyTorch twin on ``layout`` (CPU).
+
+    ``sparse_cost_ratio(layout, ...) >= 1``: true for layouts too dense to pay off (e.g. radial or
+    GNA stride 1 near 0.4-0.5 visited density) and for small ``N`` where a call's fixed cost
+    outweighs the skipped blocks. Pure: reads the layout, changes nothing.
+
+    Example::
+
+        >>> if dense_is_faster(layout, batch_heads=q.shape[0] * q.shape[1], head_dim=q.shape[-1]):
+        ...     o = F.scaled_dot_product_attention(q, k, v, attn_mask=layout.to_dense_mask())
+    """
+    return sparse_cost_ratio(layout, batch_heads=batch_heads, head_dim=head_dim) >= 1.0
+
+
+# ----------------------------------------------------------------------------- plan
+@dataclass
+class _Rows:
+    """The layout's visit lists as Python data (plan time only)."""
+
+    n_q: int
+    n_k: int
+    lists: List[Tuple[int, ...]]   # per flat row: key blocks
+    masks: List[Tuple[Tuple[int, bool], ...]]  # per flat row: (mask id, is the ragged last block) per key block
+
+
+def _read_rows(layout: BlockLayout) -> _Rows:
+    """Key-block lists and mask signatures per flat row; the ragged last key block counts as masked."""
+    counts = layout.kv_counts.cpu().tolist()
+    indices = layout.kv_indices.cpu().tolist()
+    ids = layout.kv_mask_ids.cpu().tolist()
+    n_k = layout.num_kv_blocks
+    ragged = n_k - 1 if layout.kv_len % layout.block_k else -1
+    lists, masks = [], []
+    for h, per_head in enumerate(counts):
+        for qb, c in enumerate(per_head):
+            keys = tuple(indices[h][qb][:c])
+            lists.append(tuple(h * n_k + kb for kb in keys))
+            masks.append(tuple((m, kb == ragged) for kb, m in zip(keys, ids[h][qb][:c])))
+    return _Rows(layout.num_q_blocks, n_k, lists, masks)
+
+
+def _find_runs(rows: _Rows) -> List[Tuple[int, int, int]]:
+    """Runs ``(first_row, n_rows, step)``: >= _MIN_RUN consecutive rows of one head with equal mask
+    signatures and one contiguous key range each, its start moving by a constant ``step >= 1``
+    (rows with the same range are better served as one unit: its queries attend together)."""
+    def contiguous(r):
+        keys = rows.lists[r]
+        return bool(keys) and keys[-1] - keys[0] == len(keys) - 1
+
+    runs, r, total = [], 0, len(rows.lists)
+    while r < total:
+        end = r + 1
+        if contiguous(r):
             step = None
-            while (j < n_q and contig_l[h][j] and counts_l[h][j] == counts_l[h][i]
-                   and j - i < max_rows(counts_l[h][i])):
-                d = first_l[h][j] - first_l[h][j - 1]
-                if d < 0 or (step is not None and d != step):
+            while end < total and end % rows.n_q and contiguous(end) and rows.masks[end] == rows.masks[r]:
+                d = rows.lists[end][0] - rows.lists[end - 1][0]
+                if d < 1 or (step is not None and d != step):
                     break
-                step = d
-                j += 1
-            if j - i >= _MIN_RUN:
-                runs.append((h * n_q + i, j - i, first_l[h][i], step or 0))
-            i = j if j - i >= _MIN_RUN else i + 1
+                step, end = d, end + 1
+        if end - r >= _MIN_RUN:
+            runs.append((r, end - r, step))
+            r = end
+        else:
+            r += 1
     return runs
 
 
-def _make_chunk(layout, rows, flat_counts, indices, mask_ids, n_q, n_k, ragged_kv_block, run=None) -> _Chunk:
-    """``rows`` int64 ``[U, G]``: U units of G rows each sharing one key-block list."""
-    lead = rows[:, 0]
-    width = int(flat_counts[lead].max())
-    h, qb = lead // n_q, lead % n_q
-    slot_ok = torch.arange(width)[None, :] < flat_counts[lead][:, None]
-    kv_local = indices[h, qb, :width]
-    ids = torch.where(slot_ok, mask_ids[h, qb, :width], torch.full_like(kv_local, -2))
-    kv = torch.where(slot_ok, h[:, None] * n_k + kv_local, torch.zeros_like(kv_local))
-    ragged = (kv_local == ragged_kv_block) & slot_ok
-    clean = bool((ids == -1).all()) and not bool(ragged.any())
-    uniform = bool((ids == ids[:1]).all()) and bool((ragged == ragged[:1]).all())
-    chunk = _Chunk(rows.reshape(-1).contiguous(), kv.reshape(-1).contiguous(), ids, width, clean, run, uniform,
-                   group=rows.shape[1])
-    if not clean:  # decided here, on the host, so a call never syncs to ask
-        chunk = dataclasses.replace(chunk, rows_ok=bool(_chunk_mask(layout, chunk, "cpu").any(-1).all()))
-    return chunk
+def _units(rows: _Rows, free: List[int]) -> Dict[tuple, List[List[int]]]:
+    """Rows with identical (key-block list, mask signature) become one unit; units are collected
+    per chunk key ``(G, C, signature)``, so a chunk's units share one mask."""
+    same: Dict[tuple, List[int]] = {}
+    for r in free:
+        if rows.lists[r]:  # rows that visit nothing keep o = 0, lse = -inf
+            same.setdefault((rows.lists[r], rows.masks[r]), []).append(r)
+    chunks: Dict[tuple, List[List[int]]] = {}
+    for (keys, sig), members in same.items():
+        chunks.setdefault((len(members), len(keys), sig), []).append(members)
+    return chunks
 
 
-def _group_rows(rows: torch.Tensor, flat_counts, indices, mask_ids, n_q) -> List[torch.Tensor]:
-    """Rows with identical (head, key-block list, mask ids) -> one ``[G]`` tensor per distinct list.
-
-    Tile layouts repeat lists a lot (every query block of a tile, clamped windows at
-    borders): gathering K/V once per list instead of once per row saves most copies.
-    """
-    groups = {}
-    for r in rows.tolist():
-        h, qb = divmod(r, n_q)
-        c = int(flat_counts[r])
-        key = (h, tuple(indices[h, qb, :c].tolist()), tuple(mask_ids[h, qb, :c].tolist()))
-        groups.setdefault(key, []).append(r)
-    return [torch.tensor(g) for g in groups.values()]
-
-
-def _plan(layout: BlockLayout, rows_per_budget) -> _Plan:
-    """Strided runs first; the other rows grouped by identical key-block lists, the groups
-    sorted by (size, visit count) and gathered in chunks.
-
-    ``rows_per_budget(width)`` caps a chunk's number of distinct lists.
-    """
-    counts = layout.kv_counts.cpu().long()
-    indices = layout.kv_indices.cpu().long()
-    mask_ids = layout.kv_mask_ids.cpu().long()
-    hl, n_q = counts.shape
-    n_k = layout.num_kv_blocks
-    flat_counts = counts.reshape(-1)
-    ragged_kv_block = n_k - 1 if layout.kv_len % layout.block_k else -1
+def _build_plan(layout: BlockLayout) -> _Plan:
+    """Runs first, the other rows as units grouped into chunks by (G, C, mask signature)."""
+    rows = _read_rows(layout)
+    masks = _MaskBuilder(layout)
     chunks: List[_Chunk] = []
-
-    in_run = torch.zeros(hl * n_q, dtype=torch.bool)
-    for row0, n_rows, first, step in _find_runs(counts, indices, rows_per_budget):
-        rows = torch.arange(row0, row0 + n_rows)
-        in_run[rows] = True
-        head = row0 // n_q
-        chunks.append(_make_chunk(layout, rows[:, None], flat_counts, indices, mask_ids, n_q, n_k, ragged_kv_block,
-                                  run=(row0, head * n_k + first, step)))
-
-    rest = (~in_run).nonzero().flatten()
-    empty_rows = rest[flat_counts[rest] == 0]
-    groups = _group_rows(rest[flat_counts[rest] > 0], flat_counts, indices, mask_ids, n_q)
-    groups.sort(key=lambda g: (g.numel(), int(flat_counts[g[0]])))
-    start, total = 0, len(groups)
-    while start < total:
-        size, first = groups[start].numel(), int(flat_counts[groups[start][0]])
-        end = start + 1
-        while end < total and groups[end].numel() == size:
-            width = int(flat_counts[groups[end][0]])
-            if end + 1 - start > rows_per_budget(width) or (width - first) > _PAD_WASTE * width:
-                break
-            end += 1
-        rows = torch.stack(groups[start:end])
-        chunks.append(_make_chunk(layout, rows, flat_counts, indices, mask_ids, n_q, n_k, ragged_kv_block))
-        start = end
-    return _Plan(tuple(chunks), empty_rows)
+    in_run = set()
+    for first, n_rows, step in _find_runs(rows):
+        in_run.update(range(first, first + n_rows))
+        keys, sig = rows.lists[first], rows.masks[first]
+        chunks.append(_make_chunk(layout, [[r] for r in range(first, first + n_rows)], [keys] * n_rows,
+                                  masks.get(1, sig), run=(first, keys[0], step)))
+    free = [r for r in range(len(rows.lists)) if r not in in_run]
+    for (group, _, sig), units in _units(rows, free).items():
+        chunks.append(_make_chunk(layout, units, [rows.lists[u[0]] for u in units], masks.get(group, sig)))
+    return _Plan(tuple(chunks), *_output_order(chunks, len(rows.lists), layout.device))
 
 
-def _chunk_mask(layout: BlockLayout, chunk: _Chunk, device) -> torch.Tensor:
-    """bool ``[R, block_q, C*block_k]`` (R = 1 for uniform chunks): slot valid, element mask
-    of partial blocks, key in range."""
-    bq, bk = layout.block_q, layout.block_k
-    ids, kv = chunk.mask_ids, chunk.kv
-    if chunk.uniform:
-        ids, kv = ids[:1], kv[: chunk.width]
-    table = layout.mask_table.to(device)
-    full = torch.ones(1, bq, bk, dtype=torch.bool, device=device)
-    empty = torch.zeros(1, bq, bk, dtype=torch.bool, device=device)
-    table = torch.cat([table, empty, full])  # id -1 -> full, -2 -> empty (padded slot)
-    ids = ids.to(device)
-    tiles = table[torch.where(ids >= 0, ids, table.shape[0] + ids)]  # [R, C, bq, bk]
-    n_k = layout.num_kv_blocks
-    kv_block = (kv.to(device) % n_k).view(ids.shape)
-    key_pos = kv_block[..., None] * bk + torch.arange(bk, device=device)  # [R, C, bk]
-    tiles = tiles & (key_pos < layout.kv_len)[:, :, None, :]
-    r, c = ids.shape
-    return tiles.permute(0, 2, 1, 3).reshape(r, bq, c * bk)
+def _output_order(chunks: List[_Chunk], n_rows: int, device) -> Tuple[Optional[torch.Tensor], bool]:
+    """``(gather, has_empty)`` of :class:`_Plan`: the position of each row in the chunks' concatenated
+    outputs; rows no chunk computes point at the zero row appended after them."""
+    order = torch.cat([c.rows.cpu() for c in chunks]) if chunks else torch.zeros(0, dtype=torch.long)
+    gather = torch.full((n_rows,), order.numel(), dtype=torch.long)
+    gather[order] = torch.arange(order.numel())
+    has_empty = order.numel() < n_rows
+    if not has_empty and torch.equal(gather, torch.arange(n_rows)):
+        return None, False
+    return gather.to(device), has_empty
 
 
-def _cached_mask(plan: "_Plan", i: int, layout: BlockLayout, chunk: _Chunk, device, fused: bool):
-    """``(mask, row_ok)`` for chunk ``i``, cached on the plan (up to ``_MASK_CACHE_BYTES``; never
-    filled while torch.compile traces, where the mask is part of the graph).
-
-    fused: additive fp32 bias ``[1, U, G*bq, C*bk]`` (0 / -inf; U = 1 when uniform); else
-    bool "masked out". row_ok: bool ``[1, U, G*bq]`` rows with at least one allowed key,
-    or None if all have one (``chunk.rows_ok``).
-    """
-    key = (i, str(device), fused)
-    hit = plan.masks.get(key)
-    if hit is not None:
-        return hit
-    allowed = _chunk_mask(layout, chunk, device)
-    if chunk.group > 1:  # the G query blocks of a unit share the unit's element masks
-        allowed = allowed.repeat(1, chunk.group, 1)
-    allowed = allowed[None]
-    if fused:
-        mask = torch.zeros(allowed.shape, dtype=torch.float32, device=device).masked_fill_(~allowed, float("-inf"))
-    else:
-        mask = ~allowed
-    row_ok = None if chunk.rows_ok else allowed.any(-1)
-    if not torch.compiler.is_compiling():
-        size = mask.numel() * mask.element_size()
-        cached = sum(m.numel() * m.element_size() for m, _ in plan.masks.values())
-        if cached + size <= _MASK_CACHE_BYTES:
-            plan.masks[key] = (mask, row_ok)
-    return mask, row_ok
+def _make_chunk(layout, units: List[List[int]], lists: List[Tuple[int, ...]], mask: Optional[_Mask],
+                run=None) -> _Chunk:
+    flat_rows = [r for unit in units for r in unit]
+    flat_kv = [kb for keys in lists for kb in keys]
+    consecutive = flat_rows == list(range(flat_rows[0], flat_rows[0] + len(flat_rows)))
+    one_range = len(units) == 1 and flat_kv == list(range(flat_kv[0], flat_kv[0] + len(flat_kv)))
+    dev = layout.device
+    return _Chunk(torch.tensor(flat_rows, device=dev), torch.tensor(flat_kv, device=dev), len(units),
+                  len(units[0]), len(lists[0]), mask, run,
+                  first_row=flat_rows[0] if consecutive else None,
+                  first_kv=flat_kv[0] if one_range and run is None else None)
 
 
+class _MaskBuilder:
+    """One :class:`_Mask` per distinct (G, mask signature) of a plan; additive copies up to the budget."""
+
+    def __init__(self, layout: BlockLayout) -> None:
+        self.layout = layout
+        self.built: Dict[tuple, Optional[_Mask]] = {}
+        self.cached_bytes = 0
+
+    def get(self, group: int, sig: Tuple[Tuple[int, bool], ...]) -> Optional[_Mask]:
+        key = (group, sig)
+        if key not in self.built:
+            self.built[key] = self._build(group, sig)
+        return self.built[key]
+
+    def _build(self, group: int, sig: Tuple[Tuple[int, bool], ...]) -> Optional[_Mask]:
+        if all(m < 0 and not ragged for m, ragged in sig):
+            return None
+        lay = self.layout
+        bq, bk = lay.block_q, lay.block_k
+        table = torch.cat([lay.mask_table.cpu(), torch.ones(1, bq, bk, dtype=torch.bool)])
+        tiles = table[torch.tensor([m if m >= 0 else table.shape[0] - 1 for m, _ in sig])]  # [C, bq, bk]
+        # Ragged last key block: keys past kv_len are masked (the layout need not mark them).
+        ragged = torch.tensor([r for _, r in sig])
+        tiles[ragged] &= torch.arange(bk) < lay.kv_len % bk
+        allowed = tiles.permute(1, 0, 2).reshape(bq, len(sig) * bk)  # [bq, C*bk]
+        if bool((allowed == allowed[:1]).all()):
+            allowed = allowed[:1]
+        elif group > 1:
+            allowed = allowed.repeat(group, 1)
+        row_ok = allowed.any(-1)
+        row_ok = None if bool(row_ok.all()) else row_ok.to(lay.device)
+        additive = None
+        size = allowed.numel() * 4
+        if self.cached_bytes + size <= _MASK_CACHE_BYTES:
+            additive = _additive(allowed).to(lay.device)
+            self.cached_bytes += size
+        return _Mask(allowed[None, None].to(lay.device), None if additive is None else additive[None, None], row_ok)
+
+
+def _additive(allowed: torch.Tensor) -> torch.Tensor:
+    return torch.zeros(allowed.shape, dtype=torch.float32, device=allowed.device).masked_fill_(~allowed,
+                                                                                               float("-inf"))
+
+
+# ----------------------------------------------------------------------------- call
 def _pad_blocks(x: torch.Tensor, block: int) -> torch.Tensor:
     pad = -x.shape[2] % block
     return F.pad(x, (0, 0, 0, pad)) if pad else x
@@ -242,8 +320,6 @@ def _window_view(blocks: torch.Tensor, first: int, step: int, rows: int, width: 
     """Overlapping view ``[BG, rows, width*bk, D]`` of blocks ``[BG, nB, bk, D]`` (contiguous):
     row i sees blocks ``first + i*step`` .. ``+ width-1``."""
     bg, _, bk, d = blocks.shape
-    if step == 0:
-        return blocks[:, first:first + width].reshape(bg, 1, width * bk, d).expand(bg, rows, width * bk, d)
     # [BG, rows, bk, D, width] -> [BG, rows, width, bk, D]: (width, bk) merge into one stride-D axis.
     windows = blocks[:, first:first + step * (rows - 1) + width].unfold(1, width, step)
     return windows.permute(0, 1, 4, 2, 3).reshape(bg, rows, width * bk, d)
@@ -265,10 +341,7 @@ class _Windows(torch.autograd.Function):
         grad = grad.reshape(bg, rows, width, bk, d)
         out = grad.new_zeros(shape)
         for j in range(width):
-            if step == 0:
-                out[:, first + j] += grad[:, :, j].sum(1)
-            else:
-                out[:, first + j:first + j + step * (rows - 1) + 1:step] += grad[:, :, j]
+            out[:, first + j:first + j + step * (rows - 1) + 1:step] += grad[:, :, j]
         return out, None, None, None, None
 
 
@@ -282,32 +355,34 @@ def _use_fused(device: torch.device) -> bool:
     return device.type == "cpu" and hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu")
 
 
-def prepare(layout: BlockLayout) -> None:
-    """Build ``layout``'s chunk plan now (``torch.compile`` then traces calls without building it)."""
-    _plan_of(layout)
+def slice_bytes() -> int:
+    """The slice budget for this process's thread count (:data:`CHUNK_BYTES` under ``torch.compile``,
+    which cannot trace ``torch.get_num_threads``)."""
+    if torch.compiler.is_compiling():
+        return CHUNK_BYTES
+    threads = torch.get_num_threads()
+    return CHUNK_BYTES if threads == 1 else CHUNK_BYTES_PER_THREAD * threads
 
 
-def _plan_of(layout: BlockLayout) -> _Plan:
-    return _PLANS.get(layout, "plan", lambda: _plan(layout, lambda width: max(1, _budget(_PLAN_UNIT_BYTES, width))))
-
-
-def _budget(bytes_per_slot: int, width: int, chunk_bytes: int = CHUNK_BYTES) -> int:
-    """Units of ``width`` key-block slots that fit ``chunk_bytes``."""
-    return max(1, chunk_bytes // (bytes_per_slot * max(width, 1)))
+def _units_per_slice(chunk: _Chunk, bg: int, bq: int, bk: int, d: int, fused: bool, chunk_bytes: int) -> int:
+    """Units of ``chunk`` whose buffers (gathered Q, K, V, output; scores on the matmul path) fit ``chunk_bytes``."""
+    rows, keys = chunk.group * bq, chunk.width * bk
+    unit_bytes = 4 * bg * (2 * keys * d + 2 * rows * d + (0 if fused else 2 * rows * keys))
+    return max(1, chunk_bytes // unit_bytes)
 
 
 def torch_block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: BlockLayout,
                                  scale: float, *, lse_grad: bool = False, fused: bool | None = None,
-                                 chunk_bytes: int = CHUNK_BYTES) -> Tuple[torch.Tensor, torch.Tensor]:
+                                 chunk_bytes: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """Block-sparse attention in plain PyTorch; inputs already checked.
 
     Args:
-        q: ``(B, H, q_len, D)``; k, v: ``(B, H, kv_len, D)``; layout on any device, ``Hl`` 1 or H.
+        q: ``(B, H, q_len, D)``; k, v: ``(B, H, kv_len, D)``; layout on q's device, ``Hl`` 1 or H.
         lse_grad: the caller differentiates through lse. ATen's fused kernel ignores lse's
             gradient, so this selects the matmul path.
-        fused: use ATen's CPU flash kernel per chunk (default: on CPU when present and
+        fused: use ATen's CPU flash kernel per slice (default: on CPU when present and
             ``lse_grad`` is False).
-        chunk_bytes: memory budget per chunk slice.
+        chunk_bytes: memory budget per slice (default :func:`slice_bytes`).
 
     Returns:
         ``(o, lse)``: o ``(B, H, q_len, D)`` in q's dtype, lse fp32 ``(B, H, q_len)``.
@@ -315,79 +390,88 @@ def torch_block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     b, h, _, d = q.shape
     hl, n_q, n_k = layout.num_heads, layout.num_q_blocks, layout.num_kv_blocks
     bq, bk = layout.block_q, layout.block_k
-    g = h // hl
+    bg = b * (h // hl)
     fused = (_use_fused(q.device) and not lse_grad) if fused is None else fused
-    out_dtype = q.dtype
-    q, k, v = q.float(), k.float(), v.float()
-
     plan = _plan_of(layout)
-    bytes_per_slot = b * g * bk * 4 * (2 * d + (bq if not fused else 0)) + bq * bk * 4
+    chunk_bytes = slice_bytes() if chunk_bytes is None else chunk_bytes
 
     # Heads split as (g, hl): head = g_idx * hl + hl_idx, matching both Hl = 1 and Hl = H.
-    qb = _pad_blocks(q, bq).reshape(b * g, hl * n_q, bq, d)
-    kb = _pad_blocks(k, bk).reshape(b * g, hl * n_k, bk, d)
-    vb = _pad_blocks(v, bk).reshape(b * g, hl * n_k, bk, d)
-    # Strided windows assume dense block storage.
-    kb, vb = kb.contiguous(), vb.contiguous()
-    dev = q.device
-
-    rows_total = hl * n_q
-    o = q.new_zeros(b * g, rows_total, bq, d)
-    lse = q.new_full((b * g, rows_total, bq), float("-inf"))
-    for i, chunk in enumerate(plan.chunks):
-        c, grp = chunk.width, chunk.group
-        mask, row_ok = (None, None) if chunk.clean else _cached_mask(plan, i, layout, chunk, dev, fused)
-        units = chunk.rows.numel() // grp
-        step_units = _budget(bytes_per_slot * grp, c, chunk_bytes)
-        for u0 in range(0, units, step_units):
-            u1 = min(units, u0 + step_units)
-            part = (slice(None), slice(u0, u1)) if mask is not None and mask.shape[1] > 1 else (slice(None),)
-            o, lse = _run_units(qb, kb, vb, o, lse, chunk, u0, u1, scale, fused,
-                                None if mask is None else mask[part], None if row_ok is None else row_ok[part])
+    qb = _pad_blocks(q.float(), bq).reshape(bg, hl * n_q, bq, d)
+    # K over V on the batch axis: one gather (or one window view) serves both. Dense block storage.
+    kvb = _pad_blocks(torch.cat([k.float(), v.float()]), bk).reshape(2 * bg, hl * n_k, bk, d)
+    outs: List[torch.Tensor] = []
+    lses: List[torch.Tensor] = []
+    for chunk in plan.chunks:
+        step = _units_per_slice(chunk, bg, bq, bk, d, fused, chunk_bytes)
+        for u0 in range(0, chunk.units, step):
+            o_c, lse_c = _run_slice(qb, kvb, chunk, u0, min(chunk.units, u0 + step), scale, fused)
+            outs.append(o_c)
+            lses.append(lse_c)
+    o, lse = _assemble(plan, outs, lses, qb)
     o = o.reshape(b, h, n_q * bq, d)[:, :, : layout.q_len]
     lse = lse.reshape(b, h, n_q * bq)[:, :, : layout.q_len]
-    return o.to(out_dtype), lse
+    return o.to(q.dtype), lse
 
 
-def _run_units(qb, kb, vb, o, lse, chunk: _Chunk, u0: int, u1: int, scale: float, fused: bool, mask, row_ok):
-    """Units ``u0:u1`` of ``chunk``: attention of their query blocks to their key blocks, written into o, lse."""
+def _assemble(plan: _Plan, outs: List[torch.Tensor], lses: List[torch.Tensor], qb: torch.Tensor):
+    """The slices' outputs ``[BG, rows, bq, D]`` and lse ``[BG, rows, bq]`` in row order; rows that
+    visit nothing get o = 0 and lse = -inf."""
     bg, _, bq, d = qb.shape
-    bk = kb.shape[2]
-    c, grp = chunk.width, chunk.group
-    units = u1 - u0
-    if chunk.run is not None:  # G = 1: a unit is a row
-        row0, kv0, step = chunk.run
-        r0 = row0 + u0
-        q_c = qb[:, r0:r0 + units]
-        k_c = _window(kb, kv0 + u0 * step, step, units, c)
-        v_c = _window(vb, kv0 + u0 * step, step, units, c)
+    if plan.has_empty:
+        outs = outs + [qb.new_zeros(bg, 1, bq, d)]
+        lses = lses + [qb.new_full((bg, 1, bq), float("-inf"))]
+    o = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
+    lse = lses[0] if len(lses) == 1 else torch.cat(lses, dim=1)
+    if plan.gather is not None:
+        o, lse = o.index_select(1, plan.gather), lse.index_select(1, plan.gather)
+    return o, lse
+
+
+def _slice_qkv(qb, kvb, chunk: _Chunk, u0: int, u1: int):
+    """Q ``[BG, U, G*bq, D]`` and K, V ``[BG, U, C*bk, D]`` of units ``u0:u1``: views where the
+    blocks are consecutive, else gathered copies."""
+    bg, _, bq, d = qb.shape
+    bk = kvb.shape[2]
+    units, grp, c = u1 - u0, chunk.group, chunk.width
+    if chunk.first_row is not None:
+        r0 = chunk.first_row + u0 * grp
+        q_c = qb[:, r0:r0 + units * grp]
     else:
-        rows = chunk.rows[u0 * grp:u1 * grp].to(qb.device)
-        kv = chunk.kv[u0 * c:u1 * c].to(qb.device)
-        # A unit's G query blocks attend together to its one gathered key list.
-        q_c = qb.index_select(1, rows).reshape(bg, units, grp * bq, d)       # [BG, U, G*bq, D]
-        k_c = kb.index_select(1, kv).reshape(bg, units, c * bk, d)           # [BG, U, C*bk, D]
-        v_c = vb.index_select(1, kv).reshape(bg, units, c * bk, d)
+        q_c = qb.index_select(1, chunk.rows if units == chunk.units else chunk.rows[u0 * grp:u1 * grp])
+    q_c = q_c.reshape(bg, units, grp * bq, d)
+    if chunk.run is not None:
+        _, kv0, step = chunk.run
+        kv_c = _window(kvb, kv0 + u0 * step, step, units, c)
+    elif chunk.first_kv is not None:
+        kv_c = kvb[:, chunk.first_kv:chunk.first_kv + c].reshape(2 * bg, 1, c * bk, d)
+    else:
+        kv = chunk.kv if units == chunk.units else chunk.kv[u0 * c:u1 * c]
+        kv_c = kvb.index_select(1, kv).reshape(2 * bg, units, c * bk, d)
+    return q_c, kv_c[:bg], kv_c[bg:]
+
+
+def _attend(q_c, k_c, v_c, mask: Optional[_Mask], scale: float, fused: bool):
+    """``(o, lse)`` of each unit's queries over its keys, masked by the chunk's shared mask."""
     if fused:
-        o_c, lse_c = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q_c, k_c, v_c, attn_mask=mask,
+        bias = None if mask is None else (mask.additive if mask.additive is not None else _additive(mask.allowed))
+        o_c, lse_c = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q_c, k_c, v_c, attn_mask=bias,
                                                                                scale=scale)
     else:
         scores = torch.matmul(q_c, k_c.transpose(-1, -2)) * scale
         if mask is not None:
-            scores = scores.masked_fill(mask, float("-inf"))
+            scores = scores.masked_fill(~mask.allowed, float("-inf"))
         lse_c = torch.logsumexp(scores, dim=-1)
         shift = torch.where(torch.isinf(lse_c), torch.zeros_like(lse_c), lse_c)
         o_c = torch.matmul(torch.exp(scores - shift[..., None]), v_c)
-    if row_ok is not None:
+    if mask is not None and mask.row_ok is not None:
         # A row whose visited keys are all masked: o is 0 already, lse must be -inf.
-        lse_c = torch.where(row_ok, lse_c, torch.full_like(lse_c, float("-inf")))
-    # Write into the output in place (autograd records the slice copies).
-    n_rows = units * grp
-    if chunk.run is not None:
-        o[:, r0:r0 + n_rows] = o_c
-        lse[:, r0:r0 + n_rows] = lse_c
-        return o, lse
-    o_c, lse_c = o_c.reshape(bg, n_rows, bq, d), lse_c.reshape(bg, n_rows, bq)
-    o = o.index_copy(1, rows, o_c) if o.requires_grad or o_c.requires_grad else o.index_copy_(1, rows, o_c)
-    lse = lse.index_copy(1, rows, lse_c) if lse_c.requires_grad else lse.index_copy_(1, rows, lse_c)
-    return o, lse
+        lse_c = torch.where(mask.row_ok, lse_c, torch.full_like(lse_c, float("-inf")))
+    return o_c, lse_c
+
+
+def _run_slice(qb, kvb, chunk: _Chunk, u0: int, u1: int, scale: float, fused: bool):
+    """Units ``u0:u1`` of ``chunk``: ``(o [BG, U*G, bq, D], lse [BG, U*G, bq])`` of their query blocks."""
+    bg, _, bq, d = qb.shape
+    o_c, lse_c = _attend(*_slice_qkv(qb, kvb, chunk, u0, u1), chunk.mask, scale, fused)
+    n_rows = (u1 - u0) * chunk.group
+    return o_c.reshape(bg, n_rows, bq, d), lse_c.reshape(bg, n_rows, bq)

@@ -3,17 +3,27 @@
 It gathers only the critical key blocks per query block, so memory is
 ``O(N * kc * Bk)``, never ``N x N``; the linear branch uses per-block
 ``phi(K_j)^T V_j`` sums. Everything is fp32 and differentiable by autograd.
+
+The sparse branch has two paths. :func:`_sparse_branch_torch` (explicit scores,
+softmax and matmuls; autograd through everything, the lse included) is the
+reference. Without autograd on CPU, :func:`_sparse_branch_fused` runs instead: slices
+of query blocks, their critical K/V blocks gathered by one ``index_select`` each,
+through ATen's CPU flash-attention kernel (no score tensor).
 """
 
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
 from ..._util import cdiv as _cdiv
+from ..block_sparse.naive import slice_bytes
 from .common import MARGINAL, SLABlocks, SLAParams, feature_map
 
 __all__ = ["sla_torch"]
+
 
 
 def _sparse_branch_torch(q, k, v, critical, block_q, block_k, scale):
@@ -37,6 +47,46 @@ def _sparse_branch_torch(q, k, v, critical, block_q, block_k, scale):
     lse = torch.logsumexp(s, dim=-1)
     o = torch.softmax(s, dim=-1) @ vg
     return o.reshape(b, h, n_q * block_q, d)[:, :, :nq_tok], lse.reshape(b, h, -1)[:, :, :nq_tok]
+
+
+def _use_fused(q, k, v) -> bool:
+    grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    return q.device.type == "cpu" and hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu") and not grad
+
+
+def _sparse_branch_fused(q, k, v, critical, block_q, block_k, scale, chunk_bytes: Optional[int] = None):
+    """:func:`_sparse_branch_torch` without a score tensor, forward only (q, k, v fp32, no autograd).
+    Slices of query blocks whose gathered K/V, Q and output fit ``chunk_bytes`` (default: the
+    block-sparse twin's :func:`~dit_accel.kernels.block_sparse.naive.slice_bytes`)."""
+    b, h, nq_tok, d = q.shape
+    nk_tok = k.shape[-2]
+    n_q, n_k, kc = critical.shape[2], _cdiv(nk_tok, block_k), critical.shape[-1]
+    bh = b * h
+    qb = F.pad(q, (0, 0, 0, n_q * block_q - nq_tok)).reshape(bh, n_q, block_q, d)
+    kb = F.pad(k, (0, 0, 0, n_k * block_k - nk_tok)).reshape(bh * n_k, block_k, d)
+    vb = F.pad(v, (0, 0, 0, n_k * block_k - nk_tok)).reshape(bh * n_k, block_k, d)
+    # Flat key-block rows of kb per (b*h, query block): [BH, nQ * kc].
+    rows = (critical.reshape(bh, n_q * kc).long() + (torch.arange(bh, device=q.device) * n_k)[:, None])
+    bias = None
+    if nk_tok % block_k:  # keys past nk_tok in the ragged last block: additive -inf
+        tok = critical.reshape(bh, n_q, kc, 1).long() * block_k + torch.arange(block_k, device=q.device)
+        bias = torch.zeros(tok.shape, device=q.device).masked_fill_(tok >= nk_tok, float("-inf"))
+        bias = bias.reshape(bh, n_q, 1, kc * block_k)
+    per_block = 4 * bh * (2 * kc * block_k * d + 2 * block_q * d)
+    step = max(1, (slice_bytes() if chunk_bytes is None else chunk_bytes) // per_block)
+    outs, lses = [], []
+    for q0 in range(0, n_q, step):
+        q1 = min(n_q, q0 + step)
+        idx = rows[:, q0 * kc:q1 * kc].reshape(-1)
+        k_c = kb.index_select(0, idx).view(bh, q1 - q0, kc * block_k, d)
+        v_c = vb.index_select(0, idx).view(bh, q1 - q0, kc * block_k, d)
+        o_c, lse_c = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            qb[:, q0:q1], k_c, v_c, attn_mask=None if bias is None else bias[:, q0:q1], scale=scale)
+        outs.append(o_c)
+        lses.append(lse_c)
+    o = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
+    lse = lses[0] if len(lses) == 1 else torch.cat(lses, dim=1)
+    return o.reshape(b, h, n_q * block_q, d)[:, :, :nq_tok], lse.reshape(b, h, n_q * block_q)[:, :, :nq_tok]
 
 
 def _linear_branch_torch(q, k, v, blocks: SLABlocks, method: SLAParams):
@@ -68,8 +118,12 @@ def _linear_branch_torch(q, k, v, blocks: SLABlocks, method: SLAParams):
     return o.reshape(b, h, n_q * bq, d)[:, :, :nq_tok]
 
 
-def sla_torch(q, k, v, blocks, method, scale, with_linear):
+def sla_torch(q, k, v, blocks, method, scale, with_linear, fused: Optional[bool] = None):
+    """``(o_sparse, lse, o_linear or None)``. ``fused``: the sparse branch through
+    :func:`_sparse_branch_fused` (default: on CPU when nothing needs gradients)."""
     qf, kf, vf = q.float(), k.float(), v.float()
-    o_s, lse = _sparse_branch_torch(qf, kf, vf, blocks.critical, method.block_q, method.block_k, scale)
+    fused = _use_fused(q, k, v) if fused is None else fused
+    branch = _sparse_branch_fused if fused else _sparse_branch_torch
+    o_s, lse = branch(qf, kf, vf, blocks.critical, method.block_q, method.block_k, scale)
     o_l = _linear_branch_torch(qf, kf, vf, blocks, method) if with_linear else None
     return o_s.to(q.dtype), lse, o_l
