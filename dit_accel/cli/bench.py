@@ -14,6 +14,8 @@ import argparse
 import json
 import sys
 
+from .options import HelpFormatter, plain
+
 __all__ = ["register", "run"]
 
 
@@ -31,7 +33,7 @@ example: dit-accel bench sass --arch 90 --family block_sparse --kernel fwd --dty
 
 def register(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("bench", help="benchmark kernels (speed) or methods on captured q/k/v (fidelity)",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+                              description=plain(__doc__), formatter_class=HelpFormatter)
     sub = p.add_subparsers(dest="bench_kind", metavar="{kernels,fidelity,sass}")
     sub.required = True
 
@@ -64,7 +66,7 @@ def register(subparsers) -> argparse.ArgumentParser:
 
     s = sub.add_parser("sass", help="static GPU inspection: SASS per tile vs the dense kernel, registers, spills, "
                                     "occupancy (compile-time, no GPU needed)",
-                       description=_SASS_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+                       description=plain(_SASS_DESCRIPTION), formatter_class=HelpFormatter)
     s.add_argument("--arch", default="80,89,90", help="comma-separated compute capabilities (default 80,89,90)")
     s.add_argument("--family", default="block_sparse,sla", help="block_sparse, sla or both (default)")
     s.add_argument("--kernel", default=None, help="kernel names, e.g. fwd,bwd_dq (default: all)")
