@@ -499,6 +499,13 @@ class TransformerHook:
             self.runtime.warnings.warn(f"dit_accel: {method!r} on {layer.name} (and every layer it runs on): "
                                        f"{plan.dense_reason}, so it runs dense attention (no speedup)",
                                        key=("dense plan", method, plan.grid))
+        elif not plan.is_dense and (plan.density or 0.0) >= 1.0 and not hasattr(chosen, "for_layer_step"):
+            # Token masks still apply (the result is the method's), but every key block is visited.
+            self.runtime.warnings.warn(f"dit_accel: {method!r} on {layer.name} (and every layer it runs on) "
+                                       f"visits every key block of grid {tuple(plan.grid)}: it masks tokens "
+                                       "inside the blocks but saves no work (no speedup); a larger grid or "
+                                       "a smaller window or block makes it sparse",
+                                       key=("full plan", method, plan.grid))
         return plan
 
     def _check_processors(self) -> None:

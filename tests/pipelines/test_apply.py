@@ -363,3 +363,19 @@ def test_ltx_condition_pipeline_is_refused_with_its_reason():
     with pytest.raises(ValueError, match=r"does not support LTXConditionPipeline: .*video_coords.*Use LTXPipeline"):
         dit_accel.apply(pipe, dit_accel.Tile(tile=(1, 4, 4), window=(1, 3, 3)))
     assert not any(isinstance(p, SparseAttnProcessor) for p in pipe.transformer.attn_processors.values())
+
+
+def test_a_plan_that_visits_every_block_says_it_saves_nothing():
+    """Grid (3, 4, 4) = 48 tokens in one 64-token block: Tile still masks (each frame sees itself) but visits
+    every block; the user is told once, and the result is still the method's, not dense."""
+    model = T.build_tiny_transformer("wan")
+    inputs = T.tiny_transformer_inputs("wan", model, grid=(3, 4, 4))
+    inputs.pop("return_dict", None)
+    with torch.no_grad():
+        dense = model(**inputs, return_dict=False)[0]
+    with dit_accel.apply(model, dit_accel.Tile(tile=(1, 4, 4), window=(1, 3, 3))) as handle:
+        with pytest.warns(dit_accel.DitAccelWarning, match=r"visits every key block of grid \(3, 4, 4\)"):
+            with torch.no_grad():
+                out = model(**inputs, return_dict=False)[0]
+        assert handle.summary()["mean_density"] == 1.0
+    assert not torch.allclose(out, dense)  # the token mask applied
