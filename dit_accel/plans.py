@@ -27,6 +27,8 @@ import torch.nn.functional as F
 from .kernels import block_sparse_attention, merge_attention, sla_attention
 from .kernels.backends import Request, resolve
 from .kernels.block_sparse.api import layout_on, prepare_layout
+from .kernels._cache import LayoutCache
+from .kernels.block_sparse.naive import dense_is_faster
 from .kernels.layout import BlockLayout
 
 __all__ = ["Plan", "DensePlan", "LayoutPlan", "SLAPlan", "attend_with_lse"]
@@ -60,6 +62,12 @@ def attend_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_valid
         outs.append(torch.matmul(p, vf))
         lses.append(lse)
     return torch.cat(outs, 2).to(q.dtype), torch.cat(lses, 2)
+
+
+# Backend name recorded when ``auto`` runs a layout as masked dense attention because that is faster on CPU.
+DENSE_MASKED = "dense-masked"
+DENSE_MASK_BYTES = 256 * 2**20  # the largest fp32 additive mask (heads x N x N) the dense path may build
+_DENSE_BIAS = LayoutCache("dense_bias")
 
 
 class Plan:
@@ -186,6 +194,7 @@ class LayoutPlan(Plan):
         self.perm = perm
         self._layouts: Dict[tuple, BlockLayout] = {}  # per (device, heads) copies, made once
         self._parts: Dict[tuple, "_Part"] = {}
+        self._dense_choice: Dict[tuple, bool] = {}  # (heads, batch x heads, head dim) -> masked dense is faster
 
     def layout_on(self, device, heads=None) -> BlockLayout:
         key = (torch.device(device), heads if self.layout.num_heads > 1 else None)
@@ -195,7 +204,37 @@ class LayoutPlan(Plan):
         return self._layouts[key]
 
     def backend_for(self, q, k, v, backend: str) -> str:
+        if self._dense_pays(q, backend):
+            return DENSE_MASKED
         return resolve("block_sparse", backend, Request.of(q, k, v, self.layout.block_q, self.layout.block_k))
+
+    def _dense_pays(self, q, backend: str, heads=None) -> bool:
+        """``backend="auto"`` on CPU, eager, no autograd: is masked dense attention faster than the twin on
+        this layout (:func:`~dit_accel.kernels.block_sparse.naive.dense_is_faster`)? Decided once per
+        (heads, batch x heads, head dim); never when the dense mask would exceed :data:`DENSE_MASK_BYTES`."""
+        if (backend != "auto" or q.device.type != "cpu" or torch.compiler.is_compiling()
+                or (torch.is_grad_enabled() and q.requires_grad)):
+            return False
+        key = (heads, q.shape[0] * q.shape[1], q.shape[-1])
+        choice = self._dense_choice.get(key)
+        if choice is None:
+            layout = self.layout_on(q.device, heads)
+            size = layout.num_heads * layout.num_q_blocks * layout.block_q * layout.num_kv_blocks * layout.block_k
+            choice = (size * 4 <= DENSE_MASK_BYTES and bool((layout.kv_counts > 0).all())
+                      and dense_is_faster(layout, batch_heads=key[1], head_dim=key[2]))
+            self._dense_choice[key] = choice
+        return choice
+
+    def _dense_masked(self, q, k, v, layout: BlockLayout, scale):
+        """The layout's exact result by masked dense attention (ATen's CPU flash kernel with an additive mask)."""
+        def build():
+            mask = layout.to_dense_mask()
+            return torch.zeros(mask.shape, dtype=torch.float32).masked_fill_(~mask, float("-inf"))
+        bias = _DENSE_BIAS.get(layout, "bias", build)  # (heads of the layout, N, N)
+        o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q.float(), k.float(), v.float(), attn_mask=bias[None].expand(q.shape[0], q.shape[1], -1, -1),
+            scale=scale)
+        return o.to(q.dtype), lse
 
     def prepare(self, device, backend: str = "auto") -> None:
         prepare_layout(self.layout_on(device), device, backend)
@@ -206,7 +245,10 @@ class LayoutPlan(Plan):
         layout = self.layout_on(q.device, heads)
         if self.perm is not None:  # tiled order: windows become contiguous blocks
             q, k, v = (self.perm.permute(x, dim=-2) for x in (q, k, v))
-        o, lse = block_sparse_attention(q, k, v, layout, scale=scale, return_lse=True, backend=backend)
+        if self._dense_pays(q, backend, heads):
+            o, lse = self._dense_masked(q, k, v, layout, scale)
+        else:
+            o, lse = block_sparse_attention(q, k, v, layout, scale=scale, return_lse=True, backend=backend)
         if self.perm is not None:
             o, lse = self.perm.unpermute(o, dim=-2), self.perm.unpermute(lse, dim=-1)
         return o, lse, None, self.density

@@ -1,0 +1,42 @@
+"""plans: backend="auto" on CPU runs a layout too dense to pay off as masked dense attention (same result)."""
+
+import pytest
+import torch
+
+import dit_accel
+from dit_accel.kernels.block_sparse.naive import sparse_cost_ratio
+from dit_accel.plans import DENSE_MASKED
+
+
+def _qkv(n, heads=4, d=64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(1, heads, n, d, generator=g) for _ in range(3)]
+
+
+@pytest.mark.parametrize("method, grid, dense", [
+    (dit_accel.GNA(kernel_size=(3, 7, 7)), (4, 16, 16), True),        # density 0.39, cost ratio 1.07
+    (dit_accel.Tile(tile=(1, 4, 4), window=(1, 1, 1)), (4, 16, 16), False),  # density 0.06, ratio 0.12
+])
+def test_auto_takes_masked_dense_only_when_the_twin_would_be_slower(method, grid, dense):
+    plan = method.plan(grid)
+    q, k, v = _qkv(plan.num_tokens)
+    assert (sparse_cost_ratio(plan.layout, batch_heads=4, head_dim=64) >= 1.0) == dense
+    with torch.no_grad():
+        assert (plan.backend_for(q, k, v, "auto") == DENSE_MASKED) == dense
+        assert plan.backend_for(q, k, v, "torch") == "torch"  # an explicit backend is always obeyed
+        auto, _ = plan.run(q, k, v, backend="auto")
+        twin, _ = plan.run(q, k, v, backend="torch")
+    torch.testing.assert_close(auto, twin, rtol=1e-5, atol=1e-5)
+    # With gradients the twin runs (the dense path is forward-only).
+    q.requires_grad_(True)
+    assert plan.backend_for(q, k, v, "auto") != DENSE_MASKED
+
+
+def test_joint_text_merges_exactly_on_the_dense_path():
+    plan = dit_accel.GNA(kernel_size=(3, 7, 7)).plan((4, 16, 16))
+    q, k, v = _qkv(plan.num_tokens + 16, seed=1)
+    with torch.no_grad():
+        assert plan.backend_for(q[:, :, 16:], k, v, "auto") == DENSE_MASKED
+        auto, _ = plan.run(q, k, v, num_text=16, text_first=True, backend="auto")
+        twin, _ = plan.run(q, k, v, num_text=16, text_first=True, backend="torch")
+    torch.testing.assert_close(auto, twin, rtol=1e-5, atol=1e-5)
