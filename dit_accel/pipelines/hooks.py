@@ -154,11 +154,11 @@ class LayerReport:
         else:
             self.runtime.stats.dense(self.slot, reason)
 
-    def sparse(self, density, backend: Optional[str] = None) -> None:
+    def sparse(self, density, backend: Optional[str] = None, token_density: Optional[float] = None) -> None:
         if torch.compiler.is_compiling():
-            self.call = (True, density, backend)
+            self.call = (True, density, backend, token_density)
         else:
-            self.runtime.stats.sparse(self.slot, density, backend)
+            self.runtime.stats.sparse(self.slot, density, backend, token_density)
 
     def timed(self, device):
         if torch.compiler.is_compiling():
@@ -374,7 +374,7 @@ class SDPAInterceptor(TorchFunctionMode):
         if plan is None or plan.is_dense:
             layer.report.dense(None if plan is None else plan.dense_reason)
         else:
-            layer.report.sparse(density, plan.backend_for(q, k, v, layer.owner.runtime.backend))
+            layer.report.sparse(density, plan.backend_for(q, k, v, layer.owner.runtime.backend), plan.token_density)
 
     def _run_split(self, call, q, k, v, num_text, key_mask):
         """Context parallelism: this rank's share through the collectives of :mod:`.parallel`."""

@@ -39,6 +39,7 @@ class LayerStats:
     sparse_calls: int = 0
     dense_calls: int = 0
     densities: list = field(default_factory=list)
+    token_densities: list = field(default_factory=list)  # fraction of token pairs attended (GNA, Tile)
     dense_reasons: Dict[str, int] = field(default_factory=dict)  # plan-dense calls by reason
     backends: Dict[str, int] = field(default_factory=dict)  # sparse calls by the kernel backend that ran them
     timer: Optional[Timer] = None
@@ -52,10 +53,12 @@ class Stats:
         self.timing = bool(timing)
         self.layers = [LayerStats() for _ in self.names]
 
-    def sparse(self, layer: int, density, backend: Optional[str] = None) -> None:
+    def sparse(self, layer: int, density, backend: Optional[str] = None, token_density: Optional[float] = None) -> None:
         stats = self.layers[layer]
         stats.sparse_calls += 1
         stats.densities.append(density)
+        if token_density is not None:
+            stats.token_densities.append(token_density)
         if backend is not None:
             stats.backends[backend] = stats.backends.get(backend, 0) + 1
 
@@ -76,7 +79,9 @@ class Stats:
 
     def rows(self, methods: List[str]) -> List[dict]:
         """Per layer: ``layer``, ``index``, ``method``, ``density`` (mean visited block fraction over sparse
-        calls, None if none ran sparse), ``sparse_calls``, ``dense_calls``, ``dense_reason`` (why calls ran
+        calls, None if none ran sparse), ``token_density`` (the fraction of token pairs the pattern attends,
+        when the pattern knows it: GNA and Tile; visited density / token density is the wasted work of
+        partial blocks), ``sparse_calls``, ``dense_calls``, ``dense_reason`` (why calls ran
         dense although the schedule asked for the method, e.g. a window that covers the grid), ``backend``
         (the kernel backends its sparse calls ran, e.g. ``"torch"``) and ``time_ms`` (None unless timing)."""
         rows = []
@@ -88,6 +93,8 @@ class Stats:
                 "index": index,
                 "method": methods[index],
                 "density": sum(values) / len(values) if values else None,
+                "token_density": (sum(stats.token_densities) / len(stats.token_densities)
+                                  if stats.token_densities else None),
                 "sparse_calls": stats.sparse_calls,
                 "dense_calls": stats.dense_calls,
                 "dense_reason": "; ".join(f"dense ({reason})" for reason in stats.dense_reasons) or None,

@@ -1,0 +1,83 @@
+"""Call overhead of dit_accel on a small model (CPU): the unwrapped transformer vs the same one under apply().
+
+The tiny Wan transformer at a small token grid (default (5, 8, 8) = 320 tokens, the size of the
+tiny pipelines' default run) is called with the same inputs, unwrapped, under ``Dense()`` and
+under sparse methods; the contenders run interleaved in one process, their order rotating each
+round, and each ratio is the median of per-round ratios to the unwrapped call. A sparse method
+here is also compared with the dense call: at this size ``backend="auto"`` may run a layout as
+masked dense attention (see :func:`dit_accel.kernels.block_sparse.naive.dense_is_faster`).
+
+Command::
+
+    python -m dit_accel.eval.bench_overhead --rounds 30 --threads 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import time
+
+import torch
+
+from .._util import load_average, versions
+
+
+def run(grid=(5, 8, 8), rounds: int = 30, threads: int = 1, calls: int = 3) -> dict:
+    """``{"rows": [{name, ms, vs_unwrapped}], ...}``: median ms of ``calls`` forward calls per round."""
+    import dit_accel
+    from ..models.tiny import build_tiny_transformer, tiny_transformer_inputs
+
+    torch.set_num_threads(threads)
+    base = build_tiny_transformer("wan").eval()
+    inputs = tiny_transformer_inputs("wan", base, grid=grid)
+    inputs.pop("return_dict", None)
+    contenders = {"unwrapped": base}
+    methods = {"Dense()": dit_accel.Dense(), "Tile(1x4x4, window 1)": dit_accel.Tile(tile=(1, 4, 4), window=(1, 1, 1)),
+               "GNA(3, 5, 5)": dit_accel.GNA(kernel_size=(3, 5, 5))}
+    handles = []
+    for name, method in methods.items():
+        model = copy.deepcopy(base)
+        handles.append(dit_accel.apply(model, method))
+        contenders[name] = model
+    names = list(contenders)
+    times = {n: [] for n in names}
+    load_start = load_average()
+    with torch.no_grad():
+        for model in contenders.values():  # warm-up: plans, layouts, allocator
+            model(**inputs, return_dict=False)
+        for r in range(rounds):
+            order = names[r % len(names):] + names[:r % len(names)]
+            for n in order:
+                start = time.perf_counter()
+                for _ in range(calls):
+                    contenders[n](**inputs, return_dict=False)
+                times[n].append((time.perf_counter() - start) / calls)
+    rows = []
+    for n in names:
+        ratios = [t / u for t, u in zip(times[n], times["unwrapped"])]
+        rows.append({"name": n, "ms": round(statistics.median(times[n]) * 1e3, 3),
+                     "vs_unwrapped": round(statistics.median(ratios), 3)})
+    backends = {n: h.summary()["backends_used"] for n, h in zip(methods, handles)}
+    return {"grid": list(grid), "tokens": int(torch.tensor(grid).prod()), "rounds": rounds, "threads": threads,
+            "rows": rows, "backends": backends, "load_average": [load_start, load_average()],
+            "versions": versions()}
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m dit_accel.eval.bench_overhead", description=__doc__.split("\n")[0])
+    parser.add_argument("--grid", default="5,8,8", help="token grid T,H,W")
+    parser.add_argument("--rounds", type=int, default=30)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args(argv)
+    grid = tuple(int(x) for x in args.grid.split(","))
+    result = run(grid, rounds=args.rounds, threads=args.threads)
+    for row in result["rows"]:
+        print(f"{row['name']:<24} {row['ms']:8.3f} ms  {row['vs_unwrapped']:.3f}x the unwrapped call")
+    print(json.dumps({k: result[k] for k in ("grid", "tokens", "backends", "load_average")}))
+
+
+if __name__ == "__main__":
+    main()
