@@ -10,8 +10,8 @@ density bucket. ``DIT_ACCEL_AUTOTUNE=0`` turns it off (``auto`` then takes the t
 :mod:`dit_accel.kernels.backends`).
 
 Entry points hand :func:`dit_accel.kernels.backends.resolve` a *tuner*
-(:func:`block_sparse_tuner`); the decision itself (:func:`choose`) takes the timer as an
-argument, so it is tested on CPU with injected timings. :func:`cached_choices` lists what
+(:func:`dit_accel.kernels.block_sparse.api.block_sparse_tuner`); the decision itself
+(:func:`choose`) takes the timer as an argument, so it is tested on CPU with injected timings. :func:`cached_choices` lists what
 is stored and :func:`info` summarises it (``dit-accel info``).
 
 Example::
@@ -30,10 +30,10 @@ import statistics
 import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Dict, List, Mapping, Optional, Sequence
+from typing import Callable, Dict, List, Mapping, Optional
 
 __all__ = ["ENV_AUTOTUNE", "ShapeClass", "density_bucket", "enabled", "choose", "cuda_event_timer", "cached_choice",
-           "cached_choices", "info", "clear", "cache_path", "block_sparse_tuner", "DENSITY_BUCKETS"]
+           "cached_choices", "info", "clear", "cache_path", "DENSITY_BUCKETS"]
 
 #: Environment variable: ``0`` turns the timing off.
 ENV_AUTOTUNE = "DIT_ACCEL_AUTOTUNE"
@@ -211,26 +211,3 @@ def choose(shape: ShapeClass, contenders: Mapping[str, Callable[[], object]], ti
     _store(shape.key(), {"choice": best, "times_ms": times, "warmup": warmup, "repeats": repeats,
                          "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")})
     return best
-
-
-def block_sparse_tuner(q, k, v, layout, scale: float, density: Optional[float] = None,
-                       timer: Timer = cuda_event_timer) -> Callable[[Sequence[str]], str]:
-    """A tuner for :func:`dit_accel.kernels.backends.resolve`: given the backends that can run,
-    time each through :func:`dit_accel.kernels.block_sparse_attention` on these very inputs
-    (without autograd) and return the fastest, once per shape class."""
-    def tune(names: Sequence[str], request) -> str:
-        import torch
-
-        from .block_sparse import block_sparse_attention
-
-        d = layout.density() if density is None else density
-        shape = ShapeClass.of("block_sparse", request, d)
-
-        def run(name):
-            return lambda: block_sparse_attention(q.detach(), k.detach(), v.detach(), layout, scale=scale,
-                                                  backend=name)
-
-        with torch.no_grad():
-            return choose(shape, {name: run(name) for name in names}, timer)
-
-    return tune

@@ -26,10 +26,6 @@ BACKENDS = ("triton", "flex", "torch")
 ENV_BACKEND = "DIT_ACCEL_BACKEND"
 #: Largest head dim of the Triton kernels (block-sparse); the PyTorch twin takes any.
 TRITON_MAX_HEAD_DIM = 256
-#: Layout block sizes the Triton kernels take on a GPU (the compiled, checked tiles); the
-#: interpreter also takes 16 and 32, which keeps CPU tests fast.
-GPU_LAYOUT_BLOCKS = (64, 128, 256)
-INTERPRETER_LAYOUT_BLOCKS = (16, 32) + GPU_LAYOUT_BLOCKS
 
 
 class BackendUnavailable(RuntimeError):
@@ -120,6 +116,8 @@ def _block_sparse_triton(r: Request) -> Optional[str]:
         return reason
     if r.head_dim > TRITON_MAX_HEAD_DIM:
         return f"head dim {r.head_dim} > {TRITON_MAX_HEAD_DIM} is not supported by the Triton kernels; use backend='torch'."
+    from .block_sparse.configs import GPU_LAYOUT_BLOCKS, INTERPRETER_LAYOUT_BLOCKS
+
     allowed = GPU_LAYOUT_BLOCKS if r.device.type == "cuda" else INTERPRETER_LAYOUT_BLOCKS
     for name, size in (("block_q", r.block_q), ("block_k", r.block_k)):
         if size not in allowed:
@@ -211,7 +209,7 @@ def resolve(family: str, backend: str, request: Request, tuner=None) -> str:
 
     ``"auto"`` takes ``$DIT_ACCEL_BACKEND`` when set; on CUDA, the autotuned choice among
     :data:`TUNED` (:mod:`.autotune`: the stored choice for this shape class, else
-    ``tuner(contenders, request)``, e.g. :func:`dit_accel.kernels.autotune.block_sparse_tuner`,
+    ``tuner(contenders, request)``, e.g. :func:`dit_accel.kernels.block_sparse.api.block_sparse_tuner`,
     times them; ``DIT_ACCEL_AUTOTUNE=0`` turns it off); else the first backend of the family
     that ``auto`` may pick and that can run ``request`` (the CPU interpreter never counts for
     ``auto``: it is for tests). A backend a family does not have (``"flex"`` for SLA) runs the

@@ -8,10 +8,10 @@ reports what the compiled artefact says.
 - :func:`shipped_kernel_configs` lists every configuration of every kernel family
   (block-sparse forward/backward, SLA forward/backward) that a launcher can pick.
 - :func:`compile_for_target` compiles one of them for ``sm_<arch>``.
-- :func:`compile_shipped` compiles many in parallel worker processes and reads each
-  artefact (:mod:`dit_accel.kernels.sass`: registers, spills, ptxas advisories, SASS).
+- :func:`dit_accel.kernels.sass.compile_shipped` compiles many in parallel worker processes
+  and reads each artefact (registers, spills, ptxas advisories, SASS).
 
-Each configuration object describes its own source through ``aot_source()``
+Each configuration object describes its own source through :func:`aot_source`
 (``(kernel, signature, constexprs, attrs)``) and has ``name``, ``kernel``,
 ``dtype``, ``num_warps`` and ``num_stages``.
 
@@ -27,17 +27,17 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-import sys
-import time
 from concurrent.futures import ProcessPoolExecutor
-from typing import Dict, List, Optional, Sequence
+from typing import Optional, Sequence
 
 from .backends import interpreting
-from .block_sparse.configs import TARGET_ARCHS, shared_memory_limit
+from .block_sparse.configs import TARGET_ARCHS, KernelConfig, shared_memory_limit
 from .block_sparse.configs import shipped_configs as _block_sparse_configs
+from .dense.configs import DenseConfig
+from .sla.configs import SLAKernelConfig
 from .sla.configs import shipped_configs as _sla_configs
 
-__all__ = ["TARGET_ARCHS", "shipped_kernel_configs", "compile_for_target", "compile_shipped", "shared_memory_limit",
+__all__ = ["TARGET_ARCHS", "shipped_kernel_configs", "compile_for_target", "aot_source", "shared_memory_limit",
            "map_in_workers"]
 
 
@@ -65,6 +65,20 @@ def _jit_function(kernel):
     return kernel if isinstance(kernel, JITFunction) else JITFunction(kernel.fn)
 
 
+def aot_source(cfg):
+    """``(kernel, signature, constexprs, attrs)`` of a shipped configuration: its family's kernel table
+    handed to the configuration, which knows its argument types and constants."""
+    if isinstance(cfg, SLAKernelConfig):
+        from .sla.triton import KERNELS
+    elif isinstance(cfg, KernelConfig):
+        from .block_sparse.triton import KERNELS
+    elif isinstance(cfg, DenseConfig):
+        from .dense.triton import KERNELS
+    else:
+        raise TypeError(f"not a shipped kernel configuration: {cfg!r}")
+    return cfg.aot_source(KERNELS)
+
+
 def compile_for_target(cfg, arch: int):
     """Compile ``cfg`` for ``sm_<arch>`` without a GPU; returns triton's CompiledKernel.
 
@@ -78,12 +92,13 @@ def compile_for_target(cfg, arch: int):
     if interpreting():
         # Triton's code generator fails in a process whose `tl` is patched for the interpreter.
         raise RuntimeError("compile_for_target cannot run while TRITON_INTERPRET=1 is set in this process; "
-                           "use compile_shipped(...), which compiles in fresh processes, or unset it.")
+                           "use dit_accel.kernels.sass.compile_shipped(...), which compiles in fresh processes, or "
+                           "unset it.")
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    kernel, signature, constexprs, attrs = cfg.aot_source()
+    kernel, signature, constexprs, attrs = aot_source(cfg)
     fn = _jit_function(kernel)
     src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
     return triton.compile(src, target=GPUTarget("cuda", int(arch), 32),
@@ -109,41 +124,3 @@ def map_in_workers(fn, jobs: Sequence, workers: int = 2) -> list:
             os.environ.pop("TRITON_INTERPRET", None)
         else:
             os.environ["TRITON_INTERPRET"] = old
-
-
-def compile_shipped(archs: Sequence[int] = TARGET_ARCHS, workers: int = 2,
-                    configs: Optional[Dict[int, list]] = None) -> List[dict]:
-    """Compile every shipped configuration for each arch in ``archs``; one dict per (config, arch).
-
-    Each dict is :func:`dit_accel.kernels.sass.analyze`'s: ``name``, ``kernel``, ``arch``,
-    ``shared`` (bytes), ``limit`` (the arch's shared memory per block), ``mma`` / ``wgmma``
-    (tensor-core instructions in the PTX), ``registers``, ``stack``, ``local``,
-    ``spill_stores`` / ``spill_loads``, ``warnings`` (ptxas advisories such as C7515),
-    ``occupancy`` and ``error`` (None when it compiled; no SASS loops: see
-    :func:`dit_accel.kernels.sass.paired`). Compiles run
-    in ``workers`` spawned processes and land in triton's on-disk cache; the analyses in
-    dit_accel's (``$DIT_ACCEL_CACHE``), so a warm run reads files only.
-    """
-    from .sass import analyze_many
-
-    jobs = [(cfg, a) for a in archs for cfg in (configs[a] if configs else shipped_kernel_configs(a))]
-    return analyze_many(jobs, workers, loops=False)
-
-
-def _main(argv: Sequence[str]) -> int:
-    """``python -m dit_accel.kernels.compile [ARCH ...]``: compile all, print a table, exit 1 on failure."""
-    archs = [int(a) for a in argv] or list(TARGET_ARCHS)
-    start = time.perf_counter()
-    results = compile_shipped(archs, workers=int(os.environ.get("DIT_ACCEL_COMPILE_WORKERS", "2")))
-    bad = 0
-    for r in results:
-        ok = r["error"] is None and r["shared"] <= r["limit"] and not r["stack"] and not r["local"]
-        bad += not ok
-        print(f"sm_{r['arch']} {r['name']:<44} shared={r.get('shared')!s:>7} / {r['limit']} "
-              f"regs={r.get('registers')} stack={r.get('stack')} {'ok' if ok else 'FAIL ' + str(r['error'])[:200]}")
-    print(f"{len(results)} configurations, {bad} failed, {time.perf_counter() - start:.1f}s wall")
-    return 1 if bad else 0
-
-
-if __name__ == "__main__":
-    sys.exit(_main(sys.argv[1:]))

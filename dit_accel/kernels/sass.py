@@ -47,8 +47,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
+from .compile import TARGET_ARCHS, aot_source, compile_for_target, map_in_workers, shipped_kernel_configs
+
 __all__ = ["Instruction", "Loop", "parse_sass", "find_loops", "classify", "CLASSES", "occupancy", "ptxas_report",
-           "parse_ptxas_log", "resource_usage", "disassemble", "analyze", "analyze_many", "report", "paired",
+           "parse_ptxas_log", "resource_usage", "disassemble", "analyze", "analyze_many", "compile_shipped", "report",
+           "paired",
            "loop_ratios", "sass_table", "partial_block_cost", "tile_cycles", "clean", "rank", "search", "search_jobs",
            "loop_names", "family_of", "main_loop", "MAIN_LOOP", "MASKED_LOOP", "ANALYSIS_VERSION"]
 
@@ -434,7 +437,7 @@ def _ptxas_version(arch: int) -> str:
 def _cache_key(cfg, arch: int) -> str:
     import triton
 
-    _, signature, constexprs, attrs = cfg.aot_source()  # argument types are not in the kernel source
+    _, signature, constexprs, attrs = aot_source(cfg)  # argument types are not in the kernel source
     parts = [_source_digest(), family_of(cfg), repr(cfg), repr(sorted(signature.items())),
              repr(sorted(constexprs.items())), repr(sorted(attrs.items())), str(arch), triton.__version__,
              _ptxas_version(int(arch)), str(ANALYSIS_VERSION)]
@@ -448,7 +451,6 @@ def _compile_with_log(cfg, arch: int):
 
     from triton import knobs
 
-    from .compile import compile_for_target
 
     buf = io.StringIO()
     old = knobs.nvidia.dump_ptxas_log
@@ -497,10 +499,9 @@ def analyze(cfg, arch: int, use_cache: bool = True, loops: bool = True) -> dict:
     if stored is not None and ("loops" in stored or not loops or stored.get("error")):
         return {**stored, **row}
     try:
-        fn = cfg.aot_source()[0]
+        fn = aot_source(cfg)[0]
         kernel_file = (fn.fn if hasattr(fn, "fn") else fn).__code__.co_filename
         if stored is not None:  # analysed without the SASS loops: only disassemble (triton's cache has the cubin)
-            from .compile import compile_for_target
 
             ck = compile_for_target(cfg, arch)
             row.update({k: v for k, v in stored.items() if k not in row})
@@ -559,7 +560,6 @@ def analyze_many(jobs: Sequence[Tuple[object, int]], workers: int = 2, loops: bo
     Cached results are read here; the rest compile in ``workers`` spawned processes (triton's
     code generator does not run where the interpreter is active, and ptxas is CPU-bound).
     """
-    from .compile import map_in_workers
 
     rows: List[Optional[dict]] = [None] * len(jobs)
     todo = []
@@ -708,7 +708,6 @@ def report(archs: Sequence[int] = (80, 89, 90), families: Sequence[str] = ("bloc
     ``ratio`` (main-loop instructions per tile over the dense kernel's) and ``partial_ratio``
     (masked over main loop) added.
     """
-    from .compile import shipped_kernel_configs
 
     jobs = []
     for arch in archs:
@@ -795,3 +794,20 @@ def partial_block_cost(arch: int, dtype="bfloat16", head_dim: int = 128, block: 
     if model != "instructions":
         raise ValueError(f"model must be 'instructions' or 'cycles'; got {model!r}")
     return row["loops"]["partial"]["instructions"] / row["loops"]["full"]["instructions"]
+
+
+def compile_shipped(archs: Sequence[int] = TARGET_ARCHS, workers: int = 2,
+                    configs: Optional[Dict[int, list]] = None) -> List[dict]:
+    """Compile every shipped configuration for each arch in ``archs``; one dict per (config, arch).
+
+    Each dict is :func:`analyze`'s: ``name``, ``kernel``, ``arch``,
+    ``shared`` (bytes), ``limit`` (the arch's shared memory per block), ``mma`` / ``wgmma``
+    (tensor-core instructions in the PTX), ``registers``, ``stack``, ``local``,
+    ``spill_stores`` / ``spill_loads``, ``warnings`` (ptxas advisories such as C7515),
+    ``occupancy`` and ``error`` (None when it compiled; no SASS loops: see
+    :func:`paired`). Compiles run
+    in ``workers`` spawned processes and land in triton's on-disk cache; the analyses in
+    dit_accel's (``$DIT_ACCEL_CACHE``), so a warm run reads files only.
+    """
+    jobs = [(cfg, a) for a in archs for cfg in (configs[a] if configs else shipped_kernel_configs(a))]
+    return analyze_many(jobs, workers, loops=False)

@@ -5,6 +5,7 @@ import torch
 
 from dit_accel.kernels import BlockLayout, autotune, backends
 from dit_accel.kernels.backends import Request, resolve
+from dit_accel.kernels.block_sparse.api import block_sparse_tuner
 
 
 @pytest.fixture(autouse=True)
@@ -135,7 +136,7 @@ def test_block_sparse_tuner_times_the_real_calls():
     layout = BlockLayout.from_dense_mask(mask, 32, 32)
     q, k, v = (torch.randn(1, 1, 64, 32) for _ in range(3))
     timer = _timer([7.0, 3.0])
-    tune = autotune.block_sparse_tuner(q, k, v, layout, 0.2, timer=timer)
+    tune = block_sparse_tuner(q, k, v, layout, 0.2, timer=timer)
     request = Request(torch.device("cpu"), torch.float32, 32)
     assert tune(["torch", "triton"], request) == "triton"
     assert len(timer.calls) == 2

@@ -13,10 +13,12 @@ import torch
 
 pytest.importorskip("triton")
 
-from dit_accel.kernels.backends import GPU_LAYOUT_BLOCKS, TRITON_MAX_HEAD_DIM as MAX_HEAD_DIM  # noqa: E402
+from dit_accel.kernels.backends import TRITON_MAX_HEAD_DIM as MAX_HEAD_DIM  # noqa: E402
+from dit_accel.kernels.block_sparse.configs import GPU_LAYOUT_BLOCKS  # noqa: E402
 from dit_accel.kernels.block_sparse.configs import pointer_fallback, select_config  # noqa: E402
 from dit_accel.kernels.checks import SUPPORTED_DTYPES  # noqa: E402
-from dit_accel.kernels.compile import TARGET_ARCHS, compile_shipped, shared_memory_limit  # noqa: E402
+from dit_accel.kernels.compile import TARGET_ARCHS, shared_memory_limit  # noqa: E402
+from dit_accel.kernels.sass import compile_shipped  # noqa: E402
 from dit_accel.kernels.compile import shipped_kernel_configs as _all_configs  # noqa: E402
 
 HEAD_DIMS = (1, 8, 16, 32, 48, 64, 72, 80, 96, 112, 128, 160, 192, MAX_HEAD_DIM)

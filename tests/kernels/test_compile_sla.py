@@ -4,7 +4,7 @@
 and the linear-branch dK/dV x fp16 / bf16 x padded head dim 64 / 128 (other head dims run
 zero-padded) x with / without the linear branch, per target (warps and stages come from the
 compiled artefacts).
-They run through ``dit_accel.kernels.compile.compile_shipped`` (2 spawned worker processes,
+They run through ``dit_accel.kernels.sass.compile_shipped`` (2 spawned worker processes,
 triton's and dit_accel's on-disk caches make warm runs fast). Fails on compile errors, shared
 memory above the part's limit, spills, ptxas advisories (C7515) and kernels without tensor-core
 instructions. Numbers are checked by the interpreter tests (test_sla_triton.py).
@@ -14,7 +14,8 @@ import torch
 
 pytest.importorskip("triton")
 
-from dit_accel.kernels.compile import TARGET_ARCHS, compile_shipped, shipped_kernel_configs  # noqa: E402
+from dit_accel.kernels.compile import TARGET_ARCHS, shipped_kernel_configs  # noqa: E402
+from dit_accel.kernels.sass import compile_shipped  # noqa: E402
 from dit_accel.kernels.sla import SLABlocks, sla_classify  # noqa: E402
 from dit_accel.kernels.sla import configs as sc  # noqa: E402
 from dit_accel.kernels.sla import triton as st  # noqa: E402

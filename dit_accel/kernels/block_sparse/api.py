@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 
+from .. import autotune
 from .._cache import LayoutCache
 from ..backends import Request, env_backend, resolve
 from ..checks import check_qkv, check_scale
 from ..layout import BlockLayout
 
-__all__ = ["block_sparse_attention", "layout_on", "prepare_layout"]
+__all__ = ["block_sparse_attention", "layout_on", "prepare_layout", "block_sparse_tuner"]
 
 # Per-device copies of layouts, so a CPU-built layout moves to the GPU once, not per call.
 _ON_DEVICE = LayoutCache("block_sparse.device")
@@ -104,3 +105,22 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, la
 
         o, lse = flex_block_sparse_attention(q, k, v, layout, scale, return_lse=return_lse)
     return (o, lse) if return_lse else o
+
+
+def block_sparse_tuner(q, k, v, layout, scale: float, density: Optional[float] = None,
+                       timer: Optional[Callable] = None) -> Callable[[Sequence[str]], str]:
+    """A tuner for :func:`dit_accel.kernels.backends.resolve`: given the backends that can run,
+    time each through :func:`block_sparse_attention` on these very inputs
+    (without autograd) and return the fastest, once per shape class."""
+    def tune(names: Sequence[str], request) -> str:
+        d = layout.density() if density is None else density
+        shape = autotune.ShapeClass.of("block_sparse", request, d)
+
+        def run(name):
+            return lambda: block_sparse_attention(q.detach(), k.detach(), v.detach(), layout, scale=scale,
+                                                  backend=name)
+
+        with torch.no_grad():
+            return autotune.choose(shape, {name: run(name) for name in names}, timer or autotune.cuda_event_timer)
+
+    return tune

@@ -13,7 +13,6 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from ..backends import GPU_LAYOUT_BLOCKS
 from ..checks import SUPPORTED_DTYPES
 from ..dense.configs import ARG_TYPES, DIV16, tma_supported
 
@@ -24,6 +23,10 @@ __all__ = ["KernelConfig", "select_config", "shipped_configs", "pointer_fallback
 TARGET_ARCHS = (80, 89, 90)
 BLOCK_DS = (64, 128, 256)  # padded head dims (head dim <= 256)
 KERNEL_NAMES = ("fwd", "bwd_preprocess", "bwd_dkdv", "bwd_dq")
+#: Layout block sizes the Triton kernels take on a GPU (the compiled, checked tiles); the
+#: interpreter also takes 16 and 32, which keeps CPU tests fast.
+GPU_LAYOUT_BLOCKS = (64, 128, 256)
+INTERPRETER_LAYOUT_BLOCKS = (16, 32) + GPU_LAYOUT_BLOCKS
 _MIN_BLOCK_D = 64  # smaller heads are padded: fewer kernel variants to ship
 _DTYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 
@@ -73,12 +76,10 @@ class KernelConfig:
         return DenseConfig(self.kernel, self.dtype, self.block_d, self.block_m, self.block_n, self.num_warps,
                            self.num_stages, self.tma, self.even_d)
 
-    def aot_source(self):
+    def aot_source(self, kernels):
         """``(kernel, signature, constexprs, attrs)`` for ``triton.compile(ASTSource(...))`` (see compile.py)."""
         from ..dense.configs import aot_signature, tma_args
-        from .triton import KERNELS
-
-        fn = KERNELS[self.kernel]
+        fn = kernels[self.kernel]
         consts = {k: v for k, v in self.constexprs().items() if k in fn.arg_names}
         tma = None
         if self.tma:

@@ -44,6 +44,7 @@ import triton
 import triton.language as tl
 
 from ..dense.tiles import LN2, LOG2E, dkdv_step, dq_step, fwd_step, load_tile, row_bits
+from ..dense.configs import tma_ok
 from ..dense.triton import _bwd_preprocess_kernel
 from ..layout import BlockLayout
 from .configs import KernelConfig, pointer_fallback, select_config
@@ -394,15 +395,6 @@ def _arch(device: torch.device) -> int:
         major, minor = torch.cuda.get_device_capability(device)
         return major * 10 + minor
     return 80  # interpreter: any valid config works
-
-
-def tma_ok(*tensors: torch.Tensor) -> bool:
-    """Whether TMA descriptors can address these (B, H, N, D) tensors: 16-byte aligned base and strides."""
-    for t in tensors:
-        size = t.element_size()
-        if t.data_ptr() % 16 or t.stride(-1) != 1 or any((s * size) % 16 for s in t.stride()[:-1]):
-            return False
-    return True
 
 
 def _config(kernel: str, q: torch.Tensor, layout: BlockLayout, streamed: Tuple[torch.Tensor, ...]) -> KernelConfig:

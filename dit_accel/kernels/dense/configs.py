@@ -13,7 +13,7 @@ from typing import Dict, Iterable, Optional, Tuple
 
 import torch
 
-__all__ = ["DenseConfig", "aot_signature", "ARG_TYPES", "DIV16", "tma_args", "select_dense_config", "DTYPE_NAMES",
+__all__ = ["DenseConfig", "aot_signature", "ARG_TYPES", "DIV16", "tma_args", "tma_ok", "select_dense_config", "DTYPE_NAMES",
            "PTR_DTYPE", "tma_supported"]
 
 DTYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
@@ -50,7 +50,7 @@ def tma_supported(arch: int, dtype: torch.dtype, block_d: int) -> bool:
     """Whether the configuration for ``sm_<arch>`` loads K/V through TMA descriptors (Hopper and later).
 
     The launcher still falls back to pointer loads when a tensor's base or strides are not
-    16-byte aligned (:func:`dit_accel.kernels.dense.triton.tma_ok`).
+    16-byte aligned (:func:`tma_ok`).
     """
     return arch >= 90
 
@@ -94,17 +94,24 @@ class DenseConfig:
         return {"BLOCK_M": self.block_m, "BLOCK_N": self.block_n, "BLOCK_D": self.block_d, "EVEN_D": self.even_d,
                 "TMA": self.tma, "DOT_PRECISION": self.dot_precision}
 
-    def aot_source(self):
+    def aot_source(self, kernels):
         """``(kernel, signature, constexprs, attrs)`` for ``triton.compile(ASTSource(...))``."""
-        from .triton import KERNELS
-
-        fn = KERNELS[self.kernel]
+        fn = kernels[self.kernel]
         consts = {k: v for k, v in self.constexprs().items() if k in fn.arg_names}
         tma = None
         if self.tma:
             rows = self.block_n if self.kernel != "bwd_dkdv" else self.block_m
             tma = {name: (1, 1, rows, self.block_d) for name in tma_args(self.kernel)}
         return aot_signature(fn, ARG_TYPES, consts, DIV16, self.dtype, tma)
+
+
+def tma_ok(*tensors: torch.Tensor) -> bool:
+    """Whether TMA descriptors can address these (B, H, N, D) tensors: 16-byte aligned base and strides."""
+    for t in tensors:
+        size = t.element_size()
+        if t.data_ptr() % 16 or t.stride(-1) != 1 or any((s * size) % 16 for s in t.stride()[:-1]):
+            return False
+    return True
 
 
 def tma_args(kernel: str) -> Tuple[str, ...]:

@@ -226,7 +226,7 @@ def _strides(t: torch.Tensor) -> Tuple[int, int, int]:
 def _config(kernel: str, q: torch.Tensor, streamed: Tuple[torch.Tensor, ...]):
     """The block-sparse kernels' configuration for a 128-block layout, on the dense kernel (same tiles)."""
     from ..block_sparse.configs import select_config
-    from ..block_sparse.triton import tma_ok
+    from .configs import tma_ok
 
     cfg = select_config(kernel, q.dtype, q.shape[-1], 128, 128, _arch(q.device))
     if cfg.tma and not tma_ok(*streamed):

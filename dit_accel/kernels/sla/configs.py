@@ -103,22 +103,20 @@ class SLAKernelConfig:
         return DenseConfig(self.kernel, self.dtype, self.block_d, self.block_m, self.block_n, self.num_warps,
                            self.num_stages, False, True)
 
-    def aot_source(self):
+    def aot_source(self, kernels):
         """``(kernel, signature, constexprs, attrs)`` for ``triton.compile(ASTSource(...))``.
 
         Used by :func:`dit_accel.kernels.compile.compile_for_target`. Pointers and the token /
         batch / head strides get the divisibility-16 hint the JIT gives them in typical
         launches (contiguous half-precision tensors, head dims 64 / 128).
         """
-        from .triton import KERNELS
-
         # dK / dV always leave in fp32 (the linear kernel may add to them; the launcher casts once).
         types = dict(ARG_TYPES, QF="*DT", KF="*DT", DNUM="*DT", DQ="*fp32" if self.has_lin else "*DT", DK="*fp32",
                      DV="*fp32",
                      **{n: "*fp32" for n in ("NUM", "DEN", "DDEN", "DSCALE", "INV_S", "DQF", "DKF")},
                      **{n: "*i32" for n in ("CRIT", "LIN", "CRIT_T", "CRIT_T_CNT", "LIN_T", "LIN_T_CNT")},
                      lin_sign="fp32")
-        return aot_signature(KERNELS[self.kernel], types, self.constexprs(), DIV16 | {"D"}, self.dtype)
+        return aot_signature(kernels[self.kernel], types, self.constexprs(), DIV16 | {"D"}, self.dtype)
 
 
 def _block_d(head_dim: int) -> int:
