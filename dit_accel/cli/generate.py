@@ -129,14 +129,18 @@ def _model_defaults(model: str, pipe, method_name: str, use: bool):
     if is_tiny_model(model):
         return dict(TINY_METHOD_DEFAULTS.get(model, {}).get(method_name, {})), {}, f"{model} grid-sized defaults"
     transformer = getattr(pipe, "transformer", None)
-    try:
-        from ..pipelines.presets import recommended
+    from ..pipelines.presets import family_of, published_settings, recommended
 
-        method, schedule = recommended(transformer, method_name)
-    except Exception:  # no preset for this model/method: the config's own defaults apply
+    family = family_of(pipe)  # a pipeline with transformer_2 is Wan 2.2 A14B, which its transformer alone is not
+    try:
+        method, schedule = recommended(transformer, method_name, family=family)
+    except (ValueError, TypeError):  # no preset for this model/method: the config's own defaults apply
         return {}, {}, "method config defaults"
     fields = {k: v for k, v in method.to_dict().items() if k != "method"}
-    return fields, dict(schedule), f"{type(transformer).__name__} preset (paper defaults)"
+    published = published_settings(transformer, method_name, family)
+    if published:
+        return fields, dict(schedule), f"published for {published[0].family}: {published[0].source}"
+    return fields, dict(schedule), f"{type(transformer).__name__} preset (dit_accel default)"
 
 
 def _frames_from_output(output, is_video: bool):

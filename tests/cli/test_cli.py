@@ -222,3 +222,20 @@ def test_info_degrades_when_modules_are_missing(monkeypatch, capsys):
     assert main(["info"]) == 0
     out = capsys.readouterr().out
     assert out.count("unavailable (") == 2, out
+
+
+def test_generate_takes_the_published_setting_and_names_its_source():
+    """A Wan 2.1 model (not a tiny one) gets the radial reference scripts' setting, and the sidecar's
+    defaults_source names that repository; a method without a published setting names the preset."""
+    from dit_accel.cli.generate import _model_defaults
+    from dit_accel.models.tiny import build_tiny_pipeline
+    from dit_accel.pipelines.presets import published_settings
+
+    pipe = build_tiny_pipeline("tiny-wan")  # a WanTransformer3DModel with 16 channels: the Wan 2.1 family
+    fields, schedule, source = _model_defaults("Wan-AI/Wan2.1-T2V-1.3B-Diffusers", pipe, "radial", True)
+    ref = published_settings(pipe.transformer, "radial", "Wan 2.1")[0]
+    method, kwargs = ref.build()
+    assert source == f"published for Wan 2.1: {ref.source}" and "radial-attention" in source
+    assert fields == {k: v for k, v in method.to_dict().items() if k != "method"} and schedule == kwargs
+    _, _, source = _model_defaults("Wan-AI/Wan2.1-T2V-1.3B-Diffusers", pipe, "gna", True)
+    assert source == "WanTransformer3DModel preset (dit_accel default)"
