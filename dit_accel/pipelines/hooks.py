@@ -40,6 +40,7 @@ import functools
 import inspect
 import math
 import threading
+from collections import OrderedDict
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -66,23 +67,36 @@ _SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "s
 
 
 class PlanCache:
-    """Plans by (method, grid): built once per geometry, shared by every layer and call."""
+    """Plans by (method, grid): built once per geometry, shared by every layer and call.
 
-    def __init__(self) -> None:
-        self._plans: Dict[Tuple[Method, Tuple[int, ...]], Plan] = {}
+    Least-recently-used plans beyond ``max_plans`` are dropped (a per-step strategy or a sweep over
+    resolutions would otherwise keep every layout, hundreds of MiB each at HunyuanVideo size); a
+    dropped plan is rebuilt when its geometry comes back.
+    """
+
+    def __init__(self, max_plans: int = 64) -> None:
+        self.max_plans = max_plans
+        self._plans: "OrderedDict[Tuple[Method, Tuple[int, ...]], Plan]" = OrderedDict()
         self._lock = threading.Lock()
 
     def get(self, method: Method, grid) -> Plan:
         key = (method, tuple(int(g) for g in grid))
-        plan = self._plans.get(key)
-        if plan is None:
-            plan = method.plan(key[1])
-            with self._lock:
-                plan = self._plans.setdefault(key, plan)
+        with self._lock:
+            plan = self._plans.get(key)
+            if plan is not None:
+                self._plans.move_to_end(key)
+                return plan
+        plan = method.plan(key[1])  # outside the lock: plans can take a while; a racing duplicate is harmless
+        with self._lock:
+            plan = self._plans.setdefault(key, plan)
+            self._plans.move_to_end(key)
+            while len(self._plans) > self.max_plans:
+                self._plans.popitem(last=False)
         return plan
 
     def items(self) -> Dict[Tuple[Method, Tuple[int, ...]], Plan]:
-        return dict(self._plans)
+        with self._lock:
+            return dict(self._plans)
 
 
 class Runtime:

@@ -379,3 +379,15 @@ def test_a_plan_that_visits_every_block_says_it_saves_nothing():
                 out = model(**inputs, return_dict=False)[0]
         assert handle.summary()["mean_density"] == 1.0
     assert not torch.allclose(out, dense)  # the token mask applied
+
+
+def test_plan_cache_keeps_the_most_recent_plans_only():
+    from dit_accel.pipelines.hooks import PlanCache
+
+    cache = PlanCache(max_plans=2)
+    tile = dit_accel.Tile(tile=(1, 4, 4), window=(1, 1, 1))
+    a, b, c = (cache.get(tile, g) for g in ((2, 8, 8), (3, 8, 8), (4, 8, 8)))
+    assert [k[1] for k in cache.items()] == [(3, 8, 8), (4, 8, 8)]  # (2, 8, 8) was the least recent
+    assert cache.get(tile, (4, 8, 8)) is c and cache.get(tile, (3, 8, 8)) is b  # hits move to the end
+    again = cache.get(tile, (2, 8, 8))
+    assert again is not a and again.density == a.density and [k[1] for k in cache.items()] == [(3, 8, 8), (2, 8, 8)]
