@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
+import logging
 import os
 import sys
 from typing import Optional, Sequence
@@ -34,6 +35,17 @@ _EPILOG = """examples:
   dit-accel generate --model Wan-AI/Wan2.1-T2V-1.3B-Diffusers --method radial --device cuda --dtype bfloat16
   dit-accel info
 run `dit-accel COMMAND --help` for the options of a command."""
+
+
+class _NoTorchvisionNotice(logging.Filter):
+    """Transformers' notice that an image processor falls back to its PIL version without torchvision:
+    dit_accel does not use torchvision (it is not a dependency), so the fallback is the intended path."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "requires torchvision (not installed)" not in record.getMessage()
+
+
+_TRANSFORMERS_IMPORTS = "transformers.utils.import_utils"  # the logger that emits it (a filter needs no import)
 
 
 def _setup_environment() -> None:
@@ -113,12 +125,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
+    notice = _NoTorchvisionNotice()
+    logging.getLogger(_TRANSFORMERS_IMPORTS).addFilter(notice)
     try:
         with _show_warnings(bool(getattr(args, "quiet", False))):
             return int(args.func(args) or 0)
     except KeyboardInterrupt:
         print("dit-accel: interrupted", file=sys.stderr)
         return 130
+    finally:
+        logging.getLogger(_TRANSFORMERS_IMPORTS).removeFilter(notice)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -160,6 +160,17 @@ def test_generate_tiny_flux_writes_png(tmp_path):
     assert _sidecar(out)["pipeline"] == "FluxPipeline"
 
 
+def test_generate_tiny_flux_prints_no_library_notices(tmp_path):
+    """A fresh process (Transformers warns once per process): no torchvision fallback notice on stderr."""
+    out = tmp_path / "img.png"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "dit_accel", "generate", "--model", "tiny-flux", "--steps", "1", "--out", str(out),
+           "--quiet"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert "torchvision" not in proc.stderr and out.is_file()
+
+
 def test_generate_subprocess_python_m(tmp_path):
     out = tmp_path / "clip.gif"
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
