@@ -107,6 +107,8 @@ def plot_pareto(results: dict, path) -> None:
             ax.annotate(r["label"], (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
         ax.set_xlabel("transformer speedup vs dense (x)")
         ax.set_ylabel(name)
+        if key == "groundtruth":
+            ax.set_ylim(-0.05, 1.05)  # a fraction of videos
         ax.grid(alpha=0.3)
     title = f"{results['settings']['model']} on {results['settings']['device']}"
     if results.get("note") and "RANDOM" in results["note"]:

@@ -85,8 +85,12 @@ def test_help_is_fast_and_lists_commands():
 def test_info_runs(capsys):
     assert main(["info"]) == 0
     out = capsys.readouterr().out
-    for word in ("torch", "diffusers", "tiny-wan", "WanTransformer3DModel", "training-free top-k", "torch"):
+    for word in ("torch", "diffusers", "tiny-wan", "WanTransformer3DModel", "training-free top-k", "torch",
+                 "tiny-shapes", "tiny model trained on synthetic clips"):
         assert word in out
+    assert main(["info", "--model", "tiny-shapes"]) == 0  # its own grid-sized settings first
+    out = capsys.readouterr().out.split("settings for tiny-shapes")[1]
+    assert out.index("tile: tile=(4, 4, 4), window=(1, 1, 3)") < out.index("density 0.3333 on grid 4x12x12")
     assert main(["info", "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["backends"]["torch"] == "usable"
