@@ -80,6 +80,16 @@ def register(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args) -> int:
+    import torch
+
+    threads = torch.get_num_threads()  # an embedded model runs on one thread; the caller gets its count back
+    try:
+        return _run(args)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(args) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", os.environ.get("HF_HUB_OFFLINE", "0"))
     import torch
 

@@ -382,7 +382,8 @@ def _comparison(times: dict, dense, frames, side_by_side):
             "transformer_speedup": ratio("transformer"), "end_to_end_speedup": ratio("total"),
             "psnr_db": float(psnr_per_frame(frames, dense["frames"]).mean()),
             "side_by_side": None if side_by_side is None else str(side_by_side),
-            "note": "same call, seed and pipeline with dit_accel.Dense(), run first (it also warms the pipeline up)"}
+            "note": "same call, seed and pipeline with dit_accel.Dense(), run first; both timed runs follow an "
+                    "untimed one-step warm-up of each method"}
 
 
 def _quality(model: str, prompt: str, frames, dense):
@@ -536,6 +537,9 @@ def generate(args) -> dict:
 
 
 def run(args) -> int:
+    import torch
+
+    threads = torch.get_num_threads()  # an embedded model runs on one thread; the caller gets its count back
     try:
         record = generate(args)
     except _UsageError as err:
@@ -543,6 +547,8 @@ def run(args) -> int:
             raise
         print(f"dit-accel generate: error: {err}", file=sys.stderr)
         return 2
+    finally:
+        torch.set_num_threads(threads)
     if record["output"] is None:  # a context-parallel rank other than 0
         return 0
     t = record["timing"]

@@ -55,8 +55,10 @@ MARGIN_KEYS = ("colour", "shape", "motion", "all")
 
 @pytest.fixture(scope="module")
 def pipe():
-    torch.set_num_threads(1)
-    return load_tiny_shapes()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny operations: one thread is fastest, and the suite shares the machine
+    yield load_tiny_shapes()
+    torch.set_num_threads(threads)
 
 
 def test_folder_is_a_small_stock_diffusers_pipeline():
