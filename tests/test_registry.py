@@ -79,8 +79,8 @@ def test_registered_method_runs_through_apply(previous_frames):
 
 def test_registered_method_runs_through_generate(previous_frames, tmp_path):
     out = tmp_path / "v.gif"
-    assert main(["generate", "--method", "prevframes", "--reach", "2", "--steps", "1", "--frames", "9", "--height",
-                 "64", "--width", "64", "--out", str(out), "--quiet"]) == 0
+    assert main(["generate", "--model", "tiny-wan", "--method", "prevframes", "--reach", "2", "--steps", "1",
+                 "--frames", "9", "--height", "64", "--width", "64", "--out", str(out), "--quiet"]) == 0
     assert out.exists()
 
 

@@ -172,7 +172,8 @@ def test_method_config_entries_override_defaults(tmp_path):
 
 
 # ------------------------------------------------------ tiny-model defaults
-@pytest.mark.parametrize("model, grid", [("tiny-wan", (5, 8, 8)), ("tiny-flux", (16, 16))], ids=["wan", "flux"])
+@pytest.mark.parametrize("model, grid", [("tiny-wan", (5, 8, 8)), ("tiny-flux", (16, 16)), ("tiny-shapes", (4, 12, 12))],
+                         ids=["wan", "flux", "shapes"])
 def test_tiny_method_defaults_are_sparse_on_their_grid(model, grid):
     """A sparse method's smoke-run default must actually skip blocks (tiny-flux GNA visited 100%)."""
     from dit_accel.methods import method_from_name

@@ -7,6 +7,12 @@ Example::
 
 Writes results.json, report.md, pareto.png and grid.png to --out; dense
 outputs are cached under --out/cache (or --cache-dir) and reused.
+
+On tiny-shapes (a tiny model trained on synthetic clips) every method is also
+judged against its prompt (ground truth: colour, shape, motion, consistency),
+and the Pareto plot's quality axis is that ground truth:
+
+    dit-accel eval --model tiny-shapes --out eval_shapes/
 """
 
 from __future__ import annotations
@@ -32,7 +38,9 @@ DEFAULT_METHODS = "dense,radial,tile,gna,sla"
 def register(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("eval", help="compare methods with dense: PSNR/SSIM/LPIPS/CLIP/FID and speed",
                               description=plain(__doc__), formatter_class=HelpFormatter)
-    p.add_argument("--model", required=True, help="tiny-wan, tiny-flux, a local pipeline folder or a hub id")
+    p.add_argument("--model", required=True,
+                   help="tiny-shapes (tiny model trained on synthetic clips; ground-truth quality), tiny-wan, "
+                        "tiny-flux (random weights), a local pipeline folder or a hub id")
     p.add_argument("--methods", default=None,
                    help=f"comma-separated methods (dense = the baseline row); default: {DEFAULT_METHODS} (those "
                         "the model can run: no radial for image models)")
@@ -41,7 +49,9 @@ def register(subparsers) -> argparse.ArgumentParser:
                         "keys dense_steps/dense_last_steps/dense_layers go to dit_accel.apply")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--prompts", metavar="FILE", help="text file, one prompt per line")
-    src.add_argument("--prompt", action="append", help="a prompt (repeatable)")
+    src.add_argument("--prompt", action="append",
+                     help="a prompt (repeatable; tiny-shapes default: 8 prompts covering its colours, shapes and "
+                          "directions)")
     p.add_argument("--seeds", type=_int_list, default=[0], help="comma-separated seeds (default 0)")
     p.add_argument("--frames", type=int, help="frames per video (video models)")
     p.add_argument("--height", type=int)
@@ -70,12 +80,23 @@ def register(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args) -> int:
+    import torch
+
+    threads = torch.get_num_threads()  # an embedded model runs on one thread; the caller gets its count back
+    try:
+        return _run(args)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(args) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", os.environ.get("HF_HUB_OFFLINE", "0"))
     import torch
 
     from ..eval.runner import EvalSettings, load_method_specs, run_eval
 
-    from ..models.tiny import TINY_DEFAULTS, TINY_METHOD_DEFAULTS, is_tiny_model
+    from ..models.tiny import TINY_DEFAULTS, TINY_METHOD_DEFAULTS, is_embedded_model
+    from ..models.tiny_shapes import balanced_prompts
 
     def fail(message: str) -> int:
         print(f"dit-accel eval: {message}")
@@ -101,11 +122,16 @@ def run(args) -> int:
         except OSError as exc:
             return fail(f"--prompts {args.prompts}: {exc.strerror or exc}; pass a text file, one prompt per line")
     else:
-        prompts = args.prompt or ["a red panda walking through a bamboo forest, cinematic lighting"]
+        prompts = args.prompt or (balanced_prompts(8) if args.model == "tiny-shapes" else
+                                  ["a red panda walking through a bamboo forest, cinematic lighting"])
     # Tiny models: unset sizes and method options take the grid-sized smoke-run defaults that
     # `dit-accel generate` uses; the pipeline defaults (e.g. Wan 81x480x832, 50 steps) would run for
     # hours on a CPU, and paper-sized windows are invalid on a (5, 8, 8) grid.
-    tiny = is_tiny_model(args.model)
+    tiny = is_embedded_model(args.model)
+    if tiny:
+        from .generate import _one_thread_for_tiny
+
+        _one_thread_for_tiny(device)
     suggested = TINY_DEFAULTS.get(args.model, {}) if tiny else {}
 
     def pick(value, key):
@@ -119,7 +145,7 @@ def run(args) -> int:
         return fail(str(exc))
     settings = EvalSettings(model=args.model, prompts=prompts, seeds=args.seeds, frames=pick(args.frames, "num_frames"),
                             height=pick(args.height, "height"), width=pick(args.width, "width"),
-                            steps=pick(args.steps, "num_inference_steps"), guidance_scale=args.guidance_scale,
+                            steps=pick(args.steps, "num_inference_steps"), guidance_scale=pick(args.guidance_scale, "guidance_scale"),
                             max_sequence_length=pick(args.max_sequence_length, "max_sequence_length"),
                             device=device, dtype=dtype, repeats=args.repeats, warmup=args.warmup)
     from ..models.loading import ModelLoadError

@@ -5,8 +5,13 @@ the method with :func:`dit_accel.apply`, runs the pipeline with a progress bar
 over the denoising steps, writes the video and a JSON sidecar (``OUT.json``)
 with the full settings, versions, timings and per-layer density.
 
-With no arguments it runs ``tiny-wan`` (random weights, offline, well under a
-minute on a 2-core CPU): the smoke test of an installation.
+With no arguments it runs ``tiny-shapes`` (a tiny model trained on synthetic
+clips, shipped with the package, offline, seconds on a CPU) with Tile at its
+grid-sized setting, and a dense run of the same call beside it: it prints the
+visited density, the attention time against dense and the ground-truth quality
+of the sample (colour, shape, motion and consistency of the moving shape, judged
+from the frames by :mod:`dit_accel.eval.groundtruth`). ``--side-by-side`` also
+writes dense and sparse next to each other in one video.
 
 Defaults are layered: explicit flags > the model's defaults (paper presets for
 real models, grid-sized settings for tiny models) > the method config's own
@@ -28,32 +33,38 @@ from .._util import to_jsonable, versions
 from . import parallel
 from .options import HelpFormatter, add_method_options, check_method_flags, method_from_args, schedule_from_args
 from .parallel import add_cp_option
+from ..models.tiny_shapes import TINY_SHAPES_METHOD, TINY_SHAPES_PROMPT
 
 __all__ = ["register", "run", "generate"]
 
 _DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEFAULT_PROMPT = "a red panda climbing a bamboo stalk, soft morning light"
+DEFAULT_MODEL = "tiny-shapes"
 
 
 def register(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "generate",
-        help="generate a video/image with a sparse-attention method (default: tiny-wan smoke run)",
+        help="generate a video/image with a sparse-attention method (default: tiny-shapes, Tile vs dense)",
         description="Generate one video (or image) with a sparse-attention method and write it with a JSON\n"
-                    "sidecar (OUT.json). With no arguments: tiny-wan, RANDOM WEIGHTS, a smoke run.",
+                    "sidecar (OUT.json). With no arguments: tiny-shapes (tiny model trained on synthetic clips)\n"
+                    "with Tile, compared with a dense run of the same call (time and ground-truth quality).",
         formatter_class=HelpFormatter,
     )
     m = p.add_argument_group("model and output")
-    m.add_argument("--model", default="tiny-wan",
+    m.add_argument("--model", default=DEFAULT_MODEL,
                    help="hub id (e.g. Wan-AI/Wan2.1-T2V-1.3B-Diffusers), a local pipeline folder, or an embedded "
-                        "tiny model: tiny-wan / tiny-flux (RANDOM WEIGHTS, offline, for smoke runs only)")
+                        "model: tiny-shapes (default; tiny model trained on synthetic clips, prompts 'a {red|green|"
+                        "blue|yellow} {square|circle} moving {left|right|up|down}'), tiny-wan / tiny-flux (RANDOM "
+                        "WEIGHTS, offline, for smoke runs only)")
     m.add_argument("--out", default=None,
                    help="output path: .mp4, .gif, .png (image, or frames NAME_00000.png...) or a folder of PNG "
                         "frames; a JSON sidecar goes to OUT.json (default: outputs/<model>-<method>.mp4, .png for "
                         "image models)")
     m.add_argument("--fps", type=int, default=16, help="frames per second of the written video")
     g = p.add_argument_group("generation (unset = the model's default; tiny models: small sizes)")
-    g.add_argument("--prompt", default=DEFAULT_PROMPT)
+    g.add_argument("--prompt", default=None,
+                   help=f"text prompt (default: '{TINY_SHAPES_PROMPT}' for tiny-shapes, else '{DEFAULT_PROMPT}')")
     g.add_argument("--negative-prompt", default=None)
     g.add_argument("--frames", type=int, default=None, help="number of frames (video models; Wan: 4k+1)")
     g.add_argument("--height", type=int, default=None)
@@ -70,11 +81,19 @@ def register(subparsers) -> argparse.ArgumentParser:
                    help="weight dtype; auto = bfloat16 on CUDA, float32 on CPU and for tiny models")
     d.add_argument("--offload", action="store_true", help="enable_model_cpu_offload (big models on small GPUs)")
     add_cp_option(d)
+    c = p.add_argument_group("comparison with dense")
+    c.add_argument("--compare-dense", action=argparse.BooleanOptionalAction, default=None,
+                   help="also run the same call with dense attention and report attention time, quality and PSNR "
+                        "against it (default: on for tiny-shapes, where it costs seconds; off otherwise)")
+    c.add_argument("--side-by-side", action="store_true",
+                   help="also write OUT-vs-dense.SUFFIX: dense (left) and the method (right) in one video "
+                        "(runs the dense call)")
     add_method_options(p, default_method="dense")
     for action in p._actions:  # unset --method: dense, or the method a --weights folder was trained with
         if action.dest == "method":
             action.default = argparse.SUPPRESS
-            action.help = "attention method (default: dense; with --weights DIR, the method DIR was trained with)"
+            action.help = (f"attention method (default: {TINY_SHAPES_METHOD} for tiny-shapes, dense for other models; "
+                           "with --weights DIR, the method DIR was trained with)")
     p.add_argument("--no-model-defaults", action="store_true",
                    help="ignore the model's preset method/schedule defaults; use only flags and config defaults")
     p.add_argument("--quiet", action="store_true",
@@ -116,17 +135,28 @@ def _pick_dtype(name: str, device: str, tiny: bool):
     return getattr(torch, name), name
 
 
+def _one_thread_for_tiny(device: str) -> None:
+    """One torch thread for an embedded model on the CPU unless OMP_NUM_THREADS says otherwise: its operations
+    (hundreds of tokens, width 128) are too small to split, and on a busy CPU the threads' synchronisation
+    costs more than the work (measured on a loaded 2-core machine: a tiny-shapes call took 2 s on one thread,
+    13-53 s on two)."""
+    import torch
+
+    if torch.device(device).type == "cpu" and not os.environ.get("OMP_NUM_THREADS"):
+        torch.set_num_threads(1)
+
+
 def _accepts(pipe) -> set:
     return set(inspect.signature(pipe.__call__).parameters)
 
 
 def _model_defaults(model: str, pipe, method_name: str, use: bool):
     """(method field defaults, schedule defaults, source) for this model."""
-    from ..models.tiny import TINY_METHOD_DEFAULTS, is_tiny_model
+    from ..models.tiny import TINY_METHOD_DEFAULTS, is_embedded_model
 
     if not use:
         return {}, {}, "none (--no-model-defaults)"
-    if is_tiny_model(model):
+    if is_embedded_model(model):
         return dict(TINY_METHOD_DEFAULTS.get(model, {}).get(method_name, {})), {}, f"{model} grid-sized defaults"
     transformer = getattr(pipe, "transformer", None)
     from ..pipelines.presets import family_of, published_settings, recommended
@@ -217,7 +247,8 @@ def _early_method(args, parser, tiny: bool):
     from ..models.tiny import TINY_METHOD_DEFAULTS
 
     saved = _saved_method(args)
-    args.method = getattr(args, "method", None) or (saved.name if saved is not None else "dense")
+    default = TINY_SHAPES_METHOD if args.model == "tiny-shapes" and not args.no_model_defaults else "dense"
+    args.method = getattr(args, "method", None) or (saved.name if saved is not None else default)
     if saved is not None:
         return _method_for_weights(args, saved, parser)
     if tiny and not args.no_model_defaults:
@@ -254,7 +285,8 @@ def _pipeline_call(args, pipe, tiny: bool) -> dict:
     wanted = {"negative_prompt": args.negative_prompt, "num_frames": args.frames, "height": args.height,
               "width": args.width, "num_inference_steps": args.steps, "guidance_scale": args.guidance,
               "max_sequence_length": args.max_sequence_length}
-    call = {"prompt": args.prompt}
+    call = {"prompt": args.prompt if args.prompt is not None else
+            TINY_SHAPES_PROMPT if args.model == "tiny-shapes" else DEFAULT_PROMPT}
     for key, value in wanted.items():
         value = value if value is not None else suggested.get(key)
         if value is not None and key in accepts:
@@ -265,7 +297,8 @@ def _pipeline_call(args, pipe, tiny: bool) -> dict:
 
 
 def _run_pipeline(pipe, call: dict, method, schedule: dict, device: str):
-    """Apply the method, run the pipeline timed per stage, and take dit_accel off again.
+    """Apply the method, run the pipeline timed per stage (``attention``: the self-attention modules
+    the method wraps), and take dit_accel off again.
 
     Returns ``(output, times, transformer calls, stats, summary)``.
     """
@@ -277,8 +310,10 @@ def _run_pipeline(pipe, call: dict, method, schedule: dict, device: str):
         handle = dit_accel.apply(pipe, method, **schedule)
     except (ValueError, TypeError) as err:
         raise _UsageError(str(err)) from None
+    names = set(handle.layers)
+    attention = [m for t in handle.transformers for n, m in t.named_modules() if n in names]
     try:
-        with StageTimer(pipe, device) as timer:
+        with StageTimer(pipe, device, attention_modules=attention) as timer:
             timer.start()
             try:
                 output = pipe(**call)
@@ -292,16 +327,99 @@ def _run_pipeline(pipe, call: dict, method, schedule: dict, device: str):
         handle.remove()
 
 
+def _check_side_by_side(args) -> None:
+    """``--side-by-side`` needs a dense run and a method to put beside it (checked before loading)."""
+    if args.side_by_side and args.compare_dense is False:
+        raise _UsageError("--side-by-side needs the dense run; drop --no-compare-dense")
+    if args.side_by_side and args.method == "dense":
+        raise _UsageError("--side-by-side puts dense next to a sparse method; pick one with --method (e.g. tile)")
+
+
+def _wants_dense_run(args, method) -> bool:
+    """``--compare-dense`` given, or unset and the model is tiny-shapes (seconds); ``--side-by-side`` needs it."""
+    if method.name == "dense":
+        return False
+    wanted = args.compare_dense if args.compare_dense is not None else args.model == "tiny-shapes"
+    return bool(wanted or args.side_by_side)
+
+
+def _warm_up(pipe, call: dict, methods, schedule: dict) -> None:
+    """One untimed denoising step with each method, so neither timed run pays for first-call costs
+    (allocations, lazy caches) that the other then skips."""
+    import torch
+
+    import dit_accel
+
+    pipe.set_progress_bar_config(disable=True)
+    for method in methods:
+        with dit_accel.apply(pipe, method, backend=schedule.get("backend", "auto")):
+            pipe(**{**call, "num_inference_steps": 1, "generator": torch.Generator(device="cpu").manual_seed(0)})
+
+
+def _side_by_side_path(out: Path) -> Path:
+    """``outputs/x.mp4`` -> ``outputs/x-vs-dense.mp4`` (a folder of frames: ``x-vs-dense``)."""
+    return out.with_name(f"{out.stem}-vs-dense{out.suffix}") if out.suffix else Path(f"{out}-vs-dense")
+
+
+def _side_by_side(left, right, gap: int = 2):
+    """Two uint8 videos ``[F, H, W, 3]`` next to each other with a white ``gap`` between them."""
+    import numpy as np
+
+    n = min(len(left), len(right))
+    white = np.full((n, left.shape[1], gap, 3), 255, dtype=np.uint8)
+    return np.concatenate([left[:n], white, right[:n]], axis=2)
+
+
+def _comparison(times: dict, dense, frames, side_by_side):
+    """Times of the dense run beside the method's, their ratios and the PSNR of the method against dense."""
+    if dense is None:
+        return None
+    from ..eval.metrics import psnr_per_frame
+
+    d = dense["times"]
+
+    def ratio(stage):
+        return d[stage] / times[stage] if times.get(stage) and d.get(stage) else None
+
+    return {"dense_attention_s": d.get("attention"), "dense_transformer_s": d["transformer"],
+            "dense_end_to_end_s": d["total"], "attention_speedup": ratio("attention"),
+            "transformer_speedup": ratio("transformer"), "end_to_end_speedup": ratio("total"),
+            "psnr_db": float(psnr_per_frame(frames, dense["frames"]).mean()),
+            "side_by_side": None if side_by_side is None else str(side_by_side),
+            "note": "same call, seed and pipeline with dit_accel.Dense(), run first; both timed runs follow an "
+                    "untimed one-step warm-up of each method"}
+
+
+def _quality(model: str, prompt: str, frames, dense):
+    """Ground-truth quality (``dit_accel.eval.groundtruth``) of the method's and the dense frames (tiny-shapes)."""
+    if model != "tiny-shapes":
+        return None
+    from ..eval.groundtruth import parse_prompt, score_video
+
+    try:
+        parse_prompt(prompt)
+    except ValueError as err:
+        return {"prompt": prompt, "skipped": str(err)}
+    return {"prompt": prompt, "method": score_video(frames, prompt),
+            "dense": None if dense is None else score_video(dense["frames"], prompt)}
+
+
+def _threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
 def _record(args, pipe, method, schedule, source, call, frames, written, times, calls, stats, summary, elapsed):
     """The JSON sidecar: settings, versions, timings and per-layer density."""
     import datetime
 
     from ..models.loading import resolve_model_kind
-    from ..models.tiny import RANDOM_WEIGHTS_LABEL, is_tiny_model
+    from ..models.tiny import model_label
 
     return {
         "output": str(written[0]) if len(written) == 1 else [str(f) for f in written],
-        "label": RANDOM_WEIGHTS_LABEL if is_tiny_model(args.model) else None,
+        "label": model_label(args.model),
         "model": args.model,
         "model_kind": resolve_model_kind(args.model),
         "pipeline": type(pipe).__name__,
@@ -310,18 +428,22 @@ def _record(args, pipe, method, schedule, source, call, frames, written, times, 
         "schedule": schedule,
         "backends_used": summary.get("backends_used", []),  # what "backend" (auto: the best available) ran
         "defaults_source": source,
-        "settings": {"prompt": args.prompt, "negative_prompt": args.negative_prompt, "frames": call.get("num_frames"),
+        "settings": {"prompt": call["prompt"], "negative_prompt": args.negative_prompt, "frames": call.get("num_frames"),
                      "height": call.get("height"), "width": call.get("width"),
                      "steps": call.get("num_inference_steps"), "guidance": call.get("guidance_scale"),
                      "max_sequence_length": call.get("max_sequence_length"), "seed": args.seed,
-                     "device": args.device, "dtype": args.dtype, "offload": bool(args.offload), "fps": args.fps,
+                     "device": args.device, "dtype": args.dtype, "threads": _threads(), "offload": bool(args.offload),
+                     "fps": args.fps,
                      "cp": None if args.cp is None else {"ulysses": args.cp[0], "ring": args.cp[1]},
                      "pipeline_call": {k: v for k, v in call.items() if k not in ("generator", "prompt")}},
         "output_shape": list(frames.shape),
         "timing": {**elapsed, "transformer_s": times["transformer"], "transformer_calls": calls,
+                   "attention_s": times.get("attention"),
                    "end_to_end_s": times["total"], "vae_decode_s": times["vae_decode"],
                    "note": "transformer_s: wall time inside transformer forward calls (CUDA-synchronised); "
-                           "end_to_end_s: the whole pipeline call (text encoders, denoising, VAE decode)"},
+                           "attention_s: inside the self-attention modules the method wraps (projections, "
+                           "attention, output projection); end_to_end_s: the whole pipeline call (text encoders, "
+                           "denoising, VAE decode)"},
         "density": {"mean": summary.get("mean_density"), "per_layer": stats,
                     "note": "visited block fraction of video-video attention per layer, mean over sparse calls; "
                             "None for layers/steps that ran dense"},
@@ -337,11 +459,11 @@ def generate(args) -> dict:
     """Run ``generate`` for parsed ``args``; returns the sidecar dict (also written to OUT.json)."""
     from ..io import output_files, save_video, to_uint8_frames
     from ..models.loading import ModelLoadError, load_pipeline, resolve_model_kind
-    from ..models.tiny import is_tiny_model
+    from ..models.tiny import is_embedded_model
 
     t_total = time.perf_counter()
     parser = getattr(args, "_parser", None)
-    tiny = is_tiny_model(args.model)
+    tiny = is_embedded_model(args.model)  # grid-sized call settings and method options
     _check_flags(args)
     try:
         resolve_model_kind(args.model)
@@ -355,7 +477,10 @@ def generate(args) -> dict:
             raise _UsageError(str(err)) from None
     args.device = _pick_device(args.device)
     dtype, args.dtype = _pick_dtype(args.dtype, args.device, tiny)
+    if tiny:
+        _one_thread_for_tiny(args.device)
     saved = _early_method(args, parser, tiny)
+    _check_side_by_side(args)
 
     t0 = time.perf_counter()
     try:
@@ -377,6 +502,21 @@ def generate(args) -> dict:
     is_video = "num_frames" in call
     out = Path(args.out) if args.out else Path("outputs") / f"{_slug(args.model)}-{args.method}" \
         f"{'.mp4' if is_video else '.png'}"
+    dense = None
+    if _wants_dense_run(args, method):
+        import torch
+
+        from ..methods import Dense
+
+        _warm_up(pipe, call, [Dense(), method], schedule)
+        pipe.set_progress_bar_config(disable=True) if quiet else pipe.set_progress_bar_config(
+            desc="denoising (dense, for comparison)", leave=True)
+        dense_call = {**call, "generator": torch.Generator(device="cpu").manual_seed(args.seed)}
+        dense_output, dense_times, _, _, _ = _run_pipeline(pipe, dense_call, Dense(),
+                                                          {"backend": schedule.get("backend", "auto")}, args.device)
+        dense = {"frames": to_uint8_frames(_frames_from_output(dense_output, is_video)), "times": dense_times}
+        pipe.set_progress_bar_config(disable=True) if quiet else pipe.set_progress_bar_config(
+            desc=f"denoising ({args.method})", leave=True)
     output, times, calls, stats, summary = _run_pipeline(pipe, call, method, schedule, args.device)
 
     frames = to_uint8_frames(_frames_from_output(output, is_video))
@@ -385,9 +525,15 @@ def generate(args) -> dict:
         return {"output": None, "rank": None}
     save_video(frames, out, fps=args.fps)
     written = output_files(out, len(frames))
+    side_by_side = None
+    if args.side_by_side:
+        side_by_side = _side_by_side_path(out)
+        save_video(_side_by_side(dense["frames"], frames), side_by_side, fps=args.fps)
     elapsed = {"load_s": load_s, "save_s": time.perf_counter() - t0, "total_s": time.perf_counter() - t_total}
     record = to_jsonable(_record(args, pipe, method, schedule, source, call, frames, written, times, calls, stats,
                                  summary, elapsed))
+    record["compare_dense"] = to_jsonable(_comparison(times, dense, frames, side_by_side))
+    record["quality"] = to_jsonable(_quality(args.model, call["prompt"], frames, dense))
     sidecar = Path(str(out) + ".json")
     sidecar.write_text(json.dumps(record, indent=2) + "\n")
     record["sidecar"] = str(sidecar)
@@ -395,6 +541,9 @@ def generate(args) -> dict:
 
 
 def run(args) -> int:
+    import torch
+
+    threads = torch.get_num_threads()  # an embedded model runs on one thread; the caller gets its count back
     try:
         record = generate(args)
     except _UsageError as err:
@@ -402,6 +551,8 @@ def run(args) -> int:
             raise
         print(f"dit-accel generate: error: {err}", file=sys.stderr)
         return 2
+    finally:
+        torch.set_num_threads(threads)
     if record["output"] is None:  # a context-parallel rank other than 0
         return 0
     t = record["timing"]
@@ -415,9 +566,66 @@ def run(args) -> int:
         print(f"note: {record['pipeline']} made {made} frames for --frames {asked} (its VAE takes 4k+1 frames)")
     print(f"pipeline {t['end_to_end_s']:.2f} s, transformer {t['transformer_s']:.2f} s over "
           f"{t['transformer_calls']} calls" + (f", mean density {density:.3f}" if density is not None else ""))
+    for line in _summary_lines(record):
+        print(line)
     if record["label"]:
-        print(f"note: {record['model']} has {record['label']}")
+        name = record["model"]
+        print(f"note: {name} has {record['label']}" if record["model_kind"] == "tiny" else f"note: {name} is a "
+              f"{record['label']}")
     return 0
+
+
+_CRITERIA = (("colour", "colour_ok", "colour"), ("shape", "shape_ok", "shape"), ("motion", "motion_ok", "direction"),
+             ("consistency", "consistent", None))
+
+
+def _verdict(score: dict) -> str:
+    """``colour ok, shape ok, motion FAIL (saw static), consistency ok``"""
+    parts = []
+    for name, key, seen in _CRITERIA:
+        if score[key]:
+            parts.append(f"{name} ok")
+        elif seen is not None:
+            parts.append(f"{name} FAIL (saw {score[seen] or 'no object'})")
+        else:
+            counts = score["objects_per_frame"]
+            why = (f"up to {max(counts)} objects in a frame" if max(counts) > 1 else "no object in a frame"
+                   if min(counts) == 0 else f"size varies {score['area_ratio']:.1f}x")
+            parts.append(f"{name} FAIL ({why})")
+    return ", ".join(parts)
+
+
+def _passed(score: dict) -> str:
+    return f"{sum(bool(score[key]) for _, key, _ in _CRITERIA)}/{len(_CRITERIA)}"
+
+
+def _summary_lines(record: dict) -> list:
+    """The method, its density, its attention time against dense and the ground-truth quality, in a few lines."""
+    lines = []
+    cmp, method = record.get("compare_dense"), record["method"]
+    density = record["density"]["mean"]
+    if method["method"] != "dense":
+        options = ", ".join(f"{k}={tuple(v) if isinstance(v, list) else v}" for k, v in method.items() if k != "method")
+        lines.append(f"method {method['method']} ({options}): visited density "
+                     + (f"{density:.3f}" if density is not None else "1.000 (ran dense)")
+                     + " of the video attention blocks")
+    t = record["timing"]
+    if cmp:
+        attention = (f"self-attention {t['attention_s']:.2f} s vs dense {cmp['dense_attention_s']:.2f} s "
+                     f"({cmp['attention_speedup']:.2f}x)" if cmp.get("attention_speedup") else "")
+        lines.append((attention + "; " if attention else "") + f"transformer {t['transformer_s']:.2f} s vs dense "
+                     f"{cmp['dense_transformer_s']:.2f} s ({cmp['transformer_speedup']:.2f}x); PSNR vs dense "
+                     f"{cmp['psnr_db']:.1f} dB")
+        if cmp.get("side_by_side"):
+            lines.append(f"side by side (left dense, right {method['method']}): {cmp['side_by_side']}")
+    quality = record.get("quality")
+    if quality and quality.get("skipped"):
+        lines.append(f"ground-truth quality: skipped ({quality['skipped']})")
+    elif quality:
+        lines.append(f"ground truth for \"{quality['prompt']}\": {_verdict(quality['method'])} "
+                     f"[{_passed(quality['method'])}" + (f"; dense {_passed(quality['dense'])}]"
+                                                        if quality.get("dense") else "]"))
+    return lines
 
 
 def main(argv=None) -> int:

@@ -76,9 +76,9 @@ def _methods():
 
 
 def _tiny():
-    from ..models.tiny import TINY_MODELS
+    from ..models.tiny import EMBEDDED_MODELS
 
-    return dict(TINY_MODELS)
+    return dict(EMBEDDED_MODELS)
 
 
 def _density(method, grid):
@@ -116,6 +116,15 @@ def model_settings(model: str) -> dict:
         elif name in preset.defaults:
             source = "dit_accel preset default (no published setting for this model)"
             methods[name] = [_setting(*recommended(class_name, name, family), grid, where, source)]
+    if model == "tiny-shapes":  # what generate and eval run on it: options sized to its grid, first
+        from ..methods import method_from_name
+        from ..models.tiny_shapes import TINY_SHAPES_GRID, TINY_SHAPES_METHODS
+
+        for name, options in reversed(list(TINY_SHAPES_METHODS.items())):
+            entry = _setting(method_from_name(name, **options), {}, TINY_SHAPES_GRID, "7 frames at 48x48, its size",
+                             "dit_accel default for tiny-shapes (generate and eval use it)")
+            methods[name] = [entry] + methods.get(name, [])
+        methods = {name: methods[name] for name in [*TINY_SHAPES_METHODS, *methods] if name in methods}
     return {"model": model, "transformer": class_name, "family": family, "methods": methods}
 
 
@@ -171,7 +180,8 @@ def run(args) -> int:
                    info["backends"])
     _print_section("supported transformer classes", info["supported_models"])
     _print_section("methods", info["methods"])
-    _print_section("embedded tiny models (RANDOM WEIGHTS, for smoke runs only)", info["tiny_models"])
+    _print_section("embedded models (tiny-shapes: tiny model trained on synthetic clips; tiny-wan, tiny-flux: RANDOM "
+                   "WEIGHTS, for smoke runs only)", info["tiny_models"])
     if model is not None:
         _print_settings(info["model_settings"])
     return 0

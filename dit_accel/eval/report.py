@@ -1,6 +1,9 @@
 """Report files of ``dit-accel eval``: report.md, pareto.png, grid.png.
 
 All three are rendered from the results dict that is also saved as results.json.
+With ground-truth scores (``results["groundtruth"]``, tiny-shapes prompts) the
+table gets their columns and the Pareto plot's quality axis is the fraction of
+videos correct on every criterion.
 """
 
 from __future__ import annotations
@@ -41,6 +44,9 @@ def write_report(results: dict, path) -> None:
     header = ["method", "config", "density", "PSNR dB", "SSIM", "LPIPS", "CLIP", "FID vs dense", "FID vs real",
               "transformer s", "end-to-end s", "speedup (transformer)", "speedup (e2e)", "VAE decode s",
               "text enc s"]
+    criteria = (results.get("groundtruth") or {}).get("criteria", [])
+    if criteria:  # ground truth first: it is the quality that matters here
+        header[3:3] = [f"GT {name}" for name in criteria]
     table = []
     for r in results["rows"]:
         t = r.get("times") or {}
@@ -48,7 +54,8 @@ def write_report(results: dict, path) -> None:
             table.append([r["label"], _config_text(r["config"]), "failed: " + r["error"].replace("|", "/")]
                          + ["-"] * (len(header) - 3))
             continue
-        table.append([r["label"], _config_text(r["config"]), r.get("density"), _fmt(r.get("psnr"), 2),
+        gt = [_fmt((r.get("groundtruth") or {}).get(name), 3) for name in criteria]
+        table.append([r["label"], _config_text(r["config"]), r.get("density"), *gt, _fmt(r.get("psnr"), 2),
                       _fmt(r.get("ssim"), 4), _fmt(r.get("lpips"), 4), _fmt(r.get("clip"), 2),
                       _fmt(r.get("fid_dense"), 4), _fmt(r.get("fid_real"), 4), t.get("transformer"),
                       t.get("total"), _speedup(r.get("speedup_transformer")), _speedup(r.get("speedup_e2e")),
@@ -61,7 +68,9 @@ def write_report(results: dict, path) -> None:
     lines += [markdown_table(header, table), "",
               f"PSNR/SSIM/LPIPS: against the dense output with the same prompt and seed (PSNR capped at 100 dB). "
               f"Times: median of {s['repeats']} run(s) per sample set, seconds per video. "
-              f"Density: visited block fraction of sparse attention calls.", "",
+              f"Density: visited block fraction of sparse attention calls."
+              + (" GT: ground truth, the fraction of videos judged right against their prompt "
+                 "(dit_accel.eval.groundtruth; 'all' = every criterion at once)." if criteria else ""), "",
               "## Settings", "",
               f"- model: `{s['model']}`, device {s['device']}, dtype {s['dtype']}",
               f"- frames {s['frames']}, {s['height']}x{s['width']}, steps {s['steps']}, "
@@ -76,7 +85,8 @@ def write_report(results: dict, path) -> None:
 
 
 def plot_pareto(results: dict, path) -> None:
-    """Quality (PSNR, SSIM) against transformer speedup, one point per method/config."""
+    """Quality against transformer speedup, one point per method/config: ground truth ("all" criteria
+    right) and PSNR when the results have ground-truth scores, else PSNR and SSIM against dense."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -84,19 +94,24 @@ def plot_pareto(results: dict, path) -> None:
 
     rows = [r for r in results["rows"] if not r.get("error")]
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for ax, key, name in ((axes[0], "psnr", "PSNR vs dense (dB)"), (axes[1], "ssim", "SSIM vs dense")):
+    panels = (("psnr", "PSNR vs dense (dB)"), ("ssim", "SSIM vs dense"))
+    if results.get("groundtruth"):
+        panels = (("groundtruth", "ground truth: videos right on every criterion"), ("psnr", "PSNR vs dense (dB)"))
+    for ax, (key, name) in zip(axes, panels):
         for r in rows:
             x = r.get("speedup_transformer") or (1.0 if r["label"] == "dense" else None)
-            y = r.get(key)
+            y = (r.get("groundtruth") or {}).get("all") if key == "groundtruth" else r.get(key)
             if x is None or y is None:
                 continue
             ax.scatter([x], [y], s=40)
             ax.annotate(r["label"], (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
         ax.set_xlabel("transformer speedup vs dense (x)")
         ax.set_ylabel(name)
+        if key == "groundtruth":
+            ax.set_ylim(-0.05, 1.05)  # a fraction of videos
         ax.grid(alpha=0.3)
     title = f"{results['settings']['model']} on {results['settings']['device']}"
-    if results.get("note"):
+    if results.get("note") and "RANDOM" in results["note"]:
         title += " (random-weight tiny model)"
     fig.suptitle(title)
     fig.tight_layout()

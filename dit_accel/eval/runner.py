@@ -5,7 +5,11 @@ baseline (the unpatched pipeline) is generated once and cached on disk, keyed by
 a hash of model + settings + prompt + seed, so later runs reuse it. Each method
 then runs through :func:`dit_accel.apply` with the same settings, and the
 outputs are scored against the dense ones (see :mod:`dit_accel.eval.report`
-for the files written).
+for the files written). When every prompt follows the ``tiny-shapes`` grammar
+("a {colour} {shape} moving {direction}"), every row, dense included, is also
+scored against the prompt itself with :mod:`dit_accel.eval.groundtruth`
+(``row["groundtruth"]``: colour, shape, motion, consistency and all-correct
+accuracies); the Pareto plot then uses that as its quality axis.
 
 Example::
 
@@ -29,7 +33,7 @@ import torch
 
 from .._util import load_average, to_jsonable, versions
 from ..methods import Dense, Method, method_from_name, registered_methods
-from ..models.tiny import is_tiny_model
+from ..models.tiny import is_tiny_model, model_label
 from .metrics import mean_or_none, paired_metrics, to_frames
 from .timing import StageTimer, median_times
 
@@ -420,20 +424,52 @@ def run_eval(settings: EvalSettings, specs: Sequence[MethodSpec], out_dir, *, ca
     for row in rows:
         if "videos" in row:
             scorers.score(row, dense, samples)
+    groundtruth = _score_groundtruth(rows, samples, settings.model, log)
     results = {
         "settings": asdict(settings), "versions": {**versions(("torch", "triton", "diffusers", "transformers",
                                                                  "torchmetrics")), "load_average": load_average()},
         "methods": [s.describe() for s in specs], "dense_generated": generated,
         "dense_cached": len(samples) - generated, "cache_dir": str(cache_dir),
         "dense_times_from_cache": generated < len(samples), "skipped": sorted(set(scorers.skipped)),
-        "capture": capture, "rows": [{k: v for k, v in r.items() if k != "videos"} for r in rows],
+        "capture": capture, "groundtruth": groundtruth,
+        "rows": [{k: v for k, v in r.items() if k != "videos"} for r in rows],
         "warnings": sorted({w for r in rows for w in (r.get("summary") or {}).get("warnings", [])}),
     }
     if is_tiny_model(settings.model):
         results["note"] = "tiny model with RANDOM weights: numbers check the pipeline, not quality"
+    elif settings.model == "tiny-shapes":
+        results["note"] = (f"{model_label(settings.model)}: the ground-truth columns judge each video against its "
+                           "prompt; PSNR/SSIM only measure the distance to dense")
     results = to_jsonable(results)
     _write_results(out_dir, results, rows)
     return results
+
+
+def _score_groundtruth(rows: List[dict], samples, model: str, log) -> Optional[dict]:
+    """Ground-truth accuracies of every row (``row["groundtruth"]``, per sample ``groundtruth_ok``) when every
+    prompt follows the tiny-shapes grammar; the description of the metric, or None (with a note for
+    tiny-shapes) otherwise."""
+    from .groundtruth import parse_prompt, score_many, score_video
+
+    try:
+        for prompt, _ in samples:
+            parse_prompt(prompt)
+    except ValueError as err:
+        if model == "tiny-shapes":
+            log(f"ground-truth metric skipped: {err}")
+        return None
+    prompts = [p for p, _ in samples]
+    for row in rows:
+        if "videos" not in row:
+            continue
+        row["groundtruth"] = score_many(row["videos"], prompts)
+        for sample, video, prompt in zip(row["samples"], row["videos"], prompts):
+            score = score_video(video, prompt)
+            sample["groundtruth_ok"] = {k: bool(score[k]) for k in ("colour_ok", "shape_ok", "motion_ok", "consistent",
+                                                                     "all_ok")}
+    return {"metric": "dit_accel.eval.groundtruth: fraction of videos whose object has the prompt's colour, shape "
+                      "and direction of motion, and is one object of stable size in every frame ('all': every "
+                      "criterion at once)", "criteria": ["colour", "shape", "motion", "consistency", "all"]}
 
 
 def _safe_fid(fn, a, b, feature, device, skipped) -> Optional[float]:

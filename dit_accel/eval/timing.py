@@ -11,6 +11,10 @@ Example::
         timer.start()
         pipe(prompt)
         times = timer.stop()   # {"total": s, "transformer": s, "vae_decode": s, "text_encoder": s}
+
+``StageTimer(pipe, attention_modules=[...])`` also times those modules as the
+``attention`` stage (e.g. the self-attention modules ``dit_accel.apply`` wrapped:
+projections, attention and output projection of every layer).
 """
 
 from __future__ import annotations
@@ -35,8 +39,9 @@ def _pipe_device(pipe) -> torch.device:
 class StageTimer:
     """Accumulates per-stage time of one pipeline call between :meth:`start` and :meth:`stop`."""
 
-    def __init__(self, pipe, device=None):
+    def __init__(self, pipe, device=None, attention_modules=()):
         self.pipe = pipe
+        self.attention_modules = list(attention_modules)
         self.cuda = torch.device(device or _pipe_device(pipe)).type == "cuda"
         self._handles: List = []
         self._restore: List = []
@@ -58,6 +63,8 @@ class StageTimer:
             self._hook_module(getattr(self.pipe, name, None), "transformer")
         for name in _TEXT_ENCODERS:
             self._hook_module(getattr(self.pipe, name, None), "text_encoder")
+        for module in self.attention_modules:
+            self._hook_module(module, "attention")
         vae = getattr(self.pipe, "vae", None)
         if vae is not None and hasattr(vae, "decode"):
             original = vae.decode
@@ -123,6 +130,8 @@ class StageTimer:
         if self.cuda:
             torch.cuda.synchronize()
         out = {"total": 0.0, "transformer": 0.0, "vae_decode": 0.0, "text_encoder": 0.0}
+        if self.attention_modules:
+            out["attention"] = 0.0
         for stage, spans in self._spans.items():
             if self.cuda:
                 out[stage] = sum(a.elapsed_time(b) for a, b in spans) / 1000.0

@@ -1,4 +1,8 @@
-"""Load a pipeline from an embedded tiny name, a local folder or a Hugging Face hub id.
+"""Load a pipeline from an embedded model name, a local folder or a Hugging Face hub id.
+
+Embedded models: ``tiny-wan`` / ``tiny-flux`` (random weights, built in code) and
+``tiny-shapes`` (trained, shipped as a Diffusers folder inside the package and
+loaded from it like any local folder).
 
 Failures become one :class:`ModelLoadError` line that says what to do, instead
 of a minute of network retries followed by a traceback: the local cache is
@@ -14,7 +18,8 @@ from pathlib import Path
 
 import torch
 
-from .tiny import TINY_MODELS, build_tiny_pipeline
+from .tiny import EMBEDDED_MODELS, TINY_MODELS, build_tiny_pipeline
+from .tiny_shapes import TRAINED_MODELS
 
 __all__ = ["load_pipeline", "ModelLoadError", "resolve_model_kind"]
 
@@ -27,17 +32,21 @@ class ModelLoadError(RuntimeError):
 
 
 def resolve_model_kind(model: str) -> str:
-    """``"tiny"``, ``"folder"`` or ``"hub"`` for a ``--model`` value (no I/O beyond a stat)."""
+    """``"tiny"`` (random weights, built in code), ``"embedded"`` (trained, shipped in the package),
+    ``"folder"`` or ``"hub"`` for a ``--model`` value (no I/O beyond a stat)."""
     if not isinstance(model, str) or not model:
-        raise ValueError(f"model={model!r} is invalid: pass a tiny name ({', '.join(TINY_MODELS)}), a folder or a hub id")
+        raise ValueError(f"model={model!r} is invalid: pass an embedded name ({', '.join(EMBEDDED_MODELS)}), "
+                         "a folder or a hub id")
     if model in TINY_MODELS:
         return "tiny"
+    if model in TRAINED_MODELS:
+        return "embedded"
     if Path(model).expanduser().exists():
         return "folder"
     if _REPO_ID.match(model) and not model.startswith((".", "/", "~")):
         return "hub"
     raise ModelLoadError(
-        f"model {model!r} is neither an embedded tiny model ({', '.join(TINY_MODELS)}), an existing folder, "
+        f"model {model!r} is neither an embedded model ({', '.join(EMBEDDED_MODELS)}), an existing folder, "
         "nor a hub id like 'Wan-AI/Wan2.1-T2V-1.3B-Diffusers'"
     )
 
@@ -75,7 +84,8 @@ def load_pipeline(model: str, *, device="cpu", dtype: torch.dtype = torch.float3
     """Load a Diffusers pipeline.
 
     Args:
-        model: an embedded tiny model (``"tiny-wan"``, ``"tiny-flux"``; random
+        model: an embedded model (``"tiny-shapes"``: trained on synthetic clips,
+            shipped in the package; ``"tiny-wan"``, ``"tiny-flux"``: random
             weights built offline), a local folder holding a Diffusers pipeline
             (``model_index.json``), or a hub id such as
             ``"Wan-AI/Wan2.1-T2V-1.3B-Diffusers"``.
@@ -97,6 +107,14 @@ def load_pipeline(model: str, *, device="cpu", dtype: torch.dtype = torch.float3
     kind = resolve_model_kind(model)
     if kind == "tiny":
         pipe = build_tiny_pipeline(model, seed=seed, device="cpu" if offload else device, dtype=dtype)
+    elif kind == "embedded":
+        folder = TRAINED_MODELS[model]
+        if not (folder / "model_index.json").is_file():
+            raise ModelLoadError(f"the {model} weights are missing from {folder}; reinstall dit-accel or retrain "
+                                 "them with `python -m dit_accel.models.train_tiny`")
+        with _quiet_loading():  # loads in a blink: no progress bars
+            pipe = _from_folder(folder, dtype)
+        pipe.set_progress_bar_config(leave=False)
     elif kind == "folder":
         pipe = _from_folder(Path(model).expanduser(), dtype)
     else:
@@ -104,6 +122,26 @@ def load_pipeline(model: str, *, device="cpu", dtype: torch.dtype = torch.float3
     if kind != "tiny" or offload:
         _place(pipe, device, offload)
     return pipe
+
+
+class _quiet_loading:
+    """Diffusers' and Transformers' loading progress bars off inside the block, restored after."""
+
+    def __enter__(self):
+        from diffusers.utils import logging as dlog
+        from transformers.utils import logging as tlog
+
+        self._restore = [dlog.enable_progress_bar if dlog.is_progress_bar_enabled() else None,
+                         tlog.enable_progress_bar if tlog.is_progress_bar_enabled() else None]
+        dlog.disable_progress_bar()
+        tlog.disable_progress_bar()
+        return self
+
+    def __exit__(self, *exc):
+        for enable in self._restore:
+            if enable is not None:
+                enable()
+        return False
 
 
 def _place(pipe, device, offload: bool) -> None:

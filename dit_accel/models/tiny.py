@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import torch
 
+from .tiny_shapes import TINY_SHAPES_DEFAULTS, TINY_SHAPES_LABEL, TINY_SHAPES_METHODS
+
 __all__ = [
     "TRANSFORMER_NAMES",
     "TRANSFORMER_GRIDS",
@@ -32,8 +34,11 @@ __all__ = [
     "TINY_DEFAULTS",
     "TINY_METHOD_DEFAULTS",
     "RANDOM_WEIGHTS_LABEL",
+    "EMBEDDED_MODELS",
     "build_tiny_pipeline",
     "is_tiny_model",
+    "is_embedded_model",
+    "model_label",
 ]
 
 RANDOM_WEIGHTS_LABEL = "random weights (tiny model for smoke runs; the output is noise, not a real video or image)"
@@ -70,8 +75,35 @@ TINY_METHOD_DEFAULTS = {
 }
 
 
+# The trained tiny-shapes model (a Diffusers folder in the package, see tiny_shapes.py) shares the
+# tables above: call settings and grid-sized method options by name.
+TINY_DEFAULTS["tiny-shapes"] = dict(TINY_SHAPES_DEFAULTS)
+TINY_METHOD_DEFAULTS["tiny-shapes"] = {name: dict(options) for name, options in TINY_SHAPES_METHODS.items()}
+
+# Every model that ships with the package, by --model name: trained first (the default of generate).
+EMBEDDED_MODELS = {
+    "tiny-shapes": f"WanPipeline with a 4-layer WanTransformer3DModel (~1 M parameters); {TINY_SHAPES_LABEL}: "
+    "'a {red|green|blue|yellow} {square|circle} moving {left|right|up|down}', 7 frames at 48x48, offline",
+    **TINY_MODELS,
+}
+
+
 def is_tiny_model(name) -> bool:
+    """A random-weight tiny model built in code (``tiny-wan``, ``tiny-flux``)."""
     return isinstance(name, str) and name in TINY_MODELS
+
+
+def is_embedded_model(name) -> bool:
+    """A model shipped with the package (random-weight tiny models and the trained ``tiny-shapes``): it has
+    grid-sized call settings and method options in :data:`TINY_DEFAULTS` / :data:`TINY_METHOD_DEFAULTS`."""
+    return isinstance(name, str) and name in EMBEDDED_MODELS
+
+
+def model_label(name) -> str | None:
+    """What an embedded model's output is, for the user: the random-weight warning or the trained label."""
+    if is_tiny_model(name):
+        return RANDOM_WEIGHTS_LABEL
+    return TINY_SHAPES_LABEL if name == "tiny-shapes" else None
 
 
 def build_tiny_pipeline(name: str, *, seed: int = 0, device="cpu", dtype: torch.dtype = torch.float32):

@@ -476,7 +476,7 @@ def resolve_model_family(model: str) -> Tuple[str, Optional[str]]:
         if model.strip().lower() == family.lower():
             return next(c for c, preset in PRESETS.items() if families[family] in preset.published), family
     if model.startswith("tiny-"):
-        model = {"tiny-wan": "Wan", "tiny-flux": "FLUX"}.get(model, model)
+        model = {"tiny-wan": "Wan", "tiny-shapes": "Wan", "tiny-flux": "FLUX"}.get(model, model)
     folder = Path(model).expanduser()
     found = _folder_family(folder) if folder.is_dir() else None
     if found is not None:

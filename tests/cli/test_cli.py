@@ -85,8 +85,12 @@ def test_help_is_fast_and_lists_commands():
 def test_info_runs(capsys):
     assert main(["info"]) == 0
     out = capsys.readouterr().out
-    for word in ("torch", "diffusers", "tiny-wan", "WanTransformer3DModel", "training-free top-k", "torch"):
+    for word in ("torch", "diffusers", "tiny-wan", "WanTransformer3DModel", "training-free top-k", "torch",
+                 "tiny-shapes", "tiny model trained on synthetic clips"):
         assert word in out
+    assert main(["info", "--model", "tiny-shapes"]) == 0  # its own grid-sized settings first
+    out = capsys.readouterr().out.split("settings for tiny-shapes")[1]
+    assert out.index("tile: tile=(4, 4, 4), window=(1, 1, 3)") < out.index("density 0.3333 on grid 4x12x12")
     assert main(["info", "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["backends"]["torch"] == "usable"
@@ -99,7 +103,7 @@ def _sidecar(path):
 
 def test_generate_tiny_wan_sparse_in_process(tmp_path, capsys):
     out = tmp_path / "wan.mp4"
-    argv = ["generate", "--frames", "9", "--height", "128", "--width", "128", "--steps", "2",
+    argv = ["generate", "--model", "tiny-wan", "--frames", "9", "--height", "128", "--width", "128", "--steps", "2",
             "--method", "tile", "--tile", "1,8,8", "--window", "1,1,1", "--out", str(out), "--quiet"]
     assert main(argv) == 0, capsys.readouterr().err
     video = load_video(out)
@@ -129,7 +133,8 @@ def test_generate_says_when_a_sparse_method_runs_dense(tmp_path, capsys):
     --quiet hides it from the terminal only. PNG frames are listed as written; a frame count the VAE rounds
     is noted; --guidance-scale and --guidance are one option."""
     out = tmp_path / "vid.png"
-    argv = ["generate", "--frames", "8", "--height", "64", "--width", "64", "--steps", "1", "--guidance", "2",
+    argv = ["generate", "--model", "tiny-wan", "--frames", "8", "--height", "64", "--width", "64", "--steps", "1",
+            "--guidance", "2",
             "--method", "tile", "--tile", "6,8,8", "--window", "3,3,3", "--out", str(out)]
     assert main(argv) == 0
     captured = capsys.readouterr()
@@ -153,6 +158,54 @@ def test_generate_says_when_a_sparse_method_runs_dense(tmp_path, capsys):
     assert len(_sidecar(out)["warnings"]) == 1
 
 
+def test_generate_default_is_tiny_shapes_sparse_beside_dense(tmp_path, monkeypatch, capsys):
+    """No model or method: tiny-shapes with Tile at its grid-sized setting, a dense run of the same call,
+    the ground truth of both, and with --side-by-side one video with dense left and Tile right."""
+    from dit_accel.models.tiny_shapes import TINY_SHAPES_METHODS
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["generate", "--steps", "2", "--side-by-side"]) == 0, capsys.readouterr().err
+    out = capsys.readouterr().out
+    video, pair = tmp_path / "outputs" / "tiny-shapes-tile.mp4", tmp_path / "outputs" / "tiny-shapes-tile-vs-dense.mp4"
+    assert load_video(video).shape == (7, 48, 48, 3) and load_video(pair).shape == (7, 48, 98, 3)
+    meta = _sidecar(video)
+    assert meta["model"] == "tiny-shapes" and meta["model_kind"] == "embedded" and "synthetic clips" in meta["label"]
+    assert meta["settings"]["prompt"] == "a red circle moving right"
+    expected = {k: list(v) if isinstance(v, tuple) else v for k, v in TINY_SHAPES_METHODS["tile"].items()}
+    assert meta["method"] == {"method": "tile", **expected}
+    assert meta["density"]["mean"] == pytest.approx(1 / 3)
+    cmp = meta["compare_dense"]
+    assert cmp["side_by_side"] == str(Path("outputs") / pair.name) and cmp["psnr_db"] > 0
+    assert cmp["dense_attention_s"] > 0 and meta["timing"]["attention_s"] > 0
+    assert {"colour_ok", "shape_ok", "motion_ok", "consistent"} <= set(meta["quality"]["method"])
+    assert meta["quality"]["dense"] is not None
+    for needle in ("method tile (tile=(4, 4, 4)", "visited density 0.333", "self-attention", "vs dense",
+                   'ground truth for "a red circle moving right": colour', "left dense, right tile",
+                   "trained on synthetic clips"):
+        assert needle in out, out
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--side-by-side", "--no-compare-dense"], "--side-by-side needs the dense run"),
+    (["--side-by-side", "--method", "dense"], "pick one with --method"),
+], ids=["no-dense", "dense-method"])
+def test_generate_side_by_side_needs_a_dense_run_and_a_method(tmp_path, argv, needle, capsys):
+    assert main(["generate", *argv, "--out", str(tmp_path / "x.mp4"), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and needle in err[0]
+
+
+def test_generate_tiny_shapes_other_prompt_and_dense(tmp_path, capsys):
+    """A prompt outside the grammar still generates (quality skipped, said why); --method dense: no comparison."""
+    out = tmp_path / "d.gif"
+    assert main(["generate", "--method", "dense", "--prompt", "a cat", "--steps", "1", "--out", str(out),
+                 "--quiet"]) == 0
+    meta = _sidecar(out)
+    assert meta["compare_dense"] is None and meta["method"] == {"method": "dense"}
+    assert "does not follow" in meta["quality"]["skipped"]
+    assert "ground-truth quality: skipped" in capsys.readouterr().out
+
+
 def test_generate_tiny_flux_writes_png(tmp_path):
     out = tmp_path / "img.png"
     assert main(["generate", "--model", "tiny-flux", "--steps", "1", "--out", str(out), "--quiet"]) == 0
@@ -174,7 +227,8 @@ def test_generate_tiny_flux_prints_no_library_notices(tmp_path):
 def test_generate_subprocess_python_m(tmp_path):
     out = tmp_path / "clip.gif"
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
-    cmd = [sys.executable, "-m", "dit_accel", "generate", "--frames", "5", "--height", "32", "--width", "48",
+    cmd = [sys.executable, "-m", "dit_accel", "generate", "--model", "tiny-wan", "--frames", "5", "--height", "32",
+           "--width", "48",
            "--steps", "1", "--out", str(out), "--quiet"]
     res = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr

@@ -180,3 +180,30 @@ def test_frame_grid_has_headers_difference_maps_and_psnr(tmp_path):
     assert img[top + 32:top + 32 + caption_h, label_w:label_w + tile_w].min() < 128  # the PSNR caption is drawn
     assert img[:header_h, label_w:].min() < 128  # the column headers are drawn
     assert float(psnr_per_frame(other, dense)[0]) < 40
+
+
+def test_eval_tiny_shapes_reports_ground_truth_and_plots_it(tmp_path, capsys):
+    """On tiny-shapes (prompts of its grammar) every row carries the ground-truth accuracies, report.md shows
+    them beside PSNR/SSIM and the Pareto plot uses them; a prompt outside the grammar leaves them out."""
+    out = tmp_path / "shapes"
+    argv = ["eval", "--model", "tiny-shapes", "--methods", "dense,tile", "--prompt", "a blue square moving up",
+            "--steps", "1", "--warmup", "0", "--no-lpips", "--quiet", "--out", str(out)]
+    assert main(argv) == 0, capsys.readouterr().err
+    results = json.loads((out / "results.json").read_text())
+    assert results["groundtruth"]["criteria"] == ["colour", "shape", "motion", "consistency", "all"]
+    assert results["settings"]["guidance_scale"] == 4.0  # the model's own call settings
+    for row in results["rows"]:
+        assert set(row["groundtruth"]) == {"colour", "shape", "motion", "consistency", "all", "n"}
+        assert set(row["samples"][0]["groundtruth_ok"]) == {"colour_ok", "shape_ok", "motion_ok", "consistent",
+                                                             "all_ok"}
+    tile = next(r for r in results["rows"] if r["label"] == "tile")
+    assert tile["density"] == pytest.approx(1 / 3) and tile["psnr"] is not None
+    report = (out / "report.md").read_text()
+    assert "| GT colour | GT shape | GT motion | GT consistency | GT all | PSNR dB |" in report
+    assert "synthetic clips" in report and (out / "pareto.png").stat().st_size > 0
+
+    other = tmp_path / "other"
+    assert main([*argv[:-1], str(other), "--prompt", "a cat"]) == 0
+    results = json.loads((other / "results.json").read_text())
+    assert results["groundtruth"] is None and all("groundtruth" not in r for r in results["rows"])
+    assert "GT all" not in (other / "report.md").read_text()

@@ -89,8 +89,8 @@ def test_generate_cli_under_torchrun_matches_one_process(tmp_path):
     from dit_accel.cli.main import main
     from dit_accel.io import load_video
 
-    common = ["--method", "tile", "--tile", "1,8,8", "--window", "3,1,1", "--frames", "13", "--height", "128",
-              "--width", "128", "--steps", "2", "--quiet"]
+    common = ["--model", "tiny-wan", "--method", "tile", "--tile", "1,8,8", "--window", "3,1,1", "--frames", "13",
+              "--height", "128", "--width", "128", "--steps", "2", "--quiet"]
     _torchrun(2, "cp_cli_worker.py", "--cp", "ulysses=2", *common, "--out", tmp_path / "cp" / "f.png")
     assert main(["generate", *common, "--out", str(tmp_path / "one" / "f.png")]) == 0
     cp, one = load_video(tmp_path / "cp" / "f.png"), load_video(tmp_path / "one" / "f.png")

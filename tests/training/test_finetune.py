@@ -368,8 +368,8 @@ def test_generate_reads_the_method_from_weights(prompts_file, tmp_path, capsys):
                  "--output", str(out), "--steps", "2", "--rank", "2", "--frames", "9", "--height", "64", "--width",
                  "128", "--max-sequence-length", "8", "--eval-batches", "0", "--no-progress"]) == 0
     video = tmp_path / "v.gif"
-    common = ["generate", "--weights", str(out), "--frames", "9", "--height", "64", "--width", "128", "--steps", "1",
-              "--quiet"]
+    common = ["generate", "--model", "tiny-wan", "--weights", str(out), "--frames", "9", "--height", "64", "--width",
+              "128", "--steps", "1", "--quiet"]
     assert main(common + ["--out", str(video)]) == 0, capsys.readouterr().err
     assert video.is_file()
     meta = json.loads(Path(str(video) + ".json").read_text())

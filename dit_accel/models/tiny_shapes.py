@@ -1,0 +1,181 @@
+"""``tiny-shapes``: a small Wan video DiT trained by the project, shipped with the package.
+
+A stock Diffusers :class:`~diffusers.WanPipeline` in Diffusers folder format
+(``model_index.json`` + component folders, safetensors) under
+:data:`TINY_SHAPES_DIR`, trained by :mod:`dit_accel.models.train_tiny` on the
+clips of :mod:`dit_accel.models.clips`: one red, green, blue or yellow square or
+circle moving left, right, up or down. Prompts: ``"a {colour} {shape} moving
+{direction}"``. Every component is a stock Diffusers / Transformers class, so
+``DiffusionPipeline.from_pretrained(TINY_SHAPES_DIR)`` works in any process:
+
+- transformer: :class:`~diffusers.WanTransformer3DModel`, patch (1, 2, 2);
+- text: a word-level tokenizer and a 2-layer :class:`~transformers.UMT5EncoderModel`
+  trained with the transformer;
+- vae: an :class:`~diffusers.AutoencoderKLWan` whose weights are set by hand to an
+  exact pixel codec (no training): 2x2 average pooling and pairs of frames packed
+  into channels (latent frame 0 = frame 0 twice, latent frame t = frames 2t-1 and 2t),
+  so its scale factors are 2 (time) and 2 (space) and any odd frame count works.
+  The decoder upsamples with nearest neighbours: details finer than 2x2 pixels do not exist;
+- scheduler: :class:`~diffusers.FlowMatchEulerDiscreteScheduler` (velocity prediction).
+
+At :data:`TINY_SHAPES_DEFAULTS` (7 frames, 48x48) the latent is (4, 24, 24) and the
+token grid (4, 12, 12): 576 video tokens, nine 64-token blocks. Larger sizes work
+(any odd frame count, sides that are multiples of 16) for timing, but the model
+only saw the default size.
+
+Example::
+
+    from dit_accel.models.tiny_shapes import TINY_SHAPES_DEFAULTS, load_tiny_shapes
+    pipe = load_tiny_shapes()
+    frames = pipe("a red circle moving left", **TINY_SHAPES_DEFAULTS).frames[0]   # (7, 48, 48, 3) in [0, 1]
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+__all__ = ["TINY_SHAPES_DIR", "TINY_SHAPES_DEFAULTS", "TINY_SHAPES_LABEL", "TINY_SHAPES_METHOD", "TINY_SHAPES_METHODS",
+           "TINY_SHAPES_PROMPT", "TINY_SHAPES_GRID", "TRAINED_MODELS", "balanced_prompts", "load_tiny_shapes", "evaluate"]
+
+TINY_SHAPES_DIR = Path(__file__).resolve().parent / "weights" / "tiny-shapes"
+TINY_SHAPES_LABEL = "tiny model trained on synthetic clips (coloured shapes)"
+# Embedded trained models: name -> Diffusers folder inside the package (loaded like any local folder).
+TRAINED_MODELS = {"tiny-shapes": TINY_SHAPES_DIR}
+TINY_SHAPES_PROMPT = "a red circle moving right"  # `dit-accel generate`'s prompt for this model
+# Call settings of the shipped model (the training size; steps and guidance chosen by evaluate()).
+TINY_SHAPES_DEFAULTS = {
+    "num_frames": 7,
+    "height": 48,
+    "width": 48,
+    "num_inference_steps": 12,
+    "guidance_scale": 4.0,
+    "max_sequence_length": 16,
+}
+# Method settings sized to the default token grid (4, 12, 12) = 576 tokens = nine 64-token blocks
+# (3 x 3 spatial tiles of 4x4x4 tokens per latent clip). Densities are visited 64x64 blocks of
+# video-video attention on that grid (`python -m dit_accel.models.tiny_shapes --densities`).
+TINY_SHAPES_GRID = (4, 12, 12)  # token grid at TINY_SHAPES_DEFAULTS
+TINY_SHAPES_METHOD = "tile"  # what `dit-accel generate` runs on this model when no --method is given
+TINY_SHAPES_METHODS = {
+    # Tiles of 4x4x4 tokens, each sees its own row of tiles: density 3/9 = 0.333.
+    "tile": {"tile": (4, 4, 4), "window": (1, 1, 3)},
+    # Neighbourhood of 4x8x8 tokens, block-sparse through 4x4x4 tiles: density 0.605 (the least GNA
+    # reaches here with stride 1: a 3x3 tile grid leaves no tile more than one step from the edge).
+    "gna": {"kernel_size": (4, 8, 8), "tile": (4, 4, 4)},
+    # Radial's temporal decay needs many frames; on 4 latent frames it keeps 0.951 of the blocks.
+    "radial": {"block_size": 64, "decay": 1.0, "sink_frames": (0,)},
+    "sla": {"topk": 0.3},  # 3 of 9 key blocks per query block for exact softmax, the rest linear
+}
+
+
+def balanced_prompts(n: int = 8) -> list:
+    """``n`` prompts (``n`` a multiple of 4, at most 32) in which every colour and every direction
+    appears ``n / 4`` times and every direction with both shapes (from ``n = 8``): a cheap cover of the
+    grammar for checks and ``dit-accel eval``.
+
+    Example::
+
+        balanced_prompts(4)   # ['a red square moving left', 'a red circle moving right', 'a green square moving up', ...]
+    """
+    from .clips import COLOURS, DIRECTIONS, SHAPES, make_prompt
+
+    if n % 4 or not 4 <= n <= 32:
+        raise ValueError(f"n={n!r} is invalid: a multiple of 4 from 4 to 32")
+    colours, directions = list(COLOURS), list(DIRECTIONS)
+    out = []
+    for i in range(n):
+        # colour and direction cycle at different rates; the shape flips with the direction and every 4th prompt.
+        colour = colours[(i // 2 + i // 8) % 4]
+        out.append(make_prompt(colour, SHAPES[(i + i // 4) % 2], directions[i % 4]))
+    if len(set(out)) != n:  # pragma: no cover - the arithmetic above makes them distinct
+        raise AssertionError(out)
+    return out
+
+
+def load_tiny_shapes(device="cpu", dtype=None):
+    """Load the shipped ``tiny-shapes`` pipeline from :data:`TINY_SHAPES_DIR` (offline, ~1 s).
+
+    Returns:
+        a :class:`diffusers.WanPipeline` on ``device`` with weights in ``dtype`` (default float32).
+
+    Example::
+
+        pipe = load_tiny_shapes()
+        video = pipe("a blue square moving up", **TINY_SHAPES_DEFAULTS).frames[0]
+    """
+    import warnings
+
+    import torch
+    from diffusers import DiffusionPipeline
+
+    if not (TINY_SHAPES_DIR / "model_index.json").is_file():
+        raise FileNotFoundError(f"the tiny-shapes weights are missing from {TINY_SHAPES_DIR}; reinstall dit-accel "
+                                "or retrain them with `python -m dit_accel.models.train_tiny`")
+    with warnings.catch_warnings():
+        # Newer Diffusers renamed torch_dtype to dtype; the old name works across the supported versions.
+        warnings.simplefilter("ignore", FutureWarning)
+        pipe = DiffusionPipeline.from_pretrained(str(TINY_SHAPES_DIR), torch_dtype=dtype or torch.float32,
+                                                 local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+def evaluate(pipe=None, prompts=None, seeds=(0, 1), batch_size: int = 8, **call_kwargs) -> dict:
+    """Generate every prompt x seed with the stock pipeline call and score it with
+    :func:`dit_accel.eval.groundtruth.score_many`.
+
+    Args:
+        pipe: a ``tiny-shapes`` pipeline (default: :func:`load_tiny_shapes`).
+        prompts: default all 32 of :data:`dit_accel.models.clips.PROMPTS`.
+        seeds: one ``torch.Generator`` seed per sample; the noise of a sample does
+            not depend on the batch it runs in.
+        batch_size: prompts per pipeline call.
+        call_kwargs: override :data:`TINY_SHAPES_DEFAULTS` (e.g. ``num_inference_steps=8``).
+
+    Returns:
+        the accuracies of ``score_many`` plus ``seconds_per_sample`` (wall time of the
+        pipeline calls / samples) and the call settings used.
+
+    Example::
+
+        evaluate(seeds=(0, 1))   # {"colour": 1.0, "shape": 0.9, ..., "seconds_per_sample": 0.4}
+    """
+    import torch
+
+    from ..eval.groundtruth import score_many
+    from .clips import PROMPTS
+
+    pipe = pipe if pipe is not None else load_tiny_shapes()
+    settings = {**TINY_SHAPES_DEFAULTS, **call_kwargs}
+    jobs = [(p, s) for s in seeds for p in (prompts or PROMPTS)]
+    videos, seconds = [], 0.0
+    for i in range(0, len(jobs), batch_size):
+        chunk = jobs[i:i + batch_size]
+        start = time.perf_counter()
+        out = pipe(prompt=[p for p, _ in chunk], generator=[torch.Generator().manual_seed(s) for _, s in chunk],
+                   output_type="np", **settings)
+        seconds += time.perf_counter() - start
+        videos.extend(out.frames)
+    result = score_many(videos, [p for p, _ in jobs])
+    result["seconds_per_sample"] = seconds / len(jobs)
+    result["settings"] = settings
+    return result
+
+
+def main(argv=None) -> None:
+    """``python -m dit_accel.models.tiny_shapes [--seeds 0 1] [--steps N]``: evaluate the shipped model."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--steps", type=int, default=None, help="num_inference_steps (default: the shipped setting)")
+    parser.add_argument("--guidance", type=float, default=None, help="guidance_scale (default: the shipped setting)")
+    args = parser.parse_args(argv)
+    overrides = {k: v for k, v in (("num_inference_steps", args.steps), ("guidance_scale", args.guidance)) if v is not None}
+    print(json.dumps(evaluate(seeds=tuple(args.seeds), **overrides), indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,372 @@
+"""Train the ``tiny-shapes`` model: ``python -m dit_accel.models.train_tiny [--steps N] [--out DIR]``.
+
+Builds a fresh :class:`diffusers.WanPipeline` (see :mod:`dit_accel.models.tiny_shapes`
+for the components), trains its transformer and text encoder on clips rendered
+on the fly by :mod:`dit_accel.models.clips`, and saves it in Diffusers folder
+format with a ``train_log.json`` (settings, loss curve, wall time, evaluation).
+
+Recipe (rectified flow, the objective ``FlowMatchEulerDiscreteScheduler`` samples):
+``x_t = (1 - s) x_0 + s noise``, the transformer predicts the velocity
+``noise - x_0`` at timestep ``1000 s``, with
+
+- ``s`` logit-normal (sigmoid of a standard normal): most steps in mid noise;
+- AdamW at a high peak learning rate, linear warm-up then cosine decay;
+- an exponential moving average of the weights, which is what gets saved;
+- 10 % empty prompts, so classifier-free guidance (the pipeline's negative
+  prompt ``""``) has an unconditional model to push away from;
+- text embeddings zero-padded to a random length per step (as the pipeline pads
+  to ``max_sequence_length``), so any ``max_sequence_length`` gives the same videos.
+
+Everything is drawn from ``--seed``; the same command gives the same weights on
+the same machine and thread count.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .clips import COLOURS, DIRECTIONS, SHAPES, make_prompt, render_batch
+from .tiny_shapes import TINY_SHAPES_DEFAULTS, TINY_SHAPES_DIR
+
+__all__ = ["TRANSFORMER_CONFIG", "TEXT_ENCODER_CONFIG", "build_pipeline", "build_pixel_codec", "pack_latents", "train",
+           "main"]
+
+TRANSFORMER_CONFIG = dict(
+    patch_size=(1, 2, 2),
+    num_attention_heads=4,
+    attention_head_dim=32,
+    in_channels=6,  # the pixel codec's latent: two RGB frames per latent frame
+    out_channels=6,
+    text_dim=64,
+    freq_dim=64,
+    ffn_dim=256,
+    num_layers=4,
+    cross_attn_norm=True,
+    qk_norm="rms_norm_across_heads",
+    rope_max_seq_len=1024,
+)
+TEXT_ENCODER_CONFIG = dict(d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4,
+                           relative_attention_num_buckets=8, relative_attention_max_distance=16,
+                           dropout_rate=0.0)
+SCHEDULER_SHIFT = 3.0
+_WORDS = ["a", "an", "moving", *COLOURS, *SHAPES, *DIRECTIONS]
+_PAD_LENGTHS = (8, 16, 32, 64, 226)  # 226: WanPipeline's default max_sequence_length
+_UNCOND_PROB = 0.1
+_SHORT_FRAMES = 3  # curriculum: frames of the cheap first phase (2 latent frames)
+
+
+# ----------------------------------------------------------------------------- pixel codec (the "vae")
+_CARRIER = 1000.0  # constant channel that makes the RMS norms of the heads (almost exactly) linear
+_CODEC_DIM = 14
+
+
+def build_pixel_codec(latents_mean, latents_std):
+    """A stock :class:`~diffusers.AutoencoderKLWan` with hand-set weights that is an exact pixel codec.
+
+    encode: 2x2 average pooling, then frames paired into channels (latent frame 0 =
+    frame 0 twice, latent frame t = frames 2t-1 and 2t): ``[B, 3, 1+2k, H, W]`` in
+    [-1, 1] -> ``[B, 6, 1+k, H/2, W/2]`` (Wan's encoder chunking needs ``1+4k`` frames).
+    decode: the inverse with nearest-neighbour upsampling, any latent length.
+    Both match :func:`pack_latents` / nearest upsampling to ~1e-6.
+
+    How: every convolution uses only its current-frame, centre tap, residual and
+    attention branches are zeroed, so the network is linear up to each head
+    (RMS norm, SiLU). There each value travels as a +v / -v channel pair, and
+    ``SiLU(a) - SiLU(-a) = a`` exactly; a constant carrier channel of size 1000 makes
+    the RMS norm divide by a constant (relative error ``|v|^2 / 1000^2``).
+
+    Example::
+
+        vae = build_pixel_codec([0.0] * 6, [1.0] * 6)
+        z = vae.encode(video).latent_dist.mode()   # video [1, 3, 9, 48, 48] -> [1, 6, 5, 24, 24]
+    """
+    from diffusers import AutoencoderKLWan
+    from diffusers.models.autoencoders.autoencoder_kl_wan import WanRMS_norm
+
+    vae = AutoencoderKLWan(base_dim=_CODEC_DIM, z_dim=6, dim_mult=[1, 1], num_res_blocks=0, attn_scales=[],
+                           temperal_downsample=[True], latents_mean=[float(v) for v in latents_mean],
+                           latents_std=[float(v) for v in latents_std], scale_factor_temporal=2, scale_factor_spatial=2)
+    scale = _CARRIER / _CODEC_DIM**0.5  # undoes the heads' RMS norm: x / ||x|| * sqrt(dim), ||x|| ~ carrier
+    rgb = range(3)
+    with torch.no_grad():
+        for p in vae.parameters():
+            p.zero_()
+        for m in vae.modules():
+            if isinstance(m, WanRMS_norm):
+                m.gamma.fill_(1.0)
+        _taps(vae.quant_conv, [(c, c, 1.0) for c in range(12)])
+        _taps(vae.post_quant_conv, [(c, c, 1.0) for c in range(6)])
+        # Working layout: A+ 0-2, A- 3-5, B+ 6-8, B- 9-11, carrier 12 (A, B: the two frames of a latent frame).
+        enc = vae.encoder
+        _taps(enc.conv_in, [(o + c, c, sign) for c in rgb for o, sign in ((0, 1.0), (3, -1.0), (6, 1.0), (9, -1.0))])
+        enc.conv_in.bias[12] = _CARRIER
+        down = enc.down_blocks[0]
+        down.resample[1].weight[range(13), range(13), 0:2, 0:2] = 0.25  # stride-2 conv = 2x2 average pool
+        # Time conv, stride 2 over (previous, first, second) of each pair: A from the first, B from the second.
+        _taps(down.time_conv, [(c, c, 1.0) for c in range(6)], tap=1)
+        _taps(down.time_conv, [(c, c, 1.0) for c in range(6, 13)], tap=2)
+        _taps(enc.conv_out, [(c, c, scale) for c in rgb] + [(c, c + 3, -scale) for c in rgb]
+              + [(3 + c, 6 + c, scale) for c in rgb] + [(3 + c, 9 + c, -scale) for c in rgb])
+        enc.conv_out.bias[6:] = -30.0  # log-variance: the posterior is a point mass
+        dec = vae.decoder
+        _taps(dec.conv_in, [(o + c, z + c, sign) for c in rgb for z, o, sign in
+                            ((0, 0, 1.0), (0, 3, -1.0), (3, 6, 1.0), (3, 9, -1.0))])
+        dec.conv_in.bias[12] = _CARRIER
+        up = dec.up_blocks[0].upsamplers[0]
+        # Its time conv emits two frames' channels (first half, second half): A then B, each with the carrier.
+        _taps(up.time_conv, [(c, c, 1.0) for c in range(6)] + [(_CODEC_DIM + c, 6 + c, 1.0) for c in range(6)]
+              + [(12, 12, 1.0), (_CODEC_DIM + 12, 12, 1.0)])
+        _taps(up.resample[1], [(c, c, 1.0) for c in range(6)] + [(6, 12, 1.0)])  # -> v+ 0-2, v- 3-5, carrier 6
+        _taps(dec.up_blocks[1].resnets[0].conv_shortcut, [(c, c, 1.0) for c in range(7)])
+        _taps(dec.conv_out, [(c, c, scale) for c in rgb] + [(c, c + 3, -scale) for c in rgb])
+    return vae.eval()
+
+
+def _taps(conv, entries, tap=None) -> None:
+    """Set ``weight[out, in]`` at the centre spatial tap and the current (last) or given time tap."""
+    w = conv.weight
+    index = (w.shape[-2] // 2, w.shape[-1] // 2)
+    if w.dim() == 5:
+        index = (w.shape[2] - 1 if tap is None else tap, *index)
+    for out_ch, in_ch, value in entries:
+        w[(out_ch, in_ch, *index)] = value
+
+
+def pack_latents(video: torch.Tensor) -> torch.Tensor:
+    """The pixel codec's encoding, fast: ``[B, F, H, W, 3]`` in [0, 1] (F odd) -> ``[B, 6, (F+1)/2, H/2, W/2]``.
+
+    Equals ``build_pixel_codec(...).encode(x).latent_dist.mode()`` for ``x`` in [-1, 1]
+    (before the ``latents_mean`` / ``latents_std`` normalisation).
+    """
+    if video.shape[1] % 2 != 1:
+        raise ValueError(f"the pixel codec needs an odd frame count, got {video.shape[1]}")
+    x = F.avg_pool3d(video.permute(0, 4, 1, 2, 3) * 2 - 1, (1, 2, 2))
+    first = x[:, :, :1]
+    return torch.cat([torch.cat([first, x[:, :, 1::2]], 2), torch.cat([first, x[:, :, 2::2]], 2)], 1)
+
+
+# ----------------------------------------------------------------------------- pipeline
+def _build_tokenizer():
+    """Word-level tokenizer over the prompt grammar's words (anything else is ``<unk>``), ``</s>`` appended."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {tok: i for i, tok in enumerate(["<pad>", "</s>", "<unk>", *_WORDS])}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", vocab["</s>"])])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
+                                   model_max_length=512, padding_side="right")
+
+
+def build_pipeline(latents_mean, latents_std, seed: int = 0):
+    """A fresh (untrained) ``tiny-shapes`` :class:`~diffusers.WanPipeline`; weights drawn from ``seed``."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    torch.manual_seed(seed)
+    tokenizer = _build_tokenizer()
+    text_encoder = UMT5EncoderModel(UMT5Config(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                                               eos_token_id=tokenizer.eos_token_id,
+                                               decoder_start_token_id=tokenizer.pad_token_id, **TEXT_ENCODER_CONFIG))
+    transformer = WanTransformer3DModel(**TRANSFORMER_CONFIG)
+    with torch.no_grad():  # zero output layer: the first predictions are 0, a calm start for a high learning rate
+        transformer.proj_out.weight.zero_()
+        transformer.proj_out.bias.zero_()
+    return WanPipeline(tokenizer=tokenizer, text_encoder=text_encoder, transformer=transformer,
+                       vae=build_pixel_codec(latents_mean, latents_std),
+                       scheduler=FlowMatchEulerDiscreteScheduler(shift=SCHEDULER_SHIFT))
+
+
+def _encode_text(pipe, prompts, length: int) -> torch.Tensor:
+    """What ``WanPipeline.encode_prompt`` returns, with gradients: masked outputs zero-padded to ``length``."""
+    ids = pipe.tokenizer(prompts, padding="longest", return_tensors="pt")
+    hidden = pipe.text_encoder(ids.input_ids, ids.attention_mask).last_hidden_state
+    hidden = hidden * ids.attention_mask[..., None]
+    return F.pad(hidden, (0, 0, 0, length - hidden.shape[1]))
+
+
+def _latent_stats(frames: int, height: int, width: int, seed: int):
+    """Per-channel mean / std of the codec's latents over 512 clips (stored in the vae config)."""
+    g = torch.Generator().manual_seed(seed + 1)
+    n = 512
+    ids = [torch.randint(0, len(t), (n,), generator=g) for t in (COLOURS, SHAPES, DIRECTIONS)]
+    z = pack_latents(render_batch(*ids, generator=g, frames=frames, height=height, width=width))
+    rgb_mean = z[:, :3].mean(dim=(0, 2, 3, 4))
+    rgb_std = z[:, :3].std(dim=(0, 2, 3, 4))
+    # Both frames of a latent frame share the statistics of the RGB channels.
+    return [round(v, 4) for v in rgb_mean.tolist() * 2], [round(v, 4) for v in rgb_std.tolist() * 2]
+
+
+# ----------------------------------------------------------------------------- training
+def _sample_batch(g: torch.Generator, batch_size: int, frames: int, mean: torch.Tensor, std: torch.Tensor):
+    """Normalised latents of fresh clips cut to their first ``frames`` frames, their prompts (10 % emptied)
+    and a text padding length. Clips are rendered at the full length, so speeds do not depend on ``frames``."""
+    full, height, width = (TINY_SHAPES_DEFAULTS[k] for k in ("num_frames", "height", "width"))
+    ids = [torch.randint(0, len(t), (batch_size,), generator=g) for t in (COLOURS, SHAPES, DIRECTIONS)]
+    video = render_batch(*ids, generator=g, frames=full, height=height, width=width)[:, :frames]
+    latents = (pack_latents(video) - mean) / std
+    names = [list(COLOURS), list(SHAPES), list(DIRECTIONS)]
+    prompts = [make_prompt(*(table[i] for table, i in zip(names, triple))) for triple in zip(*(i.tolist() for i in ids))]
+    keep = torch.rand(batch_size, generator=g) >= _UNCOND_PROB
+    prompts = [p if k else "" for p, k in zip(prompts, keep.tolist())]
+    length = _PAD_LENGTHS[int(torch.randint(len(_PAD_LENGTHS), (1,), generator=g))]
+    return latents, prompts, length
+
+
+def _learning_rate(step: int, steps: int, peak: float, warmup: int) -> float:
+    """Linear warm-up to ``peak``, then cosine decay to 5 % of it."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - warmup)
+    return peak * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def _flow_matching_loss(pipe, latents, prompts, length, g: torch.Generator) -> torch.Tensor:
+    u = torch.sigmoid(torch.randn(latents.shape[0], generator=g))  # logit-normal
+    sigma = SCHEDULER_SHIFT * u / (1 + (SCHEDULER_SHIFT - 1) * u)  # shifted like the sampler's noise levels
+    noise = torch.randn(latents.shape, generator=g)
+    s = sigma.view(-1, 1, 1, 1, 1)
+    text = _encode_text(pipe, prompts, length)
+    pred = pipe.transformer(hidden_states=(1 - s) * latents + s * noise, timestep=sigma * 1000,
+                            encoder_hidden_states=text, return_dict=False)[0]
+    return F.mse_loss(pred, noise - latents)  # velocity: what FlowMatchEulerDiscreteScheduler integrates
+
+
+def train(out_dir=TINY_SHAPES_DIR, *, steps: int = 2400, batch_size: int = 16, lr: float = 1.5e-3, warmup: int = 100,
+          short_fraction: float = 0.5, ema_decay: float = 0.998, seed: int = 0, log_every: int = 25,
+          eval_seeds=(0, 1), save_every: int = 0) -> dict:
+    """Train and save the ``tiny-shapes`` pipeline to ``out_dir``; returns the training log.
+
+    The first ``short_fraction`` of the steps train on the first 3 frames of each
+    clip (2 latent frames: 288 tokens, ~0.4x the cost of a step at the full 7 frames)
+    to learn colours, shapes and positions cheaply; the rest train at the full length.
+    The saved weights are the moving average (EMA) of the transformer and text
+    encoder. ``out_dir/train_log.json`` records the settings, loss every
+    ``log_every`` steps, wall time, machine load and the evaluation of
+    :func:`dit_accel.models.tiny_shapes.evaluate` over ``eval_seeds`` (skipped if empty).
+    ``save_every`` > 0 also saves the EMA weights every that many steps (a run cut short
+    leaves its latest checkpoint in ``out_dir``).
+
+    Example::
+
+        train("/tmp/tiny-shapes", steps=200)   # a quick smoke run
+    """
+    from .tiny_shapes import evaluate
+
+    settings = {"steps": steps, "batch_size": batch_size, "lr": lr, "warmup": warmup,
+                "short_fraction": short_fraction, "short_frames": _SHORT_FRAMES, "ema_decay": ema_decay,
+                "seed": seed, "threads": torch.get_num_threads(), "scheduler_shift": SCHEDULER_SHIFT,
+                "uncond_prob": _UNCOND_PROB, "pad_lengths": _PAD_LENGTHS, "size": TINY_SHAPES_DEFAULTS}
+    frames, height, width = (TINY_SHAPES_DEFAULTS[k] for k in ("num_frames", "height", "width"))
+    latents_mean, latents_std = _latent_stats(frames, height, width, seed)
+    pipe = build_pipeline(latents_mean, latents_std, seed=seed)
+    mean, std = (torch.tensor(v).view(1, -1, 1, 1, 1) for v in (latents_mean, latents_std))
+    params = [p for m in (pipe.transformer, pipe.text_encoder) for p in m.parameters()]
+    ema = [p.detach().clone() for p in params]
+    optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.99), weight_decay=0.01, fused=True)
+    pipe.transformer.train()
+    pipe.text_encoder.train()
+    g = torch.Generator().manual_seed(seed)
+    curve, window, load_start, start = [], [], os.getloadavg(), time.perf_counter()
+    for step in range(steps):
+        for group in optimizer.param_groups:
+            group["lr"] = _learning_rate(step, steps, lr, warmup)
+        clip_frames = _SHORT_FRAMES if step < short_fraction * steps else frames
+        loss = _flow_matching_loss(pipe, *_sample_batch(g, batch_size, clip_frames, mean, std), g)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        with torch.no_grad():
+            torch._foreach_lerp_(ema, [p.detach() for p in params], 1 - min(ema_decay, (1 + step) / (10 + step)))
+        window.append(loss.item())
+        if (step + 1) % log_every == 0 or step + 1 == steps:
+            curve.append({"step": step + 1, "loss": round(sum(window) / len(window), 5),
+                          "lr": round(optimizer.param_groups[0]["lr"], 7),
+                          "seconds": round(time.perf_counter() - start, 1)})
+            window = []
+            print(json.dumps(curve[-1]), flush=True)
+        if save_every and (step + 1) % save_every == 0 and step + 1 < steps:
+            _save_ema(pipe, params, ema, Path(out_dir))
+    train_seconds = time.perf_counter() - start
+    with torch.no_grad():
+        for p, e in zip(params, ema):
+            p.copy_(e)
+    pipe.transformer.eval()
+    pipe.text_encoder.eval()
+    log = {"settings": settings, "train_seconds": round(train_seconds, 1),
+           "loadavg_1_5_15_start": load_start, "loadavg_1_5_15_end": os.getloadavg(),
+           "parameters": {"transformer": _count(pipe.transformer), "text_encoder": _count(pipe.text_encoder)},
+           "curve": curve}
+    out_dir = Path(out_dir)
+    pipe.save_pretrained(out_dir, safe_serialization=True)
+    _portable_tokenizer_class(out_dir)
+    if eval_seeds:
+        pipe.set_progress_bar_config(disable=True)
+        log["eval"] = evaluate(pipe, seeds=tuple(eval_seeds))
+    (out_dir / "train_log.json").write_text(json.dumps(log, indent=1) + "\n")
+    return log
+
+
+def _save_ema(pipe, params, ema, out_dir: Path) -> None:
+    """Save the pipeline with its EMA weights, then put the training weights back."""
+    with torch.no_grad():
+        live = [p.detach().clone() for p in params]
+        for p, e in zip(params, ema):
+            p.copy_(e)
+        pipe.save_pretrained(out_dir, safe_serialization=True)
+        _portable_tokenizer_class(out_dir)
+        for p, w in zip(params, live):
+            p.copy_(w)
+
+
+def _portable_tokenizer_class(folder: Path) -> None:
+    """Record the tokenizer as ``PreTrainedTokenizerFast``, a name Transformers 4 and 5 both load
+    (Transformers 5 saves its new alias ``TokenizersBackend``, unknown to 4.x)."""
+    index_path, config_path = folder / "model_index.json", folder / "tokenizer" / "tokenizer_config.json"
+    index, config = json.loads(index_path.read_text()), json.loads(config_path.read_text())
+    index["tokenizer"] = ["transformers", "PreTrainedTokenizerFast"]
+    config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    index_path.write_text(json.dumps(index, indent=2) + "\n")
+    config_path.write_text(json.dumps(config, indent=2) + "\n")
+
+
+def _count(module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def main(argv=None) -> None:
+    """Command line of :func:`train`."""
+    parser = argparse.ArgumentParser(prog="python -m dit_accel.models.train_tiny", description=__doc__.split("\n")[0])
+    parser.add_argument("--out", default=str(TINY_SHAPES_DIR), help="output folder (default: the shipped weights)")
+    parser.add_argument("--steps", type=int, default=2400)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--lr", type=float, default=1.5e-3, help="peak learning rate")
+    parser.add_argument("--warmup", type=int, default=100)
+    parser.add_argument("--short-fraction", type=float, default=0.5,
+                        help=f"fraction of the steps on {_SHORT_FRAMES}-frame clips (cheap curriculum phase)")
+    parser.add_argument("--ema-decay", type=float, default=0.998)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    parser.add_argument("--save-every", type=int, default=200, help="checkpoint the EMA weights every N steps")
+    parser.add_argument("--eval-seeds", type=int, nargs="*", default=[0, 1], help="evaluation seeds (none: skip)")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads or os.cpu_count() or 1)
+    log = train(args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup,
+                short_fraction=args.short_fraction, ema_decay=args.ema_decay, seed=args.seed,
+                eval_seeds=args.eval_seeds, save_every=args.save_every)
+    print(json.dumps({k: log[k] for k in ("train_seconds", "parameters")} | {"eval": log.get("eval")}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
