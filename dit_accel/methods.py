@@ -189,7 +189,8 @@ def _separable_plan(method: Method, grid, relations, tile, what: str):
     if covers_grid(relations):
         return DensePlan(method, grid, f"the {what} covers the whole grid {tuple(grid)}; a smaller {what} makes it "
                                        "sparse")
-    perm = permutation_for(tuple(grid), tile, 64, 64)
+    # Without a tile: the one under which the pattern visits least work (partial blocks cost more).
+    perm = permutation_for(tuple(grid), tile, 64, 64, relations)
     token_density = math.prod(float(r.float().mean()) for r in relations)
     return LayoutPlan(method, grid, separable_layout(perm, relations, 64, 64), perm, token_density=token_density)
 

@@ -112,7 +112,8 @@ def gna_layout(grid, kernel_size, stride=1, dilation=1, is_causal=False, *, tile
         grid, kernel_size, stride, dilation, is_causal: as in :func:`gna_mask`.
         tile: token tile of the permutation (int or one per dimension); its volume
             must be a multiple of ``block_q`` and ``block_k`` and every block must
-            be a box inside it. ``None`` picks :func:`default_tile`.
+            be a box inside it. ``None`` picks the tile under which the pattern costs least
+            (:func:`~dit_accel.patterns.permutation.least_work_tile`).
         block_q, block_k: kernel block sizes.
 
     Returns:
@@ -131,9 +132,10 @@ def gna_layout(grid, kernel_size, stride=1, dilation=1, is_causal=False, *, tile
     heads = per_head(kernel_size)
     kernels = tuple(tuple(k) if isinstance(k, list) else k for k in (heads or (kernel_size,)))
     grid = as_grid(grid)
-    perm = permutation_for(grid, tile, block_q, block_k)
-    layouts = {k: separable_layout(perm, gna_relations(grid, k, stride, dilation, is_causal)[1], block_q, block_k)
-               for k in dict.fromkeys(kernels)}  # one layout per distinct kernel size
+    relations = {k: gna_relations(grid, k, stride, dilation, is_causal)[1] for k in dict.fromkeys(kernels)}
+    # Without a tile: the least-work tile of a single kernel size; per-head sizes take the least-padding one.
+    perm = permutation_for(grid, tile, block_q, block_k, None if heads else relations[kernels[0]])
+    layouts = {k: separable_layout(perm, rels, block_q, block_k) for k, rels in relations.items()}
     if heads is None:
         return perm, layouts[kernels[0]]
     return perm, stack_heads([layouts[k] for k in kernels])

@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import itertools
 import math
-from typing import List, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 
 from .._util import cdiv
 from .checks import as_grid, per_dim, positive_int
 
-__all__ = ["TilePermutation", "default_tile", "block_box", "pick_tile", "permutation_for"]
+__all__ = ["TilePermutation", "default_tile", "block_box", "pick_tile", "least_work_tile", "permutation_for",
+           "PARTIAL_BLOCK_COST"]
 
 
 class TilePermutation:
@@ -153,6 +154,62 @@ def pick_tile(grid: Tuple[int, ...], blocks: Sequence[int]) -> Tuple[int, ...]:
     return best
 
 
+#: A partial (element-masked) block's cost relative to a full one, for choosing tiles: the compiled
+#: block-sparse forward's partial vs full tile loop (sm_90, bf16, head dim 128: 495 vs 381 SASS
+#: instructions per tile, BENCHMARKS.md section 7).
+PARTIAL_BLOCK_COST = 1.3
+
+
+def least_work_tile(grid: Tuple[int, ...], relations: Sequence[torch.Tensor], block: int = 64,
+                    partial_cost: float = PARTIAL_BLOCK_COST) -> Tuple[int, ...]:
+    """The tile of ``block`` tokens under which the separable pattern ``kron(relations)`` costs least.
+
+    With one block per tile, block ``(a, b)`` is visited iff every dimension's tile pair holds a
+    related token pair, and needs no element mask iff every dimension's tile pair is fully
+    related (no padding), so the visited and full block counts are products over dimensions.
+    The cost is ``visited + (partial_cost - 1) * partial`` blocks; ties go to
+    :func:`pick_tile`'s order (least padding, most cube-like).
+
+    Example::
+
+        >>> from dit_accel.patterns.gna import gna_relations
+        >>> grid, rels = gna_relations((21, 30, 52), (7, 16, 16), 1, 1, False)
+        >>> least_work_tile(grid, rels)     # visits 0.094 of the blocks; pick_tile's (1, 16, 4): 0.120
+        (1, 8, 8)
+    """
+    grid = as_grid(grid)
+    if len(grid) == 1:
+        return (block,)
+    divisors = [t for t in range(1, block + 1) if block % t == 0]
+    cache = {}  # (dim, tile extent) -> (visited tile pairs, full tile pairs)
+
+    def counts(d: int, t: int):
+        if (d, t) not in cache:
+            n = grid[d]
+            m = cdiv(n, t) * t
+            rel = torch.zeros(m, m, dtype=torch.bool)
+            rel[:n, :n] = relations[d].bool()
+            real = torch.zeros(m, dtype=torch.bool)
+            real[:n] = True
+            pairs = rel.view(m // t, t, m // t, t)
+            full = (pairs & real.view(m // t, t)[:, :, None, None] & real.view(m // t, t)[None, None]).all(3).all(1)
+            cache[(d, t)] = (int(pairs.any(3).any(1).sum()), int(full.sum()))
+        return cache[(d, t)]
+
+    best, best_key = None, None
+    for tile in itertools.product(*[divisors] * len(grid)):
+        if math.prod(tile) != block or block_box(tile, block) is None:
+            continue
+        dims = [counts(d, t) for d, t in enumerate(tile)]
+        visited, full = math.prod(v for v, _ in dims), math.prod(f for _, f in dims)
+        cost = visited + (partial_cost - 1.0) * (visited - full)
+        padded = math.prod(cdiv(g, t) * t for g, t in zip(grid, tile))
+        key = (cost, padded, max(tile) / min(tile), tuple(-t for t in reversed(tile)))
+        if best_key is None or key < best_key:
+            best, best_key = tile, key
+    return best
+
+
 def default_tile(grid, block: int = 64) -> Tuple[int, ...]:
     """A tile of ``block`` tokens for ``grid`` in which each block of ``block`` tokens is a box.
 
@@ -167,7 +224,18 @@ def default_tile(grid, block: int = 64) -> Tuple[int, ...]:
     return pick_tile(as_grid(grid), (positive_int("block", block),))
 
 
-def permutation_for(grid: Tuple[int, ...], tile, block_q: int, block_k: int) -> TilePermutation:
-    """The tiled order for blocks of ``block_q``/``block_k``: ``tile`` itself, or a picked one for None."""
+def permutation_for(grid: Tuple[int, ...], tile, block_q: int, block_k: int,
+                    relations: Optional[Sequence[torch.Tensor]] = None) -> TilePermutation:
+    """The tiled order for blocks of ``block_q``/``block_k``: ``tile`` itself, or a picked one for None.
+
+    Given the separable pattern's ``relations`` (and equal block sizes), the picked tile is the one
+    under which the pattern costs least (:func:`least_work_tile`); otherwise the least-padding one
+    (:func:`pick_tile`).
+    """
     block_q, block_k = positive_int("block_q", block_q), positive_int("block_k", block_k)
-    return TilePermutation(grid, pick_tile(grid, (block_q, block_k)) if tile is None else tile)
+    if tile is None:
+        if relations is not None and block_q == block_k:
+            tile = least_work_tile(grid, relations, block_q)
+        else:
+            tile = pick_tile(grid, (block_q, block_k))
+    return TilePermutation(grid, tile)
