@@ -233,13 +233,33 @@ class GNA(Method):
                              "dilation or is_causal; give one value per grid dimension everywhere")
         _freeze(self, kernel_size=ks, stride=st, dilation=dl, is_causal=ca, tile=tile)
 
+    @property
+    def heads(self) -> Optional[int]:
+        """Number of per-head kernel sizes, or None when every head shares one."""
+        kernels = per_head(self.kernel_size)
+        return None if kernels is None else len(kernels)
+
     def plan(self, grid):
         from .patterns.checks import per_dim
-        from .patterns.gna import gna_relations
+        from .patterns.gna import gna_layout, gna_relations
+        from .patterns.separable import covers_grid
+        from .plans import DensePlan, LayoutPlan
 
-        grid, rels = gna_relations(grid, self.kernel_size, self.stride, self.dilation, self.is_causal)
+        kernels = per_head(self.kernel_size)
+        if kernels is None:
+            grid, rels = gna_relations(grid, self.kernel_size, self.stride, self.dilation, self.is_causal)
+            tile = None if self.tile is None else per_dim("tile", self.tile, len(grid), owner="GNA.")
+            return _separable_plan(self, grid, rels, tile, "window")
+        # Per-head kernel sizes: one per-head block layout, run by the kernels in one launch.
+        per = [gna_relations(grid, k, self.stride, self.dilation, self.is_causal) for k in kernels]
+        grid = per[0][0]
+        if all(covers_grid(rels) for _, rels in per):
+            return DensePlan(self, grid, f"every head's window covers the whole grid {tuple(grid)}; smaller "
+                                         "kernel sizes make it sparse")
         tile = None if self.tile is None else per_dim("tile", self.tile, len(grid), owner="GNA.")
-        return _separable_plan(self, grid, rels, tile, "window")
+        perm, layout = gna_layout(grid, self.kernel_size, self.stride, self.dilation, self.is_causal, tile=tile)
+        token_density = sum(math.prod(float(r.float().mean()) for r in rels) for _, rels in per) / len(per)
+        return LayoutPlan(self, grid, layout, perm, token_density=token_density)
 
     def for_shares(self, grid, shares):
         # The default tile is the most cube-like one, which may span the frames of several ranks: pick the
