@@ -203,11 +203,33 @@ def load_into(handle, folder) -> None:
                     p.copy_(src.to(p.dtype))
 
 
+def _check_lora_targets(transformer: nn.Module, folder: Path, state: Dict[str, torch.Tensor]) -> None:
+    """ValueError naming the real reason when the LoRA's modules do not exist in ``transformer`` (weights
+    trained on another model family), instead of peft's "Target modules ... not found"."""
+    targets = set()
+    for key in state:
+        name = key.split("transformer.", 1)[1] if key.startswith("transformer.") else key
+        targets.add(name.split(".lora_")[0])
+    modules = {name for name, _ in transformer.named_modules()}
+    if targets and not targets & modules:
+        info = _read_info(folder)
+        example = sorted(targets)[0]
+        ours = next((n for n in sorted(modules) if n.endswith(("to_q", "attn.to_q", "attn1.to_q"))), None)
+        raise ValueError(
+            f"weights={str(folder)!r} hold LoRA for modules like {example!r} (trained on model "
+            f"{info.get('model', 'unknown')!r}); this {type(transformer).__name__} has no such module"
+            + (f" (its attention projections are like {ours!r})" if ours else "")
+            + ": the weights belong to another model. Fine-tune on this model, or load them into the one "
+              "they were trained on."
+        )
+
+
 def _load_lora(transformer: nn.Module, folder: Path) -> None:
     lora_path = folder / LORA_FILE
     if not lora_path.is_file():
         raise ValueError(f"weights={str(folder)!r} is missing {LORA_FILE}.")
     state, metadata = _lora_mixin().lora_state_dict(str(folder), weight_name=LORA_FILE, return_lora_metadata=True)
+    _check_lora_targets(transformer, folder, state)
     if ADAPTER_NAME in (getattr(transformer, "peft_config", None) or {}):
         transformer.delete_adapters(ADAPTER_NAME)  # loading twice replaces, never stacks
     transformer.load_lora_adapter(state, prefix="transformer", metadata=metadata, adapter_name=ADAPTER_NAME)

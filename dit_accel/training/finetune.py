@@ -225,6 +225,10 @@ def _check_output(config: FinetuneConfig, world: int) -> Tuple[Path, list]:
     out = Path(config.output)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--output {str(out)!r} exists and is not a folder.")
+    parent = next((p for p in out.absolute().parents if p.exists()), None)
+    if not out.exists() and parent is not None and (not parent.is_dir() or not os.access(parent, os.W_OK)):
+        raise ValueError(f"--output {str(out)!r} cannot be created: {str(parent)!r} is "
+                         f"{'not a folder' if not parent.is_dir() else 'not writable'}; choose another folder.")
     contents = list(out.iterdir()) if out.is_dir() else []
     run_file = out / RUN_FILE
     if contents and not config.overwrite:
@@ -257,8 +261,12 @@ def _init_output(config: FinetuneConfig, accelerator, out: Path, contents: list)
         if contents and config.overwrite:
             for p in contents:
                 shutil.rmtree(p) if p.is_dir() else p.unlink()
-        out.mkdir(parents=True, exist_ok=True)
-        run_file.write_text(json.dumps(_run_record(config, accelerator.num_processes), indent=2) + "\n")
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            run_file.write_text(json.dumps(_run_record(config, accelerator.num_processes), indent=2) + "\n")
+        except OSError as e:
+            raise ValueError(f"--output {str(out)!r} cannot be written: {e.strerror or e}; choose another "
+                             "folder.") from None
     accelerator.wait_for_everyone()
 
 

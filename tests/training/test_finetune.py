@@ -279,6 +279,7 @@ def test_data_mode_two_steps(tmp_path):
 @pytest.mark.parametrize("case", [
     "missing-data-folder", "empty-data-folder", "missing-captions", "prompts-missing", "prompts-empty",
     "output-holds-other-run", "resume-different-run", "method-does-not-fit", "unsupported-model", "flux-data-mode",
+    "output-under-a-file",
 ])
 def test_bad_inputs_fail_before_training(case, tmp_path, prompts_file):
     out = tmp_path / "out"
@@ -309,6 +310,10 @@ def test_bad_inputs_fail_before_training(case, tmp_path, prompts_file):
         kw, expect = dict(method=dit_accel.GNA(kernel_size=(3, 16, 16))), "does not fit.*grid"
     elif case == "unsupported-model":
         kw, expect = dict(model=_StubPipe("cogvideox")), "CogVideoXTransformer3DModel.*rotary"
+    elif case == "output-under-a-file":
+        (tmp_path / "file.txt").write_text("x")
+        out = tmp_path / "file.txt" / "out"
+        expect = "cannot be created: .*file.txt' is not a folder"
     elif case == "flux-data-mode":
         data = _data_folder(tmp_path / "data")
         kw, expect = dict(model="tiny-flux", mode="data", data=str(data), prompts=None, frames=1, height=64,
@@ -449,3 +454,14 @@ def test_distillation_on_every_supported_family(family, prompts_file, tmp_path):
     torch.testing.assert_close(after, want, rtol=0, atol=1e-6)
     assert not torch.allclose(before, after)  # the LoRA changed the model
     handle.remove()
+
+
+def test_weights_of_another_model_family_are_refused_with_the_reason(straight):
+    from dit_accel.pipelines.hooks import SparseAttnProcessor
+
+    flux = build_tiny_pipeline("tiny-flux")
+    with pytest.raises(ValueError, match=r"hold LoRA for modules like 'blocks\.0\.attn1.*tiny-wan.*FluxTransformer2DModel"
+                                         r".*belong to another model"):
+        dit_accel.apply(flux, METHOD, weights=straight["output"])
+    assert not any(isinstance(p, SparseAttnProcessor) for p in flux.transformer.attn_processors.values())
+    assert not getattr(flux.transformer, "peft_config", None)
