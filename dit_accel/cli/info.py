@@ -137,7 +137,19 @@ def collect_info(device=None) -> dict:
     info["supported_models"] = _safe(_models)
     info["methods"] = _safe(_methods)
     info["tiny_models"] = _safe(_tiny)
+    info["autotune"] = _safe(_autotune)
     return info
+
+
+def _autotune() -> dict:
+    """The stored runtime choices of ``backend="auto"`` on CUDA (:mod:`dit_accel.kernels.autotune`)."""
+    from ..kernels import autotune
+
+    state = autotune.info()
+    out = {"enabled": "yes (DIT_ACCEL_AUTOTUNE=0 turns it off)" if state["enabled"] else "no (DIT_ACCEL_AUTOTUNE=0)",
+           "cache": state["cache"]}
+    out.update(state["choices"] or {"stored choices": "none yet (the first CUDA call of a shape class times them)"})
+    return out
 
 
 def _print_section(title: str, body) -> None:
@@ -182,6 +194,8 @@ def run(args) -> int:
     _print_section("methods", info["methods"])
     _print_section("embedded models (tiny-shapes: tiny model trained on synthetic clips; tiny-wan, tiny-flux: RANDOM "
                    "WEIGHTS, for smoke runs only)", info["tiny_models"])
+    _print_section("kernel autotuning (CUDA, backend auto: Triton vs FlexAttention, timed once per shape class)",
+                   info["autotune"])
     if model is not None:
         _print_settings(info["model_settings"])
     return 0

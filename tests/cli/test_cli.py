@@ -94,6 +94,26 @@ def test_info_runs(capsys):
     assert main(["info", "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["backends"]["torch"] == "usable"
+    assert info["autotune"]["cache"].endswith("autotune.json") and "enabled" in info["autotune"]
+
+
+def test_info_lists_the_stored_autotune_choices(tmp_path, monkeypatch, capsys):
+    """A choice the autotuner stored (here with injected timings, no GPU) shows in `dit-accel info`."""
+    import torch
+
+    from dit_accel.kernels import autotune
+    from dit_accel.kernels.backends import Request
+
+    monkeypatch.setenv("DIT_ACCEL_CACHE", str(tmp_path))
+    autotune.clear()
+    q = torch.zeros(1, 2, 128, 64)
+    shape = autotune.ShapeClass.of("block_sparse", Request.of(q, q, q, 64, 64), 0.2)
+    times = {"triton": 2.0, "flex": 3.0}
+    assert autotune.choose(shape, {k: (lambda: None) for k in times}, lambda fn, *a: times.pop(next(iter(times))))
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert "kernel autotuning" in out and "block_sparse" in out and "triton (triton 2.000 ms, flex 3.000 ms" in out
+    autotune.clear()
 
 
 # ----------------------------------------------------------------------------- generate
@@ -286,7 +306,7 @@ def test_info_degrades_when_modules_are_missing(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "dit_accel.pipelines.presets", None)
     assert main(["info"]) == 0
     out = capsys.readouterr().out
-    assert out.count("unavailable (") == 2, out
+    assert out.count("unavailable (") == 3, out  # backends, supported classes, autotuning
 
 
 def test_generate_takes_the_published_setting_and_names_its_source():

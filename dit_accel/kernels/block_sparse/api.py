@@ -16,6 +16,7 @@ __all__ = ["block_sparse_attention", "layout_on", "prepare_layout", "block_spars
 
 # Per-device copies of layouts, so a CPU-built layout moves to the GPU once, not per call.
 _ON_DEVICE = LayoutCache("block_sparse.device")
+_DENSITY = LayoutCache("block_sparse.density")  # visited block fraction per layout (one host sync, once)
 
 
 def layout_on(layout: BlockLayout, device: torch.device) -> BlockLayout:
@@ -89,8 +90,14 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, la
         >>> o = block_sparse_attention(q, k, v, layout)
     """
     scale = _check(q, k, v, layout, scale)
-    request = Request.of(q, k, v, layout.block_q, layout.block_k)
-    name = resolve("block_sparse", backend, request)
+    tuner = density = None
+    if backend == "auto" and q.device.type == "cuda" and not torch.compiler.is_compiling():
+        # On CUDA, auto times Triton against FlexAttention once per shape class (kernels/autotune.py);
+        # the density bucket is part of the class, read once per layout.
+        density = _DENSITY.get(layout, "visited", lambda: float(layout.density()))
+        tuner = block_sparse_tuner(q, k, v, layout, scale, density)
+    request = Request.of(q, k, v, layout.block_q, layout.block_k, density=density)
+    name = resolve("block_sparse", backend, request, tuner)
     layout = layout_on(layout, q.device)
     if name == "torch":
         from .naive import torch_block_sparse_attention
