@@ -133,21 +133,24 @@ def block_box(tile: Sequence[int], block: int):
     return tuple(box) if rem == 1 else None
 
 
-def pick_tile(grid: Tuple[int, ...], blocks: Sequence[int]) -> Tuple[int, ...]:
+def _candidate_tiles(grid: Tuple[int, ...], blocks: Sequence[int]):
+    """Tiles of volume ``max(blocks)`` in which every block is a box, each with :func:`pick_tile`'s order key
+    (fewest padded tokens, then the most cube-like, then larger trailing extents)."""
     block = max(blocks)
-    if len(grid) == 1:
-        return (block,)
-    # Candidates: tile volume == the largest block, every block a box. Fewest padded
-    # tokens first, then the most cube-like tile (window locality), then larger trailing extents.
     divisors = [t for t in range(1, block + 1) if block % t == 0]
-    best, best_key = None, None
     for tile in itertools.product(*[divisors] * len(grid)):
         if math.prod(tile) != block or any(block_box(tile, b) is None for b in blocks):
             continue
         padded = math.prod(cdiv(g, t) * t for g, t in zip(grid, tile))
-        key = (padded, max(tile) / min(tile), tuple(-t for t in reversed(tile)))
-        if best_key is None or key < best_key:
-            best, best_key = tile, key
+        yield tile, (padded, max(tile) / min(tile), tuple(-t for t in reversed(tile)))
+
+
+def pick_tile(grid: Tuple[int, ...], blocks: Sequence[int]) -> Tuple[int, ...]:
+    block = max(blocks)
+    if len(grid) == 1:
+        return (block,)
+    # Fewest padded tokens first, then the most cube-like tile (window locality), then larger trailing extents.
+    best = min(_candidate_tiles(grid, blocks), key=lambda c: c[1], default=(None,))[0]
     if best is None:  # pragma: no cover - block is a power of two in practice
         raise ValueError(f"no tile of {block} tokens with box-shaped blocks {tuple(blocks)} exists for grid={grid}; "
                          f"pass tile= explicitly")
@@ -180,7 +183,6 @@ def least_work_tile(grid: Tuple[int, ...], relations: Sequence[torch.Tensor], bl
     grid = as_grid(grid)
     if len(grid) == 1:
         return (block,)
-    divisors = [t for t in range(1, block + 1) if block % t == 0]
     cache = {}  # (dim, tile extent) -> (visited tile pairs, full tile pairs)
 
     def counts(d: int, t: int):
@@ -196,18 +198,12 @@ def least_work_tile(grid: Tuple[int, ...], relations: Sequence[torch.Tensor], bl
             cache[(d, t)] = (int(pairs.any(3).any(1).sum()), int(full.sum()))
         return cache[(d, t)]
 
-    best, best_key = None, None
-    for tile in itertools.product(*[divisors] * len(grid)):
-        if math.prod(tile) != block or block_box(tile, block) is None:
-            continue
+    def cost(tile) -> float:
         dims = [counts(d, t) for d, t in enumerate(tile)]
         visited, full = math.prod(v for v, _ in dims), math.prod(f for _, f in dims)
-        cost = visited + (partial_cost - 1.0) * (visited - full)
-        padded = math.prod(cdiv(g, t) * t for g, t in zip(grid, tile))
-        key = (cost, padded, max(tile) / min(tile), tuple(-t for t in reversed(tile)))
-        if best_key is None or key < best_key:
-            best, best_key = tile, key
-    return best
+        return visited + (partial_cost - 1.0) * (visited - full)
+
+    return min(_candidate_tiles(grid, (block,)), key=lambda c: (cost(c[0]), c[1]))[0]
 
 
 def default_tile(grid, block: int = 64) -> Tuple[int, ...]:
