@@ -145,7 +145,8 @@ def run_rounds(calls: Dict[str, Callable[[], object]], rounds: int) -> Dict[str,
     return times
 
 
-def _ratio(times: Dict[str, List[float]], base: str, other: str) -> float:
+def median_ratio(times: Dict[str, List[float]], base: str, other: str) -> float:
+    """Median over rounds of ``base``'s time over ``other``'s (the speedup of ``other``)."""
     return statistics.median(b / o for b, o in zip(times[base], times[other]))
 
 
@@ -179,9 +180,9 @@ def main(argv=None) -> int:
             with torch.no_grad():
                 times = run_rounds(calls, args.rounds)
             ms = {c: statistics.median(t) * 1e3 for c, t in times.items()}
-            vs_sdpa = _ratio(times, "sdpa", "dit")
+            vs_sdpa = median_ratio(times, "sdpa", "dit")
             ideal = f"{vs_sdpa * density:.0%}" if density else ""
-            vs_flex = f"{_ratio(times, 'flex', 'dit'):.2f}x" if "flex" in times else ""
+            vs_flex = f"{median_ratio(times, 'flex', 'dit'):.2f}x" if "flex" in times else ""
             flex_ms = f"{ms['flex']:.1f}" if "flex" in ms else ""
             dens = f"{density:.3f}" if density else name.split("-")[1]
             rows.append(f"| {name} | {dens} | {threads} | {ms['sdpa']:.1f} | {ms['dit']:.1f} | {flex_ms} | "
@@ -195,7 +196,7 @@ def main(argv=None) -> int:
                                    args.rounds)
                 ms = {c: statistics.median(t) * 1e3 for c, t in times.items()}
                 rows.append(f"| {name} fwd+bwd | {dens} | {threads} | {ms['sdpa']:.1f} | {ms['dit']:.1f} | | "
-                            f"{_ratio(times, 'sdpa', 'dit'):.2f}x | | |")
+                            f"{median_ratio(times, 'sdpa', 'dit'):.2f}x | | |")
             print(rows[-1], flush=True)
     load1 = os.getloadavg()
     print()

@@ -16,17 +16,19 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
 import statistics
-import time
 
 import torch
 
 from .._util import load_average, versions
+from .bench_cpu import median_ratio, run_rounds
 
 
-def run(grid=(5, 8, 8), rounds: int = 30, threads: int = 1, calls: int = 3) -> dict:
-    """``{"rows": [{name, ms, vs_unwrapped}], ...}``: median ms of ``calls`` forward calls per round."""
+def run(grid=(5, 8, 8), rounds: int = 30, threads: int = 1, calls_per_round: int = 3) -> dict:
+    """``{"rows": [{name, ms, vs_unwrapped}], ...}``: median ms per forward call, ``calls_per_round`` calls
+    per contender and round (:func:`dit_accel.eval.bench_cpu.run_rounds`, one warm-up call each)."""
     import dit_accel
     from ..models.tiny import build_tiny_transformer, tiny_transformer_inputs
 
@@ -42,28 +44,21 @@ def run(grid=(5, 8, 8), rounds: int = 30, threads: int = 1, calls: int = 3) -> d
         model = copy.deepcopy(base)
         handles.append(dit_accel.apply(model, method))
         contenders[name] = model
-    names = list(contenders)
-    times = {n: [] for n in names}
     load_start = load_average()
     with torch.no_grad():
-        for model in contenders.values():  # warm-up: plans, layouts, allocator
-            model(**inputs, return_dict=False)
-        for r in range(rounds):
-            order = names[r % len(names):] + names[:r % len(names)]
-            for n in order:
-                start = time.perf_counter()
-                for _ in range(calls):
-                    contenders[n](**inputs, return_dict=False)
-                times[n].append((time.perf_counter() - start) / calls)
-    rows = []
-    for n in names:
-        ratios = [t / u for t, u in zip(times[n], times["unwrapped"])]
-        rows.append({"name": n, "ms": round(statistics.median(times[n]) * 1e3, 3),
-                     "vs_unwrapped": round(statistics.median(ratios), 3)})
+        calls = {n: functools.partial(_calls, model, inputs, calls_per_round) for n, model in contenders.items()}
+        times = run_rounds(calls, rounds)
+    rows = [{"name": n, "ms": round(statistics.median(t) / calls_per_round * 1e3, 3),
+             "vs_unwrapped": round(median_ratio(times, n, "unwrapped"), 3)} for n, t in times.items()]
     backends = {n: h.summary()["backends_used"] for n, h in zip(methods, handles)}
     return {"grid": list(grid), "tokens": int(torch.tensor(grid).prod()), "rounds": rounds, "threads": threads,
             "rows": rows, "backends": backends, "load_average": [load_start, load_average()],
             "versions": versions()}
+
+
+def _calls(model, inputs, n: int) -> None:
+    for _ in range(n):
+        model(**inputs, return_dict=False)
 
 
 def main(argv=None) -> None:
