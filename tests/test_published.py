@@ -77,7 +77,7 @@ def test_info_prints_published_settings_density_and_source(capsys):
     assert "settings for Wan-AI/Wan2.2-T2V-A14B-Diffusers (Wan 2.2" in out
     assert "radial: decay=0.8, block_size=64, sink_frames=(0,), spatial=band, rule=reference" in out
     expected = radial_layout((20, 48, 80), 64, 0.8, (0,), rule="reference").density()
-    assert f"density {expected:.4f} on grid 20x48x80" in out
+    assert f"density {expected:.4f} (visited blocks) on grid 20x48x80" in out  # radial: no token density
     assert "source: mit-han-lab/radial-attention@72788d4 scripts/wan_22_t2v_inference.sh" in out
     assert main(["info", "--model", "hunyuan", "--json"]) == 0
     settings = json.loads(capsys.readouterr().out)["model_settings"]

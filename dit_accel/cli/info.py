@@ -81,20 +81,24 @@ def _tiny():
     return dict(EMBEDDED_MODELS)
 
 
-def _density(method, grid):
-    """Visited block fraction of ``method`` on ``grid`` (SLA: its critical-block fraction)."""
+def _densities(method, grid):
+    """``(visited block fraction, token-pair fraction or None)`` of ``method`` on ``grid`` (SLA: its
+    critical-block fraction, and no token density: it picks blocks per input)."""
     from ..kernels import sla_density
 
     plan = method.plan(grid)
     if plan.density is None and hasattr(plan, "params"):
-        return sla_density(math.prod(grid), plan.params)
-    return plan.density
+        return sla_density(math.prod(grid), plan.params), None
+    return plan.density, plan.token_density
 
 
 def _setting(method, apply_kwargs, grid, where: str, source: str) -> dict:
     out = {"config": method.to_dict(), "apply": apply_kwargs, "source": source}
     if grid is not None:
-        out.update(grid=list(grid), shape=where, density=round(_density(method, grid), 4))
+        density, token_density = _densities(method, grid)
+        out.update(grid=list(grid), shape=where, density=round(density, 4))
+        if token_density is not None:
+            out["token_density"] = round(token_density, 4)
     return out
 
 
@@ -211,5 +215,7 @@ def _print_settings(settings: dict) -> None:
             print(f"  {name}: {config}" + (f"; apply: {apply}" if apply else ""))
             if "density" in entry:
                 grid = "x".join(map(str, entry["grid"]))
-                print(f"      density {entry['density']:.4f} on grid {grid} ({entry['shape']})")
+                tokens = (f", token density {entry['token_density']:.4f}" if entry.get("token_density") is not None
+                          else "")
+                print(f"      density {entry['density']:.4f} (visited blocks){tokens} on grid {grid} ({entry['shape']})")
             print(f"      source: {entry['source']}")

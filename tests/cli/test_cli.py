@@ -90,7 +90,8 @@ def test_info_runs(capsys):
         assert word in out
     assert main(["info", "--model", "tiny-shapes"]) == 0  # its own grid-sized settings first
     out = capsys.readouterr().out.split("settings for tiny-shapes")[1]
-    assert out.index("tile: tile=(4, 4, 4), window=(1, 1, 3)") < out.index("density 0.3333 on grid 4x12x12")
+    assert out.index("tile: tile=(4, 4, 4), window=(1, 1, 3)") < out.index(
+        "density 0.3333 (visited blocks), token density 0.3333 on grid 4x12x12")  # 1 x 1/3 x 1 by hand
     assert main(["info", "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["backends"]["torch"] == "usable"
