@@ -56,7 +56,7 @@ __all__ = ["Instruction", "Loop", "parse_sass", "find_loops", "classify", "CLASS
            "loop_names", "family_of", "main_loop", "MAIN_LOOP", "MASKED_LOOP", "ANALYSIS_VERSION"]
 
 #: Bump when the analysis changes, so cached results are recomputed.
-ANALYSIS_VERSION = 2
+ANALYSIS_VERSION = 3
 
 # ----------------------------------------------------------------------------- instruction classes
 #: Instruction classes of the per-tile counts, in report order.
@@ -473,7 +473,14 @@ def _named_loops(text: str, kernel_file: str) -> Dict[str, dict]:
     for lp in loops:
         if lp.name and (lp.name not in named or lp.max_path > named[lp.name].max_path):
             named[lp.name] = lp
-    return {name: lp.as_dict() for name, lp in named.items()}
+    out = {}
+    for name, lp in named.items():
+        bases = [ins.opcode.split(".", 1)[0] for ins in instrs if lp.head <= ins.addr <= lp.end]
+        # A synchronous global load (LDG) in the loop stalls its iteration on memory; the pipeliner
+        # turns loads it can move iterations ahead (block indices, K/V) into cp.async (LDGSTS) or TMA.
+        out[name] = {**lp.as_dict(), "sync_global_loads": bases.count("LDG"),
+                     "async_copies": bases.count("LDGSTS") + bases.count("UTMALDG")}
+    return out
 
 
 def analyze(cfg, arch: int, use_cache: bool = True, loops: bool = True) -> dict:

@@ -57,6 +57,8 @@ def test_parse_and_count_a_loop(tmp_path):
     assert loop.min_classes.get("mufu", 0) == 0
     sass._name_loops([loop], instrs, str(src))  # the inlined line counts at its call site (line 3)
     assert (loop.name, loop.source_line) == ("main", 3)
+    named = sass._named_loops(SASS.format(src=src), str(src))["main"]
+    assert (named["sync_global_loads"], named["async_copies"]) == (1, 0)  # the LDG at 0x10 is in the loop
     # A cubin from triton's shared cache may name another checkout's copy of the same file.
     elsewhere = "/another/checkout/" + "/".join(src.parts[-3:])
     instrs, labels = sass.parse_sass(SASS.format(src=elsewhere))
@@ -203,6 +205,18 @@ def test_main_loops_use_async_tensor_cores(rows):
         assert not r["c7515"], f"sm_{r['arch']} {r['name']}: {r['warnings']}"
         if r["arch"] == 90:
             assert r["wgmma"], f"{r['name']}: no wgmma on sm_90"
+
+
+def test_forward_loops_prefetch_block_indices(rows):
+    """The next key tile's index (and a partial tile's mask words) arrive by cp.async / TMA issued
+    iterations ahead, so no forward iteration waits on a synchronous global load (LDG) for them."""
+    fwd = [r for r in rows.values() if r["family"] == "block_sparse" and r["kernel"] == "fwd"]
+    assert {r["arch"] for r in fwd} == {80, 89, 90}
+    for r in fwd:
+        for name in ("full", "partial"):
+            loop = r["loops"][name]
+            assert loop["sync_global_loads"] == 0, f"sm_{r['arch']} {r['name']} {name}: {loop}"
+            assert loop["async_copies"] > 0, f"sm_{r['arch']} {r['name']} {name}: no async copies"
 
 
 def test_report_table_and_partial_cost(rows):
