@@ -47,6 +47,10 @@ def register(subparsers) -> argparse.ArgumentParser:
     k.add_argument("--warmup", type=int, default=None)
     k.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"])
     k.add_argument("--no-sla", action="store_true", help="skip the SLA rows")
+    k.add_argument("--threads", default=None,
+                   help="CPU: comma-separated torch thread counts, each case runs at each (default 1,2; --quick: 1)")
+    k.add_argument("--no-flex-compiled", action="store_true",
+                   help="CPU: skip the torch.compile(flex_attention) contender (compiling takes seconds per case)")
     k.add_argument("--out", metavar="FILE.json", help="write the results as JSON")
     k.add_argument("--plot", metavar="FILE.png", help="speedup vs density plot")
     k.set_defaults(func=run)
@@ -103,11 +107,12 @@ def _device_error(device: str, cuda_available: bool):
 
 def _command_line(args) -> str:
     parts = ["dit-accel bench kernels"]
-    for name in ("device", "densities", "shapes", "backends", "repeats", "warmup", "dtype", "out", "plot"):
+    for name in ("device", "densities", "shapes", "backends", "threads", "repeats", "warmup", "dtype", "out", "plot"):
         value = getattr(args, name)
         if value is not None:
             parts.append(f"--{name} {value}")
-    parts += [flag for flag, on in (("--quick", args.quick), ("--no-sla", args.no_sla)) if on]
+    parts += [flag for flag, on in (("--quick", args.quick), ("--no-sla", args.no_sla),
+                                    ("--no-flex-compiled", args.no_flex_compiled)) if on]
     return " ".join(parts)
 
 
@@ -155,16 +160,28 @@ def _run_kernels(args) -> int:
     if not densities or any(not 0 < d <= 1 for d in densities):
         return fail(f"--densities must be comma-separated numbers in (0, 1] such as 0.1,0.25; "
                     f"got {args.densities!r}")
-    repeats = args.repeats if args.repeats is not None else (2 if args.quick and not cuda else None)
+    threads = None
+    if cuda and (args.threads or args.no_flex_compiled):
+        return fail("--threads and --no-flex-compiled are for --device cpu")
+    if not cuda:
+        try:
+            threads = [int(t) for t in (args.threads or ("1" if args.quick else "1,2")).split(",")]
+        except ValueError:
+            threads = []
+        if not threads or min(threads) < 1:
+            return fail(f"--threads must be comma-separated counts >= 1 such as 1,2; got {args.threads!r}")
+    repeats = args.repeats if args.repeats is not None else (3 if args.quick and not cuda else None)
     dtype = getattr(torch, args.dtype) if args.dtype else None
     if not cuda:
-        print("NOTE: CPU run - reduced shapes and the PyTorch backend (Triton kernels need a GPU); "
-              "numbers are not comparable with GPU numbers.")
+        print("NOTE: CPU run - reduced shapes, the PyTorch backend and compiled FlexAttention (Triton kernels need "
+              "a GPU); numbers are not comparable with GPU numbers.")
     result = bench.bench_kernels(shapes, densities, device=device, dtype=dtype, warmup=args.warmup, repeats=repeats,
-                                 backends=backends, sla=not args.no_sla)
+                                 backends=backends, sla=not args.no_sla, threads=threads,
+                                 flex_compiled=False if args.no_flex_compiled else None)
     result["command"] = _command_line(args)
     print(f"device: {result['device_name']}, dtype {result['dtype']}, versions {result['versions']}, "
-          f"{result['date']}, load average {result['load_average']}")
+          f"{result['date']}, load average {result['load_average']} -> {result['load_average_end']}; "
+          f"{result['timing']}")
     print(bench.kernels_table(result))
     for note in result["notes"]:
         print(f"note: {note}")

@@ -2,12 +2,14 @@
 
 :func:`bench_kernels` times, for each model shape and target density:
 
-- dense SDPA (``torch.nn.functional.scaled_dot_product_attention``) and
-  flash-attn's dense kernel when ``flash_attn`` is installed;
+- dense SDPA (``torch.nn.functional.scaled_dot_product_attention``); on GPUs also
+  the in-repo dense Triton kernel and flash-attn's dense kernel when ``flash_attn``
+  is installed;
 - :func:`dit_accel.kernels.block_sparse_attention` on every usable backend, with
   a sliding-tile layout from :func:`dit_accel.patterns.tile_layout` whose window
   is chosen to land nearest the target density (q/k/v already in tiled order:
-  the permutation is not timed);
+  the permutation is not timed); on CPU also ``torch.compile(flex_attention)`` with
+  a ``BlockMask`` of the same layout;
 - :func:`dit_accel.kernels.sla.sla_attention` with ``topk = density`` and a
   zero-initialised projection (sparse plus linear branch).
 
@@ -17,14 +19,19 @@ of the ideal speedup reached. The ideal is ``1/work``, where ``work`` is the
 kernel's visited block density scaled to the dense computation over the real
 tokens, ``density * (Np/N)^2`` (``Np`` = tokens after tile padding): padded
 blocks cost time that dense SDPA on ``N`` tokens never spends, so ``1/density``
-alone would be an ideal no kernel can reach. On CPU the shapes are reduced (fewer
-tokens and heads) and the output says so.
+alone would be an ideal no kernel can reach. Tile rows also give the token
+density (the fraction of token pairs the window attends), the work a kernel with
+no block granularity would do. The contenders of a shape and density run in
+interleaved rounds, and speedups are medians of per-round ratios. On CPU the
+shapes are reduced (fewer tokens and heads) and the output says so; every case
+runs at each requested thread count.
 """
 
 from __future__ import annotations
 
 import datetime
 import math
+import statistics
 from dataclasses import dataclass
 from functools import partial
 from typing import Callable, List, Optional, Sequence, Tuple
@@ -80,131 +87,172 @@ def tile_layout_for_density(grid: Sequence[int], density: float, block: int = 64
 
     Returns ``(perm, layout, window)``.
     """
-    from ..methods import Tile
     from ..patterns import tile_layout
 
-    method = Tile().at_density(tuple(grid), density)
+    method = _tile_at(grid, density)
     perm, layout = tile_layout(tuple(grid), method.tile, method.window, block_q=block, block_k=block)
     return perm, layout, method.window
 
 
-def _flash_attn():
-    try:
-        from flash_attn import flash_attn_func
-    except Exception:
-        return None
-    return flash_attn_func
-
-
 def bench_kernels(shapes: Sequence[ModelShape], densities: Sequence[float], *, device="cpu",
                   dtype: Optional[torch.dtype] = None, warmup: Optional[int] = None, repeats: Optional[int] = None,
-                  backends: Optional[Sequence[str]] = None, sla: bool = True, log=print,
-                  progress: bool = True) -> dict:
+                  backends: Optional[Sequence[str]] = None, sla: bool = True, flex_compiled: Optional[bool] = None,
+                  threads: Optional[Sequence[int]] = None, log=print, progress: bool = True) -> dict:
     """Time dense and sparse attention kernels; returns a JSON-ready dict (``rows`` list).
+
+    For every shape and target density the contenders run interleaved: each round times every
+    contender once, in an order that rotates between rounds (load from other processes hits all
+    of them alike), and a row's ``speedup`` is the median over rounds of dense SDPA's time over
+    the contender's (its ``time_ms`` is the median round). Rows carry the visited block
+    ``density`` and, for the tile layouts, the ``token_density`` (the fraction of token pairs the
+    pattern attends: the work an ideal kernel would do).
 
     Args:
         shapes: model shapes (:data:`GPU_SHAPES`, :data:`CPU_SHAPES`).
         densities: target visited densities in ``(0, 1]``.
         device: ``"cpu"`` or ``"cuda"``; dtype defaults to bf16 on CUDA, fp32 on CPU.
-        warmup, repeats: per kernel (defaults 3/10 on CUDA, 1/3 on CPU).
+        warmup, repeats: warm-up calls and timed rounds (defaults 3/10 on CUDA, 1/5 on CPU).
         backends: block-sparse backends to time (default: triton and flex on CUDA when
             usable, the PyTorch twin on CPU).
+        flex_compiled: also time ``torch.compile(flex_attention)`` with a ``BlockMask`` of the
+            same layout, what a PyTorch user would write (default: on CPU, where the ``flex``
+            backend runs eagerly; compiled before the rounds, not timed).
+        threads: CPU only, the ``torch.set_num_threads`` values to run everything at (default:
+            the current count); each row records its count.
+
+    The dense contenders are :func:`dit_accel.kernels.dense.dense_contenders`: SDPA, the
+    in-repo dense Triton kernel (CUDA) and flash-attn (when installed).
     """
     from tqdm.auto import tqdm
 
-    from ..kernels import available_backends, block_sparse_attention
-    from ..kernels.sla import sla_attention, sla_density
-    from ..methods import SLA
+    from ..kernels import available_backends
 
     device = torch.device(device)
     cuda = device.type == "cuda"
+    if threads and cuda:
+        raise ValueError("threads= sets CPU thread counts; leave it out on CUDA")
     dtype = dtype or (torch.bfloat16 if cuda else torch.float32)
     warmup = warmup if warmup is not None else (3 if cuda else 1)
-    repeats = repeats if repeats is not None else (10 if cuda else 3)
+    repeats = repeats if repeats is not None else (10 if cuda else 5)
+    flex_compiled = (not cuda) if flex_compiled is None else flex_compiled
     usable = {name: why for name, why in available_backends(device).items()}
     if backends is None:
-        # CPU: the PyTorch twin only (FlexAttention compiles for minutes there); GPU: the fast
-        # backends (the twin at 100k tokens takes minutes per call; ask for it with backends=["torch"]).
+        # CPU: the PyTorch twin (compiled flex is its own contender); GPU: the fast backends (the twin
+        # at 100k tokens takes minutes per call; ask for it with backends=["torch"]).
         fast = [b for b, why in usable.items() if why is None and b != "torch"]
         backends = fast if cuda and fast else ["torch"]
     notes = [f"{b}: {usable[b]}" for b in usable if usable[b] is not None]
     if not cuda:
-        notes.append("CPU run: reduced shapes (fewer tokens and heads than the real models) and the PyTorch "
-                     "backend; the Triton kernels need a GPU. Not comparable with GPU numbers.")
-    flash = _flash_attn() if cuda else None
-    if cuda and flash is None:
-        notes.append("flash-attn not installed: no flash-attn row")
-
+        notes.append("CPU run: reduced shapes (fewer tokens and heads than the real models); the Triton kernels "
+                     "need a GPU. Not comparable with GPU numbers.")
+    threads = list(threads) if threads else [torch.get_num_threads()]
+    before = torch.get_num_threads()
     rows: List[dict] = []
-    total = len(shapes) * (1 + len(densities) * (len(backends) + int(sla))) + (len(shapes) if flash else 0)
-    bar = tqdm(total=total, desc="bench kernels", unit="kernel", disable=not progress)
-
-    def record(shape: ModelShape, kernel: str, seconds: float, density: float, dense_s: Optional[float], **extra):
-        flops = 4.0 * shape.batch * shape.heads * shape.tokens ** 2 * shape.head_dim
-        speedup = dense_s / seconds if dense_s else None
-        work = density * (extra.get("padded_tokens", shape.tokens) / shape.tokens) ** 2  # vs dense on N tokens
-        rows.append({"shape": shape.name, "grid": list(shape.grid), "tokens": shape.tokens, "heads": shape.heads,
-                     "head_dim": shape.head_dim, "batch": shape.batch, "kernel": kernel, "density": density,
-                     "time_ms": seconds * 1e3, "tflops_dense_equiv": flops / seconds / 1e12, "speedup": speedup,
-                     "work_vs_dense": work, "ideal_speedup": 1.0 / work,
-                     "fraction_of_ideal": speedup * work if speedup else None,
-                     **extra})
-        bar.update(1)
-
-    gen = torch.Generator(device=device).manual_seed(0)  # draw on the device: GPU shapes are GBs
-    for shape in shapes:
-        bar.set_postfix_str(shape.name)
-        b, h, n, d = shape.batch, shape.heads, shape.tokens, shape.head_dim
-        q, k, v = (torch.randn(b, h, n, d, generator=gen, device=device, dtype=dtype) for _ in range(3))
-        with torch.no_grad():
-            dense_s = time_fn(partial(F.scaled_dot_product_attention, q, k, v), device, warmup=warmup, repeats=repeats)
-            record(shape, "dense SDPA", dense_s, 1.0, dense_s)
-            if flash is not None:
-                qf, kf, vf = (t.transpose(1, 2).contiguous() for t in (q, k, v))
-                record(shape, "flash-attn (dense)",
-                       time_fn(lambda: flash(qf, kf, vf), device, warmup=warmup, repeats=repeats), 1.0, dense_s)
-            for target in densities:
-                try:
-                    perm, layout, window = tile_layout_for_density(shape.grid, target)
-                except Exception as exc:
-                    notes.append(f"{shape.name} density {target}: no tile layout ({type(exc).__name__}: {exc})")
-                    bar.update(len(backends))
-                    layout = None
-                if layout is not None:
-                    np_ = perm.num_padded
-                    qp, kp, vp = (torch.randn(b, h, np_, d, generator=gen, device=device, dtype=dtype)
-                                  for _ in range(3))
-                    lay = layout.to(device)
-                    for backend in backends:
-                        try:
-                            t = time_fn(lambda: block_sparse_attention(qp, kp, vp, lay, backend=backend), device,
-                                        warmup=warmup, repeats=repeats)
-                        except Exception as exc:
-                            notes.append(f"{shape.name} {backend}: failed ({type(exc).__name__}: {exc})"[:300])
-                            bar.update(1)
-                            continue
-                        record(shape, f"block-sparse tile [{backend}]", t, layout.density(), dense_s,
-                               target_density=target, window=list(window), padded_tokens=np_,
-                               partial_fraction=layout.partial_fraction())
-                    del qp, kp, vp
-                if sla:
-                    method = SLA(topk=target)
-                    proj = torch.nn.Linear(d, d).to(device, dtype)
-                    torch.nn.init.zeros_(proj.weight)
-                    torch.nn.init.zeros_(proj.bias)
-                    try:
-                        t = time_fn(partial(sla_attention, q, k, v, method, proj), device, warmup=warmup,
-                                    repeats=repeats)
-                        record(shape, "SLA (sparse+linear)", t, sla_density(n, method), dense_s, target_density=target)
-                    except Exception as exc:
-                        notes.append(f"{shape.name} SLA: failed ({type(exc).__name__}: {exc})"[:300])
-                        bar.update(1)
-        del q, k, v
-    bar.close()
+    bar = tqdm(total=len(threads) * len(shapes) * len(densities), desc="bench kernels", unit="case",
+               disable=not progress)
+    load_start = load_average()
+    try:
+        for count in threads:
+            if not cuda:
+                torch.set_num_threads(count)
+            for shape in shapes:
+                bar.set_postfix_str(f"{shape.name}, {count} threads" if not cuda else shape.name)
+                rows += _bench_shape(shape, densities, device, dtype, warmup, repeats, backends, sla, flex_compiled,
+                                     notes, bar, None if cuda else count)
+    finally:
+        torch.set_num_threads(before)
+        bar.close()
     return {"kind": "kernels", "device": str(device), "device_name": _device_name(device), "dtype": str(dtype),
-            "reduced_sizes": not cuda, "load_average": load_average(), "warmup": warmup, "repeats": repeats, "backends": list(backends),
+            "reduced_sizes": not cuda, "load_average": load_start, "load_average_end": load_average(),
+            "warmup": warmup, "repeats": repeats, "backends": list(backends), "flex_compiled": flex_compiled,
+            "threads": None if cuda else threads, "timing": "interleaved rounds, median of per-round ratios",
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "versions": versions(("torch", "triton")), "notes": notes, "rows": rows}
+
+
+def _bench_shape(shape: ModelShape, densities, device, dtype, warmup, repeats, backends, sla, flex_compiled, notes,
+                 bar, threads) -> List[dict]:
+    """The rows of one shape: the dense contenders and, per density, the sparse ones, each density's set
+    timed in interleaved rounds together with dense SDPA."""
+    from ..kernels import block_sparse_attention
+    from ..kernels.dense import DENSE_CONTENDERS, dense_contenders
+    from ..kernels.sla import sla_attention, sla_density
+    from ..methods import SLA
+    from ..patterns.tile import tile_token_density
+    from .bench_cpu import run_rounds
+
+    gen = torch.Generator(device=device).manual_seed(0)  # draw on the device: GPU shapes are GBs
+    b, h, n, d = shape.batch, shape.heads, shape.tokens, shape.head_dim
+    q, k, v = (torch.randn(b, h, n, d, generator=gen, device=device, dtype=dtype) for _ in range(3))
+    sdpa = DENSE_CONTENDERS[0]
+    dense = dense_contenders(q, k, v) if device.type == "cuda" else {sdpa: dense_contenders(q, k, v)[sdpa]}
+    rows: List[dict] = []
+
+    def row(kernel: str, times: List[float], base: List[float], density: float, **extra) -> dict:
+        seconds = statistics.median(times)
+        flops = 4.0 * shape.batch * shape.heads * shape.tokens ** 2 * shape.head_dim
+        speedup = statistics.median(s / t for s, t in zip(base, times))
+        work = density * (extra.get("padded_tokens", shape.tokens) / shape.tokens) ** 2  # vs dense on N tokens
+        return {"shape": shape.name, "grid": list(shape.grid), "tokens": shape.tokens, "heads": shape.heads,
+                "head_dim": shape.head_dim, "batch": shape.batch, "threads": threads, "kernel": kernel,
+                "density": density, "time_ms": seconds * 1e3, "tflops_dense_equiv": flops / seconds / 1e12,
+                "speedup": speedup, "work_vs_dense": work, "ideal_speedup": 1.0 / work,
+                "fraction_of_ideal": speedup * work, **extra}
+
+    with torch.no_grad():
+        times = run_rounds(dense, repeats, device=device, warmup=warmup)
+        rows += [row(name, t, times[sdpa], 1.0) for name, t in times.items()]
+        for target in densities:
+            calls, meta = {sdpa: dense[sdpa]}, {}
+            try:
+                perm, layout, window = tile_layout_for_density(shape.grid, target)
+            except Exception as exc:
+                notes.append(f"{shape.name} density {target}: no tile layout ({type(exc).__name__}: {exc})")
+                layout = None
+            if layout is not None:
+                method = _tile_at(shape.grid, target)
+                np_ = perm.num_padded
+                qp, kp, vp = (torch.randn(b, h, np_, d, generator=gen, device=device, dtype=dtype) for _ in range(3))
+                lay = layout.to(device)
+                tile_meta = dict(density=layout.density(), target_density=target, window=list(window),
+                                 token_density=tile_token_density(shape.grid, method.tile, method.window),
+                                 padded_tokens=np_, partial_fraction=layout.partial_fraction())
+                for backend in backends:
+                    name = f"block-sparse tile [{backend}]"
+                    calls[name] = partial(block_sparse_attention, qp, kp, vp, lay, backend=backend)
+                    meta[name] = tile_meta
+                if flex_compiled:
+                    from torch.nn.attention.flex_attention import flex_attention
+
+                    from ..kernels.block_sparse.flex import layout_to_block_mask
+
+                    compiled = torch.compile(flex_attention, dynamic=False)
+                    block_mask = layout_to_block_mask(lay)
+                    calls["block-sparse tile [flex, compiled]"] = partial(compiled, qp, kp, vp, block_mask=block_mask)
+                    meta["block-sparse tile [flex, compiled]"] = tile_meta
+            if sla:
+                method = SLA(topk=target)
+                proj = torch.nn.Linear(d, d).to(device, dtype)
+                torch.nn.init.zeros_(proj.weight)
+                torch.nn.init.zeros_(proj.bias)
+                calls["SLA (sparse+linear)"] = partial(sla_attention, q, k, v, method, proj)
+                meta["SLA (sparse+linear)"] = dict(density=sla_density(n, method), target_density=target)
+            for name in list(calls)[1:]:  # a contender that cannot run here is a note, not a crash
+                try:
+                    calls[name]()
+                except Exception as exc:
+                    notes.append(f"{shape.name} {name}: failed ({type(exc).__name__}: {exc})"[:300])
+                    del calls[name]
+            times = run_rounds(calls, repeats, device=device, warmup=warmup)
+            rows += [row(name, t, times[sdpa], **meta[name]) for name, t in times.items() if name != sdpa]
+            bar.update(1)
+    return rows
+
+
+def _tile_at(grid, density: float):
+    from ..methods import Tile
+
+    return Tile().at_density(tuple(grid), density)
 
 
 def _device_name(device: torch.device) -> str:
@@ -221,9 +269,12 @@ def kernels_table(result: dict) -> str:
     """Markdown table of a :func:`bench_kernels` result."""
     from .report import markdown_table
 
-    header = ["shape", "N", "H", "kernel", "density", "time ms", "TFLOPS (dense-eq.)", "speedup", "ideal",
-              "% of ideal"]
-    rows = [[r["shape"], str(r["tokens"]), str(r["heads"]), r["kernel"], f"{r['density']:.3f}",
+    threads = any(r.get("threads") for r in result["rows"])
+    header = ["shape", "N", "H", *(["threads"] if threads else []), "kernel", "density", "token density", "time ms",
+              "TFLOPS (dense-eq.)", "speedup", "ideal", "% of ideal"]
+    rows = [[r["shape"], str(r["tokens"]), str(r["heads"]), *([str(r.get("threads"))] if threads else []),
+             r["kernel"], f"{r['density']:.3f}",
+             f"{r['token_density']:.3f}" if r.get("token_density") is not None else "-",
              f"{r['time_ms']:.2f}", f"{r['tflops_dense_equiv']:.4f}",
              f"{r['speedup']:.2f}x" if r["speedup"] else "-", f"{r['ideal_speedup']:.1f}x",
              f"{100 * r['fraction_of_ideal']:.0f}%" if r["fraction_of_ideal"] else "-"] for r in result["rows"]]
@@ -242,10 +293,11 @@ def plot_kernels(result: dict, path) -> None:
     fig, axes = plt.subplots(1, len(shapes), figsize=(5 * len(shapes), 4), squeeze=False)
     for ax, shape in zip(axes[0], shapes):
         rows = [r for r in result["rows"] if r["shape"] == shape and r["density"] < 1.0]
-        for kernel in dict.fromkeys(r["kernel"] for r in rows):
-            pts = sorted((r["density"], r["speedup"]) for r in rows if r["kernel"] == kernel and r["speedup"])
+        for kernel, threads in dict.fromkeys((r["kernel"], r.get("threads")) for r in rows):
+            pts = sorted((r["density"], r["speedup"]) for r in rows
+                         if r["kernel"] == kernel and r.get("threads") == threads and r["speedup"])
             if pts:
-                ax.plot(*zip(*pts), marker="o", label=kernel)
+                ax.plot(*zip(*pts), marker="o", label=kernel + (f", {threads} threads" if threads else ""))
         ds = sorted({r["density"] for r in rows})
         if ds:
             ax.plot(ds, [1 / x for x in ds], "k--", alpha=0.5, label="ideal 1/density")

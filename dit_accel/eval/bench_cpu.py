@@ -32,7 +32,6 @@ import os
 import platform
 import statistics
 import sys
-import time
 from typing import Callable, Dict, List
 
 import torch
@@ -131,17 +130,23 @@ def contenders(name: str, q, k, v, args):
     return calls, layout.density()
 
 
-def run_rounds(calls: Dict[str, Callable[[], object]], rounds: int) -> Dict[str, List[float]]:
-    """Seconds per round per contender; the contender order rotates every round."""
+def run_rounds(calls: Dict[str, Callable[[], object]], rounds: int, *, device=None,
+               warmup: int = 1) -> Dict[str, List[float]]:
+    """Seconds per round per contender, after ``warmup`` calls of each (plans, block masks, compilation);
+    the contender order rotates every round. ``device``: a CUDA device times with CUDA events."""
+    from .._util import Timer
+
     names = list(calls)
     times: Dict[str, List[float]] = {n: [] for n in names}
-    for fn in calls.values():  # warm-up: plans, block masks, compilation
-        fn()
+    for fn in calls.values():
+        for _ in range(warmup):
+            fn()
     for r in range(rounds):
         for name in names[r % len(names):] + names[:r % len(names)]:
-            t0 = time.perf_counter()
-            calls[name]()
-            times[name].append(time.perf_counter() - t0)
+            timer = Timer(device)
+            with timer:
+                calls[name]()
+            times[name].append(timer.seconds)
     return times
 
 
