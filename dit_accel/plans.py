@@ -195,6 +195,7 @@ class LayoutPlan(Plan):
         self._layouts: Dict[tuple, BlockLayout] = {}  # per (device, heads) copies, made once
         self._parts: Dict[tuple, "_Part"] = {}
         self._dense_choice: Dict[tuple, bool] = {}  # (heads, batch x heads, head dim) -> masked dense is faster
+        self._raster_bias: Dict[int, torch.Tensor] = {}  # id of a layout in self._layouts -> raster-order mask
 
     def layout_on(self, device, heads=None) -> BlockLayout:
         key = (torch.device(device), heads if self.layout.num_heads > 1 else None)
@@ -226,11 +227,22 @@ class LayoutPlan(Plan):
         return choice
 
     def _dense_masked(self, q, k, v, layout: BlockLayout, scale):
-        """The layout's exact result by masked dense attention (ATen's CPU flash kernel with an additive mask)."""
+        """The layout's exact result by masked dense attention (ATen's CPU flash kernel with an additive mask).
+
+        q, k, v and the result are in raster order: the mask is permuted once (and its padding
+        dropped), so the call gathers nothing."""
         def build():
             mask = layout.to_dense_mask()
+            if self.perm is not None:  # tiled positions of the raster tokens, rows and columns
+                inverse = self.perm.inverse
+                mask = mask[:, inverse][:, :, inverse]
             return torch.zeros(mask.shape, dtype=torch.float32).masked_fill_(~mask, float("-inf"))
-        bias = _DENSE_BIAS.get(layout, "bias", build)  # (heads of the layout, N, N)
+        if self.perm is None:
+            bias = _DENSE_BIAS.get(layout, "bias", build)  # (heads of the layout, N, N)
+        else:  # the permutation is the plan's: so is the raster-order mask
+            bias = self._raster_bias.get(id(layout))
+            if bias is None:
+                bias = self._raster_bias.setdefault(id(layout), build())
         o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             q.float(), k.float(), v.float(), attn_mask=bias[None].expand(q.shape[0], q.shape[1], -1, -1),
             scale=scale)
@@ -243,12 +255,12 @@ class LayoutPlan(Plan):
 
     def attend(self, q, k, v, *, scale, backend, proj=None, heads=None):
         layout = self.layout_on(q.device, heads)
+        if self._dense_pays(q, backend, heads):  # raster order in and out
+            o, lse = self._dense_masked(q, k, v, layout, scale)
+            return o, lse, None, self.density
         if self.perm is not None:  # tiled order: windows become contiguous blocks
             q, k, v = (self.perm.permute(x, dim=-2) for x in (q, k, v))
-        if self._dense_pays(q, backend, heads):
-            o, lse = self._dense_masked(q, k, v, layout, scale)
-        else:
-            o, lse = block_sparse_attention(q, k, v, layout, scale=scale, return_lse=True, backend=backend)
+        o, lse = block_sparse_attention(q, k, v, layout, scale=scale, return_lse=True, backend=backend)
         if self.perm is not None:
             o, lse = self.perm.unpermute(o, dim=-2), self.perm.unpermute(lse, dim=-1)
         return o, lse, None, self.density

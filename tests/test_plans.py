@@ -16,6 +16,7 @@ def _qkv(n, heads=4, d=64, seed=0):
 @pytest.mark.parametrize("method, grid, dense", [
     (dit_accel.GNA(kernel_size=(3, 7, 7)), (4, 16, 16), True),        # density 0.39, cost ratio 1.07
     (dit_accel.Tile(tile=(1, 4, 4), window=(1, 1, 1)), (4, 16, 16), False),  # density 0.06, ratio 0.12
+    (dit_accel.GNA(kernel_size=(3, 7, 7)), (3, 10, 10), True),  # tiles pad 300 tokens to 576: mask in raster order
 ])
 def test_auto_takes_masked_dense_only_when_the_twin_would_be_slower(method, grid, dense):
     plan = method.plan(grid)
