@@ -242,8 +242,8 @@ def _flow_matching_loss(pipe, latents, prompts, length, g: torch.Generator) -> t
     return F.mse_loss(pred, noise - latents)  # velocity: what FlowMatchEulerDiscreteScheduler integrates
 
 
-def train(out_dir=TINY_SHAPES_DIR, *, steps: int = 2400, batch_size: int = 16, lr: float = 1.5e-3, warmup: int = 100,
-          short_fraction: float = 0.5, ema_decay: float = 0.998, seed: int = 0, log_every: int = 25,
+def train(out_dir=TINY_SHAPES_DIR, *, steps: int = 3600, batch_size: int = 16, lr: float = 1.5e-3, warmup: int = 100,
+          short_fraction: float = 0.65, ema_decay: float = 0.998, seed: int = 0, log_every: int = 25,
           eval_seeds=(0, 1), save_every: int = 0) -> dict:
     """Train and save the ``tiny-shapes`` pipeline to ``out_dir``; returns the training log.
 
@@ -349,11 +349,11 @@ def main(argv=None) -> None:
     """Command line of :func:`train`."""
     parser = argparse.ArgumentParser(prog="python -m dit_accel.models.train_tiny", description=__doc__.split("\n")[0])
     parser.add_argument("--out", default=str(TINY_SHAPES_DIR), help="output folder (default: the shipped weights)")
-    parser.add_argument("--steps", type=int, default=2400)
+    parser.add_argument("--steps", type=int, default=3600)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--lr", type=float, default=1.5e-3, help="peak learning rate")
     parser.add_argument("--warmup", type=int, default=100)
-    parser.add_argument("--short-fraction", type=float, default=0.5,
+    parser.add_argument("--short-fraction", type=float, default=0.65,
                         help=f"fraction of the steps on {_SHORT_FRAMES}-frame clips (cheap curriculum phase)")
     parser.add_argument("--ema-decay", type=float, default=0.998)
     parser.add_argument("--seed", type=int, default=0)

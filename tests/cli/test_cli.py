@@ -180,28 +180,27 @@ def test_generate_says_when_a_sparse_method_runs_dense(tmp_path, capsys):
 
 
 def test_generate_default_is_tiny_shapes_sparse_beside_dense(tmp_path, monkeypatch, capsys):
-    """No model or method: tiny-shapes with Tile at its grid-sized setting, a dense run of the same call,
-    the ground truth of both, and with --side-by-side one video with dense left and Tile right."""
+    """No model or method: tiny-shapes with SLA at its grid-sized setting, a dense run of the same call,
+    the ground truth of both, and with --side-by-side one video with dense left and SLA right."""
     from dit_accel.models.tiny_shapes import TINY_SHAPES_METHODS
 
     monkeypatch.chdir(tmp_path)
     assert main(["generate", "--steps", "2", "--side-by-side"]) == 0, capsys.readouterr().err
     out = capsys.readouterr().out
-    video, pair = tmp_path / "outputs" / "tiny-shapes-tile.mp4", tmp_path / "outputs" / "tiny-shapes-tile-vs-dense.mp4"
+    video, pair = tmp_path / "outputs" / "tiny-shapes-sla.mp4", tmp_path / "outputs" / "tiny-shapes-sla-vs-dense.mp4"
     assert load_video(video).shape == (7, 48, 48, 3) and load_video(pair).shape == (7, 48, 98, 3)
     meta = _sidecar(video)
     assert meta["model"] == "tiny-shapes" and meta["model_kind"] == "embedded" and "synthetic clips" in meta["label"]
     assert meta["settings"]["prompt"] == "a red circle moving right"
-    expected = {k: list(v) if isinstance(v, tuple) else v for k, v in TINY_SHAPES_METHODS["tile"].items()}
-    assert meta["method"] == {"method": "tile", **expected}
+    assert meta["method"]["method"] == "sla" and meta["method"]["topk"] == TINY_SHAPES_METHODS["sla"]["topk"]
     assert meta["density"]["mean"] == pytest.approx(1 / 3)
     cmp = meta["compare_dense"]
     assert cmp["side_by_side"] == str(Path("outputs") / pair.name) and cmp["psnr_db"] > 0
     assert cmp["dense_attention_s"] > 0 and meta["timing"]["attention_s"] > 0
     assert {"colour_ok", "shape_ok", "motion_ok", "consistent"} <= set(meta["quality"]["method"])
     assert meta["quality"]["dense"] is not None
-    for needle in ("method tile (tile=(4, 4, 4)", "visited density 0.333", "self-attention", "vs dense",
-                   'ground truth for "a red circle moving right": colour', "left dense, right tile",
+    for needle in ("method sla (topk=0.3", "visited density 0.333", "self-attention", "vs dense",
+                   'ground truth for "a red circle moving right": colour', "left dense, right sla",
                    "trained on synthetic clips"):
         assert needle in out, out
 
