@@ -7,9 +7,14 @@ round, and each ratio is the median of per-round ratios to the unwrapped call. A
 here is also compared with the dense call: at this size ``backend="auto"`` may run a layout as
 masked dense attention (see :func:`dit_accel.kernels.block_sparse.naive.dense_is_faster`).
 
-Command::
+``--method-config FILE`` (the YAML/JSON of ``dit-accel eval --method-config``) replaces the
+sparse contenders, e.g. to time the transformer at a large grid with the methods at chosen
+densities.
+
+Commands::
 
     python -m dit_accel.eval.bench_overhead --rounds 30 --threads 1
+    python -m dit_accel.eval.bench_overhead --grid 17,24,24 --method-config docs/tiny_wan_9792.yaml --rounds 5
 """
 
 from __future__ import annotations
@@ -26,9 +31,10 @@ from .._util import load_average, versions
 from .bench_cpu import median_ratio, run_rounds
 
 
-def run(grid=(5, 8, 8), rounds: int = 30, threads: int = 1, calls_per_round: int = 3) -> dict:
-    """``{"rows": [{name, ms, vs_unwrapped}], ...}``: median ms per forward call, ``calls_per_round`` calls
-    per contender and round (:func:`dit_accel.eval.bench_cpu.run_rounds`, one warm-up call each)."""
+def run(grid=(5, 8, 8), rounds: int = 30, threads: int = 1, calls_per_round: int = 3, methods=None) -> dict:
+    """``{"rows": [{name, ms, vs_unwrapped, density}], ...}``: median ms per forward call, ``calls_per_round``
+    calls per contender and round (:func:`dit_accel.eval.bench_cpu.run_rounds`, one warm-up call each).
+    ``methods``: ``{label: method config}`` to time instead of the default sparse contenders."""
     import dit_accel
     from ..models.tiny import build_tiny_transformer, tiny_transformer_inputs
 
@@ -37,8 +43,9 @@ def run(grid=(5, 8, 8), rounds: int = 30, threads: int = 1, calls_per_round: int
     inputs = tiny_transformer_inputs("wan", base, grid=grid)
     inputs.pop("return_dict", None)
     contenders = {"unwrapped": base}
-    methods = {"Dense()": dit_accel.Dense(), "Tile(1x4x4, window 1)": dit_accel.Tile(tile=(1, 4, 4), window=(1, 1, 1)),
-               "GNA(3, 5, 5)": dit_accel.GNA(kernel_size=(3, 5, 5))}
+    methods = {"Dense()": dit_accel.Dense(), **(methods or {
+        "Tile(1x4x4, window 1)": dit_accel.Tile(tile=(1, 4, 4), window=(1, 1, 1)),
+        "GNA(3, 5, 5)": dit_accel.GNA(kernel_size=(3, 5, 5))})}
     handles = []
     for name, method in methods.items():
         model = copy.deepcopy(base)
@@ -48,8 +55,10 @@ def run(grid=(5, 8, 8), rounds: int = 30, threads: int = 1, calls_per_round: int
     with torch.no_grad():
         calls = {n: functools.partial(_calls, model, inputs, calls_per_round) for n, model in contenders.items()}
         times = run_rounds(calls, rounds)
+    densities = {n: h.summary().get("mean_density") for n, h in zip(methods, handles)}
     rows = [{"name": n, "ms": round(statistics.median(t) / calls_per_round * 1e3, 3),
-             "vs_unwrapped": round(median_ratio(times, n, "unwrapped"), 3)} for n, t in times.items()]
+             "vs_unwrapped": round(median_ratio(times, n, "unwrapped"), 3), "density": densities.get(n)}
+            for n, t in times.items()]
     backends = {n: h.summary()["backends_used"] for n, h in zip(methods, handles)}
     return {"grid": list(grid), "tokens": int(torch.tensor(grid).prod()), "rounds": rounds, "threads": threads,
             "rows": rows, "backends": backends, "load_average": [load_start, load_average()],
@@ -66,11 +75,19 @@ def main(argv=None) -> None:
     parser.add_argument("--grid", default="5,8,8", help="token grid T,H,W")
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--calls", type=int, default=3, help="calls per contender and round")
+    parser.add_argument("--method-config", metavar="FILE", help="methods to time (dit-accel eval's format)")
     args = parser.parse_args(argv)
     grid = tuple(int(x) for x in args.grid.split(","))
-    result = run(grid, rounds=args.rounds, threads=args.threads)
+    methods = None
+    if args.method_config:
+        from .runner import load_method_specs
+
+        methods = {spec.label: spec.method for spec in load_method_specs(None, args.method_config)}
+    result = run(grid, rounds=args.rounds, threads=args.threads, calls_per_round=args.calls, methods=methods)
     for row in result["rows"]:
-        print(f"{row['name']:<24} {row['ms']:8.3f} ms  {row['vs_unwrapped']:.3f}x the unwrapped call")
+        density = f"  density {row['density']:.3f}" if row["density"] is not None else ""
+        print(f"{row['name']:<24} {row['ms']:10.3f} ms  {row['vs_unwrapped']:.3f}x the unwrapped call's time{density}")
     print(json.dumps({k: result[k] for k in ("grid", "tokens", "backends", "load_average")}))
 
 

@@ -1,0 +1,18 @@
+"""python -m dit_accel.eval.bench_overhead: the tiny Wan transformer unwrapped vs through apply()."""
+import dit_accel
+from dit_accel.eval import bench_overhead
+
+
+def test_rows_and_a_method_config(tmp_path, capsys):
+    config = tmp_path / "methods.yaml"
+    config.write_text("tile:\n  - {label: tile-small, tile: [1, 4, 4], window: [1, 1, 1]}\n")
+    assert bench_overhead.main(["--grid", "3,8,8", "--rounds", "1", "--calls", "1", "--method-config",
+                                str(config)]) is None
+    out = capsys.readouterr().out
+    expected = dit_accel.Tile(tile=(1, 4, 4), window=(1, 1, 1)).plan((3, 8, 8)).density
+    assert f"density {expected:.3f}" in out and "Dense()" in out and "tile-small" in out
+    result = bench_overhead.run((3, 8, 8), rounds=1, calls_per_round=1)
+    rows = {r["name"]: r for r in result["rows"]}
+    assert set(rows) == {"unwrapped", "Dense()", "Tile(1x4x4, window 1)", "GNA(3, 5, 5)"}
+    assert rows["unwrapped"]["vs_unwrapped"] == 1.0 and rows["unwrapped"]["density"] is None
+    assert result["tokens"] == 192 and all(r["ms"] > 0 for r in rows.values())
