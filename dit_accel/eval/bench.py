@@ -145,6 +145,11 @@ def bench_kernels(shapes: Sequence[ModelShape], densities: Sequence[float], *, d
     if not cuda:
         notes.append("CPU run: reduced shapes (fewer tokens and heads than the real models); the Triton kernels "
                      "need a GPU. Not comparable with GPU numbers.")
+    if cuda:
+        try:
+            import flash_attn  # noqa: F401
+        except Exception:  # not installed, or built for another torch
+            notes.append("flash-attn not installed: no flash-attn row")
     threads = list(threads) if threads else [torch.get_num_threads()]
     before = torch.get_num_threads()
     rows: List[dict] = []
@@ -200,6 +205,7 @@ def _bench_shape(shape: ModelShape, densities, device, dtype, warmup, repeats, b
                 "fraction_of_ideal": speedup * work, **extra}
 
     with torch.no_grad():
+        _drop_failing(dense, shape, notes)
         times = run_rounds(dense, repeats, device=device, warmup=warmup)
         rows += [row(name, t, times[sdpa], 1.0) for name, t in times.items()]
         for target in densities:
@@ -237,16 +243,21 @@ def _bench_shape(shape: ModelShape, densities, device, dtype, warmup, repeats, b
                 torch.nn.init.zeros_(proj.bias)
                 calls["SLA (sparse+linear)"] = partial(sla_attention, q, k, v, method, proj)
                 meta["SLA (sparse+linear)"] = dict(density=sla_density(n, method), target_density=target)
-            for name in list(calls)[1:]:  # a contender that cannot run here is a note, not a crash
-                try:
-                    calls[name]()
-                except Exception as exc:
-                    notes.append(f"{shape.name} {name}: failed ({type(exc).__name__}: {exc})"[:300])
-                    del calls[name]
+            _drop_failing(calls, shape, notes)
             times = run_rounds(calls, repeats, device=device, warmup=warmup)
             rows += [row(name, t, times[sdpa], **meta[name]) for name, t in times.items() if name != sdpa]
             bar.update(1)
     return rows
+
+
+def _drop_failing(calls: dict, shape: ModelShape, notes: List[str]) -> None:
+    """Call every contender but the first (dense SDPA) once; one that cannot run here becomes a note."""
+    for name in list(calls)[1:]:
+        try:
+            calls[name]()
+        except Exception as exc:
+            notes.append(f"{shape.name} {name}: failed ({type(exc).__name__}: {exc})"[:300])
+            del calls[name]
 
 
 def _tile_at(grid, density: float):

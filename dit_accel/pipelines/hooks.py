@@ -477,7 +477,8 @@ class TransformerHook:
 
     @torch.compiler.disable
     def _pre_forward(self, module, args, kwargs) -> None:
-        bound = self.signature.bind_partial(module, *args, **kwargs).arguments
+        # Pipelines call the transformer with keywords only: those need no binding (a per-step saving).
+        bound = self.signature.bind_partial(module, *args, **kwargs).arguments if args else kwargs
         info = self.preset.read_grid(module, bound)
         step, total = self.steps.current(bound)
         split = Split.of(self.layers[0].parallel) if self.layers else None
