@@ -87,11 +87,18 @@ def tile_layout_for_density(grid: Sequence[int], density: float, block: int = 64
 
     Returns ``(perm, layout, window)``.
     """
+    method, perm, layout = _tile_case(grid, density, block)
+    return perm, layout, method.window
+
+
+def _tile_case(grid: Sequence[int], density: float, block: int = 64):
+    """``(Tile config, perm, layout)`` of :func:`tile_layout_for_density` (the config searched once)."""
+    from ..methods import Tile
     from ..patterns import tile_layout
 
-    method = _tile_at(grid, density)
+    method = Tile().at_density(tuple(grid), density)
     perm, layout = tile_layout(tuple(grid), method.tile, method.window, block_q=block, block_k=block)
-    return perm, layout, method.window
+    return method, perm, layout
 
 
 def bench_kernels(shapes: Sequence[ModelShape], densities: Sequence[float], *, device="cpu",
@@ -211,16 +218,15 @@ def _bench_shape(shape: ModelShape, densities, device, dtype, warmup, repeats, b
         for target in densities:
             calls, meta = {sdpa: dense[sdpa]}, {}
             try:
-                perm, layout, window = tile_layout_for_density(shape.grid, target)
+                method, perm, layout = _tile_case(shape.grid, target)
             except Exception as exc:
                 notes.append(f"{shape.name} density {target}: no tile layout ({type(exc).__name__}: {exc})")
                 layout = None
             if layout is not None:
-                method = _tile_at(shape.grid, target)
                 np_ = perm.num_padded
                 qp, kp, vp = (torch.randn(b, h, np_, d, generator=gen, device=device, dtype=dtype) for _ in range(3))
                 lay = layout.to(device)
-                tile_meta = dict(density=layout.density(), target_density=target, window=list(window),
+                tile_meta = dict(density=layout.density(), target_density=target, window=list(method.window),
                                  token_density=tile_token_density(shape.grid, method.tile, method.window),
                                  padded_tokens=np_, partial_fraction=layout.partial_fraction())
                 for backend in backends:
@@ -258,12 +264,6 @@ def _drop_failing(calls: dict, shape: ModelShape, notes: List[str]) -> None:
         except Exception as exc:
             notes.append(f"{shape.name} {name}: failed ({type(exc).__name__}: {exc})"[:300])
             del calls[name]
-
-
-def _tile_at(grid, density: float):
-    from ..methods import Tile
-
-    return Tile().at_density(tuple(grid), density)
 
 
 def _device_name(device: torch.device) -> str:
