@@ -138,13 +138,14 @@ class Plan:
             sdpa: dense attention for text queries (the caller's original SDPA).
         Returns ``(o (B, H, S, D), density)``.
         """
+        if num_text == 0:
+            o_video, _, extra, density = self.attend(q, k, v, scale=scale, backend=backend, proj=proj)
+            return (o_video if extra is None else (o_video + extra.to(o_video.dtype))).to(q.dtype), density
         s = q.shape[2]
         video = slice(num_text, s) if text_first else slice(0, s - num_text)
         text = slice(0, num_text) if text_first else slice(s - num_text, s)
         o_video, lse, extra, density = self.attend(q[:, :, video], k[:, :, video], v[:, :, video], scale=scale,
                                                    backend=backend, proj=proj)
-        if num_text == 0:
-            return (o_video if extra is None else (o_video + extra.to(o_video.dtype))).to(q.dtype), density
         text_valid = None if key_mask is None else key_mask.reshape(key_mask.shape[0], key_mask.shape[-1])[:, text]
         scale_value = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
         o_text, lse_text = attend_with_lse(q[:, :, video], k[:, :, text], v[:, :, text], text_valid, scale_value)
@@ -243,9 +244,9 @@ class LayoutPlan(Plan):
             bias = self._raster_bias.get(id(layout))
             if bias is None:
                 bias = self._raster_bias.setdefault(id(layout), build())
+        # The kernel broadcasts the mask over the batch (and over the heads when the layout has one).
         o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            q.float(), k.float(), v.float(), attn_mask=bias[None].expand(q.shape[0], q.shape[1], -1, -1),
-            scale=scale)
+            q.float(), k.float(), v.float(), attn_mask=bias[None], scale=scale)
         return o.to(q.dtype), lse
 
     def prepare(self, device, backend: str = "auto") -> None:
