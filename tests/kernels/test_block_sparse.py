@@ -162,6 +162,67 @@ def test_torch_backend_shared_key_lists(heads):
         torch.testing.assert_close(gr, rg, **GRAD_TOL[torch.float32])
 
 
+@pytest.mark.parametrize("m", [256, 250], ids=["whole-blocks", "ragged-keys"])
+def test_inference_calls_reuse_buffers_and_write_in_place(m):
+    """Calls without autograd gather into per-thread buffers and write each slice into the output in
+    place (rows out of order, rows that visit nothing, many slices, two layouts in turn): same result
+    as the reference, call after call, and as the autograd path, which uses fresh buffers."""
+    n, block = 320, 32
+    g = torch.Generator().manual_seed(5)
+    pattern = torch.rand(2, 5, -(-m // block), generator=g) < 0.5
+    pattern[..., 0] = True
+    visited = pattern.repeat(1, 2, 1)  # query blocks r and r + 5 share a key list: one chunk, rows apart
+    visited[:, 7] = False  # a query block that visits nothing
+    layout = BlockLayout.from_block_masks(visited, q_len=n, kv_len=m, block_q=block, block_k=block)
+    mask = layout.to_dense_mask()
+    other = band_layout(n, block, 3, heads=2) if m == n else None
+    q, k, v = qkv(2, 2, n, m, 64, torch.float32)
+    ref, ref_lse = reference(q, k, v, mask, scale=0.2)
+    with torch.enable_grad():
+        o_grad, lse_grad = torch_block_sparse_attention(q, k, v, layout, 0.2, chunk_bytes=1 << 16)
+    torch.testing.assert_close(o_grad, ref, **TOL[torch.float32])
+    with torch.no_grad():
+        plan = naive._plan_of(layout)
+        assert plan.has_empty and any(c.first_row is None for c in plan.chunks)  # rows scattered; some visit nothing
+        for _ in range(2):
+            o, lse = torch_block_sparse_attention(q, k, v, layout, 0.2, chunk_bytes=1 << 16)
+            torch.testing.assert_close(o, ref, **TOL[torch.float32])
+            assert_lse_close(lse, ref_lse, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(o, o_grad, atol=1e-6, rtol=1e-6)
+            if other is not None:  # another layout through the same buffers in between
+                o2, _ = torch_block_sparse_attention(q, k, v, other, 0.2, chunk_bytes=1 << 16)
+                torch.testing.assert_close(o2, reference(q, k, v, other.to_dense_mask(), scale=0.2)[0],
+                                           **TOL[torch.float32])
+    assert "kv" in naive._SCRATCH.buffers
+
+
+def test_inference_buffers_are_per_thread():
+    """Threads running the twin at once each gather into their own buffers."""
+    import threading
+
+    layouts = [scattered_layout(1024, 32, w, seed=w) for w in (5, 9)]
+    inputs = [qkv(1, 2, 1024, 1024, 32, torch.float32, grad=False) for _ in layouts]
+    with torch.no_grad():
+        expected = [torch_block_sparse_attention(*x, lay, 0.1, chunk_bytes=1 << 15)[0]
+                    for x, lay in zip(inputs, layouts)]
+    results = [[] for _ in layouts]
+
+    def work(i):
+        with torch.no_grad():
+            for _ in range(4):
+                results[i].append(torch_block_sparse_attention(*inputs[i], layouts[i], 0.1, chunk_bytes=1 << 15)[0])
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for got, want in zip(results, expected):
+        assert len(got) == 4
+        for o in got:
+            torch.testing.assert_close(o, want, atol=0, rtol=0)
+
+
 class _MaxNumel(TorchDispatchMode):
     """Records the largest tensor any aten op produces."""
 

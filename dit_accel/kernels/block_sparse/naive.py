@@ -16,10 +16,11 @@ need no mask at all. Two kinds of chunk:
   whose key blocks are one contiguous range alone in its slice is a view instead.
 
 A call cuts each chunk into slices of about :func:`slice_bytes` (Python ints from
-the shapes: the plan does not depend on batch, heads or head dim). On one thread
-slices stay well under glibc's mmap threshold, so their buffers are reused from
-the heap: a fresh mmap'd buffer page-faults on every call, which used to cost more
-than the copy itself. With more threads slices grow: every op is a parallel region
+the shapes: the plan does not depend on batch, heads or head dim). Eager calls on
+CPU that need no gradient gather into one buffer per thread, kept between calls
+(:class:`_Scratch`): a fresh buffer per slice page-faults as it is first written,
+which cost more than the copy itself (radial attention at N = 8192: 310-350 ms
+per call with fresh buffers, 200-210 ms with the reused one). With more threads slices grow: every op is a parallel region
 whose barrier, on a busy machine, can wait a scheduler time slice for a thread. On CPU each slice runs through ATen's fused flash-attention
 kernel (it returns the log-sum-exp and has a backward, but ignores a gradient on
 the lse, so callers that differentiate lse get the matmul path); elsewhere
@@ -31,6 +32,8 @@ so ``torch.compile(fullgraph=True)`` traces it.
 
 from __future__ import annotations
 
+import math
+import threading
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
@@ -42,9 +45,11 @@ from ..layout import BlockLayout
 
 __all__ = ["torch_block_sparse_attention", "prepare", "dense_is_faster", "sparse_cost_ratio"]
 
-# Bytes per slice on one thread (gathered K/V, Q and output, plus scores on the matmul path). Well
-# under glibc's largest dynamic mmap threshold (32 MiB), so buffers come back from the heap.
-CHUNK_BYTES = 8 << 20
+# Bytes per slice on one thread (gathered K/V, Q and output, plus scores on the matmul path): about
+# what one core's L2 holds, so a gathered slice is still cached when attention reads it. Measured at
+# N = 8192, 1 thread, gathering into the reused buffer (twin ms at 1 / 2 / 8 MiB slices): radial 0.109
+# 167 / 172 / 209, GNA 0.282 208 / 215 / 239, SLA topk 0.2 309 / 302 / 384, tile 0.117 156 / 148 / 147.
+CHUNK_BYTES = 2 << 20
 # Bytes per slice per thread with more than one thread (fewer, larger parallel regions; on this
 # project's shared 2-core machine 32 MiB slices at 2 threads ran radial 0.109 in half the time of 8 MiB).
 CHUNK_BYTES_PER_THREAD = 16 << 20
@@ -351,6 +356,37 @@ def _window(blocks: torch.Tensor, first: int, step: int, rows: int, width: int) 
     return _window_view(blocks, first, step, rows, width)
 
 
+class _Scratch(threading.local):
+    """Per-thread gather buffers, grown as needed and reused by every slice and call of the thread.
+
+    Only for eager CPU calls without autograd: a gathered slice is consumed by its attention
+    before the next slice overwrites the buffer, and nothing keeps a view of it.
+    """
+
+    def __init__(self) -> None:
+        self.buffers: Dict[str, torch.Tensor] = {}
+
+    def take(self, name: str, shape: Tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+        numel = math.prod(shape)
+        buffer = self.buffers.get(name)
+        if buffer is None or buffer.numel() < numel or buffer.dtype != like.dtype or buffer.device != like.device:
+            buffer = self.buffers[name] = torch.empty(numel, dtype=like.dtype, device=like.device)
+        return buffer[:numel].view(shape)
+
+
+_SCRATCH = _Scratch()
+
+
+def gather(x: torch.Tensor, dim: int, index: torch.Tensor, scratch: Optional[str] = None) -> torch.Tensor:
+    """``x.index_select(dim, index)``; with ``scratch`` (a buffer name; eager, no autograd) into that buffer
+    of the thread's :class:`_Scratch`, valid until the thread's next gather into the same name."""
+    if scratch is None or torch.compiler.is_compiling():
+        return x.index_select(dim, index)
+    shape = list(x.shape)
+    shape[dim] = index.numel()
+    return torch.index_select(x, dim, index, out=_SCRATCH.take(scratch, tuple(shape), x))
+
+
 def _use_fused(device: torch.device) -> bool:
     return device.type == "cpu" and hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu")
 
@@ -394,20 +430,40 @@ def torch_block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     fused = (_use_fused(q.device) and not lse_grad) if fused is None else fused
     plan = _plan_of(layout)
     chunk_bytes = slice_bytes() if chunk_bytes is None else chunk_bytes
+    scratch = q.device.type == "cpu" and not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad
+                                                                            or v.requires_grad))
 
     # Heads split as (g, hl): head = g_idx * hl + hl_idx, matching both Hl = 1 and Hl = H.
     qb = _pad_blocks(q.float(), bq).reshape(bg, hl * n_q, bq, d)
     # K over V on the batch axis: one gather (or one window view) serves both. Dense block storage.
-    kvb = _pad_blocks(torch.cat([k.float(), v.float()]), bk).reshape(2 * bg, hl * n_k, bk, d)
+    if scratch and k.shape[2] % bk == 0:
+        kv = torch.cat([k.float(), v.float()], out=_SCRATCH.take("k;v", (2 * b, *k.shape[1:]), qb))
+    else:
+        kv = _pad_blocks(torch.cat([k.float(), v.float()]), bk)
+    kvb = kv.reshape(2 * bg, hl * n_k, bk, d)
+    if scratch:  # each slice's output straight into place (no concatenation, no reordering pass)
+        o = qb.new_zeros(qb.shape) if plan.has_empty else torch.empty_like(qb)
+        lse = qb.new_full(qb.shape[:3], float("-inf")) if plan.has_empty else qb.new_empty(qb.shape[:3])
     outs: List[torch.Tensor] = []
     lses: List[torch.Tensor] = []
     for chunk in plan.chunks:
         step = _units_per_slice(chunk, bg, bq, bk, d, fused, chunk_bytes)
         for u0 in range(0, chunk.units, step):
-            o_c, lse_c = _run_slice(qb, kvb, chunk, u0, min(chunk.units, u0 + step), scale, fused)
-            outs.append(o_c)
-            lses.append(lse_c)
-    o, lse = _assemble(plan, outs, lses, qb)
+            u1 = min(chunk.units, u0 + step)
+            o_c, lse_c = _run_slice(qb, kvb, chunk, u0, u1, scale, fused, scratch)
+            if not scratch:
+                outs.append(o_c)
+                lses.append(lse_c)
+            elif chunk.first_row is not None:
+                r0 = chunk.first_row + u0 * chunk.group
+                o[:, r0:r0 + o_c.shape[1]] = o_c
+                lse[:, r0:r0 + o_c.shape[1]] = lse_c
+            else:
+                rows = chunk.rows[u0 * chunk.group:u1 * chunk.group]
+                o.index_copy_(1, rows, o_c)
+                lse.index_copy_(1, rows, lse_c)
+    if not scratch:
+        o, lse = _assemble(plan, outs, lses, qb)
     o = o.reshape(b, h, n_q * bq, d)[:, :, : layout.q_len]
     lse = lse.reshape(b, h, n_q * bq)[:, :, : layout.q_len]
     return o.to(q.dtype), lse
@@ -427,9 +483,9 @@ def _assemble(plan: _Plan, outs: List[torch.Tensor], lses: List[torch.Tensor], q
     return o, lse
 
 
-def _slice_qkv(qb, kvb, chunk: _Chunk, u0: int, u1: int):
+def _slice_qkv(qb, kvb, chunk: _Chunk, u0: int, u1: int, scratch: bool = False):
     """Q ``[BG, U, G*bq, D]`` and K, V ``[BG, U, C*bk, D]`` of units ``u0:u1``: views where the
-    blocks are consecutive, else gathered copies."""
+    blocks are consecutive, else gathered copies (into the thread's :class:`_Scratch` with ``scratch``)."""
     bg, _, bq, d = qb.shape
     bk = kvb.shape[2]
     units, grp, c = u1 - u0, chunk.group, chunk.width
@@ -437,7 +493,8 @@ def _slice_qkv(qb, kvb, chunk: _Chunk, u0: int, u1: int):
         r0 = chunk.first_row + u0 * grp
         q_c = qb[:, r0:r0 + units * grp]
     else:
-        q_c = qb.index_select(1, chunk.rows if units == chunk.units else chunk.rows[u0 * grp:u1 * grp])
+        q_c = gather(qb, 1, chunk.rows if units == chunk.units else chunk.rows[u0 * grp:u1 * grp],
+                     "q" if scratch else None)
     q_c = q_c.reshape(bg, units, grp * bq, d)
     if chunk.run is not None:
         _, kv0, step = chunk.run
@@ -446,7 +503,7 @@ def _slice_qkv(qb, kvb, chunk: _Chunk, u0: int, u1: int):
         kv_c = kvb[:, chunk.first_kv:chunk.first_kv + c].reshape(2 * bg, 1, c * bk, d)
     else:
         kv = chunk.kv if units == chunk.units else chunk.kv[u0 * c:u1 * c]
-        kv_c = kvb.index_select(1, kv).reshape(2 * bg, units, c * bk, d)
+        kv_c = gather(kvb, 1, kv, "kv" if scratch else None).reshape(2 * bg, units, c * bk, d)
     return q_c, kv_c[:bg], kv_c[bg:]
 
 
@@ -469,9 +526,9 @@ def _attend(q_c, k_c, v_c, mask: Optional[_Mask], scale: float, fused: bool):
     return o_c, lse_c
 
 
-def _run_slice(qb, kvb, chunk: _Chunk, u0: int, u1: int, scale: float, fused: bool):
+def _run_slice(qb, kvb, chunk: _Chunk, u0: int, u1: int, scale: float, fused: bool, scratch: bool = False):
     """Units ``u0:u1`` of ``chunk``: ``(o [BG, U*G, bq, D], lse [BG, U*G, bq])`` of their query blocks."""
     bg, _, bq, d = qb.shape
-    o_c, lse_c = _attend(*_slice_qkv(qb, kvb, chunk, u0, u1), chunk.mask, scale, fused)
+    o_c, lse_c = _attend(*_slice_qkv(qb, kvb, chunk, u0, u1, scratch), chunk.mask, scale, fused)
     n_rows = (u1 - u0) * chunk.group
     return o_c.reshape(bg, n_rows, bq, d), lse_c.reshape(bg, n_rows, bq)

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from ..._util import cdiv as _cdiv
-from ..block_sparse.naive import slice_bytes
+from ..block_sparse.naive import gather, slice_bytes
 from .common import MARGINAL, SLABlocks, SLAParams, feature_map
 
 __all__ = ["sla_torch"]
@@ -78,8 +78,8 @@ def _sparse_branch_fused(q, k, v, critical, block_q, block_k, scale, chunk_bytes
     for q0 in range(0, n_q, step):
         q1 = min(n_q, q0 + step)
         idx = rows[:, q0 * kc:q1 * kc].reshape(-1)
-        k_c = kb.index_select(0, idx).view(bh, q1 - q0, kc * block_k, d)
-        v_c = vb.index_select(0, idx).view(bh, q1 - q0, kc * block_k, d)
+        k_c = gather(kb, 0, idx, "k").view(bh, q1 - q0, kc * block_k, d)  # reused buffers: no autograd here
+        v_c = gather(vb, 0, idx, "v").view(bh, q1 - q0, kc * block_k, d)
         o_c, lse_c = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             qb[:, q0:q1], k_c, v_c, attn_mask=None if bias is None else bias[:, q0:q1], scale=scale)
         outs.append(o_c)
