@@ -56,7 +56,7 @@ __all__ = ["Instruction", "Loop", "parse_sass", "find_loops", "classify", "CLASS
            "loop_names", "family_of", "main_loop", "MAIN_LOOP", "MASKED_LOOP", "ANALYSIS_VERSION"]
 
 #: Bump when the analysis changes, so cached results are recomputed.
-ANALYSIS_VERSION = 3
+ANALYSIS_VERSION = 4
 
 # ----------------------------------------------------------------------------- instruction classes
 #: Instruction classes of the per-tile counts, in report order.
@@ -475,10 +475,14 @@ def _named_loops(text: str, kernel_file: str) -> Dict[str, dict]:
             named[lp.name] = lp
     out = {}
     for name, lp in named.items():
-        bases = [ins.opcode.split(".", 1)[0] for ins in instrs if lp.head <= ins.addr <= lp.end]
+        body = [ins for ins in instrs if lp.head <= ins.addr <= lp.end]
+        bases = [ins.opcode.split(".", 1)[0] for ins in body]
         # A synchronous global load (LDG) in the loop stalls its iteration on memory; the pipeliner
         # turns loads it can move iterations ahead (block indices, K/V) into cp.async (LDGSTS) or TMA.
-        out[name] = {**lp.as_dict(), "sync_global_loads": bases.count("LDG"),
+        # Each LDG's source line (innermost frame in the kernel's file) says which load it is.
+        lines = sorted({here[0] for ins in body if ins.opcode.split(".", 1)[0] == "LDG"
+                        for here in [[ln for f, ln in ins.lines if _same_source(f, kernel_file)]] if here})
+        out[name] = {**lp.as_dict(), "sync_global_loads": bases.count("LDG"), "sync_global_load_lines": lines,
                      "async_copies": bases.count("LDGSTS") + bases.count("UTMALDG")}
     return out
 

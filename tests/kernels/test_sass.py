@@ -219,6 +219,30 @@ def test_forward_loops_prefetch_block_indices(rows):
             assert loop["async_copies"] > 0, f"sm_{r['arch']} {r['name']} {name}: no async copies"
 
 
+def test_dkdv_loops_load_block_indices_an_iteration_ahead(rows):
+    """dK/dV (whose 1-stage configurations get no help from Triton's pipeliner): every synchronous load
+    (LDG) of a plan entry (tile index, bit offset) inside a loop is the next iteration's (``+ i + 1``),
+    so no iteration's Q, dO, lse and delta loads wait on an index load of the same iteration."""
+    import re
+    from pathlib import Path
+
+    from dit_accel.kernels.block_sparse import triton as kernels
+
+    source = Path(kernels.__file__).read_text().splitlines()
+    plan_entry = re.compile(r"tl\.load\((full|part|bits) \+ i\b")
+    dkdv = [r for r in rows.values() if r["family"] == "block_sparse" and r["kernel"] == "bwd_dkdv"]
+    assert {r["arch"] for r in dkdv} == {80, 89, 90} and any(r["num_stages"] == 1 for r in dkdv)
+    checked = 0
+    for r in dkdv:
+        for name, loop in r["loops"].items():
+            for line in loop["sync_global_load_lines"]:
+                text = source[line - 1].strip()
+                if plan_entry.search(text):
+                    checked += 1
+                    assert "+ i + 1" in text, f"sm_{r['arch']} {r['name']} {name}: an LDG at line {line}: {text}"
+    assert checked > 0
+
+
 def test_report_table_and_partial_cost(rows):
     sample = [r for r in rows.values() if r["arch"] == 90 and r["kernel"] == "fwd"][:2]
     table = sass.sass_table(sample)

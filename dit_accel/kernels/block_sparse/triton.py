@@ -149,17 +149,26 @@ def _bwd_dkdv_kernel(
     bits = part + wp
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    # The next query tile's index (and bit offset) is loaded one iteration ahead, so an iteration's
+    # loads of Q, dO, lse and delta never wait on the load of its index. With num_stages >= 2
+    # Triton's pipeliner does this itself; with 1 stage nothing else would.
+    nxt = tl.load(full, mask=n_full > 0, other=0)
     for i in range(0, n_full):  # loop: full
-        row = tl.load(full + i) * BLOCK_M
+        row = nxt * BLOCK_M
+        nxt = tl.load(full + i + 1, mask=i + 1 < n_full, other=0)
         q = load_tile(Q, q_base, b, h, row, q_len, sqn, head_dim, BLOCK_M, BLOCK_D, TMA, False, EVEN_D)
         do = load_tile(DO, do_base, b, h, row, q_len, sdn, head_dim, BLOCK_M, BLOCK_D, TMA, False, EVEN_D)
         lse = tl.load(LSE2 + rows_at + row + offs_m)
         delta = tl.load(DELTA + rows_at + row + offs_m)
         dk, dv = dkdv_step(k, v, q, do, lse, delta, dk, dv, qk_scale, 0, False, DOT_PRECISION)
     keys = tl.arange(0, BLOCK_N)
+    nxt = tl.load(part, mask=n_part > 0, other=0)
+    nxt_bits = tl.load(bits, mask=n_part > 0, other=0)
     for i in range(0, n_part):  # loop: partial
-        row = tl.load(part + i) * BLOCK_M
-        keep = row_bits(BITS, tl.load(bits + i), keys, bits_w, BLOCK_M)
+        row = nxt * BLOCK_M
+        keep = row_bits(BITS, nxt_bits, keys, bits_w, BLOCK_M)
+        nxt = tl.load(part + i + 1, mask=i + 1 < n_part, other=0)
+        nxt_bits = tl.load(bits + i + 1, mask=i + 1 < n_part, other=0)
         q = load_tile(Q, q_base, b, h, row, q_len, sqn, head_dim, BLOCK_M, BLOCK_D, TMA, True, EVEN_D)
         do = load_tile(DO, do_base, b, h, row, q_len, sdn, head_dim, BLOCK_M, BLOCK_D, TMA, True, EVEN_D)
         m_ok = row + offs_m < q_len  # rows past q_len: lse = +inf, so P = 0
