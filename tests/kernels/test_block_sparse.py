@@ -223,6 +223,34 @@ def test_inference_buffers_are_per_thread():
             torch.testing.assert_close(o, want, atol=0, rtol=0)
 
 
+def test_inference_calls_split_slices_between_threads():
+    """With two torch threads an inference call runs its slices in two threads (one OpenMP thread each):
+    the same result as one thread and as the reference, and the caller's thread count is restored."""
+    layout = scattered_layout(2048, 64, 6, seed=1)
+    q, k, v = qkv(2, 2, 2048, 2048, 64, torch.float32, grad=False)
+    ref, ref_lse = reference(q, k, v, layout.to_dense_mask(), scale=0.1)
+    with torch.no_grad():
+        one, one_lse = torch_block_sparse_attention(q, k, v, layout, 0.1)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(2)
+        try:
+            jobs = []
+            original = naive._split
+            naive._split = lambda j, parts: jobs.append((len(j), parts)) or original(j, parts)
+            try:
+                two, two_lse = torch_block_sparse_attention(q, k, v, layout, 0.1)
+            finally:
+                naive._split = original
+            assert torch.get_num_threads() == 2
+        finally:
+            torch.set_num_threads(threads)
+    assert jobs and jobs[0][0] > 1 and jobs[0][1] == 2  # the slices were split between two threads
+    torch.testing.assert_close(two, one, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(two_lse, one_lse, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(two, ref, **TOL[torch.float32])
+    assert_lse_close(two_lse, ref_lse, atol=1e-5, rtol=1e-5)
+
+
 class _MaxNumel(TorchDispatchMode):
     """Records the largest tensor any aten op produces."""
 

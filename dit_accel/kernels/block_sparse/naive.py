@@ -20,7 +20,9 @@ the shapes: the plan does not depend on batch, heads or head dim). Eager calls o
 CPU that need no gradient gather into one buffer per thread, kept between calls
 (:class:`_Scratch`): a fresh buffer per slice page-faults as it is first written,
 which cost more than the copy itself (radial attention at N = 8192: 310-350 ms
-per call with fresh buffers, 200-210 ms with the reused one). With more threads slices grow: every op is a parallel region
+per call with fresh buffers, 200-210 ms with the reused one). With more than one
+torch thread such calls split their slices between that many threads, each running
+its ops on one OpenMP thread (:func:`_in_threads`). With more threads slices grow: every op is a parallel region
 whose barrier, on a busy machine, can wait a scheduler time slice for a thread. On CPU each slice runs through ATen's fused flash-attention
 kernel (it returns the log-sum-exp and has a backward, but ignores a gradient on
 the lse, so callers that differentiate lse get the matmul path); elsewhere
@@ -34,6 +36,7 @@ from __future__ import annotations
 
 import math
 import threading
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
@@ -429,9 +432,11 @@ def torch_block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     bg = b * (h // hl)
     fused = (_use_fused(q.device) and not lse_grad) if fused is None else fused
     plan = _plan_of(layout)
-    chunk_bytes = slice_bytes() if chunk_bytes is None else chunk_bytes
     scratch = q.device.type == "cpu" and not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad
                                                                             or v.requires_grad))
+    workers = 1 if not scratch or torch.compiler.is_compiling() else torch.get_num_threads()
+    if chunk_bytes is None:
+        chunk_bytes = CHUNK_BYTES if workers > 1 else slice_bytes()
 
     # Heads split as (g, hl): head = g_idx * hl + hl_idx, matching both Hl = 1 and Hl = H.
     qb = _pad_blocks(q.float(), bq).reshape(bg, hl * n_q, bq, d)
@@ -441,32 +446,94 @@ def torch_block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     else:
         kv = _pad_blocks(torch.cat([k.float(), v.float()]), bk)
     kvb = kv.reshape(2 * bg, hl * n_k, bk, d)
+    jobs = [(chunk, u0, min(chunk.units, u0 + step)) for chunk in plan.chunks
+            for step in [_units_per_slice(chunk, bg, bq, bk, d, fused, chunk_bytes)]
+            for u0 in range(0, chunk.units, step)]
     if scratch:  # each slice's output straight into place (no concatenation, no reordering pass)
         o = qb.new_zeros(qb.shape) if plan.has_empty else torch.empty_like(qb)
         lse = qb.new_full(qb.shape[:3], float("-inf")) if plan.has_empty else qb.new_empty(qb.shape[:3])
-    outs: List[torch.Tensor] = []
-    lses: List[torch.Tensor] = []
-    for chunk in plan.chunks:
-        step = _units_per_slice(chunk, bg, bq, bk, d, fused, chunk_bytes)
-        for u0 in range(0, chunk.units, step):
-            u1 = min(chunk.units, u0 + step)
-            o_c, lse_c = _run_slice(qb, kvb, chunk, u0, u1, scale, fused, scratch)
-            if not scratch:
-                outs.append(o_c)
-                lses.append(lse_c)
-            elif chunk.first_row is not None:
-                r0 = chunk.first_row + u0 * chunk.group
-                o[:, r0:r0 + o_c.shape[1]] = o_c
-                lse[:, r0:r0 + o_c.shape[1]] = lse_c
-            else:
-                rows = chunk.rows[u0 * chunk.group:u1 * chunk.group]
-                o.index_copy_(1, rows, o_c)
-                lse.index_copy_(1, rows, lse_c)
-    if not scratch:
+
+        def run(group):
+            for chunk, u0, u1 in group:
+                _place(o, lse, chunk, u0, u1, *_run_slice(qb, kvb, chunk, u0, u1, scale, fused, True))
+
+        if workers > 1 and len(jobs) > 1:
+            _in_threads(run, _split(jobs, workers))
+        else:
+            run(jobs)
+    else:
+        outs: List[torch.Tensor] = []
+        lses: List[torch.Tensor] = []
+        for chunk, u0, u1 in jobs:
+            o_c, lse_c = _run_slice(qb, kvb, chunk, u0, u1, scale, fused, False)
+            outs.append(o_c)
+            lses.append(lse_c)
         o, lse = _assemble(plan, outs, lses, qb)
     o = o.reshape(b, h, n_q * bq, d)[:, :, : layout.q_len]
     lse = lse.reshape(b, h, n_q * bq)[:, :, : layout.q_len]
     return o.to(q.dtype), lse
+
+
+def _place(o: torch.Tensor, lse: torch.Tensor, chunk: _Chunk, u0: int, u1: int, o_c: torch.Tensor,
+           lse_c: torch.Tensor) -> None:
+    """Write units ``u0:u1`` of ``chunk`` (``o_c``, ``lse_c``) into their rows of ``o`` and ``lse``."""
+    if chunk.first_row is not None:
+        r0 = chunk.first_row + u0 * chunk.group
+        o[:, r0:r0 + o_c.shape[1]] = o_c
+        lse[:, r0:r0 + o_c.shape[1]] = lse_c
+    else:
+        rows = chunk.rows[u0 * chunk.group:u1 * chunk.group]
+        o.index_copy_(1, rows, o_c)
+        lse.index_copy_(1, rows, lse_c)
+
+
+def _split(jobs: list, parts: int) -> List[list]:
+    """``jobs`` (chunk, u0, u1) cut into at most ``parts`` consecutive groups of about equal work."""
+    cost = [(u1 - u0) * chunk.group * max(chunk.width, 1) for chunk, u0, u1 in jobs]
+    total, groups, current, done = sum(cost), [], [], 0
+    for job, c in zip(jobs, cost):
+        current.append(job)
+        done += c
+        if done * parts >= total * (len(groups) + 1) and len(groups) < parts - 1:
+            groups.append(current)
+            current = []
+    if current:
+        groups.append(current)
+    return groups
+
+
+_POOL: Optional[ThreadPoolExecutor] = None
+_POOL_LOCK = threading.Lock()
+
+
+def _in_threads(run, groups: List[list]) -> None:
+    """``run(group)`` for every group at once: the first in this thread, the others in a pool, each
+    thread's ops on one OpenMP thread (the team size is per thread: other threads keep theirs).
+
+    Why: ATen's copies (the gathers, the in-place writes) gain nothing from a second OpenMP thread, and
+    every op is a parallel region with a barrier; threads that each run whole slices keep both cores
+    busy (radial attention at N = 8192, two threads: 119 -> 98 ms per call, docs/cpu_bench.md).
+    """
+    global _POOL
+    with _POOL_LOCK:
+        if _POOL is None or _POOL._max_workers < len(groups) - 1:
+            _POOL = ThreadPoolExecutor(max_workers=len(groups) - 1, thread_name_prefix="dit_accel-twin")
+        pool = _POOL
+
+    def one_thread(group):
+        torch.set_num_threads(1)
+        run(group)
+
+    threads = torch.get_num_threads()
+    futures = [pool.submit(one_thread, group) for group in groups[1:]]
+    try:
+        torch.set_num_threads(1)
+        run(groups[0])
+    finally:
+        wait(futures)
+        torch.set_num_threads(threads)
+    for future in futures:
+        future.result()
 
 
 def _assemble(plan: _Plan, outs: List[torch.Tensor], lses: List[torch.Tensor], qb: torch.Tensor):
