@@ -56,6 +56,10 @@ CHUNK_BYTES = 2 << 20
 # Bytes per slice per thread with more than one thread (fewer, larger parallel regions; on this
 # project's shared 2-core machine 32 MiB slices at 2 threads ran radial 0.109 in half the time of 8 MiB).
 CHUNK_BYTES_PER_THREAD = 16 << 20
+# Inference calls with several torch threads share their gathered slices between threads only when
+# there are at least this many per thread (fewer: the split is uneven; one thread with its OpenMP team
+# was faster on a tile layout of 2,340 tokens with 11 slices at two threads: 11.5 ms against 14.5 ms).
+_SLICES_PER_THREAD = 8
 # Shortest run of rows worth a strided (copy-free) chunk.
 _MIN_RUN = 4
 # Additive fp32 chunk masks are kept up to this many bytes per layout; past it a mask is kept
@@ -435,8 +439,6 @@ def torch_block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     scratch = q.device.type == "cpu" and not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad
                                                                             or v.requires_grad))
     workers = 1 if not scratch or torch.compiler.is_compiling() else torch.get_num_threads()
-    if chunk_bytes is None:
-        chunk_bytes = CHUNK_BYTES if workers > 1 else slice_bytes()
 
     # Heads split as (g, hl): head = g_idx * hl + hl_idx, matching both Hl = 1 and Hl = H.
     qb = _pad_blocks(q.float(), bq).reshape(bg, hl * n_q, bq, d)
@@ -446,9 +448,21 @@ def torch_block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     else:
         kv = _pad_blocks(torch.cat([k.float(), v.float()]), bk)
     kvb = kv.reshape(2 * bg, hl * n_k, bk, d)
-    jobs = [(chunk, u0, min(chunk.units, u0 + step)) for chunk in plan.chunks
-            for step in [_units_per_slice(chunk, bg, bq, bk, d, fused, chunk_bytes)]
-            for u0 in range(0, chunk.units, step)]
+    def cut(chunks, budget: int) -> list:
+        return [(chunk, u0, min(chunk.units, u0 + step)) for chunk in chunks
+                for step in [_units_per_slice(chunk, bg, bq, bk, d, fused, budget)]
+                for u0 in range(0, chunk.units, step)]
+
+    # With several threads, gathered slices are shared out between threads (see _in_threads) when there
+    # are enough of them; chunks read through views run on this thread with its whole OpenMP team.
+    shared: list = []
+    if workers > 1:
+        gathered = [c for c in plan.chunks if c.run is None and c.first_kv is None]
+        shared = cut(gathered, chunk_bytes or CHUNK_BYTES)
+        if len(shared) < _SLICES_PER_THREAD * workers:
+            shared = []
+    jobs = cut([c for c in plan.chunks if not shared or c.run is not None or c.first_kv is not None],
+               chunk_bytes or slice_bytes())
     if scratch:  # each slice's output straight into place (no concatenation, no reordering pass)
         o = qb.new_zeros(qb.shape) if plan.has_empty else torch.empty_like(qb)
         lse = qb.new_full(qb.shape[:3], float("-inf")) if plan.has_empty else qb.new_empty(qb.shape[:3])
@@ -457,10 +471,9 @@ def torch_block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
             for chunk, u0, u1 in group:
                 _place(o, lse, chunk, u0, u1, *_run_slice(qb, kvb, chunk, u0, u1, scale, fused, True))
 
-        if workers > 1 and len(jobs) > 1:
-            _in_threads(run, _split(jobs, workers))
-        else:
-            run(jobs)
+        run(jobs)
+        if shared:
+            _in_threads(run, _split(shared, workers))
     else:
         outs: List[torch.Tensor] = []
         lses: List[torch.Tensor] = []
