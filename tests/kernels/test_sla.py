@@ -118,6 +118,34 @@ def test_twin_fused_forward_matches_reference_and_simple_path(nq, nk, d, kw):
         torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
 
 
+def test_twin_fused_branch_shares_slices_between_threads():
+    """With two torch threads and enough slices the fused sparse branch runs them in two threads:
+    the same result as the simple path, and the caller's thread count is restored."""
+    from dit_accel.kernels.block_sparse import naive as bs_naive
+    from dit_accel.kernels.sla import naive as sla_naive
+
+    method = SLA(topk=0.25)
+    q, k, v = make_qkv(1, 2, 2048, 32)
+    with torch.no_grad():
+        info = sla_attention(q, k, v, method, make_proj(32), backend="torch", return_parts=True)[3]
+        crit = info["blocks"].critical
+        simple = sla_naive._sparse_branch_torch(q, k, v, crit, 64, 64, 32 ** -0.5)
+        calls = []
+        threads = torch.get_num_threads()
+        original = bs_naive.in_threads
+        sla_naive.in_threads = lambda run, groups: calls.append(len(groups)) or original(run, groups)
+        torch.set_num_threads(2)
+        try:
+            shared = sla_naive._sparse_branch_fused(q, k, v, crit, 64, 64, 32 ** -0.5, chunk_bytes=1)
+            assert torch.get_num_threads() == 2
+        finally:
+            torch.set_num_threads(threads)
+            sla_naive.in_threads = original
+    assert calls == [2]
+    for got, want in zip(shared, simple):
+        torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
+
+
 def test_twin_topk_one_zero_proj_is_dense_attention():
     q, k, v = make_qkv(2, 2, 130, 64)
     proj = torch.nn.Linear(64, 64)

@@ -21,9 +21,10 @@ CPU that need no gradient gather into one buffer per thread, kept between calls
 (:class:`_Scratch`): a fresh buffer per slice page-faults as it is first written,
 which cost more than the copy itself (radial attention at N = 8192: 310-350 ms
 per call with fresh buffers, 200-210 ms with the reused one). With more than one
-torch thread such calls split their slices between that many threads, each running
-its ops on one OpenMP thread (:func:`_in_threads`). With more threads slices grow: every op is a parallel region
-whose barrier, on a busy machine, can wait a scheduler time slice for a thread. On CPU each slice runs through ATen's fused flash-attention
+torch thread such calls share their gathered slices out between that many threads,
+each running its ops on one OpenMP thread (:func:`in_threads`). Otherwise, with more
+threads, slices grow: every op is a parallel region whose barrier, on a busy machine,
+can wait a scheduler time slice for a thread. On CPU each slice runs through ATen's fused flash-attention
 kernel (it returns the log-sum-exp and has a backward, but ignores a gradient on
 the lse, so callers that differentiate lse get the matmul path); elsewhere
 through explicit fp32 matmuls and an fp32 softmax. Gradients come from autograd.
@@ -59,7 +60,7 @@ CHUNK_BYTES_PER_THREAD = 16 << 20
 # Inference calls with several torch threads share their gathered slices between threads only when
 # there are at least this many per thread (fewer: the split is uneven; one thread with its OpenMP team
 # was faster on a tile layout of 2,340 tokens with 11 slices at two threads: 11.5 ms against 14.5 ms).
-_SLICES_PER_THREAD = 8
+SLICES_PER_THREAD = 8
 # Shortest run of rows worth a strided (copy-free) chunk.
 _MIN_RUN = 4
 # Additive fp32 chunk masks are kept up to this many bytes per layout; past it a mask is kept
@@ -453,13 +454,13 @@ def torch_block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
                 for step in [_units_per_slice(chunk, bg, bq, bk, d, fused, budget)]
                 for u0 in range(0, chunk.units, step)]
 
-    # With several threads, gathered slices are shared out between threads (see _in_threads) when there
+    # With several threads, gathered slices are shared out between threads (see in_threads) when there
     # are enough of them; chunks read through views run on this thread with its whole OpenMP team.
     shared: list = []
     if workers > 1:
         gathered = [c for c in plan.chunks if c.run is None and c.first_kv is None]
         shared = cut(gathered, chunk_bytes or CHUNK_BYTES)
-        if len(shared) < _SLICES_PER_THREAD * workers:
+        if len(shared) < SLICES_PER_THREAD * workers:
             shared = []
     jobs = cut([c for c in plan.chunks if not shared or c.run is not None or c.first_kv is not None],
                chunk_bytes or slice_bytes())
@@ -473,7 +474,7 @@ def torch_block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
 
         run(jobs)
         if shared:
-            _in_threads(run, _split(shared, workers))
+            in_threads(run, _split(shared, workers))
     else:
         outs: List[torch.Tensor] = []
         lses: List[torch.Tensor] = []
@@ -519,7 +520,7 @@ _POOL: Optional[ThreadPoolExecutor] = None
 _POOL_LOCK = threading.Lock()
 
 
-def _in_threads(run, groups: List[list]) -> None:
+def in_threads(run, groups: List[list]) -> None:
     """``run(group)`` for every group at once: the first in this thread, the others in a pool, each
     thread's ops on one OpenMP thread (the team size is per thread: other threads keep theirs).
 

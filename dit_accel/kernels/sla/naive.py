@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from ..._util import cdiv as _cdiv
-from ..block_sparse.naive import gather, slice_bytes
+from ..block_sparse.naive import CHUNK_BYTES, SLICES_PER_THREAD, gather, in_threads, slice_bytes
 from .common import MARGINAL, SLABlocks, SLAParams, feature_map
 
 __all__ = ["sla_torch"]
@@ -73,19 +73,29 @@ def _sparse_branch_fused(q, k, v, critical, block_q, block_k, scale, chunk_bytes
         bias = torch.zeros(tok.shape, device=q.device).masked_fill_(tok >= nk_tok, float("-inf"))
         bias = bias.reshape(bh, n_q, 1, kc * block_k)
     per_block = 4 * bh * (2 * kc * block_k * d + 2 * block_q * d)
-    step = max(1, (slice_bytes() if chunk_bytes is None else chunk_bytes) // per_block)
-    outs, lses = [], []
-    for q0 in range(0, n_q, step):
-        q1 = min(n_q, q0 + step)
-        idx = rows[:, q0 * kc:q1 * kc].reshape(-1)
-        k_c = gather(kb, 0, idx, "k").view(bh, q1 - q0, kc * block_k, d)  # reused buffers: no autograd here
-        v_c = gather(vb, 0, idx, "v").view(bh, q1 - q0, kc * block_k, d)
-        o_c, lse_c = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            qb[:, q0:q1], k_c, v_c, attn_mask=None if bias is None else bias[:, q0:q1], scale=scale)
-        outs.append(o_c)
-        lses.append(lse_c)
-    o = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
-    lse = lses[0] if len(lses) == 1 else torch.cat(lses, dim=1)
+    # Several torch threads: slices of the one-thread size, shared out between threads (as the
+    # block-sparse twin does with its gathered slices), when there are enough of them.
+    workers = 1 if torch.compiler.is_compiling() else torch.get_num_threads()
+    step = max(1, (chunk_bytes or CHUNK_BYTES) // per_block)
+    if workers == 1 or -(-n_q // step) < SLICES_PER_THREAD * workers:
+        workers, step = 1, max(1, (chunk_bytes or slice_bytes()) // per_block)
+    o = qb.new_empty(qb.shape)
+    lse = qb.new_empty(qb.shape[:3])
+
+    def run(starts):
+        for q0 in starts:
+            q1 = min(n_q, q0 + step)
+            idx = rows[:, q0 * kc:q1 * kc].reshape(-1)
+            k_c = gather(kb, 0, idx, "k").view(bh, q1 - q0, kc * block_k, d)  # reused buffers: no autograd here
+            v_c = gather(vb, 0, idx, "v").view(bh, q1 - q0, kc * block_k, d)
+            o[:, q0:q1], lse[:, q0:q1] = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+                qb[:, q0:q1], k_c, v_c, attn_mask=None if bias is None else bias[:, q0:q1], scale=scale)[:2]
+
+    starts = list(range(0, n_q, step))
+    if workers > 1:
+        in_threads(run, [starts[i * len(starts) // workers:(i + 1) * len(starts) // workers] for i in range(workers)])
+    else:
+        run(starts)
     return o.reshape(b, h, n_q * block_q, d)[:, :, :nq_tok], lse.reshape(b, h, n_q * block_q)[:, :, :nq_tok]
 
 
