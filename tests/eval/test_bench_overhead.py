@@ -15,4 +15,5 @@ def test_rows_and_a_method_config(tmp_path, capsys):
     rows = {r["name"]: r for r in result["rows"]}
     assert set(rows) == {"unwrapped", "Dense()", "Tile(1x4x4, window 1)", "GNA(3, 5, 5)"}
     assert rows["unwrapped"]["vs_unwrapped"] == 1.0 and rows["unwrapped"]["density"] is None
+    assert rows["Dense()"]["vs_dense"] == 1.0
     assert result["tokens"] == 192 and all(r["ms"] > 0 for r in rows.values())
