@@ -449,6 +449,7 @@ def torch_block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     else:
         kv = _pad_blocks(torch.cat([k.float(), v.float()]), bk)
     kvb = kv.reshape(2 * bg, hl * n_k, bk, d)
+
     def cut(chunks, budget: int) -> list:
         return [(chunk, u0, min(chunk.units, u0 + step)) for chunk in chunks
                 for step in [_units_per_slice(chunk, bg, bq, bk, d, fused, budget)]
@@ -517,6 +518,7 @@ def _split(jobs: list, parts: int) -> List[list]:
 
 
 _POOL: Optional[ThreadPoolExecutor] = None
+_POOL_SIZE = 0
 _POOL_LOCK = threading.Lock()
 
 
@@ -526,12 +528,13 @@ def in_threads(run, groups: List[list]) -> None:
 
     Why: ATen's copies (the gathers, the in-place writes) gain nothing from a second OpenMP thread, and
     every op is a parallel region with a barrier; threads that each run whole slices keep both cores
-    busy (radial attention at N = 8192, two threads: 119 -> 98 ms per call, docs/cpu_bench.md).
+    busy (radial attention at N = 8192, two threads: 119 -> 84 ms per call, docs/cpu_bench.md).
     """
-    global _POOL
+    global _POOL, _POOL_SIZE
     with _POOL_LOCK:
-        if _POOL is None or _POOL._max_workers < len(groups) - 1:
-            _POOL = ThreadPoolExecutor(max_workers=len(groups) - 1, thread_name_prefix="dit_accel-twin")
+        if _POOL is None or _POOL_SIZE < len(groups) - 1:
+            _POOL_SIZE = len(groups) - 1
+            _POOL = ThreadPoolExecutor(max_workers=_POOL_SIZE, thread_name_prefix="dit_accel-twin")
         pool = _POOL
 
     def one_thread(group):
