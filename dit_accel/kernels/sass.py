@@ -480,7 +480,7 @@ def _named_loops(text: str, kernel_file: str) -> Dict[str, dict]:
         # A synchronous global load (LDG) in the loop stalls its iteration on memory; the pipeliner
         # turns loads it can move iterations ahead (block indices, K/V) into cp.async (LDGSTS) or TMA.
         # Each LDG's source line (innermost frame in the kernel's file) says which load it is.
-        lines = sorted({here[0] for ins in body if ins.opcode.split(".", 1)[0] == "LDG"
+        lines = sorted({here[0] for ins, base in zip(body, bases) if base == "LDG"
                         for here in [[ln for f, ln in ins.lines if _same_source(f, kernel_file)]] if here})
         out[name] = {**lp.as_dict(), "sync_global_loads": bases.count("LDG"), "sync_global_load_lines": lines,
                      "async_copies": bases.count("LDGSTS") + bases.count("UTMALDG")}

@@ -98,6 +98,11 @@ class _Chunk:
     first_row: Optional[int] = None  # rows are first_row, first_row + 1, ...: sliced, not gathered
     first_kv: Optional[int] = None   # U = 1 and key blocks consecutive from first_kv: a view, not a copy
 
+    @property
+    def gathered(self) -> bool:
+        """Whether a slice copies its K/V blocks (neither a run nor one range: no view serves it)."""
+        return self.run is None and self.first_kv is None
+
 
 @dataclass(frozen=True)
 class _Plan:
@@ -457,14 +462,10 @@ def torch_block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
 
     # With several threads, gathered slices are shared out between threads (see in_threads) when there
     # are enough of them; chunks read through views run on this thread with its whole OpenMP team.
-    shared: list = []
-    if workers > 1:
-        gathered = [c for c in plan.chunks if c.run is None and c.first_kv is None]
-        shared = cut(gathered, chunk_bytes or CHUNK_BYTES)
-        if len(shared) < SLICES_PER_THREAD * workers:
-            shared = []
-    jobs = cut([c for c in plan.chunks if not shared or c.run is not None or c.first_kv is not None],
-               chunk_bytes or slice_bytes())
+    shared = cut([c for c in plan.chunks if c.gathered], chunk_bytes or CHUNK_BYTES) if workers > 1 else []
+    if len(shared) < SLICES_PER_THREAD * workers:
+        shared = []
+    jobs = cut([c for c in plan.chunks if not (shared and c.gathered)], chunk_bytes or slice_bytes())
     if scratch:  # each slice's output straight into place (no concatenation, no reordering pass)
         o = qb.new_zeros(qb.shape) if plan.has_empty else torch.empty_like(qb)
         lse = qb.new_full(qb.shape[:3], float("-inf")) if plan.has_empty else qb.new_empty(qb.shape[:3])
