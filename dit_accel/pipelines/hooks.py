@@ -52,6 +52,7 @@ import contextlib
 import functools
 import inspect
 import math
+import os
 import threading
 from collections import OrderedDict
 from typing import Dict, List, Optional, Tuple
@@ -62,6 +63,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from .._util import WarningLog
+from ..kernels.backends import ENV_BACKEND
 from ..methods import Method
 from ..plans import Plan
 from .capture import Capture
@@ -137,14 +139,22 @@ class Runtime:
             self._local.bypass -= 1
 
 
+_NO_SCOPE = contextlib.nullcontext()
+
+
+@functools.lru_cache(maxsize=None)
+def _dispatch_module():
+    from diffusers.models import attention_dispatch
+
+    return attention_dispatch
+
+
 def native_scope():
     """Diffusers' ``attention_backend('native')`` when another process-wide backend is active."""
-    from diffusers.models import attention_dispatch as ad
-
-    registry = getattr(ad, "_AttentionBackendRegistry", None)
-    active = getattr(registry, "_active_backend", None)
+    ad = _dispatch_module()
+    active = getattr(getattr(ad, "_AttentionBackendRegistry", None), "_active_backend", None)
     if active is None or str(getattr(active, "value", active)) == "native":
-        return contextlib.nullcontext()
+        return _NO_SCOPE
     return ad.attention_backend("native")
 
 
@@ -240,9 +250,11 @@ class SparseAttnProcessor:
             object.__setattr__(self, key, value)
 
     def __call__(self, attn, *args, **kwargs):
-        owner, runtime = self.owner, self.owner.runtime
-        split = Split.of(self.parallel)
-        if runtime.bypassed and split is None:
+        owner = self.owner
+        runtime = owner.runtime
+        split = None if self.parallel is None else Split.of(self.parallel)
+        bypassed = runtime.bypassed
+        if bypassed and split is None:
             return self.original(attn, *args, **kwargs)
         context = owner.stack.current()
         if context is None:  # called outside the transformer's forward: nothing is known about the grid
@@ -258,8 +270,8 @@ class SparseAttnProcessor:
             return self.original(attn, *args, **kwargs)
         # The layer's own plan stack, not context.plans[self.index]: compiled code would specialise on the
         # index, and regional compilation could not share one graph between the blocks.
-        plan = None if runtime.bypassed else self.plans.current()
-        capture = not runtime.bypassed and runtime.capture is not None and self.report.capture(context)
+        plan = None if bypassed else self.plans.current()
+        capture = not bypassed and runtime.capture is not None and self.report.capture(context)
         if (plan is None or plan.is_dense) and not (capture or runtime.stats.timing or split is not None):
             self.report.dense(None if plan is None else plan.dense_reason)
             return self.original(attn, *args, **kwargs)
@@ -478,17 +490,17 @@ class _AttributeRoute:
                 with interceptor:
                     return call()
             if known:
-                with self._swapped(interceptor):
-                    return call()
+                return self._swapped(interceptor, call)
             interceptor.counting = True
-            with interceptor, self._swapped(interceptor):
-                out = call()
+            with interceptor:
+                out = self._swapped(interceptor, call)
             caught = interceptor.caught
             self.by_attribute[processor_type] = caught["attribute"] > 0 and caught["mode"] == 0
             return out
 
-    @contextlib.contextmanager
-    def _swapped(self, interceptor: "SDPAInterceptor"):
+    def _swapped(self, interceptor: "SDPAInterceptor", call):
+        """``call()`` with the router installed and ``interceptor`` on this thread's stack (a plain
+        try/finally: this runs on every eager layer call)."""
         stack = getattr(self._local, "stack", None)
         if stack is None:
             stack = self._local.stack = []
@@ -499,7 +511,7 @@ class _AttributeRoute:
             self._users += 1
         stack.append(interceptor)
         try:
-            yield
+            return call()
         finally:
             stack.pop()
             with self._lock:
@@ -546,6 +558,7 @@ class TransformerHook:
         self.layers: List[SparseAttnProcessor] = []
         self._modules: List[nn.Module] = []
         self._handles = []
+        self._last = None  # (key, context, parallel config) of the last call (see _pre_forward)
         self.detach = self.remove  # what a later apply() on this transformer calls first (the whole handle's remove)
 
     def install(self, modules: List[Tuple[str, nn.Module]], first_slot: int, projections: Dict[int, nn.Module]):
@@ -587,7 +600,26 @@ class TransformerHook:
         bound = self.signature.bind_partial(module, *args, **kwargs).arguments if args else kwargs
         info = self.preset.read_grid(module, bound)
         step, total = self.steps.current(bound)
-        split = Split.of(self.layers[0].parallel) if self.layers else None
+        parallel = self.layers[0].parallel if self.layers else None
+        hidden = bound.get("hidden_states")
+        device = hidden.device if isinstance(hidden, torch.Tensor) else None
+        # Everything below the key is a function of it: a call like the last one reuses its context
+        # (the plans' device data included), so a denoising loop builds and checks once per geometry.
+        key = (tuple(info.grid), info.num_text, step, total, id(parallel), device, os.environ.get(ENV_BACKEND))
+        last = self._last
+        if last is not None and last[0] == key and last[2] is parallel:
+            context = last[1]
+        else:
+            context = self._context(info, step, total, parallel, device)
+            self._last = (key, context, parallel)
+        self._check_processors()
+        self.stack.push(context)
+        for layer, plan in zip(self.layers, context.plans):
+            layer.plans.push(plan)
+
+    def _context(self, info, step: int, total: Optional[int], parallel, device) -> CallContext:
+        """The call's context: each layer's plan (built, checked and prepared on ``device``), warnings said."""
+        split = Split.of(parallel)
         plans = tuple(self._plan(layer, step, total, info.grid, split) for layer in self.layers)
         if split is not None:
             check_split(split, math.prod(info.grid), info.num_text if self.preset.text_position != "none" else 0,
@@ -597,14 +629,10 @@ class TransformerHook:
             self.runtime.warnings.warn(f"dit_accel: dense_steps={schedule.dense_steps} + dense_last_steps="
                                        f"{schedule.dense_last_steps} cover all {total} denoising steps: every step "
                                        "runs dense. Lower them or raise the number of steps")
-        self._check_processors()
-        hidden = bound.get("hidden_states")
-        if isinstance(hidden, torch.Tensor):
+        if device is not None:
             for plan in {id(p): p for p in plans if p is not None}.values():
-                plan.prepare(hidden.device, self.runtime.backend)
-        self.stack.push(CallContext(tuple(info.grid), info.num_text, step, total, plans))
-        for layer, plan in zip(self.layers, plans):
-            layer.plans.push(plan)
+                plan.prepare(device, self.runtime.backend)
+        return CallContext(tuple(info.grid), info.num_text, step, total, plans)
 
     def _plan(self, layer: SparseAttnProcessor, step: int, total: Optional[int], grid,
               split: Optional[Split]) -> Optional[Plan]:

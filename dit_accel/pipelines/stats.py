@@ -45,6 +45,9 @@ class LayerStats:
     timer: Optional[Timer] = None
 
 
+_UNTIMED = contextlib.nullcontext()  # reusable: it holds nothing
+
+
 class Stats:
     """Per-layer counters, densities and (with ``timing``) attention time."""
 
@@ -71,7 +74,7 @@ class Stats:
     def timed(self, layer: int, device):
         """A context manager that adds the enclosed time to the layer when timing is on."""
         if not self.timing:
-            return contextlib.nullcontext()
+            return _UNTIMED
         stats = self.layers[layer]
         if stats.timer is None:
             stats.timer = Timer(device)

@@ -391,3 +391,42 @@ def test_plan_cache_keeps_the_most_recent_plans_only():
     assert cache.get(tile, (4, 8, 8)) is c and cache.get(tile, (3, 8, 8)) is b  # hits move to the end
     again = cache.get(tile, (2, 8, 8))
     assert again is not a and again.density == a.density and [k[1] for k in cache.items()] == [(3, 8, 8), (2, 8, 8)]
+
+
+def test_a_call_like_the_last_reuses_its_plans_and_a_new_geometry_or_backend_rebuilds(monkeypatch):
+    """The pre-hook builds, checks and prepares the plans once per geometry (a denoising loop repeats it):
+    a repeated call reuses them, a new grid, step or $DIT_ACCEL_BACKEND makes the context anew, and the
+    results are those of a fresh apply()."""
+    from dit_accel.plans import LayoutPlan
+
+    prepared, planned = [], []
+    prepare, plan_of = LayoutPlan.prepare, dit_accel.Tile.plan
+    monkeypatch.setattr(LayoutPlan, "prepare", lambda self, device, backend="auto": prepared.append(
+        (self.grid, device, backend)) or prepare(self, device, backend))
+    monkeypatch.setattr(dit_accel.Tile, "plan", lambda self, grid: planned.append(grid) or plan_of(self, grid))
+    method = dit_accel.Tile(tile=(1, 4, 4), window=(1, 1, 1))
+    model = T.build_tiny_transformer("wan")
+    handle = dit_accel.apply(model, method)
+
+    def call(grid):
+        inputs = T.tiny_transformer_inputs("wan", model, grid=grid)
+        inputs.pop("return_dict", None)
+        with torch.no_grad():
+            return model(**inputs, return_dict=False)[0]
+
+    first = call((4, 8, 8))
+    assert len(prepared) == 1 and planned == [(4, 8, 8)]
+    assert torch.equal(call((4, 8, 8)), first) and len(prepared) == 1
+    call((2, 8, 8))
+    assert planned == [(4, 8, 8), (2, 8, 8)] and len(prepared) == 2
+    handle.set_step(1, 4)  # a new step: the schedule is asked again (plans come from the plan cache)
+    assert torch.equal(call((4, 8, 8)), first) and len(prepared) == 3 and len(planned) == 2
+    monkeypatch.setenv("DIT_ACCEL_BACKEND", "torch")
+    assert torch.equal(call((4, 8, 8)), first) and len(prepared) == 4
+    assert handle.summary()["sparse_calls"] == 5 * 2
+    fresh = T.build_tiny_transformer("wan")
+    dit_accel.apply(fresh, method)
+    inputs = T.tiny_transformer_inputs("wan", fresh, grid=(4, 8, 8))
+    inputs.pop("return_dict", None)
+    with torch.no_grad():
+        assert torch.equal(fresh(**inputs, return_dict=False)[0], first)
