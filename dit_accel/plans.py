@@ -24,12 +24,13 @@ from typing import Callable, Dict, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from .kernels import block_sparse_attention, merge_attention, sla_attention
-from .kernels.backends import Request, resolve
+from .kernels import block_sparse_attention, merge_attention
+from .kernels.backends import Request, env_backend, resolve
 from .kernels.block_sparse.api import layout_on, prepare_layout
 from .kernels._cache import LayoutCache
 from .kernels.block_sparse.naive import dense_is_faster
 from .kernels.layout import BlockLayout
+from .kernels.sla import sla_parts
 
 __all__ = ["Plan", "DensePlan", "LayoutPlan", "SLAPlan", "attend_with_lse"]
 
@@ -197,6 +198,7 @@ class LayoutPlan(Plan):
         self._parts: Dict[tuple, "_Part"] = {}
         self._dense_choice: Dict[tuple, bool] = {}  # (heads, batch x heads, head dim) -> masked dense is faster
         self._raster_bias: Dict[int, torch.Tensor] = {}  # id of a layout in self._layouts -> raster-order mask
+        self._prepared = set()  # (device, backend, $DIT_ACCEL_BACKEND) that prepare() has built for
 
     def layout_on(self, device, heads=None) -> BlockLayout:
         key = (torch.device(device), heads if self.layout.num_heads > 1 else None)
@@ -250,9 +252,13 @@ class LayoutPlan(Plan):
         return o.to(q.dtype), lse
 
     def prepare(self, device, backend: str = "auto") -> None:
+        key = (torch.device(device), backend, env_backend())
+        if key in self._prepared:
+            return
         prepare_layout(self.layout_on(device), device, backend)
         if self.perm is not None:
             self.perm.prepare(device)
+        self._prepared.add(key)
 
     def attend(self, q, k, v, *, scale, backend, proj=None, heads=None):
         layout = self.layout_on(q.device, heads)
@@ -350,6 +356,5 @@ class SLAPlan(Plan):
 
     def attend(self, q, k, v, *, scale, backend, proj=None, heads=None):
         # Under context parallelism (attend_part) k, v hold every key: pooling and linear sums stay global.
-        o, lse, o_lin, info = sla_attention(q, k, v, self.params, proj, scale=scale, backend=backend,
-                                            return_parts=True)
-        return o, lse, (o_lin if proj is not None else None), info["density"]
+        o, lse, o_lin, info = sla_parts(q, k, v, self.params, proj, scale=scale, backend=backend)
+        return o, lse, o_lin, info["density"]

@@ -112,9 +112,8 @@ def contenders(name: str, q, k, v, args):
         from ..kernels.sla.common import SLAParams
 
         params = SLAParams(topk=float(name.split("-")[1]), block_q=args.block, block_k=args.block)
-        proj = torch.nn.Linear(args.d, args.d)  # zero-initialised, as SLA starts: the linear branch still runs
-        torch.nn.init.zeros_(proj.weight)
-        torch.nn.init.zeros_(proj.bias)
+        # A trained (non-zero) projection, so the linear branch runs (a zero one is skipped: is_inert).
+        proj = torch.nn.Linear(args.d, args.d)
         calls["dit"] = lambda: sla_attention(q, k, v, params, proj, backend="torch")
         return calls, None
     layout = make_layout(name, args)

@@ -21,10 +21,13 @@ from tests.kernels.sla_reference import brute_force_classes, make_proj, make_qkv
 # ----------------------------------------------------------------------------- classification
 @pytest.mark.parametrize("nq,nk,topk,negl,bq", [
     (63, 63, 0.3, 0.0, 64), (130, 257, 0.4, 0.2, 64), (257, 257, 0.2, 0.4, 128), (257, 130, 0.5, 0.5, 64),
-], ids=["n63", "n130-k257-negl", "n257-bq128-negl", "n257-k130-half"])
+    (256, 320, 0.4, 0.0, 64), (256, 256, 0.25, 0.5, 128),
+], ids=["n63", "n130-k257-negl", "n257-bq128-negl", "n257-k130-half", "whole-blocks", "whole-blocks-negl"])
 def test_classification_matches_brute_force(nq, nk, topk, negl, bq):
     method = SLA(topk=topk, negligible=negl, block_q=bq)
     q, k, _ = make_qkv(2, 2, nq, 16, nk=nk)
+    if nq % bq == 0:  # as Diffusers lays them out: (B, S, H, D) memory seen as (B, H, S, D)
+        q, k = (x.transpose(1, 2).contiguous().transpose(1, 2) for x in (q, k))
     blocks = sla_classify(q, k, method)
     expect = brute_force_classes(q, k, method)
     assert torch.equal(blocks.classes, expect)
@@ -73,8 +76,10 @@ TWIN_CASES = [
     (130, 257, 64, dict(topk=0.3, feature_map="elu")),
     (257, 130, 80, dict(topk=0.3, feature_map="relu", negligible=0.3)),
     (257, 257, 64, dict(topk=0.3, negligible=0.3, linear_tokens="all")),
+    (320, 320, 12, dict(topk=0.4)),  # whole blocks (no padding: views, one slice), the tiny Wan's head dim
 ]
-TWIN_IDS = ["n63", "n130-d80-negl", "n257-bq128-negl", "q130-k257-elu", "q257-k130-d80-relu", "n257-all"]
+TWIN_IDS = ["n63", "n130-d80-negl", "n257-bq128-negl", "q130-k257-elu", "q257-k130-d80-relu", "n257-all",
+            "n320-whole-blocks"]
 
 
 @pytest.mark.parametrize("nq,nk,d,kw", TWIN_CASES, ids=TWIN_IDS)
@@ -163,6 +168,34 @@ def test_twin_without_proj_is_top_k_sparse_attention():
     torch.testing.assert_close(o, o_s)
     assert not o_lp.any()
     assert info["density"] == sla_density(257, method)
+
+
+def test_zero_projection_skips_the_linear_branch_exactly():
+    """A projection that is still zero adds exactly nothing, so inference does not compute the linear branch;
+    a write through ``.data`` (no version bump) is seen at once, and training keeps the branch (its gradient)."""
+    from dit_accel.kernels.sla import is_inert
+
+    q, k, v = make_qkv(1, 2, 256, 32)
+    method = SLA(topk=0.25)  # three marginal blocks per query block
+    proj = torch.nn.Linear(32, 32)
+    torch.nn.init.zeros_(proj.weight)
+    torch.nn.init.zeros_(proj.bias)
+    with torch.no_grad():
+        assert is_inert(proj)
+        o_s, _, o_lp, info = sla_attention(q, k, v, method, proj, backend="torch", return_parts=True)
+        assert not info["linear"] and not o_lp.any()
+        assert torch.equal(sla_attention(q, k, v, method, proj, backend="torch"),
+                           sla_attention(q, k, v, method, None, backend="torch"))
+        proj.weight.data.copy_(make_proj(32).weight)  # bypasses the version counter
+        assert not is_inert(proj)
+        o, ref_s, ref_lp = (sla_attention(q, k, v, method, proj, backend="torch"),
+                            *reference_sla(q, k, v, info["blocks"].classes, method, proj)[1::2])
+    torch.testing.assert_close(o, ref_s + ref_lp, atol=2e-5, rtol=1e-4)
+    assert ref_lp.abs().max() > 1e-3  # the branch matters: skipping it now would fail above
+    torch.nn.init.zeros_(proj.weight)
+    assert is_inert(proj) is False  # grad enabled and the projection trains: O_l is needed for dW
+    sla_attention(q, k, v, method, proj, backend="torch").sum().backward()
+    assert proj.weight.grad.abs().max() > 0
 
 
 # ----------------------------------------------------------------------------- validation

@@ -17,7 +17,7 @@ from ..checks import check_qkv, check_scale
 from .common import SLAParams, sla_block_counts, sla_classify
 from .naive import sla_torch
 
-__all__ = ["sla_attention"]
+__all__ = ["sla_attention", "sla_parts", "is_inert"]
 
 
 def _check(q, k, v, proj, scale) -> float:
@@ -49,7 +49,9 @@ def sla_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, method,
         method: :class:`SLAParams` or a :class:`dit_accel.SLA` config (topk, negligible, block
             sizes, feature map, linear token set).
         proj: module applied to the linear branch on the head dim, normally a zero-initialised
-            ``nn.Linear(D, D)`` per layer. ``None`` drops the linear branch (not computed).
+            ``nn.Linear(D, D)`` per layer. ``None`` drops the linear branch (not computed), and so
+            does, on the CPU, a projection that is still exactly zero while no gradient is asked of
+            it (:func:`is_inert`): its output would be exactly zero.
         scale: softmax scale, default ``1 / sqrt(D)``.
         backend: ``"auto"`` (Triton on CUDA for fp16/bf16, else the PyTorch twin; env
             ``DIT_ACCEL_BACKEND`` overrides), ``"triton"`` (on CPU only under
@@ -61,8 +63,9 @@ def sla_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, method,
         ``o`` ``(B, H, Nq, D)`` in q's dtype; with ``return_parts=True`` the tuple
         ``(o_sparse, lse_sparse, o_linear_projected, info)``: ``o_sparse`` in q's dtype,
         ``lse_sparse`` fp32 ``(B, H, Nq)`` (natural log), ``o_linear_projected`` in q's dtype
-        (zeros when ``proj`` is None) and ``info`` a dict with ``density`` (visited critical
-        block fraction), ``blocks`` (:class:`SLABlocks`) and ``backend``.
+        (zeros when ``proj`` is None or inert, see :func:`is_inert`) and ``info`` a dict with ``density``
+        (visited critical block fraction), ``blocks`` (:class:`SLABlocks`), ``backend`` and ``linear``
+        (whether a projected linear branch was computed).
         All outputs are differentiable w.r.t. q, k, v and proj's parameters.
 
     Example::
@@ -70,12 +73,24 @@ def sla_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, method,
         proj = torch.nn.Linear(64, 64); torch.nn.init.zeros_(proj.weight); torch.nn.init.zeros_(proj.bias)
         o = sla_attention(q, k, v, dit_accel.SLA(topk=0.05), proj)
     """
+    o_s, lse, o_lp, info = sla_parts(q, k, v, method, proj, scale=scale, backend=backend)
+    if not return_parts:
+        return o_s if o_lp is None else o_s + o_lp
+    return o_s, lse, (o_lp if o_lp is not None else torch.zeros_like(o_s)), info
+
+
+def sla_parts(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, method, proj: Optional[nn.Module] = None, *,
+              scale: Optional[float] = None, backend: str = "auto"):
+    """:func:`sla_attention`'s parts ``(o_sparse, lse_sparse, o_linear_projected or None, info)``: None, not
+    zeros, when no projected linear branch was computed (``info["linear"]`` False). Same arguments."""
     method = SLAParams.of(method)
     scale = _check(q, k, v, proj, scale)
     # SLA has no FlexAttention variant: a pipeline-wide backend="flex" runs the PyTorch twin.
     backend = resolve("sla", backend, Request.of(q, k, v, method.block_q, method.block_k))
     blocks = sla_classify(q, k, method)
     _, _, _, n_marg = sla_block_counts(k.shape[-2], method)
+    if proj is not None and is_inert(proj):  # proj(anything) is exactly 0: the linear branch adds nothing
+        proj = None
     with_linear = proj is not None and (method.linear_tokens == "all" or n_marg > 0)
 
     if backend == "torch":
@@ -91,8 +106,24 @@ def sla_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, method,
             o_l = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
         weight = getattr(proj, "weight", None)
         o_lp = proj(o_l.to(weight.dtype) if isinstance(weight, torch.Tensor) else o_l).to(q.dtype)
-    o = o_s if o_lp is None else o_s + o_lp
-    if not return_parts:
-        return o
-    info = {"density": blocks.density(), "blocks": blocks, "backend": backend}
-    return o_s, lse, (o_lp if o_lp is not None else torch.zeros_like(o_s)), info
+    return o_s, lse, o_lp, {"density": blocks.density(), "blocks": blocks, "backend": backend,
+                            "linear": o_lp is not None}
+
+
+def is_inert(proj: nn.Module) -> bool:
+    """Whether ``proj`` is an ``nn.Linear`` on the CPU whose weight and bias are exactly zero, and nothing asks
+    for its gradient: then ``proj(O_l)`` is exactly zero, and SLA is top-k block-sparse attention (every
+    projection's state before fine-tuning), so the linear branch is not computed.
+
+    Read on every call (two reductions over ``D x D`` values: a cache keyed on version counters would
+    miss writes through ``.data``). Not on GPUs, where reading the answer would synchronise the host on
+    every layer call and the fused kernel computes the branch in the same pass anyway; not under
+    ``torch.compile``, which would specialise on the values."""
+    if type(proj) is not nn.Linear or torch.compiler.is_compiling():
+        return False
+    weight, bias = proj.weight, proj.bias
+    if weight.device.type != "cpu":
+        return False
+    if torch.is_grad_enabled() and (weight.requires_grad or (bias is not None and bias.requires_grad)):
+        return False  # training the projection: its gradient needs O_l
+    return not bool(weight.any()) and (bias is None or not bool(bias.any()))

@@ -157,6 +157,8 @@ def _mean_pool(x: torch.Tensor, block: int) -> torch.Tensor:
     b, h, n, d = x.shape
     nb = _cdiv(n, block)
     pad = nb * block - n
+    if pad == 0:  # whole blocks: a view of x (any strides), no padded copy
+        return x.unflatten(2, (nb, block)).mean(-2)
     sums = F.pad(x, (0, 0, 0, pad)).view(b, h, nb, block, d).sum(-2)
     counts = torch.full((nb,), float(block), device=x.device, dtype=x.dtype)
     counts[-1] = block - pad
@@ -185,12 +187,15 @@ def sla_classify(q: torch.Tensor, k: torch.Tensor, method) -> SLABlocks:
     scores = qb @ kb.transpose(-1, -2)
     order = torch.sort(scores, dim=-1, descending=True, stable=True).indices
     critical = torch.sort(order[..., :n_crit], dim=-1).values
-    negligible = torch.sort(order[..., n_k - n_neg:], dim=-1).values
     classes = torch.full(scores.shape, MARGINAL, dtype=torch.int8, device=q.device)
     classes.scatter_(-1, critical, CRITICAL)
-    classes.scatter_(-1, negligible, NEGLIGIBLE)
-    return SLABlocks(critical.to(torch.int32).contiguous(), negligible.to(torch.int32).contiguous(),
-                     classes, scores)
+    if n_neg:
+        negligible = torch.sort(order[..., n_k - n_neg:], dim=-1).values
+        classes.scatter_(-1, negligible, NEGLIGIBLE)
+        negligible = negligible.to(torch.int32).contiguous()
+    else:
+        negligible = torch.empty(scores.shape[:-1] + (0,), dtype=torch.int32, device=q.device)
+    return SLABlocks(critical.to(torch.int32).contiguous(), negligible, classes, scores)
 
 
 def feature_map(x: torch.Tensor, kind: str) -> torch.Tensor:

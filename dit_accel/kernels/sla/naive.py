@@ -62,11 +62,11 @@ def _sparse_branch_fused(q, k, v, critical, block_q, block_k, scale, chunk_bytes
     nk_tok = k.shape[-2]
     n_q, n_k, kc = critical.shape[2], _cdiv(nk_tok, block_k), critical.shape[-1]
     bh = b * h
-    qb = F.pad(q, (0, 0, 0, n_q * block_q - nq_tok)).reshape(bh, n_q, block_q, d)
-    kb = F.pad(k, (0, 0, 0, n_k * block_k - nk_tok)).reshape(bh * n_k, block_k, d)
-    vb = F.pad(v, (0, 0, 0, n_k * block_k - nk_tok)).reshape(bh * n_k, block_k, d)
+    qb, kb, vb = (_blocked(x, block, count).reshape(shape) for x, block, count, shape in (
+        (q, block_q, n_q, (bh, n_q, block_q, d)), (k, block_k, n_k, (bh * n_k, block_k, d)),
+        (v, block_k, n_k, (bh * n_k, block_k, d))))
     # Flat key-block rows of kb per (b*h, query block): [BH, nQ * kc].
-    rows = (critical.reshape(bh, n_q * kc).long() + (torch.arange(bh, device=q.device) * n_k)[:, None])
+    rows = critical.reshape(bh, n_q * kc) + (torch.arange(bh, device=q.device) * n_k)[:, None]
     bias = None
     if nk_tok % block_k:  # keys past nk_tok in the ragged last block: additive -inf
         tok = critical.reshape(bh, n_q, kc, 1).long() * block_k + torch.arange(block_k, device=q.device)
@@ -79,6 +79,13 @@ def _sparse_branch_fused(q, k, v, critical, block_q, block_k, scale, chunk_bytes
     step = max(1, (chunk_bytes or CHUNK_BYTES) // per_block)
     if workers == 1 or -(-n_q // step) < SLICES_PER_THREAD * workers:
         workers, step = 1, max(1, (chunk_bytes or slice_bytes()) // per_block)
+    if step >= n_q:  # one slice (short sequences): no output buffer to fill, no slicing
+        idx = rows.reshape(-1)
+        o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            qb, kb.index_select(0, idx).view(bh, n_q, kc * block_k, d),
+            vb.index_select(0, idx).view(bh, n_q, kc * block_k, d), attn_mask=bias, scale=scale)[:2]
+        return (o.reshape(b, h, n_q * block_q, d)[:, :, :nq_tok],
+                lse.reshape(b, h, n_q * block_q)[:, :, :nq_tok])
     o = qb.new_empty(qb.shape)
     lse = qb.new_empty(qb.shape[:3])
 
@@ -97,6 +104,12 @@ def _sparse_branch_fused(q, k, v, critical, block_q, block_k, scale, chunk_bytes
     else:
         run(starts)
     return o.reshape(b, h, n_q * block_q, d)[:, :, :nq_tok], lse.reshape(b, h, n_q * block_q)[:, :, :nq_tok]
+
+
+def _blocked(x: torch.Tensor, block: int, count: int) -> torch.Tensor:
+    """``x`` ``[B, H, N, D]`` zero-padded to ``count`` blocks of ``block`` tokens (x itself when they fit)."""
+    pad = count * block - x.shape[-2]
+    return x if pad == 0 else F.pad(x, (0, 0, 0, pad))
 
 
 def _linear_branch_torch(q, k, v, blocks: SLABlocks, method: SLAParams):
