@@ -2,8 +2,9 @@
 
 The tiny Wan transformer at a small token grid (default (5, 8, 8) = 320 tokens, the size of the
 tiny pipelines' default run) is called with the same inputs, unwrapped, under ``Dense()`` and
-under sparse methods; the contenders run interleaved in one process, their order rotating each
-round, and each ratio is the median of per-round ratios to the unwrapped call. A sparse method
+under sparse methods (each at the tiny Wan's defaults, plus two sparser layouts); the contenders run
+interleaved in one process, their order rotating each round, and each ratio is the median of
+per-round ratios to the unwrapped call. A sparse method
 here is also compared with the dense call: at this size ``backend="auto"`` may run a layout as
 masked dense attention (see :func:`dit_accel.kernels.block_sparse.naive.dense_is_faster`).
 
@@ -45,9 +46,7 @@ def run(grid=(5, 8, 8), rounds: int = 30, threads: int = 1, calls_per_round: int
     # Every contender is a deep copy (the copies ran about 2% slower than the original module here,
     # so timing the original against copies would charge that to dit_accel).
     contenders = {"unwrapped": copy.deepcopy(base)}
-    methods = {"Dense()": dit_accel.Dense(), **(methods or {
-        "Tile(1x4x4, window 1)": dit_accel.Tile(tile=(1, 4, 4), window=(1, 1, 1)),
-        "GNA(3, 5, 5)": dit_accel.GNA(kernel_size=(3, 5, 5))})}
+    methods = {"Dense()": dit_accel.Dense(), **(methods or default_methods())}
     handles = []
     for name, method in methods.items():
         model = copy.deepcopy(base)
@@ -66,6 +65,20 @@ def run(grid=(5, 8, 8), rounds: int = 30, threads: int = 1, calls_per_round: int
     return {"grid": list(grid), "tokens": int(torch.tensor(grid).prod()), "rounds": rounds, "threads": threads,
             "rows": rows, "backends": backends, "load_average": [load_start, load_average()],
             "versions": versions()}
+
+
+def default_methods() -> dict:
+    """The sparse contenders: each method at the tiny Wan's defaults (``dit-accel generate --model tiny-wan
+    --method NAME`` runs them), and two layouts that skip more (4x4-token tiles; a 3x5x5 neighbourhood)."""
+    import dit_accel
+    from ..methods import method_from_name
+    from ..models.tiny import TINY_METHOD_DEFAULTS
+
+    methods = {f"{name} (tiny-wan default)": method_from_name(name, **options)
+               for name, options in TINY_METHOD_DEFAULTS["tiny-wan"].items()}
+    methods["Tile(1x4x4, window 1)"] = dit_accel.Tile(tile=(1, 4, 4), window=(1, 1, 1))
+    methods["GNA(3, 5, 5)"] = dit_accel.GNA(kernel_size=(3, 5, 5))
+    return methods
 
 
 def _calls(model, inputs, n: int) -> None:
@@ -90,7 +103,7 @@ def main(argv=None) -> None:
     result = run(grid, rounds=args.rounds, threads=args.threads, calls_per_round=args.calls, methods=methods)
     for row in result["rows"]:
         density = f"  density {row['density']:.3f}" if row["density"] is not None else ""
-        print(f"{row['name']:<24} {row['ms']:10.3f} ms  {row['vs_unwrapped']:.3f}x the unwrapped call's time, "
+        print(f"{row['name']:<30} {row['ms']:10.3f} ms  {row['vs_unwrapped']:.3f}x the unwrapped call's time, "
               f"{row['vs_dense']:.3f}x Dense()'s{density}")
     print(json.dumps({k: result[k] for k in ("grid", "tokens", "backends", "load_average")}))
 

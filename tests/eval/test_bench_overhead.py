@@ -13,7 +13,8 @@ def test_rows_and_a_method_config(tmp_path, capsys):
     assert f"density {expected:.3f}" in out and "Dense()" in out and "tile-small" in out
     result = bench_overhead.run((3, 8, 8), rounds=1, calls_per_round=1)
     rows = {r["name"]: r for r in result["rows"]}
-    assert set(rows) == {"unwrapped", "Dense()", "Tile(1x4x4, window 1)", "GNA(3, 5, 5)"}
+    defaults = {f"{name} (tiny-wan default)" for name in ("tile", "gna", "radial", "sla")}
+    assert set(rows) == {"unwrapped", "Dense()", "Tile(1x4x4, window 1)", "GNA(3, 5, 5)"} | defaults
     assert rows["unwrapped"]["vs_unwrapped"] == 1.0 and rows["unwrapped"]["density"] is None
     assert rows["Dense()"]["vs_dense"] == 1.0
     assert result["tokens"] == 192 and all(r["ms"] > 0 for r in rows.values())
