@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from .._cache import LayoutCache
 from ..layout import BlockLayout
 
-__all__ = ["torch_block_sparse_attention", "prepare", "dense_is_faster", "sparse_cost_ratio", "masked_cost_ratio"]
+__all__ = ["torch_block_sparse_attention", "prepare", "dense_is_faster", "sparse_cost_ratio"]
 
 # Bytes per slice on one thread (gathered K/V, Q and output, plus scores on the matmul path): about
 # what one core's L2 holds, so a gathered slice is still cached when attention reads it. Measured at
@@ -125,24 +125,15 @@ def _plan_of(layout: BlockLayout) -> _Plan:
 # ----------------------------------------------------------------------------- cost model
 # Measured on the project's shared 2-core CPU, one thread, fp32 forward (docs/cpu_bench.md): time of
 # the twin over dense SDPA's is about density * (_COST_BASE + _COST_GATHER * gathered lists per query
-# row + _COST_PARTIAL * partial-block share) + _CALL_SECONDS / dense time. Fitted to tile, GNA (strided
-# and stride 1) and radial at N = 8192 (densities 0.09-0.52) and band / window layouts at N = 320..5120;
-# near the break-even (radial 0.465: measured 1.04, GNA stride 1 0.517: 0.96) the measurements are
-# within noise. Dense SDPA (ATen's flash kernel) costs about _DENSE_SECONDS + _DENSE_SECONDS_DIM * head dim
-# per query-key pair and head, and with an additive mask _MASK_SECONDS more (fitted at N = 320..3456,
-# head dims 12 and 64: 1.5 ns / 4.0 ns per pair, masks 1.0-1.5x SDPA).
+# row + _COST_PARTIAL * partial-block share) + _CALL_SECONDS / dense time, dense time about
+# _DENSE_SECONDS * batch*heads * q_len * kv_len * head_dim. Fitted to tile, GNA (strided and stride 1)
+# and radial at N = 8192 (densities 0.09-0.52) and band / window layouts at N = 320..5120; near the
+# break-even (radial 0.465: measured 1.04, GNA stride 1 0.517: 0.96) the measurements are within noise.
 _COST_BASE = 1.3
 _COST_GATHER = 1.0
 _COST_PARTIAL = 0.4
-_CALL_SECONDS = 2e-4
-_DENSE_SECONDS = 0.95e-9
-_DENSE_SECONDS_DIM = 0.048e-9
-_MASK_SECONDS = 0.45e-9
-
-
-def masked_cost_ratio(head_dim: int = 64) -> float:
-    """Estimated time of masked dense attention (an additive ``N x N`` mask) over SDPA's on CPU (>= 1)."""
-    return 1.0 + _MASK_SECONDS / (_DENSE_SECONDS + _DENSE_SECONDS_DIM * head_dim)
+_CALL_SECONDS = 3.5e-4
+_DENSE_SECONDS = 9e-11
 
 
 def sparse_cost_ratio(layout: BlockLayout, *, batch_heads: int = 1, head_dim: int = 64) -> float:
@@ -166,15 +157,15 @@ def sparse_cost_ratio(layout: BlockLayout, *, batch_heads: int = 1, head_dim: in
         lists = 0
     rows = max(int(visited.sum()), 1)
     efficiency = _COST_BASE + _COST_GATHER * lists / rows + _COST_PARTIAL * layout.partial_fraction()
-    dense_seconds = (_DENSE_SECONDS + _DENSE_SECONDS_DIM * head_dim) * batch_heads * layout.q_len * layout.kv_len
+    dense_seconds = _DENSE_SECONDS * batch_heads * layout.q_len * layout.kv_len * head_dim
     return layout.density() * efficiency + _CALL_SECONDS / dense_seconds
 
 
 def dense_is_faster(layout: BlockLayout, *, batch_heads: int = 1, head_dim: int = 64) -> bool:
-    """Whether masked dense attention is expected to be at least as fast as the PyTorch twin on ``layout`` (CPU).
+    """Whether dense attention is expected to be at least as fast as the PyTorch twin on ``layout`` (CPU).
 
-    ``sparse_cost_ratio(layout, ...) >= masked_cost_ratio(head_dim)``: true for layouts too dense to pay
-    off (e.g. radial near 0.5-0.9 visited density) and for small ``N`` where a call's fixed cost
+    ``sparse_cost_ratio(layout, ...) >= 1``: true for layouts too dense to pay off (e.g. radial or
+    GNA stride 1 near 0.4-0.5 visited density) and for small ``N`` where a call's fixed cost
     outweighs the skipped blocks. Pure: reads the layout, changes nothing.
 
     Example::
@@ -182,7 +173,7 @@ def dense_is_faster(layout: BlockLayout, *, batch_heads: int = 1, head_dim: int 
         >>> if dense_is_faster(layout, batch_heads=q.shape[0] * q.shape[1], head_dim=q.shape[-1]):
         ...     o = F.scaled_dot_product_attention(q, k, v, attn_mask=layout.to_dense_mask())
     """
-    return sparse_cost_ratio(layout, batch_heads=batch_heads, head_dim=head_dim) >= masked_cost_ratio(head_dim)
+    return sparse_cost_ratio(layout, batch_heads=batch_heads, head_dim=head_dim) >= 1.0
 
 
 # ----------------------------------------------------------------------------- plan
