@@ -15,6 +15,7 @@ densities.
 Commands::
 
     python -m dit_accel.eval.bench_overhead --rounds 30 --threads 1
+    python -m dit_accel.eval.bench_overhead --model tiny-shapes --rounds 20
     python -m dit_accel.eval.bench_overhead --grid 17,24,24 --method-config docs/tiny_wan_9792.yaml --rounds 5
 """
 
@@ -32,29 +33,42 @@ from .._util import load_average, versions
 from .bench_cpu import median_ratio, run_rounds
 
 
-def run(grid=(5, 8, 8), rounds: int = 30, threads: int = 1, calls_per_round: int = 3, methods=None) -> dict:
+MODELS = ("tiny-wan", "tiny-shapes")
+
+
+def run(grid=None, rounds: int = 30, threads: int = 1, calls_per_round: int = 3, methods=None,
+        model: str = "tiny-wan") -> dict:
     """``{"rows": [{name, ms, vs_unwrapped, vs_dense, density}], ...}``: median ms per forward call, ``calls_per_round``
     calls per contender and round (:func:`dit_accel.eval.bench_cpu.run_rounds`, one warm-up call each).
-    ``methods``: ``{label: method config}`` to time instead of the default sparse contenders."""
+    ``methods``: ``{label: method config}`` to time instead of the default sparse contenders.
+    ``model``: ``"tiny-wan"`` (random weights, 2 heads of 12; grid default (5, 8, 8)) or ``"tiny-shapes"``
+    (the shipped trained transformer of the README's main job, 4 heads of 32; grid default (4, 12, 12))."""
     import dit_accel
     from ..models.tiny import build_tiny_transformer, tiny_transformer_inputs
 
+    if model not in MODELS:
+        raise ValueError(f"model must be one of {MODELS}, got {model!r}")
     torch.set_num_threads(threads)
-    base = build_tiny_transformer("wan").eval()
+    if model == "tiny-shapes":
+        from ..models.tiny_shapes import TINY_SHAPES_GRID, load_tiny_shapes
+
+        base, grid = load_tiny_shapes().transformer.eval(), tuple(grid or TINY_SHAPES_GRID)
+    else:
+        base, grid = build_tiny_transformer("wan").eval(), tuple(grid or (5, 8, 8))
     inputs = tiny_transformer_inputs("wan", base, grid=grid)
     inputs.pop("return_dict", None)
     # Every contender is a deep copy (the copies ran about 2% slower than the original module here,
     # so timing the original against copies would charge that to dit_accel).
     contenders = {"unwrapped": copy.deepcopy(base)}
-    methods = {"Dense()": dit_accel.Dense(), **(methods or default_methods())}
+    methods = {"Dense()": dit_accel.Dense(), **(methods or default_methods(model))}
     handles = []
     for name, method in methods.items():
-        model = copy.deepcopy(base)
-        handles.append(dit_accel.apply(model, method))
-        contenders[name] = model
+        contender = copy.deepcopy(base)
+        handles.append(dit_accel.apply(contender, method))
+        contenders[name] = contender
     load_start = load_average()
     with torch.no_grad():
-        calls = {n: functools.partial(_calls, model, inputs, calls_per_round) for n, model in contenders.items()}
+        calls = {n: functools.partial(_calls, m, inputs, calls_per_round) for n, m in contenders.items()}
         times = run_rounds(calls, rounds)
     densities = {n: h.summary().get("mean_density") for n, h in zip(methods, handles)}
     rows = [{"name": n, "ms": round(statistics.median(t) / calls_per_round * 1e3, 3),
@@ -62,22 +76,23 @@ def run(grid=(5, 8, 8), rounds: int = 30, threads: int = 1, calls_per_round: int
              "vs_dense": round(median_ratio(times, n, "Dense()"), 3), "density": densities.get(n)}
             for n, t in times.items()]
     backends = {n: h.summary()["backends_used"] for n, h in zip(methods, handles)}
-    return {"grid": list(grid), "tokens": int(torch.tensor(grid).prod()), "rounds": rounds, "threads": threads,
-            "rows": rows, "backends": backends, "load_average": [load_start, load_average()],
+    return {"model": model, "grid": list(grid), "tokens": int(torch.tensor(grid).prod()), "rounds": rounds,
+            "threads": threads, "rows": rows, "backends": backends, "load_average": [load_start, load_average()],
             "versions": versions()}
 
 
-def default_methods() -> dict:
-    """The sparse contenders: each method at the tiny Wan's defaults (``dit-accel generate --model tiny-wan
-    --method NAME`` runs them), and two layouts that skip more (4x4-token tiles; a 3x5x5 neighbourhood)."""
+def default_methods(model: str = "tiny-wan") -> dict:
+    """The sparse contenders: each method at the model's defaults (what ``dit-accel generate --model MODEL
+    --method NAME`` runs), and on tiny-wan two layouts that skip more (4x4-token tiles; a 3x5x5 neighbourhood)."""
     import dit_accel
     from ..methods import method_from_name
     from ..models.tiny import TINY_METHOD_DEFAULTS
 
-    methods = {f"{name} (tiny-wan default)": method_from_name(name, **options)
-               for name, options in TINY_METHOD_DEFAULTS["tiny-wan"].items()}
-    methods["Tile(1x4x4, window 1)"] = dit_accel.Tile(tile=(1, 4, 4), window=(1, 1, 1))
-    methods["GNA(3, 5, 5)"] = dit_accel.GNA(kernel_size=(3, 5, 5))
+    methods = {f"{name} ({model} default)": method_from_name(name, **options)
+               for name, options in TINY_METHOD_DEFAULTS[model].items()}
+    if model == "tiny-wan":
+        methods["Tile(1x4x4, window 1)"] = dit_accel.Tile(tile=(1, 4, 4), window=(1, 1, 1))
+        methods["GNA(3, 5, 5)"] = dit_accel.GNA(kernel_size=(3, 5, 5))
     return methods
 
 
@@ -88,24 +103,26 @@ def _calls(model, inputs, n: int) -> None:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m dit_accel.eval.bench_overhead", description=__doc__.split("\n")[0])
-    parser.add_argument("--grid", default="5,8,8", help="token grid T,H,W")
+    parser.add_argument("--model", default="tiny-wan", choices=MODELS)
+    parser.add_argument("--grid", default=None, help="token grid T,H,W (default: the model's, 5,8,8 or 4,12,12)")
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--calls", type=int, default=3, help="calls per contender and round")
     parser.add_argument("--method-config", metavar="FILE", help="methods to time (dit-accel eval's format)")
     args = parser.parse_args(argv)
-    grid = tuple(int(x) for x in args.grid.split(","))
+    grid = tuple(int(x) for x in args.grid.split(",")) if args.grid else None
     methods = None
     if args.method_config:
         from .runner import load_method_specs
 
         methods = {spec.label: spec.method for spec in load_method_specs(None, args.method_config)}
-    result = run(grid, rounds=args.rounds, threads=args.threads, calls_per_round=args.calls, methods=methods)
+    result = run(grid, rounds=args.rounds, threads=args.threads, calls_per_round=args.calls, methods=methods,
+                 model=args.model)
     for row in result["rows"]:
         density = f"  density {row['density']:.3f}" if row["density"] is not None else ""
         print(f"{row['name']:<30} {row['ms']:10.3f} ms  {row['vs_unwrapped']:.3f}x the unwrapped call's time, "
               f"{row['vs_dense']:.3f}x Dense()'s{density}")
-    print(json.dumps({k: result[k] for k in ("grid", "tokens", "backends", "load_average")}))
+    print(json.dumps({k: result[k] for k in ("model", "grid", "tokens", "backends", "load_average")}))
 
 
 if __name__ == "__main__":

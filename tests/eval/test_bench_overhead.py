@@ -18,3 +18,12 @@ def test_rows_and_a_method_config(tmp_path, capsys):
     assert rows["unwrapped"]["vs_unwrapped"] == 1.0 and rows["unwrapped"]["density"] is None
     assert rows["Dense()"]["vs_dense"] == 1.0
     assert result["tokens"] == 192 and all(r["ms"] > 0 for r in rows.values())
+    assert result["model"] == "tiny-wan"
+
+
+def test_the_shipped_model_with_its_defaults():
+    result = bench_overhead.run(rounds=1, calls_per_round=1, model="tiny-shapes")
+    assert result["model"] == "tiny-shapes" and result["grid"] == [4, 12, 12]
+    names = {r["name"] for r in result["rows"]}
+    assert names == {"unwrapped", "Dense()"} | {f"{m} (tiny-shapes default)" for m in ("tile", "gna", "radial", "sla")}
+    assert result["backends"]["sla (tiny-shapes default)"] == ["torch"]
