@@ -141,7 +141,9 @@ class Plan:
         """
         if num_text == 0:
             o_video, _, extra, density = self.attend(q, k, v, scale=scale, backend=backend, proj=proj)
-            return (o_video if extra is None else (o_video + extra.to(o_video.dtype))).to(q.dtype), density
+            if extra is not None:
+                o_video = o_video + extra.to(o_video.dtype)
+            return (o_video if o_video.dtype == q.dtype else o_video.to(q.dtype)), density
         s = q.shape[2]
         video = slice(num_text, s) if text_first else slice(0, s - num_text)
         text = slice(0, num_text) if text_first else slice(s - num_text, s)
@@ -201,11 +203,13 @@ class LayoutPlan(Plan):
         self._prepared = set()  # (device, backend, $DIT_ACCEL_BACKEND) that prepare() has built for
 
     def layout_on(self, device, heads=None) -> BlockLayout:
-        key = (torch.device(device), heads if self.layout.num_heads > 1 else None)
-        if key not in self._layouts:
+        key = (device if isinstance(device, torch.device) else torch.device(device),
+               heads if self.layout.num_heads > 1 else None)
+        layout = self._layouts.get(key)
+        if layout is None:
             layout = self.layout if key[1] is None else self.layout.select(heads=heads)
-            self._layouts[key] = layout_on(layout, key[0])
-        return self._layouts[key]
+            layout = self._layouts[key] = layout_on(layout, key[0])
+        return layout
 
     def backend_for(self, q, k, v, backend: str) -> str:
         if self._dense_pays(q, backend):
@@ -234,22 +238,26 @@ class LayoutPlan(Plan):
 
         q, k, v and the result are in raster order: the mask is permuted once (and its padding
         dropped), so the call gathers nothing."""
-        def build():
-            mask = layout.to_dense_mask()
-            if self.perm is not None:  # tiled positions of the raster tokens, rows and columns
-                inverse = self.perm.inverse
-                mask = mask[:, inverse][:, :, inverse]
-            return torch.zeros(mask.shape, dtype=torch.float32).masked_fill_(~mask, float("-inf"))
         if self.perm is None:
-            bias = _DENSE_BIAS.get(layout, "bias", build)  # (heads of the layout, N, N)
+            bias = _DENSE_BIAS.get(layout, "bias", lambda: self._dense_bias(layout))  # (1, heads of the layout, N, N)
         else:  # the permutation is the plan's: so is the raster-order mask
             bias = self._raster_bias.get(id(layout))
             if bias is None:
-                bias = self._raster_bias.setdefault(id(layout), build())
+                bias = self._raster_bias.setdefault(id(layout), self._dense_bias(layout))
         # The kernel broadcasts the mask over the batch (and over the heads when the layout has one).
-        o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            q.float(), k.float(), v.float(), attn_mask=bias[None], scale=scale)
-        return o.to(q.dtype), lse
+        dtype = q.dtype
+        if dtype != torch.float32:
+            q, k, v = q.float(), k.float(), v.float()
+        o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, attn_mask=bias, scale=scale)
+        return (o if dtype == torch.float32 else o.to(dtype)), lse
+
+    def _dense_bias(self, layout: BlockLayout) -> torch.Tensor:
+        """fp32 additive mask ``(1, heads, N, N)`` of ``layout`` in raster order (padding dropped)."""
+        mask = layout.to_dense_mask()
+        if self.perm is not None:  # tiled positions of the raster tokens, rows and columns
+            inverse = self.perm.inverse
+            mask = mask[:, inverse][:, :, inverse]
+        return torch.zeros(mask.shape, dtype=torch.float32).masked_fill_(~mask, float("-inf"))[None]
 
     def prepare(self, device, backend: str = "auto") -> None:
         key = (torch.device(device), backend, env_backend())

@@ -418,17 +418,22 @@ class SDPAInterceptor(TorchFunctionMode):
             video = slice(num_text, sq) if position == "first" else slice(0, num_video)
             runtime.capture.save(layer.index, layer.name, context.grid, context.step, q[:, :, video],
                                  k[:, :, video], v[:, :, video])
-        plan = self.plan
-        density = None
-        with layer.report.timed(q.device):
-            if plan is None or plan.is_dense:
-                out = _SDPA(**call)
-            else:
-                out, density = plan.run(q, k, v, num_text=num_text, text_first=position == "first",
-                                        key_mask=key_mask, scale=call.get("scale"), backend=runtime.backend,
-                                        proj=layer.projection(q.device), sdpa=_SDPA)
+        if runtime.stats.timing:
+            with layer.report.timed(q.device):
+                out, density = self._attend(call, q, k, v, num_text, position == "first", key_mask)
+        else:  # (no context manager to enter: this runs on every eager layer call)
+            out, density = self._attend(call, q, k, v, num_text, position == "first", key_mask)
         self._count(density, q, k, v)
         return out
+
+    def _attend(self, call, q, k, v, num_text, text_first, key_mask):
+        """``(output, density)`` of one routed call: the layer's plan, or SDPA (density None) when dense."""
+        plan, layer = self.plan, self.layer
+        if plan is None or plan.is_dense:
+            return _SDPA(**call), None
+        proj = None if layer.sla_proj is None else layer.projection(q.device)
+        return plan.run(q, k, v, num_text=num_text, text_first=text_first, key_mask=key_mask,
+                        scale=call.get("scale"), backend=layer.owner.runtime.backend, proj=proj, sdpa=_SDPA)
 
     def _count(self, density, q, k, v) -> None:
         layer, plan = self.layer, self.plan
