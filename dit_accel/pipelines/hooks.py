@@ -608,9 +608,9 @@ class TransformerHook:
         parallel = self.layers[0].parallel if self.layers else None
         hidden = bound.get("hidden_states")
         device = hidden.device if isinstance(hidden, torch.Tensor) else None
-        # Everything below the key is a function of it: a call like the last one reuses its context
+        # The context is a function of the key and the parallel config: a call like the last one reuses it
         # (the plans' device data included), so a denoising loop builds and checks once per geometry.
-        key = (tuple(info.grid), info.num_text, step, total, id(parallel), device, os.environ.get(ENV_BACKEND))
+        key = (tuple(info.grid), info.num_text, step, total, device, os.environ.get(ENV_BACKEND))
         last = self._last
         if last is not None and last[0] == key and last[2] is parallel:
             context = last[1]

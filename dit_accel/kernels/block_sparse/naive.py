@@ -329,7 +329,8 @@ def _additive(allowed: torch.Tensor) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------- call
-def _pad_blocks(x: torch.Tensor, block: int) -> torch.Tensor:
+def pad_blocks(x: torch.Tensor, block: int) -> torch.Tensor:
+    """``x`` ``[B, H, N, D]`` zero-padded to whole blocks of ``block`` tokens (x itself when they fit)."""
     pad = -x.shape[2] % block
     return F.pad(x, (0, 0, 0, pad)) if pad else x
 
@@ -447,12 +448,12 @@ def torch_block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     workers = 1 if not scratch or torch.compiler.is_compiling() else torch.get_num_threads()
 
     # Heads split as (g, hl): head = g_idx * hl + hl_idx, matching both Hl = 1 and Hl = H.
-    qb = _pad_blocks(q.float(), bq).reshape(bg, hl * n_q, bq, d)
+    qb = pad_blocks(q.float(), bq).reshape(bg, hl * n_q, bq, d)
     # K over V on the batch axis: one gather (or one window view) serves both. Dense block storage.
     if scratch and k.shape[2] % bk == 0:
         kv = torch.cat([k.float(), v.float()], out=_SCRATCH.take("k;v", (2 * b, *k.shape[1:]), qb))
     else:
-        kv = _pad_blocks(torch.cat([k.float(), v.float()]), bk)
+        kv = pad_blocks(torch.cat([k.float(), v.float()]), bk)
     kvb = kv.reshape(2 * bg, hl * n_k, bk, d)
 
     def cut(chunks, budget: int) -> list:

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from ..._util import cdiv as _cdiv
-from ..block_sparse.naive import CHUNK_BYTES, SLICES_PER_THREAD, gather, in_threads, slice_bytes
+from ..block_sparse.naive import CHUNK_BYTES, SLICES_PER_THREAD, gather, in_threads, pad_blocks, slice_bytes
 from .common import MARGINAL, SLABlocks, SLAParams, feature_map
 
 __all__ = ["sla_torch"]
@@ -62,9 +62,9 @@ def _sparse_branch_fused(q, k, v, critical, block_q, block_k, scale, chunk_bytes
     nk_tok = k.shape[-2]
     n_q, n_k, kc = critical.shape[2], _cdiv(nk_tok, block_k), critical.shape[-1]
     bh = b * h
-    qb, kb, vb = (_blocked(x, block, count).reshape(shape) for x, block, count, shape in (
-        (q, block_q, n_q, (bh, n_q, block_q, d)), (k, block_k, n_k, (bh * n_k, block_k, d)),
-        (v, block_k, n_k, (bh * n_k, block_k, d))))
+    qb = pad_blocks(q, block_q).reshape(bh, n_q, block_q, d)
+    kb = pad_blocks(k, block_k).reshape(bh * n_k, block_k, d)
+    vb = pad_blocks(v, block_k).reshape(bh * n_k, block_k, d)
     # Flat key-block rows of kb per (b*h, query block): [BH, nQ * kc].
     rows = critical.reshape(bh, n_q * kc) + (torch.arange(bh, device=q.device) * n_k)[:, None]
     bias = None
@@ -79,37 +79,33 @@ def _sparse_branch_fused(q, k, v, critical, block_q, block_k, scale, chunk_bytes
     step = max(1, (chunk_bytes or CHUNK_BYTES) // per_block)
     if workers == 1 or -(-n_q // step) < SLICES_PER_THREAD * workers:
         workers, step = 1, max(1, (chunk_bytes or slice_bytes()) // per_block)
-    if step >= n_q:  # one slice (short sequences): no output buffer to fill, no slicing
-        idx = rows.reshape(-1)
-        o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            qb, kb.index_select(0, idx).view(bh, n_q, kc * block_k, d),
-            vb.index_select(0, idx).view(bh, n_q, kc * block_k, d), attn_mask=bias, scale=scale)[:2]
-        return (o.reshape(b, h, n_q * block_q, d)[:, :, :nq_tok],
-                lse.reshape(b, h, n_q * block_q)[:, :, :nq_tok])
-    o = qb.new_empty(qb.shape)
-    lse = qb.new_empty(qb.shape[:3])
 
-    def run(starts):
-        for q0 in starts:
-            q1 = min(n_q, q0 + step)
-            idx = rows[:, q0 * kc:q1 * kc].reshape(-1)
-            k_c = gather(kb, 0, idx, "k").view(bh, q1 - q0, kc * block_k, d)  # reused buffers: no autograd here
-            v_c = gather(vb, 0, idx, "v").view(bh, q1 - q0, kc * block_k, d)
-            o[:, q0:q1], lse[:, q0:q1] = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-                qb[:, q0:q1], k_c, v_c, attn_mask=None if bias is None else bias[:, q0:q1], scale=scale)[:2]
+    def attend(q0: int, q1: int):
+        """Query blocks ``q0:q1`` against their gathered critical blocks: ``(o, lse)``."""
+        idx = rows[:, q0 * kc:q1 * kc].reshape(-1)
+        k_c = gather(kb, 0, idx, "k").view(bh, q1 - q0, kc * block_k, d)  # reused buffers: no autograd here
+        v_c = gather(vb, 0, idx, "v").view(bh, q1 - q0, kc * block_k, d)
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            qb[:, q0:q1], k_c, v_c, attn_mask=None if bias is None else bias[:, q0:q1], scale=scale)[:2]
 
-    starts = list(range(0, n_q, step))
-    if workers > 1:
-        in_threads(run, [starts[i * len(starts) // workers:(i + 1) * len(starts) // workers] for i in range(workers)])
+    if step >= n_q:  # one slice (short sequences): its output is the result, no buffer to fill
+        o, lse = attend(0, n_q)
     else:
-        run(starts)
+        o = qb.new_empty(qb.shape)
+        lse = qb.new_empty(qb.shape[:3])
+
+        def run(starts):
+            for q0 in starts:
+                q1 = min(n_q, q0 + step)
+                o[:, q0:q1], lse[:, q0:q1] = attend(q0, q1)
+
+        starts = list(range(0, n_q, step))
+        if workers > 1:
+            in_threads(run, [starts[i * len(starts) // workers:(i + 1) * len(starts) // workers]
+                             for i in range(workers)])
+        else:
+            run(starts)
     return o.reshape(b, h, n_q * block_q, d)[:, :, :nq_tok], lse.reshape(b, h, n_q * block_q)[:, :, :nq_tok]
-
-
-def _blocked(x: torch.Tensor, block: int, count: int) -> torch.Tensor:
-    """``x`` ``[B, H, N, D]`` zero-padded to ``count`` blocks of ``block`` tokens (x itself when they fit)."""
-    pad = count * block - x.shape[-2]
-    return x if pad == 0 else F.pad(x, (0, 0, 0, pad))
 
 
 def _linear_branch_torch(q, k, v, blocks: SLABlocks, method: SLAParams):
