@@ -231,6 +231,9 @@ def test_apply_checks_the_capture_folder_before_any_forward(tmp_path):
         dit_accel.apply(transformer, dit_accel.Dense(), capture=a_file)
     with pytest.raises(TypeError, match="capture must be a folder path"):
         dit_accel.apply(transformer, dit_accel.Dense(), capture=123)
+    for unusable in ("", "caps\x00"):  # before: os's bare "embedded null byte" for the NUL
+        with pytest.raises(ValueError, match="capture=.*not a usable folder path"):
+            dit_accel.apply(transformer, dit_accel.Dense(), capture=unusable)
     assert not any(type(m.processor).__name__ == "SparseAttnProcessor"
                    for m in transformer.modules() if hasattr(m, "processor"))
     with dit_accel.apply(transformer, dit_accel.Dense(), capture=tmp_path / "new" / "caps"):

@@ -23,6 +23,8 @@ def check_capture_dir(capture) -> str:
     if not isinstance(capture, (str, os.PathLike)):
         raise TypeError(f"capture must be a folder path (str or os.PathLike); got {type(capture).__name__}")
     path = os.fspath(capture)
+    if not path or "\x00" in str(path):
+        raise ValueError(f"capture={path!r} is not a usable folder path (empty, or a NUL character); pass a folder")
     if os.path.exists(path) and not os.path.isdir(path):
         raise ValueError(f"capture={path!r} is a file; pass a folder for the layerLLL_stepSSS.pt captures")
     try:
