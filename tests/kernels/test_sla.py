@@ -123,6 +123,33 @@ def test_twin_fused_forward_matches_reference_and_simple_path(nq, nk, d, kw):
         torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("layout", ["tokens-major", "contiguous"])
+@pytest.mark.parametrize("nq,nk", [(320, 320), (128, 320)])
+def test_twin_one_pass_on_whole_blocks_matches_simple_path(layout, nq, nk, monkeypatch):
+    """Whole blocks that fit one slice run in one flash call over (batch x query block, heads), gathering
+    the critical blocks straight from q, k, v of any strides: batch 2 and 3 heads against the simple path.
+    Inputs laid out as the processors make them ((B, N, H, D) memory) give the output in that layout."""
+    from dit_accel.kernels.sla import naive as sla_naive
+
+    method, d = SLA(topk=0.4), 12
+    q, k, v = make_qkv(2, 3, nq, d, nk=nk)
+    if layout == "tokens-major":
+        q, k, v = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v))
+    passes = []
+    one_pass = sla_naive._one_pass
+    monkeypatch.setattr(sla_naive, "_one_pass", lambda *a: passes.append(1) or one_pass(*a))
+    with torch.no_grad():
+        crit = sla_classify(q, k, method).critical
+        o, lse = sla_naive._sparse_branch_fused(q, k, v, crit, 64, 64, d ** -0.5)
+        o_ref, lse_ref = sla_naive._sparse_branch_torch(q, k, v, crit, 64, 64, d ** -0.5)
+    assert passes == [1]
+    torch.testing.assert_close(o, o_ref, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(lse, lse_ref, atol=2e-5, rtol=1e-4)
+    assert o.shape == (2, 3, nq, d) and lse.shape == (2, 3, nq)
+    if layout == "tokens-major":
+        assert o.transpose(1, 2).is_contiguous()
+
+
 def test_twin_fused_branch_shares_slices_between_threads():
     """With two torch threads and enough slices the fused sparse branch runs them in two threads:
     the same result as the simple path, and the caller's thread count is restored."""
@@ -196,6 +223,32 @@ def test_zero_projection_skips_the_linear_branch_exactly():
     assert is_inert(proj) is False  # grad enabled and the projection trains: O_l is needed for dW
     sla_attention(q, k, v, method, proj, backend="torch").sum().backward()
     assert proj.weight.grad.abs().max() > 0
+
+
+def test_inert_projections_agrees_with_is_inert_one_by_one():
+    """The hooks' one-pass read of every layer's projection gives what ``is_inert`` gives for each: zero weight and
+    bias only, a NaN or a subnormal value counts, no bias is fine, and modules other than a CPU ``nn.Linear`` or
+    ones whose gradient is wanted are never inert."""
+    from dit_accel.kernels.sla import inert_projections, is_inert
+
+    def linear(weight=0.0, bias=0.0, with_bias=True):
+        proj = torch.nn.Linear(4, 4, bias=with_bias)
+        with torch.no_grad():
+            proj.weight.fill_(0.0)
+            proj.weight[1, 2] = weight
+            if with_bias:
+                proj.bias.fill_(0.0)
+                proj.bias[3] = bias
+        return proj
+
+    projs = [linear(), linear(weight=1.0), linear(bias=-2.0), linear(with_bias=False), linear(1e-42, with_bias=False),
+             linear(bias=float("nan")), torch.nn.Sequential(linear()), linear(weight=3.0, with_bias=False), linear()]
+    with torch.no_grad():
+        want = [is_inert(p) for p in projs]
+        assert want == [True, False, False, True, False, False, False, False, True]
+        assert inert_projections(projs) == want
+        assert inert_projections([]) == []
+    assert inert_projections(projs) == [False] * len(projs)  # grad enabled and every weight trains
 
 
 # ----------------------------------------------------------------------------- validation

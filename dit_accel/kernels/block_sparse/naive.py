@@ -401,8 +401,12 @@ def gather(x: torch.Tensor, dim: int, index: torch.Tensor, scratch: Optional[str
     return torch.index_select(x, dim, index, out=_SCRATCH.take(scratch, tuple(shape), x))
 
 
+# ATen's CPU flash-attention kernel (with its log-sum-exp), which the fused CPU paths call directly.
+HAS_CPU_FLASH = hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu")
+
+
 def _use_fused(device: torch.device) -> bool:
-    return device.type == "cpu" and hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu")
+    return device.type == "cpu" and HAS_CPU_FLASH
 
 
 def slice_bytes() -> int:

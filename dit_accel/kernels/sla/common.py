@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -116,21 +117,42 @@ def sla_density(n_tokens: int, method) -> float:
     return n_crit / n_k
 
 
-@dataclass(frozen=True, eq=False)
 class SLABlocks:
     """Block classification of one SLA call.
 
     Attributes:
-        critical: int32 ``[B, H, nQ, kc]`` critical key-block indices per query block, ascending.
-        negligible: int32 ``[B, H, nQ, kn]`` negligible key-block indices, ascending (``kn`` may be 0).
+        critical: ``[B, H, nQ, kc]`` critical key-block indices per query block, ascending (int64 from
+            :func:`sla_classify`, ready for indexing; the fused kernel takes them as int32).
+        negligible: ``[B, H, nQ, kn]`` negligible key-block indices, ascending (``kn`` may be 0), likewise.
         classes: int8 ``[B, H, nQ, nK]``: ``CRITICAL`` (1), ``MARGINAL`` (0) or ``NEGLIGIBLE`` (2).
         scores: fp32 ``[B, H, nQ, nK]`` pooled block scores the classes were taken from.
+
+    ``classes`` (and an empty ``negligible``) may be left out when ``scores`` is given: they are built
+    from the indices on first use (the twin's top-k path never needs the class map).
     """
 
-    critical: torch.Tensor
-    negligible: torch.Tensor
-    classes: torch.Tensor
-    scores: torch.Tensor
+    def __init__(self, critical: torch.Tensor, negligible: Optional[torch.Tensor] = None,
+                 classes: Optional[torch.Tensor] = None, scores: Optional[torch.Tensor] = None):
+        if classes is None and scores is None:
+            raise ValueError("SLABlocks needs classes or scores (the key-block count comes from their last axis)")
+        self.critical, self.scores = critical, scores
+        self._negligible, self._classes = negligible, classes
+
+    @property
+    def negligible(self) -> torch.Tensor:
+        if self._negligible is None:
+            self._negligible = self.critical.new_empty(self.critical.shape[:-1] + (0,))
+        return self._negligible
+
+    @property
+    def classes(self) -> torch.Tensor:
+        if self._classes is None:
+            classes = torch.full(self.scores.shape, MARGINAL, dtype=torch.int8, device=self.critical.device)
+            classes.scatter_(-1, self.critical.long(), CRITICAL)
+            if self.negligible.shape[-1]:
+                classes.scatter_(-1, self.negligible.long(), NEGLIGIBLE)
+            self._classes = classes
+        return self._classes
 
     @property
     def marginal(self) -> torch.Tensor:
@@ -140,7 +162,15 @@ class SLABlocks:
 
     def density(self) -> float:
         """Visited (critical) block fraction."""
-        return self.critical.shape[-1] / self.classes.shape[-1]
+        n_k = (self.scores if self._classes is None else self._classes).shape[-1]
+        return self.critical.shape[-1] / n_k
+
+    def to(self, *args, **kwargs) -> "SLABlocks":
+        """The same classification with every tensor moved/cast by ``Tensor.to(*args, **kwargs)``."""
+        def move(t):
+            return None if t is None else t.to(*args, **kwargs)
+
+        return SLABlocks(move(self.critical), move(self._negligible), move(self._classes), move(self.scores))
 
 
 def true_columns(mask: torch.Tensor, width: int) -> torch.Tensor:
@@ -158,14 +188,13 @@ def _mean_pool(x: torch.Tensor, block: int) -> torch.Tensor:
     nb = _cdiv(n, block)
     pad = nb * block - n
     if pad == 0:  # whole blocks: a view of x (any strides), no padded copy
-        return x.unflatten(2, (nb, block)).mean(-2)
+        return x.view(b, h, nb, block, d).mean(-2)
     sums = F.pad(x, (0, 0, 0, pad)).view(b, h, nb, block, d).sum(-2)
     counts = torch.full((nb,), float(block), device=x.device, dtype=x.dtype)
     counts[-1] = block - pad
     return sums / counts[:, None]
 
 
-@torch.no_grad()
 def sla_classify(q: torch.Tensor, k: torch.Tensor, method) -> SLABlocks:
     """Classify key blocks per query block (critical / marginal / negligible), see the module docstring.
 
@@ -179,23 +208,28 @@ def sla_classify(q: torch.Tensor, k: torch.Tensor, method) -> SLABlocks:
         :class:`SLABlocks`.
     """
     method = SLAParams.of(method)
-    qf, kf = q.detach().float(), k.detach().float()
+    if torch.is_grad_enabled():
+        with torch.no_grad():
+            return _classify(q, k, method)
+    return _classify(q, k, method)
+
+
+def _classify(q: torch.Tensor, k: torch.Tensor, method: SLAParams) -> SLABlocks:
+    qf = q if q.dtype == torch.float32 else q.float()
+    kf = k if k.dtype == torch.float32 else k.float()
     n_k, n_crit, n_neg, _ = sla_block_counts(kf.shape[-2], method)
     qb = _mean_pool(qf, method.block_q)
     # Pooling is linear, so pooling k - mean(k) equals pooling k minus the mean.
     kb = _mean_pool(kf, method.block_k) - kf.mean(dim=-2, keepdim=True)
-    scores = qb @ kb.transpose(-1, -2)
+    b, h, n_qb, d = qb.shape
+    scores = torch.bmm(qb.view(b * h, n_qb, d), kb.view(b * h, n_k, d).transpose(1, 2)).view(b, h, n_qb, n_k)
     order = torch.sort(scores, dim=-1, descending=True, stable=True).indices
-    critical = torch.sort(order[..., :n_crit], dim=-1).values
-    classes = torch.full(scores.shape, MARGINAL, dtype=torch.int8, device=q.device)
-    classes.scatter_(-1, critical, CRITICAL)
+    # (stable: the indices are distinct, and ATen's stable sort is the faster one on short rows)
+    critical = torch.sort(order[..., :n_crit], dim=-1, stable=True).values
+    negligible = None
     if n_neg:
-        negligible = torch.sort(order[..., n_k - n_neg:], dim=-1).values
-        classes.scatter_(-1, negligible, NEGLIGIBLE)
-        negligible = negligible.to(torch.int32).contiguous()
-    else:
-        negligible = torch.empty(scores.shape[:-1] + (0,), dtype=torch.int32, device=q.device)
-    return SLABlocks(critical.to(torch.int32).contiguous(), negligible, classes, scores)
+        negligible = torch.sort(order[..., n_k - n_neg:], dim=-1, stable=True).values
+    return SLABlocks(critical, negligible, scores=scores)
 
 
 def feature_map(x: torch.Tensor, kind: str) -> torch.Tensor:

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from ..._util import cdiv as _cdiv
-from ..block_sparse.naive import CHUNK_BYTES, SLICES_PER_THREAD, gather, in_threads, pad_blocks, slice_bytes
+from ..block_sparse.naive import CHUNK_BYTES, HAS_CPU_FLASH, SLICES_PER_THREAD, gather, in_threads, pad_blocks, slice_bytes
 from .common import MARGINAL, SLABlocks, SLAParams, feature_map
 
 __all__ = ["sla_torch"]
@@ -51,7 +51,7 @@ def _sparse_branch_torch(q, k, v, critical, block_q, block_k, scale):
 
 def _use_fused(q, k, v) -> bool:
     grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-    return q.device.type == "cpu" and hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu") and not grad
+    return q.device.type == "cpu" and HAS_CPU_FLASH and not grad
 
 
 def _sparse_branch_fused(q, k, v, critical, block_q, block_k, scale, chunk_bytes: Optional[int] = None):
@@ -62,6 +62,15 @@ def _sparse_branch_fused(q, k, v, critical, block_q, block_k, scale, chunk_bytes
     nk_tok = k.shape[-2]
     n_q, n_k, kc = critical.shape[2], _cdiv(nk_tok, block_k), critical.shape[-1]
     bh = b * h
+    per_block = 4 * bh * (2 * kc * block_k * d + 2 * block_q * d)
+    # Several torch threads: slices of the one-thread size, shared out between threads (as the
+    # block-sparse twin does with its gathered slices), when there are enough of them.
+    workers = 1 if torch.compiler.is_compiling() else torch.get_num_threads()
+    step = max(1, (chunk_bytes or CHUNK_BYTES) // per_block)
+    if workers == 1 or -(-n_q // step) < SLICES_PER_THREAD * workers:
+        workers, step = 1, max(1, (chunk_bytes or slice_bytes()) // per_block)
+    if step >= n_q and not (nq_tok % block_q or nk_tok % block_k):
+        return _one_pass(q, k, v, critical, block_q, block_k, scale)
     qb = pad_blocks(q, block_q).reshape(bh, n_q, block_q, d)
     kb = pad_blocks(k, block_k).reshape(bh * n_k, block_k, d)
     vb = pad_blocks(v, block_k).reshape(bh * n_k, block_k, d)
@@ -72,13 +81,6 @@ def _sparse_branch_fused(q, k, v, critical, block_q, block_k, scale, chunk_bytes
         tok = critical.reshape(bh, n_q, kc, 1).long() * block_k + torch.arange(block_k, device=q.device)
         bias = torch.zeros(tok.shape, device=q.device).masked_fill_(tok >= nk_tok, float("-inf"))
         bias = bias.reshape(bh, n_q, 1, kc * block_k)
-    per_block = 4 * bh * (2 * kc * block_k * d + 2 * block_q * d)
-    # Several torch threads: slices of the one-thread size, shared out between threads (as the
-    # block-sparse twin does with its gathered slices), when there are enough of them.
-    workers = 1 if torch.compiler.is_compiling() else torch.get_num_threads()
-    step = max(1, (chunk_bytes or CHUNK_BYTES) // per_block)
-    if workers == 1 or -(-n_q // step) < SLICES_PER_THREAD * workers:
-        workers, step = 1, max(1, (chunk_bytes or slice_bytes()) // per_block)
 
     def attend(q0: int, q1: int):
         """Query blocks ``q0:q1`` against their gathered critical blocks: ``(o, lse)``."""
@@ -106,6 +108,45 @@ def _sparse_branch_fused(q, k, v, critical, block_q, block_k, scale, chunk_bytes
         else:
             run(starts)
     return o.reshape(b, h, n_q * block_q, d)[:, :, :nq_tok], lse.reshape(b, h, n_q * block_q)[:, :, :nq_tok]
+
+
+def _one_pass(q, k, v, critical, block_q, block_k, scale):
+    """:func:`_sparse_branch_fused` in one flash call, for whole blocks that fit one slice (short sequences).
+
+    The kernel's batch is (batch, query block) and its heads are the heads, so q laid out as the
+    processors make it (``(B, N, H, D)`` memory) enters as a view, and the output leaves in that
+    memory order, SDPA's own (the caller's transpose back to tokens is free). The critical K/V blocks
+    are gathered by one ``index_select`` each from ``(B * H * nK, Bk, D)`` rows."""
+    b, h, n, d = q.shape
+    n_q, kc = critical.shape[2], critical.shape[3]
+    n_k = k.shape[2] // block_k
+    rows = (critical + _row_offsets(b, h, n_k, q.device)).view(-1)  # (B, H, nQ, kc) flat key-block rows
+    width = kc * block_k
+
+    def gather_blocks(x):  # (B * nQ, H, kc * Bk, D): a view for batch 1, a copy otherwise
+        blocks = x.reshape(b * h * n_k, block_k, d).index_select(0, rows)
+        return blocks.view(b, h, n_q, width, d).transpose(1, 2).reshape(b * n_q, h, width, d)
+
+    # (views rather than Tensor.unflatten, a Python-level method: this runs on every short SLA call)
+    q_b = q.view(b, h, n_q, block_q, d).transpose(1, 2).reshape(b * n_q, h, block_q, d)
+    o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        q_b, gather_blocks(k), gather_blocks(v), scale=scale)[:2]
+    return (o.view(b, n_q, h, block_q, d).transpose(1, 2).reshape(b, h, n, d),
+            lse.view(b, n_q, h, block_q).transpose(1, 2).reshape(b, h, n))
+
+
+_OFFSETS: dict = {}
+
+
+def _row_offsets(b: int, h: int, n_k: int, device) -> torch.Tensor:
+    """``(B, H, 1, 1)`` first key-block row of each (batch, head) in ``(B * H * nK)`` rows (made once per shape)."""
+    if torch.compiler.is_compiling():
+        return (torch.arange(b * h, device=device) * n_k).view(b, h, 1, 1)
+    key = (b, h, n_k, device)
+    offsets = _OFFSETS.get(key)
+    if offsets is None:
+        offsets = _OFFSETS[key] = (torch.arange(b * h, device=device) * n_k).view(b, h, 1, 1)
+    return offsets
 
 
 def _linear_branch_torch(q, k, v, blocks: SLABlocks, method: SLAParams):
@@ -140,9 +181,11 @@ def _linear_branch_torch(q, k, v, blocks: SLABlocks, method: SLAParams):
 def sla_torch(q, k, v, blocks, method, scale, with_linear, fused: Optional[bool] = None):
     """``(o_sparse, lse, o_linear or None)``. ``fused``: the sparse branch through
     :func:`_sparse_branch_fused` (default: on CPU when nothing needs gradients)."""
-    qf, kf, vf = q.float(), k.float(), v.float()
+    dtype = q.dtype
+    if dtype != torch.float32:
+        q, k, v = q.float(), k.float(), v.float()
     fused = _use_fused(q, k, v) if fused is None else fused
     branch = _sparse_branch_fused if fused else _sparse_branch_torch
-    o_s, lse = branch(qf, kf, vf, blocks.critical, method.block_q, method.block_k, scale)
-    o_l = _linear_branch_torch(qf, kf, vf, blocks, method) if with_linear else None
-    return o_s.to(q.dtype), lse, o_l
+    o_s, lse = branch(q, k, v, blocks.critical, method.block_q, method.block_k, scale)
+    o_l = _linear_branch_torch(q, k, v, blocks, method) if with_linear else None
+    return (o_s if dtype == torch.float32 else o_s.to(dtype)), lse, o_l

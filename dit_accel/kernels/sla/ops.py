@@ -112,15 +112,16 @@ def sla_triton_attention(q: Tensor, k: Tensor, v: Tensor, blocks: SLABlocks, met
     so the subtraction cancels exactly up to the kernel's fp32 accumulation.
     """
     plan = linear_plan(k.shape[-2], method, with_linear, linear_path)
-    b, h, n_qb = blocks.critical.shape[:3]
+    critical = blocks.critical.to(torch.int32).contiguous()  # the kernels' block lists are int32
+    b, h, n_qb = critical.shape[:3]
     if plan == "subtract":
-        lin_blocks, sign = torch.cat([blocks.negligible, blocks.critical], -1).contiguous(), -1
+        lin_blocks, sign = torch.cat([blocks.negligible.to(torch.int32), critical], -1).contiguous(), -1
     elif plan == "direct":
         lin_blocks, sign = blocks.marginal.to(torch.int32).contiguous(), 1
     else:
-        lin_blocks, sign = blocks.critical.new_zeros((b, h, n_qb, 0)), 1
+        lin_blocks, sign = critical.new_zeros((b, h, n_qb, 0)), 1
     has_lin = plan != "none"
-    o_s, lse, num, den = sla_fwd(q, k, v, blocks.critical, lin_blocks, scale, FEATURE_IDS[method.feature_map],
+    o_s, lse, num, den = sla_fwd(q, k, v, critical, lin_blocks, scale, FEATURE_IDS[method.feature_map],
                                  has_lin, sign, method.block_q)
     if plan == "none":
         return o_s, lse, (torch.zeros(q.shape, dtype=torch.float32, device=q.device) if with_linear else None)
