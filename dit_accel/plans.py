@@ -19,13 +19,14 @@ attend densely to every valid key (METHODS.md, "Text tokens").
 from __future__ import annotations
 
 import math
+import os
 from typing import Callable, Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 
 from .kernels import block_sparse_attention, merge_attention
-from .kernels.backends import Request, env_backend, resolve
+from .kernels.backends import ENV_BACKEND, Request, env_backend, resolve
 from .kernels.block_sparse.api import layout_on, prepare_layout
 from .kernels._cache import LayoutCache
 from .kernels.block_sparse.naive import dense_is_faster
@@ -351,9 +352,19 @@ class SLAPlan(Plan):
     def __init__(self, method, grid, params):
         super().__init__(method, grid)
         self.params = params
+        self._backends: Dict[tuple, str] = {}  # what backend_for resolved, per eager call signature
 
     def backend_for(self, q, k, v, backend: str) -> str:
-        return resolve("sla", backend, Request.of(q, k, v, self.params.block_q, self.params.block_k))
+        if torch.compiler.is_compiling():
+            return resolve("sla", backend, Request.of(q, k, v, self.params.block_q, self.params.block_k))
+        # The statistics ask on every layer call; resolving once per signature keeps that off the call.
+        grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+        key = (q.device, q.dtype, q.shape[-1], grad, backend, os.environ.get(ENV_BACKEND))
+        name = self._backends.get(key)
+        if name is None:
+            name = self._backends[key] = resolve("sla", backend, Request.of(q, k, v, self.params.block_q,
+                                                                            self.params.block_k))
+        return name
 
     def check_part(self, rows: Tuple[int, int]) -> None:
         block = self.params.block_q
@@ -364,5 +375,6 @@ class SLAPlan(Plan):
 
     def attend(self, q, k, v, *, scale, backend, proj=None, heads=None):
         # Under context parallelism (attend_part) k, v hold every key: pooling and linear sums stay global.
-        o, lse, o_lin, info = sla_parts(q, k, v, self.params, proj, scale=scale, backend=backend)
+        o, lse, o_lin, info = sla_parts(q, k, v, self.params, proj, scale=scale,
+                                        backend=self.backend_for(q, k, v, backend))
         return o, lse, o_lin, info["density"]

@@ -190,9 +190,11 @@ TUNED = {"block_sparse": ("triton", "flex")}
 def _tuned(family: str, request: Request, tuner) -> Optional[str]:
     """The autotuned backend for ``request`` on CUDA: the stored choice of its shape class, else
     ``tuner(contenders, request)`` (which times them); None when there is nothing to choose."""
+    if request.device.type != "cuda":
+        return None
     from . import autotune
 
-    if request.device.type != "cuda" or not autotune.enabled() or torch.compiler.is_compiling():
+    if not autotune.enabled() or torch.compiler.is_compiling():
         return None
     contenders = [name for name, can_run, _ in _TABLE[family]
                   if name in TUNED.get(family, ()) and can_run(request) is None]

@@ -64,8 +64,9 @@ from torch.overrides import TorchFunctionMode
 
 from .._util import WarningLog
 from ..kernels.backends import ENV_BACKEND
+from ..kernels.sla import inert_projections
 from ..methods import Method
-from ..plans import Plan
+from ..plans import Plan, SLAPlan
 from .capture import Capture
 from .context import CallContext, ContextStack
 from .parallel import Split, check_split, run_split
@@ -230,7 +231,7 @@ class SparseAttnProcessor:
     ``__call__`` signature, so the module behaves as before apart from SDPA.
     """
 
-    _OWN = ("original", "owner", "index", "slot", "name", "sla_proj", "parallel", "plans", "report")
+    _OWN = ("original", "owner", "index", "slot", "name", "sla_proj", "parallel", "plans", "report", "inert")
 
     def __new__(cls, original, *args, **kwargs):
         # Diffusers (Attention, FluxAttention, LTXAttention) filters call kwargs with
@@ -246,7 +247,8 @@ class SparseAttnProcessor:
             original._parallel_config = None
         for key, value in (("original", original), ("owner", owner), ("index", index), ("slot", slot),
                            ("name", name), ("sla_proj", sla_proj), ("parallel", parallel),
-                           ("plans", ContextStack()), ("report", LayerReport(owner.runtime, slot, index))):
+                           ("plans", ContextStack()), ("report", LayerReport(owner.runtime, slot, index)),
+                           ("inert", False)):
             object.__setattr__(self, key, value)
 
     def __call__(self, attn, *args, **kwargs):
@@ -431,7 +433,10 @@ class SDPAInterceptor(TorchFunctionMode):
         plan, layer = self.plan, self.layer
         if plan is None or plan.is_dense:
             return _SDPA(**call), None
-        proj = None if layer.sla_proj is None else layer.projection(q.device)
+        # An inert projection (read for every layer at the transformer call, eager CPU only) adds nothing.
+        proj = None
+        if layer.sla_proj is not None and (torch.compiler.is_compiling() or not layer.inert):
+            proj = layer.projection(q.device)
         return plan.run(q, k, v, num_text=num_text, text_first=text_first, key_mask=key_mask,
                         scale=call.get("scale"), backend=layer.owner.runtime.backend, proj=proj, sdpa=_SDPA)
 
@@ -619,8 +624,16 @@ class TransformerHook:
             self._last = (key, context, parallel)
         self._check_processors()
         self.stack.push(context)
+        sla = []
         for layer, plan in zip(self.layers, context.plans):
             layer.plans.push(plan)
+            layer.inert = False
+            if layer.sla_proj is not None and isinstance(plan, SLAPlan):
+                sla.append(layer)
+        if sla and device is not None and device.type == "cpu":
+            # Still-zero projections (kernels.sla.is_inert) read once per call for all layers, not per layer call.
+            for layer, inert in zip(sla, inert_projections([layer.sla_proj for layer in sla])):
+                layer.inert = inert
 
     def _context(self, info, step: int, total: Optional[int], parallel, device) -> CallContext:
         """The call's context: each layer's plan (built, checked and prepared on ``device``), warnings said."""

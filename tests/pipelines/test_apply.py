@@ -212,6 +212,37 @@ def test_sla_projections_capture_and_timing(models, tmp_path):
     _clean(model)
 
 
+def test_still_zero_projections_skip_the_linear_branch_and_a_write_between_calls_is_used(models, monkeypatch):
+    """The transformer call reads every SLA layer's projection once (eager CPU): zero ones skip the linear branch,
+    bit for bit what computing it gives, and a weight written through ``.data`` (no version bump) before the
+    next call makes that layer compute it, matching a run that never skips."""
+    from dit_accel.kernels.sla import naive as sla_naive
+    from dit_accel.pipelines import hooks
+
+    model = models["wan"]
+    kwargs = _inputs("wan", model, batch=1)
+    linear_calls = []
+    branch = sla_naive._linear_branch_torch
+    monkeypatch.setattr(sla_naive, "_linear_branch_torch", lambda *a: linear_calls.append(1) or branch(*a))
+    with dit_accel.apply(model, dit_accel.SLA(topk=0.4), backend="torch") as handle:
+        projections = list(handle.sla_projections().values())
+        skipped = _run(model, kwargs)
+        assert linear_calls == []
+        with monkeypatch.context() as never_inert:  # the same run with the branch computed on every layer
+            never_inert.setattr(hooks, "inert_projections", lambda projs: [False] * len(projs))
+            never_inert.setattr("dit_accel.kernels.sla.api.is_inert", lambda proj: False)
+            assert torch.equal(_run(model, kwargs), skipped)
+            assert len(linear_calls) == len(projections)
+            linear_calls.clear()
+            projections[1].weight.data.copy_(torch.randn_like(projections[1].weight))
+            computed = _run(model, kwargs)
+            linear_calls.clear()
+        written = _run(model, kwargs)
+    assert linear_calls == [1]  # only the written layer
+    assert torch.equal(written, computed) and not torch.equal(written, skipped)
+    _clean(model)
+
+
 def test_errors_name_the_argument(models):
     model = models["wan"]
     with pytest.raises(TypeError, match="method_from_name"):

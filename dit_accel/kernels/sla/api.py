@@ -7,7 +7,8 @@ Two implementations share the classification of :mod:`.common`: the PyTorch twin
 
 from __future__ import annotations
 
-from typing import Optional
+import math
+from typing import List, Optional, Sequence
 
 import torch
 from torch import nn
@@ -17,7 +18,7 @@ from ..checks import check_qkv, check_scale
 from .common import SLAParams, sla_block_counts, sla_classify
 from .naive import sla_torch
 
-__all__ = ["sla_attention", "sla_parts", "is_inert"]
+__all__ = ["sla_attention", "sla_parts", "is_inert", "inert_projections"]
 
 
 def _check(q, k, v, proj, scale) -> float:
@@ -85,13 +86,14 @@ def sla_parts(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, method, proj: O
     zeros, when no projected linear branch was computed (``info["linear"]`` False). Same arguments."""
     method = SLAParams.of(method)
     scale = _check(q, k, v, proj, scale)
-    # SLA has no FlexAttention variant: a pipeline-wide backend="flex" runs the PyTorch twin.
-    backend = resolve("sla", backend, Request.of(q, k, v, method.block_q, method.block_k))
+    # SLA has no FlexAttention variant: a pipeline-wide backend="flex" runs the PyTorch twin. The twin
+    # runs anything, so an explicit "torch" needs no resolving (the plans pass what they resolved).
+    if backend != "torch":
+        backend = resolve("sla", backend, Request.of(q, k, v, method.block_q, method.block_k))
     blocks = sla_classify(q, k, method)
-    _, _, _, n_marg = sla_block_counts(k.shape[-2], method)
     if proj is not None and is_inert(proj):  # proj(anything) is exactly 0: the linear branch adds nothing
         proj = None
-    with_linear = proj is not None and (method.linear_tokens == "all" or n_marg > 0)
+    with_linear = proj is not None and (method.linear_tokens == "all" or sla_block_counts(k.shape[-2], method)[3] > 0)
 
     if backend == "torch":
         o_s, lse, o_l = sla_torch(q, k, v, blocks, method, scale, with_linear)
@@ -119,11 +121,33 @@ def is_inert(proj: nn.Module) -> bool:
     miss writes through ``.data``). Not on GPUs, where reading the answer would synchronise the host on
     every layer call and the fused kernel computes the branch in the same pass anyway; not under
     ``torch.compile``, which would specialise on the values."""
+    if not _may_be_inert(proj):
+        return False
+    return not bool(proj.weight.any()) and (proj.bias is None or not bool(proj.bias.any()))
+
+
+def inert_projections(projs: Sequence[nn.Module]) -> List[bool]:
+    """:func:`is_inert` of each projection, reading all their values in one pass (the pipelines' hooks ask
+    once per transformer call for every SLA layer, instead of twice per layer call)."""
+    flags = [False] * len(projs)
+    maybe = [i for i, proj in enumerate(projs) if _may_be_inert(proj)]
+    if maybe:
+        params = [[t for t in (projs[i].weight, projs[i].bias) if t is not None] for i in maybe]
+        # The largest |value| of each tensor: exactly 0 only for all-zero tensors (a NaN stays NaN).
+        peaks = torch.stack(torch._foreach_norm([t for group in params for t in group], math.inf)).tolist()
+        start = 0
+        for i, group in zip(maybe, params):
+            flags[i] = all(peak == 0 for peak in peaks[start:start + len(group)])
+            start += len(group)
+    return flags
+
+
+def _may_be_inert(proj) -> bool:
+    """What :func:`is_inert` asks before reading values: a CPU ``nn.Linear``, eager, no gradient wanted."""
     if type(proj) is not nn.Linear or torch.compiler.is_compiling():
         return False
     weight, bias = proj.weight, proj.bias
     if weight.device.type != "cpu":
         return False
-    if torch.is_grad_enabled() and (weight.requires_grad or (bias is not None and bias.requires_grad)):
-        return False  # training the projection: its gradient needs O_l
-    return not bool(weight.any()) and (bias is None or not bool(bias.any()))
+    # Training the projection: its gradient needs O_l.
+    return not (torch.is_grad_enabled() and (weight.requires_grad or (bias is not None and bias.requires_grad)))
