@@ -63,13 +63,16 @@ def _sparse_branch_fused(q, k, v, critical, block_q, block_k, scale, chunk_bytes
     n_q, n_k, kc = critical.shape[2], _cdiv(nk_tok, block_k), critical.shape[-1]
     bh = b * h
     per_block = 4 * bh * (2 * kc * block_k * d + 2 * block_q * d)
+    whole = not (nq_tok % block_q or nk_tok % block_k)
+    if whole and per_block * n_q <= (chunk_bytes or CHUNK_BYTES):  # within every slice budget: no thread count asked
+        return _one_pass(q, k, v, critical, block_q, block_k, scale)
     # Several torch threads: slices of the one-thread size, shared out between threads (as the
     # block-sparse twin does with its gathered slices), when there are enough of them.
     workers = 1 if torch.compiler.is_compiling() else torch.get_num_threads()
     step = max(1, (chunk_bytes or CHUNK_BYTES) // per_block)
     if workers == 1 or -(-n_q // step) < SLICES_PER_THREAD * workers:
         workers, step = 1, max(1, (chunk_bytes or slice_bytes()) // per_block)
-    if step >= n_q and not (nq_tok % block_q or nk_tok % block_k):
+    if step >= n_q and whole:
         return _one_pass(q, k, v, critical, block_q, block_k, scale)
     qb = pad_blocks(q, block_q).reshape(bh, n_q, block_q, d)
     kb = pad_blocks(k, block_k).reshape(bh * n_k, block_k, d)
