@@ -165,13 +165,6 @@ class SLABlocks:
         n_k = (self.scores if self._classes is None else self._classes).shape[-1]
         return self.critical.shape[-1] / n_k
 
-    def to(self, *args, **kwargs) -> "SLABlocks":
-        """The same classification with every tensor moved/cast by ``Tensor.to(*args, **kwargs)``."""
-        def move(t):
-            return None if t is None else t.to(*args, **kwargs)
-
-        return SLABlocks(move(self.critical), move(self._negligible), move(self._classes), move(self.scores))
-
 
 def true_columns(mask: torch.Tensor, width: int) -> torch.Tensor:
     """int64 indices of the first ``width`` True columns of each row of ``mask``, ascending.
