@@ -143,11 +143,18 @@ class Runtime:
 _NO_SCOPE = contextlib.nullcontext()
 
 
-@functools.lru_cache(maxsize=None)
-def _dispatch_module():
-    from diffusers.models import attention_dispatch
+_DISPATCH = []  # Diffusers' attention_dispatch module, imported once eagerly (see _dispatch_module)
 
-    return attention_dispatch
+
+def _dispatch_module():
+    """Diffusers' ``attention_dispatch`` module. Imported on the first eager call (``apply`` makes one), so
+    code ``torch.compile`` traces only reads it: older Dynamo refuses the import itself, as
+    ``diffusers.models`` is a lazy module ("Bad import result")."""
+    if not _DISPATCH:
+        from diffusers.models import attention_dispatch
+
+        _DISPATCH.append(attention_dispatch)
+    return _DISPATCH[0]
 
 
 def native_scope():
@@ -573,6 +580,7 @@ class TransformerHook:
 
     def install(self, modules: List[Tuple[str, nn.Module]], first_slot: int, projections: Dict[int, nn.Module]):
         """Wrap the processors of ``modules`` (``projections``: SLA ``Linear(D, D)`` per layer index), hook forward."""
+        _dispatch_module()  # imported now, eagerly: the wrapped processors only read it (see there)
         for index, (name, module) in enumerate(modules):
             module.processor = SparseAttnProcessor(module.processor, self, index, first_slot + index, name,
                                                    projections.get(index))
