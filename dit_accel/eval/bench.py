@@ -236,11 +236,12 @@ def _bench_shape(shape: ModelShape, densities, device, dtype, warmup, repeats, b
                 if flex_compiled:
                     from torch.nn.attention.flex_attention import flex_attention
 
-                    from ..kernels.block_sparse.flex import layout_to_block_mask
+                    from ..kernels.block_sparse.flex import kernel_options, layout_to_block_mask
 
                     compiled = torch.compile(flex_attention, dynamic=False)
                     block_mask = layout_to_block_mask(lay)
-                    calls["block-sparse tile [flex, compiled]"] = partial(compiled, qp, kp, vp, block_mask=block_mask)
+                    calls["block-sparse tile [flex, compiled]"] = partial(
+                        compiled, qp, kp, vp, block_mask=block_mask, kernel_options=kernel_options(lay, device))
                     meta["block-sparse tile [flex, compiled]"] = tile_meta
             if sla:
                 method = SLA(topk=target)

@@ -22,7 +22,7 @@ from torch.nn.attention import flex_attention as _flex
 from .._cache import LayoutCache
 from ..layout import BlockLayout
 
-__all__ = ["flex_block_sparse_attention", "layout_to_block_mask", "prepare"]
+__all__ = ["flex_block_sparse_attention", "layout_to_block_mask", "kernel_options", "prepare"]
 
 # One BlockMask per layout (its mask_mod closes over the layout's tables).
 _BLOCK_MASKS = LayoutCache("block_sparse.flex")
@@ -66,6 +66,14 @@ def layout_to_block_mask(layout: BlockLayout):
         mask_mod=mask_mod, seq_lengths=(layout.q_len, layout.kv_len))
 
 
+def kernel_options(layout: BlockLayout, device) -> Optional[dict]:
+    """FlexAttention's tile sizes for ``layout`` on CUDA: its blocks, which compiled FlexAttention's tiles must
+    divide (its Hopper default tile of 128 queries refuses the 64-token blocks). None elsewhere."""
+    if torch.device(device).type != "cuda":
+        return None
+    return {"BLOCK_M": layout.block_q, "BLOCK_N": layout.block_k}
+
+
 def _block_mask(layout: BlockLayout):
     return _BLOCK_MASKS.get(layout, "block_mask", lambda: layout_to_block_mask(layout))
 
@@ -88,11 +96,13 @@ def flex_block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
         raise NotImplementedError(
             "backend='flex' cannot return the log-sum-exp under torch.compile on CPU (compiled FlexAttention "
             "on CPU is forward-only and has no return_lse); call it with return_lse=False, or use backend='torch'.")
+    options = kernel_options(layout, q.device)
     if not return_lse:
-        return _flex.flex_attention(q, k, v, block_mask=block_mask, scale=scale), None
+        return _flex.flex_attention(q, k, v, block_mask=block_mask, scale=scale, kernel_options=options), None
     if hasattr(_flex, "AuxRequest"):  # torch >= 2.9
-        o, aux = _flex.flex_attention(q, k, v, block_mask=block_mask, scale=scale,
+        o, aux = _flex.flex_attention(q, k, v, block_mask=block_mask, scale=scale, kernel_options=options,
                                       return_aux=_flex.AuxRequest(lse=True))
         return o, aux.lse.float()
-    o, lse = _flex.flex_attention(q, k, v, block_mask=block_mask, scale=scale, return_lse=True)
+    o, lse = _flex.flex_attention(q, k, v, block_mask=block_mask, scale=scale, kernel_options=options,
+                                  return_lse=True)
     return o, lse.float()
