@@ -52,6 +52,11 @@ def versions(packages: Iterable[str] = _PACKAGES) -> Dict[str, Optional[str]]:
 
     out: Dict[str, Optional[str]] = {"dit_accel": __version__, "python": platform.python_version()}
     for name in packages:
+        if name == "torch":  # the build that ran, with its tag (+cpu, +cu130), which the package metadata may lack
+            import torch
+
+            out[name] = torch.__version__
+            continue
         try:
             out[name] = version(name)
         except PackageNotFoundError:
