@@ -12,7 +12,7 @@ from dit_accel.kernels import BackendUnavailable, BlockLayout, available_backend
 from dit_accel.kernels import backends as backends_mod
 from dit_accel.kernels.block_sparse import naive
 from dit_accel.kernels.block_sparse.naive import torch_block_sparse_attention
-from tests.utils import assert_lse_close, reference
+from tests.utils import DEVICE, assert_lse_close, reference
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -431,7 +431,7 @@ def _bad_calls():
         "layout_heads": ((q, k, v, lay3), {}, ValueError, "layout has 3 heads"),
         "scale": ((q, k, v, lay), {"scale": float("nan")}, ValueError, "scale must be"),
         "backend_type": ((q, k, v, lay), {"backend": 3}, TypeError, "backend must be a string"),
-        "head_dim_triton": ((torch.randn(1, 1, 16, 300), torch.randn(1, 1, 16, 300), torch.randn(1, 1, 16, 300),
+        "head_dim_triton": ((*(torch.randn(1, 1, 16, 300, device=DEVICE) for _ in range(3)),
                              BlockLayout.from_dense_mask(torch.ones(16, 16, dtype=torch.bool), 16, 16)),
                             {"backend": "triton"}, BackendUnavailable, "head dim 300 > 256.*backend='torch'"),
     }

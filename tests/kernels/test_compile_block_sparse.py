@@ -20,6 +20,7 @@ from dit_accel.kernels.checks import SUPPORTED_DTYPES  # noqa: E402
 from dit_accel.kernels.compile import TARGET_ARCHS, shared_memory_limit  # noqa: E402
 from dit_accel.kernels.sass import compile_shipped  # noqa: E402
 from dit_accel.kernels.compile import shipped_kernel_configs as _all_configs  # noqa: E402
+from tests.utils import static_toolchain  # noqa: E402
 
 HEAD_DIMS = (1, 8, 16, 32, 48, 64, 72, 80, 96, 112, 128, 160, 192, MAX_HEAD_DIM)
 
@@ -47,6 +48,7 @@ def test_every_shipped_config_compiles_and_fits(compiled, arch):
     assert not too_big, f"kernels over the shared-memory limit of sm_{arch}:\n{too_big}"
 
 
+@static_toolchain
 def test_no_shipped_config_spills(compiled):
     """A spill is local-memory traffic in the inner loop: every shipped configuration has none."""
     spills = _offenders(compiled, lambda r: (r["stack"] or r["local"] or r["spill_stores"] or r["spill_loads"])

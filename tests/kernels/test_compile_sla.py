@@ -20,6 +20,7 @@ from dit_accel.kernels.sla import SLABlocks, sla_classify  # noqa: E402
 from dit_accel.kernels.sla import configs as sc  # noqa: E402
 from dit_accel.kernels.sla import triton as st  # noqa: E402
 from dit_accel.methods import SLA  # noqa: E402
+from tests.utils import static_toolchain  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -37,6 +38,7 @@ def test_every_shipped_sla_config_compiles_and_fits(compiled, arch):
     assert not too_big, "SLA kernels over the shared-memory limit of sm_%d:\n%s" % (arch, "\n".join(too_big))
 
 
+@static_toolchain
 def test_no_shipped_sla_config_spills_or_serializes(compiled):
     bad = [f"sm_{r['arch']} {r['name']}: stack {r['stack']} B, local {r['local']} B, spill stores "
            f"{r['spill_stores']} B, advisories {[w['code'] for w in r['warnings']]}"

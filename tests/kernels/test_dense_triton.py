@@ -46,7 +46,9 @@ def test_dense_contenders_run_and_agree():
     assert DENSE_CONTENDERS[1] in contenders  # triton runs here (interpreter)
     ref = contenders[DENSE_CONTENDERS[0]]()
     for name, fn in contenders.items():
-        torch.testing.assert_close(fn(), ref, atol=1e-4, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+        # (fp32 through Triton's tl.dot is tf32 on a GPU: TOL's looser fp32 tolerance there)
+        torch.testing.assert_close(fn(), ref, atol=TOL[torch.float32][0], rtol=TOL[torch.float32][0],
+                                   msg=lambda m: f"{name}: {m}")
 
 
 def test_dense_rejects_bad_inputs():

@@ -18,6 +18,7 @@ pytest.importorskip("triton")
 from dit_accel.kernels import sass  # noqa: E402
 from dit_accel.kernels.block_sparse.configs import select_config  # noqa: E402
 from dit_accel.kernels.sla.configs import select_sla_config  # noqa: E402
+from tests.utils import static_toolchain  # noqa: E402
 
 # ----------------------------------------------------------------------------- parser (no compile)
 SASS = textwrap.dedent("""\
@@ -187,6 +188,7 @@ def test_sla_critical_loop_is_within_1_25x_dense_per_tile(rows):
     assert not bad, "SLA configurations whose critical-block loop is above 1.25x the dense kernel per tile:\n" + bad
 
 
+@static_toolchain
 def test_partial_tile_costs_at_most_1_5x_a_full_one(rows):
     def check(r):
         if r["partial_ratio"] is None:
@@ -243,6 +245,7 @@ def test_dkdv_loops_load_block_indices_an_iteration_ahead(rows):
     assert checked > 0
 
 
+@static_toolchain
 def test_report_table_and_partial_cost(rows):
     sample = [r for r in rows.values() if r["arch"] == 90 and r["kernel"] == "fwd"][:2]
     table = sass.sass_table(sample)

@@ -171,7 +171,7 @@ def test_gpu_half_precision_matches_reference(dtype, d):
 def _linear_reference(q, k, v, classes, method):
     """fp32 linear attention over the marginal blocks of ``classes`` (the branch before proj)."""
     ref = reference_sla(q, k, v, classes, method, None)
-    proj = torch.nn.Linear(q.shape[-1], q.shape[-1], bias=False)
+    proj = torch.nn.Linear(q.shape[-1], q.shape[-1], bias=False, device=q.device)
     with torch.no_grad():
         proj.weight.copy_(torch.eye(q.shape[-1]))
     return reference_sla(q, k, v, classes, method, proj)[3] - ref[3]

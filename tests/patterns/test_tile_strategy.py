@@ -23,7 +23,7 @@ from dit_accel.models import tiny as T
 from dit_accel.patterns import tile_layout, tile_mask
 from dit_accel.patterns.separable import stack_heads
 from dit_accel.pipelines.schedule import Schedule
-from tests.utils import make_qkv, reference
+from tests.utils import TOL, make_qkv, reference
 
 
 # ----------------------------------------------------------------- brute force
@@ -88,7 +88,8 @@ def test_per_head_plan_runs_one_launch_like_the_masked_oracle(backend):
     q, k, v = make_qkv(1, 3, n, n, 16)
     out, density = plan.run(q, k, v, backend=backend)
     ref, _ = reference(q, k, v, tile_mask(GRID, TILE, windows))
-    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+    tol = TOL[torch.float32][0] if backend == "triton" else 1e-4  # fp32 through tl.dot is tf32 on a GPU
+    torch.testing.assert_close(out, ref, atol=tol, rtol=tol)
     assert density == pytest.approx(plan.layout.density())
 
 

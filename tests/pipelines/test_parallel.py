@@ -20,9 +20,11 @@ REPO = HERE.parents[1]
 
 
 def _torchrun(nproc: int, script: str, *args, timeout: int = 600) -> None:
+    # gloo on CPU processes, also on a GPU machine (two ranks on one GPU would collide)
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "TRITON_INTERPRET": "1",
-           "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--tee", "3",
+           "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    # --standalone: a free rendezvous port per launch (parallel test workers each start torchrun)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), "--tee", "3",
            str(HERE / script), *map(str, args)]
     res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     assert res.returncode == 0, res.stdout[-6000:] + res.stderr[-6000:]
@@ -90,7 +92,7 @@ def test_generate_cli_under_torchrun_matches_one_process(tmp_path):
     from dit_accel.io import load_video
 
     common = ["--model", "tiny-wan", "--method", "tile", "--tile", "1,8,8", "--window", "3,1,1", "--frames", "13",
-              "--height", "128", "--width", "128", "--steps", "2", "--quiet"]
+              "--height", "128", "--width", "128", "--steps", "2", "--quiet", "--device", "cpu"]
     _torchrun(2, "cp_cli_worker.py", "--cp", "ulysses=2", *common, "--out", tmp_path / "cp" / "f.png")
     assert main(["generate", *common, "--out", str(tmp_path / "one" / "f.png")]) == 0
     cp, one = load_video(tmp_path / "cp" / "f.png"), load_video(tmp_path / "one" / "f.png")
