@@ -78,7 +78,7 @@ def _sparse_branch_fused(q, k, v, critical, block_q, block_k, scale, chunk_bytes
     kb = pad_blocks(k, block_k).reshape(bh * n_k, block_k, d)
     vb = pad_blocks(v, block_k).reshape(bh * n_k, block_k, d)
     # Flat key-block rows of kb per (b*h, query block): [BH, nQ * kc].
-    rows = critical.reshape(bh, n_q * kc) + (torch.arange(bh, device=q.device) * n_k)[:, None]
+    rows = critical.reshape(bh, n_q * kc) + _row_offsets(b, h, n_k, q.device).view(bh, 1)
     bias = None
     if nk_tok % block_k:  # keys past nk_tok in the ragged last block: additive -inf
         tok = critical.reshape(bh, n_q, kc, 1).long() * block_k + torch.arange(block_k, device=q.device)
