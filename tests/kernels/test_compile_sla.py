@@ -17,6 +17,7 @@ pytest.importorskip("triton")
 from dit_accel.kernels.compile import TARGET_ARCHS, shipped_kernel_configs  # noqa: E402
 from dit_accel.kernels.sass import compile_shipped  # noqa: E402
 from dit_accel.kernels.sla import SLABlocks, sla_classify  # noqa: E402
+from dit_accel.kernels.sla.common import rounded_features  # noqa: E402
 from dit_accel.kernels.sla import configs as sc  # noqa: E402
 from dit_accel.kernels.sla import triton as st  # noqa: E402
 from dit_accel.methods import SLA  # noqa: E402
@@ -94,10 +95,11 @@ def test_launchers_launch_only_shipped_configs(monkeypatch, dtype, path):
     lin = {"none": blocks.critical[..., :0], "direct": blocks.marginal.to(torch.int32),
            "subtract": torch.cat([blocks.negligible, blocks.critical], -1)}[path]
     has_lin, sign = path != "none", -1 if path == "subtract" else 1
-    o, lse, num, den = st.sla_forward(q, k, v, blocks.critical, lin, 0.1, 0, has_lin, sign, 128)
+    qf, kf = (rounded_features(t, "softmax") for t in (q, k)) if has_lin else (None, None)
+    o, lse, num, den = st.sla_forward(q, k, v, qf, kf, blocks.critical, lin, 0.1, 0, has_lin, sign, 128)
     dnum = torch.zeros(q.shape) if has_lin else num
     den_grad = torch.zeros(lse.shape) if has_lin else den
-    st.sla_backward(torch.zeros_like(q), torch.zeros_like(lse), dnum, den_grad, q, k, v, q, lse,
+    st.sla_backward(torch.zeros_like(q), torch.zeros_like(lse), dnum, den_grad, q, k, v, qf, kf, q, lse,
                     blocks.critical, lin, 0.1, 0, has_lin, sign, 128)
     expect = ["fwd", "bwd_dq", "bwd_dkdv"] + (["bwd_dkdv_lin"] if has_lin else [])
     assert [c.kernel for c in launched] == expect

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from dit_accel.kernels.sla import sla_attention, sla_classify
+from dit_accel.kernels.sla.common import rounded_features
 from dit_accel.kernels.sla.ops import linear_plan, sla_triton_attention
 from dit_accel.methods import SLA
 from tests.kernels.sla_reference import make_proj, make_qkv, reference_sla
@@ -143,7 +144,8 @@ def test_custom_op_fake_impls():
     q, k, v = (t.detach() for t in _qkv(130, 130, 64))
     blocks = sla_classify(q, k, method)
     lin = blocks.negligible
-    args = (q, k, v, blocks.critical, torch.cat([lin, blocks.critical], -1), 0.125, 0, True, -1, 64)
+    qf, kf = (rounded_features(t, "softmax") for t in (q, k))
+    args = (q, k, v, qf, kf, blocks.critical, torch.cat([lin, blocks.critical], -1), 0.125, 0, True, -1, 64)
     torch.library.opcheck(torch.ops.dit_accel.sla_fwd.default, args,
                           test_utils=("test_schema", "test_faketensor"))
 
@@ -223,13 +225,50 @@ def test_unnormalised_linear_scores_do_not_overflow_fp16(feature):
         torch.testing.assert_close(o_l, ref, atol=2e-3 * ref.abs().max().item(), rtol=2e-3, msg=path)
 
 
+@pytest.mark.parametrize("chunk", [64, 130, 1024])
+def test_global_sums_in_token_chunks_match_one_product(monkeypatch, chunk):
+    """The global linear sums, taken over zero-padded token chunks from head-major views (the processors'
+    layout), equal one float64 product, values and gradients; Nq != Nk, a ragged last chunk."""
+    from dit_accel.kernels.sla import ops
+
+    monkeypatch.setattr(ops, "GLOBAL_CHUNK", chunk)
+    g = torch.Generator().manual_seed(0)
+    qf, kf, v = (torch.rand(2, n, 3, 16, generator=g).transpose(1, 2).requires_grad_(True) for n in (100, 130, 130))
+    num, den = (torch.randn(2, 3, 100, *s, generator=g).requires_grad_(True) for s in ((16,), ()))
+    out = ops._with_global_sums(num, den, qf, kf, v)
+    q64, k64, v64 = (t.double() for t in (qf, kf, v))
+    ref = (num.double() + q64 @ (k64.transpose(-1, -2) @ v64), den.double() + (q64 * k64.sum(-2, keepdim=True)).sum(-1))
+    for a, b in zip(out, ref):
+        torch.testing.assert_close(a.double(), b, atol=1e-5, rtol=1e-5)
+    grads = torch.autograd.grad(out[0].sum() + out[1].sum(), (num, den, qf, kf, v))
+    grads_ref = torch.autograd.grad(ref[0].sum() + ref[1].sum(), (num, den, qf, kf, v))
+    for a, b in zip(grads, grads_ref):
+        torch.testing.assert_close(a.double(), b.double(), atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=["fp16", "bf16", "fp32"])
+def test_rounded_features_and_softmax_row_scale(dtype):
+    """The kernel's features are phi in fp32 rounded once (softmax reads x through ``dtype=``), and softmax
+    features skip reading the row scale: the general bound gives exactly 1 there too, even for extreme q, k."""
+    from dit_accel.kernels.sla.common import FEATURE_IDS, feature_map
+    from dit_accel.kernels.sla.triton import row_scale
+
+    x = (torch.randn(2, 3, 70, 128) * torch.tensor([1.0, 30.0, 1e4])[None, :, None, None]).to(dtype)
+    for kind in ("softmax", "elu", "relu"):
+        assert torch.equal(rounded_features(x, kind), feature_map(x.float(), kind).to(dtype)), kind
+    qf, kf = rounded_features(x, "softmax"), rounded_features(x.flip(-2), "softmax")
+    general = row_scale(qf, kf, FEATURE_IDS["relu"])  # the bound read from the values
+    assert torch.equal(row_scale(qf, kf, FEATURE_IDS["softmax"]), general)
+    assert torch.equal(general, torch.ones_like(general))
+
+
 @interpreter
 def test_row_without_critical_block_gives_zero_not_nan_fp16():
     from dit_accel.kernels.sla.triton import sla_forward
 
     q, k, v = (t.detach().half() for t in _qkv(100, 130, 64))
     none = torch.zeros(1, 2, 2, 0, dtype=torch.int32)
-    o, lse, _, _ = sla_forward(q, k, v, none, none, 0.125, 0, False, 1, 64)
+    o, lse, _, _ = sla_forward(q, k, v, None, None, none, none, 0.125, 0, False, 1, 64)
     assert torch.equal(o, torch.zeros_like(o)) and torch.isneginf(lse).all()
 
 
@@ -253,7 +292,7 @@ def test_gpu_linear_scores_large_and_empty_rows_bf16():
     ref = _linear_reference(q.float(), k.float(), v.float(), blocks.classes, method)
     torch.testing.assert_close(o_l, ref, atol=1e-2 * ref.abs().max().item(), rtol=1e-2)
     none = torch.zeros(1, 2, 16, 0, dtype=torch.int32, device="cuda")
-    o, lse, _, _ = sla_forward(q, k, v, none, none, 0.125, 0, False, 1, 64)
+    o, lse, _, _ = sla_forward(q, k, v, None, None, none, none, 0.125, 0, False, 1, 64)
     assert torch.equal(o, torch.zeros_like(o)) and torch.isneginf(lse).all()
 
 

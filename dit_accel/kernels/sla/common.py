@@ -28,8 +28,8 @@ import torch.nn.functional as F
 from ..._util import cdiv as _cdiv
 
 __all__ = ["SLAParams", "SLABlocks", "sla_block_counts", "sla_density", "sla_classify", "feature_map",
-           "true_columns", "FEATURE_IDS", "MARGINAL", "CRITICAL", "NEGLIGIBLE", "LINEAR_EPS", "REFERENCE_LINEAR_EPS",
-           "FEATURE_MAPS", "LINEAR_TOKENS", "ROUNDINGS"]
+           "rounded_features", "true_columns", "FEATURE_IDS", "MARGINAL", "CRITICAL", "NEGLIGIBLE", "LINEAR_EPS",
+           "REFERENCE_LINEAR_EPS", "FEATURE_MAPS", "LINEAR_TOKENS", "ROUNDINGS"]
 
 # Values of the int8 class map.
 MARGINAL, CRITICAL, NEGLIGIBLE = 0, 1, 2
@@ -234,3 +234,12 @@ def feature_map(x: torch.Tensor, kind: str) -> torch.Tensor:
     if kind == "relu":
         return F.relu(x)
     raise ValueError(f"feature_map must be 'softmax', 'elu' or 'relu', got {kind!r}")
+
+
+def rounded_features(x: torch.Tensor, kind: str) -> torch.Tensor:
+    """phi(x) computed in fp32 and rounded to x's dtype: the fused kernel's linear-branch operand, and,
+    upcast, the operand of the caller's global sums (both read the same rounded values). The softmax
+    reads x once (``dtype=`` casts inside the kernel) instead of through an fp32 copy."""
+    if kind == "softmax":
+        return torch.softmax(x, dim=-1, dtype=torch.float32).to(x.dtype)
+    return feature_map(x.float(), kind).to(x.dtype)

@@ -50,12 +50,18 @@ def _split(x, DT: tl.constexpr):
 
 
 @triton.jit
-def _dot_split(a, b, acc, DT: tl.constexpr):
+def _dot_split(a, b, acc, DT: tl.constexpr, CHAIN: tl.constexpr):
     """``acc + a @ b`` for fp32 ``a`` and ``b`` in dtype ``DT``, with ``a`` as hi + lo in ``DT`` (about
-    twice its significant bits): one product of twice the depth, ``[a_hi | a_lo] @ [b ; b]``, so
-    one accumulator and one chain of tensor-core instructions (two chains into the same
-    accumulator serialise Hopper's wgmma pipeline)."""
+    twice its significant bits).
+
+    ``CHAIN``: two tensor-core products chained on one accumulator (the forward and dQ kernels:
+    713 -> 427 SASS instructions per tile in the sm_90 bf16 head-dim-128 forward). Otherwise one
+    product of twice the depth, ``[a_hi | a_lo] @ [b ; b]``: its interleaving shuffles cost more,
+    but where the chain makes ptxas serialise the wgmma pipeline (advisory C7515, the sm_90 dK/dV
+    linear kernel) it is the faster form."""
     hi, lo = _split(a, DT)
+    if CHAIN:
+        return tl.dot(lo, b, tl.dot(hi, b, acc, input_precision="ieee"), input_precision="ieee")
     rows: tl.constexpr = a.shape[0]
     depth: tl.constexpr = a.shape[1]
     cols: tl.constexpr = b.shape[1]
@@ -125,7 +131,7 @@ def _sla_fwd_kernel(
             kf = load_tile(KF + tile, KF + tile, b, h, col, NK_TOK, D, D, BLOCK_N, BLOCK_D, False, True, True)
             v = load_tile(v_base, v_base, b, h, col, NK_TOK, svn, D, BLOCK_N, BLOCK_D, False, True, True)
             a = tl.dot(qf, tl.trans(kf), input_precision="ieee") * inv_s[:, None]
-            num = _dot_split(a, v, num, V.dtype.element_ty)
+            num = _dot_split(a, v, num, V.dtype.element_ty, True)
             den += tl.sum(a, 1)
         s = lin_sign / inv_s
         tl.store(NUM + row[:, None] * D + offs_d[None, :], num * s[:, None], mask=qd_mask)
@@ -189,7 +195,7 @@ def _sla_bwd_dq_kernel(
             kf = load_tile(KF + tile, KF + tile, b, h, col, NK_TOK, D, D, BLOCK_N, BLOCK_D, False, True, True)
             v = load_tile(v_base, v_base, b, h, col, NK_TOK, svn, D, BLOCK_N, BLOCK_D, False, True, True)
             da = tl.dot(dnum, tl.trans(v), input_precision="ieee") + dden[:, None]
-            dqf = _dot_split(da, kf, dqf, Q.dtype.element_ty)
+            dqf = _dot_split(da, kf, dqf, Q.dtype.element_ty, True)
         dqf = dqf * (lin_sign * tl.load(DSCALE + pid_bh))
         tl.store(DQF + row[:, None] * D + offs_d[None, :], dqf, mask=qd_mask)
 
@@ -289,7 +295,7 @@ def _sla_bwd_dkdv_lin_kernel(
         dnum = load_tile(DNUM + own_q, DNUM + own_q, b, h, row, NQ_TOK, D, D, BLOCK_M, BLOCK_D, False, True, True)
         inv_s = tl.load(INV_S + rows_at + row + offs_mb, mask=m_ok, other=1.0)
         at = tl.dot(kf, tl.trans(qf), input_precision="ieee") * inv_s[None, :]
-        dv = _dot_split(at, dnum, dv, V.dtype.element_ty)
+        dv = _dot_split(at, dnum, dv, V.dtype.element_ty, False)
     dkf = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     for c in range(0, cnt * SUB):  # loop: linear_dkf
         row = (tl.load(lin + c // SUB) * SUB + c % SUB) * BLOCK_M
@@ -299,7 +305,7 @@ def _sla_bwd_dkdv_lin_kernel(
         dden = tl.load(DDEN + rows_at + row + offs_mb, mask=m_ok, other=0.0)
         inv_s = tl.load(INV_S + rows_at + row + offs_mb, mask=m_ok, other=1.0)
         dat = (tl.dot(v, tl.trans(dnum), input_precision="ieee") + dden[None, :]) * inv_s[None, :]
-        dkf = _dot_split(dat, qf, dkf, V.dtype.element_ty)
+        dkf = _dot_split(dat, qf, dkf, V.dtype.element_ty, False)
 
     weight = lin_sign * tl.load(DSCALE + pid_bh)
     offs_k = col0 + tl.arange(0, BLOCK_N)
@@ -333,18 +339,16 @@ def _pad_d(block_d: int, *tensors: torch.Tensor):
     return tuple(torch.nn.functional.pad(t, (0, block_d - d)) for t in tensors)
 
 
-def _features(x: torch.Tensor, feature: int) -> torch.Tensor:
-    """phi(x) rounded to x's dtype, contiguous: the kernels' operand (callers upcast the same values)."""
-    return feature_map(x.float(), _FEATURE_NAMES[feature]).to(x.dtype).contiguous()
-
-
-def row_scale(qf: torch.Tensor, kf: torch.Tensor) -> torch.Tensor:
+def row_scale(qf: torch.Tensor, kf: torch.Tensor, feature: int) -> torch.Tensor:
     """Per-row divisor ``s_i >= 1`` of the linear scores, fp32 ``(B, H, Nq)`` (the kernels take ``1 / s``).
 
     ``|phi(q_i) . phi(k_j)| <= sum|phi(q_i)| * max|phi(k)|``, so the scores divided by ``s_i`` stay
     below :data:`SCORE_BOUND` and fit fp16 (unnormalised relu / elu features overflow it otherwise).
-    Numerator and denominator scale alike, so ``s`` cancels.
+    Numerator and denominator scale alike, so ``s`` cancels. Softmax features need no reading: each is
+    at most 1, so that bound is at most ``D``, and ``s`` is 1 for every ``D < 2^15``.
     """
+    if _FEATURE_NAMES[feature] == "softmax" and qf.shape[-1] < SCORE_BOUND:
+        return torch.ones(qf.shape[:-1], dtype=torch.float32, device=qf.device)
     kmax = kf.float().abs().amax(dim=(-1, -2))[..., None]
     return (qf.float().abs().sum(-1) * kmax / SCORE_BOUND).clamp_min(1.0).contiguous()
 
@@ -398,18 +402,19 @@ def _launch(cfg: SLAKernelConfig, grid, *args):
                          "use bfloat16/float16 inputs or backend='torch'") from None
 
 
-def sla_forward(q, k, v, critical, lin_blocks, scale, feature, has_lin, lin_sign, block_q):
+def sla_forward(q, k, v, qf, kf, critical, lin_blocks, scale, feature, has_lin, lin_sign, block_q):
     """Launch the fused forward kernel. Returns ``(o, lse, num_c, den_c)`` (num/den empty without linear).
 
-    ``lin_blocks`` ``[B, H, nQ, L]``: key blocks whose linear terms are added (``lin_sign = 1``)
-    or removed (``-1``); ``critical`` ``[B, H, nQ, kc]`` ascending, ``kc >= 1``.
+    ``qf``, ``kf``: phi(q), phi(k) rounded to q's dtype (:func:`~.common.rounded_features`), with
+    the linear branch; ``lin_blocks`` ``[B, H, nQ, L]``: key blocks whose linear terms are added
+    (``lin_sign = 1``) or removed (``-1``); ``critical`` ``[B, H, nQ, kc]`` ascending, ``kc >= 1``.
     """
     b, h, nq, d = q.shape
     nk = k.shape[-2]
     cfg = select_sla_config("fwd", q.dtype, d, has_lin, _arch(q.device))
     if has_lin:
-        qf, kf = _pad_d(cfg.block_d, _features(q, feature), _features(k, feature))
-        inv_s = row_scale(qf, kf).reciprocal_()
+        qf, kf = _pad_d(cfg.block_d, qf.contiguous(), kf.contiguous())
+        inv_s = row_scale(qf, kf, feature).reciprocal_()
     q, k, v = _pad_d(cfg.block_d, *(_last_dim_contiguous(t) for t in (q, k, v)))
     dp = cfg.block_d
     o = torch.empty((b, h, nq, dp), dtype=q.dtype, device=q.device)
@@ -433,7 +438,7 @@ def sla_forward(q, k, v, critical, lin_blocks, scale, feature, has_lin, lin_sign
     return (o if dp == d else o[..., :d].contiguous()), lse, num, den
 
 
-def sla_backward(do, dlse, dnum, dden, q, k, v, o, lse, critical, lin_blocks, scale, feature, has_lin,
+def sla_backward(do, dlse, dnum, dden, q, k, v, qf, kf, o, lse, critical, lin_blocks, scale, feature, has_lin,
                  lin_sign, block_q):
     """Launch the dQ and dK/dV kernels. ``dlse`` (may be zeros) is folded into delta."""
     b, h, nq, d = q.shape
@@ -446,7 +451,7 @@ def sla_backward(do, dlse, dnum, dden, q, k, v, o, lse, critical, lin_blocks, sc
     # d lse / d s = p, so an lse gradient shifts delta: ds = p * (dp - (rowsum(do*o) - dlse)).
     delta = ((do.float() * o.float()).sum(-1) - dlse.float()).contiguous()
     if has_lin:
-        qf, kf = _pad_d(cfg_dq.block_d, _features(q, feature), _features(k, feature))
+        qf, kf = _pad_d(cfg_dq.block_d, qf.contiguous(), kf.contiguous())
         phi_q, phi_k = (feature_map(t.float(), _FEATURE_NAMES[feature]) for t in (q, k))  # for the phi backward
     q, k, v, do = _pad_d(cfg_dq.block_d, *(_last_dim_contiguous(t) for t in (q, k, v)), do)
     lse2 = torch.where(torch.isneginf(lse), float("inf"), lse.float() * 1.4426950408889634).contiguous()
@@ -463,7 +468,7 @@ def sla_backward(do, dlse, dnum, dden, q, k, v, o, lse, critical, lin_blocks, sc
         dscale = torch.maximum(dnum.abs().amax((-1, -2)), dden.abs().amax(-1)).clamp_min(1e-30)
         dnum = dnum / dscale[..., None, None]
         dden = dden / dscale[..., None]
-        s = row_scale(qf, kf)
+        s = row_scale(qf, kf, feature)
         dnum_s = (dnum * s[..., None]).to(q.dtype).contiguous()
         dden_s = (dden * s).contiguous()
         dnum, dden, dscale = dnum.to(q.dtype).contiguous(), dden.contiguous(), dscale.contiguous()
