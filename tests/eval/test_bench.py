@@ -43,8 +43,10 @@ def test_bench_kernels_cpu_quick_writes_json_and_plot(tmp_path, capsys):
         assert r["threads"] == 1
         flops = 4 * r["batch"] * r["heads"] * r["tokens"] ** 2 * r["head_dim"]
         assert r["tflops_dense_equiv"] == pytest.approx(flops / (r["time_ms"] / 1e3) / 1e12, rel=1e-6)
-        # The speedup is a median of per-round ratios, not the ratio of median times; both are near.
-        assert 0.3 < r["speedup"] / (dense["time_ms"] / r["time_ms"]) < 3.0
+        # The speedup is a median of per-round ratios, not the ratio of median times; both are near (a loose
+        # bound: with 14 test workers on one machine the rounds drift apart; a speedup taken from the wrong
+        # pair of contenders is off by far more).
+        assert 0.1 < r["speedup"] / (dense["time_ms"] / r["time_ms"]) < 10.0
         # The ideal counts the padded blocks a tiled layout visits: work relative to dense on N tokens.
         work = r["density"] * (r.get("padded_tokens", r["tokens"]) / r["tokens"]) ** 2
         assert r["ideal_speedup"] == pytest.approx(1 / work, rel=1e-6)

@@ -1,0 +1,137 @@
+"""SLA on one GPU, the fused kernel's parts: accuracy, forward times with and without a projection,
+forward + backward, and (with ``--profile``) the CUDA kernels of one forward call.
+
+Run from the repository root on a CUDA machine (BENCHMARKS.md section 10)::
+
+    PYTHONPATH=. python docs/scripts/sla_gpu_parts.py NAME [--profile]
+
+NAME labels the output, ``$OUT/sla_NAME.json`` (or ``./sla_NAME.json``). To compare two versions of the
+package, run it once per version with that version's directory first on ``PYTHONPATH``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+
+import torch
+import torch.nn.functional as F
+
+import dit_accel
+from dit_accel.eval.bench import time_fn
+from dit_accel.kernels import sla_attention
+from dit_accel.methods import SLA
+from tests.kernels.sla_reference import reference_sla
+
+DEVICE = torch.device("cuda")
+HEAD_DIM = 128
+
+
+def qkv(n: int, heads: int = 12, grad: bool = False, seed: int = 0, dtype=torch.bfloat16):
+    """Random (1, heads, n, 128) q, k, v; the keys share a per-head offset, so blocks rank unevenly."""
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    q, k, v = (torch.randn(1, heads, n, HEAD_DIM, device=DEVICE, generator=g) for _ in range(3))
+    k = k + 0.5 * torch.randn(1, heads, 1, HEAD_DIM, device=DEVICE, generator=g)
+    return [t.to(dtype).requires_grad_(grad) for t in (q, k, v)]
+
+
+def projection(zero: bool, dtype=torch.bfloat16) -> torch.nn.Linear:
+    torch.manual_seed(1)
+    proj = torch.nn.Linear(HEAD_DIM, HEAD_DIM, device=DEVICE, dtype=dtype)
+    if zero:
+        torch.nn.init.zeros_(proj.weight)
+        torch.nn.init.zeros_(proj.bias)
+    return proj
+
+
+def ms(fn) -> float:
+    return round(time_fn(fn, DEVICE, warmup=3, repeats=10) * 1e3, 3)
+
+
+def relative_error(a: torch.Tensor, ref: torch.Tensor) -> float:
+    return round(float((a.float() - ref).abs().max() / ref.abs().max()), 6)
+
+
+def accuracy() -> dict:
+    """Largest error relative to the largest value, output and gradients, against the fp32 dense reference
+    (N = 4,096, 2 heads, topk 0.05, a random projection)."""
+    out = {}
+    for dtype in (torch.bfloat16, torch.float16):
+        for feature in ("softmax", "elu"):
+            q, k, v = qkv(4096, heads=2, grad=True, seed=3, dtype=dtype)
+            method = SLA(topk=0.05, feature_map=feature)
+            proj = projection(False, dtype)
+            o_s, _, o_lp, info = sla_attention(q, k, v, method, proj, backend="triton", return_parts=True)
+            o = o_s + o_lp
+            grad_out = torch.randn_like(o)
+            grads = torch.autograd.grad(o, (q, k, v), grad_out)
+            q32, k32, v32 = (t.detach().float().requires_grad_(True) for t in (q, k, v))
+            ref = reference_sla(q32, k32, v32, info["blocks"].classes, method, copy.deepcopy(proj).float())[0]
+            ref_grads = torch.autograd.grad(ref, (q32, k32, v32), grad_out.float())
+            out[f"{str(dtype)[6:]}/{feature}"] = {
+                "o": relative_error(o, ref),
+                **{name: relative_error(g, r) for name, g, r in zip(("dq", "dk", "dv"), grads, ref_grads)}}
+    return out
+
+
+def forward_times(n: int, topks) -> dict:
+    q, k, v = qkv(n)
+    rand, zero = projection(False), projection(True)
+    out = {}
+    with torch.no_grad():
+        out["sdpa"] = ms(lambda: F.scaled_dot_product_attention(q, k, v))
+        for topk in topks:
+            method = SLA(topk=topk)
+            for label, proj in (("none", None), ("zero", zero), ("rand", rand)):
+                out[f"{topk}/{label}"] = ms(lambda: sla_attention(q, k, v, method, proj, backend="triton"))
+    return out
+
+
+def forward_backward_times() -> dict:
+    q, k, v = qkv(32760, grad=True)
+    proj = projection(False)
+    grad_out = torch.randn(q.shape, device=DEVICE, dtype=q.dtype)
+    method = SLA(topk=0.05)
+    return {"sdpa": ms(lambda: F.scaled_dot_product_attention(q, k, v).backward(grad_out)),
+            "0.05/rand": ms(lambda: sla_attention(q, k, v, method, proj, backend="triton").backward(grad_out))}
+
+
+def kernel_profile() -> str:
+    from torch.profiler import ProfilerActivity, profile
+
+    q, k, v = qkv(32760)
+    proj, method = projection(False), SLA(topk=0.05)
+    with torch.no_grad():
+        for _ in range(3):
+            sla_attention(q, k, v, method, proj, backend="triton")
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(5):
+                sla_attention(q, k, v, method, proj, backend="triton")
+            torch.cuda.synchronize()
+    return prof.key_averages().table(sort_by="cuda_time_total", row_limit=25)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("name")
+    parser.add_argument("--profile", action="store_true")
+    args = parser.parse_args()
+    res = {"name": args.name, "package": dit_accel.__file__, "accuracy_rel_maxerr": accuracy()}
+    print(args.name, "accuracy", res["accuracy_rel_maxerr"], flush=True)
+    for n, topks in ((32760, (0.05, 0.2)), (75600, (0.05,))):
+        res[f"fwd_{n}"] = forward_times(n, topks)
+        print(args.name, n, res[f"fwd_{n}"], flush=True)
+    res["fwdbwd_32760"] = forward_backward_times()
+    print(args.name, "forward + backward", res["fwdbwd_32760"], flush=True)
+    if args.profile:
+        res["profile"] = kernel_profile()
+        print(res["profile"])
+    with open(os.path.join(os.environ.get("OUT", "."), f"sla_{args.name}.json"), "w") as f:
+        json.dump(res, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
