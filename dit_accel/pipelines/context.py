@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 import threading
 from dataclasses import dataclass
-from typing import List, Optional, Tuple
+from typing import Optional, Tuple
 
 __all__ = ["CallContext", "ContextStack"]
 
@@ -53,18 +53,15 @@ class ContextStack:
         self._local = threading.local()
         self._last: Optional[CallContext] = None  # for recomputation in the backward pass
 
-    def _stack(self) -> List[CallContext]:
+    def push(self, context: CallContext) -> None:
         stack = getattr(self._local, "stack", None)
         if stack is None:
             stack = self._local.stack = []
-        return stack
-
-    def push(self, context: CallContext) -> None:
-        self._stack().append(context)
+        stack.append(context)
         self._last = context
 
     def pop(self) -> None:
-        stack = self._stack()
+        stack = getattr(self._local, "stack", None)
         if stack:
             stack.pop()
 

@@ -610,7 +610,9 @@ class TransformerHook:
         self.stack.pop()
         for layer in self.layers:
             layer.plans.pop()
-            layer.report.flush()
+            report = layer.report
+            if report.call is not None or report.warnings:  # notes of compiled code (eager calls leave none)
+                report.flush()
 
     @torch.compiler.disable
     def _pre_forward(self, module, args, kwargs) -> None:
@@ -635,7 +637,8 @@ class TransformerHook:
         sla = []
         for layer, plan in zip(self.layers, context.plans):
             layer.plans.push(plan)
-            layer.inert = False
+            if layer.inert:  # (a write goes through the wrapper's __setattr__: only when it changes)
+                layer.inert = False
             if layer.sla_proj is not None and isinstance(plan, SLAPlan):
                 sla.append(layer)
         if sla and device is not None and device.type == "cpu":
