@@ -96,7 +96,7 @@ def test_launchers_launch_only_shipped_configs(monkeypatch, dtype, path):
            "subtract": torch.cat([blocks.negligible, blocks.critical], -1)}[path]
     has_lin, sign = path != "none", -1 if path == "subtract" else 1
     qf, kf = (rounded_features(t, "softmax") for t in (q, k)) if has_lin else (None, None)
-    o, lse, num, den = st.sla_forward(q, k, v, qf, kf, blocks.critical, lin, 0.1, 0, has_lin, sign, 128)
+    o, lse, num, den = st.sla_forward(q, k, v, qf, kf, None, None, blocks.critical, lin, 0.1, 0, has_lin, sign, 128)
     dnum = torch.zeros(q.shape) if has_lin else num
     den_grad = torch.zeros(lse.shape) if has_lin else den
     st.sla_backward(torch.zeros_like(q), torch.zeros_like(lse), dnum, den_grad, q, k, v, qf, kf, q, lse,

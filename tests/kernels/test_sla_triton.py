@@ -145,7 +145,9 @@ def test_custom_op_fake_impls():
     blocks = sla_classify(q, k, method)
     lin = blocks.negligible
     qf, kf = (rounded_features(t, "softmax") for t in (q, k))
-    args = (q, k, v, qf, kf, blocks.critical, torch.cat([lin, blocks.critical], -1), 0.125, 0, True, -1, 64)
+    kv, ksum = (torch.randn(1, 2, 64, 64), torch.rand(1, 2, 64))
+    args = (q, k, v, qf, kf, kv, ksum, blocks.critical, torch.cat([lin, blocks.critical], -1), 0.125, 0, True, -1,
+            64)
     torch.library.opcheck(torch.ops.dit_accel.sla_fwd.default, args,
                           test_utils=("test_schema", "test_faketensor"))
 
@@ -228,22 +230,29 @@ def test_unnormalised_linear_scores_do_not_overflow_fp16(feature):
 @pytest.mark.parametrize("chunk", [64, 130, 1024])
 def test_global_sums_in_token_chunks_match_one_product(monkeypatch, chunk):
     """The global linear sums, taken over zero-padded token chunks from head-major views (the processors'
-    layout), equal one float64 product, values and gradients; Nq != Nk, a ragged last chunk."""
+    layout), equal one float64 product, and so do the gradients the op gives for them; Nq != Nk, a ragged
+    last chunk."""
     from dit_accel.kernels.sla import ops
 
     monkeypatch.setattr(ops, "GLOBAL_CHUNK", chunk)
     g = torch.Generator().manual_seed(0)
     qf, kf, v = (torch.rand(2, n, 3, 16, generator=g).transpose(1, 2).requires_grad_(True) for n in (100, 130, 130))
-    num, den = (torch.randn(2, 3, 100, *s, generator=g).requires_grad_(True) for s in ((16,), ()))
-    out = ops._with_global_sums(num, den, qf, kf, v)
-    q64, k64, v64 = (t.double() for t in (qf, kf, v))
-    ref = (num.double() + q64 @ (k64.transpose(-1, -2) @ v64), den.double() + (q64 * k64.sum(-2, keepdim=True)).sum(-1))
-    for a, b in zip(out, ref):
-        torch.testing.assert_close(a.double(), b, atol=1e-5, rtol=1e-5)
-    grads = torch.autograd.grad(out[0].sum() + out[1].sum(), (num, den, qf, kf, v))
-    grads_ref = torch.autograd.grad(ref[0].sum() + ref[1].sum(), (num, den, qf, kf, v))
-    for a, b in zip(grads, grads_ref):
-        torch.testing.assert_close(a.double(), b.double(), atol=1e-4, rtol=1e-5)
+    kv, ksum = ops._global_sums(kf, v)
+    k64, v64 = kf.double(), v.double()
+    kv_ref, ksum_ref = k64.transpose(-1, -2) @ v64, k64.sum(-2)
+    torch.testing.assert_close(kv.double(), kv_ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ksum.double(), ksum_ref, atol=1e-5, rtol=1e-5)
+    w_kv, w_ks = torch.randn(kv.shape, generator=g), torch.randn(ksum.shape, generator=g)
+    for a, b in zip(torch.autograd.grad((kv * w_kv).sum() + (ksum * w_ks).sum(), (kf, v)),
+                    torch.autograd.grad((kv_ref * w_kv).sum() + (ksum_ref * w_ks).sum(), (kf, v))):
+        torch.testing.assert_close(a.double(), b.double(), atol=1e-5, rtol=1e-5)
+    # The op's gradients of num += phi(q) kv and den += phi(q) . ksum, against autograd in float64.
+    dnum, dden = torch.randn(2, 3, 100, 16, generator=g), torch.randn(2, 3, 100, generator=g)
+    got = ops._global_sums_backward(qf.detach(), kv.detach(), ksum.detach(), dnum, dden)
+    q64, kv64, ks64 = (t.detach().double().requires_grad_(True) for t in (qf, kv, ksum))
+    out = (q64 @ kv64 * dnum.double()).sum() + ((q64 * ks64[..., None, :]).sum(-1) * dden.double()).sum()
+    for a, b in zip(got, torch.autograd.grad(out, (q64, kv64, ks64))):
+        torch.testing.assert_close(a.double(), b, atol=1e-6 * b.abs().max().item(), rtol=1e-5)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=["fp16", "bf16", "fp32"])
@@ -263,12 +272,31 @@ def test_rounded_features_and_softmax_row_scale(dtype):
 
 
 @interpreter
+@pytest.mark.parametrize("v_scale", [3e3, 1e-4])
+def test_global_sums_beyond_fp16_range_fp16(v_scale):
+    """The global phi(K)^T V enters the kernel over a power of two: sums far above fp16's 65,504 (values
+    ~ 3e3 summed over 257 keys; unscaled, they overflow) and small ones (scaled up by a power below 1)
+    stay exact relative to the output."""
+    method = SLA(topk=0.3, negligible=0.2, feature_map="elu")
+    q, k, v = (t.detach() for t in _qkv(257, 257, 64))
+    q, k, v = q.half(), k.half(), (v * v_scale).half()
+    blocks = sla_classify(q, k, method)
+    kv = rounded_features(k, "elu").float().transpose(-1, -2) @ v.float()
+    assert (kv.abs().max() > 4 * 65504) if v_scale > 1 else (kv.abs().max() < 0.1)
+    ref = _linear_reference(q.float(), k.float(), v.float(), blocks.classes, method)
+    for path in ("subtract", "direct"):
+        _, _, o_l = sla_triton_attention(q, k, v, blocks, method, 0.125, True, path)
+        assert torch.isfinite(o_l).all(), path
+        torch.testing.assert_close(o_l, ref, atol=1e-3 * ref.abs().max().item(), rtol=1e-3, msg=path)
+
+
+@interpreter
 def test_row_without_critical_block_gives_zero_not_nan_fp16():
     from dit_accel.kernels.sla.triton import sla_forward
 
     q, k, v = (t.detach().half() for t in _qkv(100, 130, 64))
     none = torch.zeros(1, 2, 2, 0, dtype=torch.int32)
-    o, lse, _, _ = sla_forward(q, k, v, None, None, none, none, 0.125, 0, False, 1, 64)
+    o, lse, _, _ = sla_forward(q, k, v, None, None, None, None, none, none, 0.125, 0, False, 1, 64)
     assert torch.equal(o, torch.zeros_like(o)) and torch.isneginf(lse).all()
 
 
@@ -292,7 +320,7 @@ def test_gpu_linear_scores_large_and_empty_rows_bf16():
     ref = _linear_reference(q.float(), k.float(), v.float(), blocks.classes, method)
     torch.testing.assert_close(o_l, ref, atol=1e-2 * ref.abs().max().item(), rtol=1e-2)
     none = torch.zeros(1, 2, 16, 0, dtype=torch.int32, device="cuda")
-    o, lse, _, _ = sla_forward(q, k, v, None, None, none, none, 0.125, 0, False, 1, 64)
+    o, lse, _, _ = sla_forward(q, k, v, None, None, None, None, none, none, 0.125, 0, False, 1, 64)
     assert torch.equal(o, torch.zeros_like(o)) and torch.isneginf(lse).all()
 
 

@@ -113,7 +113,8 @@ class SLAKernelConfig:
         # dK / dV always leave in fp32 (the linear kernel may add to them; the launcher casts once).
         types = dict(ARG_TYPES, QF="*DT", KF="*DT", DNUM="*DT", DQ="*fp32" if self.has_lin else "*DT", DK="*fp32",
                      DV="*fp32",
-                     **{n: "*fp32" for n in ("NUM", "DEN", "DDEN", "DSCALE", "INV_S", "DQF", "DKF")},
+                     KV="*DT", **{n: "*fp32" for n in ("NUM", "DEN", "DDEN", "DSCALE", "INV_S", "DQF", "DKF",
+                                                       "KV_SCALE", "KSUM")},
                      **{n: "*i32" for n in ("CRIT", "LIN", "CRIT_T", "CRIT_T_CNT", "LIN_T", "LIN_T_CNT")},
                      lin_sign="fp32")
         return aot_signature(kernels[self.kernel], types, self.constexprs(), DIV16 | {"D"}, self.dtype)

@@ -3,9 +3,9 @@
 ``dit_accel::sla_fwd`` / ``dit_accel::sla_bwd`` are opaque to torch.compile (traced through
 their fake implementations, no graph break), and ``sla_fwd`` is differentiable through
 ``register_autograd``; importing this module does not import triton. :func:`sla_triton_attention`
-assembles the full SLA output around them: the global linear term ``phi(q) @ (phi(K)^T V)`` is
-plain PyTorch (autograd-native), the kernel supplies the sparse branch and the per-block linear
-corrections.
+assembles the full SLA output around them: the features and the global sums ``phi(K)^T V``,
+``sum(phi(K))`` are plain PyTorch (autograd-native; the op returns the sums' gradients), the kernel
+supplies the sparse branch and the linear branch's numerator and denominator.
 """
 
 from __future__ import annotations
@@ -21,20 +21,22 @@ __all__ = ["sla_triton_attention", "linear_plan"]
 
 
 @torch.library.custom_op("dit_accel::sla_fwd", mutates_args=())
-def sla_fwd(q: Tensor, k: Tensor, v: Tensor, qf: Optional[Tensor], kf: Optional[Tensor], critical: Tensor,
-            lin_blocks: Tensor, scale: float, feature: int, has_lin: bool, lin_sign: int,
-            block_q: int) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Fused SLA forward: ``(o_sparse, lse, num_c, den_c)``; num/den are empty without the linear branch.
+def sla_fwd(q: Tensor, k: Tensor, v: Tensor, qf: Optional[Tensor], kf: Optional[Tensor], kv: Optional[Tensor],
+            ksum: Optional[Tensor], critical: Tensor, lin_blocks: Tensor, scale: float, feature: int, has_lin: bool,
+            lin_sign: int, block_q: int) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Fused SLA forward: ``(o_sparse, lse, num, den)``; num/den are empty without the linear branch.
 
     ``qf``, ``kf``: the rounded features (:func:`~.common.rounded_features`) when ``has_lin``, else None.
-    Their gradient reaches ``q`` and ``k`` through the op's own (no gradient flows to them as inputs)."""
+    The gradient of the block terms reaches ``q`` and ``k`` through the op's own (the op gives ``kf``
+    none, and ``qf`` only that of the global sums). ``kv``, ``ksum``: the global sums ``phi(K)^T V``
+    ``(B, H, D, D)`` and ``sum(phi(K))`` ``(B, H, D)``, fp32, which num and den include (None: not)."""
     from .triton import sla_forward
 
-    return sla_forward(q, k, v, qf, kf, critical, lin_blocks, scale, feature, has_lin, lin_sign, block_q)
+    return sla_forward(q, k, v, qf, kf, kv, ksum, critical, lin_blocks, scale, feature, has_lin, lin_sign, block_q)
 
 
 @sla_fwd.register_fake
-def _(q, k, v, qf, kf, critical, lin_blocks, scale, feature, has_lin, lin_sign, block_q):
+def _(q, k, v, qf, kf, kv, ksum, critical, lin_blocks, scale, feature, has_lin, lin_sign, block_q):
     b, h, n, d = q.shape
     o = torch.empty_like(q, memory_format=torch.contiguous_format)
     lse = q.new_empty((b, h, n), dtype=torch.float32)
@@ -63,14 +65,14 @@ def _(do, dlse, dnum, dden, q, k, v, qf, kf, o, lse, critical, lin_blocks, scale
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, qf, kf, critical, lin_blocks, scale, feature, has_lin, lin_sign, block_q = inputs
+    q, k, v, qf, kf, kv, ksum, critical, lin_blocks, scale, feature, has_lin, lin_sign, block_q = inputs
     o, lse, _, _ = output
-    ctx.save_for_backward(q, k, v, qf, kf, o, lse, critical, lin_blocks)
+    ctx.save_for_backward(q, k, v, qf, kf, kv, ksum, o, lse, critical, lin_blocks)
     ctx.args = (scale, feature, has_lin, lin_sign, block_q)
 
 
 def _backward(ctx, do, dlse, dnum, dden):
-    q, k, v, qf, kf, o, lse, critical, lin_blocks = ctx.saved_tensors
+    q, k, v, qf, kf, kv, ksum, o, lse, critical, lin_blocks = ctx.saved_tensors
     scale, feature, has_lin, lin_sign, block_q = ctx.args
     do = torch.zeros_like(o) if do is None else do
     dlse = torch.zeros_like(lse) if dlse is None else dlse
@@ -81,7 +83,10 @@ def _backward(ctx, do, dlse, dnum, dden):
         dnum, dden = lse.new_empty((0,)), lse.new_empty((0,))
     dq, dk, dv = sla_bwd(do, dlse, dnum, dden, q, k, v, qf, kf, o, lse, critical, lin_blocks, scale, feature,
                          has_lin, lin_sign, block_q)
-    return dq, dk, dv, None, None, None, None, None, None, None, None, None
+    dqf = dkv = dksum = None
+    if kv is not None:
+        dqf, dkv, dksum = _global_sums_backward(qf, kv, ksum, dnum, dden)
+    return dq, dk, dv, dqf, None, dkv, dksum, None, None, None, None, None, None, None
 
 
 sla_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -113,8 +118,9 @@ def sla_triton_attention(q: Tensor, k: Tensor, v: Tensor, blocks: SLABlocks, met
     """``(o_sparse, lse_sparse, o_linear or None)`` through the fused kernel (o_linear fp32, before proj).
 
     The "subtract" plan lists the negligible and the critical blocks for removal (sign -1) from
-    global sums taken here, in fp32, from the very rounded ``phi(q)``, ``phi(k)`` the kernel reads
-    (computed once, here), so the subtraction cancels exactly up to the kernel's fp32 accumulation.
+    global sums taken here, in fp32, from the very rounded ``phi(k)`` the kernel reads (the features
+    are computed once, here); the kernel adds them to its block terms, so the subtraction cancels to
+    about 16 bits (see :mod:`.triton`).
     """
     plan = linear_plan(k.shape[-2], method, with_linear, linear_path)
     critical = blocks.critical.to(torch.int32).contiguous()  # the kernels' block lists are int32
@@ -126,15 +132,15 @@ def sla_triton_attention(q: Tensor, k: Tensor, v: Tensor, blocks: SLABlocks, met
     else:
         lin_blocks, sign = critical.new_zeros((b, h, n_qb, 0)), 1
     has_lin = plan != "none"
-    qf = kf = None
+    qf = kf = kv = ksum = None
     if has_lin:
         qf, kf = (rounded_features(t, method.feature_map) for t in (q, k))
-    o_s, lse, num, den = sla_fwd(q, k, v, qf, kf, critical, lin_blocks, scale, FEATURE_IDS[method.feature_map],
-                                 has_lin, sign, method.block_q)
+    if plan in ("subtract", "all"):
+        kv, ksum = _global_sums(kf, v)
+    o_s, lse, num, den = sla_fwd(q, k, v, qf, kf, kv, ksum, critical, lin_blocks, scale,
+                                 FEATURE_IDS[method.feature_map], has_lin, sign, method.block_q)
     if plan == "none":
         return o_s, lse, (torch.zeros(q.shape, dtype=torch.float32, device=q.device) if with_linear else None)
-    if plan in ("subtract", "all"):
-        num, den = _with_global_sums(num, den, qf, kf, v)
     return o_s, lse, num / (den + method.linear_eps)[..., None]
 
 
@@ -156,16 +162,25 @@ def _fp32_rows(x: Tensor, chunk: int) -> Tensor:
     return rows.view(b * h * c, chunk, d)
 
 
-def _with_global_sums(num: Tensor, den: Tensor, qf: Tensor, kf: Tensor, v: Tensor) -> Tuple[Tensor, Tensor]:
-    """``num + phi(q) (phi(K)^T V)`` and ``den + phi(q) . sum(phi(K))`` over all tokens, in fp32 from the
-    rounded features the kernel read. The queries' products add as they multiply (``baddbmm``)."""
-    b, h, nq, d = num.shape
-    nk = kf.shape[-2]
-    chunk = min(GLOBAL_CHUNK, nk)
-    kf32, v32 = _fp32_rows(kf, chunk), _fp32_rows(v, chunk)
-    kv = (kf32.transpose(1, 2) @ v32).view(b * h, -1, d, d).sum(1)  # (B*H, D, D)
-    ksum = kf32.sum(1).view(b * h, -1, d).sum(1)
-    qf32 = _fp32_rows(qf, nq)
-    num = torch.baddbmm(num.view(b * h, nq, d), qf32, kv).view(b, h, nq, d)
-    den = torch.baddbmm(den.view(b * h, nq, 1), qf32, ksum[..., None]).view(b, h, nq)
-    return num, den
+def _token_sums(x: Tensor, y: Tensor) -> Tensor:
+    """``x^T y`` over the tokens of ``(B, H, N, Dx)`` and ``(B, H, N, Dy)``, fp32 ``(B, H, Dx, Dy)``: a sum of
+    :data:`GLOBAL_CHUNK`-token products."""
+    b, h, n, _ = x.shape
+    chunk = min(GLOBAL_CHUNK, n)
+    x32, y32 = _fp32_rows(x, chunk), _fp32_rows(y, chunk)
+    return (x32.transpose(1, 2) @ y32).view(b, h, -1, x.shape[-1], y.shape[-1]).sum(2)
+
+
+def _global_sums(kf: Tensor, v: Tensor) -> Tuple[Tensor, Tensor]:
+    """The linear branch's sums over all keys, fp32 from the rounded features the kernel reads:
+    ``phi(K)^T V`` ``(B, H, D, D)`` and ``sum(phi(K))`` ``(B, H, D)``. Autograd-native (the op returns
+    their gradients)."""
+    return _token_sums(kf, v), kf.float().sum(-2)
+
+
+def _global_sums_backward(qf: Tensor, kv: Tensor, ksum: Tensor, dnum: Tensor, dden: Tensor):
+    """Gradients of ``num += phi(q) kv``, ``den += phi(q) . ksum`` for ``phi(q)`` (in its dtype), ``kv`` and
+    ``ksum``."""
+    dnum, dden = dnum.float(), dden.float()
+    dqf = torch.matmul(dnum, kv.transpose(-1, -2)) + dden[..., None] * ksum[..., None, :]
+    return dqf.to(qf.dtype), _token_sums(qf, dnum), _token_sums(qf, dden[..., None])[..., 0]

@@ -11,15 +11,18 @@ kernels' tile steps (:mod:`dit_accel.kernels.dense.tiles`):
   ``num += (phi(q) phi(K_j)^T) V_j``, ``den += rowsum(phi(q) phi(K_j)^T)``. It runs apart
   from the softmax loop: fusing the two kept both accumulators live and spilled.
 
-The kernels return the linear branch's *corrections* ``num_c`` / ``den_c``; the caller adds the
-global term ``phi(q) @ (phi(K)^T V)`` (a dense matmul, autograd-native) and divides.
+The forward's epilogue (the *global* loop) adds the global sums ``phi(q) (phi(K)^T V)`` and
+``phi(q) . sum(phi(K))``, which the caller takes once per (batch, head) in fp32 (autograd-native:
+the op's backward returns their gradients), so the forward returns the linear branch's ``num`` and
+``den``; the caller divides.
 
 Numerics of the linear terms: the scores ``a = phi(q) phi(K)^T`` accumulate in fp32 and are
 divided by a per-row scale ``s_i >= 1`` (``sum|phi(q_i)| * max|phi(k)| / 2^15``, so ``a / s``
 fits fp16 whatever relu/elu give); ``a / s`` enters the ``@ V`` product as a hi + lo pair in the
-input dtype (about 16 significant bits), and the same fp32 ``a`` gives the denominator, so
-numerator, denominator and the caller's fp32 global sums (taken from the same rounded
-``phi``) agree and the subtract plan cancels (:func:`_dot_split`). Token offsets are formed in 64 bits.
+input dtype (about 16 significant bits; :func:`_dot_split`), and the same fp32 ``a`` gives the
+denominator. The global ``phi(K)^T V`` enters as a hi + lo pair too (over a power of two, so it
+fits fp16), beside the same rounded ``phi(q)``: block terms and global sums agree to about 16 bits,
+and the subtract plan cancels. Token offsets are formed in 64 bits.
 
 Launch configurations and the list of shipped ones: :mod:`.configs`.
 """
@@ -40,6 +43,8 @@ __all__ = ["sla_forward", "sla_backward", "FEATURE_IDS", "transposed_lists", "KE
 _FEATURE_NAMES = {i: name for name, i in FEATURE_IDS.items()}
 #: Linear scores are divided by a per-row scale so that they stay below this (fp16 max is 65504).
 SCORE_BOUND = 2.0 ** 15
+#: Rows of the global ``phi(K)^T V`` the forward's epilogue multiplies at a time.
+KV_ROWS: tl.constexpr = tl.constexpr(32)
 
 
 @triton.jit
@@ -72,7 +77,7 @@ def _dot_split(a, b, acc, DT: tl.constexpr, CHAIN: tl.constexpr):
 
 @triton.jit
 def _sla_fwd_kernel(
-    Q, K, V, QF, KF, CRIT, LIN, INV_S, O, LSE, NUM, DEN,  # noqa: E741 (the attention output)
+    Q, K, V, QF, KF, CRIT, LIN, INV_S, KV, KV_SCALE, KSUM, O, LSE, NUM, DEN,  # noqa: E741 (the attention output)
     sqb, sqh, sqn, skb, skh, skn, svb, svh, svn,
     H, NQ_TOK, NK_TOK, D, KC, NL, SUB, qk_scale, lin_sign,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -134,8 +139,25 @@ def _sla_fwd_kernel(
             num = _dot_split(a, v, num, V.dtype.element_ty, True)
             den += tl.sum(a, 1)
         s = lin_sign / inv_s
-        tl.store(NUM + row[:, None] * D + offs_d[None, :], num * s[:, None], mask=qd_mask)
-        tl.store(DEN + row, den * s, mask=m_ok)
+        # + the global sums phi(q) (phi(K)^T V) and phi(q) . sum(phi(K)) (zeros for the "direct" plan). KV
+        # holds the fp32 D x D product over a power of two (so it fits fp16) as hi (rows 0..D) and lo
+        # (rows D..2D) in q's dtype; the products add onto num in units of that power, KV_ROWS rows of
+        # KV at a time (whole tiles spilled).
+        kv_scale = tl.load(KV_SCALE + pid_bh)
+        num = num * (s / kv_scale)[:, None]
+        den = den * s
+        kv_at = KV + pid_bh.to(tl.int64) * 2 * BLOCK_D * BLOCK_D
+        ksum_at = KSUM + pid_bh.to(tl.int64) * BLOCK_D
+        offs_c = tl.arange(0, KV_ROWS)
+        for c0 in range(0, BLOCK_D, KV_ROWS):  # loop: global
+            qf_c = tl.load(QF + row[:, None] * D + (c0 + offs_c)[None, :], mask=m_ok[:, None], other=0.0)
+            kv_hi = tl.load(kv_at + (c0 + offs_c)[:, None] * BLOCK_D + offs_d[None, :])
+            kv_lo = tl.load(kv_at + (BLOCK_D + c0 + offs_c)[:, None] * BLOCK_D + offs_d[None, :])
+            num = tl.dot(qf_c, kv_lo, tl.dot(qf_c, kv_hi, num, input_precision="ieee"), input_precision="ieee")
+            den += tl.sum(qf_c.to(tl.float32) * tl.load(ksum_at + c0 + offs_c)[None, :], 1)
+        num = num * kv_scale
+        tl.store(NUM + row[:, None] * D + offs_d[None, :], num, mask=qd_mask)
+        tl.store(DEN + row, den, mask=m_ok)
 
 
 @triton.jit
@@ -402,32 +424,54 @@ def _launch(cfg: SLAKernelConfig, grid, *args):
                          "use bfloat16/float16 inputs or backend='torch'") from None
 
 
-def sla_forward(q, k, v, qf, kf, critical, lin_blocks, scale, feature, has_lin, lin_sign, block_q):
-    """Launch the fused forward kernel. Returns ``(o, lse, num_c, den_c)`` (num/den empty without linear).
+def _global_operands(kv, ksum, b: int, h: int, d: int, block_d: int, dtype: torch.dtype, device):
+    """The kernel's global-sum operands from fp32 ``kv`` ``(B, H, D, D)`` and ``ksum`` ``(B, H, D)`` (zeros when
+    None): ``kv`` over a power of two per (batch, head), padded to ``block_d`` and split hi / lo in ``dtype``
+    (``(B*H, 2*block_d, block_d)``), the powers ``(B*H,)`` and ``ksum`` padded ``(B*H, block_d)``, fp32."""
+    if kv is None:
+        return (torch.zeros((b * h, 2 * block_d, block_d), dtype=dtype, device=device),
+                torch.ones(b * h, dtype=torch.float32, device=device),
+                torch.zeros((b * h, block_d), dtype=torch.float32, device=device))
+    kv = kv.detach().float().reshape(b * h, d, d)
+    peak = kv.abs().amax((-1, -2))
+    # A power of two: exact to divide by and multiply back; kv / 2^p stays within 2^14 (fp16's max is 65504).
+    power = torch.exp2(torch.ceil(torch.log2(peak)) - 14).where(peak > 0, torch.ones_like(peak))
+    kv = torch.nn.functional.pad(kv / power[:, None, None], (0, block_d - d, 0, block_d - d))
+    hi = kv.to(dtype)
+    lo = (kv - hi.float()).to(dtype)
+    ksum = torch.nn.functional.pad(ksum.detach().float().reshape(b * h, d), (0, block_d - d))
+    return torch.cat([hi, lo], 1).contiguous(), power.contiguous(), ksum.contiguous()
+
+
+def sla_forward(q, k, v, qf, kf, kv, ksum, critical, lin_blocks, scale, feature, has_lin, lin_sign, block_q):
+    """Launch the fused forward kernel. Returns ``(o, lse, num, den)`` (num/den empty without linear).
 
     ``qf``, ``kf``: phi(q), phi(k) rounded to q's dtype (:func:`~.common.rounded_features`), with
     the linear branch; ``lin_blocks`` ``[B, H, nQ, L]``: key blocks whose linear terms are added
     (``lin_sign = 1``) or removed (``-1``); ``critical`` ``[B, H, nQ, kc]`` ascending, ``kc >= 1``.
+    ``kv`` ``(B, H, D, D)`` and ``ksum`` ``(B, H, D)``, fp32: the global sums ``phi(K)^T V`` and
+    ``sum(phi(K))``, added to every row's ``num`` and ``den`` (None: nothing added).
     """
     b, h, nq, d = q.shape
     nk = k.shape[-2]
     cfg = select_sla_config("fwd", q.dtype, d, has_lin, _arch(q.device))
-    if has_lin:
-        qf, kf = _pad_d(cfg.block_d, qf.contiguous(), kf.contiguous())
-        inv_s = row_scale(qf, kf, feature).reciprocal_()
-    q, k, v = _pad_d(cfg.block_d, *(_last_dim_contiguous(t) for t in (q, k, v)))
     dp = cfg.block_d
+    if has_lin:
+        qf, kf = _pad_d(dp, qf.contiguous(), kf.contiguous())
+        inv_s = row_scale(qf, kf, feature).reciprocal_()
+        kv, kv_scale, ksum = _global_operands(kv, ksum, b, h, d, dp, q.dtype, q.device)
+    q, k, v = _pad_d(dp, *(_last_dim_contiguous(t) for t in (q, k, v)))
     o = torch.empty((b, h, nq, dp), dtype=q.dtype, device=q.device)
     lse = torch.empty(b, h, nq, dtype=torch.float32, device=q.device)
     if has_lin:
         num = torch.empty(b, h, nq, dp, dtype=torch.float32, device=q.device)
         den = torch.empty(b, h, nq, dtype=torch.float32, device=q.device)
     else:  # unused pointers get a live allocation: empty tensors may carry a null address
-        qf = kf = q
-        inv_s = num = den = lse
+        qf = kf = kv = q
+        inv_s = kv_scale = ksum = num = den = lse
     crit_ptr, lin_ptr = _live(critical), _live(lin_blocks)
     _launch(cfg, (triton.cdiv(nq, BLOCK_M), b * h),
-            q, k, v, qf, kf, crit_ptr, lin_ptr, inv_s, o, lse, num, den,
+            q, k, v, qf, kf, crit_ptr, lin_ptr, inv_s, kv, kv_scale, ksum, o, lse, num, den,
             *_strides(q), *_strides(k), *_strides(v),
             h, nq, nk, dp, critical.shape[-1], lin_blocks.shape[-1], block_q // BLOCK_M, scale * LOG2E,
             float(lin_sign))
