@@ -42,6 +42,21 @@ def test_classification_matches_brute_force(nq, nk, topk, negl, bq):
     assert torch.equal(torch.sort(blocks.marginal, -1).values, blocks.marginal)
 
 
+@pytest.mark.parametrize("n", [320, 300])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_half_precision_classification_pools_in_fp32(dtype, n):
+    """Half-precision q, k (head-major views of token-major memory, whole and ragged blocks) are pooled with
+    fp32 accumulation, without fp32 copies: the same classes and scores as their fp32 values give."""
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, n, 3, 64, generator=g).transpose(1, 2).to(dtype)
+    k = (torch.randn(2, n, 3, 64, generator=g) + 0.5 * torch.randn(2, 1, 3, 64, generator=g)).transpose(1, 2).to(dtype)
+    method = SLA(topk=0.3, negligible=0.2)
+    half, full = sla_classify(q, k, method), sla_classify(q.float(), k.float(), method)
+    assert half.scores.dtype == torch.float32
+    torch.testing.assert_close(half.scores, full.scores, atol=1e-6, rtol=1e-6)
+    assert torch.equal(half.critical, full.critical) and torch.equal(half.negligible, full.negligible)
+
+
 def test_classification_ties_are_deterministic():
     method = SLA(topk=0.25, negligible=0.25)
     q = torch.ones(1, 1, 64, 8)

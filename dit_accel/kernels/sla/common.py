@@ -176,14 +176,15 @@ def true_columns(mask: torch.Tensor, width: int) -> torch.Tensor:
 
 
 def _mean_pool(x: torch.Tensor, block: int) -> torch.Tensor:
-    """[B, H, N, D] -> [B, H, cdiv(N, block), D] mean over the real tokens of each block."""
+    """[B, H, N, D] -> fp32 [B, H, cdiv(N, block), D] mean over the real tokens of each block, accumulated in
+    fp32 whatever x's dtype (``dtype=``: no fp32 copy of x, which costs a pass over a video's q or k)."""
     b, h, n, d = x.shape
     nb = _cdiv(n, block)
     pad = nb * block - n
     if pad == 0:  # whole blocks: a view of x (any strides), no padded copy
-        return x.view(b, h, nb, block, d).mean(-2)
-    sums = F.pad(x, (0, 0, 0, pad)).view(b, h, nb, block, d).sum(-2)
-    counts = torch.full((nb,), float(block), device=x.device, dtype=x.dtype)
+        return x.view(b, h, nb, block, d).mean(-2, dtype=torch.float32)
+    sums = F.pad(x, (0, 0, 0, pad)).view(b, h, nb, block, d).sum(-2, dtype=torch.float32)
+    counts = torch.full((nb,), float(block), device=x.device, dtype=torch.float32)
     counts[-1] = block - pad
     return sums / counts[:, None]
 
@@ -208,12 +209,10 @@ def sla_classify(q: torch.Tensor, k: torch.Tensor, method) -> SLABlocks:
 
 
 def _classify(q: torch.Tensor, k: torch.Tensor, method: SLAParams) -> SLABlocks:
-    qf = q if q.dtype == torch.float32 else q.float()
-    kf = k if k.dtype == torch.float32 else k.float()
-    n_k, n_crit, n_neg, _ = sla_block_counts(kf.shape[-2], method)
-    qb = _mean_pool(qf, method.block_q)
+    n_k, n_crit, n_neg, _ = sla_block_counts(k.shape[-2], method)
+    qb = _mean_pool(q, method.block_q)
     # Pooling is linear, so pooling k - mean(k) equals pooling k minus the mean.
-    kb = _mean_pool(kf, method.block_k) - kf.mean(dim=-2, keepdim=True)
+    kb = _mean_pool(k, method.block_k) - k.mean(dim=-2, keepdim=True, dtype=torch.float32)
     b, h, n_qb, d = qb.shape
     scores = torch.bmm(qb.view(b * h, n_qb, d), kb.view(b * h, n_k, d).transpose(1, 2)).view(b, h, n_qb, n_k)
     order = torch.sort(scores, dim=-1, descending=True, stable=True).indices
