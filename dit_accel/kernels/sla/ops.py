@@ -162,20 +162,20 @@ def _fp32_rows(x: Tensor, chunk: int) -> Tensor:
     return rows.view(b * h * c, chunk, d)
 
 
-def _token_sums(x: Tensor, y: Tensor) -> Tensor:
-    """``x^T y`` over the tokens of ``(B, H, N, Dx)`` and ``(B, H, N, Dy)``, fp32 ``(B, H, Dx, Dy)``: a sum of
-    :data:`GLOBAL_CHUNK`-token products."""
+def _token_sums(x: Tensor, *ys: Tensor) -> Tuple[Tensor, ...]:
+    """``x^T y`` for each ``y`` over the tokens of ``(B, H, N, Dx)`` and ``(B, H, N, Dy)``, fp32
+    ``(B, H, Dx, Dy)``: sums of :data:`GLOBAL_CHUNK`-token products (x's fp32 rows made once for all)."""
     b, h, n, _ = x.shape
     chunk = min(GLOBAL_CHUNK, n)
-    x32, y32 = _fp32_rows(x, chunk), _fp32_rows(y, chunk)
-    return (x32.transpose(1, 2) @ y32).view(b, h, -1, x.shape[-1], y.shape[-1]).sum(2)
+    x32 = _fp32_rows(x, chunk).transpose(1, 2)
+    return tuple((x32 @ _fp32_rows(y, chunk)).view(b, h, -1, x.shape[-1], y.shape[-1]).sum(2) for y in ys)
 
 
 def _global_sums(kf: Tensor, v: Tensor) -> Tuple[Tensor, Tensor]:
     """The linear branch's sums over all keys, fp32 from the rounded features the kernel reads:
     ``phi(K)^T V`` ``(B, H, D, D)`` and ``sum(phi(K))`` ``(B, H, D)``. Autograd-native (the op returns
     their gradients)."""
-    return _token_sums(kf, v), kf.float().sum(-2)
+    return _token_sums(kf, v)[0], kf.sum(-2, dtype=torch.float32)
 
 
 def _global_sums_backward(qf: Tensor, kv: Tensor, ksum: Tensor, dnum: Tensor, dden: Tensor):
@@ -183,4 +183,5 @@ def _global_sums_backward(qf: Tensor, kv: Tensor, ksum: Tensor, dnum: Tensor, dd
     ``ksum``."""
     dnum, dden = dnum.float(), dden.float()
     dqf = torch.matmul(dnum, kv.transpose(-1, -2)) + dden[..., None] * ksum[..., None, :]
-    return dqf.to(qf.dtype), _token_sums(qf, dnum), _token_sums(qf, dden[..., None])[..., 0]
+    dkv, dksum = _token_sums(qf, dnum, dden[..., None])
+    return dqf.to(qf.dtype), dkv, dksum[..., 0]
