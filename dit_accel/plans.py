@@ -30,8 +30,9 @@ from .kernels.backends import ENV_BACKEND, Request, env_backend, resolve
 from .kernels.block_sparse.api import layout_on, prepare_layout
 from .kernels._cache import LayoutCache
 from .kernels.block_sparse.naive import dense_is_faster
+from .kernels.block_sparse.one_pass import OnePass, one_pass_fits
 from .kernels.layout import BlockLayout
-from .kernels.sla import sla_parts
+from .kernels.sla import sla_parts_checked
 
 __all__ = ["Plan", "DensePlan", "LayoutPlan", "SLAPlan", "attend_with_lse"]
 
@@ -66,8 +67,10 @@ def attend_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_valid
     return torch.cat(outs, 2).to(q.dtype), torch.cat(lses, 2)
 
 
-# Backend name recorded when ``auto`` runs a layout as masked dense attention because that is faster on CPU.
+# Backend names recorded when ``auto`` runs a short layout on CPU other than through the PyTorch twin:
+# masked dense attention, or one gathered flash call (:mod:`dit_accel.kernels.block_sparse.one_pass`).
 DENSE_MASKED = "dense-masked"
+ONE_PASS = "one-pass"
 DENSE_MASK_BYTES = 256 * 2**20  # the largest fp32 additive mask (heads x N x N) the dense path may build
 _DENSE_BIAS = LayoutCache("dense_bias")
 
@@ -199,8 +202,9 @@ class LayoutPlan(Plan):
         self.perm = perm
         self._layouts: Dict[tuple, BlockLayout] = {}  # per (device, heads) copies, made once
         self._parts: Dict[tuple, "_Part"] = {}
-        self._dense_choice: Dict[tuple, bool] = {}  # (heads, batch x heads, head dim) -> masked dense is faster
+        self._short_path: Dict[tuple, Optional[str]] = {}  # (heads, batch, heads of q, head dim) -> see _short
         self._raster_bias: Dict[int, torch.Tensor] = {}  # id of a layout in self._layouts -> raster-order mask
+        self._one_pass: Dict[int, OnePass] = {}  # id of a layout in self._layouts -> its one-pass call
         self._prepared = set()  # (device, backend, $DIT_ACCEL_BACKEND) that prepare() has built for
 
     def layout_on(self, device, heads=None) -> BlockLayout:
@@ -213,26 +217,47 @@ class LayoutPlan(Plan):
         return layout
 
     def backend_for(self, q, k, v, backend: str) -> str:
-        if self._dense_pays(q, backend):
-            return DENSE_MASKED
+        short = self._short(q, backend)
+        if short is not None:
+            return short
         return resolve("block_sparse", backend, Request.of(q, k, v, self.layout.block_q, self.layout.block_k))
 
-    def _dense_pays(self, q, backend: str, heads=None) -> bool:
-        """``backend="auto"`` on CPU, eager, no autograd: is masked dense attention faster than the twin on
-        this layout (:func:`~dit_accel.kernels.block_sparse.naive.dense_is_faster`)? Decided once per
-        (heads, batch x heads, head dim); never when the dense mask would exceed :data:`DENSE_MASK_BYTES`."""
+    def _short(self, q, backend: str, heads=None) -> Optional[str]:
+        """``backend="auto"`` on CPU, eager, no autograd: :data:`ONE_PASS` or :data:`DENSE_MASKED` when either
+        runs the layout faster than the twin, else None. One gathered call where it fits
+        (:func:`~dit_accel.kernels.block_sparse.one_pass.one_pass_fits`: short, and every row visits at most
+        half the key blocks); else masked dense attention when
+        :func:`~dit_accel.kernels.block_sparse.naive.dense_is_faster` says so and its mask stays within
+        :data:`DENSE_MASK_BYTES`. Decided once per (heads, batch, heads of q, head dim)."""
         if (backend != "auto" or q.device.type != "cpu" or torch.compiler.is_compiling()
                 or (torch.is_grad_enabled() and q.requires_grad)):
-            return False
-        key = (heads, q.shape[0] * q.shape[1], q.shape[-1])
-        choice = self._dense_choice.get(key)
+            return None
+        key = (heads, q.shape[0], q.shape[1], q.shape[-1])
+        try:
+            return self._short_path[key]
+        except KeyError:
+            pass
+        layout = self.layout_on(q.device, heads)
+        choice = None
+        if one_pass_fits(layout, batch=q.shape[0], heads=q.shape[1], head_dim=q.shape[-1]):
+            try:
+                self._one_pass_of(layout)
+                choice = ONE_PASS
+            except ValueError:  # a query without keys: see below
+                pass
         if choice is None:
-            layout = self.layout_on(q.device, heads)
             size = layout.num_heads * layout.num_q_blocks * layout.block_q * layout.num_kv_blocks * layout.block_k
-            choice = (size * 4 <= DENSE_MASK_BYTES and bool((layout.kv_counts > 0).all())
-                      and dense_is_faster(layout, batch_heads=key[1], head_dim=key[2]))
-            self._dense_choice[key] = choice
-        return choice
+            if (size * 4 <= DENSE_MASK_BYTES and bool((layout.kv_counts > 0).all())
+                    and dense_is_faster(layout, batch_heads=q.shape[0] * q.shape[1], head_dim=q.shape[-1])):
+                choice = DENSE_MASKED
+        return self._short_path.setdefault(key, choice)
+
+    def _one_pass_of(self, layout: BlockLayout) -> OnePass:
+        one = self._one_pass.get(id(layout))
+        if one is None:
+            order = None if self.perm is None else self.perm.order
+            one = self._one_pass.setdefault(id(layout), OnePass(layout, self.num_tokens, order))
+        return one
 
     def _dense_masked(self, q, k, v, layout: BlockLayout, scale):
         """The layout's exact result by masked dense attention (ATen's CPU flash kernel with an additive mask).
@@ -271,8 +296,12 @@ class LayoutPlan(Plan):
 
     def attend(self, q, k, v, *, scale, backend, proj=None, heads=None):
         layout = self.layout_on(q.device, heads)
-        if self._dense_pays(q, backend, heads):  # raster order in and out
-            o, lse = self._dense_masked(q, k, v, layout, scale)
+        short = self._short(q, backend, heads)
+        if short is not None:  # raster order in and out
+            if short == ONE_PASS:
+                o, lse = self._one_pass_of(layout)(q, k, v, scale)
+            else:
+                o, lse = self._dense_masked(q, k, v, layout, scale)
             return o, lse, None, self.density
         if self.perm is not None:  # tiled order: windows become contiguous blocks
             q, k, v = (self.perm.permute(x, dim=-2) for x in (q, k, v))
@@ -375,6 +404,8 @@ class SLAPlan(Plan):
 
     def attend(self, q, k, v, *, scale, backend, proj=None, heads=None):
         # Under context parallelism (attend_part) k, v hold every key: pooling and linear sums stay global.
-        o, lse, o_lin, info = sla_parts(q, k, v, self.params, proj, scale=scale,
-                                        backend=self.backend_for(q, k, v, backend))
+        # The layer's q, k, v are the processor's, checked by their shapes in routing: only the scale's default.
+        o, lse, o_lin, info = sla_parts_checked(q, k, v, self.params, proj,
+                                                scale if scale is not None else 1.0 / math.sqrt(q.shape[-1]),
+                                                self.backend_for(q, k, v, backend))
         return o, lse, o_lin, info["density"]

@@ -144,9 +144,9 @@ def test_generate_tiny_wan_sparse_in_process(tmp_path, capsys):
         assert row["sparse_calls"] == 4 and row["density"] == pytest.approx(1 / 3)
         assert row["token_density"] == pytest.approx(1 / 3)  # whole-frame tiles: no partial blocks
     assert meta["density"]["mean"] == pytest.approx(1 / 3)
-    # 192 tokens: on CPU "auto" runs this layout as masked dense attention (the twin would be slower here).
-    assert meta["schedule"]["backend"] == "auto" and meta["backends_used"] == ["dense-masked"]
-    assert {row["backend"] for row in layers} == {"dense-masked"}
+    # 192 tokens, one key block of three per query block: on CPU "auto" runs it as one gathered flash call.
+    assert meta["schedule"]["backend"] == "auto" and meta["backends_used"] == ["one-pass"]
+    assert {row["backend"] for row in layers} == {"one-pass"}
 
 
 def test_generate_says_when_a_sparse_method_runs_dense(tmp_path, capsys):

@@ -18,7 +18,7 @@ from ..checks import check_qkv, check_scale
 from .common import SLAParams, sla_block_counts, sla_classify
 from .naive import sla_torch
 
-__all__ = ["sla_attention", "sla_parts", "is_inert", "inert_projections"]
+__all__ = ["sla_attention", "sla_parts", "sla_parts_checked", "is_inert", "inert_projections"]
 
 
 def _check(q, k, v, proj, scale) -> float:
@@ -90,6 +90,13 @@ def sla_parts(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, method, proj: O
     # runs anything, so an explicit "torch" needs no resolving (the plans pass what they resolved).
     if backend != "torch":
         backend = resolve("sla", backend, Request.of(q, k, v, method.block_q, method.block_k))
+    return sla_parts_checked(q, k, v, method, proj, scale, backend)
+
+
+def sla_parts_checked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, method: SLAParams,
+                      proj: Optional[nn.Module], scale: float, backend: str):
+    """:func:`sla_parts` for inputs already checked (the pipelines' plans, on every layer call): ``method`` an
+    :class:`SLAParams`, ``scale`` a float, ``backend`` resolved (``"torch"`` or ``"triton"``)."""
     blocks = sla_classify(q, k, method)
     if proj is not None and is_inert(proj):  # proj(anything) is exactly 0: the linear branch adds nothing
         proj = None

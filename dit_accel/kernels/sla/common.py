@@ -211,8 +211,13 @@ def sla_classify(q: torch.Tensor, k: torch.Tensor, method) -> SLABlocks:
 def _classify(q: torch.Tensor, k: torch.Tensor, method: SLAParams) -> SLABlocks:
     n_k, n_crit, n_neg, _ = sla_block_counts(k.shape[-2], method)
     qb = _mean_pool(q, method.block_q)
-    # Pooling is linear, so pooling k - mean(k) equals pooling k minus the mean.
-    kb = _mean_pool(k, method.block_k) - k.mean(dim=-2, keepdim=True, dtype=torch.float32)
+    # Pooling is linear, so pooling k - mean(k) equals pooling k minus the mean; with whole blocks that
+    # mean is the mean of the block means (a reduction over nK rows, not over every key).
+    kb = _mean_pool(k, method.block_k)
+    if k.shape[-2] % method.block_k == 0:
+        kb = kb - kb.mean(dim=-2, keepdim=True)
+    else:
+        kb = kb - k.mean(dim=-2, keepdim=True, dtype=torch.float32)
     b, h, n_qb, d = qb.shape
     scores = torch.bmm(qb.view(b * h, n_qb, d), kb.view(b * h, n_k, d).transpose(1, 2)).view(b, h, n_qb, n_k)
     order = torch.sort(scores, dim=-1, descending=True, stable=True).indices
