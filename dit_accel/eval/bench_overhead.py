@@ -37,17 +37,22 @@ MODELS = ("tiny-wan", "tiny-shapes")
 
 
 def run(grid=None, rounds: int = 30, threads: int = 1, calls_per_round: int = 3, methods=None,
-        model: str = "tiny-wan") -> dict:
+        model: str = "tiny-wan", copies: int = 3) -> dict:
     """``{"rows": [{name, ms, vs_unwrapped, vs_dense, density}], ...}``: median ms per forward call, ``calls_per_round``
-    calls per contender and round (:func:`dit_accel.eval.bench_cpu.run_rounds`, one warm-up call each).
+    calls per contender and round (:func:`dit_accel.eval.bench_cpu.run_rounds`, one warm-up call per copy).
     ``methods``: ``{label: method config}`` to time instead of the default sparse contenders.
     ``model``: ``"tiny-wan"`` (random weights, 2 heads of 12; grid default (5, 8, 8)) or ``"tiny-shapes"``
-    (the shipped trained transformer of the README's main job, 4 heads of 32; grid default (4, 12, 12))."""
+    (the shipped trained transformer of the README's main job, 4 heads of 32; grid default (4, 12, 12)).
+    ``copies``: deep copies of the model per contender, round ``r`` calling copy ``r % copies`` (where a
+    copy's weights landed in memory moved its time by up to 2% here, in either direction: one copy per
+    contender would charge that to the contender)."""
     import dit_accel
     from ..models.tiny import build_tiny_transformer, tiny_transformer_inputs
 
     if model not in MODELS:
         raise ValueError(f"model must be one of {MODELS}, got {model!r}")
+    if copies < 1:
+        raise ValueError(f"copies must be at least 1, got {copies}")
     torch.set_num_threads(threads)
     if model == "tiny-shapes":
         from ..models.tiny_shapes import TINY_SHAPES_GRID, load_tiny_shapes
@@ -57,27 +62,24 @@ def run(grid=None, rounds: int = 30, threads: int = 1, calls_per_round: int = 3,
         base, grid = build_tiny_transformer("wan").eval(), tuple(grid or (5, 8, 8))
     inputs = tiny_transformer_inputs("wan", base, grid=grid)
     inputs.pop("return_dict", None)
-    # Every contender is a deep copy (the copies ran about 2% slower than the original module here,
-    # so timing the original against copies would charge that to dit_accel).
-    contenders = {"unwrapped": copy.deepcopy(base)}
     methods = {"Dense()": dit_accel.Dense(), **(methods or default_methods(model))}
-    handles = []
+    contenders = {"unwrapped": [copy.deepcopy(base) for _ in range(copies)]}
+    handles = {}
     for name, method in methods.items():
-        contender = copy.deepcopy(base)
-        handles.append(dit_accel.apply(contender, method))
-        contenders[name] = contender
+        contenders[name] = [copy.deepcopy(base) for _ in range(copies)]
+        handles[name] = [dit_accel.apply(contender, method) for contender in contenders[name]]
     load_start = load_average()
     with torch.no_grad():
         calls = {n: functools.partial(_calls, m, inputs, calls_per_round) for n, m in contenders.items()}
-        times = run_rounds(calls, rounds)
-    densities = {n: h.summary().get("mean_density") for n, h in zip(methods, handles)}
+        times = run_rounds(calls, rounds, warmup=copies)
+    densities = {n: h[0].summary().get("mean_density") for n, h in handles.items()}
     rows = [{"name": n, "ms": round(statistics.median(t) / calls_per_round * 1e3, 3),
              "vs_unwrapped": round(median_ratio(times, n, "unwrapped"), 3),
              "vs_dense": round(median_ratio(times, n, "Dense()"), 3), "density": densities.get(n)}
             for n, t in times.items()]
-    backends = {n: h.summary()["backends_used"] for n, h in zip(methods, handles)}
+    backends = {n: sorted({b for one in h for b in one.summary()["backends_used"]}) for n, h in handles.items()}
     return {"model": model, "grid": list(grid), "tokens": int(torch.tensor(grid).prod()), "rounds": rounds,
-            "threads": threads, "rows": rows, "backends": backends, "load_average": [load_start, load_average()],
+            "threads": threads, "copies": copies, "rows": rows, "backends": backends, "load_average": [load_start, load_average()],
             "versions": versions()}
 
 
@@ -96,7 +98,10 @@ def default_methods(model: str = "tiny-wan") -> dict:
     return methods
 
 
-def _calls(model, inputs, n: int) -> None:
+def _calls(models, inputs, n: int) -> None:
+    """``n`` calls of the next copy in ``models`` (rotated in place: one copy per round)."""
+    model = models[0]
+    models.append(models.pop(0))
     for _ in range(n):
         model(**inputs, return_dict=False)
 
@@ -108,6 +113,7 @@ def main(argv=None) -> None:
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--calls", type=int, default=3, help="calls per contender and round")
+    parser.add_argument("--copies", type=int, default=3, help="deep copies of the model per contender, one per round")
     parser.add_argument("--method-config", metavar="FILE", help="methods to time (dit-accel eval's format)")
     args = parser.parse_args(argv)
     grid = tuple(int(x) for x in args.grid.split(",")) if args.grid else None
@@ -117,12 +123,12 @@ def main(argv=None) -> None:
 
         methods = {spec.label: spec.method for spec in load_method_specs(None, args.method_config)}
     result = run(grid, rounds=args.rounds, threads=args.threads, calls_per_round=args.calls, methods=methods,
-                 model=args.model)
+                 model=args.model, copies=args.copies)
     for row in result["rows"]:
         density = f"  density {row['density']:.3f}" if row["density"] is not None else ""
         print(f"{row['name']:<30} {row['ms']:10.3f} ms  {row['vs_unwrapped']:.3f}x the unwrapped call's time, "
               f"{row['vs_dense']:.3f}x Dense()'s{density}")
-    print(json.dumps({k: result[k] for k in ("model", "grid", "tokens", "backends", "load_average")}))
+    print(json.dumps({k: result[k] for k in ("model", "grid", "tokens", "copies", "backends", "load_average")}))
 
 
 if __name__ == "__main__":
