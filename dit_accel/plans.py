@@ -19,14 +19,13 @@ attend densely to every valid key (METHODS.md, "Text tokens").
 from __future__ import annotations
 
 import math
-import os
 from typing import Callable, Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 
 from .kernels import block_sparse_attention, merge_attention
-from .kernels.backends import ENV_BACKEND, Request, env_backend, resolve
+from .kernels.backends import Request, env_backend, env_value, resolve
 from .kernels.block_sparse.api import layout_on, prepare_layout
 from .kernels._cache import LayoutCache
 from .kernels.block_sparse.naive import dense_is_faster
@@ -230,8 +229,8 @@ class LayoutPlan(Plan):
         :func:`~dit_accel.kernels.block_sparse.naive.dense_is_faster` says so and its mask stays within
         :data:`DENSE_MASK_BYTES`. Decided once per (heads, batch, heads of q, head dim)."""
         if (backend != "auto" or q.device.type != "cpu" or torch.compiler.is_compiling()
-                or (torch.is_grad_enabled() and q.requires_grad)):
-            return None
+                or (torch.is_grad_enabled() and q.requires_grad) or env_backend() is not None):
+            return None  # (a backend forced by $DIT_ACCEL_BACKEND runs as forced)
         key = (heads, q.shape[0], q.shape[1], q.shape[-1])
         try:
             return self._short_path[key]
@@ -388,7 +387,7 @@ class SLAPlan(Plan):
             return resolve("sla", backend, Request.of(q, k, v, self.params.block_q, self.params.block_k))
         # The statistics ask on every layer call; resolving once per signature keeps that off the call.
         grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-        key = (q.device, q.dtype, q.shape[-1], grad, backend, os.environ.get(ENV_BACKEND))
+        key = (q.device, q.dtype, q.shape[-1], grad, backend, env_value())
         name = self._backends.get(key)
         if name is None:
             name = self._backends[key] = resolve("sla", backend, Request.of(q, k, v, self.params.block_q,

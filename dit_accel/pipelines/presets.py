@@ -30,7 +30,7 @@ import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Hashable, Optional, Tuple
 
 import torch
 
@@ -72,6 +72,10 @@ class Preset:
         published: the settings the methods' authors published for this class
             (:class:`Published`); the first of a (family, method) is what
             :func:`recommended` returns for it.
+        grid_key: ``(bound_forward_arguments) -> hashable or None``: a cheap fingerprint of what
+            ``read_grid`` reads from the call, such that equal fingerprints (for one transformer) give
+            equal :class:`GridInfo`; the pre-hook then reuses the last call's instead of reading again.
+            None (the default, or returned): read every call.
     """
 
     class_name: str
@@ -82,6 +86,7 @@ class Preset:
     defaults: Dict[str, Dict[str, dict]] = field(default_factory=dict)
     notes: str = ""
     published: Tuple["Published", ...] = ()
+    grid_key: Optional[Callable[[Dict[str, object]], Optional[Hashable]]] = None
 
     def matches(self, module_name: str) -> bool:
         return any(re.fullmatch(p, module_name) for p in self.attention)
@@ -104,6 +109,21 @@ def _split(extent: int, patch: int, what: str) -> int:
     if patch < 1 or extent % patch:
         raise ValueError(f"dit_accel: latent {what} {extent} is not a multiple of the patch size {patch}")
     return extent // patch
+
+
+def _shapes_key(args: dict) -> Optional[tuple]:
+    """What the shape-only readers (Wan, HunyuanVideo, CogVideoX, Mochi) read: two tensor shapes."""
+    x, text = args.get("hidden_states"), args.get("encoder_hidden_states")
+    if not isinstance(x, torch.Tensor):
+        return None
+    return x.shape, (text.shape if isinstance(text, torch.Tensor) else None)
+
+
+def _ltx_key(args: dict) -> Optional[tuple]:
+    """What :func:`_ltx_grid` reads: two tensor shapes and the latent sizes."""
+    key = _shapes_key(args)
+    dims = tuple(args.get(k) for k in ("num_frames", "height", "width"))
+    return None if key is None or not all(type(d) is int for d in dims) else key + dims
 
 
 def _wan_grid(model, args) -> GridInfo:
@@ -231,6 +251,7 @@ PRESETS: Dict[str, Preset] = {
             attention=(r"blocks\.\d+\.attn1",),  # attn2 is cross-attention: stays dense
             text_position="none",
             read_grid=_wan_grid,
+            grid_key=_shapes_key,
             min_diffusers="0.35.0",
             defaults={  # radial: see published (SLA too, for Wan 2.1)
                 "tile": {"method": {"tile": (6, 8, 8), "window": (3, 3, 3)}, "apply": {"dense_steps": 15}},
@@ -246,6 +267,7 @@ PRESETS: Dict[str, Preset] = {
             attention=(r"transformer_blocks\.\d+\.attn", r"single_transformer_blocks\.\d+\.attn"),
             text_position="last",
             read_grid=_hunyuan_grid,
+            grid_key=_shapes_key,
             min_diffusers="0.35.0",
             defaults={  # radial and tile: see published
                 "gna": {"method": {"kernel_size": (18, 24, 24), "stride": (6, 8, 8)}, "apply": {"dense_steps": 15}},
@@ -259,6 +281,7 @@ PRESETS: Dict[str, Preset] = {
             attention=(r"transformer_blocks\.\d+\.attn1",),
             text_position="first",
             read_grid=_cogvideox_grid,
+            grid_key=_shapes_key,
             min_diffusers="0.35.0",
             defaults={"radial": {**_RADIAL_VIDEO, "method": {"decay": 0.95, "block_size": 128, "sink_frames": ()}},
                       "tile": {"method": {"tile": (1, 8, 8), "window": (3, 3, 3)}, "apply": {"dense_steps": 15}},
@@ -270,6 +293,7 @@ PRESETS: Dict[str, Preset] = {
             attention=(r"transformer_blocks\.\d+\.attn1",),
             text_position="last",
             read_grid=_mochi_grid,
+            grid_key=_shapes_key,
             min_diffusers="0.35.0",
             defaults={"radial": {**_RADIAL_VIDEO, "method": {"decay": 0.95, "block_size": 128, "sink_frames": ()}},
                       "tile": {"method": {"tile": (2, 8, 8), "window": (3, 3, 3)}, "apply": {"dense_steps": 15}},
@@ -281,6 +305,7 @@ PRESETS: Dict[str, Preset] = {
             attention=(r"transformer_blocks\.\d+\.attn1",),  # attn2 is cross-attention
             text_position="none",
             read_grid=_ltx_grid,
+            grid_key=_ltx_key,
             min_diffusers="0.35.0",
             defaults={"radial": {**_RADIAL_VIDEO, "method": {"decay": 0.95, "block_size": 128, "sink_frames": ()}},
                       "tile": {"method": {"tile": (2, 8, 8), "window": (3, 3, 3)}, "apply": {"dense_steps": 15}},

@@ -392,11 +392,13 @@ def test_available_backends_on_cpu(monkeypatch):
 
 def test_auto_picks_torch_on_cpu_and_env_overrides(monkeypatch):
     monkeypatch.delenv(backends_mod.ENV_BACKEND, raising=False)
+    assert backends_mod.env_value() is None
     request = backends_mod.Request(torch.device("cpu"), torch.float32, 64)
     resolve = backends_mod.resolve
     assert resolve("block_sparse", "auto", request) == "torch"
     assert resolve("sla", "auto", request) == "torch"
     monkeypatch.setenv(backends_mod.ENV_BACKEND, "flex")
+    assert backends_mod.env_value() == "flex"
     assert resolve("block_sparse", "auto", request) == "flex"
     assert resolve("sla", "auto", request) == "torch"  # SLA has no flex variant: its twin runs
     assert resolve("block_sparse", "torch", request) == "torch"  # explicit choice wins over env

@@ -99,3 +99,12 @@ def test_auto_takes_one_pass_for_short_narrow_layouts_with_the_twins_result(meth
     torch.testing.assert_close(lse_auto, lse_twin, rtol=1e-5, atol=1e-5)
     q.requires_grad_(True)  # autograd: the twin (one pass is forward-only)
     assert plan.backend_for(q, k, v, "auto") == "torch"
+
+
+def test_a_backend_forced_by_the_environment_runs_as_forced(monkeypatch):
+    plan = dit_accel.Tile(tile=(1, 4, 4), window=(1, 1, 1)).plan((5, 8, 8))
+    q, k, v = _bnhd(1, 2, plan.num_tokens, 12, seed=6)
+    with torch.no_grad():
+        assert plan.backend_for(q, k, v, "auto") == ONE_PASS
+        monkeypatch.setenv("DIT_ACCEL_BACKEND", "torch")
+        assert plan.backend_for(q, k, v, "auto") == "torch"

@@ -424,6 +424,38 @@ def test_plan_cache_keeps_the_most_recent_plans_only():
     assert again is not a and again.density == a.density and [k[1] for k in cache.items()] == [(3, 8, 8), (2, 8, 8)]
 
 
+def test_the_grid_is_read_once_per_fingerprint_of_the_call(monkeypatch):
+    """The pre-hook reads the token grid again only when the preset's fingerprint of the call (the shapes its
+    reader reads) changes: a new latent size or text length is read, a repeated call is not."""
+    from dataclasses import replace
+
+    reads = []
+    wan = PRESETS["WanTransformer3DModel"]
+    counting = replace(wan, read_grid=lambda model, args: reads.append(tuple(args["hidden_states"].shape))
+                       or wan.read_grid(model, args))
+    monkeypatch.setitem(PRESETS, "WanTransformer3DModel", counting)
+    model = T.build_tiny_transformer("wan")
+    handle = dit_accel.apply(model, dit_accel.Tile(tile=(1, 4, 4), window=(1, 1, 1)))
+
+    def call(grid, text=None):
+        inputs = T.tiny_transformer_inputs("wan", model, grid=grid)
+        inputs.pop("return_dict", None)
+        if text is not None:
+            inputs["encoder_hidden_states"] = inputs["encoder_hidden_states"][:, :text]
+        with torch.no_grad():
+            model(**inputs, return_dict=False)
+
+    call((4, 8, 8))
+    call((4, 8, 8))
+    assert len(reads) == 1
+    call((2, 8, 8))
+    call((4, 8, 8))
+    assert len(reads) == 3
+    call((4, 8, 8), text=3)  # the same latents with fewer text tokens: a new fingerprint
+    assert len(reads) == 4 and handle.summary()["sparse_calls"] == 5 * 2
+    assert wan.grid_key is not None and PRESETS["FluxTransformer2DModel"].grid_key is None  # FLUX reads img_ids
+
+
 def test_a_call_like_the_last_reuses_its_plans_and_a_new_geometry_or_backend_rebuilds(monkeypatch):
     """The pre-hook builds, checks and prepares the plans once per geometry (a denoising loop repeats it):
     a repeated call reuses them, a new grid, step or $DIT_ACCEL_BACKEND makes the context anew, and the
