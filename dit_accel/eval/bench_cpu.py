@@ -27,6 +27,7 @@ The load average is printed before and after: on a shared machine, quote it.
 from __future__ import annotations
 
 import argparse
+import random
 import datetime
 import os
 import platform
@@ -130,9 +131,11 @@ def contenders(name: str, q, k, v, args):
 
 
 def run_rounds(calls: Dict[str, Callable[[], object]], rounds: int, *, device=None,
-               warmup: int = 1) -> Dict[str, List[float]]:
+               warmup: int = 1, shuffle: bool = False) -> Dict[str, List[float]]:
     """Seconds per round per contender, after ``warmup`` calls of each (plans, block masks, compilation);
-    the contender order rotates every round. ``device``: a CUDA device times with CUDA events."""
+    the contender order rotates every round, or with ``shuffle`` is a fresh permutation every round
+    (seeded: the same on every run), so no contender always follows the same one. ``device``: a CUDA
+    device times with CUDA events."""
     from .._util import Timer
 
     names = list(calls)
@@ -140,8 +143,13 @@ def run_rounds(calls: Dict[str, Callable[[], object]], rounds: int, *, device=No
     for fn in calls.values():
         for _ in range(warmup):
             fn()
+    order = random.Random(0)
     for r in range(rounds):
-        for name in names[r % len(names):] + names[:r % len(names)]:
+        if shuffle:
+            this_round = order.sample(names, len(names))
+        else:
+            this_round = names[r % len(names):] + names[:r % len(names)]
+        for name in this_round:
             timer = Timer(device)
             with timer:
                 calls[name]()

@@ -71,7 +71,7 @@ def run(grid=None, rounds: int = 30, threads: int = 1, calls_per_round: int = 3,
     load_start = load_average()
     with torch.no_grad():
         calls = {n: functools.partial(_calls, m, inputs, calls_per_round) for n, m in contenders.items()}
-        times = run_rounds(calls, rounds, warmup=copies)
+        times = run_rounds(calls, rounds, warmup=copies, shuffle=True)
     densities = {n: h[0].summary().get("mean_density") for n, h in handles.items()}
     rows = [{"name": n, "ms": round(statistics.median(t) / calls_per_round * 1e3, 3),
              "vs_unwrapped": round(median_ratio(times, n, "unwrapped"), 3),

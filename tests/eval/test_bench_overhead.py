@@ -32,3 +32,21 @@ def test_the_shipped_model_with_its_defaults():
     names = {r["name"] for r in result["rows"]}
     assert names == {"unwrapped", "Dense()"} | {f"{m} (tiny-shapes default)" for m in ("tile", "gna", "radial", "sla")}
     assert result["backends"]["sla (tiny-shapes default)"] == ["torch"]
+
+
+def test_rounds_rotate_or_shuffle_the_contender_order():
+    from dit_accel.eval.bench_cpu import run_rounds
+
+    seen = []
+    calls = {name: (lambda name=name: seen.append(name)) for name in "abcd"}
+    times = run_rounds(calls, 6, warmup=0)
+    assert seen[:8] == list("abcd") + list("bcda") and all(len(t) == 6 for t in times.values())
+    seen.clear()
+    run_rounds(calls, 6, warmup=0, shuffle=True)
+    rounds = [seen[i:i + 4] for i in range(0, 24, 4)]
+    assert all(sorted(r) == list("abcd") for r in rounds)  # every contender once per round
+    assert len({tuple(r) for r in rounds}) > 2  # in orders that change
+    again = list(seen)
+    seen.clear()
+    run_rounds(calls, 6, warmup=0, shuffle=True)
+    assert seen == again  # seeded: the same orders on every run
