@@ -27,10 +27,10 @@ The load average is printed before and after: on a shared machine, quote it.
 from __future__ import annotations
 
 import argparse
-import random
 import datetime
 import os
 import platform
+import random
 import statistics
 import sys
 from typing import Callable, Dict, List
