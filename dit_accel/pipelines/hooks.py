@@ -53,6 +53,7 @@ import functools
 import inspect
 import math
 import threading
+import types
 from collections import OrderedDict
 from typing import Dict, List, Optional, Tuple
 
@@ -332,11 +333,12 @@ class SparseAttnProcessor:
 def _with_signature(processor_type: type) -> type:
     """The :class:`SparseAttnProcessor` subclass for wrapping ``processor_type`` (see ``__new__``)."""
 
-    def __call__(self, attn, *args, **kwargs):
-        return SparseAttnProcessor.__call__(self, attn, *args, **kwargs)
-
+    # A copy of SparseAttnProcessor.__call__ (same code, its own attributes), not a function calling it:
+    # this runs on every layer call, and a forwarding frame repacks *args and **kwargs each time.
+    base = SparseAttnProcessor.__call__
+    __call__ = types.FunctionType(base.__code__, base.__globals__, base.__name__, base.__defaults__, base.__closure__)
+    __call__.__kwdefaults__, __call__.__qualname__, __call__.__doc__ = base.__kwdefaults__, base.__qualname__, base.__doc__
     __call__.__signature__ = inspect.signature(processor_type.__call__)
-    __call__.__doc__ = SparseAttnProcessor.__call__.__doc__
     return type(SparseAttnProcessor.__name__, (SparseAttnProcessor,), {"__call__": __call__,
                                                                        "__module__": __name__})
 
