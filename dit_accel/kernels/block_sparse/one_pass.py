@@ -72,7 +72,6 @@ class OnePass:
             token[:num_tokens] = torch.arange(num_tokens)
         else:
             token[:order.numel()] = order.cpu()
-        token[max(layout.q_len, layout.kv_len):] = -1
         q_token = token[:n_q * bq].clone()
         q_token[layout.q_len:] = -1
         key_token_of = token.clone()
@@ -90,19 +89,18 @@ class OnePass:
             table = torch.cat([layout.mask_table.cpu(), torch.ones(1, bq, bk, dtype=torch.bool)])
             elements = table[torch.where(used & (ids >= 0), ids, table.shape[0] - 1)]  # [Hl, nQ, C, bq, bk]
             allowed &= elements.permute(0, 1, 3, 2, 4).reshape(hl, n_q, bq, width * bk)
-        real = (q_token >= 0).view(1, n_q, bq)
+        real_q = q_token >= 0
+        real = real_q.view(1, n_q, bq)
         seen = allowed.any(-1)
         if bool((real & ~seen).any()):
             raise ValueError("the layout leaves some query without a key; OnePass cannot run it")
         allowed |= ~seen[..., None]  # padding queries (their output is dropped): any finite row
         self.layout_heads = hl
         self.n_q, self.block_q, self.width = n_q, bq, width * bk
-        self.num_tokens = num_tokens
         self._key_token = torch.where(key_token >= 0, key_token, 0)  # [Hl, nQ, C * bk]
-        self._q_token = None if order is None and layout.q_len == n_q * bq else torch.where(q_token >= 0, q_token, 0)
+        self._q_token = None if order is None and layout.q_len == n_q * bq else torch.where(real_q, q_token, 0)
         # Tiled position (or padded raster position) of each raster token, for the way back.
         place = torch.full((num_tokens,), -1, dtype=torch.long)
-        real_q = q_token >= 0
         place[q_token[real_q]] = real_q.nonzero().flatten()
         self._place = None if order is None and layout.q_len == num_tokens else place
         self._bias = None
