@@ -266,6 +266,38 @@ def test_inert_projections_agrees_with_is_inert_one_by_one():
     assert inert_projections(projs) == [False] * len(projs)  # grad enabled and every weight trains
 
 
+
+def test_inert_reads_the_values_of_every_call_whatever_wrote_them():
+    """``is_inert`` reads values through a view kept per tensor: writes in place (through ``.data`` too), a swapped
+    storage, a replaced parameter and half precision are all seen; a -0.0 counts as non-zero (the branch runs,
+    which is exact); and the kept views leave with their tensors."""
+    import gc
+
+    from dit_accel.kernels.sla import api, inert_projections, is_inert
+
+    with torch.no_grad():
+        for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+            proj = torch.nn.Linear(8, 8).to(dtype)
+            assert not is_inert(proj)
+            proj.weight.zero_()
+            proj.bias.data.zero_()  # no version bump
+            assert is_inert(proj), dtype
+            proj.weight.data[3, 5] = 1e-3  # no version bump either
+            assert not is_inert(proj), dtype
+            proj.weight.data = torch.zeros(8, 8, dtype=dtype)  # a new storage
+            assert is_inert(proj), dtype
+            proj.weight[0, 0] = -0.0
+            assert not is_inert(proj), dtype
+            proj.weight = torch.nn.Parameter(torch.zeros(8, 8, dtype=dtype))
+            assert inert_projections([proj]) == [True]
+            proj.bias.data[7] = float("nan")
+            assert inert_projections([proj]) == [False]
+        held = len(api._BIT_VIEWS)
+        del proj
+        gc.collect()
+        assert len(api._BIT_VIEWS) < held
+
+
 # ----------------------------------------------------------------------------- validation
 def test_bad_inputs_raise_clear_errors():
     q, k, v = make_qkv(1, 1, 64, 16)
