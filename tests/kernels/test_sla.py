@@ -266,7 +266,6 @@ def test_inert_projections_agrees_with_is_inert_one_by_one():
     assert inert_projections(projs) == [False] * len(projs)  # grad enabled and every weight trains
 
 
-
 def test_inert_reads_the_values_of_every_call_whatever_wrote_them():
     """``is_inert`` reads values through a view kept per tensor: writes in place (through ``.data`` too), a swapped
     storage, a replaced parameter and half precision are all seen; a -0.0 counts as non-zero (the branch runs,
@@ -292,6 +291,10 @@ def test_inert_reads_the_values_of_every_call_whatever_wrote_them():
             assert inert_projections([proj]) == [True]
             proj.bias.data[7] = float("nan")
             assert inert_projections([proj]) == [False]
+        complex_zero = torch.zeros(4, dtype=torch.complex64)  # read by torch (numpy refuses conjugate views)
+        assert api._all_zero(complex_zero) and api._all_zero(complex_zero.conj())
+        complex_zero[2] = 1j
+        assert not api._all_zero(complex_zero) and not api._all_zero(complex_zero.conj())
         held = len(api._BIT_VIEWS)
         del proj
         gc.collect()

@@ -153,19 +153,20 @@ _BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
 def _all_zero(t: torch.Tensor) -> bool:
-    """Whether every bit of the CPU tensor ``t`` is zero (every value +0.0; a -0.0, a NaN or a subnormal is not).
+    """Whether every value of the CPU tensor ``t`` is zero.
 
-    Reads t's memory through a numpy view of its bits, made once per tensor and again when its storage moves
-    (``param.data = ...``, ``module.to``): a count of non-zero words, under a microsecond for a projection,
-    where the torch reductions it replaces cost about 100 us per transformer call inside a small model (their
-    dispatch, on caches the model's kernels have just flushed)."""
+    A plain tensor is read through a numpy view of its bits, made once per tensor and again when its storage
+    moves (``param.data = ...``, ``module.to``): a count of non-zero words, under a microsecond for a
+    projection, where torch reductions cost about 100 us per transformer call inside a small model (their
+    dispatch, on caches the model's kernels have just flushed). Bits, so a -0.0 counts as non-zero (the
+    linear branch then runs, which is exact); a NaN or a subnormal does too. Tensor subclasses (DTensor) and
+    complex tensors, whose conjugate views numpy refuses, are read by ``torch.any``."""
     key, ptr, nbytes = id(t), t.data_ptr(), t.nbytes
     entry = _BIT_VIEWS.get(key)
     if entry is None or entry[0] != ptr or entry[1] != nbytes:
         bits = _BITS.get(t.element_size())
-        if bits is None:  # (no integer type of its width: complex128)
-            return not bool(t.any())
+        plain = bits is not None and type(t) in (torch.Tensor, nn.Parameter) and not t.is_complex()
         if entry is None:
             weakref.finalize(t, _BIT_VIEWS.pop, key, None)
-        entry = _BIT_VIEWS[key] = (ptr, nbytes, t.detach().view(bits).numpy())
-    return not np.count_nonzero(entry[2])
+        entry = _BIT_VIEWS[key] = (ptr, nbytes, t.detach().view(bits).numpy() if plain else None)
+    return not (np.count_nonzero(entry[2]) if entry[2] is not None else bool(t.any()))
