@@ -138,16 +138,18 @@ def test_twin_fused_forward_matches_reference_and_simple_path(nq, nk, d, kw):
         torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("batch", [1, 2])
 @pytest.mark.parametrize("layout", ["tokens-major", "contiguous"])
 @pytest.mark.parametrize("nq,nk", [(320, 320), (128, 320)])
-def test_twin_one_pass_on_whole_blocks_matches_simple_path(layout, nq, nk, monkeypatch):
+def test_twin_one_pass_on_whole_blocks_matches_simple_path(layout, nq, nk, batch, monkeypatch):
     """Whole blocks that fit one slice run in one flash call over (batch x query block, heads), gathering
-    the critical blocks straight from q, k, v of any strides: batch 2 and 3 heads against the simple path.
+    the critical blocks straight from q, k, v of any strides: batch 1 and 2, 3 heads, against the simple path
+    (batch 1 with tokens-major inputs takes every single-view path, batch 2 with contiguous ones none).
     Inputs laid out as the processors make them ((B, N, H, D) memory) give the output in that layout."""
     from dit_accel.kernels.sla import naive as sla_naive
 
     method, d = SLA(topk=0.4), 12
-    q, k, v = make_qkv(2, 3, nq, d, nk=nk)
+    q, k, v = make_qkv(batch, 3, nq, d, nk=nk)
     if layout == "tokens-major":
         q, k, v = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v))
     passes = []
@@ -160,7 +162,7 @@ def test_twin_one_pass_on_whole_blocks_matches_simple_path(layout, nq, nk, monke
     assert passes == [1]
     torch.testing.assert_close(o, o_ref, atol=2e-5, rtol=1e-4)
     torch.testing.assert_close(lse, lse_ref, atol=2e-5, rtol=1e-4)
-    assert o.shape == (2, 3, nq, d) and lse.shape == (2, 3, nq)
+    assert o.shape == (batch, 3, nq, d) and lse.shape == (batch, 3, nq)
     if layout == "tokens-major":
         assert o.transpose(1, 2).is_contiguous()
 
