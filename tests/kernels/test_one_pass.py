@@ -20,6 +20,12 @@ def _bnhd(b, h, n, d, seed):
     return [torch.randn(b, n, h, d, generator=g).transpose(1, 2) for _ in range(3)]
 
 
+def _token_major(o):
+    """Whether (B, H, N, D) ``o`` lies in (B, N, H, D) memory order, SDPA's own: the processor's transpose
+    back to tokens is then a view."""
+    return o.stride(3) == 1 and o.stride(1) == o.shape[3] and o.stride(2) == o.shape[1] * o.shape[3]
+
+
 def _layout(heads, n, block, seed, *, ragged_keys=False):
     """At most two key blocks per query block (the diagonal one and one other), some partial: per-head
     when ``heads > 1``. Every query keeps its own key, so every row sees something."""
@@ -43,6 +49,7 @@ def test_equals_the_dense_oracle_on_raster_layouts(b, h, n, d, heads):
     q, k, v = _bnhd(b, h, n, d, seed=1)
     o, lse = OnePass(layout, n)(q, k, v)
     assert_attention_close(o, lse, q, k, v, mask if heads > 1 else mask[0])
+    assert _token_major(o)
 
 
 def test_equals_the_dense_oracle_in_tiled_order_with_padding():
@@ -58,6 +65,7 @@ def test_equals_the_dense_oracle_in_tiled_order_with_padding():
     q, k, v = _bnhd(1, 2, 300, 16, seed=2)
     o, lse = OnePass(layout, 300, perm.order)(q, k, v, scale=0.2)
     assert_attention_close(o, lse, q, k, v, raster, scale=0.2)
+    assert _token_major(o)
 
 
 def test_half_precision_runs_in_fp32_and_returns_the_input_dtype():

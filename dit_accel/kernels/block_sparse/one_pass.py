@@ -21,7 +21,7 @@ import torch
 
 from ..layout import BlockLayout
 
-__all__ = ["OnePass", "one_pass_fits", "ONE_PASS_BYTES", "ONE_PASS_WIDTH"]
+__all__ = ["OnePass", "one_pass_fits", "blocks_to_tokens", "ONE_PASS_BYTES", "ONE_PASS_WIDTH"]
 
 # Largest gathered K + V + mask (fp32 bytes) of one call, and the widest padded key row as a fraction
 # of all key blocks. Measured on the project's 2-core CPU, one thread, fp32 forward (ms, one pass /
@@ -129,14 +129,13 @@ class OnePass:
             q_g = q_rows.index_select(1, self._index(h, "q")).view(b * self.n_q, self.block_q, h, d).transpose(1, 2)
         o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q_g, k_g, v_g,
                                                                            attn_mask=self._mask(b), scale=scale)[:2]
-        # o's memory is (B * nQ, bq, H, D): back to (B, N, H, D) raster rows, seen as (B, H, N, D).
-        o = o.transpose(1, 2).reshape(b, self.n_q * self.block_q, h, d)
-        lse = lse.view(b, self.n_q, h, self.block_q).transpose(1, 2).reshape(b, h, self.n_q * self.block_q)
+        # o's memory is (B * nQ, bq, H, D): (B, H, N, D) tokens over (B, N, H, D) raster rows.
+        eager = not torch.compiler.is_compiling()
+        o, lse = (blocks_to_tokens(x, b, self.n_q, self.block_q, eager) for x in (o, lse))
         if self._place is None:
-            o, lse = o[:, :n], lse[:, :, :n]
+            o, lse = o[:, :, :n], lse[:, :, :n]
         else:
-            o, lse = o.index_select(1, self._place), lse.index_select(2, self._place)
-        o = o.transpose(1, 2)
+            o, lse = o.transpose(1, 2).index_select(1, self._place).transpose(1, 2), lse.index_select(2, self._place)
         return (o if dtype == torch.float32 else o.to(dtype)), lse
 
     def _index(self, heads: int, what: str) -> torch.Tensor:
@@ -161,3 +160,13 @@ class OnePass:
         if mask is None:
             mask = self._biases.setdefault(batch, self._bias.repeat(batch, 1, 1, 1))
         return mask
+
+
+def blocks_to_tokens(x: torch.Tensor, b: int, n_q: int, block_q: int, eager: bool) -> torch.Tensor:
+    """``(B * nQ, H, Bq[, D])`` per-block rows as ``(B, H, nQ * Bq[, D])`` tokens: one ``as_strided`` view when
+    a query block's rows follow the previous block's in memory (the flash kernel's token-major output), else
+    ``view``/``transpose``/``reshape`` (which copies when it must)."""
+    st, shape = x.stride(), (b, x.shape[1], n_q * block_q) + tuple(x.shape[3:])
+    if eager and st[0] == block_q * st[2]:
+        return x.as_strided(shape, (n_q * st[0],) + st[1:], x.storage_offset())
+    return x.view((b, n_q) + tuple(x.shape[1:])).transpose(1, 2).reshape(shape)

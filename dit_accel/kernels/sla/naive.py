@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from ..._util import cdiv as _cdiv
 from ..block_sparse.naive import CHUNK_BYTES, HAS_CPU_FLASH, SLICES_PER_THREAD, gather, in_threads, pad_blocks, slice_bytes
+from ..block_sparse.one_pass import blocks_to_tokens
 from .common import MARGINAL, SLABlocks, SLAParams, feature_map
 
 __all__ = ["sla_torch"]
@@ -145,17 +146,7 @@ def _one_pass(q, k, v, critical, block_q, block_k, scale):
         q_b = q.view(b, h, n_q, block_q, d).transpose(1, 2).reshape(b * n_q, h, block_q, d)
     o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
         q_b, gather_blocks(k), gather_blocks(v), scale=scale)[:2]
-    return _blocks_to_tokens(o, b, n_q, block_q, eager), _blocks_to_tokens(lse, b, n_q, block_q, eager)
-
-
-def _blocks_to_tokens(x: torch.Tensor, b: int, n_q: int, block_q: int, eager: bool) -> torch.Tensor:
-    """``(B * nQ, H, Bq[, D])`` per-block rows as ``(B, H, nQ * Bq[, D])`` tokens: one ``as_strided`` view when
-    a query block's rows follow the previous block's in memory (the flash kernel's token-major output), else
-    ``view``/``transpose``/``reshape`` (which copies when it must)."""
-    st, shape = x.stride(), (b, x.shape[1], n_q * block_q) + tuple(x.shape[3:])
-    if eager and st[0] == block_q * st[2]:
-        return x.as_strided(shape, (n_q * st[0],) + st[1:], x.storage_offset())
-    return x.view((b, n_q) + tuple(x.shape[1:])).transpose(1, 2).reshape(shape)
+    return blocks_to_tokens(o, b, n_q, block_q, eager), blocks_to_tokens(lse, b, n_q, block_q, eager)
 
 
 _OFFSETS: dict = {}
