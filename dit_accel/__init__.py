@@ -17,12 +17,13 @@ __version__ = "0.2.0"
 # Names resolve on first use: `import dit_accel` (and `dit-accel --help`) stays free of torch and diffusers.
 _EXPORTS = {
     **{name: "methods" for name in ("Method", "Dense", "GNA", "Tile", "TileStrategy", "Radial", "SLA",
-                                    "method_from_name", "register_method", "unregister_method", "registered_methods",
+                                    "method_from_name", "canonical_method_name", "register_method", "unregister_method", "registered_methods",
                                     "option")},
     **{name: "weights" for name in ("load_method", "read_weights_info")},
     "DitAccelWarning": "_util",
     **{name: "pipelines.apply" for name in ("apply", "AccelHandle")},
-    **{name: "pipelines.presets" for name in ("register_preset", "unregister_preset", "Preset", "GridInfo")},
+    **{name: "pipelines.presets" for name in ("register_preset", "unregister_preset", "Preset", "GridInfo",
+                                              "recommended", "published_settings")},
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

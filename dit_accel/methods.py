@@ -114,6 +114,16 @@ class MethodEntry:
 
 
 _REGISTRY: Dict[str, MethodEntry] = {}
+# Names users know from the papers and other tools, for a registered method: STA is sliding tile attention
+# (FastVideo, arXiv:2502.04507), which dit_accel calls `tile`.
+METHOD_ALIASES: Dict[str, str] = {"sta": "tile"}
+
+
+def canonical_method_name(name: str) -> str:
+    """The registered name for ``name``: lower-cased, aliases resolved (``"STA"`` -> ``"tile"``); names
+    that are neither registered nor aliases come back lower-cased, for the caller's own error."""
+    name = name.strip().lower()
+    return METHOD_ALIASES.get(name, name)
 
 
 def register_method(name: str, *, summary: str, finetunable: bool = False):
@@ -128,6 +138,8 @@ def register_method(name: str, *, summary: str, finetunable: bool = False):
     if not isinstance(name, str) or not name.isidentifier() or name != name.lower():
         raise ValueError(f"name={name!r} is invalid: a lower-case identifier such as 'tile' (it becomes a CLI "
                          "--method value)")
+    if name in METHOD_ALIASES:
+        raise ValueError(f"name={name!r} is taken: it is an alias of {METHOD_ALIASES[name]!r}; pick another name")
 
     def decorate(cls):
         if not (isinstance(cls, type) and issubclass(cls, Method) and dataclasses.is_dataclass(cls)):
@@ -157,9 +169,10 @@ def method_from_name(name: str, **options) -> Method:
     if not isinstance(name, str):
         raise TypeError(f"name must be a method name string such as 'tile'; got {type(name).__name__}. "
                         f"Registered: {sorted(_REGISTRY)}")
-    entry = _REGISTRY.get(name.lower())
+    entry = _REGISTRY.get(canonical_method_name(name))
     if entry is None:
-        raise ValueError(f"name={name!r} is not a registered method; choose one of {sorted(_REGISTRY)}")
+        raise ValueError(f"name={name!r} is not a registered method; choose one of {sorted(_REGISTRY)} "
+                         f"(aliases: {', '.join(f'{a} = {n}' for a, n in METHOD_ALIASES.items())})")
     return entry.cls(**options)
 
 
@@ -504,7 +517,7 @@ class Radial(Method):
         if len(grid) != 3:
             raise ValueError(f"Radial attention needs a video token grid (T, H, W); this model has grid {grid}. "
                              "Use GNA or Tile for image models")
-        sinks = tuple(f for f in self.sink_frames if f < grid[0])
+        sinks = self.sink_frames  # a sink frame the video does not have is an error (radial_args), not dropped
         if self.spatial == "window":
             perm, layout = radial_window_layout(grid, self.block_size, self.decay, sinks)
         else:

@@ -60,9 +60,13 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
                    help="micro-batches per optimizer step (samples per step = batch x A x processes). Default: "
                         "distill: enough for 8 samples per step (one-sample distillation steps mostly fit noise), "
                         "data: 1")
-    g.add_argument("--frames", type=int, default=None, help="frames per sample (default: 81; tiny models: 17)")
-    g.add_argument("--height", type=int, default=None, help="pixel height (default: 480; tiny models: 128)")
-    g.add_argument("--width", type=int, default=None, help="pixel width (default: 832; tiny models: 128)")
+    g.add_argument("--frames", type=int, default=None,
+                   help="frames per sample (default: 81 for video models, 1 for image models; embedded models: "
+                        "their own size, e.g. tiny-wan 17, tiny-shapes 7, tiny-flux 1)")
+    g.add_argument("--height", type=int, default=None,
+                   help="pixel height (default: 480 for video, 1024 for image models; embedded models: their own)")
+    g.add_argument("--width", type=int, default=None,
+                   help="pixel width (default: 832 for video, 1024 for image models; embedded models: their own)")
     g.add_argument("--max-sequence-length", type=int, default=None, help="text tokens (default 512; tiny: 32)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--checkpoint-every", type=int, default=0, metavar="K",
@@ -102,9 +106,7 @@ def config_from_args(args: argparse.Namespace):
             raise ValueError(f"--{flag.replace('_', '-')} is a denoising-loop schedule; finetune trains single "
                              "transformer calls. Pass it to `generate` instead.")
     method = method_from_args(args, parser=None)
-    tiny = isinstance(args.model, str) and args.model.startswith("tiny-")
-    defaults = {"frames": 17, "height": 128, "width": 128, "max_sequence_length": 32} if tiny else \
-        {"frames": 81, "height": 480, "width": 832, "max_sequence_length": 512}
+    defaults = _size_defaults(args.model)
     dense_layers = args.dense_layers
     if isinstance(dense_layers, int):
         dense_layers = list(range(dense_layers))
@@ -126,6 +128,25 @@ def config_from_args(args: argparse.Namespace):
         sla_lr_scale=args.sla_lr_scale,
         progress=not args.quiet, cp=args.cp,
     )
+
+
+def _size_defaults(model: str) -> dict:
+    """Sample sizes when not given: an embedded model's own (tiny-flux makes images: 1 frame), else 81 frames
+    at 480x832 for video models and one 1024x1024 image for image models."""
+    from ..models.tiny import TINY_DEFAULTS
+    from ..pipelines.presets import resolve_model_family
+
+    if model in TINY_DEFAULTS:
+        sizes = TINY_DEFAULTS[model]
+        return {"frames": sizes["num_frames"], "height": sizes["height"], "width": sizes["width"],
+                "max_sequence_length": 32}
+    try:
+        image = resolve_model_family(model)[0].endswith("2DModel")
+    except ValueError:  # unknown here: the loader names the problem
+        image = False
+    if image:
+        return {"frames": 1, "height": 1024, "width": 1024, "max_sequence_length": 512}
+    return {"frames": 81, "height": 480, "width": 832, "max_sequence_length": 512}
 
 
 def run(args: argparse.Namespace) -> int:

@@ -33,6 +33,7 @@ from .._util import to_jsonable, versions
 from . import parallel
 from .options import HelpFormatter, add_method_options, check_method_flags, method_from_args, schedule_from_args
 from .parallel import add_cp_option
+from ..methods import METHOD_ALIASES
 from ..models.tiny_shapes import TINY_SHAPES_METHOD, TINY_SHAPES_PROMPT
 
 __all__ = ["register", "run", "generate"]
@@ -43,14 +44,22 @@ DEFAULT_MODEL = "tiny-shapes"
 
 
 def register(subparsers) -> argparse.ArgumentParser:
+    from ..models.tiny import TINY_DEFAULTS
+
+    default_method = TINY_SHAPES_METHOD.upper() if len(TINY_SHAPES_METHOD) <= 3 else TINY_SHAPES_METHOD
     p = subparsers.add_parser(
         "generate",
-        help="generate a video/image with a sparse-attention method (default: tiny-shapes, Tile vs dense)",
+        help=f"generate a video/image with a sparse-attention method (default: tiny-shapes, {default_method} vs "
+             "dense)",
         description="Generate one video (or image) with a sparse-attention method and write it with a JSON\n"
                     "sidecar (OUT.json). With no arguments: tiny-shapes (tiny model trained on synthetic clips)\n"
-                    "with Tile, compared with a dense run of the same call (time and ground-truth quality).",
+                    f"with {default_method}, compared with a dense run of the same call (time and ground-truth "
+                    "quality).\nOn any other supported model without --method: the family's recommended setting "
+                    "(published by\nthe method's authors where they did); --method dense runs dense attention.",
         formatter_class=HelpFormatter,
     )
+    text_lengths = ", ".join(f"{name}: {d['max_sequence_length']}" for name, d in TINY_DEFAULTS.items()
+                             if d.get("max_sequence_length"))
     m = p.add_argument_group("model and output")
     m.add_argument("--model", default=DEFAULT_MODEL,
                    help="hub id (e.g. Wan-AI/Wan2.1-T2V-1.3B-Diffusers), a local pipeline folder, or an embedded "
@@ -70,11 +79,11 @@ def register(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--height", type=int, default=None)
     g.add_argument("--width", type=int, default=None)
     g.add_argument("--steps", type=int, default=None, help="denoising steps")
-    g.add_argument("--seed", type=int, default=0, help="noise seed (and weight seed of tiny models)")
+    g.add_argument("--seed", type=int, default=0, help="noise seed, >= 0 (and weight seed of tiny models)")
     g.add_argument("--guidance-scale", "--guidance", dest="guidance", type=float, default=None,
                    help="classifier-free guidance scale")
     g.add_argument("--max-sequence-length", type=int, default=None,
-                   help="text tokens for the T5 encoder (tiny models: 64)")
+                   help=f"text tokens for the T5 encoder (default: the pipeline's; {text_lengths})")
     d = p.add_argument_group("device")
     d.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available, else cpu)")
     d.add_argument("--dtype", choices=_DTYPES, default="auto",
@@ -92,8 +101,11 @@ def register(subparsers) -> argparse.ArgumentParser:
     for action in p._actions:  # unset --method: dense, or the method a --weights folder was trained with
         if action.dest == "method":
             action.default = argparse.SUPPRESS
-            action.help = (f"attention method (default: {TINY_SHAPES_METHOD} for tiny-shapes, dense for other models; "
-                           "with --weights DIR, the method DIR was trained with)")
+            action.help = (f"attention method (default: {TINY_SHAPES_METHOD} for tiny-shapes; dense for the random-"
+                           "weight tiny-wan and tiny-flux; on other models the family's recommended setting, "
+                           "printed with its source; with --weights DIR, the method DIR was trained with); "
+                           "--method dense runs dense attention; aliases: "
+                           + ", ".join(f"{a} = {n}" for a, n in METHOD_ALIASES.items()) + ")")
     p.add_argument("--no-model-defaults", action="store_true",
                    help="ignore the model's preset method/schedule defaults; use only flags and config defaults")
     p.add_argument("--quiet", action="store_true",
@@ -239,6 +251,32 @@ def _check_flags(args) -> None:
                           "or a folder path (PNG frames)")
     if args.fps <= 0:
         raise _UsageError(f"--fps must be >= 1; got {args.fps}")
+    if args.seed < 0:
+        raise _UsageError(f"--seed must be >= 0; got {args.seed}")
+    _check_writable(Path(args.out) if args.out else Path("outputs") / "out.mp4", "--out" if args.out else
+                    "the default output folder outputs/ (pass --out PATH)")
+
+
+def _check_writable(out: Path, what: str) -> None:
+    """The folder ``out`` (and its sidecar) will be written to exists or can be made, and takes a file: checked
+    before a long generation, not after it."""
+    import tempfile
+
+    folder = out if not out.suffix else out.parent
+    if out.suffix and out.is_dir():
+        raise _UsageError(f"{what}: {out} is a folder; give a file path such as {out / 'video.mp4'}")
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if existing.exists() and not existing.is_dir():
+        raise _UsageError(f"{what}: {existing} is a file, so the folder {folder} cannot be made; choose another path")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".dit-accel-write-check-"):
+            pass
+    except OSError as err:
+        raise _UsageError(f"{what}: cannot write to {folder} ({err.strerror or err}); choose a writable path") \
+            from None
 
 
 def _early_method(args, parser, tiny: bool):
@@ -247,10 +285,28 @@ def _early_method(args, parser, tiny: bool):
     from ..models.tiny import TINY_METHOD_DEFAULTS
 
     saved = _saved_method(args)
-    default = TINY_SHAPES_METHOD if args.model == "tiny-shapes" and not args.no_model_defaults else "dense"
+    if args.model == "tiny-shapes" and not args.no_model_defaults:
+        default, choice = TINY_SHAPES_METHOD, "tiny-shapes' default"
+    elif tiny or args.no_model_defaults:
+        default, choice = "dense", "the default for this model"
+    else:  # the family's recommended method, chosen once the model is loaded
+        default, choice = None, None
+    if getattr(args, "method", None):
+        choice = "--method"
+    elif saved is not None:
+        choice = f"--weights {args.weights}"
     args.method = getattr(args, "method", None) or (saved.name if saved is not None else default)
+    args.method_choice = choice
     if saved is not None:
         return _method_for_weights(args, saved, parser)
+    if args.method is None:
+        from .options import method_options_given
+
+        given = method_options_given(args)
+        if given:
+            raise _UsageError(f"{', '.join(given)}: name the method {'it belongs' if len(given) == 1 else 'they belong'}"
+                              " to with --method (without --method the model's recommended setting runs)")
+        return None
     if tiny and not args.no_model_defaults:
         method_from_args(args, defaults=TINY_METHOD_DEFAULTS.get(args.model, {}).get(args.method, {}), parser=parser)
     else:
@@ -258,8 +314,27 @@ def _early_method(args, parser, tiny: bool):
     return None
 
 
+def _recommended_method(pipe):
+    """``(method name, why)`` for a model run without ``--method``: the first setting the methods' authors
+    published for its family, else the first method its preset has a default for, else dense."""
+    from ..pipelines.presets import PRESETS, family_of, published_settings
+
+    transformer = getattr(pipe, "transformer", None)
+    family = family_of(pipe)
+    published = published_settings(transformer, None, family) if transformer is not None else ()
+    if published:
+        return published[0].method, f"the recommended setting for {family}"
+    preset = PRESETS.get(type(transformer).__name__)
+    if preset is not None and preset.defaults:
+        return next(iter(preset.defaults)), f"the recommended setting for {preset.class_name}"
+    return "dense", "no recommended sparse setting for this model"
+
+
 def _method_and_schedule(args, pipe, saved, parser):
     """``(method, apply kwargs, defaults source)``: flags > the model's defaults > the config's defaults."""
+    if args.method is None:
+        args.method, why = _recommended_method(pipe)
+        args.method_choice = f"{why} (no --method; --method dense runs dense attention)"
     fields, schedule_defaults, source = _model_defaults(args.model, pipe, args.method,
                                                         not args.no_model_defaults and saved is None)
     if saved is None:
@@ -361,13 +436,46 @@ def _side_by_side_path(out: Path) -> Path:
     return out.with_name(f"{out.stem}-vs-dense{out.suffix}") if out.suffix else Path(f"{out}-vs-dense")
 
 
-def _side_by_side(left, right, gap: int = 2):
-    """Two uint8 videos ``[F, H, W, 3]`` next to each other with a white ``gap`` between them."""
+def _side_by_side(left, right, labels=("dense", "sparse"), gap: int = 2):
+    """Two uint8 videos ``[F, H, W, 3]`` next to each other with a white ``gap`` between them, each under a
+    black strip that names it in white (``labels``: left, right)."""
     import numpy as np
 
     n = min(len(left), len(right))
     white = np.full((n, left.shape[1], gap, 3), 255, dtype=np.uint8)
-    return np.concatenate([left[:n], white, right[:n]], axis=2)
+    body = np.concatenate([left[:n], white, right[:n]], axis=2)
+    width = left.shape[2]
+    strip = np.concatenate([_label_strip(labels[0], width), np.full((_strip_height(width), gap, 3), 255, np.uint8),
+                            _label_strip(labels[1], right.shape[2])], axis=1)
+    return np.concatenate([np.broadcast_to(strip, (n, *strip.shape)), body], axis=1)
+
+
+def _strip_height(width: int) -> int:
+    """Height of the label strip: readable on a 48-pixel video, a small share of a large one; even (yuv420p)."""
+    return max(12, min(32, width // 12)) // 2 * 2
+
+
+def _label_strip(text: str, width: int):
+    """A black ``[h, width, 3]`` uint8 strip with ``text`` in white, centred; shortened with '..' to fit."""
+    import numpy as np
+    from PIL import Image, ImageDraw, ImageFont
+
+    height = _strip_height(width)
+    image = Image.new("RGB", (width, height), (0, 0, 0))
+    draw = ImageDraw.Draw(image)
+    try:
+        font = ImageFont.load_default(size=height - 3)
+    except (TypeError, OSError, ImportError):  # a Pillow without FreeType: the fixed bitmap font
+        font = ImageFont.load_default()
+    shown = text
+    while len(shown) > 1 and draw.textlength(shown, font=font) > width - 2:
+        shown = shown[:-1]
+    if shown != text and len(shown) > 2:
+        shown = shown[:-2] + ".."
+    left, top, right, bottom = draw.textbbox((0, 0), shown, font=font)
+    draw.text(((width - (right - left)) / 2 - left, (height - (bottom - top)) / 2 - top), shown, fill=(255, 255, 255),
+              font=font)
+    return np.asarray(image, dtype=np.uint8)
 
 
 def _comparison(times: dict, dense, frames, side_by_side):
@@ -428,6 +536,7 @@ def _record(args, pipe, method, schedule, source, call, frames, written, times, 
         "schedule": schedule,
         "backends_used": summary.get("backends_used", []),  # what "backend" (auto: the best available) ran
         "defaults_source": source,
+        "method_choice": args.method_choice,
         "settings": {"prompt": call["prompt"], "negative_prompt": args.negative_prompt, "frames": call.get("num_frames"),
                      "height": call.get("height"), "width": call.get("width"),
                      "steps": call.get("num_inference_steps"), "guidance": call.get("guidance_scale"),
@@ -494,10 +603,10 @@ def generate(args) -> dict:
         except ValueError as err:
             raise _UsageError(str(err)) from None
     quiet = args.quiet or not parallel.is_main()
+    method, schedule, source = _method_and_schedule(args, pipe, saved, parser)
+    _check_side_by_side(args)  # again: without --method the method is known only now
     pipe.set_progress_bar_config(disable=True) if quiet else pipe.set_progress_bar_config(
         desc=f"denoising ({args.method})", leave=True)
-
-    method, schedule, source = _method_and_schedule(args, pipe, saved, parser)
     call = _pipeline_call(args, pipe, tiny)
     is_video = "num_frames" in call
     out = Path(args.out) if args.out else Path("outputs") / f"{_slug(args.model)}-{args.method}" \
@@ -528,7 +637,7 @@ def generate(args) -> dict:
     side_by_side = None
     if args.side_by_side:
         side_by_side = _side_by_side_path(out)
-        save_video(_side_by_side(dense["frames"], frames), side_by_side, fps=args.fps)
+        save_video(_side_by_side(dense["frames"], frames, ("dense", method.name)), side_by_side, fps=args.fps)
     elapsed = {"load_s": load_s, "save_s": time.perf_counter() - t0, "total_s": time.perf_counter() - t_total}
     record = to_jsonable(_record(args, pipe, method, schedule, source, call, frames, written, times, calls, stats,
                                  summary, elapsed))
@@ -603,6 +712,8 @@ def _summary_lines(record: dict) -> list:
     """The method, its density, its attention time against dense and the ground-truth quality, in a few lines."""
     lines = []
     cmp, method = record.get("compare_dense"), record["method"]
+    if record.get("method_choice") not in (None, "--method"):
+        lines.append(f"method {method['method']}: {record['method_choice']}; settings: {record['defaults_source']}")
     density = record["density"]["mean"]
     if method["method"] != "dense":
         options = ", ".join(f"{k}={tuple(v) if isinstance(v, list) else v}" for k, v in method.items() if k != "method")

@@ -28,7 +28,7 @@ import argparse
 import re
 from typing import Dict, List, Optional, Tuple
 
-from ..methods import CliOption, Method, method_from_name, registered_methods
+from ..methods import METHOD_ALIASES, CliOption, Method, canonical_method_name, method_from_name, registered_methods
 
 __all__ = ["BACKENDS", "HelpFormatter", "plain", "add_method_options", "method_from_args", "schedule_from_args", "int_tuple", "int_list",
            "method_options_given", "check_method_flags", "method_flags"]
@@ -133,9 +133,12 @@ def add_method_options(parser: argparse.ArgumentParser, *, default_method: Optio
     """
     names = list(registered_methods())
     g = parser.add_argument_group("attention method")
-    g.add_argument("--method", choices=names, default=default_method, metavar="{" + ",".join(names) + "}",
+    aliases = ", ".join(f"{alias} = {name}" for alias, name in METHOD_ALIASES.items())
+    g.add_argument("--method", type=canonical_method_name, choices=names, default=default_method,
+                   metavar="{" + ",".join(names) + "}",
                    help="attention method" + (f" (default: {default_method})" if default_method else "") +
-                        "; dense runs through the same path as a baseline; `dit-accel info` describes each")
+                        f"; dense runs through the same path as a baseline; aliases: {aliases}; "
+                        "`dit-accel info` describes each")
     g.add_argument("--backend", choices=BACKENDS, default=None,
                    help="kernel backend: auto (Triton on GPU, PyTorch otherwise), triton, torch, flex")
     m = parser.add_argument_group("method options (per-dimension tuples like 6,8,8 for T,H,W; each flag names the "
@@ -206,12 +209,41 @@ def method_from_args(args: argparse.Namespace, defaults: Optional[dict] = None,
     fields = set(registered_methods()[name].cls.__dataclass_fields__)
     options = {k: v for k, v in (defaults or {}).items() if k in fields}
     given = {own[flag]: value for flag, value in method_options_given(args).items()}
+    _check_dimensions(name, given, options, own, parser)
     options.update(given)
     try:
         return method_from_name(name, **options)
     except (ValueError, TypeError) as err:
-        flag = next((f for f, field in own.items() if field in given and f".{field}=" in str(err)), None)
+        flag = next((f for f, field in own.items() if f".{field}=" in str(err)), None)
+        if flag is not None and own[flag] not in given:  # a required field left at its (invalid) default
+            opt = method_flags()[flag][0]
+            what = re.sub(rf"^{re.escape(name)}: ", "", opt.help)
+            _error(parser, f"--method {name} needs {flag} {opt.metavar or ''}".rstrip() + f": {what}")
         _error(parser, (f"{flag}: " if flag else "") + str(err))
+
+
+def _check_dimensions(name: str, given: dict, defaults: dict, own: Dict[str, str], parser) -> None:
+    """A per-dimension flag whose length differs from the per-dimension values it is combined with: blame the
+    flag the user gave (``--tile 2,4`` on a video model), not the default it disagrees with."""
+    import dataclasses
+
+    cls = registered_methods()[name].cls
+    class_defaults = {f.name: f.default for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING}
+    flag_of = {field: flag for flag, field in own.items()}
+    for field, value in given.items():
+        if not isinstance(value, tuple):
+            continue
+        for other in (f for f in own.values() if f not in given):
+            default = defaults.get(other, class_defaults.get(other))
+            if isinstance(default, tuple) and default and all(isinstance(v, int) for v in default) \
+                    and len(default) != len(value):
+                n = len(default)
+                source = "this model's" if other in defaults else "the"
+                _error(parser, f"{flag_of[field]} {','.join(map(str, value))} has {len(value)} values, but "
+                               f"{source} default {flag_of[other]} {','.join(map(str, default))} has {n}: give "
+                               f"{flag_of[field]} one value per grid dimension ({n}: "
+                               f"{'T,H,W' if n == 3 else 'H,W' if n == 2 else 'one per dimension'}), or set "
+                               f"{flag_of[other]} with {len(value)} values too")
 
 
 def schedule_from_args(args: argparse.Namespace, defaults: Optional[dict] = None) -> dict:

@@ -51,10 +51,7 @@ def start(degrees: Tuple[int, int], device: Optional[str]):
     if world != ulysses * ring:
         raise ValueError(f"--cp ulysses={ulysses},ring={ring} needs {ulysses * ring} processes; torchrun started "
                          f"{world}")
-    from ..pipelines.parallel import require_accelerator
-
     cuda = torch.cuda.is_available() and (device is None or device.startswith("cuda"))
-    require_accelerator()
     if cuda:
         local = int(os.environ.get("LOCAL_RANK", "0"))
         torch.cuda.set_device(local)
@@ -66,6 +63,8 @@ def start(degrees: Tuple[int, int], device: Optional[str]):
 
 def enable(pipe, config) -> None:
     """Context parallelism on the pipeline's transformer(s); ValueError when a model has no plan for it."""
+    from ..pipelines.parallel import enable_context_parallel
+
     for name in ("transformer", "transformer_2"):
         transformer = getattr(pipe, name, None)
         if transformer is None:
@@ -73,7 +72,7 @@ def enable(pipe, config) -> None:
         if getattr(transformer, "_cp_plan", None) is None:
             raise ValueError(f"{type(transformer).__name__} has no context-parallel plan in this Diffusers "
                              "release (Wan, FLUX and LTX-Video have one); run it without --cp")
-        transformer.enable_parallelism(config=config)
+        enable_context_parallel(transformer, config)
 
 
 def is_main() -> bool:

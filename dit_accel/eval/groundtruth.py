@@ -7,8 +7,10 @@ four criteria, with no learned model and nothing downloaded:
 - colour: the majority hue of the object's pixels is the prompt's colour;
 - shape: the object fills its bounding box like a square (~1.0) or a circle
   (pi/4 ~ 0.785); the median over frames is compared with :data:`FILL_THRESHOLD`;
-- motion: the object's centroid moves mostly along the prompt's direction, by at
-  least :data:`MIN_TRAVEL` of the canvas (a static object fails);
+- motion: the object's centroid moves along the prompt's direction, by at least
+  :data:`MIN_TRAVEL` of the canvas (a static object fails), and at most
+  :data:`MAX_DRIFT_DEGREES` off it (a diagonal drift, such as as far up as right,
+  fails and is reported as e.g. ``"up-right"``);
 - consistency: exactly one object in every frame and a stable area (largest /
   smallest at most :data:`MAX_AREA_RATIO`).
 
@@ -31,11 +33,14 @@ import re
 import numpy as np
 
 __all__ = ["parse_prompt", "score_video", "score_many", "SATURATION_THRESHOLD", "FILL_THRESHOLD", "MIN_TRAVEL",
-           "MIN_AREA", "MAX_AREA_RATIO"]
+           "MAX_DRIFT_DEGREES", "MIN_AREA", "MAX_AREA_RATIO"]
 
 SATURATION_THRESHOLD = 0.3  # grey backgrounds are ~0, the clip colours 0.65-0.85
 FILL_THRESHOLD = 0.88  # between a circle's pi/4 and a square's 1 (pixelated shapes land near both)
 MIN_TRAVEL = 0.08  # of the canvas extent; the clips travel 25-35 %
+# The clips move along one axis; a sample drifting further off it than this (in canvas fractions) moves in
+# another direction. 30 degrees: the perpendicular travel is at most tan(30) = 0.58 of the travel along it.
+MAX_DRIFT_DEGREES = 30.0
 MIN_AREA = 0.004  # of the frame (9 pixels at 48x48): smaller components are noise, not objects
 MAX_AREA_RATIO = 1.5
 
@@ -196,8 +201,12 @@ def _direction(main: list, frame_shape: tuple) -> tuple[str, tuple[float, float]
     dx = float(np.polyfit(t, xs, 1)[0] * (t[-1] - t[0]))
     dy = float(np.polyfit(t, ys, 1)[0] * (t[-1] - t[0]))
     height, width = frame_shape
-    if abs(dx) / width >= abs(dy) / height:
-        name = ("right" if dx > 0 else "left") if abs(dx) >= MIN_TRAVEL * width else "static"
-    else:
-        name = ("down" if dy > 0 else "up") if abs(dy) >= MIN_TRAVEL * height else "static"
+    x, y = abs(dx) / width, abs(dy) / height  # canvas fractions
+    horizontal = "right" if dx > 0 else "left"
+    vertical = "down" if dy > 0 else "up"
+    along, across, name = (x, y, horizontal) if x >= y else (y, x, vertical)
+    if along < MIN_TRAVEL:
+        return "static", (dx, dy)
+    if np.degrees(np.arctan2(across, along)) > MAX_DRIFT_DEGREES:
+        return f"{vertical}-{horizontal}", (dx, dy)
     return name, (dx, dy)

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from .._util import load_average, to_jsonable, versions
-from ..methods import Dense, Method, method_from_name, registered_methods
+from ..methods import METHOD_ALIASES, Dense, Method, canonical_method_name, method_from_name, registered_methods
 from ..models.tiny import is_tiny_model, model_label
 from .metrics import mean_or_none, paired_metrics, to_frames
 from .timing import StageTimer, median_times
@@ -83,13 +83,14 @@ class MethodSpec:
               source: str = "--method-config", explicit: bool = True) -> "MethodSpec":
         """ValueError naming ``source``, the method and the offending key for unknown options or values."""
         _check_names([name], source)
+        name = canonical_method_name(name)
         if not isinstance(options, (dict, type(None))):
             raise ValueError(f"{source}: {name}: expected a mapping of options, got {options!r}")
         options = dict(options or {})
         options.pop("method", None)
         label = options.pop("label", None) or label or name
         apply_kwargs = {k: options.pop(k) for k in APPLY_KEYS if k in options}
-        valid = [f.name for f in dataclasses.fields(registered_methods()[name.lower()].cls) if f.init]
+        valid = [f.name for f in dataclasses.fields(registered_methods()[name].cls) if f.init]
         unknown = sorted(set(options) - set(valid))
         if unknown:
             raise ValueError(f"{source}: {name} has no option {unknown[0]!r}; valid options: "
@@ -127,8 +128,9 @@ def _read_config(path: str):
 def _check_names(names, source: str) -> None:
     known = registered_methods()
     for name in names:
-        if name.lower() not in known:
-            raise ValueError(f"{source}: unknown method {name!r}; valid methods: {', '.join(sorted(known))}")
+        if canonical_method_name(name) not in known:
+            raise ValueError(f"{source}: unknown method {name!r}; valid methods: {', '.join(sorted(known))} "
+                             f"(aliases: {', '.join(f'{a} = {n}' for a, n in METHOD_ALIASES.items())})")
 
 
 def load_method_specs(methods: Optional[Sequence[str]], config_path: Optional[str] = None, *,
@@ -166,17 +168,17 @@ def load_method_specs(methods: Optional[Sequence[str]], config_path: Optional[st
                 entries.append((opts["method"], opts, opts.get("label")))
         else:
             raise ValueError(f"--method-config {config_path}: expected a mapping or a list, got {type(cfg).__name__}")
-    names = [m.strip().lower() for m in methods if m.strip()] if methods else None
+    names = [canonical_method_name(m) for m in methods if m.strip()] if methods else None
     if names is not None:
         _check_names(names, "--methods")
-        entries = [e for e in entries if e[0].lower() in names]
-        configured = {e[0].lower() for e in entries}
+        entries = [e for e in entries if canonical_method_name(e[0]) in names]
+        configured = {canonical_method_name(e[0]) for e in entries}
         entries += [(n, dict((defaults or {}).get(n, {})), n) for n in names if n not in configured]
     specs, seen = [], set()
     for name, opts, label in entries:
-        if name.lower() == "dense" and not include_dense:
+        if canonical_method_name(name) == "dense" and not include_dense:
             continue  # the baseline row
-        spec = MethodSpec.parse(name.lower(), opts, label, source=source if config_path else "--methods",
+        spec = MethodSpec.parse(name, opts, label, source=source if config_path else "--methods",
                                 explicit=explicit)
         while spec.label in seen:
             spec.label += "'"

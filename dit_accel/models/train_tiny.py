@@ -27,11 +27,13 @@ import argparse
 import json
 import math
 import os
+import sys
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from .clips import COLOURS, DIRECTIONS, SHAPES, make_prompt, render_batch
 from .tiny_shapes import TINY_SHAPES_DEFAULTS, TINY_SHAPES_DIR
@@ -278,7 +280,10 @@ def train(out_dir=TINY_SHAPES_DIR, *, steps: int = 3600, batch_size: int = 16, l
     pipe.text_encoder.train()
     g = torch.Generator().manual_seed(seed)
     curve, window, load_start, start = [], [], os.getloadavg(), time.perf_counter()
-    for step in range(steps):
+    print(f"training tiny-shapes: {steps} steps of {batch_size} clips on {torch.get_num_threads()} threads -> "
+          f"{out_dir}; mean loss every {log_every} steps below (JSON lines)", file=sys.stderr, flush=True)
+    for step in tqdm(range(steps), desc="training tiny-shapes", unit="step", file=sys.stderr, mininterval=2.0,
+                     dynamic_ncols=True):
         for group in optimizer.param_groups:
             group["lr"] = _learning_rate(step, steps, lr, warmup)
         clip_frames = _SHORT_FRAMES if step < short_fraction * steps else frames
@@ -295,7 +300,7 @@ def train(out_dir=TINY_SHAPES_DIR, *, steps: int = 3600, batch_size: int = 16, l
                           "lr": round(optimizer.param_groups[0]["lr"], 7),
                           "seconds": round(time.perf_counter() - start, 1)})
             window = []
-            print(json.dumps(curve[-1]), flush=True)
+            tqdm.write(json.dumps(curve[-1]), file=sys.stdout)
         if save_every and (step + 1) % save_every == 0 and step + 1 < steps:
             _save_ema(pipe, params, ema, Path(out_dir))
     train_seconds = time.perf_counter() - start

@@ -74,7 +74,8 @@ def radial_args(grid, block_size, decay, sink_frames):
                          "(radial attention needs a time axis: use GNA or Tile for images)")
     block_size, decay, frames = check_radial_args(block_size, decay, sink_frames)
     if any(f >= grid[0] for f in frames):
-        raise ValueError(f"sink_frames={frames} is invalid for grid={grid}: frame indices must be < {grid[0]}")
+        raise ValueError(f"Radial.sink_frames={frames} is invalid for the token grid {grid}: it has {grid[0]} latent "
+                         f"frames, so sink frame indices must be < {grid[0]} (() disables the sink)")
     return grid, block_size, decay, frames
 
 

@@ -36,16 +36,46 @@ import torch.nn.functional as F
 from ..plans import Plan, attend_with_lse
 from ..kernels import merge_attention
 
-__all__ = ["Split", "run_split", "check_split", "require_accelerator"]
+__all__ = ["Split", "run_split", "check_split", "enable_context_parallel"]
 
 
-def require_accelerator() -> None:
-    """ValueError on a machine without an accelerator: Diffusers 0.42 places each context-parallel rank on
-    ``rank % torch.accelerator.device_count()``, which divides by zero there."""
-    if torch.accelerator.device_count() == 0:
-        raise ValueError("context parallelism needs an accelerator per process: Diffusers places each rank on "
-                         "`rank % torch.accelerator.device_count()`, which is a division by zero on a machine "
-                         "without one")
+def enable_context_parallel(transformer, config) -> None:
+    """``transformer.enable_parallelism(config=config)``, also on a machine without an accelerator.
+
+    Diffusers 0.42 places each rank on ``rank % torch.accelerator.device_count()`` when it resolves the
+    config, a division by zero on a CPU-only machine. There every rank's device is the CPU and the device
+    mesh is a CPU (gloo) mesh, so for this one call the transformer resolves its config with that placement;
+    everything after it (the plan, the hooks, the processors) is Diffusers' own. ValueError (one line) where
+    this Diffusers release resolves configs differently.
+    """
+    if torch.accelerator.device_count() > 0:
+        transformer.enable_parallelism(config=config)
+        return
+    if not hasattr(type(transformer), "_resolve_parallel_config"):
+        raise ValueError("context parallelism on a machine without an accelerator needs Diffusers >= 0.42 (it "
+                         "places each rank on `rank % torch.accelerator.device_count()`, a division by zero here); "
+                         "upgrade Diffusers or run on GPUs")
+
+    def resolve_on_cpu(config):
+        from diffusers import ContextParallelConfig, ParallelConfig
+
+        if isinstance(config, ContextParallelConfig):
+            config = ParallelConfig(context_parallel_config=config)
+        cp = config.context_parallel_config
+        if cp is None:
+            raise ValueError("context parallelism on a CPU: only a ContextParallelConfig is supported")
+        mesh = cp.mesh or torch.distributed.device_mesh.init_device_mesh(
+            device_type="cpu", mesh_shape=cp.mesh_shape, mesh_dim_names=cp.mesh_dim_names)
+        config.setup(torch.distributed.get_rank(), torch.distributed.get_world_size(), torch.device("cpu"),
+                     mesh=mesh)
+        transformer._parallel_config = config
+        return config
+
+    transformer._resolve_parallel_config = resolve_on_cpu  # this instance, this call only
+    try:
+        transformer.enable_parallelism(config=config)
+    finally:
+        del transformer._resolve_parallel_config
 
 
 @dataclass(frozen=True)

@@ -478,14 +478,13 @@ class _Trainer:
     def _enable_parallelism(self) -> None:
         from diffusers import ContextParallelConfig
 
-        from ..pipelines.parallel import require_accelerator
+        from ..pipelines.parallel import enable_context_parallel
 
         (ulysses, ring), processes = self.config.cp, self.accelerator.num_processes
         if ulysses * ring != processes:
             raise ValueError(f"--cp ulysses={ulysses},ring={ring} needs {ulysses * ring} processes; "
                              f"{processes} were launched")
-        require_accelerator()
-        self.transformer.enable_parallelism(config=ContextParallelConfig(ulysses_degree=ulysses, ring_degree=ring))
+        enable_context_parallel(self.transformer, ContextParallelConfig(ulysses_degree=ulysses, ring_degree=ring))
 
     # ------------------------------------------------------------- batches and losses
     def batch(self, step: int, held_out: bool = False):

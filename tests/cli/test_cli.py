@@ -188,7 +188,10 @@ def test_generate_default_is_tiny_shapes_sparse_beside_dense(tmp_path, monkeypat
     assert main(["generate", "--steps", "2", "--side-by-side"]) == 0, capsys.readouterr().err
     out = capsys.readouterr().out
     video, pair = tmp_path / "outputs" / "tiny-shapes-sla.mp4", tmp_path / "outputs" / "tiny-shapes-sla-vs-dense.mp4"
-    assert load_video(video).shape == (7, 48, 48, 3) and load_video(pair).shape == (7, 48, 98, 3)
+    from dit_accel.cli.generate import _strip_height
+
+    # dense and SLA side by side (48 + 2 + 48 wide) under a strip that names each
+    assert load_video(video).shape == (7, 48, 48, 3) and load_video(pair).shape == (7, 48 + _strip_height(48), 98, 3)
     meta = _sidecar(video)
     assert meta["model"] == "tiny-shapes" and meta["model_kind"] == "embedded" and "synthetic clips" in meta["label"]
     assert meta["settings"]["prompt"] == "a red circle moving right"

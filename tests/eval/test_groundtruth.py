@@ -82,6 +82,30 @@ def test_static_and_reversed_motion_fail_motion_only():
     assert reversed_["direction"] == "down" and _failed(reversed_) == {"motion_ok"}
 
 
+def _square_moving(dx: float, dy: float, frames: int = 7, size: int = 48):
+    """A red 10x10 square on grey whose centre travels (dx, dy) pixels in a straight line."""
+    video = np.full((frames, size, size, 3), 0.5, dtype=np.float32)
+    for i in range(frames):
+        x = 12 + dx * i / (frames - 1)
+        y = size - 22 + dy * i / (frames - 1)
+        video[i, int(round(y)):int(round(y)) + 10, int(round(x)):int(round(x)) + 10] = (0.9, 0.15, 0.15)
+    return video
+
+
+@pytest.mark.parametrize("dx, dy, seen, ok", [
+    (13.6, -2.5, "right", True),    # dense's sample on the default prompt: 10 degrees off the axis
+    (12.9, -12.0, "up-right", False),  # the drift the old rule passed: as far up as right, 43 degrees off
+    (14.0, -7.0, "right", True),    # 27 degrees: inside the 30-degree bound
+    (14.0, -9.0, "up-right", False),  # 33 degrees: outside it
+    (-2.0, -14.0, "up", True),
+], ids=["dense-sample", "diagonal-drift", "27deg", "33deg", "up"])
+def test_motion_off_the_prompts_axis_fails(dx, dy, seen, ok):
+    prompt = "a red square moving " + ("up" if seen == "up" else "right")
+    result = score_video(_square_moving(dx, dy), prompt)
+    assert result["direction"] == seen and result["motion_ok"] is ok
+    assert _failed(result) == (set() if ok else {"motion_ok"})
+
+
 def test_two_objects_fail_consistency():
     video = render_clip("red", "circle", "left", seed=0)
     rows = np.nonzero(video.max(-1) - video.min(-1) > 0.3)[1]

@@ -1,6 +1,6 @@
 """Context parallelism (Ulysses, Ring, both) against single-process dit_accel: torchrun + gloo on CPU.
 
-The workers (cp_worker.py, cp_cli_worker.py) run every method on tiny Wan and FLUX
+The workers (cp_worker.py, and the CLI itself under torchrun) run every method on tiny Wan and FLUX
 transformers in 2 and 4 processes, in both call orders (``apply`` then
 ``enable_parallelism`` and the reverse), and compare with the single-process result
 computed in the same process.
@@ -20,12 +20,13 @@ REPO = HERE.parents[1]
 
 
 def _torchrun(nproc: int, script: str, *args, timeout: int = 600) -> None:
+    """``script``: a worker beside this file, or ``-m package.module`` as a user would run it."""
     # gloo on CPU processes, also on a GPU machine (two ranks on one GPU would collide)
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "TRITON_INTERPRET": "1",
            "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     # --standalone: a free rendezvous port per launch (parallel test workers each start torchrun)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), "--tee", "3",
-           str(HERE / script), *map(str, args)]
+           *(script.split() if script.startswith("-m ") else [str(HERE / script)]), *map(str, args)]
     res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     assert res.returncode == 0, res.stdout[-6000:] + res.stderr[-6000:]
 
@@ -88,12 +89,14 @@ def test_uneven_and_straddling_sequences_are_refused(runs):
 
 
 def test_generate_cli_under_torchrun_matches_one_process(tmp_path):
+    """The README's command as written: no test harness, so the library itself runs context parallelism on
+    a machine without an accelerator (gloo, every rank on the CPU)."""
     from dit_accel.cli.main import main
     from dit_accel.io import load_video
 
     common = ["--model", "tiny-wan", "--method", "tile", "--tile", "1,8,8", "--window", "3,1,1", "--frames", "13",
               "--height", "128", "--width", "128", "--steps", "2", "--quiet", "--device", "cpu"]
-    _torchrun(2, "cp_cli_worker.py", "--cp", "ulysses=2", *common, "--out", tmp_path / "cp" / "f.png")
+    _torchrun(2, "-m dit_accel.cli.generate", "--cp", "ulysses=2", *common, "--out", tmp_path / "cp" / "f.png")
     assert main(["generate", *common, "--out", str(tmp_path / "one" / "f.png")]) == 0
     cp, one = load_video(tmp_path / "cp" / "f.png"), load_video(tmp_path / "one" / "f.png")
     assert cp.shape == one.shape == (13, 128, 128, 3)
