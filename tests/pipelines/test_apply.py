@@ -18,7 +18,7 @@ from dit_accel.pipelines.hooks import SparseAttnProcessor
 from dit_accel.pipelines.presets import PRESETS, SUPPORTED, preset_for
 from tests.utils import ReferenceAttention
 
-SPARSE = {name: dit_accel.GNA(kernel_size=(3, 5)) if name == "flux" else dit_accel.GNA(kernel_size=(2, 5, 5))
+SPARSE = {name: dit_accel.GNA(kernel_size=(3, 5) if len(T.TRANSFORMER_GRIDS[name]) == 2 else (2, 5, 5))
           for name in T.TRANSFORMER_NAMES}
 PADDED = {"hunyuan", "mochi"}  # models whose text padding mask the test exercises
 
