@@ -19,7 +19,9 @@ Adding a model family (developer note)
    class, with its grid reader (build on ``_common``'s ``tensor_arg``/``split_patch``/``text_len``;
    a ``grid_key`` where the reader is shape-only), ``min_diffusers``, ``defaults``, ``published``
    (with sources), ``hub_words`` (more specific words before general ones) and ``notes``. Import only
-   from ``._common`` (never from this package: no cycles).
+   from ``._common`` (never from this package: no cycles). A class whose calls carry no single token
+   grid (FramePack's packed history, ...) gets ``Preset.refusing(class_name, reason)`` instead: ``apply``
+   raises the reason, which says what would work.
 2. Add its module name to :data:`FAMILIES` below (the order is the registry's and ``info``'s).
 3. Add ``models/tiny/<family>.py`` with a tiny transformer of each class (see :mod:`dit_accel.models.tiny`):
    ``tests/pipelines/test_apply.py`` then runs every class against the masked reference and
@@ -49,7 +51,8 @@ PRESETS: Dict[str, Preset] = {
     p.class_name: p for name in FAMILIES for p in importlib.import_module(f"{__name__}.{name}").PRESETS
 }
 
-SUPPORTED: Tuple[str, ...] = tuple(PRESETS)  # the classes the package ships presets for
+# The classes the package ships working presets for (refused ones are known, not supported).
+SUPPORTED: Tuple[str, ...] = tuple(name for name, p in PRESETS.items() if not p.refused)
 
 
 def register_preset(preset: Preset) -> Preset:
@@ -66,6 +69,9 @@ def register_preset(preset: Preset) -> Preset:
         raise ValueError(f"Preset.text_position={preset.text_position!r} is invalid: 'none', 'first' or 'last'")
     if not callable(preset.read_grid):
         raise TypeError("Preset.read_grid must be callable: (transformer, bound forward arguments) -> GridInfo")
+    if not isinstance(preset.refused, str):
+        raise TypeError(f"Preset.refused must be a str (the reason, or '' for a working preset); "
+                        f"got {type(preset.refused).__name__}")
     PRESETS[preset.class_name] = preset
     return preset
 
@@ -93,7 +99,8 @@ def check_pipeline(pipe) -> None:
 
 
 def preset_for(transformer: torch.nn.Module, diffusers_version: Optional[str] = None) -> Preset:
-    """The preset for ``transformer``'s class; ValueError for unsupported classes or old Diffusers."""
+    """The preset for ``transformer``'s class; ValueError for unsupported or refused classes (with the
+    preset's reason) or old Diffusers."""
     name = type(transformer).__name__
     preset = PRESETS.get(name)
     if preset is None:
@@ -102,8 +109,9 @@ def preset_for(transformer: torch.nn.Module, diffusers_version: Optional[str] = 
             if preset is not None:
                 break
     if preset is None:
-        raise ValueError(f"dit_accel does not support transformer class {name}; supported: {', '.join(PRESETS)}. "
+        raise ValueError(f"dit_accel does not support transformer class {name}; supported: {_supported()}. "
                          "Support another class with dit_accel.register_preset(Preset(...))")
+    _check_not_refused(name, preset)
     if diffusers_version is None:
         import diffusers
 
@@ -112,6 +120,15 @@ def preset_for(transformer: torch.nn.Module, diffusers_version: Optional[str] = 
         raise ValueError(f"dit_accel needs diffusers>={preset.min_diffusers} for {preset.class_name} "
                          f"(installed: {diffusers_version}); run `pip install -U 'diffusers>={preset.min_diffusers}'`")
     return preset
+
+
+def _supported() -> str:
+    return ", ".join(name for name, p in PRESETS.items() if not p.refused)
+
+
+def _check_not_refused(name: str, preset: Preset) -> None:
+    if preset.refused:
+        raise ValueError(f"dit_accel does not support transformer class {name}: {preset.refused}")
 
 
 def _class_name(transformer_or_class) -> str:
@@ -166,7 +183,8 @@ def recommended(transformer_or_class, method: str, family: Optional[str] = None)
 
     name = _class_name(transformer_or_class)
     if name not in PRESETS:
-        raise ValueError(f"no preset for {name}; supported: {', '.join(PRESETS)}")
+        raise ValueError(f"no preset for {name}; supported: {_supported()}")
+    _check_not_refused(name, PRESETS[name])
     published = published_settings(transformer_or_class, method, family)
     if published:
         return published[0].build()

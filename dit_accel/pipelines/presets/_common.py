@@ -63,6 +63,9 @@ class Preset:
         refused_pipelines: ``{pipeline class name: reason}``: pipelines around this transformer whose
             calls the grid reader cannot read; ``apply`` refuses them (and subclasses) with the reason,
             which should say what to use instead.
+        refused: non-empty for a class dit_accel knows but cannot make sparse (its calls carry no single
+            token grid: FramePack's packed history, ...): why, and what would work instead. ``apply``
+            (``preset_for``) raises it; the class is not in ``SUPPORTED``. Build one with :meth:`refusing`.
     """
 
     class_name: str
@@ -78,9 +81,30 @@ class Preset:
     read_family: Optional[Callable[[Any], Optional[str]]] = None
     read_index_family: Optional[Callable[[dict], Optional[str]]] = None
     refused_pipelines: Dict[str, str] = field(default_factory=dict)
+    refused: str = ""
+
+    @classmethod
+    def refusing(cls, class_name: str, reason: str, min_diffusers: str = "0.0.0", **fields) -> "Preset":
+        """A preset that refuses ``class_name`` with ``reason`` (why, and what would work instead).
+
+        Example::
+
+            Preset.refusing("HunyuanVideoFramepackTransformer3DModel",
+                            "its calls pack a history of clean latents at three scales ahead of the new "
+                            "frames, so there is no single token grid; use the dense model")
+        """
+        if not isinstance(reason, str) or not reason.strip():
+            raise ValueError("Preset.refusing needs a reason: why the class cannot be made sparse, what would work")
+        return cls(class_name, attention=(), text_position="none", read_grid=_refused_grid,
+                   min_diffusers=min_diffusers, refused=reason, **fields)
 
     def matches(self, module_name: str) -> bool:
         return any(re.fullmatch(p, module_name) for p in self.attention)
+
+
+def _refused_grid(model, args) -> GridInfo:
+    # Never reached through apply: preset_for raises the preset's own reason before any grid is read.
+    raise ValueError(f"dit_accel does not support transformer class {type(model).__name__} (its preset refuses it)")
 
 
 # ---------------------------------------------------------------------- published
