@@ -65,7 +65,8 @@ def _backends(device):
 def _models():
     from ..pipelines.presets import PRESETS
 
-    return {name: f"{p.notes} (diffusers>={p.min_diffusers})" for name, p in PRESETS.items()}
+    return {name: f"refused: {p.refused}" if p.refused else f"{p.notes} (diffusers>={p.min_diffusers})"
+            for name, p in PRESETS.items()}
 
 
 def _methods():

@@ -41,7 +41,7 @@ METHODS = {
 
 def build(name: str):
     """A tiny transformer with 4 heads (Ulysses over 4 ranks needs H % 4 == 0), same weights on every rank."""
-    cls_name, config = T._TRANSFORMER_CONFIGS[name]
+    cls_name, config = T.TRANSFORMERS[name].class_name, T.TRANSFORMERS[name].config
     import diffusers
 
     with torch.random.fork_rng(devices=[]):

@@ -1,0 +1,203 @@
+"""Tiny random-weight Diffusers pipelines and transformers for offline smoke runs and tests.
+
+``build_tiny_pipeline("tiny-wan")`` returns a real :class:`diffusers.WanPipeline`
+(``"tiny-flux"``: :class:`diffusers.FluxPipeline`) whose transformer, VAE and
+text encoders are a few thousand parameters built from configs, with weights
+drawn from a fixed seed and tokenizers built in code. Nothing is downloaded.
+``build_tiny_transformer("hunyuan")`` builds one bare transformer of every
+supported class, and ``tiny_transformer_inputs`` its forward kwargs for a
+chosen token grid: a forward pass takes milliseconds.
+
+The weights are RANDOM: the videos are noise-like patterns. Use these models to
+check that a command, a method or an integration runs end to end, never to
+judge quality. Each family module documents its token grids at the suggested
+sizes (``TINY_DEFAULTS``), big enough for sparse patterns with 64-token blocks
+to skip work.
+
+Layout: ``_common.py`` (:class:`TinyTransformer`, :class:`TinyPipeline`, tokenizers built in code),
+one module per family (named like its ``pipelines/presets/<family>.py``), and this file: the registry.
+
+Adding a model family (developer note)
+--------------------------------------
+1. Write ``models/tiny/<family>.py`` defining ``TRANSFORMERS = (TinyTransformer(name, class_name,
+   config, grid=..., text=..., inputs=...),)``: a config of a few thousand parameters and an ``inputs``
+   builder drawing every random tensor from ``rnd``; optionally ``PIPELINES = (TinyPipeline(...),)`` for a
+   ``tiny-<family>`` pipeline (its name must contain a ``hub_words`` word of the family's preset).
+   Import only from ``._common`` (never from this package: no cycles).
+2. Add its module name to :data:`FAMILIES` below.
+3. Nothing else: ``tests/pipelines/test_apply.py`` parametrizes over :data:`TRANSFORMER_NAMES` (dense
+   and full-window runs reproduce dense; a sparse run matches the masked reference; ``remove`` restores),
+   ``tests/pipelines/test_presets.py`` checks that every family module is registered, that every preset
+   class has a tiny transformer in the module of the same name and that ``tiny-<family>`` resolves to it.
+   A ``tiny-<family>`` pipeline also lists its weighted components in ``COMPONENTS`` of
+   ``tests/models/test_tiny.py`` (the seed and cross-process determinism tests).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Dict, Tuple
+
+import torch
+
+from ..tiny_shapes import TINY_SHAPES_DEFAULTS, TINY_SHAPES_LABEL, TINY_SHAPES_METHODS
+from ._common import TinyPipeline, TinyTransformer
+
+__all__ = [
+    "FAMILIES",
+    "TinyTransformer",
+    "TinyPipeline",
+    "TRANSFORMERS",
+    "TRANSFORMER_NAMES",
+    "TRANSFORMER_GRIDS",
+    "TRANSFORMER_TEXT",
+    "build_tiny_transformer",
+    "tiny_transformer_inputs",
+    "PIPELINES",
+    "TINY_MODELS",
+    "TINY_DEFAULTS",
+    "TINY_METHOD_DEFAULTS",
+    "RANDOM_WEIGHTS_LABEL",
+    "EMBEDDED_MODELS",
+    "build_tiny_pipeline",
+    "is_tiny_model",
+    "is_embedded_model",
+    "model_label",
+]
+
+# The family modules, in registry order: adding a family is adding its module name here.
+FAMILIES: Tuple[str, ...] = ("wan", "hunyuan_video", "cogvideox", "mochi", "ltx_video", "flux")
+
+_MODULES = tuple(importlib.import_module(f"{__name__}.{name}") for name in FAMILIES)
+
+# ----------------------------------------------------------------------------- bare transformers
+# One tiny transformer of every supported class, by short name.
+TRANSFORMERS: Dict[str, TinyTransformer] = {t.name: t for m in _MODULES for t in m.TRANSFORMERS}
+TRANSFORMER_NAMES: Tuple[str, ...] = tuple(TRANSFORMERS)
+TRANSFORMER_GRIDS = {name: t.grid for name, t in TRANSFORMERS.items()}  # default token grids
+TRANSFORMER_TEXT = {name: t.text for name, t in TRANSFORMERS.items()}  # default text tokens
+
+# ----------------------------------------------------------------------------- pipelines
+PIPELINES: Dict[str, TinyPipeline] = {p.name: p for m in _MODULES for p in getattr(m, "PIPELINES", ())}
+
+RANDOM_WEIGHTS_LABEL = "random weights (tiny model for smoke runs; the output is noise, not a real video or image)"
+
+TINY_MODELS = {name: p.summary for name, p in PIPELINES.items()}
+
+# Suggested call settings: small enough for a 2-core CPU, big enough for sparsity.
+TINY_DEFAULTS = {name: dict(p.defaults) for name, p in PIPELINES.items()}
+
+# Method settings scaled to the tiny grids (the paper presets assume grids like
+# (21, 30, 52) and 50 steps; on (5, 8, 8) they would be dense or invalid).
+TINY_METHOD_DEFAULTS = {name: {m: dict(o) for m, o in p.method_defaults.items()} for name, p in PIPELINES.items()}
+
+# The trained tiny-shapes model (a Diffusers folder in the package, see tiny_shapes.py) shares the
+# tables above: call settings and grid-sized method options by name.
+TINY_DEFAULTS["tiny-shapes"] = dict(TINY_SHAPES_DEFAULTS)
+TINY_METHOD_DEFAULTS["tiny-shapes"] = {name: dict(options) for name, options in TINY_SHAPES_METHODS.items()}
+
+# Every model that ships with the package, by --model name: trained first (the default of generate).
+EMBEDDED_MODELS = {
+    "tiny-shapes": f"WanPipeline with a 4-layer WanTransformer3DModel (~1 M parameters); {TINY_SHAPES_LABEL}: "
+    "'a {red|green|blue|yellow} {square|circle} moving {left|right|up|down}', 7 frames at 48x48, offline",
+    **TINY_MODELS,
+}
+
+
+def is_tiny_model(name) -> bool:
+    """A random-weight tiny model built in code (``tiny-wan``, ``tiny-flux``)."""
+    return isinstance(name, str) and name in TINY_MODELS
+
+
+def is_embedded_model(name) -> bool:
+    """A model shipped with the package (random-weight tiny models and the trained ``tiny-shapes``): it has
+    grid-sized call settings and method options in :data:`TINY_DEFAULTS` / :data:`TINY_METHOD_DEFAULTS`."""
+    return isinstance(name, str) and name in EMBEDDED_MODELS
+
+
+def model_label(name) -> str | None:
+    """What an embedded model's output is, for the user: the random-weight warning or the trained label."""
+    if is_tiny_model(name):
+        return RANDOM_WEIGHTS_LABEL
+    return TINY_SHAPES_LABEL if name == "tiny-shapes" else None
+
+
+def build_tiny_pipeline(name: str, *, seed: int = 0, device="cpu", dtype: torch.dtype = torch.float32):
+    """Build an embedded tiny pipeline with random weights (no download).
+
+    Args:
+        name: ``"tiny-wan"`` or ``"tiny-flux"`` (see :data:`TINY_MODELS`).
+        seed: weight seed; the same seed gives bit-identical weights every time.
+            The global torch RNG state is left untouched.
+        device, dtype: where the pipeline's modules live.
+
+    Example::
+
+        pipe = build_tiny_pipeline("tiny-wan")
+        frames = pipe("a cat", num_frames=17, height=128, width=128,
+                      num_inference_steps=4, max_sequence_length=32).frames[0]
+    """
+    if name not in PIPELINES:
+        raise ValueError(f"unknown tiny model {name!r}; choose one of {sorted(TINY_MODELS)}")
+    # fork_rng: weight init draws from the global generator; do not disturb the caller's stream.
+    # Builders seed after their imports: a first-time import may itself draw random numbers.
+    with torch.random.fork_rng(devices=[]):
+        pipe = PIPELINES[name].build(seed)
+    if dtype == torch.float32:
+        pipe.to(device=device)
+    else:
+        # Diffusers warns that some modules "should be kept in float32" on a plain cast;
+        # tiny models have no such checkpoint convention, so silence that one warning.
+        from diffusers.utils import logging as dlog
+
+        level = dlog.get_verbosity()
+        dlog.set_verbosity_error()
+        try:
+            pipe.to(device=device, dtype=dtype)
+        finally:
+            dlog.set_verbosity(level)
+    pipe.set_progress_bar_config(leave=False)
+    return pipe
+
+
+def build_tiny_transformer(name: str, seed: int = 0):
+    """An fp32 eval-mode transformer of class ``name`` (see :data:`TRANSFORMER_NAMES`), random weights.
+
+    Output layers that the config initialises to zero get random values too, so every block
+    affects the result (a zero output layer would hide an attention bug).
+    """
+    import diffusers
+
+    if name not in TRANSFORMERS:
+        raise ValueError(f"unknown tiny transformer {name!r}; choose one of {TRANSFORMER_NAMES}")
+    entry = TRANSFORMERS[name]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = getattr(diffusers, entry.class_name)(**entry.config)
+        # Random (not zero-initialised) output layers so every block affects the result.
+        for p in model.parameters():
+            if p.abs().sum() == 0:
+                p.data.normal_(0, 0.05)
+    return model.eval()
+
+
+def tiny_transformer_inputs(name: str, model, grid=None, batch: int = 1, text: int = None, seed: int = 1,
+                            text_valid=None):
+    """Forward kwargs for ``model`` whose latent has token grid ``grid``.
+
+    ``text_valid``: per-sample valid text lengths (HunyuanVideo/Mochi padding masks).
+    """
+    entry = TRANSFORMERS[name]
+    grid = tuple(grid or entry.grid)
+    text = text or entry.text
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g)
+
+    t = torch.full((batch,), 500.0)
+    mask = torch.ones(batch, text, dtype=torch.long)
+    if text_valid is not None:
+        for b, n in enumerate(text_valid):
+            mask[b, n:] = 0
+    return entry.inputs(model.config, grid, batch, text, rnd, t, mask)

@@ -1,0 +1,106 @@
+"""What every tiny-model module uses: the two entry types (:class:`TinyTransformer`,
+:class:`TinyPipeline`) and the tokenizers built in code. It imports nothing of the tiny registry, so the
+family modules and ``__init__`` both build on it without a cycle."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Tuple
+
+import torch
+
+__all__ = ["TinyTransformer", "TinyPipeline", "byte_tokenizer", "t5_tokenizer", "tiny_t5_settings"]
+
+# (model config, grid, batch, text tokens, rnd(*shape), timesteps (B,), text mask (B, text)) -> forward kwargs
+InputsBuilder = Callable[[Any, Tuple[int, ...], int, int, Callable[..., torch.Tensor], torch.Tensor, torch.Tensor],
+                         Dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class TinyTransformer:
+    """A bare tiny transformer of one Diffusers class, for tests and the overhead bench.
+
+    Attributes:
+        name: the short name tests parametrize over (``"wan"``, ``"flux"``).
+        class_name: the Diffusers transformer class (the one the preset is for).
+        config: its constructor kwargs: a few thousand parameters.
+        grid: the default token grid after patchify (big enough for 64-token blocks to skip work).
+        text: the default number of text tokens.
+        inputs: builds the forward kwargs whose latent gives a token grid (see :data:`InputsBuilder`);
+            it draws every random tensor from ``rnd``, in a fixed order.
+    """
+
+    name: str
+    class_name: str
+    config: Dict[str, Any]
+    grid: Tuple[int, ...]
+    text: int
+    inputs: InputsBuilder
+
+
+@dataclass(frozen=True)
+class TinyPipeline:
+    """A tiny random-weight Diffusers pipeline, built in code (``--model tiny-<family>``).
+
+    Attributes:
+        name: the ``--model`` name (``"tiny-wan"``); it must contain one of the preset's ``hub_words``.
+        summary: one line for ``dit-accel info``.
+        build: ``(seed) -> pipeline`` (seeded after its imports; the caller forks the RNG).
+        defaults: suggested call settings (``num_frames``, ``height``, ``width``, ``num_inference_steps``,
+            ``max_sequence_length``): small enough for a 2-core CPU, big enough for sparsity.
+        method_defaults: per method name, config fields sized to the grid of :attr:`defaults`.
+    """
+
+    name: str
+    summary: str
+    build: Callable[[int], Any]
+    defaults: Dict[str, int]
+    method_defaults: Dict[str, Dict[str, Any]] = field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------------- tokenizers
+def byte_tokenizer(*, bos: str | None, eos: str, pad: str, unk: str, model_max_length: int):
+    """A byte-level tokenizer without merges: every UTF-8 byte is one token.
+
+    It accepts arbitrary text, supports padding/truncation/attention masks and
+    decoding, and is built from code alone (no vocabulary file).
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    specials = list(dict.fromkeys([pad, eos, unk] + ([bos] if bos else [])))  # CLIP: pad is eos
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {tok: i for i, tok in enumerate(specials)}  # contiguous ids: len(tokenizer) is the vocab size
+    for ch in sorted(alphabet):
+        vocab[ch] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token=unk))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    if bos:
+        template = f"{bos} $A {eos}"
+        special_ids = [(bos, vocab[bos]), (eos, vocab[eos])]
+    else:
+        template = f"$A {eos}"
+        special_ids = [(eos, vocab[eos])]
+    tok.post_processor = processors.TemplateProcessing(single=template, special_tokens=special_ids)
+    kwargs = {"bos_token": bos} if bos else {}
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token=pad,
+        eos_token=eos,
+        unk_token=unk,
+        model_max_length=model_max_length,
+        padding_side="right",
+        **kwargs,
+    )
+
+
+def t5_tokenizer():
+    return byte_tokenizer(bos=None, eos="</s>", pad="<pad>", unk="<unk>", model_max_length=512)
+
+
+def tiny_t5_settings(tokenizer) -> dict:
+    """Config of the tiny (U)T5 text encoders (Wan uses UMT5, FLUX T5: same fields)."""
+    return dict(vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+                relative_attention_num_buckets=8, pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id, decoder_start_token_id=tokenizer.pad_token_id)

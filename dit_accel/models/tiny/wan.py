@@ -1,0 +1,82 @@
+"""Tiny Wan: the ``tiny-wan`` pipeline and the bare ``"wan"`` transformer.
+
+tiny-wan: 17 frames at 128x128 -> latent (5, 16, 16) (VAE 4x temporal, 8x spatial) -> token grid
+(5, 8, 8) = 320 video tokens after the (1, 2, 2) patch.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._common import TinyPipeline, TinyTransformer, t5_tokenizer, tiny_t5_settings
+
+__all__ = ["TRANSFORMERS", "PIPELINES"]
+
+
+def _build(seed: int):
+    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    torch.manual_seed(seed)
+    tokenizer = t5_tokenizer()
+    text_encoder = UMT5EncoderModel(UMT5Config(**tiny_t5_settings(tokenizer))).eval()
+    z_dim = 4
+    vae = AutoencoderKLWan(
+        base_dim=4,  # conv3d is slow on CPU; the decoder dominates the smoke-run time
+        z_dim=z_dim,
+        dim_mult=[1, 1, 1, 1],  # 3 downsamples: 8x spatial, like the real Wan VAE
+        num_res_blocks=1,
+        temperal_downsample=[False, True, True],  # 4x temporal
+        latents_mean=[0.0] * z_dim,
+        latents_std=[1.0] * z_dim,
+    ).eval()
+    transformer = WanTransformer3DModel(
+        patch_size=(1, 2, 2),
+        num_attention_heads=2,
+        attention_head_dim=32,
+        in_channels=z_dim,
+        out_channels=z_dim,
+        text_dim=32,
+        freq_dim=32,
+        ffn_dim=64,
+        num_layers=2,
+        cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads",
+        rope_max_seq_len=64,
+    ).eval()
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    return WanPipeline(
+        tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, scheduler=scheduler, transformer=transformer
+    )
+
+
+def _inputs(cfg, grid, batch, text, rnd, t, mask):
+    f, h, w = grid
+    return dict(hidden_states=rnd(batch, cfg.in_channels, f, 2 * h, 2 * w), timestep=t,
+                encoder_hidden_states=rnd(batch, text, cfg.text_dim), return_dict=False)
+
+
+PIPELINES = (
+    TinyPipeline(
+        "tiny-wan",
+        summary="WanPipeline with a 2-layer WanTransformer3DModel, tiny AutoencoderKLWan and UMT5 "
+        "encoder; random weights for smoke runs (offline, seconds on a CPU)",
+        build=_build,
+        defaults={"num_frames": 17, "height": 128, "width": 128, "num_inference_steps": 4, "max_sequence_length": 64},
+        method_defaults={  # grid (5, 8, 8): one 64-token block per frame
+            "tile": {"tile": (1, 8, 8), "window": (3, 1, 1)},  # 3 of 5 frames per query frame
+            "gna": {"kernel_size": (3, 6, 6)},
+            "radial": {"block_size": 64, "decay": 1.0, "sink_frames": (0,)},
+            "sla": {"topk": 0.4},  # 2 of 5 key blocks
+        },
+    ),
+)
+
+TRANSFORMERS = (
+    TinyTransformer(
+        "wan", "WanTransformer3DModel",
+        dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=4, out_channels=4,
+             text_dim=16, freq_dim=16, ffn_dim=32, num_layers=2, rope_max_seq_len=64),
+        grid=(4, 8, 8), text=7, inputs=_inputs,
+    ),
+)

@@ -1,0 +1,235 @@
+"""Per-model knowledge as data: one :class:`Preset` per supported transformer class, one module per family.
+
+A preset says which attention modules hold self/joint attention (the only ones
+dit_accel touches), where the text tokens sit in a joint sequence, how to read
+the latent token grid ``(T, H, W)`` (or ``(H, W)``) from the transformer's
+forward arguments, the settings the methods' authors published for the model
+(:class:`Published`: values, the shape they were published for, and their
+source), dit_accel's defaults for the other methods, and the oldest Diffusers
+release the integration was checked against. Nothing here copies Diffusers code;
+the grid readers only look at input shapes and the transformer config.
+
+Layout: ``_common.py`` (:class:`Preset`, :class:`GridInfo`, :class:`Published`, shared grid-reader
+helpers), one module per family (``wan.py``, ``flux.py``, ...: its grid reader, published settings
+and ``PRESETS``), and this file: the registry and its look-ups.
+
+Adding a model family (developer note)
+--------------------------------------
+1. Write ``presets/<family>.py`` defining ``PRESETS = (Preset(...), ...)``: one preset per transformer
+   class, with its grid reader (build on ``_common``'s ``tensor_arg``/``split_patch``/``text_len``;
+   a ``grid_key`` where the reader is shape-only), ``min_diffusers``, ``defaults``, ``published``
+   (with sources), ``hub_words`` (more specific words before general ones) and ``notes``. Import only
+   from ``._common`` (never from this package: no cycles). A class whose calls carry no single token
+   grid (FramePack's packed history, ...) gets ``Preset.refusing(class_name, reason)`` instead: ``apply``
+   raises the reason, which says what would work.
+2. Add its module name to :data:`FAMILIES` below (the order is the registry's and ``info``'s).
+3. Add ``models/tiny/<family>.py`` with a tiny transformer of each class (see :mod:`dit_accel.models.tiny`):
+   ``tests/pipelines/test_apply.py`` then runs every class against the masked reference and
+   ``tests/pipelines/test_presets.py`` checks the registration; ``tests/test_published.py`` checks
+   published settings, ``tests/test_structure.py`` the import graph.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import re
+from pathlib import Path
+from typing import Dict, Optional, Tuple
+
+import torch
+
+from ._common import GridInfo, Preset, Published
+
+__all__ = ["Preset", "PRESETS", "SUPPORTED", "GridInfo", "Published", "FAMILIES", "preset_for", "recommended",
+           "register_preset", "unregister_preset", "family_of", "published_settings", "resolve_model_family"]
+
+# The family modules, in registry order: adding a family is adding its module name here.
+FAMILIES: Tuple[str, ...] = ("wan", "hunyuan_video", "cogvideox", "mochi", "ltx_video", "flux")
+
+PRESETS: Dict[str, Preset] = {
+    p.class_name: p for name in FAMILIES for p in importlib.import_module(f"{__name__}.{name}").PRESETS
+}
+
+# The classes the package ships working presets for (refused ones are known, not supported).
+SUPPORTED: Tuple[str, ...] = tuple(name for name, p in PRESETS.items() if not p.refused)
+
+
+def register_preset(preset: Preset) -> Preset:
+    """Support another transformer class: ``apply`` finds ``preset`` by ``preset.class_name`` (and subclasses).
+
+    Example::
+
+        register_preset(Preset("MyVideoTransformer", attention=(r"blocks\\.\\d+\\.attn1",), text_position="none",
+                               read_grid=my_grid_reader, min_diffusers="0.35.0"))
+    """
+    if not isinstance(preset, Preset):
+        raise TypeError(f"preset must be a dit_accel.pipelines.Preset; got {type(preset).__name__}")
+    if preset.text_position not in ("none", "first", "last"):
+        raise ValueError(f"Preset.text_position={preset.text_position!r} is invalid: 'none', 'first' or 'last'")
+    if not callable(preset.read_grid):
+        raise TypeError("Preset.read_grid must be callable: (transformer, bound forward arguments) -> GridInfo")
+    if not isinstance(preset.refused, str):
+        raise TypeError(f"Preset.refused must be a str (the reason, or '' for a working preset); "
+                        f"got {type(preset.refused).__name__}")
+    PRESETS[preset.class_name] = preset
+    return preset
+
+
+def unregister_preset(class_name: str) -> None:
+    """Remove a registered preset (no error when absent)."""
+    PRESETS.pop(class_name, None)
+
+
+def _version_tuple(v: str) -> Tuple[int, ...]:
+    out = []
+    for part in v.split(".")[:3]:
+        m = re.match(r"\d+", part)
+        out.append(int(m.group()) if m else 0)
+    return tuple(out)
+
+
+def check_pipeline(pipe) -> None:
+    """ValueError when ``pipe`` is a pipeline class a preset refuses (``Preset.refused_pipelines``), or a subclass."""
+    for cls in type(pipe).__mro__:
+        for preset in PRESETS.values():
+            reason = preset.refused_pipelines.get(cls.__name__)
+            if reason is not None:
+                raise ValueError(f"dit_accel does not support {type(pipe).__name__}: {reason}.")
+
+
+def preset_for(transformer: torch.nn.Module, diffusers_version: Optional[str] = None) -> Preset:
+    """The preset for ``transformer``'s class; ValueError for unsupported or refused classes (with the
+    preset's reason) or old Diffusers."""
+    name = type(transformer).__name__
+    preset = PRESETS.get(name)
+    if preset is None:
+        for base in type(transformer).__mro__[1:]:  # subclasses of a supported class work too
+            preset = PRESETS.get(base.__name__)
+            if preset is not None:
+                break
+    if preset is None:
+        raise ValueError(f"dit_accel does not support transformer class {name}; supported: {_supported()}. "
+                         "Support another class with dit_accel.register_preset(Preset(...))")
+    _check_not_refused(name, preset)
+    if diffusers_version is None:
+        import diffusers
+
+        diffusers_version = diffusers.__version__
+    if _version_tuple(diffusers_version) < _version_tuple(preset.min_diffusers):
+        raise ValueError(f"dit_accel needs diffusers>={preset.min_diffusers} for {preset.class_name} "
+                         f"(installed: {diffusers_version}); run `pip install -U 'diffusers>={preset.min_diffusers}'`")
+    return preset
+
+
+def _supported() -> str:
+    return ", ".join(name for name, p in PRESETS.items() if not p.refused)
+
+
+def _check_not_refused(name: str, preset: Preset) -> None:
+    if preset.refused:
+        raise ValueError(f"dit_accel does not support transformer class {name}: {preset.refused}")
+
+
+def _class_name(transformer_or_class) -> str:
+    if isinstance(transformer_or_class, str):
+        return transformer_or_class
+    cls = transformer_or_class if isinstance(transformer_or_class, type) else type(transformer_or_class)
+    return cls.__name__
+
+
+def family_of(pipe_or_transformer) -> Optional[str]:
+    """The model family of a pipeline or transformer for :class:`Published` lookups, or None when unknown.
+
+    The preset's ``read_family`` decides where one class serves several families (Wan: a pipeline with a
+    second expert or a 48-channel transformer is ``"Wan 2.2"``, other Wan models ``"Wan 2.1"``); else the
+    family of its first published setting.
+    """
+    transformer = getattr(pipe_or_transformer, "transformer", pipe_or_transformer)
+    preset = PRESETS.get(_class_name(transformer))
+    if preset is None:
+        return None
+    if preset.read_family is not None:
+        return preset.read_family(pipe_or_transformer)
+    return preset.published[0].family if preset.published else None
+
+
+def published_settings(transformer_or_class, method: Optional[str] = None,
+                       family: Optional[str] = None) -> Tuple[Published, ...]:
+    """The published settings for a model class (a name, a class or an instance), optionally of one method
+    and one family (default: the family of an instance, else every family)."""
+    preset = PRESETS.get(_class_name(transformer_or_class))
+    if preset is None:
+        return ()
+    if family is None and not isinstance(transformer_or_class, (str, type)):
+        family = family_of(transformer_or_class)
+    return tuple(p for p in preset.published
+                 if (method is None or p.method == method) and (family is None or p.family == family))
+
+
+def recommended(transformer_or_class, method: str, family: Optional[str] = None):
+    """The settings for ``method`` on a model: ``(Method, apply_kwargs)``.
+
+    The first published setting of the model's family (:class:`Published`, e.g. the radial
+    reference scripts' decay and dense steps) when there is one, else dit_accel's preset
+    default, else the method's config defaults.
+
+    Example::
+
+        m, kw = recommended(pipe.transformer, "radial")   # Wan 2.1: Radial(decay=0.2, rule="reference"), ...
+        dit_accel.apply(pipe, m, **kw)
+    """
+    from ...methods import method_from_name
+
+    name = _class_name(transformer_or_class)
+    if name not in PRESETS:
+        raise ValueError(f"no preset for {name}; supported: {_supported()}")
+    _check_not_refused(name, PRESETS[name])
+    published = published_settings(transformer_or_class, method, family)
+    if published:
+        return published[0].build()
+    entry = PRESETS[name].defaults.get(method, {"method": {}, "apply": {}})
+    return method_from_name(method, **entry["method"]), dict(entry["apply"])
+
+
+def _folder_family(folder: Path) -> Optional[Tuple[str, Optional[str]]]:
+    """``(class name, family)`` from a Diffusers folder's ``model_index.json``, or None."""
+    index = folder / "model_index.json"
+    if not index.is_file():
+        return None
+    info = json.loads(index.read_text())
+    entry = info.get("transformer") or [None, None]
+    name = entry[1] if isinstance(entry, list) and len(entry) == 2 else None
+    if name not in PRESETS:
+        return None
+    preset = PRESETS[name]
+    return name, preset.read_index_family(info) if preset.read_index_family is not None else family_of(name)
+
+
+def resolve_model_family(model: str) -> Tuple[str, Optional[str]]:
+    """``(transformer class name, family)`` for a ``--model`` value, without loading the model.
+
+    Accepts a transformer class name (``WanTransformer3DModel``), a family (``"Wan 2.2"``), an
+    embedded tiny model, a local Diffusers folder (its ``model_index.json``) or a hub id / folder
+    name that names the family (``Wan-AI/Wan2.2-T2V-A14B-Diffusers``: the presets' ``hub_words``).
+    """
+    if not isinstance(model, str) or not model.strip():
+        raise ValueError(f"model={model!r} is invalid: pass a hub id, a folder, a tiny model or a class name")
+    if model in PRESETS:
+        return model, family_of(model)
+    families = {p.family: p for preset in PRESETS.values() for p in preset.published}
+    for family in families:
+        if model.strip().lower() == family.lower():
+            return next(c for c, preset in PRESETS.items() if families[family] in preset.published), family
+    if model == "tiny-shapes":  # the trained tiny Wan; tiny-<family> names carry their family's hub word
+        model = "Wan"
+    folder = Path(model).expanduser()
+    found = _folder_family(folder) if folder.is_dir() else None
+    if found is not None:
+        return found
+    for class_name, preset in PRESETS.items():
+        for pattern, family in preset.hub_words:
+            if re.search(pattern, model.lower()):
+                return class_name, family
+    raise ValueError(f"cannot tell which model {model!r} is: pass a transformer class ({', '.join(PRESETS)}), a "
+                     f"family ({', '.join(families)}), a Diffusers folder or a hub id naming the model")

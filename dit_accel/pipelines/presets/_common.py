@@ -1,0 +1,172 @@
+"""What every preset module uses: :class:`Preset`, :class:`GridInfo`, :class:`Published`, and the
+grid-reader helpers shared by several families. It imports nothing of the package's registry, so the
+family modules and ``__init__`` both build on it without a cycle."""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Hashable, Optional, Tuple
+
+import torch
+
+__all__ = ["GridInfo", "GridReader", "Preset", "Published", "tensor_arg", "text_len", "split_patch", "shapes_key",
+           "RADIAL_REPO", "RADIAL_VIDEO", "SLA_DEFAULT"]
+
+
+@dataclass(frozen=True)
+class GridInfo:
+    """What the forward pre-hook learns about one transformer call."""
+
+    grid: Tuple[int, ...]  # video/image token grid after patchify
+    num_text: int  # text tokens the transformer received (upper bound per attention call)
+
+    @property
+    def num_video(self) -> int:
+        return math.prod(self.grid)
+
+
+GridReader = Callable[[torch.nn.Module, Dict[str, object]], GridInfo]
+
+
+@dataclass(frozen=True)
+class Preset:
+    """How dit_accel plugs into one transformer class.
+
+    Attributes:
+        class_name: the Diffusers transformer class name.
+        attention: regular expressions (full match) of the module names to wrap:
+            self-attention or joint attention only, never cross-attention or text-only
+            attention (e.g. HunyuanVideo's token refiner).
+        text_position: where text tokens sit in the joint sequence seen by SDPA:
+            ``"none"`` (self-attention over video only), ``"first"`` or ``"last"``.
+        read_grid: ``(transformer, bound_forward_arguments) -> GridInfo``.
+        min_diffusers: oldest Diffusers version this preset is known to work with.
+        defaults: per method name, ``{"method": {...config fields}, "apply": {...apply kwargs}}``:
+            dit_accel's defaults where no published setting exists.
+        notes: one line for ``dit-accel info``.
+        published: the settings the methods' authors published for this class
+            (:class:`Published`); the first of a (family, method) is what
+            :func:`recommended` returns for it.
+        grid_key: ``(bound_forward_arguments) -> hashable or None``: a cheap fingerprint of what
+            ``read_grid`` reads from the call, such that equal fingerprints (for one transformer) give
+            equal :class:`GridInfo`; the pre-hook then reuses the last call's instead of reading again.
+            None (the default, or returned): read every call.
+        hub_words: ``(regex, family or None)`` pairs searched (in order, lower case) in a hub id or folder
+            name to tell that it holds this class (``resolve_model_family``). Put a specific word before a
+            general one (``wan-?2[._]?2`` before ``wan``); families are searched in registry order.
+        read_family: ``(pipeline or transformer or class name) -> family or None`` where one class serves
+            several published families (Wan 2.1 / 2.2). None: the first published family.
+        read_index_family: ``(model_index.json as a dict) -> family or None``, the same from a Diffusers
+            folder without loading it. None: :attr:`read_family` of the class name.
+        refused_pipelines: ``{pipeline class name: reason}``: pipelines around this transformer whose
+            calls the grid reader cannot read; ``apply`` refuses them (and subclasses) with the reason,
+            which should say what to use instead.
+        refused: non-empty for a class dit_accel knows but cannot make sparse (its calls carry no single
+            token grid: FramePack's packed history, ...): why, and what would work instead. ``apply``
+            (``preset_for``) raises it; the class is not in ``SUPPORTED``. Build one with :meth:`refusing`.
+    """
+
+    class_name: str
+    attention: Tuple[str, ...]
+    text_position: str
+    read_grid: GridReader
+    min_diffusers: str
+    defaults: Dict[str, Dict[str, dict]] = field(default_factory=dict)
+    notes: str = ""
+    published: Tuple["Published", ...] = ()
+    grid_key: Optional[Callable[[Dict[str, object]], Optional[Hashable]]] = None
+    hub_words: Tuple[Tuple[str, Optional[str]], ...] = ()
+    read_family: Optional[Callable[[Any], Optional[str]]] = None
+    read_index_family: Optional[Callable[[dict], Optional[str]]] = None
+    refused_pipelines: Dict[str, str] = field(default_factory=dict)
+    refused: str = ""
+
+    @classmethod
+    def refusing(cls, class_name: str, reason: str, min_diffusers: str = "0.0.0", **fields) -> "Preset":
+        """A preset that refuses ``class_name`` with ``reason`` (why, and what would work instead).
+
+        Example::
+
+            Preset.refusing("HunyuanVideoFramepackTransformer3DModel",
+                            "its calls pack a history of clean latents at three scales ahead of the new "
+                            "frames, so there is no single token grid; use the dense model")
+        """
+        if not isinstance(reason, str) or not reason.strip():
+            raise ValueError("Preset.refusing needs a reason: why the class cannot be made sparse, what would work")
+        return cls(class_name, attention=(), text_position="none", read_grid=_refused_grid,
+                   min_diffusers=min_diffusers, refused=reason, **fields)
+
+    def matches(self, module_name: str) -> bool:
+        return any(re.fullmatch(p, module_name) for p in self.attention)
+
+
+def _refused_grid(model, args) -> GridInfo:
+    # Never reached through apply: preset_for raises the preset's own reason before any grid is read.
+    raise ValueError(f"dit_accel does not support transformer class {type(model).__name__} (its preset refuses it)")
+
+
+# ---------------------------------------------------------------------- published
+@dataclass(frozen=True)
+class Published:
+    """A setting a method's authors published for a model: the values, the shape, the source.
+
+    Attributes:
+        family: the model family it was published for (``"Wan 2.1"``, ``"Wan 2.2"``, ``"HunyuanVideo"``).
+        method: the registered method name. config: its config fields. apply: ``apply`` kwargs.
+        shape: the video it was published for (resolution, frames, steps, checkpoint).
+        grid: the latent token grid of that shape (where ``dit-accel info`` reports the density).
+        source: the paper or repository (with commit and file) the values come from.
+    """
+
+    family: str
+    method: str
+    config: Dict[str, Any]
+    apply: Dict[str, Any]
+    shape: str
+    grid: Tuple[int, ...]
+    source: str
+
+    def build(self):
+        """``(Method, apply kwargs)`` of this setting."""
+        from ...methods import method_from_name
+
+        return method_from_name(self.method, **self.config), dict(self.apply)
+
+
+RADIAL_REPO = "mit-han-lab/radial-attention@72788d4"  # the commit the radial settings quote
+
+# dit_accel defaults shared by several video families (no published setting behind them).
+RADIAL_VIDEO = {"method": {"decay": 0.95, "block_size": 128}, "apply": {"dense_steps": 12, "dense_layers": 1}}
+SLA_DEFAULT = {"method": {"topk": 0.05}, "apply": {}}
+
+
+# ------------------------------------------------------------------ grid readers
+def tensor_arg(args: dict, name: str) -> torch.Tensor:
+    """The tensor argument ``name`` of a transformer call; ValueError when the call has none."""
+    value = args.get(name)
+    if not isinstance(value, torch.Tensor):
+        raise ValueError(f"dit_accel: the transformer was called without a tensor `{name}`; cannot read the token grid")
+    return value
+
+
+def text_len(args: dict) -> int:
+    """Text tokens of a call: ``encoder_hidden_states.shape[1]``, 0 without (B, N, C) text."""
+    text = args.get("encoder_hidden_states")
+    return int(text.shape[1]) if isinstance(text, torch.Tensor) and text.dim() == 3 else 0
+
+
+def split_patch(extent: int, patch: int, what: str) -> int:
+    """``extent / patch`` tokens along one axis; ValueError when the latent is not a multiple of the patch."""
+    if patch < 1 or extent % patch:
+        raise ValueError(f"dit_accel: latent {what} {extent} is not a multiple of the patch size {patch}")
+    return extent // patch
+
+
+def shapes_key(args: dict) -> Optional[tuple]:
+    """``Preset.grid_key`` of the shape-only readers (Wan, HunyuanVideo, CogVideoX, Mochi): two tensor shapes."""
+    x, text = args.get("hidden_states"), args.get("encoder_hidden_states")
+    if not isinstance(x, torch.Tensor):
+        return None
+    return x.shape, (text.shape if isinstance(text, torch.Tensor) else None)

@@ -1,0 +1,46 @@
+"""HunyuanVideo (``HunyuanVideoTransformer3DModel``): latent (B, C, F, H, W), token grid
+(F/patch_size_t, H/p, W/p); joint attention [video, text] in the double- and single-stream blocks."""
+
+from __future__ import annotations
+
+from ._common import RADIAL_REPO, SLA_DEFAULT, GridInfo, Preset, Published, shapes_key, split_patch, tensor_arg, text_len
+
+__all__ = ["PRESETS"]
+
+
+def _grid(model, args) -> GridInfo:
+    x = tensor_arg(args, "hidden_states")  # (B, C, F, H, W)
+    p, pt = model.config.patch_size, model.config.patch_size_t
+    grid = (split_patch(x.shape[2], pt, "frames"), split_patch(x.shape[3], p, "height"),
+            split_patch(x.shape[4], p, "width"))
+    return GridInfo(grid, text_len(args))
+
+
+_PUBLISHED = (
+    Published("HunyuanVideo", "radial", {"decay": 0.95, "block_size": 128, "sink_frames": (), "rule": "reference"},
+              {"dense_steps": 12}, "768x1280, 117 frames, 50 steps", (30, 48, 80),
+              f"{RADIAL_REPO} scripts/hunyuan_t2v_inference.sh (dense_layers 0); no sink: radial_attn/attn_mask.py"),
+    Published("HunyuanVideo", "tile", {"tile": (6, 8, 8), "window": (3, 3, 3)}, {"dense_steps": 15},
+              "768x1280, 117 frames, 50 steps", (30, 48, 80),
+              "STA paper (Zhang et al., arXiv:2502.04507) as calibrated in docs/METHODS.md; the searched per-head "
+              "windows: FastVideo assets/mask_strategy_hunyuan.json through Tile.from_strategy"),
+)
+
+PRESETS = (
+    Preset(
+        "HunyuanVideoTransformer3DModel",
+        # Double- and single-stream blocks; token_refiner (text only) is left alone.
+        attention=(r"transformer_blocks\.\d+\.attn", r"single_transformer_blocks\.\d+\.attn"),
+        text_position="last",
+        read_grid=_grid,
+        grid_key=shapes_key,
+        min_diffusers="0.35.0",
+        defaults={  # radial and tile: see published
+            "gna": {"method": {"kernel_size": (18, 24, 24), "stride": (6, 8, 8)}, "apply": {"dense_steps": 15}},
+            "sla": SLA_DEFAULT,
+        },
+        notes="HunyuanVideo; joint attention [video, text] with padded-text key mask",
+        published=_PUBLISHED,
+        hub_words=((r"hunyuan", "HunyuanVideo"),),
+    ),
+)

@@ -1,0 +1,71 @@
+"""Wan 2.1 / 2.2 (``WanTransformer3DModel``): latent (B, C, F, H, W), patch (pt, ph, pw) = (1, 2, 2),
+token grid (F/pt, H/ph, W/pw); self-attention ``blocks.*.attn1`` over video only."""
+
+from __future__ import annotations
+
+from ._common import RADIAL_REPO, SLA_DEFAULT, GridInfo, Preset, Published, shapes_key, split_patch, tensor_arg, text_len
+
+__all__ = ["PRESETS"]
+
+
+def _grid(model, args) -> GridInfo:
+    x = tensor_arg(args, "hidden_states")  # (B, C, F, H, W)
+    pt, ph, pw = model.config.patch_size
+    grid = (split_patch(x.shape[2], pt, "frames"), split_patch(x.shape[3], ph, "height"),
+            split_patch(x.shape[4], pw, "width"))
+    return GridInfo(grid, text_len(args))
+
+
+def _family(pipe_or_transformer) -> str:
+    """Wan pipelines with a second expert (``transformer_2``, Wan 2.2 A14B) and Wan transformers with
+    48 latent channels (Wan 2.2 TI2V-5B) are ``"Wan 2.2"``, other Wan models ``"Wan 2.1"`` (a bare
+    A14B expert looks like Wan 2.1: pass ``family=`` to ``recommended`` for it)."""
+    transformer = getattr(pipe_or_transformer, "transformer", pipe_or_transformer)
+    config = getattr(transformer, "config", None)
+    second = getattr(pipe_or_transformer, "transformer_2", None) is not None
+    return "Wan 2.2" if second or getattr(config, "in_channels", None) == 48 else "Wan 2.1"
+
+
+def _index_family(index: dict) -> str:
+    """The same from ``model_index.json``: a second expert or ``expand_timesteps`` (TI2V-5B) is Wan 2.2."""
+    second = isinstance(index.get("transformer_2"), list) and index["transformer_2"][1] is not None
+    return "Wan 2.2" if second or index.get("expand_timesteps") else "Wan 2.1"
+
+
+_PUBLISHED = (
+    Published("Wan 2.1", "radial", {"decay": 0.2, "block_size": 128, "sink_frames": (0,), "rule": "reference"},
+              {"dense_steps": 12, "dense_layers": 1}, "768x1280, 69 frames, 50 steps (Wan2.1-T2V-14B)", (18, 48, 80),
+              f"{RADIAL_REPO} scripts/wan_t2v_inference.sh; block 128 and frame-0 sink: "
+              "radial_attn/models/wan/attention.py, radial_attn/attn_mask.py"),
+    Published("Wan 2.2", "radial", {"decay": 0.8, "block_size": 64, "sink_frames": (0,), "rule": "reference"},
+              {"dense_steps": 11, "dense_layers": 1}, "768x1280, 77 frames, 40 steps (Wan2.2-T2V-A14B)", (20, 48, 80),
+              f"{RADIAL_REPO} scripts/wan_22_t2v_inference.sh; block 64: radial_attn/models/wan2_2/attention.py"),
+    Published("Wan 2.1", "sla", {"topk": 0.05}, {}, "480p, 81 frames (Wan2.1-T2V-1.3B, after fine-tuning)",
+              (21, 30, 52), "SLA paper (Zhang et al., arXiv:2509.24006): 95% sparsity on Wan2.1-T2V-1.3B"),
+    Published("Wan 2.1", "sla", {"topk": 0.1, "block_q": 128, "block_k": 64, "linear_tokens": "all",
+                                 "rounding": "floor", "linear_eps": 1e-5},
+              {}, "480p, 81 frames, 4 steps (TurboWan2.1-T2V-1.3B-480P checkpoints; `dit-accel convert`)",
+              (21, 30, 52), "thu-ml/TurboDiffusion@fcf81c9 README (--sla_topk 0.1 default, 0.15 recommended), "
+              "turbodiffusion/inference/modify_model.py (sla: BLKQ=128, BLKK=64), turbodiffusion/SLA/core.py"),
+)
+
+PRESETS = (
+    Preset(
+        "WanTransformer3DModel",
+        attention=(r"blocks\.\d+\.attn1",),  # attn2 is cross-attention: stays dense
+        text_position="none",
+        read_grid=_grid,
+        grid_key=shapes_key,
+        min_diffusers="0.35.0",
+        defaults={  # radial: see published (SLA too, for Wan 2.1)
+            "tile": {"method": {"tile": (6, 8, 8), "window": (3, 3, 3)}, "apply": {"dense_steps": 15}},
+            "gna": {"method": {"kernel_size": (7, 16, 16)}, "apply": {"dense_steps": 15}},
+            "sla": SLA_DEFAULT,
+        },
+        notes="Wan 2.1 / 2.2 T2V and I2V; self-attention blocks.*.attn1 (video only)",
+        published=_PUBLISHED,
+        hub_words=((r"wan-?2[._]?2", "Wan 2.2"), (r"wan", "Wan 2.1")),  # "wan2.2" before "wan"
+        read_family=_family,
+        read_index_family=_index_family,
+    ),
+)
