@@ -142,7 +142,8 @@ class AccelHandle:
         self.method = schedule.method
         self.backend = runtime.backend
         self.removed = False
-        self._adapters: List[Tuple[nn.Module, List[str], bool]] = []  # LoRA adapters that weights= loaded
+        # LoRA adapters that weights= loaded: (transformer, names, the LoRA state before, see _lora_state)
+        self._adapters: List[Tuple[nn.Module, List[str], tuple]] = []
         self._fuse_guards: List[nn.Module] = []  # transformers whose fuse_lora this handle refuses
         self._released = False  # its adapters are gone (remove(), or a replacing apply() with weights=)
         for hook in hooks:
@@ -174,13 +175,9 @@ class AccelHandle:
             self._gate.finish()
 
     def _detach(self) -> None:
-        """Drop the hooks and put the original processors back (undone by :meth:`_reattach`)."""
+        """Drop the hooks and put the original processors back."""
         for hook in self._hooks:
             hook.remove()
-
-    def _reattach(self) -> None:
-        for hook in self._hooks:
-            hook.reinstall()
 
     def _release(self) -> None:
         """The irreversible part of :meth:`remove`: the fuse_lora guards and dit_accel's LoRA adapters."""
@@ -191,8 +188,8 @@ class AccelHandle:
                 del transformer.__dict__["fuse_lora"]
         self._fuse_guards = []
         adapters, self._adapters = self._adapters, []
-        for transformer, names, had_lora in adapters:
-            _unload_adapters(transformer, names, had_lora)
+        for transformer, names, state in adapters:
+            _unload_adapters(transformer, names, state)
 
     def __enter__(self) -> "AccelHandle":
         return self
@@ -216,6 +213,7 @@ class AccelHandle:
         """
         self._check_active("load_weights()")
         before = [dict(getattr(t, "peft_config", None) or {}) for t in self.transformers]
+        states = [_lora_state(t) for t in self.transformers]
         active = [_active_adapters(t) for t in self.transformers]
         projections = {name: {k: v.detach().clone() for k, v in p.state_dict().items()}
                        for name, p in self.sla_projections().items()}
@@ -223,12 +221,12 @@ class AccelHandle:
             with warnings.catch_warnings():  # peft's "multiple adapters" notice: composing them is the point
                 warnings.filterwarnings("ignore", message=".*peft_config.*multiple adapters.*")
                 load_into(self, folder)
-            for transformer, old, users in zip(self.transformers, before, active):
+            for transformer, old, users, state in zip(self.transformers, before, active, states):
                 config = getattr(transformer, "peft_config", None) or {}
                 new = sorted(a for a in config if a not in old or config[a] is not old[a])
                 if not new:
                     continue
-                self._adapters.append((transformer, new, bool(old)))
+                self._adapters.append((transformer, new, state))
                 if users:
                     # Loading activates only the new adapter; keep the user's active ones on beside it (weight 1 each).
                     transformer.set_adapters(users + [a for a in new if a not in users])
@@ -239,11 +237,11 @@ class AccelHandle:
                 self._guard_fuse(transformer)
         except BaseException:
             self._adapters = [a for a in self._adapters if a[0] not in self.transformers]
-            for transformer, old, users in zip(self.transformers, before, active):
+            for transformer, old, users, state in zip(self.transformers, before, active, states):
                 config = getattr(transformer, "peft_config", None) or {}
                 new = [a for a in config if a not in old or config[a] is not old[a]]
-                if new:
-                    _unload_adapters(transformer, new, bool(old))
+                if new or _lora_state(transformer) != state:
+                    _unload_adapters(transformer, new, state)
                     if users:
                         transformer.set_adapters(users)
             with torch.no_grad():
@@ -260,7 +258,7 @@ class AccelHandle:
         handle, fuse = self, transformer.fuse_lora
 
         def fuse_lora(lora_scale=1.0, safe_fusing=False, adapter_names=None, **kwargs):
-            ours = sorted({a for t, names, _ in handle._adapters if t is transformer for a in names})
+            ours = sorted({a for t, names, *_ in handle._adapters if t is transformer for a in names})
             if ours and (adapter_names is None or set(ours) & set([adapter_names] if isinstance(
                     adapter_names, str) else adapter_names)):
                 raise RuntimeError(
@@ -492,20 +490,45 @@ def _safetensors_keys(folder, path) -> Dict[str, Tuple[int, ...]]:
                          f"({type(err).__name__}: {err}); it may be truncated: write it again") from None
 
 
-def _unload_adapters(transformer: nn.Module, names: Sequence[str], had_lora: bool) -> None:
-    """Delete the LoRA adapters ``names`` (those still there); without LoRA before, take the peft layers out."""
+_PEFT_FLAG = "_hf_peft_config_loaded"  # Diffusers' "a LoRA was loaded" flag, set on the instance
+_ABSENT = object()
+
+
+def _lora_state(transformer: nn.Module) -> tuple:
+    """What unloading must restore: (had LoRA, Diffusers' flag, the names of the modules that were peft layers)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    tuned = frozenset(n for n, m in transformer.named_modules() if isinstance(m, BaseTunerLayer))
+    return bool(getattr(transformer, "peft_config", None)), transformer.__dict__.get(_PEFT_FLAG, _ABSENT), tuned
+
+
+def _unload_adapters(transformer: nn.Module, names: Sequence[str], state: tuple) -> None:
+    """Delete the LoRA adapters ``names`` (those still there) and put the model back in ``state``
+    (:func:`_lora_state`): modules that were plain layers are their own base layers again."""
+    had_lora, flag, tuned = state
     if not had_lora:  # no LoRA before: take the peft layers out entirely (the base layers are the originals)
         if getattr(transformer, "peft_config", None) is not None:
             transformer.unload_lora()
+        if flag is _ABSENT:
+            transformer.__dict__.pop(_PEFT_FLAG, None)
+        else:
+            transformer.__dict__[_PEFT_FLAG] = flag
         return
     present = [a for a in names if a in (getattr(transformer, "peft_config", None) or {})]
-    if not present:
-        return
     users = [a for a in _active_adapters(transformer) if a not in present]
-    with warnings.catch_warnings():  # peft notes that the active set changes: that is intended
-        warnings.filterwarnings("ignore", message=".*was active which is now deleted.*")
-        transformer.delete_adapters(present)
-    if users:
+    if present:
+        with warnings.catch_warnings():  # peft notes that the active set changes: that is intended
+            warnings.filterwarnings("ignore", message=".*was active which is now deleted.*")
+            transformer.delete_adapters(present)
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for name, module in list(transformer.named_modules()):
+        if isinstance(module, BaseTunerLayer) and name not in tuned and not any(
+                len(getattr(module, attr, None) or ()) for attr in module.adapter_layer_names):
+            # a peft layer that only dit_accel's LoRA made, now empty: the plain layer again
+            parent, _, child = name.rpartition(".")
+            setattr(transformer.get_submodule(parent) if parent else transformer, child, module.get_base_layer())
+    if users and present:
         transformer.set_adapters(users)
 
 
@@ -598,7 +621,8 @@ def apply(pipe_or_transformer, method: Method, *, dense_steps: int = 0, dense_la
         handle = AccelHandle(_install(targets, schedule, runtime, steps, gate), schedule, runtime, steps, gate)
         if weights is not None:
             for old in previous:  # they may hold the adapter name the folder loads: theirs go first
-                old._release()
+                if old._adapters:
+                    old._release()
             handle.load_weights(weights)
     except BaseException:
         if handle is not None:
@@ -607,6 +631,8 @@ def apply(pipe_or_transformer, method: Method, *, dense_steps: int = 0, dense_la
         raise
     for old in previous:
         name = repr(old)
+        for hook in old._hooks:
+            hook.unhook()
         old._release()
         old.removed = True
         old._gate.finish()
@@ -623,7 +649,8 @@ def _replace_previous(found) -> List[AccelHandle]:
         for old in _applied_handles(found):
             if old._gate.close("apply()"):
                 previous.append(old)
-                old._detach()
+                for hook in old._hooks:  # the forward hooks stay until the new handle is in (kept ids, order)
+                    hook.unwrap()
     except BaseException:
         _restore_previous(previous)
         raise
@@ -634,6 +661,8 @@ def _restore_previous(previous: List[AccelHandle]) -> None:
     """Put back handles that :func:`_replace_previous` took off (apply() failed after it)."""
     for old in previous:
         if old._released:  # its adapters went for the new weights: it cannot come back, so it is removed for good
+            for hook in old._hooks:
+                hook.unhook()
             old.removed = True
             old._gate.finish()
             warnings.warn(f"dit_accel: apply() failed after removing {old!r} to load weights= in its place: that "
@@ -641,7 +670,8 @@ def _restore_previous(previous: List[AccelHandle]) -> None:
                           DitAccelWarning, stacklevel=4)
             continue
         try:
-            old._reattach()
+            for hook in old._hooks:
+                hook.rewrap()
         finally:
             old._gate.reopen()
 

@@ -627,28 +627,31 @@ class TransformerHook:
 
     def remove(self) -> None:
         """Drop the hooks and put the original processors back (unless the user replaced the wrapper since)."""
+        self.unhook()
+        self.unwrap()
+
+    def unhook(self) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles = []
-        for module, layer in zip(self._modules, self.layers):
-            if getattr(module, "processor", None) is layer:
-                module.processor = layer.original
-            if layer.parallel is not None:  # a context-parallel model stays exactly that
-                layer.original._parallel_config = layer.parallel
 
-    def reinstall(self) -> None:
-        """Put back what :meth:`remove` took away (apply() restoring a handle it had begun to replace)."""
-        try:
-            for module, layer in zip(self._modules, self.layers):
-                if getattr(module, "processor", None) is layer.original:
-                    object.__setattr__(layer, "parallel", getattr(layer.original, "_parallel_config", None))
-                    module.processor = layer
-                    if layer.parallel is not None:
-                        layer.original._parallel_config = None
-            self._hook_forward()
-        except BaseException:
-            self.remove()
-            raise
+    def unwrap(self) -> None:
+        """The original processors back in place of this hook's wrappers (:meth:`rewrap` undoes it)."""
+        for module, layer in zip(self._modules, self.layers):
+            current = getattr(module, "processor", None)
+            if current is layer:
+                module.processor = layer.original
+            if layer.parallel is not None and (current is layer or current is layer.original):
+                layer.original._parallel_config = layer.parallel  # a context-parallel model stays exactly that
+
+    def rewrap(self) -> None:
+        """Undo :meth:`unwrap` (apply() restoring a handle it had begun to replace)."""
+        for module, layer in zip(self._modules, self.layers):
+            if getattr(module, "processor", None) is layer.original:
+                object.__setattr__(layer, "parallel", getattr(layer.original, "_parallel_config", None))
+                module.processor = layer
+                if layer.parallel is not None:
+                    layer.original._parallel_config = None
 
     def refuse_copy(self):
         """deepcopy/pickle of an applied model: refused in one line (the hooks hold locks and thread state)."""
