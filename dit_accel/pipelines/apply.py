@@ -183,9 +183,7 @@ class AccelHandle:
         """The irreversible part of :meth:`remove`: the fuse_lora guards and dit_accel's LoRA adapters."""
         self._released = True
         for transformer in self._fuse_guards:
-            if transformer.__dict__.get("fuse_lora") is not None and getattr(
-                    transformer.__dict__["fuse_lora"], "_dit_accel_guard", None) is self:
-                del transformer.__dict__["fuse_lora"]
+            _drop_fuse_guard(transformer, self)
         self._fuse_guards = []
         adapters, self._adapters = self._adapters, []
         for transformer, names, state in adapters:
@@ -212,11 +210,15 @@ class AccelHandle:
         before, and the error is raised.
         """
         self._check_active("load_weights()")
+        _check_weights(folder)
+        _check_weights_folder(folder, self.schedule, [(layer.name, module, layer.index) for hook in self._hooks
+                                                      for module, layer in zip(hook._modules, hook.layers)])
         before = [dict(getattr(t, "peft_config", None) or {}) for t in self.transformers]
         states = [_lora_state(t) for t in self.transformers]
         active = [_active_adapters(t) for t in self.transformers]
         projections = {name: {k: v.detach().clone() for k, v in p.state_dict().items()}
                        for name, p in self.sla_projections().items()}
+        recorded, guarded = list(self._adapters), list(self._fuse_guards)
         try:
             with warnings.catch_warnings():  # peft's "multiple adapters" notice: composing them is the point
                 warnings.filterwarnings("ignore", message=".*peft_config.*multiple adapters.*")
@@ -236,7 +238,10 @@ class AccelHandle:
                         f"leaves {users} active.")
                 self._guard_fuse(transformer)
         except BaseException:
-            self._adapters = [a for a in self._adapters if a[0] not in self.transformers]
+            self._adapters = recorded
+            for transformer in self._fuse_guards[len(guarded):]:
+                _drop_fuse_guard(transformer, self)
+            self._fuse_guards = guarded
             for transformer, old, users, state in zip(self.transformers, before, active, states):
                 config = getattr(transformer, "peft_config", None) or {}
                 new = [a for a in config if a not in old or config[a] is not old[a]]
@@ -436,7 +441,7 @@ def _projection_dim(module: nn.Module) -> int:
         module.to_q.out_features // module.heads
 
 
-def _check_weights_folder(folder, schedule: Schedule, targets) -> None:
+def _check_weights_folder(folder, schedule: Schedule, layers) -> None:
     """What can be checked of a weights folder before the model is touched: the method file, the files it
     names, and the SLA projections' names and shapes against this model's layers (a truncated file fails
     here). :func:`dit_accel.weights.load_into` checks the rest; a failure there is undone too."""
@@ -454,17 +459,18 @@ def _check_weights_folder(folder, schedule: Schedule, targets) -> None:
             raise ValueError(f"weights={str(folder)!r} is missing {LORA_FILE}.")
         _safetensors_keys(folder, path)
     expected = {}
-    for *_, modules in targets:
-        for i, (name, module) in enumerate(modules):
-            if isinstance(schedule.layer_methods.get(i, schedule.method), SLA):
-                d = _projection_dim(module)
-                expected.update({f"{name}.weight": (d, d), f"{name}.bias": (d,)})
+    for name, module, index in layers:  # (attention module name, module, its index in its transformer)
+        if isinstance(schedule.layer_methods.get(index, schedule.method), SLA):
+            d = _projection_dim(module)
+            expected.update({f"{name}.weight": (d, d), f"{name}.bias": (d,)})
     saved = (info.get("method") or {}).get("method") if isinstance(info.get("method"), dict) else None
     if saved == "sla" or expected:
         path = folder / SLA_FILE
         if not path.is_file():
             raise ValueError(f"weights={str(folder)!r} is missing {SLA_FILE} (the method is SLA).")
         shapes = _safetensors_keys(folder, path)
+        if not expected:  # trained for SLA, applied with another method: load_into says so (method check)
+            return
         missing, unexpected = sorted(set(expected) - set(shapes)), sorted(set(shapes) - set(expected))
         if missing or unexpected:
             raise ValueError(f"weights={str(folder)!r}: {SLA_FILE} does not match the model's SLA layers: missing "
@@ -488,6 +494,11 @@ def _safetensors_keys(folder, path) -> Dict[str, Tuple[int, ...]]:
     except Exception as err:  # safetensors raises its own error types
         raise ValueError(f"weights={str(folder)!r}: {path.name} is not a readable safetensors file "
                          f"({type(err).__name__}: {err}); it may be truncated: write it again") from None
+
+
+def _drop_fuse_guard(transformer: nn.Module, handle: AccelHandle) -> None:
+    if getattr(transformer.__dict__.get("fuse_lora"), "_dit_accel_guard", None) is handle:
+        del transformer.__dict__["fuse_lora"]
 
 
 _PEFT_FLAG = "_hf_peft_config_loaded"  # Diffusers' "a LoRA was loaded" flag, set on the instance
@@ -610,7 +621,8 @@ def apply(pipe_or_transformer, method: Method, *, dense_steps: int = 0, dense_la
                                     dense_steps=dense_steps, dense_last_steps=dense_last_steps),
                                max(len(m) for *_, m in targets), capture_layers, log)
     if weights is not None:
-        _check_weights_folder(weights, schedule, targets)
+        _check_weights_folder(weights, schedule, [(name, module, i) for *_, modules in targets
+                                                  for i, (name, module) in enumerate(modules)])
     names = [name for *_, modules in targets for name, _ in modules]
     runtime = Runtime(backend, Stats(names, timing), capture, log)
     # Everything above only reads the model. From here on it changes, so every step is undone on failure:

@@ -1,9 +1,10 @@
 """Which method each attention layer runs at each denoising step, and where the step comes from.
 
 :class:`Schedule` is pure data (no state): ``method_for(layer, step, total)``.
-:class:`StepSource` reads the step from the scheduler's position (classifier-free
-guidance calls the transformer twice per step; both calls get the same step),
-from a manual ``set_step``, or from the call's timestep for schedulers without
+:class:`StepSource` reads the step of each transformer call from that call: the calling
+thread's ``set_step``, else the position of the scheduler of the pipeline making the call
+(found on the calling thread's stack; classifier-free guidance calls the transformer twice
+per step and both calls get the same step), or the call's timestep for schedulers without
 ``step_index``.
 """
 

@@ -343,3 +343,37 @@ def test_copying_an_applied_model_is_refused_in_one_line_and_works_after_remove(
     assert torch.equal(_run(twin, kwargs), dense)
     with dit_accel.apply(twin, SLA, backend="torch"):
         assert torch.equal(_run(twin, kwargs), sparse)
+
+
+def test_replacing_a_handle_with_weights_by_failing_weights_leaves_the_original_model(model, folder, monkeypatch):
+    """Both handles load the adapter "dit_accel": the earlier one's goes before the new one loads, so when the
+    new load fails the earlier handle cannot come back. It stays removed, a warning says so, and the model is
+    exactly the model before either apply."""
+    kwargs = tiny_transformer_inputs("wan", model, batch=1)
+    dense = _run(model, kwargs)
+    before = snapshot(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        old = dit_accel.apply(model, SLA, backend="torch", weights=folder)
+    _fail_at(W, "_load_lora", 1, monkeypatch)
+    with pytest.warns(dit_accel.DitAccelWarning, match="stays removed"), pytest.raises(Injected):
+        dit_accel.apply(model, SLA, backend="torch", weights=folder)
+    assert old.removed
+    assert_unchanged(model, before)
+    assert torch.equal(_run(model, kwargs), dense)
+
+
+def test_load_weights_that_fail_keep_the_handle_and_its_projections(model, folder, tmp_path):
+    kwargs = tiny_transformer_inputs("wan", model, batch=1)
+    dense = _run(model, kwargs)
+    handle = dit_accel.apply(model, SLA, backend="torch")
+    sparse = _run(model, kwargs)
+    before = snapshot(model)
+    projections = {k: p.weight.detach().clone() for k, p in handle.sla_projections().items()}
+    with pytest.raises(ValueError, match="weights="):
+        handle.load_weights(_broken_copy(folder, tmp_path, W.SLA_FILE, "truncated"))
+    assert_unchanged(model, before)
+    assert all(torch.equal(p.weight, projections[k]) for k, p in handle.sla_projections().items())
+    assert torch.equal(_run(model, kwargs), sparse)
+    handle.remove()
+    assert torch.equal(_run(model, kwargs), dense)
