@@ -20,6 +20,7 @@ outside a backward pass it finds none and runs dense, with a warning.
 from __future__ import annotations
 
 import math
+import sys
 import threading
 from dataclasses import dataclass
 from typing import Optional, Tuple
@@ -106,8 +107,6 @@ def _on_stack(frame, top) -> bool:
 def call_is_running(record: CallRecord) -> bool:
     """Whether ``record``'s call is still on its thread's stack (False once the thread ended, or when an
     exception that skips forward hooks, such as KeyboardInterrupt, cut the call short)."""
-    import sys
-
     mine = record.thread == threading.get_ident()
     top = sys._getframe() if mine else sys._current_frames().get(record.thread)
     if record.frame is None:  # the call's frame was not found: running while its thread runs (and not in this one)

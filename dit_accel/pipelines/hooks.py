@@ -69,7 +69,7 @@ from ..kernels.sla import inert_projections
 from ..methods import Method
 from ..plans import Plan, SLAPlan
 from .capture import Capture
-from .context import CallContext, CallGate, CallRecord, ContextStack
+from .context import CallContext, CallGate, CallRecord, ContextStack, call_is_running
 from .parallel import Split, check_split, run_split
 from .presets import Preset
 from .schedule import Schedule, StepSource
@@ -694,14 +694,13 @@ class TransformerHook:
         """Begin a call: a :class:`CallRecord` first (the post-hook, which runs even when this hook raises,
         pops exactly what it says was pushed), then the gate (``remove()`` waits for this call), then the context.
 
-        A call of this transformer cannot run inside another call of it on one thread, so records this
-        thread still holds belong to calls an exception that skips forward hooks (KeyboardInterrupt) cut
-        short: they are cleaned up first.
+        Records this thread still holds whose call is no longer on its stack belong to calls that an
+        exception skipping forward hooks (KeyboardInterrupt) cut short: they are cleaned up first.
         """
         calls = getattr(self._calls, "list", None)
         if calls is None:
             calls = self._calls.list = []
-        while calls:
+        while calls and not call_is_running(calls[-1]):
             self._end(calls.pop())
         record = CallRecord(_module_call_frame())
         calls.append(record)

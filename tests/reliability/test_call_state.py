@@ -332,3 +332,23 @@ def test_a_failing_pre_hook_leaves_no_state(wan):
     handle.set_step(1, 2)
     assert torch.equal(_run(model, kwargs), sparse)
     handle.remove()
+
+
+def test_gradient_checkpointing_recomputes_with_the_calls_context():
+    """Recomputation in the backward pass runs after the call's post-hook: it borrows the call's context
+    (and only there: a layer called outside a call and outside backward runs dense, as above)."""
+    grads = {}
+    for checkpointing in (False, True):
+        model = build_tiny_transformer("wan", seed=1)
+        kwargs = tiny_transformer_inputs("wan", model, batch=1)
+        if checkpointing:
+            model.enable_gradient_checkpointing()
+        model.train()
+        with dit_accel.apply(model, GNA, backend="torch") as handle, warnings.catch_warnings():
+            warnings.simplefilter("error", dit_accel.DitAccelWarning)  # no "outside the forward" fallback
+            model(**kwargs)[0].square().mean().backward()
+            assert all(r["sparse_calls"] == (2 if checkpointing else 1) for r in handle.stats())
+        grads[checkpointing] = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+    assert len(grads[True]) == len(grads[False])
+    for a, b in zip(grads[False], grads[True]):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
