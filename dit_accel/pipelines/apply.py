@@ -187,6 +187,11 @@ class AccelHandle:
         self._fuse_guards = []
         adapters, self._adapters = self._adapters, []
         for transformer, names, state in adapters:
+            if _unmerge(transformer, names):
+                self._runtime.warnings.warn(
+                    f"dit_accel: LoRA adapter {names} was merged into the weights of {type(transformer).__name__} "
+                    "(not through fuse_lora, which dit_accel refuses): remove() unmerged it, which restores the "
+                    "weights up to float rounding, not bit for bit")
             _unload_adapters(transformer, names, state)
 
     def __enter__(self) -> "AccelHandle":
@@ -494,6 +499,23 @@ def _safetensors_keys(folder, path) -> Dict[str, Tuple[int, ...]]:
     except Exception as err:  # safetensors raises its own error types
         raise ValueError(f"weights={str(folder)!r}: {path.name} is not a readable safetensors file "
                          f"({type(err).__name__}: {err}); it may be truncated: write it again") from None
+
+
+def _unmerge(transformer: nn.Module, names: Sequence[str]) -> bool:
+    """Unmerge ``names`` from every peft layer they were merged into (other merged adapters stay merged);
+    whether any was."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    found = False
+    for module in transformer.modules():
+        merged = list(getattr(module, "merged_adapters", None) or ()) if isinstance(module, BaseTunerLayer) else []
+        if any(a in names for a in merged):
+            found = True
+            module.unmerge()
+            others = [a for a in merged if a not in names]
+            if others:
+                module.merge(adapter_names=others)
+    return found
 
 
 def _drop_fuse_guard(transformer: nn.Module, handle: AccelHandle) -> None:

@@ -377,3 +377,22 @@ def test_load_weights_that_fail_keep_the_handle_and_its_projections(model, folde
     assert torch.equal(_run(model, kwargs), sparse)
     handle.remove()
     assert torch.equal(_run(model, kwargs), dense)
+
+
+def test_an_adapter_merged_behind_dit_accels_back_is_unmerged_by_remove_with_a_warning(model, folder):
+    """peft's own merge (not fuse_lora, which is refused) cannot be undone bit for bit: remove() unmerges it,
+    says so, and the model is the original up to rounding."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    kwargs = tiny_transformer_inputs("wan", model, batch=1)
+    dense = _run(model, kwargs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        handle = dit_accel.apply(model, SLA, backend="torch", weights=folder)
+    for module in model.modules():
+        if isinstance(module, BaseTunerLayer):
+            module.merge(adapter_names=["dit_accel"])
+    with pytest.warns(dit_accel.DitAccelWarning, match="unmerged it"):
+        handle.remove()
+    assert not getattr(model, "peft_config", None)
+    torch.testing.assert_close(_run(model, kwargs), dense, atol=1e-5, rtol=1e-5)
