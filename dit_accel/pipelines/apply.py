@@ -599,7 +599,9 @@ def apply(pipe_or_transformer, method: Method, *, dense_steps: int = 0, dense_la
         scheduler: the scheduler that drives a *bare* transformer (the step index
             comes from ``scheduler.step_index``). Without it, a bare transformer with
             ``dense_steps``/``dense_last_steps`` needs ``handle.set_step(i, total)``
-            before each call. Pipelines use ``pipe.scheduler`` automatically.
+            before each call. A pipeline call reads its own pipeline's scheduler
+            (found on the calling thread's stack); ``scheduler=``, then the scheduler of
+            the pipeline given here, serve calls that no pipeline makes.
         timing: measure attention time per layer (CUDA events / perf_counter),
             reported as ``time_ms`` in :meth:`AccelHandle.stats`.
 
