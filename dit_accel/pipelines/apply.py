@@ -158,12 +158,13 @@ class AccelHandle:
     def remove(self) -> None:
         """Restore every wrapped processor, drop hooks, SLA projections and loaded LoRA adapters. Idempotent.
 
-        Safe against other threads: transformer calls in flight finish first, with dit_accel (remove()
-        waits for them), and calls that start meanwhile wait, then run the original model, so no call
-        runs half sparse and half dense. A pipeline call that is between two transformer calls runs
-        its remaining steps on the original model. Calling it from inside a transformer call of this
-        handle (an attention processor, a forward hook) raises RuntimeError; from a pipeline callback
-        (``callback_on_step_end``), between transformer calls, it works.
+        Safe against other threads: calls in flight finish first, with dit_accel (remove() waits for
+        them), and calls that start meanwhile wait, then run the original model, so no call runs half
+        sparse and half dense. A call is a transformer call, and also a pipeline call that has begun
+        denoising: remove() from another thread waits until that pipeline call returns
+        (:class:`~.context.CallGate`). From the pipeline's own step callback (``callback_on_step_end``)
+        it does not wait for its own call: the remaining steps run the original model. From inside a
+        transformer call of this handle (an attention processor, a forward hook) it raises RuntimeError.
         """
         if not self._gate.close("handle.remove()"):
             return

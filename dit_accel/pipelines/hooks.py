@@ -69,7 +69,7 @@ from ..kernels.sla import inert_projections
 from ..methods import Method
 from ..plans import Plan, SLAPlan
 from .capture import Capture
-from .context import CallContext, CallGate, CallRecord, ContextStack, call_is_running
+from .context import CallContext, CallGate, CallRecord, ContextStack, call_is_running, calling_pipeline
 from .parallel import Split, check_split, run_split
 from .presets import Preset
 from .schedule import Schedule, StepSource
@@ -702,17 +702,19 @@ class TransformerHook:
             calls = self._calls.list = []
         while calls and not call_is_running(calls[-1]):
             self._end(calls.pop())
-        record = CallRecord(_module_call_frame())
+        frame, pipeline = calling_pipeline(self.transformer)
+        record = CallRecord(_module_call_frame(), frame)
+        del frame
         calls.append(record)
         if not self.gate.enter(record):  # the handle was removed while this call waited: run the original model
             return
         try:
-            self._begin(record, module, args, kwargs)
+            self._begin(record, pipeline, module, args, kwargs)
         except BaseException:
             self._end(record)
             raise
 
-    def _begin(self, record: CallRecord, module, args, kwargs) -> None:
+    def _begin(self, record: CallRecord, pipeline, module, args, kwargs) -> None:
         # Pipelines call the transformer with keywords only: those need no binding (a per-step saving).
         bound = self.signature.bind_partial(module, *args, **kwargs).arguments if args else kwargs
         # A call that reads like the last one (the preset's fingerprint of what its reader reads) has its
@@ -724,7 +726,7 @@ class TransformerHook:
         else:
             info = self.preset.read_grid(module, bound)
             self._grid = None if fingerprint is None else (fingerprint, info)
-        step, total = self.steps.current(bound, self.transformer)
+        step, total = self.steps.current(bound, pipeline)
         parallel = self.layers[0].parallel if self.layers else None
         hidden = bound.get("hidden_states")
         device = hidden.device if isinstance(hidden, torch.Tensor) else None

@@ -10,7 +10,6 @@ per step and both calls get the same step), or the call's timestep for scheduler
 
 from __future__ import annotations
 
-import sys
 import threading
 from dataclasses import dataclass, field
 from typing import Callable, Dict, FrozenSet, Optional, Tuple
@@ -19,7 +18,7 @@ import torch
 
 from ..methods import Dense, Method
 
-__all__ = ["Schedule", "StepSource", "calling_scheduler"]
+__all__ = ["Schedule", "StepSource"]
 
 
 @dataclass(frozen=True)
@@ -80,8 +79,8 @@ class StepSource:
     makes the call is on the calling thread's stack for exactly as long as the call runs, so the
     step is read from its scheduler whatever other pipelines and threads do; nothing is kept
     between calls, and there is no pipeline method to wrap (a pipeline built after ``apply``
-    is found the same way). The walk reads one attribute dict per frame that has a ``self``
-    (microseconds per transformer call) and only runs when the schedule depends on the step.
+    is found the same way). The transformer's pre-hook finds that pipeline
+    (:func:`~.context.calling_pipeline`) and passes it to :meth:`current`.
     """
 
     def __init__(self, scheduler_of: Callable[[], object], needs_step: bool, warn: Callable[[str], None],
@@ -101,13 +100,15 @@ class StepSource:
         """This thread's :meth:`set` value."""
         return getattr(self._local, "manual", None)
 
-    def current(self, args: dict, transformer=None) -> Tuple[int, Optional[int]]:
+    def current(self, args: dict, pipeline=None) -> Tuple[int, Optional[int]]:
+        """``(step, total)`` of a call with keyword arguments ``args``, made by ``pipeline`` (the pipeline
+        whose ``__call__`` makes it, :func:`~.context.calling_pipeline`; None for a call no pipeline makes)."""
         manual = getattr(self._local, "manual", None)
         if manual is not None:
             return manual
         if not self._reads_step:  # the schedule is the same at every step: nothing to read
             return 0, None
-        scheduler = calling_scheduler(transformer) if transformer is not None else None
+        scheduler = None if pipeline is None else getattr(pipeline, "__dict__", {}).get("scheduler")
         if scheduler is None:
             scheduler = self._scheduler_of()
         if scheduler is None:
@@ -142,29 +143,3 @@ class StepSource:
                        "scheduler.timesteps; every call counts as step 0 for dense_steps/dense_last_steps/"
                        "capture_steps (use handle.set_step(i, total) to say which step runs)")
         return 0
-
-
-_MAX_FRAMES = 200  # pipelines call their transformer a few frames up; deep stacks are not searched further
-
-
-def calling_scheduler(transformer) -> Optional[object]:
-    """The scheduler of the innermost pipeline call on this thread's stack that uses ``transformer``
-    (as ``transformer`` or ``transformer_2``, possibly wrapped by ``torch.compile``), or None."""
-    from torch import nn
-
-    frame = sys._getframe(1)
-    for _ in range(_MAX_FRAMES):
-        if frame is None:
-            return None
-        code = frame.f_code
-        if code.co_argcount and code.co_varnames[0] == "self":
-            owner = frame.f_locals.get("self")
-            attrs = None if owner is None or isinstance(owner, nn.Module) else getattr(owner, "__dict__", None)
-            if attrs is not None and attrs.get("scheduler") is not None:
-                for name in ("transformer", "transformer_2"):
-                    module = attrs.get(name)
-                    if module is not None and (module is transformer
-                                               or getattr(module, "_orig_mod", None) is transformer):
-                        return attrs["scheduler"]
-        frame = frame.f_back
-    return None

@@ -184,6 +184,66 @@ def test_apply_through_the_second_pipeline_replaces_the_first_handle(pipes):
     assert torch.equal(_generate(a, 4), plain)  # dense steps run the original model
 
 
+def test_remove_during_a_pipeline_call_waits_for_the_whole_denoising_run(pipes):
+    """remove() from another thread while a pipeline call is between two denoising steps: the run finishes
+    wholly sparse (remove() waits for the pipeline call to return), then the model is the original."""
+    a, _ = pipes
+    plain = _generate(a, 4)
+    with dit_accel.apply(a, GNA, backend="torch"):
+        sparse = _generate(a, 4)
+    assert not torch.equal(sparse, plain)
+    handle = dit_accel.apply(a, GNA, backend="torch")
+    reached, go = threading.Event(), threading.Event()
+
+    def pause(pipe, i, t, kwargs):
+        if i == 1:
+            reached.set()
+            assert go.wait(TIMEOUT)
+        return {}
+
+    out = {}
+
+    def run():
+        with torch.no_grad():
+            out["run"] = a(**CALL, num_inference_steps=4, generator=torch.Generator().manual_seed(0),
+                           callback_on_step_end=pause).frames
+
+    caller = threading.Thread(target=run, daemon=True)
+    caller.start()
+    try:
+        assert reached.wait(TIMEOUT)
+        remover = threading.Thread(target=handle.remove, daemon=True)
+        remover.start()
+        time.sleep(0.3)
+        assert remover.is_alive() and not handle.removed  # waiting for the pipeline call
+    finally:
+        go.set()
+    for t in (caller, remover):
+        t.join(TIMEOUT)
+        assert not t.is_alive()
+    assert handle.removed and torch.equal(out["run"], sparse)
+    assert torch.equal(_generate(a, 4), plain)
+
+
+def test_remove_from_a_step_callback_makes_the_remaining_steps_dense(pipes):
+    """remove() from the pipeline's own callback (its thread, between transformer calls) is the caller's
+    choice: the steps after it run the original model, exactly as dense_last_steps would."""
+    a, _ = pipes
+    with dit_accel.apply(a, GNA, dense_last_steps=2, backend="torch"):
+        want = _generate(a, 4)
+    handle = dit_accel.apply(a, GNA, backend="torch")
+
+    def remove_after_step_1(pipe, i, t, kwargs):
+        if i == 1:
+            handle.remove()
+        return {}
+
+    with torch.no_grad():
+        got = a(**CALL, num_inference_steps=4, generator=torch.Generator().manual_seed(0),
+                callback_on_step_end=remove_after_step_1).frames
+    assert handle.removed and torch.equal(got, want)
+
+
 # ------------------------------------------------------------------ remove() during a call
 def test_remove_waits_for_a_call_in_flight_and_later_calls_run_the_original_model(wan):
     model, kwargs, dense, sparse = wan
