@@ -83,7 +83,7 @@ class ContextStack:
         return None
 
 
-_MAX_FRAMES = 200  # pipelines call their transformer a few frames up; deeper stacks are not searched
+_MAX_FRAMES = 64  # pipelines call their transformer about 10 frames up (more under offload hooks)
 
 
 def calling_pipeline(transformer) -> Tuple[Optional[object], Optional[object]]:
