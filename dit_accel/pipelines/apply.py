@@ -14,13 +14,15 @@ import os
 import warnings
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
+import torch
 from torch import nn
 
-from .._util import WarningLog, is_int
+from .._util import DitAccelWarning, WarningLog, is_int
 from ..methods import SLA, Method
 from ..plans import Plan
 from ..weights import load_into
 from .capture import Capture, check_capture_dir
+from .context import CallGate
 from .hooks import Runtime, SparseAttnProcessor, TransformerHook, attention_modules
 from .presets import check_pipeline, preset_for
 from .schedule import Schedule, StepSource
@@ -103,8 +105,7 @@ def _distributed() -> bool:
 
 def _sla_projection(module: nn.Module) -> nn.Linear:
     """A zero ``Linear(D, D)`` on the module's device and dtype: SLA starts as plain top-k sparse attention."""
-    d = module.head_dim if isinstance(getattr(module, "head_dim", None), int) else \
-        module.to_q.out_features // module.heads
+    d = _projection_dim(module)
     ref = next(module.parameters())
     # Sequential CPU offload leaves the model's parameters on the meta device: the projection starts on the CPU
     # and moves to the compute device at its first call (SparseAttnProcessor.projection).
@@ -121,37 +122,78 @@ class AccelHandle:
     Methods: :meth:`remove` (also on leaving a ``with`` block), :meth:`stats`,
     :meth:`summary`, :meth:`sla_projections`, :meth:`set_step`, :meth:`plan`.
     Attributes: ``transformer`` (the first/only transformer), ``transformers``,
-    ``method``, ``schedule``, ``backend``, ``warnings`` (every dit_accel warning so far).
+    ``method``, ``schedule``, ``backend``, ``removed``, ``warnings`` (every dit_accel warning so far).
+
+    After :meth:`remove`, the methods that read or change the installed state (``stats``, ``summary``,
+    ``set_step``, ``plan``, ``plans``, ``sla_projections``, ``load_weights``, ``bypassed``) raise
+    RuntimeError naming the method; ``remove()`` again does nothing, and ``warnings`` stays readable.
+
+    While the handle loaded LoRA adapters (``weights=``), ``transformer.fuse_lora()`` (and
+    ``pipe.fuse_lora()``) over them is refused: the fused weights could not be restored bit for bit.
+    ``copy.deepcopy`` and ``pickle`` of an applied model are refused in one line (remove, copy, apply again).
     """
 
-    def __init__(self, hooks: List[TransformerHook], schedule: Schedule, runtime: Runtime, steps: StepSource):
+    def __init__(self, hooks: List[TransformerHook], schedule: Schedule, runtime: Runtime, steps: StepSource,
+                 gate: Optional[CallGate] = None):
         self._hooks, self.schedule, self._runtime, self._steps = hooks, schedule, runtime, steps
+        self._gate = gate if gate is not None else (hooks[0].gate if hooks else CallGate())
         self.transformers = [h.transformer for h in hooks]
         self.transformer = self.transformers[0]
         self.method = schedule.method
         self.backend = runtime.backend
         self.removed = False
-        self._adapters: List[Tuple[nn.Module, List[str], bool]] = []  # LoRA adapters that weights= loaded
+        # LoRA adapters that weights= loaded: (transformer, names, the LoRA state before, see _lora_state)
+        self._adapters: List[Tuple[nn.Module, List[str], tuple]] = []
+        self._fuse_guards: List[nn.Module] = []  # transformers whose fuse_lora this handle refuses
+        self._released = False  # its adapters are gone (remove(), or a replacing apply() with weights=)
         for hook in hooks:
-            hook.detach = self.remove
+            hook.handle = self
+
+    def _check_active(self, what: str) -> None:
+        if self.removed:
+            raise RuntimeError(f"dit_accel: handle.{what} was called on a removed handle ({self!r}); read stats() "
+                               "and summary() before remove() (inside the with block), or apply() again")
 
     # --------------------------------------------------------------- lifecycle
     def remove(self) -> None:
-        """Restore every wrapped processor, drop hooks, SLA projections and loaded LoRA adapters. Idempotent."""
+        """Restore every wrapped processor, drop hooks, SLA projections and loaded LoRA adapters. Idempotent.
+
+        Safe against other threads: calls in flight finish first, with dit_accel (remove() waits for
+        them), and calls that start meanwhile wait, then run the original model, so no call runs half
+        sparse and half dense. A call is a transformer call, and also a pipeline call that has begun
+        denoising: remove() from another thread waits until that pipeline call returns
+        (:class:`~.context.CallGate`). From the pipeline's own step callback (``callback_on_step_end``)
+        it does not wait for its own call: the remaining steps run the original model. From inside a
+        transformer call of this handle (an attention processor, a forward hook) it raises RuntimeError.
+        """
+        if not self._gate.close("handle.remove()"):
+            return
+        try:
+            self._detach()
+            self._release()
+        finally:
+            self.removed = True
+            self._gate.finish()
+
+    def _detach(self) -> None:
+        """Drop the hooks and put the original processors back."""
         for hook in self._hooks:
             hook.remove()
-        for transformer, names, had_lora in self._adapters:
-            if had_lora:
-                users = [a for a in _active_adapters(transformer) if a not in names]
-                with warnings.catch_warnings():  # peft notes that the active set changes: that is intended
-                    warnings.filterwarnings("ignore", message=".*was active which is now deleted.*")
-                    transformer.delete_adapters(names)
-                if users:
-                    transformer.set_adapters(users)
-            else:  # no LoRA before apply(): take the peft layers out entirely
-                transformer.unload_lora()
-        self._adapters = []
-        self.removed = True
+
+    def _release(self) -> None:
+        """The irreversible part of :meth:`remove`: the fuse_lora guards and dit_accel's LoRA adapters."""
+        self._released = True
+        for transformer in self._fuse_guards:
+            _drop_fuse_guard(transformer, self)
+        self._fuse_guards = []
+        adapters, self._adapters = self._adapters, []
+        for transformer, names, state in adapters:
+            if _unmerge(transformer, names):
+                self._runtime.warnings.warn(
+                    f"dit_accel: LoRA adapter {names} was merged into the weights of {type(transformer).__name__} "
+                    "(not through fuse_lora, which dit_accel refuses): remove() unmerged it, which restores the "
+                    "weights up to float rounding, not bit for bit")
+            _unload_adapters(transformer, names, state)
 
     def __enter__(self) -> "AccelHandle":
         return self
@@ -163,48 +205,116 @@ class AccelHandle:
     def bypassed(self):
         """Context manager: inside it, this thread's attention calls run the original processors (dense
         attention, no SLA projection) without touching the model, e.g. for a dense teacher in distillation."""
+        self._check_active("bypassed()")
         return self._runtime.bypass()
 
     def load_weights(self, folder) -> None:
-        """Load a fine-tuned folder (``dit-accel finetune`` output); ``remove()`` unloads its LoRA too."""
-        before = [set(getattr(t, "peft_config", None) or {}) for t in self.transformers]
+        """Load a fine-tuned folder (``dit-accel finetune`` output); ``remove()`` unloads its LoRA too.
+
+        All or nothing: when loading fails (a missing or truncated file, another model's weights), the
+        LoRA adapters it loaded are unloaded again, the active adapters and the SLA projections are as
+        before, and the error is raised.
+        """
+        self._check_active("load_weights()")
+        _check_weights(folder)
+        _check_weights_folder(folder, self.schedule, [(layer.name, module, layer.index) for hook in self._hooks
+                                                      for module, layer in zip(hook._modules, hook.layers)])
+        before = [dict(getattr(t, "peft_config", None) or {}) for t in self.transformers]
+        states = [_lora_state(t) for t in self.transformers]
         active = [_active_adapters(t) for t in self.transformers]
-        with warnings.catch_warnings():  # peft's "multiple adapters" notice: composing them is the point
-            warnings.filterwarnings("ignore", message=".*peft_config.*multiple adapters.*")
-            load_into(self, folder)
-        for transformer, old, users in zip(self.transformers, before, active):
-            new = sorted(set(getattr(transformer, "peft_config", None) or {}) - old)
-            if new:
-                self._adapters.append((transformer, new, bool(old)))
-            if new and users:
-                # Loading activates only the new adapter; keep the user's active ones on beside it (weight 1 each).
-                transformer.set_adapters(users + [a for a in new if a not in users])
-                self._runtime.warnings.warn(
-                    f"weights= loaded LoRA adapter {new} beside the active adapters {users}: both are active "
-                    f"(weight 1.0 each; change with transformer.set_adapters). remove() deletes {new} and "
-                    f"leaves {users} active.")
+        projections = {name: {k: v.detach().clone() for k, v in p.state_dict().items()}
+                       for name, p in self.sla_projections().items()}
+        recorded, guarded = list(self._adapters), list(self._fuse_guards)
+        try:
+            with warnings.catch_warnings():  # peft's "multiple adapters" notice: composing them is the point
+                warnings.filterwarnings("ignore", message=".*peft_config.*multiple adapters.*")
+                load_into(self, folder)
+            for transformer, old, users, state in zip(self.transformers, before, active, states):
+                config = getattr(transformer, "peft_config", None) or {}
+                new = sorted(a for a in config if a not in old or config[a] is not old[a])
+                if not new:
+                    continue
+                self._adapters.append((transformer, new, state))
+                if users:
+                    # Loading activates only the new adapter; keep the user's active ones on beside it (weight 1 each).
+                    transformer.set_adapters(users + [a for a in new if a not in users])
+                    self._runtime.warnings.warn(
+                        f"weights= loaded LoRA adapter {new} beside the active adapters {users}: both are active "
+                        f"(weight 1.0 each; change with transformer.set_adapters). remove() deletes {new} and "
+                        f"leaves {users} active.")
+                self._guard_fuse(transformer)
+        except BaseException:
+            self._adapters = recorded
+            for transformer in self._fuse_guards[len(guarded):]:
+                _drop_fuse_guard(transformer, self)
+            self._fuse_guards = guarded
+            for transformer, old, users, state in zip(self.transformers, before, active, states):
+                config = getattr(transformer, "peft_config", None) or {}
+                new = [a for a in config if a not in old or config[a] is not old[a]]
+                if new or _lora_state(transformer) != state:
+                    _unload_adapters(transformer, new, state)
+                    if users:
+                        transformer.set_adapters(users)
+            with torch.no_grad():
+                for name, proj in self.sla_projections().items():
+                    for key, value in proj.state_dict().items():
+                        value.copy_(projections[name][key])
+            raise
+
+    def _guard_fuse(self, transformer: nn.Module) -> None:
+        """Refuse ``transformer.fuse_lora`` over this handle's adapters (an instance attribute, taken away by
+        remove()): remove() deletes the adapters, and fused weights could not be restored exactly."""
+        if transformer in self._fuse_guards or not hasattr(transformer, "fuse_lora"):
+            return
+        handle, fuse = self, transformer.fuse_lora
+
+        def fuse_lora(lora_scale=1.0, safe_fusing=False, adapter_names=None, **kwargs):
+            ours = sorted({a for t, names, *_ in handle._adapters if t is transformer for a in names})
+            if ours and (adapter_names is None or set(ours) & set([adapter_names] if isinstance(
+                    adapter_names, str) else adapter_names)):
+                raise RuntimeError(
+                    f"dit_accel: fuse_lora(adapter_names={adapter_names!r}) would fuse dit_accel's LoRA adapter "
+                    f"{ours} into the weights of {type(transformer).__name__}, and handle.remove() could then not "
+                    "restore the model. Call handle.remove() first, or fuse only your own adapters "
+                    "(adapter_names=[...])")
+            return fuse(lora_scale=lora_scale, safe_fusing=safe_fusing, adapter_names=adapter_names, **kwargs)
+
+        fuse_lora._dit_accel_guard = handle
+        transformer.__dict__["fuse_lora"] = fuse_lora
+        self._fuse_guards.append(transformer)
 
     # ---------------------------------------------------------------- schedule
-    def set_step(self, step: int, total: Optional[int] = None) -> None:
+    def set_step(self, step: Optional[int], total: Optional[int] = None) -> None:
         """Tell a bare transformer which denoising step comes next (``0 <= step < total``).
 
         Needed for ``dense_steps``/``dense_last_steps`` when apply() got a bare
         transformer and no ``scheduler=``; overrides the scheduler when set.
+        The step belongs to the calling thread: it applies to the transformer calls this thread makes
+        until its next ``set_step``, and never to another thread's calls. ``set_step(None)`` hands this
+        thread's calls back to the scheduler.
         """
+        self._check_active("set_step()")
+        if step is None:
+            if total is not None:
+                raise ValueError(f"total={total!r} is invalid with step=None: set_step(None) clears the step")
+            self._steps.set(None)
+            return
         step = _check_int("step", step)
         if total is not None:
             total = _check_int("total", total, 1)
             if step >= total:
                 raise ValueError(f"step={step} is invalid for total={total}: steps count 0 .. total - 1")
-        self._steps.manual = (step, total)
+        self._steps.set((step, total))
 
     def plan(self, method: Method, grid) -> Plan:
         """The plan ``method`` runs on ``grid`` (the one the attention calls use; built once per geometry)."""
+        self._check_active("plan()")
         return self._runtime.plans.get(method, grid)
 
     @property
     def plans(self) -> Dict[tuple, Plan]:
         """Every plan built so far, by ``(method, grid)``."""
+        self._check_active("plans")
         return self._runtime.plans.items()
 
     # --------------------------------------------------------------- reporting
@@ -228,6 +338,7 @@ class AccelHandle:
         own share; ``all_ranks=True`` (a collective: call it on every rank) returns every rank's
         rows, each with its ``rank``.
         """
+        self._check_active("stats()")
         methods = [self.schedule.layer_method(layer.index).name for layer in self._layers]
         rows = self._runtime.stats.rows(methods)
         if not all_ranks or not _distributed():
@@ -241,6 +352,7 @@ class AccelHandle:
     def summary(self, all_ranks: bool = False) -> dict:
         """Totals over layers (and over ranks with ``all_ranks``, a collective): calls, call-weighted mean
         density and sparsity, attention time, the settings."""
+        self._check_active("summary()")
         s = self.schedule
         return {"method": self.method.name, "config": self.method.to_dict(), **self._runtime.stats.summarize(
             self.stats(all_ranks)), "dense_steps": s.dense_steps, "dense_last_steps": s.dense_last_steps,
@@ -248,6 +360,7 @@ class AccelHandle:
 
     def sla_projections(self) -> Dict[str, nn.Linear]:
         """SLA output projections by attention module name (empty unless a layer runs SLA)."""
+        self._check_active("sla_projections()")
         return {layer.name: layer.sla_proj for layer in self._layers if layer.sla_proj is not None}
 
     def __repr__(self) -> str:
@@ -297,30 +410,164 @@ def _resolve_layers(schedule_args: dict, n_layers: int, capture_layers, warnings
     return schedule
 
 
-def _remove_previous(found) -> None:
-    """apply() twice on one model: the previous handle goes first."""
+def _applied_handles(found) -> List[AccelHandle]:
+    """The handles of earlier apply() calls still installed on these transformers (their hooks or wrappers)."""
+    handles: Dict[int, AccelHandle] = {}
     for _, transformer in found:
-        for module in transformer.modules():
-            proc = getattr(module, "processor", None)
-            if isinstance(proc, SparseAttnProcessor):
-                proc.owner.detach()
+        owners = [getattr(hook, "__self__", None) for hook in transformer._forward_pre_hooks.values()]
+        owners += [getattr(m, "processor", None) for m in transformer.modules()]
+        for owner in owners:
+            owner = owner.owner if isinstance(owner, SparseAttnProcessor) else owner
+            handle = getattr(owner, "handle", None) if isinstance(owner, TransformerHook) else None
+            if isinstance(handle, AccelHandle) and not handle.removed:
+                handles[id(handle)] = handle
+    return list(handles.values())
 
 
-def _install(targets, schedule: Schedule, runtime: Runtime, steps: StepSource) -> List[TransformerHook]:
-    """One TransformerHook per transformer; SLA projections for every layer that may run SLA."""
+def _install(targets, schedule: Schedule, runtime: Runtime, steps: StepSource, gate: CallGate
+             ) -> List[TransformerHook]:
+    """One TransformerHook per transformer; SLA projections for every layer that may run SLA. All or nothing."""
     hooks: List[TransformerHook] = []
     try:
         for prefix, transformer, preset, modules in targets:
-            hook = TransformerHook(transformer, prefix, preset, schedule, runtime, steps)
+            hook = TransformerHook(transformer, prefix, preset, schedule, runtime, steps, gate)
             projections = {i: _sla_projection(m) for i, (_, m) in enumerate(modules)
                            if isinstance(schedule.layer_methods.get(i, schedule.method), SLA)}
             hook.install(modules, sum(len(h.layers) for h in hooks), projections)
             hooks.append(hook)
-    except Exception:
+    except BaseException:
         for hook in hooks:
             hook.remove()
         raise
     return hooks
+
+
+def _projection_dim(module: nn.Module) -> int:
+    return module.head_dim if isinstance(getattr(module, "head_dim", None), int) else \
+        module.to_q.out_features // module.heads
+
+
+def _check_weights_folder(folder, schedule: Schedule, layers) -> None:
+    """What can be checked of a weights folder before the model is touched: the method file, the files it
+    names, and the SLA projections' names and shapes against this model's layers (a truncated file fails
+    here). :func:`dit_accel.weights.load_into` checks the rest; a failure there is undone too."""
+    from pathlib import Path
+
+    from ..weights import LORA_FILE, SLA_FILE, read_weights_info
+
+    folder = Path(folder)
+    info = read_weights_info(folder)
+    if not isinstance(info, dict):
+        raise ValueError(f"weights={str(folder)!r}: its dit_accel_method.json does not hold a JSON object")
+    if (info.get("files") or {}).get("lora", LORA_FILE) is not None:
+        path = folder / LORA_FILE
+        if not path.is_file():
+            raise ValueError(f"weights={str(folder)!r} is missing {LORA_FILE}.")
+        targets = {key.split("transformer.", 1)[-1].split(".lora_")[0] for key in _safetensors_keys(folder, path)}
+        if targets and not any(t.startswith(name + ".") for t in targets for name, *_ in layers):
+            # LoRA for modules other than these attention layers (another model, most likely): load_into
+            # names the model it belongs to, before it loads anything
+            return
+    expected = {}
+    for name, module, index in layers:  # (attention module name, module, its index in its transformer)
+        if isinstance(schedule.layer_methods.get(index, schedule.method), SLA):
+            d = _projection_dim(module)
+            expected.update({f"{name}.weight": (d, d), f"{name}.bias": (d,)})
+    saved = (info.get("method") or {}).get("method") if isinstance(info.get("method"), dict) else None
+    if saved == "sla" or expected:
+        path = folder / SLA_FILE
+        if not path.is_file():
+            raise ValueError(f"weights={str(folder)!r} is missing {SLA_FILE} (the method is SLA).")
+        shapes = _safetensors_keys(folder, path)
+        if not expected:  # trained for SLA, applied with another method: load_into says so (method check)
+            return
+        missing, unexpected = sorted(set(expected) - set(shapes)), sorted(set(shapes) - set(expected))
+        if missing or unexpected:
+            raise ValueError(f"weights={str(folder)!r}: {SLA_FILE} does not match the model's SLA layers: missing "
+                             f"{missing[:4]}, unexpected {unexpected[:4]}; was it trained on a different model? It "
+                             f"was trained with dense_layers={info.get('dense_layers')}; pass the same dense_layers "
+                             "to apply().")
+        for key, shape in expected.items():
+            if tuple(shapes[key]) != shape:
+                raise ValueError(f"weights={str(folder)!r}: {SLA_FILE} holds {key} of shape {tuple(shapes[key])}, "
+                                 f"the model's layer needs {shape}")
+
+
+def _safetensors_keys(folder, path) -> Dict[str, Tuple[int, ...]]:
+    """``{key: shape}`` of a safetensors file, read from its header; ValueError naming the file when it is not
+    a whole safetensors file (truncated, empty, another format)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
+    except Exception as err:  # safetensors raises its own error types
+        raise ValueError(f"weights={str(folder)!r}: {path.name} is not a readable safetensors file "
+                         f"({type(err).__name__}: {err}); it may be truncated: write it again") from None
+
+
+def _unmerge(transformer: nn.Module, names: Sequence[str]) -> bool:
+    """Unmerge ``names`` from every peft layer they were merged into (other merged adapters stay merged);
+    whether any was."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    found = False
+    for module in transformer.modules():
+        merged = list(getattr(module, "merged_adapters", None) or ()) if isinstance(module, BaseTunerLayer) else []
+        if any(a in names for a in merged):
+            found = True
+            module.unmerge()
+            others = [a for a in merged if a not in names]
+            if others:
+                module.merge(adapter_names=others)
+    return found
+
+
+def _drop_fuse_guard(transformer: nn.Module, handle: AccelHandle) -> None:
+    if getattr(transformer.__dict__.get("fuse_lora"), "_dit_accel_guard", None) is handle:
+        del transformer.__dict__["fuse_lora"]
+
+
+_PEFT_FLAG = "_hf_peft_config_loaded"  # Diffusers' "a LoRA was loaded" flag, set on the instance
+_ABSENT = object()
+
+
+def _lora_state(transformer: nn.Module) -> tuple:
+    """What unloading must restore: (had LoRA, Diffusers' flag, the names of the modules that were peft layers)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    tuned = frozenset(n for n, m in transformer.named_modules() if isinstance(m, BaseTunerLayer))
+    return bool(getattr(transformer, "peft_config", None)), transformer.__dict__.get(_PEFT_FLAG, _ABSENT), tuned
+
+
+def _unload_adapters(transformer: nn.Module, names: Sequence[str], state: tuple) -> None:
+    """Delete the LoRA adapters ``names`` (those still there) and put the model back in ``state``
+    (:func:`_lora_state`): modules that were plain layers are their own base layers again."""
+    had_lora, flag, tuned = state
+    if not had_lora:  # no LoRA before: take the peft layers out entirely (the base layers are the originals)
+        if getattr(transformer, "peft_config", None) is not None:
+            transformer.unload_lora()
+        if flag is _ABSENT:
+            transformer.__dict__.pop(_PEFT_FLAG, None)
+        else:
+            transformer.__dict__[_PEFT_FLAG] = flag
+        return
+    present = [a for a in names if a in (getattr(transformer, "peft_config", None) or {})]
+    users = [a for a in _active_adapters(transformer) if a not in present]
+    if present:
+        with warnings.catch_warnings():  # peft notes that the active set changes: that is intended
+            warnings.filterwarnings("ignore", message=".*was active which is now deleted.*")
+            transformer.delete_adapters(present)
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for name, module in list(transformer.named_modules()):
+        if isinstance(module, BaseTunerLayer) and name not in tuned and not any(
+                len(getattr(module, attr, None) or ()) for attr in module.adapter_layer_names):
+            # a peft layer that only dit_accel's LoRA made, now empty: the plain layer again
+            parent, _, child = name.rpartition(".")
+            setattr(transformer.get_submodule(parent) if parent else transformer, child, module.get_base_layer())
+    if users and present:
+        transformer.set_adapters(users)
 
 
 def apply(pipe_or_transformer, method: Method, *, dense_steps: int = 0, dense_last_steps: int = 0,
@@ -353,7 +600,9 @@ def apply(pipe_or_transformer, method: Method, *, dense_steps: int = 0, dense_la
         scheduler: the scheduler that drives a *bare* transformer (the step index
             comes from ``scheduler.step_index``). Without it, a bare transformer with
             ``dense_steps``/``dense_last_steps`` needs ``handle.set_step(i, total)``
-            before each call. Pipelines use ``pipe.scheduler`` automatically.
+            before each call. A pipeline call reads its own pipeline's scheduler
+            (found on the calling thread's stack); ``scheduler=``, then the scheduler of
+            the pipeline given here, serve calls that no pipeline makes.
         timing: measure attention time per layer (CUDA events / perf_counter),
             reported as ``time_ms`` in :meth:`AccelHandle.stats`.
 
@@ -364,7 +613,19 @@ def apply(pipe_or_transformer, method: Method, *, dense_steps: int = 0, dense_la
 
     Returns:
         :class:`AccelHandle`; ``handle.remove()`` (or leaving ``with``) restores the
-        model exactly. Calling apply() again on the same model replaces the first handle.
+        model exactly. Calling apply() again on the same model replaces the first handle: it is
+        removed exactly as ``handle.remove()`` does, with a warning that names it (the new handle's
+        ``warnings`` list it too).
+
+    All or nothing: every argument, the model's layers and the ``weights`` folder are checked
+    before the model changes, and a failure after that (an error while installing or loading)
+    is undone, so a failed ``apply`` leaves the model bit-identical to before (processors,
+    forward hooks, LoRA adapters, parameters), with an earlier handle still applied.
+
+    Threads and pipelines: the denoising step comes from each transformer call (see
+    :class:`~.schedule.StepSource`): from the calling thread's ``set_step``, else the scheduler of
+    the pipeline making the call (another pipeline sharing the transformer included), else
+    ``scheduler=``/the applied pipeline's scheduler. ``remove()`` waits for calls in flight.
 
     Example::
 
@@ -378,27 +639,82 @@ def apply(pipe_or_transformer, method: Method, *, dense_steps: int = 0, dense_la
                           capture_layers, capture_steps, scheduler, weights, timing)
     capture = None if capture is None else Capture(check_capture_dir(capture), capture_layers, capture_steps)
     found, pipe = _find_transformers(pipe_or_transformer)
-    _remove_previous(found)
     targets = [(prefix, t, preset, attention_modules(t, prefix, preset))
                for prefix, t in found for preset in [preset_for(t)]]
     log = WarningLog()
     per_step = any(hasattr(m, "for_layer_step") for m in (method, *layer_methods.values()))  # e.g. TileStrategy
     needs_step = bool(dense_steps or dense_last_steps or capture_steps is not None or per_step)
     steps = StepSource(lambda: scheduler if scheduler is not None else getattr(pipe, "scheduler", None), needs_step,
-                       lambda message: log.warn(f"dit_accel: {message}"))
+                       lambda message: log.warn(f"dit_accel: {message}"), reads_step=capture is not None)
     schedule = _resolve_layers(dict(method=method, layer_methods=layer_methods, dense_layers=dense_layers,
                                     dense_steps=dense_steps, dense_last_steps=dense_last_steps),
                                max(len(m) for *_, m in targets), capture_layers, log)
+    if weights is not None:
+        _check_weights_folder(weights, schedule, [(name, module, i) for *_, modules in targets
+                                                  for i, (name, module) in enumerate(modules)])
     names = [name for *_, modules in targets for name, _ in modules]
     runtime = Runtime(backend, Stats(names, timing), capture, log)
-    handle = AccelHandle(_install(targets, schedule, runtime, steps), schedule, runtime, steps)
-    if weights is not None:
-        try:
+    # Everything above only reads the model. From here on it changes, so every step is undone on failure:
+    # the model (and any handle already applied to it) is then exactly as before.
+    previous = _replace_previous(found)
+    gate, handle = CallGate(), None
+    try:
+        handle = AccelHandle(_install(targets, schedule, runtime, steps, gate), schedule, runtime, steps, gate)
+        if weights is not None:
+            for old in previous:  # they may hold the adapter name the folder loads: theirs go first
+                if old._adapters:
+                    old._release()
             handle.load_weights(weights)
-        except Exception:
+    except BaseException:
+        if handle is not None:
             handle.remove()
-            raise
+        _restore_previous(previous)
+        raise
+    for old in previous:
+        name = repr(old)
+        for hook in old._hooks:
+            hook.unhook()
+        old._release()
+        old.removed = True
+        old._gate.finish()
+        log.warn(f"dit_accel: apply() on a model that {name} was applied to: that handle was removed first "
+                 f"(exactly, as handle.remove() does) and the new {handle!r} replaces it", stacklevel=3)
     return handle
+
+
+def _replace_previous(found) -> List[AccelHandle]:
+    """apply() on an applied model: the earlier handles' hooks and processors come off (reversibly; their
+    adapters stay until the new handle is installed). Their calls in flight finish first."""
+    previous = []
+    try:
+        for old in _applied_handles(found):
+            if old._gate.close("apply()"):
+                previous.append(old)
+                for hook in old._hooks:  # the forward hooks stay until the new handle is in (kept ids, order)
+                    hook.unwrap()
+    except BaseException:
+        _restore_previous(previous)
+        raise
+    return previous
+
+
+def _restore_previous(previous: List[AccelHandle]) -> None:
+    """Put back handles that :func:`_replace_previous` took off (apply() failed after it)."""
+    for old in previous:
+        if old._released:  # its adapters went for the new weights: it cannot come back, so it is removed for good
+            for hook in old._hooks:
+                hook.unhook()
+            old.removed = True
+            old._gate.finish()
+            warnings.warn(f"dit_accel: apply() failed after removing {old!r} to load weights= in its place: that "
+                          "handle stays removed (the model is as before that handle's apply())",
+                          DitAccelWarning, stacklevel=4)
+            continue
+        try:
+            for hook in old._hooks:
+                hook.rewrap()
+        finally:
+            old._gate.reopen()
 
 
 def _active_adapters(transformer) -> List[str]:

@@ -9,18 +9,25 @@ except immutable plans.
 
 One exception: gradient checkpointing recomputes attention layers during the
 backward pass, after the forward has returned and, on CUDA, in autograd's own
-thread. A layer that finds no context of its own thread then uses the context of
-the most recent call (the forward being differentiated).
+thread. A layer that finds no context of its own thread during a backward pass
+then uses the context of the most recent call (the forward being differentiated);
+outside a backward pass it finds none and runs dense, with a warning.
+
+:class:`CallGate` and :class:`CallRecord` track the calls in flight so that
+``remove()`` waits for them (see there).
 """
 
 from __future__ import annotations
 
 import math
+import sys
 import threading
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
-__all__ = ["CallContext", "ContextStack"]
+import torch
+
+__all__ = ["CallContext", "ContextStack", "CallRecord", "CallGate", "call_is_running", "calling_pipeline"]
 
 
 @dataclass(frozen=True)
@@ -67,4 +74,179 @@ class ContextStack:
 
     def current(self) -> Optional[CallContext]:
         stack = getattr(self._local, "stack", None)
-        return stack[-1] if stack else self._last
+        if stack:
+            return stack[-1]
+        # Only a backward pass recomputing layers may borrow the last call's context: a layer of a call
+        # that began before apply() (or after remove() in another thread) must not run another call's grid.
+        if torch.compiler.is_compiling() or torch._C._current_graph_task_id() != -1:
+            return self._last
+        return None
+
+
+_MAX_FRAMES = 64  # pipelines call their transformer about 10 frames up (more under offload hooks)
+
+
+def calling_pipeline(transformer) -> Tuple[Optional[object], Optional[object]]:
+    """``(frame, pipeline)`` of the innermost pipeline ``__call__`` on this thread's stack that uses
+    ``transformer`` (as ``transformer`` or ``transformer_2``, possibly wrapped by ``torch.compile``) and has
+    a ``scheduler``; ``(None, None)`` for a call no pipeline makes.
+
+    The pipeline making a call is on the calling thread's stack for exactly as long as its call runs,
+    whatever other pipelines sharing the transformer and other threads do (see :class:`~.schedule.StepSource`
+    and :class:`CallGate`). Only frames whose first argument is ``self`` are looked at, and of those one
+    attribute dict each (microseconds per transformer call).
+    """
+    from torch import nn
+
+    frame = sys._getframe(1)
+    for _ in range(_MAX_FRAMES):
+        if frame is None:
+            break
+        code = frame.f_code
+        if code.co_argcount and code.co_varnames[0] == "self":
+            owner = frame.f_locals.get("self")
+            attrs = None if owner is None or isinstance(owner, nn.Module) else getattr(owner, "__dict__", None)
+            if attrs is not None and attrs.get("scheduler") is not None:
+                for name in ("transformer", "transformer_2"):
+                    module = attrs.get(name)
+                    if module is not None and (module is transformer
+                                               or getattr(module, "_orig_mod", None) is transformer):
+                        return frame, owner
+        frame = frame.f_back
+    return None, None
+
+
+class CallRecord:
+    """One transformer call in flight: the thread that makes it, the frame of the call (to tell a call that
+    is still running from one an interrupt cut short), the pipeline call it belongs to and what its
+    pre-hook pushed."""
+
+    __slots__ = ("thread", "frame", "pipeline", "pushed", "admitted")
+
+    def __init__(self, frame, pipeline_frame=None) -> None:
+        self.thread = threading.get_ident()
+        self.frame = frame
+        self.pipeline = None if pipeline_frame is None else id(pipeline_frame)
+        self.pushed = False  # the context and every layer's plan are on this thread's stacks
+        self.admitted = False  # counted by the CallGate
+
+
+def _on_stack(frame, top) -> bool:
+    while top is not None:
+        if top is frame:
+            return True
+        top = top.f_back
+    return False
+
+
+def _frame_id_on_stack(frame_id: int, top) -> bool:
+    while top is not None:
+        if id(top) == frame_id:
+            return True
+        top = top.f_back
+    return False
+
+
+def call_is_running(record: CallRecord) -> bool:
+    """Whether ``record``'s call is still on its thread's stack (False once the thread ended, or when an
+    exception that skips forward hooks, such as KeyboardInterrupt, cut the call short)."""
+    mine = record.thread == threading.get_ident()
+    top = sys._getframe() if mine else sys._current_frames().get(record.thread)
+    if record.frame is None:  # the call's frame was not found: running while its thread runs (and not in this one)
+        return top is not None and not mine
+    return _on_stack(record.frame, top)
+
+
+class CallGate:
+    """The calls in flight of one ``apply`` handle, so ``remove()`` never changes a call halfway.
+
+    A transformer's pre-hook :meth:`enter` s each call and its post-hook :meth:`leave` s it. :meth:`close`
+    (``remove()``) first stops new calls (they wait until the removal ends, then run the original
+    model), then waits for the calls in flight, then lets the caller take the hooks away, so every call
+    runs wholly with or wholly without dit_accel.
+
+    A call is a transformer call, and a pipeline call is one too: a pipeline call that has made a
+    transformer call of this handle is in flight until its ``__call__`` returns (its frame leaves its
+    thread's stack, which :meth:`close` checks every 50 ms), and its later transformer calls are admitted
+    while ``remove()`` waits, so a whole denoising run is sparse or a whole run is not. A thread already
+    inside a call of this handle is never made to wait (a nested call would deadlock); ``remove()`` from
+    inside one of this handle's transformer calls is refused, and from inside the thread's own pipeline
+    call (a ``callback_on_step_end``) it does not wait for that pipeline call: its remaining steps run
+    the original model, as asked.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._calls: dict = {}  # id(record) -> record
+        self._pipelines: dict = {}  # thread ident -> id of the frame of its last pipeline call of this handle
+        self._closing = False
+        self.closed = False
+
+    def enter(self, record: CallRecord) -> bool:
+        """Admit a call (True), or say that the handle was removed meanwhile (False: run the original model)."""
+        with self._cond:
+            mine = any(r.thread == record.thread for r in self._calls.values()) or (
+                record.pipeline is not None and self._pipelines.get(record.thread) == record.pipeline)
+            while self._closing and not self.closed and not mine:
+                self._cond.wait()
+            if self.closed:
+                return False
+            self._calls[id(record)] = record
+            if record.pipeline is not None:
+                self._pipelines[record.thread] = record.pipeline
+            record.admitted = True
+            return True
+
+    def leave(self, record: CallRecord) -> None:
+        with self._cond:
+            if self._calls.pop(id(record), None) is not None:
+                self._cond.notify_all()
+
+    def close(self, what: str) -> bool:
+        """Wait for the calls in flight and keep new ones out; False when the handle was removed already.
+
+        The caller removes the hooks, then calls :meth:`finish`. RuntimeError when this thread is inside a
+        call of the handle (``what`` names the operation).
+        """
+        with self._cond:
+            while self._closing and not self.closed:  # another thread is removing: wait for it to finish
+                self._cond.wait()
+            if self.closed:
+                return False
+            self._closing = True
+            try:
+                while True:
+                    for key, record in list(self._calls.items()):
+                        if not call_is_running(record):  # cut short (KeyboardInterrupt, a dead thread)
+                            del self._calls[key]
+                        elif record.thread == threading.get_ident():
+                            raise RuntimeError(f"dit_accel: {what} was called inside a transformer call of this "
+                                               "handle (e.g. from an attention processor or a forward hook); call "
+                                               "it between transformer calls")
+                    frames = sys._current_frames()
+                    for thread, frame_id in list(self._pipelines.items()):
+                        if thread == threading.get_ident() or not _frame_id_on_stack(frame_id, frames.get(thread)):
+                            del self._pipelines[thread]  # returned (or this thread's own, which it removes from)
+                    del frames
+                    if not self._calls and not self._pipelines:
+                        return True
+                    # woken by leave(); the timeout re-checks pipeline calls and calls cut short
+                    self._cond.wait(0.05 if self._pipelines else 0.5)
+            except BaseException:
+                self._closing = False
+                self._cond.notify_all()
+                raise
+
+    def finish(self) -> None:
+        """The hooks are gone: calls waiting in :meth:`enter` run the original model."""
+        with self._cond:
+            self._pipelines.clear()
+            self.closed = True
+            self._closing = False
+            self._cond.notify_all()
+
+    def reopen(self) -> None:
+        """Undo :meth:`close` (apply() restoring a handle it had begun to replace)."""
+        with self._cond:
+            self.closed = self._closing = False
+            self._cond.notify_all()

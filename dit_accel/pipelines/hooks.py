@@ -52,6 +52,7 @@ import contextlib
 import functools
 import inspect
 import math
+import sys
 import threading
 import types
 from collections import OrderedDict
@@ -68,7 +69,7 @@ from ..kernels.sla import inert_projections
 from ..methods import Method
 from ..plans import Plan, SLAPlan
 from .capture import Capture
-from .context import CallContext, ContextStack
+from .context import CallContext, CallGate, CallRecord, ContextStack, call_is_running, calling_pipeline
 from .parallel import Split, check_split, run_split
 from .presets import Preset
 from .schedule import Schedule, StepSource
@@ -250,13 +251,13 @@ class SparseAttnProcessor:
                  sla_proj: Optional[nn.Module]):
         # A context-parallel config moves into the wrapper, which runs the collectives (see .parallel).
         parallel = getattr(original, "_parallel_config", None)
-        if parallel is not None:
-            original._parallel_config = None
         for key, value in (("original", original), ("owner", owner), ("index", index), ("slot", slot),
                            ("name", name), ("sla_proj", sla_proj), ("parallel", parallel),
                            ("plans", ContextStack()), ("report", LayerReport(owner.runtime, slot, index)),
                            ("inert", False)):
             object.__setattr__(self, key, value)
+        if parallel is not None:  # last: a wrapper that failed to build leaves the original as it was
+            original._parallel_config = None
 
     def __call__(self, attn, *args, **kwargs):
         owner = self.owner
@@ -327,6 +328,12 @@ class SparseAttnProcessor:
 
     def __repr__(self) -> str:
         return f"SparseAttnProcessor({type(self.original).__name__}, layer={self.index})"
+
+    def __reduce_ex__(self, protocol):
+        self.owner.refuse_copy()
+
+    def __deepcopy__(self, memo):
+        self.owner.refuse_copy()
 
 
 @functools.lru_cache(maxsize=None)
@@ -564,60 +571,150 @@ def attention_modules(transformer: nn.Module, prefix: str, preset: Preset) -> Li
     return found
 
 
+_CALL_IMPL = nn.Module._call_impl.__code__
+
+
+def _module_call_frame():
+    """The frame of ``nn.Module._call_impl`` making the current hook call: on the stack for exactly as long as
+    the transformer call runs (None where it cannot be found, e.g. inside code torch.compile traced)."""
+    frame = sys._getframe(2)
+    for _ in range(8):
+        if frame is None or frame.f_code is _CALL_IMPL:
+            return frame
+        frame = frame.f_back
+    return None
+
+
 class TransformerHook:
     """Installs and removes dit_accel on one transformer: the forward hooks and one wrapper per attention layer."""
 
     def __init__(self, transformer: nn.Module, prefix: str, preset: Preset, schedule: Schedule, runtime: Runtime,
-                 steps: StepSource):
+                 steps: StepSource, gate: Optional[CallGate] = None):
         self.transformer, self.prefix, self.preset = transformer, prefix, preset
         self.schedule, self.runtime, self.steps = schedule, runtime, steps
+        self.gate = CallGate() if gate is None else gate  # shared by the hooks of one handle
+        self.handle = None  # the AccelHandle, set by it
         self.stack = ContextStack()
+        self._calls = threading.local()  # per thread: the CallRecords of calls in flight (see _pre_forward)
         self.signature = inspect.signature(type(transformer).forward)
         self.layers: List[SparseAttnProcessor] = []
         self._modules: List[nn.Module] = []
         self._handles = []
         self._last = None  # (key, context, parallel config) of the last call (see _pre_forward)
         self._grid = None  # (the preset's fingerprint, GridInfo) of the last call that had a fingerprint
-        self.detach = self.remove  # what a later apply() on this transformer calls first (the whole handle's remove)
 
     def install(self, modules: List[Tuple[str, nn.Module]], first_slot: int, projections: Dict[int, nn.Module]):
-        """Wrap the processors of ``modules`` (``projections``: SLA ``Linear(D, D)`` per layer index), hook forward."""
-        _dispatch_module()  # imported now, eagerly: the wrapped processors only read it (see there)
-        for index, (name, module) in enumerate(modules):
-            module.processor = SparseAttnProcessor(module.processor, self, index, first_slot + index, name,
-                                                   projections.get(index))
-            self.layers.append(module.processor)
-            self._modules.append(module)
-        self._handles = [
-            self.transformer.register_forward_pre_hook(self._pre_forward, with_kwargs=True),
-            self.transformer.register_forward_hook(self._post_forward, always_call=True),
-        ]
+        """Wrap the processors of ``modules`` (``projections``: SLA ``Linear(D, D)`` per layer index), hook forward.
+
+        All or nothing: a failure part way undoes what was done and raises.
+        """
+        try:
+            _dispatch_module()  # imported now, eagerly: the wrapped processors only read it (see there)
+            for index, (name, module) in enumerate(modules):
+                wrapper = SparseAttnProcessor(module.processor, self, index, first_slot + index, name,
+                                              projections.get(index))
+                self.layers.append(wrapper)
+                self._modules.append(module)
+                module.processor = wrapper
+            self._hook_forward()
+        except BaseException:
+            self.remove()
+            raise
+
+    def _hook_forward(self) -> None:
+        self._handles.append(self.transformer.register_forward_pre_hook(self._pre_forward, with_kwargs=True))
+        self._handles.append(self.transformer.register_forward_hook(self._post_forward, always_call=True))
 
     def remove(self) -> None:
-        """Put the original processors back (unless the user replaced the wrapper since) and drop the hooks."""
-        for module, layer in zip(self._modules, self.layers):
-            if getattr(module, "processor", None) is layer:
-                module.processor = layer.original
-                if layer.parallel is not None:  # a context-parallel model stays exactly that
-                    layer.original._parallel_config = layer.parallel
+        """Drop the hooks and put the original processors back (unless the user replaced the wrapper since)."""
+        self.unhook()
+        self.unwrap()
+
+    def unhook(self) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles = []
+
+    def unwrap(self) -> None:
+        """The original processors back in place of this hook's wrappers (:meth:`rewrap` undoes it)."""
+        for module, layer in zip(self._modules, self.layers):
+            current = getattr(module, "processor", None)
+            if current is layer:
+                module.processor = layer.original
+            if layer.parallel is not None and (current is layer or current is layer.original):
+                layer.original._parallel_config = layer.parallel  # a context-parallel model stays exactly that
+
+    def rewrap(self) -> None:
+        """Undo :meth:`unwrap` (apply() restoring a handle it had begun to replace)."""
+        for module, layer in zip(self._modules, self.layers):
+            if getattr(module, "processor", None) is layer.original:
+                object.__setattr__(layer, "parallel", getattr(layer.original, "_parallel_config", None))
+                module.processor = layer
+                if layer.parallel is not None:
+                    layer.original._parallel_config = None
+
+    def refuse_copy(self):
+        """deepcopy/pickle of an applied model: refused in one line (the hooks hold locks and thread state)."""
+        raise TypeError(f"dit_accel: cannot deepcopy or pickle {type(self.transformer).__name__} while dit_accel is "
+                        f"applied to it ({self.handle!r}): call handle.remove() first, copy the model, then "
+                        "dit_accel.apply() to each copy")
+
+    def __reduce_ex__(self, protocol):
+        self.refuse_copy()
+
+    def __deepcopy__(self, memo):
+        self.refuse_copy()
 
     # The hooks run eagerly even when the transformer is compiled (torch.compile calls module hooks outside
     # its graph; a compiled caller that inlines the call gets a graph break here): plans and their device
     # data are built here, and the traced attention layers only read them.
     @torch.compiler.disable
     def _post_forward(self, *_) -> None:
-        self.stack.pop()
+        calls = getattr(self._calls, "list", None)
+        if not calls:  # (the hook was added while this call ran)
+            return
+        self._end(calls.pop())
         for layer in self.layers:
-            layer.plans.pop()
             report = layer.report
             if report.call is not None or report.warnings:  # notes of compiled code (eager calls leave none)
                 report.flush()
 
+    def _end(self, record: CallRecord) -> None:
+        """Pop what ``record``'s pre-hook pushed and let the gate know the call is over."""
+        if record.pushed:
+            record.pushed = False
+            self.stack.pop()
+            for layer in self.layers:
+                layer.plans.pop()
+        if record.admitted:
+            self.gate.leave(record)
+
     @torch.compiler.disable
     def _pre_forward(self, module, args, kwargs) -> None:
+        """Begin a call: a :class:`CallRecord` first (the post-hook, which runs even when this hook raises,
+        pops exactly what it says was pushed), then the gate (``remove()`` waits for this call), then the context.
+
+        Records this thread still holds whose call is no longer on its stack belong to calls that an
+        exception skipping forward hooks (KeyboardInterrupt) cut short: they are cleaned up first.
+        """
+        calls = getattr(self._calls, "list", None)
+        if calls is None:
+            calls = self._calls.list = []
+        while calls and not call_is_running(calls[-1]):
+            self._end(calls.pop())
+        frame, pipeline = calling_pipeline(self.transformer)
+        record = CallRecord(_module_call_frame(), frame)
+        del frame
+        calls.append(record)
+        if not self.gate.enter(record):  # the handle was removed while this call waited: run the original model
+            return
+        try:
+            self._begin(record, pipeline, module, args, kwargs)
+        except BaseException:
+            self._end(record)
+            raise
+
+    def _begin(self, record: CallRecord, pipeline, module, args, kwargs) -> None:
         # Pipelines call the transformer with keywords only: those need no binding (a per-step saving).
         bound = self.signature.bind_partial(module, *args, **kwargs).arguments if args else kwargs
         # A call that reads like the last one (the preset's fingerprint of what its reader reads) has its
@@ -629,7 +726,7 @@ class TransformerHook:
         else:
             info = self.preset.read_grid(module, bound)
             self._grid = None if fingerprint is None else (fingerprint, info)
-        step, total = self.steps.current(bound)
+        step, total = self.steps.current(bound, pipeline)
         parallel = self.layers[0].parallel if self.layers else None
         hidden = bound.get("hidden_states")
         device = hidden.device if isinstance(hidden, torch.Tensor) else None
@@ -643,8 +740,9 @@ class TransformerHook:
             context = self._context(info, step, total, parallel, device)
             self._last = (key, context, parallel)
         self._check_processors()
-        self.stack.push(context)
         sla = []
+        record.pushed = True  # (pushes cannot fail part way: the stacks are lists)
+        self.stack.push(context)
         for layer, plan in zip(self.layers, context.plans):
             layer.plans.push(plan)
             if layer.inert:  # (a write goes through the wrapper's __setattr__: only when it changes)

@@ -1,14 +1,16 @@
 """Which method each attention layer runs at each denoising step, and where the step comes from.
 
 :class:`Schedule` is pure data (no state): ``method_for(layer, step, total)``.
-:class:`StepSource` reads the step from the scheduler's position (classifier-free
-guidance calls the transformer twice per step; both calls get the same step),
-from a manual ``set_step``, or from the call's timestep for schedulers without
+:class:`StepSource` reads the step of each transformer call from that call: the calling
+thread's ``set_step``, else the position of the scheduler of the pipeline making the call
+(found on the calling thread's stack; classifier-free guidance calls the transformer twice
+per step and both calls get the same step), or the call's timestep for schedulers without
 ``step_index``.
 """
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 from typing import Callable, Dict, FrozenSet, Optional, Tuple
 
@@ -59,25 +61,63 @@ class Schedule:
 
 
 class StepSource:
-    """The current denoising step ``(step, total)`` for one transformer call."""
+    """The denoising step ``(step, total)`` of one transformer call, read from that call, never from the last caller.
 
-    def __init__(self, scheduler_of: Callable[[], object], needs_step: bool, warn: Callable[[str], None]):
+    In this order:
+
+    1. the calling thread's :meth:`set` (``handle.set_step``), kept per thread: one thread's
+       ``set_step`` never moves another thread's call;
+    2. the scheduler of the pipeline whose ``__call__`` is making this transformer call: the
+       innermost frame on the calling thread's stack whose ``self`` holds this transformer as
+       ``transformer``/``transformer_2`` and has a ``scheduler``;
+    3. ``apply(..., scheduler=...)``, then the scheduler of the pipeline given to ``apply``
+       (a bare transformer called from the user's own loop).
+
+    Why the stack (2): pipelines share components (``WanPipeline(**pipe.components)``,
+    ``from_pipe``), so a transformer applied through pipeline A may be called by pipeline B, with
+    its own scheduler, in this thread or another one while A runs elsewhere. The pipeline that
+    makes the call is on the calling thread's stack for exactly as long as the call runs, so the
+    step is read from its scheduler whatever other pipelines and threads do; nothing is kept
+    between calls, and there is no pipeline method to wrap (a pipeline built after ``apply``
+    is found the same way). The transformer's pre-hook finds that pipeline
+    (:func:`~.context.calling_pipeline`) and passes it to :meth:`current`.
+    """
+
+    def __init__(self, scheduler_of: Callable[[], object], needs_step: bool, warn: Callable[[str], None],
+                 reads_step: bool = False):
         self._scheduler_of = scheduler_of  # the explicit scheduler, else the pipeline's (read per call)
         self._needs_step = needs_step  # dense_steps / dense_last_steps / capture_steps / per-step methods need it
+        self._reads_step = needs_step or reads_step  # capture names its files by step (0 when unknown)
         self._warn = warn
-        self.manual: Optional[Tuple[int, Optional[int]]] = None
+        self._local = threading.local()  # per-thread set_step
 
-    def current(self, args: dict) -> Tuple[int, Optional[int]]:
-        if self.manual is not None:
-            return self.manual
-        scheduler = self._scheduler_of()
-        if scheduler is None:
-            if self._needs_step:
-                raise ValueError("dense_steps/dense_last_steps/capture_steps and per-step methods (Tile.from_strategy) "
-                                 "need the denoising step: apply() got a bare "
-                                 "transformer, so pass scheduler=pipe.scheduler to apply() or call "
-                                 "handle.set_step(i, total) before each transformer call")
+    def set(self, step: Optional[Tuple[int, Optional[int]]]) -> None:
+        """``(step, total)`` for this thread's next transformer calls (None: back to the scheduler)."""
+        self._local.manual = step
+
+    @property
+    def manual(self) -> Optional[Tuple[int, Optional[int]]]:
+        """This thread's :meth:`set` value."""
+        return getattr(self._local, "manual", None)
+
+    def current(self, args: dict, pipeline=None) -> Tuple[int, Optional[int]]:
+        """``(step, total)`` of a call with keyword arguments ``args``, made by ``pipeline`` (the pipeline
+        whose ``__call__`` makes it, :func:`~.context.calling_pipeline`; None for a call no pipeline makes)."""
+        manual = getattr(self._local, "manual", None)
+        if manual is not None:
+            return manual
+        if not self._reads_step:  # the schedule is the same at every step: nothing to read
             return 0, None
+        scheduler = None if pipeline is None else getattr(pipeline, "__dict__", {}).get("scheduler")
+        if scheduler is None:
+            scheduler = self._scheduler_of()
+        if scheduler is None:
+            if not self._needs_step:
+                return 0, None
+            raise ValueError("dense_steps/dense_last_steps/capture_steps and per-step methods (Tile.from_strategy) "
+                             "need the denoising step: apply() got a bare "
+                             "transformer, so pass scheduler=pipe.scheduler to apply() or call "
+                             "handle.set_step(i, total) before each transformer call")
         order = max(int(getattr(scheduler, "order", 1) or 1), 1)
         timesteps = getattr(scheduler, "timesteps", None)
         total = len(timesteps) // order if timesteps is not None else None

@@ -177,8 +177,9 @@ def test_strategy_runs_through_apply_with_its_per_head_windows(tmp_path):
         with dit_accel.apply(model, strategy, backend="torch") as handle, torch.no_grad():
             handle.set_step(step, 2)
             out = model(**kwargs)[0]
-        assert [row["method"] for row in handle.stats()] == ["tile_strategy"] * 2
-        assert all(row["sparse_calls"] == 1 and row["dense_calls"] == 0 for row in handle.stats())
+            rows = handle.stats()
+        assert [row["method"] for row in rows] == ["tile_strategy"] * 2
+        assert all(row["sparse_calls"] == 1 and row["dense_calls"] == 0 for row in rows)
         masks = [tile_mask(grid, (2, 4, 4), tuple(table[(step, layer)])) for layer in (0, 1)]
         with _PerLayerOracle(masks) as oracle, torch.no_grad():
             ref = model(**kwargs)[0]

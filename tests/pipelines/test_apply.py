@@ -53,8 +53,9 @@ def test_dense_and_full_window_reproduce_dense(models, name):
     for method in (dit_accel.Dense(), dit_accel.GNA(kernel_size=grid)):
         with dit_accel.apply(model, method, backend="torch") as handle:
             out = _run(model, kwargs)
+            rows = handle.stats()
         torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
-        assert all(r["sparse_calls"] == 0 and r["dense_calls"] > 0 and r["density"] is None for r in handle.stats())
+        assert all(r["sparse_calls"] == 0 and r["dense_calls"] > 0 and r["density"] is None for r in rows)
     _clean(model)
 
 
@@ -103,9 +104,9 @@ def test_tile_and_radial_match_reference_on_wan(models, method):
         ref = _run(model, kwargs)
     with dit_accel.apply(model, method, backend="torch") as handle:
         out = _run(model, kwargs)
+        plan, rows = handle.plan(method, grid), handle.stats()
     torch.testing.assert_close(out, ref, atol=2e-4, rtol=2e-4)
-    plan = handle.plan(method, grid)
-    assert handle.stats()[0]["density"] == pytest.approx(plan.layout.density()) and plan.layout.density() < 1
+    assert rows[0]["density"] == pytest.approx(plan.layout.density()) and plan.layout.density() < 1
 
 
 def test_resolution_change_rebuilds_layout(models):
