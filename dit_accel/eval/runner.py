@@ -37,7 +37,8 @@ from ..models.tiny import is_tiny_model, model_label
 from .metrics import mean_or_none, paired_metrics, to_frames
 from .timing import StageTimer, median_times
 
-__all__ = ["EvalSettings", "MethodSpec", "load_method_specs", "run_eval", "dense_cache_key", "APPLY_KEYS"]
+__all__ = ["EvalSettings", "MethodSpec", "load_method_specs", "run_eval", "dense_cache_key", "model_fingerprint",
+           "APPLY_KEYS"]
 
 # Keys of a method config entry that go to dit_accel.apply() rather than the method.
 APPLY_KEYS = ("dense_steps", "dense_last_steps", "dense_layers", "layer_methods", "backend", "weights")
@@ -107,7 +108,9 @@ class MethodSpec:
 
 def _read_config(path: str):
     """The --method-config file's contents; ValueError with the parser's one-line reason when it is not valid."""
-    text = Path(path).read_text()
+    from .._io import read_text
+
+    text = read_text(path, what="--method-config: a JSON or YAML file of method options")
     if str(path).endswith((".yaml", ".yml")):
         import yaml
 
@@ -185,13 +188,122 @@ def load_method_specs(methods: Optional[Sequence[str]], config_path: Optional[st
     return specs
 
 
-def dense_cache_key(settings: EvalSettings, prompt: str, seed: int) -> str:
-    blob = json.dumps({"model": settings.model, "frames": settings.frames, "height": settings.height,
+def dense_cache_key(settings: EvalSettings, prompt: str, seed: int, *, model_sha256: str = "",
+                    pipeline: str = "") -> str:
+    """The dense cache entry of one sample: a hash of everything that decides the dense video.
+
+    ``model_sha256`` is the content of the weights (:func:`model_fingerprint`), so changing the files of a
+    local model folder changes the key; ``pipeline`` is the pipeline class. The generation settings, dtype,
+    device and the versions of torch, Diffusers, Transformers and dit_accel are part of it too.
+    """
+    from .. import __version__
+
+    blob = json.dumps({"model": settings.model, "model_sha256": model_sha256, "pipeline": pipeline,
+                       "frames": settings.frames, "height": settings.height,
                        "width": settings.width, "steps": settings.steps, "guidance": settings.guidance_scale,
                        "max_sequence_length": settings.max_sequence_length, "dtype": settings.dtype,
-                       "device": torch.device(settings.device).type, "prompt": prompt, "seed": int(seed)},
+                       "device": torch.device(settings.device).type, "prompt": prompt, "seed": int(seed),
+                       "versions": {**versions(("torch", "diffusers", "transformers")), "dit_accel": __version__}},
                       sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+
+_HASH_MEMO = "model_hashes.json"
+
+
+def model_fingerprint(model, pipe, cache_dir: Optional[Path] = None, log=print) -> str:
+    """sha256 of a model's weights: of its files for a local or embedded folder or a cached hub snapshot
+    (file hashes are memoised in ``cache_dir`` by size and modification time), else of the state dicts
+    of the pipeline's modules (a model built in code or passed in memory)."""
+    folder = _model_folder(model)
+    if folder is not None:
+        return _folder_hash(folder, cache_dir, log)
+    h = hashlib.sha256()
+    for name, module in sorted((getattr(pipe, "components", None) or {"transformer": pipe.transformer}).items()):
+        if not isinstance(module, torch.nn.Module):
+            continue
+        for key, t in sorted(module.state_dict().items()):
+            t = t.detach().cpu().contiguous()
+            h.update(f"{name}.{key}:{t.dtype}:{tuple(t.shape)}".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _model_folder(model) -> Optional[Path]:
+    if not isinstance(model, str):
+        return None
+    from ..models.loading import resolve_model_kind
+
+    try:
+        kind = resolve_model_kind(model)
+    except ValueError:
+        return None
+    if kind == "folder":
+        return Path(model).expanduser()
+    if kind == "embedded":
+        from ..models.tiny_shapes import TRAINED_MODELS
+
+        return Path(TRAINED_MODELS[model])
+    if kind == "hub":
+        try:
+            from huggingface_hub import snapshot_download
+
+            return Path(snapshot_download(model, local_files_only=True))
+        except Exception:  # not cached as a snapshot: hash the loaded state dicts instead
+            return None
+    return None
+
+
+def _folder_hash(folder: Path, cache_dir: Optional[Path], log) -> str:
+    from .._io import atomic_write_json, read_json, sha256_file
+
+    memo_path = Path(cache_dir) / _HASH_MEMO if cache_dir is not None else None
+    memo: dict = {}
+    if memo_path is not None and memo_path.exists():
+        try:
+            memo = read_json(memo_path, expected="{file: [size, mtime_ns, sha256]} (the eval's memo of model hashes)")
+        except ValueError as err:
+            log(f"warning: {err}; hashing the model files again")
+    fresh = {}
+    h = hashlib.sha256()
+    files = sorted(p for p in folder.rglob("*") if p.is_file()
+                   and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+    for p in files:
+        st = p.stat()
+        key = str(p.resolve())
+        entry = memo.get(key)
+        if isinstance(entry, list) and len(entry) == 3 and entry[:2] == [st.st_size, st.st_mtime_ns] \
+                and isinstance(entry[2], str):
+            digest = entry[2]
+        else:
+            digest = sha256_file(p)
+        fresh[key] = [st.st_size, st.st_mtime_ns, digest]
+        h.update(f"{p.relative_to(folder).as_posix()}:{digest}\n".encode())
+    if memo_path is not None and any(memo.get(k) != v for k, v in fresh.items()):
+        try:
+            atomic_write_json(memo_path, {**{k: v for k, v in memo.items() if isinstance(v, list)}, **fresh},
+                              indent=None)
+        except OSError:
+            pass  # a read-only cache still works, it only hashes again
+    return h.hexdigest()
+
+
+def _read_dense_entry(path: Path):
+    """``(frames, times)`` of a dense cache file; ValueError (BadFileError) naming it when it is damaged."""
+    from .._io import BadFileError
+
+    expected = "a dense cache entry: frames uint8 [F, H, W, 3] and times (JSON)"
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            frames, times = np.asarray(data["frames"]), json.loads(str(data["times"]))
+    except Exception as err:  # BadZipFile, EOFError, KeyError, ValueError, ...: a damaged entry
+        raise BadFileError(path, f"cannot be read ({type(err).__name__}: {' '.join(str(err).split())[:100]})",
+                           expected) from None
+    if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3 or 0 in frames.shape \
+            or not isinstance(times, dict):
+        raise BadFileError(path, f"holds frames {frames.dtype} {tuple(frames.shape)} and times "
+                                 f"{type(times).__name__}", expected)
+    return frames, times
 
 
 # ----------------------------------------------------------------- generation
@@ -245,17 +357,32 @@ def _summary_density(handle) -> tuple:
 
 # ------------------------------------------------------------------ the run
 def _dense_row(pipe, timer, settings: EvalSettings, samples, cache_dir: Path, log) -> Tuple[dict, int]:
-    """The dense baseline row, from the cache where it has the sample; ``(row, samples generated)``."""
+    """The dense baseline row, from the cache where it has the sample; ``(row, samples generated)``.
+
+    The cache is keyed by the content of the model's weights (see :func:`dense_cache_key`); an entry that
+    cannot be read (truncated, wrong structure) is dropped with a warning and generated again. Entries are
+    written whole (temporary file, then a rename), so a killed eval leaves no half entry.
+    """
     from tqdm.auto import tqdm
 
+    from .._io import atomic_write
+
+    model_sha256 = model_fingerprint(settings.model, pipe, cache_dir, log)
+    pipeline = type(pipe).__name__
     videos, runs, missing = [None] * len(samples), [], []
     with tqdm(total=len(samples), desc="dense", unit="video") as bar:
         for i, (prompt, seed) in enumerate(samples):
-            path = cache_dir / f"dense_{dense_cache_key(settings, prompt, seed)}.npz"
+            key = dense_cache_key(settings, prompt, seed, model_sha256=model_sha256, pipeline=pipeline)
+            path = cache_dir / f"dense_{key}.npz"
             if path.exists():
-                with np.load(path) as data:
-                    videos[i] = data["frames"]
-                    runs.append(json.loads(str(data["times"])))
+                try:
+                    videos[i], times = _read_dense_entry(path)
+                except ValueError as err:
+                    log(f"warning: dense cache entry dropped, generating it again: {err}")
+                    path.unlink(missing_ok=True)
+                    missing.append((i, path))
+                    continue
+                runs.append(times)
                 bar.update(1)
             else:
                 missing.append((i, path))
@@ -264,7 +391,7 @@ def _dense_row(pipe, timer, settings: EvalSettings, samples, cache_dir: Path, lo
             runs.extend(new_runs)
             for (i, path), video, times in zip(missing, new_videos, new_runs):
                 videos[i] = video
-                np.savez_compressed(path, frames=video, times=json.dumps(times))
+                atomic_write(path, lambda tmp: np.savez_compressed(tmp, frames=video, times=json.dumps(times)))
     log(f"dense: {len(missing)} generated, {len(samples) - len(missing)} from cache ({cache_dir})")
     row = {"label": "dense", "config": {"method": "dense", "label": "dense"}, "videos": videos,
            "times": median_times(runs), "density": 1.0, "summary": {}, "stats": []}
@@ -364,9 +491,10 @@ def _fitting(specs: Sequence[MethodSpec], pipe, log) -> List[MethodSpec]:
 
 
 def _write_results(out_dir: Path, results: dict, rows: List[dict]) -> None:
+    from .._io import atomic_write_json
     from . import report
 
-    (out_dir / "results.json").write_text(json.dumps(results, indent=2))
+    atomic_write_json(out_dir / "results.json", results)
     report.write_report(results, out_dir / "report.md")
     report.plot_pareto(results, out_dir / "pareto.png")
     shown = [r for r in rows if "videos" in r]
@@ -397,7 +525,8 @@ def run_eval(settings: EvalSettings, specs: Sequence[MethodSpec], out_dir, *, ca
     import dit_accel
 
     if not settings.prompts:
-        raise ValueError("no prompts: pass --prompts FILE (one prompt per line) or --prompt TEXT")
+        raise ValueError("no prompts: EvalSettings.prompts is empty; pass --prompts FILE (one prompt per line) or "
+                         "--prompt TEXT")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     cache_dir = Path(cache_dir) if cache_dir else out_dir / "cache"
