@@ -311,6 +311,7 @@ def _read_lora(transformer: nn.Module, folder: Path):
                            "the Diffusers-format LoRA `dit-accel finetune` writes") from None
     _check_lora_targets(transformer, folder, state)
     modules = dict(transformer.named_modules())
+    ranks: Dict[str, Dict[str, int]] = {}
     for key, tensor in state.items():
         name = key.split("transformer.", 1)[1] if key.startswith("transformer.") else key
         module_name, _, rest = name.partition(".lora_")
@@ -325,6 +326,14 @@ def _read_lora(transformer: nn.Module, folder: Path):
             raise ValueError(f"{lora_path}: {key} has shape {tuple(tensor.shape)}, but {module_name} of this "
                              f"{type(transformer).__name__} has {'inputs' if side == 'A' else 'outputs'} of size "
                              f"{want}: the weights belong to a model of another size.")
+        ranks.setdefault(module_name, {})[side] = tensor.shape[0] if side == "A" else tensor.shape[1]
+    meta = {k.split(".", 1)[-1]: v for k, v in (metadata or {}).items()}  # keys come as "transformer.r"
+    meta_rank = meta.get("r") if isinstance(meta.get("r"), int) and not meta.get("rank_pattern") else None
+    for module_name, sides in sorted(ranks.items()):
+        want = meta_rank if meta_rank is not None else sides.get("A")
+        if any(r != want for r in sides.values()):
+            raise BadFileError(lora_path, f"the LoRA of {module_name} has rank {sides} (lora_A rows / lora_B columns)",
+                               f"rank {want} on both sides" + (", as its adapter metadata says" if meta_rank else ""))
     return state, metadata
 
 
