@@ -194,11 +194,14 @@ def dense_cache_key(settings: EvalSettings, prompt: str, seed: int, *, model_sha
 
     ``model_sha256`` is the content of the weights (:func:`model_fingerprint`), so changing the files of a
     local model folder changes the key; ``pipeline`` is the pipeline class. The generation settings, dtype,
-    device and the versions of torch, Diffusers, Transformers and dit_accel are part of it too.
+    device and the versions of torch, Diffusers, Transformers and dit_accel are part of it too. The model's
+    name is part of it unless its files were hashed (``"files:..."``, configs included): the same folder
+    under another path then shares its entries.
     """
     from .. import __version__
 
-    blob = json.dumps({"model": settings.model, "model_sha256": model_sha256, "pipeline": pipeline,
+    name = None if model_sha256.startswith("files:") else settings.model
+    blob = json.dumps({"model": name, "model_sha256": model_sha256, "pipeline": pipeline,
                        "frames": settings.frames, "height": settings.height,
                        "width": settings.width, "steps": settings.steps, "guidance": settings.guidance_scale,
                        "max_sequence_length": settings.max_sequence_length, "dtype": settings.dtype,
@@ -212,12 +215,12 @@ _HASH_MEMO = "model_hashes.json"
 
 
 def model_fingerprint(model, pipe, cache_dir: Optional[Path] = None, log=print) -> str:
-    """sha256 of a model's weights: of its files for a local or embedded folder or a cached hub snapshot
+    """sha256 of a model's weights (``"files:<hex>"`` or ``"state:<hex>"``): of its files for a local or embedded folder or a cached hub snapshot
     (file hashes are memoised in ``cache_dir`` by size and modification time), else of the state dicts
     of the pipeline's modules (a model built in code or passed in memory)."""
     folder = _model_folder(model)
     if folder is not None:
-        return _folder_hash(folder, cache_dir, log)
+        return "files:" + _folder_hash(folder, cache_dir, log)
     h = hashlib.sha256()
     for name, module in sorted((getattr(pipe, "components", None) or {"transformer": pipe.transformer}).items()):
         if not isinstance(module, torch.nn.Module):
@@ -226,7 +229,7 @@ def model_fingerprint(model, pipe, cache_dir: Optional[Path] = None, log=print) 
             t = t.detach().cpu().contiguous()
             h.update(f"{name}.{key}:{t.dtype}:{tuple(t.shape)}".encode())
             h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
+    return "state:" + h.hexdigest()
 
 
 def _model_folder(model) -> Optional[Path]:
