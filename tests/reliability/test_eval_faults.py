@@ -11,7 +11,7 @@ from dit_accel.cli.main import main
 from dit_accel.eval.runner import EvalSettings, load_method_specs, run_eval
 from dit_accel.models.tiny import build_tiny_pipeline
 
-from .faults import KINDS, assert_one_line, damage, kill_points, run_killed, write_points
+from .faults import KINDS, damage, kill_points, run_killed, write_points
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 GNA = {"gna": {"kernel_size": (2, 2, 2)}}
