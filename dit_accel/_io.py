@@ -240,7 +240,9 @@ def read_json(path: PathLike, *, expected: str = "a JSON object", kind: type = d
     try:
         value = json.loads(text)
     except json.JSONDecodeError as err:
-        why = "is truncated" if err.pos >= len(text.rstrip()) else "is not valid JSON"
+        # A string left open always runs to the end: the file stops inside it.
+        truncated = err.pos >= len(text.rstrip()) or err.msg.startswith("Unterminated string")
+        why = "is truncated" if truncated else "is not valid JSON"
         raise BadFileError(path, f"{why} ({err.msg} at line {err.lineno}, column {err.colno})", expected) from None
     if kind is not None and not isinstance(value, kind):
         raise BadFileError(path, f"holds a JSON {type(value).__name__}", expected)

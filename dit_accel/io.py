@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ._io import atomic_write
+from ._io import atomic_write, is_temp_name
 
 __all__ = ["save_video", "load_video", "to_uint8_frames", "output_files", "VIDEO_SUFFIXES"]
 
@@ -157,8 +157,8 @@ def load_video(path) -> np.ndarray:
     """
     path = Path(path)
     suffix = path.suffix.lower()
-    if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.suffix.lower() == ".png")
+    if path.is_dir():  # not the temporaries a killed save_video left
+        files = sorted(p for p in path.iterdir() if p.suffix.lower() == ".png" and not is_temp_name(p))
         if not files:
             raise FileNotFoundError(f"no .png frames in folder {path}")
         return np.stack([_read_png(p) for p in files])

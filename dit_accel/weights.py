@@ -146,9 +146,12 @@ def _read_info(folder: Path) -> dict:
     if not isinstance(info.get("method"), dict) or not isinstance(info["method"].get("method"), str):
         raise BadFileError(path, f"its \"method\" entry is {str(info.get('method'))[:60]!r}",
                            "a method config such as {\"method\": \"sla\", \"topk\": 0.05, ...}")
-    if not isinstance(info.get("files", {}), dict):
-        raise BadFileError(path, f"its \"files\" entry is {str(info.get('files'))[:60]!r}",
-                           "{\"lora\": FILE or null, \"sla_projections\": FILE or null}")
+    files = info.get("files", {})
+    if not isinstance(files, dict) or not all(
+            v is None or (isinstance(v, str) and v and Path(v).name == v and not v.startswith("."))
+            for v in files.values()):
+        raise BadFileError(path, f"its \"files\" entry is {str(files)[:60]!r}",
+                           "{\"lora\": FILE or null, \"sla_projections\": FILE or null}, names inside the folder")
     return info
 
 
@@ -309,6 +312,8 @@ def _read_lora(transformer: nn.Module, folder: Path):
         raise BadFileError(lora_path, f"Diffusers cannot read it as a LoRA ({type(err).__name__}: "
                                       f"{' '.join(str(err).split())[:120]})",
                            "the Diffusers-format LoRA `dit-accel finetune` writes") from None
+    if not state:
+        raise BadFileError(lora_path, "holds no LoRA tensors", "the lora_A/lora_B tensors `dit-accel finetune` writes")
     _check_lora_targets(transformer, folder, state)
     modules = dict(transformer.named_modules())
     ranks: Dict[str, Dict[str, int]] = {}

@@ -25,7 +25,6 @@ FluxTransformer2DModel       (B, N, C) packed        rows x cols of ``img_ids``
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from dataclasses import dataclass, field
@@ -474,7 +473,9 @@ def _folder_family(folder: Path) -> Optional[Tuple[str, Optional[str]]]:
     index = folder / "model_index.json"
     if not index.is_file():
         return None
-    info = json.loads(index.read_text())
+    from .._io import read_json
+
+    info = read_json(index, expected="a Diffusers model_index.json (a JSON object naming the components)")
     entry = info.get("transformer") or [None, None]
     name = entry[1] if isinstance(entry, list) and len(entry) == 2 else None
     if name not in PRESETS:

@@ -151,9 +151,15 @@ class CaptionDataset:
         return 1 if Path(self.files[i]).suffix.lower() in IMAGE_EXTENSIONS else self.frames
 
     def item(self, i: int):
-        frames = _load_frames(self.root / self.files[i])
+        path = self.root / self.files[i]
+        expected = f"an image ({', '.join(IMAGE_EXTENSIONS)}) or a video ({', '.join(VIDEO_EXTENSIONS)})"
+        try:
+            frames = _load_frames(path)
+        except Exception as err:  # PIL, imageio and ffmpeg raise many types for damaged files
+            raise BadFileError(path, f"cannot be decoded ({type(err).__name__}: {' '.join(str(err).split())[:100]})",
+                               expected) from None
         if frames.ndim != 4 or frames.shape[0] == 0:
-            raise ValueError(f"could not read frames from {self.root / self.files[i]}")
+            raise BadFileError(path, "holds no frames", expected)
         want = self.num_frames(i)
         frames = frames[:want]
         if frames.shape[0] < want:  # short clip: hold the last frame

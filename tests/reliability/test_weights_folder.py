@@ -140,10 +140,13 @@ def test_damaged_file_is_one_line_and_nothing_is_loaded(tmp_path, old_folder, ex
     ('{"method": {"method": "sla", "topk": "many"}, "files": {}}', "its method config is not valid"),
     ('{"method": {"method": "nope"}, "files": {}}', "its method config is not valid"),
     ('{"method": {"method": "sla", "topk": 0.5}, "files": [1]}', "its \"files\" entry"),
+    ('{"method": {"method": "sla", "topk": 0.5}, "files": {"lora": 5}}', "its \"files\" entry"),
+    ('{"method": {"method": "sla", "topk": 0.5}, "files": {"lora": "../x"}}', "its \"files\" entry"),
     ('{"method": {"method": "sla", "topk": 0.5}, "files": {}, "sha256": [1]}', "its sha256 table is list"),
     ('{"method": {"method": "sla", "topk": 0.5}, "files": {}, "sha256": {"gone.safetensors": "00"}}',
      "gone.safetensors: missing, but dit_accel_method.json lists it"),
-], ids=["list", "method-int", "bad-value", "unknown-method", "files-list", "sha-list", "sha-missing-file"])
+], ids=["list", "method-int", "bad-value", "unknown-method", "files-list", "files-int", "files-outside", "sha-list",
+        "sha-missing-file"])
 def test_method_file_of_the_wrong_structure(tmp_path, old_folder, expected, content, match):
     folder = tmp_path / "w"
     shutil.copytree(old_folder, folder)
@@ -178,3 +181,14 @@ def test_tensors_of_the_wrong_shape_raise_before_loading(tmp_path, old_folder, e
     err = _load_outcome(folder, expected)
     assert isinstance(err, ValueError) and match in str(err), str(err)
     assert_one_line(err, folder / name)
+
+
+def test_lora_file_without_tensors_is_one_line(tmp_path, old_folder, expected):
+    folder = tmp_path / "w"
+    shutil.copytree(old_folder, folder)
+    info = json.loads((folder / METHOD_FILE).read_text())
+    info.pop("sha256")
+    (folder / METHOD_FILE).write_text(json.dumps(info))
+    save_file({}, str(folder / LORA_FILE))
+    err = _load_outcome(folder, expected)
+    assert isinstance(err, BadFileError) and "holds no LoRA tensors" in str(err)
