@@ -32,8 +32,8 @@ from pathlib import Path
 from typing import Callable, Dict, Iterable, Iterator, Optional, Union
 
 __all__ = ["BadFileError", "atomic_write", "atomic_write_text", "atomic_write_json", "atomic_folder", "file_hashes",
-           "check_hashes", "sha256_file", "read_json", "read_text", "load_safetensors", "temp_name", "is_temp_name",
-           "remove_stale_temps", "crash_point", "ENV_KILL_AT"]
+           "check_hashes", "sha256_file", "folder_digest", "read_json", "read_text", "load_safetensors", "temp_name", "is_temp_name",
+           "remove_stale_temps", "crash_point", "cache_root", "ENV_KILL_AT"]
 
 PathLike = Union[str, os.PathLike]
 ENV_KILL_AT = "DIT_ACCEL_TEST_KILL_AT"
@@ -51,6 +51,11 @@ class BadFileError(ValueError):
     def __init__(self, path: PathLike, problem: str, expected: str) -> None:
         self.path, self.problem, self.expected = str(path), problem, expected
         super().__init__(f"{self.path}: {problem}; expected {expected}")
+
+
+def cache_root() -> Path:
+    """dit_accel's own cache folder: ``$DIT_ACCEL_CACHE``, default ``~/.cache/dit_accel``."""
+    return Path(os.environ.get("DIT_ACCEL_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "dit_accel"))
 
 
 def crash_point() -> None:
@@ -208,6 +213,41 @@ def check_hashes(folder: PathLike, hashes: Dict[str, str], manifest: PathLike) -
             raise BadFileError(p, f"content differs from the sha256 recorded in {Path(manifest).name} (its writer "
                                   "was interrupted, or the file was changed afterwards)",
                                "the file written together with the manifest; write the folder again")
+
+
+def folder_digest(folder: PathLike, memo: Optional[PathLike] = None, warn: Callable[[str], object] = print) -> str:
+    """sha256 over every file of ``folder`` (relative path and content; names starting with a dot skipped).
+
+    ``memo``: a JSON file of ``{file: [size, mtime_ns, sha256]}`` so unchanged files (same size and
+    modification time) are not read again; a damaged memo is reported through ``warn`` and rebuilt.
+    """
+    folder = Path(folder)
+    memo_path = Path(memo) if memo is not None else None
+    known: dict = {}
+    if memo_path is not None and memo_path.exists():
+        try:
+            known = read_json(memo_path, expected="{file: [size, mtime_ns, sha256]} (a memo of file hashes)")
+        except ValueError as err:
+            warn(f"warning: {err}; hashing the files again")
+    fresh = {}
+    h = hashlib.sha256()
+    files = sorted(p for p in folder.rglob("*") if p.is_file()
+                   and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+    for p in files:
+        st = p.stat()
+        key = str(p.resolve())
+        entry = known.get(key)
+        ok = isinstance(entry, list) and len(entry) == 3 and entry[:2] == [st.st_size, st.st_mtime_ns] \
+            and isinstance(entry[2], str)
+        fresh[key] = [st.st_size, st.st_mtime_ns, entry[2] if ok else sha256_file(p)]
+        h.update(f"{p.relative_to(folder).as_posix()}:{fresh[key][2]}\n".encode())
+    if memo_path is not None and any(known.get(k) != v for k, v in fresh.items()):
+        try:
+            atomic_write_json(memo_path, {**{k: v for k, v in known.items() if isinstance(v, list)}, **fresh},
+                              indent=None)
+        except OSError:
+            pass  # a read-only memo still works, it only hashes again
+    return h.hexdigest()
 
 
 # ----------------------------------------------------------------------------- readers

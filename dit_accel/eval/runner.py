@@ -215,80 +215,12 @@ _HASH_MEMO = "model_hashes.json"
 
 
 def model_fingerprint(model, pipe, cache_dir: Optional[Path] = None, log=print) -> str:
-    """sha256 of a model's weights (``"files:<hex>"`` or ``"state:<hex>"``): of its files for a local or embedded folder or a cached hub snapshot
-    (file hashes are memoised in ``cache_dir`` by size and modification time), else of the state dicts
-    of the pipeline's modules (a model built in code or passed in memory)."""
-    folder = _model_folder(model)
-    if folder is not None:
-        return "files:" + _folder_hash(folder, cache_dir, log)
-    h = hashlib.sha256()
-    for name, module in sorted((getattr(pipe, "components", None) or {"transformer": pipe.transformer}).items()):
-        if not isinstance(module, torch.nn.Module):
-            continue
-        for key, t in sorted(module.state_dict().items()):
-            t = t.detach().cpu().contiguous()
-            h.update(f"{name}.{key}:{t.dtype}:{tuple(t.shape)}".encode())
-            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return "state:" + h.hexdigest()
+    """sha256 of a model's weights (``"files:<hex>"`` or ``"state:<hex>"``, see
+    :func:`dit_accel.models.loading.model_fingerprint`); file hashes are memoised in ``cache_dir``."""
+    from ..models.loading import model_fingerprint as fingerprint
 
-
-def _model_folder(model) -> Optional[Path]:
-    if not isinstance(model, str):
-        return None
-    from ..models.loading import resolve_model_kind
-
-    try:
-        kind = resolve_model_kind(model)
-    except ValueError:
-        return None
-    if kind == "folder":
-        return Path(model).expanduser()
-    if kind == "embedded":
-        from ..models.tiny_shapes import TRAINED_MODELS
-
-        return Path(TRAINED_MODELS[model])
-    if kind == "hub":
-        try:
-            from huggingface_hub import snapshot_download
-
-            return Path(snapshot_download(model, local_files_only=True))
-        except Exception:  # not cached as a snapshot: hash the loaded state dicts instead
-            return None
-    return None
-
-
-def _folder_hash(folder: Path, cache_dir: Optional[Path], log) -> str:
-    from .._io import atomic_write_json, read_json, sha256_file
-
-    memo_path = Path(cache_dir) / _HASH_MEMO if cache_dir is not None else None
-    memo: dict = {}
-    if memo_path is not None and memo_path.exists():
-        try:
-            memo = read_json(memo_path, expected="{file: [size, mtime_ns, sha256]} (the eval's memo of model hashes)")
-        except ValueError as err:
-            log(f"warning: {err}; hashing the model files again")
-    fresh = {}
-    h = hashlib.sha256()
-    files = sorted(p for p in folder.rglob("*") if p.is_file()
-                   and not any(part.startswith(".") for part in p.relative_to(folder).parts))
-    for p in files:
-        st = p.stat()
-        key = str(p.resolve())
-        entry = memo.get(key)
-        if isinstance(entry, list) and len(entry) == 3 and entry[:2] == [st.st_size, st.st_mtime_ns] \
-                and isinstance(entry[2], str):
-            digest = entry[2]
-        else:
-            digest = sha256_file(p)
-        fresh[key] = [st.st_size, st.st_mtime_ns, digest]
-        h.update(f"{p.relative_to(folder).as_posix()}:{digest}\n".encode())
-    if memo_path is not None and any(memo.get(k) != v for k, v in fresh.items()):
-        try:
-            atomic_write_json(memo_path, {**{k: v for k, v in memo.items() if isinstance(v, list)}, **fresh},
-                              indent=None)
-        except OSError:
-            pass  # a read-only cache still works, it only hashes again
-    return h.hexdigest()
+    memo = Path(cache_dir) / _HASH_MEMO if cache_dir is not None else None
+    return fingerprint(model, pipe, memo=memo, warn=log)
 
 
 def _read_dense_entry(path: Path):

@@ -97,8 +97,9 @@ _LOADED: Dict[str, bool] = {}
 
 def cache_path() -> Path:
     """The JSON file holding the choices (``$DIT_ACCEL_CACHE/autotune.json``)."""
-    root = os.environ.get("DIT_ACCEL_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "dit_accel")
-    return Path(root) / "autotune.json"
+    from .._io import cache_root
+
+    return cache_root() / "autotune.json"
 
 
 _EXPECTED = 'the autotune cache: {"<shape class key>": {"choice": backend, "times_ms": {backend: ms or null}, ...}}'

@@ -46,8 +46,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .._io import (BadFileError, atomic_folder, atomic_write_json, check_hashes, crash_point, file_hashes,
-                   is_temp_name, load_safetensors, read_json, remove_stale_temps)
+from .._io import (BadFileError, atomic_folder, atomic_write_json, cache_root, check_hashes, crash_point,
+                   file_hashes, is_temp_name, load_safetensors, read_json, remove_stale_temps)
 from .._util import DitAccelWarning, versions
 from ..methods import SLA, Method, Radial, registered_methods
 from ..weights import LORA_FILE, METHOD_FILE, SLA_FILE, save_trained_weights, sla_state_dict
@@ -212,9 +212,16 @@ def validate_config(config: FinetuneConfig) -> None:
 
 def _run_record(config: FinetuneConfig, world: int) -> dict:
     """What identifies a run (written to RUN_FILE): the settings, the number of processes and the sha256 of
-    the inputs' contents (the prompts file or the caption folder: a path alone does not say what it holds)."""
+    the contents of the inputs (the prompts file or the caption folder) and of the model's files (a local,
+    embedded or cached hub model; None for a model built in code or passed as an object): a path alone does
+    not say what it holds."""
+    from ..models.loading import model_fingerprint
+
+    model = config.model if isinstance(config.model, str) else None
     return {**config.settings(), "num_processes": world,
-            "inputs_sha256": data_mod.inputs_digest(config.prompts, config.data)}
+            "inputs_sha256": data_mod.inputs_digest(config.prompts, config.data),
+            "model_sha256": model_fingerprint(model, memo=cache_root() / "model_hashes.json",
+                                              warn=lambda m: print(m, file=sys.stderr))}
 
 
 # What a run writes in its output folder: --overwrite removes these and nothing else.
@@ -271,14 +278,15 @@ def _check_output(config: FinetuneConfig, world: int) -> Tuple[Path, list]:
             )
         previous.setdefault("num_processes", 1)  # run files of 0.1 had no process count (single process)
         current = _run_record(config, world)
-        if "inputs_sha256" not in previous:  # run files written before the inputs were hashed
-            current.pop("inputs_sha256")
+        for key in ("inputs_sha256", "model_sha256"):  # run files written before these were hashed
+            if key not in previous:
+                current.pop(key)
         diff = sorted(k for k in set(previous) | set(current)
                       if k not in _RESUMABLE and previous.get(k) != current.get(k))
         if diff:
-            detail = ", ".join(f"{k}: {previous.get(k)!r} -> {current.get(k)!r}" if k != "inputs_sha256" else
-                               f"the contents of {'--data' if config.data else '--prompts'} changed"
-                               for k in diff[:4])
+            changed = {"inputs_sha256": f"the contents of {'--data' if config.data else '--prompts'} changed",
+                       "model_sha256": f"the files of --model {config.settings()['model']} changed"}
+            detail = ", ".join(changed.get(k) or f"{k}: {previous.get(k)!r} -> {current.get(k)!r}" for k in diff[:4])
             raise ValueError(f"--resume: {str(out)!r} holds a different run ({detail}); "
                              "use the same settings and inputs, another --output, or --overwrite.")
     return out, contents

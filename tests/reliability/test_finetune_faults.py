@@ -237,3 +237,22 @@ def test_binary_metadata_is_one_line(tmp_path):
     with pytest.raises(ValueError, match="metadata.jsonl: is binary") as info:
         finetune(_config(tmp_path / "out", None, mode="data", data=str(data)))
     assert_one_line(info.value, data / "metadata.jsonl")
+
+
+def test_resume_after_the_model_files_changed_is_refused(tmp_path, prompts, monkeypatch):
+    from safetensors.torch import save_file
+
+    from dit_accel.models.tiny import build_tiny_pipeline
+
+    monkeypatch.setenv("DIT_ACCEL_CACHE", str(tmp_path / "cache"))
+    model = tmp_path / "model"
+    build_tiny_pipeline("tiny-wan").save_pretrained(model)
+    out = tmp_path / "run"
+    finetune(_config(out, prompts, model=str(model), steps=1))
+    assert json.loads((out / RUN_FILE).read_text())["model_sha256"].startswith("files:")
+    (weights,) = (model / "transformer").glob("*.safetensors")
+    tensors = load_file(str(weights))
+    tensors = {k: v * 1.5 if v.is_floating_point() else v for k, v in tensors.items()}
+    save_file(tensors, str(weights), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=f"holds a different run \\(the files of --model {model} changed\\)"):
+        finetune(_config(out, prompts, model=str(model), steps=2, resume=True))
