@@ -298,8 +298,12 @@ def _init_output(config: FinetuneConfig, accelerator, out: Path, contents: list)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         if contents and config.overwrite:  # only what a run wrote (the folder holds a run: see _check_output)
+            # The run file goes last (it is replaced below): killed half-way, the folder is still a run that
+            # --overwrite may clear, never a heap of files that no run claims.
             for p in _run_outputs(out):
-                shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+                if p.name != RUN_FILE:
+                    shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+                    crash_point()
             with contextlib.suppress(OSError):
                 (out / CKPT_DIR).rmdir()  # only when empty
         try:

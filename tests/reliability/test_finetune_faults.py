@@ -256,3 +256,50 @@ def test_resume_after_the_model_files_changed_is_refused(tmp_path, prompts, monk
     save_file(tensors, str(weights), metadata={"format": "pt"})
     with pytest.raises(ValueError, match=f"holds a different run \\(the files of --model {model} changed\\)"):
         finetune(_config(out, prompts, model=str(model), steps=2, resume=True))
+
+
+def test_sigkilled_cli_run_is_refused_by_generate_in_one_line(tmp_path, prompts, reference, capsys):
+    """End to end in a fresh interpreter: `dit-accel finetune --resume --steps 4` SIGKILLed after the new LoRA
+    replaced the old one; `dit-accel generate --weights` then names the file instead of running a mix."""
+    import os
+    import subprocess
+    import sys
+
+    from dit_accel.cli.main import main
+
+    count = tmp_path / "count"
+    shutil.copytree(reference["out"], count)
+    total = write_points(lambda: finetune(_config(count, prompts, steps=4, resume=True)))
+    out = tmp_path / "run"
+    shutil.copytree(reference["out"], out)
+    args = ["finetune", "--model", "tiny-wan", "--method", "sla", "--topk", "0.5", "--prompts", str(prompts),
+            "--output", str(out), "--frames", "9", "--height", "64", "--width", "128", "--max-sequence-length", "16",
+            "--rank", "4", "--lr", "2e-3", "--seed", "0", "--eval-batches", "0", "--gradient-accumulation-steps", "1",
+            "--checkpoint-every", "1", "--steps", "4", "--resume", "--quiet"]
+    env = {**os.environ, "DIT_ACCEL_TEST_KILL_AT": str(total - 5), "PYTHONPATH": os.pathsep.join(sys.path)}
+    proc = subprocess.run([sys.executable, "-m", "dit_accel", *args], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    rc = main(["generate", "--model", "tiny-wan", "--weights", str(out), "--frames", "9", "--height", "64", "--width",
+               "128", "--steps", "1", "--quiet", "--out", str(tmp_path / "v.mp4")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "\n" not in err and f"{out / LORA_FILE}: content differs from the sha256" in err, err
+    assert main(args) == 0  # --resume finishes the 4-step run
+    assert "step-000004" in {p.name for p in (out / CKPT_DIR).iterdir()}
+
+
+def test_overwrite_killed_half_way_can_be_overwritten_again(tmp_path, prompts, reference):
+    count = tmp_path / "count"
+    shutil.copytree(reference["out"], count)
+    total = write_points(lambda: finetune(_config(count, prompts, steps=1, overwrite=True)))
+    for k in kill_points(total, 3, seed=6) + [1, 2]:
+        out = tmp_path / f"kill{k}"
+        if out.exists():
+            continue
+        shutil.copytree(reference["out"], out)
+        (out / "notes.txt").write_text("mine")
+        assert run_killed(lambda: finetune(_config(out, prompts, steps=1, overwrite=True)), k) == "killed"
+        assert (out / RUN_FILE).is_file(), k  # still a run
+        finetune(_config(out, prompts, steps=1, overwrite=True))
+        assert (out / "notes.txt").read_text() == "mine"
+        assert sorted(p.name for p in (out / CKPT_DIR).iterdir()) == ["step-000001"], k
