@@ -192,3 +192,16 @@ def test_lora_file_without_tensors_is_one_line(tmp_path, old_folder, expected):
     save_file({}, str(folder / LORA_FILE))
     err = _load_outcome(folder, expected)
     assert isinstance(err, BadFileError) and "holds no LoRA tensors" in str(err)
+
+
+@pytest.mark.parametrize("name", [SLA_FILE, LORA_FILE])
+def test_apply_with_a_truncated_file_loads_no_lora(tmp_path, old_folder, name):
+    """The issue's case: `apply(..., weights=DIR)` with a truncated SLA file used to load the LoRA first."""
+    folder = tmp_path / "w"
+    shutil.copytree(old_folder, folder)
+    damage(folder / name, "truncated")
+    transformer = build_tiny_pipeline("tiny-wan").transformer
+    with pytest.raises(ValueError) as info:
+        dit_accel.apply(transformer, METHOD, weights=folder)
+    assert_one_line(info.value, folder / name)
+    assert ADAPTER_NAME not in (getattr(transformer, "peft_config", None) or {})
