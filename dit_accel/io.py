@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ._io import atomic_write, is_temp_name
+from ._io import BadFileError, atomic_write, is_temp_name
 
 __all__ = ["save_video", "load_video", "to_uint8_frames", "output_files", "VIDEO_SUFFIXES"]
 
@@ -169,11 +169,15 @@ def load_video(path) -> np.ndarray:
             return np.stack([_read_png(p) for p in files])
     if not path.exists():
         raise FileNotFoundError(f"no such video: {path}")
-    if suffix == ".png":
-        return _read_png(path)[None]
-    if suffix == ".gif":
-        return _read_gif(path)
-    return _read_ffmpeg(path)
+    read = (lambda: _read_png(path)[None]) if suffix == ".png" else (lambda: _read_gif(path)) if suffix == ".gif" \
+        else (lambda: _read_ffmpeg(path))
+    try:
+        return read()
+    except BadFileError:
+        raise
+    except Exception as err:  # PIL, imageio and ffmpeg raise many types for truncated or damaged files
+        raise BadFileError(path, f"cannot be decoded ({type(err).__name__}: {' '.join(str(err).split())[:100]})",
+                           "a whole mp4, gif or png") from None
 
 
 # ----------------------------------------------------------------------------- formats
@@ -233,7 +237,7 @@ def _read_ffmpeg(path: Path) -> np.ndarray:
     finally:
         reader.close()
     if not frames:
-        raise ValueError(f"{path} has no decodable frames")
+        raise BadFileError(path, "has no decodable frames", "a whole mp4, gif or png")
     return np.stack(frames)
 
 

@@ -233,3 +233,15 @@ def test_read_json_says_what_is_wrong_and_what_is_expected(tmp_path, content, pr
         _io.read_json(path, expected="a settings object")
     text = str(info.value)
     assert text.startswith(f"{path}: {problem}") and text.endswith("; expected a settings object") and "\n" not in text
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("suffix", [".mp4", ".gif", ".png"])
+def test_damaged_video_is_one_line(tmp_path, kind, suffix):
+    path = tmp_path / f"v{suffix}"
+    save_video(np.random.default_rng(0).integers(0, 255, (1 if suffix == ".png" else 3, 8, 8, 3), dtype=np.uint8),
+               path)
+    damage(path, kind)
+    with pytest.raises(ValueError) as info:
+        load_video(path)
+    assert_one_line(info.value, path)
