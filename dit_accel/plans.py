@@ -294,8 +294,8 @@ class LayoutPlan(Plan):
         self._prepared.add(key)
 
     def _check_heads(self, layout: BlockLayout, q) -> None:
-        if layout.num_heads > 1 and layout.num_heads != q.shape[1]:
-            source = getattr(self.method, "_source", None)  # the strategy file of a TileStrategy's Tile
+        source = getattr(self.method, "_source", None)  # the strategy file of a TileStrategy's Tile
+        if (layout.num_heads > 1 or source) and layout.num_heads != q.shape[1]:
             what = f"{source}: lists windows for" if source else f"{type(self.method).__name__} has windows for"
             raise ValueError(f"{what} {layout.num_heads} heads per layer, but this model's attention layers run "
                              f"{q.shape[1]} heads; expected per-head windows for heads 0..{q.shape[1] - 1}")

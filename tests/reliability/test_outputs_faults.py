@@ -161,15 +161,16 @@ def test_damaged_strategy_file_is_one_line(tmp_path, kind):
     assert_one_line(info.value, path)
 
 
-def test_strategy_with_more_heads_than_the_model_names_the_file(tmp_path):
+@pytest.mark.parametrize("heads", [7, 1])
+def test_strategy_with_other_heads_than_the_model_names_the_file(tmp_path, heads):
     from dit_accel.models.tiny import build_tiny_pipeline
 
     path = tmp_path / "strategy.json"
-    path.write_text(json.dumps({f"0_{layer}_{h}": [1, 1, 1] for layer in range(2) for h in range(7)}))
+    path.write_text(json.dumps({f"0_{layer}_{h}": [1, 1, 1] for layer in range(2) for h in range(heads)}))
     pipe = build_tiny_pipeline("tiny-wan")
     with dit_accel.apply(pipe, dit_accel.Tile.from_strategy(path, tile=(1, 2, 2))):
-        with pytest.raises(ValueError, match="lists windows for 7 heads per layer, but this model's attention "
-                                             "layers run 2 heads") as info:
+        with pytest.raises(ValueError, match=f"lists windows for {heads} heads per layer, but this model's "
+                                             "attention layers run 2 heads") as info:
             pipe("a cat", num_frames=9, height=32, width=64, num_inference_steps=1, output_type="np")
     assert_one_line(info.value, path)
 
