@@ -148,12 +148,16 @@ def test_resume_with_changed_inputs_is_refused(tmp_path, reference, prompts):
         finetune(_config(out, other, resume=True))
 
 
-@pytest.mark.parametrize("name, kind", [("state.json", "truncated"), ("trainable.safetensors", "binary"),
-                                        ("optimizer.pt", "empty"), ("state.json", "garbage")])
+@pytest.mark.parametrize("name, kind", [("state.json", k) for k in KINDS + ("other-step",)]
+                         + [("trainable.safetensors", "binary"), ("trainable.safetensors", "truncated"),
+                            ("optimizer.pt", "empty"), ("optimizer.pt", "garbage")])
 def test_damaged_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, reference, prompts, name, kind):
     out = tmp_path / "run"
     shutil.copytree(reference["out"], out)
-    damage(out / CKPT_DIR / "step-000003" / name, kind)
+    if kind == "other-step":  # valid JSON of the wrong structure: the state of step 2 in step 3's folder
+        shutil.copy(out / CKPT_DIR / "step-000002" / name, out / CKPT_DIR / "step-000003" / name)
+    else:
+        damage(out / CKPT_DIR / "step-000003" / name, kind)
     with pytest.warns(dit_accel.DitAccelWarning, match=f"step-000003/{name}.*resuming from the previous "
                                                        "checkpoint, step-000002"):
         resumed = finetune(_config(out, prompts, resume=True))

@@ -246,3 +246,16 @@ def test_damaged_video_is_one_line(tmp_path, kind, suffix):
     with pytest.raises(ValueError) as info:
         load_video(path)
     assert_one_line(info.value, path)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_damaged_model_index_is_one_line(tmp_path, kind):
+    from dit_accel.pipelines.presets import resolve_model_family
+
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "model_index.json").write_text(json.dumps({"transformer": ["diffusers", "WanTransformer3DModel"]}))
+    damage(folder / "model_index.json", kind)
+    with pytest.raises(ValueError) as info:
+        resolve_model_family(str(folder))
+    assert_one_line(info.value, folder / "model_index.json")
