@@ -7,7 +7,9 @@ An output folder of ``dit-accel finetune`` holds::
                                        absent when files.lora is null (a converted checkpoint
                                        without LoRA, see dit_accel.convert)
     sla_projections.safetensors        SLA only: "<attention module>.weight"/".bias" per layer
-    dit_accel_method.json              the method config and LoRA settings the weights belong to
+    dit_accel_method.json              the method config and LoRA settings the weights belong to, and
+                                       the sha256 of the files above: written last, checked on load,
+                                       so a folder whose writer was killed half-way refuses to load
 
 Load everything in one line::
 
