@@ -27,6 +27,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import uuid
 from pathlib import Path
 from typing import Callable, Dict, Iterable, Iterator, Optional, Union
@@ -39,6 +40,9 @@ PathLike = Union[str, os.PathLike]
 ENV_KILL_AT = "DIT_ACCEL_TEST_KILL_AT"
 _TMP_MARK = ".dit_accel-tmp-"
 _points = [0]
+# Temporaries name their host too: on a folder shared between machines a process id says nothing about
+# another machine's writers, whose temporaries are therefore never cleared from here.
+_HOST = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:6]
 
 
 class BadFileError(ValueError):
@@ -73,7 +77,7 @@ def temp_name(path: PathLike) -> Path:
     """A temporary sibling of ``path`` that keeps its suffix (libraries pick formats by suffix) and that no
     reader of the folder mistakes for an artefact (it starts with a dot)."""
     path = Path(path)
-    return path.with_name(f"{_TMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}-{path.name}")
+    return path.with_name(f"{_TMP_MARK}{os.getpid()}-{_HOST}-{uuid.uuid4().hex[:8]}-{path.name}")
 
 
 def is_temp_name(path: PathLike) -> bool:
@@ -157,15 +161,15 @@ def atomic_folder(path: PathLike) -> Iterator[Path]:
 
 def remove_stale_temps(folder: PathLike) -> None:
     """Remove the temporary files and folders that killed writers left in ``folder`` (only names of
-    :func:`temp_name` whose process is gone)."""
+    :func:`temp_name` whose process, on this machine, is gone)."""
     folder = Path(folder)
     if not folder.is_dir():
         return
     for p in folder.iterdir():
         if not is_temp_name(p):
             continue
-        pid = p.name[len(_TMP_MARK):].split("-", 1)[0]
-        if pid.isdigit() and _alive(int(pid)):
+        pid, host = (p.name[len(_TMP_MARK):].split("-", 2) + ["", ""])[:2]
+        if host != _HOST or not pid.isdigit() or _alive(int(pid)):
             continue
         shutil.rmtree(p, ignore_errors=True) if p.is_dir() and not p.is_symlink() else p.unlink(missing_ok=True)
 
