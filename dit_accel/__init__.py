@@ -21,6 +21,7 @@ _EXPORTS = {
                                     "option")},
     **{name: "weights" for name in ("load_method", "read_weights_info")},
     "DitAccelWarning": "_util",
+    "BadFileError": "_io",
     **{name: "pipelines.apply" for name in ("apply", "AccelHandle")},
     **{name: "pipelines.presets" for name in ("register_preset", "unregister_preset", "Preset", "GridInfo",
                                               "recommended", "published_settings")},

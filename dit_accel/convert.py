@@ -38,7 +38,8 @@ import torch
 
 from ._util import DitAccelWarning
 from .methods import SLA
-from .weights import LORA_FILE, METHOD_FILE, SLA_FILE
+from ._io import BadFileError
+from .weights import LORA_FILE, SLA_FILE, write_weights_folder
 
 __all__ = ["convert_checkpoint", "read_checkpoint", "split_checkpoint", "SplitCheckpoint", "SUPPORTED_LAYOUT"]
 
@@ -79,19 +80,21 @@ def read_checkpoint(path) -> Dict[str, torch.Tensor]:
     if not path.is_file():
         raise ValueError(f"checkpoint {str(path)!r} is not a file")
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+        from ._io import load_safetensors
 
-        state = load_file(str(path))
+        state = load_safetensors(path, expected="a checkpoint of tensors in the SLA reference layout")
     else:
         try:
             state = torch.load(str(path), map_location="cpu", weights_only=True)
         except Exception as err:  # pickle errors come in many types: say what the file must be
-            raise ValueError(f"cannot read {str(path)!r} as a PyTorch state dict ({type(err).__name__}: {err}); "
-                             "pass a .safetensors or a .pt/.pth state dict") from None
+            raise BadFileError(path, f"cannot be read as a PyTorch state dict ({type(err).__name__}: "
+                                     f"{' '.join(str(err).split())[:160]})",
+                               "a .safetensors or a .pt/.pth state dict") from None
     while isinstance(state, dict) and len(state) == 1 and next(iter(state)) in _WRAPPERS:
         state = next(iter(state.values()))
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"{str(path)!r} does not hold a flat state dict of tensors (keys -> tensors)")
+        raise BadFileError(path, f"holds a {type(state).__name__}, not a flat state dict of tensors",
+                           "a state dict (keys -> tensors)")
     return state
 
 
@@ -241,12 +244,12 @@ def convert_checkpoint(checkpoint, output, *, method: Optional[SLA] = None, tran
                              "is converted")
         if split.lora:
             lora = _lora_layers(split.lora)
-    out.mkdir(parents=True, exist_ok=True)
-    for stale in (LORA_FILE, SLA_FILE):
-        (out / stale).unlink(missing_ok=True)
-    save_file(projections, str(out / SLA_FILE))
-    if lora:
-        WanLoraLoaderMixin.save_lora_weights(out, transformer_lora_layers=lora, weight_name=LORA_FILE)
     info = _method_json(method, lora, [str(p) for _, p in sources], len(projections) // 2, skipped)
-    (out / METHOD_FILE).write_text(json.dumps(info, indent=2) + "\n")
+
+    def write_tensors(staging: Path) -> None:
+        save_file(projections, str(staging / SLA_FILE))
+        if lora:
+            WanLoraLoaderMixin.save_lora_weights(staging, transformer_lora_layers=lora, weight_name=LORA_FILE)
+
+    write_weights_folder(out, write_tensors, info)  # all or nothing: the method file with the hashes comes last
     return out

@@ -24,6 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ._io import BadFileError, atomic_write, is_temp_name
+
 __all__ = ["save_video", "load_video", "to_uint8_frames", "output_files", "VIDEO_SUFFIXES"]
 
 VIDEO_SUFFIXES = (".mp4", ".gif", ".png")
@@ -107,15 +109,32 @@ def save_video(frames, path, fps: int = 16) -> Path:
         )
     path.parent.mkdir(parents=True, exist_ok=True)
     if suffix == ".mp4":
-        _write_mp4(arr, path, fps)
+        atomic_write(path, lambda tmp: _write_mp4(arr, tmp, fps))
     elif suffix == ".gif":
-        _write_gif(arr, path, fps)
+        atomic_write(path, lambda tmp: _write_gif(arr, tmp, fps))
     elif suffix == ".png" or not suffix:
         if not suffix:
             path.mkdir(parents=True, exist_ok=True)
-        for frame, file in zip(arr, output_files(path, len(arr))):
-            _write_png(frame, file)
+        files = output_files(path, len(arr))
+        for stale in _stale_frames(path, files):  # an earlier, longer (or one-frame) output at this path
+            stale.unlink(missing_ok=True)
+        for frame, file in zip(arr, files):
+            atomic_write(file, lambda tmp, frame=frame: _write_png(frame, tmp))
     return path
+
+
+def _stale_frames(path: Path, files: list) -> list:
+    """Files an earlier :func:`save_video` at ``path`` wrote that the new output does not overwrite: frames past
+    the new count, and the one-frame PNG beside a sequence (or the sequence beside a one-frame PNG), which
+    :func:`load_video` would otherwise read instead of, or with, the new frames."""
+    keep = {f.name for f in files}
+    if path.suffix.lower() == ".png":
+        pattern = re.compile(re.escape(path.stem) + r"_\d{5}\.png$")
+        found = [p for p in path.parent.glob(f"{path.stem}_*.png") if pattern.match(p.name)]
+        found += [path] if path.is_file() else []
+    else:
+        found = [p for p in path.glob("frame_*.png") if re.match(r"frame_\d{5}\.png$", p.name)]
+    return [p for p in found if p.name not in keep and p.is_file()]
 
 
 def output_files(path, num_frames: int) -> list:
@@ -138,8 +157,8 @@ def load_video(path) -> np.ndarray:
     """
     path = Path(path)
     suffix = path.suffix.lower()
-    if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.suffix.lower() == ".png")
+    if path.is_dir():  # not the temporaries a killed save_video left
+        files = sorted(p for p in path.iterdir() if p.suffix.lower() == ".png" and not is_temp_name(p))
         if not files:
             raise FileNotFoundError(f"no .png frames in folder {path}")
         return np.stack([_read_png(p) for p in files])
@@ -150,11 +169,15 @@ def load_video(path) -> np.ndarray:
             return np.stack([_read_png(p) for p in files])
     if not path.exists():
         raise FileNotFoundError(f"no such video: {path}")
-    if suffix == ".png":
-        return _read_png(path)[None]
-    if suffix == ".gif":
-        return _read_gif(path)
-    return _read_ffmpeg(path)
+    read = (lambda: _read_png(path)[None]) if suffix == ".png" else (lambda: _read_gif(path)) if suffix == ".gif" \
+        else (lambda: _read_ffmpeg(path))
+    try:
+        return read()
+    except BadFileError:
+        raise
+    except Exception as err:  # PIL, imageio and ffmpeg raise many types for truncated or damaged files
+        raise BadFileError(path, f"cannot be decoded ({type(err).__name__}: {' '.join(str(err).split())[:100]})",
+                           "a whole mp4, gif or png") from None
 
 
 # ----------------------------------------------------------------------------- formats
@@ -214,7 +237,7 @@ def _read_ffmpeg(path: Path) -> np.ndarray:
     finally:
         reader.close()
     if not frames:
-        raise ValueError(f"{path} has no decodable frames")
+        raise BadFileError(path, "has no decodable frames", "a whole mp4, gif or png")
     return np.stack(frames)
 
 

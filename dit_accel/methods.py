@@ -441,7 +441,9 @@ class TileStrategy(Method):
         key = (int(step), int(layer))
         tile = self._tiles.get(key)
         if tile is None and key in self._table:
-            tile = self._tiles.setdefault(key, Tile(tile=self.tile, window=self._table[key]))
+            made = Tile(tile=self.tile, window=self._table[key])
+            object.__setattr__(made, "_source", self.path)  # errors about its windows name the file
+            tile = self._tiles.setdefault(key, made)
         return tile
 
     def plan(self, grid):

@@ -293,8 +293,16 @@ class LayoutPlan(Plan):
             self.perm.prepare(device)
         self._prepared.add(key)
 
+    def _check_heads(self, layout: BlockLayout, q) -> None:
+        source = getattr(self.method, "_source", None)  # the strategy file of a TileStrategy's Tile
+        if (layout.num_heads > 1 or source) and layout.num_heads != q.shape[1]:
+            what = f"{source}: lists windows for" if source else f"{type(self.method).__name__} has windows for"
+            raise ValueError(f"{what} {layout.num_heads} heads per layer, but this model's attention layers run "
+                             f"{q.shape[1]} heads; expected per-head windows for heads 0..{q.shape[1] - 1}")
+
     def attend(self, q, k, v, *, scale, backend, proj=None, heads=None):
         layout = self.layout_on(q.device, heads)
+        self._check_heads(layout, q)
         short = self._short(q, backend, heads)
         if short is not None:  # raster order in and out
             if short == ONE_PASS:

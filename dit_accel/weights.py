@@ -7,7 +7,9 @@ An output folder of ``dit-accel finetune`` holds::
                                        absent when files.lora is null (a converted checkpoint
                                        without LoRA, see dit_accel.convert)
     sla_projections.safetensors        SLA only: "<attention module>.weight"/".bias" per layer
-    dit_accel_method.json              the method config and LoRA settings the weights belong to
+    dit_accel_method.json              the method config and LoRA settings the weights belong to, and
+                                       the sha256 of the files above: written last, checked on load,
+                                       so a folder whose writer was killed half-way refuses to load
 
 Load everything in one line::
 
@@ -21,6 +23,8 @@ imports the other.
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import warnings
 from pathlib import Path
 from typing import Dict, Optional
@@ -28,13 +32,15 @@ from typing import Dict, Optional
 import torch
 from torch import nn
 
+from ._io import (BadFileError, atomic_write_json, check_hashes, crash_point, file_hashes, load_safetensors,
+                  read_json, remove_stale_temps, temp_name)
 from ._util import DitAccelWarning
 from .methods import Method, method_from_name
 
 __all__ = [
     "LORA_FILE", "SLA_FILE", "METHOD_FILE", "ADAPTER_NAME",
     "save_trained_weights", "load_into", "load_trained_weights", "load_method", "read_weights_info", "lora_state_dict",
-    "sla_state_dict", "method_from_dict",
+    "sla_state_dict", "method_from_dict", "write_weights_folder",
 ]
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
@@ -74,19 +80,14 @@ def sla_state_dict(projections: Dict[str, nn.Module]) -> Dict[str, torch.Tensor]
 def save_trained_weights(output_dir, *, transformer: nn.Module, method: Method, lora_config,
                          sla_projections: Optional[Dict[str, nn.Module]] = None, extra: Optional[dict] = None,
                          adapter_name: str = "default") -> None:
-    """Write the LoRA (Diffusers format), the SLA projections and the method file to ``output_dir``."""
-    from safetensors.torch import save_file
+    """Write the LoRA (Diffusers format), the SLA projections and the method file to ``output_dir``.
 
-    out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    All or nothing: the tensors are written to temporary files, renamed into place, and the method file,
+    which records their sha256, comes last; :func:`load_into` checks them, so a folder whose writer was
+    killed half-way is refused (naming the file) instead of mixing two runs' tensors.
+    """
     metadata = lora_config.to_dict()
     metadata = {k: (sorted(v) if isinstance(v, set) else v) for k, v in metadata.items()}
-    _lora_mixin().save_lora_weights(
-        out, transformer_lora_layers=lora_state_dict(transformer, adapter_name),
-        transformer_lora_adapter_metadata=metadata, weight_name=LORA_FILE,
-    )
-    if sla_projections:
-        save_file(sla_state_dict(sla_projections), str(out / SLA_FILE))
     info = {
         "format": 1,
         "method": _json_roundtrip(method.to_dict()),
@@ -95,7 +96,45 @@ def save_trained_weights(output_dir, *, transformer: nn.Module, method: Method, 
         "files": {"lora": LORA_FILE, "sla_projections": SLA_FILE if sla_projections else None},
         **(extra or {}),
     }
-    (out / METHOD_FILE).write_text(json.dumps(info, indent=2) + "\n")
+
+    def write_tensors(staging: Path) -> None:
+        _lora_mixin().save_lora_weights(
+            staging, transformer_lora_layers=lora_state_dict(transformer, adapter_name),
+            transformer_lora_adapter_metadata=metadata, weight_name=LORA_FILE,
+        )
+        if sla_projections:
+            from safetensors.torch import save_file
+
+            save_file(sla_state_dict(sla_projections), str(staging / SLA_FILE))
+
+    write_weights_folder(output_dir, write_tensors, info)
+
+
+def write_weights_folder(output_dir, write_tensors, info: dict) -> Path:
+    """The weights folder protocol (also used by :mod:`dit_accel.convert`): ``write_tensors(staging)`` writes
+    the files ``info["files"]`` names into a staging folder; they are moved into ``output_dir`` and the method
+    file, with their sha256, is written last. Files of an earlier folder that ``info`` no longer names
+    (``LORA_FILE``/``SLA_FILE``) are removed after it."""
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(out)
+    names = [n for n in (info.get("files") or {}).values() if n]
+    staging = temp_name(out / "weights")
+    staging.mkdir()
+    try:
+        write_tensors(staging)
+        info = {**info, "sha256": file_hashes(staging, names)}
+        for name in names:
+            crash_point()
+            os.replace(staging / name, out / name)
+        crash_point()
+        atomic_write_json(out / METHOD_FILE, info)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    for stale in (LORA_FILE, SLA_FILE):
+        if stale not in names:
+            (out / stale).unlink(missing_ok=True)
+    return out
 
 
 def _read_info(folder: Path) -> dict:
@@ -104,10 +143,18 @@ def _read_info(folder: Path) -> dict:
     path = folder / METHOD_FILE
     if not path.is_file():
         raise ValueError(f"weights={str(folder)!r} has no {METHOD_FILE}; is it the output folder of `dit-accel finetune`?")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON ({e}).") from None
+    expected = ("the JSON object `dit-accel finetune` writes: {\"method\": {...}, \"files\": {...}, ...}")
+    info = read_json(path, expected=expected)
+    if not isinstance(info.get("method"), dict) or not isinstance(info["method"].get("method"), str):
+        raise BadFileError(path, f"its \"method\" entry is {str(info.get('method'))[:60]!r}",
+                           "a method config such as {\"method\": \"sla\", \"topk\": 0.05, ...}")
+    files = info.get("files", {})
+    if not isinstance(files, dict) or not all(
+            v is None or (isinstance(v, str) and v and Path(v).name == v and not v.startswith("."))
+            for v in files.values()):
+        raise BadFileError(path, f"its \"files\" entry is {str(files)[:60]!r}",
+                           "{\"lora\": FILE or null, \"sla_projections\": FILE or null}, names inside the folder")
+    return info
 
 
 def read_weights_info(folder) -> dict:
@@ -127,7 +174,17 @@ def method_from_dict(d: dict) -> Method:
 
 def load_method(folder) -> Method:
     """The method config a fine-tuned folder was trained with (for ``apply(pipe, load_method(DIR), weights=DIR)``)."""
-    return method_from_dict(_read_info(Path(folder))["method"])
+    folder = Path(folder)
+    return _saved_method(folder, _read_info(folder))
+
+
+def _saved_method(folder: Path, info: dict) -> Method:
+    try:
+        return method_from_dict(info["method"])
+    except (ValueError, TypeError, KeyError) as err:
+        raise BadFileError(folder / METHOD_FILE, f"its method config is not valid ({err})",
+                           "the method config `dit-accel finetune` wrote (e.g. {\"method\": \"sla\", \"topk\": 0.05})"
+                           ) from None
 
 
 def _warn(message: str) -> None:
@@ -161,30 +218,51 @@ def load_into(handle, folder) -> None:
     same tensors ``pipe.load_lora_weights(DIR)`` would load) and, for SLA, the
     projections into ``handle.sla_projections()``.
 
-    Raises ValueError when the folder is missing files, when it was trained for
-    a different method config than ``handle.method`` (only SLA's ``linear_tokens``
-    may differ, with a warning), or when its SLA projections do not match the
-    model's attention layers.
-    """
-    from safetensors.torch import load_file
+    The whole folder is checked before the model is touched: the method file, every file's sha256
+    against it (folders written since the hashes were added), every file readable, the LoRA's modules
+    and shapes and the SLA projections' names and shapes. So a bad folder raises and leaves the
+    model as it was.
 
+    Raises ValueError (:class:`~dit_accel._io.BadFileError` for a bad file, naming it) when the folder is
+    missing files, holds a truncated or half-written file, was trained for a different method config
+    than ``handle.method`` (only SLA's ``linear_tokens`` may differ, with a warning), or when its LoRA or
+    SLA projections do not match the model's layers.
+    """
     folder = Path(folder)
+    lora, sla = _checked_folder(handle, folder)
+    if lora is not None:
+        _load_lora(handle.transformer, lora)
+    if sla is not None:
+        tensors, projections = sla
+        with torch.no_grad():
+            for name, module in projections.items():
+                for pname, p in module.named_parameters():
+                    p.copy_(tensors[f"{name}.{pname}"].to(p.dtype))
+
+
+def _checked_folder(handle, folder: Path):
+    """``(lora, sla)`` ready to load, each None when the folder has none; every check that can fail runs here."""
     info = _read_info(folder)
+    method_path = folder / METHOD_FILE
     # Through the config and back: fields added since the folder was written take their defaults.
-    saved = _json_roundtrip(method_from_dict(info["method"]).to_dict()) if "method" in info else {}
+    saved = _json_roundtrip(_saved_method(folder, info).to_dict())
     method = getattr(handle, "method", None)
     if method is not None:  # the handle's warning log (its sidecars list the warning), else a plain warning
         log = getattr(getattr(handle, "_runtime", None), "warnings", None)
         _check_method(folder, saved, method, log.warn if log is not None else _warn)
-    if (info.get("files") or {}).get("lora", LORA_FILE) is not None:
-        _load_lora(handle.transformer, folder)
-
+    files = info.get("files") or {}
+    if "sha256" in info:
+        check_hashes(folder, info["sha256"], method_path)
+    lora = None
+    if files.get("lora", LORA_FILE) is not None:
+        lora = _read_lora(handle.transformer, folder)
+    sla = None
     projections = handle.sla_projections() if hasattr(handle, "sla_projections") else {}
     if saved.get("method") == "sla" or projections:
         sla_path = folder / SLA_FILE
         if not sla_path.is_file():
             raise ValueError(f"weights={str(folder)!r} is missing {SLA_FILE} (the method is SLA).")
-        tensors = load_file(str(sla_path))
+        tensors = load_safetensors(sla_path, expected="the SLA projections `dit-accel finetune` writes")
         expected = sla_state_dict(projections)
         missing = sorted(set(expected) - set(tensors))
         unexpected = sorted(set(tensors) - set(expected))
@@ -194,13 +272,12 @@ def load_into(handle, folder) -> None:
                 f"was it trained on a different model? It was trained with dense_layers={info.get('dense_layers')}; "
                 "pass the same dense_layers to apply()."
             )
-        with torch.no_grad():
-            for name, module in projections.items():
-                for pname, p in module.named_parameters():
-                    src = tensors[f"{name}.{pname}"]
-                    if src.shape != p.shape:
-                        raise ValueError(f"{sla_path}: {name}.{pname} has shape {tuple(src.shape)}, model has {tuple(p.shape)}.")
-                    p.copy_(src.to(p.dtype))
+        for key, ref in expected.items():
+            if tensors[key].shape != ref.shape:
+                raise ValueError(f"{sla_path}: {key} has shape {tuple(tensors[key].shape)}, model has "
+                                 f"{tuple(ref.shape)}.")
+        sla = (tensors, projections)
+    return lora, sla
 
 
 def _check_lora_targets(transformer: nn.Module, folder: Path, state: Dict[str, torch.Tensor]) -> None:
@@ -224,12 +301,51 @@ def _check_lora_targets(transformer: nn.Module, folder: Path, state: Dict[str, t
         )
 
 
-def _load_lora(transformer: nn.Module, folder: Path) -> None:
+def _read_lora(transformer: nn.Module, folder: Path):
+    """``(state, metadata)`` of the folder's LoRA, checked against ``transformer`` (modules and shapes)."""
     lora_path = folder / LORA_FILE
     if not lora_path.is_file():
         raise ValueError(f"weights={str(folder)!r} is missing {LORA_FILE}.")
-    state, metadata = _lora_mixin().lora_state_dict(str(folder), weight_name=LORA_FILE, return_lora_metadata=True)
+    load_safetensors(lora_path, expected="a Diffusers LoRA file (safetensors)")  # readable as a whole
+    try:
+        state, metadata = _lora_mixin().lora_state_dict(str(folder), weight_name=LORA_FILE,
+                                                        return_lora_metadata=True)
+    except Exception as err:  # Diffusers raises several types for files it cannot convert
+        raise BadFileError(lora_path, f"Diffusers cannot read it as a LoRA ({type(err).__name__}: "
+                                      f"{' '.join(str(err).split())[:120]})",
+                           "the Diffusers-format LoRA `dit-accel finetune` writes") from None
+    if not state:
+        raise BadFileError(lora_path, "holds no LoRA tensors", "the lora_A/lora_B tensors `dit-accel finetune` writes")
     _check_lora_targets(transformer, folder, state)
+    modules = dict(transformer.named_modules())
+    ranks: Dict[str, Dict[str, int]] = {}
+    for key, tensor in state.items():
+        name = key.split("transformer.", 1)[1] if key.startswith("transformer.") else key
+        module_name, _, rest = name.partition(".lora_")
+        base = getattr(modules.get(module_name), "base_layer", modules.get(module_name))
+        weight = getattr(base, "weight", None)
+        if weight is None or tensor.dim() != 2 or weight.dim() != 2:
+            continue
+        side = rest.split(".")[0]
+        want = weight.shape[1] if side == "A" else weight.shape[0] if side == "B" else None
+        got = tensor.shape[1] if side == "A" else tensor.shape[0]
+        if want is not None and got != want:
+            raise ValueError(f"{lora_path}: {key} has shape {tuple(tensor.shape)}, but {module_name} of this "
+                             f"{type(transformer).__name__} has {'inputs' if side == 'A' else 'outputs'} of size "
+                             f"{want}: the weights belong to a model of another size.")
+        ranks.setdefault(module_name, {})[side] = tensor.shape[0] if side == "A" else tensor.shape[1]
+    meta = {k.split(".", 1)[-1]: v for k, v in (metadata or {}).items()}  # keys come as "transformer.r"
+    meta_rank = meta.get("r") if isinstance(meta.get("r"), int) and not meta.get("rank_pattern") else None
+    for module_name, sides in sorted(ranks.items()):
+        want = meta_rank if meta_rank is not None else sides.get("A")
+        if any(r != want for r in sides.values()):
+            raise BadFileError(lora_path, f"the LoRA of {module_name} has rank {sides} (lora_A rows / lora_B columns)",
+                               f"rank {want} on both sides" + (", as its adapter metadata says" if meta_rank else ""))
+    return state, metadata
+
+
+def _load_lora(transformer: nn.Module, lora) -> None:
+    state, metadata = lora
     if ADAPTER_NAME in (getattr(transformer, "peft_config", None) or {}):
         transformer.delete_adapters(ADAPTER_NAME)  # loading twice replaces, never stacks
     transformer.load_lora_adapter(state, prefix="transformer", metadata=metadata, adapter_name=ADAPTER_NAME)

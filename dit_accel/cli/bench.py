@@ -11,9 +11,9 @@ Examples::
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
+from .._io import atomic_write_json
 from .options import HelpFormatter, plain
 
 __all__ = ["register", "run"]
@@ -187,8 +187,7 @@ def _run_kernels(args) -> int:
     for note in result["notes"]:
         print(f"note: {note}")
     if args.out:
-        with open(args.out, "w") as fh:
-            json.dump(result, fh, indent=2)
+        atomic_write_json(args.out, result)
         print(f"wrote {args.out}")
     if args.plot:
         bench.plot_kernels(result, args.plot)
@@ -222,8 +221,7 @@ def _run_fidelity(args) -> int:
         return 2
     print(fidelity_table(result))
     if args.out:
-        with open(args.out, "w") as fh:
-            json.dump(result, fh, indent=2)
+        atomic_write_json(args.out, result)
         print(f"wrote {args.out}")
     return 0
 
@@ -283,7 +281,6 @@ def _run_sass(args) -> int:
         print("kernel compiled with the same tile, warps, stages, dtype and target.")
         print(sass.sass_table(rows))
     if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(result, fh, indent=1, default=str)
+        atomic_write_json(args.json, result, indent=1, default=str)
         print(f"wrote {args.json}")
     return 0

@@ -116,11 +116,16 @@ def _run(args) -> int:
     if not args.seeds:
         return fail("--seeds needs at least one seed, e.g. --seeds 0,1")
     if args.prompts:
+        from .._io import BadFileError, read_text
+
         try:
-            with open(args.prompts) as fh:
-                prompts = [line.strip() for line in fh if line.strip() and not line.startswith("#")]
-        except OSError as exc:
-            return fail(f"--prompts {args.prompts}: {exc.strerror or exc}; pass a text file, one prompt per line")
+            text = read_text(args.prompts, what="--prompts: a UTF-8 text file, one prompt per line")
+        except BadFileError as exc:
+            return fail(str(exc))
+        prompts = [line.strip() for line in text.splitlines() if line.strip() and not line.strip().startswith("#")]
+        if not prompts:
+            return fail(f"{args.prompts}: {'is empty' if not text.strip() else 'holds no prompts (only blank lines or # comments)'}; "
+                        "expected --prompts: one prompt per line")
     else:
         prompts = args.prompt or (balanced_prompts(8) if args.model == "tiny-shapes" else
                                   ["a red panda walking through a bamboo forest, cinematic lighting"])
@@ -157,6 +162,7 @@ def _run(args) -> int:
     except (ModelLoadError, ValueError, OSError) as exc:
         print(f"dit-accel eval: {exc}")
         return 2
-    print(open(os.path.join(args.out, "report.md")).read().split("\n## Settings")[0])
+    with open(os.path.join(args.out, "report.md"), encoding="utf-8") as fh:
+        print(fh.read().split("\n## Settings")[0])
     print(f"wrote {os.path.join(args.out, 'results.json')}, report.md, pareto.png, grid.png")
     return 1 if any(r.get("error") for r in results["rows"]) else 0

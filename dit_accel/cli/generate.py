@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import inspect
-import json
 import os
 import re
 import sys
@@ -566,6 +565,7 @@ def _record(args, pipe, method, schedule, source, call, frames, written, times, 
 
 def generate(args) -> dict:
     """Run ``generate`` for parsed ``args``; returns the sidecar dict (also written to OUT.json)."""
+    from .._io import atomic_write_json
     from ..io import output_files, save_video, to_uint8_frames
     from ..models.loading import ModelLoadError, load_pipeline, resolve_model_kind
     from ..models.tiny import is_embedded_model
@@ -632,6 +632,8 @@ def generate(args) -> dict:
     t0 = time.perf_counter()
     if not parallel.is_main():  # every rank holds the same frames; rank 0 writes them
         return {"output": None, "rank": None}
+    sidecar = Path(str(out) + ".json")
+    sidecar.unlink(missing_ok=True)  # an earlier run's record must not stay beside this run's video
     save_video(frames, out, fps=args.fps)
     written = output_files(out, len(frames))
     side_by_side = None
@@ -643,8 +645,7 @@ def generate(args) -> dict:
                                  summary, elapsed))
     record["compare_dense"] = to_jsonable(_comparison(times, dense, frames, side_by_side))
     record["quality"] = to_jsonable(_quality(args.model, call["prompt"], frames, dense))
-    sidecar = Path(str(out) + ".json")
-    sidecar.write_text(json.dumps(record, indent=2) + "\n")
+    atomic_write_json(sidecar, record)  # written last: a sidecar names a complete output
     record["sidecar"] = str(sidecar)
     return record
 

@@ -31,6 +31,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
+from .._io import BadFileError, is_temp_name
 from ..methods import Method
 
 __all__ = ["load_capture", "method_attention", "matched_method", "bench_fidelity", "fidelity_table"]
@@ -44,11 +45,28 @@ def load_capture(directory) -> List[Path]:
     if not directory.is_dir():
         raise ValueError(f"--capture {directory}: not a folder; make one with `dit-accel eval ... --capture DIR` "
                          "or dit_accel.apply(pipe, Dense(), capture=DIR)")
-    files = sorted((p for p in directory.iterdir() if _NAME.search(p.name)),
+    files = sorted((p for p in directory.iterdir() if _NAME.search(p.name) and not is_temp_name(p)),
                    key=lambda p: tuple(int(x) for x in _NAME.search(p.name).groups()))
     if not files:
         raise ValueError(f"--capture {directory}: no layerLLL_stepSSS.pt files found")
     return files
+
+
+def _read_capture(path: Path) -> dict:
+    """One capture file, checked: q, k, v ``(B, H, N, D)`` of one shape and the token grid; BadFileError
+    naming the file otherwise (truncated, empty, another pickle)."""
+    expected = "a capture file of dit_accel.apply(..., capture=DIR): {'q', 'k', 'v': (B, H, N, D) tensors, 'grid'}"
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:  # zip, pickle and EOF errors come in many types
+        raise BadFileError(path, f"cannot be read ({type(err).__name__}: {' '.join(str(err).split())[:100]})",
+                           expected) from None
+    ok = isinstance(data, dict) and all(isinstance(data.get(n), torch.Tensor) and data[n].dim() == 4
+                                        for n in ("q", "k", "v"))
+    if not ok or not (data["q"].shape == data["k"].shape == data["v"].shape) or not isinstance(
+            data.get("grid"), (tuple, list)):
+        raise BadFileError(path, "holds another structure (or q, k, v of different shapes)", expected)
+    return data
 
 
 @torch.no_grad()
@@ -101,7 +119,7 @@ def bench_fidelity(capture_dir, methods: Dict[str, Method], *, match_density: Op
     notes: List[str] = []
     tuned: Dict[tuple, Method] = {}  # (label, grid) -> retuned config, built once per geometry
     for path in tqdm(files, desc="fidelity", unit="file"):
-        data = torch.load(path, map_location="cpu", weights_only=False)
+        data = _read_capture(path)
         q, k, v = (data[n].to(device, torch.float32) for n in ("q", "k", "v"))
         grid = tuple(int(g) for g in data["grid"])
         ref = F.scaled_dot_product_attention(q, k, v)

@@ -8,10 +8,11 @@ videos correct on every criterion.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import List, Sequence
 
 import numpy as np
+
+from .._io import atomic_write, atomic_write_text
 
 __all__ = ["write_report", "plot_pareto", "frame_grid", "markdown_table"]
 
@@ -81,7 +82,7 @@ def write_report(results: dict, path) -> None:
               "- versions: " + ", ".join(f"{k} {val}" for k, val in v.items() if val is not None), ""]
     if results.get("skipped"):
         lines += ["## Skipped metrics", ""] + [f"- {line}" for line in results["skipped"]] + [""]
-    Path(path).write_text("\n".join(lines))
+    atomic_write_text(path, "\n".join(lines))
 
 
 def plot_pareto(results: dict, path) -> None:
@@ -115,7 +116,7 @@ def plot_pareto(results: dict, path) -> None:
         title += " (random-weight tiny model)"
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100))
     plt.close(fig)
 
 
@@ -153,4 +154,4 @@ def frame_grid(labels: List[str], videos: List[np.ndarray], path, columns: int =
             grid.paste(Image.fromarray(diff.astype(np.uint8)), (left + tile_w, top))
             caption = "reference" if psnr is None else f"{psnr[min(f, len(psnr) - 1)]:.1f} dB"
             draw.text((left + 2, top + h), caption, fill="black")
-    grid.save(path)
+    atomic_write(path, grid.save)

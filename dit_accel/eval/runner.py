@@ -37,7 +37,8 @@ from ..models.tiny import is_tiny_model, model_label
 from .metrics import mean_or_none, paired_metrics, to_frames
 from .timing import StageTimer, median_times
 
-__all__ = ["EvalSettings", "MethodSpec", "load_method_specs", "run_eval", "dense_cache_key", "APPLY_KEYS"]
+__all__ = ["EvalSettings", "MethodSpec", "load_method_specs", "run_eval", "dense_cache_key", "model_fingerprint",
+           "APPLY_KEYS"]
 
 # Keys of a method config entry that go to dit_accel.apply() rather than the method.
 APPLY_KEYS = ("dense_steps", "dense_last_steps", "dense_layers", "layer_methods", "backend", "weights")
@@ -108,7 +109,9 @@ class MethodSpec:
 
 def _read_config(path: str):
     """The --method-config file's contents; ValueError with the parser's one-line reason when it is not valid."""
-    text = Path(path).read_text()
+    from .._io import read_text
+
+    text = read_text(path, what="--method-config: a JSON or YAML file of method options")
     if str(path).endswith((".yaml", ".yml")):
         import yaml
 
@@ -187,13 +190,57 @@ def load_method_specs(methods: Optional[Sequence[str]], config_path: Optional[st
     return specs
 
 
-def dense_cache_key(settings: EvalSettings, prompt: str, seed: int) -> str:
-    blob = json.dumps({"model": settings.model, "frames": settings.frames, "height": settings.height,
+def dense_cache_key(settings: EvalSettings, prompt: str, seed: int, *, model_sha256: str = "",
+                    pipeline: str = "") -> str:
+    """The dense cache entry of one sample: a hash of everything that decides the dense video.
+
+    ``model_sha256`` is the content of the weights (:func:`model_fingerprint`), so changing the files of a
+    local model folder changes the key; ``pipeline`` is the pipeline class. The generation settings, dtype,
+    device and the versions of torch, Diffusers, Transformers and dit_accel are part of it too. The model's
+    name is part of it unless its files were hashed (``"files:..."``, configs included): the same folder
+    under another path then shares its entries.
+    """
+    from .. import __version__
+
+    name = None if model_sha256.startswith("files:") else settings.model
+    blob = json.dumps({"model": name, "model_sha256": model_sha256, "pipeline": pipeline,
+                       "frames": settings.frames, "height": settings.height,
                        "width": settings.width, "steps": settings.steps, "guidance": settings.guidance_scale,
                        "max_sequence_length": settings.max_sequence_length, "dtype": settings.dtype,
-                       "device": torch.device(settings.device).type, "prompt": prompt, "seed": int(seed)},
+                       "device": torch.device(settings.device).type, "prompt": prompt, "seed": int(seed),
+                       "versions": {**versions(("torch", "diffusers", "transformers")), "dit_accel": __version__}},
                       sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+
+_HASH_MEMO = "model_hashes.json"
+
+
+def model_fingerprint(model, pipe, cache_dir: Optional[Path] = None, log=print) -> str:
+    """sha256 of a model's weights (``"files:<hex>"`` or ``"state:<hex>"``, see
+    :func:`dit_accel.models.loading.model_fingerprint`); file hashes are memoised in ``cache_dir``."""
+    from ..models.loading import model_fingerprint as fingerprint
+
+    memo = Path(cache_dir) / _HASH_MEMO if cache_dir is not None else None
+    return fingerprint(model, pipe, memo=memo, warn=log)
+
+
+def _read_dense_entry(path: Path):
+    """``(frames, times)`` of a dense cache file; ValueError (BadFileError) naming it when it is damaged."""
+    from .._io import BadFileError
+
+    expected = "a dense cache entry: frames uint8 [F, H, W, 3] and times (JSON)"
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            frames, times = np.asarray(data["frames"]), json.loads(str(data["times"]))
+    except Exception as err:  # BadZipFile, EOFError, KeyError, ValueError, ...: a damaged entry
+        raise BadFileError(path, f"cannot be read ({type(err).__name__}: {' '.join(str(err).split())[:100]})",
+                           expected) from None
+    if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3 or 0 in frames.shape \
+            or not isinstance(times, dict):
+        raise BadFileError(path, f"holds frames {frames.dtype} {tuple(frames.shape)} and times "
+                                 f"{type(times).__name__}", expected)
+    return frames, times
 
 
 # ----------------------------------------------------------------- generation
@@ -247,17 +294,32 @@ def _summary_density(handle) -> tuple:
 
 # ------------------------------------------------------------------ the run
 def _dense_row(pipe, timer, settings: EvalSettings, samples, cache_dir: Path, log) -> Tuple[dict, int]:
-    """The dense baseline row, from the cache where it has the sample; ``(row, samples generated)``."""
+    """The dense baseline row, from the cache where it has the sample; ``(row, samples generated)``.
+
+    The cache is keyed by the content of the model's weights (see :func:`dense_cache_key`); an entry that
+    cannot be read (truncated, wrong structure) is dropped with a warning and generated again. Entries are
+    written whole (temporary file, then a rename), so a killed eval leaves no half entry.
+    """
     from tqdm.auto import tqdm
 
+    from .._io import atomic_write
+
+    model_sha256 = model_fingerprint(settings.model, pipe, cache_dir, log)
+    pipeline = type(pipe).__name__
     videos, runs, missing = [None] * len(samples), [], []
     with tqdm(total=len(samples), desc="dense", unit="video") as bar:
         for i, (prompt, seed) in enumerate(samples):
-            path = cache_dir / f"dense_{dense_cache_key(settings, prompt, seed)}.npz"
+            key = dense_cache_key(settings, prompt, seed, model_sha256=model_sha256, pipeline=pipeline)
+            path = cache_dir / f"dense_{key}.npz"
             if path.exists():
-                with np.load(path) as data:
-                    videos[i] = data["frames"]
-                    runs.append(json.loads(str(data["times"])))
+                try:
+                    videos[i], times = _read_dense_entry(path)
+                except ValueError as err:
+                    log(f"warning: dense cache entry dropped, generating it again: {err}")
+                    path.unlink(missing_ok=True)
+                    missing.append((i, path))
+                    continue
+                runs.append(times)
                 bar.update(1)
             else:
                 missing.append((i, path))
@@ -266,7 +328,7 @@ def _dense_row(pipe, timer, settings: EvalSettings, samples, cache_dir: Path, lo
             runs.extend(new_runs)
             for (i, path), video, times in zip(missing, new_videos, new_runs):
                 videos[i] = video
-                np.savez_compressed(path, frames=video, times=json.dumps(times))
+                atomic_write(path, lambda tmp: np.savez_compressed(tmp, frames=video, times=json.dumps(times)))
     log(f"dense: {len(missing)} generated, {len(samples) - len(missing)} from cache ({cache_dir})")
     row = {"label": "dense", "config": {"method": "dense", "label": "dense"}, "videos": videos,
            "times": median_times(runs), "density": 1.0, "summary": {}, "stats": []}
@@ -366,9 +428,10 @@ def _fitting(specs: Sequence[MethodSpec], pipe, log) -> List[MethodSpec]:
 
 
 def _write_results(out_dir: Path, results: dict, rows: List[dict]) -> None:
+    from .._io import atomic_write_json
     from . import report
 
-    (out_dir / "results.json").write_text(json.dumps(results, indent=2))
+    atomic_write_json(out_dir / "results.json", results)
     report.write_report(results, out_dir / "report.md")
     report.plot_pareto(results, out_dir / "pareto.png")
     shown = [r for r in rows if "videos" in r]
@@ -399,7 +462,8 @@ def run_eval(settings: EvalSettings, specs: Sequence[MethodSpec], out_dir, *, ca
     import dit_accel
 
     if not settings.prompts:
-        raise ValueError("no prompts: pass --prompts FILE (one prompt per line) or --prompt TEXT")
+        raise ValueError("no prompts: EvalSettings.prompts is empty; pass --prompts FILE (one prompt per line) or "
+                         "--prompt TEXT")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     cache_dir = Path(cache_dir) if cache_dir else out_dir / "cache"

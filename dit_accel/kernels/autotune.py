@@ -24,7 +24,6 @@ Example::
 from __future__ import annotations
 
 import datetime
-import json
 import os
 import statistics
 import threading
@@ -98,31 +97,59 @@ _LOADED: Dict[str, bool] = {}
 
 def cache_path() -> Path:
     """The JSON file holding the choices (``$DIT_ACCEL_CACHE/autotune.json``)."""
-    root = os.environ.get("DIT_ACCEL_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "dit_accel")
-    return Path(root) / "autotune.json"
+    from .._io import cache_root
+
+    return cache_root() / "autotune.json"
+
+
+_EXPECTED = 'the autotune cache: {"<shape class key>": {"choice": backend, "times_ms": {backend: ms or null}, ...}}'
+
+
+def _valid_entry(key, entry) -> bool:
+    return (isinstance(key, str) and len(key.split("|")) == len(ShapeClass.__dataclass_fields__)
+            and isinstance(entry, dict) and isinstance(entry.get("choice"), str)
+            and isinstance(entry.get("times_ms"), dict)
+            and all(t is None or isinstance(t, (int, float)) for t in entry["times_ms"].values()))
 
 
 def _entries() -> Dict[str, dict]:
-    path = str(cache_path())
-    if not _LOADED.get(path):
-        try:
-            _MEMORY.update(json.loads(Path(path).read_text()))
-        except (OSError, ValueError):
-            pass
-        _LOADED[path] = True
+    """The stored choices; a damaged file (truncated, wrong structure) or entry is dropped with a warning
+    naming it, and the shapes it held are timed again."""
+    from .._io import read_json
+
+    path = cache_path()
+    if not _LOADED.get(str(path)):
+        _LOADED[str(path)] = True
+        if path.exists():
+            try:
+                data = read_json(path, expected=_EXPECTED)
+            except ValueError as err:
+                _warn(f"dit_accel: {err}; ignoring it (the backends are timed again)")
+                data = {}
+            bad = [k for k, v in data.items() if not _valid_entry(k, v)]
+            if bad:
+                _warn(f"dit_accel: {path}: {len(bad)} entr{'y' if len(bad) == 1 else 'ies'} of the wrong structure "
+                      f"(e.g. {bad[0][:60]!r}) ignored; expected {_EXPECTED}")
+            _MEMORY.update({k: v for k, v in data.items() if k not in bad})
     return _MEMORY
 
 
+def _warn(message: str) -> None:
+    import warnings
+
+    from .._util import DitAccelWarning
+
+    warnings.warn(message, DitAccelWarning, stacklevel=3)
+
+
 def _store(key: str, entry: dict) -> None:
+    from .._io import atomic_write_json
+
     with _LOCK:
         entries = _entries()
         entries[key] = entry
-        path = cache_path()
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(entries, indent=1, sort_keys=True))
-            tmp.replace(path)
+            atomic_write_json(cache_path(), entries, indent=1, sort_keys=True)
         except OSError:
             pass  # a read-only home still tunes, per process
 

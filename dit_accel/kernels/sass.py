@@ -47,6 +47,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
+from .._io import atomic_write_json
 from .compile import TARGET_ARCHS, aot_source, compile_for_target, map_in_workers, shipped_kernel_configs
 
 __all__ = ["Instruction", "Loop", "parse_sass", "find_loops", "classify", "CLASSES", "occupancy", "ptxas_report",
@@ -536,10 +537,7 @@ def analyze(cfg, arch: int, use_cache: bool = True, loops: bool = True) -> dict:
     if use_cache:
         path = _cache_dir() / f"{_cache_key(cfg, arch)}.json"
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(row))
-            tmp.replace(path)
+            atomic_write_json(path, row, indent=None)
         except OSError:
             pass
     return row
@@ -549,9 +547,10 @@ def _read_cache(cfg, arch: int) -> Optional[dict]:
     """The stored analysis of ``cfg`` on ``sm_<arch>`` (with or without the SASS loops), else None."""
     path = _cache_dir() / f"{_cache_key(cfg, arch)}.json"
     try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
+        row = json.loads(path.read_text())
+    except (OSError, ValueError):  # absent or damaged (UnicodeDecodeError is a ValueError): analysed again
         return None
+    return row if isinstance(row, dict) else None
 
 
 def _cached(cfg, arch: int, loops: bool) -> Optional[dict]:

@@ -15,13 +15,14 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
+from typing import Optional
 
 import torch
 
 from .tiny import EMBEDDED_MODELS, TINY_MODELS, build_tiny_pipeline
 from .tiny_shapes import TRAINED_MODELS
 
-__all__ = ["load_pipeline", "ModelLoadError", "resolve_model_kind"]
+__all__ = ["load_pipeline", "ModelLoadError", "resolve_model_kind", "model_folder", "model_fingerprint"]
 
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 _PROBE_TIMEOUT_S = 5.0
@@ -49,6 +50,53 @@ def resolve_model_kind(model: str) -> str:
         f"model {model!r} is neither an embedded model ({', '.join(EMBEDDED_MODELS)}), an existing folder, "
         "nor a hub id like 'Wan-AI/Wan2.1-T2V-1.3B-Diffusers'"
     )
+
+
+def model_folder(model) -> Optional[Path]:
+    """The folder a ``--model`` value loads from: a local folder, an embedded model's folder, or a hub id's
+    snapshot in the local cache; None for models built in code, objects and uncached hub ids."""
+    if not isinstance(model, str):
+        return None
+    try:
+        kind = resolve_model_kind(model)
+    except (ValueError, ModelLoadError):
+        return None
+    if kind == "folder":
+        return Path(model).expanduser()
+    if kind == "embedded":
+        return Path(TRAINED_MODELS[model])
+    if kind == "hub":
+        try:
+            from huggingface_hub import snapshot_download
+
+            return Path(snapshot_download(model, local_files_only=True))
+        except Exception:  # not cached as a snapshot
+            return None
+    return None
+
+
+def model_fingerprint(model, pipe=None, *, memo=None, warn=print) -> Optional[str]:
+    """The content of a model's weights: ``"files:<sha256>"`` of the files it loads from (configs included;
+    file hashes memoised in ``memo``, see :func:`dit_accel._io.folder_digest`), else ``"state:<sha256>"`` of
+    the state dicts of ``pipe``'s modules (a model built in code or held in memory); None without either."""
+    from .._io import folder_digest
+
+    folder = model_folder(model)
+    if folder is not None:
+        return "files:" + folder_digest(folder, memo, warn)
+    if pipe is None:
+        return None
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, module in sorted((getattr(pipe, "components", None) or {"transformer": pipe.transformer}).items()):
+        if not isinstance(module, torch.nn.Module):
+            continue
+        for key, t in sorted(module.state_dict().items()):
+            t = t.detach().cpu().contiguous()
+            h.update(f"{name}.{key}:{t.dtype}:{tuple(t.shape)}".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return "state:" + h.hexdigest()
 
 
 def _offline() -> bool:

@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from .._io import atomic_write_json
 from .clips import COLOURS, DIRECTIONS, SHAPES, make_prompt, render_batch
 from .tiny_shapes import TINY_SHAPES_DEFAULTS, TINY_SHAPES_DIR
 
@@ -319,7 +320,7 @@ def train(out_dir=TINY_SHAPES_DIR, *, steps: int = 3600, batch_size: int = 16, l
     if eval_seeds:
         pipe.set_progress_bar_config(disable=True)
         log["eval"] = evaluate(pipe, seeds=tuple(eval_seeds))
-    (out_dir / "train_log.json").write_text(json.dumps(log, indent=1) + "\n")
+    atomic_write_json(out_dir / "train_log.json", log, indent=1)
     return log
 
 
@@ -342,8 +343,8 @@ def _portable_tokenizer_class(folder: Path) -> None:
     index, config = json.loads(index_path.read_text()), json.loads(config_path.read_text())
     index["tokenizer"] = ["transformers", "PreTrainedTokenizerFast"]
     config["tokenizer_class"] = "PreTrainedTokenizerFast"
-    index_path.write_text(json.dumps(index, indent=2) + "\n")
-    config_path.write_text(json.dumps(config, indent=2) + "\n")
+    atomic_write_json(index_path, index)
+    atomic_write_json(config_path, config)
 
 
 def _count(module) -> int:

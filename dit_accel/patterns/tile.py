@@ -15,7 +15,6 @@ choose such a per-head window for every (denoising step, layer):
 from __future__ import annotations
 
 import functools
-import json
 import math
 import re
 from pathlib import Path
@@ -169,13 +168,10 @@ _KEY = re.compile(r"^(\d+)_(\d+)_(\d+)$")
 
 
 def _strategy_entries(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text())
-    except OSError as err:
-        raise ValueError(f"cannot read the STA strategy file {str(path)!r}: {err}") from None
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{str(path)!r} is not valid JSON ({err}); expected FastVideo's STA mask strategy, "
-                         '{"step_layer_head": [wt, wh, ww], ...}') from None
+    from .._io import read_json
+
+    data = read_json(path, kind=None,
+                     expected='FastVideo\'s STA mask strategy, a JSON object {"step_layer_head": [wt, wh, ww], ...}')
     if not isinstance(data, dict) or not data:
         raise ValueError(f"{str(path)!r} must hold a non-empty JSON object {{\"step_layer_head\": [wt, wh, ww]}} "
                          f"(FastVideo's STA mask strategy); got {type(data).__name__}")

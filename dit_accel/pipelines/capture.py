@@ -15,6 +15,8 @@ from typing import Optional, Sequence
 
 import torch
 
+from .._io import atomic_write
+
 __all__ = ["Capture", "check_capture_dir"]
 
 
@@ -64,4 +66,5 @@ class Capture:
         tag = "" if heads is None else f"_heads{heads[0]}-{heads[1]}"
         if heads is not None:
             data["heads"] = tuple(heads)
-        torch.save(data, os.path.join(self.folder, f"layer{layer:03d}_step{step:03d}{tag}.pt"))
+        atomic_write(os.path.join(self.folder, f"layer{layer:03d}_step{step:03d}{tag}.pt"),
+                     lambda tmp: torch.save(data, tmp))

@@ -22,7 +22,9 @@ from typing import List, Sequence
 import numpy as np
 import torch
 
-__all__ = ["read_prompts", "CaptionDataset", "IMAGE_EXTENSIONS", "VIDEO_EXTENSIONS", "sample_indices",
+from .._io import BadFileError, read_text
+
+__all__ = ["read_prompts", "inputs_digest", "CaptionDataset", "IMAGE_EXTENSIONS", "VIDEO_EXTENSIONS", "sample_indices",
            "step_generator", "check_batchable"]
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -36,11 +38,32 @@ def read_prompts(path) -> List[str]:
     p = Path(path)
     if not p.is_file():
         raise ValueError(f"--prompts {str(p)!r} does not exist or is not a file; pass a text file with one prompt per line.")
-    prompts = [ln.strip() for ln in p.read_text(encoding="utf-8").splitlines()]
+    text = read_text(p, what="--prompts: a UTF-8 text file with one prompt per line")
+    prompts = [ln.strip() for ln in text.splitlines()]
     prompts = [ln for ln in prompts if ln and not ln.startswith("#")]
     if not prompts:
-        raise ValueError(f"--prompts {str(p)!r} holds no prompts; write one prompt per line.")
+        raise BadFileError(p, "holds no prompts (only blank lines or # comments)" if text.strip() else "is empty",
+                           "--prompts: one prompt per line")
     return prompts
+
+
+def inputs_digest(prompts=None, data=None) -> str:
+    """sha256 of the training inputs' contents: the prompts file, or the caption folder's metadata.jsonl and
+    every file it names (a resumed run must see the inputs the interrupted one saw)."""
+    import hashlib
+
+    from .._io import sha256_file
+
+    h = hashlib.sha256()
+    if data is not None:
+        root = Path(data)
+        h.update(b"data:" + sha256_file(root / "metadata.jsonl").encode())
+        for name in sorted(p.name for p in root.iterdir() if p.is_file()
+                           and p.suffix.lower() in IMAGE_EXTENSIONS + VIDEO_EXTENSIONS):
+            h.update(f"{name}:{sha256_file(root / name)}".encode())
+    elif prompts is not None:
+        h.update(b"prompts:" + sha256_file(prompts).encode())
+    return h.hexdigest()
 
 
 def _load_frames(path: Path) -> np.ndarray:
@@ -99,7 +122,8 @@ class CaptionDataset:
                 '{"file_name": "clip.mp4", "text": "its caption"}.'
             )
         captions = {}
-        for n, line in enumerate(meta.read_text(encoding="utf-8").splitlines(), 1):
+        text = read_text(meta, what='metadata.jsonl: UTF-8 text, one {"file_name": ..., "text": ...} per line')
+        for n, line in enumerate(text.splitlines(), 1):
             if not line.strip():
                 continue
             try:
@@ -127,9 +151,15 @@ class CaptionDataset:
         return 1 if Path(self.files[i]).suffix.lower() in IMAGE_EXTENSIONS else self.frames
 
     def item(self, i: int):
-        frames = _load_frames(self.root / self.files[i])
+        path = self.root / self.files[i]
+        expected = f"an image ({', '.join(IMAGE_EXTENSIONS)}) or a video ({', '.join(VIDEO_EXTENSIONS)})"
+        try:
+            frames = _load_frames(path)
+        except Exception as err:  # PIL, imageio and ffmpeg raise many types for damaged files
+            raise BadFileError(path, f"cannot be decoded ({type(err).__name__}: {' '.join(str(err).split())[:100]})",
+                               expected) from None
         if frames.ndim != 4 or frames.shape[0] == 0:
-            raise ValueError(f"could not read frames from {self.root / self.files[i]}")
+            raise BadFileError(path, "holds no frames", expected)
         want = self.num_frames(i)
         frames = frames[:want]
         if frames.shape[0] < want:  # short clip: hold the last frame

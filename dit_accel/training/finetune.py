@@ -46,9 +46,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from .._util import versions
+from .._io import (BadFileError, atomic_folder, atomic_write_json, cache_root, check_hashes, crash_point,
+                   file_hashes, is_temp_name, load_safetensors, read_json, remove_stale_temps)
+from .._util import DitAccelWarning, versions
 from ..methods import SLA, Method, Radial, registered_methods
-from ..weights import save_trained_weights, sla_state_dict
+from ..weights import LORA_FILE, METHOD_FILE, SLA_FILE, save_trained_weights, sla_state_dict
 from . import data as data_mod
 from .model_io import ModelIO, model_io_for, take
 
@@ -209,8 +211,36 @@ def validate_config(config: FinetuneConfig) -> None:
 
 
 def _run_record(config: FinetuneConfig, world: int) -> dict:
-    """What identifies a run (written to RUN_FILE): the settings and the number of processes."""
-    return {**config.settings(), "num_processes": world}
+    """What identifies a run (written to RUN_FILE): the settings, the number of processes and the sha256 of
+    the contents of the inputs (the prompts file or the caption folder) and of the model's files (a local,
+    embedded or cached hub model; None for a model built in code or passed as an object): a path alone does
+    not say what it holds."""
+    from ..models.loading import model_fingerprint
+
+    model = config.model if isinstance(config.model, str) else None
+    return {**config.settings(), "num_processes": world,
+            "inputs_sha256": data_mod.inputs_digest(config.prompts, config.data),
+            "model_sha256": model_fingerprint(model, memo=cache_root() / "model_hashes.json",
+                                              warn=lambda m: print(m, file=sys.stderr))}
+
+
+# What a run writes in its output folder: --overwrite removes these and nothing else.
+_RUN_OUTPUTS = (RUN_FILE, LOG_FILE, METHOD_FILE, LORA_FILE, SLA_FILE)
+
+
+def _run_outputs(out: Path) -> List[Path]:
+    """The files and folders of ``out`` that a fine-tuning run wrote (checkpoint folders, temporaries)."""
+    found = [out / n for n in _RUN_OUTPUTS if (out / n).is_file()]
+    found += [p for p in out.iterdir() if is_temp_name(p)]
+    root = out / CKPT_DIR
+    if root.is_dir() and not root.is_symlink():
+        found += [p for p in root.iterdir() if p.is_dir() and (p.name.startswith("step-") or is_temp_name(p))]
+    return found
+
+
+def _describe(paths: Sequence[Path], limit: int = 4) -> str:
+    names = sorted(p.name + ("/" if p.is_dir() else "") for p in paths)
+    return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
 def _check_output(config: FinetuneConfig, world: int) -> Tuple[Path, list]:
@@ -229,27 +259,36 @@ def _check_output(config: FinetuneConfig, world: int) -> Tuple[Path, list]:
     if not out.exists() and parent is not None and (not parent.is_dir() or not os.access(parent, os.W_OK)):
         raise ValueError(f"--output {str(out)!r} cannot be created: {str(parent)!r} is "
                          f"{'not a folder' if not parent.is_dir() else 'not writable'}; choose another folder.")
-    contents = list(out.iterdir()) if out.is_dir() else []
+    contents = [p for p in out.iterdir() if not is_temp_name(p)] if out.is_dir() else []
     run_file = out / RUN_FILE
+    if contents and not run_file.is_file():
+        raise ValueError(
+            f"--output {str(out)!r} holds {len(contents)} file(s) that are not a fine-tuning run ({_describe(contents)}; "
+            f"no {RUN_FILE}); choose an empty or new folder. Nothing there is deleted"
+            + (", not even with --overwrite." if config.overwrite else "."))
     if contents and not config.overwrite:
+        previous = read_json(run_file, expected="the run record `dit-accel finetune` writes (a JSON object of settings)")
         if not config.resume:
-            what = "another fine-tuning run" if run_file.is_file() else "other files"
+            steps = _checkpoints(out)
+            done = f", checkpoints up to step {_step_of(steps[-1])}" if steps else ", no checkpoint yet"
             raise ValueError(
-                f"--output {str(out)!r} already holds {what}; pass --resume to continue that run, "
-                "--overwrite to replace it, or choose an empty folder."
+                f"--output {str(out)!r} already holds another fine-tuning run ({previous.get('steps', '?')} steps "
+                f"asked{done}); pass --resume to continue that run, --overwrite to replace it (only the files a run "
+                "writes are removed), or choose an empty folder."
             )
-        if not run_file.is_file():
-            raise ValueError(f"--resume: {str(out)!r} holds no fine-tuning run ({RUN_FILE} missing); "
-                             "use an empty folder or --overwrite.")
-        previous = json.loads(run_file.read_text())
         previous.setdefault("num_processes", 1)  # run files of 0.1 had no process count (single process)
         current = _run_record(config, world)
+        for key in ("inputs_sha256", "model_sha256"):  # run files written before these were hashed
+            if key not in previous:
+                current.pop(key)
         diff = sorted(k for k in set(previous) | set(current)
                       if k not in _RESUMABLE and previous.get(k) != current.get(k))
         if diff:
-            detail = ", ".join(f"{k}: {previous.get(k)!r} -> {current.get(k)!r}" for k in diff[:4])
+            changed = {"inputs_sha256": f"the contents of {'--data' if config.data else '--prompts'} changed",
+                       "model_sha256": f"the files of --model {config.settings()['model']} changed"}
+            detail = ", ".join(changed.get(k) or f"{k}: {previous.get(k)!r} -> {current.get(k)!r}" for k in diff[:4])
             raise ValueError(f"--resume: {str(out)!r} holds a different run ({detail}); "
-                             "use the same settings, another --output, or --overwrite.")
+                             "use the same settings and inputs, another --output, or --overwrite.")
     return out, contents
 
 
@@ -258,12 +297,19 @@ def _init_output(config: FinetuneConfig, accelerator, out: Path, contents: list)
     run_file = out / RUN_FILE
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        if contents and config.overwrite:
-            for p in contents:
-                shutil.rmtree(p) if p.is_dir() else p.unlink()
+        if contents and config.overwrite:  # only what a run wrote (the folder holds a run: see _check_output)
+            # The run file goes last (it is replaced below): killed half-way, the folder is still a run that
+            # --overwrite may clear, never a heap of files that no run claims.
+            for p in _run_outputs(out):
+                if p.name != RUN_FILE:
+                    shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+                    crash_point()
+            with contextlib.suppress(OSError):
+                (out / CKPT_DIR).rmdir()  # only when empty
         try:
             out.mkdir(parents=True, exist_ok=True)
-            run_file.write_text(json.dumps(_run_record(config, accelerator.num_processes), indent=2) + "\n")
+            remove_stale_temps(out)
+            atomic_write_json(run_file, _run_record(config, accelerator.num_processes))
         except OSError as e:
             raise ValueError(f"--output {str(out)!r} cannot be written: {e.strerror or e}; choose another "
                              "folder.") from None
@@ -308,51 +354,85 @@ def _load_rng(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _step_of(path: Path) -> int:
+    return int(path.name.split("-")[1])
+
+
 def _checkpoints(out: Path) -> List[Path]:
+    """Complete checkpoint folders (renamed into place whole), oldest first."""
     root = out / CKPT_DIR
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-") and (p / "state.json").is_file()]
-    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-") and p.name[5:].isdigit()
+             and (p / "state.json").is_file()]
+    return sorted(found, key=_step_of)
+
+
+_CKPT_FILES = ("trainable.safetensors", "optimizer.pt")
 
 
 def _save_checkpoint(out: Path, step: int, params: Dict[str, nn.Parameter], optimizer, scaler, losses, limit: int):
+    """One checkpoint folder, built under a temporary name and renamed into place; its state.json records
+    the sha256 of the other files (checked on resume)."""
     from safetensors.torch import save_file
 
     root = out / CKPT_DIR
-    final = root / f"step-{step:06d}"
-    tmp = root / f".tmp-step-{step:06d}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    save_file({k: p.detach().cpu().contiguous() for k, p in params.items()}, str(tmp / "trainable.safetensors"))
-    torch.save({"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict() if scaler is not None else None,
-                "rng": _save_rng()}, tmp / "optimizer.pt")
-    (tmp / "state.json").write_text(json.dumps({"step": step, "loss": losses}) + "\n")
-    if final.exists():
-        shutil.rmtree(final)
-    tmp.rename(final)  # a checkpoint folder with state.json is always complete
+    root.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(root)
+    with atomic_folder(root / f"step-{step:06d}") as tmp:
+        save_file({k: p.detach().cpu().contiguous() for k, p in params.items()}, str(tmp / "trainable.safetensors"))
+        crash_point()
+        torch.save({"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict() if scaler is not None else None,
+                    "rng": _save_rng()}, tmp / "optimizer.pt")
+        atomic_write_json(tmp / "state.json", {"step": step, "loss": losses, "sha256": file_hashes(tmp, _CKPT_FILES)},
+                          indent=None)
     if limit > 0:
         for old in _checkpoints(out)[:-limit]:
             shutil.rmtree(old, ignore_errors=True)
 
 
-def _load_checkpoint(path: Path, params: Dict[str, nn.Parameter], optimizer, scaler) -> Tuple[int, List[float]]:
-    from safetensors.torch import load_file
-
-    tensors = load_file(str(path / "trainable.safetensors"))
+def _read_checkpoint(path: Path, params: Dict[str, nn.Parameter]) -> Tuple[dict, Dict[str, torch.Tensor], dict]:
+    """``(state, tensors, optimizer blob)`` of a checkpoint folder, every file checked; BadFileError naming the
+    bad file otherwise. Nothing is loaded into the run here."""
+    state_path = path / "state.json"
+    expected = 'the checkpoint state `dit-accel finetune` writes: {"step": N, "loss": [...], "sha256": {...}}'
+    state = read_json(state_path, expected=expected)
+    step, losses = state.get("step"), state.get("loss")
+    if not (isinstance(step, int) and step == _step_of(path) and isinstance(losses, list) and len(losses) >= step
+            and all(isinstance(x, (int, float)) for x in losses)):
+        raise BadFileError(state_path, f"holds step {step!r} and {type(losses).__name__} loss for folder {path.name}",
+                           expected)
+    if "sha256" in state:
+        check_hashes(path, state["sha256"], state_path)
+    tensors = load_safetensors(path / "trainable.safetensors", expected="the checkpoint's trainable tensors")
     if set(tensors) != set(params):
         raise ValueError(f"checkpoint {path} does not match this run's trainable parameters "
                          f"({len(tensors)} saved, {len(params)} now); use --overwrite to start again.")
+    for k, p in params.items():
+        if tensors[k].shape != p.shape:
+            raise BadFileError(path / "trainable.safetensors", f"{k} has shape {tuple(tensors[k].shape)}",
+                               f"shape {tuple(p.shape)} (this run's parameter)")
+    try:
+        blob = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=False)
+    except Exception as err:  # pickle and zip errors come in many types
+        raise BadFileError(path / "optimizer.pt", f"cannot be read ({type(err).__name__}: "
+                                                  f"{' '.join(str(err).split())[:120]})",
+                           "the optimizer state torch.save wrote") from None
+    if not isinstance(blob, dict) or not {"optimizer", "rng"} <= set(blob):
+        raise BadFileError(path / "optimizer.pt", f"holds {type(blob).__name__} without optimizer and rng state",
+                           "{'optimizer': ..., 'scaler': ..., 'rng': ...}")
+    return state, tensors, blob
+
+
+def _load_checkpoint(path: Path, params: Dict[str, nn.Parameter], optimizer, scaler) -> Tuple[int, List[float]]:
+    state, tensors, blob = _read_checkpoint(path, params)
     with torch.no_grad():
         for k, p in params.items():
             p.copy_(tensors[k])
-    blob = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=False)
     optimizer.load_state_dict(blob["optimizer"])
     if scaler is not None and blob.get("scaler") is not None:
         scaler.load_state_dict(blob["scaler"])
     _load_rng(blob["rng"])
-    state = json.loads((path / "state.json").read_text())
     return int(state["step"]), list(state["loss"])
 
 
@@ -595,8 +675,26 @@ def _resume(trainer: _Trainer, out: Path) -> Tuple[int, List[float], Optional[in
         if trainer.accelerator.is_main_process:
             print(f"--resume: no checkpoint in {out / CKPT_DIR}; starting from step 0")
         return 0, [], None
-    start, losses = _load_checkpoint(found[-1], trainer.params, trainer.optimizer, trainer.scaler)
-    return start, losses[:start], start
+    steps = trainer.config.steps
+    if _step_of(found[-1]) > steps:
+        raise ValueError(f"--resume --steps {steps}: {str(out)!r} holds a checkpoint at step {_step_of(found[-1])}, "
+                         f"past step {steps}; pass --steps {_step_of(found[-1])} or more to continue it, or "
+                         "--overwrite to train again from step 0.")
+    for path in reversed(found):  # a bad latest checkpoint: the one before it, with a warning
+        try:
+            start, losses = _load_checkpoint(path, trainer.params, trainer.optimizer, trainer.scaler)
+        except BadFileError as err:
+            older = [p for p in found if _step_of(p) < _step_of(path)]
+            if not older:
+                raise BadFileError(err.path, err.problem, err.expected + f" (no older checkpoint in {out / CKPT_DIR} "
+                                   "to fall back to; --overwrite starts again from step 0)") from None
+            import warnings
+
+            warnings.warn(f"dit_accel: --resume: {err}; resuming from the previous checkpoint, {older[-1].name}",
+                          DitAccelWarning, stacklevel=2)
+            continue
+        return start, losses[:start], start
+    raise AssertionError("unreachable")
 
 
 def _train(trainer: _Trainer, out: Path, start: int, losses: List[float]) -> float:
@@ -641,7 +739,7 @@ def _write_results(trainer: _Trainer, out: Path, result: dict) -> None:
         "initial_loss": result["initial_loss"], "final_loss": result["final_loss"],
         "eval_loss_start": result["eval_loss_start"], "eval_loss_end": result["eval_loss_end"],
     }
-    (out / LOG_FILE).write_text(json.dumps(log, indent=2) + "\n")
+    atomic_write_json(out / LOG_FILE, log)
 
 
 def finetune(config: FinetuneConfig) -> Dict[str, Any]:

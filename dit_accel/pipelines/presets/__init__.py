@@ -32,7 +32,6 @@ Adding a model family (developer note)
 from __future__ import annotations
 
 import importlib
-import json
 import re
 from pathlib import Path
 from typing import Dict, Optional, Tuple
@@ -197,7 +196,9 @@ def _folder_family(folder: Path) -> Optional[Tuple[str, Optional[str]]]:
     index = folder / "model_index.json"
     if not index.is_file():
         return None
-    info = json.loads(index.read_text())
+    from ..._io import read_json
+
+    info = read_json(index, expected="a Diffusers model_index.json (a JSON object naming the components)")
     entry = info.get("transformer") or [None, None]
     name = entry[1] if isinstance(entry, list) and len(entry) == 2 else None
     if name not in PRESETS:

@@ -1,0 +1,310 @@
+"""Atomic files: every artefact dit_accel writes and reads back goes through here.
+
+Three rules, so that a job killed at any instant leaves either the old complete artefact or the
+new complete one, never a mix that loads without an error:
+
+- **One file**: written under a temporary name in the same folder, then renamed over the final
+  name (:func:`atomic_write`, :func:`atomic_write_text`, :func:`atomic_write_json`). A rename in one
+  folder is atomic on POSIX and Windows, so a reader sees the old file or the new one.
+- **A folder of files**: either built in a temporary sibling folder and renamed into place
+  (:func:`atomic_folder`, checkpoints), or its files are replaced one by one and a manifest of their
+  sha256 (:func:`file_hashes`) is written *last*; the loader checks every file against it
+  (:func:`check_hashes`), so a folder whose writer was killed half-way is refused, naming the file.
+- **A bad file is one line**: :class:`BadFileError` (a ``ValueError``) names the file, what is wrong
+  and what was expected. The readers here (:func:`read_json`, :func:`read_text`,
+  :func:`load_safetensors`) raise it for truncated, empty, binary and wrongly structured files.
+
+Test hook: ``DIT_ACCEL_TEST_KILL_AT=K`` makes the process SIGKILL itself at the K-th write point
+(after a temporary file is complete, and after each rename), so the fault-injection suite
+(``tests/reliability``) kills every writer at seeded, reproducible points. Nothing else reads it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import signal
+import socket
+import uuid
+from pathlib import Path
+from typing import Callable, Dict, Iterable, Iterator, Optional, Union
+
+__all__ = ["BadFileError", "atomic_write", "atomic_write_text", "atomic_write_json", "atomic_folder", "file_hashes",
+           "check_hashes", "sha256_file", "folder_digest", "read_json", "read_text", "load_safetensors", "temp_name", "is_temp_name",
+           "remove_stale_temps", "crash_point", "cache_root", "ENV_KILL_AT"]
+
+PathLike = Union[str, os.PathLike]
+ENV_KILL_AT = "DIT_ACCEL_TEST_KILL_AT"
+_TMP_MARK = ".dit_accel-tmp-"
+_points = [0]
+# Temporaries name their host too: on a folder shared between machines a process id says nothing about
+# another machine's writers, whose temporaries are therefore never cleared from here.
+_HOST = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:6]
+
+
+class BadFileError(ValueError):
+    """A file dit_accel reads is missing, truncated, corrupt or of the wrong structure.
+
+    ``str(err)`` is one line: ``<path>: <what is wrong>; expected <what should be there>``.
+    ``err.path`` is the file.
+    """
+
+    def __init__(self, path: PathLike, problem: str, expected: str) -> None:
+        self.path, self.problem, self.expected = str(path), problem, expected
+        super().__init__(f"{self.path}: {problem}; expected {expected}")
+
+
+def cache_root() -> Path:
+    """dit_accel's own cache folder: ``$DIT_ACCEL_CACHE``, default ``~/.cache/dit_accel``."""
+    return Path(os.environ.get("DIT_ACCEL_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "dit_accel"))
+
+
+def crash_point() -> None:
+    """A write point for the fault-injection tests: SIGKILL this process at the K-th one when
+    ``$DIT_ACCEL_TEST_KILL_AT`` is K (never set outside tests)."""
+    at = os.environ.get(ENV_KILL_AT)
+    if not at:
+        return
+    _points[0] += 1
+    if _points[0] == int(at):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def temp_name(path: PathLike) -> Path:
+    """A temporary sibling of ``path`` that keeps its suffix (libraries pick formats by suffix) and that no
+    reader of the folder mistakes for an artefact (it starts with a dot)."""
+    path = Path(path)
+    return path.with_name(f"{_TMP_MARK}{os.getpid()}-{_HOST}-{uuid.uuid4().hex[:8]}-{path.name}")
+
+
+def is_temp_name(path: PathLike) -> bool:
+    """Whether ``path`` is a temporary name of :func:`temp_name` (a writer that was killed leaves these)."""
+    return Path(path).name.startswith(_TMP_MARK)
+
+
+def _fsync(path: Path) -> None:
+    try:
+        fd = os.open(str(path), os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: PathLike, write: Callable[[Path], object]) -> Path:
+    """``write(tmp)`` writes the file at the temporary path ``tmp``; then it replaces ``path`` in one rename.
+
+    For libraries that write by path (safetensors, ``torch.save``, ``np.savez``, imageio). On any error
+    the temporary file is removed and ``path`` is untouched. Returns ``path``.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_name(path)
+    try:
+        write(tmp)
+        _fsync(tmp)
+        crash_point()
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+    crash_point()
+    return path
+
+
+def atomic_write_text(path: PathLike, text: str) -> Path:
+    """Write ``text`` (UTF-8) to ``path`` atomically."""
+    return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def atomic_write_json(path: PathLike, obj, *, indent: Optional[int] = 2, **kwargs) -> Path:
+    """Write ``obj`` as JSON (with a final newline) to ``path`` atomically."""
+    return atomic_write_text(path, json.dumps(obj, indent=indent, **kwargs) + "\n")
+
+
+@contextlib.contextmanager
+def atomic_folder(path: PathLike) -> Iterator[Path]:
+    """``with atomic_folder(final) as tmp:`` fill ``tmp``; on success it becomes ``final`` (an old ``final``
+    is replaced), on an error it is removed and ``final`` is untouched.
+
+    The swap is two renames (old aside, new in); a kill between them leaves no ``final`` and the old
+    folder under a temporary name, never a mixed one.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_name(path)
+    tmp.mkdir()
+    try:
+        yield tmp
+        crash_point()
+        old = None
+        if path.exists():
+            old = temp_name(path)
+            os.replace(path, old)
+            crash_point()
+        os.replace(tmp, path)
+        crash_point()
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def remove_stale_temps(folder: PathLike) -> None:
+    """Remove the temporary files and folders that killed writers left in ``folder`` (only names of
+    :func:`temp_name` whose process, on this machine, is gone)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return
+    for p in folder.iterdir():
+        if not is_temp_name(p):
+            continue
+        pid, host = (p.name[len(_TMP_MARK):].split("-", 2) + ["", ""])[:2]
+        if host != _HOST or not pid.isdigit() or _alive(int(pid)):
+            continue
+        shutil.rmtree(p, ignore_errors=True) if p.is_dir() and not p.is_symlink() else p.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True
+
+
+# ----------------------------------------------------------------------------- content hashes
+def sha256_file(path: PathLike, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def file_hashes(folder: PathLike, names: Iterable[str]) -> Dict[str, str]:
+    """``{name: sha256}`` of files of ``folder``, for a manifest written after them."""
+    folder = Path(folder)
+    return {name: sha256_file(folder / name) for name in names}
+
+
+def check_hashes(folder: PathLike, hashes: Dict[str, str], manifest: PathLike) -> None:
+    """BadFileError naming the first file of ``hashes`` that is missing or differs from its recorded sha256
+    (its writer was killed between the file and the manifest ``manifest``, or someone changed it)."""
+    folder = Path(folder)
+    if not isinstance(hashes, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in hashes.items()):
+        raise BadFileError(manifest, f"its sha256 table is {type(hashes).__name__} {str(hashes)[:80]}",
+                           "a mapping of file name to sha256 hex digest")
+    for name, digest in sorted(hashes.items()):
+        p = folder / name
+        if not p.is_file():
+            raise BadFileError(p, f"missing, but {Path(manifest).name} lists it",
+                               "every file the manifest lists (the folder is incomplete; write it again)")
+        if sha256_file(p) != digest:
+            raise BadFileError(p, f"content differs from the sha256 recorded in {Path(manifest).name} (its writer "
+                                  "was interrupted, or the file was changed afterwards)",
+                               "the file written together with the manifest; write the folder again")
+
+
+def folder_digest(folder: PathLike, memo: Optional[PathLike] = None, warn: Callable[[str], object] = print) -> str:
+    """sha256 over every file of ``folder`` (relative path and content; names starting with a dot skipped).
+
+    ``memo``: a JSON file of ``{file: [size, mtime_ns, sha256]}`` so unchanged files (same size and
+    modification time) are not read again; a damaged memo is reported through ``warn`` and rebuilt.
+    """
+    folder = Path(folder)
+    memo_path = Path(memo) if memo is not None else None
+    known: dict = {}
+    if memo_path is not None and memo_path.exists():
+        try:
+            known = read_json(memo_path, expected="{file: [size, mtime_ns, sha256]} (a memo of file hashes)")
+        except ValueError as err:
+            warn(f"warning: {err}; hashing the files again")
+    fresh = {}
+    h = hashlib.sha256()
+    files = sorted(p for p in folder.rglob("*") if p.is_file()
+                   and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+    for p in files:
+        st = p.stat()
+        key = str(p.resolve())
+        entry = known.get(key)
+        ok = isinstance(entry, list) and len(entry) == 3 and entry[:2] == [st.st_size, st.st_mtime_ns] \
+            and isinstance(entry[2], str)
+        fresh[key] = [st.st_size, st.st_mtime_ns, entry[2] if ok else sha256_file(p)]
+        h.update(f"{p.relative_to(folder).as_posix()}:{fresh[key][2]}\n".encode())
+    if memo_path is not None and any(known.get(k) != v for k, v in fresh.items()):
+        try:
+            atomic_write_json(memo_path, {**{k: v for k, v in known.items() if isinstance(v, list)}, **fresh},
+                              indent=None)
+        except OSError:
+            pass  # a read-only memo still works, it only hashes again
+    return h.hexdigest()
+
+
+# ----------------------------------------------------------------------------- readers
+def read_text(path: PathLike, *, what: str = "a UTF-8 text file") -> str:
+    """The text of ``path``; BadFileError for a missing, unreadable or binary (not UTF-8) file."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise BadFileError(path, "cannot read it: no such file", what) from None
+    except IsADirectoryError:
+        raise BadFileError(path, "cannot read it: it is a folder", what) from None
+    except OSError as err:
+        raise BadFileError(path, f"cannot read it ({err.strerror or err})", what) from None
+    if b"\x00" in data:
+        raise BadFileError(path, "is binary (holds NUL bytes)", what)
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise BadFileError(path, f"is not UTF-8 text (byte {err.start}: {data[err.start:err.start + 1]!r})",
+                           what) from None
+
+
+def read_json(path: PathLike, *, expected: str = "a JSON object", kind: type = dict):
+    """The JSON value of ``path``, which must be a ``kind`` (dict by default; None: any);
+    BadFileError for empty, truncated, binary or wrongly structured files."""
+    text = read_text(path, what=expected)
+    if not text.strip():
+        raise BadFileError(path, "is empty", expected)
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        # A string left open always runs to the end: the file stops inside it.
+        truncated = err.pos >= len(text.rstrip()) or err.msg.startswith("Unterminated string")
+        why = "is truncated" if truncated else "is not valid JSON"
+        raise BadFileError(path, f"{why} ({err.msg} at line {err.lineno}, column {err.colno})", expected) from None
+    if kind is not None and not isinstance(value, kind):
+        raise BadFileError(path, f"holds a JSON {type(value).__name__}", expected)
+    return value
+
+
+def load_safetensors(path: PathLike, *, expected: str = "a safetensors file of tensors"):
+    """``{name: tensor}`` of a safetensors file; BadFileError for missing, empty, truncated or corrupt ones."""
+    path = Path(path)
+    if not path.is_file():
+        raise BadFileError(path, "does not exist", expected)
+    if path.stat().st_size == 0:
+        raise BadFileError(path, "is empty", expected)
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except Exception as err:  # SafetensorError, OSError, ...: the library's reason, on one line
+        reason = " ".join(str(err).split())[:160]
+        raise BadFileError(path, f"is not a readable safetensors file ({type(err).__name__}: {reason})",
+                           expected) from None
