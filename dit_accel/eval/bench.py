@@ -326,10 +326,10 @@ def call_timing_fields(timing, visited_flops: float) -> dict:
                                           if timing.throughput_s else None)}
 
 
-def extra_dense_contenders(q, k, v, notes: List[str], scale: Optional[float] = None) -> dict:
+def extra_dense_contenders(q, k, v, notes: List[str], scale: Optional[float] = None, flex: bool = True) -> dict:
     """The dense contenders beside :func:`~dit_accel.kernels.dense.dense_contenders` on CUDA: SDPA pinned to
     its flash and to its cuDNN backend, flash-attn 3 (``flash_attn_interface``) and flash-attn 4
-    (``flash_attn.cute``) when installed, compiled FlexAttention without a mask. What is missing is a note;
+    (``flash_attn.cute``) when installed, compiled FlexAttention without a mask (``flex``). What is missing is a note;
     what cannot run these inputs is dropped later by the first call (also a note)."""
     out = {}
     try:
@@ -365,6 +365,8 @@ def extra_dense_contenders(q, k, v, notes: List[str], scale: Optional[float] = N
             continue
         qf, kf, vf = as_bnhd()
         out[label] = partial(fn, qf, kf, vf, softmax_scale=scale)
+    if not flex:
+        return out
     try:
         from torch.nn.attention.flex_attention import flex_attention
 
