@@ -118,7 +118,8 @@ def _tile_case(grid: Sequence[int], density: float, block: int = 64):
 def bench_kernels(shapes: Sequence[ModelShape], densities: Sequence[float], *, device="cpu",
                   dtype: Optional[torch.dtype] = None, warmup: Optional[int] = None, repeats: Optional[int] = None,
                   backends: Optional[Sequence[str]] = None, sla: bool = True, flex_compiled: Optional[bool] = None,
-                  threads: Optional[Sequence[int]] = None, log=print, progress: bool = True) -> dict:
+                  threads: Optional[Sequence[int]] = None, log=print, progress: bool = True,
+                  call_timer=None) -> dict:
     """Time dense and sparse attention kernels; returns a JSON-ready dict (``rows`` list).
 
     For every shape and target density the contenders run interleaved: each round times every
@@ -141,6 +142,8 @@ def bench_kernels(shapes: Sequence[ModelShape], densities: Sequence[float], *, d
             rounds, not timed).
         threads: CPU only, the ``torch.set_num_threads`` values to run everything at (default:
             the current count); each row records its count.
+        call_timer: the :class:`~dit_accel.eval.timing.CallTimer` of the per-contender call timings
+            (default: CUDA events on CUDA, none on CPU; tests pass a fake one).
 
     The dense contenders are :func:`dit_accel.kernels.dense.dense_contenders`: SDPA, the
     in-repo dense Triton kernel (CUDA) and flash-attn (when installed).
@@ -185,7 +188,7 @@ def bench_kernels(shapes: Sequence[ModelShape], densities: Sequence[float], *, d
             for shape in shapes:
                 bar.set_postfix_str(f"{shape.name}, {count} threads" if not cuda else shape.name)
                 rows += _bench_shape(shape, densities, device, dtype, warmup, repeats, backends, sla, flex_compiled,
-                                     notes, bar, None if cuda else count)
+                                     notes, bar, None if cuda else count, call_timer)
     finally:
         torch.set_num_threads(before)
         bar.close()
@@ -198,7 +201,7 @@ def bench_kernels(shapes: Sequence[ModelShape], densities: Sequence[float], *, d
 
 
 def _bench_shape(shape: ModelShape, densities, device, dtype, warmup, repeats, backends, sla, flex_compiled, notes,
-                 bar, threads) -> List[dict]:
+                 bar, threads, call_timer=None) -> List[dict]:
     """The rows of one shape: the dense contenders and, per density, the sparse ones, each density's set
     timed in interleaved rounds together with dense SDPA."""
     from ..kernels import block_sparse_attention
@@ -217,8 +220,7 @@ def _bench_shape(shape: ModelShape, densities, device, dtype, warmup, repeats, b
     if cuda:
         dense.update(extra_dense_contenders(q, k, v, notes))
     rows: List[dict] = []
-    call_timer = None
-    if cuda:
+    if cuda and call_timer is None:
         from .timing import CudaCallTimer
 
         call_timer = CudaCallTimer(device)

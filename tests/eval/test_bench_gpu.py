@@ -161,3 +161,18 @@ def test_bench_gpu_cli_parsing(tmp_path, capsys):
         module.bench_gpu = original
     assert [s.name for s in seen["shapes"]] == ["FLUX 1024px"] and seen["densities"] == [0.25]
     assert seen["methods"] == ["tile"] and seen["backward"] is False and seen["pytest_gpu"] is True
+
+
+def test_bench_kernels_rows_carry_call_timings_with_a_timer():
+    """The GPU columns of bench kernels (latency, back-to-back, graph, host, TFLOP/s on visited tiles), from a fake
+    timer on the CPU's quick shape."""
+    from dit_accel.eval.bench import CPU_QUICK_SHAPES, bench_kernels
+
+    res = bench_kernels(CPU_QUICK_SHAPES, (0.25,), device="cpu", sla=False, flex_compiled=False, repeats=1, warmup=0,
+                        call_timer=FakeTimer(), progress=False)
+    assert len(res["rows"]) == 2
+    for r in res["rows"]:
+        assert (r["latency_ms"], r["throughput_ms"], r["graph_ms"], r["host_us"]) == pytest.approx((3, 2, 1.5, 100))
+        assert r["tflops_visited_throughput"] * 2e-3 * 1e12 == pytest.approx(
+            4 * r["heads"] * r["tokens"] ** 2 * r["head_dim"] * r["work_vs_dense"])
+    assert "back-to-back ms" in kernels_table(res)
