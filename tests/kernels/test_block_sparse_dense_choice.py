@@ -59,6 +59,7 @@ def gpu_auto(monkeypatch):
     monkeypatch.setattr(api, "_dense_applies", lambda device: True)
     monkeypatch.setattr(api, "_arch", lambda device: "h100")
     monkeypatch.delenv("DIT_ACCEL_BACKEND", raising=False)
+    monkeypatch.setenv("DIT_ACCEL_AUTOTUNE", "0")  # the model alone decides (no timing on the CPU)
 
 
 def test_auto_runs_dense_where_sparse_loses(gpu_auto):
@@ -69,6 +70,22 @@ def test_auto_runs_dense_where_sparse_loses(gpu_auto):
     assert api.block_sparse_backend(q, k, v, layout, return_lse=False) == api.DENSE
     # A forced backend runs as forced.
     assert api.block_sparse_backend(q, k, v, layout, "torch", return_lse=False) == "torch"
+
+
+def test_a_measurement_overrides_the_model(gpu_auto, monkeypatch):
+    """With the autotuner on, auto times sparse and dense once per call signature and the faster runs."""
+    layout = _band(4, 1)
+    q, k, v = (torch.randn(1, 2, 256, 64, dtype=torch.bfloat16) for _ in range(3))
+    monkeypatch.setenv("DIT_ACCEL_AUTOTUNE", "1")
+    timings = iter([1.0, 2.0])  # sparse 1 ms, then dense 2 ms: the model (dense) loses to the measurement
+    monkeypatch.setattr(api, "_time_ms", lambda fn: fn() is None or next(timings))
+    assert api.block_sparse_backend(q, k, v, layout, return_lse=False) == "torch"
+    timings = iter([2.0, 1.0])
+    other = _band(4, 1)
+    assert api.block_sparse_backend(q, k, v, other, return_lse=False) == api.DENSE
+    assert api.dense_reasons(other)[0].startswith("measured: sparse [torch] 2.000 ms > dense 1.000 ms")
+    monkeypatch.setenv("DIT_ACCEL_AUTOTUNE", "0")  # the model alone
+    assert api.block_sparse_backend(q, k, v, _band(4, 1), return_lse=False) == api.DENSE
 
 
 def test_cpu_behaviour_is_unchanged():

@@ -14,7 +14,7 @@ from ..checks import check_qkv, check_scale
 from ..layout import BlockLayout
 
 __all__ = ["block_sparse_attention", "block_sparse_backend", "layout_on", "prepare_layout", "block_sparse_tuner",
-           "dense_reason", "all_keys_visited", "DENSE"]
+           "dense_reason", "dense_reasons", "all_keys_visited", "DENSE"]
 
 # Per-device copies of layouts, so a CPU-built layout moves to the GPU once, not per call.
 _ON_DEVICE = LayoutCache("block_sparse.device")
@@ -156,14 +156,18 @@ def _decide(q, k, v, layout, scale, backend: str, return_lse: bool):
         density = _DENSITY.get(layout, "visited", lambda: float(layout.density()))
         tuner = block_sparse_tuner(q, k, v, layout, scale, density)
     request = Request.of(q, k, v, layout.block_q, layout.block_k, density=density)
+    name = resolve("block_sparse", backend, request, tuner)
+    device_layout = layout_on(layout, q.device)
     if backend == "auto" and _dense_applies(q.device) and env_backend() is None \
             and not torch.compiler.is_compiling():
         reason = dense_reason(layout, batch=q.shape[0], heads=q.shape[1], head_dim=q.shape[-1], dtype=q.dtype,
                               return_lse=return_lse, needs_grad=request.needs_grad, arch=_arch(q.device))
+        if _eligible(layout, q.dtype, q.shape[-1], return_lse, request.needs_grad) and autotune.enabled():
+            reason = _measured_reason(q, k, v, device_layout, scale, name, return_lse, reason)
         if reason is not None:
+            _REASONS.get(layout, "reasons", list).append(reason)
             return scale, DENSE, layout
-    name = resolve("block_sparse", backend, request, tuner)
-    return scale, name, layout_on(layout, q.device)
+    return scale, name, device_layout
 
 
 # ------------------------------------------------------------------ never slower than dense (CUDA)
@@ -201,6 +205,40 @@ def all_keys_visited(layout: BlockLayout) -> bool:
     return _LIVE.get(layout, "all", build)
 
 
+def _eligible(layout: BlockLayout, dtype: torch.dtype, head_dim: int, return_lse: bool, needs_grad: bool) -> bool:
+    """Whether dense attention may replace this call at all (see :func:`dense_reason`)."""
+    return (dtype in (torch.float16, torch.bfloat16) and not (return_lse and needs_grad) and head_dim <= 256
+            and all_keys_visited(layout))
+
+
+#: Milliseconds of ``fn()`` for the measured dense-or-sparse check (CUDA events; tests replace it).
+_time_ms = None
+_REASONS = LayoutCache("block_sparse.dense_reasons")
+
+
+def _measured_reason(q, k, v, layout, scale: float, sparse: str, return_lse: bool, modelled: Optional[str]):
+    """Time the sparse call and the dense one on these very inputs, once per (layout, call signature),
+    when the autotuner is on (``DIT_ACCEL_AUTOTUNE``): the measurement overrides the model. The reason
+    for dense, or None for sparse."""
+    timer = _time_ms or (lambda fn: autotune.cuda_event_timer(fn, 2, 5))
+    qd, kd, vd = q.detach(), k.detach(), v.detach()
+    try:
+        with torch.no_grad():
+            sparse_ms = timer(lambda: block_sparse_attention(qd, kd, vd, layout, scale=scale, backend=sparse))
+            dense_ms = timer(lambda: _run_dense(qd, kd, vd, scale, return_lse))
+    except Exception:  # the model's answer stands when either cannot be timed here
+        return modelled
+    if dense_ms < sparse_ms:
+        return (f"measured: sparse [{sparse}] {sparse_ms:.3f} ms > dense {dense_ms:.3f} ms at N={layout.q_len}, "
+                f"M={layout.kv_len}, {q.shape[0]}x{q.shape[1]} heads" + (f" (model: {modelled})" if modelled else ""))
+    return None
+
+
+def dense_reasons(layout: BlockLayout) -> list:
+    """Why ``auto`` ran ``layout``'s calls as dense attention, one sentence per call signature (for inspection)."""
+    return list(_REASONS.get(layout, "reasons", list))
+
+
 def dense_reason(layout: BlockLayout, *, batch: int, heads: int, head_dim: int, dtype: torch.dtype,
                  return_lse: bool, needs_grad: bool, arch: str = "h100") -> Optional[str]:
     """Why ``auto`` runs dense attention instead of ``layout`` (a sentence), or None to run sparse.
@@ -209,7 +247,9 @@ def dense_reason(layout: BlockLayout, *, batch: int, heads: int, head_dim: int, 
     sparse kernel a longer time than dense attention at this shape (SDPA; the in-repo dense Triton
     kernel when the log-sum-exp is asked for), for half-precision inputs, where every key is visited
     by some query (:func:`all_keys_visited`), and not when an ``lse`` gradient is needed (the dense
-    kernel's backward takes none)."""
+    kernel's backward takes none). On a GPU with the autotuner on, ``auto`` then times both on the
+    call's inputs once per (layout, call signature), and the measurement decides
+    (:func:`dense_reasons` keeps the sentences)."""
     from .. import cost
 
     if dtype not in (torch.float16, torch.bfloat16) or (return_lse and needs_grad) or head_dim > 256:
