@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from .kernels import block_sparse_attention, merge_attention
 from .kernels.backends import Request, env_backend, env_value, resolve
-from .kernels.block_sparse.api import layout_on, prepare_layout
+from .kernels.block_sparse.api import block_sparse_backend, layout_on, prepare_layout
 from .kernels._cache import LayoutCache
 from .kernels.block_sparse.naive import dense_is_faster
 from .kernels.block_sparse.one_pass import OnePass, one_pass_fits
@@ -219,7 +219,13 @@ class LayoutPlan(Plan):
         short = self._short(q, backend)
         if short is not None:
             return short
-        return resolve("block_sparse", backend, Request.of(q, k, v, self.layout.block_q, self.layout.block_k))
+        layout = self.layout_on(q.device)
+        if q.shape[-2] != layout.q_len or k.shape[-2] != layout.kv_len:
+            # Raster tokens of a padded tiling: the kernels see other lengths. Padding keys are never visited,
+            # so auto never runs such a layout as dense attention (block_sparse.api.all_keys_visited).
+            return resolve("block_sparse", backend, Request.of(q, k, v, layout.block_q, layout.block_k))
+        # The kernels' own cached decision for this call (on CUDA it may be dense attention).
+        return block_sparse_backend(q, k, v, layout, backend, return_lse=True)
 
     def _short(self, q, backend: str, heads=None) -> Optional[str]:
         """``backend="auto"`` on CPU, eager, no autograd: :data:`ONE_PASS` or :data:`DENSE_MASKED` when either

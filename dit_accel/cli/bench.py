@@ -3,7 +3,9 @@
 Examples::
 
     dit-accel bench kernels --device cpu --quick --out bench.json --plot bench.png
-    dit-accel bench kernels --device cuda --out bench_h100.json
+    dit-accel bench kernels --device cuda --json bench_h100.json
+    dit-accel bench kernels --modelled --shapes "Wan2.1 480p,Wan2.1 720p" --densities 0.05
+    dit-accel bench gpu --out gpu_report/
     dit-accel bench fidelity --capture capture/ --methods gna,tile,radial,sla --density 0.2
     dit-accel bench sass --arch 90 --kernel fwd --json sass.json
 """
@@ -34,7 +36,7 @@ example: dit-accel bench sass --arch 90 --family block_sparse --kernel fwd --dty
 def register(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("bench", help="benchmark kernels (speed) or methods on captured q/k/v (fidelity)",
                               description=plain(__doc__), formatter_class=HelpFormatter)
-    sub = p.add_subparsers(dest="bench_kind", metavar="{kernels,fidelity,sass}")
+    sub = p.add_subparsers(dest="bench_kind", metavar="{kernels,gpu,fidelity,sass}")
     sub.required = True
 
     k = sub.add_parser("kernels", help="block-sparse and SLA kernels vs dense SDPA at model shapes")
@@ -52,9 +54,27 @@ def register(subparsers) -> argparse.ArgumentParser:
                    help="CPU: comma-separated torch thread counts, each case runs at each (default 1,2; --quick: 1)")
     k.add_argument("--no-flex-compiled", action="store_true",
                    help="skip the torch.compile(flex_attention) contender (compiling takes seconds per case)")
-    k.add_argument("--out", metavar="FILE.json", help="write the results as JSON")
+    k.add_argument("--out", "--json", dest="out", metavar="FILE.json", help="write the results as JSON")
     k.add_argument("--plot", metavar="FILE.png", help="speedup vs density plot")
+    k.add_argument("--modelled", action="store_true",
+                   help="no GPU: predict the GPU table with the cost model (dit_accel.kernels.cost) from static "
+                        "facts (tiles per query block, CTAs, per-tile rates); labelled MODELLED")
+    k.add_argument("--arch", default="h100", help="--modelled: the cost model's constants (default h100)")
+    k.add_argument("--kernels", default=None,
+                   help="--modelled: kernel variants, e.g. current,host,persistent,ring3,ws (default all)")
     k.set_defaults(func=run)
+
+    g = sub.add_parser("gpu", help="the standard GPU report (shapes, densities, methods, dense contenders, "
+                                   "pytest -m gpu) in under 8 minutes: JSON + markdown for BENCHMARKS.md")
+    g.add_argument("--out", required=True, metavar="DIR", help="folder for gpu_report.json and gpu_report.md")
+    g.add_argument("--device", default="cuda")
+    g.add_argument("--budget", type=float, default=470.0, help="seconds for the whole run (default 470)")
+    g.add_argument("--shapes", default=None, help="comma-separated substrings of the standard shapes to keep")
+    g.add_argument("--densities", default=None, help="comma-separated target densities (default 0.05,0.1,0.2,0.5)")
+    g.add_argument("--methods", default=None, help="comma-separated of tile,gna,radial,sla (default all)")
+    g.add_argument("--no-backward", action="store_true", help="forward only")
+    g.add_argument("--no-pytest", action="store_true", help="skip pytest -m gpu")
+    g.set_defaults(func=run)
 
     f = sub.add_parser("fidelity", help="error of each method vs dense on captured q/k/v")
     f.add_argument("--capture", required=True, metavar="DIR",
@@ -118,7 +138,48 @@ def _command_line(args) -> str:
 
 
 def run(args) -> int:
+    if args.bench_kind == "gpu":
+        return _run_gpu(args)
     return _run_kernels(args) if args.bench_kind == "kernels" else _run_fidelity(args)
+
+
+def _run_gpu(args, **overrides) -> int:
+    """``dit-accel bench gpu``; ``overrides`` go to :func:`~dit_accel.eval.bench_gpu.bench_gpu` (tests pass a fake
+    timer and pytest runner)."""
+    import torch
+
+    from ..eval import bench_gpu as gpu
+
+    def fail(message: str) -> int:
+        print(f"dit-accel bench gpu: {message}")
+        return 2
+
+    shapes = list(gpu.STANDARD_SHAPES)
+    if args.shapes:
+        keep = [x.strip().lower() for x in args.shapes.split(",") if x.strip()]
+        shapes = [s for s in shapes if any(k in s.name.lower() for k in keep)]
+        if not shapes:
+            return fail(f"--shapes {args.shapes!r} matches none of {', '.join(s.name for s in gpu.STANDARD_SHAPES)}")
+    densities = _floats(args.densities) if args.densities else list(gpu.STANDARD_DENSITIES)
+    if not densities or any(not 0 < d <= 1 for d in densities):
+        return fail(f"--densities must be comma-separated numbers in (0, 1]; got {args.densities!r}")
+    methods = [m.strip() for m in (args.methods or ",".join(gpu.STANDARD_METHODS)).split(",") if m.strip()]
+    if not methods or set(methods) - set(gpu.STANDARD_METHODS):
+        return fail(f"--methods takes {', '.join(gpu.STANDARD_METHODS)}; got {args.methods!r}")
+    if not args.budget > 0:
+        return fail(f"--budget must be positive seconds; got {args.budget}")
+    error = _device_error(args.device, torch.cuda.is_available())
+    if error is None and not args.device.startswith("cuda"):
+        error = f"--device {args.device}: bench gpu times GPU kernels; pass cuda (or cuda:N)"
+    if error and not overrides:  # (tests pass a fake timer and run the logic on the CPU)
+        return fail(error + " (no GPU here? `dit-accel bench kernels --modelled` needs none)")
+    kwargs = dict(device=args.device, shapes=shapes, densities=densities, methods=methods,
+                  backward=not args.no_backward, budget_s=args.budget, pytest_gpu=not args.no_pytest)
+    kwargs.update(overrides)
+    report = gpu.bench_gpu(args.out, **kwargs)
+    failed = sum(r["status"] == "failed" for r in report["rows"])
+    print(f"{len(report['rows'])} rows, {failed} failed; pytest: {report.get('pytest', {}).get('summary', 'not run')}")
+    return 0
 
 
 def _run_kernels(args) -> int:
@@ -132,6 +193,8 @@ def _run_kernels(args) -> int:
         print(f"dit-accel bench kernels: {message}")
         return 2
 
+    if args.modelled:
+        return _run_modelled(args, fail)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     error = _device_error(device, torch.cuda.is_available())
     if error:
@@ -192,6 +255,43 @@ def _run_kernels(args) -> int:
     if args.plot:
         bench.plot_kernels(result, args.plot)
         print(f"wrote {args.plot}")
+    return 0
+
+
+def _run_modelled(args, fail) -> int:
+    """``bench kernels --modelled``: the cost model's table at the GPU shapes (no GPU)."""
+    from ..eval import bench
+    from ..kernels import cost
+
+    if args.device not in (None, "cuda") and not str(args.device).startswith("cuda"):
+        return fail("--modelled predicts GPU figures: leave out --device or pass cuda")
+    kernels = [x.strip() for x in args.kernels.split(",") if x.strip()] if args.kernels else None
+    try:
+        for kernel in kernels or ["current"]:
+            cost.constants(args.arch, kernel)
+    except ValueError as exc:
+        return fail(str(exc))
+    shapes = list(bench.GPU_SHAPES)
+    if args.shapes:
+        keep = [s.strip().lower() for s in args.shapes.split(",")]
+        shapes = [s for s in shapes if any(k in s.name.lower() for k in keep)]
+        if not shapes:
+            return fail(f"--shapes {args.shapes!r} matches none of the GPU shapes: "
+                        f"{', '.join(s.name for s in bench.GPU_SHAPES)}")
+    densities = _floats(args.densities) if args.densities else list(bench.DENSITIES)
+    if not densities or any(not 0 < d <= 1 for d in densities):
+        return fail(f"--densities must be comma-separated numbers in (0, 1]; got {args.densities!r}")
+    result = bench.model_kernels(shapes, densities, arch=args.arch, kernels=kernels, sla=not args.no_sla,
+                                 log=lambda m: print(f"note: {m}"))
+    result["command"] = _command_line(args) + " --modelled"
+    print(f"MODELLED {args.arch} (a model, not a measurement): {result['constants_source']}")
+    print(bench.kernels_table(result))
+    for note in result["notes"]:
+        print(f"note: {note}")
+    if args.out:
+        with open(args.out, "w") as fh:
+            json.dump(result, fh, indent=2, default=str)
+        print(f"wrote {args.out}")
     return 0
 
 

@@ -25,10 +25,23 @@ no block granularity would do. The contenders of a shape and density run in
 interleaved rounds, and speedups are medians of per-round ratios. On CPU the
 shapes are reduced (fewer tokens and heads) and the output says so; every case
 runs at each requested thread count.
+
+On CUDA each contender is also timed the ways a pipeline sees it
+(:func:`dit_accel.eval.timing.measure_call`): latency of one call from an idle GPU,
+throughput of back-to-back calls (and of a CUDA-graph replay where the contender can be
+captured), and the host time per call; rows then carry the effective TFLOP/s on the
+tiles the kernel visits (``tflops_visited``). The dense contenders on CUDA are SDPA
+(whatever PyTorch picks), SDPA pinned to its flash and to its cuDNN backend, the in-repo
+dense Triton kernel, flash-attn 2, 3 and 4 when installed, and compiled FlexAttention
+without a mask.
+
+:func:`model_kernels` predicts the same table from static facts with the cost model
+(:mod:`dit_accel.kernels.cost`), with no GPU: its rows say ``"modelled": True``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import math
 import statistics
@@ -42,7 +55,8 @@ import torch.nn.functional as F
 from .._util import load_average, time_median, versions
 
 __all__ = ["ModelShape", "GPU_SHAPES", "CPU_SHAPES", "CPU_QUICK_SHAPES", "DENSITIES", "bench_kernels",
-           "tile_layout_for_density", "time_fn", "bench_sla"]
+           "tile_layout_for_density", "time_fn", "bench_sla", "model_kernels", "kernels_table",
+           "extra_dense_contenders"]
 
 
 @dataclass(frozen=True)
@@ -104,7 +118,8 @@ def _tile_case(grid: Sequence[int], density: float, block: int = 64):
 def bench_kernels(shapes: Sequence[ModelShape], densities: Sequence[float], *, device="cpu",
                   dtype: Optional[torch.dtype] = None, warmup: Optional[int] = None, repeats: Optional[int] = None,
                   backends: Optional[Sequence[str]] = None, sla: bool = True, flex_compiled: Optional[bool] = None,
-                  threads: Optional[Sequence[int]] = None, log=print, progress: bool = True) -> dict:
+                  threads: Optional[Sequence[int]] = None, log=print, progress: bool = True,
+                  call_timer=None) -> dict:
     """Time dense and sparse attention kernels; returns a JSON-ready dict (``rows`` list).
 
     For every shape and target density the contenders run interleaved: each round times every
@@ -127,6 +142,8 @@ def bench_kernels(shapes: Sequence[ModelShape], densities: Sequence[float], *, d
             rounds, not timed).
         threads: CPU only, the ``torch.set_num_threads`` values to run everything at (default:
             the current count); each row records its count.
+        call_timer: the :class:`~dit_accel.eval.timing.CallTimer` of the per-contender call timings
+            (default: CUDA events on CUDA, none on CPU; tests pass a fake one).
 
     The dense contenders are :func:`dit_accel.kernels.dense.dense_contenders`: SDPA, the
     in-repo dense Triton kernel (CUDA) and flash-attn (when installed).
@@ -171,7 +188,7 @@ def bench_kernels(shapes: Sequence[ModelShape], densities: Sequence[float], *, d
             for shape in shapes:
                 bar.set_postfix_str(f"{shape.name}, {count} threads" if not cuda else shape.name)
                 rows += _bench_shape(shape, densities, device, dtype, warmup, repeats, backends, sla, flex_compiled,
-                                     notes, bar, None if cuda else count)
+                                     notes, bar, None if cuda else count, call_timer)
     finally:
         torch.set_num_threads(before)
         bar.close()
@@ -184,7 +201,7 @@ def bench_kernels(shapes: Sequence[ModelShape], densities: Sequence[float], *, d
 
 
 def _bench_shape(shape: ModelShape, densities, device, dtype, warmup, repeats, backends, sla, flex_compiled, notes,
-                 bar, threads) -> List[dict]:
+                 bar, threads, call_timer=None) -> List[dict]:
     """The rows of one shape: the dense contenders and, per density, the sparse ones, each density's set
     timed in interleaved rounds together with dense SDPA."""
     from ..kernels import block_sparse_attention
@@ -198,24 +215,52 @@ def _bench_shape(shape: ModelShape, densities, device, dtype, warmup, repeats, b
     b, h, n, d = shape.batch, shape.heads, shape.tokens, shape.head_dim
     q, k, v = (torch.randn(b, h, n, d, generator=gen, device=device, dtype=dtype) for _ in range(3))
     sdpa = DENSE_CONTENDERS[0]
-    dense = dense_contenders(q, k, v) if device.type == "cuda" else {sdpa: dense_contenders(q, k, v)[sdpa]}
+    cuda = device.type == "cuda"
+    dense = dense_contenders(q, k, v) if cuda else {sdpa: dense_contenders(q, k, v)[sdpa]}
+    if cuda:
+        dense.update(extra_dense_contenders(q, k, v, notes))
     rows: List[dict] = []
+    if cuda and call_timer is None:
+        from .timing import CudaCallTimer
+
+        call_timer = CudaCallTimer(device)
 
     def row(kernel: str, times: List[float], base: List[float], density: float, **extra) -> dict:
         seconds = statistics.median(times)
         flops = 4.0 * shape.batch * shape.heads * shape.tokens ** 2 * shape.head_dim
         speedup = statistics.median(s / t for s, t in zip(base, times))
         work = density * (extra.get("padded_tokens", shape.tokens) / shape.tokens) ** 2  # vs dense on N tokens
-        return {"shape": shape.name, "grid": list(shape.grid), "tokens": shape.tokens, "heads": shape.heads,
-                "head_dim": shape.head_dim, "batch": shape.batch, "threads": threads, "kernel": kernel,
-                "density": density, "time_ms": seconds * 1e3, "tflops_dense_equiv": flops / seconds / 1e12,
-                "speedup": speedup, "work_vs_dense": work, "ideal_speedup": 1.0 / work,
-                "fraction_of_ideal": speedup * work, **extra}
+        timing = extra.pop("call_timing", None)
+        out = {"shape": shape.name, "grid": list(shape.grid), "tokens": shape.tokens, "heads": shape.heads,
+               "head_dim": shape.head_dim, "batch": shape.batch, "threads": threads, "kernel": kernel,
+               "density": density, "time_ms": seconds * 1e3, "tflops_dense_equiv": flops / seconds / 1e12,
+               "speedup": speedup, "work_vs_dense": work, "ideal_speedup": 1.0 / work,
+               "fraction_of_ideal": speedup * work,
+               # the FLOPs of the tiles the kernel visits (padded tiles included), at the median round's time
+               "tflops_visited": flops * work / seconds / 1e12, **extra}
+        if timing is not None:
+            out.update(call_timing_fields(timing, flops * work))
+        return out
+
+    def timed(calls: dict) -> dict:
+        """Per contender, :func:`measure_call` on CUDA (after the rounds warmed everything up)."""
+        if call_timer is None:
+            return {}
+        from .timing import measure_call
+
+        out = {}
+        for name, fn in calls.items():
+            try:
+                out[name] = measure_call(fn, call_timer, calls=max(repeats, 3), repeats=max(repeats // 2, 3))
+            except Exception as exc:
+                notes.append(f"{shape.name} {name}: call timing failed ({type(exc).__name__}: {exc})"[:300])
+        return out
 
     with torch.no_grad():
         _drop_failing(dense, shape, notes)
         times = run_rounds(dense, repeats, device=device, warmup=warmup)
-        rows += [row(name, t, times[sdpa], 1.0) for name, t in times.items()]
+        extra = timed(dense)
+        rows += [row(name, t, times[sdpa], 1.0, call_timing=extra.get(name)) for name, t in times.items()]
         for target in densities:
             calls, meta = {sdpa: dense[sdpa]}, {}
             try:
@@ -253,7 +298,9 @@ def _bench_shape(shape: ModelShape, densities, device, dtype, warmup, repeats, b
                 meta["SLA (sparse+linear)"] = dict(density=sla_density(n, method), target_density=target)
             _drop_failing(calls, shape, notes)
             times = run_rounds(calls, repeats, device=device, warmup=warmup)
-            rows += [row(name, t, times[sdpa], **meta[name]) for name, t in times.items() if name != sdpa]
+            extra = timed({name: fn for name, fn in calls.items() if name != sdpa})
+            rows += [row(name, t, times[sdpa], **meta[name], call_timing=extra.get(name))
+                     for name, t in times.items() if name != sdpa]
             bar.update(1)
     return rows
 
@@ -268,6 +315,70 @@ def _drop_failing(calls: dict, shape: ModelShape, notes: List[str]) -> None:
             del calls[name]
 
 
+def call_timing_fields(timing, visited_flops: float) -> dict:
+    """Row fields of a :class:`~dit_accel.eval.timing.CallTiming` (ms, host us, TFLOP/s on visited tiles
+    at the back-to-back throughput)."""
+    def ms(value):
+        return None if value is None else value * 1e3
+
+    return {"latency_ms": ms(timing.latency_s), "throughput_ms": ms(timing.throughput_s),
+            "graph_ms": ms(timing.graph_s), "host_us": None if timing.host_s is None else timing.host_s * 1e6,
+            "back_to_back_calls": timing.calls, "call_timing_notes": list(timing.notes),
+            "tflops_visited_throughput": (visited_flops / timing.throughput_s / 1e12
+                                          if timing.throughput_s else None)}
+
+
+def extra_dense_contenders(q, k, v, notes: List[str], scale: Optional[float] = None, flex: bool = True) -> dict:
+    """The dense contenders beside :func:`~dit_accel.kernels.dense.dense_contenders` on CUDA: SDPA pinned to
+    its flash and to its cuDNN backend, flash-attn 3 (``flash_attn_interface``) and flash-attn 4
+    (``flash_attn.cute``) when installed, compiled FlexAttention without a mask (``flex``). What is missing is a note;
+    what cannot run these inputs is dropped later by the first call (also a note)."""
+    out = {}
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError:
+        notes.append("torch.nn.attention.sdpa_kernel missing: no per-backend SDPA rows")
+    else:
+        for label, which in (("dense SDPA [flash]", "FLASH_ATTENTION"), ("dense SDPA [cuDNN]", "CUDNN_ATTENTION")):
+            backend = getattr(SDPBackend, which, None)
+            if backend is None:
+                notes.append(f"SDPBackend.{which} missing in torch {torch.__version__}: no {label} row")
+                continue
+
+            def pinned(backend=backend):
+                with sdpa_kernel(backend):
+                    return F.scaled_dot_product_attention(q, k, v, scale=scale)
+
+            out[label] = pinned
+    bnhd = None
+
+    def as_bnhd():
+        nonlocal bnhd
+        if bnhd is None:
+            bnhd = tuple(t.transpose(1, 2).contiguous() for t in (q, k, v))
+        return bnhd
+
+    for label, module, attr in (("flash-attn 3 (dense)", "flash_attn_interface", "flash_attn_func"),
+                                ("flash-attn 4 (dense)", "flash_attn.cute.interface", "flash_attn_func")):
+        try:
+            fn = getattr(__import__(module, fromlist=[attr]), attr)
+        except Exception:
+            notes.append(f"{label.split(' (')[0]} not installed ({module}): no row")
+            continue
+        qf, kf, vf = as_bnhd()
+        out[label] = partial(fn, qf, kf, vf, softmax_scale=scale)
+    if not flex:
+        return out
+    try:
+        from torch.nn.attention.flex_attention import flex_attention
+
+        compiled = torch.compile(flex_attention, dynamic=False)
+        out["dense FlexAttention [compiled]"] = partial(compiled, q, k, v, scale=scale)
+    except Exception as exc:
+        notes.append(f"compiled FlexAttention (dense): {type(exc).__name__}: {exc}"[:200])
+    return out
+
+
 def _device_name(device: torch.device) -> str:
     import os
     import platform
@@ -279,19 +390,103 @@ def _device_name(device: torch.device) -> str:
 
 
 def kernels_table(result: dict) -> str:
-    """Markdown table of a :func:`bench_kernels` result."""
+    """Markdown table of a :func:`bench_kernels` (or :func:`model_kernels`) result; the GPU call timings
+    (latency, back-to-back, graph, host) appear when the rows have them."""
     from .report import markdown_table
 
+    def num(value, fmt):
+        return "-" if value is None else format(value, fmt)
+
     threads = any(r.get("threads") for r in result["rows"])
+    calls = any(r.get("latency_ms") is not None for r in result["rows"])
     header = ["shape", "N", "H", *(["threads"] if threads else []), "kernel", "density", "token density", "time ms",
-              "TFLOPS (dense-eq.)", "speedup", "ideal", "% of ideal"]
+              *(["latency ms", "back-to-back ms", "graph ms", "host us"] if calls else []),
+              "TFLOPS (dense-eq.)", "TFLOPS (visited)", "speedup", "ideal", "% of ideal"]
     rows = [[r["shape"], str(r["tokens"]), str(r["heads"]), *([str(r.get("threads"))] if threads else []),
              r["kernel"], f"{r['density']:.3f}",
              f"{r['token_density']:.3f}" if r.get("token_density") is not None else "-",
-             f"{r['time_ms']:.2f}", f"{r['tflops_dense_equiv']:.4f}",
+             f"{r['time_ms']:.2f}",
+             *([num(r.get("latency_ms"), ".2f"), num(r.get("throughput_ms"), ".2f"), num(r.get("graph_ms"), ".2f"),
+                num(r.get("host_us"), ".0f")] if calls else []),
+             f"{r['tflops_dense_equiv']:.4f}", num(r.get("tflops_visited"), ".4f"),
              f"{r['speedup']:.2f}x" if r["speedup"] else "-", f"{r['ideal_speedup']:.1f}x",
              f"{100 * r['fraction_of_ideal']:.0f}%" if r["fraction_of_ideal"] else "-"] for r in result["rows"]]
-    return markdown_table(header, rows)
+    table = markdown_table(header, rows)
+    if result.get("modelled"):
+        table = ("**MODELLED, not measured** (dit_accel.kernels.cost; constants: "
+                 f"{result['constants_source']})\n\n" + table)
+    return table
+
+
+def model_kernels(shapes: Sequence[ModelShape], densities: Sequence[float], *, arch: str = "h100",
+                  kernels: Optional[Sequence[str]] = None, sla: bool = True, log=None) -> dict:
+    """The :func:`bench_kernels` table predicted by the cost model (:mod:`dit_accel.kernels.cost`), no GPU.
+
+    Static facts only: each shape's Tile layout at each target density (built on the CPU, as the
+    benchmark builds it) gives the CTAs and the visited full and partial tiles; the constants of
+    ``arch`` and of each modelled kernel variant (``kernels``, default all of
+    :data:`dit_accel.kernels.cost.KERNELS`) turn them into seconds. Rows: dense SDPA and the dense
+    Triton kernel, then per density one block-sparse row per kernel variant and an SLA row. Every row
+    says ``"modelled": True``; the result names the constants' sources. A model, not a measurement.
+    """
+    from ..kernels import cost
+    from ..kernels.sla import sla_density
+    from ..methods import SLA
+
+    kernels = list(kernels or cost.KERNELS)
+    base = cost.constants(arch)
+    rows: List[dict] = []
+    for shape in shapes:
+        b, h, n, d = shape.batch, shape.heads, shape.tokens, shape.head_dim
+        flops = 4.0 * b * h * n * n * d
+        sdpa_s = cost.dense_time(n, n, h, batch=b, head_dim=d, arch=arch)
+
+        def row(kernel, seconds, density, work, **extra):
+            speedup = sdpa_s / seconds
+            return {"shape": shape.name, "grid": list(shape.grid), "tokens": n, "heads": h, "head_dim": d, "batch": b,
+                    "threads": None, "kernel": kernel, "density": density, "time_ms": seconds * 1e3,
+                    "tflops_dense_equiv": flops / seconds / 1e12, "tflops_visited": flops * work / seconds / 1e12,
+                    "speedup": speedup, "work_vs_dense": work, "ideal_speedup": 1.0 / work,
+                    "fraction_of_ideal": cost.ideal_fraction(seconds, sdpa_s, work), "modelled": True, **extra}
+
+        rows.append(row("dense SDPA [modelled]", sdpa_s, 1.0, 1.0, constants=base.name))
+        rows.append(row("dense Triton (dit_accel) [modelled]", cost.dense_time(n, n, h, batch=b, head_dim=d, arch=arch,
+                                                                    contender="triton"), 1.0, 1.0,
+                        constants=base.name))
+        for target in densities:
+            try:
+                method, perm, layout = _tile_case(shape.grid, target)
+            except Exception as exc:
+                if log:
+                    log(f"{shape.name} density {target}: no tile layout ({exc})")
+                continue
+            counts = cost.tile_counts(layout, heads=h, batch=b)
+            work = cost.work_vs_dense(layout.density(), perm.num_padded, n)
+            facts = dict(target_density=target, window=list(method.window), padded_tokens=perm.num_padded,
+                         partial_fraction=layout.partial_fraction(), ctas=counts.ctas,
+                         tiles_per_q_block=counts.tiles_per_q_block)
+            for kernel in kernels:
+                c = cost.constants(arch, kernel)
+                label = f"block-sparse tile [triton] [modelled: {kernel}]"
+                rows.append(row(label, cost.block_sparse_time(counts, head_dim=d, arch=arch, kernel=kernel),
+                                layout.density(), work, constants=c.name, **facts))
+            if sla:
+                method_sla = SLA(topk=target)
+                dens = sla_density(n, method_sla)
+                counts_sla = cost.sla_counts(n, method_sla, heads=h, batch=b)
+                rows.append(row("SLA (sparse+linear) [modelled]", cost.sla_time(counts_sla, head_dim=d, arch=arch),
+                                dens, dens, target_density=target, constants=base.name))
+    return {"kind": "kernels", "modelled": True, "device": f"modelled {arch}", "device_name": f"MODELLED {arch}",
+            "dtype": "torch.bfloat16", "reduced_sizes": False, "arch": arch, "kernels": kernels,
+            "constants_source": base.source,
+            "constants": {cost.constants(arch, k).name: {**dataclasses.asdict(cost.constants(arch, k))}
+                          for k in kernels},
+            "timing": "MODELLED by dit_accel.kernels.cost (no GPU ran anything)",
+            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "versions": versions(("torch",)), "notes": [
+                "modelled rows: time = per_call + (CTAs x per_cta + tiles x per_tile) / (SMs x CTAs per SM); "
+                "the 'current' constants are a fit to BENCHMARKS.md section 10 (H100); the other kernel variants "
+                "model kernels not yet measured"], "rows": rows}
 
 
 def plot_kernels(result: dict, path) -> None:

@@ -15,17 +15,23 @@ Example::
 ``StageTimer(pipe, attention_modules=[...])`` also times those modules as the
 ``attention`` stage (e.g. the self-attention modules ``dit_accel.apply`` wrapped:
 projections, attention and output projection of every layer).
+
+:func:`measure_call` times one kernel call the ways a pipeline sees it (``bench kernels``,
+``bench gpu``): latency from an idle GPU, throughput of back-to-back calls, a CUDA-graph
+replay, and the host time per call. :class:`CallTimer` is the backend it runs on; tests pass
+a fake one.
 """
 
 from __future__ import annotations
 
 import statistics
 import time
-from typing import Dict, List, Optional
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Dict, List, Optional
 
 import torch
 
-__all__ = ["StageTimer", "median_times"]
+__all__ = ["StageTimer", "median_times", "CallTiming", "CallTimer", "CudaCallTimer", "CpuCallTimer", "measure_call"]
 
 _TRANSFORMERS = ("transformer", "transformer_2")
 _TEXT_ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3")
@@ -145,3 +151,118 @@ def median_times(runs: List[Dict[str, float]]) -> Optional[Dict[str, float]]:
     if not runs:
         return None
     return {k: float(statistics.median(r[k] for r in runs)) for k in runs[0]}
+
+
+# ---------------------------------------------------------------- one kernel call, as a pipeline sees it
+@dataclass
+class CallTiming:
+    """Seconds per call of one contender, measured four ways (None where not measured).
+
+    - ``latency_s``: one call from an idle device (synchronised before, events around the call):
+      what a lone call costs, host path and launch included;
+    - ``throughput_s``: ``calls`` back-to-back calls between one event pair, divided by ``calls``:
+      what a pipeline that keeps the GPU busy pays per call;
+    - ``graph_s``: the same calls captured once in a CUDA graph and replayed (None where the
+      contender cannot be captured: ``notes`` says why);
+    - ``host_s``: wall time of issuing the back-to-back calls on the host, per call (the host
+      path; when it exceeds ``throughput_s`` the GPU waits on the host).
+    """
+
+    latency_s: Optional[float] = None
+    throughput_s: Optional[float] = None
+    graph_s: Optional[float] = None
+    host_s: Optional[float] = None
+    calls: int = 0
+    notes: List[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class CallTimer:
+    """How :func:`measure_call` reads time; one subclass per device kind (and fakes in tests)."""
+
+    def sync(self) -> None:
+        """Wait for the device to finish queued work."""
+
+    def span(self, fn: Callable[[], object], calls: int) -> tuple:
+        """``(device seconds, host seconds)`` of ``calls`` back-to-back calls of ``fn`` (device seconds:
+        first launch to last completion; host seconds: issuing them)."""
+        raise NotImplementedError
+
+    def graph(self, fn: Callable[[], object], calls: int) -> float:
+        """Seconds of ``calls`` replays of ``fn`` captured in a graph; raises when it cannot capture."""
+        raise RuntimeError("CUDA graphs need a CUDA device")
+
+
+class CpuCallTimer(CallTimer):
+    """perf_counter; device and host seconds coincide (no graphs)."""
+
+    def span(self, fn, calls):
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        seconds = time.perf_counter() - start
+        return seconds, seconds
+
+
+class CudaCallTimer(CallTimer):
+    """CUDA events on the current stream; graphs captured on a side stream after one warm call."""
+
+    def __init__(self, device=None):
+        self.device = torch.device(device or "cuda")
+
+    def sync(self) -> None:
+        torch.cuda.synchronize(self.device)
+
+    def span(self, fn, calls):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        host = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        host = time.perf_counter() - host
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3, host
+
+    def graph(self, fn, calls):
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            fn()  # warm on the capture stream (allocator pools, lazy initialisation)
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        graph.replay()
+        self.sync()
+        seconds, _ = self.span(graph.replay, calls)
+        del graph
+        return seconds
+
+
+def measure_call(fn: Callable[[], object], timer: CallTimer, *, calls: int = 10, repeats: int = 5,
+                 graph: bool = True) -> CallTiming:
+    """Time ``fn`` as :class:`CallTiming` describes: ``repeats`` idle-device single calls (median), then
+    the median of ``repeats`` spans of ``calls`` back-to-back calls, then (``graph``) a graph replay.
+    The caller warms ``fn`` up first. A failure of the graph capture is a note, not an error."""
+    result = CallTiming(calls=calls)
+    single = []
+    for _ in range(repeats):
+        timer.sync()
+        single.append(timer.span(fn, 1)[0])
+    result.latency_s = statistics.median(single)
+    spans = []
+    for _ in range(repeats):
+        timer.sync()
+        spans.append(timer.span(fn, calls))
+    result.throughput_s = statistics.median(d for d, _ in spans) / calls
+    result.host_s = statistics.median(h for _, h in spans) / calls
+    if graph:
+        try:
+            timer.sync()
+            result.graph_s = timer.graph(fn, calls) / calls
+        except Exception as exc:  # host syncs, data-dependent shapes, CPU tensors: not capturable
+            result.notes.append(f"no CUDA graph: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}")
+    return result

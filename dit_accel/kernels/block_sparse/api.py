@@ -5,14 +5,16 @@ from __future__ import annotations
 from typing import Callable, Optional, Sequence
 
 import torch
+import torch.nn.functional as F
 
 from .. import autotune
 from .._cache import LayoutCache
-from ..backends import Request, env_backend, resolve
+from ..backends import Request, env_backend, env_value, resolve
 from ..checks import check_qkv, check_scale
 from ..layout import BlockLayout
 
-__all__ = ["block_sparse_attention", "layout_on", "prepare_layout", "block_sparse_tuner"]
+__all__ = ["block_sparse_attention", "block_sparse_backend", "layout_on", "prepare_layout", "block_sparse_tuner",
+           "dense_reason", "dense_reasons", "all_keys_visited", "DENSE"]
 
 # Per-device copies of layouts, so a CPU-built layout moves to the GPU once, not per call.
 _ON_DEVICE = LayoutCache("block_sparse.device")
@@ -78,7 +80,11 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, la
         backend: ``"auto"`` (triton on CUDA, torch elsewhere; ``$DIT_ACCEL_BACKEND``
             overrides), ``"triton"``, ``"torch"`` or ``"flex"``. A forced backend that
             cannot run raises :class:`~dit_accel.kernels.backends.BackendUnavailable`
-            saying why (see :func:`available_backends`).
+            saying why (see :func:`available_backends`). On CUDA, ``auto`` runs dense
+            attention instead where the cost model (:mod:`dit_accel.kernels.cost`) says the
+            sparse kernel would be slower than dense (short sequences such as a FLUX 1024 px
+            image), and only where every key token is visited by some query (see
+            :func:`dense_reason`); :func:`block_sparse_backend` then answers :data:`DENSE`.
 
     Returns:
         ``o`` ``(B, H, N, D)`` in q's dtype, or ``(o, lse)`` with ``return_lse=True``.
@@ -89,6 +95,59 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, la
         >>> layout = BlockLayout.from_dense_mask(mask, block_q=64, block_k=64)  # mask [N, N] bool
         >>> o = block_sparse_attention(q, k, v, layout)
     """
+    scale, name, layout = _call(q, k, v, layout, scale, backend, return_lse)
+    if name == "triton":
+        from .ops import triton_block_sparse_attention
+
+        o, lse = triton_block_sparse_attention(q, k, v, layout, scale)
+    elif name == "torch":
+        from .naive import torch_block_sparse_attention
+
+        grad = return_lse and torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+        o, lse = torch_block_sparse_attention(q, k, v, layout, scale, lse_grad=grad)
+    elif name == DENSE:
+        o, lse = _run_dense(q, k, v, scale, return_lse)
+    else:
+        from .flex import flex_block_sparse_attention
+
+        o, lse = flex_block_sparse_attention(q, k, v, layout, scale, return_lse=return_lse)
+    return (o, lse) if return_lse else o
+
+
+def block_sparse_backend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: BlockLayout,
+                         backend: str = "auto", return_lse: bool = True) -> str:
+    """The backend :func:`block_sparse_attention` runs for these arguments: ``"triton"``, ``"torch"``,
+    ``"flex"`` or :data:`DENSE` (for stats and sidecars; the same cached decision the call takes)."""
+    return _call(q, k, v, layout, scale=None, backend=backend, return_lse=return_lse)[1]
+
+
+def _call(q, k, v, layout, scale, backend: str, return_lse: bool):
+    """``(scale, backend name, layout on q's device)`` for one call.
+
+    Eager calls decide once per (layout, argument signature) and keep the answer in the layout's
+    ``derived`` dict: a repeated call skips the input checks, the backend table and the device
+    lookup (about 15 us of a stubbed launch's 50 on a CPU, see ``dit_accel.eval.host_path``). The
+    signature holds everything those steps read: the tensors' types, shapes, dtypes and devices,
+    whether autograd records, ``scale``, ``backend``, ``return_lse`` and the environment overrides.
+    Traced calls, tensor subclasses and non-layouts take the checked path every time."""
+    if type(q) is not torch.Tensor or type(k) is not torch.Tensor or type(v) is not torch.Tensor \
+            or type(layout) is not BlockLayout or torch.compiler.is_compiling():
+        return _decide(q, k, v, layout, scale, backend, return_lse)
+    grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    device = q.device
+    slot = ("block_sparse.call", (backend, env_value(), autotune.enabled() if device.type == "cuda" else None,
+                                  scale, return_lse, grad, q.shape, q.dtype, device, k.shape, k.dtype, k.device,
+                                  v.shape, v.dtype, v.device))
+    try:
+        hit = layout.derived.get(slot)
+    except TypeError:  # an unhashable scale: the checks below say what is wrong with it
+        return _decide(q, k, v, layout, scale, backend, return_lse)
+    if hit is None:
+        hit = layout.derived.setdefault(slot, _decide(q, k, v, layout, scale, backend, return_lse))
+    return hit
+
+
+def _decide(q, k, v, layout, scale, backend: str, return_lse: bool):
     scale = _check(q, k, v, layout, scale)
     tuner = density = None
     if backend == "auto" and q.device.type == "cuda" and not torch.compiler.is_compiling():
@@ -98,20 +157,120 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, la
         tuner = block_sparse_tuner(q, k, v, layout, scale, density)
     request = Request.of(q, k, v, layout.block_q, layout.block_k, density=density)
     name = resolve("block_sparse", backend, request, tuner)
-    layout = layout_on(layout, q.device)
-    if name == "torch":
-        from .naive import torch_block_sparse_attention
+    device_layout = layout_on(layout, q.device)
+    if backend == "auto" and _dense_applies(q.device) and env_backend() is None \
+            and not torch.compiler.is_compiling():
+        reason = dense_reason(layout, batch=q.shape[0], heads=q.shape[1], head_dim=q.shape[-1], dtype=q.dtype,
+                              return_lse=return_lse, needs_grad=request.needs_grad, arch=_arch(q.device))
+        if _eligible(layout, q.dtype, q.shape[-1], return_lse, request.needs_grad) and autotune.enabled():
+            reason = _measured_reason(q, k, v, device_layout, scale, name, return_lse, reason)
+        if reason is not None:
+            _REASONS.get(layout, "reasons", list).append(reason)
+            return scale, DENSE, layout
+    return scale, name, device_layout
 
-        o, lse = torch_block_sparse_attention(q, k, v, layout, scale, lse_grad=return_lse and request.needs_grad)
-    elif name == "triton":
-        from .ops import triton_block_sparse_attention
 
-        o, lse = triton_block_sparse_attention(q, k, v, layout, scale)
-    else:
-        from .flex import flex_block_sparse_attention
+# ------------------------------------------------------------------ never slower than dense (CUDA)
+#: The backend name of a call that ``auto`` ran as dense attention because the sparse kernel would lose.
+DENSE = "dense (sparse modelled slower)"
+_LIVE = LayoutCache("block_sparse.live_keys")
 
-        o, lse = flex_block_sparse_attention(q, k, v, layout, scale, return_lse=return_lse)
-    return (o, lse) if return_lse else o
+
+def _dense_applies(device: torch.device) -> bool:
+    """Whether ``auto`` considers dense attention on ``device``: CUDA only (the CPU paths have their own
+    choice, ``plans.LayoutPlan._short``, and are left as they are)."""
+    return device.type == "cuda"
+
+
+def _arch(device: torch.device) -> str:
+    from ..cost import arch_for_device
+
+    return arch_for_device(torch.cuda.get_device_name(device) if device.type == "cuda" else str(device))
+
+
+def all_keys_visited(layout: BlockLayout) -> bool:
+    """Whether every key token (``< kv_len``) is allowed to some query, in every layout head: then dense
+    attention over these keys is the unmasked original of the pattern (padding keys a tiled layout never
+    visits would otherwise take softmax mass). Computed once per layout."""
+    def build() -> bool:
+        bk = layout.block_k
+        cols = torch.cat([layout.mask_table.any(dim=1),  # [P, bk]: columns a partial tile allows
+                          torch.ones(1, bk, dtype=torch.bool, device=layout.device)])
+        slots = torch.arange(layout.q_indices.shape[-1], device=layout.device)
+        visits = slots < layout.q_counts[..., None]  # [Hl, nK, max_q]
+        ids = torch.where(layout.q_mask_ids >= 0, layout.q_mask_ids, cols.shape[0] - 1).long()
+        live = (cols[ids] & visits[..., None]).any(dim=2)  # [Hl, nK, bk]
+        return bool(live.flatten(1)[:, :layout.kv_len].all())
+
+    return _LIVE.get(layout, "all", build)
+
+
+def _eligible(layout: BlockLayout, dtype: torch.dtype, head_dim: int, return_lse: bool, needs_grad: bool) -> bool:
+    """Whether dense attention may replace this call at all (see :func:`dense_reason`)."""
+    return (dtype in (torch.float16, torch.bfloat16) and not (return_lse and needs_grad) and head_dim <= 256
+            and all_keys_visited(layout))
+
+
+#: Milliseconds of ``fn()`` for the measured dense-or-sparse check (CUDA events; tests replace it).
+_time_ms = None
+_REASONS = LayoutCache("block_sparse.dense_reasons")
+
+
+def _measured_reason(q, k, v, layout, scale: float, sparse: str, return_lse: bool, modelled: Optional[str]):
+    """Time the sparse call and the dense one on these very inputs, once per (layout, call signature),
+    when the autotuner is on (``DIT_ACCEL_AUTOTUNE``): the measurement overrides the model. The reason
+    for dense, or None for sparse."""
+    timer = _time_ms or (lambda fn: autotune.cuda_event_timer(fn, 2, 5))
+    qd, kd, vd = q.detach(), k.detach(), v.detach()
+    try:
+        with torch.no_grad():
+            sparse_ms = timer(lambda: block_sparse_attention(qd, kd, vd, layout, scale=scale, backend=sparse))
+            dense_ms = timer(lambda: _run_dense(qd, kd, vd, scale, return_lse))
+    except Exception:  # the model's answer stands when either cannot be timed here
+        return modelled
+    if dense_ms < sparse_ms:
+        return (f"measured: sparse [{sparse}] {sparse_ms:.3f} ms > dense {dense_ms:.3f} ms at N={layout.q_len}, "
+                f"M={layout.kv_len}, {q.shape[0]}x{q.shape[1]} heads" + (f" (model: {modelled})" if modelled else ""))
+    return None
+
+
+def dense_reasons(layout: BlockLayout) -> list:
+    """Why ``auto`` ran ``layout``'s calls as dense attention, one sentence per call signature (for inspection)."""
+    return list(_REASONS.get(layout, "reasons", list))
+
+
+def dense_reason(layout: BlockLayout, *, batch: int, heads: int, head_dim: int, dtype: torch.dtype,
+                 return_lse: bool, needs_grad: bool, arch: str = "h100") -> Optional[str]:
+    """Why ``auto`` runs dense attention instead of ``layout`` (a sentence), or None to run sparse.
+
+    Dense runs when the cost model (:mod:`dit_accel.kernels.cost`, one per architecture) gives the
+    sparse kernel a longer time than dense attention at this shape (SDPA; the in-repo dense Triton
+    kernel when the log-sum-exp is asked for), for half-precision inputs, where every key is visited
+    by some query (:func:`all_keys_visited`), and not when an ``lse`` gradient is needed (the dense
+    kernel's backward takes none). On a GPU with the autotuner on, ``auto`` then times both on the
+    call's inputs once per (layout, call signature), and the measurement decides
+    (:func:`dense_reasons` keeps the sentences)."""
+    from .. import cost
+
+    if dtype not in (torch.float16, torch.bfloat16) or (return_lse and needs_grad) or head_dim > 256:
+        return None
+    contender = "triton" if return_lse else "sdpa"
+    sparse = cost.block_sparse_time(cost.tile_counts(layout, heads=heads, batch=batch), head_dim=head_dim,
+                                    arch=arch, backward=needs_grad)
+    dense = cost.dense_time(layout.q_len, layout.kv_len, heads, batch=batch, head_dim=head_dim, arch=arch,
+                            contender=contender, backward=needs_grad)
+    if sparse <= dense or not all_keys_visited(layout):
+        return None
+    return (f"cost model ({cost.constants(arch).name}): sparse {sparse * 1e3:.3f} ms > dense {contender} "
+            f"{dense * 1e3:.3f} ms at N={layout.q_len}, M={layout.kv_len}, {batch}x{heads} heads")
+
+
+def _run_dense(q, k, v, scale: float, return_lse: bool):
+    if not return_lse:
+        return F.scaled_dot_product_attention(q, k, v, scale=scale), None
+    from ..dense import dense_attention
+
+    return dense_attention(q, k, v, scale, return_lse=True)
 
 
 def block_sparse_tuner(q, k, v, layout, scale: float, density: Optional[float] = None,

@@ -137,11 +137,27 @@ def sla_triton_attention(q: Tensor, k: Tensor, v: Tensor, blocks: SLABlocks, met
         qf, kf = (rounded_features(t, method.feature_map) for t in (q, k))
     if plan in ("subtract", "all"):
         kv, ksum = _global_sums(kf, v)
-    o_s, lse, num, den = sla_fwd(q, k, v, qf, kf, kv, ksum, critical, lin_blocks, scale,
-                                 FEATURE_IDS[method.feature_map], has_lin, sign, method.block_q)
+    args = (q, k, v, qf, kf, kv, ksum, critical, lin_blocks, scale, FEATURE_IDS[method.feature_map], has_lin, sign,
+            method.block_q)
+    if _direct(q, k, v, qf, kv):  # eager, nothing to record or intercept: the launcher without the op's dispatch
+        from .triton import sla_forward
+
+        o_s, lse, num, den = sla_forward(*args)
+    else:
+        o_s, lse, num, den = sla_fwd(*args)
     if plan == "none":
         return o_s, lse, (torch.zeros(q.shape, dtype=torch.float32, device=q.device) if with_linear else None)
     return o_s, lse, num / (den + method.linear_eps)[..., None]
+
+
+def _direct(q: Tensor, k: Tensor, v: Tensor, qf: Optional[Tensor], kv: Optional[Tensor]) -> bool:
+    """Whether this forward may call the launcher itself (see ``block_sparse.ops.direct_call_ok``): also no
+    autograd recording, which needs the op's registered backward."""
+    from ..block_sparse.ops import direct_call_ok
+
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, qf, kv)):
+        return False
+    return direct_call_ok(q, k, v)
 
 
 #: Token chunk of the global sums: ``phi(K)^T V`` reduces 10^4-10^5 tokens into ``D x D`` per head, which as
