@@ -76,6 +76,9 @@ class PerHead(Method):
     def to_dict(self) -> dict:
         return {"method": self.name, "heads": [m.to_dict() for m in self.methods]}
 
+    def runs_sla(self, layer: int) -> bool:
+        return any(m.name == "sla" for m in self.methods)
+
     def plan(self, grid):
         return PerHeadPlan.build(self, tuple(grid))
 
