@@ -356,7 +356,9 @@ def apply(pipe_or_transformer, method: Method, *, dense_steps: int = 0, dense_la
         backend: kernel backend, one of ``"auto"``, ``"triton"``, ``"torch"``, ``"flex"``.
         weights: folder of fine-tuned weights (LoRA, SLA projections) to load after installing.
         capture: folder; saves video q/k/v of attention calls as
-            ``layer{L:03d}_step{S:03d}.pt`` (first call per layer and step).
+            ``layer{L:03d}_step{S:03d}.pt`` (first call per layer and step). Or an observer with
+            :class:`~.capture.Capture`'s ``wants(layer, step)`` and ``save(...)`` (calibration keeps its
+            samples in memory this way).
         capture_layers, capture_steps: restrict capture to these indices (None = all).
         scheduler: the scheduler that drives a *bare* transformer (the step index
             comes from ``scheduler.step_index``). Without it, a bare transformer with
@@ -386,7 +388,8 @@ def apply(pipe_or_transformer, method: Method, *, dense_steps: int = 0, dense_la
     method, dense_steps, dense_last_steps, dense_layers, layer_methods, capture_layers, capture_steps = \
         _check_apply_args(method, dense_steps, dense_last_steps, dense_layers, layer_methods, backend,
                           capture_layers, capture_steps, scheduler, weights, timing)
-    capture = None if capture is None else Capture(check_capture_dir(capture), capture_layers, capture_steps)
+    if capture is not None and not (hasattr(capture, "wants") and hasattr(capture, "save")):  # else an observer
+        capture = Capture(check_capture_dir(capture), capture_layers, capture_steps)
     found, pipe = _find_transformers(pipe_or_transformer)
     _remove_previous(found)
     targets = [(prefix, t, preset, attention_modules(t, prefix, preset))
