@@ -55,6 +55,9 @@ def write_atomic(path, data) -> Path:
     payload = data.encode() if isinstance(data, str) else bytes(data)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would make the file private
         with os.fdopen(fd, "wb") as f:
             f.write(payload)
             f.flush()

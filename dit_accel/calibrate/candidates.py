@@ -57,7 +57,7 @@ def _tile_windows(n_tiles: Tuple[int, ...], size: str) -> List[Tuple[int, ...]]:
 
 
 def _gna_kernels(grid: Tuple[int, ...], tile: Tuple[int, ...], size: str) -> List[Tuple[int, ...]]:
-    fractions = {"small": (0.67,), "default": (0.34, 0.67, 1.0), "large": (0.25, 0.5, 0.75, 1.0)}[size]
+    fractions = {"small": (0.67,), "default": (0.5, 1.0), "large": (0.25, 0.5, 0.75, 1.0)}[size]
     per_dim = []
     for g, t in zip(grid, tile):
         ks = sorted({min(g, max(2, round(f * g))) for f in fractions} | ({g} if g <= t else set()))

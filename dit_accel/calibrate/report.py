@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Dict, List, Sequence, Tuple
 
@@ -102,15 +100,12 @@ def plot_heatmap(phase_tables: Sequence[dict], densities: Dict[str, float], path
                fontsize=7, frameon=False)
     fig.suptitle("method and visited density per layer x head", fontsize=10)
     fig.tight_layout(rect=(0, 0.08, 1, 0.95))
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
-    os.close(fd)
+    import io
+
+    buffer = io.BytesIO()
     try:
-        fig.savefig(tmp, dpi=110)
-        os.replace(tmp, path)
+        fig.savefig(buffer, format="png", dpi=110)
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    path = write_atomic(path, buffer.getvalue())
     return path

@@ -94,6 +94,9 @@ def register(subparsers) -> argparse.ArgumentParser:
             action.default = argparse.SUPPRESS
             action.help = (f"attention method (default: {TINY_SHAPES_METHOD} for tiny-shapes, dense for other models; "
                            "with --weights DIR, the method DIR was trained with)")
+    p.add_argument("--plan", metavar="FILE", default=None,
+                   help="run a SparsePlan (dit-accel calibrate's output, or a FastVideo STA strategy file) instead of "
+                        "one method: a method per step phase, layer and head")
     p.add_argument("--no-model-defaults", action="store_true",
                    help="ignore the model's preset method/schedule defaults; use only flags and config defaults")
     p.add_argument("--quiet", action="store_true",
@@ -498,6 +501,14 @@ def generate(args) -> dict:
         desc=f"denoising ({args.method})", leave=True)
 
     method, schedule, source = _method_and_schedule(args, pipe, saved, parser)
+    if args.plan:  # a calibrated plan replaces the method; its phases hold the dense steps and layers
+        from ..sparse_plan import SparsePlan
+
+        try:
+            method = SparsePlan.load(args.plan).as_method()
+        except ValueError as err:
+            raise _UsageError(f"--plan {args.plan}: {err}") from None
+        schedule, source, args.method = {"backend": schedule.get("backend", "auto")}, f"--plan {args.plan}", "plan"
     call = _pipeline_call(args, pipe, tiny)
     is_video = "num_frames" in call
     out = Path(args.out) if args.out else Path("outputs") / f"{_slug(args.model)}-{args.method}" \
