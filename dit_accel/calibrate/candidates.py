@@ -52,7 +52,11 @@ def _tile_windows(n_tiles: Tuple[int, ...], size: str) -> List[Tuple[int, ...]]:
     per_dim = []
     for n in n_tiles:
         odd = list(range(1, n + 1, 2)) + ([n + 1] if n % 2 == 0 else [])
-        per_dim.append(odd if size != "small" else odd[:1] + odd[-1:])
+        if size == "small":
+            odd = odd[:1] + odd[-1:]
+        elif size == "default" and len(odd) > 3:  # at most 3 per dimension: large grids stay a small grid
+            odd = [odd[0], odd[len(odd) // 2], odd[-1]]
+        per_dim.append(odd)
     return list(itertools.product(*per_dim))
 
 
