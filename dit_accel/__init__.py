@@ -19,6 +19,8 @@ _EXPORTS = {
     **{name: "methods" for name in ("Method", "Dense", "GNA", "Tile", "TileStrategy", "Radial", "SLA",
                                     "method_from_name", "canonical_method_name", "register_method", "unregister_method", "registered_methods",
                                     "option")},
+    **{name: "sparse_plan" for name in ("SparsePlan", "Phase")},
+    "PerHead": "per_head",
     **{name: "weights" for name in ("load_method", "read_weights_info")},
     "DitAccelWarning": "_util",
     "BadFileError": "_io",

@@ -44,6 +44,9 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--methods", default=None,
                    help=f"comma-separated methods (dense = the baseline row); default: {DEFAULT_METHODS} (those "
                         "the model can run: no radial for image models)")
+    p.add_argument("--plan", action="append", metavar="FILE",
+                   help="a SparsePlan (dit-accel calibrate's output) as one more row, labelled by its file name; "
+                        "repeatable")
     p.add_argument("--method-config", metavar="FILE",
                    help="JSON/YAML: {method: options} or {method: [options, ...]} to compare several configs; "
                         "keys dense_steps/dense_last_steps/dense_layers go to dit_accel.apply")
@@ -148,6 +151,16 @@ def _run(args) -> int:
                                   explicit=args.methods is not None)
     except (ValueError, OSError) as exc:
         return fail(str(exc))
+    if args.plan:
+        from pathlib import Path
+
+        from ..eval.runner import MethodSpec
+        from ..sparse_plan import SparsePlan
+
+        try:
+            specs += [MethodSpec(Path(f).stem, SparsePlan.load(f).as_method()) for f in args.plan]
+        except ValueError as exc:
+            return fail(f"--plan: {exc}")
     settings = EvalSettings(model=args.model, prompts=prompts, seeds=args.seeds, frames=pick(args.frames, "num_frames"),
                             height=pick(args.height, "height"), width=pick(args.width, "width"),
                             steps=pick(args.steps, "num_inference_steps"), guidance_scale=pick(args.guidance_scale, "guidance_scale"),

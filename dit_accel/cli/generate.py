@@ -105,6 +105,9 @@ def register(subparsers) -> argparse.ArgumentParser:
                            "printed with its source; with --weights DIR, the method DIR was trained with); "
                            "--method dense runs dense attention; aliases: "
                            + ", ".join(f"{a} = {n}" for a, n in METHOD_ALIASES.items()) + ")")
+    p.add_argument("--plan", metavar="FILE", default=None,
+                   help="run a SparsePlan (dit-accel calibrate's output, or a FastVideo STA strategy file) instead of "
+                        "one method: a method per step phase, layer and head")
     p.add_argument("--no-model-defaults", action="store_true",
                    help="ignore the model's preset method/schedule defaults; use only flags and config defaults")
     p.add_argument("--quiet", action="store_true",
@@ -604,6 +607,15 @@ def generate(args) -> dict:
             raise _UsageError(str(err)) from None
     quiet = args.quiet or not parallel.is_main()
     method, schedule, source = _method_and_schedule(args, pipe, saved, parser)
+    if args.plan:  # a calibrated plan replaces the method; its phases hold the dense steps and layers
+        from ..sparse_plan import SparsePlan
+
+        try:
+            method = SparsePlan.load(args.plan).as_method()
+        except ValueError as err:
+            raise _UsageError(f"--plan {args.plan}: {err}") from None
+        schedule, source, args.method = {"backend": schedule.get("backend", "auto")}, f"--plan {args.plan}", "plan"
+        args.method_choice = f"--plan {args.plan}"
     _check_side_by_side(args)  # again: without --method the method is known only now
     pipe.set_progress_bar_config(disable=True) if quiet else pipe.set_progress_bar_config(
         desc=f"denoising ({args.method})", leave=True)

@@ -29,6 +29,7 @@ SUBCOMMANDS = {
     "eval": ("dit_accel.cli.eval", "quality of a sparse method against dense (PSNR, SSIM, LPIPS, FID, CLIP)"),
     "bench": ("dit_accel.cli.bench", "attention kernel and end-to-end speed benchmarks"),
     "convert": ("dit_accel.cli.convert", "an SLA/TurboDiffusion Wan checkpoint as a dit_accel weights folder"),
+    "calibrate": ("dit_accel.cli.calibrate", "search a sparse plan per layer, head and step under a quality budget"),
 }
 
 _EPILOG = """examples:

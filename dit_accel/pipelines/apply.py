@@ -20,6 +20,7 @@ from torch import nn
 from .._util import DitAccelWarning, WarningLog, is_int
 from ..methods import SLA, Method
 from ..plans import Plan
+from ..sparse_plan import SparsePlan
 from ..weights import load_into
 from .capture import Capture, check_capture_dir
 from .context import CallGate
@@ -424,6 +425,12 @@ def _applied_handles(found) -> List[AccelHandle]:
     return list(handles.values())
 
 
+def _runs_sla(method: Method, layer: int) -> bool:
+    """Whether ``method`` may run SLA on ``layer`` (plans and per-head configs say per layer)."""
+    runs_sla = getattr(method, "runs_sla", None)
+    return isinstance(method, SLA) or (runs_sla is not None and bool(runs_sla(layer)))
+
+
 def _install(targets, schedule: Schedule, runtime: Runtime, steps: StepSource, gate: CallGate
              ) -> List[TransformerHook]:
     """One TransformerHook per transformer; SLA projections for every layer that may run SLA. All or nothing."""
@@ -432,7 +439,7 @@ def _install(targets, schedule: Schedule, runtime: Runtime, steps: StepSource, g
         for prefix, transformer, preset, modules in targets:
             hook = TransformerHook(transformer, prefix, preset, schedule, runtime, steps, gate)
             projections = {i: _sla_projection(m) for i, (_, m) in enumerate(modules)
-                           if isinstance(schedule.layer_methods.get(i, schedule.method), SLA)}
+                           if _runs_sla(schedule.layer_methods.get(i, schedule.method), i)}
             hook.install(modules, sum(len(h.layers) for h in hooks), projections)
             hooks.append(hook)
     except BaseException:
@@ -586,8 +593,9 @@ def apply(pipe_or_transformer, method: Method, *, dense_steps: int = 0, dense_la
             ``transformer_2`` are wrapped) or a transformer of a supported class
             (:data:`dit_accel.pipelines.presets.PRESETS`, or one registered with
             :func:`dit_accel.register_preset`).
-        method: ``dit_accel.Dense()``, ``GNA(...)``, ``Tile(...)``, ``Radial(...)``, ``SLA(...)`` or any
-            registered method config.
+        method: ``dit_accel.Dense()``, ``GNA(...)``, ``Tile(...)``, ``Radial(...)``, ``SLA(...)``, any
+            registered method config, or a :class:`dit_accel.SparsePlan` (a method per step, layer and head,
+            e.g. from ``dit-accel calibrate``).
         dense_steps: run the first N denoising steps dense.
         dense_last_steps: run the last N denoising steps dense.
         dense_layers: int N (the first N attention layers dense) or a list of layer indices.
@@ -595,7 +603,9 @@ def apply(pipe_or_transformer, method: Method, *, dense_steps: int = 0, dense_la
         backend: kernel backend, one of ``"auto"``, ``"triton"``, ``"torch"``, ``"flex"``.
         weights: folder of fine-tuned weights (LoRA, SLA projections) to load after installing.
         capture: folder; saves video q/k/v of attention calls as
-            ``layer{L:03d}_step{S:03d}.pt`` (first call per layer and step).
+            ``layer{L:03d}_step{S:03d}.pt`` (first call per layer and step). Or an observer with
+            :class:`~.capture.Capture`'s ``wants(layer, step)`` and ``save(...)`` (calibration keeps its
+            samples in memory this way).
         capture_layers, capture_steps: restrict capture to these indices (None = all).
         scheduler: the scheduler that drives a *bare* transformer (the step index
             comes from ``scheduler.step_index``). Without it, a bare transformer with
@@ -634,13 +644,18 @@ def apply(pipe_or_transformer, method: Method, *, dense_steps: int = 0, dense_la
         print(handle.summary()["mean_density"])
         handle.remove()
     """
+    if isinstance(method, SparsePlan):  # a plan is a schedule: a method per step, layer and head
+        method = method.as_method()
     method, dense_steps, dense_last_steps, dense_layers, layer_methods, capture_layers, capture_steps = \
         _check_apply_args(method, dense_steps, dense_last_steps, dense_layers, layer_methods, backend,
                           capture_layers, capture_steps, scheduler, weights, timing)
-    capture = None if capture is None else Capture(check_capture_dir(capture), capture_layers, capture_steps)
+    if capture is not None and not (hasattr(capture, "wants") and hasattr(capture, "save")):  # else an observer
+        capture = Capture(check_capture_dir(capture), capture_layers, capture_steps)
     found, pipe = _find_transformers(pipe_or_transformer)
     targets = [(prefix, t, preset, attention_modules(t, prefix, preset))
                for prefix, t in found for preset in [preset_for(t)]]
+    if hasattr(method, "check_layers"):  # a SparsePlan made for another model's layer count
+        method.check_layers(max(len(m) for *_, m in targets))
     log = WarningLog()
     per_step = any(hasattr(m, "for_layer_step") for m in (method, *layer_methods.values()))  # e.g. TileStrategy
     needs_step = bool(dense_steps or dense_last_steps or capture_steps is not None or per_step)

@@ -1,0 +1,134 @@
+"""The candidate method configs a calibration scores for every layer and head of a model.
+
+Every registered pattern method over a small parameter grid sized to the token grid (Tile windows,
+GNA kernel sizes, Radial decays, SLA top-k), plus dense. Tile and GNA candidates share one tile, so
+their heads lay out in one token order and a layer mixing them runs one per-head layout without
+conversion (:mod:`dit_accel.per_head`). Candidates whose plan is dense on the grid, nearly dense
+(visited density above ``max_density``) or that repeat another candidate's blocks are dropped.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from typing import List, Optional, Sequence, Tuple
+
+from ..methods import GNA, SLA, Dense, Method, Radial, Tile
+from ..per_head import MAX_CONVERTED_TOKENS
+
+__all__ = ["Candidate", "candidate_grid", "GRIDS", "METHODS"]
+
+#: Sizes of the parameter grid: "small" (one or two per method: tests, smoke runs), "default", "large".
+GRIDS = ("small", "default", "large")
+METHODS = ("tile", "gna", "radial", "sla")
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A method config as a calibration candidate: ``kind`` is ``"dense"``, ``"block_sparse"`` or ``"sla"``;
+    ``density`` the visited block density on the grid (SLA: its top-k blocks)."""
+
+    method: Method
+    kind: str
+    density: float
+
+    @property
+    def label(self) -> str:
+        m = self.method
+        if isinstance(m, Dense):
+            return "dense"
+        if isinstance(m, Tile):
+            return "tile w" + "x".join(map(str, m.window))
+        if isinstance(m, GNA):
+            return "gna k" + "x".join(map(str, m.kernel_size))
+        if isinstance(m, Radial):
+            return f"radial d{m.decay:g}"
+        if isinstance(m, SLA):
+            return f"sla k{m.topk:g}"
+        return m.name
+
+
+def _tile_windows(n_tiles: Tuple[int, ...], size: str) -> List[Tuple[int, ...]]:
+    per_dim = []
+    for n in n_tiles:
+        odd = list(range(1, n + 1, 2)) + ([n + 1] if n % 2 == 0 else [])
+        if size == "small":
+            odd = odd[:1] + odd[-1:]
+        elif size == "default" and len(odd) > 3:  # at most 3 per dimension: large grids stay a small grid
+            odd = [odd[0], odd[len(odd) // 2], odd[-1]]
+        per_dim.append(odd)
+    return list(itertools.product(*per_dim))
+
+
+def _gna_kernels(grid: Tuple[int, ...], tile: Tuple[int, ...], size: str) -> List[Tuple[int, ...]]:
+    fractions = {"small": (0.67,), "default": (0.5, 1.0), "large": (0.25, 0.5, 0.75, 1.0)}[size]
+    per_dim = []
+    for g, t in zip(grid, tile):
+        ks = sorted({min(g, max(2, round(f * g))) for f in fractions} | ({g} if g <= t else set()))
+        per_dim.append(ks)
+    return list(itertools.product(*per_dim))
+
+
+def candidate_grid(grid: Sequence[int], *, size: str = "default", methods: Sequence[str] = METHODS,
+                   max_density: float = 0.9) -> List[Candidate]:
+    """Dense plus the candidates of ``methods`` on ``grid`` (see the module docstring), dense first.
+
+    Example::
+
+        [c.label for c in candidate_grid((4, 12, 12), size="small")]
+        # ['dense', 'tile w1x1x1', 'tile w1x3x1', ..., 'sla k0.3']
+    """
+    from ..patterns.permutation import TilePermutation, default_tile
+
+    if size not in GRIDS:
+        raise ValueError(f"size={size!r} is invalid: choose one of {GRIDS}")
+    unknown = sorted(set(methods) - set(METHODS))
+    if unknown:
+        raise ValueError(f"methods {unknown} cannot be calibrated; choose from {', '.join(METHODS)}")
+    grid = tuple(int(g) for g in grid)
+    out = [Candidate(Dense(), "dense", 1.0)]
+    seen = set()
+
+    def add(method: Method) -> None:
+        try:
+            plan = method.plan(grid)
+        except ValueError:  # a grid rule the config breaks (a kernel larger than an extent, ...)
+            return
+        if plan.is_dense or plan.density is None or plan.density > max_density:
+            return
+        layout = plan.layout
+        key = (plan.perm.tile if plan.perm is not None else None, layout.kv_counts.numpy().tobytes(),
+               layout.kv_indices.numpy().tobytes(), layout.kv_mask_ids.numpy().tobytes(),
+               layout.mask_table.numpy().tobytes())
+        if key in seen:
+            return
+        seen.add(key)
+        out.append(Candidate(method, "block_sparse", float(plan.density)))
+
+    if len(grid) == 3 or len(grid) == 2:
+        tile = default_tile(grid, 64)
+        n_tiles = TilePermutation(grid, tile).num_tiles
+        if "tile" in methods:
+            for window in _tile_windows(n_tiles, size):
+                add(Tile(tile=tile, window=window))
+        if "gna" in methods:
+            for kernel in _gna_kernels(grid, tile, size):
+                add(GNA(kernel_size=kernel, tile=tile))
+    import math
+
+    if "radial" in methods and len(grid) == 3 and math.prod(grid) <= MAX_CONVERTED_TOKENS:
+        # (Radial's raster band joins a tiled layer through its token mask: small grids only.)
+        decays = {"small": (0.5,), "default": (0.25, 0.5, 1.0), "large": (0.1, 0.25, 0.5, 0.75, 1.0)}[size]
+        for decay in decays:
+            add(Radial(decay=decay, block_size=64, sink_frames=(0,)))
+    if "sla" in methods:
+        n_blocks = -(-math.prod(grid) // 64)
+        topks = {"small": (0.3,), "default": (0.15, 0.3, 0.5), "large": (0.1, 0.2, 0.3, 0.4, 0.6)}[size]
+        kept = set()
+        for topk in topks:
+            blocks = max(1, math.ceil(topk * n_blocks))
+            if blocks in kept or blocks / n_blocks > max_density:
+                continue
+            kept.add(blocks)
+            out.append(Candidate(SLA(topk=topk), "sla", blocks / n_blocks))
+    return out

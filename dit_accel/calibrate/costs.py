@@ -1,0 +1,100 @@
+"""What a candidate costs, in modelled GPU seconds, from the kernels' one cost model (:mod:`dit_accel.kernels.cost`).
+
+The calibration search adds costs per head and per launch, so each modelled call time is split
+into its per-call term (paid once per launch: a layer that mixes block-sparse and SLA heads pays two)
+and its body (linear in the number of heads). Which terms count is ``terms``:
+
+- ``"full"``: everything the model has: per call, per CTA (per query block), per visited tile (and
+  SLA's per-token glue). The honest GPU time; at small grids the per-call and per-CTA terms dominate
+  and dense attention is the cheapest choice (tiny-shapes: 576 tokens, head dim 32).
+- ``"no-launch"``: without the per-call terms (CUDA graphs, or one persistent launch for all layers).
+- ``"tiles"``: only the visited tiles, at the model's per-tile rates (dense, block-sparse, SLA): the
+  work a plan removes, which is what dominates at the large grids sparse attention is for. The
+  functions of :mod:`dit_accel.kernels.cost` are asked for calls with no CTAs and no glue, so no
+  constant is copied here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Dict
+
+from ..kernels import cost as kernel_cost
+from ..plans import LayoutPlan
+
+__all__ = ["CostModel"]
+
+
+class CostModel:
+    """Modelled seconds per head (body) and per launch on one token grid, for one attention call of batch 1.
+
+    Args:
+        grid: the token grid; head_dim: the model's head dimension.
+        arch, kernel: :func:`dit_accel.kernels.cost.constants` (``kernel`` one of its modelled variants).
+        terms: ``"full"``, ``"no-launch"`` or ``"tiles"`` (see the module docstring).
+    """
+
+    TERMS = ("full", "no-launch", "tiles")
+
+    def __init__(self, grid, head_dim: int, *, arch: str = "h100", kernel: str = "current", terms: str = "full"):
+        if terms not in self.TERMS:
+            raise ValueError(f"terms={terms!r} is invalid: choose one of {', '.join(self.TERMS)}")
+        self.grid, self.head_dim, self.arch, self.kernel = tuple(grid), int(head_dim), arch, kernel
+        self.terms = terms
+        self.launch_overhead = terms == "full"
+        self.constants = kernel_cost.constants(arch, kernel)
+        self.num_tokens = math.prod(self.grid)
+        self._heads: Dict[object, float] = {}
+
+    # ---------------------------------------------------------------- per launch
+    def launch(self, kind: str) -> float:
+        """The per-call term of one launch of ``kind`` (``"dense"``, ``"block_sparse"``, ``"sla"``)."""
+        if not self.launch_overhead:
+            return 0.0
+        c = self.constants
+        return {"dense": c.dense_per_call_s, "block_sparse": c.per_call_s, "sla": c.sla_per_call_s}[kind]
+
+    # ---------------------------------------------------------------- per head
+    def dense_head(self) -> float:
+        """One head of a dense (SDPA) call, without the per-call term."""
+        n = self.num_tokens
+        return kernel_cost.dense_time(n, n, 1, head_dim=self.head_dim, arch=self.arch) - \
+            kernel_cost.constants(self.arch).dense_per_call_s
+
+    def full_head(self, layout_like: LayoutPlan) -> float:
+        """A dense head inside a block-sparse launch: every block of ``layout_like``'s token order visited."""
+        lay = layout_like.layout
+        counts = kernel_cost.TileCounts(ctas=lay.num_q_blocks, full_tiles=float(lay.num_q_blocks * lay.num_kv_blocks),
+                                        partial_tiles=0.0, block_q=lay.block_q, block_k=lay.block_k, q_len=lay.q_len,
+                                        kv_len=lay.kv_len, heads=1)
+        return self._block(counts)
+
+    def head(self, candidate) -> float:
+        """One head of ``candidate`` (a :class:`~.candidates.Candidate`), without the per-call term."""
+        key = candidate.method
+        if key not in self._heads:
+            if candidate.kind == "dense":
+                value = self.dense_head()
+            elif candidate.kind == "sla":
+                counts = kernel_cost.sla_counts(self.num_tokens, candidate.method, heads=1)
+                if self.terms == "tiles":  # the critical tiles only: no CTAs, no per-token glue
+                    counts = dataclasses.replace(counts, ctas=0, heads=0)
+                value = kernel_cost.sla_time(counts, head_dim=self.head_dim, arch=self.arch) - \
+                    kernel_cost.constants(self.arch).sla_per_call_s
+            else:
+                lay = candidate.method.plan(self.grid).layout
+                value = self._block(kernel_cost.tile_counts(lay, heads=1))
+            self._heads[key] = value
+        return self._heads[key]
+
+    def _block(self, counts) -> float:
+        if self.terms == "tiles":
+            counts = dataclasses.replace(counts, ctas=0)
+        return kernel_cost.block_sparse_time(counts, head_dim=self.head_dim, arch=self.arch, kernel=self.kernel) - \
+            kernel_cost.constants(self.arch, self.kernel).per_call_s
+
+    def describe(self) -> dict:
+        return {"arch": self.arch, "kernel": self.kernel, "terms": self.terms,
+                "constants": self.constants.name, "modelled_kernel": self.constants.modelled_kernel,
+                "source": self.constants.source}

@@ -1,0 +1,111 @@
+"""The calibration's report: ``report.md`` and a heatmap of method and density per layer x head, per step phase."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Dict, List, Sequence, Tuple
+
+from ..eval.report import markdown_table
+from ..sparse_plan import write_atomic
+
+__all__ = ["write_report", "plot_heatmap"]
+
+
+def _fmt(value, digits: int = 2) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def write_report(result: dict, path) -> Path:
+    """``report.md`` of a calibration ``result`` (see :func:`dit_accel.calibrate.calibrate`), atomically."""
+    s = result["settings"]
+    final = result["final"]
+    lines = [f"# Calibration of {s['model']}", "",
+             f"Budget: {result['budget']}. Objective: {result['objective']}.", "",
+             f"Plan: `{result['plan_path']}` ({result['plan_summary']['phases']} phases, dense warm-up "
+             f"{final['warmup_steps']} of {s['steps']} steps).", "",
+             "## Result on the calibration prompts and seeds", ""]
+    rows = [["dense", "-", _fmt(result["dense"]["attention_ms"]), _fmt(result["dense"]["modelled_ms"], 3), "1.00",
+             "-", "-"],
+            ["calibrated plan", f"{final['psnr']:.2f}" if final["psnr"] is not None else "-",
+             _fmt(final["attention_ms"]), _fmt(final["modelled_ms"], 3),
+             _fmt(result["dense"]["modelled_ms"] / final["modelled_ms"] if final["modelled_ms"] else None),
+             _fmt(final["ssim"], 4), _fmt(final.get("max_layer_error"), 4)]]
+    lines += [markdown_table(["run", "PSNR vs dense (dB)", "measured attention (ms, CPU)",
+                              "modelled attention (ms/sample, GPU)", "modelled speedup", "SSIM",
+                              "max layer error (rel. L2)"], rows), ""]
+    gt = result.get("groundtruth")
+    if gt:
+        keys = [k for k in ("colour", "shape", "motion", "consistency") if k in gt["dense"]]
+        lines += ["Ground truth (tiny-shapes; fraction of samples correct):", "",
+                  markdown_table(["run"] + keys, [["dense"] + [_fmt(gt["dense"][k]) for k in keys],
+                                                  ["calibrated plan"] + [_fmt(gt["plan"][k]) for k in keys]]), ""]
+    lines += ["## Search", "",
+              f"{len(result['trace'])} verified plans (lambda: the price of error in modelled seconds):", "",
+              markdown_table(["lambda", "modelled ms/sample", "PSNR (dB)", "passes"],
+                             [[f"{t['lam']:.3g}", _fmt(t["modelled_ms"], 3), _fmt(t["psnr"]), "yes" if t["passes"]
+                               else "no"] for t in result["trace"]]), "",
+              "## The plan per step phase", ""]
+    heads = s["heads"]
+    for phase in result["phase_tables"]:
+        lines += [f"Steps {phase['steps'][0]}..{phase['steps'][1] - 1}:", "",
+                  markdown_table(["layer"] + [f"head {h}" for h in range(heads)],
+                                 [[str(l)] + labels for l, labels in enumerate(phase["labels"])]), ""]
+    lines += ["`dense*`: a dense head inside a block-sparse launch.", "",
+              "## Settings", "", f"- cost model: {result['cost_model']}",
+              f"- candidates ({len(result['candidates'])}): " + ", ".join(c["label"] for c in result["candidates"]),
+              f"- step buckets: {result['buckets']}",
+              f"- samples: {result['samples']}",
+              f"- times (s): " + ", ".join(f"{k} {v:.1f}" for k, v in result["seconds"].items()),
+              f"- prompts sha256: {result['prompts_sha256']}", ""]
+    lines += ["Modelled times are predictions of the kernels' cost model (`dit_accel.kernels.cost`), not "
+              "measurements; measured times are this machine's, wall clock of the attention calls.", ""]
+    return write_atomic(path, "\n".join(lines))
+
+
+_COLOURS = {"dense": "#d9d9d9", "dense*": "#bdbdbd", "tile": "#4c72b0", "gna": "#55a868", "radial": "#c44e52",
+            "sla": "#8172b2"}
+
+
+def plot_heatmap(phase_tables: Sequence[dict], densities: Dict[str, float], path) -> Path:
+    """One panel per step phase: layers x heads coloured by method, labelled with the visited density."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import to_rgb
+    from matplotlib.patches import Patch
+
+    n = len(phase_tables)
+    layers = len(phase_tables[0]["labels"]) if n else 0
+    heads = len(phase_tables[0]["labels"][0]) if layers else 0
+    fig, axes = plt.subplots(1, max(n, 1), figsize=(1.0 + 0.55 * heads * max(n, 1), 1.2 + 0.45 * layers),
+                             squeeze=False)
+    for ax, phase in zip(axes[0], phase_tables):
+        image = [[to_rgb(_COLOURS.get(label.split()[0], "#ffffff")) for label in row] for row in phase["labels"]]
+        ax.imshow(image, aspect="auto")
+        for l, row in enumerate(phase["labels"]):
+            for h, label in enumerate(row):
+                density = densities.get(label, 1.0)
+                ax.text(h, l, f"{density:.2f}", ha="center", va="center", fontsize=7)
+        ax.set_title(f"steps {phase['steps'][0]}-{phase['steps'][1] - 1}", fontsize=9)
+        ax.set_xlabel("head")
+        ax.set_ylabel("layer")
+        ax.set_xticks(range(heads))
+        ax.set_yticks(range(layers))
+    fig.legend(handles=[Patch(color=c, label=k) for k, c in _COLOURS.items()], loc="lower center", ncol=6,
+               fontsize=7, frameon=False)
+    fig.suptitle("method and visited density per layer x head", fontsize=10)
+    fig.tight_layout(rect=(0, 0.08, 1, 0.95))
+    import io
+
+    buffer = io.BytesIO()
+    try:
+        fig.savefig(buffer, format="png", dpi=110)
+    finally:
+        plt.close(fig)
+    path = write_atomic(path, buffer.getvalue())
+    return path

@@ -1,0 +1,314 @@
+"""``calibrate``: capture, score, search, verify, write (the steps of ``dit-accel calibrate``)."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from ..methods import Dense
+from ..sparse_plan import SparsePlan, prompts_hash, write_atomic
+from .candidates import METHODS, candidate_grid
+from .costs import CostModel
+from .report import plot_heatmap, write_report
+from .sampling import QKVSampler, step_buckets
+from .scoring import score_candidates
+from .search import Assignment, SearchSpace
+
+__all__ = ["CalibrationSettings", "calibrate", "generate_videos"]
+
+
+@dataclass
+class CalibrationSettings:
+    """What a calibration runs and what it may spend (the flags of ``dit-accel calibrate``).
+
+    Budget: ``min_psnr`` (dB of the final output against dense, same seeds) and/or ``max_layer_error``
+    (relative L2 of each layer's attention output against dense); at least one.
+    """
+
+    model: str
+    prompts: List[str]
+    seeds: List[int] = field(default_factory=lambda: [0])
+    min_psnr: Optional[float] = None
+    max_layer_error: Optional[float] = None
+    frames: Optional[int] = None
+    height: Optional[int] = None
+    width: Optional[int] = None
+    steps: Optional[int] = None
+    guidance_scale: Optional[float] = None
+    max_sequence_length: Optional[int] = None
+    device: str = "cpu"
+    dtype: str = "float32"
+    phases: int = 3
+    warmup: Tuple[int, ...] = (1, 2)
+    candidates: str = "default"
+    methods: Tuple[str, ...] = METHODS
+    samples_per_bucket: int = 2
+    max_sample_mb: float = 512.0
+    capture_dir: Optional[str] = None
+    arch: str = "h100"
+    kernel: str = "current"
+    cost_terms: str = "full"
+    search_iters: int = 6
+    batch_size: int = 8
+    backend: str = "auto"
+
+    def check(self) -> None:
+        if self.min_psnr is None and self.max_layer_error is None:
+            raise ValueError("give a budget: --min-psnr DB (final output vs dense) and/or --max-layer-error E "
+                             "(relative L2 of each layer's attention)")
+        if not self.prompts:
+            raise ValueError("no calibration prompts: pass --prompts FILE (one per line)")
+        if self.max_layer_error is not None and not self.max_layer_error > 0:
+            raise ValueError(f"--max-layer-error must be > 0; got {self.max_layer_error}")
+        if self.search_iters < 0 or self.phases < 1 or self.samples_per_bucket < 1 or self.batch_size < 1:
+            raise ValueError("--search-iters >= 0, --phases >= 1, --samples-per-bucket >= 1 and --batch-size >= 1")
+
+    def call_kwargs(self) -> dict:
+        wanted = {"num_frames": self.frames, "height": self.height, "width": self.width,
+                  "num_inference_steps": self.steps, "guidance_scale": self.guidance_scale,
+                  "max_sequence_length": self.max_sequence_length}
+        return {k: v for k, v in wanted.items() if v is not None}
+
+
+class _Progress:
+    """One progress bar for the whole calibration (stderr), its description naming the stage."""
+
+    def __init__(self, enabled: bool):
+        self.bar = None
+        if enabled:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=0, unit="step", dynamic_ncols=True, leave=True)
+
+    def stage(self, name: str, units: int) -> None:
+        if self.bar is not None:
+            self.bar.set_description(name)
+            self.bar.total += units
+            self.bar.refresh()
+
+    def update(self, n: int = 1) -> None:
+        if self.bar is not None:
+            self.bar.update(n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _uint8(frames) -> np.ndarray:
+    arr = np.asarray(frames)
+    return arr if arr.dtype == np.uint8 else (np.clip(arr, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+
+
+def generate_videos(pipe, jobs: Sequence[Tuple[str, int]], call_kwargs: dict, batch_size: int,
+                    on_step: Optional[Callable[[], None]] = None) -> List[np.ndarray]:
+    """uint8 videos ``[F, H, W, 3]`` of every ``(prompt, seed)``, ``batch_size`` per pipeline call; the noise of a
+    sample depends on its seed only."""
+    videos = []
+    for i in range(0, len(jobs), batch_size):
+        chunk = jobs[i:i + batch_size]
+
+        def tick(_pipe, _i, _t, kwargs):
+            if on_step is not None:
+                on_step()
+            return kwargs
+
+        with torch.no_grad():
+            out = pipe(prompt=[p for p, _ in chunk], generator=[torch.Generator().manual_seed(s) for _, s in chunk],
+                       output_type="np", callback_on_step_end=tick, **call_kwargs)
+        frames = getattr(out, "frames", None)
+        frames = frames if frames is not None else out.images
+        videos.extend(_uint8(f) for f in frames)
+    return videos
+
+
+def _psnr_ssim(videos, refs) -> Tuple[float, float]:
+    from ..eval.metrics import psnr_per_frame, ssim_per_frame
+
+    psnr = [float(psnr_per_frame(v, r).mean()) for v, r in zip(videos, refs)]
+    ssim = [float(ssim_per_frame(v, r).mean()) for v, r in zip(videos, refs)]
+    return float(np.mean(psnr)), float(np.mean(ssim))
+
+
+def _attention_ms(handle) -> Optional[float]:
+    times = [r["time_ms"] for r in handle.stats() if r.get("time_ms") is not None]
+    return float(sum(times)) if times else None
+
+
+def calibrate(settings: CalibrationSettings, out, *, report_dir=None, progress: bool = True,
+              log: Callable[[str], None] = print) -> dict:
+    """Calibrate a :class:`~dit_accel.SparsePlan` for ``settings.model`` and write it to ``out``.
+
+    1. runs the dense model once on the prompts x seeds, keeping a bounded sample of q/k/v per
+       (layer, step bucket) in memory (:class:`~.sampling.QKVSampler`);
+    2. scores every candidate (:func:`~.candidates.candidate_grid`) per layer, bucket and head against
+       the dense attention output (:func:`~.scoring.score_candidates`);
+    3. searches the plan of least modelled attention time (:mod:`dit_accel.kernels.cost`) under the
+       budget (:class:`~.search.SearchSpace`; ``min_psnr`` by bisection on verified runs);
+    4. verifies the plan end to end against dense with the same seeds (PSNR/SSIM, ground truth on
+       tiny-shapes, measured and modelled attention time);
+    5. writes the plan, ``report.md``, ``heatmap.png`` and ``calibration.json`` (atomically).
+
+    Returns the result dict that ``calibration.json`` holds.
+    """
+    import dit_accel
+    from ..models.loading import load_pipeline
+    from ..models.tiny import TINY_DEFAULTS
+
+    settings.check()
+    out = Path(out)
+    report_dir = Path(report_dir) if report_dir is not None else out.with_name(out.stem + "_report")
+    seconds: Dict[str, float] = {}
+    t0 = time.perf_counter()
+    if settings.model == "tiny-shapes":
+        from ..models.tiny_shapes import TINY_SHAPES_DEFAULTS as suggested
+    else:
+        suggested = TINY_DEFAULTS.get(settings.model, {})
+    for key, name in (("num_frames", "frames"), ("height", "height"), ("width", "width"),
+                      ("num_inference_steps", "steps"), ("guidance_scale", "guidance_scale"),
+                      ("max_sequence_length", "max_sequence_length")):
+        if getattr(settings, name) is None and key in suggested:
+            setattr(settings, name, suggested[key])
+    if settings.steps is None:
+        raise ValueError("--steps is needed for this model (the denoising steps the plan is calibrated for)")
+    dtype = getattr(torch, settings.dtype)
+    pipe = load_pipeline(settings.model, device=settings.device, dtype=dtype)
+    pipe.set_progress_bar_config(disable=True)
+    call_kwargs = settings.call_kwargs()
+    jobs = [(p, s) for s in settings.seeds for p in settings.prompts]
+    chunks = math.ceil(len(jobs) / settings.batch_size)
+    bar = _Progress(progress)
+    try:
+        # 1. the dense run, sampled
+        buckets = step_buckets(settings.steps, settings.phases, settings.warmup)
+        sampler = QKVSampler(buckets, per_bucket=settings.samples_per_bucket,
+                             max_bytes=int(settings.max_sample_mb * 2**20), folder=settings.capture_dir)
+        bar.stage("dense run (sampling q/k/v)", chunks * settings.steps)
+        handle = dit_accel.apply(pipe, Dense(), capture=sampler, timing=True, backend=settings.backend)
+        try:
+            layers = len(handle.layers)
+            sampler.set_layers(layers)
+            dense_videos = generate_videos(pipe, jobs, call_kwargs, settings.batch_size, bar.update)
+            dense_ms = _attention_ms(handle)
+            transformer = handle.transformer
+        finally:
+            handle.remove()
+        if sampler.grid is None:
+            raise ValueError(f"{settings.model}: no self-attention call was sampled; is it a supported video/image DiT?")
+        seconds["dense run"] = time.perf_counter() - t0
+        q0 = next(iter(sampler.samples.values()))[0][0]
+        heads, head_dim, grid = q0.shape[1], q0.shape[-1], sampler.grid
+        # 2. candidates, scored
+        t = time.perf_counter()
+        candidates = candidate_grid(grid, size=settings.candidates, methods=settings.methods)
+        bar.stage("scoring candidates", layers * len(buckets) * len(candidates))
+        errors = score_candidates(sampler, candidates, layers, backend=settings.backend, progress=bar.update)
+        seconds["scoring"] = time.perf_counter() - t
+        # 3. the search
+        t = time.perf_counter()
+        costs = CostModel(grid, head_dim, arch=settings.arch, kernel=settings.kernel, terms=settings.cost_terms)
+        block = [c for c in candidates if c.kind == "block_sparse"]
+        full = costs.full_head(block[0].method.plan(grid)) if block else costs.dense_head()
+        space = SearchSpace(candidates, errors, costs, layers, buckets, heads, full)
+        calls_per_step = 2 if (settings.guidance_scale or 0) > 1 else 1
+        verified: Dict[tuple, dict] = {}
+
+        def verify(assignment: Assignment, lam: float) -> dict:
+            key = assignment.key()
+            if key not in verified:
+                plan = assignment.to_plan({})
+                bar.stage(f"verifying plan {len(verified) + 1}", chunks * settings.steps)
+                with dit_accel.apply(pipe, plan, timing=True, backend=settings.backend) as h:
+                    videos = generate_videos(pipe, jobs, call_kwargs, settings.batch_size, bar.update)
+                    measured = _attention_ms(h)
+                psnr, ssim = _psnr_ssim(videos, dense_videos)
+                verified[key] = {"psnr": psnr, "ssim": ssim, "attention_ms": measured, "videos": videos}
+            record = dict(verified[key], lam=lam, assignment=assignment,
+                          modelled_ms=assignment.cost_per_sample(calls_per_step) * 1e3)
+            record["passes"] = settings.min_psnr is None or record["psnr"] >= settings.min_psnr
+            return record
+
+        trace = []
+        cheapest = space.assign(0.0, settings.max_layer_error)
+        best = verify(cheapest, 0.0)
+        trace.append(best)
+        if not best["passes"]:
+            scale = space.scale()
+            lo, hi = scale * 1e-4, scale * 1e4
+            best = None
+            for _ in range(settings.search_iters):
+                mid = math.sqrt(lo * hi)
+                record = verify(space.assign(mid, settings.max_layer_error), mid)
+                trace.append(record)
+                if record["passes"]:
+                    hi = mid
+                    if best is None or record["modelled_ms"] < best["modelled_ms"]:
+                        best = record
+                else:
+                    lo = mid
+            if best is None:  # nothing sparse passed: the dense plan (lam = infinity) does, exactly
+                best = verify(space.assign(math.inf), math.inf)
+                trace.append(best)
+        seconds["search and verification"] = time.perf_counter() - t
+        assignment: Assignment = best["assignment"]
+        # 4. ground truth, provenance, outputs
+        groundtruth = None
+        if settings.model == "tiny-shapes":
+            from ..eval.groundtruth import score_many
+
+            prompts = [p for p, _ in jobs]
+            groundtruth = {"dense": score_many(dense_videos, prompts), "plan": score_many(best["videos"], prompts)}
+        budget = {k: v for k, v in (("min_psnr", settings.min_psnr), ("max_layer_error", settings.max_layer_error))
+                  if v is not None}
+        objective = (f"least modelled attention time ({costs.constants.name}, terms={settings.cost_terms}) per "
+                     "generation, per-(layer, bucket) Lagrangian allocation of the squared relative attention error")
+        provenance = SparsePlan.provenance_now(
+            model_class=type(transformer).__name__, model_id=settings.model, grids=[list(grid)],
+            prompts_sha256=prompts_hash(settings.prompts), seeds=list(settings.seeds), budget=budget,
+            objective=objective, steps=settings.steps, call=call_kwargs,
+            candidates=[c.label for c in candidates], cost_model=costs.describe())
+        plan = assignment.to_plan(provenance)
+        plan.save(out)
+        table = assignment.table()
+        phase_tables = [{"steps": list(b), "labels": [table[(l, i)] for l in range(layers)]}
+                        for i, b in enumerate(buckets)]
+        densities = {c.label: c.density for c in candidates}
+        densities.update({"dense": 1.0, "dense*": 1.0})
+        max_err = max((c.error for c in assignment.choices.values()), default=0.0) ** 0.5
+        result = {
+            "settings": {**asdict(settings), "heads": heads, "layers": layers, "grid": list(grid)},
+            "plan_path": str(out), "plan_summary": {"phases": len(plan.phases), "lines": plan.summary()},
+            "budget": budget or "none", "objective": objective, "cost_model": costs.describe(),
+            "candidates": [{"label": c.label, "kind": c.kind, "density": c.density,
+                            "head_cost_us": costs.head(c) * 1e6} for c in candidates],
+            "buckets": [list(b) for b in buckets],
+            "samples": {"steps": sorted(sampler.steps), "rows": sampler.rows, "per_bucket": sampler.per_bucket,
+                        "megabytes": round(sampler.bytes / 2**20, 1)},
+            "dense": {"attention_ms": dense_ms, "modelled_ms": assignment.dense_cost_per_sample(calls_per_step) * 1e3},
+            "final": {"psnr": best["psnr"], "ssim": best["ssim"], "attention_ms": best["attention_ms"],
+                      "modelled_ms": best["modelled_ms"], "lam": best["lam"], "warmup_steps": assignment.warmup_steps(),
+                      "max_layer_error": max_err},
+            "trace": [{"lam": r["lam"], "modelled_ms": r["modelled_ms"], "psnr": r["psnr"], "passes": r["passes"]}
+                      for r in trace],
+            "phase_tables": phase_tables, "groundtruth": groundtruth,
+            "prompts_sha256": prompts_hash(settings.prompts),
+        }
+        seconds["total"] = time.perf_counter() - t0
+        result["seconds"] = seconds
+        report_dir.mkdir(parents=True, exist_ok=True)
+        plot_heatmap(phase_tables, densities, report_dir / "heatmap.png")
+        write_report(result, report_dir / "report.md")
+        from .._util import to_jsonable
+
+        write_atomic(report_dir / "calibration.json", json.dumps(to_jsonable(result), indent=1) + "\n")
+        result["report_dir"] = str(report_dir)
+        return result
+    finally:
+        bar.close()

@@ -1,0 +1,109 @@
+"""Step buckets and a bounded in-memory sample of the dense model's q/k/v per (layer, step bucket).
+
+The calibration runs the dense model once on its prompts. :class:`QKVSampler` is the capture
+observer of that run (the interface of :class:`dit_accel.pipelines.capture.Capture`: ``wants`` and
+``save``) but keeps what it sees in memory, for a few steps per bucket and within ``max_bytes``:
+nothing goes to disk unless a folder is given.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+__all__ = ["step_buckets", "QKVSampler"]
+
+
+def step_buckets(steps: int, phases: int, warmup: Sequence[int] = ()) -> List[Tuple[int, int]]:
+    """``[(start, stop), ...]`` covering ``0 .. steps - 1``: ``phases`` equal parts, also split at each
+    candidate warm-up length in ``warmup`` (so a dense warm-up of that many steps can be chosen).
+
+    Example::
+
+        step_buckets(12, 3, warmup=(1, 2))   # [(0, 1), (1, 2), (2, 4), (4, 8), (8, 12)]
+    """
+    if steps < 1 or phases < 1:
+        raise ValueError(f"steps={steps} and phases={phases} must be >= 1")
+    cuts = {round(i * steps / phases) for i in range(phases + 1)} | {w for w in warmup if 0 < w < steps}
+    cuts = sorted(c for c in cuts | {0, steps} if 0 <= c <= steps)
+    return [(a, b) for a, b in zip(cuts, cuts[1:]) if b > a]
+
+
+class QKVSampler:
+    """Keeps the video q, k, v of the first call per (layer, step) for the chosen steps, in memory.
+
+    Args:
+        buckets: the step buckets; ``per_bucket`` steps are kept per bucket, spread evenly over it.
+        max_bytes: the memory the samples may take; fewer steps per bucket, then fewer batch rows,
+            are kept when one (layer, step) sample times the layers and buckets would exceed it.
+        folder: also ``torch.save`` each sample there (``layer{L:03d}_step{S:03d}.pt``, the
+            :class:`~dit_accel.pipelines.capture.Capture` format); None keeps nothing on disk.
+    """
+
+    def __init__(self, buckets: Sequence[Tuple[int, int]], *, per_bucket: int = 2, max_bytes: int = 512 * 2**20,
+                 folder: Optional[str] = None):
+        self.buckets = list(buckets)
+        self.max_bytes = int(max_bytes)
+        self.folder = folder
+        self.steps: Dict[int, int] = {}  # step -> bucket index
+        for b, (start, stop) in enumerate(self.buckets):
+            span = stop - start
+            take = min(per_bucket, span)
+            for i in range(take):  # spread evenly over the bucket
+                self.steps[start + min(span - 1, int((i + 0.5) * span / take))] = b
+        self.per_bucket = per_bucket
+        self.samples: Dict[Tuple[int, int], List[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = {}
+        self.grid = None
+        self.rows: Optional[int] = None  # batch rows kept per sample (set at the first save)
+        self.bytes = 0
+        self._done = set()
+        self._lock = threading.Lock()
+
+    def wants(self, layer: int, step: int) -> bool:
+        return step in self.steps and (layer, step) not in self._done
+
+    def save(self, layer: int, name: str, grid, step: int, q, k, v, heads=None) -> None:
+        with self._lock:
+            if (layer, step) in self._done:
+                return
+            self._done.add((layer, step))
+            if self.rows is None:
+                self._budget(q)
+            rows = self.rows
+            if rows == 0:
+                return
+            bucket = self.steps[step]
+            kept = self.samples.setdefault((layer, bucket), [])
+            if len(kept) >= self.per_bucket:
+                return
+            sample = tuple(t[:rows].detach().to("cpu", torch.float32).clone(memory_format=torch.contiguous_format)
+                           for t in (q, k, v))
+            kept.append(sample)
+            self.grid = tuple(grid)
+            self.bytes += sum(t.numel() * 4 for t in sample)
+        if self.folder is not None:
+            os.makedirs(self.folder, exist_ok=True)
+            torch.save({"q": sample[0], "k": sample[1], "v": sample[2], "grid": tuple(grid), "layer": layer,
+                        "layer_name": name, "step": step}, os.path.join(self.folder, f"layer{layer:03d}_step{step:03d}.pt"))
+
+    def set_layers(self, layers: int) -> None:
+        """The model's attention layer count (sizes the per-sample budget before the run)."""
+        self._layers = int(layers)
+
+    def _budget(self, q) -> None:
+        layers = getattr(self, "_layers", 1)
+        per_row = 3 * 4 * q[0].numel()  # q, k, v of one batch row in fp32
+        slots = layers * len(self.buckets)
+        while self.per_bucket > 1 and per_row * q.shape[0] * self.per_bucket * slots > self.max_bytes:
+            self.per_bucket -= 1
+        self.rows = int(max(0, min(q.shape[0], self.max_bytes // max(per_row * self.per_bucket * slots, 1))))
+
+    def bucket_samples(self, layer: int, bucket: int):
+        """``(q, k, v)`` of every kept call of ``layer`` in ``bucket``, concatenated on the batch axis, or None."""
+        kept = self.samples.get((layer, bucket))
+        if not kept:
+            return None
+        return tuple(torch.cat([s[i] for s in kept]) for i in range(3))

@@ -1,0 +1,180 @@
+"""The search: a method per (step bucket, layer, head) that minimises modelled attention time under a budget.
+
+For a Lagrange multiplier ``lam`` every (layer, bucket) independently takes the assignment that
+minimises ``cost + lam * error`` (error: the layer's squared relative L2 error, summed over heads),
+over these launch structures, each with its per-launch cost:
+
+- the whole layer dense (one dense call);
+- block-sparse heads only (one launch; a head may be dense inside it, at the block-sparse rate);
+- for each SLA config: every head SLA (one SLA launch), or SLA and block-sparse heads (two launches).
+
+Small ``lam`` gives the cheapest plan, large ``lam`` the dense model. A per-layer error budget
+(``max_layer_error``: relative L2) removes the assignments above it. The end-to-end budget (a minimum
+PSNR of the final output against dense) is met by bisecting ``lam`` on verified runs. A bucket in
+which every layer runs dense at the start is the chosen dense warm-up.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from ..methods import Dense, Method
+from ..per_head import PerHead
+from ..sparse_plan import Phase, SparsePlan
+
+__all__ = ["LayerChoice", "Assignment", "assign", "to_plan", "SearchSpace"]
+
+
+@dataclass(frozen=True)
+class LayerChoice:
+    """What one layer runs in one bucket: a candidate index per head (``-1``: dense inside a block-sparse
+    launch), the launches, the modelled cost per call and the squared relative error."""
+
+    heads: Tuple[int, ...]
+    launches: Tuple[str, ...]
+    cost: float
+    error: float
+
+    @property
+    def dense(self) -> bool:
+        return self.launches == ("dense",)
+
+
+class SearchSpace:
+    """Per-head costs and per-(layer, bucket) errors of the candidates, and the assignments they allow."""
+
+    def __init__(self, candidates: Sequence, errors: Dict[Tuple[int, int], torch.Tensor], costs, layers: int,
+                 buckets: Sequence[Tuple[int, int]], heads: int, full_head_cost: float):
+        self.candidates = list(candidates)
+        self.errors = errors
+        self.costs = costs  # CostModel
+        self.layers, self.buckets, self.heads = layers, list(buckets), heads
+        self.head_cost = torch.tensor([costs.head(c) for c in self.candidates], dtype=torch.float64)
+        self.full_head_cost = float(full_head_cost)
+        kinds = [c.kind for c in self.candidates]
+        self.block = [i for i, k in enumerate(kinds) if k == "block_sparse"]
+        self.sla = [i for i, k in enumerate(kinds) if k == "sla"]
+        self.dense_layer_cost = costs.launch("dense") + heads * costs.dense_head()
+
+    def choose(self, layer: int, bucket: int, lam: float, max_error: Optional[float] = None) -> LayerChoice:
+        """The assignment of ``layer`` in ``bucket`` minimising ``cost + lam * error`` (see the module docstring)."""
+        best = LayerChoice((-2,) * self.heads, ("dense",), self.dense_layer_cost, 0.0)
+        errors = self.errors.get((layer, bucket))
+        if errors is None:
+            return best
+        best_value = best.cost
+        options = [(("block_sparse",), self.block, None)]
+        for s in self.sla:
+            options += [(("sla",), [], s), (("block_sparse", "sla"), self.block, s)]
+        for launches, block, sla in options:
+            if not block and sla is None:
+                continue
+            cost = sum(self.costs.launch(kind) for kind in launches)
+            heads, error = [], 0.0
+            for h in range(self.heads):
+                # (index, cost, error) of every head option allowed under these launches
+                opts = []
+                if "block_sparse" in launches:
+                    opts.append((-1, self.full_head_cost, 0.0))
+                    opts += [(i, float(self.head_cost[i]), float(errors[i, h])) for i in block]
+                if sla is not None:
+                    opts.append((sla, float(self.head_cost[sla]), float(errors[sla, h])))
+                i, c, e = min(opts, key=lambda o: o[1] + lam * o[2])
+                heads.append(i)
+                cost += c
+                error += e
+            if sla is not None and sla not in heads:
+                continue  # that structure without an SLA head is the block-only one
+            if "block_sparse" in launches and sla is not None and all(i == sla for i in heads):
+                continue
+            if max_error is not None and error > max_error ** 2:
+                continue
+            value = cost + lam * error
+            if value < best_value:
+                best, best_value = LayerChoice(tuple(heads), launches, cost, error), value
+        return best
+
+    def assign(self, lam: float, max_error: Optional[float] = None) -> "Assignment":
+        return Assignment({(l, b): self.choose(l, b, lam, max_error) for l in range(self.layers)
+                           for b in range(len(self.buckets))}, self)
+
+    def scale(self) -> float:
+        """A typical cost / error ratio: where the bisection of ``lam`` is centred."""
+        ratios = []
+        for errors in self.errors.values():
+            for i in self.block + self.sla:
+                gain = self.costs.dense_head() - float(self.head_cost[i])
+                e = float(errors[i].mean())
+                if e > 0:
+                    ratios.append(abs(gain) / e + 1e-30)
+        return float(torch.tensor(ratios).median()) if ratios else 1.0
+
+
+class Assignment:
+    """A :class:`LayerChoice` per (layer, bucket), its modelled cost and its plan."""
+
+    def __init__(self, choices: Dict[Tuple[int, int], LayerChoice], space: SearchSpace):
+        self.choices, self.space = choices, space
+
+    def key(self) -> tuple:
+        return tuple(sorted((k, c.heads, c.launches) for k, c in self.choices.items()))
+
+    def cost_per_sample(self, calls_per_step: int) -> float:
+        """Modelled attention seconds of one generation (every step, ``calls_per_step`` transformer calls)."""
+        total = 0.0
+        for (layer, bucket), choice in self.choices.items():
+            start, stop = self.space.buckets[bucket]
+            total += choice.cost * (stop - start) * calls_per_step
+        return total
+
+    def dense_cost_per_sample(self, calls_per_step: int) -> float:
+        steps = self.space.buckets[-1][1]
+        return self.space.dense_layer_cost * self.space.layers * steps * calls_per_step
+
+    def warmup_steps(self) -> int:
+        """Leading steps in which every layer runs dense."""
+        warm = 0
+        for b, (start, stop) in enumerate(self.space.buckets):
+            if all(self.choices[(l, b)].dense for l in range(self.space.layers)):
+                warm = stop
+            else:
+                break
+        return warm
+
+    def method(self, layer: int, bucket: int) -> Method:
+        choice = self.choices[(layer, bucket)]
+        if choice.dense:
+            return Dense()
+        cands = self.space.candidates
+        methods = tuple(Dense() if i < 0 else cands[i].method for i in choice.heads)
+        return methods[0] if len(set(methods)) == 1 else PerHead(methods)
+
+    def to_plan(self, provenance: dict) -> SparsePlan:
+        phases: List[Phase] = []
+        last_bucket = len(self.space.buckets) - 1
+        for b, (start, stop) in enumerate(self.space.buckets):
+            layers = {l: m for l in range(self.space.layers) for m in [self.method(l, b)] if not isinstance(m, Dense)}
+            stop = None if b == last_bucket else stop
+            if phases and phases[-1].layers == layers:
+                phases[-1] = Phase(phases[-1].start, stop, layers)
+            else:
+                phases.append(Phase(start, stop, layers))
+        return SparsePlan(tuple(phases), self.space.layers, self.space.heads, provenance)
+
+    def table(self) -> Dict[Tuple[int, int], List[str]]:
+        """``{(layer, bucket): [candidate label per head]}`` (for the report and the heatmap)."""
+        cands = self.space.candidates
+        return {k: (["dense"] * self.space.heads if c.dense else
+                    ["dense*" if i < 0 else cands[i].label for i in c.heads]) for k, c in self.choices.items()}
+
+
+def assign(space: SearchSpace, lam: float, max_error: Optional[float] = None) -> Assignment:
+    return space.assign(lam, max_error)
+
+
+def to_plan(assignment: Assignment, provenance: dict) -> SparsePlan:
+    return assignment.to_plan(provenance)

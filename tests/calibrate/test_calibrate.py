@@ -1,0 +1,114 @@
+"""dit-accel calibrate: the search on synthetic errors, and the command end to end on tiny models (small grid, 2 steps)."""
+
+import json
+
+import pytest
+import torch
+
+import dit_accel
+from dit_accel.calibrate.candidates import Candidate, candidate_grid
+from dit_accel.calibrate.costs import CostModel
+from dit_accel.calibrate.sampling import QKVSampler, step_buckets
+from dit_accel.calibrate.search import SearchSpace
+from dit_accel.cli.main import main
+
+GRID = (4, 12, 12)
+
+
+def test_step_buckets_split_at_the_phases_and_the_warmup_candidates():
+    assert step_buckets(12, 3, (1, 2)) == [(0, 1), (1, 2), (2, 4), (4, 8), (8, 12)]
+    assert step_buckets(2, 1) == [(0, 2)]
+    assert step_buckets(3, 5) == [(0, 1), (1, 2), (2, 3)]
+
+
+def test_sampler_keeps_the_chosen_steps_within_its_memory():
+    sampler = QKVSampler([(0, 1), (1, 4)], per_bucket=2, max_bytes=10**9)
+    assert sorted(sampler.steps) == [0, 1, 3]
+    q = torch.randn(4, 2, 576, 8)
+    sampler.set_layers(1)
+    for step in range(4):
+        if sampler.wants(0, step):
+            sampler.save(0, "l0", GRID, step, q, q, q)
+    assert sampler.bucket_samples(0, 1)[0].shape == (8, 2, 576, 8)
+    small = QKVSampler([(0, 2)], per_bucket=2, max_bytes=3 * 4 * 2 * 576 * 8 * 2)  # two rows of one step
+    small.set_layers(1)
+    small.save(0, "l0", GRID, 1, q, q, q)
+    assert small.per_bucket == 1 and small.rows == 2 and small.bytes <= small.max_bytes
+
+
+def _space(errors, terms="tiles"):
+    cands = candidate_grid(GRID, size="small", methods=("tile", "sla"))
+    costs = CostModel(GRID, 32, terms=terms)
+    block = [c for c in cands if c.kind == "block_sparse"]
+    return cands, SearchSpace(cands, errors, costs, 1, [(0, 4)], 2, costs.full_head(block[0].method.plan(GRID)))
+
+
+def test_the_search_trades_cost_for_error_per_head():
+    cands = candidate_grid(GRID, size="small", methods=("tile", "sla"))
+    errors = torch.zeros(len(cands), 2, dtype=torch.float64)
+    errors[1:, 0] = 1e-4  # head 0: every sparse candidate nearly exact
+    errors[1:, 1] = 0.5  # head 1: every sparse candidate far off
+    _, space = _space({(0, 0): errors})
+    cheapest = space.choose(0, 0, 0.0)
+    assert all(i > 0 for i in cheapest.heads)  # no price on error: the cheapest candidate on both heads
+    mid = space.choose(0, 0, 1e-6)  # seconds per unit of squared error: ~6e-8 s saved per head
+    assert mid.heads[0] > 0 and mid.heads[1] == -1  # head 1 dense inside the launch
+    assert space.choose(0, 0, 1e9).dense  # error priced out: the dense layer
+    bounded = space.choose(0, 0, 0.0, max_error=0.1)
+    assert bounded.error <= 0.1 ** 2
+    # With the per-call terms at 576 tokens nothing sparse is cheaper than dense, error or not.
+    _, full = _space({(0, 0): torch.zeros(len(cands), 2, dtype=torch.float64)}, terms="full")
+    assert full.choose(0, 0, 0.0).dense
+
+
+def test_one_sla_config_per_layer():
+    cands = candidate_grid(GRID, size="default", methods=("sla",))
+    errors = torch.rand(len(cands), 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    costs = CostModel(GRID, 32, terms="tiles")
+    space = SearchSpace(cands, {(0, 0): errors}, costs, 1, [(0, 2)], 4, costs.dense_head())
+    for lam in (0.0, 1e-9, 1e-8, 1e-7):
+        heads = space.choose(0, 0, lam).heads
+        assert len({i for i in heads if i >= 0 and cands[i].kind == "sla"}) <= 1
+
+
+@pytest.mark.parametrize("model, extra", [
+    ("tiny-shapes", ["--steps", "2"]),
+    ("tiny-wan", ["--steps", "2", "--frames", "9", "--height", "64", "--width", "64"]),
+])
+def test_calibrate_end_to_end_writes_a_plan_that_apply_runs(tmp_path, model, extra):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle moving right\n")
+    out = tmp_path / "plan.json"
+    code = main(["calibrate", "--model", model, "--prompts", str(prompts), "--min-psnr", "25", "--out", str(out),
+                 "--phases", "1", "--warmup-candidates", "1", "--candidates", "small", "--methods", "tile,sla",
+                 "--search-iters", "1", "--cost-terms", "tiles", "--no-progress", "--quiet", *extra])
+    assert code == 0
+    plan = dit_accel.SparsePlan.load(out)
+    prov = plan.provenance
+    assert prov["model_id"] == model and prov["budget"] == {"min_psnr": 25.0} and len(prov["prompts_sha256"]) == 64
+    assert {"versions", "date", "grids", "objective", "model_class"} <= set(prov)
+    report = tmp_path / "plan_report"
+    assert {p.name for p in report.iterdir()} == {"report.md", "heatmap.png", "calibration.json"}
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary files left
+    result = json.loads((report / "calibration.json").read_text())
+    assert result["final"]["psnr"] >= 25.0 and result["trace"]
+    assert "PSNR" in (report / "report.md").read_text()
+    if model == "tiny-shapes":
+        assert set(result["groundtruth"]) == {"dense", "plan"}
+    from dit_accel.models.loading import load_pipeline
+
+    pipe = load_pipeline(model)
+    pipe.set_progress_bar_config(disable=True)
+    with dit_accel.apply(pipe, plan) as handle:
+        pipe("a red circle moving right", num_inference_steps=2, output_type="np",
+             **({"num_frames": 9, "height": 64, "width": 64} if model == "tiny-wan" else
+                {"num_frames": 7, "height": 48, "width": 48}))
+        assert handle.stats()
+
+
+def test_calibrate_needs_a_budget(tmp_path, capsys):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red circle moving right\n")
+    assert main(["calibrate", "--model", "tiny-shapes", "--prompts", str(prompts), "--out",
+                 str(tmp_path / "p.json"), "--no-progress"]) == 2
+    assert "budget" in capsys.readouterr().out
