@@ -141,3 +141,21 @@ def test_fullgraph_compile_after_apply_matches_eager(name):
     assert (summary["sparse_calls"], summary["dense_calls"]) == (summary["layers"], 0)
     handle.remove()
     torch._dynamo.reset()
+
+
+def test_finetune_glue_reproduces_the_skyreels_call_and_refuses_vace_and_chronoedit():
+    from types import SimpleNamespace
+
+    from dit_accel.training.model_io import model_io_for
+
+    model = T.build_tiny_transformer("skyreels_v2")
+    io = model_io_for(SimpleNamespace(transformer=model))
+    kwargs = T.tiny_transformer_inputs("skyreels_v2", model, batch=1)
+    with torch.no_grad():
+        want = model(**kwargs)[0]
+        got = io.forward(model, kwargs["hidden_states"], kwargs["timestep"],
+                         {"encoder_hidden_states": kwargs["encoder_hidden_states"]})
+    assert torch.equal(got, want) and io.token_grid(13, 64, 64) == (4, 4, 4)
+    for name, why in (("wan_vace", "control_hidden_states"), ("chronoedit", "input image")):
+        with pytest.raises(ValueError, match=why):
+            model_io_for(SimpleNamespace(transformer=T.build_tiny_transformer(name)))
