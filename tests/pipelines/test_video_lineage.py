@@ -159,3 +159,34 @@ def test_finetune_glue_reproduces_the_skyreels_call_and_refuses_vace_and_chronoe
     for name, why in (("wan_vace", "control_hidden_states"), ("chronoedit", "input image")):
         with pytest.raises(ValueError, match=why):
             model_io_for(SimpleNamespace(transformer=T.build_tiny_transformer(name)))
+
+
+@pytest.mark.parametrize("method", [
+    pytest.param(dit_accel.Tile(tile=(1, 8, 8), window=(3, 1, 1)), id="tile"),
+    pytest.param(dit_accel.Radial(block_size=64, decay=1.0, sink_frames=()), id="radial"),
+])
+def test_tile_and_radial_on_vace_with_a_reference_frame_match_the_reference(method):
+    from dit_accel.patterns import radial_mask, tile_mask
+
+    model, grid = T.build_tiny_transformer("wan_vace"), (7, 8, 8)
+    kwargs = T.tiny_transformer_inputs("wan_vace", model, grid=grid, batch=2)
+    if isinstance(method, dit_accel.Tile):
+        pattern = tile_mask(grid, method.tile, method.window)
+    else:
+        pattern = radial_mask(grid, block_size=method.block_size, decay=method.decay, sink_frames=method.sink_frames)
+    assert not pattern.all()
+    with torch.no_grad():
+        with ReferenceAttention(pattern, "first"):
+            ref = model(**kwargs)[0]
+        with dit_accel.apply(model, method, backend="torch"):
+            out = model(**kwargs)[0]
+    torch.testing.assert_close(out, ref, atol=2e-4, rtol=2e-4)
+
+
+def test_sla_on_vace_runs_sparse_with_the_reference_frame_dense():
+    model = T.build_tiny_transformer("wan_vace")
+    kwargs = T.tiny_transformer_inputs("wan_vace", model, batch=1)
+    with torch.no_grad(), dit_accel.apply(model, dit_accel.SLA(topk=0.5), backend="torch") as handle:
+        out = model(**kwargs)[0]
+    assert torch.isfinite(out).all()
+    assert all(r["sparse_calls"] == 1 and r["dense_calls"] == 0 for r in handle.stats())

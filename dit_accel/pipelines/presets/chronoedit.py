@@ -4,7 +4,7 @@ joins the text in cross-attention, which stays dense)."""
 
 from __future__ import annotations
 
-from ._common import SLA_DEFAULT, GridInfo, Preset, shapes_key, split_patch, tensor_arg, text_len
+from ._common import RADIAL_VIDEO, SLA_DEFAULT, GridInfo, Preset, shapes_key, split_patch, tensor_arg, text_len
 
 __all__ = ["PRESETS"]
 
@@ -29,6 +29,7 @@ PRESETS = (
             "tile": {"method": {"tile": (6, 8, 8), "window": (3, 3, 3)}, "apply": {"dense_steps": 15}},
             "gna": {"method": {"kernel_size": (7, 16, 16)}, "apply": {"dense_steps": 15}},
             "sla": SLA_DEFAULT,
+            "radial": RADIAL_VIDEO,
         },
         notes="ChronoEdit (Wan-based image editing); self-attention blocks.*.attn1 (video only)",
         hub_words=((r"chronoedit", None),),

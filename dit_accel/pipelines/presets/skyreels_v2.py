@@ -4,7 +4,7 @@ block-causal mask to every self-attention: not one window pattern, so it is refu
 
 from __future__ import annotations
 
-from ._common import SLA_DEFAULT, GridInfo, Preset, shapes_key, split_patch, tensor_arg, text_len
+from ._common import RADIAL_VIDEO, SLA_DEFAULT, GridInfo, Preset, shapes_key, split_patch, tensor_arg, text_len
 
 __all__ = ["PRESETS"]
 
@@ -33,6 +33,7 @@ PRESETS = (
             "tile": {"method": {"tile": (6, 8, 8), "window": (3, 3, 3)}, "apply": {"dense_steps": 15}},
             "gna": {"method": {"kernel_size": (7, 16, 16)}, "apply": {"dense_steps": 15}},
             "sla": SLA_DEFAULT,
+            "radial": RADIAL_VIDEO,
         },
         notes="SkyReels-V2 T2V/I2V (Wan layout); self-attention blocks.*.attn1; block-causal DF refused",
         hub_words=((r"skyreels", None),),

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from ._common import SLA_DEFAULT, GridInfo, Preset, split_patch, tensor_arg
+from ._common import RADIAL_VIDEO, SLA_DEFAULT, GridInfo, Preset, split_patch, tensor_arg
 
 __all__ = ["PRESETS"]
 
@@ -52,6 +52,7 @@ PRESETS = (
             "tile": {"method": {"tile": (6, 8, 8), "window": (3, 3, 3)}, "apply": {"dense_steps": 15}},
             "gna": {"method": {"kernel_size": (7, 16, 16)}, "apply": {"dense_steps": 15}},
             "sla": SLA_DEFAULT,
+            "radial": RADIAL_VIDEO,
         },
         notes="Wan VACE; self-attention of the main and control blocks; leading reference frames dense",
         hub_words=((r"vace", None),),
