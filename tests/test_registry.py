@@ -113,8 +113,16 @@ def skyreels():
     g = torch.Generator().manual_seed(1)
     kwargs = dict(hidden_states=torch.randn(1, 4, 4, 16, 16, generator=g), timestep=torch.tensor([500]),
                   encoder_hidden_states=torch.randn(1, 7, 16, generator=g), return_dict=False)
-    yield model, kwargs
-    dit_accel.unregister_preset("SkyReelsV2Transformer3DModel")
+    # SkyReels-V2 ships a preset now: the test plays a user's unknown class, so it is set aside and restored.
+    from dit_accel.pipelines.presets import PRESETS
+
+    shipped = dict(PRESETS)
+    PRESETS.pop("SkyReelsV2Transformer3DModel", None)
+    try:
+        yield model, kwargs
+    finally:
+        PRESETS.clear()
+        PRESETS.update(shipped)  # the registry's order too
 
 
 def test_register_preset_supports_an_unknown_transformer_class(skyreels):

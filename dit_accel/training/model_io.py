@@ -204,13 +204,20 @@ class FluxIO(ModelIO):
 
 
 _FAMILIES = {"WanTransformer3DModel": ModelIO, "HunyuanVideoTransformer3DModel": HunyuanVideoIO,
-             "FluxTransformer2DModel": FluxIO}
+             "FluxTransformer2DModel": FluxIO,
+             # Wan lineage: SkyReels-V2 is called like Wan (latents, timestep, text embeddings)
+             "SkyReelsV2Transformer3DModel": ModelIO}
 SUPPORTED_TRANSFORMERS = tuple(_FAMILIES)
 _NOT_YET = {
     "CogVideoXTransformer3DModel": "its transformer takes (B, T, C, H, W) latents and rotary embeddings that "
                                    "the pipeline builds per call",
     "MochiTransformer3DModel": "its transformer needs the pipeline's text attention mask handling per call",
     "LTXVideoTransformer3DModel": "its transformer takes packed tokens with per-call RoPE scales and sizes",
+    # Wan lineage whose calls carry conditioning the pipeline builds per call
+    "WanVACETransformer3DModel": "its transformer needs the pipeline's control_hidden_states (VACE context "
+                                 "latents, masks and reference frames) on every call",
+    "ChronoEditTransformer3DModel": "its transformer is conditioned on the input image's latents (extra latent "
+                                    "channels) and CLIP embedding, which the pipeline builds per call",
 }
 
 

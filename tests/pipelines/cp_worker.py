@@ -46,7 +46,10 @@ def build(name: str):
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        model = getattr(diffusers, cls_name)(**{**config, "num_attention_heads": 4})
+        heads = {"num_attention_heads": 4}
+        if config.get("added_kv_proj_dim"):  # Wan-lineage image projections are as wide as the heads
+            heads["added_kv_proj_dim"] = 4 * config["attention_head_dim"]
+        model = getattr(diffusers, cls_name)(**{**config, **heads})
         for p in model.parameters():
             if p.abs().sum() == 0:
                 p.data.normal_(0, 0.05)
@@ -54,7 +57,7 @@ def build(name: str):
 
 
 def inputs(name, model):
-    grid = WAN_GRID if name == "wan" else FLUX_GRID
+    grid = FLUX_GRID if name == "flux" else WAN_GRID  # the Wan lineage shares the Wan grid
     return T.tiny_transformer_inputs(name, model, grid=grid, batch=1, text=8)  # 8 text tokens: 2 or 4 equal shares
 
 
@@ -171,7 +174,15 @@ def refused(fn) -> str:
     return ""
 
 
+# Wan-lineage classes with a Diffusers _cp_plan (Ulysses over 2 ranks; scenario "lineage")
+LINEAGE_CP = ("chronoedit",)
+
+
 def scenario(name: str) -> dict:
+    if name == "lineage":
+        return {f"{model_name}/{label}/{order}": compare(model_name, method, 2, 1, order)
+                for model_name in LINEAGE_CP for label, method in METHODS["wan"].items()
+                if label in ("dense", "tile", "gna", "sla") for order in ("apply-first", "parallel-first")}
     if name == "four":  # Ulysses over 4 ranks and Ulysses x Ring (2 x 2), Wan, one call order (4 CPU processes)
         return {f"{split}/{label}": compare("wan", method, *degrees, "apply-first")
                 for split, degrees in (("ulysses4", (4, 1)), ("unified", (2, 2)))

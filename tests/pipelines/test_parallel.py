@@ -54,6 +54,16 @@ def test_ulysses_is_bit_identical_in_both_call_orders(runs):
         assert (case["sparse_calls"] > 0) == ("dense" not in key), (key, case)
 
 
+def test_ulysses_on_the_wan_lineage_is_bit_identical(tmp_path):
+    """Classes of the Wan lineage whose Diffusers class has a _cp_plan (cp_worker.LINEAGE_CP)."""
+    _torchrun(2, "cp_worker.py", "lineage", tmp_path / "lineage.json")
+    cases = _cases(json.loads((tmp_path / "lineage.json").read_text()))
+    assert len(cases) == 1 * 4 * 2  # chronoedit: dense, tile, gna, sla; two call orders
+    for key, case in cases.items():
+        assert case["diff"] == 0.0 and case["finite"] and case["remove_exact"], (key, case)
+        assert (case["sparse_calls"] > 0) == ("dense" not in key), (key, case)
+
+
 def test_ring_matches_within_fp32_and_stays_finite(runs):
     cases = _cases(runs["ring2"])
     assert len(cases) == 20

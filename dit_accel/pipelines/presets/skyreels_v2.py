@@ -1,0 +1,41 @@
+"""SkyReels-V2 (``SkyReelsV2Transformer3DModel``): Wan's layout: latent (B, C, F, H, W), patch (pt, ph, pw),
+self-attention ``blocks.*.attn1`` over video only. Diffusion forcing with ``num_frame_per_block > 1`` adds a
+block-causal mask to every self-attention: not one window pattern, so it is refused at the call."""
+
+from __future__ import annotations
+
+from ._common import RADIAL_VIDEO, SLA_DEFAULT, GridInfo, Preset, shapes_key, split_patch, tensor_arg, text_len
+
+__all__ = ["PRESETS"]
+
+
+def _grid(model, args) -> GridInfo:
+    if getattr(model.config, "num_frame_per_block", 1) > 1:
+        raise ValueError("dit_accel: this SkyReels-V2 transformer has num_frame_per_block="
+                         f"{model.config.num_frame_per_block}: its self-attention is block-causal (autoregressive "
+                         "diffusion forcing), not one token grid; run it dense or with num_frame_per_block=1")
+    x = tensor_arg(args, "hidden_states")  # (B, C, F, H, W)
+    pt, ph, pw = model.config.patch_size
+    grid = (split_patch(x.shape[2], pt, "frames"), split_patch(x.shape[3], ph, "height"),
+            split_patch(x.shape[4], pw, "width"))
+    return GridInfo(grid, text_len(args))
+
+
+PRESETS = (
+    Preset(
+        "SkyReelsV2Transformer3DModel",
+        attention=(r"blocks\.\d+\.attn1",),  # attn2 is cross-attention: stays dense
+        text_position="none",
+        read_grid=_grid,
+        grid_key=shapes_key,
+        min_diffusers="0.42.1",
+        defaults={  # dit_accel defaults (Wan 2.1's): no setting was published for SkyReels-V2
+            "tile": {"method": {"tile": (6, 8, 8), "window": (3, 3, 3)}, "apply": {"dense_steps": 15}},
+            "gna": {"method": {"kernel_size": (7, 16, 16)}, "apply": {"dense_steps": 15}},
+            "sla": SLA_DEFAULT,
+            "radial": RADIAL_VIDEO,
+        },
+        notes="SkyReels-V2 T2V/I2V (Wan layout); self-attention blocks.*.attn1; block-causal DF refused",
+        hub_words=((r"skyreels", None),),
+    ),
+)
