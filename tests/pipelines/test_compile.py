@@ -146,7 +146,7 @@ def test_compiled_layers_report_warnings_and_skip_capture(tmp_path):
 
 
 # ---- models-video-b: the families added in issue 28 (whole-model fullgraph compile after apply, GNA).
-VIDEO_B = {name: dit_accel.GNA(kernel_size=(2, 5, 5)) for name in ("cosmos", "allegro", "consisid")}
+VIDEO_B = {name: dit_accel.GNA(kernel_size=(2, 5, 5)) for name in ("cosmos", "allegro", "consisid", "motif")}
 VIDEO_B["latte"] = dit_accel.GNA(kernel_size=(5, 5))  # spatial blocks: a 2-D grid per frame
 
 

@@ -67,7 +67,7 @@ __all__ = [
 
 # The family modules, in registry order: adding a family is adding its module name here.
 FAMILIES: Tuple[str, ...] = ("wan", "hunyuan_video", "cogvideox", "mochi", "ltx_video", "flux",
-                            "cosmos", "allegro", "consisid", "latte", "sana_video")  # models-video-b
+                            "cosmos", "allegro", "consisid", "latte", "sana_video", "motif_video")  # models-video-b
 
 _MODULES = tuple(importlib.import_module(f"{__name__}.{name}") for name in FAMILIES)
 

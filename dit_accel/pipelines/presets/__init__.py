@@ -46,7 +46,7 @@ __all__ = ["Preset", "PRESETS", "SUPPORTED", "GridInfo", "Published", "FAMILIES"
 
 # The family modules, in registry order: adding a family is adding its module name here.
 FAMILIES: Tuple[str, ...] = ("wan", "hunyuan_video", "cogvideox", "mochi", "ltx_video", "flux",
-                            "cosmos", "allegro", "consisid", "latte", "sana_video")  # models-video-b
+                            "cosmos", "allegro", "consisid", "latte", "sana_video", "motif_video")  # models-video-b
 
 PRESETS: Dict[str, Preset] = {
     p.class_name: p for name in FAMILIES for p in importlib.import_module(f"{__name__}.{name}").PRESETS
