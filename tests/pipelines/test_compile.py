@@ -143,3 +143,24 @@ def test_compiled_layers_report_warnings_and_skip_capture(tmp_path):
     assert "capture does not save layers" in warnings and "not measured inside torch.compile" in warnings
     assert not list(tmp_path.iterdir())
     handle.remove()
+
+
+# ---- models-video-b: the families added in issue 28 (whole-model fullgraph compile after apply, GNA).
+VIDEO_B = {name: dit_accel.GNA(kernel_size=(2, 5, 5)) for name in ("cosmos", "allegro", "consisid", "motif")}
+VIDEO_B["latte"] = dit_accel.GNA(kernel_size=(5, 5))  # spatial blocks: a 2-D grid per frame
+
+
+@pytest.mark.parametrize("model_name", sorted(VIDEO_B))
+def test_fullgraph_compile_new_video_families(model_name):
+    method = VIDEO_B[model_name]
+    want = _eager_outputs(model_name, method, [(None, 0, None)])[None, 0]
+    model = build_tiny_transformer(model_name)
+    handle = dit_accel.apply(model, method, backend="torch")
+    compiled = _compiled(model, "whole", "eager")
+    with torch.no_grad():
+        out = compiled(**tiny_transformer_inputs(model_name, model))[0]
+    torch.testing.assert_close(out, want, atol=1e-6, rtol=1e-5)
+    assert counters["stats"]["unique_graphs"] == 1
+    summary = handle.summary()
+    assert (summary["sparse_calls"], summary["dense_calls"]) == (summary["layers"], 0)
+    handle.remove()

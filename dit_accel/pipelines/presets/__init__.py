@@ -44,7 +44,8 @@ __all__ = ["Preset", "PRESETS", "SUPPORTED", "GridInfo", "Published", "FAMILIES"
            "register_preset", "unregister_preset", "family_of", "published_settings", "resolve_model_family"]
 
 # The family modules, in registry order: adding a family is adding its module name here.
-FAMILIES: Tuple[str, ...] = ("wan", "hunyuan_video", "cogvideox", "mochi", "ltx_video", "flux")
+FAMILIES: Tuple[str, ...] = ("wan", "hunyuan_video", "cogvideox", "mochi", "ltx_video", "flux",
+                             "cosmos", "allegro", "consisid", "latte", "sana_video", "motif_video")  # models-video-b
 # Wan/Hunyuan lineage (wan_vace first: its hub word "vace" is more specific than "wan").
 FAMILIES = ("wan_vace",) + FAMILIES + ("skyreels_v2", "chronoedit", "hunyuan_video_framepack")
 

@@ -1,0 +1,38 @@
+"""Allegro (``AllegroTransformer3DModel``): latent (B, C, F, H, W), every frame patchified by a 2-D
+``PatchEmbed`` (patch p = ``patch_size``; ``patch_size_t`` is not applied by the embedding), token grid
+(F, H/p, W/p) in (T, H, W) raster order; self-attention ``transformer_blocks.*.attn1`` over video only
+(``attn2`` is text cross-attention and stays dense)."""
+
+from __future__ import annotations
+
+from ._common import RADIAL_VIDEO, SLA_DEFAULT, GridInfo, Preset, shapes_key, split_patch, tensor_arg, text_len
+
+__all__ = ["PRESETS"]
+
+
+def _grid(model, args) -> GridInfo:
+    x = tensor_arg(args, "hidden_states")  # (B, C, F, H, W)
+    p = model.config.patch_size
+    grid = (int(x.shape[2]), split_patch(x.shape[3], p, "height"), split_patch(x.shape[4], p, "width"))
+    return GridInfo(grid, text_len(args))
+
+
+PRESETS = (
+    Preset(
+        "AllegroTransformer3DModel",
+        attention=(r"transformer_blocks\.\d+\.attn1",),  # attn2: cross-attention
+        text_position="none",
+        read_grid=_grid,
+        grid_key=shapes_key,
+        min_diffusers="0.42.1",
+        # No published setting of a sparse method for Allegro is known: dit_accel defaults.
+        defaults={
+            "gna": {"method": {"kernel_size": (8, 24, 24)}, "apply": {"dense_steps": 10}},
+            "tile": {"method": {"tile": (4, 8, 8), "window": (3, 3, 3)}, "apply": {"dense_steps": 10}},
+            "radial": {**RADIAL_VIDEO, "method": {"decay": 0.95, "block_size": 128, "sink_frames": ()}},
+            "sla": SLA_DEFAULT,
+        },
+        notes="Allegro T2V; self-attention transformer_blocks.*.attn1 (video only)",
+        hub_words=((r"allegro", None),),
+    ),
+)

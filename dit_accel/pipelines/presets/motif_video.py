@@ -1,0 +1,47 @@
+"""Motif-Video (``MotifVideoTransformer3DModel``): latent (B, C, F, H, W), token grid
+(F/patch_size_t, H/p, W/p); joint attention [video, conditioning] in the dual- and single-stream blocks
+(``transformer_blocks.*.attn``, ``single_transformer_blocks.*.attn``), where the conditioning is the image
+embeddings (I2V, when ``image_embeds`` is given) followed by the text, with a boolean key-padding mask.
+The conditioning tokens are handled densely like text; the optional ``cross_attn`` modules stay dense."""
+
+from __future__ import annotations
+
+from ._common import RADIAL_VIDEO, SLA_DEFAULT, GridInfo, Preset, split_patch, tensor_arg, text_len
+
+__all__ = ["PRESETS"]
+
+
+def _grid(model, args) -> GridInfo:
+    x = tensor_arg(args, "hidden_states")  # (B, C, F, H, W)
+    p, pt = model.config.patch_size, model.config.patch_size_t
+    grid = (split_patch(x.shape[2], pt, "frames"), split_patch(x.shape[3], p, "height"),
+            split_patch(x.shape[4], p, "width"))
+    image = args.get("image_embeds")  # projected and put ahead of the text in the joint sequence
+    extra = int(image.shape[1]) if hasattr(image, "shape") and image.dim() == 3 else 0
+    return GridInfo(grid, text_len(args) + extra)
+
+
+def _grid_key(args: dict):
+    x, text, image = (args.get(k) for k in ("hidden_states", "encoder_hidden_states", "image_embeds"))
+    if not hasattr(x, "shape"):
+        return None
+    return tuple(getattr(t, "shape", None) for t in (x, text, image))
+
+
+PRESETS = (
+    Preset(
+        "MotifVideoTransformer3DModel",
+        attention=(r"transformer_blocks\.\d+\.attn", r"single_transformer_blocks\.\d+\.attn"),
+        text_position="last",
+        read_grid=_grid,
+        grid_key=_grid_key,
+        min_diffusers="0.42.1",
+        # No published sparse-attention setting for Motif-Video is known: dit_accel defaults.
+        defaults={"radial": {**RADIAL_VIDEO, "method": {"decay": 0.95, "block_size": 128, "sink_frames": ()}},
+                  "tile": {"method": {"tile": (4, 8, 8), "window": (3, 3, 3)}, "apply": {"dense_steps": 15}},
+                  "gna": {"method": {"kernel_size": (8, 24, 24)}, "apply": {"dense_steps": 15}},
+                  "sla": SLA_DEFAULT},
+        notes="Motif-Video T2V/I2V; joint attention [video, image embeds + text] with padded-text key mask",
+        hub_words=((r"motif-?video", None),),
+    ),
+)
