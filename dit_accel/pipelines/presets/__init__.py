@@ -45,7 +45,10 @@ __all__ = ["Preset", "PRESETS", "SUPPORTED", "GridInfo", "Published", "FAMILIES"
            "register_preset", "unregister_preset", "family_of", "published_settings", "resolve_model_family"]
 
 # The family modules, in registry order: adding a family is adding its module name here.
-FAMILIES: Tuple[str, ...] = ("wan", "hunyuan_video", "cogvideox", "mochi", "ltx_video", "flux")
+FAMILIES: Tuple[str, ...] = ("wan", "hunyuan_video", "cogvideox", "mochi", "ltx_video",
+                             # image families (before "flux": its hub word matches FLUX.2 ids)
+                             "flux2", "qwenimage", "sd3",
+                             "flux")
 
 PRESETS: Dict[str, Preset] = {
     p.class_name: p for name in FAMILIES for p in importlib.import_module(f"{__name__}.{name}").PRESETS
