@@ -21,7 +21,7 @@ from tests.utils import ReferenceAttention
 SPARSE = {name: dit_accel.GNA(kernel_size=(3, 5) if len(T.TRANSFORMER_GRIDS[name]) == 2 else (2, 5, 5))
           for name in T.TRANSFORMER_NAMES}
 PADDED = {"hunyuan", "mochi"}  # models whose text padding mask the test exercises
-PADDED |= {"qwenimage"}  # image families with a text padding mask
+PADDED |= {"qwenimage", "hunyuanimage"}  # image families with a text padding mask
 
 
 def _inputs(name, model, batch=2, grid=None):

@@ -11,8 +11,8 @@ from typing import Any, Callable, Dict, Hashable, Optional, Tuple
 
 import torch
 
-__all__ = ["GridInfo", "GridReader", "Preset", "Published", "tensor_arg", "text_len", "split_patch", "shapes_key", "raster_ids",
-           "RADIAL_REPO", "RADIAL_VIDEO", "SLA_DEFAULT"]
+__all__ = ["GridInfo", "GridReader", "Preset", "Published", "tensor_arg", "text_len", "split_patch", "shapes_key",
+           "raster_ids", "RADIAL_REPO", "RADIAL_VIDEO", "SLA_DEFAULT"]
 
 
 @dataclass(frozen=True)
