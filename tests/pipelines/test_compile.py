@@ -146,7 +146,7 @@ def test_compiled_layers_report_warnings_and_skip_capture(tmp_path):
 
 
 # ----------------------------------------------------------------- image families (models-image)
-IMAGE_FAMILIES = ("flux2", "qwenimage", "sd3", "cogview4", "hunyuanimage")
+IMAGE_FAMILIES = ("flux2", "qwenimage", "sd3", "cogview4", "hunyuanimage", "chroma")
 
 
 @pytest.mark.parametrize("model_name", IMAGE_FAMILIES)

@@ -68,7 +68,7 @@ __all__ = [
 # The family modules, in registry order: adding a family is adding its module name here.
 FAMILIES: Tuple[str, ...] = ("wan", "hunyuan_video", "cogvideox", "mochi", "ltx_video",
                              # image families (before "flux": its hub word matches FLUX.2 ids)
-                             "flux2", "qwenimage", "sd3", "cogview4", "hunyuanimage",
+                             "flux2", "qwenimage", "sd3", "cogview4", "hunyuanimage", "chroma",
                              "flux")
 
 _MODULES = tuple(importlib.import_module(f"{__name__}.{name}") for name in FAMILIES)

@@ -47,7 +47,7 @@ __all__ = ["Preset", "PRESETS", "SUPPORTED", "GridInfo", "Published", "FAMILIES"
 # The family modules, in registry order: adding a family is adding its module name here.
 FAMILIES: Tuple[str, ...] = ("wan", "hunyuan_video", "cogvideox", "mochi", "ltx_video",
                              # image families (before "flux": its hub word matches FLUX.2 ids)
-                             "flux2", "qwenimage", "sd3", "cogview4", "hunyuanimage",
+                             "flux2", "qwenimage", "sd3", "cogview4", "hunyuanimage", "chroma",
                              "flux")
 
 PRESETS: Dict[str, Preset] = {
