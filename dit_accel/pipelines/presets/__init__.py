@@ -44,8 +44,11 @@ __all__ = ["Preset", "PRESETS", "SUPPORTED", "GridInfo", "Published", "FAMILIES"
            "register_preset", "unregister_preset", "family_of", "published_settings", "resolve_model_family"]
 
 # The family modules, in registry order: adding a family is adding its module name here.
-FAMILIES: Tuple[str, ...] = ("wan", "hunyuan_video", "cogvideox", "mochi", "ltx_video", "flux",
-                             "cosmos", "allegro", "consisid", "latte", "sana_video", "motif_video")  # models-video-b
+FAMILIES: Tuple[str, ...] = ("wan", "hunyuan_video", "cogvideox", "mochi", "ltx_video",
+                             # image families (before "flux": its hub word matches FLUX.2 ids)
+                             "flux2", "qwenimage", "sd3", "cogview4", "hunyuanimage", "chroma",
+                             "flux",
+                             "cosmos", "allegro", "consisid", "latte", "sana_video", "motif_video")
 # Wan/Hunyuan lineage (wan_vace first: its hub word "vace" is more specific than "wan").
 FAMILIES = ("wan_vace",) + FAMILIES + ("skyreels_v2", "chronoedit", "hunyuan_video_framepack")
 

@@ -12,7 +12,7 @@ from typing import Any, Callable, Dict, Hashable, Optional, Tuple
 import torch
 
 __all__ = ["GridInfo", "GridReader", "Preset", "Published", "tensor_arg", "text_len", "split_patch", "shapes_key",
-           "RADIAL_REPO", "RADIAL_VIDEO", "SLA_DEFAULT"]
+           "raster_ids", "RADIAL_REPO", "RADIAL_VIDEO", "SLA_DEFAULT"]
 
 
 @dataclass(frozen=True)
@@ -162,6 +162,28 @@ def split_patch(extent: int, patch: int, what: str) -> int:
     if patch < 1 or extent % patch:
         raise ValueError(f"dit_accel: latent {what} {extent} is not a multiple of the patch size {patch}")
     return extent // patch
+
+
+def raster_ids(ids: torch.Tensor, n: int, what: str, row: int = 1, col: int = 2) -> Tuple[int, int]:
+    """``(H, W)`` of position ids ``(N, axes)`` (or ``(B, N, axes)``) laid out as one row-major raster grid of
+    ``n`` tokens (columns ``row``/``col``; every other axis constant); ValueError naming ``what`` otherwise
+    (reference images at other offsets, packed sequences). One host sync per transformer call."""
+    ids = ids[0] if ids.dim() == 3 else ids
+    if ids.dim() != 2 or ids.shape[0] != n or n == 0:
+        raise ValueError(f"dit_accel: {what} position ids of shape {tuple(ids.shape)} do not describe the {n} "
+                         "image tokens of the call; use the dense model")
+    rows, cols = ids[:, row].long(), ids[:, col].long()
+    r0, c0 = int(rows[0]), int(cols[0])
+    w = int(cols.max()) - c0 + 1
+    h = n // w if w > 0 else 0
+    k = torch.arange(n, device=ids.device)
+    others = [a for a in range(ids.shape[1]) if a not in (row, col)]
+    if h * w != n or not bool(((rows - r0) == k // w).all() & ((cols - c0) == k % w).all()) or any(
+            bool((ids[:, a] != ids[0, a]).any()) for a in others):
+        raise ValueError(f"dit_accel: the {what} tokens of this call are not one {h}x{w} raster grid (reference or "
+                         "conditioning images in the same sequence, or a packed layout); dit_accel cannot place "
+                         "them: use the dense model (or call without reference images)")
+    return h, w
 
 
 def shapes_key(args: dict) -> Optional[tuple]:

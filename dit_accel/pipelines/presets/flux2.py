@@ -1,0 +1,38 @@
+"""FLUX.2 (``Flux2Transformer2DModel``): latents packed (B, N, C), one token per 2x2 latent patch; position
+ids ``(t, h, w, l)``; joint attention [text, image] over a 2-D grid (H, W) read from ``img_ids``.
+
+Reference images (FLUX.2 editing) are appended to the image tokens at other ``t`` offsets, so the call's
+image tokens are no longer one grid: such calls are refused with the reason (dense works)."""
+
+from __future__ import annotations
+
+from ._common import SLA_DEFAULT, GridInfo, Preset, raster_ids, tensor_arg, text_len
+
+__all__ = ["PRESETS"]
+
+
+def _grid(model, args) -> GridInfo:
+    if args.get("kv_cache_mode") is not None:
+        raise ValueError("dit_accel: FLUX.2 calls with a reference-image KV cache (kv_cache_mode) carry reference "
+                         "tokens beside the image grid, which dit_accel cannot place; use the dense model")
+    x = tensor_arg(args, "hidden_states")  # (B, N, C)
+    h, w = raster_ids(tensor_arg(args, "img_ids"), x.shape[1], "FLUX.2 image")
+    return GridInfo((h, w), text_len(args))
+
+
+PRESETS = (
+    Preset(
+        "Flux2Transformer2DModel",
+        attention=(r"transformer_blocks\.\d+\.attn", r"single_transformer_blocks\.\d+\.attn"),
+        text_position="first",
+        read_grid=_grid,
+        min_diffusers="0.42.1",
+        defaults={  # dit_accel defaults (as FLUX.1): no published setting for FLUX.2
+            "tile": {"method": {"tile": (8, 8), "window": (3, 3)}, "apply": {"dense_steps": 7}},
+            "gna": {"method": {"kernel_size": (32, 32)}, "apply": {"dense_steps": 7}},
+            "sla": SLA_DEFAULT},
+        notes="FLUX.2 image model; joint attention [text, image], 2-D grid (H, W) from img_ids; reference "
+              "images (editing) refused",
+        hub_words=((r"flux[._-]?2", None),),
+    ),
+)

@@ -1,0 +1,69 @@
+"""Qwen-Image (``QwenImageTransformer2DModel``): latents packed (B, N, C) in 2x2 patches; the grid is
+``img_shapes`` (frames, H, W) per sample; joint attention [text, image] with a text padding mask
+(``encoder_hidden_states_mask``).
+
+Qwen-Image-Edit and Qwen-Image-Layered append more images (further ``img_shapes`` entries) after the
+generated one: those calls are not one grid and are refused with the reason (dense works)."""
+
+from __future__ import annotations
+
+from ._common import SLA_DEFAULT, GridInfo, Preset, tensor_arg, text_len
+
+__all__ = ["PRESETS"]
+
+
+def _shapes(args) -> tuple:
+    """The (F, H, W) shapes of the first sample's images (``img_shapes``: a shape, a list, or a list per sample)."""
+    shapes = args.get("img_shapes")
+    if shapes is None:
+        raise ValueError("dit_accel: the Qwen-Image transformer was called without img_shapes; cannot read the grid")
+    if isinstance(shapes, (list, tuple)) and shapes and isinstance(shapes[0], (list, tuple)) and shapes[0] \
+            and isinstance(shapes[0][0], (list, tuple)):
+        per_sample = [tuple(tuple(int(v) for v in s) for s in sample) for sample in shapes]
+        if any(sample != per_sample[0] for sample in per_sample):
+            raise ValueError("dit_accel: the samples of this Qwen-Image call have different img_shapes; use the dense "
+                             "model")
+        return per_sample[0]
+    if isinstance(shapes, (list, tuple)) and shapes and isinstance(shapes[0], (list, tuple)):
+        return tuple(tuple(int(v) for v in s) for s in shapes)
+    return (tuple(int(v) for v in shapes),)
+
+
+def _grid(model, args) -> GridInfo:
+    x = tensor_arg(args, "hidden_states")  # (B, N, C)
+    shapes = _shapes(args)
+    f, h, w = shapes[0]
+    if len(shapes) != 1 or f != 1 or h * w != x.shape[1]:
+        raise ValueError(f"dit_accel: this Qwen-Image call holds {len(shapes)} image(s) {list(shapes)} in one sequence "
+                         f"of {x.shape[1]} tokens (Qwen-Image-Edit reference images or Layered layers), not one grid; "
+                         "dit_accel cannot place them: use the dense model")
+    return GridInfo((h, w), text_len(args))
+
+
+def _key(args):
+    x, text = args.get("hidden_states"), args.get("encoder_hidden_states")
+    shapes = args.get("img_shapes")
+    try:
+        shapes = _shapes(args)
+    except (ValueError, TypeError):
+        return None
+    return (x.shape if x is not None else None), (text.shape if text is not None else None), shapes
+
+
+PRESETS = (
+    Preset(
+        "QwenImageTransformer2DModel",
+        attention=(r"transformer_blocks\.\d+\.attn",),
+        text_position="first",
+        read_grid=_grid,
+        grid_key=_key,
+        min_diffusers="0.42.1",
+        defaults={  # dit_accel defaults: no published setting for Qwen-Image
+            "tile": {"method": {"tile": (8, 8), "window": (3, 3)}, "apply": {"dense_steps": 7}},
+            "gna": {"method": {"kernel_size": (32, 32)}, "apply": {"dense_steps": 7}},
+            "sla": SLA_DEFAULT},
+        notes="Qwen-Image; joint attention [text, image] with padded-text key mask, 2-D grid from img_shapes; "
+              "Edit/Layered multi-image calls refused",
+        hub_words=((r"qwen-?image", None),),
+    ),
+)
