@@ -54,10 +54,10 @@ __all__ = ["Instruction", "Loop", "parse_sass", "find_loops", "classify", "CLASS
            "parse_ptxas_log", "resource_usage", "disassemble", "analyze", "analyze_many", "compile_shipped", "report",
            "paired",
            "loop_ratios", "sass_table", "partial_block_cost", "tile_cycles", "clean", "rank", "search", "search_jobs",
-           "loop_names", "family_of", "main_loop", "MAIN_LOOP", "MASKED_LOOP", "ANALYSIS_VERSION"]
+           "loop_names", "ttgir_facts", "family_of", "main_loop", "MAIN_LOOP", "MASKED_LOOP", "ONE_LOOP", "ANALYSIS_VERSION"]
 
 #: Bump when the analysis changes, so cached results are recomputed.
-ANALYSIS_VERSION = 4
+ANALYSIS_VERSION = 8
 
 # ----------------------------------------------------------------------------- instruction classes
 #: Instruction classes of the per-tile counts, in report order.
@@ -183,6 +183,7 @@ class Loop:
     min_classes: Dict[str, int]  # class counts on the shortest path
     name: Optional[str] = None  # from the ``# loop: NAME`` comment of its ``for`` statement
     source_line: Optional[int] = None
+    votes: int = 0  # instructions that named it
 
     def as_dict(self) -> dict:
         return {"name": self.name, "line": self.source_line, "instructions": self.max_path,
@@ -264,19 +265,25 @@ def _name_loops(loops: List[Loop], instrs: List[Instruction], kernel_file: str) 
     marked = loop_names(kernel_file)
     for lp in loops:
         votes: Counter = Counter()
+        # Instructions of a nested loop vote for that loop only (a persistent kernel's loop over work
+        # items holds the loop over tiles; a tile loop holds its mbarrier wait loops, which go unnamed
+        # where the tile loop's own instructions outvote them, and then lose the name to it).
+        inner = [(x.head, x.end) for x in loops if x is not lp and lp.head <= x.head and x.end <= lp.end
+                 and (x.head, x.end) != (lp.head, lp.end)]
         for ins in instrs:
-            if lp.head <= ins.addr <= lp.end:
-                # The outermost frame in the kernel's file: inlined helpers count at their call site.
-                outer = [ln for f, ln in ins.lines if _same_source(f, kernel_file)] if ins.lines else []
-                if not outer:
-                    continue
-                line = outer[-1]
-                inside = [(a, b, name) for a, b, name in marked if a <= line <= b]
-                if inside:
-                    a, b, name = max(inside, key=lambda t: t[0])  # the innermost marked loop
-                    votes[(name, a)] += 1
+            if lp.head <= ins.addr <= lp.end and not any(a <= ins.addr <= e for a, e in inner):
+                # Frames in the kernel's file, innermost first: a helper from another file counts at its
+                # call site; one in this file at its own line when that is inside a marked loop (a
+                # persistent kernel's per-item function), else at its call site.
+                frames = [ln for f, ln in ins.lines if _same_source(f, kernel_file)] if ins.lines else []
+                for line in frames:
+                    inside = [(a, b, name) for a, b, name in marked if a <= line <= b]
+                    if inside:
+                        a, b, name = max(inside, key=lambda t: t[0])  # the innermost marked loop
+                        votes[(name, a)] += 1
+                        break
         if votes:
-            (lp.name, lp.source_line), _ = votes.most_common(1)[0]
+            (lp.name, lp.source_line), lp.votes = votes.most_common(1)[0]
 
 
 # ----------------------------------------------------------------------------- tools
@@ -387,12 +394,35 @@ def occupancy(arch: int, registers: int, shared: int, num_warps: int) -> dict:
 
 
 # ----------------------------------------------------------------------------- one configuration
+_RING = re.compile(r"ttg\.local_alloc\s*:\s*\(\)\s*->\s*!ttg\.memdesc<(\d+)x(\d+)x(\d+)x(bf16|f16|f32)")
+
+
+def ttgir_facts(ttgir: str, ptx: str = "") -> dict:
+    """What the TTGIR says about pipelining and scheduling (no SASS needed):
+
+    ``rings``: ``[depth, rows, cols, dtype]`` of every multi-buffered tile allocation of the
+    pipeliner (``ttg.local_alloc`` of ``depth x rows x cols``: the K / V rings of a forward kernel);
+    ``ring``: the shallowest of them (0 without any); ``persistent``: the kernel reads the number
+    of programs (``tt.get_num_programs``: it strides over work items); ``warp_specialized``:
+    ``ttg.warp_specialize`` partitions, and ``setmaxnreg`` (PTX) whether producer and consumer
+    warps re-balance registers.
+    """
+    rings = [[int(a), int(b), int(c), t] for a, b, c, t in _RING.findall(ttgir)]
+    return {"rings": rings, "ring": min((r[0] for r in rings), default=0),
+            "persistent": "tt.get_num_programs" in ttgir, "warp_specialized": "ttg.warp_specialize" in ttgir,
+            "setmaxnreg": "setmaxnreg" in ptx}
+
+
 def family_of(cfg) -> str:
     """``"block_sparse"``, ``"sla"`` or ``"dense"`` from a configuration's class."""
     name = type(cfg).__name__
     return {"KernelConfig": "block_sparse", "SLAKernelConfig": "sla", "DenseConfig": "dense"}.get(name, name)
 
 
+#: A loop that runs two kinds of tile, the second behind a branch (the block-sparse forward's
+#: ``tiles``: full tiles skip the mask code): its shortest path per iteration is reported as the
+#: first name, its longest as the second, so both compare like two separate loops would.
+ONE_LOOP = {"tiles": ("full", "partial")}
 #: The loop whose per-tile instruction count is compared with the dense kernel's ``full`` loop.
 MAIN_LOOP = {"block_sparse": "full", "sla": "critical", "dense": "full"}
 #: The loop of masked tiles, compared with the main loop (partial-block cost).
@@ -464,15 +494,27 @@ def _compile_with_log(cfg, arch: int):
     return ck, buf.getvalue()
 
 
+def _keeps_name(lp: Loop, other: Loop) -> bool:
+    """Of two loops named after one ``for``: the innermost one with tensor-core instructions (the tile
+    loop, not a wait loop inside it nor a loop over work items around it); without any, the longest."""
+    mma, other_mma = lp.classes.get("tensor", 0) > 0, other.classes.get("tensor", 0) > 0
+    if mma != other_mma:
+        return mma
+    if mma:
+        return lp.end - lp.head < other.end - other.head
+    return lp.max_path > other.max_path
+
+
 def _named_loops(text: str, kernel_file: str) -> Dict[str, dict]:
     """``{name: loop dict}`` of the marked loops; when a name repeats (an mbarrier wait loop inside
-    a loop maps to the same ``for``), the outermost (longest) loop keeps it."""
+    a loop maps to the same ``for``; so may a persistent kernel's loop over work items, through the
+    pipeline prologue of its tile loop), see :func:`_keeps_name`."""
     instrs, labels = parse_sass(text)
     loops = find_loops(instrs, labels)
     _name_loops(loops, instrs, kernel_file)
     named: Dict[str, Loop] = {}
     for lp in loops:
-        if lp.name and (lp.name not in named or lp.max_path > named[lp.name].max_path):
+        if lp.name and (lp.name not in named or _keeps_name(lp, named[lp.name])):
             named[lp.name] = lp
     out = {}
     for name, lp in named.items():
@@ -485,6 +527,11 @@ def _named_loops(text: str, kernel_file: str) -> Dict[str, dict]:
                         for here in [[ln for f, ln in ins.lines if _same_source(f, kernel_file)]] if here})
         out[name] = {**lp.as_dict(), "sync_global_loads": bases.count("LDG"), "sync_global_load_lines": lines,
                      "async_copies": bases.count("LDGSTS") + bases.count("UTMALDG")}
+    for name, (short, long) in ONE_LOOP.items():
+        if name in out and short not in out and long not in out:
+            lp = out[name]
+            out[short] = {**lp, "name": short, "instructions": lp["min_path"], "classes": lp["min_classes"]}
+            out[long] = {**lp, "name": long}
     return out
 
 
@@ -528,7 +575,8 @@ def analyze(cfg, arch: int, use_cache: bool = True, loops: bool = True) -> dict:
                        shared=shared, warnings=report["warnings"],
                        c7515=any(w["code"] == "C7515" for w in report["warnings"]),
                        mma="mma" in ptx, wgmma="wgmma" in ptx,
-                       occupancy=occupancy(arch, res["registers"], shared, cfg.num_warps))
+                       occupancy=occupancy(arch, res["registers"], shared, cfg.num_warps),
+                       **ttgir_facts(ck.asm.get("ttgir", ""), ptx))
         if loops:
             row["loops"] = _named_loops(disassemble(ck.asm["cubin"]), kernel_file)
     except Exception as exc:  # reported, not raised: callers list every failure

@@ -280,7 +280,7 @@ def test_plan_splits_blocks_into_full_partial_and_skipped_tiles():
     rows = plan.plan[0]
     n_full, n_part = rows[:, 0].tolist(), rows[:, 1].tolist()
     assert n_full == [1, 2] and n_part == [0, 1]  # row 1: key tiles 2, 3 full; tile 0 partial; tile 1 skipped
-    assert rows[1, 2:2 + plan.wf].tolist() == [2, 3] and rows[1, 2 + plan.wf] == 0
+    assert plan.w == 3 and rows[1, 2:2 + plan.w].tolist() == [2, 3, 0]  # full tiles first, then partial
     q, k, v = make_qkv(1, 1, n, n, 64, torch.float32, seed=3)
     check_forward(q, k, v, mask, layout)
 
@@ -363,3 +363,49 @@ def test_gpu_token_offsets_are_64_bit_bf16():
     kk = k[:, :, idx].float()
     ref = torch.softmax((q.float() @ kk.transpose(-1, -2)) * d ** -0.5, -1) @ kk
     torch.testing.assert_close(o.float(), ref, atol=2e-2, rtol=2e-2)
+
+
+# ------------------------------------------------------------------ the persistent forward (sm_90 path)
+def _uneven_layout(heads, n, block=32, seed=0):
+    """Per-head layout whose rows visit different numbers of key blocks (a band plus random blocks),
+    with partial, full, skipped and ragged tiles and an empty row."""
+    mask = random_mask(heads, n, n, block=block, seed=seed, empty_rows=(2,), full_block=(0, block, 0, n))
+    mask |= banded_mask(n, n, 5)
+    mask[:, 2] = False
+    return mask, BlockLayout.from_dense_mask(mask, block_q=block, block_k=block)
+
+
+def test_work_order_covers_every_query_tile_once_longest_rows_first():
+    from dit_accel.kernels.block_sparse.triton import tile_plan, work_order
+
+    for heads, shared in ((3, False), (2, True)):
+        mask, layout = _uneven_layout(1 if shared else heads, 130, seed=heads)
+        plan = tile_plan(layout, 32, 32)
+        items = work_order(plan, 2, heads)
+        r = plan.plan.shape[1]
+        assert items.dtype == torch.int32
+        assert torch.equal(items.sort().values, torch.arange(2 * heads * r, dtype=torch.int32))  # each once
+        bh, row = items.long() // r, items.long() % r
+        counts = plan.plan[..., 0] + plan.plan[..., 1]
+        length = counts[0 if shared else bh % heads, row]
+        assert len(set(length.tolist())) > 2  # rows really differ
+        assert torch.all(length[:-1] >= length[1:])  # longest first
+        same = length[:-1] == length[1:]
+        assert torch.all(items[:-1][same] < items[1:][same])  # ties keep (batch, head, tile) order
+
+
+@pytest.mark.parametrize("programs", [1, 4, 1000], ids=["1-program", "4-programs", "a-program-per-item"])
+@pytest.mark.parametrize("n,dtype", [(130, torch.float32), (257, torch.float16)], ids=["N130-fp32", "N257-fp16"])
+def test_persistent_forward_one_loop(monkeypatch, programs, n, dtype):
+    """The sm_90 forward (TMA loads, one loop over full and partial tiles, programs striding over the
+    work order) against the reference: batch 2, per-head rows of different lengths, ragged tails."""
+    from dit_accel.kernels.block_sparse import triton as bst
+
+    monkeypatch.setattr(bst, "_arch", lambda device: 90)
+    monkeypatch.setattr(bst, "INTERPRETER_PROGRAMS", programs)
+    heads = 2
+    mask, layout = _uneven_layout(heads, n, seed=n)
+    cfg = bst._config("fwd", torch.empty(1, dtype=dtype), layout, ())
+    assert cfg.tma and 0 < layout.partial_fraction() < 1
+    q, k, v = make_qkv(2, heads, n, n, 80, dtype, seed=programs)
+    check_forward(q, k, v, mask, layout)

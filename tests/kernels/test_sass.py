@@ -68,6 +68,44 @@ def test_parse_and_count_a_loop(tmp_path):
     assert loop.name == "main"
 
 
+NESTED = textwrap.dedent("""\
+    \t//## File "{src}", line 1
+            /*0000*/                   MOV R1, c[0x0][0x28] ;
+    .L_x_0:
+    \t//## File "{src}", line 3
+            /*0010*/                   IADD3 R6, R6, 0x1, RZ ;
+    \t//## File "{src}", line 9 inlined at "{src}", line 3
+            /*0020*/                   UTMALDG.4D [UR8], [UR4] ;
+            /*0030*/                   UTMALDG.4D [UR8], [UR4] ;
+    .L_x_1:
+            /*0040*/                   HGMMA.64x64x16.F32.BF16 R24, gdesc[UR4], RZ ;
+            /*0050*/              @P0 BRA `(.L_x_2) ;
+            /*0060*/                   FMUL R3, R3, R4 ;
+            /*0070*/                   FMUL R5, R5, R4 ;
+    .L_x_2:
+            /*0080*/              @P1 BRA `(.L_x_1) ;
+            /*0090*/                   HGMMA.64x64x16.F32.BF16 R24, gdesc[UR4], RZ ;
+    \t//## File "{src}", line 3
+            /*00a0*/              @P2 BRA `(.L_x_0) ;
+            /*00b0*/                   EXIT ;
+    """)
+
+
+def test_nested_loops_and_one_loop_over_two_kinds_of_tile(tmp_path):
+    """A persistent kernel: a loop over work items around the tile loop, whose pipeline prologue and
+    epilogue (lines of the tile loop, through a helper of the same file) sit in the outer loop. The
+    tile loop keeps its name; a ``tiles`` loop reports its shortest path as ``full`` (the branch over
+    the mask code not taken) and its longest as ``partial``."""
+    src = tmp_path / "k.py"
+    src.write_text("def k():\n    for it in range(3):  # loop: items\n        item(it)\n    return 0\n\n\n\n"
+                   "def item(it):\n    for i in range(3):  # loop: tiles\n        y = i\n")
+    named = sass._named_loops(NESTED.format(src=src), str(src))
+    tiles = named["tiles"]
+    assert (tiles["instructions"], tiles["min_path"]) == (5, 3)  # 0x40 .. 0x80, the FMULs skipped or not
+    assert (named["full"]["instructions"], named["partial"]["instructions"]) == (3, 5)
+    assert named["full"]["classes"] == {"tensor": 1, "branch": 2}
+
+
 @pytest.mark.parametrize("opcode,cls", [("HGMMA.64x64x16.F32.BF16", "tensor"), ("UTMALDG.4D", "global"),
                                         ("LDSM.16.M88.4", "shared"), ("STL.64", "local"), ("SYNCS.ARRIVE.TRANS64",
                                                                                             "barrier"),
@@ -209,16 +247,59 @@ def test_main_loops_use_async_tensor_cores(rows):
             assert r["wgmma"], f"{r['name']}: no wgmma on sm_90"
 
 
+def _kernel_source():
+    from pathlib import Path
+
+    from dit_accel.kernels.block_sparse import triton as kernels
+
+    return Path(kernels.__file__).read_text().splitlines()
+
+
+#: Synchronous loads a forward iteration may issue: plan entries and mask words of a later iteration.
+READ_AHEAD = ("+ i + 1", "+ i + 2", "row_words(BITS, off,")
+
+
 def test_forward_loops_prefetch_block_indices(rows):
-    """The next key tile's index (and a partial tile's mask words) arrive by cp.async / TMA issued
-    iterations ahead, so no forward iteration waits on a synchronous global load (LDG) for them."""
+    """No forward iteration waits on a load of its own tile index or mask: pointer kernels (sm_80 / 89)
+    get them by cp.async issued iterations ahead; the sm_90 one-loop kernel reads them an iteration
+    or two ahead into registers (synchronous LDG whose result the next iteration uses), and its K / V
+    arrive by TMA."""
+    source = _kernel_source()
     fwd = [r for r in rows.values() if r["family"] == "block_sparse" and r["kernel"] == "fwd"]
     assert {r["arch"] for r in fwd} == {80, 89, 90}
     for r in fwd:
         for name in ("full", "partial"):
             loop = r["loops"][name]
-            assert loop["sync_global_loads"] == 0, f"sm_{r['arch']} {r['name']} {name}: {loop}"
             assert loop["async_copies"] > 0, f"sm_{r['arch']} {r['name']} {name}: no async copies"
+            if "tiles" not in r["loops"]:
+                assert loop["sync_global_loads"] == 0, f"sm_{r['arch']} {r['name']} {name}: {loop}"
+            for line in loop["sync_global_load_lines"]:
+                text = source[line - 1].strip()
+                assert any(m in text for m in READ_AHEAD), f"sm_{r['arch']} {r['name']}: LDG at line {line}: {text}"
+
+
+def test_sm90_forward_is_persistent_with_one_loop_and_a_deep_ring(rows):
+    """sm_90 (TMA) forward: programs stride over the work order (``tt.get_num_programs``), full and
+    partial tiles share one loop (``tiles``: one pipeline fill per query tile), and the K / V ring
+    (the pipeliner's multi-buffered tiles in the TTGIR) is num_stages deep, not one less: at least 3
+    for 128-blocks and head dim 64 (64 x 64 tiles at d128 keep 2 stages: 3 would leave one CTA per SM)."""
+    fwd = [r for r in rows.values() if r["family"] == "block_sparse" and r["kernel"] == "fwd" and r["arch"] == 90]
+    assert fwd and all(r["name"].endswith("-tma-oddd") for r in fwd)
+    for r in fwd:
+        where = f"{r['name']}: {r['rings']}"
+        assert r["persistent"] and "tiles" in r["loops"], where
+        assert len(r["rings"]) >= 2 and r["ring"] == r["num_stages"], where  # K and V, num_stages deep
+        assert all(depth >= 3 for depth, rows_, cols, _ in r["rings"]) or (r["tile"] == [64, 64] and
+                                                                          r["block_d"] == 128), where
+        assert r["occupancy"]["ctas"] >= (2 if r["num_warps"] == 4 else 1), f"{r['name']}: {r['occupancy']}"
+    assert any(r["ring"] >= 3 and r["block_d"] == 128 for r in fwd)
+
+
+def test_pointer_forward_keeps_a_tile_per_program(rows):
+    """sm_80 / 89: no persistent loop (its live values spill there); full and partial loops apart."""
+    for r in rows.values():
+        if r["family"] == "block_sparse" and r["kernel"] == "fwd" and r["arch"] != 90:
+            assert not r["persistent"] and "tiles" not in r["loops"], r["name"]
 
 
 def test_dkdv_loops_load_block_indices_an_iteration_ahead(rows):
@@ -226,11 +307,8 @@ def test_dkdv_loops_load_block_indices_an_iteration_ahead(rows):
     (LDG) of a plan entry (tile index, bit offset) inside a loop is the next iteration's (``+ i + 1``),
     so no iteration's Q, dO, lse and delta loads wait on an index load of the same iteration."""
     import re
-    from pathlib import Path
 
-    from dit_accel.kernels.block_sparse import triton as kernels
-
-    source = Path(kernels.__file__).read_text().splitlines()
+    source = _kernel_source()
     plan_entry = re.compile(r"tl\.load\((full|part|bits) \+ i\b")
     dkdv = [r for r in rows.values() if r["family"] == "block_sparse" and r["kernel"] == "bwd_dkdv"]
     assert {r["arch"] for r in dkdv} == {80, 89, 90} and any(r["num_stages"] == 1 for r in dkdv)

@@ -120,7 +120,10 @@ TUNED: Dict[Tuple[int, str, int], Tuple[Tuple[int, int, int, int], Tuple[int, in
     (89, "bwd_dq", 64): ((128, 32, 8, 2), (64, 32, 4, 2)),  # 64 x 64: partial tiles 1.6x a full one
     (89, "bwd_dkdv", 64): ((32, 64, 4, 2), (32, 64, 4, 2)),
     (90, "fwd", 64): ((128, 128, 8, 3), (64, 64, 4, 3)),
-    (90, "fwd", 128): ((128, 64, 8, 3), (64, 64, 4, 3)),
+    # sm_90 forward (TMA): num_stages is the depth of the K/V ring (the tile indices are read ahead
+    # into registers, so they take no stage); at 64 x 64, d128 a 3-deep ring (113 KB) leaves one CTA
+    # per SM, a 2-deep one (82 KB) two, which this keeps.
+    (90, "fwd", 128): ((128, 64, 8, 3), (64, 64, 4, 2)),
     (90, "bwd_dq", 64): ((64, 32, 4, 2), (64, 32, 4, 2)),  # 64 x 64: partial tiles 1.6x a full one
     (90, "bwd_dq", 128): ((128, 32, 8, 2), (64, 32, 4, 2)),
     (90, "bwd_dkdv", 64): ((32, 64, 4, 2), (32, 64, 4, 2)),
@@ -200,7 +203,7 @@ def select_config(kernel: str, dtype: torch.dtype, head_dim: int, block_q: int, 
 
 
 # Argument types and divisibility hints: the dense kernels' plus the plan's.
-_ARG_TYPES = {**ARG_TYPES, "PLAN": "*i32", "BITS": "*i64"}
+_ARG_TYPES = {**ARG_TYPES, "PLAN": "*i32", "BITS": "*i64", "ITEMS": "*i32"}
 _DIV16 = DIV16 | {"bits_w"}  # layout block sizes (64, 128, 256)
 
 

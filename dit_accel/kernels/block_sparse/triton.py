@@ -43,13 +43,13 @@ import torch
 import triton
 import triton.language as tl
 
-from ..dense.tiles import LN2, LOG2E, dkdv_step, dq_step, fwd_step, load_tile, row_bits
+from ..dense.tiles import LN2, LOG2E, dkdv_step, dq_step, fwd_step, fwd_update, load_tile, row_bits, row_words, words_keep
 from ..dense.configs import tma_ok
 from ..dense.triton import _bwd_preprocess_kernel
 from ..layout import BlockLayout
 from .configs import KernelConfig, pointer_fallback, select_config
 
-__all__ = ["triton_forward", "triton_backward", "KERNELS", "TilePlan", "tile_plan", "tma_ok"]
+__all__ = ["triton_forward", "triton_backward", "KERNELS", "TilePlan", "tile_plan", "work_order", "tma_ok"]
 
 
 # ---------------------------------------------------------------------------
@@ -57,18 +57,15 @@ __all__ = ["triton_forward", "triton_backward", "KERNELS", "TilePlan", "tile_pla
 # ---------------------------------------------------------------------------
 
 @triton.jit
-def _fwd_kernel(
-    Q, K, V, O, LSE, PLAN, BITS,  # noqa: E741 (the attention output, named like Q, K, V)
+def _fwd_item(
+    Q, K, V, O, LSE, PLAN, BITS, pid_m, b, h,  # noqa: E741
     sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son, slb, slh,
-    plan_h, plan_r, wf, wp, bits_w,
-    H, q_len, kv_len, head_dim, qk_scale,
+    plan_h, plan_r, w, bits_w,
+    q_len, kv_len, head_dim, qk_scale,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
     TMA: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
+    """One work item of the forward: query tile ``pid_m`` of batch ``b``, head ``h``."""
     row0 = pid_m * BLOCK_M
     q_base = Q + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh
     if TMA:  # K, V are tensor descriptors; the bases are unused
@@ -79,35 +76,61 @@ def _fwd_kernel(
         v_base = V + b.to(tl.int64) * svb + h.to(tl.int64) * svh
     q = load_tile(q_base, q_base, b, h, row0, q_len, sqn, head_dim, BLOCK_M, BLOCK_D, False, True, EVEN_D)
 
-    # This query tile's row of the plan: [n_full, n_partial, full tiles (wf), partial tiles (wp), bit offsets (wp)].
+    # This query tile's row of the plan: [n_full, n_partial, key tiles (w), bit offsets (w)], the
+    # full tiles first.
     plan = PLAN + h.to(tl.int64) * plan_h + pid_m.to(tl.int64) * plan_r
     n_full = tl.load(plan)
-    n_part = tl.load(plan + 1)
-    full = plan + 2
-    part = full + wf
-    bits = part + wp
+    n_tot = n_full + tl.load(plan + 1)
+    tiles = plan + 2
+    bits = tiles + w
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    for i in range(0, n_full):  # loop: full
-        col = tl.load(full + i) * BLOCK_N
-        k = load_tile(K, k_base, b, h, col, kv_len, skn, head_dim, BLOCK_N, BLOCK_D, TMA, False, EVEN_D)
-        v = load_tile(V, v_base, b, h, col, kv_len, svn, head_dim, BLOCK_N, BLOCK_D, TMA, False, EVEN_D)
-        acc, m_i, l_i = fwd_step(q, k, v, acc, m_i, l_i, qk_scale, 0, False, DOT_PRECISION)
-    rows = tl.arange(0, BLOCK_M)
-    for i in range(0, n_part):  # loop: partial
-        col = tl.load(part + i) * BLOCK_N
-        keep = row_bits(BITS, tl.load(bits + i), rows, bits_w, BLOCK_N)
-        k = load_tile(K, k_base, b, h, col, kv_len, skn, head_dim, BLOCK_N, BLOCK_D, TMA, True, EVEN_D)
-        v = load_tile(V, v_base, b, h, col, kv_len, svn, head_dim, BLOCK_N, BLOCK_D, TMA, True, EVEN_D)
-        acc, m_i, l_i = fwd_step(q, k, v, acc, m_i, l_i, qk_scale, keep, True, DOT_PRECISION)
+    if TMA:
+        # sm_90: one loop over full and partial tiles, so a query tile fills the pipeline once. The
+        # next tile's index is read one iteration ahead, into a register: no load of K or V waits on
+        # a load of the same iteration, so the pipeliner gives K and V the whole ring (num_stages
+        # deep, not one less as when the index load takes a pipeline stage of its own). The partial
+        # tiles come last and in a row: each loads the next one's mask words (and the offset of the
+        # one after), used an iteration later; a full tile runs none of that code.
+        rows = tl.arange(0, BLOCK_M)
+        nxt = tl.load(tiles, mask=n_tot > 0, other=0)
+        lo, hi = row_words(BITS, tl.load(bits + n_full, mask=n_full < n_tot, other=0), rows, bits_w, BLOCK_N)
+        off = tl.load(bits + n_full + 1, mask=n_full + 1 < n_tot, other=0)
+        for i in range(0, n_tot):  # loop: tiles
+            col = nxt * BLOCK_N
+            nxt = tl.load(tiles + i + 1, mask=i + 1 < n_tot, other=0)
+            k = load_tile(K, k_base, b, h, col, kv_len, skn, head_dim, BLOCK_N, BLOCK_D, TMA, False, EVEN_D)
+            v = load_tile(V, v_base, b, h, col, kv_len, svn, head_dim, BLOCK_N, BLOCK_D, TMA, False, EVEN_D)
+            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+            if i >= n_full:  # a partial tile: its element mask
+                s = tl.where(words_keep(lo, hi, BLOCK_N), s, float("-inf"))
+                lo, hi = row_words(BITS, off, rows, bits_w, BLOCK_N)  # offset 0 past the end: valid
+                off = tl.load(bits + i + 2, mask=i + 2 < n_tot, other=0)
+            acc, m_i, l_i = fwd_update(s, v, acc, m_i, l_i, qk_scale, DOT_PRECISION)
+    else:
+        # Pointer loads (sm_80 / 89, unaligned tensors): a ragged last key tile needs row masks on its
+        # loads, which only the partial tiles' loop carries, so full and partial tiles keep a loop each.
+        for i in range(0, n_full):  # loop: full
+            col = tl.load(tiles + i) * BLOCK_N
+            k = load_tile(K, k_base, b, h, col, kv_len, skn, head_dim, BLOCK_N, BLOCK_D, TMA, False, EVEN_D)
+            v = load_tile(V, v_base, b, h, col, kv_len, svn, head_dim, BLOCK_N, BLOCK_D, TMA, False, EVEN_D)
+            acc, m_i, l_i = fwd_step(q, k, v, acc, m_i, l_i, qk_scale, 0, False, DOT_PRECISION)
+        rows = tl.arange(0, BLOCK_M)
+        for i in range(n_full, n_tot):  # loop: partial
+            col = tl.load(tiles + i) * BLOCK_N
+            keep = row_bits(BITS, tl.load(bits + i), rows, bits_w, BLOCK_N)
+            k = load_tile(K, k_base, b, h, col, kv_len, skn, head_dim, BLOCK_N, BLOCK_D, TMA, True, EVEN_D)
+            v = load_tile(V, v_base, b, h, col, kv_len, svn, head_dim, BLOCK_N, BLOCK_D, TMA, True, EVEN_D)
+            acc, m_i, l_i = fwd_step(q, k, v, acc, m_i, l_i, qk_scale, keep, True, DOT_PRECISION)
 
     empty = l_i == 0.0  # rows that saw no allowed key: o = 0, lse = -inf
     l_safe = tl.where(empty, 1.0, l_i)
-    offs_m = row0 + rows
+    offs_m = row0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    o_ptrs = O + b.to(tl.int64) * sob + h.to(tl.int64) * soh + offs_m.to(tl.int64)[:, None] * son + offs_d[None, :]
+    o_ptrs = (O + b.to(tl.int64) * sob + h.to(tl.int64) * soh + offs_m.to(tl.int64)[:, None] * son
+              + offs_d[None, :])
     tl.store(o_ptrs, (acc / l_safe[:, None]).to(O.dtype.element_ty),
              mask=(offs_m < q_len)[:, None] & (offs_d < head_dim)[None, :])
     lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * LN2)
@@ -115,10 +138,40 @@ def _fwd_kernel(
 
 
 @triton.jit
+def _fwd_kernel(
+    Q, K, V, O, LSE, PLAN, BITS, ITEMS,  # noqa: E741 (the attention output, named like Q, K, V)
+    sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son, slb, slh,
+    plan_h, plan_r, w, bits_w, n_items, n_tiles,
+    H, q_len, kv_len, head_dim, qk_scale,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
+    TMA: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    # sm_90 (TMA) is persistent: as many programs as the GPU holds at once, each striding over ITEMS,
+    # the host-built work order ((batch * H + head) * n_tiles + query tile, longest rows first).
+    # Pointer loads (sm_80 / 89, unaligned tensors) keep a grid of (query tiles, B * H), one tile
+    # per program: there the persistent loop's extra live values spill.
+    if TMA:
+        for it in range(tl.program_id(0), n_items, tl.num_programs(0)):  # loop: items
+            item = tl.load(ITEMS + it)
+            bh = item // n_tiles
+            b = bh // H
+            _fwd_item(Q, K, V, O, LSE, PLAN, BITS, item - bh * n_tiles, b, bh - b * H,
+                      sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son, slb, slh,
+                      plan_h, plan_r, w, bits_w, q_len, kv_len, head_dim, qk_scale,
+                      BLOCK_M, BLOCK_N, BLOCK_D, EVEN_D, TMA, DOT_PRECISION)
+    else:
+        pid_bh = tl.program_id(1)
+        _fwd_item(Q, K, V, O, LSE, PLAN, BITS, tl.program_id(0), pid_bh // H, pid_bh % H,
+                  sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son, slb, slh,
+                  plan_h, plan_r, w, bits_w, q_len, kv_len, head_dim, qk_scale,
+                  BLOCK_M, BLOCK_N, BLOCK_D, EVEN_D, TMA, DOT_PRECISION)
+
+
+@triton.jit
 def _bwd_dkdv_kernel(
     Q, K, V, DO, LSE2, DELTA, DK, DV, PLAN, BITS,
     sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdb, sdh, sdn,
-    plan_h, plan_r, wf, wp, bits_w,
+    plan_h, plan_r, w, bits_w,
     H, q_len, kv_len, head_dim, sm_scale, qk_scale,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
     TMA: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -145,8 +198,8 @@ def _bwd_dkdv_kernel(
     n_full = tl.load(plan)
     n_part = tl.load(plan + 1)
     full = plan + 2
-    part = full + wf
-    bits = part + wp
+    part = full + n_full
+    bits = full + w + n_full  # the partial tiles' bit offsets
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     # The next query tile's index (and bit offset) is loaded one iteration ahead, so an iteration's
@@ -191,7 +244,7 @@ def _bwd_dkdv_kernel(
 def _bwd_dq_kernel(
     Q, K, V, DO, LSE2, DELTA, DQ, PLAN, BITS,
     sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdb, sdh, sdn,
-    plan_h, plan_r, wf, wp, bits_w,
+    plan_h, plan_r, w, bits_w,
     H, q_len, kv_len, head_dim, sm_scale, qk_scale,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
     TMA: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -221,8 +274,8 @@ def _bwd_dq_kernel(
     n_full = tl.load(plan)
     n_part = tl.load(plan + 1)
     full = plan + 2
-    part = full + wf
-    bits = part + wp
+    part = full + n_full
+    bits = full + w + n_full  # the partial tiles' bit offsets
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     for i in range(0, n_full):  # loop: full
         col = tl.load(full + i) * BLOCK_N
@@ -257,23 +310,23 @@ KERNELS = {
 class TilePlan:
     """A layout at kernel-tile granularity, for one kernel tile shape.
 
-    ``plan``: int32 ``[Hl, R, 2 + wf + 2 * wp]``; row ``r`` (an owned tile: a query tile, or a
-    key tile for dK/dV) is ``[n_full, n_partial, full tiles (wf), partial tiles (wp), bit
-    offsets (wp)]``, tiles of the streamed side ascending. ``bits``: int64 row-mask words;
-    the words of a partial tile start at its bit offset, one per owned row, the next 64
-    streamed columns ``bits_w`` words further.
+    ``plan``: int32 ``[Hl, R, 2 + 2 * w]``; row ``r`` (an owned tile: a query tile, or a key tile
+    for dK/dV) is ``[n_full, n_partial, streamed tiles (w), bit offsets (w)]``: the full tiles
+    first, then the partial ones, each group ascending, so one loop can walk both (the forward)
+    or two loops each its own (the backward). ``bits``: int64 row-mask words; the words of a
+    tile start at its bit offset, one per owned row, the next 64 streamed columns ``bits_w``
+    words further (a full tile's offset is valid too: its block's or an all-true mask).
     """
 
     plan: torch.Tensor
     bits: torch.Tensor
-    wf: int
-    wp: int
+    w: int
     bits_w: int
 
     def args(self) -> tuple:
-        """``plan_h, plan_r, wf, wp, bits_w`` as the kernels take them (head stride 0: one pattern for all heads)."""
+        """``plan_h, plan_r, w, bits_w`` as the kernels take them (head stride 0: one pattern for all heads)."""
         head = 0 if self.plan.shape[0] == 1 else self.plan.stride(0)
-        return head, self.plan.stride(1), self.wf, self.wp, self.bits_w
+        return head, self.plan.stride(1), self.w, self.bits_w
 
     def tile_counts(self) -> Tuple[int, int]:
         """``(full, partial)`` tiles listed over all rows (for tests and statistics)."""
@@ -350,12 +403,9 @@ def tile_plan(layout: BlockLayout, tile_r: int, tile_c: int, transposed: bool = 
     order = torch.sort(torch.where(full, 0, torch.where(part, 1, 2)).to(torch.int8), dim=-1, stable=True).indices
     u, entry = torch.gather(u, -1, order), torch.gather(entry, -1, order)
     n_full, n_part = full.sum(-1), part.sum(-1)
-    wf = int(n_full.max()) if n_full.numel() else 0  # one host sync per (layout, tile shape): cached
-    wp = int(n_part.max()) if n_part.numel() else 0
-    at = (n_full[..., None] + torch.arange(wp, device=dev)).clamp(max=u.shape[-1] - 1)
-    plan = torch.cat([n_full[..., None], n_part[..., None], u[..., :wf], torch.gather(u, -1, at),
-                      torch.gather(entry, -1, at)], -1)
-    return TilePlan(plan.to(torch.int32).contiguous(), bits, wf, wp, block_r)
+    w = int((n_full + n_part).max()) if n_full.numel() else 0  # one host sync per (layout, tile shape): cached
+    plan = torch.cat([n_full[..., None], n_part[..., None], u[..., :w], entry[..., :w]], -1)
+    return TilePlan(plan.to(torch.int32).contiguous(), bits, w, block_r)
 
 
 class _PlanCache:
@@ -396,6 +446,31 @@ def _plan(layout: BlockLayout, tile_r: int, tile_c: int, transposed: bool) -> Ti
                       lambda: tile_plan(layout, tile_r, tile_c, transposed))
 
 
+def work_order(plan: TilePlan, batch: int, heads: int) -> torch.Tensor:
+    """The persistent forward's work items, in the order its programs take them.
+
+    int32 ``[batch * heads * R]``, item ``(b * heads + h) * R + r`` for query tile ``r`` of head
+    ``h`` of batch ``b``, each exactly once: the longest rows (most key tiles) first, so the short
+    ones fill the gaps at the end (GNA's border rows, radial attention's near-diagonal rows); rows
+    of equal length stay in (batch, head, query tile) order, so programs running side by side
+    share a head's K/V in L2. Host data built on the plan's device without a sync, once per
+    (layout, tile shape, batch, heads): :func:`_work_order` caches it with the plan.
+    """
+    counts = plan.plan[..., 0] + plan.plan[..., 1]  # [Hl, R] key tiles per row
+    hl, r = counts.shape
+    dev = counts.device
+    bh = torch.arange(batch * heads, device=dev)
+    lengths = counts[bh % heads if hl > 1 else torch.zeros_like(bh)]  # [B*H, R]
+    order = torch.sort(lengths.reshape(-1), descending=True, stable=True).indices
+    return order.to(torch.int32)  # the flat index is the item: (b * H + h) * R + r
+
+
+def _work_order(layout: BlockLayout, plan: TilePlan, tile_r: int, tile_c: int, batch: int,
+                heads: int) -> torch.Tensor:
+    return _PLANS.get(layout.kv_indices, ("items", tile_r, tile_c, batch, heads),
+                      lambda: work_order(plan, batch, heads))
+
+
 # ---------------------------------------------------------------------------
 # launch helpers
 # ---------------------------------------------------------------------------
@@ -430,6 +505,26 @@ def _streamed(cfg: KernelConfig, tensors: Tuple[torch.Tensor, ...], rows: int) -
     from triton.tools.tensor_descriptor import TensorDescriptor
 
     return tuple(TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, rows, cfg.block_d]) for t in tensors)
+
+
+#: Programs of the persistent forward under the interpreter: a few, so each walks several items.
+INTERPRETER_PROGRAMS = 3
+_RESIDENT: Dict[tuple, int] = {}  # (config, device index) -> CTAs of the forward one SM holds at once
+
+
+def _programs(device: torch.device, cfg: KernelConfig, n_items: int, warm: Callable[[], object]) -> int:
+    """Grid of the persistent forward: the CTAs the GPU holds at once (SMs x CTAs per SM, the latter
+    from the compiled kernel's registers and shared memory), at most one per item."""
+    if device.type != "cuda":
+        return max(1, min(n_items, INTERPRETER_PROGRAMS))
+    key = (cfg, device.index)
+    if key not in _RESIDENT:
+        from ..sass import occupancy
+
+        ck = warm()  # compiles (or finds) the kernel for these arguments without running it
+        per_sm = occupancy(_arch(device), ck.n_regs, ck.metadata.shared, cfg.num_warps)["ctas"]
+        _RESIDENT[key] = max(1, per_sm) * torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(n_items, _RESIDENT[key]))
 
 
 def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
@@ -478,12 +573,17 @@ def triton_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Bl
     q, k, v = _pad_d(cfg, q, k, v)
     out = o if q.shape[-1] == d else torch.empty(q.shape, dtype=q.dtype, device=q.device)
     kd, vd = _streamed(cfg, (k, v), cfg.block_n)
-    _fwd_kernel[(triton.cdiv(n, cfg.block_m), b * h)](
-        q, kd, vd, out, lse, plan.plan, plan.bits,
-        *_strides(q), *_strides(k), *_strides(v), *_strides(out), lse.stride(0), lse.stride(1),
-        *plan.args(), h, n, m, q.shape[-1], scale * LOG2E,
-        **cfg.constexprs(), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
+    n_tiles = triton.cdiv(n, cfg.block_m)
+    items = _work_order(layout, plan, cfg.block_m, cfg.block_n, b, h) if cfg.tma else plan.plan  # unread
+    args = (q, kd, vd, out, lse, plan.plan, plan.bits, items,
+            *_strides(q), *_strides(k), *_strides(v), *_strides(out), lse.stride(0), lse.stride(1),
+            *plan.args(), b * h * n_tiles, n_tiles, h, n, m, q.shape[-1], scale * LOG2E)
+    kw = dict(**cfg.constexprs(), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    if cfg.tma:  # persistent
+        grid = (_programs(q.device, cfg, b * h * n_tiles, lambda: _fwd_kernel.warmup(*args, grid=(1,), **kw)),)
+    else:
+        grid = (n_tiles, b * h)
+    _fwd_kernel[grid](*args, **kw)
     if out is not o:
         o.copy_(out[..., :d])
     return o, lse

@@ -17,7 +17,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-__all__ = ["load_tile", "fwd_step", "dkdv_step", "dq_step", "row_bits", "LOG2E", "LN2"]
+__all__ = ["load_tile", "fwd_step", "dkdv_step", "dq_step", "row_bits", "row_words", "words_keep", "fwd_update", "LOG2E", "LN2"]
 
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
@@ -76,6 +76,31 @@ def row_bits(BITS, offset, rows, col_stride, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
+def row_words(BITS, offset, rows, col_stride, BLOCK_N: tl.constexpr):
+    """The bit-packed row-mask words of :func:`row_bits`, loaded (``(lo, hi)``; ``hi`` is ``lo`` when
+    ``BLOCK_N <= 64``): a loop that expands them only on some iterations loads them on all of them,
+    so the load is pipelined (issued iterations ahead) and never waits inside a branch."""
+    lo = tl.load(BITS + offset + rows)
+    if BLOCK_N <= 64:
+        hi = lo
+    else:
+        hi = tl.load(BITS + offset + col_stride + rows)
+    return lo, hi
+
+
+@triton.jit
+def words_keep(lo, hi, BLOCK_N: tl.constexpr):
+    """The bool ``[len(rows), BLOCK_N]`` tile of words loaded by :func:`row_words`."""
+    cols = tl.arange(0, BLOCK_N)
+    if BLOCK_N <= 64:
+        keep = ((lo[:, None] >> cols[None, :].to(tl.int64)) & 1) != 0
+    else:
+        word = tl.where(cols[None, :] < 64, lo[:, None], hi[:, None])
+        keep = ((word >> (cols[None, :] % 64).to(tl.int64)) & 1) != 0
+    return keep
+
+
+@triton.jit
 def fwd_step(q, k, v, acc, m_i, l_i, qk_scale, keep,
              MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """One online-softmax update of ``(acc, m_i, l_i)`` with a ``[BLOCK_N, D]`` key/value tile.
@@ -91,6 +116,21 @@ def fwd_step(q, k, v, acc, m_i, l_i, qk_scale, keep,
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # no -inf - -inf
     else:
         m_use = m_new
+    p = tl.math.exp2(s * qk_scale - m_use[:, None])
+    alpha = tl.math.exp2(m_i - m_use)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None]
+    acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
+    return acc, m_new, l_i
+
+
+@triton.jit
+def fwd_update(s, v, acc, m_i, l_i, qk_scale, DOT_PRECISION: tl.constexpr):
+    """The online-softmax update of :func:`fwd_step` from given scores ``s`` (``[BLOCK_M, BLOCK_N]``,
+    ``-inf`` where masked), for a loop that masks some tiles behind a branch of its own. The
+    ``m = -inf`` guard runs on every tile: a few instructions per row, not per element."""
+    m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # no -inf - -inf
     p = tl.math.exp2(s * qk_scale - m_use[:, None])
     alpha = tl.math.exp2(m_i - m_use)
     l_i = l_i * alpha + tl.sum(p, 1)
