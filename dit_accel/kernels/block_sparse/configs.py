@@ -195,7 +195,9 @@ def select_config(kernel: str, dtype: torch.dtype, head_dim: int, block_q: int, 
         if (kernel == "bwd_dkdv" and (bd >= 256 or (wide and bd <= 64))) or (wide and bd >= 256):
             warps = 8
         stages = 2 if bd <= 64 else 1
-    tma = tma_supported(arch, dtype, bd)
+    # The sm_90 TMA variant of the fp32 dQ at d=128 spills (16 B stack, 12 B spill stores at 4 or 8 warps) since
+    # the plan rows carry the full and partial tile lists together; its pointer variant does not.
+    tma = tma_supported(arch, dtype, bd) and not (wide and kernel == "bwd_dq" and bd >= 128)
     # TMA zero-fills head-dim columns past D, so the TMA variant serves every head dim (it masks
     # only the Q / O accesses outside the loops); pointer kernels read whole BLOCK_D columns and
     # the launchers give them zero-padded copies for other head dims.
