@@ -40,12 +40,12 @@ WEIGHTS = ("train_tiny final EMA weights, step 3600 of 3600 (/tmp/ts3600, 16:59 
 CHECK = {"prompts": 8, "seeds": (0,), "num_inference_steps": 8}  # what the quality tests generate
 CHECK_METHODS = {name: TINY_SHAPES_METHODS[name] for name in ("sla", "tile", "gna", "radial")}
 # Ground-truth accuracies measured with the command in the module docstring for WEIGHTS (8 videos each).
-MEASURED = {
+MEASURED = {  # since the motion rule fails drifts over 30 degrees off the prompt's axis (2026-11-23)
     "dense": {"colour": 1.0, "shape": 1.0, "motion": 0.75, "consistency": 1.0, "all": 0.75},
-    "sla": {"colour": 1.0, "shape": 0.75, "motion": 0.625, "consistency": 0.375, "all": 0.125},  # density 0.333
-    "tile": {"colour": 1.0, "shape": 0.75, "motion": 0.5, "consistency": 0.0, "all": 0.0},  # density 0.333
+    "sla": {"colour": 1.0, "shape": 0.75, "motion": 0.25, "consistency": 0.375, "all": 0.125},  # density 0.333
+    "tile": {"colour": 1.0, "shape": 0.75, "motion": 0.375, "consistency": 0.0, "all": 0.0},  # density 0.333
     "gna": {"colour": 1.0, "shape": 0.5, "motion": 0.125, "consistency": 0.0, "all": 0.0},  # density 0.605
-    "radial": {"colour": 1.0, "shape": 0.875, "motion": 0.875, "consistency": 1.0, "all": 0.875},  # density 0.951
+    "radial": {"colour": 1.0, "shape": 0.875, "motion": 0.75, "consistency": 1.0, "all": 0.75},  # density 0.951
     "far_only": {"colour": 1.0, "shape": 0.5, "motion": 0.75, "consistency": 0.0, "all": 0.0},
 }
 DENSE_FLOOR = {"colour": 0.875, "shape": 0.875, "motion": 0.625, "consistency": 0.875, "all": 0.625}
@@ -53,7 +53,7 @@ DENSE_FLOOR = {"colour": 0.875, "shape": 0.875, "motion": 0.625, "consistency": 
 # video of 8). SLA, Tile and GNA are not guarded on consistency and "all" here: at these densities Tile and
 # GNA split the object into pieces along tile edges (consistency 1.0 -> 0.0), as the locality-breaking
 # control does, and SLA keeps it whole in some videos only; SLA_OVER_TILE guards why SLA is the default.
-MARGIN = {"sla": 0.375, "tile": 0.375, "gna": 0.75, "radial": 0.25}
+MARGIN = {"sla": 0.625, "tile": 0.5, "gna": 0.75, "radial": 0.25}
 MARGIN_KEYS = {"sla": ("colour", "shape", "motion"), "tile": ("colour", "shape", "motion"),
                "gna": ("colour", "shape", "motion"), "radial": ("colour", "shape", "motion", "consistency", "all")}
 SLA_OVER_TILE = 0.25  # at the same density 0.333, SLA's consistency exceeds Tile's by at least this (measured 0.375)
