@@ -361,7 +361,7 @@ def _run_sass(args) -> int:
     if args.workers < 1:
         return refuse(f"--workers must be >= 1; got {args.workers}")
     if args.search:
-        groups = sass.search(args.search, archs, workers=args.workers)
+        groups = sass.search(args.search, archs, workers=args.workers, progress=True)
         result = {"kind": "sass-search", "family": args.search, "versions": versions(),
                   "groups": {" ".join(map(str, k)): v for k, v in groups.items()}}
         for key, ranked in groups.items():
@@ -372,7 +372,7 @@ def _run_sass(args) -> int:
                   f"{cyc['per_pair']:.4f} cyc/pair ({cyc['bound']})" if cyc else "no candidate compiled")
     else:
         rows = sass.report(archs, families, words(args.kernel), words(args.dtype), head_dims, dense=not args.no_dense,
-                           workers=args.workers)
+                           workers=args.workers, progress=True)
         result = {"kind": "sass", "note": "compile-time analysis (no GPU): SASS of the compiled cubins",
                   "versions": versions(), "rows": rows}
         if not rows:

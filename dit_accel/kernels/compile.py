@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import sys
 from concurrent.futures import ProcessPoolExecutor
 from typing import Optional, Sequence
 
@@ -105,11 +106,12 @@ def compile_for_target(cfg, arch: int):
                           options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
 
 
-def map_in_workers(fn, jobs: Sequence, workers: int = 2) -> list:
+def map_in_workers(fn, jobs: Sequence, workers: int = 2, progress: Optional[str] = None) -> list:
     """``[fn(job) for job in jobs]`` in ``workers`` spawned processes with ``TRITON_INTERPRET=0``.
 
     Triton's code generator does not work in a process where the interpreter is active, and
     ptxas is CPU-bound, so compiles run in fresh processes; slow jobs should come first.
+    ``progress``: a label for a progress bar on stderr (a cold compile of every config takes minutes).
     """
     if not jobs:
         return []
@@ -118,7 +120,12 @@ def map_in_workers(fn, jobs: Sequence, workers: int = 2) -> list:
     try:
         ctx = multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(max_workers=max(1, min(workers, len(jobs))), mp_context=ctx) as pool:
-            return list(pool.map(fn, jobs, chunksize=1))
+            results = pool.map(fn, jobs, chunksize=1)
+            if progress:
+                from tqdm import tqdm
+
+                results = tqdm(results, total=len(jobs), desc=progress, unit="kernel", file=sys.stderr)
+            return list(results)
     finally:
         if old is None:
             os.environ.pop("TRITON_INTERPRET", None)

@@ -41,6 +41,7 @@ import math
 import os
 import re
 import subprocess
+import sys
 import tempfile
 from collections import Counter
 from dataclasses import dataclass
@@ -612,11 +613,13 @@ def _analyze_job(job) -> dict:
     return analyze(cfg, arch, loops=loops)
 
 
-def analyze_many(jobs: Sequence[Tuple[object, int]], workers: int = 2, loops: bool = True) -> List[dict]:
+def analyze_many(jobs: Sequence[Tuple[object, int]], workers: int = 2, loops: bool = True,
+                 progress: bool = False) -> List[dict]:
     """:func:`analyze` of every ``(config, arch)`` job, in the given order.
 
     Cached results are read here; the rest compile in ``workers`` spawned processes (triton's
     code generator does not run where the interpreter is active, and ptxas is CPU-bound).
+    ``progress``: say on stderr how many compile, with a progress bar over them.
     """
 
     rows: List[Optional[dict]] = [None] * len(jobs)
@@ -628,7 +631,11 @@ def analyze_many(jobs: Sequence[Tuple[object, int]], workers: int = 2, loops: bo
             todo.append(i)
     if todo:
         work = [(*jobs[i], loops) for i in todo]
-        for i, row in zip(todo, map_in_workers(_analyze_job, work, workers)):
+        if progress:
+            print(f"compiling {len(todo)} kernel configurations ({len(jobs) - len(todo)} cached) in {workers} "
+                  "processes; later runs read the cache", file=sys.stderr, flush=True)
+        label = "compiling kernels" if progress else None
+        for i, row in zip(todo, map_in_workers(_analyze_job, work, workers, progress=label)):
             rows[i] = row
     return rows  # type: ignore[return-value]
 
@@ -729,13 +736,14 @@ def search_jobs(family: str, archs: Sequence[int] = (80, 89, 90), block_ds: Sequ
     return jobs
 
 
-def search(family: str, archs: Sequence[int] = (80, 89, 90), workers: int = 2) -> Dict[tuple, List[dict]]:
+def search(family: str, archs: Sequence[int] = (80, 89, 90), workers: int = 2,
+           progress: bool = False) -> Dict[tuple, List[dict]]:
     """Compile every candidate (:func:`search_jobs`) and rank each group with :func:`rank`.
 
     Groups are ``(arch, kernel, dtype, block_d, has_lin)``; the first row of a group is the
     configuration to ship (for block-sparse, also the best with tiles <= 64 for 64-blocks).
     """
-    rows = analyze_many(search_jobs(family, archs), workers)
+    rows = analyze_many(search_jobs(family, archs), workers, progress=progress)
     groups: Dict[tuple, List[dict]] = {}
     for (cfg, arch), row in zip(search_jobs(family, archs), rows):
         key = (arch, cfg.kernel, str(cfg.dtype), cfg.block_d, getattr(cfg, "has_lin", None))
@@ -759,7 +767,8 @@ def _select(cfgs: Iterable, kernels, dtypes, block_ds) -> list:
 
 def report(archs: Sequence[int] = (80, 89, 90), families: Sequence[str] = ("block_sparse", "sla"),
            kernels: Optional[Sequence[str]] = None, dtypes: Optional[Sequence[str]] = None,
-           block_ds: Optional[Sequence[int]] = None, dense: bool = True, workers: int = 2) -> List[dict]:
+           block_ds: Optional[Sequence[int]] = None, dense: bool = True, workers: int = 2,
+           progress: bool = False) -> List[dict]:
     """The rows of ``dit-accel bench sass``: each shipped configuration (filtered by kernel names,
     dtype names such as ``"bfloat16"`` and padded head dims), analysed (:func:`analyze`), with
     ``dense`` (the dense kernel's row with the same tile, warps, stages, dtype and target),
@@ -771,14 +780,15 @@ def report(archs: Sequence[int] = (80, 89, 90), families: Sequence[str] = ("bloc
     for arch in archs:
         for family in families:
             jobs += [(cfg, arch) for cfg in _select(shipped_kernel_configs(arch, family), kernels, dtypes, block_ds)]
-    return paired(jobs, dense, workers)
+    return paired(jobs, dense, workers, progress=progress)
 
 
-def paired(jobs: Sequence[Tuple[object, int]], dense: bool = True, workers: int = 2) -> List[dict]:
+def paired(jobs: Sequence[Tuple[object, int]], dense: bool = True, workers: int = 2,
+           progress: bool = False) -> List[dict]:
     """:func:`analyze` rows of ``(config, arch)`` jobs, each with ``dense`` (its dense twin's row),
     ``ratio`` and ``partial_ratio`` (:func:`loop_ratios`) added."""
     twins = list(dict.fromkeys((cfg.dense(), arch) for cfg, arch in jobs if dense and cfg.dense() is not None))
-    rows = analyze_many(list(jobs) + twins, workers)
+    rows = analyze_many(list(jobs) + twins, workers, progress=progress)
     by_job = dict(zip(list(jobs) + twins, rows))
     out = []
     for cfg, arch in jobs:

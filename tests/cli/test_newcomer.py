@@ -204,6 +204,25 @@ def test_train_tiny_says_what_it_does_before_the_first_step(tmp_path, capsys, mo
     assert "training tiny-shapes: 3 steps" in seen[0] and str(tmp_path) in seen[0]
 
 
+def test_bench_sass_says_what_it_compiles(monkeypatch, capsys):
+    """A cold `bench sass` compiles hundreds of kernels for minutes: it says so and shows a progress bar."""
+    from dit_accel.kernels import sass
+
+    labels = []
+
+    def fake_map(fn, jobs, workers=2, progress=None):
+        labels.append(progress)
+        return [{"name": "x"} for _ in jobs]
+
+    monkeypatch.setattr(sass, "_cached", lambda *a: None)
+    monkeypatch.setattr(sass, "map_in_workers", fake_map)
+    jobs = [(object(), 90)] * 3
+    assert len(sass.analyze_many(jobs, workers=2, progress=True)) == 3
+    assert labels == ["compiling kernels"] and "compiling 3 kernel configurations" in capsys.readouterr().err
+    sass.analyze_many(jobs, workers=2)
+    assert labels[-1] is None and capsys.readouterr().err == ""  # the test suite's compiles stay quiet
+
+
 def test_the_readme_commands_are_the_ones_ci_runs():
     readme = (REPO / "README.md").read_text()
     ci = (REPO / ".ci" / "run").read_text()
