@@ -82,3 +82,18 @@ def test_a_refused_preset_needs_a_str_reason():
                       refused=None)
     with pytest.raises(TypeError, match="Preset.refused must be a str"):
         P.register_preset(preset)
+
+
+@pytest.mark.parametrize("model, cls", [
+    ("tencent/HunyuanImage-2.1", "HunyuanImageTransformer2DModel"),
+    ("hunyuanvideo-community/HunyuanVideo", "HunyuanVideoTransformer3DModel"),
+    ("black-forest-labs/FLUX.2-dev", "Flux2Transformer2DModel"),
+    ("black-forest-labs/FLUX.1-dev", "FluxTransformer2DModel"),
+    ("Wan-AI/Wan2.1-VACE-1.3B-diffusers", "WanVACETransformer3DModel"),
+    ("Wan-AI/Wan2.1-T2V-1.3B-Diffusers", "WanTransformer3DModel"),
+])
+def test_hub_ids_name_the_right_family(model, cls):
+    """A more specific family's hub word wins over a general one that also matches it."""
+    from dit_accel.pipelines.presets import resolve_model_family
+
+    assert resolve_model_family(model)[0] == cls

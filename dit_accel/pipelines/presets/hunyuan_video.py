@@ -41,6 +41,6 @@ PRESETS = (
         },
         notes="HunyuanVideo; joint attention [video, text] with padded-text key mask",
         published=_PUBLISHED,
-        hub_words=((r"hunyuan", "HunyuanVideo"),),
+        hub_words=((r"hunyuan(?!-?image)", "HunyuanVideo"),),  # HunyuanImage ids name their own family
     ),
 )
