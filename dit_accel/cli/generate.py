@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import json
 import os
 import re
 import sys
@@ -438,6 +439,25 @@ def _side_by_side_path(out: Path) -> Path:
     return out.with_name(f"{out.stem}-vs-dense{out.suffix}") if out.suffix else Path(f"{out}-vs-dense")
 
 
+def _remove_earlier_side_by_side(sidecar: Path, out: Path) -> None:
+    """An earlier run at this ``--out`` wrote ``OUT-vs-dense`` and this one writes none: remove those files, so
+    no comparison of another run stays beside this run's video. Only what that run's sidecar records as its
+    side-by-side output at exactly this path is removed."""
+    from ..io import output_files
+
+    try:
+        earlier = json.loads(sidecar.read_text())
+        recorded = Path((earlier.get("compare_dense") or {}).get("side_by_side") or "")
+        frames = int(earlier["output_shape"][0])
+    except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError):
+        return  # no readable record of an earlier run: nothing is known to be ours
+    path = _side_by_side_path(out)
+    if recorded.resolve() != path.resolve():
+        return
+    for file in output_files(path, frames):
+        Path(file).unlink(missing_ok=True)
+
+
 def _side_by_side(left, right, labels=("dense", "sparse"), gap: int = 2):
     """Two uint8 videos ``[F, H, W, 3]`` next to each other with a white ``gap`` between them, each under a
     black strip that names it in white (``labels``: left, right)."""
@@ -645,6 +665,8 @@ def generate(args) -> dict:
     if not parallel.is_main():  # every rank holds the same frames; rank 0 writes them
         return {"output": None, "rank": None}
     sidecar = Path(str(out) + ".json")
+    if not args.side_by_side:
+        _remove_earlier_side_by_side(sidecar, out)
     sidecar.unlink(missing_ok=True)  # an earlier run's record must not stay beside this run's video
     save_video(frames, out, fps=args.fps)
     written = output_files(out, len(frames))

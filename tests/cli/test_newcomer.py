@@ -231,3 +231,19 @@ def test_the_readme_commands_are_the_ones_ci_runs():
                             'pip install -c constraints-cpu.txt -e ".[test]" && python -m pytest -q']
     for part in commands[1].split(" && "):
         assert part in ci
+
+
+def test_a_run_without_side_by_side_removes_the_earlier_runs_comparison(tmp_path, capsys):
+    """generate --side-by-side, then generate at the same --out without it: the earlier comparison video
+    (recorded in the earlier sidecar) goes; a file of that name no run recorded stays."""
+    import json
+
+    out = tmp_path / "v.mp4"
+    pair = tmp_path / "v-vs-dense.mp4"
+    common = ["generate", "--steps", "1", "--out", str(out), "--quiet"]
+    assert main([*common, "--side-by-side"]) == 0 and pair.exists()
+    assert main(common) == 0
+    assert not pair.exists() and json.loads((tmp_path / "v.mp4.json").read_text())["compare_dense"][
+        "side_by_side"] is None
+    pair.write_bytes(b"the user's own file")
+    assert main(common) == 0 and pair.read_bytes() == b"the user's own file"
