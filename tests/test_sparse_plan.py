@@ -126,13 +126,14 @@ def test_apply_runs_the_plan_per_step_layer_and_head():
             handle.set_step(1, 4)
             out = model(**kwargs)[0]
             rows = handle.stats()
+            summary = handle.summary()  # read while applied: a removed handle has no stats
         finally:
             handle.remove()
     torch.testing.assert_close(warm, dense, atol=1e-5, rtol=1e-5)  # step 0: the dense warm-up phase
     torch.testing.assert_close(out, ref, atol=2e-4, rtol=2e-4)
     assert (out - dense).abs().max() > 1e-3
     assert all(r["sparse_calls"] == 1 for r in rows)
-    assert handle.summary()["config"]["plan"]["num_layers"] == 2
+    assert summary["config"]["plan"]["num_layers"] == 2
 
 
 def test_apply_refuses_a_plan_for_another_layer_count():

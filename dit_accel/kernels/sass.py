@@ -50,6 +50,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 from .._io import atomic_write_json
 from .compile import TARGET_ARCHS, aot_source, compile_for_target, map_in_workers, shipped_kernel_configs
+from .occupancy import occupancy  # shared with the persistent launcher (a leaf module: no import cycle)
 
 __all__ = ["Instruction", "Loop", "parse_sass", "find_loops", "classify", "CLASSES", "occupancy", "ptxas_report",
            "parse_ptxas_log", "resource_usage", "disassemble", "analyze", "analyze_many", "compile_shipped", "report",
@@ -367,31 +368,6 @@ def ptxas_report(ptx: str, arch: int, fp_fusion: bool = True) -> dict:
     if res.returncode != 0:
         raise RuntimeError(f"ptxas failed: {res.stderr[-2000:]}")
     return parse_ptxas_log(res.stderr + res.stdout)
-
-
-# ----------------------------------------------------------------------------- occupancy
-# Per-SM limits (CUDA C programming guide, compute capabilities table).
-_SM = {
-    80: dict(warps=64, ctas=32, smem=167936, regs=65536),
-    86: dict(warps=48, ctas=16, smem=102400, regs=65536),
-    89: dict(warps=48, ctas=24, smem=102400, regs=65536),
-    90: dict(warps=64, ctas=32, smem=233472, regs=65536),
-}
-_SMEM_RESERVED = 1024  # per CTA, reserved by the driver (sm_80+)
-
-
-def occupancy(arch: int, registers: int, shared: int, num_warps: int) -> dict:
-    """Theoretical occupancy: ``{"ctas", "warps", "limit"}`` per SM, ``limit`` the binding resource."""
-    sm = _SM.get(arch, _SM[86])
-    per_warp = -(-registers * 32 // 256) * 256  # allocated per warp in units of 256 registers
-    by = {
-        "warps": sm["warps"] // num_warps,
-        "ctas": sm["ctas"],
-        "registers": (sm["regs"] // per_warp) // num_warps if per_warp else sm["ctas"],
-        "shared": sm["smem"] // (shared + _SMEM_RESERVED),
-    }
-    limit = min(by, key=by.get)
-    return {"ctas": by[limit], "warps": by[limit] * num_warps, "limit": limit}
 
 
 # ----------------------------------------------------------------------------- one configuration

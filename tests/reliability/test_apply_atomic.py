@@ -238,7 +238,7 @@ def test_a_failure_at_any_step_of_apply_changes_nothing(folder, stage, previous,
         warnings.simplefilter("ignore")
         try:
             handle = dit_accel.apply(model, SLA, backend="torch", weights=folder)
-        except Injected:
+        except (Injected, dit_accel.BadFileError):  # a reader may report the injected failure as a bad file
             handle = None
     monkeypatch.undo()
     if handle is not None:  # this step did not run in this configuration: nothing to check but a clean remove

@@ -519,7 +519,7 @@ def _programs(device: torch.device, cfg: KernelConfig, n_items: int, warm: Calla
         return max(1, min(n_items, INTERPRETER_PROGRAMS))
     key = (cfg, device.index)
     if key not in _RESIDENT:
-        from ..sass import occupancy
+        from ..occupancy import occupancy
 
         ck = warm()  # compiles (or finds) the kernel for these arguments without running it
         per_sm = occupancy(_arch(device), ck.n_regs, ck.metadata.shared, cfg.num_warps)["ctas"]
