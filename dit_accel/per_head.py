@@ -27,8 +27,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 
 from .kernels.layout import BlockLayout
-from .methods import SLA, Dense, Method
-from .plans import DensePlan, LayoutPlan, Plan, SLAPlan, attend_with_lse
+from .methods import Dense, Method
+from .plans import DensePlan, LayoutPlan, Plan, SLAPlan
 
 __all__ = ["PerHead", "PerHeadPlan", "MAX_CONVERTED_TOKENS"]
 

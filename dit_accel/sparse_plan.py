@@ -25,7 +25,6 @@ model order, as everywhere in dit_accel.
 
 from __future__ import annotations
 
-import dataclasses
 import datetime
 import hashlib
 import json
@@ -33,7 +32,7 @@ import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+from typing import Dict, Iterable, List, Mapping, Optional, Tuple
 
 from ._util import is_int, to_jsonable, versions
 from .methods import Dense, Method, Tile, TileStrategy, method_from_name

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Sequence, Tuple
 
 from ..methods import GNA, SLA, Dense, Method, Radial, Tile
 from ..per_head import MAX_CONVERTED_TOKENS

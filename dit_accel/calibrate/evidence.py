@@ -20,7 +20,6 @@ import json
 import time
 from pathlib import Path
 
-import numpy as np
 
 __all__ = ["main"]
 
@@ -93,7 +92,7 @@ def main(argv=None) -> int:
     call = settings.call_kwargs()
     jobs = [(prompt, int(s)) for s in args.heldout_seeds.split(",") for prompt in heldout]
     t1 = time.perf_counter()
-    with dit_accel.apply(pipe, dit_accel.Dense(), timing=True) as h:
+    with dit_accel.apply(pipe, dit_accel.Dense(), timing=True):
         dense = generate_videos(pipe, jobs, call, 8)
     prompts = [x for x, _ in jobs]
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, Sequence
 
 from ..eval.report import markdown_table
 from ..sparse_plan import write_atomic
@@ -59,7 +59,7 @@ def write_report(result: dict, path) -> Path:
               f"- candidates ({len(result['candidates'])}): " + ", ".join(c["label"] for c in result["candidates"]),
               f"- step buckets: {result['buckets']}",
               f"- samples: {result['samples']}",
-              f"- times (s): " + ", ".join(f"{k} {v:.1f}" for k, v in result["seconds"].items()),
+              "- times (s): " + ", ".join(f"{k} {v:.1f}" for k, v in result["seconds"].items()),
               f"- prompts sha256: {result['prompts_sha256']}", ""]
     lines += ["Modelled times are predictions of the kernels' cost model (`dit_accel.kernels.cost`), not "
               "measurements; measured times are this machine's, wall clock of the attention calls.", ""]

@@ -16,7 +16,6 @@ which every layer runs dense at the start is the chosen dense warm-up.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import dit_accel
-from dit_accel.calibrate.candidates import Candidate, candidate_grid
+from dit_accel.calibrate.candidates import candidate_grid
 from dit_accel.calibrate.costs import CostModel
 from dit_accel.calibrate.sampling import QKVSampler, step_buckets
 from dit_accel.calibrate.search import SearchSpace

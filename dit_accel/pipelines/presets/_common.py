@@ -12,7 +12,8 @@ from typing import Any, Callable, Dict, Hashable, Optional, Tuple
 import torch
 
 __all__ = ["GridInfo", "GridReader", "Preset", "Published", "tensor_arg", "text_len", "split_patch", "shapes_key",
-           "raster_ids", "RADIAL_REPO", "RADIAL_VIDEO", "SLA_DEFAULT"]
+           "raster_ids", "RADIAL_REPO", "RADIAL_VIDEO", "SLA_DEFAULT", "IMAGE_DEFAULTS",
+           "latent_grid_2d"]
 
 
 @dataclass(frozen=True)
@@ -140,6 +141,18 @@ RADIAL_REPO = "mit-han-lab/radial-attention@72788d4"  # the commit the radial se
 # dit_accel defaults shared by several video families (no published setting behind them).
 RADIAL_VIDEO = {"method": {"decay": 0.95, "block_size": 128}, "apply": {"dense_steps": 12, "dense_layers": 1}}
 SLA_DEFAULT = {"method": {"topk": 0.05}, "apply": {}}
+# dit_accel's defaults for image models without a published setting (FLUX.1's): Tile windows of 3x3
+# tiles of 8x8 tokens, a 32x32 GNA neighbourhood, the first 7 steps dense; SLA top-k 5%.
+IMAGE_DEFAULTS = {"tile": {"method": {"tile": (8, 8), "window": (3, 3)}, "apply": {"dense_steps": 7}},
+                  "gna": {"method": {"kernel_size": (32, 32)}, "apply": {"dense_steps": 7}},
+                  "sla": SLA_DEFAULT}
+
+
+def latent_grid_2d(model, args) -> "GridInfo":
+    """Grid of an image model called with unpacked latents ``(B, C, H, W)`` and an int ``patch_size``."""
+    x = tensor_arg(args, "hidden_states")
+    p = model.config.patch_size
+    return GridInfo((split_patch(x.shape[-2], p, "height"), split_patch(x.shape[-1], p, "width")), text_len(args))
 
 
 # ------------------------------------------------------------------ grid readers

@@ -6,7 +6,7 @@ not a key padding mask: such calls run dense (with a warning); calls without it 
 
 from __future__ import annotations
 
-from ._common import SLA_DEFAULT, GridInfo, Preset, raster_ids, tensor_arg, text_len
+from ._common import IMAGE_DEFAULTS, GridInfo, Preset, raster_ids, tensor_arg, text_len
 
 __all__ = ["PRESETS"]
 
@@ -24,10 +24,7 @@ PRESETS = (
         text_position="first",
         read_grid=_grid,
         min_diffusers="0.42.1",
-        defaults={  # dit_accel defaults (as FLUX.1): no published setting for Chroma
-            "tile": {"method": {"tile": (8, 8), "window": (3, 3)}, "apply": {"dense_steps": 7}},
-            "gna": {"method": {"kernel_size": (32, 32)}, "apply": {"dense_steps": 7}},
-            "sla": SLA_DEFAULT},
+        defaults=dict(IMAGE_DEFAULTS),  # dit_accel defaults (as FLUX.1): no published setting for Chroma
         notes="Chroma; joint attention [text, image], 2-D grid from img_ids; calls with attention_mask run dense",
         hub_words=((r"chroma", None),),
     ),

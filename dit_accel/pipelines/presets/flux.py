@@ -3,7 +3,7 @@ rows x cols of ``img_ids``; joint attention [text, image] over a 2-D grid (H, W)
 
 from __future__ import annotations
 
-from ._common import SLA_DEFAULT, GridInfo, Preset, tensor_arg, text_len
+from ._common import IMAGE_DEFAULTS, GridInfo, Preset, tensor_arg, text_len
 
 __all__ = ["PRESETS"]
 
@@ -29,9 +29,7 @@ PRESETS = (
         text_position="first",
         read_grid=_grid,
         min_diffusers="0.35.0",
-        defaults={"tile": {"method": {"tile": (8, 8), "window": (3, 3)}, "apply": {"dense_steps": 7}},
-                  "gna": {"method": {"kernel_size": (32, 32)}, "apply": {"dense_steps": 7}},
-                  "sla": SLA_DEFAULT},
+        defaults=dict(IMAGE_DEFAULTS),
         notes="FLUX.1 image model; joint attention [text, image], 2-D grid (H, W)",
         hub_words=((r"flux", None),),
     ),

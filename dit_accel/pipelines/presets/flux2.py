@@ -6,7 +6,7 @@ image tokens are no longer one grid: such calls are refused with the reason (den
 
 from __future__ import annotations
 
-from ._common import SLA_DEFAULT, GridInfo, Preset, raster_ids, tensor_arg, text_len
+from ._common import IMAGE_DEFAULTS, GridInfo, Preset, raster_ids, tensor_arg, text_len
 
 __all__ = ["PRESETS"]
 
@@ -27,10 +27,7 @@ PRESETS = (
         text_position="first",
         read_grid=_grid,
         min_diffusers="0.42.1",
-        defaults={  # dit_accel defaults (as FLUX.1): no published setting for FLUX.2
-            "tile": {"method": {"tile": (8, 8), "window": (3, 3)}, "apply": {"dense_steps": 7}},
-            "gna": {"method": {"kernel_size": (32, 32)}, "apply": {"dense_steps": 7}},
-            "sla": SLA_DEFAULT},
+        defaults=dict(IMAGE_DEFAULTS),  # dit_accel defaults (as FLUX.1): no published setting for FLUX.2
         notes="FLUX.2 image model; joint attention [text, image], 2-D grid (H, W) from img_ids; reference "
               "images (editing) refused",
         hub_words=((r"flux[._-]?2", None),),

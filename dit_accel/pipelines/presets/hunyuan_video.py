@@ -3,7 +3,17 @@
 
 from __future__ import annotations
 
-from ._common import RADIAL_REPO, SLA_DEFAULT, GridInfo, Preset, Published, shapes_key, split_patch, tensor_arg, text_len
+from ._common import (
+    RADIAL_REPO,
+    SLA_DEFAULT,
+    GridInfo,
+    Preset,
+    Published,
+    shapes_key,
+    split_patch,
+    tensor_arg,
+    text_len,
+)
 
 __all__ = ["PRESETS"]
 

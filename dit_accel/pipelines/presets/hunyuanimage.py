@@ -5,7 +5,7 @@ and single-stream blocks. The text is ``encoder_hidden_states`` plus, when given
 
 from __future__ import annotations
 
-from ._common import SLA_DEFAULT, GridInfo, Preset, split_patch, tensor_arg, text_len
+from ._common import IMAGE_DEFAULTS, GridInfo, Preset, split_patch, tensor_arg, text_len
 
 __all__ = ["PRESETS"]
 
@@ -36,10 +36,7 @@ PRESETS = (
         read_grid=_grid,
         grid_key=_key,
         min_diffusers="0.42.1",
-        defaults={  # dit_accel defaults: no published setting for HunyuanImage
-            "tile": {"method": {"tile": (8, 8), "window": (3, 3)}, "apply": {"dense_steps": 7}},
-            "gna": {"method": {"kernel_size": (32, 32)}, "apply": {"dense_steps": 7}},
-            "sla": SLA_DEFAULT},
+        defaults=dict(IMAGE_DEFAULTS),  # dit_accel defaults: no published setting for HunyuanImage
         notes="HunyuanImage 2.1; joint attention [image, text] with padded-text key mask, 2-D grid (H, W)",
         hub_words=((r"hunyuan-?image", None),),
     ),

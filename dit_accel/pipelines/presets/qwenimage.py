@@ -7,7 +7,7 @@ generated one: those calls are not one grid and are refused with the reason (den
 
 from __future__ import annotations
 
-from ._common import SLA_DEFAULT, GridInfo, Preset, tensor_arg, text_len
+from ._common import IMAGE_DEFAULTS, GridInfo, Preset, tensor_arg, text_len
 
 __all__ = ["PRESETS"]
 
@@ -58,10 +58,7 @@ PRESETS = (
         read_grid=_grid,
         grid_key=_key,
         min_diffusers="0.42.1",
-        defaults={  # dit_accel defaults: no published setting for Qwen-Image
-            "tile": {"method": {"tile": (8, 8), "window": (3, 3)}, "apply": {"dense_steps": 7}},
-            "gna": {"method": {"kernel_size": (32, 32)}, "apply": {"dense_steps": 7}},
-            "sla": SLA_DEFAULT},
+        defaults=dict(IMAGE_DEFAULTS),  # dit_accel defaults: no published setting for Qwen-Image
         notes="Qwen-Image; joint attention [text, image] with padded-text key mask, 2-D grid from img_shapes; "
               "Edit/Layered multi-image calls refused",
         hub_words=((r"qwen-?image", None),),
