@@ -13,7 +13,7 @@ import torch
 
 __all__ = ["GridInfo", "GridReader", "Preset", "Published", "tensor_arg", "text_len", "split_patch", "shapes_key",
            "raster_ids", "RADIAL_REPO", "RADIAL_VIDEO", "SLA_DEFAULT", "IMAGE_DEFAULTS",
-           "latent_grid_2d"]
+           "latent_grid_2d", "latent_grid_3d", "patched_video_grid"]
 
 
 @dataclass(frozen=True)
@@ -146,6 +146,19 @@ SLA_DEFAULT = {"method": {"topk": 0.05}, "apply": {}}
 IMAGE_DEFAULTS = {"tile": {"method": {"tile": (8, 8), "window": (3, 3)}, "apply": {"dense_steps": 7}},
                   "gna": {"method": {"kernel_size": (32, 32)}, "apply": {"dense_steps": 7}},
                   "sla": SLA_DEFAULT}
+
+
+def patched_video_grid(model, args) -> Tuple[int, int, int]:
+    """Token grid of a video model called with latents ``(B, C, F, H, W)`` and a ``(pt, ph, pw)`` patch."""
+    x = tensor_arg(args, "hidden_states")
+    pt, ph, pw = model.config.patch_size
+    return (split_patch(x.shape[2], pt, "frames"), split_patch(x.shape[3], ph, "height"),
+            split_patch(x.shape[4], pw, "width"))
+
+
+def latent_grid_3d(model, args) -> "GridInfo":
+    """:func:`patched_video_grid` with the text length of a cross- or joint-attention call."""
+    return GridInfo(patched_video_grid(model, args), text_len(args))
 
 
 def latent_grid_2d(model, args) -> "GridInfo":

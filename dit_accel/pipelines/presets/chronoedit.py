@@ -4,17 +4,15 @@ joins the text in cross-attention, which stays dense)."""
 
 from __future__ import annotations
 
-from ._common import RADIAL_VIDEO, SLA_DEFAULT, GridInfo, Preset, shapes_key, split_patch, tensor_arg, text_len
+from ._common import (
+    RADIAL_VIDEO,
+    SLA_DEFAULT,
+    Preset,
+    latent_grid_3d,
+    shapes_key,
+)
 
 __all__ = ["PRESETS"]
-
-
-def _grid(model, args) -> GridInfo:
-    x = tensor_arg(args, "hidden_states")  # (B, C, F, H, W)
-    pt, ph, pw = model.config.patch_size
-    grid = (split_patch(x.shape[2], pt, "frames"), split_patch(x.shape[3], ph, "height"),
-            split_patch(x.shape[4], pw, "width"))
-    return GridInfo(grid, text_len(args))
 
 
 PRESETS = (
@@ -22,7 +20,7 @@ PRESETS = (
         "ChronoEditTransformer3DModel",
         attention=(r"blocks\.\d+\.attn1",),
         text_position="none",
-        read_grid=_grid,
+        read_grid=latent_grid_3d,
         grid_key=shapes_key,
         min_diffusers="0.42.1",
         defaults={  # dit_accel defaults (Wan 2.1's): no setting was published for ChronoEdit

@@ -5,16 +5,21 @@ cross-attention and stays dense). The condition and padding masks are extra inpu
 
 from __future__ import annotations
 
-from ._common import RADIAL_VIDEO, SLA_DEFAULT, GridInfo, Preset, shapes_key, split_patch, tensor_arg, text_len
+from ._common import (
+    RADIAL_VIDEO,
+    SLA_DEFAULT,
+    GridInfo,
+    Preset,
+    patched_video_grid,
+    shapes_key,
+    text_len,
+)
 
 __all__ = ["PRESETS"]
 
 
 def _grid(model, args) -> GridInfo:
-    x = tensor_arg(args, "hidden_states")  # (B, C, F, H, W)
-    pt, ph, pw = model.config.patch_size
-    grid = (split_patch(x.shape[2], pt, "frames"), split_patch(x.shape[3], ph, "height"),
-            split_patch(x.shape[4], pw, "width"))
+    grid = patched_video_grid(model, args)
     text = args.get("encoder_hidden_states")
     if isinstance(text, tuple):  # Cosmos 2.5: (text_context, img_context), both cross-attention only
         text = text[0]

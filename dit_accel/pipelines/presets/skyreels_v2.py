@@ -4,7 +4,15 @@ block-causal mask to every self-attention: not one window pattern, so it is refu
 
 from __future__ import annotations
 
-from ._common import RADIAL_VIDEO, SLA_DEFAULT, GridInfo, Preset, shapes_key, split_patch, tensor_arg, text_len
+from ._common import (
+    RADIAL_VIDEO,
+    SLA_DEFAULT,
+    GridInfo,
+    Preset,
+    patched_video_grid,
+    shapes_key,
+    text_len,
+)
 
 __all__ = ["PRESETS"]
 
@@ -14,10 +22,7 @@ def _grid(model, args) -> GridInfo:
         raise ValueError("dit_accel: this SkyReels-V2 transformer has num_frame_per_block="
                          f"{model.config.num_frame_per_block}: its self-attention is block-causal (autoregressive "
                          "diffusion forcing), not one token grid; run it dense or with num_frame_per_block=1")
-    x = tensor_arg(args, "hidden_states")  # (B, C, F, H, W)
-    pt, ph, pw = model.config.patch_size
-    grid = (split_patch(x.shape[2], pt, "frames"), split_patch(x.shape[3], ph, "height"),
-            split_patch(x.shape[4], pw, "width"))
+    grid = patched_video_grid(model, args)
     return GridInfo(grid, text_len(args))
 
 

@@ -6,24 +6,13 @@ from __future__ import annotations
 from ._common import (
     RADIAL_REPO,
     SLA_DEFAULT,
-    GridInfo,
     Preset,
     Published,
+    latent_grid_3d,
     shapes_key,
-    split_patch,
-    tensor_arg,
-    text_len,
 )
 
 __all__ = ["PRESETS"]
-
-
-def _grid(model, args) -> GridInfo:
-    x = tensor_arg(args, "hidden_states")  # (B, C, F, H, W)
-    pt, ph, pw = model.config.patch_size
-    grid = (split_patch(x.shape[2], pt, "frames"), split_patch(x.shape[3], ph, "height"),
-            split_patch(x.shape[4], pw, "width"))
-    return GridInfo(grid, text_len(args))
 
 
 def _family(pipe_or_transformer) -> str:
@@ -64,7 +53,7 @@ PRESETS = (
         "WanTransformer3DModel",
         attention=(r"blocks\.\d+\.attn1",),  # attn2 is cross-attention: stays dense
         text_position="none",
-        read_grid=_grid,
+        read_grid=latent_grid_3d,
         grid_key=shapes_key,
         min_diffusers="0.35.0",
         defaults={  # radial: see published (SLA too, for Wan 2.1)
