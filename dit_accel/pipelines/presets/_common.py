@@ -12,8 +12,8 @@ from typing import Any, Callable, Dict, Hashable, Optional, Tuple
 import torch
 
 __all__ = ["GridInfo", "GridReader", "Preset", "Published", "tensor_arg", "text_len", "split_patch", "shapes_key",
-           "raster_ids", "RADIAL_REPO", "RADIAL_VIDEO", "SLA_DEFAULT", "IMAGE_DEFAULTS",
-           "latent_grid_2d", "latent_grid_3d", "patched_video_grid"]
+           "raster_ids", "RADIAL_REPO", "RADIAL_VIDEO", "SLA_DEFAULT", "IMAGE_DEFAULTS", "WAN_DEFAULTS",
+           "LARGE_VIDEO_DEFAULTS", "latent_grid_2d", "latent_grid_3d", "patched_video_grid"]
 
 
 @dataclass(frozen=True)
@@ -141,6 +141,19 @@ RADIAL_REPO = "mit-han-lab/radial-attention@72788d4"  # the commit the radial se
 # dit_accel defaults shared by several video families (no published setting behind them).
 RADIAL_VIDEO = {"method": {"decay": 0.95, "block_size": 128}, "apply": {"dense_steps": 12, "dense_layers": 1}}
 SLA_DEFAULT = {"method": {"topk": 0.05}, "apply": {}}
+# dit_accel's defaults for Wan's token layout (Wan 2.1's; radial is published for Wan itself, so the models
+# of its lineage add RADIAL_VIDEO): Tile windows of 3x3x3 tiles of 6x8x8 tokens, a 7x16x16 GNA neighbourhood,
+# the first 15 steps dense; SLA top-k 5%.
+WAN_DEFAULTS = {"tile": {"method": {"tile": (6, 8, 8), "window": (3, 3, 3)}, "apply": {"dense_steps": 15}},
+                "gna": {"method": {"kernel_size": (7, 16, 16)}, "apply": {"dense_steps": 15}},
+                "sla": SLA_DEFAULT}
+# dit_accel's defaults for video models of larger latent frames without a published setting (Cosmos, Allegro).
+LARGE_VIDEO_DEFAULTS = {
+    "gna": {"method": {"kernel_size": (8, 24, 24)}, "apply": {"dense_steps": 10}},
+    "tile": {"method": {"tile": (4, 8, 8), "window": (3, 3, 3)}, "apply": {"dense_steps": 10}},
+    "radial": {**RADIAL_VIDEO, "method": {"decay": 0.95, "block_size": 128, "sink_frames": ()}},
+    "sla": SLA_DEFAULT,
+}
 # dit_accel's defaults for image models without a published setting (FLUX.1's): Tile windows of 3x3
 # tiles of 8x8 tokens, a 32x32 GNA neighbourhood, the first 7 steps dense; SLA top-k 5%.
 IMAGE_DEFAULTS = {"tile": {"method": {"tile": (8, 8), "window": (3, 3)}, "apply": {"dense_steps": 7}},

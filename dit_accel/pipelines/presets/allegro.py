@@ -5,7 +5,15 @@
 
 from __future__ import annotations
 
-from ._common import RADIAL_VIDEO, SLA_DEFAULT, GridInfo, Preset, shapes_key, split_patch, tensor_arg, text_len
+from ._common import (
+    LARGE_VIDEO_DEFAULTS,
+    GridInfo,
+    Preset,
+    shapes_key,
+    split_patch,
+    tensor_arg,
+    text_len,
+)
 
 __all__ = ["PRESETS"]
 
@@ -26,12 +34,7 @@ PRESETS = (
         grid_key=shapes_key,
         min_diffusers="0.42.1",
         # No published setting of a sparse method for Allegro is known: dit_accel defaults.
-        defaults={
-            "gna": {"method": {"kernel_size": (8, 24, 24)}, "apply": {"dense_steps": 10}},
-            "tile": {"method": {"tile": (4, 8, 8), "window": (3, 3, 3)}, "apply": {"dense_steps": 10}},
-            "radial": {**RADIAL_VIDEO, "method": {"decay": 0.95, "block_size": 128, "sink_frames": ()}},
-            "sla": SLA_DEFAULT,
-        },
+        defaults=dict(LARGE_VIDEO_DEFAULTS),
         notes="Allegro T2V; self-attention transformer_blocks.*.attn1 (video only)",
         hub_words=((r"allegro", None),),
     ),

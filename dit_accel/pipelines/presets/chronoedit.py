@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from ._common import (
     RADIAL_VIDEO,
-    SLA_DEFAULT,
+    WAN_DEFAULTS,
     Preset,
     latent_grid_3d,
     shapes_key,
@@ -23,12 +23,7 @@ PRESETS = (
         read_grid=latent_grid_3d,
         grid_key=shapes_key,
         min_diffusers="0.42.1",
-        defaults={  # dit_accel defaults (Wan 2.1's): no setting was published for ChronoEdit
-            "tile": {"method": {"tile": (6, 8, 8), "window": (3, 3, 3)}, "apply": {"dense_steps": 15}},
-            "gna": {"method": {"kernel_size": (7, 16, 16)}, "apply": {"dense_steps": 15}},
-            "sla": SLA_DEFAULT,
-            "radial": RADIAL_VIDEO,
-        },
+        defaults={**WAN_DEFAULTS, "radial": RADIAL_VIDEO},  # Wan 2.1's: nothing published for ChronoEdit
         notes="ChronoEdit (Wan-based image editing); self-attention blocks.*.attn1 (video only)",
         hub_words=((r"chronoedit", None),),
     ),

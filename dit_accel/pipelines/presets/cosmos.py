@@ -6,8 +6,7 @@ cross-attention and stays dense). The condition and padding masks are extra inpu
 from __future__ import annotations
 
 from ._common import (
-    RADIAL_VIDEO,
-    SLA_DEFAULT,
+    LARGE_VIDEO_DEFAULTS,
     GridInfo,
     Preset,
     patched_video_grid,
@@ -43,12 +42,7 @@ PRESETS = (
         min_diffusers="0.42.1",
         # No published setting wired in: the GNA paper (arXiv:2504.16922) evaluates Cosmos-7B, but its
         # configuration table could not be retrieved offline; these are dit_accel defaults.
-        defaults={
-            "gna": {"method": {"kernel_size": (8, 24, 24)}, "apply": {"dense_steps": 10}},
-            "tile": {"method": {"tile": (4, 8, 8), "window": (3, 3, 3)}, "apply": {"dense_steps": 10}},
-            "radial": {**RADIAL_VIDEO, "method": {"decay": 0.95, "block_size": 128, "sink_frames": ()}},
-            "sla": SLA_DEFAULT,
-        },
+        defaults=dict(LARGE_VIDEO_DEFAULTS),
         notes="Cosmos Predict 1 / 2 / 2.5 text/video-to-world; self-attention transformer_blocks.*.attn1 (video only)",
         hub_words=((r"cosmos", None),),
     ),

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from ._common import (
     RADIAL_VIDEO,
-    SLA_DEFAULT,
+    WAN_DEFAULTS,
     GridInfo,
     Preset,
     patched_video_grid,
@@ -34,12 +34,7 @@ PRESETS = (
         read_grid=_grid,
         grid_key=shapes_key,
         min_diffusers="0.42.1",
-        defaults={  # dit_accel defaults (Wan 2.1's): no setting was published for SkyReels-V2
-            "tile": {"method": {"tile": (6, 8, 8), "window": (3, 3, 3)}, "apply": {"dense_steps": 15}},
-            "gna": {"method": {"kernel_size": (7, 16, 16)}, "apply": {"dense_steps": 15}},
-            "sla": SLA_DEFAULT,
-            "radial": RADIAL_VIDEO,
-        },
+        defaults={**WAN_DEFAULTS, "radial": RADIAL_VIDEO},  # Wan 2.1's: nothing published for SkyReels-V2
         notes="SkyReels-V2 T2V/I2V (Wan layout); self-attention blocks.*.attn1; block-causal DF refused",
         hub_words=((r"skyreels", None),),
     ),

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from ._common import (
     RADIAL_REPO,
-    SLA_DEFAULT,
+    WAN_DEFAULTS,
     Preset,
     Published,
     latent_grid_3d,
@@ -56,11 +56,7 @@ PRESETS = (
         read_grid=latent_grid_3d,
         grid_key=shapes_key,
         min_diffusers="0.35.0",
-        defaults={  # radial: see published (SLA too, for Wan 2.1)
-            "tile": {"method": {"tile": (6, 8, 8), "window": (3, 3, 3)}, "apply": {"dense_steps": 15}},
-            "gna": {"method": {"kernel_size": (7, 16, 16)}, "apply": {"dense_steps": 15}},
-            "sla": SLA_DEFAULT,
-        },
+        defaults=dict(WAN_DEFAULTS),  # radial: see published (SLA too, for Wan 2.1)
         notes="Wan 2.1 / 2.2 T2V and I2V; self-attention blocks.*.attn1 (video only)",
         published=_PUBLISHED,
         hub_words=((r"wan-?2[._]?2", "Wan 2.2"), (r"wan", "Wan 2.1")),  # "wan2.2" before "wan"

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from ._common import RADIAL_VIDEO, SLA_DEFAULT, GridInfo, Preset, split_patch, tensor_arg
+from ._common import RADIAL_VIDEO, WAN_DEFAULTS, GridInfo, Preset, split_patch, tensor_arg
 
 __all__ = ["PRESETS"]
 
@@ -48,12 +48,7 @@ PRESETS = (
         read_grid=_grid,
         grid_key=None,  # the reference count is read from the control values: read every call
         min_diffusers="0.42.1",
-        defaults={  # dit_accel defaults (Wan 2.1's): no setting was published for VACE
-            "tile": {"method": {"tile": (6, 8, 8), "window": (3, 3, 3)}, "apply": {"dense_steps": 15}},
-            "gna": {"method": {"kernel_size": (7, 16, 16)}, "apply": {"dense_steps": 15}},
-            "sla": SLA_DEFAULT,
-            "radial": RADIAL_VIDEO,
-        },
+        defaults={**WAN_DEFAULTS, "radial": RADIAL_VIDEO},  # Wan 2.1's: nothing published for VACE
         notes="Wan VACE; self-attention of the main and control blocks; leading reference frames dense",
         hub_words=((r"vace", None),),
     ),
