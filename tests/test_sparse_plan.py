@@ -9,15 +9,13 @@ import json
 
 import pytest
 import torch
-import torch.nn.functional as F
-from torch.overrides import TorchFunctionMode
 
 import dit_accel
 from dit_accel import PerHead, Phase, SparsePlan
 from dit_accel.models import tiny as T
 from dit_accel.per_head import _raster_mask
 from dit_accel.sparse_plan import method_from_json, method_to_json
-from tests.utils import reference
+from tests.utils import PerCallReference
 
 TILE = dit_accel.Tile(tile=(1, 4, 4), window=(1, 1, 1))
 GNA = dit_accel.GNA(kernel_size=(2, 5, 5))
@@ -83,26 +81,6 @@ def test_a_plan_of_tile_windows_with_a_dense_head_exports_with_the_grid():
         SparsePlan((Phase(0, 1, {0: GNA}),)).to_tile_strategy()
 
 
-class _PerHeadReference(TorchFunctionMode):
-    """Self-attention SDPA calls in layer order run the dense oracle under ``masks[layer]`` ([H, N, N])."""
-
-    def __init__(self, masks):
-        super().__init__()
-        self.masks, self.calls = masks, 0
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is not F.scaled_dot_product_attention:
-            return func(*args, **kwargs)
-        call = dict(zip(("query", "key", "value"), args), **kwargs)
-        q, k, v = call["query"], call["key"], call["value"]
-        if k.shape[2] != q.shape[2]:
-            return func(*args, **kwargs)  # cross-attention
-        mask = self.masks[self.calls]
-        self.calls += 1
-        return reference(q, k, v, mask)[0].to(q.dtype) if mask is not None else func(*args, **kwargs)
-
-
 def _mask(method, grid):
     plan = method.plan(grid)
     n = plan.num_tokens
@@ -116,7 +94,7 @@ def test_apply_runs_the_plan_per_step_layer_and_head():
     plan = _plan()
     with torch.no_grad():
         dense = model(**kwargs)[0]
-        with _PerHeadReference([torch.stack([_mask(TILE, grid), _mask(GNA, grid)]), _mask(TILE, grid)]) as mode:
+        with PerCallReference([torch.stack([_mask(TILE, grid), _mask(GNA, grid)]), _mask(TILE, grid)]) as mode:
             ref = model(**kwargs)[0]
         assert mode.calls == 2
         handle = dit_accel.apply(model, plan, backend="torch")

@@ -154,3 +154,27 @@ class ReferenceAttention(TorchFunctionMode):
             outs.append(reference(q[b:b + 1], k[b:b + 1], v[b:b + 1], keep, scale)[0])
         self.calls += 1
         return torch.cat(outs).to(q.dtype)
+
+
+class PerCallReference(TorchFunctionMode):
+    """While active, the i-th self-attention SDPA call of a video-only model (Wan) runs the dense oracle under
+    ``masks[i % len(masks)]`` (``[N, N]`` or per head ``[H, N, N]``; None: the real SDPA). For patterns
+    that change per layer, head or step (strategies, plans). Cross-attention passes through; ``calls``
+    counts the self-attention calls."""
+
+    def __init__(self, masks):
+        super().__init__()
+        self.masks, self.calls = masks, 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is not F.scaled_dot_product_attention:
+            return func(*args, **kwargs)
+        call = dict(zip(("query", "key", "value"), args), **kwargs)
+        q, k, v = call["query"], call["key"], call["value"]
+        if k.shape[2] != q.shape[2]:  # cross-attention
+            return func(*args, **kwargs)
+        mask = self.masks[self.calls % len(self.masks)]
+        self.calls += 1
+        return reference(q, k, v, mask, call.get("scale"))[0].to(q.dtype) if mask is not None else func(*args,
+                                                                                                          **kwargs)

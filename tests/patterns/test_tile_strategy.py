@@ -13,8 +13,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
-from torch.overrides import TorchFunctionMode
 
 import dit_accel
 from dit_accel.kernels import BlockLayout
@@ -23,7 +21,7 @@ from dit_accel.models import tiny as T
 from dit_accel.patterns import tile_layout, tile_mask
 from dit_accel.patterns.separable import stack_heads
 from dit_accel.pipelines.schedule import Schedule
-from tests.utils import TOL, make_qkv, reference
+from tests.utils import TOL, PerCallReference, make_qkv, reference
 
 
 # ----------------------------------------------------------------- brute force
@@ -145,27 +143,6 @@ def test_strategy_file_gives_the_brute_force_per_head_masks(tmp_path):
     assert Schedule(method=strategy, dense_steps=2).method_for(0, 1, 2) is None  # the schedule still applies
 
 
-class _PerLayerOracle(TorchFunctionMode):
-    """Self-attention SDPA calls of a Wan model (video only) run the dense oracle under per-head masks,
-    the i-th self-attention call of a forward with ``masks[i % layers]``."""
-
-    def __init__(self, masks):
-        super().__init__()
-        self.masks, self.calls = masks, 0
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is not F.scaled_dot_product_attention:
-            return func(*args, **kwargs)
-        call = dict(zip(("query", "key", "value"), args), **kwargs)
-        q, k, v = call["query"], call["key"], call["value"]
-        if k.shape[2] != q.shape[2]:  # cross-attention
-            return func(*args, **kwargs)
-        mask = self.masks[self.calls % len(self.masks)]
-        self.calls += 1
-        return reference(q, k, v, mask, call.get("scale"))[0].to(q.dtype)
-
-
 def test_strategy_runs_through_apply_with_its_per_head_windows(tmp_path):
     model = T.build_tiny_transformer("wan")  # 2 layers, 2 heads
     grid = (4, 8, 8)
@@ -181,7 +158,7 @@ def test_strategy_runs_through_apply_with_its_per_head_windows(tmp_path):
         assert [row["method"] for row in rows] == ["tile_strategy"] * 2
         assert all(row["sparse_calls"] == 1 and row["dense_calls"] == 0 for row in rows)
         masks = [tile_mask(grid, (2, 4, 4), tuple(table[(step, layer)])) for layer in (0, 1)]
-        with _PerLayerOracle(masks) as oracle, torch.no_grad():
+        with PerCallReference(masks) as oracle, torch.no_grad():
             ref = model(**kwargs)[0]
         assert oracle.calls == 2
         torch.testing.assert_close(out, ref, atol=2e-4, rtol=2e-4)
