@@ -162,9 +162,11 @@ IMAGE_DEFAULTS = {"tile": {"method": {"tile": (8, 8), "window": (3, 3)}, "apply"
 
 
 def patched_video_grid(model, args) -> Tuple[int, int, int]:
-    """Token grid of a video model called with latents ``(B, C, F, H, W)`` and a ``(pt, ph, pw)`` patch."""
+    """Token grid of a video model called with latents ``(B, C, F, H, W)``: its config's patch is a
+    ``(pt, ph, pw)`` tuple (Wan) or a spatial ``patch_size`` with a temporal ``patch_size_t`` (HunyuanVideo)."""
     x = tensor_arg(args, "hidden_states")
-    pt, ph, pw = model.config.patch_size
+    patch = model.config.patch_size
+    pt, ph, pw = tuple(patch) if isinstance(patch, (tuple, list)) else (model.config.patch_size_t, patch, patch)
     return (split_patch(x.shape[2], pt, "frames"), split_patch(x.shape[3], ph, "height"),
             split_patch(x.shape[4], pw, "width"))
 

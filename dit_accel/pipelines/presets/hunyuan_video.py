@@ -4,26 +4,15 @@
 from __future__ import annotations
 
 from ._common import (
+    latent_grid_3d,
     RADIAL_REPO,
     SLA_DEFAULT,
-    GridInfo,
     Preset,
     Published,
     shapes_key,
-    split_patch,
-    tensor_arg,
-    text_len,
 )
 
 __all__ = ["PRESETS"]
-
-
-def _grid(model, args) -> GridInfo:
-    x = tensor_arg(args, "hidden_states")  # (B, C, F, H, W)
-    p, pt = model.config.patch_size, model.config.patch_size_t
-    grid = (split_patch(x.shape[2], pt, "frames"), split_patch(x.shape[3], p, "height"),
-            split_patch(x.shape[4], p, "width"))
-    return GridInfo(grid, text_len(args))
 
 
 _PUBLISHED = (
@@ -42,7 +31,7 @@ PRESETS = (
         # Double- and single-stream blocks; token_refiner (text only) is left alone.
         attention=(r"transformer_blocks\.\d+\.attn", r"single_transformer_blocks\.\d+\.attn"),
         text_position="last",
-        read_grid=_grid,
+        read_grid=latent_grid_3d,
         grid_key=shapes_key,
         min_diffusers="0.35.0",
         defaults={  # radial and tile: see published

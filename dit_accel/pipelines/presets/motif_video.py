@@ -6,16 +6,13 @@ The conditioning tokens are handled densely like text; the optional ``cross_attn
 
 from __future__ import annotations
 
-from ._common import RADIAL_VIDEO, SLA_DEFAULT, GridInfo, Preset, split_patch, tensor_arg, text_len
+from ._common import patched_video_grid, RADIAL_VIDEO, SLA_DEFAULT, GridInfo, Preset, text_len
 
 __all__ = ["PRESETS"]
 
 
 def _grid(model, args) -> GridInfo:
-    x = tensor_arg(args, "hidden_states")  # (B, C, F, H, W)
-    p, pt = model.config.patch_size, model.config.patch_size_t
-    grid = (split_patch(x.shape[2], pt, "frames"), split_patch(x.shape[3], p, "height"),
-            split_patch(x.shape[4], p, "width"))
+    grid = patched_video_grid(model, args)
     image = args.get("image_embeds")  # projected and put ahead of the text in the joint sequence
     extra = int(image.shape[1]) if hasattr(image, "shape") and image.dim() == 3 else 0
     return GridInfo(grid, text_len(args) + extra)
