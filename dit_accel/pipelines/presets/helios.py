@@ -34,7 +34,15 @@ def _history_tokens(model, args) -> int:
 
 
 def _grid(model, args) -> GridInfo:
-    return GridInfo(patched_video_grid(model, args), _history_tokens(model, args))
+    history = _history_tokens(model, args)
+    parallel = getattr(model, "_parallel_config", None)
+    if history and getattr(parallel, "context_parallel_config", None) is not None:
+        # Diffusers splits [history, chunk] as one sequence, so a rank's share is not "its text, then its
+        # video" as dit_accel's context-parallel path needs.
+        raise ValueError("dit_accel: this Helios call packs a history ahead of the chunk and the model is context "
+                         "parallel; dit_accel cannot place the history in each rank's share. Run context-parallel "
+                         "Helios without dit_accel, or dit_accel without context parallelism")
+    return GridInfo(patched_video_grid(model, args), history)
 
 
 def _grid_key(args: dict):

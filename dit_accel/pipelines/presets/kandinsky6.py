@@ -50,6 +50,6 @@ PRESETS = (
         defaults=dict(LARGE_VIDEO_DEFAULTS),
         notes="Kandinsky 6 T2VA/I2VA; video self-attention visual_transformer_blocks.*.video_dec_block."
               "self_attention; an appended I2V reference frame runs dense like text",
-        hub_words=((r"kandinsky-?6", None),),
+        hub_words=((r"kandinsky-?6(?!.*vsr)", None),),  # the VSR ids hold Kandinsky6SRTransformer3DModel
     ),
 )
