@@ -163,3 +163,9 @@ def test_info_lists_the_video_c_classes_with_their_notes(capsys):
     for name in ("HunyuanVideo15Transformer3DModel", "Kandinsky5Transformer3DModel", "Kandinsky6Transformer3DModel",
                  "EasyAnimateTransformer3DModel", "HeliosTransformer3DModel"):
         assert name in out and P.PRESETS[name].notes in out and name in P.SUPPORTED
+
+
+def test_kandinsky6_vsr_ids_are_not_taken_for_the_kandinsky6_transformer():
+    """The VSR checkpoints hold Kandinsky6SRTransformer3DModel, which has no preset."""
+    with pytest.raises(ValueError, match="cannot tell which model"):
+        P.resolve_model_family("kandinskylab/Kandinsky-6.0-VSR-distilled2steps-5s-Diffusers")
