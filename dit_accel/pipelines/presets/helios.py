@@ -47,9 +47,9 @@ def _grid(model, args) -> GridInfo:
 
 def _grid_key(args: dict):
     x = args.get("hidden_states")
-    if not hasattr(x, "shape"):
-        return None
-    return (x.shape,) + tuple((getattr(args.get(a), "shape", None), args.get(b) is None) for a, b, _, _ in _HISTORY)
+    if not hasattr(x, "shape") or any(args.get(a) is not None for a, _, _, _ in _HISTORY):
+        return None  # with a history: read every call (shapes only), so a model made context parallel is refused
+    return x.shape
 
 
 PRESETS = (
