@@ -246,6 +246,7 @@ _NOT_YET.update({
                                 "which the trainer does not reproduce",
 })
 
+
 def model_io_for(pipe, *, max_sequence_length: int = 512) -> ModelIO:
     """The glue for ``pipe``'s family; ValueError naming the supported families (and why not) otherwise."""
     transformer = getattr(pipe, "transformer", None)
