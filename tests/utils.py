@@ -127,7 +127,7 @@ class ReferenceAttention(TorchFunctionMode):
 
     ``pattern`` is the bool ``[N, N]`` video-video mask; text tokens (``text_position``
     ``"first"``/``"last"``) attend and are attended densely, and a boolean key-padding
-    mask of the call is honoured. Cross-attention and text-only calls pass through.
+    mask of the call (or a full ``(B, 1, S, S)`` one) is honoured. Cross-attention and text-only calls pass through.
     ``calls`` counts the calls it replaced.
     """
 
@@ -150,7 +150,12 @@ class ReferenceAttention(TorchFunctionMode):
         scale = call.get("scale") or 1 / math.sqrt(q.shape[-1])
         outs = []
         for b in range(q.shape[0]):  # the oracle takes one [H, N, M] mask: per sample for padding masks
-            keep = allowed if mask is None else allowed & mask.reshape(-1, s)[b if mask.shape[0] > 1 else 0]
+            if mask is None:
+                keep = allowed
+            elif mask.dim() == 4 and mask.shape[-2] == s:  # a full (B, 1, S, S) query x key mask (HunyuanVideo 1.5)
+                keep = allowed & mask[b if mask.shape[0] > 1 else 0, 0]
+            else:
+                keep = allowed & mask.reshape(-1, s)[b if mask.shape[0] > 1 else 0]
             outs.append(reference(q[b:b + 1], k[b:b + 1], v[b:b + 1], keep, scale)[0])
         self.calls += 1
         return torch.cat(outs).to(q.dtype)

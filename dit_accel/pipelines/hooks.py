@@ -411,7 +411,11 @@ class SDPAInterceptor(TorchFunctionMode):
         split = self.split
         num_video, position = context.num_video // (split.world if split else 1), layer.owner.preset.text_position
         num_text = sq - num_video
-        ok_mask, key_mask = _key_padding_mask(call.get("attn_mask"), q.shape[0], sk)
+        mask = call.get("attn_mask")
+        if layer.owner.preset.square_mask and isinstance(mask, torch.Tensor) and mask.dim() == 4 and mask.shape[2] > 1:
+            row = sq - num_video if position == "first" else 0  # a video query: never padded (Preset.square_mask)
+            mask = mask[:, :, row:row + 1]
+        ok_mask, key_mask = _key_padding_mask(mask, q.shape[0], sk)
         self_attention = (
             q.dim() == 4 and sq == sk and k.shape[:2] == q.shape[:2] and v.shape[:3] == k.shape[:3]
             and not call.get("is_causal", False) and not call.get("enable_gqa", False)

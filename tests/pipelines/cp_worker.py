@@ -49,6 +49,8 @@ def build(name: str):
         heads = {"num_attention_heads": 4}
         if config.get("added_kv_proj_dim"):  # Wan-lineage image projections are as wide as the heads
             heads["added_kv_proj_dim"] = 4 * config["attention_head_dim"]
+        if name in VIDEO_C_CP:  # Diffusers' Helios _cp_plan names blocks 0..39: the real model's 40 layers
+            heads["num_layers"] = 40
         model = getattr(diffusers, cls_name)(**{**config, **heads})
         for p in model.parameters():
             if p.abs().sum() == 0:
@@ -58,7 +60,10 @@ def build(name: str):
 
 def inputs(name, model):
     grid = FLUX_GRID if name == "flux" else WAN_GRID  # the Wan lineage shares the Wan grid
-    return T.tiny_transformer_inputs(name, model, grid=grid, batch=1, text=8)  # 8 text tokens: 2 or 4 equal shares
+    kwargs = T.tiny_transformer_inputs(name, model, grid=grid, batch=1, text=8)  # 8 text tokens: 2 or 4 equal shares
+    if name in VIDEO_C_CP:  # Helios: the first chunk's call, without a packed history
+        kwargs = {k: v for k, v in kwargs.items() if "history" not in k}
+    return kwargs
 
 
 def run(model, kwargs, grad=False):
@@ -178,7 +183,27 @@ def refused(fn) -> str:
 LINEAGE_CP = ("chronoedit",)
 
 
+# models-video-c: Helios (its _cp_plan splits blocks.*.attn1); its packed history is refused under CP
+VIDEO_C_CP = ("helios",)
+
+
+def _video_c(model_name: str) -> dict:
+    out = {f"{model_name}/{label}/apply-first": compare(model_name, METHODS["wan"][label], 2, 1, "apply-first")
+           for label in ("dense", "gna", "sla")}
+
+    def with_history():
+        model = build(model_name)
+        dit_accel.apply(model, METHODS["wan"]["gna"], backend="torch")
+        model.enable_parallelism(config=cp_config(2, 1))
+        run(model, T.tiny_transformer_inputs(model_name, model, grid=WAN_GRID, batch=1, text=8))
+
+    out[f"{model_name}/history"] = refused(with_history)
+    return out
+
+
 def scenario(name: str) -> dict:
+    if name == "video_c":
+        return {k: v for model_name in VIDEO_C_CP for k, v in _video_c(model_name).items()}
     if name == "lineage":
         return {f"{model_name}/{label}/{order}": compare(model_name, method, 2, 1, order)
                 for model_name in LINEAGE_CP for label, method in METHODS["wan"].items()

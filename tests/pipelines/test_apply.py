@@ -23,6 +23,7 @@ SPARSE = {name: dit_accel.GNA(kernel_size=(3, 5) if len(T.TRANSFORMER_GRIDS[name
 PADDED = {"hunyuan", "mochi"}  # models whose text padding mask the test exercises
 PADDED |= {"motif"}  # models-video-b
 PADDED |= {"qwenimage", "hunyuanimage"}  # image families with a text padding mask
+PADDED |= {"hunyuan15"}  # models-video-c
 
 
 def _inputs(name, model, batch=2, grid=None):

@@ -114,3 +114,16 @@ def test_generate_cli_under_torchrun_matches_one_process(tmp_path):
     sidecar = json.loads((tmp_path / "cp" / "f.png.json").read_text())
     assert sidecar["settings"]["cp"] == {"ulysses": 2, "ring": 1}
     assert {row["rank"] for row in sidecar["density"]["per_layer"]} == {0, 1}
+
+
+def test_ulysses_on_helios_is_bit_identical_and_its_history_is_refused(tmp_path):
+    """models-video-c: Helios (cp_worker.VIDEO_C_CP) without history: Ulysses over 2 ranks reproduces one process;
+    a call with the packed history is refused under context parallelism."""
+    _torchrun(2, "cp_worker.py", "video_c", tmp_path / "video_c.json")
+    result = json.loads((tmp_path / "video_c.json").read_text())
+    assert "packs a history ahead of the chunk" in result.pop("helios/history")
+    cases = _cases(result)
+    assert len(cases) == 3  # dense, gna, sla
+    for key, case in cases.items():
+        assert case["diff"] == 0.0 and case["finite"] and case["remove_exact"], (key, case)
+        assert (case["sparse_calls"] > 0) == ("dense" not in key), (key, case)

@@ -91,6 +91,15 @@ def test_a_refused_preset_needs_a_str_reason():
     ("black-forest-labs/FLUX.1-dev", "FluxTransformer2DModel"),
     ("Wan-AI/Wan2.1-VACE-1.3B-diffusers", "WanVACETransformer3DModel"),
     ("Wan-AI/Wan2.1-T2V-1.3B-Diffusers", "WanTransformer3DModel"),
+    # models-video-c
+    ("hunyuanvideo-community/HunyuanVideo-1.5-480p_i2v", "HunyuanVideo15Transformer3DModel"),
+    ("tencent/HunyuanVideo-1.5", "HunyuanVideo15Transformer3DModel"),
+    ("tencent/HunyuanVideo-I2V", "HunyuanVideoTransformer3DModel"),
+    ("kandinskylab/Kandinsky-5.0-T2V-Lite-sft-5s-Diffusers", "Kandinsky5Transformer3DModel"),
+    ("kandinskylab/Kandinsky-5.0-I2V-Pro-sft-5s-Diffusers", "Kandinsky5Transformer3DModel"),
+    ("kandinskylab/Kandinsky-6.0-Pro-distill-5s-Diffusers", "Kandinsky6Transformer3DModel"),
+    ("alibaba-pai/EasyAnimateV5.1-7b-zh-diffusers", "EasyAnimateTransformer3DModel"),
+    ("BestWishYsh/Helios-Base", "HeliosTransformer3DModel"),
 ])
 def test_hub_ids_name_the_right_family(model, cls):
     """A more specific family's hub word wins over a general one that also matches it."""

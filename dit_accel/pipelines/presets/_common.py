@@ -13,7 +13,8 @@ import torch
 
 __all__ = ["GridInfo", "GridReader", "Preset", "Published", "tensor_arg", "text_len", "split_patch", "shapes_key",
            "raster_ids", "RADIAL_REPO", "RADIAL_VIDEO", "SLA_DEFAULT", "IMAGE_DEFAULTS", "WAN_DEFAULTS",
-           "LARGE_VIDEO_DEFAULTS", "latent_grid_2d", "latent_grid_3d", "patched_video_grid"]
+           "LARGE_VIDEO_DEFAULTS", "latent_grid_2d", "latent_grid_3d", "patched_video_grid",
+           "channels_last_grid"]
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,10 @@ class Preset:
         refused: non-empty for a class dit_accel knows but cannot make sparse (its calls carry no single
             token grid: FramePack's packed history, ...): why, and what would work instead. ``apply``
             (``preset_for``) raises it; the class is not in ``SUPPORTED``. Build one with :meth:`refusing`.
+        square_mask: the wrapped processors give SDPA a bool ``(B, 1, S, S)`` mask that is query-valid AND
+            key-valid of one padding mask under which every video token is valid (HunyuanVideo 1.5): the row of
+            a video query is then used as the key-padding mask. Padded text queries attend the valid keys
+            instead of nothing; being masked keys everywhere, their outputs never reach a valid token.
     """
 
     class_name: str
@@ -83,6 +88,7 @@ class Preset:
     read_index_family: Optional[Callable[[dict], Optional[str]]] = None
     refused_pipelines: Dict[str, str] = field(default_factory=dict)
     refused: str = ""
+    square_mask: bool = False
 
     @classmethod
     def refusing(cls, class_name: str, reason: str, min_diffusers: str = "0.0.0", **fields) -> "Preset":
@@ -169,6 +175,17 @@ def patched_video_grid(model, args) -> Tuple[int, int, int]:
     pt, ph, pw = tuple(patch) if isinstance(patch, (tuple, list)) else (model.config.patch_size_t, patch, patch)
     return (split_patch(x.shape[2], pt, "frames"), split_patch(x.shape[3], ph, "height"),
             split_patch(x.shape[4], pw, "width"))
+
+
+def channels_last_grid(model, args) -> Tuple[int, int, int]:
+    """Token grid of a channels-last video latent ``(B, F, H, W, C)`` and a ``(pt, ph, pw)`` config patch
+    (Kandinsky 5 / 6)."""
+    x = tensor_arg(args, "hidden_states")
+    if x.dim() != 5:
+        raise ValueError(f"dit_accel: hidden_states of shape {tuple(x.shape)} is not a (B, F, H, W, C) video latent")
+    pt, ph, pw = tuple(model.config.patch_size)
+    return (split_patch(x.shape[1], pt, "frames"), split_patch(x.shape[2], ph, "height"),
+            split_patch(x.shape[3], pw, "width"))
 
 
 def latent_grid_3d(model, args) -> "GridInfo":

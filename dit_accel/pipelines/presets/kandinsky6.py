@@ -1,0 +1,55 @@
+"""Kandinsky 6 (``Kandinsky6Transformer3DModel``, text/image to video and audio): latent (B, F, H, W, C)
+channels last, token grid (F/pt, H/ph, W/pw) in (T, H, W) raster order; video self-attention
+``visual_transformer_blocks.*.video_dec_block.self_attention`` over video only. The audio stream's
+self-attention, the text cross-attentions and the video<->audio cross-attentions stay dense.
+
+Image conditioning appends the clean reference frame as an extra last frame whose rotary time position is 0
+(``visual_rope_pos``): it is no part of the video's grid, so it is handled densely like text at the end of the
+sequence (``text_position="last"``); the grid is then the frames before it. Other ``visual_rope_pos`` are refused."""
+
+from __future__ import annotations
+
+import torch
+
+from ._common import LARGE_VIDEO_DEFAULTS, GridInfo, Preset, channels_last_grid
+
+__all__ = ["PRESETS"]
+
+
+def _grid(model, args) -> GridInfo:
+    t, h, w = channels_last_grid(model, args)
+    pos = args.get("visual_rope_pos")
+    if pos is None:
+        return GridInfo((t, h, w), 0)
+    pt, ph, pw = (p.detach().long().cpu() if isinstance(p, torch.Tensor) else torch.as_tensor(p) for p in pos)
+    plain = torch.arange(t)
+    if ph.equal(torch.arange(h)) and pw.equal(torch.arange(w)):
+        if pt.equal(plain):
+            return GridInfo((t, h, w), 0)
+        if t > 1 and pt.equal(torch.cat([plain[:t - 1], plain[:1]])):  # reference frame appended at position 0
+            return GridInfo((t - 1, h, w), h * w)
+    raise ValueError("dit_accel: this Kandinsky 6 call's visual_rope_pos is neither arange over each axis nor the "
+                     "pipeline's appended reference frame (time positions 0..T-2 then 0), so its video tokens are "
+                     "not one regular (T, H, W) grid; run it dense or call it with the pipeline's positions")
+
+
+def _grid_key(args: dict):
+    x = args.get("hidden_states")
+    return x.shape if hasattr(x, "shape") and args.get("visual_rope_pos") is None else None
+
+
+PRESETS = (
+    Preset(
+        "Kandinsky6Transformer3DModel",
+        attention=(r"visual_transformer_blocks\.\d+\.video_dec_block\.self_attention",),
+        text_position="last",  # only the appended reference frame sits there (text is cross-attention)
+        read_grid=_grid,
+        grid_key=_grid_key,
+        min_diffusers="0.42.1",
+        # No published sparse-attention setting for Kandinsky 6 is known: dit_accel defaults.
+        defaults=dict(LARGE_VIDEO_DEFAULTS),
+        notes="Kandinsky 6 T2VA/I2VA; video self-attention visual_transformer_blocks.*.video_dec_block."
+              "self_attention; an appended I2V reference frame runs dense like text",
+        hub_words=((r"kandinsky-?6(?!.*vsr)", None),),  # the VSR ids hold Kandinsky6SRTransformer3DModel
+    ),
+)
