@@ -73,6 +73,8 @@ FAMILIES: Tuple[str, ...] = ("wan", "hunyuan_video", "cogvideox", "mochi", "ltx_
                              "cosmos", "allegro", "consisid", "latte", "sana_video", "motif_video")
 # Wan/Hunyuan lineage (wan_vace first: its hub word "vace" is more specific than "wan").
 FAMILIES = ("wan_vace",) + FAMILIES + ("skyreels_v2", "chronoedit", "hunyuan_video_framepack")
+# models-video-d (issue 28): Wan Animate and LTX-2 before "wan" and "ltx_video" (more specific hub words).
+FAMILIES = ("wan_animate", "ltx2") + FAMILIES + ("minimax_h3",)
 
 _MODULES = tuple(importlib.import_module(f"{__name__}.{name}") for name in FAMILIES)
 
