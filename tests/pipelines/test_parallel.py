@@ -114,3 +114,18 @@ def test_generate_cli_under_torchrun_matches_one_process(tmp_path):
     sidecar = json.loads((tmp_path / "cp" / "f.png.json").read_text())
     assert sidecar["settings"]["cp"] == {"ulysses": 2, "ring": 1}
     assert {row["rank"] for row in sidecar["density"]["per_layer"]} == {0, 1}
+
+
+# ---- models-video-d (issue 28): audio-video classes with a Diffusers _cp_plan (cp_worker.AV_CP)
+def test_ulysses_on_ltx2_is_bit_identical_and_minimax_h3_is_refused(tmp_path):
+    """LTX-2's video self-attention under Ulysses (2 ranks): bit-identical to one process in both call orders.
+    MiniMax-H3's _cp_plan splits its packed [text | conditioning | audio | video] sequence contiguously, which
+    dit_accel refuses at the call with the reason."""
+    _torchrun(2, "cp_worker.py", "av", tmp_path / "av.json")
+    result = json.loads((tmp_path / "av.json").read_text())
+    cases = _cases(result)
+    assert len(cases) == 1 * 3 * 2  # ltx2: dense, gna, sla; two call orders
+    for key, case in cases.items():
+        assert case["diff"] == 0.0 and case["finite"] and case["remove_exact"], (key, case)
+        assert (case["sparse_calls"] > 0) == ("dense" not in key), (key, case)
+    assert "splits its one packed sequence" in result["minimax_h3"]
