@@ -49,7 +49,7 @@ def build(name: str):
         heads = {"num_attention_heads": 4}
         if config.get("added_kv_proj_dim"):  # Wan-lineage image projections are as wide as the heads
             heads["added_kv_proj_dim"] = 4 * config["attention_head_dim"]
-        if name in AV_CP:  # LTX-2: the text projection's width is the video attention's inner width
+        if name == "ltx2":  # LTX-2: the text projection's width is the video attention's inner width
             heads["cross_attention_dim"] = 4 * config["attention_head_dim"]
         model = getattr(diffusers, cls_name)(**{**config, **heads})
         for p in model.parameters():
@@ -61,7 +61,7 @@ def build(name: str):
 def inputs(name, model):
     grid = FLUX_GRID if name == "flux" else WAN_GRID  # the Wan lineage shares the Wan grid
     kwargs = T.tiny_transformer_inputs(name, model, grid=grid, batch=1, text=8)  # 8 text tokens: 2 or 4 equal shares
-    if name in AV_CP:  # Diffusers 0.42.1's LTX-2 _cp_plan fails on its own for a text mask (viewed with all heads,
+    if name == "ltx2":  # Diffusers 0.42.1's LTX-2 _cp_plan fails on its own for a text mask (viewed with all heads,
         # which Ulysses splits) and for audio<->video attention (its rotary table is not split): neither here
         kwargs.update(encoder_attention_mask=None, audio_encoder_attention_mask=None, isolate_modalities=True)
     return kwargs
@@ -185,24 +185,15 @@ LINEAGE_CP = ("chronoedit",)
 
 
 # models-video-d (issue 28): audio-video classes with a Diffusers _cp_plan (Ulysses over 2 ranks; scenario "av").
-AV_CP = ("ltx2",)
+AV_CP = ("ltx2", "minimax_h3")
 
 
 def av_scenario() -> dict:
-    """LTX-2 under Ulysses (its video self-attention sparse, audio and cross-modal attention Diffusers' own), and
-    the refusals of the calls whose one sequence the _cp_plan splits contiguously (MiniMax-H3's packed sequence)."""
-    out = {f"{model_name}/{label}/{order}": compare(model_name, method, 2, 1, order)
-           for model_name in AV_CP for label, method in METHODS["wan"].items()
-           if label in ("dense", "gna", "sla") for order in ("apply-first", "parallel-first")}
-
-    def packed():
-        model = build("minimax_h3")
-        dit_accel.apply(model, METHODS["wan"]["gna"], backend="torch")
-        model.enable_parallelism(config=cp_config(2, 1))
-        run(model, inputs("minimax_h3", model))
-
-    out["minimax_h3"] = refused(packed)
-    return out
+    """LTX-2 (video self-attention sparse; audio and cross-modal attention Diffusers' own) and MiniMax-H3 (its
+    packed [text | keyframe | audio | video] sequence split contiguously: Preset.split_whole) under Ulysses."""
+    return {f"{model_name}/{label}/{order}": compare(model_name, method, 2, 1, order)
+            for model_name in AV_CP for label, method in METHODS["wan"].items()
+            if label in ("dense", "gna", "sla") for order in ("apply-first", "parallel-first")}
 
 
 def scenario(name: str) -> dict:

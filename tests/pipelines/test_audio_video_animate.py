@@ -141,20 +141,6 @@ def test_ltx2_calls_that_break_the_grid_are_refused_at_the_call(case):
             model(**kwargs)
 
 
-def test_ltx2_appended_tokens_under_context_parallelism_are_refused():
-    model = T.build_tiny_transformer("ltx2")
-    kwargs = _ltx2_conditioned(model, T.TRANSFORMER_GRIDS["ltx2"], batch=1)
-    preset = PRESETS["LTX2VideoTransformer3DModel"]
-    assert preset.read_grid(model, kwargs).num_text == 64
-    model._parallel_config = SimpleNamespace(context_parallel_config=SimpleNamespace(ulysses_degree=2, ring_degree=1))
-    try:
-        with pytest.raises(ValueError, match="context parallelism"):
-            preset.read_grid(model, kwargs)
-        assert preset.read_grid(model, T.tiny_transformer_inputs("ltx2", model, batch=1)).num_text == 0
-    finally:
-        model._parallel_config = None
-
-
 # ------------------------------------------------------------------ MiniMax-H3
 @pytest.mark.parametrize("grid, keyframes", [((3, 6, 10), 2), ((2, 4, 8), 0)], ids=["2-keyframes", "no-keyframes"])
 def test_minimax_h3_target_grid_from_positions_with_a_dense_prefix(grid, keyframes):

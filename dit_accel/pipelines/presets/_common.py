@@ -67,6 +67,10 @@ class Preset:
         refused: non-empty for a class dit_accel knows but cannot make sparse (its calls carry no single
             token grid: FramePack's packed history, ...): why, and what would work instead. ``apply``
             (``preset_for``) raises it; the class is not in ``SUPPORTED``. Build one with :meth:`refusing`.
+        split_whole: how Diffusers' context parallelism (``_cp_plan``) splits a joint sequence: False (each
+            rank holds a share of the text and a share of the video, ``[t_r, v_r]``); True (the model splits
+            its one sequence contiguously, MiniMax-H3's packed rows, LTX-2's appended tokens: the Ulysses
+            gather gives the model's own order back; Ring is refused for such calls).
     """
 
     class_name: str
@@ -83,6 +87,7 @@ class Preset:
     read_index_family: Optional[Callable[[dict], Optional[str]]] = None
     refused_pipelines: Dict[str, str] = field(default_factory=dict)
     refused: str = ""
+    split_whole: bool = False
 
     @classmethod
     def refusing(cls, class_name: str, reason: str, min_diffusers: str = "0.0.0", **fields) -> "Preset":

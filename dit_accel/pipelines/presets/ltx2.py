@@ -9,7 +9,8 @@ Conditioning pipelines (``LTX2ConditionPipeline``, the IC-LoRA and HDR-LoRA pipe
 reference tokens after the grid (their positions in ``video_coords``, past ``num_frames * height * width``):
 those run densely, like text placed last. Calls that break the grid are refused at the call: positions without
 ``num_frames``/``height``/``width`` (the DFR pipelines' tiles), positions that are not the grid's raster, a
-``video_self_attention_mask`` (IC-LoRA's), and appended tokens under context parallelism."""
+``video_self_attention_mask`` (IC-LoRA's). Context parallelism splits ``[video | appended tokens]`` contiguously
+(``Preset.split_whole``): Ulysses works, Ring is refused for calls with appended tokens."""
 
 from __future__ import annotations
 
@@ -31,11 +32,6 @@ def _grid_key(args: dict) -> Optional[tuple]:
     key = shapes_key(args)
     dims = tuple(args.get(k) for k in _DIMS)
     return None if key is None or not all(type(d) is int for d in dims) else key + dims
-
-
-def _context_parallel(model) -> bool:
-    cp = getattr(getattr(model, "_parallel_config", None), "context_parallel_config", None)
-    return cp is not None and cp.ulysses_degree * cp.ring_degree > 1
 
 
 def _check_coords(model, coords, sizes, frames: int, num_video: int, num_tokens: int) -> None:
@@ -76,12 +72,7 @@ def _grid(model, args) -> GridInfo:
     elif num_tokens != num_video:
         raise ValueError(f"dit_accel: LTX-2 hidden_states hold {num_tokens} tokens but num_frames/height/width "
                          f"{tuple(dims)} give {num_video}, and no video_coords place the others")
-    extra = num_tokens - num_video
-    if extra and _context_parallel(model):
-        raise ValueError(f"dit_accel: this LTX-2 call appends {extra} conditioning tokens after the video grid; "
-                         "context parallelism splits that one sequence contiguously across ranks, which dit_accel "
-                         "cannot lay out as [video, conditioning] per rank. Run it without context parallelism")
-    return GridInfo(grid, extra)
+    return GridInfo(grid, num_tokens - num_video)
 
 
 PRESETS = (
@@ -99,5 +90,6 @@ PRESETS = (
         notes="LTX-2 audio-video; video self-attention transformer_blocks.*.attn1 only (audio, cross-modal and text "
               "attention dense); appended conditioning tokens dense",
         hub_words=((r"ltx-?2(?!\d)", None),),
+        split_whole=True,  # its _cp_plan splits [video | appended tokens] contiguously (Ulysses; Ring refuses them)
     ),
 )

@@ -10,14 +10,14 @@ frame a row-major ``(H, W)`` raster (patch (1, 2, 2)). That block is the sparse 
 audio self-attention and audio<->video attention stay dense. The grid is read from ``position_ids`` (one time
 per frame, one spatial raster repeated per frame); a call whose trailing video rows are not such a grid, or do
 not follow audio rows (a conditioning clip could then not be told from the target), is refused at the call.
-The text refiner's attention (``token_refiner``, text only) is not wrapped."""
+The text refiner's attention (``token_refiner``, text only) is not wrapped. Under context parallelism
+Diffusers splits the packed sequence contiguously (``Preset.split_whole``): Ulysses works, Ring is refused."""
 
 from __future__ import annotations
 
 import torch
 
-from ._common import GridInfo, Preset, tensor_arg
-from ._common import LARGE_VIDEO_DEFAULTS
+from ._common import LARGE_VIDEO_DEFAULTS, GridInfo, Preset, tensor_arg
 
 __all__ = ["PRESETS"]
 
@@ -74,21 +74,12 @@ def _grid(model, args) -> GridInfo:
     return GridInfo(_raster(pos[s - n:], n), s - n)
 
 
-def _context_parallel_refused(model, args) -> GridInfo:
-    cp = getattr(getattr(model, "_parallel_config", None), "context_parallel_config", None)
-    if cp is not None and cp.ulysses_degree * cp.ring_degree > 1:
-        raise ValueError("dit_accel: MiniMax-H3's context parallelism splits its one packed sequence "
-                         "[text | conditioning | audio | video] contiguously across ranks, which dit_accel cannot "
-                         "lay out as [dense rows, video] per rank. Run it without context parallelism")
-    return _grid(model, args)
-
-
 PRESETS = (
     Preset(
         "MiniMaxH3Transformer3DModel",
         attention=(r"transformer_blocks\.\d+\.attn",),  # not token_refiner.*.attn (text only)
         text_position="first",  # text, conditioning rows and audio: one dense prefix before the target video
-        read_grid=_context_parallel_refused,
+        read_grid=_grid,
         grid_key=None,  # the grid is read from position_ids: read every call
         min_diffusers="0.42.1",
         # Nothing published for MiniMax-H3: dit_accel's defaults for large-latent video models (Cosmos, Allegro).
@@ -96,5 +87,6 @@ PRESETS = (
         notes="MiniMax-H3 audio-video (packed sequence); joint self-attention transformer_blocks.*.attn; target "
               "video grid sparse, text/conditioning/audio rows dense",
         hub_words=((r"minimax-?h3", None), (r"pika-?h3", None)),
+        split_whole=True,  # its _cp_plan splits the packed sequence contiguously (Ulysses only)
     ),
 )
