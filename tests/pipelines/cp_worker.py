@@ -191,9 +191,39 @@ AV_CP = ("ltx2", "minimax_h3")
 def av_scenario() -> dict:
     """LTX-2 (video self-attention sparse; audio and cross-modal attention Diffusers' own) and MiniMax-H3 (its
     packed [text | keyframe | audio | video] sequence split contiguously: Preset.split_whole) under Ulysses."""
-    return {f"{model_name}/{label}/{order}": compare(model_name, method, 2, 1, order)
-            for model_name in AV_CP for label, method in METHODS["wan"].items()
-            if label in ("dense", "gna", "sla") for order in ("apply-first", "parallel-first")}
+    out = {f"{model_name}/{label}/{order}": compare(model_name, method, 2, 1, order)
+           for model_name in AV_CP for label, method in METHODS["wan"].items()
+           if label in ("dense", "gna", "sla") for order in ("apply-first", "parallel-first")}
+    out["ltx2-appended/gna/apply-first"] = ltx2_appended(METHODS["wan"]["gna"])
+    return out
+
+
+def ltx2_appended(method) -> dict:
+    """LTX2ConditionPipeline's call (one keyframe of tokens appended after the grid, dense, text_position "last")
+    under Ulysses: its _cp_plan splits [video | keyframe] contiguously."""
+    def call(model):
+        kwargs = inputs("ltx2", model)
+        hw = WAN_GRID[1] * WAN_GRID[2]
+        extra = torch.randn(1, hw, kwargs["hidden_states"].shape[2], generator=torch.Generator().manual_seed(3))
+        coords = kwargs["video_coords"]
+        kwargs.update(hidden_states=torch.cat([kwargs["hidden_states"], extra], 1),
+                      video_coords=torch.cat([coords, coords[:, :, :hw]], 2))
+        return kwargs
+
+    single = build("ltx2")
+    with dit_accel.apply(single, method, backend="torch"):
+        want = run(single, call(single))
+    model = build("ltx2")
+    handle = dit_accel.apply(model, method, backend="torch")
+    model.enable_parallelism(config=cp_config(2, 1))
+    got = run(model, call(model))
+    stats = handle.summary()
+    handle.remove()
+    plain = build("ltx2")
+    plain.enable_parallelism(config=cp_config(2, 1))
+    return {"diff": float((got - want).abs().max()), "finite": bool(torch.isfinite(got).all()),
+            "sparse_calls": stats["sparse_calls"], "dense_calls": stats["dense_calls"],
+            "remove_exact": torch.equal(run(model, call(model)), run(plain, call(plain)))}
 
 
 def scenario(name: str) -> dict:
