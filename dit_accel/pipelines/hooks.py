@@ -478,7 +478,8 @@ class SDPAInterceptor(TorchFunctionMode):
             out, density = run_split(self.plan, q, k, v, split=self.split, num_text=num_text * self.split.world,
                                      text_first=layer.owner.preset.text_position == "first", key_mask=key_mask,
                                      scale=call.get("scale"), backend=runtime.backend,
-                                     proj=layer.projection(q.device), capture=capture)
+                                     proj=layer.projection(q.device), capture=capture,
+                                     whole=layer.owner.preset.split_whole)
         self._count(density, q, k, v)
         return out
 

@@ -201,7 +201,7 @@ def _join(text: torch.Tensor, video: torch.Tensor, chunks: int, text_first: bool
 
 
 def run_split(plan: Optional[Plan], q, k, v, *, split: Split, num_text: int, text_first: bool, key_mask,
-              scale: Optional[float], backend: str, proj=None, capture=None):
+              scale: Optional[float], backend: str, proj=None, capture=None, whole: bool = False):
     """One attention call of a wrapped layer under context parallelism.
 
     Args:
@@ -211,16 +211,22 @@ def run_split(plan: Optional[Plan], q, k, v, *, split: Split, num_text: int, tex
         key_mask: this rank's bool key-padding mask ``(B, 1, 1, S_local)`` or None.
         capture: ``capture(q, k, v, heads)`` of the whole video sequence of this rank's heads, called by
             the first ring rank of each head group (None: no capture).
+        whole: the model split its one sequence contiguously (``Preset.split_whole``): the shares are not
+            ``[text, video]`` each, and the Ulysses gather gives back the model's order.
     Returns ``(o (B, H, S_local, D), density or None)``.
     """
+    if whole and num_text and split.ring > 1:
+        raise ValueError("dit_accel: this model's context parallelism splits its one joint sequence contiguously, "
+                         "so a ring rank's share mixes dense and video tokens, which dit_accel's ring path cannot "
+                         "place; use Ulysses (ulysses_degree) only for it")
     text_local = num_text // split.world
     if split.ulysses > 1:
         q, k, v = (ulysses_gather(x, split) for x in (q, k, v))
-    chunks = split.ulysses
+    chunks, text_part = (1, num_text) if whole else (split.ulysses, text_local)
     mask = _gather_mask(key_mask, split)
-    tq, vq = _split_joint(q, chunks, text_local, text_first)
-    tk, vk = _split_joint(k, chunks, text_local, text_first)
-    tv, vv = _split_joint(v, chunks, text_local, text_first)
+    tq, vq = _split_joint(q, chunks, text_part, text_first)
+    tk, vk = _split_joint(k, chunks, text_part, text_first)
+    tv, vv = _split_joint(v, chunks, text_part, text_first)
     if split.ring > 1:
         tk, vk, tv, vv = (ring_gather(x, split) for x in (tk, vk, tv, vv))
     heads = split.heads(q.shape[1])
@@ -231,7 +237,8 @@ def run_split(plan: Optional[Plan], q, k, v, *, split: Split, num_text: int, tex
             capture(all_q, vk, vv, heads)
     mask_text = mask_video = None
     if mask is not None:  # gathered shares in (ring, ulysses) order, each [text, video] like the tokens
-        m_text, m_video = _split_joint(mask.reshape(mask.shape[0], 1, -1, 1), split.world, text_local, text_first)
+        m_text, m_video = _split_joint(mask.reshape(mask.shape[0], 1, -1, 1), *((1, num_text) if whole else (
+            split.world, text_local)), text_first)
         mask_text, mask_video = m_text.reshape(mask.shape[0], -1), m_video.reshape(mask.shape[0], -1)
         if not bool(mask_video.all()):
             raise ValueError("a key-padding mask on video tokens is not supported under context parallelism")

@@ -246,6 +246,17 @@ _NOT_YET.update({
                                 "which the trainer does not reproduce",
 })
 
+# models-video-d (issue 28): sparse inference works for these classes; the trainer does not build their calls.
+_NOT_YET.update({
+    "WanAnimateTransformer3DModel": "its transformer is not called like Wan: every call needs the reference-image "
+                                    "latent frame and mask channels, pose latents and the face video, which the "
+                                    "pipeline builds per segment",
+    "LTX2VideoTransformer3DModel": "its transformer denoises video and audio together (audio latents, audio text "
+                                   "embeddings and positions on every call), which the trainer does not build",
+    "MiniMaxH3Transformer3DModel": "its transformer takes one packed sequence (row indices, modality tags, "
+                                   "per-row timesteps and positions) that the modular pipeline builds per call",
+})
+
 
 def model_io_for(pipe, *, max_sequence_length: int = 512) -> ModelIO:
     """The glue for ``pipe``'s family; ValueError naming the supported families (and why not) otherwise."""

@@ -211,3 +211,23 @@ def test_fullgraph_compile_video_c_families(model_name):
     summary = handle.summary()
     assert (summary["sparse_calls"], summary["dense_calls"]) == (summary["layers"], 0)
     handle.remove()
+
+
+# ---- models-video-d (issue 28): whole-model fullgraph compile after apply (GNA), one case per class.
+VIDEO_D = {name: dit_accel.GNA(kernel_size=(2, 5, 5)) for name in ("wan_animate", "ltx2", "minimax_h3")}
+
+
+@pytest.mark.parametrize("model_name", sorted(VIDEO_D))
+def test_fullgraph_compile_wan_animate_ltx2_minimax_h3(model_name):
+    method = VIDEO_D[model_name]
+    want = _eager_outputs(model_name, method, [(None, 0, None)])[None, 0]
+    model = build_tiny_transformer(model_name)
+    handle = dit_accel.apply(model, method, backend="torch")
+    compiled = _compiled(model, "whole", "eager")
+    with torch.no_grad():
+        out = compiled(**tiny_transformer_inputs(model_name, model))[0]
+    torch.testing.assert_close(out, want, atol=1e-6, rtol=1e-5)
+    assert counters["stats"]["unique_graphs"] == 1
+    summary = handle.summary()
+    assert (summary["sparse_calls"], summary["dense_calls"]) == (summary["layers"], 0)
+    handle.remove()

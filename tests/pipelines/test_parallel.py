@@ -127,3 +127,35 @@ def test_ulysses_on_helios_is_bit_identical_and_its_history_is_refused(tmp_path)
     for key, case in cases.items():
         assert case["diff"] == 0.0 and case["finite"] and case["remove_exact"], (key, case)
         assert (case["sparse_calls"] > 0) == ("dense" not in key), (key, case)
+
+
+# ---- models-video-d (issue 28): audio-video classes with a Diffusers _cp_plan (cp_worker.AV_CP)
+def test_ulysses_on_ltx2_and_minimax_h3_matches_one_process():
+    """Ulysses over 2 ranks, both call orders: LTX-2's video self-attention is bit-identical to one process (with
+    a keyframe of tokens appended after the grid, which the _cp_plan splits with the video: within fp32 rounding);
+    MiniMax-H3's packed sequence, which its _cp_plan splits contiguously (Preset.split_whole), matches within
+    fp32 rounding (the dense Dense() run differs by as much: Diffusers' own split of its text refiner)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as folder:
+        _torchrun(2, "cp_worker.py", "av", f"{folder}/av.json")
+        cases = _cases(json.loads(open(f"{folder}/av.json").read()))
+    assert len(cases) == 2 * 3 * 2 + 1  # ltx2, minimax_h3: dense, gna, sla; two call orders; LTX-2 appended tokens
+    for key, case in cases.items():
+        limit = 0.0 if key.split("/")[0] == "ltx2" else 1e-5  # (the appended keyframe: within fp32 rounding)
+        assert case["diff"] <= limit and case["finite"] and case["remove_exact"], (key, case)
+        assert (case["sparse_calls"] > 0) == ("dense" not in key), (key, case)
+
+
+def test_ring_refuses_a_contiguously_split_joint_sequence():
+    """A ring rank's share of a contiguously split sequence (MiniMax-H3, LTX-2 with appended tokens) mixes dense
+    and video tokens: refused before any collective."""
+    import torch
+
+    from dit_accel.pipelines.parallel import Split, run_split
+
+    q = torch.zeros(1, 2, 8, 4)
+    split = Split(ulysses=1, ring=2, ulysses_rank=0, ring_rank=0, ulysses_group=None, ring_group=None)
+    with pytest.raises(ValueError, match="use Ulysses"):
+        run_split(None, q, q, q, split=split, num_text=4, text_first=True, key_mask=None, scale=None,
+                  backend="torch", whole=True)

@@ -100,6 +100,15 @@ def test_a_refused_preset_needs_a_str_reason():
     ("kandinskylab/Kandinsky-6.0-Pro-distill-5s-Diffusers", "Kandinsky6Transformer3DModel"),
     ("alibaba-pai/EasyAnimateV5.1-7b-zh-diffusers", "EasyAnimateTransformer3DModel"),
     ("BestWishYsh/Helios-Base", "HeliosTransformer3DModel"),
+    # models-video-d: Wan Animate (2) and LTX-2 before Wan and LTX-Video, and the reverse
+    ("Wan-AI/Wan2.2-Animate-2-14B-Diffusers", "WanAnimate2Transformer3DModel"),
+    ("Wan-AI/Wan2.2-Animate-14B-Diffusers", "WanAnimateTransformer3DModel"),
+    ("Wan-AI/Wan2.2-T2V-A14B-Diffusers", "WanTransformer3DModel"),
+    ("Lightricks/LTX-2", "LTX2VideoTransformer3DModel"),
+    ("Lightricks/LTX-2.3", "LTX2VideoTransformer3DModel"),
+    ("Lightricks/LTX-Video-0.9.7-dev", "LTXVideoTransformer3DModel"),
+    ("Lightricks/ltxv-2b-0.9.8-distilled", "LTXVideoTransformer3DModel"),
+    ("MiniMaxAI/MiniMax-H3", "MiniMaxH3Transformer3DModel"),
 ])
 def test_hub_ids_name_the_right_family(model, cls):
     """A more specific family's hub word wins over a general one that also matches it."""

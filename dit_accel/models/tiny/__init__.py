@@ -75,6 +75,8 @@ FAMILIES: Tuple[str, ...] = ("wan", "hunyuan_video", "cogvideox", "mochi", "ltx_
 FAMILIES = ("wan_vace",) + FAMILIES + ("skyreels_v2", "chronoedit", "hunyuan_video_framepack")
 # models-video-c (HunyuanVideo 1.5 first: its hub word is more specific than HunyuanVideo's "hunyuan").
 FAMILIES = ("hunyuan_video15",) + FAMILIES + ("kandinsky5", "kandinsky6", "easyanimate", "helios")
+# models-video-d (issue 28): Wan Animate and LTX-2 before "wan" and "ltx_video" (more specific hub words).
+FAMILIES = ("wan_animate", "ltx2") + FAMILIES + ("minimax_h3",)
 
 _MODULES = tuple(importlib.import_module(f"{__name__}.{name}") for name in FAMILIES)
 

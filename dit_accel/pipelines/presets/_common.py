@@ -72,6 +72,10 @@ class Preset:
             key-valid of one padding mask under which every video token is valid (HunyuanVideo 1.5): the row of
             a video query is then used as the key-padding mask. Padded text queries attend the valid keys
             instead of nothing; being masked keys everywhere, their outputs never reach a valid token.
+        split_whole: how Diffusers' context parallelism (``_cp_plan``) splits a joint sequence: False (each
+            rank holds a share of the text and a share of the video, ``[t_r, v_r]``); True (the model splits
+            its one sequence contiguously, MiniMax-H3's packed rows, LTX-2's appended tokens: the Ulysses
+            gather gives the model's own order back; Ring is refused for such calls).
     """
 
     class_name: str
@@ -89,6 +93,7 @@ class Preset:
     refused_pipelines: Dict[str, str] = field(default_factory=dict)
     refused: str = ""
     square_mask: bool = False
+    split_whole: bool = False
 
     @classmethod
     def refusing(cls, class_name: str, reason: str, min_diffusers: str = "0.0.0", **fields) -> "Preset":
