@@ -23,6 +23,7 @@ SPARSE = {name: dit_accel.GNA(kernel_size=(3, 5) if len(T.TRANSFORMER_GRIDS[name
 PADDED = {"hunyuan", "mochi"}  # models whose text padding mask the test exercises
 PADDED |= {"motif"}  # models-video-b
 PADDED |= {"qwenimage", "hunyuanimage"}  # image families with a text padding mask
+PADDED |= {"qwenimage21", "zimage"}  # models-image-b
 
 
 def _inputs(name, model, batch=2, grid=None):
@@ -37,7 +38,8 @@ def models():
 
 def _run(model, kwargs):
     with torch.no_grad():
-        return model(**kwargs)[0]
+        out = model(**kwargs)[0]
+    return torch.stack(out) if isinstance(out, list) else out  # Z-Image: a list of per-sample latents
 
 
 def _clean(model):
