@@ -592,6 +592,17 @@ def _module_call_frame():
     return None
 
 
+def _latent_device(bound: dict) -> Optional[torch.device]:
+    """The device of the call's latents: ``hidden_states``, or the first tensor of ``x`` (Z-Image takes a list)."""
+    for name in ("hidden_states", "x"):
+        value = bound.get(name)
+        if isinstance(value, (list, tuple)) and value:
+            value = value[0]
+        if isinstance(value, torch.Tensor):
+            return value.device
+    return None
+
+
 class TransformerHook:
     """Installs and removes dit_accel on one transformer: the forward hooks and one wrapper per attention layer."""
 
@@ -735,8 +746,7 @@ class TransformerHook:
             self._grid = None if fingerprint is None else (fingerprint, info)
         step, total = self.steps.current(bound, pipeline)
         parallel = self.layers[0].parallel if self.layers else None
-        hidden = bound.get("hidden_states")
-        device = hidden.device if isinstance(hidden, torch.Tensor) else None
+        device = _latent_device(bound)
         # The context is a function of the key and the parallel config: a call like the last one reuses it
         # (the plans' device data included), so a denoising loop builds and checks once per geometry.
         key = (tuple(info.grid), info.num_text, step, total, device, env_value())
