@@ -164,3 +164,19 @@ def test_qwenimage21_flex_processor_is_refused(models):
     with dit_accel.apply(model, dit_accel.GNA(kernel_size=(3, 5)), backend="torch") as handle:
         _run(model, kwargs)
         assert handle.summary()["sparse_calls"] == handle.summary()["layers"]
+
+
+@pytest.mark.parametrize("text_first", [True, False], ids=["text-first", "text-last"])
+def test_plan_run_of_the_image_queries_alone_is_the_image_rows_of_the_joint_run(text_first):
+    grid, num_text = (6, 7), 5
+    plan = dit_accel.GNA(kernel_size=(3, 3)).plan(grid)
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 2, 42 + num_text, 16, generator=g) for _ in range(3))
+    key_mask = torch.ones(2, 1, 1, 42 + num_text, dtype=torch.bool)
+    key_mask[1, ..., (slice(2, 5) if text_first else slice(44, 47))] = False  # padded text keys of sample 1
+    full, density = plan.run(q, k, v, num_text=num_text, text_first=text_first, key_mask=key_mask, backend="torch")
+    image = slice(num_text, None) if text_first else slice(0, 42)
+    alone, density_alone = plan.run(q[:, :, image], k, v, num_text=num_text, text_first=text_first,
+                                    key_mask=key_mask, backend="torch", text_queries=False)
+    assert alone.shape == (2, 2, 42, 16) and density_alone == density
+    torch.testing.assert_close(alone, full[:, :, image], atol=1e-6, rtol=1e-6)
