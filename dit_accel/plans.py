@@ -131,7 +131,7 @@ class Plan:
 
     def run(self, q, k, v, *, num_text: int = 0, text_first: bool = False, key_mask: Optional[torch.Tensor] = None,
             scale: Optional[float] = None, backend: str = "auto", proj=None,
-            sdpa: Callable = F.scaled_dot_product_attention):
+            sdpa: Callable = F.scaled_dot_product_attention, text_queries: bool = True):
         """Attention over ``[text, video]`` (``text_first``), ``[video, text]`` or video alone.
 
         Args:
@@ -140,24 +140,29 @@ class Plan:
             scale: softmax scale (default ``1/sqrt(D)``). backend: the kernel backend.
             proj: the layer's SLA projection (SLA plans only).
             sdpa: dense attention for text queries (the caller's original SDPA).
-        Returns ``(o (B, H, S, D), density)``.
+            text_queries: False when ``q`` holds the video queries alone (``(B, H, num_tokens, D)``) against
+                the whole sequence of keys (Qwen-Image 2.1's target call); only video rows are returned.
+        Returns ``(o (B, H, S, D), density)`` (``(B, H, num_tokens, D)`` without text queries).
         """
         if num_text == 0:
             o_video, _, extra, density = self.attend(q, k, v, scale=scale, backend=backend, proj=proj)
             if extra is not None:
                 o_video = o_video + extra.to(o_video.dtype)
             return (o_video if o_video.dtype == q.dtype else o_video.to(q.dtype)), density
-        s = q.shape[2]
+        s = k.shape[2]
         video = slice(num_text, s) if text_first else slice(0, s - num_text)
         text = slice(0, num_text) if text_first else slice(s - num_text, s)
-        o_video, lse, extra, density = self.attend(q[:, :, video], k[:, :, video], v[:, :, video], scale=scale,
+        q_video = q[:, :, video] if text_queries else q
+        o_video, lse, extra, density = self.attend(q_video, k[:, :, video], v[:, :, video], scale=scale,
                                                    backend=backend, proj=proj)
         text_valid = None if key_mask is None else key_mask.reshape(key_mask.shape[0], key_mask.shape[-1])[:, text]
         scale_value = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
-        o_text, lse_text = attend_with_lse(q[:, :, video], k[:, :, text], v[:, :, text], text_valid, scale_value)
+        o_text, lse_text = attend_with_lse(q_video, k[:, :, text], v[:, :, text], text_valid, scale_value)
         o_video, _ = merge_attention(o_video, lse, o_text, lse_text)
         if extra is not None:
             o_video = o_video + extra.to(o_video.dtype)
+        if not text_queries:
+            return o_video.to(q.dtype), density
         o_tq = sdpa(q[:, :, text], k, v, attn_mask=key_mask, scale=scale).to(q.dtype)  # text: dense over all keys
         parts = [o_tq, o_video.to(q.dtype)] if text_first else [o_video.to(q.dtype), o_tq]
         return torch.cat(parts, dim=2), density

@@ -127,7 +127,9 @@ class ReferenceAttention(TorchFunctionMode):
 
     ``pattern`` is the bool ``[N, N]`` video-video mask; text tokens (``text_position``
     ``"first"``/``"last"``) attend and are attended densely, and a boolean key-padding
-    mask of the call (or a full ``(B, 1, S, S)`` one) is honoured. Cross-attention and text-only calls pass through.
+    mask of the call (or a full ``(B, 1, S, S)`` one) is honoured. With text first, a call of the image's
+    queries alone against [text, image] keys (Qwen-Image 2.1) gets the image rows of that mask.
+    Cross-attention and text-only calls pass through.
     ``calls`` counts the calls it replaced.
     """
 
@@ -141,21 +143,22 @@ class ReferenceAttention(TorchFunctionMode):
             return func(*args, **kwargs)
         call = dict(zip(("query", "key", "value", "attn_mask"), args), **kwargs)
         q, k, v, mask = call["query"], call["key"], call["value"], call.get("attn_mask")
-        nv, s = self.pattern.shape[0], q.shape[2]
-        if k.shape[2] != s or s < nv or (self.position == "none" and s != nv):
+        nv, s, m = self.pattern.shape[0], q.shape[2], k.shape[2]
+        image_queries = self.position == "first" and s == nv < m  # the image's queries alone vs [text, image] keys
+        if (m != s and not image_queries) or s < nv or (self.position == "none" and s != nv):
             return func(*args, **kwargs)  # cross-attention, text-only refiner
-        allowed = torch.ones(s, s, dtype=torch.bool)
-        video = slice(s - nv, s) if self.position == "first" else slice(0, nv)
-        allowed[video, video] = self.pattern
+        allowed = torch.ones(s, m, dtype=torch.bool)
+        keys = slice(m - nv, m) if self.position == "first" else slice(0, nv)
+        allowed[slice(0, nv) if image_queries else keys, keys] = self.pattern
         scale = call.get("scale") or 1 / math.sqrt(q.shape[-1])
         outs = []
         for b in range(q.shape[0]):  # the oracle takes one [H, N, M] mask: per sample for padding masks
             if mask is None:
                 keep = allowed
-            elif mask.dim() == 4 and mask.shape[-2] == s:  # a full (B, 1, S, S) query x key mask (HunyuanVideo 1.5)
+            elif mask.dim() == 4 and mask.shape[-2] == s and s > 1:  # a full (B, 1, S, S) mask (HunyuanVideo 1.5)
                 keep = allowed & mask[b if mask.shape[0] > 1 else 0, 0]
             else:
-                keep = allowed & mask.reshape(-1, s)[b if mask.shape[0] > 1 else 0]
+                keep = allowed & mask.reshape(-1, m)[b if mask.shape[0] > 1 else 0]
             outs.append(reference(q[b:b + 1], k[b:b + 1], v[b:b + 1], keep, scale)[0])
         self.calls += 1
         return torch.cat(outs).to(q.dtype)

@@ -410,14 +410,18 @@ class SDPAInterceptor(TorchFunctionMode):
         sq, sk = q.shape[-2], k.shape[-2]
         split = self.split
         num_video, position = context.num_video // (split.world if split else 1), layer.owner.preset.text_position
-        num_text = sq - num_video
+        # The image's queries alone against [text, image] keys (Qwen-Image 2.1's block-causal target call): told
+        # from other calls by its exact key count (GridInfo.num_text is then the exact number of other tokens).
+        image_queries = (split is None and position != "none" and 0 < num_video == sq < sk
+                         and sk - sq == context.num_text)
+        num_text = (sk if image_queries else sq) - num_video
         mask = call.get("attn_mask")
         if layer.owner.preset.square_mask and isinstance(mask, torch.Tensor) and mask.dim() == 4 and mask.shape[2] > 1:
             row = sq - num_video if position == "first" else 0  # a video query: never padded (Preset.square_mask)
             mask = mask[:, :, row:row + 1]
         ok_mask, key_mask = _key_padding_mask(mask, q.shape[0], sk)
         self_attention = (
-            q.dim() == 4 and sq == sk and k.shape[:2] == q.shape[:2] and v.shape[:3] == k.shape[:3]
+            q.dim() == 4 and (sq == sk or image_queries) and k.shape[:2] == q.shape[:2] and v.shape[:3] == k.shape[:3]
             and not call.get("is_causal", False) and not call.get("enable_gqa", False)
             and float(call.get("dropout_p", 0.0) or 0.0) == 0.0 and ok_mask)
         joint_ok = (num_text == 0 and key_mask is None) or (position != "none" and 0 < num_text * (
@@ -431,23 +435,25 @@ class SDPAInterceptor(TorchFunctionMode):
             if split is not None:
                 raise ValueError(f"dit_accel: {layer.name} made an SDPA call it cannot run under context "
                                  "parallelism (see the warning above)")
-            layer.report.dense()
+            if (sq == sk and sq >= num_video) or image_queries:  # the image's attention, run dense
+                layer.report.dense()
+            # (other calls, Qwen-Image 2.1's prompt-prefix segments, are not the image's attention: not counted)
             return _SDPA(**call)
         if split is not None:
             return self._run_split(call, q, k, v, num_text, key_mask)
         if self.capture:  # outside the timer: disk I/O is not attention time
-            video = slice(num_text, sq) if position == "first" else slice(0, num_video)
-            runtime.capture.save(layer.index, layer.name, context.grid, context.step, q[:, :, video],
-                                 k[:, :, video], v[:, :, video])
+            video = slice(num_text, sk) if position == "first" else slice(0, num_video)
+            runtime.capture.save(layer.index, layer.name, context.grid, context.step,
+                                 q if image_queries else q[:, :, video], k[:, :, video], v[:, :, video])
         if runtime.stats.timing:
             with layer.report.timed(q.device):
-                out, density = self._attend(call, q, k, v, num_text, position == "first", key_mask)
+                out, density = self._attend(call, q, k, v, num_text, position == "first", key_mask, image_queries)
         else:  # (no context manager to enter: this runs on every eager layer call)
-            out, density = self._attend(call, q, k, v, num_text, position == "first", key_mask)
+            out, density = self._attend(call, q, k, v, num_text, position == "first", key_mask, image_queries)
         self._count(density, q, k, v)
         return out
 
-    def _attend(self, call, q, k, v, num_text, text_first, key_mask):
+    def _attend(self, call, q, k, v, num_text, text_first, key_mask, image_queries=False):
         """``(output, density)`` of one routed call: the layer's plan, or SDPA (density None) when dense."""
         plan, layer = self.plan, self.layer
         if plan is None or plan.is_dense:
@@ -457,7 +463,8 @@ class SDPAInterceptor(TorchFunctionMode):
         if layer.sla_proj is not None and (torch.compiler.is_compiling() or not layer.inert):
             proj = layer.projection(q.device)
         return plan.run(q, k, v, num_text=num_text, text_first=text_first, key_mask=key_mask,
-                        scale=call.get("scale"), backend=layer.owner.runtime.backend, proj=proj, sdpa=_SDPA)
+                        scale=call.get("scale"), backend=layer.owner.runtime.backend, proj=proj, sdpa=_SDPA,
+                        text_queries=not image_queries)
 
     def _count(self, density, q, k, v) -> None:
         layer, plan = self.layer, self.plan
@@ -587,6 +594,17 @@ def _module_call_frame():
         if frame is None or frame.f_code is _CALL_IMPL:
             return frame
         frame = frame.f_back
+    return None
+
+
+def _latent_device(bound: dict) -> Optional[torch.device]:
+    """The device of the call's latents: ``hidden_states``, or the first tensor of ``x`` (Z-Image takes a list)."""
+    for name in ("hidden_states", "x"):
+        value = bound.get(name)
+        if isinstance(value, (list, tuple)) and value:
+            value = value[0]
+        if isinstance(value, torch.Tensor):
+            return value.device
     return None
 
 
@@ -733,8 +751,7 @@ class TransformerHook:
             self._grid = None if fingerprint is None else (fingerprint, info)
         step, total = self.steps.current(bound, pipeline)
         parallel = self.layers[0].parallel if self.layers else None
-        hidden = bound.get("hidden_states")
-        device = hidden.device if isinstance(hidden, torch.Tensor) else None
+        device = _latent_device(bound)
         # The context is a function of the key and the parallel config: a call like the last one reuses it
         # (the plans' device data included), so a denoising loop builds and checks once per geometry.
         key = (tuple(info.grid), info.num_text, step, total, device, env_value())

@@ -24,6 +24,7 @@ PADDED = {"hunyuan", "mochi"}  # models whose text padding mask the test exercis
 PADDED |= {"motif"}  # models-video-b
 PADDED |= {"qwenimage", "hunyuanimage"}  # image families with a text padding mask
 PADDED |= {"hunyuan15"}  # models-video-c
+PADDED |= {"qwenimage21", "zimage"}  # models-image-b
 
 
 def _inputs(name, model, batch=2, grid=None):
@@ -38,7 +39,8 @@ def models():
 
 def _run(model, kwargs):
     with torch.no_grad():
-        return model(**kwargs)[0]
+        out = model(**kwargs)[0]
+    return torch.stack(out) if isinstance(out, list) else out  # Z-Image: a list of per-sample latents
 
 
 def _clean(model):

@@ -231,3 +231,49 @@ def test_fullgraph_compile_wan_animate_ltx2_minimax_h3(model_name):
     summary = handle.summary()
     assert (summary["sparse_calls"], summary["dense_calls"]) == (summary["layers"], 0)
     handle.remove()
+
+
+# ----------------------------------------------------------------- image families (models-image-b)
+# FLUX.3 compiles whole. The other forwards break Dynamo graphs in their own code, dit_accel or not (Lumina2 and
+# Qwen-Image 2.1 sync on masks, HiDream routes its MoE by data, Z-Image enters a device context): for them the
+# modules that hold the wrapped attention compile with fullgraph=True (Diffusers' regional compilation where
+# the class has repeated blocks).
+IMAGE_B_WHOLE = ("flux3",)
+IMAGE_B_PARTS = {"qwenimage21": r"transformer_blocks\.\d+", "zimage": r"(noise_refiner|layers)\.\d+",
+                 "lumina2": r"(noise_refiner|layers)\.\d+",
+                 "hidream": r"(double|single)_stream_blocks\.\d+\.block\.attn1"}
+
+
+@pytest.mark.parametrize("model_name", IMAGE_B_WHOLE + tuple(IMAGE_B_PARTS))
+def test_image_b_families_compile_fullgraph_after_apply(model_name):
+    import re
+
+    method = dit_accel.GNA(kernel_size=(5, 5))
+    want = _eager_outputs(model_name, method, [(None, 0, None)])[None, 0]
+    model = build_tiny_transformer(model_name)
+    handle = dit_accel.apply(model, method, backend="torch")
+    if model_name in IMAGE_B_WHOLE:
+        model = _compiled(model, "whole", "eager")
+    else:
+        torch._dynamo.reset()
+        counters.clear()
+        parts = [m for n, m in model.named_modules() if re.fullmatch(IMAGE_B_PARTS[model_name], n)]
+        assert parts
+        for part in parts:
+            part.compile(fullgraph=True, backend="eager")
+    with torch.no_grad():
+        got = model(**tiny_transformer_inputs(model_name, model))[0]
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+    assert counters["stats"]["unique_graphs"] >= 1
+    summary = handle.summary()
+    assert (summary["sparse_calls"], summary["dense_calls"]) == (summary["layers"], 0)
+    handle.remove()
+
+
+@pytest.mark.parametrize("model_name", sorted(IMAGE_B_PARTS))
+def test_image_b_dense_forwards_break_graphs_by_themselves(model_name):
+    """Why the test above compiles parts: the model's own forward breaks fullgraph, without dit_accel."""
+    model = build_tiny_transformer(model_name)
+    torch._dynamo.reset()
+    with pytest.raises(Exception), torch.no_grad():
+        torch.compile(model, fullgraph=True, backend="eager")(**tiny_transformer_inputs(model_name, model))

@@ -109,6 +109,17 @@ def test_a_refused_preset_needs_a_str_reason():
     ("Lightricks/LTX-Video-0.9.7-dev", "LTXVideoTransformer3DModel"),
     ("Lightricks/ltxv-2b-0.9.8-distilled", "LTXVideoTransformer3DModel"),
     ("MiniMaxAI/MiniMax-H3", "MiniMaxH3Transformer3DModel"),
+    # models-image-b: FLUX.3 / Qwen-Image 2.1 ids are not FLUX.2/FLUX.1 / Qwen-Image ones, and vice versa
+    ("black-forest-labs/FLUX.3-dev", "Flux3Transformer2DModel"),
+    ("black-forest-labs/FLUX.2-klein-4B", "Flux2Transformer2DModel"),
+    ("black-forest-labs/FLUX.1-schnell", "FluxTransformer2DModel"),
+    ("Qwen/Qwen-Image-2.1", "QwenImage21Transformer2DModel"),
+    ("Qwen/Qwen-Image", "QwenImageTransformer2DModel"),
+    ("Qwen/Qwen-Image-2512", "QwenImageTransformer2DModel"),
+    ("Qwen/Qwen-Image-Edit-2511", "QwenImageTransformer2DModel"),
+    ("HiDream-ai/HiDream-I1-Full", "HiDreamImageTransformer2DModel"),
+    ("Alpha-VLLM/Lumina-Image-2.0", "Lumina2Transformer2DModel"),
+    ("Tongyi-MAI/Z-Image-Turbo", "ZImageTransformer2DModel"),
 ])
 def test_hub_ids_name_the_right_family(model, cls):
     """A more specific family's hub word wins over a general one that also matches it."""

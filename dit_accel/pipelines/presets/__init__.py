@@ -46,7 +46,9 @@ __all__ = ["Preset", "PRESETS", "SUPPORTED", "GridInfo", "Published", "FAMILIES"
 # The family modules, in registry order: adding a family is adding its module name here.
 FAMILIES: Tuple[str, ...] = ("wan", "hunyuan_video", "cogvideox", "mochi", "ltx_video",
                              # image families (before "flux": its hub word matches FLUX.2 ids)
+                             "flux3", "qwenimage21",  # models-image-b: before flux2/flux and qwenimage
                              "flux2", "qwenimage", "sd3", "cogview4", "hunyuanimage", "chroma",
+                             "hidream", "lumina2", "zimage",  # models-image-b
                              "flux",
                              "cosmos", "allegro", "consisid", "latte", "sana_video", "motif_video")
 # Wan/Hunyuan lineage (wan_vace first: its hub word "vace" is more specific than "wan").

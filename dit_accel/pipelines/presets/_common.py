@@ -22,7 +22,8 @@ class GridInfo:
     """What the forward pre-hook learns about one transformer call."""
 
     grid: Tuple[int, ...]  # video/image token grid after patchify
-    num_text: int  # text tokens the transformer received (upper bound per attention call)
+    num_text: int  # text tokens the transformer received (upper bound per attention call; exact for Qwen-Image 2.1,
+    # whose image queries come alone against [prefix, image] keys and are told apart by this count)
 
     @property
     def num_video(self) -> int:
