@@ -129,6 +129,16 @@ def generate_videos(pipe, jobs: Sequence[Tuple[str, int]], call_kwargs: dict, ba
     return videos
 
 
+def _step_timesteps(scheduler) -> Optional[List[float]]:
+    """The timestep of each denoising step of the last run (``finetune --plan`` maps a training noise level
+    to the plan's step through them), or None when the scheduler keeps none."""
+    timesteps = getattr(scheduler, "timesteps", None)
+    if timesteps is None or not len(timesteps):
+        return None
+    order = max(int(getattr(scheduler, "order", 1) or 1), 1)
+    return [float(t) for t in timesteps[::order]]
+
+
 def _psnr_ssim(videos, refs) -> Tuple[float, float]:
     from ..eval.metrics import psnr_per_frame, ssim_per_frame
 
@@ -198,6 +208,7 @@ def calibrate(settings: CalibrationSettings, out, *, report_dir=None, progress: 
             dense_videos = generate_videos(pipe, jobs, call_kwargs, settings.batch_size, bar.update)
             dense_ms = _attention_ms(handle)
             transformer = handle.transformer
+            timesteps = _step_timesteps(pipe.scheduler)
         finally:
             handle.remove()
         if sampler.grid is None:
@@ -272,7 +283,7 @@ def calibrate(settings: CalibrationSettings, out, *, report_dir=None, progress: 
         provenance = SparsePlan.provenance_now(
             model_class=type(transformer).__name__, model_id=settings.model, grids=[list(grid)],
             prompts_sha256=prompts_hash(settings.prompts), seeds=list(settings.seeds), budget=budget,
-            objective=objective, steps=settings.steps, call=call_kwargs,
+            objective=objective, steps=settings.steps, timesteps=timesteps, call=call_kwargs,
             candidates=[c.label for c in candidates], cost_model=costs.describe())
         plan = assignment.to_plan(provenance)
         plan.save(out)
