@@ -21,7 +21,10 @@ from .sampling import QKVSampler, step_buckets
 from .scoring import score_candidates
 from .search import Assignment, SearchSpace
 
-__all__ = ["CalibrationSettings", "calibrate", "generate_videos"]
+__all__ = ["CalibrationSettings", "calibrate", "generate_videos", "search_budget", "passes_budget", "BUDGET_RULES"]
+
+#: How ``min_psnr`` is checked on the calibration videos: every video (``worst``, the default) or their mean.
+BUDGET_RULES = ("worst", "mean")
 
 
 @dataclass
@@ -30,6 +33,13 @@ class CalibrationSettings:
 
     Budget: ``min_psnr`` (dB of the final output against dense, same seeds) and/or ``max_layer_error``
     (relative L2 of each layer's attention output against dense); at least one.
+
+    ``budget_on``: ``"worst"`` (default) holds ``min_psnr`` on every calibration video, ``"mean"`` on their
+    mean. Why every video: a mean of dB values is carried by the videos the plan barely changes, so a plan
+    can pass it while changing the structure of some videos; on tiny-shapes such a plan (28.3 dB mean on
+    4 calibration videos, shape wrong in 2 of them) gave 23.2 dB on held-out prompts against a 25 dB
+    budget (BENCHMARKS.md section 11). Holding the budget on the worst video of the calibration set is the
+    margin a held-out set needs, and the plan it picks is never cheaper than the mean rule's.
     """
 
     model: str
@@ -58,6 +68,7 @@ class CalibrationSettings:
     search_iters: int = 6
     batch_size: int = 8
     backend: str = "auto"
+    budget_on: str = "worst"
 
     def check(self) -> None:
         if self.min_psnr is None and self.max_layer_error is None:
@@ -67,6 +78,8 @@ class CalibrationSettings:
             raise ValueError("no calibration prompts: pass --prompts FILE (one per line)")
         if self.max_layer_error is not None and not self.max_layer_error > 0:
             raise ValueError(f"--max-layer-error must be > 0; got {self.max_layer_error}")
+        if self.budget_on not in BUDGET_RULES:
+            raise ValueError(f"--budget-on {self.budget_on!r} is invalid: choose one of {list(BUDGET_RULES)}")
         if self.search_iters < 0 or self.phases < 1 or self.samples_per_bucket < 1 or self.batch_size < 1:
             raise ValueError("--search-iters >= 0, --phases >= 1, --samples-per-bucket >= 1 and --batch-size >= 1")
 
@@ -139,12 +152,61 @@ def _step_timesteps(scheduler) -> Optional[List[float]]:
     return [float(t) for t in timesteps[::order]]
 
 
-def _psnr_ssim(videos, refs) -> Tuple[float, float]:
+def _psnr_ssim(videos, refs, per_video: bool = False):
+    """Mean PSNR and SSIM of ``videos`` against ``refs`` (and the PSNR of each video with ``per_video``)."""
     from ..eval.metrics import psnr_per_frame, ssim_per_frame
 
     psnr = [float(psnr_per_frame(v, r).mean()) for v, r in zip(videos, refs)]
     ssim = [float(ssim_per_frame(v, r).mean()) for v, r in zip(videos, refs)]
+    if per_video:
+        return float(np.mean(psnr)), float(np.mean(ssim)), psnr
     return float(np.mean(psnr)), float(np.mean(ssim))
+
+
+def passes_budget(psnr_videos: Sequence[float], min_psnr: Optional[float], rule: str = "worst") -> bool:
+    """Whether per-video PSNRs meet ``min_psnr`` under ``rule`` (:data:`BUDGET_RULES`); no budget passes."""
+    if min_psnr is None:
+        return True
+    value = min(psnr_videos) if rule == "worst" else float(np.mean(psnr_videos))
+    return value >= min_psnr
+
+
+def search_budget(space: SearchSpace, verify: Callable[[Assignment, float], dict], *, min_psnr: Optional[float],
+                  max_layer_error: Optional[float] = None, rule: str = "worst", iters: int = 6
+                  ) -> Tuple[dict, List[dict]]:
+    """The cheapest verified assignment that meets the budget: ``(best record, every verified record)``.
+
+    ``verify(assignment, lam)`` runs a plan end to end and returns a record with ``psnr_videos`` (per
+    calibration video) and ``modelled_ms``. The cheapest assignment (``lam = 0``) first; if it fails,
+    ``lam`` is bisected (geometrically, around :meth:`SearchSpace.scale`) for ``iters`` verified runs, and
+    the dense plan is the answer when none passed.
+    """
+    trace = []
+
+    def run(assignment: Assignment, lam: float) -> dict:
+        record = verify(assignment, lam)
+        record["passes"] = passes_budget(record["psnr_videos"], min_psnr, rule)
+        trace.append(record)
+        return record
+
+    best = run(space.assign(0.0, max_layer_error), 0.0)
+    if best["passes"]:
+        return best, trace
+    scale = space.scale()
+    lo, hi = scale * 1e-4, scale * 1e4
+    best = None
+    for _ in range(iters):
+        mid = math.sqrt(lo * hi)
+        record = run(space.assign(mid, max_layer_error), mid)
+        if record["passes"]:
+            hi = mid
+            if best is None or record["modelled_ms"] < best["modelled_ms"]:
+                best = record
+        else:
+            lo = mid
+    if best is None:  # nothing sparse passed: the dense plan (lam = infinity) does, exactly
+        best = run(space.assign(math.inf), math.inf)
+    return best, trace
 
 
 def _attention_ms(handle) -> Optional[float]:
@@ -239,34 +301,15 @@ def calibrate(settings: CalibrationSettings, out, *, report_dir=None, progress: 
                 with dit_accel.apply(pipe, plan, timing=True, backend=settings.backend) as h:
                     videos = generate_videos(pipe, jobs, call_kwargs, settings.batch_size, bar.update)
                     measured = _attention_ms(h)
-                psnr, ssim = _psnr_ssim(videos, dense_videos)
-                verified[key] = {"psnr": psnr, "ssim": ssim, "attention_ms": measured, "videos": videos}
-            record = dict(verified[key], lam=lam, assignment=assignment,
-                          modelled_ms=assignment.cost_per_sample(calls_per_step) * 1e3)
-            record["passes"] = settings.min_psnr is None or record["psnr"] >= settings.min_psnr
-            return record
+                psnr, ssim, per_video = _psnr_ssim(videos, dense_videos, per_video=True)
+                verified[key] = {"psnr": psnr, "ssim": ssim, "psnr_videos": per_video, "psnr_worst": min(per_video),
+                                 "attention_ms": measured, "videos": videos}
+            return dict(verified[key], lam=lam, assignment=assignment,
+                        modelled_ms=assignment.cost_per_sample(calls_per_step) * 1e3)
 
-        trace = []
-        cheapest = space.assign(0.0, settings.max_layer_error)
-        best = verify(cheapest, 0.0)
-        trace.append(best)
-        if not best["passes"]:
-            scale = space.scale()
-            lo, hi = scale * 1e-4, scale * 1e4
-            best = None
-            for _ in range(settings.search_iters):
-                mid = math.sqrt(lo * hi)
-                record = verify(space.assign(mid, settings.max_layer_error), mid)
-                trace.append(record)
-                if record["passes"]:
-                    hi = mid
-                    if best is None or record["modelled_ms"] < best["modelled_ms"]:
-                        best = record
-                else:
-                    lo = mid
-            if best is None:  # nothing sparse passed: the dense plan (lam = infinity) does, exactly
-                best = verify(space.assign(math.inf), math.inf)
-                trace.append(best)
+        best, trace = search_budget(space, verify, min_psnr=settings.min_psnr,
+                                    max_layer_error=settings.max_layer_error, rule=settings.budget_on,
+                                    iters=settings.search_iters)
         seconds["search and verification"] = time.perf_counter() - t
         assignment: Assignment = best["assignment"]
         # 4. ground truth, provenance, outputs
@@ -278,6 +321,8 @@ def calibrate(settings: CalibrationSettings, out, *, report_dir=None, progress: 
             groundtruth = {"dense": score_many(dense_videos, prompts), "plan": score_many(best["videos"], prompts)}
         budget = {k: v for k, v in (("min_psnr", settings.min_psnr), ("max_layer_error", settings.max_layer_error))
                   if v is not None}
+        if settings.min_psnr is not None:
+            budget["min_psnr_on"] = "every calibration video" if settings.budget_on == "worst" else "the mean"
         objective = (f"least modelled attention time ({costs.constants.name}, terms={settings.cost_terms}) per "
                      "generation, per-(layer, bucket) Lagrangian allocation of the squared relative attention error")
         provenance = SparsePlan.provenance_now(
@@ -303,11 +348,12 @@ def calibrate(settings: CalibrationSettings, out, *, report_dir=None, progress: 
             "samples": {"steps": sorted(sampler.steps), "rows": sampler.rows, "per_bucket": sampler.per_bucket,
                         "megabytes": round(sampler.bytes / 2**20, 1)},
             "dense": {"attention_ms": dense_ms, "modelled_ms": assignment.dense_cost_per_sample(calls_per_step) * 1e3},
-            "final": {"psnr": best["psnr"], "ssim": best["ssim"], "attention_ms": best["attention_ms"],
+            "final": {"psnr": best["psnr"], "psnr_worst": best["psnr_worst"], "psnr_videos": best["psnr_videos"],
+                      "ssim": best["ssim"], "attention_ms": best["attention_ms"],
                       "modelled_ms": best["modelled_ms"], "lam": best["lam"], "warmup_steps": assignment.warmup_steps(),
                       "max_layer_error": max_err},
-            "trace": [{"lam": r["lam"], "modelled_ms": r["modelled_ms"], "psnr": r["psnr"], "passes": r["passes"]}
-                      for r in trace],
+            "trace": [{"lam": r["lam"], "modelled_ms": r["modelled_ms"], "psnr": r["psnr"],
+                       "psnr_worst": r["psnr_worst"], "passes": r["passes"]} for r in trace],
             "phase_tables": phase_tables, "groundtruth": groundtruth,
             "prompts_sha256": prompts_hash(settings.prompts),
         }

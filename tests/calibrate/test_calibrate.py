@@ -114,3 +114,41 @@ def test_calibrate_needs_a_budget(tmp_path, capsys):
     assert main(["calibrate", "--model", "tiny-shapes", "--prompts", str(prompts), "--out",
                  str(tmp_path / "p.json"), "--no-progress"]) == 2
     assert "budget" in capsys.readouterr().out
+
+
+def _verify_by_error(offsets):
+    """A stand-in for the end-to-end run: video i's PSNR falls with the plan's summed squared attention error,
+    shifted by ``offsets[i]`` (some videos suffer more from the same plan than others)."""
+    import math
+
+    def verify(assignment, lam):
+        error = sum(c.error for c in assignment.choices.values())
+        base = 100.0 if error == 0 else -10.0 * math.log10(error) + 20.0
+        return {"psnr_videos": [min(100.0, base + o) for o in offsets], "modelled_ms": assignment.cost_per_sample(1),
+                "assignment": assignment}
+
+    return verify
+
+
+def test_the_psnr_budget_holds_on_every_calibration_video_by_default():
+    from dit_accel.calibrate.run import passes_budget, search_budget
+
+    assert passes_budget([30.0, 30.0, 20.0], 25.0) is False  # the mean (26.7) would pass
+    assert passes_budget([30.0, 30.0, 20.0], 25.0, "mean") is True
+    assert passes_budget([1.0], None) is True
+    cands = candidate_grid(GRID, size="small", methods=("tile", "sla"))
+    g = torch.Generator().manual_seed(3)
+    errors = {(layer, 0): torch.rand(len(cands), 4, generator=g, dtype=torch.float64) * 0.05 for layer in range(2)}
+    costs = CostModel(GRID, 32, terms="tiles")
+    block = [c for c in cands if c.kind == "block_sparse"]
+    space = SearchSpace(cands, errors, costs, 2, [(0, 4)], 4, costs.full_head(block[0].method.plan(GRID)))
+    verify = _verify_by_error([4.0, 4.0, 4.0, -8.0])  # three videos the plan barely changes, one it breaks
+    mean, _ = search_budget(space, verify, min_psnr=25.0, rule="mean", iters=12)
+    worst, trace = search_budget(space, verify, min_psnr=25.0, rule="worst", iters=12)
+    assert float(torch.tensor(mean["psnr_videos"]).mean()) >= 25.0 and min(mean["psnr_videos"]) < 25.0
+    assert min(worst["psnr_videos"]) >= 25.0 and worst["modelled_ms"] > mean["modelled_ms"]
+    assert not all(c.dense for c in worst["assignment"].choices.values())  # still sparse somewhere
+    assert all(r["passes"] == (min(r["psnr_videos"]) >= 25.0) for r in trace)
+    # nothing sparse passes: the dense plan, exactly
+    dense, _ = search_budget(space, _verify_by_error([-200.0]), min_psnr=25.0, iters=3)
+    assert all(c.dense for c in dense["assignment"].choices.values())
