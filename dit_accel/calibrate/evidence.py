@@ -87,7 +87,8 @@ def main(argv=None) -> int:
     pipe.set_progress_bar_config(disable=True)
     head_dim = pipe.transformer.config.attention_head_dim
     cands = candidate_grid(grid, size=settings.candidates, methods=settings.methods)
-    costs = CostModel(grid, head_dim, arch=settings.arch, kernel=settings.kernel, terms=settings.cost_terms)
+    costs = CostModel(grid, head_dim, arch=settings.arch, kernel=settings.kernel,
+                      terms=result["cost_model"]["terms"])  # the terms the search used (auto resolved)
     space = SearchSpace(cands, {}, costs, layers, [(0, steps)], heads, costs.dense_head())
     calls = 2 if (settings.guidance_scale or 0) > 1 else 1
     plan_ms = result["final"]["modelled_ms"]

@@ -25,6 +25,7 @@ def write_report(result: dict, path) -> Path:
     final = result["final"]
     lines = [f"# Calibration of {s['model']}", "",
              f"Budget: {result['budget']}. Objective: {result['objective']}.", "",
+             *([f"Note: {result['cost_terms_note']}", ""] if result.get("cost_terms_note") else []),
              f"Plan: `{result['plan_path']}` ({result['plan_summary']['phases']} phases, dense warm-up "
              f"{final['warmup_steps']} of {s['steps']} steps).", "",
              "## Result on the calibration prompts and seeds", ""]

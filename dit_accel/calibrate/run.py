@@ -25,6 +25,8 @@ __all__ = ["CalibrationSettings", "calibrate", "generate_videos", "search_budget
 
 #: How ``min_psnr`` is checked on the calibration videos: every video (``worst``, the default) or their mean.
 BUDGET_RULES = ("worst", "mean")
+#: ``--cost-terms``: the cost model's terms (:class:`~.costs.CostModel`), or ``auto`` (see :func:`search_space`).
+COST_TERMS = ("auto",) + CostModel.TERMS
 
 
 @dataclass
@@ -64,7 +66,7 @@ class CalibrationSettings:
     capture_dir: Optional[str] = None
     arch: str = "h100"
     kernel: str = "current"
-    cost_terms: str = "full"
+    cost_terms: str = "auto"
     search_iters: int = 6
     batch_size: int = 8
     backend: str = "auto"
@@ -78,6 +80,8 @@ class CalibrationSettings:
             raise ValueError("no calibration prompts: pass --prompts FILE (one per line)")
         if self.max_layer_error is not None and not self.max_layer_error > 0:
             raise ValueError(f"--max-layer-error must be > 0; got {self.max_layer_error}")
+        if self.cost_terms not in COST_TERMS:
+            raise ValueError(f"--cost-terms {self.cost_terms!r} is invalid: choose one of {list(COST_TERMS)}")
         if self.budget_on not in BUDGET_RULES:
             raise ValueError(f"--budget-on {self.budget_on!r} is invalid: choose one of {list(BUDGET_RULES)}")
         if self.search_iters < 0 or self.phases < 1 or self.samples_per_bucket < 1 or self.batch_size < 1:
@@ -214,6 +218,34 @@ def _attention_ms(handle) -> Optional[float]:
     return float(sum(times)) if times else None
 
 
+def search_space(candidates, errors, grid, head_dim: int, layers: int, buckets, heads: int,
+                 settings: CalibrationSettings) -> Tuple[SearchSpace, Optional[str]]:
+    """The search space priced by ``settings.cost_terms``, and a note when ``auto`` chose for the user.
+
+    ``auto``: the full modelled GPU time (per call, per CTA, per tile), unless under it no assignment is
+    cheaper than dense even with error free (on small grids the per-call and per-CTA terms outweigh any
+    tile saved: tiny-shapes' 576 tokens): the full model then answers "dense" whatever the budget, so the
+    search prices the visited tiles only (the work that grows with the grid, and what sparsity removes at
+    the sizes it is for), and says so.
+    """
+    def build(terms: str) -> SearchSpace:
+        costs = CostModel(grid, head_dim, arch=settings.arch, kernel=settings.kernel, terms=terms)
+        block = [c for c in candidates if c.kind == "block_sparse"]
+        full = costs.full_head(block[0].method.plan(grid)) if block else costs.dense_head()
+        return SearchSpace(candidates, errors, costs, layers, buckets, heads, full)
+
+    if settings.cost_terms != "auto":
+        return build(settings.cost_terms), None
+    space = build("full")
+    if not all(choice.dense for choice in space.assign(0.0).choices.values()):
+        return space, None
+    note = (f"--cost-terms auto: at token grid {tuple(grid)} ({math.prod(grid)} tokens) the full modelled GPU time "
+            f"({space.costs.constants.name}) makes dense attention cheaper than every sparse candidate, so it would "
+            "give a dense plan whatever the budget; the search prices visited tiles only (--cost-terms tiles), the "
+            "work sparsity removes at larger grids. Pass --cost-terms full for the full model's answer.")
+    return build("tiles"), note
+
+
 def calibrate(settings: CalibrationSettings, out, *, report_dir=None, progress: bool = True,
               log: Callable[[str], None] = print) -> dict:
     """Calibrate a :class:`~dit_accel.SparsePlan` for ``settings.model`` and write it to ``out``.
@@ -286,10 +318,10 @@ def calibrate(settings: CalibrationSettings, out, *, report_dir=None, progress: 
         seconds["scoring"] = time.perf_counter() - t
         # 3. the search
         t = time.perf_counter()
-        costs = CostModel(grid, head_dim, arch=settings.arch, kernel=settings.kernel, terms=settings.cost_terms)
-        block = [c for c in candidates if c.kind == "block_sparse"]
-        full = costs.full_head(block[0].method.plan(grid)) if block else costs.dense_head()
-        space = SearchSpace(candidates, errors, costs, layers, buckets, heads, full)
+        space, terms_note = search_space(candidates, errors, grid, head_dim, layers, buckets, heads, settings)
+        costs = space.costs
+        if terms_note:
+            log(f"note: {terms_note}")
         calls_per_step = 2 if (settings.guidance_scale or 0) > 1 else 1
         verified: Dict[tuple, dict] = {}
 
@@ -323,7 +355,7 @@ def calibrate(settings: CalibrationSettings, out, *, report_dir=None, progress: 
                   if v is not None}
         if settings.min_psnr is not None:
             budget["min_psnr_on"] = "every calibration video" if settings.budget_on == "worst" else "the mean"
-        objective = (f"least modelled attention time ({costs.constants.name}, terms={settings.cost_terms}) per "
+        objective = (f"least modelled attention time ({costs.constants.name}, terms={costs.terms}) per "
                      "generation, per-(layer, bucket) Lagrangian allocation of the squared relative attention error")
         provenance = SparsePlan.provenance_now(
             model_class=type(transformer).__name__, model_id=settings.model, grids=[list(grid)],
@@ -342,6 +374,7 @@ def calibrate(settings: CalibrationSettings, out, *, report_dir=None, progress: 
             "settings": {**asdict(settings), "heads": heads, "layers": layers, "grid": list(grid)},
             "plan_path": str(out), "plan_summary": {"phases": len(plan.phases), "lines": plan.summary()},
             "budget": budget or "none", "objective": objective, "cost_model": costs.describe(),
+            "cost_terms_note": terms_note,
             "candidates": [{"label": c.label, "kind": c.kind, "density": c.density,
                             "head_cost_us": costs.head(c) * 1e6} for c in candidates],
             "buckets": [list(b) for b in buckets],

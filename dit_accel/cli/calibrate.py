@@ -68,8 +68,10 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--arch", default="h100", help="cost-model architecture (dit_accel.kernels.cost)")
     p.add_argument("--kernel", default="current", help="cost-model kernel variant: current, host, persistent, "
                                                        "ring3, ws (all but current are modelled kernels)")
-    p.add_argument("--cost-terms", choices=CostModel.TERMS, default="full",
-                   help="which modelled terms count: full (per call, per CTA, per tile), no-launch, tiles")
+    p.add_argument("--cost-terms", choices=("auto",) + CostModel.TERMS, default="auto",
+                   help="which modelled terms count: full (per call, per CTA, per tile), no-launch, tiles; auto "
+                        "(default): full, or tiles where under full no sparse candidate beats dense (small grids; "
+                        "said in the output)")
     p.add_argument("--search-iters", type=int, default=6, help="bisection steps of the PSNR search (default 6)")
     p.add_argument("--batch-size", type=int, default=8, help="samples per pipeline call")
     p.add_argument("--backend", default="auto", choices=["auto", "triton", "torch", "flex"])

@@ -152,3 +152,20 @@ def test_the_psnr_budget_holds_on_every_calibration_video_by_default():
     # nothing sparse passes: the dense plan, exactly
     dense, _ = search_budget(space, _verify_by_error([-200.0]), min_psnr=25.0, iters=3)
     assert all(c.dense for c in dense["assignment"].choices.values())
+
+
+@pytest.mark.parametrize("grid, head_dim, heads, terms", [(GRID, 32, 2, "tiles"), ((8, 32, 32), 128, 12, "full")])
+def test_auto_cost_terms_keep_the_full_model_unless_it_makes_every_candidate_lose(grid, head_dim, heads, terms):
+    from dit_accel.calibrate.run import CalibrationSettings, search_space
+
+    cands = candidate_grid(grid, size="small", methods=("tile", "sla"))
+    errors = {(0, 0): torch.zeros(len(cands), heads, dtype=torch.float64)}
+    settings = CalibrationSettings("m", ["p"], min_psnr=25.0)
+    assert settings.cost_terms == "auto"
+    space, note = search_space(cands, errors, grid, head_dim, 1, [(0, 4)], heads, settings)
+    assert space.costs.terms == terms and (note is not None) == (terms == "tiles")
+    # the full model at this grid: dense wins with error free exactly where auto fell back to tiles
+    settings.cost_terms = "full"
+    full, none = search_space(cands, errors, grid, head_dim, 1, [(0, 4)], heads, settings)
+    assert none is None and full.assign(0.0).choices[(0, 0)].dense == (terms == "tiles")
+    assert not space.assign(0.0).choices[(0, 0)].dense  # what auto searches can go sparse
