@@ -85,7 +85,8 @@ def test_calibrate_end_to_end_writes_a_plan_that_apply_runs(tmp_path, model, ext
     assert code == 0
     plan = dit_accel.SparsePlan.load(out)
     prov = plan.provenance
-    assert prov["model_id"] == model and prov["budget"] == {"min_psnr": 25.0} and len(prov["prompts_sha256"]) == 64
+    assert prov["model_id"] == model and len(prov["prompts_sha256"]) == 64
+    assert prov["budget"] == {"min_psnr": 25.0, "min_psnr_on": "every calibration video"}
     assert {"versions", "date", "grids", "objective", "model_class"} <= set(prov)
     # the timestep of each step: finetune --plan maps a training noise level to the plan's step through them
     assert len(prov["timesteps"]) == prov["steps"] == 2 and prov["timesteps"][0] > prov["timesteps"][1]
