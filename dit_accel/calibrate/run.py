@@ -182,8 +182,9 @@ def search_budget(space: SearchSpace, verify: Callable[[Assignment, float], dict
 
     ``verify(assignment, lam)`` runs a plan end to end and returns a record with ``psnr_videos`` (per
     calibration video) and ``modelled_ms``. The cheapest assignment (``lam = 0``) first; if it fails,
-    ``lam`` is bisected (geometrically, around :meth:`SearchSpace.scale`) for ``iters`` verified runs, and
-    the dense plan is the answer when none passed.
+    ``lam`` is bisected geometrically for ``iters`` verified runs between the largest ``lam`` that still
+    gives the cheapest plan and the least that gives the dense one (both found without running a plan),
+    and the dense plan is the answer when none passed.
     """
     trace = []
 
@@ -193,11 +194,20 @@ def search_budget(space: SearchSpace, verify: Callable[[Assignment, float], dict
         trace.append(record)
         return record
 
-    best = run(space.assign(0.0, max_layer_error), 0.0)
+    cheapest = space.assign(0.0, max_layer_error)
+    best = run(cheapest, 0.0)
     if best["passes"]:
         return best, trace
+    # The bracket, found without running anything: hi, the least lam (x4 steps) whose plan is all dense (it
+    # passes: dense is exact), and lo, the largest below it whose plan is still the cheapest one (which failed).
+    # Verified runs are then spent only where the plan changes.
     scale = space.scale()
-    lo, hi = scale * 1e-4, scale * 1e4
+    hi = scale
+    while hi < scale * 1e8 and not all(c.dense for c in space.assign(hi, max_layer_error).choices.values()):
+        hi *= 4.0
+    lo = hi
+    while lo > scale * 1e-8 and space.assign(lo, max_layer_error).key() != cheapest.key():
+        lo /= 4.0
     best = None
     for _ in range(iters):
         mid = math.sqrt(lo * hi)

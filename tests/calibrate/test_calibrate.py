@@ -170,3 +170,19 @@ def test_auto_cost_terms_keep_the_full_model_unless_it_makes_every_candidate_los
     full, none = search_space(cands, errors, grid, head_dim, 1, [(0, 4)], heads, settings)
     assert none is None and full.assign(0.0).choices[(0, 0)].dense == (terms == "tiles")
     assert not space.assign(0.0).choices[(0, 0)].dense  # what auto searches can go sparse
+
+
+def test_the_bisection_spends_no_run_on_the_all_dense_or_the_cheapest_plan():
+    from dit_accel.calibrate.run import search_budget
+
+    cands = candidate_grid(GRID, size="small", methods=("tile", "sla"))
+    g = torch.Generator().manual_seed(3)
+    errors = {(layer, 0): torch.rand(len(cands), 4, generator=g, dtype=torch.float64) * 0.05 for layer in range(2)}
+    costs = CostModel(GRID, 32, terms="tiles")
+    block = [c for c in cands if c.kind == "block_sparse"]
+    space = SearchSpace(cands, errors, costs, 2, [(0, 4)], 4, costs.full_head(block[0].method.plan(GRID)))
+    _, trace = search_budget(space, _verify_by_error([4.0, 4.0, 4.0, -8.0]), min_psnr=25.0, iters=6)
+    keys = [r["assignment"].key() for r in trace]
+    cheapest = space.assign(0.0).key()
+    assert keys[0] == cheapest and cheapest not in keys[1:]
+    assert not any(all(c.dense for c in r["assignment"].choices.values()) for r in trace)
