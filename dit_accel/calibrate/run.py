@@ -183,7 +183,7 @@ def search_budget(space: SearchSpace, verify: Callable[[Assignment, float], dict
     ``verify(assignment, lam)`` runs a plan end to end and returns a record with ``psnr_videos`` (per
     calibration video) and ``modelled_ms``. The cheapest assignment (``lam = 0``) first; if it fails,
     ``lam`` is bisected geometrically for ``iters`` verified runs between the largest ``lam`` that still
-    gives the cheapest plan and the least that gives the dense one (both found without running a plan),
+    gives the cheapest plan and the least that gives an exact one (both found without running a plan),
     and the dense plan is the answer when none passed.
     """
     trace = []
@@ -198,12 +198,12 @@ def search_budget(space: SearchSpace, verify: Callable[[Assignment, float], dict
     best = run(cheapest, 0.0)
     if best["passes"]:
         return best, trace
-    # The bracket, found without running anything: hi, the least lam (x4 steps) whose plan is all dense (it
-    # passes: dense is exact), and lo, the largest below it whose plan is still the cheapest one (which failed).
-    # Verified runs are then spent only where the plan changes.
+    # The bracket, found without running anything: hi, the least lam (x4 steps) whose plan has no attention
+    # error (dense layers, dense heads in block-sparse launches: exact, so it passes), and lo, the largest below
+    # it whose plan is still the cheapest one (which failed). Verified runs go only where the plan changes.
     scale = space.scale()
     hi = scale
-    while hi < scale * 1e8 and not all(c.dense for c in space.assign(hi, max_layer_error).choices.values()):
+    while hi < scale * 1e8 and any(c.error > 0 for c in space.assign(hi, max_layer_error).choices.values()):
         hi *= 4.0
     lo = hi
     while lo > scale * 1e-8 and space.assign(lo, max_layer_error).key() != cheapest.key():
