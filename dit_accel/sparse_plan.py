@@ -221,6 +221,12 @@ class SparsePlan:
                 return True
         return False
 
+    def content_hash(self) -> str:
+        """sha256 of what the plan runs (layers, heads, phases; not its provenance): two plans with the same
+        hash run the same attention everywhere. Fine-tuned weights record it (``finetune --plan``)."""
+        body = {k: v for k, v in self.to_json().items() if k in ("num_layers", "num_heads", "phases")}
+        return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
     def as_method(self) -> "PlanMethod":
         """The plan as :func:`dit_accel.apply` schedules it (a method that resolves per layer and step)."""
         return PlanMethod(self)

@@ -9,7 +9,11 @@ An output folder of ``dit-accel finetune`` holds::
     sla_projections.safetensors        SLA only: "<attention module>.weight"/".bias" per layer
     dit_accel_method.json              the method config and LoRA settings the weights belong to, and
                                        the sha256 of the files above: written last, checked on load,
-                                       so a folder whose writer was killed half-way refuses to load
+                                       so a folder whose writer was killed half-way refuses to load.
+                                       Trained under a calibrated plan (``finetune --plan``), the
+                                       method is ``{"method": "plan", "plan": <the plan's JSON>}`` and
+                                       ``plan_sha256`` its content hash; the SLA projections then exist
+                                       for the layers where the plan runs SLA heads
 
 Load everything in one line::
 
@@ -36,11 +40,12 @@ from ._io import (BadFileError, atomic_write_json, check_hashes, crash_point, fi
                   read_json, remove_stale_temps, temp_name)
 from ._util import DitAccelWarning
 from .methods import Method, method_from_name
+from .sparse_plan import PlanMethod, SparsePlan
 
 __all__ = [
     "LORA_FILE", "SLA_FILE", "METHOD_FILE", "ADAPTER_NAME",
     "save_trained_weights", "load_into", "load_trained_weights", "load_method", "read_weights_info", "lora_state_dict",
-    "sla_state_dict", "method_from_dict", "write_weights_folder",
+    "sla_state_dict", "method_from_dict", "write_weights_folder", "check_plan_fits",
 ]
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
@@ -163,19 +168,26 @@ def read_weights_info(folder) -> dict:
 
 
 def method_from_dict(d: dict) -> Method:
-    """The method config of a ``Method.to_dict()`` read back from JSON (lists become tuples again)."""
+    """The method config of a ``Method.to_dict()`` read back from JSON (lists become tuples again); a plan's
+    ``{"method": "plan", "plan": {...}}`` gives its :class:`~dit_accel.sparse_plan.PlanMethod`."""
     d = dict(d)
     name = d.pop("method")
+    if name == PlanMethod.name:
+        if not isinstance(d.get("plan"), dict):
+            raise ValueError(f"a plan entry needs \"plan\": the SparsePlan's JSON object; got {d.get('plan')!r}")
+        return SparsePlan.from_json(d["plan"]).as_method()
     for k, v in d.items():  # JSON turned tuples into lists
         if isinstance(v, list):
             d[k] = tuple(tuple(x) if isinstance(x, list) else x for x in v)
     return method_from_name(name, **d)
 
 
-def load_method(folder) -> Method:
-    """The method config a fine-tuned folder was trained with (for ``apply(pipe, load_method(DIR), weights=DIR)``)."""
+def load_method(folder):
+    """The method config a fine-tuned folder was trained with (for ``apply(pipe, load_method(DIR), weights=DIR)``):
+    a :class:`~dit_accel.Method`, or the :class:`~dit_accel.SparsePlan` of a ``finetune --plan`` run."""
     folder = Path(folder)
-    return _saved_method(folder, _read_info(folder))
+    method = _saved_method(folder, _read_info(folder))
+    return method.sparse_plan if isinstance(method, PlanMethod) else method
 
 
 def _saved_method(folder: Path, info: dict) -> Method:
@@ -197,6 +209,9 @@ def _check_method(folder: Path, saved: dict, method, warn) -> None:
     current = _json_roundtrip(method.to_dict())
     if saved == current:
         return
+    if PlanMethod.name in (saved.get("method"), current.get("method")):
+        _check_plan(folder, saved, current)
+        return
     diff = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
     if diff == ["linear_tokens"]:
         warn(f"dit_accel: weights={str(folder)!r} were trained with SLA linear_tokens={saved['linear_tokens']!r} but "
@@ -209,6 +224,32 @@ def _check_method(folder: Path, saved: dict, method, warn) -> None:
         f"(differs in {diff}). Apply the saved method: "
         f"dit_accel.apply(pipe, dit_accel.load_method({str(folder)!r}), weights=...)."
     )
+
+
+def _plan_hash(d: dict) -> Optional[str]:
+    return SparsePlan.from_json(d["plan"]).content_hash() if d.get("method") == PlanMethod.name else None
+
+
+def check_plan_fits(folder, saved: dict, method) -> None:
+    """ValueError unless a folder's saved method dict and ``method`` are both plans with one content hash, or
+    neither is a plan (then :func:`load_into` compares the configs)."""
+    current = _json_roundtrip(method.to_dict())
+    if PlanMethod.name in (saved.get("method"), current.get("method")):
+        _check_plan(Path(folder), saved, current)
+
+
+def _check_plan(folder: Path, saved: dict, current: dict) -> None:
+    """Weights trained under a plan fit that plan only (same content hash; its provenance may differ)."""
+    trained, running = _plan_hash(saved), _plan_hash(current)
+    if trained is not None and trained == running:
+        return
+    what = (f"the calibrated plan {trained[:12]}" if trained else f"{saved}")
+    now = (f"another plan ({running[:12]})" if running else f"{current}")
+    raise ValueError(
+        f"weights={str(folder)!r} were trained under {what} but the handle runs {now}: the LoRA and SLA "
+        f"projections fit only what they were trained under. Apply the saved "
+        f"{'plan' if trained else 'method'}: dit_accel.apply(pipe, dit_accel.load_method({str(folder)!r}), "
+        "weights=...).")
 
 
 def load_into(handle, folder) -> None:

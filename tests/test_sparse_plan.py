@@ -41,6 +41,10 @@ def test_json_round_trip_keeps_every_entry_and_the_provenance(tmp_path):
     assert back.for_layer_step(1, 4) == GNA and back.for_layer_step(1, 5) is None and back.for_layer_step(3, 0) is None
     for m in plan.methods():
         assert method_from_json(json.loads(json.dumps(method_to_json(m)))) == m
+    # the content hash (what fine-tuned weights record) ignores provenance, not the entries
+    assert back.content_hash() == plan.content_hash() == SparsePlan(plan.phases, 4, 3, {"x": 1}).content_hash()
+    assert SparsePlan(plan.phases[:1], 4, 3).content_hash() != plan.content_hash()
+    assert SparsePlan(plan.phases, 5, 3).content_hash() != plan.content_hash()
 
 
 def test_bad_plans_say_what_is_wrong(tmp_path):

@@ -21,7 +21,12 @@ from .sampling import QKVSampler, step_buckets
 from .scoring import score_candidates
 from .search import Assignment, SearchSpace
 
-__all__ = ["CalibrationSettings", "calibrate", "generate_videos"]
+__all__ = ["CalibrationSettings", "calibrate", "generate_videos", "search_budget", "passes_budget", "BUDGET_RULES"]
+
+#: How ``min_psnr`` is checked on the calibration videos: every video (``worst``, the default) or their mean.
+BUDGET_RULES = ("worst", "mean")
+#: ``--cost-terms``: the cost model's terms (:class:`~.costs.CostModel`), or ``auto`` (see :func:`search_space`).
+COST_TERMS = ("auto",) + CostModel.TERMS
 
 
 @dataclass
@@ -30,6 +35,12 @@ class CalibrationSettings:
 
     Budget: ``min_psnr`` (dB of the final output against dense, same seeds) and/or ``max_layer_error``
     (relative L2 of each layer's attention output against dense); at least one.
+
+    ``budget_on``: ``"worst"`` (default) holds ``min_psnr`` on every calibration video, ``"mean"`` on their
+    mean: a mean of dB values can be carried by the videos a plan barely changes while it breaks others.
+    It does not close the held-out gap of BENCHMARKS.md section 11 on its own: there the plan (28.3 dB mean)
+    had its worst calibration video at 25.4 dB, so it passes either rule, and it gave 23.2 dB on held-out
+    prompts: picking the cheapest passing plan out of several verified on the same 4 videos overfits them.
     """
 
     model: str
@@ -54,10 +65,11 @@ class CalibrationSettings:
     capture_dir: Optional[str] = None
     arch: str = "h100"
     kernel: str = "current"
-    cost_terms: str = "full"
+    cost_terms: str = "auto"
     search_iters: int = 6
     batch_size: int = 8
     backend: str = "auto"
+    budget_on: str = "worst"
 
     def check(self) -> None:
         if self.min_psnr is None and self.max_layer_error is None:
@@ -67,6 +79,10 @@ class CalibrationSettings:
             raise ValueError("no calibration prompts: pass --prompts FILE (one per line)")
         if self.max_layer_error is not None and not self.max_layer_error > 0:
             raise ValueError(f"--max-layer-error must be > 0; got {self.max_layer_error}")
+        if self.cost_terms not in COST_TERMS:
+            raise ValueError(f"--cost-terms {self.cost_terms!r} is invalid: choose one of {list(COST_TERMS)}")
+        if self.budget_on not in BUDGET_RULES:
+            raise ValueError(f"--budget-on {self.budget_on!r} is invalid: choose one of {list(BUDGET_RULES)}")
         if self.search_iters < 0 or self.phases < 1 or self.samples_per_bucket < 1 or self.batch_size < 1:
             raise ValueError("--search-iters >= 0, --phases >= 1, --samples-per-bucket >= 1 and --batch-size >= 1")
 
@@ -129,17 +145,114 @@ def generate_videos(pipe, jobs: Sequence[Tuple[str, int]], call_kwargs: dict, ba
     return videos
 
 
-def _psnr_ssim(videos, refs) -> Tuple[float, float]:
+def _step_timesteps(scheduler) -> Optional[List[float]]:
+    """The timestep of each denoising step of the last run (``finetune --plan`` maps a training noise level
+    to the plan's step through them), or None when the scheduler keeps none."""
+    timesteps = getattr(scheduler, "timesteps", None)
+    if timesteps is None or not len(timesteps):
+        return None
+    order = max(int(getattr(scheduler, "order", 1) or 1), 1)
+    return [float(t) for t in timesteps[::order]]
+
+
+def _psnr_ssim(videos, refs, per_video: bool = False):
+    """Mean PSNR and SSIM of ``videos`` against ``refs`` (and the PSNR of each video with ``per_video``)."""
     from ..eval.metrics import psnr_per_frame, ssim_per_frame
 
     psnr = [float(psnr_per_frame(v, r).mean()) for v, r in zip(videos, refs)]
     ssim = [float(ssim_per_frame(v, r).mean()) for v, r in zip(videos, refs)]
+    if per_video:
+        return float(np.mean(psnr)), float(np.mean(ssim)), psnr
     return float(np.mean(psnr)), float(np.mean(ssim))
+
+
+def passes_budget(psnr_videos: Sequence[float], min_psnr: Optional[float], rule: str = "worst") -> bool:
+    """Whether per-video PSNRs meet ``min_psnr`` under ``rule`` (:data:`BUDGET_RULES`); no budget passes."""
+    if min_psnr is None:
+        return True
+    value = min(psnr_videos) if rule == "worst" else float(np.mean(psnr_videos))
+    return value >= min_psnr
+
+
+def search_budget(space: SearchSpace, verify: Callable[[Assignment, float], dict], *, min_psnr: Optional[float],
+                  max_layer_error: Optional[float] = None, rule: str = "worst", iters: int = 6
+                  ) -> Tuple[dict, List[dict]]:
+    """The cheapest verified assignment that meets the budget: ``(best record, every verified record)``.
+
+    ``verify(assignment, lam)`` runs a plan end to end and returns a record with ``psnr_videos`` (per
+    calibration video) and ``modelled_ms``. The cheapest assignment (``lam = 0``) first; if it fails,
+    ``lam`` is bisected geometrically for ``iters`` verified runs between the largest ``lam`` that still
+    gives the cheapest plan and the least that gives an exact one (both found without running a plan),
+    and the dense plan is the answer when none passed.
+    """
+    trace = []
+
+    def run(assignment: Assignment, lam: float) -> dict:
+        record = verify(assignment, lam)
+        record["passes"] = passes_budget(record["psnr_videos"], min_psnr, rule)
+        trace.append(record)
+        return record
+
+    cheapest = space.assign(0.0, max_layer_error)
+    best = run(cheapest, 0.0)
+    if best["passes"]:
+        return best, trace
+    # The bracket, found without running anything: hi, the least lam (x4 steps) whose plan has no attention
+    # error (dense layers, dense heads in block-sparse launches: exact, so it passes), and lo, the largest below
+    # it whose plan is still the cheapest one (which failed). Verified runs go only where the plan changes.
+    scale = space.scale()
+    hi = scale
+    while hi < scale * 1e8 and any(c.error > 0 for c in space.assign(hi, max_layer_error).choices.values()):
+        hi *= 4.0
+    lo = hi
+    while lo > scale * 1e-8 and space.assign(lo, max_layer_error).key() != cheapest.key():
+        lo /= 4.0
+    best = None
+    for _ in range(iters):
+        mid = math.sqrt(lo * hi)
+        record = run(space.assign(mid, max_layer_error), mid)
+        if record["passes"]:
+            hi = mid
+            if best is None or record["modelled_ms"] < best["modelled_ms"]:
+                best = record
+        else:
+            lo = mid
+    if best is None:  # nothing sparse passed: the dense plan (lam = infinity) does, exactly
+        best = run(space.assign(math.inf), math.inf)
+    return best, trace
 
 
 def _attention_ms(handle) -> Optional[float]:
     times = [r["time_ms"] for r in handle.stats() if r.get("time_ms") is not None]
     return float(sum(times)) if times else None
+
+
+def search_space(candidates, errors, grid, head_dim: int, layers: int, buckets, heads: int,
+                 settings: CalibrationSettings) -> Tuple[SearchSpace, Optional[str]]:
+    """The search space priced by ``settings.cost_terms``, and a note when ``auto`` chose for the user.
+
+    ``auto``: the full modelled GPU time (per call, per CTA, per tile), unless under it no assignment is
+    cheaper than dense even with error free (on small grids the per-call and per-CTA terms outweigh any
+    tile saved: tiny-shapes' 576 tokens): the full model then answers "dense" whatever the budget, so the
+    search prices the visited tiles only (the work that grows with the grid, and what sparsity removes at
+    the sizes it is for), and says so.
+    """
+    def build(terms: str) -> SearchSpace:
+        costs = CostModel(grid, head_dim, arch=settings.arch, kernel=settings.kernel, terms=terms)
+        block = [c for c in candidates if c.kind == "block_sparse"]
+        full = costs.full_head(block[0].method.plan(grid)) if block else costs.dense_head()
+        return SearchSpace(candidates, errors, costs, layers, buckets, heads, full)
+
+    if settings.cost_terms != "auto":
+        return build(settings.cost_terms), None
+    space = build("full")
+    if not all(choice.dense for choice in space.assign(0.0).choices.values()):
+        return space, None
+    note = (f"--cost-terms auto: at token grid {tuple(grid)} ({math.prod(grid)} tokens) the full modelled GPU time "
+            f"({space.costs.constants.name}) makes dense attention cheaper than every sparse candidate, so it would "
+            "give a dense plan whatever the budget; the search prices visited tiles only (--cost-terms tiles), the "
+            "work sparsity removes at larger grids. Pass --cost-terms full for the full model's answer.")
+    return build("tiles"), note
 
 
 def calibrate(settings: CalibrationSettings, out, *, report_dir=None, progress: bool = True,
@@ -198,6 +311,7 @@ def calibrate(settings: CalibrationSettings, out, *, report_dir=None, progress: 
             dense_videos = generate_videos(pipe, jobs, call_kwargs, settings.batch_size, bar.update)
             dense_ms = _attention_ms(handle)
             transformer = handle.transformer
+            timesteps = _step_timesteps(pipe.scheduler)
         finally:
             handle.remove()
         if sampler.grid is None:
@@ -213,10 +327,10 @@ def calibrate(settings: CalibrationSettings, out, *, report_dir=None, progress: 
         seconds["scoring"] = time.perf_counter() - t
         # 3. the search
         t = time.perf_counter()
-        costs = CostModel(grid, head_dim, arch=settings.arch, kernel=settings.kernel, terms=settings.cost_terms)
-        block = [c for c in candidates if c.kind == "block_sparse"]
-        full = costs.full_head(block[0].method.plan(grid)) if block else costs.dense_head()
-        space = SearchSpace(candidates, errors, costs, layers, buckets, heads, full)
+        space, terms_note = search_space(candidates, errors, grid, head_dim, layers, buckets, heads, settings)
+        costs = space.costs
+        if terms_note:
+            log(f"note: {terms_note}")
         calls_per_step = 2 if (settings.guidance_scale or 0) > 1 else 1
         verified: Dict[tuple, dict] = {}
 
@@ -228,34 +342,15 @@ def calibrate(settings: CalibrationSettings, out, *, report_dir=None, progress: 
                 with dit_accel.apply(pipe, plan, timing=True, backend=settings.backend) as h:
                     videos = generate_videos(pipe, jobs, call_kwargs, settings.batch_size, bar.update)
                     measured = _attention_ms(h)
-                psnr, ssim = _psnr_ssim(videos, dense_videos)
-                verified[key] = {"psnr": psnr, "ssim": ssim, "attention_ms": measured, "videos": videos}
-            record = dict(verified[key], lam=lam, assignment=assignment,
-                          modelled_ms=assignment.cost_per_sample(calls_per_step) * 1e3)
-            record["passes"] = settings.min_psnr is None or record["psnr"] >= settings.min_psnr
-            return record
+                psnr, ssim, per_video = _psnr_ssim(videos, dense_videos, per_video=True)
+                verified[key] = {"psnr": psnr, "ssim": ssim, "psnr_videos": per_video, "psnr_worst": min(per_video),
+                                 "attention_ms": measured, "videos": videos}
+            return dict(verified[key], lam=lam, assignment=assignment,
+                        modelled_ms=assignment.cost_per_sample(calls_per_step) * 1e3)
 
-        trace = []
-        cheapest = space.assign(0.0, settings.max_layer_error)
-        best = verify(cheapest, 0.0)
-        trace.append(best)
-        if not best["passes"]:
-            scale = space.scale()
-            lo, hi = scale * 1e-4, scale * 1e4
-            best = None
-            for _ in range(settings.search_iters):
-                mid = math.sqrt(lo * hi)
-                record = verify(space.assign(mid, settings.max_layer_error), mid)
-                trace.append(record)
-                if record["passes"]:
-                    hi = mid
-                    if best is None or record["modelled_ms"] < best["modelled_ms"]:
-                        best = record
-                else:
-                    lo = mid
-            if best is None:  # nothing sparse passed: the dense plan (lam = infinity) does, exactly
-                best = verify(space.assign(math.inf), math.inf)
-                trace.append(best)
+        best, trace = search_budget(space, verify, min_psnr=settings.min_psnr,
+                                    max_layer_error=settings.max_layer_error, rule=settings.budget_on,
+                                    iters=settings.search_iters)
         seconds["search and verification"] = time.perf_counter() - t
         assignment: Assignment = best["assignment"]
         # 4. ground truth, provenance, outputs
@@ -267,12 +362,14 @@ def calibrate(settings: CalibrationSettings, out, *, report_dir=None, progress: 
             groundtruth = {"dense": score_many(dense_videos, prompts), "plan": score_many(best["videos"], prompts)}
         budget = {k: v for k, v in (("min_psnr", settings.min_psnr), ("max_layer_error", settings.max_layer_error))
                   if v is not None}
-        objective = (f"least modelled attention time ({costs.constants.name}, terms={settings.cost_terms}) per "
+        if settings.min_psnr is not None:
+            budget["min_psnr_on"] = "every calibration video" if settings.budget_on == "worst" else "the mean"
+        objective = (f"least modelled attention time ({costs.constants.name}, terms={costs.terms}) per "
                      "generation, per-(layer, bucket) Lagrangian allocation of the squared relative attention error")
         provenance = SparsePlan.provenance_now(
             model_class=type(transformer).__name__, model_id=settings.model, grids=[list(grid)],
             prompts_sha256=prompts_hash(settings.prompts), seeds=list(settings.seeds), budget=budget,
-            objective=objective, steps=settings.steps, call=call_kwargs,
+            objective=objective, steps=settings.steps, timesteps=timesteps, call=call_kwargs,
             candidates=[c.label for c in candidates], cost_model=costs.describe())
         plan = assignment.to_plan(provenance)
         plan.save(out)
@@ -286,17 +383,19 @@ def calibrate(settings: CalibrationSettings, out, *, report_dir=None, progress: 
             "settings": {**asdict(settings), "heads": heads, "layers": layers, "grid": list(grid)},
             "plan_path": str(out), "plan_summary": {"phases": len(plan.phases), "lines": plan.summary()},
             "budget": budget or "none", "objective": objective, "cost_model": costs.describe(),
+            "cost_terms_note": terms_note,
             "candidates": [{"label": c.label, "kind": c.kind, "density": c.density,
                             "head_cost_us": costs.head(c) * 1e6} for c in candidates],
             "buckets": [list(b) for b in buckets],
             "samples": {"steps": sorted(sampler.steps), "rows": sampler.rows, "per_bucket": sampler.per_bucket,
                         "megabytes": round(sampler.bytes / 2**20, 1)},
             "dense": {"attention_ms": dense_ms, "modelled_ms": assignment.dense_cost_per_sample(calls_per_step) * 1e3},
-            "final": {"psnr": best["psnr"], "ssim": best["ssim"], "attention_ms": best["attention_ms"],
+            "final": {"psnr": best["psnr"], "psnr_worst": best["psnr_worst"], "psnr_videos": best["psnr_videos"],
+                      "ssim": best["ssim"], "attention_ms": best["attention_ms"],
                       "modelled_ms": best["modelled_ms"], "lam": best["lam"], "warmup_steps": assignment.warmup_steps(),
                       "max_layer_error": max_err},
-            "trace": [{"lam": r["lam"], "modelled_ms": r["modelled_ms"], "psnr": r["psnr"], "passes": r["passes"]}
-                      for r in trace],
+            "trace": [{"lam": r["lam"], "modelled_ms": r["modelled_ms"], "psnr": r["psnr"],
+                       "psnr_worst": r["psnr_worst"], "passes": r["passes"]} for r in trace],
             "phase_tables": phase_tables, "groundtruth": groundtruth,
             "prompts_sha256": prompts_hash(settings.prompts),
         }

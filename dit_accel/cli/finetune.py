@@ -11,6 +11,9 @@ Examples::
     # --multi_gpu is needed for CPU processes too: without it (or with --cpu) accelerate starts ONE process.
     accelerate launch --multi_gpu --num_processes 2 -m dit_accel.cli.finetune --model tiny-wan --method gna ...
 
+    # under a calibrated plan (dit-accel calibrate): a method per layer, head and step
+    dit-accel finetune --model tiny-shapes --plan plan.json --prompts prompts.txt --steps 200 --output plan-ft
+
     # load the result
     handle = dit_accel.apply(pipe, dit_accel.training.load_method("sla-wan"), weights="sla-wan")
 """
@@ -38,6 +41,10 @@ _DESCRIPTION = (
 def _add_arguments(p: argparse.ArgumentParser) -> None:
     add_method_options(p, default_method=None, weights=False)
     g = p.add_argument_group("fine-tuning")
+    g.add_argument("--plan", default=None, metavar="PLAN.json",
+                   help="train under a calibrated SparsePlan (dit-accel calibrate --out) instead of --method: "
+                        "every layer, head and step runs what the plan says; LoRA on every layer, SLA projections "
+                        "where the plan has SLA heads. Sizes default to the plan's")
     g.add_argument("--model", default="tiny-wan", help="tiny-wan, tiny-flux, a local Diffusers folder or a hub id (Wan, HunyuanVideo or FLUX; --mode data: Wan)")
     g.add_argument("--mode", choices=("distill", "data"), default="distill",
                    help="distill: dense teacher, needs --prompts; data: needs --data (default: distill)")
@@ -96,17 +103,27 @@ def register(subparsers) -> argparse.ArgumentParser:
 def config_from_args(args: argparse.Namespace):
     """Parsed options -> :class:`dit_accel.training.FinetuneConfig` (ValueError on bad combinations)."""
     from ..training import FinetuneConfig
+    from .options import method_options_given
 
-    if args.method is None:
-        raise ValueError("--method is required: one of sla, radial, tile, gna.")
+    plan = getattr(args, "plan", None)
+    if plan is not None:
+        if args.method is not None or method_options_given(args):
+            given = ["--method"] * (args.method is not None) + list(method_options_given(args))
+            raise ValueError(f"--plan and {', '.join(given)} exclude each other: the plan names the method of every "
+                             "layer, head and step; drop " + ("them" if len(given) > 1 else "it") + ".")
+        if args.dense_layers is not None:
+            raise ValueError("--dense-layers does not combine with --plan: the plan's entries say which layers run "
+                             "dense.")
+    elif args.method is None:
+        raise ValueError("--method is required: one of sla, radial, tile, gna (or --plan PLAN.json).")
     if args.method == "dense":
         raise ValueError("--method dense has nothing to adapt to; choose sla, radial, tile or gna.")
     for flag in ("dense_steps", "dense_last_steps"):
         if getattr(args, flag, None):
             raise ValueError(f"--{flag.replace('_', '-')} is a denoising-loop schedule; finetune trains single "
                              "transformer calls. Pass it to `generate` instead.")
-    method = method_from_args(args, parser=None)
-    defaults = _size_defaults(args.model)
+    method = method_from_args(args, parser=None) if plan is None else None
+    defaults = _size_defaults(args.model, plan)
     dense_layers = args.dense_layers
     if isinstance(dense_layers, int):
         dense_layers = list(range(dense_layers))
@@ -126,15 +143,28 @@ def config_from_args(args: argparse.Namespace):
         weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm, lr_warmup_steps=args.lr_warmup_steps,
         backend=args.backend or "auto", dense_layers=dense_layers, eval_batches=args.eval_batches,
         sla_lr_scale=args.sla_lr_scale,
-        progress=not args.quiet, cp=args.cp,
+        progress=not args.quiet, cp=args.cp, plan=plan,
     )
 
 
-def _size_defaults(model: str) -> dict:
-    """Sample sizes when not given: an embedded model's own (tiny-flux makes images: 1 frame), else 81 frames
-    at 480x832 for video models and one 1024x1024 image for image models."""
+def _size_defaults(model: str, plan=None) -> dict:
+    """Sample sizes when not given: the plan's calibration size with --plan, else an embedded model's own
+    (tiny-flux makes images: 1 frame), else 81 frames at 480x832 for video models and one 1024x1024 image
+    for image models."""
     from ..models.tiny import TINY_DEFAULTS
     from ..pipelines.presets import resolve_model_family
+
+    if plan is not None:
+        from ..sparse_plan import SparsePlan
+
+        try:
+            call = SparsePlan.load(plan).provenance.get("call") or {}
+        except ValueError as err:
+            raise ValueError(f"--plan {plan}: {err}") from None
+        if {"num_frames", "height", "width"} <= set(call):
+            sizes = _size_defaults(model)
+            return {"frames": call["num_frames"], "height": call["height"], "width": call["width"],
+                    "max_sequence_length": call.get("max_sequence_length") or sizes["max_sequence_length"]}
 
     if model in TINY_DEFAULTS:
         sizes = TINY_DEFAULTS[model]

@@ -220,9 +220,17 @@ def _saved_method(args):
 
 def _method_for_weights(args, saved, parser):
     """The saved method; method flags may repeat it but must not change it (the weights fit only it)."""
+    from ..sparse_plan import SparsePlan
     from .options import method_options_given
 
     given = method_options_given(args)
+    if isinstance(saved, SparsePlan):  # trained under a calibrated plan (finetune --plan): the plan runs
+        flags = (["--method"] if args.method != "plan" else []) + list(given)
+        if flags:
+            raise _UsageError(f"{', '.join(flags)} disagree{'s' if len(flags) == 1 else ''} with --weights "
+                              f"{args.weights}, which was trained under a calibrated plan; drop "
+                              f"{'it' if len(flags) == 1 else 'them'} (the plan is read from the folder).")
+        return saved
     if args.method != saved.name:
         raise _UsageError(f"--method {args.method} disagrees with --weights {args.weights}, which was trained for "
                           f"{saved.name} ({saved}); drop --method (it is read from the folder) or pass --method "
@@ -298,7 +306,8 @@ def _early_method(args, parser, tiny: bool):
         choice = "--method"
     elif saved is not None:
         choice = f"--weights {args.weights}"
-    args.method = getattr(args, "method", None) or (saved.name if saved is not None else default)
+    saved_name = "plan" if saved is not None and not hasattr(saved, "name") else getattr(saved, "name", None)
+    args.method = getattr(args, "method", None) or (saved_name if saved is not None else default)
     args.method_choice = choice
     if saved is not None:
         return _method_for_weights(args, saved, parser)
@@ -342,6 +351,10 @@ def _method_and_schedule(args, pipe, saved, parser):
                                                         not args.no_model_defaults and saved is None)
     if saved is None:
         method = method_from_args(args, defaults=fields, parser=parser)
+    elif not hasattr(saved, "name"):  # a SparsePlan (finetune --plan): its phases hold the dense steps and layers
+        schedule = schedule_from_args(args)
+        return saved.as_method(), {k: schedule[k] for k in ("backend", "weights") if k in schedule}, \
+            f"--weights {args.weights}"
     else:
         method, source = saved, f"--weights {args.weights}"
         trained_dense = _saved_dense_layers(args.weights)
@@ -634,7 +647,8 @@ def generate(args) -> dict:
             method = SparsePlan.load(args.plan).as_method()
         except ValueError as err:
             raise _UsageError(f"--plan {args.plan}: {err}") from None
-        schedule, source, args.method = {"backend": schedule.get("backend", "auto")}, f"--plan {args.plan}", "plan"
+        schedule = {k: schedule[k] for k in ("backend", "weights") if k in schedule}  # weights: finetune --plan's
+        source, args.method = f"--plan {args.plan}", "plan"
         args.method_choice = f"--plan {args.plan}"
     _check_side_by_side(args)  # again: without --method the method is known only now
     pipe.set_progress_bar_config(disable=True) if quiet else pipe.set_progress_bar_config(

@@ -477,10 +477,14 @@ def _check_weights_folder(folder, schedule: Schedule, layers) -> None:
             return
     expected = {}
     for name, module, index in layers:  # (attention module name, module, its index in its transformer)
-        if isinstance(schedule.layer_methods.get(index, schedule.method), SLA):
+        if _runs_sla(schedule.layer_methods.get(index, schedule.method), index):
             d = _projection_dim(module)
             expected.update({f"{name}.weight": (d, d), f"{name}.bias": (d,)})
     saved = (info.get("method") or {}).get("method") if isinstance(info.get("method"), dict) else None
+    if "plan" in (saved, schedule.method.name):  # weights of a plan fit that plan only: say so before the shapes
+        from ..weights import check_plan_fits
+
+        check_plan_fits(folder, info["method"] if saved else {}, schedule.method)
     if saved == "sla" or expected:
         path = folder / SLA_FILE
         if not path.is_file():

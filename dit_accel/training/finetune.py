@@ -12,6 +12,15 @@ Two modes:
 - ``data``: a caption folder (see :mod:`dit_accel.training.data`) encoded with
   the pipeline's VAE; flow-matching loss MSE(prediction, noise - latents).
 
+Under a calibrated plan (``plan=``, ``dit-accel finetune --plan PLAN.json``) the student runs the
+plan instead of one method: each sample's noise level is mapped to the denoising step whose
+timestep is nearest in the plan's schedule (the timesteps ``dit-accel calibrate`` recorded, else
+the pipeline's scheduler at the plan's step count), and the transformer runs the plan at that step
+(``handle.set_step``), so every (layer, head, step) trains under the method it will run. LoRA goes
+on every wrapped layer; SLA projections exist, and train, only on the layers where the plan runs SLA
+heads. The weights folder records the plan (``load_method(DIR)`` gives it back) and its content
+hash; ``resume`` refuses a plan with another hash.
+
 Everything random in a step comes from a generator seeded with ``(seed, step,
 rank)``, data order from ``(seed, epoch)``, and checkpoints hold the trainable
 tensors, the optimizer state and the loss history, so a run that is stopped and
@@ -49,7 +58,9 @@ from torch import nn
 from .._io import (BadFileError, atomic_folder, atomic_write_json, cache_root, check_hashes, crash_point,
                    file_hashes, is_temp_name, load_safetensors, read_json, remove_stale_temps)
 from .._util import DitAccelWarning, versions
-from ..methods import SLA, Method, Radial, registered_methods
+from ..methods import SLA, Dense, Method, Radial, registered_methods
+from ..per_head import PerHead
+from ..sparse_plan import PlanMethod, SparsePlan
 from ..weights import LORA_FILE, METHOD_FILE, SLA_FILE, save_trained_weights, sla_state_dict
 from . import data as data_mod
 from .model_io import ModelIO, model_io_for, take
@@ -67,7 +78,7 @@ DISTILL_SAMPLES_PER_STEP = 8
 
 # Settings that may change between a run and its resumption (they do not change the trajectory).
 _RESUMABLE = {"steps", "checkpoint_every", "log_every", "resume", "overwrite", "output", "checkpoints_total_limit",
-              "progress", "eval_batches"}
+              "progress", "eval_batches", "plan_path"}
 
 
 @dataclass
@@ -77,8 +88,10 @@ class FinetuneConfig:
     Args:
         model: ``"tiny-wan"``, a local Diffusers folder, a hub id, or an already
             loaded pipeline object (its transformer is modified in place).
-        method: a :class:`~dit_accel.Method` config (SLA, Radial, Tile or GNA).
+        method: a :class:`~dit_accel.Method` config (SLA, Radial, Tile or GNA); or None with ``plan``.
         output: output folder (weights, checkpoints, log).
+        plan: a calibrated :class:`~dit_accel.SparsePlan` (or the path of its JSON) to train under instead
+            of ``method`` (exactly one of the two); see the module docstring.
         mode: ``"distill"`` (dense teacher, ``prompts`` file) or ``"data"`` (``data`` folder).
         steps: total optimizer steps. lr: AdamW learning rate (constant after
             ``lr_warmup_steps`` linear warmup).
@@ -115,8 +128,8 @@ class FinetuneConfig:
     """
 
     model: Any
-    method: Method
-    output: str
+    method: Optional[Method] = None
+    output: Optional[str] = None
     mode: str = "distill"
     steps: int = 1000
     lr: float = 1e-4
@@ -148,14 +161,36 @@ class FinetuneConfig:
     sla_lr_scale: float = 1.0
     progress: bool = True
     cp: Optional[Tuple[int, int]] = None
+    plan: Any = None
+
+    def sparse_plan(self) -> Optional[SparsePlan]:
+        """``plan`` as a :class:`SparsePlan` (read from its file when a path), or None."""
+        if self.plan is None or isinstance(self.plan, SparsePlan):
+            return self.plan
+        if not isinstance(self.plan, (str, Path)):
+            raise ValueError(f"plan={self.plan!r} is invalid: a dit_accel.SparsePlan or the path of its JSON "
+                             "(dit-accel calibrate --out)")
+        cached = self.__dict__.get("_loaded_plan")  # read once per path: the run uses the plan it validated
+        if cached is None or cached[0] != str(self.plan):
+            try:
+                cached = (str(self.plan), SparsePlan.load(self.plan))
+            except ValueError as err:
+                raise ValueError(f"--plan {self.plan}: {err}") from None
+            self.__dict__["_loaded_plan"] = cached
+        return cached[1]
 
     def settings(self) -> Dict[str, Any]:
-        """JSON-able settings (the method as its dict, the model as its name)."""
+        """JSON-able settings (the method as its dict, the model as its name, a plan as its content hash
+        and, as ``plan_path``, where it was read from)."""
         out = {}
         for f in fields(self):
             v = getattr(self, f.name)
             if f.name == "method":
-                v = v.to_dict()
+                v = v.to_dict() if isinstance(v, Method) else v
+            elif f.name == "plan":
+                plan = self.sparse_plan()
+                v = plan.content_hash() if plan is not None else None
+                out["plan_path"] = str(self.plan) if isinstance(self.plan, (str, Path)) else None
             elif f.name == "model" and not isinstance(v, str):
                 v = f"<{type(v).__name__} object>"
             elif isinstance(v, Path):
@@ -177,9 +212,19 @@ def _require(ok: bool, message: str) -> None:
 def validate_config(config: FinetuneConfig) -> None:
     """Check the settings that need no model (types, ranges, files); ValueError naming the option."""
     c = config
-    _require(isinstance(c.method, Method) and c.method.name in finetune_methods(),
-             f"method={c.method!r} is invalid: fine-tuning supports {list(finetune_methods())} configs "
-             "(e.g. dit_accel.SLA(topk=0.05)).")
+    if isinstance(c.method, (SparsePlan, PlanMethod)):
+        raise ValueError("method= is a calibrated plan: pass it as plan= (dit-accel finetune --plan PLAN.json).")
+    _require(not (c.method is not None and c.plan is not None),
+             "--plan and --method exclude each other: the plan names the method of every layer, head and step; "
+             "drop --method (and its options), or drop --plan to train one method everywhere.")
+    if c.plan is not None:
+        _require(c.dense_layers is None, "--dense-layers does not combine with --plan: the plan's entries say "
+                                         "which layers run dense; calibrate a plan with them, or drop --dense-layers.")
+        _check_plan_methods(c.sparse_plan())
+    else:
+        _require(isinstance(c.method, Method) and c.method.name in finetune_methods(),
+                 f"method={c.method!r} is invalid: fine-tuning supports {list(finetune_methods())} configs "
+                 "(e.g. dit_accel.SLA(topk=0.05)), or pass a calibrated plan (--plan PLAN.json).")
     _require(c.mode in MODES, f"--mode {c.mode!r} is invalid: choose one of {list(MODES)}.")
     for name in ("steps", "rank", "batch_size", "frames", "height", "width", "max_sequence_length"):
         v = getattr(c, name)
@@ -208,6 +253,23 @@ def validate_config(config: FinetuneConfig) -> None:
     _require(c.output is not None and str(c.output).strip() != "", "--output is required: the folder for weights and logs.")
     if c.mode == "distill" and c.data is None:
         data_mod.read_prompts(c.prompts)
+
+
+def _check_plan_methods(plan: SparsePlan) -> None:
+    """Every method a plan runs must be fine-tunable (or dense)."""
+    allowed = finetune_methods()
+    for method in plan.methods():
+        inner = method.methods if isinstance(method, PerHead) else (method,)
+        bad = sorted({m.name for m in inner if not isinstance(m, Dense) and m.name not in allowed})
+        if bad:
+            raise ValueError(f"--plan runs {bad}, which cannot be fine-tuned; fine-tuning supports {list(allowed)} "
+                             "(and dense). Calibrate with --methods limited to those.")
+
+
+def _method_label(config: FinetuneConfig) -> str:
+    """How error messages and the progress bar name what the student runs."""
+    return f"--plan {config.plan}" if isinstance(config.plan, (str, Path)) else (
+        "the plan" if config.plan is not None else f"--method {config.method.name}")
 
 
 def _run_record(config: FinetuneConfig, world: int) -> dict:
@@ -285,7 +347,9 @@ def _check_output(config: FinetuneConfig, world: int) -> Tuple[Path, list]:
                       if k not in _RESUMABLE and previous.get(k) != current.get(k))
         if diff:
             changed = {"inputs_sha256": f"the contents of {'--data' if config.data else '--prompts'} changed",
-                       "model_sha256": f"the files of --model {config.settings()['model']} changed"}
+                       "model_sha256": f"the files of --model {config.settings()['model']} changed",
+                       "plan": "the plan's content changed (content hash "
+                               f"{str(previous.get('plan'))[:12]} -> {str(current.get('plan'))[:12]})"}
             detail = ", ".join(changed.get(k) or f"{k}: {previous.get(k)!r} -> {current.get(k)!r}" for k in diff[:4])
             raise ValueError(f"--resume: {str(out)!r} holds a different run ({detail}); "
                              "use the same settings and inputs, another --output, or --overwrite.")
@@ -329,6 +393,65 @@ def _check_method_fits(method: Method, io: ModelIO, config: FinetuneConfig) -> T
         raise ValueError(f"--method radial needs at least 3 latent frames to be sparse; token grid {grid} has "
                          f"{grid[0]}. Use more --frames (e.g. {io.vae_scale_temporal * 4 + 1}).")
     return grid
+
+
+def _check_plan_fits(plan: SparsePlan, io: ModelIO, config: FinetuneConfig, transformer) -> Tuple[int, ...]:
+    """Token grid for the chosen shape; ValueError when the plan was calibrated for another model class or
+    token grid, or one of its methods cannot run on this grid."""
+    io.check_geometry(config.frames, config.height, config.width)
+    grid = io.token_grid(config.frames, config.height, config.width)
+    prov = plan.provenance
+    ours = type(transformer).__name__
+    if prov.get("model_class") and prov["model_class"] != ours:
+        raise ValueError(f"--plan {config.plan} was calibrated for a {prov['model_class']} "
+                         f"({prov.get('model_id', 'unknown model')}); this model's transformer is a {ours}: "
+                         f"calibrate a plan for it (dit-accel calibrate --model {config.settings()['model']} ...).")
+    grids = [tuple(g) for g in prov.get("grids") or ()]
+    if grids and tuple(grid) not in grids:
+        call = prov.get("call") or {}
+        size = (f" (--frames {call['num_frames']} --height {call['height']} --width {call['width']})"
+                if {"num_frames", "height", "width"} <= set(call) else "")
+        raise ValueError(f"--plan {config.plan} was calibrated on token grid {grids[0]}{size}; this run trains at "
+                         f"{config.frames}x{config.height}x{config.width}, token grid {tuple(grid)}. Train at the "
+                         "plan's size, or calibrate a plan at this size.")
+    for method in plan.methods():
+        if isinstance(method, Dense):
+            continue
+        try:
+            method.plan(grid)
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"--plan {config.plan}: {method!r} does not fit this model at token grid {grid}: "
+                             f"{e}") from None
+    return grid
+
+
+def _plan_timesteps(plan: SparsePlan, pipe) -> Optional[List[float]]:
+    """The timestep of each denoising step the plan was calibrated for, or None when the plan runs the same
+    methods at every step. From the plan's provenance (``timesteps``, recorded by ``dit-accel calibrate``),
+    else the pipeline's scheduler set to the plan's ``steps``."""
+    phases = plan.phases
+    if len(phases) == 1 and phases[0].start == 0 and phases[0].stop is None:
+        return None
+    prov = plan.provenance
+    if isinstance(prov.get("timesteps"), list) and prov["timesteps"]:
+        return [float(t) for t in prov["timesteps"]]
+    steps = prov.get("steps")
+    scheduler = getattr(pipe, "scheduler", None)
+    if not isinstance(steps, int) or steps < 1 or scheduler is None:
+        raise ValueError("the plan changes per denoising step but does not say which steps it was calibrated for "
+                         "(its provenance has neither \"timesteps\" nor \"steps\"); calibrate it with dit-accel "
+                         "calibrate, or add \"steps\": N to its provenance.")
+    import copy
+
+    scheduler = copy.deepcopy(scheduler)
+    try:
+        scheduler.set_timesteps(steps)
+    except (TypeError, ValueError) as err:  # schedulers whose timesteps need the pipeline (dynamic shifting)
+        raise ValueError(f"the plan changes per denoising step and records no timesteps; {type(scheduler).__name__}"
+                         f".set_timesteps({steps}) failed ({err}). Calibrate the plan again (dit-accel calibrate "
+                         "records the timesteps).") from None
+    order = max(int(getattr(scheduler, "order", 1) or 1), 1)
+    return [float(t) for t in scheduler.timesteps[::order]]
 
 
 def _load_pipe(config: FinetuneConfig, device, dtype):
@@ -494,8 +617,15 @@ class _Trainer:
         if config.cp and self.io.family != "Wan":
             raise ValueError(f"--cp: context-parallel fine-tuning is tested on Wan only, not {self.io.family}; "
                              "run it on one process.")
-        self.grid = _check_method_fits(config.method, self.io, config)
         self.transformer = self.pipe.transformer
+        self.plan = config.sparse_plan()
+        self.method = config.method if self.plan is None else self.plan.as_method()
+        if self.plan is None:
+            self.grid = _check_method_fits(config.method, self.io, config)
+            self.plan_timesteps = None
+        else:
+            self.grid = _check_plan_fits(self.plan, self.io, config, self.transformer)
+            self.plan_timesteps = _plan_timesteps(self.plan, self.pipe)
         self._prepare_text(prompts)
         self._install_student()
         self.accum = config.gradient_accumulation_steps or (
@@ -527,7 +657,7 @@ class _Trainer:
         if config.dense_layers is not None:
             apply_kwargs["dense_layers"] = list(config.dense_layers)
         self.dense_layers = apply_kwargs.get("dense_layers")
-        self.handle = dit_accel.apply(transformer, config.method, **apply_kwargs)
+        self.handle = dit_accel.apply(transformer, self.method, **apply_kwargs)
         targets = tuple(config.target_modules.split(",")) if isinstance(config.target_modules, str) else tuple(
             config.target_modules)
         self.lora_config = LoraConfig(r=config.rank, lora_alpha=config.alpha if config.alpha is not None else
@@ -539,6 +669,10 @@ class _Trainer:
             except ValueError as e:
                 raise ValueError(f"--target-modules {','.join(targets)}: {e}") from None
         self.projections = self.handle.sla_projections()
+        if self.plan is not None and any(self.plan.runs_sla(i) for i in range(len(self.handle.layers))) \
+                and not self.projections:
+            raise ValueError(f"{_method_label(config)}: the plan runs SLA heads but dit_accel.apply created no SLA "
+                             "projections for this model.")
         if isinstance(config.method, SLA) and not self.projections:
             raise ValueError("--method sla: dit_accel.apply created no SLA projections for this model.")
         self.params = _trainable(transformer, self.projections, targets)
@@ -603,13 +737,57 @@ class _Trainer:
         noisy, timesteps, text, flow_target = batch
         with self.accelerator.autocast():
             if self.config.mode == "distill":  # the teacher: the same transformer, dense, without LoRA
-                with torch.no_grad(), self.handle.bypassed(), _adapters_disabled(self.transformer):
+                with torch.no_grad(), self.handle.bypassed(), _adapters_disabled(self.transformer), \
+                        self._at_step(0):  # dense whatever the step; a plan's handle still asks for one
                     target = self.io.forward(self.transformer, noisy, timesteps, text).float()
             else:
                 target = flow_target.float()
             with contextlib.nullcontext() if grad else torch.no_grad():
-                pred = self.io.forward(self.transformer, noisy, timesteps, text)
+                pred = self.student(noisy, timesteps, text)
                 return torch.nn.functional.mse_loss(pred.float(), target)
+
+    def plan_steps(self, timesteps: torch.Tensor) -> List[int]:
+        """The plan's denoising step of each sample: the step whose timestep is nearest (0 for a plan that is
+        the same at every step)."""
+        if self.plan_timesteps is None:
+            return [0] * timesteps.shape[0]
+        table = torch.tensor(self.plan_timesteps, dtype=torch.float64)
+        t = timesteps.detach().reshape(-1).to("cpu", torch.float64)
+        return (t[:, None] - table[None, :]).abs().argmin(dim=1).tolist()
+
+    def student(self, noisy: torch.Tensor, timesteps: torch.Tensor, text):
+        """The student's prediction. Under a plan, the samples of one micro-batch may map to different steps:
+        each group of samples at one step is one transformer call at that step."""
+        if self.plan is None:
+            return self.io.forward(self.transformer, noisy, timesteps, text)
+        steps = self.plan_steps(timesteps)
+        total = len(self.plan_timesteps) if self.plan_timesteps is not None else None
+        groups: Dict[int, List[int]] = {}
+        for i, s in enumerate(steps):
+            groups.setdefault(s, []).append(i)
+        if len(groups) == 1:
+            with self._at_step(steps[0], total):
+                return self.io.forward(self.transformer, noisy, timesteps, text)
+        out: List[Optional[torch.Tensor]] = [None] * len(steps)
+        for s, idx in groups.items():
+            index = torch.tensor(idx, device=noisy.device)
+            with self._at_step(s, total):
+                pred = self.io.forward(self.transformer, noisy[index], timesteps[index], take(text, index))
+            for j, row in zip(idx, pred):
+                out[j] = row
+        return torch.stack(out)
+
+    @contextlib.contextmanager
+    def _at_step(self, step: int, total: Optional[int] = None):
+        """This thread's transformer calls run the plan's ``step`` (nothing to do without a plan)."""
+        if self.plan is None:
+            yield
+            return
+        self.handle.set_step(step, total)
+        try:
+            yield
+        finally:
+            self.handle.set_step(None)
 
     def eval_loss(self) -> Optional[float]:
         if not self.config.eval_batches:
@@ -629,7 +807,7 @@ class _Trainer:
                 micro_loss = self.loss(self.batch(step * self.accum + micro), grad=True) / self.accum
             except ValueError as e:
                 if first:  # a model/method mismatch found by the first forward: nothing trained yet
-                    raise ValueError(f"--method {config.method.name} on token grid {self.grid}: {e}") from None
+                    raise ValueError(f"{_method_label(config)} on token grid {self.grid}: {e}") from None
                 raise
             self.accelerator.backward(micro_loss)
             loss = loss + micro_loss.detach()
@@ -703,7 +881,7 @@ def _train(trainer: _Trainer, out: Path, start: int, losses: List[float]) -> flo
 
     config, accelerator = trainer.config, trainer.accelerator
     bar = tqdm(total=config.steps, initial=start, disable=not (config.progress and accelerator.is_main_process),
-               desc=f"finetune {config.method.name}/{config.mode}")
+               desc=f"finetune {trainer.method.name}/{config.mode}")
     t0 = time.perf_counter()
     for step in range(start, config.steps):
         losses.append(trainer.step(step, first=step == start))
@@ -723,11 +901,13 @@ def _train(trainer: _Trainer, out: Path, start: int, losses: List[float]) -> flo
 def _write_results(trainer: _Trainer, out: Path, result: dict) -> None:
     """The weights folder and the log (main process)."""
     config = trainer.config
-    save_trained_weights(out, transformer=trainer.transformer, method=config.method, lora_config=trainer.lora_config,
-                         sla_projections=trainer.projections or None,
-                         extra={"model": config.settings()["model"], "token_grid": list(trainer.grid),
-                                "dense_layers": trainer.dense_layers, "frames": config.frames,
-                                "height": config.height, "width": config.width})
+    extra = {"model": config.settings()["model"], "token_grid": list(trainer.grid),
+             "dense_layers": trainer.dense_layers, "frames": config.frames, "height": config.height,
+             "width": config.width}
+    if trainer.plan is not None:
+        extra["plan_sha256"] = trainer.plan.content_hash()
+    save_trained_weights(out, transformer=trainer.transformer, method=trainer.method, lora_config=trainer.lora_config,
+                         sla_projections=trainer.projections or None, extra=extra)
     losses = result["loss"]
     log = {
         "settings": config.settings(), "versions": versions(("torch", "diffusers", "peft", "accelerate")),
@@ -743,7 +923,8 @@ def _write_results(trainer: _Trainer, out: Path, result: dict) -> None:
 
 
 def finetune(config: FinetuneConfig) -> Dict[str, Any]:
-    """Fine-tune ``config.model`` for ``config.method`` and write the result to ``config.output``.
+    """Fine-tune ``config.model`` for ``config.method`` (or under ``config.plan``) and write the result to
+    ``config.output``.
 
     Returns a dict with ``output`` (folder), ``loss`` (per-step losses, averaged
     over processes; the steps of earlier sessions too after ``--resume``),
@@ -764,7 +945,7 @@ def finetune(config: FinetuneConfig) -> Dict[str, Any]:
     try:  # the first forward finds model/method mismatches before anything is trained
         eval_start = trainer.eval_loss()
     except ValueError as e:
-        raise ValueError(f"--method {config.method.name} on token grid {trainer.grid}: {e}") from None
+        raise ValueError(f"{_method_label(config)} on token grid {trainer.grid}: {e}") from None
     _init_output(config, accelerator, out, out_contents)
     if config.mode == "distill" and trainer.samples_per_step < DISTILL_SAMPLES_PER_STEP and config.progress \
             and accelerator.is_main_process:

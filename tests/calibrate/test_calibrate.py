@@ -85,8 +85,11 @@ def test_calibrate_end_to_end_writes_a_plan_that_apply_runs(tmp_path, model, ext
     assert code == 0
     plan = dit_accel.SparsePlan.load(out)
     prov = plan.provenance
-    assert prov["model_id"] == model and prov["budget"] == {"min_psnr": 25.0} and len(prov["prompts_sha256"]) == 64
+    assert prov["model_id"] == model and len(prov["prompts_sha256"]) == 64
+    assert prov["budget"] == {"min_psnr": 25.0, "min_psnr_on": "every calibration video"}
     assert {"versions", "date", "grids", "objective", "model_class"} <= set(prov)
+    # the timestep of each step: finetune --plan maps a training noise level to the plan's step through them
+    assert len(prov["timesteps"]) == prov["steps"] == 2 and prov["timesteps"][0] > prov["timesteps"][1]
     report = tmp_path / "plan_report"
     assert {p.name for p in report.iterdir()} == {"report.md", "heatmap.png", "calibration.json"}
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary files left
@@ -112,3 +115,74 @@ def test_calibrate_needs_a_budget(tmp_path, capsys):
     assert main(["calibrate", "--model", "tiny-shapes", "--prompts", str(prompts), "--out",
                  str(tmp_path / "p.json"), "--no-progress"]) == 2
     assert "budget" in capsys.readouterr().out
+
+
+def _verify_by_error(offsets):
+    """A stand-in for the end-to-end run: video i's PSNR falls with the plan's summed squared attention error,
+    shifted by ``offsets[i]`` (some videos suffer more from the same plan than others)."""
+    import math
+
+    def verify(assignment, lam):
+        error = sum(c.error for c in assignment.choices.values())
+        base = 100.0 if error == 0 else -10.0 * math.log10(error) + 20.0
+        return {"psnr_videos": [min(100.0, base + o) for o in offsets], "modelled_ms": assignment.cost_per_sample(1),
+                "assignment": assignment}
+
+    return verify
+
+
+def test_the_psnr_budget_holds_on_every_calibration_video_by_default():
+    from dit_accel.calibrate.run import passes_budget, search_budget
+
+    assert passes_budget([30.0, 30.0, 20.0], 25.0) is False  # the mean (26.7) would pass
+    assert passes_budget([30.0, 30.0, 20.0], 25.0, "mean") is True
+    assert passes_budget([1.0], None) is True
+    cands = candidate_grid(GRID, size="small", methods=("tile", "sla"))
+    g = torch.Generator().manual_seed(3)
+    errors = {(layer, 0): torch.rand(len(cands), 4, generator=g, dtype=torch.float64) * 0.05 for layer in range(2)}
+    costs = CostModel(GRID, 32, terms="tiles")
+    block = [c for c in cands if c.kind == "block_sparse"]
+    space = SearchSpace(cands, errors, costs, 2, [(0, 4)], 4, costs.full_head(block[0].method.plan(GRID)))
+    verify = _verify_by_error([4.0, 4.0, 4.0, -8.0])  # three videos the plan barely changes, one it breaks
+    mean, _ = search_budget(space, verify, min_psnr=25.0, rule="mean", iters=12)
+    worst, trace = search_budget(space, verify, min_psnr=25.0, rule="worst", iters=12)
+    assert float(torch.tensor(mean["psnr_videos"]).mean()) >= 25.0 and min(mean["psnr_videos"]) < 25.0
+    assert min(worst["psnr_videos"]) >= 25.0 and worst["modelled_ms"] > mean["modelled_ms"]
+    assert not all(c.dense for c in worst["assignment"].choices.values())  # still sparse somewhere
+    assert all(r["passes"] == (min(r["psnr_videos"]) >= 25.0) for r in trace)
+    # nothing sparse passes: the dense plan, exactly
+    dense, _ = search_budget(space, _verify_by_error([-200.0]), min_psnr=25.0, iters=3)
+    assert all(c.dense for c in dense["assignment"].choices.values())
+
+
+@pytest.mark.parametrize("grid, head_dim, heads, terms", [(GRID, 32, 2, "tiles"), ((8, 32, 32), 128, 12, "full")])
+def test_auto_cost_terms_keep_the_full_model_unless_it_makes_every_candidate_lose(grid, head_dim, heads, terms):
+    from dit_accel.calibrate.run import CalibrationSettings, search_space
+
+    cands = candidate_grid(grid, size="small", methods=("tile", "sla"))
+    errors = {(0, 0): torch.zeros(len(cands), heads, dtype=torch.float64)}
+    settings = CalibrationSettings("m", ["p"], min_psnr=25.0)
+    assert settings.cost_terms == "auto"
+    space, note = search_space(cands, errors, grid, head_dim, 1, [(0, 4)], heads, settings)
+    assert space.costs.terms == terms and (note is not None) == (terms == "tiles")
+    # the full model at this grid: dense wins with error free exactly where auto fell back to tiles
+    settings.cost_terms = "full"
+    full, none = search_space(cands, errors, grid, head_dim, 1, [(0, 4)], heads, settings)
+    assert none is None and full.assign(0.0).choices[(0, 0)].dense == (terms == "tiles")
+    assert not space.assign(0.0).choices[(0, 0)].dense  # what auto searches can go sparse
+
+
+def test_the_bisection_spends_no_run_on_an_exact_plan_or_the_cheapest_one():
+    from dit_accel.calibrate.run import search_budget
+
+    cands = candidate_grid(GRID, size="small", methods=("tile", "sla"))
+    g = torch.Generator().manual_seed(3)
+    errors = {(layer, 0): torch.rand(len(cands), 4, generator=g, dtype=torch.float64) * 0.05 for layer in range(2)}
+    costs = CostModel(GRID, 32, terms="tiles")
+    block = [c for c in cands if c.kind == "block_sparse"]
+    space = SearchSpace(cands, errors, costs, 2, [(0, 4)], 4, costs.full_head(block[0].method.plan(GRID)))
+    _, trace = search_budget(space, _verify_by_error([4.0, 4.0, 4.0, -8.0]), min_psnr=25.0, iters=6)
+    keys = [r["assignment"].key() for r in trace]
+    cheapest = space.assign(0.0).key()
+    assert keys[0] == cheapest and cheapest not in keys[1:]
+    assert not any(all(c.error == 0 for c in r["assignment"].choices.values()) for r in trace)  # none exact
