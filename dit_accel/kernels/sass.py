@@ -807,9 +807,11 @@ _TABLE_CLASSES = ("tensor", "global", "shared", "mufu", "shfl", "barrier", "int"
 
 
 def sass_table(rows: Sequence[dict]) -> str:
-    """Markdown table of :func:`report` rows (compile-time analysis; ``per tile`` = main-loop SASS per iteration)."""
-    head = ["arch", "config", "regs", "spill B", "smem KB", "CTAs/warps per SM", "C7515", "per tile", "dense",
-            "ratio", "masked/main"] + list(_TABLE_CLASSES)
+    """Markdown table of :func:`report` rows (compile-time analysis; ``per tile`` = main-loop SASS per iteration,
+    per warp: in a warp-specialized kernel per consumer warp, each consumer warp group owning 64 query rows;
+    ``ring``: the K/V buffers' depth in the TTGIR; ``ws regs``: the register counts USETMAXREG sets)."""
+    head = ["arch", "config", "regs", "spill B", "smem KB", "CTAs/warps per SM", "ring", "ws regs", "C7515",
+            "per tile", "dense", "ratio", "masked/main"] + list(_TABLE_CLASSES)
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         if r.get("error"):
@@ -820,7 +822,8 @@ def sass_table(rows: Sequence[dict]) -> str:
         occ = r.get("occupancy") or {}
         spill = max(r["stack"], r["local"], r["spill_stores"])
         cells = [f"sm_{r['arch']}", r["name"], str(r["registers"]), str(spill), f"{r['shared'] / 1024:.0f}",
-                 f"{occ.get('ctas', '-')}/{occ.get('warps', '-')}", "yes" if r["c7515"] else "no",
+                 f"{occ.get('ctas', '-')}/{occ.get('warps', '-')}", str(r.get("ring") or "-"),
+                 "/".join(map(str, r.get("setmaxreg") or [])) or "-", "yes" if r["c7515"] else "no",
                  str(main.get("instructions", "-")), str(dense.get("instructions", "-")),
                  f"{r['ratio']:.2f}x" if r.get("ratio") else "-",
                  f"{r['partial_ratio']:.2f}x" if r.get("partial_ratio") else "-"]
