@@ -22,6 +22,13 @@ masks (:func:`dit_accel.kernels.dense.tiles.row_bits`). A layout block larger th
 kernel tile is split into tiles, each classified on its own: a sub-tile of a partial block
 whose pairs are all allowed runs unmasked, an all-masked one is skipped.
 
+On sm_90, for 128-token query blocks at head dims <= 128 (fp16 / bf16), the forward can run
+warp-specialized (:func:`_ws_forward`, where :func:`.configs.ws_pays` says it wins for the layout):
+the full tiles in ``_fwd_kernel`` with ``WS`` (a producer warp group issuing TMA loads through
+descriptors made in the kernel, two consumer warp groups of 64 query rows; Triton 3.9 builds these
+partitions only for a branch-free loop), then the partial tiles in a ``RESUME`` pass of the one-loop
+kernel over the query tiles that have any, started from the first pass's O and LSE.
+
 On sm_90 K and V (Q and dO for dK/dV) are loaded through TMA tensor descriptors when their
 base and strides are 16-byte aligned; otherwise, and on older GPUs, through pointers with
 64-bit tile offsets (no int32 overflow past ~419k tokens in the (B, N, H, D) layout).
