@@ -66,8 +66,14 @@ facts of the kernels other engineers are building:
   K/V loads: the sparse tile then runs at the dense Triton kernel's per-tile rate
   (``triton_dense_per_tile_s``; section 7's SASS gives the sparse loop 1.08x the dense one's
   instructions, and both are tensor-bound, so the rate is the pipeline's, not the loop's).
-- ``"ws"``: + a warp-specialized schedule (producer warp, two consumer warpgroups): the tile
-  at SDPA's per-tile rate (``dense_per_tile_s``).
+- ``"ws"``: + a warp-specialized schedule for the full tiles (sm_90, compiled: a producer warp
+  group lowered to 40 registers and two consumer warp groups of 64 query rows raised to 232 by
+  setmaxnreg, 12 warps and one CTA per SM, a 3-deep K/V ring of 128 x 64 tiles at d128, no spill,
+  per-tile SASS equal to the in-repo dense kernel's warp-specialized loop): full tiles at SDPA's
+  per-tile rate (``dense_per_tile_s``). Triton 3.9 cannot warp-specialize a loop with a branch, so
+  partial tiles run afterwards in a resume pass of the one-loop kernel, at ``"ring3"``'s rate
+  (``per_partial_tile_s``); :func:`dit_accel.kernels.block_sparse.configs.ws_pays` charges that pass
+  one per-CTA term per query block with partial tiles and picks ws only where it wins.
 
 Each variant is its own :class:`GpuConstants` in :data:`CONSTANTS` (``"h100/persistent"``
 and so on), with its ``source`` saying it is modelled.
@@ -145,9 +151,9 @@ def _variants(base: GpuConstants) -> Dict[str, GpuConstants]:
                                 source=f"MODELLED from {persistent.name}: 3-deep K/V ring, tiles at the dense "
                                        "Triton kernel's per-tile rate")
     ws = dataclasses.replace(ring3, name=f"{base.name}/ws", per_tile_s=base.dense_per_tile_s,
-                             per_partial_tile_s=base.dense_per_tile_s, modelled_kernel=True,
-                             source=f"MODELLED from {ring3.name}: warp-specialized schedule, tiles at SDPA's "
-                                    "per-tile rate")
+                             per_partial_tile_s=base.triton_dense_per_tile_s, modelled_kernel=True,
+                             source=f"MODELLED from {ring3.name}: warp-specialized full tiles at SDPA's per-tile "
+                                    "rate; partial tiles in the resume pass at ring3's")
     return {"current": base, "host": host, "persistent": persistent, "ring3": ring3, "ws": ws}
 
 

@@ -56,10 +56,10 @@ __all__ = ["Instruction", "Loop", "parse_sass", "find_loops", "classify", "CLASS
            "parse_ptxas_log", "resource_usage", "disassemble", "analyze", "analyze_many", "compile_shipped", "report",
            "paired",
            "loop_ratios", "sass_table", "partial_block_cost", "tile_cycles", "clean", "rank", "search", "search_jobs",
-           "loop_names", "ttgir_facts", "family_of", "main_loop", "MAIN_LOOP", "MASKED_LOOP", "ONE_LOOP", "ANALYSIS_VERSION"]
+           "loop_names", "ttgir_facts", "family_of", "main_loop", "loop_warps", "MAIN_LOOP", "MASKED_LOOP", "ONE_LOOP", "ANALYSIS_VERSION"]
 
 #: Bump when the analysis changes, so cached results are recomputed.
-ANALYSIS_VERSION = 8
+ANALYSIS_VERSION = 9
 
 # ----------------------------------------------------------------------------- instruction classes
 #: Instruction classes of the per-tile counts, in report order.
@@ -316,6 +316,7 @@ def disassemble(cubin: bytes) -> str:
                               text=True).stdout
 
 
+_SETMAXREG = re.compile(r"USETMAXREG\.\w+\.\w+\s+(?:U?P\d+,\s*)?0x([0-9a-f]+)")
 _RES = re.compile(r"REG:(\d+)\s+STACK:(\d+)\s+SHARED:(\d+)\s+LOCAL:(\d+)")
 
 
@@ -552,10 +553,16 @@ def analyze(cfg, arch: int, use_cache: bool = True, loops: bool = True) -> dict:
                        shared=shared, warnings=report["warnings"],
                        c7515=any(w["code"] == "C7515" for w in report["warnings"]),
                        mma="mma" in ptx, wgmma="wgmma" in ptx,
-                       occupancy=occupancy(arch, res["registers"], shared, cfg.num_warps),
+                       # a warp-specialized CTA runs more warps than num_warps (its partitions)
+                       cta_warps=int(ck.metadata.num_warps),
+                       occupancy=occupancy(arch, res["registers"], shared, int(ck.metadata.num_warps)),
                        **ttgir_facts(ck.asm.get("ttgir", ""), ptx))
         if loops:
-            row["loops"] = _named_loops(disassemble(ck.asm["cubin"]), kernel_file)
+            text = disassemble(ck.asm["cubin"])
+            row["loops"] = _named_loops(text, kernel_file)
+            # Register counts the warp groups move to (USETMAXREG, from PTX setmaxnreg): producer down,
+            # consumers up; empty without warp specialization.
+            row["setmaxreg"] = sorted({int(x, 16) for x in _SETMAXREG.findall(text)})
     except Exception as exc:  # reported, not raised: callers list every failure
         row["error"] = f"{type(exc).__name__}: {str(exc)[-2000:]}"
         return row
@@ -628,6 +635,14 @@ ISSUE_PER_CLK = 4
 _DOTS = {"fwd": 2, "bwd_dq": 3, "bwd_dkdv": 4, "bwd_dkdv_lin": 6}  # tensor-core products per tile
 
 
+def loop_warps(row: dict) -> int:
+    """Warps that run a row's tile loop: ``num_warps``, or in a warp-specialized kernel its consumer
+    warp groups (the CTA's warps less the ``num_warps`` of the producer's default partition)."""
+    if row.get("warp_specialized") and row.get("cta_warps", 0) > row["num_warps"]:
+        return row["cta_warps"] - row["num_warps"]
+    return row["num_warps"]
+
+
 def tile_cycles(row: dict, loop: Optional[str] = None) -> Optional[dict]:
     """Modelled SM cycles per tile of a loop: the issue port, the tensor cores and the MUFU in parallel.
 
@@ -643,8 +658,9 @@ def tile_cycles(row: dict, loop: Optional[str] = None) -> Optional[dict]:
     bm, bn = row["tile"]
     flops = 2 * _DOTS.get(row["kernel"], 2) * bm * bn * row["block_d"]
     rate = TENSOR_FLOPS_PER_CLK[arch] / (2 if "float32" in row["dtype"] else 1)
-    parts = {"issue": lp["instructions"] * row["num_warps"] / ISSUE_PER_CLK, "tensor": flops / rate,
-             "mufu": lp["classes"].get("mufu", 0) * row["num_warps"] * 32 / MUFU_PER_CLK}
+    warps = loop_warps(row)
+    parts = {"issue": lp["instructions"] * warps / ISSUE_PER_CLK, "tensor": flops / rate,
+             "mufu": lp["classes"].get("mufu", 0) * warps * 32 / MUFU_PER_CLK}
     bound = max(parts, key=parts.get)
     return {**parts, "cycles": parts[bound], "bound": bound, "per_pair": parts[bound] / (bm * bn)}
 
@@ -791,9 +807,11 @@ _TABLE_CLASSES = ("tensor", "global", "shared", "mufu", "shfl", "barrier", "int"
 
 
 def sass_table(rows: Sequence[dict]) -> str:
-    """Markdown table of :func:`report` rows (compile-time analysis; ``per tile`` = main-loop SASS per iteration)."""
-    head = ["arch", "config", "regs", "spill B", "smem KB", "CTAs/warps per SM", "C7515", "per tile", "dense",
-            "ratio", "masked/main"] + list(_TABLE_CLASSES)
+    """Markdown table of :func:`report` rows (compile-time analysis; ``per tile`` = main-loop SASS per iteration,
+    per warp: in a warp-specialized kernel per consumer warp, each consumer warp group owning 64 query rows;
+    ``ring``: the K/V buffers' depth in the TTGIR; ``ws regs``: the register counts USETMAXREG sets)."""
+    head = ["arch", "config", "regs", "spill B", "smem KB", "CTAs/warps per SM", "ring", "ws regs", "C7515",
+            "per tile", "dense", "ratio", "masked/main"] + list(_TABLE_CLASSES)
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         if r.get("error"):
@@ -804,7 +822,8 @@ def sass_table(rows: Sequence[dict]) -> str:
         occ = r.get("occupancy") or {}
         spill = max(r["stack"], r["local"], r["spill_stores"])
         cells = [f"sm_{r['arch']}", r["name"], str(r["registers"]), str(spill), f"{r['shared'] / 1024:.0f}",
-                 f"{occ.get('ctas', '-')}/{occ.get('warps', '-')}", "yes" if r["c7515"] else "no",
+                 f"{occ.get('ctas', '-')}/{occ.get('warps', '-')}", str(r.get("ring") or "-"),
+                 "/".join(map(str, r.get("setmaxreg") or [])) or "-", "yes" if r["c7515"] else "no",
                  str(main.get("instructions", "-")), str(dense.get("instructions", "-")),
                  f"{r['ratio']:.2f}x" if r.get("ratio") else "-",
                  f"{r['partial_ratio']:.2f}x" if r.get("partial_ratio") else "-"]

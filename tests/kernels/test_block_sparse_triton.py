@@ -409,3 +409,92 @@ def test_persistent_forward_one_loop(monkeypatch, programs, n, dtype):
     assert cfg.tma and 0 < layout.partial_fraction() < 1
     q, k, v = make_qkv(2, heads, n, n, 80, dtype, seed=programs)
     check_forward(q, k, v, mask, layout)
+
+
+# ------------------------------------------------------------------ the warp-specialized forward (sm_90 path)
+def _spy_ws(monkeypatch, bst):
+    """Pretend the device is an sm_90 whose cost model always takes ws; record what _ws_forward did."""
+    monkeypatch.setattr(bst, "_arch", lambda device: 90)
+    monkeypatch.setattr(bst, "ws_pays", lambda *a, **k: True)
+    ran = []
+    real = bst._ws_forward
+    monkeypatch.setattr(bst, "_ws_forward", lambda *a: ran.append(real(*a)) or ran[-1])
+    return ran
+
+
+def _ws_layout(heads, n, seed=0):
+    """128-blocks. Query block 0: full tiles (keys 0-127) and partial ones (element masks, the ragged
+    last key tile): both passes write its rows. Query block 1: whole key blocks only (no resume pass
+    for its rows), one more of them on the last head. Row 256 (when N > 256): no key at all."""
+    mask = random_mask(heads, n, n, block=64, seed=seed) | banded_mask(n, n, 3)
+    mask[:, :128, :128] = True
+    mask[:, 128:256] = False
+    mask[:, 128:256, :128] = True
+    mask[heads - 1, 128:256, 128:256] = True
+    mask[:, 256:257] = False
+    return mask, BlockLayout.from_dense_mask(mask, block_q=128, block_k=128)
+
+
+@pytest.mark.parametrize("n,d", [(257, 80), (256, 128)], ids=["N257-D80-ragged", "N256-D128-aligned"])
+def test_ws_forward_then_resume_pass(monkeypatch, n, d):
+    """The sm_90 warp-specialized forward: full tiles in the ws kernel (descriptors made in the
+    kernel; the interpreter ignores warp_specialize), partial tiles in the resume pass started from
+    its O and LSE. 128-blocks, per-head rows of different lengths, an empty row, rows with and without
+    partial tiles, fp16 (the interpreter's bf16 dot is wrong)."""
+    from dit_accel.kernels.block_sparse import triton as bst
+    from dit_accel.kernels.block_sparse.configs import ws_config
+
+    ran = _spy_ws(monkeypatch, bst)
+    mask, layout = _ws_layout(2, n, seed=n)
+    q, k, v = make_qkv(2, 2, n, n, d, torch.float16, seed=d)
+    ws = ws_config(bst._config("fwd", q, layout, (k, v)), 90)
+    assert ws is not None and ws.ws and (ws.block_m, ws.block_n) == (128, 64)
+    plan = bst._plan(layout, 128, 64, False)
+    items, resumed = bst.ws_schedule(plan, 2, 2, ws)
+    part = plan.plan[..., 1]
+    assert 0 < resumed.numel() < items.numel() and torch.all(part > 0) == (resumed.numel() == items.numel())
+    check_forward(q, k, v, mask, layout)
+    assert ran == [True]
+
+
+def test_ws_schedule_resumes_exactly_the_rows_with_partial_tiles(monkeypatch):
+    from dit_accel.kernels.block_sparse import triton as bst
+    from dit_accel.kernels.block_sparse.configs import select_config, ws_config
+    from dit_accel.kernels.block_sparse.triton import tile_plan, work_order, ws_schedule
+
+    ws = ws_config(select_config("fwd", torch.float16, 128, 128, 128, 90), 90)
+    assert ws_schedule(tile_plan(_uneven_layout(1, 300, block=128)[1], 128, 64), 1, 1, ws) is None  # model: no
+    for heads, shared in ((3, False), (2, True)):
+        mask, layout = _ws_layout(1 if shared else heads, 300, seed=heads)
+        plan = tile_plan(layout, 128, 64)
+        monkeypatch.setattr(bst, "ws_pays", lambda *a, **k: True)
+        items, resumed = ws_schedule(plan, 2, heads, ws, arch="h100")
+        monkeypatch.undo()
+        assert torch.equal(items, work_order(plan, 2, heads))
+        r = plan.plan.shape[1]
+        bh, row = items.long() // r, items.long() % r
+        has_part = plan.plan[0 if shared else bh % heads, row, 1] > 0
+        assert torch.equal(resumed, items[has_part]) and 0 < resumed.numel() < items.numel()
+
+
+def test_ws_pays_follows_the_cost_model():
+    from dit_accel.kernels.block_sparse.configs import ws_pays
+
+    assert ws_pays(27_000, 100, 100, 128, 64)  # mostly full tiles: ws wins
+    assert not ws_pays(0, 5_000, 1_000, 128, 64)  # no full tile: nothing to gain, a pass to pay
+    assert not ws_pays(10, 10, 1_000, 128, 64)  # few full tiles per resumed row
+
+
+@pytest.mark.parametrize("dtype,d,block", [(torch.float32, 128, 128), (torch.float16, 128, 64),
+                                           (torch.float16, 256, 128)], ids=["fp32", "64-blocks", "d256"])
+def test_no_ws_where_there_is_no_ws_configuration(monkeypatch, dtype, d, block):
+    """fp32, tiles below 128 x 64 and head dims over 128 keep the one-loop kernel."""
+    from dit_accel.kernels.block_sparse import triton as bst
+
+    ran = _spy_ws(monkeypatch, bst)
+    n = 130
+    mask = banded_mask(n, n, 40)
+    layout = BlockLayout.from_dense_mask(mask, block_q=block, block_k=block)
+    q, k, v = make_qkv(1, 1, n, n, d, dtype, seed=1)
+    check_forward(q, k, v, mask, layout)
+    assert ran == [False]

@@ -15,7 +15,7 @@ pytest.importorskip("triton")
 
 from dit_accel.kernels.backends import TRITON_MAX_HEAD_DIM as MAX_HEAD_DIM  # noqa: E402
 from dit_accel.kernels.block_sparse.configs import GPU_LAYOUT_BLOCKS  # noqa: E402
-from dit_accel.kernels.block_sparse.configs import pointer_fallback, select_config  # noqa: E402
+from dit_accel.kernels.block_sparse.configs import pointer_fallback, resume_config, select_config, ws_config  # noqa: E402,E501
 from dit_accel.kernels.checks import SUPPORTED_DTYPES  # noqa: E402
 from dit_accel.kernels.compile import TARGET_ARCHS, shared_memory_limit  # noqa: E402
 from dit_accel.kernels.sass import compile_shipped  # noqa: E402
@@ -96,6 +96,26 @@ def test_shipped_list_covers_every_launch_choice():
                             assert cfg in shipped, cfg
                             if cfg.tma:
                                 assert pointer_fallback(cfg) in shipped, cfg
+                            ws = ws_config(cfg, arch)
+                            if ws is not None:  # the launcher's choice where ws_pays
+                                assert ws in shipped and resume_config(ws, arch) in shipped, ws
+
+
+def test_sm90_ships_a_warp_specialized_forward(compiled):
+    """sm_90's forward for 128-token query blocks at head dims <= 128 (fp16, bf16) has a
+    warp-specialized configuration (4 warps: Triton 3.9 builds no partitions at 8) and its resume
+    pass, and both compiled: ws partitions in the TTGIR, setmaxnreg in the PTX, 12 warps per CTA."""
+    for dtype in (torch.float16, torch.bfloat16):
+        for d in (80, 128):
+            ws = ws_config(select_config("fwd", dtype, d, 128, 128, 90), 90)
+            assert ws is not None and ws.ws and ws.num_warps == 4 and ws.block_m == 128, (dtype, d)
+    assert ws_config(select_config("fwd", torch.float32, 128, 128, 128, 90), 90) is None
+    assert all(ws_config(select_config("fwd", torch.bfloat16, 128, 128, 128, a), a) is None for a in (80, 89))
+    rows = {r["name"]: r for r in compiled if r["arch"] == 90}
+    ws_rows = [r for name, r in rows.items() if name.endswith("-ws")]
+    assert len(ws_rows) == 2 and len([n for n in rows if n.endswith("-resume")]) == 2
+    for r in ws_rows:
+        assert r["warp_specialized"] and r["setmaxnreg"] and r["cta_warps"] == 12 and r["persistent"], r["name"]
 
 
 def test_shipped_list_spans_dtypes_head_dims_kernels_and_load_paths():

@@ -57,3 +57,20 @@ def test_dense_rejects_bad_inputs():
         dense_attention(q, q, q)
     with pytest.raises(ValueError, match="4 dims"):
         dense_attention(q[0], q[0], q[0])
+
+
+@pytest.mark.parametrize("m", [128, 100], ids=["even-keys", "ragged-keys"])
+@pytest.mark.parametrize("d", [128, 80])
+def test_dense_ws_forward_on_sm90(monkeypatch, m, d):
+    """sm_90, fp16 / bf16, head dim <= 128, TMA-aligned: the launcher picks the warp-specialized kernel
+    (one loop over descriptors made in the kernel; the ragged last key tile masked in that loop)."""
+    from dit_accel.kernels.block_sparse import configs
+
+    monkeypatch.setattr(dense_triton, "_arch", lambda device: 90)
+    picked = []
+    real = configs.ws_config
+    monkeypatch.setattr(configs, "ws_config", lambda *a: picked.append(real(*a)) or picked[-1])
+    q, k, v = make_qkv(1, 2, 70, m, d, torch.float16, seed=m + d)
+    o, lse = dense_triton.dense_forward(q, k, v, d ** -0.5)
+    assert_attention_close(o, lse, q, k, v, None)
+    assert picked and picked[-1].ws and picked[-1].num_warps == 4

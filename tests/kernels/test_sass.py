@@ -16,8 +16,9 @@ import torch
 pytest.importorskip("triton")
 
 from dit_accel.kernels import sass  # noqa: E402
-from dit_accel.kernels.block_sparse.configs import select_config  # noqa: E402
+from dit_accel.kernels.block_sparse.configs import resume_config, select_config, ws_config  # noqa: E402
 from dit_accel.kernels.sla.configs import select_sla_config  # noqa: E402
+from dit_accel.kernels.compile import shipped_kernel_configs  # noqa: E402
 from tests.utils import static_toolchain  # noqa: E402
 
 # ----------------------------------------------------------------------------- parser (no compile)
@@ -146,7 +147,21 @@ def _parity_jobs():
     jobs += [(select_config("fwd", torch.bfloat16, 128, block, block, 89), 89) for block in LAYOUT_BLOCKS]
     jobs += [(select_sla_config("fwd", torch.bfloat16, d, lin, arch), arch)
              for arch in (80, 89, 90) for d in (64, 128) for lin in (False, True)]
+    jobs += [(c, 90) for c in _ws_configs()]
     return list(dict.fromkeys(jobs))
+
+
+def _ws_configs():
+    """sm_90's warp-specialized forward (bf16, fp16 at d128, 128-blocks) and its resume pass."""
+    out = []
+    for dtype in (torch.bfloat16, torch.float16):
+        ws = ws_config(select_config("fwd", dtype, 128, 128, 128, 90), 90)
+        out += [ws, resume_config(ws)]
+    return out
+
+
+def _is_ws(r):
+    return r["name"].endswith("-ws")
 
 
 def _partial_jobs():
@@ -233,7 +248,7 @@ def test_partial_tile_costs_at_most_1_5x_a_full_one(rows):
             return "no partial / full loop pair"
         return None if r["partial_ratio"] <= 1.5 else f"partial tile {r['partial_ratio']:.3f}x a full one"
 
-    bad = _failures(rows, lambda r: r["family"] == "block_sparse", check)
+    bad = _failures(rows, lambda r: r["family"] == "block_sparse" and not _is_ws(r), check)  # ws: full tiles only
     assert not bad, "partial (masked) tiles above 1.5x a full tile:\n" + bad
 
 
@@ -265,7 +280,7 @@ def test_forward_loops_prefetch_block_indices(rows):
     or two ahead into registers (synchronous LDG whose result the next iteration uses), and its K / V
     arrive by TMA."""
     source = _kernel_source()
-    fwd = [r for r in rows.values() if r["family"] == "block_sparse" and r["kernel"] == "fwd"]
+    fwd = [r for r in rows.values() if r["family"] == "block_sparse" and r["kernel"] == "fwd" and not _is_ws(r)]
     assert {r["arch"] for r in fwd} == {80, 89, 90}
     for r in fwd:
         for name in ("full", "partial"):
@@ -283,8 +298,10 @@ def test_sm90_forward_is_persistent_with_one_loop_and_a_deep_ring(rows):
     partial tiles share one loop (``tiles``: one pipeline fill per query tile), and the K / V ring
     (the pipeliner's multi-buffered tiles in the TTGIR) is num_stages deep, not one less: at least 3
     for 128-blocks and head dim 64 (64 x 64 tiles at d128 keep 2 stages: 3 would leave one CTA per SM)."""
-    fwd = [r for r in rows.values() if r["family"] == "block_sparse" and r["kernel"] == "fwd" and r["arch"] == 90]
-    assert fwd and all(r["name"].endswith("-tma-oddd") for r in fwd)
+    fwd = [r for r in rows.values() if r["family"] == "block_sparse" and r["kernel"] == "fwd" and r["arch"] == 90
+           and not _is_ws(r)]  # (and the ws kernels' resume passes)
+    assert fwd and all(r["name"].endswith(("-tma-oddd", "-tma-oddd-resume")) for r in fwd)
+    assert any(r["name"].endswith("-resume") for r in fwd)
     for r in fwd:
         where = f"{r['name']}: {r['rings']}"
         assert r["persistent"] and "tiles" in r["loops"], where
@@ -293,6 +310,28 @@ def test_sm90_forward_is_persistent_with_one_loop_and_a_deep_ring(rows):
                                                                           r["block_d"] == 128), where
         assert r["occupancy"]["ctas"] >= (2 if r["num_warps"] == 4 else 1), f"{r['name']}: {r['occupancy']}"
     assert any(r["ring"] >= 3 and r["block_d"] == 128 for r in fwd)
+
+
+def test_sm90_ws_forward_has_producer_and_consumer_warp_groups(rows):
+    """The shipped warp-specialized forward (and the dense kernel it is measured against): TTGIR
+    partitions (ttg.warp_specialize), setmaxnreg in the PTX and USETMAXREG in the SASS moving registers
+    from the producer to the consumers, 12 warps at num_warps=4, persistent, a 3-deep K/V ring, no spill
+    or advisory, and a per-tile loop within 1.15x the dense kernel's warp-specialized loop."""
+    ws = [r for r in rows.values() if _is_ws(r)]
+    assert {(r["dtype"], r["block_d"]) for r in ws} == {("torch.bfloat16", 128), ("torch.float16", 128)}
+    for r in ws:
+        for row in (r, r["dense"]):
+            where = f"{row['name']}: {row.get('error')}"
+            assert row.get("error") is None and row["warp_specialized"] and row["setmaxnreg"], where
+            assert row["cta_warps"] == 3 * row["num_warps"] == 12, where
+            assert len(row["setmaxreg"]) >= 2 and min(row["setmaxreg"]) <= 40 and max(row["setmaxreg"]) >= 232, \
+                f"{where}: {row['setmaxreg']}"
+            assert sass.clean(row) and not row["warnings"] and not row["spill_loads"], where
+            assert row["occupancy"]["ctas"] == 1 and row["occupancy"]["warps"] == 12, row["occupancy"]
+        assert r["persistent"] and r["ring"] == r["num_stages"] == 3 and "full" in r["loops"], r["rings"]
+        assert r["ratio"] is not None and r["ratio"] <= 1.15, r["ratio"]
+    shipped = set(shipped_kernel_configs(90, "block_sparse"))
+    assert set(_ws_configs()) <= shipped
 
 
 def test_pointer_forward_keeps_a_tile_per_program(rows):

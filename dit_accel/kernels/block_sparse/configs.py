@@ -17,6 +17,7 @@ from ..checks import SUPPORTED_DTYPES
 from ..dense.configs import ARG_TYPES, DIV16, tma_supported
 
 __all__ = ["KernelConfig", "select_config", "shipped_configs", "pointer_fallback", "candidates", "shared_memory_limit",
+           "ws_config", "resume_config", "ws_pays", "WS_TUNED",
            "block_d_for",
            "SHARED_MEMORY_LIMITS", "TARGET_ARCHS", "BLOCK_DS", "KERNEL_NAMES"]
 
@@ -50,6 +51,8 @@ class KernelConfig:
     num_stages: int
     tma: bool = False
     even_d: bool = True
+    ws: bool = False  # fwd on sm_90: the full tiles in a warp-specialized kernel (see WS_TUNED)
+    resume: bool = False  # fwd on sm_90: the partial tiles after a ws kernel, from its (O, LSE)
 
     @property
     def dot_precision(self) -> str:
@@ -61,11 +64,15 @@ class KernelConfig:
     @property
     def name(self) -> str:
         return (f"{self.kernel}-{_DTYPE_NAMES[self.dtype]}-d{self.block_d}-m{self.block_m}n{self.block_n}"
-                f"-w{self.num_warps}s{self.num_stages}{'-tma' if self.tma else ''}{'' if self.even_d else '-oddd'}")
+                f"-w{self.num_warps}s{self.num_stages}{'-tma' if self.tma else ''}{'' if self.even_d else '-oddd'}"
+                f"{'-ws' if self.ws else ''}{'-resume' if self.resume else ''}")
 
     def constexprs(self) -> dict:
-        return {"BLOCK_M": self.block_m, "BLOCK_N": self.block_n, "BLOCK_D": self.block_d, "EVEN_D": self.even_d,
-                "TMA": self.tma, "DOT_PRECISION": self.dot_precision}
+        out = {"BLOCK_M": self.block_m, "BLOCK_N": self.block_n, "BLOCK_D": self.block_d, "EVEN_D": self.even_d,
+               "TMA": self.tma, "DOT_PRECISION": self.dot_precision}
+        if self.kernel == "fwd":
+            out.update(WS=self.ws, RESUME=self.resume)
+        return out
 
     def dense(self):
         """The dense kernel with the same tile, warps, stages, dtype and load path (None for bwd_preprocess)."""
@@ -74,7 +81,7 @@ class KernelConfig:
         if self.kernel == "bwd_preprocess":
             return None
         return DenseConfig(self.kernel, self.dtype, self.block_d, self.block_m, self.block_n, self.num_warps,
-                           self.num_stages, self.tma, self.even_d)
+                           self.num_stages, self.tma, self.even_d, self.ws)
 
     def aot_source(self, kernels):
         """``(kernel, signature, constexprs, attrs)`` for ``triton.compile(ASTSource(...))`` (see compile.py)."""
@@ -82,7 +89,7 @@ class KernelConfig:
         fn = kernels[self.kernel]
         consts = {k: v for k, v in self.constexprs().items() if k in fn.arg_names}
         tma = None
-        if self.tma:
+        if self.tma and not self.ws:  # a ws kernel makes its descriptors itself, from pointers
             rows = self.block_m if self.kernel == "bwd_dkdv" else self.block_n
             tma = {name: (1, 1, rows, self.block_d) for name in tma_args(self.kernel)}
         return aot_signature(fn, _ARG_TYPES, consts, _DIV16, self.dtype, tma)
@@ -129,6 +136,56 @@ TUNED: Dict[Tuple[int, str, int], Tuple[Tuple[int, int, int, int], Tuple[int, in
     (90, "bwd_dkdv", 64): ((32, 64, 4, 2), (32, 64, 4, 2)),
     (90, "bwd_dkdv", 128): ((32, 128, 8, 2), (32, 64, 4, 1)),
 }
+
+
+#: sm_90 forward, warp-specialized (:attr:`KernelConfig.ws`), fp16 / bf16 per padded head dim:
+#: ``(block_m, block_n, warps, stages)`` for layout blocks of at least ``block_m x block_n``. Triton
+#: 3.9 warp-specializes only at 4 warps (8 give no partitions); the CTA then runs 12 warps (a
+#: producer and two consumer warp groups of 64 rows, 232 registers each by setmaxnreg) and one CTA
+#: per SM. 128 x 64 tiles take a 3-deep K/V ring (the persistent kernel's TTGIR holds four
+#: 3 x 64 x 128 buffers, 210 KB at d128); 128 x 128 tiles fit 2 stages only (3 need 246 KB > 227 KB
+#: in a single-item kernel already). The partial tiles run after it in the ``resume`` kernel (the
+#: non-ws configuration with ``resume=True``). Read from the compiled artefacts (``dit-accel bench
+#: sass``); a ws configuration is chosen only where :func:`ws_pays` says so for the layout.
+WS_TUNED: Dict[Tuple[int, str, int], Tuple[int, int, int, int]] = {
+    # (d64 has none: its resume pass at 128 x 64 tiles, 4 warps, spills 52 B; 8 warps would be one more
+    # configuration to ship for a head dim the issue's targets do not use.)
+    (90, "fwd", 128): (128, 64, 4, 3),
+}
+
+
+def ws_config(cfg: KernelConfig, arch: int) -> Optional[KernelConfig]:
+    """The warp-specialized variant of forward configuration ``cfg`` on ``sm_<arch>`` (None where there
+    is none: not sm_90, fp32, head dim 256, pointer loads, or a tile smaller than the ws tile)."""
+    if cfg.kernel != "fwd" or not cfg.tma or cfg.ws or cfg.resume or arch < 90:
+        return None
+    tuned = WS_TUNED.get((90, "fwd", cfg.block_d)) if cfg.dtype != torch.float32 else None
+    if tuned is None or tuned[0] > cfg.block_m or tuned[1] > cfg.block_n:
+        return None
+    bm, bn, warps, stages = tuned
+    return dataclasses.replace(cfg, block_m=bm, block_n=bn, num_warps=warps, num_stages=stages, ws=True)
+
+
+def resume_config(ws: KernelConfig, arch: int = 90) -> KernelConfig:
+    """The kernel that runs the partial tiles after warp-specialized configuration ``ws``: the
+    non-ws TMA forward with the same tile (so the same plan), started from ws's ``(O, LSE)``."""
+    base = select_config("fwd", ws.dtype, ws.block_d, ws.block_m, ws.block_n, arch)
+    return dataclasses.replace(base, block_m=ws.block_m, block_n=ws.block_n, resume=True)
+
+
+def ws_pays(full_tiles: float, partial_tiles: float, resumed_rows: float, block_m: int, block_n: int,
+            arch: str = "h100") -> bool:
+    """Whether the warp-specialized forward plus its resume pass is modelled faster than the one-loop
+    kernel for a layout with these tile counts (``block_m x block_n`` tiles; ``resumed_rows``: query
+    tiles with partial tiles). The cost model (:mod:`dit_accel.kernels.cost`): full tiles at the
+    ``"ws"`` variant's rate instead of ``"ring3"``'s, against one more pass over the resumed query
+    tiles (their O / LSE read back and a pipeline fill) at the per-CTA cost. A model, not a timing."""
+    from ..cost import constants
+
+    ws, base = constants(arch, "ws"), constants(arch, "ring3")
+    scale = block_m * block_n / (64 * 64)
+    gain = full_tiles * (base.per_tile_s - ws.per_tile_s) * scale
+    return gain > resumed_rows * ws.per_cta_s * block_m / 64
 
 
 def _tuned(kernel: str, dtype: torch.dtype, bd: int, block_q: int, block_k: int, arch: int):
@@ -237,6 +294,10 @@ def shipped_configs(arch: Optional[int] = None) -> List[KernelConfig]:
                         for bk in GPU_LAYOUT_BLOCKS:
                             cfg = select_config(kernel, dtype, bd, bq, bk, a)
                             seen.setdefault(cfg, cfg)
+                            ws = ws_config(cfg, a)
+                            if ws is not None:  # where ws_pays: the ws kernel and its resume pass
+                                seen.setdefault(ws, ws)
+                                seen.setdefault(resume_config(ws, a), resume_config(ws, a))
                             if cfg.tma:  # the launcher's fallback when a tensor is not TMA-aligned
                                 cfg = pointer_fallback(cfg)
                                 seen.setdefault(cfg, cfg)
@@ -245,4 +306,4 @@ def shipped_configs(arch: Optional[int] = None) -> List[KernelConfig]:
 
 def pointer_fallback(cfg: KernelConfig) -> KernelConfig:
     """The pointer-load variant of a TMA configuration (same tiles, warps and stages)."""
-    return dataclasses.replace(cfg, tma=False, even_d=True)
+    return dataclasses.replace(cfg, tma=False, even_d=True, ws=False, resume=False)

@@ -22,6 +22,13 @@ masks (:func:`dit_accel.kernels.dense.tiles.row_bits`). A layout block larger th
 kernel tile is split into tiles, each classified on its own: a sub-tile of a partial block
 whose pairs are all allowed runs unmasked, an all-masked one is skipped.
 
+On sm_90, for 128-token query blocks at head dims <= 128 (fp16 / bf16), the forward can run
+warp-specialized (:func:`_ws_forward`, where :func:`.configs.ws_pays` says it wins for the layout):
+the full tiles in ``_fwd_kernel`` with ``WS`` (a producer warp group issuing TMA loads through
+descriptors made in the kernel, two consumer warp groups of 64 query rows; Triton 3.9 builds these
+partitions only for a branch-free loop), then the partial tiles in a ``RESUME`` pass of the one-loop
+kernel over the query tiles that have any, started from the first pass's O and LSE.
+
 On sm_90 K and V (Q and dO for dK/dV) are loaded through TMA tensor descriptors when their
 base and strides are 16-byte aligned; otherwise, and on older GPUs, through pointers with
 64-bit tile offsets (no int32 overflow past ~419k tokens in the (B, N, H, D) layout).
@@ -43,13 +50,14 @@ import torch
 import triton
 import triton.language as tl
 
-from ..dense.tiles import LN2, LOG2E, dkdv_step, dq_step, fwd_step, fwd_update, load_tile, row_bits, row_words, words_keep
+from ..dense.tiles import (LN2, LOG2E, dkdv_step, dq_step, fwd_step, fwd_update, load_tile, row_bits, row_words,
+                          slice_descriptors, words_keep)
 from ..dense.configs import tma_ok
-from ..dense.triton import _bwd_preprocess_kernel
+from ..dense.triton import _bwd_preprocess_kernel, ensure_allocator
 from ..layout import BlockLayout
-from .configs import KernelConfig, pointer_fallback, select_config
+from .configs import KernelConfig, pointer_fallback, resume_config, select_config, ws_config, ws_pays
 
-__all__ = ["triton_forward", "triton_backward", "KERNELS", "TilePlan", "tile_plan", "work_order", "tma_ok"]
+__all__ = ["triton_forward", "triton_backward", "KERNELS", "TilePlan", "tile_plan", "work_order", "ws_schedule", "tma_ok"]
 
 
 # ---------------------------------------------------------------------------
@@ -63,9 +71,14 @@ def _fwd_item(
     plan_h, plan_r, w, bits_w,
     q_len, kv_len, head_dim, qk_scale,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
-    TMA: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    TMA: tl.constexpr, DOT_PRECISION: tl.constexpr, RESUME: tl.constexpr,
 ):
-    """One work item of the forward: query tile ``pid_m`` of batch ``b``, head ``h``."""
+    """One work item of the forward: query tile ``pid_m`` of batch ``b``, head ``h``.
+
+    ``RESUME`` (TMA only): run the partial tiles alone, starting from the ``(O, LSE)`` that the
+    warp-specialized kernel wrote for the full tiles (``acc = O``, ``m = LSE`` in base 2, ``l = 1``:
+    a valid online-softmax state; ``l = 0`` where no key was seen).
+    """
     row0 = pid_m * BLOCK_M
     q_base = Q + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh
     if TMA:  # K, V are tensor descriptors; the bases are unused
@@ -84,9 +97,21 @@ def _fwd_item(
     tiles = plan + 2
     bits = tiles + w
 
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    if RESUME:
+        start = n_full
+        offs_m = row0 + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, BLOCK_D)
+        acc = tl.load(O + b.to(tl.int64) * sob + h.to(tl.int64) * soh + offs_m.to(tl.int64)[:, None] * son
+                      + offs_d[None, :], mask=(offs_m < q_len)[:, None] & (offs_d < head_dim)[None, :], other=0.0)
+        acc = acc.to(tl.float32)
+        m_i = tl.load(LSE + b.to(tl.int64) * slb + h.to(tl.int64) * slh + offs_m, mask=offs_m < q_len,
+                      other=float("-inf")) * LOG2E
+        l_i = tl.where(m_i == float("-inf"), 0.0, 1.0)
+    else:
+        start = 0
+        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     if TMA:
         # sm_90: one loop over full and partial tiles, so a query tile fills the pipeline once. The
         # next tile's index is read one iteration ahead, into a register: no load of K or V waits on
@@ -95,10 +120,10 @@ def _fwd_item(
         # tiles come last and in a row: each loads the next one's mask words (and the offset of the
         # one after), used an iteration later; a full tile runs none of that code.
         rows = tl.arange(0, BLOCK_M)
-        nxt = tl.load(tiles, mask=n_tot > 0, other=0)
+        nxt = tl.load(tiles + start, mask=start < n_tot, other=0)
         lo, hi = row_words(BITS, tl.load(bits + n_full, mask=n_full < n_tot, other=0), rows, bits_w, BLOCK_N)
         off = tl.load(bits + n_full + 1, mask=n_full + 1 < n_tot, other=0)
-        for i in range(0, n_tot):  # loop: tiles
+        for i in range(start, n_tot):  # loop: tiles
             col = nxt * BLOCK_N
             nxt = tl.load(tiles + i + 1, mask=i + 1 < n_tot, other=0)
             k = load_tile(K, k_base, b, h, col, kv_len, skn, head_dim, BLOCK_N, BLOCK_D, TMA, False, EVEN_D)
@@ -125,16 +150,53 @@ def _fwd_item(
             v = load_tile(V, v_base, b, h, col, kv_len, svn, head_dim, BLOCK_N, BLOCK_D, TMA, True, EVEN_D)
             acc, m_i, l_i = fwd_step(q, k, v, acc, m_i, l_i, qk_scale, keep, True, DOT_PRECISION)
 
-    empty = l_i == 0.0  # rows that saw no allowed key: o = 0, lse = -inf
-    l_safe = tl.where(empty, 1.0, l_i)
+    _fwd_epilogue(O, LSE, b, h, row0, sob, soh, son, slb, slh, acc, m_i, l_i, q_len, head_dim, BLOCK_M, BLOCK_D)
+
+
+@triton.jit
+def _fwd_epilogue(O, LSE, b, h, row0, sob, soh, son, slb, slh, acc, m_i, l_i, q_len, head_dim,  # noqa: E741
+                  BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """O and LSE of a query tile; rows that saw no allowed key get o = 0, lse = -inf."""
     offs_m = row0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     o_ptrs = (O + b.to(tl.int64) * sob + h.to(tl.int64) * soh + offs_m.to(tl.int64)[:, None] * son
               + offs_d[None, :])
+    lse_ptrs = LSE + b.to(tl.int64) * slb + h.to(tl.int64) * slh + offs_m
+    empty = l_i == 0.0
+    l_safe = tl.where(empty, 1.0, l_i)
     tl.store(o_ptrs, (acc / l_safe[:, None]).to(O.dtype.element_ty),
              mask=(offs_m < q_len)[:, None] & (offs_d < head_dim)[None, :])
     lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * LN2)
-    tl.store(LSE + b.to(tl.int64) * slb + h.to(tl.int64) * slh + offs_m, lse, mask=offs_m < q_len)
+    tl.store(lse_ptrs, lse, mask=offs_m < q_len)
+
+
+@triton.jit
+def _fwd_item_ws(
+    Q, K, V, O, LSE, PLAN, pid_m, b, h,  # noqa: E741
+    sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son, slb, slh, plan_h, plan_r,
+    q_len, kv_len, head_dim, qk_scale,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """The full tiles of one work item in a warp-specialized loop (sm_90: a producer warp group
+    issues the TMA loads, two consumer warp groups own 64 query rows each). Triton 3.9 builds the
+    partitions only for a loop without branches whose results no other loop uses, over descriptors
+    made in the kernel: the partial tiles run afterwards in the ``RESUME`` kernel."""
+    row0 = pid_m * BLOCK_M
+    qd, kd, vd = slice_descriptors(Q, K, V, b, h, sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, q_len, kv_len,
+                                   head_dim, BLOCK_M, BLOCK_N, BLOCK_D)
+    q = qd.load([row0, 0])
+    tiles = PLAN + h.to(tl.int64) * plan_h + pid_m.to(tl.int64) * plan_r
+    n_full = tl.load(tiles)
+    tiles += 2
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for i in tl.range(0, n_full, warp_specialize=True):  # loop: full
+        col = tl.load(tiles + i) * BLOCK_N
+        k = kd.load([col, 0])
+        v = vd.load([col, 0])
+        acc, m_i, l_i = fwd_step(q, k, v, acc, m_i, l_i, qk_scale, 0, False, DOT_PRECISION)
+    _fwd_epilogue(O, LSE, b, h, row0, sob, soh, son, slb, slh, acc, m_i, l_i, q_len, head_dim, BLOCK_M, BLOCK_D)
 
 
 @triton.jit
@@ -144,13 +206,23 @@ def _fwd_kernel(
     plan_h, plan_r, w, bits_w, n_items, n_tiles,
     H, q_len, kv_len, head_dim, qk_scale,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
-    TMA: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    TMA: tl.constexpr, DOT_PRECISION: tl.constexpr, WS: tl.constexpr = False, RESUME: tl.constexpr = False,
 ):
     # sm_90 (TMA) is persistent: as many programs as the GPU holds at once, each striding over ITEMS,
     # the host-built work order ((batch * H + head) * n_tiles + query tile, longest rows first).
     # Pointer loads (sm_80 / 89, unaligned tensors) keep a grid of (query tiles, B * H), one tile
     # per program: there the persistent loop's extra live values spill.
-    if TMA:
+    # WS: the full tiles, warp-specialized (Q, K, V are plain pointers: descriptors are made here);
+    # RESUME (with TMA): the partial tiles of the items in ITEMS, after the WS kernel.
+    if WS:
+        for it in range(tl.program_id(0), n_items, tl.num_programs(0)):  # loop: items
+            item = tl.load(ITEMS + it)
+            bh = item // n_tiles
+            b = bh // H
+            _fwd_item_ws(Q, K, V, O, LSE, PLAN, item - bh * n_tiles, b, bh - b * H,
+                         sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son, slb, slh, plan_h, plan_r,
+                         q_len, kv_len, head_dim, qk_scale, BLOCK_M, BLOCK_N, BLOCK_D, DOT_PRECISION)
+    elif TMA:
         for it in range(tl.program_id(0), n_items, tl.num_programs(0)):  # loop: items
             item = tl.load(ITEMS + it)
             bh = item // n_tiles
@@ -158,13 +230,13 @@ def _fwd_kernel(
             _fwd_item(Q, K, V, O, LSE, PLAN, BITS, item - bh * n_tiles, b, bh - b * H,
                       sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son, slb, slh,
                       plan_h, plan_r, w, bits_w, q_len, kv_len, head_dim, qk_scale,
-                      BLOCK_M, BLOCK_N, BLOCK_D, EVEN_D, TMA, DOT_PRECISION)
+                      BLOCK_M, BLOCK_N, BLOCK_D, EVEN_D, TMA, DOT_PRECISION, RESUME)
     else:
         pid_bh = tl.program_id(1)
         _fwd_item(Q, K, V, O, LSE, PLAN, BITS, tl.program_id(0), pid_bh // H, pid_bh % H,
                   sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son, slb, slh,
                   plan_h, plan_r, w, bits_w, q_len, kv_len, head_dim, qk_scale,
-                  BLOCK_M, BLOCK_N, BLOCK_D, EVEN_D, TMA, DOT_PRECISION)
+                  BLOCK_M, BLOCK_N, BLOCK_D, EVEN_D, TMA, DOT_PRECISION, False)
 
 
 @triton.jit
@@ -522,7 +594,8 @@ def _programs(device: torch.device, cfg: KernelConfig, n_items: int, warm: Calla
         from ..occupancy import occupancy
 
         ck = warm()  # compiles (or finds) the kernel for these arguments without running it
-        per_sm = occupancy(_arch(device), ck.n_regs, ck.metadata.shared, cfg.num_warps)["ctas"]
+        # metadata.num_warps: all of the CTA's warps (a warp-specialized one has 12 at num_warps=4)
+        per_sm = occupancy(_arch(device), ck.n_regs, ck.metadata.shared, ck.metadata.num_warps)["ctas"]
         _RESIDENT[key] = max(1, per_sm) * torch.cuda.get_device_properties(device).multi_processor_count
     return max(1, min(n_items, _RESIDENT[key]))
 
@@ -569,6 +642,8 @@ def triton_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Bl
         return o.zero_(), lse.fill_(float("-inf"))
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
     cfg = _config("fwd", q, layout, (k, v))
+    if cfg.tma and _ws_forward(q, k, v, o, lse, layout, cfg, scale):
+        return o, lse
     plan = _plan(layout, cfg.block_m, cfg.block_n, transposed=False)
     q, k, v = _pad_d(cfg, q, k, v)
     out = o if q.shape[-1] == d else torch.empty(q.shape, dtype=q.dtype, device=q.device)
@@ -587,6 +662,49 @@ def triton_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Bl
     if out is not o:
         o.copy_(out[..., :d])
     return o, lse
+
+
+def ws_schedule(plan: TilePlan, batch: int, heads: int, cfg: KernelConfig, arch: str = "h100"
+                ) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+    """``(items, resumed)`` of the warp-specialized forward, or None where :func:`ws_pays` says the
+    one-loop kernel is faster for this plan: ``items`` is :func:`work_order`, ``resumed`` the items
+    with partial tiles, in the same order (the resume pass). One host sync; cached with the plan."""
+    full, part = plan.plan[..., 0].long(), plan.plan[..., 1].long()  # [Hl, R]
+    reps = batch * (heads if full.shape[0] == 1 else 1)
+    n_full, n_part, n_rows = (int(x) * reps for x in torch.stack([full.sum(), part.sum(), (part > 0).sum()]).tolist())
+    if not ws_pays(n_full, n_part, n_rows, cfg.block_m, cfg.block_n, arch):
+        return None
+    items = work_order(plan, batch, heads)
+    bh = torch.arange(batch * heads, device=part.device)
+    has_part = (part[bh % heads if part.shape[0] > 1 else torch.zeros_like(bh)] > 0).reshape(-1)
+    return items, items[has_part[items.long()]]
+
+
+def _ws_forward(q, k, v, o, lse, layout: BlockLayout, cfg: KernelConfig, scale: float) -> bool:
+    """sm_90: the full tiles in the warp-specialized kernel, then the partial tiles in the resume
+    pass (the one-loop kernel started from the first's O and LSE). False (nothing run) where there is
+    no ws configuration or the cost model prefers the one-loop kernel for this layout."""
+    ws = ws_config(cfg, _arch(q.device))
+    if ws is None:
+        return False
+    b, h, n, _ = q.shape
+    plan = _plan(layout, ws.block_m, ws.block_n, transposed=False)
+    sched = _PLANS.get(layout.kv_indices, ("ws", ws.block_m, ws.block_n, b, h), lambda: ws_schedule(plan, b, h, ws))
+    if sched is None:
+        return False
+    items, resumed = sched
+    ensure_allocator(q.device)
+    n_tiles = triton.cdiv(n, ws.block_m)
+    tail = (*_strides(q), *_strides(k), *_strides(v), *_strides(o), lse.stride(0), lse.stride(1), *plan.args())
+    sizes = (n_tiles, h, n, k.shape[2], q.shape[-1], scale * LOG2E)
+    for c, kd, vd, todo in ((ws, k, v, items), (resume_config(ws), *_streamed(cfg, (k, v), ws.block_n), resumed)):
+        if todo.numel() == 0:
+            continue
+        args = (q, kd, vd, o, lse, plan.plan, plan.bits, todo, *tail, todo.numel(), *sizes)
+        kw = dict(**c.constexprs(), num_warps=c.num_warps, num_stages=c.num_stages)
+        grid = (_programs(q.device, c, todo.numel(), lambda: _fwd_kernel.warmup(*args, grid=(1,), **kw)),)
+        _fwd_kernel[grid](*args, **kw)
+    return True
 
 
 def _preprocess(o, do, lse, dlse, layout) -> Tuple[torch.Tensor, torch.Tensor]:

@@ -80,6 +80,7 @@ class DenseConfig:
     num_stages: int
     tma: bool = False
     even_d: bool = True
+    ws: bool = False  # fwd on sm_90: one warp-specialized loop over descriptors made in the kernel
 
     @property
     def dot_precision(self) -> str:
@@ -88,18 +89,22 @@ class DenseConfig:
     @property
     def name(self) -> str:
         return (f"dense_{self.kernel}-{DTYPE_NAMES[self.dtype]}-d{self.block_d}-m{self.block_m}n{self.block_n}"
-                f"-w{self.num_warps}s{self.num_stages}{'-tma' if self.tma else ''}{'' if self.even_d else '-oddd'}")
+                f"-w{self.num_warps}s{self.num_stages}{'-tma' if self.tma else ''}{'' if self.even_d else '-oddd'}"
+                f"{'-ws' if self.ws else ''}")
 
     def constexprs(self) -> dict:
-        return {"BLOCK_M": self.block_m, "BLOCK_N": self.block_n, "BLOCK_D": self.block_d, "EVEN_D": self.even_d,
-                "TMA": self.tma, "DOT_PRECISION": self.dot_precision}
+        out = {"BLOCK_M": self.block_m, "BLOCK_N": self.block_n, "BLOCK_D": self.block_d, "EVEN_D": self.even_d,
+               "TMA": self.tma, "DOT_PRECISION": self.dot_precision}
+        if self.kernel == "fwd":
+            out.update(WS=self.ws, EVEN_N=True)  # the twin of a sparse full-tile loop: no key mask
+        return out
 
     def aot_source(self, kernels):
         """``(kernel, signature, constexprs, attrs)`` for ``triton.compile(ASTSource(...))``."""
         fn = kernels[self.kernel]
         consts = {k: v for k, v in self.constexprs().items() if k in fn.arg_names}
         tma = None
-        if self.tma:
+        if self.tma and not self.ws:
             rows = self.block_n if self.kernel != "bwd_dkdv" else self.block_m
             tma = {name: (1, 1, rows, self.block_d) for name in tma_args(self.kernel)}
         return aot_signature(fn, ARG_TYPES, consts, DIV16, self.dtype, tma)
@@ -120,6 +125,6 @@ def tma_args(kernel: str) -> Tuple[str, ...]:
 
 
 def select_dense_config(kernel: str, dtype: torch.dtype, block_d: int, block_m: int, block_n: int, num_warps: int,
-                        num_stages: int, tma: bool = False, even_d: bool = True) -> DenseConfig:
+                        num_stages: int, tma: bool = False, even_d: bool = True, ws: bool = False) -> DenseConfig:
     """The dense configuration with exactly these tile, warps, stages and load path."""
-    return DenseConfig(kernel, dtype, block_d, block_m, block_n, num_warps, num_stages, tma, even_d)
+    return DenseConfig(kernel, dtype, block_d, block_m, block_n, num_warps, num_stages, tma, even_d, ws)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-__all__ = ["load_tile", "fwd_step", "dkdv_step", "dq_step", "row_bits", "row_words", "words_keep", "fwd_update", "LOG2E", "LN2"]
+__all__ = ["load_tile", "slice_descriptors", "fwd_step", "dkdv_step", "dq_step", "row_bits", "row_words", "words_keep", "fwd_update", "LOG2E", "LN2"]
 
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
@@ -53,6 +53,26 @@ def load_tile(X, base, b, h, row0, n_rows, stride_n, head_dim,
         else:
             tile = tl.load(ptrs, mask=(offs_d < head_dim)[None, :], other=0.0)
     return tile
+
+
+@triton.jit
+def slice_descriptors(Q, K, V, b, h, sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, q_len, kv_len, head_dim,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """TMA descriptors made in the kernel over one (batch, head) slice of Q, K and V: 2-D
+    ``[rows, head_dim]``, blocks of ``BLOCK_M`` (Q) or ``BLOCK_N`` (K, V) rows by ``BLOCK_D``.
+
+    Triton 3.9 warp-specializes a loop only over descriptors made in the kernel (host descriptors
+    fail to compile) and only when Q comes from one too. Rows past the slice and columns past
+    ``head_dim`` arrive as zeros. On a GPU the launcher must have set an allocator
+    (``triton.set_allocator``) for the descriptors' global scratch.
+    """
+    qd = tl.make_tensor_descriptor(Q + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh, [q_len, head_dim], [sqn, 1],
+                                   [BLOCK_M, BLOCK_D])
+    kd = tl.make_tensor_descriptor(K + b.to(tl.int64) * skb + h.to(tl.int64) * skh, [kv_len, head_dim], [skn, 1],
+                                   [BLOCK_N, BLOCK_D])
+    vd = tl.make_tensor_descriptor(V + b.to(tl.int64) * svb + h.to(tl.int64) * svh, [kv_len, head_dim], [svn, 1],
+                                   [BLOCK_N, BLOCK_D])
+    return qd, kd, vd
 
 
 @triton.jit

@@ -23,9 +23,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .tiles import LN2, LOG2E, dkdv_step, dq_step, fwd_step, load_tile
+from .tiles import LN2, LOG2E, dkdv_step, dq_step, fwd_step, load_tile, slice_descriptors
 
-__all__ = ["dense_forward", "dense_backward", "KERNELS"]
+__all__ = ["dense_forward", "dense_backward", "KERNELS", "ensure_allocator"]
 
 
 @triton.jit
@@ -34,7 +34,7 @@ def _dense_fwd_kernel(
     sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son, slb, slh,
     H, q_len, kv_len, head_dim, qk_scale,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
-    TMA: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    TMA: tl.constexpr, DOT_PRECISION: tl.constexpr, WS: tl.constexpr = False, EVEN_N: tl.constexpr = True,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -42,6 +42,47 @@ def _dense_fwd_kernel(
     h = pid_bh % H
     row0 = pid_m * BLOCK_M
     q_base = Q + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    if WS:
+        # sm_90 warp specialization (Triton 3.9): a producer warp group issues the TMA loads, two
+        # consumer warp groups own 64 query rows each, with setmaxnreg moving registers to them. Triton
+        # builds this only for one loop whose Q, K and V come from descriptors made in the kernel, with
+        # no other loop or branch using its results: the ragged last key tile runs in the same loop,
+        # masked on every tile when EVEN_N (kv_len % BLOCK_N == 0) is False.
+        qd, kd, vd = slice_descriptors(Q, K, V, b, h, sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, q_len, kv_len,
+                                       head_dim, BLOCK_M, BLOCK_N, BLOCK_D)
+        q = qd.load([row0, 0])
+        for t in tl.range(0, tl.cdiv(kv_len, BLOCK_N), warp_specialize=True):  # loop: full
+            col = t * BLOCK_N
+            k = kd.load([col, 0])
+            v = vd.load([col, 0])
+            if EVEN_N:
+                acc, m_i, l_i = fwd_step(q, k, v, acc, m_i, l_i, qk_scale, 0, False, DOT_PRECISION)
+            else:
+                keep = (col + tl.arange(0, BLOCK_N) < kv_len)[None, :]
+                acc, m_i, l_i = fwd_step(q, k, v, acc, m_i, l_i, qk_scale, keep, True, DOT_PRECISION)
+    else:
+        acc, m_i, l_i = _dense_fwd_loops(Q, K, V, q_base, b, h, row0, acc, m_i, l_i, skb, skh, skn, svb, svh, svn,
+                                         sqn, q_len, kv_len, head_dim, qk_scale, BLOCK_M, BLOCK_N, BLOCK_D, EVEN_D,
+                                         TMA, DOT_PRECISION)
+
+    offs_m = row0 + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    out = acc / l_i[:, None]
+    o_ptrs = O + b.to(tl.int64) * sob + h.to(tl.int64) * soh + offs_m.to(tl.int64)[:, None] * son + offs_d[None, :]
+    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=(offs_m < q_len)[:, None] & (offs_d < head_dim)[None, :])
+    lse = (m_i + tl.math.log2(l_i)) * LN2
+    tl.store(LSE + b.to(tl.int64) * slb + h.to(tl.int64) * slh + offs_m, lse, mask=offs_m < q_len)
+
+
+@triton.jit
+def _dense_fwd_loops(Q, K, V, q_base, b, h, row0, acc, m_i, l_i, skb, skh, skn, svb, svh, svn, sqn,
+                     q_len, kv_len, head_dim, qk_scale,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
+                     TMA: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """The forward without warp specialization: full key tiles unmasked, the ragged last one after."""
     if TMA:  # K, V are tensor descriptors; the bases are unused
         k_base = q_base
         v_base = q_base
@@ -49,10 +90,6 @@ def _dense_fwd_kernel(
         k_base = K + b.to(tl.int64) * skb + h.to(tl.int64) * skh
         v_base = V + b.to(tl.int64) * svb + h.to(tl.int64) * svh
     q = load_tile(q_base, q_base, b, h, row0, q_len, sqn, head_dim, BLOCK_M, BLOCK_D, False, True, EVEN_D)
-
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     n_full = kv_len // BLOCK_N
     for t in range(0, n_full):  # loop: full
         col = t * BLOCK_N
@@ -67,14 +104,7 @@ def _dense_fwd_kernel(
         v = load_tile(V, v_base, b, h, col, kv_len, svn, head_dim, BLOCK_N, BLOCK_D, TMA, True, EVEN_D)
         keep = (col + tl.arange(0, BLOCK_N) < kv_len)[None, :]
         acc, m_i, l_i = fwd_step(q, k, v, acc, m_i, l_i, qk_scale, keep, True, DOT_PRECISION)
-
-    offs_m = row0 + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    out = acc / l_i[:, None]
-    o_ptrs = O + b.to(tl.int64) * sob + h.to(tl.int64) * soh + offs_m.to(tl.int64)[:, None] * son + offs_d[None, :]
-    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=(offs_m < q_len)[:, None] & (offs_d < head_dim)[None, :])
-    lse = (m_i + tl.math.log2(l_i)) * LN2
-    tl.store(LSE + b.to(tl.int64) * slb + h.to(tl.int64) * slh + offs_m, lse, mask=offs_m < q_len)
+    return acc, m_i, l_i
 
 
 @triton.jit
@@ -219,6 +249,22 @@ def _arch(device: torch.device) -> int:
     return 80  # interpreter: any valid config works
 
 
+def _scratch(size: int, alignment: int, stream) -> torch.Tensor:
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def ensure_allocator(device: torch.device) -> None:
+    """Kernels that make TMA descriptors themselves (the warp-specialized ones) need global scratch
+    from ``triton.set_allocator``; set a torch one unless the caller has set their own."""
+    if device.type != "cuda":
+        return
+    from triton.runtime import _allocation
+
+    current = getattr(_allocation, "_allocator", None)
+    if current is None or isinstance(current.get(), getattr(_allocation, "NullAllocator", ())):
+        triton.set_allocator(_scratch)
+
+
 def _strides(t: torch.Tensor) -> Tuple[int, int, int]:
     return t.stride(0), t.stride(1), t.stride(2)
 
@@ -232,6 +278,14 @@ def _config(kernel: str, q: torch.Tensor, streamed: Tuple[torch.Tensor, ...]):
     if cfg.tma and not tma_ok(*streamed):
         cfg = dataclasses.replace(cfg, tma=False, even_d=True)
     return cfg
+
+
+def _ws_config(cfg, q: torch.Tensor):
+    """sm_90 (capability 9.x), TMA-aligned fp16 / bf16 at head dim <= 128: the warp-specialized
+    forward (one CTA of a producer and two consumer warp groups per SM); else None."""
+    from ..block_sparse.configs import ws_config
+
+    return ws_config(cfg, _arch(q.device)) if cfg.tma else None
 
 
 def _pad_d(cfg, *tensors):
@@ -260,13 +314,20 @@ def dense_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: floa
     m = k.shape[2]
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     cfg = _config("fwd", q, (k, v))
+    ws = _ws_config(cfg, q)
+    extra = {}
+    if ws is not None:
+        cfg = ws
+        extra["EVEN_N"] = m % cfg.block_n == 0  # else every tile carries the key mask (one loop)
+        ensure_allocator(q.device)
+    kw = {key: val for key, val in cfg.constexprs().items() if key != "RESUME"}
     q, k, v = _pad_d(cfg, q, k, v)
     o = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty((b, h, n), dtype=torch.float32, device=q.device)
-    kd, vd = _streamed(cfg, (k, v), cfg.block_n)
+    kd, vd = (k, v) if cfg.ws else _streamed(cfg, (k, v), cfg.block_n)
     _dense_fwd_kernel[(triton.cdiv(n, cfg.block_m), b * h)](
         q, kd, vd, o, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(o), lse.stride(0), lse.stride(1),
-        h, n, m, q.shape[-1], scale * LOG2E, **cfg.constexprs(), num_warps=cfg.num_warps,
+        h, n, m, q.shape[-1], scale * LOG2E, **kw, **extra, num_warps=cfg.num_warps,
         num_stages=cfg.num_stages)
     return (o if o.shape[-1] == d else o[..., :d].contiguous()), lse
 
