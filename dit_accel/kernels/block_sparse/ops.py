@@ -37,11 +37,9 @@ def block_sparse_fwd(q: Tensor, k: Tensor, v: Tensor,
                      kv_counts: Tensor, kv_indices: Tensor, kv_mask_ids: Tensor,
                      q_counts: Tensor, q_indices: Tensor, q_mask_ids: Tensor, mask_table: Tensor,
                      q_len: int, kv_len: int, block_q: int, block_k: int, scale: float) -> Tuple[Tensor, Tensor]:
-    from .triton import triton_forward
-
     layout = _layout(kv_counts, kv_indices, kv_mask_ids, q_counts, q_indices, q_mask_ids, mask_table,
                      q_len, kv_len, block_q, block_k)
-    o, lse = triton_forward(q, k, v, layout, scale)
+    o, lse = _launchers()[0](q, k, v, layout, scale)
     return o, lse
 
 
@@ -58,11 +56,9 @@ def block_sparse_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse
                      q_counts: Tensor, q_indices: Tensor, q_mask_ids: Tensor, mask_table: Tensor,
                      q_len: int, kv_len: int, block_q: int, block_k: int,
                      scale: float, dlse: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
-    from .triton import triton_backward
-
     layout = _layout(kv_counts, kv_indices, kv_mask_ids, q_counts, q_indices, q_mask_ids, mask_table,
                      q_len, kv_len, block_q, block_k)
-    dq, dk, dv = triton_backward(do, q, k, v, o, lse, layout, scale, dlse)
+    dq, dk, dv = _launchers()[1](do, q, k, v, o, lse, layout, scale, dlse)
     # Outputs of a custom op must not alias its inputs.
     return dq.contiguous(), dk.contiguous(), dv.contiguous()
 
