@@ -228,3 +228,14 @@ def test_the_api_still_checks_every_call_after_a_cached_one():
     # Non-contiguous inputs through the API: the (B, N, H, D) storage of a pipeline's projections.
     qt, kt, vt = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v))
     assert_attention_close(block_sparse_attention(qt, kt, vt, layout, backend="triton"), None, q, k, v, mask)
+
+
+def test_the_compute_capability_is_read_once_per_cuda_device(monkeypatch):
+    bst = _bst()
+    reads = []
+    monkeypatch.setattr(bst, "_CAPABILITY", {})
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: reads.append(device) or (9, 0))
+    for _ in range(3):
+        assert bst._arch(torch.device("cuda", 1)) == 90
+    assert len(reads) == 1
+    assert bst._arch(torch.device("cpu")) == 80 and len(reads) == 1
