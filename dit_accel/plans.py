@@ -63,6 +63,8 @@ def attend_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_valid
         p = torch.exp(s - torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)[..., None])
         outs.append(torch.matmul(p, vf))
         lses.append(lse)
+    if len(outs) == 1:  # one chunk (N <= _TEXT_CHUNK): no concatenated copy
+        return outs[0].to(q.dtype), lses[0]
     return torch.cat(outs, 2).to(q.dtype), torch.cat(lses, 2)
 
 

@@ -41,3 +41,19 @@ def test_joint_text_merges_exactly_on_the_dense_path():
         auto, _ = plan.run(q, k, v, num_text=16, text_first=True, backend="auto")
         twin, _ = plan.run(q, k, v, num_text=16, text_first=True, backend="torch")
     torch.testing.assert_close(auto, twin, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("chunk", [4096, 7], ids=["one-chunk", "chunked"])
+def test_attend_with_lse_matches_softmax_in_one_chunk_and_in_several(monkeypatch, chunk):
+    """The text branch: one chunk returns its result without a concatenated copy; several are concatenated."""
+    from dit_accel import plans
+
+    monkeypatch.setattr(plans, "_TEXT_CHUNK", chunk)
+    q, k, v = _qkv(20, heads=2, d=16, seed=3)
+    valid = torch.tensor([[True, False, True, True, False, True]])
+    k, v = k[:, :, :6], v[:, :, :6]
+    o, lse = plans.attend_with_lse(q, k, v, valid, 0.25)
+    s = (q @ k.transpose(-1, -2)) * 0.25
+    s = s.masked_fill(~valid[:, None, None, :], float("-inf"))
+    torch.testing.assert_close(lse, torch.logsumexp(s, -1), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(o, torch.softmax(s, -1) @ v, atol=1e-5, rtol=1e-5)

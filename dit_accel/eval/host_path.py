@@ -11,9 +11,21 @@ Each stage is timed alone:
 - ``api_lse``: the same with ``return_lse=True`` (what the pipelines' plans call);
 - ``api_grad``: the same on inputs that require grad (autograd recording, no backward);
 - ``custom_op``: the ``dit_accel::block_sparse_fwd`` op called directly (dispatcher + launcher);
-- ``launcher``: ``triton_forward`` alone (configuration, tile plan lookup, allocation, launch);
+- ``launcher``: ``triton_forward`` alone (launch lookup, allocation, launch);
+- ``plan``: ``LayoutPlan.run`` of the same layout in raster order, no text tokens (what a pipeline's
+  attention hook adds on top of ``api_lse``);
+- ``plan_tiled``: ``Tile(...).plan(grid).run``: the same plus the permutation to tiled order and
+  back (three gathers in, two out);
+- ``plan_tiled_text``: the same with 32 text tokens: the dense text branch and the log-sum-exp merge.
+  The last two run real torch ops on the CPU (gathers; the text branch's fp32 matmuls are most of
+  the time), as their launches would on a GPU: host overhead plus CPU compute, timed over
+  ``calls // 20`` calls;
 - ``sla``: ``sla_attention(q, k, v, SLA(topk=...), backend="triton")`` without projection, whose
   classification runs real (small) torch ops on the CPU, as their launches would on a GPU.
+
+Each stage reports the median and the minimum over repeats of the wall time per call, and the
+median of the thread's CPU time per call (``time.thread_time``): on a shared, loaded machine the
+wall time counts the time the process waits for a core, the CPU time mostly does not.
 
 Run it in its own process (``TRITON_INTERPRET`` must be set before triton is imported)::
 
@@ -63,21 +75,24 @@ def stub_launches() -> Iterator[None]:
         sla.KERNELS.update(saved_sla)
 
 
-def _per_call_us(fn: Callable[[], object], calls: int, repeats: int) -> float:
+def _per_call_us(fn: Callable[[], object], calls: int, repeats: int) -> Dict[str, float]:
+    """``{"median", "min", "cpu"}`` microseconds per call of ``fn`` over ``repeats`` runs of ``calls``."""
     for _ in range(max(calls // 10, 5)):
         fn()
-    times = []
+    wall, cpu = [], []
     for _ in range(repeats):
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.thread_time()
         for _ in range(calls):
             fn()
-        times.append((time.perf_counter() - start) / calls * 1e6)
-    return statistics.median(times)
+        cpu.append((time.thread_time() - start_cpu) / calls * 1e6)
+        wall.append((time.perf_counter() - start) / calls * 1e6)
+    return {"median": statistics.median(wall), "min": min(wall), "cpu": statistics.median(cpu)}
 
 
 def measure_host_path(*, tokens: int = 1024, heads: int = 2, head_dim: int = 64, block: int = 64,
-                      calls: int = 400, repeats: int = 9, stages=None) -> Dict[str, float]:
-    """Microseconds per eager call of each stage (module docstring), launches stubbed; CPU tensors.
+                      calls: int = 400, repeats: int = 9, stages=None, detail: bool = False) -> Dict[str, object]:
+    """Microseconds per eager call of each stage (module docstring), launches stubbed; CPU tensors:
+    the median wall time, or with ``detail`` ``{"median", "min", "cpu"}`` per stage.
 
     Needs ``TRITON_INTERPRET=1`` set before triton was imported (the test suite's conftest does it on
     machines without CUDA); raises RuntimeError otherwise."""
@@ -88,8 +103,11 @@ def measure_host_path(*, tokens: int = 1024, heads: int = 2, head_dim: int = 64,
     from ..kernels.block_sparse.ops import block_sparse_fwd
     from ..kernels.layout import BlockLayout
     from ..kernels.sla import sla_attention
-    from ..methods import SLA
+    from ..methods import SLA, Tile
+    from ..plans import LayoutPlan
 
+    if tokens % 256:
+        raise ValueError(f"tokens={tokens}: use a multiple of 256 (the tiled plan's grid is (tokens // 256, 16, 16))")
     if triton_reason("cpu") is not None:
         raise RuntimeError("measure_host_path needs TRITON_INTERPRET=1 set before triton is imported "
                            "(run `python -m dit_accel.eval.host_path`)")
@@ -105,6 +123,12 @@ def measure_host_path(*, tokens: int = 1024, heads: int = 2, head_dim: int = 64,
     scale = head_dim ** -0.5
     tensors = [getattr(layout, name) for name in BlockLayout.TENSORS]
     method = SLA(topk=0.05)
+    raster = LayoutPlan(None, (tokens,), layout)
+    # A video grid of `tokens` tokens, tiled by 4x4x4 tiles (64-token blocks), plus 32 text tokens.
+    tiled = Tile(tile=(4, 4, 4), window=(3, 3, 3)).plan((tokens // 256, 16, 16))
+    n_text = 32
+    qt, kt, vt = (torch.randn((1, heads, tokens + n_text, head_dim), generator=gen, dtype=torch.bfloat16)
+                  for _ in range(3))
 
     def grad_call():
         block_sparse_attention(qg, kg, vg, layout, backend="triton")
@@ -116,6 +140,9 @@ def measure_host_path(*, tokens: int = 1024, heads: int = 2, head_dim: int = 64,
         "custom_op": lambda: block_sparse_fwd(q, k, v, *tensors, layout.q_len, layout.kv_len, layout.block_q,
                                               layout.block_k, scale),
         "launcher": lambda: triton_forward(q, k, v, layout, scale),
+        "plan": lambda: raster.run(q, k, v, backend="triton"),
+        "plan_tiled": lambda: tiled.run(q, k, v, backend="triton"),
+        "plan_tiled_text": lambda: tiled.run(qt, kt, vt, num_text=n_text, backend="triton"),
         "sla": lambda: sla_attention(q, k, v, method, None, backend="triton"),
     }
     out = {}
@@ -123,12 +150,13 @@ def measure_host_path(*, tokens: int = 1024, heads: int = 2, head_dim: int = 64,
         for name, fn in cases.items():
             if stages is not None and name not in stages:
                 continue
+            n = max(calls // 20, 2) if name == "plan_tiled_text" else calls  # milliseconds of CPU matmuls
             if name == "api_grad":
-                out[name] = _per_call_us(fn, calls, repeats)
+                out[name] = _per_call_us(fn, n, repeats)
             else:
                 with torch.no_grad():
-                    out[name] = _per_call_us(fn, calls, repeats)
-    return out
+                    out[name] = _per_call_us(fn, n, repeats)
+    return out if detail else {name: us["median"] for name, us in out.items()}
 
 
 def main(argv=None) -> dict:
@@ -150,13 +178,18 @@ def main(argv=None) -> dict:
     from .._util import load_average, versions
 
     torch.set_num_threads(1)
-    result = {"us_per_call": measure_host_path(tokens=args.tokens, calls=args.calls, repeats=args.repeats),
+    detail = measure_host_path(tokens=args.tokens, calls=args.calls, repeats=args.repeats, detail=True)
+    result = {"us_per_call": {name: us["median"] for name, us in detail.items()},
+              "min_us_per_call": {name: us["min"] for name, us in detail.items()},
+              "cpu_us_per_call": {name: us["cpu"] for name, us in detail.items()},
               "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
               "load_average": load_average(), "versions": versions(("torch", "triton")),
               "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-              "note": "CPU, bf16 (1, 2, 1024, 64), 64-blocks, launches stubbed; median of repeats"}
-    for name, us in result["us_per_call"].items():
-        print(f"{name:10s} {us:8.1f} us/call")
+              "note": f"CPU, bf16 (1, 2, {args.tokens}, 64), 64-blocks, launches stubbed; wall time median and "
+                      "minimum of repeats, thread CPU time median"}
+    print(f"{'stage':16s} {'median':>8s} {'min':>8s} {'cpu':>8s}  us/call (load {result['load_average']})")
+    for name, us in detail.items():
+        print(f"{name:16s} {us['median']:8.1f} {us['min']:8.1f} {us['cpu']:8.1f}")
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(result, fh, indent=1)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -97,9 +98,7 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, la
     """
     scale, name, layout = _call(q, k, v, layout, scale, backend, return_lse)
     if name == "triton":
-        from .ops import triton_block_sparse_attention
-
-        o, lse = triton_block_sparse_attention(q, k, v, layout, scale)
+        o, lse = _triton_path()(q, k, v, layout, scale)
     elif name == "torch":
         from .naive import torch_block_sparse_attention
 
@@ -112,6 +111,15 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, la
 
         o, lse = flex_block_sparse_attention(q, k, v, layout, scale, return_lse=return_lse)
     return (o, lse) if return_lse else o
+
+
+@functools.cache
+def _triton_path():
+    """:func:`.ops.triton_block_sparse_attention`, imported on first use (that registers the custom ops)
+    and then bound: an import statement in the call path costs a microsecond per call."""
+    from .ops import triton_block_sparse_attention
+
+    return triton_block_sparse_attention
 
 
 def block_sparse_backend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: BlockLayout,

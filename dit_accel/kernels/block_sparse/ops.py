@@ -14,6 +14,7 @@ only host sync of this path (cached: later calls have none).
 
 from __future__ import annotations
 
+import functools
 from typing import List, Optional, Tuple
 
 import torch
@@ -36,11 +37,9 @@ def block_sparse_fwd(q: Tensor, k: Tensor, v: Tensor,
                      kv_counts: Tensor, kv_indices: Tensor, kv_mask_ids: Tensor,
                      q_counts: Tensor, q_indices: Tensor, q_mask_ids: Tensor, mask_table: Tensor,
                      q_len: int, kv_len: int, block_q: int, block_k: int, scale: float) -> Tuple[Tensor, Tensor]:
-    from .triton import triton_forward
-
     layout = _layout(kv_counts, kv_indices, kv_mask_ids, q_counts, q_indices, q_mask_ids, mask_table,
                      q_len, kv_len, block_q, block_k)
-    o, lse = triton_forward(q, k, v, layout, scale)
+    o, lse = _launchers()[0](q, k, v, layout, scale)
     return o, lse
 
 
@@ -57,11 +56,9 @@ def block_sparse_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse
                      q_counts: Tensor, q_indices: Tensor, q_mask_ids: Tensor, mask_table: Tensor,
                      q_len: int, kv_len: int, block_q: int, block_k: int,
                      scale: float, dlse: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
-    from .triton import triton_backward
-
     layout = _layout(kv_counts, kv_indices, kv_mask_ids, q_counts, q_indices, q_mask_ids, mask_table,
                      q_len, kv_len, block_q, block_k)
-    dq, dk, dv = triton_backward(do, q, k, v, o, lse, layout, scale, dlse)
+    dq, dk, dv = _launchers()[1](do, q, k, v, o, lse, layout, scale, dlse)
     # Outputs of a custom op must not alias its inputs.
     return dq.contiguous(), dk.contiguous(), dv.contiguous()
 
@@ -108,17 +105,24 @@ def direct_call_ok(*tensors: Tensor) -> bool:
     nothing to intercept them, the launcher gives the same outputs without them."""
     if torch.compiler.is_compiling() or _dispatch_modes() or _functorch_active():
         return False
-    return all(type(t) is torch.Tensor for t in tensors)
+    for t in tensors:
+        if type(t) is not torch.Tensor:
+            return False
+    return True
 
 
-def _dispatch_modes() -> int:
-    stack = getattr(torch._C, "_len_torch_dispatch_stack", None)
-    return 1 if stack is None else stack()
+# torch's own queries, looked up once (each is a C function; absent in some versions: then assume the worst).
+_dispatch_modes = getattr(torch._C, "_len_torch_dispatch_stack", None) or (lambda: 1)
+_functorch_active = getattr(torch._C, "_are_functorch_transforms_active", None) or (lambda: True)
 
 
-def _functorch_active() -> bool:
-    active = getattr(torch._C, "_are_functorch_transforms_active", None)
-    return True if active is None else active()
+@functools.cache
+def _launchers():
+    """``(triton_forward, triton_backward)``, imported on first use (importing this module does not import
+    triton) and then bound: an import statement in the call path costs a microsecond per call."""
+    from .triton import triton_backward, triton_forward
+
+    return triton_forward, triton_backward
 
 
 class _EagerBlockSparse(torch.autograd.Function):
@@ -126,9 +130,7 @@ class _EagerBlockSparse(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, layout, scale):
-        from .triton import triton_forward
-
-        o, lse = triton_forward(q, k, v, layout, scale)
+        o, lse = _launchers()[0](q, k, v, layout, scale)
         ctx.save_for_backward(q, k, v, o, lse)
         ctx.layout, ctx.scale = layout, scale
         ctx.set_materialize_grads(False)
@@ -136,12 +138,10 @@ class _EagerBlockSparse(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_o, grad_lse):
-        from .triton import triton_backward
-
         q, k, v, o, lse = ctx.saved_tensors
         if grad_o is None:
             grad_o = torch.zeros_like(o)
-        dq, dk, dv = triton_backward(grad_o, q, k, v, o, lse, ctx.layout, ctx.scale, grad_lse)
+        dq, dk, dv = _launchers()[1](grad_o, q, k, v, o, lse, ctx.layout, ctx.scale, grad_lse)
         return dq, dk, dv, None, None
 
 
@@ -154,9 +154,7 @@ def triton_block_sparse_attention(q: Tensor, k: Tensor, v: Tensor, layout: Block
     if direct_call_ok(q, k, v):
         if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
             return _EagerBlockSparse.apply(q, k, v, layout, float(scale))
-        from .triton import triton_forward
-
-        return triton_forward(q, k, v, layout, float(scale))
+        return _launchers()[0](q, k, v, layout, float(scale))
     tensors: List[Tensor] = [getattr(layout, name) for name in BlockLayout.TENSORS]
     return block_sparse_fwd(q, k, v, *tensors, layout.q_len, layout.kv_len, layout.block_q, layout.block_k,
                             float(scale))

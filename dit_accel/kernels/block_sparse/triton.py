@@ -42,9 +42,10 @@ this backend): :func:`triton_forward`, :func:`triton_backward`. Launch configura
 from __future__ import annotations
 
 import dataclasses
+import functools
 import threading
 import weakref
-from typing import Callable, Dict, Hashable, Optional, Tuple
+from typing import Callable, Dict, Hashable, Optional, Tuple, TypeVar
 
 import torch
 import triton
@@ -58,6 +59,11 @@ from ..layout import BlockLayout
 from .configs import KernelConfig, pointer_fallback, resume_config, select_config, ws_config, ws_pays
 
 __all__ = ["triton_forward", "triton_backward", "KERNELS", "TilePlan", "tile_plan", "work_order", "ws_schedule", "tma_ok"]
+
+T = TypeVar("T")
+# The host's log2(e) as a plain float: ``scale * LOG2E`` would be a tl.constexpr, which a launch takes as a
+# compile-time constant (one compiled kernel per softmax scale) and which costs microseconds to multiply.
+_LOG2E = float(LOG2E.value)
 
 
 # ---------------------------------------------------------------------------
@@ -481,20 +487,34 @@ def tile_plan(layout: BlockLayout, tile_r: int, tile_c: int, transposed: bool = 
 
 
 class _PlanCache:
-    """Plans per layout, keyed by the identity of the layout's ``kv_indices`` tensor.
+    """What the launchers derive from a layout: tile plans, work orders and launch arguments.
 
     The custom ops rebuild a :class:`BlockLayout` around the same tensors on every call, so the
-    layout object cannot be the key; an entry goes when its tensor goes.
+    layout object cannot be the key. An entry is anchored on the layout's ``kv_indices`` tensor (it
+    goes when that tensor goes) and keyed inside by the layout's lengths, block sizes and the identity
+    of its other tensors (:func:`_identity`): a layout that shares ``kv_indices`` with another but
+    differs in anything else gets its own entry. The entry holds those tensors, so their ids cannot
+    be reused by others while it lives. Each layout keeps at most :attr:`max_values` values (tile
+    plans, work orders, launch arguments per call signature), the oldest dropped first, and an anchor
+    at most :attr:`max_layouts` layouts. Layouts are values: their tensors are not edited in place.
     """
+
+    max_values = 64
+    max_layouts = 8
 
     def __init__(self) -> None:
         self._entries: Dict[int, tuple] = {}
         self._lock = threading.Lock()
 
-    def get(self, anchor: torch.Tensor, key: Hashable, build: Callable[[], TilePlan]) -> TilePlan:
+    def get(self, layout: BlockLayout, key: Hashable, build: Callable[[], T]) -> T:
+        anchor = layout.kv_indices
         slot = self._entries.get(id(anchor))
-        if slot is not None and slot[0]() is anchor and key in slot[1]:
-            return slot[1][key]
+        if slot is not None and slot[0]() is anchor:
+            held = slot[1].get(_identity(layout))
+            if held is not None:
+                value = held[1].get(key)
+                if value is not None:
+                    return value
         value = build()  # outside the lock: a racing duplicate build is harmless
         with self._lock:
             slot = self._entries.get(id(anchor))
@@ -507,15 +527,42 @@ class _PlanCache:
 
                 slot = (weakref.ref(anchor, drop), {})
                 self._entries[ident] = slot
-            return slot[1].setdefault(key, value)
+            layouts = slot[1]
+            name = _identity(layout)
+            held = layouts.get(name)
+            if held is None:
+                if len(layouts) >= self.max_layouts:
+                    layouts.pop(next(iter(layouts)))
+                # The layout's other tensors, held so that their ids stay theirs; never the anchor itself
+                # (the entry would keep its own key alive).
+                others = tuple(getattr(layout, t) for t in BlockLayout.TENSORS if t != "kv_indices")
+                held = layouts[name] = (others, {})
+            values = held[1]
+            if key not in values and len(values) >= self.max_values:
+                values.pop(next(iter(values)))
+            return values.setdefault(key, value)
+
+    def values(self, layout: BlockLayout) -> dict:
+        """``{key: value}`` held for ``layout`` (a copy; for inspection and tests)."""
+        slot = self._entries.get(id(layout.kv_indices))
+        if slot is None or slot[0]() is not layout.kv_indices:
+            return {}
+        held = slot[1].get(_identity(layout))
+        return {} if held is None else dict(held[1])
+
+
+def _identity(layout: BlockLayout) -> tuple:
+    """A layout's geometry and the identity of its tensors other than ``kv_indices`` (the anchor)."""
+    return (layout.q_len, layout.kv_len, layout.block_q, layout.block_k, id(layout.kv_counts),
+            id(layout.kv_mask_ids), id(layout.q_counts), id(layout.q_indices), id(layout.q_mask_ids),
+            id(layout.mask_table))
 
 
 _PLANS = _PlanCache()
 
 
 def _plan(layout: BlockLayout, tile_r: int, tile_c: int, transposed: bool) -> TilePlan:
-    return _PLANS.get(layout.kv_indices, (transposed, tile_r, tile_c),
-                      lambda: tile_plan(layout, tile_r, tile_c, transposed))
+    return _PLANS.get(layout, (transposed, tile_r, tile_c), lambda: tile_plan(layout, tile_r, tile_c, transposed))
 
 
 def work_order(plan: TilePlan, batch: int, heads: int) -> torch.Tensor:
@@ -539,23 +586,34 @@ def work_order(plan: TilePlan, batch: int, heads: int) -> torch.Tensor:
 
 def _work_order(layout: BlockLayout, plan: TilePlan, tile_r: int, tile_c: int, batch: int,
                 heads: int) -> torch.Tensor:
-    return _PLANS.get(layout.kv_indices, ("items", tile_r, tile_c, batch, heads),
-                      lambda: work_order(plan, batch, heads))
+    return _PLANS.get(layout, ("items", tile_r, tile_c, batch, heads), lambda: work_order(plan, batch, heads))
 
 
 # ---------------------------------------------------------------------------
 # launch helpers
 # ---------------------------------------------------------------------------
+_CAPABILITY: Dict[torch.device, int] = {}  # CUDA device -> compute capability (fixed; one entry per GPU)
+
+
 def _arch(device: torch.device) -> int:
     if device.type == "cuda":
-        major, minor = torch.cuda.get_device_capability(device)
-        return major * 10 + minor
+        arch = _CAPABILITY.get(device)
+        if arch is None:
+            major, minor = torch.cuda.get_device_capability(device)
+            arch = _CAPABILITY[device] = major * 10 + minor
+        return arch
     return 80  # interpreter: any valid config works
+
+
+@functools.lru_cache(maxsize=256)
+def _selected(kernel: str, dtype: torch.dtype, head_dim: int, block_q: int, block_k: int, arch: int) -> KernelConfig:
+    """:func:`select_config`, memoised: its answer depends on its arguments alone (frozen configs)."""
+    return select_config(kernel, dtype, head_dim, block_q, block_k, arch)
 
 
 def _config(kernel: str, q: torch.Tensor, layout: BlockLayout, streamed: Tuple[torch.Tensor, ...]) -> KernelConfig:
     """The launch configuration; TMA is dropped when the streamed tensors are not TMA-aligned."""
-    cfg = select_config(kernel, q.dtype, q.shape[-1], layout.block_q, layout.block_k, _arch(q.device))
+    cfg = _selected(kernel, q.dtype, q.shape[-1], layout.block_q, layout.block_k, _arch(q.device))
     if cfg.tma and not tma_ok(*streamed):
         cfg = pointer_fallback(cfg)
     return cfg
@@ -608,6 +666,76 @@ def _strides(t: torch.Tensor) -> Tuple[int, int, int]:
     return t.stride(0), t.stride(1), t.stride(2)
 
 
+def _rebased(template, t: Optional[torch.Tensor]):
+    """The TMA descriptor ``template`` over ``t``, without its constructor's checks: the launch signature
+    (:func:`triton_forward`) holds ``t``'s shape, strides, dtype and base alignment, which ``template``
+    was built and checked for (its fields are copied, so this follows TensorDescriptor's own)."""
+    desc = object.__new__(type(template))
+    desc.__dict__.update(template.__dict__)
+    desc.base = t
+    return desc
+
+
+@dataclasses.dataclass(frozen=True)
+class _Launch:
+    """One forward launch as derived from (layout, call signature), once (:func:`_forward_launch`).
+
+    ``args``: the kernel's arguments after the call's own tensors (plan tensors, strides, sizes; the
+    scale comes last, per call); ``grid``: None for the interpreter's persistent grid (read per call,
+    :data:`INTERPRETER_PROGRAMS`); ``kw``: constexprs and launch options; ``prepare``: the inputs
+    need last-dim contiguous or zero-padded copies first, ``pad`` the latter; ``descriptors``: TMA
+    descriptors of K and V, checked, rebased per call (:func:`_rebased`), or None.
+    """
+
+    cfg: KernelConfig
+    args: tuple
+    grid: Optional[tuple]
+    kw: dict
+    n_items: int
+    prepare: bool
+    pad: bool
+    descriptors: Optional[tuple]
+
+
+def _prepared(cfg: KernelConfig, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+    return _pad_d(cfg, *(_last_dim_contiguous(t) for t in (q, k, v)))
+
+
+def _forward_launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
+                    layout: BlockLayout) -> _Launch:
+    """The forward's configuration, tile plan, work order, strides, grid and descriptors for this call
+    signature: a function of q/k/v's shapes, strides, dtypes, device and K/V's base alignment, of
+    ``layout``, and of ``o`` and ``lse`` (fresh contiguous tensors, so of q's shape)."""
+    b, h, n, d = q.shape
+    m = k.shape[2]
+    given = (q, k, v)
+    q, k, v = (_last_dim_contiguous(t) for t in given)
+    cfg = _config("fwd", q, layout, (k, v))
+    plan = _plan(layout, cfg.block_m, cfg.block_n, transposed=False)
+    q, k, v = _pad_d(cfg, q, k, v)
+    pad = q.shape[-1] != d
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device) if pad else o
+    n_tiles = triton.cdiv(n, cfg.block_m)
+    n_items = b * h * n_tiles
+    items = _work_order(layout, plan, cfg.block_m, cfg.block_n, b, h) if cfg.tma else plan.plan  # unread
+    args = (plan.plan, plan.bits, items,
+            *_strides(q), *_strides(k), *_strides(v), *_strides(out), lse.stride(0), lse.stride(1),
+            *plan.args(), n_items, n_tiles, h, n, m, q.shape[-1])
+    kw = dict(**cfg.constexprs(), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    descriptors = _streamed(cfg, (k, v), cfg.block_n) if cfg.tma else None
+    if not cfg.tma:
+        grid = (n_tiles, b * h)
+    elif q.device.type == "cuda":  # persistent: the CTAs the GPU holds at once
+        grid = (_programs(q.device, cfg, n_items,
+                          lambda: _fwd_kernel.warmup(q, *descriptors, out, lse, *args, _LOG2E, grid=(1,), **kw)),)
+    else:
+        grid = None
+    prepare = pad or any(x is not y for x, y in zip((q, k, v), given))
+    if descriptors is not None:  # templates: the launch must not keep this call's K and V alive
+        descriptors = tuple(_rebased(desc, None) for desc in descriptors)
+    return _Launch(cfg, args, grid, kw, n_items, prepare, pad, descriptors)
+
+
 # ---------------------------------------------------------------------------
 # launchers
 # ---------------------------------------------------------------------------
@@ -623,6 +751,10 @@ def triton_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Bl
         scale: softmax scale.
 
     Inputs are not checked here: :func:`dit_accel.kernels.block_sparse_attention` checks them once.
+    What a launch derives from the layout and the inputs' geometry (configuration, tile plan, work
+    order, strides, grid, TMA descriptors) is built once per (layout, shapes, strides, dtypes,
+    device, K/V base alignment) and kept with the layout's tile plans (:class:`_PlanCache`); a
+    repeated call allocates its outputs and launches.
 
     Returns:
         ``o`` ``(B, H, N, D)`` in q's dtype (contiguous) and ``lse`` fp32 ``(B, H, N)``
@@ -633,32 +765,26 @@ def triton_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Bl
         >>> o, lse = triton_forward(q, k, v, layout, scale=q.shape[-1] ** -0.5)
     """
     b, h, n, d = q.shape
-    m = k.shape[2]
-    o = torch.empty((b, h, n, d), dtype=q.dtype, device=q.device)
-    lse = torch.empty((b, h, n), dtype=torch.float32, device=q.device)
+    dev = q.device
+    o = torch.empty((b, h, n, d), dtype=q.dtype, device=dev)
+    lse = torch.empty((b, h, n), dtype=torch.float32, device=dev)
     if o.numel() == 0:
         return o, lse.fill_(float("-inf"))
-    if m == 0:
+    if k.shape[2] == 0:
         return o.zero_(), lse.fill_(float("-inf"))
-    q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
-    cfg = _config("fwd", q, layout, (k, v))
-    if cfg.tma and _ws_forward(q, k, v, o, lse, layout, cfg, scale):
+    signature = ("fwd", q.shape, q.stride(), k.shape, k.stride(), v.shape, v.stride(), q.dtype, k.dtype, v.dtype,
+                 dev, _arch(dev), k.data_ptr() % 16, v.data_ptr() % 16)
+    launch = _PLANS.get(layout, signature, lambda: _forward_launch(q, k, v, o, lse, layout))
+    if launch.cfg.tma and _ws_forward(*(_last_dim_contiguous(t) for t in (q, k, v)), o, lse, layout, launch.cfg,
+                                      scale):
         return o, lse
-    plan = _plan(layout, cfg.block_m, cfg.block_n, transposed=False)
-    q, k, v = _pad_d(cfg, q, k, v)
-    out = o if q.shape[-1] == d else torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    kd, vd = _streamed(cfg, (k, v), cfg.block_n)
-    n_tiles = triton.cdiv(n, cfg.block_m)
-    items = _work_order(layout, plan, cfg.block_m, cfg.block_n, b, h) if cfg.tma else plan.plan  # unread
-    args = (q, kd, vd, out, lse, plan.plan, plan.bits, items,
-            *_strides(q), *_strides(k), *_strides(v), *_strides(out), lse.stride(0), lse.stride(1),
-            *plan.args(), b * h * n_tiles, n_tiles, h, n, m, q.shape[-1], scale * LOG2E)
-    kw = dict(**cfg.constexprs(), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    if cfg.tma:  # persistent
-        grid = (_programs(q.device, cfg, b * h * n_tiles, lambda: _fwd_kernel.warmup(*args, grid=(1,), **kw)),)
-    else:
-        grid = (n_tiles, b * h)
-    _fwd_kernel[grid](*args, **kw)
+    if launch.prepare:  # a last dim that is not contiguous, or a head dim the pointer kernel pads
+        q, k, v = _prepared(launch.cfg, q, k, v)
+    out = torch.empty(q.shape, dtype=q.dtype, device=dev) if launch.pad else o
+    if launch.descriptors is not None:
+        k, v = _rebased(launch.descriptors[0], k), _rebased(launch.descriptors[1], v)
+    grid = launch.grid or (max(1, min(launch.n_items, INTERPRETER_PROGRAMS)),)
+    _fwd_kernel[grid](q, k, v, out, lse, *launch.args, scale * _LOG2E, **launch.kw)
     if out is not o:
         o.copy_(out[..., :d])
     return o, lse
@@ -689,14 +815,14 @@ def _ws_forward(q, k, v, o, lse, layout: BlockLayout, cfg: KernelConfig, scale: 
         return False
     b, h, n, _ = q.shape
     plan = _plan(layout, ws.block_m, ws.block_n, transposed=False)
-    sched = _PLANS.get(layout.kv_indices, ("ws", ws.block_m, ws.block_n, b, h), lambda: ws_schedule(plan, b, h, ws))
+    sched = _PLANS.get(layout, ("ws", ws.block_m, ws.block_n, b, h), lambda: ws_schedule(plan, b, h, ws))
     if sched is None:
         return False
     items, resumed = sched
     ensure_allocator(q.device)
     n_tiles = triton.cdiv(n, ws.block_m)
     tail = (*_strides(q), *_strides(k), *_strides(v), *_strides(o), lse.stride(0), lse.stride(1), *plan.args())
-    sizes = (n_tiles, h, n, k.shape[2], q.shape[-1], scale * LOG2E)
+    sizes = (n_tiles, h, n, k.shape[2], q.shape[-1], scale * _LOG2E)
     for c, kd, vd, todo in ((ws, k, v, items), (resume_config(ws), *_streamed(cfg, (k, v), ws.block_n), resumed)):
         if todo.numel() == 0:
             continue
@@ -710,7 +836,7 @@ def _ws_forward(q, k, v, o, lse, layout: BlockLayout, cfg: KernelConfig, scale: 
 def _preprocess(o, do, lse, dlse, layout) -> Tuple[torch.Tensor, torch.Tensor]:
     """``(delta, lse2)``: ``rowsum(dO * O) - dlse`` and the base-2 lse, contiguous ``(B*H, N)`` fp32."""
     b, h, n, d = o.shape
-    pre = select_config("bwd_preprocess", o.dtype, d, layout.block_q, layout.block_k, _arch(o.device))
+    pre = _selected("bwd_preprocess", o.dtype, d, layout.block_q, layout.block_k, _arch(o.device))
     delta = torch.empty((b * h, n), dtype=torch.float32, device=o.device)
     lse2 = torch.empty_like(delta)
     _bwd_preprocess_kernel[(triton.cdiv(n, pre.block_m), b * h)](
@@ -753,7 +879,7 @@ def triton_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch
     cfg_kv, cfg_q = _config("bwd_dkdv", q, layout, (q, do)), _config("bwd_dq", q, layout, (k, v))
     if not (cfg_kv.tma and cfg_q.tma):  # a pointer kernel among them: odd head dims run padded
         q, k, v, do = _pad_d(pointer_fallback(cfg_kv), q, k, v, do)
-    sizes = (h, n, m, q.shape[-1], scale, scale * LOG2E)
+    sizes = (h, n, m, q.shape[-1], scale, scale * _LOG2E)
     # dK / dV share K / V's strides (and dQ Q's): allocate them alike; odd strides get dense copies.
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     if dk.stride() != k.stride() or dv.stride() != v.stride() or dq.stride() != q.stride():

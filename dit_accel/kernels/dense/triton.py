@@ -25,6 +25,10 @@ import triton.language as tl
 
 from .tiles import LN2, LOG2E, dkdv_step, dq_step, fwd_step, load_tile, slice_descriptors
 
+# log2(e) as a plain float for launches: ``scale * LOG2E`` would be a tl.constexpr, which a launch bakes into
+# the kernel as a compile-time constant (one compile per softmax scale, unlike the fp32 argument CI compiles).
+_LOG2E = float(LOG2E.value)
+
 __all__ = ["dense_forward", "dense_backward", "KERNELS", "ensure_allocator"]
 
 
@@ -327,7 +331,7 @@ def dense_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: floa
     kd, vd = (k, v) if cfg.ws else _streamed(cfg, (k, v), cfg.block_n)
     _dense_fwd_kernel[(triton.cdiv(n, cfg.block_m), b * h)](
         q, kd, vd, o, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(o), lse.stride(0), lse.stride(1),
-        h, n, m, q.shape[-1], scale * LOG2E, **kw, **extra, num_warps=cfg.num_warps,
+        h, n, m, q.shape[-1], scale * _LOG2E, **kw, **extra, num_warps=cfg.num_warps,
         num_stages=cfg.num_stages)
     return (o if o.shape[-1] == d else o[..., :d].contiguous()), lse
 
@@ -351,7 +355,7 @@ def dense_backward(do, q, k, v, o, lse, scale: float) -> Tuple[torch.Tensor, tor
         q, k, v, do = _pad_d(dataclasses.replace(cfg, tma=False), q, k, v, do)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     strides = (*_strides(q), *_strides(k), *_strides(v), *_strides(do))
-    sizes = (h, n, m, q.shape[-1], scale, scale * LOG2E)
+    sizes = (h, n, m, q.shape[-1], scale, scale * _LOG2E)
     qd, dod = _streamed(cfg, (q, do), cfg.block_m)
     _dense_dkdv_kernel[(triton.cdiv(m, cfg.block_n), b * h)](
         qd, k, v, dod, lse2, delta, dk, dv, *strides, *sizes,
