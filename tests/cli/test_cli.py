@@ -236,6 +236,25 @@ def test_generate_tiny_flux_writes_png(tmp_path):
     assert _sidecar(out)["pipeline"] == "FluxPipeline"
 
 
+@pytest.mark.parametrize("model, extra, shape, pipeline", [
+    ("tiny-skyreels-v2", [], (17, 128, 128, 3), "SkyReelsV2Pipeline"),
+    ("tiny-wan-vace", [], (17, 128, 128, 3), "WanVACEPipeline"),
+    ("tiny-sd3", [], (1, 64, 64, 3), "StableDiffusion3Pipeline"),
+])
+def test_generate_tiny_family_pipeline_with_gna(tmp_path, model, extra, shape, pipeline):
+    """At the tiny defaults (grid (5, 8, 8) for the videos, (16, 16) for the image) the model's grid-sized
+    GNA option runs sparse and the output is written."""
+    if model != "tiny-sd3":
+        pytest.importorskip("ftfy", reason="Diffusers' SkyReels-V2 / VACE pipelines clean prompts with ftfy")
+    out = tmp_path / ("clip.gif" if shape[0] > 1 else "img.png")
+    assert main(["generate", "--model", model, "--method", "gna", "--steps", "1", *extra, "--out", str(out),
+                 "--quiet"]) == 0
+    assert load_video(out).shape == shape
+    meta = _sidecar(out)
+    assert meta["pipeline"] == pipeline and meta["model"] == model and meta["method"]["method"] == "gna"
+    assert 0 < meta["density"]["mean"] < 1
+
+
 def test_generate_tiny_flux_prints_no_library_notices(tmp_path):
     """A fresh process (Transformers warns once per process): no torchvision fallback notice on stderr."""
     out = tmp_path / "img.png"
