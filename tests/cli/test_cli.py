@@ -244,7 +244,7 @@ def test_generate_tiny_flux_writes_png(tmp_path):
 def test_generate_tiny_family_pipeline_with_gna(tmp_path, model, extra, shape, pipeline):
     """At the tiny defaults (grid (5, 8, 8) for the videos, (16, 16) for the image) the model's grid-sized
     GNA option runs sparse and the output is written."""
-    if model != "tiny-sd3":
+    if model in ("tiny-skyreels-v2", "tiny-wan-vace"):
         pytest.importorskip("ftfy", reason="Diffusers' SkyReels-V2 / VACE pipelines clean prompts with ftfy")
     out = tmp_path / ("clip.gif" if shape[0] > 1 else "img.png")
     assert main(["generate", "--model", model, "--method", "gna", "--steps", "1", *extra, "--out", str(out),
@@ -253,6 +253,17 @@ def test_generate_tiny_family_pipeline_with_gna(tmp_path, model, extra, shape, p
     meta = _sidecar(out)
     assert meta["pipeline"] == pipeline and meta["model"] == model and meta["method"]["method"] == "gna"
     assert 0 < meta["density"]["mean"] < 1
+
+
+def test_generate_tiny_chroma_writes_png_and_says_its_calls_ran_dense(tmp_path):
+    """ChromaPipeline's text mask makes every call dense (presets/chroma.py): written, and the sidecar says so."""
+    out = tmp_path / "img.png"
+    assert main(["generate", "--model", "tiny-chroma", "--method", "gna", "--steps", "1", "--out", str(out),
+                 "--quiet"]) == 0
+    assert load_video(out).shape == (1, 64, 64, 3)
+    meta = _sidecar(out)
+    assert meta["pipeline"] == "ChromaPipeline" and meta["density"]["mean"] is None
+    assert meta["warnings"] and all("cannot make sparse" in w and "mask" in w for w in meta["warnings"])
 
 
 def test_generate_tiny_flux_prints_no_library_notices(tmp_path):

@@ -10,6 +10,7 @@ COMPONENTS = {
     "tiny-skyreels-v2": ("transformer", "vae", "text_encoder"),
     "tiny-wan-vace": ("transformer", "vae", "text_encoder"),
     "tiny-sd3": ("transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3"),
+    "tiny-chroma": ("transformer", "vae", "text_encoder"),
 }
 
 

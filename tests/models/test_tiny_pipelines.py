@@ -18,6 +18,7 @@ PIPES = {
     "tiny-skyreels-v2": ("SkyReelsV2Pipeline", (5, 8, 8)),
     "tiny-wan-vace": ("WanVACEPipeline", (5, 8, 8)),
     "tiny-sd3": ("StableDiffusion3Pipeline", (16, 16)),
+    "tiny-chroma": ("ChromaPipeline", (16, 16)),
 }
 NAMES = [pytest.param(n, marks=_NEEDS_FTFY) if n in ("tiny-skyreels-v2", "tiny-wan-vace") else n for n in PIPES]
 
@@ -50,6 +51,7 @@ def test_builds_the_family_pipeline_at_a_sparse_sized_grid(tiny):
         got = (((d["num_frames"] - 1) // pipe.vae_scale_factor_temporal + 1) // pt,
                d["height"] // pipe.vae_scale_factor_spatial // ph, d["width"] // pipe.vae_scale_factor_spatial // pw)
     else:
+        patch *= 2 if type(pipe).__name__ == "ChromaPipeline" else 1  # FLUX-style 2x2 packed latents
         got = (d["height"] // pipe.vae_scale_factor // patch, d["width"] // pipe.vae_scale_factor // patch)
     assert got == grid
     assert {"tile", "gna", "sla"} <= set(TINY_METHOD_DEFAULTS[name])
@@ -67,6 +69,8 @@ def test_two_steps_generate_offline(tiny):
 
 def test_sparse_method_is_sparse_everywhere_and_dense_is_bit_exact(tiny):
     name, pipe = tiny
+    if name == "tiny-chroma":
+        pytest.skip("ChromaPipeline always passes a text mask: dense (test_chroma_pipeline_calls_run_dense)")
     reference = _call(pipe, name, output_type="latent")
 
     handle = dit_accel.apply(pipe, Dense())
@@ -87,3 +91,23 @@ def test_sparse_method_is_sparse_everywhere_and_dense_is_bit_exact(tiny):
         assert r["sparse_calls"] >= 2 and r["dense_calls"] == 0 and r["density"] < 1, r
     assert not torch.allclose(sparse, reference, atol=1e-4), "a sparse method must change the output"
     assert torch.equal(_call(pipe, name, output_type="latent"), reference), "remove() restores dense"
+
+
+def test_chroma_pipeline_calls_run_dense_with_a_warning():
+    """ChromaPipeline always passes ``attention_mask`` (T5 padding), which Chroma's blocks turn into a full
+    (S, S) mask: the preset runs such calls dense and says so (presets/chroma.py). Pinned here so that a
+    preset that learns this mask shows up (then move tiny-chroma to the sparse test above)."""
+    from dit_accel._util import DitAccelWarning
+
+    pipe = build_tiny_pipeline("tiny-chroma")
+    pipe.set_progress_bar_config(disable=True)
+    reference = _call(pipe, "tiny-chroma", output_type="latent")
+    handle = dit_accel.apply(pipe, GNA(**TINY_METHOD_DEFAULTS["tiny-chroma"]["gna"]))
+    try:
+        with pytest.warns(DitAccelWarning, match="cannot make sparse.*mask Tensor"):
+            out = _call(pipe, "tiny-chroma", output_type="latent")
+        rows = handle.stats()
+    finally:
+        handle.remove()
+    assert rows and all(r["sparse_calls"] == 0 and r["dense_calls"] > 0 for r in rows)
+    assert torch.equal(out, reference)

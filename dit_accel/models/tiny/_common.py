@@ -10,7 +10,8 @@ from typing import Any, Callable, Dict, Tuple
 import torch
 
 __all__ = ["TinyTransformer", "TinyPipeline", "byte_tokenizer", "t5_tokenizer", "tiny_t5_settings",
-           "tiny_wan_parts", "WAN_Z_DIM", "TINY_WAN_TRANSFORMER"]
+           "tiny_wan_parts", "WAN_Z_DIM", "TINY_WAN_TRANSFORMER",
+           "tiny_image_vae"]
 
 # (model config, grid, batch, text tokens, rnd(*shape), timesteps (B,), text mask (B, text)) -> forward kwargs
 InputsBuilder = Callable[[Any, Tuple[int, ...], int, int, Callable[..., torch.Tensor], torch.Tensor, torch.Tensor],
@@ -136,3 +137,27 @@ def tiny_wan_parts(seed: int) -> dict:
 TINY_WAN_TRANSFORMER = dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=32, in_channels=WAN_Z_DIM,
                             out_channels=WAN_Z_DIM, text_dim=32, freq_dim=32, ffn_dim=64, num_layers=2,
                             cross_attn_norm=True, qk_norm="rms_norm_across_heads", rope_max_seq_len=64)
+
+
+# ----------------------------------------------------------------------------- shared image components
+def tiny_image_vae(latent_channels: int = 4):
+    """The AutoencoderKL of tiny-flux (tiny-sd3, tiny-chroma take it too): one downsample, 2x, so 64x64
+    gives a 32x32 latent; it draws from the global generator (the builder seeds before)."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        latent_channels=latent_channels,
+        norm_num_groups=4,
+        sample_size=64,
+        scaling_factor=1.0,
+        shift_factor=0.0,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+        mid_block_add_attention=False,
+    ).eval()

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from ._common import TinyPipeline, TinyTransformer, byte_tokenizer, t5_tokenizer, tiny_t5_settings
+from ._common import TinyPipeline, TinyTransformer, byte_tokenizer, t5_tokenizer, tiny_image_vae, tiny_t5_settings
 
 __all__ = ["TRANSFORMERS", "PIPELINES"]
 
@@ -24,7 +24,7 @@ def _clip(tokenizer):
 
 
 def _build(seed: int):
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
     from transformers import T5Config, T5EncoderModel
 
     torch.manual_seed(seed)
@@ -35,13 +35,7 @@ def _build(seed: int):
     t5_tok = t5_tokenizer()
     t5 = T5EncoderModel(T5Config(**tiny_t5_settings(t5_tok))).eval()  # d_model 32 = the two CLIPs side by side
     latent_channels = 4
-    vae = AutoencoderKL(
-        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16),  # one downsample: 2x
-        layers_per_block=1, latent_channels=latent_channels, norm_num_groups=4, sample_size=64,
-        scaling_factor=1.0, shift_factor=0.0, use_quant_conv=False, use_post_quant_conv=False,
-        mid_block_add_attention=False,
-    ).eval()
+    vae = tiny_image_vae(latent_channels)
     transformer = SD3Transformer2DModel(
         sample_size=32, patch_size=2, in_channels=latent_channels, out_channels=latent_channels, num_layers=2,
         attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32, caption_projection_dim=32,
