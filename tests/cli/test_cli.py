@@ -240,6 +240,7 @@ def test_generate_tiny_flux_writes_png(tmp_path):
     ("tiny-skyreels-v2", [], (17, 128, 128, 3), "SkyReelsV2Pipeline"),
     ("tiny-wan-vace", [], (17, 128, 128, 3), "WanVACEPipeline"),
     ("tiny-sd3", [], (1, 64, 64, 3), "StableDiffusion3Pipeline"),
+    ("tiny-cogview4", [], (1, 64, 64, 3), "CogView4Pipeline"),
 ])
 def test_generate_tiny_family_pipeline_with_gna(tmp_path, model, extra, shape, pipeline):
     """At the tiny defaults (grid (5, 8, 8) for the videos, (16, 16) for the image) the model's grid-sized

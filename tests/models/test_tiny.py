@@ -11,6 +11,7 @@ COMPONENTS = {
     "tiny-wan-vace": ("transformer", "vae", "text_encoder"),
     "tiny-sd3": ("transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3"),
     "tiny-chroma": ("transformer", "vae", "text_encoder"),
+    "tiny-cogview4": ("transformer", "vae", "text_encoder"),
 }
 
 

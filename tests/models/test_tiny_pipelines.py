@@ -19,6 +19,7 @@ PIPES = {
     "tiny-wan-vace": ("WanVACEPipeline", (5, 8, 8)),
     "tiny-sd3": ("StableDiffusion3Pipeline", (16, 16)),
     "tiny-chroma": ("ChromaPipeline", (16, 16)),
+    "tiny-cogview4": ("CogView4Pipeline", (16, 16)),
 }
 NAMES = [pytest.param(n, marks=_NEEDS_FTFY) if n in ("tiny-skyreels-v2", "tiny-wan-vace") else n for n in PIPES]
 
@@ -97,7 +98,7 @@ def test_chroma_pipeline_calls_run_dense_with_a_warning():
     """ChromaPipeline always passes ``attention_mask`` (T5 padding), which Chroma's blocks turn into a full
     (S, S) mask: the preset runs such calls dense and says so (presets/chroma.py). Pinned here so that a
     preset that learns this mask shows up (then move tiny-chroma to the sparse test above)."""
-    from dit_accel._util import DitAccelWarning
+    from dit_accel import DitAccelWarning
 
     pipe = build_tiny_pipeline("tiny-chroma")
     pipe.set_progress_bar_config(disable=True)
