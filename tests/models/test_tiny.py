@@ -12,6 +12,7 @@ COMPONENTS = {
     "tiny-sd3": ("transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3"),
     "tiny-chroma": ("transformer", "vae", "text_encoder"),
     "tiny-cogview4": ("transformer", "vae", "text_encoder"),
+    "tiny-qwenimage": ("transformer", "vae", "text_encoder"),
 }
 
 

@@ -20,6 +20,7 @@ PIPES = {
     "tiny-sd3": ("StableDiffusion3Pipeline", (16, 16)),
     "tiny-chroma": ("ChromaPipeline", (16, 16)),
     "tiny-cogview4": ("CogView4Pipeline", (16, 16)),
+    "tiny-qwenimage": ("QwenImagePipeline", (16, 16)),
 }
 NAMES = [pytest.param(n, marks=_NEEDS_FTFY) if n in ("tiny-skyreels-v2", "tiny-wan-vace") else n for n in PIPES]
 
