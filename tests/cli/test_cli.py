@@ -242,6 +242,7 @@ def test_generate_tiny_flux_writes_png(tmp_path):
     ("tiny-sd3", [], (1, 64, 64, 3), "StableDiffusion3Pipeline"),
     ("tiny-cogview4", [], (1, 64, 64, 3), "CogView4Pipeline"),
     ("tiny-qwenimage", [], (1, 64, 64, 3), "QwenImagePipeline"),
+    ("tiny-flux2", [], (1, 64, 64, 3), "Flux2KleinPipeline"),
 ])
 def test_generate_tiny_family_pipeline_with_gna(tmp_path, model, extra, shape, pipeline):
     """At the tiny defaults (grid (5, 8, 8) for the videos, (16, 16) for the image) the model's grid-sized

@@ -13,6 +13,7 @@ COMPONENTS = {
     "tiny-chroma": ("transformer", "vae", "text_encoder"),
     "tiny-cogview4": ("transformer", "vae", "text_encoder"),
     "tiny-qwenimage": ("transformer", "vae", "text_encoder"),
+    "tiny-flux2": ("transformer", "vae", "text_encoder"),
 }
 
 

@@ -21,6 +21,7 @@ PIPES = {
     "tiny-chroma": ("ChromaPipeline", (16, 16)),
     "tiny-cogview4": ("CogView4Pipeline", (16, 16)),
     "tiny-qwenimage": ("QwenImagePipeline", (16, 16)),
+    "tiny-flux2": ("Flux2KleinPipeline", (16, 16)),
 }
 NAMES = [pytest.param(n, marks=_NEEDS_FTFY) if n in ("tiny-skyreels-v2", "tiny-wan-vace") else n for n in PIPES]
 
@@ -32,7 +33,7 @@ def _call(pipe, name: str, **overrides):
     call = {k: v for k, v in TINY_DEFAULTS[name].items() if k in accepts}
     call.update(num_inference_steps=2, max_sequence_length=16, **overrides)
     with torch.no_grad():
-        out = pipe("a red panda", generator=torch.Generator().manual_seed(0), **call)
+        out = pipe(prompt="a red panda", generator=torch.Generator().manual_seed(0), **call)
     return out.frames if hasattr(out, "frames") else out.images
 
 
@@ -53,7 +54,7 @@ def test_builds_the_family_pipeline_at_a_sparse_sized_grid(tiny):
         got = (((d["num_frames"] - 1) // pipe.vae_scale_factor_temporal + 1) // pt,
                d["height"] // pipe.vae_scale_factor_spatial // ph, d["width"] // pipe.vae_scale_factor_spatial // pw)
     else:
-        patch *= 2 if type(pipe).__name__ == "ChromaPipeline" else 1  # FLUX-style 2x2 packed latents
+        patch *= 2 if type(pipe).__name__ in ("ChromaPipeline", "Flux2KleinPipeline") else 1  # 2x2 packed latents
         got = (d["height"] // pipe.vae_scale_factor // patch, d["width"] // pipe.vae_scale_factor // patch)
     assert got == grid
     assert {"tile", "gna", "sla"} <= set(TINY_METHOD_DEFAULTS[name])

@@ -2,8 +2,8 @@
 
 ``build_tiny_pipeline("tiny-wan")`` returns a real :class:`diffusers.WanPipeline`
 (``"tiny-flux"``: :class:`diffusers.FluxPipeline`; also ``tiny-skyreels-v2``, ``tiny-wan-vace``,
-``tiny-sd3``, ``tiny-chroma``, ``tiny-cogview4``, ``tiny-qwenimage``: see :data:`TINY_MODELS`) whose
-transformer, VAE and
+``tiny-sd3``, ``tiny-chroma``, ``tiny-cogview4``, ``tiny-qwenimage``, ``tiny-flux2``: see
+:data:`TINY_MODELS`) whose transformer, VAE and
 text encoders are a few thousand parameters built from configs, with weights
 drawn from a fixed seed and tokenizers built in code. Nothing is downloaded.
 ``build_tiny_transformer("hunyuan")`` builds one bare transformer of every
