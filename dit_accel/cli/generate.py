@@ -84,7 +84,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--guidance-scale", "--guidance", dest="guidance", type=float, default=None,
                    help="classifier-free guidance scale")
     g.add_argument("--max-sequence-length", type=int, default=None,
-                   help=f"text tokens for the T5 encoder (default: the pipeline's; {text_lengths})")
+                   help=f"text tokens for the text encoder (default: the pipeline's; {text_lengths})")
     d = p.add_argument_group("device")
     d.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available, else cpu)")
     d.add_argument("--dtype", choices=_DTYPES, default="auto",
