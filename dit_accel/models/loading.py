@@ -154,7 +154,10 @@ def load_pipeline(model: str, *, device="cpu", dtype: torch.dtype = torch.float3
     """
     kind = resolve_model_kind(model)
     if kind == "tiny":
-        pipe = build_tiny_pipeline(model, seed=seed, device="cpu" if offload else device, dtype=dtype)
+        try:
+            pipe = build_tiny_pipeline(model, seed=seed, device="cpu" if offload else device, dtype=dtype)
+        except ImportError as err:  # a package the family's Diffusers pipeline needs (ftfy): one line
+            raise ModelLoadError(f"{model}: {err}") from err
     elif kind == "embedded":
         folder = TRAINED_MODELS[model]
         if not (folder / "model_index.json").is_file():

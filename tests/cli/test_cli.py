@@ -360,3 +360,15 @@ def test_generate_takes_the_published_setting_and_names_its_source():
     assert fields == {k: v for k, v in method.to_dict().items() if k != "method"} and schedule == kwargs
     _, _, source = _model_defaults("Wan-AI/Wan2.1-T2V-1.3B-Diffusers", pipe, "gna", True)
     assert source == "WanTransformer3DModel preset (dit_accel default)"
+
+
+def test_generate_without_ftfy_is_one_line_naming_it(tmp_path, monkeypatch, capsys):
+    """SkyReels-V2 / Wan VACE pipelines need ftfy (else a bare NameError inside Diffusers): said up front."""
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "ftfy" else real(name, *a))
+    code = main(["generate", "--model", "tiny-skyreels-v2", "--steps", "1", "--out", str(tmp_path / "x.gif"),
+                 "--quiet"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "ftfy" in err[0] and "SkyReelsV2Pipeline" in err[0]

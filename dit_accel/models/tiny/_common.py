@@ -10,7 +10,7 @@ from typing import Any, Callable, Dict, Tuple
 import torch
 
 __all__ = ["TinyTransformer", "TinyPipeline", "byte_tokenizer", "t5_tokenizer", "tiny_t5_settings",
-           "tiny_wan_parts", "WAN_Z_DIM", "TINY_WAN_TRANSFORMER",
+           "tiny_wan_parts", "WAN_Z_DIM", "TINY_WAN_TRANSFORMER", "require_ftfy",
            "tiny_image_vae"]
 
 # (model config, grid, batch, text tokens, rnd(*shape), timesteps (B,), text mask (B, text)) -> forward kwargs
@@ -110,6 +110,16 @@ def tiny_t5_settings(tokenizer) -> dict:
 
 # ----------------------------------------------------------------------------- shared Wan components
 WAN_Z_DIM = 4  # latent channels of the tiny Wan VAE
+
+
+def require_ftfy(pipeline: str) -> None:
+    """Diffusers' SkyReels-V2 and Wan VACE pipelines clean every prompt with ftfy and fail with a bare
+    ``NameError`` without it: say so before building."""
+    from importlib.util import find_spec
+
+    if find_spec("ftfy") is None:
+        raise ImportError(f"Diffusers' {pipeline} needs the ftfy package to clean prompts (a dit_accel "
+                          "dependency): pip install ftfy")
 
 
 def tiny_wan_parts(seed: int) -> dict:
