@@ -371,4 +371,4 @@ def test_generate_without_ftfy_is_one_line_naming_it(tmp_path, monkeypatch, caps
     code = main(["generate", "--model", "tiny-skyreels-v2", "--steps", "1", "--out", str(tmp_path / "x.gif"),
                  "--quiet"])
     err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and len(err) == 1 and "ftfy" in err[0] and "SkyReelsV2Pipeline" in err[0]
+    assert code == 2 and len(err) == 1 and "pip install ftfy" in err[0] and "tiny-skyreels-v2" in err[0]

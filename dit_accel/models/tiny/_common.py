@@ -10,7 +10,7 @@ from typing import Any, Callable, Dict, Tuple
 import torch
 
 __all__ = ["TinyTransformer", "TinyPipeline", "byte_tokenizer", "t5_tokenizer", "tiny_t5_settings",
-           "tiny_wan_parts", "WAN_Z_DIM", "TINY_WAN_TRANSFORMER", "require_ftfy",
+           "tiny_wan_parts", "WAN_Z_DIM", "TINY_WAN_TRANSFORMER",
            "tiny_image_vae"]
 
 # (model config, grid, batch, text tokens, rnd(*shape), timesteps (B,), text mask (B, text)) -> forward kwargs
@@ -51,6 +51,8 @@ class TinyPipeline:
         defaults: suggested call settings (``num_frames``, ``height``, ``width``, ``num_inference_steps``,
             ``max_sequence_length``): small enough for a 2-core CPU, big enough for sparsity.
         method_defaults: per method name, config fields sized to the grid of :attr:`defaults`.
+        requires: packages the Diffusers pipeline needs to run (not to build), checked by ``load_pipeline``:
+            SkyReels-V2 and Wan VACE clean every prompt with ftfy and fail with a bare ``NameError`` without it.
     """
 
     name: str
@@ -58,6 +60,7 @@ class TinyPipeline:
     build: Callable[[int], Any]
     defaults: Dict[str, int]
     method_defaults: Dict[str, Dict[str, Any]] = field(default_factory=dict)
+    requires: Tuple[str, ...] = ()
 
 
 # ----------------------------------------------------------------------------- tokenizers
@@ -110,16 +113,6 @@ def tiny_t5_settings(tokenizer) -> dict:
 
 # ----------------------------------------------------------------------------- shared Wan components
 WAN_Z_DIM = 4  # latent channels of the tiny Wan VAE
-
-
-def require_ftfy(pipeline: str) -> None:
-    """Diffusers' SkyReels-V2 and Wan VACE pipelines clean every prompt with ftfy and fail with a bare
-    ``NameError`` without it: say so before building."""
-    from importlib.util import find_spec
-
-    if find_spec("ftfy") is None:
-        raise ImportError(f"Diffusers' {pipeline} needs the ftfy package to clean prompts (a dit_accel "
-                          "dependency): pip install ftfy")
 
 
 def tiny_wan_parts(seed: int) -> dict:

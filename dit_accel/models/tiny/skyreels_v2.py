@@ -7,7 +7,7 @@ the UniPC flow scheduler of SkyReels-V2's text-to-video pipeline: 17 frames at 1
 
 from __future__ import annotations
 
-from ._common import TINY_WAN_TRANSFORMER, TinyPipeline, TinyTransformer, require_ftfy, tiny_wan_parts
+from ._common import TINY_WAN_TRANSFORMER, TinyPipeline, TinyTransformer, tiny_wan_parts
 
 __all__ = ["TRANSFORMERS", "PIPELINES"]
 
@@ -15,7 +15,6 @@ __all__ = ["TRANSFORMERS", "PIPELINES"]
 def _build(seed: int):
     from diffusers import SkyReelsV2Pipeline, SkyReelsV2Transformer3DModel, UniPCMultistepScheduler
 
-    require_ftfy("SkyReelsV2Pipeline")
     parts = tiny_wan_parts(seed)
     transformer = SkyReelsV2Transformer3DModel(**TINY_WAN_TRANSFORMER).eval()
     scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=8.0)
@@ -42,6 +41,7 @@ PIPELINES = (
             "radial": {"block_size": 64, "decay": 1.0, "sink_frames": (0,)},
             "sla": {"topk": 0.4},
         },
+        requires=("ftfy",),
     ),
 )
 

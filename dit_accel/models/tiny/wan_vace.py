@@ -9,7 +9,7 @@ reactive parts) and the 8x8 mask folded into 64 channels: ``vace_in_channels`` =
 
 from __future__ import annotations
 
-from ._common import TINY_WAN_TRANSFORMER, WAN_Z_DIM, TinyPipeline, TinyTransformer, require_ftfy, tiny_wan_parts
+from ._common import TINY_WAN_TRANSFORMER, WAN_Z_DIM, TinyPipeline, TinyTransformer, tiny_wan_parts
 
 __all__ = ["TRANSFORMERS", "PIPELINES"]
 
@@ -17,7 +17,6 @@ __all__ = ["TRANSFORMERS", "PIPELINES"]
 def _build(seed: int):
     from diffusers import FlowMatchEulerDiscreteScheduler, WanVACEPipeline, WanVACETransformer3DModel
 
-    require_ftfy("WanVACEPipeline")
     parts = tiny_wan_parts(seed)
     transformer = WanVACETransformer3DModel(**TINY_WAN_TRANSFORMER, vace_layers=[0],
                                             vace_in_channels=2 * WAN_Z_DIM + 8 * 8).eval()
@@ -48,6 +47,7 @@ PIPELINES = (
             "radial": {"block_size": 64, "decay": 1.0, "sink_frames": (0,)},
             "sla": {"topk": 0.4},
         },
+        requires=("ftfy",),
     ),
 )
 
