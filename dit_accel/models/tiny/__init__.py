@@ -32,7 +32,10 @@ Adding a model family (developer note)
    ``tests/pipelines/test_presets.py`` checks that every family module is registered, that every preset
    class has a tiny transformer in the module of the same name and that ``tiny-<family>`` resolves to it.
    A ``tiny-<family>`` pipeline also lists its weighted components in ``COMPONENTS`` of
-   ``tests/models/test_tiny.py`` (the seed and cross-process determinism tests).
+   ``tests/models/test_tiny.py`` (the seed and cross-process determinism tests), its class and grid in
+   ``PIPES`` of ``tests/models/test_tiny_pipelines.py`` (2-step run; sparse everywhere, ``Dense()``
+   bit-exact) and a row of ``test_generate_tiny_family_pipeline_with_gna`` in ``tests/cli/test_cli.py``.
+   Share components through ``._common`` (``tiny_wan_parts``, ``tiny_image_vae``, the tokenizers).
 """
 
 from __future__ import annotations
