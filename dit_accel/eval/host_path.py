@@ -13,7 +13,9 @@ Each stage is timed alone:
 - ``custom_op``: the ``dit_accel::block_sparse_fwd`` op called directly (dispatcher + launcher);
 - ``launcher``: ``triton_forward`` alone (configuration, tile plan lookup, allocation, launch);
 - ``sla``: ``sla_attention(q, k, v, SLA(topk=...), backend="triton")`` without projection, whose
-  classification runs real (small) torch ops on the CPU, as their launches would on a GPU.
+  classification runs real (small) torch ops on the CPU, as their launches would on a GPU;
+- ``sla_proj``: the same with a (non-zero) ``nn.Linear`` projection: the linear branch, its global
+  sums and the projection's GEMM too.
 
 Run it in its own process (``TRITON_INTERPRET`` must be set before triton is imported)::
 
@@ -105,6 +107,7 @@ def measure_host_path(*, tokens: int = 1024, heads: int = 2, head_dim: int = 64,
     scale = head_dim ** -0.5
     tensors = [getattr(layout, name) for name in BlockLayout.TENSORS]
     method = SLA(topk=0.05)
+    proj = torch.nn.Linear(head_dim, head_dim).to(torch.bfloat16).requires_grad_(False)
 
     def grad_call():
         block_sparse_attention(qg, kg, vg, layout, backend="triton")
@@ -117,6 +120,7 @@ def measure_host_path(*, tokens: int = 1024, heads: int = 2, head_dim: int = 64,
                                               layout.block_k, scale),
         "launcher": lambda: triton_forward(q, k, v, layout, scale),
         "sla": lambda: sla_attention(q, k, v, method, None, backend="triton"),
+        "sla_proj": lambda: sla_attention(q, k, v, method, proj, backend="triton"),
     }
     out = {}
     with stub_launches():

@@ -22,7 +22,8 @@ __all__ = ["SLAKernelConfig", "select_sla_config", "shipped_configs", "SLA_KERNE
 
 BLOCK_M = 64  # query rows per program; a 128-row classification block is two tiles
 BLOCK_K = 64  # key rows per block (SLA's block_k)
-SLA_KERNELS = ("fwd", "bwd_dq", "bwd_dkdv", "bwd_dkdv_lin")  # bwd_dkdv_lin: linear-branch dK/dV
+# global: the linear branch's sums over all keys; bwd_dkdv_lin: linear-branch dK/dV
+SLA_KERNELS = ("global", "fwd", "bwd_dq", "bwd_dkdv", "bwd_dkdv_lin")
 SLA_DTYPES = (torch.float16, torch.bfloat16)  # on CUDA; the CPU interpreter also runs float32
 SLA_BLOCK_DS = (64, 128)  # padded head dims; the fused kernel takes head dims <= 128
 SLA_MAX_HEAD_DIM = SLA_BLOCK_DS[-1]
@@ -50,7 +51,12 @@ LAUNCH: Dict[Tuple[int, str, int, bool], Tuple[int, int]] = {
     (80, "bwd_dkdv_lin", 64, True): (4, 3), (80, "bwd_dkdv_lin", 128, True): (8, 3),
     (89, "bwd_dkdv_lin", 64, True): (8, 3), (89, "bwd_dkdv_lin", 128, True): (8, 3),
     (90, "bwd_dkdv_lin", 64, True): (4, 1), (90, "bwd_dkdv_lin", 128, True): (8, 2),
+    (80, "global", 64, True): (4, 2), (80, "global", 128, True): (8, 2),
+    (89, "global", 64, True): (4, 2), (89, "global", 128, True): (8, 2),
+    (90, "global", 64, True): (4, 2), (90, "global", 128, True): (8, 2),
 }
+#: Kernels that exist only with the linear branch (no ``HAS_LIN`` constexpr).
+_LINEAR_ONLY = ("global", "bwd_dkdv_lin")
 
 
 def _target(arch: int) -> int:
@@ -87,6 +93,8 @@ class SLAKernelConfig:
     def constexprs(self) -> dict:
         """The kernel's constexpr arguments (the dK/dV kernels have no ``HAS_LIN``: it is in their types)."""
         out = {"BLOCK_M": self.block_m, "BLOCK_N": self.block_n, "BLOCK_D": self.block_d}
+        if self.kernel == "global":  # key tiles only
+            del out["BLOCK_M"]
         if self.kernel in ("fwd", "bwd_dq"):
             out["HAS_LIN"] = self.has_lin
         return out
@@ -98,7 +106,7 @@ class SLAKernelConfig:
         """The dense kernel with the same tile, warps, stages and dtype (pointer loads, like SLA's)."""
         from ..dense.configs import DenseConfig
 
-        if self.kernel == "bwd_dkdv_lin":
+        if self.kernel in _LINEAR_ONLY:
             return None  # linear attention: no dense softmax counterpart
         return DenseConfig(self.kernel, self.dtype, self.block_d, self.block_m, self.block_n, self.num_warps,
                            self.num_stages, False, True)
@@ -112,11 +120,11 @@ class SLAKernelConfig:
         """
         # dK / dV always leave in fp32 (the linear kernel may add to them; the launcher casts once).
         types = dict(ARG_TYPES, QF="*DT", KF="*DT", DNUM="*DT", DQ="*fp32" if self.has_lin else "*DT", DK="*fp32",
-                     DV="*fp32",
+                     DV="*fp32", OL="*DT",
                      KV="*DT", **{n: "*fp32" for n in ("NUM", "DEN", "DDEN", "DSCALE", "INV_S", "DQF", "DKF",
-                                                       "KV_SCALE", "KSUM")},
+                                                       "KV_SCALE", "KSUM", "KMAX", "KV_P", "KSUM_P", "KMAX_P")},
                      **{n: "*i32" for n in ("CRIT", "LIN", "CRIT_T", "CRIT_T_CNT", "LIN_T", "LIN_T_CNT")},
-                     lin_sign="fp32")
+                     lin_sign="fp32", lin_eps="fp32")
         return aot_signature(kernels[self.kernel], types, self.constexprs(), DIV16 | {"D"}, self.dtype)
 
 
@@ -140,7 +148,7 @@ def select_sla_config(kernel: str, dtype: torch.dtype, head_dim: int, has_lin: b
         raise ValueError(f"head_dim must be in [1, {SLA_BLOCK_DS[-1]}] for the fused SLA kernel, got {head_dim}")
     # Only the forward and dQ kernels have a linear-branch variant; the linear dK/dV kernel is one.
     block_d = _block_d(head_dim)
-    has_lin = bool(has_lin) if kernel in ("fwd", "bwd_dq") else kernel == "bwd_dkdv_lin"
+    has_lin = bool(has_lin) if kernel in ("fwd", "bwd_dq") else kernel in _LINEAR_ONLY
     warps, stages = LAUNCH[(_target(arch), kernel, block_d, has_lin)]
     return SLAKernelConfig(kernel, dtype, block_d, has_lin, warps, stages)
 
@@ -170,5 +178,5 @@ def candidates(kernel: str, dtype: torch.dtype, block_d: int, has_lin: bool, arc
     the streaming kernels keep at least two stages (a prefetch); the dK/dV kernels, with the most
     operands, may do without."""
     stages = (1, 2, 3) if kernel.startswith("bwd_dkdv") else (2, 3)
-    lin = has_lin if kernel in ("fwd", "bwd_dq") else kernel == "bwd_dkdv_lin"
+    lin = has_lin if kernel in ("fwd", "bwd_dq") else kernel in _LINEAR_ONLY
     return [SLAKernelConfig(kernel, dtype, block_d, lin, w, st) for w in (4, 8) for st in stages]
