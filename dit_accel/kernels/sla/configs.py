@@ -18,10 +18,11 @@ import torch
 from ..dense.configs import ARG_TYPES, DIV16, aot_signature
 
 __all__ = ["SLAKernelConfig", "select_sla_config", "shipped_configs", "SLA_KERNELS", "SLA_DTYPES", "SLA_BLOCK_DS",
-           "SLA_MAX_HEAD_DIM", "BLOCK_M", "BLOCK_K", "LAUNCH"]
+           "SLA_MAX_HEAD_DIM", "BLOCK_M", "BLOCK_K", "GLOBAL_COLUMNS", "LAUNCH"]
 
 BLOCK_M = 64  # query rows per program; a 128-row classification block is two tiles
 BLOCK_K = 64  # key rows per block (SLA's block_k)
+GLOBAL_COLUMNS = 64  # columns of phi(K)^T V per program of the global-sums kernel
 # global: the linear branch's sums over all keys; bwd_dkdv_lin: linear-branch dK/dV
 SLA_KERNELS = ("global", "fwd", "bwd_dq", "bwd_dkdv", "bwd_dkdv_lin")
 SLA_DTYPES = (torch.float16, torch.bfloat16)  # on CUDA; the CPU interpreter also runs float32
@@ -42,7 +43,7 @@ LAUNCH: Dict[Tuple[int, str, int, bool], Tuple[int, int]] = {
     (89, "bwd_dq", 64, False): (4, 3), (89, "bwd_dq", 64, True): (8, 3),
     (89, "bwd_dq", 128, False): (8, 2), (89, "bwd_dq", 128, True): (8, 2),
     (90, "fwd", 64, False): (4, 2), (90, "fwd", 64, True): (4, 2),
-    (90, "fwd", 128, False): (4, 3), (90, "fwd", 128, True): (4, 3),
+    (90, "fwd", 128, False): (4, 3), (90, "fwd", 128, True): (8, 3),
     (90, "bwd_dq", 64, False): (4, 3), (90, "bwd_dq", 64, True): (4, 3),
     (90, "bwd_dq", 128, False): (4, 2), (90, "bwd_dq", 128, True): (8, 3),
     (80, "bwd_dkdv", 64, False): (8, 3), (80, "bwd_dkdv", 128, False): (8, 3),
@@ -55,6 +56,9 @@ LAUNCH: Dict[Tuple[int, str, int, bool], Tuple[int, int]] = {
     (89, "global", 64, True): (4, 2), (89, "global", 128, True): (8, 2),
     (90, "global", 64, True): (4, 2), (90, "global", 128, True): (8, 2),
 }
+#: Forwards whose linear ``a @ V`` is one product of twice the depth (``_dot_split``'s ``CHAIN=False``): with
+#: phi taken in the kernel, the chained pair made ptxas serialise sm_90's wgmma (C7515) at head dim 128.
+SPLIT_PRODUCT = {(90, "fwd", 128, True)}
 #: Kernels that exist only with the linear branch (no ``HAS_LIN`` constexpr).
 _LINEAR_ONLY = ("global", "bwd_dkdv_lin")
 
@@ -84,19 +88,24 @@ class SLAKernelConfig:
     num_stages: int
     block_m: int = BLOCK_M
     block_n: int = BLOCK_K
+    #: The forward's linear ``a @ V`` as two chained products (see ``_dot_split`` in :mod:`.triton`).
+    lin_chain: bool = True
 
     @property
     def name(self) -> str:
         return (f"sla_{self.kernel}-{_DTYPE_NAMES[self.dtype]}-d{self.block_d}-{'lin' if self.has_lin else 'nolin'}"
-                f"-w{self.num_warps}s{self.num_stages}")
+                f"-w{self.num_warps}s{self.num_stages}{'' if self.lin_chain else '-split'}")
 
     def constexprs(self) -> dict:
         """The kernel's constexpr arguments (the dK/dV kernels have no ``HAS_LIN``: it is in their types)."""
         out = {"BLOCK_M": self.block_m, "BLOCK_N": self.block_n, "BLOCK_D": self.block_d}
-        if self.kernel == "global":  # key tiles only
+        if self.kernel == "global":  # key tiles only, and column blocks of V (GLOBAL_COLUMNS in .triton)
             del out["BLOCK_M"]
+            out["BLOCK_C"] = GLOBAL_COLUMNS
         if self.kernel in ("fwd", "bwd_dq"):
             out["HAS_LIN"] = self.has_lin
+        if self.kernel == "fwd" and self.has_lin:
+            out["LIN_CHAIN"] = self.lin_chain
         return out
 
     def launch_kwargs(self) -> dict:
@@ -149,8 +158,9 @@ def select_sla_config(kernel: str, dtype: torch.dtype, head_dim: int, has_lin: b
     # Only the forward and dQ kernels have a linear-branch variant; the linear dK/dV kernel is one.
     block_d = _block_d(head_dim)
     has_lin = bool(has_lin) if kernel in ("fwd", "bwd_dq") else kernel in _LINEAR_ONLY
-    warps, stages = LAUNCH[(_target(arch), kernel, block_d, has_lin)]
-    return SLAKernelConfig(kernel, dtype, block_d, has_lin, warps, stages)
+    key = (_target(arch), kernel, block_d, has_lin)
+    warps, stages = LAUNCH[key]
+    return SLAKernelConfig(kernel, dtype, block_d, has_lin, warps, stages, lin_chain=key not in SPLIT_PRODUCT)
 
 
 def shipped_configs(arch: Optional[int] = None) -> List[SLAKernelConfig]:

@@ -40,7 +40,7 @@ from triton.runtime.errors import OutOfResources
 from ..._util import cdiv as _cdiv
 from ..dense.tiles import LN2, LOG2E, dkdv_step, dq_step, fwd_step, load_tile
 from .common import FEATURE_IDS, feature_map, true_columns
-from .configs import BLOCK_K, BLOCK_M, SLAKernelConfig, select_sla_config
+from .configs import BLOCK_K, BLOCK_M, GLOBAL_COLUMNS, SLAKernelConfig, select_sla_config
 
 __all__ = ["sla_forward", "sla_backward", "global_sums", "FEATURE_IDS", "transposed_lists", "KERNELS", "row_scale"]
 
@@ -80,33 +80,31 @@ def _dot_split(a, b, acc, DT: tl.constexpr, CHAIN: tl.constexpr):
 
 
 @triton.jit
-def _phi_softmax_stats(x, ok):
-    """Row max and sum of ``exp(x - max)`` over the ``ok`` entries of an fp32 tile (a row with none: 0, 1)."""
-    xm = tl.where(ok, x, float("-inf"))
-    m = tl.max(xm, 1)
-    m = tl.where(m == float("-inf"), 0.0, m)
-    l_sum = tl.sum(tl.exp(xm - m[:, None]), 1)
-    return m, tl.where(l_sum == 0.0, 1.0, l_sum)
+def _phi_stats(x, ok, feature):
+    """Softmax statistics of an fp32 tile over its ``ok`` entries: the row max ``m`` and ``l = sum(exp(x - m))``
+    (``m = 0``, ``l = 1`` for the other features and for rows with no ``ok`` entry)."""
+    m = tl.max(tl.where(ok, x, float("-inf")), 1)
+    m = tl.where((m == float("-inf")) | (feature != 0), 0.0, m)
+    l_sum = tl.sum(tl.where(ok, tl.exp(x - m[:, None]), 0.0), 1)
+    return m, tl.where((l_sum == 0.0) | (feature != 0), 1.0, l_sum)
 
 
 @triton.jit
 def _phi(x, ok, m, l_sum, feature):
-    """phi of an fp32 tile on the head dim (``feature``: 0 softmax from :func:`_phi_softmax_stats`' ``m``,
-    ``l_sum``, 1 elu + 1, 2 relu), fp32, zero outside ``ok`` (rows past N, padded columns). Per element the
-    same operations whatever the tile's width, so a column chunk gives the full tile's values."""
-    if feature == 0:
-        f = tl.exp(x - m[:, None]) / l_sum[:, None]
-    elif feature == 1:
-        f = tl.where(x > 0, x + 1.0, tl.exp(tl.minimum(x, 0.0)))  # (no exp overflow in the unused side)
-    else:
-        f = tl.maximum(x, 0.0)
+    """phi of an fp32 tile on the head dim (``feature``: 0 softmax from :func:`_phi_stats`' ``m``, ``l_sum``;
+    1 elu + 1; 2 relu), fp32, zero outside ``ok`` (rows past N, padded columns). Branch-free, one exp per
+    element (a branch inside a loop of tensor-core products serialises them on sm_90, ptxas C7515), and per
+    element the same operations whatever the tile's width: a column chunk gives the whole tile's values."""
+    e = tl.exp(tl.where(feature == 0, x - m[:, None], tl.minimum(x, 0.0)))
+    f = tl.where(feature == 0, e / l_sum[:, None], tl.where(feature == 1, tl.where(x > 0, x + 1.0, e),
+                                                            tl.maximum(x, 0.0)))
     return tl.where(ok, f, 0.0)
 
 
 @triton.jit
 def _phi_tile(x, ok, feature):
     """:func:`_phi` of a whole-row tile (its own softmax statistics)."""
-    m, l_sum = _phi_softmax_stats(x, ok)
+    m, l_sum = _phi_stats(x, ok, feature)
     return _phi(x, ok, m, l_sum, feature)
 
 
@@ -115,21 +113,23 @@ def _sla_global_kernel(
     K, V, KV_P, KSUM_P, KMAX_P,
     skb, skh, skn, svb, svh, svn,
     H, NK_TOK, D_REAL, CHUNK_TILES, feature,
-    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """Partial global sums of the linear branch over one chunk of ``CHUNK_TILES`` key tiles:
-    ``phi(K_c)^T V_c`` (fp32 ``[BLOCK_D, BLOCK_D]``), ``sum(phi(K_c))`` and ``max|phi(K_c)|``, from phi
-    computed here and rounded to the input dtype (the values the forward's block terms read). The
-    launcher sums the chunks (a few per head): deterministic, and enough programs to fill a GPU."""
+    ``phi(K_c)^T V_c`` (fp32, ``BLOCK_C`` of its ``BLOCK_D`` columns: program axis 2), ``sum(phi(K_c))`` and
+    ``max|phi(K_c)|``, from phi computed here and rounded to the input dtype (the values the forward's block
+    terms read). The launcher sums the chunks (a few per head): deterministic, and enough programs to fill
+    a GPU. Column blocks keep the accumulator small (the whole ``D x D`` one spilled at head dim 128)."""
     pid_c = tl.program_id(0)
     pid_bh = tl.program_id(1)
+    pid_v = tl.program_id(2)
     b = pid_bh // H
     h = pid_bh % H
     k_base = K + b.to(tl.int64) * skb + h.to(tl.int64) * skh
-    v_base = V + b.to(tl.int64) * svb + h.to(tl.int64) * svh
+    v_base = V + b.to(tl.int64) * svb + h.to(tl.int64) * svh + pid_v * BLOCK_C
     offs_n = tl.arange(0, BLOCK_N)
     col_ok = (tl.arange(0, BLOCK_D) < D_REAL)[None, :]
-    kv = tl.zeros([BLOCK_D, BLOCK_D], tl.float32)
+    kv_t = tl.zeros([BLOCK_C, BLOCK_D], tl.float32)  # (phi(K)^T V)^T: V^T as the product's first operand
     ksum = tl.zeros([BLOCK_D], tl.float32)
     kmax = tl.zeros([BLOCK_D], tl.float32)
     first = pid_c * CHUNK_TILES
@@ -137,18 +137,22 @@ def _sla_global_kernel(
     for t in range(0, n_tiles):  # loop: global_sums
         col = (first + t) * BLOCK_N
         k = load_tile(k_base, k_base, b, h, col, NK_TOK, skn, D_REAL, BLOCK_N, BLOCK_D, False, True, True)
-        v = load_tile(v_base, v_base, b, h, col, NK_TOK, svn, D_REAL, BLOCK_N, BLOCK_D, False, True, True)
+        v = load_tile(v_base, v_base, b, h, col, NK_TOK, svn, D_REAL, BLOCK_N, BLOCK_C, False, True, True)
         ok = (col + offs_n < NK_TOK)[:, None] & col_ok
         kf = _phi_tile(k.to(tl.float32), ok, feature).to(V.dtype.element_ty)
-        kv = tl.dot(tl.trans(kf), v, kv, input_precision="ieee")
+        # V^T phi(K), not phi(K)^T V: phi(K) is made in registers, and as the transposed first operand of
+        # the product it serialised sm_90's wgmma (ptxas C7515).
+        kv_t = tl.dot(tl.trans(v), kf, kv_t, input_precision="ieee")
         kf32 = kf.to(tl.float32)
         ksum += tl.sum(kf32, 0)
         kmax = tl.maximum(kmax, tl.max(tl.abs(kf32), 0))
     at = pid_bh.to(tl.int64) * tl.num_programs(0) + pid_c
     offs_d = tl.arange(0, BLOCK_D)
-    tl.store(KV_P + at * BLOCK_D * BLOCK_D + offs_d[:, None] * BLOCK_D + offs_d[None, :], kv)
-    tl.store(KSUM_P + at * BLOCK_D + offs_d, ksum)
-    tl.store(KMAX_P + at, tl.max(kmax, 0))
+    offs_v = pid_v * BLOCK_C + tl.arange(0, BLOCK_C)
+    tl.store(KV_P + at * BLOCK_D * BLOCK_D + offs_d[None, :] * BLOCK_D + offs_v[:, None], kv_t)
+    if pid_v == 0:
+        tl.store(KSUM_P + at * BLOCK_D + offs_d, ksum)
+        tl.store(KMAX_P + at, tl.max(kmax, 0))
 
 
 @triton.jit
@@ -157,7 +161,7 @@ def _sla_fwd_kernel(
     sqb, sqh, sqn, skb, skh, skn, svb, svh, svn,
     H, NQ_TOK, NK_TOK, D, D_REAL, KC, NL, SUB, qk_scale, lin_sign, feature, lin_eps,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    HAS_LIN: tl.constexpr,
+    HAS_LIN: tl.constexpr, LIN_CHAIN: tl.constexpr = True,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -192,13 +196,11 @@ def _sla_fwd_kernel(
     offs_m = row0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     m_ok = offs_m < NQ_TOK
-    # The outputs are contiguous (B, H, N, D_REAL): no padded columns to slice off afterwards.
-    qd_mask = m_ok[:, None] & (offs_d < D_REAL)[None, :]
-    row = pid_bh.to(tl.int64) * NQ_TOK + offs_m
+    qd_mask = m_ok[:, None] & (offs_d < D)[None, :]
+    row = pid_bh.to(tl.int64) * NQ_TOK + offs_m  # rows of the contiguous (B, H, N, .) outputs
     empty = l_i == 0.0  # a row that saw no key: o = 0, lse = -inf (not 0/0)
     l_safe = tl.where(empty, 1.0, l_i)
-    tl.store(O + row[:, None] * D_REAL + offs_d[None, :], (acc / l_safe[:, None]).to(O.dtype.element_ty),
-             mask=qd_mask)
+    tl.store(O + row[:, None] * D + offs_d[None, :], (acc / l_safe[:, None]).to(O.dtype.element_ty), mask=qd_mask)
     tl.store(LSE + row, tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * LN2), mask=m_ok)
 
     if HAS_LIN:
@@ -207,21 +209,24 @@ def _sla_fwd_kernel(
         col_ok = (offs_d < D_REAL)[None, :]
         q_ok = m_ok[:, None] & col_ok
         q32 = q.to(tl.float32)
-        qm, ql = _phi_softmax_stats(q32, q_ok)
+        qm, ql = _phi_stats(q32, q_ok, feature)
         qf = _phi(q32, q_ok, qm, ql, feature).to(DT)
         # Scores over a per-row s_i >= 1 (sum|phi(q_i)| max|phi(k)| / 2^15; KMAX is 0 for softmax features).
         inv_s = 1.0 / tl.maximum(tl.sum(tl.abs(qf.to(tl.float32)), 1) * (tl.load(KMAX + pid_bh) / 32768.0), 1.0)
         num = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
         den = tl.zeros([BLOCK_M], tl.float32)
-        offs_n = tl.arange(0, BLOCK_N)
+        # Half key blocks: phi(K_j) made from the k tile in fp32 beside the linear accumulators spilled
+        # at head dim 128 with whole blocks.
+        HALF: tl.constexpr = BLOCK_N // 2
+        offs_n = tl.arange(0, HALF)
         lin = LIN + (pid_bh.to(tl.int64) * n_qb + pid_m // SUB) * NL
-        for c in range(0, NL):  # loop: linear
-            col = tl.load(lin + c) * BLOCK_N
-            k = load_tile(k_base, k_base, b, h, col, NK_TOK, skn, D, BLOCK_N, BLOCK_D, False, True, True)
-            v = load_tile(v_base, v_base, b, h, col, NK_TOK, svn, D, BLOCK_N, BLOCK_D, False, True, True)
+        for c in range(0, 2 * NL):  # loop: linear
+            col = tl.load(lin + c // 2) * BLOCK_N + (c % 2) * HALF
+            k = load_tile(k_base, k_base, b, h, col, NK_TOK, skn, D, HALF, BLOCK_D, False, True, True)
+            v = load_tile(v_base, v_base, b, h, col, NK_TOK, svn, D, HALF, BLOCK_D, False, True, True)
             kf = _phi_tile(k.to(tl.float32), (col + offs_n < NK_TOK)[:, None] & col_ok, feature).to(DT)
             a = tl.dot(qf, tl.trans(kf), input_precision="ieee") * inv_s[:, None]
-            num = _dot_split(a, v, num, DT, True)
+            num = _dot_split(a, v, num, DT, LIN_CHAIN)
             den += tl.sum(a, 1)
         s = lin_sign / inv_s
         # + the global sums phi(q) (phi(K)^T V) and phi(q) . sum(phi(K)) (zeros for the "direct" plan). KV
@@ -245,7 +250,7 @@ def _sla_fwd_kernel(
             den += tl.sum(qf_c.to(tl.float32) * tl.load(ksum_at + c0 + offs_c)[None, :], 1)
         # O_l = num / (den + eps), in the input dtype: the caller's projection reads it as it is.
         o_l = num * (kv_scale / (den + lin_eps))[:, None]
-        tl.store(OL + row[:, None] * D_REAL + offs_d[None, :], o_l.to(OL.dtype.element_ty), mask=qd_mask)
+        tl.store(OL + row[:, None] * D + offs_d[None, :], o_l.to(OL.dtype.element_ty), mask=qd_mask)
         tl.store(DEN + row, den, mask=m_ok)
 
 
@@ -530,7 +535,7 @@ def global_sums(k, v, feature: int, head_dim: int):
     kv = torch.empty((b * h, n_chunks, block_d, block_d), dtype=torch.float32, device=k.device)
     ksum = torch.empty((b * h, n_chunks, block_d), dtype=torch.float32, device=k.device)
     kmax = torch.empty((b * h, n_chunks), dtype=torch.float32, device=k.device)
-    _launch(cfg, (n_chunks, b * h), k, v, kv, ksum, kmax, *_strides(k), *_strides(v), h, nk, head_dim,
+    _launch(cfg, (n_chunks, b * h, block_d // GLOBAL_COLUMNS), k, v, kv, ksum, kmax, *_strides(k), *_strides(v), h, nk, head_dim,
             GLOBAL_CHUNK_TILES, feature)
     if n_chunks == 1:
         return kv[:, 0], ksum[:, 0], kmax[:, 0]
@@ -570,7 +575,7 @@ def sla_forward(q, k, v, critical, lin_blocks, scale, feature, has_lin, lin_sign
     cfg = select_sla_config("fwd", q.dtype, d, has_lin, _arch(q.device))
     dp = cfg.block_d
     q, k, v = _pad_d(dp, *(_last_dim_contiguous(t) for t in (q, k, v)))
-    o = torch.empty((b, h, nq, d), dtype=q.dtype, device=q.device)
+    o = torch.empty((b, h, nq, dp), dtype=q.dtype, device=q.device)
     lse = torch.empty(b, h, nq, dtype=torch.float32, device=q.device)
     if has_lin:
         kv = ksum = None
@@ -583,7 +588,7 @@ def sla_forward(q, k, v, critical, lin_blocks, scale, feature, has_lin, lin_sign
             if not with_global:
                 kv = ksum = None
         kv, kv_scale, ksum = _global_operands(kv, ksum, b * h, dp, q.dtype, q.device)
-        o_l = torch.empty((b, h, nq, d), dtype=q.dtype, device=q.device)
+        o_l = torch.empty((b, h, nq, dp), dtype=q.dtype, device=q.device)
         den = torch.empty(b, h, nq, dtype=torch.float32, device=q.device)
     else:  # unused pointers get a live allocation: empty tensors may carry a null address
         kv = q
@@ -597,7 +602,9 @@ def sla_forward(q, k, v, critical, lin_blocks, scale, feature, has_lin, lin_sign
     if not has_lin:  # two distinct empties: a custom op's outputs may not alias
         o_l = torch.empty(0, dtype=q.dtype, device=q.device)
         den = torch.empty(0, dtype=torch.float32, device=q.device)
-    return o, lse, o_l, den
+    elif dp != d:
+        o_l = o_l[..., :d].contiguous()
+    return (o if dp == d else o[..., :d].contiguous()), lse, o_l, den
 
 
 def sla_backward(do, dlse, dnum, dden, q, k, v, qf, kf, o, lse, critical, lin_blocks, scale, feature, has_lin,
