@@ -332,3 +332,20 @@ def test_gpu_sla_token_offsets_are_64_bit_bf16():
     o_s, lse, o_lp, info = sla_attention(q, k, k, method, None, backend="triton", return_parts=True)
     o_t = sla_attention(q, k, k, method, None, backend="torch")
     torch.testing.assert_close(o_s.float(), o_t.float(), atol=2e-2, rtol=2e-2)
+
+
+@interpreter
+def test_split_product_forward_matches_reference(monkeypatch):
+    """The sm_90 head-dim-128 linear forward runs ``a @ V`` as one product of twice the depth (configs.SPLIT_PRODUCT):
+    the same numbers as the chained pair, here through the interpreter with sm_90's configuration."""
+    from dit_accel.kernels.sla import configs as sc
+    from dit_accel.kernels.sla import triton as st
+
+    monkeypatch.setattr(st, "_arch", lambda device: 90)
+    assert not sc.select_sla_config("fwd", torch.float16, 128, True, 90).lin_chain
+    method = SLA(topk=0.3, negligible=0.3)
+    q, k, v = (t.detach() for t in _qkv(130, 130, 128, dtype=torch.float16))
+    blocks = sla_classify(q, k, method)
+    _, _, o_l = sla_triton_attention(q, k, v, blocks, method, 128 ** -0.5, True, "subtract")
+    ref = _linear_reference(q.float(), k.float(), v.float(), blocks.classes, method)
+    torch.testing.assert_close(o_l.float(), ref, atol=2e-3 * ref.abs().max().item(), rtol=2e-3)
