@@ -205,7 +205,8 @@ def _separable_plan(method: Method, grid, relations, tile, what: str):
     # Without a tile: the one under which the pattern visits least work (partial blocks cost more).
     perm = permutation_for(tuple(grid), tile, 64, 64, relations)
     token_density = math.prod(float(r.float().mean()) for r in relations)
-    return LayoutPlan(method, grid, separable_layout(perm, relations, 64, 64), perm, token_density=token_density)
+    return LayoutPlan(method, grid, separable_layout(perm, relations, 64, 64), perm, token_density=token_density,
+                      wide_q=True)
 
 
 @register_method("gna", finetunable=True,
@@ -272,7 +273,7 @@ class GNA(Method):
         tile = None if self.tile is None else per_dim("tile", self.tile, len(grid), owner="GNA.")
         perm, layout = gna_layout(grid, self.kernel_size, self.stride, self.dilation, self.is_causal, tile=tile)
         token_density = sum(math.prod(float(r.float().mean()) for r in rels) for _, rels in per) / len(per)
-        return LayoutPlan(self, grid, layout, perm, token_density=token_density)
+        return LayoutPlan(self, grid, layout, perm, token_density=token_density, wide_q=True)
 
     def for_shares(self, grid, shares):
         # The default tile is the most cube-like one, which may span the frames of several ranks: pick the
@@ -361,7 +362,7 @@ class Tile(Method):
         # Tiled by the STA tile when it holds whole 64-token blocks; else by a default tile.
         perm, layout = tile_layout(grid, self.tile, self.window)
         return LayoutPlan(self, perm.grid, layout, perm,
-                          token_density=tile_token_density(grid, self.tile, self.window))
+                          token_density=tile_token_density(grid, self.tile, self.window), wide_q=True)
 
     def at_density(self, grid, density):
         # Tiles of one 64-token block each: a window of w tiles per dimension visits about
