@@ -111,6 +111,7 @@ def test_tile_wide_blocks_across_tiles_are_refused(grid, tile, window, bq):
     ((6, 8, 8), 3, 1, (2, 4, 4), 16, False),          # stride 1: frames 2 and 3 see frames 1..3 and 2..4
     ((4, 8, 8), (2, 4, 4), (2, 4, 4), (2, 4, 4), 16, True),  # stride = tile: a tile shares one window
     ((6, 8, 8), (4, 8, 4), (2, 8, 4), (2, 4, 4), 16, True),
+    ((8, 4), (5, 2), 1, (8, 4), 16, True),  # both halves partial in both key blocks, with different masks
 ])
 def test_gna_wide_blocks_only_where_the_halves_agree(grid, k, s, tile, bq, agree):
     perm, narrow = gna_layout(grid, k, s, 1, False, tile=tile, block_q=bq, block_k=bq)
