@@ -364,15 +364,22 @@ class Tile(Method):
         return LayoutPlan(self, perm.grid, layout, perm,
                           token_density=tile_token_density(grid, self.tile, self.window), wide_q=True)
 
-    def at_density(self, grid, density):
+    def at_density(self, grid, density, *, tile=None):
+        """The Tile whose window visits the block density nearest ``density`` on ``grid``.
+
+        ``tile``: the STA tile to search windows for; default a 64-token tile (one query block per tile).
+        A 128-token tile such as (1, 16, 8) lets CUDA calls run 128-row query blocks
+        (:meth:`dit_accel.plans.LayoutPlan.kernel_layout`), at a coarser window.
+        """
         # Tiles of one 64-token block each: a window of w tiles per dimension visits about
         # prod(w_d / n_d) of the blocks. Nearest density first; among near ties the most even window.
         import itertools
 
+        from .patterns.checks import per_dim
         from .patterns.permutation import TilePermutation, default_tile
 
         grid = tuple(grid)
-        tile = default_tile(grid, 64)
+        tile = default_tile(grid, 64) if tile is None else per_dim("tile", tile, len(grid), owner="Tile.at_density: ")
         n_tiles = TilePermutation(grid, tile).num_tiles
         best = None
         # Odd windows, plus n + 1 on an even tile count n: the odd window that covers the dimension.

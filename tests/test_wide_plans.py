@@ -107,3 +107,14 @@ def test_wide_gna_layout_with_different_half_masks_through_the_triton_kernel(dty
     o, lse = block_sparse_attention(qt, kt, vt, wide, return_lse=True, backend="triton")
     o, lse = plan.perm.unpermute(o, dim=-2), plan.perm.unpermute(lse, dim=-1)
     assert_attention_close(o, lse, q, k, v, _ref_gna(grid, kernel, 1, 1, False))
+
+
+def test_tile_at_density_with_a_given_tile():
+    grid = (4, 32, 32)
+    tile = dit_accel.Tile().at_density(grid, 0.2, tile=(1, 16, 8))
+    assert tile.tile == (1, 16, 8)
+    plan = tile.plan(grid)
+    assert plan.kernel_layout("cuda").block_q == 128 and abs(plan.density - 0.2) < 0.1
+    assert dit_accel.Tile().at_density(grid, 0.2).tile == dit_accel.patterns.default_tile(grid, 64)
+    with pytest.raises(ValueError, match="tile"):
+        dit_accel.Tile().at_density(grid, 0.2, tile=(1, 16))
