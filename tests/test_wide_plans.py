@@ -118,3 +118,14 @@ def test_tile_at_density_with_a_given_tile():
     assert dit_accel.Tile().at_density(grid, 0.2).tile == dit_accel.patterns.default_tile(grid, 64)
     with pytest.raises(ValueError, match="tile"):
         dit_accel.Tile().at_density(grid, 0.2, tile=(1, 16))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_tile_plan_on_cuda_runs_128_row_blocks(dtype):
+    grid, tile, window = (4, 32, 32), (1, 16, 8), (1, 3, 3)
+    plan = dit_accel.Tile(tile=tile, window=window).plan(grid)
+    q, k, v = make_qkv(1, 2, 4096, 4096, 128, dtype, device="cuda")
+    o, density = plan.run(q, k, v)
+    assert plan.layout_on(q.device).block_q == 128 and density == plan.layout.density()
+    assert_attention_close(o, None, q, k, v, dit_accel.patterns.tile_mask(grid, tile, window))
