@@ -205,7 +205,8 @@ def _separable_plan(method: Method, grid, relations, tile, what: str):
     # Without a tile: the one under which the pattern visits least work (partial blocks cost more).
     perm = permutation_for(tuple(grid), tile, 64, 64, relations)
     token_density = math.prod(float(r.float().mean()) for r in relations)
-    return LayoutPlan(method, grid, separable_layout(perm, relations, 64, 64), perm, token_density=token_density)
+    return LayoutPlan(method, grid, separable_layout(perm, relations, 64, 64), perm, token_density=token_density,
+                      wide_q=True)
 
 
 @register_method("gna", finetunable=True,
@@ -272,7 +273,7 @@ class GNA(Method):
         tile = None if self.tile is None else per_dim("tile", self.tile, len(grid), owner="GNA.")
         perm, layout = gna_layout(grid, self.kernel_size, self.stride, self.dilation, self.is_causal, tile=tile)
         token_density = sum(math.prod(float(r.float().mean()) for r in rels) for _, rels in per) / len(per)
-        return LayoutPlan(self, grid, layout, perm, token_density=token_density)
+        return LayoutPlan(self, grid, layout, perm, token_density=token_density, wide_q=True)
 
     def for_shares(self, grid, shares):
         # The default tile is the most cube-like one, which may span the frames of several ranks: pick the
@@ -361,17 +362,24 @@ class Tile(Method):
         # Tiled by the STA tile when it holds whole 64-token blocks; else by a default tile.
         perm, layout = tile_layout(grid, self.tile, self.window)
         return LayoutPlan(self, perm.grid, layout, perm,
-                          token_density=tile_token_density(grid, self.tile, self.window))
+                          token_density=tile_token_density(grid, self.tile, self.window), wide_q=True)
 
-    def at_density(self, grid, density):
+    def at_density(self, grid, density, *, tile=None):
+        """The Tile whose window visits the block density nearest ``density`` on ``grid``.
+
+        ``tile``: the STA tile to search windows for; default a 64-token tile (one query block per tile).
+        A 128-token tile such as (1, 16, 8) lets CUDA calls run 128-row query blocks
+        (:meth:`dit_accel.plans.LayoutPlan.kernel_layout`), at a coarser window.
+        """
         # Tiles of one 64-token block each: a window of w tiles per dimension visits about
         # prod(w_d / n_d) of the blocks. Nearest density first; among near ties the most even window.
         import itertools
 
+        from .patterns.checks import per_dim
         from .patterns.permutation import TilePermutation, default_tile
 
         grid = tuple(grid)
-        tile = default_tile(grid, 64)
+        tile = default_tile(grid, 64) if tile is None else per_dim("tile", tile, len(grid), owner="Tile.at_density: ")
         n_tiles = TilePermutation(grid, tile).num_tiles
         best = None
         # Odd windows, plus n + 1 on an even tile count n: the odd window that covers the dimension.

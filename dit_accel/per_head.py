@@ -150,7 +150,8 @@ class PerHeadPlan(Plan):
         if heads["layout"]:
             block_heads = sorted(heads["layout"] + heads["dense"])
             layout, perm = _shared_layout([plans[method.methods[h]] for h in block_heads], grid)
-            groups.append(_Group(block_heads, LayoutPlan(method, grid, layout, perm), "block_sparse"))
+            # 128-row query blocks on CUDA where every head's halves visit the same tiles (an exact test).
+            groups.append(_Group(block_heads, LayoutPlan(method, grid, layout, perm, wide_q=True), "block_sparse"))
         elif heads["dense"]:
             groups.append(_Group(heads["dense"], DensePlan(Dense(), grid, "dense heads"), "dense"))
         for m, hs in heads["sla"].items():

@@ -198,14 +198,25 @@ class DensePlan(Plan):
 
 
 class LayoutPlan(Plan):
-    """A block layout over the video tokens, in tiled order when ``perm`` is given (raster order otherwise)."""
+    """A block layout over the video tokens, in tiled order when ``perm`` is given (raster order otherwise).
+
+    ``wide_q=True`` (Tile and GNA plans): on CUDA, calls whose backend is the Triton kernels (``auto``
+    or ``triton``) run :func:`~dit_accel.patterns.separable.wide_query_layout`, the same pattern in
+    128-row query blocks (the sm_90 warp-specialized forward's), where every 128-row block's two
+    64-row halves visit the same key blocks; else ``layout`` itself. Both visit the same key tiles
+    per token, so ``density`` holds for either. CPU calls, the PyTorch twin, FlexAttention forced,
+    and ring attention (:meth:`attend_part`) keep ``layout``.
+    """
 
     kind = "layout"
 
-    def __init__(self, method, grid, layout: BlockLayout, perm=None, *, token_density: Optional[float] = None):
+    def __init__(self, method, grid, layout: BlockLayout, perm=None, *, token_density: Optional[float] = None,
+                 wide_q: bool = False):
         super().__init__(method, grid, density=layout.density(), token_density=token_density)
         self.layout = layout
         self.perm = perm
+        self.wide_q = bool(wide_q)
+        self._wide: Optional[list] = None  # [wide layout or None], built on the first CUDA call
         self._layouts: Dict[tuple, BlockLayout] = {}  # per (device, heads) copies, made once
         self._parts: Dict[tuple, "_Part"] = {}
         self._short_path: Dict[tuple, Optional[str]] = {}  # (heads, batch, heads of q, head dim) -> see _short
@@ -213,12 +224,32 @@ class LayoutPlan(Plan):
         self._one_pass: Dict[int, OnePass] = {}  # id of a layout in self._layouts -> its one-pass call
         self._prepared = set()  # (device, backend, $DIT_ACCEL_BACKEND) that prepare() has built for
 
-    def layout_on(self, device, heads=None) -> BlockLayout:
-        key = (device if isinstance(device, torch.device) else torch.device(device),
-               heads if self.layout.num_heads > 1 else None)
+    def wide_layout(self) -> Optional[BlockLayout]:
+        """The plan's layout in 128-row query blocks when that visits the same tiles, else None (built once)."""
+        if self._wide is None:
+            from .patterns.separable import wide_query_layout
+
+            self._wide = [wide_query_layout(self.perm, self.layout) if self.wide_q and self.layout.block_q == 64
+                          else None]
+        return self._wide[0]
+
+    def kernel_layout(self, device, backend: str = "auto") -> BlockLayout:
+        """The layout (on the CPU) that calls on ``device`` with ``backend`` run: see the class docstring."""
+        device = device if isinstance(device, torch.device) else torch.device(device)
+        if self.wide_q and device.type == "cuda" and (backend if backend != "auto" else env_backend()) in (
+                None, "triton"):
+            wide = self.wide_layout()
+            if wide is not None:
+                return wide
+        return self.layout
+
+    def layout_on(self, device, heads=None, backend: str = "auto") -> BlockLayout:
+        device = device if isinstance(device, torch.device) else torch.device(device)
+        base = self.kernel_layout(device, backend)
+        key = (device, heads if base.num_heads > 1 else None, base.block_q)
         layout = self._layouts.get(key)
         if layout is None:
-            layout = self.layout if key[1] is None else self.layout.select(heads=heads)
+            layout = base if key[1] is None else base.select(heads=heads)
             layout = self._layouts[key] = layout_on(layout, key[0])
         return layout
 
@@ -226,7 +257,7 @@ class LayoutPlan(Plan):
         short = self._short(q, backend)
         if short is not None:
             return short
-        layout = self.layout_on(q.device)
+        layout = self.layout_on(q.device, backend=backend)
         if q.shape[-2] != layout.q_len or k.shape[-2] != layout.kv_len:
             # Raster tokens of a padded tiling: the kernels see other lengths. Padding keys are never visited,
             # so auto never runs such a layout as dense attention (block_sparse.api.all_keys_visited).
@@ -301,7 +332,7 @@ class LayoutPlan(Plan):
         key = (torch.device(device), backend, env_backend())
         if key in self._prepared:
             return
-        prepare_layout(self.layout_on(device), device, backend)
+        prepare_layout(self.layout_on(device, backend=backend), device, backend)
         if self.perm is not None:
             self.perm.prepare(device)
         self._prepared.add(key)
@@ -314,7 +345,7 @@ class LayoutPlan(Plan):
                              f"{q.shape[1]} heads; expected per-head windows for heads 0..{q.shape[1] - 1}")
 
     def attend(self, q, k, v, *, scale, backend, proj=None, heads=None):
-        layout = self.layout_on(q.device, heads)
+        layout = self.layout_on(q.device, heads, backend)
         self._check_heads(layout, q)
         short = self._short(q, backend, heads)
         if short is not None:  # raster order in and out

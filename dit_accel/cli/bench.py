@@ -61,6 +61,9 @@ def register(subparsers) -> argparse.ArgumentParser:
                    help="no GPU: predict the GPU table with the cost model (dit_accel.kernels.cost) from static "
                         "facts (tiles per query block, CTAs, per-tile rates); labelled MODELLED")
     k.add_argument("--arch", default="h100", help="--modelled: the cost model's constants (default h100)")
+    k.add_argument("--tile", default=None, metavar="T,H,W",
+                   help="--modelled: the STA tile the Tile windows are searched for (default a 64-token tile); "
+                        "a 128-token tile such as 1,16,8 runs 128-row query blocks on CUDA")
     k.add_argument("--kernels", default=None,
                    help="--modelled: kernel variants, e.g. current,host,persistent,ring3,ws (default all)")
     k.set_defaults(func=run)
@@ -196,6 +199,8 @@ def _run_kernels(args) -> int:
 
     if args.modelled:
         return _run_modelled(args, fail)
+    if args.tile:
+        return fail("--tile applies to --modelled only (the timed benchmark searches 64-token tiles)")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     error = _device_error(device, torch.cuda.is_available())
     if error:
@@ -282,8 +287,16 @@ def _run_modelled(args, fail) -> int:
     densities = _floats(args.densities) if args.densities else list(bench.DENSITIES)
     if not densities or any(not 0 < d <= 1 for d in densities):
         return fail(f"--densities must be comma-separated numbers in (0, 1]; got {args.densities!r}")
+    tile = None
+    if args.tile:
+        try:
+            tile = tuple(int(x) for x in args.tile.split(","))
+        except ValueError:
+            tile = ()
+        if not tile or any(t < 1 for t in tile):
+            return fail(f"--tile must be comma-separated positive ints such as 1,16,8; got {args.tile!r}")
     result = bench.model_kernels(shapes, densities, arch=args.arch, kernels=kernels, sla=not args.no_sla,
-                                 log=lambda m: print(f"note: {m}"))
+                                 log=lambda m: print(f"note: {m}"), tile=tile)
     result["command"] = _command_line(args) + " --modelled"
     print(f"MODELLED {args.arch} (a model, not a measurement): {result['constants_source']}")
     print(bench.kernels_table(result))

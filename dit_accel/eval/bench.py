@@ -105,12 +105,13 @@ def tile_layout_for_density(grid: Sequence[int], density: float, block: int = 64
     return perm, layout, method.window
 
 
-def _tile_case(grid: Sequence[int], density: float, block: int = 64):
-    """``(Tile config, perm, layout)`` of :func:`tile_layout_for_density` (the config searched once)."""
+def _tile_case(grid: Sequence[int], density: float, block: int = 64, tile=None):
+    """``(Tile config, perm, layout)`` of :func:`tile_layout_for_density` (the config searched once);
+    ``tile``: the STA tile to search windows for (default a 64-token tile)."""
     from ..methods import Tile
     from ..patterns import tile_layout
 
-    method = Tile().at_density(tuple(grid), density)
+    method = Tile().at_density(tuple(grid), density, tile=tile)
     perm, layout = tile_layout(tuple(grid), method.tile, method.window, block_q=block, block_k=block)
     return method, perm, layout
 
@@ -419,7 +420,7 @@ def kernels_table(result: dict) -> str:
 
 
 def model_kernels(shapes: Sequence[ModelShape], densities: Sequence[float], *, arch: str = "h100",
-                  kernels: Optional[Sequence[str]] = None, sla: bool = True, log=None) -> dict:
+                  kernels: Optional[Sequence[str]] = None, sla: bool = True, log=None, tile=None) -> dict:
     """The :func:`bench_kernels` table predicted by the cost model (:mod:`dit_accel.kernels.cost`), no GPU.
 
     Static facts only: each shape's Tile layout at each target density (built on the CPU, as the
@@ -428,7 +429,17 @@ def model_kernels(shapes: Sequence[ModelShape], densities: Sequence[float], *, a
     :data:`dit_accel.kernels.cost.KERNELS`) turn them into seconds. Rows: dense SDPA and the dense
     Triton kernel, then per density one block-sparse row per kernel variant and an SLA row. Every row
     says ``"modelled": True``; the result names the constants' sources. A model, not a measurement.
+
+    ``tile``: the STA tile the Tile windows are searched for (default a 64-token tile). Rows then
+    name the tile and the query block a CUDA plan runs (``cuda_block_q``: 128 where every 128-row
+    block's halves visit the same key tiles, :func:`~dit_accel.patterns.separable.wide_query_layout`).
+    With 128-row blocks the sm_90 warp-specialized forward applies where
+    :func:`~dit_accel.kernels.block_sparse.configs.ws_pays` says so (``ws_pays``), and a
+    ``ws+resume`` row adds the resume pass's per-CTA term that ``ws_pays`` charges.
     """
+    from ..kernels.block_sparse.configs import ws_pays
+    from ..patterns.separable import wide_query_layout
+
     from ..kernels import cost
     from ..kernels.sla import sla_density
     from ..methods import SLA
@@ -455,7 +466,7 @@ def model_kernels(shapes: Sequence[ModelShape], densities: Sequence[float], *, a
                         constants=base.name))
         for target in densities:
             try:
-                method, perm, layout = _tile_case(shape.grid, target)
+                method, perm, layout = _tile_case(shape.grid, target, tile=tile)
             except Exception as exc:
                 if log:
                     log(f"{shape.name} density {target}: no tile layout ({exc})")
@@ -465,11 +476,26 @@ def model_kernels(shapes: Sequence[ModelShape], densities: Sequence[float], *, a
             facts = dict(target_density=target, window=list(method.window), padded_tokens=perm.num_padded,
                          partial_fraction=layout.partial_fraction(), ctas=counts.ctas,
                          tiles_per_q_block=counts.tiles_per_q_block)
+            name = "block-sparse tile"
+            resumed = None
+            if tile is not None:  # the query block a CUDA plan runs, and whether ws applies to it
+                wide = wide_query_layout(perm, layout)
+                name = f"block-sparse tile {tuple(method.tile)} q{64 if wide is None else 128}"
+                facts.update(tile=list(method.tile), cuda_block_q=64 if wide is None else 128, ws_pays=None)
+                if wide is not None:
+                    wc = cost.tile_counts(wide, heads=h, batch=b)
+                    resumed = float((wide.kv_mask_ids >= 0).any(-1).sum()) * b * (h if wide.num_heads == 1 else 1)
+                    facts["ws_pays"] = ws_pays(wc.full_tiles, wc.partial_tiles, resumed, 128, 64, arch)
             for kernel in kernels:
                 c = cost.constants(arch, kernel)
-                label = f"block-sparse tile [triton] [modelled: {kernel}]"
+                label = f"{name} [triton] [modelled: {kernel}]"
                 rows.append(row(label, cost.block_sparse_time(counts, head_dim=d, arch=arch, kernel=kernel),
                                 layout.density(), work, constants=c.name, **facts))
+                if kernel == "ws" and facts.get("ws_pays"):  # + the resume pass over 128-row blocks with partials
+                    extra = resumed * c.per_cta_s * 2 / c.slots
+                    rows.append(row(f"{name} [triton] [modelled: ws+resume]",
+                                    cost.block_sparse_time(counts, head_dim=d, arch=arch, kernel=kernel) + extra,
+                                    layout.density(), work, constants=c.name, **facts))
             if sla:
                 method_sla = SLA(topk=target)
                 dens = sla_density(n, method_sla)

@@ -21,7 +21,9 @@ Each stage is timed alone:
   the time), as their launches would on a GPU: host overhead plus CPU compute, timed over
   ``calls // 20`` calls;
 - ``sla``: ``sla_attention(q, k, v, SLA(topk=...), backend="triton")`` without projection, whose
-  classification runs real (small) torch ops on the CPU, as their launches would on a GPU.
+  classification runs real (small) torch ops on the CPU, as their launches would on a GPU;
+- ``sla_proj``: the same with a (non-zero) ``nn.Linear`` projection: the linear branch, its global
+  sums and the projection's GEMM too.
 
 Each stage reports the median and the minimum over repeats of the wall time per call, and the
 median of the thread's CPU time per call (``time.thread_time``): on a shared, loaded machine the
@@ -129,6 +131,7 @@ def measure_host_path(*, tokens: int = 1024, heads: int = 2, head_dim: int = 64,
     n_text = 32
     qt, kt, vt = (torch.randn((1, heads, tokens + n_text, head_dim), generator=gen, dtype=torch.bfloat16)
                   for _ in range(3))
+    proj = torch.nn.Linear(head_dim, head_dim).to(torch.bfloat16).requires_grad_(False)
 
     def grad_call():
         block_sparse_attention(qg, kg, vg, layout, backend="triton")
@@ -144,6 +147,7 @@ def measure_host_path(*, tokens: int = 1024, heads: int = 2, head_dim: int = 64,
         "plan_tiled": lambda: tiled.run(q, k, v, backend="triton"),
         "plan_tiled_text": lambda: tiled.run(qt, kt, vt, num_text=n_text, backend="triton"),
         "sla": lambda: sla_attention(q, k, v, method, None, backend="triton"),
+        "sla_proj": lambda: sla_attention(q, k, v, method, proj, backend="triton"),
     }
     out = {}
     with stub_launches():

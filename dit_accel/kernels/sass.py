@@ -419,15 +419,16 @@ def _cache_dir() -> Path:
 
 @functools.lru_cache(maxsize=1)
 def _source_digest() -> str:
-    """Hash of every ``@triton.jit`` function of the kernel modules: an edit to a kernel (not to
-    host code around it) invalidates every cached analysis."""
+    """Hash of every ``@triton.jit`` function of the kernel modules and of where it starts: an edit to
+    a kernel, or host code that moves one, invalidates every cached analysis (the analyses record
+    source line numbers)."""
     here = Path(__file__).parent
     parts = []
     for name in ("dense/tiles.py", "dense/triton.py", "block_sparse/triton.py", "sla/triton.py"):
         text = (here / name).read_text()
         for node in ast.parse(text).body:
             if isinstance(node, ast.FunctionDef) and any("jit" in ast.unparse(d) for d in node.decorator_list):
-                parts.append(ast.get_source_segment(text, node))
+                parts.append(f"{name}:{node.lineno}:{ast.get_source_segment(text, node)}")
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
 

@@ -36,7 +36,7 @@ from ..kernels.layout import BlockLayout
 from .permutation import TilePermutation, block_box
 
 __all__ = ["window_1d", "relation_1d", "kron", "covers_grid", "block_boxes", "block_intervals", "separable_blocks",
-           "separable_layout", "stack_heads"]
+           "separable_layout", "stack_heads", "wide_query_layout"]
 
 
 # ------------------------------------------------------------------ the 1-D rule
@@ -188,6 +188,59 @@ def separable_layout(perm: TilePermutation, relations: Sequence[torch.Tensor], b
     visited, mask_ids, table = separable_blocks(perm, relations, block_q, block_k)
     return BlockLayout.from_block_masks(visited, q_len=perm.num_padded, kv_len=perm.num_padded, block_q=block_q,
                                         block_k=block_k, mask_ids=mask_ids, mask_table=table)
+
+
+# ------------------------------------------------------------------ 128-row query blocks
+def wide_query_layout(perm: Optional[TilePermutation], layout: BlockLayout,
+                      block_q: int = 128) -> Optional[BlockLayout]:
+    """``layout`` with query blocks of ``block_q = 2 x layout.block_q`` rows, when that costs no extra work.
+
+    Each wide block is two consecutive query blocks of ``layout`` (its halves). The wide layout
+    is returned only when, in every layout head, the two halves of every wide block visit the
+    same key blocks, each full in both or partial in both (a partial wide block's element mask
+    is the two halves' masks stacked): then it visits exactly the key tiles per token that
+    ``layout`` visits, with the same density and partial fraction, in half the query blocks
+    (the sm_90 warp-specialized forward runs 128-row query blocks). Otherwise None: two halves
+    with different key lists would visit their union (1.33x the work for a 64-token Tile window
+    at 480p). Also None when a wide block is not a box inside one tile of ``perm`` (or ``perm`` is
+    None) or the layout has an odd number of query blocks.
+
+    For sliding tile attention (stride = tile) every query of an STA tile has the same window,
+    so whenever the STA tile is the permutation tile and ``block_q`` cuts it into boxes (tile
+    (6, 8, 8) or (1, 16, 8)), every wide block qualifies.
+    """
+    block_q = int(block_q)
+    if (perm is None or block_q != 2 * layout.block_q or layout.num_q_blocks % 2
+            or block_box(perm.tile, block_q) is None):
+        return None
+    # Packed lists first (cheap, no dense matrix): both halves list the same key blocks, full alike.
+    counts, idx, ids = layout.kv_counts, layout.kv_indices, layout.kv_mask_ids
+    slot = torch.arange(idx.shape[-1], device=idx.device)
+    live = slot < counts[..., None]
+    a, b = (slice(0, None, 2), slice(1, None, 2))
+    if not (torch.equal(counts[:, a], counts[:, b])
+            and torch.equal(torch.where(live[:, a], idx[:, a], -1), torch.where(live[:, b], idx[:, b], -1))
+            and torch.equal(live[:, a] & (ids[:, a] >= 0), live[:, b] & (ids[:, b] >= 0))):
+        return None
+    mask_ids = ids.long()
+    pairs = live[:, a] & (mask_ids[:, a] >= 0)  # partial wide blocks, by packed slot
+    new_ids = torch.full(idx[:, a].shape, -1, dtype=torch.long, device=idx.device)
+    table = torch.zeros(0, block_q, layout.block_k, dtype=torch.bool, device=idx.device)
+    if bool(pairs.any()):
+        first, second = mask_ids[:, a][pairs], mask_ids[:, b][pairs]
+        uniq, inverse = torch.unique(first * layout.mask_table.shape[0] + second, return_inverse=True)
+        p = layout.mask_table.shape[0]
+        table = torch.cat([layout.mask_table[uniq // p], layout.mask_table[uniq % p]], dim=1)
+        new_ids[pairs] = inverse
+    heads, n_q = counts.shape[0], counts.shape[1] // 2
+    visited = torch.zeros(heads, n_q, layout.num_kv_blocks, dtype=torch.bool, device=idx.device)
+    dense_ids = torch.full(visited.shape, -1, dtype=torch.long, device=idx.device)
+    h, q, s = live[:, a].nonzero(as_tuple=True)
+    k = idx[:, a][h, q, s].long()
+    visited[h, q, k] = True
+    dense_ids[h, q, k] = new_ids[h, q, s]
+    return BlockLayout.from_block_masks(visited, q_len=layout.q_len, kv_len=layout.kv_len, block_q=block_q,
+                                        block_k=layout.block_k, mask_ids=dense_ids, mask_table=table)
 
 
 # ------------------------------------------------------------------ per-head layouts

@@ -176,3 +176,21 @@ def test_bench_kernels_rows_carry_call_timings_with_a_timer():
         assert r["tflops_visited_throughput"] * 2e-3 * 1e12 == pytest.approx(
             4 * r["heads"] * r["tokens"] ** 2 * r["head_dim"] * r["work_vs_dense"])
     assert "back-to-back ms" in kernels_table(res)
+
+
+def test_modelled_rows_with_a_128_token_tile_name_the_cuda_query_block():
+    """--tile: a (1, 16, 8) tile runs 128-row query blocks on CUDA (ws where ws_pays), a 64-token tile 64."""
+    shape = ModelShape("small video", (4, 32, 32), 12)
+    wide = model_kernels([shape], (0.2,), kernels=["ring3", "ws"], sla=False, tile=(1, 16, 8))
+    rows = [r for r in wide["rows"] if "tile" in r["kernel"]]
+    assert {r["cuda_block_q"] for r in rows} == {128} and all(r["tile"] == [1, 16, 8] for r in rows)
+    assert rows[0]["kernel"].startswith("block-sparse tile (1, 16, 8) q128")
+    ws = next(r for r in rows if r["kernel"].endswith("[modelled: ws]"))
+    resume = next(r for r in rows if r["kernel"].endswith("[modelled: ws+resume]"))
+    assert ws["ws_pays"] is True and resume["time_ms"] >= ws["time_ms"]  # the resume pass adds per-CTA terms
+    narrow = model_kernels([shape], (0.2,), kernels=["ws"], sla=False, tile=(1, 8, 8))
+    rows = [r for r in narrow["rows"] if "tile" in r["kernel"]]
+    assert {r["cuda_block_q"] for r in rows} == {64} and {r["ws_pays"] for r in rows} == {None}
+    assert not any("ws+resume" in r["kernel"] for r in rows)
+    assert main(["bench", "kernels", "--modelled", "--tile", "1,x,8"]) == 2
+    assert main(["bench", "kernels", "--tile", "1,16,8"]) == 2  # --modelled only

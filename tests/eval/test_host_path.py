@@ -16,7 +16,7 @@ def test_measure_host_path_runs_every_stage_and_restores_the_kernels():
     before = (bs._fwd_kernel, dict(sla.KERNELS))
     result = measure_host_path(tokens=256, calls=3, repeats=1)
     assert set(result) == {"api", "api_lse", "api_grad", "custom_op", "launcher", "plan", "plan_tiled",
-                           "plan_tiled_text", "sla"}
+                           "plan_tiled_text", "sla", "sla_proj"}
     assert all(us > 0 for us in result.values())
     assert (bs._fwd_kernel, dict(sla.KERNELS)) == before
     with stub_launches():

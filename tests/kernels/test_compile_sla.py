@@ -1,7 +1,7 @@
 """Every shipped SLA kernel configuration compiles for sm_80, sm_89 and sm_90, fits, and is lean (no GPU needed).
 
-``shipped_kernel_configs(arch, "sla")`` is what the launchers can pick on CUDA: forward, dQ, dK/dV
-and the linear-branch dK/dV x fp16 / bf16 x padded head dim 64 / 128 (other head dims run
+``shipped_kernel_configs(arch, "sla")`` is what the launchers can pick on CUDA: the global linear sums,
+forward, dQ, dK/dV and the linear-branch dK/dV x fp16 / bf16 x padded head dim 64 / 128 (other head dims run
 zero-padded) x with / without the linear branch, per target (warps and stages come from the
 compiled artefacts).
 They run through ``dit_accel.kernels.sass.compile_shipped`` (2 spawned worker processes,
@@ -96,13 +96,16 @@ def test_launchers_launch_only_shipped_configs(monkeypatch, dtype, path):
            "subtract": torch.cat([blocks.negligible, blocks.critical], -1)}[path]
     has_lin, sign = path != "none", -1 if path == "subtract" else 1
     qf, kf = (rounded_features(t, "softmax") for t in (q, k)) if has_lin else (None, None)
-    o, lse, num, den = st.sla_forward(q, k, v, qf, kf, None, None, blocks.critical, lin, 0.1, 0, has_lin, sign, 128)
-    dnum = torch.zeros(q.shape) if has_lin else num
+    o, lse, o_l, den = st.sla_forward(q, k, v, blocks.critical, lin, 0.1, 0, has_lin, sign, path == "subtract", 1e-6,
+                                      128)
+    assert o_l.dtype == dtype and o_l.shape == (q.shape if has_lin else (0,))
+    dnum = torch.zeros(q.shape) if has_lin else den
     den_grad = torch.zeros(lse.shape) if has_lin else den
     st.sla_backward(torch.zeros_like(q), torch.zeros_like(lse), dnum, den_grad, q, k, v, qf, kf, q, lse,
                     blocks.critical, lin, 0.1, 0, has_lin, sign, 128)
-    expect = ["fwd", "bwd_dq", "bwd_dkdv"] + (["bwd_dkdv_lin"] if has_lin else [])
+    glob = ["global"] if path == "subtract" else []  # the global sums: only the subtract plan (softmax phi)
+    expect = glob + ["fwd", "bwd_dq", "bwd_dkdv"] + (["bwd_dkdv_lin"] if has_lin else [])
     assert [c.kernel for c in launched] == expect
     assert set(launched) <= set(sc.shipped_configs(90))
     assert {(c.block_d, c.dtype) for c in launched} == {(128, dtype)}
-    assert [c.has_lin for c in launched] == [has_lin, has_lin, False] + ([True] if has_lin else [])
+    assert [c.has_lin for c in launched] == [True] * len(glob) + [has_lin, has_lin, False] + ([True] if has_lin else [])

@@ -51,6 +51,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..dense.tiles import LOG2E_HOST as _LOG2E
 from ..dense.tiles import (LN2, LOG2E, dkdv_step, dq_step, fwd_step, fwd_update, load_tile, row_bits, row_words,
                           slice_descriptors, words_keep)
 from ..dense.configs import tma_ok
@@ -61,9 +62,6 @@ from .configs import KernelConfig, pointer_fallback, resume_config, select_confi
 __all__ = ["triton_forward", "triton_backward", "KERNELS", "TilePlan", "tile_plan", "work_order", "ws_schedule", "tma_ok"]
 
 T = TypeVar("T")
-# The host's log2(e) as a plain float: ``scale * LOG2E`` would be a tl.constexpr, which a launch takes as a
-# compile-time constant (one compiled kernel per softmax scale) and which costs microseconds to multiply.
-_LOG2E = float(LOG2E.value)
 
 
 # ---------------------------------------------------------------------------

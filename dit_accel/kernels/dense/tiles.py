@@ -17,9 +17,12 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-__all__ = ["load_tile", "slice_descriptors", "fwd_step", "dkdv_step", "dq_step", "row_bits", "row_words", "words_keep", "fwd_update", "LOG2E", "LN2"]
+__all__ = ["load_tile", "slice_descriptors", "fwd_step", "dkdv_step", "dq_step", "row_bits", "row_words", "words_keep", "fwd_update", "LOG2E", "LOG2E_HOST", "LN2"]
 
 LOG2E = tl.constexpr(1.4426950408889634)
+# The same as a plain float, for launchers: ``scale * LOG2E`` would be a tl.constexpr, which a launch bakes into
+# the kernel as a compile-time constant (one compile per softmax scale, and not the fp32 argument CI compiles).
+LOG2E_HOST = float(LOG2E.value)
 LN2 = tl.constexpr(0.6931471805599453)
 
 

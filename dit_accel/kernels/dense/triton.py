@@ -24,10 +24,7 @@ import triton
 import triton.language as tl
 
 from .tiles import LN2, LOG2E, dkdv_step, dq_step, fwd_step, load_tile, slice_descriptors
-
-# log2(e) as a plain float for launches: ``scale * LOG2E`` would be a tl.constexpr, which a launch bakes into
-# the kernel as a compile-time constant (one compile per softmax scale, unlike the fp32 argument CI compiles).
-_LOG2E = float(LOG2E.value)
+from .tiles import LOG2E_HOST as _LOG2E
 
 __all__ = ["dense_forward", "dense_backward", "KERNELS", "ensure_allocator"]
 

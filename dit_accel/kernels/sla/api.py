@@ -13,6 +13,7 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from ..backends import Request, resolve
 from ..checks import check_qkv, check_scale
@@ -75,9 +76,11 @@ def sla_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, method,
         proj = torch.nn.Linear(64, 64); torch.nn.init.zeros_(proj.weight); torch.nn.init.zeros_(proj.bias)
         o = sla_attention(q, k, v, dit_accel.SLA(topk=0.05), proj)
     """
-    o_s, lse, o_lp, info = sla_parts(q, k, v, method, proj, scale=scale, backend=backend)
     if not return_parts:
-        return o_s if o_lp is None else o_s + o_lp
+        method, scale, backend = _prepare(q, k, v, method, proj, scale, backend)
+        o_s, _, o_l, proj, _ = _branches(q, k, v, method, proj, scale, backend)
+        return o_s if proj is None else _project(proj, o_l, o_s)
+    o_s, lse, o_lp, info = sla_parts(q, k, v, method, proj, scale=scale, backend=backend)
     return o_s, lse, (o_lp if o_lp is not None else torch.zeros_like(o_s)), info
 
 
@@ -85,19 +88,35 @@ def sla_parts(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, method, proj: O
               scale: Optional[float] = None, backend: str = "auto"):
     """:func:`sla_attention`'s parts ``(o_sparse, lse_sparse, o_linear_projected or None, info)``: None, not
     zeros, when no projected linear branch was computed (``info["linear"]`` False). Same arguments."""
+    method, scale, backend = _prepare(q, k, v, method, proj, scale, backend)
+    return sla_parts_checked(q, k, v, method, proj, scale, backend)
+
+
+def _prepare(q, k, v, method, proj, scale, backend):
+    """The checked ``(SLAParams, scale, resolved backend)`` of a public call."""
     method = SLAParams.of(method)
     scale = _check(q, k, v, proj, scale)
     # SLA has no FlexAttention variant: a pipeline-wide backend="flex" runs the PyTorch twin. The twin
     # runs anything, so an explicit "torch" needs no resolving (the plans pass what they resolved).
     if backend != "torch":
         backend = resolve("sla", backend, Request.of(q, k, v, method.block_q, method.block_k))
-    return sla_parts_checked(q, k, v, method, proj, scale, backend)
+    return method, scale, backend
 
 
 def sla_parts_checked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, method: SLAParams,
                       proj: Optional[nn.Module], scale: float, backend: str):
     """:func:`sla_parts` for inputs already checked (the pipelines' plans, on every layer call): ``method`` an
     :class:`SLAParams`, ``scale`` a float, ``backend`` resolved (``"torch"`` or ``"triton"``)."""
+    o_s, lse, o_l, proj, blocks = _branches(q, k, v, method, proj, scale, backend)
+    o_lp = None if proj is None else _project(proj, o_l, None, q.dtype)
+    return o_s, lse, o_lp, {"density": blocks.density(), "blocks": blocks, "backend": backend,
+                            "linear": o_lp is not None}
+
+
+def _branches(q, k, v, method: SLAParams, proj, scale: float, backend: str):
+    """``(o_sparse, lse, o_linear, proj, blocks)``: ``proj`` None when no projected linear branch is computed
+    (None given, or inert), else ``o_linear`` before the projection (q's dtype from the fused kernel, fp32
+    from the twin)."""
     blocks = sla_classify(q, k, method)
     if proj is not None and is_inert(proj):  # proj(anything) is exactly 0: the linear branch adds nothing
         proj = None
@@ -109,15 +128,31 @@ def sla_parts_checked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, method:
         from .ops import sla_triton_attention
 
         o_s, lse, o_l = sla_triton_attention(q, k, v, blocks, method, scale, with_linear)
+    if proj is not None and o_l is None:  # no marginal blocks: O_l is exactly zero, proj(0) is still its bias
+        o_l = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    return o_s, lse, o_l, proj, blocks
 
-    o_lp = None
-    if proj is not None:
-        if o_l is None:  # no marginal blocks: O_l is exactly zero, proj(0) is still its bias
-            o_l = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
-        weight = getattr(proj, "weight", None)
-        o_lp = proj(o_l.to(weight.dtype) if isinstance(weight, torch.Tensor) else o_l).to(q.dtype)
-    return o_s, lse, o_lp, {"density": blocks.density(), "blocks": blocks, "backend": backend,
-                            "linear": o_lp is not None}
+
+def _project(proj: nn.Module, o_l: torch.Tensor, o_s: Optional[torch.Tensor], dtype=None) -> torch.Tensor:
+    """``o_s + proj(o_l)`` (``proj(o_l)`` when ``o_s`` is None), in ``o_s``'s dtype (else ``dtype``).
+
+    A plain ``nn.Linear`` on an ``o_l`` of the output dtype (the fused kernel's) runs as one GEMM whose
+    epilogue adds ``o_s`` (``addmm``, beta 1): the projection and the sum of the branches make one output
+    and no other ``(B, H, N, D)`` tensor. Any other module, or the twin's fp32 ``o_l``, runs as it is."""
+    dtype = o_s.dtype if o_s is not None else dtype
+    weight = getattr(proj, "weight", None)
+    if (type(proj) is nn.Linear and o_l.dtype == dtype and not (proj._forward_hooks or proj._forward_pre_hooks)
+            and (o_s is None or o_s.is_contiguous()) and o_l.is_contiguous()):
+        w, bias = weight.to(dtype), None if proj.bias is None else proj.bias.to(dtype)
+        if o_s is None:
+            return F.linear(o_l, w, bias)
+        d = o_l.shape[-1]
+        out = torch.addmm(o_s.view(-1, d), o_l.view(-1, d), w.t())
+        if bias is not None:
+            out = out.add_(bias)  # in place: AddmmBackward keeps no output
+        return out.view(o_s.shape)
+    o_lp = proj(o_l.to(weight.dtype) if isinstance(weight, torch.Tensor) else o_l).to(dtype)
+    return o_lp if o_s is None else o_s + o_lp
 
 
 def is_inert(proj: nn.Module) -> bool:

@@ -175,18 +175,29 @@ def true_columns(mask: torch.Tensor, width: int) -> torch.Tensor:
     return torch.sort((~mask).to(torch.int8), dim=-1, stable=True).indices[..., :width]
 
 
-def _mean_pool(x: torch.Tensor, block: int) -> torch.Tensor:
+def _mean_pool(x: torch.Tensor, block: int, sums: bool = False):
     """[B, H, N, D] -> fp32 [B, H, cdiv(N, block), D] mean over the real tokens of each block, accumulated in
-    fp32 whatever x's dtype (``dtype=``: no fp32 copy of x, which costs a pass over a video's q or k)."""
+    fp32 whatever x's dtype (``dtype=``: no fp32 copy of x, which costs a pass over a video's q or k).
+
+    One pass over x, views only: a ragged last block is summed apart (no padded copy of x). ``sums``: also
+    return the fp32 [B, H, 1, D] sum over all tokens, from the block sums (the mean of k needs no second
+    pass)."""
     b, h, n, d = x.shape
     nb = _cdiv(n, block)
-    pad = nb * block - n
-    if pad == 0:  # whole blocks: a view of x (any strides), no padded copy
-        return x.view(b, h, nb, block, d).mean(-2, dtype=torch.float32)
-    sums = F.pad(x, (0, 0, 0, pad)).view(b, h, nb, block, d).sum(-2, dtype=torch.float32)
+    whole = n // block
+    if whole == nb:  # whole blocks: a view of x (any strides), no padded copy
+        means = x.view(b, h, nb, block, d).mean(-2, dtype=torch.float32)
+        return (means, means.sum(-2, keepdim=True) * block) if sums else means
+    tail = x[:, :, whole * block:].sum(-2, keepdim=True, dtype=torch.float32)
+    if whole:
+        head = x[:, :, :whole * block].view(b, h, whole, block, d).sum(-2, dtype=torch.float32)
+        block_sums = torch.cat([head, tail], -2)
+    else:
+        block_sums = tail
     counts = torch.full((nb,), float(block), device=x.device, dtype=torch.float32)
-    counts[-1] = block - pad
-    return sums / counts[:, None]
+    counts[-1] = n - whole * block
+    means = block_sums / counts[:, None]
+    return (means, block_sums.sum(-2, keepdim=True)) if sums else means
 
 
 def sla_classify(q: torch.Tensor, k: torch.Tensor, method) -> SLABlocks:
@@ -213,11 +224,12 @@ def _classify(q: torch.Tensor, k: torch.Tensor, method: SLAParams) -> SLABlocks:
     qb = _mean_pool(q, method.block_q)
     # Pooling is linear, so pooling k - mean(k) equals pooling k minus the mean; with whole blocks that
     # mean is the mean of the block means (a reduction over nK rows, not over every key).
-    kb = _mean_pool(k, method.block_k)
     if k.shape[-2] % method.block_k == 0:
+        kb = _mean_pool(k, method.block_k)
         kb = kb - kb.mean(dim=-2, keepdim=True)
     else:
-        kb = kb - k.mean(dim=-2, keepdim=True, dtype=torch.float32)
+        kb, k_sum = _mean_pool(k, method.block_k, sums=True)
+        kb = kb - k_sum / k.shape[-2]
     b, h, n_qb, d = qb.shape
     scores = torch.bmm(qb.view(b * h, n_qb, d), kb.view(b * h, n_k, d).transpose(1, 2)).view(b, h, n_qb, n_k)
     order = torch.sort(scores, dim=-1, descending=True, stable=True).indices

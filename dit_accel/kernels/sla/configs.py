@@ -18,11 +18,13 @@ import torch
 from ..dense.configs import ARG_TYPES, DIV16, aot_signature
 
 __all__ = ["SLAKernelConfig", "select_sla_config", "shipped_configs", "SLA_KERNELS", "SLA_DTYPES", "SLA_BLOCK_DS",
-           "SLA_MAX_HEAD_DIM", "BLOCK_M", "BLOCK_K", "LAUNCH"]
+           "SLA_MAX_HEAD_DIM", "BLOCK_M", "BLOCK_K", "GLOBAL_COLUMNS", "LAUNCH"]
 
 BLOCK_M = 64  # query rows per program; a 128-row classification block is two tiles
 BLOCK_K = 64  # key rows per block (SLA's block_k)
-SLA_KERNELS = ("fwd", "bwd_dq", "bwd_dkdv", "bwd_dkdv_lin")  # bwd_dkdv_lin: linear-branch dK/dV
+GLOBAL_COLUMNS = 64  # columns of phi(K)^T V per program of the global-sums kernel
+# global: the linear branch's sums over all keys; bwd_dkdv_lin: linear-branch dK/dV
+SLA_KERNELS = ("global", "fwd", "bwd_dq", "bwd_dkdv", "bwd_dkdv_lin")
 SLA_DTYPES = (torch.float16, torch.bfloat16)  # on CUDA; the CPU interpreter also runs float32
 SLA_BLOCK_DS = (64, 128)  # padded head dims; the fused kernel takes head dims <= 128
 SLA_MAX_HEAD_DIM = SLA_BLOCK_DS[-1]
@@ -41,7 +43,7 @@ LAUNCH: Dict[Tuple[int, str, int, bool], Tuple[int, int]] = {
     (89, "bwd_dq", 64, False): (4, 3), (89, "bwd_dq", 64, True): (8, 3),
     (89, "bwd_dq", 128, False): (8, 2), (89, "bwd_dq", 128, True): (8, 2),
     (90, "fwd", 64, False): (4, 2), (90, "fwd", 64, True): (4, 2),
-    (90, "fwd", 128, False): (4, 3), (90, "fwd", 128, True): (4, 3),
+    (90, "fwd", 128, False): (4, 3), (90, "fwd", 128, True): (8, 3),
     (90, "bwd_dq", 64, False): (4, 3), (90, "bwd_dq", 64, True): (4, 3),
     (90, "bwd_dq", 128, False): (4, 2), (90, "bwd_dq", 128, True): (8, 3),
     (80, "bwd_dkdv", 64, False): (8, 3), (80, "bwd_dkdv", 128, False): (8, 3),
@@ -50,7 +52,15 @@ LAUNCH: Dict[Tuple[int, str, int, bool], Tuple[int, int]] = {
     (80, "bwd_dkdv_lin", 64, True): (4, 3), (80, "bwd_dkdv_lin", 128, True): (8, 3),
     (89, "bwd_dkdv_lin", 64, True): (8, 3), (89, "bwd_dkdv_lin", 128, True): (8, 3),
     (90, "bwd_dkdv_lin", 64, True): (4, 1), (90, "bwd_dkdv_lin", 128, True): (8, 2),
+    (80, "global", 64, True): (4, 2), (80, "global", 128, True): (8, 2),
+    (89, "global", 64, True): (4, 2), (89, "global", 128, True): (8, 2),
+    (90, "global", 64, True): (4, 2), (90, "global", 128, True): (8, 2),
 }
+#: Forwards whose linear ``a @ V`` is one product of twice the depth (``_dot_split``'s ``CHAIN=False``): with
+#: phi taken in the kernel, the chained pair made ptxas serialise sm_90's wgmma (C7515) at head dim 128.
+SPLIT_PRODUCT = {(90, "fwd", 128, True)}
+#: Kernels that exist only with the linear branch (no ``HAS_LIN`` constexpr).
+_LINEAR_ONLY = ("global", "bwd_dkdv_lin")
 
 
 def _target(arch: int) -> int:
@@ -78,17 +88,24 @@ class SLAKernelConfig:
     num_stages: int
     block_m: int = BLOCK_M
     block_n: int = BLOCK_K
+    #: The forward's linear ``a @ V`` as two chained products (see ``_dot_split`` in :mod:`.triton`).
+    lin_chain: bool = True
 
     @property
     def name(self) -> str:
         return (f"sla_{self.kernel}-{_DTYPE_NAMES[self.dtype]}-d{self.block_d}-{'lin' if self.has_lin else 'nolin'}"
-                f"-w{self.num_warps}s{self.num_stages}")
+                f"-w{self.num_warps}s{self.num_stages}{'' if self.lin_chain else '-split'}")
 
     def constexprs(self) -> dict:
         """The kernel's constexpr arguments (the dK/dV kernels have no ``HAS_LIN``: it is in their types)."""
         out = {"BLOCK_M": self.block_m, "BLOCK_N": self.block_n, "BLOCK_D": self.block_d}
+        if self.kernel == "global":  # key tiles only, and column blocks of V (GLOBAL_COLUMNS in .triton)
+            del out["BLOCK_M"]
+            out["BLOCK_C"] = GLOBAL_COLUMNS
         if self.kernel in ("fwd", "bwd_dq"):
             out["HAS_LIN"] = self.has_lin
+        if self.kernel == "fwd" and self.has_lin:
+            out["LIN_CHAIN"] = self.lin_chain
         return out
 
     def launch_kwargs(self) -> dict:
@@ -98,7 +115,7 @@ class SLAKernelConfig:
         """The dense kernel with the same tile, warps, stages and dtype (pointer loads, like SLA's)."""
         from ..dense.configs import DenseConfig
 
-        if self.kernel == "bwd_dkdv_lin":
+        if self.kernel in _LINEAR_ONLY:
             return None  # linear attention: no dense softmax counterpart
         return DenseConfig(self.kernel, self.dtype, self.block_d, self.block_m, self.block_n, self.num_warps,
                            self.num_stages, False, True)
@@ -112,11 +129,11 @@ class SLAKernelConfig:
         """
         # dK / dV always leave in fp32 (the linear kernel may add to them; the launcher casts once).
         types = dict(ARG_TYPES, QF="*DT", KF="*DT", DNUM="*DT", DQ="*fp32" if self.has_lin else "*DT", DK="*fp32",
-                     DV="*fp32",
+                     DV="*fp32", OL="*DT",
                      KV="*DT", **{n: "*fp32" for n in ("NUM", "DEN", "DDEN", "DSCALE", "INV_S", "DQF", "DKF",
-                                                       "KV_SCALE", "KSUM")},
+                                                       "KV_SCALE", "KSUM", "KMAX", "KV_P", "KSUM_P", "KMAX_P")},
                      **{n: "*i32" for n in ("CRIT", "LIN", "CRIT_T", "CRIT_T_CNT", "LIN_T", "LIN_T_CNT")},
-                     lin_sign="fp32")
+                     lin_sign="fp32", lin_eps="fp32")
         return aot_signature(kernels[self.kernel], types, self.constexprs(), DIV16 | {"D"}, self.dtype)
 
 
@@ -140,9 +157,10 @@ def select_sla_config(kernel: str, dtype: torch.dtype, head_dim: int, has_lin: b
         raise ValueError(f"head_dim must be in [1, {SLA_BLOCK_DS[-1]}] for the fused SLA kernel, got {head_dim}")
     # Only the forward and dQ kernels have a linear-branch variant; the linear dK/dV kernel is one.
     block_d = _block_d(head_dim)
-    has_lin = bool(has_lin) if kernel in ("fwd", "bwd_dq") else kernel == "bwd_dkdv_lin"
-    warps, stages = LAUNCH[(_target(arch), kernel, block_d, has_lin)]
-    return SLAKernelConfig(kernel, dtype, block_d, has_lin, warps, stages)
+    has_lin = bool(has_lin) if kernel in ("fwd", "bwd_dq") else kernel in _LINEAR_ONLY
+    key = (_target(arch), kernel, block_d, has_lin)
+    warps, stages = LAUNCH[key]
+    return SLAKernelConfig(kernel, dtype, block_d, has_lin, warps, stages, lin_chain=key not in SPLIT_PRODUCT)
 
 
 def shipped_configs(arch: Optional[int] = None) -> List[SLAKernelConfig]:
@@ -170,5 +188,5 @@ def candidates(kernel: str, dtype: torch.dtype, block_d: int, has_lin: bool, arc
     the streaming kernels keep at least two stages (a prefetch); the dK/dV kernels, with the most
     operands, may do without."""
     stages = (1, 2, 3) if kernel.startswith("bwd_dkdv") else (2, 3)
-    lin = has_lin if kernel in ("fwd", "bwd_dq") else kernel == "bwd_dkdv_lin"
+    lin = has_lin if kernel in ("fwd", "bwd_dq") else kernel in _LINEAR_ONLY
     return [SLAKernelConfig(kernel, dtype, block_d, lin, w, st) for w in (4, 8) for st in stages]

@@ -2,10 +2,12 @@
 
 ``dit_accel::sla_fwd`` / ``dit_accel::sla_bwd`` are opaque to torch.compile (traced through
 their fake implementations, no graph break), and ``sla_fwd`` is differentiable through
-``register_autograd``; importing this module does not import triton. :func:`sla_triton_attention`
-assembles the full SLA output around them: the features and the global sums ``phi(K)^T V``,
-``sum(phi(K))`` are plain PyTorch (autograd-native; the op returns the sums' gradients), the kernel
-supplies the sparse branch and the linear branch's numerator and denominator.
+``register_autograd``; importing this module does not import triton. The forward takes q, k, v and
+the block lists and returns the sparse branch, its lse and the linear branch ``O_l`` (before the
+projection) in q's dtype: phi, the global sums ``phi(K)^T V``, ``sum(phi(K))`` and ``num / den``
+are taken inside the kernels, so no ``(B, H, N, D)`` intermediate is made around them
+(``tests/kernels/test_sla_glue.py`` counts). The backward recomputes what it needs (the rounded
+features, the global sums) on the host.
 """
 
 from __future__ import annotations
@@ -15,34 +17,36 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from .common import FEATURE_IDS, SLABlocks, SLAParams, rounded_features, sla_block_counts
+from .common import FEATURE_IDS, FEATURE_MAPS, SLABlocks, SLAParams, feature_map, rounded_features, sla_block_counts
+
+FEATURE_NAMES = dict(enumerate(FEATURE_MAPS))
 
 __all__ = ["sla_triton_attention", "linear_plan"]
 
 
 @torch.library.custom_op("dit_accel::sla_fwd", mutates_args=())
-def sla_fwd(q: Tensor, k: Tensor, v: Tensor, qf: Optional[Tensor], kf: Optional[Tensor], kv: Optional[Tensor],
-            ksum: Optional[Tensor], critical: Tensor, lin_blocks: Tensor, scale: float, feature: int, has_lin: bool,
-            lin_sign: int, block_q: int) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Fused SLA forward: ``(o_sparse, lse, num, den)``; num/den are empty without the linear branch.
+def sla_fwd(q: Tensor, k: Tensor, v: Tensor, critical: Tensor, lin_blocks: Tensor, scale: float, feature: int,
+            has_lin: bool, lin_sign: int, with_global: bool, lin_eps: float,
+            block_q: int) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Fused SLA forward: ``(o_sparse, lse, o_linear, den)``; o_linear (in q's dtype, before the projection)
+    and its denominator ``den`` (fp32 ``(B, H, N)``) are empty without the linear branch.
 
-    ``qf``, ``kf``: the rounded features (:func:`~.common.rounded_features`) when ``has_lin``, else None.
-    The gradient of the block terms reaches ``q`` and ``k`` through the op's own (the op gives ``kf``
-    none, and ``qf`` only that of the global sums). ``kv``, ``ksum``: the global sums ``phi(K)^T V``
-    ``(B, H, D, D)`` and ``sum(phi(K))`` ``(B, H, D)``, fp32, which num and den include (None: not)."""
+    phi, the global sums ``phi(K)^T V``, ``sum(phi(K))`` (``with_global``) and ``num / (den + lin_eps)`` are
+    all taken inside the kernels (:func:`~.triton.sla_forward`)."""
     from .triton import sla_forward
 
-    return sla_forward(q, k, v, qf, kf, kv, ksum, critical, lin_blocks, scale, feature, has_lin, lin_sign, block_q)
+    return sla_forward(q, k, v, critical, lin_blocks, scale, feature, has_lin, lin_sign, with_global, lin_eps,
+                       block_q)
 
 
 @sla_fwd.register_fake
-def _(q, k, v, qf, kf, kv, ksum, critical, lin_blocks, scale, feature, has_lin, lin_sign, block_q):
+def _(q, k, v, critical, lin_blocks, scale, feature, has_lin, lin_sign, with_global, lin_eps, block_q):
     b, h, n, d = q.shape
-    o = torch.empty_like(q, memory_format=torch.contiguous_format)
+    o = q.new_empty((b, h, n, d))
     lse = q.new_empty((b, h, n), dtype=torch.float32)
     if has_lin:
-        return o, lse, q.new_empty((b, h, n, d), dtype=torch.float32), q.new_empty((b, h, n), dtype=torch.float32)
-    return o, lse, q.new_empty((0,), dtype=torch.float32), q.new_empty((0,), dtype=torch.float32)
+        return o, lse, q.new_empty((b, h, n, d)), q.new_empty((b, h, n), dtype=torch.float32)
+    return o, lse, q.new_empty((0,)), q.new_empty((0,), dtype=torch.float32)
 
 
 @torch.library.custom_op("dit_accel::sla_bwd", mutates_args=())
@@ -65,28 +69,54 @@ def _(do, dlse, dnum, dden, q, k, v, qf, kf, o, lse, critical, lin_blocks, scale
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, qf, kf, kv, ksum, critical, lin_blocks, scale, feature, has_lin, lin_sign, block_q = inputs
-    o, lse, _, _ = output
-    ctx.save_for_backward(q, k, v, qf, kf, kv, ksum, o, lse, critical, lin_blocks)
-    ctx.args = (scale, feature, has_lin, lin_sign, block_q)
+    q, k, v, critical, lin_blocks, scale, feature, has_lin, lin_sign, with_global, lin_eps, block_q = inputs
+    o, lse, o_l, den = output
+    ctx.save_for_backward(q, k, v, o, lse, o_l, den, critical, lin_blocks)
+    ctx.args = (scale, feature, has_lin, lin_sign, with_global, lin_eps, block_q)
 
 
-def _backward(ctx, do, dlse, dnum, dden):
-    q, k, v, qf, kf, kv, ksum, o, lse, critical, lin_blocks = ctx.saved_tensors
-    scale, feature, has_lin, lin_sign, block_q = ctx.args
+def _backward(ctx, do, dlse, dol, dden):
+    """The forward's gradients. What it materialises (the backward may): phi(q), phi(k) rounded (the kernels'
+    operands), ``dnum`` / ``dden`` from ``o_l`` and ``den``, and, with the global sums, those sums again and
+    their per-token gradients, in fp32."""
+    q, k, v, o, lse, o_l, den, critical, lin_blocks = ctx.saved_tensors
+    scale, feature, has_lin, lin_sign, with_global, lin_eps, block_q = ctx.args
     do = torch.zeros_like(o) if do is None else do
     dlse = torch.zeros_like(lse) if dlse is None else dlse
+    qf = kf = None
     if has_lin:
-        dnum = torch.zeros(o.shape, dtype=torch.float32, device=o.device) if dnum is None else dnum
-        dden = torch.zeros_like(lse) if dden is None else dden
+        # o_l = num / (den + eps): d num = do_l / (den + eps), d den = -(do_l . o_l) / (den + eps).
+        inv = 1.0 / (den + lin_eps)
+        dol = torch.zeros(o.shape, dtype=torch.float32, device=o.device) if dol is None else dol.float()
+        dnum = dol * inv[..., None]
+        dden_total = -(dol * o_l.float()).sum(-1) * inv
+        if dden is not None:
+            dden_total = dden_total + dden
+        name = FEATURE_NAMES[feature]
+        qf, kf = rounded_features(q, name), rounded_features(k, name)
     else:
-        dnum, dden = lse.new_empty((0,)), lse.new_empty((0,))
-    dq, dk, dv = sla_bwd(do, dlse, dnum, dden, q, k, v, qf, kf, o, lse, critical, lin_blocks, scale, feature,
+        dnum, dden_total = lse.new_empty((0,)), lse.new_empty((0,))
+    dq, dk, dv = sla_bwd(do, dlse, dnum, dden_total, q, k, v, qf, kf, o, lse, critical, lin_blocks, scale, feature,
                          has_lin, lin_sign, block_q)
-    dqf = dkv = dksum = None
-    if kv is not None:
-        dqf, dkv, dksum = _global_sums_backward(qf, kv, ksum, dnum, dden)
-    return dq, dk, dv, dqf, None, dkv, dksum, None, None, None, None, None, None, None
+    if has_lin and with_global:
+        dq, dk, dv = _add_global_grads(dq, dk, dv, q, k, v, qf, kf, dnum, dden_total, feature)
+    return dq, dk, dv, None, None, None, None, None, None, None, None, None
+
+
+def _add_global_grads(dq, dk, dv, q, k, v, qf, kf, dnum, dden, feature: int):
+    """``dq``, ``dk``, ``dv`` plus the gradients of ``num += phi(q) kv``, ``den += phi(q) . ksum`` with
+    ``kv = phi(K)^T V`` and ``ksum = sum(phi(K))`` over all keys (fp32, through phi's backward)."""
+    from .triton import _feature_backward
+
+    name = FEATURE_NAMES[feature]
+    kv, ksum = _global_sums(kf, v)
+    dqf, dkv, dksum = _global_sums_backward(qf, kv, ksum, dnum, dden)
+    dkf = torch.matmul(v.float(), dkv.transpose(-1, -2)) + dksum[..., None, :]  # d phi(K) of kv and ksum
+    dv_g = torch.matmul(kf.float(), dkv)
+    phi_q, phi_k = feature_map(q.float(), name), feature_map(k.float(), name)
+    return ((dq.float() + _feature_backward(phi_q, dqf.float(), feature)).to(dq.dtype),
+            (dk.float() + _feature_backward(phi_k, dkf, feature)).to(dk.dtype),
+            (dv.float() + dv_g).to(dv.dtype))
 
 
 sla_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -115,11 +145,12 @@ def linear_plan(n_kv: int, method: SLAParams, with_linear: bool, path: str = "au
 
 def sla_triton_attention(q: Tensor, k: Tensor, v: Tensor, blocks: SLABlocks, method: SLAParams, scale: float,
                          with_linear: bool, linear_path: str = "auto"):
-    """``(o_sparse, lse_sparse, o_linear or None)`` through the fused kernel (o_linear fp32, before proj).
+    """``(o_sparse, lse_sparse, o_linear or None)`` through the fused kernel, all in q's dtype but the fp32 lse
+    (o_linear before proj).
 
     The "subtract" plan lists the negligible and the critical blocks for removal (sign -1) from
-    global sums taken here, in fp32, from the very rounded ``phi(k)`` the kernel reads (the features
-    are computed once, here); the kernel adds them to its block terms, so the subtraction cancels to
+    global sums that the global-sums kernel takes in fp32 from the very rounded ``phi(k)`` the forward
+    kernel's block terms read; the kernel adds them to its block terms, so the subtraction cancels to
     about 16 bits (see :mod:`.triton`).
     """
     plan = linear_plan(k.shape[-2], method, with_linear, linear_path)
@@ -132,30 +163,25 @@ def sla_triton_attention(q: Tensor, k: Tensor, v: Tensor, blocks: SLABlocks, met
     else:
         lin_blocks, sign = critical.new_zeros((b, h, n_qb, 0)), 1
     has_lin = plan != "none"
-    qf = kf = kv = ksum = None
-    if has_lin:
-        qf, kf = (rounded_features(t, method.feature_map) for t in (q, k))
-    if plan in ("subtract", "all"):
-        kv, ksum = _global_sums(kf, v)
-    args = (q, k, v, qf, kf, kv, ksum, critical, lin_blocks, scale, FEATURE_IDS[method.feature_map], has_lin, sign,
-            method.block_q)
-    if _direct(q, k, v, qf, kv):  # eager, nothing to record or intercept: the launcher without the op's dispatch
+    args = (q, k, v, critical, lin_blocks, scale, FEATURE_IDS[method.feature_map], has_lin, sign,
+            plan in ("subtract", "all"), method.linear_eps, method.block_q)
+    if _direct(q, k, v):  # eager, nothing to record or intercept: the launcher without the op's dispatch
         from .triton import sla_forward
 
-        o_s, lse, num, den = sla_forward(*args)
+        o_s, lse, o_l, _ = sla_forward(*args)
     else:
-        o_s, lse, num, den = sla_fwd(*args)
+        o_s, lse, o_l, _ = sla_fwd(*args)
     if plan == "none":
-        return o_s, lse, (torch.zeros(q.shape, dtype=torch.float32, device=q.device) if with_linear else None)
-    return o_s, lse, num / (den + method.linear_eps)[..., None]
+        return o_s, lse, (torch.zeros_like(o_s) if with_linear else None)
+    return o_s, lse, o_l
 
 
-def _direct(q: Tensor, k: Tensor, v: Tensor, qf: Optional[Tensor], kv: Optional[Tensor]) -> bool:
+def _direct(q: Tensor, k: Tensor, v: Tensor) -> bool:
     """Whether this forward may call the launcher itself (see ``block_sparse.ops.direct_call_ok``): also no
     autograd recording, which needs the op's registered backward."""
     from ..block_sparse.ops import direct_call_ok
 
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, qf, kv)):
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
         return False
     return direct_call_ok(q, k, v)
 

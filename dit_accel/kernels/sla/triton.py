@@ -12,9 +12,12 @@ kernels' tile steps (:mod:`dit_accel.kernels.dense.tiles`):
   from the softmax loop: fusing the two kept both accumulators live and spilled.
 
 The forward's epilogue (the *global* loop) adds the global sums ``phi(q) (phi(K)^T V)`` and
-``phi(q) . sum(phi(K))``, which the caller takes once per (batch, head) in fp32 (autograd-native:
-the op's backward returns their gradients), so the forward returns the linear branch's ``num`` and
-``den``; the caller divides.
+``phi(q) . sum(phi(K))``, which the global-sums kernel takes first, once per (batch, head) in fp32
+(partial sums per 1024-key chunk, added by the launcher), and divides: the forward returns the
+sparse branch and ``O_l = num / (den + eps)`` in the input dtype, and ``den``. phi is taken inside
+the kernels from the q and k tiles (softmax over the real head-dim columns, elu + 1 or relu, a
+runtime argument), in fp32 and rounded once to the input dtype (the value the backward recomputes
+with :func:`~.common.rounded_features`).
 
 Numerics of the linear terms: the scores ``a = phi(q) phi(K)^T`` accumulate in fp32 and are
 divided by a per-row scale ``s_i >= 1`` (``sum|phi(q_i)| * max|phi(k)| / 2^15``, so ``a / s``
@@ -34,11 +37,13 @@ import triton
 import triton.language as tl
 from triton.runtime.errors import OutOfResources
 
-from ..dense.tiles import LN2, LOG2E, dkdv_step, dq_step, fwd_step, load_tile
+from ..._util import cdiv as _cdiv
+from ..dense.tiles import LN2, dkdv_step, dq_step, fwd_step, load_tile
+from ..dense.tiles import LOG2E_HOST as _LOG2E
 from .common import FEATURE_IDS, feature_map, true_columns
-from .configs import BLOCK_K, BLOCK_M, SLAKernelConfig, select_sla_config
+from .configs import BLOCK_K, BLOCK_M, GLOBAL_COLUMNS, SLAKernelConfig, select_sla_config
 
-__all__ = ["sla_forward", "sla_backward", "FEATURE_IDS", "transposed_lists", "KERNELS", "row_scale"]
+__all__ = ["sla_forward", "sla_backward", "global_sums", "FEATURE_IDS", "transposed_lists", "KERNELS", "row_scale"]
 
 _FEATURE_NAMES = {i: name for name, i in FEATURE_IDS.items()}
 #: Linear scores are divided by a per-row scale so that they stay below this (fp16 max is 65504).
@@ -76,12 +81,88 @@ def _dot_split(a, b, acc, DT: tl.constexpr, CHAIN: tl.constexpr):
 
 
 @triton.jit
+def _phi_stats(x, ok, feature):
+    """Softmax statistics of an fp32 tile over its ``ok`` entries: the row max ``m`` and ``l = sum(exp(x - m))``
+    (``m = 0``, ``l = 1`` for the other features and for rows with no ``ok`` entry)."""
+    m = tl.max(tl.where(ok, x, float("-inf")), 1)
+    m = tl.where((m == float("-inf")) | (feature != 0), 0.0, m)
+    l_sum = tl.sum(tl.where(ok, tl.exp(x - m[:, None]), 0.0), 1)
+    return m, tl.where((l_sum == 0.0) | (feature != 0), 1.0, l_sum)
+
+
+@triton.jit
+def _phi(x, ok, m, l_sum, feature):
+    """phi of an fp32 tile on the head dim (``feature``: 0 softmax from :func:`_phi_stats`' ``m``, ``l_sum``;
+    1 elu + 1; 2 relu), fp32, zero outside ``ok`` (rows past N, padded columns). Branch-free, one exp per
+    element (a branch inside a loop of tensor-core products serialises them on sm_90, ptxas C7515), and per
+    element the same operations whatever the tile's width: a column chunk gives the whole tile's values."""
+    e = tl.exp(tl.where(feature == 0, x - m[:, None], tl.minimum(x, 0.0)))
+    f = tl.where(feature == 0, e / l_sum[:, None], tl.where(feature == 1, tl.where(x > 0, x + 1.0, e),
+                                                            tl.maximum(x, 0.0)))
+    return tl.where(ok, f, 0.0)
+
+
+@triton.jit
+def _phi_tile(x, ok, feature):
+    """:func:`_phi` of a whole-row tile (its own softmax statistics)."""
+    m, l_sum = _phi_stats(x, ok, feature)
+    return _phi(x, ok, m, l_sum, feature)
+
+
+@triton.jit
+def _sla_global_kernel(
+    K, V, KV_P, KSUM_P, KMAX_P,
+    skb, skh, skn, svb, svh, svn,
+    H, NK_TOK, D_REAL, CHUNK_TILES, feature,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """Partial global sums of the linear branch over one chunk of ``CHUNK_TILES`` key tiles:
+    ``phi(K_c)^T V_c`` (fp32, ``BLOCK_C`` of its ``BLOCK_D`` columns: program axis 2), ``sum(phi(K_c))`` and
+    ``max|phi(K_c)|``, from phi computed here and rounded to the input dtype (the values the forward's block
+    terms read). The launcher sums the chunks (a few per head): deterministic, and enough programs to fill
+    a GPU. Column blocks keep the accumulator small (the whole ``D x D`` one spilled at head dim 128)."""
+    pid_c = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    pid_v = tl.program_id(2)
+    b = pid_bh // H
+    h = pid_bh % H
+    k_base = K + b.to(tl.int64) * skb + h.to(tl.int64) * skh
+    v_base = V + b.to(tl.int64) * svb + h.to(tl.int64) * svh + pid_v * BLOCK_C
+    offs_n = tl.arange(0, BLOCK_N)
+    col_ok = (tl.arange(0, BLOCK_D) < D_REAL)[None, :]
+    kv_t = tl.zeros([BLOCK_C, BLOCK_D], tl.float32)  # (phi(K)^T V)^T: V^T as the product's first operand
+    ksum = tl.zeros([BLOCK_D], tl.float32)
+    kmax = tl.zeros([BLOCK_D], tl.float32)
+    first = pid_c * CHUNK_TILES
+    n_tiles = tl.minimum(CHUNK_TILES, tl.cdiv(NK_TOK, BLOCK_N) - first)
+    for t in range(0, n_tiles):  # loop: global_sums
+        col = (first + t) * BLOCK_N
+        k = load_tile(k_base, k_base, b, h, col, NK_TOK, skn, D_REAL, BLOCK_N, BLOCK_D, False, True, True)
+        v = load_tile(v_base, v_base, b, h, col, NK_TOK, svn, D_REAL, BLOCK_N, BLOCK_C, False, True, True)
+        ok = (col + offs_n < NK_TOK)[:, None] & col_ok
+        kf = _phi_tile(k.to(tl.float32), ok, feature).to(V.dtype.element_ty)
+        # V^T phi(K), not phi(K)^T V: phi(K) is made in registers, and as the transposed first operand of
+        # the product it serialised sm_90's wgmma (ptxas C7515).
+        kv_t = tl.dot(tl.trans(v), kf, kv_t, input_precision="ieee")
+        kf32 = kf.to(tl.float32)
+        ksum += tl.sum(kf32, 0)
+        kmax = tl.maximum(kmax, tl.max(tl.abs(kf32), 0))
+    at = pid_bh.to(tl.int64) * tl.num_programs(0) + pid_c
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_v = pid_v * BLOCK_C + tl.arange(0, BLOCK_C)
+    tl.store(KV_P + at * BLOCK_D * BLOCK_D + offs_d[None, :] * BLOCK_D + offs_v[:, None], kv_t)
+    if pid_v == 0:
+        tl.store(KSUM_P + at * BLOCK_D + offs_d, ksum)
+        tl.store(KMAX_P + at, tl.max(kmax, 0))
+
+
+@triton.jit
 def _sla_fwd_kernel(
-    Q, K, V, QF, KF, CRIT, LIN, INV_S, KV, KV_SCALE, KSUM, O, LSE, NUM, DEN,  # noqa: E741 (the attention output)
+    Q, K, V, CRIT, LIN, KV, KV_SCALE, KSUM, KMAX, O, LSE, OL, DEN,  # noqa: E741 (the attention output)
     sqb, sqh, sqn, skb, skh, skn, svb, svh, svn,
-    H, NQ_TOK, NK_TOK, D, KC, NL, SUB, qk_scale, lin_sign,
+    H, NQ_TOK, NK_TOK, D, D_REAL, KC, NL, SUB, qk_scale, lin_sign, feature, lin_eps,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    HAS_LIN: tl.constexpr,
+    HAS_LIN: tl.constexpr, LIN_CHAIN: tl.constexpr = True,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -124,39 +205,53 @@ def _sla_fwd_kernel(
     tl.store(LSE + row, tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * LN2), mask=m_ok)
 
     if HAS_LIN:
-        tile = pid_bh.to(tl.int64) * NK_TOK * D  # QF / KF are contiguous (B, H, N, D)
-        qf = load_tile(QF + pid_bh.to(tl.int64) * NQ_TOK * D, QF + pid_bh.to(tl.int64) * NQ_TOK * D, b, h, row0,
-                       NQ_TOK, D, D, BLOCK_M, BLOCK_D, False, True, True)
-        inv_s = tl.load(INV_S + row, mask=m_ok, other=1.0)
+        # phi(q), phi(K_j) are taken here from the q and k tiles (fp32, rounded to the input dtype).
+        DT = V.dtype.element_ty
+        col_ok = (offs_d < D_REAL)[None, :]
+        q_ok = m_ok[:, None] & col_ok
+        q32 = q.to(tl.float32)
+        qm, ql = _phi_stats(q32, q_ok, feature)
+        qf = _phi(q32, q_ok, qm, ql, feature).to(DT)
+        # Scores over a per-row s_i >= 1 (sum|phi(q_i)| max|phi(k)| / 2^15; KMAX is 0 for softmax features).
+        inv_s = 1.0 / tl.maximum(tl.sum(tl.abs(qf.to(tl.float32)), 1) * (tl.load(KMAX + pid_bh) / 32768.0), 1.0)
         num = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
         den = tl.zeros([BLOCK_M], tl.float32)
+        # Half key blocks: phi(K_j) made from the k tile in fp32 beside the linear accumulators spilled
+        # at head dim 128 with whole blocks.
+        HALF: tl.constexpr = BLOCK_N // 2
+        offs_n = tl.arange(0, HALF)
         lin = LIN + (pid_bh.to(tl.int64) * n_qb + pid_m // SUB) * NL
-        for c in range(0, NL):  # loop: linear
-            col = tl.load(lin + c) * BLOCK_N
-            kf = load_tile(KF + tile, KF + tile, b, h, col, NK_TOK, D, D, BLOCK_N, BLOCK_D, False, True, True)
-            v = load_tile(v_base, v_base, b, h, col, NK_TOK, svn, D, BLOCK_N, BLOCK_D, False, True, True)
+        for c in range(0, 2 * NL):  # loop: linear
+            col = tl.load(lin + c // 2) * BLOCK_N + (c % 2) * HALF
+            k = load_tile(k_base, k_base, b, h, col, NK_TOK, skn, D, HALF, BLOCK_D, False, True, True)
+            v = load_tile(v_base, v_base, b, h, col, NK_TOK, svn, D, HALF, BLOCK_D, False, True, True)
+            kf = _phi_tile(k.to(tl.float32), (col + offs_n < NK_TOK)[:, None] & col_ok, feature).to(DT)
             a = tl.dot(qf, tl.trans(kf), input_precision="ieee") * inv_s[:, None]
-            num = _dot_split(a, v, num, V.dtype.element_ty, True)
+            num = _dot_split(a, v, num, DT, LIN_CHAIN)
             den += tl.sum(a, 1)
         s = lin_sign / inv_s
         # + the global sums phi(q) (phi(K)^T V) and phi(q) . sum(phi(K)) (zeros for the "direct" plan). KV
         # holds the fp32 D x D product over a power of two (so it fits fp16) as hi (rows 0..D) and lo
         # (rows D..2D) in q's dtype; the products add onto num in units of that power, KV_ROWS rows of
-        # KV at a time (whole tiles spilled).
+        # KV at a time (whole tiles spilled), with phi(q)'s columns recomputed from q's.
         kv_scale = tl.load(KV_SCALE + pid_bh)
         num = num * (s / kv_scale)[:, None]
         den = den * s
         kv_at = KV + pid_bh.to(tl.int64) * 2 * BLOCK_D * BLOCK_D
         ksum_at = KSUM + pid_bh.to(tl.int64) * BLOCK_D
         offs_c = tl.arange(0, KV_ROWS)
+        q_at = q_base + offs_m.to(tl.int64)[:, None] * sqn
         for c0 in range(0, BLOCK_D, KV_ROWS):  # loop: global
-            qf_c = tl.load(QF + row[:, None] * D + (c0 + offs_c)[None, :], mask=m_ok[:, None], other=0.0)
+            c_ok = m_ok[:, None] & (c0 + offs_c < D_REAL)[None, :]
+            q_c = tl.load(q_at + (c0 + offs_c)[None, :], mask=c_ok, other=0.0).to(tl.float32)
+            qf_c = _phi(q_c, c_ok, qm, ql, feature).to(DT)
             kv_hi = tl.load(kv_at + (c0 + offs_c)[:, None] * BLOCK_D + offs_d[None, :])
             kv_lo = tl.load(kv_at + (BLOCK_D + c0 + offs_c)[:, None] * BLOCK_D + offs_d[None, :])
             num = tl.dot(qf_c, kv_lo, tl.dot(qf_c, kv_hi, num, input_precision="ieee"), input_precision="ieee")
             den += tl.sum(qf_c.to(tl.float32) * tl.load(ksum_at + c0 + offs_c)[None, :], 1)
-        num = num * kv_scale
-        tl.store(NUM + row[:, None] * D + offs_d[None, :], num, mask=qd_mask)
+        # O_l = num / (den + eps), in the input dtype: the caller's projection reads it as it is.
+        o_l = num * (kv_scale / (den + lin_eps))[:, None]
+        tl.store(OL + row[:, None] * D + offs_d[None, :], o_l.to(OL.dtype.element_ty), mask=qd_mask)
         tl.store(DEN + row, den, mask=m_ok)
 
 
@@ -339,7 +434,7 @@ def _sla_bwd_dkdv_lin_kernel(
     tl.store(DKF + krow[:, None] * D + offs_d[None, :], dkf * weight, mask=kv_mask)
 
 
-KERNELS = {"fwd": _sla_fwd_kernel, "bwd_dq": _sla_bwd_dq_kernel, "bwd_dkdv": _sla_bwd_dkdv_kernel,
+KERNELS = {"global": _sla_global_kernel, "fwd": _sla_fwd_kernel, "bwd_dq": _sla_bwd_dq_kernel, "bwd_dkdv": _sla_bwd_dkdv_kernel,
            "bwd_dkdv_lin": _sla_bwd_dkdv_lin_kernel}
 
 
@@ -424,62 +519,93 @@ def _launch(cfg: SLAKernelConfig, grid, *args):
                          "use bfloat16/float16 inputs or backend='torch'") from None
 
 
-def _global_operands(kv, ksum, b: int, h: int, d: int, block_d: int, dtype: torch.dtype, device):
-    """The kernel's global-sum operands from fp32 ``kv`` ``(B, H, D, D)`` and ``ksum`` ``(B, H, D)`` (zeros when
-    None): ``kv`` over a power of two per (batch, head), padded to ``block_d`` and split hi / lo in ``dtype``
-    (``(B*H, 2*block_d, block_d)``), the powers ``(B*H,)`` and ``ksum`` padded ``(B*H, block_d)``, fp32."""
+#: Key tiles per program of the global-sums kernel (1024 tokens): ``phi(K)^T V`` reduces 10^4-10^5 tokens into
+#: ``D x D`` per head, which as one product per head gives a GPU too few programs; the chunks' partial sums
+#: (a few per head, far smaller than the inputs) are added by the launcher.
+GLOBAL_CHUNK_TILES = 16
+
+
+def global_sums(k, v, feature: int, head_dim: int):
+    """The linear branch's sums over all keys from the global-sums kernel (phi taken inside it): fp32
+    ``phi(K)^T V`` ``(B*H, block_d, block_d)``, ``sum(phi(K))`` ``(B*H, block_d)`` and ``max|phi(K)|``
+    ``(B*H,)``, zero in padded columns. ``k``, ``v``: the launcher's inputs, zero-padded to ``block_d``
+    columns from ``head_dim``."""
+    b, h, nk, block_d = k.shape
+    cfg = select_sla_config("global", k.dtype, block_d, True, _arch(k.device))
+    n_chunks = _cdiv(_cdiv(nk, BLOCK_K), GLOBAL_CHUNK_TILES)
+    kv = torch.empty((b * h, n_chunks, block_d, block_d), dtype=torch.float32, device=k.device)
+    ksum = torch.empty((b * h, n_chunks, block_d), dtype=torch.float32, device=k.device)
+    kmax = torch.empty((b * h, n_chunks), dtype=torch.float32, device=k.device)
+    _launch(cfg, (n_chunks, b * h, block_d // GLOBAL_COLUMNS), k, v, kv, ksum, kmax, *_strides(k), *_strides(v), h, nk, head_dim,
+            GLOBAL_CHUNK_TILES, feature)
+    if n_chunks == 1:
+        return kv[:, 0], ksum[:, 0], kmax[:, 0]
+    return kv.sum(1), ksum.sum(1), kmax.amax(1)
+
+
+def _global_operands(kv, ksum, bh: int, block_d: int, dtype: torch.dtype, device):
+    """The forward's global-sum operands from fp32 ``kv`` ``(B*H, block_d, block_d)`` and ``ksum``
+    ``(B*H, block_d)`` (zeros when None): ``kv`` over a power of two per (batch, head), split hi / lo in
+    ``dtype`` (``(B*H, 2*block_d, block_d)``), the powers ``(B*H,)`` and ``ksum``, fp32."""
     if kv is None:
-        return (torch.zeros((b * h, 2 * block_d, block_d), dtype=dtype, device=device),
-                torch.ones(b * h, dtype=torch.float32, device=device),
-                torch.zeros((b * h, block_d), dtype=torch.float32, device=device))
-    kv = kv.detach().float().reshape(b * h, d, d)
+        return (torch.zeros((bh, 2 * block_d, block_d), dtype=dtype, device=device),
+                torch.ones(bh, dtype=torch.float32, device=device),
+                torch.zeros((bh, block_d), dtype=torch.float32, device=device))
     peak = kv.abs().amax((-1, -2))
     # A power of two: exact to divide by and multiply back; kv / 2^p stays within 2^14 (fp16's max is 65504).
     power = torch.exp2(torch.ceil(torch.log2(peak)) - 14).where(peak > 0, torch.ones_like(peak))
-    kv = torch.nn.functional.pad(kv / power[:, None, None], (0, block_d - d, 0, block_d - d))
+    kv = kv / power[:, None, None]
     hi = kv.to(dtype)
     lo = (kv - hi.float()).to(dtype)
-    ksum = torch.nn.functional.pad(ksum.detach().float().reshape(b * h, d), (0, block_d - d))
-    return torch.cat([hi, lo], 1).contiguous(), power.contiguous(), ksum.contiguous()
+    return torch.cat([hi, lo], 1), power, ksum.contiguous()
 
 
-def sla_forward(q, k, v, qf, kf, kv, ksum, critical, lin_blocks, scale, feature, has_lin, lin_sign, block_q):
-    """Launch the fused forward kernel. Returns ``(o, lse, num, den)`` (num/den empty without linear).
+def sla_forward(q, k, v, critical, lin_blocks, scale, feature, has_lin, lin_sign, with_global, lin_eps, block_q):
+    """Launch the fused forward (and, for the linear branch, the global-sums kernel first). Returns
+    ``(o, lse, o_l, den)``: ``o`` the sparse branch and ``o_l = num / (den + lin_eps)`` the linear branch,
+    both in q's dtype, contiguous ``(B, H, Nq, D)``; ``den`` fp32 ``(B, H, Nq)`` (o_l and den empty
+    without the linear branch).
 
-    ``qf``, ``kf``: phi(q), phi(k) rounded to q's dtype (:func:`~.common.rounded_features`), with
-    the linear branch; ``lin_blocks`` ``[B, H, nQ, L]``: key blocks whose linear terms are added
-    (``lin_sign = 1``) or removed (``-1``); ``critical`` ``[B, H, nQ, kc]`` ascending, ``kc >= 1``.
-    ``kv`` ``(B, H, D, D)`` and ``ksum`` ``(B, H, D)``, fp32: the global sums ``phi(K)^T V`` and
-    ``sum(phi(K))``, added to every row's ``num`` and ``den`` (None: nothing added).
+    phi (``feature``: :data:`FEATURE_IDS`) is taken inside the kernels; ``lin_blocks`` ``[B, H, nQ, L]``:
+    key blocks whose linear terms are added (``lin_sign = 1``) or removed (``-1``); ``with_global``: the
+    global sums ``phi(K)^T V``, ``sum(phi(K))`` over all keys are added to every row's num and den;
+    ``critical`` ``[B, H, nQ, kc]`` ascending.
     """
     b, h, nq, d = q.shape
     nk = k.shape[-2]
     cfg = select_sla_config("fwd", q.dtype, d, has_lin, _arch(q.device))
     dp = cfg.block_d
-    if has_lin:
-        qf, kf = _pad_d(dp, qf.contiguous(), kf.contiguous())
-        inv_s = row_scale(qf, kf, feature).reciprocal_()
-        kv, kv_scale, ksum = _global_operands(kv, ksum, b, h, d, dp, q.dtype, q.device)
     q, k, v = _pad_d(dp, *(_last_dim_contiguous(t) for t in (q, k, v)))
     o = torch.empty((b, h, nq, dp), dtype=q.dtype, device=q.device)
     lse = torch.empty(b, h, nq, dtype=torch.float32, device=q.device)
     if has_lin:
-        num = torch.empty(b, h, nq, dp, dtype=torch.float32, device=q.device)
+        kv = ksum = None
+        kmax = torch.zeros(b * h, dtype=torch.float32, device=q.device)
+        # Unnormalised features (elu, relu) need max|phi(K)| for the row scale: the global kernel has it.
+        if with_global or _FEATURE_NAMES[feature] != "softmax":
+            kv, ksum, kmax_all = global_sums(k, v, feature, d)
+            if _FEATURE_NAMES[feature] != "softmax":
+                kmax = kmax_all
+            if not with_global:
+                kv = ksum = None
+        kv, kv_scale, ksum = _global_operands(kv, ksum, b * h, dp, q.dtype, q.device)
+        o_l = torch.empty((b, h, nq, dp), dtype=q.dtype, device=q.device)
         den = torch.empty(b, h, nq, dtype=torch.float32, device=q.device)
     else:  # unused pointers get a live allocation: empty tensors may carry a null address
-        qf = kf = kv = q
-        inv_s = kv_scale = ksum = num = den = lse
+        kv = q
+        kv_scale = ksum = kmax = o_l = den = lse
     crit_ptr, lin_ptr = _live(critical), _live(lin_blocks)
-    _launch(cfg, (triton.cdiv(nq, BLOCK_M), b * h),
-            q, k, v, qf, kf, crit_ptr, lin_ptr, inv_s, kv, kv_scale, ksum, o, lse, num, den,
+    _launch(cfg, (_cdiv(nq, BLOCK_M), b * h),
+            q, k, v, crit_ptr, lin_ptr, kv, kv_scale, ksum, kmax, o, lse, o_l, den,
             *_strides(q), *_strides(k), *_strides(v),
-            h, nq, nk, dp, critical.shape[-1], lin_blocks.shape[-1], block_q // BLOCK_M, scale * LOG2E,
-            float(lin_sign))
+            h, nq, nk, dp, d, critical.shape[-1], lin_blocks.shape[-1], block_q // BLOCK_M, scale * _LOG2E,
+            float(lin_sign), feature, float(lin_eps))
     if not has_lin:  # two distinct empties: a custom op's outputs may not alias
-        num, den = (torch.empty(0, dtype=torch.float32, device=q.device) for _ in range(2))
+        o_l = torch.empty(0, dtype=q.dtype, device=q.device)
+        den = torch.empty(0, dtype=torch.float32, device=q.device)
     elif dp != d:
-        num = num[..., :d].contiguous()
-    return (o if dp == d else o[..., :d].contiguous()), lse, num, den
+        o_l = o_l[..., :d].contiguous()
+    return (o if dp == d else o[..., :d].contiguous()), lse, o_l, den
 
 
 def sla_backward(do, dlse, dnum, dden, q, k, v, qf, kf, o, lse, critical, lin_blocks, scale, feature, has_lin,
@@ -490,7 +616,7 @@ def sla_backward(do, dlse, dnum, dden, q, k, v, qf, kf, o, lse, critical, lin_bl
     arch = _arch(q.device)
     cfg_dq = select_sla_config("bwd_dq", q.dtype, d, has_lin, arch)
     cfg_dkdv = select_sla_config("bwd_dkdv", q.dtype, d, has_lin, arch)
-    n_kb = triton.cdiv(nk, BLOCK_K)
+    n_kb = _cdiv(nk, BLOCK_K)
     do = do.to(q.dtype).contiguous()
     # d lse / d s = p, so an lse gradient shifts delta: ds = p * (dp - (rowsum(do*o) - dlse)).
     delta = ((do.float() * o.float()).sum(-1) - dlse.float()).contiguous()
@@ -527,11 +653,11 @@ def sla_backward(do, dlse, dnum, dden, q, k, v, qf, kf, o, lse, critical, lin_bl
     lin_t, lin_cnt = transposed_lists(lin_blocks, n_kb) if has_lin else (None, None)
     n_sub, sign = block_q // BLOCK_M, float(lin_sign)
     strides, dp = (*_strides(q), *_strides(k), *_strides(v)), q.shape[-1]
-    _launch(cfg_dq, (triton.cdiv(nq, BLOCK_M), b * h),
+    _launch(cfg_dq, (_cdiv(nq, BLOCK_M), b * h),
             q, k, v, kf, do, lse2, delta, dnum, dden, dscale, crit_ptr, lin_ptr, dq, dqf, *strides,
-            h, nq, nk, dp, critical.shape[-1], lin_blocks.shape[-1], n_sub, scale, scale * LOG2E, sign)
+            h, nq, nk, dp, critical.shape[-1], lin_blocks.shape[-1], n_sub, scale, scale * _LOG2E, sign)
     _launch(cfg_dkdv, (n_kb, b * h), q, k, v, do, lse2, delta, crit_t, crit_cnt, dk, dv, *strides,
-            h, nq, nk, dp, n_sub, scale, scale * LOG2E)
+            h, nq, nk, dp, n_sub, scale, scale * _LOG2E)
     if has_lin:
         cfg_lin = select_sla_config("bwd_dkdv_lin", q.dtype, d, True, arch)
         _launch(cfg_lin, (n_kb, b * h), v, qf, kf, dnum_s, dden_s, dscale, inv_s, lin_t, lin_cnt, dv, dkf,

@@ -1,0 +1,107 @@
+"""SLA without glue (issue 27, item 6): the fused SLA forward materialises at most 3 large tensors outside its
+kernels.
+
+*Large*: ``numel >= B * H * N * D / 4``, a quarter of one ``(B, H, N, D)`` tensor. *Materialised*: the output
+of an operator (ATen or custom op, seen by a ``TorchDispatchMode``) whose storage is new, i.e. not a view of,
+nor written into, one of that operator's inputs. The Triton launches themselves are stubbed (no ATen op),
+so what is counted is everything the forward does around them: the outputs it allocates, the features,
+sums, casts and divisions the host would do, the projection and the sum of the branches.
+
+Before the kernels took phi, the global sums, ``num / den``, the cast and the sum of the branches, the same
+count was 14 at fp16 (9 at fp32, 16 with elu features): the rounded features (3 tensors each for q and k),
+the fp32 token rows of the global sums (2), the op's fp32 ``num``, the division, the cast, the projection and
+the sum.
+"""
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+from dit_accel.kernels.backends import triton_reason
+from dit_accel.kernels.sla import sla_attention
+from dit_accel.methods import SLA
+
+pytestmark = pytest.mark.skipif(triton_reason("cpu") is not None, reason="needs the Triton interpreter on the CPU")
+
+#: The static target of issue 27.
+MAX_LARGE = 3
+
+
+class LargeOutputs(TorchDispatchMode):
+    """Records ``(op, shape, dtype)`` of every operator output with at least ``threshold`` elements and a
+    storage none of the operator's inputs has."""
+
+    def __init__(self, threshold: int):
+        super().__init__()
+        self.threshold, self.rows = threshold, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0]
+                  if isinstance(t, torch.Tensor)}
+        for t in tree_flatten(out)[0]:
+            if (isinstance(t, torch.Tensor) and t.numel() >= self.threshold
+                    and t.untyped_storage().data_ptr() not in inputs):
+                self.rows.append((str(func), tuple(t.shape), t.dtype))
+        return out
+
+
+def _large_tensors(fn, like: torch.Tensor):
+    counter = LargeOutputs(like.numel() // 4)
+    with counter:
+        fn()
+    return counter.rows
+
+
+def test_counter_counts_copies_and_not_views():
+    x = torch.randn(1, 2, 64, 8)
+    rows = _large_tensors(lambda: (x.view(2, 64, 8), x.transpose(1, 2), x.float().add_(1.0), x.half(),
+                                   x[:, :, :8].clone(), x + 1), x)
+    # x.float() of an fp32 x is x itself; add_ writes into it; the slice's clone is 1/8 of x: not large.
+    assert [r[0] for r in rows] == ["aten._to_copy.default", "aten.add.Tensor"]
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=["fp16", "fp32"])
+@pytest.mark.parametrize("kw", [dict(topk=0.25, negligible=0.25), dict(topk=0.5),
+                                dict(topk=0.25, linear_tokens="all"), dict(topk=0.25, feature_map="elu"),
+                                dict(topk=0.25, negligible=0.25, feature_map="relu", block_q=128)],
+                         ids=["subtract", "direct", "all", "elu", "relu-bq128"])
+@pytest.mark.parametrize("parts", [False, True], ids=["output", "parts"])
+def test_sla_forward_materialises_at_most_three_large_tensors(dtype, grad, kw, parts):
+    """One ``sla_attention`` forward at N = 512 through the fused path with a (non-zero) ``nn.Linear``
+    projection: the result, and at most two more (the kernels' sparse and linear outputs)."""
+    from dit_accel.eval.host_path import stub_launches
+
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 512, 64, generator=gen, dtype=dtype).requires_grad_(grad) for _ in range(3))
+    proj = torch.nn.Linear(64, 64).to(dtype).requires_grad_(grad)
+    with stub_launches(), torch.set_grad_enabled(grad):
+        rows = _large_tensors(lambda: sla_attention(q, k, v, SLA(**kw), proj, backend="triton",
+                                                    return_parts=parts), q)
+    assert 1 <= len(rows) <= MAX_LARGE, (f"{len(rows)} large tensors (at most {MAX_LARGE}) outside the SLA kernels:\n"
+                                         + "\n".join(map(str, rows)))
+
+
+def test_sla_forward_without_projection_materialises_only_its_output():
+    from dit_accel.eval.host_path import stub_launches
+
+    q, k, v = (torch.randn(1, 2, 512, 64, dtype=torch.float16) for _ in range(3))
+    with stub_launches(), torch.no_grad():
+        rows = _large_tensors(lambda: sla_attention(q, k, v, SLA(topk=0.25), None, backend="triton"), q)
+    assert len(rows) == 1, rows
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])
+def test_ragged_sequence_materialises_at_most_three_large_tensors(grad):
+    """N = 500 (ragged last blocks): the classification pools the last block apart, with no padded copy of
+    q or k (before: two)."""
+    from dit_accel.eval.host_path import stub_launches
+
+    q, k, v = (torch.randn(1, 2, 500, 64, dtype=torch.float16).requires_grad_(grad) for _ in range(3))
+    proj = torch.nn.Linear(64, 64).half().requires_grad_(grad)
+    with stub_launches(), torch.set_grad_enabled(grad):
+        rows = _large_tensors(lambda: sla_attention(q, k, v, SLA(topk=0.25, negligible=0.25), proj,
+                                                    backend="triton"), q)
+    assert 1 <= len(rows) <= MAX_LARGE, rows
