@@ -44,7 +44,7 @@ DEFAULT_MODEL = "tiny-shapes"
 
 
 def register(subparsers) -> argparse.ArgumentParser:
-    from ..models.tiny import TINY_DEFAULTS
+    from ..models.tiny import TINY_DEFAULTS, TINY_MODELS
 
     default_method = TINY_SHAPES_METHOD.upper() if len(TINY_SHAPES_METHOD) <= 3 else TINY_SHAPES_METHOD
     p = subparsers.add_parser(
@@ -64,8 +64,9 @@ def register(subparsers) -> argparse.ArgumentParser:
     m.add_argument("--model", default=DEFAULT_MODEL,
                    help="hub id (e.g. Wan-AI/Wan2.1-T2V-1.3B-Diffusers), a local pipeline folder, or an embedded "
                         "model: tiny-shapes (default; tiny model trained on synthetic clips, prompts 'a {red|green|"
-                        "blue|yellow} {square|circle} moving {left|right|up|down}'), tiny-wan / tiny-flux (RANDOM "
-                        "WEIGHTS, offline, for smoke runs only)")
+                        "blue|yellow} {square|circle} moving {left|right|up|down}'), or one of "
+                        + ", ".join(TINY_MODELS) + " (RANDOM WEIGHTS, offline, for smoke runs only; "
+                        "`dit-accel info` describes them)")
     m.add_argument("--out", default=None,
                    help="output path: .mp4, .gif, .png (image, or frames NAME_00000.png...) or a folder of PNG "
                         "frames; a JSON sidecar goes to OUT.json (default: outputs/<model>-<method>.mp4, .png for "
@@ -83,7 +84,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--guidance-scale", "--guidance", dest="guidance", type=float, default=None,
                    help="classifier-free guidance scale")
     g.add_argument("--max-sequence-length", type=int, default=None,
-                   help=f"text tokens for the T5 encoder (default: the pipeline's; {text_lengths})")
+                   help=f"text tokens for the text encoder (default: the pipeline's; {text_lengths})")
     d = p.add_argument_group("device")
     d.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available, else cpu)")
     d.add_argument("--dtype", choices=_DTYPES, default="auto",
@@ -102,7 +103,7 @@ def register(subparsers) -> argparse.ArgumentParser:
         if action.dest == "method":
             action.default = argparse.SUPPRESS
             action.help = (f"attention method (default: {TINY_SHAPES_METHOD} for tiny-shapes; dense for the random-"
-                           "weight tiny-wan and tiny-flux; on other models the family's recommended setting, "
+                           "weight tiny-* models; on other models the family's recommended setting, "
                            "printed with its source; with --weights DIR, the method DIR was trained with); "
                            "--method dense runs dense attention; aliases: "
                            + ", ".join(f"{a} = {n}" for a, n in METHOD_ALIASES.items()) + ")")

@@ -197,8 +197,8 @@ def run(args) -> int:
                    info["backends"])
     _print_section("supported transformer classes", info["supported_models"])
     _print_section("methods", info["methods"])
-    _print_section("embedded models (tiny-shapes: tiny model trained on synthetic clips; tiny-wan, tiny-flux: RANDOM "
-                   "WEIGHTS, for smoke runs only)", info["tiny_models"])
+    _print_section("embedded models (tiny-shapes: tiny model trained on synthetic clips; the other tiny-* models: "
+                   "RANDOM WEIGHTS, for smoke runs only)", info["tiny_models"])
     _print_section("kernel autotuning (CUDA, backend auto: Triton vs FlexAttention, timed once per shape class)",
                    info["autotune"])
     if model is not None:

@@ -12,6 +12,7 @@ hub is probed once with a short timeout before any download starts.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 from pathlib import Path
@@ -19,7 +20,7 @@ from typing import Optional
 
 import torch
 
-from .tiny import EMBEDDED_MODELS, TINY_MODELS, build_tiny_pipeline
+from .tiny import EMBEDDED_MODELS, PIPELINES as TINY_PIPELINES, TINY_MODELS, build_tiny_pipeline
 from .tiny_shapes import TRAINED_MODELS
 
 __all__ = ["load_pipeline", "ModelLoadError", "resolve_model_kind", "model_folder", "model_fingerprint"]
@@ -154,6 +155,10 @@ def load_pipeline(model: str, *, device="cpu", dtype: torch.dtype = torch.float3
     """
     kind = resolve_model_kind(model)
     if kind == "tiny":
+        missing = [name for name in TINY_PIPELINES[model].requires if importlib.util.find_spec(name) is None]
+        if missing:  # e.g. ftfy: Diffusers' SkyReels-V2 / VACE pipelines fail on the prompt without it
+            raise ModelLoadError(f"{model}: its Diffusers pipeline needs {', '.join(missing)} to run (a dit_accel "
+                                 f"dependency): pip install {' '.join(missing)}")
         pipe = build_tiny_pipeline(model, seed=seed, device="cpu" if offload else device, dtype=dtype)
     elif kind == "embedded":
         folder = TRAINED_MODELS[model]

@@ -236,6 +236,39 @@ def test_generate_tiny_flux_writes_png(tmp_path):
     assert _sidecar(out)["pipeline"] == "FluxPipeline"
 
 
+@pytest.mark.parametrize("model, extra, shape, pipeline", [
+    ("tiny-skyreels-v2", [], (17, 128, 128, 3), "SkyReelsV2Pipeline"),
+    ("tiny-wan-vace", [], (17, 128, 128, 3), "WanVACEPipeline"),
+    ("tiny-sd3", [], (1, 64, 64, 3), "StableDiffusion3Pipeline"),
+    ("tiny-cogview4", [], (1, 64, 64, 3), "CogView4Pipeline"),
+    ("tiny-qwenimage", [], (1, 64, 64, 3), "QwenImagePipeline"),
+    ("tiny-flux2", [], (1, 64, 64, 3), "Flux2KleinPipeline"),
+])
+def test_generate_tiny_family_pipeline_with_gna(tmp_path, model, extra, shape, pipeline):
+    """At the tiny defaults (grid (5, 8, 8) for the videos, (16, 16) for the image) the model's grid-sized
+    GNA option runs sparse and the output is written."""
+    if model in ("tiny-skyreels-v2", "tiny-wan-vace"):
+        pytest.importorskip("ftfy", reason="Diffusers' SkyReels-V2 / VACE pipelines clean prompts with ftfy")
+    out = tmp_path / ("clip.gif" if shape[0] > 1 else "img.png")
+    assert main(["generate", "--model", model, "--method", "gna", "--steps", "1", *extra, "--out", str(out),
+                 "--quiet"]) == 0
+    assert load_video(out).shape == shape
+    meta = _sidecar(out)
+    assert meta["pipeline"] == pipeline and meta["model"] == model and meta["method"]["method"] == "gna"
+    assert 0 < meta["density"]["mean"] < 1
+
+
+def test_generate_tiny_chroma_writes_png_and_says_its_calls_ran_dense(tmp_path):
+    """ChromaPipeline's text mask makes every call dense (presets/chroma.py): written, and the sidecar says so."""
+    out = tmp_path / "img.png"
+    assert main(["generate", "--model", "tiny-chroma", "--method", "gna", "--steps", "1", "--out", str(out),
+                 "--quiet"]) == 0
+    assert load_video(out).shape == (1, 64, 64, 3)
+    meta = _sidecar(out)
+    assert meta["pipeline"] == "ChromaPipeline" and meta["density"]["mean"] is None
+    assert meta["warnings"] and all("cannot make sparse" in w and "mask" in w for w in meta["warnings"])
+
+
 def test_generate_tiny_flux_prints_no_library_notices(tmp_path):
     """A fresh process (Transformers warns once per process): no torchvision fallback notice on stderr."""
     out = tmp_path / "img.png"
@@ -327,3 +360,15 @@ def test_generate_takes_the_published_setting_and_names_its_source():
     assert fields == {k: v for k, v in method.to_dict().items() if k != "method"} and schedule == kwargs
     _, _, source = _model_defaults("Wan-AI/Wan2.1-T2V-1.3B-Diffusers", pipe, "gna", True)
     assert source == "WanTransformer3DModel preset (dit_accel default)"
+
+
+def test_generate_without_ftfy_is_one_line_naming_it(tmp_path, monkeypatch, capsys):
+    """SkyReels-V2 / Wan VACE pipelines need ftfy (else a bare NameError inside Diffusers): said up front."""
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "ftfy" else real(name, *a))
+    code = main(["generate", "--model", "tiny-skyreels-v2", "--steps", "1", "--out", str(tmp_path / "x.gif"),
+                 "--quiet"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "pip install ftfy" in err[0] and "tiny-skyreels-v2" in err[0]

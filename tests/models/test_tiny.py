@@ -7,7 +7,18 @@ from dit_accel.models.tiny import TINY_DEFAULTS, TINY_METHOD_DEFAULTS, TINY_MODE
 COMPONENTS = {
     "tiny-wan": ("transformer", "vae", "text_encoder"),
     "tiny-flux": ("transformer", "vae", "text_encoder", "text_encoder_2"),
+    "tiny-skyreels-v2": ("transformer", "vae", "text_encoder"),
+    "tiny-wan-vace": ("transformer", "vae", "text_encoder"),
+    "tiny-sd3": ("transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3"),
+    "tiny-chroma": ("transformer", "vae", "text_encoder"),
+    "tiny-cogview4": ("transformer", "vae", "text_encoder"),
+    "tiny-qwenimage": ("transformer", "vae", "text_encoder"),
+    "tiny-flux2": ("transformer", "vae", "text_encoder"),
 }
+
+
+def test_every_tiny_pipeline_lists_its_weighted_components():
+    assert set(COMPONENTS) == set(TINY_MODELS)
 
 
 def _weights(pipe, names):

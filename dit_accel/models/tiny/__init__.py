@@ -1,7 +1,9 @@
 """Tiny random-weight Diffusers pipelines and transformers for offline smoke runs and tests.
 
 ``build_tiny_pipeline("tiny-wan")`` returns a real :class:`diffusers.WanPipeline`
-(``"tiny-flux"``: :class:`diffusers.FluxPipeline`) whose transformer, VAE and
+(``"tiny-flux"``: :class:`diffusers.FluxPipeline`; also ``tiny-skyreels-v2``, ``tiny-wan-vace``,
+``tiny-sd3``, ``tiny-chroma``, ``tiny-cogview4``, ``tiny-qwenimage``, ``tiny-flux2``: see
+:data:`TINY_MODELS`) whose transformer, VAE and
 text encoders are a few thousand parameters built from configs, with weights
 drawn from a fixed seed and tokenizers built in code. Nothing is downloaded.
 ``build_tiny_transformer("hunyuan")`` builds one bare transformer of every
@@ -30,7 +32,10 @@ Adding a model family (developer note)
    ``tests/pipelines/test_presets.py`` checks that every family module is registered, that every preset
    class has a tiny transformer in the module of the same name and that ``tiny-<family>`` resolves to it.
    A ``tiny-<family>`` pipeline also lists its weighted components in ``COMPONENTS`` of
-   ``tests/models/test_tiny.py`` (the seed and cross-process determinism tests).
+   ``tests/models/test_tiny.py`` (the seed and cross-process determinism tests), its class and grid in
+   ``PIPES`` of ``tests/models/test_tiny_pipelines.py`` (2-step run; sparse everywhere, ``Dense()``
+   bit-exact) and a row of ``test_generate_tiny_family_pipeline_with_gna`` in ``tests/cli/test_cli.py``.
+   Share components through ``._common`` (``tiny_wan_parts``, ``tiny_image_vae``, the tokenizers).
 """
 
 from __future__ import annotations
@@ -90,7 +95,10 @@ TRANSFORMER_GRIDS = {name: t.grid for name, t in TRANSFORMERS.items()}  # defaul
 TRANSFORMER_TEXT = {name: t.text for name, t in TRANSFORMERS.items()}  # default text tokens
 
 # ----------------------------------------------------------------------------- pipelines
-PIPELINES: Dict[str, TinyPipeline] = {p.name: p for m in _MODULES for p in getattr(m, "PIPELINES", ())}
+# tiny-wan and tiny-flux (the first two, the examples everywhere) first, then by name: the order `info` lists.
+PIPELINES: Dict[str, TinyPipeline] = {
+    p.name: p for p in sorted((p for m in _MODULES for p in getattr(m, "PIPELINES", ())),
+                              key=lambda p: (p.name not in ("tiny-wan", "tiny-flux"), p.name != "tiny-wan", p.name))}
 
 RANDOM_WEIGHTS_LABEL = "random weights (tiny model for smoke runs; the output is noise, not a real video or image)"
 
@@ -138,7 +146,7 @@ def build_tiny_pipeline(name: str, *, seed: int = 0, device="cpu", dtype: torch.
     """Build an embedded tiny pipeline with random weights (no download).
 
     Args:
-        name: ``"tiny-wan"`` or ``"tiny-flux"`` (see :data:`TINY_MODELS`).
+        name: ``"tiny-wan"``, ``"tiny-flux"``, ... (see :data:`TINY_MODELS`).
         seed: weight seed; the same seed gives bit-identical weights every time.
             The global torch RNG state is left untouched.
         device, dtype: where the pipeline's modules live.

@@ -9,7 +9,9 @@ from typing import Any, Callable, Dict, Tuple
 
 import torch
 
-__all__ = ["TinyTransformer", "TinyPipeline", "byte_tokenizer", "t5_tokenizer", "tiny_t5_settings"]
+__all__ = ["TinyTransformer", "TinyPipeline", "byte_tokenizer", "t5_tokenizer", "tiny_t5_settings",
+           "tiny_wan_parts", "WAN_Z_DIM", "TINY_WAN_TRANSFORMER",
+           "tiny_image_vae"]
 
 # (model config, grid, batch, text tokens, rnd(*shape), timesteps (B,), text mask (B, text)) -> forward kwargs
 InputsBuilder = Callable[[Any, Tuple[int, ...], int, int, Callable[..., torch.Tensor], torch.Tensor, torch.Tensor],
@@ -49,6 +51,8 @@ class TinyPipeline:
         defaults: suggested call settings (``num_frames``, ``height``, ``width``, ``num_inference_steps``,
             ``max_sequence_length``): small enough for a 2-core CPU, big enough for sparsity.
         method_defaults: per method name, config fields sized to the grid of :attr:`defaults`.
+        requires: packages the Diffusers pipeline needs to run (not to build), checked by ``load_pipeline``:
+            SkyReels-V2 and Wan VACE clean every prompt with ftfy and fail with a bare ``NameError`` without it.
     """
 
     name: str
@@ -56,6 +60,7 @@ class TinyPipeline:
     build: Callable[[int], Any]
     defaults: Dict[str, int]
     method_defaults: Dict[str, Dict[str, Any]] = field(default_factory=dict)
+    requires: Tuple[str, ...] = ()
 
 
 # ----------------------------------------------------------------------------- tokenizers
@@ -104,3 +109,58 @@ def tiny_t5_settings(tokenizer) -> dict:
     return dict(vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
                 relative_attention_num_buckets=8, pad_token_id=tokenizer.pad_token_id,
                 eos_token_id=tokenizer.eos_token_id, decoder_start_token_id=tokenizer.pad_token_id)
+
+
+# ----------------------------------------------------------------------------- shared Wan components
+WAN_Z_DIM = 4  # latent channels of the tiny Wan VAE
+
+
+def tiny_wan_parts(seed: int) -> dict:
+    """The tokenizer, UMT5 encoder and VAE of tiny-wan, seeded here: the Wan lineage (SkyReels-V2, Wan VACE)
+    takes the same components, drawn in the same order (tiny-wan's weights stay what they were)."""
+    from diffusers import AutoencoderKLWan
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    torch.manual_seed(seed)
+    tokenizer = t5_tokenizer()
+    text_encoder = UMT5EncoderModel(UMT5Config(**tiny_t5_settings(tokenizer))).eval()
+    vae = AutoencoderKLWan(
+        base_dim=4,  # conv3d is slow on CPU; the decoder dominates the smoke-run time
+        z_dim=WAN_Z_DIM,
+        dim_mult=[1, 1, 1, 1],  # 3 downsamples: 8x spatial, like the real Wan VAE
+        num_res_blocks=1,
+        temperal_downsample=[False, True, True],  # 4x temporal
+        latents_mean=[0.0] * WAN_Z_DIM,
+        latents_std=[1.0] * WAN_Z_DIM,
+    ).eval()
+    return dict(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae)
+
+
+# The transformer of tiny-wan; SkyReels-V2 and Wan VACE take the same fields (VACE adds its control stream).
+TINY_WAN_TRANSFORMER = dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=32, in_channels=WAN_Z_DIM,
+                            out_channels=WAN_Z_DIM, text_dim=32, freq_dim=32, ffn_dim=64, num_layers=2,
+                            cross_attn_norm=True, qk_norm="rms_norm_across_heads", rope_max_seq_len=64)
+
+
+# ----------------------------------------------------------------------------- shared image components
+def tiny_image_vae(latent_channels: int = 4):
+    """The AutoencoderKL of tiny-flux (tiny-sd3, tiny-chroma take it too): one downsample, 2x, so 64x64
+    gives a 32x32 latent; it draws from the global generator (the builder seeds before)."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        latent_channels=latent_channels,
+        norm_num_groups=4,
+        sample_size=64,
+        scaling_factor=1.0,
+        shift_factor=0.0,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+        mid_block_add_attention=False,
+    ).eval()

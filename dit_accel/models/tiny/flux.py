@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import torch
 
-from ._common import TinyPipeline, TinyTransformer, byte_tokenizer, t5_tokenizer, tiny_t5_settings
+from ._common import TinyPipeline, TinyTransformer, byte_tokenizer, t5_tokenizer, tiny_image_vae, tiny_t5_settings
 
 __all__ = ["TRANSFORMERS", "PIPELINES"]
 
 
 def _build(seed: int):
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
     torch.manual_seed(seed)
@@ -38,22 +38,7 @@ def _build(seed: int):
     t5_tok = t5_tokenizer()
     t5 = T5EncoderModel(T5Config(**tiny_t5_settings(t5_tok))).eval()
     latent_channels = 4
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        block_out_channels=(8, 16),  # one downsample: 2x, so 64x64 gives 16x16 packed tokens
-        layers_per_block=1,
-        latent_channels=latent_channels,
-        norm_num_groups=4,
-        sample_size=64,
-        scaling_factor=1.0,
-        shift_factor=0.0,
-        use_quant_conv=False,
-        use_post_quant_conv=False,
-        mid_block_add_attention=False,
-    ).eval()
+    vae = tiny_image_vae(latent_channels)  # 2x: 64x64 gives 16x16 packed tokens
     transformer = FluxTransformer2DModel(
         patch_size=1,
         in_channels=latent_channels * 4,  # 2x2 packed latents

@@ -1,10 +1,24 @@
-"""Tiny SkyReels-V2: the bare ``"skyreels_v2"`` transformer (Wan layout, one frame per block)."""
+"""Tiny SkyReels-V2: the ``tiny-skyreels-v2`` pipeline and the bare ``"skyreels_v2"`` transformer (Wan layout,
+one frame per block).
+
+tiny-skyreels-v2: tiny-wan's tokenizer, UMT5 encoder and VAE with a 2-layer SkyReelsV2Transformer3DModel and
+the UniPC flow scheduler of SkyReels-V2's text-to-video pipeline: 17 frames at 128x128 -> token grid (5, 8, 8).
+"""
 
 from __future__ import annotations
 
-from ._common import TinyTransformer
+from ._common import TINY_WAN_TRANSFORMER, TinyPipeline, TinyTransformer, tiny_wan_parts
 
-__all__ = ["TRANSFORMERS"]
+__all__ = ["TRANSFORMERS", "PIPELINES"]
+
+
+def _build(seed: int):
+    from diffusers import SkyReelsV2Pipeline, SkyReelsV2Transformer3DModel, UniPCMultistepScheduler
+
+    parts = tiny_wan_parts(seed)
+    transformer = SkyReelsV2Transformer3DModel(**TINY_WAN_TRANSFORMER).eval()
+    scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=8.0)
+    return SkyReelsV2Pipeline(**parts, scheduler=scheduler, transformer=transformer)
 
 
 def _inputs(cfg, grid, batch, text, rnd, t, mask):
@@ -13,6 +27,23 @@ def _inputs(cfg, grid, batch, text, rnd, t, mask):
     return dict(hidden_states=rnd(batch, cfg.in_channels, f * pt, h * ph, w * pw), timestep=t,
                 encoder_hidden_states=rnd(batch, text, cfg.text_dim), return_dict=False)
 
+
+PIPELINES = (
+    TinyPipeline(
+        "tiny-skyreels-v2",
+        summary="SkyReelsV2Pipeline with a 2-layer SkyReelsV2Transformer3DModel and tiny-wan's VAE and UMT5 "
+        "encoder; random weights for smoke runs (offline)",
+        build=_build,
+        defaults={"num_frames": 17, "height": 128, "width": 128, "num_inference_steps": 4, "max_sequence_length": 64},
+        method_defaults={  # grid (5, 8, 8), as tiny-wan: one 64-token block per frame
+            "tile": {"tile": (1, 8, 8), "window": (3, 1, 1)},
+            "gna": {"kernel_size": (3, 6, 6)},
+            "radial": {"block_size": 64, "decay": 1.0, "sink_frames": (0,)},
+            "sla": {"topk": 0.4},
+        },
+        requires=("ftfy",),
+    ),
+)
 
 TRANSFORMERS = (
     TinyTransformer(

@@ -6,48 +6,17 @@ tiny-wan: 17 frames at 128x128 -> latent (5, 16, 16) (VAE 4x temporal, 8x spatia
 
 from __future__ import annotations
 
-import torch
-
-from ._common import TinyPipeline, TinyTransformer, t5_tokenizer, tiny_t5_settings
+from ._common import TINY_WAN_TRANSFORMER, TinyPipeline, TinyTransformer, tiny_wan_parts
 
 __all__ = ["TRANSFORMERS", "PIPELINES"]
 
 
 def _build(seed: int):
-    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
-    from transformers import UMT5Config, UMT5EncoderModel
+    from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
 
-    torch.manual_seed(seed)
-    tokenizer = t5_tokenizer()
-    text_encoder = UMT5EncoderModel(UMT5Config(**tiny_t5_settings(tokenizer))).eval()
-    z_dim = 4
-    vae = AutoencoderKLWan(
-        base_dim=4,  # conv3d is slow on CPU; the decoder dominates the smoke-run time
-        z_dim=z_dim,
-        dim_mult=[1, 1, 1, 1],  # 3 downsamples: 8x spatial, like the real Wan VAE
-        num_res_blocks=1,
-        temperal_downsample=[False, True, True],  # 4x temporal
-        latents_mean=[0.0] * z_dim,
-        latents_std=[1.0] * z_dim,
-    ).eval()
-    transformer = WanTransformer3DModel(
-        patch_size=(1, 2, 2),
-        num_attention_heads=2,
-        attention_head_dim=32,
-        in_channels=z_dim,
-        out_channels=z_dim,
-        text_dim=32,
-        freq_dim=32,
-        ffn_dim=64,
-        num_layers=2,
-        cross_attn_norm=True,
-        qk_norm="rms_norm_across_heads",
-        rope_max_seq_len=64,
-    ).eval()
-    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
-    return WanPipeline(
-        tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, scheduler=scheduler, transformer=transformer
-    )
+    parts = tiny_wan_parts(seed)
+    transformer = WanTransformer3DModel(**TINY_WAN_TRANSFORMER).eval()
+    return WanPipeline(**parts, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), transformer=transformer)
 
 
 def _inputs(cfg, grid, batch, text, rnd, t, mask):

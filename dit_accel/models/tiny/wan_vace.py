@@ -1,11 +1,26 @@
 """Tiny Wan VACE: the bare ``"wan_vace"`` transformer. Its call carries one leading reference frame (as the
-VACE pipeline builds it: zero reactive latent and mask in the control stream) before the token grid."""
+VACE pipeline builds it: zero reactive latent and mask in the control stream) before the token grid.
+
+tiny-wan-vace: tiny-wan's tokenizer, UMT5 encoder and VAE with a 2-layer WanVACETransformer3DModel (one VACE
+block); called with a prompt only (no video, mask or reference image) it is text-to-video, 17 frames at
+128x128 -> token grid (5, 8, 8). Its control input is the VAE latent of the (zero) video twice (inactive and
+reactive parts) and the 8x8 mask folded into 64 channels: ``vace_in_channels`` = 2 * 4 + 64.
+"""
 
 from __future__ import annotations
 
-from ._common import TinyTransformer
+from ._common import TINY_WAN_TRANSFORMER, WAN_Z_DIM, TinyPipeline, TinyTransformer, tiny_wan_parts
 
-__all__ = ["TRANSFORMERS"]
+__all__ = ["TRANSFORMERS", "PIPELINES"]
+
+
+def _build(seed: int):
+    from diffusers import FlowMatchEulerDiscreteScheduler, WanVACEPipeline, WanVACETransformer3DModel
+
+    parts = tiny_wan_parts(seed)
+    transformer = WanVACETransformer3DModel(**TINY_WAN_TRANSFORMER, vace_layers=[0],
+                                            vace_in_channels=2 * WAN_Z_DIM + 8 * 8).eval()
+    return WanVACEPipeline(**parts, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), transformer=transformer)
 
 
 def _inputs(cfg, grid, batch, text, rnd, t, mask):
@@ -18,6 +33,23 @@ def _inputs(cfg, grid, batch, text, rnd, t, mask):
     return dict(hidden_states=x, timestep=t, encoder_hidden_states=rnd(batch, text, cfg.text_dim),
                 control_hidden_states=control, return_dict=False)
 
+
+PIPELINES = (
+    TinyPipeline(
+        "tiny-wan-vace",
+        summary="WanVACEPipeline with a 2-layer WanVACETransformer3DModel (one VACE block) and tiny-wan's VAE "
+        "and UMT5 encoder; text-to-video; random weights for smoke runs (offline)",
+        build=_build,
+        defaults={"num_frames": 17, "height": 128, "width": 128, "num_inference_steps": 4, "max_sequence_length": 64},
+        method_defaults={  # grid (5, 8, 8), as tiny-wan: one 64-token block per frame
+            "tile": {"tile": (1, 8, 8), "window": (3, 1, 1)},
+            "gna": {"kernel_size": (3, 6, 6)},
+            "radial": {"block_size": 64, "decay": 1.0, "sink_frames": (0,)},
+            "sla": {"topk": 0.4},
+        },
+        requires=("ftfy",),
+    ),
+)
 
 TRANSFORMERS = (
     TinyTransformer(
