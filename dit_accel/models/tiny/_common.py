@@ -11,7 +11,7 @@ import torch
 
 __all__ = ["TinyTransformer", "TinyPipeline", "byte_tokenizer", "t5_tokenizer", "tiny_t5_settings",
            "tiny_wan_parts", "WAN_Z_DIM", "TINY_WAN_TRANSFORMER",
-           "tiny_image_vae"]
+           "tiny_image_vae", "four_axis_image_inputs"]
 
 # (model config, grid, batch, text tokens, rnd(*shape), timesteps (B,), text mask (B, text)) -> forward kwargs
 InputsBuilder = Callable[[Any, Tuple[int, ...], int, int, Callable[..., torch.Tensor], torch.Tensor, torch.Tensor],
@@ -64,6 +64,18 @@ class TinyPipeline:
 
 
 # ----------------------------------------------------------------------------- tokenizers
+def four_axis_image_inputs(cfg, grid, batch, text, rnd, t, mask):
+    """Call arguments of FLUX.2 / FLUX.3: packed (B, N, C) latents and 4-axis (t, h, w, l) position ids."""
+    h, w = grid
+    rows, cols = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+    zeros = torch.zeros_like(rows)
+    img_ids = torch.stack([zeros, rows, cols, zeros], -1).reshape(-1, 4)  # (t, h, w, l)
+    txt_ids = torch.stack([torch.zeros(text), torch.zeros(text), torch.zeros(text), torch.arange(text)], -1)
+    return dict(hidden_states=rnd(batch, h * w, cfg.in_channels), timestep=t / 1000,
+                encoder_hidden_states=rnd(batch, text, cfg.joint_attention_dim), img_ids=img_ids,
+                txt_ids=txt_ids.long(), return_dict=False)
+
+
 def byte_tokenizer(*, bos: str | None, eos: str, pad: str, unk: str, model_max_length: int):
     """A byte-level tokenizer without merges: every UTF-8 byte is one token.
 
