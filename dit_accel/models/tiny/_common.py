@@ -11,7 +11,8 @@ import torch
 
 __all__ = ["TinyTransformer", "TinyPipeline", "byte_tokenizer", "t5_tokenizer", "tiny_t5_settings",
            "tiny_wan_parts", "WAN_Z_DIM", "TINY_WAN_TRANSFORMER",
-           "tiny_image_vae", "four_axis_image_inputs"]
+           "tiny_image_vae", "four_axis_image_inputs", "TINY_WAN_CALL", "TINY_WAN_METHODS", "TINY_IMAGE_CALL",
+           "TINY_IMAGE_METHODS"]
 
 # (model config, grid, batch, text tokens, rnd(*shape), timesteps (B,), text mask (B, text)) -> forward kwargs
 InputsBuilder = Callable[[Any, Tuple[int, ...], int, int, Callable[..., torch.Tensor], torch.Tensor, torch.Tensor],
@@ -38,6 +39,26 @@ class TinyTransformer:
     grid: Tuple[int, ...]
     text: int
     inputs: InputsBuilder
+
+
+# Call settings and grid-sized method settings shared by the tiny pipelines of one shape (read only).
+# Video, the Wan lineage: 17 frames at 128x128 -> grid (5, 8, 8), one 64-token block per frame.
+TINY_WAN_CALL = {"num_frames": 17, "height": 128, "width": 128, "num_inference_steps": 4, "max_sequence_length": 64}
+TINY_WAN_METHODS = {
+    "tile": {"tile": (1, 8, 8), "window": (3, 1, 1)},  # 3 of 5 frames per query frame
+    "gna": {"kernel_size": (3, 6, 6)},
+    "radial": {"block_size": 64, "decay": 1.0, "sink_frames": (0,)},
+    "sla": {"topk": 0.4},  # 2 of 5 key blocks
+}
+# Image: 64x64 -> grid (16, 16), four 8x8 tiles.
+TINY_IMAGE_CALL = {"num_frames": 1, "height": 64, "width": 64, "num_inference_steps": 4, "max_sequence_length": 64}
+TINY_IMAGE_METHODS = {
+    "tile": {"tile": (8, 8), "window": (1, 1)},
+    # A stride-1 window visits all four 64-token blocks of a 16x16 grid (density 1.0);
+    # stride = kernel = tile is GNA's blocked special case: perfectly block-sparse, 1 of 4.
+    "gna": {"kernel_size": (8, 8), "stride": (8, 8)},
+    "sla": {"topk": 0.5},
+}
 
 
 @dataclass(frozen=True)

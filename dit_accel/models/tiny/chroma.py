@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from ._common import TinyPipeline, TinyTransformer, t5_tokenizer, tiny_image_vae, tiny_t5_settings
+from ._common import TinyPipeline, TinyTransformer, t5_tokenizer, tiny_image_vae, tiny_t5_settings, TINY_IMAGE_CALL, TINY_IMAGE_METHODS
 
 __all__ = ["TRANSFORMERS", "PIPELINES"]
 
@@ -52,12 +52,8 @@ PIPELINES = (
         summary="ChromaPipeline with a 1+1-layer ChromaTransformer2DModel (joint text-image attention), tiny "
         "AutoencoderKL and T5 encoder; random weights for smoke runs (offline)",
         build=_build,
-        defaults={"num_frames": 1, "height": 64, "width": 64, "num_inference_steps": 4, "max_sequence_length": 64},
-        method_defaults={  # image grid (16, 16): four 8x8 tiles, as tiny-flux
-            "tile": {"tile": (8, 8), "window": (1, 1)},
-            "gna": {"kernel_size": (8, 8), "stride": (8, 8)},
-            "sla": {"topk": 0.5},
-        },
+        defaults=TINY_IMAGE_CALL,
+        method_defaults=TINY_IMAGE_METHODS,
     ),
 )
 

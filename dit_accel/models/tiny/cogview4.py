@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from ._common import TinyPipeline, TinyTransformer, byte_tokenizer, tiny_image_vae
+from ._common import TinyPipeline, TinyTransformer, byte_tokenizer, tiny_image_vae, TINY_IMAGE_CALL, TINY_IMAGE_METHODS
 
 __all__ = ["TRANSFORMERS", "PIPELINES"]
 
@@ -54,12 +54,8 @@ PIPELINES = (
         summary="CogView4Pipeline with a 2-layer CogView4Transformer2DModel (joint text-image attention), tiny "
         "AutoencoderKL and GLM encoder; random weights for smoke runs (offline)",
         build=_build,
-        defaults={"num_frames": 1, "height": 64, "width": 64, "num_inference_steps": 4, "max_sequence_length": 64},
-        method_defaults={  # image grid (16, 16): four 8x8 tiles, as tiny-flux
-            "tile": {"tile": (8, 8), "window": (1, 1)},
-            "gna": {"kernel_size": (8, 8), "stride": (8, 8)},
-            "sla": {"topk": 0.5},
-        },
+        defaults=TINY_IMAGE_CALL,
+        method_defaults=TINY_IMAGE_METHODS,
     ),
 )
 

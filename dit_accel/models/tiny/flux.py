@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from ._common import TinyPipeline, TinyTransformer, byte_tokenizer, t5_tokenizer, tiny_image_vae, tiny_t5_settings
+from ._common import TinyPipeline, TinyTransformer, byte_tokenizer, t5_tokenizer, tiny_image_vae, tiny_t5_settings, TINY_IMAGE_CALL, TINY_IMAGE_METHODS
 
 __all__ = ["TRANSFORMERS", "PIPELINES"]
 
@@ -82,14 +82,8 @@ PIPELINES = (
         summary="FluxPipeline with a 1+1-layer FluxTransformer2DModel (joint text-image attention), "
         "tiny AutoencoderKL, CLIP and T5 encoders; random weights for smoke runs (offline)",
         build=_build,
-        defaults={"num_frames": 1, "height": 64, "width": 64, "num_inference_steps": 4, "max_sequence_length": 64},
-        method_defaults={  # image grid (16, 16): four 8x8 tiles
-            "tile": {"tile": (8, 8), "window": (1, 1)},
-            # A stride-1 window visits all four 64-token blocks of a 16x16 grid (density 1.0);
-            # stride = kernel = tile is GNA's blocked special case: perfectly block-sparse, 1 of 4.
-            "gna": {"kernel_size": (8, 8), "stride": (8, 8)},
-            "sla": {"topk": 0.5},
-        },
+        defaults=TINY_IMAGE_CALL,
+        method_defaults=TINY_IMAGE_METHODS,
     ),
 )
 

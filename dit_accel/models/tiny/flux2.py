@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from ._common import TinyPipeline, TinyTransformer, byte_tokenizer, four_axis_image_inputs
+from ._common import TinyPipeline, TinyTransformer, byte_tokenizer, four_axis_image_inputs, TINY_IMAGE_CALL, TINY_IMAGE_METHODS
 
 __all__ = ["TRANSFORMERS", "PIPELINES"]
 
@@ -58,12 +58,8 @@ PIPELINES = (
         summary="Flux2KleinPipeline (FLUX.2 [klein]) with a 1+1-layer Flux2Transformer2DModel (joint text-image "
         "attention), tiny AutoencoderKLFlux2 and Qwen3 encoder; random weights for smoke runs (offline)",
         build=_build,
-        defaults={"num_frames": 1, "height": 64, "width": 64, "num_inference_steps": 4, "max_sequence_length": 64},
-        method_defaults={  # image grid (16, 16): four 8x8 tiles, as tiny-flux
-            "tile": {"tile": (8, 8), "window": (1, 1)},
-            "gna": {"kernel_size": (8, 8), "stride": (8, 8)},
-            "sla": {"topk": 0.5},
-        },
+        defaults=TINY_IMAGE_CALL,
+        method_defaults=TINY_IMAGE_METHODS,
     ),
 )
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from ._common import TinyPipeline, TinyTransformer, byte_tokenizer
+from ._common import TinyPipeline, TinyTransformer, byte_tokenizer, TINY_IMAGE_CALL, TINY_IMAGE_METHODS
 
 __all__ = ["TRANSFORMERS", "PIPELINES"]
 
@@ -63,12 +63,8 @@ PIPELINES = (
         summary="QwenImagePipeline with a 2-layer QwenImageTransformer2DModel (joint text-image attention), tiny "
         "AutoencoderKLQwenImage and Qwen2.5-VL encoder; random weights for smoke runs (offline)",
         build=_build,
-        defaults={"num_frames": 1, "height": 64, "width": 64, "num_inference_steps": 4, "max_sequence_length": 64},
-        method_defaults={  # image grid (16, 16): four 8x8 tiles, as tiny-flux
-            "tile": {"tile": (8, 8), "window": (1, 1)},
-            "gna": {"kernel_size": (8, 8), "stride": (8, 8)},
-            "sla": {"topk": 0.5},
-        },
+        defaults=TINY_IMAGE_CALL,
+        method_defaults=TINY_IMAGE_METHODS,
     ),
 )
 

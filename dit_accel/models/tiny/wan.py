@@ -6,7 +6,7 @@ tiny-wan: 17 frames at 128x128 -> latent (5, 16, 16) (VAE 4x temporal, 8x spatia
 
 from __future__ import annotations
 
-from ._common import TINY_WAN_TRANSFORMER, TinyPipeline, TinyTransformer, tiny_wan_parts
+from ._common import TINY_WAN_TRANSFORMER, TinyPipeline, TinyTransformer, tiny_wan_parts, TINY_WAN_CALL, TINY_WAN_METHODS
 
 __all__ = ["TRANSFORMERS", "PIPELINES"]
 
@@ -31,13 +31,8 @@ PIPELINES = (
         summary="WanPipeline with a 2-layer WanTransformer3DModel, tiny AutoencoderKLWan and UMT5 "
         "encoder; random weights for smoke runs (offline, seconds on a CPU)",
         build=_build,
-        defaults={"num_frames": 17, "height": 128, "width": 128, "num_inference_steps": 4, "max_sequence_length": 64},
-        method_defaults={  # grid (5, 8, 8): one 64-token block per frame
-            "tile": {"tile": (1, 8, 8), "window": (3, 1, 1)},  # 3 of 5 frames per query frame
-            "gna": {"kernel_size": (3, 6, 6)},
-            "radial": {"block_size": 64, "decay": 1.0, "sink_frames": (0,)},
-            "sla": {"topk": 0.4},  # 2 of 5 key blocks
-        },
+        defaults=TINY_WAN_CALL,
+        method_defaults=TINY_WAN_METHODS,
     ),
 )
 

@@ -9,7 +9,7 @@ reactive parts) and the 8x8 mask folded into 64 channels: ``vace_in_channels`` =
 
 from __future__ import annotations
 
-from ._common import TINY_WAN_TRANSFORMER, WAN_Z_DIM, TinyPipeline, TinyTransformer, tiny_wan_parts
+from ._common import TINY_WAN_TRANSFORMER, WAN_Z_DIM, TinyPipeline, TinyTransformer, tiny_wan_parts, TINY_WAN_CALL, TINY_WAN_METHODS
 
 __all__ = ["TRANSFORMERS", "PIPELINES"]
 
@@ -40,13 +40,8 @@ PIPELINES = (
         summary="WanVACEPipeline with a 2-layer WanVACETransformer3DModel (one VACE block) and tiny-wan's VAE "
         "and UMT5 encoder; text-to-video; random weights for smoke runs (offline)",
         build=_build,
-        defaults={"num_frames": 17, "height": 128, "width": 128, "num_inference_steps": 4, "max_sequence_length": 64},
-        method_defaults={  # grid (5, 8, 8), as tiny-wan: one 64-token block per frame
-            "tile": {"tile": (1, 8, 8), "window": (3, 1, 1)},
-            "gna": {"kernel_size": (3, 6, 6)},
-            "radial": {"block_size": 64, "decay": 1.0, "sink_frames": (0,)},
-            "sla": {"topk": 0.4},
-        },
+        defaults=TINY_WAN_CALL,
+        method_defaults=TINY_WAN_METHODS,
         requires=("ftfy",),
     ),
 )
