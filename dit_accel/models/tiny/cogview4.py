@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from ._common import TinyPipeline, TinyTransformer, byte_tokenizer, tiny_image_vae, TINY_IMAGE_CALL, TINY_IMAGE_METHODS
+from ._common import TINY_IMAGE_CALL, TINY_IMAGE_METHODS, TinyPipeline, TinyTransformer, byte_tokenizer, tiny_image_vae
 
 __all__ = ["TRANSFORMERS", "PIPELINES"]
 

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import torch
 
-from ._common import TinyPipeline, TinyTransformer, byte_tokenizer, four_axis_image_inputs, TINY_IMAGE_CALL, TINY_IMAGE_METHODS
+from ._common import (TINY_IMAGE_CALL, TINY_IMAGE_METHODS, TinyPipeline, TinyTransformer, byte_tokenizer,
+                      four_axis_image_inputs)
 
 __all__ = ["TRANSFORMERS", "PIPELINES"]
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from ._common import TinyPipeline, TinyTransformer, byte_tokenizer, TINY_IMAGE_CALL, TINY_IMAGE_METHODS
+from ._common import TINY_IMAGE_CALL, TINY_IMAGE_METHODS, TinyPipeline, TinyTransformer, byte_tokenizer
 
 __all__ = ["TRANSFORMERS", "PIPELINES"]
 

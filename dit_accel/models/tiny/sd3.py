@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from ._common import TinyPipeline, TinyTransformer, byte_tokenizer, t5_tokenizer, tiny_image_vae, tiny_t5_settings, TINY_IMAGE_CALL, TINY_IMAGE_METHODS
+from ._common import (TINY_IMAGE_CALL, TINY_IMAGE_METHODS, TinyPipeline, TinyTransformer, byte_tokenizer, t5_tokenizer,
+                      tiny_image_vae, tiny_t5_settings)
 
 __all__ = ["TRANSFORMERS", "PIPELINES"]
 

@@ -7,7 +7,8 @@ the UniPC flow scheduler of SkyReels-V2's text-to-video pipeline: 17 frames at 1
 
 from __future__ import annotations
 
-from ._common import TINY_WAN_TRANSFORMER, TinyPipeline, TinyTransformer, tiny_wan_parts, TINY_WAN_CALL, TINY_WAN_METHODS
+from ._common import (TINY_WAN_CALL, TINY_WAN_METHODS, TINY_WAN_TRANSFORMER, TinyPipeline, TinyTransformer,
+                      tiny_wan_parts)
 
 __all__ = ["TRANSFORMERS", "PIPELINES"]
 

@@ -6,7 +6,8 @@ tiny-wan: 17 frames at 128x128 -> latent (5, 16, 16) (VAE 4x temporal, 8x spatia
 
 from __future__ import annotations
 
-from ._common import TINY_WAN_TRANSFORMER, TinyPipeline, TinyTransformer, tiny_wan_parts, TINY_WAN_CALL, TINY_WAN_METHODS
+from ._common import (TINY_WAN_CALL, TINY_WAN_METHODS, TINY_WAN_TRANSFORMER, TinyPipeline, TinyTransformer,
+                      tiny_wan_parts)
 
 __all__ = ["TRANSFORMERS", "PIPELINES"]
 

@@ -9,7 +9,8 @@ reactive parts) and the 8x8 mask folded into 64 channels: ``vace_in_channels`` =
 
 from __future__ import annotations
 
-from ._common import TINY_WAN_TRANSFORMER, WAN_Z_DIM, TinyPipeline, TinyTransformer, tiny_wan_parts, TINY_WAN_CALL, TINY_WAN_METHODS
+from ._common import (TINY_WAN_CALL, TINY_WAN_METHODS, TINY_WAN_TRANSFORMER, WAN_Z_DIM, TinyPipeline, TinyTransformer,
+                      tiny_wan_parts)
 
 __all__ = ["TRANSFORMERS", "PIPELINES"]
 
