@@ -11,6 +11,14 @@ from ..sparse_plan import write_atomic
 __all__ = ["write_report", "plot_heatmap"]
 
 
+def _weights(values) -> str:
+    return ", ".join(f"{w:.3g}" for w in values) if values else "uniform (not probed)"
+
+
+def _gt_cell(gt) -> str:
+    return "-" if not gt else " / ".join(f"{gt[k]:.2f}" for k in ("shape", "motion", "consistency"))
+
+
 def _fmt(value, digits: int = 2) -> str:
     if value is None:
         return "-"
@@ -42,14 +50,18 @@ def write_report(result: dict, path) -> Path:
     gt = result.get("groundtruth")
     if gt:
         keys = [k for k in ("colour", "shape", "motion", "consistency") if k in gt["dense"]]
-        lines += ["Ground truth (tiny-shapes; fraction of samples correct):", "",
+        rule = ("; required: no check worse than dense's (--groundtruth)" if gt.get("required")
+                else "; reported, not required")
+        lines += [f"Ground truth (tiny-shapes; fraction of samples correct{rule}):", "",
                   markdown_table(["run"] + keys, [["dense"] + [_fmt(gt["dense"][k]) for k in keys],
                                                   ["calibrated plan"] + [_fmt(gt["plan"][k]) for k in keys]]), ""]
     lines += ["## Search", "",
               f"{len(result['trace'])} verified plans (lambda: the price of error in modelled seconds):", "",
-              markdown_table(["lambda", "modelled ms/sample", "PSNR (dB, mean)", "worst video (dB)", "passes"],
+              markdown_table(["lambda", "modelled ms/sample", "PSNR (dB, mean)", "worst video (dB)",
+                              "GT shape / motion / consistency", "passes"],
                              [[f"{t['lam']:.3g}", _fmt(t["modelled_ms"], 3), _fmt(t["psnr"]), _fmt(t.get("psnr_worst")),
-                               "yes" if t["passes"] else "no"] for t in result["trace"]]), "",
+                               _gt_cell(t.get("groundtruth")), "yes" if t["passes"] else "no"]
+                              for t in result["trace"]]), "",
               "## The plan per step phase", ""]
     heads = s["heads"]
     for phase in result["phase_tables"]:
@@ -60,6 +72,9 @@ def write_report(result: dict, path) -> Path:
               "## Settings", "", f"- cost model: {result['cost_model']}",
               f"- candidates ({len(result['candidates'])}): " + ", ".join(c["label"] for c in result["candidates"]),
               f"- step buckets: {result['buckets']}",
+              "- step weights per bucket (output error per unit of attention error per step, mean 1; "
+              "--sensitivity): " + _weights(result.get("step_weights")),
+              "- layer weights (the same per layer group, --layer-groups): " + _weights(result.get("layer_weights")),
               f"- samples: {result['samples']}",
               "- times (s): " + ", ".join(f"{k} {v:.1f}" for k, v in result["seconds"].items()),
               f"- prompts sha256: {result['prompts_sha256']}", ""]

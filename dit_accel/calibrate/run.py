@@ -13,18 +13,30 @@ import numpy as np
 import torch
 
 from ..methods import Dense
-from ..sparse_plan import SparsePlan, prompts_hash, write_atomic
+from ..sparse_plan import Phase, SparsePlan, prompts_hash, write_atomic
 from .candidates import METHODS, candidate_grid
 from .costs import CostModel
 from .report import plot_heatmap, write_report
 from .sampling import QKVSampler, step_buckets
 from .scoring import score_candidates
-from .search import Assignment, SearchSpace
+from .search import Assignment, LayerChoice, SearchSpace
 
-__all__ = ["CalibrationSettings", "calibrate", "generate_videos", "search_budget", "passes_budget", "BUDGET_RULES"]
+__all__ = ["CalibrationSettings", "calibrate", "generate_videos", "search_budget", "passes_budget", "BUDGET_RULES",
+           "GROUNDTRUTH_RULES", "groundtruth_kept", "probe_step_weights", "probe_layer_weights",
+           "SENSITIVITY"]
 
 #: How ``min_psnr`` is checked on the calibration videos: every video (``worst``, the default) or their mean.
 BUDGET_RULES = ("worst", "mean")
+#: ``--groundtruth``: a verified plan must keep the ground-truth checks of the calibration videos (``require``),
+#: they are only reported (``report``), or ``auto``: required where the model has a checker (tiny-shapes).
+GROUNDTRUTH_RULES = ("auto", "require", "report")
+#: ``--sensitivity``: ``probe`` measures how much a unit of attention error in each step bucket and layer group
+#: moves the final output (one generation each: :func:`probe_step_weights`, :func:`probe_layer_weights`);
+#: ``uniform`` counts every step and layer the same.
+SENSITIVITY = ("probe", "uniform")
+#: Models whose videos have a ground-truth checker (:mod:`dit_accel.eval.groundtruth`).
+GROUNDTRUTH_MODELS = ("tiny-shapes",)
+_GROUNDTRUTH_CHECKS = ("colour", "shape", "motion", "consistency")
 #: ``--cost-terms``: the cost model's terms (:class:`~.costs.CostModel`), or ``auto`` (see :func:`search_space`).
 COST_TERMS = ("auto",) + CostModel.TERMS
 
@@ -58,6 +70,7 @@ class CalibrationSettings:
     dtype: str = "float32"
     phases: int = 3
     warmup: Tuple[int, ...] = (1, 2)
+    cooldown: Tuple[int, ...] = (1,)
     candidates: str = "default"
     methods: Tuple[str, ...] = METHODS
     samples_per_bucket: int = 2
@@ -70,6 +83,13 @@ class CalibrationSettings:
     batch_size: int = 8
     backend: str = "auto"
     budget_on: str = "worst"
+    groundtruth: str = "auto"
+    sensitivity: str = "probe"
+    layer_groups: int = 4
+
+    def gates_groundtruth(self) -> bool:
+        """Whether a verified plan must keep the calibration videos' ground truth (``groundtruth``)."""
+        return self.groundtruth == "require" or (self.groundtruth == "auto" and self.model in GROUNDTRUTH_MODELS)
 
     def check(self) -> None:
         if self.min_psnr is None and self.max_layer_error is None:
@@ -83,6 +103,15 @@ class CalibrationSettings:
             raise ValueError(f"--cost-terms {self.cost_terms!r} is invalid: choose one of {list(COST_TERMS)}")
         if self.budget_on not in BUDGET_RULES:
             raise ValueError(f"--budget-on {self.budget_on!r} is invalid: choose one of {list(BUDGET_RULES)}")
+        if self.sensitivity not in SENSITIVITY:
+            raise ValueError(f"--sensitivity {self.sensitivity!r} is invalid: choose one of {list(SENSITIVITY)}")
+        if self.groundtruth not in GROUNDTRUTH_RULES:
+            raise ValueError(f"--groundtruth {self.groundtruth!r} is invalid: choose one of {list(GROUNDTRUTH_RULES)}")
+        if self.groundtruth == "require" and self.model not in GROUNDTRUTH_MODELS:
+            raise ValueError(f"--groundtruth require: {self.model!r} has no ground-truth checker (only "
+                             f"{', '.join(GROUNDTRUTH_MODELS)} has); use --groundtruth report or auto")
+        if self.layer_groups < 0:
+            raise ValueError(f"--layer-groups must be >= 0 (0: no layer probes); got {self.layer_groups}")
         if self.search_iters < 0 or self.phases < 1 or self.samples_per_bucket < 1 or self.batch_size < 1:
             raise ValueError("--search-iters >= 0, --phases >= 1, --samples-per-bucket >= 1 and --batch-size >= 1")
 
@@ -174,13 +203,20 @@ def passes_budget(psnr_videos: Sequence[float], min_psnr: Optional[float], rule:
     return value >= min_psnr
 
 
+def groundtruth_kept(plan: dict, dense: dict) -> bool:
+    """Whether a plan's ground-truth scores (:func:`~dit_accel.eval.groundtruth.score_many` on the calibration
+    videos) are no worse than dense's on every check: colour, shape, motion and consistency."""
+    return all(plan[k] >= dense[k] - 1e-9 for k in _GROUNDTRUTH_CHECKS)
+
+
 def search_budget(space: SearchSpace, verify: Callable[[Assignment, float], dict], *, min_psnr: Optional[float],
                   max_layer_error: Optional[float] = None, rule: str = "worst", iters: int = 6
                   ) -> Tuple[dict, List[dict]]:
     """The cheapest verified assignment that meets the budget: ``(best record, every verified record)``.
 
     ``verify(assignment, lam)`` runs a plan end to end and returns a record with ``psnr_videos`` (per
-    calibration video) and ``modelled_ms``. The cheapest assignment (``lam = 0``) first; if it fails,
+    calibration video) and ``modelled_ms``, and ``groundtruth_ok`` False where the plan loses a ground-truth
+    check (it then fails whatever its PSNR). The cheapest assignment (``lam = 0``) first; if it fails,
     ``lam`` is bisected geometrically for ``iters`` verified runs between the largest ``lam`` that still
     gives the cheapest plan and the least that gives an exact one (both found without running a plan),
     and the dense plan is the answer when none passed.
@@ -189,7 +225,8 @@ def search_budget(space: SearchSpace, verify: Callable[[Assignment, float], dict
 
     def run(assignment: Assignment, lam: float) -> dict:
         record = verify(assignment, lam)
-        record["passes"] = passes_budget(record["psnr_videos"], min_psnr, rule)
+        record["passes"] = (passes_budget(record["psnr_videos"], min_psnr, rule)
+                            and record.get("groundtruth_ok", True))
         trace.append(record)
         return record
 
@@ -220,6 +257,74 @@ def search_budget(space: SearchSpace, verify: Callable[[Assignment, float], dict
     if best is None:  # nothing sparse passed: the dense plan (lam = infinity) does, exactly
         best = run(space.assign(math.inf), math.inf)
     return best, trace
+
+
+def _probe_step(bucket: Tuple[int, int]) -> int:
+    """The step a sensitivity probe perturbs in a bucket: its middle one."""
+    start, stop = bucket
+    return start + (stop - start) // 2
+
+
+def _probe_plan(space: SearchSpace, picks: Dict[Tuple[int, int], LayerChoice]) -> SparsePlan:
+    """A plan that runs ``picks[(layer, bucket)]`` at the probe step of each bucket and dense everywhere else."""
+    phases = {}
+    for (layer, bucket), choice in picks.items():
+        if not choice.dense:
+            phases.setdefault(_probe_step(space.buckets[bucket]), {})[layer] = space.method_of(choice)
+    return SparsePlan(tuple(Phase(step, step + 1, layers) for step, layers in sorted(phases.items())),
+                      space.layers, space.heads, {})
+
+
+def _scaled(raw: List[Optional[float]]) -> List[float]:
+    """Measured factors floored at 1e-3 of the largest and scaled to mean 1; unmeasured ones (None) get 1."""
+    known = [f for f in raw if f is not None]
+    if not known or max(known) <= 0:
+        return [1.0] * len(raw)
+    floor = 1e-3 * max(known)
+    mean = sum(max(f, floor) for f in known) / len(known)
+    return [1.0 if f is None else max(f, floor) / mean for f in raw]
+
+
+def probe_step_weights(space: SearchSpace, run: Callable[[SparsePlan], float]) -> List[float]:
+    """How much the final output moves per unit of attention error at a step of each bucket.
+
+    For each bucket that has samples, ``run(plan)`` generates with the cheapest choice (``lam = 0``) in every
+    layer at one step of that bucket (its middle one) and dense everywhere else, and returns the output's
+    mean squared error against dense; the bucket's weight is that error over the summed attention error of
+    those choices (:func:`_scaled`). One step, not the whole bucket, keeps the perturbation small enough to
+    act linearly: sparse over whole buckets the output saturates and the weights flatten (measured on
+    tiny-shapes: a ratio of 2 between the first and the middle steps, against 10 one step at a time).
+    """
+    raw: List[Optional[float]] = []
+    for b in range(len(space.buckets)):
+        cheap = {(l, b): space.choose(l, b, 0.0) for l in range(space.layers)}
+        error = sum(c.error for c in cheap.values())
+        raw.append(max(float(run(_probe_plan(space, cheap))), 0.0) / error if error > 0 else None)
+    return _scaled(raw)
+
+
+def probe_layer_weights(space: SearchSpace, run: Callable[[SparsePlan], float], groups: int) -> List[float]:
+    """How much the final output moves per unit of (step-weighted) attention error in each group of layers.
+
+    The layers are cut into ``groups`` contiguous groups (at most one per layer). For each group, ``run``
+    generates with the cheapest choice (``lam = 0``) in that group's layers at the probe step of every bucket
+    and dense elsewhere; the group's factor is the output error over the error the step weights predict
+    (``space.bucket_weights`` x the summed attention error), scaled by :func:`_scaled`. A layer's weight is
+    its group's factor; ``groups = 0``: all 1.
+    """
+    layers = space.layers
+    if groups <= 0 or layers == 0:
+        return [1.0] * layers
+    groups = min(groups, layers)
+    bounds = [round(g * layers / groups) for g in range(groups + 1)]
+    raw: List[Optional[float]] = []
+    for g in range(groups):
+        cheap = {(l, b): space.choose(l, b, 0.0) for l in range(bounds[g], bounds[g + 1])
+                 for b in range(len(space.buckets))}
+        predicted = sum(space.bucket_weights[b] * c.error for (_, b), c in cheap.items())
+        raw.append(max(float(run(_probe_plan(space, cheap))), 0.0) / predicted if predicted > 0 else None)
+    factors = _scaled(raw)
+    return [factors[g] for g in range(groups) for _ in range(bounds[g], bounds[g + 1])]
 
 
 def _attention_ms(handle) -> Optional[float]:
@@ -300,7 +405,7 @@ def calibrate(settings: CalibrationSettings, out, *, report_dir=None, progress: 
     bar = _Progress(progress)
     try:
         # 1. the dense run, sampled
-        buckets = step_buckets(settings.steps, settings.phases, settings.warmup)
+        buckets = step_buckets(settings.steps, settings.phases, settings.warmup, settings.cooldown)
         sampler = QKVSampler(buckets, per_bucket=settings.samples_per_bucket,
                              max_bytes=int(settings.max_sample_mb * 2**20), folder=settings.capture_dir)
         bar.stage("dense run (sampling q/k/v)", chunks * settings.steps)
@@ -333,6 +438,14 @@ def calibrate(settings: CalibrationSettings, out, *, report_dir=None, progress: 
             log(f"note: {terms_note}")
         calls_per_step = 2 if (settings.guidance_scale or 0) > 1 else 1
         verified: Dict[tuple, dict] = {}
+        score_groundtruth = None
+        if settings.model in GROUNDTRUTH_MODELS:
+            from ..eval.groundtruth import score_many
+
+            def score_groundtruth(videos):
+                return score_many(videos, [p for p, _ in jobs])
+
+            dense_groundtruth = score_groundtruth(dense_videos)
 
         def verify(assignment: Assignment, lam: float) -> dict:
             key = assignment.key()
@@ -345,9 +458,35 @@ def calibrate(settings: CalibrationSettings, out, *, report_dir=None, progress: 
                 psnr, ssim, per_video = _psnr_ssim(videos, dense_videos, per_video=True)
                 verified[key] = {"psnr": psnr, "ssim": ssim, "psnr_videos": per_video, "psnr_worst": min(per_video),
                                  "attention_ms": measured, "videos": videos}
+                if score_groundtruth is not None:
+                    gt = score_groundtruth(videos)
+                    verified[key]["groundtruth"] = gt
+                    if settings.gates_groundtruth():
+                        verified[key]["groundtruth_ok"] = groundtruth_kept(gt, dense_groundtruth)
             return dict(verified[key], lam=lam, assignment=assignment,
                         modelled_ms=assignment.cost_per_sample(calls_per_step) * 1e3)
 
+        step_weights = layer_weights = None
+        if settings.sensitivity == "probe":
+            reference = np.stack([v.astype(np.float32) / 255.0 for v in dense_videos])
+
+            def probe(plan: SparsePlan) -> float:
+                bar.stage(f"sensitivity probe {len(step_weights_log) + 1}", chunks * settings.steps)
+                with dit_accel.apply(pipe, plan, backend=settings.backend):
+                    videos = generate_videos(pipe, jobs, call_kwargs, settings.batch_size, bar.update)
+                mse = float(np.mean((np.stack([v.astype(np.float32) / 255.0 for v in videos]) - reference) ** 2))
+                step_weights_log.append(mse)
+                return mse
+
+            step_weights_log: List[float] = []
+            t_probe = time.perf_counter()
+            step_weights = probe_step_weights(space, probe)
+            space.bucket_weights = step_weights
+            if settings.layer_groups:
+                layer_weights = probe_layer_weights(space, probe, settings.layer_groups)
+                space.layer_weights = layer_weights
+            seconds["sensitivity probes"] = time.perf_counter() - t_probe
+            t += seconds["sensitivity probes"]
         best, trace = search_budget(space, verify, min_psnr=settings.min_psnr,
                                     max_layer_error=settings.max_layer_error, rule=settings.budget_on,
                                     iters=settings.search_iters)
@@ -355,15 +494,15 @@ def calibrate(settings: CalibrationSettings, out, *, report_dir=None, progress: 
         assignment: Assignment = best["assignment"]
         # 4. ground truth, provenance, outputs
         groundtruth = None
-        if settings.model == "tiny-shapes":
-            from ..eval.groundtruth import score_many
-
-            prompts = [p for p, _ in jobs]
-            groundtruth = {"dense": score_many(dense_videos, prompts), "plan": score_many(best["videos"], prompts)}
+        if score_groundtruth is not None:
+            groundtruth = {"dense": dense_groundtruth, "plan": best.get("groundtruth") or score_groundtruth(best["videos"]),
+                           "required": settings.gates_groundtruth()}
         budget = {k: v for k, v in (("min_psnr", settings.min_psnr), ("max_layer_error", settings.max_layer_error))
                   if v is not None}
         if settings.min_psnr is not None:
             budget["min_psnr_on"] = "every calibration video" if settings.budget_on == "worst" else "the mean"
+        if settings.gates_groundtruth():
+            budget["groundtruth"] = "no check (" + ", ".join(_GROUNDTRUTH_CHECKS) + ") worse than dense's"
         objective = (f"least modelled attention time ({costs.constants.name}, terms={costs.terms}) per "
                      "generation, per-(layer, bucket) Lagrangian allocation of the squared relative attention error")
         provenance = SparsePlan.provenance_now(
@@ -387,6 +526,7 @@ def calibrate(settings: CalibrationSettings, out, *, report_dir=None, progress: 
             "candidates": [{"label": c.label, "kind": c.kind, "density": c.density,
                             "head_cost_us": costs.head(c) * 1e6} for c in candidates],
             "buckets": [list(b) for b in buckets],
+            "step_weights": step_weights, "layer_weights": layer_weights,
             "samples": {"steps": sorted(sampler.steps), "rows": sampler.rows, "per_bucket": sampler.per_bucket,
                         "megabytes": round(sampler.bytes / 2**20, 1)},
             "dense": {"attention_ms": dense_ms, "modelled_ms": assignment.dense_cost_per_sample(calls_per_step) * 1e3},
@@ -395,7 +535,8 @@ def calibrate(settings: CalibrationSettings, out, *, report_dir=None, progress: 
                       "modelled_ms": best["modelled_ms"], "lam": best["lam"], "warmup_steps": assignment.warmup_steps(),
                       "max_layer_error": max_err},
             "trace": [{"lam": r["lam"], "modelled_ms": r["modelled_ms"], "psnr": r["psnr"],
-                       "psnr_worst": r["psnr_worst"], "passes": r["passes"]} for r in trace],
+                       "psnr_worst": r["psnr_worst"], "groundtruth": r.get("groundtruth"), "passes": r["passes"]}
+                      for r in trace],
             "phase_tables": phase_tables, "groundtruth": groundtruth,
             "prompts_sha256": prompts_hash(settings.prompts),
         }

@@ -48,6 +48,16 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--budget-on", choices=("worst", "mean"), default="worst",
                    help="--min-psnr holds on every calibration video (worst, default: the margin a held-out set "
                         "needs) or on their mean")
+    p.add_argument("--sensitivity", choices=("probe", "uniform"), default="probe",
+                   help="probe (default): weigh each step bucket's and layer group's attention error by how much it "
+                        "moves the final output, measured with one generation per bucket and per layer group; "
+                        "uniform: every step and layer counts the same")
+    p.add_argument("--layer-groups", type=int, default=4, metavar="N",
+                   help="contiguous layer groups the sensitivity probe measures apart (default 4; 0: none)")
+    p.add_argument("--groundtruth", choices=("auto", "require", "report"), default="auto",
+                   help="a plan must keep the calibration videos' ground-truth checks (colour, shape, motion, "
+                        "consistency) no worse than dense's (require), they are only reported (report), or auto "
+                        "(default): required where the model has a checker (tiny-shapes)")
     p.add_argument("--seeds", type=_int_list, default=[0], help="comma-separated seeds (default 0)")
     p.add_argument("--frames", type=int)
     p.add_argument("--height", type=int)
@@ -60,6 +70,9 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--phases", type=int, default=3, help="step phases the plan may differ in (default 3)")
     p.add_argument("--warmup-candidates", type=_int_list, default=[1, 2], metavar="N,...",
                    help="dense warm-up lengths the search may choose (extra phase borders; default 1,2)")
+    p.add_argument("--cooldown-candidates", type=_int_list, default=[1], metavar="N,...",
+                   help="the last N steps may differ from the rest (extra phase borders; default 1: the last step, "
+                        "which moves the output least)")
     p.add_argument("--candidates", choices=GRIDS, default="default", help="size of the parameter grid")
     p.add_argument("--methods", default=",".join(METHODS), help=f"methods to consider (default {','.join(METHODS)})")
     p.add_argument("--samples-per-bucket", type=int, default=2, help="sampled steps per step bucket (default 2)")
@@ -119,10 +132,13 @@ def _run(args) -> int:
         max_layer_error=args.max_layer_error, frames=args.frames, height=args.height, width=args.width,
         steps=args.steps, guidance_scale=args.guidance_scale, max_sequence_length=args.max_sequence_length,
         device=device, dtype=dtype, phases=args.phases, warmup=tuple(args.warmup_candidates),
+        cooldown=tuple(args.cooldown_candidates),
         candidates=args.candidates, methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()),
         samples_per_bucket=args.samples_per_bucket, max_sample_mb=args.max_sample_mb, capture_dir=args.capture,
         arch=args.arch, kernel=args.kernel, cost_terms=args.cost_terms, search_iters=args.search_iters,
-        batch_size=args.batch_size, backend=args.backend, budget_on=args.budget_on)
+        batch_size=args.batch_size, backend=args.backend, budget_on=args.budget_on,
+        groundtruth=args.groundtruth, sensitivity=args.sensitivity,
+        layer_groups=args.layer_groups)
     try:
         result = calibrate(settings, args.out, report_dir=args.report_dir, progress=not args.no_progress)
     except (ModelLoadError, ValueError, OSError) as exc:

@@ -19,6 +19,8 @@ def test_step_buckets_split_at_the_phases_and_the_warmup_candidates():
     assert step_buckets(12, 3, (1, 2)) == [(0, 1), (1, 2), (2, 4), (4, 8), (8, 12)]
     assert step_buckets(2, 1) == [(0, 2)]
     assert step_buckets(3, 5) == [(0, 1), (1, 2), (2, 3)]
+    assert step_buckets(12, 3, (1, 2), (1,)) == [(0, 1), (1, 2), (2, 4), (4, 8), (8, 11), (11, 12)]
+    assert step_buckets(4, 1, (), (1, 2, 9)) == [(0, 2), (2, 3), (3, 4)]
 
 
 def test_sampler_keeps_the_chosen_steps_within_its_memory():
@@ -86,7 +88,10 @@ def test_calibrate_end_to_end_writes_a_plan_that_apply_runs(tmp_path, model, ext
     plan = dit_accel.SparsePlan.load(out)
     prov = plan.provenance
     assert prov["model_id"] == model and len(prov["prompts_sha256"]) == 64
-    assert prov["budget"] == {"min_psnr": 25.0, "min_psnr_on": "every calibration video"}
+    budget = {"min_psnr": 25.0, "min_psnr_on": "every calibration video"}
+    if model == "tiny-shapes":  # --groundtruth auto: required where the model has a checker
+        budget["groundtruth"] = "no check (colour, shape, motion, consistency) worse than dense's"
+    assert prov["budget"] == budget
     assert {"versions", "date", "grids", "objective", "model_class"} <= set(prov)
     # the timestep of each step: finetune --plan maps a training noise level to the plan's step through them
     assert len(prov["timesteps"]) == prov["steps"] == 2 and prov["timesteps"][0] > prov["timesteps"][1]
@@ -97,7 +102,10 @@ def test_calibrate_end_to_end_writes_a_plan_that_apply_runs(tmp_path, model, ext
     assert result["final"]["psnr"] >= 25.0 and result["trace"]
     assert "PSNR" in (report / "report.md").read_text()
     if model == "tiny-shapes":
-        assert set(result["groundtruth"]) == {"dense", "plan"}
+        gt = result["groundtruth"]
+        assert set(gt) == {"dense", "plan", "required"} and gt["required"]
+        assert all(gt["plan"][k] >= gt["dense"][k] for k in ("colour", "shape", "motion", "consistency"))
+        assert all(t["groundtruth"] is not None for t in result["trace"])
     from dit_accel.models.loading import load_pipeline
 
     pipe = load_pipeline(model)
@@ -153,6 +161,108 @@ def test_the_psnr_budget_holds_on_every_calibration_video_by_default():
     # nothing sparse passes: the dense plan, exactly
     dense, _ = search_budget(space, _verify_by_error([-200.0]), min_psnr=25.0, iters=3)
     assert all(c.dense for c in dense["assignment"].choices.values())
+
+
+def test_a_plan_that_loses_a_groundtruth_check_fails_whatever_its_psnr():
+    from dit_accel.calibrate.run import CalibrationSettings, groundtruth_kept, search_budget
+
+    dense = {"colour": 1.0, "shape": 0.75, "motion": 0.5, "consistency": 1.0, "all": 0.5}
+    assert groundtruth_kept(dict(dense), dense)
+    assert groundtruth_kept(dict(dense, motion=0.75), dense)  # better is fine
+    assert not groundtruth_kept(dict(dense, shape=0.5), dense)
+    cands = candidate_grid(GRID, size="small", methods=("tile", "sla"))
+    g = torch.Generator().manual_seed(3)
+    errors = {(layer, 0): torch.rand(len(cands), 4, generator=g, dtype=torch.float64) * 0.05 for layer in range(2)}
+    costs = CostModel(GRID, 32, terms="tiles")
+    block = [c for c in cands if c.kind == "block_sparse"]
+    space = SearchSpace(cands, errors, costs, 2, [(0, 4)], 4, costs.full_head(block[0].method.plan(GRID)))
+    by_psnr = _verify_by_error([0.0])
+    plain, _ = search_budget(space, by_psnr, min_psnr=20.0, iters=12)
+
+    def with_groundtruth(assignment, lam):  # the checks break above half the plain plan's error
+        record = by_psnr(assignment, lam)
+        error = sum(c.error for c in assignment.choices.values())
+        record["groundtruth_ok"] = error <= 0.5 * sum(c.error for c in plain["assignment"].choices.values())
+        return record
+
+    kept, trace = search_budget(space, with_groundtruth, min_psnr=20.0, iters=12)
+    assert kept["groundtruth_ok"] and kept["modelled_ms"] > plain["modelled_ms"]
+    assert all(r["passes"] == (r["groundtruth_ok"] and min(r["psnr_videos"]) >= 20.0) for r in trace)
+    assert any(not r["passes"] and min(r["psnr_videos"]) >= 20.0 for r in trace)  # PSNR alone would have passed
+    assert CalibrationSettings("tiny-shapes", ["p"], min_psnr=1.0).gates_groundtruth()
+    assert not CalibrationSettings("tiny-wan", ["p"], min_psnr=1.0).gates_groundtruth()
+    with pytest.raises(ValueError, match="no ground-truth checker"):
+        CalibrationSettings("tiny-wan", ["p"], min_psnr=1.0, groundtruth="require").check()
+
+
+def _probe_space(layers, buckets, seed):
+    cands = candidate_grid(GRID, size="small", methods=("tile", "sla"))
+    g = torch.Generator().manual_seed(seed)
+    errors = {(layer, b): torch.rand(len(cands), 4, generator=g, dtype=torch.float64) * 0.05
+              for layer in range(layers) for b in range(len(buckets))}
+    costs = CostModel(GRID, 32, terms="tiles")
+    block = [c for c in cands if c.kind == "block_sparse"]
+    return SearchSpace(cands, errors, costs, layers, buckets, 4, costs.full_head(block[0].method.plan(GRID)))
+
+
+def _linear_generation(space, sensitivity, factor, seen):
+    """A stand-in for a probe's generation: the output error is linear in each sparse (layer, step)'s attention
+    error, times the step's sensitivity and the layer's factor; records which (layer, step)s were sparse."""
+    def run(plan):
+        total, sparse = 0.0, []
+        for phase in plan.phases:
+            assert phase.stop == phase.start + 1  # one step at a time
+            (b,) = [i for i, (start, stop) in enumerate(space.buckets) if start <= phase.start < stop]
+            assert phase.start == (space.buckets[b][0] + space.buckets[b][1]) // 2  # the bucket's middle step
+            for layer, method in phase.layers.items():
+                choice = space.choose(layer, b, 0.0)
+                assert method == space.method_of(choice)
+                sparse.append((layer, phase.start))
+                total += sensitivity[b] * factor[layer] * choice.error
+        seen.append(sparse)
+        return total
+
+    return run
+
+
+def test_step_weights_are_measured_one_step_per_bucket_and_move_the_sparsity_to_the_steps_that_matter_least():
+    from dit_accel.calibrate.run import probe_step_weights
+
+    buckets = [(0, 1), (1, 2), (2, 4), (4, 8)]
+    space = _probe_space(2, buckets, 5)
+    sensitivity = [50.0, 10.0, 2.0, 0.01]  # output error per unit of attention error at one step
+    seen = []
+    weights = probe_step_weights(space, _linear_generation(space, sensitivity, [1.0, 1.0], seen))
+    assert seen == [[(0, 0), (1, 0)], [(0, 1), (1, 1)], [(0, 3), (1, 3)], [(0, 6), (1, 6)]]
+    expected = [max(w, 1e-3 * 50.0) for w in sensitivity]
+    assert weights == pytest.approx([w / (sum(expected) / 4) for w in expected])
+    # weighted, the same lam keeps the sensitive first bucket denser and the last one sparser than unweighted
+    lam = space.scale()
+    plain = space.assign(lam)
+    space.bucket_weights = weights
+    weighted = space.assign(lam)
+
+    def bucket_error(assignment, b):
+        return sum(c.error for (_, bb), c in assignment.choices.items() if bb == b)
+
+    assert bucket_error(weighted, 0) <= bucket_error(plain, 0)
+    assert bucket_error(weighted, 3) >= bucket_error(plain, 3)
+    assert bucket_error(weighted, 0) < bucket_error(weighted, 3)
+
+
+def test_layer_weights_are_measured_per_layer_group_over_what_the_step_weights_predict():
+    from dit_accel.calibrate.run import probe_layer_weights
+
+    buckets = [(0, 1), (1, 4)]
+    space = _probe_space(4, buckets, 6)
+    space.bucket_weights = [3.0, 0.5]
+    factor = [8.0, 8.0, 0.5, 0.5]  # the first two layers move the output 16 times more than the last two
+    seen = []
+    run = _linear_generation(space, space.bucket_weights, factor, seen)
+    assert probe_layer_weights(space, run, 2) == pytest.approx([16 / 8.5, 16 / 8.5, 1 / 8.5, 1 / 8.5])
+    assert seen == [[(0, 0), (1, 0), (0, 2), (1, 2)], [(2, 0), (3, 0), (2, 2), (3, 2)]]
+    assert probe_layer_weights(space, run, 0) == [1.0] * 4
+    assert probe_layer_weights(space, run, 9) == pytest.approx([w / 4.25 for w in factor])  # one group per layer
 
 
 @pytest.mark.parametrize("grid, head_dim, heads, terms", [(GRID, 32, 2, "tiles"), ((8, 32, 32), 128, 12, "full")])
