@@ -59,7 +59,7 @@ __all__ = ["Instruction", "Loop", "parse_sass", "find_loops", "classify", "CLASS
            "loop_names", "ttgir_facts", "family_of", "main_loop", "loop_warps", "MAIN_LOOP", "MASKED_LOOP", "ONE_LOOP", "ANALYSIS_VERSION"]
 
 #: Bump when the analysis changes, so cached results are recomputed.
-ANALYSIS_VERSION = 9
+ANALYSIS_VERSION = 10
 
 # ----------------------------------------------------------------------------- instruction classes
 #: Instruction classes of the per-tile counts, in report order.
@@ -381,13 +381,15 @@ def ttgir_facts(ttgir: str, ptx: str = "") -> dict:
     ``rings``: ``[depth, rows, cols, dtype]`` of every multi-buffered tile allocation of the
     pipeliner (``ttg.local_alloc`` of ``depth x rows x cols``: the K / V rings of a forward kernel);
     ``ring``: the shallowest of them (0 without any); ``persistent``: the kernel reads the number
-    of programs (``tt.get_num_programs``: it strides over work items); ``warp_specialized``:
-    ``ttg.warp_specialize`` partitions, and ``setmaxnreg`` (PTX) whether producer and consumer
-    warps re-balance registers.
+    of programs (``tt.get_num_programs``: it strides over work items); ``tma_loads``: the TMA copies
+    into shared memory (``ttng.async_tma_copy_global_to_local``, from host or in-kernel descriptors);
+    ``warp_specialized``: ``ttg.warp_specialize`` partitions, and ``setmaxnreg`` (PTX) whether producer
+    and consumer warps re-balance registers.
     """
     rings = [[int(a), int(b), int(c), t] for a, b, c, t in _RING.findall(ttgir)]
     return {"rings": rings, "ring": min((r[0] for r in rings), default=0),
             "persistent": "tt.get_num_programs" in ttgir, "warp_specialized": "ttg.warp_specialize" in ttgir,
+            "tma_loads": ttgir.count("ttng.async_tma_copy_global_to_local"),
             "setmaxnreg": "setmaxnreg" in ptx}
 
 
