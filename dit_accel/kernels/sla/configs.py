@@ -5,7 +5,9 @@ time (:func:`shipped_configs`): the feature map is not a kernel parameter at all
 tiles per classification block (``SUB``) and the linear sign are runtime arguments, the
 subtract plan is a list (negligible + critical blocks, sign -1) rather than a variant, and
 head dims pad to 64 or 128 (the launchers pass zero-padded copies for other head dims, so the
-kernels' head dim is a constexpr and they have no column masks).
+kernels' head dim is a constexpr and they have no column masks). On sm_90 the forward loads through
+TMA (:attr:`SLAKernelConfig.tma`); its pointer variant (:func:`pointer_fallback`) ships beside it for
+inputs that are not 16-byte aligned.
 """
 
 from __future__ import annotations

@@ -27,6 +27,13 @@ denominator. The global ``phi(K)^T V`` enters as a hi + lo pair too (over a powe
 fits fp16), beside the same rounded ``phi(q)``: block terms and global sums agree to about 16 bits,
 and the subtract plan cancels. Token offsets are formed in 64 bits.
 
+On sm_90 the forward loads Q, K and V by TMA, from descriptors it makes over its (batch, head) slice
+(rows past the slice arrive as zeros, so the ragged last key block needs no load mask), and reads the
+critical and linear loops' next block index an iteration ahead into a register: the index takes no
+pipeline stage, so ``num_stages`` is the depth of the critical loop's K / V ring. Inputs whose base or
+strides are not 16-byte aligned, and older GPUs, take pointer loads, where cp.async prefetches the
+indices in the loop.
+
 Launch configurations and the list of shipped ones: :mod:`.configs`.
 """
 
