@@ -208,6 +208,15 @@ def _fake_row(main=400, dense=360, masked=500, **extra):
     return row
 
 
+def test_main_ring_is_the_streamed_tiles_ring():
+    """The report's ring: of the streamed tiles (K / V rows; Q / dO for dK/dV), not of other loops' tiles."""
+    sla = {"kernel": "fwd", "tile": [64, 64], "rings": [[3, 64, 128, "bf16"]] * 4 + [[2, 32, 128, "bf16"]] * 2,
+           "ring": 2}
+    assert sass.main_ring(sla) == 3 and sass.main_ring({**sla, "rings": [], "ring": 0}) == 0
+    dkdv = {"kernel": "bwd_dkdv", "tile": [32, 64], "rings": [[2, 32, 128, "bf16"], [3, 64, 128, "bf16"]]}
+    assert sass.main_ring(dkdv) == 2
+
+
 def test_checks_flag_regressed_rows():
     """The parity and cleanliness checks fail on rows that regress (no compile: synthetic rows)."""
     ok, slow, masked = _fake_row(), _fake_row(main=420), _fake_row(masked=601)
