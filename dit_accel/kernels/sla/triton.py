@@ -45,11 +45,11 @@ import triton.language as tl
 from triton.runtime.errors import OutOfResources
 
 from ..._util import cdiv as _cdiv
+from ..dense.configs import tma_ok
 from ..dense.tiles import LN2, dkdv_step, dq_step, fwd_step, load_tile, slice_descriptors
 from ..dense.tiles import LOG2E_HOST as _LOG2E
-from .common import FEATURE_IDS, feature_map, true_columns
-from ..dense.configs import tma_ok
 from ..dense.triton import ensure_allocator
+from .common import FEATURE_IDS, feature_map, true_columns
 from .configs import BLOCK_K, BLOCK_M, GLOBAL_COLUMNS, SLAKernelConfig, pointer_fallback, select_sla_config
 
 __all__ = ["sla_forward", "sla_backward", "global_sums", "FEATURE_IDS", "transposed_lists", "KERNELS", "row_scale"]
