@@ -56,10 +56,10 @@ __all__ = ["Instruction", "Loop", "parse_sass", "find_loops", "classify", "CLASS
            "parse_ptxas_log", "resource_usage", "disassemble", "analyze", "analyze_many", "compile_shipped", "report",
            "paired",
            "loop_ratios", "sass_table", "partial_block_cost", "tile_cycles", "clean", "rank", "search", "search_jobs",
-           "loop_names", "ttgir_facts", "family_of", "main_loop", "loop_warps", "MAIN_LOOP", "MASKED_LOOP", "ONE_LOOP", "ANALYSIS_VERSION"]
+           "loop_names", "ttgir_facts", "family_of", "main_loop", "main_ring", "loop_warps", "MAIN_LOOP", "MASKED_LOOP", "ONE_LOOP", "ANALYSIS_VERSION"]
 
 #: Bump when the analysis changes, so cached results are recomputed.
-ANALYSIS_VERSION = 9
+ANALYSIS_VERSION = 10
 
 # ----------------------------------------------------------------------------- instruction classes
 #: Instruction classes of the per-tile counts, in report order.
@@ -381,13 +381,15 @@ def ttgir_facts(ttgir: str, ptx: str = "") -> dict:
     ``rings``: ``[depth, rows, cols, dtype]`` of every multi-buffered tile allocation of the
     pipeliner (``ttg.local_alloc`` of ``depth x rows x cols``: the K / V rings of a forward kernel);
     ``ring``: the shallowest of them (0 without any); ``persistent``: the kernel reads the number
-    of programs (``tt.get_num_programs``: it strides over work items); ``warp_specialized``:
-    ``ttg.warp_specialize`` partitions, and ``setmaxnreg`` (PTX) whether producer and consumer
-    warps re-balance registers.
+    of programs (``tt.get_num_programs``: it strides over work items); ``tma_loads``: the TMA copies
+    into shared memory (``ttng.async_tma_copy_global_to_local``, from host or in-kernel descriptors);
+    ``warp_specialized``: ``ttg.warp_specialize`` partitions, and ``setmaxnreg`` (PTX) whether producer
+    and consumer warps re-balance registers.
     """
     rings = [[int(a), int(b), int(c), t] for a, b, c, t in _RING.findall(ttgir)]
     return {"rings": rings, "ring": min((r[0] for r in rings), default=0),
             "persistent": "tt.get_num_programs" in ttgir, "warp_specialized": "ttg.warp_specialize" in ttgir,
+            "tma_loads": ttgir.count("ttng.async_tma_copy_global_to_local"),
             "setmaxnreg": "setmaxnreg" in ptx}
 
 
@@ -804,13 +806,21 @@ def loop_ratios(row: dict) -> Tuple[Optional[float], Optional[float]]:
     return ratio, partial
 
 
+def main_ring(row: dict) -> int:
+    """Depth of a row's main-loop ring: the shallowest multi-buffered tile with the streamed operand's rows
+    (key tiles; query tiles for dK/dV), so an SLA forward's linear-loop half tiles (rings of their own)
+    do not hide its critical loop's K / V ring; 0 without any."""
+    rows = row["tile"][0] if row["kernel"].startswith("bwd_dkdv") else row["tile"][1]
+    return min((depth for depth, n, *_ in row.get("rings") or [] if n == rows), default=row.get("ring") or 0)
+
+
 _TABLE_CLASSES = ("tensor", "global", "shared", "mufu", "shfl", "barrier", "int", "fp", "branch")
 
 
 def sass_table(rows: Sequence[dict]) -> str:
     """Markdown table of :func:`report` rows (compile-time analysis; ``per tile`` = main-loop SASS per iteration,
     per warp: in a warp-specialized kernel per consumer warp, each consumer warp group owning 64 query rows;
-    ``ring``: the K/V buffers' depth in the TTGIR; ``ws regs``: the register counts USETMAXREG sets)."""
+    ``ring``: the main loop's K/V buffers' depth in the TTGIR (:func:`main_ring`); ``ws regs``: the register counts USETMAXREG sets)."""
     head = ["arch", "config", "regs", "spill B", "smem KB", "CTAs/warps per SM", "ring", "ws regs", "C7515",
             "per tile", "dense", "ratio", "masked/main"] + list(_TABLE_CLASSES)
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -823,7 +833,7 @@ def sass_table(rows: Sequence[dict]) -> str:
         occ = r.get("occupancy") or {}
         spill = max(r["stack"], r["local"], r["spill_stores"])
         cells = [f"sm_{r['arch']}", r["name"], str(r["registers"]), str(spill), f"{r['shared'] / 1024:.0f}",
-                 f"{occ.get('ctas', '-')}/{occ.get('warps', '-')}", str(r.get("ring") or "-"),
+                 f"{occ.get('ctas', '-')}/{occ.get('warps', '-')}", str(main_ring(r) or "-"),
                  "/".join(map(str, r.get("setmaxreg") or [])) or "-", "yes" if r["c7515"] else "no",
                  str(main.get("instructions", "-")), str(dense.get("instructions", "-")),
                  f"{r['ratio']:.2f}x" if r.get("ratio") else "-",

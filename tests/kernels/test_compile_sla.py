@@ -59,6 +59,41 @@ def test_sla_kernels_use_tensor_cores(compiled):
     assert not no_wgmma, f"no wgmma in the sm_90 PTX of: {no_wgmma}"
 
 
+def _sm90_forwards(compiled):
+    """The compiled rows of the forwards select_sla_config picks on sm_90 (fp16 / bf16, d64 / d128, +- linear)."""
+    names = {sc.select_sla_config("fwd", dtype, d, lin, 90).name for dtype in sc.SLA_DTYPES for d in sc.SLA_BLOCK_DS
+             for lin in (False, True)}
+    rows = [r for r in compiled if r["arch"] == 90 and r["name"] in names]
+    assert len(rows) == len(names) == 8 and all(r["error"] is None for r in rows), [r["error"] for r in rows]
+    return rows
+
+
+def test_sm90_forward_k_v_rings_are_num_stages_deep(compiled):
+    """The sm_90 forward's K / V rings (the pipeliner's multi-buffered 64-row tiles in the TTGIR: K and V of
+    the critical loop, then of the ragged loop) are num_stages deep, not one less: the critical blocks'
+    indices are read an iteration ahead into registers instead of taking a pipeline stage. (The linear
+    loop's half tiles, 32 rows, are not counted: their phi is made in registers, which takes the last stage.)"""
+    rows = _sm90_forwards(compiled)
+    for r in rows:
+        kv = [ring for ring in r["rings"] if ring[1] == sc.BLOCK_K]  # [depth, rows, cols, dtype]
+        assert len(kv) == 4 and all(depth == r["num_stages"] for depth, *_ in kv), f"{r['name']}: {r['rings']}"
+    assert any(r["num_stages"] == 3 for r in rows)  # some shipped forward has a 3-deep ring
+
+
+@static_toolchain
+def test_sm90_forward_loads_by_tma_without_losing_occupancy(compiled):
+    """The sm_90 forward loads Q, K and V by TMA (the critical, ragged and linear loops' K and V, and Q); its
+    pointer fallback (inputs that are not 16-byte aligned) by none. Shipped forwards keep at least 8 resident
+    warps per SM (two CTAs of 4 warps, or one of 8): a 3-deep ring at d128 without the linear branch would
+    leave one CTA of 4, which is why that one ships 2 stages."""
+    for r in _sm90_forwards(compiled):
+        assert r["name"].endswith("-tma") and r["tma_loads"] >= 2 * (3 if "-lin-" in r["name"] else 2) + 1, \
+            f"{r['name']}: {r['tma_loads']} TMA loads"
+        assert r["occupancy"]["warps"] >= 8, f"{r['name']}: {r['occupancy']}"
+    fallback = [r for r in compiled if r["arch"] == 90 and r["kernel"] == "fwd" and not r["name"].endswith("-tma")]
+    assert len(fallback) == 8 and all(r["error"] is None and r["tma_loads"] == 0 for r in fallback)
+
+
 def test_shipped_list_covers_every_launch_choice():
     for arch in TARGET_ARCHS:
         shipped = set(sc.shipped_configs(arch))

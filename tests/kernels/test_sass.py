@@ -208,6 +208,15 @@ def _fake_row(main=400, dense=360, masked=500, **extra):
     return row
 
 
+def test_main_ring_is_the_streamed_tiles_ring():
+    """The report's ring: of the streamed tiles (K / V rows; Q / dO for dK/dV), not of other loops' tiles."""
+    sla = {"kernel": "fwd", "tile": [64, 64], "rings": [[3, 64, 128, "bf16"]] * 4 + [[2, 32, 128, "bf16"]] * 2,
+           "ring": 2}
+    assert sass.main_ring(sla) == 3 and sass.main_ring({**sla, "rings": [], "ring": 0}) == 0
+    dkdv = {"kernel": "bwd_dkdv", "tile": [32, 64], "rings": [[2, 32, 128, "bf16"], [3, 64, 128, "bf16"]]}
+    assert sass.main_ring(dkdv) == 2
+
+
 def test_checks_flag_regressed_rows():
     """The parity and cleanliness checks fail on rows that regress (no compile: synthetic rows)."""
     ok, slow, masked = _fake_row(), _fake_row(main=420), _fake_row(masked=601)
@@ -310,6 +319,27 @@ def test_sm90_forward_is_persistent_with_one_loop_and_a_deep_ring(rows):
                                                                           r["block_d"] == 128), where
         assert r["occupancy"]["ctas"] >= (2 if r["num_warps"] == 4 else 1), f"{r['name']}: {r['occupancy']}"
     assert any(r["ring"] >= 3 and r["block_d"] == 128 for r in fwd)
+
+
+def test_sm90_sla_forward_streams_k_v_by_tma_with_indices_read_ahead(rows):
+    """sm_90 SLA forward (bf16, d64 / d128, with and without the linear branch): the critical loop gets K and
+    V by TMA (UTMALDG, from descriptors made in the kernel), and its only synchronous global load (LDG) is
+    the next critical block's index, read an iteration ahead (``crit + c + 1``): no iteration waits on a
+    load of its own index, and the K / V ring is num_stages deep (test_compile_sla.py)."""
+    from pathlib import Path
+
+    from dit_accel.kernels.sla import triton as kernels
+
+    source = Path(kernels.__file__).read_text().splitlines()
+    fwd = [r for r in rows.values() if r["family"] == "sla" and r["kernel"] == "fwd" and r["arch"] == 90]
+    assert len(fwd) == 4
+    for r in fwd:
+        loop = r["loops"]["critical"]
+        assert r["name"].endswith("-tma") and r["tma_loads"] > 0 and loop["async_copies"] >= 2, f"{r['name']}: {loop}"
+        assert loop["sync_global_load_lines"], r["name"]
+        for line in loop["sync_global_load_lines"]:
+            text = source[line - 1].strip()
+            assert "crit + c + 1" in text, f"{r['name']}: LDG at line {line}: {text}"
 
 
 def test_sm90_ws_forward_has_producer_and_consumer_warp_groups(rows):

@@ -349,3 +349,89 @@ def test_split_product_forward_matches_reference(monkeypatch):
     _, _, o_l = sla_triton_attention(q, k, v, blocks, method, 128 ** -0.5, True, "subtract")
     ref = _linear_reference(q.float(), k.float(), v.float(), blocks.classes, method)
     torch.testing.assert_close(o_l.float(), ref, atol=2e-3 * ref.abs().max().item(), rtol=2e-3)
+
+
+# ----------------------------------------------------------------------------- the sm_90 forward (TMA)
+def _spy_fwd(monkeypatch):
+    """Pretend the device is an sm_90 and record the forward configurations the launcher launches."""
+    from dit_accel.kernels.sla import triton as st
+
+    monkeypatch.setattr(st, "_arch", lambda device: 90)
+    launched, real = [], st._launch
+    monkeypatch.setattr(st, "_launch", lambda cfg, grid, *args: (launched.append(cfg), real(cfg, grid, *args)))
+    return launched
+
+
+TMA_CASES = [
+    # nq, nk, d, dtype, method kwargs, proj (the linear branch), strided inputs
+    (130, 130, 64, torch.float32, dict(topk=0.4), False, False),
+    (257, 257, 64, torch.float16, dict(topk=0.3, negligible=0.2, block_q=128), True, True),
+    (130, 257, 64, torch.float32, dict(topk=0.2, feature_map="elu"), True, False),
+    (257, 200, 80, torch.float16, dict(topk=0.4, negligible=0.2, feature_map="relu"), True, False),
+    (63, 63, 128, torch.float16, dict(topk=0.5, linear_tokens="all"), True, False),
+]
+TMA_IDS = ["n130-nolin-fp32", "n257-bq128-softmax-strided-fp16", "q130-k257-elu-fp32", "q257-k200-d80-relu-fp16",
+           "n63-d128-all-fp16"]
+
+
+@interpreter
+@pytest.mark.parametrize("nq,nk,d,dtype,kw,with_proj,strided", TMA_CASES, ids=TMA_IDS)
+def test_tma_forward_matches_reference(monkeypatch, nq, nk, d, dtype, kw, with_proj, strided):
+    """sm_90's forward through the interpreter: Q, K, V by TMA from descriptors made in the kernel (rows past
+    N arrive as zeros: the ragged last key block and the last query rows), the critical blocks' indices read
+    an iteration ahead; every feature map, with and without the linear branch, against the fp32 reference."""
+    launched = _spy_fwd(monkeypatch)
+    method = SLA(**kw)
+    q, k, v = (t.detach() for t in _qkv(nq, nk, d, dtype=dtype, strided=strided))
+    proj = make_proj(d) if with_proj else None
+    o_s, lse, o_lp, info = sla_attention(q, k, v, method, proj, backend="triton", return_parts=True)
+    fwd = [c for c in launched if c.kernel == "fwd"]
+    assert len(fwd) == 1 and fwd[0].tma and fwd[0].has_lin == with_proj
+    ref, ref_s, ref_lse, ref_lp = reference_sla(q.float(), k.float(), v.float(), info["blocks"].classes, method, proj)
+    tol = dict(atol=1e-5, rtol=1e-4) if dtype == torch.float32 else dict(atol=2e-3, rtol=2e-3)
+    torch.testing.assert_close(o_s.float(), ref_s, **tol)
+    torch.testing.assert_close(lse, ref_lse, **tol)
+    if with_proj:
+        torch.testing.assert_close(o_lp.float(), ref_lp, atol=tol["atol"] * max(1.0, ref_lp.abs().max().item()),
+                                   rtol=tol["rtol"])
+
+
+@interpreter
+@pytest.mark.parametrize("has_lin", [False, True], ids=["nolin", "lin"])
+def test_tma_forward_rows_without_critical_blocks(monkeypatch, has_lin):
+    """KC = 0 (no critical block in any row) through the TMA launcher: o = 0, lse = -inf, not NaN; the linear
+    branch still runs its blocks (fp16, ragged N)."""
+    from dit_accel.kernels.sla.triton import sla_forward
+
+    launched = _spy_fwd(monkeypatch)
+    q, k, v = (t.detach().half() for t in _qkv(100, 130, 64))
+    none = torch.zeros(1, 2, 2, 0, dtype=torch.int32)
+    lin = torch.tensor([0, 2], dtype=torch.int32).expand(1, 2, 2, 2).contiguous() if has_lin else none
+    o, lse, o_l, _ = sla_forward(q, k, v, none, lin, 0.125, 0, has_lin, 1, False, 1e-6, 64)
+    assert [c.tma for c in launched if c.kernel == "fwd"] == [True]
+    assert torch.equal(o, torch.zeros_like(o)) and torch.isneginf(lse).all()
+    if has_lin:  # linear attention over key blocks 0 and 2 (keys 0-63 and 128-129), softmax features
+        keys = torch.cat([torch.arange(64), torch.arange(128, 130)])
+        qf, kf = (rounded_features(t, "softmax").float() for t in (q, k[:, :, keys]))
+        a = qf @ kf.transpose(-1, -2)
+        ref = (a @ v[:, :, keys].float()) / (a.sum(-1, keepdim=True) + 1e-6)
+        torch.testing.assert_close(o_l.float(), ref, atol=2e-3, rtol=2e-3)
+
+
+@interpreter
+def test_misaligned_inputs_take_the_pointer_forward(monkeypatch):
+    """A K whose base is 4 bytes off 16-byte alignment: sm_90's launcher takes the pointer variant (TMA needs
+    aligned bases and strides), with the same numbers."""
+    from dit_accel.kernels.dense.configs import tma_ok
+
+    launched = _spy_fwd(monkeypatch)
+    method = SLA(topk=0.4, negligible=0.2)
+    q, k, v = (t.detach() for t in _qkv(130, 130, 64))
+    k = torch.cat([torch.zeros(1), k.flatten()])[1:].view(k.shape)  # base pointer 4 bytes off
+    assert not tma_ok(k) and tma_ok(q)
+    proj = make_proj(64)
+    o_s, lse, o_lp, info = sla_attention(q, k, v, method, proj, backend="triton", return_parts=True)
+    assert [c.tma for c in launched if c.kernel == "fwd"] == [False]
+    ref, ref_s, ref_lse, ref_lp = reference_sla(q, k, v, info["blocks"].classes, method, proj)
+    torch.testing.assert_close(o_s, ref_s, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(o_lp, ref_lp, atol=1e-5, rtol=1e-4)

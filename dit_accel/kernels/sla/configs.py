@@ -5,11 +5,14 @@ time (:func:`shipped_configs`): the feature map is not a kernel parameter at all
 tiles per classification block (``SUB``) and the linear sign are runtime arguments, the
 subtract plan is a list (negligible + critical blocks, sign -1) rather than a variant, and
 head dims pad to 64 or 128 (the launchers pass zero-padded copies for other head dims, so the
-kernels' head dim is a constexpr and they have no column masks).
+kernels' head dim is a constexpr and they have no column masks). On sm_90 the forward loads through
+TMA (:attr:`SLAKernelConfig.tma`); its pointer variant (:func:`pointer_fallback`) ships beside it for
+inputs that are not 16-byte aligned.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
@@ -18,7 +21,7 @@ import torch
 from ..dense.configs import ARG_TYPES, DIV16, aot_signature
 
 __all__ = ["SLAKernelConfig", "select_sla_config", "shipped_configs", "SLA_KERNELS", "SLA_DTYPES", "SLA_BLOCK_DS",
-           "SLA_MAX_HEAD_DIM", "BLOCK_M", "BLOCK_K", "GLOBAL_COLUMNS", "LAUNCH"]
+           "SLA_MAX_HEAD_DIM", "BLOCK_M", "BLOCK_K", "GLOBAL_COLUMNS", "LAUNCH", "pointer_fallback"]
 
 BLOCK_M = 64  # query rows per program; a 128-row classification block is two tiles
 BLOCK_K = 64  # key rows per block (SLA's block_k)
@@ -42,8 +45,13 @@ LAUNCH: Dict[Tuple[int, str, int, bool], Tuple[int, int]] = {
     (89, "fwd", 128, False): (8, 3), (89, "fwd", 128, True): (8, 3),
     (89, "bwd_dq", 64, False): (4, 3), (89, "bwd_dq", 64, True): (8, 3),
     (89, "bwd_dq", 128, False): (8, 2), (89, "bwd_dq", 128, True): (8, 2),
-    (90, "fwd", 64, False): (4, 2), (90, "fwd", 64, True): (4, 2),
-    (90, "fwd", 128, False): (4, 3), (90, "fwd", 128, True): (8, 3),
+    # sm_90 forward (TMA): num_stages is the depth of the critical loop's K/V ring (its block indices
+    # are read ahead into registers, so they take no stage). d128 without the linear branch: a 3-deep
+    # ring (113 KB + TMA barriers) leaves one CTA of 4 warps per SM, a 2-deep one (82 KB) two, which
+    # this keeps. d128 with it: 8 x 2 is within 1.2% of 8 x 3 in the model but gives the linear loop
+    # no prefetch (a 1-deep ring); 8 x 3 keeps one.
+    (90, "fwd", 64, False): (4, 2), (90, "fwd", 64, True): (4, 3),
+    (90, "fwd", 128, False): (4, 2), (90, "fwd", 128, True): (8, 3),
     (90, "bwd_dq", 64, False): (4, 3), (90, "bwd_dq", 64, True): (4, 3),
     (90, "bwd_dq", 128, False): (4, 2), (90, "bwd_dq", 128, True): (8, 3),
     (80, "bwd_dkdv", 64, False): (8, 3), (80, "bwd_dkdv", 128, False): (8, 3),
@@ -90,11 +98,14 @@ class SLAKernelConfig:
     block_n: int = BLOCK_K
     #: The forward's linear ``a @ V`` as two chained products (see ``_dot_split`` in :mod:`.triton`).
     lin_chain: bool = True
+    #: The forward loads Q, K and V through TMA descriptors made in the kernel (sm_90; the launcher
+    #: takes :func:`pointer_fallback` for inputs that are not 16-byte aligned).
+    tma: bool = False
 
     @property
     def name(self) -> str:
         return (f"sla_{self.kernel}-{_DTYPE_NAMES[self.dtype]}-d{self.block_d}-{'lin' if self.has_lin else 'nolin'}"
-                f"-w{self.num_warps}s{self.num_stages}{'' if self.lin_chain else '-split'}")
+                f"-w{self.num_warps}s{self.num_stages}{'' if self.lin_chain else '-split'}{'-tma' if self.tma else ''}")
 
     def constexprs(self) -> dict:
         """The kernel's constexpr arguments (the dK/dV kernels have no ``HAS_LIN``: it is in their types)."""
@@ -106,19 +117,21 @@ class SLAKernelConfig:
             out["HAS_LIN"] = self.has_lin
         if self.kernel == "fwd" and self.has_lin:
             out["LIN_CHAIN"] = self.lin_chain
+        if self.kernel == "fwd":
+            out["TMA"] = self.tma
         return out
 
     def launch_kwargs(self) -> dict:
         return dict(self.constexprs(), num_warps=self.num_warps, num_stages=self.num_stages)
 
     def dense(self):
-        """The dense kernel with the same tile, warps, stages and dtype (pointer loads, like SLA's)."""
+        """The dense kernel with the same tile, warps, stages, dtype and load path (TMA or pointers)."""
         from ..dense.configs import DenseConfig
 
         if self.kernel in _LINEAR_ONLY:
             return None  # linear attention: no dense softmax counterpart
         return DenseConfig(self.kernel, self.dtype, self.block_d, self.block_m, self.block_n, self.num_warps,
-                           self.num_stages, False, True)
+                           self.num_stages, self.tma, not self.tma)
 
     def aot_source(self, kernels):
         """``(kernel, signature, constexprs, attrs)`` for ``triton.compile(ASTSource(...))``.
@@ -160,7 +173,14 @@ def select_sla_config(kernel: str, dtype: torch.dtype, head_dim: int, has_lin: b
     has_lin = bool(has_lin) if kernel in ("fwd", "bwd_dq") else kernel in _LINEAR_ONLY
     key = (_target(arch), kernel, block_d, has_lin)
     warps, stages = LAUNCH[key]
-    return SLAKernelConfig(kernel, dtype, block_d, has_lin, warps, stages, lin_chain=key not in SPLIT_PRODUCT)
+    return SLAKernelConfig(kernel, dtype, block_d, has_lin, warps, stages, lin_chain=key not in SPLIT_PRODUCT,
+                           tma=kernel == "fwd" and key[0] == 90)
+
+
+def pointer_fallback(cfg: SLAKernelConfig) -> SLAKernelConfig:
+    """The pointer-load variant of a TMA configuration (same warps and stages): the forward launcher's
+    choice for inputs whose base or strides are not 16-byte aligned."""
+    return dataclasses.replace(cfg, tma=False)
 
 
 def shipped_configs(arch: Optional[int] = None) -> List[SLAKernelConfig]:
@@ -180,7 +200,9 @@ def shipped_configs(arch: Optional[int] = None) -> List[SLAKernelConfig]:
                     for has_lin in (False, True):  # normalised per kernel: duplicates drop out
                         cfg = select_sla_config(kernel, dtype, head_dim, has_lin, a)
                         seen.setdefault((a, cfg), cfg)
-    return sorted(seen.values(), key=lambda c: (-SLA_KERNELS.index(c.kernel), -c.block_d, -c.has_lin))
+                        if cfg.tma:  # the launcher's fallback for inputs that are not TMA-aligned
+                            seen.setdefault((a, pointer_fallback(cfg)), pointer_fallback(cfg))
+    return sorted(seen.values(), key=lambda c: (-SLA_KERNELS.index(c.kernel), -c.block_d, -c.has_lin, -c.tma))
 
 
 def candidates(kernel: str, dtype: torch.dtype, block_d: int, has_lin: bool, arch: int) -> List[SLAKernelConfig]:
@@ -189,4 +211,6 @@ def candidates(kernel: str, dtype: torch.dtype, block_d: int, has_lin: bool, arc
     operands, may do without."""
     stages = (1, 2, 3) if kernel.startswith("bwd_dkdv") else (2, 3)
     lin = has_lin if kernel in ("fwd", "bwd_dq") else kernel in _LINEAR_ONLY
-    return [SLAKernelConfig(kernel, dtype, block_d, lin, w, st) for w in (4, 8) for st in stages]
+    key = (_target(arch), kernel, block_d, lin)
+    return [SLAKernelConfig(kernel, dtype, block_d, lin, w, st, lin_chain=key not in SPLIT_PRODUCT,
+                            tma=kernel == "fwd" and key[0] == 90) for w in (4, 8) for st in stages]

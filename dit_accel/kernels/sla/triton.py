@@ -27,6 +27,13 @@ denominator. The global ``phi(K)^T V`` enters as a hi + lo pair too (over a powe
 fits fp16), beside the same rounded ``phi(q)``: block terms and global sums agree to about 16 bits,
 and the subtract plan cancels. Token offsets are formed in 64 bits.
 
+On sm_90 the forward loads Q, K and V by TMA, from descriptors it makes over its (batch, head) slice
+(rows past the slice arrive as zeros, so the ragged last key block needs no load mask), and reads the
+critical and linear loops' next block index an iteration ahead into a register: the index takes no
+pipeline stage, so ``num_stages`` is the depth of the critical loop's K / V ring. Inputs whose base or
+strides are not 16-byte aligned, and older GPUs, take pointer loads, where cp.async prefetches the
+indices in the loop.
+
 Launch configurations and the list of shipped ones: :mod:`.configs`.
 """
 
@@ -38,10 +45,12 @@ import triton.language as tl
 from triton.runtime.errors import OutOfResources
 
 from ..._util import cdiv as _cdiv
-from ..dense.tiles import LN2, dkdv_step, dq_step, fwd_step, load_tile
+from ..dense.configs import tma_ok
+from ..dense.tiles import LN2, dkdv_step, dq_step, fwd_step, load_tile, slice_descriptors
 from ..dense.tiles import LOG2E_HOST as _LOG2E
+from ..dense.triton import ensure_allocator
 from .common import FEATURE_IDS, feature_map, true_columns
-from .configs import BLOCK_K, BLOCK_M, GLOBAL_COLUMNS, SLAKernelConfig, select_sla_config
+from .configs import BLOCK_K, BLOCK_M, GLOBAL_COLUMNS, SLAKernelConfig, pointer_fallback, select_sla_config
 
 __all__ = ["sla_forward", "sla_backward", "global_sums", "FEATURE_IDS", "transposed_lists", "KERNELS", "row_scale"]
 
@@ -157,13 +166,28 @@ def _sla_global_kernel(
 
 
 @triton.jit
+def _rows(desc, base, row0, n_rows, stride_n, ROWS: tl.constexpr, BLOCK_D: tl.constexpr, TMA: tl.constexpr,
+          ROW_MASK: tl.constexpr):
+    """Rows ``row0 .. row0 + ROWS`` of one (batch, head) slice as a ``[ROWS, BLOCK_D]`` tile: by TMA from
+    ``desc``, a descriptor made in the kernel (rows past the slice arrive as zeros: no mask code), or by
+    pointer loads from ``base`` (``ROW_MASK`` guards rows past ``n_rows``)."""
+    if TMA:
+        tile = desc.load([row0, 0])
+    else:
+        tile = load_tile(base, base, 0, 0, row0, n_rows, stride_n, BLOCK_D, ROWS, BLOCK_D, False, ROW_MASK, True)
+    return tile
+
+
+@triton.jit
 def _sla_fwd_kernel(
     Q, K, V, CRIT, LIN, KV, KV_SCALE, KSUM, KMAX, O, LSE, OL, DEN,  # noqa: E741 (the attention output)
     sqb, sqh, sqn, skb, skh, skn, svb, svh, svn,
     H, NQ_TOK, NK_TOK, D, D_REAL, KC, NL, SUB, qk_scale, lin_sign, feature, lin_eps,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    HAS_LIN: tl.constexpr, LIN_CHAIN: tl.constexpr = True,
+    HAS_LIN: tl.constexpr, LIN_CHAIN: tl.constexpr = True, TMA: tl.constexpr = False,
 ):
+    # TMA (sm_90, 16-byte aligned inputs): Q, K and V through descriptors made here over this (batch,
+    # head) slice; otherwise pointer loads with 64-bit tile offsets.
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // H
@@ -173,7 +197,14 @@ def _sla_fwd_kernel(
     q_base = Q + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh
     k_base = K + b.to(tl.int64) * skb + h.to(tl.int64) * skh
     v_base = V + b.to(tl.int64) * svb + h.to(tl.int64) * svh
-    q = load_tile(q_base, q_base, b, h, row0, NQ_TOK, sqn, D, BLOCK_M, BLOCK_D, False, True, True)
+    if TMA:
+        qd, kd, vd = slice_descriptors(Q, K, V, b, h, sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, NQ_TOK, NK_TOK,
+                                       D, BLOCK_M, BLOCK_N, BLOCK_D)
+    else:  # unused
+        qd = q_base
+        kd = k_base
+        vd = v_base
+    q = _rows(qd, q_base, row0, NQ_TOK, sqn, BLOCK_M, BLOCK_D, TMA, True)
 
     crit = CRIT + (pid_bh.to(tl.int64) * n_qb + pid_m // SUB) * KC
     # Critical blocks ascend, so only the last one can be the ragged last key block.
@@ -182,15 +213,24 @@ def _sla_fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    # TMA: the next block's index is read one iteration ahead, into a register: no K / V load waits on
+    # an index load of its own iteration, so the pipeliner gives K and V the whole ring (num_stages deep,
+    # not one less as when the index load takes a pipeline stage of its own). Pointer loads keep the
+    # index in the loop, where cp.async prefetches it (read ahead, it spilled on sm_89).
+    nxt = tl.load(crit, mask=(KC > 0) & TMA, other=0)
     for c in range(0, n_main):  # loop: critical
-        col = tl.load(crit + c) * BLOCK_N
-        k = load_tile(k_base, k_base, b, h, col, NK_TOK, skn, D, BLOCK_N, BLOCK_D, False, False, True)
-        v = load_tile(v_base, v_base, b, h, col, NK_TOK, svn, D, BLOCK_N, BLOCK_D, False, False, True)
+        if TMA:
+            col = nxt * BLOCK_N
+            nxt = tl.load(crit + c + 1, mask=c + 1 < KC, other=0)
+        else:
+            col = tl.load(crit + c) * BLOCK_N
+        k = _rows(kd, k_base, col, NK_TOK, skn, BLOCK_N, BLOCK_D, TMA, False)
+        v = _rows(vd, v_base, col, NK_TOK, svn, BLOCK_N, BLOCK_D, TMA, False)
         acc, m_i, l_i = fwd_step(q, k, v, acc, m_i, l_i, qk_scale, 0, False, "ieee")
     for c in range(n_main, KC):  # loop: ragged
         col = tl.load(crit + c) * BLOCK_N
-        k = load_tile(k_base, k_base, b, h, col, NK_TOK, skn, D, BLOCK_N, BLOCK_D, False, True, True)
-        v = load_tile(v_base, v_base, b, h, col, NK_TOK, svn, D, BLOCK_N, BLOCK_D, False, True, True)
+        k = _rows(kd, k_base, col, NK_TOK, skn, BLOCK_N, BLOCK_D, TMA, True)
+        v = _rows(vd, v_base, col, NK_TOK, svn, BLOCK_N, BLOCK_D, TMA, True)
         keep = (col + tl.arange(0, BLOCK_N) < NK_TOK)[None, :]
         acc, m_i, l_i = fwd_step(q, k, v, acc, m_i, l_i, qk_scale, keep, True, "ieee")
 
@@ -221,10 +261,21 @@ def _sla_fwd_kernel(
         HALF: tl.constexpr = BLOCK_N // 2
         offs_n = tl.arange(0, HALF)
         lin = LIN + (pid_bh.to(tl.int64) * n_qb + pid_m // SUB) * NL
+        if TMA:  # descriptors of half blocks
+            kh = tl.make_tensor_descriptor(k_base, [NK_TOK, D], [skn, 1], [HALF, BLOCK_D])
+            vh = tl.make_tensor_descriptor(v_base, [NK_TOK, D], [svn, 1], [HALF, BLOCK_D])
+        else:  # unused
+            kh = k_base
+            vh = v_base
+        nxt = tl.load(lin, mask=(NL > 0) & TMA, other=0)  # TMA: read an iteration ahead, as above
         for c in range(0, 2 * NL):  # loop: linear
-            col = tl.load(lin + c // 2) * BLOCK_N + (c % 2) * HALF
-            k = load_tile(k_base, k_base, b, h, col, NK_TOK, skn, D, HALF, BLOCK_D, False, True, True)
-            v = load_tile(v_base, v_base, b, h, col, NK_TOK, svn, D, HALF, BLOCK_D, False, True, True)
+            if TMA:
+                col = nxt * BLOCK_N + (c % 2) * HALF
+                nxt = tl.load(lin + (c + 1) // 2, mask=c + 1 < 2 * NL, other=0)
+            else:
+                col = tl.load(lin + c // 2) * BLOCK_N + (c % 2) * HALF
+            k = _rows(kh, k_base, col, NK_TOK, skn, HALF, BLOCK_D, TMA, True)
+            v = _rows(vh, v_base, col, NK_TOK, svn, HALF, BLOCK_D, TMA, True)
             kf = _phi_tile(k.to(tl.float32), (col + offs_n < NK_TOK)[:, None] & col_ok, feature).to(DT)
             a = tl.dot(qf, tl.trans(kf), input_precision="ieee") * inv_s[:, None]
             num = _dot_split(a, v, num, DT, LIN_CHAIN)
@@ -576,6 +627,10 @@ def sla_forward(q, k, v, critical, lin_blocks, scale, feature, has_lin, lin_sign
     cfg = select_sla_config("fwd", q.dtype, d, has_lin, _arch(q.device))
     dp = cfg.block_d
     q, k, v = _pad_d(dp, *(_last_dim_contiguous(t) for t in (q, k, v)))
+    if cfg.tma and not tma_ok(q, k, v):  # TMA needs 16-byte aligned bases and strides
+        cfg = pointer_fallback(cfg)
+    if cfg.tma:  # the kernel makes its descriptors in global scratch
+        ensure_allocator(q.device)
     o = torch.empty((b, h, nq, dp), dtype=q.dtype, device=q.device)
     lse = torch.empty(b, h, nq, dtype=torch.float32, device=q.device)
     if has_lin:
