@@ -56,12 +56,13 @@ def main(argv=None) -> int:
                         "uniform: every step and layer counts the same")
     p.add_argument("--layer-groups", type=int, default=4, metavar="N",
                    help="contiguous layer groups the sensitivity probe measures apart (default 4; 0: none)")
-    p.add_argument("--groundtruth", choices=("auto", "require", "report"), default="auto",
-                   help="calibrate's --groundtruth (auto: required on tiny-shapes)")
-    p.add_argument("--calibration-prompts", type=int, default=4)
+    p.add_argument("--groundtruth", choices=("report", "require"), default="report",
+                   help="tiny-shapes: report the calibration videos' ground-truth checks (default), or require a plan "
+                        "to keep colour, shape, motion and consistency no worse than dense's")
+    p.add_argument("--calibration-prompts", type=int, default=8)
     p.add_argument("--calibration-seeds", default="0")
     p.add_argument("--heldout-prompts", type=int, default=8)
-    p.add_argument("--heldout-seeds", default="100")
+    p.add_argument("--heldout-seeds", default="100,101,102")
     p.add_argument("--frames", type=int)
     p.add_argument("--height", type=int)
     p.add_argument("--width", type=int)

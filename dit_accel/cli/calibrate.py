@@ -54,10 +54,9 @@ def register(subparsers) -> argparse.ArgumentParser:
                         "uniform: every step and layer counts the same")
     p.add_argument("--layer-groups", type=int, default=4, metavar="N",
                    help="contiguous layer groups the sensitivity probe measures apart (default 4; 0: none)")
-    p.add_argument("--groundtruth", choices=("auto", "require", "report"), default="auto",
-                   help="a plan must keep the calibration videos' ground-truth checks (colour, shape, motion, "
-                        "consistency) no worse than dense's (require), they are only reported (report), or auto "
-                        "(default): required where the model has a checker (tiny-shapes)")
+    p.add_argument("--groundtruth", choices=("report", "require"), default="report",
+                   help="tiny-shapes: report the calibration videos' ground-truth checks (default), or require a plan "
+                        "to keep colour, shape, motion and consistency no worse than dense's")
     p.add_argument("--seeds", type=_int_list, default=[0], help="comma-separated seeds (default 0)")
     p.add_argument("--frames", type=int)
     p.add_argument("--height", type=int)
