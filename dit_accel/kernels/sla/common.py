@@ -27,9 +27,9 @@ import torch.nn.functional as F
 
 from ..._util import cdiv as _cdiv
 
-__all__ = ["SLAParams", "SLABlocks", "sla_block_counts", "sla_density", "sla_classify", "feature_map",
-           "rounded_features", "true_columns", "FEATURE_IDS", "MARGINAL", "CRITICAL", "NEGLIGIBLE", "LINEAR_EPS",
-           "REFERENCE_LINEAR_EPS", "FEATURE_MAPS", "LINEAR_TOKENS", "ROUNDINGS"]
+__all__ = ["SLAParams", "SLABlocks", "sla_block_counts", "sla_density", "sla_classify", "classify_pooled",
+           "feature_map", "rounded_features", "true_columns", "FEATURE_IDS", "MARGINAL", "CRITICAL", "NEGLIGIBLE",
+           "LINEAR_EPS", "REFERENCE_LINEAR_EPS", "FEATURE_MAPS", "LINEAR_TOKENS", "ROUNDINGS"]
 
 # Values of the int8 class map.
 MARGINAL, CRITICAL, NEGLIGIBLE = 0, 1, 2
@@ -220,17 +220,31 @@ def sla_classify(q: torch.Tensor, k: torch.Tensor, method) -> SLABlocks:
 
 
 def _classify(q: torch.Tensor, k: torch.Tensor, method: SLAParams) -> SLABlocks:
-    n_k, n_crit, n_neg, _ = sla_block_counts(k.shape[-2], method)
+    return classify_pooled(*_pooled(q, k, method), k.shape[-2], method)
+
+
+def _pooled(q: torch.Tensor, k: torch.Tensor, method: SLAParams):
+    """fp32 ``(qb, kb)``: the query-block means of q and the key-block means of ``k - mean_tokens(k)``
+    (the PyTorch twin of :func:`.pool.pool_blocks`)."""
     qb = _mean_pool(q, method.block_q)
     # Pooling is linear, so pooling k - mean(k) equals pooling k minus the mean; with whole blocks that
     # mean is the mean of the block means (a reduction over nK rows, not over every key).
     if k.shape[-2] % method.block_k == 0:
         kb = _mean_pool(k, method.block_k)
-        kb = kb - kb.mean(dim=-2, keepdim=True)
-    else:
-        kb, k_sum = _mean_pool(k, method.block_k, sums=True)
-        kb = kb - k_sum / k.shape[-2]
+        return qb, kb - kb.mean(dim=-2, keepdim=True)
+    kb, k_sum = _mean_pool(k, method.block_k, sums=True)
+    return qb, kb - k_sum / k.shape[-2]
+
+
+def classify_pooled(qb: torch.Tensor, kb: torch.Tensor, n_kv: int, method: SLAParams) -> SLABlocks:
+    """:func:`sla_classify` from the pooled ``qb`` ``[B, H, nQ, D]`` and smoothed ``kb`` ``[B, H, nK, D]`` (fp32)
+    of ``n_kv`` keys: ``scores = qb @ kb^T``, then per row a stable sort (descending) whose first ``n_crit``
+    indices are the critical blocks (ties: the lower index first) and last ``n_neg`` the negligible ones
+    (ties: the higher index), each set sorted ascending. One matmul and one sort of the scores, plus one sort
+    of each (short) index set."""
+    _, n_crit, n_neg, _ = sla_block_counts(n_kv, method)
     b, h, n_qb, d = qb.shape
+    n_k = kb.shape[-2]
     scores = torch.bmm(qb.view(b * h, n_qb, d), kb.view(b * h, n_k, d).transpose(1, 2)).view(b, h, n_qb, n_k)
     order = torch.sort(scores, dim=-1, descending=True, stable=True).indices
     # (stable: the indices are distinct, and ATen's stable sort is the faster one on short rows)
