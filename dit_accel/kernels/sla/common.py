@@ -94,6 +94,22 @@ def sla_block_counts(n_kv: int, method) -> tuple:
     never overlap). The counts are the same for every query block.
     """
     method = SLAParams.of(method)
+    if type(n_kv) is int and not torch.compiler.is_compiling():  # (a SymInt under torch.compile: computed)
+        key = (n_kv, method)
+        hit = _COUNTS.get(key)
+        if hit is None:
+            if len(_COUNTS) >= 4096:  # bounded
+                _COUNTS.clear()
+            hit = _COUNTS[key] = _block_counts(n_kv, method)
+        return hit
+    return _block_counts(n_kv, method)
+
+
+#: (n_kv, SLAParams) -> sla_block_counts: read several times per call.
+_COUNTS: dict = {}
+
+
+def _block_counts(n_kv: int, method: SLAParams) -> tuple:
     n_k = _cdiv(n_kv, method.block_k)
     if method.rounding == "floor":
         # The reference's float product, unrounded: int(0.29 * 100) is 28 there, so here too.
@@ -122,7 +138,8 @@ class SLABlocks:
 
     Attributes:
         critical: ``[B, H, nQ, kc]`` critical key-block indices per query block, ascending (int64 from
-            :func:`sla_classify`, ready for indexing; the fused kernel takes them as int32).
+            :func:`sla_classify`, ready for indexing; int32 from the Triton backend's classification, which its
+            fused kernel takes).
         negligible: ``[B, H, nQ, kn]`` negligible key-block indices, ascending (``kn`` may be 0), likewise.
         classes: int8 ``[B, H, nQ, nK]``: ``CRITICAL`` (1), ``MARGINAL`` (0) or ``NEGLIGIBLE`` (2).
         scores: fp32 ``[B, H, nQ, nK]`` pooled block scores the classes were taken from.
@@ -236,23 +253,32 @@ def _pooled(q: torch.Tensor, k: torch.Tensor, method: SLAParams):
     return qb, kb - k_sum / k.shape[-2]
 
 
-def classify_pooled(qb: torch.Tensor, kb: torch.Tensor, n_kv: int, method: SLAParams) -> SLABlocks:
+def classify_pooled(qb: torch.Tensor, kb: torch.Tensor, n_kv: int, method: SLAParams,
+                    index_dtype: torch.dtype = torch.int64) -> SLABlocks:
     """:func:`sla_classify` from the pooled ``qb`` ``[B, H, nQ, D]`` and smoothed ``kb`` ``[B, H, nK, D]`` (fp32)
     of ``n_kv`` keys: ``scores = qb @ kb^T``, then per row a stable sort (descending) whose first ``n_crit``
     indices are the critical blocks (ties: the lower index first) and last ``n_neg`` the negligible ones
     (ties: the higher index), each set sorted ascending. One matmul and one sort of the scores, plus one sort
-    of each (short) index set."""
+    of each (short) index set, none for a set of one. ``index_dtype``: the sets' dtype (the fused kernels
+    take int32: converted before the short sort, which then needs no second copy)."""
     _, n_crit, n_neg, _ = sla_block_counts(n_kv, method)
     b, h, n_qb, d = qb.shape
     n_k = kb.shape[-2]
     scores = torch.bmm(qb.view(b * h, n_qb, d), kb.view(b * h, n_k, d).transpose(1, 2)).view(b, h, n_qb, n_k)
     order = torch.sort(scores, dim=-1, descending=True, stable=True).indices
     # (stable: the indices are distinct, and ATen's stable sort is the faster one on short rows)
-    critical = torch.sort(order[..., :n_crit], dim=-1, stable=True).values
-    negligible = None
-    if n_neg:
-        negligible = torch.sort(order[..., n_k - n_neg:], dim=-1, stable=True).values
+    critical = _ascending(order[..., :n_crit], index_dtype)
+    negligible = _ascending(order[..., n_k - n_neg:], index_dtype) if n_neg else None
     return SLABlocks(critical, negligible, scores=scores)
+
+
+def _ascending(indices: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Distinct ``indices`` (a slice of a sort's indices) sorted along the last axis, as ``dtype``."""
+    if indices.dtype != dtype:
+        indices = indices.to(dtype)
+    if indices.shape[-1] == 1:  # one per row: already in order
+        return indices
+    return torch.sort(indices, dim=-1, stable=True).values
 
 
 def feature_map(x: torch.Tensor, kind: str) -> torch.Tensor:

@@ -17,11 +17,44 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from .common import FEATURE_IDS, FEATURE_MAPS, SLABlocks, SLAParams, feature_map, rounded_features, sla_block_counts
+from ..._util import cdiv as _cdiv
+from .common import (FEATURE_IDS, FEATURE_MAPS, SLABlocks, SLAParams, classify_pooled, feature_map,
+                     rounded_features, sla_block_counts)
 
 FEATURE_NAMES = dict(enumerate(FEATURE_MAPS))
 
-__all__ = ["sla_triton_attention", "linear_plan"]
+__all__ = ["sla_triton_attention", "sla_triton_classify", "linear_plan"]
+
+
+@torch.library.custom_op("dit_accel::sla_pool", mutates_args=())
+def sla_pool(q: Tensor, k: Tensor, block_q: int, block_k: int) -> Tuple[Tensor, Tensor]:
+    """The classification's pooled ``(qb, kb)`` from one Triton launch (:func:`~.pool.pool_blocks`)."""
+    from .pool import pool_blocks
+
+    return pool_blocks(q, k, block_q, block_k)
+
+
+@sla_pool.register_fake
+def _(q, k, block_q, block_k):
+    b, h, nq, d = q.shape
+    return (q.new_empty((b, h, _cdiv(nq, block_q), d), dtype=torch.float32),
+            q.new_empty((b, h, _cdiv(k.shape[-2], block_k), d), dtype=torch.float32))
+
+
+def sla_triton_classify(q: Tensor, k: Tensor, method: SLAParams) -> SLABlocks:
+    """:func:`~.common.sla_classify` with the pooling in one Triton launch (the Triton backend's
+    classification): the same critical and negligible sets from the same pooled scores; the pooled values
+    differ from the twin's in fp32 summation order only. ``method``: an :class:`SLAParams`."""
+    if torch.is_grad_enabled():
+        with torch.no_grad():
+            return sla_triton_classify(q, k, method)
+    if _direct(q, k):  # eager, nothing to record or intercept: the launcher without the op's dispatch
+        from .pool import pool_blocks
+
+        qb, kb = pool_blocks(q, k, method.block_q, method.block_k)
+    else:
+        qb, kb = sla_pool(q, k, method.block_q, method.block_k)
+    return classify_pooled(qb, kb, k.shape[-2], method, torch.int32)  # the kernels' block lists are int32
 
 
 @torch.library.custom_op("dit_accel::sla_fwd", mutates_args=())
@@ -154,14 +187,17 @@ def sla_triton_attention(q: Tensor, k: Tensor, v: Tensor, blocks: SLABlocks, met
     about 16 bits (see :mod:`.triton`).
     """
     plan = linear_plan(k.shape[-2], method, with_linear, linear_path)
-    critical = blocks.critical.to(torch.int32).contiguous()  # the kernels' block lists are int32
-    b, h, n_qb = critical.shape[:3]
+    critical = blocks.critical.to(torch.int32).contiguous()  # (int32 already from sla_triton_classify: no copy)
     if plan == "subtract":
-        lin_blocks, sign = torch.cat([blocks.negligible.to(torch.int32), critical], -1).contiguous(), -1
+        sign = -1
+        if sla_block_counts(k.shape[-2], method)[2]:
+            lin_blocks = torch.cat([blocks.negligible.to(torch.int32), critical], -1).contiguous()
+        else:  # no negligible blocks: the list is the critical one (no copy)
+            lin_blocks = critical
     elif plan == "direct":
         lin_blocks, sign = blocks.marginal.to(torch.int32).contiguous(), 1
     else:
-        lin_blocks, sign = critical.new_zeros((b, h, n_qb, 0)), 1
+        lin_blocks, sign = critical[..., :0], 1  # a view: no allocation
     has_lin = plan != "none"
     args = (q, k, v, critical, lin_blocks, scale, FEATURE_IDS[method.feature_map], has_lin, sign,
             plan in ("subtract", "all"), method.linear_eps, method.block_q)
@@ -176,14 +212,14 @@ def sla_triton_attention(q: Tensor, k: Tensor, v: Tensor, blocks: SLABlocks, met
     return o_s, lse, o_l
 
 
-def _direct(q: Tensor, k: Tensor, v: Tensor) -> bool:
-    """Whether this forward may call the launcher itself (see ``block_sparse.ops.direct_call_ok``): also no
+def _direct(*tensors: Tensor) -> bool:
+    """Whether this call may run the launcher itself (see ``block_sparse.ops.direct_call_ok``): also no
     autograd recording, which needs the op's registered backward."""
     from ..block_sparse.ops import direct_call_ok
 
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         return False
-    return direct_call_ok(q, k, v)
+    return direct_call_ok(*tensors)
 
 
 #: Token chunk of the global sums: ``phi(K)^T V`` reduces 10^4-10^5 tokens into ``D x D`` per head, which as

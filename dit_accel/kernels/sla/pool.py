@@ -16,7 +16,7 @@ sums differ from torch's in summation order only.
 
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Dict, Tuple
 
 import torch
 import triton
@@ -103,15 +103,34 @@ def pool_blocks(q: torch.Tensor, k: torch.Tensor, block_q: int, block_k: int) ->
     strides, fp16 / bf16 / fp32; ``block_q``, ``block_k``: multiples of :data:`ROWS`. Not checked here
     (the SLA entry points check their inputs)."""
     b, h, nq, d = q.shape
+    key = (q.shape, q.stride(), k.shape, k.stride(), block_q, block_k)
+    launch = _LAUNCHES.get(key)
+    if launch is None:
+        if len(_LAUNCHES) >= 1024:  # bounded
+            _LAUNCHES.clear()
+        launch = _LAUNCHES[key] = _pool_launch(q, k, block_q, block_k)
+    grid, n_qb, n_kb, args, kw = launch
+    dev = q.device
+    qb = torch.empty((b, h, n_qb, d), dtype=torch.float32, device=dev)
+    kb = torch.empty((b, h, n_kb, d), dtype=torch.float32, device=dev)
+    part = torch.empty((b * h, grid[0], d), dtype=torch.float32, device=dev)
+    ticket = torch.zeros((b * h,), dtype=torch.int32, device=dev)
+    KERNELS["pool"][grid](q, k, qb, kb, part, ticket, *args, **kw)
+    return qb, kb
+
+
+def _pool_launch(q, k, block_q: int, block_k: int):
+    """``(grid, nQ, nK, scalar arguments, constexprs)`` of a pooling launch: what depends only on the shapes,
+    strides and block sizes (:data:`_LAUNCHES`)."""
+    b, h, nq, d = q.shape
     nk = k.shape[-2]
     n_qb, n_kb = _cdiv(nq, block_q), _cdiv(nk, block_k)
     n_chunks = _cdiv(max(n_qb, n_kb), PER_PROGRAM)
-    qb = torch.empty((b, h, n_qb, d), dtype=torch.float32, device=q.device)
-    kb = torch.empty((b, h, n_kb, d), dtype=torch.float32, device=q.device)
-    part = torch.empty((b * h, n_chunks, d), dtype=torch.float32, device=q.device)
-    ticket = torch.zeros((b * h,), dtype=torch.int32, device=q.device)
-    KERNELS["pool"][(n_chunks, b * h)](
-        q, k, qb, kb, part, ticket, *q.stride(), *k.stride(), h, nq, nk, d, n_qb, n_kb,
-        BLOCK_Q=block_q, BLOCK_K=block_k, BLOCK_D=triton.next_power_of_2(d), PER_PROGRAM=PER_PROGRAM, ROWS=ROWS,
-        CENTRE_ROWS=CENTRE_ROWS, num_warps=4)
-    return qb, kb
+    args = (*q.stride(), *k.stride(), h, nq, nk, d, n_qb, n_kb)
+    kw = dict(BLOCK_Q=block_q, BLOCK_K=block_k, BLOCK_D=triton.next_power_of_2(d), PER_PROGRAM=PER_PROGRAM,
+              ROWS=ROWS, CENTRE_ROWS=CENTRE_ROWS, num_warps=4)
+    return (n_chunks, b * h), n_qb, n_kb, args, kw
+
+
+#: Launch arguments per (q, k shapes and strides, block sizes); plain values only, bounded.
+_LAUNCHES: Dict[tuple, tuple] = {}

@@ -32,6 +32,8 @@ Launch configurations and the list of shipped ones: :mod:`.configs`.
 
 from __future__ import annotations
 
+from typing import Dict
+
 import torch
 import triton
 import triton.language as tl
@@ -512,11 +514,17 @@ def _arch(device: torch.device) -> int:
 
 
 def _launch(cfg: SLAKernelConfig, grid, *args):
+    kw = _LAUNCH_KWARGS.get(cfg)
+    if kw is None:
+        kw = _LAUNCH_KWARGS[cfg] = cfg.launch_kwargs()  # (a handful of shipped configs: bounded)
     try:
-        KERNELS[cfg.kernel][grid](*args, **cfg.launch_kwargs())
+        KERNELS[cfg.kernel][grid](*args, **kw)
     except OutOfResources as exc:
         raise ValueError(f"the fused SLA kernel {cfg.name} does not fit this GPU ({exc}); "
                          "use bfloat16/float16 inputs or backend='torch'") from None
+
+
+_LAUNCH_KWARGS: Dict[SLAKernelConfig, dict] = {}
 
 
 #: Key tiles per program of the global-sums kernel (1024 tokens): ``phi(K)^T V`` reduces 10^4-10^5 tokens into
@@ -572,15 +580,23 @@ def sla_forward(q, k, v, critical, lin_blocks, scale, feature, has_lin, lin_sign
     ``critical`` ``[B, H, nQ, kc]`` ascending.
     """
     b, h, nq, d = q.shape
-    nk = k.shape[-2]
-    cfg = select_sla_config("fwd", q.dtype, d, has_lin, _arch(q.device))
-    dp = cfg.block_d
-    q, k, v = _pad_d(dp, *(_last_dim_contiguous(t) for t in (q, k, v)))
-    o = torch.empty((b, h, nq, dp), dtype=q.dtype, device=q.device)
-    lse = torch.empty(b, h, nq, dtype=torch.float32, device=q.device)
+    dev = q.device
+    key = (q.shape, q.stride(), k.shape, k.stride(), v.shape, v.stride(), q.dtype, dev, _arch(dev), critical.shape,
+           lin_blocks.shape, scale, feature, has_lin, lin_sign, with_global, lin_eps, block_q)
+    launch = _FWD_LAUNCHES.get(key)
+    if launch is None:
+        launch = _forward_launch(q, k, v, critical, lin_blocks, scale, feature, has_lin, lin_sign, lin_eps, block_q)
+        if len(_FWD_LAUNCHES) >= _MAX_LAUNCHES:
+            _FWD_LAUNCHES.clear()
+        _FWD_LAUNCHES[key] = launch
+    cfg, dp, prepare, grid, tail = launch
+    if prepare:  # a last dim that is not contiguous, or a head dim the kernel pads
+        q, k, v = _pad_d(dp, *(_last_dim_contiguous(t) for t in (q, k, v)))
+    o = torch.empty((b, h, nq, dp), dtype=q.dtype, device=dev)
+    lse = torch.empty((b, h, nq), dtype=torch.float32, device=dev)
     if has_lin:
         kv = ksum = None
-        kmax = torch.zeros(b * h, dtype=torch.float32, device=q.device)
+        kmax = torch.zeros(b * h, dtype=torch.float32, device=dev)
         # Unnormalised features (elu, relu) need max|phi(K)| for the row scale: the global kernel has it.
         if with_global or _FEATURE_NAMES[feature] != "softmax":
             kv, ksum, kmax_all = global_sums(k, v, feature, d)
@@ -588,24 +604,42 @@ def sla_forward(q, k, v, critical, lin_blocks, scale, feature, has_lin, lin_sign
                 kmax = kmax_all
             if not with_global:
                 kv = ksum = None
-        kv, kv_scale, ksum = _global_operands(kv, ksum, b * h, dp, q.dtype, q.device)
-        o_l = torch.empty((b, h, nq, dp), dtype=q.dtype, device=q.device)
-        den = torch.empty(b, h, nq, dtype=torch.float32, device=q.device)
+        kv, kv_scale, ksum = _global_operands(kv, ksum, b * h, dp, q.dtype, dev)
+        o_l = torch.empty((b, h, nq, dp), dtype=q.dtype, device=dev)
+        den = torch.empty((b, h, nq), dtype=torch.float32, device=dev)
     else:  # unused pointers get a live allocation: empty tensors may carry a null address
         kv = q
         kv_scale = ksum = kmax = o_l = den = lse
-    crit_ptr, lin_ptr = _live(critical), _live(lin_blocks)
-    _launch(cfg, (_cdiv(nq, BLOCK_M), b * h),
-            q, k, v, crit_ptr, lin_ptr, kv, kv_scale, ksum, kmax, o, lse, o_l, den,
-            *_strides(q), *_strides(k), *_strides(v),
-            h, nq, nk, dp, d, critical.shape[-1], lin_blocks.shape[-1], block_q // BLOCK_M, scale * _LOG2E,
-            float(lin_sign), feature, float(lin_eps))
+    # An empty list is never read: any live address will do (critical has at least one entry per row).
+    _launch(cfg, grid, q, k, v, critical, lin_blocks if lin_blocks.numel() else critical, kv, kv_scale, ksum, kmax,
+            o, lse, o_l, den, *tail)
     if not has_lin:  # two distinct empties: a custom op's outputs may not alias
-        o_l = torch.empty(0, dtype=q.dtype, device=q.device)
-        den = torch.empty(0, dtype=torch.float32, device=q.device)
+        o_l = torch.empty(0, dtype=q.dtype, device=dev)
+        den = torch.empty(0, dtype=torch.float32, device=dev)
     elif dp != d:
         o_l = o_l[..., :d].contiguous()
     return (o if dp == d else o[..., :d].contiguous()), lse, o_l, den
+
+
+def _forward_launch(q, k, v, critical, lin_blocks, scale, feature, has_lin, lin_sign, lin_eps, block_q):
+    """``(cfg, padded head dim, prepare, grid, launch arguments after the tensors)`` of a forward: what
+    depends only on the call signature (:data:`_FWD_LAUNCHES`)."""
+    b, h, nq, d = q.shape
+    nk = k.shape[-2]
+    cfg = select_sla_config("fwd", q.dtype, d, has_lin, _arch(q.device))
+    dp = cfg.block_d
+    prepare = dp != d or any(t.stride(-1) != 1 for t in (q, k, v))
+    if prepare:  # the strides of the prepared copies (the same on every call with these inputs' strides)
+        q, k, v = _pad_d(dp, *(_last_dim_contiguous(t) for t in (q, k, v)))
+    tail = (*_strides(q), *_strides(k), *_strides(v), h, nq, nk, dp, d, critical.shape[-1], lin_blocks.shape[-1],
+            block_q // BLOCK_M, scale * _LOG2E, float(lin_sign), feature, float(lin_eps))
+    return cfg, dp, prepare, (_cdiv(nq, BLOCK_M), b * h), tail
+
+
+#: Forward launch plans per call signature (q, k, v, block-list shapes and strides, dtype, device, arch and the
+#: scalar arguments): a repeated call allocates its outputs and launches. Bounded; plain values only.
+_FWD_LAUNCHES: Dict[tuple, tuple] = {}
+_MAX_LAUNCHES = 1024
 
 
 def sla_backward(do, dlse, dnum, dden, q, k, v, qf, kf, o, lse, critical, lin_blocks, scale, feature, has_lin,
