@@ -64,29 +64,29 @@ class _StubKernel:
 
 @contextlib.contextmanager
 def stub_launches() -> Iterator[Dict[str, int]]:
-    """Replace the block-sparse and SLA Triton kernels (SLA's pooling kernel too) with :class:`_StubKernel`
-    while inside; yields ``{"triton": launches so far}``."""
+    """Replace the block-sparse and SLA Triton kernels (SLA's pooling and operand kernels too) with
+    :class:`_StubKernel` while inside; yields ``{"triton": launches so far}``."""
     from ..kernels.block_sparse import triton as bs
-    from ..kernels.sla import pool
+    from ..kernels.sla import operands, pool
     from ..kernels.sla import triton as sla
 
     counts = {"triton": 0}
     saved_bs = {name: getattr(bs, name) for name in ("_fwd_kernel", "_bwd_dkdv_kernel", "_bwd_dq_kernel")}
-    saved_sla = dict(sla.KERNELS)
-    saved_pool = pool.KERNELS["pool"]
+    tables = (sla.KERNELS, pool.KERNELS, operands.KERNELS)
+    saved = [dict(table) for table in tables]
     try:
         for name in saved_bs:
             setattr(bs, name, _StubKernel(counts))
-        for name in saved_sla:
-            sla.KERNELS[name] = _StubKernel(counts)
-        pool.KERNELS["pool"] = _StubKernel(counts)
+        for table in tables:
+            for name in table:
+                table[name] = _StubKernel(counts)
         yield counts
     finally:
         for name, value in saved_bs.items():
             setattr(bs, name, value)
-        sla.KERNELS.clear()
-        sla.KERNELS.update(saved_sla)
-        pool.KERNELS["pool"] = saved_pool
+        for table, before in zip(tables, saved):
+            table.clear()
+            table.update(before)
 
 
 #: Allocations: on a GPU a caching-allocator call, no kernel launch.

@@ -44,6 +44,7 @@ from ..dense.tiles import LN2, dkdv_step, dq_step, fwd_step, load_tile
 from ..dense.tiles import LOG2E_HOST as _LOG2E
 from .common import FEATURE_IDS, feature_map, true_columns
 from .configs import BLOCK_K, BLOCK_M, GLOBAL_COLUMNS, SLAKernelConfig, select_sla_config
+from .operands import global_operands
 
 __all__ = ["sla_forward", "sla_backward", "global_sums", "FEATURE_IDS", "transposed_lists", "KERNELS", "row_scale"]
 
@@ -538,23 +539,32 @@ def global_sums(k, v, feature: int, head_dim: int):
     ``phi(K)^T V`` ``(B*H, block_d, block_d)``, ``sum(phi(K))`` ``(B*H, block_d)`` and ``max|phi(K)|``
     ``(B*H,)``, zero in padded columns. ``k``, ``v``: the launcher's inputs, zero-padded to ``block_d``
     columns from ``head_dim``."""
+    kv, ksum, kmax = _global_partials(k, v, feature, head_dim)
+    if kv.shape[1] == 1:
+        return kv[:, 0], ksum[:, 0], kmax[:, 0]
+    return kv.sum(1), ksum.sum(1), kmax.amax(1)
+
+
+def _global_partials(k, v, feature: int, head_dim: int):
+    """The global-sums kernel's fp32 partial sums per chunk of :data:`GLOBAL_CHUNK_TILES` key tiles:
+    ``phi(K)^T V`` ``(B*H, C, block_d, block_d)``, ``sum(phi(K))`` ``(B*H, C, block_d)``, ``max|phi(K)|``
+    ``(B*H, C)``."""
     b, h, nk, block_d = k.shape
     cfg = select_sla_config("global", k.dtype, block_d, True, _arch(k.device))
     n_chunks = _cdiv(_cdiv(nk, BLOCK_K), GLOBAL_CHUNK_TILES)
     kv = torch.empty((b * h, n_chunks, block_d, block_d), dtype=torch.float32, device=k.device)
     ksum = torch.empty((b * h, n_chunks, block_d), dtype=torch.float32, device=k.device)
     kmax = torch.empty((b * h, n_chunks), dtype=torch.float32, device=k.device)
-    _launch(cfg, (n_chunks, b * h, block_d // GLOBAL_COLUMNS), k, v, kv, ksum, kmax, *_strides(k), *_strides(v), h, nk, head_dim,
-            GLOBAL_CHUNK_TILES, feature)
-    if n_chunks == 1:
-        return kv[:, 0], ksum[:, 0], kmax[:, 0]
-    return kv.sum(1), ksum.sum(1), kmax.amax(1)
+    _launch(cfg, (n_chunks, b * h, block_d // GLOBAL_COLUMNS), k, v, kv, ksum, kmax, *_strides(k), *_strides(v), h,
+            nk, head_dim, GLOBAL_CHUNK_TILES, feature)
+    return kv, ksum, kmax
 
 
 def _global_operands(kv, ksum, bh: int, block_d: int, dtype: torch.dtype, device):
     """The forward's global-sum operands from fp32 ``kv`` ``(B*H, block_d, block_d)`` and ``ksum``
     ``(B*H, block_d)`` (zeros when None): ``kv`` over a power of two per (batch, head), split hi / lo in
-    ``dtype`` (``(B*H, 2*block_d, block_d)``), the powers ``(B*H,)`` and ``ksum``, fp32."""
+    ``dtype`` (``(B*H, 2*block_d, block_d)``), the powers ``(B*H,)`` and ``ksum``, fp32. The PyTorch twin of
+    :func:`~.operands.global_operands` (one launch), which the forward uses."""
     if kv is None:
         return (torch.zeros((bh, 2 * block_d, block_d), dtype=dtype, device=device),
                 torch.ones(bh, dtype=torch.float32, device=device),
@@ -595,16 +605,16 @@ def sla_forward(q, k, v, critical, lin_blocks, scale, feature, has_lin, lin_sign
     o = torch.empty((b, h, nq, dp), dtype=q.dtype, device=dev)
     lse = torch.empty((b, h, nq), dtype=torch.float32, device=dev)
     if has_lin:
-        kv = ksum = None
-        kmax = torch.zeros(b * h, dtype=torch.float32, device=dev)
         # Unnormalised features (elu, relu) need max|phi(K)| for the row scale: the global kernel has it.
-        if with_global or _FEATURE_NAMES[feature] != "softmax":
-            kv, ksum, kmax_all = global_sums(k, v, feature, d)
-            if _FEATURE_NAMES[feature] != "softmax":
-                kmax = kmax_all
-            if not with_global:
-                kv = ksum = None
-        kv, kv_scale, ksum = _global_operands(kv, ksum, b * h, dp, q.dtype, dev)
+        with_kmax = _FEATURE_NAMES[feature] != "softmax"
+        if with_global or with_kmax:
+            kv_p, ksum_p, kmax_p = _global_partials(k, v, feature, d)
+            n_chunks = kv_p.shape[1]
+        else:  # no partials to read: any live tensor will do
+            kv_p = ksum_p = kmax_p = lse
+            n_chunks = 0
+        kv, kv_scale, ksum, kmax = global_operands(kv_p, ksum_p, kmax_p, n_chunks, with_global, with_kmax, b * h, dp,
+                                                   q.dtype, dev)
         o_l = torch.empty((b, h, nq, dp), dtype=q.dtype, device=dev)
         den = torch.empty((b, h, nq), dtype=torch.float32, device=dev)
     else:  # unused pointers get a live allocation: empty tensors may carry a null address
