@@ -12,6 +12,7 @@ features, the global sums) on the host.
 
 from __future__ import annotations
 
+import functools
 from typing import Optional, Tuple
 
 import torch
@@ -49,9 +50,7 @@ def sla_triton_classify(q: Tensor, k: Tensor, method: SLAParams) -> SLABlocks:
         with torch.no_grad():
             return sla_triton_classify(q, k, method)
     if _direct(q, k):  # eager, nothing to record or intercept: the launcher without the op's dispatch
-        from .pool import pool_blocks
-
-        qb, kb = pool_blocks(q, k, method.block_q, method.block_k)
+        qb, kb = _launchers()[0](q, k, method.block_q, method.block_k)
     else:
         qb, kb = sla_pool(q, k, method.block_q, method.block_k)
     return classify_pooled(qb, kb, k.shape[-2], method, torch.int32)  # the kernels' block lists are int32
@@ -202,9 +201,7 @@ def sla_triton_attention(q: Tensor, k: Tensor, v: Tensor, blocks: SLABlocks, met
     args = (q, k, v, critical, lin_blocks, scale, FEATURE_IDS[method.feature_map], has_lin, sign,
             plan in ("subtract", "all"), method.linear_eps, method.block_q)
     if _direct(q, k, v):  # eager, nothing to record or intercept: the launcher without the op's dispatch
-        from .triton import sla_forward
-
-        o_s, lse, o_l, _ = sla_forward(*args)
+        o_s, lse, o_l, _ = _launchers()[1](*args)
     else:
         o_s, lse, o_l, _ = sla_fwd(*args)
     if plan == "none":
@@ -215,11 +212,20 @@ def sla_triton_attention(q: Tensor, k: Tensor, v: Tensor, blocks: SLABlocks, met
 def _direct(*tensors: Tensor) -> bool:
     """Whether this call may run the launcher itself (see ``block_sparse.ops.direct_call_ok``): also no
     autograd recording, which needs the op's registered backward."""
-    from ..block_sparse.ops import direct_call_ok
-
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         return False
-    return direct_call_ok(*tensors)
+    return _launchers()[2](*tensors)
+
+
+@functools.cache
+def _launchers():
+    """``(pool_blocks, sla_forward, direct_call_ok)``, imported on first use (importing this module does not
+    import triton) and then bound: an import statement in the call path costs a microsecond per call."""
+    from ..block_sparse.ops import direct_call_ok
+    from .pool import pool_blocks
+    from .triton import sla_forward
+
+    return pool_blocks, sla_forward, direct_call_ok
 
 
 #: Token chunk of the global sums: ``phi(K)^T V`` reduces 10^4-10^5 tokens into ``D x D`` per head, which as

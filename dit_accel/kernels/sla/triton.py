@@ -545,19 +545,27 @@ def global_sums(k, v, feature: int, head_dim: int):
     return kv.sum(1), ksum.sum(1), kmax.amax(1)
 
 
-def _global_partials(k, v, feature: int, head_dim: int):
+def _global_partials(k, v, feature: int, head_dim: int, launch=None):
     """The global-sums kernel's fp32 partial sums per chunk of :data:`GLOBAL_CHUNK_TILES` key tiles:
     ``phi(K)^T V`` ``(B*H, C, block_d, block_d)``, ``sum(phi(K))`` ``(B*H, C, block_d)``, ``max|phi(K)|``
-    ``(B*H, C)``."""
+    ``(B*H, C)``. ``launch``: :func:`_global_launch` of these arguments, when the caller has it."""
     b, h, nk, block_d = k.shape
-    cfg = select_sla_config("global", k.dtype, block_d, True, _arch(k.device))
-    n_chunks = _cdiv(_cdiv(nk, BLOCK_K), GLOBAL_CHUNK_TILES)
+    cfg, grid, tail = launch or _global_launch(k, v, feature, head_dim)
+    n_chunks = grid[0]
     kv = torch.empty((b * h, n_chunks, block_d, block_d), dtype=torch.float32, device=k.device)
     ksum = torch.empty((b * h, n_chunks, block_d), dtype=torch.float32, device=k.device)
     kmax = torch.empty((b * h, n_chunks), dtype=torch.float32, device=k.device)
-    _launch(cfg, (n_chunks, b * h, block_d // GLOBAL_COLUMNS), k, v, kv, ksum, kmax, *_strides(k), *_strides(v), h,
-            nk, head_dim, GLOBAL_CHUNK_TILES, feature)
+    _launch(cfg, grid, k, v, kv, ksum, kmax, *tail)
     return kv, ksum, kmax
+
+
+def _global_launch(k, v, feature: int, head_dim: int):
+    """``(cfg, grid, arguments after the tensors)`` of the global-sums kernel for these (padded) k, v."""
+    b, h, nk, block_d = k.shape
+    cfg = select_sla_config("global", k.dtype, block_d, True, _arch(k.device))
+    n_chunks = _cdiv(_cdiv(nk, BLOCK_K), GLOBAL_CHUNK_TILES)
+    tail = (*_strides(k), *_strides(v), h, nk, head_dim, GLOBAL_CHUNK_TILES, feature)
+    return cfg, (n_chunks, b * h, block_d // GLOBAL_COLUMNS), tail
 
 
 def _global_operands(kv, ksum, bh: int, block_d: int, dtype: torch.dtype, device):
@@ -599,7 +607,7 @@ def sla_forward(q, k, v, critical, lin_blocks, scale, feature, has_lin, lin_sign
         if len(_FWD_LAUNCHES) >= _MAX_LAUNCHES:
             _FWD_LAUNCHES.clear()
         _FWD_LAUNCHES[key] = launch
-    cfg, dp, prepare, grid, tail = launch
+    cfg, dp, prepare, grid, tail, glob = launch
     if prepare:  # a last dim that is not contiguous, or a head dim the kernel pads
         q, k, v = _pad_d(dp, *(_last_dim_contiguous(t) for t in (q, k, v)))
     o = torch.empty((b, h, nq, dp), dtype=q.dtype, device=dev)
@@ -608,7 +616,7 @@ def sla_forward(q, k, v, critical, lin_blocks, scale, feature, has_lin, lin_sign
         # Unnormalised features (elu, relu) need max|phi(K)| for the row scale: the global kernel has it.
         with_kmax = _FEATURE_NAMES[feature] != "softmax"
         if with_global or with_kmax:
-            kv_p, ksum_p, kmax_p = _global_partials(k, v, feature, d)
+            kv_p, ksum_p, kmax_p = _global_partials(k, v, feature, d, glob)
             n_chunks = kv_p.shape[1]
         else:  # no partials to read: any live tensor will do
             kv_p = ksum_p = kmax_p = lse
@@ -632,8 +640,8 @@ def sla_forward(q, k, v, critical, lin_blocks, scale, feature, has_lin, lin_sign
 
 
 def _forward_launch(q, k, v, critical, lin_blocks, scale, feature, has_lin, lin_sign, lin_eps, block_q):
-    """``(cfg, padded head dim, prepare, grid, launch arguments after the tensors)`` of a forward: what
-    depends only on the call signature (:data:`_FWD_LAUNCHES`)."""
+    """``(cfg, padded head dim, prepare, grid, launch arguments after the tensors, global-sums launch or None)``
+    of a forward: what depends only on the call signature (:data:`_FWD_LAUNCHES`)."""
     b, h, nq, d = q.shape
     nk = k.shape[-2]
     cfg = select_sla_config("fwd", q.dtype, d, has_lin, _arch(q.device))
@@ -643,7 +651,8 @@ def _forward_launch(q, k, v, critical, lin_blocks, scale, feature, has_lin, lin_
         q, k, v = _pad_d(dp, *(_last_dim_contiguous(t) for t in (q, k, v)))
     tail = (*_strides(q), *_strides(k), *_strides(v), h, nq, nk, dp, d, critical.shape[-1], lin_blocks.shape[-1],
             block_q // BLOCK_M, scale * _LOG2E, float(lin_sign), feature, float(lin_eps))
-    return cfg, dp, prepare, (_cdiv(nq, BLOCK_M), b * h), tail
+    glob = _global_launch(k, v, feature, d) if has_lin else None
+    return cfg, dp, prepare, (_cdiv(nq, BLOCK_M), b * h), tail, glob
 
 
 #: Forward launch plans per call signature (q, k, v, block-list shapes and strides, dtype, device, arch and the
