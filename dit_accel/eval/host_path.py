@@ -23,7 +23,14 @@ Each stage is timed alone:
 - ``sla``: ``sla_attention(q, k, v, SLA(topk=...), backend="triton")`` without projection, whose
   classification runs real (small) torch ops on the CPU, as their launches would on a GPU;
 - ``sla_proj``: the same with a (non-zero) ``nn.Linear`` projection: the linear branch, its global
-  sums and the projection's GEMM too.
+  sums and the projection's GEMM too (a bf16 GEMM the CPU computes slowly: milliseconds at 1024 tokens);
+- ``sla_small``, ``sla_small_proj``: the two SLA stages at :data:`SMALL_SLA_SHAPE` (one head, 256 tokens),
+  where the torch ops compute next to nothing, so their time is host time: Python, dispatch and the
+  launches' argument building. (The Triton launches themselves are stubbed everywhere.)
+
+With ``detail``, each stage also reports the device work one call issues (:func:`count_device_ops`): the
+torch kernels and the Triton launches, each one launch on a GPU (about 5 us of host time there, and of
+``sla_small``'s time here), and the allocations (caching-allocator calls on a GPU, no launch).
 
 Each stage reports the median and the minimum over repeats of the wall time per call, and the
 median of the thread's CPU time per call (``time.thread_time``): on a shared, loaded machine the
@@ -243,8 +250,9 @@ def main(argv=None) -> dict:
               "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
               "load_average": load_average(), "versions": versions(("torch", "triton")),
               "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-              "note": f"CPU, bf16 (1, 2, {args.tokens}, 64), 64-blocks, launches stubbed; wall time median and "
-                      "minimum of repeats, thread CPU time median"}
+              "note": f"CPU, bf16 (1, 2, {args.tokens}, 64) (sla_small*: {SMALL_SLA_SHAPE}), 64-blocks, launches "
+                      "stubbed; wall time median and minimum of repeats, thread CPU time median; device ops per "
+                      "call: torch kernels + Triton launches (allocations apart)"}
     result["device_ops_per_call"] = {name: us["ops"] for name, us in detail.items()}
     print(f"{'stage':16s} {'median':>8s} {'min':>8s} {'cpu':>8s} {'kernels':>8s} {'(torch':>6s} {'triton)':>7s} "
           f"{'allocs':>6s}  us/call (load {result['load_average']})")

@@ -201,7 +201,7 @@ def sla_triton_attention(q: Tensor, k: Tensor, v: Tensor, blocks: SLABlocks, met
     args = (q, k, v, critical, lin_blocks, scale, FEATURE_IDS[method.feature_map], has_lin, sign,
             plan in ("subtract", "all"), method.linear_eps, method.block_q)
     if _direct(q, k, v):  # eager, nothing to record or intercept: the launcher without the op's dispatch
-        o_s, lse, o_l, _ = _launchers()[1](*args)
+        o_s, lse, o_l, _ = _launchers()[1](*args, empties=False)
     else:
         o_s, lse, o_l, _ = sla_fwd(*args)
     if plan == "none":

@@ -586,7 +586,8 @@ def _global_operands(kv, ksum, bh: int, block_d: int, dtype: torch.dtype, device
     return torch.cat([hi, lo], 1), power, ksum.contiguous()
 
 
-def sla_forward(q, k, v, critical, lin_blocks, scale, feature, has_lin, lin_sign, with_global, lin_eps, block_q):
+def sla_forward(q, k, v, critical, lin_blocks, scale, feature, has_lin, lin_sign, with_global, lin_eps, block_q,
+                empties: bool = True):
     """Launch the fused forward (and, for the linear branch, the global-sums kernel first). Returns
     ``(o, lse, o_l, den)``: ``o`` the sparse branch and ``o_l = num / (den + lin_eps)`` the linear branch,
     both in q's dtype, contiguous ``(B, H, Nq, D)``; ``den`` fp32 ``(B, H, Nq)`` (o_l and den empty
@@ -595,7 +596,11 @@ def sla_forward(q, k, v, critical, lin_blocks, scale, feature, has_lin, lin_sign
     phi (``feature``: :data:`FEATURE_IDS`) is taken inside the kernels; ``lin_blocks`` ``[B, H, nQ, L]``:
     key blocks whose linear terms are added (``lin_sign = 1``) or removed (``-1``); ``with_global``: the
     global sums ``phi(K)^T V``, ``sum(phi(K))`` over all keys are added to every row's num and den;
-    ``critical`` ``[B, H, nQ, kc]`` ascending.
+    ``critical`` ``[B, H, nQ, kc]`` ascending. ``empties=False`` (eager calls outside the custom op): None
+    instead of the two empty tensors without the linear branch.
+
+    The configuration, grids, strides and scalar arguments are built once per call signature
+    (:data:`_FWD_LAUNCHES`); a repeated call allocates its outputs and launches.
     """
     b, h, nq, d = q.shape
     dev = q.device
@@ -632,8 +637,8 @@ def sla_forward(q, k, v, critical, lin_blocks, scale, feature, has_lin, lin_sign
     _launch(cfg, grid, q, k, v, critical, lin_blocks if lin_blocks.numel() else critical, kv, kv_scale, ksum, kmax,
             o, lse, o_l, den, *tail)
     if not has_lin:  # two distinct empties: a custom op's outputs may not alias
-        o_l = torch.empty(0, dtype=q.dtype, device=dev)
-        den = torch.empty(0, dtype=torch.float32, device=dev)
+        o_l = torch.empty(0, dtype=q.dtype, device=dev) if empties else None
+        den = torch.empty(0, dtype=torch.float32, device=dev) if empties else None
     elif dp != d:
         o_l = o_l[..., :d].contiguous()
     return (o if dp == d else o[..., :d].contiguous()), lse, o_l, den
