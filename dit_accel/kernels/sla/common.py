@@ -262,13 +262,12 @@ def classify_pooled(qb: torch.Tensor, kb: torch.Tensor, n_kv: int, method: SLAPa
     of each (short) index set, none for a set of one. ``index_dtype``: the sets' dtype (the fused kernels
     take int32: converted before the short sort, which then needs no second copy)."""
     _, n_crit, n_neg, _ = sla_block_counts(n_kv, method)
-    b, h, n_qb, d = qb.shape
     n_k = kb.shape[-2]
-    scores = torch.bmm(qb.view(b * h, n_qb, d), kb.view(b * h, n_k, d).transpose(1, 2)).view(b, h, n_qb, n_k)
+    scores = torch.matmul(qb, kb.transpose(-1, -2))  # one batched GEMM over (B, H)
     order = torch.sort(scores, dim=-1, descending=True, stable=True).indices
     # (stable: the indices are distinct, and ATen's stable sort is the faster one on short rows)
-    critical = _ascending(order[..., :n_crit], index_dtype)
-    negligible = _ascending(order[..., n_k - n_neg:], index_dtype) if n_neg else None
+    critical = _ascending(order.narrow(-1, 0, n_crit), index_dtype)
+    negligible = _ascending(order.narrow(-1, n_k - n_neg, n_neg), index_dtype) if n_neg else None
     return SLABlocks(critical, negligible, scores=scores)
 
 

@@ -186,7 +186,9 @@ def sla_triton_attention(q: Tensor, k: Tensor, v: Tensor, blocks: SLABlocks, met
     about 16 bits (see :mod:`.triton`).
     """
     plan = linear_plan(k.shape[-2], method, with_linear, linear_path)
-    critical = blocks.critical.to(torch.int32).contiguous()  # (int32 already from sla_triton_classify: no copy)
+    critical = blocks.critical
+    if critical.dtype != torch.int32 or not critical.is_contiguous():  # (int32 from sla_triton_classify)
+        critical = critical.to(torch.int32).contiguous()  # the kernels' block lists are int32
     if plan == "subtract":
         sign = -1
         if sla_block_counts(k.shape[-2], method)[2]:
