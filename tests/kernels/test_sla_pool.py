@@ -65,6 +65,12 @@ def test_pool_kernel_matches_float64_reference(b, h, nq, nk, d, block_q, layout,
     torch.testing.assert_close(kb.double(), _reference_pool(k, 64, True), atol=TOL[dtype], rtol=1e-5)
 
 
+def test_pool_kernel_refuses_block_sizes_it_would_not_cover():
+    q = torch.randn(1, 1, 100, 64)
+    with pytest.raises(ValueError, match="multiples of 64"):
+        pool_blocks(q, q, 32, 64)
+
+
 def test_pool_kernel_is_deterministic_and_leaves_no_state():
     """Two calls give the same bits (the centring adds the partial sums in program order; the tickets are
     fresh per call)."""

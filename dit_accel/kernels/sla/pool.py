@@ -122,6 +122,9 @@ def pool_blocks(q: torch.Tensor, k: torch.Tensor, block_q: int, block_k: int) ->
 def _pool_launch(q, k, block_q: int, block_k: int):
     """``(grid, nQ, nK, scalar arguments, constexprs)`` of a pooling launch: what depends only on the shapes,
     strides and block sizes (:data:`_LAUNCHES`)."""
+    if block_q % ROWS or block_k % ROWS or block_q <= 0 or block_k <= 0:
+        raise ValueError(f"the SLA pooling kernel takes block sizes that are multiples of {ROWS} (SLA allows 64 "
+                         f"and 128), got block_q={block_q}, block_k={block_k}; use backend='torch' for others")
     b, h, nq, d = q.shape
     nk = k.shape[-2]
     n_qb, n_kb = _cdiv(nq, block_q), _cdiv(nk, block_k)
