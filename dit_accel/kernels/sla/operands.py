@@ -71,6 +71,16 @@ def _sla_operands_kernel(KV_P, KSUM_P, KMAX_P, KV, POWER, KSUM, KMAX, N_CHUNKS, 
 KERNELS = {"operands": _sla_operands_kernel}
 
 
+def aot_source(dtype: torch.dtype, block_d: int):
+    """``(kernel, signature, constexprs, attrs)`` of the operands kernel for ``triton.compile(ASTSource(...))``."""
+    from ..dense.configs import aot_signature
+
+    types = {"KV_P": "*fp32", "KSUM_P": "*fp32", "KMAX_P": "*fp32", "KV": "*DT", "POWER": "*fp32", "KSUM": "*fp32",
+             "KMAX": "*fp32"}
+    constexprs = dict(WITH_KV=True, WITH_KMAX=True, BLOCK_D=block_d, ROWS=ROWS)
+    return aot_signature(_sla_operands_kernel, types, constexprs, (), dtype)
+
+
 def global_operands(kv_p, ksum_p, kmax_p, n_chunks: int, with_kv: bool, with_kmax: bool, bh: int, block_d: int,
                     dtype: torch.dtype, device):
     """``(kv hi/lo (B*H, 2*block_d, block_d) in dtype, power (B*H,), ksum (B*H, block_d), kmax (B*H,))``, the

@@ -97,6 +97,18 @@ def _sla_pool_kernel(Q, K, QB, KB, PART, TICKET,
 KERNELS = {"pool": _sla_pool_kernel}
 
 
+def aot_source(dtype: torch.dtype, block_q: int, block_d: int):
+    """``(kernel, signature, constexprs, attrs)`` of the pooling kernel for ``triton.compile(ASTSource(...))``
+    (static GPU checks without a GPU, in a process without TRITON_INTERPRET; sizes and strides as 32-bit ints,
+    like the JIT's typical launch)."""
+    from ..dense.configs import aot_signature
+
+    types = {"Q": "*DT", "K": "*DT", "QB": "*fp32", "KB": "*fp32", "PART": "*fp32", "TICKET": "*i32"}
+    constexprs = dict(BLOCK_Q=block_q, BLOCK_K=64, BLOCK_D=block_d, PER_PROGRAM=PER_PROGRAM, ROWS=ROWS,
+                      CENTRE_ROWS=CENTRE_ROWS)
+    return aot_signature(_sla_pool_kernel, types, constexprs, (), dtype)
+
+
 def pool_blocks(q: torch.Tensor, k: torch.Tensor, block_q: int, block_k: int) -> Tuple[torch.Tensor, torch.Tensor]:
     """``(qb, kb)``: fp32 ``(B, H, cdiv(Nq, block_q), D)`` query-block means and ``(B, H, cdiv(Nk, block_k), D)``
     means of the key blocks of ``k - mean_tokens(k)``, in one launch (module docstring). ``q``, ``k``: any
