@@ -122,7 +122,7 @@ def count_device_ops(fn: Callable[[], object], launches: Dict[str, int]) -> Dict
             name = func._schema.name.split("::")[-1]
             if name in _ALLOCATIONS:
                 counts["allocations"] += 1
-            elif not func.is_view and name not in ("detach", "alias", "lift_fresh"):
+            elif not func.is_view and name not in ("detach", "alias", "lift_fresh", "_unsafe_view"):
                 counts["torch"] += 1
             return func(*args, **kwargs)
 
