@@ -109,7 +109,7 @@ def _prepare(q, k, v, method, proj, scale, backend):
             or torch.compiler.is_compiling() or not _frozen(method):
         return _decide(q, k, v, method, proj, scale, backend)
     grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-    key = (method, scale, backend, env_value(), grad, q.shape, q.dtype, q.device, k.shape, k.dtype, k.device,
+    key = (method, scale, type(scale), backend, env_value(), grad, q.shape, q.dtype, q.device, k.shape, k.dtype, k.device,
            v.shape, v.dtype, v.device)
     try:
         hit = _PREPARED.get(key)
