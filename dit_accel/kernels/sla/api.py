@@ -2,7 +2,8 @@
 
 Two implementations share the classification of :mod:`.common`: the PyTorch twin
 (:mod:`.naive`, CPU path and test oracle) and the fused Triton kernel
-(:mod:`.triton` + :mod:`.ops`). :mod:`dit_accel.kernels.backends` picks one per call.
+(:mod:`.triton` + :mod:`.ops`, its pooling in one launch, :mod:`.pool`, and the linear branch's global
+operands in another, :mod:`.operands`). :mod:`dit_accel.kernels.backends` picks one per call.
 """
 
 from __future__ import annotations

@@ -2,7 +2,9 @@
 
 ``dit_accel::sla_fwd`` / ``dit_accel::sla_bwd`` are opaque to torch.compile (traced through
 their fake implementations, no graph break), and ``sla_fwd`` is differentiable through
-``register_autograd``; importing this module does not import triton. The forward takes q, k, v and
+``register_autograd``; importing this module does not import triton. ``dit_accel::sla_pool`` is the
+classification's pooling (:mod:`.pool`, one launch), the Triton backend's only pass over q and k before
+the scores. Eager calls with nothing to trace or record call the launchers themselves (:func:`_direct`). The forward takes q, k, v and
 the block lists and returns the sparse branch, its lse and the linear branch ``O_l`` (before the
 projection) in q's dtype: phi, the global sums ``phi(K)^T V``, ``sum(phi(K))`` and ``num / den``
 are taken inside the kernels, so no ``(B, H, N, D)`` intermediate is made around them
