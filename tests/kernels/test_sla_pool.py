@@ -16,13 +16,15 @@ from dit_accel.kernels.sla.ops import sla_triton_classify
 from dit_accel.kernels.sla.pool import pool_blocks
 from dit_accel.methods import SLA
 
-pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+# On CUDA where there is one (the cross-program centring then really runs concurrently), else the interpreter.
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+pytestmark = pytest.mark.skipif(DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1",
                                 reason="runs the Triton interpreter on CPU tensors")
 
 
 def _reference_pool(x: torch.Tensor, block: int, centre: bool) -> torch.Tensor:
     """float64 means over the real tokens of each block of ``x`` (B, H, N, D); ``centre``: of x - mean(x)."""
-    x = x.double()
+    x = x.cpu().double()
     if centre:
         x = x - x.mean(dim=-2, keepdim=True)
     n = x.shape[-2]
@@ -39,7 +41,7 @@ def _inputs(b, h, nq, nk, d, dtype, layout, gen):
     else:
         q, k = torch.randn(b, h, nq, d, generator=gen), torch.randn(b, h, nk, d, generator=gen)
     k = k + 0.75  # an offset for the centring to remove
-    return q.to(dtype), k.to(dtype)
+    return q.to(DEVICE, dtype), k.to(DEVICE, dtype)
 
 
 POOL_CASES = [  # b, h, nq, nk, d, block_q, layout
@@ -61,12 +63,12 @@ def test_pool_kernel_matches_float64_reference(b, h, nq, nk, d, block_q, layout,
     qb, kb = pool_blocks(q, k, block_q, 64)
     assert qb.dtype == kb.dtype == torch.float32
     assert qb.shape == (b, h, -(-nq // block_q), d) and kb.shape == (b, h, -(-nk // 64), d)
-    torch.testing.assert_close(qb.double(), _reference_pool(q, block_q, False), atol=TOL[dtype], rtol=1e-5)
-    torch.testing.assert_close(kb.double(), _reference_pool(k, 64, True), atol=TOL[dtype], rtol=1e-5)
+    torch.testing.assert_close(qb.cpu().double(), _reference_pool(q, block_q, False), atol=TOL[dtype], rtol=1e-5)
+    torch.testing.assert_close(kb.cpu().double(), _reference_pool(k, 64, True), atol=TOL[dtype], rtol=1e-5)
 
 
 def test_pool_kernel_refuses_block_sizes_it_would_not_cover():
-    q = torch.randn(1, 1, 100, 64)
+    q = torch.randn(1, 1, 100, 64, device=DEVICE)
     with pytest.raises(ValueError, match="multiples of 64"):
         pool_blocks(q, q, 32, 64)
 
@@ -131,14 +133,14 @@ def test_fused_classification_follows_the_rank_rule_with_ties(nq, nk, kw, dtype)
     n_crit, n_neg = blocks.critical.shape[-1], blocks.negligible.shape[-1]
     crit, neg = _brute_force_sets(blocks.scores, n_crit, n_neg)
     assert blocks.critical.dtype == torch.int32  # the fused kernels' block lists
-    assert torch.equal(blocks.critical.long(), crit)
-    assert torch.equal(blocks.negligible.long(), neg)
+    assert torch.equal(blocks.critical.long().cpu(), crit)
+    assert torch.equal(blocks.negligible.long().cpu(), neg)
     # The ties are there: the copied key block scores alike in every row (the copy onto the last whole block
     # may not: the matmul may round a trailing column differently).
     assert torch.equal(blocks.scores[..., 0], blocks.scores[..., 2])
     # ... and the scores are the pooled ones (float64 reference).
     ref = _reference_pool(q, method.block_q, False) @ _reference_pool(k, 64, True).transpose(-1, -2)
-    torch.testing.assert_close(blocks.scores.double(), ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(blocks.scores.cpu().double(), ref, atol=1e-5, rtol=1e-5)
     assert blocks.scores.shape[-1] == n_k
 
 
@@ -150,8 +152,8 @@ def test_fused_classification_equals_the_twin_bit_for_bit_on_exact_inputs(nq, nk
     gen = torch.Generator().manual_seed(nq * 7 + nk)
     q = torch.randint(-2, 3, (2, 2, nq, 64), generator=gen).float()
     k = torch.randint(-2, 3, (2, 2, nk, 64), generator=gen).float()
-    fused = sla_triton_classify(q, k, SLAParams.of(method))
-    twin = sla_classify(q, k, method)
+    fused = sla_triton_classify(q.to(DEVICE), k.to(DEVICE), SLAParams.of(method))
+    twin = sla_classify(q.to(DEVICE), k.to(DEVICE), method)
     assert torch.equal(fused.scores, twin.scores)
     assert torch.equal(fused.critical.long(), twin.critical)
     assert torch.equal(fused.negligible.long(), twin.negligible)
@@ -164,7 +166,7 @@ def test_fused_classification_reads_q_and_k_once():
     values."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    q, k = torch.randn(1, 2, 300, 64), torch.randn(1, 2, 300, 64)
+    q, k = torch.randn(1, 2, 300, 64, device=DEVICE), torch.randn(1, 2, 300, 64, device=DEVICE)
     seen = []
 
     class _Record(TorchDispatchMode):
@@ -182,6 +184,6 @@ def test_fused_classification_reads_q_and_k_once():
 
 
 def test_pool_op_fake_impl_and_schema():
-    q, k = torch.randn(1, 2, 130, 64), torch.randn(1, 2, 257, 64)
+    q, k = torch.randn(1, 2, 130, 64, device=DEVICE), torch.randn(1, 2, 257, 64, device=DEVICE)
     torch.library.opcheck(torch.ops.dit_accel.sla_pool.default, (q, k, 64, 64),
                           test_utils=("test_schema", "test_faketensor"))
