@@ -23,7 +23,14 @@ Each stage is timed alone:
 - ``sla``: ``sla_attention(q, k, v, SLA(topk=...), backend="triton")`` without projection, whose
   classification runs real (small) torch ops on the CPU, as their launches would on a GPU;
 - ``sla_proj``: the same with a (non-zero) ``nn.Linear`` projection: the linear branch, its global
-  sums and the projection's GEMM too.
+  sums and the projection's GEMM too (a bf16 GEMM the CPU computes slowly: milliseconds at 1024 tokens);
+- ``sla_small``, ``sla_small_proj``: the two SLA stages at :data:`SMALL_SLA_SHAPE` (one head, 256 tokens),
+  where the torch ops compute next to nothing, so their time is host time: Python, dispatch and the
+  launches' argument building. (The Triton launches themselves are stubbed everywhere.)
+
+With ``detail``, each stage also reports the device work one call issues (:func:`count_device_ops`): the
+torch kernels and the Triton launches, each one launch on a GPU (about 5 us of host time there, and of
+``sla_small``'s time here), and the allocations (caching-allocator calls on a GPU, no launch).
 
 Each stage reports the median and the minimum over repeats of the wall time per call, and the
 median of the thread's CPU time per call (``time.thread_time``): on a shared, loaded machine the
@@ -42,39 +49,89 @@ import statistics
 import time
 from typing import Callable, Dict, Iterator
 
-__all__ = ["stub_launches", "measure_host_path", "main"]
+__all__ = ["stub_launches", "count_device_ops", "measure_host_path", "main", "SMALL_SLA_SHAPE"]
+
+#: The ``sla_small*`` stages' q, k, v shape: four 64-token blocks, one head, so the classification's torch ops
+#: compute next to nothing on the CPU and their time is their dispatch, as a launch's would be on a GPU.
+SMALL_SLA_SHAPE = (1, 1, 256, 64)
 
 
 class _StubKernel:
-    """Stands in for a ``@triton.jit`` function: ``kernel[grid](*args, **kwargs)`` does nothing."""
+    """Stands in for a ``@triton.jit`` function: ``kernel[grid](*args, **kwargs)`` does nothing but count."""
+
+    def __init__(self, counts: Dict[str, int]) -> None:
+        self._counts = counts
 
     def __getitem__(self, grid):
         return self._launch
 
-    @staticmethod
-    def _launch(*args, **kwargs):
-        return None
+    def _launch(self, *args, **kwargs):
+        self._counts["triton"] += 1
 
 
 @contextlib.contextmanager
-def stub_launches() -> Iterator[None]:
-    """Replace the block-sparse and SLA Triton kernels with :class:`_StubKernel` while inside."""
+def stub_launches() -> Iterator[Dict[str, int]]:
+    """Replace the block-sparse and SLA Triton kernels (SLA's pooling and operand kernels too) with
+    :class:`_StubKernel` while inside; yields ``{"triton": launches so far}``."""
     from ..kernels.block_sparse import triton as bs
+    from ..kernels.sla import operands, pool
     from ..kernels.sla import triton as sla
 
+    counts = {"triton": 0}
     saved_bs = {name: getattr(bs, name) for name in ("_fwd_kernel", "_bwd_dkdv_kernel", "_bwd_dq_kernel")}
-    saved_sla = dict(sla.KERNELS)
+    tables = (sla.KERNELS, pool.KERNELS, operands.KERNELS)
+    saved = [dict(table) for table in tables]
     try:
         for name in saved_bs:
-            setattr(bs, name, _StubKernel())
-        for name in saved_sla:
-            sla.KERNELS[name] = _StubKernel()
-        yield
+            setattr(bs, name, _StubKernel(counts))
+        for table in tables:
+            for name in table:
+                table[name] = _StubKernel(counts)
+        yield counts
     finally:
         for name, value in saved_bs.items():
             setattr(bs, name, value)
-        sla.KERNELS.clear()
-        sla.KERNELS.update(saved_sla)
+        for table, before in zip(tables, saved):
+            table.clear()
+            table.update(before)
+
+
+#: Allocations: on a GPU a caching-allocator call, no kernel launch.
+_ALLOCATIONS = ("empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided")
+
+
+def count_device_ops(fn: Callable[[], object], launches: Dict[str, int]) -> Dict[str, int]:
+    """What one call of ``fn`` would launch on a GPU: ``{"kernels", "torch", "triton", "allocations"}``.
+
+    ``torch``: the aten operators it dispatches that compute (not views such as ``view``, ``slice`` or
+    ``transpose``, not allocations), each one kernel launch on a GPU; ``triton``: the (stubbed) Triton
+    launches, read from ``launches`` (:func:`stub_launches`' counter); ``kernels`` their sum. Counted under a
+    ``TorchDispatchMode``, inside the package's custom ops too (their Python bodies run under the mode), so
+    an eager call that goes to the launcher directly and one through the op count alike."""
+    from torch._library.custom_ops import OPDEFS
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    counts = {"torch": 0, "allocations": 0}
+
+    class _Count(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if func.namespace == "dit_accel":  # count the ops inside, not the op
+                with self:
+                    return OPDEFS[func._schema.name]._init_fn(*args, **kwargs)
+            name = func._schema.name.split("::")[-1]
+            if name in _ALLOCATIONS:
+                counts["allocations"] += 1
+            elif not func.is_view and name not in ("detach", "alias", "lift_fresh", "_unsafe_view"):
+                counts["torch"] += 1
+            return func(*args, **kwargs)
+
+    before = launches["triton"]
+    with _Count():
+        fn()
+    counts["triton"] = launches["triton"] - before
+    counts["kernels"] = counts["torch"] + counts["triton"]
+    return counts
 
 
 def _per_call_us(fn: Callable[[], object], calls: int, repeats: int) -> Dict[str, float]:
@@ -132,6 +189,9 @@ def measure_host_path(*, tokens: int = 1024, heads: int = 2, head_dim: int = 64,
     qt, kt, vt = (torch.randn((1, heads, tokens + n_text, head_dim), generator=gen, dtype=torch.bfloat16)
                   for _ in range(3))
     proj = torch.nn.Linear(head_dim, head_dim).to(torch.bfloat16).requires_grad_(False)
+    # SLA at a size whose CPU compute is negligible: what is left is host time (Python, dispatch, launches).
+    qs, ks, vs = (torch.randn(SMALL_SLA_SHAPE, generator=gen, dtype=torch.bfloat16) for _ in range(3))
+    proj_s = torch.nn.Linear(SMALL_SLA_SHAPE[-1], SMALL_SLA_SHAPE[-1]).to(torch.bfloat16).requires_grad_(False)
 
     def grad_call():
         block_sparse_attention(qg, kg, vg, layout, backend="triton")
@@ -148,18 +208,19 @@ def measure_host_path(*, tokens: int = 1024, heads: int = 2, head_dim: int = 64,
         "plan_tiled_text": lambda: tiled.run(qt, kt, vt, num_text=n_text, backend="triton"),
         "sla": lambda: sla_attention(q, k, v, method, None, backend="triton"),
         "sla_proj": lambda: sla_attention(q, k, v, method, proj, backend="triton"),
+        "sla_small": lambda: sla_attention(qs, ks, vs, method, None, backend="triton"),
+        "sla_small_proj": lambda: sla_attention(qs, ks, vs, method, proj_s, backend="triton"),
     }
     out = {}
-    with stub_launches():
+    with stub_launches() as launches:
         for name, fn in cases.items():
             if stages is not None and name not in stages:
                 continue
             n = max(calls // 20, 2) if name == "plan_tiled_text" else calls  # milliseconds of CPU matmuls
-            if name == "api_grad":
+            with torch.set_grad_enabled(name == "api_grad"):
                 out[name] = _per_call_us(fn, n, repeats)
-            else:
-                with torch.no_grad():
-                    out[name] = _per_call_us(fn, n, repeats)
+                if detail:
+                    out[name]["ops"] = count_device_ops(fn, launches)
     return out if detail else {name: us["median"] for name, us in out.items()}
 
 
@@ -189,11 +250,16 @@ def main(argv=None) -> dict:
               "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
               "load_average": load_average(), "versions": versions(("torch", "triton")),
               "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-              "note": f"CPU, bf16 (1, 2, {args.tokens}, 64), 64-blocks, launches stubbed; wall time median and "
-                      "minimum of repeats, thread CPU time median"}
-    print(f"{'stage':16s} {'median':>8s} {'min':>8s} {'cpu':>8s}  us/call (load {result['load_average']})")
+              "note": f"CPU, bf16 (1, 2, {args.tokens}, 64) (sla_small*: {SMALL_SLA_SHAPE}), 64-blocks, launches "
+                      "stubbed; wall time median and minimum of repeats, thread CPU time median; device ops per "
+                      "call: torch kernels + Triton launches (allocations apart)"}
+    result["device_ops_per_call"] = {name: us["ops"] for name, us in detail.items()}
+    print(f"{'stage':16s} {'median':>8s} {'min':>8s} {'cpu':>8s} {'kernels':>8s} {'(torch':>6s} {'triton)':>7s} "
+          f"{'allocs':>6s}  us/call (load {result['load_average']})")
     for name, us in detail.items():
-        print(f"{name:16s} {us['median']:8.1f} {us['min']:8.1f} {us['cpu']:8.1f}")
+        ops = us["ops"]
+        print(f"{name:16s} {us['median']:8.1f} {us['min']:8.1f} {us['cpu']:8.1f} {ops['kernels']:8d} {ops['torch']:6d} "
+              f"{ops['triton']:7d} {ops['allocations']:6d}")
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(result, fh, indent=1)

@@ -2,11 +2,13 @@
 
 Two implementations share the classification of :mod:`.common`: the PyTorch twin
 (:mod:`.naive`, CPU path and test oracle) and the fused Triton kernel
-(:mod:`.triton` + :mod:`.ops`). :mod:`dit_accel.kernels.backends` picks one per call.
+(:mod:`.triton` + :mod:`.ops`, its pooling in one launch, :mod:`.pool`, and the linear branch's global
+operands in another, :mod:`.operands`). :mod:`dit_accel.kernels.backends` picks one per call.
 """
 
 from __future__ import annotations
 
+import functools
 import weakref
 from typing import Dict, List, Optional, Sequence
 
@@ -15,7 +17,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..backends import Request, resolve
+from ..backends import Request, env_value, resolve
 from ..checks import check_qkv, check_scale
 from .common import SLAParams, sla_block_counts, sla_classify
 from .naive import sla_torch
@@ -27,12 +29,16 @@ def _check(q, k, v, proj, scale) -> float:
     check_qkv(q, k, v)
     if q.shape[-2] == 0 or k.shape[-2] == 0:
         raise ValueError("q and k need at least one token")
+    _check_proj(proj, q.shape[-1])
+    return check_scale(scale, q.shape[-1])
+
+
+def _check_proj(proj, d: int) -> None:
     if proj is not None and not callable(proj):
         raise TypeError(f"proj must be an nn.Module mapping (..., D) -> (..., D) or None, got {type(proj).__name__}")
-    if isinstance(proj, nn.Linear) and (proj.in_features, proj.out_features) != (q.shape[-1], q.shape[-1]):
-        raise ValueError(f"proj must be Linear({q.shape[-1]}, {q.shape[-1]}) acting on the head dim, "
+    if isinstance(proj, nn.Linear) and (proj.in_features, proj.out_features) != (d, d):
+        raise ValueError(f"proj must be Linear({d}, {d}) acting on the head dim, "
                          f"got Linear({proj.in_features}, {proj.out_features})")
-    return check_scale(scale, q.shape[-1])
 
 
 def sla_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, method,
@@ -93,7 +99,34 @@ def sla_parts(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, method, proj: O
 
 
 def _prepare(q, k, v, method, proj, scale, backend):
-    """The checked ``(SLAParams, scale, resolved backend)`` of a public call."""
+    """The checked ``(SLAParams, scale, resolved backend)`` of a public call.
+
+    Eager calls on plain tensors decide once per call signature and keep the answer (:data:`_PREPARED`): a
+    repeated call skips the input checks, the config conversion and the backend table (about 20 us of a
+    stubbed call, ``dit_accel.eval.host_path``). The signature holds everything those steps read: the
+    method, ``scale``, ``backend``, ``$DIT_ACCEL_BACKEND``, whether autograd records, and q, k, v's shapes,
+    dtypes and devices (frozen configs only). ``proj`` is checked on every call (it is not part of the signature)."""
+    if type(q) is not torch.Tensor or type(k) is not torch.Tensor or type(v) is not torch.Tensor \
+            or torch.compiler.is_compiling() or not _frozen(method):
+        return _decide(q, k, v, method, proj, scale, backend)
+    grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    key = (method, scale, type(scale), backend, env_value(), grad, q.shape, q.dtype, q.device, k.shape, k.dtype, k.device,
+           v.shape, v.dtype, v.device)
+    try:
+        hit = _PREPARED.get(key)
+    except TypeError:  # an unhashable method or scale: the checks say what is wrong with it
+        return _decide(q, k, v, method, proj, scale, backend)
+    if hit is None:
+        hit = _decide(q, k, v, method, proj, scale, backend)
+        if len(_PREPARED) >= _MAX_PREPARED:  # bounded: a long run with ever new shapes does not grow it
+            _PREPARED.clear()
+        _PREPARED[key] = hit
+    else:
+        _check_proj(proj, q.shape[-1])
+    return hit
+
+
+def _decide(q, k, v, method, proj, scale, backend):
     method = SLAParams.of(method)
     scale = _check(q, k, v, proj, scale)
     # SLA has no FlexAttention variant: a pipeline-wide backend="flex" runs the PyTorch twin. The twin
@@ -101,6 +134,19 @@ def _prepare(q, k, v, method, proj, scale, backend):
     if backend != "torch":
         backend = resolve("sla", backend, Request.of(q, k, v, method.block_q, method.block_k))
     return method, scale, backend
+
+
+def _frozen(method) -> bool:
+    """Whether ``method`` is a frozen dataclass (``SLAParams``, ``dit_accel.SLA``): a value that may key a cache.
+    Other objects with SLA's attributes could change them between calls."""
+    params = getattr(type(method), "__dataclass_params__", None)
+    return params is not None and params.frozen
+
+
+#: Call signature -> checked ``(SLAParams, scale, backend)`` (see :func:`_prepare`); plain values only, so an
+#: entry holds no tensor and no module.
+_PREPARED: Dict[tuple, tuple] = {}
+_MAX_PREPARED = 1024
 
 
 def sla_parts_checked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, method: SLAParams,
@@ -117,7 +163,10 @@ def _branches(q, k, v, method: SLAParams, proj, scale: float, backend: str):
     """``(o_sparse, lse, o_linear, proj, blocks)``: ``proj`` None when no projected linear branch is computed
     (None given, or inert), else ``o_linear`` before the projection (q's dtype from the fused kernel, fp32
     from the twin)."""
-    blocks = sla_classify(q, k, method)
+    if backend == "torch":
+        blocks = sla_classify(q, k, method)
+    else:
+        blocks = _fused()[0](q, k, method)
     if proj is not None and is_inert(proj):  # proj(anything) is exactly 0: the linear branch adds nothing
         proj = None
     with_linear = proj is not None and (method.linear_tokens == "all" or sla_block_counts(k.shape[-2], method)[3] > 0)
@@ -125,12 +174,19 @@ def _branches(q, k, v, method: SLAParams, proj, scale: float, backend: str):
     if backend == "torch":
         o_s, lse, o_l = sla_torch(q, k, v, blocks, method, scale, with_linear)
     else:
-        from .ops import sla_triton_attention
-
-        o_s, lse, o_l = sla_triton_attention(q, k, v, blocks, method, scale, with_linear)
+        o_s, lse, o_l = _fused()[1](q, k, v, blocks, method, scale, with_linear)
     if proj is not None and o_l is None:  # no marginal blocks: O_l is exactly zero, proj(0) is still its bias
         o_l = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
     return o_s, lse, o_l, proj, blocks
+
+
+@functools.cache
+def _fused():
+    """``(sla_triton_classify, sla_triton_attention)``, imported on first use (that registers the custom ops)
+    and then bound: an import statement in the call path costs a microsecond per call."""
+    from .ops import sla_triton_attention, sla_triton_classify
+
+    return sla_triton_classify, sla_triton_attention
 
 
 def _project(proj: nn.Module, o_l: torch.Tensor, o_s: Optional[torch.Tensor], dtype=None) -> torch.Tensor:

@@ -27,9 +27,9 @@ import torch.nn.functional as F
 
 from ..._util import cdiv as _cdiv
 
-__all__ = ["SLAParams", "SLABlocks", "sla_block_counts", "sla_density", "sla_classify", "feature_map",
-           "rounded_features", "true_columns", "FEATURE_IDS", "MARGINAL", "CRITICAL", "NEGLIGIBLE", "LINEAR_EPS",
-           "REFERENCE_LINEAR_EPS", "FEATURE_MAPS", "LINEAR_TOKENS", "ROUNDINGS"]
+__all__ = ["SLAParams", "SLABlocks", "sla_block_counts", "sla_density", "sla_classify", "classify_pooled",
+           "feature_map", "rounded_features", "true_columns", "FEATURE_IDS", "MARGINAL", "CRITICAL", "NEGLIGIBLE",
+           "LINEAR_EPS", "REFERENCE_LINEAR_EPS", "FEATURE_MAPS", "LINEAR_TOKENS", "ROUNDINGS"]
 
 # Values of the int8 class map.
 MARGINAL, CRITICAL, NEGLIGIBLE = 0, 1, 2
@@ -94,6 +94,22 @@ def sla_block_counts(n_kv: int, method) -> tuple:
     never overlap). The counts are the same for every query block.
     """
     method = SLAParams.of(method)
+    if type(n_kv) is int and not torch.compiler.is_compiling():  # (a SymInt under torch.compile: computed)
+        key = (n_kv, method)
+        hit = _COUNTS.get(key)
+        if hit is None:
+            if len(_COUNTS) >= 4096:  # bounded
+                _COUNTS.clear()
+            hit = _COUNTS[key] = _block_counts(n_kv, method)
+        return hit
+    return _block_counts(n_kv, method)
+
+
+#: (n_kv, SLAParams) -> sla_block_counts: read several times per call.
+_COUNTS: dict = {}
+
+
+def _block_counts(n_kv: int, method: SLAParams) -> tuple:
     n_k = _cdiv(n_kv, method.block_k)
     if method.rounding == "floor":
         # The reference's float product, unrounded: int(0.29 * 100) is 28 there, so here too.
@@ -122,7 +138,8 @@ class SLABlocks:
 
     Attributes:
         critical: ``[B, H, nQ, kc]`` critical key-block indices per query block, ascending (int64 from
-            :func:`sla_classify`, ready for indexing; the fused kernel takes them as int32).
+            :func:`sla_classify`, ready for indexing; int32 from the Triton backend's classification, which its
+            fused kernel takes).
         negligible: ``[B, H, nQ, kn]`` negligible key-block indices, ascending (``kn`` may be 0), likewise.
         classes: int8 ``[B, H, nQ, nK]``: ``CRITICAL`` (1), ``MARGINAL`` (0) or ``NEGLIGIBLE`` (2).
         scores: fp32 ``[B, H, nQ, nK]`` pooled block scores the classes were taken from.
@@ -220,25 +237,47 @@ def sla_classify(q: torch.Tensor, k: torch.Tensor, method) -> SLABlocks:
 
 
 def _classify(q: torch.Tensor, k: torch.Tensor, method: SLAParams) -> SLABlocks:
-    n_k, n_crit, n_neg, _ = sla_block_counts(k.shape[-2], method)
+    return classify_pooled(*_pooled(q, k, method), k.shape[-2], method)
+
+
+def _pooled(q: torch.Tensor, k: torch.Tensor, method: SLAParams):
+    """fp32 ``(qb, kb)``: the query-block means of q and the key-block means of ``k - mean_tokens(k)``
+    (the PyTorch twin of :func:`.pool.pool_blocks`)."""
     qb = _mean_pool(q, method.block_q)
     # Pooling is linear, so pooling k - mean(k) equals pooling k minus the mean; with whole blocks that
     # mean is the mean of the block means (a reduction over nK rows, not over every key).
     if k.shape[-2] % method.block_k == 0:
         kb = _mean_pool(k, method.block_k)
-        kb = kb - kb.mean(dim=-2, keepdim=True)
-    else:
-        kb, k_sum = _mean_pool(k, method.block_k, sums=True)
-        kb = kb - k_sum / k.shape[-2]
-    b, h, n_qb, d = qb.shape
-    scores = torch.bmm(qb.view(b * h, n_qb, d), kb.view(b * h, n_k, d).transpose(1, 2)).view(b, h, n_qb, n_k)
+        return qb, kb - kb.mean(dim=-2, keepdim=True)
+    kb, k_sum = _mean_pool(k, method.block_k, sums=True)
+    return qb, kb - k_sum / k.shape[-2]
+
+
+def classify_pooled(qb: torch.Tensor, kb: torch.Tensor, n_kv: int, method: SLAParams,
+                    index_dtype: torch.dtype = torch.int64) -> SLABlocks:
+    """:func:`sla_classify` from the pooled ``qb`` ``[B, H, nQ, D]`` and smoothed ``kb`` ``[B, H, nK, D]`` (fp32)
+    of ``n_kv`` keys: ``scores = qb @ kb^T``, then per row a stable sort (descending) whose first ``n_crit``
+    indices are the critical blocks (ties: the lower index first) and last ``n_neg`` the negligible ones
+    (ties: the higher index), each set sorted ascending. One matmul and one sort of the scores, plus one sort
+    of each (short) index set, none for a set of one. ``index_dtype``: the sets' dtype (the fused kernels
+    take int32: converted before the short sort, which then needs no second copy)."""
+    _, n_crit, n_neg, _ = sla_block_counts(n_kv, method)
+    n_k = kb.shape[-2]
+    scores = torch.matmul(qb, kb.transpose(-1, -2))  # one batched GEMM over (B, H)
     order = torch.sort(scores, dim=-1, descending=True, stable=True).indices
     # (stable: the indices are distinct, and ATen's stable sort is the faster one on short rows)
-    critical = torch.sort(order[..., :n_crit], dim=-1, stable=True).values
-    negligible = None
-    if n_neg:
-        negligible = torch.sort(order[..., n_k - n_neg:], dim=-1, stable=True).values
+    critical = _ascending(order.narrow(-1, 0, n_crit), index_dtype)
+    negligible = _ascending(order.narrow(-1, n_k - n_neg, n_neg), index_dtype) if n_neg else None
     return SLABlocks(critical, negligible, scores=scores)
+
+
+def _ascending(indices: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Distinct ``indices`` (a slice of a sort's indices) sorted along the last axis, as ``dtype``."""
+    if indices.dtype != dtype:
+        indices = indices.to(dtype)
+    if indices.shape[-1] == 1:  # one per row: already in order
+        return indices
+    return torch.sort(indices, dim=-1, stable=True).values
 
 
 def feature_map(x: torch.Tensor, kind: str) -> torch.Tensor:

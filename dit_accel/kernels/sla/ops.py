@@ -2,7 +2,9 @@
 
 ``dit_accel::sla_fwd`` / ``dit_accel::sla_bwd`` are opaque to torch.compile (traced through
 their fake implementations, no graph break), and ``sla_fwd`` is differentiable through
-``register_autograd``; importing this module does not import triton. The forward takes q, k, v and
+``register_autograd``; importing this module does not import triton. ``dit_accel::sla_pool`` is the
+classification's pooling (:mod:`.pool`, one launch), the Triton backend's only pass over q and k before
+the scores. Eager calls with nothing to trace or record call the launchers themselves (:func:`_direct`). The forward takes q, k, v and
 the block lists and returns the sparse branch, its lse and the linear branch ``O_l`` (before the
 projection) in q's dtype: phi, the global sums ``phi(K)^T V``, ``sum(phi(K))`` and ``num / den``
 are taken inside the kernels, so no ``(B, H, N, D)`` intermediate is made around them
@@ -12,16 +14,48 @@ features, the global sums) on the host.
 
 from __future__ import annotations
 
+import functools
 from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
 
-from .common import FEATURE_IDS, FEATURE_MAPS, SLABlocks, SLAParams, feature_map, rounded_features, sla_block_counts
+from ..._util import cdiv as _cdiv
+from .common import (FEATURE_IDS, FEATURE_MAPS, SLABlocks, SLAParams, classify_pooled, feature_map,
+                     rounded_features, sla_block_counts)
 
 FEATURE_NAMES = dict(enumerate(FEATURE_MAPS))
 
-__all__ = ["sla_triton_attention", "linear_plan"]
+__all__ = ["sla_triton_attention", "sla_triton_classify", "linear_plan"]
+
+
+@torch.library.custom_op("dit_accel::sla_pool", mutates_args=())
+def sla_pool(q: Tensor, k: Tensor, block_q: int, block_k: int) -> Tuple[Tensor, Tensor]:
+    """The classification's pooled ``(qb, kb)`` from one Triton launch (:func:`~.pool.pool_blocks`)."""
+    from .pool import pool_blocks
+
+    return pool_blocks(q, k, block_q, block_k)
+
+
+@sla_pool.register_fake
+def _(q, k, block_q, block_k):
+    b, h, nq, d = q.shape
+    return (q.new_empty((b, h, _cdiv(nq, block_q), d), dtype=torch.float32),
+            q.new_empty((b, h, _cdiv(k.shape[-2], block_k), d), dtype=torch.float32))
+
+
+def sla_triton_classify(q: Tensor, k: Tensor, method: SLAParams) -> SLABlocks:
+    """:func:`~.common.sla_classify` with the pooling in one Triton launch (the Triton backend's
+    classification): the same critical and negligible sets from the same pooled scores; the pooled values
+    differ from the twin's in fp32 summation order only. ``method``: an :class:`SLAParams`."""
+    if torch.is_grad_enabled():
+        with torch.no_grad():
+            return sla_triton_classify(q, k, method)
+    if _direct(q, k):  # eager, nothing to record or intercept: the launcher without the op's dispatch
+        qb, kb = _launchers()[0](q, k, method.block_q, method.block_k)
+    else:
+        qb, kb = sla_pool(q, k, method.block_q, method.block_k)
+    return classify_pooled(qb, kb, k.shape[-2], method, torch.int32)  # the kernels' block lists are int32
 
 
 @torch.library.custom_op("dit_accel::sla_fwd", mutates_args=())
@@ -154,21 +188,24 @@ def sla_triton_attention(q: Tensor, k: Tensor, v: Tensor, blocks: SLABlocks, met
     about 16 bits (see :mod:`.triton`).
     """
     plan = linear_plan(k.shape[-2], method, with_linear, linear_path)
-    critical = blocks.critical.to(torch.int32).contiguous()  # the kernels' block lists are int32
-    b, h, n_qb = critical.shape[:3]
+    critical = blocks.critical
+    if critical.dtype != torch.int32 or not critical.is_contiguous():  # (int32 from sla_triton_classify)
+        critical = critical.to(torch.int32).contiguous()  # the kernels' block lists are int32
     if plan == "subtract":
-        lin_blocks, sign = torch.cat([blocks.negligible.to(torch.int32), critical], -1).contiguous(), -1
+        sign = -1
+        if sla_block_counts(k.shape[-2], method)[2]:
+            lin_blocks = torch.cat([blocks.negligible.to(torch.int32), critical], -1).contiguous()
+        else:  # no negligible blocks: the list is the critical one (no copy)
+            lin_blocks = critical
     elif plan == "direct":
         lin_blocks, sign = blocks.marginal.to(torch.int32).contiguous(), 1
     else:
-        lin_blocks, sign = critical.new_zeros((b, h, n_qb, 0)), 1
+        lin_blocks, sign = critical[..., :0], 1  # a view: no allocation
     has_lin = plan != "none"
     args = (q, k, v, critical, lin_blocks, scale, FEATURE_IDS[method.feature_map], has_lin, sign,
             plan in ("subtract", "all"), method.linear_eps, method.block_q)
     if _direct(q, k, v):  # eager, nothing to record or intercept: the launcher without the op's dispatch
-        from .triton import sla_forward
-
-        o_s, lse, o_l, _ = sla_forward(*args)
+        o_s, lse, o_l, _ = _launchers()[1](*args, empties=False)
     else:
         o_s, lse, o_l, _ = sla_fwd(*args)
     if plan == "none":
@@ -176,14 +213,23 @@ def sla_triton_attention(q: Tensor, k: Tensor, v: Tensor, blocks: SLABlocks, met
     return o_s, lse, o_l
 
 
-def _direct(q: Tensor, k: Tensor, v: Tensor) -> bool:
-    """Whether this forward may call the launcher itself (see ``block_sparse.ops.direct_call_ok``): also no
+def _direct(*tensors: Tensor) -> bool:
+    """Whether this call may run the launcher itself (see ``block_sparse.ops.direct_call_ok``): also no
     autograd recording, which needs the op's registered backward."""
-    from ..block_sparse.ops import direct_call_ok
-
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         return False
-    return direct_call_ok(q, k, v)
+    return _launchers()[2](*tensors)
+
+
+@functools.cache
+def _launchers():
+    """``(pool_blocks, sla_forward, direct_call_ok)``, imported on first use (importing this module does not
+    import triton) and then bound: an import statement in the call path costs a microsecond per call."""
+    from ..block_sparse.ops import direct_call_ok
+    from .pool import pool_blocks
+    from .triton import sla_forward
+
+    return pool_blocks, sla_forward, direct_call_ok
 
 
 #: Token chunk of the global sums: ``phi(K)^T V`` reduces 10^4-10^5 tokens into ``D x D`` per head, which as

@@ -39,6 +39,8 @@ Launch configurations and the list of shipped ones: :mod:`.configs`.
 
 from __future__ import annotations
 
+from typing import Dict
+
 import torch
 import triton
 import triton.language as tl
@@ -51,6 +53,7 @@ from ..dense.tiles import LOG2E_HOST as _LOG2E
 from ..dense.triton import ensure_allocator
 from .common import FEATURE_IDS, feature_map, true_columns
 from .configs import BLOCK_K, BLOCK_M, GLOBAL_COLUMNS, SLAKernelConfig, pointer_fallback, select_sla_config
+from .operands import global_operands
 
 __all__ = ["sla_forward", "sla_backward", "global_sums", "FEATURE_IDS", "transposed_lists", "KERNELS", "row_scale"]
 
@@ -563,11 +566,17 @@ def _arch(device: torch.device) -> int:
 
 
 def _launch(cfg: SLAKernelConfig, grid, *args):
+    kw = _LAUNCH_KWARGS.get(cfg)
+    if kw is None:
+        kw = _LAUNCH_KWARGS[cfg] = cfg.launch_kwargs()  # (a handful of shipped configs: bounded)
     try:
-        KERNELS[cfg.kernel][grid](*args, **cfg.launch_kwargs())
+        KERNELS[cfg.kernel][grid](*args, **kw)
     except OutOfResources as exc:
         raise ValueError(f"the fused SLA kernel {cfg.name} does not fit this GPU ({exc}); "
                          "use bfloat16/float16 inputs or backend='torch'") from None
+
+
+_LAUNCH_KWARGS: Dict[SLAKernelConfig, dict] = {}
 
 
 #: Key tiles per program of the global-sums kernel (1024 tokens): ``phi(K)^T V`` reduces 10^4-10^5 tokens into
@@ -581,23 +590,40 @@ def global_sums(k, v, feature: int, head_dim: int):
     ``phi(K)^T V`` ``(B*H, block_d, block_d)``, ``sum(phi(K))`` ``(B*H, block_d)`` and ``max|phi(K)|``
     ``(B*H,)``, zero in padded columns. ``k``, ``v``: the launcher's inputs, zero-padded to ``block_d``
     columns from ``head_dim``."""
+    kv, ksum, kmax = _global_partials(k, v, feature, head_dim)
+    if kv.shape[1] == 1:
+        return kv[:, 0], ksum[:, 0], kmax[:, 0]
+    return kv.sum(1), ksum.sum(1), kmax.amax(1)
+
+
+def _global_partials(k, v, feature: int, head_dim: int, launch=None):
+    """The global-sums kernel's fp32 partial sums per chunk of :data:`GLOBAL_CHUNK_TILES` key tiles:
+    ``phi(K)^T V`` ``(B*H, C, block_d, block_d)``, ``sum(phi(K))`` ``(B*H, C, block_d)``, ``max|phi(K)|``
+    ``(B*H, C)``. ``launch``: :func:`_global_launch` of these arguments, when the caller has it."""
     b, h, nk, block_d = k.shape
-    cfg = select_sla_config("global", k.dtype, block_d, True, _arch(k.device))
-    n_chunks = _cdiv(_cdiv(nk, BLOCK_K), GLOBAL_CHUNK_TILES)
+    cfg, grid, tail = launch or _global_launch(k, v, feature, head_dim)
+    n_chunks = grid[0]
     kv = torch.empty((b * h, n_chunks, block_d, block_d), dtype=torch.float32, device=k.device)
     ksum = torch.empty((b * h, n_chunks, block_d), dtype=torch.float32, device=k.device)
     kmax = torch.empty((b * h, n_chunks), dtype=torch.float32, device=k.device)
-    _launch(cfg, (n_chunks, b * h, block_d // GLOBAL_COLUMNS), k, v, kv, ksum, kmax, *_strides(k), *_strides(v), h, nk, head_dim,
-            GLOBAL_CHUNK_TILES, feature)
-    if n_chunks == 1:
-        return kv[:, 0], ksum[:, 0], kmax[:, 0]
-    return kv.sum(1), ksum.sum(1), kmax.amax(1)
+    _launch(cfg, grid, k, v, kv, ksum, kmax, *tail)
+    return kv, ksum, kmax
+
+
+def _global_launch(k, v, feature: int, head_dim: int):
+    """``(cfg, grid, arguments after the tensors)`` of the global-sums kernel for these (padded) k, v."""
+    b, h, nk, block_d = k.shape
+    cfg = select_sla_config("global", k.dtype, block_d, True, _arch(k.device))
+    n_chunks = _cdiv(_cdiv(nk, BLOCK_K), GLOBAL_CHUNK_TILES)
+    tail = (*_strides(k), *_strides(v), h, nk, head_dim, GLOBAL_CHUNK_TILES, feature)
+    return cfg, (n_chunks, b * h, block_d // GLOBAL_COLUMNS), tail
 
 
 def _global_operands(kv, ksum, bh: int, block_d: int, dtype: torch.dtype, device):
     """The forward's global-sum operands from fp32 ``kv`` ``(B*H, block_d, block_d)`` and ``ksum``
     ``(B*H, block_d)`` (zeros when None): ``kv`` over a power of two per (batch, head), split hi / lo in
-    ``dtype`` (``(B*H, 2*block_d, block_d)``), the powers ``(B*H,)`` and ``ksum``, fp32."""
+    ``dtype`` (``(B*H, 2*block_d, block_d)``), the powers ``(B*H,)`` and ``ksum``, fp32. The PyTorch twin of
+    :func:`~.operands.global_operands` (one launch), which the forward uses."""
     if kv is None:
         return (torch.zeros((bh, 2 * block_d, block_d), dtype=dtype, device=device),
                 torch.ones(bh, dtype=torch.float32, device=device),
@@ -611,7 +637,8 @@ def _global_operands(kv, ksum, bh: int, block_d: int, dtype: torch.dtype, device
     return torch.cat([hi, lo], 1), power, ksum.contiguous()
 
 
-def sla_forward(q, k, v, critical, lin_blocks, scale, feature, has_lin, lin_sign, with_global, lin_eps, block_q):
+def sla_forward(q, k, v, critical, lin_blocks, scale, feature, has_lin, lin_sign, with_global, lin_eps, block_q,
+                empties: bool = True):
     """Launch the fused forward (and, for the linear branch, the global-sums kernel first). Returns
     ``(o, lse, o_l, den)``: ``o`` the sparse branch and ``o_l = num / (den + lin_eps)`` the linear branch,
     both in q's dtype, contiguous ``(B, H, Nq, D)``; ``den`` fp32 ``(B, H, Nq)`` (o_l and den empty
@@ -620,47 +647,78 @@ def sla_forward(q, k, v, critical, lin_blocks, scale, feature, has_lin, lin_sign
     phi (``feature``: :data:`FEATURE_IDS`) is taken inside the kernels; ``lin_blocks`` ``[B, H, nQ, L]``:
     key blocks whose linear terms are added (``lin_sign = 1``) or removed (``-1``); ``with_global``: the
     global sums ``phi(K)^T V``, ``sum(phi(K))`` over all keys are added to every row's num and den;
-    ``critical`` ``[B, H, nQ, kc]`` ascending.
+    ``critical`` ``[B, H, nQ, kc]`` ascending. ``empties=False`` (eager calls outside the custom op): None
+    instead of the two empty tensors without the linear branch.
+
+    The configuration, grids, strides and scalar arguments are built once per call signature
+    (:data:`_FWD_LAUNCHES`); a repeated call allocates its outputs and launches.
     """
+    b, h, nq, d = q.shape
+    dev = q.device
+    key = (q.shape, q.stride(), k.shape, k.stride(), v.shape, v.stride(), q.dtype, dev, _arch(dev), critical.shape,
+           lin_blocks.shape, scale, feature, has_lin, lin_sign, with_global, lin_eps, block_q)
+    launch = _FWD_LAUNCHES.get(key)
+    if launch is None:
+        launch = _forward_launch(q, k, v, critical, lin_blocks, scale, feature, has_lin, lin_sign, lin_eps, block_q)
+        if len(_FWD_LAUNCHES) >= _MAX_LAUNCHES:
+            _FWD_LAUNCHES.clear()
+        _FWD_LAUNCHES[key] = launch
+    cfg, dp, prepare, grid, tail, glob = launch
+    if prepare:  # a last dim that is not contiguous, or a head dim the kernel pads
+        q, k, v = _pad_d(dp, *(_last_dim_contiguous(t) for t in (q, k, v)))
+    if cfg.tma and not tma_ok(q, k, v):  # TMA needs 16-byte aligned bases (the strides are in the key)
+        cfg = pointer_fallback(cfg)
+    if cfg.tma:  # the kernel makes its descriptors in global scratch
+        ensure_allocator(dev)
+    o = torch.empty((b, h, nq, dp), dtype=q.dtype, device=dev)
+    lse = torch.empty((b, h, nq), dtype=torch.float32, device=dev)
+    if has_lin:
+        # Unnormalised features (elu, relu) need max|phi(K)| for the row scale: the global kernel has it.
+        with_kmax = _FEATURE_NAMES[feature] != "softmax"
+        if with_global or with_kmax:
+            kv_p, ksum_p, kmax_p = _global_partials(k, v, feature, d, glob)
+            n_chunks = kv_p.shape[1]
+        else:  # no partials to read: any live tensor will do
+            kv_p = ksum_p = kmax_p = lse
+            n_chunks = 0
+        kv, kv_scale, ksum, kmax = global_operands(kv_p, ksum_p, kmax_p, n_chunks, with_global, with_kmax, b * h, dp,
+                                                   q.dtype, dev)
+        o_l = torch.empty((b, h, nq, dp), dtype=q.dtype, device=dev)
+        den = torch.empty((b, h, nq), dtype=torch.float32, device=dev)
+    else:  # unused pointers get a live allocation: empty tensors may carry a null address
+        kv = q
+        kv_scale = ksum = kmax = o_l = den = lse
+    # An empty list is never read: any live address will do (critical has at least one entry per row).
+    _launch(cfg, grid, q, k, v, critical, lin_blocks if lin_blocks.numel() else critical, kv, kv_scale, ksum, kmax,
+            o, lse, o_l, den, *tail)
+    if not has_lin:  # two distinct empties: a custom op's outputs may not alias
+        o_l = torch.empty(0, dtype=q.dtype, device=dev) if empties else None
+        den = torch.empty(0, dtype=torch.float32, device=dev) if empties else None
+    elif dp != d:
+        o_l = o_l[..., :d].contiguous()
+    return (o if dp == d else o[..., :d].contiguous()), lse, o_l, den
+
+
+def _forward_launch(q, k, v, critical, lin_blocks, scale, feature, has_lin, lin_sign, lin_eps, block_q):
+    """``(cfg, padded head dim, prepare, grid, launch arguments after the tensors, global-sums launch or None)``
+    of a forward: what depends only on the call signature (:data:`_FWD_LAUNCHES`)."""
     b, h, nq, d = q.shape
     nk = k.shape[-2]
     cfg = select_sla_config("fwd", q.dtype, d, has_lin, _arch(q.device))
     dp = cfg.block_d
-    q, k, v = _pad_d(dp, *(_last_dim_contiguous(t) for t in (q, k, v)))
-    if cfg.tma and not tma_ok(q, k, v):  # TMA needs 16-byte aligned bases and strides
-        cfg = pointer_fallback(cfg)
-    if cfg.tma:  # the kernel makes its descriptors in global scratch
-        ensure_allocator(q.device)
-    o = torch.empty((b, h, nq, dp), dtype=q.dtype, device=q.device)
-    lse = torch.empty(b, h, nq, dtype=torch.float32, device=q.device)
-    if has_lin:
-        kv = ksum = None
-        kmax = torch.zeros(b * h, dtype=torch.float32, device=q.device)
-        # Unnormalised features (elu, relu) need max|phi(K)| for the row scale: the global kernel has it.
-        if with_global or _FEATURE_NAMES[feature] != "softmax":
-            kv, ksum, kmax_all = global_sums(k, v, feature, d)
-            if _FEATURE_NAMES[feature] != "softmax":
-                kmax = kmax_all
-            if not with_global:
-                kv = ksum = None
-        kv, kv_scale, ksum = _global_operands(kv, ksum, b * h, dp, q.dtype, q.device)
-        o_l = torch.empty((b, h, nq, dp), dtype=q.dtype, device=q.device)
-        den = torch.empty(b, h, nq, dtype=torch.float32, device=q.device)
-    else:  # unused pointers get a live allocation: empty tensors may carry a null address
-        kv = q
-        kv_scale = ksum = kmax = o_l = den = lse
-    crit_ptr, lin_ptr = _live(critical), _live(lin_blocks)
-    _launch(cfg, (_cdiv(nq, BLOCK_M), b * h),
-            q, k, v, crit_ptr, lin_ptr, kv, kv_scale, ksum, kmax, o, lse, o_l, den,
-            *_strides(q), *_strides(k), *_strides(v),
-            h, nq, nk, dp, d, critical.shape[-1], lin_blocks.shape[-1], block_q // BLOCK_M, scale * _LOG2E,
-            float(lin_sign), feature, float(lin_eps))
-    if not has_lin:  # two distinct empties: a custom op's outputs may not alias
-        o_l = torch.empty(0, dtype=q.dtype, device=q.device)
-        den = torch.empty(0, dtype=torch.float32, device=q.device)
-    elif dp != d:
-        o_l = o_l[..., :d].contiguous()
-    return (o if dp == d else o[..., :d].contiguous()), lse, o_l, den
+    prepare = dp != d or any(t.stride(-1) != 1 for t in (q, k, v))
+    if prepare:  # the strides of the prepared copies (the same on every call with these inputs' strides)
+        q, k, v = _pad_d(dp, *(_last_dim_contiguous(t) for t in (q, k, v)))
+    tail = (*_strides(q), *_strides(k), *_strides(v), h, nq, nk, dp, d, critical.shape[-1], lin_blocks.shape[-1],
+            block_q // BLOCK_M, scale * _LOG2E, float(lin_sign), feature, float(lin_eps))
+    glob = _global_launch(k, v, feature, d) if has_lin else None
+    return cfg, dp, prepare, (_cdiv(nq, BLOCK_M), b * h), tail, glob
+
+
+#: Forward launch plans per call signature (q, k, v, block-list shapes and strides, dtype, device, arch and the
+#: scalar arguments): a repeated call allocates its outputs and launches. Bounded; plain values only.
+_FWD_LAUNCHES: Dict[tuple, tuple] = {}
+_MAX_LAUNCHES = 1024
 
 
 def sla_backward(do, dlse, dnum, dden, q, k, v, qf, kf, o, lse, critical, lin_blocks, scale, feature, has_lin,

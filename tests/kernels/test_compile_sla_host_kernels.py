@@ -1,0 +1,70 @@
+"""SLA's pooling and operand kernels compile for sm_80, sm_89 and sm_90 (no GPU needed), and the PTX holds what
+the interpreter cannot show: the pooling kernel's ticket is a gpu-scope acquire-release atomic behind a barrier
+(every thread's stores published before it), the centring program reads the other programs' sums past L1
+(``ld.global.cg``), its means are correctly rounded divisions (``div.rn``), and the operands' hi / lo split
+rounds to nearest (``cvt.rn``; the interpreter truncates to bf16)."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("triton")
+
+from dit_accel.kernels.compile import TARGET_ARCHS  # noqa: E402
+
+_SCRIPT = r"""
+import json, sys
+import torch, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from dit_accel.kernels.sla import operands, pool
+
+out = []
+for arch in %(archs)r:
+    for dtype in (torch.float16, torch.bfloat16):
+        for block in (64, 128):
+            for name, src, warps in (("pool", pool.aot_source(dtype, block, block), 4),
+                                     ("operands", operands.aot_source(dtype, block), 4 if block == 64 else 8)):
+                fn, sig, cx, attrs = src
+                ck = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=cx, attrs=attrs),
+                                    target=GPUTarget("cuda", arch, 32), options={"num_warps": warps})
+                ptx = ck.asm["ptx"]
+                lines = ptx.splitlines()
+                atom = [i for i, l in enumerate(lines) if "atom.global" in l]
+                bar_before = bool(atom) and any("bar.sync" in l for l in lines[max(0, atom[0] - 12):atom[0]])
+                out.append(dict(name=name, arch=arch, dtype=str(dtype), block=block, shared=ck.metadata.shared,
+                                atom=[lines[i].strip() for i in atom], bar_before=bar_before,
+                                cg=ptx.count("ld.global.cg"), div_rn=ptx.count("div.rn.f32"),
+                                cvt_rn=ptx.count("cvt.rn.bf16.f32") + ptx.count("cvt.rn.f16.f32")))
+print(json.dumps(out))
+"""
+
+
+@pytest.fixture(scope="module")
+def compiled():
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    run = subprocess.run([sys.executable, "-c", _SCRIPT % {"archs": tuple(TARGET_ARCHS)}], env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+def test_both_kernels_compile_for_every_target(compiled):
+    assert {(r["name"], r["arch"]) for r in compiled} == {(n, a) for n in ("pool", "operands") for a in TARGET_ARCHS}
+    assert all(r["shared"] <= 48 * 1024 for r in compiled)
+
+
+def test_pool_ticket_is_an_acquire_release_atomic_behind_a_barrier(compiled):
+    for r in (r for r in compiled if r["name"] == "pool"):
+        assert len(r["atom"]) == 1 and "atom.global.gpu.acq_rel.add" in r["atom"][0], r
+        assert r["bar_before"], r
+        assert r["cg"] > 0 and r["div_rn"] > 0, r
+
+
+def test_operands_round_to_nearest(compiled):
+    for r in (r for r in compiled if r["name"] == "operands"):
+        assert r["cvt_rn"] > 0 and not r["atom"], r
