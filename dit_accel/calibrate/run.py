@@ -36,6 +36,8 @@ GROUNDTRUTH_RULES = ("report", "require")
 #: moves the final output (one generation each: :func:`probe_step_weights`, :func:`probe_layer_weights`);
 #: ``uniform`` counts every step and layer the same.
 SENSITIVITY = ("probe", "uniform")
+#: Fewer calibration videos than this get a note: the search overfits them (BENCHMARKS.md section 11).
+MIN_VIDEOS = 8
 #: Models whose videos have a ground-truth checker (:mod:`dit_accel.eval.groundtruth`).
 GROUNDTRUTH_MODELS = ("tiny-shapes",)
 _GROUNDTRUTH_CHECKS = ("colour", "shape", "motion", "consistency")
@@ -403,6 +405,11 @@ def calibrate(settings: CalibrationSettings, out, *, report_dir=None, progress: 
     pipe.set_progress_bar_config(disable=True)
     call_kwargs = settings.call_kwargs()
     jobs = [(p, s) for s in settings.seeds for p in settings.prompts]
+    if len(jobs) < MIN_VIDEOS:
+        log(f"note: {len(jobs)} calibration video(s) (prompts x seeds); with fewer than {MIN_VIDEOS} the cheapest plan "
+            "that passes on them tends to fail on new prompts (on tiny-shapes, 4 videos gave a plan 2.9 dB below the "
+            "best uniform method at its cost on held-out prompts, 8 videos one 0.9 dB above it: BENCHMARKS.md "
+            "section 11); pass more prompts or --seeds")
     chunks = math.ceil(len(jobs) / settings.batch_size)
     bar = _Progress(progress)
     try:

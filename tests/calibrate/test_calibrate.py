@@ -77,7 +77,7 @@ def test_one_sla_config_per_layer():
     ("tiny-shapes", ["--steps", "2"]),
     ("tiny-wan", ["--steps", "2", "--frames", "9", "--height", "64", "--width", "64"]),
 ])
-def test_calibrate_end_to_end_writes_a_plan_that_apply_runs(tmp_path, model, extra):
+def test_calibrate_end_to_end_writes_a_plan_that_apply_runs(tmp_path, capsys, model, extra):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red circle moving right\n")
     out = tmp_path / "plan.json"
@@ -85,6 +85,7 @@ def test_calibrate_end_to_end_writes_a_plan_that_apply_runs(tmp_path, model, ext
                  "--phases", "1", "--warmup-candidates", "1", "--candidates", "small", "--methods", "tile,sla",
                  "--search-iters", "1", "--cost-terms", "tiles", "--no-progress", "--quiet", *extra])
     assert code == 0
+    assert "note: 1 calibration video(s)" in capsys.readouterr().out  # too few to trust: said
     plan = dit_accel.SparsePlan.load(out)
     prov = plan.provenance
     assert prov["model_id"] == model and len(prov["prompts_sha256"]) == 64
