@@ -42,23 +42,13 @@ def main(argv=None) -> int:
     from ..sparse_plan import write_atomic
     from .candidates import candidate_grid
     from .costs import CostModel
-    from .run import CalibrationSettings, _psnr_ssim, calibrate, generate_videos
+    from .run import CalibrationSettings, _psnr_ssim, add_quality_options, calibrate, generate_videos
     from .search import SearchSpace
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True)
     p.add_argument("--min-psnr", type=float, default=25.0)
-    p.add_argument("--budget-on", choices=("worst", "mean"), default="worst",
-                   help="calibrate's rule for --min-psnr: every calibration video (default) or their mean")
-    p.add_argument("--sensitivity", choices=("probe", "uniform"), default="probe",
-                   help="probe (default): weigh each step bucket's and layer group's attention error by how much it "
-                        "moves the final output, measured with one generation per bucket and per layer group; "
-                        "uniform: every step and layer counts the same")
-    p.add_argument("--layer-groups", type=int, default=4, metavar="N",
-                   help="contiguous layer groups the sensitivity probe measures apart (default 4; 0: none)")
-    p.add_argument("--groundtruth", choices=("report", "require"), default="report",
-                   help="tiny-shapes: report the calibration videos' ground-truth checks (default), or require a plan "
-                        "to keep colour, shape, motion and consistency no worse than dense's")
+    add_quality_options(p)
     p.add_argument("--calibration-prompts", type=int, default=8)
     p.add_argument("--calibration-seeds", default="0")
     p.add_argument("--heldout-prompts", type=int, default=8)

@@ -23,7 +23,8 @@ from .search import Assignment, LayerChoice, SearchSpace
 
 __all__ = ["CalibrationSettings", "calibrate", "generate_videos", "search_budget", "passes_budget", "BUDGET_RULES",
            "GROUNDTRUTH_RULES", "groundtruth_kept", "probe_step_weights", "probe_layer_weights",
-           "SENSITIVITY"]
+           "SENSITIVITY",
+           "add_quality_options"]
 
 #: How ``min_psnr`` is checked on the calibration videos: every video (``worst``, the default) or their mean.
 BUDGET_RULES = ("worst", "mean")
@@ -124,6 +125,23 @@ class CalibrationSettings:
                   "num_inference_steps": self.steps, "guidance_scale": self.guidance_scale,
                   "max_sequence_length": self.max_sequence_length}
         return {k: v for k, v in wanted.items() if v is not None}
+
+
+def add_quality_options(parser) -> None:
+    """The flags of how a plan's quality is judged and weighed, shared by ``dit-accel calibrate`` and the evidence
+    script: ``--budget-on``, ``--sensitivity``, ``--layer-groups``, ``--groundtruth``."""
+    parser.add_argument("--budget-on", choices=BUDGET_RULES, default="worst",
+                        help="--min-psnr holds on every calibration video (worst, default: the margin a held-out set "
+                             "needs) or on their mean")
+    parser.add_argument("--sensitivity", choices=SENSITIVITY, default="probe",
+                        help="probe (default): weigh each step bucket's and layer group's attention error by how much "
+                             "it moves the final output, measured with one generation per bucket and per layer group; "
+                             "uniform: every step and layer counts the same")
+    parser.add_argument("--layer-groups", type=int, default=4, metavar="N",
+                        help="contiguous layer groups the sensitivity probe measures apart (default 4; 0: none)")
+    parser.add_argument("--groundtruth", choices=GROUNDTRUTH_RULES, default="report",
+                        help="tiny-shapes: report the calibration videos' ground-truth checks (default), or require "
+                             "a plan to keep colour, shape, motion and consistency no worse than dense's")
 
 
 class _Progress:

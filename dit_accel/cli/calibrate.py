@@ -35,6 +35,7 @@ def _int_list(text: str):
 def register(subparsers) -> argparse.ArgumentParser:
     from ..calibrate.candidates import GRIDS, METHODS
     from ..calibrate.costs import CostModel
+    from ..calibrate.run import add_quality_options
 
     p = subparsers.add_parser("calibrate", help="search a sparse plan per layer, head and step under a quality budget",
                               description=plain(__doc__), formatter_class=HelpFormatter)
@@ -45,18 +46,7 @@ def register(subparsers) -> argparse.ArgumentParser:
                    help="budget: PSNR of the final output against dense (same seeds), in dB")
     p.add_argument("--max-layer-error", type=float, metavar="E",
                    help="budget: relative L2 error of every layer's attention output against dense")
-    p.add_argument("--budget-on", choices=("worst", "mean"), default="worst",
-                   help="--min-psnr holds on every calibration video (worst, default: the margin a held-out set "
-                        "needs) or on their mean")
-    p.add_argument("--sensitivity", choices=("probe", "uniform"), default="probe",
-                   help="probe (default): weigh each step bucket's and layer group's attention error by how much it "
-                        "moves the final output, measured with one generation per bucket and per layer group; "
-                        "uniform: every step and layer counts the same")
-    p.add_argument("--layer-groups", type=int, default=4, metavar="N",
-                   help="contiguous layer groups the sensitivity probe measures apart (default 4; 0: none)")
-    p.add_argument("--groundtruth", choices=("report", "require"), default="report",
-                   help="tiny-shapes: report the calibration videos' ground-truth checks (default), or require a plan "
-                        "to keep colour, shape, motion and consistency no worse than dense's")
+    add_quality_options(p)
     p.add_argument("--seeds", type=_int_list, default=[0], help="comma-separated seeds (default 0)")
     p.add_argument("--frames", type=int)
     p.add_argument("--height", type=int)

@@ -123,6 +123,17 @@ def test_calibrate_needs_a_budget(tmp_path, capsys):
     assert "budget" in capsys.readouterr().out
 
 
+def _random_space(layers, buckets, seed):
+    """Tile and SLA candidates on GRID with random errors per (layer, bucket) and 4 heads, tiles-priced."""
+    cands = candidate_grid(GRID, size="small", methods=("tile", "sla"))
+    g = torch.Generator().manual_seed(seed)
+    errors = {(layer, b): torch.rand(len(cands), 4, generator=g, dtype=torch.float64) * 0.05
+              for layer in range(layers) for b in range(len(buckets))}
+    costs = CostModel(GRID, 32, terms="tiles")
+    block = [c for c in cands if c.kind == "block_sparse"]
+    return SearchSpace(cands, errors, costs, layers, buckets, 4, costs.full_head(block[0].method.plan(GRID)))
+
+
 def _verify_by_error(offsets):
     """A stand-in for the end-to-end run: video i's PSNR falls with the plan's summed squared attention error,
     shifted by ``offsets[i]`` (some videos suffer more from the same plan than others)."""
@@ -143,12 +154,7 @@ def test_the_psnr_budget_holds_on_every_calibration_video_by_default():
     assert passes_budget([30.0, 30.0, 20.0], 25.0) is False  # the mean (26.7) would pass
     assert passes_budget([30.0, 30.0, 20.0], 25.0, "mean") is True
     assert passes_budget([1.0], None) is True
-    cands = candidate_grid(GRID, size="small", methods=("tile", "sla"))
-    g = torch.Generator().manual_seed(3)
-    errors = {(layer, 0): torch.rand(len(cands), 4, generator=g, dtype=torch.float64) * 0.05 for layer in range(2)}
-    costs = CostModel(GRID, 32, terms="tiles")
-    block = [c for c in cands if c.kind == "block_sparse"]
-    space = SearchSpace(cands, errors, costs, 2, [(0, 4)], 4, costs.full_head(block[0].method.plan(GRID)))
+    space = _random_space(2, [(0, 4)], 3)
     verify = _verify_by_error([4.0, 4.0, 4.0, -8.0])  # three videos the plan barely changes, one it breaks
     mean, _ = search_budget(space, verify, min_psnr=25.0, rule="mean", iters=12)
     worst, trace = search_budget(space, verify, min_psnr=25.0, rule="worst", iters=12)
@@ -168,12 +174,7 @@ def test_a_plan_that_loses_a_groundtruth_check_fails_whatever_its_psnr():
     assert groundtruth_kept(dict(dense), dense)
     assert groundtruth_kept(dict(dense, motion=0.75), dense)  # better is fine
     assert not groundtruth_kept(dict(dense, shape=0.5), dense)
-    cands = candidate_grid(GRID, size="small", methods=("tile", "sla"))
-    g = torch.Generator().manual_seed(3)
-    errors = {(layer, 0): torch.rand(len(cands), 4, generator=g, dtype=torch.float64) * 0.05 for layer in range(2)}
-    costs = CostModel(GRID, 32, terms="tiles")
-    block = [c for c in cands if c.kind == "block_sparse"]
-    space = SearchSpace(cands, errors, costs, 2, [(0, 4)], 4, costs.full_head(block[0].method.plan(GRID)))
+    space = _random_space(2, [(0, 4)], 3)
     by_psnr = _verify_by_error([0.0])
     plain, _ = search_budget(space, by_psnr, min_psnr=20.0, iters=12)
 
@@ -191,16 +192,6 @@ def test_a_plan_that_loses_a_groundtruth_check_fails_whatever_its_psnr():
     assert CalibrationSettings("tiny-shapes", ["p"], min_psnr=1.0, groundtruth="require").gates_groundtruth()
     with pytest.raises(ValueError, match="no ground-truth checker"):
         CalibrationSettings("tiny-wan", ["p"], min_psnr=1.0, groundtruth="require").check()
-
-
-def _probe_space(layers, buckets, seed):
-    cands = candidate_grid(GRID, size="small", methods=("tile", "sla"))
-    g = torch.Generator().manual_seed(seed)
-    errors = {(layer, b): torch.rand(len(cands), 4, generator=g, dtype=torch.float64) * 0.05
-              for layer in range(layers) for b in range(len(buckets))}
-    costs = CostModel(GRID, 32, terms="tiles")
-    block = [c for c in cands if c.kind == "block_sparse"]
-    return SearchSpace(cands, errors, costs, layers, buckets, 4, costs.full_head(block[0].method.plan(GRID)))
 
 
 def _linear_generation(space, sensitivity, factor, seen):
@@ -227,7 +218,7 @@ def test_step_weights_are_measured_one_step_per_bucket_and_move_the_sparsity_to_
     from dit_accel.calibrate.run import probe_step_weights
 
     buckets = [(0, 1), (1, 2), (2, 4), (4, 8)]
-    space = _probe_space(2, buckets, 5)
+    space = _random_space(2, buckets, 5)
     sensitivity = [50.0, 10.0, 2.0, 0.01]  # output error per unit of attention error at one step
     seen = []
     weights = probe_step_weights(space, _linear_generation(space, sensitivity, [1.0, 1.0], seen))
@@ -252,7 +243,7 @@ def test_layer_weights_are_measured_per_layer_group_over_what_the_step_weights_p
     from dit_accel.calibrate.run import probe_layer_weights
 
     buckets = [(0, 1), (1, 4)]
-    space = _probe_space(4, buckets, 6)
+    space = _random_space(4, buckets, 6)
     space.bucket_weights = [3.0, 0.5]
     factor = [8.0, 8.0, 0.5, 0.5]  # the first two layers move the output 16 times more than the last two
     seen = []
@@ -283,12 +274,7 @@ def test_auto_cost_terms_keep_the_full_model_unless_it_makes_every_candidate_los
 def test_the_bisection_spends_no_run_on_an_exact_plan_or_the_cheapest_one():
     from dit_accel.calibrate.run import search_budget
 
-    cands = candidate_grid(GRID, size="small", methods=("tile", "sla"))
-    g = torch.Generator().manual_seed(3)
-    errors = {(layer, 0): torch.rand(len(cands), 4, generator=g, dtype=torch.float64) * 0.05 for layer in range(2)}
-    costs = CostModel(GRID, 32, terms="tiles")
-    block = [c for c in cands if c.kind == "block_sparse"]
-    space = SearchSpace(cands, errors, costs, 2, [(0, 4)], 4, costs.full_head(block[0].method.plan(GRID)))
+    space = _random_space(2, [(0, 4)], 3)
     _, trace = search_budget(space, _verify_by_error([4.0, 4.0, 4.0, -8.0]), min_psnr=25.0, iters=6)
     keys = [r["assignment"].key() for r in trace]
     cheapest = space.assign(0.0).key()
