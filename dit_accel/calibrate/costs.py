@@ -18,12 +18,17 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Dict
+import statistics
+import time
+from typing import Callable, Dict, Optional, Sequence
 
 from ..kernels import cost as kernel_cost
 from ..plans import LayoutPlan
 
-__all__ = ["CostModel"]
+__all__ = ["CostModel", "MeasuredCostModel", "COST_SOURCES"]
+
+#: ``--costs``: what prices a candidate: the kernels' cost model (``model``) or timings on this device (``measured``).
+COST_SOURCES = ("model", "measured")
 
 
 class CostModel:
@@ -98,3 +103,97 @@ class CostModel:
         return {"arch": self.arch, "kernel": self.kernel, "terms": self.terms,
                 "constants": self.constants.name, "modelled_kernel": self.constants.modelled_kernel,
                 "source": self.constants.source}
+
+
+def _wall_ms(fn: Callable[[], object], device, repeats: int = 5) -> float:
+    """Median milliseconds of ``fn()`` after one warm-up call (CUDA events on a GPU, the wall clock elsewhere)."""
+    import torch
+
+    fn()
+    times = []
+    cuda = torch.device(device).type == "cuda"
+    for _ in range(repeats):
+        if cuda:
+            start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            stop.record()
+            stop.synchronize()
+            times.append(start.elapsed_time(stop))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+class MeasuredCostModel(CostModel):
+    """Seconds per head and per launch **measured on this device**: each candidate (and dense SDPA) is timed on
+    random ``(1, heads, N, head_dim)`` inputs of the grid's tokens with all heads and with one head; the
+    difference over ``heads - 1`` is the per-head body, the rest of the one-head call the per-call term
+    (``heads == 1``: all of it is the body). A dense head inside a block-sparse launch is priced as a dense
+    SDPA head. Same interface as :class:`CostModel`, so the search and the evidence price plans the same way.
+
+    Args:
+        grid, head_dim: as :class:`CostModel`; candidates: the :class:`~.candidates.Candidate` list to time;
+        heads: the model's heads per layer; device, dtype: where and in what the pipeline runs;
+        backend: the attention backend the plans run with; timer: ``timer(fn) -> ms`` (tests replace it).
+    """
+
+    def __init__(self, grid, head_dim: int, candidates: Sequence, heads: int, *, device="cpu", dtype=None,
+                 backend: str = "auto", timer: Optional[Callable[[Callable[[], object]], float]] = None):
+        super().__init__(grid, head_dim, terms="full")
+        import torch
+        import torch.nn.functional as F
+
+        self.device, self.backend, self.heads_per_layer = str(device), backend, int(heads)
+        dtype = dtype or torch.float32
+        timer = timer or (lambda fn: _wall_ms(fn, device))
+        gen = torch.Generator().manual_seed(0)
+        n = self.num_tokens
+        full = [torch.randn((1, self.heads_per_layer, n, self.head_dim), generator=gen).to(device=device, dtype=dtype)
+                for _ in range(3)]
+        one = [t[:, :1].contiguous() for t in full]
+
+        def split(call) -> tuple:
+            """(per-call seconds, per-head seconds) of ``call(q, k, v)``."""
+            with torch.no_grad():
+                t_all = timer(lambda: call(*full)) / 1e3
+                if self.heads_per_layer == 1:
+                    return 0.0, t_all
+                t_one = timer(lambda: call(*one)) / 1e3
+            body = max(t_all - t_one, 0.0) / (self.heads_per_layer - 1)
+            return max(t_one - body, 0.0), body
+
+        launch, body = split(lambda q, k, v: F.scaled_dot_product_attention(q, k, v))
+        self._launches: Dict[str, list] = {"dense": [launch]}
+        self._dense_body = body
+        for cand in candidates:
+            if cand.kind == "dense":
+                self._heads[cand.method] = body
+                continue
+            plan = cand.method.plan(self.grid)
+            launch, body = split(lambda q, k, v, plan=plan: plan.run(q, k, v, backend=backend))
+            self._heads[cand.method] = body
+            self._launches.setdefault(cand.kind, []).append(launch)
+        self._launch = {kind: statistics.median(values) for kind, values in self._launches.items()}
+
+    def launch(self, kind: str) -> float:
+        return self._launch.get(kind, self._launch["dense"])
+
+    def dense_head(self) -> float:
+        return self._dense_body
+
+    def full_head(self, layout_like) -> float:
+        return self._dense_body
+
+    def head(self, candidate) -> float:
+        if candidate.method not in self._heads:
+            raise KeyError(f"{candidate.label}: not timed; pass it among the candidates")
+        return self._heads[candidate.method]
+
+    def describe(self) -> dict:
+        return {"arch": None, "kernel": None, "terms": "measured", "constants": f"measured on {self.device}",
+                "modelled_kernel": False, "backend": self.backend,
+                "source": f"median wall time of each candidate on random (1, {self.heads_per_layer}, "
+                          f"{self.num_tokens}, {self.head_dim}) inputs on {self.device}, with all heads and one"}

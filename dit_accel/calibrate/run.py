@@ -15,7 +15,7 @@ import torch
 from ..methods import Dense
 from ..sparse_plan import Phase, SparsePlan, prompts_hash, write_atomic
 from .candidates import METHODS, candidate_grid
-from .costs import CostModel
+from .costs import COST_SOURCES, CostModel, MeasuredCostModel
 from .report import plot_heatmap, write_report
 from .sampling import QKVSampler, step_buckets
 from .scoring import score_candidates
@@ -84,6 +84,7 @@ class CalibrationSettings:
     arch: str = "h100"
     kernel: str = "current"
     cost_terms: str = "auto"
+    costs: str = "model"
     search_iters: int = 6
     batch_size: int = 8
     backend: str = "auto"
@@ -106,6 +107,8 @@ class CalibrationSettings:
             raise ValueError(f"--max-layer-error must be > 0; got {self.max_layer_error}")
         if self.cost_terms not in COST_TERMS:
             raise ValueError(f"--cost-terms {self.cost_terms!r} is invalid: choose one of {list(COST_TERMS)}")
+        if self.costs not in COST_SOURCES:
+            raise ValueError(f"--costs {self.costs!r} is invalid: choose one of {list(COST_SOURCES)}")
         if self.budget_on not in BUDGET_RULES:
             raise ValueError(f"--budget-on {self.budget_on!r} is invalid: choose one of {list(BUDGET_RULES)}")
         if self.sensitivity not in SENSITIVITY:
@@ -370,6 +373,10 @@ def search_space(candidates, errors, grid, head_dim: int, layers: int, buckets, 
         full = costs.full_head(block[0].method.plan(grid)) if block else costs.dense_head()
         return SearchSpace(candidates, errors, costs, layers, buckets, heads, full)
 
+    if settings.costs == "measured":
+        costs = MeasuredCostModel(grid, head_dim, candidates, heads, device=settings.device,
+                                  dtype=getattr(torch, settings.dtype), backend=settings.backend)
+        return SearchSpace(candidates, errors, costs, layers, buckets, heads, costs.dense_head()), None
     if settings.cost_terms != "auto":
         return build(settings.cost_terms), None
     space = build("full")
@@ -530,7 +537,9 @@ def calibrate(settings: CalibrationSettings, out, *, report_dir=None, progress: 
             budget["min_psnr_on"] = "every calibration video" if settings.budget_on == "worst" else "the mean"
         if settings.gates_groundtruth():
             budget["groundtruth"] = "no check (" + ", ".join(_GROUNDTRUTH_CHECKS) + ") worse than dense's"
-        objective = (f"least modelled attention time ({costs.constants.name}, terms={costs.terms}) per "
+        priced = (f"measured attention time (on {settings.device})" if settings.costs == "measured" else
+                  f"modelled attention time ({costs.constants.name}, terms={costs.terms})")
+        objective = (f"least {priced} per "
                      "generation, per-(layer, bucket) Lagrangian allocation of the squared relative attention error")
         provenance = SparsePlan.provenance_now(
             model_class=type(transformer).__name__, model_id=settings.model, grids=[list(grid)],

@@ -74,6 +74,9 @@ def register(subparsers) -> argparse.ArgumentParser:
                    help="which modelled terms count: full (per call, per CTA, per tile), no-launch, tiles; auto "
                         "(default): full, or tiles where under full no sparse candidate beats dense (small grids; "
                         "said in the output)")
+    p.add_argument("--costs", choices=("model", "measured"), default="model",
+                   help="what prices a candidate: the kernels' cost model (default; --arch, --kernel, --cost-terms), "
+                        "or its attention call timed on this device (--device, --dtype) on random inputs of the grid")
     p.add_argument("--search-iters", type=int, default=6, help="bisection steps of the PSNR search (default 6)")
     p.add_argument("--batch-size", type=int, default=8, help="samples per pipeline call")
     p.add_argument("--backend", default="auto", choices=["auto", "triton", "torch", "flex"])
@@ -124,7 +127,7 @@ def _run(args) -> int:
         cooldown=tuple(args.cooldown_candidates),
         candidates=args.candidates, methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()),
         samples_per_bucket=args.samples_per_bucket, max_sample_mb=args.max_sample_mb, capture_dir=args.capture,
-        arch=args.arch, kernel=args.kernel, cost_terms=args.cost_terms, search_iters=args.search_iters,
+        arch=args.arch, kernel=args.kernel, cost_terms=args.cost_terms, costs=args.costs, search_iters=args.search_iters,
         batch_size=args.batch_size, backend=args.backend, budget_on=args.budget_on,
         groundtruth=args.groundtruth, sensitivity=args.sensitivity,
         layer_groups=args.layer_groups)

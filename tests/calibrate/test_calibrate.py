@@ -280,3 +280,50 @@ def test_the_bisection_spends_no_run_on_an_exact_plan_or_the_cheapest_one():
     cheapest = space.assign(0.0).key()
     assert keys[0] == cheapest and cheapest not in keys[1:]
     assert not any(all(c.error == 0 for c in r["assignment"].choices.values()) for r in trace)  # none exact
+
+
+def test_measured_costs_split_each_timing_into_a_per_call_and_a_per_head_term():
+    import statistics
+
+    from dit_accel.calibrate.costs import MeasuredCostModel
+
+    cands = candidate_grid(GRID, size="small", methods=("tile", "sla"))
+    sparse = [c for c in cands if c.kind != "dense"]
+    # the timer's answers in call order: dense (4 heads, then 1), then each sparse candidate (4 heads, then 1)
+    answers = [10.0, 4.0]
+    for i, c in enumerate(sparse):
+        answers += [6.0 + i, 3.0] if c.kind == "block_sparse" else [5.5, 2.5]
+    calls = []
+
+    def timer(fn):
+        calls.append(fn)
+        return answers[len(calls) - 1]
+
+    costs = MeasuredCostModel(GRID, 32, cands, 4, timer=timer)
+    assert len(calls) == len(answers)
+    assert costs.dense_head() == pytest.approx(2e-3) and costs.launch("dense") == pytest.approx(2e-3)
+    for i, c in enumerate(sparse):
+        if c.kind == "block_sparse":  # (6 + i - 3) / 3 per head, the rest of the one-head call per launch
+            assert costs.head(c) == pytest.approx((3.0 + i) / 3 * 1e-3)
+        else:
+            assert costs.head(c) == pytest.approx(1e-3)
+    assert costs.launch("sla") == pytest.approx(1.5e-3)
+    block_launches = sorted(3.0 - (3.0 + i) / 3 for i, c in enumerate(sparse) if c.kind == "block_sparse")
+    assert costs.launch("block_sparse") == pytest.approx(statistics.median(block_launches) * 1e-3)
+    assert costs.describe()["terms"] == "measured"
+
+
+def test_calibrate_with_costs_measured_on_this_device(tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle moving right\n")
+    out = tmp_path / "plan.json"
+    assert main(["calibrate", "--model", "tiny-shapes", "--prompts", str(prompts), "--min-psnr", "20", "--out",
+                 str(out), "--phases", "1", "--warmup-candidates", "1", "--candidates", "small", "--methods", "tile",
+                 "--search-iters", "1", "--costs", "measured", "--sensitivity", "uniform", "--steps", "2",
+                 "--no-progress", "--quiet"]) == 0
+    plan = dit_accel.SparsePlan.load(out)
+    assert "measured attention time (on cpu)" in plan.provenance["objective"]
+    assert plan.provenance["cost_model"]["terms"] == "measured"
+    result = json.loads((tmp_path / "plan_report" / "calibration.json").read_text())
+    assert all(c["head_cost_us"] >= 0 for c in result["candidates"])
+    assert "timed on cpu" in (tmp_path / "plan_report" / "report.md").read_text()
