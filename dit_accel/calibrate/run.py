@@ -318,7 +318,8 @@ def probe_step_weights(space: SearchSpace, run: Callable[[SparsePlan], float]) -
     mean squared error against dense; the bucket's weight is that error over the summed attention error of
     those choices (:func:`_scaled`). One step, not the whole bucket, keeps the perturbation small enough to
     act linearly: sparse over whole buckets the output saturates and the weights flatten (measured on
-    tiny-shapes: a ratio of 2 between the first and the middle steps, against 10 one step at a time).
+    tiny-shapes: a ratio of about 2 between the first and the middle buckets' weights, against 14-26 one step
+    at a time; BENCHMARKS.md section 11).
     """
     raw: List[Optional[float]] = []
     for b in range(len(space.buckets)):
