@@ -106,24 +106,20 @@ class CostModel:
 
 
 def _wall_ms(fn: Callable[[], object], device, repeats: int = 5) -> float:
-    """Median milliseconds of ``fn()`` after one warm-up call (CUDA events on a GPU, the wall clock elsewhere)."""
+    """Median milliseconds of ``fn()`` after one warm-up call: CUDA events on a GPU
+    (:func:`~dit_accel.kernels.autotune.cuda_event_timer`), the wall clock elsewhere."""
     import torch
 
+    if torch.device(device).type == "cuda":
+        from ..kernels.autotune import cuda_event_timer
+
+        return cuda_event_timer(fn, warmup=1, repeats=repeats)
     fn()
     times = []
-    cuda = torch.device(device).type == "cuda"
     for _ in range(repeats):
-        if cuda:
-            start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            stop.record()
-            stop.synchronize()
-            times.append(start.elapsed_time(stop))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
     return statistics.median(times)
 
 
