@@ -12,6 +12,8 @@ Each stage is timed alone:
 - ``api_grad``: the same on inputs that require grad (autograd recording, no backward);
 - ``custom_op``: the ``dit_accel::block_sparse_fwd`` op called directly (dispatcher + launcher);
 - ``launcher``: ``triton_forward`` alone (launch lookup, allocation, launch);
+- ``backward_launcher``: ``triton_backward`` alone (launch lookup, allocations, the preprocess, dK/dV and
+  dQ launches), what a training step's backward adds per attention call after autograd;
 - ``plan``: ``LayoutPlan.run`` of the same layout in raster order, no text tokens (what a pipeline's
   attention hook adds on top of ``api_lse``);
 - ``plan_tiled``: ``Tile(...).plan(grid).run``: the same plus the permutation to tiled order and
@@ -78,7 +80,8 @@ def stub_launches() -> Iterator[Dict[str, int]]:
     from ..kernels.sla import triton as sla
 
     counts = {"triton": 0}
-    saved_bs = {name: getattr(bs, name) for name in ("_fwd_kernel", "_bwd_dkdv_kernel", "_bwd_dq_kernel")}
+    saved_bs = {name: getattr(bs, name) for name in ("_fwd_kernel", "_bwd_preprocess_kernel", "_bwd_dkdv_kernel",
+                                                     "_bwd_dq_kernel")}
     tables = (sla.KERNELS, pool.KERNELS, operands.KERNELS)
     saved = [dict(table) for table in tables]
     try:
@@ -170,7 +173,7 @@ def measure_host_path(*, tokens: int = 1024, heads: int = 2, head_dim: int = 64,
     if triton_reason("cpu") is not None:
         raise RuntimeError("measure_host_path needs TRITON_INTERPRET=1 set before triton is imported "
                            "(run `python -m dit_accel.eval.host_path`)")
-    from ..kernels.block_sparse.triton import triton_forward
+    from ..kernels.block_sparse.triton import triton_backward, triton_forward
 
     gen = torch.Generator().manual_seed(0)
     shape = (1, heads, tokens, head_dim)
@@ -180,6 +183,9 @@ def measure_host_path(*, tokens: int = 1024, heads: int = 2, head_dim: int = 64,
     band = (torch.arange(n_b)[:, None] - torch.arange(n_b)[None, :]).abs() <= 1
     layout = BlockLayout.from_block_masks(band, q_len=tokens, kv_len=tokens, block_q=block, block_k=block)
     scale = head_dim ** -0.5
+    # The backward's inputs: any o, lse and dO of the right shapes (the stubbed kernels read nothing).
+    o, do = torch.randn_like(q), torch.randn_like(q)
+    lse = torch.randn(shape[:3], generator=gen)
     tensors = [getattr(layout, name) for name in BlockLayout.TENSORS]
     method = SLA(topk=0.05)
     raster = LayoutPlan(None, (tokens,), layout)
@@ -203,6 +209,7 @@ def measure_host_path(*, tokens: int = 1024, heads: int = 2, head_dim: int = 64,
         "custom_op": lambda: block_sparse_fwd(q, k, v, *tensors, layout.q_len, layout.kv_len, layout.block_q,
                                               layout.block_k, scale),
         "launcher": lambda: triton_forward(q, k, v, layout, scale),
+        "backward_launcher": lambda: triton_backward(do, q, k, v, o, lse, layout, scale),
         "plan": lambda: raster.run(q, k, v, backend="triton"),
         "plan_tiled": lambda: tiled.run(q, k, v, backend="triton"),
         "plan_tiled_text": lambda: tiled.run(qt, kt, vt, num_text=n_text, backend="triton"),

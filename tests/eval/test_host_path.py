@@ -16,7 +16,8 @@ def test_measure_host_path_runs_every_stage_and_restores_the_kernels():
 
     before = (bs._fwd_kernel, dict(sla.KERNELS), dict(pool.KERNELS), dict(operands.KERNELS))
     result = measure_host_path(tokens=256, calls=3, repeats=1)
-    assert set(result) == {"api", "api_lse", "api_grad", "custom_op", "launcher", "plan", "plan_tiled",
+    assert set(result) == {"api", "api_lse", "api_grad", "custom_op", "launcher", "backward_launcher", "plan",
+                           "plan_tiled",
                            "plan_tiled_text", "sla", "sla_proj", "sla_small", "sla_small_proj"}
     assert all(us > 0 for us in result.values())
     assert (bs._fwd_kernel, dict(sla.KERNELS), dict(pool.KERNELS), dict(operands.KERNELS)) == before
@@ -27,12 +28,15 @@ def test_measure_host_path_runs_every_stage_and_restores_the_kernels():
 
 def test_device_ops_are_counted_per_stage():
     """The detail mode counts each stage's device work: the block-sparse launcher is one Triton launch and no
-    torch kernel; SLA without projection is its pooling and forward launches plus the classification's few
+    torch kernel, its backward three; SLA without projection is its pooling and forward launches plus the classification's few
     torch kernels (its matmul and sorts)."""
     from dit_accel.eval.host_path import measure_host_path
 
-    result = measure_host_path(tokens=256, calls=2, repeats=1, stages=("launcher", "sla_small"), detail=True)
+    result = measure_host_path(tokens=256, calls=2, repeats=1, stages=("launcher", "backward_launcher", "sla_small"),
+                               detail=True)
     assert result["launcher"]["ops"] == {"torch": 0, "triton": 1, "kernels": 1, "allocations": 2}
+    # the backward: preprocess, dK/dV, dQ; delta, lse2 and the three gradients allocated
+    assert result["backward_launcher"]["ops"] == {"torch": 0, "triton": 3, "kernels": 3, "allocations": 5}
     sla = result["sla_small"]["ops"]
     assert sla["triton"] == 2 and sla["kernels"] == sla["torch"] + 2 and 3 <= sla["torch"] <= 5
 

@@ -6,7 +6,9 @@ descriptors once per (layout, call signature) and keeps them with the layout's t
 the device's architecture, base alignment, batch, the layout's content with the same shape,
 a non-contiguous last dim, a padded head dim) on one layout, check every result against the
 fp32 masked reference, and check that a new signature builds a new entry while a repeated one
-builds nothing. Interpreter sizes (N <= 160), fp32 / fp16.
+builds nothing. ``triton_backward`` keeps its own entry per (layout, call signature) beside the
+forward's (configurations, transposed and forward plans, strides, grids, descriptors): the last tests
+check its gradients the same way. Interpreter sizes (N <= 160), fp32 / fp16.
 """
 
 import gc
@@ -18,7 +20,7 @@ import torch
 
 from dit_accel.kernels import BlockLayout, block_sparse_attention
 from dit_accel.kernels.backends import triton_reason
-from tests.utils import assert_attention_close, banded_mask, make_qkv, random_mask
+from tests.utils import assert_attention_close, assert_grads_close, banded_mask, make_qkv, random_mask
 
 pytestmark = pytest.mark.skipif(triton_reason("cpu") is not None or os.environ.get("TRITON_INTERPRET") != "1",
                                 reason="interpreter test (CPU tensors)")
@@ -239,3 +241,66 @@ def test_the_compute_capability_is_read_once_per_cuda_device(monkeypatch):
         assert bst._arch(torch.device("cuda", 1)) == 90
     assert len(reads) == 1
     assert bst._arch(torch.device("cpu")) == 80 and len(reads) == 1
+
+
+# ------------------------------------------------------------------ the backward launcher
+@pytest.fixture
+def backward_builds(monkeypatch):
+    """Counts the launch builds (cache misses) of ``triton_backward``."""
+    bst = _bst()
+    calls = []
+    real = bst._backward_launch
+    monkeypatch.setattr(bst, "_backward_launch", lambda *args: calls.append(1) or real(*args))
+    return calls
+
+
+def _check_grads(q, k, v, mask, layout, dlse=None, scale=None):
+    bst = _bst()
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    o, lse = bst.triton_forward(q, k, v, layout, scale)
+    do = torch.randn_like(o)
+    grads = bst.triton_backward(do, q, k, v, o, lse, layout, scale, dlse)
+    if dlse is None:
+        assert_grads_close(grads, q, k, v, mask, do, scale)
+    return grads
+
+
+@pytest.mark.parametrize("arch", [80, 90], ids=["sm80-pointers", "sm90-tma"])
+@pytest.mark.parametrize("change", ["strides", "head_dim", "last_dim", "dtype"])
+def test_backward_launch_is_built_once_per_signature(backward_builds, monkeypatch, arch, change):
+    """A repeated backward builds nothing; a call that differs in one component (q in (B, N, H, D)
+    storage, a head dim the pointer kernels pad, a last dim that is not contiguous, fp16) builds its own
+    launch, and every gradient matches the reference, on both load paths."""
+    monkeypatch.setattr(_bst(), "_arch", lambda device: arch)
+    mask, layout = _layout(seed=11, heads=2)
+    q, k, v = make_qkv(1, 2, N, N, D, seed=11)
+    for _ in range(2):
+        _check_grads(q, k, v, mask, layout)
+    assert len(backward_builds) == 1
+    if change == "strides":
+        q = q.transpose(1, 2).contiguous().transpose(1, 2)
+    elif change == "head_dim":
+        q, k, v = make_qkv(1, 2, N, N, 80, seed=12)
+    elif change == "last_dim":
+        q, k, v = (torch.stack([t, torch.zeros_like(t)], -1)[..., 0] for t in (q, k, v))
+    else:
+        q, k, v = (t.half() for t in (q, k, v))
+    for _ in range(2):
+        _check_grads(q, k, v, mask, layout)
+    # (a last dim that is not contiguous is copied before the key is taken: the first launch serves it)
+    assert len(backward_builds) == (1 if change == "last_dim" else 2)
+
+
+def test_backward_with_dlse_of_other_strides_than_lse():
+    """``dlse`` enters the preprocess with lse's strides: a dlse laid out otherwise (here the transpose of a
+    (B, N, H) buffer) gives the same gradients as its contiguous copy."""
+    mask, layout = _layout(seed=13, heads=2)
+    q, k, v = make_qkv(1, 2, N, N, D, seed=13)
+    dlse = torch.randn(1, N, 2).transpose(1, 2)
+    assert not dlse.is_contiguous()
+    torch.manual_seed(0)
+    strided = _check_grads(q, k, v, mask, layout, dlse=dlse)
+    torch.manual_seed(0)
+    dense = _check_grads(q, k, v, mask, layout, dlse=dlse.contiguous())
+    for got, want in zip(strided, dense):
+        torch.testing.assert_close(got, want, atol=0, rtol=0)

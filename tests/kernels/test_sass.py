@@ -244,10 +244,15 @@ def test_block_sparse_backward_is_within_1_15x_dense_per_tile(rows):
     assert not bad, "block-sparse backward configurations above 1.15x the dense backward per tile:\n" + bad
 
 
-def test_sla_critical_loop_is_within_1_25x_dense_per_tile(rows):
-    bad = _failures(rows, lambda r: r["family"] == "sla", _ratio_over(1.25))
+def test_sla_critical_loop_is_within_1_15x_dense_per_tile_forward_1_25x_backward(rows):
+    """The SLA forward's critical-block loop meets the block-sparse bound (issue 27: 1.15x the dense kernel per
+    tile; 1.06x at most on 2026-11-23); the other SLA kernels (the backward's loops, which also take the linear
+    branch's terms, and the global sums) 1.25x (1.152x at most: dK/dV at d64 without the linear branch, sm_90)."""
     assert {r["arch"] for r in rows.values() if r["family"] == "sla"} == {80, 89, 90}
-    assert not bad, "SLA configurations whose critical-block loop is above 1.25x the dense kernel per tile:\n" + bad
+    bad = _failures(rows, lambda r: r["family"] == "sla" and r["kernel"] == "fwd", _ratio_over(1.15))
+    assert not bad, "SLA forward configurations whose critical-block loop is above 1.15x the dense kernel:\n" + bad
+    bad = _failures(rows, lambda r: r["family"] == "sla" and r["kernel"] != "fwd", _ratio_over(1.25))
+    assert not bad, "SLA backward / global-sum configurations above 1.25x the dense kernel per tile:\n" + bad
 
 
 @static_toolchain

@@ -13,6 +13,10 @@ steps (:mod:`dit_accel.kernels.dense.tiles`):
   query tiles that visit this key tile) and recomputes ``P`` from the saved log-sum-exp.
 - ``_bwd_dq_kernel``: grid ``(query tiles, B*H)`` over the forward plan.
 
+The backward kernels keep a program per owned tile on every GPU: persistent variants of both, compiled
+for sm_90, spill at head dim 128 (dK/dV: 96-244 bytes) or lose a CTA per SM (dQ: 166 -> 248
+registers), which costs more than the per-CTA setup that persistence saves.
+
 Both backward kernels own their outputs, so no atomics are needed.
 
 The *plan* (:func:`tile_plan`) is the layout at kernel-tile granularity, derived once per
@@ -45,7 +49,7 @@ import dataclasses
 import functools
 import threading
 import weakref
-from typing import Callable, Dict, Hashable, Optional, Tuple, TypeVar
+from typing import Callable, Dict, Hashable, NamedTuple, Optional, Tuple, TypeVar
 
 import torch
 import triton
@@ -831,19 +835,65 @@ def _ws_forward(q, k, v, o, lse, layout: BlockLayout, cfg: KernelConfig, scale: 
     return True
 
 
-def _preprocess(o, do, lse, dlse, layout) -> Tuple[torch.Tensor, torch.Tensor]:
-    """``(delta, lse2)``: ``rowsum(dO * O) - dlse`` and the base-2 lse, contiguous ``(B*H, N)`` fp32."""
-    b, h, n, d = o.shape
-    pre = _selected("bwd_preprocess", o.dtype, d, layout.block_q, layout.block_k, _arch(o.device))
-    delta = torch.empty((b * h, n), dtype=torch.float32, device=o.device)
-    lse2 = torch.empty_like(delta)
-    _bwd_preprocess_kernel[(triton.cdiv(n, pre.block_m), b * h)](
-        o, do, lse, dlse if dlse is not None else lse, delta, lse2,
-        *_strides(o), *_strides(do), lse.stride(0), lse.stride(1), h, n, d,
-        BLOCK_M=pre.block_m, BLOCK_D=pre.block_d, HAS_DLSE=dlse is not None,
-        num_warps=pre.num_warps, num_stages=pre.num_stages,
-    )
-    return delta, lse2
+@dataclasses.dataclass(frozen=True)
+class _BackwardLaunch:
+    """The backward's launches as derived from (layout, call signature), once (:func:`_backward_launch`).
+
+    ``pre``: the preprocess's grid, static arguments and keywords; ``pad``: the pointer configuration whose ``block_d``
+    the inputs are zero-padded to (None: no padding); ``copies``: dQ, dK, dV allocated like q, k, v
+    would not share their strides, so the kernels get contiguous copies; ``steps``: per kernel (dK/dV,
+    then dQ) its static arguments after the call's tensors (plan, strides, sizes; the scale comes last,
+    per call), grid, keywords and TMA descriptor templates (rebased per call) or None.
+    """
+
+    pre: tuple
+    pad: Optional[KernelConfig]
+    copies: bool
+    steps: Tuple["_BackwardStep", "_BackwardStep"]
+
+
+class _BackwardStep(NamedTuple):
+    args: tuple
+    grid: tuple
+    kw: dict
+    descriptors: Optional[tuple]
+
+
+def _backward_launch(q, k, v, do, o, lse, dlse, layout: BlockLayout) -> _BackwardLaunch:
+    """What :func:`triton_backward` derives from its inputs' geometry and ``layout``: configurations,
+    tile plans, strides, grids and descriptor templates (q, k, v, do, o last-dim contiguous
+    and in q's dtype; lse, dlse fp32 with the same strides)."""
+    b, h, n, d = q.shape
+    m = k.shape[2]
+    dev = q.device
+    pre_cfg = _selected("bwd_preprocess", o.dtype, d, layout.block_q, layout.block_k, _arch(dev))
+    pre = ((triton.cdiv(n, pre_cfg.block_m), b * h),
+           (*_strides(o), *_strides(do), lse.stride(0), lse.stride(1), h, n, d),
+           dict(BLOCK_M=pre_cfg.block_m, BLOCK_D=pre_cfg.block_d, HAS_DLSE=dlse is not None,
+                num_warps=pre_cfg.num_warps, num_stages=pre_cfg.num_stages))
+    cfg_kv, cfg_q = _config("bwd_dkdv", q, layout, (q, do)), _config("bwd_dq", q, layout, (k, v))
+    pad = None if cfg_kv.tma and cfg_q.tma else pointer_fallback(cfg_kv)  # a pointer kernel: odd head dims pad
+    if pad is not None:
+        q, k, v, do = _pad_d(pad, q, k, v, do)
+        if q.shape[-1] == d:
+            pad = None
+    # dK / dV share K / V's strides (and dQ Q's): allocated alike; odd strides get dense copies.
+    copies = any(torch.empty_like(t).stride() != t.stride() for t in (q, k, v))
+    if copies:
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    strides = (*_strides(q), *_strides(k), *_strides(v), *_strides(do))
+    steps = []
+    for kernel, cfg, owned, streamed in (("bwd_dkdv", cfg_kv, m, (q, do)), ("bwd_dq", cfg_q, n, (k, v))):
+        dkdv = kernel == "bwd_dkdv"
+        tile_r, tile_c = (cfg.block_n, cfg.block_m) if dkdv else (cfg.block_m, cfg.block_n)
+        plan = _plan(layout, tile_r, tile_c, transposed=dkdv)
+        args = (plan.plan, plan.bits, *strides, *plan.args(), h, n, m, q.shape[-1])
+        kw = dict(**cfg.constexprs(), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        descriptors = _streamed(cfg, streamed, tile_c) if cfg.tma else None
+        if descriptors is not None:  # templates: the launch must not keep this call's tensors alive
+            descriptors = tuple(_rebased(desc, None) for desc in descriptors)
+        steps.append(_BackwardStep(args, (triton.cdiv(owned, tile_r), b * h), kw, descriptors))
+    return _BackwardLaunch(pre, pad, copies, tuple(steps))
 
 
 def triton_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
@@ -864,41 +914,38 @@ def triton_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch
         query tiles that visit each key tile); ``dq`` from one over the forward plan. No atomics.
     """
     b, h, n, d = q.shape
-    m = k.shape[2]
     if q.numel() == 0 or k.numel() == 0:
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    dev = q.device
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
     do = _last_dim_contiguous(do.to(q.dtype))
     o = _last_dim_contiguous(o.to(q.dtype))
     lse = lse.to(torch.float32)
     if dlse is not None:
         dlse = torch.nan_to_num(dlse.to(torch.float32), nan=0.0, posinf=0.0, neginf=0.0)
-    delta, lse2 = _preprocess(o, do, lse, dlse, layout)
-    cfg_kv, cfg_q = _config("bwd_dkdv", q, layout, (q, do)), _config("bwd_dq", q, layout, (k, v))
-    if not (cfg_kv.tma and cfg_q.tma):  # a pointer kernel among them: odd head dims run padded
-        q, k, v, do = _pad_d(pointer_fallback(cfg_kv), q, k, v, do)
-    sizes = (h, n, m, q.shape[-1], scale, scale * _LOG2E)
-    # dK / dV share K / V's strides (and dQ Q's): allocate them alike; odd strides get dense copies.
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    if dk.stride() != k.stride() or dv.stride() != v.stride() or dq.stride() != q.stride():
-        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    strides = (*_strides(q), *_strides(k), *_strides(v), *_strides(do))
+        if dlse.stride() != lse.stride():  # the preprocess reads both with lse's strides
+            lse, dlse = lse.contiguous(), dlse.contiguous()
+    signature = ("bwd", q.shape, q.stride(), k.shape, k.stride(), v.shape, v.stride(), do.stride(), o.stride(),
+                 lse.stride(), dlse is None, q.dtype, dev, _arch(dev),
+                 q.data_ptr() % 16, k.data_ptr() % 16, v.data_ptr() % 16, do.data_ptr() % 16)
+    launch = _PLANS.get(layout, signature, lambda: _backward_launch(q, k, v, do, o, lse, dlse, layout))
 
-    cfg = cfg_kv
-    plan = _plan(layout, cfg.block_n, cfg.block_m, transposed=True)
-    qd, dod = _streamed(cfg, (q, do), cfg.block_m)
-    _bwd_dkdv_kernel[(triton.cdiv(m, cfg.block_n), b * h)](
-        qd, k, v, dod, lse2, delta, dk, dv, plan.plan, plan.bits, *strides, *plan.args(), *sizes,
-        **cfg.constexprs(), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
-    cfg = cfg_q
-    plan = _plan(layout, cfg.block_m, cfg.block_n, transposed=False)
-    kd, vd = _streamed(cfg, (k, v), cfg.block_n)
-    _bwd_dq_kernel[(triton.cdiv(n, cfg.block_m), b * h)](
-        q, kd, vd, do, lse2, delta, dq, plan.plan, plan.bits, *strides, *plan.args(), *sizes,
-        **cfg.constexprs(), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
+    grid, args, kw = launch.pre
+    delta = torch.empty((b * h, n), dtype=torch.float32, device=dev)
+    lse2 = torch.empty_like(delta)
+    _bwd_preprocess_kernel[grid](o, do, lse, dlse if dlse is not None else lse, delta, lse2, *args, **kw)
+    if launch.pad is not None:
+        q, k, v, do = _pad_d(launch.pad, q, k, v, do)
+    if launch.copies:
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    kv, qs = launch.steps
+    qd, dod = (q, do) if kv.descriptors is None else (_rebased(kv.descriptors[0], q), _rebased(kv.descriptors[1], do))
+    _bwd_dkdv_kernel[kv.grid](
+        qd, k, v, dod, lse2, delta, dk, dv, *kv.args, scale, scale * _LOG2E, **kv.kw)
+    kd, vd = (k, v) if qs.descriptors is None else (_rebased(qs.descriptors[0], k), _rebased(qs.descriptors[1], v))
+    _bwd_dq_kernel[qs.grid](
+        q, kd, vd, do, lse2, delta, dq, *qs.args, scale, scale * _LOG2E, **qs.kw)
     if dq.shape[-1] != d:
         dq, dk, dv = (g[..., :d].contiguous() for g in (dq, dk, dv))
     return dq, dk, dv
