@@ -71,20 +71,19 @@ def sla_triton_classify(q: Tensor, k: Tensor, method: SLAParams) -> SLABlocks:
     pooled values and the scores differ from the twin's in fp32 summation order only. Past the selection
     kernel's bounds (more than ``select.NK_MAX`` key blocks) the twin's :func:`~.common.classify_pooled`
     selects from the pooled values. ``method``: an :class:`SLAParams`."""
-    if torch.is_grad_enabled():
+    _, n_crit, n_neg, _ = sla_block_counts(k.shape[-2], method)
+    if _direct(q, k):  # eager, q and k record nothing: the launchers themselves (their outputs record nothing)
+        pool, _, _, select, fits = _launchers()
+        qb, kb = pool(q, k, method.block_q, method.block_k)
+        if fits(kb.shape[-2], kb.shape[-1]):
+            scores, critical, negligible = select(qb, kb, n_crit, n_neg)
+            return SLABlocks(critical, negligible, scores=scores)
+    elif torch.is_grad_enabled():  # the ops have no autograd formula (the top-k choice has no gradient)
         with torch.no_grad():
             return sla_triton_classify(q, k, method)
-    _, n_crit, n_neg, _ = sla_block_counts(k.shape[-2], method)
-    launchers = _launchers()
-    fits = launchers[4](_cdiv(k.shape[-2], method.block_k), q.shape[-1])
-    if _direct(q, k):  # eager, nothing to record or intercept: the launchers without the ops' dispatch
-        qb, kb = launchers[0](q, k, method.block_q, method.block_k)
-        if fits:
-            scores, critical, negligible = launchers[3](qb, kb, n_crit, n_neg)
-            return SLABlocks(critical, negligible, scores=scores)
     else:
         qb, kb = sla_pool(q, k, method.block_q, method.block_k)
-        if fits:
+        if _launchers()[4](kb.shape[-2], kb.shape[-1]):
             scores, critical, negligible = sla_select(qb, kb, n_crit, n_neg)
             return SLABlocks(critical, negligible, scores=scores)
     return classify_pooled(qb, kb, k.shape[-2], method, torch.int32)  # the kernels' block lists are int32
