@@ -103,6 +103,33 @@ def test_selection_follows_the_rank_rule_on_its_own_scores(b, h, nq, nk, d, n_cr
         assert all(len(set(row)) < len(row) for row in scores.reshape(-1, nk).tolist()) or nk < 3
 
 
+def _rank_rule_sets(scores: torch.Tensor, n_crit: int, n_neg: int):
+    """The same rank rule as :func:`_brute_force_sets`, by broadcasting (long rows, finite scores): ``beats[j, i]``
+    says that i ranks before j."""
+    s = scores.reshape(-1, scores.shape[-1]).double()
+    n = s.shape[-1]
+    idx = torch.arange(n)
+    before = (s[:, None, :] > s[:, :, None]) | ((s[:, None, :] == s[:, :, None]) & (idx[None, :] < idx[:, None]))
+    rank = before.sum(-1)
+    crit = [torch.nonzero(r < n_crit).flatten() for r in rank]
+    neg = [torch.nonzero(r >= n - n_neg).flatten() for r in rank]
+    shape = scores.shape[:-1]
+    return torch.stack(crit).reshape(*shape, n_crit), torch.stack(neg).reshape(*shape, n_neg)
+
+
+@pytest.mark.parametrize("nk,n_crit,n_neg,kind", [(1182, 60, 300, "random"), (2048, 103, 512, "ties")],
+                         ids=["k1182-wan720p", "k2048-bound-ties"])
+def test_selection_at_long_rows(nk, n_crit, n_neg, kind):
+    """The longest rows: Wan 720p's 1182 key blocks and the bound (two rows per register group)."""
+    assert sel.supported(nk, 16)
+    gen = torch.Generator().manual_seed(nk)
+    qb, kb = _pooled(1, 1, 3, nk, 16, kind, gen)
+    scores, critical, negligible = select_blocks(qb, kb, n_crit, n_neg)
+    crit, neg = _rank_rule_sets(scores.cpu(), n_crit, n_neg)
+    assert torch.equal(critical.long().cpu(), crit) and torch.equal(negligible.long().cpu(), neg)
+    torch.testing.assert_close(scores, qb @ kb.transpose(-1, -2), atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("nk,kw", [(12, dict(topk=0.25, negligible=0.25)), (37, dict(topk=0.3, negligible=0.2)),
                                    (5, dict(topk=0.05)), (64, dict(topk=0.5, negligible=0.1, rounding="floor"))],
                          ids=["k12", "k37-ragged", "k5-one-crit", "k64-floor"])
