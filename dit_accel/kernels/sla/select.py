@@ -37,8 +37,9 @@ __all__ = ["select_blocks", "supported", "aot_source", "KERNELS", "NK_MAX", "D_M
 
 #: The most key blocks a row may have (the row's keys sit in registers, ``GROUP`` rows at a time).
 NK_MAX = 2048
-#: The largest head dim (the pooled rows' width) the score tiles take.
-D_MAX = 256
+#: The largest head dim (the pooled rows' width) the score tiles take: the fused forward's bound
+#: (``configs.SLA_BLOCK_DS``).
+D_MAX = 128
 #: Query blocks per program (the score tile's rows; ``tl.dot`` takes 16 or more).
 ROWS = 16
 #: Key blocks per score tile.
