@@ -73,16 +73,16 @@ class _StubKernel:
 
 @contextlib.contextmanager
 def stub_launches() -> Iterator[Dict[str, int]]:
-    """Replace the block-sparse and SLA Triton kernels (SLA's pooling and operand kernels too) with
+    """Replace the block-sparse and SLA Triton kernels (SLA's pooling, selection and operand kernels too) with
     :class:`_StubKernel` while inside; yields ``{"triton": launches so far}``."""
     from ..kernels.block_sparse import triton as bs
-    from ..kernels.sla import operands, pool
+    from ..kernels.sla import operands, pool, select
     from ..kernels.sla import triton as sla
 
     counts = {"triton": 0}
     saved_bs = {name: getattr(bs, name) for name in ("_fwd_kernel", "_bwd_preprocess_kernel", "_bwd_dkdv_kernel",
                                                      "_bwd_dq_kernel")}
-    tables = (sla.KERNELS, pool.KERNELS, operands.KERNELS)
+    tables = (sla.KERNELS, pool.KERNELS, select.KERNELS, operands.KERNELS)
     saved = [dict(table) for table in tables]
     try:
         for name in saved_bs:

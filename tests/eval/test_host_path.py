@@ -11,25 +11,27 @@ pytestmark = pytest.mark.skipif(triton_reason("cpu") is not None, reason="needs 
 def test_measure_host_path_runs_every_stage_and_restores_the_kernels():
     from dit_accel.eval.host_path import measure_host_path, stub_launches
     from dit_accel.kernels.block_sparse import triton as bs
-    from dit_accel.kernels.sla import operands, pool
+    from dit_accel.kernels.sla import operands, pool, select
     from dit_accel.kernels.sla import triton as sla
 
-    before = (bs._fwd_kernel, dict(sla.KERNELS), dict(pool.KERNELS), dict(operands.KERNELS))
+    before = (bs._fwd_kernel, dict(sla.KERNELS), dict(pool.KERNELS), dict(operands.KERNELS), dict(select.KERNELS))
     result = measure_host_path(tokens=256, calls=3, repeats=1)
     assert set(result) == {"api", "api_lse", "api_grad", "custom_op", "launcher", "backward_launcher", "plan",
                            "plan_tiled",
                            "plan_tiled_text", "sla", "sla_proj", "sla_small", "sla_small_proj"}
     assert all(us > 0 for us in result.values())
-    assert (bs._fwd_kernel, dict(sla.KERNELS), dict(pool.KERNELS), dict(operands.KERNELS)) == before
+    assert (bs._fwd_kernel, dict(sla.KERNELS), dict(pool.KERNELS), dict(operands.KERNELS),
+            dict(select.KERNELS)) == before
     with stub_launches():
         assert bs._fwd_kernel is not before[0] and pool.KERNELS["pool"] is not before[2]["pool"]
+        assert select.KERNELS["select"] is not before[4]["select"]
     assert bs._fwd_kernel is before[0]
 
 
 def test_device_ops_are_counted_per_stage():
     """The detail mode counts each stage's device work: the block-sparse launcher is one Triton launch and no
-    torch kernel, its backward three; SLA without projection is its pooling and forward launches plus the classification's few
-    torch kernels (its matmul and sorts)."""
+    torch kernel, its backward three; SLA without projection is its pooling, selection and forward launches plus one
+    torch kernel (the pooling's ticket zero-fill): no matmul, sort or cast between the classification's launches."""
     from dit_accel.eval.host_path import measure_host_path
 
     result = measure_host_path(tokens=256, calls=2, repeats=1, stages=("launcher", "backward_launcher", "sla_small"),
@@ -38,7 +40,7 @@ def test_device_ops_are_counted_per_stage():
     # the backward: preprocess, dK/dV, dQ; delta, lse2 and the three gradients allocated
     assert result["backward_launcher"]["ops"] == {"torch": 0, "triton": 3, "kernels": 3, "allocations": 5}
     sla = result["sla_small"]["ops"]
-    assert sla["triton"] == 2 and sla["kernels"] == sla["torch"] + 2 and 3 <= sla["torch"] <= 5
+    assert sla["triton"] == 3 and sla["torch"] == 1 and sla["kernels"] == 4
 
 
 def test_count_device_ops_counts_kernels_not_views_or_allocations():

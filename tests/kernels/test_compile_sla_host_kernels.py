@@ -1,8 +1,9 @@
-"""SLA's pooling and operand kernels compile for sm_80, sm_89 and sm_90 (no GPU needed), and the PTX holds what
+"""SLA's pooling, selection and operand kernels compile for sm_80, sm_89 and sm_90 (no GPU needed), and the PTX holds what
 the interpreter cannot show: the pooling kernel's ticket is a gpu-scope acquire-release atomic behind a barrier
 (every thread's stores published before it), the centring program reads the other programs' sums past L1
 (``ld.global.cg``), its means are correctly rounded divisions (``div.rn``), and the operands' hi / lo split
-rounds to nearest (``cvt.rn``; the interpreter truncates to bf16)."""
+rounds to nearest (``cvt.rn``; the interpreter truncates to bf16). The selection kernel compiles without spills,
+stack frame or local memory up to its largest key-block count (``select.NK_MAX``) at head dim 128."""
 import json
 import os
 import subprocess
@@ -13,6 +14,7 @@ import pytest
 pytest.importorskip("triton")
 
 from dit_accel.kernels.compile import TARGET_ARCHS  # noqa: E402
+from tests.utils import static_toolchain  # noqa: E402
 
 _SCRIPT = r"""
 import json, sys
@@ -68,3 +70,51 @@ def test_pool_ticket_is_an_acquire_release_atomic_behind_a_barrier(compiled):
 def test_operands_round_to_nearest(compiled):
     for r in (r for r in compiled if r["name"] == "operands"):
         assert r["cvt_rn"] > 0 and not r["atom"], r
+
+
+_SELECT_SCRIPT = r"""
+import json
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from dit_accel.kernels.sass import ptxas_report, resource_usage
+from dit_accel.kernels.sla import select
+
+out = []
+for arch in %(archs)r:
+    for n_k, d, neg in ((select.NK_MAX, 128, True), (1182, 128, True), (512, 64, True), (64, 128, False)):
+        fn, sig, cx, attrs = select.aot_source(n_k, d, neg)
+        ck = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=cx, attrs=attrs),
+                            target=GPUTarget("cuda", arch, 32), options={"num_warps": select.NUM_WARPS})
+        rep, res = ptxas_report(ck.asm["ptx"], arch), resource_usage(ck.asm["cubin"])
+        out.append(dict(arch=arch, n_k=n_k, d=d, neg=neg, shared=ck.metadata.shared, local=res["local"],
+                        stack=rep["stack"], spill_stores=rep["spill_stores"], spill_loads=rep["spill_loads"],
+                        registers=res["registers"], warnings=rep["warnings"],
+                        ptx_local=ck.asm["ptx"].count(".local")))
+print(json.dumps(out))
+"""
+
+
+@pytest.fixture(scope="module")
+def compiled_select():
+    env = dict(os.environ, TRITON_INTERPRET="0", TRITON_DEFAULT_FP_FUSION="1")
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    run = subprocess.run([sys.executable, "-c", _SELECT_SCRIPT % {"archs": tuple(TARGET_ARCHS)}], env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+def test_select_kernel_compiles_for_every_target_up_to_its_bound(compiled_select):
+    assert {r["arch"] for r in compiled_select} == set(TARGET_ARCHS)
+    assert all(r["shared"] <= 48 * 1024 for r in compiled_select), compiled_select
+
+
+@static_toolchain
+def test_select_kernel_does_not_spill(compiled_select):
+    """No spill, no stack frame, no local memory (the counts are fp32 sums: an integer sum of predicates
+    became a popcount of predicates packed through a 16-byte stack frame on sm_90)."""
+    bad = [r for r in compiled_select
+           if r["stack"] or r["spill_stores"] or r["spill_loads"] or r["local"] or r["ptx_local"] or r["warnings"]]
+    assert not bad, bad

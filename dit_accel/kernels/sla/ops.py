@@ -3,9 +3,11 @@
 ``dit_accel::sla_fwd`` / ``dit_accel::sla_bwd`` are opaque to torch.compile (traced through
 their fake implementations, no graph break), and ``sla_fwd`` is differentiable through
 ``register_autograd``; importing this module does not import triton. ``dit_accel::sla_pool`` is the
-classification's pooling (:mod:`.pool`, one launch), the Triton backend's only pass over q and k before
-the scores. Eager calls with nothing to trace or record call the launchers themselves (:func:`_direct`). The forward takes q, k, v and
-the block lists and returns the sparse branch, its lse and the linear branch ``O_l`` (before the
+classification's pooling (:mod:`.pool`, one launch), the Triton backend's only pass over q and k, and
+``dit_accel::sla_select`` its selection (:mod:`.select`, one launch: the scores and both block sets, no
+sort); past the selection kernel's bounds the twin's :func:`~.common.classify_pooled` selects instead.
+Eager calls with nothing to trace or record call the launchers themselves (:func:`_direct`). The forward
+takes q, k, v and the block lists and returns the sparse branch, its lse and the linear branch ``O_l`` (before the
 projection) in q's dtype: phi, the global sums ``phi(K)^T V``, ``sum(phi(K))`` and ``num / den``
 are taken inside the kernels, so no ``(B, H, N, D)`` intermediate is made around them
 (``tests/kernels/test_sla_glue.py`` counts). The backward recomputes what it needs (the rounded
@@ -44,17 +46,47 @@ def _(q, k, block_q, block_k):
             q.new_empty((b, h, _cdiv(k.shape[-2], block_k), d), dtype=torch.float32))
 
 
+@torch.library.custom_op("dit_accel::sla_select", mutates_args=())
+def sla_select(qb: Tensor, kb: Tensor, n_crit: int, n_neg: int) -> Tuple[Tensor, Tensor, Tensor]:
+    """``(scores, critical, negligible)`` of the pooled ``(qb, kb)`` from one Triton launch
+    (:func:`~.select.select_blocks`); ``negligible`` is ``(B, H, nQ, 0)`` when ``n_neg`` is 0."""
+    from .select import select_blocks
+
+    scores, critical, negligible = select_blocks(qb, kb, n_crit, n_neg)
+    if negligible is None:  # an op returns tensors, none aliasing another output
+        negligible = critical.new_empty(critical.shape[:-1] + (0,))
+    return scores, critical, negligible
+
+
+@sla_select.register_fake
+def _(qb, kb, n_crit, n_neg):
+    b, h, nq, _ = qb.shape
+    return (qb.new_empty((b, h, nq, kb.shape[-2])), qb.new_empty((b, h, nq, n_crit), dtype=torch.int32),
+            qb.new_empty((b, h, nq, n_neg), dtype=torch.int32))
+
+
 def sla_triton_classify(q: Tensor, k: Tensor, method: SLAParams) -> SLABlocks:
-    """:func:`~.common.sla_classify` with the pooling in one Triton launch (the Triton backend's
-    classification): the same critical and negligible sets from the same pooled scores; the pooled values
-    differ from the twin's in fp32 summation order only. ``method``: an :class:`SLAParams`."""
-    if torch.is_grad_enabled():
+    """:func:`~.common.sla_classify` in two Triton launches (the Triton backend's classification): the pooling
+    (:func:`~.pool.pool_blocks`) and the selection (:func:`~.select.select_blocks`: scores and both sets, no
+    sort), int32 sets for the fused kernels. The same critical and negligible sets from the same rule; the
+    pooled values and the scores differ from the twin's in fp32 summation order only. Past the selection
+    kernel's bounds (more than ``select.NK_MAX`` key blocks) the twin's :func:`~.common.classify_pooled`
+    selects from the pooled values. ``method``: an :class:`SLAParams`."""
+    _, n_crit, n_neg, _ = sla_block_counts(k.shape[-2], method)
+    if _direct(q, k):  # eager, q and k record nothing: the launchers themselves (their outputs record nothing)
+        pool, _, _, select, fits = _launchers()
+        qb, kb = pool(q, k, method.block_q, method.block_k)
+        if fits(kb.shape[-2], kb.shape[-1]):
+            scores, critical, negligible = select(qb, kb, n_crit, n_neg)
+            return SLABlocks(critical, negligible, scores=scores)
+    elif torch.is_grad_enabled():  # the ops have no autograd formula (the top-k choice has no gradient)
         with torch.no_grad():
             return sla_triton_classify(q, k, method)
-    if _direct(q, k):  # eager, nothing to record or intercept: the launcher without the op's dispatch
-        qb, kb = _launchers()[0](q, k, method.block_q, method.block_k)
     else:
         qb, kb = sla_pool(q, k, method.block_q, method.block_k)
+        if _launchers()[4](kb.shape[-2], kb.shape[-1]):
+            scores, critical, negligible = sla_select(qb, kb, n_crit, n_neg)
+            return SLABlocks(critical, negligible, scores=scores)
     return classify_pooled(qb, kb, k.shape[-2], method, torch.int32)  # the kernels' block lists are int32
 
 
@@ -223,13 +255,16 @@ def _direct(*tensors: Tensor) -> bool:
 
 @functools.cache
 def _launchers():
-    """``(pool_blocks, sla_forward, direct_call_ok)``, imported on first use (importing this module does not
-    import triton) and then bound: an import statement in the call path costs a microsecond per call."""
+    """``(pool_blocks, sla_forward, direct_call_ok, select_blocks, select_supported)``, imported on first use
+    (importing this module does not import triton) and then bound: an import statement in the call path costs
+    a microsecond per call."""
     from ..block_sparse.ops import direct_call_ok
     from .pool import pool_blocks
+    from .select import select_blocks
+    from .select import supported as select_supported
     from .triton import sla_forward
 
-    return pool_blocks, sla_forward, direct_call_ok
+    return pool_blocks, sla_forward, direct_call_ok, select_blocks, select_supported
 
 
 #: Token chunk of the global sums: ``phi(K)^T V`` reduces 10^4-10^5 tokens into ``D x D`` per head, which as
