@@ -45,13 +45,16 @@ def attend_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_valid
 
     Args:
         q: ``(B, H, N, D)``; k, v: ``(B, H, M, D)`` (M small: text tokens).
-        key_valid: bool ``(B or 1, M)`` or None (all valid).
+        key_valid: bool ``(B or 1, M)`` or None (all valid), or a float ``(B or 1, M)`` bias added to the
+            scores (an additive key mask).
     Returns:
         ``o`` (q's dtype) and ``lse`` fp32 ``(B, H, N)``; rows without a valid key give 0 and ``-inf``.
     """
     kf, vf = k.float(), v.float()
     bias = None
-    if key_valid is not None:
+    if key_valid is not None and key_valid.is_floating_point():
+        bias = key_valid.to(device=q.device, dtype=torch.float32)[:, None, None, :]
+    elif key_valid is not None:
         bias = torch.zeros(key_valid.shape, dtype=torch.float32, device=q.device)
         bias = bias.masked_fill(~key_valid.to(q.device), float("-inf"))[:, None, None, :]
     outs, lses = [], []
@@ -133,12 +136,17 @@ class Plan:
 
     def run(self, q, k, v, *, num_text: int = 0, text_first: bool = False, key_mask: Optional[torch.Tensor] = None,
             scale: Optional[float] = None, backend: str = "auto", proj=None,
-            sdpa: Callable = F.scaled_dot_product_attention, text_queries: bool = True):
+            sdpa: Callable = F.scaled_dot_product_attention, text_queries: bool = True,
+            text_query_mask: Optional[torch.Tensor] = None):
         """Attention over ``[text, video]`` (``text_first``), ``[video, text]`` or video alone.
 
         Args:
             q, k, v: ``(B, H, S, D)`` with ``S = num_tokens + num_text``.
-            key_mask: bool key-padding mask broadcastable to ``(B, 1, 1, S)`` (True = attend) or None.
+            key_mask: bool key-padding mask broadcastable to ``(B, 1, 1, S)`` (True = attend) or None; or a
+                float bias of that shape added to the scores, which must be zero on every video key (the
+                sparse part takes no bias): the text keys' bias enters the dense text branch.
+            text_query_mask: the text queries' own mask ``(B or 1, 1, num_text, S)`` for their dense attention
+                (default ``key_mask``).
             scale: softmax scale (default ``1/sqrt(D)``). backend: the kernel backend.
             proj: the layer's SLA projection (SLA plans only).
             sdpa: dense attention for text queries (the caller's original SDPA).
@@ -165,7 +173,8 @@ class Plan:
             o_video = o_video + extra.to(o_video.dtype)
         if not text_queries:
             return o_video.to(q.dtype), density
-        o_tq = sdpa(q[:, :, text], k, v, attn_mask=key_mask, scale=scale).to(q.dtype)  # text: dense over all keys
+        tq_mask = key_mask if text_query_mask is None else text_query_mask
+        o_tq = sdpa(q[:, :, text], k, v, attn_mask=tq_mask, scale=scale).to(q.dtype)  # text: dense over all keys
         parts = [o_tq, o_video.to(q.dtype)] if text_first else [o_video.to(q.dtype), o_tq]
         return torch.cat(parts, dim=2), density
 

@@ -127,7 +127,8 @@ class ReferenceAttention(TorchFunctionMode):
 
     ``pattern`` is the bool ``[N, N]`` video-video mask; text tokens (``text_position``
     ``"first"``/``"last"``) attend and are attended densely, and a boolean key-padding
-    mask of the call (or a full ``(B, 1, S, S)`` one) is honoured. With text first, a call of the image's
+    mask of the call (or a full ``(B, 1, S, S)`` one) is honoured; a float mask is added to the scores
+    of the allowed pairs (Chroma's additive ``(B, 1, S, S)`` text mask). With text first, a call of the image's
     queries alone against [text, image] keys (Qwen-Image 2.1) gets the image rows of that mask.
     Cross-attention and text-only calls pass through.
     ``calls`` counts the calls it replaced.
@@ -153,6 +154,11 @@ class ReferenceAttention(TorchFunctionMode):
         scale = call.get("scale") or 1 / math.sqrt(q.shape[-1])
         outs = []
         for b in range(q.shape[0]):  # the oracle takes one [H, N, M] mask: per sample for padding masks
+            if mask is not None and mask.is_floating_point():  # additive (Chroma's m_i * m_j): scores + mask
+                bias = mask[b if mask.shape[0] > 1 else 0, 0].float().expand(s, m).masked_fill(~allowed, float("-inf"))
+                qf, kf, vf = (t[b:b + 1].float() for t in (q, k, v))
+                outs.append(torch.softmax(qf @ kf.transpose(-1, -2) * scale + bias, -1) @ vf)
+                continue
             if mask is None:
                 keep = allowed
             elif mask.dim() == 4 and mask.shape[-2] == s and s > 1:  # a full (B, 1, S, S) mask (HunyuanVideo 1.5)

@@ -39,6 +39,7 @@ class CallContext:
         num_text: text tokens the transformer received (upper bound per attention call).
         step, total: denoising step and number of steps (total None when unknown).
         plans: per attention-layer index, the plan it runs (None: dense by the schedule).
+        additive_ok: the call's float square masks may run sparse (``Preset.additive_mask`` said so).
     """
 
     grid: Tuple[int, ...]
@@ -46,6 +47,7 @@ class CallContext:
     step: int
     total: Optional[int]
     plans: tuple
+    additive_ok: bool = False
 
     @property
     def num_video(self) -> int:

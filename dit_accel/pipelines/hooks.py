@@ -350,11 +350,12 @@ def _with_signature(processor_type: type) -> type:
                                                                        "__module__": __name__})
 
 
-def _key_padding_mask(mask, batch: int, s: int) -> tuple:
-    """(usable, mask): a bool key mask broadcastable to (B, 1, 1, S), or (False, None) if not one."""
+def _key_padding_mask(mask, batch: int, s: int, additive: bool = False) -> tuple:
+    """(usable, mask): a bool key mask broadcastable to (B, 1, 1, S), or (False, None) if not one.
+    ``additive``: a float key bias of that shape is one too (zero on the video keys, Preset.additive_mask)."""
     if mask is None:
         return True, None
-    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+    if not isinstance(mask, torch.Tensor) or (mask.dtype != torch.bool and not (additive and mask.is_floating_point())):
         return False, None
     if mask.dim() == 2 and mask.shape[-1] == s and mask.shape[0] in (1, batch):
         return True, mask[:, None, None, :]
@@ -416,10 +417,18 @@ class SDPAInterceptor(TorchFunctionMode):
                          and sk - sq == context.num_text)
         num_text = (sk if image_queries else sq) - num_video
         mask = call.get("attn_mask")
-        if layer.owner.preset.square_mask and isinstance(mask, torch.Tensor) and mask.dim() == 4 and mask.shape[2] > 1:
-            row = sq - num_video if position == "first" else 0  # a video query: never padded (Preset.square_mask)
-            mask = mask[:, :, row:row + 1]
-        ok_mask, key_mask = _key_padding_mask(mask, q.shape[0], sk)
+        text_rows = None  # the text queries' own rows of a float square mask (Preset.additive_mask)
+        if isinstance(mask, torch.Tensor) and mask.dim() == 4 and mask.shape[2] > 1:
+            row = sq - num_video if position == "first" else 0  # a video query: never padded
+            if (mask.dtype != torch.bool and context.additive_ok and position != "none" and not image_queries
+                    and mask.shape[2] == sq == sk):
+                # m_i * m_j with m = 1 on the video: a video row adds 1 to every video key and m_j to text key
+                # j; shifted by -1 (softmax is shift-invariant), the video keys get no bias at all.
+                text_rows = mask[:, :, :sq - num_video] if position == "first" else mask[:, :, num_video:]
+                mask = mask[:, :, row:row + 1] - 1
+            elif layer.owner.preset.square_mask:  # (Preset.square_mask)
+                mask = mask[:, :, row:row + 1]
+        ok_mask, key_mask = _key_padding_mask(mask, q.shape[0], sk, additive=text_rows is not None)
         self_attention = (
             q.dim() == 4 and (sq == sk or image_queries) and k.shape[:2] == q.shape[:2] and v.shape[:3] == k.shape[:3]
             and not call.get("is_causal", False) and not call.get("enable_gqa", False)
@@ -440,6 +449,10 @@ class SDPAInterceptor(TorchFunctionMode):
             # (other calls, Qwen-Image 2.1's prompt-prefix segments, are not the image's attention: not counted)
             return _SDPA(**call)
         if split is not None:
+            if text_rows is not None:
+                raise ValueError(f"dit_accel: {layer.name} got an additive attention mask (Chroma's text mask), "
+                                 "which context parallelism does not take; run without parallel=, or pass "
+                                 "no attention_mask")
             return self._run_split(call, q, k, v, num_text, key_mask)
         if self.capture:  # outside the timer: disk I/O is not attention time
             video = slice(num_text, sk) if position == "first" else slice(0, num_video)
@@ -447,14 +460,17 @@ class SDPAInterceptor(TorchFunctionMode):
                                  q if image_queries else q[:, :, video], k[:, :, video], v[:, :, video])
         if runtime.stats.timing:
             with layer.report.timed(q.device):
-                out, density = self._attend(call, q, k, v, num_text, position == "first", key_mask, image_queries)
+                out, density = self._attend(call, q, k, v, num_text, position == "first", key_mask, image_queries,
+                                            text_rows)
         else:  # (no context manager to enter: this runs on every eager layer call)
-            out, density = self._attend(call, q, k, v, num_text, position == "first", key_mask, image_queries)
+            out, density = self._attend(call, q, k, v, num_text, position == "first", key_mask, image_queries,
+                                        text_rows)
         self._count(density, q, k, v)
         return out
 
-    def _attend(self, call, q, k, v, num_text, text_first, key_mask, image_queries=False):
-        """``(output, density)`` of one routed call: the layer's plan, or SDPA (density None) when dense."""
+    def _attend(self, call, q, k, v, num_text, text_first, key_mask, image_queries=False, text_rows=None):
+        """``(output, density)`` of one routed call: the layer's plan, or SDPA (density None) when dense.
+        ``text_rows``: the text queries' rows of an additive square mask (their dense attention's mask)."""
         plan, layer = self.plan, self.layer
         if plan is None or plan.is_dense:
             return _SDPA(**call), None
@@ -464,7 +480,7 @@ class SDPAInterceptor(TorchFunctionMode):
             proj = layer.projection(q.device)
         return plan.run(q, k, v, num_text=num_text, text_first=text_first, key_mask=key_mask,
                         scale=call.get("scale"), backend=layer.owner.runtime.backend, proj=proj, sdpa=_SDPA,
-                        text_queries=not image_queries)
+                        text_queries=not image_queries, text_query_mask=text_rows)
 
     def _count(self, density, q, k, v) -> None:
         layer, plan = self.layer, self.plan
@@ -754,12 +770,14 @@ class TransformerHook:
         device = _latent_device(bound)
         # The context is a function of the key and the parallel config: a call like the last one reuses it
         # (the plans' device data included), so a denoising loop builds and checks once per geometry.
-        key = (tuple(info.grid), info.num_text, step, total, device, env_value())
+        additive = self.preset.additive_mask
+        additive_ok = additive is not None and bool(additive(bound, info))
+        key = (tuple(info.grid), info.num_text, step, total, device, env_value(), additive_ok)
         last = self._last
         if last is not None and last[0] == key and last[2] is parallel:
             context = last[1]
         else:
-            context = self._context(info, step, total, parallel, device)
+            context = self._context(info, step, total, parallel, device, additive_ok)
             self._last = (key, context, parallel)
         self._check_processors()
         sla = []
@@ -776,7 +794,8 @@ class TransformerHook:
             for layer, inert in zip(sla, inert_projections([layer.sla_proj for layer in sla])):
                 layer.inert = inert
 
-    def _context(self, info, step: int, total: Optional[int], parallel, device) -> CallContext:
+    def _context(self, info, step: int, total: Optional[int], parallel, device,
+                 additive_ok: bool = False) -> CallContext:
         """The call's context: each layer's plan (built, checked and prepared on ``device``), warnings said."""
         split = Split.of(parallel)
         plans = tuple(self._plan(layer, step, total, info.grid, split) for layer in self.layers)
@@ -791,7 +810,7 @@ class TransformerHook:
         if device is not None:
             for plan in {id(p): p for p in plans if p is not None}.values():
                 plan.prepare(device, self.runtime.backend)
-        return CallContext(tuple(info.grid), info.num_text, step, total, plans)
+        return CallContext(tuple(info.grid), info.num_text, step, total, plans, additive_ok)
 
     def _plan(self, layer: SparseAttnProcessor, step: int, total: Optional[int], grid,
               split: Optional[Split]) -> Optional[Plan]:

@@ -72,8 +72,6 @@ def test_two_steps_generate_offline(tiny):
 
 def test_sparse_method_is_sparse_everywhere_and_dense_is_bit_exact(tiny):
     name, pipe = tiny
-    if name == "tiny-chroma":
-        pytest.skip("ChromaPipeline always passes a text mask: dense (test_chroma_pipeline_calls_run_dense)")
     reference = _call(pipe, name, output_type="latent")
 
     handle = dit_accel.apply(pipe, Dense())
@@ -94,23 +92,3 @@ def test_sparse_method_is_sparse_everywhere_and_dense_is_bit_exact(tiny):
         assert r["sparse_calls"] >= 2 and r["dense_calls"] == 0 and r["density"] < 1, r
     assert not torch.allclose(sparse, reference, atol=1e-4), "a sparse method must change the output"
     assert torch.equal(_call(pipe, name, output_type="latent"), reference), "remove() restores dense"
-
-
-def test_chroma_pipeline_calls_run_dense_with_a_warning():
-    """ChromaPipeline always passes ``attention_mask`` (T5 padding), which Chroma's blocks turn into a full
-    (S, S) mask: the preset runs such calls dense and says so (presets/chroma.py). Pinned here so that a
-    preset that learns this mask shows up (then move tiny-chroma to the sparse test above)."""
-    from dit_accel import DitAccelWarning
-
-    pipe = build_tiny_pipeline("tiny-chroma")
-    pipe.set_progress_bar_config(disable=True)
-    reference = _call(pipe, "tiny-chroma", output_type="latent")
-    handle = dit_accel.apply(pipe, GNA(**TINY_METHOD_DEFAULTS["tiny-chroma"]["gna"]))
-    try:
-        with pytest.warns(DitAccelWarning, match="cannot make sparse.*mask Tensor"):
-            out = _call(pipe, "tiny-chroma", output_type="latent")
-        rows = handle.stats()
-    finally:
-        handle.remove()
-    assert rows and all(r["sparse_calls"] == 0 and r["dense_calls"] > 0 for r in rows)
-    assert torch.equal(out, reference)

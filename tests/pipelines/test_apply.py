@@ -25,6 +25,7 @@ PADDED |= {"motif"}  # models-video-b
 PADDED |= {"qwenimage", "hunyuanimage"}  # image families with a text padding mask
 PADDED |= {"hunyuan15"}  # models-video-c
 PADDED |= {"qwenimage21", "zimage"}  # models-image-b
+PADDED |= {"chroma"}  # an additive (float) square text mask
 
 
 def _inputs(name, model, batch=2, grid=None):
@@ -499,3 +500,53 @@ def test_a_call_like_the_last_reuses_its_plans_and_a_new_geometry_or_backend_reb
     inputs.pop("return_dict", None)
     with torch.no_grad():
         assert torch.equal(fresh(**inputs, return_dict=False)[0], first)
+
+
+def test_chroma_additive_text_mask_every_row_matches_reference(models):
+    """Chroma's pipeline mask reaches SDPA as the float ``m_i * m_j`` *added* to the scores (padded text keys
+    1 lower, not removed). Every attention output row, image and text, valid and padded, of both blocks
+    matches the reference that adds the same mask to the masked-dense scores: the image queries run sparse
+    with the text keys' bias in the dense text branch, the text queries dense with their own mask rows."""
+    model, method, grid = models["chroma"], SPARSE["chroma"], T.TRANSFORMER_GRIDS["chroma"]
+    kwargs = _inputs("chroma", model)
+    m = kwargs["attention_mask"]
+    assert m.is_floating_point() and (m == 0).any() and (m[:, T.TRANSFORMER_TEXT["chroma"]:] == 1).all()
+
+    def attention_outputs():
+        got = []
+        hooks = [mod.register_forward_hook(lambda _, __, out: got.extend(out if isinstance(out, tuple) else (out,)))
+                 for name, mod in model.named_modules() if name.endswith(".attn")]
+        try:
+            _run(model, kwargs)
+        finally:
+            for h in hooks:
+                h.remove()
+        return got
+
+    with ReferenceAttention(gna_mask(grid, method.kernel_size), "first"):
+        ref = attention_outputs()
+    with dit_accel.apply(model, method, backend="torch") as handle:
+        out = attention_outputs()
+        rows = handle.stats()
+    assert len(out) == len(ref) == 3  # the double block's image and text outputs, the single block's sequence
+    for got, want in zip(out, ref):
+        torch.testing.assert_close(got, want, atol=2e-4, rtol=2e-4)
+    assert all(r["sparse_calls"] == 1 and r["dense_calls"] == 0 for r in rows), rows
+
+
+def test_chroma_mask_not_one_on_the_image_runs_dense(models):
+    """A transformer call whose ``attention_mask`` is not 1 on every image token cannot shift the bias off the
+    image keys: it runs dense, says so, and equals the model without dit_accel."""
+    from dit_accel import DitAccelWarning
+
+    model, method = models["chroma"], SPARSE["chroma"]
+    kwargs = _inputs("chroma", model)
+    kwargs["attention_mask"] = kwargs["attention_mask"].clone()
+    kwargs["attention_mask"][:, -1] = 0.5
+    dense = _run(model, kwargs)
+    with dit_accel.apply(model, method, backend="torch") as handle:
+        with pytest.warns(DitAccelWarning, match="cannot make sparse"):
+            out = _run(model, kwargs)
+        rows = handle.stats()
+    assert torch.equal(out, dense)
+    assert all(r["sparse_calls"] == 0 and r["dense_calls"] == 1 for r in rows), rows

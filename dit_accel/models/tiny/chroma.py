@@ -42,9 +42,14 @@ def _inputs(cfg, grid, batch, text, rnd, t, mask):
     h, w = grid
     rows, cols = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
     img_ids = torch.stack([torch.zeros_like(rows), rows, cols], -1).reshape(-1, 3).float()
+    # ChromaPipeline's attention_mask: 1 on the valid text tokens and the first padding one (its rule), and on
+    # every image token, in the latents' float dtype (the blocks add m_i * m_j to the scores).
+    valid = mask.sum(1, keepdim=True)
+    text_mask = (torch.arange(text)[None, :] <= valid).float()
+    attention_mask = torch.cat([text_mask, torch.ones(batch, h * w)], 1)
     return dict(hidden_states=rnd(batch, h * w, cfg.in_channels), timestep=t / 1000,
                 encoder_hidden_states=rnd(batch, text, cfg.joint_attention_dim), img_ids=img_ids,
-                txt_ids=torch.zeros(text, 3), return_dict=False)
+                txt_ids=torch.zeros(text, 3), attention_mask=attention_mask, return_dict=False)
 
 
 PIPELINES = (

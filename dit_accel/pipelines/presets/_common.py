@@ -73,6 +73,13 @@ class Preset:
             key-valid of one padding mask under which every video token is valid (HunyuanVideo 1.5): the row of
             a video query is then used as the key-padding mask. Padded text queries attend the valid keys
             instead of nothing; being masked keys everywhere, their outputs never reach a valid token.
+        additive_mask: for a model whose processors give SDPA a *float* ``(B, 1, S, S)`` mask ``m_i * m_j``
+            (0 / 1, added to the scores: Chroma) built from the transformer's ``attention_mask`` ``m`` ``(B, S)``:
+            ``(call arguments, GridInfo) -> bool``, whether ``m`` is 1 on every video token (read once per
+            transformer call). Then a video query's row adds 1 to every video key and ``m_j`` to text key
+            ``j``: softmax is shift-invariant, so the sparse video part runs without a bias and the text
+            keys get ``m_j - 1`` in the dense text branch; text queries run dense with their own rows. Calls
+            whose ``m`` is not 1 on the video run dense. None: float square masks run dense.
         split_whole: how Diffusers' context parallelism (``_cp_plan``) splits a joint sequence: False (each
             rank holds a share of the text and a share of the video, ``[t_r, v_r]``); True (the model splits
             its one sequence contiguously, MiniMax-H3's packed rows, LTX-2's appended tokens: the Ulysses
@@ -94,6 +101,7 @@ class Preset:
     refused_pipelines: Dict[str, str] = field(default_factory=dict)
     refused: str = ""
     square_mask: bool = False
+    additive_mask: Optional[Callable[[Dict[str, object], "GridInfo"], bool]] = None
     split_whole: bool = False
 
     @classmethod
