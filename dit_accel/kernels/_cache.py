@@ -9,9 +9,9 @@ Plain dicts with constant keys, so ``torch.compile`` traces the read of a filled
 from __future__ import annotations
 
 import threading
-from typing import Callable, Hashable, TypeVar
+from typing import Callable, Dict, Hashable, TypeVar
 
-__all__ = ["LayoutCache"]
+__all__ = ["LayoutCache", "bounded_get"]
 
 T = TypeVar("T")
 
@@ -35,3 +35,14 @@ class LayoutCache:
     def entries(self, layout) -> dict:
         """``{key: value}`` this cache holds for ``layout`` (a copy; for inspection and tests)."""
         return {key[1]: value for key, value in layout.derived.items() if key[0] == self.name}
+
+
+def bounded_get(table: Dict[Hashable, T], key: Hashable, build: Callable[[], T], limit: int = 1024) -> T:
+    """``table[key]``, built by ``build()`` on a miss; the table is emptied first when it holds ``limit``
+    entries (the launchers' per-signature argument caches: plain values, cheap to rebuild)."""
+    value = table.get(key)
+    if value is None:
+        if len(table) >= limit:
+            table.clear()
+        value = table[key] = build()
+    return value

@@ -44,15 +44,20 @@ print(json.dumps(out))
 """
 
 
-@pytest.fixture(scope="module")
-def compiled():
-    env = dict(os.environ, TRITON_INTERPRET="0")
+def _compile_rows(script: str, **env_extra) -> list:
+    """The JSON rows ``script`` prints, run in a process without TRITON_INTERPRET (real compiles)."""
+    env = dict(os.environ, TRITON_INTERPRET="0", **env_extra)
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    run = subprocess.run([sys.executable, "-c", _SCRIPT % {"archs": tuple(TARGET_ARCHS)}], env=env,
+    run = subprocess.run([sys.executable, "-c", script % {"archs": tuple(TARGET_ARCHS)}], env=env,
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def compiled():
+    return _compile_rows(_SCRIPT)
 
 
 def test_both_kernels_compile_for_every_target(compiled):
@@ -97,13 +102,7 @@ print(json.dumps(out))
 
 @pytest.fixture(scope="module")
 def compiled_select():
-    env = dict(os.environ, TRITON_INTERPRET="0", TRITON_DEFAULT_FP_FUSION="1")
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    run = subprocess.run([sys.executable, "-c", _SELECT_SCRIPT % {"archs": tuple(TARGET_ARCHS)}], env=env,
-                         capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stderr[-3000:]
-    return json.loads(run.stdout.strip().splitlines()[-1])
+    return _compile_rows(_SELECT_SCRIPT, TRITON_DEFAULT_FP_FUSION="1")
 
 
 def test_select_kernel_compiles_for_every_target_up_to_its_bound(compiled_select):

@@ -23,6 +23,7 @@ import triton
 import triton.language as tl
 
 from ..._util import cdiv as _cdiv
+from .._cache import bounded_get
 
 __all__ = ["pool_blocks", "KERNELS", "PER_PROGRAM", "ROWS"]
 
@@ -116,11 +117,7 @@ def pool_blocks(q: torch.Tensor, k: torch.Tensor, block_q: int, block_k: int) ->
     (the SLA entry points check their inputs)."""
     b, h, nq, d = q.shape
     key = (q.shape, q.stride(), k.shape, k.stride(), block_q, block_k)
-    launch = _LAUNCHES.get(key)
-    if launch is None:
-        if len(_LAUNCHES) >= 1024:  # bounded
-            _LAUNCHES.clear()
-        launch = _LAUNCHES[key] = _pool_launch(q, k, block_q, block_k)
+    launch = bounded_get(_LAUNCHES, key, lambda: _pool_launch(q, k, block_q, block_k))
     grid, n_qb, n_kb, args, kw = launch
     dev = q.device
     qb = torch.empty((b, h, n_qb, d), dtype=torch.float32, device=dev)

@@ -33,6 +33,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .._cache import bounded_get
+
 __all__ = ["select_blocks", "supported", "aot_source", "KERNELS", "NK_MAX", "D_MAX", "ROWS"]
 
 #: The most key blocks a row may have (the row's keys sit in registers, ``GROUP`` rows at a time).
@@ -167,11 +169,7 @@ def select_blocks(qb: torch.Tensor, kb: torch.Tensor, n_crit: int,
     ``supported(nK, D)`` and ``1 <= n_crit <= nK - n_neg``; not checked here (the SLA entry points check
     their inputs, :func:`~.ops.sla_triton_classify` checks the bounds)."""
     key = (qb.shape, qb.stride(), kb.shape, kb.stride(), n_crit, n_neg)
-    launch = _LAUNCHES.get(key)
-    if launch is None:
-        if len(_LAUNCHES) >= 1024:  # bounded
-            _LAUNCHES.clear()
-        launch = _LAUNCHES[key] = _select_launch(qb, kb, n_crit, n_neg)
+    launch = bounded_get(_LAUNCHES, key, lambda: _select_launch(qb, kb, n_crit, n_neg))
     grid, scores_shape, crit_shape, neg_shape, args, kw = launch
     dev = qb.device
     scores = torch.empty(scores_shape, dtype=torch.float32, device=dev)

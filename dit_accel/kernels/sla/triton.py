@@ -47,6 +47,7 @@ import triton.language as tl
 from triton.runtime.errors import OutOfResources
 
 from ..._util import cdiv as _cdiv
+from .._cache import bounded_get
 from ..dense.configs import tma_ok
 from ..dense.tiles import LN2, dkdv_step, dq_step, fwd_step, load_tile, slice_descriptors
 from ..dense.tiles import LOG2E_HOST as _LOG2E
@@ -657,12 +658,9 @@ def sla_forward(q, k, v, critical, lin_blocks, scale, feature, has_lin, lin_sign
     dev = q.device
     key = (q.shape, q.stride(), k.shape, k.stride(), v.shape, v.stride(), q.dtype, dev, _arch(dev), critical.shape,
            lin_blocks.shape, scale, feature, has_lin, lin_sign, with_global, lin_eps, block_q)
-    launch = _FWD_LAUNCHES.get(key)
-    if launch is None:
-        launch = _forward_launch(q, k, v, critical, lin_blocks, scale, feature, has_lin, lin_sign, lin_eps, block_q)
-        if len(_FWD_LAUNCHES) >= _MAX_LAUNCHES:
-            _FWD_LAUNCHES.clear()
-        _FWD_LAUNCHES[key] = launch
+    launch = bounded_get(_FWD_LAUNCHES, key, lambda: _forward_launch(q, k, v, critical, lin_blocks, scale, feature,
+                                                                     has_lin, lin_sign, lin_eps, block_q),
+                         _MAX_LAUNCHES)
     cfg, dp, prepare, grid, tail, glob = launch
     if prepare:  # a last dim that is not contiguous, or a head dim the kernel pads
         q, k, v = _pad_d(dp, *(_last_dim_contiguous(t) for t in (q, k, v)))
