@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from ..._util import cdiv as _cdiv
-from .common import (FEATURE_IDS, FEATURE_MAPS, SLABlocks, SLAParams, classify_pooled, feature_map,
+from .common import (FEATURE_IDS, FEATURE_MAPS, SLABlocks, SLAParams, classify_pooled,
                      rounded_features, sla_block_counts)
 
 FEATURE_NAMES = dict(enumerate(FEATURE_MAPS))
@@ -118,17 +118,20 @@ def _(q, k, v, critical, lin_blocks, scale, feature, has_lin, lin_sign, with_glo
 @torch.library.custom_op("dit_accel::sla_bwd", mutates_args=())
 def sla_bwd(do: Tensor, dlse: Tensor, dnum: Tensor, dden: Tensor, q: Tensor, k: Tensor, v: Tensor,
             qf: Optional[Tensor], kf: Optional[Tensor], o: Tensor, lse: Tensor, critical: Tensor, lin_blocks: Tensor,
-            scale: float, feature: int, has_lin: bool, lin_sign: int, block_q: int) -> Tuple[Tensor, Tensor, Tensor]:
-    """Fused SLA backward: ``(dq, dk, dv)``."""
+            scale: float, feature: int, has_lin: bool, lin_sign: int, block_q: int, dqf_g: Optional[Tensor] = None,
+            dkf_g: Optional[Tensor] = None, dv_g: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
+    """Fused SLA backward: ``(dq, dk, dv)``. ``dqf_g``, ``dkf_g``, ``dv_g``: the global sums' fp32 gradients for
+    phi(q), phi(K) and V (:func:`_global_grads`), added to the kernels' before phi's backward, which then runs
+    once."""
     from .triton import sla_backward
 
     return sla_backward(do, dlse, dnum, dden, q, k, v, qf, kf, o, lse, critical, lin_blocks, scale, feature,
-                        has_lin, lin_sign, block_q)
+                        has_lin, lin_sign, block_q, dqf_g, dkf_g, dv_g)
 
 
 @sla_bwd.register_fake
 def _(do, dlse, dnum, dden, q, k, v, qf, kf, o, lse, critical, lin_blocks, scale, feature, has_lin, lin_sign,
-      block_q):
+      block_q, dqf_g=None, dkf_g=None, dv_g=None):
     return (torch.empty_like(q, memory_format=torch.contiguous_format),
             torch.empty_like(k, memory_format=torch.contiguous_format),
             torch.empty_like(v, memory_format=torch.contiguous_format))
@@ -162,27 +165,20 @@ def _backward(ctx, do, dlse, dol, dden):
         qf, kf = rounded_features(q, name), rounded_features(k, name)
     else:
         dnum, dden_total = lse.new_empty((0,)), lse.new_empty((0,))
+    extra = _global_grads(v, qf, kf, dnum, dden_total) if has_lin and with_global else ()
     dq, dk, dv = sla_bwd(do, dlse, dnum, dden_total, q, k, v, qf, kf, o, lse, critical, lin_blocks, scale, feature,
-                         has_lin, lin_sign, block_q)
-    if has_lin and with_global:
-        dq, dk, dv = _add_global_grads(dq, dk, dv, q, k, v, qf, kf, dnum, dden_total, feature)
+                         has_lin, lin_sign, block_q, *extra)
     return dq, dk, dv, None, None, None, None, None, None, None, None, None
 
 
-def _add_global_grads(dq, dk, dv, q, k, v, qf, kf, dnum, dden, feature: int):
-    """``dq``, ``dk``, ``dv`` plus the gradients of ``num += phi(q) kv``, ``den += phi(q) . ksum`` with
-    ``kv = phi(K)^T V`` and ``ksum = sum(phi(K))`` over all keys (fp32, through phi's backward)."""
-    from .triton import _feature_backward
-
-    name = FEATURE_NAMES[feature]
+def _global_grads(v, qf, kf, dnum, dden) -> Tuple[Tensor, Tensor, Tensor]:
+    """fp32 gradients of ``num += phi(q) kv``, ``den += phi(q) . ksum`` (``kv = phi(K)^T V``, ``ksum = sum(phi(K))``
+    over all keys) for phi(q), phi(K) and V. Gradients for the features, not for q and k: phi's backward is linear
+    in its upstream gradient, so the backward op adds these to the kernels' and runs it once."""
     kv, ksum = _global_sums(kf, v)
     dqf, dkv, dksum = _global_sums_backward(qf, kv, ksum, dnum, dden)
     dkf = torch.matmul(v.float(), dkv.transpose(-1, -2)) + dksum[..., None, :]  # d phi(K) of kv and ksum
-    dv_g = torch.matmul(kf.float(), dkv)
-    phi_q, phi_k = feature_map(q.float(), name), feature_map(k.float(), name)
-    return ((dq.float() + _feature_backward(phi_q, dqf.float(), feature)).to(dq.dtype),
-            (dk.float() + _feature_backward(phi_k, dkf, feature)).to(dk.dtype),
-            (dv.float() + dv_g).to(dv.dtype))
+    return dqf, dkf, torch.matmul(kf.float(), dkv)
 
 
 sla_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -302,9 +298,8 @@ def _global_sums(kf: Tensor, v: Tensor) -> Tuple[Tensor, Tensor]:
 
 
 def _global_sums_backward(qf: Tensor, kv: Tensor, ksum: Tensor, dnum: Tensor, dden: Tensor):
-    """Gradients of ``num += phi(q) kv``, ``den += phi(q) . ksum`` for ``phi(q)`` (in its dtype), ``kv`` and
-    ``ksum``."""
+    """fp32 gradients of ``num += phi(q) kv``, ``den += phi(q) . ksum`` for ``phi(q)``, ``kv`` and ``ksum``."""
     dnum, dden = dnum.float(), dden.float()
     dqf = torch.matmul(dnum, kv.transpose(-1, -2)) + dden[..., None] * ksum[..., None, :]
     dkv, dksum = _token_sums(qf, dnum, dden[..., None])
-    return dqf.to(qf.dtype), dkv, dksum[..., 0]
+    return dqf, dkv, dksum[..., 0]

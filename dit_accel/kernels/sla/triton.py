@@ -720,8 +720,9 @@ _MAX_LAUNCHES = 1024
 
 
 def sla_backward(do, dlse, dnum, dden, q, k, v, qf, kf, o, lse, critical, lin_blocks, scale, feature, has_lin,
-                 lin_sign, block_q):
-    """Launch the dQ and dK/dV kernels. ``dlse`` (may be zeros) is folded into delta."""
+                 lin_sign, block_q, dqf_g=None, dkf_g=None, dv_g=None):
+    """Launch the dQ and dK/dV kernels. ``dlse`` (may be zeros) is folded into delta. ``dqf_g``, ``dkf_g``,
+    ``dv_g``: further fp32 gradients for phi(q), phi(K) (added to the kernels' before phi's backward) and V."""
     b, h, nq, d = q.shape
     nk = k.shape[-2]
     arch = _arch(q.device)
@@ -775,6 +776,8 @@ def sla_backward(do, dlse, dnum, dden, q, k, v, qf, kf, o, lse, critical, lin_bl
                 *_strides(v), h, nq, nk, dp, n_sub, sign)
     dq, dk, dv, dqf, dkf = (g[..., :d] for g in (dq, dk, dv, dqf, dkf))  # drop padded columns
     if has_lin:
-        dq = dq + _feature_backward(phi_q, dqf, feature)
-        dk = dk + _feature_backward(phi_k, dkf, feature)
+        dq = dq + _feature_backward(phi_q, dqf if dqf_g is None else dqf + dqf_g, feature)
+        dk = dk + _feature_backward(phi_k, dkf if dkf_g is None else dkf + dkf_g, feature)
+    if dv_g is not None:
+        dv = dv + dv_g
     return tuple(g.to(v.dtype).contiguous() for g in (dq, dk, dv))
