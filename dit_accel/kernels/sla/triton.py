@@ -51,7 +51,8 @@ from .._cache import bounded_get
 from ..dense.configs import tma_ok
 from ..dense.tiles import LN2, dkdv_step, dq_step, fwd_step, load_tile, slice_descriptors
 from ..dense.tiles import LOG2E_HOST as _LOG2E
-from ..dense.triton import ensure_allocator
+from ..block_sparse.configs import select_config
+from ..dense.triton import _bwd_preprocess_kernel, ensure_allocator
 from .common import FEATURE_IDS, feature_map, true_columns
 from .configs import BLOCK_K, BLOCK_M, GLOBAL_COLUMNS, SLAKernelConfig, pointer_fallback, select_sla_config
 from .operands import global_operands
@@ -489,8 +490,9 @@ def _sla_bwd_dkdv_lin_kernel(
     tl.store(DKF + krow[:, None] * D + offs_d[None, :], dkf * weight, mask=kv_mask)
 
 
-KERNELS = {"global": _sla_global_kernel, "fwd": _sla_fwd_kernel, "bwd_dq": _sla_bwd_dq_kernel, "bwd_dkdv": _sla_bwd_dkdv_kernel,
-           "bwd_dkdv_lin": _sla_bwd_dkdv_lin_kernel}
+KERNELS = {"global": _sla_global_kernel, "fwd": _sla_fwd_kernel, "bwd_dq": _sla_bwd_dq_kernel,
+           "bwd_dkdv": _sla_bwd_dkdv_kernel, "bwd_dkdv_lin": _sla_bwd_dkdv_lin_kernel,
+           "bwd_preprocess": _bwd_preprocess_kernel}  # (the dense kernels' delta and base-2 lse, shared)
 
 
 # --------------------------------------------------------------------------- host wrappers
@@ -509,6 +511,22 @@ def _pad_d(block_d: int, *tensors: torch.Tensor):
     if d == block_d:
         return tensors
     return tuple(torch.nn.functional.pad(t, (0, block_d - d)) for t in tensors)
+
+
+def _preprocess(o, do, lse, dlse, arch: int):
+    """``(delta, lse2)``: ``rowsum(dO * O) - dlse`` and the base-2 lse (``+inf`` where lse is ``-inf``), contiguous
+    ``(B*H, Nq)`` fp32, from the dense kernels' preprocess (one launch). ``o``, ``do``: last-dim contiguous."""
+    b, h, nq, d = o.shape
+    lse, dlse = lse.float(), dlse.float()
+    if lse.stride(-1) != 1 or dlse.stride() != lse.stride():  # the kernel reads both with lse's strides
+        lse, dlse = lse.contiguous(), dlse.contiguous()
+    pre = select_config("bwd_preprocess", o.dtype, d, 128, 128, arch)
+    delta = torch.empty((b * h, nq), dtype=torch.float32, device=o.device)
+    lse2 = torch.empty_like(delta)
+    KERNELS["bwd_preprocess"][(_cdiv(nq, pre.block_m), b * h)](
+        o, do, lse, dlse, delta, lse2, *_strides(o), *_strides(do), lse.stride(0), lse.stride(1), h, nq, d,
+        BLOCK_M=pre.block_m, BLOCK_D=pre.block_d, HAS_DLSE=True, num_warps=pre.num_warps, num_stages=pre.num_stages)
+    return delta, lse2
 
 
 def row_scale(qf: torch.Tensor, kf: torch.Tensor, feature: int) -> torch.Tensor:
@@ -730,13 +748,13 @@ def sla_backward(do, dlse, dnum, dden, q, k, v, qf, kf, o, lse, critical, lin_bl
     cfg_dkdv = select_sla_config("bwd_dkdv", q.dtype, d, has_lin, arch)
     n_kb = _cdiv(nk, BLOCK_K)
     do = do.to(q.dtype).contiguous()
-    # d lse / d s = p, so an lse gradient shifts delta: ds = p * (dp - (rowsum(do*o) - dlse)).
-    delta = ((do.float() * o.float()).sum(-1) - dlse.float()).contiguous()
+    # d lse / d s = p, so an lse gradient shifts delta: ds = p * (dp - (rowsum(do*o) - dlse)); delta and the
+    # base-2 lse (+inf on rows without keys) in one launch, as contiguous (B*H, Nq) fp32.
+    delta, lse2 = _preprocess(_last_dim_contiguous(o.to(q.dtype)), do, lse, dlse, arch)
     if has_lin:
         qf, kf = _pad_d(cfg_dq.block_d, qf.contiguous(), kf.contiguous())
         phi_q, phi_k = (feature_map(t.float(), _FEATURE_NAMES[feature]) for t in (q, k))  # for the phi backward
     q, k, v, do = _pad_d(cfg_dq.block_d, *(_last_dim_contiguous(t) for t in (q, k, v)), do)
-    lse2 = torch.where(torch.isneginf(lse), float("inf"), lse.float() * 1.4426950408889634).contiguous()
     # With the linear branch, dq / dk leave the kernels in fp32 and get the phi backward added here.
     # dK / dV leave the kernels in fp32 (the linear kernel adds to dV), and so does dQ with the linear branch.
     dq = torch.empty(q.shape, dtype=torch.float32 if has_lin else q.dtype, device=q.device)
