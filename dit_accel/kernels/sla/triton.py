@@ -543,6 +543,14 @@ def row_scale(qf: torch.Tensor, kf: torch.Tensor, feature: int) -> torch.Tensor:
     return (qf.float().abs().sum(-1) * kmax / SCORE_BOUND).clamp_min(1.0).contiguous()
 
 
+def _phi_fp32(x: torch.Tensor, feature: int) -> torch.Tensor:
+    """phi(x) in fp32 (:func:`~.common.feature_map` of ``x.float()``); softmax upcasts inside, with no fp32 copy."""
+    name = _FEATURE_NAMES[feature]
+    if name == "softmax":
+        return torch.softmax(x, dim=-1, dtype=torch.float32)
+    return feature_map(x.float(), name)
+
+
 def _feature_backward(f32: torch.Tensor, g: torch.Tensor, feature: int) -> torch.Tensor:
     """Gradient of phi for the upstream gradient ``g``, from ``f32 = phi(x)`` alone (all fp32).
 
@@ -753,7 +761,7 @@ def sla_backward(do, dlse, dnum, dden, q, k, v, qf, kf, o, lse, critical, lin_bl
     delta, lse2 = _preprocess(_last_dim_contiguous(o.to(q.dtype)), do, lse, dlse, arch)
     if has_lin:
         qf, kf = _pad_d(cfg_dq.block_d, qf.contiguous(), kf.contiguous())
-        phi_q, phi_k = (feature_map(t.float(), _FEATURE_NAMES[feature]) for t in (q, k))  # for the phi backward
+        phi_q, phi_k = (_phi_fp32(t, feature) for t in (q, k))  # for the phi backward
     q, k, v, do = _pad_d(cfg_dq.block_d, *(_last_dim_contiguous(t) for t in (q, k, v)), do)
     # With the linear branch, dq / dk leave the kernels in fp32 and get the phi backward added here.
     # dK / dV leave the kernels in fp32 (the linear kernel adds to dV), and so does dQ with the linear branch.
@@ -765,7 +773,9 @@ def sla_backward(do, dlse, dnum, dden, q, k, v, qf, kf, o, lse, critical, lin_bl
         # (every linear-branch gradient is linear in (dnum, dden)) and multiply the scale back.
         # dK/dV also takes it times the rows' score divisor s (see the kernel).
         dnum, dden = _pad_d(cfg_dq.block_d, dnum.float())[0], dden.float()
-        dscale = torch.maximum(dnum.abs().amax((-1, -2)), dden.abs().amax(-1)).clamp_min(1e-30)
+        # (max |x| as an inf-norm: no |dnum| tensor)
+        dscale = torch.maximum(torch.linalg.vector_norm(dnum, float("inf"), dim=(-1, -2)),
+                               torch.linalg.vector_norm(dden, float("inf"), dim=-1)).clamp_min(1e-30)
         dnum = dnum / dscale[..., None, None]
         dden = dden / dscale[..., None]
         s = row_scale(qf, kf, feature)
