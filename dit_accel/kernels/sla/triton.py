@@ -48,10 +48,10 @@ from triton.runtime.errors import OutOfResources
 
 from ..._util import cdiv as _cdiv
 from .._cache import bounded_get
+from ..block_sparse.configs import select_config
 from ..dense.configs import tma_ok
 from ..dense.tiles import LN2, dkdv_step, dq_step, fwd_step, load_tile, slice_descriptors
 from ..dense.tiles import LOG2E_HOST as _LOG2E
-from ..block_sparse.configs import select_config
 from ..dense.triton import _bwd_preprocess_kernel, ensure_allocator
 from .common import FEATURE_IDS, feature_map, true_columns
 from .configs import BLOCK_K, BLOCK_M, GLOBAL_COLUMNS, SLAKernelConfig, pointer_fallback, select_sla_config
