@@ -17,7 +17,7 @@ backward.
 from __future__ import annotations
 
 import dataclasses
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 import triton
@@ -333,20 +333,38 @@ def dense_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: floa
     return (o if o.shape[-1] == d else o[..., :d].contiguous()), lse
 
 
+def bwd_preprocess(o: torch.Tensor, do: torch.Tensor, lse: torch.Tensor,
+                   dlse: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(delta, lse2)`` of a backward in one launch: ``rowsum(dO * O) - dlse`` (fp32 accumulation) and the base-2
+    lse (``+inf`` where lse is ``-inf``), contiguous ``(B*H, N)`` fp32. ``o``, ``do``: ``(B, H, N, D)`` in one
+    dtype, last dim contiguous; ``lse``, ``dlse``: ``(B, H, N)`` (made fp32, and contiguous where the kernel,
+    which reads both with lse's strides, needs it)."""
+    from ..block_sparse.configs import select_config
+
+    b, h, n, d = o.shape
+    lse = lse.float()
+    if dlse is not None:
+        dlse = dlse.float()
+    if lse.stride(-1) != 1 or (dlse is not None and dlse.stride() != lse.stride()):
+        lse = lse.contiguous()
+        dlse = None if dlse is None else dlse.contiguous()
+    pre = select_config("bwd_preprocess", o.dtype, d, 128, 128, _arch(o.device))
+    delta = torch.empty((b * h, n), dtype=torch.float32, device=o.device)
+    lse2 = torch.empty_like(delta)
+    _bwd_preprocess_kernel[(triton.cdiv(n, pre.block_m), b * h)](
+        o, do, lse, lse if dlse is None else dlse, delta, lse2, *_strides(o), *_strides(do), lse.stride(0),
+        lse.stride(1), h, n, d, BLOCK_M=pre.block_m, BLOCK_D=pre.block_d, HAS_DLSE=dlse is not None,
+        num_warps=pre.num_warps, num_stages=pre.num_stages)
+    return delta, lse2
+
+
 def dense_backward(do, q, k, v, o, lse, scale: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(dq, dk, dv)`` of :func:`dense_forward` (FlashAttention-2's two passes, no atomics)."""
     b, h, n, d = q.shape
     m = k.shape[2]
     q, k, v = (t.contiguous() for t in (q, k, v))
     do, o = do.to(q.dtype).contiguous(), o.to(q.dtype).contiguous()
-    delta = torch.empty((b * h, n), dtype=torch.float32, device=q.device)
-    lse2 = torch.empty_like(delta)
-    from ..block_sparse.configs import select_config
-
-    pre = select_config("bwd_preprocess", q.dtype, d, 128, 128, _arch(q.device))
-    _bwd_preprocess_kernel[(triton.cdiv(n, pre.block_m), b * h)](
-        o, do, lse, lse, delta, lse2, *_strides(o), *_strides(do), lse.stride(0), lse.stride(1), h, n, d,
-        BLOCK_M=pre.block_m, BLOCK_D=pre.block_d, HAS_DLSE=False, num_warps=pre.num_warps)
+    delta, lse2 = bwd_preprocess(o, do, lse)
     cfg, cfg_q = _config("bwd_dkdv", q, (q, do)), _config("bwd_dq", q, (k, v))
     if not (cfg.tma and cfg_q.tma):  # a pointer kernel among them: odd head dims run padded
         q, k, v, do = _pad_d(dataclasses.replace(cfg, tma=False), q, k, v, do)

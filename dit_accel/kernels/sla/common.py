@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from ..._util import cdiv as _cdiv
 
 __all__ = ["SLAParams", "SLABlocks", "sla_block_counts", "sla_density", "sla_classify", "classify_pooled",
-           "feature_map", "rounded_features", "true_columns", "FEATURE_IDS", "MARGINAL", "CRITICAL", "NEGLIGIBLE",
+           "feature_map", "fp32_features", "rounded_features", "true_columns", "FEATURE_IDS", "MARGINAL", "CRITICAL", "NEGLIGIBLE",
            "LINEAR_EPS", "REFERENCE_LINEAR_EPS", "FEATURE_MAPS", "LINEAR_TOKENS", "ROUNDINGS"]
 
 # Values of the int8 class map.
@@ -291,10 +291,15 @@ def feature_map(x: torch.Tensor, kind: str) -> torch.Tensor:
     raise ValueError(f"feature_map must be 'softmax', 'elu' or 'relu', got {kind!r}")
 
 
-def rounded_features(x: torch.Tensor, kind: str) -> torch.Tensor:
-    """phi(x) computed in fp32 and rounded to x's dtype: the fused kernel's linear-branch operand, and,
-    upcast, the operand of the caller's global sums (both read the same rounded values). The softmax
-    reads x once (``dtype=`` casts inside the kernel) instead of through an fp32 copy."""
+def fp32_features(x: torch.Tensor, kind: str) -> torch.Tensor:
+    """``feature_map(x.float(), kind)``; the softmax reads x once (``dtype=`` casts inside the kernel) instead of
+    through an fp32 copy."""
     if kind == "softmax":
-        return torch.softmax(x, dim=-1, dtype=torch.float32).to(x.dtype)
-    return feature_map(x.float(), kind).to(x.dtype)
+        return torch.softmax(x, dim=-1, dtype=torch.float32)
+    return feature_map(x.float(), kind)
+
+
+def rounded_features(x: torch.Tensor, kind: str) -> torch.Tensor:
+    """phi(x) computed in fp32 (:func:`fp32_features`) and rounded to x's dtype: the fused kernel's linear-branch
+    operand, and, upcast, the operand of the caller's global sums (both read the same rounded values)."""
+    return fp32_features(x, kind).to(x.dtype)

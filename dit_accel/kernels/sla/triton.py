@@ -48,12 +48,11 @@ from triton.runtime.errors import OutOfResources
 
 from ..._util import cdiv as _cdiv
 from .._cache import bounded_get
-from ..block_sparse.configs import select_config
 from ..dense.configs import tma_ok
 from ..dense.tiles import LN2, dkdv_step, dq_step, fwd_step, load_tile, slice_descriptors
 from ..dense.tiles import LOG2E_HOST as _LOG2E
-from ..dense.triton import _bwd_preprocess_kernel, ensure_allocator
-from .common import FEATURE_IDS, feature_map, true_columns
+from ..dense.triton import bwd_preprocess, ensure_allocator
+from .common import FEATURE_IDS, fp32_features, true_columns
 from .configs import BLOCK_K, BLOCK_M, GLOBAL_COLUMNS, SLAKernelConfig, pointer_fallback, select_sla_config
 from .operands import global_operands
 
@@ -491,8 +490,7 @@ def _sla_bwd_dkdv_lin_kernel(
 
 
 KERNELS = {"global": _sla_global_kernel, "fwd": _sla_fwd_kernel, "bwd_dq": _sla_bwd_dq_kernel,
-           "bwd_dkdv": _sla_bwd_dkdv_kernel, "bwd_dkdv_lin": _sla_bwd_dkdv_lin_kernel,
-           "bwd_preprocess": _bwd_preprocess_kernel}  # (the dense kernels' delta and base-2 lse, shared)
+           "bwd_dkdv": _sla_bwd_dkdv_kernel, "bwd_dkdv_lin": _sla_bwd_dkdv_lin_kernel}
 
 
 # --------------------------------------------------------------------------- host wrappers
@@ -513,22 +511,6 @@ def _pad_d(block_d: int, *tensors: torch.Tensor):
     return tuple(torch.nn.functional.pad(t, (0, block_d - d)) for t in tensors)
 
 
-def _preprocess(o, do, lse, dlse, arch: int):
-    """``(delta, lse2)``: ``rowsum(dO * O) - dlse`` and the base-2 lse (``+inf`` where lse is ``-inf``), contiguous
-    ``(B*H, Nq)`` fp32, from the dense kernels' preprocess (one launch). ``o``, ``do``: last-dim contiguous."""
-    b, h, nq, d = o.shape
-    lse, dlse = lse.float(), dlse.float()
-    if lse.stride(-1) != 1 or dlse.stride() != lse.stride():  # the kernel reads both with lse's strides
-        lse, dlse = lse.contiguous(), dlse.contiguous()
-    pre = select_config("bwd_preprocess", o.dtype, d, 128, 128, arch)
-    delta = torch.empty((b * h, nq), dtype=torch.float32, device=o.device)
-    lse2 = torch.empty_like(delta)
-    KERNELS["bwd_preprocess"][(_cdiv(nq, pre.block_m), b * h)](
-        o, do, lse, dlse, delta, lse2, *_strides(o), *_strides(do), lse.stride(0), lse.stride(1), h, nq, d,
-        BLOCK_M=pre.block_m, BLOCK_D=pre.block_d, HAS_DLSE=True, num_warps=pre.num_warps, num_stages=pre.num_stages)
-    return delta, lse2
-
-
 def row_scale(qf: torch.Tensor, kf: torch.Tensor, feature: int) -> torch.Tensor:
     """Per-row divisor ``s_i >= 1`` of the linear scores, fp32 ``(B, H, Nq)`` (the kernels take ``1 / s``).
 
@@ -541,14 +523,6 @@ def row_scale(qf: torch.Tensor, kf: torch.Tensor, feature: int) -> torch.Tensor:
         return torch.ones(qf.shape[:-1], dtype=torch.float32, device=qf.device)
     kmax = kf.float().abs().amax(dim=(-1, -2))[..., None]
     return (qf.float().abs().sum(-1) * kmax / SCORE_BOUND).clamp_min(1.0).contiguous()
-
-
-def _phi_fp32(x: torch.Tensor, feature: int) -> torch.Tensor:
-    """phi(x) in fp32 (:func:`~.common.feature_map` of ``x.float()``); softmax upcasts inside, with no fp32 copy."""
-    name = _FEATURE_NAMES[feature]
-    if name == "softmax":
-        return torch.softmax(x, dim=-1, dtype=torch.float32)
-    return feature_map(x.float(), name)
 
 
 def _feature_backward(f32: torch.Tensor, g: torch.Tensor, feature: int) -> torch.Tensor:
@@ -758,10 +732,10 @@ def sla_backward(do, dlse, dnum, dden, q, k, v, qf, kf, o, lse, critical, lin_bl
     do = do.to(q.dtype).contiguous()
     # d lse / d s = p, so an lse gradient shifts delta: ds = p * (dp - (rowsum(do*o) - dlse)); delta and the
     # base-2 lse (+inf on rows without keys) in one launch, as contiguous (B*H, Nq) fp32.
-    delta, lse2 = _preprocess(_last_dim_contiguous(o.to(q.dtype)), do, lse, dlse, arch)
+    delta, lse2 = bwd_preprocess(_last_dim_contiguous(o.to(q.dtype)), do, lse, dlse)
     if has_lin:
         qf, kf = _pad_d(cfg_dq.block_d, qf.contiguous(), kf.contiguous())
-        phi_q, phi_k = (_phi_fp32(t, feature) for t in (q, k))  # for the phi backward
+        phi_q, phi_k = (fp32_features(t, _FEATURE_NAMES[feature]) for t in (q, k))  # for the phi backward
     q, k, v, do = _pad_d(cfg_dq.block_d, *(_last_dim_contiguous(t) for t in (q, k, v)), do)
     # With the linear branch, dq / dk leave the kernels in fp32 and get the phi backward added here.
     # dK / dV leave the kernels in fp32 (the linear kernel adds to dV), and so does dQ with the linear branch.
