@@ -18,7 +18,7 @@ import sys
 from .. import _util
 from .options import HelpFormatter
 
-__all__ = ["register", "run", "collect_info", "model_settings"]
+__all__ = ["register", "run", "collect_info", "model_settings", "plan_report"]
 
 def register(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("info", help="versions, device, kernel backends, supported models and methods",
@@ -28,8 +28,37 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, metavar="MODEL",
                    help="also list each method's published setting for this model, its density and source (a hub "
                         "id, a Diffusers folder, a tiny model, a transformer class or a family such as 'Wan 2.2')")
+    p.add_argument("--plan", default=None, metavar="FILE",
+                   help="print only this SparsePlan (dit-accel calibrate's output): its one-line summary, provenance "
+                        "and the method of every step range, layer and head")
     p.set_defaults(func=run, _parser=p)
     return p
+
+
+def plan_report(path) -> dict:
+    """What ``info --plan`` prints: the plan's summary line, content hash, profile and full table
+    (ValueError, one line naming the file and the field, for a bad file)."""
+    from ..sparse_plan import SparsePlan
+
+    plan = SparsePlan.load(path)
+    return {"plan": str(path), "summary": plan.summary_line(), "content_sha256": plan.content_hash(),
+            "profile": plan.profile(), "table": plan.table()}
+
+
+def _run_plan(path, as_json: bool) -> int:
+    try:
+        report = plan_report(path)
+    except ValueError as err:
+        print(f"dit-accel info: --plan: {err}", file=sys.stderr)
+        return 2
+    if as_json:
+        json.dump(report, sys.stdout, indent=2, default=str)
+        print()
+        return 0
+    print(f"{report['plan']}:")
+    for line in report["table"]:
+        print(f"  {line}")
+    return 0
 
 
 def _safe(fn):
@@ -179,6 +208,8 @@ def run(args) -> int:
         except (RuntimeError, TypeError):
             print(f"dit-accel info: --device {device} is not a torch device; use cpu, cuda or cuda:N")
             return 2
+    if getattr(args, "plan", None) is not None:
+        return _run_plan(args.plan, getattr(args, "json", False))
     info = collect_info(device)
     model = getattr(args, "model", None)
     if model is not None:
