@@ -172,7 +172,7 @@ def _method_entry(r: _Fields, where: str, data, heads: Optional[int] = None, inn
         hash(method)  # configs are cache keys: a JSON object left inside one would fail at the first call
     except Exception as err:  # noqa: BLE001 - a registered config's own check, whatever it raises, is the reason
         reason = " ".join(str(err).split()) or type(err).__name__
-        key = next((k for k in values if f".{k}=" in reason or f" {k}=" in reason), None)
+        key = next((k for k in values if re.search(rf"(^|[ .]){re.escape(k)}(\[[0-9]+\])?=", reason)), None)
         r.fail(f"{where}.{key}" if key else where, reason)
     return method
 
@@ -248,8 +248,9 @@ def _provenance(r: _Fields, data) -> dict:
             out.pop(key)
     timesteps = data.get("timesteps")
     if timesteps is not None and not (isinstance(timesteps, list) and all(
-            isinstance(t, (int, float)) and not isinstance(t, bool) and math.isfinite(t) for t in timesteps)):
-        r.fail("provenance.timesteps", f"must be a list of numbers (one per step) or null; got {_show(timesteps)}")
+            isinstance(t, (int, float)) and not isinstance(t, bool) and math.isfinite(t) and t >= 0
+            for t in timesteps)):
+        r.fail("provenance.timesteps", f"must be a list of numbers >= 0 (one per step) or null; got {_show(timesteps)}")
     call = data.get("call")
     if call is not None:
         r.obj("provenance.call", call, "an object of the pipeline call's settings or null")
@@ -427,7 +428,7 @@ class SparsePlan:
         for i, j in zip(order, order[1:]):
             a, b = phases[i], phases[j]
             if a.stop is None or a.stop > b.start:
-                r.fail(f"phases[{j}].steps", f"steps {_span(b)} overlap phases[{i}] (steps {_span(a)})")
+                r.fail(f"phases[{j}].steps", f"steps {_span(b)} overlap phases[{i}].steps (steps {_span(a)})")
         provenance = _provenance(r, data.get("provenance"))
         steps = provenance.get("steps")
         if steps is not None:
