@@ -867,12 +867,6 @@ class PlanMethod(Method):
     def runs_sla(self, layer: int) -> bool:
         return self.sparse_plan.runs_sla(layer)
 
-    def check_layers(self, num_layers: int) -> None:
-        """ValueError when the plan was made for a model with another number of attention layers, or names a
-        layer past them."""
-        plan = self.sparse_plan
-        plan.check_model(plan.provenance.get("model_class") or "", [None] * num_layers)
-
     def check_model(self, model_class: str, layer_heads: Sequence[Optional[int]]) -> None:
         """:meth:`SparsePlan.check_model`."""
         self.sparse_plan.check_model(model_class, layer_heads)
