@@ -794,11 +794,11 @@ def _summary_lines(record: dict) -> list:
     """The method, its density, its attention time against dense and the ground-truth quality, in a few lines."""
     lines = []
     cmp, method = record.get("compare_dense"), record["method"]
-    if record.get("method_choice") not in (None, "--method"):
+    if record.get("method_choice") not in (None, "--method") and not record.get("plan_summary"):
         lines.append(f"method {method['method']}: {record['method_choice']}; settings: {record['defaults_source']}")
     density = record["density"]["mean"]
     if record.get("plan_summary"):
-        lines.append(record["plan_summary"])
+        lines.append(f"{record['method_choice']}: {record['plan_summary']}")
         lines.append("plan: visited density " + (f"{density:.3f}" if density is not None else "1.000 (ran dense)")
                      + " of the video attention blocks")
     elif method["method"] != "dense":
