@@ -379,6 +379,19 @@ def test_generate_refuses_plan_with_method_and_bad_files_before_loading(tmp_path
     assert not list(tmp_path.glob("v.gif*"))
 
 
+def test_eval_plan_flags_are_checked(tmp_path, capsys):
+    from dit_accel.cli.main import main
+
+    assert main(["eval", "--model", "tiny-shapes", "--methods", "dense", "--plan-any-grid", "--out",
+                 str(tmp_path / "e")]) == 2
+    assert "--plan-any-grid applies to --plan" in capsys.readouterr().out
+    bad = tmp_path / "p.json"
+    bad.write_text('{"format": "dit_accel.sparse_plan", "num_layers": "4", "phases": []}')
+    assert main(["eval", "--model", "tiny-shapes", "--methods", "dense", "--plan", str(bad), "--out",
+                 str(tmp_path / "e")]) == 2
+    assert f"--plan: {bad}: num_layers: must be a whole number >= 1 or null; got \"4\"" in capsys.readouterr().out
+
+
 def test_generate_plan_prints_the_summary_and_checks_the_grid(tmp_path, capsys):
     from dit_accel.cli.main import main
     from dit_accel.models.tiny_shapes import TINY_SHAPES_GRID
@@ -387,9 +400,11 @@ def test_generate_plan_prints_the_summary_and_checks_the_grid(tmp_path, capsys):
                       provenance={"model_class": "WanTransformer3DModel", "grids": [list(TINY_SHAPES_GRID)],
                                   "steps": 2, "call": {"num_frames": 7, "height": 48, "width": 48}})
     path = plan.save(tmp_path / "plan.json")
-    base = ["generate", "--plan", str(path), "--steps", "2", "--no-compare-dense", "--quiet"]
-    assert main([*base, "--out", str(tmp_path / "a.gif")]) == 0
+    base = ["generate", "--plan", str(path), "--steps", "2", "--quiet"]
+    assert main([*base, "--out", str(tmp_path / "a.gif")]) == 0  # with the dense run and the warm-ups beside it
     printed = capsys.readouterr().out
+    assert "vs dense" in printed
+    base.append("--no-compare-dense")
     assert plan.summary_line() in printed and '"phases"' not in printed and max(map(len, printed.splitlines())) < 300
     meta = json.loads((tmp_path / "a.gif.json").read_text())
     assert meta["plan_summary"] == plan.summary_line() and meta["density"]["mean"] < 1
