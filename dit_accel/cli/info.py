@@ -18,7 +18,7 @@ import sys
 from .. import _util
 from .options import HelpFormatter
 
-__all__ = ["register", "run", "collect_info", "model_settings"]
+__all__ = ["register", "run", "collect_info", "model_settings", "plan_report"]
 
 def register(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("info", help="versions, device, kernel backends, supported models and methods",
@@ -31,8 +31,37 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--clear", action="store_true",
                    help="forget this machine's stored autotune choices and kernel self-check verdicts (both are "
                         "measured again on next use) and exit")
+    p.add_argument("--plan", default=None, metavar="FILE",
+                   help="print only this SparsePlan (dit-accel calibrate's output): its one-line summary, provenance "
+                        "and the method of every step range, layer and head")
     p.set_defaults(func=run, _parser=p)
     return p
+
+
+def plan_report(path) -> dict:
+    """What ``info --plan`` prints: the plan's summary line, content hash, profile and full table
+    (ValueError, one line naming the file and the field, for a bad file)."""
+    from ..sparse_plan import SparsePlan
+
+    plan = SparsePlan.load(path)
+    return {"plan": str(path), "summary": plan.summary_line(), "content_sha256": plan.content_hash(),
+            "profile": plan.profile(), "table": plan.table()}
+
+
+def _run_plan(path, as_json: bool) -> int:
+    try:
+        report = plan_report(path)
+    except ValueError as err:
+        print(f"dit-accel info: --plan: {err}", file=sys.stderr)
+        return 2
+    if as_json:
+        json.dump(report, sys.stdout, indent=2, default=str)
+        print()
+        return 0
+    print(f"{report['plan']}:")
+    for line in report["table"]:
+        print(f"  {line}")
+    return 0
 
 
 def _safe(fn):
@@ -205,6 +234,8 @@ def run(args) -> int:
         print(f"dit-accel info: cleared the autotune choices ({autotune.cache_path()}) and the kernel self-check "
               f"verdicts ({selfcheck.cache_path()}); both are measured again on next use.")
         return 0
+    if getattr(args, "plan", None) is not None:
+        return _run_plan(args.plan, getattr(args, "json", False))
     info = collect_info(device)
     model = getattr(args, "model", None)
     if model is not None:
