@@ -131,6 +131,13 @@ class AccelHandle:
 
     While the handle loaded LoRA adapters (``weights=``), ``transformer.fuse_lora()`` (and
     ``pipe.fuse_lora()``) over them is refused: the fused weights could not be restored bit for bit.
+    ``lora_adapter`` names the PEFT adapter holding the ``weights=`` folder's LoRA (``"dit_accel"``, or the
+    adapter ``pipe.load_lora_weights(DIR)`` loaded it as), None without one.
+
+    While applied, ``transformer.save_pretrained(DIR)`` (and ``pipe.save_pretrained``) writes the base model
+    (the weights under the LoRA layers, which ``from_pretrained`` reads) and, beside it in ``DIR``, a weights
+    folder with the handle's LoRA, SLA projections and method: load it back with
+    ``apply(pipe, load_method(DIR), weights=DIR)``, or its LoRA with ``pipe.load_lora_weights(DIR)``.
     ``copy.deepcopy`` and ``pickle`` of an applied model are refused in one line (remove, copy, apply again).
     """
 
@@ -146,6 +153,8 @@ class AccelHandle:
         # LoRA adapters that weights= loaded: (transformer, names, the LoRA state before, see _lora_state)
         self._adapters: List[Tuple[nn.Module, List[str], tuple]] = []
         self._fuse_guards: List[nn.Module] = []  # transformers whose fuse_lora this handle refuses
+        self._save_guards: List[nn.Module] = []  # transformers whose save_pretrained this handle wraps
+        self.lora_adapter: Optional[str] = None
         self._released = False  # its adapters are gone (remove(), or a replacing apply() with weights=)
         for hook in hooks:
             hook.handle = self
@@ -187,6 +196,9 @@ class AccelHandle:
         for transformer in self._fuse_guards:
             _drop_fuse_guard(transformer, self)
         self._fuse_guards = []
+        for transformer in self._save_guards:
+            _drop_save_guard(transformer, self)
+        self._save_guards = []
         adapters, self._adapters = self._adapters, []
         for transformer, names, state in adapters:
             if _unmerge(transformer, names):
@@ -283,6 +295,74 @@ class AccelHandle:
         fuse_lora._dit_accel_guard = handle
         transformer.__dict__["fuse_lora"] = fuse_lora
         self._fuse_guards.append(transformer)
+
+    def _guard_save(self) -> None:
+        """Wrap ``save_pretrained`` of every transformer (an instance attribute, taken away by remove()): the
+        model Diffusers would save holds peft's ``base_layer``/``lora_`` keys, which ``from_pretrained`` cannot
+        read, and not the SLA projections (they are not submodules)."""
+        for transformer in self.transformers:
+            if transformer in self._save_guards or not hasattr(transformer, "save_pretrained"):
+                continue
+            previous = transformer.__dict__.get("save_pretrained", _ABSENT)
+            original = getattr(previous, "_dit_accel_original", previous)  # another handle's guard: its original
+            if original is _ABSENT:
+                original = transformer.save_pretrained
+            handle = self
+
+            def save_pretrained(save_directory, *args, _t=transformer, _original=original, **kwargs):
+                return handle._save(_t, _original, save_directory, args, kwargs)
+
+            save_pretrained._dit_accel_guard = handle
+            save_pretrained._dit_accel_original = original
+            save_pretrained._dit_accel_previous = previous
+            transformer.__dict__["save_pretrained"] = save_pretrained
+            self._save_guards.append(transformer)
+
+    def _save(self, transformer: nn.Module, original, save_directory, args, kwargs):
+        """``save_pretrained`` while applied: the base model, then (for the handle's first transformer) the
+        weights folder of the handle beside it. Refused, before anything is written, when dit_accel's LoRA
+        is merged into the weights (the base model could not be told from it)."""
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        from ..weights import save_trained_weights
+
+        ours = self.lora_adapter if self.lora_adapter in (getattr(transformer, "peft_config", None) or {}) else None
+        tuned = sorted(n for n, m in transformer.named_modules() if isinstance(m, BaseTunerLayer))
+        merged = sorted({a for n in tuned for a in (getattr(transformer.get_submodule(n), "merged_adapters", None)
+                                                    or ())})
+        cls = type(transformer).__name__
+        if merged:
+            raise RuntimeError(
+                f"dit_accel: save_pretrained({str(save_directory)!r}) is refused: LoRA adapters {merged} are merged "
+                f"into the weights of {cls}, so the base model cannot be saved apart from them. Unmerge them "
+                "(transformer.unfuse_lora()) first; nothing was written")
+        others = sorted(a for a in (getattr(transformer, "peft_config", None) or {}) if a != ours)
+        first = transformer is self.transformer
+        projections = self.sla_projections() if first else {}
+        if others:
+            self._runtime.warnings.warn(
+                f"dit_accel: save_pretrained({str(save_directory)!r}) saves {cls}'s base model without the LoRA "
+                f"adapters {others} (not dit_accel's): save them with the pipeline's save_lora_weights", stacklevel=4)
+        if tuned:  # the weights under the LoRA layers, by their plain names: what from_pretrained reads
+            full = type(transformer).state_dict(transformer)
+            base = {}
+            for key, value in full.items():
+                owner = next((n for n in tuned if key.startswith(n + ".")), None)
+                if owner is None:
+                    base[key] = value
+                elif key.startswith(owner + ".base_layer."):
+                    base[owner + "." + key[len(owner) + len(".base_layer."):]] = value
+            transformer.__dict__["state_dict"] = lambda *a, **k: base
+        try:
+            result = original(save_directory, *args, **kwargs)
+        finally:
+            transformer.__dict__.pop("state_dict", None)
+        if first and (ours or projections) and kwargs.get("is_main_process", args[0] if args else True):
+            save_trained_weights(
+                save_directory, transformer=transformer, method=self.method,
+                lora_config=transformer.peft_config[ours] if ours else None, sla_projections=projections or None,
+                adapter_name=ours or "default", extra={"model": cls, "saved_by": "save_pretrained"})
+        return result
 
     # ---------------------------------------------------------------- schedule
     def set_step(self, step: Optional[int], total: Optional[int] = None) -> None:
@@ -539,6 +619,17 @@ def _drop_fuse_guard(transformer: nn.Module, handle: AccelHandle) -> None:
         del transformer.__dict__["fuse_lora"]
 
 
+def _drop_save_guard(transformer: nn.Module, handle: AccelHandle) -> None:
+    guard = transformer.__dict__.get("save_pretrained")
+    if getattr(guard, "_dit_accel_guard", None) is not handle:
+        return
+    previous = guard._dit_accel_previous
+    if previous is _ABSENT or hasattr(previous, "_dit_accel_guard"):  # none, or a removed handle's guard
+        del transformer.__dict__["save_pretrained"]
+    else:  # the user's own instance attribute
+        transformer.__dict__["save_pretrained"] = previous
+
+
 _PEFT_FLAG = "_hf_peft_config_loaded"  # Diffusers' "a LoRA was loaded" flag, set on the instance
 _ABSENT = object()
 
@@ -684,6 +775,7 @@ def apply(pipe_or_transformer, method: Method, *, dense_steps: int = 0, dense_la
                 if old._adapters:
                     old._release()
             handle.load_weights(weights)
+        handle._guard_save()
     except BaseException:
         if handle is not None:
             handle.remove()
