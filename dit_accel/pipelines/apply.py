@@ -136,7 +136,8 @@ class AccelHandle:
 
     While applied, ``transformer.save_pretrained(DIR)`` (and ``pipe.save_pretrained``) writes the base model
     (the weights under the LoRA layers, which ``from_pretrained`` reads) and, beside it in ``DIR``, a weights
-    folder with the handle's LoRA, SLA projections and method: load it back with
+    folder with the LoRA (``lora_adapter``, else the one active adapter), SLA projections and method: load it back
+    with
     ``apply(pipe, load_method(DIR), weights=DIR)``, or its LoRA with ``pipe.load_lora_weights(DIR)``.
     ``copy.deepcopy`` and ``pickle`` of an applied model are refused in one line (remove, copy, apply again).
     """
@@ -327,6 +328,9 @@ class AccelHandle:
         from ..weights import save_trained_weights
 
         ours = self.lora_adapter if self.lora_adapter in (getattr(transformer, "peft_config", None) or {}) else None
+        active = _active_adapters(transformer)
+        if ours is None and len(active) == 1:  # the user's one active LoRA (load_lora_weights): the folder's LoRA
+            ours = active[0]
         tuned = sorted(n for n, m in transformer.named_modules() if isinstance(m, BaseTunerLayer))
         merged = sorted({a for n in tuned for a in (getattr(transformer.get_submodule(n), "merged_adapters", None)
                                                     or ())})
