@@ -84,7 +84,8 @@ def _find_transformers(obj) -> Tuple[List[Tuple[str, nn.Module]], object]:
     else:
         found, pipe = [], obj
         check_pipeline(obj)
-        for attr in ("transformer", "transformer_2"):  # Wan 2.2 A14B has a second (low-noise) expert
+        # Wan 2.2 A14B has a second (low-noise) expert; MiniMax-H3's modular pipeline runs ref2va on transformer_ref
+        for attr in ("transformer", "transformer_2", "transformer_ref"):
             module = getattr(obj, attr, None)
             if isinstance(module, nn.Module):
                 found.append(("" if attr == "transformer" else f"{attr}.", module))
@@ -689,7 +690,7 @@ def apply(pipe_or_transformer, method: Method, *, dense_steps: int = 0, dense_la
 
     Args:
         pipe_or_transformer: a pipeline (its ``transformer`` and, for Wan 2.2,
-            ``transformer_2`` are wrapped) or a transformer of a supported class
+            ``transformer_2``, for MiniMax-H3 ``transformer_ref``, are wrapped) or a transformer of a supported class
             (:data:`dit_accel.pipelines.presets.PRESETS`, or one registered with
             :func:`dit_accel.register_preset`).
         method: ``dit_accel.Dense()``, ``GNA(...)``, ``Tile(...)``, ``Radial(...)``, ``SLA(...)``, any

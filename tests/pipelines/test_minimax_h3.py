@@ -281,3 +281,21 @@ def test_generate_runs_tiny_minimax_h3(tmp_path, capsys):
     assert out.is_file() and record["output_shape"][:1] == [17]
     assert record["summary"]["sparse_calls"] == 6 and record["summary"]["mean_density"] < 1
     assert record["method"] == {"method": "tile", "tile": [1, 8, 8], "window": [3, 3, 3]}
+
+
+def test_apply_wraps_the_ref2va_partition_of_the_modular_pipeline():
+    """Diffusers' MiniMax-H3 modular pipeline runs ref2va on its ``transformer_ref`` component: apply(pipe) wraps
+    it beside ``transformer``, and its ref2va calls are sparse and match the masked-dense reference."""
+    pipe = _h3_pipeline()
+    ref_model = T.build_tiny_transformer("minimax_h3", seed=1)
+    pipe.update_components(transformer_ref=ref_model)
+    kwargs = inputs(ref_model, "ref2va", batch=1)
+    method = dit_accel.Tile(tile=(1, 8, 8), window=(3, 3, 3))
+    with torch.no_grad():
+        with ReferenceAttention(sta_mask(GRID, method.tile, method.window), "first"):
+            want = ref_model(**kwargs)[0]
+        with dit_accel.apply(pipe, method, backend="torch") as handle:
+            assert handle.transformers == [pipe.transformer, ref_model]
+            got = ref_model(**kwargs)[0]
+            assert handle.summary()["sparse_calls"] == 2
+    torch.testing.assert_close(got, want, atol=2e-4, rtol=2e-4)
