@@ -299,3 +299,15 @@ def test_apply_wraps_the_ref2va_partition_of_the_modular_pipeline():
             got = ref_model(**kwargs)[0]
             assert handle.summary()["sparse_calls"] == 2
     torch.testing.assert_close(got, want, atol=2e-4, rtol=2e-4)
+
+
+def test_tiny_pipeline_dense_first_steps_follow_its_scheduler(h3_pipe):
+    """dense_steps counts MiniMaxH3Scheduler's steps of the pipeline call (3 transformer calls for 4 sigmas)."""
+    call = dict(prompt="a fox", num_inference_steps=4, output_type="latent", generator=torch.Generator().manual_seed(0))
+    with dit_accel.apply(h3_pipe, dit_accel.Tile(tile=(1, 8, 8), window=(3, 3, 3)), dense_steps=1,
+                         backend="torch") as handle:
+        h3_pipe(**call)
+        summary = handle.summary()
+    assert (summary["dense_calls"], summary["sparse_calls"]) == (2, 4)  # 2 layers x (1 dense, 2 sparse steps)
+    with pytest.raises(ValueError, match="num_inference_steps=1: MiniMaxH3Scheduler needs at least 2"):
+        h3_pipe(prompt="a fox", num_inference_steps=1)

@@ -120,6 +120,9 @@ def _h3_pipeline_class():
             if (num_frames - 1) % self.vae_scale_factor_temporal or height % 16 or width % 16:
                 raise ValueError(f"num_frames={num_frames}, height={height}, width={width}: use 4k+1 frames and "
                                  "sizes that are multiples of 16")
+            if not isinstance(num_inference_steps, int) or num_inference_steps < 2:
+                raise ValueError(f"num_inference_steps={num_inference_steps!r}: MiniMaxH3Scheduler needs at least 2 "
+                                 "(N sigmas, the last 0, give N - 1 transformer calls)")
             if last_image is not None and image is None:
                 raise ValueError("last_image needs image (first and last keyframes: fl2va)")
             device, cfg = self._execution_device, self.transformer.config
