@@ -19,6 +19,13 @@ Load everything in one line::
 
     handle = dit_accel.apply(pipe, dit_accel.training.load_method(DIR), weights=DIR)
 
+or load the LoRA with Diffusers first; ``apply`` then finds it on the transformer (same tensors) and adds
+only the SLA projections (it refuses a folder whose LoRA is loaded twice, or when another LoRA over the same
+modules is loaded instead)::
+
+    pipe.load_lora_weights(DIR)
+    handle = dit_accel.apply(pipe, dit_accel.training.load_method(DIR), weights=DIR)
+
 It sits below both :mod:`dit_accel.pipelines` (``apply(..., weights=DIR)`` loads it
 with :func:`load_into`) and :mod:`dit_accel.training` (which writes it), so neither
 imports the other.
@@ -27,11 +34,12 @@ imports the other.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import warnings
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 import torch
 from torch import nn
@@ -45,7 +53,7 @@ from .sparse_plan import PlanMethod, SparsePlan
 __all__ = [
     "LORA_FILE", "SLA_FILE", "METHOD_FILE", "ADAPTER_NAME",
     "save_trained_weights", "load_into", "load_trained_weights", "load_method", "read_weights_info", "lora_state_dict",
-    "sla_state_dict", "method_from_dict", "write_weights_folder", "check_plan_fits",
+    "sla_state_dict", "method_from_dict", "loaded_lora_adapter", "write_weights_folder", "check_plan_fits",
 ]
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
@@ -90,23 +98,28 @@ def save_trained_weights(output_dir, *, transformer: nn.Module, method: Method, 
     All or nothing: the tensors are written to temporary files, renamed into place, and the method file,
     which records their sha256, comes last; :func:`load_into` checks them, so a folder whose writer was
     killed half-way is refused (naming the file) instead of mixing two runs' tensors.
+    ``lora_config=None`` writes no LoRA (``files.lora`` is null).
     """
-    metadata = lora_config.to_dict()
-    metadata = {k: (sorted(v) if isinstance(v, set) else v) for k, v in metadata.items()}
     info = {
         "format": 1,
         "method": _json_roundtrip(method.to_dict()),
-        "lora": {"rank": lora_config.r, "alpha": lora_config.lora_alpha,
-                 "target_modules": sorted(lora_config.target_modules)},
-        "files": {"lora": LORA_FILE, "sla_projections": SLA_FILE if sla_projections else None},
+        "files": {"lora": LORA_FILE if lora_config is not None else None,
+                  "sla_projections": SLA_FILE if sla_projections else None},
         **(extra or {}),
     }
+    if lora_config is not None:
+        metadata = lora_config.to_dict()
+        metadata = {k: (sorted(v) if isinstance(v, set) else v) for k, v in metadata.items()}
+        targets = lora_config.target_modules
+        info["lora"] = {"rank": lora_config.r, "alpha": lora_config.lora_alpha,
+                        "target_modules": sorted(targets) if not isinstance(targets, str) else targets}
 
     def write_tensors(staging: Path) -> None:
-        _lora_mixin().save_lora_weights(
-            staging, transformer_lora_layers=lora_state_dict(transformer, adapter_name),
-            transformer_lora_adapter_metadata=metadata, weight_name=LORA_FILE,
-        )
+        if lora_config is not None:
+            _lora_mixin().save_lora_weights(
+                staging, transformer_lora_layers=lora_state_dict(transformer, adapter_name),
+                transformer_lora_adapter_metadata=metadata, weight_name=LORA_FILE,
+            )
         if sla_projections:
             from safetensors.torch import save_file
 
@@ -257,7 +270,9 @@ def load_into(handle, folder) -> None:
 
     Loads the LoRA into ``handle.transformer`` (as adapter ``"dit_accel"``; the
     same tensors ``pipe.load_lora_weights(DIR)`` would load) and, for SLA, the
-    projections into ``handle.sla_projections()``.
+    projections into ``handle.sla_projections()``. When an adapter of the transformer already holds the
+    folder's LoRA (``pipe.load_lora_weights(DIR)`` before ``apply``), it is used as it is and only the
+    projections are loaded (:func:`loaded_lora_adapter`); ``handle.lora_adapter`` names the adapter either way.
 
     The whole folder is checked before the model is touched: the method file, every file's sha256
     against it (folders written since the hashes were added), every file readable, the LoRA's modules
@@ -270,9 +285,12 @@ def load_into(handle, folder) -> None:
     SLA projections do not match the model's layers.
     """
     folder = Path(folder)
-    lora, sla = _checked_folder(handle, folder)
+    lora, sla, loaded = _checked_folder(handle, folder)
     if lora is not None:
         _load_lora(handle.transformer, lora)
+        loaded = ADAPTER_NAME
+    if hasattr(handle, "lora_adapter"):
+        handle.lora_adapter = loaded
     if sla is not None:
         tensors, projections = sla
         with torch.no_grad():
@@ -282,7 +300,8 @@ def load_into(handle, folder) -> None:
 
 
 def _checked_folder(handle, folder: Path):
-    """``(lora, sla)`` ready to load, each None when the folder has none; every check that can fail runs here."""
+    """``(lora, sla, loaded)`` ready to load, each None when the folder has none (``lora`` also when the adapter
+    ``loaded`` already holds it); every check that can fail runs here."""
     info = _read_info(folder)
     method_path = folder / METHOD_FILE
     # Through the config and back: fields added since the folder was written take their defaults.
@@ -294,9 +313,12 @@ def _checked_folder(handle, folder: Path):
     files = info.get("files") or {}
     if "sha256" in info:
         check_hashes(folder, info["sha256"], method_path)
-    lora = None
+    lora, loaded = None, None
     if files.get("lora", LORA_FILE) is not None:
         lora = _read_lora(handle.transformer, folder)
+        loaded = loaded_lora_adapter(handle.transformer, folder, lora[0])
+        if loaded is not None:
+            lora = None  # pipe.load_lora_weights(folder) loaded it: only the SLA projections remain to load
     sla = None
     projections = handle.sla_projections() if hasattr(handle, "sla_projections") else {}
     if saved.get("method") == "sla" or projections:
@@ -318,7 +340,7 @@ def _checked_folder(handle, folder: Path):
                 raise ValueError(f"{sla_path}: {key} has shape {tuple(tensors[key].shape)}, model has "
                                  f"{tuple(ref.shape)}.")
         sla = (tensors, projections)
-    return lora, sla
+    return lora, sla, loaded
 
 
 def _check_lora_targets(transformer: nn.Module, folder: Path, state: Dict[str, torch.Tensor]) -> None:
@@ -383,6 +405,90 @@ def _read_lora(transformer: nn.Module, folder: Path):
             raise BadFileError(lora_path, f"the LoRA of {module_name} has rank {sides} (lora_A rows / lora_B columns)",
                                f"rank {want} on both sides" + (", as its adapter metadata says" if meta_rank else ""))
     return state, metadata
+
+
+def _adapter_state(transformer: nn.Module, name: str) -> Dict[str, torch.Tensor]:
+    from peft.utils import get_peft_model_state_dict
+
+    return get_peft_model_state_dict(transformer, adapter_name=name)
+
+
+def _active(transformer: nn.Module) -> List[str]:
+    try:
+        return list(transformer.active_adapters())
+    except (ValueError, AttributeError):
+        return []
+
+
+def _scales(transformer: nn.Module, name: str) -> List[float]:
+    """The scales ``name`` runs at, relative to its config's ``lora_alpha / r`` (1.0 unless ``set_adapters``
+    gave it another weight)."""
+    from peft.tuners.lora import LoraLayer
+
+    out = set()
+    for module in transformer.modules():
+        if isinstance(module, LoraLayer) and name in module.scaling and name in module.r:
+            cfg = transformer.peft_config[name]
+            r, alpha = module.r[name], module.lora_alpha[name]
+            base = alpha / math.sqrt(r) if getattr(cfg, "use_rslora", False) else alpha / r
+            out.add(round(module.scaling[name] / base, 6) if base else 0.0)
+    return sorted(out)
+
+
+def loaded_lora_adapter(transformer: nn.Module, folder, state: Dict[str, torch.Tensor]) -> Optional[str]:
+    """The name of the PEFT adapter of ``transformer`` that holds the folder's LoRA (``state``, as
+    :func:`_read_lora` reads it), loaded by ``pipe.load_lora_weights(folder)``; None when no adapter holds
+    LoRA over the folder's modules (then ``apply(weights=folder)`` loads it itself, as adapter ``"dit_accel"``).
+
+    An adapter holds the folder's LoRA when it has the same tensors (names and shapes) with equal values
+    (the folder's fp32 tensors cast to the adapter's dtype). Raises ValueError, before anything is loaded:
+
+    - when two adapters hold it (loaded twice: the LoRA would count twice);
+    - when an adapter has the folder's modules and shapes but other values and none holds the folder's
+      (another fine-tune's LoRA, or this one modified: the folder's LoRA is not the one loaded);
+    - when the adapter holding it is inactive, or runs at another weight than 1.0 (``set_adapters``).
+    """
+    folder = Path(folder)
+    config = getattr(transformer, "peft_config", None) or {}
+    want = {(k.split("transformer.", 1)[1] if k.startswith("transformer.") else k): v for k, v in state.items()}
+    exact, other = [], []
+    for name in config:
+        if name == ADAPTER_NAME:  # dit_accel's own adapter: load_into replaces it
+            continue
+        try:
+            have = _adapter_state(transformer, name)
+        except Exception:  # noqa: BLE001 - an adapter type peft cannot export: not a LoRA of ours
+            continue
+        if set(have) != set(want) or any(have[k].shape != want[k].shape for k in want):
+            continue
+        same = all(torch.equal(have[k].detach().cpu(), want[k].to(have[k].dtype)) for k in want)
+        (exact if same else other).append(name)
+    cls = type(transformer).__name__
+    if len(exact) > 1:
+        raise ValueError(
+            f"weights={str(folder)!r}: its LoRA is loaded twice on this {cls}, as adapters {exact}, so it would "
+            f"count twice. Delete all but one (e.g. pipe.delete_adapters({exact[1:]!r})), then apply again.")
+    if not exact:
+        if other:
+            raise ValueError(
+                f"weights={str(folder)!r}: adapter {other[0]!r} of this {cls} holds LoRA over the same modules "
+                f"with other values, so the folder's LoRA is not the one loaded (another fine-tune's, or a changed "
+                f"copy). Load this folder's LoRA (pipe.delete_adapters({other[0]!r}); "
+                f"pipe.load_lora_weights({str(folder)!r})) or pass the folder the loaded LoRA came from.")
+        return None
+    name = exact[0]
+    if name not in _active(transformer):
+        raise ValueError(
+            f"weights={str(folder)!r}: its LoRA is loaded on this {cls} as adapter {name!r}, but that adapter is "
+            f"not active (active: {_active(transformer)}), so the output would not be the fine-tuned model's. "
+            f"Activate it (pipe.set_adapters([{name!r}, ...])), then apply again.")
+    scales = _scales(transformer, name)
+    if scales != [1.0]:
+        raise ValueError(
+            f"weights={str(folder)!r}: its LoRA is loaded as adapter {name!r} at weight {scales} instead of 1.0, "
+            f"so the output would not be the fine-tuned model's. Set it to 1.0 (pipe.set_adapters([{name!r}], "
+            "adapter_weights=[1.0])), then apply again.")
+    return name
 
 
 def _load_lora(transformer: nn.Module, lora) -> None:

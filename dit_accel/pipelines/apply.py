@@ -84,7 +84,8 @@ def _find_transformers(obj) -> Tuple[List[Tuple[str, nn.Module]], object]:
     else:
         found, pipe = [], obj
         check_pipeline(obj)
-        for attr in ("transformer", "transformer_2"):  # Wan 2.2 A14B has a second (low-noise) expert
+        # Wan 2.2 A14B has a second (low-noise) expert; MiniMax-H3's modular pipeline runs ref2va on transformer_ref
+        for attr in ("transformer", "transformer_2", "transformer_ref"):
             module = getattr(obj, attr, None)
             if isinstance(module, nn.Module):
                 found.append(("" if attr == "transformer" else f"{attr}.", module))
@@ -131,6 +132,14 @@ class AccelHandle:
 
     While the handle loaded LoRA adapters (``weights=``), ``transformer.fuse_lora()`` (and
     ``pipe.fuse_lora()``) over them is refused: the fused weights could not be restored bit for bit.
+    ``lora_adapter`` names the PEFT adapter holding the ``weights=`` folder's LoRA (``"dit_accel"``, or the
+    adapter ``pipe.load_lora_weights(DIR)`` loaded it as), None without one.
+
+    While applied, ``transformer.save_pretrained(DIR)`` (and ``pipe.save_pretrained``) writes the base model
+    (the weights under the LoRA layers, which ``from_pretrained`` reads) and, beside it in ``DIR``, a weights
+    folder with the LoRA (``lora_adapter``, else the one active adapter), SLA projections and method: load it back
+    with
+    ``apply(pipe, load_method(DIR), weights=DIR)``, or its LoRA with ``pipe.load_lora_weights(DIR)``.
     ``copy.deepcopy`` and ``pickle`` of an applied model are refused in one line (remove, copy, apply again).
     """
 
@@ -146,6 +155,8 @@ class AccelHandle:
         # LoRA adapters that weights= loaded: (transformer, names, the LoRA state before, see _lora_state)
         self._adapters: List[Tuple[nn.Module, List[str], tuple]] = []
         self._fuse_guards: List[nn.Module] = []  # transformers whose fuse_lora this handle refuses
+        self._save_guards: List[nn.Module] = []  # transformers whose save_pretrained this handle wraps
+        self.lora_adapter: Optional[str] = None
         self._released = False  # its adapters are gone (remove(), or a replacing apply() with weights=)
         for hook in hooks:
             hook.handle = self
@@ -187,6 +198,9 @@ class AccelHandle:
         for transformer in self._fuse_guards:
             _drop_fuse_guard(transformer, self)
         self._fuse_guards = []
+        for transformer in self._save_guards:
+            _drop_save_guard(transformer, self)
+        self._save_guards = []
         adapters, self._adapters = self._adapters, []
         for transformer, names, state in adapters:
             if _unmerge(transformer, names):
@@ -283,6 +297,77 @@ class AccelHandle:
         fuse_lora._dit_accel_guard = handle
         transformer.__dict__["fuse_lora"] = fuse_lora
         self._fuse_guards.append(transformer)
+
+    def _guard_save(self) -> None:
+        """Wrap ``save_pretrained`` of every transformer (an instance attribute, taken away by remove()): the
+        model Diffusers would save holds peft's ``base_layer``/``lora_`` keys, which ``from_pretrained`` cannot
+        read, and not the SLA projections (they are not submodules)."""
+        for transformer in self.transformers:
+            if transformer in self._save_guards or not hasattr(transformer, "save_pretrained"):
+                continue
+            previous = transformer.__dict__.get("save_pretrained", _ABSENT)
+            original = getattr(previous, "_dit_accel_original", previous)  # another handle's guard: its original
+            if original is _ABSENT:
+                original = transformer.save_pretrained
+            handle = self
+
+            def save_pretrained(save_directory, *args, _t=transformer, _original=original, **kwargs):
+                return handle._save(_t, _original, save_directory, args, kwargs)
+
+            save_pretrained._dit_accel_guard = handle
+            save_pretrained._dit_accel_original = original
+            save_pretrained._dit_accel_previous = previous
+            transformer.__dict__["save_pretrained"] = save_pretrained
+            self._save_guards.append(transformer)
+
+    def _save(self, transformer: nn.Module, original, save_directory, args, kwargs):
+        """``save_pretrained`` while applied: the base model, then (for the handle's first transformer) the
+        weights folder of the handle beside it. Refused, before anything is written, when dit_accel's LoRA
+        is merged into the weights (the base model could not be told from it)."""
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        from ..weights import save_trained_weights
+
+        ours = self.lora_adapter if self.lora_adapter in (getattr(transformer, "peft_config", None) or {}) else None
+        active = _active_adapters(transformer)
+        if ours is None and len(active) == 1:  # the user's one active LoRA (load_lora_weights): the folder's LoRA
+            ours = active[0]
+        tuned = sorted(n for n, m in transformer.named_modules() if isinstance(m, BaseTunerLayer))
+        merged = sorted({a for n in tuned for a in (getattr(transformer.get_submodule(n), "merged_adapters", None)
+                                                    or ())})
+        cls = type(transformer).__name__
+        if merged:
+            raise RuntimeError(
+                f"dit_accel: save_pretrained({str(save_directory)!r}) is refused: LoRA adapters {merged} are merged "
+                f"into the weights of {cls}, so the base model cannot be saved apart from them. Unmerge them "
+                "(transformer.unfuse_lora()) first; nothing was written")
+        others = sorted(a for a in (getattr(transformer, "peft_config", None) or {}) if a != ours)
+        first = transformer is self.transformer
+        projections = self.sla_projections() if first else {}
+        if others:
+            self._runtime.warnings.warn(
+                f"dit_accel: save_pretrained({str(save_directory)!r}) saves {cls}'s base model without the LoRA "
+                f"adapters {others} (not dit_accel's): save them with the pipeline's save_lora_weights", stacklevel=4)
+        if tuned:  # the weights under the LoRA layers, by their plain names: what from_pretrained reads
+            full = type(transformer).state_dict(transformer)
+            base = {}
+            for key, value in full.items():
+                owner = next((n for n in tuned if key.startswith(n + ".")), None)
+                if owner is None:
+                    base[key] = value
+                elif key.startswith(owner + ".base_layer."):
+                    base[owner + "." + key[len(owner) + len(".base_layer."):]] = value
+            transformer.__dict__["state_dict"] = lambda *a, **k: base
+        try:
+            result = original(save_directory, *args, **kwargs)
+        finally:
+            transformer.__dict__.pop("state_dict", None)
+        if first and (ours or projections) and kwargs.get("is_main_process", args[0] if args else True):
+            save_trained_weights(
+                save_directory, transformer=transformer, method=self.method,
+                lora_config=transformer.peft_config[ours] if ours else None, sla_projections=projections or None,
+                adapter_name=ours or "default", extra={"model": cls, "saved_by": "save_pretrained"})
+        return result
 
     # ---------------------------------------------------------------- schedule
     def set_step(self, step: Optional[int], total: Optional[int] = None) -> None:
@@ -539,6 +624,17 @@ def _drop_fuse_guard(transformer: nn.Module, handle: AccelHandle) -> None:
         del transformer.__dict__["fuse_lora"]
 
 
+def _drop_save_guard(transformer: nn.Module, handle: AccelHandle) -> None:
+    guard = transformer.__dict__.get("save_pretrained")
+    if getattr(guard, "_dit_accel_guard", None) is not handle:
+        return
+    previous = guard._dit_accel_previous
+    if previous is _ABSENT or hasattr(previous, "_dit_accel_guard"):  # none, or a removed handle's guard
+        del transformer.__dict__["save_pretrained"]
+    else:  # the user's own instance attribute
+        transformer.__dict__["save_pretrained"] = previous
+
+
 _PEFT_FLAG = "_hf_peft_config_loaded"  # Diffusers' "a LoRA was loaded" flag, set on the instance
 _ABSENT = object()
 
@@ -595,7 +691,7 @@ def apply(pipe_or_transformer, method: Method, *, dense_steps: int = 0, dense_la
 
     Args:
         pipe_or_transformer: a pipeline (its ``transformer`` and, for Wan 2.2,
-            ``transformer_2`` are wrapped) or a transformer of a supported class
+            ``transformer_2``, for MiniMax-H3 ``transformer_ref``, are wrapped) or a transformer of a supported class
             (:data:`dit_accel.pipelines.presets.PRESETS`, or one registered with
             :func:`dit_accel.register_preset`).
         method: ``dit_accel.Dense()``, ``GNA(...)``, ``Tile(...)``, ``Radial(...)``, ``SLA(...)``, any
@@ -697,6 +793,7 @@ def apply(pipe_or_transformer, method: Method, *, dense_steps: int = 0, dense_la
                 if old._adapters:
                     old._release()
             handle.load_weights(weights)
+        handle._guard_save()
     except BaseException:
         if handle is not None:
             handle.remove()

@@ -14,6 +14,7 @@ COMPONENTS = {
     "tiny-cogview4": ("transformer", "vae", "text_encoder"),
     "tiny-qwenimage": ("transformer", "vae", "text_encoder"),
     "tiny-flux2": ("transformer", "vae", "text_encoder"),
+    "tiny-minimax-h3": ("transformer", "vae", "text_encoder"),
 }
 
 

@@ -19,7 +19,16 @@ import torch
 
 from ._common import LARGE_VIDEO_DEFAULTS, GridInfo, Preset, tensor_arg
 
-__all__ = ["PRESETS"]
+__all__ = ["PRESETS", "H3_DEFAULTS"]
+
+# The shape of the sparse attention runtimes ship for MiniMax-H3 (nothing is published by its authors): the first
+# steps dense, the target video in tiles of 64 tokens (one latent frame's 8x8 patch raster, one kernel block), a
+# window of 3x3x3 tiles, and every row and column of the prefix (text, keyframe/reference and audio rows) exact,
+# which the layout above gives every method. Tile comes first: it is what `generate` runs without --method.
+H3_DEFAULTS = {
+    "tile": {"method": {"tile": (1, 8, 8), "window": (3, 3, 3)}, "apply": {"dense_steps": 10}},
+    **{k: v for k, v in LARGE_VIDEO_DEFAULTS.items() if k != "tile"},
+}
 
 
 def _refuse(why: str):
@@ -82,8 +91,7 @@ PRESETS = (
         read_grid=_grid,
         grid_key=None,  # the grid is read from position_ids: read every call
         min_diffusers="0.42.1",
-        # Nothing published for MiniMax-H3: dit_accel's defaults for large-latent video models (Cosmos, Allegro).
-        defaults=dict(LARGE_VIDEO_DEFAULTS),
+        defaults=dict(H3_DEFAULTS),
         notes="MiniMax-H3 audio-video (packed sequence); joint self-attention transformer_blocks.*.attn; target "
               "video grid sparse, text/conditioning/audio rows dense",
         hub_words=((r"minimax-?h3", None), (r"pika-?h3", None)),
