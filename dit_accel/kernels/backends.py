@@ -223,8 +223,8 @@ def _vendor_can_run(name: str) -> Callable[[Request], Optional[str]]:
 
 _PEERS: Dict[str, Tuple[Backend, ...]] = {
     "block_sparse": (
-        Backend("triton", "block_sparse", _block_sparse_triton, auto=True, tuned=True, head_dims=(1, TRITON_MAX_HEAD_DIM),
-                blocks=(64, 128, 256), archs=(8, 9, 10, 12)),
+        Backend("triton", "block_sparse", _block_sparse_triton, auto=True, tuned=True,
+                head_dims=(1, TRITON_MAX_HEAD_DIM), blocks=(64, 128, 256), archs=(8, 9, 10, 12)),
         Backend("flex", "block_sparse", _block_sparse_flex, auto=False, tuned=True),
         Backend("torch", "block_sparse", _always, auto=True),
         # Vendor kernels: never in the fixed order (an optional package is not a default); `auto` times them.

@@ -188,3 +188,13 @@ def test_vendor_contenders_is_empty_without_the_packages_and_says_why(masked_lay
     assert vendor.vendor_contenders(masked_layout, q, q, q) == {}
     reasons = vendor.vendor_reasons(masked_layout, q, q, q)
     assert set(reasons) == {"fa4", "cudnn", "natten"} and all(reasons.values())
+
+
+def test_info_lists_every_backend_and_why_not(monkeypatch):
+    from dit_accel.cli.info import collect_info
+
+    monkeypatch.setattr(vendor.module("cudnn"), "package_reason", lambda *a: "the nvidia-cudnn-frontend package is "
+                        "not installed")
+    listed = collect_info("cpu")["backends"]
+    assert list(listed) == list(backends.BACKENDS)
+    assert listed["torch"] == "usable" and listed["cudnn"].startswith("not usable: the nvidia-cudnn-frontend")

@@ -70,7 +70,8 @@ def _cudnn_problem(device, shape, seed):
     visited = torch.rand(h, -(-n // block), -(-n // block), generator=g) < 0.4
     visited[:, 2] = False  # a query block that sees no key
     layout = BlockLayout.from_block_masks(visited, q_len=n, kv_len=n, block_q=block, block_k=block)
-    return n, layout.to_dense_mask(), layout, f"{h} per-head block layouts ({block}-token blocks), N={n}, an empty block row"
+    text = f"{h} per-head block layouts ({block}-token blocks), N={n}, an empty block row"
+    return n, layout.to_dense_mask(), layout, text
 
 
 def _natten_problem(device, shape, seed):
@@ -80,7 +81,8 @@ def _natten_problem(device, shape, seed):
     grid, kernel, stride = (5, 12, 13), (3, 5, 5), (1, 2, 2)
     perm, layout = gna_layout(grid, kernel, stride, tile=(1, 8, 8), block_q=64, block_k=64)
     attach_gna(layout, perm, kernel, stride)
-    return perm.num_padded, layout.to_dense_mask(), layout, f"GNA {kernel} stride {stride} on {grid} (padded tiles)", perm
+    text = f"GNA {kernel} stride {stride} on {grid} (padded tiles)"
+    return perm.num_padded, layout.to_dense_mask(), layout, text, perm
 
 
 def _problem(name, device, shape, seed):
@@ -113,7 +115,8 @@ def _check(name: str, backward: bool):
             with torch.no_grad():
                 o, lse = call(name, q, k, v, layout, scale, return_lse=True)
             ref_o, ref_lse = dense_attention_reference(q, k, v, mask, scale)
-            err = max(relative_error(o[:, :, rows], ref_o[:, :, rows]), relative_error(lse[:, :, rows], ref_lse[:, :, rows]))
+            err = max(relative_error(o[:, :, rows], ref_o[:, :, rows]),
+                      relative_error(lse[:, :, rows], ref_lse[:, :, rows]))
             return Result(err, FWD_TOL[dtype], text)
         do = torch.randn(q.shape, generator=torch.Generator().manual_seed(4)).to(device)
         if perm is not None:

@@ -19,7 +19,8 @@ import torch
 from ...._util import cdiv
 from ...layout import BlockLayout
 
-__all__ = ["EMPTY", "FULL", "MIXED", "block_states", "packed_lists", "package_reason", "cuda_arch", "cuda_reason"]
+__all__ = ["EMPTY", "FULL", "MIXED", "block_states", "packed_lists", "package_reason", "cuda_arch", "cuda_reason",
+           "vendor_import"]
 
 EMPTY, FULL, MIXED = 0, 1, 2
 
@@ -47,7 +48,8 @@ def _table_states(layout: BlockLayout, gq: int, gk: int) -> torch.Tensor:
 
 
 def _fine_states(layout: BlockLayout, gq: int, gk: int) -> torch.Tensor:
-    """``[Hl, cdiv(q_len, gq), cdiv(kv_len, gk)]`` states on the ``gq x gk`` grid (``gq | block_q``, ``gk | block_k``)."""
+    """``[Hl, cdiv(q_len, gq), cdiv(kv_len, gk)]`` states on the ``gq x gk`` grid (``gq | block_q``,
+    ``gk | block_k``)."""
     visited, mask_ids = layout.block_masks()
     hl, n_q, n_k = visited.shape
     p = layout.mask_table.shape[0]
@@ -114,6 +116,20 @@ def package_reason(module: str, pip_name: str, extra: str) -> Optional[str]:
         return None
     return (f"the {pip_name} package is not installed (`pip install {pip_name}` or "
             f"`pip install \"dit_accel[{extra}]\"`); use backend='auto' or backend='triton'.")
+
+
+def vendor_import(module: str, pip_name: str, extra: str):
+    """Import an optional vendor module at launch time; a missing one raises BackendUnavailable saying how to
+    install it (never an ImportError). By name, so the package's own imports stay free of optional packages."""
+    import importlib
+
+    from ...backends import BackendUnavailable
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as err:
+        raise BackendUnavailable(f"{package_reason(module, pip_name, extra) or f'importing {module} failed'} "
+                                 f"({type(err).__name__}: {err})") from None
 
 
 def cuda_reason(device: torch.device, label: str) -> Optional[str]:

@@ -20,7 +20,7 @@ import torch
 from ...._util import cdiv
 from ..._cache import LayoutCache
 from ...layout import BlockLayout
-from .common import FULL, MIXED, block_states, cuda_arch, cuda_reason, package_reason, packed_lists
+from .common import FULL, MIXED, block_states, cuda_arch, cuda_reason, package_reason, packed_lists, vendor_import
 
 __all__ = ["NAME", "CudnnBlocks", "to_cudnn", "reason", "plan", "run", "block_size_for"]
 
@@ -73,7 +73,8 @@ def to_cudnn(layout: BlockLayout, block: int) -> Union[CudnnBlocks, str]:
 
 def reason(request) -> Optional[str]:
     """Why cuDNN's block-sparse attention cannot run a call like ``request`` here (None when it can)."""
-    why = package_reason(MODULE, "nvidia-cudnn-frontend", "cudnn") or cuda_reason(request.device, "cuDNN's block-sparse attention")
+    why = package_reason(MODULE, "nvidia-cudnn-frontend", "cudnn") or \
+        cuda_reason(request.device, "cuDNN's block-sparse attention")
     if why is not None:
         return why
     from importlib import util
@@ -111,7 +112,7 @@ def _expanded(blocks: CudnnBlocks, batch: int, heads: int):
 class _CudnnBlockSparse(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, blocks: CudnnBlocks, scale: float):
-        from cudnn import BSA
+        BSA = vendor_import(MODULE, "nvidia-cudnn-frontend", "cudnn").BSA
 
         b, h, n, _ = q.shape
         index, nums = _expanded(blocks, b, h)
@@ -128,7 +129,7 @@ class _CudnnBlockSparse(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, do, dlse):
-        from cudnn import BSA
+        BSA = vendor_import(MODULE, "nvidia-cudnn-frontend", "cudnn").BSA
 
         qp, k, v, o, lse, index, nums = ctx.saved_tensors
         pad = qp.shape[2] - ctx.n

@@ -26,7 +26,7 @@ import torch
 
 from ..._cache import LayoutCache
 from ...layout import BlockLayout
-from .common import FULL, MIXED, block_states, cuda_arch, cuda_reason, package_reason, packed_lists
+from .common import FULL, MIXED, block_states, cuda_arch, cuda_reason, package_reason, packed_lists, vendor_import
 
 __all__ = ["NAME", "Fa4Blocks", "to_fa4", "block_sizes", "reason", "plan", "run", "DTYPES"]
 
@@ -97,11 +97,16 @@ def to_fa4(layout: BlockLayout, block_q: int, block_k: int) -> Union[Fa4Blocks, 
                      ids.reshape(-1).contiguous(), table.reshape(-1).contiguous())
 
 
+def _import(module: str):
+    return vendor_import(module, "flash-attn-4", "fa4")
+
+
 def _lcm_up(block: int, unit: int) -> int:
     return block * unit // math.gcd(block, unit)
 
 
-def block_sizes(arch: int, head_dim: int, q_len: int, layout_block: Tuple[int, int]) -> Tuple[Tuple[int, int], Tuple[int, int]]:
+def block_sizes(arch: int, head_dim: int, q_len: int,
+                layout_block: Tuple[int, int]) -> Tuple[Tuple[int, int], Tuple[int, int]]:
     """``((fwd_q, fwd_k), (bwd_q, bwd_k))``: the FA4 block sizes for ``layout_block`` on ``arch`` (90, 100, ...),
     read from FA4's tile choice (``interface._tile_size_fwd_sm90`` / ``_tile_size_bwd_sm90`` / sm_100 128 x 128
     tiles with two query stages)."""
@@ -157,9 +162,9 @@ def plan(layout: BlockLayout, head_dim: int, arch: Optional[int] = None) -> Unio
 def _mask_mod(bq: int, bk: int, n_q: int, n_k: int, shared: bool):
     """The CuTe-DSL mask_mod reading the layout's element masks from the aux tensors (see the module docstring).
     Its closure holds only ints, which FA4's compile cache hashes."""
-    import cutlass
-    import cutlass.cute as cute
-    from flash_attn.cute import utils
+    cutlass = _import("cutlass")
+    cute = _import("cutlass.cute")
+    utils = _import("flash_attn.cute.utils")
 
     if shared:
         @cute.jit
@@ -179,7 +184,7 @@ def _mask_mod(bq: int, bk: int, n_q: int, n_k: int, shared: bool):
 
 
 def _tensors(blocks: Fa4Blocks, backward: bool):
-    from flash_attn.cute.block_sparsity import BlockSparseTensorsTorch
+    BlockSparseTensorsTorch = _import("flash_attn.cute.block_sparsity").BlockSparseTensorsTorch
 
     if backward:
         return BlockSparseTensorsTorch(blocks.bwd_mask_cnt, blocks.bwd_mask_idx, blocks.bwd_full_cnt,
@@ -191,7 +196,7 @@ def _tensors(blocks: Fa4Blocks, backward: bool):
 def run(p: Fa4Plan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, return_lse: bool):
     """One FA4 call on ``(B, H, N, D)`` inputs; ``(o, lse or None)`` in dit_accel's layout. Differentiable
     through FA4's own backward (its block-sparse backward lists are ``p.bwd``'s)."""
-    from flash_attn.cute import flash_attn_func
+    flash_attn_func = _import(MODULE).flash_attn_func
 
     fwd = p.fwd
     (bq, bk), (n_q, n_k) = fwd.layout_block, fwd.layout_grid

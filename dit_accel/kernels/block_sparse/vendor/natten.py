@@ -24,7 +24,7 @@ import torch
 
 from ..._cache import LayoutCache
 from ...layout import BlockLayout
-from .common import cuda_reason, package_reason
+from .common import cuda_reason, package_reason, vendor_import
 
 __all__ = ["NAME", "NattenWindow", "attach_gna", "attach_tile", "window", "reason", "plan", "run"]
 
@@ -151,7 +151,7 @@ def _perm(grid, tile):
 
 def run(w: NattenWindow, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, return_lse: bool):
     """One NATTEN call on tiled ``(B, H, Np, D)`` inputs; ``(o, lse or None)`` in the same tiled order."""
-    import natten
+    natten = vendor_import(MODULE, "natten", "natten")
 
     perm = _perm(w.grid, w.tile)
     b, h, _, d = q.shape
