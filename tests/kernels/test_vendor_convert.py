@@ -188,6 +188,11 @@ def test_fa4_block_sizes_follow_its_tiles():
     assert vfa4.block_sizes(90, 64, 4096, (128, 128)) == ((128, 128), (128, 128))
     assert vfa4.block_sizes(100, 128, 4096, (64, 64)) == ((256, 128), (128, 128))
     assert "multiple" in vfa4.to_fa4(LAYOUTS["random_64"], 96, 64)
+    wide = _random_layout(300, 600, 64, 256)
+    assert "at most 128" in vfa4.plan(wide, 128, arch=90)
+    assert not isinstance(vfa4.plan(wide, 128, arch=100), str)
+    plan = vfa4.plan(LAYOUTS["random_64"], 128, arch=90)
+    assert (plan.fwd.block_q, plan.fwd.block_k, plan.bwd.block_q, plan.bwd.block_k) == (64, 64, 64, 128)
 
 
 @pytest.mark.parametrize("b", [64, 128])

@@ -198,3 +198,29 @@ def test_info_lists_every_backend_and_why_not(monkeypatch):
     listed = collect_info("cpu")["backends"]
     assert list(listed) == list(backends.BACKENDS)
     assert listed["torch"] == "usable" and listed["cudnn"].startswith("not usable: the nvidia-cudnn-frontend")
+
+
+def test_dispatch_runs_a_forced_vendor_backend_and_refuses_a_layout_it_cannot_serve(masked_layout, monkeypatch):
+    """backend='cudnn' goes through the peers' can_run, the vendor plan and its run (a stand-in here)."""
+    from dit_accel.kernels.block_sparse.naive import torch_block_sparse_attention
+
+    table = dict(backends._TABLE)
+    table["block_sparse"] = tuple((n, (lambda r: None) if n == "cudnn" else c, a) for n, c, a in table["block_sparse"])
+    monkeypatch.setattr(backends, "_TABLE", table)
+    monkeypatch.setattr(vcudnn, "cuda_arch", lambda device: 90)
+    ran = []
+
+    def fake_run(blocks, q, k, v, scale, return_lse):
+        ran.append(blocks)
+        return torch_block_sparse_attention(q, k, v, whole, scale)[0], None
+
+    monkeypatch.setattr(vcudnn, "run", fake_run)
+    whole = BlockLayout.from_block_masks(torch.rand(4, 4, generator=torch.Generator().manual_seed(0)) < 0.5,
+                                         q_len=250, kv_len=250, block_q=64, block_k=64)
+    q = torch.randn(1, 2, 250, 32)
+    out = block_sparse_attention(q, q, q, whole, backend="cudnn")
+    assert len(ran) == 1 and isinstance(ran[0], vcudnn.CudnnBlocks)
+    torch.testing.assert_close(out, block_sparse_attention(q, q, q, whole, backend="torch"))
+    q2 = torch.randn(1, 2, 200, 32)
+    with pytest.raises(BackendUnavailable, match="cannot run this layout: .*element masks"):
+        block_sparse_attention(q2, q2, q2, masked_layout, backend="cudnn")

@@ -149,6 +149,10 @@ def plan(layout: BlockLayout, head_dim: int, arch: Optional[int] = None) -> Unio
 
     def build():
         (fq, fk), (gq, gk) = block_sizes(arch, head_dim, layout.q_len, (layout.block_q, layout.block_k))
+        if arch // 10 == 9 and (fk > 128 or gk != 128):
+            # sm_90 has no key sub-tiles: a sparse key block is one tile (<= 128 forward, 128 backward).
+            return (f"FA4 on sm_90 takes key blocks of at most 128 tokens, not {layout.block_k}; rebuild the "
+                    "layout with block_k=64 or 128")
         fwd = to_fa4(layout, fq, fk)
         if isinstance(fwd, str):
             return fwd
