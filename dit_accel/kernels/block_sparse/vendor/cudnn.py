@@ -40,10 +40,7 @@ class CudnnBlocks:
     index: torch.Tensor
     nums: torch.Tensor
     block_sizes: torch.Tensor
-
-    @property
-    def has_empty_rows(self) -> bool:
-        return bool((self.nums == 0).any())
+    has_empty_rows: bool  # a Python bool (read per call without a host sync)
 
 
 def block_size_for(arch: int) -> int:
@@ -68,7 +65,7 @@ def to_cudnn(layout: BlockLayout, block: int) -> Union[CudnnBlocks, str]:
     n_k = cdiv(layout.kv_len, block)
     sizes = torch.full((n_k,), block, dtype=torch.int32, device=layout.device)
     sizes[-1] = layout.kv_len - (n_k - 1) * block
-    return CudnnBlocks(block, index, nums, sizes)
+    return CudnnBlocks(block, index, nums, sizes, bool((nums == 0).any()))
 
 
 def reason(request) -> Optional[str]:

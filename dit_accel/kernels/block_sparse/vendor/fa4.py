@@ -64,10 +64,7 @@ class Fa4Blocks:
     bwd_full_idx: torch.Tensor
     ids: torch.Tensor
     table: torch.Tensor
-
-    @property
-    def has_partial(self) -> bool:
-        return bool(self.mask_cnt.any())
+    has_partial: bool  # read per call: a Python bool, so the launch has no host sync
 
 
 def to_fa4(layout: BlockLayout, block_q: int, block_k: int) -> Union[Fa4Blocks, str]:
@@ -94,7 +91,7 @@ def to_fa4(layout: BlockLayout, block_q: int, block_k: int) -> Union[Fa4Blocks, 
     one = lambda t: t[None].contiguous()  # noqa: E731  (batch axis of 1, broadcast by FA4)
     return Fa4Blocks(block_q, block_k, (bq, bk), (layout.num_q_blocks, layout.num_kv_blocks), layout.num_heads,
                      one(m_cnt), one(m_idx), one(f_cnt), one(f_idx), one(bm_cnt), one(bm_idx), one(bf_cnt), one(bf_idx),
-                     ids.reshape(-1).contiguous(), table.reshape(-1).contiguous())
+                     ids.reshape(-1).contiguous(), table.reshape(-1).contiguous(), bool(partial.any()))
 
 
 def _import(module: str):
