@@ -7,14 +7,16 @@ from __future__ import annotations
 
 import types
 
+import pytest
 import torch
 
 from dit_accel.kernels import BlockLayout, block_sparse_attention, dense_attention_reference
 from dit_accel.kernels.block_sparse.vendor import cudnn as vcudnn
+from dit_accel.kernels.block_sparse.vendor import fa4 as vfa4
 from dit_accel.kernels.block_sparse.vendor import natten as vnatten
 from dit_accel.patterns.gna import gna_layout
 
-from .test_vendor_convert import _natten_1d, expand_cudnn
+from .test_vendor_convert import LAYOUTS, _element_lookup, _expand_lists, _natten_1d, expand_cudnn
 
 
 def _fake_natten():
@@ -94,3 +96,59 @@ def test_cudnn_launch_pads_queries_and_wires_the_backward(monkeypatch):
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
 
+
+
+def _fake_fa4(seen):
+    """``flash_attn.cute``'s ``flash_attn_func`` on ``(B, N, H, D)`` with FlexAttention-style block lists: full
+    blocks whole, partial blocks through the mask_mod, here evaluated as the aux-table lookup it performs."""
+    from collections import namedtuple
+
+    Bst = namedtuple("BlockSparseTensorsTorch", "mask_block_cnt mask_block_idx full_block_cnt full_block_idx "
+                     "cu_total_m_blocks cu_block_idx_offsets block_size", defaults=(None,) * 7)
+
+    def flash_attn_func(q, k, v, softmax_scale, mask_mod, aux_tensors, block_sparse_tensors,
+                        block_sparse_tensors_bwd, return_lse):
+        seen.append((mask_mod, block_sparse_tensors.block_size, block_sparse_tensors_bwd.block_size))
+        b, n, h, d = q.shape
+        m = k.shape[1]
+        bst = block_sparse_tensors
+        bq, bk = bst.block_size
+        rows = lambda i: slice(i * bq, min((i + 1) * bq, n))  # noqa: E731
+        cols = lambda j: slice(j * bk, min((j + 1) * bk, m))  # noqa: E731
+        heads = bst.mask_block_cnt.shape[1]
+        lookup = None
+        if mask_mod is not None:
+            (lbq, lbk), (nq, nk) = mask_mod
+            lookup = _element_lookup(aux_tensors[0], aux_tensors[1], (lbq, lbk), (nq, nk), heads, n, m)
+        mask = _expand_lists(bst.full_block_cnt[0], bst.full_block_idx[0], rows, cols, (heads, n, m))
+        if int(bst.mask_block_cnt.sum()):
+            assert lookup is not None, "partial blocks without a mask_mod would run unmasked"
+            mask |= _expand_lists(bst.mask_block_cnt[0], bst.mask_block_idx[0], rows, cols, (heads, n, m),
+                                  fill=lookup)
+        o, lse = dense_attention_reference(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask,
+                                           softmax_scale)
+        return o.transpose(1, 2), lse
+
+    cute = types.SimpleNamespace(flash_attn_func=flash_attn_func)
+    sparsity = types.SimpleNamespace(BlockSparseTensorsTorch=Bst)
+    return lambda module: {"flash_attn.cute": cute, "flash_attn.cute.block_sparsity": sparsity}[module]
+
+
+@pytest.mark.parametrize("arch", [90, 100])
+def test_fa4_launch_passes_both_directions_and_the_element_masks(arch, monkeypatch):
+    seen = []
+    fake = _fake_fa4(seen)
+    monkeypatch.setattr(vfa4, "vendor_import", lambda module, *a: fake(module))
+    monkeypatch.setattr(vfa4, "_mask_mod", lambda bq, bk, n_q, n_k, shared: ((bq, bk), (n_q, n_k)))
+    layout = LAYOUTS["random_perhead_128"] if arch == 100 else LAYOUTS["random_64"]
+    plan = vfa4.plan(layout, 64, arch=arch)
+    g = torch.Generator().manual_seed(2)
+    heads = layout.num_heads if layout.num_heads > 1 else 2
+    q, k, v = (torch.randn(2, heads, layout.q_len if i == 0 else layout.kv_len, 64, generator=g) for i in range(3))
+    o, lse = vfa4.run(plan, q, k, v, 0.125, return_lse=True)
+    ref_o, ref_lse = block_sparse_attention(q, k, v, layout, scale=0.125, return_lse=True, backend="torch")
+    torch.testing.assert_close(o, ref_o)
+    torch.testing.assert_close(lse, ref_lse)
+    mask_mod, fwd_block, bwd_block = seen[0]
+    assert mask_mod is not None and fwd_block == (plan.fwd.block_q, plan.fwd.block_k)
+    assert bwd_block == (plan.bwd.block_q, plan.bwd.block_k)
