@@ -174,6 +174,34 @@ def test_fa4_structure_expands_to_the_layout(name, factor):
     assert torch.equal(expand_fa4(blocks, layout.q_len, layout.kv_len, backward=True), dense)
 
 
+@pytest.mark.parametrize("name", ["random_ragged_32x64", "random_perhead_128", "gna"])
+def test_fa4_element_tables_are_false_past_the_ends_and_in_bounds(name):
+    """FA4 skips its sequence-end masking on some tiles: the lookup itself must refuse padded queries and keys,
+    over every position a tile of either pass may touch."""
+    layout = LAYOUTS[name]
+    p = vfa4.plan(layout, 64, arch=100)
+    for blocks in (p.fwd, p.bwd):
+        n_q, n_k = blocks.layout_grid
+        bq, bk = blocks.layout_block
+        assert n_q * bq >= -(-layout.q_len // blocks.block_q) * blocks.block_q
+        assert n_k * bk >= -(-layout.kv_len // blocks.block_k) * blocks.block_k
+        assert int(blocks.ids.max()) < blocks.table.numel() // (bq * bk) and int(blocks.ids.min()) >= 0
+        look = _element_lookup(blocks.ids, blocks.table, (bq, bk), (n_q, n_k), blocks.heads, n_q * bq, n_k * bk)
+        assert not look[:, layout.q_len:].any() and not look[:, :, layout.kv_len:].any()
+        assert torch.equal(look[:, :layout.q_len, :layout.kv_len] & _covered(blocks, layout), layout.to_dense_mask())
+    assert torch.equal(p.fwd.ids, p.bwd.ids)  # one pair of tables serves both passes
+
+
+def _covered(blocks, layout):
+    """Token pairs inside a listed (full or partial) forward block."""
+    bq, bk = blocks.block_q, blocks.block_k
+    shape = (blocks.heads, layout.q_len, layout.kv_len)
+    rows = lambda i: slice(i * bq, (i + 1) * bq)  # noqa: E731
+    cols = lambda j: slice(j * bk, (j + 1) * bk)  # noqa: E731
+    return _expand_lists(blocks.full_cnt[0], blocks.full_idx[0], rows, cols, shape) | \
+        _expand_lists(blocks.mask_cnt[0], blocks.mask_idx[0], rows, cols, shape)
+
+
 def test_fa4_full_blocks_are_only_fully_allowed_ones():
     layout = LAYOUTS["random_64"]
     blocks = vfa4.to_fa4(layout, 128, 128)

@@ -7,9 +7,9 @@ block. Its blocks must be multiples of its tiles (sm_90: 64-row query blocks, 64
 128-key blocks backward; sm_100: 256 x 128 forward, 128 x 128 backward), so :func:`to_fa4` re-cuts the layout
 to those blocks exactly (:func:`.common.block_states`): a new block is full only when every in-range pair is
 allowed, else partial. The partial ones get the layout's own element masks through the ``mask_mod``, which
-reads two int32 tables passed as FA4 ``aux_tensors``: the mask row of each *layout* block
-(``ids[(h * nQ + q // bq) * nK + k // bk]``: a ``mask_table`` row, ``P`` for a full block, ``P + 1`` for an
-unvisited one) and the rows themselves (``table[(row * bq + q % bq) * bk + k % bk]``). Every layout is
+reads two int32 tables passed as FA4 ``aux_tensors`` (:func:`element_tables`): the table row of each *layout*
+block (``ids[(h * nQ + q // bq) * nK + k // bk]``) and the rows (``table[(row * bq + q % bq) * bk + k % bk]``),
+built so that the lookup is False past the sequence ends and never reads out of bounds. Every layout is
 therefore served exactly; the conversion refuses (with a reason) only block sizes it cannot re-cut.
 
 Nothing here imports ``flash_attn`` until a launch: a missing package is a reason, not an ImportError.
@@ -24,11 +24,12 @@ from typing import Optional, Tuple, Union
 
 import torch
 
+from ...._util import cdiv
 from ..._cache import LayoutCache
 from ...layout import BlockLayout
 from .common import FULL, MIXED, block_states, cuda_arch, cuda_reason, package_reason, packed_lists, vendor_import
 
-__all__ = ["NAME", "Fa4Blocks", "to_fa4", "block_sizes", "reason", "plan", "run", "DTYPES"]
+__all__ = ["NAME", "Fa4Blocks", "to_fa4", "element_tables", "block_sizes", "reason", "plan", "run", "DTYPES"]
 
 NAME = "fa4"
 MODULE = "flash_attn.cute"
@@ -46,7 +47,8 @@ class Fa4Blocks:
 
     Forward lists (query-block major) ``[1, Hl, nQ']`` / ``[1, Hl, nQ', w]``; backward lists (key-block major)
     ``[1, Hl, nK']`` / ``[1, Hl, nK', w]``; ``ids`` int32 ``[Hl * nQ * nK]`` and ``table`` int32
-    ``[(P + 2) * bq * bk]`` on the *layout's* grid (``layout_block``), read by the mask_mod.
+    ``[4 * (P + 2) * bq * bk]`` on the *layout's* blocks (``layout_block``; ``layout_grid`` = (nQ, nK) covers
+    every tile position), read by the mask_mod (:func:`element_tables`).
     """
 
     block_q: int
@@ -67,9 +69,41 @@ class Fa4Blocks:
     has_partial: bool  # read per call: a Python bool, so the launch has no host sync
 
 
-def to_fa4(layout: BlockLayout, block_q: int, block_k: int) -> Union[Fa4Blocks, str]:
+def element_tables(layout: BlockLayout, cover: Tuple[int, int]):
+    """``(ids, table, (nQ', nK'))``: the mask_mod's two int32 tables, flat, over a grid of layout blocks covering
+    ``cover = (query tokens, key tokens)`` (every position a kernel tile may touch, so no read is out of bounds).
+
+    ``table`` holds the element masks, a full block and an empty one, each in four versions: as is, cut to the
+    real query rows of a ragged last query block, cut to the real keys of a ragged last key block, and both;
+    ``ids`` points every layout block at its version, and blocks past the layout at the empty one. So the lookup
+    itself is False for every padded query or key (FA4 masks the sequence ends only on some tiles).
+    """
+    bq, bk, dev = layout.block_q, layout.block_k, layout.device
+    visited, mask_ids = layout.block_masks()
+    p = layout.mask_table.shape[0]
+    base = torch.cat([layout.mask_table.bool(), torch.ones(1, bq, bk, dtype=torch.bool, device=dev),
+                      torch.zeros(1, bq, bk, dtype=torch.bool, device=dev)])  # rows 0..P-1, P full, P+1 empty
+    q_rem = layout.q_len - (layout.num_q_blocks - 1) * bq
+    k_rem = layout.kv_len - (layout.num_kv_blocks - 1) * bk
+    rows_in = (torch.arange(bq, device=dev) < q_rem)[:, None]
+    cols_in = (torch.arange(bk, device=dev) < k_rem)[None, :]
+    table = torch.cat([base, base & rows_in, base & cols_in, base & rows_in & cols_in])  # version v: rows v*(P+2)+r
+    case = torch.zeros(layout.num_q_blocks, layout.num_kv_blocks, dtype=torch.long, device=dev)
+    case[-1, :] += 1
+    case[:, -1] += 2
+    ids = torch.where(visited, torch.where(mask_ids >= 0, mask_ids.long(), p), p + 1) + case * (p + 2)
+    n_q, n_k = max(cdiv(cover[0], bq), layout.num_q_blocks), max(cdiv(cover[1], bk), layout.num_kv_blocks)
+    padded = torch.full((layout.num_heads, n_q, n_k), p + 1, dtype=torch.long, device=dev)
+    padded[:, :layout.num_q_blocks, :layout.num_kv_blocks] = ids
+    return (padded.to(torch.int32).reshape(-1).contiguous(), table.to(torch.int32).reshape(-1).contiguous(),
+            (n_q, n_k))
+
+
+def to_fa4(layout: BlockLayout, block_q: int, block_k: int,
+           cover: Optional[Tuple[int, int]] = None) -> Union[Fa4Blocks, str]:
     """``layout`` as :class:`Fa4Blocks` at ``block_q x block_k`` (each a multiple of the layout's block, at most
-    :data:`MAX_FACTOR` times it), or a sentence saying why it cannot be converted. Pure tensor code (any device)."""
+    :data:`MAX_FACTOR` times it), or a sentence saying why it cannot be converted. Pure tensor code (any device).
+    ``cover``: the (query, key) token extents the element tables must cover (default: this block grid's)."""
     for name, new, old in (("block_q", block_q, layout.block_q), ("block_k", block_k, layout.block_k)):
         if new % old or new // old > MAX_FACTOR:
             return (f"FA4 needs {name} {new} here, which is not a multiple of the layout's {name}={old} within "
@@ -82,14 +116,11 @@ def to_fa4(layout: BlockLayout, block_q: int, block_k: int) -> Union[Fa4Blocks, 
     f_cnt, f_idx = packed_lists(full, w_kv)
     bm_cnt, bm_idx = packed_lists(partial.transpose(-1, -2), w_q)
     bf_cnt, bf_idx = packed_lists(full.transpose(-1, -2), w_q)
-    visited, mask_ids = layout.block_masks()
-    p = layout.mask_table.shape[0]
-    ids = torch.where(visited, torch.where(mask_ids >= 0, mask_ids, p), p + 1).to(torch.int32)
-    bq, bk, dev = layout.block_q, layout.block_k, layout.device
-    table = torch.cat([layout.mask_table.bool(), torch.ones(1, bq, bk, dtype=torch.bool, device=dev),
-                       torch.zeros(1, bq, bk, dtype=torch.bool, device=dev)]).to(torch.int32)
+    ids, table, grid = element_tables(layout, cover or (cdiv(layout.q_len, block_q) * block_q,
+                                                       cdiv(layout.kv_len, block_k) * block_k))
+    bq, bk = layout.block_q, layout.block_k
     one = lambda t: t[None].contiguous()  # noqa: E731  (batch axis of 1, broadcast by FA4)
-    return Fa4Blocks(block_q, block_k, (bq, bk), (layout.num_q_blocks, layout.num_kv_blocks), layout.num_heads,
+    return Fa4Blocks(block_q, block_k, (bq, bk), grid, layout.num_heads,
                      one(m_cnt), one(m_idx), one(f_cnt), one(f_idx), one(bm_cnt), one(bm_idx), one(bf_cnt), one(bf_idx),
                      ids.reshape(-1).contiguous(), table.reshape(-1).contiguous(), bool(partial.any()))
 
@@ -150,10 +181,12 @@ def plan(layout: BlockLayout, head_dim: int, arch: Optional[int] = None) -> Unio
             # sm_90 has no key sub-tiles: a sparse key block is one tile (<= 128 forward, 128 backward).
             return (f"FA4 on sm_90 takes key blocks of at most 128 tokens, not {layout.block_k}; rebuild the "
                     "layout with block_k=64 or 128")
-        fwd = to_fa4(layout, fq, fk)
+        # One pair of element tables serves both passes (FA4 hands the forward's aux tensors to the backward).
+        cover = (max(cdiv(layout.q_len, b) * b for b in (fq, gq)), max(cdiv(layout.kv_len, b) * b for b in (fk, gk)))
+        fwd = to_fa4(layout, fq, fk, cover)
         if isinstance(fwd, str):
             return fwd
-        bwd = fwd if (gq, gk) == (fq, fk) else to_fa4(layout, gq, gk)
+        bwd = fwd if (gq, gk) == (fq, fk) else to_fa4(layout, gq, gk, cover)
         return bwd if isinstance(bwd, str) else Fa4Plan(fwd, bwd)
 
     return _PLANS.get(layout, ("plan", head_dim, arch), build)
