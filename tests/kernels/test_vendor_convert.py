@@ -70,6 +70,7 @@ LAYOUTS = {
     "random_64": _random_layout(300, 270, 64, 64),
     "random_ragged_32x64": _random_layout(257, 130, 32, 64, seed=2),
     "random_perhead_128": _random_layout(390, 390, 128, 128, heads=3, seed=4),
+    "whole_blocks_ragged": _full_block_layout(300, 470, 64, heads=2),
     **_method_layouts(),
 }
 
@@ -174,7 +175,7 @@ def test_fa4_structure_expands_to_the_layout(name, factor):
     assert torch.equal(expand_fa4(blocks, layout.q_len, layout.kv_len, backward=True), dense)
 
 
-@pytest.mark.parametrize("name", ["random_ragged_32x64", "random_perhead_128", "gna"])
+@pytest.mark.parametrize("name", ["random_ragged_32x64", "random_perhead_128", "gna", "whole_blocks_ragged"])
 def test_fa4_element_tables_are_false_past_the_ends_and_in_bounds(name):
     """FA4 skips its sequence-end masking on some tiles: the lookup itself must refuse padded queries and keys,
     over every position a tile of either pass may touch."""
