@@ -224,3 +224,9 @@ def test_dispatch_runs_a_forced_vendor_backend_and_refuses_a_layout_it_cannot_se
     q2 = torch.randn(1, 2, 200, 32)
     with pytest.raises(BackendUnavailable, match="cannot run this layout: .*element masks"):
         block_sparse_attention(q2, q2, q2, masked_layout, backend="cudnn")
+
+
+def test_vendor_versions_name_the_packages():
+    found = vendor.versions()
+    assert set(found) == set(vendor.NAMES) and all(v is None or isinstance(v, str) for v in found.values())
+    assert vendor.PACKAGES["fa4"] == "flash-attn-4"

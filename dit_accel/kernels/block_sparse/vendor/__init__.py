@@ -21,9 +21,26 @@ from ..._cache import LayoutCache
 from ...backends import BackendUnavailable, Request
 from ...layout import BlockLayout
 
-__all__ = ["NAMES", "module", "plan", "plan_seconds", "call", "vendor_contenders", "vendor_reasons", "layout_reason"]
+__all__ = ["NAMES", "PACKAGES", "versions", "module", "plan", "plan_seconds", "call", "vendor_contenders", "vendor_reasons", "layout_reason"]
 
 NAMES = ("fa4", "cudnn", "natten")
+#: The distribution behind each vendor backend (what ``pip install`` takes).
+PACKAGES = {"fa4": "flash-attn-4", "cudnn": "nvidia-cudnn-frontend", "natten": "natten"}
+
+
+def versions() -> Dict[str, Optional[str]]:
+    """``{backend: installed version of its package, or None}``: what a self-check verdict of a vendor variant
+    is valid for (a library update can break exactness)."""
+    from importlib import metadata
+
+    out = {}
+    for name, dist in PACKAGES.items():
+        try:
+            out[name] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
 _PLAN_TIME = LayoutCache("block_sparse.vendor.plan_seconds")
 
 
