@@ -191,11 +191,11 @@ def test_vendor_contenders_is_empty_without_the_packages_and_says_why(masked_lay
 
 
 def test_info_lists_every_backend_and_why_not(monkeypatch):
-    from dit_accel.cli.info import collect_info
+    from dit_accel.cli.info import _backends  # the "backends" section of `dit-accel info`
 
     monkeypatch.setattr(vendor.module("cudnn"), "package_reason", lambda *a: "the nvidia-cudnn-frontend package is "
                         "not installed")
-    listed = collect_info("cpu")["backends"]
+    listed = _backends(torch.device("cpu"))
     assert list(listed) == list(backends.BACKENDS)
     assert listed["torch"] == "usable" and listed["cudnn"].startswith("not usable: the nvidia-cudnn-frontend")
 
