@@ -27,7 +27,8 @@ def _fresh_cache(tmp_path, monkeypatch):
 
 
 def _shape():
-    return autotune.ShapeClass("FakeGPU", "2.x", "3.x", "block_sparse", "bfloat16", 128, "<=0.1")
+    return autotune.ShapeClass(device_name="FakeGPU", torch="2.x", triton="3.x", dit_accel="0.x",
+                               family="block_sparse", dtype="bfloat16", head_dim=128, density="<=0.1")
 
 
 def _by_name(times):
@@ -131,9 +132,15 @@ def test_ties_go_to_the_earlier_contender_and_the_choice_is_kept():
     assert again.seen == []
 
 
-def test_when_every_contender_failed_its_check_the_first_is_returned_and_nothing_stored():
-    assert sel.select(_shape(), _contenders({"fa4": 0, "triton": 0}), _by_name({}), verified=lambda n: False) == "fa4"
+def test_when_every_contender_failed_its_check_none_is_chosen_and_nothing_stored():
+    assert sel.select(_shape(), _contenders({"fa4": 0, "triton": 0}), _by_name({}), verified=lambda n: False) is None
     assert autotune.cached_choices() == []
+
+
+def test_a_contender_whose_output_on_the_call_is_wrong_is_not_stored():
+    timer = _by_name({"fa4": 0.5, "triton": 3.0})
+    chosen = sel.select(_shape(), _contenders({"fa4": 0, "triton": 0}), timer, verify=lambda name: name != "fa4")
+    assert chosen == "triton" and autotune.cached_choices()[0]["choice"] == "triton"
 
 
 @pytest.fixture
@@ -148,7 +155,8 @@ def test_the_tuner_skips_a_vendor_that_cannot_serve_the_layout(masked_layout, mo
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "FakeGPU")
     q = torch.randn(1, 2, 200, 64)
     tune = sel.measured_tuner(q, q, q, masked_layout, 0.125, 0.5, timer=_by_name({"triton": 500.0, "flex": 1.0}),
-                              reuses=4, verified=lambda name: True)
+                              reuses=4, verified=lambda name: True, verify=lambda name: True,
+                              free=lambda device: None)
     request = Request(torch.device("cuda"), torch.bfloat16, 64, block_q=64, block_k=64)
     assert tune(["triton", "flex", "cudnn"], request) == "flex"
     decision = sel.decisions()[-1]
@@ -208,6 +216,7 @@ def test_dispatch_runs_a_forced_vendor_backend_and_refuses_a_layout_it_cannot_se
     table["block_sparse"] = tuple((n, (lambda r: None) if n == "cudnn" else c, a) for n, c, a in table["block_sparse"])
     monkeypatch.setattr(backends, "_TABLE", table)
     monkeypatch.setattr(vcudnn, "cuda_arch", lambda device: 90)
+    monkeypatch.setenv("DIT_ACCEL_SELFCHECK", "0")  # the stand-in serves only this test's layout, not the check's
     ran = []
 
     def fake_run(blocks, q, k, v, scale, return_lse):

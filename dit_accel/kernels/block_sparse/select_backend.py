@@ -93,26 +93,31 @@ def priced_timer(timer: autotune.Timer, reuses: int) -> autotune.Timer:
 
 def select(shape: autotune.ShapeClass, contenders: Sequence[Contender], timer: autotune.Timer, *, reuses: int = 1,
            verified: Callable[[str], bool] = lambda name: True, skipped: Optional[Mapping[str, str]] = None,
-           warmup: int = 3, repeats: int = 10) -> str:
-    """The cheapest verified contender for ``shape`` (the stored choice when there is one).
+           verify: Optional[Callable[[str], bool]] = None, warmup: int = 3, repeats: int = 10) -> Optional[str]:
+    """The cheapest verified contender for ``shape`` (the stored choice when there is one), or None.
 
-    Contenders whose self-check failed (``verified(name)`` False) are left out; one that raises while timed is
-    out (:func:`autotune.choose`); ties go to the earlier contender. When none is left, the first contender is
-    returned (the dispatcher's own checks then speak).
+    Contenders whose self-check failed (``verified(name)`` False) are left out, and so are those in
+    ``skipped`` (``{name: reason}``: a layout it cannot serve, scores that would not fit in memory); one that
+    raises while timed, or whose output on the call fails ``verify(name)``, is out (:func:`autotune.choose`);
+    ties go to the earlier contender. None (nothing stored) when no contender is left: ``resolve`` then takes
+    the fixed order.
     """
     if not contenders:
         raise ValueError("select() needs at least one contender")
     skipped = dict(skipped or {})
     ok = []
     for c in contenders:
+        if c.name in skipped:
+            continue
         if verified(c.name):
             ok.append(c)
         else:
             skipped[c.name] = "failed its self-check on this machine"
     if not ok:
-        chosen = contenders[0].name
+        chosen = None
     else:
-        chosen = autotune.choose(shape, {c.name: c for c in ok}, priced_timer(timer, reuses), warmup, repeats)
+        chosen = autotune.choose(shape, {c.name: c for c in ok}, priced_timer(timer, reuses), warmup, repeats,
+                                 verify=verify)
     _DECISIONS.append(Decision(shape.key(), chosen, {c.name: c.plan_ms for c in contenders}, reuses, skipped))
     del _DECISIONS[:-64]
     return chosen
@@ -152,14 +157,20 @@ def _flex_plan_ms(layout: BlockLayout) -> float:
 
 def measured_tuner(q, k, v, layout: BlockLayout, scale: float, density: Optional[float] = None, *,
                    return_lse: bool = False, timer: Optional[autotune.Timer] = None,
-                   reuses: Optional[int] = None, verified: Optional[Callable[[str], bool]] = None):
+                   reuses: Optional[int] = None, verified: Optional[Callable[[str], bool]] = None,
+                   verify: Optional[Callable[[str], bool]] = None, free: Optional[Callable] = None):
     """A tuner for :func:`dit_accel.kernels.backends.resolve`: ``tune(names, request)`` builds the contenders
     among ``names`` that serve this layout, prices them (run + planning / reuses) and returns the cheapest
-    verified one, stored per shape class."""
-    from . import vendor
-    from .api import block_sparse_attention, layout_on
+    verified one, stored per shape class; None when none is left (``resolve`` then takes the fixed order).
 
-    def tune(names: Sequence[str], request: Request) -> str:
+    As :func:`.api.block_sparse_tuner` does for the in-repo pair: a contender whose scores would not fit in
+    free memory (``free(device)``, default :func:`.api.free_memory`) is not tried, and the choice is stored
+    only after its output on this call matched the PyTorch twin (``verify(name)``, default
+    :data:`.api.VERIFY_TOL` relative error); ``verified(name)`` is the first-use self-check."""
+    from . import vendor
+    from .api import VERIFY_TOL, block_sparse_attention, free_memory, layout_on, memory_skips
+
+    def tune(names: Sequence[str], request: Request) -> Optional[str]:
         d = layout.density() if density is None else density
         shape = autotune.ShapeClass.of("block_sparse", request, d)
         device_layout = layout_on(layout, q.device)
@@ -183,10 +194,23 @@ def measured_tuner(q, k, v, layout: BlockLayout, scale: float, density: Optional
 
             contenders.append(Contender(name, run, plan_ms))
         if not contenders:
-            return names[0]
+            return None
+        skipped.update(memory_skips([c.name for c in contenders], q, k, (free or free_memory)(q.device)))
+        reference = []
+
+        def matches_twin(name: str) -> bool:
+            from ..selfcheck import relative_error
+
+            with torch.no_grad():
+                if not reference:
+                    reference.append(block_sparse_attention(qd, kd, vd, layout, scale=scale, backend="torch"))
+                got = block_sparse_attention(qd, kd, vd, layout, scale=scale, backend=name)
+            return relative_error(got, reference[0]) <= VERIFY_TOL
+
         return select(shape, contenders, timer or autotune.cuda_event_timer,
                       reuses=expected_reuses(layout) if reuses is None else reuses,
-                      verified=verified or _selfcheck_verified(request), skipped=skipped)
+                      verified=verified or _selfcheck_verified(request), skipped=skipped,
+                      verify=verify or matches_twin)
 
     return tune
 
