@@ -50,3 +50,26 @@ def test_the_check_passes_a_right_launch_and_fails_a_wrong_one(name, monkeypatch
 
 def test_tolerances_are_per_dtype():
     assert checks.FWD_TOL[torch.bfloat16] == 1e-2 and checks.BWD_TOL[torch.bfloat16] == 2e-2
+
+
+@pytest.mark.parametrize("part", ["fwd", "bwd"])
+def test_the_fault_switch_corrupts_a_vendor_launch_and_its_check_fails(part, monkeypatch):
+    """DIT_ACCEL_FAULT=block_sparse.cudnn.<part> corrupts what the launch path hands back (the output, or
+    the gradients), and the variant's own check then fails: the self-check can catch a broken vendor kernel."""
+    from dit_accel.kernels.block_sparse.vendor import cudnn as vcudnn
+
+    def twin_run(blocks, q, k, v, scale, return_lse):  # stands in for cuDNN: the twin on the same layout
+        return block_sparse_attention(q, k, v, twin_run.layout, scale=scale, return_lse=True, backend="torch")
+
+    real_plan = vcudnn.plan
+
+    def plan(layout, arch=None):
+        twin_run.layout = layout
+        return real_plan(layout, 90)
+
+    monkeypatch.setattr(vcudnn, "run", twin_run)
+    monkeypatch.setattr(vcudnn, "plan", plan)
+    check = selfcheck.variant(f"block_sparse.cudnn.{part}").check
+    assert check(torch.device("cpu"), torch.float32, SHAPE).ok
+    monkeypatch.setenv(selfcheck.ENV_FAULT, f"block_sparse.cudnn.{part}")
+    assert not check(torch.device("cpu"), torch.float32, SHAPE).ok

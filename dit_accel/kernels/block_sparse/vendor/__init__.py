@@ -97,12 +97,27 @@ def call(name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: B
     why = layout_reason(name, layout, q.shape[-1], grad, return_lse, source)
     if why is not None:
         raise BackendUnavailable(f"attention backend {name!r} cannot run this layout: {why}.")
+    from ... import selfcheck
+
+    if grad and selfcheck.faulted(f"block_sparse.{name}.bwd"):  # DIT_ACCEL_FAULT: corrupt the gradients
+        q, k, v = _CorruptGrads.apply(f"block_sparse.{name}.bwd", q, k, v)
     o, lse = module(name).run(plan(name, layout, q.shape[-1], source), q, k, v, scale, return_lse)
-    try:
-        from ... import selfcheck
-    except ImportError:  # the self-check lands with the lead's branch
-        return o, lse
     return selfcheck.corrupt(f"block_sparse.{name}.fwd", o), lse
+
+
+class _CorruptGrads(torch.autograd.Function):
+    """Identity forward; the backward hands the vendor kernel's dq, dk, dv through ``selfcheck.corrupt``."""
+
+    @staticmethod
+    def forward(ctx, name, q, k, v):
+        ctx.name = name
+        return q.view_as(q), k.view_as(k), v.view_as(v)
+
+    @staticmethod
+    def backward(ctx, dq, dk, dv):
+        from ... import selfcheck
+
+        return (None,) + tuple(None if g is None else selfcheck.corrupt(ctx.name, g.clone()) for g in (dq, dk, dv))
 
 
 def vendor_contenders(layout: BlockLayout, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
