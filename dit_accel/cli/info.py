@@ -89,9 +89,11 @@ def _device_info(device):
 
 
 def _backends(device):
-    from ..kernels import available_backends
+    from ..kernels import available_backends  # noqa: F401  (raises here when the kernels cannot load)
+    from ..kernels.backends import backend_reasons
 
-    return {name: ("usable" if why is None else f"not usable: {why}") for name, why in available_backends(device).items()}
+    # The in-repo backends (available_backends) and the vendor ones (fa4, cudnn, natten: optional packages).
+    return {name: ("usable" if why is None else f"not usable: {why}") for name, why in backend_reasons(device).items()}
 
 
 def _models():

@@ -18,10 +18,13 @@ from typing import Callable, Dict, Optional, Tuple
 import torch
 
 __all__ = ["BACKENDS", "ENV_BACKEND", "BackendUnavailable", "Request", "available_backends", "env_backend",
-           "resolve", "triton_reason", "interpreting", "TUNED"]
+           "resolve", "triton_reason", "interpreting", "TUNED", "Backend", "backend_peers", "backend_reasons",
+           "VENDOR_BACKENDS"]
 
+#: The vendor block-sparse backends (optional packages; :mod:`dit_accel.kernels.block_sparse.vendor`).
+VENDOR_BACKENDS = ("fa4", "cudnn", "natten")
 #: Every backend name, in the order ``auto`` considers them for block-sparse attention.
-BACKENDS = ("triton", "flex", "torch")
+BACKENDS = ("triton", "flex", "torch") + VENDOR_BACKENDS
 #: Environment variable that overrides ``backend="auto"``.
 ENV_BACKEND = "DIT_ACCEL_BACKEND"
 #: Largest head dim of the Triton kernels (block-sparse); the PyTorch twin takes any.
@@ -193,21 +196,111 @@ def _always(_: Request) -> Optional[str]:
     return None
 
 
-# family -> ((name, can_run, auto picks it), ...) in priority order. Flex is never picked by `auto`:
-# uncompiled FlexAttention materialises the scores, compiled it takes minutes to build on CPU.
+# ------------------------------------------------------------ backends as peers
+_HALF = (torch.float16, torch.bfloat16)
+_ALL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+@dataclass(frozen=True)
+class Backend:
+    """One block-sparse (or SLA) backend: what it declares it serves, and ``can_run(request) -> None | reason``.
+
+    The declarations (``dtypes``, ``head_dims`` as ``(min, max)``, ``blocks`` (layout block sizes, None for any),
+    ``archs`` (CUDA compute-capability majors, None for any device), ``lse``, ``backward``) describe the backend
+    for ``dit-accel info`` and for callers that filter before asking; ``can_run`` is the authority and also
+    knows what the declarations cannot say (a package that is missing, the Triton interpreter, a flag).
+    Layout-specific limits (cuDNN has no element masks, NATTEN needs a window) come from the vendor module's
+    ``plan`` at call time. ``auto``: the fixed order may pick it; ``tuned``: ``auto`` times it on CUDA.
+    """
+
+    name: str
+    family: str
+    can_run: Callable[[Request], Optional[str]]
+    auto: bool = True
+    tuned: bool = False
+    dtypes: Tuple[torch.dtype, ...] = _ALL_DTYPES
+    head_dims: Optional[Tuple[int, int]] = None
+    blocks: Optional[Tuple[int, ...]] = None
+    archs: Optional[Tuple[int, ...]] = None
+    lse: bool = True
+    backward: bool = True
+    vendor: bool = False
+
+    def declared(self) -> dict:
+        """The declarations as plain values (for ``dit-accel info`` and JSON)."""
+        return {"dtypes": [str(d).replace("torch.", "") for d in self.dtypes],
+                "head_dims": list(self.head_dims) if self.head_dims else "any",
+                "blocks": list(self.blocks) if self.blocks else "any",
+                "archs": [f"sm_{a}x" for a in self.archs] if self.archs else "any device",
+                "lse": self.lse, "backward": self.backward}
+
+
+def _vendor_can_run(name: str) -> Callable[[Request], Optional[str]]:
+    def can_run(r: Request) -> Optional[str]:
+        from .block_sparse import vendor
+
+        return vendor.module(name).reason(r)
+
+    can_run.__name__ = f"_block_sparse_{name}"
+    return can_run
+
+
+_PEERS: Dict[str, Tuple[Backend, ...]] = {
+    "block_sparse": (
+        Backend("triton", "block_sparse", _block_sparse_triton, auto=True, tuned=True,
+                head_dims=(1, TRITON_MAX_HEAD_DIM), blocks=(64, 128, 256), archs=(8, 9, 10, 12)),
+        Backend("flex", "block_sparse", _block_sparse_flex, auto=False, tuned=True),
+        Backend("torch", "block_sparse", _always, auto=True),
+        # Vendor kernels: never in the fixed order (an optional package is not a default); `auto` times them.
+        Backend("fa4", "block_sparse", _vendor_can_run("fa4"), auto=False, tuned=True, dtypes=_HALF,
+                head_dims=(8, 128), blocks=(16, 32, 64, 128, 256), archs=(9, 10), vendor=True),
+        Backend("cudnn", "block_sparse", _vendor_can_run("cudnn"), auto=False, tuned=True, dtypes=_HALF,
+                head_dims=(64, 128), blocks=(32, 64, 128, 256), archs=(9, 10), vendor=True),
+        Backend("natten", "block_sparse", _vendor_can_run("natten"), auto=False, tuned=True, head_dims=(8, 256),
+                archs=(8, 9, 10), vendor=True),
+    ),
+    "sla": (Backend("triton", "sla", _sla_triton, auto=True), Backend("torch", "sla", _always, auto=True)),
+}
+
+# family -> ((name, can_run, auto picks it), ...) in priority order: the peers as :func:`resolve` reads them.
+# Flex is never picked by `auto`'s fixed order: uncompiled FlexAttention materialises the scores, compiled it
+# takes minutes to build on CPU.
 _TABLE: Dict[str, Tuple[Tuple[str, Callable[[Request], Optional[str]], bool], ...]] = {
-    "block_sparse": (("triton", _block_sparse_triton, True), ("flex", _block_sparse_flex, False),
-                     ("torch", _always, True)),
-    "sla": (("triton", _sla_triton, True), ("torch", _always, True)),
+    family: tuple((b.name, b.can_run, b.auto) for b in peers) for family, peers in _PEERS.items()
 }
 
 
+def backend_peers(family: str = "block_sparse") -> Tuple[Backend, ...]:
+    """The :class:`Backend` peers of ``family``, in table order."""
+    return _PEERS[family]
+
+
+def backend_reasons(device=None, request: Optional[Request] = None) -> Dict[str, Optional[str]]:
+    """Every block-sparse backend, in-repo and vendor, with None (usable) or why not on ``device``
+    (default CPU), judged for ``request`` (default: bfloat16 on CUDA, float32 elsewhere, head dim 128,
+    64-token blocks, forward only). For ``dit-accel info``."""
+    try:
+        device = torch.device("cpu" if device is None else device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device={device!r} is not a torch device; pass 'cpu', 'cuda' or 'cuda:N'") from None
+    if request is None:
+        request = Request(device, torch.bfloat16 if device.type == "cuda" else torch.float32, 128)
+    out = dict(available_backends(device))
+    for peer in _PEERS["block_sparse"]:
+        if peer.vendor:
+            try:
+                out[peer.name] = peer.can_run(request)
+            except Exception as err:  # a broken install is a reason too
+                out[peer.name] = f"probing it failed ({type(err).__name__}: {err})"
+    return out
+
+
 def available_backends(device=None) -> Dict[str, Optional[str]]:
-    """Which block-sparse attention backends can run on ``device`` (default CPU).
+    """Which in-repo block-sparse attention backends can run on ``device`` (default CPU).
 
     Returns:
         ``{name: None}`` for a usable backend, ``{name: "why not, and what to do"}`` otherwise,
-        for every name in :data:`BACKENDS`.
+        for ``triton``, ``flex`` and ``torch`` (:func:`backend_reasons` adds the vendor backends).
 
     Example::
 
@@ -222,7 +315,8 @@ def available_backends(device=None) -> Dict[str, Optional[str]]:
 
 
 #: Backends ``auto`` times against each other on CUDA (:mod:`.autotune`), per family.
-TUNED = {"block_sparse": ("triton", "flex")}
+TUNED = {family: tuple(b.name for b in peers if b.tuned) for family, peers in _PEERS.items() if
+         any(b.tuned for b in peers)}
 
 
 def _tuned(family: str, request: Request, tuner) -> Optional[str]:

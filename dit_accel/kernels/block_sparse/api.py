@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from .. import autotune
 from .._cache import LayoutCache
-from ..backends import Request, env_backend, env_value, resolve
+from ..backends import VENDOR_BACKENDS, Request, env_backend, env_value, resolve
 from ..checks import check_qkv, check_scale
 from ..layout import BlockLayout
 
@@ -80,7 +80,9 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, la
         return_lse: also return the fp32 natural-log log-sum-exp ``(B, H, N)`` (for
             :func:`merge_attention`); ``-inf`` on rows that see no key.
         backend: ``"auto"`` (triton on CUDA, torch elsewhere; ``$DIT_ACCEL_BACKEND``
-            overrides), ``"triton"``, ``"torch"`` or ``"flex"``. A forced backend that
+            overrides), ``"triton"``, ``"torch"``, ``"flex"``, or a vendor kernel where its package is
+            installed: ``"fa4"`` (FlashAttention-4), ``"cudnn"`` (cuDNN frontend), ``"natten"`` (NATTEN, GNA
+            and Tile layouts); on CUDA ``auto`` times the verified ones (:mod:`.select_backend`). A forced backend that
             cannot run raises :class:`~dit_accel.kernels.backends.BackendUnavailable`
             saying why (see :func:`available_backends`). On CUDA, ``auto`` runs dense
             attention instead where the cost model (:mod:`dit_accel.kernels.cost`) says the
@@ -97,6 +99,7 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, la
         >>> layout = BlockLayout.from_dense_mask(mask, block_q=64, block_k=64)  # mask [N, N] bool
         >>> o = block_sparse_attention(q, k, v, layout)
     """
+    source = layout
     scale, name, layout = _call(q, k, v, layout, scale, backend, return_lse)
     if name == "triton":
         o, lse = _triton_path()(q, k, v, layout, scale)
@@ -107,6 +110,10 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, la
         o, lse = torch_block_sparse_attention(q, k, v, layout, scale, lse_grad=grad)
     elif name == DENSE:
         o, lse = _run_dense(q, k, v, scale, return_lse)
+    elif name in VENDOR_BACKENDS:
+        from .vendor import call
+
+        o, lse = call(name, q, k, v, layout, scale, return_lse, source=source)
     else:
         from .flex import flex_block_sparse_attention
 
@@ -163,10 +170,17 @@ def _decide(q, k, v, layout, scale, backend: str, return_lse: bool):
         # On CUDA, auto times Triton against FlexAttention once per shape class (kernels/autotune.py);
         # the density bucket is part of the class, read once per layout.
         density = _DENSITY.get(layout, "visited", lambda: float(layout.density()))
-        tuner = block_sparse_tuner(q, k, v, layout, scale, density)
+        from .select_backend import measured_tuner  # the in-repo and vendor contenders, planning cost included
+
+        tuner = measured_tuner(q, k, v, layout, scale, density, return_lse=return_lse)
     request = Request.of(q, k, v, layout.block_q, layout.block_k, density=density)
     name = resolve("block_sparse", backend, request, tuner)
     device_layout = layout_on(layout, q.device)
+    if name in VENDOR_BACKENDS and backend == "auto" and env_backend() is None:
+        # A vendor choice is per shape class; this layout may not convert (cuDNN: element masks): next in line.
+        from .select_backend import layout_fallback
+
+        name = layout_fallback(name, device_layout, request, return_lse, source=layout)
     if backend == "auto" and _dense_applies(q.device) and env_backend() is None \
             and not torch.compiler.is_compiling():
         reason = dense_reason(layout, batch=q.shape[0], heads=q.shape[1], head_dim=q.shape[-1], dtype=q.dtype,
