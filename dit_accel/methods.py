@@ -193,8 +193,9 @@ class Dense(Method):
         return DensePlan(self, grid, "Dense()")
 
 
-def _separable_plan(method: Method, grid, relations, tile, what: str):
-    """Dense when the window covers the grid, else a tiled-order block layout of the relations."""
+def _separable_plan(method: Method, grid, relations, tile, what: str, attach=None):
+    """Dense when the window covers the grid, else a tiled-order block layout of the relations (``attach(layout,
+    perm)`` then records what a vendor kernel needs to know of the pattern, e.g. NATTEN's window)."""
     from .patterns.permutation import permutation_for
     from .patterns.separable import covers_grid, separable_layout
     from .plans import DensePlan, LayoutPlan
@@ -205,8 +206,10 @@ def _separable_plan(method: Method, grid, relations, tile, what: str):
     # Without a tile: the one under which the pattern visits least work (partial blocks cost more).
     perm = permutation_for(tuple(grid), tile, 64, 64, relations)
     token_density = math.prod(float(r.float().mean()) for r in relations)
-    return LayoutPlan(method, grid, separable_layout(perm, relations, 64, 64), perm, token_density=token_density,
-                      wide_q=True)
+    layout = separable_layout(perm, relations, 64, 64)
+    if attach is not None:
+        attach(layout, perm)
+    return LayoutPlan(method, grid, layout, perm, token_density=token_density, wide_q=True)
 
 
 @register_method("gna", finetunable=True,
@@ -263,7 +266,7 @@ class GNA(Method):
         if kernels is None:
             grid, rels = gna_relations(grid, self.kernel_size, self.stride, self.dilation, self.is_causal)
             tile = None if self.tile is None else per_dim("tile", self.tile, len(grid), owner="GNA.")
-            return _separable_plan(self, grid, rels, tile, "window")
+            return _separable_plan(self, grid, rels, tile, "window", attach=self._natten)
         # Per-head kernel sizes: one per-head block layout, run by the kernels in one launch.
         per = [gna_relations(grid, k, self.stride, self.dilation, self.is_causal) for k in kernels]
         grid = per[0][0]
@@ -274,6 +277,12 @@ class GNA(Method):
         perm, layout = gna_layout(grid, self.kernel_size, self.stride, self.dilation, self.is_causal, tile=tile)
         token_density = sum(math.prod(float(r.float().mean()) for r in rels) for _, rels in per) / len(per)
         return LayoutPlan(self, grid, layout, perm, token_density=token_density, wide_q=True)
+
+    def _natten(self, layout, perm) -> None:
+        """Record this GNA's window on ``layout`` for the NATTEN backend (a reason where NATTEN cannot run it)."""
+        from .kernels.block_sparse.vendor.natten import attach_gna
+
+        attach_gna(layout, perm, self.kernel_size, self.stride, self.dilation, self.is_causal)
 
     def for_shares(self, grid, shares):
         # The default tile is the most cube-like one, which may span the frames of several ranks: pick the
@@ -361,6 +370,9 @@ class Tile(Method):
                                                 "(or tile) makes it sparse")
         # Tiled by the STA tile when it holds whole 64-token blocks; else by a default tile.
         perm, layout = tile_layout(grid, self.tile, self.window)
+        from .kernels.block_sparse.vendor.natten import attach_tile
+
+        attach_tile(layout, perm, self.tile, self.window)  # NATTEN's equivalent GNA window, or why there is none
         return LayoutPlan(self, perm.grid, layout, perm,
                           token_density=tile_token_density(grid, self.tile, self.window), wide_q=True)
 

@@ -33,7 +33,8 @@ from ..methods import METHOD_ALIASES, CliOption, Method, canonical_method_name, 
 __all__ = ["BACKENDS", "HelpFormatter", "plain", "add_method_options", "method_from_args", "schedule_from_args", "int_tuple", "int_list",
            "method_options_given", "check_method_flags", "method_flags", "check_plan_flags", "add_plan_any_grid"]
 
-BACKENDS = ("auto", "triton", "torch", "flex")
+#: ``auto`` and dit_accel.kernels.backends.BACKENDS (spelled out: this module is imported without torch).
+BACKENDS = ("auto", "triton", "flex", "torch", "fa4", "cudnn", "natten")
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):

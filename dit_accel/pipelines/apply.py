@@ -31,7 +31,9 @@ from .stats import Stats
 
 __all__ = ["apply", "AccelHandle", "BACKENDS"]
 
-BACKENDS = ("auto", "triton", "torch", "flex")
+from ..kernels.backends import BACKENDS as _KERNEL_BACKENDS
+
+BACKENDS = ("auto",) + _KERNEL_BACKENDS
 
 
 # ------------------------------------------------------------------ argument checks

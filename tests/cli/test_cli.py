@@ -332,7 +332,7 @@ def test_info_degrades_when_modules_are_missing(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "dit_accel.pipelines.presets", None)
     assert main(["info"]) == 0
     out = capsys.readouterr().out
-    assert out.count("unavailable (") == 3, out  # backends, supported classes, autotuning
+    assert out.count("unavailable (") == 4, out  # backends, supported classes, autotuning, self-check verdicts
 
 
 def test_generate_takes_the_published_setting_and_names_its_source():

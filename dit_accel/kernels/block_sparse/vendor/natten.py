@@ -116,6 +116,15 @@ def attach_tile(layout: BlockLayout, perm, tile, window):
     return _store(layout, perm, w)
 
 
+def share_window(source: BlockLayout, other: BlockLayout) -> BlockLayout:
+    """Give ``other`` (the same token mask as ``source`` in other blocks, e.g. its 128-row query blocks) the
+    window attached to ``source``, if any. Returns ``other``."""
+    found = window(source)
+    if not isinstance(found, str):
+        other.derived[(_WINDOWS.name, "window")] = found
+    return other
+
+
 def window(layout: BlockLayout) -> Union[NattenWindow, str]:
     """The window attached to ``layout`` (or to the layout it was copied from by ``layout.to``), or a reason."""
     return layout.derived.get((_WINDOWS.name, "window"), _NO_WINDOW)
