@@ -6,6 +6,8 @@ kernels and launchers, :mod:`.configs` their configurations (one per sparse conf
 
 - :func:`dense_attention`: softmax attention through the Triton kernels (differentiable).
 - :func:`dense_contenders`: the dense contenders of ``dit-accel bench kernels`` on some inputs.
+- :func:`fastest_attention`: dense attention (and its lse) on the fastest measured dense kernel of this
+  machine, SDPA's or the in-repo one (:mod:`.choice`): what ``auto``'s dense fallback runs.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from typing import Callable, Dict, Optional
 
 import torch
 
-__all__ = ["dense_attention", "dense_contenders", "DENSE_CONTENDERS"]
+__all__ = ["dense_attention", "dense_contenders", "fastest_attention", "DENSE_CONTENDERS"]
 
 #: Names of the dense contenders of ``dit-accel bench kernels``, in report order.
 DENSE_CONTENDERS = ("dense SDPA", "dense Triton (dit_accel)", "flash-attn (dense)")
@@ -59,6 +61,23 @@ def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Op
     if q.shape[-1] > 256 or k.shape[2] == 0:
         raise ValueError(f"the dense Triton kernel takes 1 <= M and D <= 256; got M={k.shape[2]}, D={q.shape[-1]}")
     o, lse = _DenseAttention.apply(q, k, v, scale)
+    return (o, lse) if return_lse else o
+
+
+def fastest_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optional[float] = None,
+                      return_lse: bool = False):
+    """Dense softmax attention on the fastest dense kernel measured on this machine (:mod:`.choice`):
+    ``o``, or ``(o, lse)`` with ``lse`` the fp32 natural-log log-sum-exp ``(B, H, N)`` (not differentiable).
+
+    Example::
+
+        >>> o, lse = fastest_attention(q, k, v, return_lse=True)  # then merge_attention(o, lse, o2, lse2)
+    """
+    from ..checks import check_qkv, check_scale
+    from .choice import run
+
+    check_qkv(q, k, v)
+    o, lse = run(q, k, v, check_scale(scale, q.shape[-1]), return_lse)
     return (o, lse) if return_lse else o
 
 
