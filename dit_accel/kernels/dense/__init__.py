@@ -16,7 +16,7 @@ from typing import Callable, Dict, Optional
 
 import torch
 
-__all__ = ["dense_attention", "dense_contenders", "fastest_attention", "DENSE_CONTENDERS"]
+__all__ = ["dense_attention", "dense_contenders", "fastest_attention", "triton_variant", "DENSE_CONTENDERS"]
 
 #: Names of the dense contenders of ``dit-accel bench kernels``, in report order.
 DENSE_CONTENDERS = ("dense SDPA", "dense Triton (dit_accel)", "flash-attn (dense)")
@@ -79,6 +79,17 @@ def fastest_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
     check_qkv(q, k, v)
     o, lse = run(q, k, v, check_scale(scale, q.shape[-1]), return_lse)
     return (o, lse) if return_lse else o
+
+
+def triton_variant(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str:
+    """The configuration :func:`dense_attention`'s forward launches for these inputs (the same decision
+    :func:`.triton.dense_forward` takes: sm_90 TMA-aligned half precision runs the warp-specialized kernel).
+    For reports (``dit-accel bench gpu``); it imports triton."""
+    from .triton import _config, _ws_config
+
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    cfg = _config("fwd", q, (k, v))
+    return (_ws_config(cfg, q) or cfg).name
 
 
 def dense_contenders(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
