@@ -11,8 +11,9 @@
    - dense: SDPA (PyTorch's pick, and pinned to flash and to cuDNN), the in-repo Triton kernel, flash-attn
      2/3/4 where installed, and ``dense [fastest]`` (:mod:`dit_accel.kernels.dense.choice`, what ``auto``'s
      dense fallback runs), without and with the lse; forward, and forward + backward;
-   - Tile, GNA, radial (video) and SLA at :data:`STANDARD_DENSITIES`, through the layout production runs
-     (``plan.kernel_layout(device)``: the 128-row layout of the sm_90 ws forward where the plan has one),
+   - Tile (at the default 64-token STA tile, and at a 128-token one, ``tile-128``), GNA, radial (video) and
+     SLA at :data:`STANDARD_DENSITIES`, through the layout production runs (``plan.kernel_layout(device)``:
+     the 128-row layout of the sm_90 ws + resume forward where the plan has one, as ``tile-128`` does),
      with ``backend="auto"`` and the autotuner off and on (:data:`AUTOTUNE_MODES`; "on" at the first
      density only, to stay in the budget), and with ``backend="triton"`` forced wherever ``auto`` chose
      another backend (FLUX 1024 px, where auto runs dense);
@@ -62,7 +63,7 @@ STANDARD_SHAPES = (
     ModelShape("FLUX 4K", (256, 256), 24),                      # N = 65,536
 )
 STANDARD_DENSITIES = (0.05, 0.1, 0.2)
-STANDARD_METHODS = ("tile", "gna", "radial", "sla")
+STANDARD_METHODS = ("tile", "tile-128", "gna", "radial", "sla")
 AUTOTUNE_MODES = ("off", "on")
 #: Seconds for the whole run (self-checks, pytest, timings): 9 minutes.
 BUDGET_S = 540.0
@@ -119,6 +120,8 @@ def _method(name: str, grid, density: float):
         return SLA(topk=density)
     if name == "radial":
         return Radial()  # its density is fixed by its rule
+    if name == "tile-128":  # a 128-token STA tile: CUDA calls run 128-row query blocks (sm_90: ws + resume)
+        return Tile().at_density(tuple(grid), density, tile=(1, 16, 8) if len(grid) == 3 else (16, 8))
     return {"tile": Tile, "gna": GNA}[name]().at_density(tuple(grid), density)
 
 
