@@ -52,7 +52,7 @@ import torch
 from .bench import ModelShape, call_timing_fields, extra_dense_contenders
 
 __all__ = ["STANDARD_SHAPES", "STANDARD_DENSITIES", "STANDARD_METHODS", "AUTOTUNE_MODES", "BUDGET_S",
-           "O_TOLERANCE", "GRAD_TOLERANCE", "bench_gpu", "gpu_markdown", "machine_info", "failures",
+           "O_TOLERANCE", "GRAD_TOLERANCE", "bench_gpu", "gpu_markdown", "machine_info", "failures", "targets",
            "fp32_dense", "relative_error"]
 
 STANDARD_SHAPES = (
@@ -169,6 +169,7 @@ def bench_gpu(out_dir, *, device="cuda", shapes: Sequence[ModelShape] = STANDARD
     report["bench_seconds"] = clock() - timing_start
     report["total_seconds"] = clock() - start
     report["failures"] = failures(report)
+    report["targets"] = targets(report["rows"])
     (out_dir / "gpu_report.json").write_text(json.dumps(report, indent=1, default=str) + "\n")
     (out_dir / "gpu_report.md").write_text(gpu_markdown(report))
     log(f"wrote {out_dir / 'gpu_report.json'} and {out_dir / 'gpu_report.md'} ({report['total_seconds']:.0f} s)")
@@ -202,6 +203,54 @@ def failures(report: dict) -> List[str]:
             value = r.get(field)
             if value is not None and not (value <= tol):  # NaN fails too
                 out.append(f"{where}: {field} {value:.3g} > {tol:g} against the fp32 twin")
+    return out
+
+
+#: Timing noise allowed where a target compares two measured times ("at least as fast as SDPA").
+TIMING_NOISE = 0.02
+
+
+def targets(rows: Sequence[dict]) -> List[dict]:
+    """Issue 35's speed targets, each ``{"target", "shape", "value", "met"}`` from the timed rows (``met`` is None
+    where a row it needs did not run):
+
+    - Tile / GNA at 5% on Wan 2.1 14B 480p and 720p: >= 85% of the 1/density ideal (forward, ``auto``);
+    - dense steps (``dense [fastest]``) at least as fast as SDPA, forward and forward + backward (within
+      :data:`TIMING_NOISE`);
+    - SLA with its (zero) projection >= 4x SDPA at Wan 480p, 5% (forward);
+    - ``auto`` never slower than dense by more than 3% (each ``auto`` row against the faster of SDPA and
+      ``dense [fastest]`` in the same pass)."""
+    ok = [r for r in rows if r.get("status") == "ok" and r.get("time_ms") is not None]
+    out: List[dict] = []
+
+    def add(target, shape, value, met):
+        out.append({"target": target, "shape": shape, "value": value, "met": met})
+
+    for r in ok:
+        auto = r.get("backend") == "auto"
+        if (auto and r.get("autotune") == "off" and r["pass"] == "forward" and r.get("target_density") == 0.05
+                and "14B" in r["shape"] and r["kernel"].split(" ")[0] in ("tile", "tile-128", "gna")):
+            frac = r.get("fraction_of_ideal")
+            add(f"{r['kernel']} at 5%: >= 85% of the 1/density ideal", r["shape"], frac,
+                None if frac is None else frac >= 0.85)
+        if (auto and r["kernel"].startswith("sla ") and r["pass"] == "forward" and r.get("target_density") == 0.05
+                and "480p" in r["shape"] and r.get("autotune") == "off"):
+            add("SLA with projection at 5%: >= 4x SDPA", r["shape"], r.get("speedup"),
+                None if r.get("speedup") is None else r["speedup"] >= 4.0)
+    dense = {}
+    for r in ok:
+        if r["kernel"] in ("dense SDPA", "dense [fastest]"):
+            dense.setdefault((r["shape"], r["pass"]), {})[r["kernel"]] = r["time_ms"]
+    for (shape, pass_), times in dense.items():
+        if "dense SDPA" in times and "dense [fastest]" in times:
+            ratio = times["dense SDPA"] / times["dense [fastest]"]
+            add(f"dense steps at least as fast as SDPA ({pass_})", shape, ratio, ratio >= 1.0 - TIMING_NOISE)
+    for r in ok:
+        times = dense.get((r["shape"], r["pass"]), {})
+        if r.get("backend") == "auto" and times:
+            ratio = r["time_ms"] / min(times.values())
+            add(f"{r['kernel']} ({r['pass']}, density {r.get('target_density')}): auto <= 1.03 x dense",
+                r["shape"], ratio, ratio <= 1.03)
     return out
 
 
@@ -774,6 +823,14 @@ def gpu_markdown(report: dict) -> str:
                                          f"{r.get('error', '')}" for r in not_run), ""]
     if report.get("notes"):
         head += ["Notes: " + "; ".join(dict.fromkeys(report["notes"])), ""]
+    tg = report.get("targets", [])
+    if tg:
+        missed = [t for t in tg if t["met"] is False]
+        head += [f"**Speed targets** ({len(tg) - len(missed)} of {len(tg)} met; a missed target is reported, "
+                 "not a failure):", "",
+                 markdown_table(["target", "shape", "value", "met"],
+                                [[t["target"], t["shape"], num(t["value"], ".3f"),
+                                  {True: "yes", False: "**no**", None: "-"}[t["met"]]] for t in tg]), ""]
     fails = report.get("failures", [])
     head += [f"**Failures ({len(fails)})**: " + ("; ".join(fails) if fails else "none"), ""]
     head.append(f"Total {report.get('total_seconds', 0):.0f} s of a {report['budget_s']:.0f} s budget.")

@@ -337,3 +337,28 @@ def test_modelled_rows_with_a_128_token_tile_name_the_cuda_query_block():
     assert not any("ws+resume" in r["kernel"] for r in rows)
     assert main(["bench", "kernels", "--modelled", "--tile", "1,x,8"]) == 2
     assert main(["bench", "kernels", "--tile", "1,16,8"]) == 2  # --modelled only
+
+
+def test_targets_from_injected_rows():
+    def row(kernel, time_ms, pass_="forward", **kw):
+        return {"shape": "Wan2.1 14B 480p", "kernel": kernel, "pass": pass_, "status": "ok", "time_ms": time_ms, **kw}
+
+    sparse = dict(backend="auto", autotune="off", target_density=0.05)
+    rows = [row("dense SDPA", 100.0), row("dense [fastest]", 101.0),
+            row("dense SDPA", 300.0, "forward+backward"), row("dense [fastest]", 280.0, "forward+backward"),
+            row("tile [auto, autotune off]", 6.0, fraction_of_ideal=0.9, speedup=16.7, **sparse),
+            row("gna [auto, autotune off]", 8.0, fraction_of_ideal=0.6, speedup=12.5, **sparse),
+            row("sla [auto, autotune off]", 30.0, speedup=3.3, **sparse),
+            row("tile [auto, autotune on]", 104.0, **{**sparse, "autotune": "on"}),  # auto ran dense, 4% slower
+            {**row("gna [auto, autotune off]", 1.0), "status": "failed"}]
+    got = {(t["target"].split(":")[0], t["met"]) for t in bench_gpu.targets(rows)}
+    assert ("tile [auto, autotune off] at 5%", True) in got and ("gna [auto, autotune off] at 5%", False) in got
+    assert ("SLA with projection at 5%", False) in got
+    assert ("dense steps at least as fast as SDPA (forward)", True) in got  # 1% slower: within timing noise
+    assert ("dense steps at least as fast as SDPA (forward+backward)", True) in got
+    auto = {t["target"]: t["met"] for t in bench_gpu.targets(rows) if "auto <= 1.03" in t["target"]}
+    assert auto["tile [auto, autotune on] (forward, density 0.05): auto <= 1.03 x dense"] is False
+    assert auto["tile [auto, autotune off] (forward, density 0.05): auto <= 1.03 x dense"] is True
+    slow = bench_gpu.targets([row("dense SDPA", 100.0), row("dense [fastest]", 103.0)])
+    assert slow == [{"target": "dense steps at least as fast as SDPA (forward)", "shape": "Wan2.1 14B 480p",
+                     "value": pytest.approx(100 / 103), "met": False}]
