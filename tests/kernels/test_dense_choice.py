@@ -152,3 +152,13 @@ def test_auto_dense_fallback_runs_the_chosen_kernel(monkeypatch):
     o2, _ = api._run_dense(q, k, v, 0.3, True)
     assert used[-1] == "triton"
     torch.testing.assert_close(o2, ref, atol=2e-5, rtol=2e-5)
+
+
+def test_when_no_candidate_runs_the_fixed_order_answers():
+    q, k, v = _qkv()
+
+    def failing(fn, warmup, repeats):
+        raise RuntimeError("cannot time here")
+
+    assert choice.choose(q, k, v, 0.3, True, timer=failing, tune=True) == "sdpa-flash"
+    assert autotune.cached_choices() == []
