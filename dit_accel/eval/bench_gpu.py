@@ -37,6 +37,7 @@ arguments, so the CPU-side logic is tested with fakes (``tests/eval/test_bench_g
 from __future__ import annotations
 
 import datetime
+import functools
 import json
 import math
 import os
@@ -116,6 +117,13 @@ def _git_commit() -> str:
 
 
 def _method(name: str, grid, density: float):
+    return _method_cached(name, tuple(grid), float(density))
+
+
+@functools.lru_cache(maxsize=64)
+def _method_cached(name: str, grid, density: float):
+    """The method at ``density`` on ``grid``: searched once (GNA's window search takes tens of seconds at 720p),
+    then shared by the autotune on/off rows and the shapes of one grid."""
     from ..methods import GNA, SLA, Radial, Tile
 
     if name == "sla":
@@ -517,6 +525,12 @@ class _Shape:
                     backends.append(forced)
 
 
+@functools.lru_cache(maxsize=16)
+def _plan_cached(method, grid):
+    """``method.plan(grid)``, built once for the autotune on/off rows and the shapes that share a grid."""
+    return method.plan(grid)
+
+
 def _no_grad(fn):
     with torch.no_grad():
         return fn()
@@ -545,7 +559,7 @@ class _LayoutCase:
         from ..kernels.block_sparse.api import layout_on
 
         self.s = s
-        plan = method.plan(s.shape.grid)
+        plan = _plan_cached(method, tuple(s.shape.grid))
         self.why = getattr(plan, "dense_reason", None)
         base = plan.kernel_layout(s.device) if hasattr(plan, "kernel_layout") else None
         self.layout = None if base is None else layout_on(base, s.device)
