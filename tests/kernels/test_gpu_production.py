@@ -352,11 +352,13 @@ def test_dense_choice_times_and_picks_a_checked_candidate(tmp_path, monkeypatch)
 # ----------------------------------------------------------------------------- GPU twins of the sm_90 interpreter tests
 @pytest.fixture
 def sla_on_cuda(monkeypatch):
-    """The SLA interpreter tests draw their inputs with ``_qkv(..., device="cpu")``: draw them on CUDA."""
+    """The SLA interpreter tests draw their inputs with ``_qkv(..., device="cpu")`` and their projection on the
+    CPU: draw both on CUDA."""
     from tests.kernels import test_sla_triton as tst
 
-    real = tst._qkv
+    real, real_proj = tst._qkv, tst.make_proj
     monkeypatch.setattr(tst, "_qkv", lambda *a, **kw: real(*a, **{**kw, "device": "cuda"}))
+    monkeypatch.setattr(tst, "make_proj", lambda *a, **kw: real_proj(*a, **kw).to("cuda"))
     return tst
 
 
