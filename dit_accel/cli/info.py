@@ -28,6 +28,9 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, metavar="MODEL",
                    help="also list each method's published setting for this model, its density and source (a hub "
                         "id, a Diffusers folder, a tiny model, a transformer class or a family such as 'Wan 2.2')")
+    p.add_argument("--clear", action="store_true",
+                   help="forget this machine's stored autotune choices and kernel self-check verdicts (both are "
+                        "measured again on next use) and exit")
     p.set_defaults(func=run, _parser=p)
     return p
 
@@ -143,7 +146,22 @@ def collect_info(device=None) -> dict:
     info["methods"] = _safe(_methods)
     info["tiny_models"] = _safe(_tiny)
     info["autotune"] = _safe(_autotune)
+    info["selfcheck"] = _safe(_selfcheck)
     return info
+
+
+def _selfcheck() -> dict:
+    """The stored first-use self-check verdicts (:mod:`dit_accel.kernels.selfcheck`)."""
+    from ..kernels import selfcheck
+
+    out = {"cache": str(selfcheck.cache_path())}
+    for row in selfcheck.cached_verdicts():
+        name, arch, dtype, dims = row["key"].split("|")[:4]
+        error = "no finite output" if row.get("error") is None else f"error {row['error']:.2e}"
+        out[f"{name} {dtype} {dims} on {arch}"] = f"{'pass' if row['ok'] else 'FAIL'} ({error}, {row.get('date', '')})"
+    if len(out) == 1:
+        out["verdicts"] = "none yet (each kernel variant is checked on first use; `dit-accel selftest` checks all)"
+    return out
 
 
 def _autotune() -> dict:
@@ -179,6 +197,14 @@ def run(args) -> int:
         except (RuntimeError, TypeError):
             print(f"dit-accel info: --device {device} is not a torch device; use cpu, cuda or cuda:N")
             return 2
+    if getattr(args, "clear", False):
+        from ..kernels import autotune, selfcheck
+
+        autotune.clear()
+        selfcheck.clear()
+        print(f"dit-accel info: cleared the autotune choices ({autotune.cache_path()}) and the kernel self-check "
+              f"verdicts ({selfcheck.cache_path()}); both are measured again on next use.")
+        return 0
     info = collect_info(device)
     model = getattr(args, "model", None)
     if model is not None:
@@ -199,8 +225,9 @@ def run(args) -> int:
     _print_section("methods", info["methods"])
     _print_section("embedded models (tiny-shapes: tiny model trained on synthetic clips; the other tiny-* models: "
                    "RANDOM WEIGHTS, for smoke runs only)", info["tiny_models"])
-    _print_section("kernel autotuning (CUDA, backend auto: Triton vs FlexAttention, timed once per shape class)",
-                   info["autotune"])
+    _print_section("kernel autotuning (CUDA, backend auto: Triton vs FlexAttention, timed once per shape class; "
+                   "`dit-accel info --clear` forgets)", info["autotune"])
+    _print_section("kernel self-check verdicts (first use; `dit-accel selftest` runs all)", info["selfcheck"])
     if model is not None:
         _print_settings(info["model_settings"])
     return 0

@@ -199,7 +199,8 @@ def failures(report: dict) -> List[str]:
     out = []
     self_test = report.get("selftest")
     if self_test is not None and self_test.get("returncode") != 0:
-        bad = [f"{r.get('variant')} (error {r.get('error')})" for r in self_test.get("rows", [])
+        bad = [f"{r.get('variant')} {r.get('dtype', '')}".strip() + f" (error {r.get('error')})"
+               for r in self_test.get("rows", [])
                if str(r.get("verdict", "")).lower() not in ("ok", "pass", "passed", "skip", "skipped", "n/a")]
         out.append(f"selftest: {self_test.get('summary')}" + (f": {', '.join(bad)}" if bad else ""))
     py = report.get("pytest")
@@ -737,9 +738,12 @@ def _env() -> dict:
     return env
 
 
-def _selftest_runner(device: torch.device) -> Callable[[float], dict]:
+def _selftest_runner(device: torch.device, variants: Sequence[str] = ()) -> Callable[[float], dict]:
+    """``dit-accel selftest --device DEVICE --json`` (every variant, or ``variants``) in a subprocess."""
     def run(timeout_s: float) -> dict:
         cmd = [sys.executable, "-m", "dit_accel.cli.main", "selftest", "--device", device.type, "--json"]
+        for name in variants:
+            cmd += ["--variant", name]
         started = time.monotonic()
         try:
             proc = subprocess.run(cmd, cwd=_root(), capture_output=True, text=True, timeout=timeout_s, env=_env())
@@ -769,8 +773,8 @@ def parse_selftest(returncode: int, stdout: str, stderr: str, **extra) -> dict:
                 "summary": "no JSON from dit-accel selftest: " + (tail[-1][:200] if tail else "no output")}
     bad = [r for r in rows if isinstance(r, dict)
            and str(r.get("verdict", "")).lower() not in ("ok", "pass", "passed", "skip", "skipped", "n/a")]
-    summary = f"{len(rows)} variants, {len(bad)} failed" + (f" ({', '.join(str(r.get('variant')) for r in bad)})"
-                                                            if bad else "")
+    names = ", ".join(f"{r.get('variant')} {r.get('dtype', '')}".strip() for r in bad)
+    summary = f"{len(rows)} checks, {len(bad)} failed" + (f" ({names})" if bad else "")
     return {**extra, "returncode": returncode if returncode or not bad else 1, "rows": rows, "summary": summary}
 
 

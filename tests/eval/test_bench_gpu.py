@@ -207,11 +207,22 @@ def test_check_runs_the_selftest_first_and_fails_on_a_bad_variant(tmp_path, fres
     report = bench_gpu.bench_gpu(tmp_path, shapes=TINY[1:], densities=(0.5,), methods=("tile",), backward=False,
                                  check=True, run_selftest=selftest(good, 0), **kw)
     assert order == ["selftest", "pytest"] and report["failures"] == []
-    assert report["selftest"]["summary"] == "1 variants, 0 failed"
+    assert report["selftest"]["summary"] == "1 checks, 0 failed"
     report = bench_gpu.bench_gpu(tmp_path, shapes=TINY[1:], densities=(0.5,), methods=("tile",), backward=False,
                                  check=True, run_selftest=selftest(bad, 1), **kw)
-    assert report["failures"] == ["selftest: 2 variants, 1 failed (sla.triton.fwd): sla.triton.fwd (error 0.3)"]
-    assert "Self-checks (`dit-accel selftest`): 2 variants, 1 failed" in (tmp_path / "gpu_report.md").read_text()
+    assert report["failures"] == ["selftest: 2 checks, 1 failed (sla.triton.fwd): sla.triton.fwd (error 0.3)"]
+    assert "Self-checks (`dit-accel selftest`): 2 checks, 1 failed" in (tmp_path / "gpu_report.md").read_text()
+
+
+def test_the_real_selftest_subprocess_catches_a_faulted_variant(tmp_path, monkeypatch):
+    """``--check``'s runner on the real ``dit-accel selftest`` (one variant, the interpreter) with
+    ``DIT_ACCEL_FAULT`` naming it: the broken variant is a failure of the run."""
+    monkeypatch.setenv("DIT_ACCEL_CACHE", str(tmp_path))
+    monkeypatch.setenv("DIT_ACCEL_FAULT", "dense.triton.fwd")
+    broken = bench_gpu._selftest_runner(torch.device("cpu"), ["dense.triton.fwd"])(300)
+    assert broken["returncode"] == 1 and broken["rows"] and "failed (dense.triton.fwd" in broken["summary"]
+    assert {r["verdict"] for r in broken["rows"]} == {"FAIL"}
+    assert bench_gpu.failures({"selftest": broken})[0].startswith("selftest: ")
 
 
 def test_parse_selftest_output():
@@ -246,6 +257,7 @@ def test_launched_variants_name_the_ws_and_resume_passes(monkeypatch):
     from dit_accel.kernels.block_sparse import triton as bst
     from tests.utils import banded_mask
 
+    monkeypatch.setenv("DIT_ACCEL_SELFCHECK", "0")  # (the record is under test here, not the kernels)
     mask = banded_mask(256, 256, 70)
     layout = BlockLayout.from_dense_mask(mask, block_q=128, block_k=128)
     q, k, v = (torch.randn(1, 2, 256, 128, dtype=torch.float16) for _ in range(3))
@@ -258,6 +270,12 @@ def test_launched_variants_name_the_ws_and_resume_passes(monkeypatch):
     block_sparse_attention(q, k, v, wide, backend="triton")
     (name,) = bst.launched_variants(wide)["forward"]
     assert "-ws + fwd-" in name and name.endswith("-resume")
+    # A ws variant disabled by its self-check: the one-loop kernel ran, and the record says so.
+    monkeypatch.setattr(bst.selfcheck, "usable_fast", lambda name, *a: name != bst.WS_VARIANT)
+    other = BlockLayout.from_dense_mask(mask, block_q=128, block_k=128)
+    block_sparse_attention(q, k, v, other, backend="triton")
+    (name,) = bst.launched_variants(other)["forward"]
+    assert name.endswith(" persistent (block_sparse.triton.fwd_ws disabled by its self-check)") and "-ws" not in name
 
 
 def test_bench_gpu_cli(tmp_path, capsys):
