@@ -90,66 +90,219 @@ def _fake_pytest(timeout):
     return {"returncode": 0, "summary": "3 passed in 1.00s", "timeout": timeout}
 
 
-def test_bench_gpu_writes_json_and_markdown_with_failures_recorded(tmp_path, monkeypatch):
+def _fake_selftest(rows, returncode=0):
+    return lambda timeout: bench_gpu.parse_selftest(returncode, json.dumps(rows), "", timeout=timeout)
+
+
+QUICK = dict(device="cpu", timer=FakeTimer(), calls=2, repeats=1, run_pytest=_fake_pytest, log=lambda m: None,
+             forced=None, autotune=("off",))
+
+
+@pytest.fixture
+def fresh_autotune(tmp_path, monkeypatch):
+    from dit_accel.kernels import autotune
+
+    monkeypatch.setenv("DIT_ACCEL_CACHE", str(tmp_path / "cache"))
+    autotune._MEMORY.clear()
+    autotune._LOADED.clear()
+    yield
+    autotune._MEMORY.clear()
+    autotune._LOADED.clear()
+
+
+def test_bench_gpu_rows_carry_correctness_and_the_variant_that_ran(tmp_path, monkeypatch, fresh_autotune):
     real = bench_gpu._method
 
     def method(name, grid, density):
-        if name == "gna" and density == 0.5:
+        if name == "gna" and grid == (16, 16):
             raise ValueError("no GNA config for this grid")
         return real(name, grid, density)
 
     monkeypatch.setattr(bench_gpu, "_method", method)
-    report = bench_gpu.bench_gpu(tmp_path, device="cpu", shapes=TINY, densities=(0.25, 0.5), timer=FakeTimer(),
-                                 calls=2, repeats=1, run_pytest=_fake_pytest, log=lambda m: None)
+    report = bench_gpu.bench_gpu(tmp_path, shapes=TINY, densities=(0.5,), methods=("tile", "gna", "sla", "radial"),
+                                 **QUICK)
     saved = json.loads((tmp_path / "gpu_report.json").read_text())
     assert saved["machine"]["commit"] and saved["machine"]["versions"]["torch"] == torch.__version__
     assert saved["pytest"]["summary"] == "3 passed in 1.00s" and saved["pytest"]["timeout"] > 0
+    assert "selftest" not in saved  # only with check=True
     rows = report["rows"]
     ok = [r for r in rows if r["status"] == "ok"]
     assert {"forward", "forward+backward"} <= {r["pass"] for r in ok}
-    assert {"tile [auto]", "gna [auto]", "sla [auto]", "dense SDPA"} <= {r["kernel"] for r in ok}
-    assert not any(r["kernel"] == "radial [auto]" and r["shape"] == "tiny image" for r in rows)  # video only
+    assert {"tile [auto, autotune off]", "gna [auto, autotune off]", "sla [auto, autotune off]", "dense SDPA",
+            "dense [fastest]", "dense+lse [fastest]"} <= {r["kernel"] for r in ok}
+    for r in ok:  # every timed row: its error against the fp32 twin, and what ran
+        assert 0 <= r["o_error"] < 1e-5 and r["tolerance"] == 1e-2 and r["variant"]
+        assert (r.get("grad_error") is not None) == (r["pass"] == "forward+backward")
+        assert r["time_ms"] == pytest.approx(2.0) and r["host_us"] == pytest.approx(100.0)
+    variants = {(r["kernel"], r["pass"]): r["variant"] for r in ok if r["shape"] == "tiny video"}
+    assert variants["dense SDPA", "forward"].startswith("SDPA ")
+    assert variants["dense+lse [fastest]", "forward"] == "sdpa-flash"
+    assert variants["tile [auto, autotune off]", "forward"] == "torch"
+    assert variants["sla [auto, autotune off]", "forward"] == "sla torch"
+    assert not any(r["kernel"].startswith("radial") and r["shape"] == "tiny image" for r in rows)  # video only
     failed = [r for r in rows if r["status"] == "failed"]
     assert failed and all("no GNA config" in r["error"] for r in failed)
-    for r in ok:
-        assert r["time_ms"] == pytest.approx(2.0) and r["host_us"] == pytest.approx(100.0)
-        if r["pass"] == "forward":
-            assert r["latency_ms"] == pytest.approx(3.0) and r["graph_ms"] is None  # CPU: no graphs
-        assert r["speedup"] == pytest.approx(1.0) and r["fraction_of_ideal"] == pytest.approx(r["work_vs_dense"])
+    assert report["failures"] and all("crashed" in f and "no GNA config" in f for f in report["failures"])
     md = (tmp_path / "gpu_report.md").read_text()
     assert "**forward**" in md and "**forward+backward**" in md and "failed ValueError: no GNA config" in md
-    assert "`pytest -m gpu`: 3 passed" in md and "Commit" in md
+    assert "`pytest -m gpu`: 3 passed" in md and "Commit" in md and "| ran |" in md and "**Failures (1)**" in md
 
 
-def test_bench_gpu_stops_at_its_time_budget(tmp_path):
+def test_a_wrong_kernel_is_a_failure_beside_its_row(tmp_path, monkeypatch, fresh_autotune):
+    """A sparse call that returns wrong numbers (but not through the twin's backend) is reported."""
+    import dit_accel.kernels as kernels
+
+    real = kernels.block_sparse_attention
+
+    def wrong(q, k, v, layout, *, backend="auto", **kw):
+        out = real(q, k, v, layout, backend=backend, **kw)
+        return out if backend == "torch" else out * 1.05
+
+    monkeypatch.setattr(kernels, "block_sparse_attention", wrong)
+    report = bench_gpu.bench_gpu(tmp_path, shapes=TINY[:1], densities=(0.5,), methods=("tile",), backward=False,
+                                 pytest_gpu=False, **QUICK)
+    row = next(r for r in report["rows"] if r["kernel"].startswith("tile"))
+    assert row["o_error"] == pytest.approx(0.05, rel=1e-3)
+    assert any("tile" in f and "o_error 0.05 > 0.01" in f for f in report["failures"])
+    assert "pytest" not in report
+
+
+def test_sparse_forced_beside_auto_where_auto_ran_another_backend(tmp_path, fresh_autotune):
+    """On the CPU auto runs the PyTorch twin: the Triton kernels (the interpreter here) are timed beside it."""
+    report = bench_gpu.bench_gpu(tmp_path, shapes=TINY[1:], densities=(0.5,), methods=("tile",), backward=False,
+                                 pytest_gpu=False, **{**QUICK, "forced": "triton", "autotune": ("off", "on")})
+    kernels = [r["kernel"] for r in report["rows"] if r["kernel"].startswith("tile")]
+    assert kernels == ["tile [auto, autotune off]", "tile [triton forced]", "tile [auto, autotune on]"]
+    forced = next(r for r in report["rows"] if r["kernel"] == "tile [triton forced]")
+    assert forced["variant"].startswith("triton fwd-fp32") and forced["o_error"] < 1e-5
+    assert forced["block_q"] == 64  # kernel_layout on the CPU: the plan's 64-row layout
+    assert [r["autotune"] for r in report["rows"] if r["kernel"].startswith("tile")] == ["off", "off", "on"]
+
+
+def test_bench_gpu_stops_at_its_time_budget(tmp_path, fresh_autotune):
     ticks = iter(range(0, 10_000, 100))  # every clock read advances 100 s
-    report = bench_gpu.bench_gpu(tmp_path, device="cpu", shapes=TINY, densities=(0.25,), timer=FakeTimer(),
-                                 budget_s=450, calls=1, repeats=1, run_pytest=_fake_pytest,
-                                 clock=lambda: next(ticks), log=lambda m: None)
+    report = bench_gpu.bench_gpu(tmp_path, shapes=TINY, densities=(0.25,), budget_s=450,
+                                 **{**QUICK, "calls": 1, "clock": lambda: next(ticks)})
     skipped = [r for r in report["rows"] if r["status"] == "skipped"]
     assert skipped and all(r["error"] == "time budget" for r in skipped)
     assert report["pytest"]["timeout"] >= 30
+    assert not report["failures"]  # a skipped row is not a failure ...
+    assert "skipped: the 450 s budget ran out" in (tmp_path / "gpu_report.md").read_text()  # ... but it is said
 
 
-def test_bench_gpu_cli_parsing(tmp_path, capsys):
+def test_check_runs_the_selftest_first_and_fails_on_a_bad_variant(tmp_path, fresh_autotune):
+    order = []
+    good = [{"variant": "block_sparse.triton.fwd", "error": 1e-3, "verdict": "ok"}]
+    bad = good + [{"variant": "sla.triton.fwd", "error": 0.3, "verdict": "FAIL"}]
+
+    def selftest(rows, code):
+        inner = _fake_selftest(rows, code)
+        return lambda timeout: order.append("selftest") or inner(timeout)
+
+    def pytest_run(timeout):
+        order.append("pytest")
+        return _fake_pytest(timeout)
+
+    kw = {**QUICK, "run_pytest": pytest_run}
+    report = bench_gpu.bench_gpu(tmp_path, shapes=TINY[1:], densities=(0.5,), methods=("tile",), backward=False,
+                                 check=True, run_selftest=selftest(good, 0), **kw)
+    assert order == ["selftest", "pytest"] and report["failures"] == []
+    assert report["selftest"]["summary"] == "1 checks, 0 failed"
+    report = bench_gpu.bench_gpu(tmp_path, shapes=TINY[1:], densities=(0.5,), methods=("tile",), backward=False,
+                                 check=True, run_selftest=selftest(bad, 1), **kw)
+    assert report["failures"] == ["selftest: 2 checks, 1 failed (sla.triton.fwd): sla.triton.fwd (error 0.3)"]
+    assert "Self-checks (`dit-accel selftest`): 2 checks, 1 failed" in (tmp_path / "gpu_report.md").read_text()
+
+
+def test_the_real_selftest_subprocess_catches_a_faulted_variant(tmp_path, monkeypatch):
+    """``--check``'s runner on the real ``dit-accel selftest`` (one variant, the interpreter) with
+    ``DIT_ACCEL_FAULT`` naming it: the broken variant is a failure of the run."""
+    monkeypatch.setenv("DIT_ACCEL_CACHE", str(tmp_path))
+    monkeypatch.setenv("DIT_ACCEL_FAULT", "dense.triton.fwd")
+    broken = bench_gpu._selftest_runner(torch.device("cpu"), ["dense.triton.fwd"])(300)
+    assert broken["returncode"] == 1 and broken["rows"] and "failed (dense.triton.fwd" in broken["summary"]
+    assert {r["verdict"] for r in broken["rows"]} == {"FAIL"}
+    assert bench_gpu.failures({"selftest": broken})[0].startswith("selftest: ")
+
+
+def test_parse_selftest_output():
+    rows = [{"variant": "a", "error": 0.0, "verdict": "ok"}]
+    assert bench_gpu.parse_selftest(0, "note: something\n" + json.dumps(rows), "")["rows"] == rows
+    # a failing row makes the entry fail even when the exit code says 0
+    assert bench_gpu.parse_selftest(0, json.dumps([{"variant": "a", "verdict": "fail"}]), "")["returncode"] == 1
+    missing = bench_gpu.parse_selftest(2, "", "dit-accel: error: argument command: invalid choice: 'selftest'")
+    assert missing["returncode"] == 2 and "invalid choice" in missing["summary"]
+    failures = bench_gpu.failures({"selftest": missing, "pytest": {"returncode": None, "summary": "timed out"}})
+    assert failures[0].startswith("selftest: no JSON") and failures[1] == "pytest -m gpu: timed out (exit None)"
+
+
+def test_fp32_dense_twin_matches_autograd_on_the_reference():
+    from tests.utils import reference
+
+    g = torch.Generator().manual_seed(3)
+    q, k, v, do = (torch.randn(1, 2, n, 16, generator=g, dtype=torch.float64) for n in (130, 257, 257, 130))
+    o, (dq, dk, dv) = bench_gpu.fp32_dense(q, k, v, 0.3, do, chunk=64)
+    qr, kr, vr = (t.float().requires_grad_() for t in (q, k, v))
+    ref = reference(qr, kr, vr, scale=0.3)[0]
+    ref.backward(do.float())
+    for got, want in ((o, ref.detach()), (dq, qr.grad), (dk, kr.grad), (dv, vr.grad)):
+        torch.testing.assert_close(got.float(), want, atol=1e-5, rtol=1e-5)
+    assert bench_gpu.relative_error(torch.full((3,), float("nan")), torch.ones(3)) == float("inf")
+
+
+def test_launched_variants_name_the_ws_and_resume_passes(monkeypatch):
+    """The launcher's record of what ran: the one-loop kernel, and the sm_90 ws + resume passes (the interpreter
+    pretending to be an sm_90 whose cost model always takes ws)."""
+    from dit_accel.kernels import BlockLayout, block_sparse_attention
+    from dit_accel.kernels.block_sparse import triton as bst
+    from tests.utils import banded_mask
+
+    monkeypatch.setenv("DIT_ACCEL_SELFCHECK", "0")  # (the record is under test here, not the kernels)
+    mask = banded_mask(256, 256, 70)
+    layout = BlockLayout.from_dense_mask(mask, block_q=128, block_k=128)
+    q, k, v = (torch.randn(1, 2, 256, 128, dtype=torch.float16) for _ in range(3))
+    assert bst.launched_variants(layout) == {"forward": [], "backward": []}
+    block_sparse_attention(q, k, v, layout, backend="triton")
+    assert bst.launched_variants(layout)["forward"] == [bst._config("fwd", q, layout, (k, v)).name]
+    monkeypatch.setattr(bst, "_arch", lambda device: 90)
+    monkeypatch.setattr(bst, "ws_pays", lambda *a, **kw: True)
+    wide = BlockLayout.from_dense_mask(mask, block_q=128, block_k=128)
+    block_sparse_attention(q, k, v, wide, backend="triton")
+    (name,) = bst.launched_variants(wide)["forward"]
+    assert "-ws + fwd-" in name and name.endswith("-resume")
+    # A ws variant disabled by its self-check: the one-loop kernel ran, and the record says so.
+    monkeypatch.setattr(bst.selfcheck, "usable_fast", lambda name, *a: name != bst.WS_VARIANT)
+    other = BlockLayout.from_dense_mask(mask, block_q=128, block_k=128)
+    block_sparse_attention(q, k, v, other, backend="triton")
+    (name,) = bst.launched_variants(other)["forward"]
+    assert name.endswith(" persistent (block_sparse.triton.fwd_ws disabled by its self-check)") and "-ws" not in name
+
+
+def test_bench_gpu_cli(tmp_path, capsys):
     from dit_accel.cli import bench as cli_bench
 
     parser_args = ["bench", "gpu", "--out", str(tmp_path), "--device", "cpu"]
     assert main(parser_args) == 2  # a GPU report of the CPU: one line saying so
     assert "bench gpu times GPU kernels" in capsys.readouterr().out
+    assert main(parser_args + ["--check"]) == 2  # --check on a machine without CUDA: says so, no traceback
+    out = capsys.readouterr().out
+    assert "--check needs a CUDA GPU" in out and "pip install -e" in out and "Traceback" not in out
+    assert main(["bench", "gpu", "--out", str(tmp_path), "--check"]) == 2  # default device cuda: none here
+    assert "--check needs a CUDA GPU" in capsys.readouterr().out
     assert main(parser_args + ["--methods", "tile,magic"]) == 2
     assert main(parser_args + ["--densities", "0,2"]) == 2
     assert main(parser_args + ["--shapes", "nothing"]) == 2
+    assert main(parser_args + ["--budget", "-1"]) == 2
 
     import argparse
 
-    args = argparse.Namespace(out=str(tmp_path), device="cpu", budget=60.0, shapes="FLUX 1024", densities="0.25",
-                              methods="tile", no_backward=True, no_pytest=False)
+    args = argparse.Namespace(out=str(tmp_path), device="cpu", budget=None, shapes="FLUX 1024", densities="0.25",
+                              methods="tile", no_backward=True, no_pytest=False, check=True, autotune="off")
     seen = {}
 
     def fake_bench(out, **kw):
         seen.update(kw)
-        return {"rows": [], "pytest": {"summary": "fake"}}
+        return {"rows": [], "pytest": {"summary": "fake"}, "failures": seen.pop("fail", [])}
 
     import dit_accel.eval.bench_gpu as module
 
@@ -157,10 +310,18 @@ def test_bench_gpu_cli_parsing(tmp_path, capsys):
     module.bench_gpu = fake_bench
     try:
         assert cli_bench._run_gpu(args, timer=FakeTimer()) == 0
+        assert [s.name for s in seen["shapes"]] == ["FLUX 1024px"] and seen["densities"] == [0.25]
+        assert seen["methods"] == ["tile"] and seen["backward"] is False and seen["pytest_gpu"] is True
+        assert seen["check"] is True and seen["autotune"] == ("off",) and seen["budget_s"] == module.BUDGET_S == 540
+        assert cli_bench._run_gpu(args, timer=FakeTimer(), fail=["pytest -m gpu: 1 failed"]) == 1
+        assert "FAILED: pytest -m gpu: 1 failed" in capsys.readouterr().out
     finally:
         module.bench_gpu = original
-    assert [s.name for s in seen["shapes"]] == ["FLUX 1024px"] and seen["densities"] == [0.25]
-    assert seen["methods"] == ["tile"] and seen["backward"] is False and seen["pytest_gpu"] is True
+    names = [s.name for s in module.STANDARD_SHAPES]
+    assert names[:2] == ["Wan2.1 14B 480p", "Wan2.1 14B 720p"]
+    sizes = {s.name: (s.heads, s.batch, s.tokens) for s in module.STANDARD_SHAPES}
+    assert sizes["Wan2.1 14B 720p"] == (40, 2, 75_600) and sizes["Wan2.1 1.3B 480p"] == (12, 1, 32_760)
+    assert sizes["FLUX 1024px"] == (24, 1, 4096)
 
 
 def test_bench_kernels_rows_carry_call_timings_with_a_timer():
@@ -194,3 +355,28 @@ def test_modelled_rows_with_a_128_token_tile_name_the_cuda_query_block():
     assert not any("ws+resume" in r["kernel"] for r in rows)
     assert main(["bench", "kernels", "--modelled", "--tile", "1,x,8"]) == 2
     assert main(["bench", "kernels", "--tile", "1,16,8"]) == 2  # --modelled only
+
+
+def test_targets_from_injected_rows():
+    def row(kernel, time_ms, pass_="forward", **kw):
+        return {"shape": "Wan2.1 14B 480p", "kernel": kernel, "pass": pass_, "status": "ok", "time_ms": time_ms, **kw}
+
+    sparse = dict(backend="auto", autotune="off", target_density=0.05)
+    rows = [row("dense SDPA", 100.0), row("dense [fastest]", 101.0),
+            row("dense SDPA", 300.0, "forward+backward"), row("dense [fastest]", 280.0, "forward+backward"),
+            row("tile [auto, autotune off]", 6.0, fraction_of_ideal=0.9, speedup=16.7, **sparse),
+            row("gna [auto, autotune off]", 8.0, fraction_of_ideal=0.6, speedup=12.5, **sparse),
+            row("sla [auto, autotune off]", 30.0, speedup=3.3, **sparse),
+            row("tile [auto, autotune on]", 104.0, **{**sparse, "autotune": "on"}),  # auto ran dense, 4% slower
+            {**row("gna [auto, autotune off]", 1.0), "status": "failed"}]
+    got = {(t["target"].split(":")[0], t["met"]) for t in bench_gpu.targets(rows)}
+    assert ("tile [auto, autotune off] at 5%", True) in got and ("gna [auto, autotune off] at 5%", False) in got
+    assert ("SLA with projection at 5%", False) in got
+    assert ("dense steps at least as fast as SDPA (forward)", True) in got  # 1% slower: within timing noise
+    assert ("dense steps at least as fast as SDPA (forward+backward)", True) in got
+    auto = {t["target"]: t["met"] for t in bench_gpu.targets(rows) if "auto <= 1.03" in t["target"]}
+    assert auto["tile [auto, autotune on] (forward, density 0.05): auto <= 1.03 x dense"] is False
+    assert auto["tile [auto, autotune off] (forward, density 0.05): auto <= 1.03 x dense"] is True
+    slow = bench_gpu.targets([row("dense SDPA", 100.0), row("dense [fastest]", 103.0)])
+    assert slow == [{"target": "dense steps at least as fast as SDPA (forward)", "shape": "Wan2.1 14B 480p",
+                     "value": pytest.approx(100 / 103), "met": False}]

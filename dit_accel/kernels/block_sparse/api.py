@@ -6,7 +6,6 @@ import functools
 from typing import Callable, Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 
 from .. import autotune
 from .._cache import LayoutCache
@@ -289,11 +288,16 @@ def dense_reason(layout: BlockLayout, *, batch: int, heads: int, head_dim: int, 
 
 
 def _run_dense(q, k, v, scale: float, return_lse: bool):
-    if not return_lse:
-        return F.scaled_dot_product_attention(q, k, v, scale=scale), None
-    from ..dense import dense_attention
+    """Dense attention on the fastest measured dense kernel, with its lse when asked
+    (:mod:`dit_accel.kernels.dense.choice`: SDPA, SDPA's flash / cuDNN / efficient ops, the in-repo kernel)."""
+    return _dense_run()(q, k, v, scale, return_lse)
 
-    return dense_attention(q, k, v, scale, return_lse=True)
+
+@functools.cache
+def _dense_run():
+    from ..dense.choice import run
+
+    return run
 
 
 #: Bytes per score element a contender materialises: eager FlexAttention holds the fp32 scores and

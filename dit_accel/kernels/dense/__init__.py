@@ -6,6 +6,8 @@ kernels and launchers, :mod:`.configs` their configurations (one per sparse conf
 
 - :func:`dense_attention`: softmax attention through the Triton kernels (differentiable).
 - :func:`dense_contenders`: the dense contenders of ``dit-accel bench kernels`` on some inputs.
+- :func:`fastest_attention`: dense attention (and its lse) on the fastest measured dense kernel of this
+  machine, SDPA's or the in-repo one (:mod:`.choice`): what ``auto``'s dense fallback runs.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from typing import Callable, Dict, Optional
 
 import torch
 
-__all__ = ["dense_attention", "dense_contenders", "DENSE_CONTENDERS"]
+__all__ = ["dense_attention", "dense_contenders", "fastest_attention", "triton_variant", "DENSE_CONTENDERS"]
 
 #: Names of the dense contenders of ``dit-accel bench kernels``, in report order.
 DENSE_CONTENDERS = ("dense SDPA", "dense Triton (dit_accel)", "flash-attn (dense)")
@@ -61,6 +63,34 @@ def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Op
     _verified(q, k, v)
     o, lse = _DenseAttention.apply(q, k, v, scale)
     return (o, lse) if return_lse else o
+
+
+def fastest_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optional[float] = None,
+                      return_lse: bool = False):
+    """Dense softmax attention on the fastest dense kernel measured on this machine (:mod:`.choice`):
+    ``o``, or ``(o, lse)`` with ``lse`` the fp32 natural-log log-sum-exp ``(B, H, N)`` (not differentiable).
+
+    Example::
+
+        >>> o, lse = fastest_attention(q, k, v, return_lse=True)  # then merge_attention(o, lse, o2, lse2)
+    """
+    from ..checks import check_qkv, check_scale
+    from .choice import run
+
+    check_qkv(q, k, v)
+    o, lse = run(q, k, v, check_scale(scale, q.shape[-1]), return_lse)
+    return (o, lse) if return_lse else o
+
+
+def triton_variant(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str:
+    """The configuration :func:`dense_attention`'s forward launches for these inputs (the same decision
+    :func:`.triton.dense_forward` takes: sm_90 TMA-aligned half precision runs the warp-specialized kernel).
+    For reports (``dit-accel bench gpu``); it imports triton."""
+    from .triton import _config, _ws_config
+
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    cfg = _config("fwd", q, (k, v))
+    return (_ws_config(cfg, q) or cfg).name
 
 
 def _verified(q, k, v) -> None:
