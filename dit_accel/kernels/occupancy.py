@@ -11,10 +11,13 @@ on every triton version without a GPU, so CPU tests drive the very code a GPU ru
 
 from __future__ import annotations
 
+import functools
 import struct
-from typing import Optional
+from typing import Callable, Optional, TypeVar
 
-__all__ = ["occupancy", "cubin_resources", "compiled_resources", "resident_ctas", "on_gpu"]
+__all__ = ["occupancy", "cubin_resources", "compiled_resources", "resident_ctas", "on_gpu", "on_inputs_device"]
+
+F = TypeVar("F", bound=Callable)
 
 # Per-SM limits from NVIDIA's CUDA occupancy tables (compute capability 8.0, 8.6, 8.9, 9.0).
 _SM = {
@@ -46,6 +49,26 @@ def on_gpu(device) -> bool:
     launchers' GPU-only code (persistent grids from occupancy, scratch for in-kernel descriptors) asks,
     so a test can answer it and drive that code on CPU up to the launch."""
     return device.type == "cuda"
+
+
+def on_inputs_device(launcher: F) -> F:
+    """Run ``launcher`` with its first argument's GPU as the current device. Triton launches on the current
+    device (and the scratch of in-kernel descriptors comes from there): a q on ``cuda:1`` while ``cuda:0`` is
+    current, as when a pipeline spreads its layers over GPUs, would run on the wrong GPU. A decorator, so the
+    launchers' bodies stay as they are; on the current device it costs one device query."""
+
+    @functools.wraps(launcher)
+    def run(*args, **kwargs):
+        device = args[0].device
+        if on_gpu(device) and device.index is not None:
+            import torch
+
+            if device.index != torch.cuda.current_device():
+                with torch.cuda.device(device):
+                    return launcher(*args, **kwargs)
+        return launcher(*args, **kwargs)
+
+    return run  # type: ignore[return-value]
 
 
 _EIATTR_REGCOUNT = 0x2F  # .nv.info attribute: (symbol index, registers per thread)

@@ -358,3 +358,34 @@ def test_descriptor_scratch_is_allocated_on_the_inputs_device(monkeypatch):
         assert _allocation._allocator.get() is own
     finally:
         triton_set_allocator(before)
+
+
+def test_launchers_run_with_the_inputs_gpu_current(monkeypatch):
+    """Triton launches on the current device: a launcher given tensors on cuda:1 while cuda:0 is current
+    makes cuda:1 current for its launches (and puts it back); on the current device it switches nothing."""
+    import contextlib
+
+    from dit_accel.kernels.sla import triton as st
+
+    current, switches = [0], []
+
+    @contextlib.contextmanager
+    def device(dev):
+        before, current[0] = current[0], torch.device(dev).index
+        switches.append(current[0])
+        yield
+        current[0] = before
+
+    monkeypatch.setattr(occupancy, "on_gpu", lambda d: d.type == "cuda")
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: current[0])
+    monkeypatch.setattr(torch.cuda, "device", device)
+    seen = []
+    launcher = occupancy.on_inputs_device(lambda x, scale=1.0: seen.append((current[0], scale)) or "out")
+    cuda1, cuda0, cpu = (types.SimpleNamespace(device=torch.device(d)) for d in ("cuda:1", "cuda:0", "cpu"))
+    assert launcher(cuda1, scale=2.0) == "out" and seen == [(1, 2.0)] and current == [0] and switches == [1]
+    launcher(cuda0)
+    launcher(cpu)
+    assert seen[1:] == [(0, 1.0), (0, 1.0)] and switches == [1]
+    for fn in (bst.triton_forward, bst.triton_backward, dense_triton.dense_forward, dense_triton.dense_backward,
+               dense_triton.bwd_preprocess, st.sla_forward, st.sla_backward, st.global_sums):
+        assert fn.__code__ is launcher.__code__, fn.__name__  # each launcher is wrapped

@@ -744,6 +744,7 @@ def _forward_launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.
 # ---------------------------------------------------------------------------
 # launchers
 # ---------------------------------------------------------------------------
+@occupancy.on_inputs_device
 def triton_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: BlockLayout,
                    scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
     """Block-sparse attention forward with the Triton kernel.
@@ -899,6 +900,7 @@ def _backward_launch(q, k, v, do, o, lse, dlse, layout: BlockLayout) -> _Backwar
     return _BackwardLaunch(pre, pad, copies, tuple(steps))
 
 
+@occupancy.on_inputs_device
 def triton_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
                     lse: torch.Tensor, layout: BlockLayout, scale: float, dlse: Optional[torch.Tensor] = None
                     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

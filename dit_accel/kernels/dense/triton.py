@@ -326,6 +326,7 @@ def _streamed(cfg, tensors, rows):
     return tuple(TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, rows, cfg.block_d]) for t in tensors)
 
 
+@occupancy.on_inputs_device
 def dense_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
     """Dense attention with the in-repo Triton kernel: ``(o, lse)``, like the block-sparse ``triton_forward``.
 
@@ -354,6 +355,7 @@ def dense_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: floa
     return (o if o.shape[-1] == d else o[..., :d].contiguous()), lse
 
 
+@occupancy.on_inputs_device
 def bwd_preprocess(o: torch.Tensor, do: torch.Tensor, lse: torch.Tensor,
                    dlse: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """``(delta, lse2)`` of a backward in one launch: ``rowsum(dO * O) - dlse`` (fp32 accumulation) and the base-2
@@ -379,6 +381,7 @@ def bwd_preprocess(o: torch.Tensor, do: torch.Tensor, lse: torch.Tensor,
     return delta, lse2
 
 
+@occupancy.on_inputs_device
 def dense_backward(do, q, k, v, o, lse, scale: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(dq, dk, dv)`` of :func:`dense_forward` (FlashAttention-2's two passes, no atomics)."""
     b, h, n, d = q.shape
