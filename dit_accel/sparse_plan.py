@@ -25,20 +25,23 @@ model order, as everywhere in dit_accel.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import hashlib
 import json
+import math
 import os
+import re
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Iterable, List, Mapping, Optional, Tuple
+from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 from ._util import is_int, to_jsonable, versions
 from .methods import Dense, Method, Tile, TileStrategy, method_from_name
 from .per_head import PerHead
 
-__all__ = ["SparsePlan", "Phase", "PlanMethod", "method_to_json", "method_from_json", "prompts_hash",
+__all__ = ["SparsePlan", "Phase", "PlanMethod", "method_to_json", "method_from_json", "method_label", "prompts_hash",
            "write_atomic", "FORMAT"]
 
 FORMAT = "dit_accel.sparse_plan"
@@ -91,18 +94,172 @@ def _tuples(value):
     return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
 
 
-def method_from_json(data: Mapping) -> Method:
-    """The inverse of :func:`method_to_json`."""
-    if not isinstance(data, Mapping) or not isinstance(data.get("method"), str):
-        raise ValueError(f"a method entry must be an object with a \"method\" name, e.g. {{\"method\": \"dense\"}}; "
-                         f"got {data!r}")
-    name = data["method"]
+def _show(value) -> str:
+    """A JSON value as the file spells it, cut to 60 characters (for one-line messages)."""
+    try:
+        text = json.dumps(value)
+    except (TypeError, ValueError):
+        text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+class _Fields:
+    """Reads a plan's JSON value field by field: every problem is one ValueError line naming the file (or
+    "the plan" for a value with no file) and the field, e.g. ``plan.json: phases[1].layers["one"]: ...``."""
+
+    def __init__(self, source: Optional[str]):
+        self.source = source or "the plan"
+
+    def fail(self, where: str, problem: str):
+        raise ValueError(f"{self.source}: {where}: {problem}")
+
+    def count(self, where: str, value, *, minimum: int = 1, nullable: bool = True) -> Optional[int]:
+        if value is None and nullable:
+            return None
+        if not is_int(value) or value < minimum:
+            self.fail(where, f"must be a whole number >= {minimum}{' or null' if nullable else ''}; got {_show(value)}")
+        return int(value)
+
+    def obj(self, where: str, value, what: str) -> dict:
+        if not isinstance(value, Mapping):
+            self.fail(where, f"must be {what}; got {_show(value)}")
+        return value
+
+    def known(self, where: str, value: Mapping, fields: Tuple[str, ...], what: str) -> None:
+        for key in value:
+            if key not in fields:
+                self.fail(f"{where}.{key}" if where else str(key),
+                          f"not a field of {what} (its fields: {', '.join(fields)})")
+
+
+_METHOD_EXAMPLE = '{"method": "tile", "tile": [1, 4, 4], "window": [1, 1, 3]}'
+
+
+def _method_entry(r: _Fields, where: str, data, heads: Optional[int] = None, inner: bool = False) -> Method:
+    """One method entry of a plan, validated: a registered method's options, or a per-head list of them."""
+    from .methods import canonical_method_name, registered_methods
+
+    r.obj(where, data, f"a method entry such as {_METHOD_EXAMPLE}")
+    name = data.get("method")
+    if not isinstance(name, str):
+        r.fail(f"{where}.method", f"must be a method name such as \"tile\"; got {_show(name)}")
     if name == PerHead.name:
-        heads = data.get("heads")
-        if not isinstance(heads, list) or not heads:
-            raise ValueError(f"a per_head entry needs \"heads\": a list of method entries, one per head; got {heads!r}")
-        return PerHead(tuple(method_from_json(h) for h in heads))
-    return method_from_name(name, **{k: _tuples(v) for k, v in data.items() if k != "method"})
+        if inner:
+            r.fail(f"{where}.method", "a per_head entry cannot hold another per_head entry: one method per head")
+        r.known(where, data, ("method", "heads"), "a per_head entry")
+        entries = data.get("heads")
+        if not isinstance(entries, list) or not entries:
+            r.fail(f"{where}.heads", f"must be a non-empty list of method entries, one per head; got {_show(entries)}")
+        if heads is not None and len(entries) != heads:
+            r.fail(f"{where}.heads", f"has {len(entries)} entries; the plan is for {heads} heads (num_heads)")
+        methods = tuple(_method_entry(r, f"{where}.heads[{i}]", h, inner=True) for i, h in enumerate(entries))
+        try:
+            return PerHead(methods)
+        except (ValueError, TypeError) as err:
+            r.fail(where, " ".join(str(err).split()))
+    entry = registered_methods().get(canonical_method_name(name))
+    if entry is None:
+        r.fail(f"{where}.method", f"unknown method {_show(name)}; choose one of "
+                                  f"{', '.join(n for n in registered_methods() if n != 'tile_strategy')}, per_head")
+    if entry.cls is TileStrategy or hasattr(entry.cls, "for_layer_step"):
+        r.fail(f"{where}.method", f"{name} is a schedule, not a method for one (step, layer): import a FastVideo "
+                                  "strategy with SparsePlan.from_tile_strategy")
+    options = tuple(f.name for f in dataclasses.fields(entry.cls) if f.init)
+    r.known(where, data, ("method", *options), f"method {name}")
+    values = {k: _tuples(v) for k, v in data.items() if k != "method"}
+    try:
+        method = entry.cls(**values)
+        hash(method)  # configs are cache keys: a JSON object left inside one would fail at the first call
+    except Exception as err:  # noqa: BLE001 - a registered config's own check, whatever it raises, is the reason
+        reason = " ".join(str(err).split()) or type(err).__name__
+        key = next((k for k in values if re.search(rf"(^|[ .]){re.escape(k)}(\[[0-9]+\])?=", reason)), None)
+        r.fail(f"{where}.{key}" if key else where, reason)
+    return method
+
+
+def method_from_json(data: Mapping, *, where: str = "method", source: Optional[str] = None) -> Method:
+    """The inverse of :func:`method_to_json`: ValueError naming ``source`` and ``where`` for a bad entry."""
+    return _method_entry(_Fields(source), where, data)
+
+
+_PHASE_FIELDS = ("steps", "default", "layers")
+_PLAN_FIELDS = ("format", "format_version", "num_layers", "num_heads", "phases", "provenance")
+_CALL_COUNTS = ("num_frames", "height", "width", "num_inference_steps", "max_sequence_length")
+
+
+def _phase(r: _Fields, where: str, data, num_layers: Optional[int], num_heads: Optional[int]) -> "Phase":
+    r.obj(where, data, 'a phase: {"steps": [start, stop or null], "default": {...}, "layers": {"0": {...}}}')
+    r.known(where, data, _PHASE_FIELDS, "a phase")
+    steps = data.get("steps")
+    if not (isinstance(steps, list) and len(steps) == 2):
+        r.fail(f"{where}.steps", f"must be [start, stop or null] (steps start..stop-1; null: to the last step); "
+                                 f"got {_show(steps) if 'steps' in data else 'nothing'}")
+    start = r.count(f"{where}.steps[0]", steps[0], minimum=0, nullable=False)
+    stop = steps[1]
+    if stop is not None and (not is_int(stop) or stop <= start):
+        r.fail(f"{where}.steps[1]", f"must be a step index > start ({start}), or null (to the last step); "
+                                    f"got {_show(stop)}")
+    if "default" in data:
+        default = _method_entry(r, f"{where}.default", data["default"], num_heads)
+    else:
+        default = Dense()
+    layers = r.obj(f"{where}.layers", data.get("layers", {}), 'an object {"layer index": method entry}')
+    methods: Dict[int, Method] = {}
+    for key, entry in layers.items():
+        field_name = f"{where}.layers[{json.dumps(key) if isinstance(key, str) else key}]"
+        if is_int(key) and key >= 0:
+            index = int(key)
+        elif isinstance(key, str) and re.fullmatch("[0-9]+", key):
+            index = int(key)
+        else:
+            r.fail(field_name, "is not a layer index: layers are named by their index from 0, as a string "
+                               "(\"0\", \"1\", ...)")
+        if index in methods:
+            r.fail(field_name, f"names layer {index} a second time")
+        if num_layers is not None and index >= num_layers:
+            r.fail(field_name, f"layer {index} is past the plan's {num_layers} layers (num_layers; layers count "
+                               "from 0)")
+        methods[index] = _method_entry(r, field_name, entry, num_heads)
+    return Phase(start, None if stop is None else int(stop), methods, default)
+
+
+def _provenance(r: _Fields, data) -> dict:
+    """The provenance object; the fields dit_accel reads are checked (the rest is a record for people)."""
+    if data is None:
+        return {}
+    r.obj("provenance", data, "an object (model_class, grids, steps, ...) or null")
+    out = dict(data)
+    for key in ("model_class", "model_id"):
+        value = data.get(key)
+        if value is not None and (not isinstance(value, str) or not value):
+            r.fail(f"provenance.{key}", f"must be a non-empty string or null; got {_show(value)}")
+    grids = data.get("grids")
+    if grids is not None:
+        if not isinstance(grids, list):
+            r.fail("provenance.grids", f"must be a list of token grids such as [[4, 12, 12]]; got {_show(grids)}")
+        for i, grid in enumerate(grids):
+            if not (isinstance(grid, list) and 1 <= len(grid) <= 4 and all(is_int(g) and g >= 1 for g in grid)):
+                r.fail(f"provenance.grids[{i}]", f"must be a token grid: 1 to 4 whole numbers >= 1 such as "
+                                                 f"[4, 12, 12]; got {_show(grid)}")
+        out["grids"] = [[int(g) for g in grid] for grid in grids]
+    for key in ("steps", "head_dim"):
+        out[key] = r.count(f"provenance.{key}", data.get(key))
+        if key not in data:
+            out.pop(key)
+    timesteps = data.get("timesteps")
+    if timesteps is not None and not (isinstance(timesteps, list) and all(
+            isinstance(t, (int, float)) and not isinstance(t, bool) and math.isfinite(t) and t >= 0
+            for t in timesteps)):
+        r.fail("provenance.timesteps", f"must be a list of numbers >= 0 (one per step) or null; got {_show(timesteps)}")
+    call = data.get("call")
+    if call is not None:
+        r.obj("provenance.call", call, "an object of the pipeline call's settings or null")
+        for key in _CALL_COUNTS:
+            r.count(f"provenance.call.{key}", call.get(key))
+    cost = data.get("cost_model")
+    if cost is not None:
+        r.obj("provenance.cost_model", cost, "an object (arch, kernel, terms) or null")
+    return out
 
 
 def _is_dense(method: Optional[Method]) -> bool:
@@ -144,13 +301,10 @@ class Phase:
                 "layers": {str(i): method_to_json(m) for i, m in self.layers.items()}}
 
     @classmethod
-    def from_json(cls, data: Mapping) -> "Phase":
-        steps = data.get("steps")
-        if not (isinstance(steps, list) and len(steps) == 2):
-            raise ValueError(f"a phase needs \"steps\": [start, stop or null]; got {steps!r}")
-        layers = data.get("layers") or {}
-        return cls(steps[0], steps[1], {int(i): method_from_json(m) for i, m in layers.items()},
-                   method_from_json(data.get("default", {"method": "dense"})))
+    def from_json(cls, data: Mapping, *, where: str = "phase", source: Optional[str] = None,
+                  num_layers: Optional[int] = None, num_heads: Optional[int] = None) -> "Phase":
+        """A phase from its JSON object; ValueError naming ``source`` and the field for any bad value."""
+        return _phase(_Fields(source), where, data, num_layers, num_heads)
 
 
 @dataclass(frozen=True, eq=False)
@@ -175,8 +329,17 @@ class SparsePlan:
     num_layers: Optional[int] = None
     num_heads: Optional[int] = None
     provenance: Mapping = field(default_factory=dict)
+    source: Optional[str] = field(default=None, compare=False, repr=False)  # the file it was read from
 
     def __post_init__(self):
+        for name in ("num_layers", "num_heads"):
+            value = getattr(self, name)
+            if value is not None and (not is_int(value) or value < 1):
+                raise ValueError(f"SparsePlan.{name}={value!r} is invalid: a whole number >= 1, or None")
+        if not isinstance(self.provenance, Mapping):
+            raise TypeError(f"SparsePlan.provenance must be a mapping; got {type(self.provenance).__name__}")
+        if not all(isinstance(p, Phase) for p in self.phases):
+            raise TypeError("SparsePlan.phases must be Phase objects")
         phases = tuple(sorted(self.phases, key=lambda p: p.start))
         for a, b in zip(phases, phases[1:]):
             if a.stop is None or a.stop > b.start:
@@ -238,15 +401,42 @@ class SparsePlan:
                 "provenance": to_jsonable(self.provenance)}
 
     @classmethod
-    def from_json(cls, data: Mapping) -> "SparsePlan":
-        if not isinstance(data, Mapping) or data.get("format") != FORMAT:
-            raise ValueError(f"not a dit_accel sparse plan (expected \"format\": \"{FORMAT}\"); FastVideo STA "
-                             "strategy files load with SparsePlan.from_tile_strategy(path)")
-        if data.get("format_version", 1) > FORMAT_VERSION:
-            raise ValueError(f"the plan has format_version {data['format_version']}; this dit_accel reads up to "
-                             f"{FORMAT_VERSION}: upgrade dit-accel")
-        return cls(tuple(Phase.from_json(p) for p in data.get("phases", [])), data.get("num_layers"),
-                   data.get("num_heads"), data.get("provenance") or {})
+    def from_json(cls, data: Mapping, *, source=None) -> "SparsePlan":
+        """A plan from its JSON value, every field validated: ValueError ``"<source>: <field>: <problem>"`` (one
+        line) for any value that is not a plan's, ``source`` being the file (``"the plan"`` when None)."""
+        source = None if source is None else str(source)
+        r = _Fields(source)
+        if not isinstance(data, Mapping):
+            r.fail("format", f"not a dit_accel sparse plan: the JSON value is {_show(data)}, not an object with "
+                             f"\"format\": \"{FORMAT}\"")
+        if data.get("format") != FORMAT:
+            r.fail("format", f"must be \"{FORMAT}\"; got {_show(data['format']) if 'format' in data else 'nothing'}"
+                             " (not a dit_accel sparse plan; FastVideo STA strategy files load with "
+                             "SparsePlan.from_tile_strategy(path))")
+        version = r.count("format_version", data.get("format_version", 1), nullable=False)
+        if version > FORMAT_VERSION:
+            r.fail("format_version", f"is {version}; this dit_accel reads up to {FORMAT_VERSION}: upgrade dit-accel")
+        r.known("", data, _PLAN_FIELDS, "a plan")
+        num_layers = r.count("num_layers", data.get("num_layers"))
+        num_heads = r.count("num_heads", data.get("num_heads"))
+        if "phases" not in data:
+            r.fail("phases", "missing: a plan lists its step phases (\"phases\": [...]; [] for an all-dense plan)")
+        if not isinstance(data["phases"], list):
+            r.fail("phases", f"must be a list of phases; got {_show(data['phases'])}")
+        phases = [_phase(r, f"phases[{i}]", p, num_layers, num_heads) for i, p in enumerate(data["phases"])]
+        order = sorted(range(len(phases)), key=lambda i: phases[i].start)
+        for i, j in zip(order, order[1:]):
+            a, b = phases[i], phases[j]
+            if a.stop is None or a.stop > b.start:
+                r.fail(f"phases[{j}].steps", f"steps {_span(b)} overlap phases[{i}].steps (steps {_span(a)})")
+        provenance = _provenance(r, data.get("provenance"))
+        steps = provenance.get("steps")
+        if steps is not None:
+            for i, p in enumerate(phases):
+                if p.start >= steps or (p.stop is not None and p.stop > steps):
+                    r.fail(f"phases[{i}].steps", f"steps {_span(p)} run past the last step: the plan is for "
+                                                 f"{steps} steps (provenance.steps; steps 0..{steps - 1})")
+        return cls(tuple(phases), num_layers, num_heads, provenance, source=source)
 
     def save(self, path) -> Path:
         """Write the plan's JSON to ``path`` atomically (temporary file + ``os.replace``)."""
@@ -255,18 +445,22 @@ class SparsePlan:
     @classmethod
     def load(cls, path) -> "SparsePlan":
         """Read a plan written by :meth:`save` (or ``dit-accel calibrate``); a FastVideo STA strategy file
-        is recognised and imported with :meth:`from_tile_strategy` (its default tile (6, 8, 8))."""
+        is recognised and imported with :meth:`from_tile_strategy` (its default tile (6, 8, 8)).
+
+        Every field is validated: a missing, unreadable, binary or damaged file, or any value that is not a
+        plan's, is a ValueError of one line naming the file and the field."""
+        from ._io import read_json
+
         path = Path(path)
         try:
-            data = json.loads(path.read_text())
-        except OSError as err:
-            raise ValueError(f"cannot read the plan {str(path)!r}: {err.strerror or err}") from None
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{str(path)!r} is not valid JSON ({err}); a plan is written by plan.save or "
-                             "dit-accel calibrate (a half-written file means its writer was interrupted)") from None
-        if isinstance(data, dict) and "format" not in data and data and all("_" in str(k) for k in data):
+            data = read_json(path, expected="a dit_accel sparse plan (the JSON that plan.save or dit-accel "
+                                            "calibrate writes)", kind=None)
+        except RecursionError:
+            raise ValueError(f"{path}: format: nested too deeply to be a plan") from None
+        if isinstance(data, dict) and "format" not in data and data and \
+                all(isinstance(k, str) and re.fullmatch(r"[0-9]+_[0-9]+_[0-9]+", k) for k in data):
             return cls.from_tile_strategy(path)
-        return cls.from_json(data)
+        return cls.from_json(data, source=path)
 
     @staticmethod
     def provenance_now(**fields) -> dict:
@@ -362,7 +556,169 @@ class SparsePlan:
                 windows.append(m.window if isinstance(m.window, tuple) else (m.window,) * 3)
         return windows
 
+    # -------------------------------------------------------------- what the plan is for
+    def _name(self) -> str:
+        return f"plan {self.source}" if self.source else "the plan"
+
+    def layers_named(self) -> Tuple[int, ...]:
+        """Every layer index some phase names."""
+        return tuple(sorted({i for p in self.phases for i in p.layers}))
+
+    def check_model(self, model_class: str, layer_heads: Sequence[Optional[int]]) -> None:
+        """ValueError (naming both values) unless this plan fits a transformer of class ``model_class`` whose
+        attention layers have ``layer_heads[i]`` heads (None where a layer does not say)."""
+        name, n = self._name(), len(layer_heads)
+        made_for = self.provenance.get("model_class")
+        if made_for and made_for != model_class:
+            model = self.provenance.get("model_id")
+            raise ValueError(f"{name} was calibrated for {made_for}{f' ({model})' if model else ''}; this pipeline's "
+                             f"transformer is {model_class}: calibrate a plan for this model (dit-accel calibrate)")
+        if self.num_layers is not None and self.num_layers != n:
+            model = self.provenance.get("model_id") or "another model"
+            raise ValueError(f"{name} is for {self.num_layers} attention layers ({model}); this model has {n}: "
+                             "calibrate a plan for it (dit-accel calibrate)")
+        past = [i for i in self.layers_named() if i >= n]
+        if past:
+            raise ValueError(f"{name} names layer {past[0]} but this model has {n} attention layers (0..{n - 1}): "
+                             "the plan is for another model (its num_layers is not recorded)")
+        known = sorted({h for h in layer_heads if h is not None})
+        if self.num_heads is not None and known and known != [self.num_heads]:
+            raise ValueError(f"{name} is for {self.num_heads} heads per attention layer; this model's layers have "
+                             f"{', '.join(map(str, known))}: calibrate a plan for this model (dit-accel calibrate)")
+        for phase in self.phases:
+            for layer in range(n):
+                method, heads = phase.method(layer), layer_heads[layer]
+                if isinstance(method, PerHead) and heads is not None and method.heads != heads:
+                    raise ValueError(f"{name}: steps {_span(phase)} give layer {layer} {method.heads} per-head "
+                                     f"methods; that layer of this model has {heads} heads")
+
+    def check_call(self, grid, total_steps: Optional[int], allow_other_grid: bool = False) -> Optional[str]:
+        """Check one transformer call's token ``grid`` and its run's number of denoising steps (None: unknown)
+        against what the plan was calibrated for. ValueError naming both values on a mismatch; a grid the plan
+        does not cover is allowed with ``allow_other_grid``, and the warning to give is returned."""
+        name, grid = self._name(), tuple(int(g) for g in grid)
+        warning = None
+        grids = [tuple(g) for g in self.provenance.get("grids") or ()]
+        if grids and grid not in grids:
+            call = self.provenance.get("call") or {}
+            size = (f" (--frames {call['num_frames']} --height {call['height']} --width {call['width']})"
+                    if {"num_frames", "height", "width"} <= set(call) else
+                    f" (--height {call['height']} --width {call['width']})" if {"height", "width"} <= set(call)
+                    else "")
+            what = (f"{name} was calibrated for token grid {' or '.join(_grid_text(g) for g in grids)}{size}; this "
+                    f"call's token grid is {_grid_text(grid)}")
+            if not allow_other_grid:
+                raise ValueError(f"{what}: its choices were scored at that size only. Run at the plan's size, "
+                                 "calibrate a plan at this one, or pass allow_other_grid=True (CLI: --plan-any-grid) "
+                                 "to run it anyway")
+            warning = f"dit_accel: {what}; running it anyway (allow_other_grid): its quality was not checked here"
+        if total_steps is not None:
+            steps = self.provenance.get("steps")
+            if steps is not None and steps != total_steps:
+                raise ValueError(f"{name} was calibrated for {steps} denoising steps; this run has {total_steps}: "
+                                 f"its phases name steps of a {steps}-step run. Run {steps} steps (CLI: --steps "
+                                 f"{steps}) or calibrate a plan for {total_steps}")
+            for phase in self.phases:
+                if phase.start >= total_steps or (phase.stop is not None and phase.stop > total_steps):
+                    raise ValueError(f"{name} has a phase for steps {_span(phase)}; this run has {total_steps} "
+                                     f"denoising steps (0..{total_steps - 1}): run at least "
+                                     f"{phase.stop if phase.stop is not None else phase.start + 1} steps or use a "
+                                     "plan made for this many")
+        return warning
+
     # -------------------------------------------------------------- display
+    def profile(self) -> dict:
+        """What the plan runs, weighted by modelled attention time (:mod:`dit_accel.kernels.cost`).
+
+        Every (step, layer, head) slot is priced as one head of one attention call at the plan's first
+        calibration grid (``provenance.grids``) with the cost model its provenance names (``arch``,
+        ``kernel``, ``terms``; H100 per-head times otherwise), without the per-launch terms. Steps no phase
+        covers run dense. Without a grid, slots are counted instead of priced and density is unknown.
+
+        Returns ``{"seconds": {method: s}, "share": {method: fraction}, "mean_density": float or None,
+        "steps", "layers", "heads", "grid", "basis": str}``.
+        """
+        prov = self.provenance
+        steps = prov.get("steps")
+        ends = [p.stop if p.stop is not None else p.start + 1 for p in self.phases]
+        total = steps or max(ends, default=1)
+        layers = self.num_layers or (max(self.layers_named(), default=-1) + 1) or 1
+        heads = self.num_heads or max((m.heads for m in self.methods() if isinstance(m, PerHead)), default=1)
+        grids = prov.get("grids") or ()
+        grid = tuple(grids[0]) if grids else None
+        basis = _CostBasis(prov, grid)
+        seconds: Dict[str, float] = {}
+        density_sum, slots, unknown = 0.0, 0, False
+        covered = 0
+        spans = [(p, max((p.stop if p.stop is not None else total) - p.start, 0)) for p in self.phases]
+        spans.append((None, max(total - sum(n for _, n in spans), 0)))  # steps no phase covers: dense
+        for phase, n_steps in spans:
+            if not n_steps:
+                continue
+            covered += n_steps
+            for layer in range(layers):
+                method = Dense() if phase is None else phase.method(layer)
+                inner = method.methods if isinstance(method, PerHead) else (method,) * heads
+                for m in inner:
+                    label, secs, density = basis.head(m)
+                    seconds[label] = seconds.get(label, 0.0) + n_steps * (1.0 if secs is None else secs)
+                    if density is None:
+                        unknown = True
+                    else:
+                        density_sum += n_steps * density
+                    slots += n_steps
+        whole = sum(seconds.values()) or 1.0
+        share = {k: v / whole for k, v in sorted(seconds.items(), key=lambda kv: -kv[1])}
+        return {"seconds": seconds, "share": share, "mean_density": None if unknown or not slots else
+                density_sum / slots, "steps": steps, "layers": layers, "heads": heads, "grid": grid,
+                "basis": basis.describe()}
+
+    def summary_line(self) -> str:
+        """The plan in one line: content hash, model, steps x layers x heads, methods by share of modelled
+        attention time, mean density (``generate --plan`` prints it; ``eval``'s report shows it)."""
+        prof = self.profile()
+        steps = f"{prof['steps']} steps" if prof["steps"] else "? steps"
+        layers = f"{self.num_layers} layers" if self.num_layers else "? layers"
+        heads = f"{self.num_heads} heads" if self.num_heads else "? heads"
+        model = self.provenance.get("model_class")
+        where = f" for {model}" if model else ""
+        grid = f" at grid {_grid_text(prof['grid'])}" if prof["grid"] else ""
+        what = "attention time" if prof["grid"] else "(step, layer, head) slots"
+        shares = ", ".join(f"{name} {100 * f:.0f}%" for name, f in prof["share"].items())
+        density = "n/a" if prof["mean_density"] is None else f"{prof['mean_density']:.3f}"
+        return (f"plan {self.content_hash()[:12]}{where}: {steps} x {layers} x {heads}{grid}; {what}: {shares}; "
+                f"mean density {density}")
+
+    def table(self) -> List[str]:
+        """The full plan, one line per step range and group of layers, heads grouped (``dit-accel info --plan``)."""
+        prof = self.profile()
+        prov = self.provenance
+        lines = [self.summary_line(), f"content sha256 {self.content_hash()}"]
+        facts = [f"{k} {_show(prov[k]) if not isinstance(prov[k], str) else prov[k]}"
+                 for k in ("model_class", "model_id", "grids", "steps", "budget", "date") if prov.get(k) is not None]
+        if facts:
+            lines.append("provenance: " + "; ".join(facts))
+        lines.append(f"shares: {prof['basis']}")
+        heads = prof["heads"]
+        layers = prof["layers"]
+        if not self.phases:
+            lines.append("every step: every layer dense (the plan has no phases)")
+        for phase in self.phases:
+            lines.append(f"steps {_span(phase)}:")
+            rows = [(layer, _heads_text(phase.method(layer), heads)) for layer in range(layers)]
+            start = 0
+            while start < len(rows):
+                stop = start
+                while stop + 1 < len(rows) and rows[stop + 1][1] == rows[start][1]:
+                    stop += 1
+                which = f"layer {start}" if stop == start else f"layers {start}-{stop}"
+                lines.append(f"  {which}: {rows[start][1]}")
+                start = stop + 1
+        gaps = _gaps(self.phases, prof["steps"])
+        if gaps:
+            lines.append(f"steps {', '.join(gaps)}: no phase, every layer dense")
+        return lines
+
     def summary(self) -> List[str]:
         lines = []
         for p in self.phases:
@@ -373,6 +729,127 @@ class SparsePlan:
 
     def __repr__(self) -> str:
         return f"SparsePlan({len(self.phases)} phases, layers={self.num_layers}, heads={self.num_heads})"
+
+
+def _span(phase: Phase) -> str:
+    if phase.stop == phase.start + 1:
+        return str(phase.start)
+    return f"{phase.start}..{'end' if phase.stop is None else phase.stop - 1}"
+
+
+def _grid_text(grid) -> str:
+    return "x".join(str(int(g)) for g in grid)
+
+
+def _gaps(phases: Sequence[Phase], steps: Optional[int]) -> List[str]:
+    """Step ranges no phase covers (within ``steps`` when known)."""
+    out, at = [], 0
+    for p in sorted(phases, key=lambda p: p.start):
+        if p.start > at:
+            out.append(f"{at}..{p.start - 1}")
+        at = p.stop if p.stop is not None else None
+        if at is None:
+            return out
+    if steps is None:
+        out.append(f"{at}..end")
+    elif at < steps:
+        out.append(f"{at}..{steps - 1}")
+    return out
+
+
+def method_label(method: Method) -> str:
+    """A method config in a few characters: its name and the options that differ from the defaults,
+    tuples as ``1x4x4`` (``tile(tile=1x4x4, window=1x1x3)``, ``sla(topk=0.2)``, ``dense``)."""
+    parts = []
+    for f in dataclasses.fields(method):
+        if not f.init:
+            continue
+        value = getattr(method, f.name)
+        default = f.default if f.default is not dataclasses.MISSING else (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else object())
+        if value == default:
+            continue
+        if isinstance(value, tuple) and all(is_int(v) for v in value) and value:
+            value = "x".join(map(str, value))
+        parts.append(f"{f.name}={value}")
+    return method.name + (f"({', '.join(parts)})" if parts else "")
+
+
+def _heads_text(method: Method, heads: int) -> str:
+    """``"all heads sla(topk=0.2)"`` or ``"heads 0-5 sla(topk=0.2); head 6 dense"``."""
+    if not isinstance(method, PerHead):
+        return f"all heads {method_label(method)}"
+    labels = [method_label(m) for m in method.methods]
+    parts, start = [], 0
+    while start < len(labels):
+        stop = start
+        while stop + 1 < len(labels) and labels[stop + 1] == labels[start]:
+            stop += 1
+        parts.append(f"{'head ' + str(start) if stop == start else f'heads {start}-{stop}'} {labels[start]}")
+        start = stop + 1
+    return "; ".join(parts)
+
+
+class _CostBasis:
+    """Modelled seconds and density of one head of a method config at one grid (see :meth:`SparsePlan.profile`)."""
+
+    def __init__(self, provenance: Mapping, grid):
+        from .kernels import cost as kernel_cost
+
+        self.cost, self.grid = kernel_cost, grid
+        model = provenance.get("cost_model") if isinstance(provenance.get("cost_model"), Mapping) else {}
+        arch, kernel = model.get("arch") or "h100", model.get("kernel") or "current"
+        try:
+            kernel_cost.constants(arch, kernel)
+        except (ValueError, TypeError):  # a measured cost model, or constants this version does not have
+            arch, kernel = "h100", "current"
+        self.arch, self.kernel = arch, kernel
+        self.terms = "tiles" if model.get("terms") == "tiles" else "no-launch"
+        self.head_dim = provenance.get("head_dim") or 128
+        self._memo: Dict[Method, tuple] = {}
+
+    def describe(self) -> str:
+        if self.grid is None:
+            return "(step, layer, head) slots counted: the plan records no token grid (provenance.grids)"
+        return (f"modelled attention time per head (dit_accel.kernels.cost, {self.arch}"
+                f"{'' if self.kernel == 'current' else '/' + self.kernel}, terms {self.terms}, head dim "
+                f"{self.head_dim}) at grid {_grid_text(self.grid)}, weighted by steps")
+
+    def head(self, method: Method) -> tuple:
+        """``(label, seconds or None, density or None)`` of one head running ``method``."""
+        if method not in self._memo:
+            self._memo[method] = self._price(method)
+        return self._memo[method]
+
+    def _price(self, method: Method) -> tuple:
+        name = method.name
+        if self.grid is None:
+            return name, None, 1.0 if isinstance(method, Dense) else None
+        c, n, d = self.cost, math.prod(self.grid), self.head_dim
+        dense = c.dense_time(n, n, 1, head_dim=d, arch=self.arch) - c.constants(self.arch).dense_per_call_s
+        if isinstance(method, Dense):
+            return name, dense, 1.0
+        try:
+            plan = method.plan(self.grid)
+        except (ValueError, TypeError):  # does not fit the grid: priced as a slot, density unknown
+            return name, None, None
+        if plan.is_dense:
+            return name, dense, 1.0
+        if hasattr(plan, "params"):  # SLA: the critical blocks it visits
+            from .kernels.sla.common import sla_density
+
+            counts = c.sla_counts(n, method, heads=1)
+            if self.terms == "tiles":
+                counts = dataclasses.replace(counts, ctas=0, heads=0)
+            secs = c.sla_time(counts, head_dim=d, arch=self.arch) - c.constants(self.arch).sla_per_call_s
+            return name, secs, sla_density(n, method)
+        layout = plan.layout
+        counts = c.tile_counts(layout, heads=layout.num_heads)
+        if self.terms == "tiles":
+            counts = dataclasses.replace(counts, ctas=0)
+        secs = (c.block_sparse_time(counts, head_dim=d, arch=self.arch, kernel=self.kernel)
+                - c.constants(self.arch, self.kernel).per_call_s) / layout.num_heads
+        return name, secs, plan.density
 
 
 @dataclass(frozen=True, eq=False)
@@ -390,13 +867,16 @@ class PlanMethod(Method):
     def runs_sla(self, layer: int) -> bool:
         return self.sparse_plan.runs_sla(layer)
 
-    def check_layers(self, num_layers: int) -> None:
-        """ValueError when the plan was made for a model with another number of attention layers."""
-        expected = self.sparse_plan.num_layers
-        if expected is not None and expected != num_layers:
-            model = self.sparse_plan.provenance.get("model_id") or "another model"
-            raise ValueError(f"the plan is for {expected} attention layers ({model}); this model has {num_layers}: "
-                             "calibrate a plan for it (dit-accel calibrate)")
+    def check_model(self, model_class: str, layer_heads: Sequence[Optional[int]]) -> None:
+        """:meth:`SparsePlan.check_model`."""
+        self.sparse_plan.check_model(model_class, layer_heads)
+
+    def check_call(self, grid, total_steps: Optional[int], allow_other_grid: bool = False) -> Optional[str]:
+        """:meth:`SparsePlan.check_call`."""
+        return self.sparse_plan.check_call(grid, total_steps, allow_other_grid)
+
+    def summary_line(self) -> str:
+        return self.sparse_plan.summary_line()
 
     def plan(self, grid):
         raise ValueError("a SparsePlan has one method per (layer, step): dit_accel.apply resolves it per call")

@@ -3,6 +3,12 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# dit_accel's own cache (self-check verdicts, autotune choices) per test process: a verdict a test provokes
+# (a fault, a stubbed kernel) never reaches the user's ~/.cache, and every run checks the kernels afresh.
+if "DIT_ACCEL_CACHE" not in os.environ:
+    import tempfile
+
+    os.environ["DIT_ACCEL_CACHE"] = tempfile.mkdtemp(prefix="dit_accel_tests_")
 
 from dit_accel._util import use_interpreter_without_cuda  # noqa: E402  (imports neither torch nor triton)
 

@@ -53,7 +53,7 @@ def test_bad_plans_say_what_is_wrong(tmp_path):
     with pytest.raises(ValueError, match="head methods"):
         SparsePlan((Phase(0, None, {0: PerHead((TILE,) * 3)}),), num_heads=2)
     (tmp_path / "x.json").write_text('{"format": "dit_accel.sparse_plan", "phases": [')
-    with pytest.raises(ValueError, match="not valid JSON"):
+    with pytest.raises(ValueError, match="x.json: is truncated"):
         SparsePlan.load(tmp_path / "x.json")
 
 

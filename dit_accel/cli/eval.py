@@ -20,7 +20,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from .options import HelpFormatter, plain
+from .options import HelpFormatter, add_plan_any_grid, plain
 
 __all__ = ["register", "run"]
 
@@ -46,7 +46,9 @@ def register(subparsers) -> argparse.ArgumentParser:
                         "the model can run: no radial for image models)")
     p.add_argument("--plan", action="append", metavar="FILE",
                    help="a SparsePlan (dit-accel calibrate's output) as one more row, labelled by its file name; "
-                        "repeatable")
+                        "repeatable. Each is checked against the model and the call (class, layers, heads, token "
+                        "grid, steps); a mismatch fails its row")
+    add_plan_any_grid(p)
     p.add_argument("--method-config", metavar="FILE",
                    help="JSON/YAML: {method: options} or {method: [options, ...]} to compare several configs; "
                         "keys dense_steps/dense_last_steps/dense_layers go to dit_accel.apply")
@@ -157,10 +159,13 @@ def _run(args) -> int:
         from ..eval.runner import MethodSpec
         from ..sparse_plan import SparsePlan
 
+        extra = {"allow_other_grid": True} if args.plan_any_grid else {}
         try:
-            specs += [MethodSpec(Path(f).stem, SparsePlan.load(f).as_method()) for f in args.plan]
+            specs += [MethodSpec(Path(f).stem, SparsePlan.load(f).as_method(), dict(extra)) for f in args.plan]
         except ValueError as exc:
             return fail(f"--plan: {exc}")
+    elif args.plan_any_grid:
+        return fail("--plan-any-grid applies to --plan: drop it, or give the plan it is for")
     settings = EvalSettings(model=args.model, prompts=prompts, seeds=args.seeds, frames=pick(args.frames, "num_frames"),
                             height=pick(args.height, "height"), width=pick(args.width, "width"),
                             steps=pick(args.steps, "num_inference_steps"), guidance_scale=pick(args.guidance_scale, "guidance_scale"),

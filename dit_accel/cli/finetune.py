@@ -103,18 +103,11 @@ def register(subparsers) -> argparse.ArgumentParser:
 def config_from_args(args: argparse.Namespace):
     """Parsed options -> :class:`dit_accel.training.FinetuneConfig` (ValueError on bad combinations)."""
     from ..training import FinetuneConfig
-    from .options import method_options_given
+    from .options import check_plan_flags
 
     plan = getattr(args, "plan", None)
-    if plan is not None:
-        if args.method is not None or method_options_given(args):
-            given = ["--method"] * (args.method is not None) + list(method_options_given(args))
-            raise ValueError(f"--plan and {', '.join(given)} exclude each other: the plan names the method of every "
-                             "layer, head and step; drop " + ("them" if len(given) > 1 else "it") + ".")
-        if args.dense_layers is not None:
-            raise ValueError("--dense-layers does not combine with --plan: the plan's entries say which layers run "
-                             "dense.")
-    elif args.method is None:
+    check_plan_flags(args)
+    if plan is None and args.method is None:
         raise ValueError("--method is required: one of sla, radial, tile, gna (or --plan PLAN.json).")
     if args.method == "dense":
         raise ValueError("--method dense has nothing to adapt to; choose sla, radial, tile or gna.")

@@ -31,7 +31,8 @@ from pathlib import Path
 
 from .._util import to_jsonable, versions
 from . import parallel
-from .options import HelpFormatter, add_method_options, check_method_flags, method_from_args, schedule_from_args
+from .options import (HelpFormatter, add_method_options, add_plan_any_grid, check_method_flags, check_plan_flags,
+                      method_from_args, schedule_from_args)
 from .parallel import add_cp_option
 from ..methods import METHOD_ALIASES
 from ..models.tiny_shapes import TINY_SHAPES_METHOD, TINY_SHAPES_PROMPT
@@ -109,7 +110,10 @@ def register(subparsers) -> argparse.ArgumentParser:
                            + ", ".join(f"{a} = {n}" for a, n in METHOD_ALIASES.items()) + ")")
     p.add_argument("--plan", metavar="FILE", default=None,
                    help="run a SparsePlan (dit-accel calibrate's output, or a FastVideo STA strategy file) instead of "
-                        "one method: a method per step phase, layer and head")
+                        "one method: a method per step phase, layer and head. Checked against the model (class, "
+                        "layers, heads) and the call (token grid, steps); excludes --method, method options and "
+                        "--dense-*; `dit-accel info --plan FILE` shows it")
+    add_plan_any_grid(p)
     p.add_argument("--no-model-defaults", action="store_true",
                    help="ignore the model's preset method/schedule defaults; use only flags and config defaults")
     p.add_argument("--quiet", action="store_true",
@@ -291,6 +295,23 @@ def _check_writable(out: Path, what: str) -> None:
             from None
 
 
+def _early_plan(args):
+    """The ``--plan`` file, read and validated before the model loads (None without ``--plan``); the flags
+    it replaces are refused (:func:`~.options.check_plan_flags`)."""
+    try:
+        check_plan_flags(args)
+    except ValueError as err:
+        raise _UsageError(str(err)) from None
+    if not args.plan:
+        return None
+    from ..sparse_plan import SparsePlan
+
+    try:
+        return SparsePlan.load(args.plan)
+    except ValueError as err:
+        raise _UsageError(f"--plan: {err}") from None
+
+
 def _early_method(args, parser, tiny: bool):
     """The method of a --weights folder, or the flags checked against the method (values too for tiny models,
     whose defaults are known before loading). Sets ``args.method``. Returns the saved method or None."""
@@ -443,9 +464,20 @@ def _warm_up(pipe, call: dict, methods, schedule: dict) -> None:
     import dit_accel
 
     pipe.set_progress_bar_config(disable=True)
+    one_step = {**call, "num_inference_steps": 1}
     for method in methods:
-        with dit_accel.apply(pipe, method, backend=schedule.get("backend", "auto")):
-            pipe(**{**call, "num_inference_steps": 1, "generator": torch.Generator(device="cpu").manual_seed(0)})
+        plan = getattr(method, "sparse_plan", None)
+        kwargs = {k: schedule[k] for k in ("backend", "allow_other_grid") if k in schedule}
+        try:
+            with dit_accel.apply(pipe, method, **kwargs) as handle:
+                # A plan's phases name steps of a longer run: one step at the start of each phase, its step
+                # pinned (with no total, which a one-step call would contradict).
+                for step in [p.start for p in plan.phases] if plan is not None and plan.phases else [None]:
+                    if step is not None:
+                        handle.set_step(step, None)
+                    pipe(**{**one_step, "generator": torch.Generator(device="cpu").manual_seed(0)})
+        except ValueError as err:  # e.g. a plan for another token grid: refused before attention runs
+            raise _UsageError(str(err)) from None
 
 
 def _side_by_side_path(out: Path) -> Path:
@@ -625,6 +657,7 @@ def generate(args) -> dict:
     dtype, args.dtype = _pick_dtype(args.dtype, args.device, tiny)
     if tiny:
         _one_thread_for_tiny(args.device)
+    plan = _early_plan(args)
     saved = _early_method(args, parser, tiny)
     _check_side_by_side(args)
 
@@ -641,14 +674,11 @@ def generate(args) -> dict:
             raise _UsageError(str(err)) from None
     quiet = args.quiet or not parallel.is_main()
     method, schedule, source = _method_and_schedule(args, pipe, saved, parser)
-    if args.plan:  # a calibrated plan replaces the method; its phases hold the dense steps and layers
-        from ..sparse_plan import SparsePlan
-
-        try:
-            method = SparsePlan.load(args.plan).as_method()
-        except ValueError as err:
-            raise _UsageError(f"--plan {args.plan}: {err}") from None
+    if plan is not None:  # a calibrated plan replaces the method; its phases hold the dense steps and layers
+        method = plan.as_method()
         schedule = {k: schedule[k] for k in ("backend", "weights") if k in schedule}  # weights: finetune --plan's
+        if args.plan_any_grid:
+            schedule["allow_other_grid"] = True
         source, args.method = f"--plan {args.plan}", "plan"
         args.method_choice = f"--plan {args.plan}"
     _check_side_by_side(args)  # again: without --method the method is known only now
@@ -692,6 +722,8 @@ def generate(args) -> dict:
     elapsed = {"load_s": load_s, "save_s": time.perf_counter() - t0, "total_s": time.perf_counter() - t_total}
     record = to_jsonable(_record(args, pipe, method, schedule, source, call, frames, written, times, calls, stats,
                                  summary, elapsed))
+    if hasattr(method, "summary_line"):  # a plan: its one-line summary, not its whole JSON
+        record["plan_summary"] = method.summary_line()
     record["compare_dense"] = to_jsonable(_comparison(times, dense, frames, side_by_side))
     record["quality"] = to_jsonable(_quality(args.model, call["prompt"], frames, dense))
     atomic_write_json(sidecar, record)  # written last: a sidecar names a complete output
@@ -762,10 +794,14 @@ def _summary_lines(record: dict) -> list:
     """The method, its density, its attention time against dense and the ground-truth quality, in a few lines."""
     lines = []
     cmp, method = record.get("compare_dense"), record["method"]
-    if record.get("method_choice") not in (None, "--method"):
+    if record.get("method_choice") not in (None, "--method") and not record.get("plan_summary"):
         lines.append(f"method {method['method']}: {record['method_choice']}; settings: {record['defaults_source']}")
     density = record["density"]["mean"]
-    if method["method"] != "dense":
+    if record.get("plan_summary"):
+        lines.append(f"{record['method_choice']}: {record['plan_summary']}")
+        lines.append("plan: visited density " + (f"{density:.3f}" if density is not None else "1.000 (ran dense)")
+                     + " of the video attention blocks")
+    elif method["method"] != "dense":
         options = ", ".join(f"{k}={tuple(v) if isinstance(v, list) else v}" for k, v in method.items() if k != "method")
         lines.append(f"method {method['method']} ({options}): visited density "
                      + (f"{density:.3f}" if density is not None else "1.000 (ran dense)")

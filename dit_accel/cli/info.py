@@ -18,7 +18,7 @@ import sys
 from .. import _util
 from .options import HelpFormatter
 
-__all__ = ["register", "run", "collect_info", "model_settings"]
+__all__ = ["register", "run", "collect_info", "model_settings", "plan_report"]
 
 def register(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("info", help="versions, device, kernel backends, supported models and methods",
@@ -28,8 +28,40 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, metavar="MODEL",
                    help="also list each method's published setting for this model, its density and source (a hub "
                         "id, a Diffusers folder, a tiny model, a transformer class or a family such as 'Wan 2.2')")
+    p.add_argument("--clear", action="store_true",
+                   help="forget this machine's stored autotune choices and kernel self-check verdicts (both are "
+                        "measured again on next use) and exit")
+    p.add_argument("--plan", default=None, metavar="FILE",
+                   help="print only this SparsePlan (dit-accel calibrate's output): its one-line summary, provenance "
+                        "and the method of every step range, layer and head")
     p.set_defaults(func=run, _parser=p)
     return p
+
+
+def plan_report(path) -> dict:
+    """What ``info --plan`` prints: the plan's summary line, content hash, profile and full table
+    (ValueError, one line naming the file and the field, for a bad file)."""
+    from ..sparse_plan import SparsePlan
+
+    plan = SparsePlan.load(path)
+    return {"plan": str(path), "summary": plan.summary_line(), "content_sha256": plan.content_hash(),
+            "profile": plan.profile(), "table": plan.table()}
+
+
+def _run_plan(path, as_json: bool) -> int:
+    try:
+        report = plan_report(path)
+    except ValueError as err:
+        print(f"dit-accel info: --plan: {err}", file=sys.stderr)
+        return 2
+    if as_json:
+        json.dump(report, sys.stdout, indent=2, default=str)
+        print()
+        return 0
+    print(f"{report['plan']}:")
+    for line in report["table"]:
+        print(f"  {line}")
+    return 0
 
 
 def _safe(fn):
@@ -143,7 +175,22 @@ def collect_info(device=None) -> dict:
     info["methods"] = _safe(_methods)
     info["tiny_models"] = _safe(_tiny)
     info["autotune"] = _safe(_autotune)
+    info["selfcheck"] = _safe(_selfcheck)
     return info
+
+
+def _selfcheck() -> dict:
+    """The stored first-use self-check verdicts (:mod:`dit_accel.kernels.selfcheck`)."""
+    from ..kernels import selfcheck
+
+    out = {"cache": str(selfcheck.cache_path())}
+    for row in selfcheck.cached_verdicts():
+        name, arch, dtype, dims = row["key"].split("|")[:4]
+        error = "no finite output" if row.get("error") is None else f"error {row['error']:.2e}"
+        out[f"{name} {dtype} {dims} on {arch}"] = f"{'pass' if row['ok'] else 'FAIL'} ({error}, {row.get('date', '')})"
+    if len(out) == 1:
+        out["verdicts"] = "none yet (each kernel variant is checked on first use; `dit-accel selftest` checks all)"
+    return out
 
 
 def _autotune() -> dict:
@@ -179,6 +226,16 @@ def run(args) -> int:
         except (RuntimeError, TypeError):
             print(f"dit-accel info: --device {device} is not a torch device; use cpu, cuda or cuda:N")
             return 2
+    if getattr(args, "clear", False):
+        from ..kernels import autotune, selfcheck
+
+        autotune.clear()
+        selfcheck.clear()
+        print(f"dit-accel info: cleared the autotune choices ({autotune.cache_path()}) and the kernel self-check "
+              f"verdicts ({selfcheck.cache_path()}); both are measured again on next use.")
+        return 0
+    if getattr(args, "plan", None) is not None:
+        return _run_plan(args.plan, getattr(args, "json", False))
     info = collect_info(device)
     model = getattr(args, "model", None)
     if model is not None:
@@ -199,8 +256,9 @@ def run(args) -> int:
     _print_section("methods", info["methods"])
     _print_section("embedded models (tiny-shapes: tiny model trained on synthetic clips; the other tiny-* models: "
                    "RANDOM WEIGHTS, for smoke runs only)", info["tiny_models"])
-    _print_section("kernel autotuning (CUDA, backend auto: Triton vs FlexAttention, timed once per shape class)",
-                   info["autotune"])
+    _print_section("kernel autotuning (CUDA, backend auto: Triton vs FlexAttention, timed once per shape class; "
+                   "`dit-accel info --clear` forgets)", info["autotune"])
+    _print_section("kernel self-check verdicts (first use; `dit-accel selftest` runs all)", info["selfcheck"])
     if model is not None:
         _print_settings(info["model_settings"])
     return 0

@@ -1,4 +1,4 @@
-"""``dit-accel``: generate, info, finetune, eval, bench, convert.
+"""``dit-accel``: generate, info, finetune, eval, bench, convert, calibrate, selftest.
 
 Each subcommand lives in its own module ``dit_accel.cli.<name>`` exposing
 ``register(subparsers)`` (adds its parser and ``set_defaults(func=run)``) and
@@ -30,6 +30,7 @@ SUBCOMMANDS = {
     "bench": ("dit_accel.cli.bench", "attention kernel and end-to-end speed benchmarks"),
     "convert": ("dit_accel.cli.convert", "an SLA/TurboDiffusion Wan checkpoint as a dit_accel weights folder"),
     "calibrate": ("dit_accel.cli.calibrate", "search a sparse plan per layer, head and step under a quality budget"),
+    "selftest": ("dit_accel.cli.selftest", "check every kernel variant this machine would use against its fp32 twin"),
 }
 
 _EPILOG = """examples:

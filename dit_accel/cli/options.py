@@ -31,7 +31,7 @@ from typing import Dict, List, Optional, Tuple
 from ..methods import METHOD_ALIASES, CliOption, Method, canonical_method_name, method_from_name, registered_methods
 
 __all__ = ["BACKENDS", "HelpFormatter", "plain", "add_method_options", "method_from_args", "schedule_from_args", "int_tuple", "int_list",
-           "method_options_given", "check_method_flags", "method_flags"]
+           "method_options_given", "check_method_flags", "method_flags", "check_plan_flags", "add_plan_any_grid"]
 
 BACKENDS = ("auto", "triton", "torch", "flex")
 
@@ -166,6 +166,35 @@ def method_options_given(args: argparse.Namespace) -> Dict[str, object]:
     """The per-method flags the user gave: ``{flag: value}``."""
     given = {flag: getattr(args, _dest(flag), None) for flag in method_flags()}
     return {flag: value for flag, value in given.items() if value is not None and value is not False}
+
+
+_SCHEDULE_FLAGS = ("--dense-steps", "--dense-last-steps", "--dense-layers")
+
+
+def check_plan_flags(args: argparse.Namespace) -> None:
+    """ValueError when ``--plan`` comes with flags the plan replaces (``generate`` and ``finetune`` share it):
+    ``--method`` and the method options (the plan names the method of every layer, head and step), and the
+    schedule flags (its phases and entries say which steps and layers run dense)."""
+    if not getattr(args, "plan", None):
+        if getattr(args, "plan_any_grid", False):
+            raise ValueError("--plan-any-grid applies to --plan: drop it, or give the plan it is for")
+        return
+    given = ["--method"] * (getattr(args, "method", None) is not None) + list(method_options_given(args))
+    if given:
+        raise ValueError(f"--plan and {', '.join(given)} exclude each other: the plan names the method of every "
+                         "layer, head and step; drop " + ("them" if len(given) > 1 else "it") + ".")
+    schedule = [flag for flag in _SCHEDULE_FLAGS if getattr(args, _dest(flag), None) is not None]
+    if schedule:
+        raise ValueError(f"{', '.join(schedule)} {'does' if len(schedule) == 1 else 'do'} not combine with --plan: "
+                         "the plan's phases and entries say which steps and layers run dense; drop "
+                         + ("them" if len(schedule) > 1 else "it") + ".")
+
+
+def add_plan_any_grid(parser) -> None:
+    """``--plan-any-grid``: run a plan on a token grid it was not calibrated for (``allow_other_grid``)."""
+    parser.add_argument("--plan-any-grid", action="store_true",
+                        help="run --plan at a size (token grid) it was not calibrated for, with a warning, instead "
+                             "of refusing (dit_accel.apply's allow_other_grid)")
 
 
 def _fields_of(name: str) -> Dict[str, str]:

@@ -79,9 +79,13 @@ def stub_launches() -> Iterator[Dict[str, int]]:
     from ..kernels.sla import operands, pool, select
     from ..kernels.sla import triton as sla
 
+    from ..kernels.selfcheck import ENV_SELFCHECK
+
     counts = {"triton": 0}
     saved_bs = {name: getattr(bs, name) for name in ("_fwd_kernel", "_bwd_preprocess_kernel", "_bwd_dkdv_kernel",
                                                      "_bwd_dq_kernel")}
+    saved_env = os.environ.get(ENV_SELFCHECK)
+    os.environ[ENV_SELFCHECK] = "0"  # stubbed kernels return nothing: the first-use check would disable them
     tables = (sla.KERNELS, pool.KERNELS, select.KERNELS, operands.KERNELS)
     saved = [dict(table) for table in tables]
     try:
@@ -92,6 +96,10 @@ def stub_launches() -> Iterator[Dict[str, int]]:
                 table[name] = _StubKernel(counts)
         yield counts
     finally:
+        if saved_env is None:
+            os.environ.pop(ENV_SELFCHECK, None)
+        else:
+            os.environ[ENV_SELFCHECK] = saved_env
         for name, value in saved_bs.items():
             setattr(bs, name, value)
         for table, before in zip(tables, saved):
@@ -176,8 +184,11 @@ def measure_host_path(*, tokens: int = 1024, heads: int = 2, head_dim: int = 64,
     from ..kernels.block_sparse.triton import triton_backward, triton_forward
 
     gen = torch.Generator().manual_seed(0)
+    # Half precision as on a GPU: float16, since the Triton backend refuses bfloat16 under the interpreter (its
+    # bf16 dot is wrong), and a stubbed launch costs the same host time either way.
+    dtype = torch.float16
     shape = (1, heads, tokens, head_dim)
-    q, k, v = (torch.randn(shape, generator=gen, dtype=torch.bfloat16) for _ in range(3))
+    q, k, v = (torch.randn(shape, generator=gen, dtype=dtype) for _ in range(3))
     qg, kg, vg = (t.clone().requires_grad_() for t in (q, k, v))
     n_b = -(-tokens // block)
     band = (torch.arange(n_b)[:, None] - torch.arange(n_b)[None, :]).abs() <= 1
@@ -192,12 +203,12 @@ def measure_host_path(*, tokens: int = 1024, heads: int = 2, head_dim: int = 64,
     # A video grid of `tokens` tokens, tiled by 4x4x4 tiles (64-token blocks), plus 32 text tokens.
     tiled = Tile(tile=(4, 4, 4), window=(3, 3, 3)).plan((tokens // 256, 16, 16))
     n_text = 32
-    qt, kt, vt = (torch.randn((1, heads, tokens + n_text, head_dim), generator=gen, dtype=torch.bfloat16)
+    qt, kt, vt = (torch.randn((1, heads, tokens + n_text, head_dim), generator=gen, dtype=dtype)
                   for _ in range(3))
-    proj = torch.nn.Linear(head_dim, head_dim).to(torch.bfloat16).requires_grad_(False)
+    proj = torch.nn.Linear(head_dim, head_dim).to(dtype).requires_grad_(False)
     # SLA at a size whose CPU compute is negligible: what is left is host time (Python, dispatch, launches).
-    qs, ks, vs = (torch.randn(SMALL_SLA_SHAPE, generator=gen, dtype=torch.bfloat16) for _ in range(3))
-    proj_s = torch.nn.Linear(SMALL_SLA_SHAPE[-1], SMALL_SLA_SHAPE[-1]).to(torch.bfloat16).requires_grad_(False)
+    qs, ks, vs = (torch.randn(SMALL_SLA_SHAPE, generator=gen, dtype=dtype) for _ in range(3))
+    proj_s = torch.nn.Linear(SMALL_SLA_SHAPE[-1], SMALL_SLA_SHAPE[-1]).to(dtype).requires_grad_(False)
 
     def grad_call():
         block_sparse_attention(qg, kg, vg, layout, backend="triton")

@@ -36,8 +36,17 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence]) -> str:
 
 
 def _config_text(config: dict) -> str:
-    skip = {"label", "method"}
-    return ", ".join(f"{k}={v}" for k, v in config.items() if k not in skip) or "defaults"
+    skip = {"label", "method", "plan"}
+    text = ", ".join(f"{k}={v}" for k, v in config.items() if k not in skip)
+    if isinstance(config.get("plan"), dict):  # a SparsePlan: its one-line summary, not its JSON
+        from ..sparse_plan import SparsePlan
+
+        try:
+            summary = SparsePlan.from_json(config["plan"]).summary_line()
+        except ValueError as err:
+            summary = f"plan ({err})"
+        return summary.replace("|", "/") + (f"; {text}" if text else "")
+    return text or "defaults"
 
 
 def write_report(results: dict, path) -> None:

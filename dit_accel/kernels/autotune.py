@@ -5,8 +5,11 @@ does not trust a fixed order: the first call of a *shape class* runs every conte
 (the Triton kernel and FlexAttention for block-sparse attention) after a warm-up, times them
 with CUDA events and keeps the fastest. The choice is stored on disk
 (``$DIT_ACCEL_CACHE/autotune.json``, default ``~/.cache/dit_accel``), keyed by
-:class:`ShapeClass`: GPU name, torch and triton versions, family, dtype, head dim and a
-density bucket. ``DIT_ACCEL_AUTOTUNE=0`` turns it off (``auto`` then takes the table order of
+:class:`ShapeClass`: GPU name, torch, triton and dit_accel versions, family, dtype, head dim, a
+density bucket, token-count buckets and the layout's block sizes. A contender is tried only where
+what it materialises fits in free memory, and a choice is stored only after it ran on the call and
+matched a reference there (:func:`choose`'s ``verify``); only variants that passed their self-check
+(:mod:`.selfcheck`) contend. ``dit-accel info`` lists the choices, ``dit-accel info --clear`` forgets them. ``DIT_ACCEL_AUTOTUNE=0`` turns it off (``auto`` then takes the table order of
 :mod:`dit_accel.kernels.backends`).
 
 Entry points hand :func:`dit_accel.kernels.backends.resolve` a *tuner*
@@ -31,7 +34,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Mapping, Optional
 
-__all__ = ["ENV_AUTOTUNE", "ShapeClass", "density_bucket", "enabled", "choose", "cuda_event_timer", "cached_choice",
+__all__ = ["ENV_AUTOTUNE", "ShapeClass", "density_bucket", "token_bucket", "enabled", "choose", "cuda_event_timer", "cached_choice",
            "cached_choices", "info", "clear", "cache_path", "DENSITY_BUCKETS"]
 
 #: Environment variable: ``0`` turns the timing off.
@@ -57,6 +60,15 @@ def density_bucket(density: Optional[float]) -> str:
     return f"<={DENSITY_BUCKETS[-1]:g}"
 
 
+def token_bucket(n: int) -> str:
+    """``"<=4096"``-style label: the smallest power of two (at least 1024) holding ``n`` tokens. A choice made
+    at one length is not reused four times longer, where a contender may no longer fit in memory."""
+    edge = 1024
+    while edge < n:
+        edge *= 2
+    return f"<={edge}"
+
+
 @dataclass(frozen=True)
 class ShapeClass:
     """What a timing result is valid for: the calls that share these fields run alike."""
@@ -64,15 +76,20 @@ class ShapeClass:
     device_name: str
     torch: str
     triton: str
+    dit_accel: str
     family: str
     dtype: str
     head_dim: int
     density: str  # a density_bucket label
+    tokens: str = "any"  # token_bucket labels of the query and key lengths, "<=4096x<=4096"
+    blocks: str = "any"  # the layout's block sizes, "128x128"
 
     @classmethod
     def of(cls, family: str, request, density: Optional[float] = None) -> "ShapeClass":
         """The class of a :class:`dit_accel.kernels.backends.Request` (on a CUDA device)."""
         import torch
+
+        from .. import __version__
 
         try:
             import triton
@@ -82,8 +99,11 @@ class ShapeClass:
             triton_version = "none"
         dev = request.device
         name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else dev.type
-        return cls(name, torch.__version__, triton_version, family, str(request.dtype).replace("torch.", ""),
-                   int(request.head_dim), density_bucket(density))
+        tokens = (f"{token_bucket(request.q_len)}x{token_bucket(request.kv_len)}"
+                  if getattr(request, "q_len", 0) else "any")
+        return cls(name, torch.__version__, triton_version, __version__, family,
+                   str(request.dtype).replace("torch.", ""), int(request.head_dim), density_bucket(density), tokens,
+                   f"{request.block_q}x{request.block_k}")
 
     def key(self) -> str:
         return "|".join(str(v) for v in asdict(self).values())
@@ -103,6 +123,11 @@ def cache_path() -> Path:
 
 
 _EXPECTED = 'the autotune cache: {"<shape class key>": {"choice": backend, "times_ms": {backend: ms or null}, ...}}'
+
+
+def _current_format(key) -> bool:
+    """Keys written by an older dit_accel have fewer fields: stale, dropped without a warning."""
+    return not isinstance(key, str) or len(key.split("|")) == len(ShapeClass.__dataclass_fields__)
 
 
 def _valid_entry(key, entry) -> bool:
@@ -126,6 +151,7 @@ def _entries() -> Dict[str, dict]:
             except ValueError as err:
                 _warn(f"dit_accel: {err}; ignoring it (the backends are timed again)")
                 data = {}
+            data = {k: v for k, v in data.items() if _current_format(k)}
             bad = [k for k, v in data.items() if not _valid_entry(k, v)]
             if bad:
                 _warn(f"dit_accel: {path}: {len(bad)} entr{'y' if len(bad) == 1 else 'ies'} of the wrong structure "
@@ -176,7 +202,7 @@ def info() -> dict:
     for row in cached_choices():
         shape = row["shape"]
         label = (f"{shape['device_name']} {shape['family']} {shape['dtype']} d{shape['head_dim']} "
-                 f"density {shape['density']}")
+                 f"density {shape['density']} tokens {shape['tokens']} blocks {shape['blocks']}")
         times = ", ".join(f"{k} {'failed' if t is None else f'{t:.3f} ms'}" for k, t in row["times_ms"].items())
         choices[label] = f"{row['choice']} ({times}; torch {shape['torch']}, triton {shape['triton']}, {row['date']})"
     return {"enabled": enabled(), "cache": str(cache_path()), "choices": choices}
@@ -211,19 +237,23 @@ def cuda_event_timer(fn: Callable[[], object], warmup: int = 3, repeats: int = 1
 
 
 def choose(shape: ShapeClass, contenders: Mapping[str, Callable[[], object]], timer: Timer = cuda_event_timer,
-           warmup: int = 3, repeats: int = 10) -> str:
+           warmup: int = 3, repeats: int = 10, verify: Optional[Callable[[str], bool]] = None,
+           skip: Optional[Mapping[str, str]] = None) -> Optional[str]:
     """The fastest contender for ``shape``: the stored choice, else time each and store the winner.
 
-    A contender that raises is out (its time is recorded as ``None``); when every one fails,
-    the first is returned and nothing is stored. Ties go to the earlier contender.
+    A contender that raises is out (its time is recorded as ``None``). ``skip`` names contenders that are
+    not even tried, with the reason (one that would materialise more memory than is free). ``verify(name)``
+    runs a contender on the call and compares it with a reference: the fastest contender that passes is
+    stored, and one that fails is out. Ties go to the earlier contender. None (and nothing stored) when no
+    contender ran and passed: the caller then takes its fixed order.
     """
-    names = list(contenders)
-    if not names:
+    names = [n for n in contenders if not skip or n not in skip]
+    if not contenders:
         raise ValueError("choose() needs at least one contender")
     stored = cached_choice(shape)
-    if stored in contenders:
+    if stored in names:
         return stored
-    if len(names) == 1:
+    if len(contenders) == 1 and verify is None:
         return names[0]
     times: Dict[str, Optional[float]] = {}
     for name in names:
@@ -231,10 +261,18 @@ def choose(shape: ShapeClass, contenders: Mapping[str, Callable[[], object]], ti
             times[name] = float(timer(contenders[name], warmup, repeats))
         except Exception:  # a contender that cannot run these inputs is not chosen
             times[name] = None
-    ok = {n: t for n, t in times.items() if t is not None}
-    if not ok:
-        return names[0]
-    best = min(ok, key=lambda n: (ok[n], names.index(n)))
-    _store(shape.key(), {"choice": best, "times_ms": times, "warmup": warmup, "repeats": repeats,
-                         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")})
-    return best
+    ranked = sorted((n for n in names if times[n] is not None), key=lambda n: (times[n], names.index(n)))
+    rejected = []
+    for best in ranked:
+        try:
+            passed = verify is None or bool(verify(best))
+        except Exception:
+            passed = False
+        if not passed:
+            rejected.append(best)
+            continue
+        _store(shape.key(), {"choice": best, "times_ms": times, "warmup": warmup, "repeats": repeats,
+                             "rejected": rejected, "skipped": dict(skip or {}),
+                             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")})
+        return best
+    return None

@@ -43,12 +43,16 @@ class Request:
     block_q: int = 64
     block_k: int = 64
     density: Optional[float] = None  # visited fraction, when the caller knows it (autotune's density bucket)
+    q_len: int = 0  # tokens (0: not known), for autotune's token buckets and memory estimates
+    kv_len: int = 0
+    batch_heads: int = 0
 
     @classmethod
     def of(cls, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_q: int = 64, block_k: int = 64,
            density: Optional[float] = None) -> "Request":
         grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-        return cls(q.device, q.dtype, q.shape[-1], grad, block_q, block_k, density)
+        return cls(q.device, q.dtype, q.shape[-1], grad, block_q, block_k, density, q.shape[-2], k.shape[-2],
+                   q.shape[0] * q.shape[1] if q.dim() == 4 else 1)
 
 
 # ---------------------------------------------------------------- environment
@@ -68,6 +72,14 @@ def env_value() -> Optional[str]:
     if _ENVIRON_DATA is None or _ENV_KEY is None:
         return os.environ.get(ENV_BACKEND)
     raw = _ENVIRON_DATA.get(_ENV_KEY)
+    return None if raw is None else os.environ.decodevalue(raw)
+
+
+def env_get(name: str) -> Optional[str]:
+    """``os.environ.get(name)`` through the one-lookup path of :func:`env_value` (for variables read per call)."""
+    if _ENVIRON_DATA is None or not hasattr(os.environ, "encodekey"):
+        return os.environ.get(name)
+    raw = _ENVIRON_DATA.get(os.environ.encodekey(name))
     return None if raw is None else os.environ.decodevalue(raw)
 
 
@@ -124,8 +136,20 @@ def _flex_reason(device: torch.device) -> Optional[str]:
 
 
 # -------------------------------------------------------------- the table
-def _block_sparse_triton(r: Request) -> Optional[str]:
+#: Why the Triton interpreter refuses bfloat16 (its bf16 ``tl.dot`` returns values off by about 1e8).
+INTERPRETER_BF16 = ("the Triton interpreter's bfloat16 dot is wrong (values off by about 1e8), so the triton "
+                    "backend refuses bfloat16 on the CPU; use float16 or float32 there, or backend='torch'.")
+
+
+def _triton_dtype_reason(r: Request) -> Optional[str]:
     reason = triton_reason(r.device)
+    if reason is None and r.device.type == "cpu" and r.dtype == torch.bfloat16:
+        return INTERPRETER_BF16
+    return reason
+
+
+def _block_sparse_triton(r: Request) -> Optional[str]:
+    reason = _triton_dtype_reason(r)
     if reason is not None:
         return reason
     if r.head_dim > TRITON_MAX_HEAD_DIM:
@@ -151,7 +175,7 @@ def _block_sparse_flex(r: Request) -> Optional[str]:
 def _sla_triton(r: Request) -> Optional[str]:
     from .sla.configs import BLOCK_K, SLA_DTYPES, SLA_MAX_HEAD_DIM
 
-    reason = triton_reason(r.device)
+    reason = _triton_dtype_reason(r)
     if reason is not None:
         return reason
     if r.head_dim > SLA_MAX_HEAD_DIM:
@@ -211,13 +235,13 @@ def _tuned(family: str, request: Request, tuner) -> Optional[str]:
     if not autotune.enabled() or torch.compiler.is_compiling():
         return None
     contenders = [name for name, can_run, _ in _TABLE[family]
-                  if name in TUNED.get(family, ()) and can_run(request) is None]
+                  if name in TUNED.get(family, ()) and can_run(request) is None and _verified(family, name, request)]
     if len(contenders) < 2:
         return None
     stored = autotune.cached_choice(autotune.ShapeClass.of(family, request, request.density))
     if stored in contenders:
         return stored
-    return tuner(contenders, request) if tuner is not None else None
+    return tuner(contenders, request) if tuner is not None else None  # None: the table order decides
 
 
 def resolve(family: str, backend: str, request: Request, tuner=None) -> str:
@@ -243,7 +267,8 @@ def resolve(family: str, backend: str, request: Request, tuner=None) -> str:
         if tuned is not None:
             return tuned
         for name, can_run, auto in table:
-            if auto and (name != "triton" or request.device.type == "cuda") and can_run(request) is None:
+            if auto and (name != "triton" or request.device.type == "cuda") and can_run(request) is None \
+                    and _verified(family, name, request):
                 return name
         return "torch"
     if forced not in names:
@@ -253,4 +278,31 @@ def resolve(family: str, backend: str, request: Request, tuner=None) -> str:
     reason = dict((n, c) for n, c, _ in table)[forced](request)
     if reason is not None:
         raise BackendUnavailable(f"attention backend {forced!r} cannot run on {request.device}: {reason}")
+    _verified(family, forced, request, forced=True)
     return forced
+
+
+def _check_names(family: str, name: str, needs_grad: bool) -> Tuple[str, ...]:
+    """The self-checked variants a call of ``family`` on backend ``name`` runs: its forward (and the
+    classification, for SLA), and its backward when gradients are needed. The warp-specialized forward is
+    asked for by its launcher, where it is chosen."""
+    from . import selfcheck
+
+    parts = ("classify", "fwd", "bwd") if needs_grad else ("classify", "fwd")
+    found = {v.name.rsplit(".", 1)[-1]: v.name for v in selfcheck.variants()
+             if v.family == family and v.backend == name and v.name.rsplit(".", 1)[-1] in parts}
+    return tuple(found[p] for p in parts if p in found)
+
+
+def _verified(family: str, name: str, request: Request, forced: bool = False) -> bool:
+    """Whether backend ``name``'s variants for ``request`` passed their first-use self-check
+    (:mod:`.selfcheck`): False lets ``auto`` fall back; a forced backend raises
+    :class:`~.selfcheck.VariantFailed` instead. Backends without checked variants (the PyTorch twin,
+    FlexAttention) pass."""
+    if name in ("torch", "flex"):
+        return True
+    from . import selfcheck
+
+    names = _check_names(family, name, request.needs_grad)
+    shape = {"head_dim": request.head_dim, "block_q": request.block_q, "block_k": request.block_k}
+    return selfcheck.gate(names, request.device, request.dtype, shape, forced)

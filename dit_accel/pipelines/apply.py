@@ -584,7 +584,8 @@ def _unload_adapters(transformer: nn.Module, names: Sequence[str], state: tuple)
 def apply(pipe_or_transformer, method: Method, *, dense_steps: int = 0, dense_last_steps: int = 0,
           dense_layers: Union[int, Sequence[int], None] = None, layer_methods: Optional[Dict[int, Method]] = None,
           backend: str = "auto", weights=None, capture=None, capture_layers: Optional[Iterable[int]] = None,
-          capture_steps: Optional[Iterable[int]] = None, scheduler=None, timing: bool = False) -> AccelHandle:
+          capture_steps: Optional[Iterable[int]] = None, scheduler=None, timing: bool = False,
+          allow_other_grid: bool = False) -> AccelHandle:
     """Make a Diffusers pipeline's (or transformer's) self-attention sparse.
 
     Only self-attention among video/image tokens changes; cross-attention stays
@@ -619,6 +620,15 @@ def apply(pipe_or_transformer, method: Method, *, dense_steps: int = 0, dense_la
             the pipeline given here, serve calls that no pipeline makes.
         timing: measure attention time per layer (CUDA events / perf_counter),
             reported as ``time_ms`` in :meth:`AccelHandle.stats`.
+        allow_other_grid: run a :class:`~dit_accel.SparsePlan` on a token grid it was not calibrated
+            for (with one warning per grid) instead of refusing the call.
+
+    A :class:`~dit_accel.SparsePlan` is checked against what it was made for: here, the transformer class
+    (``provenance.model_class``), the number of attention layers (``num_layers``, and every layer its
+    phases name) and heads (``num_heads``, per-head entries); at the first transformer call, before any
+    attention runs, the token grid (``provenance.grids``) and the run's number of denoising steps
+    (``provenance.steps``; no phase may reach past the last step). A mismatch is a ValueError naming both
+    values, and the model stays as it was.
 
     The step index comes from the scheduler position, so classifier-free guidance
     (two transformer calls per step) counts one step. Layer indices count the
@@ -658,8 +668,10 @@ def apply(pipe_or_transformer, method: Method, *, dense_steps: int = 0, dense_la
     found, pipe = _find_transformers(pipe_or_transformer)
     targets = [(prefix, t, preset, attention_modules(t, prefix, preset))
                for prefix, t in found for preset in [preset_for(t)]]
-    if hasattr(method, "check_layers"):  # a SparsePlan made for another model's layer count
-        method.check_layers(max(len(m) for *_, m in targets))
+    _check_bool("allow_other_grid", allow_other_grid)
+    if hasattr(method, "check_model"):  # a SparsePlan: the model class, layers and heads it was made for
+        for _, transformer, _, modules in targets:
+            method.check_model(type(transformer).__name__, [_heads_of(module) for _, module in modules])
     log = WarningLog()
     per_step = any(hasattr(m, "for_layer_step") for m in (method, *layer_methods.values()))  # e.g. TileStrategy
     needs_step = bool(dense_steps or dense_last_steps or capture_steps is not None or per_step)
@@ -673,6 +685,7 @@ def apply(pipe_or_transformer, method: Method, *, dense_steps: int = 0, dense_la
                                                   for i, (name, module) in enumerate(modules)])
     names = [name for *_, modules in targets for name, _ in modules]
     runtime = Runtime(backend, Stats(names, timing), capture, log)
+    runtime.call_check = _plan_call_check(method, allow_other_grid, log)
     # Everything above only reads the model. From here on it changes, so every step is undone on failure:
     # the model (and any handle already applied to it) is then exactly as before.
     previous = _replace_previous(found)
@@ -699,6 +712,25 @@ def apply(pipe_or_transformer, method: Method, *, dense_steps: int = 0, dense_la
         log.warn(f"dit_accel: apply() on a model that {name} was applied to: that handle was removed first "
                  f"(exactly, as handle.remove() does) and the new {handle!r} replaces it", stacklevel=3)
     return handle
+
+
+def _heads_of(module: nn.Module) -> Optional[int]:
+    heads = getattr(module, "heads", None)
+    return int(heads) if is_int(heads) else None
+
+
+def _plan_call_check(method: Method, allow_other_grid: bool, log: WarningLog):
+    """What the pre-hook asks of each new call's grid and step count when ``method`` is a plan (else None)."""
+    check = getattr(method, "check_call", None)
+    if check is None:
+        return None
+
+    def on_call(grid, total_steps) -> None:
+        warning = check(grid, total_steps, allow_other_grid)
+        if warning:
+            log.warn(warning, key=("plan on another grid", tuple(grid)))
+
+    return on_call
 
 
 def _replace_previous(found) -> List[AccelHandle]:

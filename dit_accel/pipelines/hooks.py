@@ -125,6 +125,7 @@ class Runtime:
         self.stats = stats
         self.capture = capture
         self.warnings = warnings
+        self.call_check = None  # (grid, total steps) -> None: a SparsePlan's checks of the call (apply sets it)
         self._local = threading.local()  # per-thread bypass depth (handle.bypassed())
 
     @property
@@ -797,6 +798,8 @@ class TransformerHook:
     def _context(self, info, step: int, total: Optional[int], parallel, device,
                  additive_ok: bool = False) -> CallContext:
         """The call's context: each layer's plan (built, checked and prepared on ``device``), warnings said."""
+        if self.runtime.call_check is not None:  # a calibrated plan's grid and step count, before any attention
+            self.runtime.call_check(info.grid, total)
         split = Split.of(parallel)
         plans = tuple(self._plan(layer, step, total, info.grid, split) for layer in self.layers)
         if split is not None:

@@ -22,9 +22,10 @@ def _fresh_cache(tmp_path, monkeypatch):
     autotune._LOADED.clear()
 
 
-def _shape(density=0.1, dtype="bfloat16", head_dim=128):
-    return autotune.ShapeClass("FakeGPU", "2.x", "3.x", "block_sparse", dtype, head_dim,
-                               autotune.density_bucket(density))
+def _shape(density=0.1, dtype="bfloat16", head_dim=128, tokens="<=4096x<=4096"):
+    return autotune.ShapeClass(device_name="FakeGPU", torch="2.x", triton="3.x", dit_accel="0.x",
+                               family="block_sparse", dtype=dtype, head_dim=head_dim,
+                               density=autotune.density_bucket(density), tokens=tokens, blocks="128x128")
 
 
 def _timer(times):
@@ -81,9 +82,9 @@ def test_failing_contender_is_never_chosen_and_ties_keep_order():
                            _timer([RuntimeError("no"), 5.0])) == "flex"
     assert autotune.cached_choices()[0]["times_ms"]["triton"] is None
     assert autotune.choose(_shape(0.3), {"triton": lambda: None, "flex": lambda: None}, _timer([2.0, 2.0])) == "triton"
-    # Every contender failing: the first, and nothing stored.
+    # Every contender failing: None (the caller's fixed order decides), and nothing stored.
     assert autotune.choose(_shape(0.9), {"a": lambda: None, "b": lambda: None},
-                           _timer([RuntimeError(), RuntimeError()])) == "a"
+                           _timer([RuntimeError(), RuntimeError()])) is None
     assert autotune.cached_choice(_shape(0.9)) is None
 
 
@@ -101,7 +102,8 @@ def fake_cuda(monkeypatch):
                              ("torch", lambda r: None, True))
     monkeypatch.setattr(backends, "_TABLE", table)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "FakeGPU")
-    return Request(torch.device("cuda"), torch.bfloat16, 128, density=0.1)
+    monkeypatch.setattr(backends, "_verified", lambda *a, **k: True)  # no GPU to self-check on
+    return Request(torch.device("cuda"), torch.bfloat16, 128, density=0.1, q_len=4096, kv_len=4096, batch_heads=24)
 
 
 def test_resolve_auto_on_cuda_asks_the_tuner_once_per_class(fake_cuda):
@@ -146,3 +148,86 @@ def test_block_sparse_tuner_times_the_real_calls():
     assert len(timer.calls) == 2
     (row,) = autotune.cached_choices()
     assert row["shape"]["density"] == autotune.density_bucket(layout.density())
+
+
+# ------------------------------------------------------------------ a tuner that cannot poison itself
+def test_the_key_holds_token_buckets_block_sizes_and_the_version(fake_cuda):
+    """A choice made on a 4,096-token FLUX call is not reused for a 32,760-token Wan call, nor for another
+    layout block size or dit_accel version."""
+    flux = autotune.ShapeClass.of("block_sparse", fake_cuda, 0.1)
+    wan = autotune.ShapeClass.of("block_sparse", Request(torch.device("cuda"), torch.bfloat16, 128, density=0.1,
+                                                         q_len=32760, kv_len=32760, batch_heads=80), 0.1)
+    assert flux.tokens == "<=4096x<=4096" and wan.tokens == "<=32768x<=32768"
+    assert flux.key() != wan.key()
+    other_blocks = Request(torch.device("cuda"), torch.bfloat16, 128, block_q=128, block_k=128, density=0.1,
+                           q_len=4096, kv_len=4096)
+    assert autotune.ShapeClass.of("block_sparse", other_blocks, 0.1).key() != flux.key()
+    import dit_accel
+
+    assert flux.dit_accel == dit_accel.__version__
+    assert autotune.token_bucket(1) == "<=1024" and autotune.token_bucket(4097) == "<=8192"
+
+
+def test_resolve_stores_per_token_bucket(fake_cuda):
+    seen = []
+
+    def tuner(names, request):
+        seen.append(request.q_len)
+        return autotune.choose(autotune.ShapeClass.of("block_sparse", request, request.density),
+                               {n: (lambda: None) for n in names}, _timer([1.0, 5.0]))
+
+    assert resolve("block_sparse", "auto", fake_cuda, tuner=tuner) == "triton"
+    longer = Request(torch.device("cuda"), torch.bfloat16, 128, density=0.1, q_len=32760, kv_len=32760)
+    resolve("block_sparse", "auto", longer, tuner=tuner)
+    assert seen == [4096, 32760]  # the 4,096-token choice was not reused
+
+
+def test_a_contender_that_does_not_fit_in_memory_is_not_tried():
+    from dit_accel.kernels.block_sparse.api import memory_skips
+
+    q = torch.empty(2, 40, 32760, 1, device="meta")
+    skips = memory_skips(["triton", "flex"], q, q, free=80 * 2 ** 30)
+    assert list(skips) == ["flex"] and "GiB of scores" in skips["flex"] and "N=32760" in skips["flex"]
+    small = torch.empty(1, 24, 4096, 1, device="meta")
+    assert memory_skips(["triton", "flex"], small, small, free=80 * 2 ** 30) == {}
+    timer = _timer([1.0])
+    assert autotune.choose(_shape(), {"triton": lambda: None, "flex": lambda: None}, timer,
+                           skip=skips) == "triton"
+    assert len(timer.calls) == 1  # flex was never run
+    assert autotune.cached_choices()[0]["skipped"] == skips
+
+
+def test_a_choice_is_stored_only_after_it_matched_the_reference():
+    checked = []
+
+    def verify(name):
+        checked.append(name)
+        return name != "flex"  # the fastest one gives wrong numbers on this call
+
+    assert autotune.choose(_shape(), {"triton": lambda: None, "flex": lambda: None}, _timer([3.0, 1.0]),
+                           verify=verify) == "triton"
+    assert checked == ["flex", "triton"]
+    (row,) = autotune.cached_choices()
+    assert row["choice"] == "triton" and row["rejected"] == ["flex"]
+    # Nothing matched: nothing stored, None returned (the table order, which is self-checked, decides).
+    assert autotune.choose(_shape(0.4), {"triton": lambda: None, "flex": lambda: None}, _timer([1.0, 2.0]),
+                           verify=lambda name: False) is None
+    assert autotune.cached_choice(_shape(0.4)) is None
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="runs the interpreted triton kernel")
+def test_the_real_tuner_rejects_a_corrupted_fastest_backend(monkeypatch, tmp_path):
+    """The tuner's reference check on the call itself: a triton forward that returns wrong numbers
+    (DIT_ACCEL_FAULT) is timed fastest but never stored; the PyTorch twin is."""
+    from dit_accel.kernels import selfcheck
+
+    monkeypatch.setenv(selfcheck.ENV_FAULT, "block_sparse.triton.fwd")
+    monkeypatch.setenv(selfcheck.ENV_SELFCHECK, "0")  # the first-use check would disable it before the tuner
+    mask = torch.ones(64, 64, dtype=torch.bool).tril()
+    layout = BlockLayout.from_dense_mask(mask, 32, 32)
+    q, k, v = (torch.randn(1, 1, 64, 32) for _ in range(3))
+    tune = block_sparse_tuner(q, k, v, layout, 0.2, timer=_timer([1.0, 7.0]), free=lambda device: None)
+    request = Request(torch.device("cpu"), torch.float32, 32, q_len=64, kv_len=64)
+    assert tune(["triton", "torch"], request) == "torch"
+    (row,) = autotune.cached_choices()
+    assert row["rejected"] == ["triton"]

@@ -61,13 +61,15 @@ from ..dense.tiles import (LN2, LOG2E, dkdv_step, dq_step, fwd_step, fwd_update,
                           slice_descriptors, words_keep)
 from ..dense.configs import tma_ok
 from ..dense.triton import _bwd_preprocess_kernel, ensure_allocator
-from .. import occupancy
+from .. import occupancy, selfcheck
 from ..layout import BlockLayout
 from .configs import KernelConfig, pointer_fallback, resume_config, select_config, ws_config, ws_pays
 
 __all__ = ["triton_forward", "triton_backward", "KERNELS", "TilePlan", "tile_plan", "work_order", "ws_schedule", "tma_ok"]
 
 T = TypeVar("T")
+#: The self-check's name of the warp-specialized forward (with its resume pass).
+WS_VARIANT = "block_sparse.triton.fwd_ws"
 
 
 # ---------------------------------------------------------------------------
@@ -793,18 +795,20 @@ def triton_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Bl
     _fwd_kernel[grid](q, k, v, out, lse, *launch.args, scale * _LOG2E, **launch.kw)
     if out is not o:
         o.copy_(out[..., :d])
+    selfcheck.corrupt("block_sparse.triton.fwd", o)
     return o, lse
 
 
-def ws_schedule(plan: TilePlan, batch: int, heads: int, cfg: KernelConfig, arch: str = "h100"
+def ws_schedule(plan: TilePlan, batch: int, heads: int, cfg: KernelConfig, arch: str = "h100", force: bool = False
                 ) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
     """``(items, resumed)`` of the warp-specialized forward, or None where :func:`ws_pays` says the
-    one-loop kernel is faster for this plan: ``items`` is :func:`work_order`, ``resumed`` the items
-    with partial tiles, in the same order (the resume pass). One host sync; cached with the plan."""
+    one-loop kernel is faster for this plan (``force``: take ws regardless, for its self-check): ``items``
+    is :func:`work_order`, ``resumed`` the items with partial tiles, in the same order (the resume pass).
+    One host sync; cached with the plan."""
     full, part = plan.plan[..., 0].long(), plan.plan[..., 1].long()  # [Hl, R]
     reps = batch * (heads if full.shape[0] == 1 else 1)
     n_full, n_part, n_rows = (int(x) * reps for x in torch.stack([full.sum(), part.sum(), (part > 0).sum()]).tolist())
-    if not ws_pays(n_full, n_part, n_rows, cfg.block_m, cfg.block_n, arch):
+    if not force and not ws_pays(n_full, n_part, n_rows, cfg.block_m, cfg.block_n, arch):
         return None
     items = work_order(plan, batch, heads)
     bh = torch.arange(batch * heads, device=part.device)
@@ -812,17 +816,19 @@ def ws_schedule(plan: TilePlan, batch: int, heads: int, cfg: KernelConfig, arch:
     return items, items[has_part[items.long()]]
 
 
-def _ws_forward(q, k, v, o, lse, layout: BlockLayout, cfg: KernelConfig, scale: float) -> bool:
+def _ws_forward(q, k, v, o, lse, layout: BlockLayout, cfg: KernelConfig, scale: float, force: bool = False) -> bool:
     """sm_90: the full tiles in the warp-specialized kernel, then the partial tiles in the resume
     pass (the one-loop kernel started from the first's O and LSE). False (nothing run) where there is
-    no ws configuration or the cost model prefers the one-loop kernel for this layout."""
+    no ws configuration, the cost model prefers the one-loop kernel for this layout (unless ``force``),
+    or the ws variant failed its self-check (:mod:`dit_accel.kernels.selfcheck`)."""
     ws = ws_config(cfg, _arch(q.device))
     if ws is None:
         return False
-    b, h, n, _ = q.shape
+    b, h, n, d = q.shape
     plan = _plan(layout, ws.block_m, ws.block_n, transposed=False)
-    sched = _PLANS.get(layout, ("ws", ws.block_m, ws.block_n, b, h), lambda: ws_schedule(plan, b, h, ws))
-    if sched is None:
+    sched = _PLANS.get(layout, ("ws", ws.block_m, ws.block_n, b, h, force),
+                       lambda: ws_schedule(plan, b, h, ws, force=force))
+    if sched is None or not selfcheck.usable_fast(WS_VARIANT, q.device, q.dtype, d, layout.block_q, layout.block_k):
         return False
     items, resumed = sched
     ensure_allocator(q.device)
@@ -836,6 +842,7 @@ def _ws_forward(q, k, v, o, lse, layout: BlockLayout, cfg: KernelConfig, scale: 
         kw = dict(**c.constexprs(), num_warps=c.num_warps, num_stages=c.num_stages)
         grid = (_programs(q.device, c, todo.numel(), lambda: _fwd_kernel.warmup(*args, grid=(1,), **kw)),)
         _fwd_kernel[grid](*args, **kw)
+    selfcheck.corrupt(WS_VARIANT, o)
     return True
 
 
@@ -953,4 +960,5 @@ def triton_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch
         q, kd, vd, do, lse2, delta, dq, *qs.args, scale, scale * _LOG2E, **qs.kw)
     if dq.shape[-1] != d:
         dq, dk, dv = (g[..., :d].contiguous() for g in (dq, dk, dv))
+    selfcheck.corrupt("block_sparse.triton.bwd", dq)
     return dq, dk, dv

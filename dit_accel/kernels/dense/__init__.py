@@ -58,8 +58,20 @@ def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Op
     scale = check_scale(scale, q.shape[-1])
     if q.shape[-1] > 256 or k.shape[2] == 0:
         raise ValueError(f"the dense Triton kernel takes 1 <= M and D <= 256; got M={k.shape[2]}, D={q.shape[-1]}")
+    _verified(q, k, v)
     o, lse = _DenseAttention.apply(q, k, v, scale)
     return (o, lse) if return_lse else o
+
+
+def _verified(q, k, v) -> None:
+    """The dense kernels passed their first-use self-check here (:mod:`dit_accel.kernels.selfcheck`), else
+    :class:`~dit_accel.kernels.selfcheck.VariantFailed` (callers choosing among dense kernels skip it)."""
+    from .. import selfcheck
+
+    grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    for name in ("dense.triton.fwd", "dense.triton.bwd") if grad else ("dense.triton.fwd",):
+        if not selfcheck.usable_fast(name, q.device, q.dtype, q.shape[-1], 64, 64):
+            selfcheck.require(name, q.device, q.dtype, {"head_dim": q.shape[-1], "block_q": 64, "block_k": 64})
 
 
 def dense_contenders(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

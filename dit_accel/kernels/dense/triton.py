@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import occupancy
+from .. import occupancy, selfcheck
 from .tiles import LN2, LOG2E, dkdv_step, dq_step, fwd_step, load_tile, slice_descriptors
 from .tiles import LOG2E_HOST as _LOG2E
 
@@ -352,7 +352,7 @@ def dense_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: floa
         q, kd, vd, o, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(o), lse.stride(0), lse.stride(1),
         h, n, m, q.shape[-1], scale * _LOG2E, **kw, **extra, num_warps=cfg.num_warps,
         num_stages=cfg.num_stages)
-    return (o if o.shape[-1] == d else o[..., :d].contiguous()), lse
+    return selfcheck.corrupt("dense.triton.fwd", o if o.shape[-1] == d else o[..., :d].contiguous()), lse
 
 
 @occupancy.on_inputs_device
@@ -404,4 +404,5 @@ def dense_backward(do, q, k, v, o, lse, scale: float) -> Tuple[torch.Tensor, tor
     _dense_dq_kernel[(triton.cdiv(n, cfg.block_m), b * h)](
         q, kd, vd, do, lse2, delta, dq, *strides, *sizes,
         **cfg.constexprs(), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    return tuple(g if g.shape[-1] == d else g[..., :d].contiguous() for g in (dq, dk, dv))
+    dq, dk, dv = (g if g.shape[-1] == d else g[..., :d].contiguous() for g in (dq, dk, dv))
+    return selfcheck.corrupt("dense.triton.bwd", dq), dk, dv

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from ..._util import cdiv as _cdiv
+from .. import selfcheck
 from .common import (FEATURE_IDS, FEATURE_MAPS, SLABlocks, SLAParams, classify_pooled,
                      rounded_features, sla_block_counts)
 
@@ -65,6 +66,10 @@ def _(qb, kb, n_crit, n_neg):
             qb.new_empty((b, h, nq, n_neg), dtype=torch.int32))
 
 
+#: The self-check's name of the Triton classification (pool + select).
+CLASSIFY_VARIANT = "sla.triton.classify"
+
+
 def sla_triton_classify(q: Tensor, k: Tensor, method: SLAParams) -> SLABlocks:
     """:func:`~.common.sla_classify` in two Triton launches (the Triton backend's classification): the pooling
     (:func:`~.pool.pool_blocks`) and the selection (:func:`~.select.select_blocks`: scores and both sets, no
@@ -72,6 +77,14 @@ def sla_triton_classify(q: Tensor, k: Tensor, method: SLAParams) -> SLABlocks:
     pooled values and the scores differ from the twin's in fp32 summation order only. Past the selection
     kernel's bounds (more than ``select.NK_MAX`` key blocks) the twin's :func:`~.common.classify_pooled`
     selects from the pooled values. ``method``: an :class:`SLAParams`."""
+    blocks = _classify(q, k, method)
+    if selfcheck.faulted(CLASSIFY_VARIANT):  # $DIT_ACCEL_FAULT: the opposite end of the ranking, as a broken select
+        n_kb = blocks.scores.shape[-1] if blocks.scores is not None else blocks.classes.shape[-1]
+        blocks = SLABlocks((n_kb - 1 - blocks.critical).flip(-1).contiguous(), scores=blocks.scores)
+    return blocks
+
+
+def _classify(q: Tensor, k: Tensor, method: SLAParams) -> SLABlocks:
     _, n_crit, n_neg, _ = sla_block_counts(k.shape[-2], method)
     if _direct(q, k):  # eager, q and k record nothing: the launchers themselves (their outputs record nothing)
         pool, _, _, select, fits = _launchers()
@@ -81,7 +94,7 @@ def sla_triton_classify(q: Tensor, k: Tensor, method: SLAParams) -> SLABlocks:
             return SLABlocks(critical, negligible, scores=scores)
     elif torch.is_grad_enabled():  # the ops have no autograd formula (the top-k choice has no gradient)
         with torch.no_grad():
-            return sla_triton_classify(q, k, method)
+            return _classify(q, k, method)
     else:
         qb, kb = sla_pool(q, k, method.block_q, method.block_k)
         if _launchers()[4](kb.shape[-2], kb.shape[-1]):

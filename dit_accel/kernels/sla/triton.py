@@ -47,6 +47,7 @@ import triton.language as tl
 from triton.runtime.errors import OutOfResources
 
 from ..._util import cdiv as _cdiv
+from .. import selfcheck
 from .._cache import bounded_get
 from .. import occupancy
 from ..dense.configs import tma_ok
@@ -697,7 +698,7 @@ def sla_forward(q, k, v, critical, lin_blocks, scale, feature, has_lin, lin_sign
         den = torch.empty(0, dtype=torch.float32, device=dev) if empties else None
     elif dp != d:
         o_l = o_l[..., :d].contiguous()
-    return (o if dp == d else o[..., :d].contiguous()), lse, o_l, den
+    return selfcheck.corrupt("sla.triton.fwd", o if dp == d else o[..., :d].contiguous()), lse, o_l, den
 
 
 def _forward_launch(q, k, v, critical, lin_blocks, scale, feature, has_lin, lin_sign, lin_eps, block_q):
@@ -786,4 +787,5 @@ def sla_backward(do, dlse, dnum, dden, q, k, v, qf, kf, o, lse, critical, lin_bl
         dk = dk + _feature_backward(phi_k, dkf if dkf_g is None else dkf + dkf_g, feature)
     if dv_g is not None:
         dv = dv + dv_g
-    return tuple(g.to(v.dtype).contiguous() for g in (dq, dk, dv))
+    dq, dk, dv = (g.to(v.dtype).contiguous() for g in (dq, dk, dv))
+    return selfcheck.corrupt("sla.triton.bwd", dq), dk, dv

@@ -1,0 +1,263 @@
+"""The in-repo Triton kernels' variants and their self-check problems (registered with :mod:`.selfcheck`).
+
+Each problem is built to reach what production reaches, small: on a GPU, 2 x 40 heads over ragged lengths, so
+there are more work items than resident CTAs (the persistent and warp-specialized kernels walk several items
+per CTA, reuse their K/V rings and rewrite their in-kernel descriptors); everywhere per-head layouts with full,
+partial (element-masked), skipped and ragged tiles and a row that sees no key. The reference is the fp32
+masked-dense oracle (:func:`dit_accel.kernels.reference.dense_attention_reference`) for block-sparse and dense
+attention, and the PyTorch twin in fp32 for SLA (its classification checked on its own, against the twin's).
+Under the Triton interpreter the problems shrink (2 x 2 heads), and the persistent grid has
+:data:`~dit_accel.kernels.block_sparse.triton.INTERPRETER_PROGRAMS` programs, so items still outnumber them.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .selfcheck import Result, Variant, register, relative_error
+
+#: Forward error bound per dtype (relative, Frobenius), and the gradients'.
+FWD_TOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 1e-2}
+BWD_TOL = {torch.float32: 1e-3, torch.float16: 2e-2, torch.bfloat16: 2e-2}
+
+
+def _gpu(device: torch.device) -> bool:
+    return device.type == "cuda"
+
+
+def _triton_applies(device: torch.device) -> Optional[str]:
+    from .backends import triton_reason
+
+    return triton_reason(device)
+
+
+def _sm90_applies(device: torch.device) -> Optional[str]:
+    reason = _triton_applies(device)
+    if reason is not None:
+        return reason
+    if device.type != "cuda" or torch.cuda.get_device_capability(device)[0] != 9:
+        return "the warp-specialized forward is built for sm_90 (H100 / H200) only"
+    return None
+
+
+def _qkv(b, h, n, m, d, dtype, device, seed):
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(b, h, x, d, generator=g) for x in (n, m, m))
+    return tuple(t.to(device=device, dtype=dtype) for t in (q, k, v))
+
+
+def _mask(h, n, m, block, seed, *, full=0.5):
+    """``[h, n, m]`` bool: per block row a random set of whole blocks (``full`` of them dense, the rest with
+    random elements), a band so every row sees keys, and row 5 with none."""
+    g = torch.Generator().manual_seed(seed)
+    nb, mb = -(-n // block), -(-m // block)
+    pick = torch.rand(h, nb, mb, generator=g)
+    dense = (pick < full * 0.5).repeat_interleave(block, 1).repeat_interleave(block, 2)[:, :n, :m]
+    some = (pick < 0.5).repeat_interleave(block, 1).repeat_interleave(block, 2)[:, :n, :m]
+    mask = dense | (some & (torch.rand(h, n, m, generator=g) < 0.4))
+    i = torch.arange(n)[:, None] * (m / n)
+    mask |= ((i - torch.arange(m)[None, :]).abs() <= 3)[None]
+    mask[:, 5] = False
+    return mask
+
+
+def _sizes(device, shape, rows_per_block=8, heads=40):
+    bq, bk = shape["block_q"], shape["block_k"]
+    if _gpu(device):
+        return 2, heads, rows_per_block * bq + 37, (rows_per_block - 2) * bk + 11
+    return 2, 2, 2 * bq + 37, 2 * bk + 11
+
+
+def _block_sparse_problem(device, dtype, shape, seed=0, full=0.5):
+    from .layout import BlockLayout
+
+    b, h, n, m = _sizes(device, shape)
+    mask = _mask(h, n, m, min(shape["block_q"], shape["block_k"]), seed, full=full)
+    layout = BlockLayout.from_dense_mask(mask.to(device), block_q=shape["block_q"], block_k=shape["block_k"])
+    q, k, v = _qkv(b, h, n, m, shape["head_dim"], dtype, device, seed)
+    text = (f"{b}x{h} heads, N={n}, M={m}, d={shape['head_dim']}, {shape['block_q']}x{shape['block_k']} "
+            f"blocks, {str(dtype).replace('torch.', '')}, per-head partial and ragged tiles, an empty row")
+    return q, k, v, mask.to(device), layout, text
+
+
+def _fwd_errors(o, lse, ref_o, ref_lse):
+    return max(relative_error(o, ref_o), relative_error(lse, ref_lse))
+
+
+def _check_block_sparse_fwd(device, dtype, shape) -> Result:
+    from .block_sparse.triton import triton_forward
+    from .reference import dense_attention_reference
+
+    q, k, v, mask, layout, text = _block_sparse_problem(device, dtype, shape)
+    scale = shape["head_dim"] ** -0.5
+    o, lse = triton_forward(q, k, v, layout, scale)
+    ref_o, ref_lse = dense_attention_reference(q, k, v, mask, scale)
+    return Result(_fwd_errors(o, lse, ref_o, ref_lse), FWD_TOL[dtype], text)
+
+
+def _check_block_sparse_ws(device, dtype, shape) -> Result:
+    """The warp-specialized forward and its resume pass, reached through the launcher with the cost
+    model's choice forced (mostly full tiles, a few partial ones)."""
+    from .block_sparse import triton as bst
+    from .reference import dense_attention_reference
+
+    q, k, v, mask, layout, text = _block_sparse_problem(device, dtype, shape, seed=1, full=1.6)
+    scale = shape["head_dim"] ** -0.5
+    o = torch.empty_like(q)
+    lse = torch.empty(q.shape[:-1], dtype=torch.float32, device=q.device)
+    cfg = bst._config("fwd", q, layout, (k, v))
+    if not cfg.tma or not bst._ws_forward(q, k, v, o, lse, layout, cfg, scale, force=True):
+        return Result(float("inf"), FWD_TOL[dtype], text + ": the ws forward was not reached (no ws configuration)")
+    ref_o, ref_lse = dense_attention_reference(q, k, v, mask, scale)
+    return Result(_fwd_errors(o, lse, ref_o, ref_lse), FWD_TOL[dtype], text + ", ws + resume")
+
+
+def _grads(fn, q, k, v, do):
+    leaves = [t.detach().requires_grad_(True) for t in (q, k, v)]
+    out = fn(*leaves)
+    return torch.autograd.grad((out.float() * do).sum(), leaves)
+
+
+def _grad_error(got, want) -> float:
+    return max(relative_error(g, w) for g, w in zip(got, want))
+
+
+def _check_block_sparse_bwd(device, dtype, shape) -> Result:
+    from .block_sparse.triton import triton_backward, triton_forward
+    from .reference import dense_attention_reference
+
+    q, k, v, mask, layout, text = _block_sparse_problem(device, dtype, shape, seed=2)
+    scale = shape["head_dim"] ** -0.5
+    o, lse = triton_forward(q, k, v, layout, scale)
+    do = torch.randn(o.shape, generator=torch.Generator().manual_seed(3)).to(device)
+    got = triton_backward(do.to(dtype), q, k, v, o, lse, layout, scale)
+    want = _grads(lambda a, b, c: dense_attention_reference(a, b, c, mask, scale)[0], q, k, v, do)
+    return Result(_grad_error(got, want), BWD_TOL[dtype], text + ", dQ dK dV")
+
+
+def _check_dense(device, dtype, shape, backward: bool) -> Result:
+    from .dense.triton import dense_backward, dense_forward
+    from .reference import dense_attention_reference
+
+    b, h, n, m = _sizes(device, shape, heads=12)
+    q, k, v = _qkv(b, h, n, m, shape["head_dim"], dtype, device, 4)
+    scale = shape["head_dim"] ** -0.5
+    text = f"{b}x{h} heads, N={n}, M={m}, d={shape['head_dim']}, {str(dtype).replace('torch.', '')}"
+    o, lse = dense_forward(q, k, v, scale)
+    if not backward:
+        ref_o, ref_lse = dense_attention_reference(q, k, v, None, scale)
+        return Result(_fwd_errors(o, lse, ref_o, ref_lse), FWD_TOL[dtype], text)
+    do = torch.randn(o.shape, generator=torch.Generator().manual_seed(5)).to(device)
+    got = dense_backward(do.to(dtype), q, k, v, o, lse, scale)
+    want = _grads(lambda a, c, e: dense_attention_reference(a, c, e, None, scale)[0], q, k, v, do)
+    return Result(_grad_error(got, want), BWD_TOL[dtype], text + ", dQ dK dV")
+
+
+# ----------------------------------------------------------------------------- SLA
+def _sla_problem(device, dtype, shape, seed=6):
+    from .sla.common import SLAParams
+
+    b, h, n, m = _sizes(device, shape, heads=12)
+    q, k, v = _qkv(b, h, n, m, shape["head_dim"], dtype, device, seed)
+    params = SLAParams(topk=0.25, negligible=0.25, block_q=shape["block_q"], block_k=64)
+    proj = torch.nn.Linear(shape["head_dim"], shape["head_dim"])
+    torch.nn.init.normal_(proj.weight, std=0.2, generator=torch.Generator().manual_seed(seed))
+    proj = proj.to(device=device, dtype=dtype)
+    text = (f"{b}x{h} heads, N={n}, M={m}, d={shape['head_dim']}, {shape['block_q']}-row blocks, "
+            f"{str(dtype).replace('torch.', '')}, critical, marginal (projected) and negligible blocks")
+    return q, k, v, params, proj, text
+
+
+def _sla_out(q, k, v, params, proj, blocks, backend):
+    from .sla.common import sla_block_counts
+    from .sla.naive import sla_torch
+    from .sla.ops import sla_triton_attention
+
+    scale = q.shape[-1] ** -0.5
+    with_linear = sla_block_counts(k.shape[-2], params)[3] > 0
+    if backend == "triton":
+        o_s, _, o_l = sla_triton_attention(q, k, v, blocks, params, scale, with_linear)
+    else:
+        o_s, _, o_l = sla_torch(q.float(), k.float(), v.float(), blocks, params, scale, with_linear)
+    if o_l is None:
+        return o_s.float()
+    return o_s.float() + torch.nn.functional.linear(o_l.float(), proj.weight.float(), proj.bias.float())
+
+
+def _check_sla(device, dtype, shape, backward: bool) -> Result:
+    from .sla.ops import sla_triton_classify
+
+    q, k, v, params, proj, text = _sla_problem(device, dtype, shape)
+    blocks = sla_triton_classify(q, k, params)  # its own check is the classify variant's
+    if not backward:
+        with torch.no_grad():
+            got = _sla_out(q, k, v, params, proj, blocks, "triton")
+            want = _sla_out(q, k, v, params, proj, blocks, "torch")
+        return Result(relative_error(got, want), FWD_TOL[dtype], text)
+    do = torch.randn(q.shape, generator=torch.Generator().manual_seed(7)).to(device)
+    got = _grads(lambda a, b, c: _sla_out(a, b, c, params, proj, blocks, "triton"), q, k, v, do)
+    want = _grads(lambda a, b, c: _sla_out(a.float(), b.float(), c.float(), params, proj, blocks, "torch"),
+                  q, k, v, do)
+    return Result(_grad_error(got, want), BWD_TOL[dtype], text + ", dQ dK dV")
+
+
+#: Classification: the fraction of (query block, key block) classes that may differ from the twin's (pooled
+#: scores are fp32 dots in another order, so a near-tie may fall either way; a wrong selection moves many).
+CLASSIFY_TOL = 0.01
+
+
+def _check_sla_classify(device, dtype, shape) -> Result:
+    from .sla.common import SLAParams, sla_classify
+    from .sla.ops import sla_triton_classify
+
+    q, k, _, params, _, text = _sla_problem(device, dtype, shape, seed=8)
+    problems = [(q, k, params, text)]
+    if _gpu(device):  # Wan 720p's row length: 1,182 key blocks
+        n = 1182 * 64 - 13
+        q2, k2, _ = _qkv(1, 2, n, n, shape["head_dim"], dtype, device, 9)
+        problems.append((q2, k2, SLAParams(topk=0.05, negligible=0.1, block_q=shape["block_q"], block_k=64),
+                         f"1x2 heads, N={n} (1,182 key blocks)"))
+    worst = 0.0
+    for q_, k_, p_, _ in problems:
+        got, want = sla_triton_classify(q_, k_, p_).classes, sla_classify(q_, k_, p_).classes
+        worst = max(worst, float((got != want).float().mean()))
+    return Result(worst, CLASSIFY_TOL, "; ".join(t for *_, t in problems) + " (fraction of block classes that differ)")
+
+
+def _sla_shapes(device):
+    if device.type == "cuda":
+        return tuple({"head_dim": d, "block_q": b, "block_k": 64} for d in (64, 128) for b in (64, 128))
+    return ({"head_dim": 64, "block_q": 64, "block_k": 64},)
+
+
+def _ws_shapes(device):
+    """The shapes the ws forward has a configuration for (:data:`.block_sparse.configs.WS_TUNED`): 128-row
+    query blocks at the head dims of its tuned tiles."""
+    from .block_sparse.configs import WS_TUNED
+
+    return tuple({"head_dim": bd, "block_q": 128, "block_k": bk} for (_, _, bd), (bm, bn, _, _) in WS_TUNED.items()
+                 for bk in (64, 128) if bn <= bk)
+
+
+def _half(device):
+    return (torch.bfloat16, torch.float16) if device.type == "cuda" else (torch.float16,)
+
+
+for _v in (
+    Variant("block_sparse.triton.fwd", "block_sparse", "triton", _triton_applies, _check_block_sparse_fwd),
+    Variant("block_sparse.triton.fwd_ws", "block_sparse", "triton", _sm90_applies, _check_block_sparse_ws,
+            dtypes=_half, shapes=_ws_shapes),
+    Variant("block_sparse.triton.bwd", "block_sparse", "triton", _triton_applies, _check_block_sparse_bwd),
+    Variant("dense.triton.fwd", "dense", "triton", _triton_applies,
+            lambda device, dtype, shape: _check_dense(device, dtype, shape, False)),
+    Variant("dense.triton.bwd", "dense", "triton", _triton_applies,
+            lambda device, dtype, shape: _check_dense(device, dtype, shape, True)),
+    Variant("sla.triton.classify", "sla", "triton", _triton_applies, _check_sla_classify, shapes=_sla_shapes),
+    Variant("sla.triton.fwd", "sla", "triton", _triton_applies,
+            lambda device, dtype, shape: _check_sla(device, dtype, shape, False), shapes=_sla_shapes),
+    Variant("sla.triton.bwd", "sla", "triton", _triton_applies,
+            lambda device, dtype, shape: _check_sla(device, dtype, shape, True), shapes=_sla_shapes),
+):
+    register(_v)

@@ -1,0 +1,420 @@
+"""First-use self-check of every GPU kernel variant: run once, against the fp32 twin, before it is trusted.
+
+A kernel *variant* (``"block_sparse.triton.fwd"``, ``"block_sparse.triton.fwd_ws"``, ``"sla.triton.classify"``,
+...) is a code path a call can take. Before a call of ``backend="auto"`` or a forced backend runs a variant
+for the first time on a (device arch, dtype, head dim, block sizes) with these torch, triton and dit_accel
+versions and this kernel source, :func:`usable` runs the variant's own synthetic problem (more work items
+than the GPU holds at once, ragged tiles, per-head layouts, an empty row) against the fp32 PyTorch twin and
+keeps the verdict, in memory and in ``$DIT_ACCEL_CACHE/selfcheck.json``:
+
+- a passing variant runs from then on with no further cost (a dictionary lookup per call signature);
+- a failing variant is disabled with one warning naming it and its measured error: ``auto`` falls back to
+  the next verified variant (the one-loop kernel for ws, the PyTorch twin for Triton), and a forced
+  backend raises :class:`VariantFailed` (a :class:`~dit_accel.kernels.backends.BackendUnavailable`)
+  instead of returning wrong numbers.
+
+``$DIT_ACCEL_FAULT=<variant>[,<variant>...]`` corrupts the named variants' outputs where the launchers
+write them (:func:`corrupt`): it proves that the check catches a broken kernel, on any device.
+``DIT_ACCEL_SELFCHECK=0`` trusts every variant without checking (for measurements that stub kernels).
+``dit-accel selftest`` runs every variant this machine would use and prints the verdicts.
+
+Backends register their variants at import (:func:`register`); the check functions are theirs.
+
+Example::
+
+    from dit_accel.kernels import selfcheck
+    for row in selfcheck.run_all("cuda"):
+        print(row["variant"], row["verdict"], row["error"])
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import math
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+
+from .backends import BackendUnavailable
+
+__all__ = ["ENV_FAULT", "ENV_SELFCHECK", "Variant", "Result", "VariantFailed", "register", "variants", "variant",
+           "usable", "usable_fast", "require", "gate", "corrupt", "faulted", "faults", "relative_error", "run_all", "cached_verdicts", "clear",
+           "cache_path", "enabled"]
+
+#: Environment variable naming the variants whose output is corrupted (comma-separated), for proving the check.
+ENV_FAULT = "DIT_ACCEL_FAULT"
+#: Environment variable: ``0`` trusts every variant without running its check.
+ENV_SELFCHECK = "DIT_ACCEL_SELFCHECK"
+
+
+class VariantFailed(BackendUnavailable):
+    """A kernel variant failed its self-check on this machine (the message names it and the error)."""
+
+
+@dataclass(frozen=True)
+class Result:
+    """One check: the relative error against the fp32 twin, the bound it must stay within, the problem run."""
+
+    error: float
+    tolerance: float
+    problem: str
+
+    @property
+    def ok(self) -> bool:
+        return math.isfinite(self.error) and self.error <= self.tolerance
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A kernel code path: its name, and how to tell whether it applies here and whether it is right.
+
+    ``applies(device)``: None when this machine would run it, else why not. ``dtypes(device)``: the dtypes
+    ``dit-accel selftest`` checks on that device. ``check(device, dtype, shape)``: runs the synthetic problem
+    for ``shape`` (``{"head_dim", "block_q", "block_k"}``) and returns a :class:`Result`.
+    ``shapes(device)``: the shapes ``selftest`` checks (the production ones of that device).
+    """
+
+    name: str
+    family: str
+    backend: str
+    applies: Callable[[torch.device], Optional[str]]
+    check: Callable[[torch.device, torch.dtype, dict], Result]
+    dtypes: Callable[[torch.device], Tuple[torch.dtype, ...]] = field(default=lambda device: _default_dtypes(device))
+    shapes: Callable[[torch.device], Tuple[dict, ...]] = field(default=lambda device: _default_shapes(device))
+
+
+def _default_dtypes(device: torch.device) -> Tuple[torch.dtype, ...]:
+    # The interpreter's bf16 dot is wrong (the launchers refuse bf16 there): fp32 and fp16 on the CPU.
+    return (torch.bfloat16, torch.float16) if device.type == "cuda" else (torch.float32, torch.float16)
+
+
+def _default_shapes(device: torch.device) -> Tuple[dict, ...]:
+    if device.type == "cuda":
+        return tuple({"head_dim": d, "block_q": b, "block_k": b} for d in (64, 128) for b in (64, 128))
+    return ({"head_dim": 64, "block_q": 64, "block_k": 64},)
+
+
+_REGISTRY: Dict[str, Variant] = {}
+_LOCK = threading.RLock()
+
+
+def register(v: Variant) -> Variant:
+    """Add ``v`` (once per name; registering a name again replaces it). Returns ``v``."""
+    with _LOCK:
+        _REGISTRY[v.name] = v
+    return v
+
+
+def _load_builtin() -> None:
+    """Import the modules that register the in-repo variants (they live beside their kernels)."""
+    from . import _selfchecks  # noqa: F401  (registers on import)
+
+    try:
+        from .block_sparse import vendor  # noqa: F401  (the vendor backends register theirs, where present)
+    except ImportError:
+        pass
+
+
+def variants() -> List[Variant]:
+    """Every registered variant, in name order."""
+    _load_builtin()
+    return [_REGISTRY[n] for n in sorted(_REGISTRY)]
+
+
+def variant(name: str) -> Variant:
+    """The registered variant ``name``; ValueError listing the names otherwise."""
+    _load_builtin()
+    if name not in _REGISTRY:
+        raise ValueError(f"no kernel variant named {name!r}; the variants are: {', '.join(sorted(_REGISTRY))}")
+    return _REGISTRY[name]
+
+
+# ----------------------------------------------------------------------------- the fault switch
+def _env(name: str) -> Optional[str]:
+    from .backends import env_get
+
+    return env_get(name)
+
+
+def faults() -> Tuple[str, ...]:
+    """The variant names ``$DIT_ACCEL_FAULT`` lists (empty when unset)."""
+    raw = _env(ENV_FAULT)
+    if not raw:
+        return ()
+    return tuple(s.strip() for s in raw.split(",") if s.strip())
+
+
+def faulted(name: str) -> bool:
+    """Whether ``$DIT_ACCEL_FAULT`` names ``name`` (one environment lookup when unset)."""
+    return bool(_env(ENV_FAULT)) and name in faults()
+
+
+def corrupt(name: str, t: torch.Tensor) -> torch.Tensor:
+    """``t`` itself, or, when ``$DIT_ACCEL_FAULT`` names ``name``, ``t`` corrupted in place (every value
+    shifted by one and a quarter of them negated): what a broken kernel might return. Launchers call this on
+    the output they hand back; unset, it costs one environment lookup."""
+    if faulted(name):
+        with torch.no_grad():
+            t.add_(1.0)
+            t[..., ::4].neg_()
+    return t
+
+
+def enabled() -> bool:
+    """Whether variants are checked before use (``$DIT_ACCEL_SELFCHECK`` unset or not ``0``)."""
+    return (_env(ENV_SELFCHECK) or "1").strip().lower() not in ("0", "false", "off", "no")
+
+
+def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """``||out - ref|| / ||ref||`` in fp32 (over finite reference entries; ``inf`` where ``out`` is not finite
+    there). Entries where both are ``-inf`` (an lse of a row that sees no key) count as equal."""
+    out, ref = out.detach().float(), ref.detach().float()
+    both_inf = torch.isinf(ref) & (out == ref)
+    keep = torch.isfinite(ref)
+    if not bool(torch.isfinite(out[keep]).all()) or bool((~keep & ~both_inf).any()):
+        return float("inf")
+    diff = (out[keep] - ref[keep]).norm()
+    return float(diff / ref[keep].norm().clamp_min(1e-12))
+
+
+# ----------------------------------------------------------------------------- verdicts and their cache
+def cache_path() -> Path:
+    """The JSON file holding the verdicts (``$DIT_ACCEL_CACHE/selfcheck.json``)."""
+    from .._io import cache_root
+
+    return cache_root() / "selfcheck.json"
+
+
+_SOURCE: List[str] = []
+
+
+def _source_hash() -> str:
+    """A digest of the kernel sources: any change to a kernel or launcher invalidates its verdicts."""
+    if not _SOURCE:
+        h = hashlib.sha256()
+        root = Path(__file__).parent
+        for path in sorted(root.rglob("*.py")):
+            h.update(str(path.relative_to(root)).encode())
+            h.update(path.read_bytes())
+        _SOURCE.append(h.hexdigest()[:16])
+    return _SOURCE[0]
+
+
+def _arch(device: torch.device) -> str:
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        return f"sm_{major}{minor} {torch.cuda.get_device_name(device)}"
+    from .backends import interpreting
+
+    return "cpu (triton interpreter)" if interpreting() else "cpu"
+
+
+def _key(name: str, device: torch.device, dtype: torch.dtype, shape: dict) -> str:
+    from .. import __version__
+
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = "none"
+    dims = f"d{shape['head_dim']} {shape['block_q']}x{shape['block_k']}"
+    return "|".join((name, _arch(device), str(dtype).replace("torch.", ""), dims, f"torch {torch.__version__}",
+                     f"triton {triton_version}", f"dit_accel {__version__}", _source_hash()))
+
+
+_MEMORY: Dict[str, dict] = {}
+_LOADED: List[str] = []
+_WARNED: set = set()
+_RUNNING: set = set()
+
+
+def _entries() -> Dict[str, dict]:
+    from .._io import read_json
+
+    path = cache_path()
+    if str(path) not in _LOADED:
+        _LOADED.append(str(path))
+        if path.exists():
+            try:
+                data = read_json(path, expected='the self-check verdicts: {"<key>": {"ok": bool, "error": ...}}')
+            except ValueError:
+                data = {}  # damaged: every variant is checked again, and the file rewritten
+            _MEMORY.update({k: v for k, v in data.items()
+                            if isinstance(v, dict) and isinstance(v.get("ok"), bool) and k not in _MEMORY})
+    return _MEMORY
+
+
+def _store(key: str, entry: dict) -> None:
+    from .._io import atomic_write_json
+
+    _MEMORY[key] = entry
+    _FAST.clear()
+    if faults():  # a verdict under a simulated fault is for this process only
+        return
+    try:
+        atomic_write_json(cache_path(), {k: v for k, v in _MEMORY.items() if not v.get("faulted")},
+                          indent=1, sort_keys=True)
+    except OSError:
+        pass  # a read-only home still checks, per process
+
+
+def _run_check(v: Variant, device: torch.device, dtype: torch.dtype, shape: dict) -> dict:
+    start = time.perf_counter()
+    try:
+        res = v.check(device, dtype, dict(shape))
+        error, tol, problem = float(res.error), float(res.tolerance), res.problem
+        ok = res.ok
+    except Exception as err:  # a crash is a failed check, with its message
+        error, tol, problem, ok = float("inf"), 0.0, f"raised {type(err).__name__}: {str(err)[:300]}", False
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return {"variant": v.name, "ok": ok, "error": error if math.isfinite(error) else None, "tolerance": tol,
+            "problem": problem, "seconds": round(time.perf_counter() - start, 3), "dtype": str(dtype).replace("torch.", ""),
+            "shape": dict(shape), "arch": _arch(device), "faulted": bool(faults()),
+            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+
+
+def _fault_tag() -> str:
+    f = faults()
+    return "|fault=" + ",".join(sorted(f)) if f else ""
+
+
+def verdict(name: str, device, dtype: torch.dtype, shape: dict, *, fresh: bool = False) -> dict:
+    """The verdict of variant ``name`` for (``device``'s arch, ``dtype``, ``shape``), checking it now if it
+    was not checked yet (or ``fresh``): a dict with ``ok``, ``error``, ``tolerance``, ``problem``, ``seconds``."""
+    device = torch.device(device)
+    v = variant(name)
+    key = _key(name, device, dtype, shape) + _fault_tag()
+    with _LOCK:
+        entry = None if fresh else _entries().get(key)
+        if entry is None:
+            _RUNNING.add(name)
+            try:
+                entry = _run_check(v, device, dtype, shape)
+            finally:
+                _RUNNING.discard(name)
+            _store(key, entry)
+    return entry
+
+
+def _in_graph() -> bool:
+    if torch.compiler.is_compiling():
+        return True
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+def usable(name: str, device, dtype: torch.dtype, shape: Optional[dict] = None) -> bool:
+    """Whether variant ``name`` passed its self-check for ``device``/``dtype``/``shape`` (checked now on first
+    use). A failure warns once per variant, naming it and its error. True while the variant's own check runs
+    (the check calls the launchers that ask), while tracing or capturing a graph (no work may run then; a
+    stored failure still counts), and when ``DIT_ACCEL_SELFCHECK=0``."""
+    if not enabled() or name in _RUNNING:
+        return True
+    device = torch.device(device)
+    shape = shape or _default_shapes(device)[0]
+    if _in_graph():
+        entry = _entries().get(_key(name, device, dtype, shape) + _fault_tag())
+        return entry is None or entry["ok"]
+    entry = verdict(name, device, dtype, shape)
+    if not entry["ok"] and name not in _WARNED:
+        _WARNED.add(name)
+        import warnings
+
+        from .._util import DitAccelWarning
+
+        warnings.warn(f"dit_accel: kernel variant {name} failed its self-check on {_arch(device)} "
+                      f"({_describe(entry)}); it is disabled: backend='auto' runs the next verified variant. "
+                      f"`dit-accel selftest` shows every verdict.", DitAccelWarning, stacklevel=3)
+    return entry["ok"]
+
+
+_FAST: Dict[tuple, bool] = {}
+
+
+def usable_fast(name: str, device: torch.device, dtype: torch.dtype, head_dim: int, block_q: int,
+                block_k: int) -> bool:
+    """:func:`usable` for a launcher's per-call question, memoised per (variant, device, dtype, shape, faults):
+    one dictionary lookup after the first call."""
+    key = (name, device, dtype, head_dim, block_q, block_k, _env(ENV_FAULT), _env(ENV_SELFCHECK))
+    hit = _FAST.get(key)
+    if hit is None:
+        hit = usable(name, device, dtype, {"head_dim": head_dim, "block_q": block_q, "block_k": block_k})
+        if name not in _RUNNING:
+            _FAST[key] = hit
+    return hit
+
+
+def _describe(entry: dict) -> str:
+    err = "no finite output" if entry["error"] is None else f"relative error {entry['error']:.3g}"
+    return f"{err} > {entry['tolerance']:.0e} on {entry['problem']}" if entry["error"] is not None else \
+        f"{err} on {entry['problem']}"
+
+
+def require(name: str, device, dtype: torch.dtype, shape: Optional[dict] = None) -> None:
+    """Raise :class:`VariantFailed` when variant ``name`` fails its self-check (for forced backends)."""
+    if not usable(name, device, dtype, shape):
+        entry = _entries().get(_key(name, torch.device(device), dtype, shape or _default_shapes(torch.device(device))[0])
+                               + _fault_tag()) or {}
+        raise VariantFailed(f"kernel variant {name} failed its self-check on {_arch(torch.device(device))} "
+                            f"({_describe(entry) if entry else 'see dit-accel selftest'}), so it does not run: "
+                            "use backend='auto' (it takes the next verified variant) or backend='torch', and "
+                            "report the selftest output (`dit-accel selftest --json`).")
+
+
+def gate(names, device, dtype: torch.dtype, shape: dict, forced: bool) -> bool:
+    """Whether every variant of ``names`` may run this call: a forced backend raises where one failed
+    (:func:`require`), ``auto`` gets False and falls back."""
+    for name in names:
+        if forced:
+            require(name, device, dtype, shape)
+        elif not usable(name, device, dtype, shape):
+            return False
+    return True
+
+
+# ----------------------------------------------------------------------------- selftest and info
+def run_all(device="cpu", names: Optional[List[str]] = None) -> List[dict]:
+    """Check every variant that applies on ``device`` (or those in ``names``) afresh, at every dtype and
+    shape it runs in production there. One row per (variant, dtype, shape), plus one row per variant that
+    does not apply here (``verdict`` ``"n/a"`` and the reason)."""
+    device = torch.device(device)
+    rows = []
+    for v in variants():
+        if names and v.name not in names:
+            continue
+        reason = v.applies(device)
+        if reason is not None:
+            rows.append({"variant": v.name, "problem": "", "error": None, "verdict": "n/a", "reason": reason,
+                         "seconds": 0.0})
+            continue
+        for dtype in v.dtypes(device):
+            for shape in v.shapes(device):
+                entry = verdict(v.name, device, dtype, shape, fresh=True)
+                rows.append({"variant": v.name, "dtype": entry["dtype"], "problem": entry["problem"],
+                             "error": entry["error"], "tolerance": entry["tolerance"],
+                             "verdict": "pass" if entry["ok"] else "FAIL", "seconds": entry["seconds"]})
+    return rows
+
+
+def cached_verdicts() -> List[dict]:
+    """Every stored verdict, for ``dit-accel info``."""
+    return [{"key": k, **v} for k, v in sorted(_entries().items())]
+
+
+def clear() -> None:
+    """Forget every verdict (in memory and on disk); the variants are checked again on next use."""
+    with _LOCK:
+        _MEMORY.clear()
+        _WARNED.clear()
+        _FAST.clear()
+        try:
+            cache_path().unlink()
+        except OSError:
+            pass

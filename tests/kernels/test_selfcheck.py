@@ -1,0 +1,232 @@
+"""The first-use self-check (dit_accel.kernels.selfcheck): every variant against its fp32 twin, the fault
+switch that proves the check catches a broken kernel, the fallback and the refusal, the cached verdicts and
+`dit-accel selftest`. Runs through the Triton interpreter (fp32 / fp16: its bf16 dot is wrong)."""
+
+import json
+import os
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+
+from dit_accel.kernels import BlockLayout, backends, selfcheck
+from dit_accel.kernels.backends import BackendUnavailable, Request
+
+pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+                                reason="runs the Triton kernels through the interpreter on CPU")
+
+SHAPE = {"head_dim": 64, "block_q": 64, "block_k": 64}
+WS_SHAPE = {"head_dim": 128, "block_q": 128, "block_k": 128}
+CPU = torch.device("cpu")
+
+
+def _reset():
+    for store in (selfcheck._MEMORY, selfcheck._FAST):
+        store.clear()
+    selfcheck._LOADED.clear()
+    selfcheck._WARNED.clear()
+
+
+@pytest.fixture(autouse=True)
+def _fresh(tmp_path, monkeypatch):
+    monkeypatch.setenv("DIT_ACCEL_CACHE", str(tmp_path))
+    for name in (selfcheck.ENV_FAULT, selfcheck.ENV_SELFCHECK, backends.ENV_BACKEND):
+        monkeypatch.delenv(name, raising=False)
+    _reset()
+    yield
+    _reset()
+
+
+CPU_VARIANTS = ["block_sparse.triton.fwd", "block_sparse.triton.bwd", "dense.triton.fwd", "dense.triton.bwd",
+                "sla.triton.classify", "sla.triton.fwd", "sla.triton.bwd"]
+
+
+def test_every_registered_variant_is_listed_with_the_names_the_fault_switch_takes():
+    names = [v.name for v in selfcheck.variants()]
+    assert set(CPU_VARIANTS + ["block_sparse.triton.fwd_ws"]) <= set(names)
+    with pytest.raises(ValueError, match="no kernel variant named 'nope'.*block_sparse.triton.fwd"):
+        selfcheck.variant("nope")
+
+
+@pytest.mark.parametrize("name", CPU_VARIANTS)
+def test_each_variant_passes_and_the_fault_switch_makes_it_fail(name, monkeypatch):
+    """The check reaches the variant's real launch path: corrupting that output (and only it) fails it."""
+    ok = selfcheck.verdict(name, CPU, torch.float16, SHAPE)
+    assert ok["ok"] and ok["error"] is not None and ok["error"] <= ok["tolerance"], ok
+    monkeypatch.setenv(selfcheck.ENV_FAULT, name)
+    bad = selfcheck.verdict(name, CPU, torch.float16, SHAPE)
+    assert not bad["ok"] and (bad["error"] is None or bad["error"] > 10 * bad["tolerance"]), bad
+
+
+def test_the_ws_forward_and_its_resume_pass_are_checked_on_a_pretended_sm90(monkeypatch):
+    from dit_accel.kernels.block_sparse import triton as bst
+
+    monkeypatch.setattr(bst, "_arch", lambda device: 90)
+    ok = selfcheck.verdict("block_sparse.triton.fwd_ws", CPU, torch.float16, WS_SHAPE)
+    assert ok["ok"] and "ws + resume" in ok["problem"], ok
+    monkeypatch.setenv(selfcheck.ENV_FAULT, "block_sparse.triton.fwd_ws")
+    assert not selfcheck.verdict("block_sparse.triton.fwd_ws", CPU, torch.float16, WS_SHAPE)["ok"]
+
+
+def test_a_failed_ws_variant_falls_back_to_the_one_loop_kernel_with_one_warning(monkeypatch):
+    """auto's next verified variant: the launcher skips ws (whose output would be corrupted) and the
+    one-loop kernel gives the right numbers; the warning names the variant and its error, once."""
+    from dit_accel.kernels.block_sparse import triton as bst
+    from dit_accel.kernels.reference import dense_attention_reference
+
+    monkeypatch.setattr(bst, "_arch", lambda device: 90)
+    monkeypatch.setattr(bst, "ws_pays", lambda *a, **k: True)
+    monkeypatch.setenv(selfcheck.ENV_FAULT, "block_sparse.triton.fwd_ws")
+    ran = []
+    real = bst._ws_forward
+    monkeypatch.setattr(bst, "_ws_forward", lambda *a, **k: ran.append(real(*a, **k)) or ran[-1])
+    n, d = 200, 128
+    mask = torch.rand(n, n, generator=torch.Generator().manual_seed(0)) < 0.5
+    mask[:128, :128] = True
+    layout = BlockLayout.from_dense_mask(mask, block_q=128, block_k=128)
+    q, k, v = (torch.randn(2, 2, n, d).half() for _ in range(3))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        o, _ = bst.triton_forward(q, k, v, layout, d ** -0.5)
+        bst.triton_forward(q, k, v, layout, d ** -0.5)
+    # The first run is the self-check's own (forced ws, its output corrupted); both calls then decline ws.
+    assert ran == [True, False, False]
+    ref, _ = dense_attention_reference(q, k, v, mask, d ** -0.5)
+    assert selfcheck.relative_error(o, ref) < 1e-2
+    said = [str(w.message) for w in caught if "block_sparse.triton.fwd_ws" in str(w.message)]
+    assert len(said) == 1 and "relative error" in said[0] and "disabled" in said[0], said
+
+
+def test_a_forced_backend_raises_instead_of_returning_wrong_numbers(monkeypatch):
+    from dit_accel.kernels import block_sparse_attention, sla_attention
+    from dit_accel import SLA
+
+    q, k, v = (torch.randn(1, 2, 100, 64) for _ in range(3))
+    layout = BlockLayout.from_dense_mask(torch.ones(100, 100, dtype=torch.bool).tril(), 64, 64)
+    monkeypatch.setenv(selfcheck.ENV_FAULT, "block_sparse.triton.fwd")
+    with pytest.raises(selfcheck.VariantFailed, match=r"block_sparse.triton.fwd failed its self-check .*relative "
+                                                      r"error .*backend='auto'"):
+        block_sparse_attention(q, k, v, layout, backend="triton")
+    assert block_sparse_attention(q, k, v, layout, backend="torch").shape == q.shape  # the twin still runs
+    monkeypatch.setenv(selfcheck.ENV_FAULT, "sla.triton.classify")
+    with pytest.raises(BackendUnavailable, match="sla.triton.classify failed its self-check"):
+        sla_attention(q, k, v, SLA(topk=0.25), backend="triton")
+
+
+def test_auto_skips_a_backend_whose_check_failed(monkeypatch):
+    """On a (pretended) GPU, auto's table order takes the next backend when triton's variant failed."""
+    calls = []
+    monkeypatch.setattr(selfcheck, "usable", lambda name, *a, **k: calls.append(name) or False)
+    request = Request(torch.device("cuda"), torch.float16, 64, q_len=256, kv_len=256)
+    table = dict(backends._TABLE)
+    table["block_sparse"] = (("triton", lambda r: None, True), ("flex", lambda r: None, False),
+                             ("torch", lambda r: None, True))
+    monkeypatch.setattr(backends, "_TABLE", table)
+    monkeypatch.setenv("DIT_ACCEL_AUTOTUNE", "0")
+    assert backends.resolve("block_sparse", "auto", request) == "torch"
+    assert calls == ["block_sparse.triton.fwd"]
+    grad = Request(torch.device("cuda"), torch.float16, 64, needs_grad=True)
+    calls.clear()
+    monkeypatch.setattr(selfcheck, "usable", lambda name, *a, **k: calls.append(name) or name.endswith("fwd"))
+    assert backends.resolve("block_sparse", "auto", grad) == "torch"  # the backward failed
+    assert calls == ["block_sparse.triton.fwd", "block_sparse.triton.bwd"]
+
+
+def test_bf16_through_the_interpreter_is_refused_with_the_reason():
+    from dit_accel.kernels import block_sparse_attention
+
+    q, k, v = (torch.randn(1, 1, 64, 32, dtype=torch.bfloat16) for _ in range(3))
+    layout = BlockLayout.from_dense_mask(torch.ones(64, 64, dtype=torch.bool), 32, 32)
+    with pytest.raises(BackendUnavailable, match="interpreter's bfloat16 dot is wrong"):
+        block_sparse_attention(q, k, v, layout, backend="triton")
+
+
+def _counting_variant(name, result):
+    runs = []
+
+    def check(device, dtype, shape):
+        runs.append(dtype)
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+    selfcheck.register(selfcheck.Variant(name, "test", "fake", lambda device: None, check))
+    return runs
+
+
+def test_verdicts_are_cached_on_disk_and_reused_by_a_new_process(tmp_path):
+    runs = _counting_variant("test.fake.fwd", selfcheck.Result(1e-4, 1e-2, "tiny"))
+    try:
+        assert selfcheck.usable("test.fake.fwd", CPU, torch.float16, SHAPE)
+        assert selfcheck.usable("test.fake.fwd", CPU, torch.float16, SHAPE)
+        assert len(runs) == 1
+        stored = json.loads((tmp_path / "selfcheck.json").read_text())
+        (key,) = [k for k in stored if k.startswith("test.fake.fwd|")]
+        assert "float16" in key and "d64 64x64" in key and "dit_accel" in key and "torch" in key
+        _reset()  # a new process: memory empty, the file stays
+        assert selfcheck.usable("test.fake.fwd", CPU, torch.float16, SHAPE)
+        assert len(runs) == 1
+        assert selfcheck.usable("test.fake.fwd", CPU, torch.float32, SHAPE) and len(runs) == 2  # another dtype
+        selfcheck.clear()
+        assert not (tmp_path / "selfcheck.json").exists()
+    finally:
+        selfcheck._REGISTRY.pop("test.fake.fwd")
+
+
+def test_a_crashing_check_is_a_failure_with_its_message_and_faulted_verdicts_stay_in_memory(tmp_path, monkeypatch):
+    _counting_variant("test.fake.crash", RuntimeError("illegal memory access"))
+    try:
+        entry = selfcheck.verdict("test.fake.crash", CPU, torch.float16, SHAPE)
+        assert not entry["ok"] and "RuntimeError: illegal memory access" in entry["problem"]
+        monkeypatch.setenv(selfcheck.ENV_FAULT, "dense.triton.fwd")
+        selfcheck.verdict("dense.triton.fwd", CPU, torch.float16, SHAPE)
+        stored = json.loads((tmp_path / "selfcheck.json").read_text())
+        assert not any(k.startswith("dense.triton.fwd|") for k in stored)  # a simulated fault is not persisted
+    finally:
+        selfcheck._REGISTRY.pop("test.fake.crash")
+
+
+def test_selfcheck_off_trusts_every_variant(monkeypatch):
+    runs = _counting_variant("test.fake.off", selfcheck.Result(1.0, 1e-2, "wrong"))
+    try:
+        monkeypatch.setenv(selfcheck.ENV_SELFCHECK, "0")
+        assert selfcheck.usable("test.fake.off", CPU, torch.float16, SHAPE) and runs == []
+        monkeypatch.delenv(selfcheck.ENV_SELFCHECK)
+        with pytest.warns(UserWarning, match="test.fake.off failed its self-check"):
+            assert not selfcheck.usable("test.fake.off", CPU, torch.float16, SHAPE)
+    finally:
+        selfcheck._REGISTRY.pop("test.fake.off")
+
+
+def test_relative_error_counts_non_finite_output_as_infinite():
+    ref = torch.tensor([1.0, 2.0, float("-inf")])
+    assert selfcheck.relative_error(ref.clone(), ref) == 0.0
+    assert selfcheck.relative_error(torch.tensor([1.0, float("nan"), float("-inf")]), ref) == float("inf")
+    assert selfcheck.relative_error(torch.tensor([1.0, 2.0, 0.0]), ref) == float("inf")  # -inf row lost
+
+
+def _cli(*args, env=None):
+    full = {**os.environ, **(env or {})}
+    full.pop(selfcheck.ENV_FAULT, None) if not env or selfcheck.ENV_FAULT not in env else None
+    return subprocess.run([sys.executable, "-m", "dit_accel.cli.main", "selftest", *args], capture_output=True,
+                          text=True, env=full, timeout=600)
+
+
+def test_selftest_cli_json_table_fault_and_refusals(tmp_path):
+    env = {"DIT_ACCEL_CACHE": str(tmp_path)}
+    good = _cli("--device", "cpu", "--json", "--variant", "dense.triton.fwd", env=env)
+    assert good.returncode == 0, good.stderr
+    rows = json.loads(good.stdout)
+    assert [r["variant"] for r in rows] == ["dense.triton.fwd", "dense.triton.fwd"]  # fp32 and fp16
+    assert all(r["verdict"] == "pass" and r["error"] < r["tolerance"] for r in rows)
+    bad = _cli("--device", "cpu", "--variant", "dense.triton.fwd", env={**env, selfcheck.ENV_FAULT: "dense.triton.fwd"})
+    assert bad.returncode == 1 and "FAIL" in bad.stdout and "FAILED" in bad.stderr
+    header = bad.stdout.splitlines()[1].split()
+    assert header == ["variant", "dtype", "problem", "error", "verdict", "time"]
+    if not torch.cuda.is_available():
+        cuda = _cli("--device", "cuda", env=env)
+        assert cuda.returncode == 2 and "no CUDA device" in cuda.stderr and "Traceback" not in cuda.stderr
+    unknown = _cli("--variant", "nope", env=env)
+    assert unknown.returncode == 2 and "no such variant" in unknown.stderr
