@@ -44,6 +44,13 @@ WS = ws_config(ONE_LOOP, 90)
 RESUME = resume_config(WS)
 
 
+@pytest.fixture(autouse=True)
+def _trusted(monkeypatch):
+    """The launchers' own choices only: no first-use self-check launches its problem inside these tests
+    (tests/kernels/test_selfcheck*.py prove the check)."""
+    monkeypatch.setenv("DIT_ACCEL_SELFCHECK", "0")
+
+
 def _compile_job(cfg):
     """In a spawned process (no interpreter): compile ``cfg`` for sm_90; what rebuilds its CompiledKernel."""
     from dit_accel.kernels.compile import compile_for_target
