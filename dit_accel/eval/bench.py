@@ -47,7 +47,7 @@ import math
 import statistics
 from dataclasses import dataclass
 from functools import partial
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -435,7 +435,8 @@ def model_kernels(shapes: Sequence[ModelShape], densities: Sequence[float], *, a
     block's halves visit the same key tiles, :func:`~dit_accel.patterns.separable.wide_query_layout`).
     With 128-row blocks the sm_90 warp-specialized forward applies where
     :func:`~dit_accel.kernels.block_sparse.configs.ws_pays` says so (``ws_pays``), and a
-    ``ws+resume`` row adds the resume pass's per-CTA term that ``ws_pays`` charges.
+    ``ws+resume`` row adds the resume pass's per-CTA term that ``ws_pays`` charges. A variant the layout
+    cannot run (:func:`~dit_accel.kernels.cost.kernel_reason`: ``ws`` on 64-row blocks) gets no row.
     """
     from ..kernels.block_sparse.configs import ws_pays
     from ..patterns.separable import wide_query_layout
@@ -447,6 +448,7 @@ def model_kernels(shapes: Sequence[ModelShape], densities: Sequence[float], *, a
     kernels = list(kernels or cost.KERNELS)
     base = cost.constants(arch)
     rows: List[dict] = []
+    skipped: Dict[str, str] = {}  # variant -> why a layout could not run it (the first reason)
     for shape in shapes:
         b, h, n, d = shape.batch, shape.heads, shape.tokens, shape.head_dim
         flops = 4.0 * b * h * n * n * d
@@ -486,7 +488,12 @@ def model_kernels(shapes: Sequence[ModelShape], densities: Sequence[float], *, a
                     wc = cost.tile_counts(wide, heads=h, batch=b)
                     resumed = float((wide.kv_mask_ids >= 0).any(-1).sum()) * b * (h if wide.num_heads == 1 else 1)
                     facts["ws_pays"] = ws_pays(wc.full_tiles, wc.partial_tiles, resumed, 128, 64, arch)
+            block_q = facts.get("cuda_block_q", layout.block_q)  # the rows the launch would run
             for kernel in kernels:
+                why = cost.kernel_reason(kernel, block_q, layout.block_k, d, arch)
+                if why is not None:
+                    skipped.setdefault(kernel, why)
+                    continue
                 c = cost.constants(arch, kernel)
                 label = f"{name} [triton] [modelled: {kernel}]"
                 rows.append(row(label, cost.block_sparse_time(counts, head_dim=d, arch=arch, kernel=kernel),
@@ -512,7 +519,8 @@ def model_kernels(shapes: Sequence[ModelShape], densities: Sequence[float], *, a
             "versions": versions(("torch",)), "notes": [
                 "modelled rows: time = per_call + (CTAs x per_cta + tiles x per_tile) / (SMs x CTAs per SM); "
                 "the 'current' constants are a fit to BENCHMARKS.md section 10 (H100); the other kernel variants "
-                "model kernels not yet measured"], "rows": rows}
+                "model kernels not yet measured"] + [f"no '{k}' rows where the layout cannot run it: {why}"
+                                                     for k, why in skipped.items()], "rows": rows}
 
 
 def plot_kernels(result: dict, path) -> None:

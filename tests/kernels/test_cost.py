@@ -135,3 +135,41 @@ def test_backward_and_sla_shapes():
         assert cost.sla_time(cost.sla_counts(n, SLA(topk=topk), heads=12)) * 1e3 == pytest.approx(ms, rel=0.03)
     with pytest.raises(ValueError):
         cost.ideal_fraction(0.0, 1.0, 0.1)
+
+
+def test_kernel_reason_names_what_a_layout_cannot_run():
+    """ws (issue 35, found 10): only where the launcher has a warp-specialized configuration, i.e. 128-row
+    blocks at a padded head dim of 128 in fp16 / bf16; every other variant runs on every layout."""
+    from dit_accel.kernels.block_sparse.configs import select_config, ws_config
+
+    for bq, bk, d in ((64, 64, 128), (64, 128, 128), (128, 128, 128), (128, 64, 80), (256, 256, 128),
+                      (128, 128, 64), (128, 128, 256)):
+        runs = ws_config(select_config("fwd", torch.bfloat16, d, bq, bk, 90), 90) is not None
+        why = cost.kernel_reason("ws", bq, bk, d)
+        assert (why is None) == runs == (bq >= 128 and 64 < d <= 128), (bq, bk, d)
+        if why is not None:
+            assert f"{bq} x {bk} blocks at head dim {d}" in why and "128-row" in why
+        for kernel in cost.KERNELS[:-1]:
+            assert cost.kernel_reason(kernel, bq, bk, d) is None
+    assert cost.kernel_reason("ws", 128, 128, 128, dtype=torch.float32) is not None
+    with pytest.raises(ValueError, match="kernel"):
+        cost.kernel_reason("magic", 128, 128)
+
+
+def test_modelled_table_prints_ws_only_for_layouts_that_run_it():
+    """bench kernels --modelled: 64-row layouts (the default, and tiles whose 128-row blocks cannot be used)
+    get no ws row and a note saying why; 128-row layouts get ws (and ws+resume where ws_pays)."""
+    from dit_accel.eval.bench import ModelShape, model_kernels
+
+    def kernels(tile, head_dim=128):
+        res = model_kernels([ModelShape("s", (8, 32, 32), 12, head_dim)], (0.1,), tile=tile, sla=False)
+        return [r["kernel"].split("[modelled: ")[-1].rstrip("]") for r in res["rows"][2:]], res["notes"]
+
+    for tile in (None, (1, 8, 8)):  # q64
+        names, notes = kernels(tile)
+        assert names == list(cost.KERNELS[:-1])
+        assert any("no 'ws' rows" in n and "64 x 64 blocks" in n for n in notes)
+    names, notes = kernels((4, 8, 8))  # q128
+    assert names[:len(cost.KERNELS)] == list(cost.KERNELS) and not any("no 'ws'" in n for n in notes)
+    names, _ = kernels((4, 8, 8), head_dim=64)  # q128, but no ws configuration at head dim 64
+    assert "ws" not in names and "ws+resume" not in names

@@ -33,9 +33,10 @@ descriptors made in the kernel, two consumer warp groups of 64 query rows; Trito
 partitions only for a branch-free loop), then the partial tiles in a ``RESUME`` pass of the one-loop
 kernel over the query tiles that have any, started from the first pass's O and LSE.
 
-On sm_90 K and V (Q and dO for dK/dV) are loaded through TMA tensor descriptors when their
-base and strides are 16-byte aligned; otherwise, and on older GPUs, through pointers with
-64-bit tile offsets (no int32 overflow past ~419k tokens in the (B, N, H, D) layout).
+On sm_90 K and V (Q and dO for dK/dV; Q, K and V in the ws kernel) are loaded through TMA tensor
+descriptors when their base and strides are 16-byte aligned and no stride is 0 (:func:`tma_ok`);
+otherwise, and on older GPUs, through pointers with 64-bit tile offsets (no int32 overflow past
+~419k tokens in the (B, N, H, D) layout).
 
 Launchers (pure functions, no autograd and no input checks: :mod:`.ops` wraps them in custom
 ops, and :func:`dit_accel.kernels.block_sparse_attention` has checked the inputs and chosen
@@ -60,7 +61,7 @@ from ..dense.tiles import (LN2, LOG2E, dkdv_step, dq_step, fwd_step, fwd_update,
                           slice_descriptors, words_keep)
 from ..dense.configs import tma_ok
 from ..dense.triton import _bwd_preprocess_kernel, ensure_allocator
-from .. import selfcheck
+from .. import occupancy, selfcheck
 from ..layout import BlockLayout
 from .configs import KernelConfig, pointer_fallback, resume_config, select_config, ws_config, ws_pays
 
@@ -650,16 +651,14 @@ _RESIDENT: Dict[tuple, int] = {}  # (config, device index) -> CTAs of the forwar
 def _programs(device: torch.device, cfg: KernelConfig, n_items: int, warm: Callable[[], object]) -> int:
     """Grid of the persistent forward: the CTAs the GPU holds at once (SMs x CTAs per SM, the latter
     from the compiled kernel's registers and shared memory), at most one per item."""
-    if device.type != "cuda":
+    if not occupancy.on_gpu(device):
         return max(1, min(n_items, INTERPRETER_PROGRAMS))
     key = (cfg, device.index)
     if key not in _RESIDENT:
-        from ..occupancy import occupancy
-
-        ck = warm()  # compiles (or finds) the kernel for these arguments without running it
-        # metadata.num_warps: all of the CTA's warps (a warp-specialized one has 12 at num_warps=4)
-        per_sm = occupancy(_arch(device), ck.n_regs, ck.metadata.shared, ck.metadata.num_warps)["ctas"]
-        _RESIDENT[key] = max(1, per_sm) * torch.cuda.get_device_properties(device).multi_processor_count
+        # warm() compiles (or finds) the kernel for these arguments without running it: its handles are not
+        # loaded, so its registers come from the cubin (occupancy.compiled_resources), not from n_regs.
+        per_sm = occupancy.resident_ctas(_arch(device), warm())
+        _RESIDENT[key] = per_sm * torch.cuda.get_device_properties(device).multi_processor_count
     return max(1, min(n_items, _RESIDENT[key]))
 
 
@@ -689,7 +688,8 @@ class _Launch:
     scale comes last, per call); ``grid``: None for the interpreter's persistent grid (read per call,
     :data:`INTERPRETER_PROGRAMS`); ``kw``: constexprs and launch options; ``prepare``: the inputs
     need last-dim contiguous or zero-padded copies first, ``pad`` the latter; ``descriptors``: TMA
-    descriptors of K and V, checked, rebased per call (:func:`_rebased`), or None.
+    descriptors of K and V, checked, rebased per call (:func:`_rebased`), or None; ``ws_ok``: Q, K and V
+    are TMA-aligned, so the warp-specialized kernel (which makes a descriptor of each) may run.
     """
 
     cfg: KernelConfig
@@ -700,6 +700,7 @@ class _Launch:
     prepare: bool
     pad: bool
     descriptors: Optional[tuple]
+    ws_ok: bool = False
 
 
 def _prepared(cfg: KernelConfig, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Tuple[torch.Tensor, ...]:
@@ -709,13 +710,14 @@ def _prepared(cfg: KernelConfig, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
 def _forward_launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
                     layout: BlockLayout) -> _Launch:
     """The forward's configuration, tile plan, work order, strides, grid and descriptors for this call
-    signature: a function of q/k/v's shapes, strides, dtypes, device and K/V's base alignment, of
+    signature: a function of q/k/v's shapes, strides, dtypes, device and base alignment, of
     ``layout``, and of ``o`` and ``lse`` (fresh contiguous tensors, so of q's shape)."""
     b, h, n, d = q.shape
     m = k.shape[2]
     given = (q, k, v)
     q, k, v = (_last_dim_contiguous(t) for t in given)
     cfg = _config("fwd", q, layout, (k, v))
+    ws_ok = cfg.tma and tma_ok(q)  # the one-loop kernel loads Q by pointers, the ws kernel by a descriptor
     plan = _plan(layout, cfg.block_m, cfg.block_n, transposed=False)
     q, k, v = _pad_d(cfg, q, k, v)
     pad = q.shape[-1] != d
@@ -730,7 +732,7 @@ def _forward_launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.
     descriptors = _streamed(cfg, (k, v), cfg.block_n) if cfg.tma else None
     if not cfg.tma:
         grid = (n_tiles, b * h)
-    elif q.device.type == "cuda":  # persistent: the CTAs the GPU holds at once
+    elif occupancy.on_gpu(q.device):  # persistent: the CTAs the GPU holds at once
         grid = (_programs(q.device, cfg, n_items,
                           lambda: _fwd_kernel.warmup(q, *descriptors, out, lse, *args, _LOG2E, grid=(1,), **kw)),)
     else:
@@ -738,12 +740,13 @@ def _forward_launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.
     prepare = pad or any(x is not y for x, y in zip((q, k, v), given))
     if descriptors is not None:  # templates: the launch must not keep this call's K and V alive
         descriptors = tuple(_rebased(desc, None) for desc in descriptors)
-    return _Launch(cfg, args, grid, kw, n_items, prepare, pad, descriptors)
+    return _Launch(cfg, args, grid, kw, n_items, prepare, pad, descriptors, ws_ok)
 
 
 # ---------------------------------------------------------------------------
 # launchers
 # ---------------------------------------------------------------------------
+@occupancy.on_inputs_device
 def triton_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: BlockLayout,
                    scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
     """Block-sparse attention forward with the Triton kernel.
@@ -758,7 +761,7 @@ def triton_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Bl
     Inputs are not checked here: :func:`dit_accel.kernels.block_sparse_attention` checks them once.
     What a launch derives from the layout and the inputs' geometry (configuration, tile plan, work
     order, strides, grid, TMA descriptors) is built once per (layout, shapes, strides, dtypes,
-    device, K/V base alignment) and kept with the layout's tile plans (:class:`_PlanCache`); a
+    device, base alignment) and kept with the layout's tile plans (:class:`_PlanCache`); a
     repeated call allocates its outputs and launches.
 
     Returns:
@@ -778,9 +781,9 @@ def triton_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Bl
     if k.shape[2] == 0:
         return o.zero_(), lse.fill_(float("-inf"))
     signature = ("fwd", q.shape, q.stride(), k.shape, k.stride(), v.shape, v.stride(), q.dtype, k.dtype, v.dtype,
-                 dev, _arch(dev), k.data_ptr() % 16, v.data_ptr() % 16)
+                 dev, _arch(dev), q.data_ptr() % 16, k.data_ptr() % 16, v.data_ptr() % 16)
     launch = _PLANS.get(layout, signature, lambda: _forward_launch(q, k, v, o, lse, layout))
-    if launch.cfg.tma and _ws_forward(*(_last_dim_contiguous(t) for t in (q, k, v)), o, lse, layout, launch.cfg,
+    if launch.ws_ok and _ws_forward(*(_last_dim_contiguous(t) for t in (q, k, v)), o, lse, layout, launch.cfg,
                                       scale):
         return o, lse
     if launch.prepare:  # a last dim that is not contiguous, or a head dim the pointer kernel pads
@@ -904,6 +907,7 @@ def _backward_launch(q, k, v, do, o, lse, dlse, layout: BlockLayout) -> _Backwar
     return _BackwardLaunch(pre, pad, copies, tuple(steps))
 
 
+@occupancy.on_inputs_device
 def triton_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
                     lse: torch.Tensor, layout: BlockLayout, scale: float, dlse: Optional[torch.Tensor] = None
                     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -111,10 +111,12 @@ class DenseConfig:
 
 
 def tma_ok(*tensors: torch.Tensor) -> bool:
-    """Whether TMA descriptors can address these (B, H, N, D) tensors: 16-byte aligned base and strides."""
+    """Whether TMA descriptors can address these (B, H, N, D) tensors: 16-byte aligned base and strides, the
+    last dim contiguous, and no stride 0 (an ``expand``-ed tensor: a descriptor walks memory by its strides,
+    which must step forward)."""
     for t in tensors:
         size = t.element_size()
-        if t.data_ptr() % 16 or t.stride(-1) != 1 or any((s * size) % 16 for s in t.stride()[:-1]):
+        if t.data_ptr() % 16 or t.stride(-1) != 1 or any((s * size) % 16 or s == 0 for s in t.stride()[:-1]):
             return False
     return True
 

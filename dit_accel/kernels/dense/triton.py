@@ -17,13 +17,13 @@ backward.
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
-from .. import selfcheck
+from .. import occupancy, selfcheck
 from .tiles import LN2, LOG2E, dkdv_step, dq_step, fwd_step, load_tile, slice_descriptors
 from .tiles import LOG2E_HOST as _LOG2E
 
@@ -251,20 +251,38 @@ def _arch(device: torch.device) -> int:
     return 80  # interpreter: any valid config works
 
 
-def _scratch(size: int, alignment: int, stream) -> torch.Tensor:
-    return torch.empty(size, dtype=torch.int8, device="cuda")
+class _Scratch:
+    """Global scratch for the descriptors a kernel makes itself, allocated on one device (the launch's, which
+    need not be the current one)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+
+    def __call__(self, size: int, alignment: int, stream) -> torch.Tensor:
+        return torch.empty(size, dtype=torch.int8, device=self.device)
+
+
+_SCRATCH: Dict[torch.device, _Scratch] = {}  # one per device (a handful of GPUs: bounded)
 
 
 def ensure_allocator(device: torch.device) -> None:
-    """Kernels that make TMA descriptors themselves (the warp-specialized ones) need global scratch
-    from ``triton.set_allocator``; set a torch one unless the caller has set their own."""
-    if device.type != "cuda":
+    """Kernels that make TMA descriptors themselves (the warp-specialized ones, SLA's TMA forward) need global
+    scratch from ``triton.set_allocator``: set a torch one on ``device`` (the inputs' device) unless the
+    caller has set their own. Call it right before such a launch: it re-targets this module's allocator when
+    the previous launch was on another device."""
+    if not occupancy.on_gpu(device):
         return
     from triton.runtime import _allocation
 
-    current = getattr(_allocation, "_allocator", None)
-    if current is None or isinstance(current.get(), getattr(_allocation, "NullAllocator", ())):
-        triton.set_allocator(_scratch)
+    var = getattr(_allocation, "_allocator", None)
+    current = None if var is None else var.get()
+    if isinstance(current, _Scratch) and current.device == device:
+        return
+    if current is None or isinstance(current, (_Scratch, getattr(_allocation, "NullAllocator", ()))):
+        scratch = _SCRATCH.get(device)
+        if scratch is None:
+            scratch = _SCRATCH[device] = _Scratch(device)
+        triton.set_allocator(scratch)
 
 
 def _strides(t: torch.Tensor) -> Tuple[int, int, int]:
@@ -283,11 +301,13 @@ def _config(kernel: str, q: torch.Tensor, streamed: Tuple[torch.Tensor, ...]):
 
 
 def _ws_config(cfg, q: torch.Tensor):
-    """sm_90 (capability 9.x), TMA-aligned fp16 / bf16 at head dim <= 128: the warp-specialized
+    """sm_90 (capability 9.x), TMA-aligned Q, K, V, fp16 / bf16 at head dim <= 128: the warp-specialized
     forward (one CTA of a producer and two consumer warp groups per SM); else None."""
     from ..block_sparse.configs import ws_config
+    from .configs import tma_ok
 
-    return ws_config(cfg, _arch(q.device)) if cfg.tma else None
+    # Q too: the ws kernel makes a descriptor of each (cfg.tma checked K and V only)
+    return ws_config(cfg, _arch(q.device)) if cfg.tma and tma_ok(q) else None
 
 
 def _pad_d(cfg, *tensors):
@@ -306,6 +326,7 @@ def _streamed(cfg, tensors, rows):
     return tuple(TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, rows, cfg.block_d]) for t in tensors)
 
 
+@occupancy.on_inputs_device
 def dense_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
     """Dense attention with the in-repo Triton kernel: ``(o, lse)``, like the block-sparse ``triton_forward``.
 
@@ -334,6 +355,7 @@ def dense_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: floa
     return selfcheck.corrupt("dense.triton.fwd", o if o.shape[-1] == d else o[..., :d].contiguous()), lse
 
 
+@occupancy.on_inputs_device
 def bwd_preprocess(o: torch.Tensor, do: torch.Tensor, lse: torch.Tensor,
                    dlse: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """``(delta, lse2)`` of a backward in one launch: ``rowsum(dO * O) - dlse`` (fp32 accumulation) and the base-2
@@ -359,6 +381,7 @@ def bwd_preprocess(o: torch.Tensor, do: torch.Tensor, lse: torch.Tensor,
     return delta, lse2
 
 
+@occupancy.on_inputs_device
 def dense_backward(do, q, k, v, o, lse, scale: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(dq, dk, dv)`` of :func:`dense_forward` (FlashAttention-2's two passes, no atomics)."""
     b, h, n, d = q.shape

@@ -49,6 +49,7 @@ from triton.runtime.errors import OutOfResources
 from ..._util import cdiv as _cdiv
 from .. import selfcheck
 from .._cache import bounded_get
+from .. import occupancy
 from ..dense.configs import tma_ok
 from ..dense.tiles import LN2, dkdv_step, dq_step, fwd_step, load_tile, slice_descriptors
 from ..dense.tiles import LOG2E_HOST as _LOG2E
@@ -587,6 +588,7 @@ _LAUNCH_KWARGS: Dict[SLAKernelConfig, dict] = {}
 GLOBAL_CHUNK_TILES = 16
 
 
+@occupancy.on_inputs_device
 def global_sums(k, v, feature: int, head_dim: int):
     """The linear branch's sums over all keys from the global-sums kernel (phi taken inside it): fp32
     ``phi(K)^T V`` ``(B*H, block_d, block_d)``, ``sum(phi(K))`` ``(B*H, block_d)`` and ``max|phi(K)|``
@@ -639,6 +641,7 @@ def _global_operands(kv, ksum, bh: int, block_d: int, dtype: torch.dtype, device
     return torch.cat([hi, lo], 1), power, ksum.contiguous()
 
 
+@occupancy.on_inputs_device
 def sla_forward(q, k, v, critical, lin_blocks, scale, feature, has_lin, lin_sign, with_global, lin_eps, block_q,
                 empties: bool = True):
     """Launch the fused forward (and, for the linear branch, the global-sums kernel first). Returns
@@ -720,6 +723,7 @@ _FWD_LAUNCHES: Dict[tuple, tuple] = {}
 _MAX_LAUNCHES = 1024
 
 
+@occupancy.on_inputs_device
 def sla_backward(do, dlse, dnum, dden, q, k, v, qf, kf, o, lse, critical, lin_blocks, scale, feature, has_lin,
                  lin_sign, block_q, dqf_g=None, dkf_g=None, dv_g=None):
     """Launch the dQ and dK/dV kernels. ``dlse`` (may be zeros) is folded into delta. ``dqf_g``, ``dkf_g``,
