@@ -436,12 +436,13 @@ def model_kernels(shapes: Sequence[ModelShape], densities: Sequence[float], *, a
     With 128-row blocks the sm_90 warp-specialized forward applies where
     :func:`~dit_accel.kernels.block_sparse.configs.ws_pays` says so (``ws_pays``), and a
     ``ws+resume`` row adds the resume pass's per-CTA term that ``ws_pays`` charges. A variant the layout
-    cannot run (:func:`~dit_accel.kernels.cost.kernel_reason`: ``ws`` on 64-row blocks) gets no row.
+    cannot run (:func:`~dit_accel.kernels.block_sparse.configs.kernel_reason`: ``ws`` on 64-row blocks) gets no row.
     """
     from ..kernels.block_sparse.configs import ws_pays
     from ..patterns.separable import wide_query_layout
 
     from ..kernels import cost
+    from ..kernels.block_sparse.configs import kernel_reason
     from ..kernels.sla import sla_density
     from ..methods import SLA
 
@@ -490,7 +491,7 @@ def model_kernels(shapes: Sequence[ModelShape], densities: Sequence[float], *, a
                     facts["ws_pays"] = ws_pays(wc.full_tiles, wc.partial_tiles, resumed, 128, 64, arch)
             block_q = facts.get("cuda_block_q", layout.block_q)  # the rows the launch would run
             for kernel in kernels:
-                why = cost.kernel_reason(kernel, block_q, layout.block_k, d, arch)
+                why = kernel_reason(kernel, block_q, layout.block_k, d, arch)
                 if why is not None:
                     skipped.setdefault(kernel, why)
                     continue

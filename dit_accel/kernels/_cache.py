@@ -11,7 +11,7 @@ from __future__ import annotations
 import threading
 from typing import Callable, Dict, Hashable, TypeVar
 
-__all__ = ["LayoutCache", "bounded_get"]
+__all__ = ["LayoutCache", "layout_on", "bounded_get"]
 
 T = TypeVar("T")
 
@@ -46,3 +46,15 @@ def bounded_get(table: Dict[Hashable, T], key: Hashable, build: Callable[[], T],
             table.clear()
         value = table[key] = build()
     return value
+
+
+# Per-device copies of layouts, so a CPU-built layout moves to the GPU once, not per call.
+_ON_DEVICE = LayoutCache("block_sparse.device")
+
+
+def layout_on(layout, device):
+    """``layout`` (a :class:`~dit_accel.kernels.layout.BlockLayout`) on ``device``; the copy is made once per
+    (layout, device) and kept while the layout lives."""
+    if layout.device == device:
+        return layout
+    return _ON_DEVICE.get(layout, device, lambda: layout.to(device))

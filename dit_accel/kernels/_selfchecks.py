@@ -30,7 +30,7 @@ def _gpu(device: torch.device) -> bool:
 def _triton_applies(device: torch.device) -> Optional[str]:
     from .backends import triton_reason
 
-    return triton_reason(device)
+    return triton_reason(device)  # (backends asks selfcheck, never this module: no import circle)
 
 
 def _sm90_applies(device: torch.device) -> Optional[str]:

@@ -11,79 +11,23 @@ per call. ``$DIT_ACCEL_BACKEND`` overrides ``auto`` (parsed in one place,
 from __future__ import annotations
 
 import importlib.util
-import os
 from dataclasses import dataclass
 from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
+from .request import ENV_BACKEND, BackendUnavailable, Request, env_get, env_value, interpreting
+
 __all__ = ["BACKENDS", "ENV_BACKEND", "BackendUnavailable", "Request", "available_backends", "env_backend",
            "resolve", "triton_reason", "interpreting", "TUNED", "Backend", "backend_peers", "backend_reasons",
-           "VENDOR_BACKENDS"]
+           "VENDOR_BACKENDS", "env_get", "env_value"]
 
 #: The vendor block-sparse backends (optional packages; :mod:`dit_accel.kernels.block_sparse.vendor`).
 VENDOR_BACKENDS = ("fa4", "cudnn", "natten")
 #: Every backend name, in the order ``auto`` considers them for block-sparse attention.
 BACKENDS = ("triton", "flex", "torch") + VENDOR_BACKENDS
-#: Environment variable that overrides ``backend="auto"``.
-ENV_BACKEND = "DIT_ACCEL_BACKEND"
 #: Largest head dim of the Triton kernels (block-sparse); the PyTorch twin takes any.
 TRITON_MAX_HEAD_DIM = 256
-
-
-class BackendUnavailable(RuntimeError):
-    """A backend that was asked for by name cannot run these inputs here (the message says why and what to do)."""
-
-
-@dataclass(frozen=True)
-class Request:
-    """What a backend needs to know to say whether it can run one call."""
-
-    device: torch.device
-    dtype: torch.dtype
-    head_dim: int
-    needs_grad: bool = False
-    block_q: int = 64
-    block_k: int = 64
-    density: Optional[float] = None  # visited fraction, when the caller knows it (autotune's density bucket)
-    q_len: int = 0  # tokens (0: not known), for autotune's token buckets and memory estimates
-    kv_len: int = 0
-    batch_heads: int = 0
-
-    @classmethod
-    def of(cls, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_q: int = 64, block_k: int = 64,
-           density: Optional[float] = None) -> "Request":
-        grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-        return cls(q.device, q.dtype, q.shape[-1], grad, block_q, block_k, density, q.shape[-2], k.shape[-2],
-                   q.shape[0] * q.shape[1] if q.dim() == 4 else 1)
-
-
-# ---------------------------------------------------------------- environment
-def interpreting() -> bool:
-    """Triton runs kernels on the CPU through its interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
-# os.environ.get raises and catches a KeyError when the variable is unset (about 1 us, and several
-# times that on a cold cache): the mapping underneath answers the same question with one dict lookup.
-_ENVIRON_DATA = getattr(os.environ, "_data", None)
-_ENV_KEY = os.environ.encodekey(ENV_BACKEND) if hasattr(os.environ, "encodekey") else None
-
-
-def env_value() -> Optional[str]:
-    """``$DIT_ACCEL_BACKEND`` as set (None when unset): read on every transformer and attention call."""
-    if _ENVIRON_DATA is None or _ENV_KEY is None:
-        return os.environ.get(ENV_BACKEND)
-    raw = _ENVIRON_DATA.get(_ENV_KEY)
-    return None if raw is None else os.environ.decodevalue(raw)
-
-
-def env_get(name: str) -> Optional[str]:
-    """``os.environ.get(name)`` through the one-lookup path of :func:`env_value` (for variables read per call)."""
-    if _ENVIRON_DATA is None or not hasattr(os.environ, "encodekey"):
-        return os.environ.get(name)
-    raw = _ENVIRON_DATA.get(os.environ.encodekey(name))
-    return None if raw is None else os.environ.decodevalue(raw)
 
 
 def env_backend() -> Optional[str]:

@@ -87,8 +87,7 @@ from dataclasses import dataclass
 from typing import Dict, Optional
 
 __all__ = ["GpuConstants", "CONSTANTS", "KERNELS", "TileCounts", "tile_counts", "sla_counts", "constants",
-           "block_sparse_time", "dense_time", "sla_time", "ideal_fraction", "work_vs_dense", "arch_for_device",
-           "kernel_reason"]
+           "block_sparse_time", "dense_time", "sla_time", "ideal_fraction", "work_vs_dense", "arch_for_device"]
 
 _TILE = 64  # the constants are per 64 x 64 tile at head dim 128
 _HEAD_DIM = 128
@@ -173,34 +172,6 @@ def constants(arch: str = "h100", kernel: str = "current") -> GpuConstants:
         known = sorted({k.split('/')[0] for k in CONSTANTS})
         raise ValueError(f"no cost-model constants for arch={arch!r} (have: {', '.join(known)})")
     return CONSTANTS[key]
-
-
-#: The compute capability each constants entry models (its kernels' configurations are that target's).
-_SM = {"h100": 90}
-
-
-def kernel_reason(kernel: str, block_q: int, block_k: int, head_dim: int = 128, arch: str = "h100",
-                  dtype=None) -> Optional[str]:
-    """None if a layout of ``block_q x block_k`` blocks at ``head_dim`` can run modelled variant ``kernel`` on
-    ``arch`` (bf16 unless ``dtype``), else why not: a table prints no variant its layout cannot run.
-
-    ``"ws"`` needs a warp-specialized configuration for the launch
-    (:func:`dit_accel.kernels.block_sparse.configs.ws_config`: a 128 x 64 tile inside the layout's blocks, so
-    128-row query blocks, and a padded head dim of 128, fp16 / bf16, sm_90). The other variants are the
-    one-loop kernel, which every layout runs."""
-    constants(arch, kernel)  # a clear error for an unknown variant or arch
-    if kernel != "ws":
-        return None
-    import torch
-
-    from .block_sparse.configs import select_config, ws_config
-
-    sm = _SM.get(arch, 90)
-    cfg = select_config("fwd", dtype or torch.bfloat16, head_dim, block_q, block_k, sm)
-    if ws_config(cfg, sm) is None:
-        return (f"no warp-specialized forward for {block_q} x {block_k} blocks at head dim {head_dim} "
-                f"({cfg.dtype}, sm_{sm}): it needs 128-row query blocks and a head dim of 65-128 in fp16 / bf16")
-    return None
 
 
 def arch_for_device(name: str) -> str:

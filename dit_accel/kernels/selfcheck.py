@@ -41,7 +41,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
-from .backends import BackendUnavailable
+from .request import BackendUnavailable, env_get, interpreting
 
 __all__ = ["ENV_FAULT", "ENV_SELFCHECK", "Variant", "Result", "VariantFailed", "register", "variants", "variant",
            "usable", "usable_fast", "require", "gate", "corrupt", "faulted", "faults", "relative_error", "run_all", "cached_verdicts", "clear",
@@ -111,25 +111,14 @@ def register(v: Variant) -> Variant:
     return v
 
 
-def _load_builtin() -> None:
-    """Import the modules that register the in-repo variants (they live beside their kernels)."""
-    from . import _selfchecks  # noqa: F401  (registers on import)
-
-    try:
-        from .block_sparse import vendor  # noqa: F401  (the vendor backends register theirs, where present)
-    except ImportError:
-        pass
-
-
 def variants() -> List[Variant]:
-    """Every registered variant, in name order."""
-    _load_builtin()
+    """Every registered variant, in name order (the in-repo ones register when :mod:`dit_accel.kernels` is
+    imported, the vendor ones with :mod:`~dit_accel.kernels.block_sparse.vendor`)."""
     return [_REGISTRY[n] for n in sorted(_REGISTRY)]
 
 
 def variant(name: str) -> Variant:
     """The registered variant ``name``; ValueError listing the names otherwise."""
-    _load_builtin()
     if name not in _REGISTRY:
         raise ValueError(f"no kernel variant named {name!r}; the variants are: {', '.join(sorted(_REGISTRY))}")
     return _REGISTRY[name]
@@ -137,8 +126,6 @@ def variant(name: str) -> Variant:
 
 # ----------------------------------------------------------------------------- the fault switch
 def _env(name: str) -> Optional[str]:
-    from .backends import env_get
-
     return env_get(name)
 
 
@@ -210,8 +197,6 @@ def _arch(device: torch.device) -> str:
     if device.type == "cuda":
         major, minor = torch.cuda.get_device_capability(device)
         return f"sm_{major}{minor} {torch.cuda.get_device_name(device)}"
-    from .backends import interpreting
-
     return "cpu (triton interpreter)" if interpreting() else "cpu"
 
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from dit_accel.kernels import cost
+from dit_accel.kernels.block_sparse.configs import kernel_reason
 from dit_accel.kernels.layout import BlockLayout
 
 # BENCHMARKS.md section 10, H100, bf16, d=128, batch 1, forward: block-sparse Triton on Tile layouts.
@@ -145,15 +146,15 @@ def test_kernel_reason_names_what_a_layout_cannot_run():
     for bq, bk, d in ((64, 64, 128), (64, 128, 128), (128, 128, 128), (128, 64, 80), (256, 256, 128),
                       (128, 128, 64), (128, 128, 256)):
         runs = ws_config(select_config("fwd", torch.bfloat16, d, bq, bk, 90), 90) is not None
-        why = cost.kernel_reason("ws", bq, bk, d)
+        why = kernel_reason("ws", bq, bk, d)
         assert (why is None) == runs == (bq >= 128 and 64 < d <= 128), (bq, bk, d)
         if why is not None:
             assert f"{bq} x {bk} blocks at head dim {d}" in why and "128-row" in why
         for kernel in cost.KERNELS[:-1]:
-            assert cost.kernel_reason(kernel, bq, bk, d) is None
-    assert cost.kernel_reason("ws", 128, 128, 128, dtype=torch.float32) is not None
+            assert kernel_reason(kernel, bq, bk, d) is None
+    assert kernel_reason("ws", 128, 128, 128, dtype=torch.float32) is not None
     with pytest.raises(ValueError, match="kernel"):
-        cost.kernel_reason("magic", 128, 128)
+        kernel_reason("magic", 128, 128)
 
 
 def test_modelled_table_prints_ws_only_for_layouts_that_run_it():

@@ -154,7 +154,8 @@ def test_the_tuner_skips_a_vendor_that_cannot_serve_the_layout(masked_layout, mo
     monkeypatch.setattr(vcudnn, "cuda_arch", lambda device: 90)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "FakeGPU")
     q = torch.randn(1, 2, 200, 64)
-    tune = sel.measured_tuner(q, q, q, masked_layout, 0.125, 0.5, timer=_by_name({"triton": 500.0, "flex": 1.0}),
+    tune = sel.measured_tuner(q, q, q, masked_layout, 0.125, 0.5, attention=lambda *a, **k: None,
+                              timer=_by_name({"triton": 500.0, "flex": 1.0}),
                               reuses=4, verified=lambda name: True, verify=lambda name: True,
                               free=lambda device: None)
     request = Request(torch.device("cuda"), torch.bfloat16, 64, block_q=64, block_k=64)

@@ -8,7 +8,8 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from .. import autotune
-from .._cache import LayoutCache
+from .._cache import LayoutCache, layout_on
+from .select_backend import VERIFY_TOL, free_memory, memory_skips  # noqa: F401  (re-exported)
 from ..backends import VENDOR_BACKENDS, Request, env_backend, env_value, resolve
 from ..checks import check_qkv, check_scale
 from ..layout import BlockLayout
@@ -17,16 +18,7 @@ __all__ = ["block_sparse_attention", "block_sparse_backend", "layout_on", "prepa
            "memory_skips", "free_memory",
            "dense_reason", "dense_reasons", "all_keys_visited", "DENSE"]
 
-# Per-device copies of layouts, so a CPU-built layout moves to the GPU once, not per call.
-_ON_DEVICE = LayoutCache("block_sparse.device")
 _DENSITY = LayoutCache("block_sparse.density")  # visited block fraction per layout (one host sync, once)
-
-
-def layout_on(layout: BlockLayout, device: torch.device) -> BlockLayout:
-    """``layout`` on ``device``; the copy is made once per (layout, device) and kept while the layout lives."""
-    if layout.device == device:
-        return layout
-    return _ON_DEVICE.get(layout, device, lambda: layout.to(device))
 
 
 def prepare_layout(layout: BlockLayout, device, backend: str = "auto") -> BlockLayout:
@@ -169,9 +161,7 @@ def _decide(q, k, v, layout, scale, backend: str, return_lse: bool):
         # On CUDA, auto times Triton against FlexAttention once per shape class (kernels/autotune.py);
         # the density bucket is part of the class, read once per layout.
         density = _DENSITY.get(layout, "visited", lambda: float(layout.density()))
-        from .select_backend import measured_tuner  # the in-repo and vendor contenders, planning cost included
-
-        tuner = measured_tuner(q, k, v, layout, scale, density, return_lse=return_lse)
+        tuner = block_sparse_tuner(q, k, v, layout, scale, density, return_lse=return_lse)  # vendors too
     request = Request.of(q, k, v, layout.block_q, layout.block_k, density=density)
     name = resolve("block_sparse", backend, request, tuner)
     device_layout = layout_on(layout, q.device)
@@ -300,62 +290,15 @@ def _dense_run():
     return run
 
 
-#: Bytes per score element a contender materialises: eager FlexAttention holds the fp32 scores and
-#: probabilities of the whole (B, H, N, M) problem at once.
-MATERIALISED = {"flex": 8}
-#: Relative error (against the PyTorch twin on the call's inputs) a timed contender must stay within before
-#: its choice is stored.
-VERIFY_TOL = 1e-2
-
-
-def free_memory(device: torch.device) -> Optional[int]:
-    """Free bytes on ``device`` (None off CUDA)."""
-    if device.type != "cuda":
-        return None
-    return int(torch.cuda.mem_get_info(device)[0])
-
-
-def memory_skips(names: Sequence[str], q, k, free: Optional[int]) -> dict:
-    """``{name: reason}`` for contenders whose materialised scores (:data:`MATERIALISED`) would not fit in
-    ``free`` bytes (with a quarter kept back): they are not tried at all."""
-    if free is None:
-        return {}
-    out = {}
-    for name in names:
-        need = MATERIALISED.get(name, 0) * q.shape[0] * q.shape[1] * q.shape[2] * k.shape[2]
-        if need > 0.75 * free:
-            out[name] = (f"would materialise {need / 2 ** 30:.1f} GiB of scores, {free / 2 ** 30:.1f} GiB free "
-                         f"(N={q.shape[2]}, M={k.shape[2]}, {q.shape[0]}x{q.shape[1]} heads)")
-    return out
-
-
 def block_sparse_tuner(q, k, v, layout, scale: float, density: Optional[float] = None,
-                       timer: Optional[Callable] = None, free: Optional[Callable] = None) -> Callable[[Sequence[str]], str]:
+                       timer: Optional[Callable] = None, free: Optional[Callable] = None,
+                       return_lse: bool = False) -> Callable[[Sequence[str]], str]:
     """A tuner for :func:`dit_accel.kernels.backends.resolve`: given the backends that can run, time each
-    through :func:`block_sparse_attention` on these very inputs (without autograd) and return the fastest,
-    once per shape class. A contender whose scores would not fit in free memory (``free(device)``, default
-    :func:`free_memory`) is not tried; the choice is stored only after its output on this call matched the
-    PyTorch twin (:data:`VERIFY_TOL`)."""
-    def tune(names: Sequence[str], request) -> Optional[str]:
-        from ..selfcheck import relative_error
+    through :func:`block_sparse_attention` on these very inputs (without autograd), planning cost included,
+    and return the cheapest, once per shape class (:func:`.select_backend.measured_tuner`: a contender whose
+    scores would not fit in free memory is not tried, and the choice is stored only after its output on this
+    call matched the PyTorch twin)."""
+    from .select_backend import measured_tuner
 
-        d = layout.density() if density is None else density
-        shape = autotune.ShapeClass.of("block_sparse", request, d)
-        qd, kd, vd = q.detach(), k.detach(), v.detach()
-
-        def run(name):
-            return lambda: block_sparse_attention(qd, kd, vd, layout, scale=scale, backend=name)
-
-        reference = []
-
-        def verify(name) -> bool:
-            if not reference:
-                reference.append(block_sparse_attention(qd, kd, vd, layout, scale=scale, backend="torch"))
-            return relative_error(run(name)(), reference[0]) <= VERIFY_TOL
-
-        skip = memory_skips(names, q, k, (free or free_memory)(q.device))
-        with torch.no_grad():
-            return autotune.choose(shape, {name: run(name) for name in names}, timer or autotune.cuda_event_timer,
-                                   verify=verify, skip=skip)
-
-    return tune
+    return measured_tuner(q, k, v, layout, scale, density, attention=block_sparse_attention, return_lse=return_lse,
+                          timer=timer, free=free)

@@ -17,7 +17,7 @@ from ..checks import SUPPORTED_DTYPES
 from ..dense.configs import ARG_TYPES, DIV16, tma_supported
 
 __all__ = ["KernelConfig", "select_config", "shipped_configs", "pointer_fallback", "candidates", "shared_memory_limit",
-           "ws_config", "resume_config", "ws_pays", "WS_TUNED",
+           "ws_config", "resume_config", "ws_pays", "WS_TUNED", "kernel_reason",
            "block_d_for",
            "SHARED_MEMORY_LIMITS", "TARGET_ARCHS", "BLOCK_DS", "KERNEL_NAMES"]
 
@@ -307,3 +307,29 @@ def shipped_configs(arch: Optional[int] = None) -> List[KernelConfig]:
 def pointer_fallback(cfg: KernelConfig) -> KernelConfig:
     """The pointer-load variant of a TMA configuration (same tiles, warps and stages)."""
     return dataclasses.replace(cfg, tma=False, even_d=True, ws=False, resume=False)
+
+
+#: The compute capability each constants entry models (its kernels' configurations are that target's).
+_SM = {"h100": 90}
+
+
+def kernel_reason(kernel: str, block_q: int, block_k: int, head_dim: int = 128, arch: str = "h100",
+                  dtype=None) -> Optional[str]:
+    """None if a layout of ``block_q x block_k`` blocks at ``head_dim`` can run modelled variant ``kernel`` on
+    ``arch`` (bf16 unless ``dtype``), else why not: a table prints no variant its layout cannot run.
+
+    ``"ws"`` needs a warp-specialized configuration for the launch
+    (:func:`ws_config`: a 128 x 64 tile inside the layout's blocks, so
+    128-row query blocks, and a padded head dim of 128, fp16 / bf16, sm_90). The other variants are the
+    one-loop kernel, which every layout runs."""
+    from ..cost import constants
+
+    constants(arch, kernel)  # a clear error for an unknown variant or arch
+    if kernel != "ws":
+        return None
+    sm = _SM.get(arch, 90)
+    cfg = select_config("fwd", dtype or torch.bfloat16, head_dim, block_q, block_k, sm)
+    if ws_config(cfg, sm) is None:
+        return (f"no warp-specialized forward for {block_q} x {block_k} blocks at head dim {head_dim} "
+                f"({cfg.dtype}, sm_{sm}): it needs 128-row query blocks and a head dim of 65-128 in fp16 / bf16")
+    return None

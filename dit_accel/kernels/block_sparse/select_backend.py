@@ -25,12 +25,13 @@ from typing import Callable, Dict, List, Mapping, Optional, Sequence
 import torch
 
 from .. import autotune, backends
-from .._cache import LayoutCache
+from .._cache import LayoutCache, layout_on
 from ..backends import VENDOR_BACKENDS, Request
 from ..layout import BlockLayout
 
 __all__ = ["DEFAULT_REUSES", "Contender", "Decision", "expect_reuses", "expected_reuses", "priced_timer", "select",
-           "measured_tuner", "layout_fallback", "decisions"]
+           "measured_tuner", "layout_fallback", "decisions", "memory_skips", "free_memory", "VERIFY_TOL",
+           "MATERIALISED"]
 
 #: Calls a layout is assumed to serve when its builder did not say (:func:`expect_reuses`): one, so a layout
 #: that is rebuilt every step (SLA's critical blocks) pays its planning cost in full.
@@ -124,24 +125,6 @@ def select(shape: autotune.ShapeClass, contenders: Sequence[Contender], timer: a
 
 
 # ----------------------------------------------------------------------------- the real contenders
-def _selfcheck_verified(request: Request) -> Callable[[str], bool]:
-    """``verified(name)`` from :mod:`dit_accel.kernels.selfcheck` (forward, and backward when gradients are
-    needed); every backend passes where the self-check is absent or the backend registers no variant."""
-    try:
-        from .. import selfcheck
-    except ImportError:
-        return lambda name: True
-    shape = {"head_dim": request.head_dim, "block_q": request.block_q, "block_k": request.block_k}
-
-    def verified(name: str) -> bool:
-        parts = ("fwd", "bwd") if request.needs_grad else ("fwd",)
-        registered = {v.name for v in selfcheck.variants()}
-        names = [f"block_sparse.{name}.{p}" for p in parts if f"block_sparse.{name}.{p}" in registered]
-        return all(selfcheck.usable(n, request.device, request.dtype, shape) for n in names)
-
-    return verified
-
-
 def _flex_plan_ms(layout: BlockLayout) -> float:
     def measure() -> float:
         from .flex import layout_to_block_mask
@@ -155,20 +138,49 @@ def _flex_plan_ms(layout: BlockLayout) -> float:
     return _FLEX_PLAN.get(layout, "ms", measure)
 
 
+#: Bytes per score element a contender materialises: eager FlexAttention holds the fp32 scores and
+#: probabilities of the whole (B, H, N, M) problem at once.
+MATERIALISED = {"flex": 8}
+#: Relative error (against the PyTorch twin on the call's inputs) a timed contender must stay within before
+#: its choice is stored.
+VERIFY_TOL = 1e-2
+
+
+def free_memory(device: torch.device) -> Optional[int]:
+    """Free bytes on ``device`` (None off CUDA)."""
+    if device.type != "cuda":
+        return None
+    return int(torch.cuda.mem_get_info(device)[0])
+
+
+def memory_skips(names: Sequence[str], q, k, free: Optional[int]) -> Dict[str, str]:
+    """``{name: reason}`` for contenders whose materialised scores (:data:`MATERIALISED`) would not fit in
+    ``free`` bytes (with a quarter kept back): they are not tried at all."""
+    if free is None:
+        return {}
+    out = {}
+    for name in names:
+        need = MATERIALISED.get(name, 0) * q.shape[0] * q.shape[1] * q.shape[2] * k.shape[2]
+        if need > 0.75 * free:
+            out[name] = (f"would materialise {need / 2 ** 30:.1f} GiB of scores, {free / 2 ** 30:.1f} GiB free "
+                         f"(N={q.shape[2]}, M={k.shape[2]}, {q.shape[0]}x{q.shape[1]} heads)")
+    return out
+
+
 def measured_tuner(q, k, v, layout: BlockLayout, scale: float, density: Optional[float] = None, *,
-                   return_lse: bool = False, timer: Optional[autotune.Timer] = None,
+                   attention: Callable, return_lse: bool = False, timer: Optional[autotune.Timer] = None,
                    reuses: Optional[int] = None, verified: Optional[Callable[[str], bool]] = None,
                    verify: Optional[Callable[[str], bool]] = None, free: Optional[Callable] = None):
     """A tuner for :func:`dit_accel.kernels.backends.resolve`: ``tune(names, request)`` builds the contenders
     among ``names`` that serve this layout, prices them (run + planning / reuses) and returns the cheapest
     verified one, stored per shape class; None when none is left (``resolve`` then takes the fixed order).
 
-    As :func:`.api.block_sparse_tuner` does for the in-repo pair: a contender whose scores would not fit in
-    free memory (``free(device)``, default :func:`.api.free_memory`) is not tried, and the choice is stored
-    only after its output on this call matched the PyTorch twin (``verify(name)``, default
-    :data:`.api.VERIFY_TOL` relative error); ``verified(name)`` is the first-use self-check."""
+    ``attention(q, k, v, layout, scale=..., backend=name)`` runs one backend (the public entry point, passed
+    in by it). A contender whose scores would not fit in free memory (``free(device)``, default
+    :func:`free_memory`) is not tried, and the choice is stored only after its output on this call matched the
+    PyTorch twin (``verify(name)``, default :data:`VERIFY_TOL` relative error). ``verified(name)``: the
+    first-use self-check, which ``resolve`` already applied to ``names`` (default: all pass)."""
     from . import vendor
-    from .api import VERIFY_TOL, block_sparse_attention, free_memory, layout_on, memory_skips
 
     def tune(names: Sequence[str], request: Request) -> Optional[str]:
         d = layout.density() if density is None else density
@@ -190,7 +202,7 @@ def measured_tuner(q, k, v, layout: BlockLayout, scale: float, density: Optional
 
             def run(name=name):
                 with torch.no_grad():
-                    return block_sparse_attention(qd, kd, vd, layout, scale=scale, backend=name)
+                    return attention(qd, kd, vd, layout, scale=scale, backend=name)
 
             contenders.append(Contender(name, run, plan_ms))
         if not contenders:
@@ -203,13 +215,13 @@ def measured_tuner(q, k, v, layout: BlockLayout, scale: float, density: Optional
 
             with torch.no_grad():
                 if not reference:
-                    reference.append(block_sparse_attention(qd, kd, vd, layout, scale=scale, backend="torch"))
-                got = block_sparse_attention(qd, kd, vd, layout, scale=scale, backend=name)
+                    reference.append(attention(qd, kd, vd, layout, scale=scale, backend="torch"))
+                got = attention(qd, kd, vd, layout, scale=scale, backend=name)
             return relative_error(got, reference[0]) <= VERIFY_TOL
 
         return select(shape, contenders, timer or autotune.cuda_event_timer,
                       reuses=expected_reuses(layout) if reuses is None else reuses,
-                      verified=verified or _selfcheck_verified(request), skipped=skipped,
+                      verified=verified or (lambda name: True), skipped=skipped,
                       verify=verify or matches_twin)
 
     return tune

@@ -18,7 +18,7 @@ from typing import Callable, Dict, Optional, Tuple
 import torch
 
 from ..._cache import LayoutCache
-from ...backends import BackendUnavailable, Request
+from ...request import BackendUnavailable, Request
 from ...layout import BlockLayout
 
 __all__ = ["NAMES", "PACKAGES", "versions", "module", "plan", "plan_seconds", "call", "vendor_contenders", "vendor_reasons", "layout_reason"]
@@ -134,7 +134,7 @@ def vendor_reasons(layout: BlockLayout, q: torch.Tensor, k: torch.Tensor, v: tor
 
 
 def _contenders(layout, q, k, v, scale):
-    from ..api import layout_on
+    from ..._cache import layout_on
 
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     device_layout = layout_on(layout, q.device)
@@ -156,12 +156,3 @@ def _contenders(layout, q, k, v, scale):
         out[name] = fn
     return out
 
-
-def _register_checks() -> None:
-    try:
-        from . import checks  # noqa: F401  (registers block_sparse.<vendor>.fwd/.bwd with the self-check)
-    except ImportError:  # dit_accel.kernels.selfcheck not present in this tree
-        pass
-
-
-_register_checks()

@@ -16,7 +16,7 @@ from typing import Optional
 
 import torch
 
-from ...backends import Request
+from ...request import Request
 from ...selfcheck import Result, Variant, register, relative_error
 
 FWD_TOL = {torch.float16: 1e-2, torch.bfloat16: 1e-2, torch.float32: 1e-3}

@@ -123,7 +123,7 @@ def vendor_import(module: str, pip_name: str, extra: str):
     install it (never an ImportError). By name, so the package's own imports stay free of optional packages."""
     import importlib
 
-    from ...backends import BackendUnavailable
+    from ...request import BackendUnavailable
 
     try:
         return importlib.import_module(module)
