@@ -38,7 +38,7 @@ DEFAULT_METHODS = "dense,radial,tile,gna,sla"
 def register(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("eval", help="compare methods with dense: PSNR/SSIM/LPIPS/CLIP/FID and speed",
                               description=plain(__doc__), formatter_class=HelpFormatter)
-    p.add_argument("--model", required=True,
+    p.add_argument("--model",
                    help="tiny-shapes (tiny model trained on synthetic clips; ground-truth quality), tiny-wan, "
                         "tiny-flux (random weights), a local pipeline folder or a hub id")
     p.add_argument("--methods", default=None,
@@ -63,7 +63,15 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--guidance-scale", "--guidance", dest="guidance_scale", type=float,
                    help="classifier-free guidance scale (default: the model's)")
     p.add_argument("--max-sequence-length", type=int)
-    p.add_argument("--out", required=True, metavar="DIR")
+    p.add_argument("--out", metavar="DIR", help="where results.json, report.md, pareto.png and grid.png go "
+                                                "(required unless --compare)")
+    p.add_argument("--compare", nargs=2, metavar=("A", "B"),
+                   help="print the paired comparison of two eval results folders (same prompts and seeds) and "
+                        "exit; nothing is generated")
+    p.add_argument("--floor-backend", default="auto",
+                   choices=["auto", "sdpa-math", "dit_accel.kernels.dense", "none"],
+                   help="the dense-vs-dense floor's second dense backend (auto: dit_accel's Triton dense kernel "
+                        "where triton runs, else math SDPA; none: only the seed-pairing floor)")
     p.add_argument("--cache-dir", metavar="DIR", help="dense output cache (default OUT/cache)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
@@ -105,6 +113,19 @@ def _run(args) -> int:
         print(f"dit-accel eval: {message}")
         return 2
 
+    if args.compare:
+        from ..eval.compare import compare_results, format_comparison, load_results
+
+        try:
+            a, b = (load_results(folder) for folder in args.compare)
+            comparison = compare_results(a, b)
+        except ValueError as exc:
+            return fail(str(exc))
+        print(format_comparison(*args.compare, comparison))
+        return 0
+    for flag in ("model", "out"):
+        if not getattr(args, flag):
+            return fail(f"--{flag} is required (unless --compare A B)")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device != "cpu" and not (device.startswith("cuda") and torch.cuda.is_available()):
         return fail(f"--device {device}: use cpu" + (" or cuda" if torch.cuda.is_available() else
@@ -171,7 +192,7 @@ def _run(args) -> int:
     try:
         results = run_eval(settings, specs, args.out, cache_dir=args.cache_dir, clip_model=args.clip_model,
                            fid_weights=args.fid_weights, real_dir=args.real, lpips=not args.no_lpips,
-                           capture=args.capture)
+                           capture=args.capture, floor_backend=args.floor_backend, prompt_file=args.prompts)
     except (ModelLoadError, ValueError, OSError) as exc:
         print(f"dit-accel eval: {exc}")
         return 2
