@@ -600,6 +600,17 @@ def _record(args, pipe, method, schedule, source, call, frames, written, times, 
     }
 
 
+def _provenance(args, call, record, summary, stats) -> dict:
+    """What exactly ran (dit_accel.eval.provenance): prompt sha256 and seed, versions, commit, device, the
+    backends the calls used, and the full method or plan."""
+    from ..eval.provenance import backends_used, provenance
+
+    run = {"method": record["method"], "schedule": record["schedule"], "plan": getattr(args, "plan", None)}
+    out = provenance([call["prompt"]], [args.seed], args.device, run=run)
+    out["backends"] = backends_used(summary, stats)
+    return out
+
+
 def generate(args) -> dict:
     """Run ``generate`` for parsed ``args``; returns the sidecar dict (also written to OUT.json)."""
     from .._io import atomic_write_json
@@ -694,6 +705,7 @@ def generate(args) -> dict:
                                  summary, elapsed))
     record["compare_dense"] = to_jsonable(_comparison(times, dense, frames, side_by_side))
     record["quality"] = to_jsonable(_quality(args.model, call["prompt"], frames, dense))
+    record["provenance"] = to_jsonable(_provenance(args, call, record, summary, stats))
     atomic_write_json(sidecar, record)  # written last: a sidecar names a complete output
     record["sidecar"] = str(sidecar)
     return record

@@ -82,7 +82,7 @@ def write_report(results: dict, path) -> None:
               "- versions: " + ", ".join(f"{k} {val}" for k, val in v.items() if val is not None), ""]
     if results.get("skipped"):
         lines += ["## Skipped metrics", ""] + [f"- {line}" for line in results["skipped"]] + [""]
-    lines += paired_section(results) + provenance_section(results)
+    lines += temporal_section(results) + paired_section(results) + provenance_section(results)
     atomic_write_text(path, "\n".join(lines))
 
 
@@ -146,6 +146,23 @@ def paired_section(results: dict) -> List[str]:
     if tests:
         lines += ["### Paired t-tests against the best other row", ""] + tests + [""]
     return lines
+
+
+def temporal_section(results: dict) -> List[str]:
+    """Per row of a video eval: motion, motion against dense, the temporal error and the frozen / looping
+    fractions (dit_accel.eval.temporal)."""
+    rows = [r for r in results["rows"] if r.get("temporal")]
+    if not rows:
+        return []
+    table = [[r["label"], _fmt(r["temporal"]["motion"], 4), _fmt(r["temporal"]["motion_ratio"], 3),
+              _fmt(r["temporal"]["temporal_error"], 4), _fmt(r["temporal"]["frozen"], 3),
+              _fmt(r["temporal"]["looping"], 3)] for r in rows]
+    return ["## Temporal check", "",
+            markdown_table(["row", "motion", "motion / dense", "temporal error", "frozen", "looping"], table), "",
+            "motion: mean change between consecutive frames (0-1 scale); motion / dense: the same against the "
+            "dense video of the pair (well below 1: the method freezes motion); temporal error: mean |change - "
+            "dense's change|; frozen / looping: the fraction of videos detected still or repeating a short "
+            "loop (dit_accel.eval.temporal).", ""]
 
 
 def provenance_section(results: dict) -> List[str]:

@@ -402,6 +402,18 @@ class _Scorers:
                 (times or {}).get("total")
         for key in ("psnr", "ssim", "lpips"):
             row[key] = mean_or_none([m.get(key) for m in per_sample])
+        if row["videos"] and row["videos"][0].shape[0] > 1:  # videos: the temporal check beside fidelity
+            from .temporal import temporal_report
+
+            for sample, video, ref in zip(row["samples"], row["videos"], dense["videos"]):
+                sample["temporal"] = temporal_report(video, ref)
+            temporal = [sample["temporal"] for sample in row["samples"]]
+            row["temporal"] = {
+                "motion": mean_or_none([t["motion"] for t in temporal]),
+                "motion_ratio": mean_or_none([t["motion_ratio"] for t in temporal]),
+                "temporal_error": mean_or_none([t["temporal_error"] for t in temporal]),
+                "frozen": sum(t["frozen"] for t in temporal) / len(temporal),
+                "looping": sum(t["loop_period"] is not None for t in temporal) / len(temporal)}
         if self.clip is not None:  # per video (the paired statistics need them); equal frame counts: same mean
             for sample, video, (prompt, _) in zip(row["samples"], row["videos"], samples):
                 sample["clip"] = self.clip(video, prompt)
