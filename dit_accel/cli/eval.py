@@ -20,7 +20,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from .options import HelpFormatter, plain
+from .options import HelpFormatter, add_cache_option, cache_from_args, plain
 
 __all__ = ["register", "run"]
 
@@ -47,6 +47,12 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--plan", action="append", metavar="FILE",
                    help="a SparsePlan (dit-accel calibrate's output) as one more row, labelled by its file name; "
                         "repeatable")
+    p.add_argument("--stacks", metavar="LIST",
+                   help="comma-separated stacks, each METHOD, METHOD+CACHE or CACHE (dense with it), measured as rows "
+                        "with the same prompts and seeds, e.g. \"sla,sla+fbcache,tile+taylorseer,dense+fbcache\"; "
+                        "cache options after ':' separated by ';' (tile+fbcache:threshold=0.1). Without --methods "
+                        "only the stacks (and dense) are rows")
+    add_cache_option(p)
     p.add_argument("--method-config", metavar="FILE",
                    help="JSON/YAML: {method: options} or {method: [options, ...]} to compare several configs; "
                         "keys dense_steps/dense_last_steps/dense_layers go to dit_accel.apply")
@@ -88,6 +94,24 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--capture", metavar="DIR", help="also save the dense run's q/k/v for `dit-accel bench fidelity`")
     p.set_defaults(func=run)
     return p
+
+
+def _stacks(text, defaults):
+    """``--stacks`` -> one MethodSpec per stack (label: the stack as written), the tiny models' grid-sized
+    method defaults applied; ValueError naming the stack."""
+    from ..eval.runner import MethodSpec
+    from ..pipelines.caches import parse_stack
+
+    specs = []
+    for item in (text or "").split(","):
+        if not item.strip():
+            continue
+        method, cache = parse_stack(item)
+        name = method.partition(":")[0]
+        spec = MethodSpec.parse(name, dict((defaults or {}).get(name, {})), label=item.strip(), source="--stacks")
+        spec.cache = cache
+        specs.append(spec)
+    return specs
 
 
 def run(args) -> int:
@@ -167,7 +191,13 @@ def _run(args) -> int:
         return value if value is not None else suggested.get(key)
 
     try:
-        specs = load_method_specs((args.methods or DEFAULT_METHODS).split(","), args.method_config,
+        cache = cache_from_args(args)
+        stacks = _stacks(args.stacks, TINY_METHOD_DEFAULTS.get(args.model) if tiny else None)
+    except ValueError as exc:
+        return fail(str(exc))
+    try:
+        methods = args.methods or ("dense" if stacks else DEFAULT_METHODS)
+        specs = load_method_specs(methods.split(","), args.method_config,
                                   defaults=TINY_METHOD_DEFAULTS.get(args.model) if tiny else None,
                                   explicit=args.methods is not None)
     except (ValueError, OSError) as exc:
@@ -182,6 +212,12 @@ def _run(args) -> int:
             specs += [MethodSpec(Path(f).stem, SparsePlan.load(f).as_method()) for f in args.plan]
         except ValueError as exc:
             return fail(f"--plan: {exc}")
+    specs += stacks
+    if cache is not None:  # --cache: every row's method stacked with it (the dense baseline stays uncached)
+        for spec in specs:
+            if spec.cache is None:
+                spec.cache = cache
+                spec.label += "+" + cache.name
     settings = EvalSettings(model=args.model, prompts=prompts, seeds=args.seeds, frames=pick(args.frames, "num_frames"),
                             height=pick(args.height, "height"), width=pick(args.width, "width"),
                             steps=pick(args.steps, "num_inference_steps"), guidance_scale=pick(args.guidance_scale, "guidance_scale"),

@@ -78,6 +78,7 @@ class MethodSpec:
     method: Method
     apply_kwargs: Dict[str, object] = field(default_factory=dict)
     explicit: bool = True  # asked for by name (else one of the default methods: skipped where it does not fit)
+    cache: Optional[object] = None  # a dit_accel.pipelines.caches.CacheSpec stacked with the method (--cache, --stacks)
 
     @classmethod
     def parse(cls, name: str, options: Optional[dict] = None, label: Optional[str] = None, *,
@@ -104,7 +105,10 @@ class MethodSpec:
         return cls(label, method, apply_kwargs, explicit)
 
     def describe(self) -> dict:
-        return {"label": self.label, **self.method.to_dict(), **self.apply_kwargs}
+        out = {"label": self.label, **self.method.to_dict(), **self.apply_kwargs}
+        if self.cache is not None:
+            out["cache"] = self.cache.describe()
+        return out
 
 
 def _read_config(path: str):
@@ -339,6 +343,17 @@ def _dense_row(pipe, timer, settings: EvalSettings, samples, cache_dir: Path, lo
     return row, len(missing)
 
 
+def _cache_context(pipe, cache, steps):
+    """The stack's cache enabled on the pipeline (after dit_accel.apply), or nothing."""
+    import contextlib
+
+    if cache is None:
+        return contextlib.nullcontext()
+    from ..pipelines.caches import enable_cache
+
+    return enable_cache(pipe, cache, steps)
+
+
 def _method_rows(pipe, timer, settings: EvalSettings, samples, specs: Sequence[MethodSpec], log) -> List[dict]:
     """One row per method spec; a config that fails is reported in its row, not raised."""
     import dit_accel
@@ -351,7 +366,8 @@ def _method_rows(pipe, timer, settings: EvalSettings, samples, specs: Sequence[M
             done = bar.n
             row = {"label": spec.label, "config": spec.describe()}
             try:
-                with dit_accel.apply(pipe, spec.method, **spec.apply_kwargs) as handle:
+                with dit_accel.apply(pipe, spec.method, **spec.apply_kwargs) as handle, \
+                        _cache_context(pipe, spec.cache, settings.steps):
                     videos, runs = _timed_runs(pipe, timer, settings, samples, bar)
                     row["density"], row["summary"], row["stats"] = _summary_density(handle)
                 row.update(videos=videos, times=median_times(runs), sample_times=runs[:len(samples)])
