@@ -298,7 +298,7 @@ def _summary_density(handle) -> tuple:
 
 # ------------------------------------------------------------------ the run
 def _dense_row(pipe, timer, settings: EvalSettings, samples, cache_dir: Path, log,
-               desc: str = "dense") -> Tuple[dict, int]:
+               desc: str = "dense", prefix: str = "dense") -> Tuple[dict, int]:
     """The dense baseline row, from the cache where it has the sample; ``(row, samples generated)``.
 
     The cache is keyed by the content of the model's weights (see :func:`dense_cache_key`); an entry that
@@ -316,7 +316,7 @@ def _dense_row(pipe, timer, settings: EvalSettings, samples, cache_dir: Path, lo
     with tqdm(total=len(samples), desc=desc, unit="video") as bar:
         for i, (prompt, seed) in enumerate(samples):
             key = dense_cache_key(settings, prompt, seed, model_sha256=model_sha256, pipeline=pipeline)
-            path = cache_dir / f"dense_{key}.npz"
+            path = cache_dir / f"{prefix}_{key}.npz"
             if path.exists():
                 try:
                     videos[i], times = _read_dense_entry(path)
@@ -468,7 +468,9 @@ def _floor_rows(pipe, timer, settings: EvalSettings, samples, dense: dict, cache
         config["pairing"] = "each prompt's seeds rotated by one (seed i against seed i+1)"
     else:
         shifted = [(prompt, seed + 1) for prompt, seed in samples]
-        seed_row, _ = _dense_row(pipe, timer, settings, shifted, cache_dir, log, desc="dense~seed")
+        # cached beside the baseline under their own prefix: dense_*.npz stays the baseline's samples
+        seed_row, _ = _dense_row(pipe, timer, settings, shifted, cache_dir, log, desc="dense~seed",
+                                 prefix="floor_dense")
         config["pairing"] = "seed + 1 against seed (one seed per prompt)"
     seed_row.update(label="dense~seed", floor="seed", config=config, density=1.0, summary={}, stats=[])
     rows = [{k: v for k, v in seed_row.items()}]

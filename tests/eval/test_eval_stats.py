@@ -45,6 +45,13 @@ def test_rows_carry_paired_statistics_and_the_floor(run):
     # The seed floor pairs each prompt's seeds rotated: dense seed 1 against seed 0, and so on.
     assert seed["samples"][0]["psnr"] < 60 and math["samples"][0]["psnr"] > 60
     assert set(tile["verdict"]) >= {"psnr", "groundtruth", "time_transformer"}
+    from dit_accel.eval.report import _error_bar  # the Pareto plot's interval around each point
+
+    lo, hi = tile["paired"]["psnr"]["ci"]
+    below, above = _error_bar(tile, "psnr", tile["psnr"])
+    assert below[0] == pytest.approx(tile["paired"]["psnr"]["mean"] - lo) and above[0] == pytest.approx(
+        hi - tile["paired"]["psnr"]["mean"])
+    assert (out / "pareto.png").stat().st_size > 0
     report = (out / "report.md").read_text()
     assert "## Paired statistics against dense" in report and "dense~sdpa-math (floor)" in report
     assert "### Significant differences from dense" in report and "## Temporal check" in report

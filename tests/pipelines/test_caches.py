@@ -163,3 +163,35 @@ def test_cache_spec_parsing():
     assert parse_stack("tile") == ("tile", None)
     with pytest.raises(ValueError, match="a stack is METHOD, METHOD\\+CACHE or CACHE"):
         parse_stack("a+b+c")
+
+
+def test_generate_cache_flag_records_the_stack(tmp_path, capsys):
+    from dit_accel.cli.main import main
+
+    out = tmp_path / "img.png"
+    assert main(["generate", "--model", "tiny-flux", "--method", "tile", "--tile", "2,2", "--window", "1,1",
+                 "--cache", CACHES["fbcache"], "--steps", str(STEPS), "--height", "64", "--width", "64",
+                 "--out", str(out), "--quiet"]) == 0
+    import json
+
+    record = json.loads((tmp_path / "img.png.json").read_text())
+    prov = record["provenance"]
+    assert prov["run"]["cache"] == {"cache": "fbcache", "threshold": 0.9}
+    assert prov["run"]["method"]["method"] == "tile" and prov["seeds"] == [0]
+    # FirstBlockCache skipped the second block at some steps: fewer attention calls than 2 layers x steps.
+    backends = prov["backends"]
+    assert 0 < backends["sparse_calls"] + backends["dense_calls"] < 2 * STEPS
+    capsys.readouterr()
+    assert main(["generate", "--model", "tiny-flux", "--cache", "fbcache:treshold=1", "--out", str(out)]) == 2
+    assert "has no option 'treshold'" in capsys.readouterr().err
+
+
+def test_eval_stacks_and_cache_mistakes_are_one_line(tmp_path, capsys):
+    from dit_accel.cli.main import main
+
+    for flag, value, message in [("--stacks", "tile+teacache", "unknown cache 'teacache'"),
+                                 ("--stacks", "tilee+fbcache", "unknown method 'tilee'"),
+                                 ("--cache", "pab:foo=1", "PyramidAttentionBroadcastConfig has no option 'foo'")]:
+        assert main(["eval", "--model", "tiny-shapes", flag, value, "--out", str(tmp_path / "o")]) == 2
+        printed = capsys.readouterr().out.strip()
+        assert len(printed.splitlines()) == 1 and message in printed
