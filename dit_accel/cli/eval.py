@@ -13,6 +13,15 @@ judged against its prompt (ground truth: colour, shape, motion, consistency),
 and the Pareto plot's quality axis is that ground truth:
 
     dit-accel eval --model tiny-shapes --out eval_shapes/
+
+Every row is paired with dense on the same prompt and seed: report.md gives the mean of the
+per-pair differences with a 95% interval, a paired t-test against the best other row, and two
+dense-vs-dense floor rows (another seed pairing; another dense backend, see --floor-backend).
+results.json records the provenance (prompt sha256, seeds, commit, versions, device, backends).
+Stacks of a method and a step cache, and the comparison of two result folders:
+
+    dit-accel eval --model tiny-shapes --stacks "sla,sla+fbcache,tile+taylorseer,dense+fbcache" --out stacks/
+    dit-accel eval --compare eval_shapes/ stacks/
 """
 
 from __future__ import annotations
