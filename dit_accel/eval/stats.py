@@ -167,7 +167,7 @@ def paired_test(a: Sequence[Optional[float]], b: Sequence[Optional[float]]) -> O
         t, p = (0.0, 1.0) if mean == 0.0 else (math.copysign(math.inf, mean), 0.0)
     else:
         t = mean / (sd / math.sqrt(n))
-        p = 2.0 * (1.0 - t_cdf(abs(t), n - 1))
+        p = _betainc((n - 1) / 2.0, 0.5, (n - 1) / (n - 1 + t * t))  # = 2 P(T > |t|), without 1 - cdf cancelling
     return {"n": n, "mean": mean, "t": t, "df": n - 1, "p": p, "significant": p < ALPHA}
 
 

@@ -91,3 +91,12 @@ def test_analyse_verdicts_and_best_other_row():
     assert close["tests"]["psnr"]["against"] == "broken" and broken["tests"]["psnr"]["against"] == "close"
     assert broken["tests"]["psnr"]["significant"] and broken["tests"]["psnr"]["mean"] == pytest.approx(-47.0)
     assert "verdict" not in seed and seed["paired"]["psnr"]["n"] == n
+
+
+def test_paired_test_tiny_p_values_do_not_round_to_zero():
+    rng = np.random.default_rng(5)
+    a = rng.normal(size=24)
+    b = a + 3.0 + rng.normal(0, 0.3, size=24)
+    mine = stats.paired_test(list(a), list(b))
+    ref = sps.ttest_rel(a, b)
+    assert 0 < mine["p"] and mine["p"] == pytest.approx(ref.pvalue, rel=1e-6)
