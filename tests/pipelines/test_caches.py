@@ -195,3 +195,48 @@ def test_eval_stacks_and_cache_mistakes_are_one_line(tmp_path, capsys):
         assert main(["eval", "--model", "tiny-shapes", flag, value, "--out", str(tmp_path / "o")]) == 2
         printed = capsys.readouterr().out.strip()
         assert len(printed.splitlines()) == 1 and message in printed
+
+
+def _masked_sdpa(mask):
+    """F.scaled_dot_product_attention with ``mask`` added to the video self-attention calls (N x N)."""
+    import contextlib
+
+    import torch.nn.functional as F
+
+    @contextlib.contextmanager
+    def scope():
+        original = F.scaled_dot_product_attention
+
+        def masked(query, key, value, attn_mask=None, **kwargs):
+            n = mask.shape[0]
+            if attn_mask is None and query.shape[-2] == key.shape[-2] == n:
+                attn_mask = mask
+            return original(query, key, value, attn_mask=attn_mask, **kwargs)
+
+        F.scaled_dot_product_attention = masked
+        try:
+            yield
+        finally:
+            F.scaled_dot_product_attention = original
+    return scope()
+
+
+REFERENCE_PAIRS = [("tile", c) for c in CACHES] + [("gna", "fbcache")]
+
+
+@pytest.mark.parametrize("method, cache", REFERENCE_PAIRS, ids=[f"wan-{m}+{c}" for m, c in REFERENCE_PAIRS])
+def test_stack_matches_the_cache_on_dense_attention_with_the_method_mask(pipes, method, cache):
+    """The reference: the same cache on the unpatched tiny Wan whose video self-attention is dense SDPA with
+    the method's token mask (written from the pattern's mask, not through dit_accel's plans)."""
+    from dit_accel.patterns.gna import gna_mask
+    from dit_accel.patterns.tile import tile_mask
+
+    grid = (2, 4, 4)  # tiny Wan at 5 frames, 64x64: 2 latent frames, 4x4 patches
+    mask = tile_mask(grid, (1, 2, 2), (1, 1, 1)) if method == "tile" else gna_mask(grid, (2, 3, 3))
+    assert not mask.all()  # the pattern masks something on this grid
+    pipe, spec = pipes["wan"], CacheSpec.parse(CACHES[cache])
+    with enable_cache(pipe, spec, STEPS), _masked_sdpa(mask):
+        reference = _run(pipe, "wan")
+    with dit_accel.apply(pipe, METHODS["wan"][method]), enable_cache(pipe, spec, STEPS):
+        stacked = _run(pipe, "wan")
+    np.testing.assert_allclose(stacked, reference, atol=2e-4)
