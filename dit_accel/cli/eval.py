@@ -13,6 +13,15 @@ judged against its prompt (ground truth: colour, shape, motion, consistency),
 and the Pareto plot's quality axis is that ground truth:
 
     dit-accel eval --model tiny-shapes --out eval_shapes/
+
+Every row is paired with dense on the same prompt and seed: report.md gives the mean of the
+per-pair differences with a 95% interval, a paired t-test against the best other row, and two
+dense-vs-dense floor rows (another seed pairing; another dense backend, see --floor-backend).
+results.json records the provenance (prompt sha256, seeds, commit, versions, device, backends).
+Stacks of a method and a step cache, and the comparison of two result folders:
+
+    dit-accel eval --model tiny-shapes --stacks "sla,sla+fbcache,tile+taylorseer,dense+fbcache" --out stacks/
+    dit-accel eval --compare eval_shapes/ stacks/
 """
 
 from __future__ import annotations
@@ -20,7 +29,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from .options import HelpFormatter, add_plan_any_grid, plain
+from .options import HelpFormatter, add_cache_option, add_plan_any_grid, cache_from_args, plain
 
 __all__ = ["register", "run"]
 
@@ -38,7 +47,7 @@ DEFAULT_METHODS = "dense,radial,tile,gna,sla"
 def register(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("eval", help="compare methods with dense: PSNR/SSIM/LPIPS/CLIP/FID and speed",
                               description=plain(__doc__), formatter_class=HelpFormatter)
-    p.add_argument("--model", required=True,
+    p.add_argument("--model",
                    help="tiny-shapes (tiny model trained on synthetic clips; ground-truth quality), tiny-wan, "
                         "tiny-flux (random weights), a local pipeline folder or a hub id")
     p.add_argument("--methods", default=None,
@@ -49,6 +58,12 @@ def register(subparsers) -> argparse.ArgumentParser:
                         "repeatable. Each is checked against the model and the call (class, layers, heads, token "
                         "grid, steps); a mismatch fails its row")
     add_plan_any_grid(p)
+    p.add_argument("--stacks", metavar="LIST",
+                   help="comma-separated stacks, each METHOD, METHOD+CACHE or CACHE (dense with it), measured as rows "
+                        "with the same prompts and seeds, e.g. \"sla,sla+fbcache,tile+taylorseer,dense+fbcache\"; "
+                        "cache options after ':' separated by ';' (tile+fbcache:threshold=0.1). Without --methods "
+                        "only the stacks (and dense) are rows")
+    add_cache_option(p)
     p.add_argument("--method-config", metavar="FILE",
                    help="JSON/YAML: {method: options} or {method: [options, ...]} to compare several configs; "
                         "keys dense_steps/dense_last_steps/dense_layers go to dit_accel.apply")
@@ -65,7 +80,15 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--guidance-scale", "--guidance", dest="guidance_scale", type=float,
                    help="classifier-free guidance scale (default: the model's)")
     p.add_argument("--max-sequence-length", type=int)
-    p.add_argument("--out", required=True, metavar="DIR")
+    p.add_argument("--out", metavar="DIR", help="where results.json, report.md, pareto.png and grid.png go "
+                                                "(required unless --compare)")
+    p.add_argument("--compare", nargs=2, metavar=("A", "B"),
+                   help="print the paired comparison of two eval results folders (same prompts and seeds) and "
+                        "exit; nothing is generated")
+    p.add_argument("--floor-backend", default="auto",
+                   choices=["auto", "sdpa-math", "dit_accel.kernels.dense", "none"],
+                   help="the dense-vs-dense floor's second dense backend (auto: dit_accel's Triton dense kernel "
+                        "where triton runs, else math SDPA; none: only the seed-pairing floor)")
     p.add_argument("--cache-dir", metavar="DIR", help="dense output cache (default OUT/cache)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
@@ -82,6 +105,24 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--capture", metavar="DIR", help="also save the dense run's q/k/v for `dit-accel bench fidelity`")
     p.set_defaults(func=run)
     return p
+
+
+def _stacks(text, defaults):
+    """``--stacks`` -> one MethodSpec per stack (label: the stack as written), the tiny models' grid-sized
+    method defaults applied; ValueError naming the stack."""
+    from ..eval.runner import MethodSpec
+    from ..pipelines.caches import parse_stack
+
+    specs = []
+    for item in (text or "").split(","):
+        if not item.strip():
+            continue
+        method, cache = parse_stack(item)
+        name = method.partition(":")[0]
+        spec = MethodSpec.parse(name, dict((defaults or {}).get(name, {})), label=item.strip(), source="--stacks")
+        spec.cache = cache
+        specs.append(spec)
+    return specs
 
 
 def run(args) -> int:
@@ -107,6 +148,19 @@ def _run(args) -> int:
         print(f"dit-accel eval: {message}")
         return 2
 
+    if args.compare:
+        from ..eval.compare import compare_results, format_comparison, load_results
+
+        try:
+            a, b = (load_results(folder) for folder in args.compare)
+            comparison = compare_results(a, b)
+        except ValueError as exc:
+            return fail(str(exc))
+        print(format_comparison(*args.compare, comparison))
+        return 0
+    for flag in ("model", "out"):
+        if not getattr(args, flag):
+            return fail(f"--{flag} is required (unless --compare A B)")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device != "cpu" and not (device.startswith("cuda") and torch.cuda.is_available()):
         return fail(f"--device {device}: use cpu" + (" or cuda" if torch.cuda.is_available() else
@@ -148,7 +202,13 @@ def _run(args) -> int:
         return value if value is not None else suggested.get(key)
 
     try:
-        specs = load_method_specs((args.methods or DEFAULT_METHODS).split(","), args.method_config,
+        cache = cache_from_args(args)
+        stacks = _stacks(args.stacks, TINY_METHOD_DEFAULTS.get(args.model) if tiny else None)
+    except ValueError as exc:
+        return fail(str(exc))
+    try:
+        methods = args.methods or ("dense" if stacks else DEFAULT_METHODS)
+        specs = load_method_specs(methods.split(","), args.method_config,
                                   defaults=TINY_METHOD_DEFAULTS.get(args.model) if tiny else None,
                                   explicit=args.methods is not None)
     except (ValueError, OSError) as exc:
@@ -166,6 +226,12 @@ def _run(args) -> int:
             return fail(f"--plan: {exc}")
     elif args.plan_any_grid:
         return fail("--plan-any-grid applies to --plan: drop it, or give the plan it is for")
+    specs += stacks
+    if cache is not None:  # --cache: every row's method stacked with it (the dense baseline stays uncached)
+        for spec in specs:
+            if spec.cache is None:
+                spec.cache = cache
+                spec.label += "+" + cache.name
     settings = EvalSettings(model=args.model, prompts=prompts, seeds=args.seeds, frames=pick(args.frames, "num_frames"),
                             height=pick(args.height, "height"), width=pick(args.width, "width"),
                             steps=pick(args.steps, "num_inference_steps"), guidance_scale=pick(args.guidance_scale, "guidance_scale"),
@@ -176,7 +242,7 @@ def _run(args) -> int:
     try:
         results = run_eval(settings, specs, args.out, cache_dir=args.cache_dir, clip_model=args.clip_model,
                            fid_weights=args.fid_weights, real_dir=args.real, lpips=not args.no_lpips,
-                           capture=args.capture)
+                           capture=args.capture, floor_backend=args.floor_backend, prompt_file=args.prompts)
     except (ModelLoadError, ValueError, OSError) as exc:
         print(f"dit-accel eval: {exc}")
         return 2

@@ -31,8 +31,8 @@ from pathlib import Path
 
 from .._util import to_jsonable, versions
 from . import parallel
-from .options import (HelpFormatter, add_method_options, add_plan_any_grid, check_method_flags, check_plan_flags,
-                      method_from_args, schedule_from_args)
+from .options import (HelpFormatter, add_cache_option, add_method_options, add_plan_any_grid, cache_from_args,
+                      check_method_flags, check_plan_flags, method_from_args, schedule_from_args)
 from .parallel import add_cp_option
 from ..methods import METHOD_ALIASES
 from ..models.tiny_shapes import TINY_SHAPES_METHOD, TINY_SHAPES_PROMPT
@@ -114,6 +114,7 @@ def register(subparsers) -> argparse.ArgumentParser:
                         "layers, heads) and the call (token grid, steps); excludes --method, method options and "
                         "--dense-*; `dit-accel info --plan FILE` shows it")
     add_plan_any_grid(p)
+    add_cache_option(p)
     p.add_argument("--no-model-defaults", action="store_true",
                    help="ignore the model's preset method/schedule defaults; use only flags and config defaults")
     p.add_argument("--quiet", action="store_true",
@@ -409,9 +410,20 @@ def _pipeline_call(args, pipe, tiny: bool) -> dict:
     return call
 
 
-def _run_pipeline(pipe, call: dict, method, schedule: dict, device: str):
-    """Apply the method, run the pipeline timed per stage (``attention``: the self-attention modules
-    the method wraps), and take dit_accel off again.
+def _cache_context(pipe, cache, steps):
+    import contextlib
+
+    if cache is None:
+        return contextlib.nullcontext()
+    from ..pipelines.caches import enable_cache
+
+    return enable_cache(pipe, cache, steps)
+
+
+def _run_pipeline(pipe, call: dict, method, schedule: dict, device: str, cache=None):
+    """Apply the method (and enable ``cache``, a :class:`~dit_accel.pipelines.caches.CacheSpec`), run the
+    pipeline timed per stage (``attention``: the self-attention modules the method wraps), and take both off
+    again.
 
     Returns ``(output, times, transformer calls, stats, summary)``.
     """
@@ -427,9 +439,10 @@ def _run_pipeline(pipe, call: dict, method, schedule: dict, device: str):
     attention = [m for t in handle.transformers for n, m in t.named_modules() if n in names]
     try:
         with StageTimer(pipe, device, attention_modules=attention) as timer:
-            timer.start()
             try:
-                output = pipe(**call)
+                with _cache_context(pipe, cache, call.get("num_inference_steps")):
+                    timer.start()
+                    output = pipe(**call)
             except ValueError as err:  # e.g. a window larger than this grid: raised before attention runs
                 raise _UsageError(str(err)) from err
             times = timer.stop()
@@ -632,6 +645,19 @@ def _record(args, pipe, method, schedule, source, call, frames, written, times, 
     }
 
 
+def _provenance(args, call, record, summary, stats) -> dict:
+    """What exactly ran (dit_accel.eval.provenance): prompt sha256 and seed, versions, commit, device, the
+    backends the calls used, and the full method or plan."""
+    from ..eval.provenance import backends_used, provenance
+
+    cache = getattr(args, "_cache_spec", None)
+    run = {"method": record["method"], "schedule": record["schedule"], "plan": getattr(args, "plan", None),
+           "cache": None if cache is None else cache.describe()}
+    out = provenance([call["prompt"]], [args.seed], args.device, run=run)
+    out["backends"] = backends_used(summary, stats)
+    return out
+
+
 def generate(args) -> dict:
     """Run ``generate`` for parsed ``args``; returns the sidecar dict (also written to OUT.json)."""
     from .._io import atomic_write_json
@@ -643,6 +669,10 @@ def generate(args) -> dict:
     parser = getattr(args, "_parser", None)
     tiny = is_embedded_model(args.model)  # grid-sized call settings and method options
     _check_flags(args)
+    try:
+        args._cache_spec = cache_from_args(args)
+    except ValueError as err:
+        raise _UsageError(str(err)) from None
     try:
         resolve_model_kind(args.model)
     except (ModelLoadError, ValueError) as err:
@@ -703,7 +733,8 @@ def generate(args) -> dict:
         dense = {"frames": to_uint8_frames(_frames_from_output(dense_output, is_video)), "times": dense_times}
         pipe.set_progress_bar_config(disable=True) if quiet else pipe.set_progress_bar_config(
             desc=f"denoising ({args.method})", leave=True)
-    output, times, calls, stats, summary = _run_pipeline(pipe, call, method, schedule, args.device)
+    output, times, calls, stats, summary = _run_pipeline(pipe, call, method, schedule, args.device,
+                                                         cache=getattr(args, "_cache_spec", None))
 
     frames = to_uint8_frames(_frames_from_output(output, is_video))
     t0 = time.perf_counter()
@@ -726,6 +757,7 @@ def generate(args) -> dict:
         record["plan_summary"] = method.summary_line()
     record["compare_dense"] = to_jsonable(_comparison(times, dense, frames, side_by_side))
     record["quality"] = to_jsonable(_quality(args.model, call["prompt"], frames, dense))
+    record["provenance"] = to_jsonable(_provenance(args, call, record, summary, stats))
     atomic_write_json(sidecar, record)  # written last: a sidecar names a complete output
     record["sidecar"] = str(sidecar)
     return record

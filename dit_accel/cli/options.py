@@ -302,3 +302,21 @@ def _error(parser, message: str):
     if parser is not None:
         parser.error(message)  # exits with status 2
     raise ValueError(message)
+
+
+def add_cache_option(parser: argparse.ArgumentParser) -> None:
+    """``--cache NAME[:k=v,...]``: a Diffusers (or cache-dit) step cache stacked with the method or plan."""
+    from ..pipelines.caches import CACHES
+
+    parser.add_argument("--cache", metavar="NAME[:k=v,...]", default=None,
+                        help="stack a step cache with the method or plan: " + "; ".join(
+                            f"{name} ({what})" for name, (_, what) in CACHES.items())
+                        + ". Example: --cache fbcache:threshold=0.1")
+
+
+def cache_from_args(args: argparse.Namespace):
+    """The parsed ``--cache`` (a :class:`~dit_accel.pipelines.caches.CacheSpec`) or None; ValueError names it."""
+    from ..pipelines.caches import CacheSpec
+
+    text = getattr(args, "cache", None)
+    return None if not text else CacheSpec.parse(text)

@@ -91,7 +91,109 @@ def write_report(results: dict, path) -> None:
               "- versions: " + ", ".join(f"{k} {val}" for k, val in v.items() if val is not None), ""]
     if results.get("skipped"):
         lines += ["## Skipped metrics", ""] + [f"- {line}" for line in results["skipped"]] + [""]
+    lines += temporal_section(results) + paired_section(results) + provenance_section(results)
     atomic_write_text(path, "\n".join(lines))
+
+
+_PAIRED_COLUMNS = (("groundtruth", "GT all - dense", 3), ("psnr", "PSNR dB", 2), ("ssim", "SSIM", 4),
+                   ("lpips", "LPIPS", 4), ("clip", "CLIP - dense", 2), ("time_transformer", "transformer s - dense", 3),
+                   ("time_total", "end-to-end s - dense", 3))
+
+
+def _interval(summary, digits: int) -> str:
+    if not summary:
+        return "-"
+    text = f"{summary['mean']:+.{digits}f}" if summary.get("ci") is None else \
+        f"{summary['mean']:.{digits}f} [{summary['ci'][0]:.{digits}f}, {summary['ci'][1]:.{digits}f}]"
+    return text + ("" if summary.get("meaningful") else " (n<5)")
+
+
+def paired_section(results: dict) -> List[str]:
+    """report.md's paired statistics: per row and metric the mean of the per-sample differences against
+    dense (same prompt and seed) with its 95% t-interval, the verdict, and the paired test against the best
+    other row; the dense-vs-dense floor rows first."""
+    rows = [r for r in results["rows"][1:] if r.get("paired")]
+    if not rows:
+        return []
+    keys = [c for c in _PAIRED_COLUMNS if any(c[0] in r["paired"] for r in rows)]
+    table = []
+    for r in rows:
+        cells = []
+        for key, _, digits in keys:
+            summary = r["paired"].get(key)
+            verdict = (r.get("verdict") or {}).get(key, "")
+            mark = ("" if r.get("floor") or not summary else
+                    " =" if verdict.startswith("indistinguishable") else
+                    " *" if verdict.startswith(("better", "worse", "differs")) else "")
+            cells.append(_interval(summary, digits) + mark)
+        n = max((s["n"] for s in r["paired"].values()), default=0)
+        table.append([r["label"] + (" (floor)" if r.get("floor") else ""), str(n), *cells])
+    lines = ["## Paired statistics against dense", "",
+             markdown_table(["row", "pairs", *[name for _, name, _ in keys]], table), "",
+             "Each cell: the mean over (prompt, seed) pairs and its 95% t-interval. PSNR/SSIM/LPIPS are distances "
+             "to dense on the same pair; the columns marked '- dense' are the row's value minus dense's on the "
+             "same pair (ground truth: 1 = the video is right on every criterion). Rows marked (floor) are dense "
+             "against dense: another seed pairing, and dense attention through another backend. "
+             "'=': indistinguishable from dense (within the floor); '*': a significant difference beyond the "
+             "floor. '(n<5)': fewer than 5 pairs, the interval is not meaningful.", ""]
+    notes = [f"- {r['label']}: {r['note']}" for r in results["rows"] if r.get("floor") and r.get("note")]
+    significant, tests = [], []
+    for r in rows:
+        if r.get("floor"):
+            continue
+        for key, name, digits in keys:
+            verdict = (r.get("verdict") or {}).get(key)
+            if verdict and verdict.startswith(("better", "worse", "differs")):
+                significant.append(f"- {r['label']}, {name}: {verdict}")
+            test = (r.get("tests") or {}).get(key)
+            if test:
+                word = "significant" if test["significant"] else "not significant"
+                tests.append(f"- {r['label']} vs {test['against']}, {name}: difference {test['mean']:+.{digits}f}, "
+                             f"t = {test['t']:.2f}, p = {test['p']:.3g} ({word}, n = {test['n']})")
+    lines += notes + ([""] if notes else [])
+    lines += ["### Significant differences from dense", ""] + (significant or ["- none beyond the floor"]) + [""]
+    if tests:
+        lines += ["### Paired t-tests against the best other row", ""] + tests + [""]
+    return lines
+
+
+def temporal_section(results: dict) -> List[str]:
+    """Per row of a video eval: motion, motion against dense, the temporal error and the frozen / looping
+    fractions (dit_accel.eval.temporal)."""
+    rows = [r for r in results["rows"] if r.get("temporal")]
+    if not rows:
+        return []
+    table = [[r["label"], _fmt(r["temporal"]["motion"], 4), _fmt(r["temporal"]["motion_ratio"], 3),
+              _fmt(r["temporal"]["temporal_error"], 4), _fmt(r["temporal"]["frozen"], 3),
+              _fmt(r["temporal"]["looping"], 3)] for r in rows]
+    return ["## Temporal check", "",
+            markdown_table(["row", "motion", "motion / dense", "temporal error", "frozen", "looping"], table), "",
+            "motion: mean change between consecutive frames (0-1 scale); motion / dense: the same against the "
+            "dense video of the pair (well below 1: the method freezes motion); temporal error: mean |change - "
+            "dense's change|; frozen / looping: the fraction of videos detected still or repeating a short "
+            "loop (dit_accel.eval.temporal).", ""]
+
+
+def provenance_section(results: dict) -> List[str]:
+    prov = results.get("provenance")
+    if not prov:
+        return []
+    git = prov.get("git") or {}
+    lines = ["## Provenance", "",
+             f"- prompts: {prov['prompt_count']}, sha256 `{prov['prompts_sha256'][:16]}`"
+             + (f"; file {prov['prompt_file']} sha256 `{prov['prompt_file_sha256'][:16]}`"
+                if prov.get("prompt_file") else ""),
+             f"- seeds: {prov['seeds']}",
+             f"- dit_accel {prov['dit_accel']}" + (f", commit `{git['commit'][:12]}`" + (" (uncommitted changes)"
+                                                                                    if git.get("dirty") else "")
+                                                   if git else " (not a git checkout)"),
+             "- " + ", ".join(f"{k} {v}" for k, v in (prov.get("versions") or {}).items()),
+             f"- device: {prov['device']}"]
+    for r in results["rows"][1:]:
+        used = r.get("backends_used")
+        if used:
+            lines.append(f"- {r['label']} backends: " + ", ".join(f"{k}={v}" for k, v in used.items()))
+    return lines + [""]
 
 
 def plot_pareto(results: dict, path) -> None:
@@ -113,7 +215,11 @@ def plot_pareto(results: dict, path) -> None:
             y = (r.get("groundtruth") or {}).get("all") if key == "groundtruth" else r.get(key)
             if x is None or y is None:
                 continue
-            ax.scatter([x], [y], s=40)
+            err = _error_bar(r, key, y)
+            if err is not None:  # the paired 95% interval of the row's difference, drawn around its point
+                ax.errorbar([x], [y], yerr=err, fmt="o", ms=6, capsize=3)
+            else:
+                ax.scatter([x], [y], s=40)
             ax.annotate(r["label"], (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
         ax.set_xlabel("transformer speedup vs dense (x)")
         ax.set_ylabel(name)
@@ -127,6 +233,15 @@ def plot_pareto(results: dict, path) -> None:
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100))
     plt.close(fig)
+
+
+def _error_bar(row: dict, key: str, y: float):
+    """``[[below], [above]]`` of the row's paired interval on the plotted metric, or None."""
+    summary = (row.get("paired") or {}).get(key)
+    if not summary or not summary.get("ci"):
+        return None
+    lo, hi = summary["ci"]
+    return [[max(summary["mean"] - lo, 0.0)], [max(hi - summary["mean"], 0.0)]]
 
 
 def frame_grid(labels: List[str], videos: List[np.ndarray], path, columns: int = 4, diff_gain: float = 4.0) -> None:

@@ -78,6 +78,7 @@ class MethodSpec:
     method: Method
     apply_kwargs: Dict[str, object] = field(default_factory=dict)
     explicit: bool = True  # asked for by name (else one of the default methods: skipped where it does not fit)
+    cache: Optional[object] = None  # a dit_accel.pipelines.caches.CacheSpec stacked with the method (--cache, --stacks)
 
     @classmethod
     def parse(cls, name: str, options: Optional[dict] = None, label: Optional[str] = None, *,
@@ -104,7 +105,10 @@ class MethodSpec:
         return cls(label, method, apply_kwargs, explicit)
 
     def describe(self) -> dict:
-        return {"label": self.label, **self.method.to_dict(), **self.apply_kwargs}
+        out = {"label": self.label, **self.method.to_dict(), **self.apply_kwargs}
+        if self.cache is not None:
+            out["cache"] = self.cache.describe()
+        return out
 
 
 def _read_config(path: str):
@@ -293,7 +297,8 @@ def _summary_density(handle) -> tuple:
 
 
 # ------------------------------------------------------------------ the run
-def _dense_row(pipe, timer, settings: EvalSettings, samples, cache_dir: Path, log) -> Tuple[dict, int]:
+def _dense_row(pipe, timer, settings: EvalSettings, samples, cache_dir: Path, log,
+               desc: str = "dense", prefix: str = "dense") -> Tuple[dict, int]:
     """The dense baseline row, from the cache where it has the sample; ``(row, samples generated)``.
 
     The cache is keyed by the content of the model's weights (see :func:`dense_cache_key`); an entry that
@@ -307,10 +312,11 @@ def _dense_row(pipe, timer, settings: EvalSettings, samples, cache_dir: Path, lo
     model_sha256 = model_fingerprint(settings.model, pipe, cache_dir, log)
     pipeline = type(pipe).__name__
     videos, runs, missing = [None] * len(samples), [], []
-    with tqdm(total=len(samples), desc="dense", unit="video") as bar:
+    sample_times = [None] * len(samples)
+    with tqdm(total=len(samples), desc=desc, unit="video") as bar:
         for i, (prompt, seed) in enumerate(samples):
             key = dense_cache_key(settings, prompt, seed, model_sha256=model_sha256, pipeline=pipeline)
-            path = cache_dir / f"dense_{key}.npz"
+            path = cache_dir / f"{prefix}_{key}.npz"
             if path.exists():
                 try:
                     videos[i], times = _read_dense_entry(path)
@@ -320,6 +326,7 @@ def _dense_row(pipe, timer, settings: EvalSettings, samples, cache_dir: Path, lo
                     missing.append((i, path))
                     continue
                 runs.append(times)
+                sample_times[i] = times
                 bar.update(1)
             else:
                 missing.append((i, path))
@@ -328,11 +335,23 @@ def _dense_row(pipe, timer, settings: EvalSettings, samples, cache_dir: Path, lo
             runs.extend(new_runs)
             for (i, path), video, times in zip(missing, new_videos, new_runs):
                 videos[i] = video
+                sample_times[i] = times
                 atomic_write(path, lambda tmp: np.savez_compressed(tmp, frames=video, times=json.dumps(times)))
-    log(f"dense: {len(missing)} generated, {len(samples) - len(missing)} from cache ({cache_dir})")
+    log(f"{desc}: {len(missing)} generated, {len(samples) - len(missing)} from cache ({cache_dir})")
     row = {"label": "dense", "config": {"method": "dense", "label": "dense"}, "videos": videos,
-           "times": median_times(runs), "density": 1.0, "summary": {}, "stats": []}
+           "times": median_times(runs), "sample_times": sample_times, "density": 1.0, "summary": {}, "stats": []}
     return row, len(missing)
+
+
+def _cache_context(pipe, cache, steps):
+    """The stack's cache enabled on the pipeline (after dit_accel.apply), or nothing."""
+    import contextlib
+
+    if cache is None:
+        return contextlib.nullcontext()
+    from ..pipelines.caches import enable_cache
+
+    return enable_cache(pipe, cache, steps)
 
 
 def _method_rows(pipe, timer, settings: EvalSettings, samples, specs: Sequence[MethodSpec], log) -> List[dict]:
@@ -347,10 +366,11 @@ def _method_rows(pipe, timer, settings: EvalSettings, samples, specs: Sequence[M
             done = bar.n
             row = {"label": spec.label, "config": spec.describe()}
             try:
-                with dit_accel.apply(pipe, spec.method, **spec.apply_kwargs) as handle:
+                with dit_accel.apply(pipe, spec.method, **spec.apply_kwargs) as handle, \
+                        _cache_context(pipe, spec.cache, settings.steps):
                     videos, runs = _timed_runs(pipe, timer, settings, samples, bar)
                     row["density"], row["summary"], row["stats"] = _summary_density(handle)
-                row.update(videos=videos, times=median_times(runs))
+                row.update(videos=videos, times=median_times(runs), sample_times=runs[:len(samples)])
             except Exception as exc:  # one bad config must not sink the report
                 row["error"] = f"{type(exc).__name__}: {exc}"
                 log(f"{spec.label}: failed: {row['error']}")
@@ -393,10 +413,27 @@ class _Scorers:
 
         per_sample = [paired_metrics(v, d, self.lpips) for v, d in zip(row["videos"], dense["videos"])]
         row["samples"] = [{"prompt": p, "seed": s, **m} for (p, s), m in zip(samples, per_sample)]
+        for sample, times in zip(row["samples"], row.get("sample_times") or []):
+            sample["time_transformer"], sample["time_total"] = (times or {}).get("transformer"), \
+                (times or {}).get("total")
         for key in ("psnr", "ssim", "lpips"):
             row[key] = mean_or_none([m.get(key) for m in per_sample])
-        if self.clip is not None:
-            row["clip"] = self.clip.score_many(row["videos"], [p for p, _ in samples])
+        if row["videos"] and row["videos"][0].shape[0] > 1:  # videos: the temporal check beside fidelity
+            from .temporal import temporal_report
+
+            for sample, video, ref in zip(row["samples"], row["videos"], dense["videos"]):
+                sample["temporal"] = temporal_report(video, ref)
+            temporal = [sample["temporal"] for sample in row["samples"]]
+            row["temporal"] = {
+                "motion": mean_or_none([t["motion"] for t in temporal]),
+                "motion_ratio": mean_or_none([t["motion_ratio"] for t in temporal]),
+                "temporal_error": mean_or_none([t["temporal_error"] for t in temporal]),
+                "frozen": sum(t["frozen"] for t in temporal) / len(temporal),
+                "looping": sum(t["loop_period"] is not None for t in temporal) / len(temporal)}
+        if self.clip is not None:  # per video (the paired statistics need them); equal frame counts: same mean
+            for sample, video, (prompt, _) in zip(row["samples"], row["videos"], samples):
+                sample["clip"] = self.clip(video, prompt)
+            row["clip"] = mean_or_none([sample["clip"] for sample in row["samples"]])
         if self.fid is not None:
             row["fid_dense"] = _safe_fid(frechet_distance, row["videos"], dense["videos"], self.fid, self.device,
                                          self.skipped)
@@ -407,6 +444,56 @@ class _Scorers:
         for stage, key in (("transformer", "speedup_transformer"), ("total", "speedup_e2e")):
             if t.get(stage) and dense_t.get(stage):
                 row[key] = dense_t[stage] / t[stage]
+
+
+def _floor_rows(pipe, timer, settings: EvalSettings, samples, dense: dict, cache_dir: Path, backend: str,
+                log) -> List[dict]:
+    """The dense-vs-dense floor rows (see :mod:`dit_accel.eval.floor`): another seed pairing, and dense
+    attention through another backend (``backend``: auto, sdpa-math, dit_accel.kernels.dense or none)."""
+    from tqdm.auto import tqdm
+
+    from .floor import DENSE_TRITON, SDPA_MATH, dense_backend, pick_floor_backend
+
+    by_prompt: Dict[str, List[int]] = {}
+    for i, (prompt, _) in enumerate(samples):
+        by_prompt.setdefault(prompt, []).append(i)
+    config = {"method": "dense", "label": "dense~seed"}
+    if all(len(ix) >= 2 for ix in by_prompt.values()):  # each prompt's seeds rotated by one: nothing to generate
+        other = [0] * len(samples)
+        for ix in by_prompt.values():
+            for k, i in enumerate(ix):
+                other[i] = ix[(k + 1) % len(ix)]
+        seed_row = {"videos": [dense["videos"][j] for j in other], "times": dense["times"],
+                    "sample_times": [dense["sample_times"][j] for j in other]}
+        config["pairing"] = "each prompt's seeds rotated by one (seed i against seed i+1)"
+    else:
+        shifted = [(prompt, seed + 1) for prompt, seed in samples]
+        # cached beside the baseline under their own prefix: dense_*.npz stays the baseline's samples
+        seed_row, _ = _dense_row(pipe, timer, settings, shifted, cache_dir, log, desc="dense~seed",
+                                 prefix="floor_dense")
+        config["pairing"] = "seed + 1 against seed (one seed per prompt)"
+    seed_row.update(label="dense~seed", floor="seed", config=config, density=1.0, summary={}, stats=[])
+    rows = [{k: v for k, v in seed_row.items()}]
+    if backend == "none":
+        return rows
+    note = None
+    if backend == "auto":
+        backend, note = pick_floor_backend(settings.device)
+    label = "dense~" + {DENSE_TRITON: "triton", SDPA_MATH: "sdpa-math"}.get(backend, backend)
+    row = {"label": label, "floor": "backend", "config": {"method": "dense", "label": label, "backend": backend},
+           "density": 1.0, "summary": {}, "stats": []}
+    if note:
+        row["note"] = note
+    counts: Dict[str, int] = {}
+    try:
+        with tqdm(total=len(samples), desc=label, unit="video") as bar, dense_backend(backend, counts):
+            videos, runs = _timed_runs(pipe, timer, settings, samples, bar)
+        row.update(videos=videos, times=median_times(runs), sample_times=runs[:len(samples)], backend_calls=counts)
+    except Exception as exc:  # the floor row reports its failure; the methods still run
+        row["error"] = f"{type(exc).__name__}: {exc}"
+        log(f"{label}: failed: {row['error']}")
+    rows.append(row)
+    return rows
 
 
 def _fitting(specs: Sequence[MethodSpec], pipe, log) -> List[MethodSpec]:
@@ -441,7 +528,7 @@ def _write_results(out_dir: Path, results: dict, rows: List[dict]) -> None:
 def run_eval(settings: EvalSettings, specs: Sequence[MethodSpec], out_dir, *, cache_dir=None,
              clip_model: Optional[str] = None, fid_weights: Optional[str] = None, fid_feature=None,
              clip_scorer=None, real_dir: Optional[str] = None, lpips: bool = True, capture: Optional[str] = None,
-             pipe=None, log=print) -> dict:
+             pipe=None, log=print, floor_backend: str = "auto", prompt_file: Optional[str] = None) -> dict:
     """Run the dense baseline and every method, score them, write the report files.
 
     Args:
@@ -456,6 +543,9 @@ def run_eval(settings: EvalSettings, specs: Sequence[MethodSpec], out_dir, *, ca
         capture: also save the dense run's q/k/v there (``apply(pipe, Dense(), capture=DIR)``)
             for ``dit-accel bench fidelity``.
         pipe: a ready pipeline (else loaded from ``settings.model``).
+        floor_backend: the dense-vs-dense floor's other backend (``auto``, ``sdpa-math``,
+            ``dit_accel.kernels.dense``, or ``none`` for the seed floor only; see :mod:`.floor`).
+        prompt_file: the file the prompts came from (its sha256 goes into the provenance).
 
     Returns the results dict also written to ``results.json``.
     """
@@ -481,7 +571,8 @@ def run_eval(settings: EvalSettings, specs: Sequence[MethodSpec], out_dir, *, ca
         if capture:
             with dit_accel.apply(pipe, Dense(), capture=capture):
                 _generate(pipe, timer, settings, *samples[0])
-        rows = [dense] + _method_rows(pipe, timer, settings, samples, specs, log)
+        floors = _floor_rows(pipe, timer, settings, samples, dense, cache_dir, floor_backend, log)
+        rows = [dense] + floors + _method_rows(pipe, timer, settings, samples, specs, log)
 
     scorers = _Scorers(settings, lpips=lpips, clip_model=clip_model, clip_scorer=clip_scorer, fid_weights=fid_weights,
                        fid_feature=fid_feature, real_dir=real_dir, frame_size=dense["videos"][0].shape[1:3])
@@ -491,9 +582,20 @@ def run_eval(settings: EvalSettings, specs: Sequence[MethodSpec], out_dir, *, ca
         if "videos" in row:
             scorers.score(row, dense, samples)
     groundtruth = _score_groundtruth(rows, samples, settings.model, log)
+    from .provenance import backends_used, provenance
+    from .stats import analyse
+
+    analyse(rows)
+    for row in rows[1:]:
+        if "videos" in row:
+            row["backends_used"] = (
+                {"dense_backend": row["config"].get("backend", "sdpa"), "calls": row.get("backend_calls")}
+                if row.get("floor") else backends_used(row.get("summary"), row.get("stats")))
     results = {
         "settings": asdict(settings), "versions": {**versions(("torch", "triton", "diffusers", "transformers",
                                                                  "torchmetrics")), "load_average": load_average()},
+        "provenance": provenance(settings.prompts, settings.seeds, settings.device, prompt_file=prompt_file,
+                                 run=[s.describe() for s in specs]),
         "methods": [s.describe() for s in specs], "dense_generated": generated,
         "dense_cached": len(samples) - generated, "cache_dir": str(cache_dir),
         "dense_times_from_cache": generated < len(samples), "skipped": sorted(set(scorers.skipped)),

@@ -1,0 +1,90 @@
+"""``dit-accel eval --compare A B``: the paired comparison of two eval results folders.
+
+Both folders must hold results of the same prompts and seeds (else a one-line refusal naming what
+differs). Rows with the same label are paired sample by sample (same prompt and seed); for each metric
+the table gives A's and B's means and the mean of B - A with its 95% t-interval and paired-test p.
+
+Example::
+
+    dit-accel eval --compare eval_before/ eval_after/
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import List
+
+from .stats import METRICS, paired_test, summarize
+
+__all__ = ["load_results", "compare_results", "format_comparison"]
+
+
+def load_results(folder) -> dict:
+    """results.json of an eval folder; ValueError naming the folder when it is missing or unreadable."""
+    path = Path(folder) / "results.json"
+    if not path.is_file():
+        raise ValueError(f"--compare {folder}: no results.json there; expected a `dit-accel eval --out` folder")
+    try:
+        results = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"--compare {path}: cannot be read ({type(err).__name__}); run the eval again") from None
+    if not isinstance(results, dict) or not isinstance(results.get("rows"), list) or "settings" not in results:
+        raise ValueError(f"--compare {path}: not a dit-accel eval results file (no settings and rows)")
+    return results
+
+
+def _values(row: dict, key: str) -> dict:
+    out = {}
+    for s in row.get("samples") or []:
+        if key == "groundtruth":
+            value = (s.get("groundtruth_ok") or {}).get("all_ok")
+        else:
+            value = s.get(key)
+        if value is not None:
+            out[(s["prompt"], int(s["seed"]))] = float(value)
+    return out
+
+
+def compare_results(a: dict, b: dict) -> List[dict]:
+    """Per common row label and metric: ``label``, ``metric``, ``a``, ``b`` (means), ``diff`` (summary of
+    B - A per sample) and ``test``. ValueError when the prompts or seeds differ, or no label is shared."""
+    from .provenance import same_inputs
+
+    why = same_inputs(a, b)
+    if why:
+        raise ValueError(f"--compare: refusing to pair these folders: {why}")
+    labels_b = {r["label"]: r for r in b["rows"] if r.get("samples")}
+    common = [r for r in a["rows"] if r.get("samples") and r["label"] in labels_b]
+    if not common:
+        raise ValueError("--compare: the two folders share no row label with scored samples "
+                         f"(A: {', '.join(r['label'] for r in a['rows'])}; B: {', '.join(labels_b) or 'none'})")
+    out = []
+    for row_a in common:
+        row_b = labels_b[row_a["label"]]
+        for key, direction, _ in METRICS:
+            va, vb = _values(row_a, key), _values(row_b, key)
+            keys = [k for k in va if k in vb]
+            if not keys:
+                continue
+            xa, xb = [va[k] for k in keys], [vb[k] for k in keys]
+            out.append({"label": row_a["label"], "metric": key, "direction": direction,
+                        "a": sum(xa) / len(xa), "b": sum(xb) / len(xb),
+                        "diff": summarize([y - x for x, y in zip(xa, xb)], [k[0] for k in keys]),
+                        "test": paired_test(xb, xa)})
+    return out
+
+
+def format_comparison(a_dir, b_dir, comparison: List[dict]) -> str:
+    from .report import markdown_table
+
+    rows = []
+    for c in comparison:
+        d, t = c["diff"], c["test"]
+        ci = f"[{d['ci'][0]:.4g}, {d['ci'][1]:.4g}]" if d.get("ci") else "-"
+        rows.append([c["label"], c["metric"], f"{c['a']:.4g}", f"{c['b']:.4g}", f"{d['mean']:+.4g}", ci,
+                     "-" if t is None else f"{t['p']:.3g}",
+                     "-" if t is None else ("yes" if t["significant"] else "no")
+                     + ("" if d.get("meaningful") else " (n<5: not meaningful)"), str(d["n"])])
+    header = ["row", "metric", f"A ({a_dir})", f"B ({b_dir})", "B - A", "95% CI", "p", "significant", "pairs"]
+    return markdown_table(header, rows)

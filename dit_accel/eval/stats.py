@@ -1,0 +1,264 @@
+"""Paired statistics of eval rows: per-sample differences, 95% intervals and paired tests.
+
+Every row of ``dit-accel eval`` is generated from the same (prompt, seed) samples as the dense
+baseline, so quality and time are compared *per sample*: the spread between prompts (often far
+larger than any gap between methods) cancels out of a paired difference. This module holds the
+statistics only (no torch, no scipy at run time):
+
+- :func:`t_cdf` / :func:`t_ppf`: Student's t distribution through the regularized incomplete beta
+  function (a continued fraction, evaluated here), accurate to ~1e-10.
+- :func:`summarize`: mean, standard deviation, the 95% t-interval and a bootstrap interval over
+  clusters (prompts) with a fixed seed; ``meaningful`` is False below :data:`MIN_PAIRS` pairs.
+- :func:`paired_test`: the paired t-test of two aligned lists (two-sided p).
+
+Example::
+
+    >>> s = summarize([0.1, 0.3, -0.2, 0.4, 0.0])
+    >>> s["mean"], s["ci"]        # 0.12, (-0.19.., 0.43..)
+    >>> paired_test([1, 2, 3, 4, 5], [1.1, 2.3, 2.9, 4.4, 5.2])["p"]
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+
+__all__ = ["MIN_PAIRS", "ALPHA", "METRICS", "INDISTINGUISHABLE", "t_cdf", "t_ppf", "summarize", "paired_test",
+           "bootstrap_ci", "per_sample", "analyse"]
+
+MIN_PAIRS = 5  # fewer prompt-seed pairs than this: the interval is reported as not meaningful
+ALPHA = 0.05  # two-sided: 95% intervals, significance at p < 0.05
+
+
+def _betacf(a: float, b: float, x: float) -> float:
+    """Continued fraction of the incomplete beta function (modified Lentz evaluation)."""
+    tiny, eps = 1e-300, 1e-15
+    c, d = 1.0, 1.0 - (a + b) * x / (a + 1.0)
+    d = 1.0 / (d if abs(d) > tiny else tiny)
+    h = d
+    for m in range(1, 400):
+        m2 = 2 * m
+        for num in (m * (b - m) * x / ((a + m2 - 1.0) * (a + m2)),
+                    -(a + m) * (a + b + m) * x / ((a + m2) * (a + m2 + 1.0))):
+            d = 1.0 + num * d
+            d = 1.0 / (d if abs(d) > tiny else tiny)
+            c = 1.0 + num / c
+            c = c if abs(c) > tiny else tiny
+            h *= d * c
+        if abs(d * c - 1.0) < eps:
+            break
+    return h
+
+
+def _betainc(a: float, b: float, x: float) -> float:
+    """Regularized incomplete beta I_x(a, b) for x in [0, 1]."""
+    if x <= 0.0:
+        return 0.0
+    if x >= 1.0:
+        return 1.0
+    log_front = math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)
+    if x < (a + 1.0) / (a + b + 2.0):
+        return math.exp(log_front) * _betacf(a, b, x) / a
+    return 1.0 - math.exp(log_front) * _betacf(b, a, 1.0 - x) / b
+
+
+def t_cdf(t: float, df: float) -> float:
+    """P(T <= t) of Student's t with ``df`` degrees of freedom."""
+    if df <= 0:
+        raise ValueError(f"df must be > 0; got {df}")
+    if math.isinf(t):
+        return 1.0 if t > 0 else 0.0
+    tail = 0.5 * _betainc(df / 2.0, 0.5, df / (df + t * t))  # P(T > |t|)
+    return 1.0 - tail if t > 0 else tail
+
+
+def t_ppf(p: float, df: float) -> float:
+    """The ``p`` quantile of Student's t (bisection on :func:`t_cdf`, then it is exact to ~1e-12)."""
+    if not 0.0 < p < 1.0:
+        raise ValueError(f"p must lie in (0, 1); got {p}")
+    if p == 0.5:
+        return 0.0
+    lo, hi = -1.0, 1.0
+    while t_cdf(lo, df) > p:
+        lo *= 2.0
+    while t_cdf(hi, df) < p:
+        hi *= 2.0
+    for _ in range(200):
+        mid = 0.5 * (lo + hi)
+        if t_cdf(mid, df) < p:
+            lo = mid
+        else:
+            hi = mid
+        if hi - lo < 1e-13 * max(1.0, abs(mid)):
+            break
+    return 0.5 * (lo + hi)
+
+
+def _clean(values: Sequence[Optional[float]]) -> List[float]:
+    return [float(v) for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+
+
+def bootstrap_ci(values: Sequence[float], clusters: Optional[Sequence] = None, *, resamples: int = 2000,
+                 seed: int = 0, level: float = 1.0 - ALPHA) -> Optional[tuple]:
+    """Percentile bootstrap interval of the mean, resampling whole ``clusters`` (e.g. prompts, so that the
+    seeds of one prompt stay together) with a fixed ``seed``; None for fewer than 2 clusters."""
+    x = np.asarray(values, dtype=np.float64)
+    labels = list(range(len(x))) if clusters is None else list(clusters)
+    if len(labels) != len(x):
+        raise ValueError(f"clusters: {len(labels)} labels for {len(x)} values")
+    groups: Dict[object, List[int]] = {}
+    for i, c in enumerate(labels):
+        groups.setdefault(c, []).append(i)
+    members = list(groups.values())
+    if len(members) < 2:
+        return None
+    sums = np.array([x[m].sum() for m in members])
+    counts = np.array([len(m) for m in members], dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    picks = rng.integers(0, len(members), size=(resamples, len(members)))
+    means = sums[picks].sum(axis=1) / counts[picks].sum(axis=1)
+    tail = (1.0 - level) / 2.0
+    return float(np.quantile(means, tail)), float(np.quantile(means, 1.0 - tail))
+
+
+def summarize(values: Sequence[Optional[float]], clusters: Optional[Sequence] = None, *, seed: int = 0,
+              level: float = 1.0 - ALPHA) -> Optional[dict]:
+    """Mean and 95% intervals of per-sample differences (None and NaN entries dropped; None if none left).
+
+    Returns ``n``, ``mean``, ``sd``, ``ci`` (the t-interval ``mean +- t_{0.975, n-1} sd / sqrt(n)``; None
+    for n < 2), ``ci_bootstrap`` (over ``clusters``, see :func:`bootstrap_ci`), ``meaningful`` (n >=
+    :data:`MIN_PAIRS`) and ``note`` when it is not.
+    """
+    pairs = [(v, c) for v, c in zip(values, clusters if clusters is not None else range(len(values)))
+             if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    if not pairs:
+        return None
+    x = np.array([float(v) for v, _ in pairs])
+    n = len(x)
+    mean = float(x.mean())
+    sd = float(x.std(ddof=1)) if n > 1 else None
+    ci = None
+    if n > 1:
+        half = t_ppf(1.0 - (1.0 - level) / 2.0, n - 1) * sd / math.sqrt(n)
+        ci = (mean - half, mean + half)
+    out = {"n": n, "mean": mean, "sd": sd, "ci": ci,
+           "ci_bootstrap": bootstrap_ci(x, [c for _, c in pairs], seed=seed, level=level),
+           "meaningful": n >= MIN_PAIRS}
+    if n < MIN_PAIRS:
+        out["note"] = f"{n} prompt-seed pair(s) < {MIN_PAIRS}: the interval is not meaningful"
+    return out
+
+
+def paired_test(a: Sequence[Optional[float]], b: Sequence[Optional[float]]) -> Optional[dict]:
+    """Paired t-test of ``a - b`` (pairs where either is missing dropped): ``n``, ``mean`` (of a - b),
+    ``t``, ``df``, two-sided ``p`` and ``significant`` (p < :data:`ALPHA`); None for fewer than 2 pairs.
+    Identical differences (zero spread) give p = 1 when they are all 0, else p = 0."""
+    if len(a) != len(b):
+        raise ValueError(f"paired_test needs aligned samples; got {len(a)} and {len(b)}")
+    d = np.array([float(x) - float(y) for x, y in zip(a, b)
+                  if x is not None and y is not None and not math.isnan(float(x)) and not math.isnan(float(y))])
+    n = len(d)
+    if n < 2:
+        return None
+    mean, sd = float(d.mean()), float(d.std(ddof=1))
+    if sd == 0.0:
+        t, p = (0.0, 1.0) if mean == 0.0 else (math.copysign(math.inf, mean), 0.0)
+    else:
+        t = mean / (sd / math.sqrt(n))
+        p = _betainc((n - 1) / 2.0, 0.5, (n - 1) / (n - 1 + t * t))  # = 2 P(T > |t|), without 1 - cdf cancelling
+    return {"n": n, "mean": mean, "t": t, "df": n - 1, "p": p, "significant": p < ALPHA}
+
+
+# ------------------------------------------------------------- eval rows
+#: (key, better direction, kind): "value" metrics are already distances to dense on the same sample (PSNR, SSIM,
+#: LPIPS); "delta" metrics are the row's per-sample value minus dense's (ground truth, CLIP, seconds).
+METRICS = (("groundtruth", 1, "delta"), ("psnr", 1, "value"), ("ssim", 1, "value"), ("lpips", -1, "value"),
+           ("clip", 1, "delta"), ("time_transformer", -1, "delta"), ("time_total", -1, "delta"))
+INDISTINGUISHABLE = "indistinguishable from dense (within the dense-vs-dense floor)"
+
+
+def _sample_value(sample: dict, key: str) -> Optional[float]:
+    if key == "groundtruth":
+        ok = (sample.get("groundtruth_ok") or {}).get("all_ok")
+        return None if ok is None else float(ok)
+    value = sample.get(key)
+    return None if value is None else float(value)
+
+
+def per_sample(row: dict, dense: dict, key: str, kind: str) -> List[Optional[float]]:
+    """The row's per-sample paired values of one metric (aligned with dense's samples)."""
+    values = [_sample_value(s, key) for s in row.get("samples") or []]
+    if kind == "value":
+        return values
+    base = [_sample_value(s, key) for s in dense.get("samples") or []]
+    return [None if v is None or b is None else v - b for v, b in zip(values, base)]
+
+
+def _floor_reach(floors: List[dict], key: str) -> Optional[float]:
+    """How far dense moves from dense on a delta metric: the largest |interval end| of the floor rows."""
+    reach = [max(abs(s["ci"][0]), abs(s["ci"][1])) if s.get("ci") else abs(s["mean"])
+             for f in floors for s in [(f.get("paired") or {}).get(key)] if s]
+    return max(reach) if reach else None
+
+
+def analyse(rows: List[dict], *, seed: int = 0) -> None:
+    """Paired statistics of eval rows, written into them: ``row["paired"][metric]`` (:func:`summarize` of
+    the per-sample differences against dense, clustered by prompt), ``row["tests"][metric]`` (the paired
+    t-test against the best other method row) and ``row["verdict"][metric]``.
+
+    ``rows[0]`` is dense; rows with ``"floor"`` set are the dense-vs-dense floor. A delta metric is
+    ``indistinguishable`` when its mean lies within the floor's reach (the largest interval end of the
+    floor rows), ``better``/``worse`` when its interval excludes 0 beyond the floor, else ``not
+    significant``. A distance metric (PSNR, SSIM, LPIPS) is indistinguishable unless it is significantly
+    farther from dense than the backend floor (paired test against that row), else ``differs``.
+    """
+    dense = rows[0]
+    scored = [r for r in rows[1:] if r.get("samples")]
+    floors = [r for r in scored if r.get("floor")]
+    backend_floor = next((r for r in floors if r["floor"] == "backend"), None)
+    methods = [r for r in scored if not r.get("floor")]
+    clusters = [s["prompt"] for s in dense.get("samples") or []]
+    for key, direction, kind in METRICS:
+        values = {id(r): per_sample(r, dense, key, kind) for r in scored}
+        for r in scored:
+            summary = summarize(values[id(r)], clusters[:len(values[id(r)])], seed=seed)
+            if summary is not None:
+                r.setdefault("paired", {})[key] = summary
+        # Another backend's speed is a real difference, not noise: times are judged against the seed floor.
+        reach = _floor_reach([f for f in floors if not key.startswith("time") or f["floor"] == "seed"], key) \
+            if kind == "delta" else None
+        ranked = sorted((r for r in methods if key in (r.get("paired") or {})),
+                        key=lambda r: -direction * r["paired"][key]["mean"])
+        for r in methods:
+            summary = (r.get("paired") or {}).get(key)
+            if summary is None:
+                continue
+            others = [o for o in ranked if o is not r]
+            if others:
+                test = paired_test(values[id(r)], values[id(others[0])])
+                if test is not None:
+                    r.setdefault("tests", {})[key] = {"against": others[0]["label"], **test}
+            r.setdefault("verdict", {})[key] = _verdict(summary, kind, direction, reach, values[id(r)],
+                                                        values.get(id(backend_floor)) if backend_floor else None)
+
+
+def _verdict(summary: dict, kind: str, direction: int, reach, values, floor_values) -> str:
+    ci = summary.get("ci")
+    if kind == "value":
+        if floor_values is None:
+            return "no backend floor to compare with"
+        test = paired_test(values, floor_values)
+        if test is None:
+            return "too few pairs"
+        if test["significant"] and direction * test["mean"] < 0:
+            return "differs from dense (beyond the dense-vs-dense floor)"
+        return INDISTINGUISHABLE
+    if reach is not None and abs(summary["mean"]) <= reach:
+        return INDISTINGUISHABLE
+    if ci is None:
+        return "too few pairs"
+    if ci[0] > 0 or ci[1] < 0:
+        return "better than dense" if direction * summary["mean"] > 0 else "worse than dense"
+    return "not significant"

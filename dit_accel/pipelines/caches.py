@@ -1,0 +1,225 @@
+"""Step caches stacked with sparse attention: ``--cache NAME[:k=v,...]``.
+
+Diffusers' caches skip whole transformer blocks (or attention modules) on some denoising steps and
+reuse or extrapolate their earlier outputs; dit_accel makes the blocks that do run cheaper. The two
+compose in either order because they hook different places: a cache wraps block (or attention module)
+forwards through ``transformer.enable_cache(config)``, dit_accel wraps the attention processors. A
+skipped block calls no processor, so it is simply not counted; the denoising step dit_accel's
+schedule uses (``dense_steps``, per-step plans) comes from the scheduler's position, not from the
+number of transformer calls, so a cached call never moves it.
+
+Names (:data:`CACHES`):
+
+- ``fbcache`` (Diffusers ``FirstBlockCacheConfig``: ``threshold``)
+- ``taylorseer`` (``TaylorSeerCacheConfig``: ``cache_interval``, ``disable_cache_before_step``, ``max_order``, ...)
+- ``magcache`` (``MagCacheConfig``: needs ``mag_ratios=flux`` or ``calibrate=true``; ``num_inference_steps``
+  defaults to the run's steps)
+- ``fastercache`` (``FasterCacheConfig``) and ``pab`` (``PyramidAttentionBroadcastConfig``): the current
+  timestep is read from the pipeline (``pipe.current_timestep``)
+- ``dbcache`` and ``cachedit-taylorseer``: cache-dit's DBCache (with TaylorSeer), an optional extra
+  (``pip install cache-dit``), enabled with ``cache_dit.enable_cache``.
+
+Values: integers, floats, ``true``/``false``/``none``, and tuples as ``a/b`` (``pab:spatial_attention_block_skip_range=2``).
+Options are separated by ``,`` (or ``;`` inside ``eval --stacks``, whose stacks are separated by ``,``).
+
+Example::
+
+    spec = CacheSpec.parse("fbcache:threshold=0.1")
+    with dit_accel.apply(pipe, Tile()), enable_cache(pipe, spec):
+        video = pipe(prompt).frames
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Dict, Optional
+
+__all__ = ["CACHES", "CacheSpec", "enable_cache", "parse_stack"]
+
+# name -> (Diffusers config class, or None for cache-dit, one-line description)
+CACHES = {
+    "fbcache": ("FirstBlockCacheConfig", "Diffusers FirstBlockCache: skip the other blocks while the first "
+                                         "block's residual changes less than threshold"),
+    "taylorseer": ("TaylorSeerCacheConfig", "Diffusers TaylorSeerCache: predict module outputs by a Taylor "
+                                            "series between full steps every cache_interval"),
+    "magcache": ("MagCacheConfig", "Diffusers MagCache: skip blocks by accumulated magnitude-ratio error "
+                                   "(needs mag_ratios=flux or calibrate=true)"),
+    "fastercache": ("FasterCacheConfig", "Diffusers FasterCache: reuse attention outputs and the unconditional "
+                                         "branch"),
+    "pab": ("PyramidAttentionBroadcastConfig", "Diffusers PyramidAttentionBroadcast: reuse attention outputs "
+                                               "every *_block_skip_range steps"),
+    "dbcache": (None, "cache-dit DBCache (optional extra: pip install cache-dit)"),
+    "cachedit-taylorseer": (None, "cache-dit DBCache with TaylorSeer calibration (optional extra)"),
+}
+_ALIASES = {"firstblockcache": "fbcache", "first_block_cache": "fbcache", "taylorseercache": "taylorseer",
+            "mag": "magcache", "faster": "fastercache", "pyramid_attention_broadcast": "pab",
+            "pyramidattentionbroadcast": "pab"}
+
+
+def _value(text: str):
+    low = text.strip().lower()
+    if low in ("true", "false"):
+        return low == "true"
+    if low in ("none", "null"):
+        return None
+    if "/" in text:
+        return tuple(_value(part) for part in text.split("/"))
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text.strip()
+
+
+@dataclass(frozen=True)
+class CacheSpec:
+    """A cache name and its options, as given on the command line."""
+
+    name: str
+    options: Dict[str, object] = field(default_factory=dict)
+
+    @classmethod
+    def parse(cls, text: str, source: str = "--cache") -> "CacheSpec":
+        """``NAME[:k=v,...]``; ValueError naming ``source``, the cache and what is allowed."""
+        name, _, rest = str(text).strip().partition(":")
+        key = _ALIASES.get(name.strip().lower(), name.strip().lower())
+        if key not in CACHES:
+            raise ValueError(f"{source} {text!r}: unknown cache {name!r}; valid caches: {', '.join(CACHES)}")
+        options = {}
+        for item in rest.replace(";", ",").split(","):
+            if not item.strip():
+                continue
+            k, eq, v = item.partition("=")
+            if not eq or not k.strip():
+                raise ValueError(f"{source} {text!r}: option {item!r} is not key=value")
+            options[k.strip()] = _value(v)
+        spec = cls(key, options)
+        spec._check(source)
+        return spec
+
+    def _check(self, source: str) -> None:
+        config_name = CACHES[self.name][0]
+        if config_name is None:
+            return
+        import diffusers
+
+        fields = [f.name for f in dataclasses.fields(getattr(diffusers, config_name)) if not f.name.startswith("_")]
+        unknown = sorted(set(self.options) - set(fields))
+        if unknown:
+            raise ValueError(f"{source} {self.name}: {config_name} has no option {unknown[0]!r}; valid options: "
+                             f"{', '.join(fields)}")
+
+    @property
+    def label(self) -> str:
+        return self.name + ("" if not self.options else ":" + ";".join(
+            f"{k}={'/'.join(map(str, v)) if isinstance(v, tuple) else v}" for k, v in self.options.items()))
+
+    def describe(self) -> dict:
+        return {"cache": self.name, **{k: list(v) if isinstance(v, tuple) else v for k, v in self.options.items()}}
+
+    def config(self, pipe, steps: Optional[int] = None):
+        """The Diffusers config object for ``pipe`` (ValueError with the reason when it cannot be built)."""
+        import diffusers
+
+        config_name = CACHES[self.name][0]
+        options = dict(self.options)
+        if self.name == "magcache":
+            ratios = options.get("mag_ratios")
+            if isinstance(ratios, str) and ratios.lower() == "flux":
+                from diffusers.hooks.mag_cache import FLUX_MAG_RATIOS
+
+                options["mag_ratios"] = FLUX_MAG_RATIOS
+            elif isinstance(ratios, tuple):
+                options["mag_ratios"] = list(ratios)
+            if options.get("mag_ratios") is None and not options.get("calibrate"):
+                raise ValueError("--cache magcache: MagCache needs the model's magnitude ratios: pass "
+                                 "magcache:mag_ratios=flux (Diffusers' Flux ratios), ratios as a/b/c..., or "
+                                 "magcache:calibrate=true to measure them (no skipping in that run)")
+            if steps is not None:
+                options.setdefault("num_inference_steps", int(steps))
+        if self.name == "fastercache":
+            raise ValueError("--cache fastercache: refused: Diffusers' FasterCache splits the unconditional and "
+                             "conditional branches out of one batch, but the pipelines dit_accel supports call the "
+                             f"transformer once per branch ({type(pipe).__name__} fails inside the hook with an "
+                             "IndexError); use pab, fbcache, taylorseer or magcache")
+        if self.name in ("pab", "fastercache"):
+            if not hasattr(type(pipe), "current_timestep"):
+                raise ValueError(f"--cache {self.name}: {type(pipe).__name__} has no current_timestep to drive "
+                                 f"{config_name}; use fbcache or taylorseer")
+            options.setdefault("current_timestep_callback", lambda: pipe.current_timestep)
+        if self.name == "pab" and not any(k.endswith("block_skip_range") for k in options):
+            options["spatial_attention_block_skip_range"] = 2  # PAB's documented example setting
+        if self.name == "fastercache" and "tensor_format" not in options:
+            options["tensor_format"] = "BCFHW" if "num_frames" in _call_params(pipe) else "BCHW"
+        try:
+            return getattr(diffusers, config_name)(**options)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"--cache {self.label}: {config_name}: {' '.join(str(err).split())[:300]}") from None
+
+
+def _call_params(pipe):
+    import inspect
+
+    return inspect.signature(pipe.__call__).parameters
+
+
+@contextlib.contextmanager
+def enable_cache(pipe, spec: CacheSpec, steps: Optional[int] = None):
+    """Enable ``spec`` on ``pipe.transformer`` for the block and disable it after (also on error). A cache
+    that cannot run on this pipeline raises ValueError with the reason before anything is changed."""
+    transformer = getattr(pipe, "transformer", None)
+    if transformer is None:
+        raise ValueError(f"--cache {spec.name}: {type(pipe).__name__} has no transformer to cache")
+    if CACHES[spec.name][0] is None:
+        with _cache_dit(pipe, spec):
+            yield spec
+        return
+    if not hasattr(transformer, "enable_cache"):
+        raise ValueError(f"--cache {spec.name}: {type(transformer).__name__} does not support Diffusers' caches "
+                         "(no CacheMixin)")
+    config = spec.config(pipe, steps)
+    try:
+        transformer.enable_cache(config)
+    except (ValueError, TypeError, NotImplementedError) as err:
+        raise ValueError(f"--cache {spec.label}: {type(transformer).__name__} refuses it: "
+                         f"{' '.join(str(err).split())[:300]}") from None
+    try:
+        yield spec
+    finally:
+        transformer.disable_cache()
+
+
+@contextlib.contextmanager
+def _cache_dit(pipe, spec: CacheSpec):
+    try:
+        import cache_dit
+    except ImportError:
+        raise ValueError(f"--cache {spec.name}: cache-dit is not installed; `pip install cache-dit` to use "
+                         "DBCache / its TaylorSeer, or use a Diffusers cache (fbcache, taylorseer, magcache, "
+                         "fastercache, pab)") from None
+    options = dict(spec.options)
+    if spec.name == "cachedit-taylorseer":
+        options.setdefault("enable_taylorseer", True)
+    try:
+        cache_dit.enable_cache(pipe, **options)
+    except Exception as err:  # cache-dit's own refusal, passed on in one line
+        raise ValueError(f"--cache {spec.label}: cache-dit refuses it: {' '.join(str(err).split())[:300]}") from None
+    try:
+        yield spec
+    finally:
+        cache_dit.disable_cache(pipe)
+
+
+def parse_stack(text: str, source: str = "--stacks"):
+    """``"tile+fbcache:threshold=0.1"`` -> ``(method name, CacheSpec or None)``; ``"fbcache"`` alone is
+    dense with that cache."""
+    parts = [p.strip() for p in str(text).split("+") if p.strip()]
+    if not parts or len(parts) > 2:
+        raise ValueError(f"{source} {text!r}: a stack is METHOD, METHOD+CACHE or CACHE (e.g. sla+fbcache)")
+    first = parts[0].partition(":")[0].lower()
+    if len(parts) == 1 and (first in CACHES or first in _ALIASES):
+        return "dense", CacheSpec.parse(parts[0], source)
+    return parts[0], (CacheSpec.parse(parts[1], source) if len(parts) == 2 else None)
