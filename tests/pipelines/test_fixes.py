@@ -99,3 +99,38 @@ def test_sla_refuses_a_module_whose_projection_it_cannot_size_and_leaves_the_mod
                 m.to_query = m.to_q_renamed
                 del m.to_q_renamed
     assert torch.equal(_run(model, kwargs), dense)
+
+
+# ------------------------------------------------------------------ (b) Motif-Video decoder layers
+def test_motif_decoder_layers_are_sparse_over_video_with_the_encoder_output_exact():
+    import diffusers
+
+    from dit_accel.patterns import gna_mask
+    from tests.utils import ReferenceAttention
+
+    entry = T.TRANSFORMERS["motif"]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = diffusers.MotifVideoTransformer3DModel(**dict(entry.config, num_single_layers=2,
+                                                              num_decoder_layers=1)).eval()
+    kwargs = T.tiny_transformer_inputs("motif", model, batch=2, text_valid=[entry.text, 3])
+    grid = entry.grid
+    n = grid[0] * grid[1] * grid[2]
+    lengths = []
+    hook = model.single_transformer_blocks[-1].attn.register_forward_pre_hook(
+        lambda m, a, kw: lengths.append(kw["encoder_hidden_states"].shape[1]), with_kwargs=True)
+    method = dit_accel.GNA(kernel_size=(2, 5, 5))
+    try:
+        dense = _run(model, kwargs)
+        with ReferenceAttention(gna_mask(grid, method.kernel_size), "last") as ref_mode:
+            ref = _run(model, kwargs)
+    finally:
+        hook.remove()
+    assert lengths == [n, n]  # the decoder block's text slot holds the encoder output, as long as the video
+    with dit_accel.apply(model, method, backend="torch") as handle:
+        out = _run(model, kwargs)
+        rows = handle.stats()
+    assert ref_mode.calls == len(rows) == 3 and not handle.warnings
+    assert all(r["sparse_calls"] == 1 and r["dense_calls"] == 0 for r in rows), rows
+    torch.testing.assert_close(out, ref, atol=2e-4, rtol=2e-4)
+    assert (out - dense).abs().max() > 1e-3
