@@ -25,7 +25,7 @@ from ..weights import load_into
 from .capture import Capture, check_capture_dir
 from .context import CallGate
 from .hooks import Runtime, SparseAttnProcessor, TransformerHook, attention_modules
-from .presets import check_pipeline, preset_for
+from .presets import check_method_for, check_pipeline, preset_for
 from .schedule import Schedule, StepSource
 from .stats import Stats
 
@@ -678,6 +678,9 @@ def apply(pipe_or_transformer, method: Method, *, dense_steps: int = 0, dense_la
     found, pipe = _find_transformers(pipe_or_transformer)
     targets = [(prefix, t, preset, attention_modules(t, prefix, preset))
                for prefix, t in found for preset in [preset_for(t)]]
+    for _, t, preset, _ in targets:  # methods a class has no use for (Radial on Latte's per-frame 2-D calls)
+        for m in (method, *layer_methods.values()):
+            check_method_for(type(t).__name__, preset, m.name)
     if hasattr(method, "check_layers"):  # a SparsePlan made for another model's layer count
         method.check_layers(max(len(m) for *_, m in targets))
     log = WarningLog()

@@ -134,3 +134,76 @@ def test_motif_decoder_layers_are_sparse_over_video_with_the_encoder_output_exac
     assert all(r["sparse_calls"] == 1 and r["dense_calls"] == 0 for r in rows), rows
     torch.testing.assert_close(out, ref, atol=2e-4, rtol=2e-4)
     assert (out - dense).abs().max() > 1e-3
+
+
+# ------------------------------------------------------------------ (c) settings that fit the grid of the call
+def _check_recommended(model, kwargs, grid, reference_pattern, position="none"):
+    """recommended('gna') on ``model`` at ``grid`` runs (clamped, with a note) and matches the masked reference."""
+    from dit_accel.pipelines.presets import recommended
+    from tests.utils import ReferenceAttention
+
+    method, _ = recommended(model, "gna")
+    assert method.fit
+    dense = _run(model, kwargs)
+    with ReferenceAttention(reference_pattern, position) as ref_mode:
+        ref = _run(model, kwargs)
+    with pytest.warns(dit_accel.DitAccelWarning, match="exceeds the grid extent.*clamped"):
+        with dit_accel.apply(model, method, backend="torch") as handle:  # (no dense_steps: one bare call)
+            out = _run(model, kwargs)
+            rows = handle.stats()
+    assert ref_mode.calls == len(rows)
+    assert all(r["sparse_calls"] == 1 and r["dense_calls"] == 0 for r in rows), rows
+    torch.testing.assert_close(out, ref, atol=2e-4, rtol=2e-4)
+    assert (out - dense).abs().max() > 1e-3
+
+
+def test_chronoedit_recommended_gna_fits_its_two_latent_frames():
+    from dit_accel.patterns import gna_mask
+
+    model = T.build_tiny_transformer("chronoedit")
+    grid = (2, 20, 20)  # ChronoEdit's default: the input image and the edit, 2 latent frames
+    kwargs = T.tiny_transformer_inputs("chronoedit", model, grid=grid)
+    with pytest.raises(ValueError, match="exceeds the grid extent 2"):  # the published window as it is
+        dit_accel.GNA(kernel_size=(7, 16, 16)).plan(grid)
+    _check_recommended(model, kwargs, grid, gna_mask(grid, (2, 16, 16)))
+
+
+def test_cosmos_recommended_gna_fits_one_frame_text_to_image():
+    import diffusers
+
+    from dit_accel.patterns import gna_mask
+
+    entry = T.TRANSFORMERS["cosmos"]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = diffusers.CosmosTransformer3DModel(**dict(entry.config, max_size=(4, 64, 64))).eval()
+    grid = (1, 26, 26)  # text-to-image: one latent frame
+    kwargs = T.tiny_transformer_inputs("cosmos", model, grid=grid)
+    pattern = gna_mask(grid[1:], (24, 24))  # one frame: the 2-D window is the whole pattern
+    _check_recommended(model, kwargs, grid, pattern)
+
+
+def test_gna_at_density_fits_a_one_frame_grid():
+    grid = (1, 16, 16)
+    method = dit_accel.GNA().at_density(grid, 0.3)
+    with pytest.warns(dit_accel.DitAccelWarning, match="clamped"):
+        plan = method.plan(grid)
+    assert not plan.is_dense and 0.1 < plan.token_density < 0.6
+
+
+def test_latte_recommended_never_returns_a_method_latte_refuses():
+    from dit_accel.pipelines.presets import recommended
+
+    model = T.build_tiny_transformer("latte")
+    with pytest.raises(ValueError, match="'radial' does not apply to LatteTransformer3DModel: Radial is a rule"):
+        recommended(model, "radial")
+    with pytest.raises(ValueError, match="'radial' does not apply to LatteTransformer3DModel"):
+        dit_accel.apply(model, dit_accel.Radial())
+    assert not any(type(getattr(m, "processor", None)).__name__ == "SparseAttnProcessor" for m in model.modules())
+    kwargs = T.tiny_transformer_inputs("latte", model, grid=(32, 32))  # Latte 512x512: 32x32 tokens
+    for name in ("gna", "tile", "sla"):
+        method, _ = recommended(model, name)
+        with dit_accel.apply(model, method, backend="torch") as handle:
+            out = _run(model, kwargs)
+            assert torch.isfinite(out).all()
+            assert all(r["dense_calls"] == 0 and r["sparse_calls"] >= 1 for r in handle.stats()), name
