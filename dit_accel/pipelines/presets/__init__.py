@@ -57,6 +57,9 @@ FAMILIES = ("wan_vace",) + FAMILIES + ("skyreels_v2", "chronoedit", "hunyuan_vid
 FAMILIES = ("hunyuan_video15",) + FAMILIES + ("kandinsky5", "kandinsky6", "easyanimate", "helios")
 # models-video-d (issue 28): Wan Animate and LTX-2 before "wan" and "ltx_video" (more specific hub words).
 FAMILIES = ("wan_animate", "ltx2") + FAMILIES + ("minimax_h3",)
+# Image DiTs of issue 38 (HunyuanDiT first: its hub word is more specific than HunyuanVideo's "hunyuan");
+# Sana and OmniGen are refused with their reasons.
+FAMILIES = ("hunyuandit",) + FAMILIES + ("pixart", "auraflow", "cogview3plus", "bria", "sana", "omnigen")
 
 PRESETS: Dict[str, Preset] = {
     p.class_name: p for name in FAMILIES for p in importlib.import_module(f"{__name__}.{name}").PRESETS
