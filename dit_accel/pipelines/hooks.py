@@ -430,8 +430,10 @@ class SDPAInterceptor(TorchFunctionMode):
                 # j; shifted by -1 (softmax is shift-invariant), the video keys get no bias at all.
                 text_rows = mask[:, :, :sq - num_video] if position == "first" else mask[:, :, num_video:]
                 mask = mask[:, :, row:row + 1] - 1
-            elif layer.owner.preset.square_mask:  # (Preset.square_mask)
-                mask = mask[:, :, row:row + 1]
+            elif layer.owner.preset.square_mask:  # (Preset.square_mask; one head of a head-expanded mask)
+                mask = mask[:, :1, row:row + 1]
+                if position == "none" and mask.dtype == torch.bool and bool(mask.all()):
+                    mask = None  # an image alone, every token valid (Lumina-Next's one-size batch): no mask
         ok_mask, key_mask = _key_padding_mask(mask, q.shape[0], sk, additive=text_rows is not None)
         self_attention = (
             q.dim() == 4 and (sq == sk or image_queries) and k.shape[:2] == q.shape[:2] and v.shape[:3] == k.shape[:3]

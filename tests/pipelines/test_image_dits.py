@@ -12,8 +12,9 @@ from dit_accel.patterns import gna_mask, tile_mask
 from dit_accel.pipelines import presets as P
 from tests.utils import ReferenceAttention
 
-NAMES = ("pixart", "hunyuandit", "auraflow", "cogview3plus", "bria")
-LAYOUT = {"pixart": "none", "hunyuandit": "none", "auraflow": "first", "cogview3plus": "first", "bria": "first"}
+NAMES = ("pixart", "hunyuandit", "auraflow", "cogview3plus", "bria", "lumina_next")
+LAYOUT = {"pixart": "none", "hunyuandit": "none", "auraflow": "first", "cogview3plus": "first", "bria": "first",
+          "lumina_next": "none"}
 
 
 @pytest.fixture(scope="module")
@@ -86,6 +87,8 @@ def test_refused_image_dits_name_the_class_and_the_reason(class_name, config, re
     ("fal/AuraFlow-v0.3", "AuraFlowTransformer2DModel"),
     ("THUDM/CogView3-Plus-3B", "CogView3PlusTransformer2DModel"),
     ("briaai/BRIA-3.2", "BriaTransformer2DModel"),
+    ("Alpha-VLLM/Lumina-Next-SFT-diffusers", "LuminaNextDiT2DModel"),
+    ("Alpha-VLLM/Lumina-Image-2.0", "Lumina2Transformer2DModel"),
     ("Efficient-Large-Model/Sana_1600M_1024px_diffusers", "SanaTransformer2DModel"),
     ("Efficient-Large-Model/SANA-Video_2B_480p_diffusers", "SanaVideoTransformer3DModel"),
     ("hunyuanvideo-community/HunyuanVideo", "HunyuanVideoTransformer3DModel"),
