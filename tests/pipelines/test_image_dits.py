@@ -95,3 +95,18 @@ def test_refused_image_dits_name_the_class_and_the_reason(class_name, config, re
 ])
 def test_hub_ids_name_their_class(hub_id, class_name):
     assert P.resolve_model_family(hub_id)[0] == class_name
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_sla_keeping_every_block_reproduces_dense_and_a_small_topk_is_sparse(models, name):
+    model = models[name]
+    kwargs = T.tiny_transformer_inputs(name, model, batch=1)
+    dense = _run(model, kwargs)
+    with dit_accel.apply(model, dit_accel.SLA(topk=1.0), backend="torch") as handle:
+        full = _run(model, kwargs)
+        assert handle.summary()["sparse_calls"] == handle.summary()["layers"] == 2
+    torch.testing.assert_close(full, dense, atol=1e-5, rtol=1e-5)
+    with dit_accel.apply(model, dit_accel.SLA(topk=0.4), backend="torch") as handle:
+        sparse = _run(model, kwargs)
+        rows = handle.stats()
+    assert torch.isfinite(sparse).all() and all(r["sparse_calls"] == 1 and r["density"] < 1 for r in rows)
