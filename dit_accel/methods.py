@@ -227,7 +227,10 @@ class GNA(Method):
             tile of 64 tokens that fits the grid.
 
     ``kernel_size * dilation`` must not exceed the grid extent; that is checked
-    when the grid is known (before the first attention call).
+    when the grid is known (before the first attention call). With ``fit=True`` (what
+    :func:`dit_accel.pipelines.presets.recommended` and :meth:`at_density` return) a longer
+    kernel is clamped to the extent instead, with a note: that dimension is then attended whole
+    (a single latent frame included).
 
     Example::
 
@@ -240,8 +243,12 @@ class GNA(Method):
     is_causal: Union[bool, Tuple[bool, ...]] = option(False, "gna: causal along every dimension", parse="flag",
                                                       flag="--causal")
     tile: Optional[IntOrTuple] = option(None, "gna: tile used to make the window block-sparse", metavar="T,H,W")
+    fit: bool = option(False, "gna: clamp a kernel longer than the grid extent to it (with a note) instead of "
+                              "refusing the grid", parse="flag", flag="--fit-grid")
 
     def __post_init__(self):
+        if not isinstance(self.fit, bool):
+            raise ValueError(f"GNA.fit={self.fit!r} is invalid: must be True or False")
         ks, st, dl, ca = check_gna_args(self.kernel_size, self.stride, self.dilation, self.is_causal, owner="GNA.")
         tile = None if self.tile is None else int_or_tuple("GNA.", "tile", self.tile, minimum=1)
         lengths = {len(v) for v in (ks, st, dl, ca, tile) if isinstance(v, tuple)}
@@ -263,6 +270,12 @@ class GNA(Method):
         from .plans import DensePlan, LayoutPlan
 
         kernels = per_head(self.kernel_size)
+        if self.fit and kernels is None:
+            fitted = self._fitted_relations(grid)
+            if fitted is not None:
+                grid, rels = fitted
+                tile = None if self.tile is None else per_dim("tile", self.tile, len(grid), owner="GNA.")
+                return _separable_plan(self, grid, rels, tile, "window")
         if kernels is None:
             grid, rels = gna_relations(grid, self.kernel_size, self.stride, self.dilation, self.is_causal)
             tile = None if self.tile is None else per_dim("tile", self.tile, len(grid), owner="GNA.")
@@ -283,6 +296,37 @@ class GNA(Method):
         from .kernels.block_sparse.vendor.natten import attach_gna
 
         attach_gna(layout, perm, self.kernel_size, self.stride, self.dilation, self.is_causal)
+    def _fitted_relations(self, grid):
+        """``(grid, relations)`` with every kernel longer than its extent clamped to it (noted once per plan),
+        or None when the kernel fits as it is."""
+        import warnings
+
+        from ._util import DitAccelWarning
+        from .patterns.checks import as_grid, per_dim, per_dim_bool
+        from .patterns.gna import gna_relations
+        from .patterns.separable import relation_1d
+
+        grid = as_grid(grid)
+        nd = len(grid)
+        ks, st = per_dim("kernel_size", self.kernel_size, nd, minimum=2), per_dim("stride", self.stride, nd)
+        dl, ca = per_dim("dilation", self.dilation, nd), per_dim_bool("is_causal", self.is_causal, nd)
+        over = [d for d in range(nd) if ks[d] * dl[d] > grid[d]]
+        if not over:
+            return None
+        ks, st, dl = list(ks), list(st), list(dl)
+        for d in over:  # the whole extent (undilated): the widest window that fits
+            ks[d], dl[d] = grid[d], 1
+            st[d] = min(st[d], ks[d])
+        rels = []
+        for d in range(nd):
+            if grid[d] < 2:  # a single latent frame: GNA's kernels are >= 2, so the relation is built here
+                rels.append(relation_1d(grid[d], grid[d], 1, 1, False))
+            else:
+                rels.append(gna_relations((grid[d],), ks[d], st[d], dl[d], ca[d])[1][0])
+        warnings.warn(f"dit_accel: {self!r} on grid {grid}: kernel_size exceeds the grid extent along dimension(s) "
+                      f"{over}; clamped to {tuple(ks)} (those dimensions are attended whole)", DitAccelWarning,
+                      stacklevel=4)
+        return grid, rels
 
     def for_shares(self, grid, shares):
         # The default tile is the most cube-like one, which may span the frames of several ranks: pick the
@@ -300,13 +344,20 @@ class GNA(Method):
 
         grid = tuple(grid)
         scored = []
-        for ks in itertools.product(*[range(2, g + 1) for g in grid]):
-            fr = [math.log(k / g) for k, g in zip(ks, grid)]
+        # An extent-1 dimension (one latent frame) takes kernel 2, clamped to the extent by fit=True.
+        for ks in itertools.product(*[range(2, max(g, 2) + 1) for g in grid]):
+            fr = [math.log(min(k, g) / g) for k, g in zip(ks, grid)]
             spread = sum((f - sum(fr) / len(fr)) ** 2 for f in fr)
             scored.append((abs(sum(fr) - math.log(density)) + 0.02 * spread, ks))
         scored.sort()
-        candidates = [self.replace(kernel_size=ks, stride=1) for _, ks in scored[:8]]
-        return min(candidates, key=lambda m: abs(math.log((m.plan(grid).density or 1.0) / density)))
+        candidates = [self.replace(kernel_size=ks, stride=1, fit=True) for _, ks in scored[:8]]
+        import warnings
+
+        from ._util import DitAccelWarning
+
+        with warnings.catch_warnings():  # the clamping notes of candidates on a one-frame grid
+            warnings.simplefilter("ignore", DitAccelWarning)
+            return min(candidates, key=lambda m: abs(math.log((m.plan(grid).density or 1.0) / density)))
 
 
 @register_method("tile", finetunable=True,

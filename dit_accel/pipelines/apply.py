@@ -25,7 +25,7 @@ from ..weights import load_into
 from .capture import Capture, check_capture_dir
 from .context import CallGate
 from .hooks import Runtime, SparseAttnProcessor, TransformerHook, attention_modules
-from .presets import check_pipeline, preset_for
+from .presets import check_method_for, check_pipeline, preset_for
 from .schedule import Schedule, StepSource
 from .stats import Stats
 
@@ -536,9 +536,29 @@ def _install(targets, schedule: Schedule, runtime: Runtime, steps: StepSource, g
     return hooks
 
 
+# Names Diffusers' attention modules give their query projection (fused q/k/v ones produce three times the
+# inner dim) and their head count.
+_QUERY_PROJECTIONS = (("to_q", 1), ("to_query", 1), ("q_proj", 1), ("query", 1), ("to_qkv", 3), ("qkv", 3))
+_HEAD_COUNTS = ("heads", "num_heads", "num_attention_heads", "n_heads")
+
+
 def _projection_dim(module: nn.Module) -> int:
-    return module.head_dim if isinstance(getattr(module, "head_dim", None), int) else \
-        module.to_q.out_features // module.heads
+    """The per-head dim D of SLA's ``Linear(D, D)``: the module's ``head_dim``, else its query projection's
+    width over its head count (``to_q``, Kandinsky's ``to_query``, fused ``to_qkv`` / 3, ...). ValueError
+    naming the class when neither can be read (apply leaves the model unchanged)."""
+    head_dim = getattr(module, "head_dim", None)
+    if isinstance(head_dim, int) and head_dim > 0:
+        return head_dim
+    heads = next((getattr(module, n) for n in _HEAD_COUNTS if isinstance(getattr(module, n, None), int)), None)
+    for name, parts in _QUERY_PROJECTIONS:
+        proj = getattr(module, name, None)
+        width = getattr(proj, "out_features", None)
+        if isinstance(width, int) and heads and width % (parts * heads) == 0:
+            return width // (parts * heads)
+    raise ValueError(f"dit_accel: SLA cannot size its projection for {type(module).__name__}: the attention module "
+                     "has no int head_dim and no query projection (to_q, to_query, q_proj, to_qkv) with a head "
+                     "count (heads, num_heads) to read the per-head dim from. Use GNA, Tile or Radial on this "
+                     "model, or register a preset whose attention modules expose head_dim")
 
 
 def _check_weights_folder(folder, schedule: Schedule, layers) -> None:
@@ -767,6 +787,9 @@ def apply(pipe_or_transformer, method: Method, *, dense_steps: int = 0, dense_la
     targets = [(prefix, t, preset, attention_modules(t, prefix, preset))
                for prefix, t in found for preset in [preset_for(t)]]
     _check_bool("allow_other_grid", allow_other_grid)
+    for _, t, preset, _ in targets:  # methods a class has no use for (Radial on Latte's per-frame 2-D calls)
+        for m in (method, *layer_methods.values()):
+            check_method_for(type(t).__name__, preset, getattr(m, "name", None))
     if hasattr(method, "check_model"):  # a SparsePlan: the model class, layers and heads it was made for
         for _, transformer, _, modules in targets:
             method.check_model(type(transformer).__name__, [_heads_of(module) for _, module in modules])

@@ -40,6 +40,8 @@ class CallContext:
         step, total: denoising step and number of steps (total None when unknown).
         plans: per attention-layer index, the plan it runs (None: dense by the schedule).
         additive_ok: the call's float square masks may run sparse (``Preset.additive_mask`` said so).
+        num_after: of ``num_text``, the tokens after the grid in a text-first sequence ([text, grid, after]:
+            reference images in mid-sequence); they are moved into the text slot around the sparse call.
     """
 
     grid: Tuple[int, ...]
@@ -48,6 +50,7 @@ class CallContext:
     total: Optional[int]
     plans: tuple
     additive_ok: bool = False
+    num_after: int = 0
 
     @property
     def num_video(self) -> int:

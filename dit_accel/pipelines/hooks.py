@@ -49,6 +49,7 @@ All other state is in the hooks and the :class:`Runtime` they share.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import inspect
 import math
@@ -411,6 +412,9 @@ class SDPAInterceptor(TorchFunctionMode):
         q, k, v = call["query"], call["key"], call["value"]
         sq, sk = q.shape[-2], k.shape[-2]
         split = self.split
+        after = context.num_after
+        if after and sq == sk and sq >= context.num_video + after and q.dim() == 4:
+            return self._route_after(call, sq, after)
         num_video, position = context.num_video // (split.world if split else 1), layer.owner.preset.text_position
         # The image's queries alone against [text, image] keys (Qwen-Image 2.1's block-causal target call): told
         # from other calls by its exact key count (GridInfo.num_text is then the exact number of other tokens).
@@ -427,8 +431,10 @@ class SDPAInterceptor(TorchFunctionMode):
                 # j; shifted by -1 (softmax is shift-invariant), the video keys get no bias at all.
                 text_rows = mask[:, :, :sq - num_video] if position == "first" else mask[:, :, num_video:]
                 mask = mask[:, :, row:row + 1] - 1
-            elif layer.owner.preset.square_mask:  # (Preset.square_mask)
-                mask = mask[:, :, row:row + 1]
+            elif layer.owner.preset.square_mask:  # (Preset.square_mask; one head of a head-expanded mask)
+                mask = mask[:, :1, row:row + 1]
+                if position == "none" and mask.dtype == torch.bool and bool(mask.all()):
+                    mask = None  # an image alone, every token valid (Lumina-Next's one-size batch): no mask
         ok_mask, key_mask = _key_padding_mask(mask, q.shape[0], sk, additive=text_rows is not None)
         self_attention = (
             q.dim() == 4 and (sq == sk or image_queries) and k.shape[:2] == q.shape[:2] and v.shape[:3] == k.shape[:3]
@@ -468,6 +474,37 @@ class SDPAInterceptor(TorchFunctionMode):
                                         text_rows)
         self._count(density, q, k, v)
         return out
+
+    def _route_after(self, call: dict, s: int, after: int):
+        """A [text, grid, after] call (:attr:`CallContext.num_after`): the ``after`` tokens are moved next to
+        the text, [text, after, grid], routed like text (exact rows and columns), and moved back."""
+        layer, nv = self.layer, self.context.num_video
+        if self.split is not None or layer.owner.preset.text_position != "first":
+            raise ValueError(f"dit_accel: {layer.name} got {after} tokens after the grid in a call of "
+                             f"{type(layer.owner.transformer).__name__}, which dit_accel places only without context "
+                             "parallelism in a text-first sequence; use the dense model for this call")
+        pre = s - nv - after
+        device = call["query"].device
+        order = torch.cat([torch.arange(pre, device=device), torch.arange(pre + nv, s, device=device),
+                           torch.arange(pre, pre + nv, device=device)])
+        back = torch.empty_like(order)
+        back[order] = torch.arange(s, device=device)
+        moved = dict(call, query=call["query"].index_select(2, order), key=call["key"].index_select(2, order),
+                     value=call["value"].index_select(2, order))
+        mask = call.get("attn_mask")
+        if isinstance(mask, torch.Tensor):
+            if mask.shape[-1] == s:
+                mask = mask.index_select(mask.dim() - 1, order)
+            if mask.dim() == 4 and mask.shape[2] == s:
+                mask = mask.index_select(2, order)
+            moved["attn_mask"] = mask
+        context = self.context
+        self.context = dataclasses.replace(context, num_after=0)
+        try:
+            out = self.route(moved)
+        finally:
+            self.context = context
+        return out.index_select(2, back)
 
     def _attend(self, call, q, k, v, num_text, text_first, key_mask, image_queries=False, text_rows=None):
         """``(output, density)`` of one routed call: the layer's plan, or SDPA (density None) when dense.
@@ -773,7 +810,7 @@ class TransformerHook:
         # (the plans' device data included), so a denoising loop builds and checks once per geometry.
         additive = self.preset.additive_mask
         additive_ok = additive is not None and bool(additive(bound, info))
-        key = (tuple(info.grid), info.num_text, step, total, device, env_value(), additive_ok)
+        key = (tuple(info.grid), info.num_text, info.num_after, step, total, device, env_value(), additive_ok)
         last = self._last
         if last is not None and last[0] == key and last[2] is parallel:
             context = last[1]
@@ -813,7 +850,7 @@ class TransformerHook:
         if device is not None:
             for plan in {id(p): p for p in plans if p is not None}.values():
                 plan.prepare(device, self.runtime.backend)
-        return CallContext(tuple(info.grid), info.num_text, step, total, plans, additive_ok)
+        return CallContext(tuple(info.grid), info.num_text, step, total, plans, additive_ok, info.num_after)
 
     def _plan(self, layer: SparseAttnProcessor, step: int, total: Optional[int], grid,
               split: Optional[Split]) -> Optional[Plan]:

@@ -84,6 +84,9 @@ FAMILIES = ("wan_vace",) + FAMILIES + ("skyreels_v2", "chronoedit", "hunyuan_vid
 FAMILIES = ("hunyuan_video15",) + FAMILIES + ("kandinsky5", "kandinsky6", "easyanimate", "helios")
 # models-video-d (issue 28): Wan Animate and LTX-2 before "wan" and "ltx_video" (more specific hub words).
 FAMILIES = ("wan_animate", "ltx2") + FAMILIES + ("minimax_h3",)
+# Image DiTs of issue 38, in the presets' order (Sana and OmniGen are refused: no tiny model).
+FAMILIES = ("hunyuandit",) + FAMILIES + ("pixart", "auraflow", "cogview3plus", "bria", "lumina_next", "sana",
+                                         "omnigen")
 
 _MODULES = tuple(importlib.import_module(f"{__name__}.{name}") for name in FAMILIES)
 
@@ -198,6 +201,9 @@ def build_tiny_transformer(name: str, seed: int = 0):
         for p in model.parameters():
             if p.abs().sum() == 0:
                 p.data.normal_(0, 0.05)
+        if entry.tune is not None:
+            with torch.no_grad():
+                entry.tune(model)
     return model.eval()
 
 

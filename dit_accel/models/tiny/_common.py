@@ -5,7 +5,7 @@ family modules and ``__init__`` both build on it without a cycle."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
 
@@ -31,6 +31,8 @@ class TinyTransformer:
         text: the default number of text tokens.
         inputs: builds the forward kwargs whose latent gives a token grid (see :data:`InputsBuilder`);
             it draws every random tensor from ``rnd``, in a fixed order.
+        tune: ``(model) -> None`` run on the built model (no grad), for a class whose random tiny weights
+            would hide attention (AuraFlow's small adaLN gates); None: nothing.
     """
 
     name: str
@@ -39,6 +41,7 @@ class TinyTransformer:
     grid: Tuple[int, ...]
     text: int
     inputs: InputsBuilder
+    tune: Optional[Callable[[Any], None]] = None
 
 
 # Call settings and grid-sized method settings shared by the tiny pipelines of one shape (read only).

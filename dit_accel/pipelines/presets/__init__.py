@@ -57,6 +57,10 @@ FAMILIES = ("wan_vace",) + FAMILIES + ("skyreels_v2", "chronoedit", "hunyuan_vid
 FAMILIES = ("hunyuan_video15",) + FAMILIES + ("kandinsky5", "kandinsky6", "easyanimate", "helios")
 # models-video-d (issue 28): Wan Animate and LTX-2 before "wan" and "ltx_video" (more specific hub words).
 FAMILIES = ("wan_animate", "ltx2") + FAMILIES + ("minimax_h3",)
+# Image DiTs of issue 38 (HunyuanDiT first: its hub word is more specific than HunyuanVideo's "hunyuan");
+# Sana and OmniGen are refused with their reasons.
+FAMILIES = ("hunyuandit",) + FAMILIES + ("pixart", "auraflow", "cogview3plus", "bria", "lumina_next", "sana",
+                                                 "omnigen")
 
 PRESETS: Dict[str, Preset] = {
     p.class_name: p for name in FAMILIES for p in importlib.import_module(f"{__name__}.{name}").PRESETS
@@ -183,7 +187,9 @@ def recommended(transformer_or_class, method: str, family: Optional[str] = None)
 
     The first published setting of the model's family (:class:`Published`, e.g. the radial
     reference scripts' decay and dense steps) when there is one, else dit_accel's preset
-    default, else the method's config defaults.
+    default, else the method's config defaults. Windows fit the grid of every call (GNA's ``fit=True``:
+    a kernel longer than a grid extent is clamped to it, with a note), so a setting published for a long
+    video also runs on the model's short default; a method the class refuses raises ValueError naming it.
 
     Example::
 
@@ -196,11 +202,23 @@ def recommended(transformer_or_class, method: str, family: Optional[str] = None)
     if name not in PRESETS:
         raise ValueError(f"no preset for {name}; supported: {_supported()}")
     _check_not_refused(name, PRESETS[name])
+    check_method_for(name, PRESETS[name], method)
     published = published_settings(transformer_or_class, method, family)
     if published:
-        return published[0].build()
-    entry = PRESETS[name].defaults.get(method, {"method": {}, "apply": {}})
-    return method_from_name(method, **entry["method"]), dict(entry["apply"])
+        config, kwargs = published[0].build()
+    else:
+        entry = PRESETS[name].defaults.get(method, {"method": {}, "apply": {}})
+        config, kwargs = method_from_name(method, **entry["method"]), dict(entry["apply"])
+    if hasattr(config, "fit") and not config.fit:  # the grid of the call is not known here: fit it there
+        config = config.replace(fit=True)
+    return config, kwargs
+
+
+def check_method_for(class_name: str, preset: Preset, method: str) -> None:
+    """ValueError naming the class when its preset refuses ``method`` (:attr:`Preset.refused_methods`)."""
+    reason = preset.refused_methods.get(method)
+    if reason:
+        raise ValueError(f"dit_accel: method {method!r} does not apply to {class_name}: {reason}")
 
 
 def _folder_family(folder: Path) -> Optional[Tuple[str, Optional[str]]]:

@@ -24,6 +24,8 @@ class GridInfo:
     grid: Tuple[int, ...]  # video/image token grid after patchify
     num_text: int  # text tokens the transformer received (upper bound per attention call; exact for Qwen-Image 2.1,
     # whose image queries come alone against [prefix, image] keys and are told apart by this count)
+    num_after: int = 0  # of num_text, the tokens that follow the grid in the joint sequence (text first only):
+    # [text, grid, after] (FLUX.2 / Qwen-Image-Edit reference images); their rows and columns run exact
 
     @property
     def num_video(self) -> int:
@@ -80,6 +82,9 @@ class Preset:
             ``j``: softmax is shift-invariant, so the sparse video part runs without a bias and the text
             keys get ``m_j - 1`` in the dense text branch; text queries run dense with their own rows. Calls
             whose ``m`` is not 1 on the video run dense. None: float square masks run dense.
+        refused_methods: ``{method name: reason}``: methods that have no meaning on this class's calls
+            (Radial, a temporal rule, on a model whose sparse calls see a 2-D grid); ``apply`` and
+            :func:`recommended` refuse them naming the class and the reason.
         split_whole: how Diffusers' context parallelism (``_cp_plan``) splits a joint sequence: False (each
             rank holds a share of the text and a share of the video, ``[t_r, v_r]``); True (the model splits
             its one sequence contiguously, MiniMax-H3's packed rows, LTX-2's appended tokens: the Ulysses
@@ -103,6 +108,7 @@ class Preset:
     square_mask: bool = False
     additive_mask: Optional[Callable[[Dict[str, object], "GridInfo"], bool]] = None
     split_whole: bool = False
+    refused_methods: Dict[str, str] = field(default_factory=dict)
 
     @classmethod
     def refusing(cls, class_name: str, reason: str, min_diffusers: str = "0.0.0", **fields) -> "Preset":

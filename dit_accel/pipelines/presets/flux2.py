@@ -1,8 +1,10 @@
 """FLUX.2 (``Flux2Transformer2DModel``): latents packed (B, N, C), one token per 2x2 latent patch; position
 ids ``(t, h, w, l)``; joint attention [text, image] over a 2-D grid (H, W) read from ``img_ids``.
 
-Reference images (FLUX.2 editing) are appended to the image tokens at other ``t`` offsets, so the call's
-image tokens are no longer one grid: such calls are refused with the reason (dense works)."""
+Reference images (FLUX.2 editing) are appended after the generated image's tokens at other ``t`` offsets:
+the joint sequence is [text, image, references]. The image is the grid (its leading run of one ``t``); the
+reference tokens sit in mid-sequence after it and keep exact (dense) rows and columns, like the text
+(``GridInfo.num_after``). Calls with a reference-image KV cache (``kv_cache_mode``) are refused."""
 
 from __future__ import annotations
 
@@ -16,8 +18,16 @@ def _grid(model, args) -> GridInfo:
         raise ValueError("dit_accel: FLUX.2 calls with a reference-image KV cache (kv_cache_mode) carry reference "
                          "tokens beside the image grid, which dit_accel cannot place; use the dense model")
     x = tensor_arg(args, "hidden_states")  # (B, N, C)
-    h, w = raster_ids(tensor_arg(args, "img_ids"), x.shape[1], "FLUX.2 image")
-    return GridInfo((h, w), text_len(args))
+    ids = tensor_arg(args, "img_ids")
+    ids = ids[0] if ids.dim() == 3 else ids
+    n = x.shape[1]
+    if ids.dim() == 2 and ids.shape[0] == n and n:
+        other = (ids[:, 0] != ids[0, 0]).nonzero()  # the first reference token: another t offset
+        target = int(other[0, 0]) if other.numel() else n
+    else:
+        target = n  # raster_ids says what is wrong with these ids
+    h, w = raster_ids(ids[:target], target, "FLUX.2 image")
+    return GridInfo((h, w), text_len(args) + n - target, num_after=n - target)
 
 
 PRESETS = (
@@ -28,8 +38,8 @@ PRESETS = (
         read_grid=_grid,
         min_diffusers="0.42.1",
         defaults=dict(IMAGE_DEFAULTS),  # dit_accel defaults (as FLUX.1): no published setting for FLUX.2
-        notes="FLUX.2 image model; joint attention [text, image], 2-D grid (H, W) from img_ids; reference "
-              "images (editing) refused",
+        notes="FLUX.2 image model; joint attention [text, image, reference images], 2-D grid (H, W) from "
+              "img_ids; reference-image tokens (editing) exact like text",
         hub_words=((r"flux[._-]?2", None),),
     ),
 )

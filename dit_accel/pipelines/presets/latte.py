@@ -33,5 +33,8 @@ PRESETS = (
         notes="Latte T2V; spatial self-attention transformer_blocks.*.attn1 per frame as a 2-D grid "
               "(temporal attention dense); radial (a temporal rule) does not apply",
         hub_words=((r"latte", None),),
+        refused_methods={"radial": "Radial is a rule over frames, and Latte's sparse calls (its spatial blocks) "
+                                   "each see the (H, W) grid of one frame, never the frames together; use GNA or "
+                                   "Tile (2-D windows per frame)"},
     ),
 )

@@ -3,9 +3,13 @@
 (``encoder_hidden_states_mask``).
 
 Qwen-Image-Edit and Qwen-Image-Layered append more images (further ``img_shapes`` entries) after the
-generated one: those calls are not one grid and are refused with the reason (dense works)."""
+generated one: the sequence is [text, image, more images]. The first image is the grid; the tokens of the
+others sit in mid-sequence after it and keep exact (dense) rows and columns, like the text
+(``GridInfo.num_after``)."""
 
 from __future__ import annotations
+
+import math
 
 from ._common import IMAGE_DEFAULTS, GridInfo, Preset, tensor_arg, text_len
 
@@ -33,11 +37,13 @@ def _grid(model, args) -> GridInfo:
     x = tensor_arg(args, "hidden_states")  # (B, N, C)
     shapes = _shapes(args)
     f, h, w = shapes[0]
-    if len(shapes) != 1 or f != 1 or h * w != x.shape[1]:
-        raise ValueError(f"dit_accel: this Qwen-Image call holds {len(shapes)} image(s) {list(shapes)} in one sequence "
-                         f"of {x.shape[1]} tokens (Qwen-Image-Edit reference images or Layered layers), not one grid; "
-                         "dit_accel cannot place them: use the dense model")
-    return GridInfo((h, w), text_len(args))
+    total = sum(math.prod(s) for s in shapes)
+    if f != 1 or total != x.shape[1]:
+        raise ValueError(f"dit_accel: this {type(model).__name__} call's img_shapes {list(shapes)} ({total} tokens, "
+                         f"first image of {f} frames) do not describe its {x.shape[1]} image tokens; dit_accel cannot "
+                         "place them: use the dense model")
+    after = total - h * w
+    return GridInfo((h, w), text_len(args) + after, num_after=after)
 
 
 def _key(args):
@@ -60,7 +66,7 @@ PRESETS = (
         min_diffusers="0.42.1",
         defaults=dict(IMAGE_DEFAULTS),  # dit_accel defaults: no published setting for Qwen-Image
         notes="Qwen-Image; joint attention [text, image] with padded-text key mask, 2-D grid from img_shapes; "
-              "Edit/Layered multi-image calls refused",
+              "Edit/Layered images after the first exact like text",
         hub_words=((r"qwen-?image", None),),
     ),
 )

@@ -1,0 +1,7 @@
+"""OmniGen (``OmniGenTransformer2DModel``): refused by its preset (see ``pipelines/presets/omnigen.py``), so no tiny model."""
+
+from __future__ import annotations
+
+__all__ = ["TRANSFORMERS"]
+
+TRANSFORMERS = ()
