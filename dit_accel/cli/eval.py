@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 
 from .options import HelpFormatter, plain
 
@@ -102,7 +103,7 @@ def _run(args) -> int:
     from ..models.tiny_shapes import balanced_prompts
 
     def fail(message: str) -> int:
-        print(f"dit-accel eval: {message}")
+        print(f"dit-accel eval: {message}", file=sys.stderr)
         return 2
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -173,7 +174,7 @@ def _run(args) -> int:
                            fid_weights=args.fid_weights, real_dir=args.real, lpips=not args.no_lpips,
                            capture=args.capture)
     except (ModelLoadError, ValueError, OSError) as exc:
-        print(f"dit-accel eval: {exc}")
+        print(f"dit-accel eval: {exc}", file=sys.stderr)
         return 2
     with open(os.path.join(args.out, "report.md"), encoding="utf-8") as fh:
         print(fh.read().split("\n## Settings")[0])

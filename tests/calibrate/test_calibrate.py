@@ -120,7 +120,7 @@ def test_calibrate_needs_a_budget(tmp_path, capsys):
     prompts.write_text("a red circle moving right\n")
     assert main(["calibrate", "--model", "tiny-shapes", "--prompts", str(prompts), "--out",
                  str(tmp_path / "p.json"), "--no-progress"]) == 2
-    assert "budget" in capsys.readouterr().out
+    assert "budget" in capsys.readouterr().err
 
 
 def _random_space(layers, buckets, seed):
