@@ -112,19 +112,20 @@ def check_args(args) -> dict:
             raise _UsageError(f"--{name.replace('_', '-')} must be >= {least}; got {value}")
     if not (math.isfinite(args.max_sample_mb) and args.max_sample_mb > 0):
         raise _UsageError(f"--max-sample-mb must be a finite number of MiB > 0; got {args.max_sample_mb}")
-    if not args.seeds:
+    if args.seeds is not None and not args.seeds:
         raise _UsageError("--seeds needs at least one seed, e.g. --seeds 0,1")
-    bad = [s for s in args.seeds if not 0 <= s < 2**63]
+    seeds = args.seeds or [0]
+    bad = [s for s in seeds if not 0 <= s < 2**63]
     if bad:
         raise _UsageError(f"--seeds must be integers in [0, 2**63); got {bad[0]}")
-    if len(set(args.seeds)) != len(args.seeds):
+    if len(set(seeds)) != len(seeds):
         raise _UsageError(f"--seeds repeats a seed ({args.seeds}): each seed once")
     for name in ("warmup_candidates", "cooldown_candidates"):
         values = getattr(args, name)
         flag = f"--{name.replace('_', '-')}"
         if any(v < 0 for v in values):
             raise _UsageError(f"{flag} must be step counts >= 0; got {','.join(map(str, values))}")
-    validate = getattr(args, "validate", None)
+    validate = args.validate
     if validate is not None and validate < 0:
         raise _UsageError(f"--validate must be >= 0 (0: no validation set); got {validate}")
     # methods and the cost model
@@ -179,7 +180,7 @@ def check_args(args) -> dict:
     if args.groundtruth == "require" and args.model != "tiny-shapes":
         raise _UsageError(f"--groundtruth require: {args.model!r} has no ground-truth checker (only tiny-shapes "
                           "has); use --groundtruth report")
-    return {"prompts": prompts, "device": device, "dtype": dtype}
+    return {"prompts": prompts, "device": device, "dtype": dtype, "seeds": seeds}
 
 
 def register(subparsers) -> argparse.ArgumentParser:
@@ -197,7 +198,12 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--max-layer-error", type=float, metavar="E",
                    help="budget: relative L2 error of every layer's attention output against dense")
     add_quality_options(p)
-    p.add_argument("--seeds", type=_int_list, default=[0], help="comma-separated seeds (default 0)")
+    p.add_argument("--seeds", type=_int_list, default=None,
+                   help="comma-separated seeds (default 0, and more when the search set has fewer than 8 videos)")
+    p.add_argument("--validate", type=int, default=None, metavar="N",
+                   help="prompts held out of the search to validate the chosen plan on (default: a third, at least "
+                        "2; with fewer prompts, every prompt on new seeds; 0: none). The plan is written only if it "
+                        "meets the budget there too, else the next denser plan that does")
     p.add_argument("--frames", type=int)
     p.add_argument("--height", type=int)
     p.add_argument("--width", type=int)
@@ -266,7 +272,8 @@ def _run(args) -> int:
 
         _one_thread_for_tiny(device)
     settings = CalibrationSettings(
-        model=args.model, prompts=prompts, seeds=args.seeds, min_psnr=args.min_psnr,
+        model=args.model, prompts=prompts, seeds=checked["seeds"], validate=args.validate,
+        extend_seeds=args.seeds is None, min_psnr=args.min_psnr,
         max_layer_error=args.max_layer_error, frames=args.frames, height=args.height, width=args.width,
         steps=args.steps, guidance_scale=args.guidance_scale, max_sequence_length=args.max_sequence_length,
         device=device, dtype=dtype, phases=args.phases, warmup=tuple(args.warmup_candidates),
@@ -283,6 +290,9 @@ def _run(args) -> int:
         return fail(str(exc))
     final = result["final"]
     psnr = "-" if final["psnr"] is None else f"{final['psnr']:.2f} dB (worst video {final['psnr_worst']:.2f})"
+    val = (result.get("validation") or {}).get("final")
+    if val is not None:
+        psnr += f"; on the validation videos {val['psnr']:.2f} dB (worst {val['psnr_worst']:.2f})"
     print(f"plan: {args.out} ({result['plan_summary']['phases']} phases, dense warm-up {final['warmup_steps']} "
           f"steps); PSNR vs dense {psnr}; modelled attention {final['modelled_ms']:.3f} ms/sample vs dense "
           f"{result['dense']['modelled_ms']:.3f}; {result['seconds']['total']:.0f} s")

@@ -76,6 +76,7 @@ CASES = [
     ("report-dir-unwritable", ["--report-dir", "{locked}/report"], "--report-dir"),
     ("report-dir-is-a-file", ["--report-dir", "{a_file}"], "--report-dir"),
     ("capture-unwritable", ["--capture", "{locked}/qkv"], "--capture"),
+    ("validate-negative", ["--validate", "-1"], "--validate"),
     ("out-on-a-read-only-filesystem", ["--out", "/proc/dit_accel_plan.json"], "--out"),
     ("report-dir-on-a-read-only-filesystem", ["--report-dir", "/proc/dit_accel_report"], "--report-dir"),
 ]
