@@ -295,6 +295,8 @@ def _run(args) -> int:
         psnr += f"; on the validation videos {val['psnr']:.2f} dB (worst {val['psnr_worst']:.2f})"
     print(f"plan: {args.out} ({result['plan_summary']['phases']} phases, dense warm-up {final['warmup_steps']} "
           f"steps); PSNR vs dense {psnr}; modelled attention {final['modelled_ms']:.3f} ms/sample vs dense "
-          f"{result['dense']['modelled_ms']:.3f}; {result['seconds']['total']:.0f} s")
+          f"{result['dense']['modelled_ms']:.3f}; {result['seconds']['total']:.0f} s" +
+          (f" ({result['cost_vs_dense']['ratio']:.1f}x one dense generation of the same videos)"
+           if result.get("cost_vs_dense") else ""))
     print(f"wrote {args.out}, {os.path.join(result['report_dir'], 'report.md')}, heatmap.png, calibration.json")
     return 0
