@@ -556,7 +556,10 @@ def calibrate(settings: CalibrationSettings, out, *, report_dir=None, progress: 
        budget (:class:`~.search.SearchSpace`; ``min_psnr`` by bisection on verified runs);
     4. verifies the plan end to end against dense with the same seeds (PSNR/SSIM, ground truth on
        tiny-shapes, measured and modelled attention time);
-    5. writes the plan, ``report.md``, ``heatmap.png`` and ``calibration.json`` (atomically).
+    5. validates it on the held-out videos of :func:`split_jobs` (:func:`_validate`: the next denser plan
+       that passed the search when it misses the budget there);
+    6. writes the plan, ``report.md``, ``heatmap.png`` and ``calibration.json`` as one unit
+       (:func:`write_outputs`), after finishing or sweeping what a killed run left (:func:`recover_outputs`).
 
     Returns the result dict that ``calibration.json`` holds.
     """

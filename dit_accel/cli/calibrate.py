@@ -4,7 +4,9 @@ Runs the dense model once on the prompts, keeps a bounded sample of q/k/v per (l
 in memory, scores every method over a small parameter grid (Tile windows, GNA kernels, Radial decays,
 SLA top-k, dense) per layer and head against the dense attention output, and searches the plan of
 least modelled GPU attention time (dit_accel.kernels.cost) under the budget, dense warm-up steps
-included. It then verifies the plan end to end against dense with the same seeds.
+included. It then verifies the plan end to end against dense with the same seeds, and validates it on
+prompts held out of the search (--validate): a plan that misses the budget there gives way to the next
+denser one. Every argument and file is checked before the model loads.
 
 Example::
 
@@ -12,7 +14,8 @@ Example::
     dit-accel generate --model tiny-shapes --plan plan.json
 
 Writes the plan (--out), and in --report-dir (default: beside the plan, PLAN_report/) report.md,
-heatmap.png (method and density per layer x head, per step phase) and calibration.json.
+heatmap.png (method and density per layer x head, per step phase) and calibration.json, as one unit (a killed run
+leaves the previous set or the new one; the next run finishes or sweeps what it left).
 """
 
 from __future__ import annotations
