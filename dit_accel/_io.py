@@ -10,6 +10,12 @@ new complete one, never a mix that loads without an error:
   (:func:`atomic_folder`, checkpoints), or its files are replaced one by one and a manifest of their
   sha256 (:func:`file_hashes`) is written *last*; the loader checks every file against it
   (:func:`check_hashes`), so a folder whose writer was killed half-way is refused, naming the file.
+- **A set of files in several places** (a plan and its report folder): every file is written complete under a
+  temporary name beside its final one, then a journal naming each (temporary, final) pair is written
+  atomically: the commit point. The renames follow and the journal is removed (:func:`commit_files`). A
+  writer killed before the journal leaves the previous set and temporaries; killed after it, the next
+  writer (or any reader) finishes the renames first (:func:`finish_commit`), then sweeps the temporaries of
+  dead writers (:func:`remove_stale_temps`).
 - **A bad file is one line**: :class:`BadFileError` (a ``ValueError``) names the file, what is wrong
   and what was expected. The readers here (:func:`read_json`, :func:`read_text`,
   :func:`load_safetensors`) raise it for truncated, empty, binary and wrongly structured files.
@@ -34,7 +40,7 @@ from typing import Callable, Dict, Iterable, Iterator, Optional, Union
 
 __all__ = ["BadFileError", "atomic_write", "atomic_write_text", "atomic_write_json", "atomic_folder", "file_hashes",
            "check_hashes", "sha256_file", "folder_digest", "read_json", "read_text", "load_safetensors", "temp_name", "is_temp_name",
-           "remove_stale_temps", "crash_point", "cache_root", "ENV_KILL_AT"]
+           "remove_stale_temps", "commit_files", "finish_commit", "commit_journal", "recover", "crash_point", "cache_root", "ENV_KILL_AT"]
 
 PathLike = Union[str, os.PathLike]
 ENV_KILL_AT = "DIT_ACCEL_TEST_KILL_AT"
@@ -172,6 +178,78 @@ def remove_stale_temps(folder: PathLike) -> None:
         if host != _HOST or not pid.isdigit() or _alive(int(pid)):
             continue
         shutil.rmtree(p, ignore_errors=True) if p.is_dir() and not p.is_symlink() else p.unlink(missing_ok=True)
+
+
+def commit_journal(anchor: PathLike) -> Path:
+    """The journal of a file set anchored at ``anchor`` (its main file, or its folder): a hidden sibling."""
+    anchor = Path(anchor)
+    return anchor.with_name(f".{anchor.name}.dit_accel-commit.json")
+
+
+Content = Union[str, bytes, Callable[[Path], object]]
+
+
+def commit_files(files: Dict[PathLike, Content], journal: PathLike) -> None:
+    """Write ``files`` (final path -> text, bytes, or ``write(tmp)``) as one unit: a reader after any kill, once
+    :func:`finish_commit` has run, sees the previous files or the new ones, never a mix.
+
+    1. each file is written complete under :func:`temp_name` beside its final path (the previous one stays);
+    2. ``journal`` lists the (temporary, final) pairs, written atomically: the commit point;
+    3. every temporary is renamed over its final path, then the journal is removed.
+
+    On an error before the commit point the temporaries are removed and nothing changed.
+    """
+    journal = Path(journal)
+    finish_commit(journal)  # a previous writer's committed set goes in first, never over ours
+    staged = []
+    try:
+        for final, content in files.items():
+            final = Path(final)
+            final.parent.mkdir(parents=True, exist_ok=True)
+            tmp = temp_name(final)
+            staged.append((tmp, final))
+            if callable(content):
+                content(tmp)
+            else:
+                tmp.write_bytes(content.encode("utf-8") if isinstance(content, str) else bytes(content))
+            _fsync(tmp)
+            crash_point()
+        atomic_write_json(journal, {"commit": [[str(t), str(f)] for t, f in staged]})
+    except BaseException:
+        for tmp, _ in staged:
+            with contextlib.suppress(OSError):
+                shutil.rmtree(tmp) if tmp.is_dir() else tmp.unlink()
+        raise
+    finish_commit(journal)
+
+
+def finish_commit(journal: PathLike) -> bool:
+    """Complete the renames of a committed :func:`commit_files` (its writer was killed after the journal) and
+    remove the journal; True when there was one. A journal that is not one of ours is left alone (BadFileError)."""
+    journal = Path(journal)
+    if not journal.exists():
+        return False
+    record = read_json(journal, expected="a commit journal of dit_accel ({\"commit\": [[temporary, final], ...]})")
+    pairs = record.get("commit")
+    if not isinstance(pairs, list) or not all(isinstance(p, list) and len(p) == 2 and all(isinstance(x, str) for x in p)
+                                              for p in pairs):
+        raise BadFileError(journal, "has no list of [temporary, final] pairs under 'commit'",
+                           "a commit journal of dit_accel; remove it if no dit_accel writer made it")
+    for tmp, final in pairs:
+        if os.path.lexists(tmp):
+            os.replace(tmp, final)
+            crash_point()
+    journal.unlink()
+    crash_point()
+    return True
+
+
+def recover(journal: PathLike, folders: Iterable[PathLike]) -> None:
+    """What a writer does first: finish a committed set of a killed predecessor, then sweep the temporaries that
+    dead writers left in ``folders``."""
+    finish_commit(journal)
+    for folder in folders:
+        remove_stale_temps(folder)
 
 
 def _alive(pid: int) -> bool:

@@ -131,7 +131,7 @@ def test_eval_rejects_bad_flags_with_one_line(argv, expected, tmp_path, capsys):
     from dit_accel.cli.main import main
 
     assert main(["eval", "--model", "tiny-wan", "--methods", "dense", "--out", str(tmp_path / "o"), *argv]) == 2
-    assert expected in capsys.readouterr().out
+    assert expected in capsys.readouterr().err
 
 
 def test_eval_tiny_model_uses_smoke_run_sizes_and_grid_sized_methods(tmp_path, monkeypatch):

@@ -8,7 +8,7 @@ from typing import Dict, Sequence
 from ..eval.report import markdown_table
 from ..sparse_plan import write_atomic
 
-__all__ = ["write_report", "plot_heatmap"]
+__all__ = ["write_report", "plot_heatmap", "render_report", "heatmap_png"]
 
 
 def _weights(values) -> str:
@@ -29,6 +29,47 @@ def _fmt(value, digits: int = 2) -> str:
 
 def write_report(result: dict, path) -> Path:
     """``report.md`` of a calibration ``result`` (see :func:`dit_accel.calibrate.calibrate`), atomically."""
+    return write_atomic(path, render_report(result))
+
+
+def _validation_lines(result: dict) -> list:
+    """Search and validation figures side by side, the plans validated in order, and the time against dense."""
+    val = result.get("validation")
+    lines = []
+    if val:
+        final, v = result["final"], val.get("final")
+        gt_search = (result.get("groundtruth") or {}).get("plan")
+        rows = [["search (the plan was chosen here)", str(result.get("search_videos", "-")), _fmt(final["psnr"]),
+                 _fmt(final.get("psnr_worst")), _fmt(final["ssim"], 4), _gt_cell(gt_search)],
+                ["validation (never searched on)", str(val["videos"]), _fmt(v["psnr"]) if v else "exact",
+                 _fmt(v["psnr_worst"]) if v else "exact", _fmt(v["ssim"], 4) if v else "1.0000",
+                 _gt_cell(v.get("groundtruth")) if v else "-"]]
+        lines += ["## Search and validation", "",
+                  f"Validation: prompts {', '.join(repr(p) for p in val['prompts'])} x seeds "
+                  f"{', '.join(map(str, val['seeds']))}. A plan is written only if it meets the budget on the worst "
+                  "validation video (tiny-shapes: and ground truth within one video of dense's per check).", "",
+                  markdown_table(["set", "videos", "PSNR vs dense (dB, mean)", "worst video (dB)", "SSIM",
+                                  "GT shape / motion / consistency"], rows), ""]
+        lines += ["Plans validated, cheapest first:", "",
+                  markdown_table(["modelled ms/sample", "search worst (dB)", "validation mean (dB)",
+                                  "validation worst (dB)", "GT shape / motion / consistency", "passes"],
+                                 [[_fmt(t["modelled_ms"], 4), _fmt(t["search"]["psnr_worst"]), _fmt(t["psnr"]),
+                                   _fmt(t["psnr_worst"]), _gt_cell(t.get("groundtruth")),
+                                   "yes" if t["passes"] else "no"] for t in val["tried"]]), ""]
+        if val["fell_back"]:
+            lines += ["The cheapest plan that passed on the search videos failed on the validation videos; the "
+                      "written plan is the next denser one that passed both" +
+                      (" (none did: the dense plan)." if v is None else "."), ""]
+    cost = result.get("cost_vs_dense")
+    if cost:
+        lines += [f"Calibration time: {result['seconds']['total']:.0f} s, {cost['ratio']:.1f}x one dense generation of "
+                  f"the same {cost['videos']} videos ({cost['dense_generation_s']:.0f} s, measured in the validation "
+                  "stage).", ""]
+    return lines
+
+
+def render_report(result: dict) -> str:
+    """The text of ``report.md`` of a calibration ``result``."""
     s = result["settings"]
     final = result["final"]
     lines = [f"# Calibration of {s['model']}", "",
@@ -51,6 +92,7 @@ def write_report(result: dict, path) -> Path:
                               f"measured attention (ms, {s['device']})", priced,
                               "priced speedup" if measured else "modelled speedup", "SSIM",
                               "max layer error (rel. L2)"], rows), ""]
+    lines += _validation_lines(result)
     gt = result.get("groundtruth")
     if gt:
         keys = [k for k in ("colour", "shape", "motion", "consistency") if k in gt["dense"]]
@@ -84,7 +126,10 @@ def write_report(result: dict, path) -> Path:
               f"- prompts sha256: {result['prompts_sha256']}", ""]
     lines += ["Modelled times are predictions of the kernels' cost model (`dit_accel.kernels.cost`), not "
               "measurements; measured times are this machine's, wall clock of the attention calls.", ""]
-    return write_atomic(path, "\n".join(lines))
+    if result.get("plan_sha256"):
+        lines += [f"Written with the plan of content sha256 `{result['plan_sha256']}` (as one unit with "
+                  "heatmap.png and calibration.json).", ""]
+    return "\n".join(lines)
 
 
 _COLOURS = {"dense": "#d9d9d9", "dense*": "#bdbdbd", "tile": "#4c72b0", "gna": "#55a868", "radial": "#c44e52",
@@ -93,6 +138,11 @@ _COLOURS = {"dense": "#d9d9d9", "dense*": "#bdbdbd", "tile": "#4c72b0", "gna": "
 
 def plot_heatmap(phase_tables: Sequence[dict], densities: Dict[str, float], path) -> Path:
     """One panel per step phase: layers x heads coloured by method, labelled with the visited density."""
+    return write_atomic(path, heatmap_png(phase_tables, densities))
+
+
+def heatmap_png(phase_tables: Sequence[dict], densities: Dict[str, float], plan_sha256: str = "") -> bytes:
+    """The PNG bytes of :func:`plot_heatmap` (``plan_sha256`` in its metadata)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -125,8 +175,8 @@ def plot_heatmap(phase_tables: Sequence[dict], densities: Dict[str, float], path
 
     buffer = io.BytesIO()
     try:
-        fig.savefig(buffer, format="png", dpi=110)
+        fig.savefig(buffer, format="png", dpi=110,
+                    metadata={"Description": f"plan sha256 {plan_sha256}"} if plan_sha256 else None)
     finally:
         plt.close(fig)
-    path = write_atomic(path, buffer.getvalue())
-    return path
+    return buffer.getvalue()

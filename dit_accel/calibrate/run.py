@@ -13,17 +13,17 @@ import numpy as np
 import torch
 
 from ..methods import Dense
-from ..sparse_plan import Phase, SparsePlan, prompts_hash, write_atomic
+from ..sparse_plan import Phase, SparsePlan, prompts_hash
 from .candidates import METHODS, candidate_grid
 from .costs import COST_SOURCES, CostModel, MeasuredCostModel
-from .report import plot_heatmap, write_report
+from .report import heatmap_png, render_report
 from .sampling import QKVSampler, step_buckets
 from .scoring import score_candidates
 from .search import Assignment, LayerChoice, SearchSpace
 
 __all__ = ["CalibrationSettings", "calibrate", "generate_videos", "search_budget", "passes_budget", "BUDGET_RULES",
            "GROUNDTRUTH_RULES", "groundtruth_kept", "probe_step_weights", "probe_layer_weights",
-           "SENSITIVITY",
+           "SENSITIVITY", "split_jobs", "groundtruth_close",
            "add_quality_options"]
 
 #: How ``min_psnr`` is checked on the calibration videos: every video (``worst``, the default) or their mean.
@@ -92,6 +92,8 @@ class CalibrationSettings:
     groundtruth: str = "report"
     sensitivity: str = "probe"
     layer_groups: int = 4
+    validate: Optional[int] = None
+    extend_seeds: bool = True
 
     def gates_groundtruth(self) -> bool:
         """Whether a verified plan must keep the calibration videos' ground truth (``groundtruth``)."""
@@ -120,6 +122,8 @@ class CalibrationSettings:
                              f"{', '.join(GROUNDTRUTH_MODELS)} has); use --groundtruth report")
         if self.layer_groups < 0:
             raise ValueError(f"--layer-groups must be >= 0 (0: no layer probes); got {self.layer_groups}")
+        if self.validate is not None and self.validate < 0:
+            raise ValueError(f"--validate must be >= 0 (0: no validation set); got {self.validate}")
         if self.search_iters < 0 or self.phases < 1 or self.samples_per_bucket < 1 or self.batch_size < 1:
             raise ValueError("--search-iters >= 0, --phases >= 1, --samples-per-bucket >= 1 and --batch-size >= 1")
 
@@ -226,6 +230,60 @@ def passes_budget(psnr_videos: Sequence[float], min_psnr: Optional[float], rule:
         return True
     value = min(psnr_videos) if rule == "worst" else float(np.mean(psnr_videos))
     return value >= min_psnr
+
+
+def split_jobs(prompts: Sequence[str], seeds: Sequence[int], validate: Optional[int] = None,
+               extend_seeds: bool = True) -> Tuple[List[Tuple[str, int]], List[Tuple[str, int]], List[str]]:
+    """``(search jobs, validation jobs, notes)``: the (prompt, seed) videos the search runs on, and those the
+    chosen plan is verified on before it is written, which share no prompt with the search set.
+
+    ``validate``: validation prompts (None: a third of the prompts, at least 2; 0: no validation set). They are
+    spread evenly over the list, so a list ordered by colour or shape gives both sets some of each. With
+    too few prompts to spare them (fewer than ``validate + 1``) the validation set is every prompt on new seeds.
+    ``extend_seeds``: when the search set has fewer than :data:`MIN_VIDEOS` videos, seeds are added (up to 4
+    per prompt; the validation prompts get the same seeds), since a plan searched on a few videos overfits them.
+    """
+    prompts, seeds, notes = list(prompts), list(seeds), []
+    n = len(prompts)
+    if validate == 0:
+        notes.append("--validate 0: no validation set; the plan is checked on the prompts it was searched on only")
+        return [(p, s) for s in seeds for p in prompts], [], notes
+    if validate is None:
+        validate = max(2, round(n / 3))
+    if validate < n:
+        held = sorted({min(n - 1, int((i + 0.5) * n / validate)) for i in range(validate)})
+        search_prompts = [p for i, p in enumerate(prompts) if i not in held]
+        val_prompts = [prompts[i] for i in held]
+        if extend_seeds and len(search_prompts) * len(seeds) < MIN_VIDEOS:
+            want = min(4, math.ceil(MIN_VIDEOS / len(search_prompts)))
+            added = [max(seeds) + 1 + i for i in range(max(0, want - len(seeds)))]
+            if added:
+                notes.append(f"{len(search_prompts)} search prompt(s) x {len(seeds)} seed(s) are few: added seeds "
+                             f"{','.join(map(str, added))} (each prompt {len(seeds) + len(added)} times)")
+                seeds = seeds + added
+        notes.append(f"validation set: {len(val_prompts)} of {n} prompts held out of the search "
+                     f"(--validate {validate}), x {len(seeds)} seed(s)")
+        return ([(p, s) for s in seeds for p in search_prompts], [(p, s) for s in seeds for p in val_prompts],
+                notes)
+    search = [(p, s) for s in seeds for p in prompts]
+    if extend_seeds and len(search) < MIN_VIDEOS:
+        added = [max(seeds) + 1 + i for i in range(min(4, math.ceil(MIN_VIDEOS / n)) - len(seeds))]
+        if added:
+            notes.append(f"{n} prompt(s) x {len(seeds)} seed(s) are few: added seeds {','.join(map(str, added))}")
+            seeds = seeds + added
+            search = [(p, s) for s in seeds for p in prompts]
+    val_seeds = [max(seeds) + 1 + i for i in range(max(1, math.ceil(validate / n)))]
+    notes.append(f"{n} prompt(s) cannot spare {validate} for validation: the validation set is every prompt on new "
+                 f"seeds {','.join(map(str, val_seeds))}")
+    return search, [(p, s) for s in val_seeds for p in prompts], notes
+
+
+def groundtruth_close(plan: dict, dense: dict) -> bool:
+    """Whether a plan's ground-truth scores on the validation videos stay within one video of dense's on every
+    check (colour, shape, motion, consistency): on a few videos a single flip is noise (BENCHMARKS.md
+    section 11: the shape check flips on a video or two even above 30 dB), two are not."""
+    n = max(int(plan.get("n", 0) or dense.get("n", 0) or 1), 1)
+    return all(plan[k] >= dense[k] - 1.0 / n - 1e-9 for k in _GROUNDTRUTH_CHECKS)
 
 
 def groundtruth_kept(plan: dict, dense: dict) -> bool:
@@ -353,6 +411,74 @@ def probe_layer_weights(space: SearchSpace, run: Callable[[SparsePlan], float], 
     return [factors[g] for g in range(groups) for _ in range(bounds[g], bounds[g + 1])]
 
 
+def _validate(pipe, settings: CalibrationSettings, space: SearchSpace, verify, best: dict, trace: List[dict],
+              val_jobs, call_kwargs: dict, bar, log) -> Tuple[dict, dict]:
+    """The plan to write and the validation record: ``best`` if it meets the budget on the validation videos
+    (``min_psnr`` on the worst one; on tiny-shapes ground truth within one video of dense's per check), else the
+    next denser plan that passed the search, validated in order of cost, else the dense plan (exact)."""
+    import dit_accel
+
+    chunks = math.ceil(len(val_jobs) / settings.batch_size)
+    bar.stage("validation: dense", chunks * settings.steps)
+    t = time.perf_counter()
+    with dit_accel.apply(pipe, Dense(), backend=settings.backend):
+        dense_videos = generate_videos(pipe, val_jobs, call_kwargs, settings.batch_size, bar.update)
+    dense_per_video = (time.perf_counter() - t) / len(val_jobs)
+    dense_gt = None
+    if settings.model in GROUNDTRUTH_MODELS:
+        from ..eval.groundtruth import score_many
+
+        dense_gt = score_many(dense_videos, [p for p, _ in val_jobs])
+    tried = []
+
+    def check(record: dict) -> dict:
+        bar.stage(f"validating plan {len(tried) + 1}", chunks * settings.steps)
+        with dit_accel.apply(pipe, record["assignment"].to_plan({}), backend=settings.backend):
+            videos = generate_videos(pipe, val_jobs, call_kwargs, settings.batch_size, bar.update)
+        psnr, ssim, per_video = _psnr_ssim(videos, dense_videos, per_video=True)
+        out = {"lam": record["lam"], "modelled_ms": record["modelled_ms"], "psnr": psnr, "psnr_worst": min(per_video),
+               "psnr_videos": per_video, "ssim": ssim,
+               "search": {"psnr": record["psnr"], "psnr_worst": record["psnr_worst"]}}
+        ok = passes_budget(per_video, settings.min_psnr, "worst")
+        if dense_gt is not None:
+            out["groundtruth"] = score_many(videos, [p for p, _ in val_jobs])
+            out["groundtruth_ok"] = groundtruth_close(out["groundtruth"], dense_gt)
+            ok = ok and out["groundtruth_ok"]
+        out["passes"] = ok
+        tried.append(out)
+        return out
+
+    exact = math.isinf(best["lam"])
+    chosen = best
+    if not exact and not check(best)["passes"]:
+        denser = sorted((r for r in trace if r.get("passes") and r["modelled_ms"] > best["modelled_ms"]
+                         and not math.isinf(r["lam"])), key=lambda r: r["modelled_ms"])
+        seen = {best["assignment"].key()}
+        chosen = None
+        for record in denser:
+            if record["assignment"].key() in seen:
+                continue
+            seen.add(record["assignment"].key())
+            if check(record)["passes"]:
+                chosen = record
+                break
+        if chosen is None:
+            chosen = verify(space.assign(math.inf), math.inf)
+            chosen["passes"] = True
+        log(f"note: the cheapest plan that passed on the search videos failed on the validation videos "
+            f"(worst {tried[0]['psnr_worst']:.2f} dB" + ("" if dense_gt is None else
+                                                        f", ground truth kept: {tried[0]['groundtruth_ok']}") +
+            f"); falling back to the next denser plan: "
+            + ("the dense plan (exact)" if math.isinf(chosen["lam"]) else
+               f"{chosen['modelled_ms']:.4f} ms/sample modelled, worst validation video {tried[-1]['psnr_worst']:.2f} dB"))
+    record = {"videos": len(val_jobs), "prompts": sorted({p for p, _ in val_jobs}), "seeds": sorted({s for _, s in val_jobs}),
+              "dense_groundtruth": dense_gt, "tried": tried, "fell_back": chosen is not best,
+              "dense_seconds_per_video": dense_per_video,
+              "final": None if math.isinf(chosen["lam"]) else next(r for r in tried if r["lam"] == chosen["lam"]
+                                                                  and r["modelled_ms"] == chosen["modelled_ms"])}
+    return chosen, record
+
+
 def _attention_ms(handle) -> Optional[float]:
     times = [r["time_ms"] for r in handle.stats() if r.get("time_ms") is not None]
     return float(sum(times)) if times else None
@@ -390,6 +516,34 @@ def search_space(candidates, errors, grid, head_dim: int, layers: int, buckets, 
     return build("tiles"), note
 
 
+OUTPUT_FILES = ("report.md", "heatmap.png", "calibration.json")
+
+
+def write_outputs(out, report_dir, plan: SparsePlan, result: dict, densities: Dict[str, float]) -> None:
+    """The plan and its report folder (:data:`OUTPUT_FILES`) as one unit (:func:`dit_accel._io.commit_files`):
+    after a kill at any point, and the next run's :func:`recover_outputs`, the previous complete set or the new
+    one. Every file names the plan's content hash (report.md, calibration.json, heatmap.png's metadata)."""
+    from .._io import commit_files, commit_journal
+    from .._util import to_jsonable
+
+    out, report_dir = Path(out), Path(report_dir)
+    plan_text = json.dumps(plan.to_json(), indent=1) + "\n"
+    result["plan_sha256"] = plan.content_hash()
+    files = {out: plan_text,
+             report_dir / "report.md": render_report(result),
+             report_dir / "heatmap.png": heatmap_png(result["phase_tables"], densities, result["plan_sha256"]),
+             report_dir / "calibration.json": json.dumps(to_jsonable(result), indent=1) + "\n"}
+    commit_files(files, commit_journal(out))
+
+
+def recover_outputs(out, report_dir) -> None:
+    """Finish a killed run's committed outputs, then sweep the temporaries dead runs left beside them."""
+    from .._io import commit_journal, recover
+
+    out, report_dir = Path(out), Path(report_dir)
+    recover(commit_journal(out), [out.parent, report_dir])
+
+
 def calibrate(settings: CalibrationSettings, out, *, report_dir=None, progress: bool = True,
               log: Callable[[str], None] = print) -> dict:
     """Calibrate a :class:`~dit_accel.SparsePlan` for ``settings.model`` and write it to ``out``.
@@ -402,7 +556,10 @@ def calibrate(settings: CalibrationSettings, out, *, report_dir=None, progress: 
        budget (:class:`~.search.SearchSpace`; ``min_psnr`` by bisection on verified runs);
     4. verifies the plan end to end against dense with the same seeds (PSNR/SSIM, ground truth on
        tiny-shapes, measured and modelled attention time);
-    5. writes the plan, ``report.md``, ``heatmap.png`` and ``calibration.json`` (atomically).
+    5. validates it on the held-out videos of :func:`split_jobs` (:func:`_validate`: the next denser plan
+       that passed the search when it misses the budget there);
+    6. writes the plan, ``report.md``, ``heatmap.png`` and ``calibration.json`` as one unit
+       (:func:`write_outputs`), after finishing or sweeping what a killed run left (:func:`recover_outputs`).
 
     Returns the result dict that ``calibration.json`` holds.
     """
@@ -413,6 +570,7 @@ def calibrate(settings: CalibrationSettings, out, *, report_dir=None, progress: 
     settings.check()
     out = Path(out)
     report_dir = Path(report_dir) if report_dir is not None else out.with_name(out.stem + "_report")
+    recover_outputs(out, report_dir)
     seconds: Dict[str, float] = {}
     t0 = time.perf_counter()
     if settings.model == "tiny-shapes":
@@ -430,7 +588,10 @@ def calibrate(settings: CalibrationSettings, out, *, report_dir=None, progress: 
     pipe = load_pipeline(settings.model, device=settings.device, dtype=dtype)
     pipe.set_progress_bar_config(disable=True)
     call_kwargs = settings.call_kwargs()
-    jobs = [(p, s) for s in settings.seeds for p in settings.prompts]
+    jobs, val_jobs, split_notes = split_jobs(settings.prompts, settings.seeds, settings.validate,
+                                             settings.extend_seeds)
+    for note in split_notes:
+        log(f"note: {note}")
     if len(jobs) < MIN_VIDEOS:
         log(f"note: {len(jobs)} calibration video(s) (prompts x seeds); with fewer than {MIN_VIDEOS} the cheapest plan "
             "that passes on them tends to fail on new prompts (on tiny-shapes, 4 videos gave a plan 2.9 dB below the "
@@ -526,6 +687,12 @@ def calibrate(settings: CalibrationSettings, out, *, report_dir=None, progress: 
                                     max_layer_error=settings.max_layer_error, rule=settings.budget_on,
                                     iters=settings.search_iters)
         seconds["search and verification"] = time.perf_counter() - t
+        # 3b. validation: the chosen plan on videos the search never saw; else the next denser passing plan
+        validation = None
+        if val_jobs:
+            t = time.perf_counter()
+            best, validation = _validate(pipe, settings, space, verify, best, trace, val_jobs, call_kwargs, bar, log)
+            seconds["validation"] = time.perf_counter() - t
         assignment: Assignment = best["assignment"]
         # 4. ground truth, provenance, outputs
         groundtruth = None
@@ -548,7 +715,6 @@ def calibrate(settings: CalibrationSettings, out, *, report_dir=None, progress: 
             objective=objective, steps=settings.steps, timesteps=timesteps, call=call_kwargs,
             candidates=[c.label for c in candidates], cost_model=costs.describe())
         plan = assignment.to_plan(provenance)
-        plan.save(out)
         table = assignment.table()
         phase_tables = [{"steps": list(b), "labels": [table[(l, i)] for l in range(layers)]}
                         for i, b in enumerate(buckets)]
@@ -574,17 +740,18 @@ def calibrate(settings: CalibrationSettings, out, *, report_dir=None, progress: 
             "trace": [{"lam": r["lam"], "modelled_ms": r["modelled_ms"], "psnr": r["psnr"],
                        "psnr_worst": r["psnr_worst"], "groundtruth": r.get("groundtruth"), "passes": r["passes"]}
                       for r in trace],
-            "phase_tables": phase_tables, "groundtruth": groundtruth,
+            "phase_tables": phase_tables, "groundtruth": groundtruth, "validation": validation,
+            "search_videos": len(jobs),
             "prompts_sha256": prompts_hash(settings.prompts),
         }
         seconds["total"] = time.perf_counter() - t0
         result["seconds"] = seconds
-        report_dir.mkdir(parents=True, exist_ok=True)
-        plot_heatmap(phase_tables, densities, report_dir / "heatmap.png")
-        write_report(result, report_dir / "report.md")
-        from .._util import to_jsonable
-
-        write_atomic(report_dir / "calibration.json", json.dumps(to_jsonable(result), indent=1) + "\n")
+        dense_per_video = (validation or {}).get("dense_seconds_per_video")
+        if dense_per_video:
+            videos = len(jobs) + len(val_jobs)
+            result["cost_vs_dense"] = {"dense_generation_s": dense_per_video * videos, "videos": videos,
+                                       "ratio": seconds["total"] / (dense_per_video * videos)}
+        write_outputs(out, report_dir, plan, result, densities)
         result["report_dir"] = str(report_dir)
         return result
     finally:

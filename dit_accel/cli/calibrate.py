@@ -4,7 +4,9 @@ Runs the dense model once on the prompts, keeps a bounded sample of q/k/v per (l
 in memory, scores every method over a small parameter grid (Tile windows, GNA kernels, Radial decays,
 SLA top-k, dense) per layer and head against the dense attention output, and searches the plan of
 least modelled GPU attention time (dit_accel.kernels.cost) under the budget, dense warm-up steps
-included. It then verifies the plan end to end against dense with the same seeds.
+included. It then verifies the plan end to end against dense with the same seeds, and validates it on
+prompts held out of the search (--validate): a plan that misses the budget there gives way to the next
+denser one. Every argument and file is checked before the model loads.
 
 Example::
 
@@ -12,17 +14,22 @@ Example::
     dit-accel generate --model tiny-shapes --plan plan.json
 
 Writes the plan (--out), and in --report-dir (default: beside the plan, PLAN_report/) report.md,
-heatmap.png (method and density per layer x head, per step phase) and calibration.json.
+heatmap.png (method and density per layer x head, per step phase) and calibration.json, as one unit (a killed run
+leaves the previous set or the new one; the next run finishes or sweeps what it left).
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
+import sys
+import tempfile
+from pathlib import Path
 
 from .options import HelpFormatter, plain
 
-__all__ = ["register", "run"]
+__all__ = ["register", "run", "check_args"]
 
 
 def _int_list(text: str):
@@ -30,6 +37,153 @@ def _int_list(text: str):
         return [int(s) for s in text.split(",") if s.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 0,1; got {text!r}") from None
+
+
+class _UsageError(ValueError):
+    """A bad argument or input file of ``dit-accel calibrate``: one line on stderr, exit status 2."""
+
+
+#: PSNR budgets outside this range are typos: 0 dB is noise, and 8-bit frames that differ at all stay below ~100 dB.
+PSNR_RANGE = (0.0, 100.0)
+
+
+def _finite(value) -> bool:
+    return value is None or math.isfinite(value)
+
+
+def _writable_folder(path: Path, flag: str) -> None:
+    """``path``'s nearest existing ancestor is a folder this process can create a file in (probed, then removed)."""
+    folder = path
+    while not folder.exists():
+        if folder.parent == folder:
+            break
+        folder = folder.parent
+    if not folder.is_dir():
+        raise _UsageError(f"{flag} {path}: {folder} is not a folder; pass a path inside a writable folder")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".dit_accel-probe-", dir=folder)
+    except OSError as exc:
+        raise _UsageError(f"{flag} {path}: cannot write in {folder} ({exc.strerror or exc}); "
+                          "pass a path inside a writable folder") from None
+    os.close(fd)
+    os.unlink(probe)
+
+
+def check_args(args) -> dict:
+    """Every argument and input file checked before any model loads; returns what was read (prompts, device, dtype).
+    Raises :class:`_UsageError` (one line naming the argument or file and what is allowed)."""
+    import torch
+
+    from .._io import BadFileError, read_text
+    from ..calibrate.candidates import METHODS
+    from ..kernels.cost import CONSTANTS, KERNELS
+    from ..models.loading import ModelLoadError, resolve_model_kind
+    from ..models.tiny import EMBEDDED_MODELS
+
+    # the budget
+    if args.min_psnr is None and args.max_layer_error is None:
+        raise _UsageError("give a budget: --min-psnr DB (final output vs dense) and/or --max-layer-error E "
+                          "(relative L2 of each layer's attention)")
+    lo, hi = PSNR_RANGE
+    if args.min_psnr is not None and not (lo < args.min_psnr <= hi):
+        raise _UsageError(f"--min-psnr must be a number of dB in ({lo:g}, {hi:g}], e.g. 30; got {args.min_psnr}")
+    if args.max_layer_error is not None and not (math.isfinite(args.max_layer_error) and args.max_layer_error > 0):
+        raise _UsageError(f"--max-layer-error must be a finite number > 0 (relative L2, e.g. 0.1); "
+                          f"got {args.max_layer_error}")
+    # the model
+    if args.model.startswith("tiny-") and args.model not in EMBEDDED_MODELS and not Path(args.model).exists():
+        raise _UsageError(f"--model {args.model!r} is not an embedded model; choose one of "
+                          f"{', '.join(EMBEDDED_MODELS)}, a pipeline folder or a hub id")
+    try:
+        kind = resolve_model_kind(args.model)
+    except (ModelLoadError, ValueError) as exc:
+        raise _UsageError(f"--model: {exc}") from None
+    if kind in ("folder", "hub") and args.steps is None:
+        raise _UsageError(f"--steps is needed for --model {args.model} (the denoising steps the plan is "
+                          "calibrated for), e.g. --steps 30")
+    # sizes and counts
+    for name in ("frames", "height", "width", "steps", "max_sequence_length"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise _UsageError(f"--{name.replace('_', '-')} must be >= 1; got {value}")
+    if args.guidance_scale is not None and not (math.isfinite(args.guidance_scale) and args.guidance_scale >= 0):
+        raise _UsageError(f"--guidance-scale must be a finite number >= 0; got {args.guidance_scale}")
+    for name, least in (("phases", 1), ("samples_per_bucket", 1), ("search_iters", 0), ("batch_size", 1),
+                        ("layer_groups", 0)):
+        value = getattr(args, name)
+        if value < least:
+            raise _UsageError(f"--{name.replace('_', '-')} must be >= {least}; got {value}")
+    if not (math.isfinite(args.max_sample_mb) and args.max_sample_mb > 0):
+        raise _UsageError(f"--max-sample-mb must be a finite number of MiB > 0; got {args.max_sample_mb}")
+    if args.seeds is not None and not args.seeds:
+        raise _UsageError("--seeds needs at least one seed, e.g. --seeds 0,1")
+    seeds = args.seeds or [0]
+    bad = [s for s in seeds if not 0 <= s < 2**63]
+    if bad:
+        raise _UsageError(f"--seeds must be integers in [0, 2**63); got {bad[0]}")
+    if len(set(seeds)) != len(seeds):
+        raise _UsageError(f"--seeds repeats a seed ({args.seeds}): each seed once")
+    for name in ("warmup_candidates", "cooldown_candidates"):
+        values = getattr(args, name)
+        flag = f"--{name.replace('_', '-')}"
+        if any(v < 0 for v in values):
+            raise _UsageError(f"{flag} must be step counts >= 0; got {','.join(map(str, values))}")
+    validate = args.validate
+    if validate is not None and validate < 0:
+        raise _UsageError(f"--validate must be >= 0 (0: no validation set); got {validate}")
+    # methods and the cost model
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in METHODS]
+    if not methods or unknown:
+        raise _UsageError(f"--methods {args.methods!r}: choose from {','.join(METHODS)} (comma-separated)")
+    archs = sorted({k.split("/")[0] for k in CONSTANTS})
+    if args.arch not in archs:
+        raise _UsageError(f"--arch {args.arch!r} has no cost-model constants; choose one of {', '.join(archs)}")
+    if args.kernel not in KERNELS:
+        raise _UsageError(f"--kernel {args.kernel!r}: choose one of {', '.join(KERNELS)}")
+    # the device
+    device = args.device
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    else:
+        try:
+            dev = torch.device(device)
+        except (RuntimeError, ValueError):
+            raise _UsageError(f"--device {device!r} is not a device: use cpu or cuda (cuda:N)") from None
+        if dev.type not in ("cpu", "cuda"):
+            raise _UsageError(f"--device {device}: use cpu or cuda (cuda:N)")
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise _UsageError(f"--device {device} but no CUDA device is visible here; use --device cpu")
+        if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise _UsageError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) here")
+    dtype = args.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
+    # files
+    try:
+        text = read_text(args.prompts, what="--prompts: a UTF-8 text file, one prompt per line")
+    except BadFileError as exc:
+        raise _UsageError(f"--prompts {exc}") from None
+    prompts = [line.strip() for line in text.splitlines() if line.strip() and not line.strip().startswith("#")]
+    if not prompts:
+        raise _UsageError(f"--prompts {args.prompts}: {'is empty' if not text.strip() else 'holds no prompts'}; "
+                          "expected one prompt per line (lines starting with # are comments)")
+    out = Path(args.out)
+    if out.is_dir() or args.out.endswith(("/", os.sep)):
+        raise _UsageError(f"--out {args.out} is a folder; pass the plan's file name, e.g. {Path(args.out) / 'plan.json'}")
+    _writable_folder(out.parent if str(out.parent) else Path("."), "--out")
+    if args.report_dir is not None:
+        rd = Path(args.report_dir)
+        if rd.exists() and not rd.is_dir():
+            raise _UsageError(f"--report-dir {rd} is a file; pass a folder")
+        _writable_folder(rd, "--report-dir")
+    if args.capture is not None:
+        cd = Path(args.capture)
+        if cd.exists() and not cd.is_dir():
+            raise _UsageError(f"--capture {cd} is a file; pass a folder")
+        _writable_folder(cd, "--capture")
+    if args.groundtruth == "require" and args.model != "tiny-shapes":
+        raise _UsageError(f"--groundtruth require: {args.model!r} has no ground-truth checker (only tiny-shapes "
+                          "has); use --groundtruth report")
+    return {"prompts": prompts, "device": device, "dtype": dtype, "seeds": seeds}
 
 
 def register(subparsers) -> argparse.ArgumentParser:
@@ -47,7 +201,12 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--max-layer-error", type=float, metavar="E",
                    help="budget: relative L2 error of every layer's attention output against dense")
     add_quality_options(p)
-    p.add_argument("--seeds", type=_int_list, default=[0], help="comma-separated seeds (default 0)")
+    p.add_argument("--seeds", type=_int_list, default=None,
+                   help="comma-separated seeds (default 0, and more when the search set has fewer than 8 videos)")
+    p.add_argument("--validate", type=int, default=None, metavar="N",
+                   help="prompts held out of the search to validate the chosen plan on (default: a third, at least "
+                        "2; with fewer prompts, every prompt on new seeds; 0: none). The plan is written only if it "
+                        "meets the budget there too, else the next denser plan that does")
     p.add_argument("--frames", type=int)
     p.add_argument("--height", type=int)
     p.add_argument("--width", type=int)
@@ -98,29 +257,26 @@ def run(args) -> int:
 
 
 def _run(args) -> int:
-    import torch
-
     from ..calibrate import CalibrationSettings, calibrate
     from ..models.loading import ModelLoadError
     from ..models.tiny import is_embedded_model
 
     def fail(message: str) -> int:
-        print(f"dit-accel calibrate: {message}")
+        print(f"dit-accel calibrate: {message}", file=sys.stderr)
         return 2
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = args.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
     try:
-        with open(args.prompts) as fh:
-            prompts = [line.strip() for line in fh if line.strip() and not line.startswith("#")]
-    except OSError as exc:
-        return fail(f"--prompts {args.prompts}: {exc.strerror or exc}; pass a text file, one prompt per line")
+        checked = check_args(args)
+    except _UsageError as exc:
+        return fail(str(exc))
+    device, dtype, prompts = checked["device"], checked["dtype"], checked["prompts"]
     if is_embedded_model(args.model):
         from .generate import _one_thread_for_tiny
 
         _one_thread_for_tiny(device)
     settings = CalibrationSettings(
-        model=args.model, prompts=prompts, seeds=args.seeds, min_psnr=args.min_psnr,
+        model=args.model, prompts=prompts, seeds=checked["seeds"], validate=args.validate,
+        extend_seeds=args.seeds is None, min_psnr=args.min_psnr,
         max_layer_error=args.max_layer_error, frames=args.frames, height=args.height, width=args.width,
         steps=args.steps, guidance_scale=args.guidance_scale, max_sequence_length=args.max_sequence_length,
         device=device, dtype=dtype, phases=args.phases, warmup=tuple(args.warmup_candidates),
@@ -137,8 +293,13 @@ def _run(args) -> int:
         return fail(str(exc))
     final = result["final"]
     psnr = "-" if final["psnr"] is None else f"{final['psnr']:.2f} dB (worst video {final['psnr_worst']:.2f})"
+    val = (result.get("validation") or {}).get("final")
+    if val is not None:
+        psnr += f"; on the validation videos {val['psnr']:.2f} dB (worst {val['psnr_worst']:.2f})"
     print(f"plan: {args.out} ({result['plan_summary']['phases']} phases, dense warm-up {final['warmup_steps']} "
           f"steps); PSNR vs dense {psnr}; modelled attention {final['modelled_ms']:.3f} ms/sample vs dense "
-          f"{result['dense']['modelled_ms']:.3f}; {result['seconds']['total']:.0f} s")
+          f"{result['dense']['modelled_ms']:.3f}; {result['seconds']['total']:.0f} s" +
+          (f" ({result['cost_vs_dense']['ratio']:.1f}x one dense generation of the same videos)"
+           if result.get("cost_vs_dense") else ""))
     print(f"wrote {args.out}, {os.path.join(result['report_dir'], 'report.md')}, heatmap.png, calibration.json")
     return 0

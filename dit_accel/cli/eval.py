@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 
 from .options import HelpFormatter, add_cache_option, add_plan_any_grid, cache_from_args, plain
 
@@ -145,7 +146,7 @@ def _run(args) -> int:
     from ..models.tiny_shapes import balanced_prompts
 
     def fail(message: str) -> int:
-        print(f"dit-accel eval: {message}")
+        print(f"dit-accel eval: {message}", file=sys.stderr)
         return 2
 
     if args.compare:
@@ -244,7 +245,7 @@ def _run(args) -> int:
                            fid_weights=args.fid_weights, real_dir=args.real, lpips=not args.no_lpips,
                            capture=args.capture, floor_backend=args.floor_backend, prompt_file=args.prompts)
     except (ModelLoadError, ValueError, OSError) as exc:
-        print(f"dit-accel eval: {exc}")
+        print(f"dit-accel eval: {exc}", file=sys.stderr)
         return 2
     with open(os.path.join(args.out, "report.md"), encoding="utf-8") as fh:
         print(fh.read().split("\n## Settings")[0])

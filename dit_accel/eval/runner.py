@@ -514,15 +514,21 @@ def _fitting(specs: Sequence[MethodSpec], pipe, log) -> List[MethodSpec]:
     return kept
 
 
+#: The report files of one eval run, written as one unit (:func:`dit_accel._io.commit_files`).
+REPORT_FILES = ("results.json", "report.md", "pareto.png", "grid.png")
+
+
 def _write_results(out_dir: Path, results: dict, rows: List[dict]) -> None:
-    from .._io import atomic_write_json
+    from .._io import commit_files, commit_journal
     from . import report
 
-    atomic_write_json(out_dir / "results.json", results)
-    report.write_report(results, out_dir / "report.md")
-    report.plot_pareto(results, out_dir / "pareto.png")
     shown = [r for r in rows if "videos" in r]
-    report.frame_grid([r["label"] for r in shown], [r["videos"][0] for r in shown], out_dir / "grid.png")
+    commit_files({out_dir / "results.json": json.dumps(results, indent=2) + "\n",
+                  out_dir / "report.md": lambda tmp: report.write_report(results, tmp),
+                  out_dir / "pareto.png": lambda tmp: report.plot_pareto(results, tmp),
+                  out_dir / "grid.png": lambda tmp: report.frame_grid([r["label"] for r in shown],
+                                                                      [r["videos"][0] for r in shown], tmp)},
+                 commit_journal(out_dir / "results.json"))
 
 
 def run_eval(settings: EvalSettings, specs: Sequence[MethodSpec], out_dir, *, cache_dir=None,
@@ -556,6 +562,9 @@ def run_eval(settings: EvalSettings, specs: Sequence[MethodSpec], out_dir, *, ca
                          "--prompt TEXT")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    from .._io import commit_journal, recover
+
+    recover(commit_journal(out_dir / "results.json"), [out_dir])  # a killed run's report set, finished or swept
     cache_dir = Path(cache_dir) if cache_dir else out_dir / "cache"
     cache_dir.mkdir(parents=True, exist_ok=True)
     samples = [(p, int(s)) for p in settings.prompts for s in settings.seeds]

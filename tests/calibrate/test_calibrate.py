@@ -83,7 +83,8 @@ def test_calibrate_end_to_end_writes_a_plan_that_apply_runs(tmp_path, capsys, mo
     out = tmp_path / "plan.json"
     code = main(["calibrate", "--model", model, "--prompts", str(prompts), "--min-psnr", "25", "--out", str(out),
                  "--phases", "1", "--warmup-candidates", "1", "--candidates", "small", "--methods", "tile,sla",
-                 "--search-iters", "1", "--cost-terms", "tiles", "--no-progress", "--quiet", *extra])
+                 "--search-iters", "1", "--cost-terms", "tiles", "--no-progress", "--quiet", "--seeds", "0",
+                 "--validate", "1", *extra])
     assert code == 0
     assert "note: 1 calibration video(s)" in capsys.readouterr().out  # too few to trust: said
     plan = dit_accel.SparsePlan.load(out)
@@ -100,6 +101,14 @@ def test_calibrate_end_to_end_writes_a_plan_that_apply_runs(tmp_path, capsys, mo
     result = json.loads((report / "calibration.json").read_text())
     assert result["final"]["psnr"] >= 25.0 and result["trace"]
     assert "PSNR" in (report / "report.md").read_text()
+    # validated on a video the search never saw (1 prompt: the same prompt on a new seed), side by side in the report
+    val = result["validation"]
+    assert val["videos"] == 1 and val["seeds"] == [1] and val["tried"]
+    assert val["tried"][0]["search"]["psnr_worst"] in [t["psnr_worst"] for t in result["trace"] if t["passes"]]
+    chosen = val["final"]
+    assert chosen is None or (chosen["passes"] and chosen["psnr_worst"] >= 25.0)
+    assert "## Search and validation" in (report / "report.md").read_text()
+    assert result["plan_sha256"] == plan.content_hash() and result["cost_vs_dense"]["ratio"] > 1
     if model == "tiny-shapes":
         gt = result["groundtruth"]
         assert set(gt) == {"dense", "plan", "required"} and not gt["required"]  # reported by default
@@ -115,12 +124,31 @@ def test_calibrate_end_to_end_writes_a_plan_that_apply_runs(tmp_path, capsys, mo
         assert handle.stats()
 
 
+def test_split_holds_out_prompts_spread_over_the_list_and_adds_seeds_when_few():
+    from dit_accel.calibrate.run import split_jobs
+
+    prompts = [f"p{i}" for i in range(6)]
+    search, val, notes = split_jobs(prompts, [0])
+    assert sorted({p for p, _ in val}) == ["p1", "p4"]  # a third, spread over the list
+    assert not {p for p, _ in val} & {p for p, _ in search}  # no prompt in both
+    assert len(search) == 4 * 2 and {s for _, s in search} == {0, 1}  # 4 prompts x 2 seeds: 8 search videos
+    assert {s for _, s in val} == {0, 1}
+    search, val, _ = split_jobs(prompts, [0], extend_seeds=False)
+    assert len(search) == 4 and len(val) == 2
+    search, val, _ = split_jobs(prompts[:4], [7], validate=2)  # the 4-prompt case: 2 held out, 4 seeds
+    assert len({p for p, _ in val}) == 2 and len(search) == 8 and {s for _, s in search} == {7, 8, 9, 10}
+    search, val, notes = split_jobs(prompts[:2], [0, 1], extend_seeds=False)  # too few prompts: new seeds
+    assert {p for p, _ in val} == {"p0", "p1"} and {s for _, s in val} == {2} and len(search) == 4
+    search, val, notes = split_jobs(prompts, [0], validate=0)
+    assert val == [] and len(search) == 6 and "no validation" in notes[0]
+
+
 def test_calibrate_needs_a_budget(tmp_path, capsys):
     prompts = tmp_path / "p.txt"
     prompts.write_text("a red circle moving right\n")
     assert main(["calibrate", "--model", "tiny-shapes", "--prompts", str(prompts), "--out",
                  str(tmp_path / "p.json"), "--no-progress"]) == 2
-    assert "budget" in capsys.readouterr().out
+    assert "budget" in capsys.readouterr().err
 
 
 def _random_space(layers, buckets, seed):
@@ -327,3 +355,72 @@ def test_calibrate_with_costs_measured_on_this_device(tmp_path):
     result = json.loads((tmp_path / "plan_report" / "calibration.json").read_text())
     assert all(c["head_cost_us"] >= 0 for c in result["candidates"])
     assert "timed on cpu" in (tmp_path / "plan_report" / "report.md").read_text()
+
+
+def test_validation_falls_back_to_the_next_denser_plan_that_holds_on_unseen_videos(monkeypatch):
+    """The cheapest plan passing the search fails the validation videos: the next denser one passing both is
+    written, and said; when none holds, the dense plan. (Videos offset by a constant: PSNR set per plan.)"""
+    import math
+
+    import numpy as np
+
+    from dit_accel.calibrate import run
+
+    offsets = {"dense": 0, "cheap": 26, "mid": 3, "dear": 2}  # 19.8 dB, 38.6 dB, 42.1 dB against dense
+    current = []
+
+    class Assignment:
+        def __init__(self, name):
+            self.name = name
+
+        def key(self):
+            return self.name
+
+        def to_plan(self, provenance):
+            return self.name
+
+    class Applied:
+        def __init__(self, pipe, plan, **kwargs):
+            current.append("dense" if isinstance(plan, dit_accel.Dense) else plan)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+    def videos(pipe, jobs, call_kwargs, batch_size, on_step=None):
+        return [np.full((2, 8, 8, 3), 100 + offsets[current[-1]], np.uint8) for _ in jobs]
+
+    monkeypatch.setattr(dit_accel, "apply", Applied)
+    monkeypatch.setattr(run, "generate_videos", videos)
+
+    def rec(name, lam, ms):
+        return {"lam": lam, "modelled_ms": ms, "psnr": 40.0, "psnr_worst": 39.0, "passes": True,
+                "assignment": Assignment(name)}
+
+    trace = [rec("cheap", 0.0, 1.0), rec("dear", 2.0, 3.0), rec("mid", 1.0, 2.0)]
+    settings = run.CalibrationSettings(model="tiny-wan", prompts=["a"], min_psnr=30.0, steps=2)
+    log = []
+    chosen, val = run._validate(None, settings, None, None, trace[0], trace, [("a", 5), ("b", 5)], {},
+                                run._Progress(False), log.append)
+    assert chosen["assignment"].name == "mid" and val["fell_back"]
+    assert [t["passes"] for t in val["tried"]] == [False, True] and val["final"]["psnr_worst"] > 38
+    assert "falling back" in log[0]
+    # a plan that holds is kept, and validated once
+    chosen, val = run._validate(None, settings, None, None, trace[2], trace, [("a", 5)], {}, run._Progress(False),
+                                log.append)
+    assert chosen is trace[2] and not val["fell_back"] and len(val["tried"]) == 1
+    # none holds: the dense plan, exact
+    offsets.update(mid=26, dear=26)
+
+    class Space:
+        def assign(self, lam):
+            return Assignment("dense")
+
+    def verify(assignment, lam):
+        return {"lam": lam, "modelled_ms": 9.0, "psnr": 100.0, "psnr_worst": 100.0, "assignment": assignment}
+
+    chosen, val = run._validate(None, settings, Space(), verify, trace[0], trace, [("a", 5)], {},
+                                run._Progress(False), log.append)
+    assert math.isinf(chosen["lam"]) and val["final"] is None and len(val["tried"]) == 3

@@ -42,7 +42,7 @@ def test_method_config_mistakes_exit_2_with_one_line(tmp_path, capsys, text, mes
     cfg.write_text(text)
     assert main(["eval", "--model", "tiny-wan", "--methods", "dense,tile", "--method-config", str(cfg),
                  "--prompt", "x", "--out", str(tmp_path / "out")]) == 2
-    out = capsys.readouterr().out.strip()
+    out = capsys.readouterr().err.strip()
     assert len(out.splitlines()) == 1 and message in out and "Traceback" not in out
 
 
@@ -152,7 +152,7 @@ def test_eval_missing_weights_skip_lines_and_bad_config_row(tmp_path, monkeypatc
 
 def test_eval_bad_model_is_one_line(tmp_path, capsys):
     assert main(["eval", "--model", str(tmp_path / "no-such-model"), "--out", str(tmp_path / "out")]) == 2
-    out = capsys.readouterr().out.strip().splitlines()
+    out = capsys.readouterr().err.strip().splitlines()
     assert len(out) == 1 and out[0].startswith("dit-accel eval:") and "no-such-model" in out[0]
 
 

@@ -146,7 +146,7 @@ def test_prompts_file_errors_name_the_file(tmp_path, capsys, kind):
     path = tmp_path / "prompts.txt"
     path.write_bytes({"empty": b"", "binary": b"\x89PNG\x00\x00", "comments": b"# only\n\n"}[kind])
     rc = main(["eval", "--model", "tiny-wan", "--prompts", str(path), "--out", str(tmp_path / "out")])
-    out = capsys.readouterr().out.strip()
+    out = capsys.readouterr().err.strip()
     assert rc == 2 and "\n" not in out and str(path) in out, out
     assert "pass --prompts" not in out
     assert {"empty": "is empty", "binary": "is binary", "comments": "holds no prompts"}[kind] in out
@@ -156,5 +156,5 @@ def test_binary_method_config_is_one_line(tmp_path, capsys):
     path = tmp_path / "methods.json"
     path.write_bytes(b"\xff\xfe\x00\x01")
     rc = main(["eval", "--model", "tiny-wan", "--method-config", str(path), "--out", str(tmp_path / "out")])
-    out = capsys.readouterr().out.strip()
+    out = capsys.readouterr().err.strip()
     assert rc == 2 and "\n" not in out and str(path) in out and "is binary" in out, out
