@@ -190,6 +190,12 @@ def test_a_contender_that_does_not_fit_in_memory_is_not_tried():
     assert list(skips) == ["flex"] and "GiB of scores" in skips["flex"] and "N=32760" in skips["flex"]
     small = torch.empty(1, 24, 4096, 1, device="meta")
     assert memory_skips(["triton", "flex"], small, small, free=80 * 2 ** 30) == {}
+    from dit_accel.kernels.block_sparse import flex
+
+    assert flex.materialises(torch.device("cpu")) and not flex.materialises(torch.device("cuda"))
+    with pytest.MonkeyPatch.context() as mp:  # compiled FlexAttention (CUDA) holds no scores: never skipped
+        mp.setattr(flex, "materialises", lambda device: False)
+        assert memory_skips(["triton", "flex"], q, q, free=80 * 2 ** 30) == {}
     timer = _timer([1.0])
     assert autotune.choose(_shape(), {"triton": lambda: None, "flex": lambda: None}, timer,
                            skip=skips) == "triton"

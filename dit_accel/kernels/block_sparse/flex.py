@@ -22,7 +22,8 @@ from torch.nn.attention import flex_attention as _flex
 from .._cache import LayoutCache
 from ..layout import BlockLayout
 
-__all__ = ["flex_block_sparse_attention", "layout_to_block_mask", "kernel_options", "prepare"]
+__all__ = ["flex_block_sparse_attention", "layout_to_block_mask", "kernel_options", "prepare", "flex_function",
+           "materialises"]
 
 # One BlockMask per layout (its mask_mod closes over the layout's tables).
 _BLOCK_MASKS = LayoutCache("block_sparse.flex")
@@ -97,12 +98,32 @@ def flex_block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
             "backend='flex' cannot return the log-sum-exp under torch.compile on CPU (compiled FlexAttention "
             "on CPU is forward-only and has no return_lse); call it with return_lse=False, or use backend='torch'.")
     options = kernel_options(layout, q.device)
+    flex = flex_function(q.device)
     if not return_lse:
-        return _flex.flex_attention(q, k, v, block_mask=block_mask, scale=scale, kernel_options=options), None
+        return flex(q, k, v, block_mask=block_mask, scale=scale, kernel_options=options), None
     if hasattr(_flex, "AuxRequest"):  # torch >= 2.9
-        o, aux = _flex.flex_attention(q, k, v, block_mask=block_mask, scale=scale, kernel_options=options,
-                                      return_aux=_flex.AuxRequest(lse=True))
+        o, aux = flex(q, k, v, block_mask=block_mask, scale=scale, kernel_options=options,
+                      return_aux=_flex.AuxRequest(lse=True))
         return o, aux.lse.float()
-    o, lse = _flex.flex_attention(q, k, v, block_mask=block_mask, scale=scale, kernel_options=options,
-                                  return_lse=True)
+    o, lse = flex(q, k, v, block_mask=block_mask, scale=scale, kernel_options=options, return_lse=True)
     return o, lse.float()
+
+
+_COMPILED: list = []
+
+
+def flex_function(device: torch.device):
+    """FlexAttention as it should run on ``device``: compiled on CUDA (its fused kernel, which never holds the
+    N x M scores; compiled once per shape by ``torch.compile``), eager elsewhere and inside a graph being traced
+    (the outer compile fuses it). Eager FlexAttention materialises the scores:
+    :func:`materialises` tells the autotuner which one runs."""
+    if not materialises(device):
+        if not _COMPILED:
+            _COMPILED.append(torch.compile(_flex.flex_attention, dynamic=False))
+        return _COMPILED[0]
+    return _flex.flex_attention
+
+
+def materialises(device: torch.device) -> bool:
+    """Whether FlexAttention on ``device`` holds the whole (B, H, N, M) score matrix (eager: off CUDA)."""
+    return device.type != "cuda" or torch.compiler.is_compiling()

@@ -138,8 +138,9 @@ def _flex_plan_ms(layout: BlockLayout) -> float:
     return _FLEX_PLAN.get(layout, "ms", measure)
 
 
-#: Bytes per score element a contender materialises: eager FlexAttention holds the fp32 scores and
-#: probabilities of the whole (B, H, N, M) problem at once.
+#: Bytes per score element a contender materialises where it runs eagerly: eager FlexAttention holds the fp32
+#: scores and probabilities of the whole (B, H, N, M) problem at once (compiled, on CUDA, it does not:
+#: :func:`.flex.materialises`).
 MATERIALISED = {"flex": 8}
 #: Relative error (against the PyTorch twin on the call's inputs) a timed contender must stay within before
 #: its choice is stored.
@@ -158,8 +159,12 @@ def memory_skips(names: Sequence[str], q, k, free: Optional[int]) -> Dict[str, s
     ``free`` bytes (with a quarter kept back): they are not tried at all."""
     if free is None:
         return {}
+    from .flex import materialises
+
     out = {}
     for name in names:
+        if name == "flex" and not materialises(q.device):
+            continue
         need = MATERIALISED.get(name, 0) * q.shape[0] * q.shape[1] * q.shape[2] * k.shape[2]
         if need > 0.75 * free:
             out[name] = (f"would materialise {need / 2 ** 30:.1f} GiB of scores, {free / 2 ** 30:.1f} GiB free "
