@@ -384,12 +384,12 @@ def test_eval_plan_flags_are_checked(tmp_path, capsys):
 
     assert main(["eval", "--model", "tiny-shapes", "--methods", "dense", "--plan-any-grid", "--out",
                  str(tmp_path / "e")]) == 2
-    assert "--plan-any-grid applies to --plan" in capsys.readouterr().out
+    assert "--plan-any-grid applies to --plan" in capsys.readouterr().err
     bad = tmp_path / "p.json"
     bad.write_text('{"format": "dit_accel.sparse_plan", "num_layers": "4", "phases": []}')
     assert main(["eval", "--model", "tiny-shapes", "--methods", "dense", "--plan", str(bad), "--out",
                  str(tmp_path / "e")]) == 2
-    assert f"--plan: {bad}: num_layers: must be a whole number >= 1 or null; got \"4\"" in capsys.readouterr().out
+    assert f"--plan: {bad}: num_layers: must be a whole number >= 1 or null; got \"4\"" in capsys.readouterr().err
 
 
 def test_generate_plan_prints_the_summary_and_checks_the_grid(tmp_path, capsys):

@@ -49,6 +49,12 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
             return text
         return f"{text} (default: {default})" if text else f"default: {default}"
 
+    def _split_lines(self, text, width):
+        # Names such as tiny-minimax-h3 or --plan-any-grid stay whole: lines break at spaces only.
+        import textwrap
+
+        return textwrap.wrap(self._whitespace_matcher.sub(" ", text).strip(), width, break_on_hyphens=False)
+
 
 def plain(docstring: str) -> str:
     """A module docstring as --help text: without reST markup (``code``, literal-block ``::``)."""

@@ -125,16 +125,21 @@ def cache_path() -> Path:
 _EXPECTED = 'the autotune cache: {"<shape class key>": {"choice": backend, "times_ms": {backend: ms or null}, ...}}'
 
 
-def _current_format(key) -> bool:
-    """Keys written by an older dit_accel have fewer fields: stale, dropped without a warning."""
-    return not isinstance(key, str) or len(key.split("|")) == len(ShapeClass.__dataclass_fields__)
+def _stale(key, entry) -> bool:
+    """A well-formed entry an older dit_accel wrote (its keys had fewer fields): dropped without a warning."""
+    return (isinstance(key, str) and 1 < len(key.split("|")) < len(ShapeClass.__dataclass_fields__)
+            and _valid_structure(entry))
+
+
+def _valid_structure(entry) -> bool:
+    return (isinstance(entry, dict) and isinstance(entry.get("choice"), str)
+            and isinstance(entry.get("times_ms"), dict)
+            and all(t is None or isinstance(t, (int, float)) for t in entry["times_ms"].values()))
 
 
 def _valid_entry(key, entry) -> bool:
     return (isinstance(key, str) and len(key.split("|")) == len(ShapeClass.__dataclass_fields__)
-            and isinstance(entry, dict) and isinstance(entry.get("choice"), str)
-            and isinstance(entry.get("times_ms"), dict)
-            and all(t is None or isinstance(t, (int, float)) for t in entry["times_ms"].values()))
+            and _valid_structure(entry))
 
 
 def _entries() -> Dict[str, dict]:
@@ -151,7 +156,7 @@ def _entries() -> Dict[str, dict]:
             except ValueError as err:
                 _warn(f"dit_accel: {err}; ignoring it (the backends are timed again)")
                 data = {}
-            data = {k: v for k, v in data.items() if _current_format(k)}
+            data = {k: v for k, v in data.items() if not _stale(k, v)}
             bad = [k for k, v in data.items() if not _valid_entry(k, v)]
             if bad:
                 _warn(f"dit_accel: {path}: {len(bad)} entr{'y' if len(bad) == 1 else 'ies'} of the wrong structure "

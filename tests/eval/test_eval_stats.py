@@ -89,9 +89,9 @@ def test_compare_pairs_folders_and_refuses_mismatches(run, capsys):
         change(changed)
         (other / "results.json").write_text(json.dumps(changed))
         assert main(["eval", "--compare", str(out), str(other)]) == 2
-        printed = capsys.readouterr().out.strip()
+        printed = capsys.readouterr().err.strip()
         assert len(printed.splitlines()) == 1 and message in printed and "refusing" in printed
     assert main(["eval", "--compare", str(out), str(root / "missing")]) == 2
-    assert "no results.json there" in capsys.readouterr().out
+    assert "no results.json there" in capsys.readouterr().err
     assert main(["eval", "--out", str(root / "x")]) == 2
-    assert "--model is required" in capsys.readouterr().out
+    assert "--model is required" in capsys.readouterr().err

@@ -193,7 +193,7 @@ def test_eval_stacks_and_cache_mistakes_are_one_line(tmp_path, capsys):
                                  ("--stacks", "tilee+fbcache", "unknown method 'tilee'"),
                                  ("--cache", "pab:foo=1", "PyramidAttentionBroadcastConfig has no option 'foo'")]:
         assert main(["eval", "--model", "tiny-shapes", flag, value, "--out", str(tmp_path / "o")]) == 2
-        printed = capsys.readouterr().out.strip()
+        printed = capsys.readouterr().err.strip()
         assert len(printed.splitlines()) == 1 and message in printed
 
 

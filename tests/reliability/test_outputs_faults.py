@@ -184,7 +184,8 @@ def test_damaged_autotune_cache_is_a_warning_and_ignored(tmp_path, monkeypatch, 
     monkeypatch.setattr(autotune, "_MEMORY", {})
     monkeypatch.setattr(autotune, "_LOADED", {})
     (tmp_path / "autotune.json").write_bytes(content)
-    shape = autotune.ShapeClass("cpu", "t", "tr", "block_sparse", "float32", 64, "any")
+    shape = autotune.ShapeClass(device_name="cpu", torch="t", triton="tr", dit_accel="d", family="block_sparse",
+                                dtype="float32", head_dim=64, density="any")
     with pytest.warns(dit_accel.DitAccelWarning, match="autotune.json") as record:
         assert autotune.cached_choice(shape) is None
         autotune.info()
