@@ -220,6 +220,12 @@ def latent_grid_2d(model, args) -> "GridInfo":
     return GridInfo((split_patch(x.shape[-2], p, "height"), split_patch(x.shape[-1], p, "width")), text_len(args))
 
 
+def image_only_grid_2d(model, args) -> "GridInfo":
+    """:func:`latent_grid_2d` of a model whose self-attention sees the image tokens only (the text reaches them
+    by cross-attention): no text in the sparse call."""
+    return GridInfo(latent_grid_2d(model, args).grid, 0)
+
+
 # ------------------------------------------------------------------ grid readers
 def tensor_arg(args: dict, name: str) -> torch.Tensor:
     """The tensor argument ``name`` of a transformer call; ValueError when the call has none."""

@@ -5,23 +5,16 @@ the sparse call. ``AttnProcessor2_0`` ends in ``F.scaled_dot_product_attention``
 
 from __future__ import annotations
 
-from ._common import IMAGE_DEFAULTS, GridInfo, Preset, shapes_key, split_patch, tensor_arg
+from ._common import IMAGE_DEFAULTS, Preset, image_only_grid_2d, shapes_key
 
 __all__ = ["PRESETS"]
-
-
-def _grid(model, args) -> GridInfo:
-    x = tensor_arg(args, "hidden_states")  # (B, C, H, W)
-    p = model.config.patch_size
-    return GridInfo((split_patch(x.shape[-2], p, "height"), split_patch(x.shape[-1], p, "width")), 0)
-
 
 PRESETS = (
     Preset(
         "PixArtTransformer2DModel",
         attention=(r"transformer_blocks\.\d+\.attn1",),
         text_position="none",
-        read_grid=_grid,
+        read_grid=image_only_grid_2d,
         grid_key=shapes_key,
         min_diffusers="0.42.1",
         defaults=dict(IMAGE_DEFAULTS),  # dit_accel defaults: no published sparse setting for PixArt
