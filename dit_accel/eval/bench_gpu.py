@@ -553,7 +553,18 @@ def _triton_dense_variant(q, k, v) -> str:
     return f"dense triton {triton_variant(q, k, v)}"
 
 
-class _LayoutCase:
+class _Case:
+    """What the timed cases share: leaf copies of q, k, v (and an upstream gradient) for the backward rows,
+    made on first use."""
+
+    def _grad_inputs(self):
+        if self.grad_inputs is None:
+            self.grad_inputs = tuple(t.detach().clone().requires_grad_() for t in (self.q, self.k, self.v))
+            self.do = self.s.randn(*self.q.shape)
+        return self.grad_inputs
+
+
+class _LayoutCase(_Case):
     """Tile, GNA or radial through ``block_sparse_attention`` on the layout production runs (kernel_layout)."""
 
     def __init__(self, s: _Shape, method):
@@ -577,12 +588,6 @@ class _LayoutCase:
         self.grad_inputs = None
         self.do = None
         self.ref: Dict[str, object] = {}
-
-    def _grad_inputs(self):
-        if self.grad_inputs is None:
-            self.grad_inputs = tuple(t.detach().clone().requires_grad_() for t in (self.q, self.k, self.v))
-            self.do = self.s.randn(*self.q.shape)
-        return self.grad_inputs
 
     def fn(self, pass_: str, backend: str):
         from ..kernels import block_sparse_attention
@@ -651,7 +656,7 @@ class _LayoutCase:
         return "triton " + ("; ".join(dict.fromkeys(ran)) if ran else "(no launch recorded)")
 
 
-class _SlaCase:
+class _SlaCase(_Case):
     """SLA through ``sla_attention`` with a zero projection (training-free top-k), against the PyTorch twin."""
 
     def __init__(self, s: _Shape, method):
@@ -667,12 +672,6 @@ class _SlaCase:
         self.facts = {"config": method.to_dict()}
         self.grad_inputs = self.do = None
         self.ref: Dict[str, object] = {}
-
-    def _grad_inputs(self):
-        if self.grad_inputs is None:
-            self.grad_inputs = tuple(t.detach().clone().requires_grad_() for t in (self.q, self.k, self.v))
-            self.do = self.s.randn(*self.q.shape)
-        return self.grad_inputs
 
     def fn(self, pass_: str, backend: str):
         from ..kernels import sla_attention
