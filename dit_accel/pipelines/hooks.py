@@ -859,7 +859,13 @@ class TransformerHook:
             return None
         if split is not None and split.ring > 1:
             method = method.for_shares(tuple(grid), split.ring)
-        plan = self.runtime.plans.get(method, grid)
+        try:
+            plan = self.runtime.plans.get(method, grid)
+        except ValueError as err:  # a method this model's grid cannot take: say which model
+            name = type(self.transformer).__name__
+            if name in str(err):
+                raise
+            raise ValueError(f"dit_accel: {name}: {str(err).removeprefix('dit_accel: ')}") from None
         # A per-step method (FastVideo's searched windows) picks full windows on purpose: no warning.
         chosen = self.schedule.layer_methods.get(layer.index, self.schedule.method)
         if plan.is_dense and method.name != "dense" and not hasattr(chosen, "for_layer_step"):

@@ -269,11 +269,11 @@ def test_errors_name_the_argument(models):
         preset_for(model, diffusers_version="0.31.0")
     # Grid-dependent validation happens in the pre-hook, before any attention.
     with dit_accel.apply(model, dit_accel.GNA(kernel_size=(9, 3, 3)), backend="torch") as handle:
-        with pytest.raises(ValueError, match="exceeds the grid extent"):
+        with pytest.raises(ValueError, match=r"WanTransformer3DModel: .*exceeds the grid extent"):
             _run(model, _inputs("wan", model, batch=1))
         assert all(r["sparse_calls"] == r["dense_calls"] == 0 for r in handle.stats())
     with dit_accel.apply(models["flux"], dit_accel.Radial()):
-        with pytest.raises(ValueError, match="Radial attention needs a video"):
+        with pytest.raises(ValueError, match="FluxTransformer2DModel: Radial attention needs a video"):
             _run(models["flux"], _inputs("flux", models["flux"], batch=1))
     from diffusers.models.attention_dispatch import _AttentionBackendRegistry
 
