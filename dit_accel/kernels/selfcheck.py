@@ -357,10 +357,11 @@ def gate(names, device, dtype: torch.dtype, shape: dict, forced: bool) -> bool:
     """Whether every variant of ``names`` may run this call: a forced backend raises where one failed
     (:func:`require`), ``auto`` gets False and falls back."""
     for name in names:
+        if usable_fast(name, device, dtype, shape["head_dim"], shape["block_q"], shape["block_k"]):
+            continue  # (one dictionary lookup once checked: resolve may ask on every call)
         if forced:
             require(name, device, dtype, shape)
-        elif not usable(name, device, dtype, shape):
-            return False
+        return False
     return True
 
 

@@ -129,6 +129,7 @@ def test_auto_skips_a_backend_whose_check_failed(monkeypatch):
     assert calls == ["block_sparse.triton.fwd"]
     grad = Request(torch.device("cuda"), torch.float16, 64, needs_grad=True)
     calls.clear()
+    _reset()  # the verdicts memoised per call signature
     monkeypatch.setattr(selfcheck, "usable", lambda name, *a, **k: calls.append(name) or name.endswith("fwd"))
     assert backends.resolve("block_sparse", "auto", grad) == "torch"  # the backward failed
     assert calls == ["block_sparse.triton.fwd", "block_sparse.triton.bwd"]
