@@ -555,7 +555,28 @@ def _triton_dense_variant(q, k, v) -> str:
 
 class _Case:
     """What the timed cases share: leaf copies of q, k, v (and an upstream gradient) for the backward rows,
-    made on first use."""
+    made on first use, and the check of a pass against the case's fp32 twin (``_twin``)."""
+
+    def _checked(self, pass_: str, attend):
+        """The check of ``pass_`` for ``attend(q, k, v)``: the forward's error, and with ``"both"`` the
+        gradients' too, against the twin."""
+        def forward():
+            with torch.no_grad():
+                out = attend(self.q, self.k, self.v)
+            return {"o_error": relative_error(out[_S], self._twin(False))}
+
+        def both():
+            qg, kg, vg = self._grad_inputs()
+            for t in (qg, kg, vg):
+                t.grad = None
+            out = attend(qg, kg, vg)
+            out.backward(self.do)
+            ref_o, ref_grads = self._twin(True)
+            return {"o_error": relative_error(out.detach()[_S], ref_o),
+                    "grad_error": _grad_error((qg.grad, kg.grad, vg.grad), ref_grads),
+                    "grad_tolerance": GRAD_TOLERANCE}
+
+        return forward if pass_ == "forward" else both
 
     def _grad_inputs(self):
         if self.grad_inputs is None:
@@ -616,24 +637,7 @@ class _LayoutCase(_Case):
         from ..kernels import block_sparse_attention
 
         lay = self.layout
-
-        def forward():
-            with torch.no_grad():
-                out = block_sparse_attention(self.q, self.k, self.v, lay, backend=backend)
-            return {"o_error": relative_error(out[_S], self._twin(False))}
-
-        def both():
-            qg, kg, vg = self._grad_inputs()
-            for t in (qg, kg, vg):
-                t.grad = None
-            out = block_sparse_attention(qg, kg, vg, lay, backend=backend)
-            out.backward(self.do)
-            ref_o, ref_grads = self._twin(True)
-            return {"o_error": relative_error(out.detach()[_S], ref_o),
-                    "grad_error": _grad_error((qg.grad, kg.grad, vg.grad), ref_grads),
-                    "grad_tolerance": GRAD_TOLERANCE}
-
-        return forward if pass_ == "forward" else both
+        return self._checked(pass_, lambda q, k, v: block_sparse_attention(q, k, v, lay, backend=backend))
 
     def variant(self, pass_: str, backend: str) -> str:
         from ..kernels.block_sparse.api import DENSE, block_sparse_backend
@@ -702,23 +706,7 @@ class _SlaCase(_Case):
     def check(self, pass_: str, backend: str):
         from ..kernels import sla_attention
 
-        def forward():
-            with torch.no_grad():
-                out = sla_attention(self.q, self.k, self.v, self.method, self.proj, backend=backend)
-            return {"o_error": relative_error(out[_S], self._twin(False))}
-
-        def both():
-            qg, kg, vg = self._grad_inputs()
-            for t in (qg, kg, vg):
-                t.grad = None
-            out = sla_attention(qg, kg, vg, self.method, self.proj, backend=backend)
-            out.backward(self.do)
-            ref_o, ref_grads = self._twin(True)
-            return {"o_error": relative_error(out.detach()[_S], ref_o),
-                    "grad_error": _grad_error((qg.grad, kg.grad, vg.grad), ref_grads),
-                    "grad_tolerance": GRAD_TOLERANCE}
-
-        return forward if pass_ == "forward" else both
+        return self._checked(pass_, lambda q, k, v: sla_attention(q, k, v, self.method, self.proj, backend=backend))
 
     def variant(self, pass_: str, backend: str) -> str:
         from ..kernels.sla import sla_parts
