@@ -7,6 +7,7 @@ from typing import Dict, Sequence
 
 from ..eval.report import markdown_table
 from ..sparse_plan import write_atomic
+from .search import COST_TIE
 
 __all__ = ["write_report", "plot_heatmap", "render_report", "heatmap_png"]
 
@@ -56,6 +57,13 @@ def _validation_lines(result: dict) -> list:
                                  [[_fmt(t["modelled_ms"], 4), _fmt(t["search"]["psnr_worst"]), _fmt(t["psnr"]),
                                    _fmt(t["psnr_worst"]), _gt_cell(t.get("groundtruth")),
                                    "yes" if t["passes"] else "no"] for t in val["tried"]]), ""]
+        base = val.get("baseline")
+        if base is not None:
+            v_text = (f"{v['psnr']:.2f} dB (worst {v['psnr_worst']:.2f})" if v else "exact (the dense plan)")
+            lines += [f"Baseline on the same validation videos: {base['label']} at {base['modelled_ms']:.4f} ms/sample "
+                      f"modelled (the plan: {result['final']['modelled_ms']:.4f}): {base['psnr']:.2f} dB (worst "
+                      f"{base['psnr_worst']:.2f}), GT shape / motion / consistency {_gt_cell(base.get('groundtruth'))}; "
+                      f"the plan: {v_text}.", ""]
         if val["fell_back"]:
             lines += ["The cheapest plan that passed on the search videos failed on the validation videos; the "
                       "written plan is the next denser one that passed both" +
@@ -101,11 +109,24 @@ def render_report(result: dict) -> str:
         lines += [f"Ground truth (tiny-shapes; fraction of samples correct{rule}):", "",
                   markdown_table(["run"] + keys, [["dense"] + [_fmt(gt["dense"][k]) for k in keys],
                                                   ["calibrated plan"] + [_fmt(gt["plan"][k]) for k in keys]]), ""]
+    def videos(t) -> str:
+        made = t.get("videos_made")
+        total = result.get("search_videos")
+        if t.get("repeat_of"):
+            return f"the plan of {t['repeat_of']}: not rerun"
+        if t.get("stopped_early"):
+            return f"{made} of {total} (stopped: a video under the budget)"
+        return str(made if made is not None else total or "-")
+
     lines += ["## Search", "",
-              f"{len(result['trace'])} verified plans (lambda: the price of error in modelled seconds):", "",
-              markdown_table(["lambda", "modelled ms/sample", "PSNR (dB, mean)", "worst video (dB)",
+              f"{len(result['trace'])} verified plans (allocation: lambda is the price of error in modelled seconds; "
+              "uniform: a step-structured plan at no more modelled cost than the allocation's). The cheapest passing "
+              f"plan is kept (within {100 * COST_TIE:g}% of its cost, the one with the widest worst-video margin): "
+              f"**{result.get('chosen') or '-'}**.", "",
+              markdown_table(["plan", "modelled ms/sample", "videos", "PSNR (dB, mean)", "worst video (dB)",
                               "GT shape / motion / consistency", "passes"],
-                             [[f"{t['lam']:.3g}", _fmt(t["modelled_ms"], 3), _fmt(t["psnr"]), _fmt(t.get("psnr_worst")),
+                             [[t.get("plan") or f"lambda {t['lam']:.3g}", _fmt(t["modelled_ms"], 4), videos(t),
+                               _fmt(t["psnr"]), _fmt(t.get("psnr_worst")),
                                _gt_cell(t.get("groundtruth")), "yes" if t["passes"] else "no"]
                               for t in result["trace"]]), "",
               "## The plan per step phase", ""]

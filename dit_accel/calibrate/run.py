@@ -19,7 +19,7 @@ from .costs import COST_SOURCES, CostModel, MeasuredCostModel
 from .report import heatmap_png, render_report
 from .sampling import QKVSampler, step_buckets
 from .scoring import score_candidates
-from .search import Assignment, LayerChoice, SearchSpace
+from .search import COST_TIE, Assignment, LayerChoice, SearchSpace, uniform_options
 
 __all__ = ["CalibrationSettings", "calibrate", "generate_videos", "search_budget", "passes_budget", "BUDGET_RULES",
            "GROUNDTRUTH_RULES", "groundtruth_kept", "probe_step_weights", "probe_layer_weights",
@@ -94,6 +94,9 @@ class CalibrationSettings:
     layer_groups: int = 4
     validate: Optional[int] = None
     extend_seeds: bool = True
+    uniform_options: int = 3
+    probe_videos: int = 4
+    baseline: bool = True
 
     def gates_groundtruth(self) -> bool:
         """Whether a verified plan must keep the calibration videos' ground truth (``groundtruth``)."""
@@ -124,6 +127,9 @@ class CalibrationSettings:
             raise ValueError(f"--layer-groups must be >= 0 (0: no layer probes); got {self.layer_groups}")
         if self.validate is not None and self.validate < 0:
             raise ValueError(f"--validate must be >= 0 (0: no validation set); got {self.validate}")
+        if self.uniform_options < 0 or self.probe_videos < 1:
+            raise ValueError(f"--uniform-options must be >= 0 and --probe-videos >= 1; got {self.uniform_options} "
+                             f"and {self.probe_videos}")
         if self.search_iters < 0 or self.phases < 1 or self.samples_per_bucket < 1 or self.batch_size < 1:
             raise ValueError("--search-iters >= 0, --phases >= 1, --samples-per-bucket >= 1 and --batch-size >= 1")
 
@@ -228,7 +234,10 @@ def passes_budget(psnr_videos: Sequence[float], min_psnr: Optional[float], rule:
     """Whether per-video PSNRs meet ``min_psnr`` under ``rule`` (:data:`BUDGET_RULES`); no budget passes."""
     if min_psnr is None:
         return True
-    value = min(psnr_videos) if rule == "worst" else float(np.mean(psnr_videos))
+    made = [p for p in psnr_videos if p is not None]  # (a run stopped early holds the videos it made)
+    if len(made) < len(psnr_videos) and rule == "mean":
+        return False
+    value = min(made) if rule == "worst" else float(np.mean(made))
     return value >= min_psnr
 
 
@@ -293,16 +302,24 @@ def groundtruth_kept(plan: dict, dense: dict) -> bool:
 
 
 def search_budget(space: SearchSpace, verify: Callable[[Assignment, float], dict], *, min_psnr: Optional[float],
-                  max_layer_error: Optional[float] = None, rule: str = "worst", iters: int = 6
-                  ) -> Tuple[dict, List[dict]]:
-    """The cheapest verified assignment that meets the budget: ``(best record, every verified record)``.
+                  max_layer_error: Optional[float] = None, rule: str = "worst", iters: int = 6, uniform: int = 3,
+                  calls_per_step: int = 1) -> Tuple[dict, List[dict]]:
+    """The verified plan to keep: ``(best record, every verified record)``.
 
     ``verify(assignment, lam)`` runs a plan end to end and returns a record with ``psnr_videos`` (per
-    calibration video) and ``modelled_ms``, and ``groundtruth_ok`` False where the plan loses a ground-truth
-    check (it then fails whatever its PSNR). The cheapest assignment (``lam = 0``) first; if it fails,
-    ``lam`` is bisected geometrically for ``iters`` verified runs between the largest ``lam`` that still
-    gives the cheapest plan and the least that gives an exact one (both found without running a plan),
-    and the dense plan is the answer when none passed.
+    calibration video; a run stopped early under the budget holds the videos it made) and ``modelled_ms``, and
+    ``groundtruth_ok`` False where the plan loses a ground-truth check (it then fails whatever its PSNR).
+
+    1. The allocation: the cheapest assignment (``lam = 0``) first; if it fails, ``lam`` is bisected
+       geometrically for ``iters`` verified runs between the largest ``lam`` that still gives the cheapest plan
+       and the least that gives an exact one (both found without running a plan); the cheapest passing one.
+    2. The ``uniform`` most promising step-structured plans (:func:`~.search.uniform_options`: a dense warm-up,
+       then one candidate everywhere) that cost no more than it, verified too.
+    3. The cheapest passing plan, where plans within :data:`COST_TIE` of it count as equally cheap and the one
+       whose margin holds best across the videos wins among them: the highest worst-video PSNR (``rule="mean"``:
+       the highest mean), the cheaper on a tie. A plan tuned to just clear the budget on its search videos is
+       the one that misses it on new ones; at a cost the model cannot tell apart the wider margin is the safer
+       plan. The dense plan when nothing passed.
     """
     trace = []
 
@@ -315,31 +332,78 @@ def search_budget(space: SearchSpace, verify: Callable[[Assignment, float], dict
 
     cheapest = space.assign(0.0, max_layer_error)
     best = run(cheapest, 0.0)
-    if best["passes"]:
-        return best, trace
-    # The bracket, found without running anything: hi, the least lam (x4 steps) whose plan has no attention
-    # error (dense layers, dense heads in block-sparse launches: exact, so it passes), and lo, the largest below
-    # it whose plan is still the cheapest one (which failed). Verified runs go only where the plan changes.
-    scale = space.scale()
-    hi = scale
-    while hi < scale * 1e8 and any(c.error > 0 for c in space.assign(hi, max_layer_error).choices.values()):
-        hi *= 4.0
-    lo = hi
-    while lo > scale * 1e-8 and space.assign(lo, max_layer_error).key() != cheapest.key():
-        lo /= 4.0
-    best = None
-    for _ in range(iters):
-        mid = math.sqrt(lo * hi)
-        record = run(space.assign(mid, max_layer_error), mid)
-        if record["passes"]:
-            hi = mid
-            if best is None or record["modelled_ms"] < best["modelled_ms"]:
-                best = record
-        else:
-            lo = mid
-    if best is None:  # nothing sparse passed: the dense plan (lam = infinity) does, exactly
-        best = run(space.assign(math.inf), math.inf)
-    return best, trace
+    if not best["passes"]:
+        # The bracket, found without running anything: hi, the least lam (x4 steps) whose plan has no attention
+        # error (dense layers, dense heads in block-sparse launches: exact, so it passes), and lo, the largest
+        # below it whose plan is still the cheapest one (which failed). Verified runs go only where the plan
+        # changes.
+        scale = space.scale()
+        hi = scale
+        while hi < scale * 1e8 and any(c.error > 0 for c in space.assign(hi, max_layer_error).choices.values()):
+            hi *= 4.0
+        lo = hi
+        while lo > scale * 1e-8 and space.assign(lo, max_layer_error).key() != cheapest.key():
+            lo /= 4.0
+        best = None
+        for _ in range(iters):
+            mid = math.sqrt(lo * hi)
+            record = run(space.assign(mid, max_layer_error), mid)
+            if record["passes"]:
+                hi = mid
+                if best is None or record["modelled_ms"] < best["modelled_ms"]:
+                    best = record
+            else:
+                lo = mid
+    ceiling = best["modelled_ms"] if best is not None else space.assign(math.inf).cost_per_sample(calls_per_step) * 1e3
+    seen = {r["assignment"].key() for r in trace}
+    for option in uniform_options(space, ceiling, calls_per_step, uniform, max_layer_error) if uniform else []:
+        if option.key() not in seen:
+            seen.add(option.key())
+            run(option, math.nan)
+    passing = [r for r in trace if r["passes"] and r["modelled_ms"] <= ceiling * (1 + 1e-9)]
+    if not passing:  # nothing sparse passed: the dense plan (lam = infinity) does, exactly
+        return run(space.assign(math.inf), math.inf), trace
+    least = min(r["modelled_ms"] for r in passing)
+    cheapest = [r for r in passing if r["modelled_ms"] <= least * (1 + COST_TIE)]
+
+    def margin(record: dict) -> float:
+        videos = [p for p in record["psnr_videos"] if p is not None]
+        return min(videos) if rule == "worst" else float(np.mean(videos))
+
+    return max(cheapest, key=lambda r: (margin(r), -r["modelled_ms"])), trace
+
+
+def _describe(assignment: Assignment, lam: float) -> str:
+    """A verified plan in a few words: ``allocation, lambda 4.4e-06`` or ``uniform tile w1x1x1 after 9 dense steps``."""
+    from .search import UniformAssignment
+
+    if isinstance(assignment, UniformAssignment):
+        return (f"uniform {assignment.space.candidates[assignment.candidate].label} after {assignment.warmup} dense "
+                f"step{'s' if assignment.warmup != 1 else ''}")
+    if math.isinf(lam):
+        return "dense (exact)"
+    return f"allocation, lambda {lam:.3g}"
+
+
+def _hardest_first(pipe, jobs, dense_videos, order: Sequence[int], call_kwargs: dict, settings, bar,
+                   stop_below: Optional[float]) -> Tuple[List[Optional[np.ndarray]], bool]:
+    """The videos of ``jobs`` under the applied plan (``[video or None]`` in job order) and whether the run
+    stopped early: with ``stop_below`` (a worst-video budget) the hardest quarter of the videos (``order``:
+    the worst first, as the last complete verified run ranked them) goes first, and a video under the budget
+    ends the run there, since the plan has then failed whatever the other videos give."""
+    made: List[Optional[np.ndarray]] = [None] * len(jobs)
+    first = max(1, math.ceil(len(jobs) / 4)) if stop_below is not None else len(jobs)
+    head, rest = list(order[:first]), list(order[first:])
+    for part in (head, rest):
+        if not part:
+            continue
+        videos = generate_videos(pipe, [jobs[i] for i in part], call_kwargs, settings.batch_size, bar.update)
+        for i, video in zip(part, videos):
+            made[i] = video
+        if (part is head and rest and stop_below is not None
+                and min(_psnr_ssim([made[i]], [dense_videos[i]])[0] for i in head) < stop_below):
+            return made, True
+    return made, False
 
 
 def _probe_step(bucket: Tuple[int, int]) -> int:
@@ -412,10 +476,14 @@ def probe_layer_weights(space: SearchSpace, run: Callable[[SparsePlan], float], 
 
 
 def _validate(pipe, settings: CalibrationSettings, space: SearchSpace, verify, best: dict, trace: List[dict],
-              val_jobs, call_kwargs: dict, bar, log) -> Tuple[dict, dict]:
+              val_jobs, call_kwargs: dict, bar, log, *, calls_per_step: int = 1) -> Tuple[dict, dict]:
     """The plan to write and the validation record: ``best`` if it meets the budget on the validation videos
     (``min_psnr`` on the worst one; on tiny-shapes ground truth within one video of dense's per check), else the
-    next denser plan that passed the search, validated in order of cost, else the dense plan (exact)."""
+    next denser plan that passed the search, validated in order of cost, else the dense plan (exact).
+
+    With ``settings.baseline`` the record also holds ``baseline``: uniform SLA at no more modelled cost than the
+    written plan (:func:`~.search.uniform_options` over the SLA candidates) on the same validation videos, what
+    the calibration bought over the simplest alternative on videos neither was chosen on."""
     import dit_accel
 
     chunks = math.ceil(len(val_jobs) / settings.batch_size)
@@ -424,21 +492,21 @@ def _validate(pipe, settings: CalibrationSettings, space: SearchSpace, verify, b
     with dit_accel.apply(pipe, Dense(), backend=settings.backend):
         dense_videos = generate_videos(pipe, val_jobs, call_kwargs, settings.batch_size, bar.update)
     dense_per_video = (time.perf_counter() - t) / len(val_jobs)
-    dense_gt = None
-    if settings.model in GROUNDTRUTH_MODELS:
-        from ..eval.groundtruth import score_many
+    from ..eval.groundtruth import score_many
 
-        dense_gt = score_many(dense_videos, [p for p, _ in val_jobs])
+    dense_gt = score_many(dense_videos, [p for p, _ in val_jobs]) if settings.model in GROUNDTRUTH_MODELS else None
     tried = []
+    checked: Dict[int, dict] = {}
 
     def check(record: dict) -> dict:
         bar.stage(f"validating plan {len(tried) + 1}", chunks * settings.steps)
         with dit_accel.apply(pipe, record["assignment"].to_plan({}), backend=settings.backend):
             videos = generate_videos(pipe, val_jobs, call_kwargs, settings.batch_size, bar.update)
         psnr, ssim, per_video = _psnr_ssim(videos, dense_videos, per_video=True)
-        out = {"lam": record["lam"], "modelled_ms": record["modelled_ms"], "psnr": psnr, "psnr_worst": min(per_video),
-               "psnr_videos": per_video, "ssim": ssim,
+        out = {"lam": record["lam"], "label": record.get("label"), "modelled_ms": record["modelled_ms"], "psnr": psnr,
+               "psnr_worst": min(per_video), "psnr_videos": per_video, "ssim": ssim,
                "search": {"psnr": record["psnr"], "psnr_worst": record["psnr_worst"]}}
+        checked[id(record)] = out
         ok = passes_budget(per_video, settings.min_psnr, "worst")
         if dense_gt is not None:
             out["groundtruth"] = score_many(videos, [p for p, _ in val_jobs])
@@ -465,7 +533,7 @@ def _validate(pipe, settings: CalibrationSettings, space: SearchSpace, verify, b
         if chosen is None:
             chosen = verify(space.assign(math.inf), math.inf)
             chosen["passes"] = True
-        log(f"note: the cheapest plan that passed on the search videos failed on the validation videos "
+        log(f"note: the plan chosen on the search videos failed on the validation videos "
             f"(worst {tried[0]['psnr_worst']:.2f} dB" + ("" if dense_gt is None else
                                                         f", ground truth kept: {tried[0]['groundtruth_ok']}") +
             f"); falling back to the next denser plan: "
@@ -474,9 +542,46 @@ def _validate(pipe, settings: CalibrationSettings, space: SearchSpace, verify, b
     record = {"videos": len(val_jobs), "prompts": sorted({p for p, _ in val_jobs}), "seeds": sorted({s for _, s in val_jobs}),
               "dense_groundtruth": dense_gt, "tried": tried, "fell_back": chosen is not best,
               "dense_seconds_per_video": dense_per_video,
-              "final": None if math.isinf(chosen["lam"]) else next(r for r in tried if r["lam"] == chosen["lam"]
-                                                                  and r["modelled_ms"] == chosen["modelled_ms"])}
+              "final": checked.get(id(chosen)), "baseline": None}
+    if settings.baseline and space is not None and space.sla:
+        options = uniform_options(space, chosen["modelled_ms"], calls_per_step, 1, kinds=("sla",))
+        if options:
+            option = options[0]
+            bar.stage("validation: uniform SLA baseline", chunks * settings.steps)
+            with dit_accel.apply(pipe, option.to_plan({}), backend=settings.backend):
+                videos = generate_videos(pipe, val_jobs, call_kwargs, settings.batch_size, bar.update)
+            psnr, ssim, per_video = _psnr_ssim(videos, dense_videos, per_video=True)
+            record["baseline"] = {"label": _describe(option, math.nan), "method": option.method(0, 0).to_dict(),
+                                  "dense_steps": option.warmup,
+                                  "modelled_ms": option.cost_per_sample(calls_per_step) * 1e3, "psnr": psnr,
+                                  "psnr_worst": min(per_video), "ssim": ssim,
+                                  "groundtruth": None if dense_gt is None else
+                                  score_many(videos, [p for p, _ in val_jobs])}
     return chosen, record
+
+
+def _quality_record(best: dict, search_videos: int, validation: Optional[dict], assignment: Assignment,
+                    calls_per_step: int) -> dict:
+    """What a plan's provenance says of its quality (``generate`` prints it): the search and validation figures
+    against dense, the uniform SLA baseline at no more modelled cost on the validation videos, and the modelled
+    attention time of the plan and of dense."""
+    def figures(record: Optional[dict], videos: int) -> Optional[dict]:
+        if record is None:
+            return None
+        return {"videos": videos, "psnr": record["psnr"], "psnr_worst": record["psnr_worst"],
+                "groundtruth": record.get("groundtruth")}
+
+    out = {"plan": best.get("label"), "modelled_ms": assignment.cost_per_sample(calls_per_step) * 1e3,
+           "dense_modelled_ms": assignment.dense_cost_per_sample(calls_per_step) * 1e3,
+           "search": figures(best, search_videos)}
+    if validation is not None:
+        out["validation"] = figures(validation.get("final"), validation["videos"])
+        out["validation_prompts"] = validation["prompts"]
+        base = validation.get("baseline")
+        if base is not None:
+            out["baseline"] = {k: base[k] for k in ("label", "method", "dense_steps", "modelled_ms", "psnr",
+                                                    "psnr_worst", "groundtruth")}
+    return out
 
 
 def _attention_ms(handle) -> Optional[float]:
@@ -638,10 +743,13 @@ def calibrate(settings: CalibrationSettings, out, *, report_dir=None, progress: 
         if settings.model in GROUNDTRUTH_MODELS:
             from ..eval.groundtruth import score_many
 
-            def score_groundtruth(videos):
-                return score_many(videos, [p for p, _ in jobs])
+            def score_groundtruth(videos, prompts=None):
+                return score_many(videos, prompts if prompts is not None else [p for p, _ in jobs])
 
             dense_groundtruth = score_groundtruth(dense_videos)
+
+        hardest: List[int] = list(range(len(jobs)))  # video order, worst first after a complete verified run
+        early = settings.min_psnr is not None and settings.budget_on == "worst" and len(jobs) > 1
 
         def verify(assignment: Assignment, lam: float) -> dict:
             key = assignment.key()
@@ -649,27 +757,42 @@ def calibrate(settings: CalibrationSettings, out, *, report_dir=None, progress: 
                 plan = assignment.to_plan({})
                 bar.stage(f"verifying plan {len(verified) + 1}", chunks * settings.steps)
                 with dit_accel.apply(pipe, plan, timing=True, backend=settings.backend) as h:
-                    videos = generate_videos(pipe, jobs, call_kwargs, settings.batch_size, bar.update)
-                    measured = _attention_ms(h)
-                psnr, ssim, per_video = _psnr_ssim(videos, dense_videos, per_video=True)
-                verified[key] = {"psnr": psnr, "ssim": ssim, "psnr_videos": per_video, "psnr_worst": min(per_video),
-                                 "attention_ms": measured, "videos": videos}
+                    made, stopped = _hardest_first(pipe, jobs, dense_videos, hardest, call_kwargs, settings, bar,
+                                                   stop_below=settings.min_psnr if early else None)
+                    measured = None if stopped else _attention_ms(h)
+                per_video = [None if made[i] is None else _psnr_ssim([made[i]], [dense_videos[i]])[0]
+                             for i in range(len(jobs))]
+                done = [i for i in range(len(jobs)) if made[i] is not None]
+                psnr, ssim = _psnr_ssim([made[i] for i in done], [dense_videos[i] for i in done])
+                verified[key] = {"psnr": psnr, "ssim": ssim, "psnr_videos": per_video,
+                                 "psnr_worst": min(per_video[i] for i in done), "attention_ms": measured,
+                                 "videos": made, "stopped_early": stopped, "videos_made": len(done),
+                                 "first_label": _describe(assignment, lam)}
+                repeat = None
+                if not stopped:
+                    hardest[:] = sorted(range(len(jobs)), key=lambda i: per_video[i])
                 if score_groundtruth is not None:
-                    gt = score_groundtruth(videos)
+                    gt = score_groundtruth([made[i] for i in done], [jobs[i][0] for i in done])
                     verified[key]["groundtruth"] = gt
                     if settings.gates_groundtruth():
                         verified[key]["groundtruth_ok"] = groundtruth_kept(gt, dense_groundtruth)
-            return dict(verified[key], lam=lam, assignment=assignment,
-                        modelled_ms=assignment.cost_per_sample(calls_per_step) * 1e3)
+            else:
+                repeat = verified[key]["first_label"]
+            return dict(verified[key], lam=lam, assignment=assignment, label=_describe(assignment, lam),
+                        repeat_of=repeat, modelled_ms=assignment.cost_per_sample(calls_per_step) * 1e3)
 
         step_weights = layer_weights = None
         if settings.sensitivity == "probe":
-            reference = np.stack([v.astype(np.float32) / 255.0 for v in dense_videos])
+            # The probes measure a ratio (output error per unit of attention error), averaged over the videos:
+            # a few videos, one per prompt first (jobs are seed-major), measure it as well as all of them.
+            probe_jobs = jobs[:settings.probe_videos]
+            reference = np.stack([v.astype(np.float32) / 255.0 for v in dense_videos[:len(probe_jobs)]])
 
             def probe(plan: SparsePlan) -> float:
-                bar.stage(f"sensitivity probe {len(step_weights_log) + 1}", chunks * settings.steps)
+                bar.stage(f"sensitivity probe {len(step_weights_log) + 1}",
+                          math.ceil(len(probe_jobs) / settings.batch_size) * settings.steps)
                 with dit_accel.apply(pipe, plan, backend=settings.backend):
-                    videos = generate_videos(pipe, jobs, call_kwargs, settings.batch_size, bar.update)
+                    videos = generate_videos(pipe, probe_jobs, call_kwargs, settings.batch_size, bar.update)
                 mse = float(np.mean((np.stack([v.astype(np.float32) / 255.0 for v in videos]) - reference) ** 2))
                 step_weights_log.append(mse)
                 return mse
@@ -685,13 +808,15 @@ def calibrate(settings: CalibrationSettings, out, *, report_dir=None, progress: 
             t += seconds["sensitivity probes"]
         best, trace = search_budget(space, verify, min_psnr=settings.min_psnr,
                                     max_layer_error=settings.max_layer_error, rule=settings.budget_on,
-                                    iters=settings.search_iters)
+                                    iters=settings.search_iters, uniform=settings.uniform_options,
+                                    calls_per_step=calls_per_step)
         seconds["search and verification"] = time.perf_counter() - t
         # 3b. validation: the chosen plan on videos the search never saw; else the next denser passing plan
         validation = None
         if val_jobs:
             t = time.perf_counter()
-            best, validation = _validate(pipe, settings, space, verify, best, trace, val_jobs, call_kwargs, bar, log)
+            best, validation = _validate(pipe, settings, space, verify, best, trace, val_jobs, call_kwargs, bar, log,
+                                         calls_per_step=calls_per_step)
             seconds["validation"] = time.perf_counter() - t
         assignment: Assignment = best["assignment"]
         # 4. ground truth, provenance, outputs
@@ -713,14 +838,13 @@ def calibrate(settings: CalibrationSettings, out, *, report_dir=None, progress: 
             model_class=type(transformer).__name__, model_id=settings.model, grids=[list(grid)],
             prompts_sha256=prompts_hash(settings.prompts), seeds=list(settings.seeds), budget=budget,
             objective=objective, steps=settings.steps, timesteps=timesteps, call=call_kwargs,
-            candidates=[c.label for c in candidates], cost_model=costs.describe())
+            candidates=[c.label for c in candidates], cost_model=costs.describe(),
+            quality=_quality_record(best, len(jobs), validation, assignment, calls_per_step))
         plan = assignment.to_plan(provenance)
-        table = assignment.table()
-        phase_tables = [{"steps": list(b), "labels": [table[(l, i)] for l in range(layers)]}
-                        for i, b in enumerate(buckets)]
+        phase_tables = assignment.phase_tables()
         densities = {c.label: c.density for c in candidates}
         densities.update({"dense": 1.0, "dense*": 1.0})
-        max_err = max((c.error for c in assignment.choices.values()), default=0.0) ** 0.5
+        max_err = assignment.max_layer_error()
         result = {
             "settings": {**asdict(settings), "heads": heads, "layers": layers, "grid": list(grid)},
             "plan_path": str(out), "plan_summary": {"phases": len(plan.phases), "lines": plan.summary()},
@@ -737,9 +861,12 @@ def calibrate(settings: CalibrationSettings, out, *, report_dir=None, progress: 
                       "ssim": best["ssim"], "attention_ms": best["attention_ms"],
                       "modelled_ms": best["modelled_ms"], "lam": best["lam"], "warmup_steps": assignment.warmup_steps(),
                       "max_layer_error": max_err},
-            "trace": [{"lam": r["lam"], "modelled_ms": r["modelled_ms"], "psnr": r["psnr"],
-                       "psnr_worst": r["psnr_worst"], "groundtruth": r.get("groundtruth"), "passes": r["passes"]}
+            "trace": [{"lam": r["lam"], "plan": r.get("label"), "modelled_ms": r["modelled_ms"], "psnr": r["psnr"],
+                       "psnr_worst": r["psnr_worst"], "groundtruth": r.get("groundtruth"), "passes": r["passes"],
+                       "videos_made": r.get("videos_made"), "stopped_early": r.get("stopped_early", False),
+                       "repeat_of": r.get("repeat_of")}
                       for r in trace],
+            "chosen": best.get("label"),
             "phase_tables": phase_tables, "groundtruth": groundtruth, "validation": validation,
             "search_videos": len(jobs),
             "prompts_sha256": prompts_hash(settings.prompts),

@@ -31,7 +31,11 @@ from ..methods import Dense, Method
 from ..per_head import PerHead
 from ..sparse_plan import Phase, SparsePlan
 
-__all__ = ["LayerChoice", "Assignment", "assign", "to_plan", "SearchSpace"]
+__all__ = ["COST_TIE", "LayerChoice", "Assignment", "UniformAssignment", "assign", "to_plan", "SearchSpace", "uniform_options"]
+
+#: Modelled costs this close (relative: a head or two of a large layer) are a tie in the search's final choice
+#: (``calibrate.run.search_budget``), where the wider worst-video margin wins.
+COST_TIE = 0.005
 
 
 @dataclass(frozen=True)
@@ -180,6 +184,110 @@ class Assignment:
         cands = self.space.candidates
         return {k: (["dense"] * self.space.heads if c.dense else
                     ["dense*" if i < 0 else cands[i].label for i in c.heads]) for k, c in self.choices.items()}
+
+    def phase_tables(self) -> List[dict]:
+        """``[{"steps": [start, stop], "labels": [[label per head] per layer]}]`` per step phase (the report)."""
+        table = self.table()
+        return [{"steps": list(b), "labels": [table[(l, i)] for l in range(self.space.layers)]}
+                for i, b in enumerate(self.space.buckets)]
+
+    def max_layer_error(self) -> float:
+        """The largest relative L2 attention error of a layer in a step (sampled steps only)."""
+        return max((c.error for c in self.choices.values()), default=0.0) ** 0.5
+
+
+class UniformAssignment(Assignment):
+    """A step-structured plan: ``warmup`` dense steps, then one candidate on every layer and head.
+
+    The per-(layer, bucket) allocation adds up each layer's and step's error as if errors did not interact; a
+    plan that keeps every early step exact and is sparse everywhere late is where that sum is least reliable
+    (on tiny-shapes with 4 calibration prompts, Tile (1, 1, 1) after 9 dense steps: 30.6 dB on the search
+    videos at less modelled cost than the allocated plan's 28.0 dB). :func:`uniform_options` prices these plans
+    exactly and the search verifies the most promising ones beside its own. ``warmup`` need not fall on a bucket
+    boundary; errors are read from the bucket each step falls in.
+    """
+
+    def __init__(self, space: SearchSpace, candidate: int, warmup: int):
+        self.space, self.candidate, self.warmup = space, int(candidate), int(warmup)
+        self.steps = space.buckets[-1][1]
+        cand = space.candidates[self.candidate]
+        per_call = space.costs.launch(cand.kind) + space.heads * float(space.head_cost[self.candidate])
+        self.choices = {}
+        for l in range(space.layers):
+            for b, (start, stop) in enumerate(space.buckets):
+                errors = space.errors.get((l, b))
+                error = 0.0 if errors is None else float(errors[self.candidate].sum())
+                if stop <= self.warmup:
+                    self.choices[(l, b)] = LayerChoice((-2,) * space.heads, ("dense",), space.dense_layer_cost, 0.0)
+                else:  # a bucket the warm-up ends inside is priced per step in cost_per_sample
+                    self.choices[(l, b)] = LayerChoice((self.candidate,) * space.heads, (cand.kind,), per_call, error)
+
+    def key(self) -> tuple:
+        return ("uniform", self.candidate, self.warmup)
+
+    def cost_per_sample(self, calls_per_step: int) -> float:
+        sparse = next(c.cost for c in self.choices.values() if not c.dense) if self.warmup < self.steps else 0.0
+        per_step_layer = [self.space.dense_layer_cost if s < self.warmup else sparse for s in range(self.steps)]
+        return sum(per_step_layer) * self.space.layers * calls_per_step
+
+    def predicted_error(self) -> float:
+        """The weighted attention error the search's additive model predicts (step by step)."""
+        total = 0.0
+        for s in range(self.warmup, self.steps):
+            b = next(i for i, (start, stop) in enumerate(self.space.buckets) if start <= s < stop)
+            for l in range(self.space.layers):
+                total += self.space.bucket_weights[b] * self.space.layer_weights[l] * self.choices[(l, b)].error
+        return total
+
+    def warmup_steps(self) -> int:
+        return self.warmup
+
+    def method(self, layer: int, bucket: int) -> Method:
+        return self.space.candidates[self.candidate].method
+
+    def to_plan(self, provenance: dict) -> SparsePlan:
+        if self.warmup >= self.steps:
+            return SparsePlan((), self.space.layers, self.space.heads, provenance)
+        method = self.space.candidates[self.candidate].method
+        layers = {l: method for l in range(self.space.layers)}
+        return SparsePlan((Phase(self.warmup, None, layers),), self.space.layers, self.space.heads, provenance)
+
+    def phase_tables(self) -> List[dict]:
+        label = self.space.candidates[self.candidate].label
+        heads, layers = self.space.heads, self.space.layers
+        out = []
+        if self.warmup > 0:
+            out.append({"steps": [0, self.warmup], "labels": [["dense"] * heads for _ in range(layers)]})
+        if self.warmup < self.steps:
+            out.append({"steps": [self.warmup, self.steps], "labels": [[label] * heads for _ in range(layers)]})
+        return out
+
+    def max_layer_error(self) -> float:
+        errors = [c.error for (l, b), c in self.choices.items() if self.space.buckets[b][1] > self.warmup]
+        return max(errors, default=0.0) ** 0.5
+
+
+def uniform_options(space: SearchSpace, max_ms: float, calls_per_step: int, count: int,
+                    max_error: Optional[float] = None, kinds: Sequence[str] = ("block_sparse", "sla")
+                    ) -> List[UniformAssignment]:
+    """Up to ``count`` step-structured plans (:class:`UniformAssignment`) that cost at most ``max_ms`` modelled ms
+    per sample: for each sparse candidate the longest dense warm-up within that cost (the most exact plan that
+    candidate affords), ranked by the error the additive model predicts, least first. Candidates
+    above ``max_error`` (relative L2, per layer and step) in any sparse step are left out; ``kinds``: the
+    candidate kinds considered."""
+    steps = space.buckets[-1][1]
+    options = []
+    for i in [i for i in space.block + space.sla if space.candidates[i].kind in kinds]:
+        fits = [w for w in range(steps) if UniformAssignment(space, i, w).cost_per_sample(calls_per_step) * 1e3
+                <= max_ms * (1 + 1e-9)]
+        if not fits:
+            continue
+        option = UniformAssignment(space, i, max(fits))
+        if max_error is not None and option.max_layer_error() > max_error:
+            continue
+        options.append(option)
+    options.sort(key=lambda o: (o.predicted_error(), o.cost_per_sample(calls_per_step)))
+    return options[:count]
 
 
 def assign(space: SearchSpace, lam: float, max_error: Optional[float] = None) -> Assignment:

@@ -109,7 +109,7 @@ def check_args(args) -> dict:
     if args.guidance_scale is not None and not (math.isfinite(args.guidance_scale) and args.guidance_scale >= 0):
         raise _UsageError(f"--guidance-scale must be a finite number >= 0; got {args.guidance_scale}")
     for name, least in (("phases", 1), ("samples_per_bucket", 1), ("search_iters", 0), ("batch_size", 1),
-                        ("layer_groups", 0)):
+                        ("layer_groups", 0), ("uniform_options", 0), ("probe_videos", 1)):
         value = getattr(args, name)
         if value < least:
             raise _UsageError(f"--{name.replace('_', '-')} must be >= {least}; got {value}")
@@ -237,6 +237,15 @@ def register(subparsers) -> argparse.ArgumentParser:
                    help="what prices a candidate: the kernels' cost model (default; --arch, --kernel, --cost-terms), "
                         "or its attention call timed on this device (--device, --dtype) on random inputs of the grid")
     p.add_argument("--search-iters", type=int, default=6, help="bisection steps of the PSNR search (default 6)")
+    p.add_argument("--uniform-options", type=int, default=3, metavar="N",
+                   help="also verify the N most promising step-structured plans (dense warm-up, then one method "
+                        "everywhere) at no more modelled cost than the allocated plan, and keep the passing plan "
+                        "whose worst video has the widest margin (default 3; 0: the allocation only)")
+    p.add_argument("--probe-videos", type=int, default=4, metavar="N",
+                   help="videos each sensitivity probe generates (default 4, one per prompt first)")
+    p.add_argument("--no-baseline", dest="baseline", action="store_false",
+                   help="skip the uniform SLA run at the plan's modelled cost on the validation videos (the "
+                        "report's and the plan's comparison with the simplest alternative)")
     p.add_argument("--batch-size", type=int, default=8, help="samples per pipeline call")
     p.add_argument("--backend", default="auto", choices=["auto", "triton", "torch", "flex"])
     p.add_argument("--report-dir", metavar="DIR", help="report.md, heatmap.png, calibration.json (default PLAN_report/)")
@@ -286,7 +295,8 @@ def _run(args) -> int:
         arch=args.arch, kernel=args.kernel, cost_terms=args.cost_terms, costs=args.costs, search_iters=args.search_iters,
         batch_size=args.batch_size, backend=args.backend, budget_on=args.budget_on,
         groundtruth=args.groundtruth, sensitivity=args.sensitivity,
-        layer_groups=args.layer_groups)
+        layer_groups=args.layer_groups, uniform_options=args.uniform_options, probe_videos=args.probe_videos,
+        baseline=args.baseline)
     try:
         result = calibrate(settings, args.out, report_dir=args.report_dir, progress=not args.no_progress)
     except (ModelLoadError, ValueError, OSError) as exc:
@@ -301,5 +311,11 @@ def _run(args) -> int:
           f"{result['dense']['modelled_ms']:.3f}; {result['seconds']['total']:.0f} s" +
           (f" ({result['cost_vs_dense']['ratio']:.1f}x one dense generation of the same videos)"
            if result.get("cost_vs_dense") else ""))
+    if result.get("chosen"):
+        print(f"chosen: {result['chosen']}")
+    base = (result.get("validation") or {}).get("baseline")
+    if base is not None:
+        print(f"baseline on the validation videos: {base['label']} ({base['modelled_ms']:.3f} ms/sample modelled) "
+              f"{base['psnr']:.2f} dB (worst {base['psnr_worst']:.2f})")
     print(f"wrote {args.out}, {os.path.join(result['report_dir'], 'report.md')}, heatmap.png, calibration.json")
     return 0

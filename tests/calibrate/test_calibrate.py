@@ -170,8 +170,8 @@ def _verify_by_error(offsets):
     def verify(assignment, lam):
         error = sum(c.error for c in assignment.choices.values())
         base = 100.0 if error == 0 else -10.0 * math.log10(error) + 20.0
-        return {"psnr_videos": [min(100.0, base + o) for o in offsets], "modelled_ms": assignment.cost_per_sample(1),
-                "assignment": assignment}
+        return {"psnr_videos": [min(100.0, base + o) for o in offsets],
+                "modelled_ms": assignment.cost_per_sample(1) * 1e3, "assignment": assignment}
 
     return verify
 
@@ -400,7 +400,7 @@ def test_validation_falls_back_to_the_next_denser_plan_that_holds_on_unseen_vide
                 "assignment": Assignment(name)}
 
     trace = [rec("cheap", 0.0, 1.0), rec("dear", 2.0, 3.0), rec("mid", 1.0, 2.0)]
-    settings = run.CalibrationSettings(model="tiny-wan", prompts=["a"], min_psnr=30.0, steps=2)
+    settings = run.CalibrationSettings(model="tiny-wan", prompts=["a"], min_psnr=30.0, steps=2, baseline=False)
     log = []
     chosen, val = run._validate(None, settings, None, None, trace[0], trace, [("a", 5), ("b", 5)], {},
                                 run._Progress(False), log.append)
@@ -424,3 +424,104 @@ def test_validation_falls_back_to_the_next_denser_plan_that_holds_on_unseen_vide
     chosen, val = run._validate(None, settings, Space(), verify, trace[0], trace, [("a", 5)], {},
                                 run._Progress(False), log.append)
     assert math.isinf(chosen["lam"]) and val["final"] is None and len(val["tried"]) == 3
+
+
+def test_a_uniform_plan_is_priced_step_by_step_and_runs_one_method_after_its_warmup():
+    from dit_accel.calibrate.search import UniformAssignment, uniform_options
+
+    buckets = [(0, 1), (1, 2), (2, 4), (4, 8)]
+    space = _random_space(2, buckets, 7)
+    tile = next(i for i in space.block)
+    option = UniformAssignment(space, tile, 3)  # the warm-up ends inside the bucket (2, 4)
+    cand = space.candidates[tile]
+    sparse_layer = space.costs.launch(cand.kind) + 4 * space.costs.head(cand)
+    assert option.cost_per_sample(2) == pytest.approx(2 * 2 * (3 * space.dense_layer_cost + 5 * sparse_layer))
+    plan = option.to_plan({})
+    assert [(p.start, p.stop) for p in plan.phases] == [(3, None)]
+    assert all(plan.phases[0].layers[l] == cand.method for l in range(2))
+    # the additive model's error, step by step: steps 3 (bucket 2) and 4..7 (bucket 3), each layer's heads summed
+    space.bucket_weights = [1.0, 1.0, 2.0, 0.5]
+    expected = sum(w * float(space.errors[(l, b)][tile].sum())
+                   for l in range(2) for b, w in ((2, 2.0), (3, 0.5), (3, 0.5), (3, 0.5), (3, 0.5)))
+    assert option.predicted_error() == pytest.approx(expected)
+    assert [t["steps"] for t in option.phase_tables()] == [[0, 3], [3, 8]]
+    # options: the longest warm-up each candidate affords within the ceiling, least predicted error first
+    ceiling = option.cost_per_sample(1) * 1e3
+    options = uniform_options(space, ceiling, 1, 10)
+    assert options and all(o.cost_per_sample(1) * 1e3 <= ceiling * (1 + 1e-9) for o in options)
+    for o in options:
+        longer = UniformAssignment(space, o.candidate, o.warmup + 1)
+        assert o.warmup == 7 or longer.cost_per_sample(1) * 1e3 > ceiling * (1 + 1e-9)
+    assert [o.predicted_error() for o in options] == sorted(o.predicted_error() for o in options)
+    assert all(space.candidates[o.candidate].kind == "sla" for o in uniform_options(space, ceiling, 1, 10,
+                                                                                    kinds=("sla",)))
+
+
+def test_the_search_verifies_uniform_plans_and_keeps_the_cheapest_passing_with_the_widest_margin(monkeypatch):
+    """Step-structured plans the additive model misjudges join the verified plans at no more cost than the
+    allocation's; the cheapest passing plan is kept, and within COST_TIE of it the widest worst-video margin."""
+    from dit_accel.calibrate import run
+    from dit_accel.calibrate.search import UniformAssignment
+
+    space = _random_space(2, [(0, 2), (2, 4)], 3)
+    by_error = _verify_by_error([4.0, 0.0, -2.0])
+    uniform_videos = {}
+
+    def verify(assignment, lam):
+        if isinstance(assignment, UniformAssignment):
+            return {"psnr_videos": uniform_videos.get(assignment.key(), [20.0, 20.0, 20.0]),
+                    "modelled_ms": assignment.cost_per_sample(1) * 1e3, "assignment": assignment}
+        return by_error(assignment, lam)
+
+    alone, _ = run.search_budget(space, verify, min_psnr=25.0, iters=8, uniform=0)
+    assert not isinstance(alone["assignment"], UniformAssignment)
+    failing, trace = run.search_budget(space, verify, min_psnr=25.0, iters=8, uniform=3)  # they fail: the allocation
+    assert failing["assignment"].key() == alone["assignment"].key()
+    options = [r["assignment"] for r in trace if isinstance(r["assignment"], UniformAssignment)]
+    assert 0 < len(options) <= 3 and all(o.cost_per_sample(1) * 1e3 <= alone["modelled_ms"] * (1 + 1e-9)
+                                        for o in options)
+    cheaper = min(options, key=lambda o: o.cost_per_sample(1))
+    uniform_videos[cheaper.key()] = [26.0, 25.5, 25.1]  # passes, barely: the cheapest passing plan wins anyway
+    kept, _ = run.search_budget(space, verify, min_psnr=25.0, iters=8, uniform=3)
+    if cheaper.cost_per_sample(1) * 1e3 < alone["modelled_ms"] / (1 + run.COST_TIE):
+        assert kept["assignment"].key() == cheaper.key()
+    # within COST_TIE of the cheapest passing plan the wider worst-video margin wins, not the lower cost
+    tie = UniformAssignment(space, cheaper.candidate, cheaper.warmup)
+    tie.cost_per_sample = lambda calls: alone["modelled_ms"] * (1 - run.COST_TIE / 2) / 1e3 * calls
+    monkeypatch.setattr(run, "uniform_options", lambda *a, **k: [tie])
+    worst = min(alone["psnr_videos"])
+    assert worst > 25.1
+    uniform_videos[tie.key()] = [worst - 0.1] * 3  # cheaper by 1%, narrower margin: the allocation's plan
+    kept, _ = run.search_budget(space, verify, min_psnr=25.0, iters=8, uniform=1)
+    assert kept["assignment"].key() == alone["assignment"].key()
+    uniform_videos[tie.key()] = [worst + 3.0] * 3  # and with the wider margin: the uniform plan
+    kept, _ = run.search_budget(space, verify, min_psnr=25.0, iters=8, uniform=1)
+    assert kept["assignment"] is tie
+
+
+def test_a_verified_run_stops_at_the_first_video_under_the_budget(monkeypatch):
+    """The hardest quarter of the videos goes first; one under the budget ends the run (the plan has failed)."""
+    import numpy as np
+
+    from dit_accel.calibrate import run
+
+    calls = []
+
+    def videos(pipe, jobs, call_kwargs, batch_size, on_step=None):
+        calls.append([s for _, s in jobs])
+        return [np.full((2, 8, 8, 3), 100 + (30 if s == 3 else 1), np.uint8) for _, s in jobs]  # seed 3: 18.6 dB
+
+    monkeypatch.setattr(run, "generate_videos", videos)
+    jobs = [("p", s) for s in range(8)]
+    dense = [np.full((2, 8, 8, 3), 100, np.uint8) for _ in jobs]
+    settings = run.CalibrationSettings(model="m", prompts=["p"], min_psnr=25.0, steps=2)
+    bar = run._Progress(False)
+    made, stopped = run._hardest_first(None, jobs, dense, [3, 0, 1, 2, 4, 5, 6, 7], {}, settings, bar, 25.0)
+    assert stopped and calls == [[3, 0]] and [i for i, v in enumerate(made) if v is not None] == [0, 3]
+    calls.clear()
+    made, stopped = run._hardest_first(None, jobs, dense, [0, 1, 2, 4, 5, 6, 7, 3], {}, settings, bar, 25.0)
+    assert not stopped and calls == [[0, 1], [2, 4, 5, 6, 7, 3]] and all(v is not None for v in made)
+    calls.clear()
+    run._hardest_first(None, jobs, dense, list(range(8)), {}, settings, bar, None)  # no budget: one pass
+    assert calls == [list(range(8))]
+    assert run.passes_budget([30.0, None], 25.0) and not run.passes_budget([30.0, None], 25.0, "mean")
