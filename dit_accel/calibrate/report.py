@@ -48,7 +48,8 @@ def _validation_lines(result: dict) -> list:
         lines += ["## Search and validation", "",
                   f"Validation: prompts {', '.join(repr(p) for p in val['prompts'])} x seeds "
                   f"{', '.join(map(str, val['seeds']))}. A plan is written only if it meets the budget on the worst "
-                  "validation video (tiny-shapes: and ground truth within one video of dense's per check).", "",
+                  "validation video (tiny-shapes: and ground truth no worse than dense's beyond chance per check, a one-sided "
+                  "sign test at 5%).", "",
                   markdown_table(["set", "videos", "PSNR vs dense (dB, mean)", "worst video (dB)", "SSIM",
                                   "GT shape / motion / consistency"], rows), ""]
         lines += ["Plans validated, cheapest first:", "",

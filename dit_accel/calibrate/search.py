@@ -268,31 +268,34 @@ class UniformAssignment(Assignment):
 
 
 def uniform_options(space: SearchSpace, max_ms: float, calls_per_step: int, count: int,
-                    max_error: Optional[float] = None, kinds: Sequence[str] = ("block_sparse", "sla")
-                    ) -> List[UniformAssignment]:
-    """Up to ``count`` step-structured plans (:class:`UniformAssignment`) that cost at most ``max_ms`` modelled ms
-    per sample: for each sparse candidate the longest dense warm-up within that cost (the most exact plan that
-    candidate affords), ranked by the error the additive model predicts, least first. Candidates
-    above ``max_error`` (relative L2, per layer and step) in any sparse step are left out; ``kinds``: the
-    candidate kinds considered."""
+                    max_error: Optional[float] = None, kinds: Sequence[str] = ("block_sparse", "sla"),
+                    side: str = "below") -> List[UniformAssignment]:
+    """Up to ``count`` step-structured plans (:class:`UniformAssignment`), one per sparse candidate, priced next to
+    ``max_ms`` modelled ms per sample and ranked by the error the additive model predicts, least first.
+
+    ``side="below"``: each candidate's dense warm-up whose cost is the highest within ``max_ms`` (the most exact
+    plan it affords); ``"above"``: the one whose cost is the lowest at or above ``max_ms`` (a baseline given at
+    least the plan's cost). Candidates above ``max_error`` (relative L2, per layer and step) in any sparse step
+    are left out; ``kinds``: the candidate kinds considered.
+    """
+    if side not in ("below", "above"):
+        raise ValueError(f"side={side!r}: choose 'below' or 'above'")
     steps = space.buckets[-1][1]
     options = []
     for i in [i for i in space.block + space.sla if space.candidates[i].kind in kinds]:
-        fits = [w for w in range(steps) if UniformAssignment(space, i, w).cost_per_sample(calls_per_step) * 1e3
-                <= max_ms * (1 + 1e-9)]
-        if not fits:
+        priced = [(UniformAssignment(space, i, w).cost_per_sample(calls_per_step) * 1e3, w) for w in range(steps)]
+        if side == "below":
+            fits = [(ms, w) for ms, w in priced if ms <= max_ms * (1 + 1e-9)]
+            pick = max(fits, default=None)
+        else:
+            fits = [(ms, -w) for ms, w in priced if ms >= max_ms * (1 - 1e-9)]
+            pick = min(fits, default=None)
+            pick = None if pick is None else (pick[0], -pick[1])
+        if pick is None:
             continue
-        option = UniformAssignment(space, i, max(fits))
+        option = UniformAssignment(space, i, pick[1])
         if max_error is not None and option.max_layer_error() > max_error:
             continue
         options.append(option)
     options.sort(key=lambda o: (o.predicted_error(), o.cost_per_sample(calls_per_step)))
     return options[:count]
-
-
-def assign(space: SearchSpace, lam: float, max_error: Optional[float] = None) -> Assignment:
-    return space.assign(lam, max_error)
-
-
-def to_plan(assignment: Assignment, provenance: dict) -> SparsePlan:
-    return assignment.to_plan(provenance)

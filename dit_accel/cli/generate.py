@@ -6,9 +6,12 @@ over the denoising steps, writes the video and a JSON sidecar (``OUT.json``)
 with the full settings, versions, timings and per-layer density.
 
 With no arguments it runs ``tiny-shapes`` (a tiny model trained on synthetic
-clips, shipped with the package, offline, seconds on a CPU) with Tile at its
-grid-sized setting, and a dense run of the same call beside it: it prints the
-visited density, the attention time against dense and the ground-truth quality
+clips, shipped with the package, offline, seconds on a CPU) with the calibrated
+plan shipped for it (``dit-accel calibrate`` with validation; at other steps or
+sizes SLA at its grid-sized setting), and a dense run of the same call beside
+it: it prints what the plan bought in calibration (modelled GPU attention time
+against dense, and quality on held-out prompts against uniform SLA at no less
+cost), the visited density, the attention time against dense and the ground-truth quality
 of the sample (colour, shape, motion and consistency of the moving shape, judged
 from the frames by :mod:`dit_accel.eval.groundtruth`). ``--side-by-side`` also
 writes dense and sparse next to each other in one video.
@@ -47,16 +50,18 @@ DEFAULT_MODEL = "tiny-shapes"
 def register(subparsers) -> argparse.ArgumentParser:
     from ..models.tiny import TINY_DEFAULTS, TINY_MODELS
 
-    default_method = TINY_SHAPES_METHOD.upper() if len(TINY_SHAPES_METHOD) <= 3 else TINY_SHAPES_METHOD
+    uniform = TINY_SHAPES_METHOD.upper() if len(TINY_SHAPES_METHOD) <= 3 else TINY_SHAPES_METHOD
     p = subparsers.add_parser(
         "generate",
-        help=f"generate a video/image with a sparse-attention method (default: tiny-shapes, {default_method} vs "
+        help="generate a video/image with a sparse-attention method (default: tiny-shapes, its calibrated plan vs "
              "dense)",
         description="Generate one video (or image) with a sparse-attention method and write it with a JSON\n"
                     "sidecar (OUT.json). With no arguments: tiny-shapes (tiny model trained on synthetic clips)\n"
-                    f"with {default_method}, compared with a dense run of the same call (time and ground-truth "
-                    "quality).\nOn any other supported model without --method: the family's recommended setting "
-                    "(published by\nthe method's authors where they did); --method dense runs dense attention.",
+                    "with the calibrated plan shipped for it (dit-accel calibrate, validated on held-out prompts;\n"
+                    f"{uniform} when the call's steps or size differ from the plan's), compared with a dense run of "
+                    "the same call\n(time and ground-truth quality). On any other supported model without "
+                    "--method: the family's\nrecommended setting (published by the method's authors where they "
+                    "did); --method dense runs\ndense attention.",
         formatter_class=HelpFormatter,
     )
     text_lengths = ", ".join(f"{name}: {d['max_sequence_length']}" for name, d in TINY_DEFAULTS.items()
@@ -103,7 +108,8 @@ def register(subparsers) -> argparse.ArgumentParser:
     for action in p._actions:  # unset --method: dense, or the method a --weights folder was trained with
         if action.dest == "method":
             action.default = argparse.SUPPRESS
-            action.help = (f"attention method (default: {TINY_SHAPES_METHOD} for tiny-shapes; dense for the random-"
+            action.help = ("attention method (default: the shipped calibrated plan for tiny-shapes, "
+                           f"{TINY_SHAPES_METHOD} at other steps or sizes; dense for the random-"
                            "weight tiny-* models; on other models the family's recommended setting, "
                            "printed with its source; with --weights DIR, the method DIR was trained with); "
                            "--method dense runs dense attention; aliases: "
@@ -294,6 +300,30 @@ def _check_writable(out: Path, what: str) -> None:
     except OSError as err:
         raise _UsageError(f"{what}: cannot write to {folder} ({err.strerror or err}); choose a writable path") \
             from None
+
+
+def _default_plan(args) -> None:
+    """tiny-shapes with nothing that picks a method (no --method, --plan, --weights, method or schedule flags):
+    its shipped calibrated plan (:data:`~dit_accel.models.tiny_shapes.TINY_SHAPES_PLAN`) becomes ``args.plan``
+    when the call is the one it was calibrated for (steps and size); another call runs the uniform default
+    (:data:`~dit_accel.models.tiny_shapes.TINY_SHAPES_METHOD`) and says why in ``args._default_note``."""
+    from ..models.tiny_shapes import TINY_SHAPES_DEFAULTS, TINY_SHAPES_PLAN
+    from .options import _SCHEDULE_FLAGS, _dest, method_options_given
+
+    args._default_plan, args._default_note = False, None
+    if (args.model != "tiny-shapes" or args.no_model_defaults or getattr(args, "method", None) or args.plan
+            or getattr(args, "weights", None) or method_options_given(args)
+            or any(getattr(args, _dest(flag), None) is not None for flag in _SCHEDULE_FLAGS)):
+        return
+    call = {"num_inference_steps": args.steps, "num_frames": args.frames, "height": args.height, "width": args.width}
+    differs = [f"{key} {value}" for key, value in call.items() if value is not None and value != TINY_SHAPES_DEFAULTS[key]]
+    if differs:
+        args._default_note = (f"tiny-shapes' calibrated plan is for its default call ({TINY_SHAPES_DEFAULTS['num_frames']}"
+                              f"x{TINY_SHAPES_DEFAULTS['height']}x{TINY_SHAPES_DEFAULTS['width']}, "
+                              f"{TINY_SHAPES_DEFAULTS['num_inference_steps']} steps) and this call sets "
+                              f"{', '.join(differs)}: the uniform default {TINY_SHAPES_METHOD.upper()} runs instead")
+        return
+    args.plan, args._default_plan = str(TINY_SHAPES_PLAN), True
 
 
 def _early_plan(args):
@@ -687,6 +717,7 @@ def generate(args) -> dict:
     dtype, args.dtype = _pick_dtype(args.dtype, args.device, tiny)
     if tiny:
         _one_thread_for_tiny(args.device)
+    _default_plan(args)
     plan = _early_plan(args)
     saved = _early_method(args, parser, tiny)
     _check_side_by_side(args)
@@ -711,6 +742,8 @@ def generate(args) -> dict:
             schedule["allow_other_grid"] = True
         source, args.method = f"--plan {args.plan}", "plan"
         args.method_choice = f"--plan {args.plan}"
+        if getattr(args, "_default_plan", False):
+            source = args.method_choice = "tiny-shapes' default: the calibrated plan shipped with dit_accel"
     _check_side_by_side(args)  # again: without --method the method is known only now
     pipe.set_progress_bar_config(disable=True) if quiet else pipe.set_progress_bar_config(
         desc=f"denoising ({args.method})", leave=True)
@@ -755,6 +788,9 @@ def generate(args) -> dict:
                                  summary, elapsed))
     if hasattr(method, "summary_line"):  # a plan: its one-line summary, not its whole JSON
         record["plan_summary"] = method.summary_line()
+        record["plan_quality"] = method.sparse_plan.provenance.get("quality")  # calibrate's validation record
+    if getattr(args, "_default_note", None):
+        record["default_note"] = args._default_note
     record["compare_dense"] = to_jsonable(_comparison(times, dense, frames, side_by_side))
     record["quality"] = to_jsonable(_quality(args.model, call["prompt"], frames, dense))
     record["provenance"] = to_jsonable(_provenance(args, call, record, summary, stats))
@@ -829,10 +865,13 @@ def _summary_lines(record: dict) -> list:
     if record.get("method_choice") not in (None, "--method") and not record.get("plan_summary"):
         lines.append(f"method {method['method']}: {record['method_choice']}; settings: {record['defaults_source']}")
     density = record["density"]["mean"]
+    if record.get("default_note"):
+        lines.append(f"note: {record['default_note']}")
     if record.get("plan_summary"):
         lines.append(f"{record['method_choice']}: {record['plan_summary']}")
         lines.append("plan: visited density " + (f"{density:.3f}" if density is not None else "1.000 (ran dense)")
                      + " of the video attention blocks")
+        lines += _plan_quality_lines(record.get("plan_quality"))
     elif method["method"] != "dense":
         options = ", ".join(f"{k}={tuple(v) if isinstance(v, list) else v}" for k, v in method.items() if k != "method")
         lines.append(f"method {method['method']} ({options}): visited density "
@@ -854,6 +893,30 @@ def _summary_lines(record: dict) -> list:
         lines.append(f"ground truth for \"{quality['prompt']}\": {_verdict(quality['method'])} "
                      f"[{_passed(quality['method'])}" + (f"; dense {_passed(quality['dense'])}]"
                                                         if quality.get("dense") else "]"))
+    return lines
+
+
+def _plan_quality_lines(quality) -> list:
+    """What a calibrated plan bought, from its provenance (``dit-accel calibrate``'s record): modelled GPU
+    attention time against dense and against uniform SLA at no less cost, and the quality of both on the
+    validation videos, which the search never saw."""
+    if not isinstance(quality, dict) or not isinstance(quality.get("modelled_ms"), (int, float)):
+        return []
+    lines = []
+    plan_ms, dense_ms = quality["modelled_ms"], quality.get("dense_modelled_ms")
+    cost = f"modelled GPU attention {plan_ms:.4f} ms/sample"
+    if isinstance(dense_ms, (int, float)) and plan_ms > 0:
+        cost += f" vs dense {dense_ms:.4f} ({dense_ms / plan_ms:.2f}x)"
+    lines.append(f"calibrated: {quality.get('plan') or 'plan'}; {cost}")
+    val, base = quality.get("validation"), quality.get("baseline")
+    if isinstance(val, dict):
+        text = (f"on {val['videos']} validation videos (prompts the search never saw): {val['psnr']:.1f} dB vs dense "
+                f"(worst {val['psnr_worst']:.1f})")
+        if isinstance(base, dict):
+            text += (f"; uniform SLA at no less cost ({base['label'].removeprefix('uniform ')}, "
+                     f"{base['modelled_ms']:.4f} ms/sample): "
+                     f"{base['psnr']:.1f} dB (worst {base['psnr_worst']:.1f})")
+        lines.append(text)
     return lines
 
 

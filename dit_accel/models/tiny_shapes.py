@@ -37,6 +37,7 @@ import time
 from pathlib import Path
 
 __all__ = ["TINY_SHAPES_DIR", "TINY_SHAPES_DEFAULTS", "TINY_SHAPES_LABEL", "TINY_SHAPES_METHOD", "TINY_SHAPES_METHODS",
+           "TINY_SHAPES_PLAN", "TINY_SHAPES_PLAN_PROMPTS", "TINY_SHAPES_PLAN_COMMAND",
            "TINY_SHAPES_PROMPT", "TINY_SHAPES_GRID", "TRAINED_MODELS", "balanced_prompts", "load_tiny_shapes", "evaluate"]
 
 TINY_SHAPES_DIR = Path(__file__).resolve().parent / "weights" / "tiny-shapes"
@@ -58,7 +59,14 @@ TINY_SHAPES_DEFAULTS = {
 # (3 x 3 spatial tiles of 4x4x4 tokens per latent clip). Densities are visited 64x64 blocks of
 # video-video attention on that grid (`python -m dit_accel.models.tiny_shapes --densities`).
 TINY_SHAPES_GRID = (4, 12, 12)  # token grid at TINY_SHAPES_DEFAULTS
-TINY_SHAPES_METHOD = "sla"  # what `dit-accel generate` runs on this model when no --method is given
+TINY_SHAPES_METHOD = "sla"  # the uniform method `dit-accel generate` runs when the shipped plan does not fit the call
+# `dit-accel generate`'s default on this model: a plan made by `dit-accel calibrate` (with validation on held-out
+# prompts) from the prompts file beside it, for TINY_SHAPES_DEFAULTS. Remade by TINY_SHAPES_PLAN_COMMAND.
+TINY_SHAPES_PLAN = Path(__file__).resolve().parent / "plans" / "tiny-shapes.json"
+TINY_SHAPES_PLAN_PROMPTS = TINY_SHAPES_PLAN.with_name("tiny-shapes.prompts.txt")
+TINY_SHAPES_PLAN_COMMAND = ("dit-accel calibrate --model tiny-shapes --prompts dit_accel/models/plans/tiny-shapes.prompts.txt "
+                            "--min-psnr 30 --out dit_accel/models/plans/tiny-shapes.json "
+                            "--report-dir docs/calibrate_evidence/tiny-shapes-shipped")
 TINY_SHAPES_METHODS = {
     # Tiles of 4x4x4 tokens, each sees its own row of tiles: density 3/9 = 0.333.
     "tile": {"tile": (4, 4, 4), "window": (1, 1, 3)},

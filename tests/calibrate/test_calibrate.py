@@ -108,6 +108,13 @@ def test_calibrate_end_to_end_writes_a_plan_that_apply_runs(tmp_path, capsys, mo
     chosen = val["final"]
     assert chosen is None or (chosen["passes"] and chosen["psnr_worst"] >= 25.0)
     assert "## Search and validation" in (report / "report.md").read_text()
+    # uniform SLA given at least the plan's modelled cost, on the same validation videos, in the plan's provenance
+    base = val["baseline"]  # (tiny-wan at this size has no sparse candidate: nothing to compare)
+    assert (base is None) == (model == "tiny-wan")
+    if base is not None:
+        assert base["label"].startswith("uniform sla")
+        assert base["modelled_ms"] >= result["final"]["modelled_ms"] - 1e-12
+        assert plan.provenance["quality"]["baseline"]["psnr"] == base["psnr"]
     assert result["plan_sha256"] == plan.content_hash() and result["cost_vs_dense"]["ratio"] > 1
     if model == "tiny-shapes":
         gt = result["groundtruth"]
@@ -377,11 +384,14 @@ def test_validation_falls_back_to_the_next_denser_plan_that_holds_on_unseen_vide
             return self.name
 
         def to_plan(self, provenance):
+            return self
+
+        def content_hash(self):
             return self.name
 
     class Applied:
         def __init__(self, pipe, plan, **kwargs):
-            current.append("dense" if isinstance(plan, dit_accel.Dense) else plan)
+            current.append("dense" if isinstance(plan, dit_accel.Dense) else plan.name)
 
         def __enter__(self):
             return self
@@ -455,6 +465,12 @@ def test_a_uniform_plan_is_priced_step_by_step_and_runs_one_method_after_its_war
     assert [o.predicted_error() for o in options] == sorted(o.predicted_error() for o in options)
     assert all(space.candidates[o.candidate].kind == "sla" for o in uniform_options(space, ceiling, 1, 10,
                                                                                     kinds=("sla",)))
+    # a baseline given at least the plan's cost: each candidate's cheapest warm-up at or above the ceiling
+    above = uniform_options(space, ceiling, 1, 10, side="above")
+    assert above
+    for o in above:
+        costs = [UniformAssignment(space, o.candidate, w).cost_per_sample(1) * 1e3 for w in range(8)]
+        assert o.cost_per_sample(1) * 1e3 == min(c for c in costs if c >= ceiling * (1 - 1e-9))
 
 
 def test_the_search_verifies_uniform_plans_and_keeps_the_cheapest_passing_with_the_widest_margin(monkeypatch):
@@ -525,3 +541,19 @@ def test_a_verified_run_stops_at_the_first_video_under_the_budget(monkeypatch):
     run._hardest_first(None, jobs, dense, list(range(8)), {}, settings, bar, None)  # no budget: one pass
     assert calls == [list(range(8))]
     assert run.passes_budget([30.0, None], 25.0) and not run.passes_budget([30.0, None], 25.0, "mean")
+
+
+def test_validation_ground_truth_fails_a_check_only_when_the_plan_is_worse_beyond_chance():
+    from dit_accel.calibrate.run import groundtruth_close
+
+    def scores(fails, n=8):
+        return {"per_video": [{"colour": True, "shape": i not in fails, "motion": True, "consistency": True}
+                              for i in range(n)]}
+
+    dense = scores(set())
+    assert groundtruth_close(scores({0}), dense)  # one video: noise
+    assert groundtruth_close(scores({0, 1, 2, 3}), dense)  # 4 of 8 lost, none gained: p = 1/16, not below 5%
+    assert not groundtruth_close(scores({0, 1, 2, 3, 4}), dense)  # 5 of 8: p = 1/32
+    assert groundtruth_close(scores({0, 1, 2, 3, 4}), scores({5, 6, 7}))  # 5 lost, 3 gained: p = 0.36
+    assert not groundtruth_close(scores(set(range(6)), n=20), dense.__class__(per_video=scores(set(), 20)["per_video"]))
+    assert groundtruth_close(scores({2}), scores({2}))  # the same failures: nothing lost

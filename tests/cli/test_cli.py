@@ -180,8 +180,9 @@ def test_generate_says_when_a_sparse_method_runs_dense(tmp_path, capsys):
 
 
 def test_generate_default_is_tiny_shapes_sparse_beside_dense(tmp_path, monkeypatch, capsys):
-    """No model or method: tiny-shapes with SLA at its grid-sized setting, a dense run of the same call,
-    the ground truth of both, and with --side-by-side one video with dense left and SLA right."""
+    """No model or method, and fewer steps than the shipped plan's: tiny-shapes with SLA at its grid-sized
+    setting (and a note saying why not the plan), a dense run of the same call, the ground truth of both, and
+    with --side-by-side one video with dense left and SLA right."""
     from dit_accel.models.tiny_shapes import TINY_SHAPES_METHODS
 
     monkeypatch.chdir(tmp_path)
@@ -204,8 +205,11 @@ def test_generate_default_is_tiny_shapes_sparse_beside_dense(tmp_path, monkeypat
     assert meta["quality"]["dense"] is not None
     for needle in ("method sla (topk=0.3", "visited density 0.333", "self-attention", "vs dense",
                    'ground truth for "a red circle moving right": colour', "left dense, right sla",
-                   "trained on synthetic clips"):
+                   "trained on synthetic clips",
+                   "note: tiny-shapes' calibrated plan is for its default call (7x48x48, 12 steps) and this call "
+                   "sets num_inference_steps 2: the uniform default SLA runs instead"):
         assert needle in out, out
+    assert "calibrated plan" in meta["default_note"]
 
 
 @pytest.mark.parametrize("argv, needle", [

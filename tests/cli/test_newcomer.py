@@ -39,14 +39,14 @@ def _error(capsys, argv) -> str:
 def test_top_level_help_names_the_default_model_and_method(capsys):
     text = _help(capsys)
     line = re.search(r"generate\s+(.*?)\s+info\s", text).group(1)
-    assert "tiny-shapes" in line and TINY_SHAPES_METHOD.upper() in line and "tiny-wan" not in line
+    assert "tiny-shapes" in line and "calibrated plan" in line and "tiny-wan" not in line
     assert "random" not in re.search(r"dit-accel generate\s+#([^\n]*?)dit-accel generate", text).group(1)
 
 
 def test_generate_help_states_the_defaults_it_uses(capsys):
     text = _help(capsys, "generate")
-    assert f"tiny-shapes, {TINY_SHAPES_METHOD.upper()} vs dense" in text or \
-        f"with {TINY_SHAPES_METHOD.upper()}, compared" in text
+    assert "with the calibrated plan shipped for it" in text
+    assert f"{TINY_SHAPES_METHOD.upper()} when the call's steps or size differ" in text
     assert "with Tile" not in text
     for name, sizes in TINY_DEFAULTS.items():  # the text lengths the tiny models really use
         assert f"{name}: {sizes['max_sequence_length']}" in text
