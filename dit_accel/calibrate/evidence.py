@@ -130,7 +130,7 @@ def main(argv=None) -> int:
     # Uniform SLA given at least the plan's cost: each SLA candidate's warm-up nearest the plan's cost from above
     # (the plan must beat it at equal or lower cost), where that stays within dense's cost.
     for cand in [c for c in uniform_cands if c.kind == "sla"]:
-        above = [(_uniform_cost(space, cand, w, steps, calls) * 1e3, w) for w in range(steps + 1)]
+        above = [(_uniform_cost(space, cand, w, steps, calls) * 1e3, w) for w in range(steps)]
         above = [(ms, w) for ms, w in above if plan_ms * (1 - 1e-9) <= ms <= dense_ms * (1 + 1e-9)]
         if not above:
             continue

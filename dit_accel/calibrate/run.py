@@ -739,9 +739,9 @@ def calibrate(settings: CalibrationSettings, out, *, report_dir=None, progress: 
         log(f"note: {note}")
     if len(jobs) < MIN_VIDEOS:
         log(f"note: {len(jobs)} calibration video(s) (prompts x seeds); with fewer than {MIN_VIDEOS} the cheapest plan "
-            "that passes on them tends to fail on new prompts (on tiny-shapes, 4 videos gave a plan 2.9 dB below the "
-            "best uniform method at its cost on held-out prompts, 8 videos one 0.9 dB above it: BENCHMARKS.md "
-            "section 11); pass more prompts or --seeds")
+            "that passes on them tends to fail on new prompts (on tiny-shapes, 4 videos searched without validation "
+            "or uniform plans gave a plan 2.9 dB below the best uniform method at its cost on held-out prompts, 8 "
+            "videos one 0.9 dB above it: BENCHMARKS.md section 11); pass more prompts or --seeds")
     chunks = math.ceil(len(jobs) / settings.batch_size)
     bar = _Progress(progress)
     try:

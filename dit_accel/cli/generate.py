@@ -869,8 +869,8 @@ def _summary_lines(record: dict) -> list:
         lines.append(f"note: {record['default_note']}")
     if record.get("plan_summary"):
         lines.append(f"{record['method_choice']}: {record['plan_summary']}")
-        lines.append("plan: visited density " + (f"{density:.3f}" if density is not None else "1.000 (ran dense)")
-                     + " of the video attention blocks")
+        lines.append("plan: " + (f"its sparse calls visit {density:.3f} of the video attention blocks"
+                                 if density is not None else "every call ran dense"))
         lines += _plan_quality_lines(record.get("plan_quality"))
     elif method["method"] != "dense":
         options = ", ".join(f"{k}={tuple(v) if isinstance(v, list) else v}" for k, v in method.items() if k != "method")
