@@ -31,7 +31,8 @@ from ..methods import Dense, Method
 from ..per_head import PerHead
 from ..sparse_plan import Phase, SparsePlan
 
-__all__ = ["COST_TIE", "LayerChoice", "Assignment", "UniformAssignment", "assign", "to_plan", "SearchSpace", "uniform_options"]
+__all__ = ["COST_TIE", "LayerChoice", "Assignment", "UniformAssignment", "assign", "to_plan", "SearchSpace",
+           "uniform_options"]
 
 #: Modelled costs this close (relative: a head or two of a large layer) are a tie in the search's final choice
 #: (``calibrate.run.search_budget``), where the wider worst-video margin wins.
@@ -299,3 +300,11 @@ def uniform_options(space: SearchSpace, max_ms: float, calls_per_step: int, coun
         options.append(option)
     options.sort(key=lambda o: (o.predicted_error(), o.cost_per_sample(calls_per_step)))
     return options[:count]
+
+
+def assign(space: SearchSpace, lam: float, max_error: Optional[float] = None) -> Assignment:
+    return space.assign(lam, max_error)
+
+
+def to_plan(assignment: Assignment, provenance: dict) -> SparsePlan:
+    return assignment.to_plan(provenance)
