@@ -303,16 +303,16 @@ def _check_writable(out: Path, what: str) -> None:
 
 
 def _default_plan(args) -> None:
-    """tiny-shapes with nothing that picks a method (no --method, --plan, --weights, method or schedule flags):
-    its shipped calibrated plan (:data:`~dit_accel.models.tiny_shapes.TINY_SHAPES_PLAN`) becomes ``args.plan``
-    when the call is the one it was calibrated for (steps and size); another call runs the uniform default
-    (:data:`~dit_accel.models.tiny_shapes.TINY_SHAPES_METHOD`) and says why in ``args._default_note``."""
+    """tiny-shapes with nothing that picks a method (no --method, --plan, --plan-any-grid, --weights, method or
+    schedule flags): its shipped calibrated plan (:data:`~dit_accel.models.tiny_shapes.TINY_SHAPES_PLAN`) becomes
+    ``args.plan`` when the call is the one it was calibrated for (steps and size); another call runs the uniform
+    default (:data:`~dit_accel.models.tiny_shapes.TINY_SHAPES_METHOD`) and says why in ``args._default_note``."""
     from ..models.tiny_shapes import TINY_SHAPES_DEFAULTS, TINY_SHAPES_PLAN
     from .options import _SCHEDULE_FLAGS, _dest, method_options_given
 
     args._default_plan, args._default_note = False, None
     if (args.model != "tiny-shapes" or args.no_model_defaults or getattr(args, "method", None) or args.plan
-            or getattr(args, "weights", None) or method_options_given(args)
+            or getattr(args, "plan_any_grid", False) or getattr(args, "weights", None) or method_options_given(args)
             or any(getattr(args, _dest(flag), None) is not None for flag in _SCHEDULE_FLAGS)):
         return
     call = {"num_inference_steps": args.steps, "num_frames": args.frames, "height": args.height, "width": args.width}
