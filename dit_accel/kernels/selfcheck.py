@@ -326,12 +326,14 @@ _FAST: Dict[tuple, bool] = {}
 def usable_fast(name: str, device: torch.device, dtype: torch.dtype, head_dim: int, block_q: int,
                 block_k: int) -> bool:
     """:func:`usable` for a launcher's per-call question, memoised per (variant, device, dtype, shape, faults):
-    one dictionary lookup after the first call."""
+    one dictionary lookup after the first call. Answers given while the variant's own check runs, or inside a
+    traced or captured graph (where an unchecked variant is trusted for now), are not memoised: the next eager
+    call still checks it."""
     key = (name, device, dtype, head_dim, block_q, block_k, _env(ENV_FAULT), _env(ENV_SELFCHECK))
     hit = _FAST.get(key)
     if hit is None:
         hit = usable(name, device, dtype, {"head_dim": head_dim, "block_q": block_q, "block_k": block_k})
-        if name not in _RUNNING:
+        if name not in _RUNNING and not _in_graph():
             _FAST[key] = hit
     return hit
 

@@ -201,6 +201,23 @@ def test_selfcheck_off_trusts_every_variant(monkeypatch):
         selfcheck._REGISTRY.pop("test.fake.off")
 
 
+def test_a_variant_trusted_inside_a_graph_is_still_checked_on_the_next_eager_call(monkeypatch):
+    """Tracing or capturing runs no check and trusts an unchecked variant for now; the per-call memo must not
+    keep that answer, or the variant would never be checked."""
+    runs = _counting_variant("test.fake.graph", selfcheck.Result(1.0, 1e-2, "wrong"))
+    args = ("test.fake.graph", CPU, torch.float16, SHAPE["head_dim"], SHAPE["block_q"], SHAPE["block_k"])
+    try:
+        monkeypatch.setattr(selfcheck, "_in_graph", lambda: True)
+        assert selfcheck.usable_fast(*args) and runs == []
+        monkeypatch.setattr(selfcheck, "_in_graph", lambda: False)
+        with pytest.warns(UserWarning, match="test.fake.graph failed its self-check"):
+            assert not selfcheck.usable_fast(*args)
+        assert runs == [torch.float16]
+        assert not selfcheck.usable_fast(*args) and runs == [torch.float16]  # memoised once checked
+    finally:
+        selfcheck._REGISTRY.pop("test.fake.graph")
+
+
 def test_relative_error_counts_non_finite_output_as_infinite():
     ref = torch.tensor([1.0, 2.0, float("-inf")])
     assert selfcheck.relative_error(ref.clone(), ref) == 0.0
