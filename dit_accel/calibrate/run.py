@@ -219,11 +219,18 @@ def _step_timesteps(scheduler) -> Optional[List[float]]:
     return [float(t) for t in timesteps[::order]]
 
 
+def _psnr(video, ref) -> float:
+    """Mean per-frame PSNR of one video against its reference."""
+    from ..eval.metrics import psnr_per_frame
+
+    return float(psnr_per_frame(video, ref).mean())
+
+
 def _psnr_ssim(videos, refs, per_video: bool = False):
     """Mean PSNR and SSIM of ``videos`` against ``refs`` (and the PSNR of each video with ``per_video``)."""
-    from ..eval.metrics import psnr_per_frame, ssim_per_frame
+    from ..eval.metrics import ssim_per_frame
 
-    psnr = [float(psnr_per_frame(v, r).mean()) for v, r in zip(videos, refs)]
+    psnr = [_psnr(v, r) for v, r in zip(videos, refs)]
     ssim = [float(ssim_per_frame(v, r).mean()) for v, r in zip(videos, refs)]
     if per_video:
         return float(np.mean(psnr)), float(np.mean(ssim)), psnr
@@ -437,7 +444,7 @@ def _hardest_first(pipe, jobs, dense_videos, order: Sequence[int], call_kwargs: 
         for i, video in zip(part, videos):
             made[i] = video
         if (part is head and rest and stop_below is not None
-                and min(_psnr_ssim([made[i]], [dense_videos[i]])[0] for i in head) < stop_below):
+                and min(_psnr(made[i], dense_videos[i]) for i in head) < stop_below):
             return made, True
     return made, False
 
@@ -800,10 +807,12 @@ def calibrate(settings: CalibrationSettings, out, *, report_dir=None, progress: 
                     made, stopped = _hardest_first(pipe, jobs, dense_videos, hardest, call_kwargs, settings, bar,
                                                    stop_below=settings.min_psnr if early else None)
                     measured = None if stopped else _attention_ms(h)
-                per_video = [None if made[i] is None else _psnr_ssim([made[i]], [dense_videos[i]])[0]
-                             for i in range(len(jobs))]
                 done = [i for i in range(len(jobs)) if made[i] is not None]
-                psnr, ssim = _psnr_ssim([made[i] for i in done], [dense_videos[i] for i in done])
+                psnr, ssim, psnr_done = _psnr_ssim([made[i] for i in done], [dense_videos[i] for i in done],
+                                                   per_video=True)
+                per_video: List[Optional[float]] = [None] * len(jobs)
+                for i, value in zip(done, psnr_done):
+                    per_video[i] = value
                 verified[key] = {"psnr": psnr, "ssim": ssim, "psnr_videos": per_video,
                                  "psnr_worst": min(per_video[i] for i in done), "attention_ms": measured,
                                  "videos": made, "stopped_early": stopped, "videos_made": len(done),
