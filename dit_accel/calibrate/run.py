@@ -398,11 +398,8 @@ def search_budget(space: SearchSpace, verify: Callable[[Assignment, float], dict
             else:
                 lo = mid
     ceiling = best["modelled_ms"] if best is not None else space.assign(math.inf).cost_per_sample(calls_per_step) * 1e3
-    seen = {r["assignment"].key() for r in trace}
     for option in uniform_options(space, ceiling, calls_per_step, uniform, max_layer_error) if uniform else []:
-        if option.key() not in seen:
-            seen.add(option.key())
-            run(option, math.nan)
+        run(option, math.nan)  # (one verified already is not rerun)
     passing = [r for r in trace if r["passes"] and r["modelled_ms"] <= ceiling * (1 + 1e-9)]
     if not passing:  # nothing sparse passed: the dense plan (lam = infinity) does, exactly
         return run(space.assign(math.inf), math.inf), trace
