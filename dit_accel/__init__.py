@@ -23,7 +23,7 @@ _EXPORTS = {
     "PerHead": "per_head",
     **{name: "weights" for name in ("load_method", "read_weights_info")},
     "DitAccelWarning": "_util",
-    "BadFileError": "_io",
+    "BadFileError": "atomic_files",
     **{name: "pipelines.apply" for name in ("apply", "AccelHandle")},
     **{name: "pipelines.presets" for name in ("register_preset", "unregister_preset", "Preset", "GridInfo",
                                               "recommended", "published_settings")},

@@ -293,7 +293,7 @@ class GNA(Method):
 
     def _natten(self, layout, perm) -> None:
         """Record this GNA's window on ``layout`` for the NATTEN backend (a reason where NATTEN cannot run it)."""
-        from .kernels.block_sparse.vendor.natten import attach_gna
+        from .kernels.block_sparse.backends.natten import attach_gna
 
         attach_gna(layout, perm, self.kernel_size, self.stride, self.dilation, self.is_causal)
     def _fitted_relations(self, grid):
@@ -421,7 +421,7 @@ class Tile(Method):
                                                 "(or tile) makes it sparse")
         # Tiled by the STA tile when it holds whole 64-token blocks; else by a default tile.
         perm, layout = tile_layout(grid, self.tile, self.window)
-        from .kernels.block_sparse.vendor.natten import attach_tile
+        from .kernels.block_sparse.backends.natten import attach_tile
 
         attach_tile(layout, perm, self.tile, self.window)  # NATTEN's equivalent GNA window, or why there is none
         return LayoutPlan(self, perm.grid, layout, perm,

@@ -241,7 +241,7 @@ class LayoutPlan(Plan):
             self._wide = [wide_query_layout(self.perm, self.layout) if self.wide_q and self.layout.block_q == 64
                           else None]
             if self._wide[0] is not None:  # the same token mask: NATTEN's window (if any) holds for it too
-                from .kernels.block_sparse.vendor.natten import share_window
+                from .kernels.block_sparse.backends.natten import share_window
 
                 share_window(self.layout, self._wide[0])
         return self._wide[0]

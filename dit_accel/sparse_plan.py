@@ -449,7 +449,7 @@ class SparsePlan:
 
         Every field is validated: a missing, unreadable, binary or damaged file, or any value that is not a
         plan's, is a ValueError of one line naming the file and the field."""
-        from ._io import read_json
+        from .atomic_files import read_json
 
         path = Path(path)
         try:

@@ -44,7 +44,7 @@ from typing import Dict, List, Optional
 import torch
 from torch import nn
 
-from ._io import (BadFileError, atomic_write_json, check_hashes, crash_point, file_hashes, load_safetensors,
+from .atomic_files import (BadFileError, atomic_write_json, check_hashes, crash_point, file_hashes, load_safetensors,
                   read_json, remove_stale_temps, temp_name)
 from ._util import DitAccelWarning
 from .methods import Method, method_from_name
@@ -279,7 +279,7 @@ def load_into(handle, folder) -> None:
     and shapes and the SLA projections' names and shapes. So a bad folder raises and leaves the
     model as it was.
 
-    Raises ValueError (:class:`~dit_accel._io.BadFileError` for a bad file, naming it) when the folder is
+    Raises ValueError (:class:`~dit_accel.atomic_files.BadFileError` for a bad file, naming it) when the folder is
     missing files, holds a truncated or half-written file, was trained for a different method config
     than ``handle.method`` (only SLA's ``linear_tokens`` may differ, with a warning), or when its LoRA or
     SLA projections do not match the model's layers.

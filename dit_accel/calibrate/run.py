@@ -669,10 +669,10 @@ OUTPUT_FILES = ("report.md", "heatmap.png", "calibration.json")
 
 
 def write_outputs(out, report_dir, plan: SparsePlan, result: dict, densities: Dict[str, float]) -> None:
-    """The plan and its report folder (:data:`OUTPUT_FILES`) as one unit (:func:`dit_accel._io.commit_files`):
+    """The plan and its report folder (:data:`OUTPUT_FILES`) as one unit (:func:`dit_accel.atomic_files.commit_files`):
     after a kill at any point, and the next run's :func:`recover_outputs`, the previous complete set or the new
     one. Every file names the plan's content hash (report.md, calibration.json, heatmap.png's metadata)."""
-    from .._io import commit_files, commit_journal
+    from ..atomic_files import commit_files, commit_journal
     from .._util import to_jsonable
 
     out, report_dir = Path(out), Path(report_dir)
@@ -687,7 +687,7 @@ def write_outputs(out, report_dir, plan: SparsePlan, result: dict, densities: Di
 
 def recover_outputs(out, report_dir) -> None:
     """Finish a killed run's committed outputs, then sweep the temporaries dead runs left beside them."""
-    from .._io import commit_journal, recover
+    from ..atomic_files import commit_journal, recover
 
     out, report_dir = Path(out), Path(report_dir)
     recover(commit_journal(out), [out.parent, report_dir])

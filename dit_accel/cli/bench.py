@@ -16,7 +16,7 @@ import argparse
 import json
 import sys
 
-from .._io import atomic_write_json
+from ..atomic_files import atomic_write_json
 from .options import HelpFormatter, plain
 
 __all__ = ["register", "run"]

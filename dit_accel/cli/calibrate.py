@@ -74,7 +74,7 @@ def check_args(args) -> dict:
     Raises :class:`_UsageError` (one line naming the argument or file and what is allowed)."""
     import torch
 
-    from .._io import BadFileError, read_text
+    from ..atomic_files import BadFileError, read_text
     from ..calibrate.candidates import METHODS
     from ..kernels.cost import CONSTANTS, KERNELS
     from ..models.loading import ModelLoadError, resolve_model_kind

@@ -176,7 +176,7 @@ def _run(args) -> int:
     if not args.seeds:
         return fail("--seeds needs at least one seed, e.g. --seeds 0,1")
     if args.prompts:
-        from .._io import BadFileError, read_text
+        from ..atomic_files import BadFileError, read_text
 
         try:
             text = read_text(args.prompts, what="--prompts: a UTF-8 text file, one prompt per line")

@@ -261,7 +261,7 @@ def _method_for_weights(args, saved, parser):
 
 def _check_flags(args) -> None:
     """Everything about the flags that needs no model: fail before a (possibly long) load."""
-    from ..io import VIDEO_SUFFIXES
+    from ..videos import VIDEO_SUFFIXES
 
     for flag in ("frames", "height", "width", "steps", "max_sequence_length"):
         value = getattr(args, flag)
@@ -532,7 +532,7 @@ def _remove_earlier_side_by_side(sidecar: Path, out: Path) -> None:
     """An earlier run at this ``--out`` wrote ``OUT-vs-dense`` and this one writes none: remove those files, so
     no comparison of another run stays beside this run's video. Only what that run's sidecar records as its
     side-by-side output at exactly this path is removed."""
-    from ..io import output_files
+    from ..videos import output_files
 
     try:
         earlier = json.loads(sidecar.read_text())
@@ -690,8 +690,8 @@ def _provenance(args, call, record, summary, stats) -> dict:
 
 def generate(args) -> dict:
     """Run ``generate`` for parsed ``args``; returns the sidecar dict (also written to OUT.json)."""
-    from .._io import atomic_write_json
-    from ..io import output_files, save_video, to_uint8_frames
+    from ..atomic_files import atomic_write_json
+    from ..videos import output_files, save_video, to_uint8_frames
     from ..models.loading import ModelLoadError, load_pipeline, resolve_model_kind
     from ..models.tiny import is_embedded_model
 

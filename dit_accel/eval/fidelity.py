@@ -31,7 +31,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-from .._io import BadFileError, is_temp_name
+from ..atomic_files import BadFileError, is_temp_name
 from ..methods import Method
 
 __all__ = ["load_capture", "method_attention", "matched_method", "bench_fidelity", "fidelity_table"]

@@ -12,7 +12,7 @@ from typing import List, Sequence
 
 import numpy as np
 
-from .._io import atomic_write, atomic_write_text
+from ..atomic_files import atomic_write, atomic_write_text
 
 __all__ = ["write_report", "plot_pareto", "frame_grid", "markdown_table"]
 

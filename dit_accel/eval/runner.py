@@ -113,7 +113,7 @@ class MethodSpec:
 
 def _read_config(path: str):
     """The --method-config file's contents; ValueError with the parser's one-line reason when it is not valid."""
-    from .._io import read_text
+    from ..atomic_files import read_text
 
     text = read_text(path, what="--method-config: a JSON or YAML file of method options")
     if str(path).endswith((".yaml", ".yml")):
@@ -231,7 +231,7 @@ def model_fingerprint(model, pipe, cache_dir: Optional[Path] = None, log=print) 
 
 def _read_dense_entry(path: Path):
     """``(frames, times)`` of a dense cache file; ValueError (BadFileError) naming it when it is damaged."""
-    from .._io import BadFileError
+    from ..atomic_files import BadFileError
 
     expected = "a dense cache entry: frames uint8 [F, H, W, 3] and times (JSON)"
     try:
@@ -307,7 +307,7 @@ def _dense_row(pipe, timer, settings: EvalSettings, samples, cache_dir: Path, lo
     """
     from tqdm.auto import tqdm
 
-    from .._io import atomic_write
+    from ..atomic_files import atomic_write
 
     model_sha256 = model_fingerprint(settings.model, pipe, cache_dir, log)
     pipeline = type(pipe).__name__
@@ -514,12 +514,12 @@ def _fitting(specs: Sequence[MethodSpec], pipe, log) -> List[MethodSpec]:
     return kept
 
 
-#: The report files of one eval run, written as one unit (:func:`dit_accel._io.commit_files`).
+#: The report files of one eval run, written as one unit (:func:`dit_accel.atomic_files.commit_files`).
 REPORT_FILES = ("results.json", "report.md", "pareto.png", "grid.png")
 
 
 def _write_results(out_dir: Path, results: dict, rows: List[dict]) -> None:
-    from .._io import commit_files, commit_journal
+    from ..atomic_files import commit_files, commit_journal
     from . import report
 
     shown = [r for r in rows if "videos" in r]
@@ -562,7 +562,7 @@ def run_eval(settings: EvalSettings, specs: Sequence[MethodSpec], out_dir, *, ca
                          "--prompt TEXT")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    from .._io import commit_journal, recover
+    from ..atomic_files import commit_journal, recover
 
     recover(commit_journal(out_dir / "results.json"), [out_dir])  # a killed run's report set, finished or swept
     cache_dir = Path(cache_dir) if cache_dir else out_dir / "cache"

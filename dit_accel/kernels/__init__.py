@@ -15,7 +15,7 @@ from .merge import merge_attention
 from .reference import dense_attention_reference
 from .sla import SLAParams, sla_attention, sla_classify, sla_density
 from . import _selfchecks  # noqa: F401,E402  (registers the in-repo kernel variants with the self-check)
-from .block_sparse.vendor import checks as _vendor_checks  # noqa: F401,E402  (and the vendor backends')
+from .block_sparse.backends import checks as _vendor_checks  # noqa: F401,E402  (and the vendor backends')
 
 __all__ = [
     "BlockLayout",

@@ -117,7 +117,7 @@ _LOADED: Dict[str, bool] = {}
 
 def cache_path() -> Path:
     """The JSON file holding the choices (``$DIT_ACCEL_CACHE/autotune.json``)."""
-    from .._io import cache_root
+    from ..atomic_files import cache_root
 
     return cache_root() / "autotune.json"
 
@@ -145,7 +145,7 @@ def _valid_entry(key, entry) -> bool:
 def _entries() -> Dict[str, dict]:
     """The stored choices; a damaged file (truncated, wrong structure) or entry is dropped with a warning
     naming it, and the shapes it held are timed again."""
-    from .._io import read_json
+    from ..atomic_files import read_json
 
     path = cache_path()
     if not _LOADED.get(str(path)):
@@ -174,7 +174,7 @@ def _warn(message: str) -> None:
 
 
 def _store(key: str, entry: dict) -> None:
-    from .._io import atomic_write_json
+    from ..atomic_files import atomic_write_json
 
     with _LOCK:
         entries = _entries()

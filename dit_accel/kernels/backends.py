@@ -22,7 +22,7 @@ __all__ = ["BACKENDS", "ENV_BACKEND", "BackendUnavailable", "Request", "availabl
            "resolve", "triton_reason", "interpreting", "TUNED", "Backend", "backend_peers", "backend_reasons",
            "VENDOR_BACKENDS", "env_get", "env_value"]
 
-#: The vendor block-sparse backends (optional packages; :mod:`dit_accel.kernels.block_sparse.vendor`).
+#: The vendor block-sparse backends (optional packages; :mod:`dit_accel.kernels.block_sparse.backends`).
 VENDOR_BACKENDS = ("fa4", "cudnn", "natten")
 #: Every backend name, in the order ``auto`` considers them for block-sparse attention.
 BACKENDS = ("triton", "flex", "torch") + VENDOR_BACKENDS
@@ -181,7 +181,7 @@ class Backend:
 
 def _vendor_can_run(name: str) -> Callable[[Request], Optional[str]]:
     def can_run(r: Request) -> Optional[str]:
-        from .block_sparse import vendor
+        from .block_sparse import backends as vendor
 
         return vendor.module(name).reason(r)
 

@@ -48,7 +48,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
-from .._io import atomic_write_json
+from ..atomic_files import atomic_write_json
 from .compile import TARGET_ARCHS, aot_source, compile_for_target, map_in_workers, shipped_kernel_configs
 from .occupancy import occupancy  # shared with the persistent launcher (a leaf module: no import cycle)
 

@@ -113,7 +113,7 @@ def register(v: Variant) -> Variant:
 
 def variants() -> List[Variant]:
     """Every registered variant, in name order (the in-repo ones register when :mod:`dit_accel.kernels` is
-    imported, the vendor ones with :mod:`~dit_accel.kernels.block_sparse.vendor`)."""
+    imported, the vendor ones with :mod:`~dit_accel.kernels.block_sparse.backends`)."""
     return [_REGISTRY[n] for n in sorted(_REGISTRY)]
 
 
@@ -173,7 +173,7 @@ def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
 # ----------------------------------------------------------------------------- verdicts and their cache
 def cache_path() -> Path:
     """The JSON file holding the verdicts (``$DIT_ACCEL_CACHE/selfcheck.json``)."""
-    from .._io import cache_root
+    from ..atomic_files import cache_root
 
     return cache_root() / "selfcheck.json"
 
@@ -221,7 +221,7 @@ _RUNNING: set = set()
 
 
 def _entries() -> Dict[str, dict]:
-    from .._io import read_json
+    from ..atomic_files import read_json
 
     path = cache_path()
     if str(path) not in _LOADED:
@@ -237,7 +237,7 @@ def _entries() -> Dict[str, dict]:
 
 
 def _store(key: str, entry: dict) -> None:
-    from .._io import atomic_write_json
+    from ..atomic_files import atomic_write_json
 
     _MEMORY[key] = entry
     _FAST.clear()

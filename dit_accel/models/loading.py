@@ -78,9 +78,9 @@ def model_folder(model) -> Optional[Path]:
 
 def model_fingerprint(model, pipe=None, *, memo=None, warn=print) -> Optional[str]:
     """The content of a model's weights: ``"files:<sha256>"`` of the files it loads from (configs included;
-    file hashes memoised in ``memo``, see :func:`dit_accel._io.folder_digest`), else ``"state:<sha256>"`` of
+    file hashes memoised in ``memo``, see :func:`dit_accel.atomic_files.folder_digest`), else ``"state:<sha256>"`` of
     the state dicts of ``pipe``'s modules (a model built in code or held in memory); None without either."""
-    from .._io import folder_digest
+    from ..atomic_files import folder_digest
 
     folder = model_folder(model)
     if folder is not None:

@@ -168,7 +168,7 @@ _KEY = re.compile(r"^(\d+)_(\d+)_(\d+)$")
 
 
 def _strategy_entries(path: Path) -> dict:
-    from .._io import read_json
+    from ..atomic_files import read_json
 
     data = read_json(path, kind=None,
                      expected='FastVideo\'s STA mask strategy, a JSON object {"step_layer_head": [wt, wh, ww], ...}')

@@ -15,7 +15,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from .._io import atomic_write
+from ..atomic_files import atomic_write
 
 __all__ = ["Capture", "check_capture_dir"]
 

@@ -22,7 +22,7 @@ from typing import List, Sequence
 import numpy as np
 import torch
 
-from .._io import BadFileError, read_text
+from ..atomic_files import BadFileError, read_text
 
 __all__ = ["read_prompts", "inputs_digest", "CaptionDataset", "IMAGE_EXTENSIONS", "VIDEO_EXTENSIONS", "sample_indices",
            "step_generator", "check_batchable"]
@@ -52,7 +52,7 @@ def inputs_digest(prompts=None, data=None) -> str:
     every file it names (a resumed run must see the inputs the interrupted one saw)."""
     import hashlib
 
-    from .._io import sha256_file
+    from ..atomic_files import sha256_file
 
     h = hashlib.sha256()
     if data is not None:
@@ -73,7 +73,7 @@ def _load_frames(path: Path) -> np.ndarray:
 
         with Image.open(path) as im:
             return np.asarray(im.convert("RGB"))[None]
-    from ..io import load_video
+    from ..videos import load_video
 
     return np.asarray(load_video(str(path)))
 

@@ -55,7 +55,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .._io import (BadFileError, atomic_folder, atomic_write_json, cache_root, check_hashes, crash_point,
+from ..atomic_files import (BadFileError, atomic_folder, atomic_write_json, cache_root, check_hashes, crash_point,
                    file_hashes, is_temp_name, load_safetensors, read_json, remove_stale_temps)
 from .._util import DitAccelWarning, versions
 from ..methods import SLA, Dense, Method, Radial, registered_methods

@@ -1,7 +1,7 @@
 """Fault injection for the reliability suite: kill a writer at its K-th write point, and damage files.
 
 ``run_killed(fn, k)`` forks; the child runs ``fn()`` with ``$DIT_ACCEL_TEST_KILL_AT=k`` (see
-:mod:`dit_accel._io`), so it SIGKILLs itself at the K-th write point of the atomic helpers, after a
+:mod:`dit_accel.atomic_files`), so it SIGKILLs itself at the K-th write point of the atomic helpers, after a
 temporary file is complete or after a rename: the points where a real kill leaves the most behind.
 Forking after the imports and the model set-up keeps each case well under a second for the tiny models.
 ``write_points(fn)`` runs ``fn()`` in this process and counts its write points, which seeds the choice of
@@ -16,7 +16,7 @@ import random
 import signal
 import traceback
 
-from dit_accel import _io
+from dit_accel import atomic_files as _io
 
 KINDS = ("truncated", "empty", "binary", "garbage")
 

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 import dit_accel
-from dit_accel._io import BadFileError
+from dit_accel.atomic_files import BadFileError
 from dit_accel.training import FinetuneConfig, finetune
 from dit_accel.training.finetune import CKPT_DIR, RUN_FILE
 from dit_accel.weights import LORA_FILE, METHOD_FILE, SLA_FILE

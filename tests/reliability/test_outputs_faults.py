@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import dit_accel
-from dit_accel import _io
+from dit_accel import atomic_files as _io
 from dit_accel.cli.main import main
 from dit_accel.io import load_video, save_video
 

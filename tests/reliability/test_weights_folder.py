@@ -15,7 +15,7 @@ from peft import LoraConfig
 from safetensors.torch import save_file
 
 import dit_accel
-from dit_accel._io import BadFileError
+from dit_accel.atomic_files import BadFileError
 from dit_accel.models.tiny import build_tiny_pipeline
 from dit_accel.weights import (ADAPTER_NAME, LORA_FILE, METHOD_FILE, SLA_FILE, load_into, load_method,
                                lora_state_dict, save_trained_weights, sla_state_dict)

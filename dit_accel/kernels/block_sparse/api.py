@@ -102,7 +102,7 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, la
     elif name == DENSE:
         o, lse = _run_dense(q, k, v, scale, return_lse)
     elif name in VENDOR_BACKENDS:
-        from .vendor import call
+        from .backends import call
 
         o, lse = call(name, q, k, v, layout, scale, return_lse, source=source)
     else:

@@ -185,7 +185,7 @@ def measured_tuner(q, k, v, layout: BlockLayout, scale: float, density: Optional
     :func:`free_memory`) is not tried, and the choice is stored only after its output on this call matched the
     PyTorch twin (``verify(name)``, default :data:`VERIFY_TOL` relative error). ``verified(name)``: the
     first-use self-check, which ``resolve`` already applied to ``names`` (default: all pass)."""
-    from . import vendor
+    from . import backends as vendor
 
     def tune(names: Sequence[str], request: Request) -> Optional[str]:
         d = layout.density() if density is None else density
@@ -236,7 +236,7 @@ def layout_fallback(name: str, layout: BlockLayout, request: Request, return_lse
                     source: Optional[BlockLayout] = None) -> str:
     """``name`` when vendor backend ``name`` serves this layout, else the first backend of the fixed order that
     can run ``request`` (the stored choice of a shape class can be a vendor that this layout does not fit)."""
-    from . import vendor
+    from . import backends as vendor
 
     if vendor.layout_reason(name, layout, request.head_dim, request.needs_grad, return_lse, source) is None:
         return name

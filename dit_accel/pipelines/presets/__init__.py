@@ -226,7 +226,7 @@ def _folder_family(folder: Path) -> Optional[Tuple[str, Optional[str]]]:
     index = folder / "model_index.json"
     if not index.is_file():
         return None
-    from ..._io import read_json
+    from ...atomic_files import read_json
 
     info = read_json(index, expected="a Diffusers model_index.json (a JSON object naming the components)")
     entry = info.get("transformer") or [None, None]

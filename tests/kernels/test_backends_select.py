@@ -10,8 +10,8 @@ import torch
 from dit_accel.kernels import BackendUnavailable, BlockLayout, autotune, backends, block_sparse_attention
 from dit_accel.kernels.backends import Request, backend_peers, backend_reasons, resolve
 from dit_accel.kernels.block_sparse import select_backend as sel
-from dit_accel.kernels.block_sparse import vendor
-from dit_accel.kernels.block_sparse.vendor import cudnn as vcudnn
+from dit_accel.kernels.block_sparse import backends as vendor
+from dit_accel.kernels.block_sparse.backends import cudnn as vcudnn
 
 
 @pytest.fixture(autouse=True)

@@ -14,7 +14,7 @@ import torch
 
 from dit_accel.kernels import block_sparse_attention, dense_attention_reference
 from dit_accel.kernels.backends import Request
-from dit_accel.kernels.block_sparse import vendor
+from dit_accel.kernels.block_sparse import backends as vendor
 from dit_accel.patterns.gna import gna_layout
 from dit_accel.patterns.radial import radial_layout
 

@@ -41,7 +41,7 @@ def versions() -> Dict[str, Optional[str]]:
             out[name] = None
     return out
 
-_PLAN_TIME = LayoutCache("block_sparse.vendor.plan_seconds")
+_PLAN_TIME = LayoutCache("block_sparse.backends.plan_seconds")
 
 
 def module(name: str):

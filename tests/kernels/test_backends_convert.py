@@ -14,10 +14,10 @@ import torch
 
 from dit_accel import SLA
 from dit_accel.kernels import BlockLayout
-from dit_accel.kernels.block_sparse.vendor import cudnn as vcudnn
-from dit_accel.kernels.block_sparse.vendor import fa4 as vfa4
-from dit_accel.kernels.block_sparse.vendor import natten as vnatten
-from dit_accel.kernels.block_sparse.vendor.common import EMPTY, FULL, MIXED, block_states
+from dit_accel.kernels.block_sparse.backends import cudnn as vcudnn
+from dit_accel.kernels.block_sparse.backends import fa4 as vfa4
+from dit_accel.kernels.block_sparse.backends import natten as vnatten
+from dit_accel.kernels.block_sparse.backends.common import EMPTY, FULL, MIXED, block_states
 from dit_accel.kernels.sla import sla_classify
 from dit_accel.patterns.gna import gna_layout
 from dit_accel.patterns.radial import radial_layout

@@ -1,6 +1,6 @@
 """The vendor backends' self-check variants: registered under their names, not applicable without the package
 (the reason says so), and their synthetic problems are sound: with the PyTorch twin standing in for the vendor
-launch the check passes, and with a wrong launch it fails. CPU only (the real launches: test_vendor_gpu.py)."""
+launch the check passes, and with a wrong launch it fails. CPU only (the real launches: test_backends_gpu.py)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import torch
 selfcheck = pytest.importorskip("dit_accel.kernels.selfcheck")
 
 from dit_accel.kernels import block_sparse_attention  # noqa: E402
-from dit_accel.kernels.block_sparse import vendor  # noqa: E402
-from dit_accel.kernels.block_sparse.vendor import checks  # noqa: E402
+from dit_accel.kernels.block_sparse import backends as vendor  # noqa: E402
+from dit_accel.kernels.block_sparse.backends import checks  # noqa: E402
 
 NAMES = [f"block_sparse.{b}.{p}" for b in ("fa4", "cudnn", "natten") for p in ("fwd", "bwd")]
 SHAPE = {"head_dim": 32, "block_q": 32, "block_k": 32}
@@ -56,7 +56,7 @@ def test_tolerances_are_per_dtype():
 def test_the_fault_switch_corrupts_a_vendor_launch_and_its_check_fails(part, monkeypatch):
     """DIT_ACCEL_FAULT=block_sparse.cudnn.<part> corrupts what the launch path hands back (the output, or
     the gradients), and the variant's own check then fails: the self-check can catch a broken vendor kernel."""
-    from dit_accel.kernels.block_sparse.vendor import cudnn as vcudnn
+    from dit_accel.kernels.block_sparse.backends import cudnn as vcudnn
 
     def twin_run(blocks, q, k, v, scale, return_lse):  # stands in for cuDNN: the twin on the same layout
         return block_sparse_attention(q, k, v, twin_run.layout, scale=scale, return_lse=True, backend="torch")

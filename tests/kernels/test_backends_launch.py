@@ -1,7 +1,7 @@
 """The launch glue of the vendor backends on CPU, with stand-ins for the vendor packages that implement the
 documented semantics of their calls with the fp32 oracle: NATTEN's ``na3d`` on raster ``[B, *grid, H, D]``
 tokens, cuDNN's ``BSA`` forward/backward on padded query blocks. What is tested is dit_accel's side: the
-permutations, reshapes, padding, slicing and the autograd wiring. (The real kernels: test_vendor_gpu.py.)"""
+permutations, reshapes, padding, slicing and the autograd wiring. (The real kernels: test_backends_gpu.py.)"""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from dit_accel.kernels import BlockLayout, block_sparse_attention, dense_attention_reference
-from dit_accel.kernels.block_sparse.vendor import cudnn as vcudnn
-from dit_accel.kernels.block_sparse.vendor import fa4 as vfa4
-from dit_accel.kernels.block_sparse.vendor import natten as vnatten
+from dit_accel.kernels.block_sparse.backends import cudnn as vcudnn
+from dit_accel.kernels.block_sparse.backends import fa4 as vfa4
+from dit_accel.kernels.block_sparse.backends import natten as vnatten
 from dit_accel.patterns.gna import gna_layout
 
 from .test_vendor_convert import LAYOUTS, _element_lookup, _expand_lists, _natten_1d, expand_cudnn

@@ -33,7 +33,7 @@ MODULE = "natten"
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _WINDOWS = LayoutCache("block_sparse.natten")
 _NO_WINDOW = ("the layout carries no neighborhood window: NATTEN serves GNA and Tile layouts whose builder "
-              "registered it (dit_accel.kernels.block_sparse.vendor.natten.attach_gna / attach_tile)")
+              "registered it (dit_accel.kernels.block_sparse.backends.natten.attach_gna / attach_tile)")
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,7 @@
 ``block_sparse.fa4.bwd``, ``block_sparse.cudnn.fwd``, ``block_sparse.cudnn.bwd``, ``block_sparse.natten.fwd``,
 ``block_sparse.natten.bwd``.
 
-Each runs a small synthetic problem through the same path ``backend=<name>`` takes (:func:`..vendor.call`)
+Each runs a small synthetic problem through the same path ``backend=<name>`` takes (:func:`.call`)
 against the fp32 masked-dense oracle: on a GPU 2 x 40 heads (more query tiles than an H100 has SMs), ragged
 lengths, per-head layouts where the backend takes them (FA4: full, partial and skipped blocks and a row that
 sees no key; cuDNN: whole blocks only, an empty query block; NATTEN: one GNA window over a grid that pads its

@@ -1,0 +1,277 @@
+"""Write and read generated videos: mp4, gif, or PNG frames.
+
+``save_video`` takes whatever a Diffusers pipeline returns (a list of PIL
+images, a uint8 array ``[F, H, W, 3]``, a float array in ``[0, 1]``, or a
+torch tensor of either kind) and picks the format from the path:
+
+- ``*.mp4``: H.264 through imageio-ffmpeg, no resizing. Even sizes use
+  ``yuv420p`` (plays everywhere); an odd width or height uses ``yuv444p`` so the
+  file decodes back to the exact requested size instead of being rescaled.
+- ``*.gif``: Pillow, looping. Identical consecutive frames, which GIF merges,
+  are expanded again by :func:`load_video` so the frame count round-trips.
+- ``*.png``: one frame -> that PNG; several frames -> ``<stem>_00000.png``, ...
+  next to it.
+- a path without suffix (or an existing directory): a folder of
+  ``frame_00000.png``, ...
+
+``load_video(path)`` reads any of these back as ``uint8 [F, H, W, 3]``.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+
+from .atomic_files import BadFileError, atomic_write, is_temp_name
+
+__all__ = ["save_video", "load_video", "to_uint8_frames", "output_files", "VIDEO_SUFFIXES"]
+
+VIDEO_SUFFIXES = (".mp4", ".gif", ".png")
+_GIF_TAG = b"dit_accel"
+
+
+def to_uint8_frames(frames) -> np.ndarray:
+    """Normalise frames to a contiguous ``uint8`` array ``[F, H, W, 3]``.
+
+    Accepts a list/tuple of PIL images or arrays, or one array/tensor shaped
+    ``[F, H, W, C]``, ``[H, W, C]`` (one frame), ``[1, F, H, W, C]`` (a batch of
+    one) with C in 1, 3, 4 (alpha dropped), uint8 or float in ``[0, 1]``.
+    """
+    if isinstance(frames, (list, tuple)):
+        if not frames:
+            raise ValueError("frames is empty: nothing to save")
+        arr = np.stack([to_uint8_frames(f)[0] if not _is_pil(f) else _pil_rgb(f) for f in frames])
+        return np.ascontiguousarray(arr)
+    if _is_pil(frames):
+        return _pil_rgb(frames)[None]
+    import torch
+
+    if isinstance(frames, torch.Tensor):
+        frames = frames.detach().float().cpu().numpy() if frames.is_floating_point() else frames.cpu().numpy()
+    arr = np.asarray(frames)
+    if arr.ndim == 5 and arr.shape[0] == 1:
+        arr = arr[0]
+    if arr.ndim == 3:
+        arr = arr[None]
+    if arr.ndim == 3 + 1 and arr.shape[-1] not in (1, 3, 4) and arr.shape[1] in (1, 3, 4):
+        arr = np.moveaxis(arr, 1, -1)  # [F, C, H, W] -> [F, H, W, C]
+    if arr.ndim != 4 or arr.shape[-1] not in (1, 3, 4):
+        raise ValueError(
+            f"frames has shape {tuple(np.shape(frames))}; expected [F, H, W, 3] (or a list of images), "
+            "channels last, 1/3/4 channels"
+        )
+    if arr.shape[0] == 0:
+        raise ValueError("frames is empty: nothing to save")
+    if arr.dtype != np.uint8:
+        if np.issubdtype(arr.dtype, np.floating):
+            arr = np.nan_to_num(arr, nan=0.0)
+            lo, hi = (float(arr.min()), float(arr.max())) if arr.size else (0.0, 0.0)
+            # Clipping a 0-255 or [-1, 1] float video would silently save a white or dark one.
+            if lo < -0.01 or hi > 1.01:
+                raise ValueError(f"float frames must lie in [0, 1]; got min {lo:.4g}, max {hi:.4g}. Divide 0-255 "
+                                 "frames by 255 (or pass uint8), map [-1, 1] frames with (x + 1) / 2")
+            arr = (np.clip(arr, 0.0, 1.0) * 255.0).round().astype(np.uint8)
+        elif np.issubdtype(arr.dtype, np.integer) or arr.dtype == bool:
+            arr = np.clip(arr, 0, 255).astype(np.uint8) if arr.dtype != bool else arr.astype(np.uint8) * 255
+        else:
+            raise TypeError(f"frames dtype {arr.dtype} is not supported; pass uint8 or float in [0, 1]")
+    if arr.shape[-1] == 1:
+        arr = np.repeat(arr, 3, axis=-1)
+    elif arr.shape[-1] == 4:
+        arr = arr[..., :3]
+    return np.ascontiguousarray(arr)
+
+
+def save_video(frames, path, fps: int = 16) -> Path:
+    """Save frames as mp4, gif, a PNG (one frame) or PNG frames; returns the path written.
+
+    Args:
+        frames: list of PIL images / arrays, or an array ``[F, H, W, 3]`` (uint8,
+            or float in ``[0, 1]``), see :func:`to_uint8_frames`.
+        path: output path; the suffix picks the format (module docstring).
+            Parent folders are created.
+        fps: frames per second for mp4 and gif.
+
+    Example::
+
+        save_video(pipe(prompt).frames[0], "outputs/cat.mp4", fps=16)
+    """
+    arr = to_uint8_frames(frames)
+    if not isinstance(fps, (int, float)) or fps <= 0:
+        raise ValueError(f"fps={fps!r} is invalid: must be a positive number")
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix and suffix not in VIDEO_SUFFIXES:
+        raise ValueError(
+            f"cannot write {path.name!r}: unknown suffix {suffix!r}; use .mp4, .gif, .png, or a folder path"
+        )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if suffix == ".mp4":
+        atomic_write(path, lambda tmp: _write_mp4(arr, tmp, fps))
+    elif suffix == ".gif":
+        atomic_write(path, lambda tmp: _write_gif(arr, tmp, fps))
+    elif suffix == ".png" or not suffix:
+        if not suffix:
+            path.mkdir(parents=True, exist_ok=True)
+        files = output_files(path, len(arr))
+        for stale in _stale_frames(path, files):  # an earlier, longer (or one-frame) output at this path
+            stale.unlink(missing_ok=True)
+        for frame, file in zip(arr, files):
+            atomic_write(file, lambda tmp, frame=frame: _write_png(frame, tmp))
+    return path
+
+
+def _stale_frames(path: Path, files: list) -> list:
+    """Files an earlier :func:`save_video` at ``path`` wrote that the new output does not overwrite: frames past
+    the new count, and the one-frame PNG beside a sequence (or the sequence beside a one-frame PNG), which
+    :func:`load_video` would otherwise read instead of, or with, the new frames."""
+    keep = {f.name for f in files}
+    if path.suffix.lower() == ".png":
+        pattern = re.compile(re.escape(path.stem) + r"_\d{5}\.png$")
+        found = [p for p in path.parent.glob(f"{path.stem}_*.png") if pattern.match(p.name)]
+        found += [path] if path.is_file() else []
+    else:
+        found = [p for p in path.glob("frame_*.png") if re.match(r"frame_\d{5}\.png$", p.name)]
+    return [p for p in found if p.name not in keep and p.is_file()]
+
+
+def output_files(path, num_frames: int) -> list:
+    """The files :func:`save_video` writes for ``num_frames`` frames at ``path``: the path itself for a video
+    or one-frame PNG, ``NAME_00000.png``... beside it for a PNG sequence, ``frame_00000.png``... in a folder."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix in (".mp4", ".gif") or (suffix == ".png" and num_frames == 1):
+        return [path]
+    if suffix == ".png":
+        return [path.with_name(f"{path.stem}_{i:05d}.png") for i in range(num_frames)]
+    return [path / f"frame_{i:05d}.png" for i in range(num_frames)]
+
+
+def load_video(path) -> np.ndarray:
+    """Read a video written by :func:`save_video` (or any mp4/gif/png) as ``uint8 [F, H, W, 3]``.
+
+    ``path`` may be an mp4, a gif, a PNG, a PNG pattern base (``x.png`` written
+    as ``x_00000.png``, ...) or a folder of PNG frames (sorted by name).
+    """
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if path.is_dir():  # not the temporaries a killed save_video left
+        files = sorted(p for p in path.iterdir() if p.suffix.lower() == ".png" and not is_temp_name(p))
+        if not files:
+            raise FileNotFoundError(f"no .png frames in folder {path}")
+        return np.stack([_read_png(p) for p in files])
+    if suffix == ".png" and not path.exists():
+        pattern = re.compile(re.escape(path.stem) + r"_\d+\.png$")
+        files = sorted(p for p in path.parent.glob(f"{path.stem}_*.png") if pattern.match(p.name))
+        if files:
+            return np.stack([_read_png(p) for p in files])
+    if not path.exists():
+        raise FileNotFoundError(f"no such video: {path}")
+    read = (lambda: _read_png(path)[None]) if suffix == ".png" else (lambda: _read_gif(path)) if suffix == ".gif" \
+        else (lambda: _read_ffmpeg(path))
+    try:
+        return read()
+    except BadFileError:
+        raise
+    except Exception as err:  # PIL, imageio and ffmpeg raise many types for truncated or damaged files
+        raise BadFileError(path, f"cannot be decoded ({type(err).__name__}: {' '.join(str(err).split())[:100]})",
+                           "a whole mp4, gif or png") from None
+
+
+# ----------------------------------------------------------------------------- formats
+def _is_pil(x) -> bool:
+    from PIL import Image
+
+    return isinstance(x, Image.Image)
+
+
+def _pil_rgb(img) -> np.ndarray:
+    return np.asarray(img.convert("RGB"), dtype=np.uint8)
+
+
+def _write_png(frame: np.ndarray, path: Path) -> None:
+    from PIL import Image
+
+    Image.fromarray(frame, "RGB").save(path)
+
+
+def _read_png(path: Path) -> np.ndarray:
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return _pil_rgb(im)
+
+
+def _write_mp4(arr: np.ndarray, path: Path, fps) -> None:
+    import imageio.v2 as iio
+
+    height, width = arr.shape[1:3]
+    # yuv420p subsamples chroma 2x2 and libx264 rejects odd sizes; 4:4:4 keeps odd sizes exact.
+    pixfmt = "yuv420p" if height % 2 == 0 and width % 2 == 0 else "yuv444p"
+    writer = iio.get_writer(
+        str(path),
+        format="FFMPEG",
+        mode="I",
+        fps=fps,
+        codec="libx264",
+        pixelformat=pixfmt,
+        macro_block_size=1,  # imageio would otherwise resize to multiples of 16
+        ffmpeg_log_level="error",
+        output_params=["-crf", "18"],
+    )
+    try:
+        for frame in arr:
+            writer.append_data(frame)
+    finally:
+        writer.close()
+
+
+def _read_ffmpeg(path: Path) -> np.ndarray:
+    import imageio.v2 as iio
+
+    reader = iio.get_reader(str(path), format="FFMPEG")
+    try:
+        frames = [np.asarray(f, dtype=np.uint8)[..., :3] for f in reader]
+    finally:
+        reader.close()
+    if not frames:
+        raise BadFileError(path, "has no decodable frames", "a whole mp4, gif or png")
+    return np.stack(frames)
+
+
+def _gif_frame_ms(fps) -> int:
+    # GIF stores centiseconds; keep a multiple of 10 ms so merged frames are exact multiples.
+    return max(20, int(round(100.0 / fps)) * 10)
+
+
+def _write_gif(arr: np.ndarray, path: Path, fps) -> None:
+    from PIL import Image
+
+    ms = _gif_frame_ms(fps)
+    images = [Image.fromarray(f, "RGB") for f in arr]
+    comment = _GIF_TAG + f" frames={len(arr)} frame_ms={ms}".encode()
+    images[0].save(
+        path, save_all=True, append_images=images[1:], duration=ms, loop=0, optimize=False, comment=comment
+    )
+
+
+def _read_gif(path: Path) -> np.ndarray:
+    from PIL import Image, ImageSequence
+
+    with Image.open(path) as im:
+        comment = im.info.get("comment", b"") or b""
+        frames, durations = [], []
+        for frame in ImageSequence.Iterator(im):
+            frames.append(_pil_rgb(frame))
+            durations.append(frame.info.get("duration", 0))
+    meta = dict(re.findall(rb"(\w+)=(\d+)", comment)) if comment.startswith(_GIF_TAG) else {}
+    if b"frame_ms" in meta and len(frames) < int(meta.get(b"frames", 0)):
+        # Pillow merged identical consecutive frames (durations summed): expand them again.
+        ms = int(meta[b"frame_ms"])
+        expanded = []
+        for frame, dur in zip(frames, durations):
+            expanded.extend([frame] * max(1, int(round(dur / ms))))
+        frames = expanded
+    return np.stack(frames)
