@@ -16,7 +16,7 @@ from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
-from .request import ENV_BACKEND, BackendUnavailable, Request, env_get, env_value, interpreting
+from .request import ENV_BACKEND, BackendUnavailable, Request, env_get, env_value, in_graph, interpreting
 
 __all__ = ["BACKENDS", "ENV_BACKEND", "BackendUnavailable", "Request", "available_backends", "env_backend",
            "resolve", "triton_reason", "interpreting", "TUNED", "Backend", "backend_peers", "backend_reasons",
@@ -270,8 +270,8 @@ def _tuned(family: str, request: Request, tuner) -> Optional[str]:
         return None
     from . import autotune
 
-    if not autotune.enabled() or torch.compiler.is_compiling():
-        return None
+    if not autotune.enabled() or in_graph():  # no timing in a traced or captured call (its caller reuses the
+        return None                           # eager decision stored for this shape)
     contenders = [name for name, can_run, _ in _TABLE[family]
                   if name in TUNED.get(family, ()) and can_run(request) is None and _verified(family, name, request)]
     if len(contenders) < 2:
@@ -311,7 +311,7 @@ def resolve(family: str, backend: str, request: Request, tuner=None) -> str:
         return "torch"
     if forced not in names:
         return "torch"
-    if torch.compiler.is_compiling():  # checked when the graph was first traced; no host work in the graph
+    if in_graph():  # checked when the graph was first traced; no host work in the graph
         return forced
     reason = dict((n, c) for n, c, _ in table)[forced](request)
     if reason is not None:

@@ -13,7 +13,7 @@ from typing import Optional
 
 import torch
 
-__all__ = ["BackendUnavailable", "Request", "interpreting", "env_value", "env_get", "ENV_BACKEND"]
+__all__ = ["BackendUnavailable", "Request", "interpreting", "in_graph", "env_value", "env_get", "ENV_BACKEND"]
 
 #: Environment variable that overrides ``backend="auto"``.
 ENV_BACKEND = "DIT_ACCEL_BACKEND"
@@ -50,6 +50,15 @@ class Request:
 def interpreting() -> bool:
     """Triton runs kernels on the CPU through its interpreter (``TRITON_INTERPRET=1``)."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def in_graph() -> bool:
+    """Whether this call is being traced (``torch.compile``) or captured into a CUDA graph: then nothing may
+    time, synchronise or run a first-use check (a ``synchronize()`` inside a capture breaks it); choices
+    come from what eager calls stored."""
+    if torch.compiler.is_compiling():
+        return True
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
 # os.environ.get raises and catches a KeyError when the variable is unset (about 1 us, and several

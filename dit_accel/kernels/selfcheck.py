@@ -90,8 +90,9 @@ class Variant:
 
 
 def _default_dtypes(device: torch.device) -> Tuple[torch.dtype, ...]:
-    # The interpreter's bf16 dot is wrong (the launchers refuse bf16 there): fp32 and fp16 on the CPU.
-    return (torch.bfloat16, torch.float16) if device.type == "cuda" else (torch.float32, torch.float16)
+    # The interpreter's bf16 dot is wrong (the launchers refuse bf16 there): fp32 and fp16 on the CPU. On a GPU
+    # fp32 too: the block-sparse and dense kernels multiply it in tf32 (its own bound, kernels/_selfchecks.py).
+    return (torch.bfloat16, torch.float16, torch.float32) if device.type == "cuda" else (torch.float32, torch.float16)
 
 
 def _default_shapes(device: torch.device) -> Tuple[dict, ...]:
@@ -299,10 +300,13 @@ def usable(name: str, device, dtype: torch.dtype, shape: Optional[dict] = None) 
     """Whether variant ``name`` passed its self-check for ``device``/``dtype``/``shape`` (checked now on first
     use). A failure warns once per variant, naming it and its error. True while the variant's own check runs
     (the check calls the launchers that ask), while tracing or capturing a graph (no work may run then; a
-    stored failure still counts), and when ``DIT_ACCEL_SELFCHECK=0``."""
+    stored failure still counts), and when ``DIT_ACCEL_SELFCHECK=0``. False where the variant does not apply
+    on this device (``selftest``'s "n/a": the warp-specialized forward off sm_90, say)."""
     if not enabled() or name in _RUNNING:
         return True
     device = torch.device(device)
+    if name in _REGISTRY and _REGISTRY[name].applies(device) is not None:
+        return False  # does not apply here (selftest says n/a): never run it unchecked
     shape = shape or _default_shapes(device)[0]
     if _in_graph():
         entry = _entries().get(_key(name, device, dtype, shape) + _fault_tag())

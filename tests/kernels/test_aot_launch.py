@@ -90,6 +90,8 @@ def sm90(monkeypatch, compiled):
     from triton.runtime import _allocation
 
     monkeypatch.setattr(occupancy, "on_gpu", lambda device: True)
+    monkeypatch.setenv("DIT_ACCEL_WS", "1")  # the ws forward is opt-in (tests of its default below)
+    _pretend_ws_applies(monkeypatch)
     for module in (bst, dense_triton):
         monkeypatch.setattr(module, "_arch", lambda device: 90)
     monkeypatch.setattr(torch.cuda, "get_device_properties",
@@ -396,3 +398,13 @@ def test_launchers_run_with_the_inputs_gpu_current(monkeypatch):
     for fn in (bst.triton_forward, bst.triton_backward, dense_triton.dense_forward, dense_triton.dense_backward,
                dense_triton.bwd_preprocess, st.sla_forward, st.sla_backward, st.global_sums):
         assert fn.__code__ is launcher.__code__, fn.__name__  # each launcher is wrapped
+
+
+def _pretend_ws_applies(monkeypatch):
+    """The ws variant applies on sm_90 only (``selfcheck.usable`` says no elsewhere): pretend this is one."""
+    import dataclasses
+
+    from dit_accel.kernels import selfcheck as _sc
+
+    name = "block_sparse.triton.fwd_ws"
+    monkeypatch.setitem(_sc._REGISTRY, name, dataclasses.replace(_sc.variant(name), applies=lambda device: None))

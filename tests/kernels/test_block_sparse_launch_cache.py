@@ -20,7 +20,7 @@ import torch
 
 from dit_accel.kernels import BlockLayout, block_sparse_attention
 from dit_accel.kernels.backends import triton_reason
-from tests.utils import assert_attention_close, assert_grads_close, banded_mask, make_qkv, random_mask
+from tests.utils import DEVICE, assert_attention_close, assert_grads_close, banded_mask, make_qkv, random_mask
 
 pytestmark = pytest.mark.skipif(triton_reason("cpu") is not None or os.environ.get("TRITON_INTERPRET") != "1",
                                 reason="interpreter test (CPU tensors)")
@@ -49,9 +49,10 @@ def builds(monkeypatch):
     return calls
 
 
-def _layout(seed=0, heads=1, n=N, m=N):
-    mask = random_mask(heads, n, m, block=BLOCK, seed=seed, full_block=(0, BLOCK, 0, m))
-    return mask, BlockLayout.from_dense_mask(mask, block_q=BLOCK, block_k=BLOCK)
+def _layout(seed=0, heads=1, n=N, m=N, block=BLOCK):
+    """On q's device: ``triton_forward`` takes the layout there (``block_sparse_attention`` moves it)."""
+    mask = random_mask(heads, n, m, block=block, seed=seed, full_block=(0, block, 0, m))
+    return mask, BlockLayout.from_dense_mask(mask.to(DEVICE), block_q=block, block_k=block)
 
 
 def _forward(q, k, v, layout, scale=None):
@@ -160,10 +161,11 @@ def test_descriptors_are_rebased_on_each_calls_tensors(monkeypatch):
     """A reused sm_90 launch must address this call's K and V, not the first call's."""
     bst = _bst()
     monkeypatch.setattr(bst, "_arch", lambda device: 90)
-    mask, layout = _layout(seed=10)
+    block = 64 if DEVICE == "cuda" else BLOCK  # (its GPU twin: CUDA launches take 64-token blocks and up)
+    mask, layout = _layout(seed=10, n=3 * block, m=3 * block, block=block)
     first = None
     for seed in (10, 11, 12):
-        q, k, v = make_qkv(1, 2, N, N, D, torch.float16, seed=seed)
+        q, k, v = make_qkv(1, 2, 3 * block, 3 * block, D, torch.float16, seed=seed)
         first = first or weakref.ref(k)
         _check(q, k, v, mask, layout)
     assert len(_launches(layout)) == 1

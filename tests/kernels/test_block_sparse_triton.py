@@ -416,6 +416,8 @@ def _spy_ws(monkeypatch, bst):
     """Pretend the device is an sm_90 whose cost model always takes ws; record what _ws_forward did."""
     monkeypatch.setattr(bst, "_arch", lambda device: 90)
     monkeypatch.setattr(bst, "ws_pays", lambda *a, **k: True)
+    monkeypatch.setenv("DIT_ACCEL_WS", "1")  # the ws forward is opt-in
+    _pretend_ws_applies(monkeypatch)
     ran = []
     real = bst._ws_forward
     # The ws variant's first-use self-check runs it once with force=True: the spy records the calls' own runs.
@@ -500,3 +502,34 @@ def test_no_ws_where_there_is_no_ws_configuration(monkeypatch, dtype, d, block):
     q, k, v = make_qkv(1, 1, n, n, d, dtype, seed=1)
     check_forward(q, k, v, mask, layout)
     assert ran == [False]
+
+
+def test_ws_forward_is_off_unless_asked_for(monkeypatch):
+    """Its first GPU run (H100, triton 3.6) gave non-finite rows: on a pretended sm_90 whose cost model takes
+    ws, the launcher runs the one-loop kernel unless DIT_ACCEL_WS=1, and selftest calls the variant n/a."""
+    from dit_accel.kernels import _selfchecks
+    from dit_accel.kernels.block_sparse import triton as bst
+
+    monkeypatch.delenv("DIT_ACCEL_WS", raising=False)
+    monkeypatch.setattr(bst, "_arch", lambda device: 90)
+    monkeypatch.setattr(bst, "ws_pays", lambda *a, **k: True)
+    mask, layout = _ws_layout(2, 257)
+    q, k, v = make_qkv(1, 2, 257, 257, 128, torch.float16)
+    cfg = bst._config("fwd", q, layout, (k, v))
+    o, lse = torch.empty_like(q), torch.empty(q.shape[:-1])
+    assert not bst._ws_forward(q, k, v, o, lse, layout, cfg, 0.1)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setattr(_selfchecks, "_triton_applies", lambda device: None)
+    assert "off by default" in _selfchecks._sm90_applies(torch.device("cuda"))
+    monkeypatch.setenv("DIT_ACCEL_WS", "1")
+    assert _selfchecks._sm90_applies(torch.device("cuda")) is None
+
+
+def _pretend_ws_applies(monkeypatch):
+    """The ws variant applies on sm_90 only (``selfcheck.usable`` says no elsewhere): pretend this is one."""
+    import dataclasses
+
+    from dit_accel.kernels import selfcheck as _sc
+
+    name = "block_sparse.triton.fwd_ws"
+    monkeypatch.setitem(_sc._REGISTRY, name, dataclasses.replace(_sc.variant(name), applies=lambda device: None))

@@ -67,6 +67,8 @@ def test_dense_ws_forward_on_sm90(monkeypatch, m, d):
     from dit_accel.kernels.block_sparse import configs
 
     monkeypatch.setattr(dense_triton, "_arch", lambda device: 90)
+    monkeypatch.setenv("DIT_ACCEL_WS", "1")  # the ws forward is opt-in
+    _pretend_ws_applies(monkeypatch)
     picked = []
     real = configs.ws_config
     monkeypatch.setattr(configs, "ws_config", lambda *a: picked.append(real(*a)) or picked[-1])
@@ -74,3 +76,13 @@ def test_dense_ws_forward_on_sm90(monkeypatch, m, d):
     o, lse = dense_triton.dense_forward(q, k, v, d ** -0.5)
     assert_attention_close(o, lse, q, k, v, None)
     assert picked and picked[-1].ws and picked[-1].num_warps == 4
+
+
+def _pretend_ws_applies(monkeypatch):
+    """The ws variant applies on sm_90 only (``selfcheck.usable`` says no elsewhere): pretend this is one."""
+    import dataclasses
+
+    from dit_accel.kernels import selfcheck as _sc
+
+    name = "block_sparse.triton.fwd_ws"
+    monkeypatch.setitem(_sc._REGISTRY, name, dataclasses.replace(_sc.variant(name), applies=lambda device: None))

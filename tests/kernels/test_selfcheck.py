@@ -78,6 +78,8 @@ def test_a_failed_ws_variant_falls_back_to_the_one_loop_kernel_with_one_warning(
 
     monkeypatch.setattr(bst, "_arch", lambda device: 90)
     monkeypatch.setattr(bst, "ws_pays", lambda *a, **k: True)
+    monkeypatch.setenv("DIT_ACCEL_WS", "1")  # the ws forward is opt-in
+    _pretend_ws_applies(monkeypatch)
     monkeypatch.setenv(selfcheck.ENV_FAULT, "block_sparse.triton.fwd_ws")
     ran = []
     real = bst._ws_forward
@@ -248,3 +250,49 @@ def test_selftest_cli_json_table_fault_and_refusals(tmp_path):
         assert cuda.returncode == 2 and "no CUDA device" in cuda.stderr and "Traceback" not in cuda.stderr
     unknown = _cli("--variant", "nope", env=env)
     assert unknown.returncode == 2 and "no such variant" in unknown.stderr
+
+
+def _tf32(x: torch.Tensor) -> torch.Tensor:
+    """``x`` (fp32) rounded to tf32's 10 mantissa bits, to nearest (what tensor cores read)."""
+    i = x.contiguous().view(torch.int32)
+    return ((i + 0x1000) & ~0x1FFF).view(torch.float32)
+
+
+def test_fp32_bounds_follow_the_products_precision():
+    """A correct kernel that multiplies fp32 inputs in tf32 (the block-sparse and dense kernels on a GPU) is
+    off by about 1e-3 at the self-check's GPU problem: the exact-product bound (1e-4) would call it broken,
+    the tf32 model's bound holds it with room, and exact-product kernels keep the tight bound."""
+    from dit_accel.kernels import _selfchecks as sc
+    from dit_accel.kernels.reference import dense_attention_reference
+
+    cuda = torch.device("cuda")
+    shape = {"head_dim": 128, "block_q": 64, "block_k": 64}
+    q, k, v, mask, _, _ = sc._block_sparse_problem(torch.device("cpu"), torch.float32, shape)
+    scale = shape["head_dim"] ** -0.5
+    s = (_tf32(q) @ _tf32(k).transpose(-1, -2)) * scale
+    s = s.masked_fill(~mask, float("-inf"))
+    p = torch.softmax(s, -1).nan_to_num(0.0)
+    o = _tf32(p) @ _tf32(v)
+    ref, _ = dense_attention_reference(q, k, v, mask, scale)
+    err = selfcheck.relative_error(o, ref)
+    assert sc.FWD_TOL[torch.float32] < err < sc._tol(sc.FWD_TOL, cuda, torch.float32, True) / 2, err
+    assert sc._tol(sc.FWD_TOL, torch.device("cpu"), torch.float32, True) == sc.FWD_TOL[torch.float32]
+    assert sc._tol(sc.BWD_TOL, cuda, torch.float32, False) == sc.BWD_TOL[torch.float32]
+    assert sc._tol(sc.BWD_TOL, cuda, torch.float32, True) == 16 * 2.0 ** -11
+    assert sc._tol(sc.FWD_TOL, cuda, torch.bfloat16, True) == sc.FWD_TOL[torch.bfloat16]
+
+
+def test_selftest_covers_fp32_on_a_gpu():
+    from dit_accel.kernels.selfcheck import _default_dtypes
+
+    assert torch.float32 in _default_dtypes(torch.device("cuda"))
+
+
+def _pretend_ws_applies(monkeypatch):
+    """The ws variant applies on sm_90 only (``selfcheck.usable`` says no elsewhere): pretend this is one."""
+    import dataclasses
+
+    from dit_accel.kernels import selfcheck as _sc
+
+    name = "block_sparse.triton.fwd_ws"
+    monkeypatch.setitem(_sc._REGISTRY, name, dataclasses.replace(_sc.variant(name), applies=lambda device: None))

@@ -11,6 +11,7 @@ from .. import autotune
 from .._cache import LayoutCache, layout_on
 from .select_backend import VERIFY_TOL, free_memory, memory_skips  # noqa: F401  (re-exported)
 from ..backends import VENDOR_BACKENDS, Request, env_backend, env_value, resolve
+from ..request import in_graph
 from ..checks import check_qkv, check_scale
 from ..layout import BlockLayout
 
@@ -154,10 +155,60 @@ def _call(q, k, v, layout, scale, backend: str, return_lse: bool):
     return hit
 
 
+#: Per layout: the backend an eager ``auto`` call chose for a shape (:func:`_shape_key`), which a traced or
+#: captured call of that shape reuses (it may not time anything, so it could not choose the same way).
+_EAGER = LayoutCache("block_sparse.eager_choice")
+
+
+def _shape_key(q, k, return_lse: bool):
+    """What a decision depends on besides the layout, in a form a traced call reads as constants (None when a
+    shape is symbolic: then the traced call decides without it)."""
+    shapes = (*q.shape, *k.shape)
+    if not all(type(x) is int for x in shapes):
+        return None
+    return (shapes, q.dtype, q.device.type, return_lse)
+
+
 def _decide(q, k, v, layout, scale, backend: str, return_lse: bool):
     scale = _check(q, k, v, layout, scale)
+    cuda = q.device.type == "cuda"
+    key = _shape_key(q, k, return_lse) if cuda and backend == "auto" and env_backend() is None else None
+    if in_graph():
+        hit = None if key is None else layout.derived.get(("block_sparse.eager_choice", key))
+        if hit is not None:  # the eager call's choice: the same kernel runs compiled (or captured) and eager
+            return scale, hit, (layout if hit == DENSE else layout_on(layout, q.device))
+        return _decide_eager(q, k, v, layout, scale, backend, return_lse)  # (times nothing in a graph)
+    out = _decide_eager(q, k, v, layout, scale, backend, return_lse)
+    if key is not None:
+        _EAGER.get(layout, key, lambda: out[1])
+    if cuda:
+        _STATIC.get(out[2], "pinned", lambda: _static_for_graphs(out[2]))
+    return out
+
+
+_STATIC = LayoutCache("block_sparse.static")
+
+
+def _static_for_graphs(layout: BlockLayout) -> bool:
+    """Mark a CUDA layout's tensors as static inputs of compiled graphs (``torch._dynamo.mark_static_address``):
+    CUDA graphs (``mode="reduce-overhead"``) then address them where they are instead of copying them into
+    graph-owned buffers, which would give the launchers' per-layout caches new tensors (a re-plan, whose host
+    sync a capture cannot take) and cost a copy per replay."""
+    mark = getattr(getattr(torch, "_dynamo", None), "mark_static_address", None)
+    for name in BlockLayout.TENSORS:
+        t = getattr(layout, name)
+        if mark is not None and t.is_cuda:
+            try:
+                mark(t, guard=False)
+            except Exception:  # an older torch: the capture re-plans without a sync (triton.tile_plan)
+                return False
+    return True
+
+
+def _decide_eager(q, k, v, layout, scale: float, backend: str, return_lse: bool):
+    """The decision itself (checked inputs, ``scale`` resolved): timing only outside traced and captured calls."""
     tuner = density = None
-    if backend == "auto" and q.device.type == "cuda" and not torch.compiler.is_compiling():
+    if backend == "auto" and q.device.type == "cuda" and not in_graph():
         # On CUDA, auto times Triton against FlexAttention once per shape class (kernels/autotune.py);
         # the density bucket is part of the class, read once per layout.
         density = _DENSITY.get(layout, "visited", lambda: float(layout.density()))
@@ -170,8 +221,7 @@ def _decide(q, k, v, layout, scale, backend: str, return_lse: bool):
         from .select_backend import layout_fallback
 
         name = layout_fallback(name, device_layout, request, return_lse, source=layout)
-    if backend == "auto" and _dense_applies(q.device) and env_backend() is None \
-            and not torch.compiler.is_compiling():
+    if backend == "auto" and _dense_applies(q.device) and env_backend() is None and not in_graph():
         reason = dense_reason(layout, batch=q.shape[0], heads=q.shape[1], head_dim=q.shape[-1], dtype=q.dtype,
                               return_lse=return_lse, needs_grad=request.needs_grad, arch=_arch(q.device))
         if _eligible(layout, q.dtype, q.shape[-1], return_lse, request.needs_grad) and autotune.enabled():

@@ -154,10 +154,27 @@ WS_TUNED: Dict[Tuple[int, str, int], Tuple[int, int, int, int]] = {
 }
 
 
+#: Opt-in switch of the warp-specialized forwards (block-sparse and dense): ``DIT_ACCEL_WS=1``.
+ENV_WS = "DIT_ACCEL_WS"
+#: Why the warp-specialized forwards are off unless asked for (``dit-accel selftest`` prints it).
+WS_OFF_REASON = ("the warp-specialized forward is off by default: on its first GPU run (H100, triton 3.6.0, "
+                 "2026-11-25, BENCHMARKS section 10) it gave non-finite and wrong rows; set DIT_ACCEL_WS=1 to try "
+                 "it (still behind its self-check)")
+
+
+def ws_enabled() -> bool:
+    """Whether ``$DIT_ACCEL_WS`` asks for the warp-specialized forwards (one environment lookup)."""
+    from ..request import env_get
+
+    return (env_get(ENV_WS) or "0").strip().lower() in ("1", "true", "on", "yes")
+
+
 def ws_config(cfg: KernelConfig, arch: int) -> Optional[KernelConfig]:
     """The warp-specialized variant of forward configuration ``cfg`` on ``sm_<arch>`` (None where there
-    is none: not sm_90, fp32, head dim 256, pointer loads, or a tile smaller than the ws tile)."""
-    if cfg.kernel != "fwd" or not cfg.tma or cfg.ws or cfg.resume or arch < 90:
+    is none: not sm_90 (its tiles and warp roles are Hopper's; sm_100 has no row), fp32, head dim 256,
+    pointer loads, or a tile smaller than the ws tile). Whether it runs is the launchers' question
+    (:func:`ws_enabled`)."""
+    if cfg.kernel != "fwd" or not cfg.tma or cfg.ws or cfg.resume or arch != 90:
         return None
     tuned = WS_TUNED.get((90, "fwd", cfg.block_d)) if cfg.dtype != torch.float32 else None
     if tuned is None or tuned[0] > cfg.block_m or tuned[1] > cfg.block_n:

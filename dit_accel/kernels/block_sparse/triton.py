@@ -63,7 +63,8 @@ from ..dense.configs import tma_ok
 from ..dense.triton import _bwd_preprocess_kernel, ensure_allocator
 from .. import occupancy, selfcheck
 from ..layout import BlockLayout
-from .configs import KernelConfig, pointer_fallback, resume_config, select_config, ws_config, ws_pays
+from ..request import in_graph
+from .configs import KernelConfig, pointer_fallback, resume_config, select_config, ws_config, ws_enabled, ws_pays
 
 __all__ = ["triton_forward", "triton_backward", "KERNELS", "TilePlan", "tile_plan", "work_order", "ws_schedule", "tma_ok"]
 
@@ -487,7 +488,10 @@ def tile_plan(layout: BlockLayout, tile_r: int, tile_c: int, transposed: bool = 
     order = torch.sort(torch.where(full, 0, torch.where(part, 1, 2)).to(torch.int8), dim=-1, stable=True).indices
     u, entry = torch.gather(u, -1, order), torch.gather(entry, -1, order)
     n_full, n_part = full.sum(-1), part.sum(-1)
-    w = int((n_full + n_part).max()) if n_full.numel() else 0  # one host sync per (layout, tile shape): cached
+    if in_graph():  # inside a capture (a layout the eager warm-up did not plan, or copied): no host sync;
+        w = u.shape[-1]  # the widest possible row, whose unused tail entries the kernels never read
+    else:
+        w = int((n_full + n_part).max()) if n_full.numel() else 0  # one host sync per (layout, tile shape): cached
     plan = torch.cat([n_full[..., None], n_part[..., None], u[..., :w], entry[..., :w]], -1)
     return TilePlan(plan.to(torch.int32).contiguous(), bits, w, block_r)
 
@@ -822,8 +826,8 @@ def _ws_forward(q, k, v, o, lse, layout: BlockLayout, cfg: KernelConfig, scale: 
     no ws configuration, the cost model prefers the one-loop kernel for this layout (unless ``force``),
     or the ws variant failed its self-check (:mod:`dit_accel.kernels.selfcheck`)."""
     ws = ws_config(cfg, _arch(q.device))
-    if ws is None:
-        return False
+    if ws is None or not (force or ws_enabled()) or in_graph():  # opt-in (configs.WS_OFF_REASON); its schedule
+        return False                                                  # needs a host sync: one-loop in graphs
     b, h, n, d = q.shape
     plan = _plan(layout, ws.block_m, ws.block_n, transposed=False)
     sched = _PLANS.get(layout, ("ws", ws.block_m, ws.block_n, b, h, force),

@@ -38,6 +38,8 @@ from typing import Callable, Dict, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from ..request import in_graph
+
 __all__ = ["CANDIDATES", "candidates", "why_not", "run", "run_candidate", "choose", "chosen", "default_choice",
            "check_candidate", "normalise_lse", "CHECK_ROWS", "O_TOLERANCE", "LSE_TOLERANCE"]
 
@@ -170,7 +172,12 @@ def choose(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, retu
 
     grad = _grad(q, k, v)
     if tune is None:
-        tune = q.device.type == "cuda" and autotune.enabled() and not torch.compiler.is_compiling()
+        live = q.device.type == "cuda" and autotune.enabled()
+        tune = live and not in_graph()
+        if live and not tune:  # traced or captured: no timing; the eager call's measured choice, if there was one
+            hit = _CHOSEN.get(_key(q, k, v, scale, return_lse, grad, True))
+            if hit is not None:
+                return hit
     key = _key(q, k, v, scale, return_lse, grad, tune)
     hit = _CHOSEN.get(key)
     if hit is not None:

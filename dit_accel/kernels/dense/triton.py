@@ -303,11 +303,11 @@ def _config(kernel: str, q: torch.Tensor, streamed: Tuple[torch.Tensor, ...]):
 def _ws_config(cfg, q: torch.Tensor):
     """sm_90 (capability 9.x), TMA-aligned Q, K, V, fp16 / bf16 at head dim <= 128: the warp-specialized
     forward (one CTA of a producer and two consumer warp groups per SM); else None."""
-    from ..block_sparse.configs import ws_config
+    from ..block_sparse.configs import ws_config, ws_enabled
     from .configs import tma_ok
 
-    # Q too: the ws kernel makes a descriptor of each (cfg.tma checked K and V only)
-    return ws_config(cfg, _arch(q.device)) if cfg.tma and tma_ok(q) else None
+    # Q too: the ws kernel makes a descriptor of each (cfg.tma checked K and V only); opt-in, as the sparse one
+    return ws_config(cfg, _arch(q.device)) if cfg.tma and ws_enabled() and tma_ok(q) else None
 
 
 def _pad_d(cfg, *tensors):

@@ -1,0 +1,124 @@
+"""Traced and captured calls on CUDA, with the GPU-only parts scripted (issue 46, items 2 and 3).
+
+- A call that ``torch.compile`` traces, or that a CUDA graph captures, may not time anything (a
+  ``synchronize()`` inside a capture breaks it): the autotuner, the measured dense rule and the dense kernel's
+  choice are skipped there, and the eager call's decision for the same shape is reused, so compiled and eager
+  calls run the same kernel.
+- The launcher's tile plan, built on first use of a layout, takes no host sync inside a capture.
+
+CUDA tensors here are FakeTensors (shapes, dtypes and devices without memory); the capture state is scripted by
+replacing ``torch.cuda.is_current_stream_capturing``.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from dit_accel.kernels import backends, request
+from dit_accel.kernels.block_sparse import api
+from dit_accel.kernels.layout import BlockLayout
+from tests.utils import random_mask
+
+
+@pytest.fixture
+def capturing(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+
+
+def _fake_cuda_qkv(n=128, d=64):
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        return tuple(torch.empty(1, 2, n, d, dtype=torch.float16, device="cuda") for _ in range(3))
+
+
+def _no_timing(monkeypatch):
+    def boom(*a, **k):
+        raise AssertionError("timed inside a traced or captured call")
+
+    monkeypatch.setattr(api, "block_sparse_tuner", boom)
+    monkeypatch.setattr(api, "_measured_reason", boom)
+    monkeypatch.setattr(api, "layout_on", lambda layout, device: layout)  # (the fake device copy: the layout)
+
+
+def test_in_graph_sees_a_capture(capturing):
+    assert request.in_graph()
+
+
+def test_a_captured_call_reuses_the_eager_choice_for_its_shape(capturing, monkeypatch):
+    _no_timing(monkeypatch)
+    mask = random_mask(1, 128, 128, block=64, seed=0)
+    layout = BlockLayout.from_dense_mask(mask, block_q=64, block_k=64)
+    q, k, v = _fake_cuda_qkv()
+    for eager in ("flex", api.DENSE):
+        layout.derived[("block_sparse.eager_choice", api._shape_key(q, k, False))] = eager
+        assert api._decide(q, k, v, layout, None, "auto", False)[1] == eager
+    # another shape has no eager choice: decided without any timing (boom above)
+    q2, k2, v2 = _fake_cuda_qkv(n=128, d=32)
+    api._decide(q2, k2, v2, layout, None, "auto", False)
+
+
+def test_an_eager_cuda_decision_is_stored_for_traced_calls(monkeypatch):
+    mask = random_mask(1, 128, 128, block=64, seed=1)
+    layout = BlockLayout.from_dense_mask(mask, block_q=64, block_k=64)
+    q, k, v = _fake_cuda_qkv()
+    monkeypatch.setattr(api, "_decide_eager", lambda q, k, v, layout, scale, backend, lse: (0.125, "flex", layout))
+    monkeypatch.setattr(api, "_static_for_graphs", lambda layout: True)
+    assert api._decide(q, k, v, layout, None, "auto", False)[1] == "flex"
+    assert layout.derived[("block_sparse.eager_choice", api._shape_key(q, k, False))] == "flex"
+
+
+def test_the_autotuner_times_nothing_in_a_capture(capturing, monkeypatch):
+    from dit_accel.kernels import autotune
+
+    monkeypatch.setattr(autotune, "enabled", lambda: True)
+    req = request.Request(torch.device("cuda"), torch.float16, 64)
+
+    def tuner(*a):
+        raise AssertionError("timed inside a capture")
+
+    assert backends._tuned("block_sparse", req, tuner) is None
+
+
+def test_the_dense_choice_in_a_capture_is_the_eager_measured_one(capturing, monkeypatch):
+    from dit_accel.kernels import autotune
+    from dit_accel.kernels.dense import choice
+
+    monkeypatch.setattr(autotune, "enabled", lambda: True)
+    monkeypatch.setattr(autotune, "choose", lambda *a, **k: pytest.fail("timed inside a capture"))
+    q, k, v = _fake_cuda_qkv()
+    choice._CHOSEN[choice._key(q, k, v, 0.125, True, False, True)] = "sdpa-cudnn"
+    try:
+        assert choice.choose(q, k, v, 0.125, True) == "sdpa-cudnn"
+    finally:
+        choice._CHOSEN.clear()
+
+
+def test_a_tile_plan_built_in_a_capture_takes_no_host_sync(monkeypatch):
+    """Same plan entries as the eager one (row lengths, tiles), only wider: nothing reads past a row's count."""
+    pytest.importorskip("triton")
+    from dit_accel.kernels.block_sparse import triton as bst
+
+    mask = random_mask(2, 200, 170, block=32, seed=3)
+    layout = BlockLayout.from_dense_mask(mask, block_q=32, block_k=32)
+    eager = bst.tile_plan(layout, 32, 32)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+
+    def no_sync(self, *a, **k):
+        raise AssertionError("host sync inside a capture")
+
+    monkeypatch.setattr(torch.Tensor, "__int__", no_sync)
+    captured = bst.tile_plan(layout, 32, 32)
+    monkeypatch.undo()
+    assert captured.plan.shape[-1] >= eager.plan.shape[-1]
+    w = eager.w
+    counts = eager.plan[..., :2]
+    assert torch.equal(captured.plan[..., :2], counts)
+    wc = (captured.plan.shape[-1] - 2) // 2
+    for h in range(eager.plan.shape[0]):
+        for r in range(eager.plan.shape[1]):
+            n = int(counts[h, r].sum())
+            assert torch.equal(captured.plan[h, r, 2:2 + n], eager.plan[h, r, 2:2 + n])
+            assert torch.equal(captured.plan[h, r, 2 + wc:2 + wc + n], eager.plan[h, r, 2 + w:2 + w + n])
