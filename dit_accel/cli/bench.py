@@ -23,7 +23,7 @@ __all__ = ["register", "run"]
 
 
 _GPU_DESCRIPTION = """\
-The acceptance run on a GPU machine, in 9 minutes (--budget): with --check, the kernels'
+The acceptance run on a GPU machine, in 15 minutes (--budget): with --check, the kernels'
 self-checks (dit-accel selftest --device cuda --json); then pytest -m gpu; then the timings at
 production sizes (Wan 2.1 14B 480p and 720p at 40 heads x batch 2, FLUX 1024 px at 24 x 1, Wan 2.1
 1.3B at 12 x 1, FLUX 4K): dense contenders and dense [fastest], Tile (64- and 128-token tiles:
@@ -84,14 +84,14 @@ def register(subparsers) -> argparse.ArgumentParser:
 
     g = sub.add_parser("gpu", help="the GPU acceptance run: self-checks, pytest -m gpu, then production-size "
                                    "timings with each row's error against the fp32 twin and the variant that ran, "
-                                   "in 9 minutes: JSON + markdown for BENCHMARKS.md",
+                                   "in 15 minutes: JSON + markdown for BENCHMARKS.md",
                        description=plain(_GPU_DESCRIPTION), formatter_class=HelpFormatter)
     g.add_argument("--out", required=True, metavar="DIR", help="folder for gpu_report.json and gpu_report.md")
     g.add_argument("--device", default="cuda")
     g.add_argument("--check", action="store_true",
                    help="run the kernels' self-checks (dit-accel selftest) first; exit 1 if any check fails")
     g.add_argument("--budget", type=float, default=None,
-                   help="seconds for the whole run (default 540); cases that no longer fit are skipped and listed")
+                   help="seconds for the whole run (default 900); cases that no longer fit are skipped and listed")
     g.add_argument("--shapes", default=None, help="comma-separated substrings of the standard shapes to keep")
     g.add_argument("--densities", default=None, help="comma-separated target densities (default 0.05,0.1,0.2)")
     g.add_argument("--methods", default=None,

@@ -178,7 +178,30 @@ def collect_info(device=None) -> dict:
     info["tiny_models"] = _safe(_tiny)
     info["autotune"] = _safe(_autotune)
     info["selfcheck"] = _safe(_selfcheck)
+    info["kernel_status"] = _safe(_kernel_status)
     return info
+
+
+def _kernel_status() -> dict:
+    """What the Triton kernels do with fp32 inputs, under torch.compile and in CUDA graphs, and which triton."""
+    from ..kernels import _selfchecks
+    from ..kernels.backends import TRITON_CHECKED, TRITON_FLOOR, triton_version, triton_version_reason
+    from ..kernels.block_sparse.configs import WS_OFF_REASON, ws_enabled
+
+    floor = ".".join(map(str, TRITON_FLOOR))
+    return {
+        "triton": (f"{triton_version() or 'not installed'}: " + (triton_version_reason() or
+                   f"ok (runs from {floor}; compile-time checks pinned to {TRITON_CHECKED})")),
+        "fp32": ("block-sparse and dense Triton kernels multiply fp32 inputs in tf32 on GPUs (self-check bounds "
+                 f"{_selfchecks.TF32_FWD_TOL:.1e} forward, {_selfchecks.TF32_BWD_TOL:.1e} gradients, from the tf32 "
+                 "error model); SLA's kernels multiply in full fp32 (bounds 1e-4, 1e-3)"),
+        "warp-specialized forward": "on (DIT_ACCEL_WS=1), behind its self-check" if ws_enabled() else WS_OFF_REASON,
+        "torch.compile": ("a traced call reuses the backend an eager call of the same shape chose (autotuned, or "
+                          "dense where measured faster); with no eager call first it runs the Triton kernel, "
+                          "timing nothing"),
+        "CUDA graphs": ("a captured call times nothing and runs no first-use check; CUDA layouts are static "
+                        "graph inputs, and a tile plan first built inside a capture takes no host sync"),
+    }
 
 
 def _selfcheck() -> dict:
@@ -261,6 +284,8 @@ def run(args) -> int:
     _print_section("kernel autotuning (CUDA, backend auto: Triton vs FlexAttention, timed once per shape class; "
                    "`dit-accel info --clear` forgets)", info["autotune"])
     _print_section("kernel self-check verdicts (first use; `dit-accel selftest` runs all)", info["selfcheck"])
+    _print_section("kernel status (triton release, fp32, warp specialization, torch.compile, CUDA graphs)",
+                   info["kernel_status"])
     if model is not None:
         _print_settings(info["model_settings"])
     return 0

@@ -1,4 +1,4 @@
-"""``dit-accel bench gpu``: the acceptance run on a GPU machine (checks, then timings), in 9 minutes.
+"""``dit-accel bench gpu``: the acceptance run on a GPU machine (checks, then timings), in 15 minutes.
 
 :func:`bench_gpu` runs, in this order, within ``budget_s`` seconds (default :data:`BUDGET_S`):
 
@@ -66,10 +66,12 @@ STANDARD_SHAPES = (
 STANDARD_DENSITIES = (0.05, 0.1, 0.2)
 STANDARD_METHODS = ("tile", "tile-128", "gna", "radial", "sla")
 AUTOTUNE_MODES = ("off", "on")
-#: Seconds for the whole run (self-checks, pytest, timings): 9 minutes.
-BUDGET_S = 540.0
-#: At most this many seconds for ``dit-accel selftest`` and for ``pytest -m gpu``; the timings get the rest.
-SELFTEST_S = 120.0
+#: Seconds for the whole run (self-checks, pytest, timings): 15 minutes, enough on a cold cache.
+BUDGET_S = 900.0
+#: At most this many seconds for ``dit-accel selftest`` and for ``pytest -m gpu``; the timings get the rest. The
+#: first GPU run (H100, 2026-11-25) took 147 s for the half-precision self-checks on a cold cache (about 100
+#: compiles); fp32 adds a third, so 360 s fits a cold cache with room.
+SELFTEST_S = 360.0
 PYTEST_S = 300.0
 #: Seconds kept for the timings whatever the checks take.
 TIMING_MIN_S = 120.0
@@ -198,13 +200,13 @@ def failures(report: dict) -> List[str]:
     and rows over their tolerance. Rows skipped for the time budget are not failures (the summary counts them)."""
     out = []
     self_test = report.get("selftest")
-    if self_test is not None and self_test.get("returncode") != 0:
+    if self_test is not None and self_test.get("returncode") != 0 and not self_test.get("incomplete"):
         bad = [f"{r.get('variant')} {r.get('dtype', '')}".strip() + f" (error {r.get('error')})"
                for r in self_test.get("rows", [])
                if str(r.get("verdict", "")).lower() not in ("ok", "pass", "passed", "skip", "skipped", "n/a")]
         out.append(f"selftest: {self_test.get('summary')}" + (f": {', '.join(bad)}" if bad else ""))
     py = report.get("pytest")
-    if py is not None and py.get("returncode") != 0:
+    if py is not None and py.get("returncode") != 0 and not py.get("incomplete"):
         out.append(f"pytest -m gpu: {py.get('summary')} (exit {py.get('returncode')})")
     for r in report.get("rows", []):
         where = f"{r['shape']} {r['kernel']} {r.get('pass', '')} density {r.get('density')}"
@@ -734,9 +736,10 @@ def _selftest_runner(device: torch.device, variants: Sequence[str] = ()) -> Call
         started = time.monotonic()
         try:
             proc = subprocess.run(cmd, cwd=_root(), capture_output=True, text=True, timeout=timeout_s, env=_env())
-        except subprocess.TimeoutExpired:
-            return {"command": " ".join(cmd[1:]), "returncode": None, "seconds": timeout_s,
-                    "summary": f"timed out after {timeout_s:.0f} s"}
+        except subprocess.TimeoutExpired:  # not a kernel failure: every verdict made so far is stored
+            return {"command": " ".join(cmd[1:]), "returncode": None, "seconds": timeout_s, "incomplete": True,
+                    "summary": f"incomplete: out of time after {timeout_s:.0f} s; the verdicts made so far are saved "
+                               "(`dit-accel info` lists them), `dit-accel selftest --device cuda` finishes the rest"}
         return parse_selftest(proc.returncode, proc.stdout, proc.stderr,
                               command=" ".join(cmd[1:]), seconds=time.monotonic() - started)
     return run
@@ -774,8 +777,9 @@ def _run_pytest(timeout_s: float) -> dict:
         proc = subprocess.run(cmd, cwd=_root(), capture_output=True, text=True, timeout=timeout_s, env=_env())
     except subprocess.TimeoutExpired as exc:  # what it printed so far says how far it got
         partial = exc.stdout.decode(errors="replace") if isinstance(exc.stdout, bytes) else (exc.stdout or "")
-        return {"command": " ".join(cmd[1:]), "returncode": None, "seconds": timeout_s,
-                "summary": f"timed out after {timeout_s:.0f} s", "tail": "\n".join(partial.splitlines()[-40:])}
+        return {"command": " ".join(cmd[1:]), "returncode": None, "seconds": timeout_s, "incomplete": True,
+                "summary": f"incomplete: out of time after {timeout_s:.0f} s (not a test failure; the tail says how "
+                           "far it got)", "tail": "\n".join(partial.splitlines()[-40:])}
     lines = (proc.stdout + proc.stderr).strip().splitlines()
     return {"command": " ".join(cmd[1:]), "returncode": proc.returncode, "seconds": time.monotonic() - started,
             "summary": lines[-1] if lines else "", "tail": "\n".join(lines[-40:])}

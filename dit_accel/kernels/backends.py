@@ -41,15 +41,54 @@ def env_backend() -> Optional[str]:
     return value
 
 
+#: The oldest triton release the kernels run under: the release their first GPU run used (H100, triton 3.6.0,
+#: 2026-11-25: every non-warp-specialized variant passed its self-check; BENCHMARKS section 10). The
+#: compile-time checks (registers, spills, SASS) are pinned to :data:`TRITON_CHECKED` (CI's release).
+TRITON_FLOOR = (3, 6)
+TRITON_CHECKED = "3.9.0"
+
+
+def triton_version() -> Optional[str]:
+    """The installed triton's version, read from its distribution metadata (no import), or None."""
+    from importlib import metadata
+
+    for dist in ("triton", "pytorch-triton"):
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            continue
+    return None
+
+
+def triton_version_reason() -> Optional[str]:
+    """Why the installed triton is too old for the kernels, or None (unknown versions pass: a source build)."""
+    found = triton_version()
+    if found is None:
+        return None
+    try:
+        parts = tuple(int(x) for x in found.split("+")[0].split(".")[:2])
+    except ValueError:
+        return None
+    if parts >= TRITON_FLOOR:
+        return None
+    floor = ".".join(map(str, TRITON_FLOOR))
+    return (f"triton {found} is older than {floor}, the oldest release dit_accel's kernels have run and passed their "
+            f"self-checks on a GPU with; `pip install -U \"triton>={floor}\"` (with a matching torch), or use "
+            "backend='torch'.")
+
+
 def triton_reason(device) -> Optional[str]:
     """``None`` when the Triton kernels can run on ``device``, else why not (without importing triton).
 
-    Usable: a CUDA device of compute capability >= 8.0 with triton installed, or a
+    Usable: a CUDA device of compute capability >= 8.0 with triton >= :data:`TRITON_FLOOR` installed, or a
     CPU device when ``TRITON_INTERPRET=1`` was set before triton was imported.
     """
     device = torch.device(device)
     if importlib.util.find_spec("triton") is None:
         return "triton is not installed; `pip install triton` (Linux) or use backend='torch'."
+    old = _triton_too_old()
+    if old is not None:
+        return old
     if device.type == "cuda":
         if not torch.cuda.is_available():
             return "no CUDA device is available to torch; use backend='torch' on this machine."
@@ -67,6 +106,15 @@ def triton_reason(device) -> Optional[str]:
         return ("triton needs a CUDA device; on CPU it only runs through its interpreter: set "
                 "TRITON_INTERPRET=1 before anything imports triton (slow, for tests), or use backend='torch'.")
     return f"triton kernels support CUDA (or CPU under TRITON_INTERPRET=1), not {device.type!r}; use backend='torch'."
+
+
+_OLD: list = []
+
+
+def _triton_too_old() -> Optional[str]:
+    if not _OLD:
+        _OLD.append(triton_version_reason())  # (metadata is read once per process)
+    return _OLD[0]
 
 
 def _flex_reason(device: torch.device) -> Optional[str]:

@@ -19,20 +19,31 @@ __all__ = ["occupancy", "cubin_resources", "compiled_resources", "resident_ctas"
 
 F = TypeVar("F", bound=Callable)
 
-# Per-SM limits from NVIDIA's CUDA occupancy tables (compute capability 8.0, 8.6, 8.9, 9.0).
+# Per-SM limits from NVIDIA's CUDA occupancy tables (compute capability 8.0, 8.6, 8.9, 9.0, 10.0, 12.0).
 _SM = {
     80: dict(warps=64, ctas=32, smem=167936, regs=65536),
     86: dict(warps=48, ctas=16, smem=102400, regs=65536),
     89: dict(warps=48, ctas=24, smem=102400, regs=65536),
     90: dict(warps=64, ctas=32, smem=233472, regs=65536),
+    100: dict(warps=64, ctas=32, smem=233472, regs=65536),
+    120: dict(warps=48, ctas=32, smem=102400, regs=65536),
 }
+
+
+def sm_limits(arch: int) -> dict:
+    """The per-SM limits of ``sm_<arch>``: its row, else the row of the nearest lower capability of the same
+    major (sm_103 takes sm_100's), else the smallest part (sm_86's)."""
+    if arch in _SM:
+        return _SM[arch]
+    same = [a for a in _SM if a // 10 == arch // 10 and a <= arch]
+    return _SM[max(same)] if same else _SM[86]
 _SMEM_RESERVED = 1024  # per CTA, reserved by the driver (sm_80+)
 _MAX_REGISTERS = 255  # per thread: what an unreadable kernel is assumed to use (the fewest CTAs)
 
 
 def occupancy(arch: int, registers: int, shared: int, num_warps: int) -> dict:
     """Theoretical occupancy: ``{"ctas", "warps", "limit"}`` per SM, ``limit`` the binding resource."""
-    sm = _SM.get(arch, _SM[86])
+    sm = sm_limits(arch)
     per_warp = -(-registers * 32 // 256) * 256  # allocated per warp in units of 256 registers
     by = {
         "warps": sm["warps"] // num_warps,

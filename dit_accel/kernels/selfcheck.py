@@ -87,6 +87,9 @@ class Variant:
     check: Callable[[torch.device, torch.dtype, dict], Result]
     dtypes: Callable[[torch.device], Tuple[torch.dtype, ...]] = field(default=lambda device: _default_dtypes(device))
     shapes: Callable[[torch.device], Tuple[dict, ...]] = field(default=lambda device: _default_shapes(device))
+    #: The version of the package behind it ("" for the in-repo kernels, whose source hash is in every key): a
+    #: vendor variant's verdict holds for that release only, so an upgrade is checked again.
+    package_version: Callable[[], str] = field(default=lambda: "")
 
 
 def _default_dtypes(device: torch.device) -> Tuple[torch.dtype, ...]:
@@ -211,8 +214,10 @@ def _key(name: str, device: torch.device, dtype: torch.dtype, shape: dict) -> st
     except ImportError:
         triton_version = "none"
     dims = f"d{shape['head_dim']} {shape['block_q']}x{shape['block_k']}"
-    return "|".join((name, _arch(device), str(dtype).replace("torch.", ""), dims, f"torch {torch.__version__}",
-                     f"triton {triton_version}", f"dit_accel {__version__}", _source_hash()))
+    parts = (name, _arch(device), str(dtype).replace("torch.", ""), dims, f"torch {torch.__version__}",
+             f"triton {triton_version}", f"dit_accel {__version__}", _source_hash())
+    package = _REGISTRY[name].package_version() if name in _REGISTRY else ""
+    return "|".join(parts + ((f"package {package}",) if package else ()))
 
 
 _MEMORY: Dict[str, dict] = {}

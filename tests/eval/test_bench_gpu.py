@@ -259,6 +259,7 @@ def test_launched_variants_name_the_ws_and_resume_passes(monkeypatch):
     from tests.utils import banded_mask
 
     monkeypatch.setenv("DIT_ACCEL_SELFCHECK", "0")  # (the record is under test here, not the kernels)
+    monkeypatch.setenv("DIT_ACCEL_WS", "1")  # the ws forward is opt-in
     mask = banded_mask(256, 256, 70)
     layout = BlockLayout.from_dense_mask(mask, block_q=128, block_k=128)
     q, k, v = (torch.randn(1, 2, 256, 128, dtype=torch.float16) for _ in range(3))
@@ -313,7 +314,7 @@ def test_bench_gpu_cli(tmp_path, capsys):
         assert cli_bench._run_gpu(args, timer=FakeTimer()) == 0
         assert [s.name for s in seen["shapes"]] == ["FLUX 1024px"] and seen["densities"] == [0.25]
         assert seen["methods"] == ["tile"] and seen["backward"] is False and seen["pytest_gpu"] is True
-        assert seen["check"] is True and seen["autotune"] == ("off",) and seen["budget_s"] == module.BUDGET_S == 540
+        assert seen["check"] is True and seen["autotune"] == ("off",) and seen["budget_s"] == module.BUDGET_S == 900
         assert cli_bench._run_gpu(args, timer=FakeTimer(), fail=["pytest -m gpu: 1 failed"]) == 1
         assert "FAILED: pytest -m gpu: 1 failed" in capsys.readouterr().out
     finally:
@@ -381,3 +382,19 @@ def test_targets_from_injected_rows():
     slow = bench_gpu.targets([row("dense SDPA", 100.0), row("dense [fastest]", 103.0)])
     assert slow == [{"target": "dense steps at least as fast as SDPA (forward)", "shape": "Wan2.1 14B 480p",
                      "value": pytest.approx(100 / 103), "met": False}]
+
+
+def test_a_check_out_of_time_is_incomplete_not_a_failure(monkeypatch):
+    """A cold cache can outlast the budget: the report says incomplete (the stored verdicts stand), never failed."""
+    import subprocess
+
+    def slow(cmd, **kwargs):
+        raise subprocess.TimeoutExpired(cmd, kwargs.get("timeout"), output=b"tests/kernels ....")
+
+    monkeypatch.setattr(bench_gpu.subprocess, "run", slow)
+    selftest = bench_gpu._selftest_runner(torch.device("cuda"))(5.0)
+    py = bench_gpu._run_pytest(5.0)
+    assert selftest["incomplete"] and py["incomplete"]
+    assert "incomplete" in selftest["summary"] and "saved" in selftest["summary"]
+    assert bench_gpu.failures({"selftest": selftest, "pytest": py}) == []
+    assert bench_gpu.SELFTEST_S >= 300 and bench_gpu.BUDGET_S >= bench_gpu.SELFTEST_S + bench_gpu.PYTEST_S

@@ -16,7 +16,7 @@ from dit_accel.kernels.block_sparse.backends import fa4 as vfa4
 from dit_accel.kernels.block_sparse.backends import natten as vnatten
 from dit_accel.patterns.gna import gna_layout
 
-from .test_vendor_convert import LAYOUTS, _element_lookup, _expand_lists, _natten_1d, expand_cudnn
+from .test_backends_convert import LAYOUTS, _element_lookup, _expand_lists, _natten_1d, expand_cudnn
 
 
 def _fake_natten():
@@ -118,7 +118,8 @@ def _fake_fa4(seen):
         heads = bst.mask_block_cnt.shape[1]
         lookup = None
         if mask_mod is not None:
-            (lbq, lbk), (nq, nk) = mask_mod
+            lbq, lbk = mask_mod
+            nq, nk = aux_tensors[2].tolist()  # the grid comes at run time: one compile per block shape
             lookup = _element_lookup(aux_tensors[0], aux_tensors[1], (lbq, lbk), (nq, nk), heads, n, m)
         mask = _expand_lists(bst.full_block_cnt[0], bst.full_block_idx[0], rows, cols, (heads, n, m))
         if int(bst.mask_block_cnt.sum()):
@@ -139,7 +140,7 @@ def test_fa4_launch_passes_both_directions_and_the_element_masks(arch, monkeypat
     seen = []
     fake = _fake_fa4(seen)
     monkeypatch.setattr(vfa4, "vendor_import", lambda module, *a: fake(module))
-    monkeypatch.setattr(vfa4, "_mask_mod", lambda bq, bk, n_q, n_k, shared: ((bq, bk), (n_q, n_k)))
+    monkeypatch.setattr(vfa4, "_mask_mod", lambda bq, bk, shared: (bq, bk))
     layout = LAYOUTS["random_perhead_128"] if arch == 100 else LAYOUTS["random_64"]
     plan = vfa4.plan(layout, 64, arch=arch)
     g = torch.Generator().manual_seed(2)
@@ -152,3 +153,42 @@ def test_fa4_launch_passes_both_directions_and_the_element_masks(arch, monkeypat
     mask_mod, fwd_block, bwd_block = seen[0]
     assert mask_mod is not None and fwd_block == (plan.fwd.block_q, plan.fwd.block_k)
     assert bwd_block == (plan.bwd.block_q, plan.bwd.block_k)
+
+
+def test_natten_is_refused_where_the_lse_needs_a_gradient(monkeypatch):
+    """NATTEN's fused backward ignores d(lse): a call that differentiates through the lse (a plan's text merge)
+    is refused naming the reason, and a call without an lse gradient still runs through NATTEN."""
+    from dit_accel.kernels.backends import BackendUnavailable
+    from dit_accel.kernels.block_sparse.backends import call, layout_reason
+
+    monkeypatch.setattr(vnatten, "vendor_import", lambda *a: _fake_natten())
+    perm, layout = gna_layout((3, 6, 10), (2, 3, 5), stride=(1, 3, 1), tile=(1, 8, 8), block_q=64, block_k=64)
+    vnatten.attach_gna(layout, perm, (2, 3, 5), (1, 3, 1))
+    assert "log-sum-exp" in layout_reason("natten", layout, 16, needs_grad=True, return_lse=True)
+    assert layout_reason("natten", layout, 16, needs_grad=True, return_lse=False) is None
+    assert layout_reason("natten", layout, 16, needs_grad=False, return_lse=True) is None
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (perm.permute(torch.randn(1, 2, perm.num_tokens, 16, generator=g)).requires_grad_() for _ in range(3))
+    with pytest.raises(BackendUnavailable, match="NATTEN's fused backward"):
+        call("natten", q, k, v, layout, 0.25, return_lse=True)
+    o, _ = call("natten", q, k, v, layout, 0.25, return_lse=False)
+    assert o.requires_grad
+
+
+def test_fa4_compiles_once_per_block_shape_not_per_layout_grid(monkeypatch):
+    """FA4's compile cache hashes the mask_mod's closure: it holds block sizes only, the grid rides in aux."""
+    asked = []
+    seen = []
+    fake = _fake_fa4(seen)
+    monkeypatch.setattr(vfa4, "vendor_import", lambda module, *a: fake(module))
+    monkeypatch.setattr(vfa4, "_mask_mod", lambda *a: asked.append(a) or a[:2])
+    g = torch.Generator().manual_seed(3)
+    for n in (300, 420):  # two lengths: two layout grids, one block shape
+        mask = torch.rand(1, n, n, generator=g) < 0.3
+        layout = BlockLayout.from_dense_mask(mask, block_q=64, block_k=64)
+        plan = vfa4.plan(layout, 64, arch=90)
+        q, k, v = (torch.randn(1, 1, n, 64, generator=g) for _ in range(3))
+        o = vfa4.run(plan, q, k, v, 0.125, return_lse=False)[0]
+        ref = block_sparse_attention(q, k, v, layout, scale=0.125, backend="torch")
+        torch.testing.assert_close(o, ref)
+    assert len(set(asked)) == 1, asked

@@ -240,3 +240,57 @@ def test_vendor_versions_name_the_packages():
     found = vendor.versions()
     assert set(found) == set(vendor.NAMES) and all(v is None or isinstance(v, str) for v in found.values())
     assert vendor.PACKAGES["fa4"] == "flash-attn-4"
+
+
+# ----------------------------------------------------------------------------- issue 46, item 8
+def test_a_vendor_verdict_is_keyed_by_its_package_version(monkeypatch):
+    """An upgrade of the vendor package is checked again: its version is part of the verdict's key."""
+    from dit_accel.kernels import selfcheck
+
+    cpu, shape = torch.device("cpu"), {"head_dim": 128, "block_q": 64, "block_k": 64}
+    monkeypatch.setattr(vendor, "versions", lambda: {"fa4": "4.0.0b36", "cudnn": None, "natten": "0.21.7"})
+    old = selfcheck._key("block_sparse.natten.bwd", cpu, torch.bfloat16, shape)
+    assert old.endswith("package natten 0.21.7")
+    monkeypatch.setattr(vendor, "versions", lambda: {"fa4": "4.0.0b36", "cudnn": None, "natten": "0.22.0"})
+    assert selfcheck._key("block_sparse.natten.bwd", cpu, torch.bfloat16, shape) != old
+    assert "package" not in selfcheck._key("block_sparse.triton.fwd", cpu, torch.float16, shape)
+
+
+def test_natten_without_libnatten_is_refused(monkeypatch):
+    import types
+
+    from dit_accel.kernels.block_sparse.backends import natten as vnatten
+
+    monkeypatch.setattr(vnatten, "package_reason", lambda *a: None)
+    monkeypatch.setattr(vnatten, "cuda_reason", lambda *a: None)
+    for has, refused in ((False, True), (True, False)):
+        vnatten.libnatten_reason.cache_clear()
+        monkeypatch.setattr(vnatten, "vendor_import", lambda *a, has=has: types.SimpleNamespace(HAS_LIBNATTEN=has))
+        why = vnatten.reason(Request(torch.device("cuda"), torch.bfloat16, 64))
+        assert (why is not None and "libnatten" in why and "full score matrix" in why) == refused, why
+    vnatten.libnatten_reason.cache_clear()
+
+
+def test_cudnn_backward_is_refused_on_sm101(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: object() if name == "cudnn.block_sparse_attention" else real(name, *a))
+    monkeypatch.setattr(vcudnn, "package_reason", lambda *a: None)
+    monkeypatch.setattr(vcudnn, "cuda_reason", lambda *a: None)
+    for arch, refused in ((101, True), (100, False), (90, False)):
+        monkeypatch.setattr(vcudnn, "cuda_arch", lambda device, arch=arch: arch)
+        grad = vcudnn.reason(Request(torch.device("cuda"), torch.bfloat16, 128, needs_grad=True))
+        assert (grad is not None and "sm_101" in grad) == refused, grad
+        assert vcudnn.reason(Request(torch.device("cuda"), torch.bfloat16, 128)) is None  # the forward serves
+
+
+def test_the_fallback_after_a_vendor_is_itself_verified(masked_layout, monkeypatch):
+    """A stored cuDNN choice this layout cannot take falls back; a fallback whose self-check failed is skipped."""
+    monkeypatch.setattr(vcudnn, "cuda_arch", lambda device: 90)
+    cuda = Request(torch.device("cuda"), torch.bfloat16, 64)
+    monkeypatch.setattr(backends, "_TABLE", {"block_sparse": [("triton", lambda r: None, True),
+                                                               ("flex", lambda r: None, True)]})
+    monkeypatch.setattr(backends, "_verified", lambda family, name, request, forced=False: name != "triton")
+    assert sel.layout_fallback("cudnn", masked_layout, cuda, return_lse=False) == "flex"

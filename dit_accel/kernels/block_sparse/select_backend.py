@@ -241,6 +241,7 @@ def layout_fallback(name: str, layout: BlockLayout, request: Request, return_lse
     if vendor.layout_reason(name, layout, request.head_dim, request.needs_grad, return_lse, source) is None:
         return name
     for other, can_run, auto in backends._TABLE["block_sparse"]:
-        if auto and (other != "triton" or request.device.type == "cuda") and can_run(request) is None:
+        if auto and (other != "triton" or request.device.type == "cuda") and can_run(request) is None \
+                and backends._verified("block_sparse", other, request):  # the fallback passed its own self-check
             return other
     return "torch"

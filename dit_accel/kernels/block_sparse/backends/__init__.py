@@ -80,11 +80,20 @@ def plan_seconds(name: str, layout: BlockLayout, head_dim: int, source: Optional
     return _PLAN_TIME.get(layout, (name, head_dim), measure)
 
 
+#: Vendor backwards that drop the gradient through the log-sum-exp (a plan's text merge and SLA differentiate
+#: through it): a call that needs it is refused, and ``auto`` takes the next backend.
+LSE_GRAD_DROPPED = {
+    "cudnn": "cuDNN's block-sparse backward takes no gradient through the log-sum-exp; use backend='triton'",
+    "natten": ("NATTEN's fused backward (0.21) takes the log-sum-exp's gradient and ignores it (dQ, dK off by "
+               "about 9% on a joint text+video GNA case); use backend='triton'"),
+}
+
+
 def layout_reason(name: str, layout: BlockLayout, head_dim: int, needs_grad: bool = False, return_lse: bool = False,
                   source: Optional[BlockLayout] = None) -> Optional[str]:
     """Why backend ``name`` cannot serve this layout and call exactly (None when it can)."""
-    if name == "cudnn" and return_lse and needs_grad:
-        return "cuDNN's block-sparse backward takes no gradient through the log-sum-exp; use backend='triton'"
+    if name in LSE_GRAD_DROPPED and return_lse and needs_grad:
+        return LSE_GRAD_DROPPED[name]
     p = plan(name, layout, head_dim, source)
     return p if isinstance(p, str) else None
 

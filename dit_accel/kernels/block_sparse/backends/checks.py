@@ -96,7 +96,7 @@ def _problem(name, device, shape, seed):
 def _check(name: str, backward: bool):
     def check(device, dtype, shape=None) -> Result:
         from ...reference import dense_attention_reference
-        from . import call
+        from . import LSE_GRAD_DROPPED, call
 
         device, shape = torch.device(device), dict(shape or _DEFAULT_SHAPE)
         n, mask, layout, text, perm = _problem(name, device, shape, seed=11 if backward else 10)
@@ -128,9 +128,30 @@ def _check(name: str, backward: bool):
 
         got = grads(lambda a, b, c: call(name, a, b, c, layout, scale, return_lse=False)[0])
         want = grads(lambda a, b, c: dense_attention_reference(a, b, c, mask, scale)[0])
-        return Result(max(relative_error(g, w) for g, w in zip(got, want)), BWD_TOL[dtype], text + ", dQ dK dV")
+        err = max(relative_error(g, w) for g, w in zip(got, want))
+        if name not in LSE_GRAD_DROPPED:
+            # The backend takes calls whose lse needs a gradient (a plan's text merge): check that one too.
+            got = grads(lambda a, b, c: _with_lse(*call(name, a, b, c, layout, scale, return_lse=True)))
+            want = grads(lambda a, b, c: _with_lse(*dense_attention_reference(a, b, c, mask, scale)))
+            err = max([err] + [relative_error(g, w) for g, w in zip(got, want)])
+            text += ", and through the lse"
+        return Result(err, BWD_TOL[dtype], text + ", dQ dK dV")
 
     return check
+
+
+def _with_lse(o: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
+    """``o`` plus its row's lse (0 where a row sees no key), so a loss on it differentiates through the lse."""
+    return o.float() + torch.where(torch.isfinite(lse), lse, 0.0).float()[..., None]
+
+
+def _package_version(name: str):
+    def version() -> str:
+        from . import PACKAGES, versions
+
+        return f"{PACKAGES[name]} {versions()[name] or 'not installed'}"
+
+    return version
 
 
 def _dtypes(name: str, backward: bool):
@@ -146,4 +167,4 @@ for _name in ("fa4", "cudnn", "natten"):
     for _backward in (False, True):
         register(Variant(name=f"block_sparse.{_name}.{'bwd' if _backward else 'fwd'}", family="block_sparse",
                          backend=_name, applies=_applies(_name, _backward), check=_check(_name, _backward),
-                         dtypes=_dtypes(_name, _backward)))
+                         dtypes=_dtypes(_name, _backward), package_version=_package_version(_name)))

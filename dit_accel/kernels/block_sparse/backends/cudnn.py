@@ -28,6 +28,8 @@ NAME = "cudnn"
 MODULE = "cudnn"
 DTYPES = (torch.float16, torch.bfloat16)
 ARCHS = (9, 10)
+#: Exact compute capabilities with cuDNN's block-sparse backward (the forward: every ARCHS major).
+BWD_ARCHS = (90, 100)
 _PLANS = LayoutCache("block_sparse.cudnn")
 
 
@@ -87,6 +89,9 @@ def reason(request) -> Optional[str]:
     if request.head_dim not in (64, 96, 128):
         return f"cuDNN's block-sparse forward takes head dims 64, 96 or 128, not {request.head_dim}."
     if request.needs_grad:
+        if arch not in BWD_ARCHS:
+            return (f"cuDNN's block-sparse backward serves sm_90 and sm_100 only, not sm_{arch} (sm_101 and the "
+                    "other Blackwell variants have no kernel for it); use backend='triton' for gradients.")
         if request.dtype != torch.bfloat16:
             return "cuDNN's block-sparse backward takes bfloat16 only; cast, or use backend='triton' for gradients."
         if request.head_dim != 128 and (arch // 10 == 9 or request.head_dim != 64):

@@ -67,6 +67,7 @@ class Fa4Blocks:
     ids: torch.Tensor
     table: torch.Tensor
     has_partial: bool  # read per call: a Python bool, so the launch has no host sync
+    grid: Optional[torch.Tensor] = None  # int32 [nQ, nK] on the layout's device: the mask_mod's third aux tensor
 
 
 def element_tables(layout: BlockLayout, cover: Tuple[int, int]):
@@ -122,7 +123,8 @@ def to_fa4(layout: BlockLayout, block_q: int, block_k: int,
     one = lambda t: t[None].contiguous()  # noqa: E731  (batch axis of 1, broadcast by FA4)
     return Fa4Blocks(block_q, block_k, (bq, bk), grid, layout.num_heads,
                      one(m_cnt), one(m_idx), one(f_cnt), one(f_idx), one(bm_cnt), one(bm_idx), one(bf_cnt), one(bf_idx),
-                     ids.reshape(-1).contiguous(), table.reshape(-1).contiguous(), bool(partial.any()))
+                     ids.reshape(-1).contiguous(), table.reshape(-1).contiguous(), bool(partial.any()),
+                     torch.tensor(grid, dtype=torch.int32, device=ids.device))
 
 
 def _import(module: str):
@@ -192,10 +194,11 @@ def plan(layout: BlockLayout, head_dim: int, arch: Optional[int] = None) -> Unio
     return _PLANS.get(layout, ("plan", head_dim, arch), build)
 
 
-@functools.lru_cache(maxsize=64)
-def _mask_mod(bq: int, bk: int, n_q: int, n_k: int, shared: bool):
+@functools.lru_cache(maxsize=16)
+def _mask_mod(bq: int, bk: int, shared: bool):
     """The CuTe-DSL mask_mod reading the layout's element masks from the aux tensors (see the module docstring).
-    Its closure holds only ints, which FA4's compile cache hashes."""
+    Its closure holds only the layout's block sizes, which FA4's compile cache hashes; the block grid (nQ, nK)
+    is read from the third aux tensor at run time, so layouts of other lengths reuse the compiled kernel."""
     cutlass = _import("cutlass")
     cute = _import("cutlass.cute")
     utils = _import("flash_attn.cute.utils")
@@ -204,6 +207,7 @@ def _mask_mod(bq: int, bk: int, n_q: int, n_k: int, shared: bool):
         @cute.jit
         def mask_mod(batch, head, m_idx, n_idx, seqlen_info, aux_tensors):
             q, k = m_idx[0], n_idx[0]
+            n_k = aux_tensors[2][1]
             row = aux_tensors[0][(q // bq) * n_k + k // bk]
             allowed = aux_tensors[1][(row * bq + q % bq) * bk + k % bk]
             return utils.scalar_to_ssa(allowed, cutlass.Int32) != utils.scalar_to_ssa(0, cutlass.Int32)
@@ -211,6 +215,7 @@ def _mask_mod(bq: int, bk: int, n_q: int, n_k: int, shared: bool):
         @cute.jit
         def mask_mod(batch, head, m_idx, n_idx, seqlen_info, aux_tensors):
             q, k = m_idx[0], n_idx[0]
+            n_q, n_k = aux_tensors[2][0], aux_tensors[2][1]
             row = aux_tensors[0][(head[0] * n_q + q // bq) * n_k + k // bk]
             allowed = aux_tensors[1][(row * bq + q % bq) * bk + k % bk]
             return utils.scalar_to_ssa(allowed, cutlass.Int32) != utils.scalar_to_ssa(0, cutlass.Int32)
@@ -233,9 +238,9 @@ def run(p: Fa4Plan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: fl
     flash_attn_func = _import(MODULE).flash_attn_func
 
     fwd = p.fwd
-    (bq, bk), (n_q, n_k) = fwd.layout_block, fwd.layout_grid
-    mask_mod = _mask_mod(bq, bk, n_q, n_k, fwd.heads == 1) if (fwd.has_partial or p.bwd.has_partial) else None
-    aux = [fwd.ids, fwd.table] if mask_mod is not None else None
+    bq, bk = fwd.layout_block
+    mask_mod = _mask_mod(bq, bk, fwd.heads == 1) if (fwd.has_partial or p.bwd.has_partial) else None
+    aux = [fwd.ids, fwd.table, fwd.grid] if mask_mod is not None else None
     out, lse = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), softmax_scale=scale,
                                mask_mod=mask_mod, aux_tensors=aux, block_sparse_tensors=_tensors(fwd, False),
                                block_sparse_tensors_bwd=_tensors(p.bwd, True), return_lse=return_lse)

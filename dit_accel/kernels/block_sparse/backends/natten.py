@@ -132,7 +132,7 @@ def window(layout: BlockLayout) -> Union[NattenWindow, str]:
 
 def reason(request) -> Optional[str]:
     """Why NATTEN cannot run a call like ``request`` here (None when it can); the window comes from :func:`plan`."""
-    why = package_reason(MODULE, "natten", "natten") or cuda_reason(request.device, "NATTEN")
+    why = package_reason(MODULE, "natten", "natten") or cuda_reason(request.device, "NATTEN") or libnatten_reason()
     if why is not None:
         return why
     if request.dtype not in DTYPES:
@@ -140,6 +140,22 @@ def reason(request) -> Optional[str]:
     if request.head_dim % 8:
         return f"NATTEN's fused kernels take head dims that are multiples of 8, not {request.head_dim}."
     return None
+
+
+@functools.lru_cache(maxsize=1)
+def libnatten_reason() -> Optional[str]:
+    """Why an installed natten cannot serve: built without its CUDA library (``natten.HAS_LIBNATTEN`` False, as
+    a source install without a compiler gives), when it would fall back to eager FlexAttention that holds the
+    whole score matrix. None when libnatten is there (or natten is not installed: ``package_reason`` says so)."""
+    try:
+        module = vendor_import(MODULE, "natten", "natten")
+    except Exception:
+        return None
+    if getattr(module, "HAS_LIBNATTEN", True):
+        return None
+    return ("natten is installed without libnatten, its CUDA kernels (a source build that compiled nothing): it "
+            "would run eager FlexAttention holding the full score matrix; install a natten wheel built for this "
+            "torch and CUDA (https://natten.org/install/), or use backend='triton'.")
 
 
 def plan(layout: BlockLayout, source: Optional[BlockLayout] = None) -> Union[NattenWindow, str]:
