@@ -59,6 +59,7 @@ def run(args) -> int:
         print()
     else:
         _print(rows)
+        _print_status()
     failed = [r for r in rows if r["verdict"] == "FAIL"]
     if failed and not args.json:
         print(f"{len(failed)} check(s) FAILED: these variants are disabled (backend='auto' falls back; a forced "
@@ -80,3 +81,12 @@ def _print(rows) -> None:
     for row in [header] + table:
         cells = [str(c) if i != 2 or len(str(c)) <= 90 else str(c)[:87] + "..." for i, c in enumerate(row)]
         print("  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip())
+
+
+def _print_status() -> None:
+    """What the verdicts above do not show: fp32 products, warp specialization, torch.compile and CUDA graphs."""
+    from .info import _kernel_status
+
+    print("\nstatus:")
+    for key, value in _kernel_status().items():
+        print(f"  {key}: {value}")

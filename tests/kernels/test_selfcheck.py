@@ -245,6 +245,8 @@ def test_selftest_cli_json_table_fault_and_refusals(tmp_path):
     assert bad.returncode == 1 and "FAIL" in bad.stdout and "FAILED" in bad.stderr
     header = bad.stdout.splitlines()[1].split()
     assert header == ["variant", "dtype", "problem", "error", "verdict", "time"]
+    status = bad.stdout.split("\nstatus:\n", 1)[1]  # what the verdicts do not show
+    assert all(f"  {key}: " in status for key in ("fp32", "torch.compile", "CUDA graphs", "warp-specialized forward"))
     if not torch.cuda.is_available():
         cuda = _cli("--device", "cuda", env=env)
         assert cuda.returncode == 2 and "no CUDA device" in cuda.stderr and "Traceback" not in cuda.stderr
