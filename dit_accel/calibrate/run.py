@@ -370,7 +370,7 @@ def _validate(pipe, settings: CalibrationSettings, space: SearchSpace, verify, b
         log(f"note: the plan chosen on the search videos failed on the validation videos "
             f"(worst {tried[0]['psnr_worst']:.2f} dB" + ("" if dense_gt is None else
                                                         f", ground truth kept: {tried[0]['groundtruth_ok']}") +
-            f"); falling back to the next denser plan: "
+            "); falling back to the next denser plan: "
             + ("the dense plan (exact)" if math.isinf(chosen["lam"]) else
                f"{chosen['modelled_ms']:.4f} ms/sample modelled, worst validation video {tried[-1]['psnr_worst']:.2f} dB"))
     record = {"videos": len(val_jobs), "prompts": sorted({p for p, _ in val_jobs}), "seeds": sorted({s for _, s in val_jobs}),
