@@ -22,7 +22,7 @@ weights were trained with (:meth:`dit_accel.SLA.reference`), so
 ``load_method(DIR)`` gives it back. The model's own weights cannot go into the
 folder (it holds LoRA and projections only): a checkpoint that carries them is
 refused unless ``base_weights="skip"`` says the Diffusers model you load has the
-same ones (see the README, "Converting SLA checkpoints").
+same ones (see docs/api.md, "Converting SLA checkpoints").
 """
 
 from __future__ import annotations

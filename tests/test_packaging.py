@@ -120,5 +120,7 @@ def test_ci_installs_into_a_fresh_virtual_environment(script):
     text = (ROOT / script).read_text()
     assert re.search(r"rm -rf \"?\$venv\"?", text) and "-m venv" in text
     assert 'pip install -c constraints-cpu.txt -e ".[test]"' in text and "python -m pytest -q" in text
+    # lint before the tests, with ruff from the test extra (the fresh venv has nothing else)
+    assert text.index("ruff check dit_accel") < text.index("python -m pytest -q") and "ruff" in _declared(["test"])
     venv = re.search(r"venv=(\S+)", text).group(1)
     assert f"/{venv}/" in (ROOT / ".gitignore").read_text().split()

@@ -33,19 +33,8 @@ def _uniform_cost(space, cand, warmup: int, steps: int, calls: int) -> float:
     return warmup * space.dense_layer_cost * space.layers * calls + (steps - warmup) * step
 
 
-def main(argv=None) -> int:
-    import torch
-
-    import dit_accel
-    from ..eval.groundtruth import score_many
-    from ..eval.report import markdown_table
-    from ..models.clips import PROMPTS
-    from ..models.tiny_shapes import balanced_prompts
-    from ..sparse_plan import write_atomic
-    from .candidates import candidate_grid
-    from .costs import CostModel
-    from .run import CalibrationSettings, _psnr_ssim, add_quality_options, calibrate, generate_videos
-    from .search import SearchSpace
+def _parser() -> argparse.ArgumentParser:
+    from .run import add_quality_options
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True)
@@ -63,7 +52,78 @@ def main(argv=None) -> int:
     p.add_argument("--cost-terms", default="tiles")
     p.add_argument("--search-iters", type=int, default=6)
     p.add_argument("--threads", type=int, default=1)
-    args = p.parse_args(argv)
+    return p
+
+
+def _uniform_rows(pipe, space, uniform_cands, jobs, call, row, plan_ms: float, dense_ms: float,
+                  steps: int, calls: int) -> list:
+    """The held-out rows of uniform methods: each candidate with the longest dense warm-up within the plan's
+    cost, then each SLA candidate given at least the plan's cost."""
+    import dit_accel
+    from .run import generate_videos
+
+    rows = []
+    for cand in uniform_cands:
+        fits = [w for w in range(steps + 1) if _uniform_cost(space, cand, w, steps, calls) * 1e3 <= plan_ms * (1 + 1e-9)]
+        if not fits:
+            rows.append({"label": f"uniform {cand.label}", "config": "no dense warm-up fits the plan's cost",
+                         "modelled_ms": _uniform_cost(space, cand, 0, steps, calls) * 1e3})
+            continue
+        w = max(fits)  # the longest warm-up within the plan's cost: equal cost, not a cheaper row
+        with dit_accel.apply(pipe, cand.method, dense_steps=w):
+            videos = generate_videos(pipe, jobs, call, 8)
+        rows.append(row(f"uniform {cand.label}", f"{cand.method!r}, dense_steps={w}", videos,
+                        _uniform_cost(space, cand, w, steps, calls) * 1e3))
+    # Uniform SLA given at least the plan's cost: each SLA candidate's warm-up nearest the plan's cost from above
+    # (the plan must beat it at equal or lower cost), where that stays within dense's cost.
+    for cand in [c for c in uniform_cands if c.kind == "sla"]:
+        above = [(_uniform_cost(space, cand, w, steps, calls) * 1e3, w) for w in range(steps)]
+        above = [(ms, w) for ms, w in above if plan_ms * (1 - 1e-9) <= ms <= dense_ms * (1 + 1e-9)]
+        if not above:
+            continue
+        ms, w = min(above)
+        with dit_accel.apply(pipe, cand.method, dense_steps=w):
+            videos = generate_videos(pipe, jobs, call, 8)
+        rows.append(row(f"uniform {cand.label}, at least the plan's cost", f"{cand.method!r}, dense_steps={w}",
+                        videos, ms))
+    return rows
+
+
+def _write_evidence(out: Path, evidence: dict, rows: list, grid, calibrate_s: float, heldout_s: float) -> str:
+    """``evidence.json`` and ``evidence.md`` (the table of the rows); returns the markdown."""
+    from ..eval.report import markdown_table
+    from ..sparse_plan import write_atomic
+
+    write_atomic(out / "evidence.json", json.dumps(evidence, indent=1, default=str) + "\n")
+    keys = ("colour", "shape", "motion", "consistency", "all")
+    table = markdown_table(["run", "config", "modelled attention ms/sample", "PSNR dB vs dense", "worst video dB",
+                            "SSIM"] +
+                           [f"GT {k}" for k in keys],
+                           [[r["label"], r["config"], f"{r['modelled_ms']:.4f}",
+                             f"{r['psnr']:.2f}" if "psnr" in r else "-",
+                             f"{r['psnr_worst']:.2f}" if "psnr_worst" in r and r["label"] != "dense" else "-",
+                             f"{r['ssim']:.3f}" if "ssim" in r else "-"] +
+                            [f"{r['groundtruth'][k]:.3f}" if "groundtruth" in r else "-" for k in keys] for r in rows])
+    text = (f"# Calibrated plan vs uniform methods, tiny-shapes grid {grid}, held-out\n\n"
+            f"{evidence['date']}; calibration {calibrate_s:.0f} s, held-out runs {heldout_s:.0f} s; "
+            f"load average {evidence['load_average']}.\n\n{table}\n")
+    write_atomic(out / "evidence.md", text)
+    return text
+
+
+def main(argv=None) -> int:
+    import torch
+
+    import dit_accel
+    from ..eval.groundtruth import score_many
+    from ..models.clips import PROMPTS
+    from ..models.tiny_shapes import balanced_prompts
+    from .candidates import candidate_grid
+    from .costs import CostModel
+    from .run import CalibrationSettings, _psnr_ssim, calibrate, generate_videos
+    from .search import SearchSpace
+
+    args = _parser().parse_args(argv)
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -116,29 +176,7 @@ def main(argv=None) -> int:
     # Uniform rows: the small grid's candidates and every SLA top-k of the search (one held-out run each).
     uniform_cands = candidate_grid(grid, size="small", methods=settings.methods)[1:]
     uniform_cands += [c for c in cands if c.kind == "sla" and c.method not in {u.method for u in uniform_cands}]
-    for cand in uniform_cands:
-        fits = [w for w in range(steps + 1) if _uniform_cost(space, cand, w, steps, calls) * 1e3 <= plan_ms * (1 + 1e-9)]
-        if not fits:
-            rows.append({"label": f"uniform {cand.label}", "config": "no dense warm-up fits the plan's cost",
-                         "modelled_ms": _uniform_cost(space, cand, 0, steps, calls) * 1e3})
-            continue
-        w = max(fits)  # the longest warm-up within the plan's cost: equal cost, not a cheaper row
-        with dit_accel.apply(pipe, cand.method, dense_steps=w):
-            videos = generate_videos(pipe, jobs, call, 8)
-        rows.append(row(f"uniform {cand.label}", f"{cand.method!r}, dense_steps={w}", videos,
-                        _uniform_cost(space, cand, w, steps, calls) * 1e3))
-    # Uniform SLA given at least the plan's cost: each SLA candidate's warm-up nearest the plan's cost from above
-    # (the plan must beat it at equal or lower cost), where that stays within dense's cost.
-    for cand in [c for c in uniform_cands if c.kind == "sla"]:
-        above = [(_uniform_cost(space, cand, w, steps, calls) * 1e3, w) for w in range(steps)]
-        above = [(ms, w) for ms, w in above if plan_ms * (1 - 1e-9) <= ms <= dense_ms * (1 + 1e-9)]
-        if not above:
-            continue
-        ms, w = min(above)
-        with dit_accel.apply(pipe, cand.method, dense_steps=w):
-            videos = generate_videos(pipe, jobs, call, 8)
-        rows.append(row(f"uniform {cand.label}, at least the plan's cost", f"{cand.method!r}, dense_steps={w}",
-                        videos, ms))
+    rows += _uniform_rows(pipe, space, uniform_cands, jobs, call, row, plan_ms, dense_ms, steps, calls)
     heldout_s = time.perf_counter() - t1
     uniform = [r for r in rows[2:] if "psnr" in r and r["modelled_ms"] <= plan_ms * (1 + 1e-9)]
     best = max(uniform, key=lambda r: r["psnr"]) if uniform else None
@@ -152,21 +190,7 @@ def main(argv=None) -> int:
                 "heldout": {"prompts": heldout, "seeds": args.heldout_seeds, "seconds": heldout_s}, "rows": rows,
                 "best_uniform": best["label"] if best else None, "versions": versions(),
                 "load_average": load_average(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
-    write_atomic(out / "evidence.json", json.dumps(evidence, indent=1, default=str) + "\n")
-    keys = ("colour", "shape", "motion", "consistency", "all")
-    table = markdown_table(["run", "config", "modelled attention ms/sample", "PSNR dB vs dense", "worst video dB",
-                            "SSIM"] +
-                           [f"GT {k}" for k in keys],
-                           [[r["label"], r["config"], f"{r['modelled_ms']:.4f}",
-                             f"{r['psnr']:.2f}" if "psnr" in r else "-",
-                             f"{r['psnr_worst']:.2f}" if "psnr_worst" in r and r["label"] != "dense" else "-",
-                             f"{r['ssim']:.3f}" if "ssim" in r else "-"] +
-                            [f"{r['groundtruth'][k]:.3f}" if "groundtruth" in r else "-" for k in keys] for r in rows])
-    text = (f"# Calibrated plan vs uniform methods, tiny-shapes grid {grid}, held-out\n\n"
-            f"{evidence['date']}; calibration {calibrate_s:.0f} s, held-out runs {heldout_s:.0f} s; "
-            f"load average {evidence['load_average']}.\n\n{table}\n")
-    write_atomic(out / "evidence.md", text)
-    print(text)
+    print(_write_evidence(out, evidence, rows, grid, calibrate_s, heldout_s))
     return 0
 
 

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Dict, Sequence
 
 from ..eval.report import markdown_table
-from ..sparse_plan import write_atomic
+from ..sparse_plan import SparsePlan, write_atomic
 from .search import COST_TIE
 
 __all__ = ["write_report", "plot_heatmap", "render_report", "heatmap_png"]
@@ -202,3 +203,31 @@ def heatmap_png(phase_tables: Sequence[dict], densities: Dict[str, float], plan_
     finally:
         plt.close(fig)
     return buffer.getvalue()
+
+
+OUTPUT_FILES = ("report.md", "heatmap.png", "calibration.json")
+
+
+def write_outputs(out, report_dir, plan: SparsePlan, result: dict, densities: Dict[str, float]) -> None:
+    """The plan and its report folder (:data:`OUTPUT_FILES`) as one unit (:func:`dit_accel.atomic_files.commit_files`):
+    after a kill at any point, and the next run's :func:`recover_outputs`, the previous complete set or the new
+    one. Every file names the plan's content hash (report.md, calibration.json, heatmap.png's metadata)."""
+    from ..atomic_files import commit_files, commit_journal
+    from .._util import to_jsonable
+
+    out, report_dir = Path(out), Path(report_dir)
+    plan_text = json.dumps(plan.to_json(), indent=1) + "\n"
+    result["plan_sha256"] = plan.content_hash()
+    files = {out: plan_text,
+             report_dir / "report.md": render_report(result),
+             report_dir / "heatmap.png": heatmap_png(result["phase_tables"], densities, result["plan_sha256"]),
+             report_dir / "calibration.json": json.dumps(to_jsonable(result), indent=1) + "\n"}
+    commit_files(files, commit_journal(out))
+
+
+def recover_outputs(out, report_dir) -> None:
+    """Finish a killed run's committed outputs, then sweep the temporaries dead runs left beside them."""
+    from ..atomic_files import commit_journal, recover
+
+    out, report_dir = Path(out), Path(report_dir)
+    recover(commit_journal(out), [out.parent, report_dir])

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -13,13 +12,16 @@ import numpy as np
 import torch
 
 from ..methods import Dense
-from ..sparse_plan import Phase, SparsePlan, prompts_hash
+from ..sparse_plan import SparsePlan, prompts_hash
+from .budget import (_GROUNDTRUTH_CHECKS, _describe, groundtruth_close, groundtruth_kept, groundtruth_scores,
+                     passes_budget, search_budget)
 from .candidates import METHODS, candidate_grid
 from .costs import COST_SOURCES, CostModel, MeasuredCostModel
-from .report import heatmap_png, render_report
+from .probes import probe_layer_weights, probe_step_weights
+from .report import OUTPUT_FILES, recover_outputs, write_outputs  # noqa: F401  (also importable from here)
 from .sampling import QKVSampler, step_buckets
 from .scoring import score_candidates
-from .search import COST_TIE, Assignment, LayerChoice, SearchSpace, uniform_options
+from .search import Assignment, SearchSpace, uniform_options
 
 __all__ = ["CalibrationSettings", "calibrate", "generate_videos", "search_budget", "passes_budget", "BUDGET_RULES",
            "GROUNDTRUTH_RULES", "groundtruth_kept", "probe_step_weights", "probe_layer_weights",
@@ -41,7 +43,6 @@ SENSITIVITY = ("probe", "uniform")
 MIN_VIDEOS = 8
 #: Models whose videos have a ground-truth checker (:mod:`dit_accel.eval.groundtruth`).
 GROUNDTRUTH_MODELS = ("tiny-shapes",)
-_GROUNDTRUTH_CHECKS = ("colour", "shape", "motion", "consistency")
 #: ``--cost-terms``: the cost model's terms (:class:`~.costs.CostModel`), or ``auto`` (see :func:`search_space`).
 COST_TERMS = ("auto",) + CostModel.TERMS
 
@@ -237,17 +238,6 @@ def _psnr_ssim(videos, refs, per_video: bool = False):
     return float(np.mean(psnr)), float(np.mean(ssim))
 
 
-def passes_budget(psnr_videos: Sequence[float], min_psnr: Optional[float], rule: str = "worst") -> bool:
-    """Whether per-video PSNRs meet ``min_psnr`` under ``rule`` (:data:`BUDGET_RULES`); no budget passes."""
-    if min_psnr is None:
-        return True
-    made = [p for p in psnr_videos if p is not None]  # (a run stopped early holds the videos it made)
-    if len(made) < len(psnr_videos) and rule == "mean":
-        return False
-    value = min(made) if rule == "worst" else float(np.mean(made))
-    return value >= min_psnr
-
-
 def split_jobs(prompts: Sequence[str], seeds: Sequence[int], validate: Optional[int] = None,
                extend_seeds: bool = True) -> Tuple[List[Tuple[str, int]], List[Tuple[str, int]], List[str]]:
     """``(search jobs, validation jobs, notes)``: the (prompt, seed) videos the search runs on, and those the
@@ -294,137 +284,6 @@ def split_jobs(prompts: Sequence[str], seeds: Sequence[int], validate: Optional[
     return search, [(p, s) for s in val_seeds for p in prompts], notes
 
 
-_GROUNDTRUTH_KEYS = {"colour": "colour_ok", "shape": "shape_ok", "motion": "motion_ok", "consistency": "consistent"}
-#: One-sided level of the sign test :func:`groundtruth_close` applies per check.
-GROUNDTRUTH_LEVEL = 0.05
-
-
-def groundtruth_scores(videos, prompts) -> dict:
-    """:func:`~dit_accel.eval.groundtruth.score_many`'s accuracies of ``videos``, and ``per_video``: each video's
-    pass (True) or fail of every check, for the paired test of :func:`groundtruth_close`."""
-    from ..eval.groundtruth import score_video
-
-    scores = [score_video(v, p) for v, p in zip(videos, prompts)]
-    per_video = [{k: bool(s[key]) for k, key in _GROUNDTRUTH_KEYS.items()} for s in scores]
-    out = {k: float(np.mean([v[k] for v in per_video])) for k in _GROUNDTRUTH_KEYS}
-    out["all"] = float(np.mean([all(v.values()) for v in per_video]))
-    return {**out, "n": len(per_video), "per_video": per_video}
-
-
-def groundtruth_close(plan: dict, dense: dict, level: float = GROUNDTRUTH_LEVEL) -> bool:
-    """Whether a plan's ground truth on the validation videos (:func:`groundtruth_scores`, the same videos as
-    ``dense``'s) is no worse than dense's beyond chance on every check (colour, shape, motion, consistency).
-
-    Per check the videos dense passes and the plan fails (losses) are weighed against the reverse (gains) by a
-    one-sided exact sign test: the plan fails when it loses at least 2 more than it gains and
-    ``P(Binomial(losses + gains, 1/2) >= losses) < level``. On a few videos the checks flip on a video or two
-    even above 30 dB (BENCHMARKS.md section 11), so a rule of "within one video" rejected plans that did
-    better on 24 held-out videos than the plan it let through."""
-    for check in _GROUNDTRUTH_CHECKS:
-        pairs = list(zip(dense["per_video"], plan["per_video"]))
-        losses = sum(d[check] and not p[check] for d, p in pairs)
-        gains = sum(p[check] and not d[check] for d, p in pairs)
-        n = losses + gains
-        tail = sum(math.comb(n, i) for i in range(losses, n + 1)) / 2.0 ** n if n else 1.0
-        if losses - gains >= 2 and tail < level:
-            return False
-    return True
-
-
-def groundtruth_kept(plan: dict, dense: dict) -> bool:
-    """Whether a plan's ground-truth scores (:func:`~dit_accel.eval.groundtruth.score_many` on the calibration
-    videos) are no worse than dense's on every check: colour, shape, motion and consistency."""
-    return all(plan[k] >= dense[k] - 1e-9 for k in _GROUNDTRUTH_CHECKS)
-
-
-def search_budget(space: SearchSpace, verify: Callable[[Assignment, float], dict], *, min_psnr: Optional[float],
-                  max_layer_error: Optional[float] = None, rule: str = "worst", iters: int = 6, uniform: int = 3,
-                  calls_per_step: int = 1) -> Tuple[dict, List[dict]]:
-    """The verified plan to keep: ``(best record, every verified record)``.
-
-    ``verify(assignment, lam)`` runs a plan end to end and returns a record with ``psnr_videos`` (per
-    calibration video; a run stopped early under the budget holds the videos it made) and ``modelled_ms``, and
-    ``groundtruth_ok`` False where the plan loses a ground-truth check (it then fails whatever its PSNR).
-
-    1. The allocation: the cheapest assignment (``lam = 0``) first; if it fails, ``lam`` is bisected
-       geometrically for ``iters`` verified runs between the largest ``lam`` that still gives the cheapest plan
-       and the least that gives an exact one (both found without running a plan; a ``lam`` whose plan was
-       verified already does not count); the cheapest passing one.
-    2. The ``uniform`` most promising step-structured plans (:func:`~.search.uniform_options`: a dense warm-up,
-       then one candidate everywhere) that cost no more than it, verified too.
-    3. The cheapest passing plan, where plans within :data:`COST_TIE` of it count as equally cheap and the one
-       whose margin holds best across the videos wins among them: the highest worst-video PSNR (``rule="mean"``:
-       the highest mean), the cheaper on a tie. A plan tuned to just clear the budget on its search videos is
-       the one that misses it on new ones; at a cost the model cannot tell apart the wider margin is the safer
-       plan. The dense plan when nothing passed.
-    """
-    trace = []
-    known: Dict[tuple, dict] = {}
-
-    def run(assignment: Assignment, lam: float) -> dict:
-        if assignment.key() in known:  # verified already: no run, no new row
-            return known[assignment.key()]
-        record = verify(assignment, lam)
-        record["passes"] = (passes_budget(record["psnr_videos"], min_psnr, rule)
-                            and record.get("groundtruth_ok", True))
-        trace.append(record)
-        known[assignment.key()] = record
-        return record
-
-    cheapest = space.assign(0.0, max_layer_error)
-    best = run(cheapest, 0.0)
-    if not best["passes"]:
-        # The bracket, found without running anything: hi, the least lam (x4 steps) whose plan has no attention
-        # error (dense layers, dense heads in block-sparse launches: exact, so it passes), and lo, the largest
-        # below it whose plan is still the cheapest one (which failed). Verified runs go only where the plan
-        # changes.
-        scale = space.scale()
-        hi = scale
-        while hi < scale * 1e8 and any(c.error > 0 for c in space.assign(hi, max_layer_error).choices.values()):
-            hi *= 4.0
-        lo = hi
-        while lo > scale * 1e-8 and space.assign(lo, max_layer_error).key() != cheapest.key():
-            lo /= 4.0
-        best = None
-        tries = 0
-        while len(trace) < 1 + iters and tries < 4 * iters and hi > lo * 1.0001:
-            tries += 1  # (a lam whose plan was verified already costs no run)
-            mid = math.sqrt(lo * hi)
-            record = run(space.assign(mid, max_layer_error), mid)
-            if record["passes"]:
-                hi = mid
-                if best is None or record["modelled_ms"] < best["modelled_ms"]:
-                    best = record
-            else:
-                lo = mid
-    ceiling = best["modelled_ms"] if best is not None else space.assign(math.inf).cost_per_sample(calls_per_step) * 1e3
-    for option in uniform_options(space, ceiling, calls_per_step, uniform, max_layer_error) if uniform else []:
-        run(option, math.nan)  # (one verified already is not rerun)
-    passing = [r for r in trace if r["passes"] and r["modelled_ms"] <= ceiling * (1 + 1e-9)]
-    if not passing:  # nothing sparse passed: the dense plan (lam = infinity) does, exactly
-        return run(space.assign(math.inf), math.inf), trace
-    least = min(r["modelled_ms"] for r in passing)
-    cheapest = [r for r in passing if r["modelled_ms"] <= least * (1 + COST_TIE)]
-
-    def margin(record: dict) -> float:
-        videos = [p for p in record["psnr_videos"] if p is not None]
-        return min(videos) if rule == "worst" else float(np.mean(videos))
-
-    return max(cheapest, key=lambda r: (margin(r), -r["modelled_ms"])), trace
-
-
-def _describe(assignment: Assignment, lam: float) -> str:
-    """A verified plan in a few words: ``allocation, lambda 4.4e-06`` or ``uniform tile w1x1x1 after 9 dense steps``."""
-    from .search import UniformAssignment
-
-    if isinstance(assignment, UniformAssignment):
-        return (f"uniform {assignment.space.candidates[assignment.candidate].label} after {assignment.warmup} dense "
-                f"step{'s' if assignment.warmup != 1 else ''}")
-    if math.isinf(lam):
-        return "dense (exact)"
-    return f"allocation, lambda {lam:.3g}"
-
-
 def _hardest_first(pipe, jobs, dense_videos, order: Sequence[int], call_kwargs: dict, settings, bar,
                    stop_below: Optional[float]) -> Tuple[List[Optional[np.ndarray]], bool]:
     """The videos of ``jobs`` under the applied plan (``[video or None]`` in job order) and whether the run
@@ -444,75 +303,6 @@ def _hardest_first(pipe, jobs, dense_videos, order: Sequence[int], call_kwargs: 
                 and min(_psnr(made[i], dense_videos[i]) for i in head) < stop_below):
             return made, True
     return made, False
-
-
-def _probe_step(bucket: Tuple[int, int]) -> int:
-    """The step a sensitivity probe perturbs in a bucket: its middle one."""
-    start, stop = bucket
-    return start + (stop - start) // 2
-
-
-def _probe_plan(space: SearchSpace, picks: Dict[Tuple[int, int], LayerChoice]) -> SparsePlan:
-    """A plan that runs ``picks[(layer, bucket)]`` at the probe step of each bucket and dense everywhere else."""
-    phases = {}
-    for (layer, bucket), choice in picks.items():
-        if not choice.dense:
-            phases.setdefault(_probe_step(space.buckets[bucket]), {})[layer] = space.method_of(choice)
-    return SparsePlan(tuple(Phase(step, step + 1, layers) for step, layers in sorted(phases.items())),
-                      space.layers, space.heads, {})
-
-
-def _scaled(raw: List[Optional[float]]) -> List[float]:
-    """Measured factors floored at 1e-3 of the largest and scaled to mean 1; unmeasured ones (None) get 1."""
-    known = [f for f in raw if f is not None]
-    if not known or max(known) <= 0:
-        return [1.0] * len(raw)
-    floor = 1e-3 * max(known)
-    mean = sum(max(f, floor) for f in known) / len(known)
-    return [1.0 if f is None else max(f, floor) / mean for f in raw]
-
-
-def probe_step_weights(space: SearchSpace, run: Callable[[SparsePlan], float]) -> List[float]:
-    """How much the final output moves per unit of attention error at a step of each bucket.
-
-    For each bucket that has samples, ``run(plan)`` generates with the cheapest choice (``lam = 0``) in every
-    layer at one step of that bucket (its middle one) and dense everywhere else, and returns the output's
-    mean squared error against dense; the bucket's weight is that error over the summed attention error of
-    those choices (:func:`_scaled`). One step, not the whole bucket, keeps the perturbation small enough to
-    act linearly: sparse over whole buckets the output saturates and the weights flatten (measured on
-    tiny-shapes: a ratio of about 2 between the first and the middle buckets' weights, against 14-26 one step
-    at a time; BENCHMARKS.md section 11).
-    """
-    raw: List[Optional[float]] = []
-    for b in range(len(space.buckets)):
-        cheap = {(l, b): space.choose(l, b, 0.0) for l in range(space.layers)}
-        error = sum(c.error for c in cheap.values())
-        raw.append(max(float(run(_probe_plan(space, cheap))), 0.0) / error if error > 0 else None)
-    return _scaled(raw)
-
-
-def probe_layer_weights(space: SearchSpace, run: Callable[[SparsePlan], float], groups: int) -> List[float]:
-    """How much the final output moves per unit of (step-weighted) attention error in each group of layers.
-
-    The layers are cut into ``groups`` contiguous groups (at most one per layer). For each group, ``run``
-    generates with the cheapest choice (``lam = 0``) in that group's layers at the probe step of every bucket
-    and dense elsewhere; the group's factor is the output error over the error the step weights predict
-    (``space.bucket_weights`` x the summed attention error), scaled by :func:`_scaled`. A layer's weight is
-    its group's factor; ``groups = 0``: all 1.
-    """
-    layers = space.layers
-    if groups <= 0 or layers == 0:
-        return [1.0] * layers
-    groups = min(groups, layers)
-    bounds = [round(g * layers / groups) for g in range(groups + 1)]
-    raw: List[Optional[float]] = []
-    for g in range(groups):
-        cheap = {(l, b): space.choose(l, b, 0.0) for l in range(bounds[g], bounds[g + 1])
-                 for b in range(len(space.buckets))}
-        predicted = sum(space.bucket_weights[b] * c.error for (_, b), c in cheap.items())
-        raw.append(max(float(run(_probe_plan(space, cheap))), 0.0) / predicted if predicted > 0 else None)
-    factors = _scaled(raw)
-    return [factors[g] for g in range(groups) for _ in range(bounds[g], bounds[g + 1])]
 
 
 def _validate(pipe, settings: CalibrationSettings, space: SearchSpace, verify, best: dict, trace: List[dict],
@@ -580,7 +370,7 @@ def _validate(pipe, settings: CalibrationSettings, space: SearchSpace, verify, b
         log(f"note: the plan chosen on the search videos failed on the validation videos "
             f"(worst {tried[0]['psnr_worst']:.2f} dB" + ("" if dense_gt is None else
                                                         f", ground truth kept: {tried[0]['groundtruth_ok']}") +
-            f"); falling back to the next denser plan: "
+            "); falling back to the next denser plan: "
             + ("the dense plan (exact)" if math.isinf(chosen["lam"]) else
                f"{chosen['modelled_ms']:.4f} ms/sample modelled, worst validation video {tried[-1]['psnr_worst']:.2f} dB"))
     record = {"videos": len(val_jobs), "prompts": sorted({p for p, _ in val_jobs}), "seeds": sorted({s for _, s in val_jobs}),
@@ -665,32 +455,231 @@ def search_space(candidates, errors, grid, head_dim: int, layers: int, buckets, 
     return build("tiles"), note
 
 
-OUTPUT_FILES = ("report.md", "heatmap.png", "calibration.json")
+def _fill_model_defaults(settings: CalibrationSettings) -> None:
+    """The model's suggested size and steps for every setting the user left unset (tiny models only)."""
+    from ..models.tiny import TINY_DEFAULTS
+
+    if settings.model == "tiny-shapes":
+        from ..models.tiny_shapes import TINY_SHAPES_DEFAULTS as suggested
+    else:
+        suggested = TINY_DEFAULTS.get(settings.model, {})
+    for key, name in (("num_frames", "frames"), ("height", "height"), ("width", "width"),
+                      ("num_inference_steps", "steps"), ("guidance_scale", "guidance_scale"),
+                      ("max_sequence_length", "max_sequence_length")):
+        if getattr(settings, name) is None and key in suggested:
+            setattr(settings, name, suggested[key])
+    if settings.steps is None:
+        raise ValueError("--steps is needed for this model (the denoising steps the plan is calibrated for)")
 
 
-def write_outputs(out, report_dir, plan: SparsePlan, result: dict, densities: Dict[str, float]) -> None:
-    """The plan and its report folder (:data:`OUTPUT_FILES`) as one unit (:func:`dit_accel.atomic_files.commit_files`):
-    after a kill at any point, and the next run's :func:`recover_outputs`, the previous complete set or the new
-    one. Every file names the plan's content hash (report.md, calibration.json, heatmap.png's metadata)."""
-    from ..atomic_files import commit_files, commit_journal
-    from .._util import to_jsonable
-
-    out, report_dir = Path(out), Path(report_dir)
-    plan_text = json.dumps(plan.to_json(), indent=1) + "\n"
-    result["plan_sha256"] = plan.content_hash()
-    files = {out: plan_text,
-             report_dir / "report.md": render_report(result),
-             report_dir / "heatmap.png": heatmap_png(result["phase_tables"], densities, result["plan_sha256"]),
-             report_dir / "calibration.json": json.dumps(to_jsonable(result), indent=1) + "\n"}
-    commit_files(files, commit_journal(out))
+def _calibration_jobs(settings: CalibrationSettings, log) -> Tuple[list, list]:
+    """The search videos and the held-out validation videos, ``(prompt, seed)`` each, with their notes logged."""
+    jobs, val_jobs, split_notes = split_jobs(settings.prompts, settings.seeds, settings.validate,
+                                             settings.extend_seeds)
+    for note in split_notes:
+        log(f"note: {note}")
+    if len(jobs) < MIN_VIDEOS:
+        log(f"note: {len(jobs)} calibration video(s) (prompts x seeds); with fewer than {MIN_VIDEOS} the cheapest plan "
+            "that passes on them tends to fail on new prompts (on tiny-shapes, 4 videos searched without validation "
+            "or uniform plans gave a plan 2.9 dB below the best uniform method at its cost on held-out prompts, 8 "
+            "videos one 0.9 dB above it: BENCHMARKS.md section 11); pass more prompts or --seeds")
+    return jobs, val_jobs
 
 
-def recover_outputs(out, report_dir) -> None:
-    """Finish a killed run's committed outputs, then sweep the temporaries dead runs left beside them."""
-    from ..atomic_files import commit_journal, recover
+@dataclass
+class _DenseRun:
+    """What the sampled dense run of step 1 leaves: the q/k/v sample, the videos every plan is compared with,
+    and the model's shape."""
 
-    out, report_dir = Path(out), Path(report_dir)
-    recover(commit_journal(out), [out.parent, report_dir])
+    sampler: QKVSampler
+    buckets: list
+    layers: int
+    videos: list
+    attention_ms: Optional[float]
+    transformer: object
+    timesteps: list
+    heads: int
+    head_dim: int
+    grid: tuple
+
+
+def _dense_run(pipe, settings: CalibrationSettings, jobs, call_kwargs: dict, bar) -> _DenseRun:
+    """Step 1: the dense model once on the search videos, sampling q/k/v per (layer, step bucket)."""
+    import dit_accel
+
+    chunks = math.ceil(len(jobs) / settings.batch_size)
+    buckets = step_buckets(settings.steps, settings.phases, settings.warmup, settings.cooldown)
+    sampler = QKVSampler(buckets, per_bucket=settings.samples_per_bucket,
+                         max_bytes=int(settings.max_sample_mb * 2**20), folder=settings.capture_dir)
+    bar.stage("dense run (sampling q/k/v)", chunks * settings.steps)
+    handle = dit_accel.apply(pipe, Dense(), capture=sampler, timing=True, backend=settings.backend)
+    try:
+        layers = len(handle.layers)
+        sampler.set_layers(layers)
+        dense_videos = generate_videos(pipe, jobs, call_kwargs, settings.batch_size, bar.update)
+        dense_ms = _attention_ms(handle)
+        transformer = handle.transformer
+        timesteps = _step_timesteps(pipe.scheduler)
+    finally:
+        handle.remove()
+    if sampler.grid is None:
+        raise ValueError(f"{settings.model}: no self-attention call was sampled; is it a supported video/image DiT?")
+    q0 = next(iter(sampler.samples.values()))[0][0]
+    return _DenseRun(sampler, buckets, layers, dense_videos, dense_ms, transformer, timesteps,
+                     heads=q0.shape[1], head_dim=q0.shape[-1], grid=sampler.grid)
+
+
+class _Verifier:
+    """Step 4 as the search calls it: ``verifier(assignment, lam)`` runs a plan end to end on the search videos
+    (the hardest first, stopping at the first one under a worst-video budget) and returns its record. A plan
+    reached twice (the same content hash) runs once."""
+
+    def __init__(self, pipe, settings: CalibrationSettings, jobs, dense_videos, call_kwargs: dict, bar,
+                 calls_per_step: int):
+        self.pipe, self.settings, self.jobs, self.dense_videos = pipe, settings, jobs, dense_videos
+        self.call_kwargs, self.bar, self.calls_per_step = call_kwargs, bar, calls_per_step
+        self.verified: Dict[tuple, dict] = {}
+        self.hardest: List[int] = list(range(len(jobs)))  # video order, worst first after a complete verified run
+        self.early = settings.min_psnr is not None and settings.budget_on == "worst" and len(jobs) > 1
+        self.score_groundtruth = None
+        self.dense_groundtruth = None
+        if settings.model in GROUNDTRUTH_MODELS:
+            from ..eval.groundtruth import score_many
+
+            def score_groundtruth(videos, prompts=None):
+                return score_many(videos, prompts if prompts is not None else [p for p, _ in jobs])
+
+            self.score_groundtruth = score_groundtruth
+            self.dense_groundtruth = score_groundtruth(dense_videos)
+
+    def __call__(self, assignment: Assignment, lam: float) -> dict:
+        plan = assignment.to_plan({})
+        key = plan.content_hash()  # the same plan reached another way (a uniform option) is not rerun
+        if key not in self.verified:
+            self.verified[key] = self._run(plan, assignment, lam)
+            repeat = None
+        else:
+            repeat = self.verified[key]["first_label"]
+        return dict(self.verified[key], lam=lam, assignment=assignment, label=_describe(assignment, lam),
+                    repeat_of=repeat, modelled_ms=assignment.cost_per_sample(self.calls_per_step) * 1e3)
+
+    def _run(self, plan: SparsePlan, assignment: Assignment, lam: float) -> dict:
+        import dit_accel
+
+        settings, jobs, dense_videos = self.settings, self.jobs, self.dense_videos
+        chunks = math.ceil(len(jobs) / settings.batch_size)
+        self.bar.stage(f"verifying plan {len(self.verified) + 1}", chunks * settings.steps)
+        with dit_accel.apply(self.pipe, plan, timing=True, backend=settings.backend) as h:
+            made, stopped = _hardest_first(self.pipe, jobs, dense_videos, self.hardest, self.call_kwargs, settings,
+                                           self.bar, stop_below=settings.min_psnr if self.early else None)
+            measured = None if stopped else _attention_ms(h)
+        done = [i for i in range(len(jobs)) if made[i] is not None]
+        psnr, ssim, psnr_done = _psnr_ssim([made[i] for i in done], [dense_videos[i] for i in done], per_video=True)
+        per_video: List[Optional[float]] = [None] * len(jobs)
+        for i, value in zip(done, psnr_done):
+            per_video[i] = value
+        record = {"psnr": psnr, "ssim": ssim, "psnr_videos": per_video,
+                  "psnr_worst": min(per_video[i] for i in done), "attention_ms": measured,
+                  "videos": made, "stopped_early": stopped, "videos_made": len(done),
+                  "first_label": _describe(assignment, lam)}
+        if not stopped:
+            self.hardest[:] = sorted(range(len(jobs)), key=lambda i: per_video[i])
+        if self.score_groundtruth is not None:
+            gt = self.score_groundtruth([made[i] for i in done], [jobs[i][0] for i in done])
+            record["groundtruth"] = gt
+            if settings.gates_groundtruth():
+                record["groundtruth_ok"] = groundtruth_kept(gt, self.dense_groundtruth)
+        return record
+
+
+def _probe_sensitivity(pipe, settings: CalibrationSettings, space: SearchSpace, jobs, dense_videos,
+                       call_kwargs: dict, bar) -> Tuple[Optional[List[float]], Optional[List[float]]]:
+    """Step 3a (``--sensitivity probe``): the step and layer weights of :mod:`.probes`, set on ``space`` too."""
+    import dit_accel
+
+    # The probes measure a ratio (output error per unit of attention error), averaged over the videos:
+    # a few videos, one per prompt first (jobs are seed-major), measure it as well as all of them.
+    probe_jobs = jobs[:settings.probe_videos]
+    reference = np.stack([v.astype(np.float32) / 255.0 for v in dense_videos[:len(probe_jobs)]])
+    probes_run: List[float] = []
+
+    def probe(plan: SparsePlan) -> float:
+        bar.stage(f"sensitivity probe {len(probes_run) + 1}",
+                  math.ceil(len(probe_jobs) / settings.batch_size) * settings.steps)
+        with dit_accel.apply(pipe, plan, backend=settings.backend):
+            videos = generate_videos(pipe, probe_jobs, call_kwargs, settings.batch_size, bar.update)
+        mse = float(np.mean((np.stack([v.astype(np.float32) / 255.0 for v in videos]) - reference) ** 2))
+        probes_run.append(mse)
+        return mse
+
+    layer_weights = None
+    step_weights = probe_step_weights(space, probe)
+    space.bucket_weights = step_weights
+    if settings.layer_groups:
+        layer_weights = probe_layer_weights(space, probe, settings.layer_groups)
+        space.layer_weights = layer_weights
+    return step_weights, layer_weights
+
+
+def _budget_and_objective(settings: CalibrationSettings, costs) -> Tuple[dict, str]:
+    """The budget and the objective as the plan's provenance and the report state them."""
+    budget = {k: v for k, v in (("min_psnr", settings.min_psnr), ("max_layer_error", settings.max_layer_error))
+              if v is not None}
+    if settings.min_psnr is not None:
+        budget["min_psnr_on"] = "every calibration video" if settings.budget_on == "worst" else "the mean"
+    if settings.gates_groundtruth():
+        budget["groundtruth"] = "no check (" + ", ".join(_GROUNDTRUTH_CHECKS) + ") worse than dense's"
+    priced = (f"measured attention time (on {settings.device})" if settings.costs == "measured" else
+              f"modelled attention time ({costs.constants.name}, terms={costs.terms})")
+    objective = (f"least {priced} per "
+                 "generation, per-(layer, bucket) Lagrangian allocation of the squared relative attention error")
+    return budget, objective
+
+
+def _result(settings: CalibrationSettings, out, dense: _DenseRun, space: SearchSpace, terms_note, candidates,
+            best: dict, trace: List[dict], plan: SparsePlan, budget: dict, objective: str, groundtruth,
+            validation, jobs, weights, calls_per_step: int) -> dict:
+    """What ``calibration.json`` holds (``seconds`` and ``cost_vs_dense`` are added when the run ends)."""
+    costs, assignment = space.costs, best["assignment"]
+    sampler = dense.sampler
+    step_weights, layer_weights = weights
+    return {
+        "settings": {**asdict(settings), "heads": dense.heads, "layers": dense.layers, "grid": list(dense.grid)},
+        "plan_path": str(out), "plan_summary": {"phases": len(plan.phases), "lines": plan.summary()},
+        "budget": budget or "none", "objective": objective, "cost_model": costs.describe(),
+        "cost_terms_note": terms_note,
+        "candidates": [{"label": c.label, "kind": c.kind, "density": c.density,
+                        "head_cost_us": costs.head(c) * 1e6} for c in candidates],
+        "buckets": [list(b) for b in dense.buckets],
+        "step_weights": step_weights, "layer_weights": layer_weights,
+        "samples": {"steps": sorted(sampler.steps), "rows": sampler.rows, "per_bucket": sampler.per_bucket,
+                    "megabytes": round(sampler.bytes / 2**20, 1)},
+        "dense": {"attention_ms": dense.attention_ms,
+                  "modelled_ms": assignment.dense_cost_per_sample(calls_per_step) * 1e3},
+        "final": {"psnr": best["psnr"], "psnr_worst": best["psnr_worst"], "psnr_videos": best["psnr_videos"],
+                  "ssim": best["ssim"], "attention_ms": best["attention_ms"],
+                  "modelled_ms": best["modelled_ms"], "lam": best["lam"], "warmup_steps": assignment.warmup_steps(),
+                  "max_layer_error": assignment.max_layer_error()},
+        "trace": [{"lam": r["lam"], "plan": r.get("label"), "modelled_ms": r["modelled_ms"], "psnr": r["psnr"],
+                   "psnr_worst": r["psnr_worst"], "groundtruth": r.get("groundtruth"), "passes": r["passes"],
+                   "videos_made": r.get("videos_made"), "stopped_early": r.get("stopped_early", False),
+                   "repeat_of": r.get("repeat_of")}
+                  for r in trace],
+        "chosen": best.get("label"),
+        "phase_tables": assignment.phase_tables(), "groundtruth": groundtruth, "validation": validation,
+        "search_videos": len(jobs),
+        "prompts_sha256": prompts_hash(settings.prompts),
+    }
+
+
+def _add_seconds(result: dict, seconds: Dict[str, float], validation: Optional[dict], videos: int) -> None:
+    """The time each step took, and (with validation, which times a dense video) the whole run's cost in dense
+    generations."""
+    result["seconds"] = seconds
+    dense_per_video = (validation or {}).get("dense_seconds_per_video")
+    if dense_per_video:
+        result["cost_vs_dense"] = {"dense_generation_s": dense_per_video * videos, "videos": videos,
+                                   "ratio": seconds["total"] / (dense_per_video * videos)}
 
 
 def calibrate(settings: CalibrationSettings, out, *, report_dir=None, progress: bool = True,
@@ -712,9 +701,7 @@ def calibrate(settings: CalibrationSettings, out, *, report_dir=None, progress: 
 
     Returns the result dict that ``calibration.json`` holds.
     """
-    import dit_accel
     from ..models.loading import load_pipeline
-    from ..models.tiny import TINY_DEFAULTS
 
     settings.check()
     out = Path(out)
@@ -722,134 +709,35 @@ def calibrate(settings: CalibrationSettings, out, *, report_dir=None, progress: 
     recover_outputs(out, report_dir)
     seconds: Dict[str, float] = {}
     t0 = time.perf_counter()
-    if settings.model == "tiny-shapes":
-        from ..models.tiny_shapes import TINY_SHAPES_DEFAULTS as suggested
-    else:
-        suggested = TINY_DEFAULTS.get(settings.model, {})
-    for key, name in (("num_frames", "frames"), ("height", "height"), ("width", "width"),
-                      ("num_inference_steps", "steps"), ("guidance_scale", "guidance_scale"),
-                      ("max_sequence_length", "max_sequence_length")):
-        if getattr(settings, name) is None and key in suggested:
-            setattr(settings, name, suggested[key])
-    if settings.steps is None:
-        raise ValueError("--steps is needed for this model (the denoising steps the plan is calibrated for)")
-    dtype = getattr(torch, settings.dtype)
-    pipe = load_pipeline(settings.model, device=settings.device, dtype=dtype)
+    _fill_model_defaults(settings)
+    pipe = load_pipeline(settings.model, device=settings.device, dtype=getattr(torch, settings.dtype))
     pipe.set_progress_bar_config(disable=True)
     call_kwargs = settings.call_kwargs()
-    jobs, val_jobs, split_notes = split_jobs(settings.prompts, settings.seeds, settings.validate,
-                                             settings.extend_seeds)
-    for note in split_notes:
-        log(f"note: {note}")
-    if len(jobs) < MIN_VIDEOS:
-        log(f"note: {len(jobs)} calibration video(s) (prompts x seeds); with fewer than {MIN_VIDEOS} the cheapest plan "
-            "that passes on them tends to fail on new prompts (on tiny-shapes, 4 videos searched without validation "
-            "or uniform plans gave a plan 2.9 dB below the best uniform method at its cost on held-out prompts, 8 "
-            "videos one 0.9 dB above it: BENCHMARKS.md section 11); pass more prompts or --seeds")
-    chunks = math.ceil(len(jobs) / settings.batch_size)
+    jobs, val_jobs = _calibration_jobs(settings, log)
     bar = _Progress(progress)
     try:
         # 1. the dense run, sampled
-        buckets = step_buckets(settings.steps, settings.phases, settings.warmup, settings.cooldown)
-        sampler = QKVSampler(buckets, per_bucket=settings.samples_per_bucket,
-                             max_bytes=int(settings.max_sample_mb * 2**20), folder=settings.capture_dir)
-        bar.stage("dense run (sampling q/k/v)", chunks * settings.steps)
-        handle = dit_accel.apply(pipe, Dense(), capture=sampler, timing=True, backend=settings.backend)
-        try:
-            layers = len(handle.layers)
-            sampler.set_layers(layers)
-            dense_videos = generate_videos(pipe, jobs, call_kwargs, settings.batch_size, bar.update)
-            dense_ms = _attention_ms(handle)
-            transformer = handle.transformer
-            timesteps = _step_timesteps(pipe.scheduler)
-        finally:
-            handle.remove()
-        if sampler.grid is None:
-            raise ValueError(f"{settings.model}: no self-attention call was sampled; is it a supported video/image DiT?")
+        dense = _dense_run(pipe, settings, jobs, call_kwargs, bar)
         seconds["dense run"] = time.perf_counter() - t0
-        q0 = next(iter(sampler.samples.values()))[0][0]
-        heads, head_dim, grid = q0.shape[1], q0.shape[-1], sampler.grid
         # 2. candidates, scored
         t = time.perf_counter()
-        candidates = candidate_grid(grid, size=settings.candidates, methods=settings.methods)
-        bar.stage("scoring candidates", layers * len(buckets) * len(candidates))
-        errors = score_candidates(sampler, candidates, layers, backend=settings.backend, progress=bar.update)
+        candidates = candidate_grid(dense.grid, size=settings.candidates, methods=settings.methods)
+        bar.stage("scoring candidates", dense.layers * len(dense.buckets) * len(candidates))
+        errors = score_candidates(dense.sampler, candidates, dense.layers, backend=settings.backend,
+                                  progress=bar.update)
         seconds["scoring"] = time.perf_counter() - t
-        # 3. the search
+        # 3. the search, over plans verified end to end (4.)
         t = time.perf_counter()
-        space, terms_note = search_space(candidates, errors, grid, head_dim, layers, buckets, heads, settings)
-        costs = space.costs
+        space, terms_note = search_space(candidates, errors, dense.grid, dense.head_dim, dense.layers, dense.buckets,
+                                         dense.heads, settings)
         if terms_note:
             log(f"note: {terms_note}")
         calls_per_step = 2 if (settings.guidance_scale or 0) > 1 else 1
-        verified: Dict[tuple, dict] = {}
-        score_groundtruth = None
-        if settings.model in GROUNDTRUTH_MODELS:
-            from ..eval.groundtruth import score_many
-
-            def score_groundtruth(videos, prompts=None):
-                return score_many(videos, prompts if prompts is not None else [p for p, _ in jobs])
-
-            dense_groundtruth = score_groundtruth(dense_videos)
-
-        hardest: List[int] = list(range(len(jobs)))  # video order, worst first after a complete verified run
-        early = settings.min_psnr is not None and settings.budget_on == "worst" and len(jobs) > 1
-
-        def verify(assignment: Assignment, lam: float) -> dict:
-            plan = assignment.to_plan({})
-            key = plan.content_hash()  # the same plan reached another way (a uniform option) is not rerun
-            if key not in verified:
-                bar.stage(f"verifying plan {len(verified) + 1}", chunks * settings.steps)
-                with dit_accel.apply(pipe, plan, timing=True, backend=settings.backend) as h:
-                    made, stopped = _hardest_first(pipe, jobs, dense_videos, hardest, call_kwargs, settings, bar,
-                                                   stop_below=settings.min_psnr if early else None)
-                    measured = None if stopped else _attention_ms(h)
-                done = [i for i in range(len(jobs)) if made[i] is not None]
-                psnr, ssim, psnr_done = _psnr_ssim([made[i] for i in done], [dense_videos[i] for i in done],
-                                                   per_video=True)
-                per_video: List[Optional[float]] = [None] * len(jobs)
-                for i, value in zip(done, psnr_done):
-                    per_video[i] = value
-                verified[key] = {"psnr": psnr, "ssim": ssim, "psnr_videos": per_video,
-                                 "psnr_worst": min(per_video[i] for i in done), "attention_ms": measured,
-                                 "videos": made, "stopped_early": stopped, "videos_made": len(done),
-                                 "first_label": _describe(assignment, lam)}
-                repeat = None
-                if not stopped:
-                    hardest[:] = sorted(range(len(jobs)), key=lambda i: per_video[i])
-                if score_groundtruth is not None:
-                    gt = score_groundtruth([made[i] for i in done], [jobs[i][0] for i in done])
-                    verified[key]["groundtruth"] = gt
-                    if settings.gates_groundtruth():
-                        verified[key]["groundtruth_ok"] = groundtruth_kept(gt, dense_groundtruth)
-            else:
-                repeat = verified[key]["first_label"]
-            return dict(verified[key], lam=lam, assignment=assignment, label=_describe(assignment, lam),
-                        repeat_of=repeat, modelled_ms=assignment.cost_per_sample(calls_per_step) * 1e3)
-
-        step_weights = layer_weights = None
+        verify = _Verifier(pipe, settings, jobs, dense.videos, call_kwargs, bar, calls_per_step)
+        weights = (None, None)
         if settings.sensitivity == "probe":
-            # The probes measure a ratio (output error per unit of attention error), averaged over the videos:
-            # a few videos, one per prompt first (jobs are seed-major), measure it as well as all of them.
-            probe_jobs = jobs[:settings.probe_videos]
-            reference = np.stack([v.astype(np.float32) / 255.0 for v in dense_videos[:len(probe_jobs)]])
-
-            def probe(plan: SparsePlan) -> float:
-                bar.stage(f"sensitivity probe {len(step_weights_log) + 1}",
-                          math.ceil(len(probe_jobs) / settings.batch_size) * settings.steps)
-                with dit_accel.apply(pipe, plan, backend=settings.backend):
-                    videos = generate_videos(pipe, probe_jobs, call_kwargs, settings.batch_size, bar.update)
-                mse = float(np.mean((np.stack([v.astype(np.float32) / 255.0 for v in videos]) - reference) ** 2))
-                step_weights_log.append(mse)
-                return mse
-
-            step_weights_log: List[float] = []
             t_probe = time.perf_counter()
-            step_weights = probe_step_weights(space, probe)
-            space.bucket_weights = step_weights
-            if settings.layer_groups:
-                layer_weights = probe_layer_weights(space, probe, settings.layer_groups)
-                space.layer_weights = layer_weights
+            weights = _probe_sensitivity(pipe, settings, space, jobs, dense.videos, call_kwargs, bar)
             seconds["sensitivity probes"] = time.perf_counter() - t_probe
             t += seconds["sensitivity probes"]
         best, trace = search_budget(space, verify, min_psnr=settings.min_psnr,
@@ -857,7 +745,7 @@ def calibrate(settings: CalibrationSettings, out, *, report_dir=None, progress: 
                                     iters=settings.search_iters, uniform=settings.uniform_options,
                                     calls_per_step=calls_per_step)
         seconds["search and verification"] = time.perf_counter() - t
-        # 3b. validation: the chosen plan on videos the search never saw; else the next denser passing plan
+        # 5. validation: the chosen plan on videos the search never saw; else the next denser passing plan
         validation = None
         if val_jobs:
             t = time.perf_counter()
@@ -865,65 +753,26 @@ def calibrate(settings: CalibrationSettings, out, *, report_dir=None, progress: 
                                          calls_per_step=calls_per_step)
             seconds["validation"] = time.perf_counter() - t
         assignment: Assignment = best["assignment"]
-        # 4. ground truth, provenance, outputs
+        # 6. ground truth, provenance, outputs
         groundtruth = None
-        if score_groundtruth is not None:
-            groundtruth = {"dense": dense_groundtruth, "plan": best.get("groundtruth") or score_groundtruth(best["videos"]),
+        if verify.score_groundtruth is not None:
+            groundtruth = {"dense": verify.dense_groundtruth,
+                           "plan": best.get("groundtruth") or verify.score_groundtruth(best["videos"]),
                            "required": settings.gates_groundtruth()}
-        budget = {k: v for k, v in (("min_psnr", settings.min_psnr), ("max_layer_error", settings.max_layer_error))
-                  if v is not None}
-        if settings.min_psnr is not None:
-            budget["min_psnr_on"] = "every calibration video" if settings.budget_on == "worst" else "the mean"
-        if settings.gates_groundtruth():
-            budget["groundtruth"] = "no check (" + ", ".join(_GROUNDTRUTH_CHECKS) + ") worse than dense's"
-        priced = (f"measured attention time (on {settings.device})" if settings.costs == "measured" else
-                  f"modelled attention time ({costs.constants.name}, terms={costs.terms})")
-        objective = (f"least {priced} per "
-                     "generation, per-(layer, bucket) Lagrangian allocation of the squared relative attention error")
+        budget, objective = _budget_and_objective(settings, space.costs)
         provenance = SparsePlan.provenance_now(
-            model_class=type(transformer).__name__, model_id=settings.model, grids=[list(grid)],
+            model_class=type(dense.transformer).__name__, model_id=settings.model, grids=[list(dense.grid)],
             prompts_sha256=prompts_hash(settings.prompts), seeds=list(settings.seeds), budget=budget,
-            objective=objective, steps=settings.steps, timesteps=timesteps, call=call_kwargs,
-            candidates=[c.label for c in candidates], cost_model=costs.describe(),
+            objective=objective, steps=settings.steps, timesteps=dense.timesteps, call=call_kwargs,
+            candidates=[c.label for c in candidates], cost_model=space.costs.describe(),
             quality=_quality_record(best, len(jobs), validation, assignment, calls_per_step))
         plan = assignment.to_plan(provenance)
-        phase_tables = assignment.phase_tables()
+        result = _result(settings, out, dense, space, terms_note, candidates, best, trace, plan, budget, objective,
+                         groundtruth, validation, jobs, weights, calls_per_step)
+        seconds["total"] = time.perf_counter() - t0
+        _add_seconds(result, seconds, validation, len(jobs) + len(val_jobs))
         densities = {c.label: c.density for c in candidates}
         densities.update({"dense": 1.0, "dense*": 1.0})
-        max_err = assignment.max_layer_error()
-        result = {
-            "settings": {**asdict(settings), "heads": heads, "layers": layers, "grid": list(grid)},
-            "plan_path": str(out), "plan_summary": {"phases": len(plan.phases), "lines": plan.summary()},
-            "budget": budget or "none", "objective": objective, "cost_model": costs.describe(),
-            "cost_terms_note": terms_note,
-            "candidates": [{"label": c.label, "kind": c.kind, "density": c.density,
-                            "head_cost_us": costs.head(c) * 1e6} for c in candidates],
-            "buckets": [list(b) for b in buckets],
-            "step_weights": step_weights, "layer_weights": layer_weights,
-            "samples": {"steps": sorted(sampler.steps), "rows": sampler.rows, "per_bucket": sampler.per_bucket,
-                        "megabytes": round(sampler.bytes / 2**20, 1)},
-            "dense": {"attention_ms": dense_ms, "modelled_ms": assignment.dense_cost_per_sample(calls_per_step) * 1e3},
-            "final": {"psnr": best["psnr"], "psnr_worst": best["psnr_worst"], "psnr_videos": best["psnr_videos"],
-                      "ssim": best["ssim"], "attention_ms": best["attention_ms"],
-                      "modelled_ms": best["modelled_ms"], "lam": best["lam"], "warmup_steps": assignment.warmup_steps(),
-                      "max_layer_error": max_err},
-            "trace": [{"lam": r["lam"], "plan": r.get("label"), "modelled_ms": r["modelled_ms"], "psnr": r["psnr"],
-                       "psnr_worst": r["psnr_worst"], "groundtruth": r.get("groundtruth"), "passes": r["passes"],
-                       "videos_made": r.get("videos_made"), "stopped_early": r.get("stopped_early", False),
-                       "repeat_of": r.get("repeat_of")}
-                      for r in trace],
-            "chosen": best.get("label"),
-            "phase_tables": phase_tables, "groundtruth": groundtruth, "validation": validation,
-            "search_videos": len(jobs),
-            "prompts_sha256": prompts_hash(settings.prompts),
-        }
-        seconds["total"] = time.perf_counter() - t0
-        result["seconds"] = seconds
-        dense_per_video = (validation or {}).get("dense_seconds_per_video")
-        if dense_per_video:
-            videos = len(jobs) + len(val_jobs)
-            result["cost_vs_dense"] = {"dense_generation_s": dense_per_video * videos, "videos": videos,
-                                       "ratio": seconds["total"] / (dense_per_video * videos)}
         write_outputs(out, report_dir, plan, result, densities)
         result["report_dir"] = str(report_dir)
         return result

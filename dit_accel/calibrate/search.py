@@ -11,7 +11,7 @@ over these launch structures, each with its per-launch cost:
 Errors are weighted per bucket and per layer (``bucket_weights`` x ``layer_weights``): a unit of
 attention error changes the final output by different amounts at different steps (measured on
 tiny-shapes, 12 steps: the first two move it about 10 times more than steps 4-10, the last about 300
-times less) and in different layers; the calibration measures both (``calibrate.run.probe_step_weights``,
+times less) and in different layers; the calibration measures both (``calibrate.probes.probe_step_weights``,
 ``probe_layer_weights``). With no weights every step and layer counts the same.
 
 Small ``lam`` gives the cheapest plan, large ``lam`` the dense model. A per-layer error budget
@@ -35,7 +35,7 @@ __all__ = ["COST_TIE", "LayerChoice", "Assignment", "UniformAssignment", "assign
            "uniform_options"]
 
 #: Modelled costs this close (relative: a head or two of a large layer) are a tie in the search's final choice
-#: (``calibrate.run.search_budget``), where the wider worst-video margin wins.
+#: (``calibrate.budget.search_budget``), where the wider worst-video margin wins.
 COST_TIE = 0.005
 
 

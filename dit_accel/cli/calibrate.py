@@ -69,18 +69,8 @@ def _writable_folder(path: Path, flag: str) -> None:
     os.unlink(probe)
 
 
-def check_args(args) -> dict:
-    """Every argument and input file checked before any model loads; returns what was read (prompts, device, dtype).
-    Raises :class:`_UsageError` (one line naming the argument or file and what is allowed)."""
-    import torch
-
-    from ..atomic_files import BadFileError, read_text
-    from ..calibrate.candidates import METHODS
-    from ..kernels.cost import CONSTANTS, KERNELS
-    from ..models.loading import ModelLoadError, resolve_model_kind
-    from ..models.tiny import EMBEDDED_MODELS
-
-    # the budget
+def _check_budget(args) -> None:
+    """--min-psnr and/or --max-layer-error, each in its range."""
     if args.min_psnr is None and args.max_layer_error is None:
         raise _UsageError("give a budget: --min-psnr DB (final output vs dense) and/or --max-layer-error E "
                           "(relative L2 of each layer's attention)")
@@ -90,7 +80,13 @@ def check_args(args) -> dict:
     if args.max_layer_error is not None and not (math.isfinite(args.max_layer_error) and args.max_layer_error > 0):
         raise _UsageError(f"--max-layer-error must be a finite number > 0 (relative L2, e.g. 0.1); "
                           f"got {args.max_layer_error}")
-    # the model
+
+
+def _check_model(args) -> None:
+    """An embedded model, a folder or a hub id; --steps where the model suggests none."""
+    from ..models.loading import ModelLoadError, resolve_model_kind
+    from ..models.tiny import EMBEDDED_MODELS
+
     if args.model.startswith("tiny-") and args.model not in EMBEDDED_MODELS and not Path(args.model).exists():
         raise _UsageError(f"--model {args.model!r} is not an embedded model; choose one of "
                           f"{', '.join(EMBEDDED_MODELS)}, a pipeline folder or a hub id")
@@ -101,7 +97,10 @@ def check_args(args) -> dict:
     if kind in ("folder", "hub") and args.steps is None:
         raise _UsageError(f"--steps is needed for --model {args.model} (the denoising steps the plan is "
                           "calibrated for), e.g. --steps 30")
-    # sizes and counts
+
+
+def _check_counts(args) -> list:
+    """Sizes, counts and seeds; returns the seeds (default [0])."""
     for name in ("frames", "height", "width", "steps", "max_sequence_length"):
         value = getattr(args, name)
         if value is not None and value < 1:
@@ -131,7 +130,14 @@ def check_args(args) -> dict:
     validate = args.validate
     if validate is not None and validate < 0:
         raise _UsageError(f"--validate must be >= 0 (0: no validation set); got {validate}")
-    # methods and the cost model
+    return seeds
+
+
+def _check_methods_and_costs(args) -> None:
+    """--methods from the calibration's methods; --arch and --kernel known to the cost model."""
+    from ..calibrate.candidates import METHODS
+    from ..kernels.cost import CONSTANTS, KERNELS
+
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in methods if m not in METHODS]
     if not methods or unknown:
@@ -141,7 +147,12 @@ def check_args(args) -> dict:
         raise _UsageError(f"--arch {args.arch!r} has no cost-model constants; choose one of {', '.join(archs)}")
     if args.kernel not in KERNELS:
         raise _UsageError(f"--kernel {args.kernel!r}: choose one of {', '.join(KERNELS)}")
-    # the device
+
+
+def _device_and_dtype(args):
+    """The device (cuda when visible, else cpu, unless given) and the dtype (bfloat16 on cuda, else float32)."""
+    import torch
+
     device = args.device
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -157,7 +168,13 @@ def check_args(args) -> dict:
         if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
             raise _UsageError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) here")
     dtype = args.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
-    # files
+    return device, dtype
+
+
+def _check_files(args) -> list:
+    """The prompts file read, the output folders writable; returns the prompts."""
+    from ..atomic_files import BadFileError, read_text
+
     try:
         text = read_text(args.prompts, what="--prompts: a UTF-8 text file, one prompt per line")
     except BadFileError as exc:
@@ -183,6 +200,18 @@ def check_args(args) -> dict:
     if args.groundtruth == "require" and args.model != "tiny-shapes":
         raise _UsageError(f"--groundtruth require: {args.model!r} has no ground-truth checker (only tiny-shapes "
                           "has); use --groundtruth report")
+    return prompts
+
+
+def check_args(args) -> dict:
+    """Every argument and input file checked before any model loads; returns what was read (prompts, device, dtype).
+    Raises :class:`_UsageError` (one line naming the argument or file and what is allowed)."""
+    _check_budget(args)
+    _check_model(args)
+    seeds = _check_counts(args)
+    _check_methods_and_costs(args)
+    device, dtype = _device_and_dtype(args)
+    prompts = _check_files(args)
     return {"prompts": prompts, "device": device, "dtype": dtype, "seeds": seeds}
 
 

@@ -3,7 +3,7 @@
 Examples::
 
     # TurboDiffusion's Wan 2.1 checkpoint, its SLA projections for a Diffusers Wan model that already
-    # holds the checkpoint's own weights (see the README, "Converting SLA checkpoints")
+    # holds the checkpoint's own weights (see docs/api.md, "Converting SLA checkpoints")
     dit-accel convert TurboWan2.1-T2V-1.3B-480P.pth --out turbo-sla --topk 0.1 --block-q 128 --skip-base-weights
     dit-accel generate --model ./TurboWan2.1-diffusers --weights turbo-sla ...
 """

@@ -136,59 +136,126 @@ def run(args) -> int:
         torch.set_num_threads(threads)
 
 
-def _run(args) -> int:
-    os.environ.setdefault("HF_HUB_OFFLINE", os.environ.get("HF_HUB_OFFLINE", "0"))
+class _Refused(Exception):
+    """An argument or input file ``dit-accel eval`` cannot use: the one-line message it prints (exit code 2)."""
+
+
+def _compare(args) -> int:
+    """--compare A B: two results folders side by side."""
+    from ..eval.compare import compare_results, format_comparison, load_results
+
+    try:
+        a, b = (load_results(folder) for folder in args.compare)
+        comparison = compare_results(a, b)
+    except ValueError as exc:
+        raise _Refused(str(exc)) from None
+    print(format_comparison(*args.compare, comparison))
+    return 0
+
+
+def _device_and_dtype(args):
+    """The device (cuda when visible, else cpu, unless given) and the dtype (bfloat16 on cuda, else float32)."""
     import torch
 
-    from ..eval.runner import EvalSettings, load_method_specs, run_eval
-
-    from ..models.tiny import TINY_DEFAULTS, TINY_METHOD_DEFAULTS, is_embedded_model
-    from ..models.tiny_shapes import balanced_prompts
-
-    def fail(message: str) -> int:
-        print(f"dit-accel eval: {message}", file=sys.stderr)
-        return 2
-
-    if args.compare:
-        from ..eval.compare import compare_results, format_comparison, load_results
-
-        try:
-            a, b = (load_results(folder) for folder in args.compare)
-            comparison = compare_results(a, b)
-        except ValueError as exc:
-            return fail(str(exc))
-        print(format_comparison(*args.compare, comparison))
-        return 0
-    for flag in ("model", "out"):
-        if not getattr(args, flag):
-            return fail(f"--{flag} is required (unless --compare A B)")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device != "cpu" and not (device.startswith("cuda") and torch.cuda.is_available()):
-        return fail(f"--device {device}: use cpu" + (" or cuda" if torch.cuda.is_available() else
-                                                     " (no CUDA device is visible here)"))
-    dtype = args.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
+        raise _Refused(f"--device {device}: use cpu" + (" or cuda" if torch.cuda.is_available() else
+                                                        " (no CUDA device is visible here)"))
+    return device, args.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
+
+
+def _check_counts(args) -> None:
     for name in ("frames", "height", "width", "steps", "max_sequence_length", "repeats"):
         value = getattr(args, name)
         if value is not None and value < 1:
-            return fail(f"--{name.replace('_', '-')} must be >= 1; got {value}")
+            raise _Refused(f"--{name.replace('_', '-')} must be >= 1; got {value}")
     if args.warmup < 0:
-        return fail(f"--warmup must be >= 0; got {args.warmup}")
+        raise _Refused(f"--warmup must be >= 0; got {args.warmup}")
     if not args.seeds:
-        return fail("--seeds needs at least one seed, e.g. --seeds 0,1")
-    if args.prompts:
-        from ..atomic_files import BadFileError, read_text
+        raise _Refused("--seeds needs at least one seed, e.g. --seeds 0,1")
 
+
+def _prompts(args) -> list:
+    """--prompts (a file, one a line), else --prompt, else the model's default prompts."""
+    from ..models.tiny_shapes import balanced_prompts
+
+    if not args.prompts:
+        return args.prompt or (balanced_prompts(8) if args.model == "tiny-shapes" else
+                               ["a red panda walking through a bamboo forest, cinematic lighting"])
+    from ..atomic_files import BadFileError, read_text
+
+    try:
+        text = read_text(args.prompts, what="--prompts: a UTF-8 text file, one prompt per line")
+    except BadFileError as exc:
+        raise _Refused(str(exc)) from None
+    prompts = [line.strip() for line in text.splitlines() if line.strip() and not line.strip().startswith("#")]
+    if not prompts:
+        raise _Refused(f"{args.prompts}: {'is empty' if not text.strip() else 'holds no prompts (only blank lines or # comments)'}; "
+                       "expected --prompts: one prompt per line")
+    return prompts
+
+
+def _method_specs(args, tiny: bool) -> list:
+    """The rows to run: --methods (with the tiny model's method defaults), --plan files, --stacks, each stacked
+    with --cache."""
+    from ..eval.runner import load_method_specs
+    from ..models.tiny import TINY_METHOD_DEFAULTS
+
+    try:
+        cache = cache_from_args(args)
+        stacks = _stacks(args.stacks, TINY_METHOD_DEFAULTS.get(args.model) if tiny else None)
+    except ValueError as exc:
+        raise _Refused(str(exc)) from None
+    try:
+        methods = args.methods or ("dense" if stacks else DEFAULT_METHODS)
+        specs = load_method_specs(methods.split(","), args.method_config,
+                                  defaults=TINY_METHOD_DEFAULTS.get(args.model) if tiny else None,
+                                  explicit=args.methods is not None)
+    except (ValueError, OSError) as exc:
+        raise _Refused(str(exc)) from None
+    if args.plan:
+        from pathlib import Path
+
+        from ..eval.runner import MethodSpec
+        from ..sparse_plan import SparsePlan
+
+        extra = {"allow_other_grid": True} if args.plan_any_grid else {}
         try:
-            text = read_text(args.prompts, what="--prompts: a UTF-8 text file, one prompt per line")
-        except BadFileError as exc:
-            return fail(str(exc))
-        prompts = [line.strip() for line in text.splitlines() if line.strip() and not line.strip().startswith("#")]
-        if not prompts:
-            return fail(f"{args.prompts}: {'is empty' if not text.strip() else 'holds no prompts (only blank lines or # comments)'}; "
-                        "expected --prompts: one prompt per line")
-    else:
-        prompts = args.prompt or (balanced_prompts(8) if args.model == "tiny-shapes" else
-                                  ["a red panda walking through a bamboo forest, cinematic lighting"])
+            specs += [MethodSpec(Path(f).stem, SparsePlan.load(f).as_method(), dict(extra)) for f in args.plan]
+        except ValueError as exc:
+            raise _Refused(f"--plan: {exc}") from None
+    elif args.plan_any_grid:
+        raise _Refused("--plan-any-grid applies to --plan: drop it, or give the plan it is for")
+    specs += stacks
+    if cache is not None:  # --cache: every row's method stacked with it (the dense baseline stays uncached)
+        for spec in specs:
+            if spec.cache is None:
+                spec.cache = cache
+                spec.label += "+" + cache.name
+    return specs
+
+
+def _run(args) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", os.environ.get("HF_HUB_OFFLINE", "0"))
+    try:
+        return _evaluate(args)
+    except _Refused as exc:
+        print(f"dit-accel eval: {exc}", file=sys.stderr)
+        return 2
+
+
+def _evaluate(args) -> int:
+    from ..eval.runner import EvalSettings, run_eval
+    from ..models.tiny import TINY_DEFAULTS, is_embedded_model
+
+    if args.compare:
+        return _compare(args)
+    for flag in ("model", "out"):
+        if not getattr(args, flag):
+            raise _Refused(f"--{flag} is required (unless --compare A B)")
+    device, dtype = _device_and_dtype(args)
+    _check_counts(args)
+    prompts = _prompts(args)
     # Tiny models: unset sizes and method options take the grid-sized smoke-run defaults that
     # `dit-accel generate` uses; the pipeline defaults (e.g. Wan 81x480x832, 50 steps) would run for
     # hours on a CPU, and paper-sized windows are invalid on a (5, 8, 8) grid.
@@ -202,37 +269,7 @@ def _run(args) -> int:
     def pick(value, key):
         return value if value is not None else suggested.get(key)
 
-    try:
-        cache = cache_from_args(args)
-        stacks = _stacks(args.stacks, TINY_METHOD_DEFAULTS.get(args.model) if tiny else None)
-    except ValueError as exc:
-        return fail(str(exc))
-    try:
-        methods = args.methods or ("dense" if stacks else DEFAULT_METHODS)
-        specs = load_method_specs(methods.split(","), args.method_config,
-                                  defaults=TINY_METHOD_DEFAULTS.get(args.model) if tiny else None,
-                                  explicit=args.methods is not None)
-    except (ValueError, OSError) as exc:
-        return fail(str(exc))
-    if args.plan:
-        from pathlib import Path
-
-        from ..eval.runner import MethodSpec
-        from ..sparse_plan import SparsePlan
-
-        extra = {"allow_other_grid": True} if args.plan_any_grid else {}
-        try:
-            specs += [MethodSpec(Path(f).stem, SparsePlan.load(f).as_method(), dict(extra)) for f in args.plan]
-        except ValueError as exc:
-            return fail(f"--plan: {exc}")
-    elif args.plan_any_grid:
-        return fail("--plan-any-grid applies to --plan: drop it, or give the plan it is for")
-    specs += stacks
-    if cache is not None:  # --cache: every row's method stacked with it (the dense baseline stays uncached)
-        for spec in specs:
-            if spec.cache is None:
-                spec.cache = cache
-                spec.label += "+" + cache.name
+    specs = _method_specs(args, tiny)
     settings = EvalSettings(model=args.model, prompts=prompts, seeds=args.seeds, frames=pick(args.frames, "num_frames"),
                             height=pick(args.height, "height"), width=pick(args.width, "width"),
                             steps=pick(args.steps, "num_inference_steps"), guidance_scale=pick(args.guidance_scale, "guidance_scale"),

@@ -25,26 +25,24 @@ from __future__ import annotations
 
 import argparse
 import inspect
-import json
 import os
 import re
 import sys
 import time
 from pathlib import Path
 
-from .._util import to_jsonable, versions
+from .._util import to_jsonable
 from . import parallel
 from .options import (HelpFormatter, add_cache_option, add_method_options, add_plan_any_grid, cache_from_args,
                       check_method_flags, check_plan_flags, method_from_args, schedule_from_args)
+from .generate_args import _DTYPES, DEFAULT_MODEL, DEFAULT_PROMPT, _check_flags, _UsageError
+from .generate_report import (_comparison, _provenance, _quality, _record, _remove_earlier_side_by_side,
+                              _side_by_side, _side_by_side_path, _strip_height, _summary_lines)  # noqa: F401
 from .parallel import add_cp_option
 from ..methods import METHOD_ALIASES
 from ..models.tiny_shapes import TINY_SHAPES_METHOD, TINY_SHAPES_PROMPT
 
 __all__ = ["register", "run", "generate"]
-
-_DTYPES = ("auto", "float32", "bfloat16", "float16")
-DEFAULT_PROMPT = "a red panda climbing a bamboo stalk, soft morning light"
-DEFAULT_MODEL = "tiny-shapes"
 
 
 def register(subparsers) -> argparse.ArgumentParser:
@@ -128,11 +126,6 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--debug", action="store_true", help="show full tracebacks instead of one-line errors")
     p.set_defaults(func=run, _parser=p)
     return p
-
-
-# ----------------------------------------------------------------------------- helpers
-class _UsageError(Exception):
-    """A problem the user can fix; printed as one line."""
 
 
 def _slug(model: str) -> str:
@@ -257,49 +250,6 @@ def _method_for_weights(args, saved, parser):
                           f"--weights {args.weights}, which was trained for {saved}; drop them (the method is read "
                           "from the folder).")
     return saved
-
-
-def _check_flags(args) -> None:
-    """Everything about the flags that needs no model: fail before a (possibly long) load."""
-    from ..videos import VIDEO_SUFFIXES
-
-    for flag in ("frames", "height", "width", "steps", "max_sequence_length"):
-        value = getattr(args, flag)
-        if value is not None and value < 1:
-            raise _UsageError(f"--{flag.replace('_', '-')} must be >= 1; got {value}")
-    if args.guidance is not None and args.guidance < 0:
-        raise _UsageError(f"--guidance-scale must be >= 0; got {args.guidance}")
-    if args.out and Path(args.out).suffix and Path(args.out).suffix.lower() not in VIDEO_SUFFIXES:
-        raise _UsageError(f"--out {args.out}: unknown suffix {Path(args.out).suffix!r}; use .mp4, .gif, .png "
-                          "or a folder path (PNG frames)")
-    if args.fps <= 0:
-        raise _UsageError(f"--fps must be >= 1; got {args.fps}")
-    if args.seed < 0:
-        raise _UsageError(f"--seed must be >= 0; got {args.seed}")
-    _check_writable(Path(args.out) if args.out else Path("outputs") / "out.mp4", "--out" if args.out else
-                    "the default output folder outputs/ (pass --out PATH)")
-
-
-def _check_writable(out: Path, what: str) -> None:
-    """The folder ``out`` (and its sidecar) will be written to exists or can be made, and takes a file: checked
-    before a long generation, not after it."""
-    import tempfile
-
-    folder = out if not out.suffix else out.parent
-    if out.suffix and out.is_dir():
-        raise _UsageError(f"{what}: {out} is a folder; give a file path such as {out / 'video.mp4'}")
-    existing = folder
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if existing.exists() and not existing.is_dir():
-        raise _UsageError(f"{what}: {existing} is a file, so the folder {folder} cannot be made; choose another path")
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=folder, prefix=".dit-accel-write-check-"):
-            pass
-    except OSError as err:
-        raise _UsageError(f"{what}: cannot write to {folder} ({err.strerror or err}); choose a writable path") \
-            from None
 
 
 def _default_plan(args) -> None:
@@ -523,181 +473,13 @@ def _warm_up(pipe, call: dict, methods, schedule: dict) -> None:
             raise _UsageError(str(err)) from None
 
 
-def _side_by_side_path(out: Path) -> Path:
-    """``outputs/x.mp4`` -> ``outputs/x-vs-dense.mp4`` (a folder of frames: ``x-vs-dense``)."""
-    return out.with_name(f"{out.stem}-vs-dense{out.suffix}") if out.suffix else Path(f"{out}-vs-dense")
+def _prepare(args, tiny: bool):
+    """Every check that needs no model, in order; returns ``(cp_config, dtype, plan, saved)``: the context-parallel
+    config, the torch dtype, a calibrated plan (``--plan`` or tiny-shapes' default) and the method a weights
+    folder was trained for."""
+    from ..models.loading import ModelLoadError, resolve_model_kind
 
-
-def _remove_earlier_side_by_side(sidecar: Path, out: Path) -> None:
-    """An earlier run at this ``--out`` wrote ``OUT-vs-dense`` and this one writes none: remove those files, so
-    no comparison of another run stays beside this run's video. Only what that run's sidecar records as its
-    side-by-side output at exactly this path is removed."""
-    from ..videos import output_files
-
-    try:
-        earlier = json.loads(sidecar.read_text())
-        recorded = Path((earlier.get("compare_dense") or {}).get("side_by_side") or "")
-        frames = int(earlier["output_shape"][0])
-    except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError):
-        return  # no readable record of an earlier run: nothing is known to be ours
-    path = _side_by_side_path(out)
-    if recorded.resolve() != path.resolve():
-        return
-    for file in output_files(path, frames):
-        Path(file).unlink(missing_ok=True)
-
-
-def _side_by_side(left, right, labels=("dense", "sparse"), gap: int = 2):
-    """Two uint8 videos ``[F, H, W, 3]`` next to each other with a white ``gap`` between them, each under a
-    black strip that names it in white (``labels``: left, right)."""
-    import numpy as np
-
-    n = min(len(left), len(right))
-    white = np.full((n, left.shape[1], gap, 3), 255, dtype=np.uint8)
-    body = np.concatenate([left[:n], white, right[:n]], axis=2)
-    width = left.shape[2]
-    strip = np.concatenate([_label_strip(labels[0], width), np.full((_strip_height(width), gap, 3), 255, np.uint8),
-                            _label_strip(labels[1], right.shape[2])], axis=1)
-    return np.concatenate([np.broadcast_to(strip, (n, *strip.shape)), body], axis=1)
-
-
-def _strip_height(width: int) -> int:
-    """Height of the label strip: readable on a 48-pixel video, a small share of a large one; even (yuv420p)."""
-    return max(12, min(32, width // 12)) // 2 * 2
-
-
-def _label_strip(text: str, width: int):
-    """A black ``[h, width, 3]`` uint8 strip with ``text`` in white, centred; shortened with '..' to fit."""
-    import numpy as np
-    from PIL import Image, ImageDraw, ImageFont
-
-    height = _strip_height(width)
-    image = Image.new("RGB", (width, height), (0, 0, 0))
-    draw = ImageDraw.Draw(image)
-    try:
-        font = ImageFont.load_default(size=height - 3)
-    except (TypeError, OSError, ImportError):  # a Pillow without FreeType: the fixed bitmap font
-        font = ImageFont.load_default()
-    shown = text
-    while len(shown) > 1 and draw.textlength(shown, font=font) > width - 2:
-        shown = shown[:-1]
-    if shown != text and len(shown) > 2:
-        shown = shown[:-2] + ".."
-    left, top, right, bottom = draw.textbbox((0, 0), shown, font=font)
-    draw.text(((width - (right - left)) / 2 - left, (height - (bottom - top)) / 2 - top), shown, fill=(255, 255, 255),
-              font=font)
-    return np.asarray(image, dtype=np.uint8)
-
-
-def _comparison(times: dict, dense, frames, side_by_side):
-    """Times of the dense run beside the method's, their ratios and the PSNR of the method against dense."""
-    if dense is None:
-        return None
-    from ..eval.metrics import psnr_per_frame
-
-    d = dense["times"]
-
-    def ratio(stage):
-        return d[stage] / times[stage] if times.get(stage) and d.get(stage) else None
-
-    return {"dense_attention_s": d.get("attention"), "dense_transformer_s": d["transformer"],
-            "dense_end_to_end_s": d["total"], "attention_speedup": ratio("attention"),
-            "transformer_speedup": ratio("transformer"), "end_to_end_speedup": ratio("total"),
-            "psnr_db": float(psnr_per_frame(frames, dense["frames"]).mean()),
-            "side_by_side": None if side_by_side is None else str(side_by_side),
-            "note": "same call, seed and pipeline with dit_accel.Dense(), run first; both timed runs follow an "
-                    "untimed one-step warm-up of each method"}
-
-
-def _quality(model: str, prompt: str, frames, dense):
-    """Ground-truth quality (``dit_accel.eval.groundtruth``) of the method's and the dense frames (tiny-shapes)."""
-    if model != "tiny-shapes":
-        return None
-    from ..eval.groundtruth import parse_prompt, score_video
-
-    try:
-        parse_prompt(prompt)
-    except ValueError as err:
-        return {"prompt": prompt, "skipped": str(err)}
-    return {"prompt": prompt, "method": score_video(frames, prompt),
-            "dense": None if dense is None else score_video(dense["frames"], prompt)}
-
-
-def _threads() -> int:
-    import torch
-
-    return torch.get_num_threads()
-
-
-def _record(args, pipe, method, schedule, source, call, frames, written, times, calls, stats, summary, elapsed):
-    """The JSON sidecar: settings, versions, timings and per-layer density."""
-    import datetime
-
-    from ..models.loading import resolve_model_kind
-    from ..models.tiny import model_label
-
-    return {
-        "output": str(written[0]) if len(written) == 1 else [str(f) for f in written],
-        "label": model_label(args.model),
-        "model": args.model,
-        "model_kind": resolve_model_kind(args.model),
-        "pipeline": type(pipe).__name__,
-        "transformer": type(getattr(pipe, "transformer", None)).__name__,
-        "method": method.to_dict(),
-        "schedule": schedule,
-        "backends_used": summary.get("backends_used", []),  # what "backend" (auto: the best available) ran
-        "defaults_source": source,
-        "method_choice": args.method_choice,
-        "settings": {"prompt": call["prompt"], "negative_prompt": args.negative_prompt, "frames": call.get("num_frames"),
-                     "height": call.get("height"), "width": call.get("width"),
-                     "steps": call.get("num_inference_steps"), "guidance": call.get("guidance_scale"),
-                     "max_sequence_length": call.get("max_sequence_length"), "seed": args.seed,
-                     "device": args.device, "dtype": args.dtype, "threads": _threads(), "offload": bool(args.offload),
-                     "fps": args.fps,
-                     "cp": None if args.cp is None else {"ulysses": args.cp[0], "ring": args.cp[1]},
-                     "pipeline_call": {k: v for k, v in call.items() if k not in ("generator", "prompt")}},
-        "output_shape": list(frames.shape),
-        "timing": {**elapsed, "transformer_s": times["transformer"], "transformer_calls": calls,
-                   "attention_s": times.get("attention"),
-                   "end_to_end_s": times["total"], "vae_decode_s": times["vae_decode"],
-                   "note": "transformer_s: wall time inside transformer forward calls (CUDA-synchronised); "
-                           "attention_s: inside the self-attention modules the method wraps (projections, "
-                           "attention, output projection); end_to_end_s: the whole pipeline call (text encoders, "
-                           "denoising, VAE decode)"},
-        "density": {"mean": summary.get("mean_density"), "per_layer": stats,
-                    "note": "visited block fraction of video-video attention per layer, mean over sparse calls; "
-                            "None for layers/steps that ran dense"},
-        "summary": summary,
-        "warnings": summary.get("warnings", []),
-        "versions": versions(("torch", "triton", "diffusers", "transformers")),
-        "command": ["dit-accel", *getattr(args, "_argv", ["generate"])],
-        "created_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    }
-
-
-def _provenance(args, call, record, summary, stats) -> dict:
-    """What exactly ran (dit_accel.eval.provenance): prompt sha256 and seed, versions, commit, device, the
-    backends the calls used, and the full method or plan."""
-    from ..eval.provenance import backends_used, provenance
-
-    cache = getattr(args, "_cache_spec", None)
-    run = {"method": record["method"], "schedule": record["schedule"], "plan": getattr(args, "plan", None),
-           "cache": None if cache is None else cache.describe()}
-    out = provenance([call["prompt"]], [args.seed], args.device, run=run)
-    out["backends"] = backends_used(summary, stats)
-    return out
-
-
-def generate(args) -> dict:
-    """Run ``generate`` for parsed ``args``; returns the sidecar dict (also written to OUT.json)."""
-    from ..atomic_files import atomic_write_json
-    from ..videos import output_files, save_video, to_uint8_frames
-    from ..models.loading import ModelLoadError, load_pipeline, resolve_model_kind
-    from ..models.tiny import is_embedded_model
-
-    t_total = time.perf_counter()
     parser = getattr(args, "_parser", None)
-    tiny = is_embedded_model(args.model)  # grid-sized call settings and method options
     _check_flags(args)
     try:
         args._cache_spec = cache_from_args(args)
@@ -721,6 +503,12 @@ def generate(args) -> dict:
     plan = _early_plan(args)
     saved = _early_method(args, parser, tiny)
     _check_side_by_side(args)
+    return cp_config, dtype, plan, saved
+
+
+def _load(args, dtype, cp_config):
+    """The pipeline (context-parallel when asked) and the seconds it took to load."""
+    from ..models.loading import ModelLoadError, load_pipeline
 
     t0 = time.perf_counter()
     try:
@@ -733,39 +521,68 @@ def generate(args) -> dict:
             parallel.enable(pipe, cp_config)
         except ValueError as err:
             raise _UsageError(str(err)) from None
+    return pipe, load_s
+
+
+def _plan_in_place_of_method(args, plan, schedule: dict):
+    """A calibrated plan replaces the method; its phases hold the dense steps and layers. Returns
+    ``(method, schedule, source)``."""
+    method = plan.as_method()
+    schedule = {k: schedule[k] for k in ("backend", "weights") if k in schedule}  # weights: finetune --plan's
+    if args.plan_any_grid:
+        schedule["allow_other_grid"] = True
+    source, args.method = f"--plan {args.plan}", "plan"
+    args.method_choice = f"--plan {args.plan}"
+    if getattr(args, "_default_plan", False):
+        source = args.method_choice = "tiny-shapes' default: the calibrated plan shipped with dit_accel"
+    return method, schedule, source
+
+
+def _progress(pipe, quiet: bool, desc: str) -> None:
+    pipe.set_progress_bar_config(disable=True) if quiet else pipe.set_progress_bar_config(desc=desc, leave=True)
+
+
+def _dense_for_comparison(args, pipe, call: dict, method, schedule: dict, quiet: bool, is_video: bool) -> dict:
+    """The same call run dense (same seed), after warming both up: its frames and times."""
+    import torch
+
+    from ..methods import Dense
+    from ..videos import to_uint8_frames
+
+    _warm_up(pipe, call, [Dense(), method], schedule)
+    _progress(pipe, quiet, "denoising (dense, for comparison)")
+    dense_call = {**call, "generator": torch.Generator(device="cpu").manual_seed(args.seed)}
+    dense_output, dense_times, _, _, _ = _run_pipeline(pipe, dense_call, Dense(),
+                                                      {"backend": schedule.get("backend", "auto")}, args.device)
+    dense = {"frames": to_uint8_frames(_frames_from_output(dense_output, is_video)), "times": dense_times}
+    _progress(pipe, quiet, f"denoising ({args.method})")
+    return dense
+
+
+def generate(args) -> dict:
+    """Run ``generate`` for parsed ``args``; returns the sidecar dict (also written to OUT.json)."""
+    from ..atomic_files import atomic_write_json
+    from ..videos import output_files, save_video, to_uint8_frames
+    from ..models.tiny import is_embedded_model
+
+    t_total = time.perf_counter()
+    parser = getattr(args, "_parser", None)
+    tiny = is_embedded_model(args.model)  # grid-sized call settings and method options
+    cp_config, dtype, plan, saved = _prepare(args, tiny)
+    pipe, load_s = _load(args, dtype, cp_config)
     quiet = args.quiet or not parallel.is_main()
     method, schedule, source = _method_and_schedule(args, pipe, saved, parser)
-    if plan is not None:  # a calibrated plan replaces the method; its phases hold the dense steps and layers
-        method = plan.as_method()
-        schedule = {k: schedule[k] for k in ("backend", "weights") if k in schedule}  # weights: finetune --plan's
-        if args.plan_any_grid:
-            schedule["allow_other_grid"] = True
-        source, args.method = f"--plan {args.plan}", "plan"
-        args.method_choice = f"--plan {args.plan}"
-        if getattr(args, "_default_plan", False):
-            source = args.method_choice = "tiny-shapes' default: the calibrated plan shipped with dit_accel"
+    if plan is not None:
+        method, schedule, source = _plan_in_place_of_method(args, plan, schedule)
     _check_side_by_side(args)  # again: without --method the method is known only now
-    pipe.set_progress_bar_config(disable=True) if quiet else pipe.set_progress_bar_config(
-        desc=f"denoising ({args.method})", leave=True)
+    _progress(pipe, quiet, f"denoising ({args.method})")
     call = _pipeline_call(args, pipe, tiny)
     is_video = "num_frames" in call
     out = Path(args.out) if args.out else Path("outputs") / f"{_slug(args.model)}-{args.method}" \
         f"{'.mp4' if is_video else '.png'}"
     dense = None
     if _wants_dense_run(args, method):
-        import torch
-
-        from ..methods import Dense
-
-        _warm_up(pipe, call, [Dense(), method], schedule)
-        pipe.set_progress_bar_config(disable=True) if quiet else pipe.set_progress_bar_config(
-            desc="denoising (dense, for comparison)", leave=True)
-        dense_call = {**call, "generator": torch.Generator(device="cpu").manual_seed(args.seed)}
-        dense_output, dense_times, _, _, _ = _run_pipeline(pipe, dense_call, Dense(),
-                                                          {"backend": schedule.get("backend", "auto")}, args.device)
-        dense = {"frames": to_uint8_frames(_frames_from_output(dense_output, is_video)), "times": dense_times}
-        pipe.set_progress_bar_config(disable=True) if quiet else pipe.set_progress_bar_config(
-            desc=f"denoising ({args.method})", leave=True)
+        dense = _dense_for_comparison(args, pipe, call, method, schedule, quiet, is_video)
     output, times, calls, stats, summary = _run_pipeline(pipe, call, method, schedule, args.device,
                                                          cache=getattr(args, "_cache_spec", None))
 
@@ -832,92 +649,6 @@ def run(args) -> int:
         print(f"note: {name} has {record['label']}" if record["model_kind"] == "tiny" else f"note: {name} is a "
               f"{record['label']}")
     return 0
-
-
-_CRITERIA = (("colour", "colour_ok", "colour"), ("shape", "shape_ok", "shape"), ("motion", "motion_ok", "direction"),
-             ("consistency", "consistent", None))
-
-
-def _verdict(score: dict) -> str:
-    """``colour ok, shape ok, motion FAIL (saw static), consistency ok``"""
-    parts = []
-    for name, key, seen in _CRITERIA:
-        if score[key]:
-            parts.append(f"{name} ok")
-        elif seen is not None:
-            parts.append(f"{name} FAIL (saw {score[seen] or 'no object'})")
-        else:
-            counts = score["objects_per_frame"]
-            why = (f"up to {max(counts)} objects in a frame" if max(counts) > 1 else "no object in a frame"
-                   if min(counts) == 0 else f"size varies {score['area_ratio']:.1f}x")
-            parts.append(f"{name} FAIL ({why})")
-    return ", ".join(parts)
-
-
-def _passed(score: dict) -> str:
-    return f"{sum(bool(score[key]) for _, key, _ in _CRITERIA)}/{len(_CRITERIA)}"
-
-
-def _summary_lines(record: dict) -> list:
-    """The method, its density, its attention time against dense and the ground-truth quality, in a few lines."""
-    lines = []
-    cmp, method = record.get("compare_dense"), record["method"]
-    if record.get("method_choice") not in (None, "--method") and not record.get("plan_summary"):
-        lines.append(f"method {method['method']}: {record['method_choice']}; settings: {record['defaults_source']}")
-    density = record["density"]["mean"]
-    if record.get("default_note"):
-        lines.append(f"note: {record['default_note']}")
-    if record.get("plan_summary"):
-        lines.append(f"{record['method_choice']}: {record['plan_summary']}")
-        lines.append("plan: " + (f"its sparse calls visit {density:.3f} of the video attention blocks"
-                                 if density is not None else "every call ran dense"))
-        lines += _plan_quality_lines(record.get("plan_quality"))
-    elif method["method"] != "dense":
-        options = ", ".join(f"{k}={tuple(v) if isinstance(v, list) else v}" for k, v in method.items() if k != "method")
-        lines.append(f"method {method['method']} ({options}): visited density "
-                     + (f"{density:.3f}" if density is not None else "1.000 (ran dense)")
-                     + " of the video attention blocks")
-    t = record["timing"]
-    if cmp:
-        attention = (f"self-attention {t['attention_s']:.2f} s vs dense {cmp['dense_attention_s']:.2f} s "
-                     f"({cmp['attention_speedup']:.2f}x)" if cmp.get("attention_speedup") else "")
-        lines.append((attention + "; " if attention else "") + f"transformer {t['transformer_s']:.2f} s vs dense "
-                     f"{cmp['dense_transformer_s']:.2f} s ({cmp['transformer_speedup']:.2f}x); PSNR vs dense "
-                     f"{cmp['psnr_db']:.1f} dB")
-        if cmp.get("side_by_side"):
-            lines.append(f"side by side (left dense, right {method['method']}): {cmp['side_by_side']}")
-    quality = record.get("quality")
-    if quality and quality.get("skipped"):
-        lines.append(f"ground-truth quality: skipped ({quality['skipped']})")
-    elif quality:
-        lines.append(f"ground truth for \"{quality['prompt']}\": {_verdict(quality['method'])} "
-                     f"[{_passed(quality['method'])}" + (f"; dense {_passed(quality['dense'])}]"
-                                                        if quality.get("dense") else "]"))
-    return lines
-
-
-def _plan_quality_lines(quality) -> list:
-    """What a calibrated plan bought, from its provenance (``dit-accel calibrate``'s record): modelled GPU
-    attention time against dense and against uniform SLA at no less cost, and the quality of both on the
-    validation videos, which the search never saw."""
-    if not isinstance(quality, dict) or not isinstance(quality.get("modelled_ms"), (int, float)):
-        return []
-    lines = []
-    plan_ms, dense_ms = quality["modelled_ms"], quality.get("dense_modelled_ms")
-    cost = f"modelled GPU attention {plan_ms:.4f} ms/sample"
-    if isinstance(dense_ms, (int, float)) and plan_ms > 0:
-        cost += f" vs dense {dense_ms:.4f} ({dense_ms / plan_ms:.2f}x)"
-    lines.append(f"calibrated: {quality.get('plan') or 'plan'}; {cost}")
-    val, base = quality.get("validation"), quality.get("baseline")
-    if isinstance(val, dict):
-        text = (f"on {val['videos']} validation videos (prompts the search never saw): {val['psnr']:.1f} dB vs dense "
-                f"(worst {val['psnr_worst']:.1f})")
-        if isinstance(base, dict):
-            text += (f"; uniform SLA at no less cost ({base['label'].removeprefix('uniform ')}, "
-                     f"{base['modelled_ms']:.4f} ms/sample): "
-                     f"{base['psnr']:.1f} dB (worst {base['psnr_worst']:.1f})")
-        lines.append(text)
-    return lines
 
 
 def main(argv=None) -> int:

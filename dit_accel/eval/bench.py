@@ -201,15 +201,79 @@ def bench_kernels(shapes: Sequence[ModelShape], densities: Sequence[float], *, d
             "versions": versions(("torch", "triton")), "notes": notes, "rows": rows}
 
 
+def _shape_row(shape: ModelShape, threads, kernel: str, times: List[float], base: List[float], density: float,
+               **extra) -> dict:
+    """One row of :func:`bench_kernels`: the median time, dense-equivalent and visited TFLOPS, the speedup over
+    ``base`` (dense SDPA, same rounds) and its fraction of the 1/work ideal."""
+    seconds = statistics.median(times)
+    flops = 4.0 * shape.batch * shape.heads * shape.tokens ** 2 * shape.head_dim
+    speedup = statistics.median(s / t for s, t in zip(base, times))
+    work = density * (extra.get("padded_tokens", shape.tokens) / shape.tokens) ** 2  # vs dense on N tokens
+    timing = extra.pop("call_timing", None)
+    out = {"shape": shape.name, "grid": list(shape.grid), "tokens": shape.tokens, "heads": shape.heads,
+           "head_dim": shape.head_dim, "batch": shape.batch, "threads": threads, "kernel": kernel,
+           "density": density, "time_ms": seconds * 1e3, "tflops_dense_equiv": flops / seconds / 1e12,
+           "speedup": speedup, "work_vs_dense": work, "ideal_speedup": 1.0 / work,
+           "fraction_of_ideal": speedup * work,
+           # the FLOPs of the tiles the kernel visits (padded tiles included), at the median round's time
+           "tflops_visited": flops * work / seconds / 1e12, **extra}
+    if timing is not None:
+        out.update(call_timing_fields(timing, flops * work))
+    return out
+
+
+def _sparse_contenders(shape: ModelShape, target: float, q, k, v, gen, device, dtype, backends, sla, flex_compiled,
+                       notes) -> Tuple[dict, dict]:
+    """The sparse calls timed at one target density, ``(name -> call, name -> row fields)``: the tile layout on
+    each backend (and compiled FlexAttention), and SLA."""
+    from ..kernels import block_sparse_attention
+    from ..kernels.sla import sla_attention, sla_density
+    from ..methods import SLA
+    from ..patterns.tile import tile_token_density
+
+    b, h, n, d = q.shape
+    calls, meta = {}, {}
+    try:
+        method, perm, layout = _tile_case(shape.grid, target)
+    except Exception as exc:
+        notes.append(f"{shape.name} density {target}: no tile layout ({type(exc).__name__}: {exc})")
+        layout = None
+    if layout is not None:
+        np_ = perm.num_padded
+        qp, kp, vp = (torch.randn(b, h, np_, d, generator=gen, device=device, dtype=dtype) for _ in range(3))
+        lay = layout.to(device)
+        tile_meta = dict(density=layout.density(), target_density=target, window=list(method.window),
+                         token_density=tile_token_density(shape.grid, method.tile, method.window),
+                         padded_tokens=np_, partial_fraction=layout.partial_fraction())
+        for backend in backends:
+            name = f"block-sparse tile [{backend}]"
+            calls[name] = partial(block_sparse_attention, qp, kp, vp, lay, backend=backend)
+            meta[name] = tile_meta
+        if flex_compiled:
+            from torch.nn.attention.flex_attention import flex_attention
+
+            from ..kernels.block_sparse.flex import kernel_options, layout_to_block_mask
+
+            compiled = torch.compile(flex_attention, dynamic=False)
+            block_mask = layout_to_block_mask(lay)
+            calls["block-sparse tile [flex, compiled]"] = partial(
+                compiled, qp, kp, vp, block_mask=block_mask, kernel_options=kernel_options(lay, device))
+            meta["block-sparse tile [flex, compiled]"] = tile_meta
+    if sla:
+        method = SLA(topk=target)
+        proj = torch.nn.Linear(d, d).to(device, dtype)
+        torch.nn.init.zeros_(proj.weight)
+        torch.nn.init.zeros_(proj.bias)
+        calls["SLA (sparse+linear)"] = partial(sla_attention, q, k, v, method, proj)
+        meta["SLA (sparse+linear)"] = dict(density=sla_density(n, method), target_density=target)
+    return calls, meta
+
+
 def _bench_shape(shape: ModelShape, densities, device, dtype, warmup, repeats, backends, sla, flex_compiled, notes,
                  bar, threads, call_timer=None) -> List[dict]:
     """The rows of one shape: the dense contenders and, per density, the sparse ones, each density's set
     timed in interleaved rounds together with dense SDPA."""
-    from ..kernels import block_sparse_attention
     from ..kernels.dense import DENSE_CONTENDERS, dense_contenders
-    from ..kernels.sla import sla_attention, sla_density
-    from ..methods import SLA
-    from ..patterns.tile import tile_token_density
     from .bench_cpu import run_rounds
 
     gen = torch.Generator(device=device).manual_seed(0)  # draw on the device: GPU shapes are GBs
@@ -225,23 +289,7 @@ def _bench_shape(shape: ModelShape, densities, device, dtype, warmup, repeats, b
         from .timing import CudaCallTimer
 
         call_timer = CudaCallTimer(device)
-
-    def row(kernel: str, times: List[float], base: List[float], density: float, **extra) -> dict:
-        seconds = statistics.median(times)
-        flops = 4.0 * shape.batch * shape.heads * shape.tokens ** 2 * shape.head_dim
-        speedup = statistics.median(s / t for s, t in zip(base, times))
-        work = density * (extra.get("padded_tokens", shape.tokens) / shape.tokens) ** 2  # vs dense on N tokens
-        timing = extra.pop("call_timing", None)
-        out = {"shape": shape.name, "grid": list(shape.grid), "tokens": shape.tokens, "heads": shape.heads,
-               "head_dim": shape.head_dim, "batch": shape.batch, "threads": threads, "kernel": kernel,
-               "density": density, "time_ms": seconds * 1e3, "tflops_dense_equiv": flops / seconds / 1e12,
-               "speedup": speedup, "work_vs_dense": work, "ideal_speedup": 1.0 / work,
-               "fraction_of_ideal": speedup * work,
-               # the FLOPs of the tiles the kernel visits (padded tiles included), at the median round's time
-               "tflops_visited": flops * work / seconds / 1e12, **extra}
-        if timing is not None:
-            out.update(call_timing_fields(timing, flops * work))
-        return out
+    row = partial(_shape_row, shape, threads)
 
     def timed(calls: dict) -> dict:
         """Per contender, :func:`measure_call` on CUDA (after the rounds warmed everything up)."""
@@ -263,40 +311,9 @@ def _bench_shape(shape: ModelShape, densities, device, dtype, warmup, repeats, b
         extra = timed(dense)
         rows += [row(name, t, times[sdpa], 1.0, call_timing=extra.get(name)) for name, t in times.items()]
         for target in densities:
-            calls, meta = {sdpa: dense[sdpa]}, {}
-            try:
-                method, perm, layout = _tile_case(shape.grid, target)
-            except Exception as exc:
-                notes.append(f"{shape.name} density {target}: no tile layout ({type(exc).__name__}: {exc})")
-                layout = None
-            if layout is not None:
-                np_ = perm.num_padded
-                qp, kp, vp = (torch.randn(b, h, np_, d, generator=gen, device=device, dtype=dtype) for _ in range(3))
-                lay = layout.to(device)
-                tile_meta = dict(density=layout.density(), target_density=target, window=list(method.window),
-                                 token_density=tile_token_density(shape.grid, method.tile, method.window),
-                                 padded_tokens=np_, partial_fraction=layout.partial_fraction())
-                for backend in backends:
-                    name = f"block-sparse tile [{backend}]"
-                    calls[name] = partial(block_sparse_attention, qp, kp, vp, lay, backend=backend)
-                    meta[name] = tile_meta
-                if flex_compiled:
-                    from torch.nn.attention.flex_attention import flex_attention
-
-                    from ..kernels.block_sparse.flex import kernel_options, layout_to_block_mask
-
-                    compiled = torch.compile(flex_attention, dynamic=False)
-                    block_mask = layout_to_block_mask(lay)
-                    calls["block-sparse tile [flex, compiled]"] = partial(
-                        compiled, qp, kp, vp, block_mask=block_mask, kernel_options=kernel_options(lay, device))
-                    meta["block-sparse tile [flex, compiled]"] = tile_meta
-            if sla:
-                method = SLA(topk=target)
-                proj = torch.nn.Linear(d, d).to(device, dtype)
-                torch.nn.init.zeros_(proj.weight)
-                torch.nn.init.zeros_(proj.bias)
-                calls["SLA (sparse+linear)"] = partial(sla_attention, q, k, v, method, proj)
-                meta["SLA (sparse+linear)"] = dict(density=sla_density(n, method), target_density=target)
+            sparse, meta = _sparse_contenders(shape, target, q, k, v, gen, device, dtype, backends, sla,
+                                              flex_compiled, notes)
+            calls = {sdpa: dense[sdpa], **sparse}
             _drop_failing(calls, shape, notes)
             times = run_rounds(calls, repeats, device=device, warmup=warmup)
             extra = timed({name: fn for name, fn in calls.items() if name != sdpa})
@@ -419,6 +436,42 @@ def kernels_table(result: dict) -> str:
     return table
 
 
+def _wide_query_facts(method, perm, layout, facts: dict, h: int, b: int, arch: str):
+    """With ``tile``: the query block a CUDA plan runs, and whether ``ws`` applies to it (added to ``facts``);
+    returns the row name and the resumed 128-row blocks (None where the plan runs 64-row blocks)."""
+    from ..kernels import cost
+    from ..kernels.block_sparse.configs import ws_pays
+    from ..patterns.separable import wide_query_layout
+
+    wide = wide_query_layout(perm, layout)
+    name = f"block-sparse tile {tuple(method.tile)} q{64 if wide is None else 128}"
+    facts.update(tile=list(method.tile), cuda_block_q=64 if wide is None else 128, ws_pays=None)
+    resumed = None
+    if wide is not None:
+        wc = cost.tile_counts(wide, heads=h, batch=b)
+        resumed = float((wide.kv_mask_ids >= 0).any(-1).sum()) * b * (h if wide.num_heads == 1 else 1)
+        facts["ws_pays"] = ws_pays(wc.full_tiles, wc.partial_tiles, resumed, 128, 64, arch)
+    return name, resumed
+
+
+def _modelled_result(arch: str, kernels, base, skipped: Dict[str, str], rows: List[dict]) -> dict:
+    """:func:`model_kernels`'s table with what it modelled: the constants, their sources, the notes."""
+    from ..kernels import cost
+
+    return {"kind": "kernels", "modelled": True, "device": f"modelled {arch}", "device_name": f"MODELLED {arch}",
+            "dtype": "torch.bfloat16", "reduced_sizes": False, "arch": arch, "kernels": kernels,
+            "constants_source": base.source,
+            "constants": {cost.constants(arch, k).name: {**dataclasses.asdict(cost.constants(arch, k))}
+                          for k in kernels},
+            "timing": "MODELLED by dit_accel.kernels.cost (no GPU ran anything)",
+            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "versions": versions(("torch",)), "notes": [
+                "modelled rows: time = per_call + (CTAs x per_cta + tiles x per_tile) / (SMs x CTAs per SM); "
+                "the 'current' constants are a fit to BENCHMARKS.md section 10 (H100); the other kernel variants "
+                "model kernels not yet measured"] + [f"no '{k}' rows where the layout cannot run it: {why}"
+                                                     for k, why in skipped.items()], "rows": rows}
+
+
 def model_kernels(shapes: Sequence[ModelShape], densities: Sequence[float], *, arch: str = "h100",
                   kernels: Optional[Sequence[str]] = None, sla: bool = True, log=None, tile=None) -> dict:
     """The :func:`bench_kernels` table predicted by the cost model (:mod:`dit_accel.kernels.cost`), no GPU.
@@ -438,9 +491,6 @@ def model_kernels(shapes: Sequence[ModelShape], densities: Sequence[float], *, a
     ``ws+resume`` row adds the resume pass's per-CTA term that ``ws_pays`` charges. A variant the layout
     cannot run (:func:`~dit_accel.kernels.block_sparse.configs.kernel_reason`: ``ws`` on 64-row blocks) gets no row.
     """
-    from ..kernels.block_sparse.configs import ws_pays
-    from ..patterns.separable import wide_query_layout
-
     from ..kernels import cost
     from ..kernels.block_sparse.configs import kernel_reason
     from ..kernels.sla import sla_density
@@ -479,16 +529,9 @@ def model_kernels(shapes: Sequence[ModelShape], densities: Sequence[float], *, a
             facts = dict(target_density=target, window=list(method.window), padded_tokens=perm.num_padded,
                          partial_fraction=layout.partial_fraction(), ctas=counts.ctas,
                          tiles_per_q_block=counts.tiles_per_q_block)
-            name = "block-sparse tile"
-            resumed = None
-            if tile is not None:  # the query block a CUDA plan runs, and whether ws applies to it
-                wide = wide_query_layout(perm, layout)
-                name = f"block-sparse tile {tuple(method.tile)} q{64 if wide is None else 128}"
-                facts.update(tile=list(method.tile), cuda_block_q=64 if wide is None else 128, ws_pays=None)
-                if wide is not None:
-                    wc = cost.tile_counts(wide, heads=h, batch=b)
-                    resumed = float((wide.kv_mask_ids >= 0).any(-1).sum()) * b * (h if wide.num_heads == 1 else 1)
-                    facts["ws_pays"] = ws_pays(wc.full_tiles, wc.partial_tiles, resumed, 128, 64, arch)
+            name, resumed = "block-sparse tile", None
+            if tile is not None:
+                name, resumed = _wide_query_facts(method, perm, layout, facts, h, b, arch)
             block_q = facts.get("cuda_block_q", layout.block_q)  # the rows the launch would run
             for kernel in kernels:
                 why = kernel_reason(kernel, block_q, layout.block_k, d, arch)
@@ -510,18 +553,7 @@ def model_kernels(shapes: Sequence[ModelShape], densities: Sequence[float], *, a
                 counts_sla = cost.sla_counts(n, method_sla, heads=h, batch=b)
                 rows.append(row("SLA (sparse+linear) [modelled]", cost.sla_time(counts_sla, head_dim=d, arch=arch),
                                 dens, dens, target_density=target, constants=base.name))
-    return {"kind": "kernels", "modelled": True, "device": f"modelled {arch}", "device_name": f"MODELLED {arch}",
-            "dtype": "torch.bfloat16", "reduced_sizes": False, "arch": arch, "kernels": kernels,
-            "constants_source": base.source,
-            "constants": {cost.constants(arch, k).name: {**dataclasses.asdict(cost.constants(arch, k))}
-                          for k in kernels},
-            "timing": "MODELLED by dit_accel.kernels.cost (no GPU ran anything)",
-            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-            "versions": versions(("torch",)), "notes": [
-                "modelled rows: time = per_call + (CTAs x per_cta + tiles x per_tile) / (SMs x CTAs per SM); "
-                "the 'current' constants are a fit to BENCHMARKS.md section 10 (H100); the other kernel variants "
-                "model kernels not yet measured"] + [f"no '{k}' rows where the layout cannot run it: {why}"
-                                                     for k, why in skipped.items()], "rows": rows}
+    return _modelled_result(arch, kernels, base, skipped, rows)
 
 
 def plot_kernels(result: dict, path) -> None:

@@ -22,7 +22,7 @@
 
 Every timed row carries its correctness (``o_error``: relative error of ``o`` against the fp32 twin;
 ``grad_error``: the largest of dq, dk, dv's, for forward + backward rows) on the first batch entry's first
-:data:`TWIN_HEADS` heads, the tolerance, and ``variant``: what actually ran (the dense candidate or SDPA
+:data:`~.bench_gpu_cases.TWIN_HEADS` heads, the tolerance, and ``variant``: what actually ran (the dense candidate or SDPA
 backend; for block-sparse Triton, the configurations the launcher cached for the layout, read after the
 call by :func:`dit_accel.kernels.block_sparse.triton.launched_variants`: one-loop, persistent, or ws +
 resume). The fp32 twins: a chunked fp32 attention with its exact backward written here (dense), the
@@ -37,20 +37,19 @@ arguments, so the CPU-side logic is tested with fakes (``tests/eval/test_bench_g
 from __future__ import annotations
 
 import datetime
-import functools
 import json
-import math
 import os
 import platform
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence
 
 import torch
 
-from .bench import ModelShape, call_timing_fields, extra_dense_contenders
+from .bench import ModelShape
+from .bench_gpu_cases import GRAD_TOLERANCE, O_TOLERANCE, _Shape, _short, _skipped, fp32_dense, relative_error
 
 __all__ = ["STANDARD_SHAPES", "STANDARD_DENSITIES", "STANDARD_METHODS", "AUTOTUNE_MODES", "BUDGET_S",
            "O_TOLERANCE", "GRAD_TOLERANCE", "bench_gpu", "gpu_markdown", "machine_info", "failures", "targets",
@@ -75,13 +74,6 @@ SELFTEST_S = 360.0
 PYTEST_S = 300.0
 #: Seconds kept for the timings whatever the checks take.
 TIMING_MIN_S = 120.0
-#: Relative error against the fp32 twin above which a row fails (issue 35's targets).
-O_TOLERANCE = 1e-2
-GRAD_TOLERANCE = 2e-2
-#: Heads of the first batch entry that the fp32 twins compute (all heads are alike to the kernels).
-TWIN_HEADS = 1
-#: A timed span aims at this many seconds: back-to-back calls are fewer for long calls.
-SPAN_S = 0.25
 
 
 def machine_info(device: torch.device) -> dict:
@@ -116,25 +108,6 @@ def _git_commit() -> str:
     except (OSError, subprocess.SubprocessError):
         pass
     return "unknown"
-
-
-def _method(name: str, grid, density: float):
-    return _method_cached(name, tuple(grid), float(density))
-
-
-@functools.lru_cache(maxsize=64)
-def _method_cached(name: str, grid, density: float):
-    """The method at ``density`` on ``grid``: searched once (GNA's window search takes tens of seconds at 720p),
-    then shared by the autotune on/off rows and the shapes of one grid."""
-    from ..methods import GNA, SLA, Radial, Tile
-
-    if name == "sla":
-        return SLA(topk=density)
-    if name == "radial":
-        return Radial()  # its density is fixed by its rule
-    if name == "tile-128":  # a 128-token STA tile: CUDA calls run 128-row query blocks (sm_90: ws + resume)
-        return Tile().at_density(tuple(grid), density, tile=(1, 16, 8) if len(grid) == 3 else (16, 8))
-    return {"tile": Tile, "gna": GNA}[name]().at_density(tuple(grid), density)
 
 
 # ----------------------------------------------------------------------------- the run
@@ -267,15 +240,6 @@ def targets(rows: Sequence[dict]) -> List[dict]:
     return out
 
 
-def _short(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]
-
-
-def _skipped(shape: ModelShape, kernel: str, density, why: str) -> dict:
-    return {"shape": shape.name, "tokens": shape.tokens, "heads": shape.heads, "batch": shape.batch,
-            "kernel": kernel, "density": density, "pass": "-", "status": "skipped", "error": why}
-
-
 def _run_shapes(shapes, densities, methods, autotune, forced, device, dtype, backward, timer, calls, repeats, left,
                 rows, notes, log) -> None:
     from ..kernels import autotune as tuner
@@ -299,424 +263,6 @@ def _run_shapes(shapes, densities, methods, autotune, forced, device, dtype, bac
             os.environ.pop(tuner.ENV_AUTOTUNE, None)
         else:
             os.environ[tuner.ENV_AUTOTUNE] = before
-
-
-def _set_autotune(mode: str) -> None:
-    from ..kernels import autotune as tuner
-
-    os.environ[tuner.ENV_AUTOTUNE] = "1" if mode == "on" else "0"
-
-
-# ----------------------------------------------------------------------------- correctness
-def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
-    """``||out - ref|| / ||ref||`` in fp32 (inf when either is not finite)."""
-    out, ref = out.float(), ref.float()
-    err = float((out - ref).norm() / ref.norm().clamp_min(1e-30))
-    return err if math.isfinite(err) else float("inf")
-
-
-def fp32_dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, do: Optional[torch.Tensor] = None,
-               chunk: int = 1024):
-    """Dense attention in fp32, chunked over queries (memory ``chunk x M`` per head): ``o`` and, with ``do``,
-    its exact gradients ``(dq, dk, dv)`` (``dS = P * (dP - rowsum(dO * O))``), without autograd."""
-    q, k, v = q.float(), k.float(), v.float()
-    o = torch.empty_like(q)
-    lse = torch.empty(q.shape[:-1], dtype=torch.float32, device=q.device)
-    for s0 in range(0, q.shape[2], chunk):
-        s = torch.matmul(q[:, :, s0:s0 + chunk], k.transpose(-1, -2)) * scale
-        lse[:, :, s0:s0 + chunk] = torch.logsumexp(s, -1)
-        o[:, :, s0:s0 + chunk] = torch.matmul(torch.exp(s - lse[:, :, s0:s0 + chunk, None]), v)
-    if do is None:
-        return o
-    do = do.float()
-    delta = (do * o).sum(-1)
-    dq, dk, dv = torch.empty_like(q), torch.zeros_like(k), torch.zeros_like(v)
-    for s0 in range(0, q.shape[2], chunk):
-        rows = slice(s0, s0 + chunk)
-        p = torch.exp(torch.matmul(q[:, :, rows], k.transpose(-1, -2)) * scale - lse[:, :, rows, None])
-        ds = p * (torch.matmul(do[:, :, rows], v.transpose(-1, -2)) - delta[:, :, rows, None])
-        dq[:, :, rows] = torch.matmul(ds, k) * scale
-        dk += torch.matmul(ds.transpose(-1, -2), q[:, :, rows]) * scale
-        dv += torch.matmul(p.transpose(-1, -2), do[:, :, rows])
-    return o, (dq, dk, dv)
-
-
-_S = (slice(0, 1), slice(0, TWIN_HEADS))  # the heads the twins compute
-
-
-def _grad_error(grads, ref_grads) -> float:
-    return max(relative_error(g[_S], r) for g, r in zip(grads, ref_grads))
-
-
-# ----------------------------------------------------------------------------- one shape
-class _Shape:
-    """The rows of one shape: inputs made once, every case timed and checked against its fp32 twin."""
-
-    def __init__(self, shape, device, dtype, backward, timer, calls, repeats, left, rows, notes, log):
-        self.shape, self.device, self.dtype, self.backward = shape, device, dtype, backward
-        self.timer, self.calls, self.repeats, self.left = timer, calls, repeats, left
-        self.rows, self.notes, self.log = rows, notes, log
-        self.cuda = device.type == "cuda"
-        self.gen = torch.Generator(device=device).manual_seed(0)
-        b, h, n, d = shape.batch, shape.heads, shape.tokens, shape.head_dim
-        self.q, self.k, self.v = (self.randn(b, h, n, d) for _ in range(3))
-        self.scale = d ** -0.5
-        self.flops = 4.0 * b * h * n * n * d
-        self.base: Dict[str, float] = {}  # pass -> dense SDPA seconds
-
-    def randn(self, *size) -> torch.Tensor:
-        return torch.randn(*size, generator=self.gen, device=self.device, dtype=self.dtype)
-
-    def run(self, densities, methods, autotune, forced) -> None:
-        self.dense_rows()
-        for i, target in enumerate(densities):
-            for name in methods:
-                if name == "radial" and (len(self.shape.grid) != 3 or i):
-                    continue  # video only; its rule fixes its density: once per shape
-                for mode in autotune:
-                    if mode == "on" and i:
-                        continue  # the autotuner's choice at the first density (its timing costs seconds)
-                    self.sparse_rows(name, target, mode, forced)
-            self.log(f"{self.shape.name}: density {target} done ({self.left():.0f} s left)")
-
-    # -- timing
-    def measure(self, kernel: str, fn: Callable[[], object], check: Callable[[], dict], density: float,
-                work: float, pass_: str, variant: Callable[[], str] = lambda: "", **extra) -> dict:
-        """One row: warm-up, correctness (``check() -> {"o_error", "grad_error"}``), timing, variant."""
-        from .timing import CallTiming, measure_call
-
-        s = self.shape
-        row = {"shape": s.name, "tokens": s.tokens, "heads": s.heads, "head_dim": s.head_dim, "batch": s.batch,
-               "kernel": kernel, "density": density, "work_vs_dense": work, "pass": pass_, **extra}
-        if self.left() <= 0:
-            row.update(status="skipped", error="time budget")
-            self.rows.append(row)
-            return row
-        try:
-            fn()  # warm-up: compilation, plans, autotuning
-            row["variant"] = variant()
-            row.update(check())
-            row["tolerance"] = O_TOLERANCE
-            self.timer.sync()
-            once = self.timer.span(fn, 1)[0]
-            calls = max(1, min(self.calls, int(SPAN_S / once) if once > 0 else self.calls))
-            if pass_ == "forward":
-                timing = measure_call(fn, self.timer, calls=calls, repeats=self.repeats, graph=self.cuda)
-            else:  # forward + backward: back-to-back throughput (graphs do not capture autograd here)
-                spans = []
-                for _ in range(self.repeats):
-                    self.timer.sync()
-                    spans.append(self.timer.span(fn, calls))
-                spans.sort()
-                mid = spans[len(spans) // 2]
-                timing = CallTiming(throughput_s=mid[0] / calls, host_s=mid[1] / calls, calls=calls)
-        except Exception as exc:
-            if self.cuda:
-                torch.cuda.empty_cache()
-            row.update(status="failed", error=_short(exc))
-            self.rows.append(row)
-            return row
-        seconds = timing.throughput_s
-        row.update(status="ok", time_ms=seconds * 1e3,
-                   **call_timing_fields(timing, self.flops * work * (1 if pass_ == "forward" else 3.5)))
-        if kernel == "dense SDPA":
-            self.base[pass_] = seconds
-        if pass_ in self.base:
-            row["speedup"] = self.base[pass_] / seconds
-            row["fraction_of_ideal"] = row["speedup"] * work
-        self.rows.append(row)
-        return row
-
-    # -- dense
-    def dense_rows(self) -> None:
-        import torch.nn.functional as F
-
-        from ..kernels.dense import choice, dense_contenders
-
-        q, k, v, scale = self.q, self.k, self.v, self.scale
-        ref = {}
-
-        def check_o(out_fn, bnhd: bool):
-            def check():
-                if "o" not in ref:
-                    ref["o"] = fp32_dense(q[_S], k[_S], v[_S], scale)
-                with torch.no_grad():
-                    out = out_fn()
-                out = out[0] if isinstance(out, tuple) else out
-                out = out.transpose(1, 2) if bnhd else out  # flash-attn's (B, N, H, D)
-                return {"o_error": relative_error(out[_S], ref["o"])}
-            return check
-
-        contenders = dense_contenders(q, k, v, scale)
-        if self.cuda:
-            contenders.update(extra_dense_contenders(q, k, v, self.notes, scale=scale, flex=False))
-        else:  # (tests) SDPA only: the Triton kernels would run in the interpreter
-            contenders = {name: fn for name, fn in contenders.items() if name == "dense SDPA"}
-        tune = self.cuda
-        contenders["dense [fastest]"] = lambda: choice.run_candidate(
-            choice.choose(q, k, v, scale, False, tune=tune), q, k, v, scale, False)[0]
-        contenders["dense+lse [fastest]"] = lambda: choice.run_candidate(
-            choice.choose(q, k, v, scale, True, tune=tune), q, k, v, scale, True)
-        variants = {"dense SDPA": lambda: _sdpa_backend(q, k, v),
-                    "dense Triton (dit_accel)": lambda: _triton_dense_variant(q, k, v),
-                    "dense [fastest]": lambda: choice.choose(q, k, v, scale, False, tune=tune),
-                    "dense+lse [fastest]": lambda: choice.choose(q, k, v, scale, True, tune=tune)}
-        for name, fn in contenders.items():
-            self.measure(name, lambda fn=fn: _no_grad(fn), check_o(fn, name.startswith("flash-attn")), 1.0, 1.0,
-                         "forward", variants.get(name, lambda name=name: name))
-        if not self.backward:
-            return
-        qg, kg, vg = (t.detach().clone().requires_grad_() for t in (q, k, v))
-        do = self.randn(*q.shape)
-
-        def check_grads(run):
-            def check():
-                if "grads" not in ref:
-                    ref["o"], ref["grads"] = fp32_dense(q[_S], k[_S], v[_S], scale, do[_S])
-                for t in (qg, kg, vg):
-                    t.grad = None
-                out = run()
-                grads = (qg.grad, kg.grad, vg.grad)
-                return {"o_error": relative_error(out.detach()[_S], ref["o"]),
-                        "grad_error": _grad_error(grads, ref["grads"]), "grad_tolerance": GRAD_TOLERANCE}
-            return check
-
-        def fb(fn):
-            def run():
-                out = fn()
-                out.backward(do)
-                return out
-            return run
-
-        cases = {"dense SDPA": (lambda: F.scaled_dot_product_attention(qg, kg, vg, scale=scale),
-                                lambda: _sdpa_backend(qg, kg, vg))}
-        if "dense Triton (dit_accel)" in contenders:
-            from ..kernels.dense import dense_attention
-
-            cases["dense Triton (dit_accel)"] = (lambda: dense_attention(qg, kg, vg, scale),
-                                                 lambda: _triton_dense_variant(q, k, v))
-        cases["dense [fastest]"] = (lambda: choice.run(qg, kg, vg, scale)[0],
-                                    lambda: choice.chosen(qg, kg, vg, scale))
-        for name, (fn, variant) in cases.items():
-            self.measure(name, fb(fn), check_grads(fb(fn)), 1.0, 1.0, "forward+backward", variant)
-
-    # -- sparse
-    def sparse_rows(self, name: str, target: float, mode: str, forced: Optional[str]) -> None:
-        _set_autotune(mode)
-        label = f"{name} [auto, autotune {mode}]"
-        try:
-            method = _method(name, self.shape.grid, target)
-            runner = _SlaCase(self, method) if name == "sla" else _LayoutCase(self, method)
-        except Exception as exc:
-            self.rows.append({**_skipped(self.shape, label, target, ""), "status": "failed", "error": _short(exc)})
-            return
-        if runner.layout is None and name != "sla":
-            self.rows.append({**_skipped(self.shape, label, target, f"no layout: {runner.why}"), "status": "dense"})
-            return
-        passes = ("forward", "forward+backward") if self.backward else ("forward",)
-        backends = ["auto"]
-        for backend in backends:
-            tag = label if backend == "auto" else f"{name} [{backend} forced]"
-            for pass_ in passes:
-                row = self.measure(tag, runner.fn(pass_, backend), runner.check(pass_, backend), runner.density,
-                                   runner.work, pass_, lambda: runner.variant(pass_, backend), target_density=target,
-                                   autotune=mode, backend=backend, **runner.facts)
-                # Where auto chose another backend than the Triton kernels (FLUX 1024 px: dense), the sparse
-                # kernel forced beside it, once per (method, density).
-                if (forced and backend == "auto" and mode == "off" and pass_ == "forward" and row.get("status") == "ok"
-                        and name != "sla" and not str(row.get("variant", "")).startswith(forced)):
-                    backends.append(forced)
-
-
-@functools.lru_cache(maxsize=16)
-def _plan_cached(method, grid):
-    """``method.plan(grid)``, built once for the autotune on/off rows and the shapes that share a grid."""
-    return method.plan(grid)
-
-
-def _no_grad(fn):
-    with torch.no_grad():
-        return fn()
-
-
-def _sdpa_backend(q, k, v) -> str:
-    """The backend SDPA dispatches these inputs to (PyTorch's own choice)."""
-    try:
-        from torch.nn.attention import SDPBackend
-
-        return f"SDPA {SDPBackend(int(torch._fused_sdp_choice(q, k, v))).name.lower()}"
-    except Exception:
-        return "SDPA (backend unknown)"
-
-
-def _triton_dense_variant(q, k, v) -> str:
-    from ..kernels.dense import triton_variant
-
-    return f"dense triton {triton_variant(q, k, v)}"
-
-
-class _Case:
-    """What the timed cases share: leaf copies of q, k, v (and an upstream gradient) for the backward rows,
-    made on first use, and the check of a pass against the case's fp32 twin (``_twin``)."""
-
-    def _checked(self, pass_: str, attend):
-        """The check of ``pass_`` for ``attend(q, k, v)``: the forward's error, and with ``"both"`` the
-        gradients' too, against the twin."""
-        def forward():
-            with torch.no_grad():
-                out = attend(self.q, self.k, self.v)
-            return {"o_error": relative_error(out[_S], self._twin(False))}
-
-        def both():
-            qg, kg, vg = self._grad_inputs()
-            for t in (qg, kg, vg):
-                t.grad = None
-            out = attend(qg, kg, vg)
-            out.backward(self.do)
-            ref_o, ref_grads = self._twin(True)
-            return {"o_error": relative_error(out.detach()[_S], ref_o),
-                    "grad_error": _grad_error((qg.grad, kg.grad, vg.grad), ref_grads),
-                    "grad_tolerance": GRAD_TOLERANCE}
-
-        return forward if pass_ == "forward" else both
-
-    def _grad_inputs(self):
-        if self.grad_inputs is None:
-            self.grad_inputs = tuple(t.detach().clone().requires_grad_() for t in (self.q, self.k, self.v))
-            self.do = self.s.randn(*self.q.shape)
-        return self.grad_inputs
-
-
-class _LayoutCase(_Case):
-    """Tile, GNA or radial through ``block_sparse_attention`` on the layout production runs (kernel_layout)."""
-
-    def __init__(self, s: _Shape, method):
-        from ..kernels.block_sparse.api import layout_on
-
-        self.s = s
-        plan = _plan_cached(method, tuple(s.shape.grid))
-        self.why = getattr(plan, "dense_reason", None)
-        base = plan.kernel_layout(s.device) if hasattr(plan, "kernel_layout") else None
-        self.layout = None if base is None else layout_on(base, s.device)
-        if self.layout is None:
-            return
-        lay, shape = self.layout, s.shape
-        np_ = lay.q_len
-        self.q, self.k, self.v = (s.randn(shape.batch, shape.heads, np_, shape.head_dim) for _ in range(3))
-        self.density = lay.density()
-        self.work = self.density * (np_ / shape.tokens) ** 2
-        self.facts = {"config": method.to_dict(), "padded_tokens": np_, "layout_density": self.density,
-                      "block_q": lay.block_q, "block_k": lay.block_k}
-        self.twin_layout = lay if lay.num_heads == 1 else lay.select(heads=(0, TWIN_HEADS))
-        self.grad_inputs = None
-        self.do = None
-        self.ref: Dict[str, object] = {}
-
-    def fn(self, pass_: str, backend: str):
-        from ..kernels import block_sparse_attention
-
-        lay = self.layout
-        if pass_ == "forward":
-            return lambda: _no_grad(lambda: block_sparse_attention(self.q, self.k, self.v, lay, backend=backend))
-        qg, kg, vg = self._grad_inputs()
-        return lambda: block_sparse_attention(qg, kg, vg, lay, backend=backend).backward(self.do)
-
-    def _twin(self, grads: bool):
-        from ..kernels import block_sparse_attention
-
-        key = "grads" if grads else "o"
-        if key not in self.ref:
-            q, k, v = (t[_S].detach().float().requires_grad_(grads) for t in (self.q, self.k, self.v))
-            o = block_sparse_attention(q, k, v, self.twin_layout, backend="torch")
-            if grads:
-                o.backward(self.do[_S].float())
-                self.ref["grads"] = (o.detach(), (q.grad, k.grad, v.grad))
-            else:
-                self.ref["o"] = o.detach()
-        return self.ref[key]
-
-    def check(self, pass_: str, backend: str):
-        from ..kernels import block_sparse_attention
-
-        lay = self.layout
-        return self._checked(pass_, lambda q, k, v: block_sparse_attention(q, k, v, lay, backend=backend))
-
-    def variant(self, pass_: str, backend: str) -> str:
-        from ..kernels.block_sparse.api import DENSE, block_sparse_backend
-
-        if pass_ == "forward":
-            name = block_sparse_backend(self.q, self.k, self.v, self.layout, backend, return_lse=False)
-        else:
-            qg, kg, vg = self._grad_inputs()
-            name = block_sparse_backend(qg, kg, vg, self.layout, backend, return_lse=False)
-        if name == DENSE:
-            from ..kernels.dense import choice
-
-            q, k, v = (self.q, self.k, self.v) if pass_ == "forward" else self._grad_inputs()
-            return f"dense: {choice.chosen(q, k, v)}"
-        if name != "triton":
-            return name
-        from ..kernels.block_sparse.triton import launched_variants
-
-        ran = launched_variants(self.layout)["forward" if pass_ == "forward" else "backward"]
-        return "triton " + ("; ".join(dict.fromkeys(ran)) if ran else "(no launch recorded)")
-
-
-class _SlaCase(_Case):
-    """SLA through ``sla_attention`` with a zero projection (training-free top-k), against the PyTorch twin."""
-
-    def __init__(self, s: _Shape, method):
-        from ..kernels.sla import sla_density
-
-        self.s, self.method, self.layout, self.why = s, method, None, None
-        d = s.shape.head_dim
-        self.proj = torch.nn.Linear(d, d).to(s.device, s.dtype)
-        torch.nn.init.zeros_(self.proj.weight)
-        torch.nn.init.zeros_(self.proj.bias)
-        self.q, self.k, self.v = s.q, s.k, s.v
-        self.density = self.work = sla_density(s.shape.tokens, method)
-        self.facts = {"config": method.to_dict()}
-        self.grad_inputs = self.do = None
-        self.ref: Dict[str, object] = {}
-
-    def fn(self, pass_: str, backend: str):
-        from ..kernels import sla_attention
-
-        if pass_ == "forward":
-            return lambda: _no_grad(lambda: sla_attention(self.q, self.k, self.v, self.method, self.proj,
-                                                          backend=backend))
-        qg, kg, vg = self._grad_inputs()
-        return lambda: sla_attention(qg, kg, vg, self.method, self.proj, backend=backend).backward(self.do)
-
-    def _twin(self, grads: bool):
-        from ..kernels import sla_attention
-
-        key = "grads" if grads else "o"
-        if key not in self.ref:
-            q, k, v = (t[_S].detach().float().requires_grad_(grads) for t in (self.q, self.k, self.v))
-            proj = torch.nn.Linear(q.shape[-1], q.shape[-1]).to(q.device)
-            torch.nn.init.zeros_(proj.weight)
-            torch.nn.init.zeros_(proj.bias)
-            o = sla_attention(q, k, v, self.method, proj, backend="torch")
-            if grads:
-                o.backward(self.do[_S].float())
-                self.ref["grads"] = (o.detach(), (q.grad, k.grad, v.grad))
-            else:
-                self.ref["o"] = o.detach()
-        return self.ref[key]
-
-    def check(self, pass_: str, backend: str):
-        from ..kernels import sla_attention
-
-        return self._checked(pass_, lambda q, k, v: sla_attention(q, k, v, self.method, self.proj, backend=backend))
-
-    def variant(self, pass_: str, backend: str) -> str:
-        from ..kernels.sla import sla_parts
-
-        with torch.no_grad():
-            info = sla_parts(self.q[:1, :1], self.k[:1, :1], self.v[:1, :1], self.method, self.proj,
-                             backend=backend)[3]
-        return f"sla {info['backend']}"
 
 
 # ----------------------------------------------------------------------------- subprocesses

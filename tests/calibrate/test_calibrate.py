@@ -476,7 +476,7 @@ def test_a_uniform_plan_is_priced_step_by_step_and_runs_one_method_after_its_war
 def test_the_search_verifies_uniform_plans_and_keeps_the_cheapest_passing_with_the_widest_margin(monkeypatch):
     """Step-structured plans the additive model misjudges join the verified plans at no more cost than the
     allocation's; the cheapest passing plan is kept, and within COST_TIE of it the widest worst-video margin."""
-    from dit_accel.calibrate import run
+    from dit_accel.calibrate import budget, run
     from dit_accel.calibrate.search import UniformAssignment
 
     space = _random_space(2, [(0, 2), (2, 4)], 3)
@@ -499,12 +499,12 @@ def test_the_search_verifies_uniform_plans_and_keeps_the_cheapest_passing_with_t
     cheaper = min(options, key=lambda o: o.cost_per_sample(1))
     uniform_videos[cheaper.key()] = [26.0, 25.5, 25.1]  # passes, barely: the cheapest passing plan wins anyway
     kept, _ = run.search_budget(space, verify, min_psnr=25.0, iters=8, uniform=3)
-    if cheaper.cost_per_sample(1) * 1e3 < alone["modelled_ms"] / (1 + run.COST_TIE):
+    if cheaper.cost_per_sample(1) * 1e3 < alone["modelled_ms"] / (1 + budget.COST_TIE):
         assert kept["assignment"].key() == cheaper.key()
     # within COST_TIE of the cheapest passing plan the wider worst-video margin wins, not the lower cost
     tie = UniformAssignment(space, cheaper.candidate, cheaper.warmup)
-    tie.cost_per_sample = lambda calls: alone["modelled_ms"] * (1 - run.COST_TIE / 2) / 1e3 * calls
-    monkeypatch.setattr(run, "uniform_options", lambda *a, **k: [tie])
+    tie.cost_per_sample = lambda calls: alone["modelled_ms"] * (1 - budget.COST_TIE / 2) / 1e3 * calls
+    monkeypatch.setattr(budget, "uniform_options", lambda *a, **k: [tie])
     worst = min(alone["psnr_videos"])
     assert worst > 25.1
     uniform_videos[tie.key()] = [worst - 0.1] * 3  # cheaper by 1%, narrower margin: the allocation's plan

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from dit_accel.cli.main import main
-from dit_accel.eval import bench_gpu
+from dit_accel.eval import bench_gpu, bench_gpu_cases
 from dit_accel.eval.bench import ModelShape, kernels_table, model_kernels
 from dit_accel.eval.timing import CallTimer, CpuCallTimer, measure_call
 
@@ -112,14 +112,14 @@ def fresh_autotune(tmp_path, monkeypatch):
 
 
 def test_bench_gpu_rows_carry_correctness_and_the_variant_that_ran(tmp_path, monkeypatch, fresh_autotune):
-    real = bench_gpu._method
+    real = bench_gpu_cases._method
 
     def method(name, grid, density):
         if name == "gna" and grid == (16, 16):
             raise ValueError("no GNA config for this grid")
         return real(name, grid, density)
 
-    monkeypatch.setattr(bench_gpu, "_method", method)
+    monkeypatch.setattr(bench_gpu_cases, "_method", method)
     report = bench_gpu.bench_gpu(tmp_path, shapes=TINY, densities=(0.5,), methods=("tile", "gna", "sla", "radial"),
                                  **QUICK)
     saved = json.loads((tmp_path / "gpu_report.json").read_text())

@@ -1,0 +1,260 @@
+"""What ``dit-accel generate`` writes and prints beside the video: the side-by-side video, the comparison with
+dense, the ground-truth quality, the sidecar record and the summary lines."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .._util import versions
+
+
+def _side_by_side_path(out: Path) -> Path:
+    """``outputs/x.mp4`` -> ``outputs/x-vs-dense.mp4`` (a folder of frames: ``x-vs-dense``)."""
+    return out.with_name(f"{out.stem}-vs-dense{out.suffix}") if out.suffix else Path(f"{out}-vs-dense")
+
+
+def _remove_earlier_side_by_side(sidecar: Path, out: Path) -> None:
+    """An earlier run at this ``--out`` wrote ``OUT-vs-dense`` and this one writes none: remove those files, so
+    no comparison of another run stays beside this run's video. Only what that run's sidecar records as its
+    side-by-side output at exactly this path is removed."""
+    from ..videos import output_files
+
+    try:
+        earlier = json.loads(sidecar.read_text())
+        recorded = Path((earlier.get("compare_dense") or {}).get("side_by_side") or "")
+        frames = int(earlier["output_shape"][0])
+    except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError):
+        return  # no readable record of an earlier run: nothing is known to be ours
+    path = _side_by_side_path(out)
+    if recorded.resolve() != path.resolve():
+        return
+    for file in output_files(path, frames):
+        Path(file).unlink(missing_ok=True)
+
+
+def _side_by_side(left, right, labels=("dense", "sparse"), gap: int = 2):
+    """Two uint8 videos ``[F, H, W, 3]`` next to each other with a white ``gap`` between them, each under a
+    black strip that names it in white (``labels``: left, right)."""
+    import numpy as np
+
+    n = min(len(left), len(right))
+    white = np.full((n, left.shape[1], gap, 3), 255, dtype=np.uint8)
+    body = np.concatenate([left[:n], white, right[:n]], axis=2)
+    width = left.shape[2]
+    strip = np.concatenate([_label_strip(labels[0], width), np.full((_strip_height(width), gap, 3), 255, np.uint8),
+                            _label_strip(labels[1], right.shape[2])], axis=1)
+    return np.concatenate([np.broadcast_to(strip, (n, *strip.shape)), body], axis=1)
+
+
+def _strip_height(width: int) -> int:
+    """Height of the label strip: readable on a 48-pixel video, a small share of a large one; even (yuv420p)."""
+    return max(12, min(32, width // 12)) // 2 * 2
+
+
+def _label_strip(text: str, width: int):
+    """A black ``[h, width, 3]`` uint8 strip with ``text`` in white, centred; shortened with '..' to fit."""
+    import numpy as np
+    from PIL import Image, ImageDraw, ImageFont
+
+    height = _strip_height(width)
+    image = Image.new("RGB", (width, height), (0, 0, 0))
+    draw = ImageDraw.Draw(image)
+    try:
+        font = ImageFont.load_default(size=height - 3)
+    except (TypeError, OSError, ImportError):  # a Pillow without FreeType: the fixed bitmap font
+        font = ImageFont.load_default()
+    shown = text
+    while len(shown) > 1 and draw.textlength(shown, font=font) > width - 2:
+        shown = shown[:-1]
+    if shown != text and len(shown) > 2:
+        shown = shown[:-2] + ".."
+    left, top, right, bottom = draw.textbbox((0, 0), shown, font=font)
+    draw.text(((width - (right - left)) / 2 - left, (height - (bottom - top)) / 2 - top), shown, fill=(255, 255, 255),
+              font=font)
+    return np.asarray(image, dtype=np.uint8)
+
+
+def _comparison(times: dict, dense, frames, side_by_side):
+    """Times of the dense run beside the method's, their ratios and the PSNR of the method against dense."""
+    if dense is None:
+        return None
+    from ..eval.metrics import psnr_per_frame
+
+    d = dense["times"]
+
+    def ratio(stage):
+        return d[stage] / times[stage] if times.get(stage) and d.get(stage) else None
+
+    return {"dense_attention_s": d.get("attention"), "dense_transformer_s": d["transformer"],
+            "dense_end_to_end_s": d["total"], "attention_speedup": ratio("attention"),
+            "transformer_speedup": ratio("transformer"), "end_to_end_speedup": ratio("total"),
+            "psnr_db": float(psnr_per_frame(frames, dense["frames"]).mean()),
+            "side_by_side": None if side_by_side is None else str(side_by_side),
+            "note": "same call, seed and pipeline with dit_accel.Dense(), run first; both timed runs follow an "
+                    "untimed one-step warm-up of each method"}
+
+
+def _quality(model: str, prompt: str, frames, dense):
+    """Ground-truth quality (``dit_accel.eval.groundtruth``) of the method's and the dense frames (tiny-shapes)."""
+    if model != "tiny-shapes":
+        return None
+    from ..eval.groundtruth import parse_prompt, score_video
+
+    try:
+        parse_prompt(prompt)
+    except ValueError as err:
+        return {"prompt": prompt, "skipped": str(err)}
+    return {"prompt": prompt, "method": score_video(frames, prompt),
+            "dense": None if dense is None else score_video(dense["frames"], prompt)}
+
+
+def _threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
+def _record(args, pipe, method, schedule, source, call, frames, written, times, calls, stats, summary, elapsed):
+    """The JSON sidecar: settings, versions, timings and per-layer density."""
+    import datetime
+
+    from ..models.loading import resolve_model_kind
+    from ..models.tiny import model_label
+
+    return {
+        "output": str(written[0]) if len(written) == 1 else [str(f) for f in written],
+        "label": model_label(args.model),
+        "model": args.model,
+        "model_kind": resolve_model_kind(args.model),
+        "pipeline": type(pipe).__name__,
+        "transformer": type(getattr(pipe, "transformer", None)).__name__,
+        "method": method.to_dict(),
+        "schedule": schedule,
+        "backends_used": summary.get("backends_used", []),  # what "backend" (auto: the best available) ran
+        "defaults_source": source,
+        "method_choice": args.method_choice,
+        "settings": {"prompt": call["prompt"], "negative_prompt": args.negative_prompt, "frames": call.get("num_frames"),
+                     "height": call.get("height"), "width": call.get("width"),
+                     "steps": call.get("num_inference_steps"), "guidance": call.get("guidance_scale"),
+                     "max_sequence_length": call.get("max_sequence_length"), "seed": args.seed,
+                     "device": args.device, "dtype": args.dtype, "threads": _threads(), "offload": bool(args.offload),
+                     "fps": args.fps,
+                     "cp": None if args.cp is None else {"ulysses": args.cp[0], "ring": args.cp[1]},
+                     "pipeline_call": {k: v for k, v in call.items() if k not in ("generator", "prompt")}},
+        "output_shape": list(frames.shape),
+        "timing": {**elapsed, "transformer_s": times["transformer"], "transformer_calls": calls,
+                   "attention_s": times.get("attention"),
+                   "end_to_end_s": times["total"], "vae_decode_s": times["vae_decode"],
+                   "note": "transformer_s: wall time inside transformer forward calls (CUDA-synchronised); "
+                           "attention_s: inside the self-attention modules the method wraps (projections, "
+                           "attention, output projection); end_to_end_s: the whole pipeline call (text encoders, "
+                           "denoising, VAE decode)"},
+        "density": {"mean": summary.get("mean_density"), "per_layer": stats,
+                    "note": "visited block fraction of video-video attention per layer, mean over sparse calls; "
+                            "None for layers/steps that ran dense"},
+        "summary": summary,
+        "warnings": summary.get("warnings", []),
+        "versions": versions(("torch", "triton", "diffusers", "transformers")),
+        "command": ["dit-accel", *getattr(args, "_argv", ["generate"])],
+        "created_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def _provenance(args, call, record, summary, stats) -> dict:
+    """What exactly ran (dit_accel.eval.provenance): prompt sha256 and seed, versions, commit, device, the
+    backends the calls used, and the full method or plan."""
+    from ..eval.provenance import backends_used, provenance
+
+    cache = getattr(args, "_cache_spec", None)
+    run = {"method": record["method"], "schedule": record["schedule"], "plan": getattr(args, "plan", None),
+           "cache": None if cache is None else cache.describe()}
+    out = provenance([call["prompt"]], [args.seed], args.device, run=run)
+    out["backends"] = backends_used(summary, stats)
+    return out
+
+
+_CRITERIA = (("colour", "colour_ok", "colour"), ("shape", "shape_ok", "shape"), ("motion", "motion_ok", "direction"),
+             ("consistency", "consistent", None))
+
+
+def _verdict(score: dict) -> str:
+    """``colour ok, shape ok, motion FAIL (saw static), consistency ok``"""
+    parts = []
+    for name, key, seen in _CRITERIA:
+        if score[key]:
+            parts.append(f"{name} ok")
+        elif seen is not None:
+            parts.append(f"{name} FAIL (saw {score[seen] or 'no object'})")
+        else:
+            counts = score["objects_per_frame"]
+            why = (f"up to {max(counts)} objects in a frame" if max(counts) > 1 else "no object in a frame"
+                   if min(counts) == 0 else f"size varies {score['area_ratio']:.1f}x")
+            parts.append(f"{name} FAIL ({why})")
+    return ", ".join(parts)
+
+
+def _passed(score: dict) -> str:
+    return f"{sum(bool(score[key]) for _, key, _ in _CRITERIA)}/{len(_CRITERIA)}"
+
+
+def _summary_lines(record: dict) -> list:
+    """The method, its density, its attention time against dense and the ground-truth quality, in a few lines."""
+    lines = []
+    cmp, method = record.get("compare_dense"), record["method"]
+    if record.get("method_choice") not in (None, "--method") and not record.get("plan_summary"):
+        lines.append(f"method {method['method']}: {record['method_choice']}; settings: {record['defaults_source']}")
+    density = record["density"]["mean"]
+    if record.get("default_note"):
+        lines.append(f"note: {record['default_note']}")
+    if record.get("plan_summary"):
+        lines.append(f"{record['method_choice']}: {record['plan_summary']}")
+        lines.append("plan: " + (f"its sparse calls visit {density:.3f} of the video attention blocks"
+                                 if density is not None else "every call ran dense"))
+        lines += _plan_quality_lines(record.get("plan_quality"))
+    elif method["method"] != "dense":
+        options = ", ".join(f"{k}={tuple(v) if isinstance(v, list) else v}" for k, v in method.items() if k != "method")
+        lines.append(f"method {method['method']} ({options}): visited density "
+                     + (f"{density:.3f}" if density is not None else "1.000 (ran dense)")
+                     + " of the video attention blocks")
+    t = record["timing"]
+    if cmp:
+        attention = (f"self-attention {t['attention_s']:.2f} s vs dense {cmp['dense_attention_s']:.2f} s "
+                     f"({cmp['attention_speedup']:.2f}x)" if cmp.get("attention_speedup") else "")
+        lines.append((attention + "; " if attention else "") + f"transformer {t['transformer_s']:.2f} s vs dense "
+                     f"{cmp['dense_transformer_s']:.2f} s ({cmp['transformer_speedup']:.2f}x); PSNR vs dense "
+                     f"{cmp['psnr_db']:.1f} dB")
+        if cmp.get("side_by_side"):
+            lines.append(f"side by side (left dense, right {method['method']}): {cmp['side_by_side']}")
+    quality = record.get("quality")
+    if quality and quality.get("skipped"):
+        lines.append(f"ground-truth quality: skipped ({quality['skipped']})")
+    elif quality:
+        lines.append(f"ground truth for \"{quality['prompt']}\": {_verdict(quality['method'])} "
+                     f"[{_passed(quality['method'])}" + (f"; dense {_passed(quality['dense'])}]"
+                                                        if quality.get("dense") else "]"))
+    return lines
+
+
+def _plan_quality_lines(quality) -> list:
+    """What a calibrated plan bought, from its provenance (``dit-accel calibrate``'s record): modelled GPU
+    attention time against dense and against uniform SLA at no less cost, and the quality of both on the
+    validation videos, which the search never saw."""
+    if not isinstance(quality, dict) or not isinstance(quality.get("modelled_ms"), (int, float)):
+        return []
+    lines = []
+    plan_ms, dense_ms = quality["modelled_ms"], quality.get("dense_modelled_ms")
+    cost = f"modelled GPU attention {plan_ms:.4f} ms/sample"
+    if isinstance(dense_ms, (int, float)) and plan_ms > 0:
+        cost += f" vs dense {dense_ms:.4f} ({dense_ms / plan_ms:.2f}x)"
+    lines.append(f"calibrated: {quality.get('plan') or 'plan'}; {cost}")
+    val, base = quality.get("validation"), quality.get("baseline")
+    if isinstance(val, dict):
+        text = (f"on {val['videos']} validation videos (prompts the search never saw): {val['psnr']:.1f} dB vs dense "
+                f"(worst {val['psnr_worst']:.1f})")
+        if isinstance(base, dict):
+            text += (f"; uniform SLA at no less cost ({base['label'].removeprefix('uniform ')}, "
+                     f"{base['modelled_ms']:.4f} ms/sample): "
+                     f"{base['psnr']:.1f} dB (worst {base['psnr_worst']:.1f})")
+        lines.append(text)
+    return lines

@@ -1,0 +1,229 @@
+"""The output folder of a fine-tuning run: its run record (what --resume must match), the files --overwrite may
+remove, and the checkpoints a run resumes from."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import shutil
+import sys
+from pathlib import Path
+from typing import Dict, List, Sequence, Tuple
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..atomic_files import (BadFileError, atomic_folder, atomic_write_json, cache_root, check_hashes, crash_point,
+                            file_hashes, is_temp_name, load_safetensors, read_json, remove_stale_temps)
+from ..weights import LORA_FILE, METHOD_FILE, SLA_FILE
+from . import data as data_mod
+from .config import _RESUMABLE, CKPT_DIR, LOG_FILE, RUN_FILE, FinetuneConfig
+
+
+def _run_record(config: FinetuneConfig, world: int) -> dict:
+    """What identifies a run (written to RUN_FILE): the settings, the number of processes and the sha256 of
+    the contents of the inputs (the prompts file or the caption folder) and of the model's files (a local,
+    embedded or cached hub model; None for a model built in code or passed as an object): a path alone does
+    not say what it holds."""
+    from ..models.loading import model_fingerprint
+
+    model = config.model if isinstance(config.model, str) else None
+    return {**config.settings(), "num_processes": world,
+            "inputs_sha256": data_mod.inputs_digest(config.prompts, config.data),
+            "model_sha256": model_fingerprint(model, memo=cache_root() / "model_hashes.json",
+                                              warn=lambda m: print(m, file=sys.stderr))}
+
+
+# What a run writes in its output folder: --overwrite removes these and nothing else.
+_RUN_OUTPUTS = (RUN_FILE, LOG_FILE, METHOD_FILE, LORA_FILE, SLA_FILE)
+
+
+def _run_outputs(out: Path) -> List[Path]:
+    """The files and folders of ``out`` that a fine-tuning run wrote (checkpoint folders, temporaries)."""
+    found = [out / n for n in _RUN_OUTPUTS if (out / n).is_file()]
+    found += [p for p in out.iterdir() if is_temp_name(p)]
+    root = out / CKPT_DIR
+    if root.is_dir() and not root.is_symlink():
+        found += [p for p in root.iterdir() if p.is_dir() and (p.name.startswith("step-") or is_temp_name(p))]
+    return found
+
+
+def _describe(paths: Sequence[Path], limit: int = 4) -> str:
+    names = sorted(p.name + ("/" if p.is_dir() else "") for p in paths)
+    return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def _check_output(config: FinetuneConfig, world: int) -> Tuple[Path, list]:
+    """Refuse an output folder that holds something else, unless --resume (same run) or --overwrite.
+
+    A run resumed with another number of processes would see other data and noise per step and end
+    elsewhere than the uninterrupted run, so it is refused like any other changed setting.
+
+    Reads only: every process checks at start, and nothing is written until every other
+    input check has passed (see :func:`_init_output`), so a rejected run leaves no trace.
+    """
+    out = Path(config.output)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--output {str(out)!r} exists and is not a folder.")
+    parent = next((p for p in out.absolute().parents if p.exists()), None)
+    if not out.exists() and parent is not None and (not parent.is_dir() or not os.access(parent, os.W_OK)):
+        raise ValueError(f"--output {str(out)!r} cannot be created: {str(parent)!r} is "
+                         f"{'not a folder' if not parent.is_dir() else 'not writable'}; choose another folder.")
+    contents = [p for p in out.iterdir() if not is_temp_name(p)] if out.is_dir() else []
+    run_file = out / RUN_FILE
+    if contents and not run_file.is_file():
+        raise ValueError(
+            f"--output {str(out)!r} holds {len(contents)} file(s) that are not a fine-tuning run ({_describe(contents)}; "
+            f"no {RUN_FILE}); choose an empty or new folder. Nothing there is deleted"
+            + (", not even with --overwrite." if config.overwrite else "."))
+    if contents and not config.overwrite:
+        previous = read_json(run_file, expected="the run record `dit-accel finetune` writes (a JSON object of settings)")
+        if not config.resume:
+            steps = _checkpoints(out)
+            done = f", checkpoints up to step {_step_of(steps[-1])}" if steps else ", no checkpoint yet"
+            raise ValueError(
+                f"--output {str(out)!r} already holds another fine-tuning run ({previous.get('steps', '?')} steps "
+                f"asked{done}); pass --resume to continue that run, --overwrite to replace it (only the files a run "
+                "writes are removed), or choose an empty folder."
+            )
+        previous.setdefault("num_processes", 1)  # run files of 0.1 had no process count (single process)
+        current = _run_record(config, world)
+        for key in ("inputs_sha256", "model_sha256"):  # run files written before these were hashed
+            if key not in previous:
+                current.pop(key)
+        diff = sorted(k for k in set(previous) | set(current)
+                      if k not in _RESUMABLE and previous.get(k) != current.get(k))
+        if diff:
+            changed = {"inputs_sha256": f"the contents of {'--data' if config.data else '--prompts'} changed",
+                       "model_sha256": f"the files of --model {config.settings()['model']} changed",
+                       "plan": "the plan's content changed (content hash "
+                               f"{str(previous.get('plan'))[:12]} -> {str(current.get('plan'))[:12]})"}
+            detail = ", ".join(changed.get(k) or f"{k}: {previous.get(k)!r} -> {current.get(k)!r}" for k in diff[:4])
+            raise ValueError(f"--resume: {str(out)!r} holds a different run ({detail}); "
+                             "use the same settings and inputs, another --output, or --overwrite.")
+    return out, contents
+
+
+def _init_output(config: FinetuneConfig, accelerator, out: Path, contents: list) -> None:
+    """Main process: clear (--overwrite) and write the run file; all processes wait for it."""
+    run_file = out / RUN_FILE
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if contents and config.overwrite:  # only what a run wrote (the folder holds a run: see _check_output)
+            # The run file goes last (it is replaced below): killed half-way, the folder is still a run that
+            # --overwrite may clear, never a heap of files that no run claims.
+            for p in _run_outputs(out):
+                if p.name != RUN_FILE:
+                    shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+                    crash_point()
+            with contextlib.suppress(OSError):
+                (out / CKPT_DIR).rmdir()  # only when empty
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            remove_stale_temps(out)
+            atomic_write_json(run_file, _run_record(config, accelerator.num_processes))
+        except OSError as e:
+            raise ValueError(f"--output {str(out)!r} cannot be written: {e.strerror or e}; choose another "
+                             "folder.") from None
+    accelerator.wait_for_everyone()
+
+
+def _save_rng() -> dict:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _load_rng(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _step_of(path: Path) -> int:
+    return int(path.name.split("-")[1])
+
+
+def _checkpoints(out: Path) -> List[Path]:
+    """Complete checkpoint folders (renamed into place whole), oldest first."""
+    root = out / CKPT_DIR
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-") and p.name[5:].isdigit()
+             and (p / "state.json").is_file()]
+    return sorted(found, key=_step_of)
+
+
+_CKPT_FILES = ("trainable.safetensors", "optimizer.pt")
+
+
+def _save_checkpoint(out: Path, step: int, params: Dict[str, nn.Parameter], optimizer, scaler, losses, limit: int):
+    """One checkpoint folder, built under a temporary name and renamed into place; its state.json records
+    the sha256 of the other files (checked on resume)."""
+    from safetensors.torch import save_file
+
+    root = out / CKPT_DIR
+    root.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(root)
+    with atomic_folder(root / f"step-{step:06d}") as tmp:
+        save_file({k: p.detach().cpu().contiguous() for k, p in params.items()}, str(tmp / "trainable.safetensors"))
+        crash_point()
+        torch.save({"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict() if scaler is not None else None,
+                    "rng": _save_rng()}, tmp / "optimizer.pt")
+        atomic_write_json(tmp / "state.json", {"step": step, "loss": losses, "sha256": file_hashes(tmp, _CKPT_FILES)},
+                          indent=None)
+    if limit > 0:
+        for old in _checkpoints(out)[:-limit]:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def _read_checkpoint(path: Path, params: Dict[str, nn.Parameter]) -> Tuple[dict, Dict[str, torch.Tensor], dict]:
+    """``(state, tensors, optimizer blob)`` of a checkpoint folder, every file checked; BadFileError naming the
+    bad file otherwise. Nothing is loaded into the run here."""
+    state_path = path / "state.json"
+    expected = 'the checkpoint state `dit-accel finetune` writes: {"step": N, "loss": [...], "sha256": {...}}'
+    state = read_json(state_path, expected=expected)
+    step, losses = state.get("step"), state.get("loss")
+    if not (isinstance(step, int) and step == _step_of(path) and isinstance(losses, list) and len(losses) >= step
+            and all(isinstance(x, (int, float)) for x in losses)):
+        raise BadFileError(state_path, f"holds step {step!r} and {type(losses).__name__} loss for folder {path.name}",
+                           expected)
+    if "sha256" in state:
+        check_hashes(path, state["sha256"], state_path)
+    tensors = load_safetensors(path / "trainable.safetensors", expected="the checkpoint's trainable tensors")
+    if set(tensors) != set(params):
+        raise ValueError(f"checkpoint {path} does not match this run's trainable parameters "
+                         f"({len(tensors)} saved, {len(params)} now); use --overwrite to start again.")
+    for k, p in params.items():
+        if tensors[k].shape != p.shape:
+            raise BadFileError(path / "trainable.safetensors", f"{k} has shape {tuple(tensors[k].shape)}",
+                               f"shape {tuple(p.shape)} (this run's parameter)")
+    try:
+        blob = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=False)
+    except Exception as err:  # pickle and zip errors come in many types
+        raise BadFileError(path / "optimizer.pt", f"cannot be read ({type(err).__name__}: "
+                                                  f"{' '.join(str(err).split())[:120]})",
+                           "the optimizer state torch.save wrote") from None
+    if not isinstance(blob, dict) or not {"optimizer", "rng"} <= set(blob):
+        raise BadFileError(path / "optimizer.pt", f"holds {type(blob).__name__} without optimizer and rng state",
+                           "{'optimizer': ..., 'scaler': ..., 'rng': ...}")
+    return state, tensors, blob
+
+
+def _load_checkpoint(path: Path, params: Dict[str, nn.Parameter], optimizer, scaler) -> Tuple[int, List[float]]:
+    state, tensors, blob = _read_checkpoint(path, params)
+    with torch.no_grad():
+        for k, p in params.items():
+            p.copy_(tensors[k])
+    optimizer.load_state_dict(blob["optimizer"])
+    if scaler is not None and blob.get("scaler") is not None:
+        scaler.load_state_dict(blob["scaler"])
+    _load_rng(blob["rng"])
+    return int(state["step"]), list(state["loss"])
+
+

@@ -1,0 +1,221 @@
+"""The settings of a fine-tuning run (:class:`FinetuneConfig`) and their checks, made before anything loads."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Dict, Optional, Sequence, Tuple
+
+from ..methods import Dense, Method, registered_methods
+from ..per_head import PerHead
+from ..sparse_plan import PlanMethod, SparsePlan
+from . import data as data_mod
+
+__all__ = ["FinetuneConfig", "validate_config", "finetune_methods", "RUN_FILE", "LOG_FILE"]
+
+MODES = ("distill", "data")
+MIXED_PRECISION = ("no", "fp16", "bf16")
+RUN_FILE = "finetune_run.json"
+LOG_FILE = "finetune_log.json"
+CKPT_DIR = "checkpoints"
+DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+_CACHED_PROMPTS = 256
+# Default samples per optimizer step in distill mode (see FinetuneConfig, "Samples per step").
+DISTILL_SAMPLES_PER_STEP = 8
+
+# Settings that may change between a run and its resumption (they do not change the trajectory).
+_RESUMABLE = {"steps", "checkpoint_every", "log_every", "resume", "overwrite", "output", "checkpoints_total_limit",
+              "progress", "eval_batches", "plan_path"}
+
+
+@dataclass
+class FinetuneConfig:
+    """Settings of one fine-tuning run (the CLI maps its options onto these fields 1:1).
+
+    Args:
+        model: ``"tiny-wan"``, a local Diffusers folder, a hub id, or an already
+            loaded pipeline object (its transformer is modified in place).
+        method: a :class:`~dit_accel.Method` config (SLA, Radial, Tile or GNA); or None with ``plan``.
+        output: output folder (weights, checkpoints, log).
+        plan: a calibrated :class:`~dit_accel.SparsePlan` (or the path of its JSON) to train under instead
+            of ``method`` (exactly one of the two); see the module docstring.
+        mode: ``"distill"`` (dense teacher, ``prompts`` file) or ``"data"`` (``data`` folder).
+        steps: total optimizer steps. lr: AdamW learning rate (constant after
+            ``lr_warmup_steps`` linear warmup).
+        rank, alpha: LoRA rank and alpha (``alpha=None`` -> ``rank``).
+        target_modules: module names (suffixes) that get LoRA adapters.
+        prompts: text file, one prompt per line (distill mode).
+        data: caption folder with ``metadata.jsonl`` (data mode; optional in
+            distill mode, where it supplies clean latents and prompts).
+        batch_size: samples per process per micro-batch. frames, height, width: pixel shape.
+        gradient_accumulation_steps: micro-batches averaged into one optimizer step
+            (samples per step = batch_size x this x processes; memory stays that of one micro-batch).
+            ``None`` (default): distill mode accumulates until a step holds at least
+            ``DISTILL_SAMPLES_PER_STEP`` (8) samples, data mode uses 1 (see "Samples per step" below).
+        seed: seeds LoRA init, noise, timesteps, prompt choice and data order.
+        checkpoint_every: checkpoint each K steps (0: only the final step).
+        resume: continue from the last checkpoint in ``output``.
+        overwrite: delete ``output`` contents when it holds another run.
+        mixed_precision: ``"no"``, ``"fp16"`` or ``"bf16"`` (frozen weights in
+            that dtype, trainable ones in fp32, forward under autocast).
+        gradient_checkpointing: recompute transformer blocks in backward.
+        log_every: progress-bar/log print interval in steps.
+        sla_lr_scale: learning rate of the SLA projections relative to ``lr``.
+        eval_batches: fixed held-out batches whose loss is measured before the
+            first and after the last step (``eval_loss_start``/``eval_loss_end``; 0 disables).
+        cp: ``(ulysses, ring)`` degrees of context parallelism over all launched processes: every
+            process sees the same samples and holds a share of each sequence (no data parallelism).
+
+    Samples per step (measured on tiny-wan, SLA(topk=0.5), distill, 10 steps): the mean
+    gradient over many samples is stable (two disjoint 48-sample means agree at cosine 0.88),
+    but each sample's gradient points along it with a random sign (pairwise cosine 0.00 +- 0.03),
+    so one-sample steps mostly fit that sample: at batch 1 no learning rate from 1e-5 to 2e-3
+    lowered the held-out loss (x1.00 to x1.16), while 16 samples per step at lr 1e-3 lowered it
+    5-8% on each of 4 seeds. Long runs average the noise out either way.
+    """
+
+    model: Any
+    method: Optional[Method] = None
+    output: Optional[str] = None
+    mode: str = "distill"
+    steps: int = 1000
+    lr: float = 1e-4
+    rank: int = 16
+    alpha: Optional[float] = None
+    target_modules: Tuple[str, ...] = DEFAULT_TARGETS
+    prompts: Optional[str] = None
+    data: Optional[str] = None
+    batch_size: int = 1
+    gradient_accumulation_steps: Optional[int] = None
+    frames: int = 81
+    height: int = 480
+    width: int = 832
+    seed: int = 0
+    checkpoint_every: int = 0
+    checkpoints_total_limit: int = 2
+    resume: bool = False
+    overwrite: bool = False
+    mixed_precision: str = "no"
+    gradient_checkpointing: bool = False
+    log_every: int = 10
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    lr_warmup_steps: int = 0
+    max_sequence_length: int = 512
+    backend: str = "auto"
+    dense_layers: Optional[Sequence[int]] = None
+    eval_batches: int = 2
+    sla_lr_scale: float = 1.0
+    progress: bool = True
+    cp: Optional[Tuple[int, int]] = None
+    plan: Any = None
+
+    def sparse_plan(self) -> Optional[SparsePlan]:
+        """``plan`` as a :class:`SparsePlan` (read from its file when a path), or None."""
+        if self.plan is None or isinstance(self.plan, SparsePlan):
+            return self.plan
+        if not isinstance(self.plan, (str, Path)):
+            raise ValueError(f"plan={self.plan!r} is invalid: a dit_accel.SparsePlan or the path of its JSON "
+                             "(dit-accel calibrate --out)")
+        cached = self.__dict__.get("_loaded_plan")  # read once per path: the run uses the plan it validated
+        if cached is None or cached[0] != str(self.plan):
+            try:
+                cached = (str(self.plan), SparsePlan.load(self.plan))
+            except ValueError as err:
+                raise ValueError(f"--plan {self.plan}: {err}") from None
+            self.__dict__["_loaded_plan"] = cached
+        return cached[1]
+
+    def settings(self) -> Dict[str, Any]:
+        """JSON-able settings (the method as its dict, the model as its name, a plan as its content hash
+        and, as ``plan_path``, where it was read from)."""
+        out = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if f.name == "method":
+                v = v.to_dict() if isinstance(v, Method) else v
+            elif f.name == "plan":
+                plan = self.sparse_plan()
+                v = plan.content_hash() if plan is not None else None
+                out["plan_path"] = str(self.plan) if isinstance(self.plan, (str, Path)) else None
+            elif f.name == "model" and not isinstance(v, str):
+                v = f"<{type(v).__name__} object>"
+            elif isinstance(v, Path):
+                v = str(v)
+            out[f.name] = v
+        return json.loads(json.dumps(out))
+
+
+def finetune_methods() -> Tuple[str, ...]:
+    """Names of the registered methods that can be fine-tuned (``register_method(..., finetunable=True)``)."""
+    return tuple(name for name, entry in registered_methods().items() if entry.finetunable)
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(message)
+
+
+def validate_config(config: FinetuneConfig) -> None:
+    """Check the settings that need no model (types, ranges, files); ValueError naming the option."""
+    c = config
+    if isinstance(c.method, (SparsePlan, PlanMethod)):
+        raise ValueError("method= is a calibrated plan: pass it as plan= (dit-accel finetune --plan PLAN.json).")
+    _require(not (c.method is not None and c.plan is not None),
+             "--plan and --method exclude each other: the plan names the method of every layer, head and step; "
+             "drop --method (and its options), or drop --plan to train one method everywhere.")
+    if c.plan is not None:
+        _require(c.dense_layers is None, "--dense-layers does not combine with --plan: the plan's entries say "
+                                         "which layers run dense; calibrate a plan with them, or drop --dense-layers.")
+        _check_plan_methods(c.sparse_plan())
+    else:
+        _require(isinstance(c.method, Method) and c.method.name in finetune_methods(),
+                 f"method={c.method!r} is invalid: fine-tuning supports {list(finetune_methods())} configs "
+                 "(e.g. dit_accel.SLA(topk=0.05)), or pass a calibrated plan (--plan PLAN.json).")
+    _require(c.mode in MODES, f"--mode {c.mode!r} is invalid: choose one of {list(MODES)}.")
+    for name in ("steps", "rank", "batch_size", "frames", "height", "width", "max_sequence_length"):
+        v = getattr(c, name)
+        _require(isinstance(v, int) and not isinstance(v, bool) and v > 0,
+                 f"--{name.replace('_', '-')} {v!r} is invalid: must be a positive integer.")
+    _require(c.gradient_accumulation_steps is None or (
+        isinstance(c.gradient_accumulation_steps, int) and not isinstance(c.gradient_accumulation_steps, bool)
+        and c.gradient_accumulation_steps > 0),
+        f"--gradient-accumulation-steps {c.gradient_accumulation_steps!r} is invalid: must be a positive integer "
+        "(or unset for the mode's default).")
+    for name in ("checkpoint_every", "lr_warmup_steps", "seed", "checkpoints_total_limit", "eval_batches"):
+        v = getattr(c, name)
+        _require(isinstance(v, int) and v >= 0, f"--{name.replace('_', '-')} {v!r} is invalid: must be an integer >= 0.")
+    _require(isinstance(c.log_every, int) and c.log_every > 0, f"--log-every {c.log_every!r} must be a positive integer.")
+    _require(isinstance(c.lr, (int, float)) and math.isfinite(c.lr) and c.lr > 0, f"--lr {c.lr!r} must be a positive number.")
+    _require(c.alpha is None or (isinstance(c.alpha, (int, float)) and c.alpha > 0),
+             f"--alpha {c.alpha!r} must be a positive number (default: the rank).")
+    _require(isinstance(c.sla_lr_scale, (int, float)) and c.sla_lr_scale > 0,
+             f"--sla-lr-scale {c.sla_lr_scale!r} must be a positive number.")
+    _require(c.mixed_precision in MIXED_PRECISION,
+             f"--mixed-precision {c.mixed_precision!r} is invalid: choose one of {list(MIXED_PRECISION)}.")
+    targets = tuple(c.target_modules) if not isinstance(c.target_modules, str) else tuple(c.target_modules.split(","))
+    _require(bool(targets) and all(isinstance(t, str) and t.strip() for t in targets),
+             f"--target-modules {c.target_modules!r} must name at least one module, e.g. to_q,to_k,to_v,to_out.0.")
+    _require(not (c.resume and c.overwrite), "--resume and --overwrite exclude each other: continue a run or replace it.")
+    _require(c.output is not None and str(c.output).strip() != "", "--output is required: the folder for weights and logs.")
+    if c.mode == "distill" and c.data is None:
+        data_mod.read_prompts(c.prompts)
+
+
+def _check_plan_methods(plan: SparsePlan) -> None:
+    """Every method a plan runs must be fine-tunable (or dense)."""
+    allowed = finetune_methods()
+    for method in plan.methods():
+        inner = method.methods if isinstance(method, PerHead) else (method,)
+        bad = sorted({m.name for m in inner if not isinstance(m, Dense) and m.name not in allowed})
+        if bad:
+            raise ValueError(f"--plan runs {bad}, which cannot be fine-tuned; fine-tuning supports {list(allowed)} "
+                             "(and dense). Calibrate with --methods limited to those.")
+
+
+def _method_label(config: FinetuneConfig) -> str:
+    """How error messages and the progress bar name what the student runs."""
+    return f"--plan {config.plan}" if isinstance(config.plan, (str, Path)) else (
+        "the plan" if config.plan is not None else f"--method {config.method.name}")

@@ -1,0 +1,419 @@
+"""The training loop of a fine-tuning run: the student and teacher set up (:class:`_Trainer`), one optimizer step, the
+held-out loss, and the loop that checkpoints."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from ..atomic_files import BadFileError
+from .._util import DitAccelWarning
+from ..methods import SLA, Dense, Method, Radial
+from ..sparse_plan import SparsePlan
+from . import data as data_mod
+from .checkpoints import _checkpoints, _load_checkpoint, _save_checkpoint, _step_of
+from .config import _CACHED_PROMPTS, CKPT_DIR, DISTILL_SAMPLES_PER_STEP, FinetuneConfig, _method_label
+from .model_io import ModelIO, model_io_for, take
+
+
+def _check_method_fits(method: Method, io: ModelIO, config: FinetuneConfig) -> Tuple[int, ...]:
+    """Token grid for the chosen shape; ValueError when the method cannot run on it."""
+    io.check_geometry(config.frames, config.height, config.width)
+    grid = io.token_grid(config.frames, config.height, config.width)
+    try:
+        method.plan(grid)  # the same validation apply() runs at the first call
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"--method {method.name} does not fit this model at {config.frames}x{config.height}x"
+                         f"{config.width} (token grid {grid}): {e}") from None
+    if isinstance(method, Radial) and grid[0] < 3:
+        raise ValueError(f"--method radial needs at least 3 latent frames to be sparse; token grid {grid} has "
+                         f"{grid[0]}. Use more --frames (e.g. {io.vae_scale_temporal * 4 + 1}).")
+    return grid
+
+
+def _check_plan_fits(plan: SparsePlan, io: ModelIO, config: FinetuneConfig, transformer) -> Tuple[int, ...]:
+    """Token grid for the chosen shape; ValueError when the plan was calibrated for another model class or
+    token grid, or one of its methods cannot run on this grid."""
+    io.check_geometry(config.frames, config.height, config.width)
+    grid = io.token_grid(config.frames, config.height, config.width)
+    prov = plan.provenance
+    ours = type(transformer).__name__
+    if prov.get("model_class") and prov["model_class"] != ours:
+        raise ValueError(f"--plan {config.plan} was calibrated for a {prov['model_class']} "
+                         f"({prov.get('model_id', 'unknown model')}); this model's transformer is a {ours}: "
+                         f"calibrate a plan for it (dit-accel calibrate --model {config.settings()['model']} ...).")
+    grids = [tuple(g) for g in prov.get("grids") or ()]
+    if grids and tuple(grid) not in grids:
+        call = prov.get("call") or {}
+        size = (f" (--frames {call['num_frames']} --height {call['height']} --width {call['width']})"
+                if {"num_frames", "height", "width"} <= set(call) else "")
+        raise ValueError(f"--plan {config.plan} was calibrated on token grid {grids[0]}{size}; this run trains at "
+                         f"{config.frames}x{config.height}x{config.width}, token grid {tuple(grid)}. Train at the "
+                         "plan's size, or calibrate a plan at this size.")
+    for method in plan.methods():
+        if isinstance(method, Dense):
+            continue
+        try:
+            method.plan(grid)
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"--plan {config.plan}: {method!r} does not fit this model at token grid {grid}: "
+                             f"{e}") from None
+    return grid
+
+
+def _plan_timesteps(plan: SparsePlan, pipe) -> Optional[List[float]]:
+    """The timestep of each denoising step the plan was calibrated for, or None when the plan runs the same
+    methods at every step. From the plan's provenance (``timesteps``, recorded by ``dit-accel calibrate``),
+    else the pipeline's scheduler set to the plan's ``steps``."""
+    phases = plan.phases
+    if len(phases) == 1 and phases[0].start == 0 and phases[0].stop is None:
+        return None
+    prov = plan.provenance
+    if isinstance(prov.get("timesteps"), list) and prov["timesteps"]:
+        return [float(t) for t in prov["timesteps"]]
+    steps = prov.get("steps")
+    scheduler = getattr(pipe, "scheduler", None)
+    if not isinstance(steps, int) or steps < 1 or scheduler is None:
+        raise ValueError("the plan changes per denoising step but does not say which steps it was calibrated for "
+                         "(its provenance has neither \"timesteps\" nor \"steps\"); calibrate it with dit-accel "
+                         "calibrate, or add \"steps\": N to its provenance.")
+    import copy
+
+    scheduler = copy.deepcopy(scheduler)
+    try:
+        scheduler.set_timesteps(steps)
+    except (TypeError, ValueError) as err:  # schedulers whose timesteps need the pipeline (dynamic shifting)
+        raise ValueError(f"the plan changes per denoising step and records no timesteps; {type(scheduler).__name__}"
+                         f".set_timesteps({steps}) failed ({err}). Calibrate the plan again (dit-accel calibrate "
+                         "records the timesteps).") from None
+    order = max(int(getattr(scheduler, "order", 1) or 1), 1)
+    return [float(t) for t in scheduler.timesteps[::order]]
+
+
+def _load_pipe(config: FinetuneConfig, device, dtype):
+    if not isinstance(config.model, str):
+        return config.model.to(device=device, dtype=dtype) if dtype != torch.float32 else config.model.to(device)
+    from ..models.loading import load_pipeline
+
+    return load_pipeline(config.model, device=device, dtype=dtype, seed=0)
+
+
+def _sync_grads(params: Sequence[nn.Parameter], accelerator, reduction: str = "mean") -> None:
+    """Combine gradients over processes in one flat all-reduce (no DDP wrapper: the SLA projections live
+    outside the transformer's module tree and the teacher shares its weights). Data parallelism averages;
+    context parallelism sums (each process holds the gradient through its own share of the tokens)."""
+    if accelerator.num_processes == 1:
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    flat = accelerator.reduce(flat, reduction=reduction)
+    offset = 0
+    for p, g in zip(params, grads):
+        n = g.numel()
+        p.grad = flat[offset:offset + n].view_as(p).clone()
+        offset += n
+
+
+class _Trainer:
+    """One run's live objects and its steps: batches, the loss, held-out evaluation, one optimizer step."""
+
+    def __init__(self, config: FinetuneConfig, accelerator, prompts, dataset):
+        self.config, self.accelerator, self.dataset = config, accelerator, dataset
+        self.device = accelerator.device
+        self.weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[
+            config.mixed_precision]
+        # Under context parallelism every process trains on the same samples: one data-parallel rank.
+        self.rank, self.world = (0, 1) if config.cp else (accelerator.process_index, accelerator.num_processes)
+        self.pipe = _load_pipe(config, self.device, self.weight_dtype)
+        self.io = model_io_for(self.pipe, max_sequence_length=config.max_sequence_length)
+        if config.mode == "data" and not self.io.data_mode:
+            raise ValueError(f"--mode data supports Wan models only ({self.io.family} needs its own VAE encoding); "
+                             "use --mode distill (the dense model is the teacher, no data needed).")
+        if config.cp and self.io.family != "Wan":
+            raise ValueError(f"--cp: context-parallel fine-tuning is tested on Wan only, not {self.io.family}; "
+                             "run it on one process.")
+        self.transformer = self.pipe.transformer
+        self.plan = config.sparse_plan()
+        self.method = config.method if self.plan is None else self.plan.as_method()
+        if self.plan is None:
+            self.grid = _check_method_fits(config.method, self.io, config)
+            self.plan_timesteps = None
+        else:
+            self.grid = _check_plan_fits(self.plan, self.io, config, self.transformer)
+            self.plan_timesteps = _plan_timesteps(self.plan, self.pipe)
+        self._prepare_text(prompts)
+        self._install_student()
+        self.accum = config.gradient_accumulation_steps or (
+            math.ceil(DISTILL_SAMPLES_PER_STEP / (config.batch_size * self.world)) if config.mode == "distill" else 1)
+        self.samples_per_step = config.batch_size * self.accum * self.world
+
+    # ------------------------------------------------------------- set-up
+    def _prepare_text(self, prompts) -> None:
+        # Up to _CACHED_PROMPTS texts are embedded once and the text encoder leaves the device; more
+        # (a large caption set) are embedded per batch so memory does not grow with the dataset.
+        self.texts = sorted(set(self.dataset.captions)) if self.dataset is not None else prompts
+        self.text_index = {t: i for i, t in enumerate(self.texts)}
+        self.embeds = None
+        if len(self.texts) <= _CACHED_PROMPTS:
+            self.embeds = self.io.encode_prompts(self.texts, self.device, self.weight_dtype)
+            if getattr(self.pipe, "text_encoder", None) is not None:
+                self.pipe.text_encoder.to("cpu")
+        if self.dataset is None and getattr(self.pipe, "vae", None) is not None:
+            self.pipe.vae.to("cpu")
+
+    def _install_student(self) -> None:
+        """dit_accel on the transformer, LoRA adapters, the trainable parameters and the optimizer."""
+        import dit_accel
+        from peft import LoraConfig
+
+        config, transformer = self.config, self.transformer
+        transformer.requires_grad_(False)
+        apply_kwargs = {"backend": config.backend}
+        if config.dense_layers is not None:
+            apply_kwargs["dense_layers"] = list(config.dense_layers)
+        self.dense_layers = apply_kwargs.get("dense_layers")
+        self.handle = dit_accel.apply(transformer, self.method, **apply_kwargs)
+        targets = tuple(config.target_modules.split(",")) if isinstance(config.target_modules, str) else tuple(
+            config.target_modules)
+        self.lora_config = LoraConfig(r=config.rank, lora_alpha=config.alpha if config.alpha is not None else
+                                      config.rank, init_lora_weights=True, target_modules=list(targets))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(config.seed)  # LoRA A init draws from the global generator
+            try:
+                transformer.add_adapter(self.lora_config)
+            except ValueError as e:
+                raise ValueError(f"--target-modules {','.join(targets)}: {e}") from None
+        self.projections = self.handle.sla_projections()
+        if self.plan is not None and any(self.plan.runs_sla(i) for i in range(len(self.handle.layers))) \
+                and not self.projections:
+            raise ValueError(f"{_method_label(config)}: the plan runs SLA heads but dit_accel.apply created no SLA "
+                             "projections for this model.")
+        if isinstance(config.method, SLA) and not self.projections:
+            raise ValueError("--method sla: dit_accel.apply created no SLA projections for this model.")
+        self.params = _trainable(transformer, self.projections, targets)
+        if config.gradient_checkpointing:
+            transformer.enable_gradient_checkpointing()
+        if config.cp:
+            self._enable_parallelism()
+        transformer.train()
+        groups = [{"params": [p for k, p in self.params.items() if k.startswith("transformer.")], "lr_scale": 1.0}]
+        sla = [p for k, p in self.params.items() if k.startswith("sla.")]
+        if sla:
+            groups.append({"params": sla, "lr_scale": config.sla_lr_scale})
+        optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
+        self.optimizer = self.accelerator.prepare(optimizer)
+        self.scaler = getattr(self.accelerator, "scaler", None)
+
+    def _enable_parallelism(self) -> None:
+        from diffusers import ContextParallelConfig
+
+        from ..pipelines.parallel import enable_context_parallel
+
+        (ulysses, ring), processes = self.config.cp, self.accelerator.num_processes
+        if ulysses * ring != processes:
+            raise ValueError(f"--cp ulysses={ulysses},ring={ring} needs {ulysses * ring} processes; "
+                             f"{processes} were launched")
+        enable_context_parallel(self.transformer, ContextParallelConfig(ulysses_degree=ulysses, ring_degree=ring))
+
+    # ------------------------------------------------------------- batches and losses
+    def batch(self, step: int, held_out: bool = False):
+        """Noisy latents, timesteps, prompt embeddings and flow target of micro-batch ``step``.
+
+        ``step`` counts micro-batches (optimizer step * accum + micro), so accum=1 keeps the streams of
+        plain steps. Held-out batches (eval loss) use their own streams: rank-independent, disjoint
+        from training.
+        """
+        config = self.config
+        seed = config.seed + (0x5EED if held_out else 0)
+        rank, world = (0, 1) if held_out else (self.rank, self.world)
+        g = data_mod.step_generator(seed, step, rank)
+        sigma = torch.rand(config.batch_size, generator=g)
+        if self.dataset is not None:
+            idx = data_mod.sample_indices(len(self.dataset), seed=seed, step=step, batch=config.batch_size, rank=rank,
+                                          world=world)
+            items = [self.dataset.item(i) for i in idx]
+            if getattr(self.pipe.vae, "device", None) != self.device:
+                self.pipe.vae.to(self.device)
+            clean = self.io.encode_video(torch.stack([x for x, _ in items])).float().cpu()
+            choice = [self.text_index[c] for _, c in items]
+        else:
+            clean = torch.randn(self.io.latent_shape(config.batch_size, config.frames, config.height, config.width),
+                                generator=g)
+            choice = torch.randint(len(self.texts), (config.batch_size,), generator=g).tolist()
+        noise = torch.randn(clean.shape, generator=g)
+        s = sigma.view(-1, *([1] * (clean.dim() - 1)))
+        noisy = (1.0 - s) * clean + s * noise
+        text = take(self.embeds, choice, self.device) if self.embeds is not None else self.io.encode_prompts(
+            [self.texts[i] for i in choice], self.device, self.weight_dtype)
+        return (noisy.to(self.device, self.weight_dtype), (sigma * 1000.0).to(self.device, self.weight_dtype),
+                text, (noise - clean).to(self.device))
+
+    def loss(self, batch, *, grad: bool):
+        noisy, timesteps, text, flow_target = batch
+        with self.accelerator.autocast():
+            if self.config.mode == "distill":  # the teacher: the same transformer, dense, without LoRA
+                with torch.no_grad(), self.handle.bypassed(), _adapters_disabled(self.transformer), \
+                        self._at_step(0):  # dense whatever the step; a plan's handle still asks for one
+                    target = self.io.forward(self.transformer, noisy, timesteps, text).float()
+            else:
+                target = flow_target.float()
+            with contextlib.nullcontext() if grad else torch.no_grad():
+                pred = self.student(noisy, timesteps, text)
+                return torch.nn.functional.mse_loss(pred.float(), target)
+
+    def plan_steps(self, timesteps: torch.Tensor) -> List[int]:
+        """The plan's denoising step of each sample: the step whose timestep is nearest (0 for a plan that is
+        the same at every step)."""
+        if self.plan_timesteps is None:
+            return [0] * timesteps.shape[0]
+        table = torch.tensor(self.plan_timesteps, dtype=torch.float64)
+        t = timesteps.detach().reshape(-1).to("cpu", torch.float64)
+        return (t[:, None] - table[None, :]).abs().argmin(dim=1).tolist()
+
+    def student(self, noisy: torch.Tensor, timesteps: torch.Tensor, text):
+        """The student's prediction. Under a plan, the samples of one micro-batch may map to different steps:
+        each group of samples at one step is one transformer call at that step."""
+        if self.plan is None:
+            return self.io.forward(self.transformer, noisy, timesteps, text)
+        steps = self.plan_steps(timesteps)
+        total = len(self.plan_timesteps) if self.plan_timesteps is not None else None
+        groups: Dict[int, List[int]] = {}
+        for i, s in enumerate(steps):
+            groups.setdefault(s, []).append(i)
+        if len(groups) == 1:
+            with self._at_step(steps[0], total):
+                return self.io.forward(self.transformer, noisy, timesteps, text)
+        out: List[Optional[torch.Tensor]] = [None] * len(steps)
+        for s, idx in groups.items():
+            index = torch.tensor(idx, device=noisy.device)
+            with self._at_step(s, total):
+                pred = self.io.forward(self.transformer, noisy[index], timesteps[index], take(text, index))
+            for j, row in zip(idx, pred):
+                out[j] = row
+        return torch.stack(out)
+
+    @contextlib.contextmanager
+    def _at_step(self, step: int, total: Optional[int] = None):
+        """This thread's transformer calls run the plan's ``step`` (nothing to do without a plan)."""
+        if self.plan is None:
+            yield
+            return
+        self.handle.set_step(step, total)
+        try:
+            yield
+        finally:
+            self.handle.set_step(None)
+
+    def eval_loss(self) -> Optional[float]:
+        if not self.config.eval_batches:
+            return None
+        values = [float(self.loss(self.batch(i, held_out=True), grad=False)) for i in range(self.config.eval_batches)]
+        return sum(values) / len(values)
+
+    def step(self, step: int, first: bool) -> float:
+        """One optimizer step (``accum`` micro-batches); returns the loss averaged over processes."""
+        config = self.config
+        warm = min(1.0, (step + 1) / config.lr_warmup_steps) if config.lr_warmup_steps else 1.0
+        for group in self.optimizer.param_groups:
+            group["lr"] = config.lr * warm * group["lr_scale"]
+        loss = 0.0
+        for micro in range(self.accum):
+            try:
+                micro_loss = self.loss(self.batch(step * self.accum + micro), grad=True) / self.accum
+            except ValueError as e:
+                if first:  # a model/method mismatch found by the first forward: nothing trained yet
+                    raise ValueError(f"{_method_label(config)} on token grid {self.grid}: {e}") from None
+                raise
+            self.accelerator.backward(micro_loss)
+            loss = loss + micro_loss.detach()
+        trainable = list(self.params.values())
+        _sync_grads(trainable, self.accelerator, "sum" if config.cp else "mean")
+        if config.max_grad_norm and config.max_grad_norm > 0:
+            self.accelerator.clip_grad_norm_(trainable, config.max_grad_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(self.accelerator.reduce(loss.float().reshape(1), reduction="mean").item())
+
+
+@contextlib.contextmanager
+def _adapters_disabled(transformer):
+    transformer.disable_adapters()
+    try:
+        yield
+    finally:
+        transformer.enable_adapters()
+
+
+def _trainable(transformer, projections, targets) -> Dict[str, nn.Parameter]:
+    """LoRA and SLA-projection parameters by checkpoint key, made trainable in fp32."""
+    params: Dict[str, nn.Parameter] = {f"transformer.{n}": p for n, p in transformer.named_parameters()
+                                       if "lora_" in n}
+    if not params:
+        raise ValueError(f"--target-modules {','.join(targets)} matched no layers of {type(transformer).__name__}.")
+    for name, module in projections.items():
+        for pname, p in module.named_parameters():
+            params[f"sla.{name}.{pname}"] = p
+    for p in params.values():
+        p.requires_grad_(True)
+        p.data = p.data.float()  # trainable tensors in fp32 whatever the frozen weights use
+    return params
+
+
+def _train(trainer: _Trainer, out: Path, start: int, losses: List[float]) -> float:
+    """The training loop from ``start``; checkpoints on the main process. Returns the seconds it took."""
+    from tqdm.auto import tqdm
+
+    config, accelerator = trainer.config, trainer.accelerator
+    bar = tqdm(total=config.steps, initial=start, disable=not (config.progress and accelerator.is_main_process),
+               desc=f"finetune {trainer.method.name}/{config.mode}")
+    t0 = time.perf_counter()
+    for step in range(start, config.steps):
+        losses.append(trainer.step(step, first=step == start))
+        bar.update(1)
+        if (step + 1) % config.log_every == 0 or step + 1 == config.steps:
+            bar.set_postfix(loss=f"{losses[-1]:.4g}")
+        done = step + 1
+        if accelerator.is_main_process and (
+                done == config.steps or (config.checkpoint_every and done % config.checkpoint_every == 0)):
+            _save_checkpoint(out, done, trainer.params, trainer.optimizer, trainer.scaler, losses,
+                             config.checkpoints_total_limit)
+        accelerator.wait_for_everyone()
+    bar.close()
+    return time.perf_counter() - t0
+
+
+def _resume(trainer: _Trainer, out: Path) -> Tuple[int, List[float], Optional[int]]:
+    """``(start step, losses so far, resumed_from)`` from the last checkpoint when ``--resume``."""
+    if not trainer.config.resume:
+        return 0, [], None
+    found = _checkpoints(out)
+    if not found:
+        if trainer.accelerator.is_main_process:
+            print(f"--resume: no checkpoint in {out / CKPT_DIR}; starting from step 0")
+        return 0, [], None
+    steps = trainer.config.steps
+    if _step_of(found[-1]) > steps:
+        raise ValueError(f"--resume --steps {steps}: {str(out)!r} holds a checkpoint at step {_step_of(found[-1])}, "
+                         f"past step {steps}; pass --steps {_step_of(found[-1])} or more to continue it, or "
+                         "--overwrite to train again from step 0.")
+    for path in reversed(found):  # a bad latest checkpoint: the one before it, with a warning
+        try:
+            start, losses = _load_checkpoint(path, trainer.params, trainer.optimizer, trainer.scaler)
+        except BadFileError as err:
+            older = [p for p in found if _step_of(p) < _step_of(path)]
+            if not older:
+                raise BadFileError(err.path, err.problem, err.expected + f" (no older checkpoint in {out / CKPT_DIR} "
+                                   "to fall back to; --overwrite starts again from step 0)") from None
+            import warnings
+
+            warnings.warn(f"dit_accel: --resume: {err}; resuming from the previous checkpoint, {older[-1].name}",
+                          DitAccelWarning, stacklevel=2)
+            continue
+        return start, losses[:start], start
+    raise AssertionError("unreachable")
