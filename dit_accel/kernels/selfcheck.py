@@ -32,7 +32,6 @@ from __future__ import annotations
 import datetime
 import hashlib
 import math
-import os
 import threading
 import time
 from dataclasses import dataclass, field

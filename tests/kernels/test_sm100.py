@@ -45,3 +45,14 @@ def test_sm100_keeps_sm90_tiles_elsewhere_and_has_no_ws():
 def test_a_99kb_blackwell_part_takes_sm89_tiles():
     cfg = select_config("fwd", torch.bfloat16, 128, 128, 128, 120)
     assert cfg.num_stages * cfg.block_n * 128 * 2 * 2 < 101376  # its K/V ring fits 99 KB
+
+
+def test_sm100_sla_forward_d64_with_the_linear_branch_takes_its_own_launch():
+    from dit_accel.kernels.sla.configs import select_sla_config
+
+    ours = select_sla_config("fwd", torch.bfloat16, 64, True, 100)
+    assert (ours.num_warps, ours.num_stages) == (8, 3)
+    sm90 = select_sla_config("fwd", torch.bfloat16, 64, True, 90)
+    assert (sm90.num_warps, sm90.num_stages) == (4, 3)
+    assert select_sla_config("fwd", torch.bfloat16, 128, True, 100) == select_sla_config("fwd", torch.bfloat16, 128,
+                                                                                       True, 90)
