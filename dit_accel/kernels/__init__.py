@@ -9,6 +9,7 @@ compilation of every shipped configuration).
 
 from .backends import BackendUnavailable, available_backends
 from .block_sparse import block_sparse_attention
+from .block_sparse import configs as _block_sparse_configs  # noqa: F401  (registers the tile rules dense mirrors)
 from .compile import compile_for_target, shipped_kernel_configs
 from .layout import BlockLayout
 from .merge import merge_attention

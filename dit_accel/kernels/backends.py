@@ -16,6 +16,7 @@ from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
+from .limits import GPU_LAYOUT_BLOCKS, INTERPRETER_LAYOUT_BLOCKS, SLA_BLOCK_K, SLA_DTYPES, SLA_MAX_HEAD_DIM
 from .request import ENV_BACKEND, BackendUnavailable, Request, env_get, env_value, in_graph, interpreting
 
 __all__ = ["BACKENDS", "ENV_BACKEND", "BackendUnavailable", "Request", "available_backends", "env_backend",
@@ -149,8 +150,6 @@ def _block_sparse_triton(r: Request) -> Optional[str]:
         return reason
     if r.head_dim > TRITON_MAX_HEAD_DIM:
         return f"head dim {r.head_dim} > {TRITON_MAX_HEAD_DIM} is not supported by the Triton kernels; use backend='torch'."
-    from .block_sparse.configs import GPU_LAYOUT_BLOCKS, INTERPRETER_LAYOUT_BLOCKS
-
     allowed = GPU_LAYOUT_BLOCKS if r.device.type == "cuda" else INTERPRETER_LAYOUT_BLOCKS
     for name, size in (("block_q", r.block_q), ("block_k", r.block_k)):
         if size not in allowed:
@@ -168,15 +167,13 @@ def _block_sparse_flex(r: Request) -> Optional[str]:
 
 
 def _sla_triton(r: Request) -> Optional[str]:
-    from .sla.configs import BLOCK_K, SLA_DTYPES, SLA_MAX_HEAD_DIM
-
     reason = _triton_dtype_reason(r)
     if reason is not None:
         return reason
     if r.head_dim > SLA_MAX_HEAD_DIM:
         return f"head dim {r.head_dim} > {SLA_MAX_HEAD_DIM} is not supported by the Triton SLA kernel; use backend='torch'."
-    if r.block_k != BLOCK_K:
-        return (f"the fused SLA kernel has {BLOCK_K}-key blocks, not block_k={r.block_k}; SLA(block_k={r.block_k}) "
+    if r.block_k != SLA_BLOCK_K:
+        return (f"the fused SLA kernel has {SLA_BLOCK_K}-key blocks, not block_k={r.block_k}; SLA(block_k={r.block_k}) "
                 "runs on the PyTorch twin (backend='torch').")
     if r.device.type == "cuda" and r.dtype not in SLA_DTYPES:
         return (f"the fused SLA kernel takes float16 or bfloat16 on CUDA, not {r.dtype} (fp32 tiles do not fit "
@@ -227,11 +224,22 @@ class Backend:
                 "lse": self.lse, "backward": self.backward}
 
 
+#: ``{name: reason(request)}`` of the vendor backends, registered by :mod:`.block_sparse.backends` when the kernels
+#: package loads it (this table never imports the folders above it).
+_VENDOR_REASONS: Dict[str, Callable[[Request], Optional[str]]] = {}
+
+
+def register_vendor_reason(name: str, reason: Callable[[Request], Optional[str]]) -> None:
+    """Called by a vendor backend's module: how the table asks it whether it can run a call."""
+    _VENDOR_REASONS[name] = reason
+
+
 def _vendor_can_run(name: str) -> Callable[[Request], Optional[str]]:
     def can_run(r: Request) -> Optional[str]:
-        from .block_sparse import backends as vendor
-
-        return vendor.module(name).reason(r)
+        reason = _VENDOR_REASONS.get(name)
+        if reason is None:
+            return f"the {name} backend did not register (dit_accel.kernels.block_sparse.backends was not loaded)"
+        return reason(r)
 
     can_run.__name__ = f"_block_sparse_{name}"
     return can_run

@@ -64,14 +64,14 @@ def test_dense_rejects_bad_inputs():
 def test_dense_ws_forward_on_sm90(monkeypatch, m, d):
     """sm_90, fp16 / bf16, head dim <= 128, TMA-aligned: the launcher picks the warp-specialized kernel
     (one loop over descriptors made in the kernel; the ragged last key tile masked in that loop)."""
-    from dit_accel.kernels.block_sparse import configs
+    from dit_accel.kernels.dense import configs
 
     monkeypatch.setattr(dense_triton, "_arch", lambda device: 90)
     monkeypatch.setenv("DIT_ACCEL_WS", "1")  # the ws forward is opt-in
     _pretend_ws_applies(monkeypatch)
     picked = []
-    real = configs.ws_config
-    monkeypatch.setattr(configs, "ws_config", lambda *a: picked.append(real(*a)) or picked[-1])
+    select, real, enabled = configs.tile_rules()  # (the block-sparse rules the dense kernel mirrors)
+    monkeypatch.setattr(configs, "_TILE_RULES", [(select, lambda *a: picked.append(real(*a)) or picked[-1], enabled)])
     q, k, v = make_qkv(1, 2, 70, m, d, torch.float16, seed=m + d)
     o, lse = dense_triton.dense_forward(q, k, v, d ** -0.5)
     assert_attention_close(o, lse, q, k, v, None)

@@ -24,10 +24,7 @@ __all__ = ["KernelConfig", "select_config", "shipped_configs", "pointer_fallback
 TARGET_ARCHS = (80, 89, 90, 100)
 BLOCK_DS = (64, 128, 256)  # padded head dims (head dim <= 256)
 KERNEL_NAMES = ("fwd", "bwd_preprocess", "bwd_dkdv", "bwd_dq")
-#: Layout block sizes the Triton kernels take on a GPU (the compiled, checked tiles); the
-#: interpreter also takes 16 and 32, which keeps CPU tests fast.
-GPU_LAYOUT_BLOCKS = (64, 128, 256)
-INTERPRETER_LAYOUT_BLOCKS = (16, 32) + GPU_LAYOUT_BLOCKS
+from ..limits import GPU_LAYOUT_BLOCKS, INTERPRETER_LAYOUT_BLOCKS  # noqa: E402,F401  (re-exported: the layout blocks)
 _MIN_BLOCK_D = 64  # smaller heads are padded: fewer kernel variants to ship
 _DTYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 
@@ -356,3 +353,12 @@ def kernel_reason(kernel: str, block_q: int, block_k: int, head_dim: int = 128, 
         return (f"no warp-specialized forward for {block_q} x {block_k} blocks at head dim {head_dim} "
                 f"({cfg.dtype}, sm_{sm}): it needs 128-row query blocks and a head dim of 65-128 in fp16 / bf16")
     return None
+
+
+def _register() -> None:
+    from ..dense.configs import register_tile_rules
+
+    register_tile_rules(select_config, ws_config, ws_enabled)
+
+
+_register()

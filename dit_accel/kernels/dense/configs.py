@@ -126,6 +126,23 @@ def tma_args(kernel: str) -> Tuple[str, ...]:
     return ("Q", "DO") if kernel == "bwd_dkdv" else ("K", "V")
 
 
+#: The block-sparse kernels' tile rules ``(select_config, ws_config, ws_enabled)``, which the dense kernel mirrors
+#: (same tile for the same inputs): registered by :mod:`dit_accel.kernels.block_sparse.configs` when it loads, so
+#: this folder never imports the one above it.
+_TILE_RULES: list = []
+
+
+def register_tile_rules(select_config, ws_config, ws_enabled) -> None:
+    _TILE_RULES[:] = [(select_config, ws_config, ws_enabled)]
+
+
+def tile_rules():
+    """``(select_config, ws_config, ws_enabled)`` of the block-sparse kernels (registered when they load)."""
+    if not _TILE_RULES:
+        raise RuntimeError("dit_accel.kernels.block_sparse.configs was not loaded: import dit_accel.kernels first")
+    return _TILE_RULES[0]
+
+
 def select_dense_config(kernel: str, dtype: torch.dtype, block_d: int, block_m: int, block_n: int, num_warps: int,
                         num_stages: int, tma: bool = False, even_d: bool = True, ws: bool = False) -> DenseConfig:
     """The dense configuration with exactly these tile, warps, stages and load path."""

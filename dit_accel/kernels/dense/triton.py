@@ -291,7 +291,9 @@ def _strides(t: torch.Tensor) -> Tuple[int, int, int]:
 
 def _config(kernel: str, q: torch.Tensor, streamed: Tuple[torch.Tensor, ...]):
     """The block-sparse kernels' configuration for a 128-block layout, on the dense kernel (same tiles)."""
-    from ..block_sparse.configs import select_config
+    from .configs import tile_rules
+
+    select_config = tile_rules()[0]
     from .configs import tma_ok
 
     cfg = select_config(kernel, q.dtype, q.shape[-1], 128, 128, _arch(q.device))
@@ -303,8 +305,9 @@ def _config(kernel: str, q: torch.Tensor, streamed: Tuple[torch.Tensor, ...]):
 def _ws_config(cfg, q: torch.Tensor):
     """sm_90 (capability 9.x), TMA-aligned Q, K, V, fp16 / bf16 at head dim <= 128: the warp-specialized
     forward (one CTA of a producer and two consumer warp groups per SM); else None."""
-    from ..block_sparse.configs import ws_config, ws_enabled
-    from .configs import tma_ok
+    from .configs import tile_rules, tma_ok
+
+    _, ws_config, ws_enabled = tile_rules()
 
     # Q too: the ws kernel makes a descriptor of each (cfg.tma checked K and V only); opt-in, as the sparse one
     return ws_config(cfg, _arch(q.device)) if cfg.tma and ws_enabled() and tma_ok(q) else None
@@ -362,7 +365,9 @@ def bwd_preprocess(o: torch.Tensor, do: torch.Tensor, lse: torch.Tensor,
     lse (``+inf`` where lse is ``-inf``), contiguous ``(B*H, N)`` fp32. ``o``, ``do``: ``(B, H, N, D)`` in one
     dtype, last dim contiguous; ``lse``, ``dlse``: ``(B, H, N)`` (made fp32, and contiguous where the kernel,
     which reads both with lse's strides, needs it)."""
-    from ..block_sparse.configs import select_config
+    from .configs import tile_rules
+
+    select_config = tile_rules()[0]
 
     b, h, n, d = o.shape
     lse = lse.float()

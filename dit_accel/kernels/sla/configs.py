@@ -24,13 +24,11 @@ __all__ = ["SLAKernelConfig", "select_sla_config", "shipped_configs", "SLA_KERNE
            "SLA_MAX_HEAD_DIM", "BLOCK_M", "BLOCK_K", "GLOBAL_COLUMNS", "LAUNCH", "pointer_fallback"]
 
 BLOCK_M = 64  # query rows per program; a 128-row classification block is two tiles
-BLOCK_K = 64  # key rows per block (SLA's block_k)
+from ..limits import SLA_BLOCK_DS, SLA_DTYPES, SLA_MAX_HEAD_DIM  # noqa: E402  (what the fused kernel takes)
+from ..limits import SLA_BLOCK_K as BLOCK_K  # noqa: E402  (key rows per block, SLA's block_k)
 GLOBAL_COLUMNS = 64  # columns of phi(K)^T V per program of the global-sums kernel
 # global: the linear branch's sums over all keys; bwd_dkdv_lin: linear-branch dK/dV
 SLA_KERNELS = ("global", "fwd", "bwd_dq", "bwd_dkdv", "bwd_dkdv_lin")
-SLA_DTYPES = (torch.float16, torch.bfloat16)  # on CUDA; the CPU interpreter also runs float32
-SLA_BLOCK_DS = (64, 128)  # padded head dims; the fused kernel takes head dims <= 128
-SLA_MAX_HEAD_DIM = SLA_BLOCK_DS[-1]
 _DTYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 
 #: (num_warps, num_stages) per (target, kernel, padded head dim, linear branch): the candidates

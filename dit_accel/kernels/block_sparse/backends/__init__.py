@@ -165,3 +165,14 @@ def _contenders(layout, q, k, v, scale):
         out[name] = fn
     return out
 
+
+
+def _register() -> None:
+    """Tell the backend table how to ask each vendor backend (it imports nothing from this folder)."""
+    from ...backends import register_vendor_reason
+
+    for name in NAMES:
+        register_vendor_reason(name, lambda request, name=name: module(name).reason(request))
+
+
+_register()
