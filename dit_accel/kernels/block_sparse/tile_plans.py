@@ -1,0 +1,222 @@
+"""The layout at kernel-tile granularity: tile plans, their cache and the persistent forward's work order.
+
+Pure tensor code (no triton): :func:`tile_plan` classifies every visited kernel tile of a layout as full or
+partial and packs the element masks of the partial ones; :class:`_PlanCache` keeps what the launchers derive
+from a layout (tile plans, work orders, launch arguments) with the layout's tensors; :func:`work_order` is the
+persistent forward's order of work items. The launchers in :mod:`.triton` use them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+import weakref
+from typing import Callable, Dict, Hashable, Tuple, TypeVar
+
+import torch
+
+from ..layout import BlockLayout
+from ..request import in_graph
+
+__all__ = ["TilePlan", "tile_plan", "work_order"]
+
+T = TypeVar("T")
+
+
+# ---------------------------------------------------------------------------
+# the plan: the layout at kernel-tile granularity
+# ---------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class TilePlan:
+    """A layout at kernel-tile granularity, for one kernel tile shape.
+
+    ``plan``: int32 ``[Hl, R, 2 + 2 * w]``; row ``r`` (an owned tile: a query tile, or a key tile
+    for dK/dV) is ``[n_full, n_partial, streamed tiles (w), bit offsets (w)]``: the full tiles
+    first, then the partial ones, each group ascending, so one loop can walk both (the forward)
+    or two loops each its own (the backward). ``bits``: int64 row-mask words; the words of a
+    tile start at its bit offset, one per owned row, the next 64 streamed columns ``bits_w``
+    words further (a full tile's offset is valid too: its block's or an all-true mask).
+    """
+
+    plan: torch.Tensor
+    bits: torch.Tensor
+    w: int
+    bits_w: int
+
+    def args(self) -> tuple:
+        """``plan_h, plan_r, w, bits_w`` as the kernels take them (head stride 0: one pattern for all heads)."""
+        head = 0 if self.plan.shape[0] == 1 else self.plan.stride(0)
+        return head, self.plan.stride(1), self.w, self.bits_w
+
+    def tile_counts(self) -> Tuple[int, int]:
+        """``(full, partial)`` tiles listed over all rows (for tests and statistics)."""
+        return int(self.plan[..., 0].sum()), int(self.plan[..., 1].sum())
+
+
+def _pack_bits(masks: torch.Tensor) -> torch.Tensor:
+    """bool ``[..., C]`` -> int64 ``[..., cdiv(C, 64)]``: bit ``j`` of word ``w`` is column ``64 w + j``."""
+    cols = masks.shape[-1]
+    words = -(-cols // 64)
+    padded = torch.nn.functional.pad(masks.to(torch.uint8), (0, words * 64 - cols))
+    byte_bits = padded.view(*masks.shape[:-1], words * 8, 8) << torch.arange(8, dtype=torch.uint8,
+                                                                            device=masks.device)
+    packed = byte_bits.sum(-1, dtype=torch.uint8)  # distinct bits: the sum is the bitwise or
+    return packed.contiguous().view(torch.int64)  # little-endian: byte 0 holds bits 0..7
+
+
+def _mask_stats(table: torch.Tensor, n_cols: int, tile_r: int, tile_c: int):
+    """Per mask (the table's, then an all-True one for full blocks), unbounded and bounded to the
+    columns of the ragged last block: ``any``/``all`` per (row sub-tile, column sub-tile) and the bit words."""
+    p, block_r, block_c = table.shape
+    dev = table.device
+    masks = torch.cat([table.bool(), torch.ones(1, block_r, block_c, dtype=torch.bool, device=dev)])
+    last = n_cols - (-(-n_cols // block_c) - 1) * block_c  # columns of the last block that exist
+    both = torch.stack([masks, masks & (torch.arange(block_c, device=dev) < last)])
+    r_sub, c_sub = block_r // tile_r, block_c // tile_c
+    tiles = both.view(2, p + 1, r_sub, tile_r, c_sub, tile_c)
+    any_t = tiles.any(5).any(3)  # [2, P+1, r_sub, c_sub]
+    all_t = tiles.all(5).all(3)
+    words = _pack_bits(both.view(2, p + 1, block_r, c_sub, tile_c))  # [2, P+1, block_r, c_sub, W]
+    return any_t, all_t, words.permute(0, 1, 3, 4, 2).contiguous().view(-1)  # -> [2, P+1, c_sub, W, block_r]
+
+
+def tile_plan(layout: BlockLayout, tile_r: int, tile_c: int, transposed: bool = False) -> TilePlan:
+    """The :class:`TilePlan` of ``layout`` for ``(tile_r, tile_c)`` kernel tiles (owned x streamed).
+
+    ``transposed``: key tiles own, query tiles stream (the dK/dV kernel). Every visited tile is
+    classified on its own: *full* when all its pairs are allowed and it is not ragged (no mask
+    code runs on it), *partial* when some are (its bit-packed element mask applies), skipped
+    otherwise. A tile reaching past the streamed length is partial with that bound in its bits.
+    """
+    if transposed:
+        counts, indices, mask_ids = layout.q_counts, layout.q_indices, layout.q_mask_ids
+        table, n_rows, n_cols = layout.mask_table.transpose(1, 2), layout.kv_len, layout.q_len
+        block_r, block_c = layout.block_k, layout.block_q
+    else:
+        counts, indices, mask_ids = layout.kv_counts, layout.kv_indices, layout.kv_mask_ids
+        table, n_rows, n_cols = layout.mask_table, layout.q_len, layout.kv_len
+        block_r, block_c = layout.block_q, layout.block_k
+    if table.shape[1:] != (block_r, block_c):  # an empty table may carry any block shape
+        table = table.new_zeros((0, block_r, block_c))
+    dev = indices.device
+    p = table.shape[0]
+    r_sub, c_sub = block_r // tile_r, block_c // tile_c
+    n_words = -(-tile_c // 64)
+    any_t, all_t, bits = _mask_stats(table, n_cols, tile_r, tile_c)
+
+    t = torch.arange(-(-n_rows // tile_r), device=dev)
+    rb, rs = t // r_sub, (t % r_sub)[None, :, None, None]
+    width = indices.shape[-1]
+    cs = torch.arange(c_sub, device=dev)
+    u = indices[:, rb].long()[..., None] * c_sub + cs  # [Hl, R, width, c_sub] streamed tile index
+    mid = mask_ids[:, rb].long()[..., None]
+    pm = torch.where(mid >= 0, mid, p).expand_as(u)
+    ragged = (u + 1) * tile_c > n_cols
+    var = ragged.long()
+    listed = (torch.arange(width, device=dev) < counts[:, rb, None])[..., None] & (u * tile_c < n_cols)
+    full = listed & ~ragged & all_t[var, pm, rs, cs]
+    part = listed & ~full & any_t[var, pm, rs, cs]
+    entry = ((var * (p + 1) + pm) * c_sub + cs) * (n_words * block_r) + rs * tile_r
+
+    hl, rows = u.shape[:2]
+    u, entry, full, part = (x.reshape(hl, rows, -1) for x in (u, entry, full, part))
+    order = torch.sort(torch.where(full, 0, torch.where(part, 1, 2)).to(torch.int8), dim=-1, stable=True).indices
+    u, entry = torch.gather(u, -1, order), torch.gather(entry, -1, order)
+    n_full, n_part = full.sum(-1), part.sum(-1)
+    if in_graph():  # inside a capture (a layout the eager warm-up did not plan, or copied): no host sync;
+        w = u.shape[-1]  # the widest possible row, whose unused tail entries the kernels never read
+    else:
+        w = int((n_full + n_part).max()) if n_full.numel() else 0  # one host sync per (layout, tile shape): cached
+    plan = torch.cat([n_full[..., None], n_part[..., None], u[..., :w], entry[..., :w]], -1)
+    return TilePlan(plan.to(torch.int32).contiguous(), bits, w, block_r)
+
+
+class _PlanCache:
+    """What the launchers derive from a layout: tile plans, work orders and launch arguments.
+
+    The custom ops rebuild a :class:`BlockLayout` around the same tensors on every call, so the
+    layout object cannot be the key. An entry is anchored on the layout's ``kv_indices`` tensor (it
+    goes when that tensor goes) and keyed inside by the layout's lengths, block sizes and the identity
+    of its other tensors (:func:`_identity`): a layout that shares ``kv_indices`` with another but
+    differs in anything else gets its own entry. The entry holds those tensors, so their ids cannot
+    be reused by others while it lives. Each layout keeps at most :attr:`max_values` values (tile
+    plans, work orders, launch arguments per call signature), the oldest dropped first, and an anchor
+    at most :attr:`max_layouts` layouts. Layouts are values: their tensors are not edited in place.
+    """
+
+    max_values = 64
+    max_layouts = 8
+
+    def __init__(self) -> None:
+        self._entries: Dict[int, tuple] = {}
+        self._lock = threading.Lock()
+
+    def get(self, layout: BlockLayout, key: Hashable, build: Callable[[], T]) -> T:
+        anchor = layout.kv_indices
+        slot = self._entries.get(id(anchor))
+        if slot is not None and slot[0]() is anchor:
+            held = slot[1].get(_identity(layout))
+            if held is not None:
+                value = held[1].get(key)
+                if value is not None:
+                    return value
+        value = build()  # outside the lock: a racing duplicate build is harmless
+        with self._lock:
+            slot = self._entries.get(id(anchor))
+            if slot is None or slot[0]() is not anchor:
+                ident = id(anchor)
+
+                def drop(ref, ident=ident):
+                    if self._entries.get(ident, (None,))[0] is ref:
+                        self._entries.pop(ident, None)
+
+                slot = (weakref.ref(anchor, drop), {})
+                self._entries[ident] = slot
+            layouts = slot[1]
+            name = _identity(layout)
+            held = layouts.get(name)
+            if held is None:
+                if len(layouts) >= self.max_layouts:
+                    layouts.pop(next(iter(layouts)))
+                # The layout's other tensors, held so that their ids stay theirs; never the anchor itself
+                # (the entry would keep its own key alive).
+                others = tuple(getattr(layout, t) for t in BlockLayout.TENSORS if t != "kv_indices")
+                held = layouts[name] = (others, {})
+            values = held[1]
+            if key not in values and len(values) >= self.max_values:
+                values.pop(next(iter(values)))
+            return values.setdefault(key, value)
+
+    def values(self, layout: BlockLayout) -> dict:
+        """``{key: value}`` held for ``layout`` (a copy; for inspection and tests)."""
+        slot = self._entries.get(id(layout.kv_indices))
+        if slot is None or slot[0]() is not layout.kv_indices:
+            return {}
+        held = slot[1].get(_identity(layout))
+        return {} if held is None else dict(held[1])
+
+
+def _identity(layout: BlockLayout) -> tuple:
+    """A layout's geometry and the identity of its tensors other than ``kv_indices`` (the anchor)."""
+    return (layout.q_len, layout.kv_len, layout.block_q, layout.block_k, id(layout.kv_counts),
+            id(layout.kv_mask_ids), id(layout.q_counts), id(layout.q_indices), id(layout.q_mask_ids),
+            id(layout.mask_table))
+
+
+def work_order(plan: TilePlan, batch: int, heads: int) -> torch.Tensor:
+    """The persistent forward's work items, in the order its programs take them.
+
+    int32 ``[batch * heads * R]``, item ``(b * heads + h) * R + r`` for query tile ``r`` of head
+    ``h`` of batch ``b``, each exactly once: the longest rows (most key tiles) first, so the short
+    ones fill the gaps at the end (GNA's border rows, radial attention's near-diagonal rows); rows
+    of equal length stay in (batch, head, query tile) order, so programs running side by side
+    share a head's K/V in L2. Host data built on the plan's device without a sync, once per
+    (layout, tile shape, batch, heads): :func:`_work_order` caches it with the plan.
+    """
+    counts = plan.plan[..., 0] + plan.plan[..., 1]  # [Hl, R] key tiles per row
+    hl, r = counts.shape
+    dev = counts.device
+    bh = torch.arange(batch * heads, device=dev)
+    lengths = counts[bh % heads if hl > 1 else torch.zeros_like(bh)]  # [B*H, R]
+    order = torch.sort(lengths.reshape(-1), descending=True, stable=True).indices
+    return order.to(torch.int32)  # the flat index is the item: (b * H + h) * R + r
