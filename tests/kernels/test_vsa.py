@@ -1,8 +1,8 @@
-"""VSA (FastVideo semantics): the op and its twin against a float64 brute force written here from METHODS.md.
+"""VSA (FastVideo semantics): the op and its twin against a float64 brute force written from METHODS.md.
 
-The reference below shares nothing with dit_accel: cube ids come from token coordinates, means from
-index_add over real tokens, the fine branch is dense attention under a per-query token mask built from
-the selection. Forward and gradients (q, k, v, gate), partial cubes, gate and no gate, topk and sparsity,
+The reference (tests/kernels/vsa_reference.py) shares nothing with dit_accel: cube ids come from token
+coordinates, means from index_add over real tokens, the fine branch is dense attention under a per-query
+token mask built from the selection. Forward and gradients (q, k, v, gate), partial cubes, gate and no gate, topk and sparsity,
 ties.
 """
 
@@ -13,38 +13,7 @@ import torch
 
 import dit_accel
 from dit_accel.kernels.vsa import selected_count, vsa_naive, vsa_parts_naive
-
-
-def _cube_ids(grid, tile):
-    t, h, w = grid
-    nt, nh, nw = (-(-g // c) for g, c in zip(grid, tile))
-    tt, hh, ww = torch.meshgrid(torch.arange(t), torch.arange(h), torch.arange(w), indexing="ij")
-    ids = ((tt // tile[0]) * nh + hh // tile[1]) * nw + ww // tile[2]
-    return ids.flatten(), nt * nh * nw
-
-
-def reference(q, k, v, grid, count, tile, gate=None, scale=None):
-    """float64 brute force: ``(out, selection, scores)``."""
-    q, k, v = (x.double() for x in (q, k, v))
-    scale = 1 / math.sqrt(q.shape[-1]) if scale is None else scale
-    ids, c = _cube_ids(grid, tile)
-    sizes = torch.zeros(c, dtype=torch.float64).index_add_(0, ids, torch.ones(len(ids), dtype=torch.float64))
-
-    def means(x):
-        return torch.zeros(*x.shape[:2], c, x.shape[-1], dtype=torch.float64).index_add_(2, ids, x) / sizes[:, None]
-
-    qc, kc, vc = means(q), means(k), means(v)
-    scores = qc @ kc.transpose(-1, -2) * scale
-    selection = torch.topk(scores, count, dim=-1).indices
-    chosen = torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, selection, True)  # (B, H, Cq, Ck)
-    mask = chosen[:, :, ids][:, :, :, ids]  # (B, H, N, N): query's cube chose key's cube
-    s = (q @ k.transpose(-1, -2) * scale).masked_fill(~mask, float("-inf"))
-    fine = torch.softmax(s, -1) @ v
-    out = fine
-    if gate is not None:
-        coarse = (torch.softmax(scores, -1) @ vc)[:, :, ids]
-        out = fine + coarse * gate.double()
-    return out, selection, scores
+from tests.kernels.vsa_reference import reference
 
 
 def _qkv(shape, dtype=torch.float32, seed=0, grad=False):
