@@ -734,9 +734,15 @@ class VSA(Method):
     def __post_init__(self):
         from .kernels.vsa.api import check_vsa_config
 
-        sparsity = self.DEFAULT_SPARSITY if self.topk is None and self.sparsity is None else self.sparsity
-        topk, sparsity, tile = check_vsa_config(self.topk, sparsity, self.tile, owner="VSA.")
-        _freeze(self, topk=topk, sparsity=sparsity, tile=tile)
+        # Neither given stays None in the config (so CLI defaults layered under a --vsa-topk do not clash) and
+        # means DEFAULT_SPARSITY (effective_sparsity).
+        topk, sparsity, tile = check_vsa_config(self.topk, self.effective_sparsity, self.tile, owner="VSA.")
+        _freeze(self, topk=topk, sparsity=None if self.sparsity is None else sparsity, tile=tile)
+
+    @property
+    def effective_sparsity(self) -> Optional[float]:
+        """The sparsity the plan runs: ``sparsity``, or ``DEFAULT_SPARSITY`` when neither it nor ``topk`` is given."""
+        return self.DEFAULT_SPARSITY if self.topk is None and self.sparsity is None else self.sparsity
 
     def plan(self, grid):
         from .vsa_plan import VSAPlan

@@ -22,22 +22,34 @@ from .kernels.vsa.api import check_vsa_grid, vsa_parts
 from .kernels.vsa.naive import cubes_of, selected_count
 from .plans import Plan
 
-__all__ = ["VSAPlan", "gate_scope", "current_gate"]
+__all__ = ["VSAPlan", "gate_scope", "push_gate", "pop_gate", "current_gate"]
 
 _LOCAL = threading.local()
 
 
-@contextlib.contextmanager
-def gate_scope(gate: Callable[[], torch.Tensor]):
-    """While inside, :func:`current_gate` on this thread returns ``gate()`` (computed on first use, once)."""
+def push_gate(gate: Optional[Callable[[], torch.Tensor]]) -> None:
+    """Until the matching :func:`pop_gate`, :func:`current_gate` on this thread returns ``gate()`` (computed on
+    first use, once; None: no gate, e.g. a layer the checkpoint has none for)."""
     stack = getattr(_LOCAL, "stack", None)
     if stack is None:
         stack = _LOCAL.stack = []
     stack.append([gate, None])
+
+
+def pop_gate() -> None:
+    stack = getattr(_LOCAL, "stack", None)
+    if stack:
+        stack.pop()
+
+
+@contextlib.contextmanager
+def gate_scope(gate: Optional[Callable[[], torch.Tensor]]):
+    """:func:`push_gate` for the duration of a ``with`` block."""
+    push_gate(gate)
     try:
         yield
     finally:
-        stack.pop()
+        pop_gate()
 
 
 def current_gate() -> Optional[torch.Tensor]:
@@ -46,7 +58,7 @@ def current_gate() -> Optional[torch.Tensor]:
     if not stack:
         return None
     slot = stack[-1]
-    if slot[1] is None:
+    if slot[1] is None and slot[0] is not None:
         slot[1] = slot[0]()
     return slot[1]
 
@@ -60,7 +72,7 @@ class VSAPlan(Plan):
         grid = check_vsa_grid(tuple(grid), owner="VSA: ")
         super().__init__(method, grid)
         self.cubes = cubes_of(grid, method.tile)
-        self.count = selected_count(self.cubes.count, method.topk, method.sparsity)
+        self.count = selected_count(self.cubes.count, method.topk, method.effective_sparsity)
         self.density = self.count / self.cubes.count
         self.token_density = None  # the cubes' token share varies with the partial ones they pick
 

@@ -32,7 +32,7 @@ def test_wan_matches_reference_on_partial_cubes(wan, method):
     grid = (5, 6, 7)  # partial cubes along every dimension
     kwargs = T.tiny_transformer_inputs("wan", wan, grid=grid, batch=2)
     dense = _run(wan, kwargs)
-    count = count_for(grid, method.tile, method.topk, method.sparsity)
+    count = count_for(grid, method.tile, method.topk, method.effective_sparsity)
     with VSAReference(grid, count, method.tile) as ref_mode:
         ref = _run(wan, kwargs)
     assert ref_mode.calls == 2
@@ -103,7 +103,8 @@ def test_ring_attention_is_refused():
 
 
 def test_config_is_validated_and_round_trips():
-    assert dit_accel.VSA().sparsity == 0.8 and dit_accel.VSA().topk is None
+    assert dit_accel.VSA().effective_sparsity == 0.8 and dit_accel.VSA().topk is None
+    assert dit_accel.VSA().plan((4, 8, 12)).count == 2  # 10 cubes: ceil(0.2 * 10)
     assert dit_accel.VSA(topk=3).sparsity is None
     assert dit_accel.VSA(tile=4).tile == (4, 4, 4)
     with pytest.raises(ValueError, match="VSA.topk"):
