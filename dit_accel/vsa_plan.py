@@ -88,7 +88,8 @@ class VSAPlan(Plan):
                          "query cube's mean on one rank): use Ulysses context parallelism (heads split) instead")
 
     def gate_for(self, q: torch.Tensor, heads) -> Optional[torch.Tensor]:
-        """The current layer's gate shaped like ``q`` (its ``heads`` of the model), or None."""
+        """The current layer's gate shaped like ``q`` (its ``heads`` of the model: ``(start, stop)`` or an index
+        tensor), or None."""
         gate = current_gate()
         if gate is None:
             return None
@@ -98,7 +99,9 @@ class VSAPlan(Plan):
                              f"video queries are {tuple(q.shape)} (B, heads, N, D): the gate needs the layer's whole "
                              "video sequence on one rank (no sequence split, no text in the attention input)")
         gate = gate.unflatten(2, (gate.shape[2] // d, d)).transpose(1, 2)  # (B, heads of the model, N, D)
-        if heads is not None:
+        if isinstance(heads, torch.Tensor):  # a per-head plan's VSA heads
+            gate = gate.index_select(1, heads.to(gate.device))
+        elif heads is not None:  # Ulysses: this rank's (start, stop)
             gate = gate[:, heads[0]:heads[1]]
         if gate.shape[1] != h:
             raise ValueError(f"dit_accel: VSA's gate holds {gate.shape[1]} heads, the layer's queries {h}")

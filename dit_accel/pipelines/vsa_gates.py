@@ -31,9 +31,9 @@ _BLOCK = re.compile(r"(?:^|\.)blocks\.(\d+)\.")
 
 
 def runs_vsa(schedule) -> bool:
-    """Whether any layer of ``schedule`` may run VSA."""
+    """Whether any layer of ``schedule`` may run VSA (on some heads, for a :class:`~dit_accel.PerHead`)."""
     methods = [schedule.method, *schedule.layer_methods.values()]
-    return any(isinstance(m, VSA) for m in methods)
+    return any(isinstance(m, VSA) or any(isinstance(h, VSA) for h in getattr(m, "methods", ())) for m in methods)
 
 
 def gates_folder(method, layer_methods, weights) -> bool:
@@ -42,7 +42,9 @@ def gates_folder(method, layer_methods, weights) -> bool:
     gate tensors and no ``dit_accel_method.json``."""
     from ..weights import METHOD_FILE
 
-    if weights is None or not any(isinstance(m, VSA) for m in (method, *(layer_methods or {}).values())):
+    methods = (method, *(layer_methods or {}).values())
+    if weights is None or not any(isinstance(m, VSA) or any(isinstance(h, VSA) for h in getattr(m, "methods", ()))
+                                  for m in methods):
         return False
     folder = Path(weights)
     if (folder / METHOD_FILE).is_file():
