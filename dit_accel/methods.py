@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Dict, Optional, Tuple, Union
 
 from .kernels.sla.common import LINEAR_EPS, REFERENCE_LINEAR_EPS, ROUNDINGS
+from .kernels.vsa.api import check_vsa_config
 from .patterns.checks import int_or_tuple, number_in, per_head, positive_int
 from .patterns.gna import check_gna_args
 from .patterns.radial import RADIAL_RULES, check_radial_args
@@ -732,8 +733,6 @@ class VSA(Method):
     DEFAULT_SPARSITY: ClassVar[float] = 0.8
 
     def __post_init__(self):
-        from .kernels.vsa.api import check_vsa_config
-
         # Neither given stays None in the config (so CLI defaults layered under a --vsa-topk do not clash) and
         # means DEFAULT_SPARSITY (effective_sparsity).
         topk, sparsity, tile = check_vsa_config(self.topk, self.effective_sparsity, self.tile, owner="VSA.")

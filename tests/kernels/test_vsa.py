@@ -180,3 +180,60 @@ def test_fine_branch_on_the_triton_block_sparse_kernels():
     out.backward(dout.float())
     for mine, theirs in ((q, qd), (k, kd), (v, vd), (gate, gd)):
         torch.testing.assert_close(mine.grad.double(), theirs.grad, atol=2e-4, rtol=2e-4)
+
+
+@interpreter
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("grid,tile", [((5, 6, 7), (4, 4, 4)), ((3, 9, 10), (2, 4, 8)), ((7, 7, 9), (2, 2, 4))],
+                         ids=["5x6x7-t444", "3x9x10-t248", "7x7x9-t224-many-cubes"])
+def test_triton_coarse_branch_matches_the_twin(grid, tile, dtype):
+    """Cube pooling + coarse attention in Triton (interpreter): output, scores and torch.topk selection."""
+    from dit_accel.kernels.vsa.naive import coarse_attention, cubes_of
+    from dit_accel.kernels.vsa.triton import coarse_triton
+
+    cubes = cubes_of(grid, tile)
+    q, k, v, _ = _qkv((2, 2, cubes.perm.num_tokens, 24), dtype=dtype, seed=4)
+    q_t, k_t, v_t = (cubes.perm.permute(x) for x in (q, k, v))
+    count = max(1, cubes.count // 3)
+    got = coarse_triton(q_t, k_t, v_t, cubes, count, 0.3)
+    want = coarse_attention(q_t, k_t, v_t, cubes, count, 0.3)
+    torch.testing.assert_close(got[0], want[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got[1], want[1], atol=1e-5, rtol=1e-5)
+    assert torch.equal(got[2].sort(-1).values, want[2].sort(-1).values)
+    assert coarse_triton(q_t, k_t, v_t, cubes, count, 0.3, with_output=False)[0] is None
+
+
+@interpreter
+def test_forced_triton_forward_uses_the_fused_coarse_branch_and_matches_the_reference(monkeypatch):
+    from dit_accel.kernels.vsa import triton as vsa_triton
+
+    calls = []
+    real = vsa_triton.coarse_triton
+    monkeypatch.setattr(vsa_triton, "coarse_triton", lambda *a, **k: calls.append(1) or real(*a, **k))
+    grid, tile = (3, 6, 7), (2, 4, 8)
+    q, k, v, gate = _qkv((1, 2, 126, 16), seed=2)
+    ref, _, scores = reference(q, k, v, grid, 2, tile, gate)
+    assert _well_posed(scores, 2)
+    with torch.no_grad():
+        dit_accel.vsa_attention(q, k, v, grid, topk=2, tile=tile, gate=gate, backend="triton")  # (+ its self-check)
+        calls.clear()
+        out = dit_accel.vsa_attention(q, k, v, grid, topk=2, tile=tile, gate=gate, backend="triton")
+    assert calls == [1]
+    torch.testing.assert_close(out.double(), ref, atol=1e-4, rtol=1e-4)
+    calls.clear()
+    dit_accel.vsa_attention(q, k, v, grid, topk=2, tile=tile, gate=gate, backend="torch")
+    assert calls == []  # the twin's coarse branch on backend="torch"
+
+
+@interpreter
+def test_coarse_variant_passes_its_self_check_and_the_fault_switch_fails_it(tmp_path, monkeypatch):
+    from dit_accel.kernels import selfcheck
+
+    monkeypatch.setenv("DIT_ACCEL_CACHE", str(tmp_path))
+    monkeypatch.delenv(selfcheck.ENV_FAULT, raising=False)
+    shape = {"head_dim": 64, "block_q": 64, "block_k": 64}
+    ok = selfcheck.verdict("vsa.triton.coarse", torch.device("cpu"), torch.float32, shape, fresh=True)
+    assert ok["ok"] and ok["error"] <= ok["tolerance"], ok
+    monkeypatch.setenv(selfcheck.ENV_FAULT, "vsa.triton.coarse")
+    bad = selfcheck.verdict("vsa.triton.coarse", torch.device("cpu"), torch.float32, shape, fresh=True)
+    assert not bad["ok"], bad

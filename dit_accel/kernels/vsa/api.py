@@ -1,7 +1,9 @@
 """VSA (video sparse attention, FastVideo semantics): the public op ``vsa_attention``.
 
-The coarse branch (cube means, softmax attention between them, top-k key cubes per query cube) runs in
-PyTorch, in fp32, on every device: it is ``C x C`` work for ``C`` cubes (``N / 64`` at the default tile).
+The coarse branch (cube means, softmax attention between them, top-k key cubes per query cube) is ``C x C``
+fp32 work for ``C`` cubes (``N / 64`` at the default tile): on CUDA two Triton launches (:mod:`.triton`,
+forward only, under the self-check ``vsa.triton.coarse``), else and under autograd the PyTorch twin; the
+selection is ``torch.topk`` of the scores either way.
 The fine branch is a :class:`~dit_accel.kernels.BlockLayout` whose blocks are the cubes, one layout head
 per (batch, head), run by :func:`~dit_accel.kernels.block_sparse_attention` (its backends and their
 self-checks): no second block-sparse kernel. A partial edge cube's padded key positions are masked by an
@@ -99,6 +101,27 @@ def vsa_layout(cubes: Cubes, selection: torch.Tensor) -> BlockLayout:
                                         mask_ids=mask_ids[None, None, :].expand(b * h, c, c), mask_table=table)
 
 
+def _fused_coarse(q_t, k_t, v_t, with_coarse: bool, backend: str) -> bool:
+    """Whether the coarse branch runs the Triton launches (:mod:`.triton`): on CUDA for ``auto``, wherever Triton
+    runs for a forced ``triton`` (the interpreter included), and only when no gradient flows through the coarse
+    output (the launches are forward only) and the variant passed its self-check."""
+    from ..backends import env_backend, triton_reason
+
+    forced = (backend if backend != "auto" else env_backend()) or "auto"
+    device = q_t.device
+    if forced not in ("auto", "triton") or (forced == "auto" and device.type != "cuda"):
+        return False
+    if with_coarse and torch.is_grad_enabled() and any(x.requires_grad for x in (q_t, k_t, v_t)):
+        return False
+    if triton_reason(device) is not None or torch.compiler.is_compiling():
+        return False
+    from .. import selfcheck
+    from .selfchecks import VARIANT
+
+    shape = {"head_dim": q_t.shape[-1], "block_q": 64, "block_k": 64}
+    return selfcheck.gate([VARIANT], device, q_t.dtype, shape, forced=forced == "triton")
+
+
 def vsa_parts(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid: Tuple[int, int, int], count: int,
               tile: Tuple[int, int, int], scale: float, *, with_coarse: bool = True,
               backend: str = "auto", cubes: Optional[Cubes] = None) -> VSAResult:
@@ -108,7 +131,12 @@ def vsa_parts(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid: Tuple[int
     cubes = cubes_of(grid, tile) if cubes is None else cubes
     perm = cubes.perm
     q_t, k_t, v_t = (perm.permute(x, dim=-2) for x in (q, k, v))
-    coarse, _, selection = coarse_attention(q_t, k_t, v_t, cubes, count, scale, with_coarse)
+    if _fused_coarse(q_t, k_t, v_t, with_coarse, backend):
+        from .triton import coarse_triton
+
+        coarse, _, selection = coarse_triton(q_t, k_t, v_t, cubes, count, scale, with_coarse)
+    else:
+        coarse, _, selection = coarse_attention(q_t, k_t, v_t, cubes, count, scale, with_coarse)
     layout = vsa_layout(cubes, selection)
     b, h, n_pad, d = q_t.shape
     fold = (1, b * h, n_pad, d)  # batch folded into heads: one layout head per (batch, head)
