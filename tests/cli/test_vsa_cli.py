@@ -45,3 +45,13 @@ def test_generate_method_vsa_loads_the_gates(gated_wan_folder, tmp_path, capsys)
     meta = json.loads(Path(str(out2) + ".json").read_text())
     assert meta["method"] == {"method": "vsa", "topk": 2, "sparsity": None, "tile": [1, 8, 8]}
     assert meta["density"]["mean"] == pytest.approx(2 / 3)
+
+
+def test_eval_has_a_vsa_row(tmp_path, capsys):
+    out = tmp_path / "eval"
+    assert main(["eval", "--model", "tiny-wan", "--methods", "vsa", "--prompt", "a cat", "--frames", "9",
+                 "--height", "128", "--width", "128", "--steps", "1", "--max-sequence-length", "16", "--warmup", "0",
+                 "--out", str(out), "--device", "cpu", "--no-lpips"]) == 0, capsys.readouterr().err
+    report = (out / "report.md").read_text()
+    row = next(line for line in report.splitlines() if line.startswith("| vsa |"))
+    assert "0.250" in row  # grid (3, 8, 8): 1 of 4 cubes per query cube at the default sparsity 0.8
