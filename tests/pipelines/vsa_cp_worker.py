@@ -8,9 +8,8 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import cp_worker  # noqa: E402  (sets the harness up: offline, interpreter, device_count)
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from tests.pipelines import cp_worker  # noqa: E402  (sets the harness up: offline, interpreter, device_count)
 import torch.distributed as dist  # noqa: E402
 
 import dit_accel  # noqa: E402
