@@ -21,7 +21,7 @@ import torch
 
 from .atomic_files import BadFileError
 
-__all__ = ["GATE_KEY", "transformer_folder", "checkpoint_files", "gate_keys", "read_gates"]
+__all__ = ["GATE_KEY", "loaded_from", "transformer_folder", "checkpoint_files", "gate_keys", "read_gates"]
 
 #: A gate tensor's key: ``blocks.<N>.to_gate_compress.<weight|bias>`` (optionally ``attn1.`` before the name, and a
 #: ``transformer.``/``model.`` prefix).
@@ -33,16 +33,40 @@ def _has_checkpoint(folder: Path) -> bool:
     return folder.is_dir() and any(p.suffix == ".safetensors" for p in folder.iterdir())
 
 
-def transformer_folder(transformer, subfolder: str = "transformer") -> Optional[Path]:
-    """The local folder ``transformer`` was loaded from (its config's ``_name_or_path``, or that path's
-    ``subfolder`` when the path is a pipeline folder), or None (built from a config, or a hub id)."""
+def loaded_from(transformer) -> Optional[str]:
+    """The config's ``_name_or_path`` (a folder or a hub id), or None (built from a config)."""
     config = getattr(transformer, "config", None)
     name = getattr(config, "_name_or_path", None) if config is not None else None
     if name is None and isinstance(config, dict):
         name = config.get("_name_or_path")
-    if not name or not isinstance(name, (str, os.PathLike)):
+    return os.fspath(name) if isinstance(name, (str, os.PathLike)) and os.fspath(name) else None
+
+
+def _hub_snapshot(repo_id: str, subfolder: str) -> Optional[Path]:
+    """The locally cached snapshot of hub repo ``repo_id`` (its ``subfolder`` checkpoint), never downloading."""
+    if repo_id.count("/") != 1 or repo_id.startswith((".", "/")):
+        return None
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(repo_id, local_files_only=True,
+                                      allow_patterns=[f"{subfolder}/*", "*.safetensors", "*.json"]))
+    except Exception:  # not cached, not a repo id, no huggingface_hub: nothing found here
+        return None
+
+
+def transformer_folder(transformer, subfolder: str = "transformer") -> Optional[Path]:
+    """The local folder ``transformer`` was loaded from: its config's ``_name_or_path`` (a folder, or a hub id
+    found in the local Hugging Face cache), or that path's ``subfolder`` when it is a pipeline folder. None when
+    it was built from a config or its files are not on this machine."""
+    name = loaded_from(transformer)
+    if name is None:
         return None
     path = Path(name)
+    if not path.exists():
+        path = _hub_snapshot(name, subfolder)
+        if path is None:
+            return None
     for folder in (path, path / subfolder):
         if _has_checkpoint(folder):
             return folder

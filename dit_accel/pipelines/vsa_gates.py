@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..gate_weights import gate_keys, read_gates, transformer_folder
+from ..gate_weights import gate_keys, loaded_from, read_gates, transformer_folder
 from ..methods import VSA
 from ..vsa_plan import pop_gate, push_gate
 
@@ -126,7 +126,7 @@ def attach_gates(handle, targets, weights=None) -> Optional[VSAGates]:
         return None
     gates = VSAGates()
     try:
-        total = _load(gates, targets, weights)
+        total = _load(gates, targets, weights, log)
     except BaseException:  # all or nothing: apply() undoes the rest
         gates.remove()
         raise
@@ -140,7 +140,7 @@ def attach_gates(handle, targets, weights=None) -> Optional[VSAGates]:
     return gates
 
 
-def _load(gates: VSAGates, targets, weights) -> int:
+def _load(gates: VSAGates, targets, weights, log) -> int:
     """Add the gate of every targeted layer its checkpoint has one for; the number of targeted layers."""
     total = 0
     for prefix, transformer, _, modules in targets:
@@ -149,6 +149,12 @@ def _load(gates: VSAGates, targets, weights) -> int:
             folder = folder if gate_keys(folder) else folder / "transformer"
         else:
             folder = transformer_folder(transformer)
+            name = loaded_from(transformer)
+            if folder is None and name is not None:  # a hub id not in the local cache, a moved folder
+                log.warn(f"dit_accel: VSA could not look for to_gate_compress gates: {type(transformer).__name__} was "
+                         f"loaded from {name!r}, which is no folder on this machine. If it is a sparse-distilled "
+                         "checkpoint (FastWan), pass weights=<its transformer folder> so its gates load; without "
+                         "them VSA runs the fine branch alone", key=("no gate folder", name), stacklevel=5)
         tensors = read_gates(folder) if folder is not None else {}
         total += len(modules)
         for name, module in modules:

@@ -172,3 +172,38 @@ def test_per_head_vsa_with_its_gate(tmp_path):
         for h in hooks:
             h.remove()
     torch.testing.assert_close(out, ref, atol=2e-4, rtol=2e-4)
+
+
+def test_a_source_that_is_not_on_this_machine_is_said(tmp_path, monkeypatch):
+    """A hub id missing from the local cache (or a moved folder): VSA says it could not look for gates."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    model = T.build_tiny_transformer("wan")
+    model.register_to_config(_name_or_path="FastVideo/not-in-this-cache")
+    with pytest.warns(dit_accel.DitAccelWarning, match="could not look for to_gate_compress gates.*weights="):
+        handle = dit_accel.apply(model, dit_accel.VSA(topk=1), backend="torch")
+    assert handle.vsa_gates == {}
+    handle.remove()
+
+
+def test_a_hub_id_in_the_local_cache_is_found(tmp_path, monkeypatch):
+    """The transformer's _name_or_path is a hub id: its cached snapshot (the Hugging Face cache layout) is read."""
+    cache = tmp_path / "hub"
+    snapshot = cache / "models--FastVideo--TinyFastWan" / "snapshots" / ("0" * 40)
+    (snapshot / "transformer").mkdir(parents=True)
+    gates = _gated_checkpoint(snapshot / "transformer")
+    (cache / "models--FastVideo--TinyFastWan" / "refs").mkdir()
+    (cache / "models--FastVideo--TinyFastWan" / "refs" / "main").write_text("0" * 40)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    import huggingface_hub.constants as hub_constants
+
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(cache))
+    model = _load(snapshot / "transformer")
+    model.register_to_config(_name_or_path="FastVideo/TinyFastWan")
+    kwargs = T.tiny_transformer_inputs("wan", model, grid=GRID)
+    ref = _reference(model, kwargs, gates, 2, (4, 4, 4))
+    with dit_accel.apply(model, dit_accel.VSA(topk=2), backend="torch") as handle, torch.no_grad():
+        out = model(**kwargs)[0]
+        assert len(handle.vsa_gates) == 2
+    torch.testing.assert_close(out, ref, atol=2e-4, rtol=2e-4)
