@@ -1,8 +1,6 @@
 """VSA checkpoint gates: a tiny Wan checkpoint in FastVideo's Diffusers key layout (``blocks.N.to_gate_compress``),
 which Diffusers drops on load, runs end to end with its gates, against a reference computed by hand."""
 
-import math
-
 import pytest
 import torch
 import torch.nn.functional as F

@@ -5,8 +5,8 @@ raster order inside a cube). The permutation pads every dimension to a tile mult
 is never part of a mean, a softmax or a selection count, so an edge cube holds only its real tokens.
 
 The twin gathers each query cube's selected key cubes (memory ``B*H*Np*k*V``, linear in the selected
-count), so it is also the CPU fallback for short sequences. :mod:`.api` runs the fine branch on the
-block-sparse backends instead; both are checked against a brute-force reference in the tests.
+count). :mod:`.api` runs the fine branch on the block-sparse backends instead, and the coarse branch through
+:func:`coarse_attention` (CPU, autograd) or :mod:`.triton`; the tests check both against a brute force.
 """
 
 from __future__ import annotations
