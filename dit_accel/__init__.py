@@ -7,7 +7,8 @@ One line on any supported pipeline::
     ...
     handle.remove()
 
-Methods: :class:`Dense`, :class:`GNA`, :class:`Tile`, :class:`Radial`, :class:`SLA`, and any
+Methods: :class:`Dense`, :class:`GNA`, :class:`Tile`, :class:`Radial`, :class:`SLA`, :class:`VSA` (and its
+functional op :func:`vsa_attention`), and any
 method registered with :func:`register_method`; models: the presets, and any class
 registered with :func:`register_preset`.
 """
@@ -16,11 +17,12 @@ __version__ = "0.2.0"
 
 # Names resolve on first use: `import dit_accel` (and `dit-accel --help`) stays free of torch and diffusers.
 _EXPORTS = {
-    **{name: "methods" for name in ("Method", "Dense", "GNA", "Tile", "TileStrategy", "Radial", "SLA",
+    **{name: "methods" for name in ("Method", "Dense", "GNA", "Tile", "TileStrategy", "Radial", "SLA", "VSA",
                                     "method_from_name", "canonical_method_name", "register_method", "unregister_method", "registered_methods",
                                     "option")},
     **{name: "sparse_plan" for name in ("SparsePlan", "Phase")},
     "PerHead": "per_head",
+    "vsa_attention": "kernels.vsa",
     **{name: "weights" for name in ("load_method", "read_weights_info")},
     "DitAccelWarning": "_util",
     "BadFileError": "atomic_files",

@@ -33,12 +33,13 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Dict, Optional, Tuple, Union
 
 from .kernels.sla.common import LINEAR_EPS, REFERENCE_LINEAR_EPS, ROUNDINGS
+from .kernels.vsa.api import check_vsa_config
 from .patterns.checks import int_or_tuple, number_in, per_head, positive_int
 from .patterns.gna import check_gna_args
 from .patterns.radial import RADIAL_RULES, check_radial_args
 from .patterns.tile import check_tile_args, read_sta_strategy
 
-__all__ = ["Method", "Dense", "GNA", "Tile", "TileStrategy", "Radial", "SLA", "method_from_name", "register_method",
+__all__ = ["Method", "Dense", "GNA", "Tile", "TileStrategy", "Radial", "SLA", "VSA", "method_from_name", "register_method",
            "unregister_method", "registered_methods", "MethodEntry", "option", "CliOption"]
 
 IntOrTuple = Union[int, Tuple[int, ...]]
@@ -687,3 +688,65 @@ class SLA(Method):
 
     def at_density(self, grid, density):
         return self.replace(topk=min(max(density, 1e-6), 1.0), negligible=min(self.negligible, 1.0 - density))
+
+
+@register_method("vsa", finetunable=False,
+                 summary="video sparse attention (FastVideo's VSA): coarse attention between cube means picks the "
+                         "top-k key cubes per query cube, exact attention over them; out = coarse * gate + fine, with "
+                         "the checkpoint's to_gate_compress gate where there is one (FastWan), else the fine branch "
+                         "alone")
+@dataclass(frozen=True)
+class VSA(Method):
+    """Video sparse attention (FastVideo's VSA, METHODS.md "VSA"): dynamic, selected from pooled scores.
+
+    The video token grid is cut into cubes of ``tile`` tokens (edge cubes hold only their real tokens).
+    Coarse softmax attention between cube means scores the key cubes; each query cube keeps its top-k
+    (``torch.topk``) and attends exactly to their real tokens (the fine branch). The output is
+    ``coarse * gate + fine``: the gate is the checkpoint's per-token ``to_gate_compress`` projection
+    (FastWan and other sparse-distilled checkpoints, found by :func:`dit_accel.apply` in the folder the
+    transformer was loaded from or at ``weights=``); without one it is zero and VSA is training-free top-k
+    cube-sparse attention. Differs from :class:`Tile` (a fixed window of tiles) by choosing the key cubes per
+    call from the data, and from :class:`SLA` by its cube blocks, its exact cube means over real tokens (no
+    smoothing of K), its gated coarse branch instead of a linear one, and its top-k count.
+
+    Args:
+        topk: key cubes kept per query cube (an int >= 1, clamped to the cube count). Or
+        sparsity: fraction of key cubes skipped, in [0, 1): ``k = ceil((1 - sparsity) * cubes)``, at least 1.
+            Give at most one; with neither, ``sparsity=0.8`` (FastWan's inference setting).
+        tile: cube shape ``(T, H, W)`` in tokens: ``(4, 4, 4)`` (FastVideo's default) or ``(4, 8, 8)``.
+
+    Joint text+video models: text keys are always attended (exactly, merged by log-sum-exp with the fine
+    branch) and text queries are dense (FastVideo's design for packed prefixes). Needs a video grid
+    ``(T, H, W)``.
+
+    Example::
+
+        dit_accel.apply(pipe, dit_accel.VSA(sparsity=0.8))          # FastWan: gates load from the checkpoint
+    """
+
+    topk: Optional[int] = option(None, "vsa: key cubes kept per query cube (>= 1); or --vsa-sparsity", parse="int",
+                                 flag="--vsa-topk")
+    sparsity: Optional[float] = option(None, "vsa: fraction of key cubes skipped in [0, 1) (default 0.8 when "
+                                             "--vsa-topk is not given)", parse="float", flag="--vsa-sparsity")
+    tile: IntOrTuple = option((4, 4, 4), "vsa: cube shape in tokens (4,4,4 or 4,8,8)", metavar="T,H,W")
+
+    DEFAULT_SPARSITY: ClassVar[float] = 0.8
+
+    def __post_init__(self):
+        # Neither given stays None in the config (so CLI defaults layered under a --vsa-topk do not clash) and
+        # means DEFAULT_SPARSITY (effective_sparsity).
+        topk, sparsity, tile = check_vsa_config(self.topk, self.effective_sparsity, self.tile, owner="VSA.")
+        _freeze(self, topk=topk, sparsity=None if self.sparsity is None else sparsity, tile=tile)
+
+    @property
+    def effective_sparsity(self) -> Optional[float]:
+        """The sparsity the plan runs: ``sparsity``, or ``DEFAULT_SPARSITY`` when neither it nor ``topk`` is given."""
+        return self.DEFAULT_SPARSITY if self.topk is None and self.sparsity is None else self.sparsity
+
+    def plan(self, grid):
+        from .vsa_plan import VSAPlan
+
+        return VSAPlan(self, grid)
+
+    def at_density(self, grid, density):
+        return self.replace(topk=None, sparsity=min(max(1.0 - float(density), 0.0), 0.999))

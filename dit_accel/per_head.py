@@ -29,6 +29,7 @@ import torch
 from .kernels.layout import BlockLayout
 from .methods import Dense, Method
 from .plans import DensePlan, LayoutPlan, Plan, SLAPlan
+from .vsa_plan import VSAPlan
 
 __all__ = ["PerHead", "PerHeadPlan", "MAX_CONVERTED_TOKENS"]
 
@@ -138,7 +139,7 @@ class PerHeadPlan(Plan):
                 heads["dense"].append(h)
             elif isinstance(plan, LayoutPlan):
                 heads["layout"].append(h)
-            elif isinstance(plan, SLAPlan):
+            elif isinstance(plan, (SLAPlan, VSAPlan)):  # chosen per call: one call per distinct config
                 heads["sla"].setdefault(m, []).append(h)
             else:
                 raise ValueError(f"PerHead head {h}: {m!r} makes a {type(plan).__name__}, which per-head plans do "
@@ -155,7 +156,7 @@ class PerHeadPlan(Plan):
         elif heads["dense"]:
             groups.append(_Group(heads["dense"], DensePlan(Dense(), grid, "dense heads"), "dense"))
         for m, hs in heads["sla"].items():
-            groups.append(_Group(hs, plans[m], "sla"))
+            groups.append(_Group(hs, plans[m], "vsa" if isinstance(plans[m], VSAPlan) else "sla"))
         density = None
         if not heads["sla"]:
             density = sum(g.plan.density * len(g.heads) for g in groups) / len(method.methods)
@@ -180,7 +181,8 @@ class PerHeadPlan(Plan):
             index = group.index(q.device)
             qs, ks, vs = (x.index_select(1, index) for x in (q, k, v))
             o_g, lse_g, extra_g, d_g = group.plan.attend(qs, ks, vs, scale=scale, backend=backend,
-                                                         proj=proj if group.kind == "sla" else None)
+                                                         proj=proj if group.kind == "sla" else None,
+                                                         **({"heads": index} if group.kind == "vsa" else {}))
             o = o.index_copy(1, index, o_g.to(o.dtype))
             lse = lse.index_copy(1, index, lse_g.float())
             if extra_g is not None:

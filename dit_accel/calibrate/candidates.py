@@ -1,7 +1,8 @@
 """The candidate method configs a calibration scores for every layer and head of a model.
 
 Every registered pattern method over a small parameter grid sized to the token grid (Tile windows,
-GNA kernel sizes, Radial decays, SLA top-k), plus dense. Tile and GNA candidates share one tile, so
+GNA kernel sizes, Radial decays, SLA top-k; VSA sparsities when asked for, see :data:`OPTIONAL_METHODS`),
+plus dense. Tile and GNA candidates share one tile, so
 their heads lay out in one token order and a layer mixing them runs one per-head layout without
 conversion (:mod:`dit_accel.per_head`). Candidates whose plan is dense on the grid, nearly dense
 (visited density above ``max_density``) or that repeat another candidate's blocks are dropped.
@@ -13,20 +14,25 @@ import itertools
 from dataclasses import dataclass
 from typing import List, Sequence, Tuple
 
-from ..methods import GNA, SLA, Dense, Method, Radial, Tile
+from ..methods import GNA, SLA, VSA, Dense, Method, Radial, Tile
 from ..per_head import MAX_CONVERTED_TOKENS
 
-__all__ = ["Candidate", "candidate_grid", "GRIDS", "METHODS"]
+__all__ = ["Candidate", "candidate_grid", "GRIDS", "METHODS", "OPTIONAL_METHODS", "CALIBRATABLE"]
 
 #: Sizes of the parameter grid: "small" (one or two per method: tests, smoke runs), "default", "large".
 GRIDS = ("small", "default", "large")
 METHODS = ("tile", "gna", "radial", "sla")
+#: Methods a calibration considers only when asked (``methods=(..., "vsa")``, ``--methods ...,vsa``): VSA runs
+#: as its checkpoint was trained (a FastWan) or training-free, so it is no default candidate of other models.
+OPTIONAL_METHODS = ("vsa",)
+CALIBRATABLE = METHODS + OPTIONAL_METHODS
 
 
 @dataclass(frozen=True)
 class Candidate:
-    """A method config as a calibration candidate: ``kind`` is ``"dense"``, ``"block_sparse"`` or ``"sla"``;
-    ``density`` the visited block density on the grid (SLA: its top-k blocks)."""
+    """A method config as a calibration candidate: ``kind`` is ``"dense"``, ``"block_sparse"``, ``"sla"`` or
+    ``"vsa"`` (both chosen per call, one launch per config); ``density`` the visited block density on the grid
+    (SLA: its top-k blocks; VSA: its top-k cubes)."""
 
     method: Method
     kind: str
@@ -45,6 +51,8 @@ class Candidate:
             return f"radial d{m.decay:g}"
         if isinstance(m, SLA):
             return f"sla k{m.topk:g}"
+        if isinstance(m, VSA):
+            return f"vsa k{m.topk}" if m.topk is not None else f"vsa s{m.effective_sparsity:g}"
         return m.name
 
 
@@ -82,9 +90,9 @@ def candidate_grid(grid: Sequence[int], *, size: str = "default", methods: Seque
 
     if size not in GRIDS:
         raise ValueError(f"size={size!r} is invalid: choose one of {GRIDS}")
-    unknown = sorted(set(methods) - set(METHODS))
+    unknown = sorted(set(methods) - set(CALIBRATABLE))
     if unknown:
-        raise ValueError(f"methods {unknown} cannot be calibrated; choose from {', '.join(METHODS)}")
+        raise ValueError(f"methods {unknown} cannot be calibrated; choose from {', '.join(CALIBRATABLE)}")
     grid = tuple(int(g) for g in grid)
     out = [Candidate(Dense(), "dense", 1.0)]
     seen = set()
@@ -131,4 +139,16 @@ def candidate_grid(grid: Sequence[int], *, size: str = "default", methods: Seque
                 continue
             kept.add(blocks)
             out.append(Candidate(SLA(topk=topk), "sla", blocks / n_blocks))
+    if "vsa" in methods and len(grid) == 3:
+        sparsities = {"small": (0.7,), "default": (0.5, 0.7, 0.85), "large": (0.3, 0.5, 0.7, 0.8, 0.9)}[size]
+        counts = set()
+        for sparsity in sparsities:
+            try:
+                plan = VSA(sparsity=sparsity).plan(grid)
+            except ValueError:
+                continue
+            if plan.count in counts or plan.density > max_density:
+                continue
+            counts.add(plan.count)
+            out.append(Candidate(VSA(sparsity=sparsity), "vsa", plan.density))
     return out

@@ -67,7 +67,7 @@ class SearchSpace:
         self.full_head_cost = float(full_head_cost)
         kinds = [c.kind for c in self.candidates]
         self.block = [i for i, k in enumerate(kinds) if k == "block_sparse"]
-        self.sla = [i for i, k in enumerate(kinds) if k == "sla"]
+        self.sla = [i for i, k in enumerate(kinds) if k in ("sla", "vsa")]  # chosen per call: a launch per config
         self.dense_layer_cost = costs.launch("dense") + heads * costs.dense_head()
         self.bucket_weights = [1.0] * len(self.buckets)
         self.layer_weights = [1.0] * layers
@@ -81,8 +81,9 @@ class SearchSpace:
         best_value = best.cost
         weight = self.bucket_weights[bucket] * self.layer_weights[layer]
         options = [(("block_sparse",), self.block, None)]
+        kinds_of = {s: self.candidates[s].kind for s in self.sla}
         for s in self.sla:
-            options += [(("sla",), [], s), (("block_sparse", "sla"), self.block, s)]
+            options += [((kinds_of[s],), [], s), (("block_sparse", kinds_of[s]), self.block, s)]
         for launches, block, sla in options:
             if not block and sla is None:
                 continue

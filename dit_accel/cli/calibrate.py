@@ -135,13 +135,13 @@ def _check_counts(args) -> list:
 
 def _check_methods_and_costs(args) -> None:
     """--methods from the calibration's methods; --arch and --kernel known to the cost model."""
-    from ..calibrate.candidates import METHODS
+    from ..calibrate.candidates import CALIBRATABLE
     from ..kernels.cost import CONSTANTS, KERNELS
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    unknown = [m for m in methods if m not in METHODS]
+    unknown = [m for m in methods if m not in CALIBRATABLE]
     if not methods or unknown:
-        raise _UsageError(f"--methods {args.methods!r}: choose from {','.join(METHODS)} (comma-separated)")
+        raise _UsageError(f"--methods {args.methods!r}: choose from {','.join(CALIBRATABLE)} (comma-separated)")
     archs = sorted({k.split("/")[0] for k in CONSTANTS})
     if args.arch not in archs:
         raise _UsageError(f"--arch {args.arch!r} has no cost-model constants; choose one of {', '.join(archs)}")
@@ -251,7 +251,8 @@ def register(subparsers) -> argparse.ArgumentParser:
                    help="the last N steps may differ from the rest (extra phase borders; default 1: the last step, "
                         "which moves the output least)")
     p.add_argument("--candidates", choices=GRIDS, default="default", help="size of the parameter grid")
-    p.add_argument("--methods", default=",".join(METHODS), help=f"methods to consider (default {','.join(METHODS)})")
+    p.add_argument("--methods", default=",".join(METHODS), help=f"methods to consider (default {','.join(METHODS)}; "
+                                                                "also vsa)")
     p.add_argument("--samples-per-bucket", type=int, default=2, help="sampled steps per step bucket (default 2)")
     p.add_argument("--max-sample-mb", type=float, default=512.0, help="memory for the q/k/v sample (default 512)")
     p.add_argument("--capture", metavar="DIR", help="also write the sampled q/k/v to DIR (nothing on disk otherwise)")

@@ -28,6 +28,7 @@ from .hooks import Runtime, SparseAttnProcessor, TransformerHook, attention_modu
 from .presets import check_method_for, check_pipeline, preset_for
 from .schedule import Schedule, StepSource
 from .stats import Stats
+from .vsa_gates import attach_gates, gates_folder
 
 __all__ = ["apply", "AccelHandle", "BACKENDS"]
 
@@ -197,6 +198,8 @@ class AccelHandle:
     def _release(self) -> None:
         """The irreversible part of :meth:`remove`: the fuse_lora guards and dit_accel's LoRA adapters."""
         self._released = True
+        if getattr(self, "_gates", None) is not None:  # VSA's checkpoint gates (pipelines/vsa_gates.py)
+            self._gates.remove()
         for transformer in self._fuse_guards:
             _drop_fuse_guard(transformer, self)
         self._fuse_guards = []
@@ -801,7 +804,8 @@ def apply(pipe_or_transformer, method: Method, *, dense_steps: int = 0, dense_la
     schedule = _resolve_layers(dict(method=method, layer_methods=layer_methods, dense_layers=dense_layers,
                                     dense_steps=dense_steps, dense_last_steps=dense_last_steps),
                                max(len(m) for *_, m in targets), capture_layers, log)
-    if weights is not None:
+    gates = gates_folder(method, layer_methods, weights)  # weights= is a VSA checkpoint with gates, not ours
+    if weights is not None and not gates:
         _check_weights_folder(weights, schedule, [(name, module, i) for *_, modules in targets
                                                   for i, (name, module) in enumerate(modules)])
     names = [name for *_, modules in targets for name, _ in modules]
@@ -813,7 +817,8 @@ def apply(pipe_or_transformer, method: Method, *, dense_steps: int = 0, dense_la
     gate, handle = CallGate(), None
     try:
         handle = AccelHandle(_install(targets, schedule, runtime, steps, gate), schedule, runtime, steps, gate)
-        if weights is not None:
+        handle._gates = attach_gates(handle, targets, weights if gates else None)
+        if weights is not None and not gates:
             for old in previous:  # they may hold the adapter name the folder loads: theirs go first
                 if old._adapters:
                     old._release()

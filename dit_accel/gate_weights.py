@@ -1,0 +1,135 @@
+"""VSA gate weights in a checkpoint: the ``to_gate_compress`` projections Diffusers drops on load.
+
+Sparse-distilled checkpoints such as FastWan2.1-T2V-1.3B-Diffusers hold, per transformer block, a learned
+gate ``blocks.N.to_gate_compress.weight`` / ``.bias`` (FastVideo's Diffusers-format key names; vLLM-Omni
+spells them ``blocks.N.attn1.to_gate_compress.*``, read too). Diffusers' ``WanTransformer3DModel`` has no
+such module and drops the keys with a notice, so the model it loads is not the one that was trained.
+This module finds and reads them, header first (:func:`gate_keys` reads no tensor), like
+:mod:`dit_accel.weights` reads dit_accel's own weights folders: a bad file is a one-line
+:class:`~dit_accel.atomic_files.BadFileError`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import torch
+
+from .atomic_files import BadFileError
+
+__all__ = ["GATE_KEY", "loaded_from", "transformer_folder", "checkpoint_files", "gate_keys", "read_gates"]
+
+#: A gate tensor's key: ``blocks.<N>.to_gate_compress.<weight|bias>`` (optionally ``attn1.`` before the name, and a
+#: ``transformer.``/``model.`` prefix).
+GATE_KEY = re.compile(r"^(?:transformer\.|model\.)?blocks\.(\d+)\.(?:attn1\.)?to_gate_compress\.(weight|bias)$")
+_INDEX = "diffusion_pytorch_model.safetensors.index.json"
+
+
+def _has_checkpoint(folder: Path) -> bool:
+    return folder.is_dir() and any(p.suffix == ".safetensors" for p in folder.iterdir())
+
+
+def loaded_from(transformer) -> Optional[str]:
+    """The config's ``_name_or_path`` (a folder or a hub id), or None (built from a config)."""
+    config = getattr(transformer, "config", None)
+    name = getattr(config, "_name_or_path", None) if config is not None else None
+    if name is None and isinstance(config, dict):
+        name = config.get("_name_or_path")
+    return os.fspath(name) if isinstance(name, (str, os.PathLike)) and os.fspath(name) else None
+
+
+def _hub_snapshot(repo_id: str, subfolder: str) -> Optional[Path]:
+    """The locally cached snapshot of hub repo ``repo_id`` (its ``subfolder`` checkpoint), never downloading."""
+    if repo_id.count("/") != 1 or repo_id.startswith((".", "/")):
+        return None
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(repo_id, local_files_only=True,
+                                      allow_patterns=[f"{subfolder}/*", "*.safetensors", "*.json"]))
+    except Exception:  # not cached, not a repo id, no huggingface_hub: nothing found here
+        return None
+
+
+def transformer_folder(transformer, subfolder: str = "transformer") -> Optional[Path]:
+    """The local folder ``transformer`` was loaded from: its config's ``_name_or_path`` (a folder, or a hub id
+    found in the local Hugging Face cache), or that path's ``subfolder`` when it is a pipeline folder. None when
+    it was built from a config or its files are not on this machine."""
+    name = loaded_from(transformer)
+    if name is None:
+        return None
+    path = Path(name)
+    if not path.exists():
+        path = _hub_snapshot(name, subfolder)
+        if path is None:
+            return None
+    for folder in (path, path / subfolder):
+        if _has_checkpoint(folder):
+            return folder
+    return None
+
+
+def checkpoint_files(folder) -> List[Path]:
+    """The safetensors files of a Diffusers model folder (the index's shards when there is an index)."""
+    folder = Path(folder)
+    index = folder / _INDEX
+    if index.is_file():
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError, TypeError):
+            raise BadFileError(index, "is not a safetensors index", "{\"weight_map\": {key: shard file}}") from None
+        return [folder / s for s in shards]
+    return sorted(p for p in folder.glob("*.safetensors") if p.is_file())
+
+
+def _keys(path: Path) -> List[str]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return list(f.keys())
+    except Exception as err:  # the library's reason, on one line
+        raise BadFileError(path, f"is not a readable safetensors file ({type(err).__name__}: "
+                                 f"{' '.join(str(err).split())[:120]})", "a Diffusers transformer checkpoint") from None
+
+
+def gate_keys(folder) -> Dict[str, Path]:
+    """``{gate key: file}`` of a model folder's gate tensors (headers only; empty when it has none)."""
+    out = {}
+    for path in checkpoint_files(folder):
+        if not path.is_file():
+            raise BadFileError(path, "does not exist", "the shard its safetensors index names")
+        for key in _keys(path):
+            if GATE_KEY.match(key):
+                out[key] = path
+    return out
+
+
+def read_gates(folder) -> Dict[int, Dict[str, torch.Tensor]]:
+    """``{block index: {"weight": (inner, dim), "bias": (inner,) or absent}}`` of a folder's gates.
+
+    ValueError when a block has a bias without a weight, or a weight that is not 2-D."""
+    from safetensors import safe_open
+
+    keys = gate_keys(folder)
+    gates: Dict[int, Dict[str, torch.Tensor]] = {}
+    for key, path in sorted(keys.items()):
+        block, kind = GATE_KEY.match(key).groups()
+        with safe_open(str(path), framework="pt") as f:
+            gates.setdefault(int(block), {})[kind] = f.get_tensor(key)
+    for block, parts in gates.items():
+        weight = parts.get("weight")
+        if weight is None or weight.dim() != 2:
+            raise ValueError(f"{folder}: the to_gate_compress gate of block {block} has "
+                             f"{'no weight' if weight is None else f'a weight of shape {tuple(weight.shape)}'}; "
+                             "expected blocks.N.to_gate_compress.weight of shape (inner dim, model dim)")
+        bias = parts.get("bias")
+        if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+            raise ValueError(f"{folder}: the to_gate_compress bias of block {block} has shape {tuple(bias.shape)}, "
+                             f"its weight {tuple(weight.shape)}")
+    return gates
+

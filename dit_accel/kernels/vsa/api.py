@@ -1,0 +1,209 @@
+"""VSA (video sparse attention, FastVideo semantics): the public op ``vsa_attention``.
+
+The coarse branch (cube means, softmax attention between them, top-k key cubes per query cube) is ``C x C``
+fp32 work for ``C`` cubes (``N / 64`` at the default tile): on CUDA two Triton launches (:mod:`.triton`,
+forward only, under the self-check ``vsa.triton.coarse``), else and under autograd the PyTorch twin; the
+selection is ``torch.topk`` of the scores either way.
+The fine branch is a :class:`~dit_accel.kernels.BlockLayout` whose blocks are the cubes, one layout head
+per (batch, head), run by :func:`~dit_accel.kernels.block_sparse_attention` (its backends and their
+self-checks): no second block-sparse kernel. A partial edge cube's padded key positions are masked by an
+element mask, so they never take softmax mass. :mod:`.naive` is the twin the tests check both against.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple, Optional, Tuple
+
+import torch
+
+from ..block_sparse import block_sparse_attention
+from ..checks import check_qkv, check_scale
+from ..layout import BlockLayout
+from .naive import Cubes, coarse_attention, cubes_of, selected_count
+
+__all__ = ["vsa_attention", "vsa_parts", "check_vsa_config", "check_vsa_grid", "vsa_layout", "VSAResult",
+           "DEFAULT_TILE"]
+
+DEFAULT_TILE = (4, 4, 4)
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) or type(x).__name__ in ("int64", "int32")
+
+
+def check_vsa_config(topk, sparsity, tile, *, owner: str = "") -> Tuple[Optional[int], Optional[float],
+                                                                       Tuple[int, int, int]]:
+    """Shape-free rules: exactly one of ``topk`` (an int >= 1) and ``sparsity`` (a number in [0, 1)), and
+    ``tile`` three positive ints (an int means a cube). Returns them normalised."""
+    if (topk is None) == (sparsity is None):
+        raise ValueError(f"{owner}topk={topk!r}, sparsity={sparsity!r}: give exactly one of them, topk (key cubes "
+                         "kept per query cube, an int >= 1) or sparsity (the fraction of key cubes skipped, in "
+                         "[0, 1), e.g. 0.9)")
+    if topk is not None and (not _is_int(topk) or int(topk) < 1):
+        raise ValueError(f"{owner}topk={topk!r} is invalid: expected an int >= 1 (key cubes kept per query cube)")
+    if sparsity is not None:
+        if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not math.isfinite(sparsity) \
+                or not 0.0 <= float(sparsity) < 1.0:
+            raise ValueError(f"{owner}sparsity={sparsity!r} is invalid: expected a number in [0, 1) (the fraction "
+                             "of key cubes skipped; 1 would keep none, and at least one is always kept)")
+        sparsity = float(sparsity)
+    if _is_int(tile):
+        tile = (int(tile),) * 3
+    if not isinstance(tile, (tuple, list)) or len(tile) != 3 or not all(_is_int(t) and int(t) >= 1 for t in tile):
+        raise ValueError(f"{owner}tile={tile!r} is invalid: expected three positive ints (T, H, W) such as "
+                         "(4, 4, 4) (FastVideo's default) or (4, 8, 8)")
+    return (None if topk is None else int(topk)), sparsity, tuple(int(t) for t in tile)
+
+
+def check_vsa_grid(grid, *, owner: str = "") -> Tuple[int, int, int]:
+    """A video token grid ``(T, H, W)`` of positive ints (a grid smaller than the tile is fine: one cube)."""
+    if isinstance(grid, torch.Size):
+        grid = tuple(grid)
+    if not isinstance(grid, (tuple, list)) or not all(_is_int(g) and int(g) >= 1 for g in grid):
+        raise ValueError(f"{owner}grid={grid!r} is invalid: expected the video token grid (T, H, W) of positive ints")
+    if len(grid) != 3:
+        raise ValueError(f"{owner}grid={tuple(grid)} is invalid: VSA cuts a video token grid (T, H, W) into cubes; "
+                         "for an image grid (H, W) pass (1, H, W) with a tile such as (1, 8, 8), or use Tile/GNA")
+    return tuple(int(g) for g in grid)
+
+
+class VSAResult(NamedTuple):
+    """:func:`vsa_parts`: ``fine`` (q's dtype) and its fp32 ``lse`` ``(B, H, N)``, the per-token ``coarse`` output
+    (fp32, None unless asked), the ``selection`` int64 ``(B, H, C, k)`` of key cubes per query cube (cube order),
+    and ``density``, the fraction of cube pairs the fine branch visits (``k / C``)."""
+
+    fine: torch.Tensor
+    lse: torch.Tensor
+    coarse: Optional[torch.Tensor]
+    selection: torch.Tensor
+    density: float
+
+
+def vsa_layout(cubes: Cubes, selection: torch.Tensor) -> BlockLayout:
+    """The fine branch's layout on cube order: block = cube, one layout head per (batch, head) of ``selection``
+    ``(B, H, C, k)``; key cubes with padding carry an element mask of their real columns."""
+    b, h, c, _ = selection.shape
+    device = selection.device
+    visited = torch.zeros(b * h, c, c, dtype=torch.bool, device=device)
+    visited.scatter_(2, selection.reshape(b * h, c, -1), True)
+    real = cubes.real.to(device)
+    partial = ~real.all(-1)  # [C]
+    mask_ids = torch.full((c,), -1, dtype=torch.int32, device=device)
+    table = None
+    if bool(partial.any()):
+        patterns, inverse = torch.unique(real[partial], dim=0, return_inverse=True)
+        mask_ids[partial] = inverse.to(torch.int32)
+        # Every row may see the real columns of the cube (padded query rows are dropped on the way back).
+        table = patterns[:, None, :].expand(-1, cubes.volume, -1).contiguous()
+    return BlockLayout.from_block_masks(visited, q_len=cubes.perm.num_padded, kv_len=cubes.perm.num_padded,
+                                        block_q=cubes.volume, block_k=cubes.volume,
+                                        mask_ids=mask_ids[None, None, :].expand(b * h, c, c), mask_table=table)
+
+
+def _fused_coarse(q_t, k_t, v_t, with_coarse: bool, backend: str) -> bool:
+    """Whether the coarse branch runs the Triton launches (:mod:`.triton`): on CUDA for ``auto``, wherever Triton
+    runs for a forced ``triton`` (the interpreter included), and only when no gradient flows through the coarse
+    output (the launches are forward only) and the variant passed its self-check."""
+    from ..backends import env_backend, triton_reason
+
+    forced = (backend if backend != "auto" else env_backend()) or "auto"
+    device = q_t.device
+    if forced not in ("auto", "triton") or (forced == "auto" and device.type != "cuda"):
+        return False
+    if with_coarse and torch.is_grad_enabled() and any(x.requires_grad for x in (q_t, k_t, v_t)):
+        return False
+    if triton_reason(device) is not None or torch.compiler.is_compiling():
+        return False
+    from .. import selfcheck
+    from .selfchecks import VARIANT
+
+    shape = {"head_dim": q_t.shape[-1], "block_q": 64, "block_k": 64}
+    return selfcheck.gate([VARIANT], device, q_t.dtype, shape, forced=forced == "triton")
+
+
+def vsa_parts(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid: Tuple[int, int, int], count: int,
+              tile: Tuple[int, int, int], scale: float, *, with_coarse: bool = True,
+              backend: str = "auto", cubes: Optional[Cubes] = None) -> VSAResult:
+    """VSA's branches for checked inputs (raster order, ``count`` key cubes per query cube): the plans call
+    this on every layer call (with their ``cubes``, built once); :func:`vsa_attention` is the checked
+    public entry point."""
+    cubes = cubes_of(grid, tile) if cubes is None else cubes
+    perm = cubes.perm
+    q_t, k_t, v_t = (perm.permute(x, dim=-2) for x in (q, k, v))
+    if _fused_coarse(q_t, k_t, v_t, with_coarse, backend):
+        from .triton import coarse_triton
+
+        coarse, _, selection = coarse_triton(q_t, k_t, v_t, cubes, count, scale, with_coarse)
+    else:
+        coarse, _, selection = coarse_attention(q_t, k_t, v_t, cubes, count, scale, with_coarse)
+    layout = vsa_layout(cubes, selection)
+    b, h, n_pad, d = q_t.shape
+    fold = (1, b * h, n_pad, d)  # batch folded into heads: one layout head per (batch, head)
+    fine, lse = block_sparse_attention(q_t.reshape(fold), k_t.reshape(fold), v_t.reshape(fold), layout,
+                                       scale=scale, return_lse=True, backend=backend)
+    fine = perm.unpermute(fine.view(b, h, n_pad, d), dim=-2)
+    lse = perm.unpermute(lse.view(b, h, n_pad), dim=-1)
+    coarse_tok = None
+    if coarse is not None:
+        coarse_tok = perm.unpermute(coarse.repeat_interleave(cubes.volume, dim=2), dim=-2)
+    return VSAResult(fine, lse, coarse_tok, selection, count / cubes.count)
+
+
+def vsa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid, *, topk: Optional[int] = None,
+                  sparsity: Optional[float] = None, tile=DEFAULT_TILE, gate: Optional[torch.Tensor] = None,
+                  scale: Optional[float] = None, backend: str = "auto", return_selection: bool = False):
+    """Video sparse attention (FastVideo's VSA): ``out = coarse * gate + fine`` (METHODS.md, "VSA").
+
+    The token grid ``(T, H, W)`` is cut into cubes of ``tile`` tokens (t-major, then h, then w; edge cubes
+    are partial and hold only their real tokens). *Coarse*: softmax attention between the cube means of
+    q, k and v (scale ``scale``), each token taking its cube's row. *Selection*: per (batch, head, query
+    cube), the ``torch.topk`` key cubes by coarse score. *Fine*: exact softmax attention of each query over
+    the real tokens of its selected key cubes. Gradients flow through both branches and the gate, not
+    through the selection.
+
+    Args:
+        q, k, v: ``(B, H, N, D)`` in raster token order (``idx = t*H*W + h*W + w``), ``N = T*H*W``; float16,
+            bfloat16 or float32, one device.
+        grid: the video token grid ``(T, H, W)``.
+        topk: key cubes kept per query cube (an int >= 1, clamped to the cube count). Or
+        sparsity: fraction of key cubes skipped, in [0, 1): ``k = ceil((1 - sparsity) * cubes)``, at least 1.
+            Give exactly one of ``topk`` and ``sparsity``.
+        tile: cube shape, three positive ints: ``(4, 4, 4)`` (64 tokens, FastVideo's default) or ``(4, 8, 8)``.
+        gate: ``(B, H, N, D)`` like q (the checkpoint's ``to_gate_compress`` projection of the hidden states), or
+            None: a zero gate, so the output is the fine branch alone (the training-free default). FastVideo's
+            raw op without a gate computes ``coarse + fine``: pass ``torch.ones_like(q)`` for that.
+        scale: softmax scale of both branches, default ``1/sqrt(D)``.
+        backend: the fine branch's block-sparse backend (``"auto"``, ``"torch"``, ``"triton"``, ``"flex"``, ...).
+        return_selection: also return the selection, int64 ``(B, H, C, k)`` key cube indices per query cube.
+
+    Returns:
+        ``out`` ``(B, H, N, D)`` in q's dtype (and the selection with ``return_selection=True``).
+
+    Example::
+
+        >>> q, k, v = (torch.randn(1, 2, 5 * 6 * 7, 64) for _ in range(3))
+        >>> out = dit_accel.vsa_attention(q, k, v, (5, 6, 7), sparsity=0.75)   # 8 cubes, 2 kept per query cube
+    """
+    topk, sparsity, tile = check_vsa_config(topk, sparsity, tile)
+    grid = check_vsa_grid(grid)
+    check_qkv(q, k, v)
+    n = math.prod(grid)
+    if q.shape[2] != n or k.shape[2] != n:
+        raise ValueError(f"q has {q.shape[2]} and k/v {k.shape[2]} tokens, but grid={grid} holds {n}: q, k and v are "
+                         "the grid's video tokens alone, in raster order (split text tokens off first)")
+    if gate is not None:
+        if not isinstance(gate, torch.Tensor) or gate.shape != q.shape or not gate.is_floating_point():
+            raise ValueError(f"gate must be a float tensor shaped like q {tuple(q.shape)} (per token, head and "
+                             f"channel) or None; got {tuple(getattr(gate, 'shape', ())) or type(gate).__name__}")
+        if gate.device != q.device:
+            raise ValueError(f"gate is on {gate.device} but q on {q.device}: move it to q's device")
+    scale = check_scale(scale, q.shape[-1])
+    cubes = cubes_of(grid, tile)
+    count = selected_count(cubes.count, topk, sparsity)
+    parts = vsa_parts(q, k, v, grid, count, tile, scale, with_coarse=gate is not None, backend=backend,
+                      cubes=cubes)
+    out = parts.fine
+    if gate is not None:
+        out = (out.float() + parts.coarse * gate.float()).to(q.dtype)
+    return (out, parts.selection) if return_selection else out

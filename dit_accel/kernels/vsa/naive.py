@@ -1,0 +1,134 @@
+"""VSA's PyTorch twin: the exact semantics (METHODS.md, "VSA"), in any float dtype (float64 for checks).
+
+Cubes are the tiles of :class:`~dit_accel.patterns.permutation.TilePermutation` (t-major, then h, then w;
+raster order inside a cube). The permutation pads every dimension to a tile multiple; a padded position
+is never part of a mean, a softmax or a selection count, so an edge cube holds only its real tokens.
+
+The twin gathers each query cube's selected key cubes (memory ``B*H*Np*k*V``, linear in the selected
+count). :mod:`.api` runs the fine branch on the block-sparse backends instead, and the coarse branch through
+:func:`coarse_attention` (CPU, autograd) or :mod:`.triton`; the tests check both against a brute force.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple, Optional, Tuple
+
+import torch
+
+from ...patterns.permutation import TilePermutation
+
+__all__ = ["Cubes", "cubes_of", "selected_count", "coarse_attention", "vsa_parts_naive", "vsa_naive", "VSAParts"]
+
+
+class Cubes(NamedTuple):
+    """The cube partition of a grid: the permutation, cube volume ``V``, cube count and real tokens per cube."""
+
+    perm: TilePermutation
+    volume: int
+    count: int
+    real: torch.Tensor  # bool [count, V]: which tiled positions of each cube are real tokens
+    sizes: torch.Tensor  # int64 [count]: real tokens per cube (>= 1)
+
+
+def cubes_of(grid: Tuple[int, ...], tile: Tuple[int, ...]) -> Cubes:
+    """The cubes of ``tile`` on ``grid`` (both 3-D, checked by the caller)."""
+    perm = TilePermutation(tuple(grid), tuple(tile))
+    volume = perm.tile_volume
+    count = perm.num_padded // volume
+    real = (perm.order >= 0).view(count, volume)
+    return Cubes(perm, volume, count, real, real.sum(-1))
+
+
+def selected_count(cubes: int, topk: Optional[int], sparsity: Optional[float]) -> int:
+    """Key cubes kept per query cube: ``topk``, or ``ceil((1 - sparsity) * cubes)``, clamped to ``[1, cubes]``."""
+    if topk is not None:
+        k = int(topk)
+    else:
+        # A product like (1 - 0.9) * 10 lands a hair above an integer; round that noise away before ceil.
+        k = math.ceil(round((1.0 - float(sparsity)) * cubes, 9))
+    return max(1, min(k, cubes))
+
+
+def _cube_means(x: torch.Tensor, cubes: Cubes, dtype) -> torch.Tensor:
+    """``(B, H, C, D)`` means over each cube's real tokens of ``x`` in tiled order ``(B, H, Np, D)``
+    (padding holds zeros after the permutation, so a sum over the cube is the sum of its real tokens)."""
+    b, h, _, d = x.shape
+    sums = x.to(dtype).view(b, h, cubes.count, cubes.volume, d).sum(3)
+    return sums / cubes.sizes.to(device=x.device, dtype=dtype)[:, None]
+
+
+def coarse_attention(q_t: torch.Tensor, k_t: torch.Tensor, v_t: torch.Tensor, cubes: Cubes, count: int,
+                     scale: float, with_output: bool = True, dtype=None):
+    """The coarse branch on tiled inputs: ``(coarse (B, H, C, D) or None, scores (B, H, C, C), selection)``.
+
+    Scores are ``mean(q) . mean(k) * scale`` per cube pair; ``selection`` int64 ``(B, H, C, count)`` holds the
+    key cubes ``torch.topk`` picks per query cube (ties as torch.topk breaks them). Computed in ``dtype``
+    (default: fp32, or float64 for float64 inputs), differentiable except the selection.
+    """
+    dtype = dtype or (torch.float64 if q_t.dtype == torch.float64 else torch.float32)
+    qc, kc = _cube_means(q_t, cubes, dtype), _cube_means(k_t, cubes, dtype)
+    scores = torch.matmul(qc, kc.transpose(-1, -2)) * scale
+    selection = torch.topk(scores.detach(), count, dim=-1).indices
+    coarse = None
+    if with_output:
+        coarse = torch.matmul(torch.softmax(scores, dim=-1), _cube_means(v_t, cubes, dtype))
+    return coarse, scores, selection
+
+
+class VSAParts(NamedTuple):
+    """VSA's parts in raster order: ``fine`` (q's dtype), its fp32/float64 ``lse`` ``(B, H, N)``, ``coarse``
+    per token (or None) and the ``selection`` (key cubes per (batch, head, query cube), cube order)."""
+
+    fine: torch.Tensor
+    lse: torch.Tensor
+    coarse: Optional[torch.Tensor]
+    selection: torch.Tensor
+
+
+def vsa_parts_naive(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid: Tuple[int, int, int], count: int,
+                    tile: Tuple[int, int, int], scale: float, with_coarse: bool = True) -> VSAParts:
+    """Both branches of VSA on raster-order ``(B, H, N, D)`` inputs (N = prod(grid)), unchecked.
+
+    ``count`` key cubes per query cube (see :func:`selected_count`). The fine branch is exact softmax
+    attention of each query over the real tokens of its selected key cubes.
+    """
+    cubes = cubes_of(grid, tile)
+    perm, c, vol = cubes.perm, cubes.count, cubes.volume
+    q_t, k_t, v_t = (perm.permute(x, dim=-2) for x in (q, k, v))
+    dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    coarse, _, sel = coarse_attention(q_t, k_t, v_t, cubes, count, scale, with_coarse, dtype)
+    b, h, _, d = q.shape
+    # Gather the selected key cubes of every query cube: (B, H, C, count*V, D).
+    kv_index = sel[..., None] * vol + torch.arange(vol, device=q.device)  # (B, H, C, count, V)
+    kv_index = kv_index.reshape(b, h, c * count * vol)
+    k_sel = k_t.to(dtype).gather(2, kv_index[..., None].expand(-1, -1, -1, d)).view(b, h, c, count * vol, d)
+    v_sel = v_t.to(dtype).gather(2, kv_index[..., None].expand(-1, -1, -1, d)).view(b, h, c, count * vol, d)
+    key_real = cubes.real.to(q.device).view(-1)[kv_index].view(b, h, c, 1, count * vol)
+    s = torch.matmul(q_t.to(dtype).view(b, h, c, vol, d), k_sel.transpose(-1, -2)) * scale
+    s = s.masked_fill(~key_real, float("-inf"))
+    lse = torch.logsumexp(s, dim=-1)  # every query cube has >= 1 real key: finite
+    fine = torch.matmul(torch.exp(s - lse[..., None]), v_sel)  # (B, H, C, V, D)
+    fine = perm.unpermute(fine.reshape(b, h, c * vol, d), dim=-2)
+    lse = perm.unpermute(lse.reshape(b, h, c * vol), dim=-1)
+    coarse_tok = None
+    if coarse is not None:  # each token gets its own cube's row
+        coarse_tok = perm.unpermute(coarse.repeat_interleave(vol, dim=2), dim=-2)
+    return VSAParts(fine.to(q.dtype), lse, coarse_tok, sel)
+
+
+def vsa_naive(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid: Tuple[int, int, int], count: int,
+              tile: Tuple[int, int, int] = (4, 4, 4), gate: Optional[torch.Tensor] = None,
+              scale: Optional[float] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(out, selection)``: ``out = coarse * gate + fine`` (the fine branch alone without a gate), unchecked.
+
+    Example::
+
+        out, sel = vsa_naive(q, k, v, (5, 6, 7), selected_count(8, None, 0.5), (4, 4, 4))
+    """
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    parts = vsa_parts_naive(q, k, v, grid, count, tile, scale, with_coarse=gate is not None)
+    out = parts.fine
+    if gate is not None:
+        out = (out.to(parts.coarse.dtype) + parts.coarse * gate.to(parts.coarse.dtype)).to(q.dtype)
+    return out, parts.selection

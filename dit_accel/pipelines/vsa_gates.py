@@ -1,0 +1,186 @@
+"""VSA's checkpoint gates on an applied model: found, loaded, run per layer call, removed with the handle.
+
+:func:`attach_gates` is what :func:`dit_accel.apply` calls once its hooks are installed. Where a layer
+may run :class:`dit_accel.VSA`, it reads the ``to_gate_compress`` weights (:mod:`dit_accel.gate_weights`)
+from ``weights=`` or the folder each transformer was loaded from, and puts a forward pre-hook on each
+attention module the checkpoint has a gate for: the hook makes ``gate = to_gate_compress(hidden_states)``
+(the module's input, computed only if the VSA plan asks) the layer's pending gate for the duration of the
+module's forward (:func:`dit_accel.vsa_plan.push_gate`). The projections are dit_accel's, not submodules
+of the model, like SLA's: ``state_dict()`` and ``save_pretrained`` see the model unchanged.
+
+Where no layer runs VSA and the transformer's checkpoint holds gates, it warns that they are unused.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..gate_weights import gate_keys, loaded_from, read_gates, transformer_folder
+from ..methods import VSA
+from ..vsa_plan import pop_gate, push_gate
+
+__all__ = ["VSAGates", "attach_gates", "gates_folder", "runs_vsa"]
+
+_BLOCK = re.compile(r"(?:^|\.)blocks\.(\d+)\.")
+
+
+def runs_vsa(schedule) -> bool:
+    """Whether any layer of ``schedule`` may run VSA (on some heads, for a :class:`~dit_accel.PerHead`)."""
+    methods = [schedule.method, *schedule.layer_methods.values()]
+    return any(isinstance(m, VSA) or any(isinstance(h, VSA) for h in getattr(m, "methods", ())) for m in methods)
+
+
+def gates_folder(method, layer_methods, weights) -> bool:
+    """Whether ``weights=`` names a checkpoint folder whose VSA gates this module loads (rather than a
+    dit_accel weights folder, which :func:`dit_accel.weights.load_into` loads): a VSA run, and a folder with
+    gate tensors and no ``dit_accel_method.json``."""
+    from ..weights import METHOD_FILE
+
+    methods = (method, *(layer_methods or {}).values())
+    if weights is None or not any(isinstance(m, VSA) or any(isinstance(h, VSA) for h in getattr(m, "methods", ()))
+                                  for m in methods):
+        return False
+    folder = Path(weights)
+    if (folder / METHOD_FILE).is_file():
+        return False
+    if not folder.is_dir():
+        raise ValueError(f"weights={str(weights)!r} is not a folder; for VSA pass the transformer folder of a "
+                         "sparse-distilled checkpoint (e.g. FastWan2.1-T2V-1.3B-Diffusers/transformer)")
+    for candidate in (folder, folder / "transformer"):
+        if candidate.is_dir() and gate_keys(candidate):
+            return True
+    raise ValueError(f"weights={str(weights)!r} holds neither to_gate_compress gates (blocks.N.to_gate_compress."
+                     "weight, in its *.safetensors or its transformer/ subfolder) nor a dit-accel finetune output "
+                     "(dit_accel_method.json); pass the checkpoint's transformer folder")
+
+
+class _Gate:
+    """One layer's ``to_gate_compress`` (weight and bias), moved to the input's device and dtype once."""
+
+    def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor]):
+        self.weight, self.bias = weight, bias
+
+    def __call__(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        if self.weight.device != hidden_states.device or self.weight.dtype != hidden_states.dtype:
+            self.weight = self.weight.to(hidden_states.device, hidden_states.dtype)
+            self.bias = None if self.bias is None else self.bias.to(hidden_states.device, hidden_states.dtype)
+        return F.linear(hidden_states, self.weight, self.bias)
+
+
+class VSAGates:
+    """The gates of one handle: ``layers`` ``{attention module name: source folder}``; :meth:`remove` drops them."""
+
+    def __init__(self):
+        self.layers: Dict[str, str] = {}
+        self.projections: Dict[str, _Gate] = {}
+        self._handles: List = []
+
+    def add(self, name: str, module: nn.Module, gate: _Gate, source: str) -> None:
+        def pre(mod, args, kwargs):
+            hidden = args[0] if args else kwargs.get("hidden_states")
+            push_gate(None if not isinstance(hidden, torch.Tensor) else (lambda: gate(hidden)))
+
+        def post(mod, args, kwargs, output):
+            pop_gate()
+
+        self._handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
+        self._handles.append(module.register_forward_hook(post, with_kwargs=True, always_call=True))
+        self.layers[name] = source
+        self.projections[name] = gate
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+
+def attach_gates(handle, targets, weights=None) -> Optional[VSAGates]:
+    """Install the VSA gates of ``targets`` (``[(prefix, transformer, preset, [(name, module), ...])]``) for
+    ``handle``; ``weights``: a checkpoint folder (see :func:`gates_folder`) read instead of the transformers'
+    own folders. Says how many layers got a gate (``handle.warnings``); sets ``handle.vsa_gates``. Returns
+    the gates (None when no layer runs VSA), whose ``remove()`` the handle calls."""
+    log = handle._runtime.warnings
+    if not runs_vsa(handle.schedule):
+        for _, transformer, _, _ in targets:
+            folder = transformer_folder(transformer)
+            try:
+                found = gate_keys(folder) if folder is not None else {}
+            except (ValueError, OSError):  # an unreadable checkpoint is not this method's business: no warning
+                found = {}
+            if found:
+                blocks = len({m.group(1) for m in map(re.compile(r"blocks\.(\d+)\.").search, found) if m})
+                log.warn(f"dit_accel: {folder} holds VSA to_gate_compress gates for {blocks} blocks (a sparse-"
+                         f"distilled checkpoint such as FastWan), which {handle.method.name} does not use: the model "
+                         "runs without them, not as it was trained. Apply dit_accel.VSA(...) to run the gates",
+                         key=("unused gates", str(folder)), stacklevel=4)
+        handle.vsa_gates = {}
+        return None
+    gates = VSAGates()
+    try:
+        total = _load(gates, targets, weights, log)
+    except BaseException:  # all or nothing: apply() undoes the rest
+        gates.remove()
+        raise
+    handle.vsa_gates = dict(gates.layers)
+    if len(gates) or weights is not None:  # (a model without a checkpoint folder: training-free VSA, nothing to say)
+        where = ", ".join(sorted(set(gates.layers.values())))
+        log.warn(f"dit_accel: VSA: to_gate_compress gates loaded for {len(gates)} of {total} attention layers from "
+                 f"{where or weights}" + ("" if len(gates) == total else "; the others run with a zero gate (the "
+                                                                         "fine branch alone)"),
+                 key=("vsa gates", len(gates), where), stacklevel=4)
+    return gates
+
+
+def _load(gates: VSAGates, targets, weights, log) -> int:
+    """Add the gate of every targeted layer its checkpoint has one for; the number of targeted layers."""
+    total = 0
+    for prefix, transformer, _, modules in targets:
+        if weights is not None:
+            folder = Path(weights)
+            folder = folder if gate_keys(folder) else folder / "transformer"
+        else:
+            folder = transformer_folder(transformer)
+            name = loaded_from(transformer)
+            if folder is None and name is not None:  # a hub id not in the local cache, a moved folder
+                log.warn(f"dit_accel: VSA could not look for to_gate_compress gates: {type(transformer).__name__} was "
+                         f"loaded from {name!r}, which is no folder on this machine. If it is a sparse-distilled "
+                         "checkpoint (FastWan), pass weights=<its transformer folder> so its gates load; without "
+                         "them VSA runs the fine branch alone", key=("no gate folder", name), stacklevel=5)
+        tensors = read_gates(folder) if folder is not None else {}
+        total += len(modules)
+        for name, module in modules:
+            match = _BLOCK.search(name[len(prefix):])
+            parts = tensors.get(int(match.group(1))) if match else None
+            if parts is None:
+                continue
+            weight, bias = parts["weight"], parts.get("bias")
+            inner, dim = _dims(module)
+            if (inner is not None and weight.shape[0] != inner) or (dim is not None and weight.shape[1] != dim):
+                raise ValueError(f"dit_accel: {folder}: the to_gate_compress gate of {name} maps {weight.shape[1]} to "
+                                 f"{weight.shape[0]} channels but the layer's attention maps {dim} to {inner} (model "
+                                 "dim to heads x head dim): the gates belong to a model of another size")
+            ref = next(module.parameters(), None)
+            if ref is not None and ref.device.type != "meta":  # (offloaded models: moved at the first call)
+                weight = weight.to(ref.device, ref.dtype)
+                bias = None if bias is None else bias.to(ref.device, ref.dtype)
+            gates.add(name, module, _Gate(weight, bias), str(folder))
+    return total
+
+
+def _dims(module: nn.Module):
+    """``(inner, dim)``: the module's query projection's output (heads x head dim) and input widths, or None."""
+    for name in ("to_q", "to_query", "q_proj"):
+        proj = getattr(module, name, None)
+        out, inp = getattr(proj, "out_features", None), getattr(proj, "in_features", None)
+        if isinstance(out, int):
+            return out, inp if isinstance(inp, int) else None
+    return None, None

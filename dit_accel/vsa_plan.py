@@ -1,0 +1,121 @@
+"""The plan VSA runs (:class:`VSAPlan`), and the channel through which a layer's checkpoint gate reaches it.
+
+VSA selects its key cubes per call from q and k (like SLA), so the plan holds only the cube partition
+of its grid; every call runs :func:`dit_accel.kernels.vsa.vsa_parts`. The gate is per layer and per call
+(``to_gate_compress`` applied to the attention module's input), while a plan is shared by every layer of a
+grid: :mod:`dit_accel.pipelines.vsa_gates` puts the layer's pending gate on this thread's stack
+(:func:`gate_scope`) for exactly the duration of that module's forward, and :meth:`VSAPlan.attend`
+reads it (:func:`current_gate`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import threading
+from typing import Callable, Optional, Tuple
+
+import torch
+
+from .kernels.backends import Request, resolve
+from .kernels.vsa.api import check_vsa_grid, vsa_parts
+from .kernels.vsa.naive import cubes_of, selected_count
+from .plans import Plan
+
+__all__ = ["VSAPlan", "gate_scope", "push_gate", "pop_gate", "current_gate"]
+
+_LOCAL = threading.local()
+
+
+def push_gate(gate: Optional[Callable[[], torch.Tensor]]) -> None:
+    """Until the matching :func:`pop_gate`, :func:`current_gate` on this thread returns ``gate()`` (computed on
+    first use, once; None: no gate, e.g. a layer the checkpoint has none for)."""
+    stack = getattr(_LOCAL, "stack", None)
+    if stack is None:
+        stack = _LOCAL.stack = []
+    stack.append([gate, None])
+
+
+def pop_gate() -> None:
+    stack = getattr(_LOCAL, "stack", None)
+    if stack:
+        stack.pop()
+
+
+@contextlib.contextmanager
+def gate_scope(gate: Optional[Callable[[], torch.Tensor]]):
+    """:func:`push_gate` for the duration of a ``with`` block."""
+    push_gate(gate)
+    try:
+        yield
+    finally:
+        pop_gate()
+
+
+def current_gate() -> Optional[torch.Tensor]:
+    """The gate of the attention module running on this thread, ``(B, S, inner)`` (None: no gate)."""
+    stack = getattr(_LOCAL, "stack", None)
+    if not stack:
+        return None
+    slot = stack[-1]
+    if slot[1] is None and slot[0] is not None:
+        slot[1] = slot[0]()
+    return slot[1]
+
+
+class VSAPlan(Plan):
+    """VSA on ``grid`` for a :class:`dit_accel.VSA` config; cubes chosen per call (density fixed: ``k / C``)."""
+
+    kind = "vsa"
+
+    def __init__(self, method, grid):
+        grid = check_vsa_grid(tuple(grid), owner="VSA: ")
+        super().__init__(method, grid)
+        self.cubes = cubes_of(grid, method.tile)
+        self.count = selected_count(self.cubes.count, method.topk, method.effective_sparsity)
+        self.density = self.count / self.cubes.count
+        self.token_density = None  # the cubes' token share varies with the partial ones they pick
+
+    def prepare(self, device, backend: str = "auto") -> None:
+        self.cubes.perm.prepare(device)
+
+    def backend_for(self, q, k, v, backend: str) -> str:
+        vol = self.cubes.volume
+        return resolve("block_sparse", backend, Request.of(q, k, v, vol, vol))
+
+    def check_part(self, rows: Tuple[int, int]) -> None:
+        raise ValueError(f"{self.method!r} does not run under ring attention (its coarse branch needs every "
+                         "query cube's mean on one rank): use Ulysses context parallelism (heads split) instead")
+
+    def gate_for(self, q: torch.Tensor, heads) -> Optional[torch.Tensor]:
+        """The current layer's gate shaped like ``q`` (its ``heads`` of the model: ``(start, stop)`` or an index
+        tensor), or None."""
+        gate = current_gate()
+        if gate is None:
+            return None
+        b, h, n, d = q.shape
+        if gate.dim() != 3 or gate.shape[0] != b or gate.shape[1] != n or gate.shape[2] % d:
+            raise ValueError(f"dit_accel: VSA's to_gate_compress gate has shape {tuple(gate.shape)} but this layer's "
+                             f"video queries are {tuple(q.shape)} (B, heads, N, D): the gate needs the layer's whole "
+                             "video sequence on one rank (no sequence split, no text in the attention input)")
+        gate = gate.unflatten(2, (gate.shape[2] // d, d)).transpose(1, 2)  # (B, heads of the model, N, D)
+        if isinstance(heads, torch.Tensor):  # a per-head plan's VSA heads
+            gate = gate.index_select(1, heads.to(gate.device))
+        elif heads is not None:  # Ulysses: this rank's (start, stop)
+            gate = gate[:, heads[0]:heads[1]]
+        if gate.shape[1] != h:
+            raise ValueError(f"dit_accel: VSA's gate holds {gate.shape[1]} heads, the layer's queries {h}")
+        return gate
+
+    def attend(self, q, k, v, *, scale, backend, proj=None, heads=None):
+        gate = self.gate_for(q, heads)
+        scale = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
+        parts = vsa_parts(q, k, v, self.grid, self.count, self.method.tile, scale, with_coarse=gate is not None,
+                          backend=backend, cubes=self.cubes)
+        extra = None if gate is None else (parts.coarse * gate.float()).to(q.dtype)
+        return parts.fine, parts.lse, extra, self.density
+
+    def describe(self) -> dict:
+        out = super().describe()
+        out.update(tile=list(self.method.tile), cubes=self.cubes.count, selected=self.count)
+        return out

@@ -1,0 +1,239 @@
+"""VSA (FastVideo semantics): the op and its twin against a float64 brute force written from METHODS.md.
+
+The reference (tests/kernels/vsa_reference.py) shares nothing with dit_accel: cube ids come from token
+coordinates, means from index_add over real tokens, the fine branch is dense attention under a per-query
+token mask built from the selection. Forward and gradients (q, k, v, gate), partial cubes, gate and no gate, topk and sparsity,
+ties.
+"""
+
+import math
+
+import pytest
+import torch
+
+import dit_accel
+from dit_accel.kernels.vsa import selected_count, vsa_naive, vsa_parts_naive
+from tests.kernels.vsa_reference import reference
+
+
+def _qkv(shape, dtype=torch.float32, seed=0, grad=False):
+    g = torch.Generator().manual_seed(seed)
+    out = [torch.randn(shape, generator=g).to(dtype) for _ in range(4)]
+    if grad:
+        for t in out:
+            t.requires_grad_(True)
+    return out
+
+
+def _well_posed(scores, count):
+    """The k-th and (k+1)-th coarse scores are apart, so fp32 and float64 select alike."""
+    if count >= scores.shape[-1]:
+        return True
+    top = torch.topk(scores, count + 1, dim=-1).values
+    return bool((top[..., count - 1] - top[..., count]).min() > 1e-4)
+
+
+CASES = [
+    pytest.param((5, 6, 7), (4, 4, 4), dict(topk=3), id="partial-5x6x7-t444-topk3"),
+    pytest.param((5, 6, 7), (4, 4, 4), dict(sparsity=0.75), id="partial-5x6x7-t444-sp0.75"),
+    pytest.param((4, 8, 8), (4, 4, 4), dict(topk=2), id="full-4x8x8-topk2"),
+    pytest.param((3, 9, 10), (2, 4, 8), dict(sparsity=0.5), id="partial-3x9x10-t248"),
+    pytest.param((2, 3, 3), (4, 4, 4), dict(topk=5), id="grid-smaller-than-tile"),
+    pytest.param((4, 8, 12), (4, 8, 8), dict(topk=1), id="t488-topk1"),
+]
+
+
+@pytest.mark.parametrize("gated", [False, True], ids=["no-gate", "gate"])
+@pytest.mark.parametrize("grid,tile,sel", CASES)
+def test_forward_matches_float64_reference(grid, tile, sel, gated):
+    n = math.prod(grid)
+    q, k, v, gate = _qkv((2, 3, n, 16), seed=n)
+    count = selected_count(math.prod(-(-g // t) for g, t in zip(grid, tile)), sel.get("topk"), sel.get("sparsity"))
+    ref, ref_sel, scores = reference(q, k, v, grid, count, tile, gate if gated else None)
+    assert _well_posed(scores, count)
+    out, selection = dit_accel.vsa_attention(q, k, v, grid, tile=tile, gate=gate if gated else None,
+                                             return_selection=True, **sel)
+    assert torch.equal(selection.sort(-1).values, ref_sel.sort(-1).values)
+    torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=2e-5)
+    twin, twin_sel = vsa_naive(q.double(), k.double(), v.double(), grid, count, tile,
+                               gate.double() if gated else None)
+    assert torch.equal(twin_sel.sort(-1).values, ref_sel.sort(-1).values)
+    torch.testing.assert_close(twin, ref, atol=1e-12, rtol=1e-12)
+    if not gated:  # the gate matters: without it the coarse branch is absent
+        gated_out = dit_accel.vsa_attention(q, k, v, grid, tile=tile, gate=gate, **sel)
+        assert (gated_out - out).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("grid,tile,sel", [CASES[0], CASES[3]])
+def test_gradients_match_float64_reference(grid, tile, sel):
+    n = math.prod(grid)
+    q, k, v, gate = _qkv((1, 2, n, 8), seed=7, grad=True)
+    count = selected_count(math.prod(-(-g // t) for g, t in zip(grid, tile)), sel.get("topk"), sel.get("sparsity"))
+    qd, kd, vd, gd = (x.detach().double().requires_grad_(True) for x in (q, k, v, gate))
+    ref, _, scores = reference(qd, kd, vd, grid, count, tile, gd)
+    assert _well_posed(scores, count)
+    dout = torch.randn(ref.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    ref.backward(dout)
+    out = dit_accel.vsa_attention(q, k, v, grid, tile=tile, gate=gate, backend="torch", **sel)
+    out.backward(dout.float())
+    for mine, theirs, name in ((q, qd, "q"), (k, kd, "k"), (v, vd, "v"), (gate, gd, "gate")):
+        torch.testing.assert_close(mine.grad.double(), theirs.grad, atol=1e-4, rtol=1e-4, msg=name)
+        assert theirs.grad.abs().max() > 0
+
+
+def test_twin_gradcheck_in_float64():
+    """The twin's own gradients, numerically (both branches and the gate; the selection is constant)."""
+    grid, tile = (3, 3, 5), (2, 2, 4)  # 8 cubes, partial along every dimension
+    small = [x.double().requires_grad_(True) for x in _qkv((1, 2, 45, 2), seed=11)]
+    assert torch.autograd.gradcheck(lambda a, b, c, g: vsa_naive(a, b, c, grid, 3, tile, g)[0], small,
+                                     fast_mode=True)
+
+
+def test_ties_are_resolved_like_torch_topk():
+    grid, tile = (4, 8, 8), (4, 4, 4)  # 4 full cubes
+    q, k, v, gate = _qkv((1, 2, 256, 8), seed=1)
+    k = k.clone()
+    k[:] = k[:, :, :1]  # every key the same vector: every cube mean ties
+    ref, ref_sel, scores = reference(q, k, v, grid, 2, tile, gate)
+    assert bool((scores == scores[..., :1]).all())  # a real tie
+    out, sel = dit_accel.vsa_attention(q, k, v, grid, topk=2, tile=tile, gate=gate, return_selection=True)
+    expected = torch.topk(torch.zeros(1, 2, 4, 4), 2, dim=-1).indices  # how torch.topk breaks a full tie
+    assert torch.equal(sel, expected) and torch.equal(ref_sel, expected)
+    torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=2e-5)
+
+
+def test_topk_and_sparsity_counts():
+    assert selected_count(10, None, 0.9) == 1
+    assert selected_count(10, None, 0.85) == 2  # ceil(1.5)
+    assert selected_count(10, None, 0.0) == 10
+    assert selected_count(7, 100, None) == 7  # clamped to the cube count
+    assert selected_count(3, None, 0.99) == 1  # at least one
+    q, k, v, _ = _qkv((1, 1, 5 * 6 * 7, 8))
+    a = dit_accel.vsa_attention(q, k, v, (5, 6, 7), topk=2)
+    b = dit_accel.vsa_attention(q, k, v, (5, 6, 7), sparsity=0.75)  # 8 cubes -> 2
+    torch.testing.assert_close(a, b, atol=0, rtol=0)
+    dense = dit_accel.vsa_attention(q, k, v, (5, 6, 7), sparsity=0.0)
+    torch.testing.assert_close(dense, torch.nn.functional.scaled_dot_product_attention(q, k, v), atol=1e-5,
+                               rtol=1e-5)
+
+
+def test_twin_parts_and_layout_agree():
+    grid, tile = (5, 6, 7), (4, 4, 4)
+    q, k, v, _ = _qkv((2, 2, 210, 8), seed=5)
+    from dit_accel.kernels.vsa import cubes_of, vsa_layout, vsa_parts
+
+    parts = vsa_parts_naive(q, k, v, grid, 3, tile, 8 ** -0.5)
+    api = vsa_parts(q, k, v, grid, 3, tile, 8 ** -0.5, backend="torch")
+    torch.testing.assert_close(api.fine, parts.fine, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(api.lse, parts.lse, atol=1e-5, rtol=1e-5)
+    assert api.density == pytest.approx(3 / 8)
+    layout = vsa_layout(cubes_of(grid, tile), api.selection)
+    assert layout.num_heads == 4 and layout.block_q == 64 and layout.partial_fraction() > 0
+    mask = layout.to_dense_mask()  # padding keys are never allowed
+    cubes = cubes_of(grid, tile)
+    assert not mask[:, :, cubes.perm.order < 0].any()
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(), "exactly one"),
+    (dict(topk=2, sparsity=0.5), "exactly one"),
+    (dict(topk=0), "topk=0"),
+    (dict(topk=1.5), "topk=1.5"),
+    (dict(sparsity=1.0), "sparsity=1.0"),
+    (dict(sparsity=-0.1), "sparsity=-0.1"),
+    (dict(topk=1, tile=(4, 4)), "tile="),
+    (dict(topk=1, tile=(4, 0, 4)), "tile="),
+])
+def test_bad_arguments_are_named(kwargs, match):
+    q, k, v, _ = _qkv((1, 1, 64, 8))
+    with pytest.raises(ValueError, match=match):
+        dit_accel.vsa_attention(q, k, v, (4, 4, 4), **kwargs)
+
+
+def test_bad_shapes_are_named():
+    q, k, v, gate = _qkv((1, 1, 64, 8))
+    with pytest.raises(ValueError, match="grid=\\(8, 8\\)"):
+        dit_accel.vsa_attention(q, k, v, (8, 8), topk=1)
+    with pytest.raises(ValueError, match="holds 48"):
+        dit_accel.vsa_attention(q, k, v, (3, 4, 4), topk=1)
+    with pytest.raises(ValueError, match="gate must be"):
+        dit_accel.vsa_attention(q, k, v, (4, 4, 4), topk=1, gate=gate[..., :4])
+
+
+interpreter = pytest.mark.skipif(__import__("os").environ.get("TRITON_INTERPRET") != "1",
+                                 reason="runs the Triton interpreter on CPU tensors")
+
+
+@interpreter
+def test_fine_branch_on_the_triton_block_sparse_kernels():
+    """The fine branch's cube layout (per (batch, head) layout heads, element-masked partial cubes) through the
+    Triton block-sparse kernels, forward and backward, fp32 in the interpreter (its bf16 dot is wrong)."""
+    grid, tile = (3, 6, 7), (2, 4, 8)  # 4 cubes of 64, all partial
+    q, k, v, gate = _qkv((1, 2, 126, 16), seed=2, grad=True)
+    qd, kd, vd, gd = (x.detach().double().requires_grad_(True) for x in (q, k, v, gate))
+    ref, _, scores = reference(qd, kd, vd, grid, 2, tile, gd)
+    assert _well_posed(scores, 2)
+    out = dit_accel.vsa_attention(q, k, v, grid, topk=2, tile=tile, gate=gate, backend="triton")
+    torch.testing.assert_close(out.double(), ref, atol=1e-4, rtol=1e-4)
+    dout = torch.randn(ref.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    ref.backward(dout)
+    out.backward(dout.float())
+    for mine, theirs in ((q, qd), (k, kd), (v, vd), (gate, gd)):
+        torch.testing.assert_close(mine.grad.double(), theirs.grad, atol=2e-4, rtol=2e-4)
+
+
+@interpreter
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("grid,tile", [((5, 6, 7), (4, 4, 4)), ((3, 9, 10), (2, 4, 8)), ((7, 7, 9), (2, 2, 4))],
+                         ids=["5x6x7-t444", "3x9x10-t248", "7x7x9-t224-many-cubes"])
+def test_triton_coarse_branch_matches_the_twin(grid, tile, dtype):
+    """Cube pooling + coarse attention in Triton (interpreter): output, scores and torch.topk selection."""
+    from dit_accel.kernels.vsa.naive import coarse_attention, cubes_of
+    from dit_accel.kernels.vsa.triton import coarse_triton
+
+    cubes = cubes_of(grid, tile)
+    q, k, v, _ = _qkv((2, 2, cubes.perm.num_tokens, 24), dtype=dtype, seed=4)
+    q_t, k_t, v_t = (cubes.perm.permute(x) for x in (q, k, v))
+    count = max(1, cubes.count // 3)
+    got = coarse_triton(q_t, k_t, v_t, cubes, count, 0.3)
+    want = coarse_attention(q_t, k_t, v_t, cubes, count, 0.3)
+    torch.testing.assert_close(got[0], want[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got[1], want[1], atol=1e-5, rtol=1e-5)
+    assert torch.equal(got[2].sort(-1).values, want[2].sort(-1).values)
+    assert coarse_triton(q_t, k_t, v_t, cubes, count, 0.3, with_output=False)[0] is None
+
+
+@interpreter
+def test_forced_triton_forward_uses_the_fused_coarse_branch_and_matches_the_reference(monkeypatch):
+    from dit_accel.kernels.vsa import triton as vsa_triton
+
+    calls = []
+    real = vsa_triton.coarse_triton
+    monkeypatch.setattr(vsa_triton, "coarse_triton", lambda *a, **k: calls.append(1) or real(*a, **k))
+    grid, tile = (3, 6, 7), (2, 4, 8)
+    q, k, v, gate = _qkv((1, 2, 126, 16), seed=2)
+    ref, _, scores = reference(q, k, v, grid, 2, tile, gate)
+    assert _well_posed(scores, 2)
+    with torch.no_grad():
+        dit_accel.vsa_attention(q, k, v, grid, topk=2, tile=tile, gate=gate, backend="triton")  # (+ its self-check)
+        calls.clear()
+        out = dit_accel.vsa_attention(q, k, v, grid, topk=2, tile=tile, gate=gate, backend="triton")
+    assert calls == [1]
+    torch.testing.assert_close(out.double(), ref, atol=1e-4, rtol=1e-4)
+    calls.clear()
+    dit_accel.vsa_attention(q, k, v, grid, topk=2, tile=tile, gate=gate, backend="torch")
+    assert calls == []  # the twin's coarse branch on backend="torch"
+
+
+@interpreter
+def test_coarse_variant_passes_its_self_check_and_the_fault_switch_fails_it(tmp_path, monkeypatch):
+    from dit_accel.kernels import selfcheck
+
+    monkeypatch.setenv("DIT_ACCEL_CACHE", str(tmp_path))
+    monkeypatch.delenv(selfcheck.ENV_FAULT, raising=False)
+    shape = {"head_dim": 64, "block_q": 64, "block_k": 64}
+    ok = selfcheck.verdict("vsa.triton.coarse", torch.device("cpu"), torch.float32, shape, fresh=True)
+    assert ok["ok"] and ok["error"] <= ok["tolerance"], ok
+    monkeypatch.setenv(selfcheck.ENV_FAULT, "vsa.triton.coarse")
+    bad = selfcheck.verdict("vsa.triton.coarse", torch.device("cpu"), torch.float32, shape, fresh=True)
+    assert not bad["ok"], bad
