@@ -336,7 +336,7 @@ def test_info_degrades_when_modules_are_missing(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "dit_accel.pipelines.presets", None)
     assert main(["info"]) == 0
     out = capsys.readouterr().out
-    assert out.count("unavailable (") == 4, out  # backends, supported classes, autotuning, self-check verdicts
+    assert out.count("unavailable (") == 5, out  # backends, classes, autotuning, self-check verdicts, kernel status
 
 
 def test_generate_takes_the_published_setting_and_names_its_source():
