@@ -448,10 +448,15 @@ class SparsePlan:
         is recognised and imported with :meth:`from_tile_strategy` (its default tile (6, 8, 8)).
 
         Every field is validated: a missing, unreadable, binary or damaged file, or any value that is not a
-        plan's, is a ValueError of one line naming the file and the field."""
-        from .atomic_files import read_json
+        plan's, is a ValueError of one line naming the file and the field. A plan whose writer (``calibrate``)
+        was killed after its commit point is finished first, with its report folder, or refused with the
+        reason (:func:`dit_accel.atomic_files.finish_for_reader`): never a new plan beside an old report."""
+        from .atomic_files import commit_journal, finish_for_reader, read_json
 
         path = Path(path)
+        journal = commit_journal(path)
+        if journal.exists():  # calibrate killed past its commit point: its report set goes in with the plan
+            finish_for_reader(journal, path)
         try:
             data = read_json(path, expected="a dit_accel sparse plan (the JSON that plan.save or dit-accel "
                                             "calibrate writes)", kind=None)
