@@ -11,6 +11,7 @@ projection submodule per attention layer, all of which ``remove()`` takes away.
 from __future__ import annotations
 
 import os
+import threading
 import warnings
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
@@ -160,6 +161,7 @@ class AccelHandle:
         self._save_guards: List[nn.Module] = []  # transformers whose save_pretrained this handle wraps
         self.lora_adapter: Optional[str] = None
         self._released = False  # its adapters are gone (remove(), or a replacing apply() with weights=)
+        self._thread = threading.current_thread()  # the thread that applied it (one live handle per model)
         for hook in hooks:
             hook.handle = self
 
@@ -808,7 +810,33 @@ def apply(pipe_or_transformer, method: Method, *, dense_steps: int = 0, dense_la
     runtime = Runtime(backend, Stats(names, timing), capture, log)
     runtime.call_check = _plan_call_check(method, allow_other_grid, log)
     # Everything above only reads the model. From here on it changes, so every step is undone on failure:
-    # the model (and any handle already applied to it) is then exactly as before.
+    # the model (and any handle already applied to it) is then exactly as before. One apply() at a time
+    # finds the model's live handle and takes its place: two threads never both find the model free.
+    with _APPLYING:
+        return _take_over(found, targets, schedule, runtime, steps, weights, log)
+
+
+# apply() reads the model's live handle and installs its own as one step (one live handle per model).
+_APPLYING = threading.RLock()
+
+
+def _refuse_other_threads(found) -> None:
+    """RuntimeError when a live handle on these transformers belongs to another running thread: a model takes
+    one live handle at a time, and replacing it would change the model under that thread's calls."""
+    for old in _applied_handles(found):
+        owner = old._thread
+        if owner is not threading.current_thread() and owner.is_alive():
+            raise RuntimeError(f"dit_accel: apply() from thread {threading.current_thread().name!r} on a model that "
+                               f"{old!r}, applied by thread {owner.name!r}, still holds: a model takes one live "
+                               "handle at a time. Call remove() on that handle first (or leave its with block), or "
+                               "call the model through it from this thread; for two methods at once, apply each to "
+                               "its own copy of the model")
+
+
+def _take_over(found, targets, schedule: Schedule, runtime: Runtime, steps: StepSource, weights,
+               log: WarningLog) -> AccelHandle:
+    """Install the new handle in place of the model's earlier ones (same thread only), all or nothing."""
+    _refuse_other_threads(found)
     previous = _replace_previous(found)
     gate, handle = CallGate(), None
     try:
@@ -824,15 +852,17 @@ def apply(pipe_or_transformer, method: Method, *, dense_steps: int = 0, dense_la
             handle.remove()
         _restore_previous(previous)
         raise
+    successors = {id(hook.transformer): hook for hook in handle._hooks}
     for old in previous:
         name = repr(old)
         for hook in old._hooks:
             hook.unhook()
+            hook.successor = successors.get(id(hook.transformer))  # its waiting calls run under the new handle
         old._release()
         old.removed = True
         old._gate.finish()
         log.warn(f"dit_accel: apply() on a model that {name} was applied to: that handle was removed first "
-                 f"(exactly, as handle.remove() does) and the new {handle!r} replaces it", stacklevel=3)
+                 f"(exactly, as handle.remove() does) and the new {handle!r} replaces it", stacklevel=4)
     return handle
 
 
@@ -881,7 +911,7 @@ def _restore_previous(previous: List[AccelHandle]) -> None:
             old._gate.finish()
             warnings.warn(f"dit_accel: apply() failed after removing {old!r} to load weights= in its place: that "
                           "handle stays removed (the model is as before that handle's apply())",
-                          DitAccelWarning, stacklevel=4)
+                          DitAccelWarning, stacklevel=5)
             continue
         try:
             for hook in old._hooks:

@@ -644,7 +644,7 @@ def _module_call_frame():
     """The frame of ``nn.Module._call_impl`` making the current hook call: on the stack for exactly as long as
     the transformer call runs (None where it cannot be found, e.g. inside code torch.compile traced)."""
     frame = sys._getframe(2)
-    for _ in range(8):
+    for _ in range(16):  # (a call the replaced handle hands on passes both hooks' frames)
         if frame is None or frame.f_code is _CALL_IMPL:
             return frame
         frame = frame.f_back
@@ -679,6 +679,7 @@ class TransformerHook:
         self._handles = []
         self._last = None  # (key, context, parallel config) of the last call (see _pre_forward)
         self._grid = None  # (the preset's fingerprint, GridInfo) of the last call that had a fingerprint
+        self.successor: Optional["TransformerHook"] = None  # the hook of the handle that replaced this one
 
     def install(self, modules: List[Tuple[str, nn.Module]], first_slot: int, projections: Dict[int, nn.Module]):
         """Wrap the processors of ``modules`` (``projections``: SLA ``Linear(D, D)`` per layer index), hook forward.
@@ -779,11 +780,23 @@ class TransformerHook:
             calls = self._calls.list = []
         while calls and not call_is_running(calls[-1]):
             self._end(calls.pop())
+        call_frame = _module_call_frame()
+        if calls and calls[-1].delegated and call_frame is not None and calls[-1].frame is call_frame:
+            calls[-1].delegated = False  # begun for this call by the hook it replaced (below): once is enough
+            return
         frame, pipeline = calling_pipeline(self.transformer)
-        record = CallRecord(_module_call_frame(), frame)
+        record = CallRecord(call_frame, frame, pipeline)
         del frame
         calls.append(record)
-        if not self.gate.enter(record):  # the handle was removed while this call waited: run the original model
+        if not self.gate.enter(record):
+            # The handle went while this call waited. Replaced: the call runs wholly under the new handle (its
+            # processors are in place now, and its post-hook will end the call). Removed: the original model.
+            successor = self.successor
+            if successor is not None:
+                successor._pre_forward(module, args, kwargs)
+                later = getattr(successor._calls, "list", None)
+                if later and later[-1].frame is call_frame:
+                    later[-1].delegated = True
             return
         try:
             self._begin(record, pipeline, module, args, kwargs)
