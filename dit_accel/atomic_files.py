@@ -40,7 +40,7 @@ from typing import Callable, Dict, Iterable, Iterator, Optional, Union
 
 __all__ = ["BadFileError", "atomic_write", "atomic_write_text", "atomic_write_json", "atomic_folder", "file_hashes",
            "check_hashes", "sha256_file", "folder_digest", "read_json", "read_text", "load_safetensors", "temp_name", "is_temp_name",
-           "remove_stale_temps", "commit_files", "finish_commit", "finish_for_reader", "commit_journal", "recover", "crash_point", "cache_root", "ENV_KILL_AT"]
+           "remove_stale_temps", "commit_files", "finish_commit", "finish_for_reader", "locked", "lock_name", "update_json", "commit_journal", "recover", "crash_point", "cache_root", "ENV_KILL_AT"]
 
 PathLike = Union[str, os.PathLike]
 ENV_KILL_AT = "DIT_ACCEL_TEST_KILL_AT"
@@ -324,6 +324,74 @@ def _alive(pid: int) -> bool:
     except OSError:
         return True
     return True
+
+
+# ----------------------------------------------------------------------------- stores shared by processes
+def lock_name(path: PathLike) -> Path:
+    """The lock file of ``path`` (a hidden sibling; :func:`locked`)."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.lock")
+
+
+@contextlib.contextmanager
+def locked(path: PathLike, *, timeout: float = 60.0) -> Iterator[None]:
+    """Hold the exclusive lock of ``path`` (its :func:`lock_name` file) across processes.
+
+    ``fcntl.flock`` where there is one: the system drops the lock of a process that dies, so a killed holder
+    never leaves it taken. Elsewhere an ``O_EXCL`` lock file naming its holder, taken over when that process
+    is gone (or after ``timeout``). Stores that several processes update (``autotune.json``,
+    ``selfcheck.json``) re-read and merge under it (:func:`update_json`).
+    """
+    lock = lock_name(path)
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:  # no flock (Windows)
+        fcntl = None
+    if fcntl is not None:
+        fd = os.open(str(lock), os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # (closing releases the lock)
+        return
+    import time
+
+    start = time.monotonic()
+    while True:
+        try:
+            fd = os.open(str(lock), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+            break
+        except FileExistsError:
+            try:
+                pid, host = lock.read_text().split()[:2]
+                stale = host == _HOST and not _alive(int(pid))
+            except (OSError, ValueError):
+                stale = False
+            if stale or time.monotonic() - start > timeout:
+                with contextlib.suppress(OSError):
+                    lock.unlink()
+                continue
+            time.sleep(0.01)
+    try:
+        os.write(fd, f"{os.getpid()} {_HOST}\n".encode())
+        os.close(fd)
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            lock.unlink()
+
+
+def update_json(path: PathLike, read: Callable[[Path], dict], change: Callable[[dict], dict], **dump) -> dict:
+    """Under :func:`locked`, ``read(path)`` the store as it is now (what other processes wrote since this one
+    loaded it included), ``change`` it, and write the result atomically; returns what was written. Two
+    processes sharing a cache folder so never lose each other's entries."""
+    path = Path(path)
+    with locked(path):
+        merged = change(read(path) if path.exists() else {})
+        atomic_write_json(path, merged, **dump)
+    return merged
 
 
 # ----------------------------------------------------------------------------- content hashes
