@@ -182,3 +182,60 @@ def test_a_journal_naming_files_outside_its_folder_is_refused(tmp_path):
         with pytest.raises(_io.BadFileError, match="outside its folder"):
             _io.finish_commit(journal)
         assert (outside / "a.json").read_text() == "keep\n"
+
+
+# ------------------------------------------------------------------ eval cache: wrong size, temporaries of killed writers
+def test_a_wrong_size_eval_cache_entry_names_the_file_and_is_generated_again(tmp_path):
+    from dit_accel.eval.runner import EvalSettings, load_method_specs, run_eval
+    from dit_accel.models.tiny import build_tiny_pipeline
+
+    folder = tmp_path / "tiny-wan"
+    build_tiny_pipeline("tiny-wan").save_pretrained(folder)
+    specs = load_method_specs(["gna"], None, defaults={"gna": {"kernel_size": (2, 2, 2)}})
+
+    def run(out, width, log):
+        settings = EvalSettings(model=str(folder), prompts=["a red cat"], seeds=[0], frames=9, height=32,
+                                width=width, steps=2, warmup=0)
+        return run_eval(settings, specs, out, lpips=False, log=log.append)
+
+    first = run(tmp_path / "a", 64, [])
+    run(tmp_path / "b", 48, [])
+    (entry,) = sorted((tmp_path / "a" / "cache").glob("dense_*.npz"))
+    (other,) = sorted((tmp_path / "b" / "cache").glob("dense_*.npz"))
+    shutil.copy(other, entry)  # an entry of another size under this run's key
+    log = []
+    again = run(tmp_path / "a", 64, log)
+    warning = [line for line in log if entry.name in line]
+    assert len(warning) == 1 and "32x48" in warning[0] and "\n" not in warning[0], log
+    assert again["dense_generated"] == 1
+    assert [r.get("psnr") for r in again["rows"]] == [r.get("psnr") for r in first["rows"]]
+
+
+def test_temporaries_of_killed_writers_are_swept_on_the_next_write_to_their_folder(tmp_path):
+    frames = np.zeros((2, 8, 8, 3), np.uint8)
+    folder = tmp_path / "outputs"
+    for k in (1, 2):
+        assert run_killed(lambda: save_video(frames, folder / "clip.mp4"), k) == "killed"
+    assert run_killed(lambda: save_video(frames, folder / "frames"), 1) == "killed"
+    left = [p for p in folder.rglob("*") if _io.is_temp_name(p)]
+    assert left  # what a kill leaves
+    save_video(frames, folder / "other.gif")
+    save_video(frames, folder / "frames")
+    assert not [p for p in folder.rglob("*") if _io.is_temp_name(p)]
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    stale = cache / f"{_io._TMP_MARK}999999999-{_io._HOST}-abcdef12-dense_x.npz"
+    stale.write_bytes(b"half an entry")
+    from dit_accel.eval import runner
+
+    class _Stop(Exception):
+        pass
+
+    def stop(*a, **k):
+        raise _Stop
+
+    import unittest.mock as mock
+
+    with mock.patch.object(runner, "model_fingerprint", stop), pytest.raises(_Stop):
+        runner._dense_row(None, None, mock.Mock(model="x"), [], cache, print)
+    assert not stale.exists()
