@@ -28,6 +28,7 @@ Test hook: ``DIT_ACCEL_TEST_KILL_AT=K`` makes the process SIGKILL itself at the 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -104,6 +105,22 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
+_FULL = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
+
+
+@contextlib.contextmanager
+def _naming(path: Path) -> Iterator[None]:
+    """A full disk (or quota) while writing ``path``'s temporary: an OSError that names ``path`` and what to do
+    (libraries that write through a file handle raise it without a file name)."""
+    try:
+        yield
+    except OSError as err:
+        if err.errno not in _FULL:
+            raise
+        raise OSError(err.errno, f"{os.strerror(err.errno)} while writing {path}; free space on that disk (the "
+                                 "previous file is unchanged) or write to another folder") from None
+
+
 def atomic_write(path: PathLike, write: Callable[[Path], object]) -> Path:
     """``write(tmp)`` writes the file at the temporary path ``tmp``; then it replaces ``path`` in one rename.
 
@@ -114,7 +131,8 @@ def atomic_write(path: PathLike, write: Callable[[Path], object]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_name(path)
     try:
-        write(tmp)
+        with _naming(path):
+            write(tmp)
         _fsync(tmp)
         crash_point()
         os.replace(tmp, path)
@@ -210,10 +228,11 @@ def commit_files(files: Dict[PathLike, Content], journal: PathLike, *, remove: I
             final.parent.mkdir(parents=True, exist_ok=True)
             tmp = temp_name(final)
             staged.append((tmp, final))
-            if callable(content):
-                content(tmp)
-            else:
-                tmp.write_bytes(content.encode("utf-8") if isinstance(content, str) else bytes(content))
+            with _naming(final):
+                if callable(content):
+                    content(tmp)
+                else:
+                    tmp.write_bytes(content.encode("utf-8") if isinstance(content, str) else bytes(content))
             _fsync(tmp)
             crash_point()
         here = journal.parent

@@ -796,6 +796,8 @@ def apply(pipe_or_transformer, method: Method, *, dense_steps: int = 0, dense_la
         for _, transformer, _, modules in targets:
             method.check_model(type(transformer).__name__, [_heads_of(module) for _, module in modules])
     log = WarningLog()
+    _warn_unknown_strategy_layers((method, *layer_methods.values()), max(len(m) for *_, m in targets),
+                                  type(targets[0][1]).__name__, log)
     per_step = any(hasattr(m, "for_layer_step") for m in (method, *layer_methods.values()))  # e.g. TileStrategy
     needs_step = bool(dense_steps or dense_last_steps or capture_steps is not None or per_step)
     steps = StepSource(lambda: scheduler if scheduler is not None else getattr(pipe, "scheduler", None), needs_step,
@@ -864,6 +866,21 @@ def _take_over(found, targets, schedule: Schedule, runtime: Runtime, steps: Step
         log.warn(f"dit_accel: apply() on a model that {name} was applied to: that handle was removed first "
                  f"(exactly, as handle.remove() does) and the new {handle!r} replaces it", stacklevel=4)
     return handle
+
+
+def _warn_unknown_strategy_layers(methods, n_layers: int, model: str, log: WarningLog) -> None:
+    """A strategy file (TileStrategy) naming attention layers the model lacks: those entries never run, which
+    usually means the file was made for another model. Said once, naming the file and the layers."""
+    for method in methods:
+        table = getattr(method, "_table", None)  # TileStrategy's {(step, layer): windows}, read from its file
+        if not isinstance(table, dict):
+            continue
+        missing = sorted({layer for _, layer in table if layer >= n_layers})
+        if missing:
+            shown = ", ".join(map(str, missing[:6])) + (", ..." if len(missing) > 6 else "")
+            log.warn(f"dit_accel: {getattr(method, 'path', 'the strategy file')} names attention layers {shown}, "
+                     f"but {model} has {n_layers} (0..{n_layers - 1}): those entries never run. Was the file made "
+                     "for another model? Pass the strategy of this one", stacklevel=4)
 
 
 def _heads_of(module: nn.Module) -> Optional[int]:
