@@ -14,8 +14,11 @@ new complete one, never a mix that loads without an error:
   temporary name beside its final one, then a journal naming each (temporary, final) pair is written
   atomically: the commit point. The renames follow and the journal is removed (:func:`commit_files`). A
   writer killed before the journal leaves the previous set and temporaries; killed after it, the next
-  writer (or any reader) finishes the renames first (:func:`finish_commit`), then sweeps the temporaries of
-  dead writers (:func:`remove_stale_temps`).
+  writer (or any reader, :func:`finish_for_reader`) finishes the renames first (:func:`finish_commit`), then
+  sweeps the temporaries of dead writers (:func:`remove_stale_temps`). Journals name files relative to their
+  folder; a copied or moved journal naming files outside its folder is refused.
+- **A store shared by processes** (``autotune.json``, ``selfcheck.json``): re-read, merged and written under
+  its lock file (:func:`locked`, :func:`update_json`).
 - **A bad file is one line**: :class:`BadFileError` (a ``ValueError``) names the file, what is wrong
   and what was expected. The readers here (:func:`read_json`, :func:`read_text`,
   :func:`load_safetensors`) raise it for truncated, empty, binary and wrongly structured files.

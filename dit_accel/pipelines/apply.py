@@ -769,7 +769,9 @@ def apply(pipe_or_transformer, method: Method, *, dense_steps: int = 0, dense_la
     Threads and pipelines: the denoising step comes from each transformer call (see
     :class:`~.schedule.StepSource`): from the calling thread's ``set_step``, else the scheduler of
     the pipeline making the call (another pipeline sharing the transformer included), else
-    ``scheduler=``/the applied pipeline's scheduler. ``remove()`` waits for calls in flight.
+    ``scheduler=``/the applied pipeline's scheduler. ``remove()`` waits for calls in flight. One live handle
+    per model: apply() from another running thread while a handle is live raises RuntimeError (remove it
+    first); one pipeline object called from two threads at once raises RuntimeError (docs/reliability.md).
 
     Example::
 
