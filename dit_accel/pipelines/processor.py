@@ -24,7 +24,6 @@ from .interceptor import _ROUTE, SDPAInterceptor, native_scope
 from .parallel import Split
 from .stats import Stats
 
-
 __all__ = ["SparseAttnProcessor", "Runtime", "PlanCache", "LayerReport"]
 
 
