@@ -239,3 +239,29 @@ def test_temporaries_of_killed_writers_are_swept_on_the_next_write_to_their_fold
     with mock.patch.object(runner, "model_fingerprint", stop), pytest.raises(_Stop):
         runner._dense_row(None, None, mock.Mock(model="x"), [], cache, print)
     assert not stale.exists()
+
+
+def test_eval_compare_reads_a_killed_evals_report_set_whole(tmp_path):
+    """``eval --compare`` of a folder whose eval was killed after its commit point reads the new results with
+    the new report beside them (the reader finishes the commit), never the new results beside the old report."""
+    from dit_accel.eval.compare import load_results
+
+    def results(label):
+        return json.dumps({"settings": {"label": label}, "rows": []})
+
+    def write(folder, label):
+        _io.commit_files({folder / "results.json": results(label), folder / "report.md": f"# {label}\n"},
+                         _io.commit_journal(folder / "results.json"))
+
+    finished_by_reader = 0
+    for k in range(1, 8):
+        folder = tmp_path / f"k{k}"
+        folder.mkdir()
+        write(folder, "old")
+        if run_killed(lambda: write(folder, "new"), k) == "finished":
+            break
+        pending = _io.commit_journal(folder / "results.json").exists()
+        label = load_results(folder)["settings"]["label"]
+        assert (folder / "report.md").read_text() == f"# {label}\n", k
+        finished_by_reader += pending
+    assert finished_by_reader >= 1
