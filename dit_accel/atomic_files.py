@@ -14,8 +14,11 @@ new complete one, never a mix that loads without an error:
   temporary name beside its final one, then a journal naming each (temporary, final) pair is written
   atomically: the commit point. The renames follow and the journal is removed (:func:`commit_files`). A
   writer killed before the journal leaves the previous set and temporaries; killed after it, the next
-  writer (or any reader) finishes the renames first (:func:`finish_commit`), then sweeps the temporaries of
-  dead writers (:func:`remove_stale_temps`).
+  writer (or any reader, :func:`finish_for_reader`) finishes the renames first (:func:`finish_commit`), then
+  sweeps the temporaries of dead writers (:func:`remove_stale_temps`). Journals name files relative to their
+  folder; a copied or moved journal naming files outside its folder is refused.
+- **A store shared by processes** (``autotune.json``, ``selfcheck.json``): re-read, merged and written under
+  its lock file (:func:`locked`, :func:`update_json`).
 - **A bad file is one line**: :class:`BadFileError` (a ``ValueError``) names the file, what is wrong
   and what was expected. The readers here (:func:`read_json`, :func:`read_text`,
   :func:`load_safetensors`) raise it for truncated, empty, binary and wrongly structured files.
@@ -28,6 +31,7 @@ Test hook: ``DIT_ACCEL_TEST_KILL_AT=K`` makes the process SIGKILL itself at the 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -40,7 +44,7 @@ from typing import Callable, Dict, Iterable, Iterator, Optional, Union
 
 __all__ = ["BadFileError", "atomic_write", "atomic_write_text", "atomic_write_json", "atomic_folder", "file_hashes",
            "check_hashes", "sha256_file", "folder_digest", "read_json", "read_text", "load_safetensors", "temp_name", "is_temp_name",
-           "remove_stale_temps", "commit_files", "finish_commit", "commit_journal", "recover", "crash_point", "cache_root", "ENV_KILL_AT"]
+           "remove_stale_temps", "commit_files", "finish_commit", "finish_for_reader", "locked", "lock_name", "update_json", "commit_journal", "recover", "crash_point", "cache_root", "ENV_KILL_AT"]
 
 PathLike = Union[str, os.PathLike]
 ENV_KILL_AT = "DIT_ACCEL_TEST_KILL_AT"
@@ -104,6 +108,22 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
+_FULL = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
+
+
+@contextlib.contextmanager
+def _naming(path: Path) -> Iterator[None]:
+    """A full disk (or quota) while writing ``path``'s temporary: an OSError that names ``path`` and what to do
+    (libraries that write through a file handle raise it without a file name)."""
+    try:
+        yield
+    except OSError as err:
+        if err.errno not in _FULL:
+            raise
+        raise OSError(err.errno, f"{os.strerror(err.errno)} while writing {path}; free space on that disk (the "
+                                 "previous file is unchanged) or write to another folder") from None
+
+
 def atomic_write(path: PathLike, write: Callable[[Path], object]) -> Path:
     """``write(tmp)`` writes the file at the temporary path ``tmp``; then it replaces ``path`` in one rename.
 
@@ -114,7 +134,8 @@ def atomic_write(path: PathLike, write: Callable[[Path], object]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_name(path)
     try:
-        write(tmp)
+        with _naming(path):
+            write(tmp)
         _fsync(tmp)
         crash_point()
         os.replace(tmp, path)
@@ -189,15 +210,17 @@ def commit_journal(anchor: PathLike) -> Path:
 Content = Union[str, bytes, Callable[[Path], object]]
 
 
-def commit_files(files: Dict[PathLike, Content], journal: PathLike) -> None:
+def commit_files(files: Dict[PathLike, Content], journal: PathLike, *, remove: Iterable[PathLike] = ()) -> None:
     """Write ``files`` (final path -> text, bytes, or ``write(tmp)``) as one unit: a reader after any kill, once
     :func:`finish_commit` has run, sees the previous files or the new ones, never a mix.
 
     1. each file is written complete under :func:`temp_name` beside its final path (the previous one stays);
-    2. ``journal`` lists the (temporary, final) pairs, written atomically: the commit point;
-    3. every temporary is renamed over its final path, then the journal is removed.
+    2. ``journal`` lists the (temporary, final) pairs and the files ``remove`` names (an earlier set's files the
+       new one has no place for), written atomically: the commit point;
+    3. every temporary is renamed over its final path, the ``remove`` files are deleted, then the journal goes.
 
-    On an error before the commit point the temporaries are removed and nothing changed.
+    The journal names files relative to its own folder, so a copied folder finishes its own files. On an error
+    before the commit point the temporaries are removed and nothing changed.
     """
     journal = Path(journal)
     finish_commit(journal)  # a previous writer's committed set goes in first, never over ours
@@ -208,13 +231,17 @@ def commit_files(files: Dict[PathLike, Content], journal: PathLike) -> None:
             final.parent.mkdir(parents=True, exist_ok=True)
             tmp = temp_name(final)
             staged.append((tmp, final))
-            if callable(content):
-                content(tmp)
-            else:
-                tmp.write_bytes(content.encode("utf-8") if isinstance(content, str) else bytes(content))
+            with _naming(final):
+                if callable(content):
+                    content(tmp)
+                else:
+                    tmp.write_bytes(content.encode("utf-8") if isinstance(content, str) else bytes(content))
             _fsync(tmp)
             crash_point()
-        atomic_write_json(journal, {"commit": [[str(t), str(f)] for t, f in staged]})
+        here = journal.parent
+        atomic_write_json(journal, {"commit": [[_relative(t, here), _relative(f, here)] for t, f in staged],
+                                    "remove": [_relative(r, here) for r in remove],
+                                    "folder": os.path.abspath(here)})
     except BaseException:
         for tmp, _ in staged:
             with contextlib.suppress(OSError):
@@ -223,25 +250,82 @@ def commit_files(files: Dict[PathLike, Content], journal: PathLike) -> None:
     finish_commit(journal)
 
 
+def _relative(path: PathLike, folder: Path) -> str:
+    return os.path.relpath(os.path.abspath(path), os.path.abspath(folder))
+
+
+_JOURNAL = "a commit journal of dit_accel ({\"commit\": [[temporary, final], ...]}); remove it if no dit_accel writer made it"
+
+
+def _journal_paths(journal: Path, record: dict) -> tuple:
+    """The (temporary, final) pairs and the files to remove of a journal, as paths; BadFileError for a pair
+    that is not a temporary beside its final file, or that lies outside the journal's folder while the journal
+    is not where it was written (a copied or moved folder must never rename the original's files)."""
+    pairs, removes = record.get("commit"), record.get("remove", [])
+    if not isinstance(pairs, list) or not all(isinstance(p, list) and len(p) == 2 and all(isinstance(x, str) for x in p)
+                                              for p in pairs):
+        raise BadFileError(journal, "has no list of [temporary, final] pairs under 'commit'", _JOURNAL)
+    if not isinstance(removes, list) or not all(isinstance(x, str) for x in removes):
+        raise BadFileError(journal, "has a 'remove' entry that is not a list of file names", _JOURNAL)
+    here = os.path.abspath(journal.parent)
+    written_here = record.get("folder") == here
+
+    def resolve(name: str) -> Path:
+        full = os.path.normpath(os.path.join(here, name))
+        if os.path.commonpath([full, here]) != here and not written_here:
+            raise BadFileError(journal, f"names {name!r}, outside its folder {here} (the journal was written in "
+                                        f"{record.get('folder', 'another folder')}: a copied or moved folder); it "
+                                        "was left unfinished", "a journal naming files inside its own folder; finish "
+                                        "the commit where it was written, or remove the journal")
+        return Path(full)
+
+    resolved = []
+    for tmp, final in pairs:
+        tmp, final = resolve(tmp), resolve(final)
+        if tmp.parent != final.parent or not is_temp_name(tmp) or not tmp.name.endswith("-" + final.name):
+            raise BadFileError(journal, f"pairs {tmp.name!r} with {str(final)!r}, which is not its temporary",
+                               _JOURNAL)
+        resolved.append((tmp, final))
+    return resolved, [resolve(name) for name in removes]
+
+
 def finish_commit(journal: PathLike) -> bool:
     """Complete the renames of a committed :func:`commit_files` (its writer was killed after the journal) and
-    remove the journal; True when there was one. A journal that is not one of ours is left alone (BadFileError)."""
+    remove the journal; True when there was one. A journal that is not one of ours, or that names files outside
+    its folder after being copied or moved, is left alone (BadFileError). Readers of a file set call it too
+    (:func:`finish_for_reader`): two finishing at once is harmless."""
     journal = Path(journal)
     if not journal.exists():
         return False
-    record = read_json(journal, expected="a commit journal of dit_accel ({\"commit\": [[temporary, final], ...]})")
-    pairs = record.get("commit")
-    if not isinstance(pairs, list) or not all(isinstance(p, list) and len(p) == 2 and all(isinstance(x, str) for x in p)
-                                              for p in pairs):
-        raise BadFileError(journal, "has no list of [temporary, final] pairs under 'commit'",
-                           "a commit journal of dit_accel; remove it if no dit_accel writer made it")
+    record = read_json(journal, expected=_JOURNAL)
+    pairs, removes = _journal_paths(journal, record)
     for tmp, final in pairs:
         if os.path.lexists(tmp):
-            os.replace(tmp, final)
+            with contextlib.suppress(FileNotFoundError):  # another process finishing the same journal
+                os.replace(tmp, final)
             crash_point()
-    journal.unlink()
+    for path in removes:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+    with contextlib.suppress(FileNotFoundError):
+        journal.unlink()
     crash_point()
     return True
+
+
+def finish_for_reader(journal: PathLike, what: PathLike) -> None:
+    """What a reader of a file set does first: finish the set's pending commit (a writer killed after its commit
+    point), or refuse ``what`` with the reason (BadFileError) when it cannot be finished, so that a reader
+    never sees the new file beside the previous set's others."""
+    try:
+        finish_commit(journal)
+    except BadFileError as err:
+        raise BadFileError(what, f"its set of files has an unfinished commit that cannot be completed ({err.problem}, "
+                                 f"in {err.path})", "a complete set of files; " + err.expected) from None
+    except OSError as err:
+        raise BadFileError(what, f"its set of files has an unfinished commit ({journal}) that this process cannot "
+                                 f"complete ({err.strerror or err})", "a complete set of files: run the reader once "
+                                 "where it may write to the folder, or write the files again") from None
 
 
 def recover(journal: PathLike, folders: Iterable[PathLike]) -> None:
@@ -262,6 +346,74 @@ def _alive(pid: int) -> bool:
     except OSError:
         return True
     return True
+
+
+# ----------------------------------------------------------------------------- stores shared by processes
+def lock_name(path: PathLike) -> Path:
+    """The lock file of ``path`` (a hidden sibling; :func:`locked`)."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.lock")
+
+
+@contextlib.contextmanager
+def locked(path: PathLike, *, timeout: float = 60.0) -> Iterator[None]:
+    """Hold the exclusive lock of ``path`` (its :func:`lock_name` file) across processes.
+
+    ``fcntl.flock`` where there is one: the system drops the lock of a process that dies, so a killed holder
+    never leaves it taken. Elsewhere an ``O_EXCL`` lock file naming its holder, taken over when that process
+    is gone (or after ``timeout``). Stores that several processes update (``autotune.json``,
+    ``selfcheck.json``) re-read and merge under it (:func:`update_json`).
+    """
+    lock = lock_name(path)
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:  # no flock (Windows)
+        fcntl = None
+    if fcntl is not None:
+        fd = os.open(str(lock), os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # (closing releases the lock)
+        return
+    import time
+
+    start = time.monotonic()
+    while True:
+        try:
+            fd = os.open(str(lock), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+            break
+        except FileExistsError:
+            try:
+                pid, host = lock.read_text().split()[:2]
+                stale = host == _HOST and not _alive(int(pid))
+            except (OSError, ValueError):
+                stale = False
+            if stale or time.monotonic() - start > timeout:
+                with contextlib.suppress(OSError):
+                    lock.unlink()
+                continue
+            time.sleep(0.01)
+    try:
+        os.write(fd, f"{os.getpid()} {_HOST}\n".encode())
+        os.close(fd)
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            lock.unlink()
+
+
+def update_json(path: PathLike, read: Callable[[Path], dict], change: Callable[[dict], dict], **dump) -> dict:
+    """Under :func:`locked`, ``read(path)`` the store as it is now (what other processes wrote since this one
+    loaded it included), ``change`` it, and write the result atomically; returns what was written. Two
+    processes sharing a cache folder so never lose each other's entries."""
+    path = Path(path)
+    with locked(path):
+        merged = change(read(path) if path.exists() else {})
+        atomic_write_json(path, merged, **dump)
+    return merged
 
 
 # ----------------------------------------------------------------------------- content hashes

@@ -25,168 +25,29 @@ model order, as everywhere in dit_accel.
 
 from __future__ import annotations
 
-import dataclasses
 import datetime
 import hashlib
 import json
-import math
 import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 from ._util import is_int, to_jsonable, versions
-from .methods import Dense, Method, Tile, TileStrategy, method_from_name
+from .methods import Dense, Method, Tile, TileStrategy
 from .per_head import PerHead
+
+from .sparse_plan_json import (_CALL_COUNTS, _PHASE_FIELDS, _PLAN_FIELDS, FORMAT, FORMAT_VERSION,  # noqa: F401
+                               _Fields, _method_entry, _provenance, _show, _tuples, method_from_json,
+                               method_to_json, prompts_hash, write_atomic)
+from .sparse_plan_text import _CostBasis, _gaps, _grid_text, _heads_text, _span, method_label  # noqa: F401
 
 __all__ = ["SparsePlan", "Phase", "PlanMethod", "method_to_json", "method_from_json", "method_label", "prompts_hash",
            "write_atomic", "FORMAT"]
 
-FORMAT = "dit_accel.sparse_plan"
-FORMAT_VERSION = 1
 
-
-# ------------------------------------------------------------------ atomic files
-def write_atomic(path, data) -> Path:
-    """Write ``data`` (str or bytes) to ``path`` through a temporary file in the same folder and ``os.replace``:
-    a reader sees the old file or the new one, never half of one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    payload = data.encode() if isinstance(data, str) else bytes(data)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would make the file private
-        with os.fdopen(fd, "wb") as f:
-            f.write(payload)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    return path
-
-
-def prompts_hash(prompts: Iterable[str]) -> str:
-    """sha256 of the prompts, one per line (the calibration set's fingerprint in a plan's provenance)."""
-    return hashlib.sha256("\n".join(prompts).encode()).hexdigest()
-
-
-# ------------------------------------------------------------------ method configs <-> JSON
-def method_to_json(method: Method) -> dict:
-    """A method config as JSON values: ``{"method": name, field: value, ...}`` (PerHead: ``"heads": [...]``)."""
-    if isinstance(method, PerHead):
-        return {"method": PerHead.name, "heads": [method_to_json(m) for m in method.methods]}
-    if isinstance(method, (TileStrategy, PlanMethod)):
-        raise ValueError(f"{type(method).__name__} is a schedule, not a per-(step, layer) method config; convert it "
-                         "with SparsePlan.from_tile_strategy")
-    return to_jsonable(method.to_dict())
-
-
-def _tuples(value):
-    return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
-
-
-def _show(value) -> str:
-    """A JSON value as the file spells it, cut to 60 characters (for one-line messages)."""
-    try:
-        text = json.dumps(value)
-    except (TypeError, ValueError):
-        text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
-class _Fields:
-    """Reads a plan's JSON value field by field: every problem is one ValueError line naming the file (or
-    "the plan" for a value with no file) and the field, e.g. ``plan.json: phases[1].layers["one"]: ...``."""
-
-    def __init__(self, source: Optional[str]):
-        self.source = source or "the plan"
-
-    def fail(self, where: str, problem: str):
-        raise ValueError(f"{self.source}: {where}: {problem}")
-
-    def count(self, where: str, value, *, minimum: int = 1, nullable: bool = True) -> Optional[int]:
-        if value is None and nullable:
-            return None
-        if not is_int(value) or value < minimum:
-            self.fail(where, f"must be a whole number >= {minimum}{' or null' if nullable else ''}; got {_show(value)}")
-        return int(value)
-
-    def obj(self, where: str, value, what: str) -> dict:
-        if not isinstance(value, Mapping):
-            self.fail(where, f"must be {what}; got {_show(value)}")
-        return value
-
-    def known(self, where: str, value: Mapping, fields: Tuple[str, ...], what: str) -> None:
-        for key in value:
-            if key not in fields:
-                self.fail(f"{where}.{key}" if where else str(key),
-                          f"not a field of {what} (its fields: {', '.join(fields)})")
-
-
-_METHOD_EXAMPLE = '{"method": "tile", "tile": [1, 4, 4], "window": [1, 1, 3]}'
-
-
-def _method_entry(r: _Fields, where: str, data, heads: Optional[int] = None, inner: bool = False) -> Method:
-    """One method entry of a plan, validated: a registered method's options, or a per-head list of them."""
-    from .methods import canonical_method_name, registered_methods
-
-    r.obj(where, data, f"a method entry such as {_METHOD_EXAMPLE}")
-    name = data.get("method")
-    if not isinstance(name, str):
-        r.fail(f"{where}.method", f"must be a method name such as \"tile\"; got {_show(name)}")
-    if name == PerHead.name:
-        if inner:
-            r.fail(f"{where}.method", "a per_head entry cannot hold another per_head entry: one method per head")
-        r.known(where, data, ("method", "heads"), "a per_head entry")
-        entries = data.get("heads")
-        if not isinstance(entries, list) or not entries:
-            r.fail(f"{where}.heads", f"must be a non-empty list of method entries, one per head; got {_show(entries)}")
-        if heads is not None and len(entries) != heads:
-            r.fail(f"{where}.heads", f"has {len(entries)} entries; the plan is for {heads} heads (num_heads)")
-        methods = tuple(_method_entry(r, f"{where}.heads[{i}]", h, inner=True) for i, h in enumerate(entries))
-        try:
-            return PerHead(methods)
-        except (ValueError, TypeError) as err:
-            r.fail(where, " ".join(str(err).split()))
-    entry = registered_methods().get(canonical_method_name(name))
-    if entry is None:
-        r.fail(f"{where}.method", f"unknown method {_show(name)}; choose one of "
-                                  f"{', '.join(n for n in registered_methods() if n != 'tile_strategy')}, per_head")
-    if entry.cls is TileStrategy or hasattr(entry.cls, "for_layer_step"):
-        r.fail(f"{where}.method", f"{name} is a schedule, not a method for one (step, layer): import a FastVideo "
-                                  "strategy with SparsePlan.from_tile_strategy")
-    options = tuple(f.name for f in dataclasses.fields(entry.cls) if f.init)
-    r.known(where, data, ("method", *options), f"method {name}")
-    values = {k: _tuples(v) for k, v in data.items() if k != "method"}
-    try:
-        method = entry.cls(**values)
-        hash(method)  # configs are cache keys: a JSON object left inside one would fail at the first call
-    except Exception as err:  # noqa: BLE001 - a registered config's own check, whatever it raises, is the reason
-        reason = " ".join(str(err).split()) or type(err).__name__
-        key = next((k for k in values if re.search(rf"(^|[ .]){re.escape(k)}(\[[0-9]+\])?=", reason)), None)
-        r.fail(f"{where}.{key}" if key else where, reason)
-    return method
-
-
-def method_from_json(data: Mapping, *, where: str = "method", source: Optional[str] = None) -> Method:
-    """The inverse of :func:`method_to_json`: ValueError naming ``source`` and ``where`` for a bad entry."""
-    return _method_entry(_Fields(source), where, data)
-
-
-_PHASE_FIELDS = ("steps", "default", "layers")
-_PLAN_FIELDS = ("format", "format_version", "num_layers", "num_heads", "phases", "provenance")
-_CALL_COUNTS = ("num_frames", "height", "width", "num_inference_steps", "max_sequence_length")
-
-
+# ------------------------------------------------------------------ reading a phase
 def _phase(r: _Fields, where: str, data, num_layers: Optional[int], num_heads: Optional[int]) -> "Phase":
     r.obj(where, data, 'a phase: {"steps": [start, stop or null], "default": {...}, "layers": {"0": {...}}}')
     r.known(where, data, _PHASE_FIELDS, "a phase")
@@ -221,45 +82,6 @@ def _phase(r: _Fields, where: str, data, num_layers: Optional[int], num_heads: O
                                "from 0)")
         methods[index] = _method_entry(r, field_name, entry, num_heads)
     return Phase(start, None if stop is None else int(stop), methods, default)
-
-
-def _provenance(r: _Fields, data) -> dict:
-    """The provenance object; the fields dit_accel reads are checked (the rest is a record for people)."""
-    if data is None:
-        return {}
-    r.obj("provenance", data, "an object (model_class, grids, steps, ...) or null")
-    out = dict(data)
-    for key in ("model_class", "model_id"):
-        value = data.get(key)
-        if value is not None and (not isinstance(value, str) or not value):
-            r.fail(f"provenance.{key}", f"must be a non-empty string or null; got {_show(value)}")
-    grids = data.get("grids")
-    if grids is not None:
-        if not isinstance(grids, list):
-            r.fail("provenance.grids", f"must be a list of token grids such as [[4, 12, 12]]; got {_show(grids)}")
-        for i, grid in enumerate(grids):
-            if not (isinstance(grid, list) and 1 <= len(grid) <= 4 and all(is_int(g) and g >= 1 for g in grid)):
-                r.fail(f"provenance.grids[{i}]", f"must be a token grid: 1 to 4 whole numbers >= 1 such as "
-                                                 f"[4, 12, 12]; got {_show(grid)}")
-        out["grids"] = [[int(g) for g in grid] for grid in grids]
-    for key in ("steps", "head_dim"):
-        out[key] = r.count(f"provenance.{key}", data.get(key))
-        if key not in data:
-            out.pop(key)
-    timesteps = data.get("timesteps")
-    if timesteps is not None and not (isinstance(timesteps, list) and all(
-            isinstance(t, (int, float)) and not isinstance(t, bool) and math.isfinite(t) and t >= 0
-            for t in timesteps)):
-        r.fail("provenance.timesteps", f"must be a list of numbers >= 0 (one per step) or null; got {_show(timesteps)}")
-    call = data.get("call")
-    if call is not None:
-        r.obj("provenance.call", call, "an object of the pipeline call's settings or null")
-        for key in _CALL_COUNTS:
-            r.count(f"provenance.call.{key}", call.get(key))
-    cost = data.get("cost_model")
-    if cost is not None:
-        r.obj("provenance.cost_model", cost, "an object (arch, kernel, terms) or null")
-    return out
 
 
 def _is_dense(method: Optional[Method]) -> bool:
@@ -448,10 +270,15 @@ class SparsePlan:
         is recognised and imported with :meth:`from_tile_strategy` (its default tile (6, 8, 8)).
 
         Every field is validated: a missing, unreadable, binary or damaged file, or any value that is not a
-        plan's, is a ValueError of one line naming the file and the field."""
-        from .atomic_files import read_json
+        plan's, is a ValueError of one line naming the file and the field. A plan whose writer (``calibrate``)
+        was killed after its commit point is finished first, with its report folder, or refused with the
+        reason (:func:`dit_accel.atomic_files.finish_for_reader`): never a new plan beside an old report."""
+        from .atomic_files import commit_journal, finish_for_reader, read_json
 
         path = Path(path)
+        journal = commit_journal(path)
+        if journal.exists():  # calibrate killed past its commit point: its report set goes in with the plan
+            finish_for_reader(journal, path)
         try:
             data = read_json(path, expected="a dit_accel sparse plan (the JSON that plan.save or dit-accel "
                                             "calibrate writes)", kind=None)
@@ -729,127 +556,6 @@ class SparsePlan:
 
     def __repr__(self) -> str:
         return f"SparsePlan({len(self.phases)} phases, layers={self.num_layers}, heads={self.num_heads})"
-
-
-def _span(phase: Phase) -> str:
-    if phase.stop == phase.start + 1:
-        return str(phase.start)
-    return f"{phase.start}..{'end' if phase.stop is None else phase.stop - 1}"
-
-
-def _grid_text(grid) -> str:
-    return "x".join(str(int(g)) for g in grid)
-
-
-def _gaps(phases: Sequence[Phase], steps: Optional[int]) -> List[str]:
-    """Step ranges no phase covers (within ``steps`` when known)."""
-    out, at = [], 0
-    for p in sorted(phases, key=lambda p: p.start):
-        if p.start > at:
-            out.append(f"{at}..{p.start - 1}")
-        at = p.stop if p.stop is not None else None
-        if at is None:
-            return out
-    if steps is None:
-        out.append(f"{at}..end")
-    elif at < steps:
-        out.append(f"{at}..{steps - 1}")
-    return out
-
-
-def method_label(method: Method) -> str:
-    """A method config in a few characters: its name and the options that differ from the defaults,
-    tuples as ``1x4x4`` (``tile(tile=1x4x4, window=1x1x3)``, ``sla(topk=0.2)``, ``dense``)."""
-    parts = []
-    for f in dataclasses.fields(method):
-        if not f.init:
-            continue
-        value = getattr(method, f.name)
-        default = f.default if f.default is not dataclasses.MISSING else (
-            f.default_factory() if f.default_factory is not dataclasses.MISSING else object())
-        if value == default:
-            continue
-        if isinstance(value, tuple) and all(is_int(v) for v in value) and value:
-            value = "x".join(map(str, value))
-        parts.append(f"{f.name}={value}")
-    return method.name + (f"({', '.join(parts)})" if parts else "")
-
-
-def _heads_text(method: Method, heads: int) -> str:
-    """``"all heads sla(topk=0.2)"`` or ``"heads 0-5 sla(topk=0.2); head 6 dense"``."""
-    if not isinstance(method, PerHead):
-        return f"all heads {method_label(method)}"
-    labels = [method_label(m) for m in method.methods]
-    parts, start = [], 0
-    while start < len(labels):
-        stop = start
-        while stop + 1 < len(labels) and labels[stop + 1] == labels[start]:
-            stop += 1
-        parts.append(f"{'head ' + str(start) if stop == start else f'heads {start}-{stop}'} {labels[start]}")
-        start = stop + 1
-    return "; ".join(parts)
-
-
-class _CostBasis:
-    """Modelled seconds and density of one head of a method config at one grid (see :meth:`SparsePlan.profile`)."""
-
-    def __init__(self, provenance: Mapping, grid):
-        from .kernels import cost as kernel_cost
-
-        self.cost, self.grid = kernel_cost, grid
-        model = provenance.get("cost_model") if isinstance(provenance.get("cost_model"), Mapping) else {}
-        arch, kernel = model.get("arch") or "h100", model.get("kernel") or "current"
-        try:
-            kernel_cost.constants(arch, kernel)
-        except (ValueError, TypeError):  # a measured cost model, or constants this version does not have
-            arch, kernel = "h100", "current"
-        self.arch, self.kernel = arch, kernel
-        self.terms = "tiles" if model.get("terms") == "tiles" else "no-launch"
-        self.head_dim = provenance.get("head_dim") or 128
-        self._memo: Dict[Method, tuple] = {}
-
-    def describe(self) -> str:
-        if self.grid is None:
-            return "(step, layer, head) slots counted: the plan records no token grid (provenance.grids)"
-        return (f"modelled attention time per head (dit_accel.kernels.cost, {self.arch}"
-                f"{'' if self.kernel == 'current' else '/' + self.kernel}, terms {self.terms}, head dim "
-                f"{self.head_dim}) at grid {_grid_text(self.grid)}, weighted by steps")
-
-    def head(self, method: Method) -> tuple:
-        """``(label, seconds or None, density or None)`` of one head running ``method``."""
-        if method not in self._memo:
-            self._memo[method] = self._price(method)
-        return self._memo[method]
-
-    def _price(self, method: Method) -> tuple:
-        name = method.name
-        if self.grid is None:
-            return name, None, 1.0 if isinstance(method, Dense) else None
-        c, n, d = self.cost, math.prod(self.grid), self.head_dim
-        dense = c.dense_time(n, n, 1, head_dim=d, arch=self.arch) - c.constants(self.arch).dense_per_call_s
-        if isinstance(method, Dense):
-            return name, dense, 1.0
-        try:
-            plan = method.plan(self.grid)
-        except (ValueError, TypeError):  # does not fit the grid: priced as a slot, density unknown
-            return name, None, None
-        if plan.is_dense:
-            return name, dense, 1.0
-        if hasattr(plan, "params"):  # SLA: the critical blocks it visits
-            from .kernels.sla.common import sla_density
-
-            counts = c.sla_counts(n, method, heads=1)
-            if self.terms == "tiles":
-                counts = dataclasses.replace(counts, ctas=0, heads=0)
-            secs = c.sla_time(counts, head_dim=d, arch=self.arch) - c.constants(self.arch).sla_per_call_s
-            return name, secs, sla_density(n, method)
-        layout = plan.layout
-        counts = c.tile_counts(layout, heads=layout.num_heads)
-        if self.terms == "tiles":
-            counts = dataclasses.replace(counts, ctas=0)
-        secs = (c.block_sparse_time(counts, head_dim=d, arch=self.arch, kernel=self.kernel)
-                - c.constants(self.arch, self.kernel).per_call_s) / layout.num_heads
-        return name, secs, plan.density
 
 
 @dataclass(frozen=True, eq=False)

@@ -24,9 +24,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .atomic_files import BadFileError, atomic_write, is_temp_name
+from .atomic_files import (BadFileError, atomic_write, commit_files, commit_journal, finish_commit, finish_for_reader,
+                           is_temp_name, remove_stale_temps)
 
-__all__ = ["save_video", "load_video", "to_uint8_frames", "output_files", "VIDEO_SUFFIXES"]
+__all__ = ["save_video", "load_video", "to_uint8_frames", "output_files", "frames_journal", "VIDEO_SUFFIXES"]
 
 VIDEO_SUFFIXES = (".mp4", ".gif", ".png")
 _GIF_TAG = b"dit_accel"
@@ -108,6 +109,7 @@ def save_video(frames, path, fps: int = 16) -> Path:
             f"cannot write {path.name!r}: unknown suffix {suffix!r}; use .mp4, .gif, .png, or a folder path"
         )
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(path.parent)  # what killed writers left: each may be as large as a video
     if suffix == ".mp4":
         atomic_write(path, lambda tmp: _write_mp4(arr, tmp, fps))
     elif suffix == ".gif":
@@ -115,12 +117,22 @@ def save_video(frames, path, fps: int = 16) -> Path:
     elif suffix == ".png" or not suffix:
         if not suffix:
             path.mkdir(parents=True, exist_ok=True)
+            remove_stale_temps(path)
+        journal = frames_journal(path)
+        finish_commit(journal)  # a killed earlier save's frames go in first, never over these
         files = output_files(path, len(arr))
-        for stale in _stale_frames(path, files):  # an earlier, longer (or one-frame) output at this path
-            stale.unlink(missing_ok=True)
-        for frame, file in zip(arr, files):
-            atomic_write(file, lambda tmp, frame=frame: _write_png(frame, tmp))
+        # The frames, and the removal of an earlier output's frames these do not overwrite, are one commit: a
+        # kill leaves the earlier sequence or this one, never [new, new, old, old] (load_video finishes it).
+        commit_files({file: (lambda tmp, frame=frame: _write_png(frame, tmp)) for frame, file in zip(arr, files)},
+                     journal, remove=_stale_frames(path, files))
     return path
+
+
+def frames_journal(path) -> Path:
+    """The commit journal of a PNG output at ``path``: inside a frame folder (it travels with a copy of the
+    folder), beside a ``NAME.png`` sequence."""
+    path = Path(path)
+    return path / ".frames.dit_accel-commit.json" if not path.suffix else commit_journal(path)
 
 
 def _stale_frames(path: Path, files: list) -> list:
@@ -157,6 +169,10 @@ def load_video(path) -> np.ndarray:
     """
     path = Path(path)
     suffix = path.suffix.lower()
+    if path.is_dir() or suffix == ".png":  # a PNG output a killed save_video committed: finished, or refused
+        journal = frames_journal(path) if path.is_dir() else commit_journal(path)
+        if journal.exists():
+            finish_for_reader(journal, path)
     if path.is_dir():  # not the temporaries a killed save_video left
         files = sorted(p for p in path.iterdir() if p.suffix.lower() == ".png" and not is_temp_name(p))
         if not files:

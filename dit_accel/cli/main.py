@@ -17,6 +17,7 @@ import sys
 from typing import Optional, Sequence
 
 from .._util import use_interpreter_without_cuda
+from ..errors import one_line_error
 
 __all__ = ["main", "build_parser", "SUBCOMMANDS"]
 
@@ -137,6 +138,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt:
         print("dit-accel: interrupted", file=sys.stderr)
         return 130
+    except (OSError, RuntimeError) as err:  # a full disk, a forced backend that cannot run: one line, no traceback
+        message = one_line_error(err)
+        if message is None:
+            raise
+        print(f"dit-accel: error: {message}", file=sys.stderr)
+        return 1
     finally:
         logging.getLogger(_TRANSFORMERS_IMPORTS).removeFilter(notice)
 

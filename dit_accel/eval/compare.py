@@ -22,7 +22,15 @@ __all__ = ["load_results", "compare_results", "format_comparison"]
 
 def load_results(folder) -> dict:
     """results.json of an eval folder; ValueError naming the folder when it is missing or unreadable."""
+    from ..atomic_files import BadFileError, commit_journal, finish_for_reader
+
     path = Path(folder) / "results.json"
+    journal = commit_journal(path)
+    if journal.exists():  # an eval killed after its commit point: its report set goes in whole first
+        try:
+            finish_for_reader(journal, path)
+        except BadFileError as err:
+            raise ValueError(f"--compare {err}") from None
     if not path.is_file():
         raise ValueError(f"--compare {folder}: no results.json there; expected a `dit-accel eval --out` folder")
     try:

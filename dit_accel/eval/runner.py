@@ -247,6 +247,19 @@ def _read_dense_entry(path: Path):
     return frames, times
 
 
+def _check_entry_size(path: Path, frames: np.ndarray, settings: EvalSettings) -> None:
+    """BadFileError naming the cache entry when its frames are not of the size this run asks for (a file
+    replaced or copied in): the entry is then dropped and generated again, not blamed on a method later."""
+    from ..atomic_files import BadFileError
+
+    want = (settings.height, settings.width)
+    got = tuple(frames.shape[1:3])
+    if any(w is not None and w != g for w, g in zip(want, got)):
+        raise BadFileError(path, f"holds frames of {got[0]}x{got[1]}, but this run makes "
+                                 f"{settings.height}x{settings.width}",
+                           "an entry of this run's size (the file was replaced or copied in)")
+
+
 # ----------------------------------------------------------------- generation
 def _frames_of(output) -> np.ndarray:
     """Pipeline output (output_type='np') -> uint8 [F, H, W, 3]."""
@@ -307,8 +320,9 @@ def _dense_row(pipe, timer, settings: EvalSettings, samples, cache_dir: Path, lo
     """
     from tqdm.auto import tqdm
 
-    from ..atomic_files import atomic_write
+    from ..atomic_files import atomic_write, remove_stale_temps
 
+    remove_stale_temps(cache_dir)  # entries killed evals left half-written: each may be as large as a video
     model_sha256 = model_fingerprint(settings.model, pipe, cache_dir, log)
     pipeline = type(pipe).__name__
     videos, runs, missing = [None] * len(samples), [], []
@@ -320,6 +334,7 @@ def _dense_row(pipe, timer, settings: EvalSettings, samples, cache_dir: Path, lo
             if path.exists():
                 try:
                     videos[i], times = _read_dense_entry(path)
+                    _check_entry_size(path, videos[i], settings)
                 except ValueError as err:
                     log(f"warning: dense cache entry dropped, generating it again: {err}")
                     path.unlink(missing_ok=True)

@@ -132,9 +132,18 @@ def _stale(key, entry) -> bool:
 
 
 def _valid_structure(entry) -> bool:
+    """Every field a reader of the entry reads, of its type (an entry missing one would crash the call)."""
+    def number(x):
+        return isinstance(x, (int, float)) and not isinstance(x, bool)
+
     return (isinstance(entry, dict) and isinstance(entry.get("choice"), str)
             and isinstance(entry.get("times_ms"), dict)
-            and all(t is None or isinstance(t, (int, float)) for t in entry["times_ms"].values()))
+            and all(isinstance(k, str) and (t is None or number(t)) for k, t in entry["times_ms"].items())
+            and isinstance(entry.get("date"), str)
+            and all(isinstance(entry.get(name), int) and not isinstance(entry.get(name), bool)
+                    for name in ("warmup", "repeats") if name in entry)
+            and (isinstance(entry.get("rejected", []), list) and all(isinstance(n, str) for n in entry.get("rejected", [])))
+            and isinstance(entry.get("skipped", {}), dict))
 
 
 def _valid_entry(key, entry) -> bool:
@@ -142,26 +151,34 @@ def _valid_entry(key, entry) -> bool:
             and _valid_structure(entry))
 
 
+def _read(path: Path, warn: bool = True) -> Dict[str, dict]:
+    """The valid entries of the file ``path``; a damaged file or entry is dropped, with one warning naming the
+    file when ``warn``."""
+    from ..atomic_files import read_json
+
+    try:
+        data = read_json(path, expected=_EXPECTED)
+    except ValueError as err:
+        if warn:
+            _warn(f"dit_accel: {err}; ignoring it (the backends are timed again)")
+        return {}
+    data = {k: v for k, v in data.items() if not _stale(k, v)}
+    bad = [k for k, v in data.items() if not _valid_entry(k, v)]
+    if bad and warn:
+        _warn(f"dit_accel: {path}: {len(bad)} entr{'y' if len(bad) == 1 else 'ies'} with missing or wrong fields "
+              f"(e.g. {bad[0][:60]!r}) ignored; expected {_EXPECTED}")
+    return {k: v for k, v in data.items() if k not in bad}
+
+
 def _entries() -> Dict[str, dict]:
     """The stored choices; a damaged file (truncated, wrong structure) or entry is dropped with a warning
     naming it, and the shapes it held are timed again."""
-    from ..atomic_files import read_json
-
     path = cache_path()
     if not _LOADED.get(str(path)):
         _LOADED[str(path)] = True
         if path.exists():
-            try:
-                data = read_json(path, expected=_EXPECTED)
-            except ValueError as err:
-                _warn(f"dit_accel: {err}; ignoring it (the backends are timed again)")
-                data = {}
-            data = {k: v for k, v in data.items() if not _stale(k, v)}
-            bad = [k for k, v in data.items() if not _valid_entry(k, v)]
-            if bad:
-                _warn(f"dit_accel: {path}: {len(bad)} entr{'y' if len(bad) == 1 else 'ies'} of the wrong structure "
-                      f"(e.g. {bad[0][:60]!r}) ignored; expected {_EXPECTED}")
-            _MEMORY.update({k: v for k, v in data.items() if k not in bad})
+            data = _read(path)
+            _MEMORY.update({k: v for k, v in data.items() if k not in _MEMORY})
     return _MEMORY
 
 
@@ -174,15 +191,19 @@ def _warn(message: str) -> None:
 
 
 def _store(key: str, entry: dict) -> None:
-    from ..atomic_files import atomic_write_json
+    """Add ``entry``: the file is re-read and merged under its lock file, so processes sharing a cache folder
+    keep each other's entries (:func:`dit_accel.atomic_files.update_json`)."""
+    from ..atomic_files import update_json
 
     with _LOCK:
         entries = _entries()
         entries[key] = entry
         try:
-            atomic_write_json(cache_path(), entries, indent=1, sort_keys=True)
+            merged = update_json(cache_path(), lambda p: _read(p, warn=False), lambda disk: {**disk, key: entry},
+                                 indent=1, sort_keys=True)
         except OSError:
-            pass  # a read-only home still tunes, per process
+            return  # a read-only home still tunes, per process
+        entries.update(merged)
 
 
 def cached_choice(shape: ShapeClass) -> Optional[str]:

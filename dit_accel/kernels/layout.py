@@ -73,7 +73,33 @@ class BlockLayout:
     q_indices: torch.Tensor
     q_mask_ids: torch.Tensor
     mask_table: torch.Tensor
-    derived: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+    _derived: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+    _stamp: Optional[tuple] = field(default=None, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        # The tensors' version counters now: an in-place edit (through any view) moves one, and the layout then
+        # refuses to hand out what was derived from its old content (see ``derived``).
+        object.__setattr__(self, "_stamp", self._versions())
+
+    def _versions(self) -> Optional[tuple]:
+        try:
+            return tuple(getattr(self, name)._version for name in self.TENSORS)
+        except (RuntimeError, AttributeError):  # inference-mode tensors keep no version (and refuse edits)
+            return None
+
+    @property
+    def derived(self) -> dict:
+        """What backends derived from this layout (launch decisions, device copies, plans); RuntimeError when
+        the layout's tensors were changed in place since it was built (a layout is an immutable value)."""
+        if self._stamp is not None and not torch.compiler.is_compiling():
+            now = self._versions()
+            if now != self._stamp:
+                changed = [name for name, a, b in zip(self.TENSORS, self._stamp, now or self._stamp) if a != b]
+                raise RuntimeError(f"dit_accel: this BlockLayout's {', '.join(changed) or 'tensors'} changed in place "
+                                   "after it was built; a layout is an immutable value whose launches, device copies "
+                                   "and plans are cached with it. Build a new layout (BlockLayout.from_block_masks, "
+                                   "from_dense_mask, or BlockLayout(...) from clones of the edited tensors)")
+        return self._derived
 
     # ----------------------------------------------------------------- build
     @classmethod

@@ -225,34 +225,75 @@ _WARNED: set = set()
 _RUNNING: set = set()
 
 
-def _entries() -> Dict[str, dict]:
+_EXPECTED = ('the self-check verdicts: {"<key>": {"ok": bool, "error": number or null, "tolerance": number, '
+             '"problem": text, "seconds": number, ...}}')
+
+
+def _valid_verdict(entry) -> bool:
+    """Every field a reader of the verdict reads, of its type (an entry missing one would crash the call)."""
+    def number(x):
+        return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+    texts = ("variant", "dtype", "arch", "date")
+    return (isinstance(entry, dict) and isinstance(entry.get("ok"), bool) and "error" in entry
+            and (entry["error"] is None or number(entry["error"])) and number(entry.get("tolerance"))
+            and isinstance(entry.get("problem"), str) and number(entry.get("seconds"))
+            and all(isinstance(entry[name], str) for name in texts if name in entry)
+            and isinstance(entry.get("shape", {}), dict) and isinstance(entry.get("faulted", False), bool))
+
+
+def _read(path: Path, warn: bool = True) -> Dict[str, dict]:
+    """The valid verdicts of the file ``path``; a damaged file or entry is dropped (checked again), with one
+    warning naming the file when ``warn``."""
     from ..atomic_files import read_json
 
+    try:
+        data = read_json(path, expected=_EXPECTED)
+    except ValueError as err:
+        if warn:
+            _warn_store(f"dit_accel: {err}; ignoring it (the variants are checked again)")
+        return {}
+    bad = [k for k, v in data.items() if not _valid_verdict(v)]
+    if bad and warn:
+        _warn_store(f"dit_accel: {path}: {len(bad)} verdict{'' if len(bad) == 1 else 's'} with missing or wrong "
+                    f"fields (e.g. {bad[0][:60]!r}) ignored and checked again; expected {_EXPECTED}")
+    return {k: v for k, v in data.items() if k not in bad}
+
+
+def _warn_store(message: str) -> None:
+    import warnings
+
+    from .._util import DitAccelWarning
+
+    warnings.warn(message, DitAccelWarning, stacklevel=4)
+
+
+def _entries() -> Dict[str, dict]:
     path = cache_path()
     if str(path) not in _LOADED:
         _LOADED.append(str(path))
         if path.exists():
-            try:
-                data = read_json(path, expected='the self-check verdicts: {"<key>": {"ok": bool, "error": ...}}')
-            except ValueError:
-                data = {}  # damaged: every variant is checked again, and the file rewritten
-            _MEMORY.update({k: v for k, v in data.items()
-                            if isinstance(v, dict) and isinstance(v.get("ok"), bool) and k not in _MEMORY})
+            _MEMORY.update({k: v for k, v in _read(path).items() if k not in _MEMORY})
     return _MEMORY
 
 
 def _store(key: str, entry: dict) -> None:
-    from ..atomic_files import atomic_write_json
+    """Add ``entry``: the file is re-read and merged under its lock file, so processes sharing a cache folder
+    keep each other's verdicts (:func:`dit_accel.atomic_files.update_json`)."""
+    from ..atomic_files import update_json
 
     _MEMORY[key] = entry
     _FAST.clear()
     if faults():  # a verdict under a simulated fault is for this process only
         return
+    mine = {k: v for k, v in _MEMORY.items() if not v.get("faulted")}
     try:
-        atomic_write_json(cache_path(), {k: v for k, v in _MEMORY.items() if not v.get("faulted")},
-                          indent=1, sort_keys=True)
+        merged = update_json(cache_path(), lambda p: _read(p, warn=False), lambda disk: {**mine, **disk, key: entry},
+                             indent=1, sort_keys=True)
     except OSError:
-        pass  # a read-only home still checks, per process
+        return  # a read-only home still checks, per process
+    for k, v in merged.items():
+        _MEMORY.setdefault(k, v)
 
 
 def _run_check(v: Variant, device: torch.device, dtype: torch.dtype, shape: dict) -> dict:

@@ -126,14 +126,17 @@ class CallRecord:
     is still running from one an interrupt cut short), the pipeline call it belongs to and what its
     pre-hook pushed."""
 
-    __slots__ = ("thread", "frame", "pipeline", "pushed", "admitted")
+    __slots__ = ("thread", "frame", "pipeline", "owner", "owner_name", "pushed", "admitted", "delegated")
 
-    def __init__(self, frame, pipeline_frame=None) -> None:
+    def __init__(self, frame, pipeline_frame=None, pipeline=None) -> None:
         self.thread = threading.get_ident()
         self.frame = frame
         self.pipeline = None if pipeline_frame is None else id(pipeline_frame)
+        self.owner = None if pipeline is None else id(pipeline)  # the pipeline object making the call
+        self.owner_name = type(pipeline).__name__
         self.pushed = False  # the context and every layer's plan are on this thread's stacks
         self.admitted = False  # counted by the CallGate
+        self.delegated = False  # begun by the handle this one replaced (see TransformerHook._pre_forward)
 
 
 def _on_stack(frame, top) -> bool:
@@ -184,6 +187,8 @@ class CallGate:
         self._cond = threading.Condition()
         self._calls: dict = {}  # id(record) -> record
         self._pipelines: dict = {}  # thread ident -> id of the frame of its last pipeline call of this handle
+        self._owners: dict = {}  # id of a pipeline object -> (thread, frame id) of its call in flight
+        self._clashed: set = set()  # (thread, frame id) of pipeline calls another thread's call of the object broke
         self._closing = False
         self.closed = False
 
@@ -196,11 +201,33 @@ class CallGate:
                 self._cond.wait()
             if self.closed:
                 return False
+            if record.owner is not None:
+                self._one_thread_per_pipeline(record)
             self._calls[id(record)] = record
             if record.pipeline is not None:
                 self._pipelines[record.thread] = record.pipeline
             record.admitted = True
             return True
+
+    def _one_thread_per_pipeline(self, record: CallRecord) -> None:
+        """RuntimeError when the pipeline object making ``record``'s call is inside a call in another thread
+        (its scheduler's per-call state is shared: both runs would be wrong, or end in an IndexError); the
+        other call gets the same error at its next transformer call."""
+        mine = (record.thread, record.pipeline)
+        held = self._owners.get(record.owner)
+        clash = mine in self._clashed
+        if not clash and held is not None and held[0] != record.thread:
+            clash = _frame_id_on_stack(held[1], sys._current_frames().get(held[0]))
+            if clash:
+                self._clashed.add(held)
+        if clash:
+            self._clashed.discard(mine)
+            raise RuntimeError(f"dit_accel: one {record.owner_name} object is being called from two threads at once; "
+                               "its scheduler keeps the state of one call, so both runs would be wrong. Give each "
+                               "thread its own pipeline (the same components with its own scheduler, e.g. "
+                               f"{record.owner_name}(**{{**pipe.components, 'scheduler': type(pipe.scheduler)"
+                               ".from_config(pipe.scheduler.config)})), or call it from one thread at a time")
+        self._owners[record.owner] = mine
 
     def leave(self, record: CallRecord) -> None:
         with self._cond:

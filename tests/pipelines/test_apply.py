@@ -224,7 +224,7 @@ def test_still_zero_projections_skip_the_linear_branch_and_a_write_between_calls
     bit for bit what computing it gives, and a weight written through ``.data`` (no version bump) before the
     next call makes that layer compute it, matching a run that never skips."""
     from dit_accel.kernels.sla import naive as sla_naive
-    from dit_accel.pipelines import hooks
+    from dit_accel.pipelines import transformer_hook
 
     model = models["wan"]
     kwargs = _inputs("wan", model, batch=1)
@@ -236,7 +236,7 @@ def test_still_zero_projections_skip_the_linear_branch_and_a_write_between_calls
         skipped = _run(model, kwargs)
         assert linear_calls == []
         with monkeypatch.context() as never_inert:  # the same run with the branch computed on every layer
-            never_inert.setattr(hooks, "inert_projections", lambda projs: [False] * len(projs))
+            never_inert.setattr(transformer_hook, "inert_projections", lambda projs: [False] * len(projs))
             never_inert.setattr("dit_accel.kernels.sla.api.is_inert", lambda proj: False)
             assert torch.equal(_run(model, kwargs), skipped)
             assert len(linear_calls) == len(projections)

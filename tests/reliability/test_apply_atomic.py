@@ -18,6 +18,7 @@ import torch
 import dit_accel
 from dit_accel import weights as W
 from dit_accel.models.tiny import build_tiny_transformer, tiny_transformer_inputs
+from dit_accel.pipelines import handle as Hd
 from dit_accel.pipelines import hooks as H
 
 A = importlib.import_module("dit_accel.pipelines.apply")  # the module (dit_accel.pipelines.apply is also the function)
@@ -213,7 +214,7 @@ STAGES = [
     (A, "_install", 1), (A, "_sla_projection", 1), (A, "_sla_projection", 2), (H.TransformerHook, "install", 1),
     (H.SparseAttnProcessor, "__init__", 1), (H.SparseAttnProcessor, "__init__", 2),
     (H.TransformerHook, "_hook_forward", 1), (torch.nn.Module, "register_forward_hook", 1),
-    (A.AccelHandle, "load_weights", 1), (A, "load_into", 1), (W, "_check_method", 1), (W, "_load_lora", 1),
+    (A.AccelHandle, "load_weights", 1), (Hd, "load_into", 1), (W, "_check_method", 1), (W, "_load_lora", 1),
     ("safetensors.torch", "load_file", 1), (A.AccelHandle, "_guard_fuse", 1),
 ]
 

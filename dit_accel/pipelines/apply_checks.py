@@ -1,0 +1,256 @@
+"""The argument checks of :func:`~.apply.apply`: every argument, the model's layers, a plan's or a strategy
+file's fit and the ``weights`` folder, checked before the model changes. Each failure is one line naming the
+argument or file, what is allowed and what to do."""
+
+from __future__ import annotations
+
+import os
+from typing import Dict, List, Optional, Tuple
+
+from torch import nn
+
+from .._util import WarningLog, is_int
+from ..kernels.backends import BACKENDS as _KERNEL_BACKENDS
+from ..methods import SLA, Method
+from .presets import check_pipeline
+from .schedule import Schedule
+
+__all__ = ["BACKENDS"]
+
+
+BACKENDS = ("auto",) + _KERNEL_BACKENDS
+
+
+def _check_int(name: str, value, minimum: int = 0) -> int:
+    if not is_int(value) or value < minimum:
+        raise (TypeError if not is_int(value) else ValueError)(
+            f"{name}={value!r} is invalid: expected an int >= {minimum}")
+    return int(value)
+
+
+def _check_int_list(name: str, value) -> Optional[Tuple[int, ...]]:
+    if value is None:
+        return None
+    if is_int(value):
+        value = [value]
+    try:
+        items = tuple(value)
+    except TypeError:
+        raise TypeError(f"{name}={value!r} is invalid: expected a list of non-negative ints or None") from None
+    if not all(is_int(i) and i >= 0 for i in items):
+        raise ValueError(f"{name}={value!r} is invalid: expected a list of non-negative ints or None")
+    return tuple(int(i) for i in items)
+
+
+def _check_bool(name: str, value) -> bool:
+    if not isinstance(value, bool) and not (type(value).__name__ == "bool_" and type(value).__module__ == "numpy"):
+        raise TypeError(f"{name}={value!r} is invalid: expected True or False")
+    return bool(value)
+
+
+def _check_weights(weights):
+    if weights is not None and not isinstance(weights, (str, os.PathLike)):
+        raise TypeError(f"weights={weights!r} is invalid: expected the path of a weights folder (str or os.PathLike) "
+                        "written by dit-accel finetune or dit-accel convert, or None")
+    return weights
+
+
+def _check_method(name: str, method) -> Method:
+    if not isinstance(method, Method):
+        hint = f"dit_accel.method_from_name({method!r})" if isinstance(method, str) else "dit_accel.Tile(...)"
+        raise TypeError(f"{name} must be a dit_accel method config (dit_accel.Dense(), GNA(...), Tile(...), "
+                        f"Radial(...) or SLA(...)); got {type(method).__name__}. Try {hint}")
+    return method
+
+
+def _find_transformers(obj) -> Tuple[List[Tuple[str, nn.Module]], object]:
+    """[(prefix, transformer)], pipeline (None for a bare transformer)."""
+    if isinstance(obj, nn.Module):
+        found, pipe = [("", obj)], None
+    else:
+        found, pipe = [], obj
+        check_pipeline(obj)
+        # Wan 2.2 A14B has a second (low-noise) expert; MiniMax-H3's modular pipeline runs ref2va on transformer_ref
+        for attr in ("transformer", "transformer_2", "transformer_ref"):
+            module = getattr(obj, attr, None)
+            if isinstance(module, nn.Module):
+                found.append(("" if attr == "transformer" else f"{attr}.", module))
+        if not found:
+            raise TypeError(f"apply() needs a Diffusers pipeline with a `transformer` or a transformer module; "
+                            f"got {type(obj).__name__}")
+    for _, module in found:
+        if hasattr(module, "_orig_mod"):  # torch.compile wrapper: the graph would not see the new processors
+            raise ValueError("apply() got a torch.compile'd transformer (OptimizedModule); apply dit_accel to the "
+                             "uncompiled module (transformer._orig_mod) instead")
+    return found, pipe
+
+
+def _check_apply_args(method, dense_steps, dense_last_steps, dense_layers, layer_methods, backend, capture_layers,
+                      capture_steps, scheduler, weights, timing):
+    method = _check_method("method", method)
+    _check_weights(weights)
+    _check_bool("timing", timing)
+    dense_steps, dense_last_steps = _check_int("dense_steps", dense_steps), _check_int("dense_last_steps",
+                                                                                       dense_last_steps)
+    if dense_layers is not None and not is_int(dense_layers):
+        dense_layers = _check_int_list("dense_layers", dense_layers)
+    elif dense_layers is not None:
+        dense_layers = _check_int("dense_layers", dense_layers)
+    if layer_methods is not None and not isinstance(layer_methods, dict):
+        raise TypeError(f"layer_methods must be a dict {{layer index: Method}}; got {type(layer_methods).__name__}")
+    layer_methods = {_check_int("layer_methods key", i): _check_method(f"layer_methods[{i}]", m)
+                     for i, m in (layer_methods or {}).items()}
+    if not isinstance(backend, str) or backend not in BACKENDS:
+        raise ValueError(f"backend={backend!r} is invalid: choose one of {', '.join(BACKENDS)}")
+    if scheduler is not None and not hasattr(scheduler, "timesteps"):
+        raise TypeError(f"scheduler={type(scheduler).__name__} has no `timesteps`; pass a Diffusers scheduler")
+    return (method, dense_steps, dense_last_steps, dense_layers, layer_methods,
+            _check_int_list("capture_layers", capture_layers), _check_int_list("capture_steps", capture_steps))
+
+
+def _resolve_layers(schedule_args: dict, n_layers: int, capture_layers, warnings: WarningLog) -> Schedule:
+    """The schedule with ``dense_layers`` as indices, every layer index checked against ``n_layers``."""
+    dense_layers = schedule_args.pop("dense_layers")
+    if is_int(dense_layers):
+        dense_layers = frozenset(range(min(dense_layers, n_layers)))
+    schedule = Schedule(dense_layers=frozenset(dense_layers or ()), **schedule_args)
+    for name, indices in (("dense_layers", schedule.dense_layers), ("layer_methods", schedule.layer_methods),
+                          ("capture_layers", capture_layers or ())):
+        bad = sorted(i for i in indices if i >= n_layers)
+        if bad:
+            raise ValueError(f"{name} has layer indices {bad} but the model has {n_layers} attention layers "
+                             f"(0..{n_layers - 1})")
+    if n_layers and set(range(n_layers)) <= schedule.dense_layers and schedule.sparse:
+        warnings.warn(f"dit_accel: dense_layers covers all {n_layers} attention layers: {schedule.method.name} "
+                      "never runs and the model stays dense. Pass fewer layers (e.g. dense_layers=1)", stacklevel=5)
+    return schedule
+
+
+# Names Diffusers' attention modules give their query projection (fused q/k/v ones produce three times the
+# inner dim) and their head count.
+_QUERY_PROJECTIONS = (("to_q", 1), ("to_query", 1), ("q_proj", 1), ("query", 1), ("to_qkv", 3), ("qkv", 3))
+
+
+_HEAD_COUNTS = ("heads", "num_heads", "num_attention_heads", "n_heads")
+
+
+def _projection_dim(module: nn.Module) -> int:
+    """The per-head dim D of SLA's ``Linear(D, D)``: the module's ``head_dim``, else its query projection's
+    width over its head count (``to_q``, Kandinsky's ``to_query``, fused ``to_qkv`` / 3, ...). ValueError
+    naming the class when neither can be read (apply leaves the model unchanged)."""
+    head_dim = getattr(module, "head_dim", None)
+    if isinstance(head_dim, int) and head_dim > 0:
+        return head_dim
+    heads = next((getattr(module, n) for n in _HEAD_COUNTS if isinstance(getattr(module, n, None), int)), None)
+    for name, parts in _QUERY_PROJECTIONS:
+        proj = getattr(module, name, None)
+        width = getattr(proj, "out_features", None)
+        if isinstance(width, int) and heads and width % (parts * heads) == 0:
+            return width // (parts * heads)
+    raise ValueError(f"dit_accel: SLA cannot size its projection for {type(module).__name__}: the attention module "
+                     "has no int head_dim and no query projection (to_q, to_query, q_proj, to_qkv) with a head "
+                     "count (heads, num_heads) to read the per-head dim from. Use GNA, Tile or Radial on this "
+                     "model, or register a preset whose attention modules expose head_dim")
+
+
+def _check_weights_folder(folder, schedule: Schedule, layers) -> None:
+    """What can be checked of a weights folder before the model is touched: the method file, the files it
+    names, and the SLA projections' names and shapes against this model's layers (a truncated file fails
+    here). :func:`dit_accel.weights.load_into` checks the rest; a failure there is undone too."""
+    from pathlib import Path
+
+    from ..weights import LORA_FILE, SLA_FILE, read_weights_info
+
+    folder = Path(folder)
+    info = read_weights_info(folder)
+    if not isinstance(info, dict):
+        raise ValueError(f"weights={str(folder)!r}: its dit_accel_method.json does not hold a JSON object")
+    if (info.get("files") or {}).get("lora", LORA_FILE) is not None:
+        path = folder / LORA_FILE
+        if not path.is_file():
+            raise ValueError(f"weights={str(folder)!r} is missing {LORA_FILE}.")
+        targets = {key.split("transformer.", 1)[-1].split(".lora_")[0] for key in _safetensors_keys(folder, path)}
+        if targets and not any(t.startswith(name + ".") for t in targets for name, *_ in layers):
+            # LoRA for modules other than these attention layers (another model, most likely): load_into
+            # names the model it belongs to, before it loads anything
+            return
+    expected = {}
+    for name, module, index in layers:  # (attention module name, module, its index in its transformer)
+        if _runs_sla(schedule.layer_methods.get(index, schedule.method), index):
+            d = _projection_dim(module)
+            expected.update({f"{name}.weight": (d, d), f"{name}.bias": (d,)})
+    saved = (info.get("method") or {}).get("method") if isinstance(info.get("method"), dict) else None
+    if "plan" in (saved, schedule.method.name):  # weights of a plan fit that plan only: say so before the shapes
+        from ..weights import check_plan_fits
+
+        check_plan_fits(folder, info["method"] if saved else {}, schedule.method)
+    if saved == "sla" or expected:
+        path = folder / SLA_FILE
+        if not path.is_file():
+            raise ValueError(f"weights={str(folder)!r} is missing {SLA_FILE} (the method is SLA).")
+        shapes = _safetensors_keys(folder, path)
+        if not expected:  # trained for SLA, applied with another method: load_into says so (method check)
+            return
+        missing, unexpected = sorted(set(expected) - set(shapes)), sorted(set(shapes) - set(expected))
+        if missing or unexpected:
+            raise ValueError(f"weights={str(folder)!r}: {SLA_FILE} does not match the model's SLA layers: missing "
+                             f"{missing[:4]}, unexpected {unexpected[:4]}; was it trained on a different model? It "
+                             f"was trained with dense_layers={info.get('dense_layers')}; pass the same dense_layers "
+                             "to apply().")
+        for key, shape in expected.items():
+            if tuple(shapes[key]) != shape:
+                raise ValueError(f"weights={str(folder)!r}: {SLA_FILE} holds {key} of shape {tuple(shapes[key])}, "
+                                 f"the model's layer needs {shape}")
+
+
+def _safetensors_keys(folder, path) -> Dict[str, Tuple[int, ...]]:
+    """``{key: shape}`` of a safetensors file, read from its header; ValueError naming the file when it is not
+    a whole safetensors file (truncated, empty, another format)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
+    except Exception as err:  # safetensors raises its own error types
+        raise ValueError(f"weights={str(folder)!r}: {path.name} is not a readable safetensors file "
+                         f"({type(err).__name__}: {err}); it may be truncated: write it again") from None
+
+
+def _warn_unknown_strategy_layers(methods, n_layers: int, model: str, log: WarningLog) -> None:
+    """A strategy file (TileStrategy) naming attention layers the model lacks: those entries never run, which
+    usually means the file was made for another model. Said once, naming the file and the layers."""
+    for method in methods:
+        table = getattr(method, "_table", None)  # TileStrategy's {(step, layer): windows}, read from its file
+        if not isinstance(table, dict):
+            continue
+        missing = sorted({layer for _, layer in table if layer >= n_layers})
+        if missing:
+            shown = ", ".join(map(str, missing[:6])) + (", ..." if len(missing) > 6 else "")
+            log.warn(f"dit_accel: {getattr(method, 'path', 'the strategy file')} names attention layers {shown}, "
+                     f"but {model} has {n_layers} (0..{n_layers - 1}): those entries never run. Was the file made "
+                     "for another model? Pass the strategy of this one", stacklevel=5)
+
+
+def _heads_of(module: nn.Module) -> Optional[int]:
+    heads = getattr(module, "heads", None)
+    return int(heads) if is_int(heads) else None
+
+
+def _plan_call_check(method: Method, allow_other_grid: bool, log: WarningLog):
+    """What the pre-hook asks of each new call's grid and step count when ``method`` is a plan (else None)."""
+    check = getattr(method, "check_call", None)
+    if check is None:
+        return None
+
+    def on_call(grid, total_steps) -> None:
+        warning = check(grid, total_steps, allow_other_grid)
+        if warning:
+            log.warn(warning, key=("plan on another grid", tuple(grid)))
+
+    return on_call
+
+
+def _runs_sla(method: Method, layer: int) -> bool:
+    """Whether ``method`` may run SLA on ``layer`` (plans and per-head configs say per layer)."""
+    runs_sla = getattr(method, "runs_sla", None)
+    return isinstance(method, SLA) or (runs_sla is not None and bool(runs_sla(layer)))

@@ -1,0 +1,453 @@
+"""The handle :func:`~.apply.apply` returns: ``remove()``, statistics, steps, weights, and the guards it keeps on
+the model while applied (``fuse_lora`` refused, ``save_pretrained`` writing the weights folder beside the model)."""
+
+from __future__ import annotations
+
+import threading
+import warnings
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from ..methods import Method
+from ..plans import Plan
+from ..weights import load_into
+from .apply_checks import _check_int, _check_weights, _check_weights_folder
+from .context import CallGate
+from .hooks import Runtime, SparseAttnProcessor, TransformerHook
+from .schedule import Schedule, StepSource
+
+__all__ = ["AccelHandle"]
+
+
+def _distributed() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
+
+
+class AccelHandle:
+    """The installed configuration, returned by :func:`apply`.
+
+    Methods: :meth:`remove` (also on leaving a ``with`` block), :meth:`stats`,
+    :meth:`summary`, :meth:`sla_projections`, :meth:`set_step`, :meth:`plan`.
+    Attributes: ``transformer`` (the first/only transformer), ``transformers``,
+    ``method``, ``schedule``, ``backend``, ``removed``, ``warnings`` (every dit_accel warning so far).
+
+    After :meth:`remove`, the methods that read or change the installed state (``stats``, ``summary``,
+    ``set_step``, ``plan``, ``plans``, ``sla_projections``, ``load_weights``, ``bypassed``) raise
+    RuntimeError naming the method; ``remove()`` again does nothing, and ``warnings`` stays readable.
+
+    While the handle loaded LoRA adapters (``weights=``), ``transformer.fuse_lora()`` (and
+    ``pipe.fuse_lora()``) over them is refused: the fused weights could not be restored bit for bit.
+    ``lora_adapter`` names the PEFT adapter holding the ``weights=`` folder's LoRA (``"dit_accel"``, or the
+    adapter ``pipe.load_lora_weights(DIR)`` loaded it as), None without one.
+
+    While applied, ``transformer.save_pretrained(DIR)`` (and ``pipe.save_pretrained``) writes the base model
+    (the weights under the LoRA layers, which ``from_pretrained`` reads) and, beside it in ``DIR``, a weights
+    folder with the LoRA (``lora_adapter``, else the one active adapter), SLA projections and method: load it back
+    with
+    ``apply(pipe, load_method(DIR), weights=DIR)``, or its LoRA with ``pipe.load_lora_weights(DIR)``.
+    ``copy.deepcopy`` and ``pickle`` of an applied model are refused in one line (remove, copy, apply again).
+    """
+
+    def __init__(self, hooks: List[TransformerHook], schedule: Schedule, runtime: Runtime, steps: StepSource,
+                 gate: Optional[CallGate] = None):
+        self._hooks, self.schedule, self._runtime, self._steps = hooks, schedule, runtime, steps
+        self._gate = gate if gate is not None else (hooks[0].gate if hooks else CallGate())
+        self.transformers = [h.transformer for h in hooks]
+        self.transformer = self.transformers[0]
+        self.method = schedule.method
+        self.backend = runtime.backend
+        self.removed = False
+        # LoRA adapters that weights= loaded: (transformer, names, the LoRA state before, see _lora_state)
+        self._adapters: List[Tuple[nn.Module, List[str], tuple]] = []
+        self._fuse_guards: List[nn.Module] = []  # transformers whose fuse_lora this handle refuses
+        self._save_guards: List[nn.Module] = []  # transformers whose save_pretrained this handle wraps
+        self.lora_adapter: Optional[str] = None
+        self._released = False  # its adapters are gone (remove(), or a replacing apply() with weights=)
+        self._thread = threading.current_thread()  # the thread that applied it (one live handle per model)
+        for hook in hooks:
+            hook.handle = self
+
+    def _check_active(self, what: str) -> None:
+        if self.removed:
+            raise RuntimeError(f"dit_accel: handle.{what} was called on a removed handle ({self!r}); read stats() "
+                               "and summary() before remove() (inside the with block), or apply() again")
+
+    # --------------------------------------------------------------- lifecycle
+    def remove(self) -> None:
+        """Restore every wrapped processor, drop hooks, SLA projections and loaded LoRA adapters. Idempotent.
+
+        Safe against other threads: calls in flight finish first, with dit_accel (remove() waits for
+        them), and calls that start meanwhile wait, then run the original model, so no call runs half
+        sparse and half dense. A call is a transformer call, and also a pipeline call that has begun
+        denoising: remove() from another thread waits until that pipeline call returns
+        (:class:`~.context.CallGate`). From the pipeline's own step callback (``callback_on_step_end``)
+        it does not wait for its own call: the remaining steps run the original model. From inside a
+        transformer call of this handle (an attention processor, a forward hook) it raises RuntimeError.
+        """
+        if not self._gate.close("handle.remove()"):
+            return
+        try:
+            self._detach()
+            self._release()
+        finally:
+            self.removed = True
+            self._gate.finish()
+
+    def _detach(self) -> None:
+        """Drop the hooks and put the original processors back."""
+        for hook in self._hooks:
+            hook.remove()
+
+    def _release(self) -> None:
+        """The irreversible part of :meth:`remove`: the fuse_lora guards and dit_accel's LoRA adapters."""
+        self._released = True
+        if getattr(self, "_gates", None) is not None:  # VSA's checkpoint gates (pipelines/vsa_gates.py)
+            self._gates.remove()
+        for transformer in self._fuse_guards:
+            _drop_fuse_guard(transformer, self)
+        self._fuse_guards = []
+        for transformer in self._save_guards:
+            _drop_save_guard(transformer, self)
+        self._save_guards = []
+        adapters, self._adapters = self._adapters, []
+        for transformer, names, state in adapters:
+            if _unmerge(transformer, names):
+                self._runtime.warnings.warn(
+                    f"dit_accel: LoRA adapter {names} was merged into the weights of {type(transformer).__name__} "
+                    "(not through fuse_lora, which dit_accel refuses): remove() unmerged it, which restores the "
+                    "weights up to float rounding, not bit for bit")
+            _unload_adapters(transformer, names, state)
+
+    def __enter__(self) -> "AccelHandle":
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        self.remove()
+        return False
+
+    def bypassed(self):
+        """Context manager: inside it, this thread's attention calls run the original processors (dense
+        attention, no SLA projection) without touching the model, e.g. for a dense teacher in distillation."""
+        self._check_active("bypassed()")
+        return self._runtime.bypass()
+
+    def load_weights(self, folder) -> None:
+        """Load a fine-tuned folder (``dit-accel finetune`` output); ``remove()`` unloads its LoRA too.
+
+        All or nothing: when loading fails (a missing or truncated file, another model's weights), the
+        LoRA adapters it loaded are unloaded again, the active adapters and the SLA projections are as
+        before, and the error is raised.
+        """
+        self._check_active("load_weights()")
+        _check_weights(folder)
+        _check_weights_folder(folder, self.schedule, [(layer.name, module, layer.index) for hook in self._hooks
+                                                      for module, layer in zip(hook._modules, hook.layers)])
+        before = [dict(getattr(t, "peft_config", None) or {}) for t in self.transformers]
+        states = [_lora_state(t) for t in self.transformers]
+        active = [_active_adapters(t) for t in self.transformers]
+        projections = {name: {k: v.detach().clone() for k, v in p.state_dict().items()}
+                       for name, p in self.sla_projections().items()}
+        recorded, guarded = list(self._adapters), list(self._fuse_guards)
+        try:
+            with warnings.catch_warnings():  # peft's "multiple adapters" notice: composing them is the point
+                warnings.filterwarnings("ignore", message=".*peft_config.*multiple adapters.*")
+                load_into(self, folder)
+            for transformer, old, users, state in zip(self.transformers, before, active, states):
+                config = getattr(transformer, "peft_config", None) or {}
+                new = sorted(a for a in config if a not in old or config[a] is not old[a])
+                if not new:
+                    continue
+                self._adapters.append((transformer, new, state))
+                if users:
+                    # Loading activates only the new adapter; keep the user's active ones on beside it (weight 1 each).
+                    transformer.set_adapters(users + [a for a in new if a not in users])
+                    self._runtime.warnings.warn(
+                        f"weights= loaded LoRA adapter {new} beside the active adapters {users}: both are active "
+                        f"(weight 1.0 each; change with transformer.set_adapters). remove() deletes {new} and "
+                        f"leaves {users} active.")
+                self._guard_fuse(transformer)
+        except BaseException:
+            self._adapters = recorded
+            for transformer in self._fuse_guards[len(guarded):]:
+                _drop_fuse_guard(transformer, self)
+            self._fuse_guards = guarded
+            for transformer, old, users, state in zip(self.transformers, before, active, states):
+                config = getattr(transformer, "peft_config", None) or {}
+                new = [a for a in config if a not in old or config[a] is not old[a]]
+                if new or _lora_state(transformer) != state:
+                    _unload_adapters(transformer, new, state)
+                    if users:
+                        transformer.set_adapters(users)
+            with torch.no_grad():
+                for name, proj in self.sla_projections().items():
+                    for key, value in proj.state_dict().items():
+                        value.copy_(projections[name][key])
+            raise
+
+    def _guard_fuse(self, transformer: nn.Module) -> None:
+        """Refuse ``transformer.fuse_lora`` over this handle's adapters (an instance attribute, taken away by
+        remove()): remove() deletes the adapters, and fused weights could not be restored exactly."""
+        if transformer in self._fuse_guards or not hasattr(transformer, "fuse_lora"):
+            return
+        handle, fuse = self, transformer.fuse_lora
+
+        def fuse_lora(lora_scale=1.0, safe_fusing=False, adapter_names=None, **kwargs):
+            ours = sorted({a for t, names, *_ in handle._adapters if t is transformer for a in names})
+            if ours and (adapter_names is None or set(ours) & set([adapter_names] if isinstance(
+                    adapter_names, str) else adapter_names)):
+                raise RuntimeError(
+                    f"dit_accel: fuse_lora(adapter_names={adapter_names!r}) would fuse dit_accel's LoRA adapter "
+                    f"{ours} into the weights of {type(transformer).__name__}, and handle.remove() could then not "
+                    "restore the model. Call handle.remove() first, or fuse only your own adapters "
+                    "(adapter_names=[...])")
+            return fuse(lora_scale=lora_scale, safe_fusing=safe_fusing, adapter_names=adapter_names, **kwargs)
+
+        fuse_lora._dit_accel_guard = handle
+        transformer.__dict__["fuse_lora"] = fuse_lora
+        self._fuse_guards.append(transformer)
+
+    def _guard_save(self) -> None:
+        """Wrap ``save_pretrained`` of every transformer (an instance attribute, taken away by remove()): the
+        model Diffusers would save holds peft's ``base_layer``/``lora_`` keys, which ``from_pretrained`` cannot
+        read, and not the SLA projections (they are not submodules)."""
+        for transformer in self.transformers:
+            if transformer in self._save_guards or not hasattr(transformer, "save_pretrained"):
+                continue
+            previous = transformer.__dict__.get("save_pretrained", _ABSENT)
+            original = getattr(previous, "_dit_accel_original", previous)  # another handle's guard: its original
+            if original is _ABSENT:
+                original = transformer.save_pretrained
+            handle = self
+
+            def save_pretrained(save_directory, *args, _t=transformer, _original=original, **kwargs):
+                return handle._save(_t, _original, save_directory, args, kwargs)
+
+            save_pretrained._dit_accel_guard = handle
+            save_pretrained._dit_accel_original = original
+            save_pretrained._dit_accel_previous = previous
+            transformer.__dict__["save_pretrained"] = save_pretrained
+            self._save_guards.append(transformer)
+
+    def _save(self, transformer: nn.Module, original, save_directory, args, kwargs):
+        """``save_pretrained`` while applied: the base model, then (for the handle's first transformer) the
+        weights folder of the handle beside it. Refused, before anything is written, when dit_accel's LoRA
+        is merged into the weights (the base model could not be told from it)."""
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        from ..weights import save_trained_weights
+
+        ours = self.lora_adapter if self.lora_adapter in (getattr(transformer, "peft_config", None) or {}) else None
+        active = _active_adapters(transformer)
+        if ours is None and len(active) == 1:  # the user's one active LoRA (load_lora_weights): the folder's LoRA
+            ours = active[0]
+        tuned = sorted(n for n, m in transformer.named_modules() if isinstance(m, BaseTunerLayer))
+        merged = sorted({a for n in tuned for a in (getattr(transformer.get_submodule(n), "merged_adapters", None)
+                                                    or ())})
+        cls = type(transformer).__name__
+        if merged:
+            raise RuntimeError(
+                f"dit_accel: save_pretrained({str(save_directory)!r}) is refused: LoRA adapters {merged} are merged "
+                f"into the weights of {cls}, so the base model cannot be saved apart from them. Unmerge them "
+                "(transformer.unfuse_lora()) first; nothing was written")
+        others = sorted(a for a in (getattr(transformer, "peft_config", None) or {}) if a != ours)
+        first = transformer is self.transformer
+        projections = self.sla_projections() if first else {}
+        if others:
+            self._runtime.warnings.warn(
+                f"dit_accel: save_pretrained({str(save_directory)!r}) saves {cls}'s base model without the LoRA "
+                f"adapters {others} (not dit_accel's): save them with the pipeline's save_lora_weights", stacklevel=4)
+        if tuned:  # the weights under the LoRA layers, by their plain names: what from_pretrained reads
+            full = type(transformer).state_dict(transformer)
+            base = {}
+            for key, value in full.items():
+                owner = next((n for n in tuned if key.startswith(n + ".")), None)
+                if owner is None:
+                    base[key] = value
+                elif key.startswith(owner + ".base_layer."):
+                    base[owner + "." + key[len(owner) + len(".base_layer."):]] = value
+            transformer.__dict__["state_dict"] = lambda *a, **k: base
+        try:
+            result = original(save_directory, *args, **kwargs)
+        finally:
+            transformer.__dict__.pop("state_dict", None)
+        if first and (ours or projections) and kwargs.get("is_main_process", args[0] if args else True):
+            save_trained_weights(
+                save_directory, transformer=transformer, method=self.method,
+                lora_config=transformer.peft_config[ours] if ours else None, sla_projections=projections or None,
+                adapter_name=ours or "default", extra={"model": cls, "saved_by": "save_pretrained"})
+        return result
+
+    # ---------------------------------------------------------------- schedule
+    def set_step(self, step: Optional[int], total: Optional[int] = None) -> None:
+        """Tell a bare transformer which denoising step comes next (``0 <= step < total``).
+
+        Needed for ``dense_steps``/``dense_last_steps`` when apply() got a bare
+        transformer and no ``scheduler=``; overrides the scheduler when set.
+        The step belongs to the calling thread: it applies to the transformer calls this thread makes
+        until its next ``set_step``, and never to another thread's calls. ``set_step(None)`` hands this
+        thread's calls back to the scheduler.
+        """
+        self._check_active("set_step()")
+        if step is None:
+            if total is not None:
+                raise ValueError(f"total={total!r} is invalid with step=None: set_step(None) clears the step")
+            self._steps.set(None)
+            return
+        step = _check_int("step", step)
+        if total is not None:
+            total = _check_int("total", total, 1)
+            if step >= total:
+                raise ValueError(f"step={step} is invalid for total={total}: steps count 0 .. total - 1")
+        self._steps.set((step, total))
+
+    def plan(self, method: Method, grid) -> Plan:
+        """The plan ``method`` runs on ``grid`` (the one the attention calls use; built once per geometry)."""
+        self._check_active("plan()")
+        return self._runtime.plans.get(method, grid)
+
+    @property
+    def plans(self) -> Dict[tuple, Plan]:
+        """Every plan built so far, by ``(method, grid)``."""
+        self._check_active("plans")
+        return self._runtime.plans.items()
+
+    # --------------------------------------------------------------- reporting
+    @property
+    def _layers(self) -> List[SparseAttnProcessor]:
+        return [layer for hook in self._hooks for layer in hook.layers]
+
+    @property
+    def layers(self) -> List[str]:
+        """Names of the wrapped attention modules, in layer order."""
+        return [layer.name for layer in self._layers]
+
+    @property
+    def warnings(self) -> List[str]:
+        return list(self._runtime.warnings.messages)
+
+    def stats(self, all_ranks: bool = False) -> List[dict]:
+        """Per attention layer (see :meth:`dit_accel.pipelines.stats.Stats.rows`).
+
+        Under context parallelism each rank counts its own calls and the visited density of its
+        own share; ``all_ranks=True`` (a collective: call it on every rank) returns every rank's
+        rows, each with its ``rank``.
+        """
+        self._check_active("stats()")
+        methods = [self.schedule.layer_method(layer.index).name for layer in self._layers]
+        rows = self._runtime.stats.rows(methods)
+        if not all_ranks or not _distributed():
+            return rows
+        import torch.distributed as dist
+
+        gathered = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, rows)
+        return [{**row, "rank": rank} for rank, rank_rows in enumerate(gathered) for row in rank_rows]
+
+    def summary(self, all_ranks: bool = False) -> dict:
+        """Totals over layers (and over ranks with ``all_ranks``, a collective): calls, call-weighted mean
+        density and sparsity, attention time, the settings."""
+        self._check_active("summary()")
+        s = self.schedule
+        return {"method": self.method.name, "config": self.method.to_dict(), **self._runtime.stats.summarize(
+            self.stats(all_ranks)), "dense_steps": s.dense_steps, "dense_last_steps": s.dense_last_steps,
+            "dense_layers": sorted(s.dense_layers), "backend": self.backend, "warnings": self.warnings}
+
+    def sla_projections(self) -> Dict[str, nn.Linear]:
+        """SLA output projections by attention module name (empty unless a layer runs SLA)."""
+        self._check_active("sla_projections()")
+        return {layer.name: layer.sla_proj for layer in self._layers if layer.sla_proj is not None}
+
+    def __repr__(self) -> str:
+        state = "removed" if self.removed else "active"
+        return f"AccelHandle({self.method!r}, layers={len(self._layers)}, backend={self.backend!r}, {state})"
+
+
+def _unmerge(transformer: nn.Module, names: Sequence[str]) -> bool:
+    """Unmerge ``names`` from every peft layer they were merged into (other merged adapters stay merged);
+    whether any was."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    found = False
+    for module in transformer.modules():
+        merged = list(getattr(module, "merged_adapters", None) or ()) if isinstance(module, BaseTunerLayer) else []
+        if any(a in names for a in merged):
+            found = True
+            module.unmerge()
+            others = [a for a in merged if a not in names]
+            if others:
+                module.merge(adapter_names=others)
+    return found
+
+
+def _drop_fuse_guard(transformer: nn.Module, handle: AccelHandle) -> None:
+    if getattr(transformer.__dict__.get("fuse_lora"), "_dit_accel_guard", None) is handle:
+        del transformer.__dict__["fuse_lora"]
+
+
+def _drop_save_guard(transformer: nn.Module, handle: AccelHandle) -> None:
+    guard = transformer.__dict__.get("save_pretrained")
+    if getattr(guard, "_dit_accel_guard", None) is not handle:
+        return
+    previous = guard._dit_accel_previous
+    if previous is _ABSENT or hasattr(previous, "_dit_accel_guard"):  # none, or a removed handle's guard
+        del transformer.__dict__["save_pretrained"]
+    else:  # the user's own instance attribute
+        transformer.__dict__["save_pretrained"] = previous
+
+
+_PEFT_FLAG = "_hf_peft_config_loaded"  # Diffusers' "a LoRA was loaded" flag, set on the instance
+
+
+_ABSENT = object()
+
+
+def _lora_state(transformer: nn.Module) -> tuple:
+    """What unloading must restore: (had LoRA, Diffusers' flag, the names of the modules that were peft layers)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    tuned = frozenset(n for n, m in transformer.named_modules() if isinstance(m, BaseTunerLayer))
+    return bool(getattr(transformer, "peft_config", None)), transformer.__dict__.get(_PEFT_FLAG, _ABSENT), tuned
+
+
+def _unload_adapters(transformer: nn.Module, names: Sequence[str], state: tuple) -> None:
+    """Delete the LoRA adapters ``names`` (those still there) and put the model back in ``state``
+    (:func:`_lora_state`): modules that were plain layers are their own base layers again."""
+    had_lora, flag, tuned = state
+    if not had_lora:  # no LoRA before: take the peft layers out entirely (the base layers are the originals)
+        if getattr(transformer, "peft_config", None) is not None:
+            transformer.unload_lora()
+        if flag is _ABSENT:
+            transformer.__dict__.pop(_PEFT_FLAG, None)
+        else:
+            transformer.__dict__[_PEFT_FLAG] = flag
+        return
+    present = [a for a in names if a in (getattr(transformer, "peft_config", None) or {})]
+    users = [a for a in _active_adapters(transformer) if a not in present]
+    if present:
+        with warnings.catch_warnings():  # peft notes that the active set changes: that is intended
+            warnings.filterwarnings("ignore", message=".*was active which is now deleted.*")
+            transformer.delete_adapters(present)
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for name, module in list(transformer.named_modules()):
+        if isinstance(module, BaseTunerLayer) and name not in tuned and not any(
+                len(getattr(module, attr, None) or ()) for attr in module.adapter_layer_names):
+            # a peft layer that only dit_accel's LoRA made, now empty: the plain layer again
+            parent, _, child = name.rpartition(".")
+            setattr(transformer.get_submodule(parent) if parent else transformer, child, module.get_base_layer())
+    if users and present:
+        transformer.set_adapters(users)
+
+
+def _active_adapters(transformer) -> List[str]:
+    """The transformer's active LoRA adapters ([] without peft layers)."""
+    if not getattr(transformer, "peft_config", None):
+        return []
+    try:
+        return list(transformer.active_adapters())
+    except (ValueError, AttributeError):
+        return []
