@@ -133,7 +133,7 @@ def load_tiny_shapes(device="cpu", dtype=None):
 
 def evaluate(pipe=None, prompts=None, seeds=(0, 1), batch_size: int = 8, **call_kwargs) -> dict:
     """Generate every prompt x seed with the stock pipeline call and score it with
-    :func:`dit_accel.eval.groundtruth.score_many`.
+    :func:`dit_accel.models.groundtruth.score_many`.
 
     Args:
         pipe: a ``tiny-shapes`` pipeline (default: :func:`load_tiny_shapes`).
@@ -153,7 +153,7 @@ def evaluate(pipe=None, prompts=None, seeds=(0, 1), batch_size: int = 8, **call_
     """
     import torch
 
-    from ..eval.groundtruth import score_many
+    from .groundtruth import score_many
     from .clips import PROMPTS
 
     pipe = pipe if pipe is not None else load_tiny_shapes()

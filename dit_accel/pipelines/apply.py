@@ -174,15 +174,14 @@ def apply(pipe_or_transformer, method: Method, *, dense_steps: int = 0, dense_la
     _check_fit(targets, method, layer_methods, allow_other_grid)
     options = dict(dense_steps=dense_steps, dense_last_steps=dense_last_steps, dense_layers=dense_layers,
                    layer_methods=layer_methods)
-    gates = gates_folder(method, layer_methods, weights)  # weights= is a VSA checkpoint with gates, not ours
-    ours = None if gates else weights
+    ours = None if gates_folder(method, layer_methods, weights) else weights  # else: a VSA checkpoint's gates
     schedule, runtime, steps, log = _build_runtime(targets, pipe, method, options, backend, ours, capture,
                                                    capture_layers, capture_steps, scheduler, timing, allow_other_grid)
     # Everything above only reads the model. From here on it changes, so every step is undone on failure:
     # the model (and any handle already applied to it) is then exactly as before. One apply() at a time
     # finds the model's live handle and takes its place: two threads never both find the model free.
     with _APPLYING:
-        return _take_over(found, targets, schedule, runtime, steps, ours, log, weights if gates else None)
+        return _take_over(found, targets, schedule, runtime, steps, ours, log, None if ours is weights else weights)
 
 
 def _check_fit(targets, method: Method, layer_methods: Dict[int, Method], allow_other_grid) -> None:
