@@ -690,7 +690,7 @@ class SLA(Method):
         return self.replace(topk=min(max(density, 1e-6), 1.0), negligible=min(self.negligible, 1.0 - density))
 
 
-@register_method("vsa", finetunable=False,
+@register_method("vsa", finetunable=True,
                  summary="video sparse attention (FastVideo's VSA): coarse attention between cube means picks the "
                          "top-k key cubes per query cube, exact attention over them; out = coarse * gate + fine, with "
                          "the checkpoint's to_gate_compress gate where there is one (FastWan), else the fine branch "

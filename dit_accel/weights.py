@@ -7,6 +7,9 @@ An output folder of ``dit-accel finetune`` holds::
                                        absent when files.lora is null (a converted checkpoint
                                        without LoRA, see dit_accel.convert)
     sla_projections.safetensors        SLA only: "<attention module>.weight"/".bias" per layer
+    vsa_gates.safetensors              VSA only: the trained gates in FastVideo's Diffusers key layout,
+                                       "blocks.N.to_gate_compress.weight"/".bias" (apply(..., weights=DIR)
+                                       loads them through dit_accel.pipelines.vsa_gates)
     dit_accel_method.json              the method config and LoRA settings the weights belong to, and
                                        the sha256 of the files above: written last, checked on load,
                                        so a folder whose writer was killed half-way refuses to load.
@@ -51,13 +54,14 @@ from .methods import Method, method_from_name
 from .sparse_plan import PlanMethod, SparsePlan
 
 __all__ = [
-    "LORA_FILE", "SLA_FILE", "METHOD_FILE", "ADAPTER_NAME",
+    "LORA_FILE", "SLA_FILE", "VSA_FILE", "METHOD_FILE", "ADAPTER_NAME",
     "save_trained_weights", "load_into", "load_trained_weights", "load_method", "read_weights_info", "lora_state_dict",
     "sla_state_dict", "method_from_dict", "loaded_lora_adapter", "write_weights_folder", "check_plan_fits",
 ]
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
 SLA_FILE = "sla_projections.safetensors"
+VSA_FILE = "vsa_gates.safetensors"
 METHOD_FILE = "dit_accel_method.json"
 ADAPTER_NAME = "dit_accel"
 
@@ -92,19 +96,21 @@ def sla_state_dict(projections: Dict[str, nn.Module]) -> Dict[str, torch.Tensor]
 
 def save_trained_weights(output_dir, *, transformer: nn.Module, method: Method, lora_config,
                          sla_projections: Optional[Dict[str, nn.Module]] = None, extra: Optional[dict] = None,
-                         adapter_name: str = "default") -> None:
+                         adapter_name: str = "default", vsa_gates: Optional[Dict[str, torch.Tensor]] = None) -> None:
     """Write the LoRA (Diffusers format), the SLA projections and the method file to ``output_dir``.
 
     All or nothing: the tensors are written to temporary files, renamed into place, and the method file,
     which records their sha256, comes last; :func:`load_into` checks them, so a folder whose writer was
     killed half-way is refused (naming the file) instead of mixing two runs' tensors.
-    ``lora_config=None`` writes no LoRA (``files.lora`` is null).
+    ``lora_config=None`` writes no LoRA (``files.lora`` is null). ``vsa_gates``: VSA's trained gates as
+    ``{"blocks.N.to_gate_compress.weight": ..., ...}`` (FastVideo's key layout), written to :data:`VSA_FILE`.
     """
     info = {
         "format": 1,
         "method": _json_roundtrip(method.to_dict()),
         "files": {"lora": LORA_FILE if lora_config is not None else None,
-                  "sla_projections": SLA_FILE if sla_projections else None},
+                  "sla_projections": SLA_FILE if sla_projections else None,
+                  **({"vsa_gates": VSA_FILE} if vsa_gates else {})},
         **(extra or {}),
     }
     if lora_config is not None:
@@ -124,6 +130,11 @@ def save_trained_weights(output_dir, *, transformer: nn.Module, method: Method, 
             from safetensors.torch import save_file
 
             save_file(sla_state_dict(sla_projections), str(staging / SLA_FILE))
+        if vsa_gates:
+            from safetensors.torch import save_file
+
+            save_file({k: v.detach().float().cpu().contiguous() for k, v in vsa_gates.items()},
+                      str(staging / VSA_FILE))
 
     write_weights_folder(output_dir, write_tensors, info)
 
@@ -149,7 +160,7 @@ def write_weights_folder(output_dir, write_tensors, info: dict) -> Path:
         atomic_write_json(out / METHOD_FILE, info)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    for stale in (LORA_FILE, SLA_FILE):
+    for stale in (LORA_FILE, SLA_FILE, VSA_FILE):
         if stale not in names:
             (out / stale).unlink(missing_ok=True)
     return out

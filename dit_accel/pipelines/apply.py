@@ -30,7 +30,7 @@ from .hooks import Runtime, SparseAttnProcessor, TransformerHook, attention_modu
 from .presets import check_method_for, preset_for
 from .schedule import Schedule, StepSource
 from .stats import Stats
-from .vsa_gates import attach_gates, gates_folder
+from .vsa_gates import attach_gates, gates_folder, trained_gates
 
 __all__ = ["apply", "AccelHandle", "BACKENDS"]
 
@@ -181,7 +181,8 @@ def apply(pipe_or_transformer, method: Method, *, dense_steps: int = 0, dense_la
     # the model (and any handle already applied to it) is then exactly as before. One apply() at a time
     # finds the model's live handle and takes its place: two threads never both find the model free.
     with _APPLYING:
-        return _take_over(found, targets, schedule, runtime, steps, ours, log, None if ours is weights else weights)
+        return _take_over(found, targets, schedule, runtime, steps, ours, log,
+                          trained_gates(method, layer_methods, ours) if ours is weights else weights)
 
 
 def _check_fit(targets, method: Method, layer_methods: Dict[int, Method], allow_other_grid) -> None:

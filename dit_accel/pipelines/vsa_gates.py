@@ -25,7 +25,8 @@ from ..gate_weights import gate_keys, loaded_from, read_gates, transformer_folde
 from ..methods import VSA
 from ..vsa_plan import pop_gate, push_gate
 
-__all__ = ["VSAGates", "attach_gates", "gates_folder", "runs_vsa"]
+__all__ = ["VSAGates", "attach_gates", "gates_folder", "trained_gates", "runs_vsa", "add_trainable_gates",
+           "gate_state_dict"]
 
 _BLOCK = re.compile(r"(?:^|\.)blocks\.(\d+)\.")
 
@@ -58,6 +59,88 @@ def gates_folder(method, layer_methods, weights) -> bool:
     raise ValueError(f"weights={str(weights)!r} holds neither to_gate_compress gates (blocks.N.to_gate_compress."
                      "weight, in its *.safetensors or its transformer/ subfolder) nor a dit-accel finetune output "
                      "(dit_accel_method.json); pass the checkpoint's transformer folder")
+
+
+def trained_gates(method, layer_methods, weights):
+    """``weights`` when it is a ``dit-accel finetune --method vsa`` output (``dit_accel_method.json`` naming a
+    ``vsa_gates`` file) and a layer runs VSA: its gates load here, its LoRA through
+    :func:`dit_accel.weights.load_into`. Else None."""
+    from ..weights import METHOD_FILE, VSA_FILE
+
+    methods = (method, *(layer_methods or {}).values())
+    if weights is None or not any(isinstance(m, VSA) or any(isinstance(h, VSA) for h in getattr(m, "methods", ()))
+                                  for m in methods):
+        return None
+    folder = Path(weights)
+    return weights if (folder / METHOD_FILE).is_file() and (folder / VSA_FILE).is_file() else None
+
+
+class _TrainableGate(nn.Module):
+    """A layer's ``to_gate_compress`` being trained: an fp32 Linear (model dim -> heads x head dim), applied in
+    the input's dtype (autocast picks its own)."""
+
+    def __init__(self, dim: int, inner: int):
+        super().__init__()
+        self.proj = nn.Linear(dim, inner)
+        nn.init.zeros_(self.proj.weight)  # zero gate: step 0 is training-free VSA (the fine branch alone)
+        nn.init.zeros_(self.proj.bias)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        if torch.is_autocast_enabled(hidden_states.device.type):
+            return self.proj(hidden_states)
+        return F.linear(hidden_states, self.proj.weight.to(hidden_states.dtype),
+                        self.proj.bias.to(hidden_states.dtype))
+
+
+def add_trainable_gates(handle) -> Dict[str, nn.Module]:
+    """Zero-initialised trainable gates on every layer of ``handle`` that may run VSA, installed like checkpoint
+    gates (:class:`VSAGates`; ``remove()`` drops them). Returns ``{attention module name: gate module}``, the
+    gate's parameters ``proj.weight`` and ``proj.bias`` (see :func:`gate_state_dict`)."""
+    gates = getattr(handle, "_gates", None)
+    if gates is None:
+        raise ValueError("dit_accel: no layer of this handle runs VSA; trainable gates need dit_accel.VSA")
+    made: Dict[str, nn.Module] = {}
+    for hook in handle._hooks:
+        for module, layer in zip(hook._modules, hook.layers):
+            if layer.name in gates.layers:
+                raise ValueError(f"dit_accel: {layer.name} already has a to_gate_compress gate (from "
+                                 f"{gates.layers[layer.name]}); train from a model without gates")
+            if not runs_vsa_layer(handle.schedule, layer.index):
+                continue
+            inner, dim = _dims(module)
+            if inner is None or dim is None:
+                raise ValueError(f"dit_accel: cannot size a VSA gate for {layer.name}: it has no to_q projection")
+            ref = next(module.parameters())
+            gate = _TrainableGate(dim, inner).to(ref.device)
+            gates.add(layer.name, module, gate, "trained")
+            made[layer.name] = gate
+    handle.vsa_gates = dict(gates.layers)
+    return made
+
+
+def runs_vsa_layer(schedule, index: int) -> bool:
+    """Whether layer ``index`` of ``schedule`` may run VSA (a dense layer does not)."""
+    if index in schedule.dense_layers:
+        return False
+    m = schedule.layer_methods.get(index, schedule.method)
+    return isinstance(m, VSA) or any(isinstance(h, VSA) for h in getattr(m, "methods", ()))
+
+
+def gate_state_dict(gates: Dict[str, nn.Module]) -> Dict[str, torch.Tensor]:
+    """Trained gates in FastVideo's Diffusers key layout: ``{"blocks.N.to_gate_compress.weight": ..., ".bias"}``
+    (fp32 CPU copies), the layout :func:`dit_accel.gate_weights.read_gates` reads back."""
+    out: Dict[str, torch.Tensor] = {}
+    for name, gate in gates.items():
+        match = _BLOCK.search(name)
+        if match is None:
+            raise ValueError(f"dit_accel: {name} is not inside a transformer block (blocks.N): its gate has no "
+                             "FastVideo key")
+        for part in ("weight", "bias"):
+            key = f"blocks.{match.group(1)}.to_gate_compress.{part}"
+            if key in out:
+                raise ValueError(f"dit_accel: two VSA gates map to {key} (one per block only)")
+            out[key] = getattr(gate.proj, part).detach().float().cpu().contiguous()
+    return out
 
 
 class _Gate:

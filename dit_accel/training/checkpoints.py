@@ -17,7 +17,7 @@ from torch import nn
 
 from ..atomic_files import (BadFileError, atomic_folder, atomic_write_json, cache_root, check_hashes, crash_point,
                             file_hashes, is_temp_name, load_safetensors, read_json, remove_stale_temps)
-from ..weights import LORA_FILE, METHOD_FILE, SLA_FILE
+from ..weights import LORA_FILE, METHOD_FILE, SLA_FILE, VSA_FILE
 from . import data as data_mod
 from .config import _RESUMABLE, CKPT_DIR, LOG_FILE, RUN_FILE, FinetuneConfig
 
@@ -37,7 +37,7 @@ def _run_record(config: FinetuneConfig, world: int) -> dict:
 
 
 # What a run writes in its output folder: --overwrite removes these and nothing else.
-_RUN_OUTPUTS = (RUN_FILE, LOG_FILE, METHOD_FILE, LORA_FILE, SLA_FILE)
+_RUN_OUTPUTS = (RUN_FILE, LOG_FILE, METHOD_FILE, LORA_FILE, SLA_FILE, VSA_FILE)
 
 
 def _run_outputs(out: Path) -> List[Path]:
@@ -89,8 +89,10 @@ def _check_output(config: FinetuneConfig, world: int) -> Tuple[Path, list]:
                 "writes are removed), or choose an empty folder."
             )
         previous.setdefault("num_processes", 1)  # run files of 0.1 had no process count (single process)
+        if config.__dict__.get("_vsa_decay_default") and isinstance(previous.get("vsa_decay_steps"), int):
+            config.vsa_decay_steps = previous["vsa_decay_steps"]  # the length the run started with, not --steps // 4
         current = _run_record(config, world)
-        for key in ("inputs_sha256", "model_sha256"):  # run files written before these were hashed
+        for key in ("inputs_sha256", "model_sha256", "vsa_decay_steps", "vsa_decay_interval"):  # older run files
             if key not in previous:
                 current.pop(key)
         diff = sorted(k for k in set(previous) | set(current)

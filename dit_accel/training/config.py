@@ -8,7 +8,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Dict, Optional, Sequence, Tuple
 
-from ..methods import Dense, Method, registered_methods
+from ..methods import VSA, Dense, Method, registered_methods
 from ..per_head import PerHead
 from ..sparse_plan import PlanMethod, SparsePlan
 from . import data as data_mod
@@ -65,6 +65,12 @@ class FinetuneConfig:
         sla_lr_scale: learning rate of the SLA projections relative to ``lr``.
         eval_batches: fixed held-out batches whose loss is measured before the
             first and after the last step (``eval_loss_start``/``eval_loss_end``; 0 disables).
+        vsa_decay_steps: ``--method vsa`` only: the optimizer steps over which the sparsity rises from 0
+            (dense) to the method's target, FastVideo's VSA sparsity decay (see :func:`vsa_sparsity_at`).
+            ``None``: a quarter of ``steps``, written into the run record, which a resumed run keeps.
+            0: the target from the first step.
+        vsa_decay_interval: the sparsity rises in stairs of this many steps (FastVideo's
+            ``VSA_decay_interval_steps``; default 1, a rise each step).
         cp: ``(ulysses, ring)`` degrees of context parallelism over all launched processes: every
             process sees the same samples and holds a share of each sequence (no data parallelism).
 
@@ -111,6 +117,8 @@ class FinetuneConfig:
     progress: bool = True
     cp: Optional[Tuple[int, int]] = None
     plan: Any = None
+    vsa_decay_steps: Optional[int] = None
+    vsa_decay_interval: int = 1
 
     def sparse_plan(self) -> Optional[SparsePlan]:
         """``plan`` as a :class:`SparsePlan` (read from its file when a path), or None."""
@@ -148,6 +156,22 @@ class FinetuneConfig:
         return json.loads(json.dumps(out))
 
 
+def vsa_sparsity_at(step: int, target: float, decay_steps: int, interval: int = 1) -> float:
+    """The VSA sparsity optimizer step ``step`` (0-based) trains at: FastVideo's staircase decay from dense to
+    ``target``. It rises by ``target * interval / decay_steps`` every ``interval`` steps (FastVideo's
+    ``VSA_decay_rate`` per ``VSA_decay_interval_steps``), so step 0 runs dense (sparsity 0) and steps from
+    ``decay_steps`` on run ``target``; ``decay_steps=0`` runs ``target`` throughout."""
+    if decay_steps <= 0 or step >= decay_steps:
+        return float(target)
+    stairs = (step // interval) * interval
+    return min(float(target), float(target) * stairs / decay_steps)
+
+
+def default_vsa_decay_steps(steps: int) -> int:
+    """``vsa_decay_steps`` when not given: a quarter of the run (at least 1 step of dense start)."""
+    return max(1, steps // 4)
+
+
 def finetune_methods() -> Tuple[str, ...]:
     """Names of the registered methods that can be fine-tuned (``register_method(..., finetunable=True)``)."""
     return tuple(name for name, entry in registered_methods().items() if entry.finetunable)
@@ -174,6 +198,7 @@ def validate_config(config: FinetuneConfig) -> None:
         _require(isinstance(c.method, Method) and c.method.name in finetune_methods(),
                  f"method={c.method!r} is invalid: fine-tuning supports {list(finetune_methods())} configs "
                  "(e.g. dit_accel.SLA(topk=0.05)), or pass a calibrated plan (--plan PLAN.json).")
+    _check_vsa_options(c)
     _require(c.mode in MODES, f"--mode {c.mode!r} is invalid: choose one of {list(MODES)}.")
     for name in ("steps", "rank", "batch_size", "frames", "height", "width", "max_sequence_length"):
         v = getattr(c, name)
@@ -204,15 +229,38 @@ def validate_config(config: FinetuneConfig) -> None:
         data_mod.read_prompts(c.prompts)
 
 
+def _check_vsa_options(c: FinetuneConfig) -> None:
+    """The VSA decay settings: only with ``--method vsa``; a default decay length resolved (and recorded)."""
+    vsa = isinstance(c.method, VSA)
+    if not vsa:
+        _require(c.vsa_decay_steps is None and c.vsa_decay_interval == 1,
+                 "--vsa-decay-steps and --vsa-decay-interval apply to --method vsa only; drop them.")
+        return
+    _require(isinstance(c.vsa_decay_interval, int) and not isinstance(c.vsa_decay_interval, bool)
+             and c.vsa_decay_interval > 0,
+             f"--vsa-decay-interval {c.vsa_decay_interval!r} is invalid: must be a positive integer (steps per rise "
+             "of the sparsity; default 1).")
+    if c.vsa_decay_steps is None:
+        if isinstance(c.steps, int) and c.steps > 0:
+            c.vsa_decay_steps = default_vsa_decay_steps(c.steps)
+            c.__dict__["_vsa_decay_default"] = True  # a resumed run keeps the recorded length (checkpoints.py)
+        return
+    _require(isinstance(c.vsa_decay_steps, int) and not isinstance(c.vsa_decay_steps, bool)
+             and c.vsa_decay_steps >= 0,
+             f"--vsa-decay-steps {c.vsa_decay_steps!r} is invalid: must be an integer >= 0 (steps from dense to the "
+             "target sparsity; 0: the target from the start; default a quarter of --steps).")
+
+
 def _check_plan_methods(plan: SparsePlan) -> None:
     """Every method a plan runs must be fine-tunable (or dense)."""
     allowed = finetune_methods()
     for method in plan.methods():
         inner = method.methods if isinstance(method, PerHead) else (method,)
-        bad = sorted({m.name for m in inner if not isinstance(m, Dense) and m.name not in allowed})
+        bad = sorted({m.name for m in inner if not isinstance(m, Dense) and (m.name not in allowed or isinstance(m, VSA))})
         if bad:
             raise ValueError(f"--plan runs {bad}, which cannot be fine-tuned; fine-tuning supports {list(allowed)} "
-                             "(and dense). Calibrate with --methods limited to those.")
+                             "(and dense; VSA only as --method vsa, not in a plan). Calibrate with --methods limited "
+                             "to those.")
 
 
 def _method_label(config: FinetuneConfig) -> str:

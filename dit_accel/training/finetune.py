@@ -90,8 +90,14 @@ def _write_results(trainer: _Trainer, out: Path, result: dict) -> None:
              "width": config.width}
     if trainer.plan is not None:
         extra["plan_sha256"] = trainer.plan.content_hash()
+    gates = None
+    if trainer.gates:
+        from ..pipelines.vsa_gates import gate_state_dict
+
+        gates = gate_state_dict(trainer.gates)
+        extra["vsa_decay"] = {"steps": config.vsa_decay_steps, "interval": config.vsa_decay_interval}
     save_trained_weights(out, transformer=trainer.transformer, method=trainer.method, lora_config=trainer.lora_config,
-                         sla_projections=trainer.projections or None, extra=extra)
+                         sla_projections=trainer.projections or None, extra=extra, vsa_gates=gates)
     losses = result["loss"]
     log = {
         "settings": config.settings(), "versions": versions(("torch", "diffusers", "peft", "accelerate")),
@@ -149,5 +155,6 @@ def finetune(config: FinetuneConfig) -> Dict[str, Any]:
         _write_results(trainer, out, result)
     accelerator.wait_for_everyone()
     trainer.transformer.eval()
+    trainer._use_method(trainer.vsa_method_at(None))  # the trained student runs the target
     return {**result, "pipe": trainer.pipe, "handle": trainer.handle,
             "sla_state": sla_state_dict(trainer.projections) if trainer.projections else {}}

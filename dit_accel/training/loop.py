@@ -14,11 +14,12 @@ from torch import nn
 
 from ..atomic_files import BadFileError
 from .._util import DitAccelWarning
-from ..methods import SLA, Dense, Method, Radial
+from ..methods import SLA, VSA, Dense, Method, Radial
 from ..sparse_plan import SparsePlan
 from . import data as data_mod
 from .checkpoints import _checkpoints, _load_checkpoint, _save_checkpoint, _step_of
-from .config import _CACHED_PROMPTS, CKPT_DIR, DISTILL_SAMPLES_PER_STEP, FinetuneConfig, _method_label
+from .config import (_CACHED_PROMPTS, CKPT_DIR, DISTILL_SAMPLES_PER_STEP, FinetuneConfig, _method_label,
+                     vsa_sparsity_at)
 from .model_io import ModelIO, model_io_for, take
 
 
@@ -190,13 +191,21 @@ class _Trainer:
             except ValueError as e:
                 raise ValueError(f"--target-modules {','.join(targets)}: {e}") from None
         self.projections = self.handle.sla_projections()
+        self.gates = {}
+        if isinstance(config.method, VSA):  # zero-initialised to_gate_compress per layer: step 0 is training-free VSA
+            from ..pipelines.vsa_gates import add_trainable_gates
+
+            self.gates = add_trainable_gates(self.handle)
+            if not self.gates:
+                raise ValueError("--method vsa: no attention layer runs VSA (all in --dense-layers?); nothing to "
+                                 "gate. Drop --dense-layers or train another method.")
         if self.plan is not None and any(self.plan.runs_sla(i) for i in range(len(self.handle.layers))) \
                 and not self.projections:
             raise ValueError(f"{_method_label(config)}: the plan runs SLA heads but dit_accel.apply created no SLA "
                              "projections for this model.")
         if isinstance(config.method, SLA) and not self.projections:
             raise ValueError("--method sla: dit_accel.apply created no SLA projections for this model.")
-        self.params = _trainable(transformer, self.projections, targets)
+        self.params = _trainable(transformer, self.projections, targets, self.gates)
         if config.gradient_checkpointing:
             transformer.enable_gradient_checkpointing()
         if config.cp:
@@ -206,9 +215,39 @@ class _Trainer:
         sla = [p for k, p in self.params.items() if k.startswith("sla.")]
         if sla:
             groups.append({"params": sla, "lr_scale": config.sla_lr_scale})
+        vsa = [p for k, p in self.params.items() if k.startswith("vsa.")]
+        if vsa:
+            groups.append({"params": vsa, "lr_scale": 1.0})
         optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
         self.optimizer = self.accelerator.prepare(optimizer)
         self.scaler = getattr(self.accelerator, "scaler", None)
+
+    # ------------------------------------------------------------- VSA's sparsity decay
+    def vsa_method_at(self, step: Optional[int]) -> Optional[Method]:
+        """The VSA config optimizer step ``step`` trains under (FastVideo's decay from dense to the target,
+        :func:`~dit_accel.training.config.vsa_sparsity_at`); ``None``: the target (held-out loss). None for
+        other methods. A ``topk`` target decays through the sparsity it amounts to on this grid."""
+        method = self.config.method
+        if not isinstance(method, VSA):
+            return None
+        share = 1.0 if step is None else vsa_sparsity_at(step, 1.0, self.config.vsa_decay_steps or 0,
+                                                          self.config.vsa_decay_interval)
+        if share >= 1.0:
+            return method
+        plan = method.plan(self.grid)
+        target = 1.0 - plan.count / plan.cubes.count
+        return VSA(sparsity=min(share * target, 0.999), tile=method.tile)
+
+    def _use_method(self, method: Optional[Method]) -> None:
+        """The handle runs ``method`` everywhere it ran the configured one (VSA's decay steps)."""
+        if method is None or self.handle.schedule.method == method:
+            return
+        import dataclasses
+
+        schedule = dataclasses.replace(self.handle.schedule, method=method)
+        self.handle.schedule = schedule
+        for hook in self.handle._hooks:
+            hook.schedule = schedule
 
     def _enable_parallelism(self) -> None:
         from diffusers import ContextParallelConfig
@@ -313,6 +352,7 @@ class _Trainer:
     def eval_loss(self) -> Optional[float]:
         if not self.config.eval_batches:
             return None
+        self._use_method(self.vsa_method_at(None))  # the held-out loss is the target's
         values = [float(self.loss(self.batch(i, held_out=True), grad=False)) for i in range(self.config.eval_batches)]
         return sum(values) / len(values)
 
@@ -322,6 +362,7 @@ class _Trainer:
         warm = min(1.0, (step + 1) / config.lr_warmup_steps) if config.lr_warmup_steps else 1.0
         for group in self.optimizer.param_groups:
             group["lr"] = config.lr * warm * group["lr_scale"]
+        self._use_method(self.vsa_method_at(step))
         loss = 0.0
         for micro in range(self.accum):
             try:
@@ -350,8 +391,8 @@ def _adapters_disabled(transformer):
         transformer.enable_adapters()
 
 
-def _trainable(transformer, projections, targets) -> Dict[str, nn.Parameter]:
-    """LoRA and SLA-projection parameters by checkpoint key, made trainable in fp32."""
+def _trainable(transformer, projections, targets, gates=None) -> Dict[str, nn.Parameter]:
+    """LoRA, SLA-projection and VSA-gate parameters by checkpoint key, made trainable in fp32."""
     params: Dict[str, nn.Parameter] = {f"transformer.{n}": p for n, p in transformer.named_parameters()
                                        if "lora_" in n}
     if not params:
@@ -359,6 +400,9 @@ def _trainable(transformer, projections, targets) -> Dict[str, nn.Parameter]:
     for name, module in projections.items():
         for pname, p in module.named_parameters():
             params[f"sla.{name}.{pname}"] = p
+    for name, module in (gates or {}).items():
+        for pname, p in module.named_parameters():
+            params[f"vsa.{name}.{pname}"] = p
     for p in params.values():
         p.requires_grad_(True)
         p.data = p.data.float()  # trainable tensors in fp32 whatever the frozen weights use
