@@ -1,4 +1,4 @@
-"""``dit-accel finetune``: LoRA (+ SLA projections) for a sparse method, by distillation or on data.
+"""``dit-accel finetune``: LoRA (+ SLA projections, + VSA gates) for a sparse method, by distillation or on data.
 
 Examples::
 
@@ -10,6 +10,11 @@ Examples::
     # several GPUs; on a machine without CUDA the same line runs N CPU processes over gloo.
     # --multi_gpu is needed for CPU processes too: without it (or with --cpu) accelerate starts ONE process.
     accelerate launch --multi_gpu --num_processes 2 -m dit_accel.cli.finetune --model tiny-wan --method gna ...
+
+    # VSA: a zero-initialised to_gate_compress gate per layer plus LoRA; the sparsity rises from 0 to 0.9
+    # over the first 500 steps (FastVideo's decay)
+    dit-accel finetune --model Wan-AI/Wan2.1-T2V-1.3B-Diffusers --method vsa --vsa-sparsity 0.9 \\
+        --vsa-decay-steps 500 --prompts prompts.txt --steps 2000 --output vsa-wan
 
     # under a calibrated plan (dit-accel calibrate): a method per layer, head and step
     dit-accel finetune --model tiny-shapes --plan plan.json --prompts prompts.txt --steps 200 --output plan-ft
@@ -87,6 +92,12 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--eval-batches", type=int, default=2,
                    help="held-out batches whose loss is logged before and after training (default 2, 0 disables)")
     g.add_argument("--sla-lr-scale", type=float, default=1.0, help="SLA projection learning rate relative to --lr")
+    g.add_argument("--vsa-decay-steps", type=int, default=None, metavar="N",
+                   help="--method vsa: steps over which the sparsity rises from 0 (dense) to the target, FastVideo's "
+                        "VSA sparsity decay (default: a quarter of --steps; 0: the target from the start)")
+    g.add_argument("--vsa-decay-interval", type=int, default=1, metavar="K",
+                   help="--method vsa: the sparsity rises every K steps (FastVideo's VSA_decay_interval_steps; "
+                        "default 1)")
     g.add_argument("--quiet", "--no-progress", dest="quiet", action="store_true",
                    help="no progress bar and no warnings on the terminal (they stay in the output folder's log)")
     add_cp_option(g)
@@ -108,14 +119,16 @@ def config_from_args(args: argparse.Namespace):
     plan = getattr(args, "plan", None)
     check_plan_flags(args)
     if plan is None and args.method is None:
-        raise ValueError("--method is required: one of sla, radial, tile, gna (or --plan PLAN.json).")
+        raise ValueError("--method is required: one of sla, radial, tile, gna, vsa (or --plan PLAN.json).")
     if args.method == "dense":
-        raise ValueError("--method dense has nothing to adapt to; choose sla, radial, tile or gna.")
+        raise ValueError("--method dense has nothing to adapt to; choose sla, radial, tile, gna or vsa.")
     for flag in ("dense_steps", "dense_last_steps"):
         if getattr(args, flag, None):
             raise ValueError(f"--{flag.replace('_', '-')} is a denoising-loop schedule; finetune trains single "
                              "transformer calls. Pass it to `generate` instead.")
-    method = method_from_args(args, parser=None) if plan is None else None
+    # Without the parser, a bad method option is a ValueError: run() prints it as one line (no usage block).
+    bare = argparse.Namespace(**{k: v for k, v in vars(args).items() if k != "_parser"})
+    method = method_from_args(bare, parser=None) if plan is None else None
     defaults = _size_defaults(args.model, plan)
     dense_layers = args.dense_layers
     if isinstance(dense_layers, int):
@@ -137,6 +150,7 @@ def config_from_args(args: argparse.Namespace):
         backend=args.backend or "auto", dense_layers=dense_layers, eval_batches=args.eval_batches,
         sla_lr_scale=args.sla_lr_scale,
         progress=not args.quiet, cp=args.cp, plan=plan,
+        vsa_decay_steps=args.vsa_decay_steps, vsa_decay_interval=args.vsa_decay_interval,
     )
 
 

@@ -304,6 +304,19 @@ class AccelHandle:
                 raise ValueError(f"step={step} is invalid for total={total}: steps count 0 .. total - 1")
         self._steps.set((step, total))
 
+    def _replace_method(self, method: Method) -> None:
+        """Run ``method`` where the schedule ran its main one (``layer_methods`` and dense layers unchanged), from
+        the next transformer call on: fine-tuning's VSA sparsity decay changes the sparsity per step."""
+        import dataclasses
+
+        self._check_active("_replace_method()")
+        if self.schedule.method == method:
+            return
+        schedule = dataclasses.replace(self.schedule, method=method)
+        self.schedule = schedule
+        for hook in self._hooks:
+            hook.set_schedule(schedule)
+
     def plan(self, method: Method, grid) -> Plan:
         """The plan ``method`` runs on ``grid`` (the one the attention calls use; built once per geometry)."""
         self._check_active("plan()")

@@ -259,6 +259,11 @@ class TransformerHook:
             for layer, inert in zip(sla, inert_projections([layer.sla_proj for layer in sla])):
                 layer.inert = inert
 
+    def set_schedule(self, schedule: Schedule) -> None:
+        """Another schedule from the next call on (the cached call context goes with the old one)."""
+        self.schedule = schedule
+        self._last = None
+
     def _context(self, info, step: int, total: Optional[int], parallel, device,
                  additive_ok: bool = False) -> CallContext:
         """The call's context: each layer's plan (built, checked and prepared on ``device``), warnings said."""

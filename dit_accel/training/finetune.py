@@ -109,6 +109,8 @@ def _write_results(trainer: _Trainer, out: Path, result: dict) -> None:
         "initial_loss": result["initial_loss"], "final_loss": result["final_loss"],
         "eval_loss_start": result["eval_loss_start"], "eval_loss_end": result["eval_loss_end"],
     }
+    if trainer.gates:  # the sparsity each step trained at (FastVideo's decay from dense to the target)
+        log["vsa_sparsity"] = [{"step": i + 1, "sparsity": trainer.vsa_sparsity(i)} for i in range(len(losses))]
     atomic_write_json(out / LOG_FILE, log)
 
 

@@ -223,31 +223,45 @@ class _Trainer:
         self.scaler = getattr(self.accelerator, "scaler", None)
 
     # ------------------------------------------------------------- VSA's sparsity decay
-    def vsa_method_at(self, step: Optional[int]) -> Optional[Method]:
-        """The VSA config optimizer step ``step`` trains under (FastVideo's decay from dense to the target,
-        :func:`~dit_accel.training.config.vsa_sparsity_at`); ``None``: the target (held-out loss). None for
-        other methods. A ``topk`` target decays through the sparsity it amounts to on this grid."""
+    def vsa_sparsity(self, step: Optional[int]) -> Optional[float]:
+        """The VSA sparsity optimizer step ``step`` (0-based) trains at, FastVideo's decay from dense to the target
+        (:func:`~dit_accel.training.config.vsa_sparsity_at`); ``None``: the target. A ``topk`` target counts as
+        the sparsity it amounts to on this grid. None for other methods."""
         method = self.config.method
         if not isinstance(method, VSA):
             return None
-        share = 1.0 if step is None else vsa_sparsity_at(step, 1.0, self.config.vsa_decay_steps or 0,
-                                                          self.config.vsa_decay_interval)
-        if share >= 1.0:
-            return method
         plan = method.plan(self.grid)
         target = 1.0 - plan.count / plan.cubes.count
-        return VSA(sparsity=min(share * target, 0.999), tile=method.tile)
+        if step is None:
+            return target
+        return vsa_sparsity_at(step, target, self.config.vsa_decay_steps or 0, self.config.vsa_decay_interval)
+
+    def vsa_method_at(self, step: Optional[int]) -> Optional[Method]:
+        """The VSA config step ``step`` trains under (:meth:`vsa_sparsity`): the configured one once the decay is
+        over (and for ``None``, the held-out loss), else ``VSA(sparsity=...)`` with its tile. None for other
+        methods."""
+        method = self.config.method
+        if not isinstance(method, VSA):
+            return None
+        decay = self.config.vsa_decay_steps or 0
+        if step is None or step >= decay:
+            return method
+        return VSA(sparsity=min(self.vsa_sparsity(step), 0.999), tile=method.tile)
 
     def _use_method(self, method: Optional[Method]) -> None:
         """The handle runs ``method`` everywhere it ran the configured one (VSA's decay steps)."""
-        if method is None or self.handle.schedule.method == method:
-            return
-        import dataclasses
+        if method is not None:
+            self.handle._replace_method(method)
 
-        schedule = dataclasses.replace(self.handle.schedule, method=method)
-        self.handle.schedule = schedule
-        for hook in self.handle._hooks:
-            hook.schedule = schedule
+    @contextlib.contextmanager
+    def _quiet_decay(self):
+        """The decay's first steps run VSA at sparsity 0 on purpose: no "visits every key block" warning."""
+        import warnings
+
+        with warnings.catch_warnings():
+            if self.gates:
+                warnings.filterwarnings("ignore", message=".*visits every key block.*", category=DitAccelWarning)
+            yield
 
     def _enable_parallelism(self) -> None:
         from diffusers import ContextParallelConfig
@@ -366,7 +380,8 @@ class _Trainer:
         loss = 0.0
         for micro in range(self.accum):
             try:
-                micro_loss = self.loss(self.batch(step * self.accum + micro), grad=True) / self.accum
+                with self._quiet_decay():
+                    micro_loss = self.loss(self.batch(step * self.accum + micro), grad=True) / self.accum
             except ValueError as e:
                 if first:  # a model/method mismatch found by the first forward: nothing trained yet
                     raise ValueError(f"{_method_label(config)} on token grid {self.grid}: {e}") from None

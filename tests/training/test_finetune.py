@@ -338,7 +338,7 @@ def test_cli_reports_input_errors(tmp_path, capsys):
     assert "--prompts" in capsys.readouterr().err
     rc = main(["--model", "tiny-wan", "--method", "dense", "--output", str(tmp_path / "out")])
     assert rc == 2
-    assert "sla, radial, tile or gna" in capsys.readouterr().err
+    assert "sla, radial, tile, gna or vsa" in capsys.readouterr().err
 
 
 def test_teacher_is_the_dense_model_without_lora():
