@@ -37,7 +37,7 @@ class FinetuneConfig:
     Args:
         model: ``"tiny-wan"``, a local Diffusers folder, a hub id, or an already
             loaded pipeline object (its transformer is modified in place).
-        method: a :class:`~dit_accel.Method` config (SLA, Radial, Tile or GNA); or None with ``plan``.
+        method: a :class:`~dit_accel.Method` config (SLA, Radial, Tile, GNA or VSA); or None with ``plan``.
         output: output folder (weights, checkpoints, log).
         plan: a calibrated :class:`~dit_accel.SparsePlan` (or the path of its JSON) to train under instead
             of ``method`` (exactly one of the two); see the module docstring.
