@@ -1,4 +1,9 @@
-"""Fine-tuning a sparse-attention student: LoRA (+ SLA projections) with accelerate and peft.
+"""Fine-tuning a sparse-attention student: LoRA (+ SLA projections, + VSA gates) with accelerate and peft.
+
+Under ``VSA`` each attention layer gets a zero-initialised ``to_gate_compress`` Linear (so step 0 is
+training-free VSA), trained with LoRA by distillation; the sparsity of step s follows FastVideo's decay from
+0 to the target (:func:`~dit_accel.training.config.vsa_sparsity_at`, ``vsa_decay_steps`` /
+``vsa_decay_interval``), and the gates are saved in FastVideo's key layout beside the LoRA.
 
 Two modes:
 
