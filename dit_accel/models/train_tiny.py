@@ -1,5 +1,8 @@
 """Train the ``tiny-shapes`` model: ``python -m dit_accel.models.train_tiny [--steps N] [--out DIR]``.
 
+Fine-tune it, e.g. to longer clips: ``--init DIR`` starts from a saved pipeline (its codec normalisation
+kept), ``--frames N`` sets the clip length (default 7), ``--time-limit S`` ends the run early and saves.
+
 Builds a fresh :class:`diffusers.WanPipeline` (see :mod:`dit_accel.models.tiny_shapes`
 for the components), trains its transformer and text encoder on clips rendered
 on the fly by :mod:`dit_accel.models.clips`, and saves it in Diffusers folder
@@ -211,10 +214,13 @@ def _latent_stats(frames: int, height: int, width: int, seed: int):
 
 
 # ----------------------------------------------------------------------------- training
-def _sample_batch(g: torch.Generator, batch_size: int, frames: int, mean: torch.Tensor, std: torch.Tensor):
+def _sample_batch(g: torch.Generator, batch_size: int, frames: int, mean: torch.Tensor, std: torch.Tensor,
+                  full: int = None):
     """Normalised latents of fresh clips cut to their first ``frames`` frames, their prompts (10 % emptied)
-    and a text padding length. Clips are rendered at the full length, so speeds do not depend on ``frames``."""
-    full, height, width = (TINY_SHAPES_DEFAULTS[k] for k in ("num_frames", "height", "width"))
+    and a text padding length. Clips are rendered at the full length ``full`` (default: the shipped
+    ``num_frames``), so speeds do not depend on ``frames``."""
+    height, width = (TINY_SHAPES_DEFAULTS[k] for k in ("height", "width"))
+    full = full or TINY_SHAPES_DEFAULTS["num_frames"]
     ids = [torch.randint(0, len(t), (batch_size,), generator=g) for t in (COLOURS, SHAPES, DIRECTIONS)]
     video = render_batch(*ids, generator=g, frames=full, height=height, width=width)[:, :frames]
     latents = (pack_latents(video) - mean) / std
@@ -247,7 +253,8 @@ def _flow_matching_loss(pipe, latents, prompts, length, g: torch.Generator) -> t
 
 def train(out_dir=TINY_SHAPES_DIR, *, steps: int = 3600, batch_size: int = 16, lr: float = 1.5e-3, warmup: int = 100,
           short_fraction: float = 0.65, ema_decay: float = 0.998, seed: int = 0, log_every: int = 25,
-          eval_seeds=(0, 1), save_every: int = 0) -> dict:
+          eval_seeds=(0, 1), save_every: int = 0, frames: int = None, init=None,
+          time_limit: float = None) -> dict:
     """Train and save the ``tiny-shapes`` pipeline to ``out_dir``; returns the training log.
 
     The first ``short_fraction`` of the steps train on the first 3 frames of each
@@ -260,6 +267,12 @@ def train(out_dir=TINY_SHAPES_DIR, *, steps: int = 3600, batch_size: int = 16, l
     ``save_every`` > 0 also saves the EMA weights every that many steps (a run cut short
     leaves its latest checkpoint in ``out_dir``).
 
+    Fine-tuning: ``frames`` (odd, default ``TINY_SHAPES_DEFAULTS["num_frames"]``) is the clip length of the
+    full-length phase and of the closing evaluation; ``init`` a saved pipeline folder to start from (its
+    tokenizer, codec and latent normalisation are kept; optimizer and EMA start fresh from its weights);
+    ``time_limit`` (seconds) stops the loop early, then saves and evaluates as at the end
+    (``train_log.json`` records ``steps_done``). Without them the run is the one that made the shipped weights.
+
     Example::
 
         train("/tmp/tiny-shapes", steps=200)   # a quick smoke run
@@ -270,9 +283,17 @@ def train(out_dir=TINY_SHAPES_DIR, *, steps: int = 3600, batch_size: int = 16, l
                 "short_fraction": short_fraction, "short_frames": _SHORT_FRAMES, "ema_decay": ema_decay,
                 "seed": seed, "threads": torch.get_num_threads(), "scheduler_shift": SCHEDULER_SHIFT,
                 "uncond_prob": _UNCOND_PROB, "pad_lengths": _PAD_LENGTHS, "size": TINY_SHAPES_DEFAULTS}
-    frames, height, width = (TINY_SHAPES_DEFAULTS[k] for k in ("num_frames", "height", "width"))
-    latents_mean, latents_std = _latent_stats(frames, height, width, seed)
-    pipe = build_pipeline(latents_mean, latents_std, seed=seed)
+    frames = frames or TINY_SHAPES_DEFAULTS["num_frames"]
+    if frames < 3 or frames % 2 != 1:
+        raise ValueError(f"frames must be odd and at least 3 (the pixel codec pairs frames), got {frames}")
+    settings.update(frames=frames, init=str(init) if init else None, time_limit=time_limit)
+    height, width = (TINY_SHAPES_DEFAULTS[k] for k in ("height", "width"))
+    if init:
+        pipe = _load_pipeline(init)
+        latents_mean, latents_std = pipe.vae.config.latents_mean, pipe.vae.config.latents_std
+    else:
+        latents_mean, latents_std = _latent_stats(frames, height, width, seed)
+        pipe = build_pipeline(latents_mean, latents_std, seed=seed)
     mean, std = (torch.tensor(v).view(1, -1, 1, 1, 1) for v in (latents_mean, latents_std))
     params = [p for m in (pipe.transformer, pipe.text_encoder) for p in m.parameters()]
     ema = [p.detach().clone() for p in params]
@@ -280,15 +301,17 @@ def train(out_dir=TINY_SHAPES_DIR, *, steps: int = 3600, batch_size: int = 16, l
     pipe.transformer.train()
     pipe.text_encoder.train()
     g = torch.Generator().manual_seed(seed)
-    curve, window, load_start, start = [], [], os.getloadavg(), time.perf_counter()
+    curve, window, load_start, start, steps_done = [], [], os.getloadavg(), time.perf_counter(), 0
     print(f"training tiny-shapes: {steps} steps of {batch_size} clips on {torch.get_num_threads()} threads -> "
           f"{out_dir}; mean loss every {log_every} steps below (JSON lines)", file=sys.stderr, flush=True)
     for step in tqdm(range(steps), desc="training tiny-shapes", unit="step", file=sys.stderr, mininterval=2.0,
                      dynamic_ncols=True):
         for group in optimizer.param_groups:
             group["lr"] = _learning_rate(step, steps, lr, warmup)
+        if time_limit is not None and time.perf_counter() - start >= time_limit:
+            break
         clip_frames = _SHORT_FRAMES if step < short_fraction * steps else frames
-        loss = _flow_matching_loss(pipe, *_sample_batch(g, batch_size, clip_frames, mean, std), g)
+        loss = _flow_matching_loss(pipe, *_sample_batch(g, batch_size, clip_frames, mean, std, frames), g)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -296,6 +319,7 @@ def train(out_dir=TINY_SHAPES_DIR, *, steps: int = 3600, batch_size: int = 16, l
         with torch.no_grad():
             torch._foreach_lerp_(ema, [p.detach() for p in params], 1 - min(ema_decay, (1 + step) / (10 + step)))
         window.append(loss.item())
+        steps_done = step + 1
         if (step + 1) % log_every == 0 or step + 1 == steps:
             curve.append({"step": step + 1, "loss": round(sum(window) / len(window), 5),
                           "lr": round(optimizer.param_groups[0]["lr"], 7),
@@ -310,7 +334,10 @@ def train(out_dir=TINY_SHAPES_DIR, *, steps: int = 3600, batch_size: int = 16, l
             p.copy_(e)
     pipe.transformer.eval()
     pipe.text_encoder.eval()
-    log = {"settings": settings, "train_seconds": round(train_seconds, 1),
+    if window:  # a run stopped by time_limit between two log points
+        curve.append({"step": steps_done, "loss": round(sum(window) / len(window), 5),
+                      "lr": round(optimizer.param_groups[0]["lr"], 7), "seconds": round(train_seconds, 1)})
+    log = {"settings": settings, "steps_done": steps_done, "train_seconds": round(train_seconds, 1),
            "loadavg_1_5_15_start": load_start, "loadavg_1_5_15_end": os.getloadavg(),
            "parameters": {"transformer": _count(pipe.transformer), "text_encoder": _count(pipe.text_encoder)},
            "curve": curve}
@@ -319,9 +346,20 @@ def train(out_dir=TINY_SHAPES_DIR, *, steps: int = 3600, batch_size: int = 16, l
     _portable_tokenizer_class(out_dir)
     if eval_seeds:
         pipe.set_progress_bar_config(disable=True)
-        log["eval"] = evaluate(pipe, seeds=tuple(eval_seeds))
+        log["eval"] = evaluate(pipe, seeds=tuple(eval_seeds), num_frames=frames)
     atomic_write_json(out_dir / "train_log.json", log, indent=1)
     return log
+
+
+def _load_pipeline(folder):
+    """A saved tiny-shapes-like pipeline (float32, CPU) to fine-tune."""
+    import warnings
+
+    from diffusers import DiffusionPipeline
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        return DiffusionPipeline.from_pretrained(str(folder), torch_dtype=torch.float32, local_files_only=True)
 
 
 def _save_ema(pipe, params, ema, out_dir: Path) -> None:
@@ -366,12 +404,21 @@ def main(argv=None) -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     parser.add_argument("--save-every", type=int, default=200, help="checkpoint the EMA weights every N steps")
     parser.add_argument("--eval-seeds", type=int, nargs="*", default=[0, 1], help="evaluation seeds (none: skip)")
+    parser.add_argument("--frames", type=int, default=TINY_SHAPES_DEFAULTS["num_frames"],
+                        help="clip length (odd) of the full-length phase and of the evaluation")
+    parser.add_argument("--init", default=None, metavar="DIR",
+                        help="start from this saved pipeline (e.g. the shipped tiny-shapes folder): a fine-tune")
+    parser.add_argument("--time-limit", type=float, default=None, metavar="SECONDS",
+                        help="stop the loop after this wall time, then save and evaluate")
     args = parser.parse_args(argv)
+    if args.init and Path(args.init).resolve() == Path(args.out).resolve():
+        parser.error("--init and --out are the same folder: checkpoints would overwrite the starting weights")
     torch.set_num_threads(args.threads or os.cpu_count() or 1)
     log = train(args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup,
                 short_fraction=args.short_fraction, ema_decay=args.ema_decay, seed=args.seed,
-                eval_seeds=args.eval_seeds, save_every=args.save_every)
-    print(json.dumps({k: log[k] for k in ("train_seconds", "parameters")} | {"eval": log.get("eval")}, indent=1))
+                eval_seeds=args.eval_seeds, save_every=args.save_every, frames=args.frames, init=args.init,
+                time_limit=args.time_limit)
+    print(json.dumps({k: log[k] for k in ("steps_done", "train_seconds", "parameters")} | {"eval": log.get("eval")}, indent=1))
 
 
 if __name__ == "__main__":
