@@ -266,7 +266,20 @@ def _sparse_contenders(shape: ModelShape, target: float, q, k, v, gen, device, d
         torch.nn.init.zeros_(proj.bias)
         calls["SLA (sparse+linear)"] = partial(sla_attention, q, k, v, method, proj)
         meta["SLA (sparse+linear)"] = dict(density=sla_density(n, method), target_density=target)
+    if len(shape.grid) == 3:  # VSA (training-free: no gate) keeps the same fraction of its 4x4x4 cubes
+        calls["VSA (cubes, no gate)"], meta["VSA (cubes, no gate)"] = _vsa_contender(shape.grid, target, q, k, v)
     return calls, meta
+
+
+def _vsa_contender(grid, target: float, q, k, v):
+    """``(call, row fields)`` of VSA at the top-k that keeps ``target`` of the key cubes (at least one)."""
+    from ..kernels.vsa import vsa_attention
+
+    tile = (4, 4, 4)
+    cubes = math.prod(-(-g // t) for g, t in zip(grid, tile))
+    topk = max(1, round(target * cubes))
+    return (partial(vsa_attention, q, k, v, tuple(grid), topk=topk, tile=tile),
+            dict(density=topk / cubes, target_density=target, cubes=cubes, topk=topk))
 
 
 def _bench_shape(shape: ModelShape, densities, device, dtype, warmup, repeats, backends, sla, flex_compiled, notes,

@@ -36,7 +36,11 @@ def test_bench_kernels_cpu_quick_writes_json_and_plot(tmp_path, capsys):
     assert res["threads"] == [1] and res["flex_compiled"] is True and len(res["load_average"]) == 3
     kernels = {r["kernel"] for r in res["rows"]}
     assert {"dense SDPA", "block-sparse tile [torch]", "block-sparse tile [flex, compiled]",
-            "SLA (sparse+linear)"} <= kernels
+            "SLA (sparse+linear)", "VSA (cubes, no gate)"} <= kernels
+    for r in res["rows"]:  # VSA keeps round(density x cubes) of its 4x4x4 cubes, counted here from the grid
+        if r["kernel"] == "VSA (cubes, no gate)":
+            cubes = math.prod(-(-g // 4) for g in r["grid"])
+            assert r["cubes"] == cubes and r["density"] == pytest.approx(max(1, round(0.25 * cubes)) / cubes)
     dense = next(r for r in res["rows"] if r["kernel"] == "dense SDPA")
     assert dense["speedup"] == 1.0
     for r in res["rows"]:
