@@ -65,6 +65,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     k.add_argument("--warmup", type=int, default=None)
     k.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"])
     k.add_argument("--no-sla", action="store_true", help="skip the SLA rows")
+    k.add_argument("--no-vsa", action="store_true", help="skip the VSA rows (measured runs, video shapes)")
     k.add_argument("--threads", default=None,
                    help="CPU: comma-separated torch thread counts, each case runs at each (default 1,2; --quick: 1)")
     k.add_argument("--no-flex-compiled", action="store_true",
@@ -159,7 +160,7 @@ def _command_line(args) -> str:
         value = getattr(args, name)
         if value is not None:
             parts.append(f"--{name} {value}")
-    parts += [flag for flag, on in (("--quick", args.quick), ("--no-sla", args.no_sla),
+    parts += [flag for flag, on in (("--quick", args.quick), ("--no-sla", args.no_sla), ("--no-vsa", args.no_vsa),
                                     ("--no-flex-compiled", args.no_flex_compiled)) if on]
     return " ".join(parts)
 
@@ -285,7 +286,7 @@ def _run_kernels(args) -> int:
         print("NOTE: CPU run - reduced shapes, the PyTorch backend and compiled FlexAttention (Triton kernels need "
               "a GPU); numbers are not comparable with GPU numbers.")
     result = bench.bench_kernels(shapes, densities, device=device, dtype=dtype, warmup=args.warmup, repeats=repeats,
-                                 backends=backends, sla=not args.no_sla, threads=threads,
+                                 backends=backends, sla=not args.no_sla, vsa=not args.no_vsa, threads=threads,
                                  flex_compiled=False if args.no_flex_compiled else None)
     result["command"] = _command_line(args)
     print(f"device: {result['device_name']}, dtype {result['dtype']}, versions {result['versions']}, "

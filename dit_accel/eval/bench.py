@@ -120,7 +120,7 @@ def bench_kernels(shapes: Sequence[ModelShape], densities: Sequence[float], *, d
                   dtype: Optional[torch.dtype] = None, warmup: Optional[int] = None, repeats: Optional[int] = None,
                   backends: Optional[Sequence[str]] = None, sla: bool = True, flex_compiled: Optional[bool] = None,
                   threads: Optional[Sequence[int]] = None, log=print, progress: bool = True,
-                  call_timer=None) -> dict:
+                  call_timer=None, vsa: bool = True) -> dict:
     """Time dense and sparse attention kernels; returns a JSON-ready dict (``rows`` list).
 
     For every shape and target density the contenders run interleaved: each round times every
@@ -189,7 +189,7 @@ def bench_kernels(shapes: Sequence[ModelShape], densities: Sequence[float], *, d
             for shape in shapes:
                 bar.set_postfix_str(f"{shape.name}, {count} threads" if not cuda else shape.name)
                 rows += _bench_shape(shape, densities, device, dtype, warmup, repeats, backends, sla, flex_compiled,
-                                     notes, bar, None if cuda else count, call_timer)
+                                     notes, bar, None if cuda else count, call_timer, vsa=vsa)
     finally:
         torch.set_num_threads(before)
         bar.close()
@@ -223,7 +223,7 @@ def _shape_row(shape: ModelShape, threads, kernel: str, times: List[float], base
 
 
 def _sparse_contenders(shape: ModelShape, target: float, q, k, v, gen, device, dtype, backends, sla, flex_compiled,
-                       notes) -> Tuple[dict, dict]:
+                       notes, vsa: bool = True) -> Tuple[dict, dict]:
     """The sparse calls timed at one target density, ``(name -> call, name -> row fields)``: the tile layout on
     each backend (and compiled FlexAttention), and SLA."""
     from ..kernels import block_sparse_attention
@@ -266,7 +266,7 @@ def _sparse_contenders(shape: ModelShape, target: float, q, k, v, gen, device, d
         torch.nn.init.zeros_(proj.bias)
         calls["SLA (sparse+linear)"] = partial(sla_attention, q, k, v, method, proj)
         meta["SLA (sparse+linear)"] = dict(density=sla_density(n, method), target_density=target)
-    if len(shape.grid) == 3:  # VSA (training-free: no gate) keeps the same fraction of its 4x4x4 cubes
+    if vsa and len(shape.grid) == 3:  # VSA (training-free: no gate) keeps the same fraction of its 4x4x4 cubes
         calls["VSA (cubes, no gate)"], meta["VSA (cubes, no gate)"] = _vsa_contender(shape.grid, target, q, k, v)
     return calls, meta
 
@@ -283,7 +283,7 @@ def _vsa_contender(grid, target: float, q, k, v):
 
 
 def _bench_shape(shape: ModelShape, densities, device, dtype, warmup, repeats, backends, sla, flex_compiled, notes,
-                 bar, threads, call_timer=None) -> List[dict]:
+                 bar, threads, call_timer=None, vsa: bool = True) -> List[dict]:
     """The rows of one shape: the dense contenders and, per density, the sparse ones, each density's set
     timed in interleaved rounds together with dense SDPA."""
     from ..kernels.dense import DENSE_CONTENDERS, dense_contenders
@@ -325,7 +325,7 @@ def _bench_shape(shape: ModelShape, densities, device, dtype, warmup, repeats, b
         rows += [row(name, t, times[sdpa], 1.0, call_timing=extra.get(name)) for name, t in times.items()]
         for target in densities:
             sparse, meta = _sparse_contenders(shape, target, q, k, v, gen, device, dtype, backends, sla,
-                                              flex_compiled, notes)
+                                              flex_compiled, notes, vsa=vsa)
             calls = {sdpa: dense[sdpa], **sparse}
             _drop_failing(calls, shape, notes)
             times = run_rounds(calls, repeats, device=device, warmup=warmup)

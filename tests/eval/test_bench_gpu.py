@@ -331,8 +331,8 @@ def test_bench_kernels_rows_carry_call_timings_with_a_timer():
     timer on the CPU's quick shape."""
     from dit_accel.eval.bench import CPU_QUICK_SHAPES, bench_kernels
 
-    res = bench_kernels(CPU_QUICK_SHAPES, (0.25,), device="cpu", sla=False, flex_compiled=False, repeats=1, warmup=0,
-                        call_timer=FakeTimer(), progress=False)
+    res = bench_kernels(CPU_QUICK_SHAPES, (0.25,), device="cpu", sla=False, vsa=False, flex_compiled=False, repeats=1,
+                        warmup=0, call_timer=FakeTimer(), progress=False)
     assert len(res["rows"]) == 2
     for r in res["rows"]:
         assert (r["latency_ms"], r["throughput_ms"], r["graph_ms"], r["host_us"]) == pytest.approx((3, 2, 1.5, 100))
