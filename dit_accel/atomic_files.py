@@ -523,6 +523,24 @@ def read_json(path: PathLike, *, expected: str = "a JSON object", kind: type = d
     return value
 
 
+def read_entries(path: PathLike, *, expected: str, valid: Callable[[str, object], bool], again: str,
+                 warn: Optional[Callable[[str], object]] = None) -> dict:
+    """The entries of the JSON store ``path`` (``{key: entry}``) that ``valid(key, entry)`` accepts. A damaged
+    file, or entries with missing or wrong fields, are dropped with one ``warn`` naming the file (None: silent);
+    ``again`` says what the caller then does instead (the self-check and autotune stores share this)."""
+    try:
+        data = read_json(path, expected=expected)
+    except ValueError as err:
+        if warn is not None:
+            warn(f"dit_accel: {err}; ignoring it ({again})")
+        return {}
+    bad = [k for k, v in data.items() if not valid(k, v)]
+    if bad and warn is not None:
+        warn(f"dit_accel: {path}: {len(bad)} entr{'y' if len(bad) == 1 else 'ies'} with missing or wrong fields "
+             f"(e.g. {bad[0][:60]!r}) ignored ({again}); expected {expected}")
+    return {k: v for k, v in data.items() if k not in bad}
+
+
 def load_safetensors(path: PathLike, *, expected: str = "a safetensors file of tensors"):
     """``{name: tensor}`` of a safetensors file; BadFileError for missing, empty, truncated or corrupt ones."""
     path = Path(path)

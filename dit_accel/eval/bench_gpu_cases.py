@@ -305,7 +305,8 @@ def _triton_dense_variant(q, k, v) -> str:
 
 class _Case:
     """What the timed cases share: leaf copies of q, k, v (and an upstream gradient) for the backward rows,
-    made on first use, and the check of a pass against the case's fp32 twin (``_twin``)."""
+    made on first use, and the check of a pass against the case's fp32 twin (``_twin``, from each case's
+    ``_reference(q, k, v)``: the PyTorch twin of its method in fp32)."""
 
     def _checked(self, pass_: str, attend):
         """The check of ``pass_`` for ``attend(q, k, v)``: the forward's error, and with ``"both"`` the
@@ -327,6 +328,20 @@ class _Case:
                     "grad_tolerance": GRAD_TOLERANCE}
 
         return forward if pass_ == "forward" else both
+
+    def _twin(self, grads: bool):
+        """The fp32 twin's output (and its q, k, v gradients for ``grads``) on the checked slice, made once each
+        from the case's :meth:`_reference` call."""
+        key = "grads" if grads else "o"
+        if key not in self.ref:
+            q, k, v = (t[_S].detach().float().requires_grad_(grads) for t in (self.q, self.k, self.v))
+            o = self._reference(q, k, v)
+            if grads:
+                o.backward(self.do[_S].float())
+                self.ref["grads"] = (o.detach(), (q.grad, k.grad, v.grad))
+            else:
+                self.ref["o"] = o.detach()
+        return self.ref[key]
 
     def _grad_inputs(self):
         if self.grad_inputs is None:
@@ -369,19 +384,10 @@ class _LayoutCase(_Case):
         qg, kg, vg = self._grad_inputs()
         return lambda: block_sparse_attention(qg, kg, vg, lay, backend=backend).backward(self.do)
 
-    def _twin(self, grads: bool):
+    def _reference(self, q, k, v):
         from ..kernels import block_sparse_attention
 
-        key = "grads" if grads else "o"
-        if key not in self.ref:
-            q, k, v = (t[_S].detach().float().requires_grad_(grads) for t in (self.q, self.k, self.v))
-            o = block_sparse_attention(q, k, v, self.twin_layout, backend="torch")
-            if grads:
-                o.backward(self.do[_S].float())
-                self.ref["grads"] = (o.detach(), (q.grad, k.grad, v.grad))
-            else:
-                self.ref["o"] = o.detach()
-        return self.ref[key]
+        return block_sparse_attention(q, k, v, self.twin_layout, backend="torch")
 
     def check(self, pass_: str, backend: str):
         from ..kernels import block_sparse_attention
@@ -436,22 +442,13 @@ class _SlaCase(_Case):
         qg, kg, vg = self._grad_inputs()
         return lambda: sla_attention(qg, kg, vg, self.method, self.proj, backend=backend).backward(self.do)
 
-    def _twin(self, grads: bool):
+    def _reference(self, q, k, v):
         from ..kernels import sla_attention
 
-        key = "grads" if grads else "o"
-        if key not in self.ref:
-            q, k, v = (t[_S].detach().float().requires_grad_(grads) for t in (self.q, self.k, self.v))
-            proj = torch.nn.Linear(q.shape[-1], q.shape[-1]).to(q.device)
-            torch.nn.init.zeros_(proj.weight)
-            torch.nn.init.zeros_(proj.bias)
-            o = sla_attention(q, k, v, self.method, proj, backend="torch")
-            if grads:
-                o.backward(self.do[_S].float())
-                self.ref["grads"] = (o.detach(), (q.grad, k.grad, v.grad))
-            else:
-                self.ref["o"] = o.detach()
-        return self.ref[key]
+        proj = torch.nn.Linear(q.shape[-1], q.shape[-1]).to(q.device)
+        torch.nn.init.zeros_(proj.weight)
+        torch.nn.init.zeros_(proj.bias)
+        return sla_attention(q, k, v, self.method, proj, backend="torch")
 
     def check(self, pass_: str, backend: str):
         from ..kernels import sla_attention

@@ -32,6 +32,10 @@ class LayoutCache:
         with self._lock:
             return layout.derived.setdefault(slot, value)
 
+    def peek(self, layout, key: Hashable):
+        """The stored value for ``(layout, key)``, or None; builds nothing (a traced call's read)."""
+        return layout.derived.get((self.name, key))
+
     def entries(self, layout) -> dict:
         """``{key: value}`` this cache holds for ``layout`` (a copy; for inspection and tests)."""
         return {key[1]: value for key, value in layout.derived.items() if key[0] == self.name}

@@ -133,12 +133,11 @@ def _stale(key, entry) -> bool:
 
 def _valid_structure(entry) -> bool:
     """Every field a reader of the entry reads, of its type (an entry missing one would crash the call)."""
-    def number(x):
-        return isinstance(x, (int, float)) and not isinstance(x, bool)
+    from .._util import is_number
 
     return (isinstance(entry, dict) and isinstance(entry.get("choice"), str)
             and isinstance(entry.get("times_ms"), dict)
-            and all(isinstance(k, str) and (t is None or number(t)) for k, t in entry["times_ms"].items())
+            and all(isinstance(k, str) and (t is None or is_number(t)) for k, t in entry["times_ms"].items())
             and isinstance(entry.get("date"), str)
             and all(isinstance(entry.get(name), int) and not isinstance(entry.get(name), bool)
                     for name in ("warmup", "repeats") if name in entry)
@@ -153,21 +152,12 @@ def _valid_entry(key, entry) -> bool:
 
 def _read(path: Path, warn: bool = True) -> Dict[str, dict]:
     """The valid entries of the file ``path``; a damaged file or entry is dropped, with one warning naming the
-    file when ``warn``."""
-    from ..atomic_files import read_json
+    file when ``warn``; a stale one (an older key format) silently."""
+    from ..atomic_files import read_entries
 
-    try:
-        data = read_json(path, expected=_EXPECTED)
-    except ValueError as err:
-        if warn:
-            _warn(f"dit_accel: {err}; ignoring it (the backends are timed again)")
-        return {}
-    data = {k: v for k, v in data.items() if not _stale(k, v)}
-    bad = [k for k, v in data.items() if not _valid_entry(k, v)]
-    if bad and warn:
-        _warn(f"dit_accel: {path}: {len(bad)} entr{'y' if len(bad) == 1 else 'ies'} with missing or wrong fields "
-              f"(e.g. {bad[0][:60]!r}) ignored; expected {_EXPECTED}")
-    return {k: v for k, v in data.items() if k not in bad}
+    data = read_entries(path, expected=_EXPECTED, valid=lambda k, v: _stale(k, v) or _valid_entry(k, v),
+                        again="the backends are timed again", warn=_warn if warn else None)
+    return {k: v for k, v in data.items() if not _stale(k, v)}
 
 
 def _entries() -> Dict[str, dict]:

@@ -10,6 +10,7 @@ per call. ``$DIT_ACCEL_BACKEND`` overrides ``auto`` (parsed in one place,
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 from dataclasses import dataclass
 from typing import Callable, Dict, Optional, Tuple
@@ -109,13 +110,9 @@ def triton_reason(device) -> Optional[str]:
     return f"triton kernels support CUDA (or CPU under TRITON_INTERPRET=1), not {device.type!r}; use backend='torch'."
 
 
-_OLD: list = []
-
-
+@functools.cache
 def _triton_too_old() -> Optional[str]:
-    if not _OLD:
-        _OLD.append(triton_version_reason())  # (metadata is read once per process)
-    return _OLD[0]
+    return triton_version_reason()  # (metadata is read once per process)
 
 
 def _flex_reason(device: torch.device) -> Optional[str]:

@@ -231,13 +231,12 @@ _EXPECTED = ('the self-check verdicts: {"<key>": {"ok": bool, "error": number or
 
 def _valid_verdict(entry) -> bool:
     """Every field a reader of the verdict reads, of its type (an entry missing one would crash the call)."""
-    def number(x):
-        return isinstance(x, (int, float)) and not isinstance(x, bool)
+    from .._util import is_number
 
     texts = ("variant", "dtype", "arch", "date")
     return (isinstance(entry, dict) and isinstance(entry.get("ok"), bool) and "error" in entry
-            and (entry["error"] is None or number(entry["error"])) and number(entry.get("tolerance"))
-            and isinstance(entry.get("problem"), str) and number(entry.get("seconds"))
+            and (entry["error"] is None or is_number(entry["error"])) and is_number(entry.get("tolerance"))
+            and isinstance(entry.get("problem"), str) and is_number(entry.get("seconds"))
             and all(isinstance(entry[name], str) for name in texts if name in entry)
             and isinstance(entry.get("shape", {}), dict) and isinstance(entry.get("faulted", False), bool))
 
@@ -245,19 +244,10 @@ def _valid_verdict(entry) -> bool:
 def _read(path: Path, warn: bool = True) -> Dict[str, dict]:
     """The valid verdicts of the file ``path``; a damaged file or entry is dropped (checked again), with one
     warning naming the file when ``warn``."""
-    from ..atomic_files import read_json
+    from ..atomic_files import read_entries
 
-    try:
-        data = read_json(path, expected=_EXPECTED)
-    except ValueError as err:
-        if warn:
-            _warn_store(f"dit_accel: {err}; ignoring it (the variants are checked again)")
-        return {}
-    bad = [k for k, v in data.items() if not _valid_verdict(v)]
-    if bad and warn:
-        _warn_store(f"dit_accel: {path}: {len(bad)} verdict{'' if len(bad) == 1 else 's'} with missing or wrong "
-                    f"fields (e.g. {bad[0][:60]!r}) ignored and checked again; expected {_EXPECTED}")
-    return {k: v for k, v in data.items() if k not in bad}
+    return read_entries(path, expected=_EXPECTED, valid=lambda key, entry: _valid_verdict(entry),
+                        again="the variants are checked again", warn=_warn_store if warn else None)
 
 
 def _warn_store(message: str) -> None:

@@ -66,7 +66,7 @@ def test_an_eager_cuda_decision_is_stored_for_traced_calls(monkeypatch):
     monkeypatch.setattr(api, "_decide_eager", lambda q, k, v, layout, scale, backend, lse: (0.125, "flex", layout))
     monkeypatch.setattr(api, "_static_for_graphs", lambda layout: True)
     assert api._decide(q, k, v, layout, None, "auto", False)[1] == "flex"
-    assert layout.derived[("block_sparse.eager_choice", api._shape_key(q, k, False))] == "flex"
+    assert api._EAGER.peek(layout, api._shape_key(q, k, False)) == "flex"
 
 
 def test_the_autotuner_times_nothing_in_a_capture(capturing, monkeypatch):

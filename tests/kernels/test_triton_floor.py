@@ -11,10 +11,10 @@ from dit_accel.kernels import backends
 def version(monkeypatch):
     def set_to(v):
         monkeypatch.setattr(backends, "triton_version", lambda: v)
-        monkeypatch.setattr(backends, "_OLD", [])
+        backends._triton_too_old.cache_clear()
 
     yield set_to
-    backends._OLD.clear()
+    backends._triton_too_old.cache_clear()
 
 
 @pytest.mark.parametrize("v,refused", [("3.5.1", True), ("3.2.0", True), ("3.6.0", False), ("3.9.0", False),

@@ -174,7 +174,7 @@ def _decide(q, k, v, layout, scale, backend: str, return_lse: bool):
     cuda = q.device.type == "cuda"
     key = _shape_key(q, k, return_lse) if cuda and backend == "auto" and env_backend() is None else None
     if in_graph():
-        hit = None if key is None else layout.derived.get(("block_sparse.eager_choice", key))
+        hit = None if key is None else _EAGER.peek(layout, key)
         if hit is not None:  # the eager call's choice: the same kernel runs compiled (or captured) and eager
             return scale, hit, (layout if hit == DENSE else layout_on(layout, q.device))
         return _decide_eager(q, k, v, layout, scale, backend, return_lse)  # (times nothing in a graph)
@@ -195,9 +195,11 @@ def _static_for_graphs(layout: BlockLayout) -> bool:
     graph-owned buffers, which would give the launchers' per-layout caches new tensors (a re-plan, whose host
     sync a capture cannot take) and cost a copy per replay."""
     mark = getattr(getattr(torch, "_dynamo", None), "mark_static_address", None)
+    if mark is None:
+        return False
     for name in BlockLayout.TENSORS:
         t = getattr(layout, name)
-        if mark is not None and t.is_cuda:
+        if t.is_cuda:
             try:
                 mark(t, guard=False)
             except Exception:  # an older torch: the capture re-plans without a sync (triton.tile_plan)

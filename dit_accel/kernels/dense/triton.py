@@ -291,11 +291,9 @@ def _strides(t: torch.Tensor) -> Tuple[int, int, int]:
 
 def _config(kernel: str, q: torch.Tensor, streamed: Tuple[torch.Tensor, ...]):
     """The block-sparse kernels' configuration for a 128-block layout, on the dense kernel (same tiles)."""
-    from .configs import tile_rules
+    from .configs import tile_rules, tma_ok
 
     select_config = tile_rules()[0]
-    from .configs import tma_ok
-
     cfg = select_config(kernel, q.dtype, q.shape[-1], 128, 128, _arch(q.device))
     if cfg.tma and not tma_ok(*streamed):
         cfg = dataclasses.replace(cfg, tma=False, even_d=True)
