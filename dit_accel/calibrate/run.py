@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from ..methods import Dense
+from ..models.tiny_shapes import SHAPES_MODELS
 from ..sparse_plan import SparsePlan, prompts_hash
 from .budget import (_GROUNDTRUTH_CHECKS, _describe, groundtruth_close, groundtruth_kept, groundtruth_scores,
                      passes_budget, search_budget)
@@ -42,7 +43,7 @@ SENSITIVITY = ("probe", "uniform")
 #: Fewer calibration videos than this get a note: the search overfits them (BENCHMARKS.md section 11).
 MIN_VIDEOS = 8
 #: Models whose videos have a ground-truth checker (:mod:`dit_accel.eval.groundtruth`).
-GROUNDTRUTH_MODELS = ("tiny-shapes",)
+GROUNDTRUTH_MODELS = tuple(SHAPES_MODELS)
 #: ``--cost-terms``: the cost model's terms (:class:`~.costs.CostModel`), or ``auto`` (see :func:`search_space`).
 COST_TERMS = ("auto",) + CostModel.TERMS
 
@@ -459,10 +460,7 @@ def _fill_model_defaults(settings: CalibrationSettings) -> None:
     """The model's suggested size and steps for every setting the user left unset (tiny models only)."""
     from ..models.tiny import TINY_DEFAULTS
 
-    if settings.model == "tiny-shapes":
-        from ..models.tiny_shapes import TINY_SHAPES_DEFAULTS as suggested
-    else:
-        suggested = TINY_DEFAULTS.get(settings.model, {})
+    suggested = TINY_DEFAULTS.get(settings.model, {})  # the shapes models' defaults included
     for key, name in (("num_frames", "frames"), ("height", "height"), ("width", "width"),
                       ("num_inference_steps", "steps"), ("guidance_scale", "guidance_scale"),
                       ("max_sequence_length", "max_sequence_length")):

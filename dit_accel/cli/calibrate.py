@@ -197,9 +197,11 @@ def _check_files(args) -> list:
         if cd.exists() and not cd.is_dir():
             raise _UsageError(f"--capture {cd} is a file; pass a folder")
         _writable_folder(cd, "--capture")
-    if args.groundtruth == "require" and args.model != "tiny-shapes":
-        raise _UsageError(f"--groundtruth require: {args.model!r} has no ground-truth checker (only tiny-shapes "
-                          "has); use --groundtruth report")
+    from ..calibrate.run import GROUNDTRUTH_MODELS
+
+    if args.groundtruth == "require" and args.model not in GROUNDTRUTH_MODELS:
+        raise _UsageError(f"--groundtruth require: {args.model!r} has no ground-truth checker (only "
+                          f"{', '.join(GROUNDTRUTH_MODELS)} have); use --groundtruth report")
     return prompts
 
 
@@ -312,7 +314,7 @@ def _run(args) -> int:
     if is_embedded_model(args.model):
         from .generate import _one_thread_for_tiny
 
-        _one_thread_for_tiny(device)
+        _one_thread_for_tiny(device, args.model)
     settings = CalibrationSettings(
         model=args.model, prompts=prompts, seeds=checked["seeds"], validate=args.validate,
         extend_seeds=args.seeds is None, min_psnr=args.min_psnr,

@@ -177,10 +177,10 @@ def _check_counts(args) -> None:
 
 def _prompts(args) -> list:
     """--prompts (a file, one a line), else --prompt, else the model's default prompts."""
-    from ..models.tiny_shapes import balanced_prompts
+    from ..models.tiny_shapes import balanced_prompts, shapes_model
 
     if not args.prompts:
-        return args.prompt or (balanced_prompts(8) if args.model == "tiny-shapes" else
+        return args.prompt or (balanced_prompts(8) if shapes_model(args.model) is not None else
                                ["a red panda walking through a bamboo forest, cinematic lighting"])
     from ..atomic_files import BadFileError, read_text
 
@@ -263,7 +263,7 @@ def _evaluate(args) -> int:
     if tiny:
         from .generate import _one_thread_for_tiny
 
-        _one_thread_for_tiny(device)
+        _one_thread_for_tiny(device, args.model)
     suggested = TINY_DEFAULTS.get(args.model, {}) if tiny else {}
 
     def pick(value, key):

@@ -40,7 +40,7 @@ from .generate_report import (_comparison, _provenance, _quality, _record, _remo
                               _side_by_side, _side_by_side_path, _strip_height, _summary_lines)  # noqa: F401
 from .parallel import add_cp_option
 from ..methods import METHOD_ALIASES
-from ..models.tiny_shapes import TINY_SHAPES_METHOD, TINY_SHAPES_PROMPT
+from ..models.tiny_shapes import TINY_SHAPES_METHOD, TINY_SHAPES_PROMPT, shapes_model
 
 __all__ = ["register", "run", "generate"]
 
@@ -155,15 +155,17 @@ def _pick_dtype(name: str, device: str, tiny: bool):
     return getattr(torch, name), name
 
 
-def _one_thread_for_tiny(device: str) -> None:
-    """One torch thread for an embedded model on the CPU unless OMP_NUM_THREADS says otherwise: its operations
-    (hundreds of tokens, width 128) are too small to split, and on a busy CPU the threads' synchronisation
-    costs more than the work (measured on a loaded 2-core machine: a tiny-shapes call took 2 s on one thread,
-    13-53 s on two)."""
+def _one_thread_for_tiny(device: str, model: str) -> None:
+    """One torch thread for an embedded model on the CPU unless OMP_NUM_THREADS says otherwise or the model asks
+    for more (:attr:`~dit_accel.models.tiny_shapes.ShapesModel.threads`): its operations (hundreds of tokens, width
+    128) are too small to split, and on a busy CPU the threads' synchronisation costs more than the work (measured
+    on a loaded 2-core machine: a tiny-shapes call took 2 s on one thread, 13-53 s on two)."""
     import torch
 
-    if torch.device(device).type == "cpu" and not os.environ.get("OMP_NUM_THREADS"):
-        torch.set_num_threads(1)
+    shapes = shapes_model(model)
+    threads = shapes.threads if shapes is not None else 1
+    if torch.device(device).type == "cpu" and not os.environ.get("OMP_NUM_THREADS") and threads is not None:
+        torch.set_num_threads(threads)
 
 
 def _accepts(pipe) -> set:
@@ -253,27 +255,44 @@ def _method_for_weights(args, saved, parser):
 
 
 def _default_plan(args) -> None:
-    """tiny-shapes with nothing that picks a method (no --method, --plan, --plan-any-grid, --weights, method or
-    schedule flags): its shipped calibrated plan (:data:`~dit_accel.models.tiny_shapes.TINY_SHAPES_PLAN`) becomes
-    ``args.plan`` when the call is the one it was calibrated for (steps and size); another call runs the uniform
-    default (:data:`~dit_accel.models.tiny_shapes.TINY_SHAPES_METHOD`) and says why in ``args._default_note``."""
-    from ..models.tiny_shapes import TINY_SHAPES_DEFAULTS, TINY_SHAPES_PLAN
+    """A shipped shapes model with nothing that picks a method (no --method, --plan, --plan-any-grid, --weights,
+    method or schedule flags): its calibrated plan (:attr:`~dit_accel.models.tiny_shapes.ShapesModel.plan`) becomes
+    ``args.plan`` (or, for a plan shipped with the adapters it was fine-tuned with, those become ``args.weights``)
+    when the call is the one it was calibrated for (steps and size); another call runs the model's uniform default
+    (:attr:`~dit_accel.models.tiny_shapes.ShapesModel.uniform`) and says why in ``args._default_note``."""
+    from ..models.tiny_shapes import shapes_model
     from .options import _SCHEDULE_FLAGS, _dest, method_options_given
 
     args._default_plan, args._default_note = False, None
-    if (args.model != "tiny-shapes" or args.no_model_defaults or getattr(args, "method", None) or args.plan
-            or getattr(args, "plan_any_grid", False) or getattr(args, "weights", None) or method_options_given(args)
+    shapes = shapes_model(args.model)
+    if (shapes is None or shapes.plan is None or args.no_model_defaults or getattr(args, "method", None)
+            or args.plan or getattr(args, "plan_any_grid", False) or getattr(args, "weights", None)
+            or method_options_given(args)
             or any(getattr(args, _dest(flag), None) is not None for flag in _SCHEDULE_FLAGS)):
         return
     call = {"num_inference_steps": args.steps, "num_frames": args.frames, "height": args.height, "width": args.width}
-    differs = [f"{key} {value}" for key, value in call.items() if value is not None and value != TINY_SHAPES_DEFAULTS[key]]
+    defaults = shapes.defaults
+    differs = [f"{key} {value}" for key, value in call.items() if value is not None and value != defaults[key]]
     if differs:
-        args._default_note = (f"tiny-shapes' calibrated plan is for its default call ({TINY_SHAPES_DEFAULTS['num_frames']}"
-                              f"x{TINY_SHAPES_DEFAULTS['height']}x{TINY_SHAPES_DEFAULTS['width']}, "
-                              f"{TINY_SHAPES_DEFAULTS['num_inference_steps']} steps) and this call sets "
-                              f"{', '.join(differs)}: the uniform default {TINY_SHAPES_METHOD.upper()} runs instead")
+        args._default_note = (f"{shapes.owner()} calibrated plan is for its default call ({defaults['num_frames']}"
+                              f"x{defaults['height']}x{defaults['width']}, {defaults['num_inference_steps']} steps) "
+                              f"and this call sets {', '.join(differs)}: the uniform default "
+                              f"{shapes.uniform.upper()} runs instead")
         return
-    args.plan, args._default_plan = str(TINY_SHAPES_PLAN), True
+    if shapes.adapters is not None:
+        args.weights = str(shapes.adapters)
+    else:
+        args.plan = str(shapes.plan)
+    args._default_plan = True
+
+
+def _default_plan_source(args) -> str:
+    """What a default plan is, for the summary and the sidecar."""
+    from ..models.tiny_shapes import shapes_model
+
+    shapes = shapes_model(args.model)
+    tuned = " with the LoRA adapters fine-tuned under it" if shapes.adapters is not None else ""
+    return f"{shapes.owner()} default: the calibrated plan shipped with dit_accel{tuned}"
 
 
 def _early_plan(args):
@@ -299,8 +318,9 @@ def _early_method(args, parser, tiny: bool):
     from ..models.tiny import TINY_METHOD_DEFAULTS
 
     saved = _saved_method(args)
-    if args.model == "tiny-shapes" and not args.no_model_defaults:
-        default, choice = TINY_SHAPES_METHOD, "tiny-shapes' default"
+    shapes = shapes_model(args.model)
+    if shapes is not None and not args.no_model_defaults:
+        default, choice = shapes.uniform, f"{shapes.owner()} default"
     elif tiny or args.no_model_defaults:
         default, choice = "dense", "the default for this model"
     else:  # the family's recommended method, chosen once the model is loaded
@@ -308,7 +328,7 @@ def _early_method(args, parser, tiny: bool):
     if getattr(args, "method", None):
         choice = "--method"
     elif saved is not None:
-        choice = f"--weights {args.weights}"
+        choice = _default_plan_source(args) if getattr(args, "_default_plan", False) else f"--weights {args.weights}"
     saved_name = "plan" if saved is not None and not hasattr(saved, "name") else getattr(saved, "name", None)
     args.method = getattr(args, "method", None) or (saved_name if saved is not None else default)
     args.method_choice = choice
@@ -357,7 +377,7 @@ def _method_and_schedule(args, pipe, saved, parser):
     elif not hasattr(saved, "name"):  # a SparsePlan (finetune --plan): its phases hold the dense steps and layers
         schedule = schedule_from_args(args)
         return saved.as_method(), {k: schedule[k] for k in ("backend", "weights") if k in schedule}, \
-            f"--weights {args.weights}"
+            _default_plan_source(args) if getattr(args, "_default_plan", False) else f"--weights {args.weights}"
     else:
         method, source = saved, f"--weights {args.weights}"
         trained_dense = _saved_dense_layers(args.weights)
@@ -380,7 +400,7 @@ def _pipeline_call(args, pipe, tiny: bool) -> dict:
               "width": args.width, "num_inference_steps": args.steps, "guidance_scale": args.guidance,
               "max_sequence_length": args.max_sequence_length}
     call = {"prompt": args.prompt if args.prompt is not None else
-            TINY_SHAPES_PROMPT if args.model == "tiny-shapes" else DEFAULT_PROMPT}
+            shapes_model(args.model).prompt if shapes_model(args.model) is not None else DEFAULT_PROMPT}
     for key, value in wanted.items():
         value = value if value is not None else suggested.get(key)
         if value is not None and key in accepts:
@@ -445,7 +465,7 @@ def _wants_dense_run(args, method) -> bool:
     """``--compare-dense`` given, or unset and the model is tiny-shapes (seconds); ``--side-by-side`` needs it."""
     if method.name == "dense":
         return False
-    wanted = args.compare_dense if args.compare_dense is not None else args.model == "tiny-shapes"
+    wanted = args.compare_dense if args.compare_dense is not None else shapes_model(args.model) is not None
     return bool(wanted or args.side_by_side)
 
 
@@ -498,7 +518,7 @@ def _prepare(args, tiny: bool):
     args.device = _pick_device(args.device)
     dtype, args.dtype = _pick_dtype(args.dtype, args.device, tiny)
     if tiny:
-        _one_thread_for_tiny(args.device)
+        _one_thread_for_tiny(args.device, args.model)
     _default_plan(args)
     plan = _early_plan(args)
     saved = _early_method(args, parser, tiny)
@@ -534,7 +554,7 @@ def _plan_in_place_of_method(args, plan, schedule: dict):
     source, args.method = f"--plan {args.plan}", "plan"
     args.method_choice = f"--plan {args.plan}"
     if getattr(args, "_default_plan", False):
-        source = args.method_choice = "tiny-shapes' default: the calibrated plan shipped with dit_accel"
+        source = args.method_choice = _default_plan_source(args)
     return method, schedule, source
 
 

@@ -96,8 +96,10 @@ def _comparison(times: dict, dense, frames, side_by_side):
 
 
 def _quality(model: str, prompt: str, frames, dense):
-    """Ground-truth quality (``dit_accel.eval.groundtruth``) of the method's and the dense frames (tiny-shapes)."""
-    if model != "tiny-shapes":
+    """Ground-truth quality (``dit_accel.eval.groundtruth``) of the method's and the dense frames (shapes models)."""
+    from ..models.tiny_shapes import shapes_model
+
+    if shapes_model(model) is None:
         return None
     from ..eval.groundtruth import parse_prompt, score_video
 

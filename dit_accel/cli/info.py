@@ -155,15 +155,17 @@ def model_settings(model: str) -> dict:
         elif name in preset.defaults:
             source = "dit_accel preset default (no published setting for this model)"
             methods[name] = [_setting(*recommended(class_name, name, family), grid, where, source)]
-    if model == "tiny-shapes":  # what generate and eval run on it: options sized to its grid, first
-        from ..methods import method_from_name
-        from ..models.tiny_shapes import TINY_SHAPES_GRID, TINY_SHAPES_METHODS
+    from ..models.tiny_shapes import shapes_model
 
-        for name, options in reversed(list(TINY_SHAPES_METHODS.items())):
-            entry = _setting(method_from_name(name, **options), {}, TINY_SHAPES_GRID, "7 frames at 48x48, its size",
-                             "dit_accel default for tiny-shapes (generate and eval use it)")
+    shapes = shapes_model(model)
+    if shapes is not None:  # what generate and eval run on it: options sized to its grid, first
+        from ..methods import method_from_name
+
+        for name, options in reversed(list(shapes.methods.items())):
+            entry = _setting(method_from_name(name, **options), {}, shapes.grid, f"{shapes.size()}, its size",
+                             f"dit_accel default for {model} (generate and eval use it)")
             methods[name] = [entry] + methods.get(name, [])
-        methods = {name: methods[name] for name in [*TINY_SHAPES_METHODS, *methods] if name in methods}
+        methods = {name: methods[name] for name in [*shapes.methods, *methods] if name in methods}
     return {"model": model, "transformer": class_name, "family": family, "methods": methods}
 
 
@@ -279,7 +281,7 @@ def run(args) -> int:
                    info["backends"])
     _print_section("supported transformer classes", info["supported_models"])
     _print_section("methods", info["methods"])
-    _print_section("embedded models (tiny-shapes: tiny model trained on synthetic clips; the other tiny-* models: "
+    _print_section("embedded models (tiny-shapes*: tiny models trained on synthetic clips; the other tiny-* models: "
                    "RANDOM WEIGHTS, for smoke runs only)", info["tiny_models"])
     _print_section("kernel autotuning (CUDA, backend auto: Triton vs FlexAttention, timed once per shape class; "
                    "`dit-accel info --clear` forgets)", info["autotune"])

@@ -34,6 +34,7 @@ import torch
 from .._util import load_average, to_jsonable, versions
 from ..methods import METHOD_ALIASES, Dense, Method, canonical_method_name, method_from_name, registered_methods
 from ..models.tiny import is_tiny_model, model_label
+from ..models.tiny_shapes import shapes_model
 from .metrics import mean_or_none, paired_metrics, to_frames
 from .timing import StageTimer, median_times
 
@@ -629,7 +630,7 @@ def run_eval(settings: EvalSettings, specs: Sequence[MethodSpec], out_dir, *, ca
     }
     if is_tiny_model(settings.model):
         results["note"] = "tiny model with RANDOM weights: numbers check the pipeline, not quality"
-    elif settings.model == "tiny-shapes":
+    elif shapes_model(settings.model) is not None:
         results["note"] = (f"{model_label(settings.model)}: the ground-truth columns judge each video against its "
                            "prompt; PSNR/SSIM only measure the distance to dense")
     results = to_jsonable(results)
@@ -647,7 +648,7 @@ def _score_groundtruth(rows: List[dict], samples, model: str, log) -> Optional[d
         for prompt, _ in samples:
             parse_prompt(prompt)
     except ValueError as err:
-        if model == "tiny-shapes":
+        if shapes_model(model) is not None:
             log(f"ground-truth metric skipped: {err}")
         return None
     prompts = [p for p, _ in samples]

@@ -34,16 +34,16 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
-__all__ = ["TINY_SHAPES_DIR", "TINY_SHAPES_DEFAULTS", "TINY_SHAPES_LABEL", "TINY_SHAPES_METHOD", "TINY_SHAPES_METHODS",
+__all__ = ["ShapesModel", "SHAPES_MODELS", "shapes_model", "TINY_SHAPES_DIR", "TINY_SHAPES_DEFAULTS", "TINY_SHAPES_LABEL", "TINY_SHAPES_METHOD", "TINY_SHAPES_METHODS",
            "TINY_SHAPES_PLAN", "TINY_SHAPES_PLAN_PROMPTS", "TINY_SHAPES_PLAN_COMMAND",
            "TINY_SHAPES_PROMPT", "TINY_SHAPES_GRID", "TRAINED_MODELS", "balanced_prompts", "load_tiny_shapes", "evaluate"]
 
 TINY_SHAPES_DIR = Path(__file__).resolve().parent / "weights" / "tiny-shapes"
 TINY_SHAPES_LABEL = "tiny model trained on synthetic clips (coloured shapes)"
-# Embedded trained models: name -> Diffusers folder inside the package (loaded like any local folder).
-TRAINED_MODELS = {"tiny-shapes": TINY_SHAPES_DIR}
 TINY_SHAPES_PROMPT = "a red circle moving right"  # `dit-accel generate`'s prompt for this model
 # Call settings of the shipped model: the training size, and the steps and guidance that evaluate() scored
 # best on seeds 0-1 and confirmed on seeds 2-3 (guidance 2 vs 4 there: shape 0.86 vs 0.73).
@@ -77,6 +77,69 @@ TINY_SHAPES_METHODS = {
     "radial": {"block_size": 64, "decay": 1.0, "sink_frames": (0,)},
     "sla": {"topk": 0.3},  # 3 of 9 key blocks per query block for exact softmax, the rest linear
 }
+
+
+
+@dataclass(frozen=True)
+class ShapesModel:
+    """A model trained by the project on the shapes clips (:mod:`dit_accel.models.clips`) and shipped in the
+    package: what ``generate``, ``eval``, ``calibrate`` and ``info`` need to run it at its size.
+
+    Attributes:
+        name: its ``--model`` name.
+        folder: the Diffusers folder inside the package.
+        summary: one line for ``dit-accel info``.
+        defaults: the call settings it was trained and scored at.
+        grid: the token grid at ``defaults``.
+        methods: method options sized to ``grid`` (``generate --method NAME`` and ``eval`` use them).
+        uniform: the method ``generate`` runs when the shipped plan does not fit the call.
+        plan: the calibrated plan ``generate`` runs by default (``dit-accel calibrate``, validated).
+        plan_command: the command that remade ``plan``.
+        adapters: a ``finetune --plan`` output trained under ``plan`` (LoRA beside the plan), loaded with it; None
+            when the plan runs on the stock weights.
+        threads: torch threads ``generate`` uses on a CPU (unless ``OMP_NUM_THREADS`` is set); None: PyTorch's
+            default (every core). At hundreds of tokens one thread is fastest: the operations are too small to split.
+    """
+
+    name: str
+    folder: Path
+    summary: str
+    defaults: dict
+    grid: tuple
+    methods: dict
+    uniform: str
+    plan: Optional[Path]
+    plan_command: str = ""
+    adapters: Optional[Path] = None
+    threads: Optional[int] = 1
+    label: str = TINY_SHAPES_LABEL
+    prompt: str = TINY_SHAPES_PROMPT
+
+    def owner(self) -> str:
+        """``"tiny-shapes'"``, ``"tiny-shapes-long's"``: the name as an owner, for messages."""
+        return self.name + ("'" if self.name.endswith("s") else "'s")
+
+    def size(self) -> str:
+        """``"7 frames at 48x48"``."""
+        d = self.defaults
+        return f"{d['num_frames']} frames at {d['height']}x{d['width']}"
+
+
+SHAPES_MODELS = {
+    "tiny-shapes": ShapesModel(
+        name="tiny-shapes", folder=TINY_SHAPES_DIR,
+        summary=f"WanPipeline with a 4-layer WanTransformer3DModel (~1 M parameters); {TINY_SHAPES_LABEL}: "
+                "'a {red|green|blue|yellow} {square|circle} moving {left|right|up|down}', 7 frames at 48x48, offline",
+        defaults=TINY_SHAPES_DEFAULTS, grid=TINY_SHAPES_GRID, methods=TINY_SHAPES_METHODS, uniform=TINY_SHAPES_METHOD,
+        plan=TINY_SHAPES_PLAN, plan_command=TINY_SHAPES_PLAN_COMMAND),
+}
+# Embedded trained models: name -> Diffusers folder inside the package (loaded like any local folder).
+TRAINED_MODELS = {name: m.folder for name, m in SHAPES_MODELS.items()}
+
+
+def shapes_model(name) -> Optional[ShapesModel]:
+    """The shipped shapes model called ``name`` (``"tiny-shapes"``, ...), or None for any other model."""
+    return SHAPES_MODELS.get(name) if isinstance(name, str) else None
 
 
 def balanced_prompts(n: int = 8) -> list:

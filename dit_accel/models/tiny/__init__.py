@@ -45,7 +45,7 @@ from typing import Dict, Tuple
 
 import torch
 
-from ..tiny_shapes import TINY_SHAPES_DEFAULTS, TINY_SHAPES_LABEL, TINY_SHAPES_METHODS
+from ..tiny_shapes import SHAPES_MODELS
 from ._common import TinyPipeline, TinyTransformer
 
 __all__ = [
@@ -114,15 +114,15 @@ TINY_DEFAULTS = {name: dict(p.defaults) for name, p in PIPELINES.items()}
 # (21, 30, 52) and 50 steps; on (5, 8, 8) they would be dense or invalid).
 TINY_METHOD_DEFAULTS = {name: {m: dict(o) for m, o in p.method_defaults.items()} for name, p in PIPELINES.items()}
 
-# The trained tiny-shapes model (a Diffusers folder in the package, see tiny_shapes.py) shares the
+# The trained shapes models (Diffusers folders in the package, see tiny_shapes.py) share the
 # tables above: call settings and grid-sized method options by name.
-TINY_DEFAULTS["tiny-shapes"] = dict(TINY_SHAPES_DEFAULTS)
-TINY_METHOD_DEFAULTS["tiny-shapes"] = {name: dict(options) for name, options in TINY_SHAPES_METHODS.items()}
+for _name, _model in SHAPES_MODELS.items():
+    TINY_DEFAULTS[_name] = dict(_model.defaults)
+    TINY_METHOD_DEFAULTS[_name] = {name: dict(options) for name, options in _model.methods.items()}
 
 # Every model that ships with the package, by --model name: trained first (the default of generate).
 EMBEDDED_MODELS = {
-    "tiny-shapes": f"WanPipeline with a 4-layer WanTransformer3DModel (~1 M parameters); {TINY_SHAPES_LABEL}: "
-    "'a {red|green|blue|yellow} {square|circle} moving {left|right|up|down}', 7 frames at 48x48, offline",
+    **{name: m.summary for name, m in SHAPES_MODELS.items()},
     **TINY_MODELS,
 }
 
@@ -133,7 +133,7 @@ def is_tiny_model(name) -> bool:
 
 
 def is_embedded_model(name) -> bool:
-    """A model shipped with the package (random-weight tiny models and the trained ``tiny-shapes``): it has
+    """A model shipped with the package (random-weight tiny models and the trained shapes models): it has
     grid-sized call settings and method options in :data:`TINY_DEFAULTS` / :data:`TINY_METHOD_DEFAULTS`."""
     return isinstance(name, str) and name in EMBEDDED_MODELS
 
@@ -142,7 +142,8 @@ def model_label(name) -> str | None:
     """What an embedded model's output is, for the user: the random-weight warning or the trained label."""
     if is_tiny_model(name):
         return RANDOM_WEIGHTS_LABEL
-    return TINY_SHAPES_LABEL if name == "tiny-shapes" else None
+    model = SHAPES_MODELS.get(name) if isinstance(name, str) else None
+    return model.label if model is not None else None
 
 
 def build_tiny_pipeline(name: str, *, seed: int = 0, device="cpu", dtype: torch.dtype = torch.float32):
