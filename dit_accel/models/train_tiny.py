@@ -240,21 +240,37 @@ def _learning_rate(step: int, steps: int, peak: float, warmup: int) -> float:
     return peak * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def _flow_matching_loss(pipe, latents, prompts, length, g: torch.Generator) -> torch.Tensor:
+def _flow_matching_inputs(pipe, latents, prompts, length, g: torch.Generator):
+    """The transformer's keyword arguments for one noisy batch, and its target (the velocity)."""
     u = torch.sigmoid(torch.randn(latents.shape[0], generator=g))  # logit-normal
     sigma = SCHEDULER_SHIFT * u / (1 + (SCHEDULER_SHIFT - 1) * u)  # shifted like the sampler's noise levels
     noise = torch.randn(latents.shape, generator=g)
     s = sigma.view(-1, 1, 1, 1, 1)
     text = _encode_text(pipe, prompts, length)
-    pred = pipe.transformer(hidden_states=(1 - s) * latents + s * noise, timestep=sigma * 1000,
-                            encoder_hidden_states=text, return_dict=False)[0]
-    return F.mse_loss(pred, noise - latents)  # velocity: what FlowMatchEulerDiscreteScheduler integrates
+    inputs = {"hidden_states": (1 - s) * latents + s * noise, "timestep": sigma * 1000,
+              "encoder_hidden_states": text, "return_dict": False}
+    return inputs, noise - latents  # velocity: what FlowMatchEulerDiscreteScheduler integrates
+
+
+def _flow_matching_loss(pipe, latents, prompts, length, g: torch.Generator, local=None) -> torch.Tensor:
+    """Flow-matching MSE of one batch; with ``local`` (``(handle, weight)``: a sparse method applied to the
+    transformer) the dense and the sparse prediction of the same noisy batch both learn the velocity, and the
+    sparse one learns the dense one's prediction too (``weight``), so dense attention learns not to need what the
+    sparse pattern leaves out."""
+    inputs, target = _flow_matching_inputs(pipe, latents, prompts, length, g)
+    if local is None:
+        return F.mse_loss(pipe.transformer(**inputs)[0], target)
+    handle, weight = local
+    with handle.bypassed():
+        dense = pipe.transformer(**inputs)[0]
+    sparse = pipe.transformer(**inputs)[0]
+    return F.mse_loss(dense, target) + F.mse_loss(sparse, target) + weight * F.mse_loss(sparse, dense.detach())
 
 
 def train(out_dir=TINY_SHAPES_DIR, *, steps: int = 3600, batch_size: int = 16, lr: float = 1.5e-3, warmup: int = 100,
           short_fraction: float = 0.65, ema_decay: float = 0.998, seed: int = 0, log_every: int = 25,
           eval_seeds=(0, 1), save_every: int = 0, frames: int = None, init=None,
-          time_limit: float = None) -> dict:
+          time_limit: float = None, local=None, local_weight: float = 1.0) -> dict:
     """Train and save the ``tiny-shapes`` pipeline to ``out_dir``; returns the training log.
 
     The first ``short_fraction`` of the steps train on the first 3 frames of each
@@ -273,6 +289,11 @@ def train(out_dir=TINY_SHAPES_DIR, *, steps: int = 3600, batch_size: int = 16, l
     ``time_limit`` (seconds) stops the loop early, then saves and evaluates as at the end
     (``train_log.json`` records ``steps_done``). Without them the run is the one that made the shipped weights.
 
+    Locality: ``local`` (a :class:`dit_accel.Method`, e.g. a per-head ``Tile``) trains every step twice on the same
+    noisy batch, dense and under the method, and pulls the sparse prediction to the dense one (``local_weight``):
+    the saved model is a stock dense model whose attention does not need what the method leaves out, the property
+    real video DiTs have and sparse plans rely on (``train_log.json`` records the method).
+
     Example::
 
         train("/tmp/tiny-shapes", steps=200)   # a quick smoke run
@@ -286,7 +307,8 @@ def train(out_dir=TINY_SHAPES_DIR, *, steps: int = 3600, batch_size: int = 16, l
     frames = frames or TINY_SHAPES_DEFAULTS["num_frames"]
     if frames < 3 or frames % 2 != 1:
         raise ValueError(f"frames must be odd and at least 3 (the pixel codec pairs frames), got {frames}")
-    settings.update(frames=frames, init=str(init) if init else None, time_limit=time_limit)
+    settings.update(frames=frames, init=str(init) if init else None, time_limit=time_limit,
+                    local=None if local is None else local.to_dict(), local_weight=local_weight)
     height, width = (TINY_SHAPES_DEFAULTS[k] for k in ("height", "width"))
     if init:
         pipe = _load_pipeline(init)
@@ -301,6 +323,11 @@ def train(out_dir=TINY_SHAPES_DIR, *, steps: int = 3600, batch_size: int = 16, l
     pipe.transformer.train()
     pipe.text_encoder.train()
     g = torch.Generator().manual_seed(seed)
+    handle = None
+    if local is not None:
+        import dit_accel
+
+        handle = dit_accel.apply(pipe.transformer, local)
     curve, window, load_start, start, steps_done = [], [], os.getloadavg(), time.perf_counter(), 0
     print(f"training tiny-shapes: {steps} steps of {batch_size} clips on {torch.get_num_threads()} threads -> "
           f"{out_dir}; mean loss every {log_every} steps below (JSON lines)", file=sys.stderr, flush=True)
@@ -311,7 +338,8 @@ def train(out_dir=TINY_SHAPES_DIR, *, steps: int = 3600, batch_size: int = 16, l
         if time_limit is not None and time.perf_counter() - start >= time_limit:
             break
         clip_frames = _SHORT_FRAMES if step < short_fraction * steps else frames
-        loss = _flow_matching_loss(pipe, *_sample_batch(g, batch_size, clip_frames, mean, std, frames), g)
+        loss = _flow_matching_loss(pipe, *_sample_batch(g, batch_size, clip_frames, mean, std, frames), g,
+                                   None if handle is None else (handle, local_weight))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -327,8 +355,14 @@ def train(out_dir=TINY_SHAPES_DIR, *, steps: int = 3600, batch_size: int = 16, l
             window = []
             tqdm.write(json.dumps(curve[-1]), file=sys.stdout)
         if save_every and (step + 1) % save_every == 0 and step + 1 < steps:
+            if handle is not None:  # the saved folder is the stock model: nothing of the method in it
+                handle.remove()
             _save_ema(pipe, params, ema, Path(out_dir))
+            if handle is not None:
+                handle = dit_accel.apply(pipe.transformer, local)
     train_seconds = time.perf_counter() - start
+    if handle is not None:
+        handle.remove()
     with torch.no_grad():
         for p, e in zip(params, ema):
             p.copy_(e)
@@ -410,14 +444,27 @@ def main(argv=None) -> None:
                         help="start from this saved pipeline (e.g. the shipped tiny-shapes folder): a fine-tune")
     parser.add_argument("--time-limit", type=float, default=None, metavar="SECONDS",
                         help="stop the loop after this wall time, then save and evaluate")
+    parser.add_argument("--local", default=None, metavar="JSON",
+                        help="train dense and under this method on every batch, the sparse prediction pulled to the "
+                             "dense one, e.g. '{\"method\": \"tile\", \"tile\": [4, 4, 4], \"window\": [3, 1, 3]}'")
+    parser.add_argument("--local-weight", type=float, default=1.0,
+                        help="weight of the sparse-to-dense term of --local (default 1)")
     args = parser.parse_args(argv)
+    local = None
+    if args.local:
+        from ..weights import method_from_dict
+
+        try:
+            local = method_from_dict(json.loads(args.local))
+        except (ValueError, TypeError) as err:
+            parser.error(f"--local: {err}")
     if args.init and Path(args.init).resolve() == Path(args.out).resolve():
         parser.error("--init and --out are the same folder: checkpoints would overwrite the starting weights")
     torch.set_num_threads(args.threads or os.cpu_count() or 1)
     log = train(args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup,
                 short_fraction=args.short_fraction, ema_decay=args.ema_decay, seed=args.seed,
                 eval_seeds=args.eval_seeds, save_every=args.save_every, frames=args.frames, init=args.init,
-                time_limit=args.time_limit)
+                time_limit=args.time_limit, local=local, local_weight=args.local_weight)
     print(json.dumps({k: log[k] for k in ("steps_done", "train_seconds", "parameters")} | {"eval": log.get("eval")}, indent=1))
 
 

@@ -66,3 +66,58 @@ def test_defaults_are_the_shipped_run():
         torch.set_num_threads(threads)
     assert captured["frames"] == 7 and captured["init"] is None and captured["time_limit"] is None
     assert captured["steps"] == 3600 and captured["batch_size"] == 16 and captured["short_fraction"] == 0.65
+
+
+LOCAL = {"method": "tile", "tile": [2, 4, 4], "window": [1, 1, 1]}
+
+
+def test_local_loss_is_dense_plus_sparse_plus_the_pull_to_dense():
+    """--local's loss on one batch, against the same three terms computed from two separate models: the stock
+    transformer (dense) and a copy with the method applied (sparse)."""
+    import copy
+
+    import torch.nn.functional as F
+
+    import dit_accel
+    from dit_accel.weights import method_from_dict
+
+    pipe = train_tiny._load_pipeline(TINY_SHAPES_DIR)
+    method = method_from_dict(LOCAL)
+    sparse_model = copy.deepcopy(pipe.transformer)
+    mean, std = (torch.tensor(v).view(1, -1, 1, 1, 1) for v in (pipe.vae.config.latents_mean,
+                                                                 pipe.vae.config.latents_std))
+    batch = train_tiny._sample_batch(torch.Generator().manual_seed(3), 1, 5, mean, std, 5)
+    inputs, target = train_tiny._flow_matching_inputs(pipe, *batch, torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        dense = pipe.transformer(**inputs)[0]
+        with dit_accel.apply(sparse_model, method):
+            sparse = sparse_model(**inputs)[0]
+        handle = dit_accel.apply(pipe.transformer, method)
+        got = train_tiny._flow_matching_loss(pipe, *batch, torch.Generator().manual_seed(4), (handle, 0.5))
+        handle.remove()
+    assert (sparse - dense).abs().max() > 1e-4  # the pattern changes the prediction: the pull term is not zero
+    expected = F.mse_loss(dense, target) + F.mse_loss(sparse, target) + 0.5 * F.mse_loss(sparse, dense)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-7)
+
+
+def test_local_training_saves_a_stock_model_and_records_the_method(tmp_path):
+    from dit_accel.weights import method_from_dict
+
+    log = train_tiny.train(tmp_path / "local", steps=2, batch_size=1, lr=1e-3, warmup=1, short_fraction=0.0,
+                           ema_decay=0.5, eval_seeds=(), frames=5, init=TINY_SHAPES_DIR, save_every=1,
+                           local=method_from_dict(LOCAL), local_weight=2.0)
+    plain = train_tiny.train(tmp_path / "plain", steps=2, batch_size=1, lr=1e-3, warmup=1, short_fraction=0.0,
+                             ema_decay=0.5, eval_seeds=(), frames=5, init=TINY_SHAPES_DIR)
+    assert log["settings"]["local"] == method_from_dict(LOCAL).to_dict() and log["settings"]["local_weight"] == 2.0
+    saved = sorted(p.name for p in (tmp_path / "local").iterdir())
+    assert saved == sorted(p.name for p in (tmp_path / "plain").iterdir())  # nothing of dit_accel in the folder
+    local, dense = load_file(tmp_path / "local" / WEIGHTS), load_file(tmp_path / "plain" / WEIGHTS)
+    assert local.keys() == dense.keys()
+    assert any(not torch.equal(local[k], dense[k]) for k in local)  # the sparse terms moved the weights
+    assert plain["settings"]["local"] is None
+
+
+def test_local_flag_rejects_a_bad_method(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        train_tiny.main(["--out", str(tmp_path), "--local", '{"method": "tile", "window": [0, 1, 1]}'])
+    assert "--local" in capsys.readouterr().err
