@@ -55,12 +55,12 @@ class CostModel:
     # ---------------------------------------------------------------- per launch
     def launch(self, kind: str) -> float:
         """The per-call term of one launch of ``kind`` (``"dense"``, ``"block_sparse"``, ``"sla"``, ``"vsa"``: a
-        block-sparse launch, its small coarse launches not modelled)."""
+        block-sparse launch and its coarse branch's :data:`~dit_accel.kernels.cost.VSA_COARSE_LAUNCHES`)."""
         if not self.launch_overhead:
             return 0.0
         c = self.constants
         return {"dense": c.dense_per_call_s, "block_sparse": c.per_call_s, "sla": c.sla_per_call_s,
-                "vsa": c.per_call_s}[kind]
+                "vsa": c.per_call_s + kernel_cost.VSA_COARSE_LAUNCHES * c.dense_per_call_s}[kind]
 
     # ---------------------------------------------------------------- per head
     def dense_head(self) -> float:
@@ -89,7 +89,7 @@ class CostModel:
                     counts = dataclasses.replace(counts, ctas=0, heads=0)
                 value = kernel_cost.sla_time(counts, head_dim=self.head_dim, arch=self.arch) - \
                     kernel_cost.constants(self.arch).sla_per_call_s
-            elif candidate.kind == "vsa":  # k of C cube tiles per query cube (its C x C coarse work not modelled)
+            elif candidate.kind == "vsa":  # k of C cube tiles per query cube, and the coarse branch's C x C work
                 plan = candidate.method.plan(self.grid)
                 vol, c = plan.cubes.volume, plan.cubes.count
                 partial = float((~plan.cubes.real.all(-1)).float().mean())  # share of key cubes with padding
@@ -99,6 +99,8 @@ class CostModel:
                                                 q_len=plan.cubes.perm.num_padded, kv_len=plan.cubes.perm.num_padded,
                                                 heads=1)
                 value = self._block(counts)
+                if self.terms != "tiles":  # the critical tiles only: the coarse branch is glue
+                    value += kernel_cost.vsa_coarse_time(self.num_tokens, c, head_dim=self.head_dim, arch=self.arch)
             else:
                 lay = candidate.method.plan(self.grid).layout
                 value = self._block(kernel_cost.tile_counts(lay, heads=1))

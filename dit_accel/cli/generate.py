@@ -448,7 +448,9 @@ def _run_pipeline(pipe, call: dict, method, schedule: dict, device: str, cache=N
             times = timer.stop()
             calls = timer.calls("transformer")
         # Under --cp every rank counts its own share: gather the rows of all ranks (a collective).
-        return output, times, calls, handle.stats(all_ranks=True), handle.summary(all_ranks=True)
+        summary = handle.summary(all_ranks=True)
+        summary["token_grids"] = sorted({tuple(grid) for _, grid in handle.plans})  # video token grids planned
+        return output, times, calls, handle.stats(all_ranks=True), summary
     finally:
         handle.remove()
 

@@ -4,6 +4,7 @@ dense, the ground-truth quality, the sidecar record and the summary lines."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 from .._util import versions
@@ -207,6 +208,9 @@ def _summary_lines(record: dict) -> list:
     if record.get("method_choice") not in (None, "--method") and not record.get("plan_summary"):
         lines.append(f"method {method['method']}: {record['method_choice']}; settings: {record['defaults_source']}")
     density = record["density"]["mean"]
+    grids = record["summary"].get("token_grids") or []
+    if grids:
+        lines.append("token grid " + ", ".join(f"{tuple(g)} = {math.prod(g):,} video tokens" for g in grids))
     if record.get("default_note"):
         lines.append(f"note: {record['default_note']}")
     if record.get("plan_summary"):

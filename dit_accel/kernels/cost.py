@@ -297,6 +297,25 @@ def sla_time(layout, *, batch: int = 1, head_dim: int = 128, arch: str = "h100",
     return fwd + c.dense_backward_factor * (tiles + glue) if backward else fwd
 
 
+#: Launches of VSA's coarse branch besides its fine block-sparse call (cube pooling; coarse attention with the
+#: top-k), each priced as a dense launch (``dense_per_call_s``). Assumed, not measured.
+VSA_COARSE_LAUNCHES = 2
+
+
+def vsa_coarse_time(tokens: int, cubes: int, *, heads: int = 1, batch: int = 1, head_dim: int = 128,
+                    arch: str = "h100") -> float:
+    """Modelled seconds of VSA's coarse branch without its launches (add ``VSA_COARSE_LAUNCHES x
+    dense_per_call_s``): pooling every token into its cube and scoring every (query cube, key cube) pair with the
+    top-k, priced with SLA's fitted per-token and per-block-pair constants (the same passes: pooled scores and
+    top-k), and the coarse ``cubes x cubes`` softmax attention as dense tiles. A model, not a measurement: no VSA
+    kernel has been timed on a GPU."""
+    c = constants(arch)
+    scale = head_dim / _HEAD_DIM
+    glue = batch * heads * (tokens * c.sla_per_token_s * scale + cubes * cubes * c.sla_per_block_pair_s)
+    tiles = batch * heads * (cubes / _TILE) ** 2 * scale * c.dense_per_tile_s / c.slots
+    return glue + tiles
+
+
 def work_vs_dense(density: float, padded_tokens: int, tokens: int) -> float:
     """The work of a layout relative to dense attention on the real tokens: ``density x (Np / N)^2``
     (padded blocks cost time that dense attention on ``N`` tokens never spends)."""

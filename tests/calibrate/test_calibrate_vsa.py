@@ -2,6 +2,8 @@
 
 import json
 
+import math
+
 import pytest
 import torch
 
@@ -73,3 +75,33 @@ def test_calibrate_end_to_end_writes_a_vsa_plan_that_apply_runs(tmp_path, capsys
         pipe("a red circle moving right", num_inference_steps=2, output_type="np", num_frames=7, height=48, width=48)
         rows = handle.stats()
     assert all(r["sparse_calls"] > 0 and r["density"] == pytest.approx(3 / 9) for r in rows)  # vsa s0.7: 3 of 9
+
+
+def test_full_terms_price_the_coarse_branch_of_vsa():
+    """Under the full terms a VSA head pays its C x C coarse branch on top of its fine tiles, and a VSA launch two
+    dense launches more than a block-sparse one; the tiles-only terms leave the coarse branch out."""
+    from dit_accel.kernels import cost as kernel_cost
+
+    vsa = next(c for c in candidate_grid(GRID, size="default", methods=("vsa",)) if c.kind == "vsa")
+    full, tiles = CostModel(GRID, 32, terms="full"), CostModel(GRID, 32, terms="tiles")
+    c = kernel_cost.constants("h100")
+    assert full.launch("vsa") - full.launch("block_sparse") == pytest.approx(2 * c.dense_per_call_s)
+    cubes, tokens = vsa.method.plan(GRID).cubes.count, math.prod(GRID)
+    # the coarse branch by hand: SLA's glue constants per token and per cube pair, dense tiles for C x C at d=32
+    coarse = (tokens * c.sla_per_token_s * 32 / 128 + cubes ** 2 * c.sla_per_block_pair_s
+              + (cubes / 64) ** 2 * (32 / 128) * c.dense_per_tile_s / c.slots)
+    fine = CostModel(GRID, 32, terms="no-launch")
+    fine._heads.clear()
+    assert full.head(vsa) - coarse == pytest.approx(fine._block(_fine_counts(vsa.method.plan(GRID))), rel=1e-9)
+    assert tiles.head(vsa) < full.head(vsa) - coarse * 0.99
+
+
+def _fine_counts(plan):
+    from dit_accel.kernels import cost as kernel_cost
+
+    vol, c = plan.cubes.volume, plan.cubes.count
+    partial = float((~plan.cubes.real.all(-1)).float().mean())
+    visited = float(c * plan.count)
+    return kernel_cost.TileCounts(ctas=c, full_tiles=visited * (1 - partial), partial_tiles=visited * partial,
+                                  block_q=vol, block_k=vol, q_len=plan.cubes.perm.num_padded,
+                                  kv_len=plan.cubes.perm.num_padded, heads=1)
