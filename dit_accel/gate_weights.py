@@ -21,12 +21,17 @@ import torch
 
 from .atomic_files import BadFileError
 
-__all__ = ["GATE_KEY", "loaded_from", "transformer_folder", "checkpoint_files", "gate_keys", "read_gates"]
+__all__ = ["GATE_KEY", "GATES_FILE", "loaded_from", "transformer_folder", "checkpoint_files", "gate_keys",
+           "read_gates", "write_gates"]
 
 #: A gate tensor's key: ``blocks.<N>.to_gate_compress.<weight|bias>`` (optionally ``attn1.`` before the name, and a
 #: ``transformer.``/``model.`` prefix).
 GATE_KEY = re.compile(r"^(?:transformer\.|model\.)?blocks\.(\d+)\.(?:attn1\.)?to_gate_compress\.(weight|bias)$")
 _INDEX = "diffusion_pytorch_model.safetensors.index.json"
+#: The file dit_accel writes the gates to when a model with VSA applied is saved (``save_pretrained``): beside
+#: Diffusers' own weights, in the same key layout. Diffusers ignores it (as it drops the keys of a FastWan
+#: checkpoint); :func:`gate_keys` reads it, with or without a shard index.
+GATES_FILE = "vsa_gates.safetensors"
 
 
 def _has_checkpoint(folder: Path) -> bool:
@@ -82,7 +87,8 @@ def checkpoint_files(folder) -> List[Path]:
             shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
         except (ValueError, KeyError, TypeError):
             raise BadFileError(index, "is not a safetensors index", "{\"weight_map\": {key: shard file}}") from None
-        return [folder / s for s in shards]
+        extra = [folder / GATES_FILE] if (folder / GATES_FILE).is_file() and GATES_FILE not in shards else []
+        return [folder / s for s in shards] + extra
     return sorted(p for p in folder.glob("*.safetensors") if p.is_file())
 
 
@@ -107,6 +113,20 @@ def gate_keys(folder) -> Dict[str, Path]:
             if GATE_KEY.match(key):
                 out[key] = path
     return out
+
+
+def write_gates(folder, tensors: Dict[str, torch.Tensor]) -> Path:
+    """Write ``tensors`` (``blocks.N.to_gate_compress.weight`` / ``.bias``) to ``folder/GATES_FILE``, whole or not
+    at all (:func:`~dit_accel.atomic_files.atomic_write`). Returns the file."""
+    from safetensors.torch import save_file
+
+    from .atomic_files import atomic_write
+
+    bad = sorted(k for k in tensors if not GATE_KEY.match(k))
+    if bad:
+        raise ValueError(f"not VSA gate keys: {bad[:3]} (expected blocks.N.to_gate_compress.weight / .bias)")
+    data = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    return atomic_write(Path(folder) / GATES_FILE, lambda tmp: save_file(data, str(tmp), metadata={"format": "pt"}))
 
 
 def read_gates(folder) -> Dict[int, Dict[str, torch.Tensor]]:

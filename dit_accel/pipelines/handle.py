@@ -274,7 +274,13 @@ class AccelHandle:
             result = original(save_directory, *args, **kwargs)
         finally:
             transformer.__dict__.pop("state_dict", None)
-        if first and (ours or projections) and kwargs.get("is_main_process", args[0] if args else True):
+        main = kwargs.get("is_main_process", args[0] if args else True)
+        gates = self._gates.state_dict_of(transformer) if getattr(self, "_gates", None) is not None else {}
+        if gates and main:  # VSA's gates, which Diffusers does not save: beside the weights, in FastVideo's layout
+            from ..gate_weights import write_gates
+
+            write_gates(save_directory, gates)
+        if first and (ours or projections) and main:
             save_trained_weights(
                 save_directory, transformer=transformer, method=self.method,
                 lora_config=transformer.peft_config[ours] if ours else None, sla_projections=projections or None,

@@ -6,7 +6,9 @@ from ``weights=`` or the folder each transformer was loaded from, and puts a for
 attention module the checkpoint has a gate for: the hook makes ``gate = to_gate_compress(hidden_states)``
 (the module's input, computed only if the VSA plan asks) the layer's pending gate for the duration of the
 module's forward (:func:`dit_accel.vsa_plan.push_gate`). The projections are dit_accel's, not submodules
-of the model, like SLA's: ``state_dict()`` and ``save_pretrained`` see the model unchanged.
+of the model, like SLA's: ``state_dict()`` sees the model unchanged, and ``save_pretrained`` while the handle is
+active writes them beside the saved weights (:data:`~dit_accel.gate_weights.GATES_FILE`), so the saved folder runs
+the same gates when VSA is applied to it again.
 
 Where no layer runs VSA and the transformer's checkpoint holds gates, it warns that they are unused.
 """
@@ -162,6 +164,7 @@ class VSAGates:
     def __init__(self):
         self.layers: Dict[str, str] = {}
         self.projections: Dict[str, _Gate] = {}
+        self.modules: Dict[str, nn.Module] = {}
         self._handles: List = []
 
     def add(self, name: str, module: nn.Module, gate: _Gate, source: str) -> None:
@@ -176,11 +179,28 @@ class VSAGates:
         self._handles.append(module.register_forward_hook(post, with_kwargs=True, always_call=True))
         self.layers[name] = source
         self.projections[name] = gate
+        self.modules[name] = module
+
+    def state_dict_of(self, transformer: nn.Module) -> Dict[str, torch.Tensor]:
+        """The gates of ``transformer``'s layers in FastVideo's key layout (``blocks.N.to_gate_compress.*``, keys
+        relative to ``transformer``), what ``save_pretrained`` writes beside its weights (empty: none)."""
+        gated = {id(m): name for name, m in self.modules.items()}
+        out: Dict[str, torch.Tensor] = {}
+        for name, module in transformer.named_modules():
+            match = _BLOCK.search(name) if id(module) in gated else None
+            if match is None:
+                continue
+            gate = self.projections[gated[id(module)]]
+            out[f"blocks.{match.group(1)}.to_gate_compress.weight"] = gate.weight.detach().float()
+            if gate.bias is not None:
+                out[f"blocks.{match.group(1)}.to_gate_compress.bias"] = gate.bias.detach().float()
+        return out
 
     def remove(self) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles = []
+        self.modules = {}
 
     def __len__(self) -> int:
         return len(self.layers)

@@ -205,3 +205,31 @@ def test_a_hub_id_in_the_local_cache_is_found(tmp_path, monkeypatch):
         out = model(**kwargs)[0]
         assert len(handle.vsa_gates) == 2
     torch.testing.assert_close(out, ref, atol=2e-4, rtol=2e-4)
+
+
+def test_save_pretrained_under_vsa_keeps_the_gates(tmp_path):
+    """Diffusers drops the gates on load and would not save them; saved while VSA is applied, the folder gets them
+    back beside its weights (FastVideo's keys, dit_accel's GATES_FILE), and VSA applied to the saved copy runs the
+    same gates. Saved without VSA, nothing is added."""
+    from safetensors.torch import load_file
+
+    from dit_accel.gate_weights import GATES_FILE
+
+    gates = _gated_checkpoint(tmp_path / "ckpt")
+    model = _load(tmp_path / "ckpt")
+    kwargs = T.tiny_transformer_inputs("wan", model, grid=GRID)
+    method = dit_accel.VSA(topk=2)
+    with dit_accel.apply(model, method, backend="torch"), torch.no_grad():
+        out = model(**kwargs)[0]
+        model.save_pretrained(tmp_path / "saved")
+    written = load_file(str(tmp_path / "saved" / GATES_FILE))
+    assert sorted(written) == sorted(f"blocks.{i}.to_gate_compress.{p}" for i in gates for p in ("weight", "bias"))
+    for i, (w, b) in gates.items():
+        assert torch.equal(written[f"blocks.{i}.to_gate_compress.weight"], w)
+        assert torch.equal(written[f"blocks.{i}.to_gate_compress.bias"], b)
+    again = _load(tmp_path / "saved")
+    with dit_accel.apply(again, method, backend="torch") as handle, torch.no_grad():
+        assert len(handle.vsa_gates) == 2
+        torch.testing.assert_close(again(**kwargs)[0], out)
+    model.save_pretrained(tmp_path / "plain")  # no handle: Diffusers' folder alone
+    assert not (tmp_path / "plain" / GATES_FILE).exists()
