@@ -46,10 +46,13 @@ def _check_size(name: str, value) -> int:
     return value
 
 
-def _pack(visited: torch.Tensor, ids: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """[Hl, R, C] visit matrix -> counts [Hl, R], indices/mask ids [Hl, R, max] (ascending)."""
+def _pack(visited: torch.Tensor, ids: torch.Tensor, width: Optional[int] = None
+          ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """[Hl, R, C] visit matrix -> counts [Hl, R], indices/mask ids [Hl, R, width] (ascending). ``width``: the
+    caller's bound on any row's count (no host sync); None: the widest row's (read from the device)."""
     counts = visited.sum(-1).to(_INT)
-    width = max(int(counts.max()) if counts.numel() else 0, 1)
+    if width is None:
+        width = max(int(counts.max()) if counts.numel() else 0, 1)
     # Stable sort puts visited columns first, in ascending column order.
     order = torch.sort((~visited).to(torch.int8), dim=-1, stable=True).indices[..., :width]
     keep = torch.arange(width, device=visited.device) < counts[..., None]
@@ -113,6 +116,7 @@ class BlockLayout:
         block_k: int,
         mask_ids: torch.Tensor | None = None,
         mask_table: torch.Tensor | None = None,
+        widths: Optional[Tuple[int, int]] = None,
     ) -> "BlockLayout":
         """Build from a block-level visit matrix.
 
@@ -121,6 +125,10 @@ class BlockLayout:
             mask_ids: int ``[..., nQ, nK]``: ``-1`` for full blocks, else an index into
                 ``mask_table``. ``None`` means every visited block is full.
             mask_table: bool ``[P, block_q, block_k]`` element masks of partial blocks.
+            widths: ``(kv, q)`` bounds the caller knows on the key blocks a query row visits and the query
+                blocks a key column is visited by: the index lists are that wide (padding past each count), and
+                nothing is read back from the device (a build inside a CUDA graph capture). None: as wide as the
+                widest row, read from the device.
         """
         block_q, block_k = _check_size("block_q", block_q), _check_size("block_k", block_k)
         if not isinstance(visited, torch.Tensor) or visited.dim() not in (2, 3):
@@ -141,8 +149,9 @@ class BlockLayout:
         if mask_table is None:
             mask_table = torch.zeros(0, block_q, block_k, dtype=torch.bool, device=visited.device)
         mask_ids = torch.where(visited, mask_ids, -1)
-        kv = _pack(visited, mask_ids)
-        qt = _pack(visited.transpose(-1, -2), mask_ids.transpose(-1, -2))
+        kv_width, q_width = widths if widths is not None else (None, None)
+        kv = _pack(visited, mask_ids, kv_width)
+        qt = _pack(visited.transpose(-1, -2), mask_ids.transpose(-1, -2), q_width)
         return cls(q_len, kv_len, block_q, block_k, *kv, *qt, mask_table.bool().contiguous())
 
     @classmethod

@@ -134,6 +134,42 @@ def test_twin_parts_and_layout_agree():
     assert not mask[:, :, cubes.perm.order < 0].any()
 
 
+
+def test_the_layout_is_built_without_reading_the_device(monkeypatch):
+    """vsa_layout (built on every call, on the selection's device) reads no count back (no int()/bool()/item() of
+    a tensor, what a CUDA graph capture forbids), and holds the same visits as a layout packed to the widest row."""
+    from dit_accel.kernels.layout import BlockLayout
+    from dit_accel.kernels.vsa import cubes_of, vsa_layout
+    from dit_accel.kernels.vsa.api import _cube_masks
+
+    grid, tile = (5, 6, 7), (4, 4, 4)
+    cubes = cubes_of(grid, tile)
+    scores = torch.randn(2, 3, cubes.count, cubes.count, generator=torch.Generator().manual_seed(1))
+    selection = scores.topk(3, dim=-1).indices
+    _cube_masks(cubes, selection.device)  # the per-grid part, once, before any call
+
+    def no_sync(self, *a, **k):
+        raise AssertionError("a host read of a tensor while building the layout")
+
+    for name in ("__int__", "__bool__", "item", "tolist"):
+        monkeypatch.setattr(torch.Tensor, name, no_sync)
+    layout = vsa_layout(cubes, selection)
+    monkeypatch.undo()
+    visited = torch.zeros(6, cubes.count, cubes.count, dtype=torch.bool)
+    visited.scatter_(2, selection.reshape(6, cubes.count, -1), True)
+    mask_ids, table = _cube_masks(cubes, selection.device)
+    packed = BlockLayout.from_block_masks(visited, q_len=cubes.perm.num_padded, kv_len=cubes.perm.num_padded,
+                                          block_q=64, block_k=64, mask_ids=mask_ids.expand(6, 8, 8), mask_table=table)
+    assert torch.equal(layout.to_dense_mask(), packed.to_dense_mask())
+    for side in ("kv", "q"):
+        counts = getattr(layout, f"{side}_counts")
+        assert torch.equal(counts, getattr(packed, f"{side}_counts"))
+        for field in ("indices", "mask_ids"):
+            ours, ref = getattr(layout, f"{side}_{field}"), getattr(packed, f"{side}_{field}")
+            keep = torch.arange(ref.shape[-1]) < counts[..., None]
+            assert torch.equal(ours[..., :ref.shape[-1]][keep], ref[keep])
+    assert layout.kv_indices.shape[-1] == 3 and layout.q_indices.shape[-1] == cubes.count
+
 @pytest.mark.parametrize("kwargs,match", [
     (dict(), "exactly one"),
     (dict(topk=2, sparsity=0.5), "exactly one"),

@@ -13,7 +13,7 @@ element mask, so they never take softmax mass. :mod:`.naive` is the twin the tes
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Optional, Tuple
+from typing import Dict, NamedTuple, Optional, Tuple
 
 import torch
 
@@ -80,25 +80,43 @@ class VSAResult(NamedTuple):
     density: float
 
 
+# (grid, tile, device) -> (mask ids [C] int32, element mask table [P, V, V] or None) of the partial cubes.
+_CUBE_MASKS: Dict[tuple, Tuple[torch.Tensor, Optional[torch.Tensor]]] = {}
+
+
+def _cube_masks(cubes: Cubes, device: torch.device) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Which cubes are partial and the element mask of their real columns, worked out once per grid and tile on
+    the CPU and kept per device (a layout built per call reads nothing back from the GPU)."""
+    key = (cubes.perm.grid, cubes.perm.tile, str(device))
+    found = _CUBE_MASKS.get(key)
+    if found is None:
+        real = cubes.real.cpu()
+        partial = ~real.all(-1)  # [C]
+        mask_ids = torch.full((cubes.count,), -1, dtype=torch.int32)
+        table = None
+        if bool(partial.any()):
+            patterns, inverse = torch.unique(real[partial], dim=0, return_inverse=True)
+            mask_ids[partial] = inverse.to(torch.int32)
+            # Every row may see the real columns of the cube (padded query rows are dropped on the way back).
+            table = patterns[:, None, :].expand(-1, cubes.volume, -1).contiguous().to(device)
+        found = _CUBE_MASKS[key] = (mask_ids.to(device), table)
+    return found
+
+
 def vsa_layout(cubes: Cubes, selection: torch.Tensor) -> BlockLayout:
     """The fine branch's layout on cube order: block = cube, one layout head per (batch, head) of ``selection``
-    ``(B, H, C, k)``; key cubes with padding carry an element mask of their real columns."""
-    b, h, c, _ = selection.shape
+    ``(B, H, C, k)``; key cubes with padding carry an element mask of their real columns. Built on the selection's
+    device with no host synchronisation: a query cube visits ``k`` key cubes and a key cube is visited by at most
+    all ``C`` query cubes, so the index lists' widths are known without reading the selection back."""
+    b, h, c, k = selection.shape
     device = selection.device
     visited = torch.zeros(b * h, c, c, dtype=torch.bool, device=device)
     visited.scatter_(2, selection.reshape(b * h, c, -1), True)
-    real = cubes.real.to(device)
-    partial = ~real.all(-1)  # [C]
-    mask_ids = torch.full((c,), -1, dtype=torch.int32, device=device)
-    table = None
-    if bool(partial.any()):
-        patterns, inverse = torch.unique(real[partial], dim=0, return_inverse=True)
-        mask_ids[partial] = inverse.to(torch.int32)
-        # Every row may see the real columns of the cube (padded query rows are dropped on the way back).
-        table = patterns[:, None, :].expand(-1, cubes.volume, -1).contiguous()
+    mask_ids, table = _cube_masks(cubes, device)
     return BlockLayout.from_block_masks(visited, q_len=cubes.perm.num_padded, kv_len=cubes.perm.num_padded,
                                         block_q=cubes.volume, block_k=cubes.volume,
-                                        mask_ids=mask_ids[None, None, :].expand(b * h, c, c), mask_table=table)
+                                        mask_ids=mask_ids[None, None, :].expand(b * h, c, c), mask_table=table,
+                                        widths=(k, c))
 
 
 def _fused_coarse(q_t, k_t, v_t, with_coarse: bool, backend: str) -> bool:
