@@ -40,7 +40,7 @@ from .generate_report import (_comparison, _provenance, _quality, _record, _remo
                               _side_by_side, _side_by_side_path, _strip_height, _summary_lines)  # noqa: F401
 from .parallel import add_cp_option
 from ..methods import METHOD_ALIASES
-from ..models.tiny_shapes import TINY_SHAPES_METHOD, TINY_SHAPES_PROMPT, shapes_model
+from ..models.tiny_shapes import SHAPES_MODELS, TINY_SHAPES_PROMPT, shapes_model
 
 __all__ = ["register", "run", "generate"]
 
@@ -48,13 +48,16 @@ __all__ = ["register", "run", "generate"]
 def register(subparsers) -> argparse.ArgumentParser:
     from ..models.tiny import TINY_DEFAULTS, TINY_MODELS
 
-    uniform = TINY_SHAPES_METHOD.upper() if len(TINY_SHAPES_METHOD) <= 3 else TINY_SHAPES_METHOD
+    default = shapes_model(DEFAULT_MODEL)
+    uniform = default.uniform.upper() if len(default.uniform) <= 3 else default.uniform
+    shapes = ", ".join(f"{name} ({m.size()})" for name, m in SHAPES_MODELS.items())
     p = subparsers.add_parser(
         "generate",
-        help="generate a video/image with a sparse-attention method (default: tiny-shapes, its calibrated plan vs "
-             "dense)",
+        help=f"generate a video/image with a sparse-attention method (default: {DEFAULT_MODEL}, its calibrated plan "
+             "vs dense)",
         description="Generate one video (or image) with a sparse-attention method and write it with a JSON\n"
-                    "sidecar (OUT.json). With no arguments: tiny-shapes (tiny model trained on synthetic clips)\n"
+                    f"sidecar (OUT.json). With no arguments: {DEFAULT_MODEL} (tiny model trained on synthetic "
+                    f"clips, {default.size()})\n"
                     "with the calibrated plan shipped for it (dit-accel calibrate, validated on held-out prompts;\n"
                     f"{uniform} when the call's steps or size differ from the plan's), compared with a dense run of "
                     "the same call\n(time and ground-truth quality). On any other supported model without "
@@ -67,8 +70,8 @@ def register(subparsers) -> argparse.ArgumentParser:
     m = p.add_argument_group("model and output")
     m.add_argument("--model", default=DEFAULT_MODEL,
                    help="hub id (e.g. Wan-AI/Wan2.1-T2V-1.3B-Diffusers), a local pipeline folder, or an embedded "
-                        "model: tiny-shapes (default; tiny model trained on synthetic clips, prompts 'a {red|green|"
-                        "blue|yellow} {square|circle} moving {left|right|up|down}'), or one of "
+                        f"model: {shapes} (default {DEFAULT_MODEL}; tiny models trained on synthetic clips, prompts "
+                        "'a {red|green|blue|yellow} {square|circle} moving {left|right|up|down}'), or one of "
                         + ", ".join(TINY_MODELS) + " (RANDOM WEIGHTS, offline, for smoke runs only; "
                         "`dit-accel info` describes them)")
     m.add_argument("--out", default=None,
@@ -78,7 +81,8 @@ def register(subparsers) -> argparse.ArgumentParser:
     m.add_argument("--fps", type=int, default=16, help="frames per second of the written video")
     g = p.add_argument_group("generation (unset = the model's default; tiny models: small sizes)")
     g.add_argument("--prompt", default=None,
-                   help=f"text prompt (default: '{TINY_SHAPES_PROMPT}' for tiny-shapes, else '{DEFAULT_PROMPT}')")
+                   help=f"text prompt (default: '{TINY_SHAPES_PROMPT}' for the tiny-shapes models, else "
+                        f"'{DEFAULT_PROMPT}')")
     g.add_argument("--negative-prompt", default=None)
     g.add_argument("--frames", type=int, default=None, help="number of frames (video models; Wan: 4k+1)")
     g.add_argument("--height", type=int, default=None)
@@ -98,7 +102,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     c = p.add_argument_group("comparison with dense")
     c.add_argument("--compare-dense", action=argparse.BooleanOptionalAction, default=None,
                    help="also run the same call with dense attention and report attention time, quality and PSNR "
-                        "against it (default: on for tiny-shapes, where it costs seconds; off otherwise)")
+                        "against it (default: on for the tiny-shapes models, where it costs seconds; off otherwise)")
     c.add_argument("--side-by-side", action="store_true",
                    help="also write OUT-vs-dense.SUFFIX: dense (left) and the method (right) in one video "
                         "(runs the dense call)")
@@ -106,8 +110,8 @@ def register(subparsers) -> argparse.ArgumentParser:
     for action in p._actions:  # unset --method: dense, or the method a --weights folder was trained with
         if action.dest == "method":
             action.default = argparse.SUPPRESS
-            action.help = ("attention method (default: the shipped calibrated plan for tiny-shapes, "
-                           f"{TINY_SHAPES_METHOD} at other steps or sizes; dense for the random-"
+            action.help = ("attention method (default: the shipped calibrated plan for the tiny-shapes models, "
+                           "their uniform default at other steps or sizes; dense for the random-"
                            "weight tiny-* models; on other models the family's recommended setting, "
                            "printed with its source; with --weights DIR, the method DIR was trained with); "
                            "--method dense runs dense attention; aliases: "
@@ -257,8 +261,7 @@ def _method_for_weights(args, saved, parser):
 def _default_plan(args) -> None:
     """A shipped shapes model with nothing that picks a method (no --method, --plan, --plan-any-grid, --weights,
     method or schedule flags): its calibrated plan (:attr:`~dit_accel.models.tiny_shapes.ShapesModel.plan`) becomes
-    ``args.plan`` (or, for a plan shipped with the adapters it was fine-tuned with, those become ``args.weights``)
-    when the call is the one it was calibrated for (steps and size); another call runs the model's uniform default
+    ``args.plan`` when the call is the one it was calibrated for (steps and size); another call runs the model's uniform default
     (:attr:`~dit_accel.models.tiny_shapes.ShapesModel.uniform`) and says why in ``args._default_note``."""
     from ..models.tiny_shapes import shapes_model
     from .options import _SCHEDULE_FLAGS, _dest, method_options_given
@@ -279,20 +282,14 @@ def _default_plan(args) -> None:
                               f"and this call sets {', '.join(differs)}: the uniform default "
                               f"{shapes.uniform.upper()} runs instead")
         return
-    if shapes.adapters is not None:
-        args.weights = str(shapes.adapters)
-    else:
-        args.plan = str(shapes.plan)
-    args._default_plan = True
+    args.plan, args._default_plan = str(shapes.plan), True
 
 
 def _default_plan_source(args) -> str:
     """What a default plan is, for the summary and the sidecar."""
     from ..models.tiny_shapes import shapes_model
 
-    shapes = shapes_model(args.model)
-    tuned = " with the LoRA adapters fine-tuned under it" if shapes.adapters is not None else ""
-    return f"{shapes.owner()} default: the calibrated plan shipped with dit_accel{tuned}"
+    return f"{shapes_model(args.model).owner()} default: the calibrated plan shipped with dit_accel"
 
 
 def _early_plan(args):
@@ -328,7 +325,7 @@ def _early_method(args, parser, tiny: bool):
     if getattr(args, "method", None):
         choice = "--method"
     elif saved is not None:
-        choice = _default_plan_source(args) if getattr(args, "_default_plan", False) else f"--weights {args.weights}"
+        choice = f"--weights {args.weights}"
     saved_name = "plan" if saved is not None and not hasattr(saved, "name") else getattr(saved, "name", None)
     args.method = getattr(args, "method", None) or (saved_name if saved is not None else default)
     args.method_choice = choice
@@ -377,7 +374,7 @@ def _method_and_schedule(args, pipe, saved, parser):
     elif not hasattr(saved, "name"):  # a SparsePlan (finetune --plan): its phases hold the dense steps and layers
         schedule = schedule_from_args(args)
         return saved.as_method(), {k: schedule[k] for k in ("backend", "weights") if k in schedule}, \
-            _default_plan_source(args) if getattr(args, "_default_plan", False) else f"--weights {args.weights}"
+            f"--weights {args.weights}"
     else:
         method, source = saved, f"--weights {args.weights}"
         trained_dense = _saved_dense_layers(args.weights)

@@ -23,9 +23,9 @@ __all__ = ["main", "build_parser", "SUBCOMMANDS"]
 
 # name -> (module, one-line help shown by `dit-accel --help`)
 SUBCOMMANDS = {
-    "generate": ("dit_accel.cli.generate", "generate a video/image with a sparse-attention method (default: the trained "
-                                           "tiny-shapes model with its calibrated plan, beside a dense run of the "
-                                           "same call)"),
+    "generate": ("dit_accel.cli.generate", "generate a video/image with a sparse-attention method (default: a "
+                                           "trained tiny-shapes model with its calibrated plan, beside a dense run "
+                                           "of the same call)"),
     "info": ("dit_accel.cli.info", "versions, device, kernel backends, supported models and methods"),
     "finetune": ("dit_accel.cli.finetune", "fine-tune a model for a sparse method (SLA projections, LoRA) by distillation"),
     "eval": ("dit_accel.cli.eval", "quality of a sparse method against dense (PSNR, SSIM, LPIPS, FID, CLIP)"),
@@ -36,7 +36,7 @@ SUBCOMMANDS = {
 }
 
 _EPILOG = """examples:
-  dit-accel generate                                   # tiny-shapes (trained, shipped) with its calibrated plan vs dense
+  dit-accel generate                                   # a trained, shipped model with its calibrated plan vs dense
   dit-accel generate --model Wan-AI/Wan2.1-T2V-1.3B-Diffusers --method radial --device cuda --dtype bfloat16
   dit-accel info
 run `dit-accel COMMAND --help` for the options of a command."""

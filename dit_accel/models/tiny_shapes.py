@@ -95,8 +95,6 @@ class ShapesModel:
         uniform: the method ``generate`` runs when the shipped plan does not fit the call.
         plan: the calibrated plan ``generate`` runs by default (``dit-accel calibrate``, validated).
         plan_command: the command that remade ``plan``.
-        adapters: a ``finetune --plan`` output trained under ``plan`` (LoRA beside the plan), loaded with it; None
-            when the plan runs on the stock weights.
         threads: torch threads ``generate`` uses on a CPU (unless ``OMP_NUM_THREADS`` is set); None: PyTorch's
             default (every core). At hundreds of tokens one thread is fastest: the operations are too small to split.
     """
@@ -110,7 +108,6 @@ class ShapesModel:
     uniform: str
     plan: Optional[Path]
     plan_command: str = ""
-    adapters: Optional[Path] = None
     threads: Optional[int] = 1
     label: str = TINY_SHAPES_LABEL
     prompt: str = TINY_SHAPES_PROMPT
