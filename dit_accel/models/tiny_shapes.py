@@ -131,33 +131,6 @@ SHAPES_MODELS = {
         plan=TINY_SHAPES_PLAN, plan_command=TINY_SHAPES_PLAN_COMMAND),
 }
 
-# ``tiny-shapes-long``: tiny-shapes fine-tuned to 63-frame clips (the main job's model). Token grid (32, 12, 12) =
-# 4,608 tokens = 72 blocks of 64 (8 x 3 x 3 tiles of 4x4x4 tokens), where self-attention is most of the
-# transformer's time on a CPU. Fine-tuned with `train_tiny --local` under the per-head Tile windows below (heads 0-1
-# see their 4-row band, heads 2-3 their 4-column band, both +-1 tile in time), so its attention does not need
-# what they leave out; the shipped plan is calibrate's choice on it (LONG_PLAN_COMMAND).
-LONG_DIR = Path(__file__).resolve().parent / "weights" / "tiny-shapes-long"
-LONG_DEFAULTS = {**TINY_SHAPES_DEFAULTS, "num_frames": 63}
-LONG_GRID = (32, 12, 12)
-LONG_WINDOWS = ((3, 1, 3), (3, 1, 3), (3, 3, 1), (3, 3, 1))
-LONG_PLAN = TINY_SHAPES_PLAN.with_name("tiny-shapes-long.json")
-LONG_PLAN_PROMPTS = TINY_SHAPES_PLAN.with_name("tiny-shapes-long.prompts.txt")
-LONG_PLAN_COMMAND = ("dit-accel calibrate --model tiny-shapes-long --prompts dit_accel/models/plans/tiny-shapes-long.prompts.txt "
-                     "--min-psnr 30 --methods tile --candidates large --costs measured --device cpu "
-                     "--out dit_accel/models/plans/tiny-shapes-long.json "
-                     "--report-dir docs/calibrate_evidence/tiny-shapes-long")
-LONG_METHODS = {
-    "tile": {"tile": (4, 4, 4), "window": LONG_WINDOWS},  # density 0.125: the windows it was fine-tuned under
-    "gna": {"kernel_size": (8, 8, 8), "tile": (4, 4, 4)},  # density 0.208
-    "radial": {"block_size": 64, "decay": 1.0, "sink_frames": (0,)},  # density 0.470
-    "sla": {"topk": 0.125},  # 9 of 72 key blocks per query block exact, the rest linear
-}
-SHAPES_MODELS["tiny-shapes-long"] = ShapesModel(
-    name="tiny-shapes-long", folder=LONG_DIR,
-    summary=f"tiny-shapes fine-tuned to long clips, attention made local (train_tiny --local); {TINY_SHAPES_LABEL}: "
-            "same prompts, 63 frames at 48x48 (4,608 tokens), offline",
-    defaults=LONG_DEFAULTS, grid=LONG_GRID, methods=LONG_METHODS, uniform="tile", plan=LONG_PLAN,
-    plan_command=LONG_PLAN_COMMAND, threads=None)
 # Embedded trained models: name -> Diffusers folder inside the package (loaded like any local folder).
 TRAINED_MODELS = {name: m.folder for name, m in SHAPES_MODELS.items()}
 
