@@ -38,7 +38,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-__all__ = ["ShapesModel", "SHAPES_MODELS", "shapes_model", "TINY_SHAPES_DIR", "TINY_SHAPES_DEFAULTS", "TINY_SHAPES_LABEL", "TINY_SHAPES_METHOD", "TINY_SHAPES_METHODS",
+__all__ = ["ShapesModel", "SHAPES_MODELS", "shapes_model",
+           "TINY_SHAPES_DIR", "TINY_SHAPES_DEFAULTS", "TINY_SHAPES_LABEL", "TINY_SHAPES_METHOD", "TINY_SHAPES_METHODS",
            "TINY_SHAPES_PLAN", "TINY_SHAPES_PLAN_PROMPTS", "TINY_SHAPES_PLAN_COMMAND",
            "TINY_SHAPES_PROMPT", "TINY_SHAPES_GRID", "TRAINED_MODELS", "balanced_prompts", "load_tiny_shapes", "evaluate"]
 
@@ -79,7 +80,6 @@ TINY_SHAPES_METHODS = {
 }
 
 
-
 @dataclass(frozen=True)
 class ShapesModel:
     """A model trained by the project on the shapes clips (:mod:`dit_accel.models.clips`) and shipped in the
@@ -113,7 +113,7 @@ class ShapesModel:
     prompt: str = TINY_SHAPES_PROMPT
 
     def owner(self) -> str:
-        """``"tiny-shapes'"``, ``"tiny-shapes-long's"``: the name as an owner, for messages."""
+        """``"tiny-shapes'"`` (``"tiny-clip's"`` for a name without a final s): the name as an owner, for messages."""
         return self.name + ("'" if self.name.endswith("s") else "'s")
 
     def size(self) -> str:
