@@ -2,7 +2,6 @@
 ``pipe.load_lora_weights`` beside ``apply(weights=)``, and ``save_pretrained`` while dit_accel is applied."""
 
 import os
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,12 +13,7 @@ from dit_accel.training import FinetuneConfig, finetune, load_method
 from dit_accel.weights import LORA_FILE, METHOD_FILE, SLA_FILE
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: one torch thread (tests/conftest.py)
 
 
 @pytest.fixture(scope="module")

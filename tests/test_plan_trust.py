@@ -191,12 +191,7 @@ STEPS = 2
 CALL = dict(prompt="a fox", num_frames=5, height=32, width=32, num_inference_steps=STEPS, output_type="pt")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()  # tiny models: threads only contend on a shared machine
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one torch thread (tests/conftest.py)
 
 
 @pytest.fixture(scope="module")

@@ -25,12 +25,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: one torch thread (tests/conftest.py)
 
 
 def layout(form: str, grid=GRID, text: int = TEXT, audio_latents: int = 5):

@@ -21,23 +21,10 @@ REPO = Path(__file__).resolve().parents[2]
 # Token grid (3, 4, 8) = 96 tokens: two 64-key blocks, SLA keeps one -> the student differs from the teacher.
 SHAPE = dict(frames=9, height=64, width=128, max_sequence_length=16)
 METHOD = dit_accel.SLA(topk=0.5)
-PROMPTS = ["a red fox in snow", "waves at sunset", "a city street at night", "a cat on a sofa"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # Tiny models on a shared 2-core machine: one intra-op thread is many times faster than oversubscription.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: one torch thread (tests/conftest.py)
 
-
-@pytest.fixture(scope="module")
-def prompts_file(tmp_path_factory):
-    p = tmp_path_factory.mktemp("prompts") / "prompts.txt"
-    p.write_text("\n".join(PROMPTS) + "\n")
-    return p
 
 
 def _config(output, prompts, **kw):

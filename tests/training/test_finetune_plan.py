@@ -14,11 +14,11 @@ from dit_accel.sparse_plan import Phase
 from dit_accel.training import FinetuneConfig, finetune, load_method
 from dit_accel.training.finetune import _accelerator, _Trainer
 from dit_accel.weights import METHOD_FILE, SLA_FILE
+from tests.training import PROMPTS
 
 # Token grid (3, 4, 8) = 96 tokens (two 64-key blocks), as in test_finetune.py.
 SHAPE = dict(frames=9, height=64, width=128, max_sequence_length=16)
 GRID = [3, 4, 8]
-PROMPTS = ["a red fox in snow", "waves at sunset", "a city street at night", "a cat on a sofa"]
 # tiny-wan's FlowMatchEulerDiscreteScheduler at 6 steps (what calibrate records as the plan's timesteps)
 TIMESTEPS = [1000.0, 923.3425, 818.9233, 668.3267, 432.2251, 8.9286]
 
@@ -32,12 +32,7 @@ def _plan(**provenance) -> SparsePlan:
     return SparsePlan((Phase(0, 2), Phase(2, None, sparse)), num_layers=2, num_heads=2, provenance=prov)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: one torch thread (tests/conftest.py)
 
 
 @pytest.fixture(scope="module")

@@ -19,27 +19,15 @@ from dit_accel.weights import LORA_FILE, METHOD_FILE, VSA_FILE
 # Token grid (3, 8, 8): four (4, 4, 4) cubes (partial in time); sparsity 0.5 keeps two key cubes per query cube.
 SHAPE = dict(frames=9, height=128, width=128, max_sequence_length=16)
 METHOD = dit_accel.VSA(sparsity=0.5)
-PROMPTS = ["a red fox in snow", "waves at sunset", "a city street at night", "a cat on a sofa"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: one torch thread (tests/conftest.py)
 
 
 @pytest.fixture(autouse=True)
 def _no_decay_warning(recwarn):
     yield  # (VSA at sparsity 0, the decay's first step, may say it visits every block)
 
-
-@pytest.fixture(scope="module")
-def prompts_file(tmp_path_factory):
-    p = tmp_path_factory.mktemp("prompts") / "prompts.txt"
-    p.write_text("\n".join(PROMPTS) + "\n")
-    return p
 
 
 def _config(output, prompts, **kw):
