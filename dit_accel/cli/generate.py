@@ -396,8 +396,8 @@ def _pipeline_call(args, pipe, tiny: bool) -> dict:
     wanted = {"negative_prompt": args.negative_prompt, "num_frames": args.frames, "height": args.height,
               "width": args.width, "num_inference_steps": args.steps, "guidance_scale": args.guidance,
               "max_sequence_length": args.max_sequence_length}
-    call = {"prompt": args.prompt if args.prompt is not None else
-            shapes_model(args.model).prompt if shapes_model(args.model) is not None else DEFAULT_PROMPT}
+    shapes = shapes_model(args.model)
+    call = {"prompt": args.prompt if args.prompt is not None else shapes.prompt if shapes is not None else DEFAULT_PROMPT}
     for key, value in wanted.items():
         value = value if value is not None else suggested.get(key)
         if value is not None and key in accepts:
