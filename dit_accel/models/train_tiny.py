@@ -309,25 +309,12 @@ def train(out_dir=TINY_SHAPES_DIR, *, steps: int = 3600, batch_size: int = 16, l
         raise ValueError(f"frames must be odd and at least 3 (the pixel codec pairs frames), got {frames}")
     settings.update(frames=frames, init=str(init) if init else None, time_limit=time_limit,
                     local=None if local is None else local.to_dict(), local_weight=local_weight)
-    height, width = (TINY_SHAPES_DEFAULTS[k] for k in ("height", "width"))
-    if init:
-        pipe = _load_pipeline(init)
-        latents_mean, latents_std = pipe.vae.config.latents_mean, pipe.vae.config.latents_std
-    else:
-        latents_mean, latents_std = _latent_stats(frames, height, width, seed)
-        pipe = build_pipeline(latents_mean, latents_std, seed=seed)
-    mean, std = (torch.tensor(v).view(1, -1, 1, 1, 1) for v in (latents_mean, latents_std))
+    pipe, mean, std = _starting_pipeline(init, frames, seed)
     params = [p for m in (pipe.transformer, pipe.text_encoder) for p in m.parameters()]
     ema = [p.detach().clone() for p in params]
     optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.99), weight_decay=0.01, fused=True)
-    pipe.transformer.train()
-    pipe.text_encoder.train()
     g = torch.Generator().manual_seed(seed)
-    handle = None
-    if local is not None:
-        import dit_accel
-
-        handle = dit_accel.apply(pipe.transformer, local)
+    handle = _apply(pipe, local)
     curve, window, load_start, start, steps_done = [], [], os.getloadavg(), time.perf_counter(), 0
     print(f"training tiny-shapes: {steps} steps of {batch_size} clips on {torch.get_num_threads()} threads -> "
           f"{out_dir}; mean loss every {log_every} steps below (JSON lines)", file=sys.stderr, flush=True)
@@ -349,17 +336,14 @@ def train(out_dir=TINY_SHAPES_DIR, *, steps: int = 3600, batch_size: int = 16, l
         window.append(loss.item())
         steps_done = step + 1
         if (step + 1) % log_every == 0 or step + 1 == steps:
-            curve.append({"step": step + 1, "loss": round(sum(window) / len(window), 5),
-                          "lr": round(optimizer.param_groups[0]["lr"], 7),
-                          "seconds": round(time.perf_counter() - start, 1)})
+            curve.append(_curve_point(step + 1, window, optimizer, time.perf_counter() - start))
             window = []
             tqdm.write(json.dumps(curve[-1]), file=sys.stdout)
         if save_every and (step + 1) % save_every == 0 and step + 1 < steps:
             if handle is not None:  # the saved folder is the stock model: nothing of the method in it
                 handle.remove()
             _save_ema(pipe, params, ema, Path(out_dir))
-            if handle is not None:
-                handle = dit_accel.apply(pipe.transformer, local)
+            handle = _apply(pipe, local)
     train_seconds = time.perf_counter() - start
     if handle is not None:
         handle.remove()
@@ -369,8 +353,7 @@ def train(out_dir=TINY_SHAPES_DIR, *, steps: int = 3600, batch_size: int = 16, l
     pipe.transformer.eval()
     pipe.text_encoder.eval()
     if window:  # a run stopped by time_limit between two log points
-        curve.append({"step": steps_done, "loss": round(sum(window) / len(window), 5),
-                      "lr": round(optimizer.param_groups[0]["lr"], 7), "seconds": round(train_seconds, 1)})
+        curve.append(_curve_point(steps_done, window, optimizer, train_seconds))
     log = {"settings": settings, "steps_done": steps_done, "train_seconds": round(train_seconds, 1),
            "loadavg_1_5_15_start": load_start, "loadavg_1_5_15_end": os.getloadavg(),
            "parameters": {"transformer": _count(pipe.transformer), "text_encoder": _count(pipe.text_encoder)},
@@ -383,6 +366,37 @@ def train(out_dir=TINY_SHAPES_DIR, *, steps: int = 3600, batch_size: int = 16, l
         log["eval"] = evaluate(pipe, seeds=tuple(eval_seeds), num_frames=frames)
     atomic_write_json(out_dir / "train_log.json", log, indent=1)
     return log
+
+
+def _curve_point(step: int, window: list, optimizer, seconds: float) -> dict:
+    """One entry of the loss curve: the mean loss of the steps since the last entry, the learning rate, the time."""
+    return {"step": step, "loss": round(sum(window) / len(window), 5), "lr": round(optimizer.param_groups[0]["lr"], 7),
+            "seconds": round(seconds, 1)}
+
+
+def _starting_pipeline(init, frames: int, seed: int):
+    """``(pipe, latents mean, latents std)`` to train, its transformer and text encoder in train mode: the ``init``
+    folder (its codec normalisation kept), or a fresh build normalised by the statistics of ``frames``-frame clips."""
+    if init:
+        pipe = _load_pipeline(init)
+        latents_mean, latents_std = pipe.vae.config.latents_mean, pipe.vae.config.latents_std
+    else:
+        height, width = (TINY_SHAPES_DEFAULTS[k] for k in ("height", "width"))
+        latents_mean, latents_std = _latent_stats(frames, height, width, seed)
+        pipe = build_pipeline(latents_mean, latents_std, seed=seed)
+    mean, std = (torch.tensor(v).view(1, -1, 1, 1, 1) for v in (latents_mean, latents_std))
+    pipe.transformer.train()
+    pipe.text_encoder.train()
+    return pipe, mean, std
+
+
+def _apply(pipe, local):
+    """The handle of ``local`` applied to the transformer (``--local``), or None without one."""
+    if local is None:
+        return None
+    import dit_accel
+
+    return dit_accel.apply(pipe.transformer, local)
 
 
 def _load_pipeline(folder):

@@ -89,10 +89,9 @@ def apply(pipe_or_transformer, method: Method, *, dense_steps: int = 0, dense_la
           allow_other_grid: bool = False) -> AccelHandle:
     """Make a Diffusers pipeline's (or transformer's) self-attention sparse.
 
-    Only self-attention among video/image tokens changes; cross-attention stays
-    dense, and in joint attention (HunyuanVideo, FLUX, CogVideoX, Mochi) text
-    tokens attend and are attended to densely (video queries: sparse over video
-    keys + dense over valid text keys, merged exactly by log-sum-exp).
+    Only self-attention among video/image tokens changes; cross-attention stays dense, and in joint attention
+    (HunyuanVideo, FLUX, CogVideoX, Mochi) text tokens attend and are attended to densely (video queries: sparse
+    over video keys + dense over valid text keys, merged exactly by log-sum-exp).
 
     Args:
         pipe_or_transformer: a pipeline (its ``transformer`` and, for Wan 2.2,
@@ -108,8 +107,8 @@ def apply(pipe_or_transformer, method: Method, *, dense_steps: int = 0, dense_la
         layer_methods: ``{layer index: Method}`` overrides of ``method`` per layer.
         backend: kernel backend, one of ``"auto"``, ``"triton"``, ``"torch"``, ``"flex"``.
         weights: folder of fine-tuned weights (LoRA, SLA projections) to load after installing.
-        capture: folder; saves video q/k/v of attention calls as
-            ``layer{L:03d}_step{S:03d}.pt`` (first call per layer and step). Or an observer with
+        capture: folder; saves video q/k/v of attention calls as ``layer{L:03d}_step{S:03d}.pt`` (first call per
+            layer and step). Or an observer with
             :class:`~.capture.Capture`'s ``wants(layer, step)`` and ``save(...)`` (calibration keeps its
             samples in memory this way).
         capture_layers, capture_steps: restrict capture to these indices (None = all).
