@@ -215,11 +215,12 @@ def _latent_stats(frames: int, height: int, width: int, seed: int):
 
 # ----------------------------------------------------------------------------- training
 def _sample_batch(g: torch.Generator, batch_size: int, frames: int, mean: torch.Tensor, std: torch.Tensor,
-                  full: int = None):
+                  full: int = None, size: int = None):
     """Normalised latents of fresh clips cut to their first ``frames`` frames, their prompts (10 % emptied)
     and a text padding length. Clips are rendered at the full length ``full`` (default: the shipped
-    ``num_frames``), so speeds do not depend on ``frames``."""
-    height, width = (TINY_SHAPES_DEFAULTS[k] for k in ("height", "width"))
+    ``num_frames``), so speeds do not depend on ``frames``, on ``size`` x ``size`` pixel canvases (default: the
+    shipped height and width)."""
+    height, width = (size, size) if size else (TINY_SHAPES_DEFAULTS[k] for k in ("height", "width"))
     full = full or TINY_SHAPES_DEFAULTS["num_frames"]
     ids = [torch.randint(0, len(t), (batch_size,), generator=g) for t in (COLOURS, SHAPES, DIRECTIONS)]
     video = render_batch(*ids, generator=g, frames=full, height=height, width=width)[:, :frames]
@@ -253,24 +254,26 @@ def _flow_matching_inputs(pipe, latents, prompts, length, g: torch.Generator):
 
 
 def _flow_matching_loss(pipe, latents, prompts, length, g: torch.Generator, local=None) -> torch.Tensor:
-    """Flow-matching MSE of one batch; with ``local`` (``(handle, weight)``: a sparse method applied to the
+    """Flow-matching MSE of one batch; with ``local`` (``(handle, weight, pull)``: a sparse method applied to the
     transformer) the dense and the sparse prediction of the same noisy batch both learn the velocity, and the
     sparse one learns the dense one's prediction too (``weight``), so dense attention learns not to need what the
-    sparse pattern leaves out."""
+    sparse pattern leaves out. ``pull="both"`` also pulls the dense prediction to the sparse one: dense attention
+    is pushed to ignore what the pattern leaves out, not only left free to."""
     inputs, target = _flow_matching_inputs(pipe, latents, prompts, length, g)
     if local is None:
         return F.mse_loss(pipe.transformer(**inputs)[0], target)
-    handle, weight = local
+    handle, weight, pull = local
     with handle.bypassed():
         dense = pipe.transformer(**inputs)[0]
     sparse = pipe.transformer(**inputs)[0]
-    return F.mse_loss(dense, target) + F.mse_loss(sparse, target) + weight * F.mse_loss(sparse, dense.detach())
+    teacher = dense if pull == "both" else dense.detach()
+    return F.mse_loss(dense, target) + F.mse_loss(sparse, target) + weight * F.mse_loss(sparse, teacher)
 
 
 def train(out_dir=TINY_SHAPES_DIR, *, steps: int = 3600, batch_size: int = 16, lr: float = 1.5e-3, warmup: int = 100,
           short_fraction: float = 0.65, ema_decay: float = 0.998, seed: int = 0, log_every: int = 25,
-          eval_seeds=(0, 1), save_every: int = 0, frames: int = None, init=None,
-          time_limit: float = None, local=None, local_weight: float = 1.0) -> dict:
+          eval_seeds=(0, 1), save_every: int = 0, frames: int = None, size: int = None, init=None,
+          time_limit: float = None, local=None, local_weight: float = 1.0, local_pull: str = "sparse") -> dict:
     """Train and save the ``tiny-shapes`` pipeline to ``out_dir``; returns the training log.
 
     The first ``short_fraction`` of the steps train on the first 3 frames of each
@@ -284,7 +287,8 @@ def train(out_dir=TINY_SHAPES_DIR, *, steps: int = 3600, batch_size: int = 16, l
     leaves its latest checkpoint in ``out_dir``).
 
     Fine-tuning: ``frames`` (odd, default ``TINY_SHAPES_DEFAULTS["num_frames"]``) is the clip length of the
-    full-length phase and of the closing evaluation; ``init`` a saved pipeline folder to start from (its
+    full-length phase and of the closing evaluation, ``size`` (a multiple of 16, default 48) the side of its square
+    frames; ``init`` a saved pipeline folder to start from (its
     tokenizer, codec and latent normalisation are kept; optimizer and EMA start fresh from its weights);
     ``time_limit`` (seconds) stops the loop early, then saves and evaluates as at the end
     (``train_log.json`` records ``steps_done``). Without them the run is the one that made the shipped weights.
@@ -292,7 +296,8 @@ def train(out_dir=TINY_SHAPES_DIR, *, steps: int = 3600, batch_size: int = 16, l
     Locality: ``local`` (a :class:`dit_accel.Method`, e.g. a per-head ``Tile``) trains every step twice on the same
     noisy batch, dense and under the method, and pulls the sparse prediction to the dense one (``local_weight``):
     the saved model is a stock dense model whose attention does not need what the method leaves out, the property
-    real video DiTs have and sparse plans rely on (``train_log.json`` records the method).
+    real video DiTs have and sparse plans rely on (``train_log.json`` records the method). ``local_pull="both"``
+    pulls the dense prediction to the sparse one as well (the two meet in the middle).
 
     Example::
 
@@ -307,9 +312,14 @@ def train(out_dir=TINY_SHAPES_DIR, *, steps: int = 3600, batch_size: int = 16, l
     frames = frames or TINY_SHAPES_DEFAULTS["num_frames"]
     if frames < 3 or frames % 2 != 1:
         raise ValueError(f"frames must be odd and at least 3 (the pixel codec pairs frames), got {frames}")
-    settings.update(frames=frames, init=str(init) if init else None, time_limit=time_limit,
-                    local=None if local is None else local.to_dict(), local_weight=local_weight)
-    pipe, mean, std = _starting_pipeline(init, frames, seed)
+    if size is not None and (size < 16 or size % 16):
+        raise ValueError(f"size must be a multiple of 16 (the codec halves it, the patch halves it again), got {size}")
+    if local_pull not in ("sparse", "both"):
+        raise ValueError(f"local_pull must be 'sparse' or 'both', got {local_pull!r}")
+    settings.update(frames=frames, canvas=size or TINY_SHAPES_DEFAULTS["height"], init=str(init) if init else None,
+                    time_limit=time_limit, local=None if local is None else local.to_dict(), local_weight=local_weight,
+                    local_pull=local_pull)
+    pipe, mean, std = _starting_pipeline(init, frames, seed, size)
     params = [p for m in (pipe.transformer, pipe.text_encoder) for p in m.parameters()]
     ema = [p.detach().clone() for p in params]
     optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.99), weight_decay=0.01, fused=True)
@@ -325,8 +335,8 @@ def train(out_dir=TINY_SHAPES_DIR, *, steps: int = 3600, batch_size: int = 16, l
         if time_limit is not None and time.perf_counter() - start >= time_limit:
             break
         clip_frames = _SHORT_FRAMES if step < short_fraction * steps else frames
-        loss = _flow_matching_loss(pipe, *_sample_batch(g, batch_size, clip_frames, mean, std, frames), g,
-                                   None if handle is None else (handle, local_weight))
+        loss = _flow_matching_loss(pipe, *_sample_batch(g, batch_size, clip_frames, mean, std, frames, size), g,
+                                   None if handle is None else (handle, local_weight, local_pull))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -360,10 +370,11 @@ def train(out_dir=TINY_SHAPES_DIR, *, steps: int = 3600, batch_size: int = 16, l
            "curve": curve}
     out_dir = Path(out_dir)
     pipe.save_pretrained(out_dir, safe_serialization=True)
-    _portable_tokenizer_class(out_dir)
+    _portable_folder(out_dir)
     if eval_seeds:
         pipe.set_progress_bar_config(disable=True)
-        log["eval"] = evaluate(pipe, seeds=tuple(eval_seeds), num_frames=frames)
+        canvas = {"height": size, "width": size} if size else {}
+        log["eval"] = evaluate(pipe, seeds=tuple(eval_seeds), num_frames=frames, **canvas)
     atomic_write_json(out_dir / "train_log.json", log, indent=1)
     return log
 
@@ -374,14 +385,15 @@ def _curve_point(step: int, window: list, optimizer, seconds: float) -> dict:
             "seconds": round(seconds, 1)}
 
 
-def _starting_pipeline(init, frames: int, seed: int):
+def _starting_pipeline(init, frames: int, seed: int, size: int = None):
     """``(pipe, latents mean, latents std)`` to train, its transformer and text encoder in train mode: the ``init``
-    folder (its codec normalisation kept), or a fresh build normalised by the statistics of ``frames``-frame clips."""
+    folder (its codec normalisation kept), or a fresh build normalised by the statistics of ``frames``-frame clips
+    (``size`` x ``size`` pixels, default the shipped canvas)."""
     if init:
         pipe = _load_pipeline(init)
         latents_mean, latents_std = pipe.vae.config.latents_mean, pipe.vae.config.latents_std
     else:
-        height, width = (TINY_SHAPES_DEFAULTS[k] for k in ("height", "width"))
+        height, width = (size, size) if size else (TINY_SHAPES_DEFAULTS[k] for k in ("height", "width"))
         latents_mean, latents_std = _latent_stats(frames, height, width, seed)
         pipe = build_pipeline(latents_mean, latents_std, seed=seed)
     mean, std = (torch.tensor(v).view(1, -1, 1, 1, 1) for v in (latents_mean, latents_std))
@@ -417,20 +429,26 @@ def _save_ema(pipe, params, ema, out_dir: Path) -> None:
         for p, e in zip(params, ema):
             p.copy_(e)
         pipe.save_pretrained(out_dir, safe_serialization=True)
-        _portable_tokenizer_class(out_dir)
+        _portable_folder(out_dir)
         for p, w in zip(params, live):
             p.copy_(w)
 
 
-def _portable_tokenizer_class(folder: Path) -> None:
-    """Record the tokenizer as ``PreTrainedTokenizerFast``, a name Transformers 4 and 5 both load
-    (Transformers 5 saves its new alias ``TokenizersBackend``, unknown to 4.x)."""
+def _portable_folder(folder: Path) -> None:
+    """Make a saved folder load anywhere: the tokenizer recorded as ``PreTrainedTokenizerFast``, a name
+    Transformers 4 and 5 both load (Transformers 5 saves its new alias ``TokenizersBackend``, unknown to 4.x), and
+    no ``_name_or_path`` in the configs (a fine-tune's would name the folder it started from on this machine)."""
     index_path, config_path = folder / "model_index.json", folder / "tokenizer" / "tokenizer_config.json"
     index, config = json.loads(index_path.read_text()), json.loads(config_path.read_text())
     index["tokenizer"] = ["transformers", "PreTrainedTokenizerFast"]
     config["tokenizer_class"] = "PreTrainedTokenizerFast"
     atomic_write_json(index_path, index)
     atomic_write_json(config_path, config)
+    for path in sorted(folder.glob("*/config.json")) + sorted(folder.glob("*/scheduler_config.json")):
+        found = json.loads(path.read_text())
+        if "_name_or_path" in found:
+            del found["_name_or_path"]
+            atomic_write_json(path, found, indent=2)
 
 
 def _count(module) -> int:
@@ -454,6 +472,8 @@ def main(argv=None) -> None:
     parser.add_argument("--eval-seeds", type=int, nargs="*", default=[0, 1], help="evaluation seeds (none: skip)")
     parser.add_argument("--frames", type=int, default=TINY_SHAPES_DEFAULTS["num_frames"],
                         help="clip length (odd) of the full-length phase and of the evaluation")
+    parser.add_argument("--size", type=int, default=None, metavar="PIXELS",
+                        help="side of the square frames (a multiple of 16; default 48)")
     parser.add_argument("--init", default=None, metavar="DIR",
                         help="start from this saved pipeline (e.g. the shipped tiny-shapes folder): a fine-tune")
     parser.add_argument("--time-limit", type=float, default=None, metavar="SECONDS",
@@ -463,6 +483,8 @@ def main(argv=None) -> None:
                              "dense one, e.g. '{\"method\": \"tile\", \"tile\": [4, 4, 4], \"window\": [3, 1, 3]}'")
     parser.add_argument("--local-weight", type=float, default=1.0,
                         help="weight of the sparse-to-dense term of --local (default 1)")
+    parser.add_argument("--local-pull", choices=("sparse", "both"), default="sparse",
+                        help="--local's consistency term moves the sparse prediction only (default), or both")
     args = parser.parse_args(argv)
     local = None
     if args.local:
@@ -477,8 +499,9 @@ def main(argv=None) -> None:
     torch.set_num_threads(args.threads or os.cpu_count() or 1)
     log = train(args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup,
                 short_fraction=args.short_fraction, ema_decay=args.ema_decay, seed=args.seed,
-                eval_seeds=args.eval_seeds, save_every=args.save_every, frames=args.frames, init=args.init,
-                time_limit=args.time_limit, local=local, local_weight=args.local_weight)
+                eval_seeds=args.eval_seeds, save_every=args.save_every, frames=args.frames, size=args.size,
+                init=args.init,
+                time_limit=args.time_limit, local=local, local_weight=args.local_weight, local_pull=args.local_pull)
     print(json.dumps({k: log[k] for k in ("steps_done", "train_seconds", "parameters")} | {"eval": log.get("eval")}, indent=1))
 
 

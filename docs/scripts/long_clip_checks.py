@@ -31,7 +31,7 @@ def _pipe(folder: str):
 
 
 def _call(args) -> dict:
-    return dict(num_frames=args.frames, height=48, width=48, num_inference_steps=12, guidance_scale=args.guidance,
+    return dict(num_frames=args.frames, height=args.size, width=args.size, num_inference_steps=12, guidance_scale=args.guidance,
                 max_sequence_length=16, output_type="np")
 
 
@@ -80,6 +80,7 @@ def main(argv=None) -> None:
         s = sub.add_parser(name)
         s.add_argument("--weights", required=True)
         s.add_argument("--frames", type=int, default=63)
+        s.add_argument("--size", type=int, default=48, help="frame height and width in pixels")
         s.add_argument("--guidance", type=float, default=2.0)
         s.add_argument("--threads", type=int, default=2)
     sub.choices["gt"].add_argument("--seeds", type=int, nargs="+", default=[0])

@@ -1,4 +1,4 @@
-"""train_tiny's fine-tuning arguments (--init, --frames, --time-limit): a few steps at a tiny size."""
+"""train_tiny's fine-tuning arguments (--init, --frames, --size, --time-limit, --local): a few steps at a tiny size."""
 
 from __future__ import annotations
 
@@ -53,6 +53,23 @@ def test_rejects_even_frames_and_init_equal_to_out(tmp_path):
         train_tiny.main(["--init", str(tmp_path), "--out", str(tmp_path)])
 
 
+def test_size_trains_on_larger_canvases(tmp_path):
+    """--size: clips rendered at size x size pixels (latents at half that), recorded in the log; the saved model
+    is the same architecture (the token grid grows with the canvas)."""
+    g = torch.Generator().manual_seed(0)
+    latents, prompts, _ = train_tiny._sample_batch(g, 2, 5, torch.zeros(1, 6, 1, 1, 1), torch.ones(1, 6, 1, 1, 1),
+                                                   full=5, size=32)
+    assert latents.shape == (2, 6, 3, 16, 16) and len(prompts) == 2
+    log = train_tiny.train(tmp_path, steps=1, batch_size=1, short_fraction=0.0, eval_seeds=(), frames=3, size=32,
+                           init=TINY_SHAPES_DIR, log_every=1)
+    assert log["settings"]["canvas"] == 32 and log["steps_done"] == 1
+    config = json.loads((tmp_path / "transformer" / "config.json").read_text())
+    assert config == {**json.loads((TINY_SHAPES_DIR / "transformer" / "config.json").read_text()),
+                      "_diffusers_version": config["_diffusers_version"]}
+    with pytest.raises(ValueError, match="multiple of 16"):
+        train_tiny.train(tmp_path / "bad", steps=1, size=40, init=TINY_SHAPES_DIR, eval_seeds=())
+
+
 def test_defaults_are_the_shipped_run():
     """Without the new arguments the command line is the run that made the shipped weights."""
     captured, threads = {}, torch.get_num_threads()
@@ -65,6 +82,7 @@ def test_defaults_are_the_shipped_run():
         train_tiny.train = original
         torch.set_num_threads(threads)
     assert captured["frames"] == 7 and captured["init"] is None and captured["time_limit"] is None
+    assert captured["size"] is None
     assert captured["steps"] == 3600 and captured["batch_size"] == 16 and captured["short_fraction"] == 0.65
 
 
@@ -93,11 +111,36 @@ def test_local_loss_is_dense_plus_sparse_plus_the_pull_to_dense():
         with dit_accel.apply(sparse_model, method):
             sparse = sparse_model(**inputs)[0]
         handle = dit_accel.apply(pipe.transformer, method)
-        got = train_tiny._flow_matching_loss(pipe, *batch, torch.Generator().manual_seed(4), (handle, 0.5))
+        got = train_tiny._flow_matching_loss(pipe, *batch, torch.Generator().manual_seed(4),
+                                             (handle, 0.5, "sparse"))
         handle.remove()
     assert (sparse - dense).abs().max() > 1e-4  # the pattern changes the prediction: the pull term is not zero
     expected = F.mse_loss(dense, target) + F.mse_loss(sparse, target) + 0.5 * F.mse_loss(sparse, dense)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-7)
+
+
+def test_local_pull_both_moves_the_dense_path_toward_the_sparse_one(tmp_path):
+    """--local-pull both: the pull term's gradient reaches the dense prediction too, so the same batch gives other
+    gradients than with the dense prediction detached (the default); the loss value is the same."""
+    import dit_accel
+    from dit_accel.weights import method_from_dict
+
+    pipe = train_tiny._load_pipeline(TINY_SHAPES_DIR)
+    mean, std = (torch.tensor(v).view(1, -1, 1, 1, 1) for v in (pipe.vae.config.latents_mean,
+                                                                 pipe.vae.config.latents_std))
+    batch = train_tiny._sample_batch(torch.Generator().manual_seed(3), 1, 5, mean, std, 5)
+    grads, losses = {}, {}
+    with dit_accel.apply(pipe.transformer, method_from_dict(LOCAL)) as handle:
+        for pull in ("sparse", "both"):
+            pipe.transformer.zero_grad(set_to_none=True)
+            loss = train_tiny._flow_matching_loss(pipe, *batch, torch.Generator().manual_seed(4), (handle, 1.0, pull))
+            loss.backward()
+            grads[pull], losses[pull] = pipe.transformer.proj_out.weight.grad.clone(), loss.detach()
+    torch.testing.assert_close(losses["sparse"], losses["both"])
+    assert not torch.allclose(grads["sparse"], grads["both"])
+    with pytest.raises(ValueError, match="local_pull"):
+        train_tiny.train(tmp_path, steps=1, local_pull="dense", eval_seeds=())
+    assert not any(tmp_path.iterdir())
 
 
 def test_local_training_saves_a_stock_model_and_records_the_method(tmp_path):
