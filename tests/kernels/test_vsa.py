@@ -223,7 +223,7 @@ def test_fine_branch_on_the_triton_block_sparse_kernels():
 @pytest.mark.parametrize("grid,tile", [((5, 6, 7), (4, 4, 4)), ((3, 9, 10), (2, 4, 8)), ((7, 7, 9), (2, 2, 4))],
                          ids=["5x6x7-t444", "3x9x10-t248", "7x7x9-t224-many-cubes"])
 def test_triton_coarse_branch_matches_the_twin(grid, tile, dtype):
-    """Cube pooling + coarse attention in Triton (interpreter): output, scores and torch.topk selection."""
+    """Cube pooling + coarse attention + selection in Triton (interpreter): output, scores, the selection as a set."""
     from dit_accel.kernels.vsa.naive import coarse_attention, cubes_of
     from dit_accel.kernels.vsa.triton import coarse_triton
 

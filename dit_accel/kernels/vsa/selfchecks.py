@@ -1,11 +1,12 @@
 """VSA's Triton variant and its self-check problem (registered with :mod:`dit_accel.kernels.selfcheck`).
 
-``vsa.triton.coarse``: the cube pooling and coarse attention launches (:mod:`.triton`) against the twin's
-:func:`~.naive.coarse_attention` on partial cubes (a grid that is no multiple of the tile), more cube
-rows than one program holds, and a ragged last block of key cubes. The coarse output and the scores must
-agree within :data:`COARSE_TOL` (relative, fp32 both sides); the selections (torch.topk of each side's
-scores) may differ in at most :data:`SELECTION_TOL` of the query cubes (fp32 sums in another order can turn
-a near-tie), else the error reported is that fraction.
+``vsa.triton.coarse``: the cube pooling and the coarse attention + selection launches (:mod:`.triton`)
+against the twin's :func:`~.naive.coarse_attention` on partial cubes (a grid that is no multiple of the tile),
+more cube rows than one program holds, and a ragged last block of key cubes. The coarse output and the
+scores must agree within :data:`COARSE_TOL` (relative, fp32 both sides); the selections (the launch's own,
+ascending, against torch.topk of the twin's scores, compared as sets) may differ in at most
+:data:`SELECTION_TOL` of the query cubes (fp32 sums in another order can turn a near-tie), else the error
+reported is that fraction. Both problems have fewer cubes than ``NK_MAX``, so the launch selects.
 """
 
 from __future__ import annotations

@@ -1,14 +1,23 @@
-"""VSA's coarse branch in two Triton launches: cube pooling of q, k, v, then coarse attention with its scores.
+"""VSA's coarse branch in two Triton launches: cube pooling of q, k, v, then coarse attention, its scores and
+its top-k selection.
 
 :func:`coarse_triton` returns what :func:`~.naive.coarse_attention` (the PyTorch twin, the CPU path and the
 oracle) returns: the coarse output per cube, the fp32 scores ``mean(q) . mean(k) * scale`` of every cube pair,
-and the selection, ``torch.topk`` over those scores (so ties are broken exactly as torch.topk breaks them).
+and the selection, the ``count`` largest scores' key cubes per query cube. The set is the twin's; the order is
+not: the fused selection lists its key cubes ascending and breaks an exact tie toward the lower index, where
+``torch.topk`` lists them by descending score (callers use the selection as a set).
 
 - ``_vsa_pool_kernel``: one program per (batch x head, cube) reads the cube's tokens of q, k and v once in
   tiled order (the permutation's padding holds zeros) and writes the three fp32 means over its real tokens.
 - ``_vsa_coarse_kernel``: one program per (batch x head, block of query cubes) walks the key cubes, writes
-  the scores and keeps an online softmax of them against the value means (fp32, IEEE dots: no TF32).
+  the scores and keeps an online softmax of them against the value means (fp32, IEEE dots: no TF32). Then
+  (``WITH_SELECT``) it reads its rows' scores back, ``GROUP`` rows at a time so ``GROUP * BLOCK_C`` values sit
+  in registers, and selects each row's top ``count`` with SLA's selection routine
+  (:mod:`dit_accel.kernels.sla.select`: order-preserving int32 keys, the threshold found bit by bit, ties to
+  the lower index), storing the int64 indices ascending.
 
+Bound: the fused selection takes ``C <= NK_MAX`` (2048) cubes (FastWan 480p has 624 at 4x4x4); past it the
+launch writes the scores only and the selection is ``torch.topk`` of them (descending order).
 Forward only: a call that needs gradients through the coarse branch runs the twin (:mod:`.api` decides).
 Registered with the first-use self-check as ``vsa.triton.coarse``.
 """
@@ -19,9 +28,11 @@ import torch
 import triton
 import triton.language as tl
 
+from ..sla.select import NK_MAX, _keys, _top
 from .naive import Cubes
 
-__all__ = ["coarse_triton", "BLOCK_CUBES", "ROWS", "VARIANT"]
+__all__ = ["coarse_triton", "fused_selection", "aot_source", "KERNELS", "BLOCK_CUBES", "ROWS", "NK_MAX",
+           "NUM_WARPS", "VARIANT"]
 
 VARIANT = "vsa.triton.coarse"
 
@@ -29,12 +40,17 @@ VARIANT = "vsa.triton.coarse"
 BLOCK_CUBES = 16
 #: Token rows of a cube read per step.
 ROWS = 64
+#: Warps per program (both launches).
+NUM_WARPS = 4
+#: Scores of a row group held in registers while selecting (``GROUP = min(BLOCK_CUBES, SELECT_ELEMS // BLOCK_C)``
+#: rows): half SLA's budget (``sla.select.ELEMS``), as the indices stored are int64; 4096 spilled on sm_100.
+SELECT_ELEMS = 2048
 
 
 @triton.jit
 def _cube_mean(base, start, stride_n, stride_d, rows, cols, col_ok, inv, VOL: tl.constexpr, ROWS: tl.constexpr):
     acc = tl.zeros(cols.shape, dtype=tl.float32)
-    for r in tl.static_range(0, VOL, ROWS):
+    for r in range(0, VOL, ROWS):  # not unrolled: tile (4, 8, 8)'s four steps at d 128 spilled when unrolled
         tok = start + r + rows
         ptrs = base + tok.to(tl.int64)[:, None] * stride_n + cols[None, :] * stride_d
         x = tl.load(ptrs, mask=((r + rows) < VOL)[:, None] & col_ok[None, :], other=0.0)
@@ -60,8 +76,9 @@ def _vsa_pool_kernel(Q, K, V, QC, KC, VC, INV,
 
 
 @triton.jit
-def _vsa_coarse_kernel(QC, KC, VC, S, O, C, D, scale, so_b, so_c, ss_b, ss_m,
-                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, WITH_OUT: tl.constexpr):
+def _vsa_coarse_kernel(QC, KC, VC, S, O, SEL, C, D, COUNT, scale, so_b, so_c, ss_b, ss_m,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, WITH_OUT: tl.constexpr,
+                       WITH_SELECT: tl.constexpr, BLOCK_C: tl.constexpr, GROUP: tl.constexpr):
     bh = tl.program_id(0).to(tl.int64)
     offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -72,13 +89,14 @@ def _vsa_coarse_kernel(QC, KC, VC, S, O, C, D, scale, so_b, so_c, ss_b, ss_m,
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    s_base = S + bh * ss_b
     for n0 in range(0, C, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         n_ok = offs_n < C
         kv_ptr = bh * so_b + offs_n[:, None] * so_c + offs_d[None, :]
         kc = tl.load(KC + kv_ptr, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
         s = tl.dot(qc, tl.trans(kc), input_precision="ieee") * scale
-        tl.store(S + bh * ss_b + offs_m[:, None].to(tl.int64) * ss_m + offs_n[None, :], s,
+        tl.store(s_base + offs_m[:, None].to(tl.int64) * ss_m + offs_n[None, :], s,
                  mask=m_ok[:, None] & n_ok[None, :])
         if WITH_OUT:
             s = tl.where(n_ok[None, :], s, float("-inf"))
@@ -92,32 +110,97 @@ def _vsa_coarse_kernel(QC, KC, VC, S, O, C, D, scale, so_b, so_c, ss_b, ss_m,
     if WITH_OUT:
         tl.store(O + bh * so_b + offs_m[:, None] * so_c + offs_d[None, :], acc / l_i[:, None],
                  mask=m_ok[:, None] & d_ok[None, :])
+    if WITH_SELECT:
+        # Rows are read back whole, so every thread's score stores must land first.
+        tl.debug_barrier()
+        n = tl.arange(0, BLOCK_C)
+        g = tl.arange(0, GROUP)
+        m = tl.zeros([GROUP], dtype=tl.int32) + COUNT
+        for r0 in range(0, BLOCK_M, GROUP):
+            row = tl.program_id(1) * BLOCK_M + r0 + g
+            valid = (row < C)[:, None] & (n < C)[None, :]
+            s = tl.load(s_base + row.to(tl.int64)[:, None] * ss_m + n[None, :], mask=valid, other=0.0)
+            top = valid & _top(_keys(s, valid), m)  # (a row past C is all padding: its keys would tie)
+            pos = tl.cumsum(tl.where(top, 1, 0), axis=1) - 1
+            out = (bh * C + row.to(tl.int64))[:, None] * COUNT + pos
+            idx = n[None, :] + tl.zeros([GROUP, BLOCK_C], dtype=tl.int32)
+            tl.store(SEL + out, idx.to(SEL.dtype.element_ty), mask=top)
+
+
+KERNELS = {"pool": _vsa_pool_kernel, "coarse": _vsa_coarse_kernel}
+
+
+def fused_selection(c: int) -> bool:
+    """Whether the coarse launch selects for ``c`` cubes itself (``c <= NK_MAX``), else torch.topk does."""
+    return 1 <= c <= NK_MAX
+
+
+def _block_d(d: int) -> int:
+    return max(16, triton.next_power_of_2(d))
+
+
+def _pool_constexprs(d: int, vol: int) -> dict:
+    return dict(VOL=vol, ROWS=min(ROWS, triton.next_power_of_2(vol)), BLOCK_D=_block_d(d))
+
+
+def _coarse_constexprs(c: int, d: int, with_output: bool) -> dict:
+    select = fused_selection(c)
+    block_c = max(16, triton.next_power_of_2(c)) if select else 16
+    return dict(BLOCK_M=BLOCK_CUBES, BLOCK_N=BLOCK_CUBES, BLOCK_D=_block_d(d), WITH_OUT=with_output,
+                WITH_SELECT=select, BLOCK_C=block_c, GROUP=max(1, min(BLOCK_CUBES, SELECT_ELEMS // block_c)))
+
+
+def aot_source(kernel: str, d: int, c: int = 624, dtype: torch.dtype = torch.bfloat16, volume: int = 64,
+               with_output: bool = True):
+    """``(kernel, signature, constexprs, attrs)`` of ``"pool"`` (q, k, v in ``dtype``, cubes of ``volume``) or
+    ``"coarse"`` (``c`` cubes: the fused selection when ``c <= NK_MAX``) at head dim ``d``, for
+    ``triton.compile(ASTSource(...))`` (static GPU checks without a GPU, in a process without TRITON_INTERPRET;
+    sizes and strides as 32-bit ints, those that are multiples of the head dim marked divisible by 16 as the JIT
+    marks them at d 64 / 128). Launched with ``num_warps`` :data:`NUM_WARPS`."""
+    from ..dense.configs import aot_signature
+
+    if kernel == "pool":
+        types = {**{n: "*DT" for n in ("Q", "K", "V")}, **{n: "*fp32" for n in ("QC", "KC", "VC", "INV")}}
+        div16 = ("sq_b", "sq_n", "sk_b", "sk_n", "sv_b", "sv_n", "so_b", "so_c")
+        return aot_signature(_vsa_pool_kernel, types, _pool_constexprs(d, volume), div16, dtype)
+    types = {**{n: "*fp32" for n in ("QC", "KC", "VC", "S", "O")}, "SEL": "*i64", "scale": "fp32"}
+    return aot_signature(_vsa_coarse_kernel, types, _coarse_constexprs(c, d, with_output), ("so_b", "so_c"),
+                         torch.float32)
 
 
 def coarse_triton(q_t: torch.Tensor, k_t: torch.Tensor, v_t: torch.Tensor, cubes: Cubes, count: int, scale: float,
                   with_output: bool = True):
     """:func:`~.naive.coarse_attention` (fp32) in two launches, forward only: ``(coarse or None, scores,
-    selection)``. ``q_t, k_t, v_t``: ``(B, H, Np, D)`` in tiled order (padding zero)."""
+    selection)``. ``q_t, k_t, v_t``: ``(B, H, Np, D)`` in tiled order (padding zero); ``1 <= count <= C``.
+
+    ``selection`` int64 ``(B, H, C, count)``: the same key cube set per query cube as the twin's torch.topk
+    (up to fp32 near-ties), listed ascending with exact ties going to the lower index when the launch selects
+    (:func:`fused_selection`), in torch.topk's descending order past :data:`NK_MAX` cubes."""
     b, h, n_pad, d = q_t.shape
     c, vol = cubes.count, cubes.volume
     device = q_t.device
     q3, k3, v3 = (x.reshape(b * h, n_pad, d) for x in (q_t, k_t, v_t))
     qc, kc, vc = (torch.empty(b * h, c, d, dtype=torch.float32, device=device) for _ in range(3))
     inv = (1.0 / cubes.sizes.to(torch.float32)).to(device)
-    block_d = max(16, triton.next_power_of_2(d))
-    rows = min(ROWS, triton.next_power_of_2(vol))
     _vsa_pool_kernel[(b * h, c)](q3, k3, v3, qc, kc, vc, inv, *q3.stride(), *k3.stride(), *v3.stride(),
-                                 qc.stride(0), qc.stride(1), d, VOL=vol, ROWS=rows, BLOCK_D=block_d)
+                                 qc.stride(0), qc.stride(1), d, **_pool_constexprs(d, vol), num_warps=NUM_WARPS)
     scores = torch.empty(b * h, c, c, dtype=torch.float32, device=device)
     out = torch.empty(b * h, c, d, dtype=torch.float32, device=device) if with_output else scores
+    cx = _coarse_constexprs(c, d, with_output)
+    sel = torch.empty(b * h, c, count, dtype=torch.int64, device=device) if cx["WITH_SELECT"] else None
     grid = (b * h, triton.cdiv(c, BLOCK_CUBES))
-    _vsa_coarse_kernel[grid](qc, kc, vc, scores, out, c, d, float(scale), qc.stride(0), qc.stride(1),
-                             scores.stride(0), scores.stride(1), BLOCK_M=BLOCK_CUBES, BLOCK_N=BLOCK_CUBES,
-                             BLOCK_D=block_d, WITH_OUT=with_output)
-    from ..selfcheck import corrupt
+    _vsa_coarse_kernel[grid](qc, kc, vc, scores, out, scores if sel is None else sel, c, d, count, float(scale),
+                             qc.stride(0), qc.stride(1), scores.stride(0), scores.stride(1), **cx,
+                             num_warps=NUM_WARPS)
+    scores = scores.view(b, h, c, c)
+    selection = torch.topk(scores, count, dim=-1).indices if sel is None else sel.view(b, h, c, count)
+    from ..selfcheck import corrupt, faulted
 
-    scores = corrupt(VARIANT, scores.view(b, h, c, c))  # ($DIT_ACCEL_FAULT proves the self-check catches it)
+    # $DIT_ACCEL_FAULT proves the self-check catches a broken launch: the scores, the output, and the selection
+    # (the other end of the ranking; the selection no longer derives from the returned scores).
+    scores = corrupt(VARIANT, scores)
     if with_output:
         corrupt(VARIANT, out)
-    selection = torch.topk(scores, count, dim=-1).indices
+    if faulted(VARIANT):
+        selection = (c - 1 - selection).flip(-1)
     return (out.view(b, h, c, d) if with_output else None), scores, selection
