@@ -6,6 +6,10 @@ of its grid; every call runs :func:`dit_accel.kernels.vsa.vsa_parts`. The gate i
 grid: :mod:`dit_accel.pipelines.vsa_gates` puts the layer's pending gate on this thread's stack
 (:func:`gate_scope`) for exactly the duration of that module's forward, and :meth:`VSAPlan.attend`
 reads it (:func:`current_gate`).
+
+Under ring attention (:meth:`VSAPlan.attend_part`) a rank's video rows must be whole cubes (whole tile slabs
+along time): its query cubes are then consecutive in cube order, their means local, and the coarse scores,
+the selection and the fine branch need only every key cube, which every rank gathers.
 """
 
 from __future__ import annotations
@@ -13,13 +17,13 @@ from __future__ import annotations
 import contextlib
 import math
 import threading
-from typing import Callable, Optional, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
 from .kernels.backends import Request, resolve
-from .kernels.vsa.api import check_vsa_grid, vsa_parts
-from .kernels.vsa.naive import cubes_of, selected_count
+from .kernels.vsa.api import check_vsa_grid, vsa_parts, vsa_parts_rows
+from .kernels.vsa.naive import CubeRows, cube_rows, cubes_of, selected_count
 from .plans import Plan
 
 __all__ = ["VSAPlan", "gate_scope", "push_gate", "pop_gate", "current_gate"]
@@ -64,7 +68,10 @@ def current_gate() -> Optional[torch.Tensor]:
 
 
 class VSAPlan(Plan):
-    """VSA on ``grid`` for a :class:`dit_accel.VSA` config; cubes chosen per call (density fixed: ``k / C``)."""
+    """VSA on ``grid`` for a :class:`dit_accel.VSA` config; cubes chosen per call (density fixed: ``k / C``).
+
+    Runs on one process and under Ulysses (:meth:`attend`, the whole sequence), and under ring attention
+    (:meth:`attend_part`) where every rank's video rows are whole cubes (:meth:`check_part`)."""
 
     kind = "vsa"
 
@@ -75,6 +82,7 @@ class VSAPlan(Plan):
         self.count = selected_count(self.cubes.count, method.topk, method.effective_sparsity)
         self.density = self.count / self.cubes.count
         self.token_density = None  # the cubes' token share varies with the partial ones they pick
+        self._rows: Dict[tuple, CubeRows] = {}  # (rows, device or None) -> a ring rank's cubes and index maps
 
     def prepare(self, device, backend: str = "auto") -> None:
         self.cubes.perm.prepare(device)
@@ -84,8 +92,33 @@ class VSAPlan(Plan):
         return resolve("block_sparse", backend, Request.of(q, k, v, vol, vol))
 
     def check_part(self, rows: Tuple[int, int]) -> None:
-        raise ValueError(f"{self.method!r} does not run under ring attention (its coarse branch needs every "
-                         "query cube's mean on one rank): use Ulysses context parallelism (heads split) instead")
+        """ValueError unless the video rows ``(start, stop)`` are the real tokens of whole cubes (see
+        :func:`~dit_accel.kernels.vsa.naive.cube_rows`): ring attention needs each query cube's mean on one rank."""
+        self._part(tuple(rows))
+
+    def _part(self, rows: Tuple[int, int], device=None) -> CubeRows:
+        part = self._rows.get((rows, None))
+        if part is None:
+            part = cube_rows(self.cubes, rows)
+            if part is None:
+                tile, frame = self.method.tile, self.grid[1] * self.grid[2]
+                fixes = [f"a frame count that is a multiple of the ring degree x {tile[0]} (the tile's depth)"]
+                if tile[0] > 1:
+                    fixes.append(f"a tile whose depth divides the frames per rank (e.g. tile=(1, {tile[1]}, {tile[2]}))")
+                raise ValueError(
+                    f"{self.method!r} under ring attention: the video tokens {rows[0]}..{rows[1] - 1} of one rank "
+                    f"({(rows[1] - rows[0]) / frame:g} frames of grid {self.grid}) do not fill whole cubes of "
+                    f"tile={tile} (VSA's coarse branch needs every query cube's tokens on one rank). Split so every "
+                    f"rank holds whole cubes: {', '.join(fixes)}, or Ulysses context parallelism (heads split) "
+                    "instead of ring attention")
+            self._rows[(rows, None)] = part
+        if device is None:
+            return part
+        key = (rows, torch.device(device))
+        found = self._rows.get(key)
+        if found is None:
+            found = self._rows[key] = part.to(device)
+        return found
 
     def gate_for(self, q: torch.Tensor, heads) -> Optional[torch.Tensor]:
         """The current layer's gate shaped like ``q`` (its ``heads`` of the model: ``(start, stop)`` or an index
@@ -96,8 +129,11 @@ class VSAPlan(Plan):
         b, h, n, d = q.shape
         if gate.dim() != 3 or gate.shape[0] != b or gate.shape[1] != n or gate.shape[2] % d:
             raise ValueError(f"dit_accel: VSA's to_gate_compress gate has shape {tuple(gate.shape)} but this layer's "
-                             f"video queries are {tuple(q.shape)} (B, heads, N, D): the gate needs the layer's whole "
-                             "video sequence on one rank (no sequence split, no text in the attention input)")
+                             f"video queries are {tuple(q.shape)} (B, heads, N, D): the gate covers the tokens of the "
+                             "attention module's input, so it serves the video queries of one process or of a ring "
+                             "rank (its own rows), not Ulysses (whose ranks attend every token for some heads) nor "
+                             "text tokens in the attention input; run such a gated model with ring attention or on "
+                             "one process")
         gate = gate.unflatten(2, (gate.shape[2] // d, d)).transpose(1, 2)  # (B, heads of the model, N, D)
         if isinstance(heads, torch.Tensor):  # a per-head plan's VSA heads
             gate = gate.index_select(1, heads.to(gate.device))
@@ -112,6 +148,18 @@ class VSAPlan(Plan):
         scale = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
         parts = vsa_parts(q, k, v, self.grid, self.count, self.method.tile, scale, with_coarse=gate is not None,
                           backend=backend, cubes=self.cubes)
+        extra = None if gate is None else (parts.coarse * gate.float()).to(q.dtype)
+        return parts.fine, parts.lse, extra, self.density
+
+    def attend_part(self, q, k, v, *, rows, shards, scale, backend, proj=None, heads=None):
+        """Ring attention: the VSA result of the video rows ``rows`` (q holds those, k and v every video token),
+        exactly the rows of :meth:`attend` on the whole grid. The layer's gate covers this rank's rows (Diffusers
+        splits the module's input as it splits the queries)."""
+        part = self._part(tuple(rows), q.device)
+        gate = self.gate_for(q, heads)
+        scale = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
+        parts = vsa_parts_rows(q, k, v, part, self.cubes, self.count, scale, with_coarse=gate is not None,
+                               backend=backend)
         extra = None if gate is None else (parts.coarse * gate.float()).to(q.dtype)
         return parts.fine, parts.lse, extra, self.density
 

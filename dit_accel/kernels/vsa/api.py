@@ -3,7 +3,7 @@
 The coarse branch (cube means, softmax attention between them, top-k key cubes per query cube) is ``C x C``
 fp32 work for ``C`` cubes (``N / 64`` at the default tile): on CUDA two Triton launches (:mod:`.triton`,
 forward only, under the self-check ``vsa.triton.coarse``), else and under autograd the PyTorch twin; the
-selection is ``torch.topk`` of the scores either way.
+selection is the same key cube set either way: picked inside the coarse launch (ascending) or ``torch.topk``.
 The fine branch is a :class:`~dit_accel.kernels.BlockLayout` whose blocks are the cubes, one layout head
 per (batch, head), run by :func:`~dit_accel.kernels.block_sparse_attention` (its backends and their
 self-checks): no second block-sparse kernel. A partial edge cube's padded key positions are masked by an
@@ -20,9 +20,9 @@ import torch
 from ..block_sparse import block_sparse_attention
 from ..checks import check_qkv, check_scale
 from ..layout import BlockLayout
-from .naive import Cubes, coarse_attention, cubes_of, selected_count
+from .naive import CubeRows, Cubes, coarse_attention, cubes_of, selected_count
 
-__all__ = ["vsa_attention", "vsa_parts", "check_vsa_config", "check_vsa_grid", "vsa_layout", "VSAResult",
+__all__ = ["vsa_attention", "vsa_parts", "vsa_parts_rows", "check_vsa_config", "check_vsa_grid", "vsa_layout", "VSAResult",
            "DEFAULT_TILE"]
 
 DEFAULT_TILE = (4, 4, 4)
@@ -105,18 +105,19 @@ def _cube_masks(cubes: Cubes, device: torch.device) -> Tuple[torch.Tensor, Optio
 
 def vsa_layout(cubes: Cubes, selection: torch.Tensor) -> BlockLayout:
     """The fine branch's layout on cube order: block = cube, one layout head per (batch, head) of ``selection``
-    ``(B, H, C, k)``; key cubes with padding carry an element mask of their real columns. Built on the selection's
-    device with no host synchronisation: a query cube visits ``k`` key cubes and a key cube is visited by at most
-    all ``C`` query cubes, so the index lists' widths are known without reading the selection back."""
-    b, h, c, k = selection.shape
+    ``(B, H, Cq, k)`` (``Cq``: every cube, or a ring rank's consecutive query cubes; the key side is always every
+    cube); key cubes with padding carry an element mask of their real columns. Built on the selection's device
+    with no host synchronisation: a query cube visits ``k`` key cubes and a key cube is visited by at most all
+    ``Cq`` query cubes, so the index lists' widths are known without reading the selection back."""
+    b, h, c_q, k = selection.shape
     device = selection.device
-    visited = torch.zeros(b * h, c, c, dtype=torch.bool, device=device)
-    visited.scatter_(2, selection.reshape(b * h, c, -1), True)
+    visited = torch.zeros(b * h, c_q, cubes.count, dtype=torch.bool, device=device)
+    visited.scatter_(2, selection.reshape(b * h, c_q, -1), True)
     mask_ids, table = _cube_masks(cubes, device)
-    return BlockLayout.from_block_masks(visited, q_len=cubes.perm.num_padded, kv_len=cubes.perm.num_padded,
+    return BlockLayout.from_block_masks(visited, q_len=c_q * cubes.volume, kv_len=cubes.perm.num_padded,
                                         block_q=cubes.volume, block_k=cubes.volume,
-                                        mask_ids=mask_ids[None, None, :].expand(b * h, c, c), mask_table=table,
-                                        widths=(k, c))
+                                        mask_ids=mask_ids[None, None, :].expand(visited.shape), mask_table=table,
+                                        widths=(k, c_q))
 
 
 def _fused_coarse(q_t, k_t, v_t, with_coarse: bool, backend: str) -> bool:
@@ -152,6 +153,7 @@ def vsa_parts(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid: Tuple[int
     if _fused_coarse(q_t, k_t, v_t, with_coarse, backend):
         from .triton import coarse_triton
 
+        # (its selection is ascending; vsa_layout reads it as a set)
         coarse, _, selection = coarse_triton(q_t, k_t, v_t, cubes, count, scale, with_coarse)
     else:
         coarse, _, selection = coarse_attention(q_t, k_t, v_t, cubes, count, scale, with_coarse)
@@ -193,7 +195,9 @@ def vsa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid, *, to
             raw op without a gate computes ``coarse + fine``: pass ``torch.ones_like(q)`` for that.
         scale: softmax scale of both branches, default ``1/sqrt(D)``.
         backend: the fine branch's block-sparse backend (``"auto"``, ``"torch"``, ``"triton"``, ``"flex"``, ...).
-        return_selection: also return the selection, int64 ``(B, H, C, k)`` key cube indices per query cube.
+        return_selection: also return the selection, int64 ``(B, H, C, k)`` key cube indices per query cube:
+            the set is the contract, not the order (ascending from the Triton launch, descending score from
+            torch.topk; an exact tie goes to the lower index in the former, as torch.topk breaks it in the latter).
 
     Returns:
         ``out`` ``(B, H, N, D)`` in q's dtype (and the selection with ``return_selection=True``).
@@ -225,3 +229,35 @@ def vsa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid, *, to
     if gate is not None:
         out = (out.float() + parts.coarse * gate.float()).to(q.dtype)
     return (out, parts.selection) if return_selection else out
+
+
+def vsa_parts_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, part: CubeRows, cubes: Cubes, count: int,
+                   scale: float, *, with_coarse: bool = True, backend: str = "auto") -> VSAResult:
+    """VSA's branches for the query rows of ``part`` (:func:`~.naive.cube_rows`: raster rows that fill whole
+    cubes, a ring rank's share), exactly the rows of :func:`vsa_parts` on the whole grid.
+
+    ``q`` ``(B, H, stop - start, D)`` holds those rows, ``k`` and ``v`` ``(B, H, N, D)`` the whole grid (raster
+    order). A query cube's mean needs only its own rows; the coarse scores, the selection and the fine branch
+    need every key cube, which ``k`` and ``v`` hold. The coarse branch runs the PyTorch twin
+    (:func:`~.naive.coarse_attention` on the share's query cubes; the Triton launches pool one grid's cubes for
+    queries and keys alike); the fine branch is a rectangular :class:`~dit_accel.kernels.BlockLayout` (the
+    share's query cubes x every key cube) run by :func:`~dit_accel.kernels.block_sparse_attention`. The
+    ``selection`` is ``(B, H, share's cubes, count)``; ``coarse``, ``fine`` and ``lse`` cover the rows.
+    """
+    rows = part.rows[1] - part.rows[0]
+    if q.shape[2] != rows or k.shape[2] != cubes.perm.num_tokens:
+        raise ValueError(f"q has {q.shape[2]} tokens and k/v {k.shape[2]}, expected the {rows} rows "
+                         f"{part.rows[0]}..{part.rows[1] - 1} and all {cubes.perm.num_tokens} tokens of the grid")
+    q_t = part.permute(q)
+    k_t, v_t = (cubes.perm.permute(x, dim=-2) for x in (k, v))
+    coarse, _, selection = coarse_attention(q_t, k_t, v_t, cubes, count, scale, with_coarse, first_query=part.cubes[0])
+    b, h, n_q, d = q_t.shape
+    n_k = k_t.shape[2]
+    layout = vsa_layout(cubes, selection)
+    fine, lse = block_sparse_attention(q_t.reshape(1, b * h, n_q, d), k_t.reshape(1, b * h, n_k, d),
+                                       v_t.reshape(1, b * h, n_k, d), layout, scale=scale, return_lse=True,
+                                       backend=backend)
+    fine = part.unpermute(fine.view(b, h, n_q, d))
+    lse = part.unpermute(lse.view(b, h, n_q), dim=-1)
+    coarse_tok = None if coarse is None else part.unpermute(coarse.repeat_interleave(cubes.volume, dim=2))
+    return VSAResult(fine, lse, coarse_tok, selection, count / cubes.count)

@@ -18,7 +18,8 @@ import torch
 
 from ...patterns.permutation import TilePermutation
 
-__all__ = ["Cubes", "cubes_of", "selected_count", "coarse_attention", "vsa_parts_naive", "vsa_naive", "VSAParts"]
+__all__ = ["Cubes", "cubes_of", "selected_count", "coarse_attention", "CubeRows", "cube_rows", "vsa_parts_naive",
+           "vsa_naive", "VSAParts"]
 
 
 class Cubes(NamedTuple):
@@ -50,30 +51,75 @@ def selected_count(cubes: int, topk: Optional[int], sparsity: Optional[float]) -
     return max(1, min(k, cubes))
 
 
-def _cube_means(x: torch.Tensor, cubes: Cubes, dtype) -> torch.Tensor:
-    """``(B, H, C, D)`` means over each cube's real tokens of ``x`` in tiled order ``(B, H, Np, D)``
-    (padding holds zeros after the permutation, so a sum over the cube is the sum of its real tokens)."""
-    b, h, _, d = x.shape
-    sums = x.to(dtype).view(b, h, cubes.count, cubes.volume, d).sum(3)
-    return sums / cubes.sizes.to(device=x.device, dtype=dtype)[:, None]
+def _cube_means(x: torch.Tensor, cubes: Cubes, dtype, first: int = 0) -> torch.Tensor:
+    """``(B, H, C', D)`` means over each cube's real tokens of ``x`` in tiled order ``(B, H, C' * V, D)``, which
+    holds the cubes ``first .. first + C' - 1`` (padding holds zeros after the permutation, so a sum over the
+    cube is the sum of its real tokens)."""
+    b, h, n, d = x.shape
+    c = n // cubes.volume
+    sums = x.to(dtype).view(b, h, c, cubes.volume, d).sum(3)
+    return sums / cubes.sizes[first:first + c].to(device=x.device, dtype=dtype)[:, None]
 
 
 def coarse_attention(q_t: torch.Tensor, k_t: torch.Tensor, v_t: torch.Tensor, cubes: Cubes, count: int,
-                     scale: float, with_output: bool = True, dtype=None):
-    """The coarse branch on tiled inputs: ``(coarse (B, H, C, D) or None, scores (B, H, C, C), selection)``.
+                     scale: float, with_output: bool = True, dtype=None, *, first_query: int = 0):
+    """The coarse branch on tiled inputs: ``(coarse (B, H, Cq, D) or None, scores (B, H, Cq, C), selection)``.
 
-    Scores are ``mean(q) . mean(k) * scale`` per cube pair; ``selection`` int64 ``(B, H, C, count)`` holds the
-    key cubes ``torch.topk`` picks per query cube (ties as torch.topk breaks them). Computed in ``dtype``
-    (default: fp32, or float64 for float64 inputs), differentiable except the selection.
+    ``k_t`` and ``v_t`` hold every cube; ``q_t`` every cube too (``Cq = C``), or the consecutive query cubes
+    ``first_query .. first_query + Cq - 1`` (a ring rank's share, :class:`CubeRows`): a query cube's row needs
+    only its own mean and every key cube's. Scores are ``mean(q) . mean(k) * scale`` per cube pair;
+    ``selection`` int64 ``(B, H, Cq, count)`` holds the key cubes ``torch.topk`` picks per query cube (ties as
+    torch.topk breaks them). Computed in ``dtype`` (default: fp32, or float64 for float64 inputs),
+    differentiable except the selection.
     """
     dtype = dtype or (torch.float64 if q_t.dtype == torch.float64 else torch.float32)
-    qc, kc = _cube_means(q_t, cubes, dtype), _cube_means(k_t, cubes, dtype)
+    qc, kc = _cube_means(q_t, cubes, dtype, first_query), _cube_means(k_t, cubes, dtype)
     scores = torch.matmul(qc, kc.transpose(-1, -2)) * scale
     selection = torch.topk(scores.detach(), count, dim=-1).indices
     coarse = None
     if with_output:
         coarse = torch.matmul(torch.softmax(scores, dim=-1), _cube_means(v_t, cubes, dtype))
     return coarse, scores, selection
+
+
+class CubeRows(NamedTuple):
+    """Raster tokens ``rows = (start, stop)`` that are exactly the real tokens of the consecutive cubes
+    ``cubes = (first, stop_cube)`` (a ring rank's share, :func:`cube_rows`), with the index maps between them."""
+
+    rows: Tuple[int, int]
+    cubes: Tuple[int, int]
+    gather: torch.Tensor  # int64 [cubes * V]: row offset of each tiled position; stop - start for padding
+    scatter: torch.Tensor  # int64 [stop - start]: tiled position of each row, counted from the first cube
+
+    def to(self, device) -> "CubeRows":
+        return self._replace(gather=self.gather.to(device), scatter=self.scatter.to(device))
+
+    def permute(self, x: torch.Tensor, dim: int = -2) -> torch.Tensor:
+        """The rows ``[..., stop - start, ...]`` -> their cubes in tiled order, padding zero, along ``dim``."""
+        zero = x.new_zeros(x.shape[:dim % x.dim()] + (1,) + x.shape[dim % x.dim() + 1:])
+        return torch.cat([x, zero], dim).index_select(dim, self.gather)
+
+    def unpermute(self, x: torch.Tensor, dim: int = -2) -> torch.Tensor:
+        """Inverse of :meth:`permute` (padding dropped)."""
+        return x.index_select(dim, self.scatter)
+
+
+def cube_rows(cubes: Cubes, rows: Tuple[int, int]) -> Optional[CubeRows]:
+    """The cubes whose real tokens are exactly the raster tokens ``rows = (start, stop)``, or None when the rows
+    cut a cube (or are empty). Whole frames ``f0 .. f1 - 1`` qualify when ``f0`` is a multiple of the tile's
+    depth and ``f1`` one too or the last frame; so do whole rows of cubes inside a frame for a tile of depth 1."""
+    start, stop = int(rows[0]), int(rows[1])
+    perm, vol = cubes.perm, cubes.volume
+    if not 0 <= start < stop <= perm.num_tokens:
+        return None
+    tiled = perm.inverse[start:stop]
+    first, last = int(tiled.min()) // vol, int(tiled.max()) // vol + 1
+    order = perm.order[first * vol:last * vol]
+    # Every row lands in these cubes; they are the rows' own iff every real token in them is one of the rows.
+    if not bool(((order < 0) | ((order >= start) & (order < stop))).all()):
+        return None
+    gather = torch.where(order >= 0, order - start, stop - start)
+    return CubeRows((start, stop), (first, last), gather, tiled - first * vol)
 
 
 class VSAParts(NamedTuple):
