@@ -71,13 +71,17 @@ def render_clip(colour: str, shape: str, direction: str, seed: int = 0, frames: 
 
 
 def render_batch(colour_ids: torch.Tensor, shape_ids: torch.Tensor, direction_ids: torch.Tensor, *,
-                 generator: torch.Generator, frames: int, height: int, width: int) -> torch.Tensor:
+                 generator: torch.Generator, frames: int, height: int, width: int,
+                 object_canvas: int = None) -> torch.Tensor:
     """Render a batch of clips at once (the training data path): float32 ``[B, frames, H, W, 3]`` in [0, 1].
 
     Args:
         colour_ids, shape_ids, direction_ids: int tensors ``[B]`` indexing
             ``list(COLOURS)``, :data:`SHAPES` and ``list(DIRECTIONS)``.
         generator: CPU generator of the start positions.
+        object_canvas: the square canvas side whose :data:`SIZE` and :data:`TRAVEL` fractions give the object's
+            size and travel in pixels (default: this canvas, so everything scales with it). ``object_canvas=48``
+            on a 128x128 canvas draws the 48x48 clip's object and motion anywhere on the larger canvas.
 
     Example::
 
@@ -87,10 +91,14 @@ def render_batch(colour_ids: torch.Tensor, shape_ids: torch.Tensor, direction_id
     """
     if frames < 2 or height < 8 or width < 8:
         raise ValueError(f"need at least 2 frames and an 8x8 canvas, got frames={frames}, {height}x{width}")
+    if object_canvas is not None and not 8 <= object_canvas <= min(height, width):
+        raise ValueError(f"object_canvas={object_canvas} must be from 8 to the canvas's shorter side "
+                         f"{min(height, width)}")
     n = colour_ids.shape[0]
-    size = SIZE * min(height, width)
+    extent = (float(object_canvas),) * 2 if object_canvas else (float(width), float(height))
+    size = SIZE * min(extent)
     motion = torch.tensor(list(DIRECTIONS.values()))[direction_ids]  # [B, 2]
-    travel = TRAVEL * torch.tensor([float(width), float(height)]) * motion.abs()  # [B, 2]: zero across the motion
+    travel = TRAVEL * torch.tensor(extent) * motion.abs()  # [B, 2]: zero across the motion
     # Start uniform over the positions whose whole path keeps the object one pixel inside the canvas.
     room = torch.tensor([float(width), float(height)]) - 2 - size - travel  # [B, 2]
     start = 1 + size / 2 + room * torch.rand(n, 2, generator=generator) + travel * (motion < 0)

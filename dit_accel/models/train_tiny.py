@@ -215,15 +215,16 @@ def _latent_stats(frames: int, height: int, width: int, seed: int):
 
 # ----------------------------------------------------------------------------- training
 def _sample_batch(g: torch.Generator, batch_size: int, frames: int, mean: torch.Tensor, std: torch.Tensor,
-                  full: int = None, size: int = None):
+                  full: int = None, size: int = None, object_canvas: int = None):
     """Normalised latents of fresh clips cut to their first ``frames`` frames, their prompts (10 % emptied)
     and a text padding length. Clips are rendered at the full length ``full`` (default: the shipped
     ``num_frames``), so speeds do not depend on ``frames``, on ``size`` x ``size`` pixel canvases (default: the
-    shipped height and width)."""
+    shipped height and width), objects sized by ``object_canvas`` (:func:`~.clips.render_batch`)."""
     height, width = (size, size) if size else (TINY_SHAPES_DEFAULTS[k] for k in ("height", "width"))
     full = full or TINY_SHAPES_DEFAULTS["num_frames"]
     ids = [torch.randint(0, len(t), (batch_size,), generator=g) for t in (COLOURS, SHAPES, DIRECTIONS)]
-    video = render_batch(*ids, generator=g, frames=full, height=height, width=width)[:, :frames]
+    video = render_batch(*ids, generator=g, frames=full, height=height, width=width,
+                         object_canvas=object_canvas)[:, :frames]
     latents = (pack_latents(video) - mean) / std
     names = [list(COLOURS), list(SHAPES), list(DIRECTIONS)]
     prompts = [make_prompt(*(table[i] for table, i in zip(names, triple))) for triple in zip(*(i.tolist() for i in ids))]
@@ -272,7 +273,8 @@ def _flow_matching_loss(pipe, latents, prompts, length, g: torch.Generator, loca
 
 def train(out_dir=TINY_SHAPES_DIR, *, steps: int = 3600, batch_size: int = 16, lr: float = 1.5e-3, warmup: int = 100,
           short_fraction: float = 0.65, ema_decay: float = 0.998, seed: int = 0, log_every: int = 25,
-          eval_seeds=(0, 1), save_every: int = 0, frames: int = None, size: int = None, init=None,
+          eval_seeds=(0, 1), save_every: int = 0, frames: int = None, size: int = None, object_canvas: int = None,
+          init=None,
           time_limit: float = None, local=None, local_weight: float = 1.0, local_pull: str = "sparse") -> dict:
     """Train and save the ``tiny-shapes`` pipeline to ``out_dir``; returns the training log.
 
@@ -288,7 +290,8 @@ def train(out_dir=TINY_SHAPES_DIR, *, steps: int = 3600, batch_size: int = 16, l
 
     Fine-tuning: ``frames`` (odd, default ``TINY_SHAPES_DEFAULTS["num_frames"]``) is the clip length of the
     full-length phase and of the closing evaluation, ``size`` (a multiple of 16, default 48) the side of its square
-    frames; ``init`` a saved pipeline folder to start from (its
+    frames, ``object_canvas`` the canvas whose proportions size the objects and their travel (default ``size``:
+    objects grow with the canvas; 48 keeps tiny-shapes' objects on a larger canvas); ``init`` a saved pipeline folder to start from (its
     tokenizer, codec and latent normalisation are kept; optimizer and EMA start fresh from its weights);
     ``time_limit`` (seconds) stops the loop early, then saves and evaluates as at the end
     (``train_log.json`` records ``steps_done``). Without them the run is the one that made the shipped weights.
@@ -316,7 +319,10 @@ def train(out_dir=TINY_SHAPES_DIR, *, steps: int = 3600, batch_size: int = 16, l
         raise ValueError(f"size must be a multiple of 16 (the codec halves it, the patch halves it again), got {size}")
     if local_pull not in ("sparse", "both"):
         raise ValueError(f"local_pull must be 'sparse' or 'both', got {local_pull!r}")
-    settings.update(frames=frames, canvas=size or TINY_SHAPES_DEFAULTS["height"], init=str(init) if init else None,
+    canvas = size or TINY_SHAPES_DEFAULTS["height"]
+    if object_canvas is not None and not 8 <= object_canvas <= canvas:
+        raise ValueError(f"object_canvas must be from 8 to the canvas side {canvas}, got {object_canvas}")
+    settings.update(frames=frames, canvas=canvas, object_canvas=object_canvas or canvas, init=str(init) if init else None,
                     time_limit=time_limit, local=None if local is None else local.to_dict(), local_weight=local_weight,
                     local_pull=local_pull)
     pipe, mean, std = _starting_pipeline(init, frames, seed, size)
@@ -335,7 +341,7 @@ def train(out_dir=TINY_SHAPES_DIR, *, steps: int = 3600, batch_size: int = 16, l
         if time_limit is not None and time.perf_counter() - start >= time_limit:
             break
         clip_frames = _SHORT_FRAMES if step < short_fraction * steps else frames
-        loss = _flow_matching_loss(pipe, *_sample_batch(g, batch_size, clip_frames, mean, std, frames, size), g,
+        loss = _flow_matching_loss(pipe, *_sample_batch(g, batch_size, clip_frames, mean, std, frames, size, object_canvas), g,
                                    None if handle is None else (handle, local_weight, local_pull))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -474,6 +480,9 @@ def main(argv=None) -> None:
                         help="clip length (odd) of the full-length phase and of the evaluation")
     parser.add_argument("--size", type=int, default=None, metavar="PIXELS",
                         help="side of the square frames (a multiple of 16; default 48)")
+    parser.add_argument("--object-canvas", type=int, default=None, metavar="PIXELS",
+                        help="objects and their travel sized as on this canvas side (default: --size; 48 draws "
+                             "tiny-shapes' objects on a larger canvas)")
     parser.add_argument("--init", default=None, metavar="DIR",
                         help="start from this saved pipeline (e.g. the shipped tiny-shapes folder): a fine-tune")
     parser.add_argument("--time-limit", type=float, default=None, metavar="SECONDS",
@@ -500,7 +509,7 @@ def main(argv=None) -> None:
     log = train(args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup,
                 short_fraction=args.short_fraction, ema_decay=args.ema_decay, seed=args.seed,
                 eval_seeds=args.eval_seeds, save_every=args.save_every, frames=args.frames, size=args.size,
-                init=args.init,
+                object_canvas=args.object_canvas, init=args.init,
                 time_limit=args.time_limit, local=local, local_weight=args.local_weight, local_pull=args.local_pull)
     print(json.dumps({k: log[k] for k in ("steps_done", "train_seconds", "parameters")} | {"eval": log.get("eval")}, indent=1))
 

@@ -4,13 +4,16 @@
     python docs/scripts/long_clip_checks.py gt --weights DIR --guidance 2.0 --seeds 0
     # PSNR of the per-head Tile windows of `train_tiny --local` against dense, first N steps dense, and both GTs
     python docs/scripts/long_clip_checks.py psnr --weights DIR --prompts "a red circle moving right" --dense-steps 4
+    # the same at 7 frames of 128x128 under another method
+    python docs/scripts/long_clip_checks.py psnr --weights DIR --frames 7 --size 128 --method '{"method": "tile", ...}'
 
-Both run the stock pipeline call (48x48, 12 steps, max_sequence_length 16) on the CPU.
+Both run the stock pipeline call (12 steps, max_sequence_length 16; 48x48 unless --size) on the CPU.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from pathlib import Path
 
@@ -56,7 +59,9 @@ def psnr(args) -> None:
     from dit_accel.models.groundtruth import score_video
 
     pipe = _pipe(args.weights)
-    method = dit_accel.Tile(tile=(4, 4, 4), window=WINDOWS)
+    from dit_accel.weights import method_from_dict
+
+    method = method_from_dict(json.loads(args.method)) if args.method else dit_accel.Tile(tile=(4, 4, 4), window=WINDOWS)
     for prompt in args.prompts:
         start = time.perf_counter()
         dense = pipe(prompt, generator=torch.Generator().manual_seed(args.seed), **_call(args)).frames[0]
@@ -87,6 +92,8 @@ def main(argv=None) -> None:
     sub.choices["psnr"].add_argument("--prompts", nargs="+", default=["a red circle moving right"])
     sub.choices["psnr"].add_argument("--seed", type=int, default=0)
     sub.choices["psnr"].add_argument("--dense-steps", type=int, default=0)
+    sub.choices["psnr"].add_argument("--method", default=None, metavar="JSON",
+                                     help="the sparse method (default: the 63-frame per-head Tile windows)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     (ground_truth if args.check == "gt" else psnr)(args)

@@ -164,3 +164,38 @@ def test_local_flag_rejects_a_bad_method(tmp_path, capsys):
     with pytest.raises(SystemExit):
         train_tiny.main(["--out", str(tmp_path), "--local", '{"method": "tile", "window": [0, 1, 1]}'])
     assert "--local" in capsys.readouterr().err
+
+
+def test_object_canvas_keeps_the_objects_of_a_smaller_canvas(tmp_path):
+    """render_batch(object_canvas=48) on 128x128: the object has the 48x48 clip's area and travel in pixels (not
+    2.67x them), lies anywhere on the larger canvas, and the clips still pass the ground truth; train_tiny
+    records the setting and refuses one larger than the canvas."""
+    import numpy as np
+
+    from dit_accel.models.clips import BACKGROUND, SIZE, TRAVEL, render_batch
+    from dit_accel.models.groundtruth import score_video
+
+    ids = (torch.tensor([0, 1, 2, 3] * 4), torch.tensor([0, 0, 1, 1] * 4), torch.tensor([0, 1, 2, 3] * 4))
+    small = render_batch(*ids, generator=torch.Generator().manual_seed(0), frames=7, height=48, width=48)
+    big = render_batch(*ids, generator=torch.Generator().manual_seed(0), frames=7, height=128, width=128,
+                       object_canvas=48)
+    area = [(x - BACKGROUND).abs().amax(-1).gt(0.05).flatten(2).sum(-1).float().mean() for x in (small, big)]
+    assert abs(float(area[1] / area[0]) - 1) < 0.1  # same object area in pixels
+    assert float(area[1]) < 0.05 * 128 * 128 < (SIZE * 128) ** 2 * 0.5  # far smaller than a scaled object
+    centres = []
+    for clip in big:
+        mask = (clip - BACKGROUND).abs().amax(-1) > 0.05  # [F, H, W]
+        ys, xs = torch.meshgrid(torch.arange(128.0), torch.arange(128.0), indexing="ij")
+        c = [(float((xs * m).sum() / m.sum()), float((ys * m).sum() / m.sum())) for m in mask]
+        assert abs(np.hypot(c[-1][0] - c[0][0], c[-1][1] - c[0][1]) - TRAVEL * 48) < 1.5  # 48-pixel travel
+        centres.append(c[0])
+    spread = np.ptp(np.array(centres), axis=0)
+    assert (spread > 40).all()  # start positions spread over the larger canvas
+    prompts = [f"a {c} {s} moving {d}" for c, s, d in zip(*(np.array(t)[i.numpy()] for t, i in zip(
+        (["red", "green", "blue", "yellow"], ["square", "circle"], ["left", "right", "up", "down"]), ids)))]
+    assert all(score_video(v.numpy(), p)["all_ok"] for v, p in zip(big, prompts))
+    with pytest.raises(ValueError, match="object_canvas"):
+        render_batch(*ids, generator=torch.Generator(), frames=3, height=32, width=32, object_canvas=48)
+    with pytest.raises(ValueError, match="object_canvas"):
+        train_tiny.train(tmp_path, steps=1, size=32, object_canvas=48, eval_seeds=())
+    assert not any(tmp_path.iterdir())
