@@ -396,10 +396,11 @@ def _validate(pipe, settings: CalibrationSettings, space: SearchSpace, verify, b
 
 
 def _quality_record(best: dict, search_videos: int, validation: Optional[dict], assignment: Assignment,
-                    calls_per_step: int) -> dict:
+                    calls_per_step: int, priced: str = "modelled") -> dict:
     """What a plan's provenance says of its quality (``generate`` prints it): the search and validation figures
     against dense, the uniform SLA baseline at no less modelled cost on the validation videos, and the modelled
-    attention time of the plan and of dense."""
+    attention time of the plan and of dense (``priced``: ``"modelled"``, the GPU cost model, or ``"timed on
+    DEVICE"``, ``--costs measured``; the ``*_modelled_ms`` keys hold either)."""
     def figures(record: Optional[dict], videos: int) -> Optional[dict]:
         if record is None:
             return None
@@ -408,7 +409,7 @@ def _quality_record(best: dict, search_videos: int, validation: Optional[dict], 
 
     out = {"plan": best.get("label"), "modelled_ms": assignment.cost_per_sample(calls_per_step) * 1e3,
            "dense_modelled_ms": assignment.dense_cost_per_sample(calls_per_step) * 1e3,
-           "search": figures(best, search_videos)}
+           "priced": priced, "search": figures(best, search_videos)}
     if validation is not None:
         out["validation"] = figures(validation.get("final"), validation["videos"])
         out["validation_prompts"] = validation["prompts"]
@@ -763,7 +764,8 @@ def calibrate(settings: CalibrationSettings, out, *, report_dir=None, progress: 
             prompts_sha256=prompts_hash(settings.prompts), seeds=list(settings.seeds), budget=budget,
             objective=objective, steps=settings.steps, timesteps=dense.timesteps, call=call_kwargs,
             candidates=[c.label for c in candidates], cost_model=space.costs.describe(),
-            quality=_quality_record(best, len(jobs), validation, assignment, calls_per_step))
+            quality=_quality_record(best, len(jobs), validation, assignment, calls_per_step,
+                                    f"timed on {settings.device}" if settings.costs == "measured" else "modelled"))
         plan = assignment.to_plan(provenance)
         result = _result(settings, out, dense, space, terms_note, candidates, best, trace, plan, budget, objective,
                          groundtruth, validation, jobs, weights, calls_per_step)

@@ -243,14 +243,16 @@ def _summary_lines(record: dict) -> list:
 
 
 def _plan_quality_lines(quality) -> list:
-    """What a calibrated plan bought, from its provenance (``dit-accel calibrate``'s record): modelled GPU
-    attention time against dense and against uniform SLA at no less cost, and the quality of both on the
-    validation videos, which the search never saw."""
+    """What a calibrated plan bought, from its provenance (``dit-accel calibrate``'s record): its attention time
+    (modelled for a GPU, or timed on the calibration device with ``--costs measured``) against dense and against
+    uniform SLA at no less cost, and the quality of both on the validation videos, which the search never saw."""
     if not isinstance(quality, dict) or not isinstance(quality.get("modelled_ms"), (int, float)):
         return []
     lines = []
     plan_ms, dense_ms = quality["modelled_ms"], quality.get("dense_modelled_ms")
-    cost = f"modelled GPU attention {plan_ms:.4f} ms/sample"
+    priced = quality.get("priced", "modelled")
+    cost = (f"modelled GPU attention {plan_ms:.4f} ms/sample" if priced == "modelled" else
+            f"attention {priced} {plan_ms:.4f} ms/sample")
     if isinstance(dense_ms, (int, float)) and plan_ms > 0:
         cost += f" vs dense {dense_ms:.4f} ({dense_ms / plan_ms:.2f}x)"
     lines.append(f"calibrated: {quality.get('plan') or 'plan'}; {cost}")

@@ -358,6 +358,7 @@ def test_calibrate_with_costs_measured_on_this_device(tmp_path):
                  "--no-progress", "--quiet"]) == 0
     plan = dit_accel.SparsePlan.load(out)
     assert "measured attention time (on cpu)" in plan.provenance["objective"]
+    assert plan.provenance["quality"]["priced"] == "timed on cpu"  # generate's line says so, not "modelled GPU"
     assert plan.provenance["cost_model"]["terms"] == "measured"
     result = json.loads((tmp_path / "plan_report" / "calibration.json").read_text())
     assert all(c["head_cost_us"] >= 0 for c in result["candidates"])

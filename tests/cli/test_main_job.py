@@ -1,0 +1,88 @@
+"""README's main job (`dit-accel generate` with no arguments): the default shapes model with its shipped plan beside
+a dense run of the same call. Every shipped plan runs on its model's own token layout, what the job prints is what
+it measured (the sidecar), and a plan's quality line says how its cost was priced."""
+import contextlib
+import io
+import json
+import math
+import os
+import re
+
+import pytest
+
+import dit_accel
+from dit_accel.cli.generate_args import DEFAULT_MODEL
+from dit_accel.cli.generate_report import _plan_quality_lines
+from dit_accel.cli.main import main
+from dit_accel.models.tiny_shapes import SHAPES_MODELS, shapes_model
+
+MODEL = shapes_model(DEFAULT_MODEL)
+WITH_PLANS = [name for name, m in SHAPES_MODELS.items() if m.plan is not None]
+
+
+@pytest.fixture(scope="module")
+def main_job(tmp_path_factory):
+    folder, out, cwd = tmp_path_factory.mktemp("main_job"), io.StringIO(), os.getcwd()
+    os.chdir(folder)
+    try:
+        with contextlib.redirect_stdout(out):
+            code = main(["generate"])
+    finally:
+        os.chdir(cwd)
+    assert code == 0, out.getvalue()
+    sidecar = json.loads((folder / "outputs" / f"{DEFAULT_MODEL}-plan.mp4.json").read_text())
+    return out.getvalue(), sidecar
+
+
+@pytest.mark.parametrize("name", WITH_PLANS)
+def test_the_shipped_plan_fits_the_shipped_model(name):
+    """Calibrated for this model's class, layers, heads, token grid and call; it runs on the model's own layout
+    at the last step (where a plan's sparse phases are)."""
+    import torch
+    from diffusers import WanTransformer3DModel
+
+    from dit_accel.models.tiny import tiny_transformer_inputs
+
+    entry = SHAPES_MODELS[name]
+    plan = dit_accel.SparsePlan.load(entry.plan)
+    prov = plan.provenance
+    config = json.loads((entry.folder / "transformer" / "config.json").read_text())
+    assert prov["model_id"] == name and prov["model_class"] == config["_class_name"]
+    assert (plan.num_layers, plan.num_heads) == (config["num_layers"], config["num_attention_heads"])
+    assert prov["grids"] == [list(entry.grid)] and prov["steps"] == entry.defaults["num_inference_steps"]
+    model = WanTransformer3DModel.from_pretrained(entry.folder / "transformer").eval()
+    inputs = tiny_transformer_inputs("wan", model, grid=entry.grid)
+    steps = entry.defaults["num_inference_steps"]
+    with dit_accel.apply(model, plan) as handle, torch.no_grad():
+        handle.set_step(steps - 1, steps)
+        model(**inputs)
+        assert [tuple(g) for _, g in handle.plans] == [entry.grid]
+
+
+def test_the_printed_lines_are_the_measured_stats(main_job):
+    out, meta = main_job
+    t, cmp = meta["timing"], meta["compare_dense"]
+    assert f"token grid {MODEL.grid} = {math.prod(MODEL.grid):,} video tokens" in out
+    assert (f"self-attention {t['attention_s']:.2f} s vs dense {cmp['dense_attention_s']:.2f} s "
+            f"({cmp['attention_speedup']:.2f}x)") in out, out
+    assert (f"transformer {t['transformer_s']:.2f} s vs dense {cmp['dense_transformer_s']:.2f} s "
+            f"({cmp['transformer_speedup']:.2f}x); PSNR vs dense {cmp['psnr_db']:.1f} dB") in out, out
+    assert cmp["attention_speedup"] == pytest.approx(cmp["dense_attention_s"] / t["attention_s"])
+    assert cmp["transformer_speedup"] == pytest.approx(cmp["dense_transformer_s"] / t["transformer_s"])
+    assert meta["settings"]["frames"] == MODEL.defaults["num_frames"]
+    plan = dit_accel.SparsePlan.load(MODEL.plan)
+    assert meta["method"]["method"] == "plan" and meta["method"]["plan"] == plan.to_json()
+    density = re.search(r"its sparse calls visit ([0-9.]+) of the video attention blocks", out)
+    assert density and float(density.group(1)) == pytest.approx(meta["density"]["mean"], abs=5e-4)
+
+
+@pytest.mark.parametrize("priced, words", [("modelled", "modelled GPU attention 2.0000 ms/sample"),
+                                           ("timed on cpu", "attention timed on cpu 2.0000 ms/sample")])
+def test_the_plan_quality_line_says_how_the_cost_was_priced(priced, words):
+    """calibrate --costs measured prices candidates by timing them on the calibration device; the plan's line must
+    not call that a modelled GPU time. Plans written before the field existed read as modelled."""
+    quality = {"plan": "tile w1x3x3", "modelled_ms": 2.0, "dense_modelled_ms": 5.0, "priced": priced}
+    assert _plan_quality_lines(quality)[0] == f"calibrated: tile w1x3x3; {words} vs dense 5.0000 (2.50x)"
+    if priced == "modelled":
+        del quality["priced"]
+        assert _plan_quality_lines(quality)[0] == f"calibrated: tile w1x3x3; {words} vs dense 5.0000 (2.50x)"
