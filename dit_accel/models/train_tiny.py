@@ -306,22 +306,11 @@ def train(out_dir=TINY_SHAPES_DIR, *, steps: int = 3600, batch_size: int = 16, l
 
         train("/tmp/tiny-shapes", steps=200)   # a quick smoke run
     """
-    from .tiny_shapes import evaluate
-
     settings = {"steps": steps, "batch_size": batch_size, "lr": lr, "warmup": warmup,
                 "short_fraction": short_fraction, "short_frames": _SHORT_FRAMES, "ema_decay": ema_decay,
                 "seed": seed, "threads": torch.get_num_threads(), "scheduler_shift": SCHEDULER_SHIFT,
                 "uncond_prob": _UNCOND_PROB, "pad_lengths": _PAD_LENGTHS, "size": TINY_SHAPES_DEFAULTS}
-    frames = frames or TINY_SHAPES_DEFAULTS["num_frames"]
-    if frames < 3 or frames % 2 != 1:
-        raise ValueError(f"frames must be odd and at least 3 (the pixel codec pairs frames), got {frames}")
-    if size is not None and (size < 16 or size % 16):
-        raise ValueError(f"size must be a multiple of 16 (the codec halves it, the patch halves it again), got {size}")
-    if local_pull not in ("sparse", "both"):
-        raise ValueError(f"local_pull must be 'sparse' or 'both', got {local_pull!r}")
-    canvas = size or TINY_SHAPES_DEFAULTS["height"]
-    if object_canvas is not None and not 8 <= object_canvas <= canvas:
-        raise ValueError(f"object_canvas must be from 8 to the canvas side {canvas}, got {object_canvas}")
+    frames, canvas = _checked_shape(frames, size, object_canvas, local_pull)
     settings.update(frames=frames, canvas=canvas, object_canvas=object_canvas or canvas, init=str(init) if init else None,
                     time_limit=time_limit, local=None if local is None else local.to_dict(), local_weight=local_weight,
                     local_pull=local_pull)
@@ -341,7 +330,8 @@ def train(out_dir=TINY_SHAPES_DIR, *, steps: int = 3600, batch_size: int = 16, l
         if time_limit is not None and time.perf_counter() - start >= time_limit:
             break
         clip_frames = _SHORT_FRAMES if step < short_fraction * steps else frames
-        loss = _flow_matching_loss(pipe, *_sample_batch(g, batch_size, clip_frames, mean, std, frames, size, object_canvas), g,
+        batch = _sample_batch(g, batch_size, clip_frames, mean, std, frames, size, object_canvas)
+        loss = _flow_matching_loss(pipe, *batch, g,
                                    None if handle is None else (handle, local_weight, local_pull))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -374,7 +364,14 @@ def train(out_dir=TINY_SHAPES_DIR, *, steps: int = 3600, batch_size: int = 16, l
            "loadavg_1_5_15_start": load_start, "loadavg_1_5_15_end": os.getloadavg(),
            "parameters": {"transformer": _count(pipe.transformer), "text_encoder": _count(pipe.text_encoder)},
            "curve": curve}
-    out_dir = Path(out_dir)
+    return _save_and_evaluate(pipe, Path(out_dir), log, eval_seeds, frames, size)
+
+
+def _save_and_evaluate(pipe, out_dir: Path, log: dict, eval_seeds, frames: int, size) -> dict:
+    """Save the trained pipeline, score it over ``eval_seeds`` at the run's clip length and canvas, and write
+    ``train_log.json`` last (a folder with one holds a finished run)."""
+    from .tiny_shapes import evaluate
+
     pipe.save_pretrained(out_dir, safe_serialization=True)
     _portable_folder(out_dir)
     if eval_seeds:
@@ -383,6 +380,22 @@ def train(out_dir=TINY_SHAPES_DIR, *, steps: int = 3600, batch_size: int = 16, l
         log["eval"] = evaluate(pipe, seeds=tuple(eval_seeds), num_frames=frames, **canvas)
     atomic_write_json(out_dir / "train_log.json", log, indent=1)
     return log
+
+
+def _checked_shape(frames, size, object_canvas, local_pull):
+    """``(frames, canvas side)`` of a run, defaults filled in; ValueError (before anything is written) for a clip
+    length, canvas, object canvas or pull direction the codec or the loss cannot take."""
+    frames = frames or TINY_SHAPES_DEFAULTS["num_frames"]
+    if frames < 3 or frames % 2 != 1:
+        raise ValueError(f"frames must be odd and at least 3 (the pixel codec pairs frames), got {frames}")
+    if size is not None and (size < 16 or size % 16):
+        raise ValueError(f"size must be a multiple of 16 (the codec halves it, the patch halves it again), got {size}")
+    if local_pull not in ("sparse", "both"):
+        raise ValueError(f"local_pull must be 'sparse' or 'both', got {local_pull!r}")
+    canvas = size or TINY_SHAPES_DEFAULTS["height"]
+    if object_canvas is not None and not 8 <= object_canvas <= canvas:
+        raise ValueError(f"object_canvas must be from 8 to the canvas side {canvas}, got {object_canvas}")
+    return frames, canvas
 
 
 def _curve_point(step: int, window: list, optimizer, seconds: float) -> dict:
