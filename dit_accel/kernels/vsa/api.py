@@ -22,8 +22,8 @@ from ..checks import check_qkv, check_scale
 from ..layout import BlockLayout
 from .naive import CubeRows, Cubes, coarse_attention, cubes_of, selected_count
 
-__all__ = ["vsa_attention", "vsa_parts", "vsa_parts_rows", "check_vsa_config", "check_vsa_grid", "vsa_layout", "VSAResult",
-           "DEFAULT_TILE"]
+__all__ = ["vsa_attention", "vsa_parts", "vsa_parts_rows", "check_vsa_config", "check_vsa_grid", "vsa_layout",
+           "VSAResult", "DEFAULT_TILE"]
 
 DEFAULT_TILE = (4, 4, 4)
 
@@ -157,17 +157,26 @@ def vsa_parts(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid: Tuple[int
         coarse, _, selection = coarse_triton(q_t, k_t, v_t, cubes, count, scale, with_coarse)
     else:
         coarse, _, selection = coarse_attention(q_t, k_t, v_t, cubes, count, scale, with_coarse)
+    return _fine_branch(q_t, k_t, v_t, cubes, perm, coarse, selection, scale, backend)
+
+
+def _fine_branch(q_t, k_t, v_t, cubes: Cubes, order, coarse, selection, scale: float, backend: str) -> VSAResult:
+    """The fine branch of the selected cubes on tiled ``q_t`` (every query cube, or a ring rank's) against every
+    key cube, and every part back in raster order through ``order`` (the grid's permutation, or the share's
+    :class:`~.naive.CubeRows`)."""
     layout = vsa_layout(cubes, selection)
-    b, h, n_pad, d = q_t.shape
-    fold = (1, b * h, n_pad, d)  # batch folded into heads: one layout head per (batch, head)
-    fine, lse = block_sparse_attention(q_t.reshape(fold), k_t.reshape(fold), v_t.reshape(fold), layout,
-                                       scale=scale, return_lse=True, backend=backend)
-    fine = perm.unpermute(fine.view(b, h, n_pad, d), dim=-2)
-    lse = perm.unpermute(lse.view(b, h, n_pad), dim=-1)
+    b, h, n_q, d = q_t.shape
+    n_k = k_t.shape[2]
+    # batch folded into heads: one layout head per (batch, head)
+    fine, lse = block_sparse_attention(q_t.reshape(1, b * h, n_q, d), k_t.reshape(1, b * h, n_k, d),
+                                       v_t.reshape(1, b * h, n_k, d), layout, scale=scale, return_lse=True,
+                                       backend=backend)
+    fine = order.unpermute(fine.view(b, h, n_q, d), dim=-2)
+    lse = order.unpermute(lse.view(b, h, n_q), dim=-1)
     coarse_tok = None
     if coarse is not None:
-        coarse_tok = perm.unpermute(coarse.repeat_interleave(cubes.volume, dim=2), dim=-2)
-    return VSAResult(fine, lse, coarse_tok, selection, count / cubes.count)
+        coarse_tok = order.unpermute(coarse.repeat_interleave(cubes.volume, dim=2), dim=-2)
+    return VSAResult(fine, lse, coarse_tok, selection, selection.shape[-1] / cubes.count)
 
 
 def vsa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid, *, topk: Optional[int] = None,
@@ -250,14 +259,6 @@ def vsa_parts_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, part: Cube
                          f"{part.rows[0]}..{part.rows[1] - 1} and all {cubes.perm.num_tokens} tokens of the grid")
     q_t = part.permute(q)
     k_t, v_t = (cubes.perm.permute(x, dim=-2) for x in (k, v))
-    coarse, _, selection = coarse_attention(q_t, k_t, v_t, cubes, count, scale, with_coarse, first_query=part.cubes[0])
-    b, h, n_q, d = q_t.shape
-    n_k = k_t.shape[2]
-    layout = vsa_layout(cubes, selection)
-    fine, lse = block_sparse_attention(q_t.reshape(1, b * h, n_q, d), k_t.reshape(1, b * h, n_k, d),
-                                       v_t.reshape(1, b * h, n_k, d), layout, scale=scale, return_lse=True,
-                                       backend=backend)
-    fine = part.unpermute(fine.view(b, h, n_q, d))
-    lse = part.unpermute(lse.view(b, h, n_q), dim=-1)
-    coarse_tok = None if coarse is None else part.unpermute(coarse.repeat_interleave(cubes.volume, dim=2))
-    return VSAResult(fine, lse, coarse_tok, selection, count / cubes.count)
+    coarse, _, selection = coarse_attention(q_t, k_t, v_t, cubes, count, scale, with_coarse,
+                                            first_query=part.cubes[0])
+    return _fine_branch(q_t, k_t, v_t, cubes, part, coarse, selection, scale, backend)
