@@ -9,6 +9,9 @@ if "DIT_ACCEL_CACHE" not in os.environ:
     import tempfile
 
     os.environ["DIT_ACCEL_CACHE"] = tempfile.mkdtemp(prefix="dit_accel_tests_")
+# ptxas / nvdisasm / cuobjdump outputs are a pure function of tool, flags and input bytes (dit_accel.kernels.tool_runs):
+# kept across runs like triton's own cache, so a run after the first re-reads no unchanged kernel.
+os.environ.setdefault("DIT_ACCEL_TOOL_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "dit_accel", "tools"))
 
 from dit_accel._util import use_interpreter_without_cuda  # noqa: E402  (imports neither torch nor triton)
 

@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import ast
 import functools
-import os
 import re
-import subprocess
-import tempfile
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
+
+from .tool_runs import run_tool
 
 
 # ----------------------------------------------------------------------------- instruction classes
@@ -272,13 +271,10 @@ def _ptxas(arch: int) -> str:
 
 
 def disassemble(cubin: bytes) -> str:
-    """``nvdisasm -c -g`` of a cubin: SASS of the code sections with source line comments."""
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(cubin)
-        f.flush()
-        # -ndf: no dataflow analysis (direct branches keep their labels; a third faster).
-        return subprocess.run([_tool("nvdisasm"), "-c", "-g", "-ndf", f.name], check=True, capture_output=True,
-                              text=True).stdout
+    """``nvdisasm -c -g`` of a cubin: SASS of the code sections with source line comments (kept on disk by
+    :func:`~.tool_runs.run_tool`)."""
+    # -ndf: no dataflow analysis (direct branches keep their labels; a third faster).
+    return run_tool(_tool("nvdisasm"), ["-c", "-g", "-ndf"], cubin, ".cubin")[1]
 
 
 _SETMAXREG = re.compile(r"USETMAXREG\.\w+\.\w+\s+(?:U?P\d+,\s*)?0x([0-9a-f]+)")
@@ -289,11 +285,7 @@ _RES = re.compile(r"REG:(\d+)\s+STACK:(\d+)\s+SHARED:(\d+)\s+LOCAL:(\d+)")
 
 def resource_usage(cubin: bytes) -> dict:
     """``cuobjdump -res-usage``: ``{"registers", "stack", "shared_static", "local"}`` (bytes)."""
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(cubin)
-        f.flush()
-        out = subprocess.run([_tool("cuobjdump"), "-res-usage", f.name], check=True, capture_output=True,
-                             text=True).stdout
+    out = run_tool(_tool("cuobjdump"), ["-res-usage"], cubin, ".cubin")[1]
     m = _RES.search(out)
     if not m:
         raise RuntimeError(f"cannot read cuobjdump -res-usage output:\n{out}")
@@ -329,15 +321,12 @@ def ptxas_report(ptx: str, arch: int, fp_fusion: bool = True) -> dict:
     """Re-run ``ptxas -v`` on ``ptx`` with triton's flags and parse its log (see :func:`parse_ptxas_log`)."""
     from triton.backends.nvidia.compiler import sm_arch_from_capability
 
-    with tempfile.TemporaryDirectory() as tmp:
-        src = os.path.join(tmp, "k.ptx")
-        Path(src).write_text(ptx)
-        cmd = [_ptxas(arch), "-lineinfo", *([] if fp_fusion else ["--fmad=false"]), "-v", "--regAllocOptLevel=2",
-               f"--gpu-name={sm_arch_from_capability(arch)}", src, "-o", os.path.join(tmp, "k.o")]
-        res = subprocess.run(cmd, capture_output=True, text=True)
-    if res.returncode != 0:
-        raise RuntimeError(f"ptxas failed: {res.stderr[-2000:]}")
-    return parse_ptxas_log(res.stderr + res.stdout)
+    flags = ["-lineinfo", *([] if fp_fusion else ["--fmad=false"]), "-v", "--regAllocOptLevel=2",
+             f"--gpu-name={sm_arch_from_capability(arch)}", "-o", "{out}"]
+    code, out, err = run_tool(_ptxas(arch), flags, ptx.encode(), ".ptx", check=False)
+    if code != 0:
+        raise RuntimeError(f"ptxas failed: {err[-2000:]}")
+    return parse_ptxas_log(err + out)
 
 
 # ----------------------------------------------------------------------------- TTGIR
