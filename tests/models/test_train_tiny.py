@@ -82,7 +82,7 @@ def test_defaults_are_the_shipped_run():
         train_tiny.train = original
         torch.set_num_threads(threads)
     assert captured["frames"] == 7 and captured["init"] is None and captured["time_limit"] is None
-    assert captured["size"] is None
+    assert captured["size"] is None and captured["noise_levels"] == "logit-normal"
     assert captured["steps"] == 3600 and captured["batch_size"] == 16 and captured["short_fraction"] == 0.65
 
 
@@ -199,3 +199,27 @@ def test_object_canvas_keeps_the_objects_of_a_smaller_canvas(tmp_path):
     with pytest.raises(ValueError, match="object_canvas"):
         train_tiny.train(tmp_path, steps=1, size=32, object_canvas=48, eval_seeds=())
     assert not any(tmp_path.iterdir())
+
+
+def test_noise_levels_uniform_draws_more_low_noise_steps(tmp_path):
+    """--noise-levels: the share of training noise levels below 0.2 is the shifted law's (shift 3: u < 1/13), about
+    7.7 % uniform and 0.7 % logit-normal (the default, the shipped run); anything else is refused."""
+    import math
+
+    latents = torch.zeros(4000, 6, 1, 1, 1)
+    pipe = type("P", (), {})()
+    original = train_tiny._encode_text
+    try:
+        train_tiny._encode_text = lambda pipe, prompts, length: None
+        shares = {}
+        for law in ("uniform", "logit-normal"):
+            inputs, _ = train_tiny._flow_matching_inputs(pipe, latents, [""] * 4000, 8, torch.Generator().manual_seed(0),
+                                                         law)
+            shares[law] = float((inputs["timestep"] < 200).float().mean())
+    finally:
+        train_tiny._encode_text = original
+    u = 0.2 / (3 - 2 * 0.2)  # sigma = 3u / (1 + 2u) < 0.2
+    assert shares["uniform"] == pytest.approx(u, abs=0.015)
+    assert shares["logit-normal"] == pytest.approx(0.5 * (1 + math.erf(math.log(u / (1 - u)) / math.sqrt(2))), abs=0.006)
+    with pytest.raises(ValueError, match="noise_levels"):
+        train_tiny.train(tmp_path, steps=1, noise_levels="beta", eval_seeds=())
