@@ -37,12 +37,11 @@ import ast
 import functools
 import hashlib
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
-from ..atomic_files import atomic_write_json
+from ..atomic_files import atomic_write_json, cache_root
 from .compile import TARGET_ARCHS, aot_source, compile_for_target, map_in_workers, shipped_kernel_configs
 from .occupancy import occupancy  # shared with the persistent launcher (a leaf module: no import cycle)
 from .sass_parse import (_SETMAXREG, CLASSES, Instruction, Loop, _name_loops, _same_source, classify, disassemble,
@@ -75,8 +74,7 @@ ONE_LOOP = {"tiles": ("full", "partial")}
 
 
 def _cache_dir() -> Path:
-    root = os.environ.get("DIT_ACCEL_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "dit_accel")
-    return Path(root) / "sass"
+    return cache_root() / "sass"
 
 
 @functools.lru_cache(maxsize=1)

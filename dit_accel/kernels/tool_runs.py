@@ -21,17 +21,14 @@ import tempfile
 from pathlib import Path
 from typing import Sequence
 
-from ..atomic_files import atomic_write_json
+from ..atomic_files import atomic_write_json, cache_root
 
 __all__ = ["run_tool", "cache_dir"]
 
 
 def cache_dir() -> Path:
     explicit = os.environ.get("DIT_ACCEL_TOOL_CACHE")
-    if explicit:
-        return Path(explicit)
-    root = os.environ.get("DIT_ACCEL_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "dit_accel")
-    return Path(root) / "tools"
+    return Path(explicit) if explicit else cache_root() / "tools"
 
 
 @functools.lru_cache(maxsize=None)

@@ -66,6 +66,7 @@ SCHEDULER_SHIFT = 3.0
 _WORDS = ["a", "an", "moving", *COLOURS, *SHAPES, *DIRECTIONS]
 _PAD_LENGTHS = (8, 16, 32, 64, 226)  # 226: WanPipeline's default max_sequence_length
 _UNCOND_PROB = 0.1
+NOISE_LEVELS = ("logit-normal", "uniform")  # laws of the training noise levels (before the shift)
 _SHORT_FRAMES = 3  # curriculum: frames of the cheap first phase (2 latent frames)
 
 
@@ -320,8 +321,8 @@ def train(out_dir=TINY_SHAPES_DIR, *, steps: int = 3600, batch_size: int = 16, l
                 "seed": seed, "threads": torch.get_num_threads(), "scheduler_shift": SCHEDULER_SHIFT,
                 "uncond_prob": _UNCOND_PROB, "pad_lengths": _PAD_LENGTHS, "size": TINY_SHAPES_DEFAULTS}
     frames, canvas = _checked_shape(frames, size, object_canvas, local_pull)
-    if noise_levels not in ("logit-normal", "uniform"):
-        raise ValueError(f"noise_levels must be 'logit-normal' or 'uniform', got {noise_levels!r}")
+    if noise_levels not in NOISE_LEVELS:
+        raise ValueError(f"noise_levels must be one of {NOISE_LEVELS}, got {noise_levels!r}")
     settings.update(frames=frames, canvas=canvas, object_canvas=object_canvas or canvas, init=str(init) if init else None,
                     time_limit=time_limit, local=None if local is None else local.to_dict(), local_weight=local_weight,
                     local_pull=local_pull, noise_levels=noise_levels)
@@ -516,7 +517,7 @@ def main(argv=None) -> None:
                              "dense one, e.g. '{\"method\": \"tile\", \"tile\": [4, 4, 4], \"window\": [3, 1, 3]}'")
     parser.add_argument("--local-weight", type=float, default=1.0,
                         help="weight of the sparse-to-dense term of --local (default 1)")
-    parser.add_argument("--noise-levels", choices=("logit-normal", "uniform"), default="logit-normal",
+    parser.add_argument("--noise-levels", choices=NOISE_LEVELS, default=NOISE_LEVELS[0],
                         help="how training noise levels are drawn before the shift (uniform: more low-noise steps)")
     parser.add_argument("--local-pull", choices=("sparse", "both"), default="sparse",
                         help="--local's consistency term moves the sparse prediction only (default), or both")

@@ -201,23 +201,18 @@ def test_object_canvas_keeps_the_objects_of_a_smaller_canvas(tmp_path):
     assert not any(tmp_path.iterdir())
 
 
-def test_noise_levels_uniform_draws_more_low_noise_steps(tmp_path):
+def test_noise_levels_uniform_draws_more_low_noise_steps(tmp_path, monkeypatch):
     """--noise-levels: the share of training noise levels below 0.2 is the shifted law's (shift 3: u < 1/13), about
     7.7 % uniform and 0.7 % logit-normal (the default, the shipped run); anything else is refused."""
     import math
 
     latents = torch.zeros(4000, 6, 1, 1, 1)
     pipe = type("P", (), {})()
-    original = train_tiny._encode_text
-    try:
-        train_tiny._encode_text = lambda pipe, prompts, length: None
-        shares = {}
-        for law in ("uniform", "logit-normal"):
-            inputs, _ = train_tiny._flow_matching_inputs(pipe, latents, [""] * 4000, 8, torch.Generator().manual_seed(0),
-                                                         law)
-            shares[law] = float((inputs["timestep"] < 200).float().mean())
-    finally:
-        train_tiny._encode_text = original
+    monkeypatch.setattr(train_tiny, "_encode_text", lambda pipe, prompts, length: None)
+    shares = {}
+    for law in ("uniform", "logit-normal"):
+        inputs, _ = train_tiny._flow_matching_inputs(pipe, latents, [""] * 4000, 8, torch.Generator().manual_seed(0), law)
+        shares[law] = float((inputs["timestep"] < 200).float().mean())
     u = 0.2 / (3 - 2 * 0.2)  # sigma = 3u / (1 + 2u) < 0.2
     assert shares["uniform"] == pytest.approx(u, abs=0.015)
     assert shares["logit-normal"] == pytest.approx(0.5 * (1 + math.erf(math.log(u / (1 - u)) / math.sqrt(2))), abs=0.006)
