@@ -1,7 +1,8 @@
 """Train the ``tiny-shapes`` model: ``python -m dit_accel.models.train_tiny [--steps N] [--out DIR]``.
 
 Fine-tune it, e.g. to longer clips: ``--init DIR`` starts from a saved pipeline (its codec normalisation
-kept), ``--frames N`` sets the clip length (default 7), ``--time-limit S`` ends the run early and saves.
+kept; its ``train_log.json`` nested in the new one as ``init_log``), ``--frames N`` sets the clip length
+(default 7), ``--time-limit S`` ends the run early and saves.
 
 Builds a fresh :class:`diffusers.WanPipeline` (see :mod:`dit_accel.models.tiny_shapes`
 for the components), trains its transformer and text encoder on clips rendered
@@ -261,20 +262,28 @@ def _flow_matching_inputs(pipe, latents, prompts, length, g: torch.Generator, no
 
 def _flow_matching_loss(pipe, latents, prompts, length, g: torch.Generator, local=None,
                         noise_levels: str = "logit-normal") -> torch.Tensor:
-    """Flow-matching MSE of one batch; with ``local`` (``(handle, weight, pull)``: a sparse method applied to the
-    transformer) the dense and the sparse prediction of the same noisy batch both learn the velocity, and the
+    """Flow-matching MSE of one batch; with ``local`` (``(handle, weight, pull, max_noise)``: a sparse method applied
+    to the transformer) the dense and the sparse prediction of the same noisy batch both learn the velocity, and the
     sparse one learns the dense one's prediction too (``weight``), so dense attention learns not to need what the
     sparse pattern leaves out. ``pull="both"`` also pulls the dense prediction to the sparse one: dense attention
-    is pushed to ignore what the pattern leaves out, not only left free to."""
+    is pushed to ignore what the pattern leaves out, not only left free to. The sparse terms cover the samples at
+    noise levels up to ``max_noise`` only (the dense term covers all)."""
     inputs, target = _flow_matching_inputs(pipe, latents, prompts, length, g, noise_levels)
     if local is None:
         return F.mse_loss(pipe.transformer(**inputs)[0], target)
-    handle, weight, pull = local
+    handle, weight, pull, max_noise = local
     with handle.bypassed():
         dense = pipe.transformer(**inputs)[0]
-    sparse = pipe.transformer(**inputs)[0]
-    teacher = dense if pull == "both" else dense.detach()
-    return F.mse_loss(dense, target) + F.mse_loss(sparse, target) + weight * F.mse_loss(sparse, teacher)
+    loss = F.mse_loss(dense, target)
+    # The sparse terms only for the samples at or below max_noise: the noise levels a plan with dense warm-up
+    # steps runs sparse at (above it, one object's place is a decision of the whole video).
+    rows = (inputs["timestep"] <= max_noise * 1000).nonzero().flatten()
+    if rows.numel() == 0:
+        return loss
+    sub = {k: v[rows] if torch.is_tensor(v) else v for k, v in inputs.items()}
+    sparse = pipe.transformer(**sub)[0]
+    teacher = dense[rows] if pull == "both" else dense[rows].detach()
+    return loss + F.mse_loss(sparse, target[rows]) + weight * F.mse_loss(sparse, teacher)
 
 
 def train(out_dir=TINY_SHAPES_DIR, *, steps: int = 3600, batch_size: int = 16, lr: float = 1.5e-3, warmup: int = 100,
@@ -282,6 +291,7 @@ def train(out_dir=TINY_SHAPES_DIR, *, steps: int = 3600, batch_size: int = 16, l
           eval_seeds=(0, 1), save_every: int = 0, frames: int = None, size: int = None, object_canvas: int = None,
           init=None,
           time_limit: float = None, local=None, local_weight: float = 1.0, local_pull: str = "sparse",
+          local_max_noise: float = 1.0,
           noise_levels: str = "logit-normal") -> dict:
     """Train and save the ``tiny-shapes`` pipeline to ``out_dir``; returns the training log.
 
@@ -307,7 +317,9 @@ def train(out_dir=TINY_SHAPES_DIR, *, steps: int = 3600, batch_size: int = 16, l
     noisy batch, dense and under the method, and pulls the sparse prediction to the dense one (``local_weight``):
     the saved model is a stock dense model whose attention does not need what the method leaves out, the property
     real video DiTs have and sparse plans rely on (``train_log.json`` records the method). ``local_pull="both"``
-    pulls the dense prediction to the sparse one as well (the two meet in the middle).
+    pulls the dense prediction to the sparse one as well (the two meet in the middle). ``local_max_noise`` (in (0, 1])
+    trains the sparse path only at noise levels up to it, the steps a plan with a dense warm-up runs sparse: above
+    it, where to put the one object is a decision of the whole video that windows cannot make.
 
     Noise levels: ``noise_levels="uniform"`` draws the training noise levels uniformly before the shift instead of
     logit-normal: about 8 % of the steps below noise 0.2 instead of under 1 %, the levels that clean the last detail.
@@ -321,11 +333,13 @@ def train(out_dir=TINY_SHAPES_DIR, *, steps: int = 3600, batch_size: int = 16, l
                 "seed": seed, "threads": torch.get_num_threads(), "scheduler_shift": SCHEDULER_SHIFT,
                 "uncond_prob": _UNCOND_PROB, "pad_lengths": _PAD_LENGTHS, "size": TINY_SHAPES_DEFAULTS}
     frames, canvas = _checked_shape(frames, size, object_canvas, local_pull)
+    if not 0.0 < local_max_noise <= 1.0:
+        raise ValueError(f"local_max_noise must be in (0, 1], got {local_max_noise}")
     if noise_levels not in NOISE_LEVELS:
         raise ValueError(f"noise_levels must be one of {NOISE_LEVELS}, got {noise_levels!r}")
     settings.update(frames=frames, canvas=canvas, object_canvas=object_canvas or canvas, init=str(init) if init else None,
                     time_limit=time_limit, local=None if local is None else local.to_dict(), local_weight=local_weight,
-                    local_pull=local_pull, noise_levels=noise_levels)
+                    local_pull=local_pull, local_max_noise=local_max_noise, noise_levels=noise_levels)
     pipe, mean, std = _starting_pipeline(init, frames, seed, size)
     params = [p for m in (pipe.transformer, pipe.text_encoder) for p in m.parameters()]
     ema = [p.detach().clone() for p in params]
@@ -343,7 +357,8 @@ def train(out_dir=TINY_SHAPES_DIR, *, steps: int = 3600, batch_size: int = 16, l
             break
         clip_frames = _SHORT_FRAMES if step < short_fraction * steps else frames
         batch = _sample_batch(g, batch_size, clip_frames, mean, std, frames, size, object_canvas)
-        loss = _flow_matching_loss(pipe, *batch, g, None if handle is None else (handle, local_weight, local_pull),
+        loss = _flow_matching_loss(pipe, *batch, g,
+                                   None if handle is None else (handle, local_weight, local_pull, local_max_noise),
                                    noise_levels)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -375,7 +390,7 @@ def train(out_dir=TINY_SHAPES_DIR, *, steps: int = 3600, batch_size: int = 16, l
     log = {"settings": settings, "steps_done": steps_done, "train_seconds": round(train_seconds, 1),
            "loadavg_1_5_15_start": load_start, "loadavg_1_5_15_end": os.getloadavg(),
            "parameters": {"transformer": _count(pipe.transformer), "text_encoder": _count(pipe.text_encoder)},
-           "curve": curve}
+           "curve": curve, "init_log": _init_log(init)}
     return _save_and_evaluate(pipe, Path(out_dir), log, eval_seeds, frames, size)
 
 
@@ -414,6 +429,15 @@ def _curve_point(step: int, window: list, optimizer, seconds: float) -> dict:
     """One entry of the loss curve: the mean loss of the steps since the last entry, the learning rate, the time."""
     return {"step": step, "loss": round(sum(window) / len(window), 5), "lr": round(optimizer.param_groups[0]["lr"], 7),
             "seconds": round(seconds, 1)}
+
+
+def _init_log(init):
+    """The ``train_log.json`` of the ``init`` folder (None without ``init`` or without a log there): a fine-tune's log
+    carries the whole lineage of its weights, each stage's settings, curve, time and evaluation."""
+    path = Path(init) / "train_log.json" if init else None
+    if path is None or not path.is_file():
+        return None
+    return json.loads(path.read_text())
 
 
 def _starting_pipeline(init, frames: int, seed: int, size: int = None):
@@ -521,6 +545,9 @@ def main(argv=None) -> None:
                         help="how training noise levels are drawn before the shift (uniform: more low-noise steps)")
     parser.add_argument("--local-pull", choices=("sparse", "both"), default="sparse",
                         help="--local's consistency term moves the sparse prediction only (default), or both")
+    parser.add_argument("--local-max-noise", type=float, default=1.0, metavar="SIGMA",
+                        help="--local's sparse terms only on samples at or below this noise level (0-1, default 1: "
+                             "all); e.g. 0.94 for a plan whose first 2 of 12 steps are dense")
     args = parser.parse_args(argv)
     local = None
     if args.local:
@@ -538,6 +565,7 @@ def main(argv=None) -> None:
                 eval_seeds=args.eval_seeds, save_every=args.save_every, frames=args.frames, size=args.size,
                 object_canvas=args.object_canvas, init=args.init,
                 time_limit=args.time_limit, local=local, local_weight=args.local_weight, local_pull=args.local_pull,
+                local_max_noise=args.local_max_noise,
                 noise_levels=args.noise_levels)
     print(json.dumps({k: log[k] for k in ("steps_done", "train_seconds", "parameters")} | {"eval": log.get("eval")}, indent=1))
 

@@ -35,7 +35,10 @@ def test_finetune_starts_from_init_and_moves_its_weights(finetuned):
     # The codec's normalisation comes from the init folder, not from fresh statistics of 5-frame clips.
     vae = [json.loads((d / "vae" / "config.json").read_text()) for d in (TINY_SHAPES_DIR, out)]
     assert vae[0]["latents_mean"] == vae[1]["latents_mean"] and vae[0]["latents_std"] == vae[1]["latents_std"]
-    assert json.loads((out / "train_log.json").read_text())["steps_done"] == 2
+    saved = json.loads((out / "train_log.json").read_text())
+    assert saved["steps_done"] == 2
+    # The log carries the lineage: the init folder's own log, whole (stage after stage for a chain of fine-tunes).
+    assert saved["init_log"] == json.loads((TINY_SHAPES_DIR / "train_log.json").read_text())
 
 
 def test_time_limit_zero_saves_the_init_weights(tmp_path):
@@ -112,11 +115,50 @@ def test_local_loss_is_dense_plus_sparse_plus_the_pull_to_dense():
             sparse = sparse_model(**inputs)[0]
         handle = dit_accel.apply(pipe.transformer, method)
         got = train_tiny._flow_matching_loss(pipe, *batch, torch.Generator().manual_seed(4),
-                                             (handle, 0.5, "sparse"))
+                                             (handle, 0.5, "sparse", 1.0))
         handle.remove()
     assert (sparse - dense).abs().max() > 1e-4  # the pattern changes the prediction: the pull term is not zero
     expected = F.mse_loss(dense, target) + F.mse_loss(sparse, target) + 0.5 * F.mse_loss(sparse, dense)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-7)
+
+
+def test_local_max_noise_keeps_the_sparse_terms_to_the_quieter_samples(tmp_path):
+    """--local-max-noise: the dense term covers every sample, the sparse terms only the samples at or below the
+    noise ceiling (the steps a plan with dense warm-up runs sparse); with none below it the loss is dense alone."""
+    import copy
+
+    import torch.nn.functional as F
+
+    import dit_accel
+    from dit_accel.weights import method_from_dict
+
+    pipe = train_tiny._load_pipeline(TINY_SHAPES_DIR)
+    method = method_from_dict(LOCAL)
+    mean, std = (torch.tensor(v).view(1, -1, 1, 1, 1) for v in (pipe.vae.config.latents_mean,
+                                                                 pipe.vae.config.latents_std))
+    batch = train_tiny._sample_batch(torch.Generator().manual_seed(3), 3, 5, mean, std, 5)
+    inputs, target = train_tiny._flow_matching_inputs(pipe, *batch, torch.Generator().manual_seed(4))
+    noise = inputs["timestep"] / 1000
+    ceiling = float(noise.sort().values[1])  # the two quietest samples are at or below it, the loudest above
+    quiet = (noise <= ceiling).nonzero().flatten()
+    assert quiet.numel() == 2
+    sparse_model = copy.deepcopy(pipe.transformer)
+    with torch.no_grad():
+        dense = pipe.transformer(**inputs)[0]
+        with dit_accel.apply(sparse_model, method):
+            sparse = sparse_model(**{k: v[quiet] if torch.is_tensor(v) else v for k, v in inputs.items()})[0]
+        with dit_accel.apply(pipe.transformer, method) as handle:
+            got = train_tiny._flow_matching_loss(pipe, *batch, torch.Generator().manual_seed(4),
+                                                 (handle, 0.5, "sparse", ceiling))
+            alone = train_tiny._flow_matching_loss(pipe, *batch, torch.Generator().manual_seed(4),
+                                                   (handle, 0.5, "sparse", float(noise.min()) / 2))
+    expected = (F.mse_loss(dense, target) + F.mse_loss(sparse, target[quiet])
+                + 0.5 * F.mse_loss(sparse, dense[quiet]))
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(alone, F.mse_loss(dense, target), rtol=1e-5, atol=1e-7)
+    with pytest.raises(ValueError, match="local_max_noise"):
+        train_tiny.train(tmp_path, steps=1, local_max_noise=0.0, eval_seeds=())
+    assert not any(tmp_path.iterdir())
 
 
 def test_local_pull_both_moves_the_dense_path_toward_the_sparse_one(tmp_path):
@@ -133,7 +175,7 @@ def test_local_pull_both_moves_the_dense_path_toward_the_sparse_one(tmp_path):
     with dit_accel.apply(pipe.transformer, method_from_dict(LOCAL)) as handle:
         for pull in ("sparse", "both"):
             pipe.transformer.zero_grad(set_to_none=True)
-            loss = train_tiny._flow_matching_loss(pipe, *batch, torch.Generator().manual_seed(4), (handle, 1.0, pull))
+            loss = train_tiny._flow_matching_loss(pipe, *batch, torch.Generator().manual_seed(4), (handle, 1.0, pull, 1.0))
             loss.backward()
             grads[pull], losses[pull] = pipe.transformer.proj_out.weight.grad.clone(), loss.detach()
     torch.testing.assert_close(losses["sparse"], losses["both"])
