@@ -6,7 +6,7 @@ Contenders run interleaved, order shuffled each round; figures are medians over 
 medians of per-round ratios to the dense call (``apply(Dense())``).
 
     python docs/scripts/long_clip_attention_share.py --grid 16,12,12 --rounds 7 --threads 2 \
-        --method-config docs/long_clip_2304.yaml [--weights DIR]
+        --method-config docs/long_clip_2304.yaml [--weights DIR] [--batch 2]
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ def main(argv=None) -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--method-config", default="docs/long_clip_2304.yaml")
     p.add_argument("--weights", default=None, help="a tiny-shapes-like Diffusers folder (default: the shipped one)")
+    p.add_argument("--batch", type=int, default=1, help="samples per call (2: a guided pipeline's call)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     grid = tuple(int(x) for x in args.grid.split(","))
@@ -42,7 +43,7 @@ def main(argv=None) -> None:
     else:
         from dit_accel.models.tiny_shapes import load_tiny_shapes
         base = load_tiny_shapes().transformer.eval()
-    inputs = tiny_transformer_inputs("wan", base, grid=grid)
+    inputs = tiny_transformer_inputs("wan", base, grid=grid, batch=args.batch)
     inputs.pop("return_dict", None)
     methods = {"dense": dit_accel.Dense(),
                **{s.label: s.method for s in load_method_specs(None, args.method_config)}}
@@ -94,7 +95,7 @@ def main(argv=None) -> None:
         print(f"{n:<12} density {dens}  transformer {r['transformer_ms']:8.1f} ms ({r['speedup_transformer']:.2f}x)  "
               f"self-attn {r['self_attention_ms']:8.1f} ms ({r['speedup_self_attention']:.2f}x), "
               f"share {r['self_attention_share']:.2f}")
-    print(json.dumps({"grid": grid, "tokens": grid[0] * grid[1] * grid[2], "threads": args.threads,
+    print(json.dumps({"grid": grid, "tokens": grid[0] * grid[1] * grid[2], "batch": args.batch, "threads": args.threads,
                       "rounds": args.rounds, "loadavg_start_end": load, "rows": rows}))
 
 

@@ -6,6 +6,11 @@
     python docs/scripts/long_clip_checks.py psnr --weights DIR --prompts "a red circle moving right" --dense-steps 4
     # the same at 7 frames of 128x128 under another method
     python docs/scripts/long_clip_checks.py psnr --weights DIR --frames 7 --size 128 --method '{"method": "tile", ...}'
+    # dense ground truth of the 8 calibration prompts, then PSNR of METHOD against it with 0, 1 and 2 dense steps
+    # (--ft: a `dit-accel finetune` folder applied with the method), 4 prompts per pipeline call
+    python docs/scripts/long_clip_checks.py sweep --weights DIR --frames 31 --dense-steps 0 1 2 --method JSON [--ft FT]
+    # per layer and head: the attention mass inside tile windows (4x4x4 tiles), dense, README's prompt, seed 0
+    python docs/scripts/long_clip_checks.py heads --weights DIR --frames 31
 
 Both run the stock pipeline call (12 steps, max_sequence_length 16; 48x48 unless --size) on the CPU.
 """
@@ -41,15 +46,9 @@ def _call(args) -> dict:
 def ground_truth(args) -> None:
     from dit_accel.models.groundtruth import score_many
 
-    pipe = _pipe(args.weights)
-    prompts = [x.strip() for x in PROMPTS.read_text().splitlines() if x.strip() and not x.startswith("#")]
-    videos, names, start = [], [], time.perf_counter()
-    for seed in args.seeds:
-        for i in range(0, len(prompts), 4):
-            chunk = prompts[i:i + 4]
-            out = pipe(chunk, generator=[torch.Generator().manual_seed(seed) for _ in chunk], **_call(args)).frames
-            videos += list(out)
-            names += chunk
+    pipe, prompts, start = _pipe(args.weights), _calibration_prompts(), time.perf_counter()
+    videos = _videos(pipe, prompts, args.seeds, _call(args))
+    names = [p for _ in args.seeds for p in prompts]
     print(f"guidance {args.guidance} seeds {args.seeds}: {score_many(videos, names)} "
           f"{time.perf_counter() - start:.0f}s", flush=True)
 
@@ -78,10 +77,79 @@ def psnr(args) -> None:
               f"{t_dense:.1f} s vs {t_sparse:.1f} s", flush=True)
 
 
+def _calibration_prompts() -> list:
+    return [x.strip() for x in PROMPTS.read_text().splitlines() if x.strip() and not x.startswith("#")]
+
+
+def _videos(pipe, prompts, seeds, call, method=None, dense_steps=0, ft=None) -> list:
+    """Every prompt x seed (4 prompts per call), dense or under ``method`` after ``dense_steps`` dense steps."""
+    import contextlib
+
+    import dit_accel
+
+    videos = []
+    for seed in seeds:
+        for i in range(0, len(prompts), 4):
+            chunk = prompts[i:i + 4]
+            applied = (dit_accel.apply(pipe, method, dense_steps=dense_steps, weights=ft) if method is not None
+                       else contextlib.nullcontext())
+            with applied:
+                videos += list(pipe(chunk, generator=[torch.Generator().manual_seed(seed) for _ in chunk],
+                                    **call).frames)
+    return videos
+
+
+def sweep(args) -> None:
+    from dit_accel.models.groundtruth import score_many, score_video
+    from dit_accel.weights import method_from_dict
+
+    pipe, call = _pipe(args.weights), _call(args)
+    prompts = _calibration_prompts()
+    names = [p for _ in args.seeds for p in prompts]
+    start = time.perf_counter()
+    dense = _videos(pipe, prompts, args.seeds, call)
+    print(f"dense GT {score_many(dense, names)} {time.perf_counter() - start:.0f} s; per video (colour, shape, "
+          f"motion, consistency): {[''.join(str(int(score_video(v, n)[k])) for k in KEYS) for v, n in zip(dense, names)]}",
+          flush=True)
+    method = method_from_dict(json.loads(args.method))
+    for n in args.dense_steps:
+        start = time.perf_counter()
+        sparse = _videos(pipe, prompts, args.seeds, call, method, n, args.ft)
+        db = [10 * np.log10(1 / max(float(((d - s) ** 2).mean()), 1e-10)) for d, s in zip(dense, sparse)]
+        print(f"{n} dense steps: PSNR vs dense mean {np.mean(db):.1f} dB, worst {np.min(db):.1f} "
+              f"[{' '.join(f'{x:.0f}' for x in db)}]; sparse GT {score_many(sparse, names)} "
+              f"{time.perf_counter() - start:.0f} s", flush=True)
+
+
+def heads(args) -> None:
+    import tempfile
+
+    import dit_accel
+    from dit_accel.patterns.tile import tile_mask
+
+    pipe, call = _pipe(args.weights), _call(args)
+    grid = ((args.frames - 1) // 2 + 1, args.size // 4, args.size // 4)
+    windows = ((1, 1, 1), (3, 1, 1), (1, 1, 3), (1, 3, 1), (1, 3, 3), (3, 1, 3), (3, 3, 1))
+    masks = {w: tile_mask(grid, (4, 4, 4), w) for w in windows}
+    print(f"grid {grid}; per head: mass inside windows {' '.join('x'.join(map(str, w)) for w in windows)} "
+          "(their densities on the next line)")
+    print("densities: " + " ".join(f"{float(m.float().mean()):.3f}" for m in masks.values()))
+    with tempfile.TemporaryDirectory() as folder:
+        with dit_accel.apply(pipe, dit_accel.Dense(), capture=folder, capture_steps=args.steps):
+            pipe(args.prompt, generator=torch.Generator().manual_seed(0), **call)
+        for path in sorted(Path(folder).glob("*.pt")):
+            data = torch.load(path)
+            q, k = data["q"][0].float(), data["k"][0].float()
+            p = torch.softmax(q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5, -1)
+            cells = [" ".join(f"{float((p[h] * m).sum(-1).mean()):.2f}" for m in masks.values())
+                     for h in range(p.shape[0])]
+            print(f"layer {data['layer']} step {data['step']}: " + " | ".join(cells), flush=True)
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="check", required=True)
-    for name in ("gt", "psnr"):
+    for name in ("gt", "psnr", "sweep", "heads"):
         s = sub.add_parser(name)
         s.add_argument("--weights", required=True)
         s.add_argument("--frames", type=int, default=63)
@@ -94,9 +162,15 @@ def main(argv=None) -> None:
     sub.choices["psnr"].add_argument("--dense-steps", type=int, default=0)
     sub.choices["psnr"].add_argument("--method", default=None, metavar="JSON",
                                      help="the sparse method (default: the 63-frame per-head Tile windows)")
+    sub.choices["sweep"].add_argument("--seeds", type=int, nargs="+", default=[0])
+    sub.choices["sweep"].add_argument("--dense-steps", type=int, nargs="+", default=[0, 1, 2])
+    sub.choices["sweep"].add_argument("--method", required=True, metavar="JSON")
+    sub.choices["sweep"].add_argument("--ft", default=None, metavar="DIR", help="a `dit-accel finetune` folder")
+    sub.choices["heads"].add_argument("--prompt", default="a red circle moving right")
+    sub.choices["heads"].add_argument("--steps", type=int, nargs="+", default=[0, 3, 6, 10])
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    (ground_truth if args.check == "gt" else psnr)(args)
+    {"gt": ground_truth, "psnr": psnr, "sweep": sweep, "heads": heads}[args.check](args)
 
 
 if __name__ == "__main__":
