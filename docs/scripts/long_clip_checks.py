@@ -81,8 +81,9 @@ def _calibration_prompts() -> list:
     return [x.strip() for x in PROMPTS.read_text().splitlines() if x.strip() and not x.startswith("#")]
 
 
-def _videos(pipe, prompts, seeds, call, method=None, dense_steps=0, ft=None) -> list:
-    """Every prompt x seed (4 prompts per call), dense or under ``method`` after ``dense_steps`` dense steps."""
+def _videos(pipe, prompts, seeds, call, method=None, dense_steps=0, ft=None, layer_methods=None) -> list:
+    """Every prompt x seed (4 prompts per call), dense or under ``method`` (and ``layer_methods``) after
+    ``dense_steps`` dense steps."""
     import contextlib
 
     import dit_accel
@@ -91,8 +92,8 @@ def _videos(pipe, prompts, seeds, call, method=None, dense_steps=0, ft=None) -> 
     for seed in seeds:
         for i in range(0, len(prompts), 4):
             chunk = prompts[i:i + 4]
-            applied = (dit_accel.apply(pipe, method, dense_steps=dense_steps, weights=ft) if method is not None
-                       else contextlib.nullcontext())
+            applied = (dit_accel.apply(pipe, method, dense_steps=dense_steps, weights=ft, layer_methods=layer_methods)
+                       if method is not None else contextlib.nullcontext())
             with applied:
                 videos += list(pipe(chunk, generator=[torch.Generator().manual_seed(seed) for _ in chunk],
                                     **call).frames)
@@ -112,9 +113,11 @@ def sweep(args) -> None:
           f"motion, consistency): {[''.join(str(int(score_video(v, n)[k])) for k in KEYS) for v, n in zip(dense, names)]}",
           flush=True)
     method = method_from_dict(json.loads(args.method))
+    layers = {int(k): method_from_dict(v) for k, v in json.loads(args.layer_methods).items()} \
+        if args.layer_methods else None
     for n in args.dense_steps:
         start = time.perf_counter()
-        sparse = _videos(pipe, prompts, args.seeds, call, method, n, args.ft)
+        sparse = _videos(pipe, prompts, args.seeds, call, method, n, args.ft, layers)
         db = [10 * np.log10(1 / max(float(((d - s) ** 2).mean()), 1e-10)) for d, s in zip(dense, sparse)]
         print(f"{n} dense steps: PSNR vs dense mean {np.mean(db):.1f} dB, worst {np.min(db):.1f} "
               f"[{' '.join(f'{x:.0f}' for x in db)}]; sparse GT {score_many(sparse, names)} "
@@ -166,6 +169,8 @@ def main(argv=None) -> None:
     sub.choices["sweep"].add_argument("--dense-steps", type=int, nargs="+", default=[0, 1, 2])
     sub.choices["sweep"].add_argument("--method", required=True, metavar="JSON")
     sub.choices["sweep"].add_argument("--ft", default=None, metavar="DIR", help="a `dit-accel finetune` folder")
+    sub.choices["sweep"].add_argument("--layer-methods", default=None, metavar="JSON",
+                                      help='per layer, e.g. \'{"0": {"method": "tile", ...}}\' (apply\'s layer_methods)')
     sub.choices["heads"].add_argument("--prompt", default="a red circle moving right")
     sub.choices["heads"].add_argument("--steps", type=int, nargs="+", default=[0, 3, 6, 10])
     args = p.parse_args(argv)
