@@ -30,10 +30,13 @@ WINDOWS = ((3, 1, 3), (3, 1, 3), (3, 3, 1), (3, 3, 1))  # heads 0-1: a row band,
 KEYS = ("colour_ok", "shape_ok", "motion_ok", "consistent")
 
 
-def _pipe(folder: str):
-    from diffusers import DiffusionPipeline
+def _pipe(folder: str, shift: float = None):
+    """The saved pipeline; ``shift``: its sampler's shift instead of the saved one (3 for tiny-shapes)."""
+    from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler
 
     pipe = DiffusionPipeline.from_pretrained(folder, torch_dtype=torch.float32, local_files_only=True)
+    if shift is not None:
+        pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config, shift=shift)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -104,7 +107,7 @@ def sweep(args) -> None:
     from dit_accel.models.groundtruth import score_many, score_video
     from dit_accel.weights import method_from_dict
 
-    pipe, call = _pipe(args.weights), _call(args)
+    pipe, call = _pipe(args.weights, args.shift), _call(args)
     prompts = _calibration_prompts()
     names = [p for _ in args.seeds for p in prompts]
     start = time.perf_counter()
@@ -169,6 +172,8 @@ def main(argv=None) -> None:
     sub.choices["sweep"].add_argument("--dense-steps", type=int, nargs="+", default=[0, 1, 2])
     sub.choices["sweep"].add_argument("--method", required=True, metavar="JSON")
     sub.choices["sweep"].add_argument("--ft", default=None, metavar="DIR", help="a `dit-accel finetune` folder")
+    sub.choices["sweep"].add_argument("--shift", type=float, default=None,
+                                      help="the sampler's shift instead of the saved one (tiny-shapes: 3)")
     sub.choices["sweep"].add_argument("--layer-methods", default=None, metavar="JSON",
                                       help='per layer, e.g. \'{"0": {"method": "tile", ...}}\' (apply\'s layer_methods)')
     sub.choices["heads"].add_argument("--prompt", default="a red circle moving right")
