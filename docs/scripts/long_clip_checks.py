@@ -9,8 +9,9 @@
     # dense ground truth of the 8 calibration prompts, then PSNR of METHOD against it with 0, 1 and 2 dense steps
     # (--ft: a `dit-accel finetune` folder applied with the method), 4 prompts per pipeline call
     python docs/scripts/long_clip_checks.py sweep --weights DIR --frames 31 --dense-steps 0 1 2 --method JSON [--ft FT]
-    # per layer and head: the attention mass inside tile windows (4x4x4 tiles), dense, README's prompt, seed 0
-    python docs/scripts/long_clip_checks.py heads --weights DIR --frames 31
+    # per layer and head: the attention mass inside tile windows (4x4x4 tiles), dense, README's prompt, seed 0, and
+    # the most that the best choice of key tiles per query tile at --oracle-density keeps (no method can keep more)
+    python docs/scripts/long_clip_checks.py heads --weights DIR --frames 31 [--oracle-density 0.083]
 
 Both run the stock pipeline call (12 steps, max_sequence_length 16; 48x48 unless --size) on the CPU.
 """
@@ -127,6 +128,25 @@ def sweep(args) -> None:
               f"{time.perf_counter() - start:.0f} s", flush=True)
 
 
+def _tile_ids(grid, tile) -> torch.Tensor:
+    """The tile of each token of ``grid`` in raster order (tiles numbered in raster order too)."""
+    axes = [torch.arange(n) // t for n, t in zip(grid, tile)]
+    counts = [-(-n // t) for n, t in zip(grid, tile)]
+    t, h, w = torch.meshgrid(*axes, indexing="ij")
+    return ((t * counts[1] + h) * counts[2] + w).flatten()
+
+
+def _oracle_mass(p: torch.Tensor, tiles: torch.Tensor, keep: int) -> torch.Tensor:
+    """Per head, the mean attention mass of a query inside the ``keep`` key tiles that hold the most mass for its
+    query tile: what the best block selection at that density (SLA's or VSA's, chosen knowing the answer) keeps."""
+    n = int(tiles.max()) + 1
+    one_hot = torch.nn.functional.one_hot(tiles, n).to(p.dtype)  # tokens x tiles
+    per_query = p @ one_hot  # heads x queries x key tiles
+    per_tile = (one_hot.T @ per_query) / one_hot.sum(0)[:, None]  # heads x query tiles x key tiles
+    chosen = per_tile.topk(keep, dim=-1).indices[:, tiles]  # heads x queries x keep
+    return per_query.gather(-1, chosen).sum(-1).mean(-1)
+
+
 def heads(args) -> None:
     import tempfile
 
@@ -137,9 +157,12 @@ def heads(args) -> None:
     grid = ((args.frames - 1) // 2 + 1, args.size // 4, args.size // 4)
     windows = ((1, 1, 1), (3, 1, 1), (1, 1, 3), (1, 3, 1), (1, 3, 3), (3, 1, 3), (3, 3, 1))
     masks = {w: tile_mask(grid, (4, 4, 4), w) for w in windows}
+    tiles = _tile_ids(grid, (4, 4, 4))
+    keep = max(1, round(args.oracle_density * (int(tiles.max()) + 1)))
     print(f"grid {grid}; per head: mass inside windows {' '.join('x'.join(map(str, w)) for w in windows)} "
-          "(their densities on the next line)")
-    print("densities: " + " ".join(f"{float(m.float().mean()):.3f}" for m in masks.values()))
+          f"(their densities on the next line), then the most any {keep} key tiles per query tile keep (oracle)")
+    print("densities: " + " ".join(f"{float(m.float().mean()):.3f}" for m in masks.values()) +
+          f" oracle {keep / (int(tiles.max()) + 1):.3f}")
     with tempfile.TemporaryDirectory() as folder:
         with dit_accel.apply(pipe, dit_accel.Dense(), capture=folder, capture_steps=args.steps):
             pipe(args.prompt, generator=torch.Generator().manual_seed(0), **call)
@@ -147,8 +170,9 @@ def heads(args) -> None:
             data = torch.load(path)
             q, k = data["q"][0].float(), data["k"][0].float()
             p = torch.softmax(q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5, -1)
-            cells = [" ".join(f"{float((p[h] * m).sum(-1).mean()):.2f}" for m in masks.values())
-                     for h in range(p.shape[0])]
+            oracle = _oracle_mass(p, tiles, keep)
+            cells = [" ".join(f"{float((p[h] * m).sum(-1).mean()):.2f}" for m in masks.values()) +
+                     f" o{float(oracle[h]):.2f}" for h in range(p.shape[0])]
             print(f"layer {data['layer']} step {data['step']}: " + " | ".join(cells), flush=True)
 
 
@@ -178,6 +202,8 @@ def main(argv=None) -> None:
                                       help='per layer, e.g. \'{"0": {"method": "tile", ...}}\' (apply\'s layer_methods)')
     sub.choices["heads"].add_argument("--prompt", default="a red circle moving right")
     sub.choices["heads"].add_argument("--steps", type=int, nargs="+", default=[0, 3, 6, 10])
+    sub.choices["heads"].add_argument("--oracle-density", type=float, default=0.083,
+                                      help="share of key tiles the oracle column keeps per query tile")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     {"gt": ground_truth, "psnr": psnr, "sweep": sweep, "heads": heads}[args.check](args)

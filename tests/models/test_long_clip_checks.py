@@ -1,0 +1,43 @@
+"""docs/scripts/long_clip_checks.py's per-head oracle (BENCHMARKS.md section 8 cites it): the attention mass that the
+best key tiles per query tile keep, against a brute-force reading of that definition."""
+import importlib.util
+from pathlib import Path
+
+import torch
+
+from dit_accel.patterns.tile import tile_mask
+
+_SCRIPT = Path(__file__).resolve().parents[2] / "docs" / "scripts" / "long_clip_checks.py"
+
+
+def _script():
+    spec = importlib.util.spec_from_file_location("long_clip_checks", _SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_tile_ids_group_tokens_as_the_tile_pattern_does():
+    grid = (6, 8, 12)  # a ragged last tile on the first axis
+    ids = _script()._tile_ids(grid, (4, 4, 4))
+    assert torch.equal(ids[:, None] == ids[None, :], tile_mask(grid, (4, 4, 4), (1, 1, 1)))
+
+
+def test_oracle_mass_is_the_mass_in_each_query_tiles_best_key_tiles():
+    checks = _script()
+    grid, keep = (4, 8, 8), 2
+    ids = checks._tile_ids(grid, (4, 4, 4))
+    g = torch.Generator().manual_seed(0)
+    p = torch.softmax(3 * torch.randn(2, len(ids), len(ids), generator=g), -1)
+    expected = []
+    for h in range(2):
+        total = 0.0
+        for query_tile in ids.unique():
+            rows = p[h][ids == query_tile]
+            mass = torch.stack([rows[:, ids == key_tile].sum(-1).mean() for key_tile in ids.unique()])
+            best = ids.unique()[mass.topk(keep).indices]
+            total += float(rows[:, torch.isin(ids, best)].sum())
+        expected.append(total / len(ids))
+    torch.testing.assert_close(checks._oracle_mass(p, ids, keep), torch.tensor(expected))
+    uniform = torch.full((1, len(ids), len(ids)), 1.0 / len(ids))  # a head that averages: keeps keep / tiles
+    torch.testing.assert_close(checks._oracle_mass(uniform, ids, keep), torch.tensor([keep / 4]))
