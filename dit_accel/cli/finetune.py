@@ -189,6 +189,23 @@ def _size_defaults(model: str, plan=None) -> dict:
 def run(args: argparse.Namespace) -> int:
     """Run the fine-tuning; prints a one-line summary. Input errors: message on stderr, exit status 2."""
     try:
+        return _run(args)
+    finally:
+        _end_process_group()
+
+
+def _end_process_group() -> None:
+    """Tear down the process group of an ``accelerate launch`` run before the interpreter exits: left to exit-time
+    destructors, gloo's threads can abort a rank ("terminate called without an active exception", exit status -6)
+    after its work is done and the weights are written, and the launcher then reports the whole run failed."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _run(args: argparse.Namespace) -> int:
+    try:
         config = config_from_args(args)
         from ..training import finetune
 

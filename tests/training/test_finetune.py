@@ -328,6 +328,22 @@ def test_cli_reports_input_errors(tmp_path, capsys):
     assert "sla, radial, tile, gna or vsa" in capsys.readouterr().err
 
 
+def test_cli_tears_down_the_process_group_it_ran_in(tmp_path):
+    """A launched rank leaves no process group for exit-time destructors (gloo's threads could abort the rank after
+    its weights are written): the CLI destroys it on every way out, here an input error."""
+    import torch.distributed as dist
+
+    from dit_accel.cli.finetune import main
+
+    dist.init_process_group("gloo", init_method=(tmp_path / "store").as_uri(), rank=0, world_size=1)
+    try:
+        assert main(["--model", "tiny-wan", "--method", "dense", "--output", str(tmp_path / "out")]) == 2
+        assert not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
 def test_teacher_is_the_dense_model_without_lora():
     from peft import LoraConfig
 
