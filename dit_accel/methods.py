@@ -37,7 +37,7 @@ from .kernels.vsa.api import check_vsa_config
 from .patterns.checks import int_or_tuple, number_in, per_head, positive_int
 from .patterns.gna import check_gna_args
 from .patterns.radial import RADIAL_RULES, check_radial_args
-from .patterns.tile import check_tile_args, read_sta_strategy
+from .patterns.tile import check_tile_args, check_tile_block, read_sta_strategy
 
 __all__ = ["Method", "Dense", "GNA", "Tile", "TileStrategy", "Radial", "SLA", "VSA", "method_from_name", "register_method",
            "unregister_method", "registered_methods", "MethodEntry", "option", "CliOption"]
@@ -389,10 +389,20 @@ class Tile(Method):
                               metavar="T,H,W")
     window: IntOrTuple = option((3, 3, 3), "tile: window in tiles per dimension (e.g. 3,3,3; even w covers w+1)",
                                 metavar="T,H,W")
+    block_size: Optional[int] = option(None, "radial: block granularity; sla: query block size; tile: kernel block "
+                                             "in tokens, a box inside the tile (default 64)", parse="int")
 
     def __post_init__(self):
         tile, window = check_tile_args(self.tile, self.window, owner="Tile.")
+        if self.block_size is not None:
+            positive_int("block_size", self.block_size, owner="Tile.")
         _freeze(self, tile=tile, window=window)
+
+    def to_dict(self) -> dict:
+        d = super().to_dict()
+        if self.block_size is None:  # the default: plans written before the field existed read the same
+            del d["block_size"]
+        return d
 
     @classmethod
     def from_strategy(cls, path, *, tile=(6, 8, 8)) -> "TileStrategy":
@@ -420,8 +430,13 @@ class Tile(Method):
         if tile_covers_grid(grid, self.tile, self.window):
             return DensePlan(self, tuple(grid), f"the window covers the whole grid {tuple(grid)}; a smaller window "
                                                 "(or tile) makes it sparse")
-        # Tiled by the STA tile when it holds whole 64-token blocks; else by a default tile.
-        perm, layout = tile_layout(grid, self.tile, self.window)
+        # Tiled by the STA tile when it holds whole 64-token blocks; else by a default tile. An explicit block_size
+        # must be a box inside the STA tile, so that every block is one whole piece of a tile (no element masks): a
+        # frame of 12 x 12 tokens runs as blocks of 144 (or 48), which only the PyTorch backend takes.
+        if self.block_size is not None:
+            check_tile_block(grid, self.tile, self.block_size)
+        block = self.block_size or 64
+        perm, layout = tile_layout(grid, self.tile, self.window, block_q=block, block_k=block)
         from .kernels.block_sparse.backends.natten import attach_tile
 
         attach_tile(layout, perm, self.tile, self.window)  # NATTEN's equivalent GNA window, or why there is none

@@ -28,7 +28,7 @@ from .checks import as_grid, int_or_tuple, per_dim, per_head, positive_int
 from .permutation import TilePermutation, block_box, permutation_for
 from .separable import covers_grid, kron, relation_1d, separable_layout, stack_heads
 
-__all__ = ["tile_mask", "tile_layout", "check_tile_args", "tile_relations", "covered_tiles", "tile_token_density",
+__all__ = ["tile_mask", "tile_layout", "check_tile_args", "check_tile_block", "tile_relations", "covered_tiles", "tile_token_density",
            "tile_covers_grid", "read_sta_strategy"]
 
 
@@ -54,6 +54,15 @@ def check_tile_args(tile, window, *, owner: str = ""):
         raise ValueError(f"{owner}window={window!r} is invalid: every window must have as many dimensions as "
                          f"tile {tile} (one value per grid dimension)")
     return tile, (windows if heads is not None else windows[0])
+
+
+def check_tile_block(grid, tile, block: int) -> None:
+    """ValueError unless blocks of ``block`` tokens are boxes inside ``tile`` (one per grid dimension)."""
+    tile = per_dim("tile", tile, len(as_grid(grid)))
+    if block_box(tile, int(block)) is None:
+        raise ValueError(f"Tile.block_size={block} is invalid for tile {tile} ({math.prod(tile)} tokens): a block must "
+                         f"be a box of whole trailing tile dimensions, e.g. {math.prod(tile)} (the whole tile) or "
+                         f"{math.prod(tile[1:])}; or leave block_size unset for 64-token blocks")
 
 
 def tile_relations(grid, tile, window) -> Tuple[Tuple[int, ...], Tuple[int, ...], list]:

@@ -256,3 +256,39 @@ def test_gna_per_head_kernel_sizes_give_each_head_its_own_window():
             for b, kb in enumerate(coords):
                 inside = all(start(q, k, n) <= j < start(q, k, n) + k for q, j, k, n in zip(qa, kb, ks, grid))
                 assert bool(raster[a, b]) == inside, (h, qa, kb)
+
+
+@pytest.mark.parametrize("grid, tile, window, block", [((7, 6, 6), (1, 6, 6), (3, 1, 1), 36),
+                                                       ((9, 6, 6), (1, 6, 6), (1, 1, 1), 12),
+                                                       ((5, 5, 6), (1, 5, 6), (3, 1, 1), 30)],
+                         ids=["frames-of-36", "frames-in-rows-of-12", "frames-of-30"])
+def test_tile_block_size_runs_whole_tiles_as_blocks(grid, tile, window, block):
+    """Frames that hold no whole 64-token block (12x12 tokens) run as blocks of whole tiles: the layout has no
+    partial block, visits exactly the STA window's share, and the plan's output is the masked oracle's."""
+    import dit_accel
+    from tests.utils import make_qkv, reference
+
+    method = dit_accel.Tile(tile=tile, window=window, block_size=block)
+    plan = method.plan(grid)
+    layout = plan.layout
+    assert (layout.block_q, layout.block_k) == (block, block) and layout.partial_fraction() == 0.0
+    want = _ref_sta(grid, tile, window)
+    assert layout.density() == pytest.approx(want.float().mean().item())
+    q, k, v = make_qkv(1, 2, math.prod(grid), math.prod(grid), 16, device="cpu")
+    o, _ = plan.run(q, k, v, backend="torch")
+    torch.testing.assert_close(o, reference(q, k, v, want)[0], atol=2e-5, rtol=2e-5)
+
+
+def test_tile_block_size_checks_and_serialisation():
+    import dit_accel
+
+    with pytest.raises(ValueError, match="block_size=64 is invalid for tile"):
+        dit_accel.Tile(tile=(1, 12, 12), window=(3, 1, 1), block_size=64).plan((8, 12, 12))
+    with pytest.raises(ValueError, match="positive int"):
+        dit_accel.Tile(tile=(1, 12, 12), window=(3, 1, 1), block_size=0)
+    # Unset, the field stays out of the dict, so plans written before it existed are the same JSON.
+    assert "block_size" not in dit_accel.Tile(tile=(4, 4, 4), window=(1, 3, 3)).to_dict()
+    framed = dit_accel.Tile(tile=(1, 12, 12), window=(3, 1, 1), block_size=144)
+    from dit_accel.weights import method_from_dict
+
+    assert method_from_dict(framed.to_dict()) == framed
