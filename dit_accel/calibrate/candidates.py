@@ -11,13 +11,14 @@ conversion (:mod:`dit_accel.per_head`). Candidates whose plan is dense on the gr
 from __future__ import annotations
 
 import itertools
+import math
 from dataclasses import dataclass
-from typing import List, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 from ..methods import GNA, SLA, VSA, Dense, Method, Radial, Tile
 from ..per_head import MAX_CONVERTED_TOKENS
 
-__all__ = ["Candidate", "candidate_grid", "GRIDS", "METHODS", "OPTIONAL_METHODS", "CALIBRATABLE"]
+__all__ = ["Candidate", "candidate_grid", "check_candidate_tile", "GRIDS", "METHODS", "OPTIONAL_METHODS", "CALIBRATABLE"]
 
 #: Sizes of the parameter grid: "small" (one or two per method: tests, smoke runs), "default", "large".
 GRIDS = ("small", "default", "large")
@@ -62,8 +63,9 @@ def _tile_windows(n_tiles: Tuple[int, ...], size: str) -> List[Tuple[int, ...]]:
         odd = list(range(1, n + 1, 2)) + ([n + 1] if n % 2 == 0 else [])
         if size == "small":
             odd = odd[:1] + odd[-1:]
-        elif size == "default" and len(odd) > 3:  # at most 3 per dimension: large grids stay a small grid
-            odd = [odd[0], odd[len(odd) // 2], odd[-1]]
+        elif size == "default" and len(odd) > 4:  # at most 4 per dimension: large grids stay a small grid
+            # The narrow windows (1, 3, 5 tiles), where sparse attention pays, and one of half the dimension.
+            odd = odd[:3] + [odd[len(odd) // 2]]
         per_dim.append(odd)
     return list(itertools.product(*per_dim))
 
@@ -77,9 +79,28 @@ def _gna_kernels(grid: Tuple[int, ...], tile: Tuple[int, ...], size: str) -> Lis
     return list(itertools.product(*per_dim))
 
 
+def check_candidate_tile(tile: Optional[Sequence[int]], grid: Optional[Sequence[int]] = None):
+    """``tile`` as a tuple (None stays None); ValueError for sizes below 1 or (given the grid) a size count that
+    differs from the grid's dimensions."""
+    if tile is None:
+        return None
+    tile = tuple(int(t) for t in tile)
+    if not tile or any(t < 1 for t in tile):
+        raise ValueError(f"tile={tile} is invalid: one size >= 1 per grid dimension, e.g. 1,8,8 or 4,4,4")
+    if grid is not None and len(tile) != len(grid):
+        raise ValueError(f"tile={tile} has {len(tile)} sizes but the token grid {tuple(grid)} has {len(grid)} "
+                         "dimensions")
+    return tile
+
+
 def candidate_grid(grid: Sequence[int], *, size: str = "default", methods: Sequence[str] = METHODS,
-                   max_density: float = 0.9) -> List[Candidate]:
+                   max_density: float = 0.9, tile: Optional[Sequence[int]] = None) -> List[Candidate]:
     """Dense plus the candidates of ``methods`` on ``grid`` (see the module docstring), dense first.
+
+    ``tile``: the token tile of the Tile and GNA candidates (default: :func:`~dit_accel.patterns.default_tile`'s
+    64-token tile); e.g. ``(1, 12, 12)`` on a grid of 12x12-token frames makes the windows count frames. A tile
+    that holds no whole 64-token block runs its Tile candidates in blocks of one whole tile (``block_size``: the
+    PyTorch backend only) and has no GNA candidates (they would lay out in another token order).
 
     Example::
 
@@ -94,6 +115,7 @@ def candidate_grid(grid: Sequence[int], *, size: str = "default", methods: Seque
     if unknown:
         raise ValueError(f"methods {unknown} cannot be calibrated; choose from {', '.join(CALIBRATABLE)}")
     grid = tuple(int(g) for g in grid)
+    tile = check_candidate_tile(tile, grid)
     out = [Candidate(Dense(), "dense", 1.0)]
     seen = set()
 
@@ -114,16 +136,15 @@ def candidate_grid(grid: Sequence[int], *, size: str = "default", methods: Seque
         out.append(Candidate(method, "block_sparse", float(plan.density)))
 
     if len(grid) == 3 or len(grid) == 2:
-        tile = default_tile(grid, 64)
+        tile = tile or default_tile(grid, 64)
         n_tiles = TilePermutation(grid, tile).num_tiles
+        whole = math.prod(tile) % 64 == 0  # 64-token blocks are boxes inside the tile
         if "tile" in methods:
             for window in _tile_windows(n_tiles, size):
-                add(Tile(tile=tile, window=window))
-        if "gna" in methods:
+                add(Tile(tile=tile, window=window, block_size=None if whole else math.prod(tile)))
+        if "gna" in methods and whole:
             for kernel in _gna_kernels(grid, tile, size):
                 add(GNA(kernel_size=kernel, tile=tile))
-    import math
-
     if "radial" in methods and len(grid) == 3 and math.prod(grid) <= MAX_CONVERTED_TOKENS:
         # (Radial's raster band joins a tiled layer through its token mask: small grids only.)
         decays = {"small": (0.5,), "default": (0.25, 0.5, 1.0), "large": (0.1, 0.25, 0.5, 0.75, 1.0)}[size]

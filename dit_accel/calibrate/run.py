@@ -80,6 +80,7 @@ class CalibrationSettings:
     cooldown: Tuple[int, ...] = (1,)
     candidates: str = "default"
     methods: Tuple[str, ...] = METHODS
+    tile: Optional[Tuple[int, ...]] = None
     samples_per_bucket: int = 2
     max_sample_mb: float = 512.0
     capture_dir: Optional[str] = None
@@ -720,7 +721,8 @@ def calibrate(settings: CalibrationSettings, out, *, report_dir=None, progress: 
         seconds["dense run"] = time.perf_counter() - t0
         # 2. candidates, scored
         t = time.perf_counter()
-        candidates = candidate_grid(dense.grid, size=settings.candidates, methods=settings.methods)
+        candidates = candidate_grid(dense.grid, size=settings.candidates, methods=settings.methods,
+                                    tile=settings.tile)
         bar.stage("scoring candidates", dense.layers * len(dense.buckets) * len(candidates))
         errors = score_candidates(dense.sampler, candidates, dense.layers, backend=settings.backend,
                                   progress=bar.update)

@@ -147,6 +147,13 @@ def _check_methods_and_costs(args) -> None:
         raise _UsageError(f"--arch {args.arch!r} has no cost-model constants; choose one of {', '.join(archs)}")
     if args.kernel not in KERNELS:
         raise _UsageError(f"--kernel {args.kernel!r}: choose one of {', '.join(KERNELS)}")
+    if args.tile is not None:
+        from ..calibrate.candidates import check_candidate_tile
+
+        try:
+            check_candidate_tile(args.tile)
+        except ValueError as exc:
+            raise _UsageError(f"--tile: {exc}") from None
 
 
 def _device_and_dtype(args):
@@ -255,6 +262,9 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--candidates", choices=GRIDS, default="default", help="size of the parameter grid")
     p.add_argument("--methods", default=",".join(METHODS), help=f"methods to consider (default {','.join(METHODS)}; "
                                                                 "also vsa)")
+    p.add_argument("--tile", type=_int_list, default=None, metavar="T,H,W",
+                   help="token tile of the Tile and GNA candidates (default: a 64-token tile picked for the grid); "
+                        "1,8,8 on a grid of 8x8-token frames makes Tile windows count frames")
     p.add_argument("--samples-per-bucket", type=int, default=2, help="sampled steps per step bucket (default 2)")
     p.add_argument("--max-sample-mb", type=float, default=512.0, help="memory for the q/k/v sample (default 512)")
     p.add_argument("--capture", metavar="DIR", help="also write the sampled q/k/v to DIR (nothing on disk otherwise)")
@@ -323,7 +333,7 @@ def _run(args) -> int:
         device=device, dtype=dtype, phases=args.phases, warmup=tuple(args.warmup_candidates),
         cooldown=tuple(args.cooldown_candidates),
         candidates=args.candidates, methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()),
-        samples_per_bucket=args.samples_per_bucket, max_sample_mb=args.max_sample_mb, capture_dir=args.capture,
+        tile=None if args.tile is None else tuple(args.tile), samples_per_bucket=args.samples_per_bucket, max_sample_mb=args.max_sample_mb, capture_dir=args.capture,
         arch=args.arch, kernel=args.kernel, cost_terms=args.cost_terms, costs=args.costs, search_iters=args.search_iters,
         batch_size=args.batch_size, backend=args.backend, budget_on=args.budget_on,
         groundtruth=args.groundtruth, sensitivity=args.sensitivity,

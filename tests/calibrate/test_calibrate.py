@@ -558,3 +558,23 @@ def test_validation_ground_truth_fails_a_check_only_when_the_plan_is_worse_beyon
     assert groundtruth_close(scores({0, 1, 2, 3, 4}), scores({5, 6, 7}))  # 5 lost, 3 gained: p = 0.36
     assert not groundtruth_close(scores(set(range(6)), n=20), dense.__class__(per_video=scores(set(), 20)["per_video"]))
     assert groundtruth_close(scores({2}), scores({2}))  # the same failures: nothing lost
+
+
+def test_candidate_tile_counts_windows_in_frames():
+    """--tile 1,12,12 on a grid of 12x12-token frames: Tile windows of whole frames, run as blocks of one frame
+    (no element masks); no GNA candidates (another token order); narrow windows first on a long axis."""
+    from dit_accel.calibrate.candidates import check_candidate_tile
+
+    cands = candidate_grid((32, 12, 12), size="default", methods=("tile", "gna"), tile=(1, 12, 12))
+    tiles = [c for c in cands if c.kind == "block_sparse"]
+    assert [c.method.window for c in tiles] == [(1, 1, 1), (3, 1, 1), (5, 1, 1), (17, 1, 1)]
+    assert all(c.method.block_size == 144 and c.method.tile == (1, 12, 12) for c in tiles)
+    assert [round(c.density * 32) for c in tiles] == [1, 3, 5, 17]
+    # A 64-token tile keeps 64-token blocks and its GNA candidates.
+    framed = candidate_grid((16, 8, 8), size="default", methods=("tile", "gna"), tile=(1, 8, 8))
+    assert any(c.label.startswith("gna") for c in framed)
+    assert all(c.method.block_size is None for c in framed if c.label.startswith("tile"))
+    with pytest.raises(ValueError, match="3 dimensions"):
+        candidate_grid((32, 12, 12), tile=(12, 12))
+    with pytest.raises(ValueError, match=">= 1"):
+        check_candidate_tile((0, 8, 8))

@@ -77,6 +77,7 @@ CASES = [
     ("report-dir-is-a-file", ["--report-dir", "{a_file}"], "--report-dir"),
     ("capture-unwritable", ["--capture", "{locked}/qkv"], "--capture"),
     ("validate-negative", ["--validate", "-1"], "--validate"),
+    ("tile-zero", ["--tile", "0,8,8"], "--tile"),
     ("out-on-a-read-only-filesystem", ["--out", "/proc/dit_accel_plan.json"], "--out"),
     ("report-dir-on-a-read-only-filesystem", ["--report-dir", "/proc/dit_accel_report"], "--report-dir"),
 ]
