@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from ..atomic_files import atomic_write_json
+from .attention_locality import AttentionLocality
 from .clips import COLOURS, DIRECTIONS, SHAPES, make_prompt, render_batch
 from .tiny_shapes import TINY_SHAPES_DEFAULTS, TINY_SHAPES_DIR
 
@@ -261,7 +262,7 @@ def _flow_matching_inputs(pipe, latents, prompts, length, g: torch.Generator, no
 
 
 def _flow_matching_loss(pipe, latents, prompts, length, g: torch.Generator, local=None,
-                        noise_levels: str = "logit-normal") -> torch.Tensor:
+                        noise_levels: str = "logit-normal", locality=None) -> torch.Tensor:
     """Flow-matching MSE of one batch; with ``local`` (``(handle, weight, pull, max_noise)``: a sparse method applied
     to the transformer) the dense and the sparse prediction of the same noisy batch both learn the velocity, and the
     sparse one learns the dense one's prediction too (``weight``), so dense attention learns not to need what the
@@ -269,6 +270,8 @@ def _flow_matching_loss(pipe, latents, prompts, length, g: torch.Generator, loca
     is pushed to ignore what the pattern leaves out, not only left free to. The sparse terms cover the samples at
     noise levels up to ``max_noise`` only (the dense term covers all)."""
     inputs, target = _flow_matching_inputs(pipe, latents, prompts, length, g, noise_levels)
+    if locality is not None:
+        return _locality_loss(pipe, inputs, target, *locality)
     if local is None:
         return F.mse_loss(pipe.transformer(**inputs)[0], target)
     handle, weight, pull, max_noise = local
@@ -286,12 +289,29 @@ def _flow_matching_loss(pipe, latents, prompts, length, g: torch.Generator, loca
     return loss + F.mse_loss(sparse, target[rows]) + weight * F.mse_loss(sparse, teacher)
 
 
+def _locality_loss(pipe, inputs, target, watcher, weight: float, max_noise: float) -> torch.Tensor:
+    """Flow-matching MSE plus ``weight`` x the dense attention mass outside the locality pattern
+    (:class:`~.attention_locality.AttentionLocality`), averaged over the samples at or below ``max_noise``;
+    the term's value is kept in ``watcher.last`` for the log (None when no sample was low enough)."""
+    with watcher:
+        pred = pipe.transformer(**inputs)[0]
+        outside = watcher.outside()
+    loss = F.mse_loss(pred, target)
+    rows = inputs["timestep"] <= max_noise * 1000
+    if not bool(rows.any()):
+        watcher.last = None
+        return loss
+    term = outside[rows].mean()
+    watcher.last = float(term.detach())
+    return loss + weight * term
+
+
 def train(out_dir=TINY_SHAPES_DIR, *, steps: int = 3600, batch_size: int = 16, lr: float = 1.5e-3, warmup: int = 100,
           short_fraction: float = 0.65, ema_decay: float = 0.998, seed: int = 0, log_every: int = 25,
           eval_seeds=(0, 1), save_every: int = 0, frames: int = None, size: int = None, object_canvas: int = None,
           init=None,
           time_limit: float = None, local=None, local_weight: float = 1.0, local_pull: str = "sparse",
-          local_max_noise: float = 1.0,
+          local_max_noise: float = 1.0, locality=None, locality_weight: float = 1.0, locality_queries: int = 256,
           noise_levels: str = "logit-normal") -> dict:
     """Train and save the ``tiny-shapes`` pipeline to ``out_dir``; returns the training log.
 
@@ -339,13 +359,19 @@ def train(out_dir=TINY_SHAPES_DIR, *, steps: int = 3600, batch_size: int = 16, l
         raise ValueError(f"noise_levels must be one of {NOISE_LEVELS}, got {noise_levels!r}")
     settings.update(frames=frames, canvas=canvas, object_canvas=object_canvas or canvas, init=str(init) if init else None,
                     time_limit=time_limit, local=None if local is None else local.to_dict(), local_weight=local_weight,
-                    local_pull=local_pull, local_max_noise=local_max_noise, noise_levels=noise_levels)
+                    local_pull=local_pull, local_max_noise=local_max_noise, noise_levels=noise_levels,
+                    locality=None if locality is None else locality.to_dict(), locality_weight=locality_weight,
+                    locality_queries=locality_queries)
     pipe, mean, std = _starting_pipeline(init, frames, seed, size)
     params = [p for m in (pipe.transformer, pipe.text_encoder) for p in m.parameters()]
     ema = [p.detach().clone() for p in params]
     optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.99), weight_decay=0.01, fused=True)
     g = torch.Generator().manual_seed(seed)
     handle = _apply(pipe, local)
+    watcher = None if locality is None else (
+        AttentionLocality(pipe.transformer, locality, queries=locality_queries, generator=g), locality_weight,
+        local_max_noise)
+    outside = []  # the locality term's values since the last log point
     curve, window, load_start, start, steps_done = [], [], os.getloadavg(), time.perf_counter(), 0
     print(f"training tiny-shapes: {steps} steps of {batch_size} clips on {torch.get_num_threads()} threads -> "
           f"{out_dir}; mean loss every {log_every} steps below (JSON lines)", file=sys.stderr, flush=True)
@@ -359,7 +385,7 @@ def train(out_dir=TINY_SHAPES_DIR, *, steps: int = 3600, batch_size: int = 16, l
         batch = _sample_batch(g, batch_size, clip_frames, mean, std, frames, size, object_canvas)
         loss = _flow_matching_loss(pipe, *batch, g,
                                    None if handle is None else (handle, local_weight, local_pull, local_max_noise),
-                                   noise_levels)
+                                   noise_levels, watcher)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -367,10 +393,12 @@ def train(out_dir=TINY_SHAPES_DIR, *, steps: int = 3600, batch_size: int = 16, l
         with torch.no_grad():
             torch._foreach_lerp_(ema, [p.detach() for p in params], 1 - min(ema_decay, (1 + step) / (10 + step)))
         window.append(loss.item())
+        if watcher is not None and watcher[0].last is not None:
+            outside.append(watcher[0].last)
         steps_done = step + 1
         if (step + 1) % log_every == 0 or step + 1 == steps:
-            curve.append(_curve_point(step + 1, window, optimizer, time.perf_counter() - start))
-            window = []
+            curve.append(_curve_point(step + 1, window, optimizer, time.perf_counter() - start, outside))
+            window, outside = [], []
             tqdm.write(json.dumps(curve[-1]), file=sys.stdout)
         if save_every and (step + 1) % save_every == 0 and step + 1 < steps:
             if handle is not None:  # the saved folder is the stock model: nothing of the method in it
@@ -386,7 +414,7 @@ def train(out_dir=TINY_SHAPES_DIR, *, steps: int = 3600, batch_size: int = 16, l
     pipe.transformer.eval()
     pipe.text_encoder.eval()
     if window:  # a run stopped by time_limit between two log points
-        curve.append(_curve_point(steps_done, window, optimizer, train_seconds))
+        curve.append(_curve_point(steps_done, window, optimizer, train_seconds, outside))
     log = {"settings": settings, "steps_done": steps_done, "train_seconds": round(train_seconds, 1),
            "loadavg_1_5_15_start": load_start, "loadavg_1_5_15_end": os.getloadavg(),
            "parameters": {"transformer": _count(pipe.transformer), "text_encoder": _count(pipe.text_encoder)},
@@ -425,10 +453,14 @@ def _checked_shape(frames, size, object_canvas, local_pull):
     return frames, canvas
 
 
-def _curve_point(step: int, window: list, optimizer, seconds: float) -> dict:
-    """One entry of the loss curve: the mean loss of the steps since the last entry, the learning rate, the time."""
-    return {"step": step, "loss": round(sum(window) / len(window), 5), "lr": round(optimizer.param_groups[0]["lr"], 7),
-            "seconds": round(seconds, 1)}
+def _curve_point(step: int, window: list, optimizer, seconds: float, outside: list = ()) -> dict:
+    """One entry of the loss curve: the mean loss of the steps since the last entry, the learning rate, the time;
+    with a locality term, its mean (``outside``: dense attention mass outside the pattern, the eligible samples)."""
+    point = {"step": step, "loss": round(sum(window) / len(window), 5), "lr": round(optimizer.param_groups[0]["lr"], 7),
+             "seconds": round(seconds, 1)}
+    if outside:
+        point["outside"] = round(sum(outside) / len(outside), 5)
+    return point
 
 
 def _init_log(init):
@@ -548,15 +580,16 @@ def main(argv=None) -> None:
     parser.add_argument("--local-max-noise", type=float, default=1.0, metavar="SIGMA",
                         help="--local's sparse terms only on samples at or below this noise level (0-1, default 1: "
                              "all); e.g. 0.94 for a plan whose first 2 of 12 steps are dense")
+    parser.add_argument("--locality", default=None, metavar="JSON",
+                        help="add the dense attention mass outside this method's pattern (tile or gna) to the loss, "
+                             "e.g. '{\"method\": \"tile\", \"tile\": [1, 8, 8], \"window\": [3, 1, 1]}'; "
+                             "--local-max-noise limits it to the low-noise samples")
+    parser.add_argument("--locality-weight", type=float, default=1.0, help="weight of the --locality term (default 1)")
+    parser.add_argument("--locality-queries", type=int, default=256,
+                        help="queries sampled per self-attention call for the --locality term (default 256)")
     args = parser.parse_args(argv)
-    local = None
-    if args.local:
-        from ..weights import method_from_dict
-
-        try:
-            local = method_from_dict(json.loads(args.local))
-        except (ValueError, TypeError) as err:
-            parser.error(f"--local: {err}")
+    local, locality = (_method_arg(parser, flag, text) for flag, text in (("--local", args.local),
+                                                                           ("--locality", args.locality)))
     if args.init and Path(args.init).resolve() == Path(args.out).resolve():
         parser.error("--init and --out are the same folder: checkpoints would overwrite the starting weights")
     torch.set_num_threads(args.threads or os.cpu_count() or 1)
@@ -565,9 +598,25 @@ def main(argv=None) -> None:
                 eval_seeds=args.eval_seeds, save_every=args.save_every, frames=args.frames, size=args.size,
                 object_canvas=args.object_canvas, init=args.init,
                 time_limit=args.time_limit, local=local, local_weight=args.local_weight, local_pull=args.local_pull,
-                local_max_noise=args.local_max_noise,
-                noise_levels=args.noise_levels)
+                local_max_noise=args.local_max_noise, locality=locality, locality_weight=args.locality_weight,
+                locality_queries=args.locality_queries, noise_levels=args.noise_levels)
     print(json.dumps({k: log[k] for k in ("steps_done", "train_seconds", "parameters")} | {"eval": log.get("eval")}, indent=1))
+
+
+def _method_arg(parser, flag: str, text):
+    """The method config of a JSON command-line value (None without one); a bad one is a usage error naming ``flag``."""
+    if not text:
+        return None
+    from ..weights import method_from_dict
+    from .attention_locality import check_pattern_method
+
+    try:
+        method = method_from_dict(json.loads(text))
+        if flag == "--locality":
+            check_pattern_method(method)
+        return method
+    except (ValueError, TypeError) as err:
+        parser.error(f"{flag}: {err}")
 
 
 if __name__ == "__main__":
