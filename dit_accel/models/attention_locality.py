@@ -66,7 +66,8 @@ class AttentionLocality:
     Args:
         transformer: a transformer whose blocks hold ``attn1`` self-attention modules and whose input
             ``hidden_states`` is ``[B, C, T, H, W]`` (Wan-like: ``config.patch_size`` gives the token grid).
-        method: the pattern (:func:`pattern_mask`): a Tile or GNA config, one window per head allowed.
+        method: the pattern (:func:`pattern_mask`): a Tile or GNA config, one window per head allowed; or a
+            tuple of them, measured on the same sampled attention (:meth:`outside` then gives one row each).
         queries: queries sampled per call (the same for every sample and head); all when the video has fewer.
         generator: CPU generator of the query samples (training stays reproducible).
 
@@ -78,7 +79,12 @@ class AttentionLocality:
         if queries < 1:
             raise ValueError(f"queries must be at least 1, got {queries}")
         self.transformer = transformer
-        self.method = method
+        self.methods = tuple(method) if isinstance(method, (tuple, list)) else (method,)
+        self._one = not isinstance(method, (tuple, list))
+        if not self.methods:
+            raise ValueError("give at least one pattern method")
+        for m in self.methods:
+            check_pattern_method(m)
         self.queries = int(queries)
         self.generator = generator
         self._modules = [m for name, m in transformer.named_modules() if name.endswith("attn1")]
@@ -127,23 +133,27 @@ class AttentionLocality:
         return out
 
     def _mass_outside(self, query: torch.Tensor, key: torch.Tensor, scale) -> torch.Tensor:
-        """``[B]``: mean over heads and sampled queries of the softmax mass on keys outside the mask."""
+        """``[M, B]``: per pattern, the mean over heads and sampled queries of the softmax mass on keys outside it."""
         n = query.shape[-2]
         rows = torch.randperm(n, generator=self.generator)[: self.queries] if n > self.queries else torch.arange(n)
         scale = query.shape[-1] ** -0.5 if scale is None else scale
         probs = (torch.matmul(query[:, :, rows], key.transpose(-1, -2)) * scale).float().softmax(dim=-1)
-        inside = _mask(self.method, self._grid).to(query.device)
-        inside = inside[..., rows, :]  # [n_q, N] or [H, n_q, N]
-        mass_in = (probs * inside).sum(dim=-1)  # [B, H, n_q]
-        return (1.0 - mass_in).mean(dim=(1, 2))
+        out = []
+        for method in self.methods:
+            inside = _mask(method, self._grid).to(query.device)[..., rows, :]  # [n_q, N] or [H, n_q, N]
+            mass_in = (probs * inside).sum(dim=-1)  # [B, H, n_q]
+            out.append((1.0 - mass_in).mean(dim=(1, 2)))
+        return torch.stack(out)
 
     def outside(self) -> torch.Tensor:
-        """``[B]``: attention mass outside the pattern per sample, averaged over the calls since the last
-        read (all layers of the forward passes run inside the block); clears them. ValueError if none ran."""
+        """``[B]`` (``[M, B]`` for a tuple of M patterns): attention mass outside the pattern per sample, averaged
+        over the calls since the last read (all layers of the forward passes run inside the block); clears them.
+        ValueError if none ran."""
         if not self._terms:
             raise ValueError("no self-attention call was watched: run the transformer inside the 'with' block")
         terms, self._terms = self._terms, []
-        return torch.stack(terms).mean(dim=0)
+        mean = torch.stack(terms).mean(dim=0)
+        return mean[0] if self._one else mean
 
 
 def _tokens(grid) -> int:

@@ -289,21 +289,43 @@ def _flow_matching_loss(pipe, latents, prompts, length, g: torch.Generator, loca
     return loss + F.mse_loss(sparse, target[rows]) + weight * F.mse_loss(sparse, teacher)
 
 
-def _locality_loss(pipe, inputs, target, watcher, weight: float, max_noise: float) -> torch.Tensor:
+def _locality_loss(pipe, inputs, target, watcher, weight: float, max_noise) -> torch.Tensor:
     """Flow-matching MSE plus ``weight`` x the dense attention mass outside the locality pattern
-    (:class:`~.attention_locality.AttentionLocality`), averaged over the samples at or below ``max_noise``;
-    the term's value is kept in ``watcher.last`` for the log (None when no sample was low enough)."""
+    (:class:`~.attention_locality.AttentionLocality`), averaged over the samples at or below ``max_noise``.
+
+    ``max_noise``: one noise level (the watcher has one pattern), or one per pattern of the watcher (a schedule,
+    narrower windows at lower noise): each sample is held to the pattern of the lowest level at or above its
+    noise. The term's value is kept in ``watcher.last`` for the log (None when no sample was low enough)."""
     with watcher:
         pred = pipe.transformer(**inputs)[0]
         outside = watcher.outside()
     loss = F.mse_loss(pred, target)
-    rows = inputs["timestep"] <= max_noise * 1000
+    levels = torch.tensor(list(max_noise) if isinstance(max_noise, (tuple, list)) else [max_noise],
+                          dtype=torch.float64) * 1000
+    outside = outside.reshape(len(levels), -1)  # [patterns, B]
+    eligible = inputs["timestep"].double()[None, :] <= levels[:, None]
+    rows = eligible.any(dim=0)
     if not bool(rows.any()):
         watcher.last = None
         return loss
-    term = outside[rows].mean()
+    choice = torch.where(eligible, levels[:, None], torch.full_like(eligible, float("inf"), dtype=levels.dtype))
+    term = outside.gather(0, choice.argmin(dim=0)[None])[0][rows].mean()
     watcher.last = float(term.detach())
     return loss + weight * term
+
+
+def _locality_schedule(locality, max_noise: float):
+    """``((level, method), ...)`` by falling level: a method alone is held at noise levels up to ``max_noise``; a
+    sequence of ``(level, method)`` pairs is a schedule (each sample under the pattern of the lowest level at or
+    above its noise). ValueError for a level outside (0, 1] or a method whose pattern the term cannot use."""
+    from .attention_locality import check_pattern_method
+
+    pairs = [(max_noise, locality)] if not isinstance(locality, (tuple, list)) else [tuple(p) for p in locality]
+    for level, method in pairs:
+        if not 0.0 < float(level) <= 1.0:
+            raise ValueError(f"a locality noise level must be in (0, 1], got {level}")
+        check_pattern_method(method)
+    return tuple(sorted(((float(level), method) for level, method in pairs), key=lambda p: -p[0]))
 
 
 def train(out_dir=TINY_SHAPES_DIR, *, steps: int = 3600, batch_size: int = 16, lr: float = 1.5e-3, warmup: int = 100,
@@ -360,7 +382,7 @@ def train(out_dir=TINY_SHAPES_DIR, *, steps: int = 3600, batch_size: int = 16, l
     settings.update(frames=frames, canvas=canvas, object_canvas=object_canvas or canvas, init=str(init) if init else None,
                     time_limit=time_limit, local=None if local is None else local.to_dict(), local_weight=local_weight,
                     local_pull=local_pull, local_max_noise=local_max_noise, noise_levels=noise_levels,
-                    locality=None if locality is None else locality.to_dict(), locality_weight=locality_weight,
+                    locality=None if locality is None else _locality_record(locality), locality_weight=locality_weight,
                     locality_queries=locality_queries)
     pipe, mean, std = _starting_pipeline(init, frames, seed, size)
     params = [p for m in (pipe.transformer, pipe.text_encoder) for p in m.parameters()]
@@ -368,9 +390,10 @@ def train(out_dir=TINY_SHAPES_DIR, *, steps: int = 3600, batch_size: int = 16, l
     optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.99), weight_decay=0.01, fused=True)
     g = torch.Generator().manual_seed(seed)
     handle = _apply(pipe, local)
-    watcher = None if locality is None else (
-        AttentionLocality(pipe.transformer, locality, queries=locality_queries, generator=g), locality_weight,
-        local_max_noise)
+    schedule = None if locality is None else _locality_schedule(locality, local_max_noise)
+    watcher = None if schedule is None else (
+        AttentionLocality(pipe.transformer, tuple(m for _, m in schedule), queries=locality_queries, generator=g),
+        locality_weight, tuple(level for level, _ in schedule))
     outside = []  # the locality term's values since the last log point
     curve, window, load_start, start, steps_done = [], [], os.getloadavg(), time.perf_counter(), 0
     print(f"training tiny-shapes: {steps} steps of {batch_size} clips on {torch.get_num_threads()} threads -> "
@@ -582,8 +605,10 @@ def main(argv=None) -> None:
                              "all); e.g. 0.94 for a plan whose first 2 of 12 steps are dense")
     parser.add_argument("--locality", default=None, metavar="JSON",
                         help="add the dense attention mass outside this method's pattern (tile or gna) to the loss, "
-                             "e.g. '{\"method\": \"tile\", \"tile\": [1, 8, 8], \"window\": [3, 1, 1]}'; "
-                             "--local-max-noise limits it to the low-noise samples")
+                             "e.g. '{\"method\": \"tile\", \"tile\": [1, 8, 8], \"window\": [3, 1, 1]}' "
+                             "(--local-max-noise limits it to the low-noise samples), or a schedule of "
+                             "[max noise, method] pairs: each sample under the pattern of the lowest level at or above "
+                             "its noise")
     parser.add_argument("--locality-weight", type=float, default=1.0, help="weight of the --locality term (default 1)")
     parser.add_argument("--locality-queries", type=int, default=256,
                         help="queries sampled per self-attention call for the --locality term (default 256)")
@@ -603,6 +628,13 @@ def main(argv=None) -> None:
     print(json.dumps({k: log[k] for k in ("steps_done", "train_seconds", "parameters")} | {"eval": log.get("eval")}, indent=1))
 
 
+def _locality_record(locality):
+    """What the log records of ``locality``: the method's dict, or ``[[level, dict], ...]`` for a schedule."""
+    if isinstance(locality, (tuple, list)):
+        return [[float(level), method.to_dict()] for level, method in locality]
+    return locality.to_dict()
+
+
 def _method_arg(parser, flag: str, text):
     """The method config of a JSON command-line value (None without one); a bad one is a usage error naming ``flag``."""
     if not text:
@@ -611,7 +643,14 @@ def _method_arg(parser, flag: str, text):
     from .attention_locality import check_pattern_method
 
     try:
-        method = method_from_dict(json.loads(text))
+        value = json.loads(text)
+        if flag == "--locality" and isinstance(value, list):  # a schedule: [[max noise, method], ...]
+            if not value or not all(isinstance(p, list) and len(p) == 2 and isinstance(p[1], dict) for p in value):
+                raise ValueError("a schedule is a list of [max_noise, {\"method\": ...}] pairs")
+            pairs = [(float(level), method_from_dict(d)) for level, d in value]
+            _locality_schedule(pairs, 1.0)
+            return pairs
+        method = method_from_dict(value)
         if flag == "--locality":
             check_pattern_method(method)
         return method

@@ -12,6 +12,8 @@
     # per layer and head: the attention mass inside tile windows (4x4x4 tiles), dense, README's prompt, seed 0, and
     # the most that the best choice of key tiles per query tile at --oracle-density keeps (no method can keep more)
     python docs/scripts/long_clip_checks.py heads --weights DIR --frames 31 [--oracle-density 0.083]
+    # the same for windows of whole frames (12x12 tokens)
+    python docs/scripts/long_clip_checks.py heads --weights DIR --tile 1,12,12 --windows '[[1,1,1],[3,1,1],[5,1,1]]'
 
 Both run the stock pipeline call (12 steps, max_sequence_length 16; 48x48 unless --size) on the CPU.
 """
@@ -162,9 +164,11 @@ def heads(args) -> None:
 
     pipe, call = _pipe(args.weights), _call(args)
     grid = ((args.frames - 1) // 2 + 1, args.size // 4, args.size // 4)
-    windows = ((1, 1, 1), (3, 1, 1), (1, 1, 3), (1, 3, 1), (1, 3, 3), (3, 1, 3), (3, 3, 1))
-    masks = {w: tile_mask(grid, (4, 4, 4), w) for w in windows}
-    tiles = _tile_ids(grid, (4, 4, 4))
+    tile = tuple(int(x) for x in args.tile.split(","))
+    windows = tuple(tuple(w) for w in json.loads(args.windows)) if args.windows else (
+        (1, 1, 1), (3, 1, 1), (1, 1, 3), (1, 3, 1), (1, 3, 3), (3, 1, 3), (3, 3, 1))
+    masks = {w: tile_mask(grid, tile, w) for w in windows}
+    tiles = _tile_ids(grid, tile)
     num_tiles = int(tiles.max()) + 1
     keep = max(1, round(args.oracle_density * num_tiles))
     print(f"grid {grid}; per head: mass inside windows {' '.join('x'.join(map(str, w)) for w in windows)} "
@@ -212,6 +216,10 @@ def main(argv=None) -> None:
     sub.choices["heads"].add_argument("--steps", type=int, nargs="+", default=[0, 3, 6, 10])
     sub.choices["heads"].add_argument("--oracle-density", type=float, default=0.083,
                                       help="share of key tiles the oracle column keeps per query tile")
+    sub.choices["heads"].add_argument("--tile", default="4,4,4", help="tile of the windows and the oracle (T,H,W)")
+    sub.choices["heads"].add_argument("--windows", default=None, metavar="JSON",
+                                      help="windows in tiles, e.g. '[[1,1,1],[3,1,1],[5,1,1]]' (default: seven "
+                                           "bands and boxes of 4x4x4 tiles)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     {"gt": ground_truth, "psnr": psnr, "sweep": sweep, "heads": heads}[args.check](args)

@@ -170,3 +170,29 @@ def test_locality_term_only_for_samples_at_or_below_the_noise_limit():
     with torch.no_grad():
         train_tiny._locality_loss(pipe, inputs, target, watcher, 2.0, 0.1)
     assert watcher.last is None
+
+
+def test_a_schedule_holds_each_sample_to_the_pattern_of_its_noise_level():
+    """Levels (0.95, 0.5): the sample at noise 0.9 is held to the wide window, the one at 0.3 to the narrow one;
+    the log and settings record the schedule."""
+    from types import SimpleNamespace
+
+    model, inputs = _transformer(), _inputs()
+    pipe = SimpleNamespace(transformer=model)
+    wide, narrow = (dit_accel.Tile(tile=(1, 4, 4), window=(w, 1, 1)) for w in (3, 1))
+    schedule = train_tiny._locality_schedule([(0.5, narrow), (0.95, wide)], 1.0)
+    assert schedule == ((0.95, wide), (0.5, narrow))
+    watcher = AttentionLocality(model, (wide, narrow), queries=10_000)
+    target = torch.zeros(2, 6, *[s * f for s, f in zip(GRID, (1, 2, 2))])
+    with torch.no_grad():
+        loss = train_tiny._locality_loss(pipe, inputs, target, watcher, 1.0, (0.95, 0.5))
+        with watcher:
+            pred = model(**inputs)[0]
+            both = watcher.outside()
+    assert both.shape == (2, 2) and bool((both[1] > both[0]).all())  # the narrow window leaves out more
+    want = torch.nn.functional.mse_loss(pred, target) + (both[0, 0] + both[1, 1]) / 2
+    torch.testing.assert_close(loss, want)
+    with pytest.raises(ValueError, match="noise level"):
+        train_tiny._locality_schedule([(1.5, narrow)], 1.0)
+    with pytest.raises(ValueError, match="fixed by the grid"):
+        train_tiny._locality_schedule([(0.5, dit_accel.SLA(topk=0.2))], 1.0)
