@@ -363,6 +363,13 @@ def train(out_dir=TINY_SHAPES_DIR, *, steps: int = 3600, batch_size: int = 16, l
     trains the sparse path only at noise levels up to it, the steps a plan with a dense warm-up runs sparse: above
     it, where to put the one object is a decision of the whole video that windows cannot make.
 
+    Attention locality: ``locality`` (a Tile or GNA config, or a schedule of ``(max noise, config)`` pairs) adds
+    ``locality_weight`` x the share of the dense attention that falls outside the pattern to the loss
+    (:class:`~.attention_locality.AttentionLocality`, ``locality_queries`` sampled queries per call), for the samples
+    at or below ``local_max_noise`` (a schedule: each sample under the pattern of the lowest level at or above its
+    noise). It moves where the model attends, not what it predicts; ``train_log.json`` records it and the curve its
+    value (``outside``).
+
     Noise levels: ``noise_levels="uniform"`` draws the training noise levels uniformly before the shift instead of
     logit-normal: about 8 % of the steps below noise 0.2 instead of under 1 %, the levels that clean the last detail.
 

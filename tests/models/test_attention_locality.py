@@ -196,3 +196,16 @@ def test_a_schedule_holds_each_sample_to_the_pattern_of_its_noise_level():
         train_tiny._locality_schedule([(1.5, narrow)], 1.0)
     with pytest.raises(ValueError, match="fixed by the grid"):
         train_tiny._locality_schedule([(0.5, dit_accel.SLA(topk=0.2))], 1.0)
+
+
+def test_cli_reads_a_locality_schedule_and_refuses_a_bad_one(capsys):
+    parser = train_tiny.argparse.ArgumentParser()
+    wide = {"method": "tile", "tile": [1, 4, 4], "window": [3, 1, 1]}
+    narrow = {"method": "tile", "tile": [1, 4, 4], "window": [1, 1, 1]}
+    pairs = train_tiny._method_arg(parser, "--locality", json.dumps([[0.9, wide], [0.5, narrow]]))
+    assert [level for level, _ in pairs] == [0.9, 0.5] and pairs[1][1].window == (1, 1, 1)
+    assert train_tiny._locality_record(pairs) == [[0.9, pairs[0][1].to_dict()], [0.5, pairs[1][1].to_dict()]]
+    for bad in ([[0.9]], [[2.0, wide]], [[0.5, {"method": "sla", "topk": 0.2}]]):
+        with pytest.raises(SystemExit):
+            train_tiny._method_arg(parser, "--locality", json.dumps(bad))
+        assert "--locality" in capsys.readouterr().err
