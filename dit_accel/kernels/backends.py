@@ -160,6 +160,13 @@ def _block_sparse_flex(r: Request) -> Optional[str]:
     if reason is None and r.needs_grad and r.device.type == "cpu":
         reason = ("backend='flex' has no backward on CPU (FlexAttention limitation); use backend='torch' for "
                   "gradients on CPU, or run under torch.no_grad().")
+    if reason is None and r.device.type == "cuda":
+        # Its Triton kernels tile by the layout's blocks: a block of a whole 144-token frame does not compile.
+        odd = [f"{name}={size}" for name, size in (("block_q", r.block_q), ("block_k", r.block_k))
+               if size < 16 or size & (size - 1)]
+        if odd:
+            reason = (f"layout {', '.join(odd)} is not a power of two from 16, which FlexAttention's GPU kernels "
+                      "need; use backend='torch', or a tile that holds whole 64-token blocks.")
     return reason
 
 

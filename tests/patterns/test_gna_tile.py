@@ -292,3 +292,19 @@ def test_tile_block_size_checks_and_serialisation():
     from dit_accel.weights import method_from_dict
 
     assert method_from_dict(framed.to_dict()) == framed
+
+
+def test_whole_frame_blocks_are_refused_by_the_gpu_kernels_with_the_reason(monkeypatch):
+    """144-token blocks: the CPU's auto takes the PyTorch twin; on CUDA the Triton and FlexAttention kernels say why
+    they cannot (their tiles are powers of two), so auto never hands them such a layout."""
+    from dit_accel.kernels import backends
+    from dit_accel.kernels.request import Request
+
+    cpu = Request(torch.device("cpu"), torch.float32, 32, False, 144, 144)
+    assert backends.resolve("block_sparse", "auto", cpu) == "torch"
+    cuda = Request(torch.device("cuda"), torch.bfloat16, 32, False, 144, 144)
+    monkeypatch.setattr(backends, "triton_reason", lambda device: None)  # as on a machine with a GPU
+    monkeypatch.setattr(backends, "_flex_reason", lambda device: None)
+    assert "rebuild the layout with blocks of 64 or 128" in backends._block_sparse_triton(cuda)
+    assert "power of two" in backends._block_sparse_flex(cuda)
+    assert backends._block_sparse_flex(Request(torch.device("cuda"), torch.bfloat16, 32, False, 64, 128)) is None
