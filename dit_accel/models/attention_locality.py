@@ -23,7 +23,6 @@ Example::
 
 from __future__ import annotations
 
-import functools
 from typing import List, Tuple
 
 import torch
@@ -72,7 +71,10 @@ class AttentionLocality:
         generator: CPU generator of the query samples (training stays reproducible).
 
     Use as a context manager around the forward passes; :meth:`outside` then gives the mass per sample and
-    clears what was recorded. Outside the ``with`` block the transformer is untouched.
+    clears what was recorded. Outside the ``with`` block the transformer is untouched. Inside it,
+    ``torch.nn.functional.scaled_dot_product_attention`` is this watcher's for the whole process (Diffusers looks it
+    up there on every call): one watcher at a time, in a training loop on one thread. The token masks (bool, per
+    pattern and grid) are kept on the watcher.
     """
 
     def __init__(self, transformer, method, *, queries: int = 256, generator: torch.Generator = None):
@@ -95,6 +97,7 @@ class AttentionLocality:
         self._grid = None
         self._watching = False
         self._sdpa = None
+        self._masks = {}  # (pattern index, grid) -> bool token mask
 
     # ------------------------------------------------------------------ install / remove
     def __enter__(self) -> "AttentionLocality":
@@ -139,8 +142,11 @@ class AttentionLocality:
         scale = query.shape[-1] ** -0.5 if scale is None else scale
         probs = (torch.matmul(query[:, :, rows], key.transpose(-1, -2)) * scale).float().softmax(dim=-1)
         out = []
-        for method in self.methods:
-            inside = _mask(method, self._grid).to(query.device)[..., rows, :]  # [n_q, N] or [H, n_q, N]
+        for i, method in enumerate(self.methods):
+            mask = self._masks.get((i, self._grid))
+            if mask is None:
+                mask = self._masks[(i, self._grid)] = pattern_mask(method, self._grid)
+            inside = mask[..., rows, :].to(device=query.device, dtype=probs.dtype)  # [n_q, N] or [H, n_q, N]
             mass_in = (probs * inside).sum(dim=-1)  # [B, H, n_q]
             out.append((1.0 - mass_in).mean(dim=(1, 2)))
         return torch.stack(out)
@@ -159,12 +165,4 @@ class AttentionLocality:
 def _tokens(grid) -> int:
     return -1 if grid is None else grid[0] * grid[1] * grid[2]
 
-
-@functools.lru_cache(maxsize=8)
-def _cached_mask(method, grid) -> torch.Tensor:
-    return pattern_mask(method, grid).float()
-
-
-def _mask(method, grid) -> torch.Tensor:
-    return _cached_mask(method, tuple(grid))
 

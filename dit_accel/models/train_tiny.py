@@ -386,6 +386,9 @@ def train(out_dir=TINY_SHAPES_DIR, *, steps: int = 3600, batch_size: int = 16, l
         raise ValueError(f"local_max_noise must be in (0, 1], got {local_max_noise}")
     if noise_levels not in NOISE_LEVELS:
         raise ValueError(f"noise_levels must be one of {NOISE_LEVELS}, got {noise_levels!r}")
+    if local is not None and locality is not None:
+        raise ValueError("local (a sparse prediction pulled to the dense one) and locality (the dense attention held "
+                         "inside a pattern) are two ways to the same end; give one")
     settings.update(frames=frames, canvas=canvas, object_canvas=object_canvas or canvas, init=str(init) if init else None,
                     time_limit=time_limit, local=None if local is None else local.to_dict(), local_weight=local_weight,
                     local_pull=local_pull, local_max_noise=local_max_noise, noise_levels=noise_levels,

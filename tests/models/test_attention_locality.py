@@ -209,3 +209,11 @@ def test_cli_reads_a_locality_schedule_and_refuses_a_bad_one(capsys):
         with pytest.raises(SystemExit):
             train_tiny._method_arg(parser, "--locality", json.dumps(bad))
         assert "--locality" in capsys.readouterr().err
+
+
+def test_local_and_locality_together_are_refused(tmp_path):
+    method = dit_accel.Tile(tile=(1, 4, 4), window=(1, 1, 1))
+    with pytest.raises(ValueError, match="give one"):
+        train_tiny.train(tmp_path, steps=1, frames=5, init=TINY_SHAPES_DIR, eval_seeds=(), local=method,
+                         locality=method)
+    assert not any(tmp_path.iterdir())
