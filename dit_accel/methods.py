@@ -394,9 +394,8 @@ class Tile(Method):
 
     def __post_init__(self):
         tile, window = check_tile_args(self.tile, self.window, owner="Tile.")
-        if self.block_size is not None:
-            positive_int("block_size", self.block_size, owner="Tile.")
-        _freeze(self, tile=tile, window=window)
+        block = None if self.block_size is None else positive_int("block_size", self.block_size, owner="Tile.")
+        _freeze(self, tile=tile, window=window, block_size=block)
 
     def to_dict(self) -> dict:
         d = super().to_dict()

@@ -9,6 +9,7 @@ tokens explicitly. No Kronecker products, no shared helpers.
 import itertools
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -292,6 +293,8 @@ def test_tile_block_size_checks_and_serialisation():
     from dit_accel.weights import method_from_dict
 
     assert method_from_dict(framed.to_dict()) == framed
+    # A numpy scalar (a size computed with numpy) is stored as a plain int, so plans serialise it as JSON.
+    assert type(dit_accel.Tile(tile=(1, 12, 12), window=(3, 1, 1), block_size=np.int64(144)).block_size) is int
 
 
 def test_whole_frame_blocks_are_refused_by_the_gpu_kernels_with_the_reason(monkeypatch):
