@@ -18,7 +18,8 @@ from typing import List, Optional, Sequence, Tuple
 from ..methods import GNA, SLA, VSA, Dense, Method, Radial, Tile
 from ..per_head import MAX_CONVERTED_TOKENS
 
-__all__ = ["Candidate", "candidate_grid", "check_candidate_tile", "GRIDS", "METHODS", "OPTIONAL_METHODS", "CALIBRATABLE"]
+__all__ = ["Candidate", "candidate_grid", "check_candidate_tile", "GRIDS", "METHODS", "OPTIONAL_METHODS",
+           "CALIBRATABLE"]
 
 #: Sizes of the parameter grid: "small" (one or two per method: tests, smoke runs), "default", "large".
 GRIDS = ("small", "default", "large")

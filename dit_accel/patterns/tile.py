@@ -28,8 +28,8 @@ from .checks import as_grid, int_or_tuple, per_dim, per_head, positive_int
 from .permutation import TilePermutation, block_box, permutation_for
 from .separable import covers_grid, kron, relation_1d, separable_layout, stack_heads
 
-__all__ = ["tile_mask", "tile_layout", "check_tile_args", "check_tile_block", "tile_relations", "covered_tiles", "tile_token_density",
-           "tile_covers_grid", "read_sta_strategy"]
+__all__ = ["tile_mask", "tile_layout", "check_tile_args", "check_tile_block", "tile_relations", "covered_tiles",
+           "tile_token_density", "tile_covers_grid", "read_sta_strategy"]
 
 
 def covered_tiles(window: int) -> int:

@@ -33,9 +33,9 @@ def _torchrun(nproc: int, script: str, *args, timeout: int = 600) -> None:
     res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     log = res.stdout[-6000:] + res.stderr[-6000:]
     if res.returncode != 0 and _killed_by_signal(res.stderr):
-        # A rank killed by the OS or a native crash (seen once in CI: rank 1 SIGSEGV with no Python error, rank 0 waiting in
-        # an all-gather; not reproduced in 20 runs). One more launch, with the first log kept in a warning; a
-        # Python error in a rank, or a second crash, fails.
+        # A rank killed by the OS or a native crash (seen once in CI: rank 1 SIGSEGV with no Python error, rank 0
+        # waiting in an all-gather; not reproduced in 20 runs). One more launch, with the first log kept in a
+        # warning; a Python error in a rank, or a second crash, fails.
         warnings.warn(f"torchrun {script}: a rank died on a signal; launched again. First log:\n{log}", stacklevel=2)
         res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
         log = res.stdout[-6000:] + res.stderr[-6000:]
