@@ -2,7 +2,6 @@
 check, and `eval --compare` with its refusals."""
 import hashlib
 import json
-import shutil
 
 import pytest
 

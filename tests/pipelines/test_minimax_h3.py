@@ -4,9 +4,6 @@ call forms (t2va, i2va, fl2va, ref2va) against a masked-dense reference, the H3 
 and Ulysses context parallelism on CPU processes."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -16,6 +13,7 @@ import torch
 import dit_accel
 from dit_accel.models import tiny as T
 from dit_accel.pipelines.presets import PRESETS, recommended
+from tests.torchrun import torchrun
 from tests.utils import ReferenceAttention
 
 CLASS = "MiniMaxH3Transformer3DModel"
@@ -214,13 +212,8 @@ def test_sla_with_a_diffusers_lora_saves_and_reloads(lora, tmp_path):
 def test_ulysses_with_the_default_and_a_lora_matches_one_process(tmp_path):
     """The H3 default (Tile) and SLA, with a Diffusers-loaded LoRA, on the i2va and ref2va layouts: Ulysses over 2
     gloo processes against one process (minimax_h3_cp_worker.py)."""
-    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "TRITON_INTERPRET": "1",
-           "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     out = tmp_path / "h3cp.json"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(HERE / "minimax_h3_cp_worker.py"), str(out), str(tmp_path)]
-    res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
+    torchrun(2, HERE / "minimax_h3_cp_worker.py", out, tmp_path)
     cases = json.loads(out.read_text())
     assert sorted(cases) == sorted(f"{m}/{f}" for m in ("tile", "sla") for f in ("i2va", "ref2va"))
     for key, case in cases.items():

@@ -8,7 +8,6 @@ import shutil
 import numpy as np
 import pytest
 
-import dit_accel
 from dit_accel import atomic_files as _io
 from dit_accel.cli.main import main
 from dit_accel.io import load_video, save_video

@@ -16,6 +16,7 @@ import dit_accel
 from dit_accel.models.tiny import build_tiny_pipeline
 from dit_accel.training import FinetuneConfig, finetune, load_method
 from dit_accel.weights import LORA_FILE, METHOD_FILE, SLA_FILE
+from tests.torchrun import torchrun
 
 REPO = Path(__file__).resolve().parents[2]
 # Token grid (3, 4, 8) = 96 tokens: two 64-key blocks, SLA keeps one -> the student differs from the teacher.
@@ -222,12 +223,8 @@ def test_context_parallel_finetune_matches_one_process(prompts_file, tmp_path):
     common = ["--model", "tiny-wan", "--method", "sla", "--topk", "0.5", "--prompts", str(prompts_file), "--steps",
               "2", "--rank", "2", "--frames", "9", "--height", "64", "--width", "128", "--max-sequence-length", "8",
               "--eval-batches", "0", "--gradient-accumulation-steps", "2", "--no-progress"]
-    env = dict(os.environ, TRITON_INTERPRET="1", HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(Path(__file__).with_name("cp_finetune_worker.py")), *common, "--cp", "ulysses=2", "--output",
-           str(tmp_path / "cp")]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    torchrun(2, Path(__file__).with_name("cp_finetune_worker.py"), *common, "--cp", "ulysses=2", "--output",
+             tmp_path / "cp", timeout=300)
     assert main([*common, "--output", str(tmp_path / "one")]) == 0
     for name in (LORA_FILE, SLA_FILE):
         cp, one = load_file(str(tmp_path / "cp" / name)), load_file(str(tmp_path / "one" / name))
