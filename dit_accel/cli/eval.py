@@ -200,16 +200,20 @@ def _method_specs(args, tiny: bool) -> list:
     with --cache."""
     from ..eval.runner import load_method_specs
     from ..models.tiny import TINY_METHOD_DEFAULTS
+    from ..models.tiny_shapes import shapes_model
 
+    defaults = TINY_METHOD_DEFAULTS.get(args.model) if tiny else None
+    shapes = shapes_model(args.model)
+    if defaults and shapes is not None and shapes.schedule:  # e.g. the dense steps tiny-shapes-long's methods need
+        defaults = {name: {**options, **shapes.schedule} for name, options in defaults.items()}
     try:
         cache = cache_from_args(args)
-        stacks = _stacks(args.stacks, TINY_METHOD_DEFAULTS.get(args.model) if tiny else None)
+        stacks = _stacks(args.stacks, defaults)
     except ValueError as exc:
         raise _Refused(str(exc)) from None
     try:
         methods = args.methods or ("dense" if stacks else DEFAULT_METHODS)
-        specs = load_method_specs(methods.split(","), args.method_config,
-                                  defaults=TINY_METHOD_DEFAULTS.get(args.model) if tiny else None,
+        specs = load_method_specs(methods.split(","), args.method_config, defaults=defaults,
                                   explicit=args.methods is not None)
     except (ValueError, OSError) as exc:
         raise _Refused(str(exc)) from None

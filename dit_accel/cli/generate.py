@@ -49,7 +49,6 @@ def register(subparsers) -> argparse.ArgumentParser:
     from ..models.tiny import TINY_DEFAULTS, TINY_MODELS
 
     default = shapes_model(DEFAULT_MODEL)
-    uniform = default.uniform.upper() if len(default.uniform) <= 3 else default.uniform
     shapes = ", ".join(f"{name} ({m.size()})" for name, m in SHAPES_MODELS.items())
     p = subparsers.add_parser(
         "generate",
@@ -59,7 +58,7 @@ def register(subparsers) -> argparse.ArgumentParser:
                     f"sidecar (OUT.json). With no arguments: {DEFAULT_MODEL} (tiny model trained on synthetic "
                     f"clips, {default.size()})\n"
                     "with the calibrated plan shipped for it (dit-accel calibrate, validated on held-out prompts;\n"
-                    f"{uniform} when the call's steps or size differ from the plan's), compared with a dense run of "
+                    f"{default.fallback()} when the call's steps or size differ from the plan's), compared with a dense run of "
                     "the same call\n(time and ground-truth quality). On any other supported model without "
                     "--method: the family's\nrecommended setting (published by the method's authors where they "
                     "did); --method dense runs\ndense attention.",
@@ -183,7 +182,10 @@ def _model_defaults(model: str, pipe, method_name: str, use: bool):
     if not use:
         return {}, {}, "none (--no-model-defaults)"
     if is_embedded_model(model):
-        return dict(TINY_METHOD_DEFAULTS.get(model, {}).get(method_name, {})), {}, f"{model} grid-sized defaults"
+        shapes = shapes_model(model)
+        return (dict(TINY_METHOD_DEFAULTS.get(model, {}).get(method_name, {})),
+                dict(shapes.schedule) if shapes is not None and method_name != "dense" else {},
+                f"{model} grid-sized defaults")
     transformer = getattr(pipe, "transformer", None)
     from ..pipelines.presets import family_of, published_settings, recommended
 
@@ -280,7 +282,7 @@ def _default_plan(args) -> None:
         args._default_note = (f"{shapes.owner()} calibrated plan is for its default call ({defaults['num_frames']}"
                               f"x{defaults['height']}x{defaults['width']}, {defaults['num_inference_steps']} steps) "
                               f"and this call sets {', '.join(differs)}: the uniform default "
-                              f"{shapes.uniform.upper()} runs instead")
+                              f"{shapes.fallback()} runs instead")
         return
     args.plan, args._default_plan = str(shapes.plan), True
 

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -80,6 +80,27 @@ TINY_SHAPES_METHODS = {
 }
 
 
+# tiny-shapes-long: tiny-shapes fine-tuned by train_tiny to 31-frame clips (docs/models.md has the commands): latent
+# (16, 24, 24), token grid (16, 12, 12) = 2,304 video tokens, where attention is most of the transformer's time on a
+# CPU. A frame is one 144-token tile: Tile's blocks there are whole frames (Tile.block_size).
+TINY_SHAPES_LONG_DIR = TINY_SHAPES_DIR.with_name("tiny-shapes-long")
+TINY_SHAPES_LONG_DEFAULTS = {**TINY_SHAPES_DEFAULTS, "num_frames": 31}
+TINY_SHAPES_LONG_GRID = (16, 12, 12)
+TINY_SHAPES_LONG_METHODS = {
+    # Each frame with the frames beside it (the window slides in at the ends): 3 of 16 frames, density 0.188.
+    "tile": {"tile": (1, 12, 12), "window": (3, 1, 1), "block_size": 144},
+    # NATTEN's neighbourhood of 3 whole frames: density 0.188.
+    "gna": {"kernel_size": (3, 12, 12)},
+    # Radial's temporal decay on 64-token blocks: density 0.671.
+    "radial": {"block_size": 64, "decay": 1.0, "sink_frames": (0,)},
+    "sla": {"topk": 0.2},  # 8 of 36 key blocks per query block for exact softmax, the rest linear
+}
+TINY_SHAPES_LONG_PLAN = TINY_SHAPES_PLAN.with_name("tiny-shapes-long.json")
+TINY_SHAPES_LONG_PLAN_COMMAND = (
+    "dit-accel calibrate --model tiny-shapes-long --prompts dit_accel/models/plans/tiny-shapes.prompts.txt "
+    "--tile 1,12,12 --costs measured --min-psnr 30 --out dit_accel/models/plans/tiny-shapes-long.json "
+    "--report-dir docs/calibrate_evidence/tiny-shapes-long-shipped")
+
 @dataclass(frozen=True)
 class ShapesModel:
     """A model trained by the project on the shapes clips (:mod:`dit_accel.models.clips`) and shipped in the
@@ -97,6 +118,7 @@ class ShapesModel:
         plan_command: the command that remade ``plan``.
         threads: torch threads ``generate`` uses on a CPU (unless ``OMP_NUM_THREADS`` is set); None: PyTorch's
             default (every core). At hundreds of tokens one thread is fastest: the operations are too small to split.
+        schedule: ``apply`` arguments that go with ``methods`` unless flags set them (e.g. ``dense_steps``).
     """
 
     name: str
@@ -109,12 +131,19 @@ class ShapesModel:
     plan: Optional[Path]
     plan_command: str = ""
     threads: Optional[int] = 1
+    schedule: dict = field(default_factory=dict)
     label: str = TINY_SHAPES_LABEL
     prompt: str = TINY_SHAPES_PROMPT
 
     def owner(self) -> str:
         """``"tiny-shapes'"`` (``"tiny-clip's"`` for a name without a final s): the name as an owner, for messages."""
         return self.name + ("'" if self.name.endswith("s") else "'s")
+
+    def fallback(self) -> str:
+        """What ``generate`` runs at another call than the plan's: ``"SLA"``, ``"Tile after 7 dense steps"``."""
+        name = {"sla": "SLA", "gna": "GNA"}.get(self.uniform, self.uniform.capitalize())
+        steps = self.schedule.get("dense_steps")
+        return f"{name} after {steps} dense steps" if steps else name
 
     def size(self) -> str:
         """``"7 frames at 48x48"``."""
@@ -129,6 +158,16 @@ SHAPES_MODELS = {
                 "'a {red|green|blue|yellow} {square|circle} moving {left|right|up|down}', 7 frames at 48x48, offline",
         defaults=TINY_SHAPES_DEFAULTS, grid=TINY_SHAPES_GRID, methods=TINY_SHAPES_METHODS, uniform=TINY_SHAPES_METHOD,
         plan=TINY_SHAPES_PLAN, plan_command=TINY_SHAPES_PLAN_COMMAND),
+    "tiny-shapes-long": ShapesModel(
+        name="tiny-shapes-long", folder=TINY_SHAPES_LONG_DIR,
+        summary=f"tiny-shapes fine-tuned to long clips (2,304 video tokens); {TINY_SHAPES_LABEL}: same prompts, "
+                "31 frames at 48x48, offline",
+        defaults=TINY_SHAPES_LONG_DEFAULTS, grid=TINY_SHAPES_LONG_GRID, methods=TINY_SHAPES_LONG_METHODS,
+        uniform="tile", plan=TINY_SHAPES_LONG_PLAN, plan_command=TINY_SHAPES_LONG_PLAN_COMMAND,
+        threads=None,  # 2,304 tokens: every core helps
+        # Sparse from the first step, Tile's frame window loses the object (18 dB against dense, motion and
+        # consistency fail on the README prompt): its methods start after the 7 dense steps its plan starts with.
+        schedule={"dense_steps": 7}),
 }
 
 # Embedded trained models: name -> Diffusers folder inside the package (loaded like any local folder).

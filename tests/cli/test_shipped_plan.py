@@ -1,5 +1,5 @@
-"""The calibrated plan shipped for tiny-shapes: calibrate's own output for the documented command, validated on
-prompts its search never saw, better there than uniform SLA at no less modelled cost, and generate's default."""
+"""The calibrated plans shipped for the shapes models: calibrate's own output for the documented command, validated
+on prompts its search never saw, better there than uniform SLA at no less modelled cost, and generate's default."""
 import json
 import shlex
 from pathlib import Path
@@ -7,44 +7,57 @@ from pathlib import Path
 import pytest
 
 import dit_accel
+from dit_accel.cli.generate_args import DEFAULT_MODEL
 from dit_accel.cli.main import main
-from dit_accel.models.tiny_shapes import (TINY_SHAPES_DEFAULTS, TINY_SHAPES_GRID, TINY_SHAPES_PLAN,
-                                          TINY_SHAPES_PLAN_COMMAND, TINY_SHAPES_PLAN_PROMPTS, TINY_SHAPES_PROMPT)
+from dit_accel.models.tiny_shapes import SHAPES_MODELS, TINY_SHAPES_PLAN
 from dit_accel.sparse_plan import prompts_hash
 
 REPO = Path(__file__).resolve().parents[2]
+WITH_PLANS = [name for name, m in SHAPES_MODELS.items() if m.plan is not None]
 
 
-def _command_args() -> dict:
-    words = shlex.split(TINY_SHAPES_PLAN_COMMAND)
+def _command_args(name) -> dict:
+    words = shlex.split(SHAPES_MODELS[name].plan_command)
     assert words[:2] == ["dit-accel", "calibrate"]
-    return {words[i]: words[i + 1] for i in range(2, len(words), 2)}
+    args, i = {}, 2
+    while i < len(words):  # flags with one value each
+        args[words[i]] = words[i + 1]
+        i += 2
+    return args
 
 
-def test_the_shipped_plan_is_what_the_documented_command_writes():
-    plan = dit_accel.SparsePlan.load(TINY_SHAPES_PLAN)
-    args = _command_args()
-    assert Path(args["--out"]) == TINY_SHAPES_PLAN.relative_to(REPO)
-    assert Path(args["--prompts"]) == TINY_SHAPES_PLAN_PROMPTS.relative_to(REPO)
+def _documented(command: str) -> bool:
+    """The command appears verbatim in README.md or docs/models.md (lines continued with a backslash joined)."""
+    return any(command in (REPO / f).read_text().replace("\\\n    ", "") for f in ("README.md", "docs/models.md"))
+
+
+@pytest.mark.parametrize("name", WITH_PLANS)
+def test_the_shipped_plan_is_what_the_documented_command_writes(name):
+    entry = SHAPES_MODELS[name]
+    plan = dit_accel.SparsePlan.load(entry.plan)
+    args = _command_args(name)
+    assert args["--model"] == name and Path(args["--out"]) == entry.plan.relative_to(REPO)
     prov = plan.provenance
-    lines = TINY_SHAPES_PLAN_PROMPTS.read_text().splitlines()
+    lines = (REPO / args["--prompts"]).read_text().splitlines()
     prompts = [x.strip() for x in lines if x.strip() and not x.strip().startswith("#")]
-    assert prov["prompts_sha256"] == prompts_hash(prompts) and prov["model_id"] == "tiny-shapes"
+    assert prov["prompts_sha256"] == prompts_hash(prompts) and prov["model_id"] == name
     assert prov["budget"]["min_psnr"] == float(args["--min-psnr"])
-    assert prov["model_class"] == "WanTransformer3DModel" and prov["grids"] == [list(TINY_SHAPES_GRID)]
-    assert prov["steps"] == TINY_SHAPES_DEFAULTS["num_inference_steps"]
-    assert TINY_SHAPES_PLAN_COMMAND in (REPO / "README.md").read_text().replace("\\\n    ", "")
+    assert prov["model_class"] == "WanTransformer3DModel" and prov["grids"] == [list(entry.grid)]
+    assert prov["steps"] == entry.defaults["num_inference_steps"]
+    assert _documented(entry.plan_command), entry.plan_command
     # the report folder the command names holds this plan's report
     report = json.loads((REPO / args["--report-dir"] / "calibration.json").read_text())
     assert report["plan_sha256"] == plan.content_hash()
 
 
-def test_the_shipped_plan_beat_uniform_sla_at_no_less_cost_on_prompts_the_search_never_saw():
-    quality = dit_accel.SparsePlan.load(TINY_SHAPES_PLAN).provenance["quality"]
+@pytest.mark.parametrize("name", WITH_PLANS)
+def test_the_shipped_plan_beat_uniform_sla_at_no_less_cost_on_prompts_the_search_never_saw(name):
+    entry = SHAPES_MODELS[name]
+    quality = dit_accel.SparsePlan.load(entry.plan).provenance["quality"]
     val, base = quality["validation"], quality["baseline"]
-    min_psnr = float(_command_args()["--min-psnr"])
+    min_psnr = float(_command_args(name)["--min-psnr"])
     assert val["psnr_worst"] >= min_psnr and val["videos"] >= 4
-    assert TINY_SHAPES_PROMPT in quality["validation_prompts"]  # the README prompt was held out of the search
+    assert entry.prompt in quality["validation_prompts"]  # the README prompt was held out of the search
     assert base["label"].startswith("uniform sla") and base["modelled_ms"] <= quality["dense_modelled_ms"]
     assert quality["modelled_ms"] <= base["modelled_ms"] * (1 + 1e-9)  # the plan at equal or lower modelled cost
     assert val["psnr"] > base["psnr"] and val["psnr_worst"] > base["psnr_worst"]
@@ -52,20 +65,21 @@ def test_the_shipped_plan_beat_uniform_sla_at_no_less_cost_on_prompts_the_search
 
 
 def test_generate_runs_the_shipped_plan_by_default_and_passes_the_readme_prompt(tmp_path, monkeypatch, capsys):
+    entry = SHAPES_MODELS[DEFAULT_MODEL]
     monkeypatch.chdir(tmp_path)
     assert main(["generate"]) == 0, capsys.readouterr().err
     out = capsys.readouterr().out
-    meta = json.loads((tmp_path / "outputs" / "tiny-shapes-plan.mp4.json").read_text())
-    plan = dit_accel.SparsePlan.load(TINY_SHAPES_PLAN)
+    meta = json.loads((tmp_path / "outputs" / f"{DEFAULT_MODEL}-plan.mp4.json").read_text())
+    plan = dit_accel.SparsePlan.load(entry.plan)
     assert meta["method"]["method"] == "plan" and meta["method"]["plan"] == plan.to_json()
-    assert meta["method_choice"] == "tiny-shapes' default: the calibrated plan shipped with dit_accel"
+    assert meta["method_choice"] == f"{entry.owner()} default: the calibrated plan shipped with dit_accel"
     assert meta["plan_quality"] == plan.provenance["quality"]
     quality = meta["quality"]
-    assert quality["prompt"] == TINY_SHAPES_PROMPT
+    assert quality["prompt"] == entry.prompt
     assert all(quality["method"][k] for k in ("colour_ok", "shape_ok", "motion_ok", "consistent")), out  # 4/4
-    for needle in ("tiny-shapes' default: the calibrated plan shipped with dit_accel:", "calibrated: ",
-                   "modelled GPU attention", "validation videos (prompts the search never saw)",
-                   "uniform SLA at no less cost", "[4/4; dense 4/4]"):
+    for needle in (f"{entry.owner()} default: the calibrated plan shipped with dit_accel:", "calibrated: ",
+                   "validation videos (prompts the search never saw)", "uniform SLA at no less cost",
+                   "[4/4; dense 4/4]"):
         assert needle in out, out
 
 
