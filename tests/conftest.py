@@ -3,6 +3,11 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Two workers share the machine: one torch thread each. Two each (torch's default on 2 cores) oversubscribe it,
+    # and a generation of the 2,304-token main-job model then runs several times slower. `generate` keeps a set
+    # OMP_NUM_THREADS instead of its per-model thread count.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 # dit_accel's own cache (self-check verdicts, autotune choices) per test process: a verdict a test provokes
 # (a fault, a stubbed kernel) never reaches the user's ~/.cache, and every run checks the kernels afresh.
 if "DIT_ACCEL_CACHE" not in os.environ:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 _DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEFAULT_PROMPT = "a red panda climbing a bamboo stalk, soft morning light"
-DEFAULT_MODEL = "tiny-shapes"
+DEFAULT_MODEL = "tiny-shapes-long"
 
 
 class _UsageError(Exception):

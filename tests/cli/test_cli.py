@@ -179,14 +179,32 @@ def test_generate_says_when_a_sparse_method_runs_dense(tmp_path, capsys):
     assert len(_sidecar(out)["warnings"]) == 1
 
 
-def test_generate_default_is_tiny_shapes_sparse_beside_dense(tmp_path, monkeypatch, capsys):
-    """No model or method, and fewer steps than the shipped plan's: tiny-shapes with SLA at its grid-sized
-    setting (and a note saying why not the plan), a dense run of the same call, the ground truth of both, and
-    with --side-by-side one video with dense left and SLA right."""
+def test_generate_default_model_off_its_plan_runs_its_frame_window_after_dense_steps(tmp_path, monkeypatch, capsys):
+    """The default model (tiny-shapes-long) at another step count than its plan's: Tile's frame window after the
+    7 dense steps its plan starts with (sparse from the first step it loses the object), and a note saying why."""
+    from dit_accel.cli.generate_args import DEFAULT_MODEL
+    from dit_accel.models.tiny_shapes import shapes_model
+
+    model = shapes_model(DEFAULT_MODEL)
+    monkeypatch.chdir(tmp_path)
+    assert main(["generate", "--steps", "9", "--quiet"]) == 0, capsys.readouterr().err
+    meta = _sidecar(tmp_path / "outputs" / f"{DEFAULT_MODEL}-tile.mp4")
+    assert meta["method"]["window"] == [3, 1, 1] and meta["method"]["block_size"] == 144
+    assert meta["schedule"]["dense_steps"] == model.schedule["dense_steps"] == 7
+    assert "this call sets num_inference_steps 9: the uniform default Tile after 7 dense steps runs instead" \
+        in meta["default_note"]
+    assert meta["density"]["mean"] == pytest.approx(3 / 16)
+
+
+def test_generate_tiny_shapes_off_its_plan_runs_sla_beside_dense(tmp_path, monkeypatch, capsys):
+    """tiny-shapes without a method, and fewer steps than the shipped plan's: SLA at its grid-sized setting (and a
+    note saying why not the plan), a dense run of the same call, the ground truth of both, and with
+    --side-by-side one video with dense left and SLA right."""
     from dit_accel.models.tiny_shapes import TINY_SHAPES_METHODS
 
     monkeypatch.chdir(tmp_path)
-    assert main(["generate", "--steps", "2", "--side-by-side"]) == 0, capsys.readouterr().err
+    assert main(["generate", "--model", "tiny-shapes", "--steps", "2", "--side-by-side"]) == 0, \
+        capsys.readouterr().err
     out = capsys.readouterr().out
     video, pair = tmp_path / "outputs" / "tiny-shapes-sla.mp4", tmp_path / "outputs" / "tiny-shapes-sla-vs-dense.mp4"
     from dit_accel.cli.generate import _strip_height

@@ -73,7 +73,7 @@ def test_the_printed_lines_are_the_measured_stats(main_job):
     plan = dit_accel.SparsePlan.load(MODEL.plan)
     assert meta["method"]["method"] == "plan" and meta["method"]["plan"] == plan.to_json()
     density = re.search(r"its sparse calls visit ([0-9.]+) of the video attention blocks", out)
-    assert density and float(density.group(1)) == pytest.approx(meta["density"]["mean"], abs=5e-4)
+    assert density and abs(float(density.group(1)) - meta["density"]["mean"]) <= 5e-4 + 1e-12  # printed to 3 places
 
 
 @pytest.mark.parametrize("priced, words", [("modelled", "modelled GPU attention 2.0000 ms/sample"),

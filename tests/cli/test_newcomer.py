@@ -12,7 +12,8 @@ from dit_accel.cli.main import main
 from dit_accel.cli.options import add_method_options, method_from_args
 from dit_accel.methods import Tile
 from dit_accel.models.tiny import TINY_DEFAULTS
-from dit_accel.models.tiny_shapes import TINY_SHAPES_METHOD
+from dit_accel.cli.generate_args import DEFAULT_MODEL
+from dit_accel.models.tiny_shapes import shapes_model
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -46,7 +47,7 @@ def test_top_level_help_names_the_default_model_and_method(capsys):
 def test_generate_help_states_the_defaults_it_uses(capsys):
     text = _help(capsys, "generate")
     assert "with the calibrated plan shipped for it" in text
-    assert f"{TINY_SHAPES_METHOD.upper()} when the call's steps or size differ" in text
+    assert f"{shapes_model(DEFAULT_MODEL).fallback()} when the call's steps or size differ" in text
     assert "with Tile" not in text
     for name, sizes in TINY_DEFAULTS.items():  # the text lengths the tiny models really use
         assert f"{name}: {sizes['max_sequence_length']}" in text
