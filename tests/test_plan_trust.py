@@ -395,7 +395,7 @@ def test_generate_plan_prints_the_summary_and_checks_the_grid(tmp_path, capsys):
                       provenance={"model_class": "WanTransformer3DModel", "grids": [list(TINY_SHAPES_GRID)],
                                   "steps": 2, "call": {"num_frames": 7, "height": 48, "width": 48}})
     path = plan.save(tmp_path / "plan.json")
-    base = ["generate", "--plan", str(path), "--steps", "2", "--quiet"]
+    base = ["generate", "--model", "tiny-shapes", "--plan", str(path), "--steps", "2", "--quiet"]
     assert main([*base, "--out", str(tmp_path / "a.gif")]) == 0  # with the dense run and the warm-ups beside it
     printed = capsys.readouterr().out
     assert "vs dense" in printed
