@@ -23,10 +23,11 @@ def torchrun(nproc: int, target, *args, timeout: int = 600) -> None:
     res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     log = res.stdout[-6000:] + res.stderr[-6000:]
     if res.returncode != 0 and killed_by_signal(res.stderr):
-        # A rank killed by the OS or a native crash (seen once in CI: rank 1 SIGSEGV with no Python error, rank 0
-        # waiting in an all-gather; not reproduced in 20 runs). One more launch, with the first log kept in a
-        # warning; a Python error in a rank, or a second crash, fails.
-        warnings.warn(f"torchrun {target}: a rank died on a signal; launched again. First log:\n{log}", stacklevel=2)
+        # A rank killed by the OS or a native crash (seen twice in CI: a rank died on SIGSEGV, then SIGABRT, with no
+        # Python error while the other waited in an all-gather; not reproduced in 20 runs). One more launch, with the
+        # crashed rank's own output kept in a warning; a Python error in a rank, or a second crash, fails.
+        warnings.warn(f"torchrun {target}: a rank died on a signal; launched again. Its output:\n"
+                      f"{crashed_rank_output(res.stdout + res.stderr)}\nThe end of the log:\n{log}", stacklevel=2)
         res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
         log = res.stdout[-6000:] + res.stderr[-6000:]
     assert res.returncode == 0, log
@@ -38,3 +39,13 @@ def killed_by_signal(stderr: str) -> bool:
     root = stderr.rpartition("Root Cause")[2]
     code = re.search(r"exitcode\s*:\s*(-?\d+)", root)
     return code is not None and int(code.group(1)) < 0
+
+
+def crashed_rank_output(output: str, lines: int = 80) -> str:
+    """The last ``lines`` lines the root-cause rank printed (``--tee`` prefixes them with ``[default<rank>]``): its
+    faulthandler stack, which the end of the whole log often lacks."""
+    rank = re.search(r"local_rank\s*:\s*(\d+)", output.rpartition("Root Cause")[2])
+    if rank is None:
+        return "(no root-cause rank in the log)"
+    own = [line for line in output.splitlines() if line.startswith(f"[default{rank.group(1)}]")]
+    return "\n".join(own[-lines:]) or f"(rank {rank.group(1)} printed nothing)"
