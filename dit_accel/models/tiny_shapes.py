@@ -23,6 +23,10 @@ token grid (4, 12, 12): 576 video tokens, nine 64-token blocks. Larger sizes wor
 (any odd frame count, sides that are multiples of 16) for timing, but the model
 only saw the default size.
 
+``tiny-shapes-long`` (:data:`TINY_SHAPES_LONG_DIR`, ``dit-accel generate``'s default) is the same model
+fine-tuned to 31-frame clips: token grid (16, 12, 12), 2,304 video tokens. :data:`SHAPES_MODELS` holds
+what the commands need to run each (call settings, grid, method settings, calibrated plan).
+
 Example::
 
     from dit_accel.models.tiny_shapes import TINY_SHAPES_DEFAULTS, load_tiny_shapes
@@ -41,7 +45,8 @@ from typing import Optional
 __all__ = ["ShapesModel", "SHAPES_MODELS", "shapes_model",
            "TINY_SHAPES_DIR", "TINY_SHAPES_DEFAULTS", "TINY_SHAPES_LABEL", "TINY_SHAPES_METHOD", "TINY_SHAPES_METHODS",
            "TINY_SHAPES_PLAN", "TINY_SHAPES_PLAN_PROMPTS", "TINY_SHAPES_PLAN_COMMAND",
-           "TINY_SHAPES_PROMPT", "TINY_SHAPES_GRID", "TRAINED_MODELS", "balanced_prompts", "load_tiny_shapes", "evaluate"]
+           "TINY_SHAPES_PROMPT", "TINY_SHAPES_GRID", "TINY_SHAPES_LONG_DIR", "TINY_SHAPES_LONG_DEFAULTS",
+           "TINY_SHAPES_LONG_GRID", "TINY_SHAPES_LONG_METHODS", "TINY_SHAPES_LONG_PLAN", "TRAINED_MODELS", "balanced_prompts", "load_tiny_shapes", "evaluate"]
 
 TINY_SHAPES_DIR = Path(__file__).resolve().parent / "weights" / "tiny-shapes"
 TINY_SHAPES_LABEL = "tiny model trained on synthetic clips (coloured shapes)"
@@ -100,6 +105,7 @@ TINY_SHAPES_LONG_PLAN_COMMAND = (
     "dit-accel calibrate --model tiny-shapes-long --prompts dit_accel/models/plans/tiny-shapes.prompts.txt "
     "--tile 1,12,12 --costs measured --min-psnr 30 --out dit_accel/models/plans/tiny-shapes-long.json "
     "--report-dir docs/calibrate_evidence/tiny-shapes-long-shipped")
+
 
 @dataclass(frozen=True)
 class ShapesModel:
