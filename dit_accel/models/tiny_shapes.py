@@ -147,7 +147,9 @@ class ShapesModel:
 
     def fallback(self) -> str:
         """What ``generate`` runs at another call than the plan's: ``"SLA"``, ``"Tile after 7 dense steps"``."""
-        name = {"sla": "SLA", "gna": "GNA"}.get(self.uniform, self.uniform.capitalize())
+        from ..methods import registered_methods
+
+        name = registered_methods()[self.uniform].cls.__name__
         steps = self.schedule.get("dense_steps")
         return f"{name} after {steps} dense steps" if steps else name
 
