@@ -19,11 +19,7 @@ WITH_PLANS = [name for name, m in SHAPES_MODELS.items() if m.plan is not None]
 def _command_args(name) -> dict:
     words = shlex.split(SHAPES_MODELS[name].plan_command)
     assert words[:2] == ["dit-accel", "calibrate"]
-    args, i = {}, 2
-    while i < len(words):  # flags with one value each
-        args[words[i]] = words[i + 1]
-        i += 2
-    return args
+    return {words[i]: words[i + 1] for i in range(2, len(words), 2)}  # flags with one value each
 
 
 def _documented(command: str) -> bool:
