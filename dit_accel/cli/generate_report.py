@@ -223,6 +223,13 @@ def _summary_lines(record: dict) -> list:
         lines.append(f"method {method['method']} ({options}): visited density "
                      + (f"{density:.3f}" if density is not None else "1.000 (ran dense)")
                      + " of the video attention blocks")
+    from ..kernels.block_sparse.api import DENSE
+
+    ran = record.get("backends_used") or []
+    if DENSE in ran:
+        some = "some of its" if len(set(ran) - {DENSE, "dense"}) else "its"
+        lines.append(f"note: backend auto ran {some} sparse calls as dense attention: the cost model has the sparse "
+                     "kernel slower at this size on this GPU (--backend triton runs the kernels)")
     t = record["timing"]
     if cmp:
         attention = (f"self-attention {t['attention_s']:.2f} s vs dense {cmp['dense_attention_s']:.2f} s "

@@ -10,6 +10,7 @@ from typing import Callable, Dict, Optional
 
 import torch
 
+from ..kernels.block_sparse.api import DENSE
 from .bench import ModelShape, call_timing_fields, extra_dense_contenders
 
 #: Relative error against the fp32 twin above which a row fails (issue 35's targets).
@@ -308,13 +309,16 @@ class _Case:
     made on first use, and the check of a pass against the case's fp32 twin (``_twin``, from each case's
     ``_reference(q, k, v)``: the PyTorch twin of its method in fp32)."""
 
-    def _checked(self, pass_: str, attend):
+    def _checked(self, pass_: str, attend, ran_dense: Callable[[], bool] = lambda: False):
         """The check of ``pass_`` for ``attend(q, k, v)``: the forward's error, and with ``"both"`` the
-        gradients' too, against the twin."""
+        gradients' too, against the twin; against dense attention's fp32 twin where ``ran_dense()`` (``auto``
+        ran the call as dense attention, as it does where the cost model has the sparse kernel lose: then the
+        row checks the dense call that ran, and says so in ``ran_dense``)."""
         def forward():
             with torch.no_grad():
                 out = attend(self.q, self.k, self.v)
-            return {"o_error": relative_error(out[_S], self._twin(False))}
+            dense = ran_dense()
+            return {"o_error": relative_error(out[_S], self._twin(False, dense)), "ran_dense": dense}
 
         def both():
             qg, kg, vg = self._grad_inputs()
@@ -322,25 +326,28 @@ class _Case:
                 t.grad = None
             out = attend(qg, kg, vg)
             out.backward(self.do)
-            ref_o, ref_grads = self._twin(True)
+            dense = ran_dense()
+            ref_o, ref_grads = self._twin(True, dense)
             return {"o_error": relative_error(out.detach()[_S], ref_o),
                     "grad_error": _grad_error((qg.grad, kg.grad, vg.grad), ref_grads),
-                    "grad_tolerance": GRAD_TOLERANCE}
+                    "grad_tolerance": GRAD_TOLERANCE, "ran_dense": dense}
 
         return forward if pass_ == "forward" else both
 
-    def _twin(self, grads: bool):
+    def _twin(self, grads: bool, dense: bool = False):
         """The fp32 twin's output (and its q, k, v gradients for ``grads``) on the checked slice, made once each
-        from the case's :meth:`_reference` call."""
-        key = "grads" if grads else "o"
+        from the case's :meth:`_reference` call (``dense``: from fp32 dense attention)."""
+        import torch.nn.functional as F
+
+        key = ("dense " if dense else "") + ("grads" if grads else "o")
         if key not in self.ref:
             q, k, v = (t[_S].detach().float().requires_grad_(grads) for t in (self.q, self.k, self.v))
-            o = self._reference(q, k, v)
+            o = F.scaled_dot_product_attention(q, k, v) if dense else self._reference(q, k, v)
             if grads:
                 o.backward(self.do[_S].float())
-                self.ref["grads"] = (o.detach(), (q.grad, k.grad, v.grad))
+                self.ref[key] = (o.detach(), (q.grad, k.grad, v.grad))
             else:
-                self.ref["o"] = o.detach()
+                self.ref[key] = o.detach()
         return self.ref[key]
 
     def _grad_inputs(self):
@@ -393,16 +400,18 @@ class _LayoutCase(_Case):
         from ..kernels import block_sparse_attention
 
         lay = self.layout
-        return self._checked(pass_, lambda q, k, v: block_sparse_attention(q, k, v, lay, backend=backend))
+        return self._checked(pass_, lambda q, k, v: block_sparse_attention(q, k, v, lay, backend=backend),
+                             lambda: self._backend(pass_, backend) == DENSE)
+
+    def _backend(self, pass_: str, backend: str) -> str:
+        """The backend ``block_sparse_attention`` runs this pass's calls on (``auto``'s cached decision)."""
+        from ..kernels.block_sparse.api import block_sparse_backend
+
+        q, k, v = (self.q, self.k, self.v) if pass_ == "forward" else self._grad_inputs()
+        return block_sparse_backend(q, k, v, self.layout, backend, return_lse=False)
 
     def variant(self, pass_: str, backend: str) -> str:
-        from ..kernels.block_sparse.api import DENSE, block_sparse_backend
-
-        if pass_ == "forward":
-            name = block_sparse_backend(self.q, self.k, self.v, self.layout, backend, return_lse=False)
-        else:
-            qg, kg, vg = self._grad_inputs()
-            name = block_sparse_backend(qg, kg, vg, self.layout, backend, return_lse=False)
+        name = self._backend(pass_, backend)
         if name == DENSE:
             from ..kernels.dense import choice
 

@@ -2,8 +2,10 @@
 
 **A model, not a measurement.** Every figure this module returns is a prediction. The
 constants of the ``"h100"`` entry are a least-squares-style fit to the H100 rows that
-BENCHMARKS.md section 10 measured (bf16, head dim 128, batch 1, forward); the other entries
-model kernels that do not exist yet (issue 27), and say which constants they change and why.
+BENCHMARKS.md section 10 measured (bf16, head dim 128, batch 1, forward); the ``"h200"`` entry
+fits the kernels that ship today, measured on an H200 (:data:`_H200`), and is what ``auto``
+decides with on every GPU (:func:`arch_for_device`); the other entries model kernel variants
+(issue 27), and say which constants they change and why.
 
 The block-sparse forward kernel runs one CTA per (batch, head, query block); a CTA walks the
 ``n`` key tiles its query block visits. With ``S = sms x ctas_per_sm`` CTA slots::
@@ -117,6 +119,8 @@ class GpuConstants:
     ring_depth: int
     source: str
     modelled_kernel: bool = False  # True: the constants model a kernel that was never measured
+    #: The backward's own per-call cost (its two launches, autograd's glue); None: ``per_call_s`` again.
+    backward_per_call_s: Optional[float] = None
 
     @property
     def slots(self) -> int:
@@ -157,8 +161,25 @@ def _variants(base: GpuConstants) -> Dict[str, GpuConstants]:
     return {"current": base, "host": host, "persistent": persistent, "ring3": ring3, "ws": ws}
 
 
-#: ``arch`` and ``arch/kernel`` -> constants. ``"h100"`` is the measured fit; the others are modelled.
-CONSTANTS: Dict[str, GpuConstants] = {}
+#: The shipped kernels (persistent CTAs, the cached host path, the sm_90 ws forward where it pays) measured on
+#: an H200 (``dit-accel bench gpu``, 2026-11-26, commit 651d71b, BENCHMARKS.md "GPU run"): the forward
+#: constants fit the 7 forward rows of Tile, Tile-128, GNA and radial at FLUX 1024 px (24 heads) and Wan 2.1
+#: 1.3B 480p (12 heads), each within 11%; the backward's per-call cost and tile factor the 7 forward + backward
+#: rows (within 10%); the dense ones SDPA (cuDNN) and the in-repo dense kernel on the same shapes. The CTA term
+#: fits to zero (a persistent kernel pays its pipeline fill once per CTA lifetime). SLA's constants are the
+#: H100's (not refitted: two SLA rows cannot fix four constants).
+_H200 = dataclasses.replace(
+    _H100, name="h200",
+    per_call_s=112e-6, per_cta_s=0.0, per_tile_s=1.222e-6, per_partial_tile_s=1.327e-6,
+    backward_per_call_s=580e-6, backward_tile_factor=3.87,
+    dense_per_call_s=20e-6, dense_per_tile_s=0.90e-6, dense_backward_factor=2.9,
+    triton_dense_per_call_s=50e-6, triton_dense_per_tile_s=1.045e-6,
+    source="fit to the H200 rows of 2026-11-26 (dit-accel bench gpu, commit 651d71b), bf16, d=128, batch 1: "
+           "7 block-sparse forward rows, 7 forward + backward rows, 2 SDPA and 2 dense Triton rows; SLA "
+           "constants from h100; see dit_accel.kernels.cost")
+
+#: ``arch`` and ``arch/kernel`` -> constants. ``"h100"`` and ``"h200"`` are measured fits; the others are modelled.
+CONSTANTS: Dict[str, GpuConstants] = {"h200": _H200}
 for _kernel, _c in _variants(_H100).items():
     CONSTANTS["h100" if _kernel == "current" else f"h100/{_kernel}"] = _c
 
@@ -175,11 +196,14 @@ def constants(arch: str = "h100", kernel: str = "current") -> GpuConstants:
 
 
 def arch_for_device(name: str) -> str:
-    """The constants to use for a GPU named ``name`` (``torch.cuda.get_device_name``).
+    """The constants ``auto`` decides with on a GPU named ``name`` (``torch.cuda.get_device_name``).
 
-    Only the H100 was fitted; every other GPU gets its constants too (the ratios between kernels,
-    which is what ``auto`` asks, carry over better than the absolute times)."""
-    return "h100"
+    ``"h200"``, the fit to the kernels that ship, for every GPU: the ``"h100"`` fit is of an older kernel
+    (526 us per call before the persistent kernel and the cached host path; it modelled FLUX 1024 px Tile
+    at 0.64 ms where the H200 measured 0.16), and the H100 has the H200's SMs and clocks (attention is
+    bound by them, not by memory). On other GPUs the ratios between kernels, which is what ``auto`` asks,
+    carry over better than the absolute times."""
+    return "h200"
 
 
 @dataclass(frozen=True)
@@ -259,7 +283,8 @@ def block_sparse_time(layout, *, batch: int = 1, head_dim: int = 128, arch: str 
     body = (n.ctas * c.per_cta_s * cta_scale + tiles) / c.slots
     if backward:
         body += (n.ctas * c.per_cta_s * cta_scale + c.backward_tile_factor * tiles) / c.slots
-        return 2 * c.per_call_s + body
+        backward_call = c.per_call_s if c.backward_per_call_s is None else c.backward_per_call_s
+        return c.per_call_s + backward_call + body
     return c.per_call_s + body
 
 

@@ -12,7 +12,7 @@ import pytest
 
 import dit_accel
 from dit_accel.cli.generate_args import DEFAULT_MODEL
-from dit_accel.cli.generate_report import _plan_quality_lines
+from dit_accel.cli.generate_report import _plan_quality_lines, _summary_lines
 from dit_accel.cli.main import main
 from dit_accel.models.tiny_shapes import SHAPES_MODELS, shapes_model
 
@@ -86,3 +86,17 @@ def test_the_plan_quality_line_says_how_the_cost_was_priced(priced, words):
     if priced == "modelled":
         del quality["priced"]
         assert _plan_quality_lines(quality)[0] == f"calibrated: tile w1x3x3; {words} vs dense 5.0000 (2.50x)"
+
+
+@pytest.mark.parametrize("ran, said", [(["dense (sparse modelled slower)"], "its"),
+                                       (["dense (sparse modelled slower)", "triton"], "some of its"),
+                                       (["torch"], None)])
+def test_calls_auto_ran_dense_are_said(main_job, ran, said):
+    """The H200 ran the main job in bf16 with every sparse call dense (the cost model has the kernel slower at
+    2,304 tokens and 4 heads) and printed "PSNR vs dense 100.0 dB" with no word why."""
+    lines = [line for line in _summary_lines({**main_job[1], "backends_used": ran}) if "as dense attention" in line]
+    if said is None:
+        assert lines == []
+    else:
+        assert lines == [f"note: backend auto ran {said} sparse calls as dense attention: the cost model has the "
+                         "sparse kernel slower at this size on this GPU (--backend triton runs the kernels)"]

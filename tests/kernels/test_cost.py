@@ -116,8 +116,9 @@ def test_modelled_targets():
 
 def test_constants_are_labelled():
     assert not cost.CONSTANTS["h100"].modelled_kernel and "section 10" in cost.CONSTANTS["h100"].source
+    assert not cost.CONSTANTS["h200"].modelled_kernel and "H200 rows of 2026-11-26" in cost.CONSTANTS["h200"].source
     for key, c in cost.CONSTANTS.items():
-        if key != "h100":
+        if key not in ("h100", "h200"):
             assert c.modelled_kernel and c.source.startswith("MODELLED")
     with pytest.raises(ValueError, match="kernel"):
         cost.constants(kernel="magic")
@@ -174,3 +175,51 @@ def test_modelled_table_prints_ws_only_for_layouts_that_run_it():
     assert names[:len(cost.KERNELS)] == list(cost.KERNELS) and not any("no 'ws'" in n for n in notes)
     names, _ = kernels((4, 8, 8), head_dim=64)  # q128, but no ws configuration at head dim 64
     assert "ws" not in names and "ws+resume" not in names
+
+
+#: The H200 rows of ``dit-accel bench gpu`` (2026-11-26, commit 651d71b, BENCHMARKS.md) the "h200" constants were
+#: fitted to: CTAs, full and partial tiles, the query and key blocks, forward + backward, and the measured ms.
+H200_ROWS = (
+    (1536, 10752, 0, 64, 64, False, 0.162),  # FLUX 1024px tile
+    (1536, 10752, 0, 64, 64, True, 1.039),
+    (768, 4608, 0, 128, 64, False, 0.172),  # FLUX 1024px tile-128
+    (768, 4608, 0, 128, 64, True, 0.867),
+    (1536, 0, 18240, 64, 64, False, 0.183),  # FLUX 1024px gna
+    (1536, 0, 18240, 64, 64, True, 1.072),
+    (6552, 180180, 180180, 64, 64, False, 1.858),  # Wan2.1 1.3B 480p tile
+    (6552, 180180, 180180, 64, 64, True, 9.067),
+    (3528, 143640, 68040, 128, 64, False, 1.941),  # Wan2.1 1.3B 480p tile-128
+    (3528, 143640, 68040, 128, 64, True, 11.257),
+    (6864, 64752, 575448, 64, 64, False, 3.727),  # Wan2.1 1.3B 480p gna
+    (6864, 64752, 575448, 64, 64, True, 16.345),
+    (3072, 348300, 0, 128, 128, False, 6.758),  # Wan2.1 1.3B 480p radial
+    (3072, 348300, 0, 128, 128, True, 30.747),
+)
+
+
+def test_h200_fit_reproduces_its_rows():
+    for ctas, full, partial, bq, bk, backward, ms in H200_ROWS:
+        n = cost.TileCounts(ctas=ctas, full_tiles=full, partial_tiles=partial, block_q=bq, block_k=bk, q_len=1,
+                            kv_len=1, heads=1)
+        assert cost.block_sparse_time(n, arch="h200", backward=backward) * 1e3 == pytest.approx(ms, rel=0.12)
+    # SDPA (cuDNN) measured 0.321 ms at FLUX 1024 px (24 heads) and 11.63 ms at Wan 1.3B 480p (12 heads).
+    assert cost.dense_time(4096, 4096, 24, arch="h200") * 1e3 == pytest.approx(0.321, rel=0.12)
+    assert cost.dense_time(32760, 32760, 12, arch="h200") * 1e3 == pytest.approx(11.63, rel=0.12)
+
+
+def test_auto_decides_with_the_fit_of_the_shipped_kernels():
+    """The H100 fit (526 us a call) had auto run FLUX 1024 px Tile at 10% dense on the H200, where the Triton kernel
+    measured 2x faster than SDPA: every GPU now decides with the H200 fit; a 2,304-token, 4-head call stays dense."""
+    from dit_accel.kernels.block_sparse.api import dense_reason
+    from dit_accel.methods import Tile
+
+    for name in ("NVIDIA H200", "NVIDIA H100 80GB HBM3", "NVIDIA B200"):
+        assert cost.arch_for_device(name) == "h200"
+    flux = Tile().at_density((64, 64), 0.1).plan((64, 64)).kernel_layout(torch.device("cuda"))
+    kw = dict(dtype=torch.bfloat16, return_lse=False, head_dim=128, arch="h200")
+    assert dense_reason(flux, batch=1, heads=24, needs_grad=False, **kw) is None
+    assert dense_reason(flux, batch=1, heads=24, needs_grad=True, **kw) is None
+    assert dense_reason(flux, batch=1, heads=24, needs_grad=False, **{**kw, "arch": "h100"}) is not None
+    small = Tile(tile=(1, 12, 12), window=(3, 1, 1)).plan((16, 12, 12)).layout
+    assert "cost model (h200)" in dense_reason(small, batch=1, heads=4, needs_grad=False,
+                                               **{**kw, "head_dim": 32})

@@ -304,7 +304,7 @@ def dense_reasons(layout: BlockLayout) -> list:
 
 
 def dense_reason(layout: BlockLayout, *, batch: int, heads: int, head_dim: int, dtype: torch.dtype,
-                 return_lse: bool, needs_grad: bool, arch: str = "h100") -> Optional[str]:
+                 return_lse: bool, needs_grad: bool, arch: str = "h200") -> Optional[str]:
     """Why ``auto`` runs dense attention instead of ``layout`` (a sentence), or None to run sparse.
 
     Dense runs when the cost model (:mod:`dit_accel.kernels.cost`, one per architecture) gives the
