@@ -16,7 +16,7 @@
      the 128-row layout of the sm_90 ws + resume forward where the plan has one, as ``tile-128`` does),
      with ``backend="auto"`` and the autotuner off and on (:data:`AUTOTUNE_MODES`; "on" at the first
      density only, to stay in the budget), and with ``backend="triton"`` forced wherever ``auto`` chose
-     another backend (FLUX 1024 px, where auto runs dense);
+     another backend (dense attention where the cost model has the sparse kernel lose);
 
    cases that no longer fit the budget are rows marked ``skipped`` and counted in the summary.
 

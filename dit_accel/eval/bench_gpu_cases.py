@@ -270,7 +270,7 @@ class _Shape:
                 row = self.measure(tag, runner.fn(pass_, backend), runner.check(pass_, backend), runner.density,
                                    runner.work, pass_, lambda: runner.variant(pass_, backend), target_density=target,
                                    autotune=mode, backend=backend, **runner.facts)
-                # Where auto chose another backend than the Triton kernels (FLUX 1024 px: dense), the sparse
+                # Where auto chose another backend than the Triton kernels (dense, say), the sparse
                 # kernel forced beside it, once per (method, density).
                 if (forced and backend == "auto" and mode == "off" and pass_ == "forward" and row.get("status") == "ok"
                         and name != "sla" and not str(row.get("variant", "")).startswith(forced)):

@@ -78,8 +78,8 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, la
             cannot run raises :class:`~dit_accel.kernels.backends.BackendUnavailable`
             saying why (see :func:`available_backends`). On CUDA, ``auto`` runs dense
             attention instead where the cost model (:mod:`dit_accel.kernels.cost`) says the
-            sparse kernel would be slower than dense (short sequences such as a FLUX 1024 px
-            image), and only where every key token is visited by some query (see
+            sparse kernel would be slower than dense (short calls with few heads, where
+            launches dominate), and only where every key token is visited by some query (see
             :func:`dense_reason`); :func:`block_sparse_backend` then answers :data:`DENSE`.
 
     Returns:
