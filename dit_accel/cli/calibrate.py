@@ -136,7 +136,7 @@ def _check_counts(args) -> list:
 def _check_methods_and_costs(args) -> None:
     """--methods from the calibration's methods; --arch and --kernel known to the cost model."""
     from ..calibrate.candidates import CALIBRATABLE
-    from ..kernels.cost import CONSTANTS, KERNELS
+    from ..kernels.cost import CONSTANTS, KERNELS, constants
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in methods if m not in CALIBRATABLE]
@@ -147,6 +147,10 @@ def _check_methods_and_costs(args) -> None:
         raise _UsageError(f"--arch {args.arch!r} has no cost-model constants; choose one of {', '.join(archs)}")
     if args.kernel not in KERNELS:
         raise _UsageError(f"--kernel {args.kernel!r}: choose one of {', '.join(KERNELS)}")
+    try:
+        constants(args.arch, args.kernel)
+    except ValueError as exc:
+        raise _UsageError(f"--arch {args.arch} --kernel {args.kernel}: {exc}") from None
     if args.tile is not None:
         from ..calibrate.candidates import check_candidate_tile
 

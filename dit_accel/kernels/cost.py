@@ -161,13 +161,13 @@ def _variants(base: GpuConstants) -> Dict[str, GpuConstants]:
     return {"current": base, "host": host, "persistent": persistent, "ring3": ring3, "ws": ws}
 
 
-#: The shipped kernels (persistent CTAs, the cached host path, the sm_90 ws forward where it pays) measured on
-#: an H200 (``dit-accel bench gpu``, 2026-11-26, commit 651d71b, BENCHMARKS.md "GPU run"): the forward
-#: constants fit the 7 forward rows of Tile, Tile-128, GNA and radial at FLUX 1024 px (24 heads) and Wan 2.1
-#: 1.3B 480p (12 heads), each within 11%; the backward's per-call cost and tile factor the 7 forward + backward
-#: rows (within 10%); the dense ones SDPA (cuDNN) and the in-repo dense kernel on the same shapes. The CTA term
-#: fits to zero (a persistent kernel pays its pipeline fill once per CTA lifetime). SLA's constants are the
-#: H100's (not refitted: two SLA rows cannot fix four constants).
+#: The shipped kernels (persistent CTAs, the cached host path; the ws forward is opt-in and ran in none of
+#: these rows) measured on an H200 (``dit-accel bench gpu``, 2026-11-26, commit 651d71b, BENCHMARKS.md
+#: section 10): the forward constants fit the 7 forward rows of Tile, Tile-128, GNA and radial at FLUX
+#: 1024 px (24 heads) and Wan 2.1 1.3B 480p (12 heads), each within 11%; the backward's per-call cost and
+#: tile factor the 7 forward + backward rows (within 10%); the dense ones SDPA (cuDNN) and the in-repo dense
+#: kernel on the same shapes. The CTA term fits to zero (a persistent kernel pays its pipeline fill once per
+#: CTA lifetime). SLA's constants are the H100's (not refitted: two SLA rows cannot fix four constants).
 _H200 = dataclasses.replace(
     _H100, name="h200",
     per_call_s=112e-6, per_cta_s=0.0, per_tile_s=1.222e-6, per_partial_tile_s=1.327e-6,
@@ -191,6 +191,10 @@ def constants(arch: str = "h100", kernel: str = "current") -> GpuConstants:
     key = arch if kernel == "current" else f"{arch}/{kernel}"
     if key not in CONSTANTS:
         known = sorted({k.split('/')[0] for k in CONSTANTS})
+        if arch in known:
+            modelled = sorted({k.split('/')[0] for k in CONSTANTS if k.endswith(f"/{kernel}")})
+            raise ValueError(f"arch={arch!r} has only its measured kernel ('current'); the modelled variant "
+                             f"{kernel!r} exists for {', '.join(modelled)}")
         raise ValueError(f"no cost-model constants for arch={arch!r} (have: {', '.join(known)})")
     return CONSTANTS[key]
 

@@ -44,6 +44,7 @@ CASES = [
     ("methods-one-bad", ["--methods", "tile,nope"], "--methods"),
     ("arch-z80", ["--arch", "z80"], "--arch"),
     ("kernel-bad", ["--kernel", "warp9"], "--kernel"),
+    ("arch-without-the-variant", ["--arch", "h200", "--kernel", "ws"], "--arch h200 --kernel ws"),
     ("frames-0", ["--frames", "0"], "--frames"),
     ("height-negative", ["--height", "-48"], "--height"),
     ("width-0", ["--width", "0"], "--width"),

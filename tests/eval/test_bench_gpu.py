@@ -74,6 +74,14 @@ def test_bench_kernels_modelled_cli(tmp_path, capsys):
     assert "MODELLED h100 (a model, not a measurement)" in printed
     assert main(["bench", "kernels", "--modelled", "--kernels", "magic"]) == 2
     assert main(["bench", "kernels", "--modelled", "--arch", "b200"]) == 2
+    # The H200 fit has its measured kernel only: by default that one; a modelled variant is refused.
+    h200 = tmp_path / "h200.json"
+    assert main(["bench", "kernels", "--modelled", "--arch", "h200", "--shapes", "FLUX 1024", "--densities", "0.1",
+                 "--json", str(h200)]) == 0
+    rows = json.loads(h200.read_text())["rows"]
+    assert "block-sparse tile [triton] [modelled: current]" in {r["kernel"] for r in rows}
+    assert not any("[modelled: ws]" in r["kernel"] or "[modelled: host]" in r["kernel"] for r in rows)
+    assert main(["bench", "kernels", "--modelled", "--arch", "h200", "--kernels", "ws"]) == 2
 
 
 def test_kernels_table_shows_call_timings_when_present():

@@ -124,6 +124,8 @@ def test_constants_are_labelled():
         cost.constants(kernel="magic")
     with pytest.raises(ValueError, match="arch"):
         cost.constants("b200")
+    with pytest.raises(ValueError, match="only its measured kernel.*'ws' exists for h100"):
+        cost.constants("h200", "ws")
 
 
 def test_backward_and_sla_shapes():
