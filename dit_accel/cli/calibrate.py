@@ -272,7 +272,8 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--samples-per-bucket", type=int, default=2, help="sampled steps per step bucket (default 2)")
     p.add_argument("--max-sample-mb", type=float, default=512.0, help="memory for the q/k/v sample (default 512)")
     p.add_argument("--capture", metavar="DIR", help="also write the sampled q/k/v to DIR (nothing on disk otherwise)")
-    p.add_argument("--arch", default="h100", help="cost-model architecture (dit_accel.kernels.cost)")
+    p.add_argument("--arch", default="h100", help="cost-model architecture (dit_accel.kernels.cost): h100 (the fit "
+                   "the shipped plans were made with) or h200 (the fit of the kernels that ship)")
     p.add_argument("--kernel", default="current", help="cost-model kernel variant: current, host, persistent, "
                                                        "ring3, ws (all but current are modelled kernels)")
     p.add_argument("--cost-terms", choices=("auto",) + CostModel.TERMS, default="auto",
