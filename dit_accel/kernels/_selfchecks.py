@@ -194,13 +194,15 @@ def _sla_problem(device, dtype, shape, seed=6):
     return q, k, v, params, proj, text
 
 
-def _sla_out(q, k, v, params, proj, blocks, backend):
+def _sla_out(q, k, v, params, proj, blocks, backend, linear: bool = True):
+    """SLA's output on ``backend``; ``linear`` False: without the linear branch (what a still-zero projection
+    runs: :func:`.sla.api.inert_projections`)."""
     from .sla.common import sla_block_counts
     from .sla.naive import sla_torch
     from .sla.ops import sla_triton_attention
 
     scale = q.shape[-1] ** -0.5
-    with_linear = sla_block_counts(k.shape[-2], params)[3] > 0
+    with_linear = linear and sla_block_counts(k.shape[-2], params)[3] > 0
     if backend == "triton":
         o_s, _, o_l = sla_triton_attention(q, k, v, blocks, params, scale, with_linear)
     else:
@@ -215,16 +217,25 @@ def _check_sla(device, dtype, shape, backward: bool) -> Result:
 
     q, k, v, params, proj, text = _sla_problem(device, dtype, shape)
     blocks = sla_triton_classify(q, k, params)  # its own check is the classify variant's
+    # Both kernels the variant runs: with the linear branch, and without it (a still-zero projection).
+    text += "; with and without the linear branch"
     if not backward:
-        with torch.no_grad():
-            got = _sla_out(q, k, v, params, proj, blocks, "triton")
-            want = _sla_out(q, k, v, params, proj, blocks, "torch")
-        return Result(relative_error(got, want), FWD_TOL[dtype], text)
+        def error(linear: bool) -> float:
+            with torch.no_grad():
+                got = _sla_out(q, k, v, params, proj, blocks, "triton", linear)
+                want = _sla_out(q, k, v, params, proj, blocks, "torch", linear)
+            return relative_error(got, want)
+
+        return Result(max(error(True), error(False)), FWD_TOL[dtype], text)
     do = torch.randn(q.shape, generator=torch.Generator().manual_seed(7)).to(device)
-    got = _grads(lambda a, b, c: _sla_out(a, b, c, params, proj, blocks, "triton"), q, k, v, do)
-    want = _grads(lambda a, b, c: _sla_out(a.float(), b.float(), c.float(), params, proj, blocks, "torch"),
-                  q, k, v, do)
-    return Result(_grad_error(got, want), BWD_TOL[dtype], text + ", dQ dK dV")
+
+    def grad_error(linear: bool) -> float:
+        got = _grads(lambda a, b, c: _sla_out(a, b, c, params, proj, blocks, "triton", linear), q, k, v, do)
+        want = _grads(lambda a, b, c: _sla_out(a.float(), b.float(), c.float(), params, proj, blocks, "torch",
+                                               linear), q, k, v, do)
+        return _grad_error(got, want)
+
+    return Result(max(grad_error(True), grad_error(False)), BWD_TOL[dtype], text + ", dQ dK dV")
 
 
 #: Classification: the fraction of (query block, key block) classes that may differ from the twin's (pooled

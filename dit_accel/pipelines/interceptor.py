@@ -217,7 +217,7 @@ class SDPAInterceptor(TorchFunctionMode):
         plan, layer = self.plan, self.layer
         if plan is None or plan.is_dense:
             return _SDPA(**call), None
-        # An inert projection (read for every layer at the transformer call, eager CPU only) adds nothing.
+        # An inert projection (read for every layer at the transformer call, eager calls only) adds nothing.
         proj = None
         if layer.sla_proj is not None and (torch.compiler.is_compiling() or not layer.inert):
             proj = layer.projection(q.device)

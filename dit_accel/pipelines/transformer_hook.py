@@ -254,8 +254,9 @@ class TransformerHook:
                 layer.inert = False
             if layer.sla_proj is not None and isinstance(plan, SLAPlan):
                 sla.append(layer)
-        if sla and device is not None and device.type == "cpu":
-            # Still-zero projections (kernels.sla.is_inert) read once per call for all layers, not per layer call.
+        if sla and device is not None:
+            # Still-zero projections (kernels.sla.inert_projections) read once per call for all layers, not per
+            # layer call (on a GPU: one reduction and one synchronisation per transformer call).
             for layer, inert in zip(sla, inert_projections([layer.sla_proj for layer in sla])):
                 layer.inert = inert
 

@@ -268,6 +268,34 @@ def test_inert_projections_agrees_with_is_inert_one_by_one():
     assert inert_projections(projs) == [False] * len(projs)  # grad enabled and every weight trains
 
 
+def test_gpu_projections_are_read_in_one_pass_with_the_cpu_read_s_answers(monkeypatch):
+    """Pipelines on a GPU skip a still-zero projection's linear branch too (the H200 ran training-free SLA with the
+    branch computed slower than dense attention): ``inert_projections`` reads every non-CPU projection with one
+    reduction per tensor and one synchronisation (``_all_zero_on_device``), bit for bit as the CPU read (-0.0
+    and NaN non-zero), and not at all while a CUDA graph is captured."""
+    from dit_accel.kernels.sla import api, inert_projections
+
+    with torch.no_grad():
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
+            zero, neg_zero, nan, tiny = (torch.zeros(6, 6, dtype=dtype) for _ in range(4))
+            neg_zero[1, 1], nan[2, 3], tiny[0, 5] = -0.0, float("nan"), 1e-3
+            pairs = [(zero, torch.zeros(6, dtype=dtype)), (zero, None), (neg_zero, None), (zero, nan[2]),
+                     (nan, None), (tiny, torch.zeros(6, dtype=dtype)), (zero, tiny[0])]
+            want = [api._all_zero(w) and (b is None or api._all_zero(b)) for w, b in pairs]
+            assert want == [True, True, False, False, False, False, False]
+            assert api._all_zero_on_device(pairs) == want
+        # Routing: non-CPU projections go to the one-pass read (a meta projection stands in for a GPU one here).
+        seen = []
+        monkeypatch.setattr(api, "_all_zero_on_device", lambda pairs: seen.append(len(pairs)) or [True] * len(pairs))
+        cpu, meta = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4, device="meta")
+        torch.nn.init.zeros_(cpu.weight), torch.nn.init.zeros_(cpu.bias)
+        assert inert_projections([cpu, meta, meta, torch.nn.Sequential()]) == [True, True, True, False]
+        assert seen == [2]
+        monkeypatch.setattr(api, "_capturing", lambda: True)
+        assert inert_projections([cpu, meta]) == [True, False] and seen == [2]  # capturing: no read, the branch runs
+    assert inert_projections([meta]) == [False]  # grad enabled and the projection trains
+
+
 def test_inert_reads_the_values_of_every_call_whatever_wrote_them():
     """``is_inert`` reads values through a view kept per tensor: writes in place (through ``.data`` too), a swapped
     storage, a replaced parameter and half precision are all seen; a -0.0 counts as non-zero (the branch runs,
