@@ -27,7 +27,8 @@ The acceptance run on a GPU machine, in 15 minutes (--budget): with --check, the
 self-checks (dit-accel selftest --device cuda --json); then pytest -m gpu; then the timings at
 production sizes (Wan 2.1 14B 480p and 720p at 40 heads x batch 2, FLUX 1024 px at 24 x 1, Wan 2.1
 1.3B at 12 x 1, FLUX 4K): dense contenders and dense [fastest], Tile (64- and 128-token tiles:
-the latter runs the sm_90 ws forward), GNA, radial and SLA with
+the latter runs the sm_90 ws forward), GNA, radial and SLA (with a zero projection's linear branch, and
+without one as pipelines run it before fine-tuning: sla-topk) with
 backend auto (autotuner off and on) and the Triton kernels forced where auto chose otherwise. Every
 row has its relative error against the fp32 twin and the kernel variant that ran. Writes
 DIR/gpu_report.json and DIR/gpu_report.md; exits 1 when a check failed, a case crashed or a row is
@@ -96,8 +97,9 @@ def register(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--shapes", default=None, help="comma-separated substrings of the standard shapes to keep")
     g.add_argument("--densities", default=None, help="comma-separated target densities (default 0.05,0.1,0.2)")
     g.add_argument("--methods", default=None,
-                   help="comma-separated of tile,tile-128,gna,radial,sla (default all; tile-128: Tile at a 128-token "
-                        "tile, whose CUDA calls run the 128-row ws forward)")
+                   help="comma-separated of tile,tile-128,gna,radial,sla,sla-topk (default all; tile-128: Tile at a "
+                        "128-token tile, whose CUDA calls run the 128-row ws forward; sla: with a zero projection whose "
+                        "linear branch is computed; sla-topk: without one, as pipelines run SLA before fine-tuning)")
     g.add_argument("--autotune", default="both", choices=["both", "on", "off"],
                    help="sparse rows with the autotuner off, on (at the first density) or both (default)")
     g.add_argument("--no-backward", action="store_true", help="forward only")

@@ -63,7 +63,9 @@ STANDARD_SHAPES = (
     ModelShape("FLUX 4K", (256, 256), 24),                      # N = 65,536
 )
 STANDARD_DENSITIES = (0.05, 0.1, 0.2)
-STANDARD_METHODS = ("tile", "tile-128", "gna", "radial", "sla")
+#: ``sla``: SLA with a zero projection whose linear branch is computed (as under training); ``sla-topk``: without
+#: a projection (training-free top-k, what pipelines run while every projection is still zero).
+STANDARD_METHODS = ("tile", "tile-128", "gna", "radial", "sla", "sla-topk")
 AUTOTUNE_MODES = ("off", "on")
 #: Seconds for the whole run (self-checks, pytest, timings): 15 minutes, enough on a cold cache.
 BUDGET_S = 900.0

@@ -32,7 +32,7 @@ def _method_cached(name: str, grid, density: float):
     then shared by the autotune on/off rows and the shapes of one grid."""
     from ..methods import GNA, SLA, Radial, Tile
 
-    if name == "sla":
+    if name in ("sla", "sla-topk"):
         return SLA(topk=density)
     if name == "radial":
         return Radial()  # its density is fixed by its rule
@@ -255,11 +255,12 @@ class _Shape:
         label = f"{name} [auto, autotune {mode}]"
         try:
             method = _method(name, self.shape.grid, target)
-            runner = _SlaCase(self, method) if name == "sla" else _LayoutCase(self, method)
+            runner = (_SlaCase(self, method, projection=name == "sla") if name.startswith("sla")
+                      else _LayoutCase(self, method))
         except Exception as exc:
             self.rows.append({**_skipped(self.shape, label, target, ""), "status": "failed", "error": _short(exc)})
             return
-        if runner.layout is None and name != "sla":
+        if runner.layout is None and not name.startswith("sla"):
             self.rows.append({**_skipped(self.shape, label, target, f"no layout: {runner.why}"), "status": "dense"})
             return
         passes = ("forward", "forward+backward") if self.backward else ("forward",)
@@ -273,7 +274,7 @@ class _Shape:
                 # Where auto chose another backend than the Triton kernels (dense, say), the sparse
                 # kernel forced beside it, once per (method, density).
                 if (forced and backend == "auto" and mode == "off" and pass_ == "forward" and row.get("status") == "ok"
-                        and name != "sla" and not str(row.get("variant", "")).startswith(forced)):
+                        and not name.startswith("sla") and not str(row.get("variant", "")).startswith(forced)):
                     backends.append(forced)
 
 
@@ -426,16 +427,20 @@ class _LayoutCase(_Case):
 
 
 class _SlaCase(_Case):
-    """SLA through ``sla_attention`` with a zero projection (training-free top-k), against the PyTorch twin."""
+    """SLA through ``sla_attention`` with a zero projection (``projection``: its linear branch computed, as a
+    projection under training runs it) or none (``sla-topk``: training-free top-k, what the pipelines run while
+    every projection is still zero), against the PyTorch twin."""
 
-    def __init__(self, s: _Shape, method):
+    def __init__(self, s: _Shape, method, projection: bool = True):
         from ..kernels.sla import sla_density
 
         self.s, self.method, self.layout, self.why = s, method, None, None
         d = s.shape.head_dim
-        self.proj = torch.nn.Linear(d, d).to(s.device, s.dtype)
-        torch.nn.init.zeros_(self.proj.weight)
-        torch.nn.init.zeros_(self.proj.bias)
+        self.proj = None
+        if projection:
+            self.proj = torch.nn.Linear(d, d).to(s.device, s.dtype)
+            torch.nn.init.zeros_(self.proj.weight)
+            torch.nn.init.zeros_(self.proj.bias)
         self.q, self.k, self.v = s.q, s.k, s.v
         self.density = self.work = sla_density(s.shape.tokens, method)
         self.facts = {"config": method.to_dict()}
@@ -454,9 +459,11 @@ class _SlaCase(_Case):
     def _reference(self, q, k, v):
         from ..kernels import sla_attention
 
-        proj = torch.nn.Linear(q.shape[-1], q.shape[-1]).to(q.device)
-        torch.nn.init.zeros_(proj.weight)
-        torch.nn.init.zeros_(proj.bias)
+        proj = None
+        if self.proj is not None:
+            proj = torch.nn.Linear(q.shape[-1], q.shape[-1]).to(q.device)
+            torch.nn.init.zeros_(proj.weight)
+            torch.nn.init.zeros_(proj.bias)
         return sla_attention(q, k, v, self.method, proj, backend="torch")
 
     def check(self, pass_: str, backend: str):

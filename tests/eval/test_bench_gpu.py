@@ -128,8 +128,8 @@ def test_bench_gpu_rows_carry_correctness_and_the_variant_that_ran(tmp_path, mon
         return real(name, grid, density)
 
     monkeypatch.setattr(bench_gpu_cases, "_method", method)
-    report = bench_gpu.bench_gpu(tmp_path, shapes=TINY, densities=(0.5,), methods=("tile", "gna", "sla", "radial"),
-                                 **QUICK)
+    report = bench_gpu.bench_gpu(tmp_path, shapes=TINY, densities=(0.5,),
+                                 methods=("tile", "gna", "sla", "sla-topk", "radial"), **QUICK)
     saved = json.loads((tmp_path / "gpu_report.json").read_text())
     assert saved["machine"]["commit"] and saved["machine"]["versions"]["torch"] == torch.__version__
     assert saved["pytest"]["summary"] == "3 passed in 1.00s" and saved["pytest"]["timeout"] > 0
@@ -148,6 +148,8 @@ def test_bench_gpu_rows_carry_correctness_and_the_variant_that_ran(tmp_path, mon
     assert variants["dense+lse [fastest]", "forward"] == "sdpa-flash"
     assert variants["tile [auto, autotune off]", "forward"] == "torch"
     assert variants["sla [auto, autotune off]", "forward"] == "sla torch"
+    assert variants["sla-topk [auto, autotune off]", "forward"] == "sla torch"  # no projection: no linear branch
+    assert ("sla-topk [auto, autotune off]", "forward+backward") in variants
     assert not any(r["kernel"].startswith("radial") and r["shape"] == "tiny image" for r in rows)  # video only
     failed = [r for r in rows if r["status"] == "failed"]
     assert failed and all("no GNA config" in r["error"] for r in failed)
