@@ -284,10 +284,13 @@ def test_gpu_projections_are_read_in_one_pass_with_the_cpu_read_s_answers(monkey
             want = [api._all_zero(w) and (b is None or api._all_zero(b)) for w, b in pairs]
             assert want == [True, True, False, False, False, False, False]
             assert api._all_zero_on_device(pairs) == want
+        # Values that cannot be read (a meta tensor) are not inert: the branch runs.
+        meta = torch.nn.Linear(4, 4, device="meta")
+        assert api._all_zero_on_device([(meta.weight, meta.bias)]) == [False]
         # Routing: non-CPU projections go to the one-pass read (a meta projection stands in for a GPU one here).
         seen = []
         monkeypatch.setattr(api, "_all_zero_on_device", lambda pairs: seen.append(len(pairs)) or [True] * len(pairs))
-        cpu, meta = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4, device="meta")
+        cpu = torch.nn.Linear(4, 4)
         torch.nn.init.zeros_(cpu.weight), torch.nn.init.zeros_(cpu.bias)
         assert inert_projections([cpu, meta, meta, torch.nn.Sequential()]) == [True, True, True, False]
         assert seen == [2]
