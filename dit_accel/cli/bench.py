@@ -314,9 +314,8 @@ def _run_modelled(args, fail) -> int:
     if args.device not in (None, "cuda") and not str(args.device).startswith("cuda"):
         return fail("--modelled predicts GPU figures: leave out --device or pass cuda")
     kernels = [x.strip() for x in args.kernels.split(",") if x.strip()] if args.kernels else None
-    if kernels is None and args.arch in {k.split("/")[0] for k in cost.CONSTANTS}:
-        # Every variant the arch has constants for (h100: the measured fit and the modelled ones; h200: its fit).
-        kernels = [k for k in cost.KERNELS if (args.arch if k == "current" else f"{args.arch}/{k}") in cost.CONSTANTS]
+    if kernels is None and cost.kernels_for(args.arch):
+        kernels = cost.kernels_for(args.arch)  # (h100: the measured fit and the modelled ones; h200: its fit)
     try:
         for kernel in kernels or ["current"]:
             cost.constants(args.arch, kernel)

@@ -426,6 +426,14 @@ class _LayoutCase(_Case):
         return "triton " + ("; ".join(dict.fromkeys(ran)) if ran else "(no launch recorded)")
 
 
+def _zero_projection(d: int, device, dtype) -> torch.nn.Linear:
+    """SLA's projection as ``apply`` makes it before fine-tuning: a zero ``Linear(d, d)``."""
+    proj = torch.nn.Linear(d, d, device=device, dtype=dtype)
+    torch.nn.init.zeros_(proj.weight)
+    torch.nn.init.zeros_(proj.bias)
+    return proj
+
+
 class _SlaCase(_Case):
     """SLA through ``sla_attention`` with a zero projection (``projection``: its linear branch computed, as a
     projection under training runs it) or none (``sla-topk``: training-free top-k, what the pipelines run while
@@ -436,11 +444,7 @@ class _SlaCase(_Case):
 
         self.s, self.method, self.layout, self.why = s, method, None, None
         d = s.shape.head_dim
-        self.proj = None
-        if projection:
-            self.proj = torch.nn.Linear(d, d).to(s.device, s.dtype)
-            torch.nn.init.zeros_(self.proj.weight)
-            torch.nn.init.zeros_(self.proj.bias)
+        self.proj = _zero_projection(d, s.device, s.dtype) if projection else None
         self.q, self.k, self.v = s.q, s.k, s.v
         self.density = self.work = sla_density(s.shape.tokens, method)
         self.facts = {"config": method.to_dict()}
@@ -459,11 +463,7 @@ class _SlaCase(_Case):
     def _reference(self, q, k, v):
         from ..kernels import sla_attention
 
-        proj = None
-        if self.proj is not None:
-            proj = torch.nn.Linear(q.shape[-1], q.shape[-1]).to(q.device)
-            torch.nn.init.zeros_(proj.weight)
-            torch.nn.init.zeros_(proj.bias)
+        proj = None if self.proj is None else _zero_projection(q.shape[-1], q.device, torch.float32)
         return sla_attention(q, k, v, self.method, proj, backend="torch")
 
     def check(self, pass_: str, backend: str):

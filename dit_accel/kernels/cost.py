@@ -86,10 +86,11 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 __all__ = ["GpuConstants", "CONSTANTS", "KERNELS", "TileCounts", "tile_counts", "sla_counts", "constants",
-           "block_sparse_time", "dense_time", "sla_time", "ideal_fraction", "work_vs_dense", "arch_for_device"]
+           "block_sparse_time", "dense_time", "sla_time", "ideal_fraction", "work_vs_dense", "arch_for_device",
+           "kernels_for"]
 
 _TILE = 64  # the constants are per 64 x 64 tile at head dim 128
 _HEAD_DIM = 128
@@ -184,15 +185,24 @@ for _kernel, _c in _variants(_H100).items():
     CONSTANTS["h100" if _kernel == "current" else f"h100/{_kernel}"] = _c
 
 
+def _key(arch: str, kernel: str) -> str:
+    return arch if kernel == "current" else f"{arch}/{kernel}"
+
+
+def kernels_for(arch: str) -> List[str]:
+    """The kernel variants of :data:`KERNELS` that ``arch`` has constants for (``h100``: all; ``h200``: its fit)."""
+    return [k for k in KERNELS if _key(arch, k) in CONSTANTS]
+
+
 def constants(arch: str = "h100", kernel: str = "current") -> GpuConstants:
     """The constants of ``arch`` (a key of :data:`CONSTANTS`) for a kernel variant of :data:`KERNELS`."""
     if kernel not in KERNELS:
         raise ValueError(f"kernel must be one of {', '.join(KERNELS)}; got {kernel!r}")
-    key = arch if kernel == "current" else f"{arch}/{kernel}"
+    key = _key(arch, kernel)
     if key not in CONSTANTS:
         known = sorted({k.split('/')[0] for k in CONSTANTS})
         if arch in known:
-            modelled = sorted({k.split('/')[0] for k in CONSTANTS if k.endswith(f"/{kernel}")})
+            modelled = [a for a in known if kernel in kernels_for(a)]
             raise ValueError(f"arch={arch!r} has only its measured kernel ('current'); the modelled variant "
                              f"{kernel!r} exists for {', '.join(modelled)}")
         raise ValueError(f"no cost-model constants for arch={arch!r} (have: {', '.join(known)})")
