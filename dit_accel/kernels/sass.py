@@ -390,8 +390,8 @@ def loop_ratios(row: dict) -> Tuple[Optional[float], Optional[float]]:
 
 def main_ring(row: dict) -> int:
     """Depth of a row's main-loop ring: the shallowest multi-buffered tile with the streamed operand's rows
-    (key tiles; query tiles for dK/dV), so an SLA forward's linear-loop half tiles (rings of their own)
-    do not hide its critical loop's K / V ring; 0 without any."""
+    (key tiles; query tiles for dK/dV); 0 without any. An SLA forward's linear loop streams 64-row tiles too, so
+    its rings count."""
     rows = row["tile"][0] if row["kernel"].startswith("bwd_dkdv") else row["tile"][1]
     return min((depth for depth, n, *_ in row.get("rings") or [] if n == rows), default=row.get("ring") or 0)
 

@@ -71,12 +71,17 @@ def _sm90_forwards(compiled):
 def test_sm90_forward_k_v_rings_are_num_stages_deep(compiled):
     """The sm_90 forward's K / V rings (the pipeliner's multi-buffered 64-row tiles in the TTGIR: K and V of
     the critical loop, then of the ragged loop) are num_stages deep, not one less: the critical blocks'
-    indices are read an iteration ahead into registers instead of taking a pipeline stage. (The linear
-    loop's half tiles, 32 rows, are not counted: their phi is made in registers, which takes the last stage.)"""
+    indices are read an iteration ahead into registers instead of taking a pipeline stage. With the linear
+    branch the linear loop's phi(K) and V tiles come in rings of their own (64 rows too, read ahead the same
+    way), at least num_stages - 1 deep."""
     rows = _sm90_forwards(compiled)
     for r in rows:
         kv = [ring for ring in r["rings"] if ring[1] == sc.BLOCK_K]  # [depth, rows, cols, dtype]
-        assert len(kv) == 4 and all(depth == r["num_stages"] for depth, *_ in kv), f"{r['name']}: {r['rings']}"
+        assert all(depth == r["num_stages"] for depth, *_ in kv[:4]), f"{r['name']}: {r['rings']}"
+        if "-lin-" in r["name"]:
+            assert len(kv) == 6 and all(depth >= r["num_stages"] - 1 for depth, *_ in kv[4:]), r["rings"]
+        else:
+            assert len(kv) == 4, f"{r['name']}: {r['rings']}"
     assert any(r["num_stages"] == 3 for r in rows)  # some shipped forward has a 3-deep ring
 
 
@@ -138,9 +143,25 @@ def test_launchers_launch_only_shipped_configs(monkeypatch, dtype, path):
     den_grad = torch.zeros(lse.shape) if has_lin else den
     st.sla_backward(torch.zeros_like(q), torch.zeros_like(lse), dnum, den_grad, q, k, v, qf, kf, q, lse,
                     blocks.critical, lin, 0.1, 0, has_lin, sign, 128)
-    glob = ["global"] if path == "subtract" else []  # the global sums: only the subtract plan (softmax phi)
+    glob = ["global"] if has_lin else []  # phi(K) for the linear loop (and the subtract plan's global sums)
     expect = glob + ["fwd", "bwd_dq", "bwd_dkdv"] + (["bwd_dkdv_lin"] if has_lin else [])
     assert [c.kernel for c in launched] == expect
     assert set(launched) <= set(sc.shipped_configs(90))
     assert {(c.block_d, c.dtype) for c in launched} == {(128, dtype)}
     assert [c.has_lin for c in launched] == [True] * len(glob) + [has_lin, has_lin, False] + ([True] if has_lin else [])
+
+
+@static_toolchain
+@pytest.mark.parametrize("d", [64, 128])
+def test_sm90_linear_loop_reads_features_instead_of_making_them(d):
+    """The forward's linear loop reads phi(K) (stored once by the global-sums kernel): no MUFU (exp) instruction
+    per key block, and fewer than twice the critical loop's SASS instructions per key block. Making phi there took
+    968 instructions per half block against the critical loop's 342 (d128, bf16), and the call 8x the time of the
+    same call without the linear branch on an H200."""
+    from dit_accel.kernels.sass import analyze_many
+
+    row = analyze_many([(sc.select_sla_config("fwd", torch.bfloat16, d, True, 90), 90)], workers=1)[0]
+    assert row["error"] is None, row["error"]
+    linear, critical = row["loops"]["linear"], row["loops"]["critical"]
+    assert linear["classes"].get("mufu", 0) == 0, linear
+    assert linear["instructions"] < 2 * critical["instructions"], (linear["instructions"], critical["instructions"])

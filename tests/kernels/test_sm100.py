@@ -1,5 +1,5 @@
-"""Blackwell (sm_100) host decisions (issue 46, item 5): its own occupancy row, its own forward tiles where
-sm_90's spill there, and no warp-specialized forward. The compiled artefacts (no spill, fits) are checked for
+"""Blackwell (sm_100) host decisions (issue 46, item 5): its own occupancy row, its own block-sparse forward tiles where
+sm_90's spill there (SLA's do not), and no warp-specialized forward. The compiled artefacts (no spill, fits) are checked for
 sm_100 in test_compile_block_sparse.py and test_compile_sla.py."""
 
 import pytest
@@ -47,12 +47,13 @@ def test_a_99kb_blackwell_part_takes_sm89_tiles():
     assert cfg.num_stages * cfg.block_n * 128 * 2 * 2 < 101376  # its K/V ring fits 99 KB
 
 
-def test_sm100_sla_forward_d64_with_the_linear_branch_takes_its_own_launch():
-    from dit_accel.kernels.sla.configs import select_sla_config
+def test_sm100_sla_kernels_take_sm90_launches():
+    """Every SLA kernel on sm_100 is sm_90's launch (test_compile_sla.py compiles them for sm_100: no spill)."""
+    from dit_accel.kernels.sla.configs import SLA_KERNELS, select_sla_config
 
-    ours = select_sla_config("fwd", torch.bfloat16, 64, True, 100)
-    assert (ours.num_warps, ours.num_stages) == (8, 3)
-    sm90 = select_sla_config("fwd", torch.bfloat16, 64, True, 90)
-    assert (sm90.num_warps, sm90.num_stages) == (4, 3)
-    assert select_sla_config("fwd", torch.bfloat16, 128, True, 100) == select_sla_config("fwd", torch.bfloat16, 128,
-                                                                                       True, 90)
+    for kernel in SLA_KERNELS:
+        for d in (64, 128):
+            for has_lin in (False, True):
+                for dtype in (torch.float16, torch.bfloat16):
+                    assert select_sla_config(kernel, dtype, d, has_lin, 100) == \
+                        select_sla_config(kernel, dtype, d, has_lin, 90)

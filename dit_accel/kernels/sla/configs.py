@@ -62,11 +62,9 @@ LAUNCH: Dict[Tuple[int, str, int, bool], Tuple[int, int]] = {
     (89, "global", 64, True): (4, 2), (89, "global", 128, True): (8, 2),
     (90, "global", 64, True): (4, 2), (90, "global", 128, True): (8, 2),
 }
-#: sm_100 (B200 / GB200) runs sm_90's launches except where they spill there: the d64 forward with the linear
-#: branch at 4 warps x 3 stages spills 20 B per thread on sm_100; 8 warps x 3 stages takes 114 registers and none.
-SM100_LAUNCH: Dict[Tuple[str, int, bool], Tuple[int, int]] = {("fwd", 64, True): (8, 3)}
-#: Forwards whose linear ``a @ V`` is one product of twice the depth (``_dot_split``'s ``CHAIN=False``): with
-#: phi taken in the kernel, the chained pair made ptxas serialise sm_90's wgmma (C7515) at head dim 128.
+#: sm_100 (B200 / GB200) runs sm_90's launches: none of them spills there (``tests/kernels/test_compile_sla.py``).
+#: Forwards whose linear ``a @ V`` is one product of twice the depth (``_dot_split``'s ``CHAIN=False``): at head
+#: dim 128 on sm_90 the chained pair makes ptxas serialise the wgmma pipeline (C7515) and spill.
 SPLIT_PRODUCT = {(90, "fwd", 128, True)}
 #: Kernels that exist only with the linear branch (no ``HAS_LIN`` constexpr).
 _LINEAR_ONLY = ("global", "bwd_dkdv_lin")
@@ -173,7 +171,7 @@ def select_sla_config(kernel: str, dtype: torch.dtype, head_dim: int, has_lin: b
     block_d = _block_d(head_dim)
     has_lin = bool(has_lin) if kernel in ("fwd", "bwd_dq") else kernel in _LINEAR_ONLY
     key = (_target(arch), kernel, block_d, has_lin)
-    warps, stages = LAUNCH[key] if arch < 100 else SM100_LAUNCH.get(key[1:], LAUNCH[key])
+    warps, stages = LAUNCH[key]
     return SLAKernelConfig(kernel, dtype, block_d, has_lin, warps, stages, lin_chain=key not in SPLIT_PRODUCT,
                            tma=kernel == "fwd" and key[0] == 90)
 

@@ -9,15 +9,21 @@ kernels' tile steps (:mod:`dit_accel.kernels.dense.tiles`):
 - the *linear* loop adds (``lin_sign = +1``: the marginal blocks) or removes (``-1``: the
   negligible and the critical blocks, the "subtract" plan) linear-attention terms
   ``num += (phi(q) phi(K_j)^T) V_j``, ``den += rowsum(phi(q) phi(K_j)^T)``. It runs apart
-  from the softmax loop: fusing the two kept both accumulators live and spilled.
+  from the softmax loop: fusing the two kept both accumulators live and spilled. It reads
+  ``phi(K_j)`` from the features the global-sums kernel stored, so each block is three
+  tensor-core products and a row sum (computing phi there, per query tile, made the loop six
+  times the softmax loop's instructions per key block on sm_90 and the whole call 8x slower
+  than without the branch on an H200).
 
-The forward's epilogue (the *global* loop) adds the global sums ``phi(q) (phi(K)^T V)`` and
-``phi(q) . sum(phi(K))``, which the global-sums kernel takes first, once per (batch, head) in fp32
-(partial sums per 1024-key chunk, added by the launcher), and divides: the forward returns the
-sparse branch and ``O_l = num / (den + eps)`` in the input dtype, and ``den``. phi is taken inside
-the kernels from the q and k tiles (softmax over the real head-dim columns, elu + 1 or relu, a
-runtime argument), in fp32 and rounded once to the input dtype (the value the backward recomputes
-with :func:`~.common.rounded_features`).
+The global-sums kernel runs first: phi(K) for every key, stored once in the input dtype (a tensor
+the size of K), and, once per (batch, head) in fp32, ``phi(K)^T V``, ``sum(phi(K))`` and
+``max|phi(K)|`` (partial sums per 1024-key chunk, added by the launcher). The forward's epilogue (the
+*global* loop) adds the global sums ``phi(q) (phi(K)^T V)`` and ``phi(q) . sum(phi(K))`` and divides:
+the forward returns the sparse branch and ``O_l = num / (den + eps)`` in the input dtype, and ``den``.
+phi (softmax over the real head-dim columns, elu + 1 or relu, a runtime argument) is taken in fp32
+and rounded once to the input dtype (the value the backward recomputes with
+:func:`~.common.rounded_features`): phi(q) in the forward from its q tile, phi(K) in the global-sums
+kernel.
 
 Numerics of the linear terms: the scores ``a = phi(q) phi(K)^T`` accumulate in fp32 and are
 divided by a per-row scale ``s_i >= 1`` (``sum|phi(q_i)| * max|phi(k)| / 2^15``, so ``a / s``
@@ -126,15 +132,16 @@ def _phi_tile(x, ok, feature):
 
 @triton.jit
 def _sla_global_kernel(
-    K, V, KV_P, KSUM_P, KMAX_P,
+    K, V, KF, KV_P, KSUM_P, KMAX_P,
     skb, skh, skn, svb, svh, svn,
     H, NK_TOK, D_REAL, CHUNK_TILES, feature,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """Partial global sums of the linear branch over one chunk of ``CHUNK_TILES`` key tiles:
     ``phi(K_c)^T V_c`` (fp32, ``BLOCK_C`` of its ``BLOCK_D`` columns: program axis 2), ``sum(phi(K_c))`` and
-    ``max|phi(K_c)|``, from phi computed here and rounded to the input dtype (the values the forward's block
-    terms read). The launcher sums the chunks (a few per head): deterministic, and enough programs to fill
+    ``max|phi(K_c)|``, from phi computed here and rounded to the input dtype; the column block 0 programs also
+    store those features in ``KF`` (contiguous ``(B*H, NK_TOK, BLOCK_D)``), the values the forward's linear
+    loop reads. The launcher sums the chunks (a few per head): deterministic, and enough programs to fill
     a GPU. Column blocks keep the accumulator small (the whole ``D x D`` one spilled at head dim 128)."""
     pid_c = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -150,12 +157,16 @@ def _sla_global_kernel(
     kmax = tl.zeros([BLOCK_D], tl.float32)
     first = pid_c * CHUNK_TILES
     n_tiles = tl.minimum(CHUNK_TILES, tl.cdiv(NK_TOK, BLOCK_N) - first)
+    kf_at = KF + pid_bh.to(tl.int64) * NK_TOK * BLOCK_D + tl.arange(0, BLOCK_D)[None, :]
+    kf_rows = tl.where(pid_v == 0, NK_TOK, 0)  # the features are stored by the column block 0 programs
     for t in range(0, n_tiles):  # loop: global_sums
         col = (first + t) * BLOCK_N
         k = load_tile(k_base, k_base, b, h, col, NK_TOK, skn, D_REAL, BLOCK_N, BLOCK_D, False, True, True)
         v = load_tile(v_base, v_base, b, h, col, NK_TOK, svn, D_REAL, BLOCK_N, BLOCK_C, False, True, True)
         ok = (col + offs_n < NK_TOK)[:, None] & col_ok
         kf = _phi_tile(k.to(tl.float32), ok, feature).to(V.dtype.element_ty)
+        # A predicated store, not a branch (a branch in a loop of tensor-core products serialises sm_90's wgmma).
+        tl.store(kf_at + (col + offs_n).to(tl.int64)[:, None] * BLOCK_D, kf, mask=(col + offs_n < kf_rows)[:, None])
         # V^T phi(K), not phi(K)^T V: phi(K) is made in registers, and as the transposed first operand of
         # the product it serialised sm_90's wgmma (ptxas C7515).
         kv_t = tl.dot(tl.trans(v), kf, kv_t, input_precision="ieee")
@@ -186,7 +197,7 @@ def _rows(desc, base, row0, n_rows, stride_n, ROWS: tl.constexpr, BLOCK_D: tl.co
 
 @triton.jit
 def _sla_fwd_kernel(
-    Q, K, V, CRIT, LIN, KV, KV_SCALE, KSUM, KMAX, O, LSE, OL, DEN,  # noqa: E741 (the attention output)
+    Q, K, V, KF, CRIT, LIN, KV, KV_SCALE, KSUM, KMAX, O, LSE, OL, DEN,  # noqa: E741 (the attention output)
     sqb, sqh, sqn, skb, skh, skn, svb, svh, svn,
     H, NQ_TOK, NK_TOK, D, D_REAL, KC, NL, SUB, qk_scale, lin_sign, feature, lin_eps,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -262,27 +273,24 @@ def _sla_fwd_kernel(
         inv_s = 1.0 / tl.maximum(tl.sum(tl.abs(qf.to(tl.float32)), 1) * (tl.load(KMAX + pid_bh) / 32768.0), 1.0)
         num = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
         den = tl.zeros([BLOCK_M], tl.float32)
-        # Half key blocks: phi(K_j) made from the k tile in fp32 beside the linear accumulators spilled
-        # at head dim 128 with whole blocks.
-        HALF: tl.constexpr = BLOCK_N // 2
-        offs_n = tl.arange(0, HALF)
+        # phi(K_j) is read, not made: the global-sums kernel stored every key's features (KF, contiguous
+        # (B*H, NK_TOK, BLOCK_D), zero past the real columns), so the loop is three tensor-core products and
+        # the row sums, with no exp per key element and no register-made operand to stage in shared memory.
         lin = LIN + (pid_bh.to(tl.int64) * n_qb + pid_m // SUB) * NL
-        if TMA:  # descriptors of half blocks
-            kh = tl.make_tensor_descriptor(k_base, [NK_TOK, D], [skn, 1], [HALF, BLOCK_D])
-            vh = tl.make_tensor_descriptor(v_base, [NK_TOK, D], [svn, 1], [HALF, BLOCK_D])
+        kf_base = KF + pid_bh.to(tl.int64) * NK_TOK * BLOCK_D
+        if TMA:  # rows past the slice arrive as zeros, as for K and V
+            kfd = tl.make_tensor_descriptor(kf_base, [NK_TOK, BLOCK_D], [BLOCK_D, 1], [BLOCK_N, BLOCK_D])
         else:  # unused
-            kh = k_base
-            vh = v_base
+            kfd = kf_base
         nxt = tl.load(lin, mask=(NL > 0) & TMA, other=0)  # TMA: read an iteration ahead, as above
-        for c in range(0, 2 * NL):  # loop: linear
+        for c in range(0, NL):  # loop: linear
             if TMA:
-                col = nxt * BLOCK_N + (c % 2) * HALF
-                nxt = tl.load(lin + (c + 1) // 2, mask=c + 1 < 2 * NL, other=0)
+                col = nxt * BLOCK_N
+                nxt = tl.load(lin + c + 1, mask=c + 1 < NL, other=0)
             else:
-                col = tl.load(lin + c // 2) * BLOCK_N + (c % 2) * HALF
-            k = _rows(kh, k_base, col, NK_TOK, skn, HALF, BLOCK_D, TMA, True)
-            v = _rows(vh, v_base, col, NK_TOK, svn, HALF, BLOCK_D, TMA, True)
-            kf = _phi_tile(k.to(tl.float32), (col + offs_n < NK_TOK)[:, None] & col_ok, feature).to(DT)
+                col = tl.load(lin + c) * BLOCK_N
+            kf = _rows(kfd, kf_base, col, NK_TOK, BLOCK_D, BLOCK_N, BLOCK_D, TMA, True)
+            v = _rows(vd, v_base, col, NK_TOK, svn, BLOCK_N, BLOCK_D, TMA, True)
             a = tl.dot(qf, tl.trans(kf), input_precision="ieee") * inv_s[:, None]
             num = _dot_split(a, v, num, DT, LIN_CHAIN)
             den += tl.sum(a, 1)
@@ -594,7 +602,7 @@ def global_sums(k, v, feature: int, head_dim: int):
     ``phi(K)^T V`` ``(B*H, block_d, block_d)``, ``sum(phi(K))`` ``(B*H, block_d)`` and ``max|phi(K)|``
     ``(B*H,)``, zero in padded columns. ``k``, ``v``: the launcher's inputs, zero-padded to ``block_d``
     columns from ``head_dim``."""
-    kv, ksum, kmax = _global_partials(k, v, feature, head_dim)
+    kv, ksum, kmax, _ = _global_partials(k, v, feature, head_dim)
     if kv.shape[1] == 1:
         return kv[:, 0], ksum[:, 0], kmax[:, 0]
     return kv.sum(1), ksum.sum(1), kmax.amax(1)
@@ -603,15 +611,17 @@ def global_sums(k, v, feature: int, head_dim: int):
 def _global_partials(k, v, feature: int, head_dim: int, launch=None):
     """The global-sums kernel's fp32 partial sums per chunk of :data:`GLOBAL_CHUNK_TILES` key tiles:
     ``phi(K)^T V`` ``(B*H, C, block_d, block_d)``, ``sum(phi(K))`` ``(B*H, C, block_d)``, ``max|phi(K)|``
-    ``(B*H, C)``. ``launch``: :func:`_global_launch` of these arguments, when the caller has it."""
+    ``(B*H, C)``, and the features ``phi(K)`` in k's dtype, contiguous ``(B*H, Nk, block_d)`` (what the
+    forward's linear loop reads). ``launch``: :func:`_global_launch` of these arguments, when the caller has it."""
     b, h, nk, block_d = k.shape
     cfg, grid, tail = launch or _global_launch(k, v, feature, head_dim)
     n_chunks = grid[0]
     kv = torch.empty((b * h, n_chunks, block_d, block_d), dtype=torch.float32, device=k.device)
     ksum = torch.empty((b * h, n_chunks, block_d), dtype=torch.float32, device=k.device)
     kmax = torch.empty((b * h, n_chunks), dtype=torch.float32, device=k.device)
-    _launch(cfg, grid, k, v, kv, ksum, kmax, *tail)
-    return kv, ksum, kmax
+    kf = torch.empty((b * h, nk, block_d), dtype=k.dtype, device=k.device)
+    _launch(cfg, grid, k, v, kf, kv, ksum, kmax, *tail)
+    return kv, ksum, kmax, kf
 
 
 def _global_launch(k, v, feature: int, head_dim: int):
@@ -644,7 +654,8 @@ def _global_operands(kv, ksum, bh: int, block_d: int, dtype: torch.dtype, device
 @occupancy.on_inputs_device
 def sla_forward(q, k, v, critical, lin_blocks, scale, feature, has_lin, lin_sign, with_global, lin_eps, block_q,
                 empties: bool = True):
-    """Launch the fused forward (and, for the linear branch, the global-sums kernel first). Returns
+    """Launch the fused forward (and, for the linear branch, the global-sums kernel first: it stores phi(K),
+    which the forward's linear loop reads). Returns
     ``(o, lse, o_l, den)``: ``o`` the sparse branch and ``o_l = num / (den + lin_eps)`` the linear branch,
     both in q's dtype, contiguous ``(B, H, Nq, D)``; ``den`` fp32 ``(B, H, Nq)`` (o_l and den empty
     without the linear branch).
@@ -675,23 +686,19 @@ def sla_forward(q, k, v, critical, lin_blocks, scale, feature, has_lin, lin_sign
     o = torch.empty((b, h, nq, dp), dtype=q.dtype, device=dev)
     lse = torch.empty((b, h, nq), dtype=torch.float32, device=dev)
     if has_lin:
-        # Unnormalised features (elu, relu) need max|phi(K)| for the row scale: the global kernel has it.
+        # The global kernel makes the features phi(K) the linear loop reads; unnormalised ones (elu, relu) need
+        # its max|phi(K)| for the row scale, and the "subtract" and "all" plans its sums.
         with_kmax = _FEATURE_NAMES[feature] != "softmax"
-        if with_global or with_kmax:
-            kv_p, ksum_p, kmax_p = _global_partials(k, v, feature, d, glob)
-            n_chunks = kv_p.shape[1]
-        else:  # no partials to read: any live tensor will do
-            kv_p = ksum_p = kmax_p = lse
-            n_chunks = 0
-        kv, kv_scale, ksum, kmax = global_operands(kv_p, ksum_p, kmax_p, n_chunks, with_global, with_kmax, b * h, dp,
-                                                   q.dtype, dev)
+        kv_p, ksum_p, kmax_p, kf = _global_partials(k, v, feature, d, glob)
+        kv, kv_scale, ksum, kmax = global_operands(kv_p, ksum_p, kmax_p, kv_p.shape[1], with_global, with_kmax,
+                                                   b * h, dp, q.dtype, dev)
         o_l = torch.empty((b, h, nq, dp), dtype=q.dtype, device=dev)
         den = torch.empty((b, h, nq), dtype=torch.float32, device=dev)
     else:  # unused pointers get a live allocation: empty tensors may carry a null address
-        kv = q
+        kv = kf = q
         kv_scale = ksum = kmax = o_l = den = lse
     # An empty list is never read: any live address will do (critical has at least one entry per row).
-    _launch(cfg, grid, q, k, v, critical, lin_blocks if lin_blocks.numel() else critical, kv, kv_scale, ksum, kmax,
+    _launch(cfg, grid, q, k, v, kf, critical, lin_blocks if lin_blocks.numel() else critical, kv, kv_scale, ksum, kmax,
             o, lse, o_l, den, *tail)
     if not has_lin:  # two distinct empties: a custom op's outputs may not alias
         o_l = torch.empty(0, dtype=q.dtype, device=dev) if empties else None
