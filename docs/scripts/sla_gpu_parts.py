@@ -1,5 +1,5 @@
 """SLA on one GPU, the fused kernel's parts: accuracy, forward times with and without a projection,
-forward + backward, and (with ``--profile``) the CUDA kernels of one forward call.
+forward + backward, and (with ``--profile``) the CUDA kernels of forward and of forward + backward calls.
 
 Run from the repository root on a CUDA machine (BENCHMARKS.md section 10)::
 
@@ -98,20 +98,28 @@ def forward_backward_times() -> dict:
             "0.05/rand": ms(lambda: sla_attention(q, k, v, method, proj, backend="triton").backward(grad_out))}
 
 
-def kernel_profile() -> str:
+def kernel_profile(backward: bool = False) -> str:
+    """The CUDA kernels of five N = 32,760 calls with a random projection: forwards, or forwards + backwards."""
     from torch.profiler import ProfilerActivity, profile
 
-    q, k, v = qkv(32760)
+    q, k, v = qkv(32760, grad=backward)
     proj, method = projection(False), SLA(topk=0.05)
-    with torch.no_grad():
+    grad_out = torch.randn(q.shape, device=DEVICE, dtype=q.dtype)
+
+    def call():
+        out = sla_attention(q, k, v, method, proj, backend="triton")
+        if backward:
+            out.backward(grad_out)
+
+    with torch.set_grad_enabled(backward):
         for _ in range(3):
-            sla_attention(q, k, v, method, proj, backend="triton")
+            call()
         torch.cuda.synchronize()
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             for _ in range(5):
-                sla_attention(q, k, v, method, proj, backend="triton")
+                call()
             torch.cuda.synchronize()
-    return prof.key_averages().table(sort_by="cuda_time_total", row_limit=25)
+    return prof.key_averages().table(sort_by="cuda_time_total", row_limit=30)
 
 
 def main() -> None:
@@ -128,7 +136,8 @@ def main() -> None:
     print(args.name, "forward + backward", res["fwdbwd_32760"], flush=True)
     if args.profile:
         res["profile"] = kernel_profile()
-        print(res["profile"])
+        res["profile_backward"] = kernel_profile(backward=True)
+        print(res["profile"], res["profile_backward"], sep="\n")
     with open(os.path.join(os.environ.get("OUT", "."), f"sla_{args.name}.json"), "w") as f:
         json.dump(res, f, indent=1)
 
