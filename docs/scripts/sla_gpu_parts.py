@@ -1,9 +1,10 @@
 """SLA on one GPU, the fused kernel's parts: accuracy, forward times with and without a projection,
-forward + backward, and (with ``--profile``) the CUDA kernels of forward and of forward + backward calls.
+forward + backward, with ``--configs`` the forward under other launches, and with ``--profile`` the CUDA kernels of
+forward and of forward + backward calls.
 
 Run from the repository root on a CUDA machine (BENCHMARKS.md section 10)::
 
-    PYTHONPATH=. python docs/scripts/sla_gpu_parts.py NAME [--profile]
+    PYTHONPATH=. python docs/scripts/sla_gpu_parts.py NAME [--configs] [--profile]
 
 NAME labels the output, ``$OUT/sla_NAME.json`` (or ``./sla_NAME.json``). To compare two versions of the
 package, run it once per version with that version's directory first on ``PYTHONPATH``.
@@ -122,10 +123,57 @@ def kernel_profile(backward: bool = False) -> str:
     return prof.key_averages().table(sort_by="cuda_time_total", row_limit=30)
 
 
+#: Launches of the d128 forward with the linear branch to time against the shipped one: (warps, stages, chained
+#: products). The chained ones spill or serialise wgmma (C7515) when compiled for sm_90 (BENCHMARKS.md section 10),
+#: which the shipping rule excludes; these times say whether that rule costs time.
+FORWARD_CANDIDATES = ((8, 3, False), (8, 2, False), (4, 2, False), (8, 3, True), (8, 2, True), (4, 2, True))
+
+
+def forward_configs() -> dict:
+    """The SLA forward at N = 32,760, topk 0.05, a random projection, under each of :data:`FORWARD_CANDIDATES`
+    (milliseconds, and the largest difference of o and o_l from the shipped launch's, relative to their largest
+    value)."""
+    import dataclasses
+
+    from dit_accel.kernels.sla import triton as st
+
+    q, k, v = qkv(32760)
+    proj, method = projection(False), SLA(topk=0.05)
+    shipped = st.select_sla_config
+
+    def parts():
+        return sla_attention(q, k, v, method, proj, backend="triton", return_parts=True)
+
+    out = {}
+    with torch.no_grad():
+        ref = parts()
+        for warps, stages, chain in FORWARD_CANDIDATES:
+            def chosen(kernel, *args, w=warps, s=stages, c=chain):
+                cfg = shipped(kernel, *args)
+                if kernel != "fwd" or not cfg.has_lin:
+                    return cfg
+                return dataclasses.replace(cfg, num_warps=w, num_stages=s, lin_chain=c)
+
+            st.select_sla_config = chosen
+            st._FWD_LAUNCHES.clear()
+            name = f"w{warps}s{stages}{'-chain' if chain else '-split'}"
+            try:
+                got = parts()
+                diff = max(relative_error(got[i], ref[i].float()) for i in (0, 2))
+                out[name] = {"ms": ms(lambda: sla_attention(q, k, v, method, proj, backend="triton")), "diff": diff}
+            except Exception as exc:  # a launch that does not fit or compile: reported, not raised
+                out[name] = {"error": f"{type(exc).__name__}: {str(exc)[:200]}"}
+            finally:
+                st.select_sla_config = shipped
+                st._FWD_LAUNCHES.clear()
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("name")
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--configs", action="store_true", help="time the d128 linear-branch forward's launches")
     args = parser.parse_args()
     res = {"name": args.name, "package": dit_accel.__file__, "accuracy_rel_maxerr": accuracy()}
     print(args.name, "accuracy", res["accuracy_rel_maxerr"], flush=True)
@@ -134,6 +182,9 @@ def main() -> None:
         print(args.name, n, res[f"fwd_{n}"], flush=True)
     res["fwdbwd_32760"] = forward_backward_times()
     print(args.name, "forward + backward", res["fwdbwd_32760"], flush=True)
+    if args.configs:
+        res["forward_configs"] = forward_configs()
+        print(args.name, "forward launches", res["forward_configs"], flush=True)
     if args.profile:
         res["profile"] = kernel_profile()
         res["profile_backward"] = kernel_profile(backward=True)
