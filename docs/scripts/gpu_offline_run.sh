@@ -10,7 +10,7 @@
 # --python-version 3.12 --platform manylinux2014_x86_64 -d .whl diffusers ftfy wcwidth importlib-metadata
 # imageio-ffmpeg`); BUDGET: seconds for the whole run (each step gets at most its limit and what is left).
 # Logs: $OUT/all.log and $OUT/summary.txt (default ./gpu_out); the bench report in $OUT/gpu_report/, the self-check
-# verdicts in $OUT/selftest.json, each generate's sidecar as $OUT/gen_*.json.
+# verdicts in $OUT/selftest.json, each generate's sidecar as $OUT/gen_*.json, SLA's parts in $OUT/sla_run.json.
 set -u
 O=${OUT:-$PWD/gpu_out}; W=${WHEELS:-.whl}; mkdir -p "$O/gpu_report"
 T0=$(date +%s); END=$((T0 + ${BUDGET:-540}))
@@ -43,5 +43,6 @@ for v, d in [('block_sparse.triton.fwd', 32), ('block_sparse.triton.fwd', 128), 
     print(v, d, e['ok'], e['error'], e['tolerance'])"
 step pytest_gpu 300 python3 -m pytest -m gpu -o addopts= -p no:cacheprovider -q -rfE --timeout 120 --durations=15 tests
 step bench_gpu 300 dit-accel bench gpu --no-pytest --budget 280 --out "$O/gpu_report"
+step sla_parts 150 env OUT="$O" PYTHONPATH=. python3 docs/scripts/sla_gpu_parts.py run --configs --profile
 step info 30 dit-accel info
 echo "total $(( $(date +%s) - T0 ))s" | tee -a "$O/summary.txt"
