@@ -11,9 +11,8 @@ kernels' tile steps (:mod:`dit_accel.kernels.dense.tiles`):
   ``num += (phi(q) phi(K_j)^T) V_j``, ``den += rowsum(phi(q) phi(K_j)^T)``. It runs apart
   from the softmax loop: fusing the two kept both accumulators live and spilled. It reads
   ``phi(K_j)`` from the features the global-sums kernel stored, so each block is three
-  tensor-core products and a row sum (computing phi there, per query tile, made the loop six
-  times the softmax loop's instructions per key block on sm_90 and the whole call 8x slower
-  than without the branch on an H200).
+  tensor-core products and a row sum (phi made there, once per query tile, cost six times the
+  softmax loop's instructions per key block on sm_90).
 
 The global-sums kernel runs first: phi(K) for every key, stored once in the input dtype (a tensor
 the size of K), and, once per (batch, head) in fp32, ``phi(K)^T V``, ``sum(phi(K))`` and
