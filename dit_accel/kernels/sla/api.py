@@ -220,29 +220,32 @@ def is_inert(proj: nn.Module) -> bool:
     the version counter alone, is seen at once). Not on GPUs, where reading the answer would synchronise the
     host on every layer call (the pipelines read every layer's at once, once per transformer call:
     :func:`inert_projections`); not under ``torch.compile``, which would specialise on the values."""
-    weight, bias = _candidate(proj)
-    if weight is None or not weight.is_cpu:
-        return False
-    return _all_zero(weight) and (bias is None or _all_zero(bias))
+    return _zero_on_cpu(*_candidate(proj))
 
 
 def inert_projections(projs: Sequence[nn.Module]) -> List[bool]:
     """Whether each projection is inert, by :func:`is_inert`'s rule, GPU projections included: the pipelines'
     hooks ask once per transformer call for every SLA layer. The GPU ones are read in one reduction per tensor
-    and one synchronisation per call (none while a CUDA graph is being captured: then the branch runs). Skipping the branch matters there:
-    the H200 ran training-free SLA at 10% density with the zero projection's branch computed in 22.4 ms at Wan
-    2.1 1.3B 480p, slower than dense attention (11.9 ms), where Tile at the same density took 1.9 ms."""
+    and one synchronisation per call (none while a CUDA graph is being captured: then the branch runs).
+    Skipping the branch matters there: computed for a zero projection, it made training-free SLA slower than
+    dense attention on an H200 (BENCHMARKS.md section 10)."""
     out: List[bool] = []
     gpu: Dict[int, tuple] = {}  # index -> (weight, bias), read together below
     for i, proj in enumerate(projs):
         weight, bias = _candidate(proj)
         if weight is not None and not weight.is_cpu:
             gpu[i] = (weight, bias)
-        out.append(weight is not None and weight.is_cpu and _all_zero(weight) and (bias is None or _all_zero(bias)))
+        out.append(_zero_on_cpu(weight, bias))
     if gpu and not _capturing():
         for i, zero in zip(gpu, _all_zero_on_device(list(gpu.values()))):
             out[i] = zero
     return out
+
+
+def _zero_on_cpu(weight, bias) -> bool:
+    """Whether a :func:`_candidate`'s weight (None: no candidate) is on the CPU and it and its bias are all zero
+    bits (:func:`_all_zero`)."""
+    return weight is not None and weight.is_cpu and _all_zero(weight) and (bias is None or _all_zero(bias))
 
 
 def _all_zero_on_device(pairs) -> List[bool]:
