@@ -1,10 +1,11 @@
 """SLA on one GPU, the fused kernel's parts: accuracy, forward times with and without a projection,
-forward + backward, with ``--configs`` the forward under other launches, and with ``--profile`` the CUDA kernels of
-forward and of forward + backward calls.
+forward + backward, with ``--configs`` the forward under other launches, with ``--bwd-configs`` forward + backward
+under the linear-branch dK/dV kernel's launches, and with ``--profile`` the CUDA kernels of forward and of
+forward + backward calls.
 
 Run from the repository root on a CUDA machine (BENCHMARKS.md section 10)::
 
-    PYTHONPATH=. python docs/scripts/sla_gpu_parts.py NAME [--configs] [--profile]
+    PYTHONPATH=. python docs/scripts/sla_gpu_parts.py NAME [--configs] [--bwd-configs] [--profile]
 
 NAME labels the output, ``$OUT/sla_NAME.json`` (or ``./sla_NAME.json``). To compare two versions of the
 package, run it once per version with that version's directory first on ``PYTHONPATH``.
@@ -124,9 +125,11 @@ def kernel_profile(backward: bool = False) -> str:
 
 
 #: Launches of the d128 forward with the linear branch to time against the shipped one: (warps, stages, chained
-#: products). The chained ones spill or serialise wgmma (C7515) when compiled for sm_90 (BENCHMARKS.md section 10),
-#: which the shipping rule excludes; these times say whether that rule costs time.
-FORWARD_CANDIDATES = ((8, 3, False), (8, 2, False), (4, 2, False), (8, 3, True), (8, 2, True), (4, 2, True))
+#: products, TMA loads). The chained ones spill or serialise wgmma (C7515) when compiled for sm_90 (BENCHMARKS.md
+#: section 10); the shipped sm_90 launch (configs.MEASURED_LAUNCH) is one of them, picked by these times. The
+#: pointer-load ones are the launcher's fallback for inputs that are not 16-byte aligned.
+FORWARD_CANDIDATES = ((8, 3, False, True), (8, 2, False, True), (4, 2, False, True), (8, 3, True, True),
+                      (8, 2, True, True), (4, 2, True, True), (8, 3, False, False), (4, 2, True, False))
 
 
 def forward_configs() -> dict:
@@ -147,16 +150,16 @@ def forward_configs() -> dict:
     out = {}
     with torch.no_grad():
         ref = parts()
-        for warps, stages, chain in FORWARD_CANDIDATES:
-            def chosen(kernel, *args, w=warps, s=stages, c=chain):
+        for warps, stages, chain, tma in FORWARD_CANDIDATES:
+            def chosen(kernel, *args, w=warps, s=stages, c=chain, t=tma):
                 cfg = shipped(kernel, *args)
                 if kernel != "fwd" or not cfg.has_lin:
                     return cfg
-                return dataclasses.replace(cfg, num_warps=w, num_stages=s, lin_chain=c)
+                return dataclasses.replace(cfg, num_warps=w, num_stages=s, lin_chain=c, tma=t)
 
             st.select_sla_config = chosen
             st._FWD_LAUNCHES.clear()
-            name = f"w{warps}s{stages}{'-chain' if chain else '-split'}"
+            name = f"w{warps}s{stages}{'-chain' if chain else '-split'}{'' if tma else '-pointers'}"
             try:
                 got = parts()
                 diff = max(relative_error(got[i], ref[i].float()) for i in (0, 2))
@@ -169,11 +172,54 @@ def forward_configs() -> dict:
     return out
 
 
+def backward_configs() -> dict:
+    """Forward + backward at N = 32,760, topk 0.05, a random projection, with the linear-branch dK/dV kernel
+    under each candidate launch (``configs.candidates``; milliseconds, and the largest difference of dK and dV
+    from the shipped launch's, relative to their largest value)."""
+    import dataclasses
+
+    from dit_accel.kernels.sla import configs as sc
+    from dit_accel.kernels.sla import triton as st
+
+    q, k, v = qkv(32760, grad=True)
+    proj, method = projection(False), SLA(topk=0.05)
+    grad_out = torch.randn(q.shape, device=DEVICE, dtype=q.dtype)
+    shipped = st.select_sla_config
+
+    def grads():
+        q.grad = k.grad = v.grad = None
+        sla_attention(q, k, v, method, proj, backend="triton").backward(grad_out)
+        return k.grad.float(), v.grad.float()
+
+    ref = grads()
+    out = {}
+    for cand in sc.candidates("bwd_dkdv_lin", q.dtype, HEAD_DIM, True, 90):
+        def chosen(kernel, *args, c=cand):
+            cfg = shipped(kernel, *args)
+            return dataclasses.replace(cfg, num_warps=c.num_warps, num_stages=c.num_stages) \
+                if kernel == "bwd_dkdv_lin" else cfg
+
+        st.select_sla_config = chosen
+        name = f"w{cand.num_warps}s{cand.num_stages}"
+        try:
+            got = grads()
+            diff = max(relative_error(g, r) for g, r in zip(got, ref))
+            out[name] = {"ms": ms(lambda: sla_attention(q, k, v, method, proj, backend="triton").backward(grad_out)),
+                         "diff": diff}
+        except Exception as exc:  # a launch that does not fit or compile: reported, not raised
+            out[name] = {"error": f"{type(exc).__name__}: {str(exc)[:200]}"}
+        finally:
+            st.select_sla_config = shipped
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("name")
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--configs", action="store_true", help="time the d128 linear-branch forward's launches")
+    parser.add_argument("--bwd-configs", action="store_true",
+                        help="time forward + backward under the linear-branch dK/dV kernel's launches")
     args = parser.parse_args()
     res = {"name": args.name, "package": dit_accel.__file__, "accuracy_rel_maxerr": accuracy()}
     print(args.name, "accuracy", res["accuracy_rel_maxerr"], flush=True)
@@ -185,6 +231,9 @@ def main() -> None:
     if args.configs:
         res["forward_configs"] = forward_configs()
         print(args.name, "forward launches", res["forward_configs"], flush=True)
+    if args.bwd_configs:
+        res["backward_configs"] = backward_configs()
+        print(args.name, "backward launches", res["backward_configs"], flush=True)
     if args.profile:
         res["profile"] = kernel_profile()
         res["profile_backward"] = kernel_profile(backward=True)

@@ -336,13 +336,15 @@ def test_gpu_sla_token_offsets_are_64_bit_bf16():
 
 @interpreter
 def test_split_product_forward_matches_reference(monkeypatch):
-    """The sm_90 head-dim-128 linear forward runs ``a @ V`` as one product of twice the depth (configs.SPLIT_PRODUCT):
-    the same numbers as the chained pair, here through the interpreter with sm_90's configuration."""
+    """The sm_100 head-dim-128 linear forward runs ``a @ V`` as one product of twice the depth (configs.SPLIT_PRODUCT;
+    sm_90 runs the chained pair, configs.MEASURED_LAUNCH): the same numbers as the chained pair, here through the
+    interpreter with sm_100's configuration."""
     from dit_accel.kernels.sla import configs as sc
     from dit_accel.kernels.sla import triton as st
 
-    monkeypatch.setattr(st, "_arch", lambda device: 90)
-    assert not sc.select_sla_config("fwd", torch.float16, 128, True, 90).lin_chain
+    monkeypatch.setattr(st, "_arch", lambda device: 100)
+    assert not sc.select_sla_config("fwd", torch.float16, 128, True, 100).lin_chain
+    assert sc.select_sla_config("fwd", torch.float16, 128, True, 90).lin_chain
     method = SLA(topk=0.3, negligible=0.3)
     q, k, v = (t.detach() for t in _qkv(130, 130, 128, dtype=torch.float16))
     blocks = sla_classify(q, k, method)

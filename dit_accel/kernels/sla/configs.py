@@ -21,7 +21,8 @@ import torch
 from ..dense.configs import ARG_TYPES, DIV16, aot_signature
 
 __all__ = ["SLAKernelConfig", "select_sla_config", "shipped_configs", "SLA_KERNELS", "SLA_DTYPES", "SLA_BLOCK_DS",
-           "SLA_MAX_HEAD_DIM", "BLOCK_M", "BLOCK_K", "GLOBAL_COLUMNS", "LAUNCH", "pointer_fallback"]
+           "SLA_MAX_HEAD_DIM", "BLOCK_M", "BLOCK_K", "GLOBAL_COLUMNS", "LAUNCH", "MEASURED_LAUNCH",
+           "pointer_fallback"]
 
 BLOCK_M = 64  # query rows per program; a 128-row classification block is two tiles
 from ..limits import SLA_BLOCK_DS, SLA_DTYPES, SLA_MAX_HEAD_DIM  # noqa: E402  (what the fused kernel takes)
@@ -62,10 +63,18 @@ LAUNCH: Dict[Tuple[int, str, int, bool], Tuple[int, int]] = {
     (89, "global", 64, True): (4, 2), (89, "global", 128, True): (8, 2),
     (90, "global", 64, True): (4, 2), (90, "global", 128, True): (8, 2),
 }
-#: sm_100 (B200 / GB200) runs sm_90's launches: none of them spills there (``tests/kernels/test_compile_sla.py``).
+#: sm_100 (B200 / GB200) runs sm_90's launches (:data:`LAUNCH`): none of them spills there
+#: (``tests/kernels/test_compile_sla.py``).
 #: Forwards whose linear ``a @ V`` is one product of twice the depth (``_dot_split``'s ``CHAIN=False``): at head
 #: dim 128 on sm_90 the chained pair makes ptxas serialise the wgmma pipeline (C7515) and spill.
 SPLIT_PRODUCT = {(90, "fwd", 128, True)}
+#: Launches picked by timing on a GPU of that exact arch, over the static rule's :data:`LAUNCH` pick:
+#: ``(arch, kernel, padded head dim, linear branch) -> (num_warps, num_stages, lin_chain)``. They apply to the
+#: TMA forward only; its pointer fallback keeps the static pick. sm_90 d128 with the linear branch: the chained
+#: pair at 4 warps x 2 stages spills about 100 B and draws C7515, yet ran the forward in 3.79 ms against the
+#: static pick's 8.58 ms (8 x 3, one product of twice the depth) on an H200 (N = 32,760, 12 heads, bf16,
+#: topk 0.05; ``docs/scripts/sla_gpu_parts.py --configs``, BENCHMARKS.md section 10).
+MEASURED_LAUNCH: Dict[Tuple[int, str, int, bool], Tuple[int, int, bool]] = {(90, "fwd", 128, True): (4, 2, True)}
 #: Kernels that exist only with the linear branch (no ``HAS_LIN`` constexpr).
 _LINEAR_ONLY = ("global", "bwd_dkdv_lin")
 
@@ -171,14 +180,27 @@ def select_sla_config(kernel: str, dtype: torch.dtype, head_dim: int, has_lin: b
     block_d = _block_d(head_dim)
     has_lin = bool(has_lin) if kernel in ("fwd", "bwd_dq") else kernel in _LINEAR_ONLY
     key = (_target(arch), kernel, block_d, has_lin)
+    if (arch, kernel, block_d, has_lin) in MEASURED_LAUNCH:
+        warps, stages, chain = MEASURED_LAUNCH[arch, kernel, block_d, has_lin]
+        return SLAKernelConfig(kernel, dtype, block_d, has_lin, warps, stages, lin_chain=chain, tma=True)
+    return _static_config(kernel, dtype, block_d, has_lin, key)
+
+
+def _static_config(kernel: str, dtype: torch.dtype, block_d: int, has_lin: bool, key) -> SLAKernelConfig:
+    """The static rule's pick (:data:`LAUNCH`, :data:`SPLIT_PRODUCT`) for ``key = (target, kernel, block_d,
+    has_lin)``."""
     warps, stages = LAUNCH[key]
     return SLAKernelConfig(kernel, dtype, block_d, has_lin, warps, stages, lin_chain=key not in SPLIT_PRODUCT,
                            tma=kernel == "fwd" and key[0] == 90)
 
 
 def pointer_fallback(cfg: SLAKernelConfig) -> SLAKernelConfig:
-    """The pointer-load variant of a TMA configuration (same warps and stages): the forward launcher's
-    choice for inputs whose base or strides are not 16-byte aligned."""
+    """The pointer-load variant of a TMA configuration: the forward launcher's choice for inputs whose base or
+    strides are not 16-byte aligned. Same warps and stages, except for a :data:`MEASURED_LAUNCH` (timed with TMA
+    loads only), whose fallback is the static rule's pick."""
+    key = (90, cfg.kernel, cfg.block_d, cfg.has_lin)
+    if cfg.tma and key in MEASURED_LAUNCH and (cfg.num_warps, cfg.num_stages, cfg.lin_chain) == MEASURED_LAUNCH[key]:
+        cfg = _static_config(cfg.kernel, cfg.dtype, cfg.block_d, cfg.has_lin, key)
     return dataclasses.replace(cfg, tma=False)
 
 
