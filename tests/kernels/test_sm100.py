@@ -50,17 +50,18 @@ def test_a_99kb_blackwell_part_takes_sm89_tiles():
 def test_sm100_sla_kernels_take_sm90_launches():
     """Every SLA kernel on sm_100 is sm_90's static launch (test_compile_sla.py compiles them for sm_100: no
     spill); a launch picked by timing on an sm_90 GPU (MEASURED_LAUNCH) stays on sm_90."""
-    from dit_accel.kernels.sla.configs import MEASURED_LAUNCH, SLA_KERNELS, pointer_fallback, select_sla_config
+    from dit_accel.kernels.sla.configs import LAUNCH, MEASURED_LAUNCH, SLA_KERNELS, select_sla_config
 
-    measured = 0
+    measured = set()
     for kernel in SLA_KERNELS:
         for d in (64, 128):
             for has_lin in (False, True):
                 for dtype in (torch.float16, torch.bfloat16):
                     on_100, on_90 = (select_sla_config(kernel, dtype, d, has_lin, a) for a in (100, 90))
-                    if (90, kernel, d, has_lin) in MEASURED_LAUNCH:
-                        measured += 1
-                        assert on_100 != on_90 and pointer_fallback(on_90) == pointer_fallback(on_100)
+                    assert (on_100.num_warps, on_100.num_stages) == LAUNCH[90, kernel, d, on_100.has_lin]
+                    if (90, kernel, d, on_90.has_lin) in MEASURED_LAUNCH:
+                        measured.add(on_90)
+                        assert on_100 != on_90
                     else:
                         assert on_100 == on_90
-    assert measured == 2 * len(MEASURED_LAUNCH)
+    assert len(measured) == 2 * len(MEASURED_LAUNCH)  # fp16 and bf16 each

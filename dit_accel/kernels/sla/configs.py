@@ -69,12 +69,15 @@ LAUNCH: Dict[Tuple[int, str, int, bool], Tuple[int, int]] = {
 #: dim 128 on sm_90 the chained pair makes ptxas serialise the wgmma pipeline (C7515) and spill.
 SPLIT_PRODUCT = {(90, "fwd", 128, True)}
 #: Launches picked by timing on a GPU of that exact arch, over the static rule's :data:`LAUNCH` pick:
-#: ``(arch, kernel, padded head dim, linear branch) -> (num_warps, num_stages, lin_chain)``. They apply to the
-#: TMA forward only; its pointer fallback keeps the static pick. sm_90 d128 with the linear branch: the chained
-#: pair at 4 warps x 2 stages spills about 100 B and draws C7515, yet ran the forward in 3.79 ms against the
-#: static pick's 8.58 ms (8 x 3, one product of twice the depth) on an H200 (N = 32,760, 12 heads, bf16,
-#: topk 0.05; ``docs/scripts/sla_gpu_parts.py --configs``, BENCHMARKS.md section 10).
-MEASURED_LAUNCH: Dict[Tuple[int, str, int, bool], Tuple[int, int, bool]] = {(90, "fwd", 128, True): (4, 2, True)}
+#: ``(arch, kernel, padded head dim, linear branch) -> (num_warps, num_stages, lin_chain)``. A forward's pointer
+#: fallback keeps the static pick (the times are of TMA loads). On an H200 (N = 32,760, 12 heads, bf16, topk 0.05,
+#: a random projection; ``docs/scripts/sla_gpu_parts.py --configs --bwd-configs``, BENCHMARKS.md section 10):
+#: - sm_90 d128 forward with the linear branch: the chained pair at 4 warps x 2 stages spills about 100 B and draws
+#:   C7515, yet ran in 3.73 ms against the static pick's 8.57 ms (8 x 3, one product of twice the depth);
+#: - sm_90 d128 linear-branch dK/dV at 4 warps x 1 stage: forward + backward 28.9 ms against 31.1 ms (8 x 2), the
+#:   same dK and dV to the bit.
+MEASURED_LAUNCH: Dict[Tuple[int, str, int, bool], Tuple[int, int, bool]] = {
+    (90, "fwd", 128, True): (4, 2, True), (90, "bwd_dkdv_lin", 128, True): (4, 1, True)}
 #: Kernels that exist only with the linear branch (no ``HAS_LIN`` constexpr).
 _LINEAR_ONLY = ("global", "bwd_dkdv_lin")
 
@@ -182,7 +185,7 @@ def select_sla_config(kernel: str, dtype: torch.dtype, head_dim: int, has_lin: b
     key = (_target(arch), kernel, block_d, has_lin)
     if (arch, kernel, block_d, has_lin) in MEASURED_LAUNCH:
         warps, stages, chain = MEASURED_LAUNCH[arch, kernel, block_d, has_lin]
-        return SLAKernelConfig(kernel, dtype, block_d, has_lin, warps, stages, lin_chain=chain, tma=True)
+        return SLAKernelConfig(kernel, dtype, block_d, has_lin, warps, stages, lin_chain=chain, tma=kernel == "fwd")
     return _static_config(kernel, dtype, block_d, has_lin, key)
 
 
