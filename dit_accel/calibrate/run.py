@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -19,6 +20,7 @@ from .budget import (_GROUNDTRUTH_CHECKS, _describe, groundtruth_close, groundtr
 from .candidates import METHODS, candidate_grid
 from .costs import COST_SOURCES, CostModel, MeasuredCostModel
 from .probes import probe_layer_weights, probe_step_weights
+from .replay import DenseReplay, dense_prefix
 from .report import OUTPUT_FILES, recover_outputs, write_outputs  # noqa: F401  (also importable from here)
 from .sampling import QKVSampler, step_buckets
 from .scoring import score_candidates
@@ -100,6 +102,7 @@ class CalibrationSettings:
     uniform_options: int = 3
     probe_videos: int = 4
     baseline: bool = True
+    replay_mb: float = 1024.0
 
     def gates_groundtruth(self) -> bool:
         """Whether a verified plan must keep the calibration videos' ground truth (``groundtruth``)."""
@@ -133,6 +136,8 @@ class CalibrationSettings:
         if self.uniform_options < 0 or self.probe_videos < 1:
             raise ValueError(f"--uniform-options must be >= 0 and --probe-videos >= 1; got {self.uniform_options} "
                              f"and {self.probe_videos}")
+        if not (math.isfinite(self.replay_mb) and self.replay_mb >= 0):
+            raise ValueError(f"--replay-mb must be a finite number of MiB >= 0 (0: off); got {self.replay_mb}")
         if self.search_iters < 0 or self.phases < 1 or self.samples_per_bucket < 1 or self.batch_size < 1:
             raise ValueError("--search-iters >= 0, --phases >= 1, --samples-per-bucket >= 1 and --batch-size >= 1")
 
@@ -191,12 +196,16 @@ def _uint8(frames) -> np.ndarray:
 
 
 def generate_videos(pipe, jobs: Sequence[Tuple[str, int]], call_kwargs: dict, batch_size: int,
-                    on_step: Optional[Callable[[], None]] = None) -> List[np.ndarray]:
+                    on_step: Optional[Callable[[], None]] = None,
+                    replay: Optional[DenseReplay] = None) -> List[np.ndarray]:
     """uint8 videos ``[F, H, W, 3]`` of every ``(prompt, seed)``, ``batch_size`` per pipeline call; the noise of a
-    sample depends on its seed only."""
+    sample depends on its seed only. ``replay``: told each call's jobs (it records or gives back their
+    transformer outputs, :mod:`.replay`)."""
     videos = []
     for i in range(0, len(jobs), batch_size):
         chunk = jobs[i:i + batch_size]
+        if replay is not None:
+            replay.begin(chunk)
 
         def tick(_pipe, _i, _t, kwargs):
             if on_step is not None:
@@ -287,7 +296,8 @@ def split_jobs(prompts: Sequence[str], seeds: Sequence[int], validate: Optional[
 
 
 def _hardest_first(pipe, jobs, dense_videos, order: Sequence[int], call_kwargs: dict, settings, bar,
-                   stop_below: Optional[float]) -> Tuple[List[Optional[np.ndarray]], bool]:
+                   stop_below: Optional[float], replay: Optional[DenseReplay] = None
+                   ) -> Tuple[List[Optional[np.ndarray]], bool]:
     """The videos of ``jobs`` under the applied plan (``[video or None]`` in job order) and whether the run
     stopped early: with ``stop_below`` (a worst-video budget) the hardest quarter of the videos (``order``:
     the worst first, as the last complete verified run ranked them) goes first, and a video under the budget
@@ -298,7 +308,8 @@ def _hardest_first(pipe, jobs, dense_videos, order: Sequence[int], call_kwargs: 
     for part in (head, rest):
         if not part:
             continue
-        videos = generate_videos(pipe, [jobs[i] for i in part], call_kwargs, settings.batch_size, bar.update)
+        videos = generate_videos(pipe, [jobs[i] for i in part], call_kwargs, settings.batch_size, bar.update,
+                                 replay=replay)
         for i, video in zip(part, videos):
             made[i] = video
         if (part is head and rest and stop_below is not None
@@ -308,7 +319,8 @@ def _hardest_first(pipe, jobs, dense_videos, order: Sequence[int], call_kwargs: 
 
 
 def _validate(pipe, settings: CalibrationSettings, space: SearchSpace, verify, best: dict, trace: List[dict],
-              val_jobs, call_kwargs: dict, bar, log, *, calls_per_step: int = 1) -> Tuple[dict, dict]:
+              val_jobs, call_kwargs: dict, bar, log, *, calls_per_step: int = 1, layers: int = 0
+              ) -> Tuple[dict, dict]:
     """The plan to write and the validation record: ``best`` if it meets the budget on the validation videos
     (``min_psnr`` on the worst one; on tiny-shapes ground truth no worse than dense's beyond chance:
     :func:`groundtruth_close`), else the
@@ -322,10 +334,18 @@ def _validate(pipe, settings: CalibrationSettings, space: SearchSpace, verify, b
 
     chunks = math.ceil(len(val_jobs) / settings.batch_size)
     bar.stage("validation: dense", chunks * settings.steps)
+    replay = _new_replay(pipe, settings) if layers else None  # layers: the model's attention layers
     t = time.perf_counter()
-    with dit_accel.apply(pipe, Dense(), backend=settings.backend):
-        dense_videos = generate_videos(pipe, val_jobs, call_kwargs, settings.batch_size, bar.update)
+    with dit_accel.apply(pipe, Dense(), backend=settings.backend), \
+            replay.recording(pipe.transformer) if replay else contextlib.nullcontext():
+        dense_videos = generate_videos(pipe, val_jobs, call_kwargs, settings.batch_size, bar.update, replay=replay)
     dense_per_video = (time.perf_counter() - t) / len(val_jobs)
+
+    def generate(plan: SparsePlan):
+        replayed, dense_steps = _replayed(pipe, replay, plan, layers, settings.steps)
+        with dit_accel.apply(pipe, plan, backend=settings.backend), replayed:
+            return generate_videos(pipe, val_jobs, call_kwargs, settings.batch_size, bar.update,
+                                   replay=replay if dense_steps else None)
     prompts = [p for p, _ in val_jobs]
     dense_gt = groundtruth_scores(dense_videos, prompts) if settings.model in GROUNDTRUTH_MODELS else None
     tried = []
@@ -333,8 +353,7 @@ def _validate(pipe, settings: CalibrationSettings, space: SearchSpace, verify, b
 
     def check(record: dict) -> dict:
         bar.stage(f"validating plan {len(tried) + 1}", chunks * settings.steps)
-        with dit_accel.apply(pipe, record["assignment"].to_plan({}), backend=settings.backend):
-            videos = generate_videos(pipe, val_jobs, call_kwargs, settings.batch_size, bar.update)
+        videos = generate(record["assignment"].to_plan({}))
         psnr, ssim, per_video = _psnr_ssim(videos, dense_videos, per_video=True)
         out = {"lam": record["lam"], "label": record.get("label"), "modelled_ms": record["modelled_ms"], "psnr": psnr,
                "psnr_worst": min(per_video), "psnr_videos": per_video, "ssim": ssim,
@@ -385,8 +404,7 @@ def _validate(pipe, settings: CalibrationSettings, space: SearchSpace, verify, b
         if options:  # the one nearest the plan's cost (from above), the least predicted error on a tie
             option = min(options, key=lambda o: (o.cost_per_sample(calls_per_step), o.predicted_error()))
             bar.stage("validation: uniform SLA baseline", chunks * settings.steps)
-            with dit_accel.apply(pipe, option.to_plan({}), backend=settings.backend):
-                videos = generate_videos(pipe, val_jobs, call_kwargs, settings.batch_size, bar.update)
+            videos = generate(option.to_plan({}))
             psnr, ssim, per_video = _psnr_ssim(videos, dense_videos, per_video=True)
             record["baseline"] = {"label": _describe(option, math.nan), "method": option.method(0, 0).to_dict(),
                                   "dense_steps": option.warmup,
@@ -424,6 +442,24 @@ def _quality_record(best: dict, search_videos: int, validation: Optional[dict], 
 def _attention_ms(handle) -> Optional[float]:
     times = [r["time_ms"] for r in handle.stats() if r.get("time_ms") is not None]
     return float(sum(times)) if times else None
+
+
+def _new_replay(pipe, settings: CalibrationSettings) -> Optional[DenseReplay]:
+    """A :class:`~.replay.DenseReplay` for a dense run of ``pipe``; None with ``replay_mb`` 0 or no transformer."""
+    if not settings.replay_mb or not isinstance(getattr(pipe, "transformer", None), torch.nn.Module):
+        return None
+    return DenseReplay(int(settings.replay_mb * 2**20))
+
+
+def _replayed(pipe, replay: Optional[DenseReplay], plan: SparsePlan, layers: int, steps: int):
+    """``(context, dense steps)``: around a generation under ``plan``, the context gives back the dense run's
+    transformer outputs for the plan's leading dense steps (:mod:`.replay`); a null context where there are none
+    or nothing was recorded."""
+    per_step = None if replay is None or not replay.enabled else replay.calls_per_step(steps)
+    dense_steps = dense_prefix(plan, steps, layers) if per_step else 0
+    if not dense_steps:
+        return contextlib.nullcontext(), 0
+    return replay.replaying(pipe.transformer, dense_steps * per_step), dense_steps
 
 
 def search_space(candidates, errors, grid, head_dim: int, layers: int, buckets, heads: int,
@@ -498,6 +534,7 @@ class _DenseRun:
     attention_ms: Optional[float]
     transformer: object
     timesteps: list
+    replay: DenseReplay
     heads: int
     head_dim: int
     grid: tuple
@@ -512,11 +549,13 @@ def _dense_run(pipe, settings: CalibrationSettings, jobs, call_kwargs: dict, bar
     sampler = QKVSampler(buckets, per_bucket=settings.samples_per_bucket,
                          max_bytes=int(settings.max_sample_mb * 2**20), folder=settings.capture_dir)
     bar.stage("dense run (sampling q/k/v)", chunks * settings.steps)
+    replay = _new_replay(pipe, settings) or DenseReplay(0)
     handle = dit_accel.apply(pipe, Dense(), capture=sampler, timing=True, backend=settings.backend)
     try:
         layers = len(handle.layers)
         sampler.set_layers(layers)
-        dense_videos = generate_videos(pipe, jobs, call_kwargs, settings.batch_size, bar.update)
+        with replay.recording(pipe.transformer) if replay.enabled else contextlib.nullcontext():
+            dense_videos = generate_videos(pipe, jobs, call_kwargs, settings.batch_size, bar.update, replay=replay)
         dense_ms = _attention_ms(handle)
         transformer = handle.transformer
         timesteps = _step_timesteps(pipe.scheduler)
@@ -525,7 +564,7 @@ def _dense_run(pipe, settings: CalibrationSettings, jobs, call_kwargs: dict, bar
     if sampler.grid is None:
         raise ValueError(f"{settings.model}: no self-attention call was sampled; is it a supported video/image DiT?")
     q0 = next(iter(sampler.samples.values()))[0][0]
-    return _DenseRun(sampler, buckets, layers, dense_videos, dense_ms, transformer, timesteps,
+    return _DenseRun(sampler, buckets, layers, dense_videos, dense_ms, transformer, timesteps, replay,
                      heads=q0.shape[1], head_dim=q0.shape[-1], grid=sampler.grid)
 
 
@@ -534,9 +573,10 @@ class _Verifier:
     (the hardest first, stopping at the first one under a worst-video budget) and returns its record. A plan
     reached twice (the same content hash) runs once."""
 
-    def __init__(self, pipe, settings: CalibrationSettings, jobs, dense_videos, call_kwargs: dict, bar,
+    def __init__(self, pipe, settings: CalibrationSettings, jobs, dense: _DenseRun, call_kwargs: dict, bar,
                  calls_per_step: int):
-        self.pipe, self.settings, self.jobs, self.dense_videos = pipe, settings, jobs, dense_videos
+        self.pipe, self.settings, self.jobs, self.dense_videos = pipe, settings, jobs, dense.videos
+        self.dense = dense
         self.call_kwargs, self.bar, self.calls_per_step = call_kwargs, bar, calls_per_step
         self.verified: Dict[tuple, dict] = {}
         self.hardest: List[int] = list(range(len(jobs)))  # video order, worst first after a complete verified run
@@ -550,7 +590,7 @@ class _Verifier:
                 return score_many(videos, prompts if prompts is not None else [p for p, _ in jobs])
 
             self.score_groundtruth = score_groundtruth
-            self.dense_groundtruth = score_groundtruth(dense_videos)
+            self.dense_groundtruth = score_groundtruth(dense.videos)
 
     def __call__(self, assignment: Assignment, lam: float) -> dict:
         plan = assignment.to_plan({})
@@ -569,10 +609,14 @@ class _Verifier:
         settings, jobs, dense_videos = self.settings, self.jobs, self.dense_videos
         chunks = math.ceil(len(jobs) / settings.batch_size)
         self.bar.stage(f"verifying plan {len(self.verified) + 1}", chunks * settings.steps)
-        with dit_accel.apply(self.pipe, plan, timing=True, backend=settings.backend) as h:
+        replayed, dense_steps = _replayed(self.pipe, self.dense.replay, plan, self.dense.layers, settings.steps)
+        with dit_accel.apply(self.pipe, plan, timing=True, backend=settings.backend) as h, replayed:
             made, stopped = _hardest_first(self.pipe, jobs, dense_videos, self.hardest, self.call_kwargs, settings,
-                                           self.bar, stop_below=settings.min_psnr if self.early else None)
+                                           self.bar, stop_below=settings.min_psnr if self.early else None,
+                                           replay=self.dense.replay if dense_steps else None)
             measured = None if stopped else _attention_ms(h)
+        if measured is not None and dense_steps:  # the replayed steps' attention, as the dense run timed it
+            measured += (self.dense.attention_ms or 0.0) * dense_steps / settings.steps
         done = [i for i in range(len(jobs)) if made[i] is not None]
         psnr, ssim, psnr_done = _psnr_ssim([made[i] for i in done], [dense_videos[i] for i in done], per_video=True)
         per_video: List[Optional[float]] = [None] * len(jobs)
@@ -580,7 +624,7 @@ class _Verifier:
             per_video[i] = value
         record = {"psnr": psnr, "ssim": ssim, "psnr_videos": per_video,
                   "psnr_worst": min(per_video[i] for i in done), "attention_ms": measured,
-                  "videos": made, "stopped_early": stopped, "videos_made": len(done),
+                  "videos": made, "stopped_early": stopped, "videos_made": len(done), "replayed_steps": dense_steps,
                   "first_label": _describe(assignment, lam)}
         if not stopped:
             self.hardest[:] = sorted(range(len(jobs)), key=lambda i: per_video[i])
@@ -592,7 +636,7 @@ class _Verifier:
         return record
 
 
-def _probe_sensitivity(pipe, settings: CalibrationSettings, space: SearchSpace, jobs, dense_videos,
+def _probe_sensitivity(pipe, settings: CalibrationSettings, space: SearchSpace, jobs, dense: _DenseRun,
                        call_kwargs: dict, bar) -> Tuple[Optional[List[float]], Optional[List[float]]]:
     """Step 3a (``--sensitivity probe``): the step and layer weights of :mod:`.probes`, set on ``space`` too."""
     import dit_accel
@@ -600,14 +644,16 @@ def _probe_sensitivity(pipe, settings: CalibrationSettings, space: SearchSpace, 
     # The probes measure a ratio (output error per unit of attention error), averaged over the videos:
     # a few videos, one per prompt first (jobs are seed-major), measure it as well as all of them.
     probe_jobs = jobs[:settings.probe_videos]
-    reference = np.stack([v.astype(np.float32) / 255.0 for v in dense_videos[:len(probe_jobs)]])
+    reference = np.stack([v.astype(np.float32) / 255.0 for v in dense.videos[:len(probe_jobs)]])
     probes_run: List[float] = []
 
     def probe(plan: SparsePlan) -> float:
         bar.stage(f"sensitivity probe {len(probes_run) + 1}",
                   math.ceil(len(probe_jobs) / settings.batch_size) * settings.steps)
-        with dit_accel.apply(pipe, plan, backend=settings.backend):
-            videos = generate_videos(pipe, probe_jobs, call_kwargs, settings.batch_size, bar.update)
+        replayed, dense_steps = _replayed(pipe, dense.replay, plan, dense.layers, settings.steps)
+        with dit_accel.apply(pipe, plan, backend=settings.backend), replayed:
+            videos = generate_videos(pipe, probe_jobs, call_kwargs, settings.batch_size, bar.update,
+                                     replay=dense.replay if dense_steps else None)
         mse = float(np.mean((np.stack([v.astype(np.float32) / 255.0 for v in videos]) - reference) ** 2))
         probes_run.append(mse)
         return mse
@@ -663,6 +709,7 @@ def _result(settings: CalibrationSettings, out, dense: _DenseRun, space: SearchS
         "trace": [{"lam": r["lam"], "plan": r.get("label"), "modelled_ms": r["modelled_ms"], "psnr": r["psnr"],
                    "psnr_worst": r["psnr_worst"], "groundtruth": r.get("groundtruth"), "passes": r["passes"],
                    "videos_made": r.get("videos_made"), "stopped_early": r.get("stopped_early", False),
+                   "replayed_steps": r.get("replayed_steps", 0),
                    "repeat_of": r.get("repeat_of")}
                   for r in trace],
         "chosen": best.get("label"),
@@ -734,11 +781,11 @@ def calibrate(settings: CalibrationSettings, out, *, report_dir=None, progress: 
         if terms_note:
             log(f"note: {terms_note}")
         calls_per_step = 2 if (settings.guidance_scale or 0) > 1 else 1
-        verify = _Verifier(pipe, settings, jobs, dense.videos, call_kwargs, bar, calls_per_step)
+        verify = _Verifier(pipe, settings, jobs, dense, call_kwargs, bar, calls_per_step)
         weights = (None, None)
         if settings.sensitivity == "probe":
             t_probe = time.perf_counter()
-            weights = _probe_sensitivity(pipe, settings, space, jobs, dense.videos, call_kwargs, bar)
+            weights = _probe_sensitivity(pipe, settings, space, jobs, dense, call_kwargs, bar)
             seconds["sensitivity probes"] = time.perf_counter() - t_probe
             t += seconds["sensitivity probes"]
         best, trace = search_budget(space, verify, min_psnr=settings.min_psnr,
@@ -751,7 +798,7 @@ def calibrate(settings: CalibrationSettings, out, *, report_dir=None, progress: 
         if val_jobs:
             t = time.perf_counter()
             best, validation = _validate(pipe, settings, space, verify, best, trace, val_jobs, call_kwargs, bar, log,
-                                         calls_per_step=calls_per_step)
+                                         calls_per_step=calls_per_step, layers=dense.layers)
             seconds["validation"] = time.perf_counter() - t
         assignment: Assignment = best["assignment"]
         # 6. ground truth, provenance, outputs

@@ -114,6 +114,8 @@ def _check_counts(args) -> list:
             raise _UsageError(f"--{name.replace('_', '-')} must be >= {least}; got {value}")
     if not (math.isfinite(args.max_sample_mb) and args.max_sample_mb > 0):
         raise _UsageError(f"--max-sample-mb must be a finite number of MiB > 0; got {args.max_sample_mb}")
+    if not (math.isfinite(args.replay_mb) and args.replay_mb >= 0):
+        raise _UsageError(f"--replay-mb must be a finite number of MiB >= 0 (0: off); got {args.replay_mb}")
     if args.seeds is not None and not args.seeds:
         raise _UsageError("--seeds needs at least one seed, e.g. --seeds 0,1")
     seeds = args.seeds or [0]
@@ -271,6 +273,9 @@ def register(subparsers) -> argparse.ArgumentParser:
                         "1,8,8 on a grid of 8x8-token frames makes Tile windows count frames")
     p.add_argument("--samples-per-bucket", type=int, default=2, help="sampled steps per step bucket (default 2)")
     p.add_argument("--max-sample-mb", type=float, default=512.0, help="memory for the q/k/v sample (default 512)")
+    p.add_argument("--replay-mb", type=float, default=1024.0, metavar="MB",
+                   help="memory for the dense run's transformer outputs, which a plan's leading dense steps read "
+                        "instead of computing them again (default 1024; 0: compute every step)")
     p.add_argument("--capture", metavar="DIR", help="also write the sampled q/k/v to DIR (nothing on disk otherwise)")
     p.add_argument("--arch", default="h100", help="cost-model architecture (dit_accel.kernels.cost): h100 (the fit "
                    "the shipped plans were made with) or h200 (the fit of the kernels that ship)")
@@ -344,7 +349,7 @@ def _run(args) -> int:
         batch_size=args.batch_size, backend=args.backend, budget_on=args.budget_on,
         groundtruth=args.groundtruth, sensitivity=args.sensitivity,
         layer_groups=args.layer_groups, uniform_options=args.uniform_options, probe_videos=args.probe_videos,
-        baseline=args.baseline)
+        baseline=args.baseline, replay_mb=args.replay_mb)
     try:
         result = calibrate(settings, args.out, report_dir=args.report_dir, progress=not args.no_progress)
     except (ModelLoadError, ValueError, OSError) as exc:

@@ -400,7 +400,7 @@ def test_validation_falls_back_to_the_next_denser_plan_that_holds_on_unseen_vide
         def __exit__(self, *exc):
             return False
 
-    def videos(pipe, jobs, call_kwargs, batch_size, on_step=None):
+    def videos(pipe, jobs, call_kwargs, batch_size, on_step=None, replay=None):
         return [np.full((2, 8, 8, 3), 100 + offsets[current[-1]], np.uint8) for _ in jobs]
 
     monkeypatch.setattr(dit_accel, "apply", Applied)
@@ -524,7 +524,7 @@ def test_a_verified_run_stops_at_the_first_video_under_the_budget(monkeypatch):
 
     calls = []
 
-    def videos(pipe, jobs, call_kwargs, batch_size, on_step=None):
+    def videos(pipe, jobs, call_kwargs, batch_size, on_step=None, replay=None):
         calls.append([s for _, s in jobs])
         return [np.full((2, 8, 8, 3), 100 + (30 if s == 3 else 1), np.uint8) for _, s in jobs]  # seed 3: 18.6 dB
 
