@@ -11,7 +11,8 @@ begin where they would.
 It records only what it can give back exactly: outputs returned as a tuple (``return_dict=False``) or as an
 object with a ``sample`` tensor, whose batch is a whole number of blocks of the pipeline call's samples
 (classifier-free guidance: one call per branch, or both branches in one call, block by block). Anything else
-turns it off for the run, and every step is computed.
+turns it off for the run, and every step is computed. The outputs are kept in host memory, up to a budget shared
+evenly by the videos (each keeps its first calls); on a GPU a call read back costs one copy to the device.
 """
 
 from __future__ import annotations
@@ -37,10 +38,11 @@ def dense_prefix(plan: SparsePlan, steps: int, layers: int) -> int:
 class DenseReplay:
     """Per video (a hashable key, ``(prompt, seed)``), the transformer's output of each call of a dense run.
 
-    ``max_bytes``: memory for the outputs; past it the recording stops, and only calls every video has are
-    given back. Use :meth:`recording` around the dense run and :meth:`replaying` around a later run of the same
-    videos, with :meth:`begin` before each pipeline call naming its videos in batch order
-    (``calibrate.run.generate_videos`` does this).
+    ``max_bytes``: host memory for the outputs (kept on the CPU whatever the device), shared evenly by the
+    ``videos`` :meth:`recording` is told of: each keeps the outputs of its first calls that fit its share, and
+    a later run reads those and computes the rest. Use :meth:`recording` around the dense run and
+    :meth:`replaying` around a later run of the same videos, with :meth:`begin` before each pipeline call naming
+    its videos in batch order (``calibrate.run.generate_videos`` does this).
     """
 
     def __init__(self, max_bytes: int = 1 << 30):
@@ -52,7 +54,9 @@ class DenseReplay:
         self._kind: Optional[type] = None  # tuple, or the output class with a ``sample`` field
         self._chunk: Sequence[Hashable] = ()
         self._call = 0
-        self._full = False
+        self._keep: Optional[int] = None  # calls kept per video (the share of max_bytes one video's calls fit)
+        self._videos = 1
+        self._device: Optional[torch.device] = None
         self._counts: List[int] = []  # transformer calls of each recorded pipeline call
         self._recording = False
 
@@ -75,10 +79,13 @@ class DenseReplay:
         return len(self.outputs.get(key, ()))
 
     @contextmanager
-    def recording(self, transformer: torch.nn.Module):
-        """Record each call's output while the block runs (the outputs themselves are returned unchanged)."""
+    def recording(self, transformer: torch.nn.Module, videos: int = 1):
+        """Record each call's output while the block runs (the outputs themselves are returned unchanged);
+        ``videos``: how many videos the block generates (they share ``max_bytes``)."""
+        self._videos = max(int(videos), 1)
+
         def record(out):
-            if self.enabled and not self._full:
+            if self.enabled:
                 self._store(out)
             self._call += 1
             return out
@@ -141,21 +148,25 @@ class DenseReplay:
     def _store(self, out) -> None:
         sample, batch = self._sample(out), len(self._chunk)
         kind = tuple if isinstance(out, tuple) else type(out)
+        per_video = 0 if sample is None or not batch else sample.numel() * sample.element_size() // batch
+        if self._keep is None and per_video:
+            self._keep = self.max_bytes // self._videos // per_video
         if (sample is None or batch == 0 or sample.shape[0] % batch or (self._kind not in (None, kind))
-                or any(self.calls(k) != self._call for k in self._chunk)):
+                or (self._device not in (None, sample.device))
+                or any(self.calls(k) != min(self._call, self._keep or 0) for k in self._chunk)):
             self.enabled = False  # not something this can give back exactly: every step is computed
             self.outputs.clear()
             self.bytes = 0
             return
-        if self.bytes + sample.numel() * sample.element_size() > self.max_bytes:
-            self._full = True
-            return
-        self._kind = kind
-        blocks = sample.detach().reshape(sample.shape[0] // batch, batch, *sample.shape[1:])
+        if self._call >= self._keep:
+            return  # past this video's share: the later calls are computed
+        self._kind, self._device = kind, sample.device
+        blocks = sample.detach().reshape(sample.shape[0] // batch, batch, *sample.shape[1:]).to("cpu")
         for j, key in enumerate(self._chunk):
             self.outputs.setdefault(key, []).append(blocks[:, j].clone())
-        self.bytes += sample.numel() * sample.element_size()
+        self.bytes += per_video * batch
 
     def _output(self, index: int):
         sample = torch.stack([self.outputs[k][index] for k in self._chunk], dim=1).flatten(0, 1)
+        sample = sample.to(self._device)
         return (sample,) if self._kind is tuple else self._kind(sample=sample)

@@ -337,7 +337,7 @@ def _validate(pipe, settings: CalibrationSettings, space: SearchSpace, verify, b
     replay = _new_replay(pipe, settings) if layers else None  # layers: the model's attention layers
     t = time.perf_counter()
     with dit_accel.apply(pipe, Dense(), backend=settings.backend), \
-            replay.recording(pipe.transformer) if replay else contextlib.nullcontext():
+            replay.recording(pipe.transformer, len(val_jobs)) if replay else contextlib.nullcontext():
         dense_videos = generate_videos(pipe, val_jobs, call_kwargs, settings.batch_size, bar.update, replay=replay)
     dense_per_video = (time.perf_counter() - t) / len(val_jobs)
 
@@ -554,7 +554,7 @@ def _dense_run(pipe, settings: CalibrationSettings, jobs, call_kwargs: dict, bar
     try:
         layers = len(handle.layers)
         sampler.set_layers(layers)
-        with replay.recording(pipe.transformer) if replay.enabled else contextlib.nullcontext():
+        with replay.recording(pipe.transformer, len(jobs)) if replay.enabled else contextlib.nullcontext():
             dense_videos = generate_videos(pipe, jobs, call_kwargs, settings.batch_size, bar.update, replay=replay)
         dense_ms = _attention_ms(handle)
         transformer = handle.transformer

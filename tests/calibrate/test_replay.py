@@ -35,7 +35,7 @@ def _inputs(keys):
 
 
 def _record(replay, model, chunks, calls=3, cfg=False, return_dict=True):
-    with replay.recording(model):
+    with replay.recording(model, videos=sum(len(c) for c in chunks)):
         for keys in chunks:
             replay.begin(keys)
             for t in range(calls):
@@ -81,15 +81,16 @@ def test_outputs_it_cannot_split_by_video_turn_it_off():
     assert not replay.enabled and not replay.outputs
 
 
-def test_past_its_memory_it_keeps_the_first_calls_only():
-    model, replay = Fake(), DenseReplay(max_bytes=2 * 4 * 2)  # two calls of 2 fp32 samples
-    _record(replay, model, [[1, 2]], calls=3)
-    assert replay.calls(1) == replay.calls(2) == 2
+def test_past_its_memory_each_video_keeps_its_first_calls():
+    """The memory is shared by the videos, whichever batch records them first."""
+    model, replay = Fake(), DenseReplay(max_bytes=3 * 2 * 4)  # two calls of 3 videos' one fp32 value
+    _record(replay, model, [[1, 2], [3]], calls=3)
+    assert replay.calls(1) == replay.calls(2) == replay.calls(3) == 2 and replay.bytes == 3 * 2 * 4
     with replay.replaying(model, calls=3):
-        replay.begin([2, 1])
+        replay.begin([3, 1])
         for t in range(3):
-            model(_inputs([2, 1]), t)
-    assert model.runs == 3 + 1 and replay.replayed_calls == 2
+            model(_inputs([3, 1]), t)
+    assert model.runs == 6 + 1 and replay.replayed_calls == 2
 
 
 def test_dense_prefix_counts_the_steps_dense_on_every_layer_and_head():
@@ -113,7 +114,7 @@ def test_a_plan_generated_with_its_dense_steps_replayed_equals_the_one_computed(
     call = {"num_inference_steps": 3, "num_frames": 7, "height": 48, "width": 48}
     jobs = [("a red circle moving right", 0), ("a blue square moving down", 1)]
     replay = DenseReplay()
-    with dit_accel.apply(pipe, Dense()), replay.recording(pipe.transformer):
+    with dit_accel.apply(pipe, Dense()), replay.recording(pipe.transformer, len(jobs)):
         dense = generate_videos(pipe, jobs, call, batch_size=2, replay=replay)
     assert replay.calls_per_step(3) == 2
     plan = SparsePlan([Phase(0, 1), Phase(1, None, default=Tile(tile=(1, 12, 12), window=(1, 1, 1)))])
