@@ -39,18 +39,12 @@ def test_every_shipped_sla_config_compiles_and_fits(compiled, arch):
     assert not too_big, "SLA kernels over the shared-memory limit of sm_%d:\n%s" % (arch, "\n".join(too_big))
 
 
-def _measured(arch: int):
-    """Names of the configurations sm_<arch> runs by GPU timing (configs.MEASURED_LAUNCH), not the static rule."""
-    return {sc.select_sla_config(kernel, dtype, d, lin, arch).name for (a, kernel, d, lin) in sc.MEASURED_LAUNCH
-            if a == arch for dtype in sc.SLA_DTYPES}
-
-
 @static_toolchain
 def test_no_shipped_sla_config_spills_or_serializes(compiled):
     """The static rule holds for every shipped launch but those picked by timing on a GPU (MEASURED_LAUNCH)."""
     bad = [f"sm_{r['arch']} {r['name']}: stack {r['stack']} B, local {r['local']} B, spill stores "
            f"{r['spill_stores']} B, advisories {[w['code'] for w in r['warnings']]}"
-           for r in compiled if r["error"] is None and r["name"] not in _measured(r["arch"])
+           for r in compiled if r["error"] is None and r["name"] not in {c.name for c in sc.measured_configs(r["arch"])}
            and (r["stack"] or r["local"] or r["spill_stores"] or r["spill_loads"] or r["warnings"])]
     assert not bad, "SLA configurations that spill or draw ptxas advisories (C7515: serialised wgmma):\n" + \
         "\n".join(bad)

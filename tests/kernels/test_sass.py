@@ -267,11 +267,15 @@ def test_partial_tile_costs_at_most_1_5x_a_full_one(rows):
 
 
 def test_main_loops_use_async_tensor_cores(rows):
-    """sm_90: wgmma (asynchronous warpgroup MMA) in the loop; sm_80/89: mma.sync. No serialisation."""
+    """sm_90: wgmma (asynchronous warpgroup MMA) in the loop; sm_80/89: mma.sync. No serialisation, but in the SLA
+    launches picked by timing on a GPU over that rule (``sla.configs.MEASURED_LAUNCH``)."""
+    from dit_accel.kernels.sla.configs import measured_configs
+
     for r in rows.values():
         loop = r["loops"][sass.main_loop(r)]
         assert loop["classes"].get("tensor", 0) > 0, f"sm_{r['arch']} {r['name']}: no tensor-core instruction"
-        assert not r["c7515"], f"sm_{r['arch']} {r['name']}: {r['warnings']}"
+        timed = r["name"] in {c.name for c in measured_configs(r["arch"])}
+        assert timed or not r["c7515"], f"sm_{r['arch']} {r['name']}: {r['warnings']}"
         if r["arch"] == 90:
             assert r["wgmma"], f"{r['name']}: no wgmma on sm_90"
 

@@ -22,7 +22,7 @@ from ..dense.configs import ARG_TYPES, DIV16, aot_signature
 
 __all__ = ["SLAKernelConfig", "select_sla_config", "shipped_configs", "SLA_KERNELS", "SLA_DTYPES", "SLA_BLOCK_DS",
            "SLA_MAX_HEAD_DIM", "BLOCK_M", "BLOCK_K", "GLOBAL_COLUMNS", "LAUNCH", "MEASURED_LAUNCH",
-           "pointer_fallback"]
+           "measured_configs", "pointer_fallback"]
 
 BLOCK_M = 64  # query rows per program; a 128-row classification block is two tiles
 from ..limits import SLA_BLOCK_DS, SLA_DTYPES, SLA_MAX_HEAD_DIM  # noqa: E402  (what the fused kernel takes)
@@ -195,6 +195,13 @@ def _static_config(kernel: str, dtype: torch.dtype, block_d: int, has_lin: bool,
     warps, stages = LAUNCH[key]
     return SLAKernelConfig(kernel, dtype, block_d, has_lin, warps, stages, lin_chain=key not in SPLIT_PRODUCT,
                            tma=kernel == "fwd" and key[0] == 90)
+
+
+def measured_configs(arch: int) -> List[SLAKernelConfig]:
+    """The configurations ``sm_<arch>`` runs by GPU timing (:data:`MEASURED_LAUNCH`) rather than by the static rule
+    (no spill, no serialised wgmma): what the static tests exempt from that rule."""
+    return [select_sla_config(kernel, dtype, d, lin, arch) for (a, kernel, d, lin) in MEASURED_LAUNCH if a == arch
+            for dtype in SLA_DTYPES]
 
 
 def pointer_fallback(cfg: SLAKernelConfig) -> SLAKernelConfig:
