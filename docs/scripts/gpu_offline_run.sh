@@ -43,6 +43,6 @@ for v, d in [('block_sparse.triton.fwd', 32), ('block_sparse.triton.fwd', 128), 
     print(v, d, e['ok'], e['error'], e['tolerance'])"
 step pytest_gpu 300 python3 -m pytest -m gpu -o addopts= -p no:cacheprovider -q -rfE --timeout 120 --durations=15 tests
 step bench_gpu 300 dit-accel bench gpu --no-pytest --budget 280 --out "$O/gpu_report"
-step sla_parts 150 env OUT="$O" PYTHONPATH=. python3 docs/scripts/sla_gpu_parts.py run --configs --profile
+step sla_parts 150 env OUT="$O" PYTHONPATH=. python3 docs/scripts/sla_gpu_parts.py run --configs --bwd-configs --profile
 step info 30 dit-accel info
 echo "total $(( $(date +%s) - T0 ))s" | tee -a "$O/summary.txt"
