@@ -148,7 +148,9 @@ def render_report(result: dict) -> str:
               "- times (s): " + ", ".join(f"{k} {v:.1f}" for k, v in result["seconds"].items()),
               f"- prompts sha256: {result['prompts_sha256']}", ""]
     lines += ["Modelled times are predictions of the kernels' cost model (`dit_accel.kernels.cost`), not "
-              "measurements; measured times are this machine's, wall clock of the attention calls.", ""]
+              "measurements; measured times are this machine's, wall clock of the attention calls (a plan's "
+              "leading dense steps, read back from the dense run instead of computed, at the dense run's time: "
+              "`replayed_steps` in calibration.json).", ""]
     if result.get("plan_sha256"):
         lines += [f"Written with the plan of content sha256 `{result['plan_sha256']}` (as one unit with "
                   "heatmap.png and calibration.json).", ""]
