@@ -44,7 +44,7 @@ from .attention_locality import AttentionLocality
 from .clips import COLOURS, DIRECTIONS, SHAPES, make_prompt, render_batch
 from .tiny_shapes import TINY_SHAPES_DEFAULTS, TINY_SHAPES_DIR
 
-__all__ = ["TRANSFORMER_CONFIG", "TEXT_ENCODER_CONFIG", "build_pipeline", "build_pixel_codec", "pack_latents", "train",
+__all__ = ["TRANSFORMER_CONFIG", "TEXT_ENCODER_CONFIG", "transformer_config", "build_pipeline", "build_pixel_codec", "pack_latents", "train",
            "main"]
 
 TRANSFORMER_CONFIG = dict(
@@ -177,8 +177,18 @@ def _build_tokenizer():
                                    model_max_length=512, padding_side="right")
 
 
-def build_pipeline(latents_mean, latents_std, seed: int = 0):
-    """A fresh (untrained) ``tiny-shapes`` :class:`~diffusers.WanPipeline`; weights drawn from ``seed``."""
+def transformer_config(heads: int = 4) -> dict:
+    """:data:`TRANSFORMER_CONFIG` with ``heads`` heads of the same total width (128): 4 (the shipped models), 8 or
+    16; ValueError otherwise (a head needs at least 8 dimensions for the rotary embedding's three axes)."""
+    width = TRANSFORMER_CONFIG["num_attention_heads"] * TRANSFORMER_CONFIG["attention_head_dim"]
+    if heads not in (4, 8, 16):
+        raise ValueError(f"heads={heads!r} is not allowed: 4, 8 or 16 (heads of {width} dimensions in all)")
+    return dict(TRANSFORMER_CONFIG, num_attention_heads=heads, attention_head_dim=width // heads)
+
+
+def build_pipeline(latents_mean, latents_std, seed: int = 0, heads: int = 4):
+    """A fresh (untrained) ``tiny-shapes`` :class:`~diffusers.WanPipeline`; weights drawn from ``seed``; ``heads``
+    attention heads per layer sharing the same width (:func:`transformer_config`)."""
     from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
     from transformers import UMT5Config, UMT5EncoderModel
 
@@ -187,7 +197,7 @@ def build_pipeline(latents_mean, latents_std, seed: int = 0):
     text_encoder = UMT5EncoderModel(UMT5Config(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
                                                eos_token_id=tokenizer.eos_token_id,
                                                decoder_start_token_id=tokenizer.pad_token_id, **TEXT_ENCODER_CONFIG))
-    transformer = WanTransformer3DModel(**TRANSFORMER_CONFIG)
+    transformer = WanTransformer3DModel(**transformer_config(heads))
     with torch.no_grad():  # zero output layer: the first predictions are 0, a calm start for a high learning rate
         transformer.proj_out.weight.zero_()
         transformer.proj_out.bias.zero_()
@@ -334,7 +344,7 @@ def train(out_dir=TINY_SHAPES_DIR, *, steps: int = 3600, batch_size: int = 16, l
           init=None,
           time_limit: float = None, local=None, local_weight: float = 1.0, local_pull: str = "sparse",
           local_max_noise: float = 1.0, locality=None, locality_weight: float = 1.0, locality_queries: int = 256,
-          noise_levels: str = "logit-normal") -> dict:
+          noise_levels: str = "logit-normal", heads: int = 4) -> dict:
     """Train and save the ``tiny-shapes`` pipeline to ``out_dir``; returns the training log.
 
     The first ``short_fraction`` of the steps train on the first 3 frames of each
@@ -380,7 +390,11 @@ def train(out_dir=TINY_SHAPES_DIR, *, steps: int = 3600, batch_size: int = 16, l
     settings = {"steps": steps, "batch_size": batch_size, "lr": lr, "warmup": warmup,
                 "short_fraction": short_fraction, "short_frames": _SHORT_FRAMES, "ema_decay": ema_decay,
                 "seed": seed, "threads": torch.get_num_threads(), "scheduler_shift": SCHEDULER_SHIFT,
-                "uncond_prob": _UNCOND_PROB, "pad_lengths": _PAD_LENGTHS, "size": TINY_SHAPES_DEFAULTS}
+                "uncond_prob": _UNCOND_PROB, "pad_lengths": _PAD_LENGTHS, "size": TINY_SHAPES_DEFAULTS,
+                "heads": heads}
+    transformer_config(heads)  # a bad head count fails here, before anything is built
+    if init and heads != 4:
+        raise ValueError("heads applies to a model trained from scratch; a fine-tune (init) keeps its model's heads")
     frames, canvas = _checked_shape(frames, size, object_canvas, local_pull)
     if not 0.0 < local_max_noise <= 1.0:
         raise ValueError(f"local_max_noise must be in (0, 1], got {local_max_noise}")
@@ -394,7 +408,7 @@ def train(out_dir=TINY_SHAPES_DIR, *, steps: int = 3600, batch_size: int = 16, l
                     local_pull=local_pull, local_max_noise=local_max_noise, noise_levels=noise_levels,
                     locality=None if locality is None else _locality_record(locality), locality_weight=locality_weight,
                     locality_queries=locality_queries)
-    pipe, mean, std = _starting_pipeline(init, frames, seed, size)
+    pipe, mean, std = _starting_pipeline(init, frames, seed, size, heads)
     params = [p for m in (pipe.transformer, pipe.text_encoder) for p in m.parameters()]
     ema = [p.detach().clone() for p in params]
     optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.99), weight_decay=0.01, fused=True)
@@ -505,7 +519,7 @@ def _init_log(init):
     return json.loads(path.read_text())
 
 
-def _starting_pipeline(init, frames: int, seed: int, size: int = None):
+def _starting_pipeline(init, frames: int, seed: int, size: int = None, heads: int = 4):
     """``(pipe, latents mean, latents std)`` to train, its transformer and text encoder in train mode: the ``init``
     folder (its codec normalisation kept), or a fresh build normalised by the statistics of ``frames``-frame clips
     (``size`` x ``size`` pixels, default the shipped canvas)."""
@@ -515,7 +529,7 @@ def _starting_pipeline(init, frames: int, seed: int, size: int = None):
     else:
         height, width = (size, size) if size else (TINY_SHAPES_DEFAULTS[k] for k in ("height", "width"))
         latents_mean, latents_std = _latent_stats(frames, height, width, seed)
-        pipe = build_pipeline(latents_mean, latents_std, seed=seed)
+        pipe = build_pipeline(latents_mean, latents_std, seed=seed, heads=heads)
     mean, std = (torch.tensor(v).view(1, -1, 1, 1, 1) for v in (latents_mean, latents_std))
     pipe.transformer.train()
     pipe.text_encoder.train()
@@ -619,6 +633,8 @@ def main(argv=None) -> None:
                              "(--local-max-noise limits it to the low-noise samples), or a schedule of "
                              "[max noise, method] pairs: each sample under the pattern of the lowest level at or above "
                              "its noise")
+    parser.add_argument("--heads", type=int, default=4, choices=(4, 8, 16),
+                        help="attention heads per layer of a model trained from scratch, same total width (default 4)")
     parser.add_argument("--locality-weight", type=float, default=1.0, help="weight of the --locality term (default 1)")
     parser.add_argument("--locality-queries", type=int, default=256,
                         help="queries sampled per self-attention call for the --locality term (default 256)")
@@ -634,7 +650,7 @@ def main(argv=None) -> None:
                 object_canvas=args.object_canvas, init=args.init,
                 time_limit=args.time_limit, local=local, local_weight=args.local_weight, local_pull=args.local_pull,
                 local_max_noise=args.local_max_noise, locality=locality, locality_weight=args.locality_weight,
-                locality_queries=args.locality_queries, noise_levels=args.noise_levels)
+                locality_queries=args.locality_queries, noise_levels=args.noise_levels, heads=args.heads)
     print(json.dumps({k: log[k] for k in ("steps_done", "train_seconds", "parameters")} | {"eval": log.get("eval")}, indent=1))
 
 

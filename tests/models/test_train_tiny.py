@@ -261,3 +261,27 @@ def test_noise_levels_uniform_draws_more_low_noise_steps(tmp_path, monkeypatch):
     assert shares["logit-normal"] == pytest.approx(0.5 * (1 + math.erf(math.log(u / (1 - u)) / math.sqrt(2))), abs=0.006)
     with pytest.raises(ValueError, match="noise_levels"):
         train_tiny.train(tmp_path, steps=1, noise_levels="beta", eval_seeds=())
+
+
+def test_heads_trains_a_model_with_more_heads_of_the_same_width(tmp_path):
+    """--heads 8: a fresh model with 8 heads of 16 dimensions (128 in all), saved as a stock WanTransformer3DModel
+    that the pipeline loads and dit_accel runs per head; a per-head locality method needs 8 entries; a fine-tune
+    keeps its model's heads."""
+    import dit_accel
+    from dit_accel.models.loading import load_pipeline
+
+    locality = dit_accel.Tile(tile=(1, 12, 12), window=[(2, 1, 1)] + [(1, 1, 1)] * 7, block_size=144)
+    log = train_tiny.train(tmp_path, steps=1, batch_size=1, short_fraction=0.0, eval_seeds=(), frames=3,
+                           log_every=1, heads=8, locality=locality)
+    assert log["settings"]["heads"] == 8 and log["steps_done"] == 1
+    config = json.loads((tmp_path / "transformer" / "config.json").read_text())
+    assert (config["num_attention_heads"], config["attention_head_dim"]) == (8, 16)
+    pipe = load_pipeline(str(tmp_path))
+    pipe.set_progress_bar_config(disable=True)
+    with dit_accel.apply(pipe, locality) as handle:
+        pipe("a red circle moving right", num_frames=3, height=48, width=48, num_inference_steps=1, output_type="np")
+        assert handle.stats()
+    with pytest.raises(ValueError, match="4, 8 or 16"):
+        train_tiny.train(tmp_path / "bad", steps=1, heads=6, eval_seeds=())
+    with pytest.raises(ValueError, match="from scratch"):
+        train_tiny.train(tmp_path / "ft", steps=1, heads=8, init=TINY_SHAPES_DIR, eval_seeds=())
