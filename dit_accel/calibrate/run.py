@@ -534,7 +534,7 @@ class _DenseRun:
     attention_ms: Optional[float]
     transformer: object
     timesteps: list
-    replay: DenseReplay
+    replay: Optional[DenseReplay]  # the dense run's transformer outputs (None: --replay-mb 0)
     heads: int
     head_dim: int
     grid: tuple
@@ -549,12 +549,12 @@ def _dense_run(pipe, settings: CalibrationSettings, jobs, call_kwargs: dict, bar
     sampler = QKVSampler(buckets, per_bucket=settings.samples_per_bucket,
                          max_bytes=int(settings.max_sample_mb * 2**20), folder=settings.capture_dir)
     bar.stage("dense run (sampling q/k/v)", chunks * settings.steps)
-    replay = _new_replay(pipe, settings) or DenseReplay(0)
+    replay = _new_replay(pipe, settings)
     handle = dit_accel.apply(pipe, Dense(), capture=sampler, timing=True, backend=settings.backend)
     try:
         layers = len(handle.layers)
         sampler.set_layers(layers)
-        with replay.recording(pipe.transformer, len(jobs)) if replay.enabled else contextlib.nullcontext():
+        with replay.recording(pipe.transformer, len(jobs)) if replay else contextlib.nullcontext():
             dense_videos = generate_videos(pipe, jobs, call_kwargs, settings.batch_size, bar.update, replay=replay)
         dense_ms = _attention_ms(handle)
         transformer = handle.transformer

@@ -44,8 +44,8 @@ from .attention_locality import AttentionLocality
 from .clips import COLOURS, DIRECTIONS, SHAPES, make_prompt, render_batch
 from .tiny_shapes import TINY_SHAPES_DEFAULTS, TINY_SHAPES_DIR
 
-__all__ = ["TRANSFORMER_CONFIG", "TEXT_ENCODER_CONFIG", "transformer_config", "build_pipeline", "build_pixel_codec", "pack_latents", "train",
-           "main"]
+__all__ = ["TRANSFORMER_CONFIG", "TEXT_ENCODER_CONFIG", "HEADS", "transformer_config", "build_pipeline",
+           "build_pixel_codec", "pack_latents", "train", "main"]
 
 TRANSFORMER_CONFIG = dict(
     patch_size=(1, 2, 2),
@@ -69,6 +69,7 @@ _WORDS = ["a", "an", "moving", *COLOURS, *SHAPES, *DIRECTIONS]
 _PAD_LENGTHS = (8, 16, 32, 64, 226)  # 226: WanPipeline's default max_sequence_length
 _UNCOND_PROB = 0.1
 NOISE_LEVELS = ("logit-normal", "uniform")  # laws of the training noise levels (before the shift)
+HEADS = (4, 8, 16)  # heads per layer a model trained from scratch may have (transformer_config)
 _SHORT_FRAMES = 3  # curriculum: frames of the cheap first phase (2 latent frames)
 
 
@@ -181,7 +182,7 @@ def transformer_config(heads: int = 4) -> dict:
     """:data:`TRANSFORMER_CONFIG` with ``heads`` heads of the same total width (128): 4 (the shipped models), 8 or
     16; ValueError otherwise (a head needs at least 8 dimensions for the rotary embedding's three axes)."""
     width = TRANSFORMER_CONFIG["num_attention_heads"] * TRANSFORMER_CONFIG["attention_head_dim"]
-    if heads not in (4, 8, 16):
+    if heads not in HEADS:
         raise ValueError(f"heads={heads!r} is not allowed: 4, 8 or 16 (heads of {width} dimensions in all)")
     return dict(TRANSFORMER_CONFIG, num_attention_heads=heads, attention_head_dim=width // heads)
 
@@ -633,7 +634,7 @@ def main(argv=None) -> None:
                              "(--local-max-noise limits it to the low-noise samples), or a schedule of "
                              "[max noise, method] pairs: each sample under the pattern of the lowest level at or above "
                              "its noise")
-    parser.add_argument("--heads", type=int, default=4, choices=(4, 8, 16),
+    parser.add_argument("--heads", type=int, default=4, choices=HEADS,
                         help="attention heads per layer of a model trained from scratch, same total width (default 4)")
     parser.add_argument("--locality-weight", type=float, default=1.0, help="weight of the --locality term (default 1)")
     parser.add_argument("--locality-queries", type=int, default=256,
