@@ -8,7 +8,9 @@ run plans, and :mod:`dit_accel.kernels.cost` for what candidates cost; nothing b
 - :mod:`.scoring`: each candidate's per-head error against dense attention;
 - :mod:`.costs`: per-head and per-launch modelled GPU time;
 - :mod:`.search`: the Lagrangian allocation and the plan it makes;
-- :mod:`.report`: ``report.md`` and the heatmap; :mod:`.run`: the whole calibration.
+- :mod:`.replay`: the dense run's transformer outputs, read back for a plan's leading dense steps;
+- :mod:`.report`: ``report.md`` and the heatmap; :mod:`.settings`: what a calibration runs and may spend;
+  :mod:`.run`: the whole calibration.
 
 Example::
 

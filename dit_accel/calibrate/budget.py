@@ -14,7 +14,7 @@ _GROUNDTRUTH_CHECKS = ("colour", "shape", "motion", "consistency")
 
 
 def passes_budget(psnr_videos: Sequence[float], min_psnr: Optional[float], rule: str = "worst") -> bool:
-    """Whether per-video PSNRs meet ``min_psnr`` under ``rule`` (:data:`~.run.BUDGET_RULES`); no budget passes."""
+    """Whether per-video PSNRs meet ``min_psnr`` under ``rule`` (:data:`~.settings.BUDGET_RULES`); no budget passes."""
     if min_psnr is None:
         return True
     made = [p for p in psnr_videos if p is not None]  # (a run stopped early holds the videos it made)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -13,156 +13,24 @@ import numpy as np
 import torch
 
 from ..methods import Dense
-from ..models.tiny_shapes import SHAPES_MODELS
 from ..sparse_plan import SparsePlan, prompts_hash
 from .budget import (_GROUNDTRUTH_CHECKS, _describe, groundtruth_close, groundtruth_kept, groundtruth_scores,
                      passes_budget, search_budget)
-from .candidates import METHODS, candidate_grid
-from .costs import COST_SOURCES, CostModel, MeasuredCostModel
+from .candidates import candidate_grid
+from .costs import CostModel, MeasuredCostModel
 from .probes import probe_layer_weights, probe_step_weights
 from .replay import DenseReplay, dense_prefix
 from .report import OUTPUT_FILES, recover_outputs, write_outputs  # noqa: F401  (also importable from here)
 from .sampling import QKVSampler, step_buckets
 from .scoring import score_candidates
 from .search import Assignment, SearchSpace, uniform_options
+from .settings import (BUDGET_RULES, COST_TERMS, GROUNDTRUTH_MODELS, GROUNDTRUTH_RULES,  # noqa: F401  (also from here)
+                       MIN_VIDEOS, SENSITIVITY, CalibrationSettings, add_quality_options)
 
 __all__ = ["CalibrationSettings", "calibrate", "generate_videos", "search_budget", "passes_budget", "BUDGET_RULES",
            "GROUNDTRUTH_RULES", "groundtruth_kept", "probe_step_weights", "probe_layer_weights",
            "SENSITIVITY", "split_jobs", "groundtruth_close", "groundtruth_scores",
            "add_quality_options"]
-
-#: How ``min_psnr`` is checked on the calibration videos: every video (``worst``, the default) or their mean.
-BUDGET_RULES = ("worst", "mean")
-#: ``--groundtruth``: the ground-truth checks of the calibration videos (models with a checker: tiny-shapes) are
-#: reported (``report``, the default) or a verified plan must keep them no worse than dense's (``require``). On
-#: 4-8 tiny-shapes videos the shape check flips on a video or two even for plans above 30 dB, so ``require``
-#: there ends at a plan that is sparse in the last step only (BENCHMARKS.md section 11).
-GROUNDTRUTH_RULES = ("report", "require")
-#: ``--sensitivity``: ``probe`` measures how much a unit of attention error in each step bucket and layer group
-#: moves the final output (one generation each: :func:`probe_step_weights`, :func:`probe_layer_weights`);
-#: ``uniform`` counts every step and layer the same.
-SENSITIVITY = ("probe", "uniform")
-#: Fewer calibration videos than this get a note: the search overfits them (BENCHMARKS.md section 11).
-MIN_VIDEOS = 8
-#: Models whose videos have a ground-truth checker (:mod:`dit_accel.eval.groundtruth`).
-GROUNDTRUTH_MODELS = tuple(SHAPES_MODELS)
-#: ``--cost-terms``: the cost model's terms (:class:`~.costs.CostModel`), or ``auto`` (see :func:`search_space`).
-COST_TERMS = ("auto",) + CostModel.TERMS
-
-
-@dataclass
-class CalibrationSettings:
-    """What a calibration runs and what it may spend (the flags of ``dit-accel calibrate``).
-
-    Budget: ``min_psnr`` (dB of the final output against dense, same seeds) and/or ``max_layer_error``
-    (relative L2 of each layer's attention output against dense); at least one.
-
-    ``budget_on``: ``"worst"`` (default) holds ``min_psnr`` on every calibration video, ``"mean"`` on their
-    mean: a mean of dB values can be carried by the videos a plan barely changes while it breaks others.
-    It does not close the held-out gap of BENCHMARKS.md section 11 on its own: there the plan (28.3 dB mean)
-    had its worst calibration video at 25.4 dB, so it passes either rule, and it gave 23.2 dB on held-out
-    prompts: picking the cheapest passing plan out of several verified on the same 4 videos overfits them.
-    """
-
-    model: str
-    prompts: List[str]
-    seeds: List[int] = field(default_factory=lambda: [0])
-    min_psnr: Optional[float] = None
-    max_layer_error: Optional[float] = None
-    frames: Optional[int] = None
-    height: Optional[int] = None
-    width: Optional[int] = None
-    steps: Optional[int] = None
-    guidance_scale: Optional[float] = None
-    max_sequence_length: Optional[int] = None
-    device: str = "cpu"
-    dtype: str = "float32"
-    phases: int = 3
-    warmup: Tuple[int, ...] = (1, 2)
-    cooldown: Tuple[int, ...] = (1,)
-    candidates: str = "default"
-    methods: Tuple[str, ...] = METHODS
-    tile: Optional[Tuple[int, ...]] = None
-    samples_per_bucket: int = 2
-    max_sample_mb: float = 512.0
-    capture_dir: Optional[str] = None
-    arch: str = "h100"
-    kernel: str = "current"
-    cost_terms: str = "auto"
-    costs: str = "model"
-    search_iters: int = 6
-    batch_size: int = 8
-    backend: str = "auto"
-    budget_on: str = "worst"
-    groundtruth: str = "report"
-    sensitivity: str = "probe"
-    layer_groups: int = 4
-    validate: Optional[int] = None
-    extend_seeds: bool = True
-    uniform_options: int = 3
-    probe_videos: int = 4
-    baseline: bool = True
-    replay_mb: float = 1024.0
-
-    def gates_groundtruth(self) -> bool:
-        """Whether a verified plan must keep the calibration videos' ground truth (``groundtruth``)."""
-        return self.groundtruth == "require"
-
-    def check(self) -> None:
-        if self.min_psnr is None and self.max_layer_error is None:
-            raise ValueError("give a budget: --min-psnr DB (final output vs dense) and/or --max-layer-error E "
-                             "(relative L2 of each layer's attention)")
-        if not self.prompts:
-            raise ValueError("no calibration prompts: pass --prompts FILE (one per line)")
-        if self.max_layer_error is not None and not self.max_layer_error > 0:
-            raise ValueError(f"--max-layer-error must be > 0; got {self.max_layer_error}")
-        if self.cost_terms not in COST_TERMS:
-            raise ValueError(f"--cost-terms {self.cost_terms!r} is invalid: choose one of {list(COST_TERMS)}")
-        if self.costs not in COST_SOURCES:
-            raise ValueError(f"--costs {self.costs!r} is invalid: choose one of {list(COST_SOURCES)}")
-        if self.budget_on not in BUDGET_RULES:
-            raise ValueError(f"--budget-on {self.budget_on!r} is invalid: choose one of {list(BUDGET_RULES)}")
-        if self.sensitivity not in SENSITIVITY:
-            raise ValueError(f"--sensitivity {self.sensitivity!r} is invalid: choose one of {list(SENSITIVITY)}")
-        if self.groundtruth not in GROUNDTRUTH_RULES:
-            raise ValueError(f"--groundtruth {self.groundtruth!r} is invalid: choose one of {list(GROUNDTRUTH_RULES)}")
-        if self.groundtruth == "require" and self.model not in GROUNDTRUTH_MODELS:
-            raise ValueError(f"--groundtruth require: {self.model!r} has no ground-truth checker (only "
-                             f"{', '.join(GROUNDTRUTH_MODELS)} has); use --groundtruth report")
-        if self.layer_groups < 0:
-            raise ValueError(f"--layer-groups must be >= 0 (0: no layer probes); got {self.layer_groups}")
-        if self.validate is not None and self.validate < 0:
-            raise ValueError(f"--validate must be >= 0 (0: no validation set); got {self.validate}")
-        if self.uniform_options < 0 or self.probe_videos < 1:
-            raise ValueError(f"--uniform-options must be >= 0 and --probe-videos >= 1; got {self.uniform_options} "
-                             f"and {self.probe_videos}")
-        if not (math.isfinite(self.replay_mb) and self.replay_mb >= 0):
-            raise ValueError(f"--replay-mb must be a finite number of MiB >= 0 (0: off); got {self.replay_mb}")
-        if self.search_iters < 0 or self.phases < 1 or self.samples_per_bucket < 1 or self.batch_size < 1:
-            raise ValueError("--search-iters >= 0, --phases >= 1, --samples-per-bucket >= 1 and --batch-size >= 1")
-
-    def call_kwargs(self) -> dict:
-        wanted = {"num_frames": self.frames, "height": self.height, "width": self.width,
-                  "num_inference_steps": self.steps, "guidance_scale": self.guidance_scale,
-                  "max_sequence_length": self.max_sequence_length}
-        return {k: v for k, v in wanted.items() if v is not None}
-
-
-def add_quality_options(parser) -> None:
-    """The flags of how a plan's quality is judged and weighed, shared by ``dit-accel calibrate`` and the evidence
-    script: ``--budget-on``, ``--sensitivity``, ``--layer-groups``, ``--groundtruth``."""
-    parser.add_argument("--budget-on", choices=BUDGET_RULES, default="worst",
-                        help="--min-psnr holds on every calibration video (worst, default: the margin a held-out set "
-                             "needs) or on their mean")
-    parser.add_argument("--sensitivity", choices=SENSITIVITY, default="probe",
-                        help="probe (default): weigh each step bucket's and layer group's attention error by how much "
-                             "it moves the final output, measured with one generation per bucket and per layer group; "
-                             "uniform: every step and layer counts the same")
-    parser.add_argument("--layer-groups", type=int, default=4, metavar="N",
-                        help="contiguous layer groups the sensitivity probe measures apart (default 4; 0: none)")
-    parser.add_argument("--groundtruth", choices=GROUNDTRUTH_RULES, default="report",
-                        help="tiny-shapes: report the calibration videos' ground-truth checks (default), or require "
-                             "a plan to keep colour, shape, motion and consistency no worse than dense's")
 
 
 class _Progress:
