@@ -7,6 +7,7 @@ import math
 from dataclasses import dataclass, field
 from typing import List, Optional, Tuple
 
+from ..eval.runner import generation_kwargs
 from ..models.tiny_shapes import SHAPES_MODELS
 from .candidates import METHODS
 from .costs import COST_SOURCES, CostModel
@@ -125,10 +126,7 @@ class CalibrationSettings:
             raise ValueError("--search-iters >= 0, --phases >= 1, --samples-per-bucket >= 1 and --batch-size >= 1")
 
     def call_kwargs(self) -> dict:
-        wanted = {"num_frames": self.frames, "height": self.height, "width": self.width,
-                  "num_inference_steps": self.steps, "guidance_scale": self.guidance_scale,
-                  "max_sequence_length": self.max_sequence_length}
-        return {k: v for k, v in wanted.items() if v is not None}
+        return generation_kwargs(self)
 
 
 def add_quality_options(parser) -> None:

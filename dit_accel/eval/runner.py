@@ -38,8 +38,8 @@ from ..models.tiny_shapes import shapes_model
 from .metrics import mean_or_none, paired_metrics, to_frames
 from .timing import StageTimer, median_times
 
-__all__ = ["EvalSettings", "MethodSpec", "load_method_specs", "run_eval", "dense_cache_key", "model_fingerprint",
-           "APPLY_KEYS"]
+__all__ = ["EvalSettings", "generation_kwargs", "MethodSpec", "load_method_specs", "run_eval", "dense_cache_key",
+           "model_fingerprint", "APPLY_KEYS"]
 
 # Keys of a method config entry that go to dit_accel.apply() rather than the method.
 APPLY_KEYS = ("dense_steps", "dense_last_steps", "dense_layers", "layer_methods", "backend", "weights")
@@ -64,11 +64,18 @@ class EvalSettings:
     warmup: int = 1  # untimed generations per row before timing (lazy init, caches, CUDA autotune)
 
     def call_kwargs(self, pipe) -> dict:
-        params = inspect.signature(pipe.__call__).parameters
-        wanted = {"num_frames": self.frames, "height": self.height, "width": self.width,
-                  "num_inference_steps": self.steps, "guidance_scale": self.guidance_scale,
-                  "max_sequence_length": self.max_sequence_length}
-        return {k: v for k, v in wanted.items() if v is not None and k in params}
+        return generation_kwargs(self, pipe)
+
+
+def generation_kwargs(settings, pipe=None) -> dict:
+    """The pipeline call arguments that ``settings`` sets (its ``frames``, ``height``, ``width``, ``steps``,
+    ``guidance_scale`` and ``max_sequence_length``; None: the pipeline's default), only those ``pipe``'s
+    ``__call__`` takes when a pipeline is given."""
+    wanted = {"num_frames": settings.frames, "height": settings.height, "width": settings.width,
+              "num_inference_steps": settings.steps, "guidance_scale": settings.guidance_scale,
+              "max_sequence_length": settings.max_sequence_length}
+    params = None if pipe is None else inspect.signature(pipe.__call__).parameters
+    return {k: v for k, v in wanted.items() if v is not None and (params is None or k in params)}
 
 
 @dataclass
