@@ -7,7 +7,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .search import COST_TIE, Assignment, SearchSpace, uniform_options
+from .search import COST_TIE, Assignment, SearchSpace, UniformAssignment, uniform_options
 
 
 _GROUNDTRUTH_CHECKS = ("colour", "shape", "motion", "consistency")
@@ -69,6 +69,26 @@ def groundtruth_kept(plan: dict, dense: dict) -> bool:
     return all(plan[k] >= dense[k] - 1e-9 for k in _GROUNDTRUTH_CHECKS)
 
 
+class _VerifiedRuns:
+    """``run(assignment, lam)``: the record of ``verify`` with ``passes`` set, each plan verified once; ``trace``:
+    every record in the order verified."""
+
+    def __init__(self, verify: Callable[[Assignment, float], dict], min_psnr: Optional[float], rule: str):
+        self.verify, self.min_psnr, self.rule = verify, min_psnr, rule
+        self.trace: List[dict] = []
+        self.known: Dict[tuple, dict] = {}
+
+    def __call__(self, assignment: Assignment, lam: float) -> dict:
+        if assignment.key() in self.known:  # verified already: no run, no new row
+            return self.known[assignment.key()]
+        record = self.verify(assignment, lam)
+        record["passes"] = (passes_budget(record["psnr_videos"], self.min_psnr, self.rule)
+                            and record.get("groundtruth_ok", True))
+        self.trace.append(record)
+        self.known[assignment.key()] = record
+        return record
+
+
 def search_budget(space: SearchSpace, verify: Callable[[Assignment, float], dict], *, min_psnr: Optional[float],
                   max_layer_error: Optional[float] = None, rule: str = "worst", iters: int = 6, uniform: int = 3,
                   calls_per_step: int = 1) -> Tuple[dict, List[dict]]:
@@ -90,19 +110,8 @@ def search_budget(space: SearchSpace, verify: Callable[[Assignment, float], dict
        the one that misses it on new ones; at a cost the model cannot tell apart the wider margin is the safer
        plan. The dense plan when nothing passed.
     """
-    trace = []
-    known: Dict[tuple, dict] = {}
-
-    def run(assignment: Assignment, lam: float) -> dict:
-        if assignment.key() in known:  # verified already: no run, no new row
-            return known[assignment.key()]
-        record = verify(assignment, lam)
-        record["passes"] = (passes_budget(record["psnr_videos"], min_psnr, rule)
-                            and record.get("groundtruth_ok", True))
-        trace.append(record)
-        known[assignment.key()] = record
-        return record
-
+    run = _VerifiedRuns(verify, min_psnr, rule)
+    trace = run.trace
     cheapest = space.assign(0.0, max_layer_error)
     best = run(cheapest, 0.0)
     if not best["passes"]:
@@ -145,10 +154,53 @@ def search_budget(space: SearchSpace, verify: Callable[[Assignment, float], dict
     return max(cheapest, key=lambda r: (margin(r), -r["modelled_ms"])), trace
 
 
+def warmup_search(space: SearchSpace, verify: Callable[[Assignment, float], dict], *, min_psnr: float,
+                  rule: str = "worst", calls_per_step: int = 1) -> Tuple[dict, List[dict]]:
+    """``--search warmup``: the cheapest verified plan of the form "a dense warm-up, then one candidate on every
+    layer and head" (:class:`~.search.UniformAssignment`), and every verified record.
+
+    It needs no scored errors and no sensitivity probes, only verified runs, and those cheap ones: a plan's warm-up
+    is read back from the dense run (:mod:`.replay`), and a run under a worst-video budget stops at the first video
+    under it. Candidates are tried cheapest per call first, and each one's least passing warm-up is bisected,
+    assuming a longer warm-up (more exact steps) does not pass less:
+
+    - the first candidate between no warm-up and the dense plan (exact: it passes without a run);
+    - every later one only at warm-ups that would make it cheaper than the best plan so far by more than
+      :data:`COST_TIE`: its longest such warm-up first (a failure there ends that candidate after one run, and
+      on most of the videos' budget failures after the first quarter of them), then down by bisection.
+
+    The dense plan, verified, when no candidate passes at any warm-up."""
+    run = _VerifiedRuns(verify, min_psnr, rule)
+    steps = space.buckets[-1][1]
+    order = sorted((i for i in space.block + space.sla if space.layer_cost(i) < space.dense_layer_cost),
+                   key=space.layer_cost)
+    best: Optional[dict] = None
+    for candidate in order:
+        options = [UniformAssignment(space, candidate, w) for w in range(steps)]
+        lo, hi = -1, steps  # lo: fails (no warm-up below 0); hi: passes (the dense plan at `steps`)
+        if best is not None:
+            limit = best["modelled_ms"] / (1.0 + COST_TIE)
+            fits = [w for w in range(steps) if options[w].cost_per_sample(calls_per_step) * 1e3 < limit]
+            if not fits:
+                continue
+            record = run(options[fits[-1]], math.nan)
+            if not record["passes"]:
+                continue
+            best, hi = record, fits[-1]
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            record = run(options[mid], math.nan)
+            if record["passes"]:
+                best, hi = record, mid
+            else:
+                lo = mid
+    if best is None:
+        best = run(space.assign(math.inf), math.inf)
+    return best, run.trace
+
+
 def _describe(assignment: Assignment, lam: float) -> str:
     """A verified plan in a few words: ``allocation, lambda 4.4e-06`` or ``uniform tile w1x1x1 after 9 dense steps``."""
-    from .search import UniformAssignment
-
     if isinstance(assignment, UniformAssignment):
         return (f"uniform {assignment.space.candidates[assignment.candidate].label} after {assignment.warmup} dense "
                 f"step{'s' if assignment.warmup != 1 else ''}")

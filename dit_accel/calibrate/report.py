@@ -120,11 +120,16 @@ def render_report(result: dict) -> str:
             return f"{made} of {total} (stopped: a video under the budget)"
         return str(made if made is not None else total or "-")
 
+    if s.get("search") == "warmup":
+        how = ("--search warmup: a dense warm-up, then one candidate everywhere; candidates cheapest per call first, "
+               "each one's least passing warm-up bisected, later ones only where cheaper than the best so far by "
+               f"more than {100 * COST_TIE:g}%). The cheapest passing plan is kept")
+    else:
+        how = ("allocation: lambda is the price of error in modelled seconds; uniform: a step-structured plan at no "
+               "more modelled cost than the allocation's). The cheapest passing plan is kept (within "
+               f"{100 * COST_TIE:g}% of its cost, the one with the widest worst-video margin)")
     lines += ["## Search", "",
-              f"{len(result['trace'])} verified plans (allocation: lambda is the price of error in modelled seconds; "
-              "uniform: a step-structured plan at no more modelled cost than the allocation's). The cheapest passing "
-              f"plan is kept (within {100 * COST_TIE:g}% of its cost, the one with the widest worst-video margin): "
-              f"**{result.get('chosen') or '-'}**.", "",
+              f"{len(result['trace'])} verified plans ({how}: **{result.get('chosen') or '-'}**.", "",
               markdown_table(["plan", "modelled ms/sample", "videos", "PSNR (dB, mean)", "worst video (dB)",
                               "GT shape / motion / consistency", "passes"],
                              [[t.get("plan") or f"lambda {t['lam']:.3g}", _fmt(t["modelled_ms"], 4), videos(t),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -15,7 +16,7 @@ import torch
 from ..methods import Dense
 from ..sparse_plan import SparsePlan, prompts_hash
 from .budget import (_GROUNDTRUTH_CHECKS, _describe, groundtruth_close, groundtruth_kept, groundtruth_scores,
-                     passes_budget, search_budget)
+                     passes_budget, search_budget, warmup_search)
 from .candidates import candidate_grid
 from .costs import CostModel, MeasuredCostModel
 from .probes import probe_layer_weights, probe_step_weights
@@ -23,7 +24,7 @@ from .replay import DenseReplay, dense_prefix
 from .report import OUTPUT_FILES, recover_outputs, write_outputs  # noqa: F401  (also importable from here)
 from .sampling import QKVSampler, step_buckets
 from .scoring import score_candidates
-from .search import Assignment, SearchSpace, uniform_options
+from .search import Assignment, SearchSpace, UniformAssignment, uniform_options
 from .settings import (BUDGET_RULES, COST_TERMS, GROUNDTRUTH_MODELS, GROUNDTRUTH_RULES,  # noqa: F401  (also from here)
                        MIN_VIDEOS, SENSITIVITY, CalibrationSettings, add_quality_options)
 
@@ -192,7 +193,8 @@ def _validate(pipe, settings: CalibrationSettings, space: SearchSpace, verify, b
     """The plan to write and the validation record: ``best`` if it meets the budget on the validation videos
     (``min_psnr`` on the worst one; on tiny-shapes ground truth no worse than dense's beyond chance:
     :func:`groundtruth_close`), else the
-    next denser plan that passed the search, validated in order of cost, else the dense plan (exact).
+    next denser plan that passed the search, validated in order of cost (``--search warmup``: first the chosen
+    candidate one dense step longer at a time, :func:`_longer_warmups`), else the dense plan (exact).
 
     With ``settings.baseline`` the record also holds ``baseline``: uniform SLA at no less modelled cost than the
     written plan (:func:`~.search.uniform_options` over the SLA candidates: of each candidate's warm-up nearest
@@ -241,6 +243,8 @@ def _validate(pipe, settings: CalibrationSettings, space: SearchSpace, verify, b
     if not exact and not check(best)["passes"]:
         denser = sorted((r for r in trace if r.get("passes") and r["modelled_ms"] > best["modelled_ms"]
                          and not math.isinf(r["lam"])), key=lambda r: r["modelled_ms"])
+        if settings.search == "warmup":  # one more dense step at a time first
+            denser = itertools.chain(_longer_warmups(best, settings, verify, trace), denser)
         def content(record: dict) -> str:
             return record["assignment"].to_plan({}).content_hash()
 
@@ -280,6 +284,24 @@ def _validate(pipe, settings: CalibrationSettings, space: SearchSpace, verify, b
                                   "psnr_worst": min(per_video), "ssim": ssim,
                                   "groundtruth": None if dense_gt is None else groundtruth_scores(videos, prompts)}
     return chosen, record
+
+
+def _longer_warmups(best: dict, settings: CalibrationSettings, verify, trace: List[dict]):
+    """The records of the chosen plan's candidate at each longer warm-up that pass on the search videos, shortest
+    first, each verified there (and added to ``trace``) only when reached: ``--search warmup``'s bisection verified
+    only the warm-ups it visited, and a plan that fails validation should fall back one dense step at a time."""
+    chosen: UniformAssignment = best["assignment"]
+    known = {r["assignment"].key(): r for r in trace}
+    for warmup in range(chosen.warmup + 1, chosen.steps):
+        option = UniformAssignment(chosen.space, chosen.candidate, warmup)
+        record = known.get(option.key())
+        if record is None:
+            record = verify(option, math.nan)
+            record["passes"] = (passes_budget(record["psnr_videos"], settings.min_psnr, settings.budget_on)
+                                and record.get("groundtruth_ok", True))
+            trace.append(record)
+        if record["passes"]:
+            yield record
 
 
 def _quality_record(best: dict, search_videos: int, validation: Optional[dict], assignment: Assignment,
@@ -353,7 +375,7 @@ def search_space(candidates, errors, grid, head_dim: int, layers: int, buckets, 
     if settings.cost_terms != "auto":
         return build(settings.cost_terms), None
     space = build("full")
-    if not all(choice.dense for choice in space.assign(0.0).choices.values()):
+    if space.sparse_pays():
         return space, None
     note = (f"--cost-terms auto: at token grid {tuple(grid)} ({math.prod(grid)} tokens) the full modelled GPU time "
             f"({space.costs.constants.name}) makes dense attention cheaper than every sparse candidate, so it would "
@@ -545,8 +567,10 @@ def _budget_and_objective(settings: CalibrationSettings, costs) -> Tuple[dict, s
         budget["groundtruth"] = "no check (" + ", ".join(_GROUNDTRUTH_CHECKS) + ") worse than dense's"
     priced = (f"measured attention time (on {settings.device})" if settings.costs == "measured" else
               f"modelled attention time ({costs.constants.name}, terms={costs.terms})")
-    objective = (f"least {priced} per "
-                 "generation, per-(layer, bucket) Lagrangian allocation of the squared relative attention error")
+    how = ("per-(layer, bucket) Lagrangian allocation of the squared relative attention error"
+           if settings.search == "allocation" else
+           "a dense warm-up then one candidate on every head, the warm-up bisected per candidate on verified runs")
+    objective = f"least {priced} per generation, {how}"
     return budget, objective
 
 
@@ -606,7 +630,8 @@ def calibrate(settings: CalibrationSettings, out, *, report_dir=None, progress: 
     2. scores every candidate (:func:`~.candidates.candidate_grid`) per layer, bucket and head against
        the dense attention output (:func:`~.scoring.score_candidates`);
     3. searches the plan of least modelled attention time (:mod:`dit_accel.kernels.cost`) under the
-       budget (:class:`~.search.SearchSpace`; ``min_psnr`` by bisection on verified runs);
+       budget (:class:`~.search.SearchSpace`; ``min_psnr`` by bisection on verified runs); with
+       ``search="warmup"`` steps 2 and 3 are :func:`~.budget.warmup_search` instead (no scoring, no probes);
     4. verifies the plan end to end against dense with the same seeds (PSNR/SSIM, ground truth on
        tiny-shapes, measured and modelled attention time);
     5. validates it on the held-out videos of :func:`split_jobs` (:func:`_validate`: the next denser plan
@@ -638,10 +663,12 @@ def calibrate(settings: CalibrationSettings, out, *, report_dir=None, progress: 
         t = time.perf_counter()
         candidates = candidate_grid(dense.grid, size=settings.candidates, methods=settings.methods,
                                     tile=settings.tile)
-        bar.stage("scoring candidates", dense.layers * len(dense.buckets) * len(candidates))
-        errors = score_candidates(dense.sampler, candidates, dense.layers, backend=settings.backend,
-                                  progress=bar.update)
-        seconds["scoring"] = time.perf_counter() - t
+        errors = {}  # --search warmup verifies whole plans only: nothing to score
+        if settings.search == "allocation":
+            bar.stage("scoring candidates", dense.layers * len(dense.buckets) * len(candidates))
+            errors = score_candidates(dense.sampler, candidates, dense.layers, backend=settings.backend,
+                                      progress=bar.update)
+            seconds["scoring"] = time.perf_counter() - t
         # 3. the search, over plans verified end to end (4.)
         t = time.perf_counter()
         space, terms_note = search_space(candidates, errors, dense.grid, dense.head_dim, dense.layers, dense.buckets,
@@ -651,15 +678,19 @@ def calibrate(settings: CalibrationSettings, out, *, report_dir=None, progress: 
         calls_per_step = 2 if (settings.guidance_scale or 0) > 1 else 1
         verify = _Verifier(pipe, settings, jobs, dense, call_kwargs, bar, calls_per_step)
         weights = (None, None)
-        if settings.sensitivity == "probe":
-            t_probe = time.perf_counter()
-            weights = _probe_sensitivity(pipe, settings, space, jobs, dense, call_kwargs, bar)
-            seconds["sensitivity probes"] = time.perf_counter() - t_probe
-            t += seconds["sensitivity probes"]
-        best, trace = search_budget(space, verify, min_psnr=settings.min_psnr,
-                                    max_layer_error=settings.max_layer_error, rule=settings.budget_on,
-                                    iters=settings.search_iters, uniform=settings.uniform_options,
-                                    calls_per_step=calls_per_step)
+        if settings.search == "warmup":
+            best, trace = warmup_search(space, verify, min_psnr=settings.min_psnr, rule=settings.budget_on,
+                                        calls_per_step=calls_per_step)
+        else:
+            if settings.sensitivity == "probe":
+                t_probe = time.perf_counter()
+                weights = _probe_sensitivity(pipe, settings, space, jobs, dense, call_kwargs, bar)
+                seconds["sensitivity probes"] = time.perf_counter() - t_probe
+                t += seconds["sensitivity probes"]
+            best, trace = search_budget(space, verify, min_psnr=settings.min_psnr,
+                                        max_layer_error=settings.max_layer_error, rule=settings.budget_on,
+                                        iters=settings.search_iters, uniform=settings.uniform_options,
+                                        calls_per_step=calls_per_step)
         seconds["search and verification"] = time.perf_counter() - t
         # 5. validation: the chosen plan on videos the search never saw; else the next denser passing plan
         validation = None

@@ -123,6 +123,16 @@ class SearchSpace:
         return Assignment({(l, b): self.choose(l, b, lam, max_error) for l in range(self.layers)
                            for b in range(len(self.buckets))}, self)
 
+    def layer_cost(self, candidate: int) -> float:
+        """Modelled cost of one call of a layer that runs ``candidate`` on every head (one launch)."""
+        return self.costs.launch(self.candidates[candidate].kind) + self.heads * float(self.head_cost[candidate])
+
+    def sparse_pays(self) -> bool:
+        """Whether some assignment is cheaper than dense (without errors: some candidate on every head is)."""
+        if self.errors:
+            return not all(choice.dense for choice in self.assign(0.0).choices.values())
+        return any(self.layer_cost(i) < self.dense_layer_cost for i in self.block + self.sla)
+
     def scale(self) -> float:
         """A typical cost / error ratio: where the bisection of ``lam`` is centred."""
         ratios = []
@@ -213,7 +223,7 @@ class UniformAssignment(Assignment):
         self.space, self.candidate, self.warmup = space, int(candidate), int(warmup)
         self.steps = space.buckets[-1][1]
         cand = space.candidates[self.candidate]
-        per_call = space.costs.launch(cand.kind) + space.heads * float(space.head_cost[self.candidate])
+        per_call = space.layer_cost(self.candidate)
         self.choices = {}
         for l in range(space.layers):
             for b, (start, stop) in enumerate(space.buckets):

@@ -13,7 +13,7 @@ from .candidates import METHODS
 from .costs import COST_SOURCES, CostModel
 
 __all__ = ["CalibrationSettings", "add_quality_options", "BUDGET_RULES", "GROUNDTRUTH_RULES", "SENSITIVITY",
-           "MIN_VIDEOS", "GROUNDTRUTH_MODELS", "COST_TERMS"]
+           "MIN_VIDEOS", "GROUNDTRUTH_MODELS", "COST_TERMS", "SEARCHES"]
 
 #: How ``min_psnr`` is checked on the calibration videos: every video (``worst``, the default) or their mean.
 BUDGET_RULES = ("worst", "mean")
@@ -26,6 +26,11 @@ GROUNDTRUTH_RULES = ("report", "require")
 #: moves the final output (one generation each: :func:`~.probes.probe_step_weights`, :func:`~.probes.probe_layer_weights`);
 #: ``uniform`` counts every step and layer the same.
 SENSITIVITY = ("probe", "uniform")
+#: ``--search``: ``allocation`` chooses a candidate per (step bucket, layer, head) from scored attention errors
+#: (:class:`~.search.SearchSpace`, bisected on verified runs); ``warmup`` a dense warm-up, then one candidate
+#: everywhere, bisecting each candidate's warm-up on verified runs only (:func:`~.budget.warmup_search`: no scoring,
+#: no probes, a fraction of the cost).
+SEARCHES = ("allocation", "warmup")
 #: Fewer calibration videos than this get a note: the search overfits them (BENCHMARKS.md section 11).
 MIN_VIDEOS = 8
 #: Models whose videos have a ground-truth checker (:mod:`dit_accel.eval.groundtruth`).
@@ -87,6 +92,7 @@ class CalibrationSettings:
     probe_videos: int = 4
     baseline: bool = True
     replay_mb: float = 1024.0
+    search: str = "allocation"
 
     def gates_groundtruth(self) -> bool:
         """Whether a verified plan must keep the calibration videos' ground truth (``groundtruth``)."""
@@ -100,6 +106,12 @@ class CalibrationSettings:
             raise ValueError("no calibration prompts: pass --prompts FILE (one per line)")
         if self.max_layer_error is not None and not self.max_layer_error > 0:
             raise ValueError(f"--max-layer-error must be > 0; got {self.max_layer_error}")
+        if self.search not in SEARCHES:
+            raise ValueError(f"--search {self.search!r} is invalid: choose one of {list(SEARCHES)}")
+        if self.search == "warmup" and (self.min_psnr is None or self.max_layer_error is not None):
+            raise ValueError("--search warmup verifies whole plans against --min-psnr and scores no per-layer "
+                             "attention errors: give --min-psnr without --max-layer-error (or use --search "
+                             "allocation)")
         if self.cost_terms not in COST_TERMS:
             raise ValueError(f"--cost-terms {self.cost_terms!r} is invalid: choose one of {list(COST_TERMS)}")
         if self.costs not in COST_SOURCES:

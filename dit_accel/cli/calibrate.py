@@ -288,6 +288,12 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--costs", choices=("model", "measured"), default="model",
                    help="what prices a candidate: the kernels' cost model (default; --arch, --kernel, --cost-terms), "
                         "or its attention call timed on this device (--device, --dtype) on random inputs of the grid")
+    p.add_argument("--search", choices=("allocation", "warmup"), default="allocation",
+                   help="allocation (default): a candidate per step phase, layer and head, from every candidate's "
+                        "attention error scored on the dense run, weighed by sensitivity probes; warmup: a dense "
+                        "warm-up, then one candidate on every head, each candidate's warm-up bisected on verified "
+                        "runs (no scoring, no probes: a fraction of the time; needs --min-psnr). The next five flags "
+                        "are allocation's")
     p.add_argument("--search-iters", type=int, default=6, help="bisection steps of the PSNR search (default 6)")
     p.add_argument("--uniform-options", type=int, default=3, metavar="N",
                    help="also verify the N most promising step-structured plans (dense warm-up, then one method "
@@ -349,7 +355,7 @@ def _run(args) -> int:
         batch_size=args.batch_size, backend=args.backend, budget_on=args.budget_on,
         groundtruth=args.groundtruth, sensitivity=args.sensitivity,
         layer_groups=args.layer_groups, uniform_options=args.uniform_options, probe_videos=args.probe_videos,
-        baseline=args.baseline, replay_mb=args.replay_mb)
+        baseline=args.baseline, replay_mb=args.replay_mb, search=args.search)
     try:
         result = calibrate(settings, args.out, report_dir=args.report_dir, progress=not args.no_progress)
     except (ModelLoadError, ValueError, OSError) as exc:

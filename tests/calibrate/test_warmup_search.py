@@ -1,0 +1,141 @@
+"""``dit-accel calibrate --search warmup``: a dense warm-up, then one candidate everywhere, bisected per candidate on
+verified runs; checked against every (candidate, warm-up) pair, and end to end."""
+
+import json
+import math
+import random
+
+import pytest
+
+import dit_accel
+from dit_accel.calibrate.budget import COST_TIE, warmup_search
+from dit_accel.calibrate.candidates import candidate_grid
+from dit_accel.calibrate.costs import CostModel
+from dit_accel.calibrate.search import SearchSpace, UniformAssignment
+from dit_accel.cli.main import main
+
+GRID = (4, 12, 12)
+STEPS = 12
+BUCKETS = [(0, 1), (1, 2), (2, 11), (11, 12)]
+
+
+def _space():
+    """Tile and SLA candidates on GRID, tiles-priced, with no scored errors (the warm-up search reads none)."""
+    cands = candidate_grid(GRID, size="small", methods=("tile", "sla"))
+    costs = CostModel(GRID, 32, terms="tiles")
+    block = [c for c in cands if c.kind == "block_sparse"]
+    return SearchSpace(cands, {}, costs, 2, BUCKETS, 4, costs.full_head(block[0].method.plan(GRID)))
+
+
+def _verify_by_threshold(least, runs):
+    """A stand-in for the end-to-end run: a uniform plan passes (30 dB on both videos) when its warm-up is at least
+    ``least[candidate]``, else fails (20 dB); the dense plan is exact. Every run is appended to ``runs``."""
+    def verify(assignment, lam):
+        runs.append(assignment)
+        if isinstance(assignment, UniformAssignment):
+            psnr = 30.0 if assignment.warmup >= least[assignment.candidate] else 20.0
+        else:
+            assert all(c.dense for c in assignment.choices.values())
+            psnr = 100.0
+        return {"psnr_videos": [psnr, psnr + 1.0], "modelled_ms": assignment.cost_per_sample(2) * 1e3,
+                "assignment": assignment}
+
+    return verify
+
+
+def _cheapest_passing(space, least):
+    """Brute force: the least cost of a passing plan over every sparse candidate and warm-up, and the dense plan."""
+    dense = space.assign(math.inf).cost_per_sample(2)
+    costs = [UniformAssignment(space, c, w).cost_per_sample(2) for c in space.block + space.sla
+             for w in range(STEPS) if w >= least[c]]
+    return min(costs + [dense]) * 1e3
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_the_warmup_search_finds_the_cheapest_passing_plan_of_every_pair(seed):
+    space = _space()
+    assert not space.errors and space.sparse_pays()
+    rng = random.Random(seed)
+    least = {c: rng.randint(0, STEPS + 1) for c in space.block + space.sla}  # STEPS + 1: passes at no warm-up
+    runs = []
+    best, trace = warmup_search(space, _verify_by_threshold(least, runs), min_psnr=25.0, calls_per_step=2)
+    cheapest = _cheapest_passing(space, least)
+    assert best["passes"] and cheapest <= best["modelled_ms"] <= cheapest * (1 + COST_TIE) + 1e-9
+    assert len(trace) == len(runs) and len({a.key() for a in runs}) == len(runs)  # each plan verified once
+    # bisection: at most one probe at a candidate's longest affordable warm-up, then log2 of the range
+    sparse = [c for c in space.block + space.sla if space.layer_cost(c) < space.dense_layer_cost]
+    assert len(runs) <= len(sparse) * (2 + math.ceil(math.log2(STEPS + 1))) + 1
+    # candidates costlier per call than dense are never run; every plan run after the first passing one is cheaper
+    assert all(space.layer_cost(a.candidate) < space.dense_layer_cost for a in runs if isinstance(a, UniformAssignment))
+    first = next((i for i, r in enumerate(trace) if r["passes"]), len(trace))
+    for i in range(first + 1, len(trace)):
+        passed = min(r["modelled_ms"] for r in trace[:i] if r["passes"])
+        assert trace[i]["modelled_ms"] < passed / (1 + COST_TIE) + 1e-9
+
+
+def test_the_warmup_search_ends_at_the_dense_plan_when_no_warm_up_passes():
+    space = _space()
+    runs = []
+    least = {c: STEPS for c in space.block + space.sla}  # every sparse step breaks the budget
+    best, trace = warmup_search(space, _verify_by_threshold(least, runs), min_psnr=25.0, calls_per_step=2)
+    assert all(c.dense for c in best["assignment"].choices.values()) and best["passes"]
+    assert sum(not isinstance(a, UniformAssignment) for a in runs) == 1  # the dense plan, run once, at the end
+    assert not any(r["passes"] for r in trace[:-1])
+
+
+def test_warmup_search_needs_a_psnr_budget_and_no_layer_error(tmp_path, capsys):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red circle moving right\n")
+    base = ["calibrate", "--model", "tiny-shapes", "--prompts", str(prompts), "--out", str(tmp_path / "p.json"),
+            "--no-progress", "--search", "warmup"]
+    assert main(base + ["--max-layer-error", "0.2"]) == 2
+    err = capsys.readouterr().err
+    assert "--search warmup" in err and "--max-layer-error" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "p.json").exists()
+
+
+def test_calibrate_with_the_warmup_search_end_to_end(tmp_path, capsys):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle moving right\na blue square moving left\n")
+    out = tmp_path / "plan.json"
+    code = main(["calibrate", "--model", "tiny-shapes", "--prompts", str(prompts), "--min-psnr", "25", "--out",
+                 str(out), "--search", "warmup", "--candidates", "small", "--methods", "tile,sla", "--steps", "3",
+                 "--cost-terms", "tiles", "--no-progress", "--quiet", "--seeds", "0", "--validate", "1"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    plan = dit_accel.SparsePlan.load(out)
+    result = json.loads((tmp_path / "plan_report" / "calibration.json").read_text())
+    assert result["settings"]["search"] == "warmup" and "warm-up bisected" in plan.provenance["objective"]
+    assert "scoring" not in result["seconds"] and "sensitivity probes" not in result["seconds"]
+    assert result["step_weights"] is None
+    # every verified plan is a warm-up then one candidate (or, when none passes, the dense plan)
+    labels = [t["plan"] for t in result["trace"]]
+    assert all(label.startswith("uniform ") or label == "dense (exact)" for label in labels)
+    assert result["chosen"] in labels and f"chosen: {result['chosen']}" in printed
+    warm = result["final"]["warmup_steps"]
+    assert [(p.start, p.stop) for p in plan.phases] == ([] if warm == 3 else [(warm, None)])
+    report = (tmp_path / "plan_report" / "report.md").read_text()
+    assert "--search warmup" in report and "## Search and validation" in report
+    assert result["final"]["psnr_worst"] >= 25.0 and result["validation"]["videos"] == 1
+
+
+def test_a_plan_that_fails_validation_falls_back_one_dense_step_at_a_time():
+    """The bisection verified warm-ups 6 and 8; when 6 fails on the validation videos, 7 is verified on the search
+    videos (only when reached) and offered before 8; a longer warm-up that fails the search videos is skipped."""
+    from dit_accel.calibrate.run import CalibrationSettings, _longer_warmups
+
+    space = _space()
+    tile = space.block[0]
+    runs = []
+    verify = _verify_by_threshold({tile: 6}, runs)
+    trace = [dict(verify(UniformAssignment(space, tile, w), math.nan), passes=True) for w in (8, 6)]
+    runs.clear()
+    settings = CalibrationSettings("tiny-shapes-long", ["p"], min_psnr=25.0, search="warmup")
+    fallback = _longer_warmups(trace[1], settings, verify, trace)
+    assert runs == []  # nothing verified before a fallback is asked for
+    seventh = next(fallback)
+    assert seventh["assignment"].warmup == 7 and seventh["passes"] and trace[-1] is seventh and len(runs) == 1
+    assert next(fallback) is trace[0] and len(runs) == 1  # 8: verified already
+    assert [r["assignment"].warmup for r in fallback] == list(range(9, STEPS)) and len(runs) == STEPS - 8
+    failing = _longer_warmups(trace[1], settings, _verify_by_threshold({tile: STEPS}, []), [trace[1]])
+    assert list(failing) == []  # longer warm-ups that fail the search videos are not offered
