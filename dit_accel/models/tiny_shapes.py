@@ -103,7 +103,8 @@ TINY_SHAPES_LONG_METHODS = {
 TINY_SHAPES_LONG_PLAN = TINY_SHAPES_PLAN.with_name("tiny-shapes-long.json")
 TINY_SHAPES_LONG_PLAN_COMMAND = (
     "dit-accel calibrate --model tiny-shapes-long --prompts dit_accel/models/plans/tiny-shapes.prompts.txt "
-    "--tile 1,12,12 --costs measured --min-psnr 30 --out dit_accel/models/plans/tiny-shapes-long.json "
+    "--tile 1,12,12 --costs measured --search warmup --min-psnr 31 --seeds 0 --validate 4 "
+    "--out dit_accel/models/plans/tiny-shapes-long.json "
     "--report-dir docs/calibrate_evidence/tiny-shapes-long-shipped")
 
 
