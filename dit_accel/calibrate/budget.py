@@ -166,8 +166,8 @@ def warmup_search(space: SearchSpace, verify: Callable[[Assignment, float], dict
 
     - the first candidate between no warm-up and the dense plan (exact: it passes without a run);
     - every later one only at warm-ups that would make it cheaper than the best plan so far by more than
-      :data:`COST_TIE`: its longest such warm-up first (a failure there ends that candidate after one run, and
-      on most of the videos' budget failures after the first quarter of them), then down by bisection.
+      :data:`COST_TIE`: its longest such warm-up first (a failure there ends that candidate, usually after the
+      first quarter of the videos), then down by bisection.
 
     The dense plan, verified, when no candidate passes at any warm-up."""
     run = _VerifiedRuns(verify, min_psnr, rule)

@@ -234,6 +234,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     from ..calibrate.candidates import GRIDS, METHODS
     from ..calibrate.costs import CostModel
     from ..calibrate.run import add_quality_options
+    from ..calibrate.settings import SEARCHES
 
     p = subparsers.add_parser("calibrate", help="search a sparse plan per layer, head and step under a quality budget",
                               description=plain(__doc__), formatter_class=HelpFormatter)
@@ -288,12 +289,12 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--costs", choices=("model", "measured"), default="model",
                    help="what prices a candidate: the kernels' cost model (default; --arch, --kernel, --cost-terms), "
                         "or its attention call timed on this device (--device, --dtype) on random inputs of the grid")
-    p.add_argument("--search", choices=("allocation", "warmup"), default="allocation",
+    p.add_argument("--search", choices=SEARCHES, default="allocation",
                    help="allocation (default): a candidate per step phase, layer and head, from every candidate's "
                         "attention error scored on the dense run, weighed by sensitivity probes; warmup: a dense "
                         "warm-up, then one candidate on every head, each candidate's warm-up bisected on verified "
-                        "runs (no scoring, no probes: a fraction of the time; needs --min-psnr). The next five flags "
-                        "are allocation's")
+                        "runs (no scoring, no probes: a fraction of the time; needs --min-psnr; --search-iters, "
+                        "--uniform-options, --probe-videos, --sensitivity and --layer-groups do not apply)")
     p.add_argument("--search-iters", type=int, default=6, help="bisection steps of the PSNR search (default 6)")
     p.add_argument("--uniform-options", type=int, default=3, metavar="N",
                    help="also verify the N most promising step-structured plans (dense warm-up, then one method "
