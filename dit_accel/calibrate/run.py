@@ -618,7 +618,8 @@ def _add_seconds(result: dict, seconds: Dict[str, float], validation: Optional[d
     dense_per_video = (validation or {}).get("dense_seconds_per_video")
     if dense_per_video:
         result["cost_vs_dense"] = {"dense_generation_s": dense_per_video * videos, "videos": videos,
-                                   "ratio": seconds["total"] / (dense_per_video * videos)}
+                                   "ratio": seconds["total"] / (dense_per_video * videos),
+                                   "per_video_ratio": seconds["total"] / dense_per_video}
 
 
 def calibrate(settings: CalibrationSettings, out, *, report_dir=None, progress: bool = True,

@@ -361,7 +361,7 @@ def _run(args) -> int:
         result = calibrate(settings, args.out, report_dir=args.report_dir, progress=not args.no_progress)
     except (ModelLoadError, ValueError, OSError) as exc:
         return fail(str(exc))
-    final = result["final"]
+    final, cost = result["final"], result.get("cost_vs_dense")
     psnr = "-" if final["psnr"] is None else f"{final['psnr']:.2f} dB (worst video {final['psnr_worst']:.2f})"
     val = (result.get("validation") or {}).get("final")
     if val is not None:
@@ -369,8 +369,8 @@ def _run(args) -> int:
     print(f"plan: {args.out} ({result['plan_summary']['phases']} phases, dense warm-up {final['warmup_steps']} "
           f"steps); PSNR vs dense {psnr}; modelled attention {final['modelled_ms']:.3f} ms/sample vs dense "
           f"{result['dense']['modelled_ms']:.3f}; {result['seconds']['total']:.0f} s" +
-          (f" ({result['cost_vs_dense']['ratio']:.1f}x one dense generation of the same videos)"
-           if result.get("cost_vs_dense") else ""))
+          (f" ({cost['ratio']:.1f}x the dense generation of the same {cost['videos']} videos, "
+           f"{cost['per_video_ratio']:.0f}x one dense video)" if cost else ""))
     if result.get("chosen"):
         print(f"chosen: {result['chosen']}")
     base = (result.get("validation") or {}).get("baseline")

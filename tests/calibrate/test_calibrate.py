@@ -86,7 +86,8 @@ def test_calibrate_end_to_end_writes_a_plan_that_apply_runs(tmp_path, capsys, mo
                  "--search-iters", "1", "--cost-terms", "tiles", "--no-progress", "--quiet", "--seeds", "0",
                  "--validate", "1", *extra])
     assert code == 0
-    assert "note: 1 calibration video(s)" in capsys.readouterr().out  # too few to trust: said
+    printed = capsys.readouterr().out
+    assert "note: 1 calibration video(s)" in printed  # too few to trust: said
     plan = dit_accel.SparsePlan.load(out)
     prov = plan.provenance
     assert prov["model_id"] == model and len(prov["prompts_sha256"]) == 64
@@ -116,6 +117,9 @@ def test_calibrate_end_to_end_writes_a_plan_that_apply_runs(tmp_path, capsys, mo
         assert base["modelled_ms"] >= result["final"]["modelled_ms"] - 1e-12
         assert plan.provenance["quality"]["baseline"]["psnr"] == base["psnr"]
     assert result["plan_sha256"] == plan.content_hash() and result["cost_vs_dense"]["ratio"] > 1
+    cost = result["cost_vs_dense"]  # the same time against one dense video: the ratio times the videos
+    assert cost["per_video_ratio"] == pytest.approx(cost["ratio"] * cost["videos"])
+    assert f"{cost['per_video_ratio']:.0f}x one dense video" in printed
     if model == "tiny-shapes":
         gt = result["groundtruth"]
         assert set(gt) == {"dense", "plan", "required"} and not gt["required"]  # reported by default
