@@ -69,14 +69,15 @@ def groundtruth_kept(plan: dict, dense: dict) -> bool:
     return all(plan[k] >= dense[k] - 1e-9 for k in _GROUNDTRUTH_CHECKS)
 
 
-class _VerifiedRuns:
+class VerifiedRuns:
     """``run(assignment, lam)``: the record of ``verify`` with ``passes`` set, each plan verified once; ``trace``:
-    every record in the order verified."""
+    every record in the order verified (given: a search's records, which are not rerun, and the list appended to)."""
 
-    def __init__(self, verify: Callable[[Assignment, float], dict], min_psnr: Optional[float], rule: str):
+    def __init__(self, verify: Callable[[Assignment, float], dict], min_psnr: Optional[float], rule: str,
+                 trace: Optional[List[dict]] = None):
         self.verify, self.min_psnr, self.rule = verify, min_psnr, rule
-        self.trace: List[dict] = []
-        self.known: Dict[tuple, dict] = {}
+        self.trace: List[dict] = [] if trace is None else trace
+        self.known: Dict[tuple, dict] = {r["assignment"].key(): r for r in self.trace}
 
     def __call__(self, assignment: Assignment, lam: float) -> dict:
         if assignment.key() in self.known:  # verified already: no run, no new row
@@ -110,7 +111,7 @@ def search_budget(space: SearchSpace, verify: Callable[[Assignment, float], dict
        the one that misses it on new ones; at a cost the model cannot tell apart the wider margin is the safer
        plan. The dense plan when nothing passed.
     """
-    run = _VerifiedRuns(verify, min_psnr, rule)
+    run = VerifiedRuns(verify, min_psnr, rule)
     trace = run.trace
     cheapest = space.assign(0.0, max_layer_error)
     best = run(cheapest, 0.0)
@@ -170,7 +171,7 @@ def warmup_search(space: SearchSpace, verify: Callable[[Assignment, float], dict
       first quarter of the videos), then down by bisection.
 
     The dense plan, verified, when no candidate passes at any warm-up."""
-    run = _VerifiedRuns(verify, min_psnr, rule)
+    run = VerifiedRuns(verify, min_psnr, rule)
     steps = space.buckets[-1][1]
     order = sorted((i for i in space.block + space.sla if space.layer_cost(i) < space.dense_layer_cost),
                    key=space.layer_cost)

@@ -15,8 +15,8 @@ import torch
 
 from ..methods import Dense
 from ..sparse_plan import SparsePlan, prompts_hash
-from .budget import (_GROUNDTRUTH_CHECKS, _describe, groundtruth_close, groundtruth_kept, groundtruth_scores,
-                     passes_budget, search_budget, warmup_search)
+from .budget import (_GROUNDTRUTH_CHECKS, VerifiedRuns, _describe, groundtruth_close, groundtruth_kept,
+                     groundtruth_scores, passes_budget, search_budget, warmup_search)
 from .candidates import candidate_grid
 from .costs import CostModel, MeasuredCostModel
 from .probes import probe_layer_weights, probe_step_weights
@@ -291,15 +291,9 @@ def _longer_warmups(best: dict, settings: CalibrationSettings, verify, trace: Li
     first, each verified there (and added to ``trace``) only when reached: ``--search warmup``'s bisection verified
     only the warm-ups it visited, and a plan that fails validation should fall back one dense step at a time."""
     chosen: UniformAssignment = best["assignment"]
-    known = {r["assignment"].key(): r for r in trace}
+    run = VerifiedRuns(verify, settings.min_psnr, settings.budget_on, trace)
     for warmup in range(chosen.warmup + 1, chosen.steps):
-        option = UniformAssignment(chosen.space, chosen.candidate, warmup)
-        record = known.get(option.key())
-        if record is None:
-            record = verify(option, math.nan)
-            record["passes"] = (passes_budget(record["psnr_videos"], settings.min_psnr, settings.budget_on)
-                                and record.get("groundtruth_ok", True))
-            trace.append(record)
+        record = run(UniformAssignment(chosen.space, chosen.candidate, warmup), math.nan)
         if record["passes"]:
             yield record
 
