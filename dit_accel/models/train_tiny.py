@@ -69,6 +69,7 @@ _WORDS = ["a", "an", "moving", *COLOURS, *SHAPES, *DIRECTIONS]
 _PAD_LENGTHS = (8, 16, 32, 64, 226)  # 226: WanPipeline's default max_sequence_length
 _UNCOND_PROB = 0.1
 NOISE_LEVELS = ("logit-normal", "uniform")  # laws of the training noise levels (before the shift)
+PRECISIONS = ("fp32", "bf16")  # of the training passes (bf16: autocast, the weights stay fp32)
 HEADS = (4, 8, 16)  # heads per layer a model trained from scratch may have (transformer_config)
 _SHORT_FRAMES = 3  # curriculum: frames of the cheap first phase (2 latent frames)
 
@@ -209,7 +210,7 @@ def build_pipeline(latents_mean, latents_std, seed: int = 0, heads: int = 4):
 
 def _encode_text(pipe, prompts, length: int) -> torch.Tensor:
     """What ``WanPipeline.encode_prompt`` returns, with gradients: masked outputs zero-padded to ``length``."""
-    ids = pipe.tokenizer(prompts, padding="longest", return_tensors="pt")
+    ids = pipe.tokenizer(prompts, padding="longest", return_tensors="pt").to(pipe.text_encoder.device)
     hidden = pipe.text_encoder(ids.input_ids, ids.attention_mask).last_hidden_state
     hidden = hidden * ids.attention_mask[..., None]
     return F.pad(hidden, (0, 0, 0, length - hidden.shape[1]))
@@ -267,9 +268,10 @@ def _flow_matching_inputs(pipe, latents, prompts, length, g: torch.Generator, no
     noise = torch.randn(latents.shape, generator=g)
     s = sigma.view(-1, 1, 1, 1, 1)
     text = _encode_text(pipe, prompts, length)
-    inputs = {"hidden_states": (1 - s) * latents + s * noise, "timestep": sigma * 1000,
+    device = pipe.transformer.device  # drawn on the CPU generator above, so any device trains on the same draws
+    inputs = {"hidden_states": ((1 - s) * latents + s * noise).to(device), "timestep": (sigma * 1000).to(device),
               "encoder_hidden_states": text, "return_dict": False}
-    return inputs, noise - latents  # velocity: what FlowMatchEulerDiscreteScheduler integrates
+    return inputs, (noise - latents).to(device)  # velocity: what FlowMatchEulerDiscreteScheduler integrates
 
 
 def _flow_matching_loss(pipe, latents, prompts, length, g: torch.Generator, local=None,
@@ -312,7 +314,7 @@ def _locality_loss(pipe, inputs, target, watcher, weight: float, max_noise) -> t
         outside = watcher.outside()
     loss = F.mse_loss(pred, target)
     levels = torch.tensor(list(max_noise) if isinstance(max_noise, (tuple, list)) else [max_noise],
-                          dtype=torch.float64) * 1000
+                          dtype=torch.float64, device=inputs["timestep"].device) * 1000
     outside = outside.reshape(len(levels), -1)  # [patterns, B]
     eligible = inputs["timestep"].double()[None, :] <= levels[:, None]
     rows = eligible.any(dim=0)
@@ -345,7 +347,8 @@ def train(out_dir=TINY_SHAPES_DIR, *, steps: int = 3600, batch_size: int = 16, l
           init=None,
           time_limit: float = None, local=None, local_weight: float = 1.0, local_pull: str = "sparse",
           local_max_noise: float = 1.0, locality=None, locality_weight: float = 1.0, locality_queries: int = 256,
-          noise_levels: str = "logit-normal", heads: int = 4) -> dict:
+          noise_levels: str = "logit-normal", heads: int = 4, device: str = "cpu",
+          precision: str = "fp32") -> dict:
     """Train and save the ``tiny-shapes`` pipeline to ``out_dir``; returns the training log.
 
     The first ``short_fraction`` of the steps train on the first 3 frames of each
@@ -384,6 +387,12 @@ def train(out_dir=TINY_SHAPES_DIR, *, steps: int = 3600, batch_size: int = 16, l
     Noise levels: ``noise_levels="uniform"`` draws the training noise levels uniformly before the shift instead of
     logit-normal: about 8 % of the steps below noise 0.2 instead of under 1 %, the levels that clean the last detail.
 
+    Device: ``device`` (e.g. ``"cuda"``) runs the transformer and text encoder there; clips, noise and every random
+    draw stay on the CPU generator, so a GPU run sees the same batches (its weights differ by the device's arithmetic).
+    The closing evaluation runs on the device too; the saved folder loads on any device. ``precision="bf16"`` runs
+    the forward and backward passes under bf16 autocast (fp32 weights, optimizer and EMA): on a GPU, flash attention
+    instead of fp32 attention.
+
     Example::
 
         train("/tmp/tiny-shapes", steps=200)   # a quick smoke run
@@ -392,13 +401,15 @@ def train(out_dir=TINY_SHAPES_DIR, *, steps: int = 3600, batch_size: int = 16, l
                 "short_fraction": short_fraction, "short_frames": _SHORT_FRAMES, "ema_decay": ema_decay,
                 "seed": seed, "threads": torch.get_num_threads(), "scheduler_shift": SCHEDULER_SHIFT,
                 "uncond_prob": _UNCOND_PROB, "pad_lengths": _PAD_LENGTHS, "size": TINY_SHAPES_DEFAULTS,
-                "heads": heads}
+                "heads": heads, "device": str(device), "precision": precision}
     transformer_config(heads)  # a bad head count fails here, before anything is built
     if init and heads != 4:
         raise ValueError("heads applies to a model trained from scratch; a fine-tune (init) keeps its model's heads")
     frames, canvas = _checked_shape(frames, size, object_canvas, local_pull)
     if not 0.0 < local_max_noise <= 1.0:
         raise ValueError(f"local_max_noise must be in (0, 1], got {local_max_noise}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     if noise_levels not in NOISE_LEVELS:
         raise ValueError(f"noise_levels must be one of {NOISE_LEVELS}, got {noise_levels!r}")
     if local is not None and locality is not None:
@@ -410,6 +421,7 @@ def train(out_dir=TINY_SHAPES_DIR, *, steps: int = 3600, batch_size: int = 16, l
                     locality=None if locality is None else _locality_record(locality), locality_weight=locality_weight,
                     locality_queries=locality_queries)
     pipe, mean, std = _starting_pipeline(init, frames, seed, size, heads)
+    pipe.to(device)
     params = [p for m in (pipe.transformer, pipe.text_encoder) for p in m.parameters()]
     ema = [p.detach().clone() for p in params]
     optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.99), weight_decay=0.01, fused=True)
@@ -421,7 +433,7 @@ def train(out_dir=TINY_SHAPES_DIR, *, steps: int = 3600, batch_size: int = 16, l
         locality_weight, tuple(level for level, _ in schedule))
     outside = []  # the locality term's values since the last log point
     curve, window, load_start, start, steps_done = [], [], os.getloadavg(), time.perf_counter(), 0
-    print(f"training tiny-shapes: {steps} steps of {batch_size} clips on {torch.get_num_threads()} threads -> "
+    print(f"training tiny-shapes: {steps} steps of {batch_size} clips on {device} ({torch.get_num_threads()} threads) -> "
           f"{out_dir}; mean loss every {log_every} steps below (JSON lines)", file=sys.stderr, flush=True)
     for step in tqdm(range(steps), desc="training tiny-shapes", unit="step", file=sys.stderr, mininterval=2.0,
                      dynamic_ncols=True):
@@ -431,9 +443,10 @@ def train(out_dir=TINY_SHAPES_DIR, *, steps: int = 3600, batch_size: int = 16, l
             break
         clip_frames = _SHORT_FRAMES if step < short_fraction * steps else frames
         batch = _sample_batch(g, batch_size, clip_frames, mean, std, frames, size, object_canvas)
-        loss = _flow_matching_loss(pipe, *batch, g,
-                                   None if handle is None else (handle, local_weight, local_pull, local_max_noise),
-                                   noise_levels, watcher)
+        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+            loss = _flow_matching_loss(pipe, *batch, g,
+                                       None if handle is None else (handle, local_weight, local_pull, local_max_noise),
+                                       noise_levels, watcher)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -636,6 +649,11 @@ def main(argv=None) -> None:
                              "its noise")
     parser.add_argument("--heads", type=int, default=4, choices=HEADS,
                         help="attention heads per layer of a model trained from scratch, same total width (default 4)")
+    parser.add_argument("--device", default="cpu",
+                        help="where the transformer and text encoder train, e.g. cuda (default cpu; clips and noise are "
+                             "drawn on the CPU either way)")
+    parser.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                        help="bf16: forward and backward under bf16 autocast, fp32 weights (default fp32)")
     parser.add_argument("--locality-weight", type=float, default=1.0, help="weight of the --locality term (default 1)")
     parser.add_argument("--locality-queries", type=int, default=256,
                         help="queries sampled per self-attention call for the --locality term (default 256)")
@@ -651,7 +669,8 @@ def main(argv=None) -> None:
                 object_canvas=args.object_canvas, init=args.init,
                 time_limit=args.time_limit, local=local, local_weight=args.local_weight, local_pull=args.local_pull,
                 local_max_noise=args.local_max_noise, locality=locality, locality_weight=args.locality_weight,
-                locality_queries=args.locality_queries, noise_levels=args.noise_levels, heads=args.heads)
+                locality_queries=args.locality_queries, noise_levels=args.noise_levels, heads=args.heads,
+                device=args.device, precision=args.precision)
     print(json.dumps({k: log[k] for k in ("steps_done", "train_seconds", "parameters")} | {"eval": log.get("eval")}, indent=1))
 
 

@@ -15,7 +15,7 @@
     # the same for windows of whole frames (12x12 tokens)
     python docs/scripts/long_clip_checks.py heads --weights DIR --tile 1,12,12 --windows '[[1,1,1],[3,1,1],[5,1,1]]'
 
-Both run the stock pipeline call (12 steps, max_sequence_length 16; 48x48 unless --size) on the CPU.
+All run the stock pipeline call (12 steps, max_sequence_length 16; 48x48 unless --size) on the CPU, or on --device.
 """
 
 from __future__ import annotations
@@ -32,15 +32,17 @@ WINDOWS = ((3, 1, 3), (3, 1, 3), (3, 3, 1), (3, 3, 1))  # heads 0-1: a row band,
 KEYS = ("colour_ok", "shape_ok", "motion_ok", "consistent")
 
 
-def _pipe(folder: str, shift: float = None):
-    """The saved pipeline; ``shift``: its sampler's shift instead of the saved one (3 for tiny-shapes)."""
+def _pipe(folder: str, shift: float = None, device: str = "cpu"):
+    """The saved pipeline on ``device`` (fp32, TF32 off); ``shift``: its sampler's shift instead of the saved one
+    (3 for tiny-shapes)."""
     from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler
 
     pipe = DiffusionPipeline.from_pretrained(folder, torch_dtype=torch.float32, local_files_only=True)
     if shift is not None:
         pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config, shift=shift)
     pipe.set_progress_bar_config(disable=True)
-    return pipe
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # fp32 as on the CPU
+    return pipe.to(device)
 
 
 def _call(args) -> dict:
@@ -51,7 +53,7 @@ def _call(args) -> dict:
 def ground_truth(args) -> None:
     from dit_accel.models.groundtruth import score_many
 
-    pipe, prompts, start = _pipe(args.weights), _calibration_prompts(), time.perf_counter()
+    pipe, prompts, start = _pipe(args.weights, device=args.device), _calibration_prompts(), time.perf_counter()
     videos = _videos(pipe, prompts, args.seeds, _call(args))
     names = [p for _ in args.seeds for p in prompts]
     print(f"guidance {args.guidance} seeds {args.seeds}: {score_many(videos, names)} "
@@ -62,7 +64,7 @@ def psnr(args) -> None:
     import dit_accel
     from dit_accel.models.groundtruth import score_video
 
-    pipe = _pipe(args.weights)
+    pipe = _pipe(args.weights, device=args.device)
     from dit_accel.weights import method_from_dict
 
     method = method_from_dict(json.loads(args.method)) if args.method else dit_accel.Tile(tile=(4, 4, 4), window=WINDOWS)
@@ -117,7 +119,7 @@ def sweep(args) -> None:
     from dit_accel.models.groundtruth import score_many, score_video
     from dit_accel.weights import method_from_dict
 
-    pipe, call = _pipe(args.weights, args.shift), _call(args)
+    pipe, call = _pipe(args.weights, args.shift, args.device), _call(args)
     prompts = _calibration_prompts()
     names = [p for _ in args.seeds for p in prompts]
     start = time.perf_counter()
@@ -162,7 +164,7 @@ def heads(args) -> None:
     import dit_accel
     from dit_accel.patterns.tile import tile_mask
 
-    pipe, call = _pipe(args.weights), _call(args)
+    pipe, call = _pipe(args.weights, device=args.device), _call(args)
     grid = ((args.frames - 1) // 2 + 1, args.size // 4, args.size // 4)
     tile = tuple(int(x) for x in args.tile.split(","))
     windows = tuple(tuple(w) for w in json.loads(args.windows)) if args.windows else (
@@ -198,6 +200,7 @@ def main(argv=None) -> None:
         s.add_argument("--size", type=int, default=48, help="frame height and width in pixels")
         s.add_argument("--guidance", type=float, default=2.0)
         s.add_argument("--threads", type=int, default=2)
+        s.add_argument("--device", default="cpu", help="where the pipeline runs, e.g. cuda (default cpu)")
     sub.choices["gt"].add_argument("--seeds", type=int, nargs="+", default=[0])
     sub.choices["psnr"].add_argument("--prompts", nargs="+", default=["a red circle moving right"])
     sub.choices["psnr"].add_argument("--seed", type=int, default=0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -250,7 +251,7 @@ def test_noise_levels_uniform_draws_more_low_noise_steps(tmp_path, monkeypatch):
     import math
 
     latents = torch.zeros(4000, 6, 1, 1, 1)
-    pipe = type("P", (), {})()
+    pipe = type("P", (), {"transformer": type("T", (), {"device": torch.device("cpu")})()})()
     monkeypatch.setattr(train_tiny, "_encode_text", lambda pipe, prompts, length: None)
     shares = {}
     for law in ("uniform", "logit-normal"):
@@ -285,3 +286,17 @@ def test_heads_trains_a_model_with_more_heads_of_the_same_width(tmp_path):
         train_tiny.train(tmp_path / "bad", steps=1, heads=6, eval_seeds=())
     with pytest.raises(ValueError, match="from scratch"):
         train_tiny.train(tmp_path / "ft", steps=1, heads=8, init=TINY_SHAPES_DIR, eval_seeds=())
+
+
+def test_precision_bf16_trains_under_autocast_and_records_device(tmp_path):
+    """--precision bf16: the passes run under bf16 autocast (a finite loss, fp32 weights saved), the log records the
+    device and precision; another precision is refused before anything is built."""
+    log = train_tiny.train(tmp_path, steps=2, batch_size=2, lr=1e-3, warmup=1, short_fraction=1.0, eval_seeds=(),
+                           precision="bf16", device="cpu")
+    assert log["settings"]["precision"] == "bf16" and log["settings"]["device"] == "cpu"
+    assert all(math.isfinite(p["loss"]) for p in log["curve"])
+    weights = load_file(str(next((tmp_path / "transformer").glob("*.safetensors"))))
+    assert {t.dtype for t in weights.values()} == {torch.float32}
+    with pytest.raises(ValueError, match="precision must be one of"):
+        train_tiny.train(tmp_path / "x", steps=1, precision="fp16", eval_seeds=())
+    assert not (tmp_path / "x").exists()
