@@ -181,7 +181,7 @@ def heads(args) -> None:
         with dit_accel.apply(pipe, dit_accel.Dense(), capture=folder, capture_steps=args.steps):
             pipe(args.prompt, generator=torch.Generator().manual_seed(0), **call)
         for path in sorted(Path(folder).glob("*.pt")):
-            data = torch.load(path)
+            data = torch.load(path, map_location="cpu")  # the masks are on the CPU
             q, k = data["q"][0].float(), data["k"][0].float()
             p = torch.softmax(q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5, -1)
             oracle = _oracle_mass(p, tiles, keep)
