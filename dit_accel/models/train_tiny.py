@@ -402,19 +402,9 @@ def train(out_dir=TINY_SHAPES_DIR, *, steps: int = 3600, batch_size: int = 16, l
                 "seed": seed, "threads": torch.get_num_threads(), "scheduler_shift": SCHEDULER_SHIFT,
                 "uncond_prob": _UNCOND_PROB, "pad_lengths": _PAD_LENGTHS, "size": TINY_SHAPES_DEFAULTS,
                 "heads": heads, "device": str(device), "precision": precision}
-    transformer_config(heads)  # a bad head count fails here, before anything is built
-    if init and heads != 4:
-        raise ValueError("heads applies to a model trained from scratch; a fine-tune (init) keeps its model's heads")
+    _check_choices(init=init, heads=heads, local_max_noise=local_max_noise, precision=precision,
+                   noise_levels=noise_levels, local=local, locality=locality)
     frames, canvas = _checked_shape(frames, size, object_canvas, local_pull)
-    if not 0.0 < local_max_noise <= 1.0:
-        raise ValueError(f"local_max_noise must be in (0, 1], got {local_max_noise}")
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    if noise_levels not in NOISE_LEVELS:
-        raise ValueError(f"noise_levels must be one of {NOISE_LEVELS}, got {noise_levels!r}")
-    if local is not None and locality is not None:
-        raise ValueError("local (a sparse prediction pulled to the dense one) and locality (the dense attention held "
-                         "inside a pattern) are two ways to the same end; give one")
     settings.update(frames=frames, canvas=canvas, object_canvas=object_canvas or canvas, init=str(init) if init else None,
                     time_limit=time_limit, local=None if local is None else local.to_dict(), local_weight=local_weight,
                     local_pull=local_pull, local_max_noise=local_max_noise, noise_levels=noise_levels,
@@ -496,6 +486,23 @@ def _save_and_evaluate(pipe, out_dir: Path, log: dict, eval_seeds, frames: int, 
         log["eval"] = evaluate(pipe, seeds=tuple(eval_seeds), num_frames=frames, **canvas)
     atomic_write_json(out_dir / "train_log.json", log, indent=1)
     return log
+
+
+def _check_choices(*, init, heads, local_max_noise, precision, noise_levels, local, locality) -> None:
+    """ValueError, before anything is built or written, for a head count, noise limit, precision, noise law or pair
+    of locality terms that :func:`train` cannot take."""
+    transformer_config(heads)
+    if init and heads != 4:
+        raise ValueError("heads applies to a model trained from scratch; a fine-tune (init) keeps its model's heads")
+    if not 0.0 < local_max_noise <= 1.0:
+        raise ValueError(f"local_max_noise must be in (0, 1], got {local_max_noise}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if noise_levels not in NOISE_LEVELS:
+        raise ValueError(f"noise_levels must be one of {NOISE_LEVELS}, got {noise_levels!r}")
+    if local is not None and locality is not None:
+        raise ValueError("local (a sparse prediction pulled to the dense one) and locality (the dense attention held "
+                         "inside a pattern) are two ways to the same end; give one")
 
 
 def _checked_shape(frames, size, object_canvas, local_pull):
