@@ -2,7 +2,8 @@
 
 Fine-tune it, e.g. to longer clips: ``--init DIR`` starts from a saved pipeline (its codec normalisation
 kept; its ``train_log.json`` nested in the new one as ``init_log``), ``--frames N`` sets the clip length
-(default 7), ``--time-limit S`` ends the run early and saves.
+(default 7), ``--time-limit S`` ends the run early and saves. ``--device cuda --precision bf16`` trains on a GPU
+(bf16 autocast, fp32 weights) on the same CPU-drawn clips and noise.
 
 Builds a fresh :class:`diffusers.WanPipeline` (see :mod:`dit_accel.models.tiny_shapes`
 for the components), trains its transformer and text encoder on clips rendered
