@@ -9,6 +9,8 @@
     # dense ground truth of the 8 calibration prompts, then PSNR of METHOD against it with 0, 1 and 2 dense steps
     # (--ft: a `dit-accel finetune` folder applied with the method), 4 prompts per pipeline call
     python docs/scripts/long_clip_checks.py sweep --weights DIR --frames 31 --dense-steps 0 1 2 --method JSON [--ft FT]
+    # the same with the dense steps interleaved: steps 0, 1, 2, 4 and 6 dense, the others under METHOD
+    python docs/scripts/long_clip_checks.py sweep --weights DIR --frames 31 --dense-steps 5 0,1,2,4,6 --method JSON
     # per layer and head: the attention mass inside tile windows (4x4x4 tiles), dense, README's prompt, seed 0, and
     # the most that the best choice of key tiles per query tile at --oracle-density keeps (no method can keep more)
     python docs/scripts/long_clip_checks.py heads --weights DIR --frames 31 [--oracle-density 0.083]
@@ -89,6 +91,13 @@ def _clip_psnr(dense, sparse) -> float:
     return float(10 * np.log10(1 / max(float(((dense - sparse) ** 2).mean()), 1e-10)))
 
 
+def _frame_psnr(dense, sparse) -> float:
+    """The mean of per-frame PSNRs in dB, the measure `calibrate` budgets and `dit-accel eval` reports."""
+    from dit_accel.eval.metrics import psnr_per_frame
+
+    return float(psnr_per_frame(sparse, dense).mean())
+
+
 def _calibration_prompts() -> list:
     from dit_accel.models.tiny_shapes import TINY_SHAPES_PLAN_PROMPTS
     from dit_accel.training.data import read_prompts
@@ -98,7 +107,8 @@ def _calibration_prompts() -> list:
 
 def _videos(pipe, prompts, seeds, call, method=None, dense_steps=0, ft=None, layer_methods=None) -> list:
     """Every prompt x seed (4 prompts per call), dense or under ``method`` (and ``layer_methods``) after
-    ``dense_steps`` dense steps."""
+    ``dense_steps`` dense steps; ``dense_steps`` a tuple of step indices: those steps dense, the others under
+    ``method`` (a plan of one phase per run of sparse steps)."""
     import contextlib
 
     import dit_accel
@@ -107,12 +117,35 @@ def _videos(pipe, prompts, seeds, call, method=None, dense_steps=0, ft=None, lay
     for seed in seeds:
         for i in range(0, len(prompts), 4):
             chunk = prompts[i:i + 4]
-            applied = (dit_accel.apply(pipe, method, dense_steps=dense_steps, weights=ft, layer_methods=layer_methods)
-                       if method is not None else contextlib.nullcontext())
+            if method is None:
+                applied = contextlib.nullcontext()
+            elif isinstance(dense_steps, tuple):
+                applied = dit_accel.apply(pipe, _steps_plan(method, dense_steps, call["num_inference_steps"]))
+            else:
+                applied = dit_accel.apply(pipe, method, dense_steps=dense_steps, weights=ft,
+                                          layer_methods=layer_methods)
             with applied:
                 videos += list(pipe(chunk, generator=[torch.Generator().manual_seed(seed) for _ in chunk],
                                     **call).frames)
     return videos
+
+
+def _steps_plan(method, dense_steps: tuple, steps: int):
+    """A SparsePlan running ``method`` on every layer at each step not in ``dense_steps``."""
+    from dit_accel.sparse_plan import Phase, SparsePlan
+
+    runs = []
+    for step in (s for s in range(steps) if s not in dense_steps):
+        if runs and runs[-1][1] == step:
+            runs[-1][1] = step + 1
+        else:
+            runs.append([step, step + 1])
+    return SparsePlan(phases=tuple(Phase(start=a, stop=b, default=method) for a, b in runs))
+
+
+def _dense_steps(text: str):
+    """``--dense-steps`` entries: ``N`` (the first N steps dense) or ``0,1,2,4`` (these steps dense)."""
+    return tuple(int(x) for x in text.split(",")) if "," in text else int(text)
 
 
 def sweep(args) -> None:
@@ -134,8 +167,10 @@ def sweep(args) -> None:
         start = time.perf_counter()
         sparse = _videos(pipe, prompts, args.seeds, call, method, n, args.ft, layers)
         db = [_clip_psnr(d, s) for d, s in zip(dense, sparse)]
+        frame_db = [_frame_psnr(d, s) for d, s in zip(dense, sparse)]
         print(f"{n} dense steps: PSNR vs dense mean {np.mean(db):.1f} dB, worst {np.min(db):.1f} "
-              f"[{' '.join(f'{x:.0f}' for x in db)}]; sparse GT {score_many(sparse, names)} "
+              f"[{' '.join(f'{x:.0f}' for x in db)}] (mean of per-frame PSNRs: {np.mean(frame_db):.2f}, worst "
+              f"{np.min(frame_db):.2f}); sparse GT {score_many(sparse, names)} "
               f"{time.perf_counter() - start:.0f} s", flush=True)
 
 
@@ -208,7 +243,8 @@ def main(argv=None) -> None:
     sub.choices["psnr"].add_argument("--method", default=None, metavar="JSON",
                                      help="the sparse method (default: the 63-frame per-head Tile windows)")
     sub.choices["sweep"].add_argument("--seeds", type=int, nargs="+", default=[0])
-    sub.choices["sweep"].add_argument("--dense-steps", type=int, nargs="+", default=[0, 1, 2])
+    sub.choices["sweep"].add_argument("--dense-steps", type=_dense_steps, nargs="+", default=[0, 1, 2],
+                                      help="N (the first N steps dense) or a list of dense steps, e.g. 0,1,2,4,6")
     sub.choices["sweep"].add_argument("--method", required=True, metavar="JSON")
     sub.choices["sweep"].add_argument("--ft", default=None, metavar="DIR", help="a `dit-accel finetune` folder")
     sub.choices["sweep"].add_argument("--shift", type=float, default=None,
