@@ -120,6 +120,8 @@ def _videos(pipe, prompts, seeds, call, method=None, dense_steps=0, ft=None, lay
             if method is None:
                 applied = contextlib.nullcontext()
             elif isinstance(dense_steps, tuple):
+                if ft or layer_methods:
+                    raise SystemExit("a list of dense steps runs METHOD alone: drop --ft and --layer-methods")
                 applied = dit_accel.apply(pipe, _steps_plan(method, dense_steps, call["num_inference_steps"]))
             else:
                 applied = dit_accel.apply(pipe, method, dense_steps=dense_steps, weights=ft,
