@@ -41,3 +41,17 @@ def test_oracle_mass_is_the_mass_in_each_query_tiles_best_key_tiles():
     torch.testing.assert_close(checks._oracle_mass(p, ids, keep), torch.tensor(expected))
     uniform = torch.full((1, len(ids), len(ids)), 1.0 / len(ids))  # a head that averages: keeps keep / tiles
     torch.testing.assert_close(checks._oracle_mass(uniform, ids, keep), torch.tensor([keep / 4]))
+
+
+def test_steps_plan_runs_the_method_exactly_on_the_steps_not_listed_dense():
+    """`sweep --dense-steps 0,1,2,4,6`: the plan covers each step outside the list with the method, no step inside."""
+    import dit_accel
+
+    checks = _script()
+    method = dit_accel.Tile(tile=(1, 12, 12), window=(1, 1, 1), block_size=144)
+    for dense in [(0, 1, 2, 4, 6), (0, 2, 4, 6), (1,), (0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10)]:
+        plan = checks._steps_plan(method, dense, 12)
+        covered = {s for p in plan.phases for s in range(p.start, p.stop) if p.default == method}
+        assert covered == set(range(12)) - set(dense)
+        assert all(not p.layers for p in plan.phases)
+    assert checks._dense_steps("3") == 3 and checks._dense_steps("0,1,2,4") == (0, 1, 2, 4)
