@@ -173,10 +173,8 @@ def warmup_search(space: SearchSpace, verify: Callable[[Assignment, float], dict
     The dense plan, verified, when no candidate passes at any warm-up."""
     run = VerifiedRuns(verify, min_psnr, rule)
     steps = space.buckets[-1][1]
-    order = sorted((i for i in space.block + space.sla if space.layer_cost(i) < space.dense_layer_cost),
-                   key=space.layer_cost)
     best: Optional[dict] = None
-    for candidate in order:
+    for candidate in space.cheaper_than_dense():
         options = [UniformAssignment(space, candidate, w) for w in range(steps)]
         lo, hi = -1, steps  # lo: fails (no warm-up below 0); hi: passes (the dense plan at `steps`)
         if best is not None:

@@ -127,11 +127,16 @@ class SearchSpace:
         """Modelled cost of one call of a layer that runs ``candidate`` on every head (one launch)."""
         return self.costs.launch(self.candidates[candidate].kind) + self.heads * float(self.head_cost[candidate])
 
+    def cheaper_than_dense(self) -> List[int]:
+        """The sparse candidates whose layer call (:meth:`layer_cost`) costs less than dense, cheapest first."""
+        return sorted((i for i in self.block + self.sla if self.layer_cost(i) < self.dense_layer_cost),
+                      key=self.layer_cost)
+
     def sparse_pays(self) -> bool:
         """Whether some assignment is cheaper than dense (without errors: some candidate on every head is)."""
         if self.errors:
             return not all(choice.dense for choice in self.assign(0.0).choices.values())
-        return any(self.layer_cost(i) < self.dense_layer_cost for i in self.block + self.sla)
+        return bool(self.cheaper_than_dense())
 
     def scale(self) -> float:
         """A typical cost / error ratio: where the bisection of ``lam`` is centred."""
