@@ -23,9 +23,10 @@ token grid (4, 12, 12): 576 video tokens, nine 64-token blocks. Larger sizes wor
 (any odd frame count, sides that are multiples of 16) for timing, but the model
 only saw the default size.
 
-``tiny-shapes-long`` (:data:`TINY_SHAPES_LONG_DIR`, ``dit-accel generate``'s default) is the same model
-fine-tuned to 31-frame clips: token grid (16, 12, 12), 2,304 video tokens. :data:`SHAPES_MODELS` holds
-what the commands need to run each (call settings, grid, method settings, calibrated plan).
+``tiny-shapes-long`` (:data:`TINY_SHAPES_LONG_DIR`) is the same model fine-tuned to 31-frame clips: token grid
+(16, 12, 12), 2,304 video tokens. ``tiny-shapes-63`` (``dit-accel generate``'s default) is ``tiny-shapes-long``
+fine-tuned on to 63-frame clips: token grid (32, 12, 12), 4,608 video tokens. :data:`SHAPES_MODELS` holds what the
+commands need to run each (call settings, grid, method settings, calibrated plan).
 
 Example::
 
@@ -46,7 +47,8 @@ __all__ = ["ShapesModel", "SHAPES_MODELS", "shapes_model",
            "TINY_SHAPES_DIR", "TINY_SHAPES_DEFAULTS", "TINY_SHAPES_LABEL", "TINY_SHAPES_METHOD", "TINY_SHAPES_METHODS",
            "TINY_SHAPES_PLAN", "TINY_SHAPES_PLAN_PROMPTS", "TINY_SHAPES_PLAN_COMMAND",
            "TINY_SHAPES_PROMPT", "TINY_SHAPES_GRID", "TINY_SHAPES_LONG_DIR", "TINY_SHAPES_LONG_DEFAULTS",
-           "TINY_SHAPES_LONG_GRID", "TINY_SHAPES_LONG_METHODS", "TINY_SHAPES_LONG_PLAN", "TRAINED_MODELS", "balanced_prompts", "load_tiny_shapes", "evaluate"]
+           "TINY_SHAPES_LONG_GRID", "TINY_SHAPES_LONG_METHODS", "TINY_SHAPES_LONG_PLAN", "TINY_SHAPES_63_DIR",
+           "TINY_SHAPES_63_PLAN", "TRAINED_MODELS", "balanced_prompts", "load_tiny_shapes", "evaluate"]
 
 TINY_SHAPES_DIR = Path(__file__).resolve().parent / "weights" / "tiny-shapes"
 TINY_SHAPES_LABEL = "tiny model trained on synthetic clips (coloured shapes)"
@@ -106,6 +108,13 @@ TINY_SHAPES_LONG_PLAN_COMMAND = (
     "--tile 1,12,12 --costs measured --search warmup --min-psnr 31 --seeds 0 --validate 4 "
     "--out dit_accel/models/plans/tiny-shapes-long.json "
     "--report-dir docs/calibrate_evidence/tiny-shapes-long-shipped")
+
+# tiny-shapes-63: tiny-shapes-long fine-tuned on to 63-frame clips on a GPU (docs/models.md has the commands): latent
+# (32, 24, 24), token grid (32, 12, 12) = 4,608 video tokens. Its methods keep the frame windows of tiny-shapes-long,
+# so their densities halve: 3 of 32 frames.
+TINY_SHAPES_63_DIR = TINY_SHAPES_DIR.with_name("tiny-shapes-63")
+TINY_SHAPES_63_PLAN = TINY_SHAPES_PLAN.with_name("tiny-shapes-63.json")
+TINY_SHAPES_63_PLAN_COMMAND = TINY_SHAPES_LONG_PLAN_COMMAND.replace("tiny-shapes-long", "tiny-shapes-63")
 
 
 @dataclass(frozen=True)
@@ -177,6 +186,23 @@ SHAPES_MODELS = {
         # Sparse from the first step, Tile's frame window loses the object (18 dB against dense, motion and
         # consistency fail on the README prompt): its methods start after the 7 dense steps its plan starts with.
         schedule={"dense_steps": 7}),
+    "tiny-shapes-63": ShapesModel(
+        name="tiny-shapes-63", folder=TINY_SHAPES_63_DIR,
+        summary=f"tiny-shapes-long fine-tuned to longer clips (4,608 video tokens); {TINY_SHAPES_LABEL}: same "
+                "prompts, 63 frames at 48x48, offline",
+        defaults={**TINY_SHAPES_DEFAULTS, "num_frames": 63}, grid=(32, 12, 12),
+        methods={
+            # Each frame with the frames beside it: 3 of 32 frames, density 0.094.
+            "tile": {"tile": (1, 12, 12), "window": (3, 1, 1), "block_size": 144},
+            "gna": {"kernel_size": (3, 12, 12)},  # NATTEN's neighbourhood of 3 whole frames: density 0.094
+            # Radial's least on this grid (adjacent frames stay dense, 144-token frames): density 0.470.
+            "radial": {"block_size": 64, "decay": 1.0, "sink_frames": (0,)},
+            "sla": {"topk": 0.09},  # 7 of 72 key blocks per query block for exact softmax (0.097), the rest linear
+        },
+        uniform="tile", plan=TINY_SHAPES_63_PLAN, plan_command=TINY_SHAPES_63_PLAN_COMMAND, threads=None,
+        # As for tiny-shapes-long: sparse from the first step the frame window loses the object; its calibrated
+        # plan keeps the first 6 of 12 steps dense.
+        schedule={"dense_steps": 6}),
 }
 
 # Embedded trained models: name -> Diffusers folder inside the package (loaded like any local folder).
