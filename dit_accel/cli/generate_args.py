@@ -7,7 +7,7 @@ from pathlib import Path
 
 _DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEFAULT_PROMPT = "a red panda climbing a bamboo stalk, soft morning light"
-DEFAULT_MODEL = "tiny-shapes-long"
+DEFAULT_MODEL = "tiny-shapes-63"
 
 
 class _UsageError(Exception):

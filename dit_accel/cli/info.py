@@ -281,8 +281,10 @@ def run(args) -> int:
                    info["backends"])
     _print_section("supported transformer classes", info["supported_models"])
     _print_section("methods", info["methods"])
-    _print_section("embedded models (tiny-shapes, tiny-shapes-long: tiny models trained on synthetic clips; the other "
-                   "tiny-* models: RANDOM WEIGHTS, for smoke runs only)", info["tiny_models"])
+    from ..models.tiny_shapes import SHAPES_MODELS
+
+    _print_section(f"embedded models ({', '.join(SHAPES_MODELS)}: tiny models trained on synthetic clips; the "
+                   "other tiny-* models: RANDOM WEIGHTS, for smoke runs only)", info["tiny_models"])
     _print_section("kernel autotuning (CUDA, backend auto: Triton vs FlexAttention, timed once per shape class; "
                    "`dit-accel info --clear` forgets)", info["autotune"])
     _print_section("kernel self-check verdicts (first use; `dit-accel selftest` runs all)", info["selfcheck"])

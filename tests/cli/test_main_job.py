@@ -76,6 +76,21 @@ def test_the_printed_lines_are_the_measured_stats(main_job):
     assert density and abs(float(density.group(1)) - meta["density"]["mean"]) <= 5e-4 + 1e-12  # printed to 3 places
 
 
+def test_generate_runs_the_shipped_plan_by_default_and_passes_the_readme_prompt(main_job):
+    out, meta = main_job
+    plan = dit_accel.SparsePlan.load(MODEL.plan)
+    assert meta["method"]["method"] == "plan" and meta["method"]["plan"] == plan.to_json()
+    assert meta["method_choice"] == f"{MODEL.owner()} default: the calibrated plan shipped with dit_accel"
+    assert meta["plan_quality"] == plan.provenance["quality"]
+    quality = meta["quality"]
+    assert quality["prompt"] == MODEL.prompt
+    assert all(quality["method"][k] for k in ("colour_ok", "shape_ok", "motion_ok", "consistent")), out  # 4/4
+    for needle in (f"{MODEL.owner()} default: the calibrated plan shipped with dit_accel:", "calibrated: ",
+                   "validation videos (prompts the search never saw)", "uniform SLA at no less cost",
+                   "[4/4; dense 4/4]"):
+        assert needle in out, out
+
+
 @pytest.mark.parametrize("priced, words", [("modelled", "modelled GPU attention 2.0000 ms/sample"),
                                            ("timed on cpu", "attention timed on cpu 2.0000 ms/sample")])
 def test_the_plan_quality_line_says_how_the_cost_was_priced(priced, words):

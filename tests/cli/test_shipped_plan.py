@@ -1,5 +1,6 @@
 """The calibrated plans shipped for the shapes models: calibrate's own output for the documented command, validated
-on prompts its search never saw, better there than uniform SLA at no less modelled cost, and generate's default."""
+on prompts its search never saw, better there than uniform SLA at no less modelled cost, and generate's default
+(test_main_job.py runs it)."""
 import json
 import shlex
 from pathlib import Path
@@ -7,8 +8,6 @@ from pathlib import Path
 import pytest
 
 import dit_accel
-from dit_accel.cli.generate_args import DEFAULT_MODEL
-from dit_accel.cli.main import main
 from dit_accel.models.tiny_shapes import SHAPES_MODELS, TINY_SHAPES_PLAN
 from dit_accel.sparse_plan import prompts_hash
 
@@ -58,25 +57,6 @@ def test_the_shipped_plan_beat_uniform_sla_at_no_less_cost_on_prompts_the_search
     assert quality["modelled_ms"] <= base["modelled_ms"] * (1 + 1e-9)  # the plan at equal or lower modelled cost
     assert val["psnr"] > base["psnr"] and val["psnr_worst"] > base["psnr_worst"]
     assert quality["modelled_ms"] < quality["dense_modelled_ms"]
-
-
-def test_generate_runs_the_shipped_plan_by_default_and_passes_the_readme_prompt(tmp_path, monkeypatch, capsys):
-    entry = SHAPES_MODELS[DEFAULT_MODEL]
-    monkeypatch.chdir(tmp_path)
-    assert main(["generate"]) == 0, capsys.readouterr().err
-    out = capsys.readouterr().out
-    meta = json.loads((tmp_path / "outputs" / f"{DEFAULT_MODEL}-plan.mp4.json").read_text())
-    plan = dit_accel.SparsePlan.load(entry.plan)
-    assert meta["method"]["method"] == "plan" and meta["method"]["plan"] == plan.to_json()
-    assert meta["method_choice"] == f"{entry.owner()} default: the calibrated plan shipped with dit_accel"
-    assert meta["plan_quality"] == plan.provenance["quality"]
-    quality = meta["quality"]
-    assert quality["prompt"] == entry.prompt
-    assert all(quality["method"][k] for k in ("colour_ok", "shape_ok", "motion_ok", "consistent")), out  # 4/4
-    for needle in (f"{entry.owner()} default: the calibrated plan shipped with dit_accel:", "calibrated: ",
-                   "validation videos (prompts the search never saw)", "uniform SLA at no less cost",
-                   "[4/4; dense 4/4]"):
-        assert needle in out, out
 
 
 @pytest.mark.parametrize("argv", [["--method", "sla"], ["--dense-steps", "1"], ["--no-model-defaults"],
