@@ -230,6 +230,10 @@ def _summary_lines(record: dict) -> list:
         some = "some of its" if len(set(ran) - {DENSE, "dense"}) else "its"
         lines.append(f"note: backend auto ran {some} sparse calls as dense attention: the cost model has the sparse "
                      "kernel slower at this size on this GPU (--backend triton runs the kernels)")
+    if "torch" in ran and str(record["settings"].get("device", "")).startswith("cuda"):
+        some = "some of its" if len(set(ran) - {"torch"}) else "its"
+        lines.append(f"note: backend auto ran {some} sparse calls on the GPU with the PyTorch twin, not the Triton "
+                     "kernels: their layout is not one the kernels take (--backend triton says why)")
     t = record["timing"]
     if cmp:
         attention = (f"self-attention {t['attention_s']:.2f} s vs dense {cmp['dense_attention_s']:.2f} s "

@@ -115,3 +115,17 @@ def test_calls_auto_ran_dense_are_said(main_job, ran, said):
     else:
         assert lines == [f"note: backend auto ran {said} sparse calls as dense attention: the cost model has the "
                          "sparse kernel slower at this size on this GPU (--backend triton runs the kernels)"]
+
+
+@pytest.mark.parametrize("device, ran, said", [("cuda", ["torch"], "its"), ("cuda:0", ["torch", "triton"], "some of its"),
+                                               ("cuda", ["triton"], None), ("cpu", ["torch"], None)])
+def test_calls_auto_ran_on_the_twin_on_a_gpu_are_said(main_job, device, ran, said):
+    """The H200 ran the main job's plan (Tile on 144-token frames, a block size the Triton kernels do not take) with
+    the PyTorch twin, and printed 1.01x with no word why."""
+    record = {**main_job[1], "backends_used": ran, "settings": {**main_job[1]["settings"], "device": device}}
+    lines = [line for line in _summary_lines(record) if "PyTorch twin" in line]
+    if said is None:
+        assert lines == []
+    else:
+        assert lines == [f"note: backend auto ran {said} sparse calls on the GPU with the PyTorch twin, not the "
+                         "Triton kernels: their layout is not one the kernels take (--backend triton says why)"]
