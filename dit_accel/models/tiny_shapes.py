@@ -200,8 +200,8 @@ SHAPES_MODELS = {
             "sla": {"topk": 0.09},  # 7 of 72 key blocks per query block for exact softmax (0.097), the rest linear
         },
         uniform="tile", plan=TINY_SHAPES_63_PLAN, plan_command=TINY_SHAPES_63_PLAN_COMMAND, threads=None,
-        # Its calibrated plan keeps the first 6 of 12 steps dense: with 5 or fewer, every candidate of the warm-up
-        # search fell under 31 dB against dense on a calibration video.
+        # Its calibrated plan keeps the first 6 of 12 steps dense: with 5 or fewer, every candidate the warm-up
+        # search tried fell under 31 dB against dense on a calibration video.
         schedule={"dense_steps": 6}),
 }
 
