@@ -93,6 +93,11 @@ def test_info_runs(capsys):
     out = capsys.readouterr().out.split("settings for tiny-shapes")[1]
     assert out.index("tile: tile=(4, 4, 4), window=(1, 1, 3)") < out.index(
         "density 0.3333 (visited blocks), token density 0.3333 on grid 4x12x12")  # 1 x 1/3 x 1 by hand
+    for name, density in (("tiny-shapes-long", "0.1875"), ("tiny-shapes-63", "0.0938")):  # 3 of 16 and 32 frames
+        assert main(["info", "--model", name]) == 0, capsys.readouterr().out
+        out = capsys.readouterr().out.split(f"settings for {name}")[1]
+        assert out.index("tile: tile=(1, 12, 12), window=(3, 1, 1), block_size=144") < out.index(
+            f"density {density} (visited blocks)")
     assert main(["info", "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["backends"]["torch"] == "usable"

@@ -252,7 +252,9 @@ def resolve_model_family(model: str) -> Tuple[str, Optional[str]]:
     for family in families:
         if model.strip().lower() == family.lower():
             return next(c for c, preset in PRESETS.items() if families[family] in preset.published), family
-    if model == "tiny-shapes":  # the trained tiny Wan; tiny-<family> names carry their family's hub word
+    from ...models.tiny_shapes import shapes_model
+
+    if shapes_model(model) is not None:  # the trained tiny Wans; tiny-<family> names carry their family's hub word
         model = "Wan"
     folder = Path(model).expanduser()
     found = _folder_family(folder) if folder.is_dir() else None
