@@ -191,14 +191,9 @@ SHAPES_MODELS = {
         summary=f"tiny-shapes-long fine-tuned to longer clips (4,608 video tokens); {TINY_SHAPES_LABEL}: same "
                 "prompts, 63 frames at 48x48, offline",
         defaults={**TINY_SHAPES_DEFAULTS, "num_frames": 63}, grid=(32, 12, 12),
-        methods={
-            # Each frame with the frames beside it: 3 of 32 frames, density 0.094.
-            "tile": {"tile": (1, 12, 12), "window": (3, 1, 1), "block_size": 144},
-            "gna": {"kernel_size": (3, 12, 12)},  # NATTEN's neighbourhood of 3 whole frames: density 0.094
-            # Radial's least on this grid (adjacent frames stay dense, 144-token frames): density 0.470.
-            "radial": {"block_size": 64, "decay": 1.0, "sink_frames": (0,)},
-            "sla": {"topk": 0.09},  # 7 of 72 key blocks per query block for exact softmax (0.097), the rest linear
-        },
+        # tiny-shapes-long's frame windows (Tile, GNA: 3 of 32 frames here, density 0.094; Radial: its least on this
+        # grid, 0.470), and SLA at their density: 7 of 72 key blocks per query block exact (0.097), the rest linear.
+        methods={**TINY_SHAPES_LONG_METHODS, "sla": {"topk": 0.09}},
         uniform="tile", plan=TINY_SHAPES_63_PLAN, plan_command=TINY_SHAPES_63_PLAN_COMMAND, threads=None,
         # Its calibrated plan keeps the first 6 of 12 steps dense: with 5 or fewer, every candidate the warm-up
         # search tried fell under 31 dB against dense on a calibration video.
