@@ -11,6 +11,8 @@
     python docs/scripts/long_clip_checks.py sweep --weights DIR --frames 31 --dense-steps 0 1 2 --method JSON [--ft FT]
     # the same with the dense steps interleaved: steps 0, 1, 2, 4 and 6 dense, the others under METHOD
     python docs/scripts/long_clip_checks.py sweep --weights DIR --frames 31 --dense-steps 5 0,1,2,4,6 --method JSON
+    # the same for saved SparsePlans (a method per step phase, layer and head) instead of METHOD
+    python docs/scripts/long_clip_checks.py sweep --weights DIR --plans PLAN.json [PLAN.json ...]
     # per layer and head: the attention mass inside tile windows (4x4x4 tiles), dense, README's prompt, seed 0, and
     # the most that the best choice of key tiles per query tile at --oracle-density keeps (no method can keep more)
     python docs/scripts/long_clip_checks.py heads --weights DIR --frames 31 [--oracle-density 0.083]
@@ -108,7 +110,7 @@ def _calibration_prompts() -> list:
 def _videos(pipe, prompts, seeds, call, method=None, dense_steps=0, ft=None, layer_methods=None) -> list:
     """Every prompt x seed (4 prompts per call), dense or under ``method`` (and ``layer_methods``) after
     ``dense_steps`` dense steps; ``dense_steps`` a tuple of step indices: those steps dense, the others under
-    ``method`` (a plan of one phase per run of sparse steps)."""
+    ``method`` (a plan of one phase per run of sparse steps); None: ``method`` is a SparsePlan, run as it is."""
     import contextlib
 
     import dit_accel
@@ -119,6 +121,10 @@ def _videos(pipe, prompts, seeds, call, method=None, dense_steps=0, ft=None, lay
             chunk = prompts[i:i + 4]
             if method is None:
                 applied = contextlib.nullcontext()
+            elif dense_steps is None:  # a SparsePlan: its own dense steps
+                if ft or layer_methods:
+                    raise SystemExit("--plans runs each plan as it is: drop --ft and --layer-methods")
+                applied = dit_accel.apply(pipe, method)
             elif isinstance(dense_steps, tuple):
                 if ft or layer_methods:
                     raise SystemExit("a list of dense steps runs METHOD alone: drop --ft and --layer-methods")
@@ -162,15 +168,23 @@ def sweep(args) -> None:
     print(f"dense GT {score_many(dense, names)} {time.perf_counter() - start:.0f} s; per video (colour, shape, "
           f"motion, consistency): {[''.join(str(int(score_video(v, n)[k])) for k in KEYS) for v, n in zip(dense, names)]}",
           flush=True)
-    method = method_from_dict(json.loads(args.method))
+    if args.plans:
+        from dit_accel.sparse_plan import SparsePlan
+
+        runs = [(Path(f).name, SparsePlan.load(f), None) for f in args.plans]
+    else:
+        if args.method is None:
+            raise SystemExit("sweep: give --method JSON (with --dense-steps) or --plans FILE ...")
+        method = method_from_dict(json.loads(args.method))
+        runs = [(f"{n} dense steps", method, n) for n in args.dense_steps]
     layers = {int(k): method_from_dict(v) for k, v in json.loads(args.layer_methods).items()} \
         if args.layer_methods else None
-    for n in args.dense_steps:
+    for label, method, n in runs:
         start = time.perf_counter()
         sparse = _videos(pipe, prompts, args.seeds, call, method, n, args.ft, layers)
         db = [_clip_psnr(d, s) for d, s in zip(dense, sparse)]
         frame_db = [_frame_psnr(d, s) for d, s in zip(dense, sparse)]
-        print(f"{n} dense steps: PSNR vs dense mean {np.mean(db):.1f} dB, worst {np.min(db):.1f} "
+        print(f"{label}: PSNR vs dense mean {np.mean(db):.1f} dB, worst {np.min(db):.1f} "
               f"[{' '.join(f'{x:.0f}' for x in db)}] (mean of per-frame PSNRs: {np.mean(frame_db):.2f}, worst "
               f"{np.min(frame_db):.2f}); sparse GT {score_many(sparse, names)} "
               f"{time.perf_counter() - start:.0f} s", flush=True)
@@ -247,7 +261,9 @@ def main(argv=None) -> None:
     sub.choices["sweep"].add_argument("--seeds", type=int, nargs="+", default=[0])
     sub.choices["sweep"].add_argument("--dense-steps", type=_dense_steps, nargs="+", default=[0, 1, 2],
                                       help="N (the first N steps dense) or a list of dense steps, e.g. 0,1,2,4,6")
-    sub.choices["sweep"].add_argument("--method", required=True, metavar="JSON")
+    sub.choices["sweep"].add_argument("--method", default=None, metavar="JSON")
+    sub.choices["sweep"].add_argument("--plans", nargs="+", default=None, metavar="FILE",
+                                      help="saved SparsePlans to run instead of --method and --dense-steps")
     sub.choices["sweep"].add_argument("--ft", default=None, metavar="DIR", help="a `dit-accel finetune` folder")
     sub.choices["sweep"].add_argument("--shift", type=float, default=None,
                                       help="the sampler's shift instead of the saved one (tiny-shapes: 3)")
