@@ -160,6 +160,8 @@ def sweep(args) -> None:
     from dit_accel.models.groundtruth import score_many, score_video
     from dit_accel.weights import method_from_dict
 
+    if not args.plans and args.method is None:
+        raise SystemExit("sweep: give --method JSON (with --dense-steps) or --plans FILE ...")
     pipe, call = _pipe(args.weights, args.shift, args.device), _call(args)
     prompts = _calibration_prompts()
     names = [p for _ in args.seeds for p in prompts]
@@ -173,8 +175,6 @@ def sweep(args) -> None:
 
         runs = [(Path(f).name, SparsePlan.load(f), None) for f in args.plans]
     else:
-        if args.method is None:
-            raise SystemExit("sweep: give --method JSON (with --dense-steps) or --plans FILE ...")
         method = method_from_dict(json.loads(args.method))
         runs = [(f"{n} dense steps", method, n) for n in args.dense_steps]
     layers = {int(k): method_from_dict(v) for k, v in json.loads(args.layer_methods).items()} \

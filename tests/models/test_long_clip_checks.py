@@ -55,3 +55,31 @@ def test_steps_plan_runs_the_method_exactly_on_the_steps_not_listed_dense():
         assert covered == set(range(12)) - set(dense)
         assert all(not p.layers for p in plan.phases)
     assert checks._dense_steps("3") == 3 and checks._dense_steps("0,1,2,4") == (0, 1, 2, 4)
+
+
+def test_the_hand_written_head_plans_are_what_benchmarks_says():
+    """docs/calibrate_evidence/tiny-shapes-63-heads (BENCHMARKS.md section 8, seventeenth stage): 3 dense steps, then
+    Tile over 3 of 32 frames on every head except the named ones, which stay dense until step 6."""
+    import dit_accel
+    from dit_accel import Dense
+
+    folder = _SCRIPT.parents[1] / "calibrate_evidence" / "tiny-shapes-63-heads"
+    tile = dit_accel.Tile(tile=(1, 12, 12), window=(3, 1, 1), block_size=144)
+    kept = {"uniform-after-3.json": set(), "layer3-dense-to-6.json": {(3, h) for h in range(4)},
+            "l3h0-dense-to-6.json": {(3, 0)}, "l3h1-dense-to-6.json": {(3, 1)}, "l2h3-dense-to-6.json": {(2, 3)}}
+    assert {p.name for p in folder.glob("*.json")} == set(kept)
+    for name, heads in kept.items():
+        plan = dit_accel.SparsePlan.load(folder / name)
+        assert (plan.num_layers, plan.num_heads) == (4, 4)
+        for step in range(12):
+            for layer in range(4):
+                expected = tuple(Dense() if step < 3 or (3 <= step < 6 and (layer, h) in heads) else tile
+                                 for h in range(4))
+                assert plan.head_methods(layer, step, 4) == expected, (name, step, layer)
+
+
+def test_sweep_asks_for_a_method_or_plans_before_it_loads_anything(capsys):
+    import pytest
+
+    with pytest.raises(SystemExit, match="--method JSON .* or --plans"):
+        _script().main(["sweep", "--weights", "/nonexistent"])
