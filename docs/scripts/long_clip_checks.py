@@ -121,9 +121,7 @@ def _videos(pipe, prompts, seeds, call, method=None, dense_steps=0, ft=None, lay
             chunk = prompts[i:i + 4]
             if method is None:
                 applied = contextlib.nullcontext()
-            elif dense_steps is None:  # a SparsePlan: its own dense steps
-                if ft or layer_methods:
-                    raise SystemExit("--plans runs each plan as it is: drop --ft and --layer-methods")
+            elif dense_steps is None:  # a SparsePlan (--plans): its own dense steps, nothing added
                 applied = dit_accel.apply(pipe, method)
             elif isinstance(dense_steps, tuple):
                 if ft or layer_methods:
@@ -162,6 +160,8 @@ def sweep(args) -> None:
 
     if not args.plans and args.method is None:
         raise SystemExit("sweep: give --method JSON (with --dense-steps) or --plans FILE ...")
+    if args.plans and (args.ft or args.layer_methods):
+        raise SystemExit("--plans runs each plan as it is: drop --ft and --layer-methods")
     pipe, call = _pipe(args.weights, args.shift, args.device), _call(args)
     prompts = _calibration_prompts()
     names = [p for _ in args.seeds for p in prompts]

@@ -83,3 +83,5 @@ def test_sweep_asks_for_a_method_or_plans_before_it_loads_anything(capsys):
 
     with pytest.raises(SystemExit, match="--method JSON .* or --plans"):
         _script().main(["sweep", "--weights", "/nonexistent"])
+    with pytest.raises(SystemExit, match="drop --ft and --layer-methods"):
+        _script().main(["sweep", "--weights", "/nonexistent", "--plans", "p.json", "--ft", "ft"])
