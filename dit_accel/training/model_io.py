@@ -110,7 +110,16 @@ class ModelIO:
         """
         vae = self.pipe.vae
         pixels = pixels.to(device=next(vae.parameters()).device, dtype=vae.dtype)
+        frames = pixels.shape[2]
+        # Wan's encoder reads a first frame, then chunks of 4 frames, and drops a shorter last chunk. A VAE whose
+        # temporal factor is not 4 (the tiny-shapes pixel codec's is 2) maps 1+2k frames to 1+k latent frames only
+        # when the clip is 1+4k long: pad the clip with its last frame up to that, then keep the latent frames the
+        # real clip makes (the encoder is causal in time, so the padding changes none of them).
+        pad = (-(frames - 1)) % 4 if type(vae).__name__ == "AutoencoderKLWan" else 0
+        if pad:
+            pixels = torch.cat([pixels, pixels[:, :, -1:].expand(-1, -1, pad, -1, -1)], dim=2)
         latents = vae.encode(pixels).latent_dist.mode()
+        latents = latents[:, :, :(frames - 1) // self.vae_scale_temporal + 1]
         z = int(getattr(vae.config, "z_dim", latents.shape[1]))
         mean = getattr(vae.config, "latents_mean", None)
         std = getattr(vae.config, "latents_std", None)
