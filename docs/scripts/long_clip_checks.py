@@ -11,8 +11,9 @@
     python docs/scripts/long_clip_checks.py sweep --weights DIR --frames 31 --dense-steps 0 1 2 --method JSON [--ft FT]
     # the same with the dense steps interleaved: steps 0, 1, 2, 4 and 6 dense, the others under METHOD
     python docs/scripts/long_clip_checks.py sweep --weights DIR --frames 31 --dense-steps 5 0,1,2,4,6 --method JSON
-    # the same for saved SparsePlans (a method per step phase, layer and head) instead of METHOD
-    python docs/scripts/long_clip_checks.py sweep --weights DIR --plans PLAN.json [PLAN.json ...]
+    # the same for saved SparsePlans (a method per step phase, layer and head) instead of METHOD, or for
+    # `dit-accel finetune --plan` folders (the plan with its LoRA); --prompt-set held-out: 8 prompts outside the file
+    python docs/scripts/long_clip_checks.py sweep --weights DIR --plans PLAN.json FT_DIR [...] [--prompt-set held-out]
     # per layer and head: the attention mass inside tile windows (4x4x4 tiles), dense, README's prompt, seed 0, and
     # the most that the best choice of key tiles per query tile at --oracle-density keeps (no method can keep more)
     python docs/scripts/long_clip_checks.py heads --weights DIR --frames 31 [--oracle-density 0.083]
@@ -107,6 +108,34 @@ def _calibration_prompts() -> list:
     return read_prompts(TINY_SHAPES_PLAN_PROMPTS)
 
 
+def held_out_prompts() -> list:
+    """8 prompts of the grammar outside the calibration file (every third of the 24 others, in grammar order): no
+    `calibrate` run on that file searches or validates on them."""
+    from dit_accel.models.clips import PROMPTS
+
+    calibration = set(_calibration_prompts())
+    return [p for p in PROMPTS if p not in calibration][::3][:8]
+
+
+def _prompt_set(args) -> list:
+    return held_out_prompts() if getattr(args, "prompt_set", "calibration") == "held-out" else _calibration_prompts()
+
+
+def _saved_run(path: str):
+    """A ``--plans`` entry: a SparsePlan file, or a `dit-accel finetune --plan` folder (its plan with its LoRA).
+    Returns ``(plan, weights folder or None)``."""
+    from dit_accel.sparse_plan import SparsePlan
+    from dit_accel.weights import load_method
+
+    if Path(path).is_dir():
+        plan = load_method(path)
+        if not isinstance(plan, SparsePlan):
+            raise SystemExit(f"--plans {path}: a finetune folder trained under --method, not --plan; "
+                             "run it with --method and --ft")
+        return plan, path
+    return SparsePlan.load(path), None
+
+
 def _videos(pipe, prompts, seeds, call, method=None, dense_steps=0, ft=None, layer_methods=None) -> list:
     """Every prompt x seed (4 prompts per call), dense or under ``method`` (and ``layer_methods``) after
     ``dense_steps`` dense steps; ``dense_steps`` a tuple of step indices: those steps dense, the others under
@@ -121,8 +150,8 @@ def _videos(pipe, prompts, seeds, call, method=None, dense_steps=0, ft=None, lay
             chunk = prompts[i:i + 4]
             if method is None:
                 applied = contextlib.nullcontext()
-            elif dense_steps is None:  # a SparsePlan (--plans): its own dense steps, nothing added
-                applied = dit_accel.apply(pipe, method)
+            elif dense_steps is None:  # a SparsePlan (--plans): its own dense steps, nothing added; ft: its LoRA
+                applied = dit_accel.apply(pipe, method, weights=ft)
             elif isinstance(dense_steps, tuple):
                 if ft or layer_methods:
                     raise SystemExit("a list of dense steps runs METHOD alone: drop --ft and --layer-methods")
@@ -163,7 +192,7 @@ def sweep(args) -> None:
     if args.plans and (args.ft or args.layer_methods):
         raise SystemExit("--plans runs each plan as it is: drop --ft and --layer-methods")
     pipe, call = _pipe(args.weights, args.shift, args.device), _call(args)
-    prompts = _calibration_prompts()
+    prompts = _prompt_set(args)
     names = [p for _ in args.seeds for p in prompts]
     start = time.perf_counter()
     dense = _videos(pipe, prompts, args.seeds, call)
@@ -171,17 +200,15 @@ def sweep(args) -> None:
           f"motion, consistency): {[''.join(str(int(score_video(v, n)[k])) for k in KEYS) for v, n in zip(dense, names)]}",
           flush=True)
     if args.plans:
-        from dit_accel.sparse_plan import SparsePlan
-
-        runs = [(Path(f).name, SparsePlan.load(f), None) for f in args.plans]
+        runs = [(Path(f).name, *_saved_run(f), None) for f in args.plans]
     else:
         method = method_from_dict(json.loads(args.method))
-        runs = [(f"{n} dense steps", method, n) for n in args.dense_steps]
+        runs = [(f"{n} dense steps", method, args.ft, n) for n in args.dense_steps]
     layers = {int(k): method_from_dict(v) for k, v in json.loads(args.layer_methods).items()} \
         if args.layer_methods else None
-    for label, method, n in runs:
+    for label, method, ft, n in runs:
         start = time.perf_counter()
-        sparse = _videos(pipe, prompts, args.seeds, call, method, n, args.ft, layers)
+        sparse = _videos(pipe, prompts, args.seeds, call, method, n, ft, layers)
         db = [_clip_psnr(d, s) for d, s in zip(dense, sparse)]
         frame_db = [_frame_psnr(d, s) for d, s in zip(dense, sparse)]
         print(f"{label}: PSNR vs dense mean {np.mean(db):.1f} dB, worst {np.min(db):.1f} "
@@ -263,7 +290,10 @@ def main(argv=None) -> None:
                                       help="N (the first N steps dense) or a list of dense steps, e.g. 0,1,2,4,6")
     sub.choices["sweep"].add_argument("--method", default=None, metavar="JSON")
     sub.choices["sweep"].add_argument("--plans", nargs="+", default=None, metavar="FILE",
-                                      help="saved SparsePlans to run instead of --method and --dense-steps")
+                                      help="saved SparsePlans, or `dit-accel finetune --plan` folders (the plan with "
+                                           "its LoRA), to run instead of --method and --dense-steps")
+    sub.choices["sweep"].add_argument("--prompt-set", choices=("calibration", "held-out"), default="calibration",
+                                      help="the 8 calibration prompts, or 8 prompts outside that file")
     sub.choices["sweep"].add_argument("--ft", default=None, metavar="DIR", help="a `dit-accel finetune` folder")
     sub.choices["sweep"].add_argument("--shift", type=float, default=None,
                                       help="the sampler's shift instead of the saved one (tiny-shapes: 3)")
