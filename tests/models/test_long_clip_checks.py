@@ -85,3 +85,36 @@ def test_sweep_asks_for_a_method_or_plans_before_it_loads_anything(capsys):
         _script().main(["sweep", "--weights", "/nonexistent"])
     with pytest.raises(SystemExit, match="drop --ft and --layer-methods"):
         _script().main(["sweep", "--weights", "/nonexistent", "--plans", "p.json", "--ft", "ft"])
+
+
+def test_the_lora_evidence_runs_the_head_plans_it_names():
+    """docs/calibrate_evidence/tiny-shapes-63-lora (BENCHMARKS.md section 8, eighteenth stage): p3 and p3h run what
+    the seventeenth stage's uniform-after-3 and l3h0-dense-to-6 run, at the shipped plan's call and timesteps, and
+    each `finetune --plan` folder's LoRA belongs to its plan (the content hash `apply(..., weights=)` checks)."""
+    import json
+
+    import dit_accel
+    from dit_accel.weights import load_method
+
+    evidence = _SCRIPT.parents[1] / "calibrate_evidence"
+    folder = evidence / "tiny-shapes-63-lora"
+    shipped = dit_accel.SparsePlan.load(_SCRIPT.parents[2] / "dit_accel" / "models" / "plans" / "tiny-shapes-63.json")
+    for name, source in (("p3", "uniform-after-3"), ("p3h", "l3h0-dense-to-6")):
+        plan = dit_accel.SparsePlan.load(folder / f"{name}.json")
+        assert plan.content_hash() == dit_accel.SparsePlan.load(evidence / "tiny-shapes-63-heads" /
+                                                                f"{source}.json").content_hash()
+        for key in ("model_class", "grids", "call", "timesteps"):
+            assert plan.provenance[key] == shipped.provenance[key], (name, key)
+        assert "not calibrate's output" in plan.provenance["note"]
+        assert load_method(folder / f"ft-{name}").content_hash() == plan.content_hash()
+        run = json.loads((folder / f"ft-{name}" / "finetune_run.json").read_text())
+        assert (run["model"], run["frames"], run["mode"], run["plan"]) == ("tiny-shapes-63", 63, "distill",
+                                                                          plan.content_hash())
+
+
+def test_the_held_out_prompts_are_outside_the_calibration_file():
+    from dit_accel.models.clips import PROMPTS
+
+    script = _script()
+    held, calibration = script.held_out_prompts(), script._calibration_prompts()
+    assert len(held) == len(set(held)) == 8 and set(held) <= set(PROMPTS) and not set(held) & set(calibration)
