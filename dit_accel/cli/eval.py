@@ -59,6 +59,10 @@ def register(subparsers) -> argparse.ArgumentParser:
                         "repeatable. Each is checked against the model and the call (class, layers, heads, token "
                         "grid, steps); a mismatch fails its row")
     add_plan_any_grid(p)
+    p.add_argument("--weights", action="append", metavar="DIR",
+                   help="a `dit-accel finetune` folder as one more row: the method or plan it was trained under, "
+                        "with its LoRA (and SLA projections or VSA gates), labelled by the folder's name; repeatable. "
+                        "The dense row stays the model without them")
     p.add_argument("--stacks", metavar="LIST",
                    help="comma-separated stacks, each METHOD, METHOD+CACHE or CACHE (dense with it), measured as rows "
                         "with the same prompts and seeds, e.g. \"sla,sla+fbcache,tile+taylorseer,dense+fbcache\"; "
@@ -230,6 +234,7 @@ def _method_specs(args, tiny: bool) -> list:
             raise _Refused(f"--plan: {exc}") from None
     elif args.plan_any_grid:
         raise _Refused("--plan-any-grid applies to --plan: drop it, or give the plan it is for")
+    specs += [_weights_spec(folder) for folder in args.weights or ()]
     specs += stacks
     if cache is not None:  # --cache: every row's method stacked with it (the dense baseline stays uncached)
         for spec in specs:
@@ -237,6 +242,23 @@ def _method_specs(args, tiny: bool) -> list:
                 spec.cache = cache
                 spec.label += "+" + cache.name
     return specs
+
+
+def _weights_spec(folder: str):
+    """The row of a fine-tuned folder: its saved method (a plan runs as one) applied with ``weights=folder``."""
+    from pathlib import Path
+
+    from ..eval.runner import MethodSpec
+    from ..sparse_plan import SparsePlan
+    from ..weights import load_method
+
+    try:
+        method = load_method(folder)
+    except (ValueError, OSError) as exc:
+        raise _Refused(f"--weights {folder}: {exc}") from None
+    if isinstance(method, SparsePlan):
+        method = method.as_method()
+    return MethodSpec(Path(folder).name, method, {"weights": str(folder)})
 
 
 def _run(args) -> int:

@@ -470,3 +470,27 @@ def test_weights_of_another_model_family_are_refused_with_the_reason(straight):
         dit_accel.apply(flux, METHOD, weights=straight["output"])
     assert not any(isinstance(p, SparseAttnProcessor) for p in flux.transformer.attn_processors.values())
     assert not getattr(flux.transformer, "peft_config", None)
+
+
+def test_eval_rows_a_finetuned_folder_with_its_lora(straight, tmp_path, capsys):
+    """`dit-accel eval --weights DIR`: one more row, the folder's method with its LoRA and SLA projections (its videos
+    are the fine-tuned student's, not the training-free method's), beside an untouched dense baseline."""
+    from dit_accel.cli.main import main
+
+    out = straight["output"]
+    config = tmp_path / "sla.json"
+    config.write_text(json.dumps({"sla": {"topk": METHOD.topk}}))
+    common = ["eval", "--model", "tiny-wan", "--frames", "9", "--height", "64", "--width", "128", "--steps", "2",
+              "--max-sequence-length", "16", "--prompt", "a probe", "--seeds", "0", "--no-lpips",
+              "--floor-backend", "none"]
+    report = tmp_path / "o"
+    assert main(common + ["--methods", "dense,sla", "--method-config", str(config), "--weights", str(out),
+                          "--out", str(report)]) == 0, capsys.readouterr().err
+    rows = {r["label"]: r for r in json.loads((report / "results.json").read_text())["rows"]}
+    assert set(rows) >= {"dense", "sla", Path(out).name}
+    tuned, free = rows[Path(out).name], rows["sla"]
+    assert "error" not in tuned and tuned["config"]["weights"] == str(out)
+    assert tuned["config"]["topk"] == free["config"]["topk"] == METHOD.topk
+    assert tuned["psnr"] != free["psnr"]  # the LoRA ran: same method, another output
+    assert main(common + ["--weights", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x")]) == 2
+    assert "--weights" in capsys.readouterr().err and not (tmp_path / "x").exists()
