@@ -118,3 +118,8 @@ def test_the_held_out_prompts_are_outside_the_calibration_file():
     script = _script()
     held, calibration = script.held_out_prompts(), script._calibration_prompts()
     assert len(held) == len(set(held)) == 8 and set(held) <= set(PROMPTS) and not set(held) & set(calibration)
+    # The file `dit-accel eval --prompts` read for the eighteenth stage's held-out eval holds exactly these.
+    from dit_accel.training.data import read_prompts
+
+    assert read_prompts(_SCRIPT.parents[1] / "calibrate_evidence" / "tiny-shapes-63-lora" / "held-out.prompts.txt") \
+        == held
