@@ -118,7 +118,7 @@ def held_out_prompts() -> list:
 
 
 def _prompt_set(args) -> list:
-    return held_out_prompts() if getattr(args, "prompt_set", "calibration") == "held-out" else _calibration_prompts()
+    return held_out_prompts() if args.prompt_set == "held-out" else _calibration_prompts()
 
 
 def _saved_run(path: str):

@@ -18,12 +18,16 @@ import torch
 
 
 def write_clips(out, count: int = 256, frames: int = 63, seed: int = 123, size: int = 48) -> list:
-    """Render ``count`` clips into ``out`` (created); returns the metadata rows written."""
+    """Render ``count`` clips into ``out`` (created); returns the metadata rows written. ``metadata.jsonl``, which
+    makes the folder a caption folder, goes last and whole: an earlier one is removed first, so a run stopped half-way
+    leaves no folder that reads as good."""
+    from dit_accel.atomic_files import atomic_write_text
     from dit_accel.models.clips import COLOURS, DIRECTIONS, SHAPES, make_prompt, render_batch
     from dit_accel.videos import save_video
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    (out / "metadata.jsonl").unlink(missing_ok=True)
     g = torch.Generator().manual_seed(seed)
     colours, directions = list(COLOURS), list(DIRECTIONS)
     ids = [torch.randint(len(t), (count,), generator=g) for t in (colours, SHAPES, directions)]
@@ -33,7 +37,7 @@ def write_clips(out, count: int = 256, frames: int = 63, seed: int = 123, size: 
         name = f"clip{i:04d}.gif"
         save_video((clips[i].numpy() * 255).round().astype("uint8"), out / name, fps=8)
         rows.append({"file_name": name, "text": make_prompt(colours[c], SHAPES[s], directions[d])})
-    (out / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    atomic_write_text(out / "metadata.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
     return rows
 
 

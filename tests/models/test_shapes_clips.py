@@ -29,3 +29,28 @@ def test_the_caption_folder_holds_each_prompts_clip(tmp_path):
         assert caption == row["text"] and tuple(pixels.shape) == (3, 7, 48, 48)
         got = (pixels.permute(1, 2, 3, 0).numpy() + 1) / 2
         assert np.abs(got - want[i].numpy()).max() < 0.02  # GIF: one palette entry per colour drawn
+
+
+def test_a_rerun_replaces_the_caption_list_only_at_the_end(tmp_path, monkeypatch):
+    """A run stopped half-way must not leave an earlier metadata.jsonl beside new clips (read as a good folder)."""
+    import pytest
+
+    from dit_accel import videos
+
+    spec = importlib.util.spec_from_file_location("shapes_clips", _SCRIPT)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    script.write_clips(tmp_path, count=2, frames=3, seed=1)
+    calls = []
+
+    def stop_at_second(*args, **kwargs):
+        calls.append(args)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return save(*args, **kwargs)
+
+    save = videos.save_video
+    monkeypatch.setattr(videos, "save_video", stop_at_second)
+    with pytest.raises(KeyboardInterrupt):
+        script.write_clips(tmp_path, count=2, frames=3, seed=2)
+    assert not (tmp_path / "metadata.jsonl").exists()
