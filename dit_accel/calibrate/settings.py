@@ -146,7 +146,7 @@ def add_quality_options(parser) -> None:
     script: ``--budget-on``, ``--sensitivity``, ``--layer-groups``, ``--groundtruth``."""
     parser.add_argument("--budget-on", choices=BUDGET_RULES, default="worst",
                         help="--min-psnr holds on every calibration video (worst, default: the margin a held-out set "
-                             "needs) or on their mean")
+                             "needs) or on their mean; the validation videos are held to the same rule")
     parser.add_argument("--sensitivity", choices=SENSITIVITY, default="probe",
                         help="probe (default): weigh each step bucket's and layer group's attention error by how much "
                              "it moves the final output, measured with one generation per bucket and per layer group; "

@@ -369,16 +369,14 @@ def test_calibrate_with_costs_measured_on_this_device(tmp_path):
     assert "timed on cpu" in (tmp_path / "plan_report" / "report.md").read_text()
 
 
-def test_validation_falls_back_to_the_next_denser_plan_that_holds_on_unseen_videos(monkeypatch):
-    """The cheapest plan passing the search fails the validation videos: the next denser one passing both is
-    written, and said; when none holds, the dense plan. (Videos offset by a constant: PSNR set per plan.)"""
-    import math
-
+def _stub_validation(monkeypatch, offsets: dict):
+    """Stand-ins for apply and generate_videos: each plan's videos are dense's plus a constant (``offsets[plan]``,
+    or ``offsets[plan][prompt]`` per video), so the PSNR of every video is set. Returns ``rec(name, lam, ms)``,
+    a search record that passed."""
     import numpy as np
 
     from dit_accel.calibrate import run
 
-    offsets = {"dense": 0, "cheap": 26, "mid": 3, "dear": 2}  # 19.8 dB, 38.6 dB, 42.1 dB against dense
     current = []
 
     class Assignment:
@@ -404,8 +402,12 @@ def test_validation_falls_back_to_the_next_denser_plan_that_holds_on_unseen_vide
         def __exit__(self, *exc):
             return False
 
+    def offset(prompt):
+        o = offsets[current[-1]]
+        return o[prompt] if isinstance(o, dict) else o
+
     def videos(pipe, jobs, call_kwargs, batch_size, on_step=None, replay=None):
-        return [np.full((2, 8, 8, 3), 100 + offsets[current[-1]], np.uint8) for _ in jobs]
+        return [np.full((2, 8, 8, 3), 100 + offset(p), np.uint8) for p, _ in jobs]
 
     monkeypatch.setattr(dit_accel, "apply", Applied)
     monkeypatch.setattr(run, "generate_videos", videos)
@@ -413,6 +415,18 @@ def test_validation_falls_back_to_the_next_denser_plan_that_holds_on_unseen_vide
     def rec(name, lam, ms):
         return {"lam": lam, "modelled_ms": ms, "psnr": 40.0, "psnr_worst": 39.0, "passes": True,
                 "assignment": Assignment(name)}
+    return rec, Assignment
+
+
+def test_validation_falls_back_to_the_next_denser_plan_that_holds_on_unseen_videos(monkeypatch):
+    """The cheapest plan passing the search fails the validation videos: the next denser one passing both is
+    written, and said; when none holds, the dense plan. (Videos offset by a constant: PSNR set per plan.)"""
+    import math
+
+    from dit_accel.calibrate import run
+
+    offsets = {"dense": 0, "cheap": 26, "mid": 3, "dear": 2}  # 19.8 dB, 38.6 dB, 42.1 dB against dense
+    rec, Assignment = _stub_validation(monkeypatch, offsets)
 
     trace = [rec("cheap", 0.0, 1.0), rec("dear", 2.0, 3.0), rec("mid", 1.0, 2.0)]
     settings = run.CalibrationSettings(model="tiny-wan", prompts=["a"], min_psnr=30.0, steps=2, baseline=False)
@@ -439,6 +453,26 @@ def test_validation_falls_back_to_the_next_denser_plan_that_holds_on_unseen_vide
     chosen, val = run._validate(None, settings, Space(), verify, trace[0], trace, [("a", 5)], {},
                                 run._Progress(False), log.append)
     assert math.isinf(chosen["lam"]) and val["final"] is None and len(val["tried"]) == 3
+
+
+def test_validation_holds_the_budget_under_the_search_rule(monkeypatch):
+    """--budget-on mean: the validation videos meet min_psnr on their mean, as the search's did; one video under it
+    fails the plan only under the default rule (every video)."""
+    from dit_accel.calibrate import run
+
+    # "cheap": 48.1 dB on prompt a, 19.8 dB on prompt b (mean 34.0); "mid": 38.6 dB on both
+    rec, _ = _stub_validation(monkeypatch, {"dense": 0, "cheap": {"a": 1, "b": 26}, "mid": 3})
+    trace = [rec("cheap", 0.0, 1.0), rec("mid", 1.0, 2.0)]
+    jobs = [("a", 5), ("b", 5)]
+    for rule, kept in (("mean", "cheap"), ("worst", "mid")):
+        settings = run.CalibrationSettings(model="tiny-wan", prompts=["a"], min_psnr=30.0, steps=2, baseline=False,
+                                           budget_on=rule)
+        log = []
+        chosen, val = run._validate(None, settings, None, None, trace[0], trace, jobs, {}, run._Progress(False),
+                                    log.append)
+        assert chosen["assignment"].name == kept, rule
+        assert val["tried"][0]["psnr"] > 30 > val["tried"][0]["psnr_worst"]
+        assert ("falling back" in " ".join(log)) is (rule == "worst")
 
 
 def test_a_uniform_plan_is_priced_step_by_step_and_runs_one_method_after_its_warmup():
