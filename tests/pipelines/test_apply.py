@@ -327,6 +327,24 @@ def test_weights_folder_loads_lora_and_projections_and_remove_unloads(tmp_path):
         torch.testing.assert_close(_run(model, kwargs), trained, atol=1e-5, rtol=1e-5)
     assert torch.equal(_run(model, kwargs), dense)
     assert not getattr(model, "peft_config", None)
+    # fuse_lora: the same output without LoRA matmuls; remove() gives back the weights bit for bit
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with dit_accel.apply(model, method, backend="torch", weights=tmp_path) as handle:
+        layers = [m for m in model.modules() if hasattr(m, "lora_A")]
+        assert handle.fuse_lora() == len(layers) == 2 * len(model.blocks) * 2  # to_q, to_v of attn1 and attn2
+        assert handle.fuse_lora() == 0 and all(m.merged for m in layers)
+        calls = []
+        for m in layers:
+            m.lora_A[dit_accel.weights.ADAPTER_NAME].register_forward_hook(lambda *a: calls.append(1))
+        torch.testing.assert_close(_run(model, kwargs), trained, atol=1e-5, rtol=1e-5)
+        assert not calls  # fused: no adapter runs
+        with pytest.raises(RuntimeError, match="fuse_lora"):
+            model.fuse_lora()  # Diffusers' own fuse stays refused over dit_accel's adapters
+    assert torch.equal(_run(model, kwargs), dense)
+    assert model.state_dict().keys() == before.keys()
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    with dit_accel.apply(model, method, backend="torch") as handle:
+        assert handle.fuse_lora() == 0  # no weights= LoRA
     _clean(model)
 
 
