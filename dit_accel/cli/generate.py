@@ -289,9 +289,9 @@ def _default_plan(args) -> None:
 
 def _default_plan_source(args) -> str:
     """What a default plan is, for the summary and the sidecar."""
-    from ..models.tiny_shapes import shapes_model
-
-    return f"{shapes_model(args.model).owner()} default: the calibrated plan shipped with dit_accel"
+    shapes = shapes_model(args.model)
+    lora = " and its sparse-aware LoRA (finetune --plan)" if shapes.plan_weights is not None else ""
+    return f"{shapes.owner()} default: the calibrated plan shipped with dit_accel{lora}"
 
 
 def _early_plan(args):
@@ -437,6 +437,7 @@ def _run_pipeline(pipe, call: dict, method, schedule: dict, device: str, cache=N
     names = set(handle.layers)
     attention = [m for t in handle.transformers for n, m in t.named_modules() if n in names]
     try:
+        handle.fuse_lora()  # a weights= LoRA folded into the weights for the run (remove() restores them exactly)
         with StageTimer(pipe, device, attention_modules=attention) as timer:
             try:
                 with _cache_context(pipe, cache, call.get("num_inference_steps")):
@@ -556,6 +557,9 @@ def _plan_in_place_of_method(args, plan, schedule: dict):
     args.method_choice = f"--plan {args.plan}"
     if getattr(args, "_default_plan", False):
         source = args.method_choice = _default_plan_source(args)
+        weights = shapes_model(args.model).plan_weights
+        if weights is not None:  # trained under the plan's content: apply() checks the hash before loading
+            schedule["weights"] = str(weights)
     return method, schedule, source
 
 

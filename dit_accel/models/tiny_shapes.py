@@ -48,7 +48,8 @@ __all__ = ["ShapesModel", "SHAPES_MODELS", "shapes_model",
            "TINY_SHAPES_PLAN", "TINY_SHAPES_PLAN_PROMPTS", "TINY_SHAPES_PLAN_COMMAND",
            "TINY_SHAPES_PROMPT", "TINY_SHAPES_GRID", "TINY_SHAPES_LONG_DIR", "TINY_SHAPES_LONG_DEFAULTS",
            "TINY_SHAPES_LONG_GRID", "TINY_SHAPES_LONG_METHODS", "TINY_SHAPES_LONG_PLAN", "TINY_SHAPES_63_DIR",
-           "TINY_SHAPES_63_PLAN", "TRAINED_MODELS", "balanced_prompts", "load_tiny_shapes", "evaluate"]
+           "TINY_SHAPES_63_PLAN", "TINY_SHAPES_63_LORA", "TRAINED_MODELS", "balanced_prompts", "load_tiny_shapes",
+           "evaluate"]
 
 TINY_SHAPES_DIR = Path(__file__).resolve().parent / "weights" / "tiny-shapes"
 TINY_SHAPES_LABEL = "tiny model trained on synthetic clips (coloured shapes)"
@@ -113,8 +114,16 @@ TINY_SHAPES_LONG_PLAN_COMMAND = (
 # (32, 24, 24), token grid (32, 12, 12) = 4,608 video tokens. Its methods keep the frame windows of tiny-shapes-long,
 # so their densities halve: 3 of 32 frames.
 TINY_SHAPES_63_DIR = TINY_SHAPES_DIR.with_name("tiny-shapes-63")
+# Its plan: calibrate's cheapest plan whose mean PSNR held 28 dB on the search and the validation videos (Tile over 3
+# of 32 frames after 3 dense steps), shipped with the sparse-aware LoRA trained under it (TINY_SHAPES_63_LORA:
+# `finetune --plan --mode distill`, 108 steps on an H200), which lifts it over 30 dB (docs/models.md).
 TINY_SHAPES_63_PLAN = TINY_SHAPES_PLAN.with_name("tiny-shapes-63.json")
-TINY_SHAPES_63_PLAN_COMMAND = TINY_SHAPES_LONG_PLAN_COMMAND.replace("tiny-shapes-long", "tiny-shapes-63")
+TINY_SHAPES_63_PLAN_COMMAND = (
+    "dit-accel calibrate --model tiny-shapes-63 --prompts dit_accel/models/plans/tiny-shapes.prompts.txt "
+    "--tile 1,12,12 --costs measured --search warmup --budget-on mean --min-psnr 28 --seeds 0 --validate 4 "
+    "--out dit_accel/models/plans/tiny-shapes-63.json "
+    "--report-dir docs/calibrate_evidence/tiny-shapes-63-shipped")
+TINY_SHAPES_63_LORA = TINY_SHAPES_PLAN.with_name("tiny-shapes-63-lora")
 
 
 @dataclass(frozen=True)
@@ -135,6 +144,8 @@ class ShapesModel:
         threads: torch threads ``generate`` uses on a CPU (unless ``OMP_NUM_THREADS`` is set); None: PyTorch's
             default (every core). At hundreds of tokens one thread is fastest: the operations are too small to split.
         schedule: ``apply`` arguments that go with ``methods`` unless flags set them (e.g. ``dense_steps``).
+        plan_weights: a ``finetune --plan`` folder (a sparse-aware LoRA) trained under ``plan``'s content, which
+            ``generate`` loads with the plan by default; None: the plan runs on the model as it is.
     """
 
     name: str
@@ -148,6 +159,7 @@ class ShapesModel:
     plan_command: str = ""
     threads: Optional[int] = 1
     schedule: dict = field(default_factory=dict)
+    plan_weights: Optional[Path] = None
     label: str = TINY_SHAPES_LABEL
     prompt: str = TINY_SHAPES_PROMPT
 
@@ -195,8 +207,9 @@ SHAPES_MODELS = {
         # grid, 0.470), and SLA at their density: 7 of 72 key blocks per query block exact (0.097), the rest linear.
         methods={**TINY_SHAPES_LONG_METHODS, "sla": {"topk": 0.09}},
         uniform="tile", plan=TINY_SHAPES_63_PLAN, plan_command=TINY_SHAPES_63_PLAN_COMMAND, threads=None,
-        # Its calibrated plan keeps the first 6 of 12 steps dense: with 5 or fewer, every candidate the warm-up
-        # search tried fell under 31 dB against dense on a calibration video.
+        plan_weights=TINY_SHAPES_63_LORA,
+        # At other calls Tile runs without the LoRA, after the 6 dense steps with which calibrate's stricter budget
+        # (31 dB on every video, docs/calibrate_evidence/tiny-shapes-63-6-dense-steps) kept every video over 31 dB.
         schedule={"dense_steps": 6}),
 }
 

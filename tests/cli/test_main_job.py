@@ -80,12 +80,14 @@ def test_generate_runs_the_shipped_plan_by_default_and_passes_the_readme_prompt(
     out, meta = main_job
     plan = dit_accel.SparsePlan.load(MODEL.plan)
     assert meta["method"]["method"] == "plan" and meta["method"]["plan"] == plan.to_json()
-    assert meta["method_choice"] == f"{MODEL.owner()} default: the calibrated plan shipped with dit_accel"
+    lora = " and its sparse-aware LoRA (finetune --plan)" if MODEL.plan_weights is not None else ""
+    assert meta["method_choice"] == f"{MODEL.owner()} default: the calibrated plan shipped with dit_accel{lora}"
+    assert meta["schedule"].get("weights") == (str(MODEL.plan_weights) if MODEL.plan_weights else None)
     assert meta["plan_quality"] == plan.provenance["quality"]
     quality = meta["quality"]
     assert quality["prompt"] == MODEL.prompt
     assert all(quality["method"][k] for k in ("colour_ok", "shape_ok", "motion_ok", "consistent")), out  # 4/4
-    for needle in (f"{MODEL.owner()} default: the calibrated plan shipped with dit_accel:", "calibrated: ",
+    for needle in (f"{MODEL.owner()} default: the calibrated plan shipped with dit_accel{lora}:", "calibrated: ",
                    "validation videos (prompts the search never saw)", "uniform SLA at no less cost",
                    "[4/4; dense 4/4]"):
         assert needle in out, out
