@@ -26,7 +26,8 @@ only saw the default size.
 ``tiny-shapes-long`` (:data:`TINY_SHAPES_LONG_DIR`) is the same model fine-tuned to 31-frame clips: token grid
 (16, 12, 12), 2,304 video tokens. ``tiny-shapes-63`` (``dit-accel generate``'s default) is ``tiny-shapes-long``
 fine-tuned on to 63-frame clips: token grid (32, 12, 12), 4,608 video tokens. :data:`SHAPES_MODELS` holds what the
-commands need to run each (call settings, grid, method settings, calibrated plan).
+commands need to run each (call settings, grid, method settings, calibrated plan and, for ``tiny-shapes-63``, the
+LoRA trained under it).
 
 Example::
 
