@@ -1,0 +1,64 @@
+"""Whole-frame Tile with and without the permutation's gathers (BENCHMARKS.md section 8, nineteenth stage).
+
+Self-attention (``attn1``) milliseconds per transformer call of tiny-shapes-63 at its grid (32, 12, 12), Tile 3
+frames, batch 1, 2 threads: 7 interleaved rounds of 3 calls each, once with the identity permutation handing q, k, v
+and the output through (``identity``), once with the four gathers forced back (``gathers``).
+
+    python docs/scripts/tile_identity_ab.py
+"""
+
+from __future__ import annotations
+
+import copy
+import gc
+import statistics
+import time
+
+import torch
+
+
+def main() -> None:
+    import dit_accel
+    from diffusers import WanTransformer3DModel
+
+    from dit_accel.models.tiny import tiny_transformer_inputs
+    from dit_accel.models.tiny_shapes import TINY_SHAPES_63_DIR
+    from dit_accel.patterns.permutation import TilePermutation
+
+    torch.set_num_threads(2)
+    base = WanTransformer3DModel.from_pretrained(TINY_SHAPES_63_DIR, subfolder="transformer").eval()
+    inputs = tiny_transformer_inputs("wan", base, grid=(32, 12, 12), batch=1)
+    inputs.pop("return_dict", None)
+    model = copy.deepcopy(base)
+    dit_accel.apply(model, dit_accel.Tile(tile=(1, 12, 12), window=(3, 1, 1), block_size=144))
+    spent = [0.0]
+
+    def pre(_module, _args):
+        spent.append(time.perf_counter())
+
+    def post(_module, _args, _out):
+        spent[0] += time.perf_counter() - spent.pop()
+
+    for block in model.blocks:
+        block.attn1.register_forward_pre_hook(pre)
+        block.attn1.register_forward_hook(post)
+    with torch.no_grad():
+        model(**inputs, return_dict=False)  # builds the plan and its permutation
+        perms = [o for o in gc.get_objects() if isinstance(o, TilePermutation)]
+        assert perms and all(p.identity for p in perms)
+        ms = {"identity": [], "gathers": []}
+        for r in range(7):
+            for mode in (("identity", "gathers") if r % 2 else ("gathers", "identity")):
+                for p in perms:
+                    p.identity = mode == "identity"
+                model(**inputs, return_dict=False)
+                spent[0] = 0.0
+                for _ in range(3):
+                    model(**inputs, return_dict=False)
+                ms[mode].append(spent[0] / 3 * 1e3)
+    for mode, values in ms.items():
+        print(f"{mode}: median {statistics.median(values):.1f} ms (min {min(values):.1f}, max {max(values):.1f})")
+
+
+if __name__ == "__main__":
+    main()
