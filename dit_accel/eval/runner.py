@@ -391,6 +391,7 @@ def _method_rows(pipe, timer, settings: EvalSettings, samples, specs: Sequence[M
             try:
                 with dit_accel.apply(pipe, spec.method, **spec.apply_kwargs) as handle, \
                         _cache_context(pipe, spec.cache, settings.steps):
+                    handle.fuse_lora()  # a weights= row runs as generate does: its LoRA folded in, restored after
                     videos, runs = _timed_runs(pipe, timer, settings, samples, bar)
                     row["density"], row["summary"], row["stats"] = _summary_density(handle)
                 row.update(videos=videos, times=median_times(runs), sample_times=runs[:len(samples)])

@@ -472,10 +472,15 @@ def test_weights_of_another_model_family_are_refused_with_the_reason(straight):
     assert not getattr(flux.transformer, "peft_config", None)
 
 
-def test_eval_rows_a_finetuned_folder_with_its_lora(straight, tmp_path, capsys):
+def test_eval_rows_a_finetuned_folder_with_its_lora(straight, tmp_path, capsys, monkeypatch):
     """`dit-accel eval --weights DIR`: one more row, the folder's method with its LoRA and SLA projections (its videos
-    are the fine-tuned student's, not the training-free method's), beside an untouched dense baseline."""
+    are the fine-tuned student's, not the training-free method's), beside an untouched dense baseline. As in
+    `generate`, the row's LoRA is fused for its run."""
     from dit_accel.cli.main import main
+    from dit_accel.pipelines.handle import AccelHandle
+
+    fused, fuse = [], AccelHandle.fuse_lora
+    monkeypatch.setattr(AccelHandle, "fuse_lora", lambda self: fused.append(fuse(self)) or fused[-1])
 
     out = straight["output"]
     config = tmp_path / "sla.json"
@@ -492,5 +497,6 @@ def test_eval_rows_a_finetuned_folder_with_its_lora(straight, tmp_path, capsys):
     assert "error" not in tuned and tuned["config"]["weights"] == str(out)
     assert tuned["config"]["topk"] == free["config"]["topk"] == METHOD.topk
     assert tuned["psnr"] != free["psnr"]  # the LoRA ran: same method, another output
+    assert sorted(fused)[:-1] == [0] * (len(fused) - 1) and fused and max(fused) > 0  # only the tuned row fused
     assert main(common + ["--weights", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x")]) == 2
     assert "--weights" in capsys.readouterr().err and not (tmp_path / "x").exists()
