@@ -186,19 +186,22 @@ def test_generate_says_when_a_sparse_method_runs_dense(tmp_path, capsys):
 
 
 def test_generate_default_model_off_its_plan_runs_its_frame_window_after_dense_steps(tmp_path, monkeypatch, capsys):
-    """The default model (tiny-shapes-63) at another step count than its plan's: Tile's frame window after the
-    dense steps its plan starts with (sparse from the first step it loses the object), and a note saying why."""
+    """The default model (tiny-shapes-63) at another step count than its plan's: Tile's frame window, without the
+    plan's LoRA, after the dense steps of the plan that held its budget without a LoRA (the shipped one, or for a
+    plan shipped with a LoRA the one it replaced; sparse from the first step it loses the object), and a note."""
     from dit_accel.cli.generate_args import DEFAULT_MODEL
     from dit_accel.models.tiny_shapes import shapes_model
 
     model = shapes_model(DEFAULT_MODEL)
     dense_steps = model.schedule["dense_steps"]
-    assert dit_accel.SparsePlan.load(model.plan).provenance["quality"]["plan"].endswith(f"after {dense_steps} dense steps")
+    alone = model.plan if model.plan_weights is None else (
+        REPO / "docs" / "calibrate_evidence" / "tiny-shapes-63-6-dense-steps" / "plan.json")
+    assert dit_accel.SparsePlan.load(alone).provenance["quality"]["plan"].endswith(f"after {dense_steps} dense steps")
     monkeypatch.chdir(tmp_path)
     assert main(["generate", "--steps", "9", "--quiet"]) == 0, capsys.readouterr().err
     meta = _sidecar(tmp_path / "outputs" / f"{DEFAULT_MODEL}-tile.mp4")
     assert meta["method"]["window"] == [3, 1, 1] and meta["method"]["block_size"] == 144
-    assert meta["schedule"]["dense_steps"] == dense_steps
+    assert meta["schedule"]["dense_steps"] == dense_steps and "weights" not in meta["schedule"]  # no LoRA off the plan
     assert (f"this call sets num_inference_steps 9: the uniform default Tile after {dense_steps} dense steps runs "
             "instead") in meta["default_note"]
     assert meta["density"]["mean"] == pytest.approx(3 / model.grid[0])
