@@ -97,7 +97,9 @@ class TilePermutation:
     def permute(self, x: torch.Tensor, dim: int = -2) -> torch.Tensor:
         """Raster ``[..., N, ...]`` -> tiled and zero-padded ``[..., Np, ...]`` along ``dim`` (differentiable)."""
         dim = self._check(x, dim, self.num_tokens, "N raster tokens")
-        if self.identity:  # no copy: four gathers of q, k, v and o cost 7% of a Tile call over whole frames on CPU
+        # No copy: the four gathers of q, k, v and o cost 5-15% of a whole-frame Tile call's self-attention on CPU
+        # (BENCHMARKS.md section 8, nineteenth stage).
+        if self.identity:
             return x
         gather, _ = self._indices(x.device)
         if self.num_padded == self.num_tokens:  # no padding: one gather, no concatenated copy of x

@@ -192,7 +192,7 @@ class AccelHandle:
 
     def fuse_lora(self) -> int:
         """Fold the LoRA that ``weights=`` loaded into the weights under it, so calls run no LoRA matmuls (on a
-        CPU they cost tiny-shapes-63 about 5% of its self-attention time). ``remove()`` puts back the weights as
+        CPU they cost tiny-shapes-63 6-9% of its self-attention time). ``remove()`` puts back the weights as
         they were, bit for bit: a copy of each fused weight is kept until then. For inference between pipeline
         calls; ``transformer.fuse_lora`` stays refused for these adapters. Returns the number of layers fused
         (0 without a ``weights=`` LoRA, or when it is fused already)."""
