@@ -167,8 +167,9 @@ def warmup_search(space: SearchSpace, verify: Callable[[Assignment, float], dict
 
     - the first candidate between no warm-up and the dense plan (exact: it passes without a run);
     - every later one only at warm-ups that would make it cheaper than the best plan so far by more than
-      :data:`COST_TIE`: its longest such warm-up first (a failure there ends that candidate, usually after the
-      first quarter of the videos), then down by bisection.
+      :data:`COST_TIE`: its longest such warm-up first (a failure there ends that candidate), then one step
+      shorter (a failure there ends it too: one dense step moves a video by a few dB, so a later candidate's
+      least passing warm-up is most often its longest affordable one), then down by bisection.
 
     The dense plan, verified, when no candidate passes at any warm-up."""
     run = VerifiedRuns(verify, min_psnr, rule)
@@ -186,6 +187,11 @@ def warmup_search(space: SearchSpace, verify: Callable[[Assignment, float], dict
             if not record["passes"]:
                 continue
             best, hi = record, fits[-1]
+            if hi > 0:  # one step shorter before bisecting below it
+                record = run(options[hi - 1], math.nan)
+                if not record["passes"]:
+                    continue
+                best, hi = record, hi - 1
         while hi - lo > 1:
             mid = (lo + hi) // 2
             record = run(options[mid], math.nan)

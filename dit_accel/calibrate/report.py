@@ -133,7 +133,8 @@ def render_report(result: dict) -> str:
     if s.get("search") == "warmup":
         how = ("--search warmup: a dense warm-up, then one candidate everywhere; candidates cheapest per call first, "
                "each one's least passing warm-up bisected, later ones only where cheaper than the best so far by "
-               f"more than {100 * COST_TIE:g}%). The cheapest passing plan is kept")
+               f"more than {100 * COST_TIE:g}%, at their longest such warm-up, then one step shorter, then by "
+               "bisection). The cheapest passing plan is kept")
     else:
         how = ("allocation: lambda is the price of error in modelled seconds; uniform: a step-structured plan at no "
                "more modelled cost than the allocation's). The cheapest passing plan is kept (within "

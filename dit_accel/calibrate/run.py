@@ -427,13 +427,15 @@ class _DenseRun:
 
 
 def _dense_run(pipe, settings: CalibrationSettings, jobs, call_kwargs: dict, bar) -> _DenseRun:
-    """Step 1: the dense model once on the search videos, sampling q/k/v per (layer, step bucket)."""
+    """Step 1: the dense model once on the search videos, sampling q/k/v per (layer, step bucket) (``--search
+    warmup`` scores nothing, so it keeps no sample unless ``--capture-dir`` asks for them on disk)."""
     import dit_accel
 
     chunks = math.ceil(len(jobs) / settings.batch_size)
     buckets = step_buckets(settings.steps, settings.phases, settings.warmup, settings.cooldown)
+    keep = settings.search != "warmup" or settings.capture_dir is not None
     sampler = QKVSampler(buckets, per_bucket=settings.samples_per_bucket,
-                         max_bytes=int(settings.max_sample_mb * 2**20), folder=settings.capture_dir)
+                         max_bytes=int(settings.max_sample_mb * 2**20) if keep else 0, folder=settings.capture_dir)
     bar.stage("dense run (sampling q/k/v)", chunks * settings.steps)
     replay = _new_replay(pipe, settings)
     handle = dit_accel.apply(pipe, Dense(), capture=sampler, timing=True, backend=settings.backend)
@@ -449,9 +451,8 @@ def _dense_run(pipe, settings: CalibrationSettings, jobs, call_kwargs: dict, bar
         handle.remove()
     if sampler.grid is None:
         raise ValueError(f"{settings.model}: no self-attention call was sampled; is it a supported video/image DiT?")
-    q0 = next(iter(sampler.samples.values()))[0][0]
     return _DenseRun(sampler, buckets, layers, dense_videos, dense_ms, transformer, timesteps, replay,
-                     heads=q0.shape[1], head_dim=q0.shape[-1], grid=sampler.grid)
+                     heads=sampler.heads, head_dim=sampler.head_dim, grid=sampler.grid)
 
 
 class _Verifier:

@@ -43,7 +43,8 @@ class QKVSampler:
     Args:
         buckets: the step buckets; ``per_bucket`` steps are kept per bucket, spread evenly over it.
         max_bytes: the memory the samples may take; fewer steps per bucket, then fewer batch rows,
-            are kept when one (layer, step) sample times the layers and buckets would exceed it.
+            are kept when one (layer, step) sample times the layers and buckets would exceed it. 0 keeps no
+            sample, only the grid and the shape of the calls (``heads``, ``head_dim``).
         folder: also ``torch.save`` each sample there (``layer{L:03d}_step{S:03d}.pt``, the
             :class:`~dit_accel.pipelines.capture.Capture` format); None keeps nothing on disk.
     """
@@ -62,6 +63,8 @@ class QKVSampler:
         self.per_bucket = per_bucket
         self.samples: Dict[Tuple[int, int], List[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = {}
         self.grid = None
+        self.heads: Optional[int] = None  # of the first call seen
+        self.head_dim: Optional[int] = None
         self.rows: Optional[int] = None  # batch rows kept per sample (set at the first save)
         self.bytes = 0
         self._done = set()
@@ -75,6 +78,9 @@ class QKVSampler:
             if (layer, step) in self._done:
                 return
             self._done.add((layer, step))
+            self.grid = tuple(grid)
+            if self.heads is None:
+                self.heads, self.head_dim = int(q.shape[1]), int(q.shape[-1])
             if self.rows is None:
                 self._budget(q)
             rows = self.rows
@@ -87,7 +93,6 @@ class QKVSampler:
             sample = tuple(t[:rows].detach().to("cpu", torch.float32).clone(memory_format=torch.contiguous_format)
                            for t in (q, k, v))
             kept.append(sample)
-            self.grid = tuple(grid)
             self.bytes += sum(t.numel() * 4 for t in sample)
         if self.folder is not None:
             os.makedirs(self.folder, exist_ok=True)

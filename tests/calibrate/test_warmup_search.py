@@ -73,6 +73,32 @@ def test_the_warmup_search_finds_the_cheapest_passing_plan_of_every_pair(seed):
         assert trace[i]["modelled_ms"] < passed / (1 + COST_TIE) + 1e-9
 
 
+@pytest.mark.parametrize("seed", range(12))
+def test_a_later_candidate_that_fails_one_step_below_its_longest_affordable_warm_up_costs_two_runs(seed):
+    """After the first passing plan, a candidate runs at its longest affordable warm-up, then one step shorter,
+    and only then bisects: where the shorter one fails, it stops at two runs."""
+    space = _space()
+    rng = random.Random(seed)
+    least = {c: rng.randint(0, STEPS + 1) for c in space.block + space.sla}
+    runs = []
+    warmup_search(space, _verify_by_threshold(least, runs), min_psnr=25.0, calls_per_step=2)
+    uniform = [a for a in runs if isinstance(a, UniformAssignment)]
+    first_pass = next((i for i, a in enumerate(uniform) if a.warmup >= least[a.candidate]), None)
+    if first_pass is None:
+        return
+    later = {}
+    for a in uniform[first_pass + 1:]:
+        if a.candidate != uniform[first_pass].candidate:
+            later.setdefault(a.candidate, []).append(a.warmup)
+    for candidate, warmups in later.items():
+        if len(warmups) > 1:  # passed at its longest affordable warm-up: the next probe is one step shorter
+            assert warmups[1] == warmups[0] - 1
+            if warmups[0] - 1 < least[candidate]:  # ... which fails: nothing more is run for it
+                assert len(warmups) == 2, (candidate, warmups, least[candidate])
+        else:  # one run: it failed there, or passed at warm-up 0
+            assert warmups[0] < least[candidate] or warmups[0] == 0
+
+
 def test_the_warmup_search_ends_at_the_dense_plan_when_no_warm_up_passes():
     space = _space()
     runs = []
