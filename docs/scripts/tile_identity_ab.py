@@ -1,10 +1,13 @@
-"""Whole-frame Tile with and without the permutation's gathers (BENCHMARKS.md section 8, nineteenth stage).
+"""Whole-frame Tile with and without the copies it no longer makes (BENCHMARKS.md section 8, nineteenth and twentieth
+stages).
 
 Self-attention (``attn1``) milliseconds per transformer call of tiny-shapes-63 at its grid (32, 12, 12), Tile 3
-frames, batch 1, 2 threads: 7 interleaved rounds of 3 calls each, once with the identity permutation handing q, k, v
-and the output through (``identity``), once with the four gathers forced back (``gathers``).
+frames, batch 1, 2 threads: 7 interleaved rounds of 3 calls each (``--rounds``), A against B:
 
-    python docs/scripts/tile_identity_ab.py
+- ``python docs/scripts/tile_identity_ab.py`` (or ``permutation``): the identity permutation handing q, k, v and the
+  output through (``identity``), against the four gathers forced back (``gathers``);
+- ``python docs/scripts/tile_identity_ab.py kv``: the PyTorch twin reading K and V as views of the caller's tensors
+  (``views``), against the copy of both into one buffer it made before (``copy``).
 """
 
 from __future__ import annotations
@@ -17,12 +20,13 @@ import time
 import torch
 
 
-def main() -> None:
+def main(what: str = "permutation", rounds: int = 7) -> None:
     import dit_accel
     from diffusers import WanTransformer3DModel
 
     from dit_accel.models.tiny import tiny_transformer_inputs
     from dit_accel.models.tiny_shapes import TINY_SHAPES_63_DIR
+    from dit_accel.kernels.block_sparse import naive
     from dit_accel.patterns.permutation import TilePermutation
 
     torch.set_num_threads(2)
@@ -46,19 +50,29 @@ def main() -> None:
         model(**inputs, return_dict=False)  # builds the plan and its permutation
         perms = [o for o in gc.get_objects() if isinstance(o, TilePermutation)]
         assert perms and all(p.identity for p in perms)
-        ms = {"identity": [], "gathers": []}
-        for r in range(7):
-            for mode in (("identity", "gathers") if r % 2 else ("gathers", "identity")):
+        a, b = ("identity", "gathers") if what == "permutation" else ("views", "copy")
+        viewable = naive._viewable
+        ms = {a: [], b: []}
+        for r in range(rounds):
+            for mode in ((a, b) if r % 2 else (b, a)):
                 for p in perms:
-                    p.identity = mode == "identity"
+                    p.identity = mode != "gathers"
+                naive._viewable = viewable if mode != "copy" else (lambda x, shape: False)
                 model(**inputs, return_dict=False)
                 spent[0] = 0.0
                 for _ in range(3):
                     model(**inputs, return_dict=False)
                 ms[mode].append(spent[0] / 3 * 1e3)
+        naive._viewable = viewable
     for mode, values in ms.items():
         print(f"{mode}: median {statistics.median(values):.1f} ms (min {min(values):.1f}, max {max(values):.1f})")
 
 
 if __name__ == "__main__":
-    main()
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("what", nargs="?", default="permutation", choices=("permutation", "kv"))
+    parser.add_argument("--rounds", type=int, default=7)
+    args = parser.parse_args()
+    main(args.what, args.rounds)

@@ -193,7 +193,7 @@ def test_inference_calls_reuse_buffers_and_write_in_place(m):
                 o2, _ = torch_block_sparse_attention(q, k, v, other, 0.2, chunk_bytes=1 << 16)
                 torch.testing.assert_close(o2, reference(q, k, v, other.to_dense_mask(), scale=0.2)[0],
                                            **TOL[torch.float32])
-    assert "kv" in naive._SCRATCH.buffers
+    assert "k" in naive._SCRATCH.buffers and "v" in naive._SCRATCH.buffers
 
 
 def test_inference_buffers_are_per_thread():
@@ -459,3 +459,19 @@ def test_large_head_dims_run_on_the_torch_backend():
 def test_import_does_not_import_triton():
     code = "import sys, dit_accel.kernels; assert 'triton' not in sys.modules, 'triton imported'"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=str(__import__("pathlib").Path(__file__).parents[2]))
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_the_twin_reads_k_and_v_of_a_transposed_batch_in_place(batch):
+    """Diffusers hands q, k, v over as transposes of (B, N, H, D). At batch 1 the twin's key blocks are views of the
+    caller's k and v (no copy); at batch 2 they are one copy. Both equal the masked reference."""
+    n, block, heads, d = 512, 64, 2, 32
+    layout = band_layout(n, block, 3)
+    q, k, v = (torch.randn(batch, n, heads, d).transpose(1, 2) for _ in range(3))
+    with torch.no_grad():
+        kb, vb = naive._kv_blocks(k, v, batch * heads, (n // block, block, d), True)
+        o, _ = torch_block_sparse_attention(q, k, v, layout, d ** -0.5)
+    shares = kb.data_ptr() == k.data_ptr() and vb.data_ptr() == v.data_ptr()
+    assert shares == (batch == 1)
+    assert torch.equal(kb.reshape(batch, heads, n, d), k) and torch.equal(vb.reshape(batch, heads, n, d), v)
+    torch.testing.assert_close(o, reference(q, k, v, layout.to_dense_mask(), scale=d ** -0.5)[0], atol=1e-5, rtol=1e-5)

@@ -453,12 +453,7 @@ def torch_block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
 
     # Heads split as (g, hl): head = g_idx * hl + hl_idx, matching both Hl = 1 and Hl = H.
     qb = pad_blocks(q.float(), bq).reshape(bg, hl * n_q, bq, d)
-    # K over V on the batch axis: one gather (or one window view) serves both. Dense block storage.
-    if scratch and k.shape[2] % bk == 0:
-        kv = torch.cat([k.float(), v.float()], out=_SCRATCH.take("k;v", (2 * b, *k.shape[1:]), qb))
-    else:
-        kv = pad_blocks(torch.cat([k.float(), v.float()]), bk)
-    kvb = kv.reshape(2 * bg, hl * n_k, bk, d)
+    kb, vb = _kv_blocks(k, v, bg, (hl * n_k, bk, d), scratch)
 
     def cut(chunks, budget: int) -> list:
         return [(chunk, u0, min(chunk.units, u0 + step)) for chunk in chunks
@@ -477,7 +472,7 @@ def torch_block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
 
         def run(group):
             for chunk, u0, u1 in group:
-                _place(o, lse, chunk, u0, u1, *_run_slice(qb, kvb, chunk, u0, u1, scale, fused, True))
+                _place(o, lse, chunk, u0, u1, *_run_slice(qb, kb, vb, chunk, u0, u1, scale, fused, True))
 
         run(jobs)
         if shared:
@@ -486,13 +481,40 @@ def torch_block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
         outs: List[torch.Tensor] = []
         lses: List[torch.Tensor] = []
         for chunk, u0, u1 in jobs:
-            o_c, lse_c = _run_slice(qb, kvb, chunk, u0, u1, scale, fused, False)
+            o_c, lse_c = _run_slice(qb, kb, vb, chunk, u0, u1, scale, fused, False)
             outs.append(o_c)
             lses.append(lse_c)
         o, lse = _assemble(plan, outs, lses, qb)
     o = o.reshape(b, h, n_q * bq, d)[:, :, : layout.q_len]
     lse = lse.reshape(b, h, n_q * bq)[:, :, : layout.q_len]
     return o.to(q.dtype), lse
+
+
+def _kv_blocks(k: torch.Tensor, v: torch.Tensor, bg: int, blocks: Tuple[int, int, int], scratch: bool
+               ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """K and V as blocks ``[BG, Hl*nK, bk, D]``: views of the caller's tensors where their strides allow one (whole
+    blocks; batch 1 of Diffusers' transposed (B, N, H, D) layout included), else one copy of both, K over V on the
+    batch axis (into the thread's scratch buffer when ``scratch``), zero-padded to whole blocks."""
+    bk = blocks[1]
+    if k.shape[2] % bk == 0 and not torch.compiler.is_compiling():
+        kf, vf = k.float(), v.float()
+        if _viewable(kf, (bg, *blocks)) and _viewable(vf, (bg, *blocks)):
+            return kf.view(bg, *blocks), vf.view(bg, *blocks)
+    if scratch and k.shape[2] % bk == 0:
+        kv = torch.cat([k.float(), v.float()], out=_SCRATCH.take("k;v", (2 * k.shape[0], *k.shape[1:]), k.float()))
+    else:
+        kv = pad_blocks(torch.cat([k.float(), v.float()]), bk)
+    kvb = kv.reshape(2 * bg, *blocks)
+    return kvb[:bg], kvb[bg:]
+
+
+def _viewable(x: torch.Tensor, shape: Tuple[int, ...]) -> bool:
+    """Whether ``x.view(shape)`` works (no copy)."""
+    try:
+        x.view(shape)
+    except RuntimeError:
+        return False
+    return True
 
 
 def _place(o: torch.Tensor, lse: torch.Tensor, chunk: _Chunk, u0: int, u1: int, o_c: torch.Tensor,
@@ -573,11 +595,11 @@ def _assemble(plan: _Plan, outs: List[torch.Tensor], lses: List[torch.Tensor], q
     return o, lse
 
 
-def _slice_qkv(qb, kvb, chunk: _Chunk, u0: int, u1: int, scratch: bool = False):
+def _slice_qkv(qb, kb, vb, chunk: _Chunk, u0: int, u1: int, scratch: bool = False):
     """Q ``[BG, U, G*bq, D]`` and K, V ``[BG, U, C*bk, D]`` of units ``u0:u1``: views where the
     blocks are consecutive, else gathered copies (into the thread's :class:`_Scratch` with ``scratch``)."""
     bg, _, bq, d = qb.shape
-    bk = kvb.shape[2]
+    bk = kb.shape[2]
     units, grp, c = u1 - u0, chunk.group, chunk.width
     if chunk.first_row is not None:
         r0 = chunk.first_row + u0 * grp
@@ -588,13 +610,14 @@ def _slice_qkv(qb, kvb, chunk: _Chunk, u0: int, u1: int, scratch: bool = False):
     q_c = q_c.reshape(bg, units, grp * bq, d)
     if chunk.run is not None:
         _, kv0, step = chunk.run
-        kv_c = _window(kvb, kv0 + u0 * step, step, units, c)
-    elif chunk.first_kv is not None:
-        kv_c = kvb[:, chunk.first_kv:chunk.first_kv + c].reshape(2 * bg, 1, c * bk, d)
-    else:
-        kv = chunk.kv if units == chunk.units else chunk.kv[u0 * c:u1 * c]
-        kv_c = gather(kvb, 1, kv, "kv" if scratch else None).reshape(2 * bg, units, c * bk, d)
-    return q_c, kv_c[:bg], kv_c[bg:]
+        return q_c, _window(kb, kv0 + u0 * step, step, units, c), _window(vb, kv0 + u0 * step, step, units, c)
+    if chunk.first_kv is not None:
+        first = chunk.first_kv
+        return (q_c, kb[:, first:first + c].reshape(bg, 1, c * bk, d),
+                vb[:, first:first + c].reshape(bg, 1, c * bk, d))
+    kv = chunk.kv if units == chunk.units else chunk.kv[u0 * c:u1 * c]
+    return (q_c, gather(kb, 1, kv, "k" if scratch else None).reshape(bg, units, c * bk, d),
+            gather(vb, 1, kv, "v" if scratch else None).reshape(bg, units, c * bk, d))
 
 
 def _attend(q_c, k_c, v_c, mask: Optional[_Mask], scale: float, fused: bool):
@@ -616,9 +639,9 @@ def _attend(q_c, k_c, v_c, mask: Optional[_Mask], scale: float, fused: bool):
     return o_c, lse_c
 
 
-def _run_slice(qb, kvb, chunk: _Chunk, u0: int, u1: int, scale: float, fused: bool, scratch: bool = False):
+def _run_slice(qb, kb, vb, chunk: _Chunk, u0: int, u1: int, scale: float, fused: bool, scratch: bool = False):
     """Units ``u0:u1`` of ``chunk``: ``(o [BG, U*G, bq, D], lse [BG, U*G, bq])`` of their query blocks."""
     bg, _, bq, d = qb.shape
-    o_c, lse_c = _attend(*_slice_qkv(qb, kvb, chunk, u0, u1, scratch), chunk.mask, scale, fused)
+    o_c, lse_c = _attend(*_slice_qkv(qb, kb, vb, chunk, u0, u1, scratch), chunk.mask, scale, fused)
     n_rows = (u1 - u0) * chunk.group
     return o_c.reshape(bg, n_rows, bq, d), lse_c.reshape(bg, n_rows, bq)
