@@ -436,7 +436,7 @@ def _dense_run(pipe, settings: CalibrationSettings, jobs, call_kwargs: dict, bar
     keep = settings.search != "warmup" or settings.capture_dir is not None
     sampler = QKVSampler(buckets, per_bucket=settings.samples_per_bucket,
                          max_bytes=int(settings.max_sample_mb * 2**20) if keep else 0, folder=settings.capture_dir)
-    bar.stage("dense run (sampling q/k/v)", chunks * settings.steps)
+    bar.stage("dense run (sampling q/k/v)" if keep else "dense run", chunks * settings.steps)
     replay = _new_replay(pipe, settings)
     handle = dit_accel.apply(pipe, Dense(), capture=sampler, timing=True, backend=settings.backend)
     try:
