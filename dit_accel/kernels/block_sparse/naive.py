@@ -496,14 +496,14 @@ def _kv_blocks(k: torch.Tensor, v: torch.Tensor, bg: int, blocks: Tuple[int, int
     blocks; batch 1 of Diffusers' transposed (B, N, H, D) layout included), else one copy of both, K over V on the
     batch axis (into the thread's scratch buffer when ``scratch``), zero-padded to whole blocks."""
     bk = blocks[1]
-    if k.shape[2] % bk == 0 and not torch.compiler.is_compiling():
-        kf, vf = k.float(), v.float()
-        if _viewable(kf, (bg, *blocks)) and _viewable(vf, (bg, *blocks)):
-            return kf.view(bg, *blocks), vf.view(bg, *blocks)
-    if scratch and k.shape[2] % bk == 0:
-        kv = torch.cat([k.float(), v.float()], out=_SCRATCH.take("k;v", (2 * k.shape[0], *k.shape[1:]), k.float()))
+    kf, vf = k.float(), v.float()
+    whole = k.shape[2] % bk == 0
+    if whole and not torch.compiler.is_compiling() and _viewable(kf, (bg, *blocks)) and _viewable(vf, (bg, *blocks)):
+        return kf.view(bg, *blocks), vf.view(bg, *blocks)
+    if scratch and whole:
+        kv = torch.cat([kf, vf], out=_SCRATCH.take("k;v", (2 * k.shape[0], *k.shape[1:]), kf))
     else:
-        kv = pad_blocks(torch.cat([k.float(), v.float()]), bk)
+        kv = pad_blocks(torch.cat([kf, vf]), bk)
     kvb = kv.reshape(2 * bg, *blocks)
     return kvb[:bg], kvb[bg:]
 
