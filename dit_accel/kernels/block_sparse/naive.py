@@ -498,8 +498,10 @@ def _kv_blocks(k: torch.Tensor, v: torch.Tensor, bg: int, blocks: Tuple[int, int
     bk = blocks[1]
     kf, vf = k.float(), v.float()
     whole = k.shape[2] % bk == 0
-    if whole and not torch.compiler.is_compiling() and _viewable(kf, (bg, *blocks)) and _viewable(vf, (bg, *blocks)):
-        return kf.view(bg, *blocks), vf.view(bg, *blocks)
+    if whole and not torch.compiler.is_compiling():
+        kb, vb = _view_or_none(kf, (bg, *blocks)), _view_or_none(vf, (bg, *blocks))
+        if kb is not None and vb is not None:
+            return kb, vb
     if scratch and whole:
         kv = torch.cat([kf, vf], out=_SCRATCH.take("k;v", (2 * k.shape[0], *k.shape[1:]), kf))
     else:
@@ -508,13 +510,12 @@ def _kv_blocks(k: torch.Tensor, v: torch.Tensor, bg: int, blocks: Tuple[int, int
     return kvb[:bg], kvb[bg:]
 
 
-def _viewable(x: torch.Tensor, shape: Tuple[int, ...]) -> bool:
-    """Whether ``x.view(shape)`` works (no copy)."""
+def _view_or_none(x: torch.Tensor, shape: Tuple[int, ...]) -> Optional[torch.Tensor]:
+    """``x.view(shape)`` (no copy), or None where ``x``'s strides allow no such view."""
     try:
-        x.view(shape)
+        return x.view(shape)
     except RuntimeError:
-        return False
-    return True
+        return None
 
 
 def _place(o: torch.Tensor, lse: torch.Tensor, chunk: _Chunk, u0: int, u1: int, o_c: torch.Tensor,
