@@ -494,19 +494,19 @@ def _kv_blocks(k: torch.Tensor, v: torch.Tensor, bg: int, blocks: Tuple[int, int
                ) -> Tuple[torch.Tensor, torch.Tensor]:
     """K and V as blocks ``[BG, Hl*nK, bk, D]``: views of the caller's tensors where their strides allow one (whole
     blocks; batch 1 of Diffusers' transposed (B, N, H, D) layout included), else one copy of both, K over V on the
-    batch axis (into the thread's scratch buffer when ``scratch``), zero-padded to whole blocks."""
+    batch axis (into the thread's scratch buffer in an eager call with ``scratch``), zero-padded to whole blocks."""
     bk = blocks[1]
     kf, vf = k.float(), v.float()
     whole = k.shape[2] % bk == 0
-    if whole and not torch.compiler.is_compiling():
+    if whole and not torch.compiler.is_compiling():  # (a traced call neither views nor reads the eager scratch)
         kb, vb = _view_or_none(kf, (bg, *blocks)), _view_or_none(vf, (bg, *blocks))
         if kb is not None and vb is not None:
             return kb, vb
-    if scratch and whole:
-        kv = torch.cat([kf, vf], out=_SCRATCH.take("k;v", (2 * k.shape[0], *k.shape[1:]), kf))
-    else:
-        kv = pad_blocks(torch.cat([kf, vf]), bk)
-    kvb = kv.reshape(2 * bg, *blocks)
+        if scratch:
+            kvb = torch.cat([kf, vf], out=_SCRATCH.take("k;v", (2 * k.shape[0], *k.shape[1:]), kf))
+            kvb = kvb.reshape(2 * bg, *blocks)
+            return kvb[:bg], kvb[bg:]
+    kvb = pad_blocks(torch.cat([kf, vf]), bk).reshape(2 * bg, *blocks)
     return kvb[:bg], kvb[bg:]
 
 
