@@ -1,8 +1,8 @@
 """The CUDA toolchain's binaries (ptxas, nvdisasm, cuobjdump, shipped in triton's wheel) run on one input file, their
 output kept on disk.
 
-An output is a pure function of the tool binary, its flags and the input's bytes, so it is stored under a hash of
-exactly those: a kernel edit, another flag or another toolchain runs the tool again, and nothing derived from the
+An output is a pure function of the tool binary's bytes, its flags and the input's bytes, so it is stored under a
+hash of exactly those: a kernel edit, another flag or another toolchain runs the tool again, and nothing derived from the
 output (the parsers) is stored. The static GPU checks re-read every shipped kernel on every run; with the outputs kept,
 a run on a machine that has already seen a kernel skips ptxas and nvdisasm for it.
 
@@ -31,11 +31,22 @@ def cache_dir() -> Path:
     return Path(explicit) if explicit else cache_root() / "tools"
 
 
-@functools.lru_cache(maxsize=None)
 def _identity(tool: str) -> str:
-    """The binary as it is on disk: path, size and modification time (an upgraded toolchain is another tool)."""
-    st = os.stat(tool)
-    return f"{os.path.realpath(tool)}:{st.st_size}:{st.st_mtime_ns}"
+    """The binary's bytes, hashed: an upgraded toolchain is another tool, and the same toolchain in another virtual
+    environment (a fresh clone's, at another path, installed at another time) is the same one."""
+    path = os.path.realpath(tool)
+    st = os.stat(path)
+    return _digest(path, st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=None)
+def _digest(path: str, size: int, mtime_ns: int) -> str:
+    """sha256 of the file at ``path``, hashed once per process for each size and modification time."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def run_tool(tool: str, flags: Sequence[str], data: bytes, suffix: str, *, check: bool = True):

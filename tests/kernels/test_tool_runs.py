@@ -1,6 +1,7 @@
 """The toolchain outputs kept on disk (dit_accel.kernels.tool_runs): a second run of the same tool, flags and input
 reads the stored output; anything else runs the tool; failures and damaged entries are never served."""
 import os
+import shutil
 import stat
 
 import pytest
@@ -19,7 +20,6 @@ def tool(tmp_path, monkeypatch):
                       'if [ "$(cat "$last")" = fail ]; then echo broken >&2; exit 3; fi\n'
                       'echo "flags: $*" | sed "s| /[^ ]*||g"; echo "log: $(cat "$last")" >&2\n')
     script.chmod(script.stat().st_mode | stat.S_IEXEC)
-    tool_runs._identity.cache_clear()
     return str(script), lambda: len(counter.read_text().split())
 
 
@@ -42,10 +42,21 @@ def test_another_input_flag_or_suffix_runs_the_tool(tool, flags, data, suffix):
 def test_a_changed_binary_is_another_tool(tool):
     binary, runs = tool
     tool_runs.run_tool(binary, ["-v"], b"kernel A", ".ptx")
-    os.utime(binary, ns=(1, 1))  # an upgraded toolchain: same path, other file
-    tool_runs._identity.cache_clear()
+    with open(binary, "a") as f:  # an upgraded toolchain: same path, other bytes
+        f.write("# another release\n")
     tool_runs.run_tool(binary, ["-v"], b"kernel A", ".ptx")
     assert runs() == 2
+
+
+def test_the_same_binary_in_another_environment_reads_the_stored_output(tool, tmp_path):
+    """A fresh clone's virtual environment holds the same toolchain at another path, written at another time."""
+    binary, runs = tool
+    first = tool_runs.run_tool(binary, ["-v"], b"kernel A", ".ptx")
+    elsewhere = tmp_path / "venv" / "bin" / "ptxas"
+    elsewhere.parent.mkdir(parents=True)
+    shutil.copy(binary, elsewhere)  # a copy: its own modification time
+    os.utime(elsewhere, ns=(2, 2))
+    assert tool_runs.run_tool(str(elsewhere), ["-v"], b"kernel A", ".ptx") == first and runs() == 1
 
 
 def test_a_failure_is_reported_and_not_stored(tool):
