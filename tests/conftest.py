@@ -28,7 +28,40 @@ import torch  # noqa: E402
 HAS_CUDA = torch.cuda.is_available()
 
 
+# Worker seconds of the modules that take longest (a fresh clone's .ci/run on the 2-core machine, --durations=120,
+# 2026-11-27). Their tests go to the workers first: a module stays on one worker (--dist loadscope), so one of them
+# started last would run alone at the end while the other worker idles.
+SLOW_MODULES = {
+    "tests/models/test_long_clip_models.py": 300,
+    "tests/pipelines/test_parallel.py": 160,
+    "tests/pipelines/test_compile.py": 160,
+    "tests/kernels/test_sass.py": 75,
+    "tests/cli/test_cli.py": 73,
+    "tests/kernels/test_compile_block_sparse.py": 66,
+    "tests/models/test_tiny_shapes.py": 48,
+    "tests/cli/test_main_job.py": 47,
+    "tests/kernels/test_compile_sla.py": 44,
+    "tests/training/test_finetune.py": 39,
+}
+
+
+def _scope(item) -> str:
+    """xdist's loadscope unit: the module, or the class for a test in one."""
+    return item.nodeid.rsplit("::", 1)[0]
+
+
 def pytest_collection_modifyitems(config, items):
+    """The slowest modules first, then the rest by their number of tests (xdist's own order, which
+    --no-loadscope-reorder hands to this hook); a module's tests keep their order."""
+    counts: dict = {}
+    for item in items:
+        counts[_scope(item)] = counts.get(_scope(item), 0) + 1
+
+    def weight(scope: str) -> tuple:
+        return -SLOW_MODULES.get(scope.split("::")[0], 0), -counts[scope]
+
+    order = {scope: i for i, scope in enumerate(sorted(counts, key=weight))}
+    items.sort(key=lambda item: order[_scope(item)])  # stable: each scope's tests keep their order
     if HAS_CUDA:
         return
     skip = pytest.mark.skip(reason="needs a CUDA device")

@@ -198,11 +198,12 @@ def test_generate_default_model_off_its_plan_runs_its_frame_window_after_dense_s
         REPO / "docs" / "calibrate_evidence" / "tiny-shapes-63-6-dense-steps" / "plan.json")
     assert dit_accel.SparsePlan.load(alone).provenance["quality"]["plan"].endswith(f"after {dense_steps} dense steps")
     monkeypatch.chdir(tmp_path)
-    assert main(["generate", "--steps", "9", "--quiet"]) == 0, capsys.readouterr().err
+    steps = dense_steps + 1  # one sparse step after the dense ones
+    assert main(["generate", "--steps", str(steps), "--quiet"]) == 0, capsys.readouterr().err
     meta = _sidecar(tmp_path / "outputs" / f"{DEFAULT_MODEL}-tile.mp4")
     assert meta["method"]["window"] == [3, 1, 1] and meta["method"]["block_size"] == 144
     assert meta["schedule"]["dense_steps"] == dense_steps and "weights" not in meta["schedule"]  # no LoRA off the plan
-    assert (f"this call sets num_inference_steps 9: the uniform default Tile after {dense_steps} dense steps runs "
+    assert (f"this call sets num_inference_steps {steps}: the uniform default Tile after {dense_steps} dense steps runs "
             "instead") in meta["default_note"]
     assert meta["density"]["mean"] == pytest.approx(3 / model.grid[0])
 

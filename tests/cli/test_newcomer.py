@@ -241,7 +241,7 @@ def test_a_run_without_side_by_side_removes_the_earlier_runs_comparison(tmp_path
 
     out = tmp_path / "v.mp4"
     pair = tmp_path / "v-vs-dense.mp4"
-    common = ["generate", "--steps", "1", "--out", str(out), "--quiet"]
+    common = ["generate", "--model", "tiny-shapes", "--steps", "1", "--out", str(out), "--quiet"]  # 576 tokens
     assert main([*common, "--side-by-side"]) == 0 and pair.exists()
     assert main(common) == 0
     assert not pair.exists() and json.loads((tmp_path / "v.mp4.json").read_text())["compare_dense"][
