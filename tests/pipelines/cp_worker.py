@@ -156,7 +156,8 @@ def capture(ulysses, ring) -> float:
     """Captured q/k/v under context parallelism (one file per head group) == the single-process capture."""
     import tempfile
 
-    folder = os.path.join(tempfile.gettempdir(), f"dit_accel_cp_capture_{os.environ['TORCHELASTIC_RUN_ID']}")
+    folder = os.path.join(tempfile.gettempdir(),  # one per launch and scenario (a launch runs several)
+                          f"dit_accel_cp_capture_{os.environ['TORCHELASTIC_RUN_ID']}_u{ulysses}r{ring}")
     single = build("wan")
     with dit_accel.apply(single, dit_accel.Tile(tile=(1, 8, 8), window=(3, 1, 1)), capture=folder + "/one",
                          capture_layers=[0]):
@@ -289,13 +290,15 @@ def scenario(name: str) -> dict:
 
 
 def main() -> int:
-    name, path = sys.argv[1], sys.argv[2]
+    """``cp_worker.py NAME PATH [NAME PATH ...]``: each scenario in turn in one launch (one start-up for all)."""
+    pairs = list(zip(sys.argv[1::2], sys.argv[2::2]))
     dist.init_process_group("gloo")
-    torch.manual_seed(0)
-    result = scenario(name)
-    if dist.get_rank() == 0:
-        with open(path, "w") as fh:
-            json.dump(result, fh, indent=1)
+    for name, path in pairs:
+        torch.manual_seed(0)
+        result = scenario(name)
+        if dist.get_rank() == 0:
+            with open(path, "w") as fh:
+                json.dump(result, fh, indent=1)
     dist.destroy_process_group()
     return 0
 

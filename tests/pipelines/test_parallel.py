@@ -24,12 +24,11 @@ def _torchrun(nproc: int, script: str, *args, timeout: int = 600) -> None:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    out = {}
     folder = tmp_path_factory.mktemp("cp")
-    for name, nproc in (("ulysses2", 2), ("ring2", 2), ("four", 4)):
-        _torchrun(nproc, "cp_worker.py", name, folder / f"{name}.json")
-        out[name] = json.loads((folder / f"{name}.json").read_text())
-    return out
+    pairs = ("ulysses2", "ring2", "lineage", "video_c", "av")  # one launch of 2 processes for all of them
+    _torchrun(2, "cp_worker.py", *[arg for name in pairs for arg in (name, folder / f"{name}.json")])
+    _torchrun(4, "cp_worker.py", "four", folder / "four.json")
+    return {name: json.loads((folder / f"{name}.json").read_text()) for name in (*pairs, "four")}
 
 
 def _cases(result: dict, prefix: str = ""):
@@ -45,10 +44,9 @@ def test_ulysses_is_bit_identical_in_both_call_orders(runs):
         assert (case["sparse_calls"] > 0) == ("dense" not in key), (key, case)
 
 
-def test_ulysses_on_the_wan_lineage_is_bit_identical(tmp_path):
+def test_ulysses_on_the_wan_lineage_is_bit_identical(runs):
     """Classes of the Wan lineage whose Diffusers class has a _cp_plan (cp_worker.LINEAGE_CP)."""
-    _torchrun(2, "cp_worker.py", "lineage", tmp_path / "lineage.json")
-    cases = _cases(json.loads((tmp_path / "lineage.json").read_text()))
+    cases = _cases(runs["lineage"])
     assert len(cases) == 1 * 4 * 2  # chronoedit: dense, tile, gna, sla; two call orders
     for key, case in cases.items():
         assert case["diff"] == 0.0 and case["finite"] and case["remove_exact"], (key, case)
@@ -107,11 +105,10 @@ def test_generate_cli_under_torchrun_matches_one_process(tmp_path):
     assert {row["rank"] for row in sidecar["density"]["per_layer"]} == {0, 1}
 
 
-def test_ulysses_on_helios_is_bit_identical_and_its_history_is_refused(tmp_path):
+def test_ulysses_on_helios_is_bit_identical_and_its_history_is_refused(runs):
     """models-video-c: Helios (cp_worker.VIDEO_C_CP) without history: Ulysses over 2 ranks reproduces one process;
     a call with the packed history is refused under context parallelism."""
-    _torchrun(2, "cp_worker.py", "video_c", tmp_path / "video_c.json")
-    result = json.loads((tmp_path / "video_c.json").read_text())
+    result = dict(runs["video_c"])
     assert "packs a history ahead of the chunk" in result.pop("helios/history")
     cases = _cases(result)
     assert len(cases) == 3  # dense, gna, sla
@@ -121,16 +118,12 @@ def test_ulysses_on_helios_is_bit_identical_and_its_history_is_refused(tmp_path)
 
 
 # ---- models-video-d (issue 28): audio-video classes with a Diffusers _cp_plan (cp_worker.AV_CP)
-def test_ulysses_on_ltx2_and_minimax_h3_matches_one_process():
+def test_ulysses_on_ltx2_and_minimax_h3_matches_one_process(runs):
     """Ulysses over 2 ranks, both call orders: LTX-2's video self-attention is bit-identical to one process (with
     a keyframe of tokens appended after the grid, which the _cp_plan splits with the video: within fp32 rounding);
     MiniMax-H3's packed sequence, which its _cp_plan splits contiguously (Preset.split_whole), matches within
     fp32 rounding (the dense Dense() run differs by as much: Diffusers' own split of its text refiner)."""
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as folder:
-        _torchrun(2, "cp_worker.py", "av", f"{folder}/av.json")
-        cases = _cases(json.loads(open(f"{folder}/av.json").read()))
+    cases = _cases(runs["av"])
     assert len(cases) == 2 * 3 * 2 + 1  # ltx2, minimax_h3: dense, gna, sla; two call orders; LTX-2 appended tokens
     for key, case in cases.items():
         limit = 0.0 if key.split("/")[0] == "ltx2" else 1e-5  # (the appended keyframe: within fp32 rounding)
