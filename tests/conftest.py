@@ -28,21 +28,21 @@ import torch  # noqa: E402
 HAS_CUDA = torch.cuda.is_available()
 
 
-# About the worker seconds of the modules that take longest (a fresh clone's .ci/run on the 2-core machine, --durations,
-# 2026-11-27; rounded). Their tests go to the workers first: a module stays on one worker (--dist loadscope), so one
-# of them started last would run alone at the end while the other worker idles. A new module of a minute or more
-# belongs here.
+# Worker seconds of the modules that take longest (a fresh clone's .ci/run on the 2-core machine, --durations=0,
+# 2026-11-27, a4c9379; rounded). Their tests go to the workers first: a module stays on one worker (--dist loadscope),
+# so one of them started last would run alone at the end while the other worker idles. A new module of a minute or
+# more belongs here.
 SLOW_MODULES = {
-    "tests/models/test_long_clip_models.py": 160,
-    "tests/pipelines/test_compile.py": 150,
-    "tests/pipelines/test_parallel.py": 105,
-    "tests/cli/test_cli.py": 85,
-    "tests/training/test_finetune.py": 50,
-    "tests/cli/test_main_job.py": 45,
-    "tests/models/test_tiny_shapes.py": 40,
-    "tests/models/test_tiny.py": 30,
-    "tests/kernels/test_sass.py": 25,
-    "tests/pipelines/test_minimax_h3.py": 20,
+    "tests/models/test_long_clip_models.py": 182,
+    "tests/pipelines/test_compile.py": 170,
+    "tests/cli/test_cli.py": 120,
+    "tests/pipelines/test_parallel.py": 111,
+    "tests/cli/test_main_job.py": 60,
+    "tests/training/test_finetune.py": 59,
+    "tests/models/test_tiny_shapes.py": 49,
+    "tests/kernels/test_sla_triton.py": 47,
+    "tests/kernels/test_block_sparse_triton.py": 41,
+    "tests/kernels/test_selfcheck.py": 34,
 }
 
 
