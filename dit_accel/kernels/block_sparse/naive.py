@@ -497,16 +497,17 @@ def _kv_blocks(k: torch.Tensor, v: torch.Tensor, bg: int, blocks: Tuple[int, int
     batch axis (into the thread's scratch buffer in an eager call with ``scratch``), zero-padded to whole blocks."""
     bk = blocks[1]
     kf, vf = k.float(), v.float()
-    whole = k.shape[2] % bk == 0
-    if whole and not torch.compiler.is_compiling():  # (a traced call neither views nor reads the eager scratch)
+    # (a traced call neither views nor reads the eager scratch)
+    eager_whole = k.shape[2] % bk == 0 and not torch.compiler.is_compiling()
+    if eager_whole:
         kb, vb = _view_or_none(kf, (bg, *blocks)), _view_or_none(vf, (bg, *blocks))
         if kb is not None and vb is not None:
             return kb, vb
-        if scratch:
-            kvb = torch.cat([kf, vf], out=_SCRATCH.take("k;v", (2 * k.shape[0], *k.shape[1:]), kf))
-            kvb = kvb.reshape(2 * bg, *blocks)
-            return kvb[:bg], kvb[bg:]
-    kvb = pad_blocks(torch.cat([kf, vf]), bk).reshape(2 * bg, *blocks)
+    if eager_whole and scratch:
+        kv = torch.cat([kf, vf], out=_SCRATCH.take("k;v", (2 * k.shape[0], *k.shape[1:]), kf))
+    else:
+        kv = pad_blocks(torch.cat([kf, vf]), bk)
+    kvb = kv.reshape(2 * bg, *blocks)
     return kvb[:bg], kvb[bg:]
 
 
