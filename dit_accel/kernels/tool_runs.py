@@ -2,9 +2,9 @@
 output kept on disk.
 
 An output is a pure function of the tool binary's bytes, its flags and the input's bytes, so it is stored under a
-hash of exactly those: a kernel edit, another flag or another toolchain runs the tool again, and nothing derived from the
-output (the parsers) is stored. The static GPU checks re-read every shipped kernel on every run; with the outputs kept,
-a run on a machine that has already seen a kernel skips ptxas and nvdisasm for it.
+hash of exactly those: a kernel edit, another flag or another toolchain runs the tool again, and nothing derived from
+the output (the parsers) is stored. The static GPU checks re-read every shipped kernel on every run; with the outputs
+kept, a run on a machine that has already seen a kernel skips ptxas and nvdisasm for it.
 
 Where: ``$DIT_ACCEL_TOOL_CACHE``, else ``$DIT_ACCEL_CACHE/tools``, else ``~/.cache/dit_accel/tools``. A damaged or
 unreadable entry is run again; an unwritable folder only costs the saving.

@@ -20,7 +20,7 @@ MEASURED_DENSE = {
 # moving right" lost motion and consistency (as on 2026-11-26).
 CHECK_PROMPTS = {"tiny-shapes-long": balanced_prompts(8),
                  "tiny-shapes-63": [balanced_prompts(8)[i] for i in (1, 2, 4, 7)]}
-CHECK = {"seeds": (0,)}
+SEEDS = (0,)
 TOKENS = {"tiny-shapes-long": 2304, "tiny-shapes-63": 4608}
 WINDOW_DENSITY = {"tiny-shapes-long": 0.1875, "tiny-shapes-63": 0.09375}  # 3 of 16 frames, 3 of 32
 NAMES = list(MEASURED_DENSE)
@@ -79,7 +79,7 @@ def test_frame_window_settings_visit_three_whole_frames(name, method):
 def _measure(name, prompts=None):
     from dit_accel.models.loading import load_pipeline
 
-    result = evaluate(load_pipeline(name), prompts=prompts or CHECK_PROMPTS[name], seeds=CHECK["seeds"],
+    result = evaluate(load_pipeline(name), prompts=prompts or CHECK_PROMPTS[name], seeds=SEEDS,
                       **SHAPES_MODELS[name].defaults)
     result.pop("settings")
     return result
