@@ -7,7 +7,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .search import COST_TIE, Assignment, SearchSpace, UniformAssignment, uniform_options
+from .search import COST_TIE, Assignment, BridgedAssignment, SearchSpace, UniformAssignment, uniform_options
 
 
 _GROUNDTRUTH_CHECKS = ("colour", "shape", "motion", "consistency")
@@ -171,6 +171,11 @@ def warmup_search(space: SearchSpace, verify: Callable[[Assignment, float], dict
       shorter (a failure there ends it too: one dense step moves a video by a few dB, so a later candidate's
       least passing warm-up is most often its longest affordable one), then down by bisection.
 
+    Then the chosen plan's last dense step is bridged (:class:`~.search.BridgedAssignment`): run under a wider
+    candidate of the same method (:func:`bridges`), the widest first and narrower ones while they pass; the last
+    that passes is kept. One step of wide attention where the plan had dense costs a fraction of the dense step
+    (tiny-shapes-63: Tile 17 of 32 frames instead of all 32), and only bridges that pass are kept.
+
     The dense plan, verified, when no candidate passes at any warm-up."""
     run = VerifiedRuns(verify, min_psnr, rule)
     steps = space.buckets[-1][1]
@@ -200,15 +205,41 @@ def warmup_search(space: SearchSpace, verify: Callable[[Assignment, float], dict
             else:
                 lo = mid
     if best is None:
-        best = run(space.assign(math.inf), math.inf)
+        return run(space.assign(math.inf), math.inf), run.trace
+    chosen = best["assignment"]
+    if isinstance(chosen, UniformAssignment) and chosen.warmup > 0:
+        limit = best["modelled_ms"] / (1.0 + COST_TIE)
+        for bridge in bridges(space, chosen.candidate):
+            option = BridgedAssignment(space, chosen.candidate, chosen.warmup - 1, bridge)
+            if option.cost_per_sample(calls_per_step) * 1e3 >= limit:
+                continue
+            record = run(option, math.nan)
+            if not record["passes"]:
+                break
+            best = record
     return best, run.trace
+
+
+def bridges(space: SearchSpace, candidate: int) -> List[int]:
+    """The candidates that may bridge a warm-up into ``candidate``: the same method (its class, and for
+    block-sparse ones the same kind of launch) visiting more per call than it and cheaper than dense, the costliest
+    (the closest to dense) first."""
+    method = space.candidates[candidate].method
+    own = space.layer_cost(candidate)
+    wider = [i for i in space.cheaper_than_dense() if type(space.candidates[i].method) is type(method)
+             and space.candidates[i].kind == space.candidates[candidate].kind and space.layer_cost(i) > own]
+    return sorted(wider, key=space.layer_cost, reverse=True)
 
 
 def _describe(assignment: Assignment, lam: float) -> str:
     """A verified plan in a few words: ``allocation, lambda 4.4e-06`` or ``uniform tile w1x1x1 after 9 dense steps``."""
     if isinstance(assignment, UniformAssignment):
-        return (f"uniform {assignment.space.candidates[assignment.candidate].label} after {assignment.warmup} dense "
+        labels = assignment.space.candidates
+        text = (f"uniform {labels[assignment.candidate].label} after {assignment.warmup} dense "
                 f"step{'s' if assignment.warmup != 1 else ''}")
+        if isinstance(assignment, BridgedAssignment):
+            text += f" and a bridge step of {labels[assignment.bridge].label}"
+        return text
     if math.isinf(lam):
         return "dense (exact)"
     return f"allocation, lambda {lam:.3g}"

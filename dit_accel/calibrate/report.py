@@ -134,7 +134,8 @@ def render_report(result: dict) -> str:
         how = ("--search warmup: a dense warm-up, then one candidate everywhere; candidates cheapest per call first, "
                "each one's least passing warm-up bisected, later ones only where cheaper than the best so far by "
                f"more than {100 * COST_TIE:g}%, at their longest such warm-up, then one step shorter, then by "
-               "bisection). The cheapest passing plan is kept")
+               "bisection; then the chosen plan's last dense step bridged by wider candidates of its method, the "
+               "widest first, while they pass). The cheapest passing plan is kept")
     else:
         how = ("allocation: lambda is the price of error in modelled seconds; uniform: a step-structured plan at no "
                "more modelled cost than the allocation's). The cheapest passing plan is kept (within "

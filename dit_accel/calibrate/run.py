@@ -566,7 +566,8 @@ def _budget_and_objective(settings: CalibrationSettings, costs) -> Tuple[dict, s
               f"modelled attention time ({costs.constants.name}, terms={costs.terms})")
     how = ("per-(layer, bucket) Lagrangian allocation of the squared relative attention error"
            if settings.search == "allocation" else
-           "a dense warm-up then one candidate on every head, the warm-up bisected per candidate on verified runs")
+           "a dense warm-up then one candidate on every head, the warm-up bisected per candidate on verified runs, "
+           "its last dense step bridged by a wider candidate where one passes")
     objective = f"least {priced} per generation, {how}"
     return budget, objective
 

@@ -31,8 +31,8 @@ from ..methods import Dense, Method
 from ..per_head import PerHead
 from ..sparse_plan import Phase, SparsePlan
 
-__all__ = ["COST_TIE", "LayerChoice", "Assignment", "UniformAssignment", "assign", "to_plan", "SearchSpace",
-           "uniform_options"]
+__all__ = ["COST_TIE", "LayerChoice", "Assignment", "UniformAssignment", "BridgedAssignment", "assign", "to_plan",
+           "SearchSpace", "uniform_options"]
 
 #: Modelled costs this close (relative: a head or two of a large layer) are a tie in the search's final choice
 #: (``calibrate.budget.search_budget``), where the wider worst-video margin wins.
@@ -282,6 +282,75 @@ class UniformAssignment(Assignment):
     def max_layer_error(self) -> float:
         errors = [c.error for (l, b), c in self.choices.items() if self.space.buckets[b][1] > self.warmup]
         return max(errors, default=0.0) ** 0.5
+
+
+class BridgedAssignment(UniformAssignment):
+    """A warm-up plan with a bridge: ``warmup`` dense steps, one step of the wider candidate ``bridge``, then
+    ``candidate`` on every layer and head to the end.
+
+    It is the step-structured plan ``UniformAssignment(space, candidate, warmup + 1)`` with its last dense step
+    relaxed to ``bridge`` (a candidate of the same method that visits more keys per call, cheaper than dense):
+    the early steps that fix a video's layout need attention wider than the late ones, not all of it dense.
+    """
+
+    def __init__(self, space: SearchSpace, candidate: int, warmup: int, bridge: int):
+        super().__init__(space, candidate, warmup + 1)
+        self.warmup, self.bridge = int(warmup), int(bridge)
+        bridge_cost, kind = space.layer_cost(self.bridge), space.candidates[self.bridge].kind
+        for l in range(space.layers):
+            for b, (start, stop) in enumerate(space.buckets):
+                if start <= self.warmup < stop:  # the bucket of the bridge step (priced per step below)
+                    errors = space.errors.get((l, b))
+                    error = 0.0 if errors is None else float(errors[self.bridge].sum())
+                    self.choices[(l, b)] = LayerChoice((self.bridge,) * space.heads, (kind,), bridge_cost, error)
+
+    def key(self) -> tuple:
+        return ("bridged", self.candidate, self.warmup, self.bridge)
+
+    def _per_step(self, dense, bridge, rest) -> list:
+        return [dense if s < self.warmup else bridge if s == self.warmup else rest for s in range(self.steps)]
+
+    def cost_per_sample(self, calls_per_step: int) -> float:
+        costs = self._per_step(self.space.dense_layer_cost, self.space.layer_cost(self.bridge),
+                               self.space.layer_cost(self.candidate))
+        return sum(costs) * self.space.layers * calls_per_step
+
+    def predicted_error(self) -> float:
+        total = 0.0
+        for s, c in enumerate(self._per_step(None, self.bridge, self.candidate)):
+            if c is None:
+                continue
+            b = next(i for i, (start, stop) in enumerate(self.space.buckets) if start <= s < stop)
+            for l in range(self.space.layers):
+                errors = self.space.errors.get((l, b))
+                error = 0.0 if errors is None else float(errors[c].sum())
+                total += self.space.bucket_weights[b] * self.space.layer_weights[l] * error
+        return total
+
+    def to_plan(self, provenance: dict) -> SparsePlan:
+        layers = self.space.layers
+        bridge, rest = (self.space.candidates[c].method for c in (self.bridge, self.candidate))
+        phases = [Phase(self.warmup, self.warmup + 1, {l: bridge for l in range(layers)})]
+        if self.warmup + 1 < self.steps:
+            phases.append(Phase(self.warmup + 1, None, {l: rest for l in range(layers)}))
+        return SparsePlan(tuple(phases), layers, self.space.heads, provenance)
+
+    def phase_tables(self) -> List[dict]:
+        heads, layers, cands = self.space.heads, self.space.layers, self.space.candidates
+        spans = [([0, self.warmup], "dense"), ([self.warmup, self.warmup + 1], cands[self.bridge].label),
+                 ([self.warmup + 1, self.steps], cands[self.candidate].label)]
+        return [{"steps": steps, "labels": [[label] * heads for _ in range(layers)]} for steps, label in spans
+                if steps[1] > steps[0]]
+
+    def max_layer_error(self) -> float:
+        worst = 0.0
+        for (l, b), errors in self.space.errors.items():
+            start, stop = self.space.buckets[b]
+            if start <= self.warmup < stop:
+                worst = max(worst, float(errors[self.bridge].sum()))
+            if stop > self.warmup + 1:
+                worst = max(worst, float(errors[self.candidate].sum()))
+        return worst ** 0.5
 
 
 def uniform_options(space: SearchSpace, max_ms: float, calls_per_step: int, count: int,

@@ -28,8 +28,8 @@ GROUNDTRUTH_RULES = ("report", "require")
 SENSITIVITY = ("probe", "uniform")
 #: ``--search``: ``allocation`` chooses a candidate per (step bucket, layer, head) from scored attention errors
 #: (:class:`~.search.SearchSpace`, bisected on verified runs); ``warmup`` a dense warm-up, then one candidate
-#: everywhere, bisecting each candidate's warm-up on verified runs only (:func:`~.budget.warmup_search`: no scoring,
-#: no probes, a fraction of the cost).
+#: everywhere, bisecting each candidate's warm-up on verified runs only, then bridging the last dense step with a
+#: wider candidate where one passes (:func:`~.budget.warmup_search`: no scoring, no probes, a fraction of the cost).
 SEARCHES = ("allocation", "warmup")
 #: Fewer calibration videos than this get a note: the search overfits them (BENCHMARKS.md section 11).
 MIN_VIDEOS = 8

@@ -8,10 +8,10 @@ import random
 import pytest
 
 import dit_accel
-from dit_accel.calibrate.budget import COST_TIE, warmup_search
+from dit_accel.calibrate.budget import COST_TIE, bridges, warmup_search
 from dit_accel.calibrate.candidates import candidate_grid
 from dit_accel.calibrate.costs import CostModel
-from dit_accel.calibrate.search import SearchSpace, UniformAssignment
+from dit_accel.calibrate.search import BridgedAssignment, SearchSpace, UniformAssignment
 from dit_accel.cli.main import main
 
 GRID = (4, 12, 12)
@@ -27,12 +27,16 @@ def _space():
     return SearchSpace(cands, {}, costs, 2, BUCKETS, 4, costs.full_head(block[0].method.plan(GRID)))
 
 
-def _verify_by_threshold(least, runs):
+def _verify_by_threshold(least, runs, bridges_pass=()):
     """A stand-in for the end-to-end run: a uniform plan passes (30 dB on both videos) when its warm-up is at least
-    ``least[candidate]``, else fails (20 dB); the dense plan is exact. Every run is appended to ``runs``."""
+    ``least[candidate]``, else fails (20 dB); a bridged one when its bridge is in ``bridges_pass`` and the plan without
+    the bridge passes; the dense plan is exact. Every run is appended to ``runs``."""
     def verify(assignment, lam):
         runs.append(assignment)
-        if isinstance(assignment, UniformAssignment):
+        if isinstance(assignment, BridgedAssignment):
+            ok = assignment.bridge in bridges_pass and assignment.warmup + 1 >= least[assignment.candidate]
+            psnr = 30.0 if ok else 20.0
+        elif isinstance(assignment, UniformAssignment):
             psnr = 30.0 if assignment.warmup >= least[assignment.candidate] else 20.0
         else:
             assert all(c.dense for c in assignment.choices.values())
@@ -64,7 +68,7 @@ def test_the_warmup_search_finds_the_cheapest_passing_plan_of_every_pair(seed):
     assert len(trace) == len(runs) and len({a.key() for a in runs}) == len(runs)  # each plan verified once
     # bisection: at most one probe at a candidate's longest affordable warm-up, then log2 of the range
     sparse = [c for c in space.block + space.sla if space.layer_cost(c) < space.dense_layer_cost]
-    assert len(runs) <= len(sparse) * (2 + math.ceil(math.log2(STEPS + 1))) + 1
+    assert len(runs) <= len(sparse) * (2 + math.ceil(math.log2(STEPS + 1))) + 1 + 1  # + 1: a bridge that fails
     # candidates costlier per call than dense are never run; every plan run after the first passing one is cheaper
     assert all(space.layer_cost(a.candidate) < space.dense_layer_cost for a in runs if isinstance(a, UniformAssignment))
     first = next((i for i, r in enumerate(trace) if r["passes"]), len(trace))
@@ -82,7 +86,7 @@ def test_a_later_candidate_that_fails_one_step_below_its_longest_affordable_warm
     least = {c: rng.randint(0, STEPS + 1) for c in space.block + space.sla}
     runs = []
     warmup_search(space, _verify_by_threshold(least, runs), min_psnr=25.0, calls_per_step=2)
-    uniform = [a for a in runs if isinstance(a, UniformAssignment)]
+    uniform = [a for a in runs if isinstance(a, UniformAssignment) and not isinstance(a, BridgedAssignment)]
     first_pass = next((i for i, a in enumerate(uniform) if a.warmup >= least[a.candidate]), None)
     if first_pass is None:
         return
@@ -97,6 +101,60 @@ def test_a_later_candidate_that_fails_one_step_below_its_longest_affordable_warm
                 assert len(warmups) == 2, (candidate, warmups, least[candidate])
         else:  # one run: it failed there, or passed at warm-up 0
             assert warmups[0] < least[candidate] or warmups[0] == 0
+
+
+def test_bridges_are_wider_candidates_of_the_same_method_closest_to_dense_first():
+    space = _space()
+    for c in space.cheaper_than_dense():
+        found = bridges(space, c)
+        method, cost = space.candidates[c].method, space.layer_cost(c)
+        expected = {i for i in space.block + space.sla if type(space.candidates[i].method) is type(method)
+                    and space.candidates[i].kind == space.candidates[c].kind
+                    and cost < space.layer_cost(i) < space.dense_layer_cost}
+        assert set(found) == expected
+        assert [space.layer_cost(i) for i in found] == sorted((space.layer_cost(i) for i in found), reverse=True)
+
+
+def test_a_bridged_plan_prices_and_writes_its_bridge_step():
+    space = _space()
+    tile = space.block[0]
+    bridge = bridges(space, tile)[0]
+    option = BridgedAssignment(space, tile, 3, bridge)
+    plan = option.to_plan({})
+    assert [(p.start, p.stop) for p in plan.phases] == [(3, 4), (4, None)]
+    assert all(plan.phases[0].method(l) == space.candidates[bridge].method for l in range(2))
+    assert all(plan.phases[1].method(l) == space.candidates[tile].method for l in range(2))
+    per_layer = 3 * space.dense_layer_cost + space.layer_cost(bridge) + (STEPS - 4) * space.layer_cost(tile)
+    assert option.cost_per_sample(2) == pytest.approx(per_layer * 2 * 2)
+    assert option.warmup_steps() == 3 and option.key() != UniformAssignment(space, tile, 4).key()
+    assert [t["steps"] for t in option.phase_tables()] == [[0, 3], [3, 4], [4, STEPS]]
+    # the same plan without its bridge costs one dense step more per layer and call
+    unbridged = UniformAssignment(space, tile, 4).cost_per_sample(2)
+    assert unbridged - option.cost_per_sample(2) == pytest.approx(
+        (space.dense_layer_cost - space.layer_cost(bridge)) * 2 * 2)
+
+
+@pytest.mark.parametrize("passing", [0, 1, 2])
+def test_the_last_dense_step_is_bridged_by_the_narrowest_bridge_that_passes_in_a_row(passing):
+    """The chosen uniform plan (Tile after 4 dense steps) keeps its dense step 3 unless a bridge passes; bridges run
+    widest first and stop at the first that fails; the last that passed is kept."""
+    space = _space()
+    tile = space.block[0]
+    order = bridges(space, tile)
+    assert len(order) == 2
+    least = {c: STEPS + 1 for c in space.block + space.sla}
+    least[tile] = 4
+    runs = []
+    best, trace = warmup_search(space, _verify_by_threshold(least, runs, bridges_pass=order[:passing]),
+                                min_psnr=25.0, calls_per_step=2)
+    bridged = [a for a in runs if isinstance(a, BridgedAssignment)]
+    assert [a.bridge for a in bridged] == order[:min(passing + 1, 2)]  # the widest first, up to the first failure
+    assert all(a.candidate == tile and a.warmup == 3 for a in bridged)
+    if passing == 0:
+        assert type(best["assignment"]) is UniformAssignment and best["assignment"].warmup == 4
+    else:
+        assert isinstance(best["assignment"], BridgedAssignment) and best["assignment"].bridge == order[passing - 1]
+        assert best["passes"] and best["modelled_ms"] < UniformAssignment(space, tile, 4).cost_per_sample(2) * 1e3
 
 
 def test_the_warmup_search_ends_at_the_dense_plan_when_no_warm_up_passes():
@@ -139,7 +197,9 @@ def test_calibrate_with_the_warmup_search_end_to_end(tmp_path, capsys):
     assert all(label.startswith("uniform ") or label == "dense (exact)" for label in labels)
     assert result["chosen"] in labels and f"chosen: {result['chosen']}" in printed
     warm = result["final"]["warmup_steps"]
-    assert [(p.start, p.stop) for p in plan.phases] == ([] if warm == 3 else [(warm, None)])
+    phases = [] if warm == 3 else [(warm, warm + 1), (warm + 1, None)] if "bridge step" in result["chosen"] \
+        else [(warm, None)]
+    assert [(p.start, p.stop) for p in plan.phases] == phases
     report = (tmp_path / "plan_report" / "report.md").read_text()
     assert "--search warmup" in report and "## Search and validation" in report
     assert result["final"]["psnr_worst"] >= 25.0 and result["validation"]["videos"] == 1
