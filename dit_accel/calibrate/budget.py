@@ -174,7 +174,9 @@ def warmup_search(space: SearchSpace, verify: Callable[[Assignment, float], dict
     Then the chosen plan's last dense step is bridged (:class:`~.search.BridgedAssignment`): run under a wider
     candidate of the same method (:func:`bridges`), the widest first and narrower ones while they pass; the last
     that passes is kept. One step of wide attention where the plan had dense costs a fraction of the dense step
-    (tiny-shapes-63: Tile 17 of 32 frames instead of all 32), and only bridges that pass are kept.
+    (tiny-shapes-63: Tile 17 of 32 frames instead of all 32), and only bridges that pass are kept. A bridge whose
+    own uniform plan after the same dense steps failed, and whose keys hold the candidate's (a wider Tile window), is
+    not run: that plan is more exact at every step than the bridged one.
 
     The dense plan, verified, when no candidate passes at any warm-up."""
     run = VerifiedRuns(verify, min_psnr, rule)
@@ -213,11 +215,24 @@ def warmup_search(space: SearchSpace, verify: Callable[[Assignment, float], dict
             option = BridgedAssignment(space, chosen.candidate, chosen.warmup - 1, bridge)
             if option.cost_per_sample(calls_per_step) * 1e3 >= limit:
                 continue
+            wider = run.known.get(UniformAssignment(space, bridge, chosen.warmup - 1).key())
+            if wider is not None and not wider["passes"] and _nests(space, bridge, chosen.candidate):
+                break  # the bridge everywhere after the same dense steps failed: this plan, narrower, would too
             record = run(option, math.nan)
             if not record["passes"]:
                 break
             best = record
     return best, run.trace
+
+
+def _nests(space: SearchSpace, outer: int, inner: int) -> bool:
+    """Whether candidate ``outer`` visits every key ``inner`` does (Tile windows over one tile, each dimension at
+    least as wide; other methods: not known, False)."""
+    from ..methods import Tile
+
+    a, b = space.candidates[outer].method, space.candidates[inner].method
+    return (isinstance(a, Tile) and isinstance(b, Tile) and tuple(a.tile) == tuple(b.tile)
+            and all(x >= y for x, y in zip(a.window, b.window)))
 
 
 def bridges(space: SearchSpace, candidate: int) -> List[int]:

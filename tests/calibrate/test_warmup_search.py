@@ -157,6 +157,36 @@ def test_the_last_dense_step_is_bridged_by_the_narrowest_bridge_that_passes_in_a
         assert best["passes"] and best["modelled_ms"] < UniformAssignment(space, tile, 4).cost_per_sample(2) * 1e3
 
 
+def test_a_bridge_whose_own_plan_failed_after_the_same_dense_steps_is_not_run():
+    """Tile after 11 dense steps is chosen; the search ran a wider Tile after 10 dense steps on the way, which failed:
+    the plan bridged by it at step 10 (narrower at every later step) is not run."""
+    from dit_accel.calibrate.budget import _nests
+
+    space = _space()
+    tile = space.block[0]
+    least = {c: STEPS + 1 for c in space.block + space.sla}
+    least[tile] = 11
+    runs = []
+    best, _ = warmup_search(space, _verify_by_threshold(least, runs, bridges_pass=bridges(space, tile)),
+                            min_psnr=25.0, calls_per_step=2)
+    assert type(best["assignment"]) is UniformAssignment and best["assignment"].warmup == 11
+    failed = {a.candidate for a in runs if type(a) is UniformAssignment and a.warmup == 10 and a.candidate != tile}
+    assert failed and all(_nests(space, b, tile) for b in failed)
+    assert bridges(space, tile)[0] in failed
+    assert not [a for a in runs if isinstance(a, BridgedAssignment)]
+
+
+def test_only_wider_windows_of_one_tile_nest():
+    from dit_accel.calibrate.budget import _nests
+
+    space = _space()
+    labels = {space.candidates[i].label: i for i in range(len(space.candidates))}
+    w1, rows, cols = labels["tile w1x1x1"], labels["tile w1x1x3"], labels["tile w1x3x1"]
+    assert _nests(space, rows, w1) and _nests(space, cols, w1) and _nests(space, w1, w1)
+    assert not _nests(space, rows, cols) and not _nests(space, w1, rows)
+    assert not _nests(space, labels["sla k0.3"], w1) and not _nests(space, w1, labels["sla k0.3"])
+
+
 def test_the_warmup_search_ends_at_the_dense_plan_when_no_warm_up_passes():
     space = _space()
     runs = []
