@@ -91,11 +91,10 @@ def test_the_lora_evidence_runs_the_head_plans_it_names():
     """docs/calibrate_evidence/tiny-shapes-63-lora (BENCHMARKS.md section 8, eighteenth stage): p3 and p3h run what
     the seventeenth stage's uniform-after-3 and l3h0-dense-to-6 run, at the shipped plan's call and timesteps, and
     each `finetune --plan` folder's LoRA belongs to its plan (the content hash `apply(..., weights=)` checks). ft-p3
-    ships in the package, beside the calibrated plan of the same content (tiny-shapes-63's default)."""
+    shipped in the package until the twenty-first stage's bridged plan replaced the calibrated plan of its content."""
     import json
 
     import dit_accel
-    from dit_accel.models.tiny_shapes import TINY_SHAPES_63_LORA
     from dit_accel.weights import load_method
 
     evidence = _SCRIPT.parents[1] / "calibrate_evidence"
@@ -108,7 +107,7 @@ def test_the_lora_evidence_runs_the_head_plans_it_names():
         for key in ("model_class", "grids", "call", "timesteps"):
             assert plan.provenance[key] == shipped.provenance[key], (name, key)
         assert "not calibrate's output" in plan.provenance["note"]
-        lora = TINY_SHAPES_63_LORA if name == "p3" else folder / f"ft-{name}"
+        lora = folder / f"ft-{name}"
         assert load_method(lora).content_hash() == plan.content_hash()
         run = json.loads((lora / "finetune_run.json").read_text())
         assert (run["model"], run["frames"], run["mode"], run["plan"]) == ("tiny-shapes-63", 63, "distill",
