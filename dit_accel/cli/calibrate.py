@@ -293,7 +293,8 @@ def register(subparsers) -> argparse.ArgumentParser:
                    help="allocation (default): a candidate per step phase, layer and head, from every candidate's "
                         "attention error scored on the dense run, weighed by sensitivity probes; warmup: a dense "
                         "warm-up, then one candidate on every head, each candidate's warm-up bisected on verified "
-                        "runs, the last dense step bridged by a wider candidate of the method where one passes (no scoring, no probes: a fraction of the time; needs --min-psnr; --search-iters, "
+                        "runs, the last dense step bridged by a wider candidate of the method where one passes (no "
+                        "scoring, no probes: a fraction of the time; needs --min-psnr; --search-iters, "
                         "--uniform-options, --probe-videos, --sensitivity and --layer-groups do not apply)")
     p.add_argument("--search-iters", type=int, default=6, help="bisection steps of the PSNR search (default 6)")
     p.add_argument("--uniform-options", type=int, default=3, metavar="N",
