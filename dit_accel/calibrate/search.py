@@ -232,8 +232,7 @@ class UniformAssignment(Assignment):
         self.choices = {}
         for l in range(space.layers):
             for b, (start, stop) in enumerate(space.buckets):
-                errors = space.errors.get((l, b))
-                error = 0.0 if errors is None else float(errors[self.candidate].sum())
+                error = self._error(l, b, self.candidate)
                 if stop <= self.warmup:
                     self.choices[(l, b)] = LayerChoice((-2,) * space.heads, ("dense",), space.dense_layer_cost, 0.0)
                 else:  # a bucket the warm-up ends inside is priced per step in cost_per_sample
@@ -242,18 +241,28 @@ class UniformAssignment(Assignment):
     def key(self) -> tuple:
         return ("uniform", self.candidate, self.warmup)
 
+    def spans(self) -> List[Tuple[int, int, Optional[int]]]:
+        """``(start, stop, candidate)`` per run of steps, in order; ``None``: dense."""
+        spans = [(0, self.warmup, None), (self.warmup, self.steps, self.candidate)]
+        return [(a, min(b, self.steps), c) for a, b, c in spans if min(b, self.steps) > a]
+
+    def _error(self, layer: int, bucket: int, candidate: int) -> float:
+        errors = self.space.errors.get((layer, bucket))
+        return 0.0 if errors is None else float(errors[candidate].sum())
+
     def cost_per_sample(self, calls_per_step: int) -> float:
-        sparse = next(c.cost for c in self.choices.values() if not c.dense) if self.warmup < self.steps else 0.0
-        per_step_layer = [self.space.dense_layer_cost if s < self.warmup else sparse for s in range(self.steps)]
-        return sum(per_step_layer) * self.space.layers * calls_per_step
+        per_step = [self.space.dense_layer_cost if c is None else self.space.layer_cost(c)
+                    for start, stop, c in self.spans() for _ in range(start, stop)]
+        return sum(per_step) * self.space.layers * calls_per_step
 
     def predicted_error(self) -> float:
         """The weighted attention error the search's additive model predicts (step by step)."""
         total = 0.0
-        for s in range(self.warmup, self.steps):
-            b = next(i for i, (start, stop) in enumerate(self.space.buckets) if start <= s < stop)
-            for l in range(self.space.layers):
-                total += self.space.bucket_weights[b] * self.space.layer_weights[l] * self.choices[(l, b)].error
+        for start, stop, c in self.spans():
+            for s in range(start, stop) if c is not None else ():
+                b = next(i for i, (first, end) in enumerate(self.space.buckets) if first <= s < end)
+                for l in range(self.space.layers):
+                    total += self.space.bucket_weights[b] * self.space.layer_weights[l] * self._error(l, b, c)
         return total
 
     def warmup_steps(self) -> int:
@@ -263,25 +272,27 @@ class UniformAssignment(Assignment):
         return self.space.candidates[self.candidate].method
 
     def to_plan(self, provenance: dict) -> SparsePlan:
-        if self.warmup >= self.steps:
-            return SparsePlan((), self.space.layers, self.space.heads, provenance)
-        method = self.space.candidates[self.candidate].method
-        layers = {l: method for l in range(self.space.layers)}
-        return SparsePlan((Phase(self.warmup, None, layers),), self.space.layers, self.space.heads, provenance)
+        sparse = [(start, stop, c) for start, stop, c in self.spans() if c is not None]
+        phases = tuple(Phase(start, None if stop == self.steps else stop,
+                             {l: self.space.candidates[c].method for l in range(self.space.layers)})
+                       for start, stop, c in sparse)
+        return SparsePlan(phases, self.space.layers, self.space.heads, provenance)
 
     def phase_tables(self) -> List[dict]:
-        label = self.space.candidates[self.candidate].label
         heads, layers = self.space.heads, self.space.layers
-        out = []
-        if self.warmup > 0:
-            out.append({"steps": [0, self.warmup], "labels": [["dense"] * heads for _ in range(layers)]})
-        if self.warmup < self.steps:
-            out.append({"steps": [self.warmup, self.steps], "labels": [[label] * heads for _ in range(layers)]})
-        return out
+        return [{"steps": [start, stop],
+                 "labels": [["dense" if c is None else self.space.candidates[c].label] * heads for _ in range(layers)]}
+                for start, stop, c in self.spans()]
 
     def max_layer_error(self) -> float:
-        errors = [c.error for (l, b), c in self.choices.items() if self.space.buckets[b][1] > self.warmup]
-        return max(errors, default=0.0) ** 0.5
+        """The largest relative L2 attention error of a layer in a bucket where a step runs sparse."""
+        worst = 0.0
+        for (l, b), errors in self.space.errors.items():
+            first, end = self.space.buckets[b]
+            for start, stop, c in self.spans():
+                if c is not None and start < end and first < stop:
+                    worst = max(worst, float(errors[c].sum()))
+        return worst ** 0.5
 
 
 class BridgedAssignment(UniformAssignment):
@@ -299,58 +310,17 @@ class BridgedAssignment(UniformAssignment):
         bridge_cost, kind = space.layer_cost(self.bridge), space.candidates[self.bridge].kind
         for l in range(space.layers):
             for b, (start, stop) in enumerate(space.buckets):
-                if start <= self.warmup < stop:  # the bucket of the bridge step (priced per step below)
-                    errors = space.errors.get((l, b))
-                    error = 0.0 if errors is None else float(errors[self.bridge].sum())
-                    self.choices[(l, b)] = LayerChoice((self.bridge,) * space.heads, (kind,), bridge_cost, error)
+                if start <= self.warmup < stop:  # the bucket of the bridge step (priced per step: spans)
+                    self.choices[(l, b)] = LayerChoice((self.bridge,) * space.heads, (kind,), bridge_cost,
+                                                       self._error(l, b, self.bridge))
 
     def key(self) -> tuple:
         return ("bridged", self.candidate, self.warmup, self.bridge)
 
-    def _per_step(self, dense, bridge, rest) -> list:
-        return [dense if s < self.warmup else bridge if s == self.warmup else rest for s in range(self.steps)]
-
-    def cost_per_sample(self, calls_per_step: int) -> float:
-        costs = self._per_step(self.space.dense_layer_cost, self.space.layer_cost(self.bridge),
-                               self.space.layer_cost(self.candidate))
-        return sum(costs) * self.space.layers * calls_per_step
-
-    def predicted_error(self) -> float:
-        total = 0.0
-        for s, c in enumerate(self._per_step(None, self.bridge, self.candidate)):
-            if c is None:
-                continue
-            b = next(i for i, (start, stop) in enumerate(self.space.buckets) if start <= s < stop)
-            for l in range(self.space.layers):
-                errors = self.space.errors.get((l, b))
-                error = 0.0 if errors is None else float(errors[c].sum())
-                total += self.space.bucket_weights[b] * self.space.layer_weights[l] * error
-        return total
-
-    def to_plan(self, provenance: dict) -> SparsePlan:
-        layers = self.space.layers
-        bridge, rest = (self.space.candidates[c].method for c in (self.bridge, self.candidate))
-        phases = [Phase(self.warmup, self.warmup + 1, {l: bridge for l in range(layers)})]
-        if self.warmup + 1 < self.steps:
-            phases.append(Phase(self.warmup + 1, None, {l: rest for l in range(layers)}))
-        return SparsePlan(tuple(phases), layers, self.space.heads, provenance)
-
-    def phase_tables(self) -> List[dict]:
-        heads, layers, cands = self.space.heads, self.space.layers, self.space.candidates
-        spans = [([0, self.warmup], "dense"), ([self.warmup, self.warmup + 1], cands[self.bridge].label),
-                 ([self.warmup + 1, self.steps], cands[self.candidate].label)]
-        return [{"steps": steps, "labels": [[label] * heads for _ in range(layers)]} for steps, label in spans
-                if steps[1] > steps[0]]
-
-    def max_layer_error(self) -> float:
-        worst = 0.0
-        for (l, b), errors in self.space.errors.items():
-            start, stop = self.space.buckets[b]
-            if start <= self.warmup < stop:
-                worst = max(worst, float(errors[self.bridge].sum()))
-            if stop > self.warmup + 1:
-                worst = max(worst, float(errors[self.candidate].sum()))
-        return worst ** 0.5
+    def spans(self) -> List[Tuple[int, int, Optional[int]]]:
+        spans = [(0, self.warmup, None), (self.warmup, self.warmup + 1, self.bridge),
+                 (self.warmup + 1, self.steps, self.candidate)]
+        return [(a, min(b, self.steps), c) for a, b, c in spans if min(b, self.steps) > a]
 
 
 def uniform_options(space: SearchSpace, max_ms: float, calls_per_step: int, count: int,
