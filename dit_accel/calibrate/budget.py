@@ -7,6 +7,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from ..methods import Tile
 from .search import COST_TIE, Assignment, BridgedAssignment, SearchSpace, UniformAssignment, uniform_options
 
 
@@ -228,8 +229,6 @@ def warmup_search(space: SearchSpace, verify: Callable[[Assignment, float], dict
 def _nests(space: SearchSpace, outer: int, inner: int) -> bool:
     """Whether candidate ``outer`` visits every key ``inner`` does (Tile windows over one tile, each dimension at
     least as wide; other methods: not known, False)."""
-    from ..methods import Tile
-
     a, b = space.candidates[outer].method, space.candidates[inner].method
     return (isinstance(a, Tile) and isinstance(b, Tile) and tuple(a.tile) == tuple(b.tile)
             and all(x >= y for x, y in zip(a.window, b.window)))
@@ -249,11 +248,11 @@ def bridges(space: SearchSpace, candidate: int) -> List[int]:
 def _describe(assignment: Assignment, lam: float) -> str:
     """A verified plan in a few words: ``allocation, lambda 4.4e-06`` or ``uniform tile w1x1x1 after 9 dense steps``."""
     if isinstance(assignment, UniformAssignment):
-        labels = assignment.space.candidates
-        text = (f"uniform {labels[assignment.candidate].label} after {assignment.warmup} dense "
+        cands = assignment.space.candidates
+        text = (f"uniform {cands[assignment.candidate].label} after {assignment.warmup} dense "
                 f"step{'s' if assignment.warmup != 1 else ''}")
         if isinstance(assignment, BridgedAssignment):
-            text += f" and a bridge step of {labels[assignment.bridge].label}"
+            text += f" and a bridge step of {cands[assignment.bridge].label}"
         return text
     if math.isinf(lam):
         return "dense (exact)"
