@@ -81,7 +81,7 @@ def _validation_lines(result: dict) -> list:
                       (" (none did: the dense plan)." if v is None else "."), ""]
     cost = result.get("cost_vs_dense")
     if cost:
-        per_video = (f", {cost['per_video_ratio']:.0f}x one dense video" if "per_video_ratio" in cost else "")
+        per_video = (f", {cost['per_video_ratio']:.1f}x one dense video" if "per_video_ratio" in cost else "")
         lines += [f"Calibration time: {result['seconds']['total']:.0f} s, {cost['ratio']:.1f}x one dense generation of "
                   f"the same {cost['videos']} videos ({cost['dense_generation_s']:.0f} s, measured in the validation "
                   f"stage){per_video}.", ""]

@@ -371,7 +371,7 @@ def _run(args) -> int:
           f"steps); PSNR vs dense {psnr}; modelled attention {final['modelled_ms']:.3f} ms/sample vs dense "
           f"{result['dense']['modelled_ms']:.3f}; {result['seconds']['total']:.0f} s" +
           (f" ({cost['ratio']:.1f}x the dense generation of the same {cost['videos']} videos, "
-           f"{cost['per_video_ratio']:.0f}x one dense video)" if cost else ""))
+           f"{cost['per_video_ratio']:.1f}x one dense video)" if cost else ""))
     if result.get("chosen"):
         print(f"chosen: {result['chosen']}")
     base = (result.get("validation") or {}).get("baseline")
