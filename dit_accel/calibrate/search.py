@@ -242,9 +242,12 @@ class UniformAssignment(Assignment):
         return ("uniform", self.candidate, self.warmup)
 
     def spans(self) -> List[Tuple[int, int, Optional[int]]]:
-        """``(start, stop, candidate)`` per run of steps, in order; ``None``: dense."""
-        spans = [(0, self.warmup, None), (self.warmup, self.steps, self.candidate)]
-        return [(a, min(b, self.steps), c) for a, b, c in spans if min(b, self.steps) > a]
+        """``(start, stop, candidate)`` per run of steps, in order, empty runs left out; ``None``: dense."""
+        return [(a, min(b, self.steps), c) for a, b, c in self._runs() if min(b, self.steps) > a]
+
+    def _runs(self) -> List[Tuple[int, int, Optional[int]]]:
+        """The runs of steps as the plan names them (:meth:`spans` drops the empty ones)."""
+        return [(0, self.warmup, None), (self.warmup, self.steps, self.candidate)]
 
     def _error(self, layer: int, bucket: int, candidate: int) -> float:
         errors = self.space.errors.get((layer, bucket))
@@ -259,7 +262,9 @@ class UniformAssignment(Assignment):
         """The weighted attention error the search's additive model predicts (step by step)."""
         total = 0.0
         for start, stop, c in self.spans():
-            for s in range(start, stop) if c is not None else ():
+            if c is None:
+                continue
+            for s in range(start, stop):
                 b = next(i for i, (first, end) in enumerate(self.space.buckets) if first <= s < end)
                 for l in range(self.space.layers):
                     total += self.space.bucket_weights[b] * self.space.layer_weights[l] * self._error(l, b, c)
@@ -317,10 +322,9 @@ class BridgedAssignment(UniformAssignment):
     def key(self) -> tuple:
         return ("bridged", self.candidate, self.warmup, self.bridge)
 
-    def spans(self) -> List[Tuple[int, int, Optional[int]]]:
-        spans = [(0, self.warmup, None), (self.warmup, self.warmup + 1, self.bridge),
-                 (self.warmup + 1, self.steps, self.candidate)]
-        return [(a, min(b, self.steps), c) for a, b, c in spans if min(b, self.steps) > a]
+    def _runs(self) -> List[Tuple[int, int, Optional[int]]]:
+        return [(0, self.warmup, None), (self.warmup, self.warmup + 1, self.bridge),
+                (self.warmup + 1, self.steps, self.candidate)]
 
 
 def uniform_options(space: SearchSpace, max_ms: float, calls_per_step: int, count: int,

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from dit_accel.methods import GNA, SLA, VSA, Radial, Tile
+from dit_accel.methods import GNA, SLA, VSA, Dense, Radial, Tile
 from dit_accel.models.tiny_shapes import TINY_SHAPES_63_PLAN
 from dit_accel.sparse_plan import SparsePlan
 
@@ -35,7 +35,7 @@ def test_every_method_keeps_the_shipped_share_of_frames_on_the_shipped_steps(pla
         for phase in plan.phases:
             keep = frames[(phase.start, phase.stop)] / GRID[0]
             methods = {phase.method(layer) for layer in range(shipped.num_layers)}
-            assert len(methods) == 1 and phase.default.__class__.__name__ == "Dense"
+            assert len(methods) == 1 and isinstance(phase.default, Dense)
             method = methods.pop()
             if isinstance(method, GNA):
                 assert tuple(method.kernel_size) == (frames[(phase.start, phase.stop)], *GRID[1:])
