@@ -3,7 +3,7 @@
 A method is one frozen dataclass, registered once with :func:`register_method`
 (its CLI name, a one-line summary, whether ``dit-accel finetune`` can train it),
 whose fields carry their CLI metadata (:func:`option`) and whose
-:meth:`Method.plan` turns a token grid into a :class:`~dit_accel.plans.Plan`
+:meth:`Method.plan` turns a token grid into a :class:`~dit_accel.plans.plan.Plan`
 through its pattern. The CLI flags, ``dit-accel info`` and ``dit-accel finetune``
 derive their tables from the registry; nothing else needs to know a method.
 
@@ -79,7 +79,7 @@ class Method:
     name: ClassVar[str] = ""
 
     def plan(self, grid: Tuple[int, ...]):
-        """The :class:`~dit_accel.plans.Plan` this method runs on ``grid`` (grid rules are checked here)."""
+        """The :class:`~dit_accel.plans.plan.Plan` this method runs on ``grid`` (grid rules are checked here)."""
         raise NotImplementedError(f"{type(self).__name__} does not implement plan(grid)")
 
     def at_density(self, grid: Tuple[int, ...], density: float) -> "Method":
@@ -189,7 +189,7 @@ class Dense(Method):
     """Dense attention through dit_accel's path: a baseline and a no-op check."""
 
     def plan(self, grid):
-        from .plans import DensePlan
+        from .plans.plan import DensePlan
 
         return DensePlan(self, grid, "Dense()")
 
@@ -199,7 +199,7 @@ def _separable_plan(method: Method, grid, relations, tile, what: str, attach=Non
     perm)`` then records what a vendor kernel needs to know of the pattern, e.g. NATTEN's window)."""
     from .patterns.permutation import permutation_for
     from .patterns.separable import covers_grid, separable_layout
-    from .plans import DensePlan, LayoutPlan
+    from .plans.plan import DensePlan, LayoutPlan
 
     if covers_grid(relations):
         return DensePlan(method, grid, f"the {what} covers the whole grid {tuple(grid)}; a smaller {what} makes it "
@@ -268,7 +268,7 @@ class GNA(Method):
         from .patterns.checks import per_dim
         from .patterns.gna import gna_layout, gna_relations
         from .patterns.separable import covers_grid
-        from .plans import DensePlan, LayoutPlan
+        from .plans.plan import DensePlan, LayoutPlan
 
         kernels = per_head(self.kernel_size)
         if self.fit and kernels is None:
@@ -424,7 +424,7 @@ class Tile(Method):
 
     def plan(self, grid):
         from .patterns.tile import tile_covers_grid, tile_layout, tile_token_density
-        from .plans import DensePlan, LayoutPlan
+        from .plans.plan import DensePlan, LayoutPlan
 
         if tile_covers_grid(grid, self.tile, self.window):
             return DensePlan(self, tuple(grid), f"the window covers the whole grid {tuple(grid)}; a smaller window "
@@ -447,7 +447,7 @@ class Tile(Method):
 
         ``tile``: the STA tile to search windows for; default a 64-token tile (one query block per tile).
         A 128-token tile such as (1, 16, 8) lets CUDA calls run 128-row query blocks
-        (:meth:`dit_accel.plans.LayoutPlan.kernel_layout`), at a coarser window.
+        (:meth:`dit_accel.plans.plan.LayoutPlan.kernel_layout`), at a coarser window.
         """
         # Tiles of one 64-token block each: a window of w tiles per dimension visits about
         # prod(w_d / n_d) of the blocks. Nearest density first; among near ties the most even window.
@@ -599,7 +599,7 @@ class Radial(Method):
     def plan(self, grid):
         from .patterns.radial import radial_layout
         from .patterns.radial_window import radial_window_layout
-        from .plans import DensePlan, LayoutPlan
+        from .plans.plan import DensePlan, LayoutPlan
 
         grid = tuple(grid)
         if len(grid) != 3:
@@ -696,7 +696,7 @@ class SLA(Method):
 
     def plan(self, grid):
         from .kernels import SLAParams
-        from .plans import SLAPlan
+        from .plans.plan import SLAPlan
 
         return SLAPlan(self, tuple(grid), SLAParams.of(self))
 
@@ -758,7 +758,7 @@ class VSA(Method):
         return self.DEFAULT_SPARSITY if self.topk is None and self.sparsity is None else self.sparsity
 
     def plan(self, grid):
-        from .vsa_plan import VSAPlan
+        from .plans.vsa import VSAPlan
 
         return VSAPlan(self, grid)
 

@@ -16,7 +16,7 @@ import dit_accel
 from dit_accel.cli.main import main
 from dit_accel.kernels import BlockLayout
 from dit_accel.models import tiny as T
-from dit_accel.plans import LayoutPlan
+from dit_accel.plans.plan import LayoutPlan
 from tests.utils import ReferenceAttention
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -80,3 +80,27 @@ def test_the_import_graph_has_no_cycles():
 
 def test_the_cycle_finder_finds_a_cycle():
     assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+def test_the_root_package_holds_a_handful_of_modules():
+    loose = sorted(p.stem for p in PACKAGE.glob("*.py"))
+    assert loose == ["__init__", "__main__", "_util", "atomic_files", "errors", "io", "methods", "videos"], loose
+
+
+def test_moved_modules_import_under_their_old_names():
+    """Plans and checkpoint readers moved into their packages; a user's old import path gives the same module."""
+    import importlib
+
+    import dit_accel
+
+    for old, new in dit_accel._MOVED.items():
+        moved = importlib.import_module(f"dit_accel.{new}")
+        assert importlib.import_module(f"dit_accel.{old}") is moved
+        assert getattr(dit_accel, old) is moved
+        assert moved.__spec__.name == moved.__name__ == f"dit_accel.{new}"  # its own spec, not the alias's
+    from dit_accel.plans import Plan
+    from dit_accel.sparse_plan import SparsePlan
+    from dit_accel.weights import load_method
+
+    assert SparsePlan is dit_accel.SparsePlan and load_method is dit_accel.load_method
+    assert Plan is importlib.import_module("dit_accel.plans.plan").Plan

@@ -4,7 +4,7 @@ Every registered pattern method over a small parameter grid sized to the token g
 GNA kernel sizes, Radial decays, SLA top-k; VSA sparsities when asked for, see :data:`OPTIONAL_METHODS`),
 plus dense. Tile and GNA candidates share one tile, so
 their heads lay out in one token order and a layer mixing them runs one per-head layout without
-conversion (:mod:`dit_accel.per_head`). Candidates whose plan is dense on the grid, nearly dense
+conversion (:mod:`dit_accel.plans.per_head`). Candidates whose plan is dense on the grid, nearly dense
 (visited density above ``max_density``) or that repeat another candidate's blocks are dropped.
 """
 
@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
 
 from ..methods import GNA, SLA, VSA, Dense, Method, Radial, Tile
-from ..per_head import MAX_CONVERTED_TOKENS
+from ..plans.per_head import MAX_CONVERTED_TOKENS
 
 __all__ = ["Candidate", "candidate_grid", "check_candidate_tile", "GRIDS", "METHODS", "OPTIONAL_METHODS",
            "CALIBRATABLE"]

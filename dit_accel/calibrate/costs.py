@@ -23,7 +23,7 @@ import time
 from typing import Callable, Dict, Optional, Sequence
 
 from ..kernels import cost as kernel_cost
-from ..plans import LayoutPlan
+from ..plans.plan import LayoutPlan
 
 __all__ = ["CostModel", "MeasuredCostModel", "COST_SOURCES"]
 

@@ -92,7 +92,7 @@ def _uniform_rows(pipe, space, uniform_cands, jobs, call, row, plan_ms: float, d
 def _write_evidence(out: Path, evidence: dict, rows: list, grid, calibrate_s: float, heldout_s: float) -> str:
     """``evidence.json`` and ``evidence.md`` (the table of the rows); returns the markdown."""
     from ..eval.report import markdown_table
-    from ..sparse_plan import write_atomic
+    from ..plans.sparse_plan import write_atomic
 
     write_atomic(out / "evidence.json", json.dumps(evidence, indent=1, default=str) + "\n")
     keys = ("colour", "shape", "motion", "consistency", "all")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Callable, Dict, List, Optional, Tuple
 
 
-from ..sparse_plan import Phase, SparsePlan
+from ..plans.sparse_plan import Phase, SparsePlan
 from .search import LayerChoice, SearchSpace
 
 

@@ -22,7 +22,7 @@ from typing import Dict, Hashable, List, Optional, Sequence
 
 import torch
 
-from ..sparse_plan import SparsePlan
+from ..plans.sparse_plan import SparsePlan
 
 __all__ = ["DenseReplay", "dense_prefix"]
 

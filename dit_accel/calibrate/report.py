@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Dict, Sequence
 
 from ..eval.report import markdown_table
-from ..sparse_plan import SparsePlan, write_atomic
+from ..plans.sparse_plan import SparsePlan, write_atomic
 from .search import COST_TIE
 
 __all__ = ["write_report", "plot_heatmap", "render_report", "heatmap_png"]

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from ..methods import Dense
-from ..sparse_plan import SparsePlan, prompts_hash
+from ..plans.sparse_plan import SparsePlan, prompts_hash
 from .budget import (_GROUNDTRUTH_CHECKS, VerifiedRuns, _describe, groundtruth_close, groundtruth_kept,
                      groundtruth_scores, passes_budget, search_budget, warmup_search)
 from .candidates import candidate_grid

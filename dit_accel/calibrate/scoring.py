@@ -18,12 +18,12 @@ one product). Each candidate then adds
 
 Which candidates take the pass:
 
-- a plain :class:`~dit_accel.plans.LayoutPlan` with 64 x 64 blocks (Tile, GNA, Radial): its mask is its
+- a plain :class:`~dit_accel.plans.plan.LayoutPlan` with 64 x 64 blocks (Tile, GNA, Radial): its mask is its
   layout's (``layout.block_masks()`` and ``mask_table``, what ``to_dense_mask()`` reads) in the plan's token
   order (tiled when the plan has a permutation, else raster), sorted into full and partial blocks once per
   call and kept for every layer and bucket. Candidates in one token order share a pass: on the default
   grids one tiled pass (Tile, GNA) and, where Radial is a candidate, one raster pass (Radial, SLA).
-- an :class:`~dit_accel.plans.SLAPlan`, scored as calibration runs it, training-free (no projection): its
+- an :class:`~dit_accel.plans.plan.SLAPlan`, scored as calibration runs it, training-free (no projection): its
   linear branch is then not computed and SLA is top-k block-sparse attention over the critical key blocks
   of each query block, per (batch row, head), chosen from pooled scores that do not depend on ``topk``. The
   critical set is the first ``n_crit`` of one stable descending sort of those scores (as in
@@ -53,7 +53,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from ..kernels.sla import sla_block_counts, sla_classify, sla_density
-from ..plans import LayoutPlan, SLAPlan
+from ..plans.plan import LayoutPlan, SLAPlan
 
 __all__ = ["score_candidates"]
 

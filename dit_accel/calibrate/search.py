@@ -28,8 +28,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 
 from ..methods import Dense, Method
-from ..per_head import PerHead
-from ..sparse_plan import Phase, SparsePlan
+from ..plans.per_head import PerHead
+from ..plans.sparse_plan import Phase, SparsePlan
 
 __all__ = ["COST_TIE", "LayerChoice", "Assignment", "UniformAssignment", "BridgedAssignment", "assign", "to_plan",
            "SearchSpace", "uniform_options"]

@@ -225,7 +225,7 @@ def _method_specs(args, tiny: bool) -> list:
         from pathlib import Path
 
         from ..eval.runner import MethodSpec
-        from ..sparse_plan import SparsePlan
+        from ..plans.sparse_plan import SparsePlan
 
         extra = {"allow_other_grid": True} if args.plan_any_grid else {}
         try:
@@ -249,8 +249,8 @@ def _weights_spec(folder: str):
     from pathlib import Path
 
     from ..eval.runner import MethodSpec
-    from ..sparse_plan import SparsePlan
-    from ..weights import load_method
+    from ..plans.sparse_plan import SparsePlan
+    from ..checkpoints.finetuned import load_method
 
     try:
         method = load_method(folder)

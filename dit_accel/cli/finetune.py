@@ -162,7 +162,7 @@ def _size_defaults(model: str, plan=None) -> dict:
     from ..pipelines.presets import resolve_model_family
 
     if plan is not None:
-        from ..sparse_plan import SparsePlan
+        from ..plans.sparse_plan import SparsePlan
 
         try:
             call = SparsePlan.load(plan).provenance.get("call") or {}

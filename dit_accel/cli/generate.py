@@ -214,7 +214,7 @@ def _frames_from_output(output, is_video: bool):
 # ----------------------------------------------------------------------------- main work
 def _saved_dense_layers(folder):
     """``dense_layers`` a fine-tuned folder was trained with (its SLA projections exist only for the others)."""
-    from ..weights import read_weights_info
+    from ..checkpoints.finetuned import read_weights_info
 
     return read_weights_info(folder).get("dense_layers")
 
@@ -223,7 +223,7 @@ def _saved_method(args):
     """The method a ``--weights`` folder was trained with, or None without ``--weights``."""
     if not getattr(args, "weights", None):
         return None
-    from ..weights import load_method
+    from ..checkpoints.finetuned import load_method
 
     try:
         return load_method(args.weights)
@@ -233,7 +233,7 @@ def _saved_method(args):
 
 def _method_for_weights(args, saved, parser):
     """The saved method; method flags may repeat it but must not change it (the weights fit only it)."""
-    from ..sparse_plan import SparsePlan
+    from ..plans.sparse_plan import SparsePlan
     from .options import method_options_given
 
     given = method_options_given(args)
@@ -303,7 +303,7 @@ def _early_plan(args):
         raise _UsageError(str(err)) from None
     if not args.plan:
         return None
-    from ..sparse_plan import SparsePlan
+    from ..plans.sparse_plan import SparsePlan
 
     try:
         return SparsePlan.load(args.plan)

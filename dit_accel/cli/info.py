@@ -41,7 +41,7 @@ def register(subparsers) -> argparse.ArgumentParser:
 def plan_report(path) -> dict:
     """What ``info --plan`` prints: the plan's summary line, content hash, profile and full table
     (ValueError, one line naming the file and the field, for a bad file)."""
-    from ..sparse_plan import SparsePlan
+    from ..plans.sparse_plan import SparsePlan
 
     plan = SparsePlan.load(path)
     return {"plan": str(path), "summary": plan.summary_line(), "content_sha256": plan.content_hash(),

@@ -174,7 +174,7 @@ def measure_host_path(*, tokens: int = 1024, heads: int = 2, head_dim: int = 64,
     from ..kernels.layout import BlockLayout
     from ..kernels.sla import sla_attention
     from ..methods import SLA, Tile
-    from ..plans import LayoutPlan
+    from ..plans.plan import LayoutPlan
 
     if tokens % 256:
         raise ValueError(f"tokens={tokens}: use a multiple of 256 (the tiled plan's grid is (tokens // 256, 16, 16))")

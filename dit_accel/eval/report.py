@@ -39,7 +39,7 @@ def _config_text(config: dict) -> str:
     skip = {"label", "method", "plan"}
     text = ", ".join(f"{k}={v}" for k, v in config.items() if k not in skip)
     if isinstance(config.get("plan"), dict):  # a SparsePlan: its one-line summary, not its JSON
-        from ..sparse_plan import SparsePlan
+        from ..plans.sparse_plan import SparsePlan
 
         try:
             summary = SparsePlan.from_json(config["plan"]).summary_line()

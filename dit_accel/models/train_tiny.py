@@ -693,7 +693,7 @@ def _method_arg(parser, flag: str, text):
     """The method config of a JSON command-line value (None without one); a bad one is a usage error naming ``flag``."""
     if not text:
         return None
-    from ..weights import method_from_dict
+    from ..checkpoints.finetuned import method_from_dict
     from .attention_locality import check_pattern_method
 
     try:

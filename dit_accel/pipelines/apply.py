@@ -18,7 +18,7 @@ from torch import nn
 
 from .._util import DitAccelWarning, WarningLog
 from ..methods import Method
-from ..sparse_plan import SparsePlan
+from ..plans.sparse_plan import SparsePlan
 from .apply_checks import (BACKENDS, _check_apply_args, _check_bool, _check_int, _check_int_list,  # noqa: F401
                            _check_method, _check_weights, _check_weights_folder, _find_transformers, _heads_of,
                            _plan_call_check, _projection_dim, _resolve_layers, _runs_sla,

@@ -156,10 +156,10 @@ def _projection_dim(module: nn.Module) -> int:
 def _check_weights_folder(folder, schedule: Schedule, layers) -> None:
     """What can be checked of a weights folder before the model is touched: the method file, the files it
     names, and the SLA projections' names and shapes against this model's layers (a truncated file fails
-    here). :func:`dit_accel.weights.load_into` checks the rest; a failure there is undone too."""
+    here). :func:`dit_accel.checkpoints.finetuned.load_into` checks the rest; a failure there is undone too."""
     from pathlib import Path
 
-    from ..weights import LORA_FILE, SLA_FILE, read_weights_info
+    from ..checkpoints.finetuned import LORA_FILE, SLA_FILE, read_weights_info
 
     folder = Path(folder)
     info = read_weights_info(folder)
@@ -181,7 +181,7 @@ def _check_weights_folder(folder, schedule: Schedule, layers) -> None:
             expected.update({f"{name}.weight": (d, d), f"{name}.bias": (d,)})
     saved = (info.get("method") or {}).get("method") if isinstance(info.get("method"), dict) else None
     if "plan" in (saved, schedule.method.name):  # weights of a plan fit that plan only: say so before the shapes
-        from ..weights import check_plan_fits
+        from ..checkpoints.finetuned import check_plan_fits
 
         check_plan_fits(folder, info["method"] if saved else {}, schedule.method)
     if saved == "sla" or expected:

@@ -11,8 +11,8 @@ import torch
 from torch import nn
 
 from ..methods import Method
-from ..plans import Plan
-from ..weights import load_into
+from ..plans.plan import Plan
+from ..checkpoints.finetuned import load_into
 from .apply_checks import _check_int, _check_weights, _check_weights_folder
 from .context import CallGate
 from .hooks import Runtime, SparseAttnProcessor, TransformerHook
@@ -272,7 +272,7 @@ class AccelHandle:
         is merged into the weights (the base model could not be told from it)."""
         from peft.tuners.tuners_utils import BaseTunerLayer
 
-        from ..weights import save_trained_weights
+        from ..checkpoints.finetuned import save_trained_weights
 
         ours = self.lora_adapter if self.lora_adapter in (getattr(transformer, "peft_config", None) or {}) else None
         active = _active_adapters(transformer)
@@ -311,7 +311,7 @@ class AccelHandle:
         main = kwargs.get("is_main_process", args[0] if args else True)
         gates = self._gates.state_dict_of(transformer) if getattr(self, "_gates", None) is not None else {}
         if gates and main:  # VSA's gates, which Diffusers does not save: beside the weights, in FastVideo's layout
-            from ..gate_weights import write_gates
+            from ..checkpoints.vsa_gates import write_gates
 
             write_gates(save_directory, gates)
         if first and (ours or projections) and main:

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from ..plans import Plan
+from ..plans.plan import Plan
 from .context import CallContext
 from .parallel import Split, run_split
 

@@ -33,7 +33,7 @@ from typing import List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from ..plans import Plan, attend_with_lse
+from ..plans.plan import Plan, attend_with_lse
 from ..kernels import merge_attention
 
 __all__ = ["Split", "run_split", "check_split", "enable_context_parallel"]

@@ -17,7 +17,7 @@ from torch import nn
 
 from .._util import WarningLog
 from ..methods import Method
-from ..plans import Plan
+from ..plans.plan import Plan
 from .capture import Capture
 from .context import CallContext, ContextStack
 from .interceptor import _ROUTE, SDPAInterceptor, native_scope

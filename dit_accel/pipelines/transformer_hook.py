@@ -18,7 +18,7 @@ from torch import nn
 
 from ..kernels.backends import env_value
 from ..kernels.sla import inert_projections
-from ..plans import Plan, SLAPlan
+from ..plans.plan import Plan, SLAPlan
 from .context import CallContext, CallGate, CallRecord, ContextStack, call_is_running, calling_pipeline
 from .interceptor import _dispatch_module
 from .parallel import Split, check_split

@@ -1,13 +1,13 @@
 """VSA's checkpoint gates on an applied model: found, loaded, run per layer call, removed with the handle.
 
 :func:`attach_gates` is what :func:`dit_accel.apply` calls once its hooks are installed. Where a layer
-may run :class:`dit_accel.VSA`, it reads the ``to_gate_compress`` weights (:mod:`dit_accel.gate_weights`)
+may run :class:`dit_accel.VSA`, it reads the ``to_gate_compress`` weights (:mod:`dit_accel.checkpoints.vsa_gates`)
 from ``weights=`` or the folder each transformer was loaded from, and puts a forward pre-hook on each
 attention module the checkpoint has a gate for: the hook makes ``gate = to_gate_compress(hidden_states)``
 (the module's input, computed only if the VSA plan asks) the layer's pending gate for the duration of the
-module's forward (:func:`dit_accel.vsa_plan.push_gate`). The projections are dit_accel's, not submodules
+module's forward (:func:`dit_accel.plans.vsa.push_gate`). The projections are dit_accel's, not submodules
 of the model, like SLA's: ``state_dict()`` sees the model unchanged, and ``save_pretrained`` while the handle is
-active writes them beside the saved weights (:data:`~dit_accel.gate_weights.GATES_FILE`), so the saved folder runs
+active writes them beside the saved weights (:data:`~dit_accel.checkpoints.vsa_gates.GATES_FILE`), so the saved folder runs
 the same gates when VSA is applied to it again.
 
 Where no layer runs VSA and the transformer's checkpoint holds gates, it warns that they are unused.
@@ -23,9 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..gate_weights import gate_keys, loaded_from, read_gates, transformer_folder
+from ..checkpoints.vsa_gates import gate_keys, loaded_from, read_gates, transformer_folder
 from ..methods import VSA
-from ..vsa_plan import pop_gate, push_gate
+from ..plans.vsa import pop_gate, push_gate
 
 __all__ = ["VSAGates", "attach_gates", "gates_folder", "trained_gates", "runs_vsa", "add_trainable_gates",
            "gate_state_dict"]
@@ -41,9 +41,9 @@ def runs_vsa(schedule) -> bool:
 
 def gates_folder(method, layer_methods, weights) -> bool:
     """Whether ``weights=`` names a checkpoint folder whose VSA gates this module loads (rather than a
-    dit_accel weights folder, which :func:`dit_accel.weights.load_into` loads): a VSA run, and a folder with
+    dit_accel weights folder, which :func:`dit_accel.checkpoints.finetuned.load_into` loads): a VSA run, and a folder with
     gate tensors and no ``dit_accel_method.json``."""
-    from ..weights import METHOD_FILE
+    from ..checkpoints.finetuned import METHOD_FILE
 
     methods = (method, *(layer_methods or {}).values())
     if weights is None or not any(isinstance(m, VSA) or any(isinstance(h, VSA) for h in getattr(m, "methods", ()))
@@ -66,8 +66,8 @@ def gates_folder(method, layer_methods, weights) -> bool:
 def trained_gates(method, layer_methods, weights):
     """``weights`` when it is a ``dit-accel finetune --method vsa`` output (``dit_accel_method.json`` naming a
     ``vsa_gates`` file) and a layer runs VSA: its gates load here, its LoRA through
-    :func:`dit_accel.weights.load_into`. Else None."""
-    from ..weights import METHOD_FILE, VSA_FILE
+    :func:`dit_accel.checkpoints.finetuned.load_into`. Else None."""
+    from ..checkpoints.finetuned import METHOD_FILE, VSA_FILE
 
     methods = (method, *(layer_methods or {}).values())
     if weights is None or not any(isinstance(m, VSA) or any(isinstance(h, VSA) for h in getattr(m, "methods", ()))
@@ -130,7 +130,7 @@ def runs_vsa_layer(schedule, index: int) -> bool:
 
 def gate_state_dict(gates: Dict[str, nn.Module]) -> Dict[str, torch.Tensor]:
     """Trained gates in FastVideo's Diffusers key layout: ``{"blocks.N.to_gate_compress.weight": ..., ".bias"}``
-    (fp32 CPU copies), the layout :func:`dit_accel.gate_weights.read_gates` reads back."""
+    (fp32 CPU copies), the layout :func:`dit_accel.checkpoints.vsa_gates.read_gates` reads back."""
     out: Dict[str, torch.Tensor] = {}
     for name, gate in gates.items():
         match = _BLOCK.search(name)

@@ -10,7 +10,7 @@ CLI: ``dit-accel finetune --help``. Output folders load back with
 
 # Eager import on purpose: the function `finetune` must shadow the submodule of the same name.
 from .finetune import FinetuneConfig, finetune, validate_config
-from ..weights import load_into, load_method, load_trained_weights, save_trained_weights
+from ..checkpoints.finetuned import load_into, load_method, load_trained_weights, save_trained_weights
 
 __all__ = ["FinetuneConfig", "finetune", "validate_config", "load_into", "load_trained_weights", "load_method",
            "save_trained_weights"]

@@ -17,7 +17,7 @@ from torch import nn
 
 from ..atomic_files import (BadFileError, atomic_folder, atomic_write_json, cache_root, check_hashes, crash_point,
                             file_hashes, is_temp_name, load_safetensors, read_json, remove_stale_temps)
-from ..weights import LORA_FILE, METHOD_FILE, SLA_FILE, VSA_FILE
+from ..checkpoints.finetuned import LORA_FILE, METHOD_FILE, SLA_FILE, VSA_FILE
 from . import data as data_mod
 from .config import _RESUMABLE, CKPT_DIR, LOG_FILE, RUN_FILE, FinetuneConfig
 

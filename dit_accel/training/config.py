@@ -9,8 +9,8 @@ from pathlib import Path
 from typing import Any, Dict, Optional, Sequence, Tuple
 
 from ..methods import VSA, Dense, Method, registered_methods
-from ..per_head import PerHead
-from ..sparse_plan import PlanMethod, SparsePlan
+from ..plans.per_head import PerHead
+from ..plans.sparse_plan import PlanMethod, SparsePlan
 from . import data as data_mod
 
 __all__ = ["FinetuneConfig", "validate_config", "finetune_methods", "RUN_FILE", "LOG_FILE"]

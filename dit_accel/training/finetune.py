@@ -53,7 +53,7 @@ import torch
 
 from ..atomic_files import atomic_write_json
 from .._util import versions
-from ..weights import save_trained_weights, sla_state_dict
+from ..checkpoints.finetuned import save_trained_weights, sla_state_dict
 from . import data as data_mod
 from .checkpoints import _check_output, _init_output
 from .config import (CKPT_DIR, DISTILL_SAMPLES_PER_STEP, LOG_FILE, RUN_FILE, FinetuneConfig,  # noqa: F401

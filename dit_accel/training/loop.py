@@ -15,7 +15,7 @@ from torch import nn
 from ..atomic_files import BadFileError
 from .._util import DitAccelWarning
 from ..methods import SLA, VSA, Dense, Method, Radial
-from ..sparse_plan import SparsePlan
+from ..plans.sparse_plan import SparsePlan
 from . import data as data_mod
 from .checkpoints import _checkpoints, _load_checkpoint, _save_checkpoint, _step_of
 from .config import (_CACHED_PROMPTS, CKPT_DIR, DISTILL_SAMPLES_PER_STEP, FinetuneConfig, _method_label,

@@ -70,7 +70,7 @@ def psnr(args) -> None:
     from dit_accel.models.groundtruth import score_video
 
     pipe = _pipe(args.weights, device=args.device)
-    from dit_accel.weights import method_from_dict
+    from dit_accel.checkpoints.finetuned import method_from_dict
 
     method = method_from_dict(json.loads(args.method)) if args.method else dit_accel.Tile(tile=(4, 4, 4), window=WINDOWS)
     for prompt in args.prompts:
@@ -124,8 +124,8 @@ def _prompt_set(args) -> list:
 def _saved_run(path: str):
     """A ``--plans`` entry: a SparsePlan file, or a `dit-accel finetune --plan` folder (its plan with its LoRA).
     Returns ``(plan, weights folder or None)``."""
-    from dit_accel.sparse_plan import SparsePlan
-    from dit_accel.weights import load_method
+    from dit_accel.plans.sparse_plan import SparsePlan
+    from dit_accel.checkpoints.finetuned import load_method
 
     if Path(path).is_dir():
         plan = load_method(path)
@@ -167,7 +167,7 @@ def _videos(pipe, prompts, seeds, call, method=None, dense_steps=0, ft=None, lay
 
 def _steps_plan(method, dense_steps: tuple, steps: int):
     """A SparsePlan running ``method`` on every layer at each step not in ``dense_steps``."""
-    from dit_accel.sparse_plan import Phase, SparsePlan
+    from dit_accel.plans.sparse_plan import Phase, SparsePlan
 
     runs = []
     for step in (s for s in range(steps) if s not in dense_steps):
@@ -185,7 +185,7 @@ def _dense_steps(text: str):
 
 def sweep(args) -> None:
     from dit_accel.models.groundtruth import score_many, score_video
-    from dit_accel.weights import method_from_dict
+    from dit_accel.checkpoints.finetuned import method_from_dict
 
     if not args.plans and args.method is None:
         raise SystemExit("sweep: give --method JSON (with --dense-steps) or --plans FILE ...")

@@ -17,7 +17,7 @@ import argparse
 from pathlib import Path
 
 from dit_accel.methods import GNA, SLA, VSA, Radial, Tile
-from dit_accel.sparse_plan import Phase, SparsePlan
+from dit_accel.plans.sparse_plan import Phase, SparsePlan
 
 SHIPPED = Path(__file__).resolve().parents[2] / "dit_accel" / "models" / "plans" / "tiny-shapes-63.json"
 FRAMES = 32  # latent frames of the 32x12x12 grid

@@ -6,8 +6,8 @@ import torch
 import dit_accel
 from dit_accel.calibrate.replay import DenseReplay, dense_prefix
 from dit_accel.methods import Dense, Tile
-from dit_accel.per_head import PerHead
-from dit_accel.sparse_plan import Phase, SparsePlan
+from dit_accel.plans.per_head import PerHead
+from dit_accel.plans.sparse_plan import Phase, SparsePlan
 
 
 class Out:

@@ -10,8 +10,8 @@ from dit_accel.calibrate.sampling import QKVSampler
 from dit_accel.calibrate.scoring import score_candidates
 from dit_accel.methods import SLA, Radial, Tile
 from dit_accel.patterns.permutation import default_tile
-from dit_accel.per_head import PerHead
-from dit_accel.plans import Plan
+from dit_accel.plans.per_head import PerHead
+from dit_accel.plans.plan import Plan
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -9,7 +9,7 @@ import pytest
 
 import dit_accel
 from dit_accel.models.tiny_shapes import SHAPES_MODELS, TINY_SHAPES_PLAN
-from dit_accel.sparse_plan import prompts_hash
+from dit_accel.plans.sparse_plan import prompts_hash
 
 REPO = Path(__file__).resolve().parents[2]
 WITH_PLANS = [name for name, m in SHAPES_MODELS.items() if m.plan is not None]
@@ -90,7 +90,7 @@ def test_anything_that_picks_a_method_or_another_call_leaves_the_shipped_plan(ar
 def test_the_shipped_lora_was_trained_under_the_shipped_plan(name):
     """A model's LoRA folder (generate loads it with the plan) is a `finetune --plan` folder for this model, its
     grid and call, trained under the shipped plan's content (the hash apply(..., weights=) checks)."""
-    from dit_accel.weights import load_method, read_weights_info
+    from dit_accel.checkpoints.finetuned import load_method, read_weights_info
 
     entry = SHAPES_MODELS[name]
     plan = dit_accel.SparsePlan.load(entry.plan)

@@ -101,7 +101,7 @@ def test_cpu_behaviour_is_unchanged():
 
 
 def test_plan_reports_dense_to_stats(gpu_auto):
-    from dit_accel.plans import LayoutPlan
+    from dit_accel.plans.plan import LayoutPlan
 
     layout = _band(4, 1)
     plan = LayoutPlan(None, (16, 16), layout)

@@ -7,7 +7,7 @@ import dit_accel
 from dit_accel.kernels import BlockLayout
 from dit_accel.kernels.block_sparse.one_pass import OnePass, one_pass_fits
 from dit_accel.patterns import TilePermutation
-from dit_accel.plans import DENSE_MASKED, ONE_PASS
+from dit_accel.plans.plan import DENSE_MASKED, ONE_PASS
 from tests.utils import assert_attention_close
 
 

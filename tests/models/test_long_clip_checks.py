@@ -95,7 +95,7 @@ def test_the_lora_evidence_runs_the_head_plans_it_names():
     import json
 
     import dit_accel
-    from dit_accel.weights import load_method
+    from dit_accel.checkpoints.finetuned import load_method
 
     evidence = _SCRIPT.parents[1] / "calibrate_evidence"
     folder = evidence / "tiny-shapes-63-lora"

@@ -7,7 +7,7 @@ import pytest
 
 from dit_accel.methods import GNA, SLA, VSA, Dense, Radial, Tile
 from dit_accel.models.tiny_shapes import TINY_SHAPES_63_PLAN
-from dit_accel.sparse_plan import SparsePlan
+from dit_accel.plans.sparse_plan import SparsePlan
 
 _SCRIPT = Path(__file__).resolve().parents[2] / "docs" / "scripts" / "tiny_shapes_63_matched_plans.py"
 GRID = (32, 12, 12)

@@ -154,7 +154,7 @@ class FarOnly(dit_accel.Method):
 
     def plan(self, grid):
         from dit_accel.kernels import BlockLayout
-        from dit_accel.plans import LayoutPlan
+        from dit_accel.plans.plan import LayoutPlan
 
         t, h, w = torch.meshgrid(*(torch.arange(n) for n in grid), indexing="ij")
         rows, cols = h.flatten(), w.flatten()

@@ -101,7 +101,7 @@ def test_local_loss_is_dense_plus_sparse_plus_the_pull_to_dense():
     import torch.nn.functional as F
 
     import dit_accel
-    from dit_accel.weights import method_from_dict
+    from dit_accel.checkpoints.finetuned import method_from_dict
 
     pipe = train_tiny._load_pipeline(TINY_SHAPES_DIR)
     method = method_from_dict(LOCAL)
@@ -131,7 +131,7 @@ def test_local_max_noise_keeps_the_sparse_terms_to_the_quieter_samples(tmp_path)
     import torch.nn.functional as F
 
     import dit_accel
-    from dit_accel.weights import method_from_dict
+    from dit_accel.checkpoints.finetuned import method_from_dict
 
     pipe = train_tiny._load_pipeline(TINY_SHAPES_DIR)
     method = method_from_dict(LOCAL)
@@ -167,7 +167,7 @@ def test_local_pull_both_moves_the_dense_path_toward_the_sparse_one(tmp_path):
     """--local-pull both: the pull term's gradient reaches the dense prediction too, so the same batch gives other
     gradients than with the dense prediction detached (the default); the loss value is the same."""
     import dit_accel
-    from dit_accel.weights import method_from_dict
+    from dit_accel.checkpoints.finetuned import method_from_dict
 
     pipe = train_tiny._load_pipeline(TINY_SHAPES_DIR)
     mean, std = (torch.tensor(v).view(1, -1, 1, 1, 1) for v in (pipe.vae.config.latents_mean,
@@ -188,7 +188,7 @@ def test_local_pull_both_moves_the_dense_path_toward_the_sparse_one(tmp_path):
 
 
 def test_local_training_saves_a_stock_model_and_records_the_method(tmp_path):
-    from dit_accel.weights import method_from_dict
+    from dit_accel.checkpoints.finetuned import method_from_dict
 
     log = train_tiny.train(tmp_path / "local", steps=2, batch_size=1, lr=1e-3, warmup=1, short_fraction=0.0,
                            ema_decay=0.5, eval_seeds=(), frames=5, init=TINY_SHAPES_DIR, save_every=1,

@@ -290,7 +290,7 @@ def test_tile_block_size_checks_and_serialisation():
     # Unset, the field stays out of the dict, so plans written before it existed are the same JSON.
     assert "block_size" not in dit_accel.Tile(tile=(4, 4, 4), window=(1, 3, 3)).to_dict()
     framed = dit_accel.Tile(tile=(1, 12, 12), window=(3, 1, 1), block_size=144)
-    from dit_accel.weights import method_from_dict
+    from dit_accel.checkpoints.finetuned import method_from_dict
 
     assert method_from_dict(framed.to_dict()) == framed
     # A numpy scalar (a size computed with numpy) is stored as a plain int, so plans serialise it as JSON.

@@ -307,7 +307,7 @@ def test_gradients_reach_lora_style_params_and_sla_projection(models):
 def test_weights_folder_loads_lora_and_projections_and_remove_unloads(tmp_path):
     from peft import LoraConfig
 
-    from dit_accel.weights import save_trained_weights
+    from dit_accel.checkpoints.finetuned import save_trained_weights
 
     model = T.build_tiny_transformer("wan", seed=3)
     kwargs = _inputs("wan", model, batch=1)
@@ -335,7 +335,7 @@ def test_weights_folder_loads_lora_and_projections_and_remove_unloads(tmp_path):
         assert handle.fuse_lora() == 0 and all(m.merged for m in layers)
         calls = []
         for m in layers:
-            m.lora_A[dit_accel.weights.ADAPTER_NAME].register_forward_hook(lambda *a: calls.append(1))
+            m.lora_A[dit_accel.checkpoints.finetuned.ADAPTER_NAME].register_forward_hook(lambda *a: calls.append(1))
         torch.testing.assert_close(_run(model, kwargs), trained, atol=1e-5, rtol=1e-5)
         assert not calls  # fused: no adapter runs
         with pytest.raises(RuntimeError, match="fuse_lora"):
@@ -485,7 +485,7 @@ def test_a_call_like_the_last_reuses_its_plans_and_a_new_geometry_or_backend_reb
     """The pre-hook builds, checks and prepares the plans once per geometry (a denoising loop repeats it):
     a repeated call reuses them, a new grid, step or $DIT_ACCEL_BACKEND makes the context anew, and the
     results are those of a fresh apply()."""
-    from dit_accel.plans import LayoutPlan
+    from dit_accel.plans.plan import LayoutPlan
 
     prepared, planned = [], []
     prepare, plan_of = LayoutPlan.prepare, dit_accel.Tile.plan

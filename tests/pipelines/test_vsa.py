@@ -114,7 +114,7 @@ def test_config_is_validated_and_round_trips():
     with pytest.raises(ValueError, match="VSA.tile"):
         dit_accel.VSA(topk=1, tile=(4, 4))
     method = dit_accel.VSA(topk=3, tile=(4, 8, 8))
-    from dit_accel.weights import method_from_dict
+    from dit_accel.checkpoints.finetuned import method_from_dict
 
     assert method_from_dict(method.to_dict()) == method
     assert dit_accel.method_from_name("vsa", sparsity=0.9) == dit_accel.VSA(sparsity=0.9)

@@ -127,7 +127,7 @@ def test_per_head_vsa_with_its_gate(tmp_path):
     with torch.no_grad():
         dense = model(**kwargs)[0]
     method = dit_accel.PerHead((dit_accel.VSA(topk=2), dit_accel.Dense()))
-    from dit_accel.per_head import PerHeadPlan
+    from dit_accel.plans.per_head import PerHeadPlan
 
     with dit_accel.apply(model, method, backend="torch") as handle, torch.no_grad():
         out = model(**kwargs)[0]
@@ -213,7 +213,7 @@ def test_save_pretrained_under_vsa_keeps_the_gates(tmp_path):
     same gates. Saved without VSA, nothing is added."""
     from safetensors.torch import load_file
 
-    from dit_accel.gate_weights import GATES_FILE
+    from dit_accel.checkpoints.vsa_gates import GATES_FILE
 
     gates = _gated_checkpoint(tmp_path / "ckpt")
     model = _load(tmp_path / "ckpt")

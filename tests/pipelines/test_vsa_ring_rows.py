@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import dit_accel
-from dit_accel.vsa_plan import gate_scope
+from dit_accel.plans.vsa import gate_scope
 from tests.kernels.vsa_reference import reference
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -8,7 +8,7 @@ import pytest
 from dit_accel import atomic_files as _io
 from dit_accel.calibrate.run import OUTPUT_FILES, recover_outputs, write_outputs
 from dit_accel.methods import Tile
-from dit_accel.sparse_plan import Phase, SparsePlan
+from dit_accel.plans.sparse_plan import Phase, SparsePlan
 
 from .faults import run_killed, write_points
 

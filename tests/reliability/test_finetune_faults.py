@@ -18,7 +18,7 @@ import dit_accel
 from dit_accel.atomic_files import BadFileError
 from dit_accel.training import FinetuneConfig, finetune
 from dit_accel.training.finetune import CKPT_DIR, RUN_FILE
-from dit_accel.weights import LORA_FILE, METHOD_FILE, SLA_FILE
+from dit_accel.checkpoints.finetuned import LORA_FILE, METHOD_FILE, SLA_FILE
 
 from .faults import KINDS, assert_one_line, damage, kill_points, run_killed, write_points
 
@@ -72,7 +72,7 @@ def _check_loads_as_one_of(out, references) -> str:
     """``"no weights yet"``, ``"refused"`` (one line naming a file, nothing loaded) or the index of the
     reference whose weights it holds (``"ref0"``...); a folder that loads anything else fails."""
     from dit_accel.models.tiny import build_tiny_pipeline
-    from dit_accel.weights import load_into
+    from dit_accel.checkpoints.finetuned import load_into
 
     if not (out / METHOD_FILE).exists():
         return "no weights yet"

@@ -98,7 +98,7 @@ def _checkpoint(path, seed):
 
 def _loaded(folder):
     from dit_accel.models import tiny as T
-    from dit_accel.weights import load_into, sla_state_dict
+    from dit_accel.checkpoints.finetuned import load_into, sla_state_dict
 
     model = T.build_tiny_transformer("wan")
     handle = dit_accel.apply(model, dit_accel.SLA.reference(topk=0.5), backend="torch")
@@ -107,7 +107,7 @@ def _loaded(folder):
 
 
 def test_killed_convert_loads_old_new_or_one_line(tmp_path):
-    from dit_accel.convert import convert_checkpoint
+    from dit_accel.checkpoints.convert import convert_checkpoint
 
     method = dit_accel.SLA.reference(topk=0.5)
     ckpts = {s: _checkpoint(tmp_path / f"c{s}.pth", s) for s in (0, 1)}
@@ -136,7 +136,7 @@ def test_killed_convert_loads_old_new_or_one_line(tmp_path):
 def test_damaged_convert_checkpoint_is_one_line(tmp_path, kind, suffix):
     from safetensors.torch import save_file
 
-    from dit_accel.convert import convert_checkpoint
+    from dit_accel.checkpoints.convert import convert_checkpoint
 
     path = tmp_path / f"ckpt{suffix}"
     if suffix == ".pth":

@@ -1,7 +1,7 @@
 """The weights folder (LoRA + SLA projections + method file): killed writers and damaged files.
 
-A folder is written by :func:`dit_accel.weights.save_trained_weights` (``finetune``) and
-:func:`dit_accel.convert.convert_checkpoint`. Killed at any write point, it must load as the old
+A folder is written by :func:`dit_accel.checkpoints.finetuned.save_trained_weights` (``finetune``) and
+:func:`dit_accel.checkpoints.convert.convert_checkpoint`. Killed at any write point, it must load as the old
 complete folder, the new complete one, or raise one line naming a file; a bad folder must raise
 before anything is loaded into the model.
 """
@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 import dit_accel
 from dit_accel.atomic_files import BadFileError
 from dit_accel.models.tiny import build_tiny_pipeline
-from dit_accel.weights import (ADAPTER_NAME, LORA_FILE, METHOD_FILE, SLA_FILE, load_into, load_method,
+from dit_accel.checkpoints.finetuned import (ADAPTER_NAME, LORA_FILE, METHOD_FILE, SLA_FILE, load_into, load_method,
                                lora_state_dict, save_trained_weights, sla_state_dict)
 
 from .faults import KINDS, assert_one_line, damage, kill_points, run_killed, write_points

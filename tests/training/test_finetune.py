@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 import dit_accel
 from dit_accel.models.tiny import build_tiny_pipeline
 from dit_accel.training import FinetuneConfig, finetune, load_method
-from dit_accel.weights import LORA_FILE, METHOD_FILE, SLA_FILE
+from dit_accel.checkpoints.finetuned import LORA_FILE, METHOD_FILE, SLA_FILE
 from tests.torchrun import torchrun
 
 REPO = Path(__file__).resolve().parents[2]

@@ -9,11 +9,11 @@ from safetensors.torch import load_file
 
 import dit_accel
 from dit_accel import SparsePlan
-from dit_accel.per_head import PerHead
-from dit_accel.sparse_plan import Phase
+from dit_accel.plans.per_head import PerHead
+from dit_accel.plans.sparse_plan import Phase
 from dit_accel.training import FinetuneConfig, finetune, load_method
 from dit_accel.training.finetune import _accelerator, _Trainer
-from dit_accel.weights import METHOD_FILE, SLA_FILE
+from dit_accel.checkpoints.finetuned import METHOD_FILE, SLA_FILE
 from tests.training import PROMPTS
 
 # Token grid (3, 4, 8) = 96 tokens (two 64-key blocks), as in test_finetune.py.

@@ -9,12 +9,12 @@ import torch
 from safetensors.torch import load_file
 
 import dit_accel
-from dit_accel.gate_weights import read_gates
+from dit_accel.checkpoints.vsa_gates import read_gates
 from dit_accel.models.tiny import build_tiny_pipeline
 from dit_accel.pipelines.vsa_gates import add_trainable_gates
 from dit_accel.training import FinetuneConfig, finetune, load_method
 from dit_accel.training.config import vsa_sparsity_at
-from dit_accel.weights import LORA_FILE, METHOD_FILE, VSA_FILE
+from dit_accel.checkpoints.finetuned import LORA_FILE, METHOD_FILE, VSA_FILE
 
 # Token grid (3, 8, 8): four (4, 4, 4) cubes (partial in time); sparsity 0.5 keeps two key cubes per query cube.
 SHAPE = dict(frames=9, height=128, width=128, max_sequence_length=16)

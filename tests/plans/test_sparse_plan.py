@@ -13,8 +13,8 @@ import torch
 import dit_accel
 from dit_accel import PerHead, Phase, SparsePlan
 from dit_accel.models import tiny as T
-from dit_accel.per_head import _raster_mask
-from dit_accel.sparse_plan import method_from_json, method_to_json
+from dit_accel.plans.per_head import _raster_mask
+from dit_accel.plans.sparse_plan import method_from_json, method_to_json
 from tests.utils import PerCallReference
 
 TILE = dit_accel.Tile(tile=(1, 4, 4), window=(1, 1, 1))
@@ -52,7 +52,7 @@ def test_bad_plans_say_what_is_wrong(tmp_path):
         SparsePlan((Phase(0, 3), Phase(2, None)))
     with pytest.raises(ValueError, match="head methods"):
         SparsePlan((Phase(0, None, {0: PerHead((TILE,) * 3)}),), num_heads=2)
-    (tmp_path / "x.json").write_text('{"format": "dit_accel.sparse_plan", "phases": [')
+    (tmp_path / "x.json").write_text('{"format": "dit_accel.plans.sparse_plan", "phases": [')
     with pytest.raises(ValueError, match="x.json: is truncated"):
         SparsePlan.load(tmp_path / "x.json")
 

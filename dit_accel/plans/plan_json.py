@@ -1,6 +1,6 @@
-"""Reading and writing a :class:`~dit_accel.sparse_plan.SparsePlan`'s JSON: method configs to and from JSON, the
+"""Reading and writing a :class:`~dit_accel.plans.sparse_plan.SparsePlan`'s JSON: method configs to and from JSON, the
 field checks every reader runs (each failure one line naming the file and the field), provenance, and the
-atomic write. The format itself is described in :mod:`dit_accel.sparse_plan`."""
+atomic write. The format itself is described in :mod:`dit_accel.plans.sparse_plan`."""
 
 
 from __future__ import annotations
@@ -15,14 +15,14 @@ import tempfile
 from pathlib import Path
 from typing import Iterable, Mapping, Optional, Tuple
 
-from ._util import is_int, to_jsonable
-from .methods import Method, TileStrategy
+from .._util import is_int, to_jsonable
+from ..methods import Method, TileStrategy
 from .per_head import PerHead
 
 __all__ = ["method_to_json", "method_from_json", "prompts_hash", "write_atomic", "FORMAT"]
 
 
-FORMAT = "dit_accel.sparse_plan"
+FORMAT = "dit_accel.plans.sparse_plan"
 
 
 FORMAT_VERSION = 1
@@ -115,7 +115,7 @@ _METHOD_EXAMPLE = '{"method": "tile", "tile": [1, 4, 4], "window": [1, 1, 3]}'
 
 def _method_entry(r: _Fields, where: str, data, heads: Optional[int] = None, inner: bool = False) -> Method:
     """One method entry of a plan, validated: a registered method's options, or a per-head list of them."""
-    from .methods import canonical_method_name, registered_methods
+    from ..methods import canonical_method_name, registered_methods
 
     r.obj(where, data, f"a method entry such as {_METHOD_EXAMPLE}")
     name = data.get("method")

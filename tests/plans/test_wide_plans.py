@@ -13,7 +13,7 @@ import torch
 import dit_accel
 from dit_accel.kernels import block_sparse_attention
 from dit_accel.patterns.permutation import TilePermutation
-from dit_accel.per_head import PerHead
+from dit_accel.plans.per_head import PerHead
 from tests.patterns.test_gna_tile import _ref_gna, _ref_sta
 from tests.utils import assert_attention_close, make_qkv
 

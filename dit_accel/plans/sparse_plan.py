@@ -1,7 +1,7 @@
 """``SparsePlan``: which method config runs per denoising-step range, attention layer and head.
 
 A plan is a schedule, not a method: a list of step phases, each mapping attention layers to a
-method config (one for the whole layer, or a :class:`~dit_accel.per_head.PerHead` config with one
+method config (one for the whole layer, or a :class:`~dit_accel.plans.per_head.PerHead` config with one
 per head), with every unlisted layer running the phase's ``default`` (dense unless said). Dense
 warm-up steps are a phase whose default is ``Dense()``; dense layers are entries like any other.
 ``dit_accel.apply(pipe, plan)`` runs it; ``dit-accel calibrate`` writes one; FastVideo's STA
@@ -10,7 +10,7 @@ Tile windows only exports back to that format (:meth:`SparsePlan.to_tile_strateg
 
 The JSON form (``plan.save(path)`` / ``SparsePlan.load(path)``)::
 
-    {"format": "dit_accel.sparse_plan", "format_version": 1, "num_layers": 4, "num_heads": 12,
+    {"format": "dit_accel.plans.sparse_plan", "format_version": 1, "num_layers": 4, "num_heads": 12,
      "phases": [{"steps": [0, 2], "default": {"method": "dense"}, "layers": {}},
                 {"steps": [2, null], "default": {"method": "dense"},
                  "layers": {"1": {"method": "tile", "tile": [4, 4, 4], "window": [1, 1, 3]},
@@ -34,14 +34,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
-from ._util import is_int, to_jsonable, versions
-from .methods import Dense, Method, Tile, TileStrategy
+from .._util import is_int, to_jsonable, versions
+from ..methods import Dense, Method, Tile, TileStrategy
 from .per_head import PerHead
 
-from .sparse_plan_json import (_CALL_COUNTS, _PHASE_FIELDS, _PLAN_FIELDS, FORMAT, FORMAT_VERSION,  # noqa: F401
+from .plan_json import (_CALL_COUNTS, _PHASE_FIELDS, _PLAN_FIELDS, FORMAT, FORMAT_VERSION,  # noqa: F401
                                _Fields, _method_entry, _provenance, _show, _tuples, method_from_json,
                                method_to_json, prompts_hash, write_atomic)
-from .sparse_plan_text import _CostBasis, _gaps, _grid_text, _heads_text, _span, method_label  # noqa: F401
+from .plan_text import _CostBasis, _gaps, _grid_text, _heads_text, _span, method_label  # noqa: F401
 
 __all__ = ["SparsePlan", "Phase", "PlanMethod", "method_to_json", "method_from_json", "method_label", "prompts_hash",
            "write_atomic", "FORMAT"]
@@ -273,7 +273,7 @@ class SparsePlan:
         plan's, is a ValueError of one line naming the file and the field. A plan whose writer (``calibrate``)
         was killed after its commit point is finished first, with its report folder, or refused with the
         reason (:func:`dit_accel.atomic_files.finish_for_reader`): never a new plan beside an old report."""
-        from .atomic_files import commit_journal, finish_for_reader, read_json
+        from ..atomic_files import commit_journal, finish_for_reader, read_json
 
         path = Path(path)
         journal = commit_journal(path)
@@ -354,7 +354,7 @@ class SparsePlan:
 
     @staticmethod
     def _windows(method: Method, heads: Optional[int], grid, tiles: set) -> List[Tuple[int, ...]]:
-        from .patterns.checks import per_head
+        from ..patterns.checks import per_head
 
         inner = method.methods if isinstance(method, PerHead) else (method,)
         for m in inner:

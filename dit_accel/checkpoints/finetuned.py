@@ -5,7 +5,7 @@ An output folder of ``dit-accel finetune`` holds::
     pytorch_lora_weights.safetensors   Diffusers-format LoRA ("transformer." keys, adapter
                                        metadata with rank/alpha): pipe.load_lora_weights(DIR);
                                        absent when files.lora is null (a converted checkpoint
-                                       without LoRA, see dit_accel.convert)
+                                       without LoRA, see dit_accel.checkpoints.convert)
     sla_projections.safetensors        SLA only: "<attention module>.weight"/".bias" per layer
     vsa_gates.safetensors              VSA only: the trained gates in FastVideo's Diffusers key layout,
                                        "blocks.N.to_gate_compress.weight"/".bias" (apply(..., weights=DIR)
@@ -47,11 +47,11 @@ from typing import Dict, List, Optional
 import torch
 from torch import nn
 
-from .atomic_files import (BadFileError, atomic_write_json, check_hashes, crash_point, file_hashes, load_safetensors,
+from ..atomic_files import (BadFileError, atomic_write_json, check_hashes, crash_point, file_hashes, load_safetensors,
                   read_json, remove_stale_temps, temp_name)
-from ._util import DitAccelWarning
-from .methods import Method, method_from_name
-from .sparse_plan import PlanMethod, SparsePlan
+from .._util import DitAccelWarning
+from ..methods import Method, method_from_name
+from ..plans.sparse_plan import PlanMethod, SparsePlan
 
 __all__ = [
     "LORA_FILE", "SLA_FILE", "VSA_FILE", "METHOD_FILE", "ADAPTER_NAME",
@@ -140,7 +140,7 @@ def save_trained_weights(output_dir, *, transformer: nn.Module, method: Method, 
 
 
 def write_weights_folder(output_dir, write_tensors, info: dict) -> Path:
-    """The weights folder protocol (also used by :mod:`dit_accel.convert`): ``write_tensors(staging)`` writes
+    """The weights folder protocol (also used by :mod:`dit_accel.checkpoints.convert`): ``write_tensors(staging)`` writes
     the files ``info["files"]`` names into a staging folder; they are moved into ``output_dir`` and the method
     file, with their sha256, is written last. Files of an earlier folder that ``info`` no longer names
     (``LORA_FILE``/``SLA_FILE``) are removed after it."""
@@ -193,7 +193,7 @@ def read_weights_info(folder) -> dict:
 
 def method_from_dict(d: dict) -> Method:
     """The method config of a ``Method.to_dict()`` read back from JSON (lists become tuples again); a plan's
-    ``{"method": "plan", "plan": {...}}`` gives its :class:`~dit_accel.sparse_plan.PlanMethod`."""
+    ``{"method": "plan", "plan": {...}}`` gives its :class:`~dit_accel.plans.sparse_plan.PlanMethod`."""
     d = dict(d)
     name = d.pop("method")
     if name == PlanMethod.name:

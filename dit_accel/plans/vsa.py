@@ -21,10 +21,10 @@ from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
-from .kernels.backends import Request, resolve
-from .kernels.vsa.api import check_vsa_grid, vsa_parts, vsa_parts_rows
-from .kernels.vsa.naive import CubeRows, cube_rows, cubes_of, selected_count
-from .plans import Plan
+from ..kernels.backends import Request, resolve
+from ..kernels.vsa.api import check_vsa_grid, vsa_parts, vsa_parts_rows
+from ..kernels.vsa.naive import CubeRows, cube_rows, cubes_of, selected_count
+from .plan import Plan
 
 __all__ = ["VSAPlan", "gate_scope", "push_gate", "pop_gate", "current_gate"]
 

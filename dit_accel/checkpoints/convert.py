@@ -36,10 +36,10 @@ from typing import Dict, List, Optional
 
 import torch
 
-from ._util import DitAccelWarning
-from .methods import SLA
-from .atomic_files import BadFileError
-from .weights import LORA_FILE, SLA_FILE, write_weights_folder
+from .._util import DitAccelWarning
+from ..methods import SLA
+from ..atomic_files import BadFileError
+from .finetuned import LORA_FILE, SLA_FILE, write_weights_folder
 
 __all__ = ["convert_checkpoint", "read_checkpoint", "split_checkpoint", "SplitCheckpoint", "SUPPORTED_LAYOUT"]
 
@@ -80,7 +80,7 @@ def read_checkpoint(path) -> Dict[str, torch.Tensor]:
     if not path.is_file():
         raise ValueError(f"checkpoint {str(path)!r} is not a file")
     if path.suffix == ".safetensors":
-        from .atomic_files import load_safetensors
+        from ..atomic_files import load_safetensors
 
         state = load_safetensors(path, expected="a checkpoint of tensors in the SLA reference layout")
     else:

@@ -5,7 +5,7 @@ import torch
 
 import dit_accel
 from dit_accel.kernels.block_sparse.naive import sparse_cost_ratio
-from dit_accel.plans import DENSE_MASKED
+from dit_accel.plans.plan import DENSE_MASKED
 
 
 def _qkv(n, heads=4, d=64, seed=0):

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import dit_accel
-from dit_accel.per_head import PerHead, PerHeadPlan, _raster_mask
-from dit_accel.plans import LayoutPlan
+from dit_accel.plans.per_head import PerHead, PerHeadPlan, _raster_mask
+from dit_accel.plans.plan import LayoutPlan
 from tests.utils import reference
 
 GRID = (4, 12, 12)
@@ -37,7 +37,7 @@ def test_mixed_block_sparse_heads_match_masked_dense_per_head(backend, monkeypat
     assert isinstance(plan, PerHeadPlan) and plan.launches == 1
     q, k, v = _qkv(plan.num_tokens, len(methods))
     calls = []
-    import dit_accel.plans as plans_module
+    import dit_accel.plans.plan as plans_module
 
     real = plans_module.block_sparse_attention
     monkeypatch.setattr(plans_module, "block_sparse_attention", lambda *a, **kw: calls.append(1) or real(*a, **kw))

@@ -1,4 +1,4 @@
-"""``dit-accel convert`` / :func:`dit_accel.convert.convert_checkpoint` on synthetic checkpoints in the
+"""``dit-accel convert`` / :func:`dit_accel.checkpoints.convert.convert_checkpoint` on synthetic checkpoints in the
 reference key layout (TurboDiffusion: ``blocks.{i}.self_attn.attn_op.local_attn.proj_l.*`` next to the
 original Wan model's own keys, ``net.`` prefix, ``{"state_dict": ...}`` wrapper), run on a tiny Wan
 transformer: the converted folder must give exactly the outputs of setting the projections (and the
@@ -14,9 +14,9 @@ import torch
 
 import dit_accel
 from dit_accel.cli.main import main
-from dit_accel.convert import convert_checkpoint, split_checkpoint
+from dit_accel.checkpoints.convert import convert_checkpoint, split_checkpoint
 from dit_accel.models import tiny as T
-from dit_accel.weights import METHOD_FILE, SLA_FILE, load_method
+from dit_accel.checkpoints.finetuned import METHOD_FILE, SLA_FILE, load_method
 
 D = 12  # tiny Wan: 2 layers, 2 heads of 12
 

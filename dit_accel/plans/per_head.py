@@ -1,6 +1,6 @@
 """A method per attention head: :class:`PerHead` and the plan that runs it, :class:`PerHeadPlan`.
 
-A calibrated :class:`~dit_accel.sparse_plan.SparsePlan` gives each head of a layer its own method
+A calibrated :class:`~dit_accel.plans.sparse_plan.SparsePlan` gives each head of a layer its own method
 (a Tile window here, a GNA kernel there, Radial, SLA or dense). Running each head on its own would
 launch a kernel per head; instead the heads are grouped by what can share one launch:
 
@@ -26,10 +26,10 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from .kernels.layout import BlockLayout
-from .methods import Dense, Method
-from .plans import DensePlan, LayoutPlan, Plan, SLAPlan
-from .vsa_plan import VSAPlan
+from ..kernels.layout import BlockLayout
+from ..methods import Dense, Method
+from .plan import DensePlan, LayoutPlan, Plan, SLAPlan
+from .vsa import VSAPlan
 
 __all__ = ["PerHead", "PerHeadPlan", "MAX_CONVERTED_TOKENS"]
 
@@ -44,7 +44,7 @@ class PerHead(Method):
     Each entry is a single-head config of a registered method (``Dense``, ``GNA``, ``Tile``,
     ``Radial``, ``SLA``); the number of entries must equal the layer's head count. Heads with
     block-sparse patterns run in one kernel launch through a per-head layout, SLA heads in one
-    more (see the module docstring). Not a CLI method: it is what :class:`~dit_accel.sparse_plan.
+    more (see the module docstring). Not a CLI method: it is what :class:`~dit_accel.plans.sparse_plan.
     SparsePlan` entries hold when the heads of a layer differ.
 
     Example::
@@ -85,7 +85,7 @@ class PerHead(Method):
 
 
 def _per_head_window(method: Method) -> bool:
-    from .patterns.checks import per_head
+    from ..patterns.checks import per_head
 
     return method.name == "tile" and per_head(method.window) is not None
 
@@ -227,7 +227,7 @@ def _order_key(plan: Plan):
 
 def _shared_layout(plans: Sequence[Plan], grid) -> Tuple[BlockLayout, object]:
     """``(per-head layout, permutation)``: every plan's pattern in the token order most of them use."""
-    from .patterns.separable import separable_layout, stack_heads
+    from ..patterns.separable import separable_layout, stack_heads
 
     keys = [_order_key(p) for p in plans if isinstance(p, LayoutPlan)]
     ref_key = max(dict.fromkeys(keys), key=keys.count)

@@ -1,4 +1,4 @@
-"""Describing a :class:`~dit_accel.sparse_plan.SparsePlan` to a person: method labels, step spans, gaps between
+"""Describing a :class:`~dit_accel.plans.sparse_plan.SparsePlan` to a person: method labels, step spans, gaps between
 phases, and the cost basis its summary and table price methods on."""
 
 
@@ -8,8 +8,8 @@ import dataclasses
 import math
 from typing import Dict, List, Mapping, Optional, Sequence
 
-from ._util import is_int
-from .methods import Dense, Method
+from .._util import is_int
+from ..methods import Dense, Method
 from .per_head import PerHead
 
 __all__ = ["method_label"]
@@ -78,7 +78,7 @@ class _CostBasis:
     """Modelled seconds and density of one head of a method config at one grid (see :meth:`SparsePlan.profile`)."""
 
     def __init__(self, provenance: Mapping, grid):
-        from .kernels import cost as kernel_cost
+        from ..kernels import cost as kernel_cost
 
         self.cost, self.grid = kernel_cost, grid
         model = provenance.get("cost_model") if isinstance(provenance.get("cost_model"), Mapping) else {}
@@ -120,7 +120,7 @@ class _CostBasis:
         if plan.is_dense:
             return name, dense, 1.0
         if hasattr(plan, "params"):  # SLA: the critical blocks it visits
-            from .kernels.sla.common import sla_density
+            from ..kernels.sla.common import sla_density
 
             counts = c.sla_counts(n, method, heads=1)
             if self.terms == "tiles":

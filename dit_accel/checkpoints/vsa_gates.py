@@ -5,7 +5,7 @@ gate ``blocks.N.to_gate_compress.weight`` / ``.bias`` (FastVideo's Diffusers-for
 spells them ``blocks.N.attn1.to_gate_compress.*``, read too). Diffusers' ``WanTransformer3DModel`` has no
 such module and drops the keys with a notice, so the model it loads is not the one that was trained.
 This module finds and reads them, header first (:func:`gate_keys` reads no tensor), like
-:mod:`dit_accel.weights` reads dit_accel's own weights folders: a bad file is a one-line
+:mod:`dit_accel.checkpoints.finetuned` reads dit_accel's own weights folders: a bad file is a one-line
 :class:`~dit_accel.atomic_files.BadFileError`.
 """
 
@@ -19,7 +19,7 @@ from typing import Dict, List, Optional
 
 import torch
 
-from .atomic_files import BadFileError
+from ..atomic_files import BadFileError
 
 __all__ = ["GATE_KEY", "GATES_FILE", "loaded_from", "transformer_folder", "checkpoint_files", "gate_keys",
            "read_gates", "write_gates"]
@@ -120,7 +120,7 @@ def write_gates(folder, tensors: Dict[str, torch.Tensor]) -> Path:
     at all (:func:`~dit_accel.atomic_files.atomic_write`). Returns the file."""
     from safetensors.torch import save_file
 
-    from .atomic_files import atomic_write
+    from ..atomic_files import atomic_write
 
     bad = sorted(k for k in tensors if not GATE_KEY.match(k))
     if bad:

@@ -24,14 +24,14 @@ from typing import Callable, Dict, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from .kernels import block_sparse_attention, merge_attention
-from .kernels.backends import Request, env_backend, env_value, resolve
-from .kernels.block_sparse.api import block_sparse_backend, layout_on, prepare_layout
-from .kernels._cache import LayoutCache
-from .kernels.block_sparse.naive import dense_is_faster
-from .kernels.block_sparse.one_pass import OnePass, one_pass_fits
-from .kernels.layout import BlockLayout
-from .kernels.sla import sla_parts_checked
+from ..kernels import block_sparse_attention, merge_attention
+from ..kernels.backends import Request, env_backend, env_value, resolve
+from ..kernels.block_sparse.api import block_sparse_backend, layout_on, prepare_layout
+from ..kernels._cache import LayoutCache
+from ..kernels.block_sparse.naive import dense_is_faster
+from ..kernels.block_sparse.one_pass import OnePass, one_pass_fits
+from ..kernels.layout import BlockLayout
+from ..kernels.sla import sla_parts_checked
 
 __all__ = ["Plan", "DensePlan", "LayoutPlan", "SLAPlan", "attend_with_lse"]
 
@@ -236,12 +236,12 @@ class LayoutPlan(Plan):
     def wide_layout(self) -> Optional[BlockLayout]:
         """The plan's layout in 128-row query blocks when that visits the same tiles, else None (built once)."""
         if self._wide is None:
-            from .patterns.separable import wide_query_layout
+            from ..patterns.separable import wide_query_layout
 
             self._wide = [wide_query_layout(self.perm, self.layout) if self.wide_q and self.layout.block_q == 64
                           else None]
             if self._wide[0] is not None:  # the same token mask: NATTEN's window (if any) holds for it too
-                from .kernels.block_sparse.backends.natten import share_window
+                from ..kernels.block_sparse.backends.natten import share_window
 
                 share_window(self.layout, self._wide[0])
         return self._wide[0]
