@@ -6,7 +6,7 @@ Contenders run interleaved, order shuffled each round; figures are medians over 
 medians of per-round ratios to the dense call (``apply(Dense())``).
 
     python docs/scripts/long_clip_attention_share.py --grid 16,12,12 --rounds 7 --threads 2 \
-        --method-config docs/long_clip_2304.yaml [--weights DIR] [--batch 2]
+        --method-config docs/scripts/long_clip_2304.yaml [--weights DIR] [--batch 2]
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ def main(argv=None) -> None:
     p.add_argument("--grid", default="16,12,12")
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--method-config", default="docs/long_clip_2304.yaml")
+    p.add_argument("--method-config", default="docs/scripts/long_clip_2304.yaml")
     p.add_argument("--weights", default=None, help="a tiny-shapes-like Diffusers folder (default: the shipped one)")
     p.add_argument("--batch", type=int, default=1, help="samples per call (2: a guided pipeline's call)")
     args = p.parse_args(argv)
