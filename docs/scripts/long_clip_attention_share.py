@@ -1,6 +1,6 @@
 """Transformer and self-attention time of a tiny-shapes transformer at a long-clip grid, dense vs sparse methods.
 
-Issue 45, first stage: at the 31-frame grid (16, 12, 12) = 2,304 tokens, how much of the transformer's
+At the 31-frame grid (16, 12, 12) = 2,304 tokens, how much of the transformer's
 time is self-attention (``attn1``) on CPU, and how much do the sparse methods save there and overall?
 Contenders run interleaved, order shuffled each round; figures are medians over rounds, ratios are
 medians of per-round ratios to the dense call (``apply(Dense())``).
