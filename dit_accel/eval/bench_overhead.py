@@ -16,7 +16,7 @@ Commands::
 
     python -m dit_accel.eval.bench_overhead --rounds 30 --threads 1
     python -m dit_accel.eval.bench_overhead --model tiny-shapes --rounds 20
-    python -m dit_accel.eval.bench_overhead --grid 17,24,24 --method-config docs/tiny_wan_9792.yaml --rounds 5
+    python -m dit_accel.eval.bench_overhead --grid 17,24,24 --method-config docs/scripts/tiny_wan_9792.yaml --rounds 5
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ it moves the logits (through ``to_q``, ``to_k``, their norms and RoPE) so that t
 attends inside the pattern, and the sparse plan then changes little.
 
 This differs from ``train_tiny --local``, which pulls a sparse *prediction* toward the dense one: that
-term can be met by a model that draws nothing (BENCHMARKS.md section 8 saw five such runs), while this one
+term can be met by a model that draws nothing (BENCHMARKS.md section 8.7 records five such runs), while this one
 constrains only where attention goes, never what the model predicts.
 
 Example::

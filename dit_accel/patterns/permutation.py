@@ -98,7 +98,7 @@ class TilePermutation:
         """Raster ``[..., N, ...]`` -> tiled and zero-padded ``[..., Np, ...]`` along ``dim`` (differentiable)."""
         dim = self._check(x, dim, self.num_tokens, "N raster tokens")
         # No copy: the four gathers of q, k, v and o cost 5-15% of a whole-frame Tile call's self-attention on CPU
-        # (BENCHMARKS.md section 8, nineteenth stage).
+        # (BENCHMARKS.md section 8.7).
         if self.identity:
             return x
         gather, _ = self._indices(x.device)

@@ -1,12 +1,12 @@
 """Transformer and self-attention time of a tiny-shapes transformer at a long-clip grid, dense vs sparse methods.
 
-Issue 45, first stage: at the 31-frame grid (16, 12, 12) = 2,304 tokens, how much of the transformer's
+At the 31-frame grid (16, 12, 12) = 2,304 tokens, how much of the transformer's
 time is self-attention (``attn1``) on CPU, and how much do the sparse methods save there and overall?
 Contenders run interleaved, order shuffled each round; figures are medians over rounds, ratios are
 medians of per-round ratios to the dense call (``apply(Dense())``).
 
     python docs/scripts/long_clip_attention_share.py --grid 16,12,12 --rounds 7 --threads 2 \
-        --method-config docs/long_clip_2304.yaml [--weights DIR] [--batch 2]
+        --method-config docs/scripts/long_clip_2304.yaml [--weights DIR] [--batch 2]
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ def main(argv=None) -> None:
     p.add_argument("--grid", default="16,12,12")
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--method-config", default="docs/long_clip_2304.yaml")
+    p.add_argument("--method-config", default="docs/scripts/long_clip_2304.yaml")
     p.add_argument("--weights", default=None, help="a tiny-shapes-like Diffusers folder (default: the shipped one)")
     p.add_argument("--batch", type=int, default=1, help="samples per call (2: a guided pipeline's call)")
     args = p.parse_args(argv)

@@ -1,4 +1,4 @@
-"""Quick checks of a long-clip checkpoint of tiny-shapes (issue 45, BENCHMARKS.md section 8).
+"""Quick checks of a long-clip checkpoint of tiny-shapes (BENCHMARKS.md section 8).
 
     # dense ground truth of the 8 calibration prompts x seeds at 63 frames (batches of 4 prompts)
     python docs/scripts/long_clip_checks.py gt --weights DIR --guidance 2.0 --seeds 0

@@ -1,5 +1,5 @@
-"""Whole-frame Tile with and without the copies it no longer makes (BENCHMARKS.md section 8, nineteenth and twentieth
-stages).
+"""Whole-frame Tile with and without the copies it no longer makes (BENCHMARKS.md sections 8.4
+and 8.7).
 
 Self-attention (``attn1``) milliseconds per transformer call of tiny-shapes-63 at its grid (32, 12, 12), Tile 3
 frames, batch 1, 2 threads: 7 interleaved rounds of 3 calls each (``--rounds``), A against B:

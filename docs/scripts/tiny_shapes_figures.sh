@@ -11,6 +11,6 @@ python -m dit_accel.models.tiny_shapes --seeds 0 1 2 3 > "$out/dense_quality.txt
 python tests/models/test_tiny_shapes.py > "$out/regression_measured.json" 2> "$out/regression_measured.err"
 (cd "$out" && dit-accel generate --side-by-side > main_job.txt 2>&1)
 dit-accel eval --model tiny-shapes --methods dense,tile,gna,sla,radial \
-    --method-config docs/tiny_shapes_methods.yaml --seeds 0,1 --no-lpips --quiet --out "$out/eval_shapes" \
+    --method-config docs/scripts/tiny_shapes_methods.yaml --seeds 0,1 --no-lpips --quiet --out "$out/eval_shapes" \
     > "$out/eval.txt" 2>&1
 { date -u +%FT%TZ; uptime; } >> "$out/machine.txt"

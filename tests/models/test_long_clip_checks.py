@@ -58,7 +58,7 @@ def test_steps_plan_runs_the_method_exactly_on_the_steps_not_listed_dense():
 
 
 def test_the_hand_written_head_plans_are_what_benchmarks_says():
-    """docs/calibrate_evidence/tiny-shapes-63-heads (BENCHMARKS.md section 8, seventeenth stage): 3 dense steps, then
+    """docs/calibrate_evidence/tiny-shapes-63-heads (BENCHMARKS.md section 8.7): 3 dense steps, then
     Tile over 3 of 32 frames on every head except the named ones, which stay dense until step 6."""
     import dit_accel
     from dit_accel import Dense
@@ -88,7 +88,7 @@ def test_sweep_asks_for_a_method_or_plans_before_it_loads_anything(capsys):
 
 
 def test_the_lora_evidence_runs_the_head_plans_it_names():
-    """docs/calibrate_evidence/tiny-shapes-63-lora (BENCHMARKS.md section 8, eighteenth stage): p3 and p3h run what
+    """docs/calibrate_evidence/tiny-shapes-63-lora (BENCHMARKS.md section 8.7): p3 and p3h run what
     the seventeenth stage's uniform-after-3 and l3h0-dense-to-6 run, at the shipped plan's call and timesteps, and
     each `finetune --plan` folder's LoRA belongs to its plan (the content hash `apply(..., weights=)` checks). ft-p3
     shipped in the package until the twenty-first stage's bridged plan replaced the calibrated plan of its content."""

@@ -1,4 +1,4 @@
-"""docs/scripts/shapes_clips.py (BENCHMARKS.md section 8, eighteenth stage): the caption folder it writes is what
+"""docs/scripts/shapes_clips.py (BENCHMARKS.md section 8.3): the caption folder it writes is what
 `finetune --data` reads, each clip the rendered object of its prompt."""
 
 import importlib.util
