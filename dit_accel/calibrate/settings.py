@@ -48,9 +48,8 @@ class CalibrationSettings:
 
     ``budget_on``: ``"worst"`` (default) holds ``min_psnr`` on every calibration video, ``"mean"`` on their
     mean: a mean of dB values can be carried by the videos a plan barely changes while it breaks others.
-    It does not close the held-out gap of BENCHMARKS.md section 11 on its own: there the plan (28.3 dB mean)
-    had its worst calibration video at 25.4 dB, so it passes either rule, and it gave 23.2 dB on held-out
-    prompts: picking the cheapest passing plan out of several verified on the same 4 videos overfits them.
+    Neither rule closes a held-out gap on its own: picking the cheapest passing plan out of several verified on
+    the same few videos overfits them, which is why a plan is validated on prompts its search never saw.
     """
 
     model: str
