@@ -21,7 +21,7 @@ from .families import FAMILIES
 __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "CATEGORY", "node_for", "PlanNode"]
 
 CATEGORY = "dit_accel"
-CUSTOM = "custom (the widgets below)"
+CUSTOM = "custom"  # the widgets below, not a preset
 
 # The options every node has besides its method's fields: patch_model's keyword arguments.
 _COMMON = {

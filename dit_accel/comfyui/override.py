@@ -58,8 +58,12 @@ class CallState:
 
 
 def _step_of(transformer_options: dict) -> Tuple[Optional[int], Optional[int], Optional[float]]:
-    """``(step, total, sigma)`` of a sampler's model call: the current sigma's place in ``sample_sigmas``
-    (ComfyUI's samplers put both in ``transformer_options``); Nones outside a sampler."""
+    """``(step, total, sigma)`` of a sampler's model call; Nones outside a sampler.
+
+    ComfyUI's samplers put the schedule (``sample_sigmas``, falling, its last entry where sampling ends) and the
+    call's sigma (``sigmas``) in ``transformer_options``. Step ``i`` is the call at ``sample_sigmas[i]``; a call
+    between two entries (a second-order sampler's inner evaluations) belongs to the step whose interval holds it.
+    """
     sigma = transformer_options.get("sigmas")
     if not isinstance(sigma, torch.Tensor) or sigma.numel() == 0:
         return None, None, None
@@ -67,10 +71,10 @@ def _step_of(transformer_options: dict) -> Tuple[Optional[int], Optional[int], O
     sigmas = transformer_options.get("sample_sigmas")
     if not isinstance(sigmas, torch.Tensor) or sigmas.numel() < 2:
         return None, None, value
-    hits = torch.isclose(sigmas.detach().reshape(-1).double().cpu(), torch.tensor(value, dtype=torch.float64),
-                         rtol=1e-4, atol=0.0).nonzero()
-    total = sigmas.numel() - 1  # the last sigma is where sampling ends, not a step
-    return (int(hits[0, 0]) if hits.numel() else None), total, value
+    sigmas = sigmas.detach().reshape(-1).double().cpu()
+    total = sigmas.numel() - 1
+    at_or_above = (sigmas[:total] >= value * (1 - 1e-4)).nonzero()
+    return (int(at_or_above[-1, 0]) if at_or_above.numel() else 0), total, value
 
 
 class Report:

@@ -105,9 +105,11 @@ def test_dense_steps_follow_comfyuis_sigmas(comfy, models):
     patched = patch_model(model, PATTERNS["tile"][0], dense_steps=1, dense_last_steps=1)
     sample(comfy, patched, case, steps=4)
     assert _steps(patched) == {0: "dense", 1: "sparse", 2: "sparse", 3: "dense"}
-    # a second-order sampler calls the model twice per step at other sigmas: steps still come from sample_sigmas
+    # a second-order sampler calls the model again between steps: each call belongs to the step its sigma is in
     patched = patch_model(model, PATTERNS["tile"][0], dense_steps=2)
-    sample(comfy, patched, case, steps=4, sampler="dpmpp_2m")
+    sample(comfy, patched, case, steps=4, sampler="dpmpp_2s_ancestral")
+    lines = _override(patched).patch.report.lines
+    assert len(lines) > 4  # the inner evaluations ran too
     assert _steps(patched) == {0: "dense", 1: "dense", 2: "sparse", 3: "sparse"}
 
 
