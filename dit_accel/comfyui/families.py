@@ -9,7 +9,7 @@ Its ``diffusers_class`` is the Diffusers transformer of the same model: the publ
 
 Token layout, checked against ComfyUI's code: Wan patchifies with a Conv3d and ``flatten(2)``, LTX-Video with
 ``b c (f p1) (h p2) (w p3) -> b (f h w) ...``, HunyuanVideo with a Conv3d patch embed and ``flatten(2)``: all
-frame-major, then row, then column, the order of METHODS.md.
+frame-major, then row, then column, the order of METHODS.md; FLUX with ``b c (h ph) (w pw) -> b (h w) ...``.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ __all__ = ["Family", "FAMILIES", "family_for", "supported"]
 def _patched_grid(shape, patch) -> Tuple[int, ...]:
     """The token grid of a latent ``(B, C, *extent)`` padded up to whole patches (ComfyUI's pad_to_patch_size)."""
     extent = tuple(int(s) for s in shape[2:])
-    patch = tuple(int(p) for p in patch)[-len(extent):]
+    patch = (int(patch),) * len(extent) if isinstance(patch, int) else tuple(int(p) for p in patch)[-len(extent):]
     return tuple(math.ceil(e / p) for e, p in zip(extent, patch))
 
 
@@ -44,7 +44,7 @@ def _hunyuan_layers(model: nn.Module) -> List[nn.Module]:
 
 
 def _hunyuan_grid(model: nn.Module, x) -> Tuple[int, ...]:
-    return _patched_grid(x.shape, model.patch_size)
+    return _patched_grid(x.shape, model.patch_size)  # (also FLUX: an int patch on a (B, C, H, W) latent)
 
 
 def _ltxv_layers(model: nn.Module) -> List[nn.Module]:
@@ -86,6 +86,8 @@ FAMILIES: Tuple[Family, ...] = (
     Family("HunyuanVideo", ("HunyuanVideo",), "HunyuanVideoTransformer3DModel", "last", _hunyuan_layers,
            _hunyuan_grid, "HunyuanVideo T2V and I2V: double blocks then single blocks, [video, text] with padded "
            "text masked"),
+    Family("FLUX", ("Flux",), "FluxTransformer2DModel", "first", _hunyuan_layers, _hunyuan_grid,
+           "FLUX.1 dev and schnell (image): double blocks then single blocks, [text, image]"),
     Family("LTX-Video", ("LTXVModel",), "LTXVideoTransformer3DModel", "none", _ltxv_layers, _ltxv_grid,
            "LTX-Video: transformer_blocks.*.attn1 over video only"),
 )

@@ -54,6 +54,16 @@ def _check_sigma(value) -> Optional[float]:
     return float(value)
 
 
+def _check_methods_for(family, methods) -> None:
+    """The Diffusers preset's refusals hold here too (Radial on an image model: it has no frames)."""
+    from ..pipelines.presets import PRESETS, check_method_for
+
+    preset = PRESETS.get(family.diffusers_class)
+    if preset is not None:
+        for m in methods:
+            check_method_for(f"{family.name} ({family.diffusers_class})", preset, getattr(m, "name", None))
+
+
 def _call_check(method: Method, allow_other_grid: bool):
     """A SparsePlan's checks of each model call's grid and step count (ValueError on a mismatch), or None."""
     check = getattr(method, "check_call", None)
@@ -117,6 +127,7 @@ def patch_model(model, method: Union[Method, SparsePlan], *, dense_steps: int = 
     if family is None:
         raise ValueError(f"dit_accel: the ComfyUI model {type(inner).__name__} is not covered (dit_accel knows where "
                          f"the video self-attention of {supported()} is); use ComfyUI's own attention for it")
+    _check_methods_for(family, (method, *layer_methods.values()))
     layers = family.layers(inner)
     log = WarningLog()
     schedule = _resolve_layers(dict(method=method, dense_steps=dense_steps, dense_last_steps=dense_last_steps,

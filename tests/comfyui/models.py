@@ -18,6 +18,9 @@ WAN = dict(image_model="wan2.1", model_type="t2v", dim=64, num_heads=2, num_laye
 HUNYUAN = dict(image_model="hunyuan_video", in_channels=16, out_channels=16, vec_in_dim=8, context_in_dim=32,
                hidden_size=64, mlp_ratio=2.0, num_heads=2, depth=1, depth_single_blocks=1, axes_dim=[8, 12, 12],
                theta=256, patch_size=[1, 2, 2], qkv_bias=True, guidance_embed=False, byt5=False, meanflow=False)
+FLUX = dict(image_model="flux", in_channels=16, out_channels=16, vec_in_dim=8, context_in_dim=32, hidden_size=64,
+            mlp_ratio=2.0, num_heads=2, depth=1, depth_single_blocks=1, axes_dim=[8, 12, 12], theta=256, patch_size=2,
+            qkv_bias=True, guidance_embed=False)
 LTXV = dict(image_model="ltxv", in_channels=128, cross_attention_dim=64, attention_head_dim=32, num_attention_heads=2,
             caption_channels=32, num_layers=2)
 
@@ -31,11 +34,11 @@ class Case:
     config: dict
     latent: tuple  # (B, C, T, H, W)
     cond: Callable[[], list]  # ComfyUI conditioning [[cross_attn, {extras}]]
-    text: str = "none"  # where text sits in self-attention calls: none / last
+    text: str = "none"  # where text sits in self-attention calls: none / last / first
     patch: tuple = (1, 2, 2)  # the model's patch size (LTX-Video patchifies 1 x 1 x 1)
 
     def grid(self):
-        return tuple(-(-e // p) for e, p in zip(self.latent[2:], self.patch))
+        return tuple(-(-e // p) for e, p in zip(self.latent[2:], self.patch[-len(self.latent[2:]):]))
 
 
 def _wan_cond():
@@ -56,6 +59,11 @@ def _hunyuan_cond():
                                                   "attention_mask": torch.tensor([[1, 1, 1, 1, 0, 0]])}]]
 
 
+def _flux_cond():
+    g = torch.Generator().manual_seed(6)
+    return [[torch.randn(1, 6, 32, generator=g), {"pooled_output": torch.randn(1, 8, generator=g)}]]
+
+
 def _ltxv_cond():
     return [[torch.randn(1, 6, 32, generator=torch.Generator().manual_seed(4)), {"attention_mask": torch.ones(1, 6)}]]
 
@@ -66,6 +74,7 @@ CASES = {
                       _wan_i2v_cond),
     "wan22-ti2v": Case("wan22-ti2v", "WAN22_T2V", dict(WAN, in_dim=48, out_dim=48), (1, 48, 3, 8, 8), _wan_cond),
     "hunyuan-video": Case("hunyuan-video", "HunyuanVideo", HUNYUAN, (1, 16, 3, 8, 8), _hunyuan_cond, text="last"),
+    "flux": Case("flux", "FluxSchnell", FLUX, (1, 16, 8, 10), _flux_cond, text="first", patch=(2, 2)),
     "ltx-video": Case("ltx-video", "LTXV", LTXV, (1, 128, 3, 4, 4), _ltxv_cond, patch=(1, 1, 1)),
 }
 
@@ -110,7 +119,8 @@ def masked_reference(mask: torch.Tensor, text: str, calls: Optional[list] = None
         if calls is not None:
             calls.append(s)
         allowed = torch.ones(s, s, dtype=torch.bool)
-        allowed[:n, :n] = mask  # text (last) rows and columns stay allowed
+        video = slice(s - n, s) if text == "first" else slice(0, n)
+        allowed[video, video] = mask  # text rows and columns stay allowed
         scores = (q.double() @ k.double().transpose(-1, -2)) / q.shape[-1] ** 0.5
         if key_mask is not None:
             scores = scores + key_mask.double().reshape(-1, 1, 1, s)

@@ -52,13 +52,17 @@ PATTERNS = {
     "tile": (dit_accel.Tile(tile=(1, 2, 2), window=(3, 1, 1)), lambda g: tile_mask(g, (1, 2, 2), (3, 1, 1))),
     "gna": (dit_accel.GNA(kernel_size=(2, 3, 3), stride=(1, 1, 2)), lambda g: gna_mask(g, (2, 3, 3), (1, 1, 2))),
 }
+IMAGE_PATTERNS = {  # FLUX: a (H, W) grid
+    "tile": (dit_accel.Tile(tile=(2, 2), window=(1, 1)), lambda g: tile_mask(g, (2, 2), (1, 1))),
+    "gna": (dit_accel.GNA(kernel_size=(3, 3), stride=(1, 2)), lambda g: gna_mask(g, (3, 3), (1, 2))),
+}
 
 
 @pytest.mark.parametrize("family, pattern", [(f, "tile") for f in FAMILIES]
-                         + [(f, "gna") for f in ("wan21-t2v", "hunyuan-video", "ltx-video")])
+                         + [(f, "gna") for f in ("wan21-t2v", "hunyuan-video", "flux", "ltx-video")])
 def test_a_pattern_equals_the_masked_dense_reference(comfy, models, family, pattern):
     case, model = CASES[family], models(family)
-    method, mask_of = PATTERNS[pattern]
+    method, mask_of = (IMAGE_PATTERNS if len(case.latent) == 4 else PATTERNS)[pattern]
     mask = mask_of(case.grid())
     assert not mask.all()  # a real pattern on this grid, not dense
     calls = []
@@ -187,3 +191,27 @@ def test_an_uncovered_model_is_a_one_line_error(models):
         patch_model(models("wan21-t2v"), dit_accel.Tile(), backend="cuda")
     with pytest.raises(ValueError, match="dense_above_sigma=-1 is invalid"):
         patch_model(models("wan21-t2v"), dit_accel.Tile(), dense_above_sigma=-1)
+
+
+def test_a_call_that_does_not_match_the_grid_runs_comfyuis_attention_and_says_so(comfy, models, caplog):
+    case, model = CASES["wan21-t2v"], models("wan21-t2v")
+    extra = torch.randn(1, 16, 1, 8, 8, generator=torch.Generator().manual_seed(7))
+    cond = case.cond()
+    cond[0][1]["time_dim_concat"] = extra  # Wan appends these frames inside the model: 16 tokens the grid lacks
+
+    def run(patcher):
+        noise = torch.randn(case.latent, generator=torch.Generator().manual_seed(5))
+        return comfy.sample.sample(patcher, noise, 2, 1.0, "euler", "simple", cond, cond, torch.zeros(case.latent),
+                                   seed=0, disable_pbar=True)
+
+    with caplog.at_level(logging.INFO, logger="dit_accel.comfyui"):
+        out = run(patch_model(model, PATTERNS["tile"][0]))
+    assert "does not match the token grid (3, 4, 4)" in caplog.text and "64 queries" in caplog.text
+    assert "2 layers dense (call does not match the grid)" in caplog.text  # never reported as sparse
+    assert torch.equal(out, run(model))
+
+
+def test_a_video_method_on_an_image_model_is_a_one_line_error(comfy, models):
+    with pytest.raises(ValueError, match="Radial attention needs a video token grid") as err:
+        sample(comfy, patch_model(models("flux"), dit_accel.Radial()), CASES["flux"])
+    assert "\n" not in str(err.value)
