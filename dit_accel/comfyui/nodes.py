@@ -18,7 +18,7 @@ from ..methods import CliOption, method_from_name, registered_methods
 from ..pipelines.apply_checks import BACKENDS
 from .families import FAMILIES
 
-__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "CATEGORY", "node_for", "PlanNode"]
+__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "CATEGORY", "node_for", "PlanNode", "FinetunedNode"]
 
 CATEGORY = "dit_accel"
 CUSTOM = "custom"  # the widgets below, not a preset
@@ -187,6 +187,39 @@ class PlanNode:
         return (patch_model(model, plan, backend=backend, allow_other_grid=bool(allow_other_grid)),)
 
 
+class FinetunedNode:
+    """A ``dit-accel finetune`` output folder on a ComfyUI MODEL: its method (or plan), LoRA and SLA projections."""
+
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("MODEL",)
+    FUNCTION = "patch"
+    DESCRIPTION = ("dit_accel fine-tuned weights: the method the folder was trained with, its LoRA (as ComfyUI "
+                   "weight patches) and its SLA projections (Wan)")
+
+    @classmethod
+    def INPUT_TYPES(cls):  # noqa: N802
+        return {"required": {
+            "model": ("MODEL",),
+            "weights_path": ("STRING", {"default": "", "tooltip": "a dit-accel finetune output folder"}),
+            "lora_strength": ("FLOAT", {"default": 1.0, "min": -10.0, "max": 10.0, "step": 0.01,
+                                        "tooltip": "the LoRA's strength (1: as trained)"}),
+            "allow_other_grid": ("BOOLEAN", {"default": False, "tooltip": "for a plan: run on a token grid it was "
+                                                                          "not calibrated for (with a warning)"}),
+            "backend": _COMMON["backend"],
+        }}
+
+    def patch(self, model, weights_path: str, lora_strength: float = 1.0, allow_other_grid: bool = False,
+              backend: str = "auto"):
+        from ..weights import load_method
+        from .patch import patch_model
+
+        folder = str(weights_path).strip()
+        if not folder:
+            raise ValueError("dit_accel: widget weights_path is empty: give a dit-accel finetune output folder")
+        return (patch_model(model, load_method(folder), backend=backend, allow_other_grid=bool(allow_other_grid),
+                            weights=folder, lora_strength=lora_strength),)
+
+
 def _mappings() -> Tuple[Dict[str, type], Dict[str, str]]:
     classes, names = {}, {}
     for name, entry in registered_methods().items():
@@ -195,6 +228,8 @@ def _mappings() -> Tuple[Dict[str, type], Dict[str, str]]:
         names[node.__name__] = f"dit_accel {entry.cls.__name__}"
     classes["DitAccelPlan"] = PlanNode
     names["DitAccelPlan"] = "dit_accel plan (calibrated)"
+    classes["DitAccelFinetuned"] = FinetunedNode
+    names["DitAccelFinetuned"] = "dit_accel fine-tuned weights"
     return classes, names
 
 

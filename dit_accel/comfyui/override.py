@@ -133,6 +133,7 @@ class Patch:
         self.layer_of = {id(m): i for i, m in enumerate(layers)}
         self.num_layers = len(layers)
         self.plans = PlanCache()
+        self.projections: Dict[int, torch.nn.Module] = {}  # layer -> SLA projection (fine-tuned weights)
         self.report = Report(self.model_name)
         self._model = model
         self._call: contextvars.ContextVar = contextvars.ContextVar(f"dit_accel_comfyui_{id(self)}", default=None)
@@ -190,6 +191,13 @@ class Patch:
 
     def current(self) -> Optional[CallState]:
         return self._call.get()
+
+    def projection(self, layer: int, like: torch.Tensor):
+        """The layer's SLA projection on ``like``'s device and dtype (moved once), or None."""
+        proj = self.projections.get(layer)
+        if proj is not None and (proj.weight.device != like.device or proj.weight.dtype != like.dtype):
+            proj.to(device=like.device, dtype=like.dtype)
+        return proj
 
 
 class AttentionOverride:
@@ -254,7 +262,7 @@ class AttentionOverride:
                         patch.model_name, layer, s, k.shape[2], type(call.get("mask")).__name__, state.grid, n)
             return None
         out, density = plan.run(q, k, v, num_text=num_text, text_first=position == "first", key_mask=key_mask,
-                                backend=patch.backend)
+                                backend=patch.backend, proj=patch.projection(layer, q))
         patch.report.sparse(layer, plan.method, density, plan.backend_for(q, k, v, patch.backend), plan.token_density)
         if call.get("skip_output_reshape"):
             return out

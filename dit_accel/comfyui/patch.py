@@ -83,7 +83,7 @@ def _call_check(method: Method, allow_other_grid: bool):
 def patch_model(model, method: Union[Method, SparsePlan], *, dense_steps: int = 0, dense_last_steps: int = 0,
                 dense_above_sigma: Optional[float] = None, dense_layers: Union[int, Sequence[int], None] = None,
                 layer_methods: Optional[Dict[int, Method]] = None, backend: str = "auto",
-                allow_other_grid: bool = False):
+                allow_other_grid: bool = False, weights=None, lora_strength: float = 1.0):
     """A clone of the ComfyUI ``model`` whose video self-attention runs ``method``; ``model`` itself is unchanged.
 
     The clone carries a ``diffusion_model`` wrapper (token grid from the latent and the model's patch size,
@@ -105,6 +105,9 @@ def patch_model(model, method: Union[Method, SparsePlan], *, dense_steps: int = 
         layer_methods: ``{layer index: Method}`` overrides of ``method`` per layer.
         backend: kernel backend, ``"auto"``, ``"triton"``, ``"torch"`` or ``"flex"``.
         allow_other_grid: run a SparsePlan on a token grid it was not calibrated for (with a warning).
+        weights: a ``dit-accel finetune`` output folder (Wan): its LoRA becomes ComfyUI weight patches of the
+            clone (at ``lora_strength``), its SLA projections the layers' projections. ``method`` should be the
+            folder's own (``dit_accel.training.load_method(DIR)``); another one is run with a warning.
 
     Raises:
         TypeError / ValueError (one line): not a ComfyUI model, a model class no family covers (naming it and
@@ -138,6 +141,8 @@ def patch_model(model, method: Union[Method, SparsePlan], *, dense_steps: int = 
         method.check_model(family.diffusers_class, [_heads(m) for m in layers])
     patch = Patch(family, inner, layers, schedule, backend, dense_above_sigma, _call_check(method, allow_other_grid))
     clone = model.clone()
+    if weights is not None:
+        _load_weights(clone, patch, weights, method, lora_strength, layers)
     options = clone.model_options.setdefault("transformer_options", {})
     options["optimized_attention_override"] = AttentionOverride(patch, options.get("optimized_attention_override"))
     clone.add_wrapper_with_key(_diffusion_wrappers(), WRAPPER_KEY, patch.wrapper)
@@ -145,6 +150,26 @@ def patch_model(model, method: Union[Method, SparsePlan], *, dense_steps: int = 
              len(layers), getattr(method, "summary_line", lambda: repr(method))(), backend,
              _options_text(schedule, dense_above_sigma))
     return clone
+
+
+def _load_weights(clone, patch: Patch, folder, method: Method, strength, layers) -> None:
+    """The folder's SLA projections into ``patch``, its LoRA onto ``clone`` (both new objects: the model given
+    to patch_model keeps its weights and patches)."""
+    from ..weights import method_from_dict
+    from .weights import check_folder, lora_patches, sla_projections
+
+    if isinstance(strength, bool) or not isinstance(strength, (int, float)):
+        raise ValueError(f"lora_strength={strength!r} is invalid: a number (1.0: as trained)")
+    info = check_folder(folder, patch.family)
+    saved = method_from_dict(info["method"])
+    if saved != method:
+        LOG.warning("dit_accel: %s was trained with %r; running %r with its weights", folder, saved, method)
+    patch.projections = sla_projections(folder, info, layers)
+    patches = lora_patches(clone, folder, info)
+    if patches:
+        clone.add_patches(patches, float(strength))
+    LOG.info("dit_accel: loaded %s: %d LoRA weight patches, %d SLA projections", folder, len(patches),
+             len(patch.projections))
 
 
 def _options_text(schedule, dense_above_sigma) -> str:
