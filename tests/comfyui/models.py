@@ -92,12 +92,14 @@ def build(comfy, case: Case, seed: int = 0):
     return comfy.model_patcher.ModelPatcher(model, load_device=cpu, offload_device=cpu)
 
 
-def sample(comfy, patcher, case: Case, steps: int = 2, sampler: str = "euler", latent=None):
-    """ComfyUI's own sampling (comfy.sample.sample), a fixed noise, cfg 1 (one model call per step)."""
+def sample(comfy, patcher, case: Case, steps: int = 2, sampler: str = "euler", latent=None, cfg: float = 1.0):
+    """ComfyUI's own sampling (comfy.sample.sample), a fixed noise; cfg 1 makes one model call per step, a higher
+    cfg batches the positive and negative conditioning into one call of batch 2."""
     shape = latent or case.latent
     noise = torch.randn(shape, generator=torch.Generator().manual_seed(5))
     cond = case.cond()
-    return comfy.sample.sample(patcher, noise, steps, 1.0, sampler, "simple", cond, cond, torch.zeros(shape),
+    negative = [[torch.flip(c, dims=(1,)), extra] for c, extra in cond]  # same length, other text
+    return comfy.sample.sample(patcher, noise, steps, cfg, sampler, "simple", cond, negative, torch.zeros(shape),
                                seed=0, disable_pbar=True)
 
 

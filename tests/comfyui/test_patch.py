@@ -74,6 +74,24 @@ def test_a_pattern_equals_the_masked_dense_reference(comfy, models, family, patt
     torch.testing.assert_close(out, reference, rtol=1e-5, atol=1e-5)  # ... exactly as the reference does
 
 
+@pytest.mark.parametrize("family", ["wan21-t2v", "flux"])  # (ComfyUI's HunyuanVideo masks text of batch 1 only)
+def test_classifier_free_guidance_batches_cond_and_uncond_through_the_same_path(comfy, models, family, monkeypatch):
+    case, model = CASES[family], models(family)
+    method, mask_of = (IMAGE_PATTERNS if len(case.latent) == 4 else PATTERNS)["tile"]
+    batches = []
+    run = dit_accel.plans.Plan.run
+
+    def counted(self, q, *args, **kwargs):  # the one execution path of the Diffusers hooks and the fidelity bench
+        batches.append(q.shape[0])
+        return run(self, q, *args, **kwargs)
+
+    monkeypatch.setattr(dit_accel.plans.Plan, "run", counted)
+    reference = sample(comfy, with_override(model, masked_reference(mask_of(case.grid()), case.text)), case, cfg=3.0)
+    out = sample(comfy, patch_model(model, method, backend="torch"), case, cfg=3.0)
+    assert batches == [2] * 4  # 2 layers x 2 steps, cond and uncond in one call
+    torch.testing.assert_close(out, reference, rtol=1e-5, atol=1e-5)
+
+
 def test_radial_equals_the_masked_dense_reference_on_a_longer_wan_clip(comfy, models):
     case, model = CASES["wan21-t2v"], models("wan21-t2v")
     latent = (1, 16, 8, 16, 16)  # grid (8, 8, 8): 64-token frames, so far frame pairs get bands
@@ -215,3 +233,13 @@ def test_a_video_method_on_an_image_model_is_a_one_line_error(comfy, models):
     with pytest.raises(ValueError, match="Radial attention needs a video token grid") as err:
         sample(comfy, patch_model(models("flux"), dit_accel.Radial()), CASES["flux"])
     assert "\n" not in str(err.value)
+
+
+def test_the_triton_kernel_runs_through_the_node(comfy, models):
+    case, model = CASES["wan21-t2v"], models("wan21-t2v")
+    method, mask_of = PATTERNS["gna"]
+    reference = sample(comfy, with_override(model, masked_reference(mask_of(case.grid()), case.text)), case)
+    patched = patch_model(model, method, backend="triton")
+    out = sample(comfy, patched, case)
+    assert "backend triton" in _override(patched).patch.report.lines[-1]
+    torch.testing.assert_close(out, reference, rtol=1e-4, atol=1e-4)  # (Triton's interpreter on CPUs, fp32)
