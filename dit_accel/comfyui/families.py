@@ -9,7 +9,8 @@ Its ``diffusers_class`` is the Diffusers transformer of the same model: the publ
 
 Token layout, checked against ComfyUI's code: Wan patchifies with a Conv3d and ``flatten(2)``, LTX-Video with
 ``b c (f p1) (h p2) (w p3) -> b (f h w) ...``, HunyuanVideo with a Conv3d patch embed and ``flatten(2)``: all
-frame-major, then row, then column, the order of METHODS.md; FLUX with ``b c (h ph) (w pw) -> b (h w) ...``.
+frame-major, then row, then column, the order of METHODS.md, and so is Cosmos Predict2's
+``b t h w d -> b (t h w) d``; FLUX with ``b c (h ph) (w pw) -> b (h w) ...``.
 """
 
 from __future__ import annotations
@@ -55,6 +56,10 @@ def _ltxv_grid(model: nn.Module, x) -> Tuple[int, ...]:
     return _patched_grid(x.shape, model.patchifier._patch_size)  # (1, p, p): its only record of the patch
 
 
+def _cosmos_grid(model: nn.Module, x) -> Tuple[int, ...]:
+    return _patched_grid(x.shape, (model.patch_temporal, model.patch_spatial, model.patch_spatial))
+
+
 @dataclass(frozen=True)
 class Family:
     """One ComfyUI model family.
@@ -86,6 +91,8 @@ FAMILIES: Tuple[Family, ...] = (
     Family("HunyuanVideo", ("HunyuanVideo",), "HunyuanVideoTransformer3DModel", "last", _hunyuan_layers,
            _hunyuan_grid, "HunyuanVideo T2V and I2V: double blocks then single blocks, [video, text] with padded "
            "text masked"),
+    Family("Cosmos", ("MiniTrainDIT",), "CosmosTransformer3DModel", "none", _wan_layers, _cosmos_grid,
+           "Cosmos Predict2 (text/image to image and video): blocks.*.self_attn over video only"),
     Family("FLUX", ("Flux",), "FluxTransformer2DModel", "first", _hunyuan_layers, _hunyuan_grid,
            "FLUX.1 dev and schnell (image): double blocks then single blocks, [text, image]"),
     Family("LTX-Video", ("LTXVModel",), "LTXVideoTransformer3DModel", "none", _ltxv_layers, _ltxv_grid,

@@ -16,11 +16,12 @@ Two pieces, both owned by one :class:`Patch` (one ``patch_model`` call):
 
 from __future__ import annotations
 
+import collections
 import contextvars
 import logging
 import sys
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
+from typing import Deque, Dict, List, Optional, Tuple
 
 import torch
 
@@ -85,7 +86,7 @@ class Report:
         self.model_name = model_name
         self.calls: Dict[int, tuple] = {}  # layer -> (method name, density, backend) or ("dense", reason, None)
         self.last_line: Optional[tuple] = None
-        self.lines: List[str] = []
+        self.lines: Deque[str] = collections.deque(maxlen=1000)  # the latest model calls (a long session is bounded)
 
     def sparse(self, layer: int, method, density, backend: str, token_density: Optional[float] = None) -> None:
         self.calls[layer] = (method, density, backend, token_density)

@@ -21,6 +21,10 @@ HUNYUAN = dict(image_model="hunyuan_video", in_channels=16, out_channels=16, vec
 FLUX = dict(image_model="flux", in_channels=16, out_channels=16, vec_in_dim=8, context_in_dim=32, hidden_size=64,
             mlp_ratio=2.0, num_heads=2, depth=1, depth_single_blocks=1, axes_dim=[8, 12, 12], theta=256, patch_size=2,
             qkv_bias=True, guidance_embed=False)
+COSMOS = dict(image_model="cosmos_predict2", max_img_h=240, max_img_w=240, max_frames=128, in_channels=16,
+              out_channels=16, patch_spatial=2, patch_temporal=1, model_channels=64, num_blocks=2, num_heads=2,
+              crossattn_emb_channels=32, pos_emb_cls="rope3d", use_adaln_lora=True, adaln_lora_dim=16,
+              concat_padding_mask=True, extra_per_block_abs_pos_emb=False)
 LTXV = dict(image_model="ltxv", in_channels=128, cross_attention_dim=64, attention_head_dim=32, num_attention_heads=2,
             caption_channels=32, num_layers=2)
 
@@ -64,6 +68,10 @@ def _flux_cond():
     return [[torch.randn(1, 6, 32, generator=g), {"pooled_output": torch.randn(1, 8, generator=g)}]]
 
 
+def _cosmos_cond():
+    return [[torch.randn(1, 6, 32, generator=torch.Generator().manual_seed(8)), {}]]
+
+
 def _ltxv_cond():
     return [[torch.randn(1, 6, 32, generator=torch.Generator().manual_seed(4)), {"attention_mask": torch.ones(1, 6)}]]
 
@@ -74,6 +82,7 @@ CASES = {
                       _wan_i2v_cond),
     "wan22-ti2v": Case("wan22-ti2v", "WAN22_T2V", dict(WAN, in_dim=48, out_dim=48), (1, 48, 3, 8, 8), _wan_cond),
     "hunyuan-video": Case("hunyuan-video", "HunyuanVideo", HUNYUAN, (1, 16, 3, 8, 8), _hunyuan_cond, text="last"),
+    "cosmos-predict2": Case("cosmos-predict2", "CosmosT2IPredict2", COSMOS, (1, 16, 3, 8, 8), _cosmos_cond),
     "flux": Case("flux", "FluxSchnell", FLUX, (1, 16, 8, 10), _flux_cond, text="first", patch=(2, 2)),
     "ltx-video": Case("ltx-video", "LTXV", LTXV, (1, 128, 3, 4, 4), _ltxv_cond, patch=(1, 1, 1)),
 }
