@@ -38,6 +38,14 @@ def snapshot() -> Optional[Path]:
     return None
 
 
+def missing() -> str:
+    """Why :func:`snapshot` found none (the skip reason)."""
+    if os.environ.get(ENV):
+        return f"${ENV}={os.environ[ENV]} has no comfy/ folder: point it at a ComfyUI checkout"
+    return (f"no ComfyUI snapshot: ${ENV} is unset and there is no shared/comfyui/ComfyUI beside or above the "
+            f"repository {ROOT} (CI lays it at ../shared/comfyui/ComfyUI)")
+
+
 def _torchvision_loads() -> bool:
     try:
         importlib.import_module("torchvision")

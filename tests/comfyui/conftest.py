@@ -2,13 +2,12 @@
 
 import pytest
 
-from tests.comfyui.comfy_env import ENV, import_comfy, snapshot
+from tests.comfyui.comfy_env import import_comfy, missing, snapshot
 
 
 @pytest.fixture(scope="session")
 def comfy():
     path = snapshot()
     if path is None:
-        pytest.skip(f"no ComfyUI snapshot: neither ${ENV} nor shared/comfyui/ComfyUI beside or above the repository "
-                    "(CI lays it at ../shared/comfyui/ComfyUI)")
+        pytest.skip(missing())
     return import_comfy(path)
