@@ -72,6 +72,12 @@ def _cosmos_cond():
     return [[torch.randn(1, 6, 32, generator=torch.Generator().manual_seed(8)), {}]]
 
 
+def _hunyuan_i2v_cond():
+    cond = _hunyuan_cond()
+    cond[0][1]["concat_latent_image"] = torch.randn(1, 16, 3, 8, 8, generator=torch.Generator().manual_seed(9))
+    return cond
+
+
 def _ltxv_cond():
     return [[torch.randn(1, 6, 32, generator=torch.Generator().manual_seed(4)), {"attention_mask": torch.ones(1, 6)}]]
 
@@ -82,6 +88,8 @@ CASES = {
                       _wan_i2v_cond),
     "wan22-ti2v": Case("wan22-ti2v", "WAN22_T2V", dict(WAN, in_dim=48, out_dim=48), (1, 48, 3, 8, 8), _wan_cond),
     "hunyuan-video": Case("hunyuan-video", "HunyuanVideo", HUNYUAN, (1, 16, 3, 8, 8), _hunyuan_cond, text="last"),
+    "hunyuan-video-i2v": Case("hunyuan-video-i2v", "HunyuanVideoI2V", dict(HUNYUAN, in_channels=33),
+                              (1, 16, 3, 8, 8), _hunyuan_i2v_cond, text="last"),
     "cosmos-predict2": Case("cosmos-predict2", "CosmosT2IPredict2", COSMOS, (1, 16, 3, 8, 8), _cosmos_cond),
     "flux": Case("flux", "FluxSchnell", FLUX, (1, 16, 8, 10), _flux_cond, text="first", patch=(2, 2)),
     "ltx-video": Case("ltx-video", "LTXV", LTXV, (1, 128, 3, 4, 4), _ltxv_cond, patch=(1, 1, 1)),
