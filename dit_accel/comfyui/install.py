@@ -1,0 +1,56 @@
+"""``python -m dit_accel.comfyui install /path/to/ComfyUI``: the one install step of the node pack.
+
+It writes ``custom_nodes/dit_accel/__init__.py`` into that ComfyUI folder: a file that only imports the nodes
+from the installed ``dit_accel`` package (install dit_accel into ComfyUI's Python environment first), so
+upgrading dit_accel upgrades the nodes and nothing is copied.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+from ..atomic_files import atomic_write_text
+
+__all__ = ["SHIM", "install", "main"]
+
+MARKER = "# Written by `python -m dit_accel.comfyui install`"
+SHIM = f'''{MARKER}: ComfyUI loads dit_accel's nodes from the installed dit_accel
+# package (pip install dit-accel into ComfyUI's Python environment). Run the command again to rewrite this file.
+from dit_accel.comfyui import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
+
+__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]
+'''
+
+
+def install(comfyui: Path) -> Path:
+    """Write the shim into ``comfyui``'s ``custom_nodes``; the file written. ValueError (one line) for a folder
+    that is not ComfyUI, or a ``custom_nodes/dit_accel/__init__.py`` this command did not write."""
+    root = Path(comfyui).expanduser()
+    if not (root / "custom_nodes").is_dir() or not (root / "comfy").is_dir():
+        raise ValueError(f"{root} is not a ComfyUI folder (it has no comfy/ and custom_nodes/ folders): give the "
+                         "folder of ComfyUI's main.py")
+    target = root / "custom_nodes" / "dit_accel" / "__init__.py"
+    if target.exists() and not target.read_text(encoding="utf-8", errors="replace").startswith(MARKER):
+        raise ValueError(f"{target} exists and was not written by this command: move that folder away first (it "
+                         "is another node pack named dit_accel)")
+    target.parent.mkdir(exist_ok=True)
+    return atomic_write_text(target, SHIM)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m dit_accel.comfyui",
+                                     description="Install dit_accel's ComfyUI nodes (docs/comfyui.md).")
+    sub = parser.add_subparsers(dest="command", required=True)
+    cmd = sub.add_parser("install", help="write custom_nodes/dit_accel/__init__.py into a ComfyUI folder")
+    cmd.add_argument("comfyui", type=Path, help="the ComfyUI folder (where main.py is)")
+    args = parser.parse_args(argv)
+    try:
+        written = install(args.comfyui)
+    except (ValueError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"wrote {written}: restart ComfyUI and the dit_accel nodes are under the dit_accel category")
+    return 0

@@ -1,0 +1,236 @@
+"""The ComfyUI nodes: one per registered method (its config fields as widgets, its published settings as
+presets) and one for a calibrated plan file. Each takes a MODEL and returns the patched clone
+(:func:`~.patch.patch_model`). Built from the method registry, so a registered method gets its node too.
+
+Widgets, per config field's CLI metadata: ``ints`` and ``int_list`` fields are text (``6,8,8``; ``none``), ints
+and floats are numbers, fields with choices are lists, flags are booleans; a field whose default is None is
+text, empty for the default. Errors are one line (ComfyUI shows them on the node).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from typing import Dict, Tuple
+
+from ..cli.options import int_list, int_tuple
+from ..methods import CliOption, method_from_name, registered_methods
+from ..pipelines.apply_checks import BACKENDS
+from .families import FAMILIES
+
+__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "CATEGORY", "node_for", "PlanNode", "FinetunedNode"]
+
+CATEGORY = "dit_accel"
+CUSTOM = "custom"  # the widgets below, not a preset
+
+# The options every node has besides its method's fields: patch_model's keyword arguments.
+_COMMON = {
+    "dense_steps": ("INT", {"default": 0, "min": 0, "max": 10000,
+                            "tooltip": "run the first N sampling steps dense"}),
+    "dense_last_steps": ("INT", {"default": 0, "min": 0, "max": 10000,
+                                 "tooltip": "run the last N sampling steps dense"}),
+    "dense_above_sigma": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1e6, "step": 0.01,
+                                    "tooltip": "run dense while the sampler's sigma is above this (0: off)"}),
+    "dense_layers": ("STRING", {"default": "", "tooltip": "N: the first N self-attention layers dense; 0,5,7: "
+                                                        "those layers; empty: none"}),
+    "backend": (list(BACKENDS), {"default": "auto", "tooltip": "kernel backend (auto picks per call)"}),
+}
+
+
+def _text(value) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, (tuple, list)):
+        return ",".join(str(v) for v in value) if value else "none"
+    return str(value)
+
+
+def _widget(field: dataclasses.Field, opt: CliOption):
+    """The ComfyUI input spec of one config field."""
+    tip = {"tooltip": opt.help}
+    default = field.default
+    if opt.choices:
+        return ([str(c) for c in opt.choices], {"default": str(default), **tip})
+    if opt.parse == "flag":
+        return ("BOOLEAN", {"default": bool(default), **tip})
+    if opt.parse == "int" and default is not None:
+        return ("INT", {"default": int(default), "min": 0, "max": 1 << 20, **tip})
+    if opt.parse == "float" and default is not None:
+        return ("FLOAT", {"default": float(default), "min": 0.0, "max": 1e6, "step": 0.001, **tip})
+    return ("STRING", {"default": _text(default), **tip})
+
+
+def _value(name: str, field: dataclasses.Field, opt: CliOption, value):
+    """A widget's value as the config field takes it; ValueError naming the widget."""
+    if opt.choices:
+        match = [c for c in opt.choices if str(c) == str(value)]
+        if not match:
+            raise ValueError(f"dit_accel: widget {name}={value!r} is invalid: choose one of "
+                             f"{', '.join(map(str, opt.choices))}")
+        return match[0]
+    if not isinstance(value, str):
+        return value
+    text = value.strip()
+    if text == "" and field.default is None:
+        return None
+    try:
+        if opt.parse == "ints":
+            return int_tuple(text)
+        if opt.parse == "int_list":
+            return int_list(text)
+        if opt.parse == "int":
+            return int(text)
+        if opt.parse == "float":
+            return float(text)
+    except (ValueError, argparse.ArgumentTypeError):
+        raise ValueError(f"dit_accel: widget {name}={value!r} is invalid: {opt.help} (e.g. "
+                         f"{_text(field.default) or '6,8,8'})") from None
+    return text
+
+
+def _layers(text: str):
+    text = (text or "").strip()
+    if not text:
+        return None
+    try:
+        value = int_list(text)
+    except argparse.ArgumentTypeError:
+        raise ValueError(f"dit_accel: widget dense_layers={text!r} is invalid: N (the first N layers), a list "
+                         "like 0,5,7, or empty") from None
+    return value[0] if len(value) == 1 and "," not in text else list(value)
+
+
+def _options(widgets: dict) -> dict:
+    """patch_model's keyword arguments from the common widgets."""
+    sigma = float(widgets.get("dense_above_sigma", 0.0) or 0.0)
+    return dict(dense_steps=int(widgets.get("dense_steps", 0)), dense_last_steps=int(widgets.get("dense_last_steps", 0)),
+                dense_above_sigma=sigma if sigma > 0 else None, dense_layers=_layers(widgets.get("dense_layers", "")),
+                backend=widgets.get("backend", "auto"))
+
+
+def published(method_name: str) -> Dict[str, object]:
+    """``{preset label: Published}``: the settings the method's authors published for the covered families."""
+    from ..pipelines.presets import PRESETS
+
+    out = {}
+    for family in FAMILIES:
+        preset = PRESETS.get(family.diffusers_class)
+        for entry in getattr(preset, "published", ()):
+            if entry.method == method_name:
+                values = ", ".join(f"{k}={_text(v)}" for k, v in {**entry.config, **entry.apply}.items())
+                out[f"{entry.family}: {values} ({entry.shape})"] = entry
+    return out
+
+
+def node_for(name: str, cls: type, summary: str) -> type:
+    """The node class of one registered method."""
+    fields = {f.name: f for f in dataclasses.fields(cls) if "cli" in f.metadata}
+    presets = published(name)
+
+    def INPUT_TYPES(_cls):  # noqa: N802 (ComfyUI's name)
+        required = {"model": ("MODEL",)}
+        if presets:
+            required["preset"] = ([CUSTOM, *presets], {"default": CUSTOM, "tooltip": "a published setting: it sets "
+                                                       "the method's widgets and the dense steps/layers it names"})
+        required.update({f: _widget(fields[f], fields[f].metadata["cli"]) for f in fields})
+        required.update(_COMMON)
+        return {"required": required}
+
+    def patch(self, model, preset: str = CUSTOM, **widgets):
+        from .patch import patch_model
+
+        options = _options(widgets)
+        if preset != CUSTOM:
+            if preset not in presets:
+                raise ValueError(f"dit_accel: preset {preset!r} is not one of this node's: {', '.join(presets)}")
+            method, published_options = presets[preset].build()
+            options.update(published_options)
+        else:
+            config = {f: _value(f, fields[f], fields[f].metadata["cli"], widgets[f]) for f in fields if f in widgets}
+            method = method_from_name(name, **{k: v for k, v in config.items() if v is not None})
+        return (patch_model(model, method, **options),)
+
+    return type(f"DitAccel{cls.__name__}", (), {
+        "INPUT_TYPES": classmethod(INPUT_TYPES), "RETURN_TYPES": ("MODEL",), "FUNCTION": "patch",
+        "CATEGORY": CATEGORY, "DESCRIPTION": f"dit_accel {cls.__name__}: {summary}. Video self-attention of "
+        "Wan, HunyuanVideo and LTX-Video; everything else runs ComfyUI's own attention.", "patch": patch,
+        "__module__": __name__, "__doc__": f"dit_accel {cls.__name__} ({summary}) on a ComfyUI MODEL."})
+
+
+class PlanNode:
+    """A calibrated plan (``dit-accel calibrate``'s JSON) on a ComfyUI MODEL."""
+
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("MODEL",)
+    FUNCTION = "patch"
+    DESCRIPTION = ("dit_accel plan: a method per sampling step, layer and head, from `dit-accel calibrate`; "
+                   "checked against the model, its token grid and the number of steps")
+
+    @classmethod
+    def INPUT_TYPES(cls):  # noqa: N802
+        return {"required": {
+            "model": ("MODEL",),
+            "plan_path": ("STRING", {"default": "", "tooltip": "path of a plan JSON (dit-accel calibrate --out)"}),
+            "allow_other_grid": ("BOOLEAN", {"default": False, "tooltip": "run on a token grid the plan was not "
+                                                                          "calibrated for (with a warning)"}),
+            "backend": _COMMON["backend"],
+        }}
+
+    def patch(self, model, plan_path: str, allow_other_grid: bool = False, backend: str = "auto"):
+        from ..sparse_plan import SparsePlan
+        from .patch import patch_model
+
+        if not str(plan_path).strip():
+            raise ValueError("dit_accel: widget plan_path is empty: give the path of a plan JSON written by "
+                             "dit-accel calibrate")
+        plan = SparsePlan.load(str(plan_path).strip())
+        return (patch_model(model, plan, backend=backend, allow_other_grid=bool(allow_other_grid)),)
+
+
+class FinetunedNode:
+    """A ``dit-accel finetune`` output folder on a ComfyUI MODEL: its method (or plan), LoRA and SLA projections."""
+
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("MODEL",)
+    FUNCTION = "patch"
+    DESCRIPTION = ("dit_accel fine-tuned weights: the method the folder was trained with, its LoRA (as ComfyUI "
+                   "weight patches) and its SLA projections (Wan)")
+
+    @classmethod
+    def INPUT_TYPES(cls):  # noqa: N802
+        return {"required": {
+            "model": ("MODEL",),
+            "weights_path": ("STRING", {"default": "", "tooltip": "a dit-accel finetune output folder"}),
+            "lora_strength": ("FLOAT", {"default": 1.0, "min": -10.0, "max": 10.0, "step": 0.01,
+                                        "tooltip": "the LoRA's strength (1: as trained)"}),
+            "allow_other_grid": ("BOOLEAN", {"default": False, "tooltip": "for a plan: run on a token grid it was "
+                                                                          "not calibrated for (with a warning)"}),
+            "backend": _COMMON["backend"],
+        }}
+
+    def patch(self, model, weights_path: str, lora_strength: float = 1.0, allow_other_grid: bool = False,
+              backend: str = "auto"):
+        from ..weights import load_method
+        from .patch import patch_model
+
+        folder = str(weights_path).strip()
+        if not folder:
+            raise ValueError("dit_accel: widget weights_path is empty: give a dit-accel finetune output folder")
+        return (patch_model(model, load_method(folder), backend=backend, allow_other_grid=bool(allow_other_grid),
+                            weights=folder, lora_strength=lora_strength),)
+
+
+def _mappings() -> Tuple[Dict[str, type], Dict[str, str]]:
+    classes, names = {}, {}
+    for name, entry in registered_methods().items():
+        node = node_for(name, entry.cls, entry.summary)
+        classes[node.__name__] = node
+        names[node.__name__] = f"dit_accel {entry.cls.__name__}"
+    classes["DitAccelPlan"] = PlanNode
+    names["DitAccelPlan"] = "dit_accel plan (calibrated)"
+    classes["DitAccelFinetuned"] = FinetunedNode
+    names["DitAccelFinetuned"] = "dit_accel fine-tuned weights"
+    return classes, names
+
+
+NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS = _mappings()

@@ -1,0 +1,288 @@
+"""ComfyUI's attention calls turned into the plan calls of the Diffusers path.
+
+Two pieces, both owned by one :class:`Patch` (one ``patch_model`` call):
+
+- :meth:`Patch.wrapper`, a ComfyUI ``diffusion_model`` wrapper: per model call it reads the token grid from the
+  latent and the denoising step from ``transformer_options`` (``sample_sigmas``, ``sigmas``), checks a
+  :class:`~dit_accel.SparsePlan` against them, and keeps them for the calls below (a context variable: threads
+  and nested calls never see each other's);
+- :class:`AttentionOverride`, set as ``transformer_options["optimized_attention_override"]``: a call made by one
+  of the family's self-attention modules (found on the caller's stack: the override receives no module) runs
+  ``Plan.run`` of the layer's method for this step, the same plans (``method.plan(grid)``), kernels and
+  self-checks as ``dit_accel.apply``. Every other call (cross-attention, the text refiner, dense steps and
+  layers, calls that do not match the grid) goes to the override that was set before, or to ComfyUI's own
+  attention.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextvars
+import logging
+import sys
+from dataclasses import dataclass
+from typing import Deque, Dict, List, Optional, Tuple
+
+import torch
+
+from ..pipelines.processor import PlanCache
+from ..pipelines.schedule import Schedule
+from .families import Family
+
+__all__ = ["Patch", "AttentionOverride", "CallState"]
+
+LOG = logging.getLogger("dit_accel.comfyui")
+
+# optimized_attention(q, k, v, heads, mask=None, attn_precision=None, skip_reshape=False, skip_output_reshape=False)
+_ARGS = ("q", "k", "v", "heads", "mask", "attn_precision", "skip_reshape", "skip_output_reshape")
+
+# Frames between the override and the module that made the call: ComfyUI's wrap_attn wrapper, then at most a
+# helper such as comfy.ldm.flux.math.attention (HunyuanVideo's blocks) before the module's forward.
+_STACK_DEPTH = 6
+
+
+@dataclass(frozen=True)
+class CallState:
+    """What one diffusion-model call knows: its token grid, and its step ``(step, total)`` and sigma if sampled."""
+
+    grid: Tuple[int, ...]
+    step: Optional[int]
+    total: Optional[int]
+    sigma: Optional[float]
+
+    @property
+    def num_video(self) -> int:
+        n = 1
+        for g in self.grid:
+            n *= g
+        return n
+
+
+def _step_of(transformer_options: dict) -> Tuple[Optional[int], Optional[int], Optional[float]]:
+    """``(step, total, sigma)`` of a sampler's model call; Nones outside a sampler.
+
+    ComfyUI's samplers put the schedule (``sample_sigmas``, falling, its last entry where sampling ends) and the
+    call's sigma (``sigmas``) in ``transformer_options``. Step ``i`` is the call at ``sample_sigmas[i]``; a call
+    between two entries (a second-order sampler's inner evaluations) belongs to the step whose interval holds it.
+    """
+    sigma = transformer_options.get("sigmas")
+    if not isinstance(sigma, torch.Tensor) or sigma.numel() == 0:
+        return None, None, None
+    value = float(sigma.reshape(-1)[0])  # one host sync per model call, not per attention call
+    sigmas = transformer_options.get("sample_sigmas")
+    if not isinstance(sigmas, torch.Tensor) or sigmas.numel() < 2:
+        return None, None, value
+    sigmas = sigmas.detach().reshape(-1).double().cpu()
+    total = sigmas.numel() - 1
+    at_or_above = (sigmas[:total] >= value * (1 - 1e-4)).nonzero()
+    return (int(at_or_above[-1, 0]) if at_or_above.numel() else 0), total, value
+
+
+class Report:
+    """What ran, per diffusion-model call: logged when it changes (method, density, backend), kept for
+    :meth:`Patch.summary`."""
+
+    def __init__(self, model_name: str):
+        self.model_name = model_name
+        self.calls: Dict[int, tuple] = {}  # layer -> (method name, density, backend) or ("dense", reason, None)
+        self.last_line: Optional[tuple] = None
+        self.lines: Deque[str] = collections.deque(maxlen=1000)  # the latest model calls (a long session is bounded)
+
+    def sparse(self, layer: int, method, density, backend: str, token_density: Optional[float] = None) -> None:
+        self.calls[layer] = (method, density, backend, token_density)
+
+    def dense(self, layer: int, reason: str) -> None:
+        self.calls[layer] = ("dense", reason, None)
+
+    def flush(self, state: CallState) -> None:
+        if not self.calls:
+            return
+        calls, self.calls = self.calls, {}
+        sparse = [c for c in calls.values() if c[0] != "dense"]
+        dense = [c for c in calls.values() if c[0] == "dense"]
+        head = f"dit_accel: {self.model_name} grid {tuple(state.grid)}"
+        parts = []
+        if sparse:
+            densities = [float(c[1]) for c in sparse if c[1] is not None]
+            methods = sorted({repr(c[0]) for c in sparse})
+            density = f"{sum(densities) / len(densities):.3f}" if densities else "per call"
+            tokens = [c[3] for c in sparse if c[3] is not None]
+            if tokens:  # the kernel visits whole blocks; the pattern's own density is this
+                density += f" (tokens {sum(tokens) / len(tokens):.3f})"
+            parts.append(f"{len(sparse)} layers sparse ({'; '.join(methods)}), mean density {density}, backend "
+                         f"{'/'.join(sorted({c[2] for c in sparse}))}")
+        if dense:
+            parts.append(f"{len(dense)} layers dense ({'; '.join(sorted({str(c[1]) for c in dense}))})")
+        body = ", ".join(parts)
+        step = "" if state.step is None else f" step {state.step}/{state.total}"
+        self.lines.append(f"{head}{step}: {body}")
+        if (head, body) != self.last_line:  # one line per change, not one per step
+            self.last_line = (head, body)
+            LOG.info(self.lines[-1])
+
+
+class Patch:
+    """The state of one ``patch_model``: family, layers, schedule, plans, report. Shared by the wrapper and the
+    override (and by clones of the patched model: ComfyUI's clone deep-copies the override, which keeps this)."""
+
+    def __init__(self, family: Family, model: torch.nn.Module, layers: List[torch.nn.Module], schedule: Schedule,
+                 backend: str, dense_above_sigma: Optional[float], call_check):
+        self.family, self.schedule, self.backend = family, schedule, backend
+        self.dense_above_sigma = dense_above_sigma
+        self.call_check = call_check  # (grid, total steps) -> None: a SparsePlan's checks (raises on a mismatch)
+        self.model_name = type(model).__name__
+        self.layer_of = {id(m): i for i, m in enumerate(layers)}
+        self.num_layers = len(layers)
+        self.plans = PlanCache()
+        self.projections: Dict[int, torch.nn.Module] = {}  # layer -> SLA projection (fine-tuned weights)
+        self.report = Report(self.model_name)
+        self._model = model
+        self._call: contextvars.ContextVar = contextvars.ContextVar(f"dit_accel_comfyui_{id(self)}", default=None)
+
+    # ---------------------------------------------------------------- the diffusion_model wrapper
+    def wrapper(self, executor, x, *args, **kwargs):
+        """ComfyUI ``WrappersMP.DIFFUSION_MODEL`` wrapper: the call's grid and step, for the attention calls."""
+        model = getattr(executor, "class_obj", None)
+        if model is not self._model:  # another diffusion model run with these options: not ours to change
+            return executor(x, *args, **kwargs)
+        options = kwargs.get("transformer_options")
+        if not isinstance(options, dict):
+            options = next((a for a in reversed(args) if isinstance(a, dict)), {})
+        step, total, sigma = _step_of(options)
+        state = CallState(self.family.grid(model, x), step, total, sigma)
+        if self.call_check is not None:
+            self.call_check(state.grid, total)
+        token = self._call.set(state)
+        try:
+            return executor(x, *args, **kwargs)
+        finally:
+            self._call.reset(token)
+            self.report.flush(state)
+
+    # ---------------------------------------------------------------- per attention call
+    def layer_from_stack(self, frame) -> Optional[int]:
+        """The layer index of the module whose ``forward`` made this call: the innermost ``self`` on the stack
+        that is a module decides (a cross-attention module is one too, and is not a layer)."""
+        for _ in range(_STACK_DEPTH):
+            if frame is None:
+                return None
+            owner = frame.f_locals.get("self")
+            if isinstance(owner, torch.nn.Module):
+                return self.layer_of.get(id(owner))
+            frame = frame.f_back
+        return None
+
+    def method_for(self, layer: int, state: CallState):
+        """``(method or None, why dense)`` for ``layer`` in this call."""
+        if self.dense_above_sigma is not None and state.sigma is not None and state.sigma > self.dense_above_sigma:
+            return None, f"sigma {state.sigma:.4g} > dense_above_sigma {self.dense_above_sigma:g}"
+        if layer in self.schedule.dense_layers:
+            return None, "dense layer"
+        if state.step is None and self._needs_step():
+            raise ValueError("dit_accel: dense_steps/dense_last_steps and plans with steps need the sampling step, "
+                             f"but {self.model_name} was called outside a ComfyUI sampler (no sample_sigmas in "
+                             "transformer_options): sample with a KSampler, or patch without step options")
+        method = self.schedule.method_for(layer, state.step or 0, state.total)
+        return method, None if method is not None else "dense step"
+
+    def _needs_step(self) -> bool:
+        s = self.schedule
+        return bool(s.dense_steps or s.dense_last_steps
+                    or any(hasattr(m, "for_layer_step") for m in s.methods()))
+
+    def current(self) -> Optional[CallState]:
+        return self._call.get()
+
+    def projection(self, layer: int, like: torch.Tensor):
+        """The layer's SLA projection on ``like``'s device and dtype (moved once), or None."""
+        proj = self.projections.get(layer)
+        if proj is not None and (proj.weight.device != like.device or proj.weight.dtype != like.dtype):
+            proj.to(device=like.device, dtype=like.dtype)
+        return proj
+
+
+class AttentionOverride:
+    """``transformer_options["optimized_attention_override"]``: see the module docstring.
+
+    ``previous``: the override that was set before (ComfyUI's sparse-attention node, SageAttention patches),
+    which gets every call this one declines.
+    """
+
+    def __init__(self, patch: Patch, previous=None):
+        self.patch, self.previous = patch, previous
+
+    def __deepcopy__(self, memo):  # ModelPatcher.clone deep-copies model_options: plans and state are shared
+        return self
+
+    def decline(self, func, args, kwargs):
+        if self.previous is not None:
+            return self.previous(func, *args, **kwargs)
+        return func(*args, **kwargs)
+
+    def __call__(self, func, *args, **kwargs):
+        patch = self.patch
+        state = patch.current()
+        if state is None:
+            return self.decline(func, args, kwargs)
+        layer = patch.layer_from_stack(sys._getframe(1))
+        if layer is None:  # cross-attention, a text refiner, another model's module: not a video self-attention
+            return self.decline(func, args, kwargs)
+        method, why = patch.method_for(layer, state)
+        plan = None if method is None else patch.plans.get(method, state.grid)
+        if plan is None or plan.is_dense:
+            patch.report.dense(layer, why if plan is None else plan.dense_reason)
+            return self.decline(func, args, kwargs)
+        call = dict(zip(_ARGS, args))
+        call.update(kwargs)
+        routed = self._route(call, plan, state, layer)
+        if routed is None:
+            return self.decline(func, args, kwargs)
+        return routed
+
+    def _route(self, call: dict, plan, state: CallState, layer: int):
+        """The plan's output in the layout ComfyUI asked for, or None (after a warning) for a call that does
+        not fit the grid, which then runs as ComfyUI's own."""
+        patch = self.patch
+        q, k, v, heads = call["q"], call["k"], call["v"], int(call["heads"])
+        if call.get("skip_reshape"):
+            b = q.shape[0]
+        else:
+            b, d = q.shape[0], q.shape[-1] // heads
+            q, k, v = (t.view(b, -1, heads, d).transpose(1, 2) for t in (q, k, v))
+        s, n = q.shape[2], state.num_video
+        num_text = s - n
+        position = patch.family.text_position
+        key_mask, mask_ok = _key_mask(call.get("mask"), s)
+        fits = (k.shape[2] == s and v.shape[2] == s and mask_ok
+                and (num_text == 0 if position == "none" else num_text >= 0)
+                and (key_mask is None or _video_keys_unmasked(key_mask, n, position == "first")))
+        if not fits:
+            patch.report.dense(layer, "call does not match the grid")
+            LOG.warning("dit_accel: %s layer %d made an attention call of %d queries / %d keys (mask %s) that does "
+                        "not match the token grid %s (%d tokens); it runs ComfyUI's own attention",
+                        patch.model_name, layer, s, k.shape[2], type(call.get("mask")).__name__, state.grid, n)
+            return None
+        out, density = plan.run(q, k, v, num_text=num_text, text_first=position == "first", key_mask=key_mask,
+                                backend=patch.backend, proj=patch.projection(layer, q))
+        patch.report.sparse(layer, plan.method, density, plan.backend_for(q, k, v, patch.backend), plan.token_density)
+        if call.get("skip_output_reshape"):
+            return out
+        return out.transpose(1, 2).reshape(b, s, -1)
+
+
+def _key_mask(mask, s: int):
+    """``(key mask (B or 1, 1, 1, S), ok)`` from ComfyUI's mask: None, or a per-key mask of ``s`` entries
+    (HunyuanVideo's additive text padding mask ``(1, 1, S)``). A mask per query row cannot be made sparse."""
+    if mask is None:
+        return None, True
+    if not isinstance(mask, torch.Tensor) or mask.shape[-1] != s or mask.numel() % s:
+        return None, False
+    if mask.dim() >= 2 and mask.shape[-2] != 1:
+        return None, False
+    return mask.reshape(mask.numel() // s, 1, 1, s), True
+
+
+def _video_keys_unmasked(mask: torch.Tensor, num_video: int, text_first: bool) -> bool:
+    """Whether a key mask leaves every video key as it is (the sparse part takes no mask): one host sync."""
+    video = mask[..., -num_video:] if text_first else mask[..., :num_video]
+    return bool(video.all()) if mask.dtype == torch.bool else not bool(video.any())

@@ -1,0 +1,157 @@
+"""Tiny models of ComfyUI's own classes (random weights, fp32, CPU), their inputs, a short ComfyUI sampling
+run, and the masked-dense reference attention the tests compare against, written here from the definition
+(METHODS.md "Text tokens"): video queries see the pattern's video keys plus every valid text key, text queries
+every valid key."""
+
+from __future__ import annotations
+
+import types
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+# (ComfyUI supported-model class, its unet config, latent shape, positive conditioning builder)
+WAN = dict(image_model="wan2.1", model_type="t2v", dim=64, num_heads=2, num_layers=2, ffn_dim=64, in_dim=16,
+           out_dim=16, text_len=8, freq_dim=32, patch_size=(1, 2, 2), window_size=(-1, -1), qk_norm=True,
+           cross_attn_norm=True, eps=1e-6)
+HUNYUAN = dict(image_model="hunyuan_video", in_channels=16, out_channels=16, vec_in_dim=8, context_in_dim=32,
+               hidden_size=64, mlp_ratio=2.0, num_heads=2, depth=1, depth_single_blocks=1, axes_dim=[8, 12, 12],
+               theta=256, patch_size=[1, 2, 2], qkv_bias=True, guidance_embed=False, byt5=False, meanflow=False)
+FLUX = dict(image_model="flux", in_channels=16, out_channels=16, vec_in_dim=8, context_in_dim=32, hidden_size=64,
+            mlp_ratio=2.0, num_heads=2, depth=1, depth_single_blocks=1, axes_dim=[8, 12, 12], theta=256, patch_size=2,
+            qkv_bias=True, guidance_embed=False)
+COSMOS = dict(image_model="cosmos_predict2", max_img_h=240, max_img_w=240, max_frames=128, in_channels=16,
+              out_channels=16, patch_spatial=2, patch_temporal=1, model_channels=64, num_blocks=2, num_heads=2,
+              crossattn_emb_channels=32, pos_emb_cls="rope3d", use_adaln_lora=True, adaln_lora_dim=16,
+              concat_padding_mask=True, extra_per_block_abs_pos_emb=False)
+LTXV = dict(image_model="ltxv", in_channels=128, cross_attention_dim=64, attention_head_dim=32, num_attention_heads=2,
+            caption_channels=32, num_layers=2)
+
+
+@dataclass
+class Case:
+    """One family's tiny model: how to build it and what to sample it with."""
+
+    name: str
+    model: str  # the class name in comfy.supported_models
+    config: dict
+    latent: tuple  # (B, C, T, H, W)
+    cond: Callable[[], list]  # ComfyUI conditioning [[cross_attn, {extras}]]
+    text: str = "none"  # where text sits in self-attention calls: none / last / first
+    patch: tuple = (1, 2, 2)  # the model's patch size (LTX-Video patchifies 1 x 1 x 1)
+
+    def grid(self):
+        return tuple(-(-e // p) for e, p in zip(self.latent[2:], self.patch[-len(self.latent[2:]):]))
+
+
+def _wan_cond():
+    return [[torch.randn(1, 8, 4096, generator=torch.Generator().manual_seed(1)), {}]]
+
+
+def _wan_i2v_cond():
+    g = torch.Generator().manual_seed(2)
+    clip = types.SimpleNamespace(penultimate_hidden_states=torch.randn(1, 5, 1280, generator=g))
+    return [[torch.randn(1, 8, 4096, generator=g), {"clip_vision_output": clip,
+                                                   "concat_latent_image": torch.randn(1, 16, 3, 8, 8, generator=g)}]]
+
+
+def _hunyuan_cond():
+    g = torch.Generator().manual_seed(3)
+    # two of six text tokens padded: the model masks them with an additive (1, 1, S) key mask
+    return [[torch.randn(1, 6, 32, generator=g), {"pooled_output": torch.randn(1, 8, generator=g),
+                                                  "attention_mask": torch.tensor([[1, 1, 1, 1, 0, 0]])}]]
+
+
+def _flux_cond():
+    g = torch.Generator().manual_seed(6)
+    return [[torch.randn(1, 6, 32, generator=g), {"pooled_output": torch.randn(1, 8, generator=g)}]]
+
+
+def _cosmos_cond():
+    return [[torch.randn(1, 6, 32, generator=torch.Generator().manual_seed(8)), {}]]
+
+
+def _hunyuan_i2v_cond():
+    cond = _hunyuan_cond()
+    cond[0][1]["concat_latent_image"] = torch.randn(1, 16, 3, 8, 8, generator=torch.Generator().manual_seed(9))
+    return cond
+
+
+def _ltxv_cond():
+    return [[torch.randn(1, 6, 32, generator=torch.Generator().manual_seed(4)), {"attention_mask": torch.ones(1, 6)}]]
+
+
+CASES = {
+    "wan21-t2v": Case("wan21-t2v", "WAN21_T2V", WAN, (1, 16, 3, 8, 8), _wan_cond),
+    "wan21-i2v": Case("wan21-i2v", "WAN21_I2V", dict(WAN, model_type="i2v", in_dim=36), (1, 16, 3, 8, 8),
+                      _wan_i2v_cond),
+    "wan22-ti2v": Case("wan22-ti2v", "WAN22_T2V", dict(WAN, in_dim=48, out_dim=48), (1, 48, 3, 8, 8), _wan_cond),
+    "hunyuan-video": Case("hunyuan-video", "HunyuanVideo", HUNYUAN, (1, 16, 3, 8, 8), _hunyuan_cond, text="last"),
+    "hunyuan-video-i2v": Case("hunyuan-video-i2v", "HunyuanVideoI2V", dict(HUNYUAN, in_channels=33),
+                              (1, 16, 3, 8, 8), _hunyuan_i2v_cond, text="last"),
+    "cosmos-predict2": Case("cosmos-predict2", "CosmosT2IPredict2", COSMOS, (1, 16, 3, 8, 8), _cosmos_cond),
+    "flux": Case("flux", "FluxSchnell", FLUX, (1, 16, 8, 10), _flux_cond, text="first", patch=(2, 2)),
+    "ltx-video": Case("ltx-video", "LTXV", LTXV, (1, 128, 3, 4, 4), _ltxv_cond, patch=(1, 1, 1)),
+}
+
+
+def build(comfy, case: Case, seed: int = 0):
+    """A ModelPatcher of ``case``'s ComfyUI class with random fp32 weights on the CPU."""
+    config = getattr(comfy.supported_models, case.model)(dict(case.config))
+    config.set_inference_dtype(torch.float32, None)
+    model = config.get_model({})
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    cpu = torch.device("cpu")
+    return comfy.model_patcher.ModelPatcher(model, load_device=cpu, offload_device=cpu)
+
+
+def sample(comfy, patcher, case: Case, steps: int = 2, sampler: str = "euler", latent=None, cfg: float = 1.0):
+    """ComfyUI's own sampling (comfy.sample.sample), a fixed noise; cfg 1 makes one model call per step, a higher
+    cfg batches the positive and negative conditioning into one call of batch 2."""
+    shape = latent or case.latent
+    noise = torch.randn(shape, generator=torch.Generator().manual_seed(5))
+    cond = case.cond()
+    negative = [[torch.flip(c, dims=(1,)), extra] for c, extra in cond]  # same length, other text
+    return comfy.sample.sample(patcher, noise, steps, cfg, sampler, "simple", cond, negative, torch.zeros(shape),
+                               seed=0, disable_pbar=True)
+
+
+def masked_reference(mask: torch.Tensor, text: str, calls: Optional[list] = None):
+    """An ``optimized_attention_override``: calls of ``N + text`` queries and keys (``N`` = the mask's side) run
+    fp32 softmax attention with ``mask`` on the video pairs; every other call runs ComfyUI's own attention."""
+    n = mask.shape[-1]
+
+    def override(func, *args, **kwargs):
+        call = dict(zip(("q", "k", "v", "heads", "mask"), args))
+        call.update(kwargs)
+        q, k, v, heads, key_mask = call["q"], call["k"], call["v"], call["heads"], call.get("mask")
+        axis = 2 if call.get("skip_reshape") else 1
+        s = q.shape[axis]
+        if k.shape[axis] != s or s < n or (text == "none" and s != n):  # not a video self-attention call
+            return func(*args, **kwargs)
+        if not call.get("skip_reshape"):
+            q, k, v = (t.view(t.shape[0], s, heads, -1).transpose(1, 2) for t in (q, k, v))
+        if calls is not None:
+            calls.append(s)
+        allowed = torch.ones(s, s, dtype=torch.bool)
+        video = slice(s - n, s) if text == "first" else slice(0, n)
+        allowed[video, video] = mask  # text rows and columns stay allowed
+        scores = (q.double() @ k.double().transpose(-1, -2)) / q.shape[-1] ** 0.5
+        if key_mask is not None:
+            scores = scores + key_mask.double().reshape(-1, 1, 1, s)
+        scores = scores.masked_fill(~allowed, float("-inf"))
+        out = (scores.softmax(-1) @ v.double()).to(q.dtype)
+        return out if call.get("skip_output_reshape") else out.transpose(1, 2).reshape(out.shape[0], s, -1)
+
+    return override
+
+
+def with_override(patcher, override):
+    """A clone of ``patcher`` with ``override`` as its attention override (ComfyUI's own mechanism)."""
+    clone = patcher.clone()
+    clone.model_options.setdefault("transformer_options", {})["optimized_attention_override"] = override
+    return clone

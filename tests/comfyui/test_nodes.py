@@ -1,0 +1,71 @@
+"""The nodes as a ComfyUI workflow calls them: widget values in, a patched MODEL out."""
+
+import pytest
+import torch
+
+import dit_accel
+from dit_accel.comfyui import NODE_CLASS_MAPPINGS, patch_model
+from dit_accel.sparse_plan import Phase, SparsePlan
+from tests.comfyui.models import CASES, build, sample
+
+COMMON = dict(dense_steps=0, dense_last_steps=0, dense_above_sigma=0.0, dense_layers="", backend="auto")
+
+
+@pytest.fixture(scope="module")
+def wan(comfy):
+    return build(comfy, CASES["wan21-t2v"])
+
+
+def _node(name, model, **widgets):
+    node = NODE_CLASS_MAPPINGS[name]
+    return getattr(node(), node.FUNCTION)(model, **widgets)[0]
+
+
+def _patch(patched):
+    return patched.model_options["transformer_options"]["optimized_attention_override"].patch
+
+
+def test_the_tile_nodes_widgets_run_the_config_they_spell(comfy, wan):
+    case = CASES["wan21-t2v"]
+    patched = _node("DitAccelTile", wan, preset="custom", tile="1,2,2", window="3,1,1", block_size="",
+                    **dict(COMMON, dense_steps=1, dense_layers="1"))
+    patch = _patch(patched)
+    assert patch.schedule.method == dit_accel.Tile(tile=(1, 2, 2), window=(3, 1, 1))
+    assert patch.schedule.dense_steps == 1 and patch.schedule.dense_layers == {0}  # "1": the first layer
+    patched = _node("DitAccelTile", wan, tile="1,2,2", window="3,1,1", block_size="", **COMMON)
+    expected = sample(comfy, patch_model(wan, dit_accel.Tile(tile=(1, 2, 2), window=(3, 1, 1))), case)
+    assert torch.equal(sample(comfy, patched, case), expected)
+
+
+def test_a_preset_runs_the_published_setting(wan):
+    presets = NODE_CLASS_MAPPINGS["DitAccelRadial"].INPUT_TYPES()["required"]["preset"][0]
+    label = next(p for p in presets if p.startswith("Wan 2.1:"))
+    patch = _patch(_node("DitAccelRadial", wan, preset=label, decay=1.0, block_size="128", sink_frames="0",
+                         spatial="band", rule="union", **COMMON))
+    assert patch.schedule.method == dit_accel.Radial(decay=0.2, block_size=128, sink_frames=(0,), rule="reference")
+    assert patch.schedule.dense_steps == 12 and patch.schedule.dense_layers == {0}
+
+
+def test_a_bad_widget_is_one_line_naming_it(wan):
+    with pytest.raises(ValueError, match=r"^dit_accel: widget tile='a,b' is invalid") as err:
+        _node("DitAccelTile", wan, tile="a,b", window="3,1,1", block_size="", **COMMON)
+    assert "\n" not in str(err.value)
+    with pytest.raises(ValueError, match="widget dense_layers='x' is invalid"):
+        _node("DitAccelTile", wan, tile="1,2,2", window="3,1,1", block_size="", **dict(COMMON, dense_layers="x"))
+    with pytest.raises(ValueError, match="SLA.topk=0.0 is invalid|topk"):
+        _node("DitAccelSLA", wan, topk=0.0, negligible=0.0, block_q="64", block_k="64", feature_map="softmax",
+              linear_tokens="marginal", rounding="ceil", linear_eps=1e-6, **COMMON)
+
+
+def test_the_plan_node_runs_a_calibrated_plan(comfy, wan, tmp_path):
+    case = CASES["wan21-t2v"]
+    tile = dit_accel.Tile(tile=(1, 2, 2), window=(3, 1, 1))
+    plan = SparsePlan([Phase(0, 1), Phase(1, None, default=tile)], num_layers=2,
+                      provenance={"model_class": "WanTransformer3DModel", "steps": 2})
+    path = plan.save(tmp_path / "plan.json")
+    patched = _node("DitAccelPlan", wan, plan_path=str(path), allow_other_grid=False, backend="auto")
+    assert torch.equal(sample(comfy, patched, case), sample(comfy, patch_model(wan, plan), case))
+    with pytest.raises(ValueError, match="plan_path is empty"):
+        _node("DitAccelPlan", wan, plan_path=" ", allow_other_grid=False, backend="auto")
+    with pytest.raises((ValueError, FileNotFoundError), match="missing.json"):
+        _node("DitAccelPlan", wan, plan_path=str(tmp_path / "missing.json"), allow_other_grid=False, backend="auto")
