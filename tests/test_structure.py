@@ -104,3 +104,18 @@ def test_moved_modules_import_under_their_old_names():
 
     assert SparsePlan is dit_accel.SparsePlan and load_method is dit_accel.load_method
     assert Plan is importlib.import_module("dit_accel.plans.plan").Plan
+
+
+def test_the_package_imports_moved_modules_by_their_new_names():
+    """The old names are for users' code: inside the package, an import of one would hide the real dependency."""
+    import dit_accel
+
+    old = {f"dit_accel.{name}" for name in dit_accel._MOVED}
+    for path in PACKAGE.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                package = _module_name(path) if path.name == "__init__.py" else _module_name(path).rpartition(".")[0]
+                for _ in range(max(node.level - 1, 0)):
+                    package = package.rpartition(".")[0]
+                target = node.module if node.level == 0 else f"{package}.{node.module}"
+                assert target not in old, f"{path.relative_to(PACKAGE.parent)}: imports {target}"

@@ -177,7 +177,7 @@ class PlanNode:
         }}
 
     def patch(self, model, plan_path: str, allow_other_grid: bool = False, backend: str = "auto"):
-        from ..sparse_plan import SparsePlan
+        from ..plans.sparse_plan import SparsePlan
         from .patch import patch_model
 
         if not str(plan_path).strip():
@@ -210,7 +210,7 @@ class FinetunedNode:
 
     def patch(self, model, weights_path: str, lora_strength: float = 1.0, allow_other_grid: bool = False,
               backend: str = "auto"):
-        from ..weights import load_method
+        from ..checkpoints.finetuned import load_method
         from .patch import patch_model
 
         folder = str(weights_path).strip()

@@ -8,7 +8,7 @@ from typing import Dict, Optional, Sequence, Union
 from .._util import WarningLog, is_int
 from ..methods import Method
 from ..pipelines.apply_checks import _check_apply_args, _resolve_layers
-from ..sparse_plan import SparsePlan
+from ..plans.sparse_plan import SparsePlan
 from .families import family_for, supported
 from .override import AttentionOverride, Patch
 
@@ -155,7 +155,7 @@ def patch_model(model, method: Union[Method, SparsePlan], *, dense_steps: int = 
 def _load_weights(clone, patch: Patch, folder, method: Method, strength, layers) -> None:
     """The folder's SLA projections into ``patch``, its LoRA onto ``clone`` (both new objects: the model given
     to patch_model keeps its weights and patches)."""
-    from ..weights import method_from_dict
+    from ..checkpoints.finetuned import method_from_dict
     from .weights import check_folder, lora_patches, sla_projections
 
     if isinstance(strength, bool) or not isinstance(strength, (int, float)):

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ..atomic_files import check_hashes, load_safetensors
-from ..weights import METHOD_FILE, SLA_FILE, read_weights_info
+from ..checkpoints.finetuned import METHOD_FILE, SLA_FILE, read_weights_info
 
 __all__ = ["check_folder", "lora_patches", "sla_projections"]
 

@@ -5,7 +5,7 @@ import torch
 
 import dit_accel
 from dit_accel.comfyui import NODE_CLASS_MAPPINGS, patch_model
-from dit_accel.sparse_plan import Phase, SparsePlan
+from dit_accel.plans.sparse_plan import Phase, SparsePlan
 from tests.comfyui.models import CASES, build, sample
 
 COMMON = dict(dense_steps=0, dense_last_steps=0, dense_above_sigma=0.0, dense_layers="", backend="auto")

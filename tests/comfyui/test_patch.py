@@ -15,7 +15,7 @@ from dit_accel.comfyui import NODE_CLASS_MAPPINGS, patch_model
 from dit_accel.patterns.gna import gna_mask
 from dit_accel.patterns.radial import radial_mask
 from dit_accel.patterns.tile import tile_mask
-from dit_accel.sparse_plan import Phase, SparsePlan
+from dit_accel.plans.sparse_plan import Phase, SparsePlan
 
 from tests.comfyui.models import CASES, build, masked_reference, sample, with_override
 
@@ -79,13 +79,13 @@ def test_classifier_free_guidance_batches_cond_and_uncond_through_the_same_path(
     case, model = CASES[family], models(family)
     method, mask_of = (IMAGE_PATTERNS if len(case.latent) == 4 else PATTERNS)["tile"]
     batches = []
-    run = dit_accel.plans.Plan.run
+    run = dit_accel.plans.plan.Plan.run
 
     def counted(self, q, *args, **kwargs):  # the one execution path of the Diffusers hooks and the fidelity bench
         batches.append(q.shape[0])
         return run(self, q, *args, **kwargs)
 
-    monkeypatch.setattr(dit_accel.plans.Plan, "run", counted)
+    monkeypatch.setattr(dit_accel.plans.plan.Plan, "run", counted)
     reference = sample(comfy, with_override(model, masked_reference(mask_of(case.grid()), case.text)), case, cfg=3.0)
     out = sample(comfy, patch_model(model, method, backend="torch"), case, cfg=3.0)
     assert batches == [2] * 4  # 2 layers x 2 steps, cond and uncond in one call

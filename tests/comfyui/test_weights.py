@@ -9,7 +9,7 @@ from safetensors.torch import save_file
 
 import dit_accel
 from dit_accel.comfyui import NODE_CLASS_MAPPINGS, patch_model
-from dit_accel.weights import LORA_FILE, SLA_FILE, write_weights_folder
+from dit_accel.checkpoints.finetuned import LORA_FILE, SLA_FILE, write_weights_folder
 from tests.comfyui.models import CASES, build, sample
 
 RANK, ALPHA = 2, 4.0
