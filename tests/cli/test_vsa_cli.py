@@ -36,7 +36,9 @@ def test_generate_method_vsa_loads_the_gates(gated_wan_folder, tmp_path, capsys)
             "--width", "128", "--steps", "1", "--out", str(out)]
     assert main(argv) == 0, capsys.readouterr().err
     meta = json.loads(Path(str(out) + ".json").read_text())
-    assert meta["method"] == {"method": "vsa", "topk": None, "sparsity": None, "tile": [4, 4, 4]}
+    # what ran: the default sparsity, not "None" (issue 74, item 7)
+    assert meta["method"] == {"method": "vsa", "topk": None, "sparsity": 0.8, "tile": [4, 4, 4]}
+    assert "method vsa (topk=None, sparsity=0.8, tile=(4, 4, 4))" in capsys.readouterr().out
     assert any("gates loaded for 2 of 2 attention layers" in w for w in meta["warnings"])
     # grid (3, 8, 8): 4 cubes, ceil(0.2 * 4) = 1 kept per query cube
     assert meta["density"]["mean"] == pytest.approx(0.25)
@@ -55,3 +57,23 @@ def test_eval_has_a_vsa_row(tmp_path, capsys):
     report = (out / "report.md").read_text()
     row = next(line for line in report.splitlines() if line.startswith("| vsa |"))
     assert "0.250" in row  # grid (3, 8, 8): 1 of 4 cubes per query cube at the default sparsity 0.8
+
+
+def test_generate_and_finetune_vsa_with_a_tile_larger_than_the_grid(tmp_path, capsys):
+    """Issue 74, item 1: ``--tile 100,100,100`` tried to allocate 1 TB (a raw RuntimeError). The tile is clamped to
+    the (3, 8, 8) grid per dimension: one cube, so VSA visits every block."""
+    from dit_accel.cli.finetune import main as finetune_main
+
+    prompts_file = tmp_path / "prompts.txt"
+    prompts_file.write_text("a red circle\na blue square\n")
+    out = tmp_path / "big-tile.mp4"
+    assert main(["generate", "--model", "tiny-wan", "--method", "vsa", "--tile", "100,100,100", "--frames", "9",
+                 "--height", "128", "--width", "128", "--steps", "1", "--out", str(out)]) == 0, \
+        capsys.readouterr().err
+    meta = json.loads(Path(str(out) + ".json").read_text())
+    assert meta["method"]["tile"] == [100, 100, 100] and meta["density"]["mean"] == pytest.approx(1.0)
+    rc = finetune_main(["--model", "tiny-wan", "--method", "vsa", "--tile", "100,100,100", "--prompts",
+                        str(prompts_file), "--output", str(tmp_path / "ft"), "--steps", "1", "--frames", "9",
+                        "--height", "128", "--width", "128", "--max-sequence-length", "16", "--eval-batches", "0",
+                        "--gradient-accumulation-steps", "1", "--quiet"])
+    assert rc == 0, capsys.readouterr().err
