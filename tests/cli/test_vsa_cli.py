@@ -77,3 +77,30 @@ def test_generate_and_finetune_vsa_with_a_tile_larger_than_the_grid(tmp_path, ca
                         "--height", "128", "--width", "128", "--max-sequence-length", "16", "--eval-batches", "0",
                         "--gradient-accumulation-steps", "1", "--quiet"])
     assert rc == 0, capsys.readouterr().err
+
+
+def test_generate_refuses_nan_frames_and_keeps_the_earlier_output(tmp_path, capsys):
+    """Issue 74, item 8: NaN frames were painted black and generate exited 0 with an all-black video. A model
+    whose output is NaN (here a NaN in its output projection) now ends with one line and exit 1, and the video
+    and sidecar of an earlier run stay as they were."""
+    from safetensors.torch import load_file, save_file
+
+    from dit_accel.models.tiny import build_tiny_pipeline
+
+    folder = tmp_path / "broken"
+    build_tiny_pipeline("tiny-wan").save_pretrained(folder)
+    path = next((folder / "transformer").glob("*.safetensors"))
+    state = load_file(str(path))
+    state["proj_out.bias"][0] = float("nan")
+    save_file(state, str(path), metadata={"format": "pt"})
+    out = tmp_path / "video.mp4"
+    out.write_bytes(b"earlier video")
+    Path(str(out) + ".json").write_text("{\"earlier\": true}")
+    rc = main(["generate", "--model", str(folder), "--method", "vsa", "--frames", "9", "--height", "128", "--width",
+               "128", "--steps", "1", "--no-compare-dense", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 1 and "Traceback" not in err, err[-3000:]
+    last = err.strip().splitlines()[-1]  # (after the loading progress bars)
+    assert last.startswith("dit-accel: error: the frames hold") and "non-finite values (NaN or inf)" in last
+    assert "nothing was saved" in last
+    assert out.read_bytes() == b"earlier video" and Path(str(out) + ".json").read_text() == "{\"earlier\": true}"
