@@ -303,8 +303,10 @@ def test_a_tile_larger_than_the_grid_is_clamped_per_dimension():
     out = dit_accel.vsa_attention(q, k, v, grid, topk=1, tile=(100, 100, 100))  # one cube: dense attention
     torch.testing.assert_close(out, torch.nn.functional.scaled_dot_product_attention(q, k, v), atol=1e-5,
                                rtol=1e-5)
+    assert cubes_of(grid, (100, 100, 100)).perm.tile == (4, 16, 16)  # (powers of two stay powers of two)
+    assert cubes_of((3, 6, 7), (2, 4, 8)).perm.tile == (2, 4, 8)  # a tile within the grid's reach is kept
     cubes = cubes_of(grid, (3, 100, 5))
-    assert cubes.perm.tile == (3, 12, 5) and cubes.volume == 180 and cubes.perm.num_padded == 6 * 12 * 15
+    assert cubes.perm.tile == (3, 16, 5) and cubes.volume == 240 and cubes.perm.num_padded == 6 * 16 * 15
     a, sel = dit_accel.vsa_attention(q, k, v, grid, topk=2, tile=(3, 100, 5), return_selection=True)
     ref, ref_sel, _ = reference(q, k, v, grid, 2, (3, 100, 5))  # the reference never clamps: cube ids by division
     assert torch.equal(sel, ref_sel)
@@ -315,7 +317,51 @@ def test_a_cube_too_large_for_one_block_is_refused_naming_the_grid():
     grid = (21, 45, 80)
     q = torch.zeros(1, 1, math.prod(grid), 1)
     with pytest.raises(ValueError, match=r"tile=\(100, 100, 100\) on the video token grid \(21, 45, 80\) makes "
-                                         r"cubes of \(21, 45, 80\) = 75600 tokens.*\(4, 4, 4\)"):
+                                         r"cubes of \(32, 64, 100\) = 204800 tokens.*\(4, 4, 4\)"):
         dit_accel.vsa_attention(q, q, q, grid, topk=1, tile=(100, 100, 100))
-    with pytest.raises(ValueError, match="75600 tokens"):
+    with pytest.raises(ValueError, match="204800 tokens"):
         dit_accel.VSA(tile=(100, 100, 100)).plan(grid)
+
+
+def test_a_vsa_call_copies_nothing_from_the_host(monkeypatch):
+    """Issue 72, item 5: VSA's launch path must be CUDA-graph safe. On "meta" tensors (a device whose values are
+    never on the host) a second call through the plan runs no op on a CPU tensor (no host-side tensor copied to
+    the device per call, as the cube sizes were) and reads no value back (item/tolist/cpu/bool would raise on
+    meta). The fine branch's block-sparse backend is stubbed: its own backends are checked where they live."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_leaves
+
+    import dit_accel.kernels.vsa.api as api
+
+    def fine_stub(q, k, v, layout, scale=None, return_lse=False, backend="auto"):
+        return torch.empty_like(q), q.new_empty(q.shape[:-1], dtype=torch.float32)
+
+    class HostOps(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if any(isinstance(t, torch.Tensor) and t.device.type == "cpu" for t in tree_leaves((args, kwargs, out))):
+                self.ops.append(str(func))
+            return out
+
+    monkeypatch.setattr(api, "block_sparse_attention", fine_stub)
+    grid = (5, 6, 7)
+    plan = dit_accel.VSA(topk=3).plan(grid)
+    q, k, v = (torch.randn(2, 3, 210, 16, device="meta") for _ in range(3))
+    plan.prepare("meta")
+    plan.attend(q, k, v, scale=None, backend="torch")  # first call: per-device tables are made once
+    for name in ("item", "tolist", "cpu", "numpy", "__bool__"):
+        monkeypatch.setattr(torch.Tensor, name, lambda *a, _n=name, **k: pytest.fail(f"host sync: Tensor.{_n}"))
+    with HostOps() as log:
+        fine, lse, extra, density = plan.attend(q, k, v, scale=None, backend="torch")
+    assert log.ops == [] and fine.device.type == "meta" and density == 3 / 8
+    # the launch reuses the sizes made for this device: no call reads cubes.sizes (host) again
+    from dit_accel.kernels.vsa.naive import coarse_attention, cube_sizes
+
+    no_sizes = plan.cubes._replace(sizes=None)
+    assert cube_sizes(no_sizes, "meta", inverse=False) is cube_sizes(plan.cubes, "meta")
+    q_t = plan.cubes.perm.permute(q, dim=-2)
+    coarse_attention(q_t, q_t, q_t, no_sizes, 3, 0.25)

@@ -12,13 +12,13 @@ count). :mod:`.api` runs the fine branch on the block-sparse backends instead, a
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Optional, Tuple
+from typing import Dict, NamedTuple, Optional, Tuple
 
 import torch
 
 from ...patterns.permutation import TilePermutation
 
-__all__ = ["Cubes", "cubes_of", "cube_tile", "MAX_CUBE_TOKENS", "selected_count", "top_cubes", "coarse_attention", "CubeRows", "cube_rows", "vsa_parts_naive",
+__all__ = ["Cubes", "cubes_of", "cube_sizes", "cube_tile", "MAX_CUBE_TOKENS", "selected_count", "top_cubes", "coarse_attention", "CubeRows", "cube_rows", "vsa_parts_naive",
            "vsa_naive", "VSAParts"]
 
 
@@ -40,8 +40,10 @@ MAX_CUBE_TOKENS = 4096
 def cube_tile(grid: Tuple[int, ...], tile: Tuple[int, ...]) -> Tuple[int, ...]:
     """``tile`` clamped to ``grid`` per dimension: the partial-cube rule already makes a tile longer than the grid
     along a dimension one cube of the grid's extent there (same cubes, same tokens, same results), and the
-    clamp keeps every size (padding, cube volume, masks) bounded by the grid, never by the tile."""
-    return tuple(min(int(t), int(g)) for t, g in zip(tile, grid))
+    clamp keeps every size (padding, cube volume, masks) bounded by the grid, never by the tile. A dimension is
+    clamped to the grid's extent rounded up to a power of two, so a power-of-two cube stays one (the block
+    sizes the Triton block-sparse kernels take: (2, 4, 8) on a width of 7 keeps its 64-token cubes)."""
+    return tuple(min(int(t), 1 << (int(g) - 1).bit_length()) for t, g in zip(tile, grid))
 
 
 def cubes_of(grid: Tuple[int, ...], tile: Tuple[int, ...]) -> Cubes:
@@ -83,6 +85,21 @@ def top_cubes(scores: torch.Tensor, count: int) -> torch.Tensor:
     return order[..., :count].sort(dim=-1).values
 
 
+# (grid, tile, device, dtype, inverse) -> real tokens per cube (or their reciprocals) on that device.
+_SIZES: Dict[tuple, torch.Tensor] = {}
+
+
+def cube_sizes(cubes: Cubes, device, dtype=torch.float32, *, inverse: bool = False) -> torch.Tensor:
+    """``cubes.sizes`` (or ``1 / sizes``) in ``dtype`` on ``device``, made once per grid, tile, device and dtype:
+    a call copies nothing from the host, so a captured CUDA graph replays it and no call waits on a copy."""
+    key = (cubes.perm.grid, cubes.perm.tile, str(torch.device(device)), dtype, inverse)
+    found = _SIZES.get(key)
+    if found is None:
+        sizes = cubes.sizes.to(torch.float64)
+        found = _SIZES[key] = (1.0 / sizes if inverse else sizes).to(dtype).to(device)
+    return found
+
+
 def _cube_means(x: torch.Tensor, cubes: Cubes, dtype, first: int = 0) -> torch.Tensor:
     """``(B, H, C', D)`` means over each cube's real tokens of ``x`` in tiled order ``(B, H, C' * V, D)``, which
     holds the cubes ``first .. first + C' - 1`` (padding holds zeros after the permutation, so a sum over the
@@ -90,7 +107,7 @@ def _cube_means(x: torch.Tensor, cubes: Cubes, dtype, first: int = 0) -> torch.T
     b, h, n, d = x.shape
     c = n // cubes.volume
     sums = x.to(dtype).view(b, h, c, cubes.volume, d).sum(3)
-    return sums / cubes.sizes[first:first + c].to(device=x.device, dtype=dtype)[:, None]
+    return sums / cube_sizes(cubes, x.device, dtype)[first:first + c, None]
 
 
 def coarse_attention(q_t: torch.Tensor, k_t: torch.Tensor, v_t: torch.Tensor, cubes: Cubes, count: int,
