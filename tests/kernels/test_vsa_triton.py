@@ -206,3 +206,16 @@ def test_no_kernel_spills(compiled):
     bad = [r for r in compiled
            if r["stack"] or r["spill_stores"] or r["spill_loads"] or r["local"] or r["ptx_local"] or r["warnings"]]
     assert not bad, bad
+
+
+@interpreter
+def test_the_launch_copies_no_host_table_per_call():
+    """Issue 72, item 5 (CUDA-graph safe): the pooling launch's 1 / cube sizes are made once per device, so a call
+    after the first never reads the host-side ``cubes.sizes`` (a host-to-device copy per call on a GPU)."""
+    from dit_accel.kernels.vsa.triton import coarse_triton
+
+    cubes, (q_t, k_t, v_t) = _tiled((5, 6, 7), (2, 2, 4), seed=7)
+    first = coarse_triton(q_t, k_t, v_t, cubes, 3, 0.3)
+    again = coarse_triton(q_t, k_t, v_t, cubes._replace(sizes=None), 3, 0.3)
+    for a, b in zip(first, again):
+        assert torch.equal(a, b)

@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 
 from ..sla.select import NK_MAX, _keys, _top
-from .naive import Cubes, top_cubes
+from .naive import Cubes, cube_sizes, top_cubes
 
 __all__ = ["coarse_triton", "fused_selection", "aot_source", "KERNELS", "BLOCK_CUBES", "ROWS", "NK_MAX",
            "NUM_WARPS", "VARIANT"]
@@ -180,7 +180,7 @@ def coarse_triton(q_t: torch.Tensor, k_t: torch.Tensor, v_t: torch.Tensor, cubes
     device = q_t.device
     q3, k3, v3 = (x.reshape(b * h, n_pad, d) for x in (q_t, k_t, v_t))
     qc, kc, vc = (torch.empty(b * h, c, d, dtype=torch.float32, device=device) for _ in range(3))
-    inv = (1.0 / cubes.sizes.to(torch.float32)).to(device)
+    inv = cube_sizes(cubes, device, inverse=True)  # made once per device: no host copy per call
     _vsa_pool_kernel[(b * h, c)](q3, k3, v3, qc, kc, vc, inv, *q3.stride(), *k3.stride(), *v3.stride(),
                                  qc.stride(0), qc.stride(1), d, **_pool_constexprs(d, vol), num_warps=NUM_WARPS)
     scores = torch.empty(b * h, c, c, dtype=torch.float32, device=device)
