@@ -7,8 +7,10 @@ attention module the checkpoint has a gate for: the hook makes ``gate = to_gate_
 (the module's input, computed only if the VSA plan asks) the layer's pending gate for the duration of the
 module's forward (:func:`dit_accel.vsa_plan.push_gate`). The projections are dit_accel's, not submodules
 of the model, like SLA's: ``state_dict()`` sees the model unchanged, and ``save_pretrained`` while the handle is
-active writes them beside the saved weights (:data:`~dit_accel.gate_weights.GATES_FILE`), so the saved folder runs
-the same gates when VSA is applied to it again.
+active writes them beside the saved weights (:data:`~dit_accel.gate_weights.GATES_FILE`), weights and gates in one
+commit (:func:`~dit_accel.gate_weights.save_with_gates`), so the saved folder runs the same gates when VSA is
+applied to it again. Gates that are not finite, that match no block VSA runs, or that were saved with other
+weights than the folder holds are refused; gates for blocks the model lacks are named in a warning.
 
 Where no layer runs VSA and the transformer's checkpoint holds gates, it warns that they are unused.
 """
