@@ -12,9 +12,14 @@ import errno
 import sys
 from typing import Optional
 
-__all__ = ["one_line_error"]
+__all__ = ["one_line_error", "NonFiniteOutputError"]
 
 _FULL = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
+
+
+class NonFiniteOutputError(RuntimeError):
+    """A model's output holds NaN or inf: refused rather than saved as black (or white) pixels, so a command exits
+    non-zero and the previous output stays in place. The message says where and what to check."""
 
 
 def one_line_error(err: BaseException) -> Optional[str]:
@@ -22,6 +27,8 @@ def one_line_error(err: BaseException) -> Optional[str]:
     if isinstance(err, OSError) and err.errno in _FULL:
         where = f" ({err.filename})" if err.filename and str(err.filename) not in (err.strerror or "") else ""
         return " ".join(f"{err.strerror or err}{where}".split())
+    if isinstance(err, NonFiniteOutputError):
+        return " ".join(str(err).split())
     request = sys.modules.get("dit_accel.kernels.request")  # imported by whatever raised one
     if request is not None and isinstance(err, request.BackendUnavailable):
         return " ".join(str(err).split())

@@ -96,6 +96,11 @@ class Method:
     def to_dict(self) -> dict:
         return {"method": self.name, **{f.name: getattr(self, f.name) for f in dataclasses.fields(self)}}
 
+    def ran_dict(self) -> dict:
+        """:meth:`to_dict` with every default that the config leaves open resolved to the value that runs: what a
+        report prints and records (``to_dict`` keeps the open defaults, so saved configs layer under flags)."""
+        return self.to_dict()
+
     def replace(self, **changes) -> "Method":
         return dataclasses.replace(self, **changes)
 
@@ -714,8 +719,8 @@ class VSA(Method):
     """Video sparse attention (FastVideo's VSA, METHODS.md "VSA"): dynamic, selected from pooled scores.
 
     The video token grid is cut into cubes of ``tile`` tokens (edge cubes hold only their real tokens).
-    Coarse softmax attention between cube means scores the key cubes; each query cube keeps its top-k
-    (``torch.topk``) and attends exactly to their real tokens (the fine branch). The output is
+    Coarse softmax attention between cube means scores the key cubes; each query cube keeps its top-k (an
+    exact tie to the lower cube index) and attends exactly to their real tokens (the fine branch). The output is
     ``coarse * gate + fine``: the gate is the checkpoint's per-token ``to_gate_compress`` projection
     (FastWan and other sparse-distilled checkpoints, found by :func:`dit_accel.apply` in the folder the
     transformer was loaded from or at ``weights=``); without one it is zero and VSA is training-free top-k
@@ -751,6 +756,11 @@ class VSA(Method):
         # means DEFAULT_SPARSITY (effective_sparsity).
         topk, sparsity, tile = check_vsa_config(self.topk, self.effective_sparsity, self.tile, owner="VSA.")
         _freeze(self, topk=topk, sparsity=None if self.sparsity is None else sparsity, tile=tile)
+
+    def ran_dict(self) -> dict:
+        d = self.to_dict()
+        d["sparsity"] = self.effective_sparsity  # neither given: DEFAULT_SPARSITY runs, not "None"
+        return d
 
     @property
     def effective_sparsity(self) -> Optional[float]:

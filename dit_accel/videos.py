@@ -67,7 +67,16 @@ def to_uint8_frames(frames) -> np.ndarray:
         raise ValueError("frames is empty: nothing to save")
     if arr.dtype != np.uint8:
         if np.issubdtype(arr.dtype, np.floating):
-            arr = np.nan_to_num(arr, nan=0.0)
+            bad = ~np.isfinite(arr)
+            if bad.any():  # painted black, a broken run would pass for a dark video
+                from .errors import NonFiniteOutputError
+
+                frames_bad = np.flatnonzero(bad.reshape(arr.shape[0], -1).any(-1))
+                raise NonFiniteOutputError(
+                    f"the frames hold {int(bad.sum())} non-finite values (NaN or inf) in {len(frames_bad)} of "
+                    f"{arr.shape[0]} frames (first: frame {int(frames_bad[0])}); nothing was saved, an earlier "
+                    "output is unchanged. The model produced them: check its weights (a NaN in a checkpoint or a "
+                    "VSA gate) or run in float32/bfloat16 where float16 overflows")
             lo, hi = (float(arr.min()), float(arr.max())) if arr.size else (0.0, 0.0)
             # Clipping a 0-255 or [-1, 1] float video would silently save a white or dark one.
             if lo < -0.01 or hi > 1.01:

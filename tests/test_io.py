@@ -76,3 +76,19 @@ def test_bad_suffix_and_missing_file(tmp_path):
         save_video(np.zeros((1, 8, 8, 3), np.uint8), tmp_path / "x.avi")
     with pytest.raises(FileNotFoundError):
         load_video(tmp_path / "missing.mp4")
+
+
+def test_nan_frames_are_refused_not_painted_black(tmp_path):
+    import numpy as np
+
+    from dit_accel.errors import NonFiniteOutputError
+    from dit_accel.videos import save_video
+
+    frames = np.full((3, 8, 8, 3), 0.5, dtype=np.float32)
+    frames[1, 2, 3, 0] = np.nan
+    frames[2, 0, 0, 1] = np.inf
+    out = tmp_path / "v.mp4"
+    with pytest.raises(NonFiniteOutputError, match=r"2 non-finite values \(NaN or inf\) in 2 of 3 frames \(first: "
+                                                   r"frame 1\); nothing was saved"):
+        save_video(frames, out)
+    assert not out.exists()

@@ -91,16 +91,10 @@ class CostModel:
                     kernel_cost.constants(self.arch).sla_per_call_s
             elif candidate.kind == "vsa":  # k of C cube tiles per query cube, and the coarse branch's C x C work
                 plan = candidate.method.plan(self.grid)
-                vol, c = plan.cubes.volume, plan.cubes.count
-                partial = float((~plan.cubes.real.all(-1)).float().mean())  # share of key cubes with padding
-                visited = float(c * plan.count)
-                counts = kernel_cost.TileCounts(ctas=c, full_tiles=visited * (1 - partial),
-                                                partial_tiles=visited * partial, block_q=vol, block_k=vol,
-                                                q_len=plan.cubes.perm.num_padded, kv_len=plan.cubes.perm.num_padded,
-                                                heads=1)
-                value = self._block(counts)
+                value = self._block(kernel_cost.vsa_counts(plan, heads=1))
                 if self.terms != "tiles":  # the critical tiles only: the coarse branch is glue
-                    value += kernel_cost.vsa_coarse_time(self.num_tokens, c, head_dim=self.head_dim, arch=self.arch)
+                    value += kernel_cost.vsa_coarse_time(self.num_tokens, plan.cubes.count, head_dim=self.head_dim,
+                                                         arch=self.arch)
             else:
                 lay = candidate.method.plan(self.grid).layout
                 value = self._block(kernel_cost.tile_counts(lay, heads=1))

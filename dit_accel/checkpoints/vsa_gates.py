@@ -15,14 +15,14 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import torch
 
 from ..atomic_files import BadFileError
 
 __all__ = ["GATE_KEY", "GATES_FILE", "loaded_from", "transformer_folder", "checkpoint_files", "gate_keys",
-           "read_gates", "write_gates"]
+           "read_gates", "write_gates", "save_with_gates"]
 
 #: A gate tensor's key: ``blocks.<N>.to_gate_compress.<weight|bias>`` (optionally ``attn1.`` before the name, and a
 #: ``transformer.``/``model.`` prefix).
@@ -89,7 +89,8 @@ def checkpoint_files(folder) -> List[Path]:
             raise BadFileError(index, "is not a safetensors index", "{\"weight_map\": {key: shard file}}") from None
         extra = [folder / GATES_FILE] if (folder / GATES_FILE).is_file() and GATES_FILE not in shards else []
         return [folder / s for s in shards] + extra
-    return sorted(p for p in folder.glob("*.safetensors") if p.is_file())
+    # (a killed writer's hidden temporary, e.g. of vsa_gates.safetensors, is no checkpoint file: never read it)
+    return sorted(p for p in folder.glob("*.safetensors") if p.is_file() and not p.name.startswith("."))
 
 
 def _keys(path: Path) -> List[str]:
@@ -129,12 +130,102 @@ def write_gates(folder, tensors: Dict[str, torch.Tensor]) -> Path:
     return atomic_write(Path(folder) / GATES_FILE, lambda tmp: save_file(data, str(tmp), metadata={"format": "pt"}))
 
 
+#: The gates file's metadata key recording the sha256 of each file saved with it (JSON ``{name: sha256}``).
+_BOUND = "dit_accel_saved_with"
+
+
+def _model_files(folder: Path) -> List[Path]:
+    """The files of a Diffusers model folder (hidden files and the gates aside)."""
+    return sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".") and p.name != GATES_FILE)
+
+
+def _is_weights(name: str) -> bool:
+    """A weights file (or shard index) of a Diffusers model folder: what the gates were trained with."""
+    return name.endswith((".safetensors", ".bin", ".index.json")) and name != GATES_FILE
+
+
+def save_with_gates(save_directory, save: Callable[[Path], object], tensors: Dict[str, torch.Tensor]):
+    """``save(folder)`` (Diffusers' ``save_pretrained``) and the gates as one commit: a kill at any instant leaves the
+    previous model with its gates or the new one with its own, never one model's weights beside the other's gates.
+
+    ``save`` writes into a temporary sibling folder; its files and ``GATES_FILE`` (``tensors``; with none, a gates
+    file already in the folder, another model's, is removed) are then one :func:`~dit_accel.atomic_files.
+    commit_files` set. The gates file records the sha256 of every file saved with it, so gates that a later save
+    without dit_accel left beside other weights are refused when read (:func:`read_gates`). Returns ``save``'s
+    result."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from .atomic_files import commit_files, commit_journal, recover, sha256_file, temp_name
+
+    folder = Path(save_directory)
+    bad = sorted(k for k in tensors if not GATE_KEY.match(k))
+    if bad:
+        raise ValueError(f"not VSA gate keys: {bad[:3]} (expected blocks.N.to_gate_compress.weight / .bias)")
+    data = {k: v.detach().to("cpu").float().contiguous() for k, v in tensors.items()}
+    folder.mkdir(parents=True, exist_ok=True)
+    journal = commit_journal(folder / GATES_FILE)
+    recover(journal, [folder, folder.parent])
+    staging = temp_name(folder)
+    try:
+        result = save(staging)
+        saved = _model_files(staging)
+        files = {folder / p.name: (lambda tmp, p=p: os.replace(p, tmp)) for p in saved}
+        if data:
+            bound = json.dumps({p.name: sha256_file(p) for p in saved if _is_weights(p.name)}, sort_keys=True)
+            files[folder / GATES_FILE] = lambda tmp: save_file(data, str(tmp), metadata={"format": "pt",
+                                                                                        _BOUND: bound})
+        names = {p.name for p in saved}
+        # a previous model's gates, and the weight shards of a previous save that this one has no place for
+        remove = [p for p in _model_files(folder) if p.name not in names and p.name.startswith("diffusion_pytorch_model")]
+        if not data and (folder / GATES_FILE).is_file():
+            remove.append(folder / GATES_FILE)
+        commit_files(files, journal, remove=remove)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return result
+
+
+def _check_bound(folder: Path) -> None:
+    """BadFileError unless the files that ``GATES_FILE`` was saved with are the folder's files now."""
+    from safetensors import safe_open
+
+    from .atomic_files import finish_for_reader, commit_journal, sha256_file
+
+    path = folder / GATES_FILE
+    finish_for_reader(commit_journal(path), path)  # a save killed after its commit point: finish it first
+    if not path.is_file():
+        return
+    with safe_open(str(path), framework="pt") as f:
+        bound = (f.metadata() or {}).get(_BOUND)
+    if bound is None:  # written before the binding existed: nothing to compare
+        return
+    try:
+        recorded = json.loads(bound)
+    except ValueError:
+        recorded = None
+    if not isinstance(recorded, dict):
+        raise BadFileError(path, f"its {_BOUND} metadata is not a JSON table of files", "a gates file written by "
+                           "save_pretrained under dit_accel.VSA; save the model again")
+    now = {p.name for p in _model_files(folder)}
+    changed = sorted(n for n in now if _is_weights(n) and n not in recorded)
+    changed += sorted(n for n, digest in recorded.items() if n not in now or sha256_file(folder / n) != digest)
+    if changed:
+        raise BadFileError(path, f"was saved with other model files than the folder holds now ({', '.join(changed[:3])} "
+                                 "changed since: another model was saved here without dit_accel.VSA applied), so "
+                                 "these gates are not this model's", "gates saved together with the weights; remove "
+                                 f"{GATES_FILE} to run VSA without gates, or save the gated model again")
+
+
 def read_gates(folder) -> Dict[int, Dict[str, torch.Tensor]]:
     """``{block index: {"weight": (inner, dim), "bias": (inner,) or absent}}`` of a folder's gates.
 
-    ValueError when a block has a bias without a weight, or a weight that is not 2-D."""
+    ValueError when a block has a bias without a weight, or a weight that is not 2-D; BadFileError when a gate
+    holds NaN or inf, or when ``GATES_FILE`` was saved with other weights than the folder holds."""
     from safetensors import safe_open
 
+    _check_bound(Path(folder))
     keys = gate_keys(folder)
     gates: Dict[int, Dict[str, torch.Tensor]] = {}
     for key, path in sorted(keys.items()):
@@ -151,5 +242,12 @@ def read_gates(folder) -> Dict[int, Dict[str, torch.Tensor]]:
         if bias is not None and tuple(bias.shape) != (weight.shape[0],):
             raise ValueError(f"{folder}: the to_gate_compress bias of block {block} has shape {tuple(bias.shape)}, "
                              f"its weight {tuple(weight.shape)}")
+        for kind, tensor in parts.items():  # a NaN gate turns every output of the layer into NaN
+            if not tensor.is_floating_point() or not bool(torch.isfinite(tensor).all()):
+                key = next(k for k in keys if GATE_KEY.match(k).groups() == (str(block), kind))
+                what = f"dtype {tensor.dtype}" if not tensor.is_floating_point() else \
+                    f"{int((~torch.isfinite(tensor)).sum())} non-finite values (NaN or inf)"
+                raise BadFileError(keys[key], f"the to_gate_compress {kind} of block {block} ({key}) has {what}",
+                                   "finite float gate weights; the checkpoint is damaged: download or save it again")
     return gates
 

@@ -132,7 +132,7 @@ def _record(args, pipe, method, schedule, source, call, frames, written, times, 
         "model_kind": resolve_model_kind(args.model),
         "pipeline": type(pipe).__name__,
         "transformer": type(getattr(pipe, "transformer", None)).__name__,
-        "method": method.to_dict(),
+        "method": method.ran_dict(),  # what ran (VSA's default sparsity resolved)
         "schedule": schedule,
         "backends_used": summary.get("backends_used", []),  # what "backend" (auto: the best available) ran
         "defaults_source": source,

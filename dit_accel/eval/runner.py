@@ -113,7 +113,7 @@ class MethodSpec:
         return cls(label, method, apply_kwargs, explicit)
 
     def describe(self) -> dict:
-        out = {"label": self.label, **self.method.to_dict(), **self.apply_kwargs}
+        out = {"label": self.label, **self.method.ran_dict(), **self.apply_kwargs}
         if self.cache is not None:
             out["cache"] = self.cache.describe()
         return out

@@ -355,6 +355,33 @@ def vsa_coarse_time(tokens: int, cubes: int, *, heads: int = 1, batch: int = 1, 
     return glue + tiles
 
 
+def vsa_counts(plan, *, heads: int = 1, batch: int = 1) -> TileCounts:
+    """:class:`TileCounts` of a VSA call's fine launch (a :class:`~dit_accel.plans.vsa.VSAPlan`): a CTA per query
+    cube, ``plan.count`` key cube tiles each (cube x cube tiles); tiles of key cubes with padding are partial,
+    in the share such cubes hold of all cubes (the selection is made per call, so the expected share)."""
+    cubes = plan.cubes
+    partial = float((~cubes.real.all(-1)).float().mean())  # share of key cubes with padding
+    ctas = batch * heads * cubes.count
+    visited = float(ctas * plan.count)
+    return TileCounts(ctas=ctas, full_tiles=visited * (1 - partial), partial_tiles=visited * partial,
+                      block_q=cubes.volume, block_k=cubes.volume, q_len=cubes.perm.num_padded,
+                      kv_len=cubes.perm.num_padded, heads=heads, batch=batch)
+
+
+def vsa_time(plan, *, heads: int = 1, batch: int = 1, head_dim: int = 128, arch: str = "h100",
+             kernel: str = "current") -> float:
+    """Modelled seconds of one VSA call (forward) on ``plan``'s grid, its three launches together: cube pooling
+    and coarse attention with the fused top-k selection (:func:`vsa_coarse_time` plus
+    :data:`VSA_COARSE_LAUNCHES` dense launches), and the fine block-sparse launch over the selected cubes
+    (:func:`block_sparse_time` of :func:`vsa_counts`). A model, not a measurement: no VSA launch has been timed
+    on a GPU, so its terms borrow the fitted block-sparse, dense and SLA constants."""
+    c = constants(arch)
+    coarse = VSA_COARSE_LAUNCHES * c.dense_per_call_s + vsa_coarse_time(
+        plan.cubes.perm.num_tokens, plan.cubes.count, heads=heads, batch=batch, head_dim=head_dim, arch=arch)
+    fine = block_sparse_time(vsa_counts(plan, heads=heads, batch=batch), head_dim=head_dim, arch=arch, kernel=kernel)
+    return coarse + fine
+
+
 def work_vs_dense(density: float, padded_tokens: int, tokens: int) -> float:
     """The work of a layout relative to dense attention on the real tokens: ``density x (Np / N)^2``
     (padded blocks cost time that dense attention on ``N`` tokens never spends)."""

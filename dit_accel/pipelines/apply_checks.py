@@ -11,7 +11,7 @@ from torch import nn
 
 from .._util import WarningLog, is_int
 from ..kernels.backends import BACKENDS as _KERNEL_BACKENDS
-from ..methods import SLA, Method
+from ..methods import SLA, Method, registered_methods
 from .presets import check_pipeline
 from .schedule import Schedule
 
@@ -58,8 +58,10 @@ def _check_weights(weights):
 def _check_method(name: str, method) -> Method:
     if not isinstance(method, Method):
         hint = f"dit_accel.method_from_name({method!r})" if isinstance(method, str) else "dit_accel.Tile(...)"
-        raise TypeError(f"{name} must be a dit_accel method config (dit_accel.Dense(), GNA(...), Tile(...), "
-                        f"Radial(...) or SLA(...)); got {type(method).__name__}. Try {hint}")
+        # the list comes from the registry, so a method added later is named too
+        names = [f"{e.cls.__name__}(...)" for e in registered_methods().values()]
+        raise TypeError(f"{name} must be a dit_accel method config (dit_accel.{', '.join(names[:-1])} or "
+                        f"{names[-1]}); got {type(method).__name__}. Try {hint}")
     return method
 
 

@@ -304,16 +304,23 @@ class AccelHandle:
                 elif key.startswith(owner + ".base_layer."):
                     base[owner + "." + key[len(owner) + len(".base_layer."):]] = value
             transformer.__dict__["state_dict"] = lambda *a, **k: base
-        try:
-            result = original(save_directory, *args, **kwargs)
-        finally:
-            transformer.__dict__.pop("state_dict", None)
         main = kwargs.get("is_main_process", args[0] if args else True)
         gates = self._gates.state_dict_of(transformer) if getattr(self, "_gates", None) is not None else {}
-        if gates and main:  # VSA's gates, which Diffusers does not save: beside the weights, in FastVideo's layout
-            from ..checkpoints.vsa_gates import write_gates
+        try:
+            if main and not kwargs.get("push_to_hub"):
+                # VSA's gates, which Diffusers does not save, beside the weights in FastVideo's layout, and the
+                # weights in one commit (no gates: a previous model's gates file goes)
+                from ..checkpoints.vsa_gates import save_with_gates
 
-            write_gates(save_directory, gates)
+                result = save_with_gates(save_directory, lambda folder: original(folder, *args, **kwargs), gates)
+            else:
+                result = original(save_directory, *args, **kwargs)
+                if gates and main:  # (pushed to the hub from the folder: the gates beside it, as before)
+                    from ..checkpoints.vsa_gates import write_gates
+
+                    write_gates(save_directory, gates)
+        finally:
+            transformer.__dict__.pop("state_dict", None)
         if first and (ours or projections) and main:
             save_trained_weights(
                 save_directory, transformer=transformer, method=self.method,
@@ -405,7 +412,7 @@ class AccelHandle:
         density and sparsity, attention time, the settings."""
         self._check_active("summary()")
         s = self.schedule
-        return {"method": self.method.name, "config": self.method.to_dict(), **self._runtime.stats.summarize(
+        return {"method": self.method.name, "config": self.method.ran_dict(), **self._runtime.stats.summarize(
             self.stats(all_ranks)), "dense_steps": s.dense_steps, "dense_last_steps": s.dense_last_steps,
             "dense_layers": sorted(s.dense_layers), "backend": self.backend, "warnings": self.warnings}
 

@@ -7,8 +7,10 @@ attention module the checkpoint has a gate for: the hook makes ``gate = to_gate_
 (the module's input, computed only if the VSA plan asks) the layer's pending gate for the duration of the
 module's forward (:func:`dit_accel.plans.vsa.push_gate`). The projections are dit_accel's, not submodules
 of the model, like SLA's: ``state_dict()`` sees the model unchanged, and ``save_pretrained`` while the handle is
-active writes them beside the saved weights (:data:`~dit_accel.checkpoints.vsa_gates.GATES_FILE`), so the saved folder runs
-the same gates when VSA is applied to it again.
+active writes them beside the saved weights (:data:`~dit_accel.checkpoints.vsa_gates.GATES_FILE`), weights and gates in one
+commit (:func:`~dit_accel.checkpoints.vsa_gates.save_with_gates`), so the saved folder runs the same gates when VSA is
+applied to it again. Gates that are not finite, that match no block VSA runs, or that were saved with other
+weights than the folder holds are refused; gates for blocks the model lacks are named in a warning.
 
 Where no layer runs VSA and the transformer's checkpoint holds gates, it warns that they are unused.
 """
@@ -260,8 +262,10 @@ def _load(gates: VSAGates, targets, weights, log) -> int:
                          "them VSA runs the fine branch alone", key=("no gate folder", name), stacklevel=5)
         tensors = read_gates(folder) if folder is not None else {}
         total += len(modules)
+        blocks = {name: _BLOCK.search(name[len(prefix):]) for name, _ in modules}
+        _check_blocks(folder, transformer, tensors, {int(m.group(1)) for m in blocks.values() if m}, log)
         for name, module in modules:
-            match = _BLOCK.search(name[len(prefix):])
+            match = blocks[name]
             parts = tensors.get(int(match.group(1))) if match else None
             if parts is None:
                 continue
@@ -277,6 +281,38 @@ def _load(gates: VSAGates, targets, weights, log) -> int:
                 bias = None if bias is None else bias.to(ref.device, ref.dtype)
             gates.add(name, module, _Gate(weight, bias), str(folder))
     return total
+
+
+def _check_blocks(folder, transformer, tensors: dict, blocks: set, log) -> None:
+    """The checkpoint's gates against the blocks whose attention VSA runs: gates for none of them are refused (the
+    gates belong to another model, and VSA would run without a word of it); gates for blocks the model does not
+    have are named in a warning."""
+    if not tensors:
+        return
+    extra = sorted(set(tensors) - blocks)
+    if not set(tensors) & blocks:
+        raise ValueError(f"dit_accel: {folder} holds VSA to_gate_compress gates for blocks {_ranges(extra)}, but none "
+                         f"of {type(transformer).__name__}'s VSA layers is in such a block (its blocks: "
+                         f"{_ranges(sorted(blocks)) or 'none'}): the gates belong to another model. Pass that "
+                         "model's folder, or remove the gates file to run VSA without gates")
+    if extra:
+        log.warn(f"dit_accel: {folder} holds VSA to_gate_compress gates for blocks {_ranges(extra)}, which "
+                 f"{type(transformer).__name__} has no VSA layer in (its blocks: {_ranges(sorted(blocks))}): those "
+                 "gates are not used; check that the checkpoint belongs to this model",
+                 key=("extra gates", str(folder)), stacklevel=6)
+
+
+def _ranges(numbers) -> str:
+    """``0-3, 7`` for ``[0, 1, 2, 3, 7]``."""
+    out, numbers = [], list(numbers)
+    i = 0
+    while i < len(numbers):
+        j = i
+        while j + 1 < len(numbers) and numbers[j + 1] == numbers[j] + 1:
+            j += 1
+        out.append(str(numbers[i]) if i == j else f"{numbers[i]}-{numbers[j]}")
+        i = j + 1
+    return ", ".join(out)
 
 
 def _dims(module: nn.Module):

@@ -77,6 +77,9 @@ class PerHead(Method):
     def to_dict(self) -> dict:
         return {"method": self.name, "heads": [m.to_dict() for m in self.methods]}
 
+    def ran_dict(self) -> dict:
+        return {"method": self.name, "heads": [m.ran_dict() for m in self.methods]}
+
     def runs_sla(self, layer: int) -> bool:
         return any(m.name == "sla" for m in self.methods)
 

@@ -76,6 +76,12 @@ class VSAPlan(Plan):
     kind = "vsa"
 
     def __init__(self, method, grid):
+        if isinstance(grid, (tuple, list)) and len(grid) != 3:
+            # apply() takes no grid, so check_vsa_grid's (1, H, W) advice is not one this caller can follow
+            raise ValueError(f"VSA needs a video token grid (T, H, W), but this model's token grid is "
+                             f"{tuple(grid)}: VSA cuts videos into cubes across frames and runs on video models "
+                             "only; on an image model use Tile, GNA or SLA (e.g. dit_accel.Tile(tile=(8, 8), "
+                             "window=(3, 3)))")
         grid = check_vsa_grid(tuple(grid), owner="VSA: ")
         super().__init__(method, grid)
         self.cubes = cubes_of(grid, method.tile)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -225,3 +227,27 @@ def test_auto_decides_with_the_fit_of_the_shipped_kernels():
     small = Tile(tile=(1, 12, 12), window=(3, 1, 1)).plan((16, 12, 12)).layout
     assert "cost model (h200)" in dense_reason(small, batch=1, heads=4, needs_grad=False,
                                                **{**kw, "head_dim": 32})
+
+
+def test_vsa_call_is_its_pool_coarse_select_and_fine_launches():
+    """Issue 72, item 5: VSA in the cost model, its three launches at FastWan's shape ((16, 28, 52), 12 heads):
+    the fine launch's tiles counted from the cubes (brute force here: key cubes with padding give partial tiles),
+    plus the pooling and coarse-with-selection launches; fewer cubes kept, less time; dense-like at sparsity 0."""
+    import dit_accel
+
+    grid = (16, 28, 52)
+    plan = dit_accel.VSA(sparsity=0.9).plan(grid)
+    c, k = plan.cubes.count, plan.count
+    assert (c, k) == (4 * 7 * 13, 37)  # ceil(0.1 * 364): 36.400000000000006 -> 37
+    n = cost.vsa_counts(plan, heads=12)
+    assert all(g % 4 == 0 for g in grid)  # every cube whole: no partial tile
+    assert n.ctas == 12 * c and n.tiles == 12 * c * k and n.partial_tiles == 0 and n.block_q == n.block_k == 64
+    c0 = cost.constants("h100")
+    coarse = cost.VSA_COARSE_LAUNCHES * c0.dense_per_call_s + cost.vsa_coarse_time(math.prod(grid), c, heads=12)
+    assert cost.vsa_time(plan, heads=12) == pytest.approx(coarse + cost.block_sparse_time(n))
+    sparser = cost.vsa_time(dit_accel.VSA(sparsity=0.95).plan(grid), heads=12)
+    assert coarse < sparser < cost.vsa_time(plan, heads=12) < cost.vsa_time(dit_accel.VSA(sparsity=0.0).plan(grid),
+                                                                            heads=12)
+    edge = dit_accel.VSA(topk=2).plan((5, 6, 7))  # 8 cubes of (4, 4, 4), 7 of them partial
+    m = cost.vsa_counts(edge, heads=1)
+    assert m.partial_tiles == pytest.approx(8 * 2 * 7 / 8) and m.full_tiles == pytest.approx(8 * 2 / 8)

@@ -89,7 +89,7 @@ def test_twin_gradcheck_in_float64():
                                      fast_mode=True)
 
 
-def test_ties_are_resolved_like_torch_topk():
+def test_ties_go_to_the_lower_cube_index():
     grid, tile = (4, 8, 8), (4, 4, 4)  # 4 full cubes
     q, k, v, gate = _qkv((1, 2, 256, 8), seed=1)
     k = k.clone()
@@ -97,9 +97,27 @@ def test_ties_are_resolved_like_torch_topk():
     ref, ref_sel, scores = reference(q, k, v, grid, 2, tile, gate)
     assert bool((scores == scores[..., :1]).all())  # a real tie
     out, sel = dit_accel.vsa_attention(q, k, v, grid, topk=2, tile=tile, gate=gate, return_selection=True)
-    expected = torch.topk(torch.zeros(1, 2, 4, 4), 2, dim=-1).indices  # how torch.topk breaks a full tie
+    expected = torch.tensor([0, 1]).expand(1, 2, 4, 2)  # FastVideo's fused kernel: the lowest indices first
     assert torch.equal(sel, expected) and torch.equal(ref_sel, expected)
     torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("sparsity,kept", [(0.7, 433), (0.85, 217), (0.95, 73)])
+def test_sparsity_keeps_fastvideos_count_at_wan_720p(sparsity, kept):
+    """FastVideo keeps ceil((1 - s) * C) cubes computed in double precision; at Wan 720p's 1,440 cubes these
+    products land a hair above an integer (0.3 * 1440 = 432.00000000000006), so one more cube is kept."""
+    from dit_accel.calibrate.candidates import candidate_grid
+
+    grid = (21, 45, 80)
+    assert math.prod(-(-g // 4) for g in grid) == 1440
+    assert selected_count(1440, None, sparsity) == kept
+    plan = dit_accel.VSA(sparsity=sparsity).plan(grid)
+    assert plan.cubes.count == 1440 and plan.count == kept and plan.describe()["selected"] == kept
+    assert plan.density == kept / 1440
+    if sparsity in (0.7, 0.85):  # the calibration's own VSA candidates price the same count
+        found = [c for c in candidate_grid(grid, methods=("vsa",)) if c.kind == "vsa"
+                 and c.method.effective_sparsity == sparsity]
+        assert [c.density for c in found] == [kept / 1440]
 
 
 def test_topk_and_sparsity_counts():
@@ -273,3 +291,77 @@ def test_coarse_variant_passes_its_self_check_and_the_fault_switch_fails_it(tmp_
     monkeypatch.setenv(selfcheck.ENV_FAULT, "vsa.triton.coarse")
     bad = selfcheck.verdict("vsa.triton.coarse", torch.device("cpu"), torch.float32, shape, fresh=True)
     assert not bad["ok"], bad
+
+
+def test_a_tile_larger_than_the_grid_is_clamped_per_dimension():
+    """Issue 74, item 1: ``vsa_attention(..., tile=(100, 100, 100))`` on a 4x12x12 grid tried to allocate for a
+    million-token cube. A tile longer than the grid along a dimension is one cube of the grid's extent there."""
+    from dit_accel.kernels.vsa import cubes_of
+
+    grid = (4, 12, 12)
+    q, k, v, _ = _qkv((1, 2, 576, 8), seed=4)
+    out = dit_accel.vsa_attention(q, k, v, grid, topk=1, tile=(100, 100, 100))  # one cube: dense attention
+    torch.testing.assert_close(out, torch.nn.functional.scaled_dot_product_attention(q, k, v), atol=1e-5,
+                               rtol=1e-5)
+    assert cubes_of(grid, (100, 100, 100)).perm.tile == (4, 16, 16)  # (powers of two stay powers of two)
+    assert cubes_of((3, 6, 7), (2, 4, 8)).perm.tile == (2, 4, 8)  # a tile within the grid's reach is kept
+    cubes = cubes_of(grid, (3, 100, 5))
+    assert cubes.perm.tile == (3, 16, 5) and cubes.volume == 240 and cubes.perm.num_padded == 6 * 16 * 15
+    a, sel = dit_accel.vsa_attention(q, k, v, grid, topk=2, tile=(3, 100, 5), return_selection=True)
+    ref, ref_sel, _ = reference(q, k, v, grid, 2, (3, 100, 5))  # the reference never clamps: cube ids by division
+    assert torch.equal(sel, ref_sel)
+    torch.testing.assert_close(a.double(), ref, atol=2e-5, rtol=2e-5)
+
+
+def test_a_cube_too_large_for_one_block_is_refused_naming_the_grid():
+    grid = (21, 45, 80)
+    q = torch.zeros(1, 1, math.prod(grid), 1)
+    with pytest.raises(ValueError, match=r"tile=\(100, 100, 100\) on the video token grid \(21, 45, 80\) makes "
+                                         r"cubes of \(32, 64, 100\) = 204800 tokens.*\(4, 4, 4\)"):
+        dit_accel.vsa_attention(q, q, q, grid, topk=1, tile=(100, 100, 100))
+    with pytest.raises(ValueError, match="204800 tokens"):
+        dit_accel.VSA(tile=(100, 100, 100)).plan(grid)
+
+
+def test_a_vsa_call_copies_nothing_from_the_host(monkeypatch):
+    """Issue 72, item 5: VSA's launch path must be CUDA-graph safe. On "meta" tensors (a device whose values are
+    never on the host) a second call through the plan runs no op on a CPU tensor (no host-side tensor copied to
+    the device per call, as the cube sizes were) and reads no value back (item/tolist/cpu/bool would raise on
+    meta). The fine branch's block-sparse backend is stubbed: its own backends are checked where they live."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_leaves
+
+    import dit_accel.kernels.vsa.api as api
+
+    def fine_stub(q, k, v, layout, scale=None, return_lse=False, backend="auto"):
+        return torch.empty_like(q), q.new_empty(q.shape[:-1], dtype=torch.float32)
+
+    class HostOps(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if any(isinstance(t, torch.Tensor) and t.device.type == "cpu" for t in tree_leaves((args, kwargs, out))):
+                self.ops.append(str(func))
+            return out
+
+    monkeypatch.setattr(api, "block_sparse_attention", fine_stub)
+    grid = (5, 6, 7)
+    plan = dit_accel.VSA(topk=3).plan(grid)
+    q, k, v = (torch.randn(2, 3, 210, 16, device="meta") for _ in range(3))
+    plan.prepare("meta")
+    plan.attend(q, k, v, scale=None, backend="torch")  # first call: per-device tables are made once
+    for name in ("item", "tolist", "cpu", "numpy", "__bool__"):
+        monkeypatch.setattr(torch.Tensor, name, lambda *a, _n=name, **k: pytest.fail(f"host sync: Tensor.{_n}"))
+    with HostOps() as log:
+        fine, lse, extra, density = plan.attend(q, k, v, scale=None, backend="torch")
+    assert log.ops == [] and fine.device.type == "meta" and density == 3 / 8
+    # the launch reuses the sizes made for this device: no call reads cubes.sizes (host) again
+    from dit_accel.kernels.vsa.naive import coarse_attention, cube_sizes
+
+    no_sizes = plan.cubes._replace(sizes=None)
+    assert cube_sizes(no_sizes, "meta", inverse=False) is cube_sizes(plan.cubes, "meta")
+    q_t = plan.cubes.perm.permute(q, dim=-2)
+    coarse_attention(q_t, q_t, q_t, no_sizes, 3, 0.25)

@@ -2,7 +2,7 @@
 
 Under the interpreter, on grids that are no multiple of the tile (partial cubes), fp32 (its bf16 dot is wrong):
 the launch's selection is the set torch.topk picks (ascending, no duplicates), exact ties (duplicated key cubes)
-go to the lower index, past NK_MAX torch.topk selects instead, the coarse output and scores match the twin, and a
+go to the lower index on the launch and the twin alike, past NK_MAX the twin's rule selects instead, the coarse output and scores match the twin, and a
 fault in the selection alone fails the self-check. Without a GPU (real compiles in a subprocess): the pooling and
 the fused coarse + select kernels compile for sm_90 and sm_100 without spills, stack frame or local memory at head
 dim 64 and 128, FastWan 480p's 624 cubes (4x4x4) and NK_MAX cubes.
@@ -105,18 +105,39 @@ def test_exact_ties_go_to_the_lower_index(grid, tile):
     assert torch.equal(sel, _lower_index_top(scores, count))
     want = coarse_attention(q_t, k_t, v_t, cubes, count, 0.3)
     torch.testing.assert_close(scores, want[1], atol=1e-5, rtol=1e-5)
+    assert torch.equal(want[2], sel)  # the twin (the CPU path) picks the very same cubes, in the same order
 
 
 @interpreter
-def test_past_the_bound_torch_topk_selects(monkeypatch):
+def test_one_call_selects_the_same_tied_cubes_on_the_launch_and_the_twin():
+    """As a user calls it: ``vsa_attention`` with every key cube alike (a full tie of the coarse scores) selects
+    the lowest cube indices through the Triton launch (forced, the interpreter) and through the PyTorch twin."""
+    import dit_accel
+
+    grid = (5, 6, 7)  # 18 cubes of (2, 2, 4), partial ones included
+    g = torch.Generator().manual_seed(2)
+    q, v = (torch.randn(1, 2, 210, 16, generator=g) for _ in range(2))
+    # one key vector of quarters: its mean over any cube is exact, so every key cube's score ties exactly
+    k = (torch.randint(-8, 8, (1, 2, 1, 16), generator=g) / 4).expand(1, 2, 210, 16).contiguous()
+    outs = {b: dit_accel.vsa_attention(q, k, v, grid, topk=5, tile=(2, 2, 4), backend=b, return_selection=True)
+            for b in ("torch", "triton")}
+    want = torch.arange(5).expand(1, 2, 18, 5)
+    assert torch.equal(outs["torch"][1], want) and torch.equal(outs["triton"][1], want)
+    torch.testing.assert_close(outs["triton"][0], outs["torch"][0], atol=1e-5, rtol=1e-5)
+
+
+@interpreter
+def test_past_the_bound_the_same_rule_selects(monkeypatch):
     from dit_accel.kernels.vsa import triton as vt
 
     cubes, (q_t, k_t, v_t) = _tiled((5, 6, 7), (2, 2, 4), seed=1)
     monkeypatch.setattr(vt, "NK_MAX", cubes.count - 1)
     assert not vt.fused_selection(cubes.count)
+    real = cubes.real.reshape(1, 1, -1, 1)
+    k_t = torch.where(real, k_t[:, :, :1], 0.0)  # every real key alike: every cube mean ties (padding stays zero)
     coarse, scores, sel = vt.coarse_triton(q_t, k_t, v_t, cubes, 4, 0.3, with_output=False)
     assert coarse is None
-    assert torch.equal(sel, torch.topk(scores, 4, dim=-1).indices)  # torch.topk's order: descending score
+    assert torch.equal(sel, _lower_index_top(scores, 4))  # the fused selection's rule: ascending, lower index
 
 
 @interpreter
@@ -185,3 +206,16 @@ def test_no_kernel_spills(compiled):
     bad = [r for r in compiled
            if r["stack"] or r["spill_stores"] or r["spill_loads"] or r["local"] or r["ptx_local"] or r["warnings"]]
     assert not bad, bad
+
+
+@interpreter
+def test_the_launch_copies_no_host_table_per_call():
+    """Issue 72, item 5 (CUDA-graph safe): the pooling launch's 1 / cube sizes are made once per device, so a call
+    after the first never reads the host-side ``cubes.sizes`` (a host-to-device copy per call on a GPU)."""
+    from dit_accel.kernels.vsa.triton import coarse_triton
+
+    cubes, (q_t, k_t, v_t) = _tiled((5, 6, 7), (2, 2, 4), seed=7)
+    first = coarse_triton(q_t, k_t, v_t, cubes, 3, 0.3)
+    again = coarse_triton(q_t, k_t, v_t, cubes._replace(sizes=None), 3, 0.3)
+    for a, b in zip(first, again):
+        assert torch.equal(a, b)

@@ -22,8 +22,18 @@ def cube_ids(grid, tile):
 
 def count_for(grid, tile, topk=None, sparsity=None):
     cubes = cube_ids(grid, tile)[1]
-    k = topk if topk is not None else math.ceil(round((1 - sparsity) * cubes, 9))
+    k = topk if topk is not None else math.ceil((1 - sparsity) * cubes)  # FastVideo: no rounding
     return max(1, min(k, cubes))
+
+
+def lower_index_top(scores, count):
+    """The ``count`` best key cubes per row, ascending, by rank: a cube's rank counts the cubes scoring higher
+    plus the equal ones at a lower index (FastVideo's tie order), so ties never depend on a sort's whim."""
+    s = scores[..., :, None]  # [..., j, 1] against [..., 1, i]
+    other = scores[..., None, :]
+    idx = torch.arange(scores.shape[-1])
+    rank = ((other > s) | ((other == s) & (idx[None, :] < idx[:, None]))).sum(-1)
+    return torch.nonzero(rank < count)[:, -1].view(*scores.shape[:-1], count)
 
 
 def vsa_pieces(q, k, v, grid, count, tile, scale=None):
@@ -38,7 +48,7 @@ def vsa_pieces(q, k, v, grid, count, tile, scale=None):
 
     qc, kc, vc = means(q), means(k), means(v)
     scores = qc @ kc.transpose(-1, -2) * scale
-    selection = torch.topk(scores, count, dim=-1).indices
+    selection = lower_index_top(scores, count)
     chosen = torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, selection, True)  # (B, H, Cq, Ck)
     mask = chosen[:, :, ids][:, :, :, ids]  # query's cube chose key's cube
     coarse = (torch.softmax(scores, -1) @ vc)[:, :, ids]

@@ -110,3 +110,24 @@ def test_sla_keeping_every_block_reproduces_dense_and_a_small_topk_is_sparse(mod
         sparse = _run(model, kwargs)
         rows = handle.stats()
     assert torch.isfinite(sparse).all() and all(r["sparse_calls"] == 1 and r["density"] < 1 for r in rows)
+
+
+def test_vsa_on_an_image_model_says_it_needs_a_video_model(models):
+    """Issue 74, item 7: the refusal advised passing a (1, H, W) grid, which apply() does not take."""
+    model = models["pixart"]
+    kwargs = T.tiny_transformer_inputs("pixart", model, batch=1)
+    with pytest.raises(ValueError, match=r"VSA needs a video token grid \(T, H, W\), but this model's token grid "
+                                         r"is \(\d+, \d+\).*video models only; on an image model use Tile, GNA or SLA"
+                       ) as err:
+        with dit_accel.apply(model, dit_accel.VSA(), backend="torch"):
+            _run(model, kwargs)
+    assert "pass (1, H, W)" not in str(err.value)
+
+
+def test_a_method_that_is_no_config_is_refused_naming_every_registered_method(models):
+    from dit_accel.methods import registered_methods
+
+    with pytest.raises(TypeError, match="must be a dit_accel method config") as err:
+        dit_accel.apply(models["pixart"], "vsa")
+    for entry in registered_methods().values():  # VSA included
+        assert f"{entry.cls.__name__}(...)" in str(err.value)

@@ -119,3 +119,16 @@ def test_config_is_validated_and_round_trips():
     assert method_from_dict(method.to_dict()) == method
     assert dit_accel.method_from_name("vsa", sparsity=0.9) == dit_accel.VSA(sparsity=0.9)
     assert "vsa" in dit_accel.registered_methods()
+
+
+def test_apply_with_a_tile_larger_than_the_grid_runs_its_one_cube(wan):
+    """Issue 74, item 1: apply(VSA(tile=(50, 50, 50))) on a small grid ran for minutes (cubes sized by the tile's
+    volume). Clamped to the (4, 12, 12) grid it is one cube of 576 tokens: the model's dense output, at once."""
+    grid = (4, 12, 12)
+    kwargs = T.tiny_transformer_inputs("wan", wan, grid=grid)
+    dense = _run(wan, kwargs)
+    with dit_accel.apply(wan, dit_accel.VSA(tile=(50, 50, 50)), backend="torch") as handle:
+        out = _run(wan, kwargs)
+        plan = handle.plan(dit_accel.VSA(tile=(50, 50, 50)), grid)
+        assert plan.cubes.count == 1 and plan.cubes.volume == 1024 and plan.density == 1.0
+    torch.testing.assert_close(out, dense, atol=2e-5, rtol=2e-5)

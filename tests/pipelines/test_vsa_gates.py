@@ -233,3 +233,107 @@ def test_save_pretrained_under_vsa_keeps_the_gates(tmp_path):
         torch.testing.assert_close(again(**kwargs)[0], out)
     model.save_pretrained(tmp_path / "plain")  # no handle: Diffusers' folder alone
     assert not (tmp_path / "plain" / GATES_FILE).exists()
+
+
+def test_a_nan_gate_is_refused_naming_the_file_and_the_block(tmp_path):
+    """Issue 74, item 8: a NaN in a gate made every output NaN (and generate painted the video black)."""
+    from safetensors.torch import load_file, save_file
+
+    _gated_checkpoint(tmp_path)
+    path = next(tmp_path.glob("*.safetensors"))
+    state = load_file(str(path))
+    state["blocks.1.to_gate_compress.weight"][3, 2] = float("nan")
+    save_file(state, str(path), metadata={"format": "pt"})
+    model = _load(tmp_path)
+    with pytest.raises(ValueError, match=rf"{path}: the to_gate_compress weight of block 1 "
+                                         r"\(blocks.1.to_gate_compress.weight\) has 1 non-finite values"):
+        dit_accel.apply(model, dit_accel.VSA(topk=2), backend="torch")
+    assert not model.blocks[0].attn1._forward_pre_hooks  # nothing left behind
+
+
+def test_gates_for_blocks_the_model_lacks_are_named_and_gates_for_none_refused(tmp_path):
+    _gated_checkpoint(tmp_path / "extra", layers=(0, 1, 5, 6))
+    model = _load(tmp_path / "extra")
+    with pytest.warns(dit_accel.DitAccelWarning, match=r"gates for blocks 5-6, which WanTransformer3DModel has no "
+                                                       r"VSA layer in \(its blocks: 0-1\)"):
+        handle = dit_accel.apply(model, dit_accel.VSA(topk=2), backend="torch")
+    assert len(handle.vsa_gates) == 2
+    handle.remove()
+    _gated_checkpoint(tmp_path / "other", layers=(7, 8))
+    model = _load(tmp_path / "other")
+    with pytest.raises(ValueError, match=r"gates for blocks 7-8, but none of WanTransformer3DModel's VSA layers is in "
+                                         r"such a block.*belong to another model"):
+        dit_accel.apply(model, dit_accel.VSA(topk=2), backend="torch")
+
+
+def test_another_model_saved_over_a_gated_folder_does_not_inherit_its_gates(tmp_path):
+    """Issue 74, item 8: model B saved into the folder of gated model A kept A's vsa_gates.safetensors, and VSA on B
+    loaded it as its own. Saved under a handle, B's save removes the file; saved without dit_accel, the gates no
+    longer match the weights they were saved with and are refused."""
+    from dit_accel.checkpoints.vsa_gates import GATES_FILE
+
+    _gated_checkpoint(tmp_path / "a")
+    a = _load(tmp_path / "a")
+    with dit_accel.apply(a, dit_accel.VSA(topk=2), backend="torch"):
+        a.save_pretrained(tmp_path / "x")
+    assert (tmp_path / "x" / GATES_FILE).is_file()
+    b = T.build_tiny_transformer("wan")
+    with torch.no_grad():
+        b.blocks[0].attn1.to_q.weight.add_(0.5)  # another model of the same shape
+    with dit_accel.apply(b, dit_accel.Tile(tile=(1, 8, 8), window=(3, 1, 1)), backend="torch"):
+        b.save_pretrained(tmp_path / "x")
+    assert not (tmp_path / "x" / GATES_FILE).exists()
+    with dit_accel.apply(a, dit_accel.VSA(topk=2), backend="torch"):
+        a.save_pretrained(tmp_path / "y")
+    b.save_pretrained(tmp_path / "y")  # plain Diffusers: A's gates stay beside B's weights
+    loaded = _load(tmp_path / "y")
+    with pytest.raises(ValueError, match=rf"{GATES_FILE}: was saved with other model files than the folder holds "
+                                         r"now \(diffusion_pytorch_model.safetensors changed since"):
+        dit_accel.apply(loaded, dit_accel.VSA(topk=2), backend="torch")
+
+
+_SAVE_B = """
+import sys, torch, dit_accel
+from diffusers import WanTransformer3DModel
+b = WanTransformer3DModel.from_pretrained(sys.argv[1]).eval()
+with dit_accel.apply(b, dit_accel.VSA(topk=2), backend="torch"):
+    b.save_pretrained(sys.argv[2])
+"""
+
+
+@pytest.mark.parametrize("kill_at,wins", [(2, "a"), (6, "b")], ids=["before-the-commit", "after-the-commit"])
+def test_a_save_killed_between_weights_and_gates_leaves_one_models_set(tmp_path, kill_at, wins):
+    """Issue 74, item 8: a save_pretrained killed between the weights and the gates left gates that were read from
+    the killed writer's hidden temporary. Weights and gates are one commit: killed before its commit point the
+    folder is model A with A's gates, after it (once a reader finishes the renames) model B with B's."""
+    import os
+    import subprocess
+    import sys
+
+    from dit_accel.checkpoints.vsa_gates import read_gates
+
+    gates_a = _gated_checkpoint(tmp_path / "a")
+    a = _load(tmp_path / "a")
+    with dit_accel.apply(a, dit_accel.VSA(topk=2), backend="torch"):
+        a.save_pretrained(tmp_path / "x")
+    gates_b = _gated_checkpoint(tmp_path / "b")
+    for i in gates_b:  # B's gates differ from A's
+        gates_b[i] = tuple(t * 2 for t in gates_b[i])
+    from safetensors.torch import load_file, save_file
+
+    path = next((tmp_path / "b").glob("*.safetensors"))
+    state = load_file(str(path))
+    for i, (w, bias) in gates_b.items():
+        state[f"blocks.{i}.to_gate_compress.weight"], state[f"blocks.{i}.to_gate_compress.bias"] = w, bias
+    save_file(state, str(path), metadata={"format": "pt"})
+    env = dict(os.environ, DIT_ACCEL_TEST_KILL_AT=str(kill_at), PYTHONPATH=os.getcwd())
+    run = subprocess.run([sys.executable, "-c", _SAVE_B, str(tmp_path / "b"), str(tmp_path / "x")], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == -9, run.stderr[-2000:]  # SIGKILL at the write point
+    read = read_gates(tmp_path / "x")
+    want = gates_a if wins == "a" else gates_b
+    for i, (w, bias) in want.items():
+        assert torch.equal(read[i]["weight"], w) and torch.equal(read[i]["bias"], bias)
+    model = _load(tmp_path / "x")
+    with dit_accel.apply(model, dit_accel.VSA(topk=2), backend="torch") as handle:
+        assert len(handle.vsa_gates) == 2

@@ -3,7 +3,8 @@
 The coarse branch (cube means, softmax attention between them, top-k key cubes per query cube) is ``C x C``
 fp32 work for ``C`` cubes (``N / 64`` at the default tile): on CUDA two Triton launches (:mod:`.triton`,
 forward only, under the self-check ``vsa.triton.coarse``), else and under autograd the PyTorch twin; the
-selection is the same key cube set either way: picked inside the coarse launch (ascending) or ``torch.topk``.
+selection is the same either way: picked inside the coarse launch or by the twin's ``top_cubes`` (ascending,
+exact ties to the lower index).
 The fine branch is a :class:`~dit_accel.kernels.BlockLayout` whose blocks are the cubes, one layout head
 per (batch, head), run by :func:`~dit_accel.kernels.block_sparse_attention` (its backends and their
 self-checks): no second block-sparse kernel. A partial edge cube's padded key positions are masked by an
@@ -153,7 +154,6 @@ def vsa_parts(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid: Tuple[int
     if _fused_coarse(q_t, k_t, v_t, with_coarse, backend):
         from .triton import coarse_triton
 
-        # (its selection is ascending; vsa_layout reads it as a set)
         coarse, _, selection = coarse_triton(q_t, k_t, v_t, cubes, count, scale, with_coarse)
     else:
         coarse, _, selection = coarse_attention(q_t, k_t, v_t, cubes, count, scale, with_coarse)
@@ -187,7 +187,7 @@ def vsa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid, *, to
     The token grid ``(T, H, W)`` is cut into cubes of ``tile`` tokens (t-major, then h, then w; edge cubes
     are partial and hold only their real tokens). *Coarse*: softmax attention between the cube means of
     q, k and v (scale ``scale``), each token taking its cube's row. *Selection*: per (batch, head, query
-    cube), the ``torch.topk`` key cubes by coarse score. *Fine*: exact softmax attention of each query over
+    cube), the top-k key cubes by coarse score (an exact tie to the lower cube index, as FastVideo's kernel). *Fine*: exact softmax attention of each query over
     the real tokens of its selected key cubes. Gradients flow through both branches and the gate, not
     through the selection.
 
@@ -204,9 +204,8 @@ def vsa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid, *, to
             raw op without a gate computes ``coarse + fine``: pass ``torch.ones_like(q)`` for that.
         scale: softmax scale of both branches, default ``1/sqrt(D)``.
         backend: the fine branch's block-sparse backend (``"auto"``, ``"torch"``, ``"triton"``, ``"flex"``, ...).
-        return_selection: also return the selection, int64 ``(B, H, C, k)`` key cube indices per query cube:
-            the set is the contract, not the order (ascending from the Triton launch, descending score from
-            torch.topk; an exact tie goes to the lower index in the former, as torch.topk breaks it in the latter).
+        return_selection: also return the selection, int64 ``(B, H, C, k)`` key cube indices per query cube,
+            ascending, the same on every device and backend (an exact tie goes to the lower index).
 
     Returns:
         ``out`` ``(B, H, N, D)`` in q's dtype (and the selection with ``return_selection=True``).

@@ -12,13 +12,13 @@ count). :mod:`.api` runs the fine branch on the block-sparse backends instead, a
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Optional, Tuple
+from typing import Dict, NamedTuple, Optional, Tuple
 
 import torch
 
 from ...patterns.permutation import TilePermutation
 
-__all__ = ["Cubes", "cubes_of", "selected_count", "coarse_attention", "CubeRows", "cube_rows", "vsa_parts_naive",
+__all__ = ["Cubes", "cubes_of", "cube_sizes", "cube_tile", "MAX_CUBE_TOKENS", "selected_count", "top_cubes", "coarse_attention", "CubeRows", "cube_rows", "vsa_parts_naive",
            "vsa_naive", "VSAParts"]
 
 
@@ -32,9 +32,30 @@ class Cubes(NamedTuple):
     sizes: torch.Tensor  # int64 [count]: real tokens per cube (>= 1)
 
 
+#: Tokens per cube at most (after :func:`cube_tile`'s clamp): the fine branch's block is one cube and a partial
+#: cube's element mask is ``volume x volume``, so a cube past this is refused rather than sized into memory.
+MAX_CUBE_TOKENS = 4096
+
+
+def cube_tile(grid: Tuple[int, ...], tile: Tuple[int, ...]) -> Tuple[int, ...]:
+    """``tile`` clamped to ``grid`` per dimension: the partial-cube rule already makes a tile longer than the grid
+    along a dimension one cube of the grid's extent there (same cubes, same tokens, same results), and the
+    clamp keeps every size (padding, cube volume, masks) bounded by the grid, never by the tile. A dimension is
+    clamped to the grid's extent rounded up to a power of two, so a power-of-two cube stays one (the block
+    sizes the Triton block-sparse kernels take: (2, 4, 8) on a width of 7 keeps its 64-token cubes)."""
+    return tuple(min(int(t), 1 << (int(g) - 1).bit_length()) for t, g in zip(tile, grid))
+
+
 def cubes_of(grid: Tuple[int, ...], tile: Tuple[int, ...]) -> Cubes:
-    """The cubes of ``tile`` on ``grid`` (both 3-D, checked by the caller)."""
-    perm = TilePermutation(tuple(grid), tuple(tile))
+    """The cubes of ``tile`` on ``grid`` (both 3-D, checked by the caller; the tile clamped to the grid,
+    :func:`cube_tile`). ValueError when a clamped cube holds more than :data:`MAX_CUBE_TOKENS` tokens."""
+    clamped = cube_tile(grid, tile)
+    if math.prod(clamped) > MAX_CUBE_TOKENS:
+        raise ValueError(f"VSA: tile={tuple(tile)} on the video token grid {tuple(grid)} makes cubes of "
+                         f"{clamped} = {math.prod(clamped)} tokens, more than {MAX_CUBE_TOKENS} (the fine branch "
+                         "runs one cube as one block): use a smaller tile such as (4, 4, 4) (FastVideo's default) or "
+                         "(4, 8, 8)")
+    perm = TilePermutation(tuple(grid), clamped)
     volume = perm.tile_volume
     count = perm.num_padded // volume
     real = (perm.order >= 0).view(count, volume)
@@ -42,13 +63,41 @@ def cubes_of(grid: Tuple[int, ...], tile: Tuple[int, ...]) -> Cubes:
 
 
 def selected_count(cubes: int, topk: Optional[int], sparsity: Optional[float]) -> int:
-    """Key cubes kept per query cube: ``topk``, or ``ceil((1 - sparsity) * cubes)``, clamped to ``[1, cubes]``."""
+    """Key cubes kept per query cube: ``topk``, or ``ceil((1 - sparsity) * cubes)``, clamped to ``[1, cubes]``.
+
+    The one place the count is computed (plans, calibration candidates and costs go through a plan). The
+    product is FastVideo's, in the same double precision and without rounding: where ``(1 - s) * C`` lands a
+    hair above an integer (s = 0.7 at 1,440 cubes gives 432.00000000000006) FastVideo keeps one cube more,
+    and a checkpoint trained under its rule must run the same pattern here."""
     if topk is not None:
         k = int(topk)
     else:
-        # A product like (1 - 0.9) * 10 lands a hair above an integer; round that noise away before ceil.
-        k = math.ceil(round((1.0 - float(sparsity)) * cubes, 9))
+        k = math.ceil((1 - float(sparsity)) * float(cubes))
     return max(1, min(k, cubes))
+
+
+def top_cubes(scores: torch.Tensor, count: int) -> torch.Tensor:
+    """int64 ``(..., count)``: the ``count`` largest ``scores`` per row, listed ascending, an exact tie going to
+    the lower index (FastVideo's fused kernel's order, and the Triton launch's, :mod:`.triton`); ``-0.0`` ties
+    ``+0.0`` and NaN ranks above every number, as there. ``torch.topk`` breaks ties by no stated rule, so a
+    plan could select other cubes on a CPU than on a GPU; a stable descending sort keeps the lower index first."""
+    order = torch.sort(scores.detach(), dim=-1, descending=True, stable=True).indices
+    return order[..., :count].sort(dim=-1).values
+
+
+# (grid, tile, device, dtype, inverse) -> real tokens per cube (or their reciprocals) on that device.
+_SIZES: Dict[tuple, torch.Tensor] = {}
+
+
+def cube_sizes(cubes: Cubes, device, dtype=torch.float32, *, inverse: bool = False) -> torch.Tensor:
+    """``cubes.sizes`` (or ``1 / sizes``) in ``dtype`` on ``device``, made once per grid, tile, device and dtype:
+    a call copies nothing from the host, so a captured CUDA graph replays it and no call waits on a copy."""
+    key = (cubes.perm.grid, cubes.perm.tile, str(torch.device(device)), dtype, inverse)
+    found = _SIZES.get(key)
+    if found is None:
+        sizes = cubes.sizes.to(torch.float64)
+        found = _SIZES[key] = (1.0 / sizes if inverse else sizes).to(dtype).to(device)
+    return found
 
 
 def _cube_means(x: torch.Tensor, cubes: Cubes, dtype, first: int = 0) -> torch.Tensor:
@@ -58,7 +107,7 @@ def _cube_means(x: torch.Tensor, cubes: Cubes, dtype, first: int = 0) -> torch.T
     b, h, n, d = x.shape
     c = n // cubes.volume
     sums = x.to(dtype).view(b, h, c, cubes.volume, d).sum(3)
-    return sums / cubes.sizes[first:first + c].to(device=x.device, dtype=dtype)[:, None]
+    return sums / cube_sizes(cubes, x.device, dtype)[first:first + c, None]
 
 
 def coarse_attention(q_t: torch.Tensor, k_t: torch.Tensor, v_t: torch.Tensor, cubes: Cubes, count: int,
@@ -68,14 +117,14 @@ def coarse_attention(q_t: torch.Tensor, k_t: torch.Tensor, v_t: torch.Tensor, cu
     ``k_t`` and ``v_t`` hold every cube; ``q_t`` every cube too (``Cq = C``), or the consecutive query cubes
     ``first_query .. first_query + Cq - 1`` (a ring rank's share, :class:`CubeRows`): a query cube's row needs
     only its own mean and every key cube's. Scores are ``mean(q) . mean(k) * scale`` per cube pair;
-    ``selection`` int64 ``(B, H, Cq, count)`` holds the key cubes ``torch.topk`` picks per query cube (ties as
-    torch.topk breaks them). Computed in ``dtype`` (default: fp32, or float64 for float64 inputs),
+    ``selection`` int64 ``(B, H, Cq, count)`` holds the ``count`` top-scoring key cubes per query cube, ascending
+    (:func:`top_cubes`: exact ties to the lower index). Computed in ``dtype`` (default: fp32, or float64 for float64 inputs),
     differentiable except the selection.
     """
     dtype = dtype or (torch.float64 if q_t.dtype == torch.float64 else torch.float32)
     qc, kc = _cube_means(q_t, cubes, dtype, first_query), _cube_means(k_t, cubes, dtype)
     scores = torch.matmul(qc, kc.transpose(-1, -2)) * scale
-    selection = torch.topk(scores.detach(), count, dim=-1).indices
+    selection = top_cubes(scores, count)
     coarse = None
     if with_output:
         coarse = torch.matmul(torch.softmax(scores, dim=-1), _cube_means(v_t, cubes, dtype))

@@ -3,9 +3,8 @@ its top-k selection.
 
 :func:`coarse_triton` returns what :func:`~.naive.coarse_attention` (the PyTorch twin, the CPU path and the
 oracle) returns: the coarse output per cube, the fp32 scores ``mean(q) . mean(k) * scale`` of every cube pair,
-and the selection, the ``count`` largest scores' key cubes per query cube. The set is the twin's; the order is
-not: the fused selection lists its key cubes ascending and breaks an exact tie toward the lower index, where
-``torch.topk`` lists them by descending score (callers use the selection as a set).
+and the selection, the ``count`` largest scores' key cubes per query cube, listed ascending with an exact tie
+going to the lower index, as the twin's :func:`~.naive.top_cubes` (one plan, one pattern on every device).
 
 - ``_vsa_pool_kernel``: one program per (batch x head, cube) reads the cube's tokens of q, k and v once in
   tiled order (the permutation's padding holds zeros) and writes the three fp32 means over its real tokens.
@@ -17,7 +16,7 @@ not: the fused selection lists its key cubes ascending and breaks an exact tie t
   the lower index), storing the int64 indices ascending.
 
 Bound: the fused selection takes ``C <= NK_MAX`` (2048) cubes (FastWan 480p has 624 at 4x4x4); past it the
-launch writes the scores only and the selection is ``torch.topk`` of them (descending order).
+launch writes the scores only and the selection is :func:`~.naive.top_cubes` of them (the same rule).
 Forward only: a call that needs gradients through the coarse branch runs the twin (:mod:`.api` decides).
 Registered with the first-use self-check as ``vsa.triton.coarse``.
 """
@@ -29,7 +28,7 @@ import triton
 import triton.language as tl
 
 from ..sla.select import NK_MAX, _keys, _top
-from .naive import Cubes
+from .naive import Cubes, cube_sizes, top_cubes
 
 __all__ = ["coarse_triton", "fused_selection", "aot_source", "KERNELS", "BLOCK_CUBES", "ROWS", "NK_MAX",
            "NUM_WARPS", "VARIANT"]
@@ -131,7 +130,7 @@ KERNELS = {"pool": _vsa_pool_kernel, "coarse": _vsa_coarse_kernel}
 
 
 def fused_selection(c: int) -> bool:
-    """Whether the coarse launch selects for ``c`` cubes itself (``c <= NK_MAX``), else torch.topk does."""
+    """Whether the coarse launch selects for ``c`` cubes itself (``c <= NK_MAX``), else :func:`top_cubes` does."""
     return 1 <= c <= NK_MAX
 
 
@@ -173,15 +172,15 @@ def coarse_triton(q_t: torch.Tensor, k_t: torch.Tensor, v_t: torch.Tensor, cubes
     """:func:`~.naive.coarse_attention` (fp32) in two launches, forward only: ``(coarse or None, scores,
     selection)``. ``q_t, k_t, v_t``: ``(B, H, Np, D)`` in tiled order (padding zero); ``1 <= count <= C``.
 
-    ``selection`` int64 ``(B, H, C, count)``: the same key cube set per query cube as the twin's torch.topk
-    (up to fp32 near-ties), listed ascending with exact ties going to the lower index when the launch selects
-    (:func:`fused_selection`), in torch.topk's descending order past :data:`NK_MAX` cubes."""
+    ``selection`` int64 ``(B, H, C, count)``: the twin's selection (up to fp32 near-ties), listed ascending with
+    exact ties going to the lower index, selected in the launch (:func:`fused_selection`) or past :data:`NK_MAX`
+    cubes by :func:`top_cubes`."""
     b, h, n_pad, d = q_t.shape
     c, vol = cubes.count, cubes.volume
     device = q_t.device
     q3, k3, v3 = (x.reshape(b * h, n_pad, d) for x in (q_t, k_t, v_t))
     qc, kc, vc = (torch.empty(b * h, c, d, dtype=torch.float32, device=device) for _ in range(3))
-    inv = (1.0 / cubes.sizes.to(torch.float32)).to(device)
+    inv = cube_sizes(cubes, device, inverse=True)  # made once per device: no host copy per call
     _vsa_pool_kernel[(b * h, c)](q3, k3, v3, qc, kc, vc, inv, *q3.stride(), *k3.stride(), *v3.stride(),
                                  qc.stride(0), qc.stride(1), d, **_pool_constexprs(d, vol), num_warps=NUM_WARPS)
     scores = torch.empty(b * h, c, c, dtype=torch.float32, device=device)
@@ -193,7 +192,7 @@ def coarse_triton(q_t: torch.Tensor, k_t: torch.Tensor, v_t: torch.Tensor, cubes
                              qc.stride(0), qc.stride(1), scores.stride(0), scores.stride(1), **cx,
                              num_warps=NUM_WARPS)
     scores = scores.view(b, h, c, c)
-    selection = torch.topk(scores, count, dim=-1).indices if sel is None else sel.view(b, h, c, count)
+    selection = top_cubes(scores, count) if sel is None else sel.view(b, h, c, count)
     from ..selfcheck import corrupt, faulted
 
     # $DIT_ACCEL_FAULT proves the self-check catches a broken launch: the scores, the output, and the selection
