@@ -157,7 +157,7 @@ def save_with_gates(save_directory, save: Callable[[Path], object], tensors: Dic
 
     from safetensors.torch import save_file
 
-    from .atomic_files import commit_files, commit_journal, recover, sha256_file, temp_name
+    from ..atomic_files import commit_files, commit_journal, recover, sha256_file, temp_name
 
     folder = Path(save_directory)
     bad = sorted(k for k in tensors if not GATE_KEY.match(k))
@@ -191,7 +191,7 @@ def _check_bound(folder: Path) -> None:
     """BadFileError unless the files that ``GATES_FILE`` was saved with are the folder's files now."""
     from safetensors import safe_open
 
-    from .atomic_files import finish_for_reader, commit_journal, sha256_file
+    from ..atomic_files import finish_for_reader, commit_journal, sha256_file
 
     path = folder / GATES_FILE
     finish_for_reader(commit_journal(path), path)  # a save killed after its commit point: finish it first
