@@ -133,11 +133,22 @@ def test_runtime_selection_rows_match_a_brute_force_count(config, grid):
                                                                                      abs=1e-4)
     visited, _ = layout.block_masks()
     kept = int(visited[0, 0].sum())
+    assert row["masked_tiles"] == 0.0  # SLA's ragged last block, VSA's partial cubes: lengths (packed cubes)
     if isinstance(config, dit_accel.VSA):
         cubes = math.prod(-(-g // 4) for g in grid)
         assert kept == row["topk"] == (3 if config.topk else math.ceil(0.5 * cubes))
     else:
         assert kept == row["topk_blocks"] == math.ceil(0.3 * -(-math.prod(grid) // 64))
+
+
+@pytest.mark.parametrize("grid, padded", [((16, 28, 52), 1.0), ((21, 30, 52), None)], ids=["fastwan", "wan480p"])
+def test_vsa_cubes_waste_nothing_at_fastwans_shape_and_mask_nothing_at_wans(grid, padded):
+    config, _ = dit_accel.recommended("WanTransformer3DModel", "vsa")
+    assert config.tile == (4, 4, 4)
+    row = bench_layouts.figures_row("g", grid, "vsa", "recommended", config)
+    assert row["masked_tiles"] == 0.0
+    if padded is not None:
+        assert row["padded_work"] == pytest.approx(padded)
 
 
 def test_efficiency_is_speedup_times_true_density():
