@@ -78,7 +78,7 @@ def _plan_layout(config, grid, heads: int, seed: int):
     plan = config.plan(grid)
     if isinstance(plan, LayoutPlan):
         real = None if plan.perm is None else plan.perm.order >= 0
-        return plan.layout, real, {"selection": "static"}
+        return plan.layout, real, {"selection": "static", "ran": repr(plan.method)}  # a fitted Tile's own tile
     kind = getattr(plan, "kind", None)
     n = int(torch.tensor(grid).prod())
     if kind == "vsa":

@@ -107,6 +107,8 @@ def test_recommended_tile_wastes_nothing_at_the_issue_grids(cls, grid):
     config, _ = dit_accel.recommended(cls, "tile")
     row = figures_row("g", grid, "tile", "recommended", config)
     assert row["padded_work"] <= 1.08 and row["masked_tiles"] == 0.0, row
+    ran = eval(row["ran"], {"Tile": dit_accel.Tile})  # the plan's own config: the tile it runs
+    assert all(g % t == 0 for g, t in zip(grid, ran.tile)), row
 
 
 def test_fitted_plan_runs_exactly_and_keeps_the_published_tile_by_name():
