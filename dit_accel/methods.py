@@ -396,16 +396,22 @@ class Tile(Method):
                                 metavar="T,H,W")
     block_size: Optional[int] = option(None, "radial: block granularity; sla: query block size; tile: kernel block "
                                              "in tokens, a box inside the tile (default 64)", parse="int")
+    fit: bool = option(False, "tile: at plan time, a tile that divides the call's grid (packed blocks, no "
+                              "element masks) with the window nearest this setting's density", parse="flag",
+                       flag="--fit-grid")
 
     def __post_init__(self):
+        if not isinstance(self.fit, bool):
+            raise ValueError(f"Tile.fit={self.fit!r} is invalid: must be True or False")
         tile, window = check_tile_args(self.tile, self.window, owner="Tile.")
         block = None if self.block_size is None else positive_int("block_size", self.block_size, owner="Tile.")
         _freeze(self, tile=tile, window=window, block_size=block)
 
     def to_dict(self) -> dict:
         d = super().to_dict()
-        if self.block_size is None:  # the default: plans written before the field existed read the same
-            del d["block_size"]
+        for name in ("block_size", "fit"):  # the defaults: plans written before the fields existed read the same
+            if d[name] in (None, False):
+                del d[name]
         return d
 
     @classmethod
@@ -434,6 +440,10 @@ class Tile(Method):
         if tile_covers_grid(grid, self.tile, self.window):
             return DensePlan(self, tuple(grid), f"the window covers the whole grid {tuple(grid)}; a smaller window "
                                                 "(or tile) makes it sparse")
+        if self.fit and self.block_size is None and per_head(self.window) is None:
+            plan = self._fitted_plan(grid)
+            if plan is not None:
+                return plan
         # Tiled by the STA tile when it holds whole 64-token blocks; else by a default tile. An explicit block_size
         # must be a box inside the STA tile, so that every block is one whole piece of a tile (no element masks): a
         # frame of 12 x 12 tokens runs as blocks of 144 (or 48), which only the PyTorch backend takes.
@@ -446,6 +456,25 @@ class Tile(Method):
         attach_tile(layout, perm, self.tile, self.window)  # NATTEN's equivalent GNA window, or why there is none
         return LayoutPlan(self, perm.grid, layout, perm,
                           token_density=tile_token_density(grid, self.tile, self.window), wide_q=True)
+
+    def _fitted_plan(self, grid):
+        """The plan of :func:`~dit_accel.patterns.tile.fit_tile`'s tile and window on ``grid`` in packed tile order
+        (every block full or a key tile's ragged last block), or None when the setting's own tile already divides
+        the grid into whole blocks (the plain plan is the same)."""
+        from .patterns.tile import fit_tile, packed_tile_layout, tile_token_density
+        from .plans.plan import LayoutPlan
+
+        tile, window = fit_tile(grid, self.tile, self.window)
+        if tile == self.tile:
+            return None
+        fitted = self.replace(tile=tile, window=window, fit=False)
+        from .patterns.tile import tile_covers_grid
+
+        if tile_covers_grid(grid, tile, window):
+            return fitted.plan(grid)
+        perm, layout = packed_tile_layout(grid, tile, window)
+        return LayoutPlan(fitted, perm.grid, layout, perm, token_density=tile_token_density(grid, tile, window),
+                          wide_q=True)
 
     def at_density(self, grid, density, *, tile=None):
         """The Tile whose window visits the block density nearest ``density`` on ``grid``.

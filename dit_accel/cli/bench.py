@@ -8,6 +8,7 @@ Examples::
     dit-accel bench gpu --check --out gpu_report/
     dit-accel bench fidelity --capture capture/ --methods gna,tile,radial,sla --density 0.2
     dit-accel bench sass --arch 90 --kernel fwd --json sass.json
+    dit-accel bench layouts --json
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ example: dit-accel bench sass --arch 90 --family block_sparse --kernel fwd --dty
 def register(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("bench", help="benchmark kernels (speed) or methods on captured q/k/v (fidelity)",
                               description=plain(__doc__), formatter_class=HelpFormatter)
-    sub = p.add_subparsers(dest="bench_kind", metavar="{kernels,gpu,fidelity,sass}")
+    sub = p.add_subparsers(dest="bench_kind", metavar="{kernels,gpu,fidelity,sass,layouts}")
     sub.required = True
 
     k = sub.add_parser("kernels", help="block-sparse and SLA kernels vs dense SDPA at model shapes")
@@ -133,6 +134,15 @@ def register(subparsers) -> argparse.ArgumentParser:
                    help="rank the candidate launch configurations of a family instead (slow: hundreds of compiles)")
     s.add_argument("--json", metavar="FILE.json", help="write the rows as JSON")
     s.set_defaults(func=_run_sass)
+
+    lay = sub.add_parser("layouts", help="true density, padded work and masked tiles of every published and "
+                                         "recommended setting at the Wan 2.1, HunyuanVideo and FastWan grids, "
+                                         "from the layouts alone (no GPU)")
+    lay.add_argument("--json", action="store_true", help="one JSON object per line (default: a table)")
+    lay.add_argument("--grids", default=None, help="comma-separated substrings of the grid names (default all: "
+                                                    "Wan 2.1 480p, Wan 2.1 720p, HunyuanVideo 720p, FastWan 448x832)")
+    lay.add_argument("--methods", default=None, help="comma-separated of tile,gna,radial,sla,vsa (default all)")
+    lay.set_defaults(func=_run_layouts)
     return p
 
 
@@ -168,6 +178,8 @@ def _command_line(args) -> str:
 
 
 def run(args) -> int:
+    if args.bench_kind == "layouts":
+        return _run_layouts(args)
     if args.bench_kind == "gpu":
         return _run_gpu(args)
     return _run_kernels(args) if args.bench_kind == "kernels" else _run_fidelity(args)
@@ -441,4 +453,27 @@ def _run_sass(args) -> int:
     if args.json:
         atomic_write_json(args.json, result, indent=1, default=str)
         print(f"wrote {args.json}")
+    return 0
+
+
+def _run_layouts(args) -> int:
+    """``dit-accel bench layouts``: the layouts' own figures, as JSON lines or a table."""
+    from ..eval.bench_layouts import GRIDS, METHODS, layout_rows
+
+    wanted = [w.strip() for w in (args.grids or "").split(",") if w.strip()]
+    grids = [name for name in GRIDS if not wanted or any(w.lower() in name.lower() for w in wanted)]
+    methods = [m.strip() for m in (args.methods or "").split(",") if m.strip()] or list(METHODS)
+    bad = [m for m in methods if m not in METHODS]
+    if not grids or bad:
+        print(f"dit-accel bench layouts: --grids takes substrings of {', '.join(GRIDS)}; --methods takes "
+              f"{','.join(METHODS)}; got --grids {args.grids!r} --methods {args.methods!r}", file=sys.stderr)
+        return 2
+    if args.json:
+        layout_rows(grids, methods, log=lambda row: print(json.dumps(row), flush=True))
+        return 0
+    rows = layout_rows(grids, methods)
+    print(f"{'grid':<18} {'method':<7} {'density':>8} {'padded work':>12} {'masked tiles':>13}  selection  config")
+    for r in rows:
+        print(f"{r['grid_name']:<18} {r['method']:<7} {r['density']:>8.4f} {r['padded_work']:>12.3f} "
+              f"{r['masked_tiles']:>13.3f}  {r['selection']:<9}  {r['config']}")
     return 0

@@ -15,13 +15,12 @@
 
 It reports time, dense-equivalent TFLOPS ``4*B*H*N^2*D / t`` (``N`` = real
 tokens, whatever the kernel visits), speedup over dense SDPA, and the fraction
-of the ideal speedup reached. The ideal is ``1/work``, where ``work`` is the
-kernel's visited block density scaled to the dense computation over the real
-tokens, ``density * (Np/N)^2`` (``Np`` = tokens after tile padding): padded
-blocks cost time that dense SDPA on ``N`` tokens never spends, so ``1/density``
-alone would be an ideal no kernel can reach. Tile rows also give the token
-density (the fraction of token pairs the window attends), the work a kernel with
-no block granularity would do. The contenders of a shape and density run in
+of the ideal speedup reached: ``speedup x true_density``, the pattern's own
+visited token pairs over ``N^2`` (Tile rows: the window's ``token_density``),
+so the ideal is ``1/true_density`` (issue 72). The work the padded blocks add is
+its own column, ``padded_work``: the kernel's visited block density scaled to the
+dense computation over the real tokens, ``work_vs_dense = density * (Np/N)^2``
+(``Np`` = tokens after tile padding), over the true density. The contenders of a shape and density run in
 interleaved rounds, and speedups are medians of per-round ratios. On CPU the
 shapes are reduced (fewer tokens and heads) and the output says so; every case
 runs at each requested thread count.
@@ -204,17 +203,18 @@ def bench_kernels(shapes: Sequence[ModelShape], densities: Sequence[float], *, d
 def _shape_row(shape: ModelShape, threads, kernel: str, times: List[float], base: List[float], density: float,
                **extra) -> dict:
     """One row of :func:`bench_kernels`: the median time, dense-equivalent and visited TFLOPS, the speedup over
-    ``base`` (dense SDPA, same rounds) and its fraction of the 1/work ideal."""
+    ``base`` (dense SDPA, same rounds) and its fraction of the 1/true-density ideal (padded work its own column)."""
     seconds = statistics.median(times)
     flops = 4.0 * shape.batch * shape.heads * shape.tokens ** 2 * shape.head_dim
     speedup = statistics.median(s / t for s, t in zip(base, times))
     work = density * (extra.get("padded_tokens", shape.tokens) / shape.tokens) ** 2  # vs dense on N tokens
+    true = extra.get("token_density") or density  # the pattern's visited pairs / N^2 (issue 72)
     timing = extra.pop("call_timing", None)
     out = {"shape": shape.name, "grid": list(shape.grid), "tokens": shape.tokens, "heads": shape.heads,
            "head_dim": shape.head_dim, "batch": shape.batch, "threads": threads, "kernel": kernel,
-           "density": density, "time_ms": seconds * 1e3, "tflops_dense_equiv": flops / seconds / 1e12,
-           "speedup": speedup, "work_vs_dense": work, "ideal_speedup": 1.0 / work,
-           "fraction_of_ideal": speedup * work,
+           "density": density, "true_density": true, "time_ms": seconds * 1e3,
+           "tflops_dense_equiv": flops / seconds / 1e12, "speedup": speedup, "work_vs_dense": work,
+           "padded_work": work / true, "ideal_speedup": 1.0 / true, "fraction_of_ideal": speedup * true,
            # the FLOPs of the tiles the kernel visits (padded tiles included), at the median round's time
            "tflops_visited": flops * work / seconds / 1e12, **extra}
     if timing is not None:
@@ -432,7 +432,7 @@ def kernels_table(result: dict) -> str:
     calls = any(r.get("latency_ms") is not None for r in result["rows"])
     header = ["shape", "N", "H", *(["threads"] if threads else []), "kernel", "density", "token density", "time ms",
               *(["latency ms", "back-to-back ms", "graph ms", "host us"] if calls else []),
-              "TFLOPS (dense-eq.)", "TFLOPS (visited)", "speedup", "ideal", "% of ideal"]
+              "TFLOPS (dense-eq.)", "TFLOPS (visited)", "speedup", "ideal", "% of ideal", "padded work"]
     rows = [[r["shape"], str(r["tokens"]), str(r["heads"]), *([str(r.get("threads"))] if threads else []),
              r["kernel"], f"{r['density']:.3f}",
              f"{r['token_density']:.3f}" if r.get("token_density") is not None else "-",
@@ -441,7 +441,8 @@ def kernels_table(result: dict) -> str:
                 num(r.get("host_us"), ".0f")] if calls else []),
              f"{r['tflops_dense_equiv']:.4f}", num(r.get("tflops_visited"), ".4f"),
              f"{r['speedup']:.2f}x" if r["speedup"] else "-", f"{r['ideal_speedup']:.1f}x",
-             f"{100 * r['fraction_of_ideal']:.0f}%" if r["fraction_of_ideal"] else "-"] for r in result["rows"]]
+             f"{100 * r['fraction_of_ideal']:.0f}%" if r["fraction_of_ideal"] else "-",
+             num(r.get("padded_work"), ".2f")] for r in result["rows"]]
     table = markdown_table(header, rows)
     if result.get("modelled"):
         table = ("**MODELLED, not measured** (dit_accel.kernels.cost; constants: "
@@ -508,6 +509,7 @@ def model_kernels(shapes: Sequence[ModelShape], densities: Sequence[float], *, a
     from ..kernels.block_sparse.configs import kernel_reason
     from ..kernels.sla import sla_density
     from ..methods import SLA
+    from ..patterns.tile import tile_token_density
 
     kernels = list(kernels or cost.KERNELS)
     base = cost.constants(arch)
@@ -520,11 +522,13 @@ def model_kernels(shapes: Sequence[ModelShape], densities: Sequence[float], *, a
 
         def row(kernel, seconds, density, work, **extra):
             speedup = sdpa_s / seconds
+            true = extra.get("token_density") or density  # the pattern's visited pairs / N^2 (issue 72)
             return {"shape": shape.name, "grid": list(shape.grid), "tokens": n, "heads": h, "head_dim": d, "batch": b,
-                    "threads": None, "kernel": kernel, "density": density, "time_ms": seconds * 1e3,
-                    "tflops_dense_equiv": flops / seconds / 1e12, "tflops_visited": flops * work / seconds / 1e12,
-                    "speedup": speedup, "work_vs_dense": work, "ideal_speedup": 1.0 / work,
-                    "fraction_of_ideal": cost.ideal_fraction(seconds, sdpa_s, work), "modelled": True, **extra}
+                    "threads": None, "kernel": kernel, "density": density, "true_density": true,
+                    "time_ms": seconds * 1e3, "tflops_dense_equiv": flops / seconds / 1e12,
+                    "tflops_visited": flops * work / seconds / 1e12, "speedup": speedup, "work_vs_dense": work,
+                    "padded_work": work / true, "ideal_speedup": 1.0 / true,
+                    "fraction_of_ideal": cost.ideal_fraction(seconds, sdpa_s, true), "modelled": True, **extra}
 
         rows.append(row("dense SDPA [modelled]", sdpa_s, 1.0, 1.0, constants=base.name))
         rows.append(row("dense Triton (dit_accel) [modelled]", cost.dense_time(n, n, h, batch=b, head_dim=d, arch=arch,
@@ -540,6 +544,7 @@ def model_kernels(shapes: Sequence[ModelShape], densities: Sequence[float], *, a
             counts = cost.tile_counts(layout, heads=h, batch=b)
             work = cost.work_vs_dense(layout.density(), perm.num_padded, n)
             facts = dict(target_density=target, window=list(method.window), padded_tokens=perm.num_padded,
+                         token_density=tile_token_density(shape.grid, method.tile, method.window),
                          partial_fraction=layout.partial_fraction(), ctas=counts.ctas,
                          tiles_per_q_block=counts.tiles_per_q_block)
             name, resumed = "block-sparse tile", None

@@ -376,7 +376,7 @@ def gpu_markdown(report: dict) -> str:
         if not rows:
             continue
         header = ["shape", "B x H", "kernel", "ran", "density", "status", "error", "grads", "time ms", "latency ms",
-                  "graph ms", "host us", "vs SDPA", "% of ideal", "TFLOPS (visited)"]
+                  "graph ms", "host us", "vs SDPA", "% of ideal", "padded work", "TFLOPS (visited)"]
         table = [[r["shape"], f"{r.get('batch', 1)} x {r['heads']}", r["kernel"], str(r.get("variant") or "-")[:70],
                   num(r.get("density"), ".3f"),
                   r["status"] if r["status"] == "ok" else f"{r['status']}: {r.get('error', '')}"[:80],
@@ -384,7 +384,8 @@ def gpu_markdown(report: dict) -> str:
                   num(r.get("time_ms"), ".2f"), num(r.get("latency_ms"), ".2f"), num(r.get("graph_ms"), ".2f"),
                   num(r.get("host_us"), ".0f"), num(r.get("speedup"), ".2f") + ("x" if r.get("speedup") else ""),
                   num(100 * r["fraction_of_ideal"] if r.get("fraction_of_ideal") else None, ".0f") +
-                  ("%" if r.get("fraction_of_ideal") else ""), num(r.get("tflops_visited_throughput"), ".0f")]
+                  ("%" if r.get("fraction_of_ideal") else ""), num(r.get("padded_work"), ".2f"),
+                  num(r.get("tflops_visited_throughput"), ".0f")]
                  for r in rows]
         head += [f"**{pass_}**", "", markdown_table(header, table), ""]
     not_run = [r for r in report["rows"] if r.get("pass") == "-"]

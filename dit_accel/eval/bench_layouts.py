@@ -1,7 +1,13 @@
-"""Time and peak memory of the block-layout constructors at video scale (one CPU core).
+"""The layouts' own figures (``dit-accel bench layouts``) and the layout constructors' time and memory.
 
-Run: ``python -m dit_accel.eval.bench_layouts [T H W] [--block 128]``. Each constructor
-runs in a fresh process with one torch thread; memory is the growth of the
+:func:`layout_rows`: for every published and recommended setting of the Wan 2.1 and HunyuanVideo presets at
+the grids of :data:`GRIDS`, the true density, padded work and masked tiles of the block layout the plan
+runs (:mod:`dit_accel.kernels.geometry`), from the layouts alone (no GPU). SLA and VSA choose their blocks
+per call: their rows use their configured count of blocks, drawn uniformly at random with a fixed seed, and
+say ``"selection": "runtime"``.
+
+``python -m dit_accel.eval.bench_layouts [T H W] [--block 128]`` times the layout constructors at video
+scale (one CPU core): each runs in a fresh process with one torch thread; memory is the growth of the
 process's peak RSS during the call (a dense N x N mask would be N^2 bytes).
 """
 
@@ -11,6 +17,125 @@ import argparse
 import json
 import subprocess
 import sys
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+
+import torch
+
+__all__ = ["GRIDS", "MODEL_OF_GRID", "layout_rows", "configurations", "figures_row", "main"]
+
+#: The grids ``bench layouts`` reports, by name.
+GRIDS: Dict[str, Tuple[int, int, int]] = {
+    "Wan 2.1 480p": (21, 30, 52), "Wan 2.1 720p": (21, 45, 80), "HunyuanVideo 720p": (30, 48, 80),
+    "FastWan 448x832": (16, 28, 52)}
+#: ``(transformer class, family)`` whose settings run at each grid.
+MODEL_OF_GRID = {"Wan 2.1 480p": ("WanTransformer3DModel", "Wan 2.1"),
+                 "Wan 2.1 720p": ("WanTransformer3DModel", "Wan 2.1"),
+                 "HunyuanVideo 720p": ("HunyuanVideoTransformer3DModel", "HunyuanVideo"),
+                 "FastWan 448x832": ("WanTransformer3DModel", "Wan 2.1")}
+METHODS = ("tile", "gna", "radial", "sla", "vsa")
+
+
+def configurations(class_name: str, family: Optional[str]) -> Iterator[Tuple[str, str, object]]:
+    """``(method, source, config)`` of every published setting of ``class_name`` (every family) and of
+    :func:`~dit_accel.pipelines.presets.recommended` for each method of :data:`METHODS` it takes (one row per
+    distinct config)."""
+    from ..pipelines.presets import published_settings, recommended
+
+    seen = set()
+    for pub in published_settings(class_name):
+        config = pub.build()[0]
+        if repr(config) not in seen:
+            seen.add(repr(config))
+            yield pub.method, f"published ({pub.family})", config
+    for method in METHODS:
+        try:
+            config = recommended(class_name, method, family)[0]
+        except ValueError:  # a method the class refuses
+            continue
+        if repr(config) not in seen:
+            seen.add(repr(config))
+            yield method, "recommended", config
+
+
+def _random_layout(n_q: int, n_k: int, count: int, heads: int, seed: int, **sizes):
+    """A layout whose query blocks each visit ``count`` key blocks drawn uniformly (what a run-time selection
+    visits on average), ``heads`` layout heads."""
+    from ..kernels.layout import BlockLayout
+
+    gen = torch.Generator().manual_seed(seed)
+    order = torch.rand(heads, n_q, n_k, generator=gen).argsort(-1)[..., :count]
+    visited = torch.zeros(heads, n_q, n_k, dtype=torch.bool).scatter_(2, order, True)
+    return BlockLayout.from_block_masks(visited, **sizes)
+
+
+def _plan_layout(config, grid, heads: int, seed: int):
+    """``(layout, real positions or None, extra keys)`` of ``config``'s plan on ``grid``; None when the plan
+    is dense."""
+    from ..kernels.sla import SLAParams, sla_block_counts
+    from ..kernels.vsa.api import vsa_layout
+    from ..plans.plan import LayoutPlan
+
+    plan = config.plan(grid)
+    if isinstance(plan, LayoutPlan):
+        real = None if plan.perm is None else plan.perm.order >= 0
+        return plan.layout, real, {"selection": "static", "ran": repr(plan.method)}  # a fitted Tile's own tile
+    kind = getattr(plan, "kind", None)
+    n = int(torch.tensor(grid).prod())
+    if kind == "vsa":
+        cubes, count = plan.cubes, plan.count
+        gen = torch.Generator().manual_seed(seed)
+        selection = torch.rand(1, heads, cubes.count, cubes.count, generator=gen).argsort(-1)[..., :count]
+        layout = vsa_layout(cubes, selection.sort(-1).values)
+        return layout, cubes.real.flatten(), {"selection": "runtime", "cubes": cubes.count, "topk": count}
+    params = getattr(plan, "params", None)
+    if isinstance(params, SLAParams):
+        n_k, crit, _, _ = sla_block_counts(n, params)
+        n_q = -(-n // params.block_q)
+        layout = _random_layout(n_q, n_k, crit, heads, seed, q_len=n, kv_len=n, block_q=params.block_q,
+                                block_k=params.block_k)
+        return layout, None, {"selection": "runtime", "topk_blocks": crit}
+    return None
+
+
+def figures_row(grid_name: str, grid, method: str, source: str, config, *, heads: int = 1, seed: int = 0
+                ) -> dict:
+    """One ``bench layouts`` row: the setting, its block sizes and :func:`~dit_accel.kernels.geometry.block_figures`
+    (dense plans: density 1, no padding, no masks)."""
+    from ..kernels.geometry import block_figures
+
+    row = {"grid": list(grid), "grid_name": grid_name, "method": method, "source": source, "config": repr(config)}
+    found = _plan_layout(config, tuple(grid), heads, seed)
+    if found is None:
+        return {**row, "density": 1.0, "padded_work": 1.0, "masked_tiles": 0.0, "selection": "static",
+                "dense": True}
+    layout, real, extra = found
+    fig = block_figures(layout, real, real)
+    return {**row, **extra, "density": round(fig.density, 5), "padded_work": round(fig.padded_work, 4),
+            "masked_tiles": round(fig.masked_tiles, 4), "block": [layout.block_q, layout.block_k],
+            "visited_tiles": fig.visited_tiles, "tokens": fig.tokens_q}
+
+
+def layout_rows(grids: Optional[Sequence[str]] = None, methods: Optional[Sequence[str]] = None,
+                log=None) -> List[dict]:
+    """The rows of ``dit-accel bench layouts`` for the named grids of :data:`GRIDS` (default all) and methods
+    (default all of :data:`METHODS`)."""
+    import warnings
+
+    from .._util import DitAccelWarning
+
+    rows = []
+    for name in grids or GRIDS:
+        class_name, family = MODEL_OF_GRID[name]
+        for method, source, config in configurations(class_name, family):
+            if methods and method not in methods:
+                continue
+            with warnings.catch_warnings():  # GNA's fit notes on short grids
+                warnings.simplefilter("ignore", DitAccelWarning)
+                row = figures_row(name, GRIDS[name], method, source, config)
+            rows.append(row)
+            if log:
+                log(row)
+    return rows
 
 _CHILD = r"""
 import json, resource, sys, time, torch

@@ -391,8 +391,9 @@ def work_vs_dense(density: float, padded_tokens: int, tokens: int) -> float:
 def ideal_fraction(sparse_s: float, dense_s: float, density: float) -> float:
     """Fraction of the ``1 / density`` ideal reached: ``(dense_s / sparse_s) x density``.
 
-    Pass as ``density`` the work relative to dense (:func:`work_vs_dense` for padded tile layouts),
-    as ``bench kernels`` does. A fraction in ``(0, 1]`` for a kernel no faster than its ideal."""
+    Pass as ``density`` the pattern's true density (visited token pairs / N^2), as ``bench kernels`` does: the
+    padded blocks' work (:func:`work_vs_dense`) is a cost the kernel pays, not part of the ideal (issue 72).
+    A fraction in ``(0, 1]`` for a kernel no faster than its ideal."""
     if sparse_s <= 0 or dense_s <= 0 or not 0 < density:
         raise ValueError(f"need positive times and density; got {sparse_s}, {dense_s}, {density}")
     return dense_s / sparse_s * density

@@ -16,7 +16,7 @@ import torch
 from .._util import cdiv
 from .checks import as_grid, per_dim, positive_int
 
-__all__ = ["TilePermutation", "default_tile", "block_box", "pick_tile", "least_work_tile", "permutation_for",
+__all__ = ["TilePermutation", "PackedTilePermutation", "default_tile", "block_box", "pick_tile", "least_work_tile", "permutation_for",
            "PARTIAL_BLOCK_COST"]
 
 
@@ -118,6 +118,72 @@ class TilePermutation:
     def __repr__(self) -> str:
         return (f"TilePermutation(grid={self.grid}, tile={self.tile}, padded_grid={self.padded_grid}, "
                 f"N={self.num_tokens}, Np={self.num_padded})")
+
+
+class PackedTilePermutation(TilePermutation):
+    """Tiled order in which every tile's real tokens come first and its padding last, each tile ``slot`` positions.
+
+    Where :class:`TilePermutation` pads every dimension (a partial edge tile keeps holes where its missing rows
+    and columns would be), this order packs a tile's real tokens (raster order inside the tile) at its start and
+    pads the tile to ``slot`` positions, a multiple of the kernel block. A block then never straddles two tiles,
+    and a block's padding is its tail: its validity is a length (the first ``c`` keys), which kernels run as a
+    column count rather than an element mask (ARCHITECTURE.md, "Geometry before kernels").
+
+    Example: tile (1, 6, 52) on Wan 2.1 480p's (21, 30, 52) holds 312 tokens, packed into 320 positions (five
+    blocks of 64, the last holding 56 tokens); Np / N = 320 / 312.
+
+    Args:
+        grid, tile: as :class:`TilePermutation`.
+        block: the kernel block; ``slot`` is ``prod(tile)`` rounded up to a multiple of it.
+    """
+
+    def __init__(self, grid, tile, block: int = 64):
+        self.grid = as_grid(grid)
+        self.tile = per_dim("tile", tile, len(self.grid), minimum=1)
+        self.block = positive_int("block", block)
+        self.num_tiles = tuple(cdiv(g, t) for g, t in zip(self.grid, self.tile))
+        self.padded_grid = tuple(n * t for n, t in zip(self.num_tiles, self.tile))
+        self.tile_volume = math.prod(self.tile)
+        self.slot = cdiv(self.tile_volume, self.block) * self.block
+        self.num_tokens = math.prod(self.grid)
+        self.num_padded = math.prod(self.num_tiles) * self.slot
+        nd = len(self.grid)
+        raster = torch.arange(self.num_tokens).view(self.grid)
+        coords = [torch.arange(g) for g in self.grid]
+        tile_of = [c // t for c, t in zip(coords, self.tile)]
+        # Sort the raster tokens by (tile index, raster index): each tile's real tokens, in raster order.
+        tile_idx = torch.zeros(self.grid, dtype=torch.long)
+        for d in range(nd):
+            shape = [1] * nd
+            shape[d] = self.grid[d]
+            tile_idx = tile_idx * self.num_tiles[d] + tile_of[d].view(shape)
+        tile_idx = tile_idx.flatten()
+        order_tokens = raster.flatten()[torch.argsort(tile_idx * self.num_tokens + raster.flatten())]
+        counts = torch.bincount(tile_idx, minlength=math.prod(self.num_tiles))
+        starts = torch.cumsum(counts, 0) - counts
+        rank = torch.arange(self.num_tokens) - torch.repeat_interleave(starts, counts)
+        position = torch.repeat_interleave(torch.arange(counts.numel()), counts) * self.slot + rank
+        self.order = torch.full((self.num_padded,), -1, dtype=torch.long)
+        self.order[position] = order_tokens
+        self.inverse = torch.empty(self.num_tokens, dtype=torch.long)
+        self.inverse[order_tokens] = position
+        #: Real tokens per tile, in tile order.
+        self.tile_counts = counts
+        self.identity = self.num_padded == self.num_tokens and bool((self.order == torch.arange(self.num_tokens)).all())
+        self._device_cache = {}
+
+    def coords(self) -> torch.Tensor:
+        raise NotImplementedError("a PackedTilePermutation's positions are not a padded grid's: use order/inverse")
+
+    def block_lengths(self) -> torch.Tensor:
+        """int64 ``[Np / block]``: the real tokens at the start of each block (the rest of the block is padding)."""
+        per = self.slot // self.block
+        inner = torch.arange(per) * self.block
+        return (self.tile_counts[:, None] - inner[None, :]).clamp(0, self.block).flatten()
+
+    def __repr__(self) -> str:
+        return (f"PackedTilePermutation(grid={self.grid}, tile={self.tile}, slot={self.slot}, N={self.num_tokens}, "
+                f"Np={self.num_padded})")
 
 
 def block_box(tile: Sequence[int], block: int):

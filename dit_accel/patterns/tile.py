@@ -15,6 +15,7 @@ choose such a per-head window for every (denoising step, layer):
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 import re
 from pathlib import Path
@@ -25,10 +26,10 @@ import torch
 from .._util import cdiv, is_int
 from ..kernels.layout import BlockLayout
 from .checks import as_grid, int_or_tuple, per_dim, per_head, positive_int
-from .permutation import TilePermutation, block_box, permutation_for
+from .permutation import PackedTilePermutation, TilePermutation, block_box, permutation_for
 from .separable import covers_grid, kron, relation_1d, separable_layout, stack_heads
 
-__all__ = ["tile_mask", "tile_layout", "check_tile_args", "check_tile_block", "tile_relations", "covered_tiles",
+__all__ = ["tile_mask", "tile_layout", "packed_tile_layout", "fit_tile", "check_tile_args", "check_tile_block", "tile_relations", "covered_tiles",
            "tile_token_density", "tile_covers_grid", "read_sta_strategy"]
 
 
@@ -170,6 +171,97 @@ def tile_layout(grid, tile, window, *, block_q: int = 64, block_k: int = 64) -> 
     perm = _permutation(grid, tile if boxed else None, block_q, block_k)
     layouts = [_window_layout(grid, tile, w, perm, block_q, block_k) for w in windows]
     return perm, (layouts[0] if per_head(window) is None else stack_heads(layouts))
+
+
+# ------------------------------------------------------------------ tiles that fit the grid
+#: The padded work a fitted tile may add: (slot / tile volume)^2 (issue 72's target for Tile).
+FIT_PADDED_WORK = 1.08
+#: How much a fitted window's reach per dimension may differ from the given one's, against its density.
+SHAPE_WEIGHT = 0.5
+TILE_WEIGHT = 0.25
+
+
+def _packed_work(volume: int, block: int) -> float:
+    return (cdiv(volume, block) * block / volume) ** 2
+
+
+def _divisors(n: int):
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def fit_tile(grid, tile, window, *, block: int = 64) -> Tuple[Tuple[int, ...], Tuple[int, ...]]:
+    """``(tile, window)``: an STA tile that divides ``grid`` (no padded tiles, packed blocks add at most
+    :data:`FIT_PADDED_WORK`) with the window that keeps ``(tile, window)``'s token density on ``grid`` nearest.
+
+    The given tile is kept when it already divides the grid into whole blocks (HunyuanVideo's published (6, 8, 8)
+    at (30, 48, 80)). Otherwise, among tiles of whole divisors of every extent holding 64 to 1,024 tokens, the one
+    whose odd window per dimension (about the same tokens as the given window covers there) lands nearest the
+    given setting's density and its window's reach in tokens per dimension (``|log density ratio| +
+    SHAPE_WEIGHT x sum |log reach ratio|``: the window stays local where it was), then the least padded work.
+    Wan 2.1 480p (21, 30, 52) with (6, 8, 8) / (3, 3, 3) (density 0.27 there) gets a tile of whole 52-token
+    rows; the returned window is in tiles of the returned tile. Where no tile qualifies (a prime extent, a grid
+    under a block), the given ``(tile, window)``.
+    """
+    grid, tile, windows = _windows(grid, tile, window)
+    if len(windows) != 1 or per_head(window) is not None:
+        raise ValueError("fit_tile takes one window (per-head windows keep their tile)")
+    window = windows[0]
+    if all(g % t == 0 for g, t in zip(grid, tile)) and block_box(tile, block) is not None:
+        return tile, window
+    target = math.log(tile_token_density(grid, tile, window))
+    reach = [min(covered_tiles(w) * t, g) for g, t, w in zip(grid, tile, window)]  # tokens the window spans
+    best = None
+    for cand in itertools.product(*[_divisors(g) for g in grid]):
+        volume = math.prod(cand)
+        if not block <= volume <= 16 * block or _packed_work(volume, block) > FIT_PADDED_WORK:
+            continue
+        win = tuple(max(1, 2 * round((r / t - 1) / 2) + 1) for r, t in zip(reach, cand))  # odd, ~ the reach
+        density = tile_token_density(grid, cand, win)
+        # The reach in tokens per dimension, and the tile itself: a larger tile is a coarser window (every query
+        # of a tile shares one), so the tile stays near the given one too.
+        shape = sum(abs(math.log(min(w * t, g) / r)) + TILE_WEIGHT * abs(math.log(t / t0))
+                    for w, t, g, r, t0 in zip(win, cand, grid, reach, tile))
+        score = (round(abs(math.log(density) - target) + SHAPE_WEIGHT * shape, 3), _packed_work(volume, block))
+        if best is None or score < best[0]:
+            best = (score, cand, win)
+    if best is None:  # no such tile (a prime extent, a tiny grid): the given setting, padded as before
+        return tile, window
+    return best[1], best[2]
+
+
+def packed_tile_layout(grid, tile, window, *, block: int = 64) -> Tuple[PackedTilePermutation, BlockLayout]:
+    """Block layout of :func:`tile_mask` over packed tile order (:class:`~.permutation.PackedTilePermutation`).
+
+    STA is tile-granular (a query tile attends whole key tiles), so a visited tile pair is fully allowed: every
+    visited block is full, or the ragged last block of a key tile, whose real keys are its first ``c``
+    positions (a column count; the layout carries it as a column-prefix mask). Blocks of padding only are never
+    visited. One shared window (per-head windows: :func:`tile_layout`).
+    """
+    grid, tile, windows = _windows(grid, tile, window)
+    if per_head(window) is not None:
+        raise ValueError("packed_tile_layout takes one window; per-head windows run through tile_layout")
+    block = positive_int("block", block)
+    perm = PackedTilePermutation(grid, tile, block)
+    per_tile = []
+    for rel, g, t, n in zip(tile_relations(grid, tile, windows[0])[2], grid, tile, perm.num_tiles):
+        padded = torch.zeros(n * t, n * t, dtype=torch.bool)
+        padded[:g, :g] = rel
+        per_tile.append(padded.view(n, t, n, t).any(3).any(1))
+    tiles = kron(per_tile)  # [tiles, tiles], tile-major = the packed order's tile order
+    per = perm.slot // block
+    lengths = perm.block_lengths()
+    visited = tiles.repeat_interleave(per, 0).repeat_interleave(per, 1)
+    visited &= (lengths > 0)[:, None] & (lengths > 0)[None, :]
+    ragged = sorted({int(c) for c in lengths.tolist() if 0 < c < block})
+    table = torch.stack([(torch.arange(block) < c)[None, :].expand(block, block) for c in ragged]) if ragged \
+        else None
+    col_id = torch.full((lengths.numel(),), -1, dtype=torch.long)
+    for i, c in enumerate(ragged):
+        col_id[lengths == c] = i
+    mask_ids = col_id[None, :].expand(visited.shape)
+    layout = BlockLayout.from_block_masks(visited, q_len=perm.num_padded, kv_len=perm.num_padded, block_q=block,
+                                          block_k=block, mask_ids=mask_ids, mask_table=table)
+    return perm, layout
 
 
 # ------------------------------------------------------------------ FastVideo strategies

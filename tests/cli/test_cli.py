@@ -53,6 +53,21 @@ def test_defaults_layering_and_schedule():
     assert int_tuple("(6, 8, 8)") == (6, 8, 8) and int_tuple("7") == 7
 
 
+def test_a_presets_fit_never_retiles_the_tile_a_user_spelled_out():
+    """`generate --method tile --tile 6,8,8 --window 3,3,3` on a model whose recommended Tile fits the grid
+    (fit=True) runs the user's tile, not one the plan would choose; without tile flags the preset's fit stays,
+    and --fit-grid asks for it."""
+    preset = {"tile": (6, 8, 8), "window": (3, 3, 3), "fit": True}
+    _, args = _parse(["--method", "tile", "--tile", "6,8,8", "--window", "3,3,3"])
+    assert method_from_args(args, defaults=preset) == Tile(tile=(6, 8, 8), window=(3, 3, 3))
+    _, args = _parse(["--method", "tile", "--window", "1,3,3"])
+    assert method_from_args(args, defaults=preset).fit is False
+    _, args = _parse(["--method", "tile"])
+    assert method_from_args(args, defaults=preset).fit is True
+    _, args = _parse(["--method", "tile", "--tile", "6,8,8", "--fit-grid"])
+    assert method_from_args(args, defaults=preset).fit is True
+
+
 @pytest.mark.parametrize("argv, flag", [
     (["--method", "tile", "--window", "0,3,3"], "--window"),
     (["--method", "radial", "--window", "3"], "--window"),

@@ -51,10 +51,14 @@ def test_bench_kernels_cpu_quick_writes_json_and_plot(tmp_path, capsys):
         # bound: with 14 test workers on one machine the rounds drift apart; a speedup taken from the wrong
         # pair of contenders is off by far more).
         assert 0.1 < r["speedup"] / (dense["time_ms"] / r["time_ms"]) < 10.0
-        # The ideal counts the padded blocks a tiled layout visits: work relative to dense on N tokens.
+        # The ideal is 1 / the true density (the pattern's pairs / N^2; issue 72); the padded blocks' work,
+        # relative to dense on N tokens, is its own column.
         work = r["density"] * (r.get("padded_tokens", r["tokens"]) / r["tokens"]) ** 2
-        assert r["ideal_speedup"] == pytest.approx(1 / work, rel=1e-6)
-        assert r["fraction_of_ideal"] == pytest.approx(r["speedup"] * work, rel=1e-6)
+        true = r.get("token_density") or r["density"]
+        assert r["true_density"] == pytest.approx(true, rel=1e-9)
+        assert r["ideal_speedup"] == pytest.approx(1 / true, rel=1e-6)
+        assert r["fraction_of_ideal"] == pytest.approx(r["speedup"] * true, rel=1e-6)
+        assert r["padded_work"] == pytest.approx(work / true, rel=1e-6)
     tile = [r for r in res["rows"] if r["kernel"].startswith("block-sparse tile")]
     assert tile and all(r.get("padded_tokens", r["tokens"]) > r["tokens"] for r in tile)  # the quick shape pads
     # Visited block density vs token density: the tile window's token pairs, counted here independently.

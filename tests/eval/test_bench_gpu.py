@@ -6,6 +6,8 @@ import json
 import pytest
 import torch
 
+import dit_accel
+
 from dit_accel.cli.main import main
 from dit_accel.eval import bench_gpu, bench_gpu_cases
 from dit_accel.eval.bench import ModelShape, kernels_table, model_kernels
@@ -188,6 +190,26 @@ def test_sparse_forced_beside_auto_where_auto_ran_another_backend(tmp_path, fres
     assert forced["variant"].startswith("triton fwd-fp32") and forced["o_error"] < 1e-5
     assert forced["block_q"] == 64  # kernel_layout on the CPU: the plan's 64-row layout
     assert [r["autotune"] for r in report["rows"] if r["kernel"].startswith("tile")] == ["off", "off", "on"]
+
+
+
+def test_the_efficiency_is_speedup_times_the_true_density(tmp_path, fresh_autotune):
+    """Issue 72: a GNA window on an odd grid visits padded, element-masked blocks; its row's efficiency is its
+    speedup x the pattern's pairs / N^2 (counted here on the plan's token mask), and the padded blocks' work is
+    its own column, not folded into the ideal."""
+    shape = ModelShape("odd video", (3, 6, 10), 2, head_dim=16)
+    report = bench_gpu.bench_gpu(tmp_path, shapes=(shape,), densities=(0.3,), methods=("gna",), backward=False,
+                                 pytest_gpu=False, **QUICK)
+    row = next(r for r in report["rows"] if r["kernel"].startswith("gna") and r["status"] == "ok")
+    from dit_accel.checkpoints.finetuned import method_from_dict
+
+    plan = method_from_dict(row["config"]).plan(shape.grid)
+    real = plan.perm.order >= 0
+    true = float(plan.layout.to_dense_mask()[0][real][:, real].float().mean())
+    assert row["density"] == pytest.approx(true, rel=1e-6) and row["layout_density"] > true
+    assert row["fraction_of_ideal"] == pytest.approx(row["speedup"] * true, rel=1e-6)
+    assert row["padded_work"] == pytest.approx(row["work_vs_dense"] / true, rel=1e-6) and row["padded_work"] > 4
+    assert "padded work" in (tmp_path / "gpu_report.md").read_text()
 
 
 def test_a_call_auto_ran_dense_is_checked_against_dense_attention(tmp_path, monkeypatch, fresh_autotune):

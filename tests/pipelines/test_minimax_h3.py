@@ -85,7 +85,7 @@ def model():
 
 def test_the_default_is_64_token_tiles_with_dense_first_steps():
     method, kwargs = recommended(CLASS, "tile")
-    assert method == dit_accel.Tile(tile=(1, 8, 8), window=(3, 3, 3)) and kwargs == {"dense_steps": 10}
+    assert method == dit_accel.Tile(tile=(1, 8, 8), window=(3, 3, 3), fit=True) and kwargs == {"dense_steps": 10}
     assert next(iter(PRESETS[CLASS].defaults)) == "tile"  # what `generate` runs without --method
     assert sta_mask(GRID, (1, 8, 8), (3, 3, 3)).float().mean() == pytest.approx(12 / 16)  # frames 0, 1 see 0-2; frames 2, 3 see 1-3
 

@@ -7,8 +7,9 @@ selection is the same either way: picked inside the coarse launch or by the twin
 exact ties to the lower index).
 The fine branch is a :class:`~dit_accel.kernels.BlockLayout` whose blocks are the cubes, one layout head
 per (batch, head), run by :func:`~dit_accel.kernels.block_sparse_attention` (its backends and their
-self-checks): no second block-sparse kernel. A partial edge cube's padded key positions are masked by an
-element mask, so they never take softmax mass. :mod:`.naive` is the twin the tests check both against.
+self-checks): no second block-sparse kernel. A partial edge cube's real tokens come first (packed cube order),
+so its padded key positions are the tail of the cube, masked by a column count (a column-prefix mask, the
+length of the cube), and never take softmax mass. :mod:`.naive` is the twin the tests check both against.
 """
 
 from __future__ import annotations
@@ -98,7 +99,8 @@ def _cube_masks(cubes: Cubes, device: torch.device) -> Tuple[torch.Tensor, Optio
         if bool(partial.any()):
             patterns, inverse = torch.unique(real[partial], dim=0, return_inverse=True)
             mask_ids[partial] = inverse.to(torch.int32)
-            # Every row may see the real columns of the cube (padded query rows are dropped on the way back).
+            # Every row may see the real columns of the cube, its first `size` (packed order: a length); padded
+            # query rows are dropped on the way back.
             table = patterns[:, None, :].expand(-1, cubes.volume, -1).contiguous().to(device)
         found = _CUBE_MASKS[key] = (mask_ids.to(device), table)
     return found

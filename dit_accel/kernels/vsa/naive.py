@@ -1,8 +1,9 @@
 """VSA's PyTorch twin: the exact semantics (METHODS.md, "VSA"), in any float dtype (float64 for checks).
 
-Cubes are the tiles of :class:`~dit_accel.patterns.permutation.TilePermutation` (t-major, then h, then w;
-raster order inside a cube). The permutation pads every dimension to a tile multiple; a padded position
-is never part of a mean, a softmax or a selection count, so an edge cube holds only its real tokens.
+Cubes are the tiles of :class:`~dit_accel.patterns.permutation.PackedTilePermutation` (t-major, then h, then
+w; raster order inside a cube): an edge cube's real tokens come first and its padding last (FastVideo's cubes of
+variable size), so a partial key cube's validity is a length, the first ``size`` positions (issue 72). A padded
+position is never part of a mean, a softmax or a selection count, so an edge cube holds only its real tokens.
 
 The twin gathers each query cube's selected key cubes (memory ``B*H*Np*k*V``, linear in the selected
 count). :mod:`.api` runs the fine branch on the block-sparse backends instead, and the coarse branch through
@@ -16,7 +17,7 @@ from typing import Dict, NamedTuple, Optional, Tuple
 
 import torch
 
-from ...patterns.permutation import TilePermutation
+from ...patterns.permutation import PackedTilePermutation, TilePermutation
 
 __all__ = ["Cubes", "cubes_of", "cube_sizes", "cube_tile", "MAX_CUBE_TOKENS", "selected_count", "top_cubes", "coarse_attention", "CubeRows", "cube_rows", "vsa_parts_naive",
            "vsa_naive", "VSAParts"]
@@ -55,8 +56,8 @@ def cubes_of(grid: Tuple[int, ...], tile: Tuple[int, ...]) -> Cubes:
                          f"{clamped} = {math.prod(clamped)} tokens, more than {MAX_CUBE_TOKENS} (the fine branch "
                          "runs one cube as one block): use a smaller tile such as (4, 4, 4) (FastVideo's default) or "
                          "(4, 8, 8)")
-    perm = TilePermutation(tuple(grid), clamped)
-    volume = perm.tile_volume
+    volume = math.prod(clamped)
+    perm = PackedTilePermutation(tuple(grid), clamped, volume)
     count = perm.num_padded // volume
     real = (perm.order >= 0).view(count, volume)
     return Cubes(perm, volume, count, real, real.sum(-1))

@@ -189,7 +189,10 @@ def recommended(transformer_or_class, method: str, family: Optional[str] = None)
     reference scripts' decay and dense steps) when there is one, else dit_accel's preset
     default, else the method's config defaults. Windows fit the grid of every call (GNA's ``fit=True``:
     a kernel longer than a grid extent is clamped to it, with a note), so a setting published for a long
-    video also runs on the model's short default; a method the class refuses raises ValueError naming it.
+    video also runs on the model's short default; Tile's ``fit=True`` runs, on a grid its tile does not
+    divide, a tile that does (packed blocks: no element masks, little padding) with the window nearest its
+    density (:func:`dit_accel.patterns.tile.fit_tile`; the published setting itself stays available from
+    :func:`published_settings`). A method the class refuses raises ValueError naming it.
 
     Example::
 
