@@ -57,7 +57,7 @@ __all__ = ["Instruction", "Loop", "parse_sass", "find_loops", "classify", "CLASS
            "loop_names", "ttgir_facts", "family_of", "main_loop", "main_ring", "loop_warps", "MAIN_LOOP", "MASKED_LOOP", "ONE_LOOP", "ANALYSIS_VERSION"]
 
 #: Bump when the analysis changes, so cached results are recomputed.
-ANALYSIS_VERSION = 11
+ANALYSIS_VERSION = 12
 
 
 # ----------------------------------------------------------------------------- one configuration
