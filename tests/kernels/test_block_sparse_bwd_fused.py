@@ -117,6 +117,9 @@ def test_gpu_default_prefers_one_pass_only_after_its_self_check(monkeypatch):
     assert not bwd_fused.one_pass_runs(False, None, cuda, torch.bfloat16, 128, 128, 128)
     assert len(asked) == 2
     assert not bwd_fused.one_pass_runs(True, None, torch.device("cpu"), torch.float16, 64, 64, 64)
+    monkeypatch.setattr(bwd_fused.selfcheck, "usable_fast", verdict(True))
+    monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: True)  # atomics: no fixed order
+    assert not bwd_fused.one_pass_runs(True, None, cuda, torch.bfloat16, 128, 128, 128) and len(asked) == 2
     assert bwd_fused.one_pass_runs(True, True, torch.device("cpu"), torch.float16, 64, 64, 64)
 
 

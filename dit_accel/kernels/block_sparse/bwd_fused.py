@@ -143,11 +143,13 @@ def one_pass_runs(shipped: bool, asked: Optional[bool], device: torch.device, dt
                   block_q: int, block_k: int) -> bool:
     """Whether a backward call runs the one-pass kernel: ``asked`` None (the default) where a configuration
     ships (``shipped``) and, on a GPU, its self-check passed (never unasked on the interpreter, where the tests
-    check it and the two-pass kernels stay the reference path); True or False as asked. A forced one-pass
-    call without a shipped configuration raises ValueError naming what ships."""
+    check it and the two-pass kernels stay the reference path), unless ``torch.use_deterministic_algorithms``
+    is on (atomic adds sum dQ in no fixed order); True or False as asked. A forced one-pass call without a
+    shipped configuration raises ValueError naming what ships."""
     if asked is None:
-        return shipped and device.type == "cuda" and selfcheck.usable_fast(FUSED_VARIANT, device, dtype, head_dim,
-                                                                            block_q, block_k)
+        if not shipped or device.type != "cuda" or torch.are_deterministic_algorithms_enabled():
+            return False
+        return selfcheck.usable_fast(FUSED_VARIANT, device, dtype, head_dim, block_q, block_k)
     if asked and not shipped:
         raise ValueError(f"one_pass=True: no one-pass backward configuration ships for {dtype} at head dim "
                          f"{head_dim} with these layout blocks on this target (fp16 / bf16: head dims <= 64 on sm_80 and"
