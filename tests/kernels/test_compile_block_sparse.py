@@ -15,7 +15,7 @@ pytest.importorskip("triton")
 
 from dit_accel.kernels.backends import TRITON_MAX_HEAD_DIM as MAX_HEAD_DIM  # noqa: E402
 from dit_accel.kernels.block_sparse.configs import GPU_LAYOUT_BLOCKS  # noqa: E402
-from dit_accel.kernels.block_sparse.configs import fused_config, pointer_fallback, resume_config, select_config, ws_config  # noqa: E402,E501
+from dit_accel.kernels.block_sparse.configs import fused_config, fused_pointer, pointer_fallback, resume_config, select_config, ws_config  # noqa: E402,E501
 from dit_accel.kernels.checks import SUPPORTED_DTYPES  # noqa: E402
 from dit_accel.kernels.compile import TARGET_ARCHS, shared_memory_limit  # noqa: E402
 from dit_accel.kernels.sass import compile_shipped  # noqa: E402
@@ -101,7 +101,7 @@ def test_shipped_list_covers_every_launch_choice():
                                 assert ws in shipped and resume_config(ws, arch) in shipped, ws
                             fused = fused_config(dtype, d, bq, bk, arch)  # the one-pass backward
                             if fused is not None:
-                                assert fused in shipped and pointer_fallback(fused) in shipped, fused
+                                assert fused in shipped and fused_pointer(fused, arch) in shipped | {None}, fused
 
 
 def test_sm90_ships_a_warp_specialized_forward(compiled):

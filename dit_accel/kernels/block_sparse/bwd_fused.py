@@ -152,7 +152,7 @@ def one_pass_runs(shipped: bool, asked: Optional[bool], device: torch.device, dt
         return selfcheck.usable_fast(FUSED_VARIANT, device, dtype, head_dim, block_q, block_k)
     if asked and not shipped:
         raise ValueError(f"one_pass=True: no one-pass backward configuration ships for {dtype} at head dim "
-                         f"{head_dim} with these layout blocks on this target (fp16 / bf16: head dims <= 64 on sm_80 and"
-                         " sm_90, 65-128 on sm_90 with 128-token key blocks; any on the interpreter); pass "
-                         "one_pass=None to take the two-pass backward")
+                         f"{head_dim} with these layout blocks and inputs on this target (fp16 / bf16: head dims <= 64 "
+                         "on sm_80 and sm_90, 65-128 on sm_90 with 128-token key blocks and 16-byte aligned q and "
+                         "do; any on the interpreter); pass one_pass=None to take the two-pass backward")
     return bool(asked)

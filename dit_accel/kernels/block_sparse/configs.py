@@ -18,7 +18,7 @@ from ..dense.configs import ARG_TYPES, DIV16, tma_supported
 
 __all__ = ["KernelConfig", "select_config", "shipped_configs", "pointer_fallback", "candidates", "shared_memory_limit",
            "ws_config", "resume_config", "ws_pays", "WS_TUNED", "kernel_reason",
-           "block_d_for", "fused_config", "FUSED_TUNED",
+           "block_d_for", "fused_config", "fused_pointer", "FUSED_TUNED",
            "SHARED_MEMORY_LIMITS", "TARGET_ARCHS", "BLOCK_DS", "KERNEL_NAMES"]
 
 TARGET_ARCHS = (80, 89, 90, 100)
@@ -72,10 +72,11 @@ class KernelConfig:
         return out
 
     def dense(self):
-        """The dense kernel with the same tile, warps, stages, dtype and load path (None for bwd_preprocess)."""
+        """The dense kernel with the same tile, warps, stages, dtype and load path (None for bwd_preprocess and
+        the one-pass backward, which the dense family does not have)."""
         from ..dense.configs import DenseConfig
 
-        if self.kernel == "bwd_preprocess":
+        if self.kernel in ("bwd_preprocess", "bwd_dkdv_dq"):
             return None
         return DenseConfig(self.kernel, self.dtype, self.block_d, self.block_m, self.block_n, self.num_warps,
                            self.num_stages, self.tma, self.even_d, self.ws)
@@ -295,6 +296,17 @@ FUSED_TUNED: Dict[Tuple[int, int], Tuple[int, int, int, int]] = {
 }
 
 
+#: Where the one-pass backward's pointer variant (inputs not TMA-aligned) spills: sm_90 d128's 32 x 128 tile at
+#: 8 warps takes 255 registers and 28 B of spill stores without TMA. Those calls take the two-pass backward.
+FUSED_POINTER_SPILLS = {(90, 128)}
+
+
+def fused_pointer(cfg: KernelConfig, arch: int) -> Optional[KernelConfig]:
+    """The pointer-load variant of one-pass configuration ``cfg``, or None where it spills (the two-pass
+    backward serves those inputs)."""
+    return None if (arch, cfg.block_d) in FUSED_POINTER_SPILLS else pointer_fallback(cfg)
+
+
 def fused_config(dtype: torch.dtype, head_dim: int, block_q: int, block_k: int, arch: int = 80,
                  gpu: bool = True) -> Optional[KernelConfig]:
     """The one-pass backward's configuration, or None where only the two-pass backward ships: head dims past
@@ -356,7 +368,7 @@ def shipped_configs(arch: Optional[int] = None) -> List[KernelConfig]:
                         for bq in GPU_LAYOUT_BLOCKS:
                             for bk in GPU_LAYOUT_BLOCKS:
                                 fused = fused_config(dtype, bd, bq, bk, a)
-                                for cfg in (fused, pointer_fallback(fused) if fused else None):
+                                for cfg in (fused, fused_pointer(fused, a) if fused else None):
                                     if cfg is not None:
                                         seen.setdefault(cfg, cfg)
     return list(seen)

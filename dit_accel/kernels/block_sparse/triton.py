@@ -62,7 +62,7 @@ from .. import occupancy, selfcheck
 from ..layout import BlockLayout
 from ..request import in_graph
 from .bwd_fused import _bwd_dkdv_dq_kernel, one_pass_runs, run_fused
-from .configs import (KernelConfig, fused_config, pointer_fallback, resume_config, select_config, ws_config, ws_enabled,
+from .configs import (KernelConfig, fused_config, fused_pointer, pointer_fallback, resume_config, select_config, ws_config, ws_enabled,
                       ws_pays)
 
 __all__ = ["triton_forward", "triton_backward", "KERNELS", "TilePlan", "tile_plan", "work_order", "ws_schedule", "tma_ok"]
@@ -701,7 +701,7 @@ def _backward_launch(q, k, v, do, o, lse, dlse, layout: BlockLayout) -> _Backwar
     strides = (*_strides(q), *_strides(k), *_strides(v), *_strides(do))
     fused = fused_config(q.dtype, d, layout.block_q, layout.block_k, _arch(dev), dev.type == "cuda")
     if fused is not None and fused.tma and (pad is not None or not tma_ok(q, do)):
-        fused = pointer_fallback(fused)  # inputs prepared for pointer kernels
+        fused = fused_pointer(fused, _arch(dev))  # inputs prepared for pointer kernels (None: two-pass)
     steps = []
     for cfg, owned, streamed in ((cfg_kv, m, (q, do)), (cfg_q, n, (k, v)), (fused, m, (q, do))):
         if cfg is None:
@@ -757,6 +757,7 @@ def triton_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch
                  q.data_ptr() % 16, k.data_ptr() % 16, v.data_ptr() % 16, do.data_ptr() % 16)
     launch = _PLANS.get(layout, signature, lambda: _backward_launch(q, k, v, do, o, lse, dlse, layout))
 
+    one = one_pass_runs(launch.fused is not None, one_pass, dev, q.dtype, d, layout.block_q, layout.block_k)
     grid, args, kw = launch.pre
     delta = torch.empty((b * h, n), dtype=torch.float32, device=dev)
     lse2 = torch.empty_like(delta)
@@ -766,7 +767,6 @@ def triton_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch
     if launch.copies:
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    one = one_pass_runs(launch.fused is not None, one_pass, dev, q.dtype, d, layout.block_q, layout.block_k)
     kv, qs = launch.fused if one else launch.steps[0], launch.steps[1]
     launch.ran.add(one)
     qd, dod = (q, do) if kv.descriptors is None else (_rebased(kv.descriptors[0], q), _rebased(kv.descriptors[1], do))
