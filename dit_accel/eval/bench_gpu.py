@@ -24,7 +24,7 @@ Every timed row carries its correctness (``o_error``: relative error of ``o`` ag
 ``grad_error``: the largest of dq, dk, dv's, for forward + backward rows) on the first batch entry's first
 :data:`~.bench_gpu_cases.TWIN_HEADS` heads, the tolerance, and ``variant``: what actually ran (the dense candidate or SDPA
 backend; for block-sparse Triton, the configurations the launcher cached for the layout, read after the
-call by :func:`dit_accel.kernels.block_sparse.triton.launched_variants`: one-loop, persistent, or ws +
+call by :func:`dit_accel.kernels.block_sparse.launches.launched_variants`: one-loop, persistent, or ws +
 resume). The fp32 twins: a chunked fp32 attention with its exact backward written here (dense), the
 PyTorch backend on fp32 copies (block-sparse, SLA).
 

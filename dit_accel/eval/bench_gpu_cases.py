@@ -423,7 +423,7 @@ class _LayoutCase(_Case):
             return f"dense: {choice.chosen(q, k, v)}"
         if name != "triton":
             return name
-        from ..kernels.block_sparse.triton import launched_variants
+        from ..kernels.block_sparse.launches import launched_variants
 
         ran = launched_variants(self.layout)["forward" if pass_ == "forward" else "backward"]
         return "triton " + ("; ".join(dict.fromkeys(ran)) if ran else "(no launch recorded)")

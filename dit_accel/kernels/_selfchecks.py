@@ -17,6 +17,7 @@ from typing import Optional
 import torch
 
 from .selfcheck import Result, Variant, register, relative_error
+from .selfcheck import _default_shapes as selfcheck_shapes
 
 #: Forward error bound per dtype (relative, Frobenius), and the gradients', for kernels whose products are
 #: exact for their inputs: half-precision inputs (exact in the fp32 accumulator) and fp32 inputs multiplied
@@ -148,7 +149,8 @@ def _grad_error(got, want) -> float:
     return max(relative_error(g, w) for g, w in zip(got, want))
 
 
-def _check_block_sparse_bwd(device, dtype, shape) -> Result:
+def _check_block_sparse_bwd(device, dtype, shape, one_pass: bool = False) -> Result:
+    """The two-pass backward, or (``one_pass``) the one-pass one (:mod:`.block_sparse.bwd_fused`), forced."""
     from .block_sparse.triton import triton_backward, triton_forward
     from .reference import dense_attention_reference
 
@@ -156,9 +158,33 @@ def _check_block_sparse_bwd(device, dtype, shape) -> Result:
     scale = shape["head_dim"] ** -0.5
     o, lse = triton_forward(q, k, v, layout, scale)
     do = torch.randn(o.shape, generator=torch.Generator().manual_seed(3)).to(device)
-    got = triton_backward(do.to(dtype), q, k, v, o, lse, layout, scale)
+    got = triton_backward(do.to(dtype), q, k, v, o, lse, layout, scale, one_pass=one_pass)
     want = _grads(lambda a, b, c: dense_attention_reference(a, b, c, mask, scale)[0], q, k, v, do)
-    return Result(_grad_error(got, want), _tol(BWD_TOL, q.device, dtype, True), text + ", dQ dK dV")
+    text += ", dQ dK dV" + (" (one pass, dQ by atomic adds)" if one_pass else "")
+    return Result(_grad_error(got, want), _tol(BWD_TOL, q.device, dtype, True), text)
+
+
+def _fused_applies(device: torch.device) -> Optional[str]:
+    reason = _triton_applies(device)
+    if reason is not None:
+        return reason
+    if device.type != "cuda":
+        return "the one-pass backward runs unasked on GPUs only (the interpreter tests check it on the CPU)"
+    from .block_sparse.configs import fused_config
+
+    major, minor = torch.cuda.get_device_capability(device)
+    if fused_config(torch.float16, 64, 128, 128, major * 10 + minor) is None:
+        return f"no one-pass backward ships for sm_{major}{minor} (sm_80 and sm_90 only): the two-pass one runs"
+    return None
+
+
+def _fused_shapes(device):
+    """The production shapes the one-pass backward has a configuration for on this GPU."""
+    from .block_sparse.configs import fused_config
+
+    major, minor = torch.cuda.get_device_capability(device)
+    return tuple(s for s in selfcheck_shapes(device)
+                 if fused_config(torch.float16, s["head_dim"], s["block_q"], s["block_k"], major * 10 + minor))
 
 
 def _check_dense(device, dtype, shape, backward: bool) -> Result:
@@ -285,6 +311,9 @@ for _v in (
     Variant("block_sparse.triton.fwd_ws", "block_sparse", "triton", _sm90_applies, _check_block_sparse_ws,
             dtypes=_half, shapes=_ws_shapes),
     Variant("block_sparse.triton.bwd", "block_sparse", "triton", _triton_applies, _check_block_sparse_bwd),
+    Variant("block_sparse.triton.bwd_dkdv_dq", "block_sparse", "triton", _fused_applies,
+            lambda device, dtype, shape: _check_block_sparse_bwd(device, dtype, shape, one_pass=True), dtypes=_half,
+            shapes=_fused_shapes),
     Variant("dense.triton.fwd", "dense", "triton", _triton_applies,
             lambda device, dtype, shape: _check_dense(device, dtype, shape, False)),
     Variant("dense.triton.bwd", "dense", "triton", _triton_applies,

@@ -57,7 +57,7 @@ __all__ = ["Instruction", "Loop", "parse_sass", "find_loops", "classify", "CLASS
            "loop_names", "ttgir_facts", "family_of", "main_loop", "main_ring", "loop_warps", "MAIN_LOOP", "MASKED_LOOP", "ONE_LOOP", "ANALYSIS_VERSION"]
 
 #: Bump when the analysis changes, so cached results are recomputed.
-ANALYSIS_VERSION = 10
+ANALYSIS_VERSION = 12
 
 
 # ----------------------------------------------------------------------------- one configuration
@@ -84,7 +84,8 @@ def _source_digest() -> str:
     source line numbers)."""
     here = Path(__file__).parent
     parts = []
-    for name in ("dense/tiles.py", "dense/triton.py", "block_sparse/triton.py", "sla/triton.py"):
+    for name in ("dense/tiles.py", "dense/triton.py", "block_sparse/triton.py", "block_sparse/bwd_fused.py",
+                 "sla/triton.py"):
         text = (here / name).read_text()
         for node in ast.parse(text).body:
             if isinstance(node, ast.FunctionDef) and any("jit" in ast.unparse(d) for d in node.decorator_list):
@@ -144,6 +145,10 @@ def _keeps_name(lp: Loop, other: Loop) -> bool:
     return lp.max_path > other.max_path
 
 
+def base_is(ins: Instruction, base: str) -> bool:
+    return ins.opcode.split(".", 1)[0] == base
+
+
 def _named_loops(text: str, kernel_file: str) -> Dict[str, dict]:
     """``{name: loop dict}`` of the marked loops; when a name repeats (an mbarrier wait loop inside
     a loop maps to the same ``for``; so may a persistent kernel's loop over work items, through the
@@ -164,8 +169,14 @@ def _named_loops(text: str, kernel_file: str) -> Dict[str, dict]:
         # Each LDG's source line (innermost frame in the kernel's file) says which load it is.
         lines = sorted({here[0] for ins, base in zip(body, bases) if base == "LDG"
                         for here in [[ln for f, ln in ins.lines if _same_source(f, kernel_file)]] if here})
+        # Products per iteration: on sm_90 a tl.dot is a group of HGMMA instructions whose last one waits on the
+        # group's barrier (gsb0); mma.sync products (HMMA, sm_80, or sm_90 tiles under 64 rows) have no groups,
+        # their count of m16n8k16 instructions says how many (ptxas's source lines are not exact enough).
+        groups = sum(1 for ins in body if base_is(ins, "HGMMA") and "gsb0" in ins.operands)
+        hmma = sum(1 for ins in body if base_is(ins, "HMMA"))
         out[name] = {**lp.as_dict(), "sync_global_loads": bases.count("LDG"), "sync_global_load_lines": lines,
-                     "async_copies": bases.count("LDGSTS") + bases.count("UTMALDG")}
+                     "async_copies": bases.count("LDGSTS") + bases.count("UTMALDG"), "wgmma_groups": groups,
+                     "hmma": hmma}
     for name, (short, long) in ONE_LOOP.items():
         if name in out and short not in out and long not in out:
             lp = out[name]

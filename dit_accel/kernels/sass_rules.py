@@ -34,7 +34,7 @@ MUFU_PER_CLK = 16
 ISSUE_PER_CLK = 4
 
 
-_DOTS = {"fwd": 2, "bwd_dq": 3, "bwd_dkdv": 4, "bwd_dkdv_lin": 6}  # tensor-core products per tile
+_DOTS = {"fwd": 2, "bwd_dq": 3, "bwd_dkdv": 4, "bwd_dkdv_dq": 5, "bwd_dkdv_lin": 6}  # tensor-core products per tile
 
 
 def loop_warps(row: dict) -> int:

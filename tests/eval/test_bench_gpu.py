@@ -308,6 +308,7 @@ def test_launched_variants_name_the_ws_and_resume_passes(monkeypatch):
     pretending to be an sm_90 whose cost model always takes ws)."""
     from dit_accel.kernels import BlockLayout, block_sparse_attention
     from dit_accel.kernels.block_sparse import triton as bst
+    from dit_accel.kernels.block_sparse.launches import launched_variants
     from tests.utils import banded_mask
 
     monkeypatch.setenv("DIT_ACCEL_SELFCHECK", "0")  # (the record is under test here, not the kernels)
@@ -315,20 +316,20 @@ def test_launched_variants_name_the_ws_and_resume_passes(monkeypatch):
     mask = banded_mask(256, 256, 70)
     layout = BlockLayout.from_dense_mask(mask, block_q=128, block_k=128)
     q, k, v = (torch.randn(1, 2, 256, 128, dtype=torch.float16) for _ in range(3))
-    assert bst.launched_variants(layout) == {"forward": [], "backward": []}
+    assert launched_variants(layout) == {"forward": [], "backward": []}
     block_sparse_attention(q, k, v, layout, backend="triton")
-    assert bst.launched_variants(layout)["forward"] == [bst._config("fwd", q, layout, (k, v)).name]
+    assert launched_variants(layout)["forward"] == [bst._config("fwd", q, layout, (k, v)).name]
     monkeypatch.setattr(bst, "_arch", lambda device: 90)
     monkeypatch.setattr(bst, "ws_pays", lambda *a, **kw: True)
     wide = BlockLayout.from_dense_mask(mask, block_q=128, block_k=128)
     block_sparse_attention(q, k, v, wide, backend="triton")
-    (name,) = bst.launched_variants(wide)["forward"]
+    (name,) = launched_variants(wide)["forward"]
     assert "-ws + fwd-" in name and name.endswith("-resume")
     # A ws variant disabled by its self-check: the one-loop kernel ran, and the record says so.
     monkeypatch.setattr(bst.selfcheck, "usable_fast", lambda name, *a: name != bst.WS_VARIANT)
     other = BlockLayout.from_dense_mask(mask, block_q=128, block_k=128)
     block_sparse_attention(q, k, v, other, backend="triton")
-    (name,) = bst.launched_variants(other)["forward"]
+    (name,) = launched_variants(other)["forward"]
     assert name.endswith(" persistent (block_sparse.triton.fwd_ws disabled by its self-check)") and "-ws" not in name
 
 

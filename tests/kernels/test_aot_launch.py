@@ -25,7 +25,7 @@ pytest.importorskip("triton")
 from dit_accel.kernels import BlockLayout  # noqa: E402
 from dit_accel.kernels import occupancy  # noqa: E402
 from dit_accel.kernels.block_sparse import triton as bst  # noqa: E402
-from dit_accel.kernels.block_sparse.configs import resume_config, select_config, ws_config  # noqa: E402
+from dit_accel.kernels.block_sparse.configs import fused_config, resume_config, select_config, ws_config  # noqa: E402
 from dit_accel.kernels.dense import triton as dense_triton  # noqa: E402
 from dit_accel.kernels.dense.configs import tma_ok  # noqa: E402
 from dit_accel.kernels.occupancy import occupancy as occupancy_of  # noqa: E402
@@ -280,6 +280,74 @@ def test_misaligned_q_takes_the_pointer_dkdv(sm90):
     dkdv, dq = back[0].steps
     assert dkdv.descriptors is None and dkdv.kw["TMA"] is False
     assert dq.descriptors is not None and dq.kw["TMA"] is True
+
+
+#: The one-pass backward the sm_90 launcher picks for fp16, head dim 80, 128-token blocks.
+FUSED = fused_config(torch.float16, D, 128, 128, 90)
+_TYPES = {"fp16": torch.float16, "fp32": torch.float32, "i32": torch.int32, "i64": torch.int64}
+
+
+@pytest.fixture(scope="module")
+def compiled_fused():
+    from triton.compiler.compiler import CompiledKernel
+
+    from dit_accel.kernels.compile import map_in_workers
+
+    ((group, digest),) = map_in_workers(_compile_job, [FUSED])
+    return CompiledKernel(None, group, digest)
+
+
+def _assert_type(kind: str, arg, name: str) -> None:
+    """``arg`` is what a kernel compiled with signature entry ``kind`` takes."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    if kind.startswith("tensordesc<"):
+        dtype, block = kind[len("tensordesc<"):-1].split("[")
+        assert isinstance(arg, TensorDescriptor) and arg.base.dtype == _TYPES[dtype], name
+        assert list(arg.block_shape) == [int(x) for x in block.rstrip("]").split(",")], name
+    elif kind.startswith("*"):
+        assert isinstance(arg, torch.Tensor) and arg.dtype == _TYPES[kind[1:]], (name, kind)
+    elif kind == "i32":
+        assert isinstance(arg, int) and -2 ** 31 <= arg < 2 ** 31, (name, arg)
+    else:
+        assert kind == "fp32" and isinstance(arg, float), (name, kind, arg)
+
+
+def test_one_pass_backward_on_sm90(sm90, compiled_fused, monkeypatch):
+    """The one-pass backward as the sm_90 launcher sets it up: the shipped configuration, every argument of
+    the type the AOT-compiled kernel was built for (descriptors of Q and dO with its block, dQ's fp32 buffer),
+    a grid of key tiles x B*H, and the reference's gradients (the launch itself runs in the interpreter)."""
+    from dit_accel.kernels.block_sparse import bwd_fused
+    from dit_accel.kernels.compile import aot_source
+
+    fn, seen = bwd_fused._bwd_dkdv_dq_kernel, []
+    monkeypatch.setattr(fn, "run", lambda *a, grid, warmup, **kw: (
+        seen.append((a, grid, kw)), type(fn).run(fn, *a, grid=grid, warmup=warmup, **kw))[1])
+    n = 257
+    mask, layout = _ws_layout(2, n, seed=9)
+    q, k, v = make_qkv(1, 2, n, n, D, torch.float16, seed=9)
+    o, lse = bst.triton_forward(q, k, v, layout, D ** -0.5)
+    do = torch.randn_like(o)
+    grads = bst.triton_backward(do, q, k, v, o, lse, layout, D ** -0.5, one_pass=True)
+    assert_grads_close(grads, q, k, v, mask, do)
+    ((args, grid, kw),) = seen
+    _, signature, constexprs, _ = aot_source(FUSED)
+    assert {key: kw[key] for key in constexprs} == constexprs
+    assert (kw["num_warps"], kw["num_stages"]) == (FUSED.num_warps, FUSED.num_stages) == (8, 1)
+    params = [p for p in fn.arg_names if p not in constexprs]
+    assert len(args) == len(params)
+    for name, arg in zip(params, args):
+        _assert_type(signature[name], arg, name)
+    assert grid == (-(-n // FUSED.block_n), 2)
+    assert compiled_fused.metadata.num_warps == 8 and compiled_fused.metadata.shared <= 232448
+    # A misaligned Q: this kernel's pointer variant spills at d128 on sm_90 (configs.FUSED_POINTER_SPILLS), so
+    # the two-pass backward runs; forced, the one-pass backward says it cannot.
+    seen.clear()
+    grads = bst.triton_backward(do, _misaligned(q), k, v, o, lse, layout, D ** -0.5)
+    assert_grads_close(grads, q, k, v, mask, do)
+    with pytest.raises(ValueError, match="16-byte aligned q and do"):
+        bst.triton_backward(do, _misaligned(q), k, v, o, lse, layout, D ** -0.5, one_pass=True)
+    assert seen == []
 
 
 def _dense_launches(monkeypatch):

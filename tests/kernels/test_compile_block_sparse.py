@@ -15,7 +15,7 @@ pytest.importorskip("triton")
 
 from dit_accel.kernels.backends import TRITON_MAX_HEAD_DIM as MAX_HEAD_DIM  # noqa: E402
 from dit_accel.kernels.block_sparse.configs import GPU_LAYOUT_BLOCKS  # noqa: E402
-from dit_accel.kernels.block_sparse.configs import pointer_fallback, resume_config, select_config, ws_config  # noqa: E402,E501
+from dit_accel.kernels.block_sparse.configs import fused_config, fused_pointer, pointer_fallback, resume_config, select_config, ws_config  # noqa: E402,E501
 from dit_accel.kernels.checks import SUPPORTED_DTYPES  # noqa: E402
 from dit_accel.kernels.compile import TARGET_ARCHS, shared_memory_limit  # noqa: E402
 from dit_accel.kernels.sass import compile_shipped  # noqa: E402
@@ -99,6 +99,9 @@ def test_shipped_list_covers_every_launch_choice():
                             ws = ws_config(cfg, arch)
                             if ws is not None:  # the launcher's choice where ws_pays
                                 assert ws in shipped and resume_config(ws, arch) in shipped, ws
+                            fused = fused_config(dtype, d, bq, bk, arch)  # the one-pass backward
+                            if fused is not None:
+                                assert fused in shipped and fused_pointer(fused, arch) in shipped | {None}, fused
 
 
 def test_sm90_ships_a_warp_specialized_forward(compiled):
@@ -122,7 +125,7 @@ def test_shipped_list_spans_dtypes_head_dims_kernels_and_load_paths():
     configs = shipped_kernel_configs(90)
     assert {c.dtype for c in configs} == {torch.float16, torch.bfloat16, torch.float32}
     assert {c.block_d for c in configs} == {64, 128, 256}
-    assert {c.kernel for c in configs} == {"fwd", "bwd_preprocess", "bwd_dkdv", "bwd_dq"}
+    assert {c.kernel for c in configs} == {"fwd", "bwd_preprocess", "bwd_dkdv", "bwd_dq", "bwd_dkdv_dq"}
     # TMA kernels mask head-dim columns outside their loops; pointer kernels get padded inputs.
     assert {(c.tma, c.even_d) for c in configs if c.kernel == "fwd"} == {(True, False), (False, True)}
     assert not any(c.tma for c in shipped_kernel_configs(80) + shipped_kernel_configs(89))

@@ -112,7 +112,7 @@ def test_wan14b_128_row_layout_runs_ws_and_resume(monkeypatch):
     """The production layout at Wan 14B 480p takes the warp-specialized forward and its resume pass."""
     monkeypatch.setenv("DIT_ACCEL_WS", "1")
     from dit_accel.kernels import block_sparse_attention
-    from dit_accel.kernels.block_sparse.triton import launched_variants
+    from dit_accel.kernels.block_sparse.launches import launched_variants
 
     layout = _wan_layout("tile", WAN_480P, 128).to("cuda")
     q, k, v = (_randn(2, 40, layout.q_len, 128, seed=s) for s in (5, 6, 7))

@@ -18,7 +18,7 @@ from ..dense.configs import ARG_TYPES, DIV16, tma_supported
 
 __all__ = ["KernelConfig", "select_config", "shipped_configs", "pointer_fallback", "candidates", "shared_memory_limit",
            "ws_config", "resume_config", "ws_pays", "WS_TUNED", "kernel_reason",
-           "block_d_for",
+           "block_d_for", "fused_config", "fused_pointer", "FUSED_TUNED",
            "SHARED_MEMORY_LIMITS", "TARGET_ARCHS", "BLOCK_DS", "KERNEL_NAMES"]
 
 TARGET_ARCHS = (80, 89, 90, 100)
@@ -72,10 +72,11 @@ class KernelConfig:
         return out
 
     def dense(self):
-        """The dense kernel with the same tile, warps, stages, dtype and load path (None for bwd_preprocess)."""
+        """The dense kernel with the same tile, warps, stages, dtype and load path (None for bwd_preprocess and
+        the one-pass backward, which the dense family does not have)."""
         from ..dense.configs import DenseConfig
 
-        if self.kernel == "bwd_preprocess":
+        if self.kernel in ("bwd_preprocess", "bwd_dkdv_dq"):
             return None
         return DenseConfig(self.kernel, self.dtype, self.block_d, self.block_m, self.block_n, self.num_warps,
                            self.num_stages, self.tma, self.even_d, self.ws)
@@ -87,8 +88,9 @@ class KernelConfig:
         consts = {k: v for k, v in self.constexprs().items() if k in fn.arg_names}
         tma = None
         if self.tma and not self.ws:  # a ws kernel makes its descriptors itself, from pointers
-            rows = self.block_m if self.kernel == "bwd_dkdv" else self.block_n
-            tma = {name: (1, 1, rows, self.block_d) for name in tma_args(self.kernel)}
+            kv_owned = self.kernel.startswith("bwd_dkdv")  # (bwd_dkdv_dq too: it streams Q and dO)
+            rows = self.block_m if kv_owned else self.block_n
+            tma = {name: (1, 1, rows, self.block_d) for name in tma_args("bwd_dkdv" if kv_owned else self.kernel)}
         return aot_signature(fn, _ARG_TYPES, consts, _DIV16, self.dtype, tma)
 
 
@@ -281,9 +283,50 @@ def select_config(kernel: str, dtype: torch.dtype, head_dim: int, block_q: int, 
     return KernelConfig(kernel, dtype, bd, min(bm, block_q), min(bn, block_k), warps, stages, tma=tma, even_d=not tma)
 
 
+#: The one-pass backward (``bwd_dkdv_dq``, :mod:`.bwd_fused`), fp16 / bf16 per (target, padded head dim):
+#: ``(block_m, block_n, warps, stages)``, query rows streamed x key rows owned. Targets without an entry run
+#: the two-pass backward. Chosen from the compiled artefacts (``dit-accel bench sass``: registers, spills).
+#: Every other tile searched spills (bf16, 2026-11-27, triton 3.9: sm_90 d128 64x64 w4 824 B, 64x128 w8 640 B,
+#: 32x64 w4 200 B, 32x128 w8 s2 20 B; sm_80 d128 32x64 w4 304 B, 32x128 w8 100 B, 64x64 w8 48 B; d64 64x64 w4
+#: 88-108 B): sm_80 keeps the two-pass backward at d128, and a tile must fit the layout blocks whole.
+FUSED_TUNED: Dict[Tuple[int, int], Tuple[int, int, int, int]] = {
+    (80, 64): (32, 64, 4, 2),  # 254 registers, no spill
+    (90, 64): (32, 64, 4, 2),  # 210 registers, no spill, 2 CTAs per SM
+    (90, 128): (32, 128, 8, 1),  # 250 registers, no spill; 128-token key blocks only
+}
+
+
+#: Where the one-pass backward's pointer variant (inputs not TMA-aligned) spills: sm_90 d128's 32 x 128 tile at
+#: 8 warps takes 255 registers and 28 B of spill stores without TMA. Those calls take the two-pass backward.
+FUSED_POINTER_SPILLS = {(90, 128)}
+
+
+def fused_pointer(cfg: KernelConfig, arch: int) -> Optional[KernelConfig]:
+    """The pointer-load variant of one-pass configuration ``cfg``, or None where it spills (the two-pass
+    backward serves those inputs)."""
+    return None if (arch, cfg.block_d) in FUSED_POINTER_SPILLS else pointer_fallback(cfg)
+
+
+def fused_config(dtype: torch.dtype, head_dim: int, block_q: int, block_k: int, arch: int = 80,
+                 gpu: bool = True) -> Optional[KernelConfig]:
+    """The one-pass backward's configuration, or None where only the two-pass backward ships: head dims past
+    128, fp32 on a GPU (its tf32 tiles would be one more family to compile), targets without a
+    :data:`FUSED_TUNED` entry (sm_89's 99 KB, sm_100, sm_80 at d128) and layout blocks smaller than the tile
+    (a smaller tile is another kernel to compile and check). ``gpu=False`` (the interpreter, which runs sm_80's
+    tiles, at every head dim) takes fp32 too, so the kernel is checked in fp32 on the CPU."""
+    bd = block_d_for(head_dim)
+    tuned = FUSED_TUNED.get((arch, bd)) or (None if gpu else FUSED_TUNED[(80, 64)])
+    if tuned is None or (gpu and (dtype == torch.float32 or tuned[0] > block_q or tuned[1] > block_k)):
+        return None
+    bm, bn, warps, stages = tuned
+    tma = tma_supported(arch, dtype, bd)
+    return KernelConfig("bwd_dkdv_dq", dtype, bd, min(bm, block_q), min(bn, block_k), warps, stages, tma=tma,
+                        even_d=not tma)
+
+
 # Argument types and divisibility hints: the dense kernels' plus the plan's.
-_ARG_TYPES = {**ARG_TYPES, "PLAN": "*i32", "BITS": "*i64", "ITEMS": "*i32"}
-_DIV16 = DIV16 | {"bits_w"}  # layout block sizes (64, 128, 256)
+_ARG_TYPES = {**ARG_TYPES, "PLAN": "*i32", "BITS": "*i64", "ITEMS": "*i32", "DQ32": "*fp32"}
+_DIV16 = DIV16 | {"bits_w", "sgb", "sgh", "sgn"}  # layout block sizes (64, 128, 256); dQ's fp32 buffer (contiguous)
 
 
 def candidates(kernel: str, dtype: torch.dtype, block_d: int, arch: int) -> List[KernelConfig]:
@@ -321,6 +364,13 @@ def shipped_configs(arch: Optional[int] = None) -> List[KernelConfig]:
                             if cfg.tma:  # the launcher's fallback when a tensor is not TMA-aligned
                                 cfg = pointer_fallback(cfg)
                                 seen.setdefault(cfg, cfg)
+                    if kernel == "bwd_dkdv":  # and the one-pass backward beside it, with its fallback
+                        for bq in GPU_LAYOUT_BLOCKS:
+                            for bk in GPU_LAYOUT_BLOCKS:
+                                fused = fused_config(dtype, bd, bq, bk, a)
+                                for cfg in (fused, fused_pointer(fused, a) if fused else None):
+                                    if cfg is not None:
+                                        seen.setdefault(cfg, cfg)
     return list(seen)
 
 

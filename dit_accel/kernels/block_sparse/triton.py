@@ -11,13 +11,12 @@ steps (:mod:`dit_accel.kernels.dense.tiles`):
   word per row per 64 keys and loaded as a 1-D vector, or the ragged last key tile).
 - ``_bwd_dkdv_kernel``: grid ``(key tiles, B*H)``, walks the *transposed* plan (only the
   query tiles that visit this key tile) and recomputes ``P`` from the saved log-sum-exp.
-- ``_bwd_dq_kernel``: grid ``(query tiles, B*H)`` over the forward plan.
+- ``_bwd_dq_kernel``: grid ``(query tiles, B*H)`` over the forward plan. These two own their outputs (no
+  atomics); where its self-check passed, the one-pass backward of :mod:`.bwd_fused` (5 products per tile
+  instead of 7, dQ by atomic adds) runs instead.
 
 The backward kernels keep a program per owned tile on every GPU: persistent variants of both, compiled
-for sm_90, spill at head dim 128 (dK/dV: 96-244 bytes) or lose a CTA per SM (dQ: 166 -> 248
-registers), which costs more than the per-CTA setup that persistence saves.
-
-Both backward kernels own their outputs, so no atomics are needed.
+for sm_90, spill at head dim 128 (dK/dV: 96-244 bytes) or lose a CTA per SM (dQ: 166 -> 248 registers).
 
 The *plan* (:func:`tile_plan`) is the layout at kernel-tile granularity, derived once per
 (layout, tile shape) and cached: per query tile (key tile for dK/dV) the full and partial
@@ -62,7 +61,9 @@ from ..dense.triton import _bwd_preprocess_kernel, ensure_allocator
 from .. import occupancy, selfcheck
 from ..layout import BlockLayout
 from ..request import in_graph
-from .configs import KernelConfig, pointer_fallback, resume_config, select_config, ws_config, ws_enabled, ws_pays
+from .bwd_fused import _bwd_dkdv_dq_kernel, one_pass_runs, run_fused
+from .configs import (KernelConfig, fused_config, fused_pointer, pointer_fallback, resume_config, select_config, ws_config, ws_enabled,
+                      ws_pays)
 
 __all__ = ["triton_forward", "triton_backward", "KERNELS", "TilePlan", "tile_plan", "work_order", "ws_schedule", "tma_ok"]
 
@@ -378,12 +379,8 @@ def _bwd_dq_kernel(
     tl.store(dq_ptrs, (dq * sm_scale).to(DQ.dtype.element_ty), mask=mask)  # dQ is allocated like Q
 
 
-KERNELS = {
-    "fwd": _fwd_kernel,
-    "bwd_preprocess": _bwd_preprocess_kernel,
-    "bwd_dkdv": _bwd_dkdv_kernel,
-    "bwd_dq": _bwd_dq_kernel,
-}
+KERNELS = {"fwd": _fwd_kernel, "bwd_preprocess": _bwd_preprocess_kernel, "bwd_dkdv": _bwd_dkdv_kernel,
+           "bwd_dq": _bwd_dq_kernel, "bwd_dkdv_dq": _bwd_dkdv_dq_kernel}
 
 
 from .tile_plans import TilePlan, _PlanCache, _identity, tile_plan, work_order  # noqa: E402,F401  (re-exported)
@@ -659,13 +656,17 @@ class _BackwardLaunch:
     the inputs are zero-padded to (None: no padding); ``copies``: dQ, dK, dV allocated like q, k, v
     would not share their strides, so the kernels get contiguous copies; ``steps``: per kernel (dK/dV,
     then dQ) its static arguments after the call's tensors (plan, strides, sizes; the scale comes last,
-    per call), grid, keywords and TMA descriptor templates (rebased per call) or None.
+    per call), grid, keywords and TMA descriptor templates (rebased per call) or None; ``fused``: the one-pass
+    kernel's step (:mod:`.bwd_fused`; same arguments as dK/dV's), None where no configuration ships; ``ran``
+    which of the two the calls took (for :func:`.launches.launched_variants`).
     """
 
     pre: tuple
     pad: Optional[KernelConfig]
     copies: bool
     steps: Tuple["_BackwardStep", "_BackwardStep"]
+    fused: Optional["_BackwardStep"] = None
+    ran: set = dataclasses.field(default_factory=set, compare=False)  # kernels run: True one-pass, False two-pass
 
 
 class _BackwardStep(NamedTuple):
@@ -698,9 +699,15 @@ def _backward_launch(q, k, v, do, o, lse, dlse, layout: BlockLayout) -> _Backwar
     if copies:
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     strides = (*_strides(q), *_strides(k), *_strides(v), *_strides(do))
+    fused = fused_config(q.dtype, d, layout.block_q, layout.block_k, _arch(dev), dev.type == "cuda")
+    if fused is not None and fused.tma and (pad is not None or not tma_ok(q, do)):
+        fused = fused_pointer(fused, _arch(dev))  # inputs prepared for pointer kernels (None: two-pass)
     steps = []
-    for kernel, cfg, owned, streamed in (("bwd_dkdv", cfg_kv, m, (q, do)), ("bwd_dq", cfg_q, n, (k, v))):
-        dkdv = kernel == "bwd_dkdv"
+    for cfg, owned, streamed in ((cfg_kv, m, (q, do)), (cfg_q, n, (k, v)), (fused, m, (q, do))):
+        if cfg is None:
+            steps.append(None)
+            continue
+        dkdv = cfg.kernel.startswith("bwd_dkdv")
         tile_r, tile_c = (cfg.block_n, cfg.block_m) if dkdv else (cfg.block_m, cfg.block_n)
         plan = _plan(layout, tile_r, tile_c, transposed=dkdv)
         args = (plan.plan, plan.bits, *strides, *plan.args(), h, n, m, q.shape[-1])
@@ -709,13 +716,13 @@ def _backward_launch(q, k, v, do, o, lse, dlse, layout: BlockLayout) -> _Backwar
         if descriptors is not None:  # templates: the launch must not keep this call's tensors alive
             descriptors = tuple(_rebased(desc, None) for desc in descriptors)
         steps.append(_BackwardStep(args, (triton.cdiv(owned, tile_r), b * h), kw, descriptors))
-    return _BackwardLaunch(pre, pad, copies, tuple(steps))
+    return _BackwardLaunch(pre, pad, copies, tuple(steps[:2]), steps[2])
 
 
 @occupancy.on_inputs_device
 def triton_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
-                    lse: torch.Tensor, layout: BlockLayout, scale: float, dlse: Optional[torch.Tensor] = None
-                    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                    lse: torch.Tensor, layout: BlockLayout, scale: float, dlse: Optional[torch.Tensor] = None,
+                    one_pass: Optional[bool] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of :func:`triton_forward` w.r.t. q, k, v.
 
     Args:
@@ -728,7 +735,10 @@ def triton_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch
     Returns:
         ``(dq, dk, dv)`` shaped and typed like q, k, v (strided like them when last-dim
         contiguous). ``dk``/``dv`` come from a kernel that walks the transposed plan (only the
-        query tiles that visit each key tile); ``dq`` from one over the forward plan. No atomics.
+        query tiles that visit each key tile); ``dq`` from one over the forward plan, or, in the one-pass
+        backward (:mod:`.bwd_fused`), from the first kernel's atomic adds. ``one_pass``: None runs the
+        one-pass backward where a configuration ships and its self-check passed on this GPU (never on the
+        interpreter), True forces it (ValueError where none ships), False the two-pass one.
     """
     b, h, n, d = q.shape
     if q.numel() == 0 or k.numel() == 0:
@@ -747,6 +757,7 @@ def triton_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch
                  q.data_ptr() % 16, k.data_ptr() % 16, v.data_ptr() % 16, do.data_ptr() % 16)
     launch = _PLANS.get(layout, signature, lambda: _backward_launch(q, k, v, do, o, lse, dlse, layout))
 
+    one = one_pass_runs(launch.fused is not None, one_pass, dev, q.dtype, d, layout.block_q, layout.block_k)
     grid, args, kw = launch.pre
     delta = torch.empty((b * h, n), dtype=torch.float32, device=dev)
     lse2 = torch.empty_like(delta)
@@ -756,44 +767,16 @@ def triton_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch
     if launch.copies:
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    kv, qs = launch.steps
+    kv, qs = launch.fused if one else launch.steps[0], launch.steps[1]
+    launch.ran.add(one)
     qd, dod = (q, do) if kv.descriptors is None else (_rebased(kv.descriptors[0], q), _rebased(kv.descriptors[1], do))
-    _bwd_dkdv_kernel[kv.grid](
-        qd, k, v, dod, lse2, delta, dk, dv, *kv.args, scale, scale * _LOG2E, **kv.kw)
-    kd, vd = (k, v) if qs.descriptors is None else (_rebased(qs.descriptors[0], k), _rebased(qs.descriptors[1], v))
-    _bwd_dq_kernel[qs.grid](
-        q, kd, vd, do, lse2, delta, dq, *qs.args, scale, scale * _LOG2E, **qs.kw)
+    if kv is launch.fused:
+        run_fused(kv, qd, k, v, dod, lse2, delta, dq, dk, dv, scale, _LOG2E)
+    else:
+        _bwd_dkdv_kernel[kv.grid](qd, k, v, dod, lse2, delta, dk, dv, *kv.args, scale, scale * _LOG2E, **kv.kw)
+        kd, vd = (k, v) if qs.descriptors is None else (_rebased(qs.descriptors[0], k), _rebased(qs.descriptors[1], v))
+        _bwd_dq_kernel[qs.grid](q, kd, vd, do, lse2, delta, dq, *qs.args, scale, scale * _LOG2E, **qs.kw)
     if dq.shape[-1] != d:
         dq, dk, dv = (g[..., :d].contiguous() for g in (dq, dk, dv))
     selfcheck.corrupt("block_sparse.triton.bwd", dq)
     return dq, dk, dv
-
-
-def launched_variants(layout: BlockLayout) -> Dict[str, list]:
-    """What the launchers have run for ``layout`` so far, read from their launch cache (never on the call
-    path; for ``dit-accel bench gpu`` and tests): ``{"forward": [...], "backward": [...]}``, one entry per
-    call signature. A forward entry is its configuration's name, with ``" persistent"`` for the TMA
-    (sm_90) kernel, or ``"<ws name> + <resume name>"`` where the warp-specialized pass and its resume
-    pass ran; a backward entry names its dK/dV and dQ kernels' tiles, warps, stages and TMA."""
-    out: Dict[str, list] = {"forward": [], "backward": []}
-    values = _PLANS.values(layout)
-    ws_ran = {key[3:5] for key, value in values.items()
-              if isinstance(key, tuple) and key[:1] == ("ws",) and value is not None}
-    for key, value in values.items():
-        if isinstance(value, _Launch):
-            name = value.cfg.name + (" persistent" if value.cfg.tma else "")
-            ws = ws_config(value.cfg, 90) if value.cfg.tma else None  # ws entries exist on sm_90 only
-            if ws is not None and tuple(key[1][:2]) in ws_ran:
-                device = next(x for x in key if isinstance(x, torch.device))
-                dtype = next(x for x in key if isinstance(x, torch.dtype))
-                if selfcheck.usable_fast(WS_VARIANT, device, dtype, key[1][3], layout.block_q, layout.block_k):
-                    name = f"{ws.name} + {resume_config(ws).name}"
-                else:  # (the forward asked the same cached verdict before it ran the one-loop kernel)
-                    name += f" ({WS_VARIANT} disabled by its self-check)"
-            out["forward"].append(name)
-        elif isinstance(value, _BackwardLaunch):
-            parts = [f"{kernel}-m{step.kw['BLOCK_M']}n{step.kw['BLOCK_N']}-w{step.kw['num_warps']}"
-                     f"s{step.kw['num_stages']}{'-tma' if step.kw['TMA'] else ''}"
-                     for kernel, step in zip(("bwd_dkdv", "bwd_dq"), value.steps)]
-            out["backward"].append(" + ".join(parts))
-    return out
