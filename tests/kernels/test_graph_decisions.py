@@ -52,7 +52,7 @@ def test_a_captured_call_reuses_the_eager_choice_for_its_shape(capturing, monkey
     layout = BlockLayout.from_dense_mask(mask, block_q=64, block_k=64)
     q, k, v = _fake_cuda_qkv()
     for eager in ("flex", api.DENSE):
-        layout.derived[("block_sparse.eager_choice", api._shape_key(q, k, False))] = eager
+        layout.derived[("block_sparse.eager_choice", api._shape_key(q, k, False, False))] = eager
         assert api._decide(q, k, v, layout, None, "auto", False)[1] == eager
     # another shape has no eager choice: decided without any timing (boom above)
     q2, k2, v2 = _fake_cuda_qkv(n=128, d=32)
@@ -66,7 +66,32 @@ def test_an_eager_cuda_decision_is_stored_for_traced_calls(monkeypatch):
     monkeypatch.setattr(api, "_decide_eager", lambda q, k, v, layout, scale, backend, lse: (0.125, "flex", layout))
     monkeypatch.setattr(api, "_static_for_graphs", lambda layout: True)
     assert api._decide(q, k, v, layout, None, "auto", False)[1] == "flex"
-    assert api._EAGER.peek(layout, api._shape_key(q, k, False)) == "flex"
+    assert api._EAGER.peek(layout, api._shape_key(q, k, False, False)) == "flex"
+
+
+def test_a_traced_training_step_does_not_reuse_a_no_grad_eager_choice(monkeypatch):
+    """An eager inference call (no grad) chose dense attention; the compiled or captured training step of the same
+    shape records a backward, so it decides for itself instead of running the inference call's backend."""
+    mask = random_mask(1, 128, 128, block=64, seed=2)
+    layout = BlockLayout.from_dense_mask(mask, block_q=64, block_k=64)
+    q, k, v = _fake_cuda_qkv()
+    decided = []
+
+    def decide(q, k, v, layout, scale, backend, lse):
+        decided.append(request.in_graph())
+        return 0.125, ("triton" if request.in_graph() else api.DENSE), layout
+
+    monkeypatch.setattr(api, "_decide_eager", decide)
+    monkeypatch.setattr(api, "_static_for_graphs", lambda layout: True)
+    with torch.no_grad():
+        assert api._decide(q, k, v, layout, None, "auto", False)[1] == api.DENSE  # the eager inference call
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    with torch.no_grad():  # the same inference call, captured: the eager choice
+        assert api._decide(q, k, v, layout, None, "auto", False)[1] == api.DENSE
+    qg, kg, vg = (t.requires_grad_() for t in (q, k, v))
+    assert api._decide(qg, kg, vg, layout, None, "auto", False)[1] == "triton"  # the training step decides
+    assert decided == [False, True]
 
 
 def test_the_autotuner_times_nothing_in_a_capture(capturing, monkeypatch):
