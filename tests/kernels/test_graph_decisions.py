@@ -95,15 +95,27 @@ def test_a_traced_training_step_does_not_reuse_a_no_grad_eager_choice(monkeypatc
 
 
 def test_the_autotuner_times_nothing_in_a_capture(capturing, monkeypatch):
+    """Two tuned contenders that can run, nothing stored for the shape class: an eager call would time them; a
+    captured one returns None (its caller reuses the eager decision) without calling the tuner."""
     from dit_accel.kernels import autotune
 
     monkeypatch.setattr(autotune, "enabled", lambda: True)
+    monkeypatch.setattr(autotune, "cached_choice", lambda shape: None)
+    monkeypatch.setattr(autotune.ShapeClass, "of", classmethod(lambda cls, *a: "shape"))  # (no CUDA here)
+    monkeypatch.setattr(backends, "_verified", lambda family, name, request, forced=False: True)
+    fake = (("a", lambda r: None, True), ("b", lambda r: None, True))
+    monkeypatch.setitem(backends._TABLE, "block_sparse", fake)
+    monkeypatch.setitem(backends.TUNED, "block_sparse", ("a", "b"))
     req = request.Request(torch.device("cuda"), torch.float16, 64)
+    timed = []
 
-    def tuner(*a):
-        raise AssertionError("timed inside a capture")
+    def tuner(names, r):
+        timed.append(list(names))
+        return "b"
 
-    assert backends._tuned("block_sparse", req, tuner) is None
+    assert backends._tuned("block_sparse", req, tuner) is None and timed == []
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)  # the same call, eager: timed
+    assert backends._tuned("block_sparse", req, tuner) == "b" and timed == [["a", "b"]]
 
 
 def test_the_dense_choice_in_a_capture_is_the_eager_measured_one(capturing, monkeypatch):
@@ -113,9 +125,13 @@ def test_the_dense_choice_in_a_capture_is_the_eager_measured_one(capturing, monk
     monkeypatch.setattr(autotune, "enabled", lambda: True)
     monkeypatch.setattr(autotune, "choose", lambda *a, **k: pytest.fail("timed inside a capture"))
     q, k, v = _fake_cuda_qkv()
-    choice._CHOSEN[choice._key(q, k, v, 0.125, True, False, True)] = "sdpa-cudnn"
+    assert len(choice.candidates(q, k, True)) >= 2  # (an eager call would time them)
     try:
-        assert choice.choose(q, k, v, 0.125, True) == "sdpa-cudnn"
+        # No eager measurement for this signature: the fixed order answers, nothing is timed.
+        assert choice.choose(q, k, v, 0.125, True) == choice.default_choice(q, k, True)
+        choice._CHOSEN.clear()
+        choice._CHOSEN[choice._key(q, k, v, 0.125, True, False, True)] = "sdpa-cudnn"
+        assert choice.choose(q, k, v, 0.125, True) == "sdpa-cudnn"  # the eager call's measured choice
     finally:
         choice._CHOSEN.clear()
 
