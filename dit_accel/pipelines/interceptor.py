@@ -217,9 +217,10 @@ class SDPAInterceptor(TorchFunctionMode):
         plan, layer = self.plan, self.layer
         if plan is None or plan.is_dense:
             return _SDPA(**call), None
-        # An inert projection (read for every layer at the transformer call, eager calls only) adds nothing.
+        # An inert projection adds nothing (read for every layer at the transformer call; traced and captured
+        # calls keep the last eager verdict: TransformerHook._inert_now).
         proj = None
-        if layer.sla_proj is not None and (torch.compiler.is_compiling() or not layer.inert):
+        if layer.sla_proj is not None and not layer.inert:
             proj = layer.projection(q.device)
         return plan.run(q, k, v, num_text=num_text, text_first=text_first, key_mask=key_mask,
                         scale=call.get("scale"), backend=layer.owner.runtime.backend, proj=proj, sdpa=_SDPA,
