@@ -92,13 +92,14 @@ def run(args) -> int:
 
 
 def _print(rows) -> None:
+    # error: ||out - ref|| / ||ref|| against the fp32 reference of the same inputs (the status's fp32 line)
     header = ("variant", "dtype", "problem", "error", "verdict", "time")
     table = []
     for r in rows:
         if r["verdict"] in ("n/a", "unchecked"):
             table.append((r["variant"], r.get("dtype", ""), r["reason"], "", r["verdict"], ""))
             continue
-        error = "no finite output" if r["error"] is None else f"{r['error']:.2e} (<= {r['tolerance']:.0e})"
+        error = "no finite output" if r["error"] is None else f"{r['error']:.2e} (bound {r['tolerance']:.1e})"
         table.append((r["variant"], r["dtype"], r["problem"], error, r["verdict"], f"{r['seconds']:.1f} s"))
     widths = [max(len(str(row[i])) for row in table + [header]) for i in range(len(header))]
     widths[2] = min(widths[2], 90)

@@ -63,6 +63,8 @@ class Result:
     error: float
     tolerance: float
     problem: str
+    #: What ``error`` measures (the messages say it).
+    measure: str = "relative error ||out - ref|| / ||ref|| against the fp32 reference"
 
     @property
     def ok(self) -> bool:
@@ -290,14 +292,15 @@ def _run_check(v: Variant, device: torch.device, dtype: torch.dtype, shape: dict
     start = time.perf_counter()
     try:
         res = v.check(device, dtype, dict(shape))
-        error, tol, problem = float(res.error), float(res.tolerance), res.problem
+        error, tol, problem, measure = float(res.error), float(res.tolerance), res.problem, res.measure
         ok = res.ok
     except Exception as err:  # a crash is a failed check, with its message
         error, tol, problem, ok = float("inf"), 0.0, f"raised {type(err).__name__}: {str(err)[:300]}", False
+        measure = Result.measure
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return {"variant": v.name, "ok": ok, "error": error if math.isfinite(error) else None, "tolerance": tol,
-            "problem": problem, "seconds": round(time.perf_counter() - start, 3), "dtype": str(dtype).replace("torch.", ""),
+            "problem": problem, "measure": measure, "seconds": round(time.perf_counter() - start, 3), "dtype": str(dtype).replace("torch.", ""),
             "shape": dict(shape), "arch": _arch(device), "faulted": bool(faults()),
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
 
@@ -378,9 +381,10 @@ def usable_fast(name: str, device: torch.device, dtype: torch.dtype, head_dim: i
 
 
 def _describe(entry: dict) -> str:
-    err = "no finite output" if entry["error"] is None else f"relative error {entry['error']:.3g}"
-    return f"{err} > {entry['tolerance']:.0e} on {entry['problem']}" if entry["error"] is not None else \
-        f"{err} on {entry['problem']}"
+    if entry["error"] is None:
+        return f"no finite output on {entry['problem']}"
+    measure = entry.get("measure") or Result.measure
+    return f"{measure}: {entry['error']:.3g} > its bound {entry['tolerance']:.1e} on {entry['problem']}"
 
 
 def require(name: str, device, dtype: torch.dtype, shape: Optional[dict] = None) -> None:

@@ -333,3 +333,24 @@ def test_selftest_jobs_run_the_checks_in_worker_processes_and_still_catch_a_faul
     assert all(r["error"] is None or r["error"] > 10 * r["tolerance"] for r in rows)
     kept = [v for v in selfcheck._MEMORY.values() if v["variant"] == "dense.triton.fwd"]
     assert len(kept) == 2 and not any(v["ok"] for v in kept) and all(v["faulted"] for v in kept)
+
+
+def test_the_fp32_bound_says_what_is_compared_and_prints_the_bound_itself(capsys):
+    """The tf32 bound is 3.9e-3: printed to one digit it read "<= 4e-03", a bound the check does not use; the
+    messages name the quantity (||out - ref|| / ||ref|| against the fp32 reference of the same inputs)."""
+    from dit_accel.cli import selftest
+    from dit_accel.cli.info import _kernel_status
+    from dit_accel.kernels import _selfchecks as sc
+
+    row = {"variant": "dense.triton.fwd", "dtype": "float32", "problem": "p", "error": 1.5e-3,
+           "tolerance": sc.TF32_FWD_TOL, "verdict": "pass", "seconds": 1.0}
+    selftest._print([row])
+    out = capsys.readouterr().out
+    assert "1.50e-03 (bound 3.9e-03)" in out and "4e-03" not in out
+    said = selfcheck._describe({**row, "error": 5e-3})
+    assert said == "relative error ||out - ref|| / ||ref|| against the fp32 reference: 0.005 > its bound 3.9e-03 on p"
+    said = selfcheck._describe({**row, "error": 0.5, "tolerance": 0.01, "measure": "fraction of classes that differ"})
+    assert said == "fraction of classes that differ: 0.5 > its bound 1.0e-02 on p"
+    text = _kernel_status()["fp32"]
+    assert "same fp32 inputs" in text and "o's and the lse's" in text and "dQ's, dK's and dV's" in text
+    assert f"{sc.TF32_FWD_TOL:.1e}" in text and f"{sc.TF32_BWD_TOL:.1e}" in text
