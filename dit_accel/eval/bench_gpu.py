@@ -18,7 +18,9 @@
      density only, to stay in the budget), and with ``backend="triton"`` forced wherever ``auto`` chose
      another backend (dense attention where the cost model has the sparse kernel lose);
 
-   cases that no longer fit the budget are rows marked ``skipped`` and counted in the summary.
+   each shape gets an equal share of the time left when it starts (what a quick shape leaves goes to the next),
+   so every shape, the 720p one included, is reached; cases that no longer fit their share are rows marked
+   ``skipped`` and counted in the summary.
 
 Every timed row carries its correctness (``o_error``: relative error of ``o`` against the fp32 twin;
 ``grad_error``: the largest of dq, dk, dv's, for forward + backward rows) on the first batch entry's first
@@ -276,12 +278,20 @@ def _run_shapes(shapes, densities, methods, autotune, forced, device, dtype, bac
 
     before = os.environ.get(tuner.ENV_AUTOTUNE)
     try:
-        for shape in shapes:
+        for i, shape in enumerate(shapes):
             if left() <= 0:
                 rows.append(_skipped(shape, "all", None, "time budget"))
                 continue
+            # Each shape gets an equal share of what is left (a quick one leaves its rest to the next): the
+            # first shape's many rows may not use up the budget before the 720p shape is reached.
+            share = left() / (len(shapes) - i)
+            until = left() - share
+
+            def shape_left(until=until) -> float:
+                return left() - until
+
             try:
-                _Shape(shape, device, dtype, backward, timer, calls, repeats, left, rows, notes, log).run(
+                _Shape(shape, device, dtype, backward, timer, calls, repeats, shape_left, rows, notes, log).run(
                     densities, methods, autotune, forced)
             except Exception as exc:  # allocation of q/k/v, a broken device: the shape fails, the run goes on
                 rows.append({**_skipped(shape, "all", None, ""), "status": "failed", "error": _short(exc)})

@@ -487,3 +487,24 @@ def test_a_selftest_that_ran_out_of_its_budget_fails_check_unless_allow_partial(
         got = bench_gpu._selftest_runner(torch.device("cuda"))(300.0)
     budget = float(seen["cmd"][seen["cmd"].index("--budget") + 1])
     assert 0 < budget <= 300 - bench_gpu.SELFTEST_MARGIN_S and seen["timeout"] == 300.0 and got["incomplete"]
+
+
+def test_the_budget_reaches_every_shape(tmp_path, fresh_autotune):
+    """Each shape gets its share of the time left: a first shape whose rows would use up the whole budget (each
+    timed span costs 10 s of the fake clock here) no longer keeps the later shapes (720p in the default list)
+    from being timed."""
+    now = [0.0]
+
+    class SlowTimer(FakeTimer):
+        def span(self, fn, calls):
+            now[0] += 10.0
+            return super().span(fn, calls)
+
+    report = bench_gpu.bench_gpu(tmp_path, shapes=TINY, densities=(0.25, 0.5), budget_s=200,
+                                 **{**QUICK, "timer": SlowTimer(), "calls": 1, "clock": lambda: now[0]})
+    ok = {r["shape"] for r in report["rows"] if r["status"] == "ok"}
+    assert ok == {"tiny video", "tiny image"}, [(r["shape"], r["kernel"], r["status"]) for r in report["rows"]]
+    first = [r for r in report["rows"] if r["shape"] == "tiny video"]
+    assert any(r["status"] == "skipped" and r["error"] == "time budget" for r in first)  # it had more to time
+    names = [s.name for s in bench_gpu.STANDARD_SHAPES]
+    assert "Wan2.1 14B 720p" in names
