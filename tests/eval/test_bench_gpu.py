@@ -508,3 +508,34 @@ def test_the_budget_reaches_every_shape(tmp_path, fresh_autotune):
     assert any(r["status"] == "skipped" and r["error"] == "time budget" for r in first)  # it had more to time
     names = [s.name for s in bench_gpu.STANDARD_SHAPES]
     assert "Wan2.1 14B 720p" in names
+
+
+def test_vendor_kernels_are_timed_forced_beside_auto_at_the_same_layouts(tmp_path, monkeypatch, fresh_autotune):
+    """Where FA4, cuDNN or NATTEN can run a layout, bench gpu times it forced on that layout, at every density,
+    beside auto's row (here the PyTorch twin stands in for a vendor: the CPU has none); the ones that cannot say
+    why in the notes."""
+    from types import SimpleNamespace
+
+    import dit_accel.kernels.block_sparse.backends as vendor_pkg
+
+    monkeypatch.setattr(bench_gpu_cases._Shape, "vendor_backends", lambda self, runner: ["torch"])
+    monkeypatch.setattr(bench_gpu_cases._Shape, "vendor_passes", lambda self, runner, name, passes: ("forward",))
+    report = bench_gpu.bench_gpu(tmp_path, shapes=TINY[1:], densities=(0.25, 0.5), methods=("tile",),
+                                 pytest_gpu=False, **QUICK)
+    rows = [(r["kernel"], r["pass"], r.get("target_density"), r["status"]) for r in report["rows"]
+            if r["kernel"].startswith("tile")]
+    for density in (0.25, 0.5):
+        assert ("tile [torch forced]", "forward", density, "ok") in rows, rows
+        assert ("tile [torch forced]", "forward+backward", density, "ok") not in rows
+        assert ("tile [auto, autotune off]", "forward", density, "ok") in rows
+    # Which vendors: those vendor_reasons leaves out, on CUDA only; the reasons go to the notes.
+    monkeypatch.setattr(vendor_pkg, "vendor_reasons", lambda layout, q, k, v: {"fa4": "not installed",
+                                                                                "natten": "no NATTEN here"})
+    monkeypatch.undo()
+    monkeypatch.setattr(vendor_pkg, "vendor_reasons", lambda layout, q, k, v: {"fa4": "not installed",
+                                                                                "natten": "no NATTEN here"})
+    stub = SimpleNamespace(cuda=True, notes=[])
+    runner = SimpleNamespace(layout=None, q=None, k=None, v=None)
+    assert bench_gpu_cases._Shape.vendor_backends(SimpleNamespace(cuda=False, notes=[]), runner) == []
+    assert bench_gpu_cases._Shape.vendor_backends(stub, runner) == ["cudnn"]
+    assert stub.notes == ["fa4: not installed", "natten: no NATTEN here"]
