@@ -118,6 +118,38 @@ def test_the_autotuner_times_nothing_in_a_capture(capturing, monkeypatch):
     assert backends._tuned("block_sparse", req, tuner) == "b" and timed == [["a", "b"]]
 
 
+def test_a_training_call_does_not_reuse_the_autotuners_no_grad_choice(monkeypatch, tmp_path):
+    """The autotuner's stored choice is keyed by whether the calls record a backward: the inference calls' pick
+    ("b") is not a training step's, which is timed on its own (here it picks "a")."""
+    from dit_accel.kernels import autotune
+
+    monkeypatch.setenv("DIT_ACCEL_CACHE", str(tmp_path))
+    autotune.clear()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "FakeGPU")
+    monkeypatch.setattr(autotune, "enabled", lambda: True)
+    monkeypatch.setattr(backends, "_verified", lambda family, name, request, forced=False: True)
+    monkeypatch.setitem(backends._TABLE, "block_sparse", (("a", lambda r: None, True), ("b", lambda r: None, True)))
+    monkeypatch.setitem(backends.TUNED, "block_sparse", ("a", "b"))
+    timed = []
+
+    def tuner(pick):
+        def tune(names, r):
+            timed.append(r.needs_grad)
+            shape = autotune.ShapeClass.of("block_sparse", r, r.density)
+            return autotune.choose(shape, {n: (lambda: None) for n in names},
+                                   timer=lambda fn, w, rep, n=iter(names): 1.0 if next(n) == pick else 2.0)
+        return tune
+
+    infer = request.Request(torch.device("cuda"), torch.float16, 64)
+    train = request.Request(torch.device("cuda"), torch.float16, 64, needs_grad=True)
+    assert backends._tuned("block_sparse", infer, tuner("b")) == "b"
+    assert backends._tuned("block_sparse", train, tuner("a")) == "a" and timed == [False, True]
+    assert backends._tuned("block_sparse", infer, tuner("a")) == "b" and len(timed) == 2  # each kept its own
+    autotune.clear()
+
+
 def test_the_dense_choice_in_a_capture_is_the_eager_measured_one(capturing, monkeypatch):
     from dit_accel.kernels import autotune
     from dit_accel.kernels.dense import choice
