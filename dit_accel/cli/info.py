@@ -194,9 +194,7 @@ def _kernel_status() -> dict:
     return {
         "triton": (f"{triton_version() or 'not installed'}: " + (triton_version_reason() or
                    f"ok (runs from {floor}; compile-time checks pinned to {TRITON_CHECKED})")),
-        "fp32": ("block-sparse and dense Triton kernels multiply fp32 inputs in tf32 on GPUs (self-check bounds "
-                 f"{_selfchecks.TF32_FWD_TOL:.1e} forward, {_selfchecks.TF32_BWD_TOL:.1e} gradients, from the tf32 "
-                 "error model); SLA's kernels multiply in full fp32 (bounds 1e-4, 1e-3)"),
+        "fp32": _selfchecks.fp32_bounds_text(),
         "warp-specialized forward": "on (DIT_ACCEL_WS=1), behind its self-check" if ws_enabled() else WS_OFF_REASON,
         "torch.compile": ("a traced call reuses the backend an eager call of the same shape chose (autotuned, or "
                           "dense where measured faster); with no eager call first it runs the Triton kernel, "

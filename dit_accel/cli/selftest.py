@@ -1,14 +1,17 @@
 """``dit-accel selftest``: run every kernel variant this machine would use against its fp32 twin.
 
 Each variant (see ``dit_accel.kernels.selfcheck``) runs its synthetic problem afresh at the dtypes and shapes
-production uses on the device, and the verdicts are stored for the first-use check to reuse. Exit status 1
-when any variant fails, 2 for a bad argument. A variant name printed here is what ``DIT_ACCEL_FAULT`` takes.
+production uses on the device, and the verdicts are stored for the first-use check to reuse. On a GPU the checks
+run in several worker processes at once (``--jobs``), so a cold machine compiles its kernels side by side; the
+run ends with "N of M checked". Exit status 1 when any variant fails, 3 when ``--budget`` ran out before every
+check ran (none failed), 2 for a bad argument. A variant name printed here is what ``DIT_ACCEL_FAULT`` takes.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from .options import HelpFormatter
@@ -28,6 +31,12 @@ def register(subparsers) -> argparse.ArgumentParser:
                         "seconds; n/a rows carry the reason)")
     p.add_argument("--variant", action="append", default=None, metavar="NAME",
                    help="check only this variant (repeatable); default: every variant")
+    p.add_argument("--jobs", type=int, default=None, metavar="N",
+                   help="worker processes running checks at once (default: on cuda, min(8, CPU cores), so the "
+                        "kernels compile in parallel; on cpu 1)")
+    p.add_argument("--budget", type=float, default=None, metavar="SECONDS",
+                   help="start no check after this many seconds; the rest are listed as unchecked and the exit "
+                        "status is 3 (default: no limit)")
     p.set_defaults(func=run, _parser=p)
     return p
 
@@ -50,10 +59,20 @@ def run(args) -> int:
     unknown = [n for n in args.variant or () if n not in names]
     if unknown:
         return _fail(f"--variant {unknown[0]}: no such variant; the variants are: {', '.join(names)}")
+    if args.jobs is not None and args.jobs < 1:
+        return _fail(f"--jobs {args.jobs}: give a positive number of worker processes (1 runs the checks here)")
+    if args.budget is not None and not args.budget >= 0:
+        return _fail(f"--budget {args.budget}: give the seconds (>= 0) after which no check starts")
+    jobs = args.jobs or (min(8, os.cpu_count() or 1) if device == "cuda" else 1)
     if not args.json:
-        print(f"checking kernel variants on {device} against their fp32 twins "
+        print(f"checking kernel variants on {device} against their fp32 twins, {jobs} at a time "
               f"(cached verdicts: {selfcheck.cache_path()})", flush=True)
-    rows = selfcheck.run_all(device, names=args.variant)
+
+    def progress(done: int, total: int, row: dict) -> None:  # on stderr: --json keeps stdout for the JSON
+        print(f"  {done} of {total} checked: {row['variant']} {row['dtype']} {row['verdict']} "
+              f"({row['seconds']:.1f} s)", file=sys.stderr, flush=True)
+
+    rows = selfcheck.run_all(device, names=args.variant, jobs=jobs, budget_s=args.budget, progress=progress)
     if args.json:
         json.dump(rows, sys.stdout, indent=1)
         print()
@@ -61,20 +80,26 @@ def run(args) -> int:
         _print(rows)
         _print_status()
     failed = [r for r in rows if r["verdict"] == "FAIL"]
+    checked = [r for r in rows if r["verdict"] in ("pass", "FAIL")]
+    unchecked = [r for r in rows if r["verdict"] == selfcheck.UNCHECKED]
+    line = (f"{len(checked)} of {len(checked) + len(unchecked)} checked, {len(failed)} failed"
+            + (f"; {len(unchecked)} not reached within --budget {args.budget:g} s" if unchecked else ""))
+    print(line, file=sys.stderr if args.json else sys.stdout, flush=True)
     if failed and not args.json:
         print(f"{len(failed)} check(s) FAILED: these variants are disabled (backend='auto' falls back; a forced "
               "backend raises). Report this output.", file=sys.stderr)
-    return 1 if failed else 0
+    return 1 if failed else 3 if unchecked else 0
 
 
 def _print(rows) -> None:
+    # error: ||out - ref|| / ||ref|| against the fp32 reference of the same inputs (the status's fp32 line)
     header = ("variant", "dtype", "problem", "error", "verdict", "time")
     table = []
     for r in rows:
-        if r["verdict"] == "n/a":
-            table.append((r["variant"], "", r["reason"], "", "n/a", ""))
+        if r["verdict"] in ("n/a", "unchecked"):
+            table.append((r["variant"], r.get("dtype", ""), r["reason"], "", r["verdict"], ""))
             continue
-        error = "no finite output" if r["error"] is None else f"{r['error']:.2e} (<= {r['tolerance']:.0e})"
+        error = "no finite output" if r["error"] is None else f"{r['error']:.2e} (bound {r['tolerance']:.1e})"
         table.append((r["variant"], r["dtype"], r["problem"], error, r["verdict"], f"{r['seconds']:.1f} s"))
     widths = [max(len(str(row[i])) for row in table + [header]) for i in range(len(header))]
     widths[2] = min(widths[2], 90)

@@ -265,10 +265,11 @@ class _Shape:
             self.rows.append({**_skipped(self.shape, label, target, f"no layout: {runner.why}"), "status": "dense"})
             return
         passes = ("forward", "forward+backward") if self.backward else ("forward",)
-        backends = ["auto"]
+        vendors = [] if name.startswith("sla") or mode != "off" else self.vendor_backends(runner)
+        backends = ["auto"] + vendors  # (the Triton kernel forced is appended below where auto ran another)
         for backend in backends:
             tag = label if backend == "auto" else f"{name} [{backend} forced]"
-            for pass_ in passes:
+            for pass_ in passes if backend not in vendors else self.vendor_passes(runner, backend, passes):
                 row = self.measure(tag, runner.fn(pass_, backend), runner.check(pass_, backend), runner.density,
                                    runner.work, pass_, lambda: runner.variant(pass_, backend), target_density=target,
                                    autotune=mode, backend=backend, **runner.facts)
@@ -277,6 +278,34 @@ class _Shape:
                 if (forced and backend == "auto" and mode == "off" and pass_ == "forward" and row.get("status") == "ok"
                         and not name.startswith("sla") and not str(row.get("variant", "")).startswith(forced)):
                     backends.append(forced)
+
+
+    # -- the vendor kernels (FA4, cuDNN, NATTEN), forced on the same layout beside auto
+    def vendor_backends(self, runner) -> list:
+        """The vendor backends that can run ``runner``'s layout here (timed forced, at every density, beside
+        ``auto``, which picks one where the autotuner measures it faster); why each other one cannot goes to the
+        report's notes."""
+        from ..kernels.block_sparse.backends import vendor_reasons
+
+        if not self.cuda:
+            return []
+        reasons = vendor_reasons(runner.layout, runner.q, runner.k, runner.v)
+        self.notes.extend(f"{vendor}: {why}" for vendor, why in reasons.items())
+        from ..kernels.block_sparse.backends import NAMES
+
+        return [vendor for vendor in NAMES if vendor not in reasons]
+
+    def vendor_passes(self, runner, vendor: str, passes) -> tuple:
+        """``passes`` less forward + backward where ``vendor`` cannot take gradients for this call."""
+        from ..kernels.backends import Request
+        from ..kernels.block_sparse.backends import module
+
+        qg, kg, vg = runner._grad_inputs()
+        why = module(vendor).reason(Request.of(qg, kg, vg, runner.layout.block_q, runner.layout.block_k))
+        if why is not None and "forward+backward" in passes:
+            self.notes.append(f"{vendor} forward + backward: {why}")
+            return tuple(p for p in passes if p != "forward+backward")
+        return tuple(passes)
 
 
 @functools.lru_cache(maxsize=16)

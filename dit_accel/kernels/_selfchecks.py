@@ -38,6 +38,17 @@ TF32_FWD_TOL = 8 * TF32_U
 TF32_BWD_TOL = 16 * TF32_U
 
 
+def fp32_bounds_text() -> str:
+    """What the fp32 self-checks compare and bound, in one sentence (``selftest``'s and ``info``'s status)."""
+    return ("on GPUs the block-sparse and dense Triton kernels multiply fp32 inputs in tf32; their fp32 self-check "
+            "compares the kernel's outputs with an fp32 reference computed from the same fp32 inputs (every "
+            "product in full fp32) and bounds the relative error ||out - ref|| / ||ref|| (Frobenius, over the "
+            f"whole tensor): forward, the larger of o's and the lse's, <= {TF32_FWD_TOL:.1e} (8 tf32 unit "
+            f"roundoffs); backward, the largest of dQ's, dK's and dV's, <= {TF32_BWD_TOL:.1e} (16). SLA's kernels "
+            f"multiply fp32 in full fp32: the same errors, bounded by {FWD_TOL[torch.float32]:g} and "
+            f"{BWD_TOL[torch.float32]:g}")
+
+
 def _tol(table: dict, device: torch.device, dtype: torch.dtype, tf32_products: bool) -> float:
     """The bound for a kernel on ``device``: the tf32 model's where fp32 inputs are multiplied in tf32 (on a
     GPU; the interpreter multiplies in fp32), else ``table``'s exact-product bound."""
@@ -284,7 +295,8 @@ def _check_sla_classify(device, dtype, shape) -> Result:
     for q_, k_, p_, _ in problems:
         got, want = sla_triton_classify(q_, k_, p_).classes, sla_classify(q_, k_, p_).classes
         worst = max(worst, float((got != want).float().mean()))
-    return Result(worst, CLASSIFY_TOL, "; ".join(t for *_, t in problems) + " (fraction of block classes that differ)")
+    return Result(worst, CLASSIFY_TOL, "; ".join(t for *_, t in problems),
+                  measure="fraction of (query block, key block) classes that differ from the fp32 twin's")
 
 
 def _sla_shapes(device):

@@ -83,6 +83,10 @@ class ShapeClass:
     density: str  # a density_bucket label
     tokens: str = "any"  # token_bucket labels of the query and key lengths, "<=4096x<=4096"
     blocks: str = "any"  # the layout's block sizes, "128x128"
+    #: "fwd" or "fwd+bwd": whether the calls record a backward. A training step's backend is its own decision:
+    #: a choice made for no-grad calls (a backend without a backward, or one refused with the lse's gradient)
+    #: is not reused for it.
+    grad: str = "fwd"
 
     @classmethod
     def of(cls, family: str, request, density: Optional[float] = None) -> "ShapeClass":
@@ -103,7 +107,7 @@ class ShapeClass:
                   if getattr(request, "q_len", 0) else "any")
         return cls(name, torch.__version__, triton_version, __version__, family,
                    str(request.dtype).replace("torch.", ""), int(request.head_dim), density_bucket(density), tokens,
-                   f"{request.block_q}x{request.block_k}")
+                   f"{request.block_q}x{request.block_k}", "fwd+bwd" if getattr(request, "needs_grad", False) else "fwd")
 
     def key(self) -> str:
         return "|".join(str(v) for v in asdict(self).values())

@@ -43,8 +43,8 @@ import torch
 from .request import BackendUnavailable, env_get, interpreting
 
 __all__ = ["ENV_FAULT", "ENV_SELFCHECK", "Variant", "Result", "VariantFailed", "register", "variants", "variant",
-           "usable", "usable_fast", "require", "gate", "corrupt", "faulted", "faults", "relative_error", "run_all", "cached_verdicts", "clear",
-           "cache_path", "enabled"]
+           "usable", "usable_fast", "require", "gate", "corrupt", "faulted", "faults", "relative_error", "plan", "run_all",
+           "UNCHECKED", "cached_verdicts", "clear", "cache_path", "enabled"]
 
 #: Environment variable naming the variants whose output is corrupted (comma-separated), for proving the check.
 ENV_FAULT = "DIT_ACCEL_FAULT"
@@ -63,6 +63,8 @@ class Result:
     error: float
     tolerance: float
     problem: str
+    #: What ``error`` measures (the messages say it).
+    measure: str = "relative error ||out - ref|| / ||ref|| against the fp32 reference"
 
     @property
     def ok(self) -> bool:
@@ -290,14 +292,15 @@ def _run_check(v: Variant, device: torch.device, dtype: torch.dtype, shape: dict
     start = time.perf_counter()
     try:
         res = v.check(device, dtype, dict(shape))
-        error, tol, problem = float(res.error), float(res.tolerance), res.problem
+        error, tol, problem, measure = float(res.error), float(res.tolerance), res.problem, res.measure
         ok = res.ok
     except Exception as err:  # a crash is a failed check, with its message
         error, tol, problem, ok = float("inf"), 0.0, f"raised {type(err).__name__}: {str(err)[:300]}", False
+        measure = Result.measure
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return {"variant": v.name, "ok": ok, "error": error if math.isfinite(error) else None, "tolerance": tol,
-            "problem": problem, "seconds": round(time.perf_counter() - start, 3), "dtype": str(dtype).replace("torch.", ""),
+            "problem": problem, "measure": measure, "seconds": round(time.perf_counter() - start, 3), "dtype": str(dtype).replace("torch.", ""),
             "shape": dict(shape), "arch": _arch(device), "faulted": bool(faults()),
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
 
@@ -378,9 +381,10 @@ def usable_fast(name: str, device: torch.device, dtype: torch.dtype, head_dim: i
 
 
 def _describe(entry: dict) -> str:
-    err = "no finite output" if entry["error"] is None else f"relative error {entry['error']:.3g}"
-    return f"{err} > {entry['tolerance']:.0e} on {entry['problem']}" if entry["error"] is not None else \
-        f"{err} on {entry['problem']}"
+    if entry["error"] is None:
+        return f"no finite output on {entry['problem']}"
+    measure = entry.get("measure") or Result.measure
+    return f"{measure}: {entry['error']:.3g} > its bound {entry['tolerance']:.1e} on {entry['problem']}"
 
 
 def require(name: str, device, dtype: torch.dtype, shape: Optional[dict] = None) -> None:
@@ -407,27 +411,130 @@ def gate(names, device, dtype: torch.dtype, shape: dict, forced: bool) -> bool:
 
 
 # ----------------------------------------------------------------------------- selftest and info
-def run_all(device="cpu", names: Optional[List[str]] = None) -> List[dict]:
-    """Check every variant that applies on ``device`` (or those in ``names``) afresh, at every dtype and
-    shape it runs in production there. One row per (variant, dtype, shape), plus one row per variant that
-    does not apply here (``verdict`` ``"n/a"`` and the reason)."""
+#: ``verdict`` of a row that ``run_all`` did not reach before its time ran out (not a failure: not checked).
+UNCHECKED = "unchecked"
+
+
+def plan(device="cpu", names: Optional[List[str]] = None) -> Tuple[List[dict], List[tuple]]:
+    """What :func:`run_all` would check on ``device``: the "n/a" rows of the variants that do not apply, and
+    one ``(variant name, dtype, shape)`` task per check (the "M" of "N of M checked")."""
     device = torch.device(device)
-    rows = []
+    na, tasks = [], []
     for v in variants():
         if names and v.name not in names:
             continue
         reason = v.applies(device)
         if reason is not None:
-            rows.append({"variant": v.name, "problem": "", "error": None, "verdict": "n/a", "reason": reason,
-                         "seconds": 0.0})
+            na.append({"variant": v.name, "problem": "", "error": None, "verdict": "n/a", "reason": reason,
+                       "seconds": 0.0})
             continue
-        for dtype in v.dtypes(device):
-            for shape in v.shapes(device):
-                entry = verdict(v.name, device, dtype, shape, fresh=True)
-                rows.append({"variant": v.name, "dtype": entry["dtype"], "problem": entry["problem"],
-                             "error": entry["error"], "tolerance": entry["tolerance"],
-                             "verdict": "pass" if entry["ok"] else "FAIL", "seconds": entry["seconds"]})
-    return rows
+        tasks.extend((v.name, dtype, dict(shape)) for dtype in v.dtypes(device) for shape in v.shapes(device))
+    return na, tasks
+
+
+def _row(entry: dict) -> dict:
+    return {"variant": entry["variant"], "dtype": entry["dtype"], "problem": entry["problem"],
+            "error": entry["error"], "tolerance": entry["tolerance"],
+            "verdict": "pass" if entry["ok"] else "FAIL", "seconds": entry["seconds"]}
+
+
+def _pool_check(device: str, name: str, dtype: torch.dtype, shape: dict) -> Tuple[str, dict]:
+    """One check in a worker process (its kernels compile there, beside the other workers'): the stored key
+    and the verdict, which the worker has also merged into the shared verdict file."""
+    dev = torch.device(device)
+    entry = verdict(name, dev, dtype, shape, fresh=True)
+    return _key(name, dev, dtype, shape) + _fault_tag(), entry
+
+
+def run_all(device="cpu", names: Optional[List[str]] = None, *, jobs: int = 1, budget_s: Optional[float] = None,
+            progress: Optional[Callable[[int, int, dict], None]] = None,
+            clock: Callable[[], float] = time.monotonic) -> List[dict]:
+    """Check every variant that applies on ``device`` (or those in ``names``) afresh, at every dtype and
+    shape it runs in production there. One row per (variant, dtype, shape), plus one row per variant that
+    does not apply here (``verdict`` ``"n/a"`` and the reason).
+
+    ``jobs`` > 1 runs the checks in that many worker processes at once: a cold GPU machine spends most of
+    the run compiling (about a hundred Triton kernels, one CPU core each), and the workers compile side by
+    side. ``budget_s``: no check starts after that many seconds; the rows not reached say ``"unchecked"``
+    (:data:`UNCHECKED`), so a caller can tell "N of M checked" from a full pass. ``progress(done, total,
+    row)`` is called after each check."""
+    device = torch.device(device)
+    na, tasks = plan(device, names)
+    start = clock()
+
+    def out_of_time() -> bool:
+        return budget_s is not None and clock() - start >= budget_s
+
+    rows: List[Optional[dict]] = [None] * len(tasks)
+
+    def finish(i: int, entry: dict) -> None:
+        rows[i] = _row(entry)
+        if progress is not None:
+            progress(sum(r is not None for r in rows), len(tasks), rows[i])
+
+    if jobs <= 1 or len(tasks) <= 1:
+        for i, (name, dtype, shape) in enumerate(tasks):
+            if out_of_time():
+                break
+            finish(i, verdict(name, device, dtype, shape, fresh=True))
+    else:
+        _run_pool(device, tasks, jobs, out_of_time, finish)
+    for i, (name, dtype, shape) in enumerate(tasks):
+        if rows[i] is None:
+            rows[i] = {"variant": name, "dtype": str(dtype).replace("torch.", ""), "problem": "", "error": None,
+                       "verdict": UNCHECKED, "reason": "the time budget ran out before this check", "seconds": 0.0,
+                       "shape": shape}
+    return _in_name_order(na, rows)
+
+
+def _in_name_order(na: List[dict], rows: List[dict]) -> List[dict]:
+    order = {v.name: i for i, v in enumerate(variants())}
+    return sorted(na + rows, key=lambda r: order.get(r["variant"], len(order)))  # (stable: tasks keep theirs)
+
+
+def _run_pool(device: torch.device, tasks: List[tuple], jobs: int, out_of_time: Callable[[], bool],
+              finish: Callable[[int, dict], None]) -> None:
+    """The tasks in ``jobs`` spawned worker processes (spawned, not forked: CUDA does not survive a fork),
+    each task submitted while time is left; a worker that dies is that task's failed check."""
+    import multiprocessing
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
+    pending = list(enumerate(tasks))
+    running = {}
+    with ProcessPoolExecutor(max_workers=min(jobs, len(tasks)), mp_context=multiprocessing.get_context("spawn")) as ex:
+        while pending or running:
+            while pending and len(running) < 2 * jobs and not out_of_time():
+                i, (name, dtype, shape) = pending.pop(0)
+                try:
+                    running[ex.submit(_pool_check, str(device), name, dtype, shape)] = i
+                except RuntimeError as err:  # the pool broke (a worker died): the rest fail with the reason
+                    for j, _ in [(i, None)] + pending:
+                        finish(j, _crash_entry(err, device, tasks[j]))
+                    pending = []
+            if not running:
+                break
+            done, _ = wait(running, timeout=5.0, return_when=FIRST_COMPLETED)
+            for fut in done:
+                i = running.pop(fut)
+                try:
+                    key, entry = fut.result()
+                except Exception as err:  # the worker crashed (a fault that killed the process, say)
+                    key, entry = None, _crash_entry(err, device, tasks[i])
+                if key is not None:
+                    with _LOCK:
+                        _MEMORY[key] = entry
+                        _FAST.clear()
+                finish(i, entry)
+
+
+def _crash_entry(err: BaseException, device: torch.device, task: tuple) -> dict:
+    """The failed verdict of a check whose worker process died (it is not stored: the next use checks again)."""
+    name, dtype, shape = task
+
+    def check(device, dtype, shape):
+        raise RuntimeError(f"the worker process running this check died: {type(err).__name__}: {err}")
+
+    return {**_run_check(Variant(name, "", "", lambda device: None, check), device, dtype, shape), "variant": name}
 
 
 def cached_verdicts() -> List[dict]:

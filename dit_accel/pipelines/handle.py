@@ -189,6 +189,9 @@ class AccelHandle:
                     for key, value in proj.state_dict().items():
                         value.copy_(projections[name][key])
             raise
+        finally:  # the projections may have changed: read again which are still zero (compiled calls keep it)
+            for hook in self._hooks:
+                hook.refresh_inert()
 
     def fuse_lora(self) -> int:
         """Fold the LoRA that ``weights=`` loaded into the weights under it, so calls run no LoRA matmuls (on a

@@ -177,7 +177,7 @@ class SDPAInterceptor(TorchFunctionMode):
         else:  # (no context manager to enter: this runs on every eager layer call)
             out, density = self._attend(call, q, k, v, num_text, position == "first", key_mask, image_queries,
                                         text_rows)
-        self._count(density, q, k, v)
+        self._count(density, q, k, v, lse=num_text > 0)
         return out
 
     def _route_after(self, call: dict, s: int, after: int):
@@ -217,22 +217,25 @@ class SDPAInterceptor(TorchFunctionMode):
         plan, layer = self.plan, self.layer
         if plan is None or plan.is_dense:
             return _SDPA(**call), None
-        # An inert projection (read for every layer at the transformer call, eager calls only) adds nothing.
+        # An inert projection adds nothing (read for every layer at the transformer call; traced and captured
+        # calls keep the last eager verdict: TransformerHook._inert_now).
         proj = None
-        if layer.sla_proj is not None and (torch.compiler.is_compiling() or not layer.inert):
+        if layer.sla_proj is not None and not layer.inert:
             proj = layer.projection(q.device)
         return plan.run(q, k, v, num_text=num_text, text_first=text_first, key_mask=key_mask,
                         scale=call.get("scale"), backend=layer.owner.runtime.backend, proj=proj, sdpa=_SDPA,
                         text_queries=not image_queries, text_query_mask=text_rows)
 
-    def _count(self, density, q, k, v) -> None:
+    def _count(self, density, q, k, v, lse: bool = True) -> None:
         layer, plan = self.layer, self.plan
         if layer.owner.runtime.bypassed:
             return
         if plan is None or plan.is_dense:
             layer.report.dense(None if plan is None else plan.dense_reason)
         else:
-            layer.report.sparse(density, plan.backend_for(q, k, v, layer.owner.runtime.backend), plan.token_density)
+            # (lse: the plan asks for it only where text keys are merged in, as Plan.run does)
+            layer.report.sparse(density, plan.backend_for(q, k, v, layer.owner.runtime.backend, lse=lse),
+                                plan.token_density)
 
     def _run_split(self, call, q, k, v, num_text, key_mask):
         """Context parallelism: this rank's share through the collectives of :mod:`.parallel`."""

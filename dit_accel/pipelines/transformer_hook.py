@@ -92,6 +92,7 @@ class TransformerHook:
         self._modules: List[nn.Module] = []
         self._handles = []
         self._last = None  # (key, context, parallel config) of the last call (see _pre_forward)
+        self._inert_seen: Dict[int, tuple] = {}  # layer index -> its projection's versions when read as inert
         self._grid = None  # (the preset's fingerprint, GridInfo) of the last call that had a fingerprint
         self.successor: Optional["TransformerHook"] = None  # the hook of the handle that replaced this one
 
@@ -108,6 +109,7 @@ class TransformerHook:
                 self.layers.append(wrapper)
                 self._modules.append(module)
                 module.processor = wrapper
+            self.refresh_inert()
             self._hook_forward()
         except BaseException:
             self.remove()
@@ -250,15 +252,49 @@ class TransformerHook:
         self.stack.push(context)
         for layer, plan in zip(self.layers, context.plans):
             layer.plans.push(plan)
-            if layer.inert:  # (a write goes through the wrapper's __setattr__: only when it changes)
-                layer.inert = False
             if layer.sla_proj is not None and isinstance(plan, SLAPlan):
                 sla.append(layer)
-        if sla and device is not None:
-            # Still-zero projections (kernels.sla.inert_projections) read once per call for all layers, not per
-            # layer call (on a GPU: one reduction and one synchronisation per transformer call).
-            for layer, inert in zip(sla, inert_projections([layer.sla_proj for layer in sla])):
-                layer.inert = inert
+            elif layer.inert:  # (a write goes through the wrapper's __setattr__: only when it changes)
+                layer.inert = False
+        if sla:
+            for layer, inert in zip(sla, self._inert_now(sla) if device is not None else [False] * len(sla)):
+                if layer.inert != inert:
+                    layer.inert = inert
+
+    def refresh_inert(self) -> None:
+        """Read now, eagerly, which SLA projections are still zero (at ``apply`` and after ``load_weights``): a
+        first call that torch.compile traces or a CUDA graph captures cannot read them. A projection written
+        any other way is read again at the next eager call."""
+        sla = [layer for layer in self.layers if layer.sla_proj is not None]
+        with torch.no_grad():  # the values alone: whether a call trains the projection is asked per call
+            verdicts = self._inert_now(sla)
+        for layer, inert in zip(sla, verdicts):
+            object.__setattr__(layer, "inert", inert)
+
+    def _inert_now(self, sla: List[SparseAttnProcessor]) -> List[bool]:
+        """Whether each SLA layer's projection is still zero (training-free SLA: its linear branch adds nothing,
+        so it is not computed). Eager calls read the values (:func:`~dit_accel.kernels.sla.inert_projections`:
+        one reduction and one synchronisation per transformer call for every layer, not per layer call). A call
+        that torch.compile traces or a CUDA graph captures cannot read them: it keeps the last eager verdict (a
+        Python bool, which Dynamo guards: a change recompiles) unless the projection is being trained, and a
+        capture keeps it only while the projection's tensors are the ones read then (same version counters and
+        storage: an optimizer step or a load in between makes the branch run)."""
+        grad = torch.is_grad_enabled()
+
+        def kept(layer) -> bool:  # the last verdict, unless this call trains the projection
+            return layer.inert and not (grad and any(p.requires_grad for p in layer.sla_proj.parameters()))
+
+        if torch.compiler.is_compiling():
+            return [kept(layer) for layer in sla]
+        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+            return [kept(layer) and self._inert_seen.get(layer.index) == _versions(layer.sla_proj) for layer in sla]
+        verdicts = inert_projections([layer.sla_proj for layer in sla])
+        for layer, inert in zip(sla, verdicts):
+            if inert:
+                self._inert_seen[layer.index] = _versions(layer.sla_proj)
+            else:
+                self._inert_seen.pop(layer.index, None)
+        return verdicts
 
     def set_schedule(self, schedule: Schedule) -> None:
         """Another schedule from the next call on (the cached call context goes with the old one)."""
@@ -321,3 +357,9 @@ class TransformerHook:
                     f"dit_accel: the attention processor of {layer.name} was replaced after apply() "
                     f"(now {type(getattr(module, 'processor', None)).__name__}); that layer runs the new processor, "
                     "not dit_accel's method, and handle.remove() leaves it in place")
+
+
+def _versions(proj: nn.Module) -> tuple:
+    """What says that ``proj``'s tensors are unchanged since they were read, without reading them (no sync): each
+    parameter's version counter (bumped by in-place writes: optimizer steps, ``copy_``) and storage."""
+    return tuple((p._version, p.data_ptr()) for p in proj.parameters())

@@ -166,7 +166,7 @@ class PerHeadPlan(Plan):
         return cls(method, grid, groups, density)
 
     # ------------------------------------------------------------------ run
-    def attend(self, q, k, v, *, scale, backend, proj=None, heads=None):
+    def attend(self, q, k, v, *, scale, backend, proj=None, heads=None, lse: bool = True):
         if heads is not None:
             raise ValueError("per-head plans run on every head of a layer; context parallelism that splits heads "
                              "(Ulysses) is not supported for them")
@@ -175,19 +175,21 @@ class PerHeadPlan(Plan):
             raise ValueError(f"{self.method.name} holds {n_heads} head methods but the layer has {q.shape[1]} heads; "
                              "calibrate the plan on this model")
         if len(self._groups) == 1 and len(self._groups[0].heads) == n_heads:
-            return self._groups[0].plan.attend(q, k, v, scale=scale, backend=backend, proj=proj)
+            return self._groups[0].plan.attend(q, k, v, scale=scale, backend=backend, proj=proj, lse=lse)
+        want_lse = lse
         o = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-        lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
+        lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device) if want_lse else None
         extra = None
         density = 0.0
         for group in self._groups:
             index = group.index(q.device)
             qs, ks, vs = (x.index_select(1, index) for x in (q, k, v))
             o_g, lse_g, extra_g, d_g = group.plan.attend(qs, ks, vs, scale=scale, backend=backend,
-                                                         proj=proj if group.kind == "sla" else None,
+                                                         proj=proj if group.kind == "sla" else None, lse=want_lse,
                                                          **({"heads": index} if group.kind == "vsa" else {}))
             o = o.index_copy(1, index, o_g.to(o.dtype))
-            lse = lse.index_copy(1, index, lse_g.float())
+            if want_lse:
+                lse = lse.index_copy(1, index, lse_g.float())
             if extra_g is not None:
                 if extra is None:
                     extra = torch.zeros(q.shape, dtype=extra_g.dtype, device=q.device)
@@ -199,14 +201,14 @@ class PerHeadPlan(Plan):
         raise ValueError("per-head plans do not run under ring attention (context parallelism): run the plan "
                          "on one device or with Ulysses off")
 
-    def backend_for(self, q, k, v, backend: str) -> str:
+    def backend_for(self, q, k, v, backend: str, lse: bool = True) -> str:
         names = []
         for group in self._groups:
             if group.kind == "dense":
                 names.append("sdpa")
             else:
                 index = group.index(q.device)
-                names.append(group.plan.backend_for(*(x.index_select(1, index) for x in (q, k, v)), backend))
+                names.append(group.plan.backend_for(*(x.index_select(1, index) for x in (q, k, v)), backend, lse))
         return "+".join(dict.fromkeys(names))
 
     def prepare(self, device, backend: str = "auto") -> None:

@@ -106,12 +106,14 @@ class Plan:
     def num_tokens(self) -> int:
         return math.prod(self.grid)
 
-    def attend(self, q, k, v, *, scale: Optional[float], backend: str, proj=None, heads=None):
+    def attend(self, q, k, v, *, scale: Optional[float], backend: str, proj=None, heads=None, lse: bool = True):
         """Attention among video tokens (raster order): ``(o, lse, o_extra or None, density)``.
 
         ``o_extra`` is added to the merged output (SLA's projected linear branch);
         ``density`` is a float or a 0-d tensor (never synced here). ``heads = (start, stop)``:
-        q, k, v hold only these heads of the model (context parallelism splits heads).
+        q, k, v hold only these heads of the model (context parallelism splits heads). ``lse=False``: the
+        caller merges nothing, so the kernels are not asked for the lse (backends that cannot give one, or not
+        with a backward, stay eligible); the returned lse may then be None.
         """
         raise NotImplementedError
 
@@ -125,8 +127,9 @@ class Plan:
     def check_part(self, rows: Tuple[int, int]) -> None:
         """ValueError unless :meth:`attend_part` can serve the video queries ``rows`` (whole blocks)."""
 
-    def backend_for(self, q, k, v, backend: str) -> str:
-        """The kernel backend a call with these inputs runs (``backend`` resolved as the kernels resolve it)."""
+    def backend_for(self, q, k, v, backend: str, lse: bool = True) -> str:
+        """The kernel backend a call with these inputs runs (``backend`` resolved as the kernels resolve it;
+        ``lse``: whether the call asks for the lse, as :meth:`attend`)."""
         return "sdpa"
 
     def prepare(self, device, backend: str = "auto") -> None:
@@ -155,7 +158,8 @@ class Plan:
         Returns ``(o (B, H, S, D), density)`` (``(B, H, num_tokens, D)`` without text queries).
         """
         if num_text == 0:
-            o_video, _, extra, density = self.attend(q, k, v, scale=scale, backend=backend, proj=proj)
+            # Video alone: nothing is merged, so no lse is asked for.
+            o_video, _, extra, density = self.attend(q, k, v, scale=scale, backend=backend, proj=proj, lse=False)
             if extra is not None:
                 o_video = o_video + extra.to(o_video.dtype)
             return (o_video if o_video.dtype == q.dtype else o_video.to(q.dtype)), density
@@ -200,7 +204,7 @@ class DensePlan(Plan):
     def __init__(self, method, grid, reason: str):
         super().__init__(method, grid, density=1.0, dense_reason=reason, token_density=1.0)
 
-    def attend(self, q, k, v, *, scale, backend, proj=None, heads=None):
+    def attend(self, q, k, v, *, scale, backend, proj=None, heads=None, lse: bool = True):
         scale = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
         o, lse = attend_with_lse(q, k, v, None, scale)
         return o, lse, None, 1.0
@@ -266,7 +270,7 @@ class LayoutPlan(Plan):
             layout = self._layouts[key] = layout_on(layout, key[0])
         return layout
 
-    def backend_for(self, q, k, v, backend: str) -> str:
+    def backend_for(self, q, k, v, backend: str, lse: bool = True) -> str:
         short = self._short(q, backend)
         if short is not None:
             return short
@@ -276,7 +280,7 @@ class LayoutPlan(Plan):
             # so auto never runs such a layout as dense attention (block_sparse.api.all_keys_visited).
             return resolve("block_sparse", backend, Request.of(q, k, v, layout.block_q, layout.block_k))
         # The kernels' own cached decision for this call (on CUDA it may be dense attention).
-        return block_sparse_backend(q, k, v, layout, backend, return_lse=True)
+        return block_sparse_backend(q, k, v, layout, backend, return_lse=lse)
 
     def _short(self, q, backend: str, heads=None) -> Optional[str]:
         """``backend="auto"`` on CPU, eager, no autograd: :data:`ONE_PASS` or :data:`DENSE_MASKED` when either
@@ -357,8 +361,9 @@ class LayoutPlan(Plan):
             raise ValueError(f"{what} {layout.num_heads} heads per layer, but this model's attention layers run "
                              f"{q.shape[1]} heads; expected per-head windows for heads 0..{q.shape[1] - 1}")
 
-    def attend(self, q, k, v, *, scale, backend, proj=None, heads=None):
+    def attend(self, q, k, v, *, scale, backend, proj=None, heads=None, lse: bool = True):
         layout = self.layout_on(q.device, heads, backend)
+        want_lse = lse
         self._check_heads(layout, q)
         short = self._short(q, backend, heads)
         if short is not None:  # raster order in and out
@@ -369,6 +374,9 @@ class LayoutPlan(Plan):
             return o, lse, None, self.density
         if self.perm is not None:  # tiled order: windows become contiguous blocks
             q, k, v = (self.perm.permute(x, dim=-2) for x in (q, k, v))
+        if not want_lse:
+            o = block_sparse_attention(q, k, v, layout, scale=scale, backend=backend)
+            return (o if self.perm is None else self.perm.unpermute(o, dim=-2)), None, None, self.density
         o, lse = block_sparse_attention(q, k, v, layout, scale=scale, return_lse=True, backend=backend)
         if self.perm is not None:
             o, lse = self.perm.unpermute(o, dim=-2), self.perm.unpermute(lse, dim=-1)
@@ -447,7 +455,7 @@ class SLAPlan(Plan):
         self.params = params
         self._backends: Dict[tuple, str] = {}  # what backend_for resolved, per eager call signature
 
-    def backend_for(self, q, k, v, backend: str) -> str:
+    def backend_for(self, q, k, v, backend: str, lse: bool = True) -> str:
         if torch.compiler.is_compiling():
             return resolve("sla", backend, Request.of(q, k, v, self.params.block_q, self.params.block_k))
         # The statistics ask on every layer call; resolving once per signature keeps that off the call.
@@ -466,7 +474,7 @@ class SLAPlan(Plan):
                              f"{block}-token query blocks of {self.method!r}: split the sequence so every rank holds "
                              "whole blocks (a token count per rank that is a multiple of the block)")
 
-    def attend(self, q, k, v, *, scale, backend, proj=None, heads=None):
+    def attend(self, q, k, v, *, scale, backend, proj=None, heads=None, lse: bool = True):
         # Under context parallelism (attend_part) k, v hold every key: pooling and linear sums stay global.
         # The layer's q, k, v are the processor's, checked by their shapes in routing: only the scale's default.
         o, lse, o_lin, info = sla_parts_checked(q, k, v, self.params, proj,

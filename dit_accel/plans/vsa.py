@@ -93,7 +93,7 @@ class VSAPlan(Plan):
     def prepare(self, device, backend: str = "auto") -> None:
         self.cubes.perm.prepare(device)
 
-    def backend_for(self, q, k, v, backend: str) -> str:
+    def backend_for(self, q, k, v, backend: str, lse: bool = True) -> str:
         vol = self.cubes.volume
         return resolve("block_sparse", backend, Request.of(q, k, v, vol, vol))
 
@@ -149,7 +149,7 @@ class VSAPlan(Plan):
             raise ValueError(f"dit_accel: VSA's gate holds {gate.shape[1]} heads, the layer's queries {h}")
         return gate
 
-    def attend(self, q, k, v, *, scale, backend, proj=None, heads=None):
+    def attend(self, q, k, v, *, scale, backend, proj=None, heads=None, lse: bool = True):
         gate = self.gate_for(q, heads)
         scale = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
         parts = vsa_parts(q, k, v, self.grid, self.count, self.method.tile, scale, with_coarse=gate is not None,

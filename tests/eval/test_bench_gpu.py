@@ -260,11 +260,11 @@ def test_check_runs_the_selftest_first_and_fails_on_a_bad_variant(tmp_path, fres
     report = bench_gpu.bench_gpu(tmp_path, shapes=TINY[1:], densities=(0.5,), methods=("tile",), backward=False,
                                  check=True, run_selftest=selftest(good, 0), **kw)
     assert order == ["selftest", "pytest"] and report["failures"] == []
-    assert report["selftest"]["summary"] == "1 checks, 0 failed"
+    assert report["selftest"]["summary"] == "1 of 1 checked, 0 failed"
     report = bench_gpu.bench_gpu(tmp_path, shapes=TINY[1:], densities=(0.5,), methods=("tile",), backward=False,
                                  check=True, run_selftest=selftest(bad, 1), **kw)
-    assert report["failures"] == ["selftest: 2 checks, 1 failed (sla.triton.fwd): sla.triton.fwd (error 0.3)"]
-    assert "Self-checks (`dit-accel selftest`): 2 checks, 1 failed" in (tmp_path / "gpu_report.md").read_text()
+    assert report["failures"] == ["selftest: 2 of 2 checked, 1 failed (sla.triton.fwd): sla.triton.fwd (error 0.3)"]
+    assert "Self-checks (`dit-accel selftest`): 2 of 2 checked, 1 failed" in (tmp_path / "gpu_report.md").read_text()
 
 
 def test_the_real_selftest_subprocess_catches_a_faulted_variant(tmp_path, monkeypatch):
@@ -452,8 +452,9 @@ def test_auto_slower_than_the_kernel_forced_beside_it_misses_a_target():
                    "gna [auto, autotune off] (forward, density 0.1): auto <= 1.03 x [triton forced]": True}
 
 
-def test_a_check_out_of_time_is_incomplete_not_a_failure(monkeypatch):
-    """A cold cache can outlast the budget: the report says incomplete (the stored verdicts stand), never failed."""
+def test_a_check_out_of_time_is_incomplete_and_fails_unless_partial_is_allowed(monkeypatch):
+    """A cold cache can outlast the budget: the report says incomplete (the stored verdicts stand), and the run
+    fails for it unless ``--allow-partial`` (an unchecked kernel is not a checked one)."""
     import subprocess
 
     def slow(cmd, **kwargs):
@@ -464,5 +465,100 @@ def test_a_check_out_of_time_is_incomplete_not_a_failure(monkeypatch):
     py = bench_gpu._run_pytest(5.0)
     assert selftest["incomplete"] and py["incomplete"]
     assert "incomplete" in selftest["summary"] and "saved" in selftest["summary"]
-    assert bench_gpu.failures({"selftest": selftest, "pytest": py}) == []
+    # Incomplete coverage fails the acceptance run unless the caller accepts a partial one.
+    fails = bench_gpu.failures({"selftest": selftest, "pytest": py})
+    assert [f.split(":")[0] for f in fails] == ["selftest", "pytest -m gpu"], fails
+    assert all("coverage incomplete" in f and "--allow-partial" in f for f in fails)
+    assert bench_gpu.failures({"selftest": selftest, "pytest": py, "allow_partial": True}) == []
     assert bench_gpu.SELFTEST_S >= 300 and bench_gpu.BUDGET_S >= bench_gpu.SELFTEST_S + bench_gpu.PYTEST_S
+
+
+def test_a_selftest_that_ran_out_of_its_budget_fails_check_unless_allow_partial(tmp_path, fresh_autotune, capsys):
+    """selftest's own --budget ends it with "N of M checked" (exit 3); ``bench gpu --check`` fails on that
+    coverage, and passes with ``--allow-partial``, saying how many were checked either way."""
+    import argparse
+
+    from dit_accel.cli import bench as cli_bench
+
+    rows = [{"variant": "block_sparse.triton.fwd", "dtype": "bfloat16", "error": 1e-3, "verdict": "pass"},
+            {"variant": "dense.triton.fwd", "verdict": "n/a", "reason": "not here"},
+            {"variant": "sla.triton.fwd", "dtype": "bfloat16", "error": None, "verdict": "unchecked"}]
+    entry = bench_gpu.parse_selftest(3, json.dumps(rows), "")
+    assert entry["summary"] == "1 of 2 checked, 0 failed; 1 not reached in time" and entry["incomplete"]
+    assert entry["returncode"] == 0 and (entry["checked"], entry["total"]) == (1, 2)
+    args = argparse.Namespace(out=str(tmp_path), device="cpu", budget=None, shapes="FLUX 1024", densities="0.25",
+                              methods="tile", no_backward=True, no_pytest=True, check=True, autotune="off",
+                              allow_partial=False)
+    kw = dict(shapes=TINY[1:], timer=FakeTimer(), calls=1, repeats=1, log=lambda m: None, forced=None,
+              run_selftest=lambda timeout: entry)
+    assert cli_bench._run_gpu(args, **kw) == 1
+    out = capsys.readouterr().out
+    assert "FAILED: selftest: coverage incomplete: 1 of 2 checked" in out and "--allow-partial" in out
+    args.allow_partial = True
+    assert cli_bench._run_gpu(args, **kw) == 0
+    assert "selftest: 1 of 2 checked, 0 failed; 1 not reached in time" in capsys.readouterr().out
+    # The runner gives selftest its own budget, inside the hard time limit, so its JSON comes back.
+    seen = {}
+
+    def fake_run(cmd, **kwargs):
+        seen["cmd"], seen["timeout"] = cmd, kwargs["timeout"]
+        return type("P", (), {"returncode": 3, "stdout": json.dumps(rows), "stderr": ""})()
+
+    import unittest.mock
+
+    with unittest.mock.patch.object(bench_gpu.subprocess, "run", fake_run):
+        got = bench_gpu._selftest_runner(torch.device("cuda"))(300.0)
+    budget = float(seen["cmd"][seen["cmd"].index("--budget") + 1])
+    assert 0 < budget <= 300 - bench_gpu.SELFTEST_MARGIN_S and seen["timeout"] == 300.0 and got["incomplete"]
+
+
+def test_the_budget_reaches_every_shape(tmp_path, fresh_autotune):
+    """Each shape gets its share of the time left: a first shape whose rows would use up the whole budget (each
+    timed span costs 10 s of the fake clock here) no longer keeps the later shapes (720p in the default list)
+    from being timed."""
+    now = [0.0]
+
+    class SlowTimer(FakeTimer):
+        def span(self, fn, calls):
+            now[0] += 10.0
+            return super().span(fn, calls)
+
+    report = bench_gpu.bench_gpu(tmp_path, shapes=TINY, densities=(0.25, 0.5), budget_s=200,
+                                 **{**QUICK, "timer": SlowTimer(), "calls": 1, "clock": lambda: now[0]})
+    ok = {r["shape"] for r in report["rows"] if r["status"] == "ok"}
+    assert ok == {"tiny video", "tiny image"}, [(r["shape"], r["kernel"], r["status"]) for r in report["rows"]]
+    first = [r for r in report["rows"] if r["shape"] == "tiny video"]
+    assert any(r["status"] == "skipped" and r["error"] == "time budget" for r in first)  # it had more to time
+    names = [s.name for s in bench_gpu.STANDARD_SHAPES]
+    assert "Wan2.1 14B 720p" in names
+
+
+def test_vendor_kernels_are_timed_forced_beside_auto_at_the_same_layouts(tmp_path, monkeypatch, fresh_autotune):
+    """Where FA4, cuDNN or NATTEN can run a layout, bench gpu times it forced on that layout, at every density,
+    beside auto's row (here the PyTorch twin stands in for a vendor: the CPU has none); the ones that cannot say
+    why in the notes."""
+    from types import SimpleNamespace
+
+    import dit_accel.kernels.block_sparse.backends as vendor_pkg
+
+    monkeypatch.setattr(bench_gpu_cases._Shape, "vendor_backends", lambda self, runner: ["torch"])
+    monkeypatch.setattr(bench_gpu_cases._Shape, "vendor_passes", lambda self, runner, name, passes: ("forward",))
+    report = bench_gpu.bench_gpu(tmp_path, shapes=TINY[1:], densities=(0.25, 0.5), methods=("tile",),
+                                 pytest_gpu=False, **QUICK)
+    rows = [(r["kernel"], r["pass"], r.get("target_density"), r["status"]) for r in report["rows"]
+            if r["kernel"].startswith("tile")]
+    for density in (0.25, 0.5):
+        assert ("tile [torch forced]", "forward", density, "ok") in rows, rows
+        assert ("tile [torch forced]", "forward+backward", density, "ok") not in rows
+        assert ("tile [auto, autotune off]", "forward", density, "ok") in rows
+    # Which vendors: those vendor_reasons leaves out, on CUDA only; the reasons go to the notes.
+    monkeypatch.setattr(vendor_pkg, "vendor_reasons", lambda layout, q, k, v: {"fa4": "not installed",
+                                                                                "natten": "no NATTEN here"})
+    monkeypatch.undo()
+    monkeypatch.setattr(vendor_pkg, "vendor_reasons", lambda layout, q, k, v: {"fa4": "not installed",
+                                                                                "natten": "no NATTEN here"})
+    stub = SimpleNamespace(cuda=True, notes=[])
+    runner = SimpleNamespace(layout=None, q=None, k=None, v=None)
+    assert bench_gpu_cases._Shape.vendor_backends(SimpleNamespace(cuda=False, notes=[]), runner) == []
+    assert bench_gpu_cases._Shape.vendor_backends(stub, runner) == ["cudnn"]
+    assert stub.notes == ["fa4: not installed", "natten: no NATTEN here"]

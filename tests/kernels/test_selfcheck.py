@@ -298,3 +298,59 @@ def _pretend_ws_applies(monkeypatch):
 
     name = "block_sparse.triton.fwd_ws"
     monkeypatch.setitem(_sc._REGISTRY, name, dataclasses.replace(_sc.variant(name), applies=lambda device: None))
+
+
+def test_selftest_stops_at_its_budget_and_says_n_of_m_checked(capsys):
+    """A run out of time lists what it did not reach as unchecked (not passed, not failed) and says how many
+    of how many it checked; the exit status (3) tells a script that coverage is incomplete."""
+    from dit_accel.cli.main import main
+
+    ticks = iter(range(100))
+    rows = selfcheck.run_all(CPU, names=["dense.triton.fwd"], budget_s=1.5, clock=lambda: next(ticks))
+    assert [r["verdict"] for r in rows] == ["pass", "unchecked"], rows  # one check started before 1.5 s
+    assert rows[1]["dtype"] == "float16" and "time budget" in rows[1]["reason"]
+    assert main(["selftest", "--device", "cpu", "--variant", "dense.triton.fwd", "--budget", "0"]) == 3
+    out = capsys.readouterr()
+    assert "0 of 2 checked, 0 failed; 2 not reached within --budget 0 s" in out.out
+    assert main(["selftest", "--device", "cpu", "--variant", "dense.triton.fwd", "--json", "--budget", "0"]) == 3
+    out = capsys.readouterr()
+    assert {r["verdict"] for r in json.loads(out.out)} == {"unchecked"} and "0 of 2 checked" in out.err
+    assert main(["selftest", "--device", "cpu", "--jobs", "0"]) == 2
+    assert "--jobs 0: give a positive number" in capsys.readouterr().err
+
+
+def test_selftest_jobs_run_the_checks_in_worker_processes_and_still_catch_a_fault(monkeypatch):
+    """``jobs=2``: the checks run in two spawned workers (where a GPU compiles its kernels side by side); the
+    fault switch reaches them, the rows come back in order, the progress counts N of M, and the verdicts are
+    kept for this process's calls."""
+    monkeypatch.setenv(selfcheck.ENV_FAULT, "dense.triton.fwd")
+    seen = []
+    rows = selfcheck.run_all(CPU, names=["dense.triton.fwd"], jobs=2,
+                             progress=lambda done, total, row: seen.append((done, total)))
+    assert [(r["variant"], r["dtype"], r["verdict"]) for r in rows] == [
+        ("dense.triton.fwd", "float32", "FAIL"), ("dense.triton.fwd", "float16", "FAIL")], rows
+    assert seen == [(1, 2), (2, 2)]
+    assert all(r["error"] is None or r["error"] > 10 * r["tolerance"] for r in rows)
+    kept = [v for v in selfcheck._MEMORY.values() if v["variant"] == "dense.triton.fwd"]
+    assert len(kept) == 2 and not any(v["ok"] for v in kept) and all(v["faulted"] for v in kept)
+
+
+def test_the_fp32_bound_says_what_is_compared_and_prints_the_bound_itself(capsys):
+    """The tf32 bound is 3.9e-3: printed to one digit it read "<= 4e-03", a bound the check does not use; the
+    messages name the quantity (||out - ref|| / ||ref|| against the fp32 reference of the same inputs)."""
+    from dit_accel.cli import selftest
+    from dit_accel.cli.info import _kernel_status
+    from dit_accel.kernels import _selfchecks as sc
+
+    row = {"variant": "dense.triton.fwd", "dtype": "float32", "problem": "p", "error": 1.5e-3,
+           "tolerance": sc.TF32_FWD_TOL, "verdict": "pass", "seconds": 1.0}
+    selftest._print([row])
+    out = capsys.readouterr().out
+    assert "1.50e-03 (bound 3.9e-03)" in out and "4e-03" not in out
+    said = selfcheck._describe({**row, "error": 5e-3})
+    assert said == "relative error ||out - ref|| / ||ref|| against the fp32 reference: 0.005 > its bound 3.9e-03 on p"
+    said = selfcheck._describe({**row, "error": 0.5, "tolerance": 0.01, "measure": "fraction of classes that differ"})
+    assert said == "fraction of classes that differ: 0.5 > its bound 1.0e-02 on p"
+    text = _kernel_status()["fp32"]
+    assert "same fp32 inputs" in text and "o's and the lse's" in text and "dQ's, dK's and dV's" in text
+    assert f"{sc.TF32_FWD_TOL:.1e}" in text and f"{sc.TF32_BWD_TOL:.1e}" in text

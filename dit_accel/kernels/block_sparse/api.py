@@ -160,19 +160,22 @@ def _call(q, k, v, layout, scale, backend: str, return_lse: bool):
 _EAGER = LayoutCache("block_sparse.eager_choice")
 
 
-def _shape_key(q, k, return_lse: bool):
+def _shape_key(q, k, return_lse: bool, grad: bool):
     """What a decision depends on besides the layout, in a form a traced call reads as constants (None when a
-    shape is symbolic: then the traced call decides without it)."""
+    shape is symbolic: then the traced call decides without it). ``grad``: whether the call records a backward;
+    a no-grad eager call's choice (forward timed alone, a backend that has no backward) is not a training
+    step's."""
     shapes = (*q.shape, *k.shape)
     if not all(type(x) is int for x in shapes):
         return None
-    return (shapes, q.dtype, q.device.type, return_lse)
+    return (shapes, q.dtype, q.device.type, return_lse, bool(grad))
 
 
 def _decide(q, k, v, layout, scale, backend: str, return_lse: bool):
     scale = _check(q, k, v, layout, scale)
     cuda = q.device.type == "cuda"
-    key = _shape_key(q, k, return_lse) if cuda and backend == "auto" and env_backend() is None else None
+    grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    key = _shape_key(q, k, return_lse, grad) if cuda and backend == "auto" and env_backend() is None else None
     if in_graph():
         hit = None if key is None else _EAGER.peek(layout, key)
         if hit is not None:  # the eager call's choice: the same kernel runs compiled (or captured) and eager

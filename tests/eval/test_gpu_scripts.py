@@ -1,0 +1,62 @@
+"""The prepared GPU run on the CPU (issue 72, items 6-8): docs/scripts/wan_step_gpu.py's dry run at a tiny size, and
+docs/scripts/gpu_offline_run.sh's plan of steps (DRY_RUN=1), which must fit one device command."""
+
+import importlib.util
+import json
+import os
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+SCRIPTS = ROOT / "docs" / "scripts"
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _wan_step():
+    spec = importlib.util.spec_from_file_location("wan_step_gpu", SCRIPTS / "wan_step_gpu.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_wan_step_script_runs_dense_tile_and_vsa_at_a_tiny_size(tmp_path, capsys):
+    wan = _wan_step()
+    assert wan.WAN_1P3B["num_layers"] == 30 and wan.WAN_1P3B["num_attention_heads"] == 12
+    assert (wan.LATENT_480P[0], wan.LATENT_480P[1] // 2, wan.LATENT_480P[2] // 2) == (21, 30, 52)
+    sidecar = tmp_path / "gen.json"
+    sidecar.write_text(json.dumps({"compare_dense": {"transformer_speedup": 1.3, "end_to_end_speedup": 1.1,
+                                                     "psnr_db": 40.0}}))
+    out = tmp_path / "wan_step.json"
+    assert wan.main(["--tiny", "--device", "cpu", "--steps", "1", "--warmup", "0", "--out", str(out),
+                     "--sidecar", str(sidecar)]) == 0
+    report = json.loads(out.read_text())
+    settings = [r["setting"].split(" ")[0] for r in report["rows"]]
+    assert settings == ["dense", "tile", "vsa"], report["rows"]
+    assert all(r["step_s"] > 0 and "error" not in r for r in report["rows"])
+    assert all(r["rel_error_vs_dense"] < 0.1 for r in report["rows"][1:])  # the same model, sparse attention
+    assert report["main_job"] == [{"sidecar": str(sidecar), "transformer_speedup": 1.3, "end_to_end_speedup": 1.1,
+                                   "psnr_db": 40.0, "not_slower_than_dense": True}]
+    assert "main job" in capsys.readouterr().out
+    if not __import__("torch").cuda.is_available():
+        assert wan.main(["--out", str(out)]) == 2  # the GPU run without a GPU: one line, no traceback
+
+
+def test_the_offline_run_plans_its_steps_inside_one_device_command(tmp_path):
+    run = subprocess.run(["bash", str(SCRIPTS / "gpu_offline_run.sh")], cwd=ROOT, capture_output=True, text=True,
+                         env={**os.environ, "DRY_RUN": "1", "OUT": str(tmp_path)}, timeout=60)
+    assert run.returncode == 0, run.stderr
+    steps = re.findall(r"^(\w+) \(limit (\d+)s\): (.*)$", run.stdout, re.M)
+    names = [s[0] for s in steps]
+    assert names[:5] == ["install", "selftest", "generate", "wan_step", "bench_gpu"], names
+    cmd = dict((name, (int(limit), line)) for name, limit, line in steps)
+    budget = int(re.search(r"--budget (\d+)", cmd["selftest"][1]).group(1))
+    assert budget < cmd["selftest"][0]  # selftest ends itself, with its JSON, before the step's limit
+    assert "--sidecar" in cmd["wan_step"][1] and "gen_fp32.json" in cmd["wan_step"][1]
+    assert "720p" in cmd["bench_gpu"][1]
+    # The whole run stays inside one device command (at most 600 s): each step gets at most what is left.
+    default = int(re.search(r"BUDGET:-(\d+)", (SCRIPTS / "gpu_offline_run.sh").read_text()).group(1))
+    assert default <= 560
