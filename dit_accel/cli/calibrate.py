@@ -170,16 +170,11 @@ def _device_and_dtype(args):
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     else:
-        try:
-            dev = torch.device(device)
-        except (RuntimeError, ValueError):
-            raise _UsageError(f"--device {device!r} is not a device: use cpu or cuda (cuda:N)") from None
-        if dev.type not in ("cpu", "cuda"):
-            raise _UsageError(f"--device {device}: use cpu or cuda (cuda:N)")
-        if dev.type == "cuda" and not torch.cuda.is_available():
-            raise _UsageError(f"--device {device} but no CUDA device is visible here; use --device cpu")
-        if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise _UsageError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) here")
+        from .checks import device_error
+
+        error = device_error(device)
+        if error is not None:
+            raise _UsageError(error)
     dtype = args.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
     return device, dtype
 

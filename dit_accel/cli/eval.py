@@ -161,10 +161,12 @@ def _device_and_dtype(args):
     """The device (cuda when visible, else cpu, unless given) and the dtype (bfloat16 on cuda, else float32)."""
     import torch
 
+    from .checks import device_error
+
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device != "cpu" and not (device.startswith("cuda") and torch.cuda.is_available()):
-        raise _Refused(f"--device {device}: use cpu" + (" or cuda" if torch.cuda.is_available() else
-                                                        " (no CUDA device is visible here)"))
+    error = device_error(device)
+    if error is not None:
+        raise _Refused(error)
     return device, args.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
 
 

@@ -139,14 +139,13 @@ def _slug(model: str) -> str:
 def _pick_device(device):
     import torch
 
+    from .checks import device_error
+
     if device is None:
         return "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        dev = torch.device(device)
-    except RuntimeError as err:
-        raise _UsageError(f"--device {device!r} is not a device: {err}") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise _UsageError(f"--device {device} but CUDA is not available here; use --device cpu")
+    error = device_error(device)
+    if error is not None:
+        raise _UsageError(error)
     return device
 
 

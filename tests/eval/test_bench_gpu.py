@@ -315,12 +315,12 @@ def test_bench_gpu_cli(tmp_path, capsys):
 
     parser_args = ["bench", "gpu", "--out", str(tmp_path), "--device", "cpu"]
     assert main(parser_args) == 2  # a GPU report of the CPU: one line saying so
-    assert "bench gpu times GPU kernels" in capsys.readouterr().out
+    assert "bench gpu times GPU kernels" in capsys.readouterr().err
     assert main(parser_args + ["--check"]) == 2  # --check on a machine without CUDA: says so, no traceback
-    out = capsys.readouterr().out
+    out = capsys.readouterr().err
     assert "--check needs a CUDA GPU" in out and "pip install -e" in out and "Traceback" not in out
     assert main(["bench", "gpu", "--out", str(tmp_path), "--check"]) == 2  # default device cuda: none here
-    assert "--check needs a CUDA GPU" in capsys.readouterr().out
+    assert "--check needs a CUDA GPU" in capsys.readouterr().err
     assert main(parser_args + ["--methods", "tile,magic"]) == 2
     assert main(parser_args + ["--densities", "0,2"]) == 2
     assert main(parser_args + ["--shapes", "nothing"]) == 2

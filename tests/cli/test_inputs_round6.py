@@ -1,0 +1,86 @@
+"""The CLI's inputs checked before any expensive work, and its words true: each test makes the user's call."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from dit_accel.cli.main import main
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+# ------------------------------------------------------------------ Ctrl-C in the first seconds
+_SLOW_IMPORT = textwrap.dedent("""
+    import importlib.abc, sys, time
+
+    class SlowImport(importlib.abc.MetaPathFinder):
+        # stands for the seconds a subcommand's module takes to import torch and Diffusers
+        def find_spec(self, name, path, target=None):
+            if name == "dit_accel.cli.generate":
+                print("importing", flush=True)
+                time.sleep(60)
+            return None
+
+    sys.meta_path.insert(0, SlowImport())
+    from dit_accel.cli.main import main
+    sys.exit(main(["generate", "--help"]))
+""")
+
+
+def test_ctrl_c_while_a_command_imports_exits_130_with_one_line():
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-c", _SLOW_IMPORT], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env, cwd=ROOT)
+    try:
+        assert proc.stdout.readline().strip() == "importing"
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and err.strip() == "dit-accel: interrupted"
+
+
+# ------------------------------------------------------------------ devices torch knows but dit-accel does not run
+@pytest.mark.parametrize("device", ["mps", "meta", "banana"])
+@pytest.mark.parametrize("command", [
+    ["generate"],
+    ["eval", "--model", "tiny-shapes", "--methods", "dense"],
+    ["calibrate", "--model", "tiny-shapes", "--min-psnr", "20"],
+    ["info"],
+    ["bench", "kernels", "--quick"],
+], ids=["generate", "eval", "calibrate", "info", "bench-kernels"])
+def test_devices_other_than_cpu_and_cuda_are_refused_in_one_line(command, device, tmp_path, capsys):
+    extra = []
+    if command[0] in ("generate", "eval"):
+        extra = ["--out", str(tmp_path / "o")]
+    if command[0] == "calibrate":
+        prompts = tmp_path / "p.txt"
+        prompts.write_text("a red square moving left\n")
+        extra = ["--prompts", str(prompts), "--out", str(tmp_path / "plan.json")]
+    assert main([*command, *extra, "--device", device]) == 2
+    err = capsys.readouterr().err
+    assert f"--device {device}" in err and "cpu" in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
+
+
+def test_bench_gpu_without_a_gpu_advises_what_runs_here_on_stderr(tmp_path, capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("the machine has a GPU")
+    for device in ([], ["--device", "cpu"]):
+        assert main(["bench", "gpu", "--out", str(tmp_path), *device]) == 2
+        out, err = capsys.readouterr()
+        assert out == "" and "bench kernels --device cpu" in err
+        # the advice it gives is a command that runs here, not one bench gpu refuses
+        assert "use --device cpu" not in err
