@@ -36,8 +36,9 @@ from . import parallel
 from .options import (HelpFormatter, add_cache_option, add_method_options, add_plan_any_grid, cache_from_args,
                       check_method_flags, check_plan_flags, method_from_args, schedule_from_args)
 from .generate_args import _DTYPES, DEFAULT_MODEL, DEFAULT_PROMPT, _check_flags, _UsageError
-from .generate_report import (_comparison, _provenance, _quality, _record, _remove_earlier_side_by_side,
-                              _side_by_side, _side_by_side_path, _strip_height, _summary_lines)  # noqa: F401
+from .generate_report import (_cache_record, _comparison, _provenance, _quality, _record,  # noqa: F401
+                              _remove_earlier_side_by_side, _side_by_side, _side_by_side_path, _strip_height,
+                              _summary_lines)
 from .parallel import add_cp_option
 from ..methods import METHOD_ALIASES
 from ..models.tiny_shapes import SHAPES_MODELS, TINY_SHAPES_PROMPT, shapes_model
@@ -632,6 +633,7 @@ def generate(args) -> dict:
         record["plan_quality"] = method.sparse_plan.provenance.get("quality")  # calibrate's validation record
     if getattr(args, "_default_note", None):
         record["default_note"] = args._default_note
+    record["cache"] = to_jsonable(_cache_record(getattr(args, "_cache_spec", None), calls, summary))
     record["compare_dense"] = to_jsonable(_comparison(times, dense, frames, side_by_side))
     record["quality"] = to_jsonable(_quality(args.model, call["prompt"], frames, dense))
     record["provenance"] = to_jsonable(_provenance(args, call, record, summary, stats))

@@ -164,6 +164,31 @@ def _record(args, pipe, method, schedule, source, call, frames, written, times, 
     }
 
 
+def _cache_record(spec, calls, summary):
+    """What a step cache skipped: the self-attention calls the method's layers would have made in ``calls``
+    transformer calls, and those that ran (a block or attention module the cache skips calls no processor, so it
+    is not counted). None without a cache."""
+    if spec is None:
+        return None
+    layers = int(summary.get("layers") or 0)
+    ran = int(summary.get("sparse_calls") or 0) + int(summary.get("dense_calls") or 0)
+    expected = layers * int(calls or 0)
+    return {**spec.describe(), "label": spec.label, "attention_calls_expected": expected, "attention_calls_ran": ran,
+            "attention_calls_skipped": max(expected - ran, 0),
+            "note": "self-attention calls of the layers the method wraps: layers x transformer calls expected, "
+                    "those that ran counted by the attention processors"}
+
+
+def _cache_line(cache) -> list:
+    """One line: what the cache skipped (none without a cache)."""
+    if not cache:
+        return []
+    expected, skipped = cache["attention_calls_expected"], cache["attention_calls_skipped"]
+    share = f" ({100 * skipped / expected:.0f}%)" if expected else ""
+    return [f"cache {cache['label']}: skipped {skipped} of {expected} self-attention calls{share}, reusing or "
+            "predicting their blocks' outputs from earlier steps"]
+
+
 def _provenance(args, call, record, summary, stats) -> dict:
     """What exactly ran (dit_accel.eval.provenance): prompt sha256 and seed, versions, commit, device, the
     backends the calls used, and the full method or plan."""
@@ -234,6 +259,7 @@ def _summary_lines(record: dict) -> list:
         some = "some of its" if len(set(ran) - {"torch"}) else "its"
         lines.append(f"note: backend auto ran {some} sparse calls on the GPU with the PyTorch twin, not the Triton "
                      "kernels: their layout is not one the kernels take (--backend triton says why)")
+    lines += _cache_line(record.get("cache"))
     t = record["timing"]
     if cmp:
         attention = (f"self-attention {t['attention_s']:.2f} s vs dense {cmp['dense_attention_s']:.2f} s "

@@ -325,4 +325,4 @@ def cache_from_args(args: argparse.Namespace):
     from ..pipelines.caches import CacheSpec
 
     text = getattr(args, "cache", None)
-    return None if not text else CacheSpec.parse(text)
+    return None if text is None else CacheSpec.parse(text)

@@ -84,3 +84,49 @@ def test_bench_gpu_without_a_gpu_advises_what_runs_here_on_stderr(tmp_path, caps
         assert out == "" and "bench kernels --device cpu" in err
         # the advice it gives is a command that runs here, not one bench gpu refuses
         assert "use --device cpu" not in err
+
+
+# ------------------------------------------------------------------ --cache options
+@pytest.fixture
+def no_model_load(monkeypatch):
+    """A check that is meant to come before the model: loading one fails the test."""
+    from dit_accel.models import loading
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded before the bad input was refused")
+
+    monkeypatch.setattr(loading, "load_pipeline", refuse)
+
+
+@pytest.mark.parametrize("cache, said", [
+    ("fbcache:threshold=abc", "threshold must be a number"),
+    ("fbcache:threshold=-1", "threshold must be >= 0"),
+    ("fbcache:threshold=nan", "threshold must be a finite number"),
+    ("taylorseer:cache_interval=0", "cache_interval must be >= 1"),
+    ("taylorseer:cache_interval=2.5", "cache_interval must be an integer"),
+    ("", "names no cache"),
+], ids=["abc", "negative", "nan", "interval-0", "interval-float", "empty"])
+@pytest.mark.parametrize("command", [["generate", "--model", "tiny-flux", "--method", "dense"],
+                                     ["eval", "--model", "tiny-flux", "--methods", "dense"]], ids=["generate", "eval"])
+def test_bad_cache_options_are_refused_before_the_model_loads(command, cache, said, tmp_path, capsys, no_model_load):
+    assert main([*command, "--cache", cache, "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert said in err and "--cache" in err
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+
+
+def test_a_run_with_a_cache_says_what_it_skipped(tmp_path, capsys):
+    import json
+
+    out = tmp_path / "img.png"
+    assert main(["generate", "--model", "tiny-flux", "--method", "dense", "--cache", "fbcache:threshold=0.9",
+                 "--steps", "3", "--height", "64", "--width", "64", "--out", str(out), "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    record = json.loads((tmp_path / "img.png.json").read_text())
+    cache = record["cache"]
+    layers = record["summary"]["layers"]
+    assert cache["attention_calls_expected"] == layers * record["timing"]["transformer_calls"]
+    assert cache["attention_calls_ran"] == record["summary"]["sparse_calls"] + record["summary"]["dense_calls"]
+    assert 0 < cache["attention_calls_skipped"] == cache["attention_calls_expected"] - cache["attention_calls_ran"]
+    line = next(x for x in printed.splitlines() if x.startswith("cache fbcache"))
+    assert f"skipped {cache['attention_calls_skipped']} of {cache['attention_calls_expected']}" in line
