@@ -119,9 +119,10 @@ def _check_counts(args) -> list:
     if args.seeds is not None and not args.seeds:
         raise _UsageError("--seeds needs at least one seed, e.g. --seeds 0,1")
     seeds = args.seeds or [0]
-    bad = [s for s in seeds if not 0 <= s < 2**63]
-    if bad:
-        raise _UsageError(f"--seeds must be integers in [0, 2**63); got {bad[0]}")
+    from .checks import seed_error
+
+    if seed_error(seeds, "--seeds"):
+        raise _UsageError(seed_error(seeds, "--seeds"))
     if len(set(seeds)) != len(seeds):
         raise _UsageError(f"--seeds repeats a seed ({args.seeds}): each seed once")
     for name in ("warmup_candidates", "cooldown_candidates"):
@@ -213,10 +214,29 @@ def _check_files(args) -> list:
     return prompts
 
 
+# The allocation search's options, which --search warmup (no scoring, no probes) does not read.
+_ALLOCATION_ONLY = ("search_iters", "uniform_options", "probe_videos", "sensitivity", "layer_groups")
+
+
+def _check_search(args) -> None:
+    """--search warmup with options only the allocation search reads, set to other values than their defaults:
+    refused by name, as its help says they do not apply (they would change nothing)."""
+    parser = getattr(args, "_parser", None)
+    if getattr(args, "search", None) != "warmup" or parser is None:
+        return
+    given = [f"--{name.replace('_', '-')} {getattr(args, name)}" for name in _ALLOCATION_ONLY
+             if hasattr(args, name) and getattr(args, name) != parser.get_default(name)]
+    if given:
+        raise _UsageError(f"{', '.join(given)} {'does' if len(given) == 1 else 'do'} not apply to --search warmup "
+                          "(no scoring, no probes): drop " + ("it" if len(given) == 1 else "them")
+                          + ", or use --search allocation")
+
+
 def check_args(args) -> dict:
     """Every argument and input file checked before any model loads; returns what was read (prompts, device, dtype).
     Raises :class:`_UsageError` (one line naming the argument or file and what is allowed)."""
     _check_budget(args)
+    _check_search(args)
     _check_model(args)
     seeds = _check_counts(args)
     _check_methods_and_costs(args)
@@ -306,7 +326,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--report-dir", metavar="DIR", help="report.md, heatmap.png, calibration.json (default PLAN_report/)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--quiet", action="store_true", help="no warnings on the terminal")
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, _parser=p)
     return p
 
 

@@ -39,12 +39,13 @@ def device_error(device, *, allowed: Iterable[str] = ("cpu", "cuda"), flag: str 
 
 
 def seed_error(seeds, flag: str = "--seed") -> Optional[str]:
-    """Why ``seeds`` (one int or several) cannot seed a run (None when they can): torch generators take
-    seeds >= 0, and a negative one would wrap to another seed than the one recorded."""
+    """Why ``seeds`` (one int or several) cannot seed a run (None when they can): torch generators take seeds in
+    [0, 2**63) as given, where a negative one would wrap to another seed than the one recorded."""
     values = list(seeds) if isinstance(seeds, (list, tuple)) else [seeds]
-    negative = [s for s in values if s < 0]
-    if negative:
-        return f"{flag} must be >= 0; got {', '.join(map(str, negative))}"
+    bad = [s for s in values if not 0 <= s < 2**63]
+    if bad:
+        return f"{flag} must be {'an integer' if flag == '--seed' else 'integers'} in [0, 2**63); got " \
+               f"{', '.join(map(str, bad))}"
     return None
 
 

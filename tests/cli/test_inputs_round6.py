@@ -130,3 +130,85 @@ def test_a_run_with_a_cache_says_what_it_skipped(tmp_path, capsys):
     assert 0 < cache["attention_calls_skipped"] == cache["attention_calls_expected"] - cache["attention_calls_ran"]
     line = next(x for x in printed.splitlines() if x.startswith("cache fbcache"))
     assert f"skipped {cache['attention_calls_skipped']} of {cache['attention_calls_expected']}" in line
+
+
+# ------------------------------------------------------------------ eval: methods, seeds, compare
+@pytest.mark.parametrize("argv, said", [
+    (["--methods", ""], "--methods '' names no method"),
+    (["--methods", " , "], "names no method"),
+    (["--seeds=-1"], "--seeds must be integers in [0, 2**63); got -1"),
+    (["--seeds", "0,-3"], "got -3"),
+    (["--guidance", "nan"], "--guidance-scale must be a finite number"),
+], ids=["methods-empty", "methods-commas", "seeds-negative", "seeds-one-negative", "guidance-nan"])
+def test_eval_refuses_what_calibrate_and_generate_refuse(argv, said, tmp_path, capsys, no_model_load):
+    assert main(["eval", "--model", "tiny-shapes", "--out", str(tmp_path / "o"), *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert said in err and len(err.splitlines()) == 1
+
+
+def test_the_seed_check_is_shared_by_generate_eval_and_calibrate(tmp_path, capsys, no_model_load):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red square moving left\n")
+    calls = {"generate": ["generate", "--seed", "-1", "--out", str(tmp_path / "g.mp4")],
+             "eval": ["eval", "--model", "tiny-shapes", "--seeds", "-1", "--out", str(tmp_path / "e")],
+             "calibrate": ["calibrate", "--model", "tiny-shapes", "--prompts", str(prompts), "--min-psnr", "20",
+                           "--seeds", "-1", "--out", str(tmp_path / "plan.json")]}
+    for name, argv in calls.items():
+        assert main(argv) == 2, name
+        assert "in [0, 2**63); got -1" in capsys.readouterr().err, name
+
+
+def _results_folder(folder: Path, value: float) -> Path:
+    import json
+
+    folder.mkdir()
+    samples = [{"prompt": p, "seed": 0, "psnr": value + i} for i, p in enumerate(("a", "b"))]
+    (folder / "results.json").write_text(json.dumps({
+        "settings": {"prompts": ["a", "b"], "seeds": [0]}, "rows": [{"label": "tile", "samples": samples}]}))
+    return folder
+
+
+def test_eval_compare_of_a_folder_with_itself_is_refused(tmp_path, capsys):
+    from dit_accel.eval.compare import load_results
+
+    folder = _results_folder(tmp_path / "a", 30.0)
+    try:
+        load_results(str(folder))
+    except ValueError as exc:  # the folder this test writes is not what eval writes: the test must say so
+        pytest.fail(f"test fixture is not a results folder: {exc}")
+    assert main(["eval", "--compare", str(folder), str(folder) + "/"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "both name the same folder" in err and len(err.splitlines()) == 1
+    copy = _results_folder(tmp_path / "b", 30.0)
+    assert main(["eval", "--compare", str(folder), str(copy)]) == 0
+    assert "note: A and B hold the same mean for every row and metric" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------ settings that were silently ignored
+@pytest.mark.parametrize("argv, said", [
+    (["--guidance", "nan"], "--guidance-scale must be a finite number; got nan"),
+    (["--guidance", "inf"], "--guidance-scale must be a finite number; got inf"),
+    (["--out", ""], "--out is empty"),
+    (["--out", "  "], "--out is empty"),
+], ids=["guidance-nan", "guidance-inf", "out-empty", "out-blank"])
+def test_generate_refuses_settings_it_used_to_ignore(argv, said, tmp_path, monkeypatch, capsys, no_model_load):
+    monkeypatch.chdir(tmp_path)
+    assert main(["generate", *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert said in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "outputs").exists() or not any((tmp_path / "outputs").iterdir())
+
+
+@pytest.mark.parametrize("argv, named", [
+    (["--search-iters", "3"], "--search-iters 3"),
+    (["--layer-groups", "2", "--probe-videos", "2"], "--probe-videos 2, --layer-groups 2"),
+    (["--sensitivity", "uniform"], "--sensitivity uniform"),
+    (["--uniform-options", "0"], "--uniform-options 0"),
+], ids=["search-iters", "two", "sensitivity", "uniform-options"])
+def test_calibrate_warmup_search_names_the_options_it_does_not_read(argv, named, tmp_path, capsys, no_model_load):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red square moving left\n")
+    assert main(["calibrate", "--model", "tiny-shapes", "--prompts", str(prompts), "--min-psnr", "20",
+                 "--search", "warmup", "--out", str(tmp_path / "plan.json"), *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert named in err and "not apply to --search warmup" in err and len(err.splitlines()) == 1
