@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 from typing import Dict, Sequence
 
+from .._util import format_time
 from ..eval.report import markdown_table
 from ..sparse_plan import SparsePlan, write_atomic
 from .search import COST_TIE
@@ -43,6 +44,14 @@ def _budget_words(result: dict) -> str:
     return f"min_psnr {budget['min_psnr']} dB on {on}"
 
 
+def _priced(result: dict) -> str:
+    """How candidates were priced: ``modelled`` (the kernels' cost model), or ``timed on DEVICE`` under
+    ``--costs measured``, whose times are measured and must not be called modelled."""
+    if (result.get("cost_model") or {}).get("terms") == "measured":
+        return f"timed on {(result.get('settings') or {}).get('device', 'this device')}"
+    return "modelled"
+
+
 def _validation_lines(result: dict) -> list:
     """Search and validation figures side by side, the plans validated in order, and the time against dense."""
     val = result.get("validation")
@@ -63,7 +72,7 @@ def _validation_lines(result: dict) -> list:
                   markdown_table(["set", "videos", "PSNR vs dense (dB, mean)", "worst video (dB)", "SSIM",
                                   "GT shape / motion / consistency"], rows), ""]
         lines += ["Plans validated, cheapest first:", "",
-                  markdown_table(["modelled ms/sample", "search worst (dB)", "validation mean (dB)",
+                  markdown_table([f"{_priced(result)} ms/sample", "search worst (dB)", "validation mean (dB)",
                                   "validation worst (dB)", "GT shape / motion / consistency", "passes"],
                                  [[_fmt(t["modelled_ms"], 4), _fmt(t["search"]["psnr_worst"]), _fmt(t["psnr"]),
                                    _fmt(t["psnr_worst"]), _gt_cell(t.get("groundtruth")),
@@ -71,8 +80,9 @@ def _validation_lines(result: dict) -> list:
         base = val.get("baseline")
         if base is not None:
             v_text = (f"{v['psnr']:.2f} dB (worst {v['psnr_worst']:.2f})" if v else "exact (the dense plan)")
-            lines += [f"Baseline on the same validation videos: {base['label']} at {base['modelled_ms']:.4f} ms/sample "
-                      f"modelled (the plan: {result['final']['modelled_ms']:.4f}): {base['psnr']:.2f} dB (worst "
+            lines += [f"Baseline on the same validation videos: {base['label']} at "
+                      f"{format_time(base['modelled_ms'] / 1e3, '/sample')} {_priced(result)} (the plan: "
+                      f"{format_time(result['final']['modelled_ms'] / 1e3)}): {base['psnr']:.2f} dB (worst "
                       f"{base['psnr_worst']:.2f}), GT shape / motion / consistency {_gt_cell(base.get('groundtruth'))}; "
                       f"the plan: {v_text}.", ""]
         if val["fell_back"]:
@@ -142,7 +152,7 @@ def render_report(result: dict) -> str:
                f"{100 * COST_TIE:g}% of its cost, the one with the widest worst-video margin)")
     lines += ["## Search", "",
               f"{len(result['trace'])} verified plans ({how}: **{result.get('chosen') or '-'}**.", "",
-              markdown_table(["plan", "modelled ms/sample", "videos", "PSNR (dB, mean)", "worst video (dB)",
+              markdown_table(["plan", f"{_priced(result)} ms/sample", "videos", "PSNR (dB, mean)", "worst video (dB)",
                               "GT shape / motion / consistency", "passes"],
                              [[t.get("plan") or f"lambda {t['lam']:.3g}", _fmt(t["modelled_ms"], 4), videos(t),
                                _fmt(t["psnr"]), _fmt(t.get("psnr_worst")),

@@ -27,6 +27,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from .._util import format_ratio, format_time
 from .options import HelpFormatter, plain
 
 __all__ = ["register", "run", "check_args"]
@@ -382,16 +383,20 @@ def _run(args) -> int:
     val = (result.get("validation") or {}).get("final")
     if val is not None:
         psnr += f"; on the validation videos {val['psnr']:.2f} dB (worst {val['psnr_worst']:.2f})"
+    # --costs measured prices candidates by timing them here: those times are measured, not modelled
+    priced = f"timed on {args.device or checked['device']}" if args.costs == "measured" else "modelled"
+    plan_ms, dense_ms = final["modelled_ms"], result["dense"]["modelled_ms"]
     print(f"plan: {args.out} ({result['plan_summary']['phases']} phases, dense warm-up {final['warmup_steps']} "
-          f"steps); PSNR vs dense {psnr}; modelled attention {final['modelled_ms']:.3f} ms/sample vs dense "
-          f"{result['dense']['modelled_ms']:.3f}; {result['seconds']['total']:.0f} s" +
-          (f" ({cost['ratio']:.1f}x the dense generation of the same {cost['videos']} videos, "
-           f"{cost['per_video_ratio']:.1f}x one dense video)" if cost else ""))
+          f"steps); PSNR vs dense {psnr}; attention {priced} {format_time(plan_ms / 1e3, '/sample')} vs dense "
+          f"{format_time(dense_ms / 1e3)}" + (f" ({format_ratio(dense_ms / plan_ms)})" if plan_ms else "")
+          + f"; {format_time(result['seconds']['total'])}" +
+          (f" ({format_ratio(cost['ratio'])} the dense generation of the same {cost['videos']} videos, "
+           f"{format_ratio(cost['per_video_ratio'])} one dense video)" if cost else ""))
     if result.get("chosen"):
         print(f"chosen: {result['chosen']}")
     base = (result.get("validation") or {}).get("baseline")
     if base is not None:
-        print(f"baseline on the validation videos: {base['label']} ({base['modelled_ms']:.3f} ms/sample modelled) "
-              f"{base['psnr']:.2f} dB (worst {base['psnr_worst']:.2f})")
+        print(f"baseline on the validation videos: {base['label']} ({format_time(base['modelled_ms'] / 1e3, '/sample')} "
+              f"{priced}) {base['psnr']:.2f} dB (worst {base['psnr_worst']:.2f})")
     print(f"wrote {args.out}, {os.path.join(result['report_dir'], 'report.md')}, heatmap.png, calibration.json")
     return 0

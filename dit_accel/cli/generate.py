@@ -84,7 +84,7 @@ def register(subparsers) -> argparse.ArgumentParser:
                    help=f"text prompt (default: '{TINY_SHAPES_PROMPT}' for the tiny-shapes models, else "
                         f"'{DEFAULT_PROMPT}')")
     g.add_argument("--negative-prompt", default=None)
-    g.add_argument("--frames", type=int, default=None, help="number of frames (video models; Wan: 4k+1)")
+    g.add_argument("--frames", type=int, default=None, help="number of frames (video models: a count the VAE takes, Wan 4k+1, the tiny-shapes models 2k+1)")
     g.add_argument("--height", type=int, default=None)
     g.add_argument("--width", type=int, default=None)
     g.add_argument("--steps", type=int, default=None, help="denoising steps")
@@ -665,7 +665,9 @@ def run(args) -> int:
     print(f"wrote {what} ({shape}, {record['method']['method']}) and {record['sidecar']}")
     asked, made = record["settings"]["frames"], record["output_shape"][0]
     if asked is not None and record["settings"]["pipeline_call"].get("num_frames") is not None and made != asked:
-        print(f"note: {record['pipeline']} made {made} frames for --frames {asked} (its VAE takes 4k+1 frames)")
+        factor = record["settings"].get("vae_temporal_compression")  # Wan 4, tiny-shapes 2: frames = factor*k+1
+        takes = f"{factor}k+1 frames" if isinstance(factor, int) and factor > 1 else "another frame count"
+        print(f"note: {record['pipeline']} made {made} frames for --frames {asked} (its VAE takes {takes})")
     print(f"pipeline {t['end_to_end_s']:.2f} s, transformer {t['transformer_s']:.2f} s over "
           f"{t['transformer_calls']} calls" + (f", mean density {density:.3f}" if density is not None else ""))
     for line in _summary_lines(record):

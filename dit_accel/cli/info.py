@@ -267,7 +267,7 @@ def run(args) -> int:
         try:
             info["model_settings"] = model_settings(model)
         except ValueError as err:
-            print(f"dit-accel info: --model {model}: {err}")
+            print(f"dit-accel info: --model {model}: {err}", file=sys.stderr)
             return 2
     if getattr(args, "json", False):
         json.dump(info, sys.stdout, indent=2, default=str)

@@ -212,3 +212,27 @@ def test_calibrate_warmup_search_names_the_options_it_does_not_read(argv, named,
                  "--search", "warmup", "--out", str(tmp_path / "plan.json"), *argv]) == 2
     err = capsys.readouterr().err.strip()
     assert named in err and "not apply to --search warmup" in err and len(err.splitlines()) == 1
+
+
+# ------------------------------------------------------------------ words that were wrong
+def test_the_frames_note_names_the_models_own_frame_rule(tmp_path, capsys):
+    """tiny-shapes' VAE compresses time by 2: it takes 2k+1 frames, where Wan's takes 4k+1."""
+    out = tmp_path / "v.mp4"
+    assert main(["generate", "--model", "tiny-shapes", "--method", "dense", "--no-compare-dense", "--frames", "4",
+                 "--steps", "1", "--quiet", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    note = next(line for line in printed.splitlines() if "frames for --frames 4" in line)
+    assert "made 5 frames" in note and "2k+1" in note and "4k+1" not in note
+
+
+def test_info_on_a_folder_that_is_not_a_model_says_so(tmp_path, capsys):
+    folder = tmp_path / "my_videos"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("not a model\n")
+    assert main(["info", "--model", str(folder)]) == 2
+    out, err = capsys.readouterr()
+    assert "is not a Diffusers model folder (no model_index.json)" in err and len(err.strip().splitlines()) == 1
+    assert "WanTransformer3DModel" not in err and out == ""
+    (folder / "model_index.json").write_text('{"transformer": ["diffusers", "MyTransformer"]}')
+    assert main(["info", "--model", str(folder)]) == 2
+    assert "its transformer (MyTransformer) has no dit_accel preset" in capsys.readouterr().err
