@@ -31,7 +31,7 @@ import sys
 import time
 from pathlib import Path
 
-from .._util import to_jsonable
+from .._util import format_time, to_jsonable
 from . import parallel
 from .options import (HelpFormatter, add_cache_option, add_method_options, add_plan_any_grid, cache_from_args,
                       check_method_flags, check_plan_flags, method_from_args, schedule_from_args)
@@ -668,8 +668,9 @@ def run(args) -> int:
         factor = record["settings"].get("vae_temporal_compression")  # Wan 4, tiny-shapes 2: frames = factor*k+1
         takes = f"{factor}k+1 frames" if isinstance(factor, int) and factor > 1 else "another frame count"
         print(f"note: {record['pipeline']} made {made} frames for --frames {asked} (its VAE takes {takes})")
-    print(f"pipeline {t['end_to_end_s']:.2f} s, transformer {t['transformer_s']:.2f} s over "
-          f"{t['transformer_calls']} calls" + (f", mean density {density:.3f}" if density is not None else ""))
+    print(f"pipeline {format_time(t['end_to_end_s'])}, transformer {format_time(t['transformer_s'])} over "
+          f"{t['transformer_calls']} calls" + (f", mean density of the sparse attention calls {density:.3f}"
+                                               if density is not None else ""))
     for line in _summary_lines(record):
         print(line)
     if record["label"]:

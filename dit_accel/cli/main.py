@@ -101,7 +101,7 @@ def build_parser(command: Optional[str] = None) -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(
         prog="dit-accel",
-        description="Sparse attention (radial, sliding tile, GNA, SLA) for Diffusers diffusion transformers.",
+        description="Sparse attention (radial, sliding tile, GNA, SLA, VSA) for Diffusers diffusion transformers.",
         epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -236,3 +236,61 @@ def test_info_on_a_folder_that_is_not_a_model_says_so(tmp_path, capsys):
     (folder / "model_index.json").write_text('{"transformer": ["diffusers", "MyTransformer"]}')
     assert main(["info", "--model", str(folder)]) == 2
     assert "its transformer (MyTransformer) has no dit_accel preset" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ numbers to their precision
+@pytest.mark.parametrize("seconds, shown", [
+    (3.9326003, "3.93 s"), (11.3256379, "11.3 s"), (1234.5, "1230 s"), (0.5, "500 ms"), (0.0412345, "41.2 ms"),
+    (0.9996, "1.00 s"), (9.996, "10.0 s"), (0.00012345, "0.123 ms"), (0.0, "0 s"), (None, "n/a"),
+])
+def test_times_print_to_three_significant_figures(seconds, shown):
+    from dit_accel._util import format_time
+
+    assert format_time(seconds) == shown
+    assert format_time(seconds, "/sample") == (shown + "/sample" if seconds is not None else "n/a")
+
+
+def test_ratios_print_to_two_decimals():
+    from dit_accel._util import format_ratio
+
+    assert format_ratio(11325.6379 / 3932.6003) == "2.88x" and format_ratio(1.0) == "1.00x"
+    assert format_ratio(None) == "n/a" and format_ratio(0.5, "") == "0.50"
+
+
+def test_the_calibrated_plan_line_prints_times_to_their_precision():
+    """The main job printed `attention timed on cpu 3932.6003 ms/sample vs dense 11325.6379`."""
+    from dit_accel.cli.generate_report import _plan_quality_lines
+
+    quality = {"plan": "tile w3x1x1", "modelled_ms": 3932.6003, "dense_modelled_ms": 11325.6379,
+               "priced": "timed on cpu", "validation": {"videos": 4, "psnr": 28.83, "psnr_worst": 26.01},
+               "baseline": {"label": "uniform sla k0.15", "modelled_ms": 4314.6071, "psnr": 19.9, "psnr_worst": 18.0}}
+    first, second = _plan_quality_lines(quality)
+    assert first == "calibrated: tile w3x1x1; attention timed on cpu 3.93 s/sample vs dense 11.3 s (2.88x)"
+    assert "(sla k0.15, 4.31 s/sample)" in second
+
+
+# ------------------------------------------------------------------ help text
+def _help(argv, capsys) -> str:
+    with pytest.raises(SystemExit):
+        main([*argv, "--help"])
+    return " ".join(capsys.readouterr().out.split())
+
+
+def test_help_texts_read_well(capsys):
+    calibrate = _help(["calibrate"], capsys)
+    baseline = calibrate[calibrate.index("--no-baseline "):].split(" --batch-size")[0]
+    assert "(default: True)" not in baseline  # the flag skips the baseline: "default True" read as the opposite
+    generate = _help(["generate"], capsys)
+    tile = generate[generate.index("--tile T,H,W "):].split(" --fit-grid")[0]
+    block = generate[generate.index("--block-size BLOCK_SIZE "):].split(" --strategy")[0]
+    for text, parts in ((tile, ("gna:", "tile:", "vsa:")), (block, ("radial:", "sla:", "tile:"))):
+        for part in parts:
+            assert text.count(part) == 1, text  # each method's words once
+    top = _help([], capsys)
+    assert "VSA" in top.split("positional arguments")[0]
+
+
+def test_the_api_page_lists_vsa_with_the_other_configs():
+    api = (ROOT / "docs" / "api.md").read_text()
+    assert "# Dense | GNA | Tile | Radial | SLA | VSA" in api
+    assert "| `VSA(topk=None, sparsity=None, tile=(4, 4, 4))` |" in api
