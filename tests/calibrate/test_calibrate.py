@@ -119,7 +119,7 @@ def test_calibrate_end_to_end_writes_a_plan_that_apply_runs(tmp_path, capsys, mo
     assert result["plan_sha256"] == plan.content_hash() and result["cost_vs_dense"]["ratio"] > 1
     cost = result["cost_vs_dense"]  # the same time against one dense video: the ratio times the videos
     assert cost["per_video_ratio"] == pytest.approx(cost["ratio"] * cost["videos"])
-    assert f"{cost['per_video_ratio']:.1f}x one dense video" in printed
+    assert f"{cost['per_video_ratio']:.2f}x one dense video" in printed  # ratios to 2 decimals
     if model == "tiny-shapes":
         gt = result["groundtruth"]
         assert set(gt) == {"dense", "plan", "required"} and not gt["required"]  # reported by default
