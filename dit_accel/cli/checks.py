@@ -44,7 +44,7 @@ def seed_error(seeds, flag: str = "--seed") -> Optional[str]:
     values = list(seeds) if isinstance(seeds, (list, tuple)) else [seeds]
     bad = [s for s in values if not 0 <= s < 2**63]
     if bad:
-        return f"{flag} must be {'an integer' if flag == '--seed' else 'integers'} in [0, 2**63); got " \
+        return f"{flag} must be {'an integer' if flag == '--seed' else 'integers'} >= 0 (and < 2**63); got " \
                f"{', '.join(map(str, bad))}"
     return None
 

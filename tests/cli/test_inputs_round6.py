@@ -136,7 +136,7 @@ def test_a_run_with_a_cache_says_what_it_skipped(tmp_path, capsys):
 @pytest.mark.parametrize("argv, said", [
     (["--methods", ""], "--methods '' names no method"),
     (["--methods", " , "], "names no method"),
-    (["--seeds=-1"], "--seeds must be integers in [0, 2**63); got -1"),
+    (["--seeds=-1"], "--seeds must be integers >= 0 (and < 2**63); got -1"),
     (["--seeds", "0,-3"], "got -3"),
     (["--guidance", "nan"], "--guidance-scale must be a finite number"),
 ], ids=["methods-empty", "methods-commas", "seeds-negative", "seeds-one-negative", "guidance-nan"])
@@ -155,7 +155,7 @@ def test_the_seed_check_is_shared_by_generate_eval_and_calibrate(tmp_path, capsy
                            "--seeds", "-1", "--out", str(tmp_path / "plan.json")]}
     for name, argv in calls.items():
         assert main(argv) == 2, name
-        assert "in [0, 2**63); got -1" in capsys.readouterr().err, name
+        assert ">= 0 (and < 2**63); got -1" in capsys.readouterr().err, name
 
 
 def _results_folder(folder: Path, value: float) -> Path:
