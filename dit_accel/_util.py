@@ -15,7 +15,7 @@ from typing import Callable, Dict, Iterable, List, Optional
 
 __all__ = ["cdiv", "versions", "to_jsonable", "Timer", "time_median", "load_average", "has_cuda_driver", "DitAccelWarning",
            "WarningLog",
-           "use_interpreter_without_cuda", "is_int", "is_number"]
+           "use_interpreter_without_cuda", "is_int", "is_number", "format_time", "format_ratio"]
 
 
 def cdiv(a: int, b: int) -> int:
@@ -39,6 +39,34 @@ def is_number(value) -> bool:
 
 def _is_numpy_bool(value) -> bool:
     return type(value).__name__ == "bool_" and type(value).__module__ == "numpy"
+
+
+def _significant(value: float, digits: int = 3) -> str:
+    """``value`` to ``digits`` significant figures, without an exponent (3932.6003 -> 3930, 0.012345 -> 0.0123)."""
+    if value == 0 or not math.isfinite(value):
+        return f"{value:g}"
+    magnitude = math.floor(math.log10(abs(value)))
+    rounded = round(value, digits - 1 - magnitude)
+    if rounded and math.floor(math.log10(abs(rounded))) > magnitude:  # 9.996 -> 10.0: one digit fewer after the point
+        magnitude += 1
+    return f"{rounded:.{max(0, digits - 1 - magnitude)}f}"
+
+
+def format_time(seconds: Optional[float], per: str = "") -> str:
+    """A measured or modelled time as printed everywhere: 3 significant figures, in s from a second up, else in
+    ms (``3.93 s``, ``11.3 s``, ``526 ms``, ``0.0412 ms``); ``per`` is appended to the unit (``/sample``).
+    None prints as ``n/a``."""
+    if seconds is None:
+        return "n/a"
+    ms = _significant(seconds * 1e3)
+    if abs(float(ms)) >= 1000 or seconds == 0:  # 0.9996 s rounds to 1.00 s, not 1000 ms
+        return f"{_significant(seconds)} s{per}"
+    return f"{ms} ms{per}"
+
+
+def format_ratio(value: Optional[float], suffix: str = "x") -> str:
+    """A ratio (speedup, share) to 2 decimals with ``suffix`` (``2.88x``); None prints as ``n/a``."""
+    return "n/a" if value is None else f"{value:.2f}{suffix}"
 
 
 _PACKAGES = ("torch", "triton", "diffusers", "transformers", "accelerate", "peft", "torchmetrics")

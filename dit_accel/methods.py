@@ -390,12 +390,11 @@ class Tile(Method):
         dit_accel.apply(pipe, dit_accel.Tile(tile=(6, 8, 8), window=(3, 3, 3)))
     """
 
-    tile: IntOrTuple = option((6, 8, 8), "tile: tokens per tile (gna: tile used to make the window block-sparse)",
-                              metavar="T,H,W")
+    tile: IntOrTuple = option((6, 8, 8), "tile: tokens per tile", metavar="T,H,W")
     window: IntOrTuple = option((3, 3, 3), "tile: window in tiles per dimension (e.g. 3,3,3; even w covers w+1)",
                                 metavar="T,H,W")
-    block_size: Optional[int] = option(None, "radial: block granularity; sla: query block size; tile: kernel block "
-                                             "in tokens, a box inside the tile (default 64)", parse="int")
+    block_size: Optional[int] = option(None, "tile: kernel block in tokens, a box inside the tile (default 64)",
+                                       parse="int")
     fit: bool = option(False, "tile: at plan time, a tile that divides the call's grid (packed blocks, no "
                               "element masks) with the window nearest this setting's density", parse="flag",
                        flag="--fit-grid")

@@ -101,24 +101,24 @@ def test_to_frames_rejects_float_video_in_other_ranges():
     (["--repeats", "0"], "--repeats must be >= 1"),  # before: statistics.StatisticsError traceback
     (["--warmup", "-1"], "--warmup must be >= 0"),
     (["--densities", "abc"], "--densities must be"),
-    (["--device", "mps"], "expected cpu or cuda"),  # before: raw torch.Generator RuntimeError
+    (["--device", "mps"], "--device mps: dit-accel runs this on cpu or cuda"),  # before: a raw RuntimeError
 ], ids=["shapes", "backends", "repeats", "warmup", "densities", "device"])
 def test_bench_kernels_rejects_bad_flags_before_running(argv, expected, capsys):
     from dit_accel.cli.main import main
 
     assert main(["bench", "kernels", "--device", "cpu", "--quick", "--no-sla", *argv]) == 2
-    assert expected in capsys.readouterr().out
+    assert expected in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("argv, expected", [
-    (["--backend", "cuda"], "--backend cuda"), (["--device", "mps"], "expected cpu or cuda"),
+    (["--backend", "cuda"], "--backend cuda"), (["--device", "mps"], "runs this on cpu or cuda"),
     (["--density", "2"], "--density must be in (0, 1]"), (["--max-files", "0"], "--max-files must be >= 1"),
 ], ids=["backend", "device", "density", "max-files"])
 def test_bench_fidelity_rejects_bad_flags(argv, expected, tmp_path, capsys):
     from dit_accel.cli.main import main
 
     assert main(["bench", "fidelity", "--capture", str(tmp_path), *argv]) == 2
-    assert expected in capsys.readouterr().out
+    assert expected in capsys.readouterr().err
 
 
 # -------------------------------------------------------------- eval CLI
@@ -204,7 +204,7 @@ def test_backend_availability_names_bad_and_missing_devices(capsys):
     if not torch.cuda.is_available():
         assert available_backends("cuda")["flex"] is not None  # before: "usable" on a CPU-only machine
     assert main(["info", "--device", "banana"]) == 2
-    assert "--device banana is not a torch device" in capsys.readouterr().out
+    assert "--device banana is not a torch device" in capsys.readouterr().err
 
 
 def test_save_video_rejects_float_frames_in_other_ranges(tmp_path):

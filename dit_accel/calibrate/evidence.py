@@ -22,6 +22,7 @@ import json
 import time
 from pathlib import Path
 
+from .._util import format_time
 
 __all__ = ["main"]
 
@@ -96,10 +97,10 @@ def _write_evidence(out: Path, evidence: dict, rows: list, grid, calibrate_s: fl
 
     write_atomic(out / "evidence.json", json.dumps(evidence, indent=1, default=str) + "\n")
     keys = ("colour", "shape", "motion", "consistency", "all")
-    table = markdown_table(["run", "config", "modelled attention ms/sample", "PSNR dB vs dense", "worst video dB",
+    table = markdown_table(["run", "config", "modelled attention per sample", "PSNR dB vs dense", "worst video dB",
                             "SSIM"] +
                            [f"GT {k}" for k in keys],
-                           [[r["label"], r["config"], f"{r['modelled_ms']:.4f}",
+                           [[r["label"], r["config"], format_time(r['modelled_ms'] / 1e3),
                              f"{r['psnr']:.2f}" if "psnr" in r else "-",
                              f"{r['psnr_worst']:.2f}" if "psnr_worst" in r and r["label"] != "dense" else "-",
                              f"{r['ssim']:.3f}" if "ssim" in r else "-"] +

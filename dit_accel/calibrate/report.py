@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 from typing import Dict, Sequence
 
+from .._util import format_time
 from ..eval.report import markdown_table
 from ..plans.sparse_plan import SparsePlan, write_atomic
 from .search import COST_TIE
@@ -43,6 +44,19 @@ def _budget_words(result: dict) -> str:
     return f"min_psnr {budget['min_psnr']} dB on {on}"
 
 
+def _ms(value) -> str:
+    """A time in ms as a cell: 3 significant figures in ms or s (:func:`dit_accel._util.format_time`)."""
+    return "-" if value is None else format_time(value / 1e3)
+
+
+def _priced(result: dict) -> str:
+    """How candidates were priced: ``modelled`` (the kernels' cost model), or ``timed on DEVICE`` under
+    ``--costs measured``, whose times are measured and must not be called modelled."""
+    if (result.get("cost_model") or {}).get("terms") == "measured":
+        return f"timed on {(result.get('settings') or {}).get('device', 'this device')}"
+    return "modelled"
+
+
 def _validation_lines(result: dict) -> list:
     """Search and validation figures side by side, the plans validated in order, and the time against dense."""
     val = result.get("validation")
@@ -63,16 +77,17 @@ def _validation_lines(result: dict) -> list:
                   markdown_table(["set", "videos", "PSNR vs dense (dB, mean)", "worst video (dB)", "SSIM",
                                   "GT shape / motion / consistency"], rows), ""]
         lines += ["Plans validated, cheapest first:", "",
-                  markdown_table(["modelled ms/sample", "search worst (dB)", "validation mean (dB)",
+                  markdown_table([f"{_priced(result)} time/sample", "search worst (dB)", "validation mean (dB)",
                                   "validation worst (dB)", "GT shape / motion / consistency", "passes"],
-                                 [[_fmt(t["modelled_ms"], 4), _fmt(t["search"]["psnr_worst"]), _fmt(t["psnr"]),
+                                 [[_ms(t["modelled_ms"]), _fmt(t["search"]["psnr_worst"]), _fmt(t["psnr"]),
                                    _fmt(t["psnr_worst"]), _gt_cell(t.get("groundtruth")),
                                    "yes" if t["passes"] else "no"] for t in val["tried"]]), ""]
         base = val.get("baseline")
         if base is not None:
             v_text = (f"{v['psnr']:.2f} dB (worst {v['psnr_worst']:.2f})" if v else "exact (the dense plan)")
-            lines += [f"Baseline on the same validation videos: {base['label']} at {base['modelled_ms']:.4f} ms/sample "
-                      f"modelled (the plan: {result['final']['modelled_ms']:.4f}): {base['psnr']:.2f} dB (worst "
+            lines += [f"Baseline on the same validation videos: {base['label']} at "
+                      f"{format_time(base['modelled_ms'] / 1e3, '/sample')} {_priced(result)} (the plan: "
+                      f"{format_time(result['final']['modelled_ms'] / 1e3)}): {base['psnr']:.2f} dB (worst "
                       f"{base['psnr_worst']:.2f}), GT shape / motion / consistency {_gt_cell(base.get('groundtruth'))}; "
                       f"the plan: {v_text}.", ""]
         if val["fell_back"]:
@@ -98,18 +113,18 @@ def render_report(result: dict) -> str:
              f"Plan: `{result['plan_path']}` ({result['plan_summary']['phases']} phases, dense warm-up "
              f"{final['warmup_steps']} of {s['steps']} steps).", "",
              "## Result on the calibration prompts and seeds", ""]
-    rows = [["dense", "-", "-", _fmt(result["dense"]["attention_ms"]), _fmt(result["dense"]["modelled_ms"], 3),
+    rows = [["dense", "-", "-", _ms(result["dense"]["attention_ms"]), _ms(result["dense"]["modelled_ms"]),
              "1.00", "-", "-"],
             ["calibrated plan", f"{final['psnr']:.2f}" if final["psnr"] is not None else "-",
              _fmt(final.get("psnr_worst")),
-             _fmt(final["attention_ms"]), _fmt(final["modelled_ms"], 3),
+             _ms(final["attention_ms"]), _ms(final["modelled_ms"]),
              _fmt(result["dense"]["modelled_ms"] / final["modelled_ms"] if final["modelled_ms"] else None),
              _fmt(final["ssim"], 4), _fmt(final.get("max_layer_error"), 4)]]
     measured = result["cost_model"].get("terms") == "measured"
-    priced = (f"priced attention (ms/sample, timed on {s['device']})" if measured else
-              "modelled attention (ms/sample, GPU)")
+    priced = (f"priced attention (per sample, timed on {s['device']})" if measured else
+              "modelled attention (per sample, GPU)")
     lines += [markdown_table(["run", "PSNR vs dense (dB, mean)", "worst video (dB)",
-                              f"measured attention (ms, {s['device']})", priced,
+                              f"measured attention ({s['device']})", priced,
                               "priced speedup" if measured else "modelled speedup", "SSIM",
                               "max layer error (rel. L2)"], rows), ""]
     lines += _validation_lines(result)
@@ -142,9 +157,9 @@ def render_report(result: dict) -> str:
                f"{100 * COST_TIE:g}% of its cost, the one with the widest worst-video margin)")
     lines += ["## Search", "",
               f"{len(result['trace'])} verified plans ({how}: **{result.get('chosen') or '-'}**.", "",
-              markdown_table(["plan", "modelled ms/sample", "videos", "PSNR (dB, mean)", "worst video (dB)",
+              markdown_table(["plan", f"{_priced(result)} time/sample", "videos", "PSNR (dB, mean)", "worst video (dB)",
                               "GT shape / motion / consistency", "passes"],
-                             [[t.get("plan") or f"lambda {t['lam']:.3g}", _fmt(t["modelled_ms"], 4), videos(t),
+                             [[t.get("plan") or f"lambda {t['lam']:.3g}", _ms(t["modelled_ms"]), videos(t),
                                _fmt(t["psnr"]), _fmt(t.get("psnr_worst")),
                                _gt_cell(t.get("groundtruth")), "yes" if t["passes"] else "no"]
                               for t in result["trace"]]), "",

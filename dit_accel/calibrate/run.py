@@ -13,6 +13,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from .._util import format_time
 from ..methods import Dense
 from ..plans.sparse_plan import SparsePlan, prompts_hash
 from .budget import (_GROUNDTRUTH_CHECKS, VerifiedRuns, _describe, groundtruth_close, groundtruth_kept,
@@ -266,7 +267,9 @@ def _validate(pipe, settings: CalibrationSettings, space: SearchSpace, verify, b
                                                         f", ground truth kept: {tried[0]['groundtruth_ok']}") +
             "); falling back to the next denser plan: "
             + ("the dense plan (exact)" if math.isinf(chosen["lam"]) else
-               f"{chosen['modelled_ms']:.4f} ms/sample modelled, validation videos {tried[-1]['psnr']:.2f} dB "
+               f"{format_time(chosen['modelled_ms'] / 1e3, '/sample')} "
+               f"{f'timed on {settings.device}' if settings.costs == 'measured' else 'modelled'}, validation videos "
+               f"{tried[-1]['psnr']:.2f} dB "
                f"(worst {tried[-1]['psnr_worst']:.2f})"))
     record = {"videos": len(val_jobs), "prompts": sorted({p for p, _ in val_jobs}), "seeds": sorted({s for _, s in val_jobs}),
               "dense_groundtruth": dense_gt, "tried": tried, "fell_back": chosen is not best,

@@ -157,16 +157,25 @@ def _floats(text):
 
 
 def _device_error(device: str, cuda_available: bool):
-    """Why ``--device`` cannot be used here (None when it can)."""
-    import re
+    """Why ``--device`` cannot be used here (None when it can); ``cuda_available`` False stands for a machine
+    without a GPU (tests pass it to see the CPU-only words on any machine)."""
+    from .checks import device_error
 
-    if device == "cpu":
-        return None
-    if not re.fullmatch(r"cuda(:\d+)?", device):
-        return f"--device {device}: expected cpu or cuda (cuda:N)"
-    if not cuda_available:
-        return f"--device {device} but no CUDA device is visible; use --device cpu"
-    return None
+    if not cuda_available and str(device).startswith("cuda"):
+        return f"--device {device} but no CUDA device is visible here; use --device cpu"
+    return device_error(device)
+
+
+def _gpu_device_error(device: str, cuda_available: bool):
+    """Why ``bench gpu`` cannot time ``device`` (None when it can). It times GPU kernels only, so its advice
+    without a GPU names the commands that run on a CPU, not a ``--device cpu`` it would refuse."""
+    from .checks import device_error
+
+    advice = ("bench gpu times GPU kernels only; without a GPU, `dit-accel bench kernels --device cpu` times the "
+              "PyTorch twins and `dit-accel bench kernels --modelled` models GPU figures")
+    if not cuda_available and str(device).startswith("cuda"):
+        return f"--device {device} but no CUDA device is visible here; {advice}"
+    return device_error(device, allowed=("cuda",), advice=advice)
 
 
 def _command_line(args) -> str:
@@ -197,7 +206,7 @@ def _run_gpu(args, **overrides) -> int:
     from ..eval import bench_gpu as gpu
 
     def fail(message: str) -> int:
-        print(f"dit-accel bench gpu: {message}")
+        print(f"dit-accel bench gpu: {message}", file=sys.stderr)
         return 2
 
     shapes = list(gpu.STANDARD_SHAPES)
@@ -215,16 +224,14 @@ def _run_gpu(args, **overrides) -> int:
     budget = gpu.BUDGET_S if args.budget is None else args.budget
     if not budget > 0:
         return fail(f"--budget must be positive seconds; got {args.budget}")
-    error = _device_error(args.device, torch.cuda.is_available())
-    if error is None and not args.device.startswith("cuda"):
-        error = f"--device {args.device}: bench gpu times GPU kernels; pass cuda (or cuda:N)"
+    error = _gpu_device_error(args.device, torch.cuda.is_available())
     if error and not overrides:  # (tests pass a fake timer and run the logic on the CPU)
         if args.check:
             return fail("--check needs a CUDA GPU (the self-checks, pytest -m gpu and the timings run the GPU "
                         f"kernels): {error}. On a GPU machine: pip install -e \".[test]\" && "
-                        "dit-accel bench gpu --check --out gpu_report. Without a GPU: dit-accel selftest --device "
-                        "cpu, or dit-accel bench kernels --modelled")
-        return fail(error + " (no GPU here? `dit-accel bench kernels --modelled` needs none)")
+                        "dit-accel bench gpu --check --out gpu_report; `dit-accel selftest --device cpu` checks the "
+                        "kernels this machine runs")
+        return fail(error)
     autotune = {"both": gpu.AUTOTUNE_MODES, "on": ("on",), "off": ("off",)}[args.autotune]
     kwargs = dict(device=args.device, shapes=shapes, densities=densities, methods=methods,
                   backward=not args.no_backward, budget_s=budget, check=args.check, pytest_gpu=not args.no_pytest,
@@ -251,7 +258,7 @@ def _run_kernels(args) -> int:
     from ..kernels.backends import BACKENDS
 
     def fail(message: str) -> int:
-        print(f"dit-accel bench kernels: {message}")
+        print(f"dit-accel bench kernels: {message}", file=sys.stderr)
         return 2
 
     if args.modelled:
@@ -383,14 +390,14 @@ def _run_fidelity(args) -> int:
     if error is None and args.max_files is not None and args.max_files < 1:
         error = f"--max-files must be >= 1; got {args.max_files}"
     if error:
-        print(f"dit-accel bench fidelity: {error}")
+        print(f"dit-accel bench fidelity: {error}", file=sys.stderr)
         return 2
     try:
         specs = load_method_specs(args.methods.split(","), args.method_config, include_dense=True)
         result = bench_fidelity(args.capture, {s.label: s.method for s in specs}, match_density=args.density,
                                 device=args.device, backend=args.backend, max_files=args.max_files)
     except ValueError as exc:
-        print(f"dit-accel bench fidelity: {exc}")
+        print(f"dit-accel bench fidelity: {exc}", file=sys.stderr)
         return 2
     print(fidelity_table(result))
     if args.out:

@@ -27,6 +27,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from .._util import format_ratio, format_time
 from .options import HelpFormatter, plain
 
 __all__ = ["register", "run", "check_args"]
@@ -119,9 +120,10 @@ def _check_counts(args) -> list:
     if args.seeds is not None and not args.seeds:
         raise _UsageError("--seeds needs at least one seed, e.g. --seeds 0,1")
     seeds = args.seeds or [0]
-    bad = [s for s in seeds if not 0 <= s < 2**63]
-    if bad:
-        raise _UsageError(f"--seeds must be integers in [0, 2**63); got {bad[0]}")
+    from .checks import seed_error
+
+    if seed_error(seeds, "--seeds"):
+        raise _UsageError(seed_error(seeds, "--seeds"))
     if len(set(seeds)) != len(seeds):
         raise _UsageError(f"--seeds repeats a seed ({args.seeds}): each seed once")
     for name in ("warmup_candidates", "cooldown_candidates"):
@@ -170,16 +172,11 @@ def _device_and_dtype(args):
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     else:
-        try:
-            dev = torch.device(device)
-        except (RuntimeError, ValueError):
-            raise _UsageError(f"--device {device!r} is not a device: use cpu or cuda (cuda:N)") from None
-        if dev.type not in ("cpu", "cuda"):
-            raise _UsageError(f"--device {device}: use cpu or cuda (cuda:N)")
-        if dev.type == "cuda" and not torch.cuda.is_available():
-            raise _UsageError(f"--device {device} but no CUDA device is visible here; use --device cpu")
-        if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise _UsageError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) here")
+        from .checks import device_error
+
+        error = device_error(device)
+        if error is not None:
+            raise _UsageError(error)
     dtype = args.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
     return device, dtype
 
@@ -218,10 +215,29 @@ def _check_files(args) -> list:
     return prompts
 
 
+# The allocation search's options, which --search warmup (no scoring, no probes) does not read.
+_ALLOCATION_ONLY = ("search_iters", "uniform_options", "probe_videos", "sensitivity", "layer_groups")
+
+
+def _check_search(args) -> None:
+    """--search warmup with options only the allocation search reads, set to other values than their defaults:
+    refused by name, as its help says they do not apply (they would change nothing)."""
+    parser = getattr(args, "_parser", None)
+    if getattr(args, "search", None) != "warmup" or parser is None:
+        return
+    given = [f"--{name.replace('_', '-')} {getattr(args, name)}" for name in _ALLOCATION_ONLY
+             if hasattr(args, name) and getattr(args, name) != parser.get_default(name)]
+    if given:
+        raise _UsageError(f"{', '.join(given)} {'does' if len(given) == 1 else 'do'} not apply to --search warmup "
+                          "(no scoring, no probes): drop " + ("it" if len(given) == 1 else "them")
+                          + ", or use --search allocation")
+
+
 def check_args(args) -> dict:
     """Every argument and input file checked before any model loads; returns what was read (prompts, device, dtype).
     Raises :class:`_UsageError` (one line naming the argument or file and what is allowed)."""
     _check_budget(args)
+    _check_search(args)
     _check_model(args)
     seeds = _check_counts(args)
     _check_methods_and_costs(args)
@@ -311,7 +327,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--report-dir", metavar="DIR", help="report.md, heatmap.png, calibration.json (default PLAN_report/)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--quiet", action="store_true", help="no warnings on the terminal")
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, _parser=p)
     return p
 
 
@@ -367,16 +383,20 @@ def _run(args) -> int:
     val = (result.get("validation") or {}).get("final")
     if val is not None:
         psnr += f"; on the validation videos {val['psnr']:.2f} dB (worst {val['psnr_worst']:.2f})"
+    # --costs measured prices candidates by timing them here: those times are measured, not modelled
+    priced = f"timed on {args.device or checked['device']}" if args.costs == "measured" else "modelled"
+    plan_ms, dense_ms = final["modelled_ms"], result["dense"]["modelled_ms"]
     print(f"plan: {args.out} ({result['plan_summary']['phases']} phases, dense warm-up {final['warmup_steps']} "
-          f"steps); PSNR vs dense {psnr}; modelled attention {final['modelled_ms']:.3f} ms/sample vs dense "
-          f"{result['dense']['modelled_ms']:.3f}; {result['seconds']['total']:.0f} s" +
-          (f" ({cost['ratio']:.1f}x the dense generation of the same {cost['videos']} videos, "
-           f"{cost['per_video_ratio']:.1f}x one dense video)" if cost else ""))
+          f"steps); PSNR vs dense {psnr}; attention {priced} {format_time(plan_ms / 1e3, '/sample')} vs dense "
+          f"{format_time(dense_ms / 1e3)}" + (f" ({format_ratio(dense_ms / plan_ms)})" if plan_ms else "")
+          + f"; {format_time(result['seconds']['total'])}" +
+          (f" ({format_ratio(cost['ratio'])} the dense generation of the same {cost['videos']} videos, "
+           f"{format_ratio(cost['per_video_ratio'])} one dense video)" if cost else ""))
     if result.get("chosen"):
         print(f"chosen: {result['chosen']}")
     base = (result.get("validation") or {}).get("baseline")
     if base is not None:
-        print(f"baseline on the validation videos: {base['label']} ({base['modelled_ms']:.3f} ms/sample modelled) "
-              f"{base['psnr']:.2f} dB (worst {base['psnr_worst']:.2f})")
+        print(f"baseline on the validation videos: {base['label']} ({format_time(base['modelled_ms'] / 1e3, '/sample')} "
+              f"{priced}) {base['psnr']:.2f} dB (worst {base['psnr_worst']:.2f})")
     print(f"wrote {args.out}, {os.path.join(result['report_dir'], 'report.md')}, heatmap.png, calibration.json")
     return 0

@@ -148,12 +148,18 @@ def _compare(args) -> int:
     """--compare A B: two results folders side by side."""
     from ..eval.compare import compare_results, format_comparison, load_results
 
+    first, second = (os.path.realpath(folder) for folder in args.compare)
+    if first == second:
+        raise _Refused(f"--compare {args.compare[0]} {args.compare[1]}: both name the same folder, so every "
+                       "difference would be zero; give two eval results folders (e.g. before and after a change)")
     try:
         a, b = (load_results(folder) for folder in args.compare)
         comparison = compare_results(a, b)
     except ValueError as exc:
         raise _Refused(str(exc)) from None
     print(format_comparison(*args.compare, comparison))
+    if comparison and all(row["a"] == row["b"] for row in comparison):
+        print("note: A and B hold the same mean for every row and metric: the folders may be copies of one run")
     return 0
 
 
@@ -161,10 +167,12 @@ def _device_and_dtype(args):
     """The device (cuda when visible, else cpu, unless given) and the dtype (bfloat16 on cuda, else float32)."""
     import torch
 
+    from .checks import device_error
+
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device != "cpu" and not (device.startswith("cuda") and torch.cuda.is_available()):
-        raise _Refused(f"--device {device}: use cpu" + (" or cuda" if torch.cuda.is_available() else
-                                                        " (no CUDA device is visible here)"))
+    error = device_error(device)
+    if error is not None:
+        raise _Refused(error)
     return device, args.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
 
 
@@ -177,6 +185,14 @@ def _check_counts(args) -> None:
         raise _Refused(f"--warmup must be >= 0; got {args.warmup}")
     if not args.seeds:
         raise _Refused("--seeds needs at least one seed, e.g. --seeds 0,1")
+    from .checks import finite_error, seed_error
+
+    for problem in (seed_error(args.seeds, "--seeds"), finite_error(args.guidance_scale, "--guidance-scale", minimum=0)):
+        if problem:
+            raise _Refused(problem)
+    if args.methods is not None and not args.methods.strip(" ,"):
+        raise _Refused(f"--methods {args.methods!r} names no method: give comma-separated methods such as "
+                       f"{DEFAULT_METHODS}, or leave --methods out for that default")
 
 
 def _prompts(args) -> list:

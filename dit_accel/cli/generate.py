@@ -31,13 +31,14 @@ import sys
 import time
 from pathlib import Path
 
-from .._util import to_jsonable
+from .._util import format_time, to_jsonable
 from . import parallel
 from .options import (HelpFormatter, add_cache_option, add_method_options, add_plan_any_grid, cache_from_args,
                       check_method_flags, check_plan_flags, method_from_args, schedule_from_args)
 from .generate_args import _DTYPES, DEFAULT_MODEL, DEFAULT_PROMPT, _check_flags, _UsageError
-from .generate_report import (_comparison, _provenance, _quality, _record, _remove_earlier_side_by_side,
-                              _side_by_side, _side_by_side_path, _strip_height, _summary_lines)  # noqa: F401
+from .generate_report import (_cache_record, _comparison, _provenance, _quality, _record,  # noqa: F401
+                              _remove_earlier_side_by_side, _side_by_side, _side_by_side_path, _strip_height,
+                              _summary_lines)
 from .parallel import add_cp_option
 from ..methods import METHOD_ALIASES
 from ..models.tiny_shapes import SHAPES_MODELS, TINY_SHAPES_PROMPT, shapes_model
@@ -83,7 +84,7 @@ def register(subparsers) -> argparse.ArgumentParser:
                    help=f"text prompt (default: '{TINY_SHAPES_PROMPT}' for the tiny-shapes models, else "
                         f"'{DEFAULT_PROMPT}')")
     g.add_argument("--negative-prompt", default=None)
-    g.add_argument("--frames", type=int, default=None, help="number of frames (video models; Wan: 4k+1)")
+    g.add_argument("--frames", type=int, default=None, help="number of frames (video models: a count the VAE takes, Wan 4k+1, the tiny-shapes models 2k+1)")
     g.add_argument("--height", type=int, default=None)
     g.add_argument("--width", type=int, default=None)
     g.add_argument("--steps", type=int, default=None, help="denoising steps")
@@ -139,14 +140,13 @@ def _slug(model: str) -> str:
 def _pick_device(device):
     import torch
 
+    from .checks import device_error
+
     if device is None:
         return "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        dev = torch.device(device)
-    except RuntimeError as err:
-        raise _UsageError(f"--device {device!r} is not a device: {err}") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise _UsageError(f"--device {device} but CUDA is not available here; use --device cpu")
+    error = device_error(device)
+    if error is not None:
+        raise _UsageError(error)
     return device
 
 
@@ -633,6 +633,7 @@ def generate(args) -> dict:
         record["plan_quality"] = method.sparse_plan.provenance.get("quality")  # calibrate's validation record
     if getattr(args, "_default_note", None):
         record["default_note"] = args._default_note
+    record["cache"] = to_jsonable(_cache_record(getattr(args, "_cache_spec", None), calls, summary))
     record["compare_dense"] = to_jsonable(_comparison(times, dense, frames, side_by_side))
     record["quality"] = to_jsonable(_quality(args.model, call["prompt"], frames, dense))
     record["provenance"] = to_jsonable(_provenance(args, call, record, summary, stats))
@@ -664,9 +665,12 @@ def run(args) -> int:
     print(f"wrote {what} ({shape}, {record['method']['method']}) and {record['sidecar']}")
     asked, made = record["settings"]["frames"], record["output_shape"][0]
     if asked is not None and record["settings"]["pipeline_call"].get("num_frames") is not None and made != asked:
-        print(f"note: {record['pipeline']} made {made} frames for --frames {asked} (its VAE takes 4k+1 frames)")
-    print(f"pipeline {t['end_to_end_s']:.2f} s, transformer {t['transformer_s']:.2f} s over "
-          f"{t['transformer_calls']} calls" + (f", mean density {density:.3f}" if density is not None else ""))
+        factor = record["settings"].get("vae_temporal_compression")  # Wan 4, tiny-shapes 2: frames = factor*k+1
+        takes = f"{factor}k+1 frames" if isinstance(factor, int) and factor > 1 else "another frame count"
+        print(f"note: {record['pipeline']} made {made} frames for --frames {asked} (its VAE takes {takes})")
+    print(f"pipeline {format_time(t['end_to_end_s'])}, transformer {format_time(t['transformer_s'])} over "
+          f"{t['transformer_calls']} calls" + (f", mean density of the sparse attention calls {density:.3f}"
+                                               if density is not None else ""))
     for line in _summary_lines(record):
         print(line)
     if record["label"]:

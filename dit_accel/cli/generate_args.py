@@ -17,20 +17,24 @@ class _UsageError(Exception):
 def _check_flags(args) -> None:
     """Everything about the flags that needs no model: fail before a (possibly long) load."""
     from ..videos import VIDEO_SUFFIXES
+    from .checks import finite_error, seed_error
 
     for flag in ("frames", "height", "width", "steps", "max_sequence_length"):
         value = getattr(args, flag)
         if value is not None and value < 1:
             raise _UsageError(f"--{flag.replace('_', '-')} must be >= 1; got {value}")
-    if args.guidance is not None and args.guidance < 0:
-        raise _UsageError(f"--guidance-scale must be >= 0; got {args.guidance}")
+    if finite_error(args.guidance, "--guidance-scale", minimum=0):  # a NaN would silently turn guidance off
+        raise _UsageError(finite_error(args.guidance, "--guidance-scale", minimum=0))
+    if args.out is not None and not args.out.strip():
+        raise _UsageError("--out is empty: give a file (.mp4, .gif, .png) or folder path, or leave --out out for "
+                          "the default outputs/<model>-<method>.mp4")
     if args.out and Path(args.out).suffix and Path(args.out).suffix.lower() not in VIDEO_SUFFIXES:
         raise _UsageError(f"--out {args.out}: unknown suffix {Path(args.out).suffix!r}; use .mp4, .gif, .png "
                           "or a folder path (PNG frames)")
     if args.fps <= 0:
         raise _UsageError(f"--fps must be >= 1; got {args.fps}")
-    if args.seed < 0:
-        raise _UsageError(f"--seed must be >= 0; got {args.seed}")
+    if seed_error(args.seed):
+        raise _UsageError(seed_error(args.seed))
     _check_writable(Path(args.out) if args.out else Path("outputs") / "out.mp4", "--out" if args.out else
                     "the default output folder outputs/ (pass --out PATH)")
 

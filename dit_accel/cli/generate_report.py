@@ -7,7 +7,7 @@ import json
 import math
 from pathlib import Path
 
-from .._util import versions
+from .._util import format_ratio, format_time, versions
 
 
 def _side_by_side_path(out: Path) -> Path:
@@ -142,7 +142,7 @@ def _record(args, pipe, method, schedule, source, call, frames, written, times, 
                      "steps": call.get("num_inference_steps"), "guidance": call.get("guidance_scale"),
                      "max_sequence_length": call.get("max_sequence_length"), "seed": args.seed,
                      "device": args.device, "dtype": args.dtype, "threads": _threads(), "offload": bool(args.offload),
-                     "fps": args.fps,
+                     "fps": args.fps, "vae_temporal_compression": getattr(pipe, "vae_scale_factor_temporal", None),
                      "cp": None if args.cp is None else {"ulysses": args.cp[0], "ring": args.cp[1]},
                      "pipeline_call": {k: v for k, v in call.items() if k not in ("generator", "prompt")}},
         "output_shape": list(frames.shape),
@@ -162,6 +162,31 @@ def _record(args, pipe, method, schedule, source, call, frames, written, times, 
         "command": ["dit-accel", *getattr(args, "_argv", ["generate"])],
         "created_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
+
+
+def _cache_record(spec, calls, summary):
+    """What a step cache skipped: the self-attention calls the method's layers would have made in ``calls``
+    transformer calls, and those that ran (a block or attention module the cache skips calls no processor, so it
+    is not counted). None without a cache."""
+    if spec is None:
+        return None
+    layers = int(summary.get("layers") or 0)
+    ran = int(summary.get("sparse_calls") or 0) + int(summary.get("dense_calls") or 0)
+    expected = layers * int(calls or 0)
+    return {**spec.describe(), "label": spec.label, "attention_calls_expected": expected, "attention_calls_ran": ran,
+            "attention_calls_skipped": max(expected - ran, 0),
+            "note": "self-attention calls of the layers the method wraps: layers x transformer calls expected, "
+                    "those that ran counted by the attention processors"}
+
+
+def _cache_line(cache) -> list:
+    """One line: what the cache skipped (none without a cache)."""
+    if not cache:
+        return []
+    expected, skipped = cache["attention_calls_expected"], cache["attention_calls_skipped"]
+    share = f" ({100 * skipped / expected:.0f}%)" if expected else ""
+    return [f"cache {cache['label']}: skipped {skipped} of {expected} self-attention calls{share}, reusing or "
+            "predicting their blocks' outputs from earlier steps"]
 
 
 def _provenance(args, call, record, summary, stats) -> dict:
@@ -216,7 +241,7 @@ def _summary_lines(record: dict) -> list:
     if record.get("plan_summary"):
         lines.append(f"{record['method_choice']}: {record['plan_summary']}")
         lines.append("plan: " + (f"its sparse calls visit {density:.3f} of the video attention blocks"
-                                 if density is not None else "every call ran dense"))
+                                 + _with_dense_calls(record) if density is not None else "every call ran dense"))
         lines += _plan_quality_lines(record.get("plan_quality"))
     elif method["method"] != "dense":
         options = ", ".join(f"{k}={tuple(v) if isinstance(v, list) else v}" for k, v in method.items() if k != "method")
@@ -234,13 +259,15 @@ def _summary_lines(record: dict) -> list:
         some = "some of its" if len(set(ran) - {"torch"}) else "its"
         lines.append(f"note: backend auto ran {some} sparse calls on the GPU with the PyTorch twin, not the Triton "
                      "kernels: their layout is not one the kernels take (--backend triton says why)")
+    lines += _cache_line(record.get("cache"))
     t = record["timing"]
     if cmp:
-        attention = (f"self-attention {t['attention_s']:.2f} s vs dense {cmp['dense_attention_s']:.2f} s "
-                     f"({cmp['attention_speedup']:.2f}x)" if cmp.get("attention_speedup") else "")
-        lines.append((attention + "; " if attention else "") + f"transformer {t['transformer_s']:.2f} s vs dense "
-                     f"{cmp['dense_transformer_s']:.2f} s ({cmp['transformer_speedup']:.2f}x); PSNR vs dense "
-                     f"{cmp['psnr_db']:.1f} dB")
+        attention = (f"self-attention {format_time(t['attention_s'])} vs dense "
+                     f"{format_time(cmp['dense_attention_s'])} ({format_ratio(cmp['attention_speedup'])})"
+                     if cmp.get("attention_speedup") else "")
+        lines.append((attention + "; " if attention else "") + f"transformer {format_time(t['transformer_s'])} vs "
+                     f"dense {format_time(cmp['dense_transformer_s'])} ({format_ratio(cmp['transformer_speedup'])}); "
+                     f"PSNR vs dense {cmp['psnr_db']:.1f} dB")
         if cmp.get("side_by_side"):
             lines.append(f"side by side (left dense, right {method['method']}): {cmp['side_by_side']}")
     quality = record.get("quality")
@@ -253,6 +280,17 @@ def _summary_lines(record: dict) -> list:
     return lines
 
 
+def _with_dense_calls(record: dict) -> str:
+    """The run's density with its dense calls counted as 1 (every block visited): the figure the plan's summary
+    line gives as its mean over every step, layer and head, measured here."""
+    summary = record.get("summary") or {}
+    sparse, dense = summary.get("sparse_calls") or 0, summary.get("dense_calls") or 0
+    density = record["density"]["mean"]
+    if not dense or not sparse or density is None:
+        return ""
+    return f"; {(sparse * density + dense) / (sparse + dense):.3f} with its {dense} dense calls counted as 1"
+
+
 def _plan_quality_lines(quality) -> list:
     """What a calibrated plan bought, from its provenance (``dit-accel calibrate``'s record): its attention time
     (modelled for a GPU, or timed on the calibration device with ``--costs measured``) against dense and against
@@ -262,10 +300,10 @@ def _plan_quality_lines(quality) -> list:
     lines = []
     plan_ms, dense_ms = quality["modelled_ms"], quality.get("dense_modelled_ms")
     priced = quality.get("priced", "modelled")
-    cost = (f"modelled GPU attention {plan_ms:.4f} ms/sample" if priced == "modelled" else
-            f"attention {priced} {plan_ms:.4f} ms/sample")
+    plan_time = format_time(plan_ms / 1e3, "/sample")
+    cost = (f"modelled GPU attention {plan_time}" if priced == "modelled" else f"attention {priced} {plan_time}")
     if isinstance(dense_ms, (int, float)) and plan_ms > 0:
-        cost += f" vs dense {dense_ms:.4f} ({dense_ms / plan_ms:.2f}x)"
+        cost += f" vs dense {format_time(dense_ms / 1e3)} ({format_ratio(dense_ms / plan_ms)})"
     lines.append(f"calibrated: {quality.get('plan') or 'plan'}; {cost}")
     val, base = quality.get("validation"), quality.get("baseline")
     if isinstance(val, dict):
@@ -273,7 +311,7 @@ def _plan_quality_lines(quality) -> list:
                 f"(worst {val['psnr_worst']:.1f})")
         if isinstance(base, dict):
             text += (f"; uniform SLA at no less cost ({base['label'].removeprefix('uniform ')}, "
-                     f"{base['modelled_ms']:.4f} ms/sample): "
+                     f"{format_time(base['modelled_ms'] / 1e3, '/sample')}): "
                      f"{base['psnr']:.1f} dB (worst {base['psnr_worst']:.1f})")
         lines.append(text)
     return lines

@@ -242,15 +242,13 @@ def _print_section(title: str, body) -> None:
 
 
 def run(args) -> int:
-    import torch
+    from .checks import device_error
 
     device = getattr(args, "device", None)
-    if device is not None:
-        try:
-            torch.device(device)
-        except (RuntimeError, TypeError):
-            print(f"dit-accel info: --device {device} is not a torch device; use cpu, cuda or cuda:N")
-            return 2
+    error = None if device is None else device_error(device)
+    if error is not None:
+        print(f"dit-accel info: {error}", file=sys.stderr)
+        return 2
     if getattr(args, "clear", False):
         from ..kernels import autotune, selfcheck
 
@@ -267,7 +265,7 @@ def run(args) -> int:
         try:
             info["model_settings"] = model_settings(model)
         except ValueError as err:
-            print(f"dit-accel info: --model {model}: {err}")
+            print(f"dit-accel info: --model {model}: {err}", file=sys.stderr)
             return 2
     if getattr(args, "json", False):
         json.dump(info, sys.stdout, indent=2, default=str)

@@ -101,7 +101,7 @@ def build_parser(command: Optional[str] = None) -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(
         prog="dit-accel",
-        description="Sparse attention (radial, sliding tile, GNA, SLA) for Diffusers diffusion transformers.",
+        description="Sparse attention (radial, sliding tile, GNA, SLA, VSA) for Diffusers diffusion transformers.",
         epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -117,7 +117,17 @@ def build_parser(command: Optional[str] = None) -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Entry point of the ``dit-accel`` console script; returns the exit status."""
+    """Entry point of the ``dit-accel`` console script; returns the exit status (130 on Ctrl-C)."""
+    # Ctrl-C ends a command the same way at any moment: during the first seconds (importing a subcommand's
+    # module pulls in torch and Diffusers) as later in its work, with one line and no traceback.
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        print("dit-accel: interrupted", file=sys.stderr)
+        return 130
+
+
+def _main(argv: Optional[Sequence[str]]) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = next((a for a in argv if not a.startswith("-")), None)
     if command is not None and command not in SUBCOMMANDS:
@@ -135,9 +145,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         with _show_warnings(bool(getattr(args, "quiet", False))):
             return int(args.func(args) or 0)
-    except KeyboardInterrupt:
-        print("dit-accel: interrupted", file=sys.stderr)
-        return 130
     except (OSError, RuntimeError) as err:  # a full disk, a forced backend that cannot run: one line, no traceback
         message = one_line_error(err)
         if message is None:

@@ -44,8 +44,10 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
     def _get_help_string(self, action):
         text = action.help or ""
         default = action.default
+        # A flag without a value (store_true/store_false) says what giving it does: its default (True for
+        # --no-baseline) only reads as the opposite of what it does.
         if (default is None or default is False or default is argparse.SUPPRESS or "default" in text.lower()
-                or action.option_strings == [] or isinstance(action, argparse._HelpAction)):
+                or action.option_strings == [] or isinstance(action, argparse._HelpAction) or action.nargs == 0):
             return text
         return f"{text} (default: {default})" if text else f"default: {default}"
 
@@ -327,4 +329,4 @@ def cache_from_args(args: argparse.Namespace):
     from ..pipelines.caches import CacheSpec
 
     text = getattr(args, "cache", None)
-    return None if not text else CacheSpec.parse(text)
+    return None if text is None else CacheSpec.parse(text)

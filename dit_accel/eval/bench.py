@@ -425,19 +425,24 @@ def kernels_table(result: dict) -> str:
     (latency, back-to-back, graph, host) appear when the rows have them."""
     from .report import markdown_table
 
+    from .._util import format_time
+
     def num(value, fmt):
         return "-" if value is None else format(value, fmt)
 
+    def ms(value):  # times to 3 significant figures, in ms or s
+        return "-" if value is None else format_time(value / 1e3)
+
     threads = any(r.get("threads") for r in result["rows"])
     calls = any(r.get("latency_ms") is not None for r in result["rows"])
-    header = ["shape", "N", "H", *(["threads"] if threads else []), "kernel", "density", "token density", "time ms",
-              *(["latency ms", "back-to-back ms", "graph ms", "host us"] if calls else []),
+    header = ["shape", "N", "H", *(["threads"] if threads else []), "kernel", "density", "token density", "time",
+              *(["latency", "back-to-back", "graph", "host us"] if calls else []),
               "TFLOPS (dense-eq.)", "TFLOPS (visited)", "speedup", "ideal", "% of ideal", "padded work"]
     rows = [[r["shape"], str(r["tokens"]), str(r["heads"]), *([str(r.get("threads"))] if threads else []),
              r["kernel"], f"{r['density']:.3f}",
              f"{r['token_density']:.3f}" if r.get("token_density") is not None else "-",
-             f"{r['time_ms']:.2f}",
-             *([num(r.get("latency_ms"), ".2f"), num(r.get("throughput_ms"), ".2f"), num(r.get("graph_ms"), ".2f"),
+             ms(r["time_ms"]),
+             *([ms(r.get("latency_ms")), ms(r.get("throughput_ms")), ms(r.get("graph_ms")),
                 num(r.get("host_us"), ".0f")] if calls else []),
              f"{r['tflops_dense_equiv']:.4f}", num(r.get("tflops_visited"), ".4f"),
              f"{r['speedup']:.2f}x" if r["speedup"] else "-", f"{r['ideal_speedup']:.1f}x",

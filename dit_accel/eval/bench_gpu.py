@@ -410,17 +410,22 @@ def gpu_markdown(report: dict) -> str:
     def num(value, fmt):
         return "-" if value is None else format(value, fmt)
 
+    def ms(value):  # times to 3 significant figures, in ms or s
+        from .._util import format_time
+
+        return "-" if value is None else format_time(value / 1e3)
+
     for pass_ in ("forward", "forward+backward"):
         rows = [r for r in report["rows"] if r.get("pass") == pass_]
         if not rows:
             continue
-        header = ["shape", "B x H", "kernel", "ran", "density", "status", "error", "grads", "time ms", "latency ms",
-                  "graph ms", "host us", "vs SDPA", "% of ideal", "padded work", "TFLOPS (visited)"]
+        header = ["shape", "B x H", "kernel", "ran", "density", "status", "error", "grads", "time", "latency",
+                  "graph", "host us", "vs SDPA", "% of ideal", "padded work", "TFLOPS (visited)"]
         table = [[r["shape"], f"{r.get('batch', 1)} x {r['heads']}", r["kernel"], str(r.get("variant") or "-")[:70],
                   num(r.get("density"), ".3f"),
                   r["status"] if r["status"] == "ok" else f"{r['status']}: {r.get('error', '')}"[:80],
                   num(r.get("o_error"), ".1e"), num(r.get("grad_error"), ".1e"),
-                  num(r.get("time_ms"), ".2f"), num(r.get("latency_ms"), ".2f"), num(r.get("graph_ms"), ".2f"),
+                  ms(r.get("time_ms")), ms(r.get("latency_ms")), ms(r.get("graph_ms")),
                   num(r.get("host_us"), ".0f"), num(r.get("speedup"), ".2f") + ("x" if r.get("speedup") else ""),
                   num(100 * r["fraction_of_ideal"] if r.get("fraction_of_ideal") else None, ".0f") +
                   ("%" if r.get("fraction_of_ideal") else ""), num(r.get("padded_work"), ".2f"),

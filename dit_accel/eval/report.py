@@ -25,6 +25,13 @@ def _fmt(value, digits=3) -> str:
     return str(value)
 
 
+def _time(seconds) -> str:
+    """A time cell: 3 significant figures in s or ms (:func:`dit_accel._util.format_time`), ``-`` when absent."""
+    from .._util import format_time
+
+    return "-" if seconds is None else format_time(seconds)
+
+
 def _speedup(value) -> str:
     return f"{value:.2f}x" if value else "-"
 
@@ -52,8 +59,7 @@ def _config_text(config: dict) -> str:
 def write_report(results: dict, path) -> None:
     """One table row per method: quality beside speed, then settings and skipped metrics."""
     header = ["method", "config", "density", "PSNR dB", "SSIM", "LPIPS", "CLIP", "FID vs dense", "FID vs real",
-              "transformer s", "end-to-end s", "speedup (transformer)", "speedup (e2e)", "VAE decode s",
-              "text enc s"]
+              "transformer", "end-to-end", "speedup (transformer)", "speedup (e2e)", "VAE decode", "text enc"]
     criteria = (results.get("groundtruth") or {}).get("criteria", [])
     if criteria:  # ground truth first: it is the quality that matters here
         header[3:3] = [f"GT {name}" for name in criteria]
@@ -67,9 +73,9 @@ def write_report(results: dict, path) -> None:
         gt = [_fmt((r.get("groundtruth") or {}).get(name), 3) for name in criteria]
         table.append([r["label"], _config_text(r["config"]), r.get("density"), *gt, _fmt(r.get("psnr"), 2),
                       _fmt(r.get("ssim"), 4), _fmt(r.get("lpips"), 4), _fmt(r.get("clip"), 2),
-                      _fmt(r.get("fid_dense"), 4), _fmt(r.get("fid_real"), 4), t.get("transformer"),
-                      t.get("total"), _speedup(r.get("speedup_transformer")), _speedup(r.get("speedup_e2e")),
-                      t.get("vae_decode"), t.get("text_encoder")])
+                      _fmt(r.get("fid_dense"), 4), _fmt(r.get("fid_real"), 4), _time(t.get("transformer")),
+                      _time(t.get("total")), _speedup(r.get("speedup_transformer")), _speedup(r.get("speedup_e2e")),
+                      _time(t.get("vae_decode")), _time(t.get("text_encoder"))])
     s = results["settings"]
     v = results["versions"]
     lines = ["# dit-accel eval report", ""]
@@ -77,7 +83,7 @@ def write_report(results: dict, path) -> None:
         lines += [f"**Note: {results['note']}.**", ""]
     lines += [markdown_table(header, table), "",
               f"PSNR/SSIM/LPIPS: against the dense output with the same prompt and seed (PSNR capped at 100 dB). "
-              f"Times: median of {s['repeats']} run(s) per sample set, seconds per video. "
+              f"Times: median of {s['repeats']} run(s) per sample set, per video. "
               f"Density: visited block fraction of sparse attention calls."
               + (" GT: ground truth, the fraction of videos judged right against their prompt "
                  "(dit_accel.eval.groundtruth; 'all' = every criterion at once)." if criteria else ""), "",

@@ -85,6 +85,9 @@ class CacheSpec:
     def parse(cls, text: str, source: str = "--cache") -> "CacheSpec":
         """``NAME[:k=v,...]``; ValueError naming ``source``, the cache and what is allowed."""
         name, _, rest = str(text).strip().partition(":")
+        if not name.strip():
+            raise ValueError(f"{source} {text!r} names no cache; give one of {', '.join(CACHES)} (e.g. "
+                             f"{source} fbcache:threshold=0.1), or leave {source} out for no cache")
         key = _ALIASES.get(name.strip().lower(), name.strip().lower())
         if key not in CACHES:
             raise ValueError(f"{source} {text!r}: unknown cache {name!r}; valid caches: {', '.join(CACHES)}")
@@ -111,6 +114,14 @@ class CacheSpec:
         if unknown:
             raise ValueError(f"{source} {self.name}: {config_name} has no option {unknown[0]!r}; valid options: "
                              f"{', '.join(fields)}")
+        declared = {f.name: f for f in dataclasses.fields(getattr(diffusers, config_name))}
+        for key, value in self.options.items():
+            problem = _option_problem(key, value, declared[key].type)
+            if problem is not None:
+                default = declared[key].default
+                example = (f" (Diffusers' default: {key}={str(default).lower() if isinstance(default, bool) else default})"
+                           if isinstance(default, (int, float)) else "")
+                raise ValueError(f"{source} {self.name}:{key}={_shown(value)}: {key} {problem}{example}")
 
     @property
     def label(self) -> str:
@@ -158,6 +169,49 @@ class CacheSpec:
             return getattr(diffusers, config_name)(**options)
         except (TypeError, ValueError) as err:
             raise ValueError(f"--cache {self.label}: {config_name}: {' '.join(str(err).split())[:300]}") from None
+
+
+# Options whose least sensible value is above 0 (every other number an option takes is >= 0): a cache refreshed
+# every 0 steps, or a block skipped over a range of 0, would divide by zero or never run.
+_MINIMUM = {"cache_interval": 1, "num_inference_steps": 1, "spatial_attention_block_skip_range": 1,
+            "temporal_attention_block_skip_range": 1, "cross_attention_block_skip_range": 1,
+            "unconditional_batch_skip_range": 1}
+_MAXIMUM = {"retention_ratio": 1}  # a share of the steps
+
+
+def _shown(value) -> str:
+    return "/".join(map(str, value)) if isinstance(value, tuple) else str(value)
+
+
+def _option_problem(key: str, value, annotation) -> Optional[str]:
+    """What is wrong with ``value`` for a Diffusers cache option of type ``annotation`` (None when nothing is):
+    numbers must be numbers of the option's kind, finite and in range; flags true or false. Options of other
+    types (callables, dtypes, identifier lists) are left to Diffusers."""
+    import math
+    import typing
+
+    if typing.get_origin(annotation) in (tuple, list):  # e.g. timestep ranges a/b: numbers, any sign
+        inner = [a for a in typing.get_args(annotation) if a is not Ellipsis]
+        if inner and inner[0] in (int, float):
+            parts = value if isinstance(value, tuple) else (value,)
+            if any(isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) for v in parts):
+                return "must be finite numbers separated by / (e.g. 100/800)"
+        return None
+    kinds = set(typing.get_args(annotation)) or {annotation}
+    if value is None:
+        return None if type(None) in kinds else "needs a value (none is not allowed)"
+    if bool in kinds:
+        return None if isinstance(value, bool) else "must be true or false"
+    if float in kinds or int in kinds:
+        integer = float not in kinds
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and not isinstance(value, int)):
+            return f"must be {'an integer' if integer else 'a number'}"
+        if not math.isfinite(value):
+            return "must be a finite number"
+        low, high = _MINIMUM.get(key, 0), _MAXIMUM.get(key)
+        if value < low or (high is not None and value > high):
+            return f"must be >= {low}" + (f" and <= {high}" if high is not None else "")
+    return None
 
 
 def _call_params(pipe):

@@ -514,7 +514,7 @@ class SparsePlan:
         shares = ", ".join(f"{name} {100 * f:.0f}%" for name, f in prof["share"].items())
         density = "n/a" if prof["mean_density"] is None else f"{prof['mean_density']:.3f}"
         return (f"plan {self.content_hash()[:12]}{where}: {steps} x {layers} x {heads}{grid}; {what}: {shares}; "
-                f"mean density {density}")
+                f"mean density {density} over every step, layer and head (dense ones as 1)")
 
     def table(self) -> List[str]:
         """The full plan, one line per step range and group of layers, heads grouped (``dit-accel info --plan``)."""

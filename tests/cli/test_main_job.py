@@ -11,6 +11,7 @@ import re
 import pytest
 
 import dit_accel
+from dit_accel._util import format_time
 from dit_accel.cli.generate_args import DEFAULT_MODEL
 from dit_accel.cli.generate_report import _plan_quality_lines, _summary_lines
 from dit_accel.cli.main import main
@@ -63,10 +64,12 @@ def test_the_printed_lines_are_the_measured_stats(main_job):
     out, meta = main_job
     t, cmp = meta["timing"], meta["compare_dense"]
     assert f"token grid {MODEL.grid} = {math.prod(MODEL.grid):,} video tokens" in out
-    assert (f"self-attention {t['attention_s']:.2f} s vs dense {cmp['dense_attention_s']:.2f} s "
+    assert (f"self-attention {format_time(t['attention_s'])} vs dense {format_time(cmp['dense_attention_s'])} "
             f"({cmp['attention_speedup']:.2f}x)") in out, out
-    assert (f"transformer {t['transformer_s']:.2f} s vs dense {cmp['dense_transformer_s']:.2f} s "
+    assert (f"transformer {format_time(t['transformer_s'])} vs dense {format_time(cmp['dense_transformer_s'])} "
             f"({cmp['transformer_speedup']:.2f}x); PSNR vs dense {cmp['psnr_db']:.1f} dB") in out, out
+    # times to 3 significant figures: no time printed with more digits than it has
+    assert not re.search(r"\d\.\d{4,} m?s", out), out
     assert cmp["attention_speedup"] == pytest.approx(cmp["dense_attention_s"] / t["attention_s"])
     assert cmp["transformer_speedup"] == pytest.approx(cmp["dense_transformer_s"] / t["transformer_s"])
     assert meta["settings"]["frames"] == MODEL.defaults["num_frames"]
@@ -74,6 +77,12 @@ def test_the_printed_lines_are_the_measured_stats(main_job):
     assert meta["method"]["method"] == "plan" and meta["method"]["plan"] == plan.to_json()
     density = re.search(r"its sparse calls visit ([0-9.]+) of the video attention blocks", out)
     assert density and abs(float(density.group(1)) - meta["density"]["mean"]) <= 5e-4 + 1e-12  # printed to 3 places
+    # the two mean densities say what each is: over the sparse calls, and over every call with dense ones as 1
+    assert f"mean density of the sparse attention calls {meta['density']['mean']:.3f}" in out
+    s = meta["summary"]
+    with_dense = (s["sparse_calls"] * meta["density"]["mean"] + s["dense_calls"]) / (s["sparse_calls"] + s["dense_calls"])
+    assert f"; {with_dense:.3f} with its {s['dense_calls']} dense calls counted as 1" in out
+    assert f"mean density {plan.profile()['mean_density']:.3f} over every step, layer and head (dense ones as 1)" in out
 
 
 def test_generate_runs_the_shipped_plan_by_default_and_passes_the_readme_prompt(main_job):
@@ -93,16 +102,16 @@ def test_generate_runs_the_shipped_plan_by_default_and_passes_the_readme_prompt(
         assert needle in out, out
 
 
-@pytest.mark.parametrize("priced, words", [("modelled", "modelled GPU attention 2.0000 ms/sample"),
-                                           ("timed on cpu", "attention timed on cpu 2.0000 ms/sample")])
+@pytest.mark.parametrize("priced, words", [("modelled", "modelled GPU attention 2.00 ms/sample"),
+                                           ("timed on cpu", "attention timed on cpu 2.00 ms/sample")])
 def test_the_plan_quality_line_says_how_the_cost_was_priced(priced, words):
     """calibrate --costs measured prices candidates by timing them on the calibration device; the plan's line must
     not call that a modelled GPU time. Plans written before the field existed read as modelled."""
     quality = {"plan": "tile w1x3x3", "modelled_ms": 2.0, "dense_modelled_ms": 5.0, "priced": priced}
-    assert _plan_quality_lines(quality)[0] == f"calibrated: tile w1x3x3; {words} vs dense 5.0000 (2.50x)"
+    assert _plan_quality_lines(quality)[0] == f"calibrated: tile w1x3x3; {words} vs dense 5.00 ms (2.50x)"
     if priced == "modelled":
         del quality["priced"]
-        assert _plan_quality_lines(quality)[0] == f"calibrated: tile w1x3x3; {words} vs dense 5.0000 (2.50x)"
+        assert _plan_quality_lines(quality)[0] == f"calibrated: tile w1x3x3; {words} vs dense 5.00 ms (2.50x)"
 
 
 @pytest.mark.parametrize("ran, said", [(["dense (sparse modelled slower)"], "its"),

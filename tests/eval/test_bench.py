@@ -131,7 +131,7 @@ def test_bench_fidelity_matched_density_and_errors(tmp_path, capsys):
     assert dens["sla"] == pytest.approx(0.5) and dens["tile"] == pytest.approx(0.5)
     assert 0.25 <= dens["gna"] <= 1.0
     assert main(["bench", "fidelity", "--capture", str(tmp_path / "nowhere")]) == 2
-    assert "--capture" in capsys.readouterr().out
+    assert "--capture" in capsys.readouterr().err
 
 
 def test_bench_fidelity_reports_an_unreachable_density(tmp_path, capsys):

@@ -91,7 +91,7 @@ def test_kernels_table_shows_call_timings_when_present():
            "tflops_dense_equiv": 1.0, "tflops_visited": 0.5, "speedup": 2.0, "ideal_speedup": 2.0,
            "fraction_of_ideal": 1.0, "latency_ms": 1.5, "throughput_ms": 0.9, "graph_ms": None, "host_us": 40.0}
     table = kernels_table({"rows": [row]})
-    assert "latency ms" in table and "| 1.50 | 0.90 | - | 40 |" in table
+    assert "| latency | back-to-back |" in table and "| 1.50 ms | 0.900 ms | - | 40 |" in table
 
 
 TINY = (ModelShape("tiny video", (4, 8, 8), 2, head_dim=16), ModelShape("tiny image", (16, 16), 2, head_dim=16))
@@ -338,12 +338,12 @@ def test_bench_gpu_cli(tmp_path, capsys):
 
     parser_args = ["bench", "gpu", "--out", str(tmp_path), "--device", "cpu"]
     assert main(parser_args) == 2  # a GPU report of the CPU: one line saying so
-    assert "bench gpu times GPU kernels" in capsys.readouterr().out
+    assert "bench gpu times GPU kernels" in capsys.readouterr().err
     assert main(parser_args + ["--check"]) == 2  # --check on a machine without CUDA: says so, no traceback
-    out = capsys.readouterr().out
+    out = capsys.readouterr().err
     assert "--check needs a CUDA GPU" in out and "pip install -e" in out and "Traceback" not in out
     assert main(["bench", "gpu", "--out", str(tmp_path), "--check"]) == 2  # default device cuda: none here
-    assert "--check needs a CUDA GPU" in capsys.readouterr().out
+    assert "--check needs a CUDA GPU" in capsys.readouterr().err
     assert main(parser_args + ["--methods", "tile,magic"]) == 2
     assert main(parser_args + ["--densities", "0,2"]) == 2
     assert main(parser_args + ["--shapes", "nothing"]) == 2
@@ -391,7 +391,7 @@ def test_bench_kernels_rows_carry_call_timings_with_a_timer():
         assert (r["latency_ms"], r["throughput_ms"], r["graph_ms"], r["host_us"]) == pytest.approx((3, 2, 1.5, 100))
         assert r["tflops_visited_throughput"] * 2e-3 * 1e12 == pytest.approx(
             4 * r["heads"] * r["tokens"] ** 2 * r["head_dim"] * r["work_vs_dense"])
-    assert "back-to-back ms" in kernels_table(res)
+    assert "| back-to-back |" in kernels_table(res)
 
 
 def test_modelled_rows_with_a_128_token_tile_name_the_cuda_query_block():

@@ -240,6 +240,20 @@ def _folder_family(folder: Path) -> Optional[Tuple[str, Optional[str]]]:
     return name, preset.read_index_family(info) if preset.read_index_family is not None else family_of(name)
 
 
+def _refuse_folder(folder: Path) -> None:
+    """ValueError for a folder that :func:`_folder_family` could not read a supported model from."""
+    if not (folder / "model_index.json").is_file():
+        raise ValueError(f"{folder} is not a Diffusers model folder (no model_index.json); pass the folder that "
+                         "`pipe.save_pretrained()` or `huggingface-cli download` produced, a hub id, a tiny model or "
+                         "a transformer class (`dit-accel info` lists the supported ones)")
+    from ...atomic_files import read_json
+
+    entry = read_json(folder / "model_index.json").get("transformer") or [None, None]
+    name = entry[1] if isinstance(entry, list) and len(entry) == 2 else None
+    raise ValueError(f"{folder}: its transformer ({name or 'none named in model_index.json'}) has no dit_accel "
+                     "preset; `dit-accel info` lists the supported models")
+
+
 def resolve_model_family(model: str) -> Tuple[str, Optional[str]]:
     """``(transformer class name, family)`` for a ``--model`` value, without loading the model.
 
@@ -263,6 +277,8 @@ def resolve_model_family(model: str) -> Tuple[str, Optional[str]]:
     found = _folder_family(folder) if folder.is_dir() else None
     if found is not None:
         return found
+    if folder.is_dir() and shapes_model(model) is None:  # a folder: say what it lacks, not every class name
+        _refuse_folder(folder)
     for class_name, preset in PRESETS.items():
         for pattern, family in preset.hub_words:
             if re.search(pattern, model.lower()):

@@ -1,0 +1,61 @@
+"""Checks of the inputs several commands share, made before anything expensive (a model load, a kernel
+compile): the device, the seeds, numbers that must be finite. Each returns or raises a one-line message that
+names the flag, what is allowed and what to do; the commands print it their own way."""
+
+from __future__ import annotations
+
+import math
+from typing import Iterable, Optional
+
+__all__ = ["device_error", "seed_error", "finite_error"]
+
+
+def device_error(device, *, allowed: Iterable[str] = ("cpu", "cuda"), flag: str = "--device",
+                 advice: str = "use --device cpu") -> Optional[str]:
+    """Why ``device`` cannot run a command here (None when it can); ``advice`` ends the message (a command that
+    runs only on a GPU gives its own).
+
+    dit_accel runs on the CPU and on CUDA GPUs: any other device torch knows (``mps``, ``meta``, ``xpu``) is
+    refused by name here rather than failing later inside a model or a kernel with a traceback.
+    """
+    import torch
+
+    allowed = tuple(allowed)
+    spelled = " or ".join("cuda (cuda:N)" if a == "cuda" else a for a in allowed)
+    text = str(device).strip()
+    try:
+        dev = torch.device(text)
+    except (RuntimeError, ValueError, TypeError):
+        return f"{flag} {device} is not a torch device; use {spelled}"
+    if dev.type not in allowed:
+        return f"{flag} {device}: dit-accel runs this on {spelled}, not {dev.type}; {advice}"
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            return f"{flag} {device} but no CUDA device is visible here; {advice}"
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            return f"{flag} {device}: only {torch.cuda.device_count()} CUDA device(s) here (cuda:0 .. " \
+                   f"cuda:{torch.cuda.device_count() - 1})"
+    return None
+
+
+def seed_error(seeds, flag: str = "--seed") -> Optional[str]:
+    """Why ``seeds`` (one int or several) cannot seed a run (None when they can): torch generators take seeds in
+    [0, 2**63) as given, where a negative one would wrap to another seed than the one recorded."""
+    values = list(seeds) if isinstance(seeds, (list, tuple)) else [seeds]
+    bad = [s for s in values if not 0 <= s < 2**63]
+    if bad:
+        return f"{flag} must be {'an integer' if flag == '--seed' else 'integers'} >= 0 (and < 2**63); got " \
+               f"{', '.join(map(str, bad))}"
+    return None
+
+
+def finite_error(value, flag: str, *, minimum: Optional[float] = None) -> Optional[str]:
+    """Why the number ``value`` of ``flag`` cannot be used (None when it can): NaN and infinity are refused
+    (a comparison with NaN is always false, so a NaN would silently switch a setting off)."""
+    if value is None:
+        return None
+    if not math.isfinite(value):
+        return f"{flag} must be a finite number; got {value}"
+    if minimum is not None and value < minimum:
+        return f"{flag} must be >= {minimum:g}; got {value:g}"
+    return None
