@@ -57,5 +57,5 @@ def run(args) -> int:
         print(f"dit-accel convert: {err}")
         return 2
     print(f"dit-accel convert: wrote {out} ({method!r}); run it with dit_accel.apply(pipe, "
-          f"dit_accel.checkpoints.finetuned.load_method({str(out)!r}), weights={str(out)!r}) or dit-accel generate --weights {out}")
+          f"dit_accel.load_method({str(out)!r}), weights={str(out)!r}) or dit-accel generate --weights {out}")
     return 0

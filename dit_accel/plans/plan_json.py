@@ -22,7 +22,7 @@ from .per_head import PerHead
 __all__ = ["method_to_json", "method_from_json", "prompts_hash", "write_atomic", "FORMAT"]
 
 
-FORMAT = "dit_accel.plans.sparse_plan"
+FORMAT = "dit_accel.sparse_plan"
 
 
 FORMAT_VERSION = 1

@@ -10,7 +10,7 @@ Tile windows only exports back to that format (:meth:`SparsePlan.to_tile_strateg
 
 The JSON form (``plan.save(path)`` / ``SparsePlan.load(path)``)::
 
-    {"format": "dit_accel.plans.sparse_plan", "format_version": 1, "num_layers": 4, "num_heads": 12,
+    {"format": "dit_accel.sparse_plan", "format_version": 1, "num_layers": 4, "num_heads": 12,
      "phases": [{"steps": [0, 2], "default": {"method": "dense"}, "layers": {}},
                 {"steps": [2, null], "default": {"method": "dense"},
                  "layers": {"1": {"method": "tile", "tile": [4, 4, 4], "window": [1, 1, 3]},

@@ -147,16 +147,16 @@ def test_a_layer_key_that_is_not_a_layer_of_the_plan_is_refused(key, tmp_path):
 
 @pytest.mark.parametrize("content,problem", [
     (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR", "binary"), (b"\xff\xfe{}", "not UTF-8"), (b"", "empty"),
-    (b'{"format": "dit_accel.plans.sparse_plan", "phases": [', "truncated"), (b"[" * 100000 + b"]" * 100000, None),
+    (b'{"format": "dit_accel.sparse_plan", "phases": [', "truncated"), (b"[" * 100000 + b"]" * 100000, None),
     (b"null", "format"), (b'"x"', "format"), (b"[]", "format"), (b"{}", "format"),
-    (b'{"format": "dit_accel.plans.sparse_plan"}', "phases: missing"),
-    (b'{"format": "dit_accel.plans.sparse_plan", "phases": {"a": 1}}', "phases: must be a list"),
-    (b'{"format": "dit_accel.plans.sparse_plan", "phases": [], "num_layers": "4"}', "num_layers: must be a whole"),
-    (b'{"format": "dit_accel.plans.sparse_plan", "phases": [], "format_version": 9}', "upgrade"),
-    (b'{"format": "dit_accel.plans.sparse_plan", "phases": [], "phase": []}', "phase: not a field of a plan"),
-    (b'{"format": "dit_accel.plans.sparse_plan", "phases": [{"steps": [0, null], "layers": {"0": {"method": "tile_strategy"'
+    (b'{"format": "dit_accel.sparse_plan"}', "phases: missing"),
+    (b'{"format": "dit_accel.sparse_plan", "phases": {"a": 1}}', "phases: must be a list"),
+    (b'{"format": "dit_accel.sparse_plan", "phases": [], "num_layers": "4"}', "num_layers: must be a whole"),
+    (b'{"format": "dit_accel.sparse_plan", "phases": [], "format_version": 9}', "upgrade"),
+    (b'{"format": "dit_accel.sparse_plan", "phases": [], "phase": []}', "phase: not a field of a plan"),
+    (b'{"format": "dit_accel.sparse_plan", "phases": [{"steps": [0, null], "layers": {"0": {"method": "tile_strategy"'
      b', "path": "x"}}}]}', "is a schedule"),
-    (b'{"format": "dit_accel.plans.sparse_plan", "phases": [{"steps": [0, null], "layers": {"0": {"method": "tile", '
+    (b'{"format": "dit_accel.sparse_plan", "phases": [{"steps": [0, null], "layers": {"0": {"method": "tile", '
      b'"tile": [1, 4, 4], "window": [1, 1, 1], "windw": 3}}}]}', 'phases[0].layers["0"].windw: not a field'),
 ])
 def test_a_damaged_file_is_one_line_naming_it(content, problem, tmp_path):
@@ -338,7 +338,7 @@ def test_info_plan_prints_the_table_and_refuses_a_bad_file_in_one_line(tmp_path,
     out = capsys.readouterr().out
     assert "steps 2..end:" in out and 'layer 0: head 0 tile(tile=1x4x4, window=1x1x1); head 1 sla(topk=0.5)' in out
     assert "layer 1: all heads tile(tile=1x4x4, window=1x1x1)" in out and "steps 0..1:" in out
-    path.write_text('{"format": "dit_accel.plans.sparse_plan", "phases": {"a": 1}}')
+    path.write_text('{"format": "dit_accel.sparse_plan", "phases": {"a": 1}}')
     assert main(["info", "--plan", str(path)]) == 2
     err = capsys.readouterr().err.strip()
     assert err == f"dit-accel info: --plan: {path}: phases: must be a list of phases; got {{\"a\": 1}}"
@@ -381,7 +381,7 @@ def test_eval_plan_flags_are_checked(tmp_path, capsys):
                  str(tmp_path / "e")]) == 2
     assert "--plan-any-grid applies to --plan" in capsys.readouterr().err
     bad = tmp_path / "p.json"
-    bad.write_text('{"format": "dit_accel.plans.sparse_plan", "num_layers": "4", "phases": []}')
+    bad.write_text('{"format": "dit_accel.sparse_plan", "num_layers": "4", "phases": []}')
     assert main(["eval", "--model", "tiny-shapes", "--methods", "dense", "--plan", str(bad), "--out",
                  str(tmp_path / "e")]) == 2
     assert f"--plan: {bad}: num_layers: must be a whole number >= 1 or null; got \"4\"" in capsys.readouterr().err

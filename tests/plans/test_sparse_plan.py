@@ -52,7 +52,7 @@ def test_bad_plans_say_what_is_wrong(tmp_path):
         SparsePlan((Phase(0, 3), Phase(2, None)))
     with pytest.raises(ValueError, match="head methods"):
         SparsePlan((Phase(0, None, {0: PerHead((TILE,) * 3)}),), num_heads=2)
-    (tmp_path / "x.json").write_text('{"format": "dit_accel.plans.sparse_plan", "phases": [')
+    (tmp_path / "x.json").write_text('{"format": "dit_accel.sparse_plan", "phases": [')
     with pytest.raises(ValueError, match="x.json: is truncated"):
         SparsePlan.load(tmp_path / "x.json")
 
@@ -122,3 +122,16 @@ def test_apply_refuses_a_plan_for_another_layer_count():
     model = T.build_tiny_transformer("wan")
     with pytest.raises(ValueError, match="3 attention layers"):
         dit_accel.apply(model, SparsePlan((Phase(0, None, {0: TILE}),), num_layers=3))
+
+
+def test_the_file_format_name_outlives_the_module_layout():
+    """Plan files in the wild say "dit_accel.sparse_plan": a module move must not rename the format they carry."""
+    import json
+    from pathlib import Path
+
+    from dit_accel.plans.plan_json import FORMAT
+
+    assert FORMAT == "dit_accel.sparse_plan"
+    shipped = Path(__file__).resolve().parents[2] / "dit_accel" / "models" / "plans" / "tiny-shapes-63.json"
+    assert json.loads(shipped.read_text())["format"] == FORMAT
+    assert SparsePlan.load(shipped).num_layers >= 1

@@ -81,7 +81,7 @@ def test_a_shorter_png_output_killed_after_its_commit_has_no_frames_of_the_longe
 
 # ------------------------------------------------------------------ readers finish a pending commit
 def _plan(window) -> SparsePlan:
-    return SparsePlan.from_json({"format": "dit_accel.plans.sparse_plan", "format_version": 1, "num_layers": 2,
+    return SparsePlan.from_json({"format": "dit_accel.sparse_plan", "format_version": 1, "num_layers": 2,
                                  "phases": [{"steps": [0, None], "default": {"method": "dense"},
                                              "layers": {"1": {"method": "tile", "tile": [1, 4, 4],
                                                               "window": [1, window, window]}}}]})
