@@ -22,6 +22,8 @@ def one_line_error(err: BaseException) -> Optional[str]:
     if isinstance(err, OSError) and err.errno in _FULL:
         where = f" ({err.filename})" if err.filename and str(err.filename) not in (err.strerror or "") else ""
         return " ".join(f"{err.strerror or err}{where}".split())
+    if getattr(err, "one_line", False):  # e.g. atomic_files.BusyError: its message says what to do
+        return " ".join(str(err).split())
     request = sys.modules.get("dit_accel.kernels.request")  # imported by whatever raised one
     if request is not None and isinstance(err, request.BackendUnavailable):
         return " ".join(str(err).split())

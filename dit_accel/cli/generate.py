@@ -586,8 +586,7 @@ def _dense_for_comparison(args, pipe, call: dict, method, schedule: dict, quiet:
 
 def generate(args) -> dict:
     """Run ``generate`` for parsed ``args``; returns the sidecar dict (also written to OUT.json)."""
-    from ..atomic_files import atomic_write_json
-    from ..videos import output_files, save_video, to_uint8_frames
+    from ..atomic_files import locked
     from ..models.tiny import is_embedded_model
 
     t_total = time.perf_counter()
@@ -605,6 +604,21 @@ def generate(args) -> dict:
     is_video = "num_frames" in call
     out = Path(args.out) if args.out else Path("outputs") / f"{_slug(args.model)}-{args.method}" \
         f"{'.mp4' if is_video else '.png'}"
+    if not parallel.is_main():  # every rank holds the same frames; rank 0 writes them
+        return _denoise_and_write(args, pipe, call, method, schedule, source, quiet, is_video, out, t_total, load_s)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # One writer per output, held from before the denoising: a second run into the same --out is refused at once
+    # (atomic_files.BusyError), never left to mix its video with this run's sidecar.
+    with locked(out, wait=False):
+        return _denoise_and_write(args, pipe, call, method, schedule, source, quiet, is_video, out, t_total, load_s)
+
+
+def _denoise_and_write(args, pipe, call, method, schedule, source, quiet, is_video, out: Path, t_total: float,
+                       load_s: float) -> dict:
+    """The denoising (and the dense run it is compared with), then the video and its sidecar."""
+    from ..atomic_files import atomic_write_json
+    from ..videos import output_files, save_video, to_uint8_frames
+
     dense = None
     if _wants_dense_run(args, method):
         dense = _dense_for_comparison(args, pipe, call, method, schedule, quiet, is_video)
@@ -613,7 +627,7 @@ def generate(args) -> dict:
 
     frames = to_uint8_frames(_frames_from_output(output, is_video))
     t0 = time.perf_counter()
-    if not parallel.is_main():  # every rank holds the same frames; rank 0 writes them
+    if not parallel.is_main():
         return {"output": None, "rank": None}
     sidecar = Path(str(out) + ".json")
     if not args.side_by_side:
