@@ -429,17 +429,31 @@ def _holder(lock: Path) -> str:
 
 @contextlib.contextmanager
 def _flock(fcntl, lock: Path, path: PathLike, wait: bool) -> Iterator[None]:
-    fd = os.open(str(lock), os.O_RDWR | os.O_CREAT, 0o666)
-    try:
+    """``flock`` on the lock file. An output's lock file (``wait=False``) is removed on release, so outputs leave no
+    hidden files behind; a lock taken on a file that its holder removed meanwhile is therefore taken again on the
+    file now at that name (the one the next writer locks)."""
+    while True:
+        fd = os.open(str(lock), os.O_RDWR | os.O_CREAT, 0o666)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
         except BlockingIOError:
+            os.close(fd)
             raise BusyError(path, _holder(lock)) from None
+        try:
+            if os.fstat(fd).st_ino == os.stat(str(lock)).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    try:
         with contextlib.suppress(OSError):  # who holds it, for the message of a refused writer
             os.ftruncate(fd, 0)
             os.write(fd, f"{os.getpid()} {_HOST}\n".encode())
         yield
     finally:
+        if not wait:
+            with contextlib.suppress(OSError):
+                lock.unlink()
         os.close(fd)  # (closing releases the lock)
 
 
