@@ -225,10 +225,19 @@ def _saved_method(args):
         return None
     from ..weights import load_method
 
+    from ..models.loading import same_model
+    from ..weights import METHOD_FILE, read_weights_info
+
     try:
-        return load_method(args.weights)
+        method = load_method(args.weights)
+        trained_on = read_weights_info(args.weights).get("model")
     except ValueError as err:
         raise _UsageError(f"--weights: {err}") from None
+    if isinstance(trained_on, str) and not same_model(trained_on, args.model):
+        raise _UsageError(f"--weights {args.weights} was trained on {trained_on} (its {METHOD_FILE}), not on --model "
+                          f"{args.model}: its weights fit only that model; pass --model {trained_on}, or weights "
+                          f"fine-tuned from {args.model}")
+    return method
 
 
 def _method_for_weights(args, saved, parser):
@@ -309,6 +318,24 @@ def _early_plan(args):
         return SparsePlan.load(args.plan)
     except ValueError as err:
         raise _UsageError(f"--plan: {err}") from None
+
+
+def _plan_model_note(args, plan):
+    """The warning for a plan calibrated on another model than ``--model`` (its provenance's ``model_id``), printed
+    now (unless --quiet) and kept in ``args._plan_model_note`` for the sidecar, which then reports no plan quality:
+    the recorded quality is the other model's. None when the plan names no model or names this one."""
+    from ..models.loading import same_model
+
+    args._plan_model_note = None
+    model_id = None if plan is None else plan.provenance.get("model_id")
+    if not isinstance(model_id, str) or same_model(model_id, args.model):
+        return None
+    args._plan_model_note = (f"--plan {args.plan} was calibrated on {model_id}, not on {args.model}: it runs, but "
+                             f"its recorded quality is {model_id}'s, not this run's (calibrate a plan for "
+                             f"{args.model} to know it)")
+    if not args.quiet:
+        print(f"dit-accel generate: warning: {args._plan_model_note}", file=sys.stderr)
+    return args._plan_model_note
 
 
 def _early_method(args, parser, tiny: bool):
@@ -593,6 +620,7 @@ def generate(args) -> dict:
     parser = getattr(args, "_parser", None)
     tiny = is_embedded_model(args.model)  # grid-sized call settings and method options
     cp_config, dtype, plan, saved = _prepare(args, tiny)
+    _plan_model_note(args, plan)
     pipe, load_s = _load(args, dtype, cp_config)
     quiet = args.quiet or not parallel.is_main()
     method, schedule, source = _method_and_schedule(args, pipe, saved, parser)
@@ -645,6 +673,9 @@ def _denoise_and_write(args, pipe, call, method, schedule, source, quiet, is_vid
     if hasattr(method, "summary_line"):  # a plan: its one-line summary, not its whole JSON
         record["plan_summary"] = method.summary_line()
         record["plan_quality"] = method.sparse_plan.provenance.get("quality")  # calibrate's validation record
+        if getattr(args, "_plan_model_note", None):  # calibrated on another model: its quality is not this run's
+            record["plan_quality"], record["plan_model_note"] = None, args._plan_model_note
+            record["warnings"] = [*record.get("warnings", []), args._plan_model_note]
     if getattr(args, "_default_note", None):
         record["default_note"] = args._default_note
     record["compare_dense"] = to_jsonable(_comparison(times, dense, frames, side_by_side))
