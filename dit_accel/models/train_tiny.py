@@ -658,10 +658,12 @@ def _save_ema(pipe, params, ema, out_dir: Path) -> None:
 def _portable_folder(folder: Path) -> None:
     """Make a saved folder load anywhere: the tokenizer recorded as ``PreTrainedTokenizerFast``, a name
     Transformers 4 and 5 both load (Transformers 5 saves its new alias ``TokenizersBackend``, unknown to 4.x), and
-    no ``_name_or_path`` in the configs (a fine-tune's would name the folder it started from on this machine)."""
+    no ``_name_or_path`` in the configs or the model index (a fine-tune's would name the folder it started from on
+    this machine)."""
     index_path, config_path = folder / "model_index.json", folder / "tokenizer" / "tokenizer_config.json"
     index, config = json.loads(index_path.read_text()), json.loads(config_path.read_text())
     index["tokenizer"] = ["transformers", "PreTrainedTokenizerFast"]
+    index.pop("_name_or_path", None)  # the folder a fine-tune started from, on the machine that trained it
     config["tokenizer_class"] = "PreTrainedTokenizerFast"
     atomic_write_json(index_path, index)
     atomic_write_json(config_path, config)
