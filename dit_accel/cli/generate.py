@@ -24,6 +24,7 @@ defaults. The sidecar records what was actually used.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import inspect
 import os
 import re
@@ -634,11 +635,19 @@ def generate(args) -> dict:
         f"{'.mp4' if is_video else '.png'}"
     if not parallel.is_main():  # every rank holds the same frames; rank 0 writes them
         return _denoise_and_write(args, pipe, call, method, schedule, source, quiet, is_video, out, t_total, load_s)
+    created = [p for p in (out.parent, *out.parent.parents) if not p.exists()]
     out.parent.mkdir(parents=True, exist_ok=True)
-    # One writer per output, held from before the denoising: a second run into the same --out is refused at once
-    # (atomic_files.BusyError), never left to mix its video with this run's sidecar.
-    with locked(out, wait=False):
-        return _denoise_and_write(args, pipe, call, method, schedule, source, quiet, is_video, out, t_total, load_s)
+    try:
+        # One writer per output, held from before the denoising: a second run into the same --out is refused at
+        # once (atomic_files.BusyError), never left to mix its video with this run's sidecar.
+        with locked(out, wait=False):
+            return _denoise_and_write(args, pipe, call, method, schedule, source, quiet, is_video, out, t_total,
+                                      load_s)
+    except BaseException:
+        for folder in created:  # a failed run leaves no folders it made (only while they are empty)
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        raise
 
 
 def _denoise_and_write(args, pipe, call, method, schedule, source, quiet, is_video, out: Path, t_total: float,
