@@ -6,6 +6,8 @@ import os
 import re
 from pathlib import Path
 
+import pytest
+
 import dit_accel
 from dit_accel.models.loading import model_fingerprint
 from dit_accel.models.tiny_shapes import shapes_model
@@ -51,3 +53,24 @@ def test_finetune_records_its_files_relative_to_its_output_folder(tmp_path):
     assert settings["plan_path"] == "dit_accel/models/plans/tiny-shapes-63.json"
     assert not any(_ABSOLUTE.match(s) for s in _strings(settings)), settings
     assert os.path.normpath(tmp_path / "runs" / "ft" / settings["data"]) == str(tmp_path / "clips")
+
+
+def test_a_run_file_of_an_earlier_version_with_absolute_paths_still_resumes(tmp_path):
+    from dit_accel.atomic_files import atomic_write_json
+    from dit_accel.training.checkpoints import _check_output, _run_record
+    from dit_accel.training.config import RUN_FILE
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle moving right\n")
+    out = tmp_path / "ft"
+    out.mkdir()
+    config = FinetuneConfig(model="tiny-shapes", output=str(out), prompts=str(prompts), resume=True)
+    record = _run_record(config, 1)
+    assert record["prompts"] == "../prompts.txt"
+    atomic_write_json(out / RUN_FILE, {**record, "prompts": str(prompts), "output": str(out)})  # as 0.2 wrote it
+    assert _check_output(config, 1)[0] == out  # the same run: resumed, not refused
+    other = tmp_path / "other.txt"
+    other.write_text("a red circle moving right\n")
+    atomic_write_json(out / RUN_FILE, {**record, "prompts": str(other)})
+    with pytest.raises(ValueError, match="different run"):
+        _check_output(config, 1)
