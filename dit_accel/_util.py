@@ -13,9 +13,24 @@ import time
 from pathlib import Path
 from typing import Callable, Dict, Iterable, List, Optional
 
-__all__ = ["cdiv", "versions", "to_jsonable", "Timer", "time_median", "load_average", "has_cuda_driver", "DitAccelWarning",
+__all__ = ["portable_path", "cdiv", "versions", "to_jsonable", "Timer", "time_median", "load_average", "has_cuda_driver", "DitAccelWarning",
            "WarningLog",
            "use_interpreter_without_cuda", "is_int", "is_number", "format_time", "format_ratio"]
+
+
+def portable_path(path, base) -> str:
+    """How a record written into the folder ``base`` names ``path``: inside the installed dit_accel package as
+    ``dit_accel/...`` (the same on every machine it is installed on), elsewhere relative to ``base`` (a folder moved
+    together with its inputs still finds them). Never an absolute path of the machine that wrote it: records
+    travel, shipped ones inside the package."""
+    package = Path(__file__).resolve().parent
+    full = Path(os.path.abspath(path)).resolve()
+    if full == package or package in full.parents:
+        return (Path(package.name) / full.relative_to(package)).as_posix()
+    try:
+        return Path(os.path.relpath(full, Path(os.path.abspath(base)).resolve())).as_posix()
+    except ValueError:  # another drive (Windows): no relative path exists
+        return full.name
 
 
 def cdiv(a: int, b: int) -> int:

@@ -19,6 +19,9 @@ new complete one, never a mix that loads without an error:
   folder; a copied or moved journal naming files outside its folder is refused.
 - **A store shared by processes** (``autotune.json``, ``selfcheck.json``): re-read, merged and written under
   its lock file (:func:`locked`, :func:`update_json`).
+- **One writer per output path**: a writer of an output (a video, a frame folder, a committed set of files)
+  holds the output's lock (:func:`locked` with ``wait=False``); a second writer is refused with
+  :class:`BusyError` instead of mixing its files with the first one's.
 - **A bad file is one line**: :class:`BadFileError` (a ``ValueError``) names the file, what is wrong
   and what was expected. The readers here (:func:`read_json`, :func:`read_text`,
   :func:`load_safetensors`) raise it for truncated, empty, binary and wrongly structured files.
@@ -38,13 +41,14 @@ import os
 import shutil
 import signal
 import socket
+import threading
 import uuid
 from pathlib import Path
 from typing import Callable, Dict, Iterable, Iterator, Optional, Union
 
 __all__ = ["BadFileError", "atomic_write", "atomic_write_text", "atomic_write_json", "atomic_folder", "file_hashes",
            "check_hashes", "sha256_file", "folder_digest", "read_json", "read_text", "load_safetensors", "temp_name", "is_temp_name",
-           "remove_stale_temps", "commit_files", "finish_commit", "finish_for_reader", "locked", "lock_name", "update_json", "commit_journal", "recover", "crash_point", "cache_root", "ENV_KILL_AT"]
+           "remove_stale_temps", "commit_files", "finish_commit", "finish_for_reader", "locked", "lock_name", "BusyError", "update_json", "commit_journal", "recover", "crash_point", "cache_root", "ENV_KILL_AT"]
 
 PathLike = Union[str, os.PathLike]
 ENV_KILL_AT = "DIT_ACCEL_TEST_KILL_AT"
@@ -223,6 +227,11 @@ def commit_files(files: Dict[PathLike, Content], journal: PathLike, *, remove: I
     before the commit point the temporaries are removed and nothing changed.
     """
     journal = Path(journal)
+    with locked(journal, wait=False):  # a second writer of the same set is refused, never interleaved
+        _commit_files(files, journal, remove)
+
+
+def _commit_files(files: Dict[PathLike, Content], journal: Path, remove: Iterable[PathLike]) -> None:
     finish_commit(journal)  # a previous writer's committed set goes in first, never over ours
     staged = []
     try:
@@ -355,29 +364,103 @@ def lock_name(path: PathLike) -> Path:
     return path.with_name(f".{path.name}.lock")
 
 
+class BusyError(RuntimeError):
+    """Another writer holds the lock of an output path (:func:`locked` with ``wait=False``). One line: the path,
+    the holder where its lock file names one, and what to do."""
+
+    one_line = True  # errors.one_line_error: the message is the whole report
+
+    def __init__(self, path: PathLike, holder: str = "") -> None:
+        self.path = str(path)
+        who = f" (process {holder})" if holder else ""
+        super().__init__(f"{self.path}: another writer{who} is writing this output now; one writer per output path: "
+                         "wait for it to finish, or choose another output path")
+
+
+_HELD: Dict[tuple, int] = {}  # (lock file, thread) -> depth: a thread that holds a lock may take it again
+_HELD_GUARD = threading.Lock()
+
+
 @contextlib.contextmanager
-def locked(path: PathLike, *, timeout: float = 60.0) -> Iterator[None]:
-    """Hold the exclusive lock of ``path`` (its :func:`lock_name` file) across processes.
+def locked(path: PathLike, *, timeout: float = 60.0, wait: bool = True) -> Iterator[None]:
+    """Hold the exclusive lock of ``path`` (its :func:`lock_name` file) across processes and threads.
 
     ``fcntl.flock`` where there is one: the system drops the lock of a process that dies, so a killed holder
     never leaves it taken. Elsewhere an ``O_EXCL`` lock file naming its holder, taken over when that process
     is gone (or after ``timeout``). Stores that several processes update (``autotune.json``,
-    ``selfcheck.json``) re-read and merge under it (:func:`update_json`).
+    ``selfcheck.json``) re-read and merge under it (:func:`update_json`). ``wait=False`` is the rule for an output
+    path (one writer each): a lock held elsewhere raises :class:`BusyError` at once instead of waiting. The thread
+    that holds a lock may take it again (a command holding its output while a writer below it locks it too).
     """
     lock = lock_name(path)
+    key = (os.path.abspath(lock), threading.get_ident())
+    with _HELD_GUARD:
+        depth = _HELD.get(key, 0)
+        if depth:
+            _HELD[key] = depth + 1
+    if depth:
+        try:
+            yield
+        finally:
+            with _HELD_GUARD:
+                _HELD[key] -= 1
+        return
     lock.parent.mkdir(parents=True, exist_ok=True)
     try:
         import fcntl
     except ImportError:  # no flock (Windows)
         fcntl = None
-    if fcntl is not None:
-        fd = os.open(str(lock), os.O_RDWR | os.O_CREAT, 0o666)
+    take = _flock(fcntl, lock, path, wait) if fcntl is not None else _lock_file(lock, path, timeout, wait)
+    with take:
+        with _HELD_GUARD:
+            _HELD[key] = 1
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
             yield
         finally:
-            os.close(fd)  # (closing releases the lock)
-        return
+            with _HELD_GUARD:
+                del _HELD[key]
+
+
+def _holder(lock: Path) -> str:
+    with contextlib.suppress(OSError, UnicodeDecodeError):
+        return " ".join(lock.read_text().split()[:1])
+    return ""
+
+
+@contextlib.contextmanager
+def _flock(fcntl, lock: Path, path: PathLike, wait: bool) -> Iterator[None]:
+    """``flock`` on the lock file. An output's lock file (``wait=False``) is removed on release, so outputs leave no
+    hidden files behind; a lock taken on a file that its holder removed meanwhile is therefore taken again on the
+    file now at that name (the one the next writer locks)."""
+    while True:
+        fd = os.open(str(lock), os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            os.close(fd)
+            raise BusyError(path, _holder(lock)) from None
+        try:
+            if os.fstat(fd).st_ino == os.stat(str(lock)).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    try:
+        with contextlib.suppress(OSError):  # who holds it, for the message of a refused writer
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()} {_HOST}\n".encode())
+        yield
+    finally:
+        if not wait:
+            with contextlib.suppress(OSError):
+                lock.unlink()
+        os.close(fd)  # (closing releases the lock)
+
+
+@contextlib.contextmanager
+def _lock_file(lock: Path, path: PathLike, timeout: float, wait: bool) -> Iterator[None]:
+    """The lock without ``fcntl``: a file created with ``O_EXCL`` names its holder; a holder that is gone on this
+    machine (or, waiting, one held past ``timeout``) is taken over."""
     import time
 
     start = time.monotonic()
@@ -391,10 +474,12 @@ def locked(path: PathLike, *, timeout: float = 60.0) -> Iterator[None]:
                 stale = host == _HOST and not _alive(int(pid))
             except (OSError, ValueError):
                 stale = False
-            if stale or time.monotonic() - start > timeout:
+            if stale or (wait and time.monotonic() - start > timeout):
                 with contextlib.suppress(OSError):
                     lock.unlink()
                 continue
+            if not wait:
+                raise BusyError(path, _holder(lock)) from None
             time.sleep(0.01)
     try:
         os.write(fd, f"{os.getpid()} {_HOST}\n".encode())

@@ -21,13 +21,15 @@ class NonFiniteOutputError(RuntimeError):
     """A model's output holds NaN or inf: refused rather than saved as black (or white) pixels, so a command exits
     non-zero and the previous output stays in place. The message says where and what to check."""
 
+    one_line = True
+
 
 def one_line_error(err: BaseException) -> Optional[str]:
     """The one-line report of ``err`` for a command's user, or None when its traceback is the useful part."""
     if isinstance(err, OSError) and err.errno in _FULL:
         where = f" ({err.filename})" if err.filename and str(err.filename) not in (err.strerror or "") else ""
         return " ".join(f"{err.strerror or err}{where}".split())
-    if isinstance(err, NonFiniteOutputError):
+    if getattr(err, "one_line", False):  # NonFiniteOutputError, atomic_files.BusyError: the message says what to do
         return " ".join(str(err).split())
     request = sys.modules.get("dit_accel.kernels.request")  # imported by whatever raised one
     if request is not None and isinstance(err, request.BackendUnavailable):

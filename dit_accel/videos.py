@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from .atomic_files import (BadFileError, atomic_write, commit_files, commit_journal, finish_commit, finish_for_reader,
-                           is_temp_name, remove_stale_temps)
+                           is_temp_name, locked, remove_stale_temps)
 
 __all__ = ["save_video", "load_video", "to_uint8_frames", "output_files", "frames_journal", "VIDEO_SUFFIXES"]
 
@@ -118,6 +118,13 @@ def save_video(frames, path, fps: int = 16) -> Path:
             f"cannot write {path.name!r}: unknown suffix {suffix!r}; use .mp4, .gif, .png, or a folder path"
         )
     path.parent.mkdir(parents=True, exist_ok=True)
+    with locked(path, wait=False):  # one writer per output: a second one is refused, never mixed with this one
+        _write(arr, path, suffix, fps)
+    return path
+
+
+def _write(arr, path: Path, suffix: str, fps) -> None:
+    """:func:`save_video`'s writing, under the output's lock."""
     remove_stale_temps(path.parent)  # what killed writers left: each may be as large as a video
     if suffix == ".mp4":
         atomic_write(path, lambda tmp: _write_mp4(arr, tmp, fps))
@@ -134,7 +141,6 @@ def save_video(frames, path, fps: int = 16) -> Path:
         # kill leaves the earlier sequence or this one, never [new, new, old, old] (load_video finishes it).
         commit_files({file: (lambda tmp, frame=frame: _write_png(frame, tmp)) for frame, file in zip(arr, files)},
                      journal, remove=_stale_frames(path, files))
-    return path
 
 
 def frames_journal(path) -> Path:

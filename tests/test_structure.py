@@ -136,3 +136,42 @@ def test_every_relative_import_names_a_module_that_exists():
                 if target not in modules:
                     missing.append(f"{path.relative_to(PACKAGE.parent)}:{node.lineno}: {target}")
     assert not missing, missing
+
+
+MAX_FUNCTION_LINES = 100
+
+
+def _is_triton_kernel(node) -> bool:
+    """``@triton.jit`` (or ``@jit``, ``@triton.jit(...)``, ``@triton.autotune(...)`` above one): a kernel."""
+    def name(d):
+        d = d.func if isinstance(d, ast.Call) else d
+        return ast.unparse(d)
+    return any(name(d) in ("triton.jit", "jit") for d in node.decorator_list)
+
+
+def long_functions(root: Path, limit: int = MAX_FUNCTION_LINES):
+    """``(file:line, name, lines)`` of every function (methods and nested ones included) of ``root``'s modules
+    longer than ``limit`` lines, decorators aside and docstring included; Triton kernels excepted."""
+    found = []
+    for path in sorted(root.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and not _is_triton_kernel(node):
+                lines = node.end_lineno - node.lineno + 1
+                if lines > limit:
+                    found.append((f"{path.relative_to(root.parent)}:{node.lineno}", node.name, lines))
+    return found
+
+
+def test_no_function_is_longer_than_100_lines():
+    offenders = long_functions(PACKAGE)
+    assert not offenders, "functions over 100 lines (split them at a seam): " + "; ".join(
+        f"{where} {name} ({lines} lines)" for where, name, lines in offenders)
+
+
+def test_the_length_check_finds_a_long_function_and_skips_a_kernel(tmp_path):
+    pkg = tmp_path / "pkg"
+    pkg.mkdir()
+    body = "\n".join(f"    x{i} = {i}" for i in range(100))
+    (pkg / "m.py").write_text(f"import triton\n\n@triton.jit\ndef kernel():\n{body}\n\n\ndef long():\n{body}\n\n\n"
+                              f"def short():\n    return 1\n")
+    assert long_functions(pkg) == [("pkg/m.py:107", "long", 101)]

@@ -240,28 +240,9 @@ def _validate(pipe, settings: CalibrationSettings, space: SearchSpace, verify, b
         tried.append(out)
         return out
 
-    exact = math.isinf(best["lam"])
     chosen = best
-    if not exact and not check(best)["passes"]:
-        denser = sorted((r for r in trace if r.get("passes") and r["modelled_ms"] > best["modelled_ms"]
-                         and not math.isinf(r["lam"])), key=lambda r: r["modelled_ms"])
-        if settings.search == "warmup":  # one more dense step at a time first
-            denser = itertools.chain(_longer_warmups(best, settings, verify, trace), denser)
-        def content(record: dict) -> str:
-            return record["assignment"].to_plan({}).content_hash()
-
-        seen = {content(best)}
-        chosen = None
-        for record in denser:
-            if content(record) in seen:
-                continue
-            seen.add(content(record))
-            if check(record)["passes"]:
-                chosen = record
-                break
-        if chosen is None:
-            chosen = verify(space.assign(math.inf), math.inf)
-            chosen["passes"] = True
+    if not math.isinf(best["lam"]) and not check(best)["passes"]:
+        chosen = _fall_back(best, settings, space, verify, trace, check)
         log(f"note: the plan chosen on the search videos failed on the validation videos "
             f"(mean {tried[0]['psnr']:.2f} dB, worst {tried[0]['psnr_worst']:.2f}" + ("" if dense_gt is None else
                                                         f", ground truth kept: {tried[0]['groundtruth_ok']}") +
@@ -276,19 +257,51 @@ def _validate(pipe, settings: CalibrationSettings, space: SearchSpace, verify, b
               "dense_seconds_per_video": dense_per_video,
               "final": checked.get(id(chosen)), "baseline": None}
     if settings.baseline and space is not None and space.sla:
-        options = uniform_options(space, chosen["modelled_ms"], calls_per_step, len(space.sla), kinds=("sla",),
-                                  side="above")
-        if options:  # the one nearest the plan's cost (from above), the least predicted error on a tie
-            option = min(options, key=lambda o: (o.cost_per_sample(calls_per_step), o.predicted_error()))
-            bar.stage("validation: uniform SLA baseline", chunks * settings.steps)
-            videos = generate(option.to_plan({}))
-            psnr, ssim, per_video = _psnr_ssim(videos, dense_videos, per_video=True)
-            record["baseline"] = {"label": _describe(option, math.nan), "method": option.method(0, 0).to_dict(),
-                                  "dense_steps": option.warmup,
-                                  "modelled_ms": option.cost_per_sample(calls_per_step) * 1e3, "psnr": psnr,
-                                  "psnr_worst": min(per_video), "ssim": ssim,
-                                  "groundtruth": None if dense_gt is None else groundtruth_scores(videos, prompts)}
+        record["baseline"] = _baseline(space, chosen, calls_per_step, generate, dense_videos,
+                                       lambda videos: None if dense_gt is None else groundtruth_scores(videos, prompts),
+                                       lambda: bar.stage("validation: uniform SLA baseline", chunks * settings.steps))
     return chosen, record
+
+
+def _fall_back(best: dict, settings: CalibrationSettings, space: SearchSpace, verify, trace: List[dict], check) -> dict:
+    """The plan written when ``best`` failed validation: the first denser plan of the search that passes
+    ``check`` (``--search warmup``: first ``best`` one dense step longer at a time), in order of cost, each
+    content checked once; else the dense plan (exact)."""
+    denser = sorted((r for r in trace if r.get("passes") and r["modelled_ms"] > best["modelled_ms"]
+                     and not math.isinf(r["lam"])), key=lambda r: r["modelled_ms"])
+    if settings.search == "warmup":  # one more dense step at a time first
+        denser = itertools.chain(_longer_warmups(best, settings, verify, trace), denser)
+
+    def content(record: dict) -> str:
+        return record["assignment"].to_plan({}).content_hash()
+
+    seen = {content(best)}
+    for record in denser:
+        if content(record) in seen:
+            continue
+        seen.add(content(record))
+        if check(record)["passes"]:
+            return record
+    dense = verify(space.assign(math.inf), math.inf)
+    dense["passes"] = True
+    return dense
+
+
+def _baseline(space: SearchSpace, chosen: dict, calls_per_step: int, generate, dense_videos, groundtruth, stage):
+    """The uniform SLA baseline of the validation record (None when no option costs as much as ``chosen``):
+    of the options at no less modelled cost, the nearest (the least predicted error on a tie), its videos
+    scored against ``dense_videos``."""
+    options = uniform_options(space, chosen["modelled_ms"], calls_per_step, len(space.sla), kinds=("sla",),
+                              side="above")
+    if not options:
+        return None
+    option = min(options, key=lambda o: (o.cost_per_sample(calls_per_step), o.predicted_error()))
+    stage()
+    videos = generate(option.to_plan({}))
+    psnr, ssim, per_video = _psnr_ssim(videos, dense_videos, per_video=True)
+    return {"label": _describe(option, math.nan), "method": option.method(0, 0).to_dict(), "dense_steps": option.warmup,
+            "modelled_ms": option.cost_per_sample(calls_per_step) * 1e3, "psnr": psnr, "psnr_worst": min(per_video),
+            "ssim": ssim, "groundtruth": groundtruth(videos)}
 
 
 def _longer_warmups(best: dict, settings: CalibrationSettings, verify, trace: List[dict]):
@@ -623,6 +636,27 @@ def _add_seconds(result: dict, seconds: Dict[str, float], validation: Optional[d
                                    "per_video_ratio": seconds["total"] / dense_per_video}
 
 
+def _search(pipe, settings: CalibrationSettings, space: SearchSpace, verify, jobs, dense, call_kwargs: dict, bar,
+            seconds: Dict[str, float]):
+    """``(best, trace, sensitivity weights)`` of the search over plans verified end to end: ``--search warmup``'s,
+    or the allocation search under the budget (after the sensitivity probes, timed into ``seconds``, with
+    ``--sensitivity probe``)."""
+    calls_per_step = verify.calls_per_step
+    if settings.search == "warmup":
+        best, trace = warmup_search(space, verify, min_psnr=settings.min_psnr, rule=settings.budget_on,
+                                    calls_per_step=calls_per_step)
+        return best, trace, (None, None)
+    weights = (None, None)
+    if settings.sensitivity == "probe":
+        t_probe = time.perf_counter()
+        weights = _probe_sensitivity(pipe, settings, space, jobs, dense, call_kwargs, bar)
+        seconds["sensitivity probes"] = time.perf_counter() - t_probe
+    best, trace = search_budget(space, verify, min_psnr=settings.min_psnr, max_layer_error=settings.max_layer_error,
+                                rule=settings.budget_on, iters=settings.search_iters,
+                                uniform=settings.uniform_options, calls_per_step=calls_per_step)
+    return best, trace, weights
+
+
 def calibrate(settings: CalibrationSettings, out, *, report_dir=None, progress: bool = True,
               log: Callable[[str], None] = print) -> dict:
     """Calibrate a :class:`~dit_accel.SparsePlan` for ``settings.model`` and write it to ``out``.
@@ -679,21 +713,8 @@ def calibrate(settings: CalibrationSettings, out, *, report_dir=None, progress: 
             log(f"note: {terms_note}")
         calls_per_step = 2 if (settings.guidance_scale or 0) > 1 else 1
         verify = _Verifier(pipe, settings, jobs, dense, call_kwargs, bar, calls_per_step)
-        weights = (None, None)
-        if settings.search == "warmup":
-            best, trace = warmup_search(space, verify, min_psnr=settings.min_psnr, rule=settings.budget_on,
-                                        calls_per_step=calls_per_step)
-        else:
-            if settings.sensitivity == "probe":
-                t_probe = time.perf_counter()
-                weights = _probe_sensitivity(pipe, settings, space, jobs, dense, call_kwargs, bar)
-                seconds["sensitivity probes"] = time.perf_counter() - t_probe
-                t += seconds["sensitivity probes"]
-            best, trace = search_budget(space, verify, min_psnr=settings.min_psnr,
-                                        max_layer_error=settings.max_layer_error, rule=settings.budget_on,
-                                        iters=settings.search_iters, uniform=settings.uniform_options,
-                                        calls_per_step=calls_per_step)
-        seconds["search and verification"] = time.perf_counter() - t
+        best, trace, weights = _search(pipe, settings, space, verify, jobs, dense, call_kwargs, bar, seconds)
+        seconds["search and verification"] = time.perf_counter() - t - seconds.get("sensitivity probes", 0.0)
         # 5. validation: the chosen plan on videos the search never saw; else the next denser passing plan
         validation = None
         if val_jobs:

@@ -24,6 +24,7 @@ defaults. The sidecar records what was actually used.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import inspect
 import os
 import re
@@ -225,10 +226,19 @@ def _saved_method(args):
         return None
     from ..checkpoints.finetuned import load_method
 
+    from ..models.loading import same_model
+    from ..checkpoints.finetuned import METHOD_FILE, read_weights_info
+
     try:
-        return load_method(args.weights)
+        method = load_method(args.weights)
+        trained_on = read_weights_info(args.weights).get("model")
     except ValueError as err:
         raise _UsageError(f"--weights: {err}") from None
+    if isinstance(trained_on, str) and not same_model(trained_on, args.model):
+        raise _UsageError(f"--weights {args.weights} was trained on {trained_on} (its {METHOD_FILE}), not on --model "
+                          f"{args.model}: its weights fit only that model; pass --model {trained_on}, or weights "
+                          f"fine-tuned from {args.model}")
+    return method
 
 
 def _method_for_weights(args, saved, parser):
@@ -309,6 +319,24 @@ def _early_plan(args):
         return SparsePlan.load(args.plan)
     except ValueError as err:
         raise _UsageError(f"--plan: {err}") from None
+
+
+def _plan_model_note(args, plan):
+    """The warning for a plan calibrated on another model than ``--model`` (its provenance's ``model_id``), printed
+    now (unless --quiet) and kept in ``args._plan_model_note`` for the sidecar, which then reports no plan quality:
+    the recorded quality is the other model's. None when the plan names no model or names this one."""
+    from ..models.loading import same_model
+
+    args._plan_model_note = None
+    model_id = None if plan is None else plan.provenance.get("model_id")
+    if not isinstance(model_id, str) or same_model(model_id, args.model):
+        return None
+    args._plan_model_note = (f"--plan {args.plan} was calibrated on {model_id}, not on {args.model}: it runs, but "
+                             f"its recorded quality is {model_id}'s, not this run's (calibrate a plan for "
+                             f"{args.model} to know it)")
+    if not args.quiet:
+        print(f"dit-accel generate: warning: {args._plan_model_note}", file=sys.stderr)
+    return args._plan_model_note
 
 
 def _early_method(args, parser, tiny: bool):
@@ -586,14 +614,14 @@ def _dense_for_comparison(args, pipe, call: dict, method, schedule: dict, quiet:
 
 def generate(args) -> dict:
     """Run ``generate`` for parsed ``args``; returns the sidecar dict (also written to OUT.json)."""
-    from ..atomic_files import atomic_write_json
-    from ..videos import output_files, save_video, to_uint8_frames
+    from ..atomic_files import locked
     from ..models.tiny import is_embedded_model
 
     t_total = time.perf_counter()
     parser = getattr(args, "_parser", None)
     tiny = is_embedded_model(args.model)  # grid-sized call settings and method options
     cp_config, dtype, plan, saved = _prepare(args, tiny)
+    _plan_model_note(args, plan)
     pipe, load_s = _load(args, dtype, cp_config)
     quiet = args.quiet or not parallel.is_main()
     method, schedule, source = _method_and_schedule(args, pipe, saved, parser)
@@ -605,6 +633,29 @@ def generate(args) -> dict:
     is_video = "num_frames" in call
     out = Path(args.out) if args.out else Path("outputs") / f"{_slug(args.model)}-{args.method}" \
         f"{'.mp4' if is_video else '.png'}"
+    if not parallel.is_main():  # every rank holds the same frames; rank 0 writes them
+        return _denoise_and_write(args, pipe, call, method, schedule, source, quiet, is_video, out, t_total, load_s)
+    created = [p for p in (out.parent, *out.parent.parents) if not p.exists()]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        # One writer per output, held from before the denoising: a second run into the same --out is refused at
+        # once (atomic_files.BusyError), never left to mix its video with this run's sidecar.
+        with locked(out, wait=False):
+            return _denoise_and_write(args, pipe, call, method, schedule, source, quiet, is_video, out, t_total,
+                                      load_s)
+    except BaseException:
+        for folder in created:  # a failed run leaves no folders it made (only while they are empty)
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        raise
+
+
+def _denoise_and_write(args, pipe, call, method, schedule, source, quiet, is_video, out: Path, t_total: float,
+                       load_s: float) -> dict:
+    """The denoising (and the dense run it is compared with), then the video and its sidecar."""
+    from ..atomic_files import atomic_write_json
+    from ..videos import output_files, save_video, to_uint8_frames
+
     dense = None
     if _wants_dense_run(args, method):
         dense = _dense_for_comparison(args, pipe, call, method, schedule, quiet, is_video)
@@ -613,7 +664,7 @@ def generate(args) -> dict:
 
     frames = to_uint8_frames(_frames_from_output(output, is_video))
     t0 = time.perf_counter()
-    if not parallel.is_main():  # every rank holds the same frames; rank 0 writes them
+    if not parallel.is_main():
         return {"output": None, "rank": None}
     sidecar = Path(str(out) + ".json")
     if not args.side_by_side:
@@ -631,6 +682,9 @@ def generate(args) -> dict:
     if hasattr(method, "summary_line"):  # a plan: its one-line summary, not its whole JSON
         record["plan_summary"] = method.summary_line()
         record["plan_quality"] = method.sparse_plan.provenance.get("quality")  # calibrate's validation record
+        if getattr(args, "_plan_model_note", None):  # calibrated on another model: its quality is not this run's
+            record["plan_quality"], record["plan_model_note"] = None, args._plan_model_note
+            record["warnings"] = [*record.get("warnings", []), args._plan_model_note]
     if getattr(args, "_default_note", None):
         record["default_note"] = args._default_note
     record["cache"] = to_jsonable(_cache_record(getattr(args, "_cache_spec", None), calls, summary))

@@ -76,6 +76,16 @@ def model_folder(model) -> Optional[Path]:
     return None
 
 
+def same_model(a, b) -> bool:
+    """Whether two ``--model`` values name the same model: the same string, or the same folder on this machine
+    (an embedded model's name and its folder, two spellings of one path). A model recorded on another machine
+    that is not here is not the same."""
+    if a == b:
+        return True
+    fa, fb = model_folder(a), model_folder(b)
+    return fa is not None and fb is not None and fa.resolve() == fb.resolve()
+
+
 def model_fingerprint(model, pipe=None, *, memo=None, warn=print) -> Optional[str]:
     """The content of a model's weights: ``"files:<sha256>"`` of the files it loads from (configs included;
     file hashes memoised in ``memo``, see :func:`dit_accel.atomic_files.folder_digest`), else ``"state:<sha256>"`` of

@@ -1,4 +1,4 @@
-"""Train the ``tiny-shapes`` model: ``python -m dit_accel.models.train_tiny [--steps N] [--out DIR]``.
+"""Train the ``tiny-shapes`` model: ``python -m dit_accel.models.train_tiny --out DIR [--steps N]``.
 
 Fine-tune it, e.g. to longer clips: ``--init DIR`` starts from a saved pipeline (its codec normalisation
 kept; its ``train_log.json`` nested in the new one as ``init_log``), ``--frames N`` sets the clip length
@@ -40,13 +40,14 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from ..atomic_files import atomic_write_json
+from .._util import portable_path
+from ..atomic_files import atomic_folder, atomic_write_json, is_temp_name
 from .attention_locality import AttentionLocality
 from .clips import COLOURS, DIRECTIONS, SHAPES, make_prompt, render_batch
-from .tiny_shapes import TINY_SHAPES_DEFAULTS, TINY_SHAPES_DIR
+from .tiny_shapes import TINY_SHAPES_DEFAULTS
 
 __all__ = ["TRANSFORMER_CONFIG", "TEXT_ENCODER_CONFIG", "HEADS", "transformer_config", "build_pipeline",
-           "build_pixel_codec", "pack_latents", "train", "main"]
+           "build_pixel_codec", "pack_latents", "checked_out_dir", "train", "main"]
 
 TRANSFORMER_CONFIG = dict(
     patch_size=(1, 2, 2),
@@ -342,7 +343,7 @@ def _locality_schedule(locality, max_noise: float):
     return tuple(sorted(((float(level), method) for level, method in pairs), key=lambda p: -p[0]))
 
 
-def train(out_dir=TINY_SHAPES_DIR, *, steps: int = 3600, batch_size: int = 16, lr: float = 1.5e-3, warmup: int = 100,
+def train(out_dir, *, steps: int = 3600, batch_size: int = 16, lr: float = 1.5e-3, warmup: int = 100,
           short_fraction: float = 0.65, ema_decay: float = 0.998, seed: int = 0, log_every: int = 25,
           eval_seeds=(0, 1), save_every: int = 0, frames: int = None, size: int = None, object_canvas: int = None,
           init=None,
@@ -398,95 +399,157 @@ def train(out_dir=TINY_SHAPES_DIR, *, steps: int = 3600, batch_size: int = 16, l
 
         train("/tmp/tiny-shapes", steps=200)   # a quick smoke run
     """
+    out_dir = checked_out_dir(out_dir, init)
+    _check_choices(init=init, heads=heads, local_max_noise=local_max_noise, precision=precision,
+                   noise_levels=noise_levels, local=local, locality=locality)
+    frames, canvas = _checked_shape(frames, size, object_canvas, local_pull)
     settings = {"steps": steps, "batch_size": batch_size, "lr": lr, "warmup": warmup,
                 "short_fraction": short_fraction, "short_frames": _SHORT_FRAMES, "ema_decay": ema_decay,
                 "seed": seed, "threads": torch.get_num_threads(), "scheduler_shift": SCHEDULER_SHIFT,
                 "uncond_prob": _UNCOND_PROB, "pad_lengths": _PAD_LENGTHS, "size": TINY_SHAPES_DEFAULTS,
-                "heads": heads, "device": str(device), "precision": precision}
-    _check_choices(init=init, heads=heads, local_max_noise=local_max_noise, precision=precision,
-                   noise_levels=noise_levels, local=local, locality=locality)
-    frames, canvas = _checked_shape(frames, size, object_canvas, local_pull)
-    settings.update(frames=frames, canvas=canvas, object_canvas=object_canvas or canvas, init=str(init) if init else None,
-                    time_limit=time_limit, local=None if local is None else local.to_dict(), local_weight=local_weight,
-                    local_pull=local_pull, local_max_noise=local_max_noise, noise_levels=noise_levels,
-                    locality=None if locality is None else _locality_record(locality), locality_weight=locality_weight,
-                    locality_queries=locality_queries)
+                "heads": heads, "device": str(device), "precision": precision, "frames": frames, "canvas": canvas,
+                "object_canvas": object_canvas or canvas, "init": None if init is None else portable_path(init, out_dir),
+                "time_limit": time_limit, "local": None if local is None else local.to_dict(),
+                "local_weight": local_weight, "local_pull": local_pull, "local_max_noise": local_max_noise,
+                "noise_levels": noise_levels, "locality": None if locality is None else _locality_record(locality),
+                "locality_weight": locality_weight, "locality_queries": locality_queries}
     pipe, mean, std = _starting_pipeline(init, frames, seed, size, heads)
     pipe.to(device)
-    params = [p for m in (pipe.transformer, pipe.text_encoder) for p in m.parameters()]
-    ema = [p.detach().clone() for p in params]
-    optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.99), weight_decay=0.01, fused=True)
-    g = torch.Generator().manual_seed(seed)
-    handle = _apply(pipe, local)
-    schedule = None if locality is None else _locality_schedule(locality, local_max_noise)
-    watcher = None if schedule is None else (
-        AttentionLocality(pipe.transformer, tuple(m for _, m in schedule), queries=locality_queries, generator=g),
-        locality_weight, tuple(level for level, _ in schedule))
-    outside = []  # the locality term's values since the last log point
-    curve, window, load_start, start, steps_done = [], [], os.getloadavg(), time.perf_counter(), 0
+    loop = _Loop(pipe, settings, local, locality, size, object_canvas, (mean, std))
     print(f"training tiny-shapes: {steps} steps of {batch_size} clips on {device} ({torch.get_num_threads()} threads) -> "
           f"{out_dir}; mean loss every {log_every} steps below (JSON lines)", file=sys.stderr, flush=True)
-    for step in tqdm(range(steps), desc="training tiny-shapes", unit="step", file=sys.stderr, mininterval=2.0,
-                     dynamic_ncols=True):
-        for group in optimizer.param_groups:
-            group["lr"] = _learning_rate(step, steps, lr, warmup)
-        if time_limit is not None and time.perf_counter() - start >= time_limit:
-            break
-        clip_frames = _SHORT_FRAMES if step < short_fraction * steps else frames
-        batch = _sample_batch(g, batch_size, clip_frames, mean, std, frames, size, object_canvas)
-        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-            loss = _flow_matching_loss(pipe, *batch, g,
-                                       None if handle is None else (handle, local_weight, local_pull, local_max_noise),
-                                       noise_levels, watcher)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        with torch.no_grad():
-            torch._foreach_lerp_(ema, [p.detach() for p in params], 1 - min(ema_decay, (1 + step) / (10 + step)))
-        window.append(loss.item())
-        if watcher is not None and watcher[0].last is not None:
-            outside.append(watcher[0].last)
-        steps_done = step + 1
-        if (step + 1) % log_every == 0 or step + 1 == steps:
-            curve.append(_curve_point(step + 1, window, optimizer, time.perf_counter() - start, outside))
-            window, outside = [], []
-            tqdm.write(json.dumps(curve[-1]), file=sys.stdout)
-        if save_every and (step + 1) % save_every == 0 and step + 1 < steps:
-            if handle is not None:  # the saved folder is the stock model: nothing of the method in it
-                handle.remove()
-            _save_ema(pipe, params, ema, Path(out_dir))
-            handle = _apply(pipe, local)
-    train_seconds = time.perf_counter() - start
-    if handle is not None:
-        handle.remove()
-    with torch.no_grad():
-        for p, e in zip(params, ema):
-            p.copy_(e)
-    pipe.transformer.eval()
-    pipe.text_encoder.eval()
-    if window:  # a run stopped by time_limit between two log points
-        curve.append(_curve_point(steps_done, window, optimizer, train_seconds, outside))
-    log = {"settings": settings, "steps_done": steps_done, "train_seconds": round(train_seconds, 1),
+    load_start = os.getloadavg()
+    loop.run(log_every, save_every, out_dir)
+    loop.finish()
+    log = {"settings": settings, "steps_done": loop.steps_done, "train_seconds": round(loop.seconds, 1),
            "loadavg_1_5_15_start": load_start, "loadavg_1_5_15_end": os.getloadavg(),
            "parameters": {"transformer": _count(pipe.transformer), "text_encoder": _count(pipe.text_encoder)},
-           "curve": curve, "init_log": _init_log(init)}
-    return _save_and_evaluate(pipe, Path(out_dir), log, eval_seeds, frames, size)
+           "curve": loop.curve, "init_log": _init_log(init)}
+    return _save_and_evaluate(pipe, out_dir, log, eval_seeds, frames, size)
+
+
+class _Loop:
+    """The training loop of :func:`train` and its state: the optimizer, the EMA weights, the method handle of
+    ``local`` and the watcher of ``locality``, the loss curve."""
+
+    def __init__(self, pipe, settings: dict, local, locality, size, object_canvas, normalisation) -> None:
+        self.pipe, self.s, self.local, self.size, self.object_canvas = pipe, settings, local, size, object_canvas
+        self.mean, self.std = normalisation
+        self.params = [p for m in (pipe.transformer, pipe.text_encoder) for p in m.parameters()]
+        self.ema = [p.detach().clone() for p in self.params]
+        self.optimizer = torch.optim.AdamW(self.params, lr=settings["lr"], betas=(0.9, 0.99), weight_decay=0.01,
+                                           fused=True)
+        self.g = torch.Generator().manual_seed(settings["seed"])
+        self.handle = _apply(pipe, local)
+        schedule = None if locality is None else _locality_schedule(locality, settings["local_max_noise"])
+        self.watcher = None if schedule is None else (
+            AttentionLocality(pipe.transformer, tuple(m for _, m in schedule), queries=settings["locality_queries"],
+                              generator=self.g),
+            settings["locality_weight"], tuple(level for level, _ in schedule))
+        self.curve, self.steps_done, self.seconds = [], 0, 0.0
+
+    def step(self, step: int) -> float:
+        """One optimizer step and the EMA update; returns the loss."""
+        s = self.s
+        clip_frames = _SHORT_FRAMES if step < s["short_fraction"] * s["steps"] else s["frames"]
+        batch = _sample_batch(self.g, s["batch_size"], clip_frames, self.mean, self.std, s["frames"], self.size,
+                              self.object_canvas)
+        local = None if self.handle is None else (self.handle, s["local_weight"], s["local_pull"], s["local_max_noise"])
+        with torch.autocast(torch.device(s["device"]).type, dtype=torch.bfloat16, enabled=s["precision"] == "bf16"):
+            loss = _flow_matching_loss(self.pipe, *batch, self.g, local, s["noise_levels"], self.watcher)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.params, 1.0)
+        self.optimizer.step()
+        with torch.no_grad():
+            torch._foreach_lerp_(self.ema, [p.detach() for p in self.params],
+                                 1 - min(s["ema_decay"], (1 + step) / (10 + step)))
+        return loss.item()
+
+    def run(self, log_every: int, save_every: int, out_dir: Path) -> None:
+        """The steps (until ``time_limit``), a curve point every ``log_every``, a checkpoint every ``save_every``."""
+        s = self.s
+        window, outside, start = [], [], time.perf_counter()  # outside: the locality term since the last point
+        for step in tqdm(range(s["steps"]), desc="training tiny-shapes", unit="step", file=sys.stderr,
+                         mininterval=2.0, dynamic_ncols=True):
+            for group in self.optimizer.param_groups:
+                group["lr"] = _learning_rate(step, s["steps"], s["lr"], s["warmup"])
+            if s["time_limit"] is not None and time.perf_counter() - start >= s["time_limit"]:
+                break
+            window.append(self.step(step))
+            if self.watcher is not None and self.watcher[0].last is not None:
+                outside.append(self.watcher[0].last)
+            self.steps_done = step + 1
+            if (step + 1) % log_every == 0 or step + 1 == s["steps"]:
+                self.curve.append(_curve_point(step + 1, window, self.optimizer, time.perf_counter() - start, outside))
+                window, outside = [], []
+                tqdm.write(json.dumps(self.curve[-1]), file=sys.stdout)
+            if save_every and (step + 1) % save_every == 0 and step + 1 < s["steps"]:
+                self.checkpoint(out_dir)
+        self.seconds = time.perf_counter() - start
+        if window:  # a run stopped by time_limit between two log points
+            self.curve.append(_curve_point(self.steps_done, window, self.optimizer, self.seconds, outside))
+
+    def checkpoint(self, out_dir: Path) -> None:
+        """The EMA weights saved to ``out_dir`` (the stock model: nothing of the method in it)."""
+        if self.handle is not None:
+            self.handle.remove()
+        _save_ema(self.pipe, self.params, self.ema, out_dir)
+        self.handle = _apply(self.pipe, self.local)
+
+    def finish(self) -> None:
+        """The EMA weights into the model, the method removed, eval mode: the model to save."""
+        if self.handle is not None:
+            self.handle.remove()
+        with torch.no_grad():
+            for p, e in zip(self.params, self.ema):
+                p.copy_(e)
+        self.pipe.transformer.eval()
+        self.pipe.text_encoder.eval()
 
 
 def _save_and_evaluate(pipe, out_dir: Path, log: dict, eval_seeds, frames: int, size) -> dict:
     """Save the trained pipeline, score it over ``eval_seeds`` at the run's clip length and canvas, and write
-    ``train_log.json`` last (a folder with one holds a finished run)."""
+    ``train_log.json`` beside it: all in a temporary sibling folder that then replaces ``out_dir`` whole
+    (:func:`~dit_accel.atomic_files.atomic_folder`), so the weights and the log of a finished run are one commit. A
+    run killed before it leaves the previous folder (an earlier run, or this run's last checkpoint), never new
+    weights beside an old log."""
     from .tiny_shapes import evaluate
 
-    pipe.save_pretrained(out_dir, safe_serialization=True)
-    _portable_folder(out_dir)
-    if eval_seeds:
-        pipe.set_progress_bar_config(disable=True)
-        canvas = {"height": size, "width": size} if size else {}
-        log["eval"] = evaluate(pipe, seeds=tuple(eval_seeds), num_frames=frames, **canvas)
-    atomic_write_json(out_dir / "train_log.json", log, indent=1)
+    with atomic_folder(out_dir) as tmp:
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        _portable_folder(tmp)
+        if eval_seeds:
+            pipe.set_progress_bar_config(disable=True)
+            canvas = {"height": size, "width": size} if size else {}
+            log["eval"] = evaluate(pipe, seeds=tuple(eval_seeds), num_frames=frames, **canvas)
+        atomic_write_json(tmp / "train_log.json", log, indent=1)
     return log
+
+
+def checked_out_dir(out_dir, init=None) -> Path:
+    """``out_dir`` as a Path; ValueError (before anything is built or written) for a missing one, one inside the
+    installed package (its shipped models), the ``init`` folder itself, or a folder holding files that are not a
+    saved pipeline (a run replaces its output folder whole)."""
+    import dit_accel
+
+    if out_dir is None or not str(out_dir).strip():
+        raise ValueError("out_dir (--out) is required: the folder the trained pipeline is saved to (a new folder)")
+    out, package = Path(out_dir), Path(dit_accel.__file__).resolve().parent
+    full = Path(os.path.abspath(out)).resolve()
+    if full == package or package in full.parents:
+        raise ValueError(f"--out {str(out)!r} is inside the installed dit_accel package ({package}), whose shipped "
+                         "models a run would overwrite; train into a new folder outside the package")
+    if init and Path(os.path.abspath(init)).resolve() == full:
+        raise ValueError("--init and --out are the same folder: checkpoints would overwrite the starting weights")
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {str(out)!r} exists and is not a folder; choose a new folder")
+    held = [p.name for p in out.iterdir() if not is_temp_name(p)] if out.is_dir() else []
+    if held and not (out / "model_index.json").is_file():
+        raise ValueError(f"--out {str(out)!r} holds {len(held)} file(s) that are not a saved pipeline (e.g. "
+                         f"{sorted(held)[0]!r}; no model_index.json), and a run replaces its folder whole; choose an "
+                         "empty or new folder")
+    return out
 
 
 def _check_choices(*, init, heads, local_max_noise, precision, noise_levels, local, locality) -> None:
@@ -509,7 +572,7 @@ def _check_choices(*, init, heads, local_max_noise, precision, noise_levels, loc
 def _checked_shape(frames, size, object_canvas, local_pull):
     """``(frames, canvas side)`` of a run, defaults filled in; ValueError (before anything is written) for a clip
     length, canvas, object canvas or pull direction the codec or the loss cannot take."""
-    frames = frames or TINY_SHAPES_DEFAULTS["num_frames"]
+    frames = TINY_SHAPES_DEFAULTS["num_frames"] if frames is None else frames
     if frames < 3 or frames % 2 != 1:
         raise ValueError(f"frames must be odd and at least 3 (the pixel codec pairs frames), got {frames}")
     if size is not None and (size < 16 or size % 16):
@@ -579,13 +642,15 @@ def _load_pipeline(folder):
 
 
 def _save_ema(pipe, params, ema, out_dir: Path) -> None:
-    """Save the pipeline with its EMA weights, then put the training weights back."""
+    """Save the pipeline with its EMA weights (a checkpoint: a folder without ``train_log.json``, which replaces
+    ``out_dir`` whole), then put the training weights back."""
     with torch.no_grad():
         live = [p.detach().clone() for p in params]
         for p, e in zip(params, ema):
             p.copy_(e)
-        pipe.save_pretrained(out_dir, safe_serialization=True)
-        _portable_folder(out_dir)
+        with atomic_folder(out_dir) as tmp:
+            pipe.save_pretrained(tmp, safe_serialization=True)
+            _portable_folder(tmp)
         for p, w in zip(params, live):
             p.copy_(w)
 
@@ -593,10 +658,12 @@ def _save_ema(pipe, params, ema, out_dir: Path) -> None:
 def _portable_folder(folder: Path) -> None:
     """Make a saved folder load anywhere: the tokenizer recorded as ``PreTrainedTokenizerFast``, a name
     Transformers 4 and 5 both load (Transformers 5 saves its new alias ``TokenizersBackend``, unknown to 4.x), and
-    no ``_name_or_path`` in the configs (a fine-tune's would name the folder it started from on this machine)."""
+    no ``_name_or_path`` in the configs or the model index (a fine-tune's would name the folder it started from on
+    this machine)."""
     index_path, config_path = folder / "model_index.json", folder / "tokenizer" / "tokenizer_config.json"
     index, config = json.loads(index_path.read_text()), json.loads(config_path.read_text())
     index["tokenizer"] = ["transformers", "PreTrainedTokenizerFast"]
+    index.pop("_name_or_path", None)  # the folder a fine-tune started from, on the machine that trained it
     config["tokenizer_class"] = "PreTrainedTokenizerFast"
     atomic_write_json(index_path, index)
     atomic_write_json(config_path, config)
@@ -614,7 +681,8 @@ def _count(module) -> int:
 def main(argv=None) -> None:
     """Command line of :func:`train`."""
     parser = argparse.ArgumentParser(prog="python -m dit_accel.models.train_tiny", description=__doc__.split("\n")[0])
-    parser.add_argument("--out", default=str(TINY_SHAPES_DIR), help="output folder (default: the shipped weights)")
+    parser.add_argument("--out", required=True, metavar="DIR",
+                        help="output folder: a new one, or an earlier run's (replaced whole); not inside the package")
     parser.add_argument("--steps", type=int, default=3600)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--lr", type=float, default=1.5e-3, help="peak learning rate")
@@ -668,8 +736,13 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     local, locality = (_method_arg(parser, flag, text) for flag, text in (("--local", args.local),
                                                                            ("--locality", args.locality)))
-    if args.init and Path(args.init).resolve() == Path(args.out).resolve():
-        parser.error("--init and --out are the same folder: checkpoints would overwrite the starting weights")
+    try:  # every check train() makes, before the threads are set and anything is built
+        checked_out_dir(args.out, args.init)
+        _check_choices(init=args.init, heads=args.heads, local_max_noise=args.local_max_noise,
+                       precision=args.precision, noise_levels=args.noise_levels, local=local, locality=locality)
+        _checked_shape(args.frames, args.size, args.object_canvas, args.local_pull)
+    except ValueError as err:
+        _usage_error(parser, _flag_words(str(err)))
     torch.set_num_threads(args.threads or os.cpu_count() or 1)
     log = train(args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup,
                 short_fraction=args.short_fraction, ema_decay=args.ema_decay, seed=args.seed,
@@ -689,15 +762,36 @@ def _locality_record(locality):
     return locality.to_dict()
 
 
+def _usage_error(parser, message: str) -> None:
+    """Exit 2 with one line on stderr: what is wrong and what is allowed (no usage block, no traceback)."""
+    parser.exit(2, f"{parser.prog}: error: {message}\n")
+
+
+def _flag_words(message: str) -> str:
+    """train()'s messages with its keyword names as the command line spells them (``object_canvas`` ->
+    ``--object-canvas``)."""
+    import re
+
+    return re.sub(r"\b(frames|size|object_canvas|local_max_noise|heads|precision|noise_levels|local_pull)\b(?= must| is)",
+                  lambda m: "--" + m.group(1).replace("_", "-"), message)
+
+
+_METHOD_EXAMPLE = 'a JSON object naming a method, e.g. \'{"method": "tile", "tile": [4, 4, 4], "window": [3, 1, 3]}\''
+
+
 def _method_arg(parser, flag: str, text):
     """The method config of a JSON command-line value (None without one); a bad one is a usage error naming ``flag``."""
-    if not text:
+    if text is None:
         return None
     from ..checkpoints.finetuned import method_from_dict
     from .attention_locality import check_pattern_method
 
     try:
         value = json.loads(text)
+        schedule = flag == "--locality" and isinstance(value, list) and value
+        if not schedule and not (isinstance(value, dict) and "method" in value):
+            raise ValueError(f"got {text!r}; expected {_METHOD_EXAMPLE}"
+                             + (" (or a schedule of [max_noise, method] pairs)" if flag == "--locality" else ""))
         if flag == "--locality" and isinstance(value, list):  # a schedule: [[max noise, method], ...]
             if not value or not all(isinstance(p, list) and len(p) == 2 and isinstance(p[1], dict) for p in value):
                 raise ValueError("a schedule is a list of [max_noise, {\"method\": ...}] pairs")
@@ -708,8 +802,8 @@ def _method_arg(parser, flag: str, text):
         if flag == "--locality":
             check_pattern_method(method)
         return method
-    except (ValueError, TypeError) as err:
-        parser.error(f"{flag}: {err}")
+    except (ValueError, TypeError, KeyError) as err:
+        _usage_error(parser, f"{flag}: {err}")
 
 
 if __name__ == "__main__":

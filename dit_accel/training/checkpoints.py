@@ -19,7 +19,7 @@ from ..atomic_files import (BadFileError, atomic_folder, atomic_write_json, cach
                             file_hashes, is_temp_name, load_safetensors, read_json, remove_stale_temps)
 from ..checkpoints.finetuned import LORA_FILE, METHOD_FILE, SLA_FILE, VSA_FILE
 from . import data as data_mod
-from .config import _RESUMABLE, CKPT_DIR, LOG_FILE, RUN_FILE, FinetuneConfig
+from .config import _PATHS, _RESUMABLE, CKPT_DIR, LOG_FILE, RUN_FILE, FinetuneConfig
 
 
 def _run_record(config: FinetuneConfig, world: int) -> dict:
@@ -89,6 +89,9 @@ def _check_output(config: FinetuneConfig, world: int) -> Tuple[Path, list]:
                 "writes are removed), or choose an empty folder."
             )
         previous.setdefault("num_processes", 1)  # run files of 0.1 had no process count (single process)
+        for key in _PATHS:  # earlier run files named their files by absolute path
+            if isinstance(previous.get(key), str) and os.path.isabs(previous[key]):
+                previous[key] = config.portable(previous[key])
         if config.__dict__.get("_vsa_decay_default") and isinstance(previous.get("vsa_decay_steps"), int):
             config.vsa_decay_steps = previous["vsa_decay_steps"]  # the length the run started with, not --steps // 4
         current = _run_record(config, world)

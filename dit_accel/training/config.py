@@ -8,6 +8,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Dict, Optional, Sequence, Tuple
 
+from .._util import portable_path
 from ..methods import VSA, Dense, Method, registered_methods
 from ..plans.per_head import PerHead
 from ..plans.sparse_plan import PlanMethod, SparsePlan
@@ -25,6 +26,8 @@ _CACHED_PROMPTS = 256
 # Default samples per optimizer step in distill mode (see FinetuneConfig, "Samples per step").
 DISTILL_SAMPLES_PER_STEP = 8
 
+# Settings that name files or folders: recorded relative to the output folder (FinetuneConfig.settings).
+_PATHS = ("output", "data", "prompts")
 # Settings that may change between a run and its resumption (they do not change the trajectory).
 _RESUMABLE = {"steps", "checkpoint_every", "log_every", "resume", "overwrite", "output", "checkpoints_total_limit",
               "progress", "eval_batches", "plan_path"}
@@ -138,7 +141,9 @@ class FinetuneConfig:
 
     def settings(self) -> Dict[str, Any]:
         """JSON-able settings (the method as its dict, the model as its name, a plan as its content hash
-        and, as ``plan_path``, where it was read from)."""
+        and, as ``plan_path``, where it was read from). The files and folders of the run (``output``, ``data``,
+        ``prompts``, ``plan_path``) are named as :func:`~dit_accel._util.portable_path` names them from the output
+        folder: never an absolute path of the machine that trained (the records travel with the weights)."""
         out = {}
         for f in fields(self):
             v = getattr(self, f.name)
@@ -147,13 +152,19 @@ class FinetuneConfig:
             elif f.name == "plan":
                 plan = self.sparse_plan()
                 v = plan.content_hash() if plan is not None else None
-                out["plan_path"] = str(self.plan) if isinstance(self.plan, (str, Path)) else None
+                out["plan_path"] = self.portable(self.plan) if isinstance(self.plan, (str, Path)) else None
             elif f.name == "model" and not isinstance(v, str):
                 v = f"<{type(v).__name__} object>"
+            elif f.name in _PATHS and isinstance(v, (str, Path)):
+                v = self.portable(v)
             elif isinstance(v, Path):
                 v = str(v)
             out[f.name] = v
         return json.loads(json.dumps(out))
+
+    def portable(self, path) -> str:
+        """``path`` as the run's records name it (relative to the output folder, or ``dit_accel/...``)."""
+        return portable_path(path, self.output or ".")
 
 
 def vsa_sparsity_at(step: int, target: float, decay_steps: int, interval: int = 1) -> float:

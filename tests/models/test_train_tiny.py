@@ -26,7 +26,8 @@ def finetuned(tmp_path_factory):
 def test_finetune_starts_from_init_and_moves_its_weights(finetuned):
     out, log = finetuned
     assert log["steps_done"] == 2 and [p["step"] for p in log["curve"]] == [1, 2]
-    assert log["settings"]["frames"] == 5 and log["settings"]["init"] == str(TINY_SHAPES_DIR)
+    # The starting folder as the package names it, the same on every machine (no absolute path of this one).
+    assert log["settings"]["frames"] == 5 and log["settings"]["init"] == "dit_accel/models/weights/tiny-shapes"
     start, end = load_file(TINY_SHAPES_DIR / WEIGHTS), load_file(out / WEIGHTS)
     assert start.keys() == end.keys()
     # proj_out is zero in a fresh build: starting from the shipped weights keeps it near them, not near 0.
@@ -81,7 +82,7 @@ def test_defaults_are_the_shipped_run():
     try:
         train_tiny.train = lambda out, **kw: captured.update(kw, out=out) or {"steps_done": 0, "train_seconds": 0,
                                                                                 "parameters": {}}
-        train_tiny.main([])
+        train_tiny.main(["--out", "outputs/tiny-shapes"])
     finally:
         train_tiny.train = original
         torch.set_num_threads(threads)
@@ -300,3 +301,119 @@ def test_precision_bf16_trains_under_autocast_and_records_device(tmp_path):
     with pytest.raises(ValueError, match="precision must be one of"):
         train_tiny.train(tmp_path / "x", steps=1, precision="fp16", eval_seeds=())
     assert not (tmp_path / "x").exists()
+
+
+def _one_line_refusal(capsys, argv, *words):
+    """``main(argv)`` exits 2 with one line on stderr holding ``words``, before anything is trained."""
+    called = []
+    original = train_tiny.train
+    train_tiny.train = lambda *a, **kw: called.append(1)
+    try:
+        with pytest.raises(SystemExit) as exc:
+            train_tiny.main(argv)
+    finally:
+        train_tiny.train = original
+    err = capsys.readouterr().err.strip()
+    assert exc.value.code == 2 and not called, err
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    for word in words:
+        assert word in err, (word, err)
+    return err
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--size", "40"], ["--size", "multiple of 16", "40"]),
+    (["--size", "0"], ["--size", "multiple of 16"]),
+    (["--size", "-16"], ["--size", "multiple of 16"]),
+    (["--object-canvas", "4"], ["--object-canvas", "from 8 to the canvas side 48"]),
+    (["--size", "32", "--object-canvas", "64"], ["--object-canvas", "canvas side 32"]),
+    (["--frames", "0"], ["--frames", "odd and at least 3", "got 0"]),
+    (["--frames", "8"], ["--frames", "odd"]),
+    (["--frames", "-7"], ["--frames", "got -7"]),
+    (["--local", "[]"], ["--local", "a JSON object naming a method"]),
+    (["--local", "{}"], ["--local", "a JSON object naming a method"]),
+    (["--local", "7"], ["--local", "a JSON object naming a method"]),
+    (["--locality", "[]"], ["--locality", "a JSON object naming a method"]),
+    (["--local-max-noise", "0"], ["--local-max-noise", "(0, 1]"]),
+], ids=lambda v: " ".join(v) if isinstance(v, list) and v and v[0].startswith("--") else None)
+def test_bad_command_line_values_are_one_line_before_training(tmp_path, capsys, argv, words):
+    _one_line_refusal(capsys, ["--out", str(tmp_path / "run"), *argv], *words)
+    assert not (tmp_path / "run").exists()
+
+
+def test_out_is_required_and_never_the_packaged_weights(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        train_tiny.main(["--steps", "1"])
+    assert exc.value.code == 2 and "--out" in capsys.readouterr().err
+    before = sorted((TINY_SHAPES_DIR / "transformer").iterdir())
+    _one_line_refusal(capsys, ["--out", str(TINY_SHAPES_DIR)], "inside the installed dit_accel package")
+    _one_line_refusal(capsys, ["--out", str(TINY_SHAPES_DIR.parent / "mine")], "inside the installed dit_accel package")
+    assert sorted((TINY_SHAPES_DIR / "transformer").iterdir()) == before
+    with pytest.raises(ValueError, match="inside the installed dit_accel package"):
+        train_tiny.train(TINY_SHAPES_DIR, steps=1, eval_seeds=())
+    (tmp_path / "notes.txt").write_text("mine")  # a run replaces its folder whole: never over other files
+    _one_line_refusal(capsys, ["--out", str(tmp_path)], "not a saved pipeline", "notes.txt")
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+class _Killed(BaseException):
+    """What a SIGKILL at a write point leaves, simulated in-process (the writers' cleanup of their own temporary
+    files aside, which only tidies: atomic_folder's swap leaves the same folders either way)."""
+
+
+def _weights_digest(folder):
+    from dit_accel.atomic_files import sha256_file
+
+    return sha256_file(folder / WEIGHTS)
+
+
+def test_killed_over_a_finished_run_leaves_the_old_run_or_no_finished_one(tmp_path, monkeypatch):
+    """A run killed at any write point (its checkpoint, its final save) over a finished run's folder leaves the old
+    finished run (its log beside its own weights), a folder without a log (a checkpoint: not a finished run), or
+    the new finished run: never new weights beside the old train_log.json."""
+    import shutil
+
+    from dit_accel import atomic_files
+
+    import copy
+
+    kw = dict(steps=2, batch_size=1, short_fraction=0.0, eval_seeds=(), frames=3, size=16, save_every=1, log_every=1)
+    # The saving is under test, not the training: the model is built once, and a step sets the EMA weights to the
+    # run's seed (a run's weights differ from another's in every tensor).
+    start = train_tiny._starting_pipeline(None, 3, 0, 16)
+    monkeypatch.setattr(train_tiny, "_starting_pipeline", lambda *a: copy.deepcopy(start))
+    monkeypatch.setattr(train_tiny._Loop, "step", lambda self, step: [e.fill_(self.s["seed"]) for e in self.ema] and 0.0)
+    finished, out = tmp_path / "finished", tmp_path / "run"
+    train_tiny.train(finished, seed=1, **kw)
+    shutil.copytree(finished, out)
+    points = []
+    monkeypatch.setattr(atomic_files, "crash_point", lambda: points.append(1))
+    train_tiny.train(out, seed=1, **kw)  # over a finished run, as below: its write points
+    assert len(points) >= 10
+    old = (_weights_digest(finished), json.loads((finished / "train_log.json").read_text()))
+    states = set()
+    for kill_at in range(1, len(points) + 1):
+        shutil.rmtree(out, ignore_errors=True)
+        shutil.copytree(finished, out)
+        count = [0]
+
+        def crash():
+            count[0] += 1
+            if count[0] == kill_at:
+                raise _Killed
+
+        monkeypatch.setattr(atomic_files, "crash_point", crash)
+        with pytest.raises(_Killed):
+            train_tiny.train(out, seed=2, **kw)
+        log_file = out / "train_log.json"
+        if log_file.is_file():
+            log = json.loads(log_file.read_text())
+            if log["settings"]["seed"] == 1:
+                assert (_weights_digest(out), log) == old, f"killed at write point {kill_at}: old log, other weights"
+                states.add("old run")
+            else:
+                assert _weights_digest(out) != old[0]
+                states.add("new run")
+        else:
+            states.add("checkpoint" if (out / "model_index.json").is_file() else "swapping")
+    assert {"old run", "checkpoint", "new run"} <= states, states
