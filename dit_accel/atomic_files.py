@@ -341,6 +341,10 @@ def recover(journal: PathLike, folders: Iterable[PathLike]) -> None:
     """What a writer does first: finish a committed set of a killed predecessor, then sweep the temporaries that
     dead writers left in ``folders``."""
     finish_commit(journal)
+    if lock_name(journal).exists():  # a killed writer's lock file: taken and released, an output's lock file goes
+        with contextlib.suppress(BusyError):  # (a live writer holds it: it stays, and that writer removes it)
+            with locked(journal, wait=False):
+                pass
     for folder in folders:
         remove_stale_temps(folder)
 

@@ -2,6 +2,7 @@
 check, and `eval --compare` with its refusals."""
 import hashlib
 import json
+import shutil
 
 import pytest
 
@@ -76,7 +77,11 @@ def test_provenance_and_temporal(run):
 def test_compare_pairs_folders_and_refuses_mismatches(run, capsys):
     root, out, results = run
     capsys.readouterr()
-    assert main(["eval", "--compare", str(out), str(out)]) == 0
+    assert main(["eval", "--compare", str(out), str(out)]) == 2  # one folder twice: refused, not a table of zeros
+    assert "both name the same folder" in capsys.readouterr().err
+    twin = root / "same_results"
+    shutil.copytree(out, twin)
+    assert main(["eval", "--compare", str(out), str(twin)]) == 0
     printed = capsys.readouterr().out
     assert "| tile | psnr |" in printed and "+0 | [0, 0]" in printed
     for name, change, message in [
