@@ -111,17 +111,74 @@ QUICK = dict(device="cpu", timer=FakeTimer(), calls=2, repeats=1, run_pytest=_fa
 
 @pytest.fixture
 def fresh_autotune(tmp_path, monkeypatch):
+    """The process state a row's path or numbers read, pinned (issue 74 item 12: the rows' test passed or failed
+    by which tests ran before it in the process): an empty autotune store; no ``$DIT_ACCEL_BACKEND`` /
+    ``$DIT_ACCEL_AUTOTUNE`` (a forced backend makes ``auto`` run Triton or flex); no remembered dense choice
+    (``dense [fastest]`` runs what ``choice._CHOSEN`` holds for its signature); no method or plan cached by another
+    test (their layouts keep backend decisions); IEEE fp32 matmuls on the CPU (a reduced precision moves the fp32
+    paths' errors); one torch thread (the PyTorch twin shares its slices out between threads)."""
     from dit_accel.kernels import autotune
+    from dit_accel.kernels.dense import choice
+    from dit_accel.kernels.request import ENV_BACKEND
 
     monkeypatch.setenv("DIT_ACCEL_CACHE", str(tmp_path / "cache"))
-    autotune._MEMORY.clear()
-    autotune._LOADED.clear()
+    monkeypatch.delenv(ENV_BACKEND, raising=False)
+    monkeypatch.delenv(autotune.ENV_AUTOTUNE, raising=False)
+    chosen = dict(choice._CHOSEN)
+    matmul = torch.backends.mkldnn.matmul
+    precision, threads = matmul.fp32_precision, torch.get_num_threads()
+
+    def clear():
+        autotune._MEMORY.clear()
+        autotune._LOADED.clear()
+        choice._CHOSEN.clear()
+        bench_gpu_cases._method_cached.cache_clear()
+        bench_gpu_cases._plan_cached.cache_clear()
+
+    clear()
+    matmul.fp32_precision = "ieee"
+    torch.set_num_threads(1)
     yield
-    autotune._MEMORY.clear()
-    autotune._LOADED.clear()
+    clear()
+    choice._CHOSEN.update(chosen)
+    matmul.fp32_precision = precision
+    torch.set_num_threads(threads)
 
 
 def test_bench_gpu_rows_carry_correctness_and_the_variant_that_ran(tmp_path, monkeypatch, fresh_autotune):
+    _rows_carry_correctness_and_the_variant_that_ran(tmp_path, monkeypatch)
+
+
+@pytest.fixture
+def left_behind(monkeypatch):
+    """What an earlier test in the process may leave (set before ``fresh_autotune``, undone after the test): a
+    forced backend in the environment, a remembered dense choice for the rows' signature, a reduced fp32 matmul
+    precision and another thread count."""
+    from dit_accel.kernels.dense import choice
+
+    monkeypatch.setenv("DIT_ACCEL_BACKEND", "flex")
+    q = torch.empty(1, 2, 256, 16)  # TINY's q, k, v (batch 1, 2 heads, 256 tokens, head dim 16)
+    keys = [choice._key(q, q, q, 0.25, lse, grad, False) for lse in (False, True) for grad in (False, True)]
+    before = {key: choice._CHOSEN.get(key) for key in keys}
+    choice._CHOSEN.update({key: "triton" for key in keys})
+    matmul = torch.backends.mkldnn.matmul
+    precision, threads = matmul.fp32_precision, torch.get_num_threads()
+    matmul.fp32_precision = "bf16"
+    torch.set_num_threads(2)
+    yield
+    for key, name in before.items():
+        choice._CHOSEN.pop(key, None) if name is None else choice._CHOSEN.__setitem__(key, name)
+    matmul.fp32_precision = precision
+    torch.set_num_threads(threads)
+
+
+def test_bench_gpu_rows_do_not_depend_on_what_an_earlier_test_left(tmp_path, monkeypatch, left_behind,
+                                                                   fresh_autotune):
+    """Issue 74 item 12: the same rows, after state a test run earlier in the process would have left."""
+    _rows_carry_correctness_and_the_variant_that_ran(tmp_path, monkeypatch)
+
+
+def _rows_carry_correctness_and_the_variant_that_ran(tmp_path, monkeypatch):
     real = bench_gpu_cases._method
 
     def method(name, grid, density):
