@@ -113,17 +113,19 @@ QUICK = dict(device="cpu", timer=FakeTimer(), calls=2, repeats=1, run_pytest=_fa
 def fresh_autotune(tmp_path, monkeypatch):
     """The process state a row's path or numbers read, pinned (issue 74 item 12: the rows' test passed or failed
     by which tests ran before it in the process): an empty autotune store; no ``$DIT_ACCEL_BACKEND`` /
-    ``$DIT_ACCEL_AUTOTUNE`` (a forced backend makes ``auto`` run Triton or flex); no remembered dense choice
+    ``$DIT_ACCEL_AUTOTUNE`` (a forced backend makes ``auto`` run Triton or flex), no ``$DIT_ACCEL_FAULT`` (it
+    corrupts the Triton rows' output); no remembered dense choice
     (``dense [fastest]`` runs what ``choice._CHOSEN`` holds for its signature); no method or plan cached by another
     test (their layouts keep backend decisions); IEEE fp32 matmuls on the CPU (a reduced precision moves the fp32
     paths' errors); one torch thread (the PyTorch twin shares its slices out between threads)."""
-    from dit_accel.kernels import autotune
+    from dit_accel.kernels import autotune, selfcheck
     from dit_accel.kernels.dense import choice
     from dit_accel.kernels.request import ENV_BACKEND
 
     monkeypatch.setenv("DIT_ACCEL_CACHE", str(tmp_path / "cache"))
     monkeypatch.delenv(ENV_BACKEND, raising=False)
     monkeypatch.delenv(autotune.ENV_AUTOTUNE, raising=False)
+    monkeypatch.delenv(selfcheck.ENV_FAULT, raising=False)
     chosen = dict(choice._CHOSEN)
     matmul = torch.backends.mkldnn.matmul
     precision, threads = matmul.fp32_precision, torch.get_num_threads()
