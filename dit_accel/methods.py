@@ -460,15 +460,13 @@ class Tile(Method):
         """The plan of :func:`~dit_accel.patterns.tile.fit_tile`'s tile and window on ``grid`` in packed tile order
         (every block full or a key tile's ragged last block), or None when the setting's own tile already divides
         the grid into whole blocks (the plain plan is the same)."""
-        from .patterns.tile import fit_tile, packed_tile_layout, tile_token_density
+        from .patterns.tile import fit_tile, packed_tile_layout, tile_covers_grid, tile_token_density
         from .plans.plan import LayoutPlan
 
         tile, window = fit_tile(grid, self.tile, self.window)
         if tile == self.tile:
             return None
         fitted = self.replace(tile=tile, window=window, fit=False)
-        from .patterns.tile import tile_covers_grid
-
         if tile_covers_grid(grid, tile, window):
             return fitted.plan(grid)
         perm, layout = packed_tile_layout(grid, tile, window)
@@ -482,26 +480,13 @@ class Tile(Method):
         A 128-token tile such as (1, 16, 8) lets CUDA calls run 128-row query blocks
         (:meth:`dit_accel.plans.plan.LayoutPlan.kernel_layout`), at a coarser window.
         """
-        # Tiles of one 64-token block each: a window of w tiles per dimension visits about
-        # prod(w_d / n_d) of the blocks. Nearest density first; among near ties the most even window.
-        import itertools
-
         from .patterns.checks import per_dim
-        from .patterns.permutation import TilePermutation, default_tile
+        from .patterns.permutation import default_tile
+        from .patterns.tile import window_at_density
 
         grid = tuple(grid)
         tile = default_tile(grid, 64) if tile is None else per_dim("tile", tile, len(grid), owner="Tile.at_density: ")
-        n_tiles = TilePermutation(grid, tile).num_tiles
-        best = None
-        # Odd windows, plus n + 1 on an even tile count n: the odd window that covers the dimension.
-        candidates = [list(range(1, n + 1, 2)) + ([n + 1] if n % 2 == 0 else []) for n in n_tiles]
-        for window in itertools.product(*candidates):
-            fracs = [math.log(min(w, n) / n) for w, n in zip(window, n_tiles)]
-            mean = sum(fracs) / len(fracs)
-            score = abs(sum(fracs) - math.log(density)) + 0.02 * sum((f - mean) ** 2 for f in fracs)
-            if best is None or score < best[0]:
-                best = (score, window)
-        return Tile(tile=tile, window=best[1])
+        return Tile(tile=tile, window=window_at_density(grid, tile, density))
 
 
 @register_method("tile_strategy",

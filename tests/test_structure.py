@@ -175,3 +175,10 @@ def test_the_length_check_finds_a_long_function_and_skips_a_kernel(tmp_path):
     (pkg / "m.py").write_text(f"import triton\n\n@triton.jit\ndef kernel():\n{body}\n\n\ndef long():\n{body}\n\n\n"
                               f"def short():\n    return 1\n")
     assert long_functions(pkg) == [("pkg/m.py:107", "long", 101)]
+
+
+def test_no_file_is_longer_than_800_lines():
+    """A file past 800 lines holds more than one thing: split it where a reader would look for the second."""
+    offenders = {str(p.relative_to(PACKAGE.parent)): n for p in PACKAGE.rglob("*.py")
+                 if (n := len(p.read_text().splitlines())) > 800}
+    assert not offenders, offenders

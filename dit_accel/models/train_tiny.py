@@ -41,10 +41,11 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from .._util import portable_path
-from ..atomic_files import atomic_folder, atomic_write_json, is_temp_name
+from ..atomic_files import atomic_folder, atomic_write_json
 from .attention_locality import AttentionLocality
 from .clips import COLOURS, DIRECTIONS, SHAPES, make_prompt, render_batch
 from .tiny_shapes import TINY_SHAPES_DEFAULTS
+from .train_tiny_checks import checked_out_dir, checked_shape, flag_words, usage_error
 
 __all__ = ["TRANSFORMER_CONFIG", "TEXT_ENCODER_CONFIG", "HEADS", "transformer_config", "build_pipeline",
            "build_pixel_codec", "pack_latents", "checked_out_dir", "train", "main"]
@@ -402,7 +403,7 @@ def train(out_dir, *, steps: int = 3600, batch_size: int = 16, lr: float = 1.5e-
     out_dir = checked_out_dir(out_dir, init)
     _check_choices(init=init, heads=heads, local_max_noise=local_max_noise, precision=precision,
                    noise_levels=noise_levels, local=local, locality=locality)
-    frames, canvas = _checked_shape(frames, size, object_canvas, local_pull)
+    frames, canvas = checked_shape(frames, size, object_canvas, local_pull)
     settings = {"steps": steps, "batch_size": batch_size, "lr": lr, "warmup": warmup,
                 "short_fraction": short_fraction, "short_frames": _SHORT_FRAMES, "ema_decay": ema_decay,
                 "seed": seed, "threads": torch.get_num_threads(), "scheduler_shift": SCHEDULER_SHIFT,
@@ -527,31 +528,6 @@ def _save_and_evaluate(pipe, out_dir: Path, log: dict, eval_seeds, frames: int, 
     return log
 
 
-def checked_out_dir(out_dir, init=None) -> Path:
-    """``out_dir`` as a Path; ValueError (before anything is built or written) for a missing one, one inside the
-    installed package (its shipped models), the ``init`` folder itself, or a folder holding files that are not a
-    saved pipeline (a run replaces its output folder whole)."""
-    import dit_accel
-
-    if out_dir is None or not str(out_dir).strip():
-        raise ValueError("out_dir (--out) is required: the folder the trained pipeline is saved to (a new folder)")
-    out, package = Path(out_dir), Path(dit_accel.__file__).resolve().parent
-    full = Path(os.path.abspath(out)).resolve()
-    if full == package or package in full.parents:
-        raise ValueError(f"--out {str(out)!r} is inside the installed dit_accel package ({package}), whose shipped "
-                         "models a run would overwrite; train into a new folder outside the package")
-    if init and Path(os.path.abspath(init)).resolve() == full:
-        raise ValueError("--init and --out are the same folder: checkpoints would overwrite the starting weights")
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {str(out)!r} exists and is not a folder; choose a new folder")
-    held = [p.name for p in out.iterdir() if not is_temp_name(p)] if out.is_dir() else []
-    if held and not (out / "model_index.json").is_file():
-        raise ValueError(f"--out {str(out)!r} holds {len(held)} file(s) that are not a saved pipeline (e.g. "
-                         f"{sorted(held)[0]!r}; no model_index.json), and a run replaces its folder whole; choose an "
-                         "empty or new folder")
-    return out
-
-
 def _check_choices(*, init, heads, local_max_noise, precision, noise_levels, local, locality) -> None:
     """ValueError, before anything is built or written, for a head count, noise limit, precision, noise law or pair
     of locality terms that :func:`train` cannot take."""
@@ -567,22 +543,6 @@ def _check_choices(*, init, heads, local_max_noise, precision, noise_levels, loc
     if local is not None and locality is not None:
         raise ValueError("local (a sparse prediction pulled to the dense one) and locality (the dense attention held "
                          "inside a pattern) are two ways to the same end; give one")
-
-
-def _checked_shape(frames, size, object_canvas, local_pull):
-    """``(frames, canvas side)`` of a run, defaults filled in; ValueError (before anything is written) for a clip
-    length, canvas, object canvas or pull direction the codec or the loss cannot take."""
-    frames = TINY_SHAPES_DEFAULTS["num_frames"] if frames is None else frames
-    if frames < 3 or frames % 2 != 1:
-        raise ValueError(f"frames must be odd and at least 3 (the pixel codec pairs frames), got {frames}")
-    if size is not None and (size < 16 or size % 16):
-        raise ValueError(f"size must be a multiple of 16 (the codec halves it, the patch halves it again), got {size}")
-    if local_pull not in ("sparse", "both"):
-        raise ValueError(f"local_pull must be 'sparse' or 'both', got {local_pull!r}")
-    canvas = size or TINY_SHAPES_DEFAULTS["height"]
-    if object_canvas is not None and not 8 <= object_canvas <= canvas:
-        raise ValueError(f"object_canvas must be from 8 to the canvas side {canvas}, got {object_canvas}")
-    return frames, canvas
 
 
 def _curve_point(step: int, window: list, optimizer, seconds: float, outside: list = ()) -> dict:
@@ -740,9 +700,9 @@ def main(argv=None) -> None:
         checked_out_dir(args.out, args.init)
         _check_choices(init=args.init, heads=args.heads, local_max_noise=args.local_max_noise,
                        precision=args.precision, noise_levels=args.noise_levels, local=local, locality=locality)
-        _checked_shape(args.frames, args.size, args.object_canvas, args.local_pull)
+        checked_shape(args.frames, args.size, args.object_canvas, args.local_pull)
     except ValueError as err:
-        _usage_error(parser, _flag_words(str(err)))
+        usage_error(parser, flag_words(str(err)))
     torch.set_num_threads(args.threads or os.cpu_count() or 1)
     log = train(args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup,
                 short_fraction=args.short_fraction, ema_decay=args.ema_decay, seed=args.seed,
@@ -760,20 +720,6 @@ def _locality_record(locality):
     if isinstance(locality, (tuple, list)):
         return [[float(level), method.to_dict()] for level, method in locality]
     return locality.to_dict()
-
-
-def _usage_error(parser, message: str) -> None:
-    """Exit 2 with one line on stderr: what is wrong and what is allowed (no usage block, no traceback)."""
-    parser.exit(2, f"{parser.prog}: error: {message}\n")
-
-
-def _flag_words(message: str) -> str:
-    """train()'s messages with its keyword names as the command line spells them (``object_canvas`` ->
-    ``--object-canvas``)."""
-    import re
-
-    return re.sub(r"\b(frames|size|object_canvas|local_max_noise|heads|precision|noise_levels|local_pull)\b(?= must| is)",
-                  lambda m: "--" + m.group(1).replace("_", "-"), message)
 
 
 _METHOD_EXAMPLE = 'a JSON object naming a method, e.g. \'{"method": "tile", "tile": [4, 4, 4], "window": [3, 1, 3]}\''
@@ -803,7 +749,7 @@ def _method_arg(parser, flag: str, text):
             check_pattern_method(method)
         return method
     except (ValueError, TypeError, KeyError) as err:
-        _usage_error(parser, f"{flag}: {err}")
+        usage_error(parser, f"{flag}: {err}")
 
 
 if __name__ == "__main__":

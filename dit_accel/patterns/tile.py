@@ -29,7 +29,7 @@ from .checks import as_grid, int_or_tuple, per_dim, per_head, positive_int
 from .permutation import PackedTilePermutation, TilePermutation, block_box, permutation_for
 from .separable import covers_grid, kron, relation_1d, separable_layout, stack_heads
 
-__all__ = ["tile_mask", "tile_layout", "packed_tile_layout", "fit_tile", "check_tile_args", "check_tile_block", "tile_relations", "covered_tiles",
+__all__ = ["tile_mask", "tile_layout", "packed_tile_layout", "fit_tile", "window_at_density", "check_tile_args", "check_tile_block", "tile_relations", "covered_tiles",
            "tile_token_density", "tile_covers_grid", "read_sta_strategy"]
 
 
@@ -315,3 +315,22 @@ def read_sta_strategy(path) -> Dict[Tuple[int, int], Tuple[Tuple[int, ...], ...]
             raise ValueError(f"{str(path)!r}: step {step}, layer {layer} lacks heads {missing[:8]}; every "
                              f"(step, layer) in a strategy lists heads 0..{n_heads - 1}")
     return {key: tuple(by_head[h] for h in range(len(by_head))) for key, by_head in heads.items()}
+
+
+def window_at_density(grid, tile, density: float) -> Tuple[int, ...]:
+    """The window (in tiles of ``tile``) that visits the block density nearest ``density`` on ``grid``.
+
+    With tiles of one 64-token block each, a window of ``w`` tiles per dimension visits about ``prod(w_d / n_d)``
+    of the blocks. Nearest density first; among near ties the most even window. Odd windows, plus ``n + 1`` on an
+    even tile count ``n`` (the odd window that covers the dimension).
+    """
+    n_tiles = TilePermutation(tuple(grid), tuple(tile)).num_tiles
+    candidates = [list(range(1, n + 1, 2)) + ([n + 1] if n % 2 == 0 else []) for n in n_tiles]
+    best = None
+    for window in itertools.product(*candidates):
+        fracs = [math.log(min(w, n) / n) for w, n in zip(window, n_tiles)]
+        mean = sum(fracs) / len(fracs)
+        score = abs(sum(fracs) - math.log(density)) + 0.02 * sum((f - mean) ** 2 for f in fracs)
+        if best is None or score < best[0]:
+            best = (score, window)
+    return best[1]
