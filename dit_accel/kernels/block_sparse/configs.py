@@ -50,6 +50,7 @@ class KernelConfig:
     even_d: bool = True
     ws: bool = False  # fwd on sm_90: the full tiles in a warp-specialized kernel (see WS_TUNED)
     resume: bool = False  # fwd on sm_90: the partial tiles after a ws kernel, from its (O, LSE)
+    lengths: bool = False  # fwd: column-prefix tiles run by a column count (block_sparse.lengths)
 
     @property
     def dot_precision(self) -> str:
@@ -62,13 +63,13 @@ class KernelConfig:
     def name(self) -> str:
         return (f"{self.kernel}-{_DTYPE_NAMES[self.dtype]}-d{self.block_d}-m{self.block_m}n{self.block_n}"
                 f"-w{self.num_warps}s{self.num_stages}{'-tma' if self.tma else ''}{'' if self.even_d else '-oddd'}"
-                f"{'-ws' if self.ws else ''}{'-resume' if self.resume else ''}")
+                f"{'-ws' if self.ws else ''}{'-resume' if self.resume else ''}{'-len' if self.lengths else ''}")
 
     def constexprs(self) -> dict:
         out = {"BLOCK_M": self.block_m, "BLOCK_N": self.block_n, "BLOCK_D": self.block_d, "EVEN_D": self.even_d,
                "TMA": self.tma, "DOT_PRECISION": self.dot_precision}
         if self.kernel == "fwd":
-            out.update(WS=self.ws, RESUME=self.resume)
+            out.update(WS=self.ws, RESUME=self.resume, LENGTHS=self.lengths)
         return out
 
     def dense(self):
