@@ -177,3 +177,26 @@ def test_kernel_length_tiles_counts_column_prefix_masks_like_brute_force():
     full = BlockLayout.from_block_masks(torch.ones(2, 2, dtype=torch.bool), q_len=64, kv_len=64, block_q=32,
                                         block_k=32)
     assert kernel_length_tiles(full) is None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_vsa_fine_layout_runs_by_length(dtype):
+    """VSA's fine branch over (4, 4, 4) cubes of a grid no cube divides: the partial cubes' real keys are a
+    column prefix of their block (packed order), run by a count."""
+    from dit_accel.kernels.vsa.api import vsa_layout
+    from dit_accel.kernels.vsa.naive import cubes_of
+
+    cubes = cubes_of((5, 6, 7), (4, 4, 4))
+    assert cubes.perm.num_padded <= 512
+    g = torch.Generator().manual_seed(6)
+    selection = torch.rand(1, 2, cubes.count, cubes.count, generator=g).argsort(-1)[..., :3].sort(-1).values
+    layout = vsa_layout(cubes, selection)
+    assert prefix_masks(layout) > 0
+    n = layout.q_len
+    q, k, v = make_qkv(1, 2, n, layout.kv_len, 32, dtype, seed=8, device="cpu")
+    o, lse = _run(layout, q, k, v, True)
+    assert_attention_close(o, lse, q, k, v, layout.to_dense_mask())
+    cfg = next(x.cfg for x in bst._PLANS.values(layout).values() if isinstance(x, bst._Launch))
+    assert cfg.lengths and int(bst._plan(layout, cfg.block_m, cfg.block_n, False, lengths=False).plan[..., 2].sum())
+    o0, _ = _run(layout, q, k, v, False)
+    torch.testing.assert_close(o.float(), o0.float(), atol=2e-3 if dtype == torch.float16 else 1e-5, rtol=0)
