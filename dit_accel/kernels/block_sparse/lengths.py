@@ -5,7 +5,14 @@ key length) allow every row the same column prefix. The layout carries them as c
 (``mask_table``); the bit-mask path loads a mask word per row per tile for them. With lengths, the tile plan
 (:func:`.tile_plans.tile_plan` with ``lengths``) lists them between the full and the partial tiles with the count
 ``c`` in place of their bit offset, and the forward masks them with one compare of the column index against
-``c``: no mask load, no per-row work. The backward and the twin keep running them as masks.
+``c``: no mask load, no per-row work. The backward and the twin keep running them as masks, and a forward
+that runs lengths takes the one-loop kernel, never the (opt-in) warp-specialized one. Pointer loads (sm_80 /
+89, unaligned tensors) keep the ragged last key tile bit-masked (their length loop loads no row masks); TMA
+loads zero-fill past the keys, so there it is a length tile too.
+
+Static cost (``tests/kernels/test_sass_lengths.py``, bf16, instructions per tile-loop iteration): a length
+tile is 1.06x a full one on sm_80 (d128) and 1.15-1.18x on sm_90 (d128 / d64), a bit-masked one 1.27-1.35x:
+the compare and ``-inf`` select are one instruction per score element.
 
 The variant has never run on a GPU: it runs only where its first-use self-check
 (:data:`VARIANT`, :mod:`dit_accel.kernels.selfcheck`) passed; elsewhere the bit-mask path runs.

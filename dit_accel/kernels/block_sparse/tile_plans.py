@@ -35,7 +35,9 @@ class TilePlan:
     first, then the partial ones, each group ascending, so one loop can walk both (the forward)
     or two loops each its own (the backward). ``bits``: int64 row-mask words; the words of a
     tile start at its bit offset, one per owned row, the next 64 streamed columns ``bits_w``
-    words further (a full tile's offset is valid too: its block's or an all-true mask).
+    words further (a full tile's offset is valid too: its block's or an all-true mask). A plan with lengths
+    (:func:`tile_plan`'s ``lengths``) has a third header entry, ``n_length``, and lists its length tiles after
+    the full ones, each with its column count in place of a bit offset.
     """
 
     plan: torch.Tensor
