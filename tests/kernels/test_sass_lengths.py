@@ -68,3 +68,21 @@ def test_length_configurations_fit_like_the_ones_they_replace(rows, case):
     assert length["spill_stores"] == 0 and length["stack"] == base["stack"] and not length["c7515"], length
     assert length["shared"] <= length["limit"]
     assert length["occupancy"]["ctas"] == base["occupancy"]["ctas"], (length["occupancy"], base["occupancy"])
+
+
+def test_length_path_is_the_longest_through_the_fewest_bit_mask_instructions():
+    """A loop whose full tiles skip both branches, length tiles take the short one, bit-masked tiles the long one;
+    one bit-mask instruction ptxas left past the join lies on every path (the count still finds the length path)."""
+    from dit_accel.kernels.sass_parse import Instruction
+
+    def ins(addr, opcode, flagged=False, pred=None, target=None):
+        return Instruction(addr, pred, opcode, "", (("bits.py" if flagged else "k.py", 1),), target)
+
+    body = [ins(0x00, "IADD3"), ins(0x10, "BRA", pred="P0", target="join"), ins(0x20, "BRA", pred="P1", target="bits"),
+            ins(0x30, "FSEL"), ins(0x40, "FSEL"), ins(0x50, "BRA", target="join"),
+            ins(0x60, "LDG", True), ins(0x70, "LOP3", True), ins(0x80, "FSEL", True), ins(0x90, "FSEL", True),
+            ins(0xa0, "MOV", True), ins(0xb0, "BRA", pred="P2", target="head")]
+    labels = {"head": 0x00, "bits": 0x60, "join": 0xa0}
+    flagged = lambda i: i.lines[0][0] == "bits.py"  # noqa: E731
+    assert sass._fewest_flagged_longest(body, labels, 0xb0, flagged) == 8
+    assert sass._fewest_flagged_longest(body, labels, 0xb0, lambda i: False) == 9  # the bit-mask path
