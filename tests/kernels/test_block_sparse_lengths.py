@@ -5,6 +5,8 @@ blocks and on packed Tile and VSA layouts."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -200,3 +202,19 @@ def test_vsa_fine_layout_runs_by_length(dtype):
     assert cfg.lengths and int(bst._plan(layout, cfg.block_m, cfg.block_n, False, lengths=False).plan[..., 2].sum())
     o0, _ = _run(layout, q, k, v, False)
     torch.testing.assert_close(o.float(), o0.float(), atol=2e-3 if dtype == torch.float16 else 1e-5, rtol=0)
+
+
+def test_length_variants_ship_except_where_they_spill():
+    """Every forward configuration ships its length variant (compiled and checked for spills with the others in
+    test_compile_block_sparse.py) except those of LENGTHS_SPILL, where the launcher keeps the bit masks."""
+    from dit_accel.kernels.block_sparse.configs import LENGTHS_SPILL, length_config, shipped_configs
+
+    for arch in (80, 89, 90, 100):
+        shipped = shipped_configs(arch)
+        base = [c for c in shipped if c.kernel == "fwd" and not (c.ws or c.resume or c.lengths)]
+        for cfg in base:
+            spills = (arch, cfg.block_d, cfg.block_m, cfg.block_n, cfg.tma) in LENGTHS_SPILL
+            assert (length_config(cfg, arch) is None) == spills, (arch, cfg)
+            assert (dataclasses.replace(cfg, lengths=True) in shipped) != spills, (arch, cfg)
+    assert sum(length_config(c, 100) is None for c in shipped_configs(100) if c.kernel == "fwd" and not c.lengths
+               and not c.ws and not c.resume) == 4  # fp16 and bf16 of the two spilling tiles

@@ -65,8 +65,8 @@ from ..request import in_graph
 from .lengths import VARIANT as LEN_VARIANT
 from .lengths import bit_masked, fwd_epilogue, len_step, runs_lengths
 from .bwd_fused import _bwd_dkdv_dq_kernel, one_pass_runs, run_fused
-from .configs import (KernelConfig, fused_config, fused_pointer, pointer_fallback, resume_config, select_config, ws_config, ws_enabled,
-                      ws_pays)
+from .configs import (KernelConfig, fused_config, fused_pointer, length_config, pointer_fallback, resume_config,
+                      select_config, ws_config, ws_enabled, ws_pays)
 
 __all__ = ["triton_forward", "triton_backward", "KERNELS", "TilePlan", "tile_plan", "work_order", "ws_schedule", "tma_ok"]
 
@@ -525,8 +525,8 @@ def _forward_launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.
     given = (q, k, v)
     q, k, v = (_last_dim_contiguous(t) for t in given)
     cfg = _config("fwd", q, layout, (k, v))
-    if lengths:
-        cfg = dataclasses.replace(cfg, lengths=True)
+    cfg = (length_config(cfg, _arch(q.device)) or cfg) if lengths else cfg
+    lengths = cfg.lengths
     ws_ok = cfg.tma and tma_ok(q) and not lengths  # the one-loop kernel loads Q by pointers, ws by a descriptor
     plan = _plan(layout, cfg.block_m, cfg.block_n, transposed=False, lengths=bool(cfg.tma) if lengths else None)
     q, k, v = _pad_d(cfg, q, k, v)
@@ -609,7 +609,7 @@ def triton_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Bl
     if out is not o:
         o.copy_(out[..., :d])
     selfcheck.corrupt("block_sparse.triton.fwd", o)
-    if signature[-1]:
+    if launch.cfg.lengths:
         selfcheck.corrupt(LEN_VARIANT, o)
     return o, lse
 
