@@ -2,7 +2,9 @@
 
 :func:`layout_rows`: for every published and recommended setting of the Wan 2.1 and HunyuanVideo presets at
 the grids of :data:`GRIDS`, the true density, padded work and masked tiles of the block layout the plan
-runs (:mod:`dit_accel.kernels.geometry`), from the layouts alone (no GPU). SLA and VSA choose their blocks
+runs (:mod:`dit_accel.kernels.geometry`), from the layouts alone (no GPU), and ``kernel_lengths``: of the
+visited blocks that carry an element mask, the fraction the shipped Triton forward runs by a column count
+(:func:`~dit_accel.kernels.geometry.kernel_length_tiles`; null when none carries a mask). SLA and VSA choose their blocks
 per call: their rows use their configured count of blocks, drawn uniformly at random with a fixed seed, and
 say ``"selection": "runtime"``.
 
@@ -101,18 +103,23 @@ def figures_row(grid_name: str, grid, method: str, source: str, config, *, heads
                 ) -> dict:
     """One ``bench layouts`` row: the setting, its block sizes and :func:`~dit_accel.kernels.geometry.block_figures`
     (dense plans: density 1, no padding, no masks)."""
-    from ..kernels.geometry import block_figures
+    from ..kernels.geometry import block_figures, kernel_length_tiles
 
     row = {"grid": list(grid), "grid_name": grid_name, "method": method, "source": source, "config": repr(config)}
     found = _plan_layout(config, tuple(grid), heads, seed)
     if found is None:
-        return {**row, "density": 1.0, "padded_work": 1.0, "masked_tiles": 0.0, "selection": "static",
-                "dense": True}
+        return {**row, "density": 1.0, "padded_work": 1.0, "masked_tiles": 0.0, "kernel_lengths": None,
+                "selection": "static", "dense": True}
     layout, real, extra = found
     fig = block_figures(layout, real, real)
     return {**row, **extra, "density": round(fig.density, 5), "padded_work": round(fig.padded_work, 4),
-            "masked_tiles": round(fig.masked_tiles, 4), "block": [layout.block_q, layout.block_k],
+            "masked_tiles": round(fig.masked_tiles, 4), "kernel_lengths": _rounded(kernel_length_tiles(layout)),
+            "block": [layout.block_q, layout.block_k],
             "visited_tiles": fig.visited_tiles, "tokens": fig.tokens_q}
+
+
+def _rounded(x: Optional[float]) -> Optional[float]:
+    return None if x is None else round(x, 4)
 
 
 def layout_rows(grids: Optional[Sequence[str]] = None, methods: Optional[Sequence[str]] = None,

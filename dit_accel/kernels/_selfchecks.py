@@ -150,6 +150,39 @@ def _check_block_sparse_ws(device, dtype, shape) -> Result:
     return Result(_fwd_errors(o, lse, ref_o, ref_lse), FWD_TOL[dtype], text + ", ws + resume")
 
 
+def prefix_layout(h, n, m, block_q, block_k, seed, device="cpu"):
+    """A per-head layout over ``n`` x ``m`` tokens whose visited blocks are full, column-prefix (the first ``c``
+    keys of every row: 1, 5, half a block plus 3, a block less 1) or element-masked, the last key block ragged."""
+    from .layout import BlockLayout
+
+    g = torch.Generator().manual_seed(seed)
+    nq, nk = -(-n // block_q), -(-m // block_k)
+    visited = torch.rand(h, nq, nk, generator=g) < 0.6
+    visited[..., 0] = True
+    cols = torch.arange(block_k)
+    table = [cols[None, :].expand(block_q, block_k) < c for c in (1, 5, block_k // 2 + 3, block_k - 1)]
+    table.append(torch.rand(block_q, block_k, generator=g) < 0.5)
+    ids = torch.randint(-1, len(table), (h, nq, nk), generator=g)
+    return BlockLayout.from_block_masks(visited.to(device), q_len=n, kv_len=m, block_q=block_q, block_k=block_k,
+                                        mask_ids=ids.to(device), mask_table=torch.stack(table).to(device))
+
+
+def _check_block_sparse_len(device, dtype, shape) -> Result:
+    """The forward with column-prefix tiles run by their length, forced, on :func:`prefix_layout`."""
+    from .block_sparse.triton import triton_forward
+    from .reference import dense_attention_reference
+
+    b, h, n, m = _sizes(device, shape)
+    layout = prefix_layout(h, n, m, shape["block_q"], shape["block_k"], seed=3, device=device)
+    q, k, v = _qkv(b, h, n, m, shape["head_dim"], dtype, device, 3)
+    scale = shape["head_dim"] ** -0.5
+    o, lse = triton_forward(q, k, v, layout, scale, lengths=True)
+    ref_o, ref_lse = dense_attention_reference(q, k, v, layout.to_dense_mask(), scale)
+    text = (f"{b}x{h} heads, N={n}, M={m}, d={shape['head_dim']}, {shape['block_q']}x{shape['block_k']} blocks, "
+            f"{str(dtype).replace('torch.', '')}, full, column-prefix, element-masked and ragged tiles")
+    return Result(_fwd_errors(o, lse, ref_o, ref_lse), _tol(FWD_TOL, q.device, dtype, True), text)
+
+
 def _grads(fn, q, k, v, do):
     leaves = [t.detach().requires_grad_(True) for t in (q, k, v)]
     out = fn(*leaves)
@@ -322,6 +355,7 @@ for _v in (
     Variant("block_sparse.triton.fwd", "block_sparse", "triton", _triton_applies, _check_block_sparse_fwd),
     Variant("block_sparse.triton.fwd_ws", "block_sparse", "triton", _sm90_applies, _check_block_sparse_ws,
             dtypes=_half, shapes=_ws_shapes),
+    Variant("block_sparse.triton.fwd_len", "block_sparse", "triton", _triton_applies, _check_block_sparse_len),
     Variant("block_sparse.triton.bwd", "block_sparse", "triton", _triton_applies, _check_block_sparse_bwd),
     Variant("block_sparse.triton.bwd_dkdv_dq", "block_sparse", "triton", _fused_applies,
             lambda device, dtype, shape: _check_block_sparse_bwd(device, dtype, shape, one_pass=True), dtypes=_half,

@@ -23,7 +23,7 @@ import torch
 
 from .layout import BlockLayout
 
-__all__ = ["BlockFigures", "block_figures", "efficiency"]
+__all__ = ["BlockFigures", "block_figures", "efficiency", "column_prefix", "kernel_length_tiles"]
 
 
 @dataclass(frozen=True)
@@ -111,3 +111,26 @@ def efficiency(speedup: float, true_density: float) -> float:
     if not speedup > 0 or not 0 < true_density <= 1:
         raise ValueError(f"need a positive speedup and a density in (0, 1]; got {speedup}, {true_density}")
     return speedup * true_density
+
+
+def column_prefix(table: torch.Tensor) -> torch.Tensor:
+    """bool ``[P]``: which element masks ``[P, block_q, block_k]`` allow the same first ``c >= 1`` columns in every
+    row (what the Triton forward's length variant runs with a column count, :mod:`.block_sparse.lengths`)."""
+    t = table.bool()
+    cols = t.all(1)  # [P, block_k]
+    count = cols.sum(-1, keepdim=True)
+    prefix = (cols == t.any(1)) & (cols == (torch.arange(t.shape[-1], device=t.device) < count))
+    return prefix.all(-1) & (count[:, 0] > 0)
+
+
+def kernel_length_tiles(layout: BlockLayout) -> Optional[float]:
+    """Of the visited blocks that carry an element mask in ``layout``, the fraction the shipped Triton forward
+    runs by a column count once its length variant passed its self-check (their masks are column prefixes);
+    the rest load their bit masks. None when no visited block carries a mask."""
+    lay = layout.to("cpu")
+    keep = torch.arange(lay.kv_indices.shape[-1]) < lay.kv_counts[..., None]
+    ids = lay.kv_mask_ids[keep].long()
+    ids = ids[ids >= 0]
+    if ids.numel() == 0:
+        return None
+    return float(column_prefix(lay.mask_table)[ids].float().mean())

@@ -39,7 +39,7 @@ import hashlib
 import json
 import sys
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from ..atomic_files import atomic_write_json, cache_root
 from .compile import TARGET_ARCHS, aot_source, compile_for_target, map_in_workers, shipped_kernel_configs
@@ -57,7 +57,7 @@ __all__ = ["Instruction", "Loop", "parse_sass", "find_loops", "classify", "CLASS
            "loop_names", "ttgir_facts", "family_of", "main_loop", "main_ring", "loop_warps", "MAIN_LOOP", "MASKED_LOOP", "ONE_LOOP", "ANALYSIS_VERSION"]
 
 #: Bump when the analysis changes, so cached results are recomputed.
-ANALYSIS_VERSION = 12
+ANALYSIS_VERSION = 14
 
 
 # ----------------------------------------------------------------------------- one configuration
@@ -149,10 +149,49 @@ def base_is(ins: Instruction, base: str) -> bool:
     return ins.opcode.split(".", 1)[0] == base
 
 
-def _named_loops(text: str, kernel_file: str) -> Dict[str, dict]:
+def _bit_mask_code() -> Callable[[Instruction], bool]:
+    """Whether an instruction comes from the bit-mask code of the block-sparse forward's one loop
+    (:func:`.block_sparse.lengths.bit_masked`, with what it inlines)."""
+    import inspect
+
+    from .block_sparse.lengths import bit_masked
+
+    fn = bit_masked.fn
+    src, first = inspect.getsourcelines(fn)
+    path, lines = fn.__code__.co_filename, range(first, first + len(src))
+    return lambda ins: any(_same_source(f, path) and ln in lines for f, ln in ins.lines)
+
+
+def _fewest_flagged_longest(body: List[Instruction], labels: Dict[str, int], end: int,
+                            flagged: Callable[[Instruction], bool]) -> Optional[int]:
+    """Instructions on the longest path from the loop head to its back edge ``end`` among the paths through
+    the fewest ``flagged`` instructions (ptxas may leave a few of a branch's instructions past the join,
+    on every path; the path that skips the branch itself avoids the rest)."""
+    index = {ins.addr: i for i, ins in enumerate(body)}
+    best: List[Optional[Tuple[int, int]]] = [None] * len(body)  # (score, instructions) to the back edge
+    for i in range(len(body) - 1, -1, -1):
+        ins = body[i]
+        if ins.addr == end:
+            tails = [(0, 0)]
+        else:
+            nxt = []
+            if ins.is_branch and ins.target in labels and index.get(labels[ins.target], -1) > i:
+                nxt.append(index[labels[ins.target]])
+            base = ins.opcode.split(".", 1)[0]
+            if not ((ins.is_branch or base == "EXIT") and not ins.conditional) and i + 1 < len(body):
+                nxt.append(i + 1)
+            tails = [best[j] for j in nxt if best[j] is not None]
+        if tails:
+            score, count = max(tails)
+            best[i] = (score + 1 - 10 ** 6 * flagged(ins), count + 1)
+    return best[0][1] if best and best[0] is not None else None
+
+
+def _named_loops(text: str, kernel_file: str, lengths: bool = False) -> Dict[str, dict]:
     """``{name: loop dict}`` of the marked loops; when a name repeats (an mbarrier wait loop inside
     a loop maps to the same ``for``; so may a persistent kernel's loop over work items, through the
-    pipeline prologue of its tile loop), see :func:`_keeps_name`."""
+    pipeline prologue of its tile loop), see :func:`_keeps_name`. ``lengths`` (a forward with length
+    tiles): the one loop's longest path outside its bit-mask code is reported as ``length``."""
     instrs, labels = parse_sass(text)
     loops = find_loops(instrs, labels)
     _name_loops(loops, instrs, kernel_file)
@@ -182,6 +221,12 @@ def _named_loops(text: str, kernel_file: str) -> Dict[str, dict]:
             lp = out[name]
             out[short] = {**lp, "name": short, "instructions": lp["min_path"], "classes": lp["min_classes"]}
             out[long] = {**lp, "name": long}
+    if lengths and "tiles" in named:
+        lp = named["tiles"]
+        body = [ins for ins in instrs if lp.head <= ins.addr <= lp.end]
+        count = _fewest_flagged_longest(body, labels, lp.end, _bit_mask_code())
+        if count is not None:
+            out["length"] = {**out["tiles"], "name": "length", "instructions": count}
     return out
 
 
@@ -231,7 +276,7 @@ def analyze(cfg, arch: int, use_cache: bool = True, loops: bool = True) -> dict:
                        **ttgir_facts(ck.asm.get("ttgir", ""), ptx))
         if loops:
             text = disassemble(ck.asm["cubin"])
-            row["loops"] = _named_loops(text, kernel_file)
+            row["loops"] = _named_loops(text, kernel_file, getattr(cfg, "lengths", False))
             # Register counts the warp groups move to (USETMAXREG, from PTX setmaxnreg): producer down,
             # consumers up; empty without warp specialization.
             row["setmaxreg"] = sorted({int(x, 16) for x in _SETMAXREG.findall(text)})

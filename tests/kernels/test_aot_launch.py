@@ -15,6 +15,7 @@ the scratch allocator on q's device, each proven by the configuration or launch 
 
 from __future__ import annotations
 
+import dataclasses
 import types
 
 import pytest
@@ -42,6 +43,7 @@ FWD = select_config("fwd", torch.float16, D, 64, 64, 90)
 ONE_LOOP = select_config("fwd", torch.float16, D, 128, 128, 90)
 WS = ws_config(ONE_LOOP, 90)
 RESUME = resume_config(WS)
+FWD_LEN = dataclasses.replace(FWD, lengths=True)  # column-prefix tiles by a column count (block_sparse.lengths)
 
 
 @pytest.fixture(autouse=True)
@@ -66,8 +68,8 @@ def compiled():
 
     from dit_accel.kernels.compile import map_in_workers
 
-    cfgs = [FWD, ONE_LOOP, WS, RESUME]
-    assert len(set(cfgs)) == 4 and FWD.tma and ONE_LOOP.tma and not ONE_LOOP.ws and WS.ws and RESUME.resume
+    cfgs = [FWD, ONE_LOOP, WS, RESUME, FWD_LEN]
+    assert len(set(cfgs)) == 5 and FWD.tma and ONE_LOOP.tma and not ONE_LOOP.ws and WS.ws and RESUME.resume
     out = {}
     for cfg, (group, digest) in zip(cfgs, map_in_workers(_compile_job, cfgs)):
         out[cfg] = CompiledKernel(None, group, digest)
@@ -181,6 +183,26 @@ def test_persistent_forward_on_sm90(sm90, compiled):
     assert sm90.warmed == [FWD] and sm90.grids == [(FWD, (expected,))] and expected < items
     bst.triton_forward(q, k, v, layout, D ** -0.5)  # a repeated call: no second warmup
     assert sm90.warmed == [FWD] and sm90.grids[-1] == (FWD, (expected,))
+
+
+def test_persistent_forward_by_length_on_sm90(sm90, compiled):
+    """The TMA one loop with length tiles (ragged key tiles included: TMA zero-fills past the keys), on a layout
+    of full, column-prefix and element-masked blocks: the launcher takes the length configuration (the self-check
+    trusted here), its plan lists length tiles, and the numbers match the reference and the bit-mask path."""
+    from dit_accel.kernels._selfchecks import prefix_layout
+
+    n, m = 257, 3 * 64 + 29
+    layout = prefix_layout(2, n, m, 64, 64, seed=21)
+    q, k, v = make_qkv(2, 2, n, m, D, torch.float16, seed=5)
+    o, lse = bst.triton_forward(q, k, v, layout, D ** -0.5)
+    assert_attention_close(o, lse, q, k, v, layout.to_dense_mask())
+    assert sm90.warmed == [FWD_LEN] and sm90.grids[-1][0] == FWD_LEN
+    plan = bst._plan(layout, FWD.block_m, FWD.block_n, False, lengths=True)
+    n_len = plan.plan[..., 2]
+    assert int(n_len.sum()) > 0 and int((plan.plan[..., 1] - n_len).sum()) > 0  # length and bit-masked tiles
+    o0, _ = bst.triton_forward(q, k, v, layout, D ** -0.5, lengths=False)
+    assert sm90.grids[-1][0] == FWD
+    torch.testing.assert_close(o.float(), o0.float(), atol=2e-3, rtol=0)
 
 
 def _ws_layout(heads, n, seed):

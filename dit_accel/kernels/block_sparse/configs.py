@@ -17,7 +17,7 @@ from ..checks import SUPPORTED_DTYPES
 from ..dense.configs import ARG_TYPES, DIV16, tma_supported
 
 __all__ = ["KernelConfig", "select_config", "shipped_configs", "pointer_fallback", "candidates", "shared_memory_limit",
-           "ws_config", "resume_config", "ws_pays", "WS_TUNED", "kernel_reason",
+           "ws_config", "resume_config", "length_config", "LENGTHS_SPILL", "ws_pays", "WS_TUNED", "kernel_reason",
            "block_d_for", "fused_config", "fused_pointer", "FUSED_TUNED",
            "SHARED_MEMORY_LIMITS", "TARGET_ARCHS", "BLOCK_DS", "KERNEL_NAMES"]
 
@@ -50,6 +50,7 @@ class KernelConfig:
     even_d: bool = True
     ws: bool = False  # fwd on sm_90: the full tiles in a warp-specialized kernel (see WS_TUNED)
     resume: bool = False  # fwd on sm_90: the partial tiles after a ws kernel, from its (O, LSE)
+    lengths: bool = False  # fwd: column-prefix tiles run by a column count (block_sparse.lengths)
 
     @property
     def dot_precision(self) -> str:
@@ -62,13 +63,13 @@ class KernelConfig:
     def name(self) -> str:
         return (f"{self.kernel}-{_DTYPE_NAMES[self.dtype]}-d{self.block_d}-m{self.block_m}n{self.block_n}"
                 f"-w{self.num_warps}s{self.num_stages}{'-tma' if self.tma else ''}{'' if self.even_d else '-oddd'}"
-                f"{'-ws' if self.ws else ''}{'-resume' if self.resume else ''}")
+                f"{'-ws' if self.ws else ''}{'-resume' if self.resume else ''}{'-len' if self.lengths else ''}")
 
     def constexprs(self) -> dict:
         out = {"BLOCK_M": self.block_m, "BLOCK_N": self.block_n, "BLOCK_D": self.block_d, "EVEN_D": self.even_d,
                "TMA": self.tma, "DOT_PRECISION": self.dot_precision}
         if self.kernel == "fwd":
-            out.update(WS=self.ws, RESUME=self.resume)
+            out.update(WS=self.ws, RESUME=self.resume, LENGTHS=self.lengths)
         return out
 
     def dense(self):
@@ -346,7 +347,8 @@ def candidates(kernel: str, dtype: torch.dtype, block_d: int, arch: int) -> List
 def shipped_configs(arch: Optional[int] = None) -> List[KernelConfig]:
     """Every configuration :func:`select_config` can return for a GPU launch on ``sm_<arch>`` (all targets
     when None): each kernel, dtype, padded head dim and layout block size and, on TMA targets, the
-    pointer fallback for tensors that are not 16-byte aligned; duplicates removed."""
+    pointer fallback for tensors that are not 16-byte aligned, and each forward's length variant; duplicates
+    removed."""
     archs = TARGET_ARCHS if arch is None else (arch,)
     seen: Dict[Tuple, KernelConfig] = {}
     for a in archs:
@@ -357,6 +359,8 @@ def shipped_configs(arch: Optional[int] = None) -> List[KernelConfig]:
                         for bk in GPU_LAYOUT_BLOCKS:
                             cfg = select_config(kernel, dtype, bd, bq, bk, a)
                             seen.setdefault(cfg, cfg)
+                            if kernel == "fwd" and length_config(cfg, a) is not None:  # block_sparse.lengths
+                                seen.setdefault(length_config(cfg, a), None)
                             ws = ws_config(cfg, a)
                             if ws is not None:  # where ws_pays: the ws kernel and its resume pass
                                 seen.setdefault(ws, ws)
@@ -364,6 +368,8 @@ def shipped_configs(arch: Optional[int] = None) -> List[KernelConfig]:
                             if cfg.tma:  # the launcher's fallback when a tensor is not TMA-aligned
                                 cfg = pointer_fallback(cfg)
                                 seen.setdefault(cfg, cfg)
+                                if kernel == "fwd" and length_config(cfg, a) is not None:
+                                    seen.setdefault(length_config(cfg, a), None)
                     if kernel == "bwd_dkdv":  # and the one-pass backward beside it, with its fallback
                         for bq in GPU_LAYOUT_BLOCKS:
                             for bk in GPU_LAYOUT_BLOCKS:
@@ -372,6 +378,21 @@ def shipped_configs(arch: Optional[int] = None) -> List[KernelConfig]:
                                     if cfg is not None:
                                         seen.setdefault(cfg, cfg)
     return list(seen)
+
+
+#: ``(arch, block_d, block_m, block_n, tma)`` of the forward configurations whose length variant spills
+#: (``tests/kernels/test_compile_block_sparse.py``, triton 3.9: 104 B at sm_100 d64 128 x 128, 12 B at sm_100
+#: d256 64 x 32, 255 registers): there column-prefix tiles keep their bit masks.
+LENGTHS_SPILL = {(100, 64, 128, 128, True), (100, 256, 64, 32, True)}
+
+
+def length_config(cfg: KernelConfig, arch: int) -> Optional[KernelConfig]:
+    """The length variant of forward configuration ``cfg`` on ``sm_<arch>`` (:mod:`.lengths`), None where it
+    spills (:data:`LENGTHS_SPILL`) or ``cfg`` is a ws / resume kernel."""
+    if cfg.kernel != "fwd" or cfg.ws or cfg.resume or \
+            (arch, cfg.block_d, cfg.block_m, cfg.block_n, cfg.tma) in LENGTHS_SPILL:
+        return None
+    return dataclasses.replace(cfg, lengths=True)
 
 
 def pointer_fallback(cfg: KernelConfig) -> KernelConfig:

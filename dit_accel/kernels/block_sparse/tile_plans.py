@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import threading
 import weakref
-from typing import Callable, Dict, Hashable, Tuple, TypeVar
+from typing import Callable, Dict, Hashable, Optional, Tuple, TypeVar
 
 import torch
 
@@ -35,7 +35,9 @@ class TilePlan:
     first, then the partial ones, each group ascending, so one loop can walk both (the forward)
     or two loops each its own (the backward). ``bits``: int64 row-mask words; the words of a
     tile start at its bit offset, one per owned row, the next 64 streamed columns ``bits_w``
-    words further (a full tile's offset is valid too: its block's or an all-true mask).
+    words further (a full tile's offset is valid too: its block's or an all-true mask). A plan with lengths
+    (:func:`tile_plan`'s ``lengths``) has a third header entry, ``n_length``, and lists its length tiles after
+    the full ones, each with its column count in place of a bit offset.
     """
 
     plan: torch.Tensor
@@ -66,7 +68,8 @@ def _pack_bits(masks: torch.Tensor) -> torch.Tensor:
 
 def _mask_stats(table: torch.Tensor, n_cols: int, tile_r: int, tile_c: int):
     """Per mask (the table's, then an all-True one for full blocks), unbounded and bounded to the
-    columns of the ragged last block: ``any``/``all`` per (row sub-tile, column sub-tile) and the bit words."""
+    columns of the ragged last block: ``any``/``all`` per (row sub-tile, column sub-tile), whether the sub-tile is
+    a column prefix and its column count, and the bit words."""
     p, block_r, block_c = table.shape
     dev = table.device
     masks = torch.cat([table.bool(), torch.ones(1, block_r, block_c, dtype=torch.bool, device=dev)])
@@ -77,16 +80,28 @@ def _mask_stats(table: torch.Tensor, n_cols: int, tile_r: int, tile_c: int):
     any_t = tiles.any(5).any(3)  # [2, P+1, r_sub, c_sub]
     all_t = tiles.all(5).all(3)
     words = _pack_bits(both.view(2, p + 1, block_r, c_sub, tile_c))  # [2, P+1, block_r, c_sub, W]
-    return any_t, all_t, words.permute(0, 1, 3, 4, 2).contiguous().view(-1)  # -> [2, P+1, c_sub, W, block_r]
+    # A sub-tile whose allowed pairs are its first c columns in every row: a length (its column count).
+    col_all, col_any = tiles.all(3), tiles.any(3)  # [2, P+1, r_sub, c_sub, tile_c]
+    count = col_all.sum(-1)
+    prefix = ((col_all == col_any) & (col_all == (torch.arange(tile_c, device=dev) < count[..., None]))).all(-1)
+    stats = (any_t, all_t, prefix & (count > 0), count)
+    return stats, words.permute(0, 1, 3, 4, 2).contiguous().view(-1)  # -> [2, P+1, c_sub, W, block_r]
 
 
-def tile_plan(layout: BlockLayout, tile_r: int, tile_c: int, transposed: bool = False) -> TilePlan:
+def tile_plan(layout: BlockLayout, tile_r: int, tile_c: int, transposed: bool = False,
+              lengths: Optional[bool] = None) -> TilePlan:
     """The :class:`TilePlan` of ``layout`` for ``(tile_r, tile_c)`` kernel tiles (owned x streamed).
 
     ``transposed``: key tiles own, query tiles stream (the dK/dV kernel). Every visited tile is
     classified on its own: *full* when all its pairs are allowed and it is not ragged (no mask
     code runs on it), *partial* when some are (its bit-packed element mask applies), skipped
     otherwise. A tile reaching past the streamed length is partial with that bound in its bits.
+
+    ``lengths`` (the forward's length variant, :mod:`.lengths`): a partial tile whose allowed pairs are
+    its first ``c`` columns in every row is a *length* tile, listed between the full and the partial
+    ones with ``c`` in place of its bit offset; the row header is then ``[n_full, n_length + n_partial,
+    n_length]``. ``True`` also takes the ragged last key tile as a length (TMA loads zero-fill past the
+    streamed length), ``False`` keeps it partial (pointer loads guard it with row masks). None: no lengths.
     """
     if transposed:
         counts, indices, mask_ids = layout.q_counts, layout.q_indices, layout.q_mask_ids
@@ -102,7 +117,7 @@ def tile_plan(layout: BlockLayout, tile_r: int, tile_c: int, transposed: bool = 
     p = table.shape[0]
     r_sub, c_sub = block_r // tile_r, block_c // tile_c
     n_words = -(-tile_c // 64)
-    any_t, all_t, bits = _mask_stats(table, n_cols, tile_r, tile_c)
+    (any_t, all_t, prefix, count), bits = _mask_stats(table, n_cols, tile_r, tile_c)
 
     t = torch.arange(-(-n_rows // tile_r), device=dev)
     rb, rs = t // r_sub, (t % r_sub)[None, :, None, None]
@@ -118,16 +133,23 @@ def tile_plan(layout: BlockLayout, tile_r: int, tile_c: int, transposed: bool = 
     part = listed & ~full & any_t[var, pm, rs, cs]
     entry = ((var * (p + 1) + pm) * c_sub + cs) * (n_words * block_r) + rs * tile_r
 
+    length = part & prefix[var, pm, rs, cs] & (~ragged if lengths is False else True)
+    if lengths is None:
+        length = torch.zeros_like(part)
+    entry = torch.where(length, count[var, pm, rs, cs], entry)
+
     hl, rows = u.shape[:2]
-    u, entry, full, part = (x.reshape(hl, rows, -1) for x in (u, entry, full, part))
-    order = torch.sort(torch.where(full, 0, torch.where(part, 1, 2)).to(torch.int8), dim=-1, stable=True).indices
+    u, entry, full, part, length = (x.reshape(hl, rows, -1) for x in (u, entry, full, part, length))
+    kind = torch.where(full, 0, torch.where(length, 1, torch.where(part, 2, 3)))
+    order = torch.sort(kind.to(torch.int8), dim=-1, stable=True).indices
     u, entry = torch.gather(u, -1, order), torch.gather(entry, -1, order)
-    n_full, n_part = full.sum(-1), part.sum(-1)
+    n_full, n_part, n_len = full.sum(-1), part.sum(-1), length.sum(-1)
     if in_graph():  # inside a capture (a layout the eager warm-up did not plan, or copied): no host sync;
         w = u.shape[-1]  # the widest possible row, whose unused tail entries the kernels never read
     else:
         w = int((n_full + n_part).max()) if n_full.numel() else 0  # one host sync per (layout, tile shape): cached
-    plan = torch.cat([n_full[..., None], n_part[..., None], u[..., :w], entry[..., :w]], -1)
+    head = [n_full[..., None], n_part[..., None]] + ([] if lengths is None else [n_len[..., None]])
+    plan = torch.cat([*head, u[..., :w], entry[..., :w]], -1)
     return TilePlan(plan.to(torch.int32).contiguous(), bits, w, block_r)
 
 

@@ -17,6 +17,7 @@ steps (:mod:`dit_accel.kernels.dense.tiles`):
 
 The backward kernels keep a program per owned tile on every GPU: persistent variants of both, compiled
 for sm_90, spill at head dim 128 (dK/dV: 96-244 bytes) or lose a CTA per SM (dQ: 166 -> 248 registers).
+Where its self-check passed, the forward runs column-prefix tiles by a column count (:mod:`.lengths`).
 
 The *plan* (:func:`tile_plan`) is the layout at kernel-tile granularity, derived once per
 (layout, tile shape) and cached: per query tile (key tile for dK/dV) the full and partial
@@ -54,16 +55,18 @@ import triton
 import triton.language as tl
 
 from ..dense.tiles import LOG2E_HOST as _LOG2E
-from ..dense.tiles import (LN2, LOG2E, dkdv_step, dq_step, fwd_step, fwd_update, load_tile, row_bits, row_words,
-                          slice_descriptors, words_keep)
+from ..dense.tiles import (LOG2E, dkdv_step, dq_step, fwd_step, fwd_update, load_tile, row_bits, row_words,
+                          slice_descriptors)
 from ..dense.configs import tma_ok
 from ..dense.triton import _bwd_preprocess_kernel, ensure_allocator
 from .. import occupancy, selfcheck
 from ..layout import BlockLayout
 from ..request import in_graph
+from .lengths import VARIANT as LEN_VARIANT
+from .lengths import bit_masked, fwd_epilogue, len_step, runs_lengths
 from .bwd_fused import _bwd_dkdv_dq_kernel, one_pass_runs, run_fused
-from .configs import (KernelConfig, fused_config, fused_pointer, pointer_fallback, resume_config, select_config, ws_config, ws_enabled,
-                      ws_pays)
+from .configs import (KernelConfig, fused_config, fused_pointer, length_config, pointer_fallback, resume_config,
+                      select_config, ws_config, ws_enabled, ws_pays)
 
 __all__ = ["triton_forward", "triton_backward", "KERNELS", "TilePlan", "tile_plan", "work_order", "ws_schedule", "tma_ok"]
 
@@ -83,7 +86,7 @@ def _fwd_item(
     plan_h, plan_r, w, bits_w,
     q_len, kv_len, head_dim, qk_scale,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
-    TMA: tl.constexpr, DOT_PRECISION: tl.constexpr, RESUME: tl.constexpr,
+    TMA: tl.constexpr, DOT_PRECISION: tl.constexpr, RESUME: tl.constexpr, LENGTHS: tl.constexpr,
 ):
     """One work item of the forward: query tile ``pid_m`` of batch ``b``, head ``h``.
 
@@ -106,7 +109,12 @@ def _fwd_item(
     plan = PLAN + h.to(tl.int64) * plan_h + pid_m.to(tl.int64) * plan_r
     n_full = tl.load(plan)
     n_tot = n_full + tl.load(plan + 1)
-    tiles = plan + 2
+    if LENGTHS:  # [n_full, n_length + n_partial, n_length, ...]: counts in place of the length tiles' offsets
+        n_mask = n_full + tl.load(plan + 2)  # the first bit-masked tile
+        tiles = plan + 3
+    else:
+        n_mask = n_full
+        tiles = plan + 2
     bits = tiles + w
 
     if RESUME:
@@ -133,18 +141,25 @@ def _fwd_item(
         # one after), used an iteration later; a full tile runs none of that code.
         rows = tl.arange(0, BLOCK_M)
         nxt = tl.load(tiles + start, mask=start < n_tot, other=0)
-        lo, hi = row_words(BITS, tl.load(bits + n_full, mask=n_full < n_tot, other=0), rows, bits_w, BLOCK_N)
-        off = tl.load(bits + n_full + 1, mask=n_full + 1 < n_tot, other=0)
+        lo, hi = row_words(BITS, tl.load(bits + n_mask, mask=n_mask < n_tot, other=0), rows, bits_w, BLOCK_N)
+        off = tl.load(bits + n_mask + 1, mask=n_mask + 1 < n_tot, other=0)
+        if LENGTHS:
+            count = tl.load(bits + n_full, mask=n_full < n_mask, other=0)  # the first length tile's
         for i in range(start, n_tot):  # loop: tiles
             col = nxt * BLOCK_N
             nxt = tl.load(tiles + i + 1, mask=i + 1 < n_tot, other=0)
             k = load_tile(K, k_base, b, h, col, kv_len, skn, head_dim, BLOCK_N, BLOCK_D, TMA, False, EVEN_D)
             v = load_tile(V, v_base, b, h, col, kv_len, svn, head_dim, BLOCK_N, BLOCK_D, TMA, False, EVEN_D)
             s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-            if i >= n_full:  # a partial tile: its element mask
-                s = tl.where(words_keep(lo, hi, BLOCK_N), s, float("-inf"))
-                lo, hi = row_words(BITS, off, rows, bits_w, BLOCK_N)  # offset 0 past the end: valid
-                off = tl.load(bits + i + 2, mask=i + 2 < n_tot, other=0)
+            if i >= n_full:
+                if LENGTHS:
+                    if i < n_mask:  # a length tile: its first `count` columns (the next one's read ahead)
+                        s = tl.where(tl.arange(0, BLOCK_N)[None, :] < count, s, float("-inf"))
+                        count = tl.load(bits + i + 1, mask=i + 1 < n_mask, other=0)
+                    else:
+                        s, lo, hi, off = bit_masked(s, lo, hi, off, BITS, bits, i, n_tot, rows, bits_w, BLOCK_N)
+                else:  # a partial tile: its element mask
+                    s, lo, hi, off = bit_masked(s, lo, hi, off, BITS, bits, i, n_tot, rows, bits_w, BLOCK_N)
             acc, m_i, l_i = fwd_update(s, v, acc, m_i, l_i, qk_scale, DOT_PRECISION)
     else:
         # Pointer loads (sm_80 / 89, unaligned tensors): a ragged last key tile needs row masks on its
@@ -154,32 +169,20 @@ def _fwd_item(
             k = load_tile(K, k_base, b, h, col, kv_len, skn, head_dim, BLOCK_N, BLOCK_D, TMA, False, EVEN_D)
             v = load_tile(V, v_base, b, h, col, kv_len, svn, head_dim, BLOCK_N, BLOCK_D, TMA, False, EVEN_D)
             acc, m_i, l_i = fwd_step(q, k, v, acc, m_i, l_i, qk_scale, 0, False, DOT_PRECISION)
+        for i in range(n_full, n_mask):  # loop: lengths (none ragged: rows past kv_len stay partial)
+            col = tl.load(tiles + i) * BLOCK_N
+            k = load_tile(K, k_base, b, h, col, kv_len, skn, head_dim, BLOCK_N, BLOCK_D, TMA, False, EVEN_D)
+            v = load_tile(V, v_base, b, h, col, kv_len, svn, head_dim, BLOCK_N, BLOCK_D, TMA, False, EVEN_D)
+            acc, m_i, l_i = len_step(q, k, v, acc, m_i, l_i, qk_scale, tl.load(bits + i), BLOCK_N, DOT_PRECISION)
         rows = tl.arange(0, BLOCK_M)
-        for i in range(n_full, n_tot):  # loop: partial
+        for i in range(n_mask, n_tot):  # loop: partial
             col = tl.load(tiles + i) * BLOCK_N
             keep = row_bits(BITS, tl.load(bits + i), rows, bits_w, BLOCK_N)
             k = load_tile(K, k_base, b, h, col, kv_len, skn, head_dim, BLOCK_N, BLOCK_D, TMA, True, EVEN_D)
             v = load_tile(V, v_base, b, h, col, kv_len, svn, head_dim, BLOCK_N, BLOCK_D, TMA, True, EVEN_D)
             acc, m_i, l_i = fwd_step(q, k, v, acc, m_i, l_i, qk_scale, keep, True, DOT_PRECISION)
 
-    _fwd_epilogue(O, LSE, b, h, row0, sob, soh, son, slb, slh, acc, m_i, l_i, q_len, head_dim, BLOCK_M, BLOCK_D)
-
-
-@triton.jit
-def _fwd_epilogue(O, LSE, b, h, row0, sob, soh, son, slb, slh, acc, m_i, l_i, q_len, head_dim,  # noqa: E741
-                  BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
-    """O and LSE of a query tile; rows that saw no allowed key get o = 0, lse = -inf."""
-    offs_m = row0 + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    o_ptrs = (O + b.to(tl.int64) * sob + h.to(tl.int64) * soh + offs_m.to(tl.int64)[:, None] * son
-              + offs_d[None, :])
-    lse_ptrs = LSE + b.to(tl.int64) * slb + h.to(tl.int64) * slh + offs_m
-    empty = l_i == 0.0
-    l_safe = tl.where(empty, 1.0, l_i)
-    tl.store(o_ptrs, (acc / l_safe[:, None]).to(O.dtype.element_ty),
-             mask=(offs_m < q_len)[:, None] & (offs_d < head_dim)[None, :])
-    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * LN2)
-    tl.store(lse_ptrs, lse, mask=offs_m < q_len)
+    fwd_epilogue(O, LSE, b, h, row0, sob, soh, son, slb, slh, acc, m_i, l_i, q_len, head_dim, BLOCK_M, BLOCK_D)
 
 
 @triton.jit
@@ -208,7 +211,7 @@ def _fwd_item_ws(
         k = kd.load([col, 0])
         v = vd.load([col, 0])
         acc, m_i, l_i = fwd_step(q, k, v, acc, m_i, l_i, qk_scale, 0, False, DOT_PRECISION)
-    _fwd_epilogue(O, LSE, b, h, row0, sob, soh, son, slb, slh, acc, m_i, l_i, q_len, head_dim, BLOCK_M, BLOCK_D)
+    fwd_epilogue(O, LSE, b, h, row0, sob, soh, son, slb, slh, acc, m_i, l_i, q_len, head_dim, BLOCK_M, BLOCK_D)
 
 
 @triton.jit
@@ -219,6 +222,7 @@ def _fwd_kernel(
     H, q_len, kv_len, head_dim, qk_scale,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
     TMA: tl.constexpr, DOT_PRECISION: tl.constexpr, WS: tl.constexpr = False, RESUME: tl.constexpr = False,
+    LENGTHS: tl.constexpr = False,
 ):
     # sm_90 (TMA) is persistent: as many programs as the GPU holds at once, each striding over ITEMS,
     # the host-built work order ((batch * H + head) * n_tiles + query tile, longest rows first).
@@ -242,13 +246,13 @@ def _fwd_kernel(
             _fwd_item(Q, K, V, O, LSE, PLAN, BITS, item - bh * n_tiles, b, bh - b * H,
                       sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son, slb, slh,
                       plan_h, plan_r, w, bits_w, q_len, kv_len, head_dim, qk_scale,
-                      BLOCK_M, BLOCK_N, BLOCK_D, EVEN_D, TMA, DOT_PRECISION, RESUME)
+                      BLOCK_M, BLOCK_N, BLOCK_D, EVEN_D, TMA, DOT_PRECISION, RESUME, LENGTHS)
     else:
         pid_bh = tl.program_id(1)
         _fwd_item(Q, K, V, O, LSE, PLAN, BITS, tl.program_id(0), pid_bh // H, pid_bh % H,
                   sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son, slb, slh,
                   plan_h, plan_r, w, bits_w, q_len, kv_len, head_dim, qk_scale,
-                  BLOCK_M, BLOCK_N, BLOCK_D, EVEN_D, TMA, DOT_PRECISION, False)
+                  BLOCK_M, BLOCK_N, BLOCK_D, EVEN_D, TMA, DOT_PRECISION, False, LENGTHS)
 
 
 @triton.jit
@@ -388,8 +392,10 @@ from .tile_plans import TilePlan, _PlanCache, _identity, tile_plan, work_order  
 _PLANS = _PlanCache()
 
 
-def _plan(layout: BlockLayout, tile_r: int, tile_c: int, transposed: bool) -> TilePlan:
-    return _PLANS.get(layout, (transposed, tile_r, tile_c), lambda: tile_plan(layout, tile_r, tile_c, transposed))
+def _plan(layout: BlockLayout, tile_r: int, tile_c: int, transposed: bool, lengths: Optional[bool] = None
+          ) -> TilePlan:
+    return _PLANS.get(layout, (transposed, tile_r, tile_c, lengths),
+                      lambda: tile_plan(layout, tile_r, tile_c, transposed, lengths))
 
 
 def _work_order(layout: BlockLayout, plan: TilePlan, tile_r: int, tile_c: int, batch: int,
@@ -510,7 +516,7 @@ def _prepared(cfg: KernelConfig, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
 
 
 def _forward_launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
-                    layout: BlockLayout) -> _Launch:
+                    layout: BlockLayout, lengths: bool = False) -> _Launch:
     """The forward's configuration, tile plan, work order, strides, grid and descriptors for this call
     signature: a function of q/k/v's shapes, strides, dtypes, device and base alignment, of
     ``layout``, and of ``o`` and ``lse`` (fresh contiguous tensors, so of q's shape)."""
@@ -519,8 +525,10 @@ def _forward_launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.
     given = (q, k, v)
     q, k, v = (_last_dim_contiguous(t) for t in given)
     cfg = _config("fwd", q, layout, (k, v))
-    ws_ok = cfg.tma and tma_ok(q)  # the one-loop kernel loads Q by pointers, the ws kernel by a descriptor
-    plan = _plan(layout, cfg.block_m, cfg.block_n, transposed=False)
+    cfg = (length_config(cfg, _arch(q.device)) or cfg) if lengths else cfg
+    lengths = cfg.lengths
+    ws_ok = cfg.tma and tma_ok(q) and not lengths  # the one-loop kernel loads Q by pointers, ws by a descriptor
+    plan = _plan(layout, cfg.block_m, cfg.block_n, transposed=False, lengths=bool(cfg.tma) if lengths else None)
     q, k, v = _pad_d(cfg, q, k, v)
     pad = q.shape[-1] != d
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device) if pad else o
@@ -550,7 +558,7 @@ def _forward_launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.
 # ---------------------------------------------------------------------------
 @occupancy.on_inputs_device
 def triton_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: BlockLayout,
-                   scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
+                   scale: float, lengths: Optional[bool] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """Block-sparse attention forward with the Triton kernel.
 
     Args:
@@ -559,6 +567,8 @@ def triton_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Bl
         layout: :class:`BlockLayout` on q's device with 1 (shared) or ``H`` heads;
             ``block_q``/``block_k`` in (64, 128, 256) on CUDA, also 16 or 32 under the interpreter.
         scale: softmax scale.
+        lengths: run column-prefix tiles by a column count (:mod:`.lengths`): None where the layout has
+            them and the variant passed its self-check, True / False forced.
 
     Inputs are not checked here: :func:`dit_accel.kernels.block_sparse_attention` checks them once.
     What a launch derives from the layout and the inputs' geometry (configuration, tile plan, work
@@ -583,8 +593,9 @@ def triton_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Bl
     if k.shape[2] == 0:
         return o.zero_(), lse.fill_(float("-inf"))
     signature = ("fwd", q.shape, q.stride(), k.shape, k.stride(), v.shape, v.stride(), q.dtype, k.dtype, v.dtype,
-                 dev, _arch(dev), q.data_ptr() % 16, k.data_ptr() % 16, v.data_ptr() % 16)
-    launch = _PLANS.get(layout, signature, lambda: _forward_launch(q, k, v, o, lse, layout))
+                 dev, _arch(dev), q.data_ptr() % 16, k.data_ptr() % 16, v.data_ptr() % 16,
+                 runs_lengths(q, layout, lengths, _PLANS))
+    launch = _PLANS.get(layout, signature, lambda: _forward_launch(q, k, v, o, lse, layout, signature[-1]))
     if launch.ws_ok and _ws_forward(*(_last_dim_contiguous(t) for t in (q, k, v)), o, lse, layout, launch.cfg,
                                       scale):
         return o, lse
@@ -598,6 +609,8 @@ def triton_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Bl
     if out is not o:
         o.copy_(out[..., :d])
     selfcheck.corrupt("block_sparse.triton.fwd", o)
+    if launch.cfg.lengths:
+        selfcheck.corrupt(LEN_VARIANT, o)
     return o, lse
 
 

@@ -1,0 +1,220 @@
+"""The forward's length tiles (a visited tile whose allowed pairs are its first c key columns, run by a column
+count): the tile plan's classification against a brute-force one written here, and the kernel's numbers under
+the interpreter against the fp32 reference and against the bit-mask path, on hand-made layouts with ragged
+blocks and on packed Tile and VSA layouts."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from dit_accel.kernels import BlockLayout  # noqa: E402
+from dit_accel.kernels._selfchecks import prefix_layout  # noqa: E402
+from dit_accel.kernels.block_sparse import triton as bst  # noqa: E402
+from dit_accel.kernels.block_sparse.lengths import prefix_masks  # noqa: E402
+from dit_accel.kernels.block_sparse.tile_plans import tile_plan  # noqa: E402
+from tests.utils import assert_attention_close, make_qkv  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _trusted(monkeypatch):
+    monkeypatch.setenv("DIT_ACCEL_SELFCHECK", "0")
+
+
+def _brute_kinds(layout: BlockLayout, tile_r: int, tile_c: int, ragged_lengths: bool):
+    """Per head and owned tile: {streamed tile: ("full" | ("len", c) | "part")}, from the dense mask."""
+    dense = layout.to_dense_mask()
+    visited, _ = layout.block_masks()
+    out = []
+    for hh in range(dense.shape[0]):
+        rows = []
+        for r0 in range(0, layout.q_len, tile_r):
+            kinds = {}
+            for c0 in range(0, layout.kv_len, tile_c):
+                if not visited[hh, r0 // layout.block_q, c0 // layout.block_k]:
+                    continue
+                sub = torch.zeros(tile_r, tile_c, dtype=torch.bool)
+                d = dense[hh, r0:r0 + tile_r, c0:c0 + tile_c]
+                sub[:d.shape[0], :d.shape[1]] = d  # (q_len is a multiple of the tile here)
+                if not sub.any():
+                    continue
+                ragged = c0 + tile_c > layout.kv_len
+                c = int(sub[0].sum())
+                is_prefix = bool((sub == (torch.arange(tile_c) < c)[None, :]).all())
+                if sub.all() and not ragged:
+                    kinds[c0 // tile_c] = "full"
+                elif is_prefix and (ragged_lengths or not ragged):
+                    kinds[c0 // tile_c] = ("len", c)
+                else:
+                    kinds[c0 // tile_c] = "part"
+            rows.append(kinds)
+        out.append(rows)
+    return out
+
+
+def _plan_kinds(layout, tile_r, tile_c, lengths):
+    plan = tile_plan(layout, tile_r, tile_c, lengths=lengths)
+    out = []
+    for head in plan.plan:
+        rows = []
+        for row in head.tolist():
+            n_full, n_rest, n_len = row[:3]
+            tiles, entries = row[3:3 + plan.w], row[3 + plan.w:]
+            kinds = {}
+            for i in range(n_full + n_rest):
+                kinds[tiles[i]] = "full" if i < n_full else ("len", entries[i]) if i < n_full + n_len else "part"
+            rows.append(kinds)
+        out.append(rows)
+    return out
+
+
+@pytest.mark.parametrize("ragged_lengths", [True, False])
+def test_plan_classifies_lengths_like_brute_force(ragged_lengths):
+    # q_len a multiple of the tile: the brute force's rows are then the mask's own
+    layout = prefix_layout(2, 128, 2 * 64 + 11, 64, 64, seed=5)
+    for tile_r, tile_c in ((64, 64), (32, 32), (16, 32)):
+        got = _plan_kinds(layout, tile_r, tile_c, ragged_lengths)
+        want = _brute_kinds(layout, tile_r, tile_c, ragged_lengths)
+        assert [[sorted(r.items(), key=str) for r in h] for h in got] == \
+            [[sorted(r.items(), key=str) for r in h] for h in want]
+    assert any(isinstance(k, tuple) for h in got for r in h for k in r.values())
+
+
+def _run(layout, q, k, v, lengths):
+    return bst.triton_forward(q, k, v, layout, q.shape[-1] ** -0.5, lengths=lengths)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("blocks,d", [((64, 64), 64), ((32, 64), 40), ((64, 32), 32)])
+def test_forward_by_length_matches_reference_and_mask_path(dtype, blocks, d):
+    bq, bk = blocks
+    n, m = 3 * bq + 7, 3 * bk + 13  # odd: ragged last query and key blocks
+    layout = prefix_layout(2, n, m, bq, bk, seed=7)
+    q, k, v = make_qkv(1, 2, n, m, d, dtype, seed=1, device="cpu")
+    o, lse = _run(layout, q, k, v, True)
+    assert_attention_close(o, lse, q, k, v, layout.to_dense_mask())
+    o0, lse0 = _run(layout, q, k, v, False)
+    torch.testing.assert_close(o.float(), o0.float(), atol=2e-3 if dtype == torch.float16 else 1e-5, rtol=0)
+    launch = [x for x in bst._PLANS.values(layout).values() if isinstance(x, bst._Launch)]
+    assert any(x.kw.get("LENGTHS") for x in launch) and any(not x.kw.get("LENGTHS") for x in launch)
+
+
+def _lengths_launched(layout):
+    return [x.cfg.lengths for x in bst._PLANS.values(layout).values() if isinstance(x, bst._Launch)]
+
+
+def test_default_runs_lengths_only_where_the_self_check_passed(monkeypatch):
+    """None (the default): the length variant runs after its self-check passed; with its output corrupted the
+    check fails, the variant is disabled with a warning, and the bit-mask path gives the right numbers."""
+    from dit_accel.kernels import selfcheck
+
+    monkeypatch.setenv("DIT_ACCEL_SELFCHECK", "1")
+    monkeypatch.setattr(selfcheck, "_FAST", {})
+    n, m = 64 + 9, 2 * 64 + 5
+    layout = prefix_layout(2, n, m, 64, 64, seed=11)
+    q, k, v = make_qkv(1, 2, n, m, 32, torch.float16, seed=2, device="cpu")
+    o, lse = bst.triton_forward(q, k, v, layout, 32 ** -0.5)
+    assert_attention_close(o, lse, q, k, v, layout.to_dense_mask())
+    assert _lengths_launched(layout) == [True]
+
+    monkeypatch.setenv(selfcheck.ENV_FAULT, "block_sparse.triton.fwd_len")
+    layout = prefix_layout(2, n, m, 64, 64, seed=11)
+    with pytest.warns(Warning, match="block_sparse.triton.fwd_len failed its self-check"):
+        o, lse = bst.triton_forward(q, k, v, layout, 32 ** -0.5)
+    assert_attention_close(o, lse, q, k, v, layout.to_dense_mask())
+    assert _lengths_launched(layout) == [False]
+
+
+def test_no_length_variant_for_a_layout_without_column_prefix_masks(monkeypatch):
+    from dit_accel.kernels import selfcheck
+
+    monkeypatch.setenv("DIT_ACCEL_SELFCHECK", "1")
+    asked = []
+    monkeypatch.setattr(selfcheck, "usable_fast", lambda *a, **k: asked.append(a[0]) or True)
+    mask = torch.rand(1, 100, 100, generator=torch.Generator().manual_seed(0)) < 0.5
+    layout = BlockLayout.from_dense_mask(mask, block_q=64, block_k=64)
+    q, k, v = make_qkv(1, 1, 100, 100, 32, torch.float32, seed=3, device="cpu")
+    o, lse = bst.triton_forward(q, k, v, layout, 32 ** -0.5)
+    assert_attention_close(o, lse, q, k, v, mask)
+    assert _lengths_launched(layout) == [False] and "block_sparse.triton.fwd_len" not in asked
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_packed_tile_layout_runs_by_length(dtype):
+    """STA over packed tile order: the ragged last block of each key tile is a column prefix."""
+    from dit_accel.patterns.tile import packed_tile_layout
+
+    perm, layout = packed_tile_layout((3, 5, 7), (2, 3, 5), (3, 3, 3), block=32)
+    assert layout.q_len <= 512 and prefix_masks(layout) > 0
+    n = layout.q_len
+    q, k, v = make_qkv(1, 2, n, n, 32, dtype, seed=4, device="cpu")
+    o, lse = _run(layout, q, k, v, True)
+    assert_attention_close(o, lse, q, k, v, layout.to_dense_mask())
+    cfg = next(x.cfg for x in bst._PLANS.values(layout).values() if isinstance(x, bst._Launch))
+    assert cfg.lengths and int(bst._plan(layout, cfg.block_m, cfg.block_n, False, lengths=False).plan[..., 2].sum())
+    o0, _ = _run(layout, q, k, v, False)
+    torch.testing.assert_close(o.float(), o0.float(), atol=2e-3 if dtype == torch.float16 else 1e-5, rtol=0)
+
+
+def test_kernel_length_tiles_counts_column_prefix_masks_like_brute_force():
+    from dit_accel.kernels.geometry import kernel_length_tiles
+
+    layout = prefix_layout(2, 150, 170, 32, 32, seed=13)
+    visited, ids = layout.block_masks()
+    masked = by_count = 0
+    for hh, i, j in visited.nonzero().tolist():
+        mid = int(ids[hh, i, j])
+        if mid < 0:
+            continue
+        masked += 1
+        t = layout.mask_table[mid]
+        c = int(t[0].sum())
+        by_count += bool(c > 0 and (t == (torch.arange(32) < c)[None, :]).all())
+    assert 0 < by_count < masked
+    assert kernel_length_tiles(layout) == pytest.approx(by_count / masked)
+    full = BlockLayout.from_block_masks(torch.ones(2, 2, dtype=torch.bool), q_len=64, kv_len=64, block_q=32,
+                                        block_k=32)
+    assert kernel_length_tiles(full) is None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_vsa_fine_layout_runs_by_length(dtype):
+    """VSA's fine branch over (4, 4, 4) cubes of a grid no cube divides: the partial cubes' real keys are a
+    column prefix of their block (packed order), run by a count."""
+    from dit_accel.kernels.vsa.api import vsa_layout
+    from dit_accel.kernels.vsa.naive import cubes_of
+
+    cubes = cubes_of((5, 6, 7), (4, 4, 4))
+    assert cubes.perm.num_padded <= 512
+    g = torch.Generator().manual_seed(6)
+    selection = torch.rand(1, 2, cubes.count, cubes.count, generator=g).argsort(-1)[..., :3].sort(-1).values
+    layout = vsa_layout(cubes, selection)
+    assert prefix_masks(layout) > 0
+    n = layout.q_len
+    q, k, v = make_qkv(1, 2, n, layout.kv_len, 32, dtype, seed=8, device="cpu")
+    o, lse = _run(layout, q, k, v, True)
+    assert_attention_close(o, lse, q, k, v, layout.to_dense_mask())
+    cfg = next(x.cfg for x in bst._PLANS.values(layout).values() if isinstance(x, bst._Launch))
+    assert cfg.lengths and int(bst._plan(layout, cfg.block_m, cfg.block_n, False, lengths=False).plan[..., 2].sum())
+    o0, _ = _run(layout, q, k, v, False)
+    torch.testing.assert_close(o.float(), o0.float(), atol=2e-3 if dtype == torch.float16 else 1e-5, rtol=0)
+
+
+def test_length_variants_ship_except_where_they_spill():
+    """Every forward configuration ships its length variant (compiled and checked for spills with the others in
+    test_compile_block_sparse.py) except those of LENGTHS_SPILL, where the launcher keeps the bit masks."""
+    from dit_accel.kernels.block_sparse.configs import LENGTHS_SPILL, length_config, shipped_configs
+
+    for arch in (80, 89, 90, 100):
+        shipped = shipped_configs(arch)
+        base = [c for c in shipped if c.kernel == "fwd" and not (c.ws or c.resume or c.lengths)]
+        for cfg in base:
+            spills = (arch, cfg.block_d, cfg.block_m, cfg.block_n, cfg.tma) in LENGTHS_SPILL
+            assert (length_config(cfg, arch) is None) == spills, (arch, cfg)
+            assert (dataclasses.replace(cfg, lengths=True) in shipped) != spills, (arch, cfg)
+    assert sum(length_config(c, 100) is None for c in shipped_configs(100) if c.kernel == "fwd" and not c.lengths
+               and not c.ws and not c.resume) == 4  # fp16 and bf16 of the two spilling tiles
