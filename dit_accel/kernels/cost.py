@@ -147,7 +147,7 @@ KERNELS = ("current", "host", "persistent", "ring3", "ws")
 def _variants(base: GpuConstants) -> Dict[str, GpuConstants]:
     host = dataclasses.replace(base, name=f"{base.name}/host", per_call_s=50e-6, sla_per_call_s=50e-6,
                                modelled_kernel=True,
-                               source=f"MODELLED from {base.name}: per-call host cost 50 us (issue 27 item 2)")
+                               source=f"MODELLED from {base.name}: per-call host cost 50 us")
     persistent = dataclasses.replace(host, name=f"{base.name}/persistent", per_cta_s=2.3e-6, modelled_kernel=True,
                                      source=f"MODELLED from {host.name}: persistent CTAs, one pipeline fill per "
                                             "CTA lifetime; 2.3 us per query block left (Q load, epilogue)")

@@ -1,6 +1,6 @@
 """What a block layout costs against what its pattern attends: the true density, padded work and masked tiles.
 
-The figures every efficiency is computed from (issue 72):
+The figures every efficiency is computed from:
 
 - ``density``: visited query-key token pairs that are allowed and real, over ``N^2`` (``N`` real tokens):
   the pattern's own density, whatever the blocks;

@@ -2,7 +2,7 @@
 
 Cubes are the tiles of :class:`~dit_accel.patterns.permutation.PackedTilePermutation` (t-major, then h, then
 w; raster order inside a cube): an edge cube's real tokens come first and its padding last (FastVideo's cubes of
-variable size), so a partial key cube's validity is a length, the first ``size`` positions (issue 72). A padded
+variable size), so a partial key cube's validity is a length, the first ``size`` positions. A padded
 position is never part of a mean, a softmax or a selection count, so an edge cube holds only its real tokens.
 
 The twin gathers each query cube's selected key cubes (memory ``B*H*Np*k*V``, linear in the selected
