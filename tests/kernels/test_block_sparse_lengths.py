@@ -88,6 +88,17 @@ def _run(layout, q, k, v, lengths):
     return bst.triton_forward(q, k, v, layout, q.shape[-1] ** -0.5, lengths=lengths)
 
 
+def _runs_by_length_exactly(layout, q, k, v, dtype):
+    """The forward with lengths matches the fp32 reference and the bit-mask path, and its launch did run length
+    tiles (the plan without lengths has bit-masked tiles where this one counts)."""
+    o, lse = _run(layout, q, k, v, True)
+    assert_attention_close(o, lse, q, k, v, layout.to_dense_mask())
+    cfg = next(x.cfg for x in bst._PLANS.values(layout).values() if isinstance(x, bst._Launch))
+    assert cfg.lengths and int(bst._plan(layout, cfg.block_m, cfg.block_n, False, lengths=False).plan[..., 2].sum())
+    o0, _ = _run(layout, q, k, v, False)
+    torch.testing.assert_close(o.float(), o0.float(), atol=2e-3 if dtype == torch.float16 else 1e-5, rtol=0)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("blocks,d", [((64, 64), 64), ((32, 64), 40), ((64, 32), 32)])
 def test_forward_by_length_matches_reference_and_mask_path(dtype, blocks, d):
@@ -152,12 +163,7 @@ def test_packed_tile_layout_runs_by_length(dtype):
     assert layout.q_len <= 512 and prefix_masks(layout) > 0
     n = layout.q_len
     q, k, v = make_qkv(1, 2, n, n, 32, dtype, seed=4, device="cpu")
-    o, lse = _run(layout, q, k, v, True)
-    assert_attention_close(o, lse, q, k, v, layout.to_dense_mask())
-    cfg = next(x.cfg for x in bst._PLANS.values(layout).values() if isinstance(x, bst._Launch))
-    assert cfg.lengths and int(bst._plan(layout, cfg.block_m, cfg.block_n, False, lengths=False).plan[..., 2].sum())
-    o0, _ = _run(layout, q, k, v, False)
-    torch.testing.assert_close(o.float(), o0.float(), atol=2e-3 if dtype == torch.float16 else 1e-5, rtol=0)
+    _runs_by_length_exactly(layout, q, k, v, dtype)
 
 
 def test_kernel_length_tiles_counts_column_prefix_masks_like_brute_force():
@@ -196,12 +202,7 @@ def test_vsa_fine_layout_runs_by_length(dtype):
     assert prefix_masks(layout) > 0
     n = layout.q_len
     q, k, v = make_qkv(1, 2, n, layout.kv_len, 32, dtype, seed=8, device="cpu")
-    o, lse = _run(layout, q, k, v, True)
-    assert_attention_close(o, lse, q, k, v, layout.to_dense_mask())
-    cfg = next(x.cfg for x in bst._PLANS.values(layout).values() if isinstance(x, bst._Launch))
-    assert cfg.lengths and int(bst._plan(layout, cfg.block_m, cfg.block_n, False, lengths=False).plan[..., 2].sum())
-    o0, _ = _run(layout, q, k, v, False)
-    torch.testing.assert_close(o.float(), o0.float(), atol=2e-3 if dtype == torch.float16 else 1e-5, rtol=0)
+    _runs_by_length_exactly(layout, q, k, v, dtype)
 
 
 def test_length_variants_ship_except_where_they_spill():
