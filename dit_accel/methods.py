@@ -27,11 +27,13 @@ Example: a new method, complete::
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Dict, Optional, Tuple, Union
 
+from .kernels.limits import GPU_LAYOUT_BLOCKS
 from .kernels.sla.common import LINEAR_EPS, REFERENCE_LINEAR_EPS, ROUNDINGS
 from .kernels.vsa.api import check_vsa_config
 from .patterns.checks import int_or_tuple, number_in, per_head, positive_int
@@ -453,25 +455,34 @@ class Tile(Method):
         from .kernels.block_sparse.backends.natten import attach_tile
 
         attach_tile(layout, perm, self.tile, self.window)  # NATTEN's equivalent GNA window, or why there is none
-        return LayoutPlan(self, perm.grid, layout, perm,
-                          token_density=tile_token_density(grid, self.tile, self.window), wide_q=True)
+        # Blocks no kernel takes (a whole 144-token frame): calls that run kernels take the same token pattern (STA
+        # visits whole tiles) in 64-token blocks over packed tiles, built on first use.
+        packed = (functools.partial(self._packed_plan, tuple(grid), self.tile, self.window)
+                  if block not in GPU_LAYOUT_BLOCKS and per_head(self.window) is None else None)
+        return LayoutPlan(self, perm.grid, layout, perm, token_density=tile_token_density(grid, self.tile, self.window),
+                          wide_q=True, kernel_plan=packed)
+
+    def _packed_plan(self, grid, tile, window):
+        """The plan of ``tile`` and ``window`` on ``grid`` in packed tile order (64-token blocks, every block full
+        or a key tile's ragged last block), run as this Tile."""
+        from .patterns.tile import packed_tile_layout, tile_token_density
+        from .plans.plan import LayoutPlan
+
+        perm, layout = packed_tile_layout(grid, tile, window)
+        return LayoutPlan(self, perm.grid, layout, perm, token_density=tile_token_density(grid, tile, window),
+                          wide_q=True)
 
     def _fitted_plan(self, grid):
         """The plan of :func:`~dit_accel.patterns.tile.fit_tile`'s tile and window on ``grid`` in packed tile order
         (every block full or a key tile's ragged last block), or None when the setting's own tile already divides
         the grid into whole blocks (the plain plan is the same)."""
-        from .patterns.tile import fit_tile, packed_tile_layout, tile_covers_grid, tile_token_density
-        from .plans.plan import LayoutPlan
+        from .patterns.tile import fit_tile, tile_covers_grid
 
         tile, window = fit_tile(grid, self.tile, self.window)
         if tile == self.tile:
             return None
         fitted = self.replace(tile=tile, window=window, fit=False)
-        if tile_covers_grid(grid, tile, window):
-            return fitted.plan(grid)
-        perm, layout = packed_tile_layout(grid, tile, window)
-        return LayoutPlan(fitted, perm.grid, layout, perm, token_density=tile_token_density(grid, tile, window),
-                          wide_q=True)
+        return fitted.plan(grid) if tile_covers_grid(grid, tile, window) else fitted._packed_plan(grid, tile, window)
 
     def at_density(self, grid, density, *, tile=None):
         """The Tile whose window visits the block density nearest ``density`` on ``grid``.

@@ -1,8 +1,8 @@
 """The layouts' own figures (``dit-accel bench layouts``) and the layout constructors' time and memory.
 
 :func:`layout_rows`: for every published and recommended setting of the Wan 2.1 and HunyuanVideo presets at
-the grids of :data:`GRIDS`, the true density, padded work and masked tiles of the block layout the plan
-runs (:mod:`dit_accel.kernels.geometry`), from the layouts alone (no GPU), and ``kernel_lengths``: of the
+the grids of :data:`GRIDS` (and every setting of the main job's shipped plan at its grid), the true density, padded work and masked tiles of the block layout the plan
+runs on a GPU (:mod:`dit_accel.kernels.geometry`), from the layouts alone (no GPU), and ``kernel_lengths``: of the
 visited blocks that carry an element mask, the fraction the shipped Triton forward runs by a column count
 (:func:`~dit_accel.kernels.geometry.kernel_length_tiles`; null when none carries a mask). SLA and VSA choose their blocks
 per call: their rows use their configured count of blocks, drawn uniformly at random with a fixed seed, and
@@ -23,18 +23,33 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
-__all__ = ["GRIDS", "MODEL_OF_GRID", "layout_rows", "configurations", "figures_row", "main"]
+__all__ = ["GRIDS", "MODEL_OF_GRID", "SHIPPED_PLAN_OF_GRID", "layout_rows", "configurations", "plan_configurations",
+           "figures_row", "main"]
 
 #: The grids ``bench layouts`` reports, by name.
 GRIDS: Dict[str, Tuple[int, int, int]] = {
     "Wan 2.1 480p": (21, 30, 52), "Wan 2.1 720p": (21, 45, 80), "HunyuanVideo 720p": (30, 48, 80),
-    "FastWan 448x832": (16, 28, 52)}
+    "FastWan 448x832": (16, 28, 52), "tiny-shapes-63": (32, 12, 12)}
 #: ``(transformer class, family)`` whose settings run at each grid.
 MODEL_OF_GRID = {"Wan 2.1 480p": ("WanTransformer3DModel", "Wan 2.1"),
                  "Wan 2.1 720p": ("WanTransformer3DModel", "Wan 2.1"),
                  "HunyuanVideo 720p": ("HunyuanVideoTransformer3DModel", "HunyuanVideo"),
-                 "FastWan 448x832": ("WanTransformer3DModel", "Wan 2.1")}
+                 "FastWan 448x832": ("WanTransformer3DModel", "Wan 2.1"),
+                 "tiny-shapes-63": ("WanTransformer3DModel", None)}
+#: Grids whose rows are the settings of a plan shipped for the model (the main job's), not the presets'.
+SHIPPED_PLAN_OF_GRID = {"tiny-shapes-63": "tiny-shapes-63.json"}
 METHODS = ("tile", "gna", "radial", "sla", "vsa")
+
+
+def plan_configurations(file_name: str) -> Iterator[Tuple[str, str, object]]:
+    """``(method, source, config)`` of every distinct sparse setting of the plan shipped as ``file_name``."""
+    from ..models.tiny_shapes import TINY_SHAPES_PLAN
+    from ..plans.sparse_plan import SparsePlan
+
+    for config in SparsePlan.load(TINY_SHAPES_PLAN.with_name(file_name)).methods():
+        name = type(config).__name__.lower()
+        if name in METHODS:
+            yield name, f"shipped plan ({file_name})", config
 
 
 def configurations(class_name: str, family: Optional[str]) -> Iterator[Tuple[str, str, object]]:
@@ -79,6 +94,7 @@ def _plan_layout(config, grid, heads: int, seed: int):
 
     plan = config.plan(grid)
     if isinstance(plan, LayoutPlan):
+        plan = plan.call_plan("cuda")  # what a GPU runs (whole-frame blocks: 64-token blocks over packed tiles)
         real = None if plan.perm is None else plan.perm.order >= 0
         return plan.layout, real, {"selection": "static", "ran": repr(plan.method)}  # a fitted Tile's own tile
     kind = getattr(plan, "kind", None)
@@ -133,7 +149,9 @@ def layout_rows(grids: Optional[Sequence[str]] = None, methods: Optional[Sequenc
     rows = []
     for name in grids or GRIDS:
         class_name, family = MODEL_OF_GRID[name]
-        for method, source, config in configurations(class_name, family):
+        settings = (plan_configurations(SHIPPED_PLAN_OF_GRID[name]) if name in SHIPPED_PLAN_OF_GRID
+                    else configurations(class_name, family))
+        for method, source, config in settings:
             if methods and method not in methods:
                 continue
             with warnings.catch_warnings():  # GNA's fit notes on short grids

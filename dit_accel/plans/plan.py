@@ -219,16 +219,23 @@ class LayoutPlan(Plan):
     64-row halves visit the same key blocks; else ``layout`` itself. Both visit the same key tiles
     per token, so ``density`` holds for either. CPU calls, the PyTorch twin, FlexAttention forced,
     and ring attention (:meth:`attend_part`) keep ``layout``.
+
+    ``kernel_plan`` (a Tile whose blocks are whole tiles of a size no kernel takes, such as 144-token frames):
+    a function that builds the same pattern in 64-token blocks over packed tiles
+    (:func:`~dit_accel.patterns.tile.packed_tile_layout`); calls that run kernels (CUDA under ``auto``, or a
+    kernel backend forced anywhere) run that plan instead (:meth:`call_plan`), built on first use. The PyTorch
+    twin, CPU ``auto`` and ring attention keep ``layout``.
     """
 
     kind = "layout"
 
     def __init__(self, method, grid, layout: BlockLayout, perm=None, *, token_density: Optional[float] = None,
-                 wide_q: bool = False):
+                 wide_q: bool = False, kernel_plan: Optional[Callable[[], "LayoutPlan"]] = None):
         super().__init__(method, grid, density=layout.density(), token_density=token_density)
         self.layout = layout
         self.perm = perm
         self.wide_q = bool(wide_q)
+        self._kernel_plan = kernel_plan  # a builder, then [the plan] once built
         self._wide: Optional[list] = None  # [wide layout or None], built on the first CUDA call
         self._layouts: Dict[tuple, BlockLayout] = {}  # per (device, heads) copies, made once
         self._parts: Dict[tuple, "_Part"] = {}
@@ -250,9 +257,27 @@ class LayoutPlan(Plan):
                 share_window(self.layout, self._wide[0])
         return self._wide[0]
 
-    def kernel_layout(self, device, backend: str = "auto") -> BlockLayout:
-        """The layout (on the CPU) that calls on ``device`` with ``backend`` run: see the class docstring."""
+    def call_plan(self, device, backend: str = "auto") -> "LayoutPlan":
+        """The plan that calls on ``device`` with ``backend`` run: this one, or its ``kernel_plan`` (see the class
+        docstring) where the call runs kernels: CUDA under ``auto``, or any backend but the PyTorch twin forced
+        (by ``backend`` or ``$DIT_ACCEL_BACKEND``)."""
+        if self._kernel_plan is None:
+            return self
         device = device if isinstance(device, torch.device) else torch.device(device)
+        chosen = backend if backend != "auto" else env_backend()
+        if chosen == "torch" or (chosen is None and device.type != "cuda"):
+            return self
+        if callable(self._kernel_plan):
+            self._kernel_plan = [self._kernel_plan()]
+        return self._kernel_plan[0]
+
+    def kernel_layout(self, device, backend: str = "auto") -> BlockLayout:
+        """The layout (on the CPU) that calls on ``device`` with ``backend`` run: see the class docstring. Its
+        token order is :meth:`call_plan`'s (``call_plan(device, backend).perm``)."""
+        device = device if isinstance(device, torch.device) else torch.device(device)
+        runner = self.call_plan(device, backend)
+        if runner is not self:
+            return runner.kernel_layout(device, backend)
         if self.wide_q and device.type == "cuda" and (backend if backend != "auto" else env_backend()) in (
                 None, "triton"):
             wide = self.wide_layout()
@@ -271,6 +296,9 @@ class LayoutPlan(Plan):
         return layout
 
     def backend_for(self, q, k, v, backend: str, lse: bool = True) -> str:
+        runner = self.call_plan(q.device, backend)
+        if runner is not self:
+            return runner.backend_for(q, k, v, backend, lse)
         short = self._short(q, backend)
         if short is not None:
             return short
@@ -349,6 +377,11 @@ class LayoutPlan(Plan):
         key = (torch.device(device), backend, env_backend())
         if key in self._prepared:
             return
+        runner = self.call_plan(device, backend)
+        if runner is not self:
+            runner.prepare(device, backend)
+            self._prepared.add(key)
+            return
         prepare_layout(self.layout_on(device, backend=backend), device, backend)
         if self.perm is not None:
             self.perm.prepare(device)
@@ -362,6 +395,10 @@ class LayoutPlan(Plan):
                              f"{q.shape[1]} heads; expected per-head windows for heads 0..{q.shape[1] - 1}")
 
     def attend(self, q, k, v, *, scale, backend, proj=None, heads=None, lse: bool = True):
+        runner = self.call_plan(q.device, backend)
+        if runner is not self:  # the same pattern over packed tiles; the call reports this plan's density
+            return runner.attend(q, k, v, scale=scale, backend=backend, proj=proj, heads=heads, lse=lse)[:3] + (
+                self.density,)
         layout = self.layout_on(q.device, heads, backend)
         want_lse = lse
         self._check_heads(layout, q)

@@ -151,6 +151,21 @@ def test_vsa_cubes_waste_nothing_at_fastwans_shape_and_mask_nothing_at_wans(grid
         assert row["padded_work"] == pytest.approx(padded)
 
 
+def test_the_main_jobs_whole_frames_run_on_a_gpu_over_packed_frames_by_counts():
+    """The main job's plan (frame tiles of 12 x 12 tokens, 32 frames, windows of 3 and 17 frames): what a GPU runs,
+    64-token blocks over frames packed into 192 positions, is counted here from the definition: a frame sees w
+    whole frames (w / 32 of the pairs), the blocks do (192 / 144)^2 of that work, and no tile needs a bit mask."""
+    rows = bench_layouts.layout_rows(["tiny-shapes-63"])
+    assert sorted(r["config"] for r in rows) == sorted(
+        f"Tile(tile=(1, 12, 12), window=({w}, 1, 1), block_size=144, fit=False)" for w in (3, 17))
+    for r in rows:
+        w = int(r["config"].split("window=(")[1].split(",")[0])
+        assert r["grid"] == [32, 12, 12] and r["block"] == [64, 64]
+        assert r["density"] == pytest.approx(w / 32, abs=1e-5)
+        assert r["padded_work"] == pytest.approx((192 / 144) ** 2, abs=1e-4)
+        assert r["masked_tiles"] == 0.0 and r["kernel_lengths"] == 1.0
+
+
 def test_efficiency_is_speedup_times_true_density():
     assert efficiency(10.95, 0.049) == pytest.approx(0.53655)
     with pytest.raises(ValueError, match="density in"):

@@ -297,6 +297,38 @@ def test_tile_block_size_checks_and_serialisation():
     assert type(dit_accel.Tile(tile=(1, 12, 12), window=(3, 1, 1), block_size=np.int64(144)).block_size) is int
 
 
+@pytest.mark.parametrize("grid, tile, window, block", [((7, 6, 6), (1, 6, 6), (3, 1, 1), 36),
+                                                       ((9, 6, 6), (1, 6, 6), (1, 1, 1), 12),
+                                                       ((5, 5, 6), (1, 5, 6), (3, 1, 1), 30)],
+                         ids=["frames-of-36", "frames-in-rows-of-12", "frames-of-30"])
+def test_whole_tile_blocks_run_the_triton_kernel_over_packed_tiles(grid, tile, window, block):
+    """Blocks of a whole tile that no kernel takes (a 144-token frame): calls that run kernels (CUDA under auto, a
+    kernel backend forced anywhere) run the same pattern in 64-token blocks over packed tiles, every visited
+    block full or a column length, and the Triton kernel's result (the interpreter here) is the brute-force STA
+    mask's. The PyTorch twin and CPU auto keep the whole-tile blocks."""
+    import dit_accel
+    from dit_accel.kernels.geometry import kernel_length_tiles
+    from dit_accel.patterns.permutation import PackedTilePermutation
+    from tests.utils import make_qkv, reference
+
+    plan = dit_accel.Tile(tile=tile, window=window, block_size=block).plan(grid)
+    runner = plan.call_plan("cuda")
+    assert plan.call_plan("cpu") is plan and plan.call_plan("cuda", "torch") is plan
+    assert plan.call_plan("cpu", "triton") is runner and plan.call_plan("cuda", "flex") is runner
+    assert isinstance(runner.perm, PackedTilePermutation) and runner.perm.tile == tile
+    assert (runner.layout.block_q, runner.layout.block_k) == (64, 64)
+    assert plan.kernel_layout("cuda") is runner.kernel_layout("cuda") and plan.kernel_layout("cpu") is plan.layout
+    assert kernel_length_tiles(runner.layout) in (None, 1.0)  # no bit-masked block
+    want = _ref_sta(grid, tile, window)
+    q, k, v = make_qkv(1, 2, math.prod(grid), math.prod(grid), 16, device="cpu")
+    o, density = plan.run(q, k, v, backend="triton")
+    torch.testing.assert_close(o, reference(q, k, v, want)[0], atol=2e-5, rtol=2e-5)
+    assert float(density) == plan.density  # the plan's own figure, whichever layout ran
+    from dit_accel.kernels.block_sparse.launches import launched_variants
+
+    assert launched_variants(runner.layout_on("cpu"))["forward"], "the Triton forward did not run"
+
+
 def test_whole_frame_blocks_are_refused_by_the_gpu_kernels_with_the_reason(monkeypatch):
     """144-token blocks: the CPU's auto takes the PyTorch twin; on CUDA the Triton and FlexAttention kernels say why
     they cannot (their tiles are powers of two), so auto never hands them such a layout."""
