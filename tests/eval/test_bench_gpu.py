@@ -6,7 +6,6 @@ import json
 import pytest
 import torch
 
-import dit_accel
 
 from dit_accel.cli.main import main
 from dit_accel.eval import bench_gpu, bench_gpu_cases
