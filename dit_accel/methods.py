@@ -435,7 +435,7 @@ class Tile(Method):
         return None if windows is None else len(windows)
 
     def plan(self, grid):
-        from .patterns.tile import tile_covers_grid, tile_layout, tile_token_density
+        from .patterns.tile import KERNEL_PACKED_WORK, packed_work, tile_covers_grid, tile_layout, tile_token_density
         from .plans.plan import DensePlan, LayoutPlan
 
         if tile_covers_grid(grid, self.tile, self.window):
@@ -455,12 +455,12 @@ class Tile(Method):
         from .kernels.block_sparse.backends.natten import attach_tile
 
         attach_tile(layout, perm, self.tile, self.window)  # NATTEN's equivalent GNA window, or why there is none
-        # Blocks no kernel takes (a whole 144-token frame): calls that run kernels take the same token pattern (STA
-        # visits whole tiles) in 64-token blocks over packed tiles, built on first use.
+        # Blocks no kernel takes (a 144-token frame): kernels run the same pattern (STA visits whole tiles) in 64-token
+        # blocks over packed tiles, built on first use; auto on CUDA where that pads by at most KERNEL_PACKED_WORK.
         packed = (functools.partial(self._packed_plan, tuple(grid), self.tile, self.window)
                   if block not in GPU_LAYOUT_BLOCKS and per_head(self.window) is None else None)
         return LayoutPlan(self, perm.grid, layout, perm, token_density=tile_token_density(grid, self.tile, self.window),
-                          wide_q=True, kernel_plan=packed)
+                          wide_q=True, kernel_plan=packed, kernel_plan_auto=packed_work(math.prod(self.tile)) <= KERNEL_PACKED_WORK)
 
     def _packed_plan(self, grid, tile, window):
         """The plan of ``tile`` and ``window`` on ``grid`` in packed tile order (64-token blocks, every block full

@@ -29,7 +29,7 @@ from .checks import as_grid, int_or_tuple, per_dim, per_head, positive_int
 from .permutation import PackedTilePermutation, TilePermutation, block_box, permutation_for
 from .separable import covers_grid, kron, relation_1d, separable_layout, stack_heads
 
-__all__ = ["tile_mask", "tile_layout", "packed_tile_layout", "fit_tile", "window_at_density", "check_tile_args", "check_tile_block", "tile_relations", "covered_tiles",
+__all__ = ["tile_mask", "tile_layout", "packed_tile_layout", "packed_work", "KERNEL_PACKED_WORK", "fit_tile", "window_at_density", "check_tile_args", "check_tile_block", "tile_relations", "covered_tiles",
            "tile_token_density", "tile_covers_grid", "read_sta_strategy"]
 
 
@@ -181,7 +181,14 @@ SHAPE_WEIGHT = 0.5
 TILE_WEIGHT = 0.25
 
 
-def _packed_work(volume: int, block: int) -> float:
+#: The padded work up to which ``auto`` on CUDA runs a Tile of whole-tile blocks (a 144-token frame: (192 / 144)^2 =
+#: 1.78) through the kernels over packed tiles rather than through the PyTorch twin; a forced kernel backend takes
+#: the packed tiles at any padding (smaller tiles: 36 tokens would do 3.2x the work).
+KERNEL_PACKED_WORK = 2.0
+
+
+def packed_work(volume: int, block: int = 64) -> float:
+    """The work of a ``volume``-token tile packed into whole ``block``-token blocks, over its true pairs."""
     return (cdiv(volume, block) * block / volume) ** 2
 
 
@@ -213,7 +220,7 @@ def fit_tile(grid, tile, window, *, block: int = 64) -> Tuple[Tuple[int, ...], T
     best = None
     for cand in itertools.product(*[_divisors(g) for g in grid]):
         volume = math.prod(cand)
-        if not block <= volume <= 16 * block or _packed_work(volume, block) > FIT_PADDED_WORK:
+        if not block <= volume <= 16 * block or packed_work(volume, block) > FIT_PADDED_WORK:
             continue
         win = tuple(max(1, 2 * round((r / t - 1) / 2) + 1) for r, t in zip(reach, cand))  # odd, ~ the reach
         density = tile_token_density(grid, cand, win)
@@ -221,7 +228,7 @@ def fit_tile(grid, tile, window, *, block: int = 64) -> Tuple[Tuple[int, ...], T
         # of a tile shares one), so the tile stays near the given one too.
         shape = sum(abs(math.log(min(w * t, g) / r)) + TILE_WEIGHT * abs(math.log(t / t0))
                     for w, t, g, r, t0 in zip(win, cand, grid, reach, tile))
-        score = (round(abs(math.log(density) - target) + SHAPE_WEIGHT * shape, 3), _packed_work(volume, block))
+        score = (round(abs(math.log(density) - target) + SHAPE_WEIGHT * shape, 3), packed_work(volume, block))
         if best is None or score < best[0]:
             best = (score, cand, win)
     if best is None:  # no such tile (a prime extent, a tiny grid): the given setting, padded as before

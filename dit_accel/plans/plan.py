@@ -222,20 +222,22 @@ class LayoutPlan(Plan):
 
     ``kernel_plan`` (a Tile whose blocks are whole tiles of a size no kernel takes, such as 144-token frames):
     a function that builds the same pattern in 64-token blocks over packed tiles
-    (:func:`~dit_accel.patterns.tile.packed_tile_layout`); calls that run kernels (CUDA under ``auto``, or a
-    kernel backend forced anywhere) run that plan instead (:meth:`call_plan`), built on first use. The PyTorch
-    twin, CPU ``auto`` and ring attention keep ``layout``.
+    (:func:`~dit_accel.patterns.tile.packed_tile_layout`); calls that run kernels (a kernel backend forced
+    anywhere, and CUDA under ``auto`` where ``kernel_plan_auto``) run that plan instead (:meth:`call_plan`),
+    built on first use. The PyTorch twin, CPU ``auto`` and ring attention keep ``layout``.
     """
 
     kind = "layout"
 
     def __init__(self, method, grid, layout: BlockLayout, perm=None, *, token_density: Optional[float] = None,
-                 wide_q: bool = False, kernel_plan: Optional[Callable[[], "LayoutPlan"]] = None):
+                 wide_q: bool = False, kernel_plan: Optional[Callable[[], "LayoutPlan"]] = None,
+                 kernel_plan_auto: bool = True):
         super().__init__(method, grid, density=layout.density(), token_density=token_density)
         self.layout = layout
         self.perm = perm
         self.wide_q = bool(wide_q)
         self._kernel_plan = kernel_plan  # a builder, then [the plan] once built
+        self._kernel_plan_auto = bool(kernel_plan_auto)
         self._wide: Optional[list] = None  # [wide layout or None], built on the first CUDA call
         self._layouts: Dict[tuple, BlockLayout] = {}  # per (device, heads) copies, made once
         self._parts: Dict[tuple, "_Part"] = {}
@@ -259,13 +261,13 @@ class LayoutPlan(Plan):
 
     def call_plan(self, device, backend: str = "auto") -> "LayoutPlan":
         """The plan that calls on ``device`` with ``backend`` run: this one, or its ``kernel_plan`` (see the class
-        docstring) where the call runs kernels: CUDA under ``auto``, or any backend but the PyTorch twin forced
-        (by ``backend`` or ``$DIT_ACCEL_BACKEND``)."""
+        docstring) where the call runs kernels: any backend but the PyTorch twin forced (by ``backend`` or
+        ``$DIT_ACCEL_BACKEND``), or CUDA under ``auto`` where ``kernel_plan_auto``."""
         if self._kernel_plan is None:
             return self
         device = device if isinstance(device, torch.device) else torch.device(device)
         chosen = backend if backend != "auto" else env_backend()
-        if chosen == "torch" or (chosen is None and device.type != "cuda"):
+        if chosen == "torch" or (chosen is None and (device.type != "cuda" or not self._kernel_plan_auto)):
             return self
         if callable(self._kernel_plan):
             self._kernel_plan = [self._kernel_plan()]

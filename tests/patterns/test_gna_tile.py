@@ -302,22 +302,24 @@ def test_tile_block_size_checks_and_serialisation():
                                                        ((5, 5, 6), (1, 5, 6), (3, 1, 1), 30)],
                          ids=["frames-of-36", "frames-in-rows-of-12", "frames-of-30"])
 def test_whole_tile_blocks_run_the_triton_kernel_over_packed_tiles(grid, tile, window, block):
-    """Blocks of a whole tile that no kernel takes (a 144-token frame): calls that run kernels (CUDA under auto, a
-    kernel backend forced anywhere) run the same pattern in 64-token blocks over packed tiles, every visited
-    block full or a column length, and the Triton kernel's result (the interpreter here) is the brute-force STA
-    mask's. The PyTorch twin and CPU auto keep the whole-tile blocks."""
+    """Blocks of a whole tile that no kernel takes: calls that force a kernel backend run the same pattern in
+    64-token blocks over packed tiles, every visited block full or a column length, and the Triton kernel's result
+    (the interpreter here) is the brute-force STA mask's. The PyTorch twin and CPU auto keep the whole-tile blocks;
+    so does CUDA's auto for these small tiles (a 36-token tile in a 64-token block is 3.2x the work)."""
     import dit_accel
     from dit_accel.kernels.geometry import kernel_length_tiles
     from dit_accel.patterns.permutation import PackedTilePermutation
     from tests.utils import make_qkv, reference
 
     plan = dit_accel.Tile(tile=tile, window=window, block_size=block).plan(grid)
-    runner = plan.call_plan("cuda")
+    runner = plan.call_plan("cuda", "triton")
     assert plan.call_plan("cpu") is plan and plan.call_plan("cuda", "torch") is plan
+    assert plan.call_plan("cuda") is plan  # auto: the twin rather than (64 / 36)^2 = 3.2x the work or more
     assert plan.call_plan("cpu", "triton") is runner and plan.call_plan("cuda", "flex") is runner
     assert isinstance(runner.perm, PackedTilePermutation) and runner.perm.tile == tile
     assert (runner.layout.block_q, runner.layout.block_k) == (64, 64)
-    assert plan.kernel_layout("cuda") is runner.kernel_layout("cuda") and plan.kernel_layout("cpu") is plan.layout
+    assert plan.kernel_layout("cuda", "triton") is runner.kernel_layout("cuda", "triton")
+    assert plan.kernel_layout("cpu") is plan.layout
     assert kernel_length_tiles(runner.layout) in (None, 1.0)  # no bit-masked block
     want = _ref_sta(grid, tile, window)
     q, k, v = make_qkv(1, 2, math.prod(grid), math.prod(grid), 16, device="cpu")
@@ -327,6 +329,24 @@ def test_whole_tile_blocks_run_the_triton_kernel_over_packed_tiles(grid, tile, w
     from dit_accel.kernels.block_sparse.launches import launched_variants
 
     assert launched_variants(runner.layout_on("cpu"))["forward"], "the Triton forward did not run"
+
+
+def test_cuda_auto_runs_144_token_frames_over_packed_frames(monkeypatch):
+    """The main job's frames (12 x 12 tokens, blocks of 144): CUDA's auto takes the packed plan ((192 / 144)^2 =
+    1.78x the work, within KERNEL_PACKED_WORK), as does $DIT_ACCEL_BACKEND=triton on the CPU; $DIT_ACCEL_BACKEND=torch
+    keeps the frames as blocks everywhere."""
+    import dit_accel
+    from dit_accel.patterns.tile import KERNEL_PACKED_WORK, packed_work
+
+    assert packed_work(144) == pytest.approx((192 / 144) ** 2) and packed_work(144) <= KERNEL_PACKED_WORK
+    assert packed_work(36) > KERNEL_PACKED_WORK and packed_work(128) == 1.0
+    plan = dit_accel.Tile(tile=(1, 12, 12), window=(3, 1, 1), block_size=144).plan((8, 12, 12))
+    runner = plan.call_plan("cuda")
+    assert runner is not plan and runner.perm.slot == 192 and plan.call_plan("cpu") is plan
+    monkeypatch.setenv("DIT_ACCEL_BACKEND", "triton")
+    assert plan.call_plan("cpu") is runner
+    monkeypatch.setenv("DIT_ACCEL_BACKEND", "torch")
+    assert plan.call_plan("cuda") is plan
 
 
 def test_whole_frame_blocks_are_refused_by_the_gpu_kernels_with_the_reason(monkeypatch):
