@@ -11,14 +11,15 @@
 # Python needs; the vendor kernels' wheels that fit a carry: see that script for which do not and why).
 # BUDGET: seconds for the whole run (each step gets at most its limit and what is left; a step with no time left
 # says `rc=skip`). STEPS: the steps to run (default all, in this order): install selftest generate wan_step
-# bench_gpu pytest_gpu sla_parts info.
+# bench_gpu ws_probe pytest_gpu sla_parts info.
 # Logs: $OUT/all.log and $OUT/summary.txt (default ./gpu_out); the self-check verdicts in $OUT/selftest.json
 # ("N of M checked" in the log), each generate's sidecar as $OUT/gen_*.json, the Wan 2.1 1.3B step in
-# $OUT/wan_step.json, the bench report in $OUT/gpu_report/, SLA's parts in $OUT/sla_run.json.
+# $OUT/wan_step.json, the bench report in $OUT/gpu_report/, the ws forward's rows in $OUT/ws_probe.json, SLA's
+# parts in $OUT/sla_run.json.
 set -u
 O=${OUT:-$PWD/gpu_out}; W=${WHEELS:-.whl}; mkdir -p "$O/gpu_report"
 T0=$(date +%s); END=$((T0 + ${BUDGET:-540}))
-STEPS=" ${STEPS:-install selftest generate wan_step bench_gpu pytest_gpu sla_parts info} "
+STEPS=" ${STEPS:-install selftest generate wan_step bench_gpu ws_probe pytest_gpu sla_parts info} "
 export DIT_ACCEL_CACHE=${DIT_ACCEL_CACHE:-/tmp/dit_accel_cache} TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-/tmp/triton_cache}
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 L=$O/all.log
@@ -48,6 +49,8 @@ step wan_step 120 python3 docs/scripts/wan_step_gpu.py --out "$O/wan_step.json" 
 # Timings at the production shapes, the vendor kernels (FA4, cuDNN, NATTEN) beside auto where installed.
 step bench_gpu 150 dit-accel bench gpu --no-pytest --budget 130 --methods tile,gna,sla-topk \
     --densities 0.05,0.1 --shapes "14B 480p,14B 720p,1.3B" --out "$O/gpu_report"
+# Where the (opt-in) warp-specialized forward goes wrong: tile shapes, pipeline depths, dense and sparse layouts.
+step ws_probe 60 python3 docs/scripts/ws_probe.py --out "$O/ws_probe.json"
 step pytest_gpu 240 python3 -m pytest -m gpu -o addopts= -p no:cacheprovider -q -rfE --timeout 120 --durations=15 tests
 step sla_parts 120 env OUT="$O" PYTHONPATH=. python3 docs/scripts/sla_gpu_parts.py run --configs --bwd-configs --profile
 step info 30 dit-accel info

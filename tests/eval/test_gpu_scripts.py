@@ -6,6 +6,7 @@ import json
 import os
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -51,7 +52,7 @@ def test_the_offline_run_plans_its_steps_inside_one_device_command(tmp_path):
     assert run.returncode == 0, run.stderr
     steps = re.findall(r"^(\w+) \(limit (\d+)s\): (.*)$", run.stdout, re.M)
     names = [s[0] for s in steps]
-    assert names[:5] == ["install", "selftest", "generate", "wan_step", "bench_gpu"], names
+    assert names[:6] == ["install", "selftest", "generate", "wan_step", "bench_gpu", "ws_probe"], names
     cmd = dict((name, (int(limit), line)) for name, limit, line in steps)
     budget = int(re.search(r"--budget (\d+)", cmd["selftest"][1]).group(1))
     assert budget < cmd["selftest"][0]  # selftest ends itself, with its JSON, before the step's limit
@@ -60,3 +61,17 @@ def test_the_offline_run_plans_its_steps_inside_one_device_command(tmp_path):
     # The whole run stays inside one device command (at most 600 s): each step gets at most what is left.
     default = int(re.search(r"BUDGET:-(\d+)", (SCRIPTS / "gpu_offline_run.sh").read_text()).group(1))
     assert default <= 560
+
+
+def test_the_ws_probe_compiles_each_variant_for_sm90(tmp_path):
+    """docs/scripts/ws_probe.py's dry run on the CPU: each warp-specialized variant it would run on a GPU compiles
+    for sm_90 (a fresh process: the code generator does not run beside the interpreter)."""
+    out = tmp_path / "ws.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, str(SCRIPTS / "ws_probe.py"), "--dry-run", "--out", str(out)], cwd=ROOT,
+                         capture_output=True, text=True, env={**env, "PYTHONPATH": str(ROOT)}, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["variant"] for r in rows] == [[128, 64, 4, 3], [128, 64, 4, 2], [64, 64, 4, 3], [64, 64, 4, 2]]
+    assert all(r.get("compiled") for r in rows), rows
+    assert rows[0]["warps"] == 12  # a producer and consumer warp groups: the kernel did warp-specialize

@@ -1,0 +1,140 @@
+"""Which part of the warp-specialized block-sparse forward goes wrong on an sm_90 GPU.
+
+Its first GPU runs (H100 and H200, triton 3.6.0) gave non-finite or wrong rows from row 64 on: the rows of the
+second of the two 64-row consumer warp groups that a 128-row tile splits into. This probe runs the ws kernel alone
+(no resume pass: every visited tile is full) in several tile shapes and pipeline depths, and, for each, where its
+rows go wrong against fp32 attention over the same blocks:
+
+- 128-row tiles at 3 and 2 stages (the shipped configuration is 128 x 64, 4 warps, 3 stages);
+- 64-row tiles (no 128-row tile to split; the CTA still runs 12 warps, compiled for sm_90 with triton 3.9);
+- a dense layout (the key tiles in order) and a sparse one (every other key tile), so a fault in the loaded tile
+  index (a pointer load inside the warp-specialized loop) shows as a difference between the two.
+
+    python docs/scripts/ws_probe.py --out ws_probe.json            # on the GPU
+    python docs/scripts/ws_probe.py --dry-run --out /tmp/ws.json    # on a CPU: compiles each variant for sm_90
+
+Each row of the JSON: the variant, the layout, whether the kernel ran, the share of non-finite output rows, the
+largest relative row error in the first and the second 64 rows of each 128-row tile, and the first bad row.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+import torch
+
+#: (block_m, block_n, warps, stages) of the ws kernel to try; the first is the shipped one.
+VARIANTS = [(128, 64, 4, 3), (128, 64, 4, 2), (64, 64, 4, 3), (64, 64, 4, 2)]
+LAYOUTS = ("dense", "sparse")
+TOL = 2e-2  # a row is bad past this relative error (bf16 inputs against fp32)
+
+
+def _layout(n: int, kind: str):
+    """Layout of 128-token blocks over ``n`` tokens, every visited block full: all of them, or every other key
+    block (each query block keeps its own diagonal one, so no row is empty)."""
+    from dit_accel.kernels.layout import BlockLayout
+
+    nb = n // 128
+    visited = torch.ones(1, nb, nb, dtype=torch.bool)
+    if kind == "sparse":
+        cols = torch.arange(nb)
+        visited &= ((cols[None, :] % 2) == 0) | (cols[None, :] == torch.arange(nb)[:, None])
+    return BlockLayout.from_block_masks(visited, q_len=n, kv_len=n, block_q=128, block_k=128)
+
+
+def _configured(variant):
+    """The ws configuration for ``variant`` (WS_TUNED's sm_90 d128 entry replaced) and the base configuration."""
+    from dit_accel.kernels.block_sparse import configs
+
+    configs.WS_TUNED[(90, "fwd", 128)] = variant
+    base = configs.select_config("fwd", torch.bfloat16, 128, 128, 128, 90)
+    return configs.ws_config(base, 90), base
+
+
+def _row_errors(o: torch.Tensor, ref: torch.Tensor) -> dict:
+    """Per-row relative error of ``o`` against ``ref`` (both ``(B, H, N, D)``), summarised by 64-row half."""
+    err = ((o.float() - ref).norm(dim=-1) / ref.norm(dim=-1).clamp_min(1e-6)).flatten(0, 1)  # [B*H, N]
+    finite = torch.isfinite(o.float()).all(-1).flatten(0, 1)
+    err = torch.where(finite, err, torch.full_like(err, float("inf")))
+    rows = torch.arange(err.shape[-1], device=err.device)
+    first, second = err[:, rows % 128 < 64], err[:, rows % 128 >= 64]
+    bad = (err > TOL).any(0).nonzero().flatten()
+    return {"nonfinite_rows": round(float((~finite).float().mean()), 4),
+            "max_err_rows_0_63": float(first.max()), "max_err_rows_64_127": float(second.max()),
+            "first_bad_row": int(bad[0]) if bad.numel() else None}
+
+
+def _run(variant, kind: str, n: int, heads: int) -> dict:
+    from dit_accel.kernels import selfcheck
+    from dit_accel.kernels.block_sparse import triton as bst
+
+    ws, base = _configured(variant)
+    row = {"variant": list(variant), "layout": kind, "ran": False}
+    if ws is None:
+        return {**row, "error": "no ws configuration"}
+    layout = _layout(n, kind).to("cuda")
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(1, heads, n, 128, device="cuda", generator=g, dtype=torch.bfloat16) for _ in range(3))
+    o = torch.zeros_like(q)
+    lse = torch.zeros(1, heads, n, device="cuda", dtype=torch.float32)
+    scale = 128 ** -0.5
+    real = selfcheck.usable_fast
+    selfcheck.usable_fast = lambda *a, **kw: True  # the probe runs the variant its self-check would refuse
+    try:
+        t0 = time.perf_counter()
+        row["ran"] = bool(bst._ws_forward(q, k, v, o, lse, layout, base, scale, force=True))
+        torch.cuda.synchronize()
+        row["seconds"] = round(time.perf_counter() - t0, 2)
+    except Exception as exc:  # noqa: BLE001 - a compile or launch failure is a finding
+        return {**row, "error": f"{type(exc).__name__}: {str(exc)[:300]}"}
+    finally:
+        selfcheck.usable_fast = real
+    mask = layout.to_dense_mask()[0].to("cuda")  # [N, N] True = visited
+    ref = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask,
+                                                           scale=scale)
+    return {**row, **_row_errors(o, ref)}
+
+
+def _dry_run(variant) -> dict:
+    """CPU: compile the ws variant for sm_90 (what the GPU would build first)."""
+    from dit_accel.kernels.compile import compile_for_target
+
+    ws, _ = _configured(variant)
+    if ws is None:
+        return {"variant": list(variant), "error": "no ws configuration"}
+    try:
+        ck = compile_for_target(ws, 90)
+        return {"variant": list(variant), "compiled": True, "shared": int(ck.metadata.shared),
+                "warps": int(ck.metadata.num_warps)}
+    except Exception as exc:  # noqa: BLE001
+        return {"variant": list(variant), "compiled": False, "error": f"{type(exc).__name__}: {str(exc)[:300]}"}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--tokens", type=int, default=2048, help="tokens (a multiple of 128)")
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--dry-run", action="store_true", help="CPU: compile each variant for sm_90, run nothing")
+    args = parser.parse_args(argv)
+    if args.tokens % 128 or args.tokens <= 0:
+        parser.error(f"--tokens {args.tokens} must be a positive multiple of 128")
+    if not args.dry_run and not torch.cuda.is_available():
+        parser.error("no CUDA device: run on an sm_90 GPU, or pass --dry-run on a CPU")
+    rows = []
+    for variant in VARIANTS:
+        todo = [_dry_run(variant)] if args.dry_run else [_run(variant, kind, args.tokens, args.heads)
+                                                         for kind in LAYOUTS]
+        for row in todo:
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+    with open(args.out, "w") as fh:
+        json.dump({"argv": sys.argv[1:], "triton": __import__("triton").__version__, "rows": rows}, fh, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
