@@ -6,13 +6,14 @@
    --json`` in a subprocess (every variant this machine would use, against its fp32 twin);
 2. ``pytest -m gpu`` in a subprocess (``tests/kernels/test_gpu_production.py`` and the other GPU tests);
 3. the timings, at production sizes (:data:`STANDARD_SHAPES`: Wan 2.1 14B at 480p and 720p, 40 heads x
-   batch 2; FLUX 1024 px, 24 x 1; Wan 2.1 1.3B 480p, 12 x 1; FLUX 4K), bf16:
+   batch 2; FLUX 1024 px, 24 x 1; Wan 2.1 1.3B 480p, 12 x 1; FLUX 4K; FastWan's 448x832, 12 x 1), bf16:
 
    - dense: SDPA (PyTorch's pick, and pinned to flash and to cuDNN), the in-repo Triton kernel, flash-attn
      2/3/4 where installed, and ``dense [fastest]`` (:mod:`dit_accel.kernels.dense.choice`, what ``auto``'s
      dense fallback runs), without and with the lse; forward, and forward + backward;
    - Tile (at the default 64-token STA tile, and at a 128-token one, ``tile-128``), GNA, radial (video) and
-     SLA at :data:`STANDARD_DENSITIES`, through the layout production runs (``plan.kernel_layout(device)``:
+     SLA at :data:`STANDARD_DENSITIES`, and VSA (with a gate, at sparsity 1 - density, its coarse-and-select and
+     fine launches also alone), through the layout production runs (``plan.kernel_layout(device)``:
      the 128-row layout of the sm_90 ws + resume forward where the plan has one, as ``tile-128`` does),
      with ``backend="auto"`` and the autotuner off and on (:data:`AUTOTUNE_MODES`; "on" at the first
      density only, to stay in the budget), and with ``backend="triton"`` forced wherever ``auto`` chose
@@ -63,11 +64,13 @@ STANDARD_SHAPES = (
     ModelShape("FLUX 1024px", (64, 64), 24),                    # N = 4,096
     ModelShape("Wan2.1 1.3B 480p", (21, 30, 52), 12),
     ModelShape("FLUX 4K", (256, 256), 24),                      # N = 65,536
+    ModelShape("FastWan 448x832", (16, 28, 52), 12),            # N = 23,296: VSA's own shape (61 frames)
 )
 STANDARD_DENSITIES = (0.05, 0.1, 0.2)
 #: ``sla``: SLA with a zero projection whose linear branch is computed (as under training); ``sla-topk``: without
-#: a projection (training-free top-k, what pipelines run while every projection is still zero).
-STANDARD_METHODS = ("tile", "tile-128", "gna", "radial", "sla", "sla-topk")
+#: a projection (training-free top-k, what pipelines run while every projection is still zero); ``vsa``: VSA with
+#: a gate at sparsity 1 - density (video grids only), its coarse-and-select and fine launches also timed alone.
+STANDARD_METHODS = ("tile", "tile-128", "gna", "radial", "sla", "sla-topk", "vsa")
 AUTOTUNE_MODES = ("off", "on")
 #: Seconds for the whole run (self-checks, pytest, timings): 15 minutes, enough on a cold cache.
 BUDGET_S = 900.0

@@ -91,6 +91,8 @@ def fp32_dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, 
 
 
 _S = (slice(0, 1), slice(0, TWIN_HEADS))  # the heads the twins compute
+#: VSA's cube: FastVideo's default and FastWan's.
+VSA_TILE = (4, 4, 4)
 
 
 def _grad_error(grads, ref_grads) -> float:
@@ -122,6 +124,8 @@ class _Shape:
             for name in methods:
                 if name == "radial" and (len(self.shape.grid) != 3 or i):
                     continue  # video only; its rule fixes its density: once per shape
+                if name == "vsa" and len(self.shape.grid) != 3:
+                    continue  # video only
                 for mode in autotune:
                     if mode == "on" and i:
                         continue  # the autotuner's choice at the first density (its timing costs seconds)
@@ -255,17 +259,21 @@ class _Shape:
         _set_autotune(mode)
         label = f"{name} [auto, autotune {mode}]"
         try:
-            method = _method(name, self.shape.grid, target)
-            runner = (_SlaCase(self, method, projection=name == "sla") if name.startswith("sla")
-                      else _LayoutCase(self, method))
+            if name == "vsa":  # sparsity 1 - density: 0.8 and 0.9 at 0.2 and 0.1
+                runner = _VsaCase(self, round(1.0 - target, 6))
+            else:
+                method = _method(name, self.shape.grid, target)
+                runner = (_SlaCase(self, method, projection=name == "sla") if name.startswith("sla")
+                          else _LayoutCase(self, method))
         except Exception as exc:
             self.rows.append({**_skipped(self.shape, label, target, ""), "status": "failed", "error": _short(exc)})
             return
-        if runner.layout is None and not name.startswith("sla"):
+        layout_free = name.startswith("sla") or name == "vsa"  # their blocks are chosen per call
+        if runner.layout is None and not layout_free:
             self.rows.append({**_skipped(self.shape, label, target, f"no layout: {runner.why}"), "status": "dense"})
             return
         passes = ("forward", "forward+backward") if self.backward else ("forward",)
-        vendors = [] if name.startswith("sla") or mode != "off" else self.vendor_backends(runner)
+        vendors = [] if layout_free or mode != "off" else self.vendor_backends(runner)
         backends = ["auto"] + vendors  # (the Triton kernel forced is appended below where auto ran another)
         for backend in backends:
             tag = label if backend == "auto" else f"{name} [{backend} forced]"
@@ -276,8 +284,12 @@ class _Shape:
                 # Where auto chose another backend than the Triton kernels (dense, say), the sparse
                 # kernel forced beside it, once per (method, density).
                 if (forced and backend == "auto" and mode == "off" and pass_ == "forward" and row.get("status") == "ok"
-                        and not name.startswith("sla") and not str(row.get("variant", "")).startswith(forced)):
+                        and not layout_free and not str(row.get("variant", "")).startswith(forced)):
                     backends.append(forced)
+        if name == "vsa" and mode == "off":  # its launches alone, forward
+            for phase, fn in runner.phases("auto").items():
+                self.measure(f"vsa {phase}", fn, lambda: {}, runner.density, runner.work, "forward",
+                             target_density=target, autotune=mode, backend="phase", **runner.facts)
 
 
     # -- the vendor kernels (FA4, cuDNN, NATTEN), forced on the same layout beside auto
@@ -521,3 +533,91 @@ class _SlaCase(_Case):
             info = sla_parts(self.q[:1, :1], self.k[:1, :1], self.v[:1, :1], self.method, self.proj,
                              backend=backend)[3]
         return f"sla {info['backend']}"
+
+
+class _VsaCase(_Case):
+    """VSA (FastWan's video sparse attention, (4, 4, 4) cubes) through ``vsa_attention`` with a gate, so the coarse
+    branch counts as in FastWan's checkpoints: pooling, coarse attention and the cube selection, then the fine
+    block-sparse branch. The fp32 twin takes the timed call's own selection (a bf16 coarse score may pick another
+    cube where two nearly tie); ``density``: the selected share of the cubes, the true pair density where every cube
+    is whole (FastWan's (16, 28, 52)). ``phases`` are the coarse-and-select and the fine launches, timed alone."""
+
+    def __init__(self, s: _Shape, sparsity: float):
+        from ..kernels.vsa.naive import cubes_of, selected_count
+
+        self.s, self.layout, self.why, self.grid = s, None, None, tuple(s.shape.grid)
+        self.sparsity = sparsity
+        self.cubes = cubes_of(self.grid, VSA_TILE)
+        self.count = selected_count(self.cubes.count, None, sparsity)
+        self.q, self.k, self.v = s.q, s.k, s.v
+        self.gate = s.randn(*s.q.shape)
+        self.scale = s.shape.head_dim ** -0.5
+        self.density = self.count / self.cubes.count
+        self.work = self.density * (self.cubes.perm.num_padded / s.shape.tokens) ** 2
+        self.facts = {"config": {"method": "vsa", "sparsity": sparsity, "tile": list(VSA_TILE)},
+                      "cubes": self.cubes.count, "topk": self.count}
+        self.grad_inputs = self.do = None
+        self.ref: Dict[str, object] = {}
+        self._selection = None
+
+    def _call(self, q, k, v, backend: str, **kw):
+        from ..kernels.vsa.api import vsa_attention
+
+        return vsa_attention(q, k, v, self.grid, sparsity=self.sparsity, tile=VSA_TILE, gate=self.gate,
+                             scale=self.scale, backend=backend, **kw)
+
+    def fn(self, pass_: str, backend: str):
+        if pass_ == "forward":
+            return lambda: _no_grad(lambda: self._call(self.q, self.k, self.v, backend))
+        qg, kg, vg = self._grad_inputs()
+        return lambda: self._call(qg, kg, vg, backend).backward(self.do)
+
+    def selection(self, backend: str) -> torch.Tensor:
+        if self._selection is None:
+            with torch.no_grad():
+                self._selection = self._call(self.q, self.k, self.v, backend, return_selection=True)[1]
+        return self._selection
+
+    def _reference(self, q, k, v):
+        from ..kernels.vsa.api import _fine_branch
+        from ..kernels.vsa.naive import coarse_attention
+
+        perm = self.cubes.perm
+        q_t, k_t, v_t = (perm.permute(x, dim=-2) for x in (q, k, v))
+        coarse = coarse_attention(q_t, k_t, v_t, self.cubes, self.count, self.scale)[0]
+        res = _fine_branch(q_t, k_t, v_t, self.cubes, perm, coarse, self.selection("auto")[_S], self.scale, "torch")
+        return res.fine + res.coarse * self.gate[_S].float()
+
+    def check(self, pass_: str, backend: str):
+        return self._checked(pass_, lambda q, k, v: self._call(q, k, v, backend))
+
+    def phases(self, backend: str) -> Dict[str, Callable[[], object]]:
+        """The forward's launches alone: coarse attention with the selection (pooling included), and the fine
+        branch over a fixed selection."""
+        from ..kernels.vsa.api import _fine_branch, _fused_coarse
+        from ..kernels.vsa.naive import coarse_attention
+
+        perm = self.cubes.perm
+        q_t, k_t, v_t = (perm.permute(x, dim=-2) for x in (self.q, self.k, self.v))
+        fused = _fused_coarse(q_t, k_t, v_t, True, backend)
+        if fused:
+            from ..kernels.vsa.triton import coarse_triton as coarse_fn
+        else:
+            coarse_fn = coarse_attention
+        selection = self.selection(backend)
+
+        def coarse():
+            return _no_grad(lambda: coarse_fn(q_t, k_t, v_t, self.cubes, self.count, self.scale))
+
+        def fine():
+            return _no_grad(lambda: _fine_branch(q_t, k_t, v_t, self.cubes, perm, None, selection, self.scale,
+                                                 backend))
+
+        return {f"coarse+select ({'triton' if fused else 'torch'})": coarse, "fine": fine}
+
+    def variant(self, pass_: str, backend: str) -> str:
+        from ..kernels.vsa.api import _fused_coarse
+
+        q_t = self.cubes.perm.permute(self.q[:1, :1], dim=-2)
+        fused = pass_ == "forward" and _fused_coarse(q_t, q_t, q_t, True, backend)  # (forward-only launches)
+        return f"vsa: coarse {'triton' if fused else 'torch'}, fine {backend}"

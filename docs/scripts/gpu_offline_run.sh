@@ -47,8 +47,8 @@ step generate 90 dit-accel generate --device cuda --out /tmp/gen_fp32.mp4
 cp /tmp/gen_fp32.mp4.json "$O/gen_fp32.json" 2>/dev/null
 step wan_step 120 python3 docs/scripts/wan_step_gpu.py --out "$O/wan_step.json" --sidecar "$O/gen_fp32.json"
 # Timings at the production shapes, the vendor kernels (FA4, cuDNN, NATTEN) beside auto where installed.
-step bench_gpu 150 dit-accel bench gpu --no-pytest --budget 130 --methods tile,gna,sla-topk \
-    --densities 0.05,0.1 --shapes "14B 480p,14B 720p,1.3B" --out "$O/gpu_report"
+step bench_gpu 150 dit-accel bench gpu --no-pytest --budget 130 --methods tile,gna,sla-topk,vsa \
+    --densities 0.05,0.1 --shapes "14B 480p,14B 720p,1.3B,FastWan" --out "$O/gpu_report"
 # Where the (opt-in) warp-specialized forward goes wrong: tile shapes, pipeline depths, dense and sparse layouts.
 step ws_probe 60 python3 docs/scripts/ws_probe.py --out "$O/ws_probe.json"
 step pytest_gpu 240 python3 -m pytest -m gpu -o addopts= -p no:cacheprovider -q -rfE --timeout 120 --durations=15 tests

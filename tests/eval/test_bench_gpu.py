@@ -620,3 +620,28 @@ def test_vendor_kernels_are_timed_forced_beside_auto_at_the_same_layouts(tmp_pat
     assert bench_gpu_cases._Shape.vendor_backends(SimpleNamespace(cuda=False, notes=[]), runner) == []
     assert bench_gpu_cases._Shape.vendor_backends(stub, runner) == ["cudnn"]
     assert stub.notes == ["fa4: not installed", "natten: no NATTEN here"]
+
+
+def test_vsa_rows_time_the_whole_call_and_its_launches_against_its_twin(tmp_path, fresh_autotune):
+    """VSA at sparsity 1 - density (FastWan's gated form, (4, 4, 4) cubes): the forward and forward + backward rows
+    are checked against the fp32 twin on the call's own selection; the coarse-and-select and fine launches are rows
+    of their own; density is the selected share of the cubes (every cube whole on this grid)."""
+    shape = ModelShape("tiny FastWan", (4, 8, 16), 2, head_dim=16)  # 8 whole cubes
+    report = bench_gpu.bench_gpu(tmp_path, shapes=(shape,), densities=(0.25,), methods=("vsa",), backward=True,
+                                 pytest_gpu=False, **QUICK)
+    rows = [r for r in report["rows"] if r["kernel"].startswith("vsa")]
+    whole = {r["pass"]: r for r in rows if r["kernel"] == "vsa [auto, autotune off]"}
+    assert set(whole) == {"forward", "forward+backward"}, rows
+    for r in whole.values():
+        assert r["status"] == "ok" and r["o_error"] <= bench_gpu.O_TOLERANCE, r
+        assert r["density"] == 2 / 8 and r["topk"] == 2 and r["config"]["sparsity"] == 0.75
+        assert r["variant"].startswith("vsa: coarse torch")
+    assert whole["forward+backward"]["grad_error"] <= bench_gpu.GRAD_TOLERANCE
+    phases = sorted(r["kernel"] for r in rows if r.get("backend") == "phase")
+    assert phases == ["vsa coarse+select (torch)", "vsa fine"], rows
+    assert all(r["status"] == "ok" and r["time_ms"] > 0 for r in rows if r.get("backend") == "phase")
+    assert not report["failures"], report["failures"]
+    # Images have no cubes: the method is skipped there, not failed.
+    flat = bench_gpu.bench_gpu(tmp_path, shapes=(ModelShape("image", (16, 16), 2, head_dim=16),), densities=(0.25,),
+                               methods=("vsa",), backward=False, pytest_gpu=False, **QUICK)
+    assert not [r for r in flat["rows"] if r["kernel"].startswith("vsa")]
