@@ -205,8 +205,9 @@ def fit_tile(grid, tile, window, *, block: int = 64) -> Tuple[Tuple[int, ...], T
     whose odd window per dimension (about the same tokens as the given window covers there) lands nearest the
     given setting's density and its window's reach in tokens per dimension (``|log density ratio| +
     SHAPE_WEIGHT x sum |log reach ratio|``: the window stays local where it was), then the least padded work.
-    Wan 2.1 480p (21, 30, 52) with (6, 8, 8) / (3, 3, 3) (density 0.27 there) gets a tile of whole 52-token
-    rows; the returned window is in tiles of the returned tile. Where no tile qualifies (a prime extent, a grid
+    Wan 2.1 480p (21, 30, 52) with (6, 8, 8) / (3, 3, 3) (density 0.27 there, padded work 1.40) gets
+    (21, 3, 4) / (1, 9, 5): density 0.35 at padded work 1.03, the window's reach kept (all 21 frames, where STA's
+    spanned 18; 27 x 20 tokens for 24 x 24). The returned window is in tiles of the returned tile. Where no tile qualifies (a prime extent, a grid
     under a block), the given ``(tile, window)``.
     """
     grid, tile, windows = _windows(grid, tile, window)
