@@ -36,6 +36,11 @@ step() {  # step NAME LIMIT_S COMMAND...: run under min(LIMIT_S, what is left), 
 [ -n "${DRY_RUN:-}" ] || { nvidia-smi; git rev-parse HEAD 2>/dev/null; which python3; } >>"$L" 2>&1
 # No index, no dependencies: the machine's own torch and triton stay.
 step install 90 python3 -m pip install -q --no-index --no-deps --no-build-isolation "$W"/*.whl -e .
+# If the editable install failed, the package still runs from the checkout.
+if [ -z "${DRY_RUN:-}" ] && ! command -v dit-accel >/dev/null; then
+    mkdir -p /tmp/dit_bin && printf '#!/bin/sh\nexec python3 -m dit_accel "$@"\n' >/tmp/dit_bin/dit-accel
+    chmod +x /tmp/dit_bin/dit-accel; export PATH=/tmp/dit_bin:$PATH PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+fi
 [ -n "${DRY_RUN:-}" ] || python3 -c "import torch, triton, diffusers; print(torch.__version__, triton.__version__,
 diffusers.__version__, torch.version.cuda, torch.cuda.get_device_name(), torch.cuda.get_device_capability())" 2>&1 \
     | tee -a "$L" "$O/summary.txt"
