@@ -28,6 +28,30 @@ import torch  # noqa: E402
 HAS_CUDA = torch.cuda.is_available()
 
 
+def _strict_interpreter_launches() -> None:
+    """A compiled Triton launch refuses a keyword its kernel does not declare (KeyError: "Keyword argument ...
+    was specified but unrecognised"); the interpreter drops it. Make the interpreter refuse it too, so a launcher
+    that passes one fails here rather than on the first GPU it meets."""
+    from triton.backends.nvidia.compiler import CUDAOptions
+    from triton.runtime import interpreter
+
+    options = set(CUDAOptions.__dataclass_fields__)
+    call = interpreter.GridExecutor.__call__
+
+    def strict_call(self, *args, **kwargs):
+        unknown = sorted(k for k in kwargs if k not in self.arg_names and k not in options)
+        if unknown:
+            raise KeyError(f"Keyword argument {unknown[0]} was specified but unrecognised "
+                           f"(kernel {self.fn.__name__}; a compiled launch refuses it)")
+        return call(self, *args, **kwargs)
+
+    interpreter.GridExecutor.__call__ = strict_call
+
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    _strict_interpreter_launches()
+
+
 # Worker seconds of the modules that take longest (a fresh clone's .ci/run on the 2-core machine, --durations=0,
 # 2026-11-27, a4c9379; rounded). Their tests go to the workers first: a module stays on one worker (--dist loadscope),
 # so one of them started last would run alone at the end while the other worker idles. A new module of a minute or

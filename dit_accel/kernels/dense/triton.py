@@ -311,6 +311,13 @@ def _ws_config(cfg, q: torch.Tensor):
     return ws_config(cfg, _arch(q.device)) if cfg.tma and ws_enabled() and tma_ok(q) else None
 
 
+def _constexprs(kernel, cfg) -> dict:
+    """The constexprs of ``cfg`` that ``kernel`` takes: the block-sparse configuration the dense kernels share
+    also carries the sparse forward's own (RESUME, LENGTHS), and a compiled launch refuses a keyword its kernel
+    does not declare (the interpreter drops it)."""
+    return {key: val for key, val in cfg.constexprs().items() if key in kernel.arg_names}
+
+
 def _pad_d(cfg, *tensors):
     """Pointer kernels read whole ``block_d`` columns: other head dims run on zero-padded copies."""
     d = tensors[0].shape[-1]
@@ -344,7 +351,7 @@ def dense_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: floa
         cfg = ws
         extra["EVEN_N"] = m % cfg.block_n == 0  # else every tile carries the key mask (one loop)
         ensure_allocator(q.device)
-    kw = {key: val for key, val in cfg.constexprs().items() if key != "RESUME"}
+    kw = _constexprs(_dense_fwd_kernel, cfg)
     q, k, v = _pad_d(cfg, q, k, v)
     o = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty((b, h, n), dtype=torch.float32, device=q.device)
@@ -401,11 +408,11 @@ def dense_backward(do, q, k, v, o, lse, scale: float) -> Tuple[torch.Tensor, tor
     qd, dod = _streamed(cfg, (q, do), cfg.block_m)
     _dense_dkdv_kernel[(triton.cdiv(m, cfg.block_n), b * h)](
         qd, k, v, dod, lse2, delta, dk, dv, *strides, *sizes,
-        **cfg.constexprs(), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        **_constexprs(_dense_dkdv_kernel, cfg), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     cfg = cfg_q
     kd, vd = _streamed(cfg, (k, v), cfg.block_n)
     _dense_dq_kernel[(triton.cdiv(n, cfg.block_m), b * h)](
         q, kd, vd, do, lse2, delta, dq, *strides, *sizes,
-        **cfg.constexprs(), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        **_constexprs(_dense_dq_kernel, cfg), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     dq, dk, dv = (g if g.shape[-1] == d else g[..., :d].contiguous() for g in (dq, dk, dv))
     return selfcheck.corrupt("dense.triton.bwd", dq), dk, dv
