@@ -17,6 +17,7 @@ from .reference import dense_attention_reference
 from .sla import SLAParams, sla_attention, sla_classify, sla_density
 from . import _selfchecks  # noqa: F401,E402  (registers the in-repo kernel variants with the self-check)
 from .block_sparse.backends import checks as _vendor_checks  # noqa: F401,E402  (and the vendor backends')
+from .vsa import selfchecks as _vsa_selfchecks  # noqa: F401,E402  (and VSA's: a spawned self-check worker knows it)
 
 __all__ = [
     "BlockLayout",

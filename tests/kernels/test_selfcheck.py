@@ -335,6 +335,14 @@ def test_selftest_jobs_run_the_checks_in_worker_processes_and_still_catch_a_faul
     assert len(kept) == 2 and not any(v["ok"] for v in kept) and all(v["faulted"] for v in kept)
 
 
+def test_a_spawned_worker_knows_the_variants_registered_outside_the_kernels_core():
+    """A spawned worker imports only what unpickling its task needs (``dit_accel.kernels.selfcheck``). VSA's
+    variant registers in its own package: on the first GPU run every ``vsa.triton.coarse`` check of
+    ``selftest --jobs 8`` failed with "no kernel variant named 'vsa.triton.coarse'" in the workers."""
+    rows = selfcheck.run_all(CPU, names=["vsa.triton.coarse"], jobs=2)
+    assert [(r["variant"], r["verdict"]) for r in rows] == [("vsa.triton.coarse", "pass")] * 2, rows
+
+
 def test_the_fp32_bound_says_what_is_compared_and_prints_the_bound_itself(capsys):
     """The tf32 bound is 3.9e-3: printed to one digit it read "<= 4e-03", a bound the check does not use; the
     messages name the quantity (||out - ref|| / ||ref|| against the fp32 reference of the same inputs)."""
