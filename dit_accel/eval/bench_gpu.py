@@ -20,8 +20,9 @@
      another backend (dense attention where the cost model has the sparse kernel lose);
 
    each shape gets an equal share of the time left when it starts (what a quick shape leaves goes to the next),
-   so every shape, the 720p one included, is reached; cases that no longer fit their share are rows marked
-   ``skipped`` and counted in the summary.
+   so every shape, the 720p one included, is reached. Within a shape: dense SDPA (the baseline of every
+   speed-up), then the sparse rows with the autotuner off, then the other dense candidates and the autotuner's
+   choices; cases that no longer fit their share are rows marked ``skipped`` and counted in the summary.
 
 Every timed row carries its correctness (``o_error``: relative error of ``o`` against the fp32 twin;
 ``grad_error``: the largest of dq, dk, dv's, for forward + backward rows) on the first batch entry's first

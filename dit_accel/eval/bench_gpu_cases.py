@@ -119,7 +119,17 @@ class _Shape:
         return torch.randn(*size, generator=self.gen, device=self.device, dtype=self.dtype)
 
     def run(self, densities, methods, autotune, forced) -> None:
-        self.dense_rows()
+        # SDPA first (every speed-up is against it), then the sparse rows with the autotuner off (what the run
+        # is for), then the other dense candidates and the autotuner's choices, which a short share may skip.
+        self.dense_rows(only="dense SDPA")
+        first = [mode for mode in autotune if mode == "off"] or list(autotune[:1])
+        self.sparse_at(densities, methods, first, forced)
+        self.dense_rows(skip="dense SDPA")
+        rest = [mode for mode in autotune if mode not in first]
+        if rest:  # the autotuner's choice at the first density only (its timing costs seconds)
+            self.sparse_at(densities[:1], methods, rest, forced)
+
+    def sparse_at(self, densities, methods, autotune, forced) -> None:
         for i, target in enumerate(densities):
             for name in methods:
                 if name == "radial" and (len(self.shape.grid) != 3 or i):
@@ -127,10 +137,9 @@ class _Shape:
                 if name == "vsa" and len(self.shape.grid) != 3:
                     continue  # video only
                 for mode in autotune:
-                    if mode == "on" and i:
-                        continue  # the autotuner's choice at the first density (its timing costs seconds)
                     self.sparse_rows(name, target, mode, forced)
-            self.log(f"{self.shape.name}: density {target} done ({self.left():.0f} s left)")
+            self.log(f"{self.shape.name}: density {target}, autotune {'/'.join(autotune)} done "
+                     f"({self.left():.0f} s left)")
 
     # -- timing
     def measure(self, kernel: str, fn: Callable[[], object], check: Callable[[], dict], density: float,
@@ -182,8 +191,12 @@ class _Shape:
         return row
 
     # -- dense
-    def dense_rows(self) -> None:
+    def dense_rows(self, only: Optional[str] = None, skip: Optional[str] = None) -> None:
+        """The dense rows, forward and forward + backward: ``only`` that one, or all but ``skip``."""
         import torch.nn.functional as F
+
+        def wanted(name: str) -> bool:
+            return (only is None or name == only) and name != skip
 
         from ..kernels.dense import choice, dense_contenders
 
@@ -216,6 +229,8 @@ class _Shape:
                     "dense [fastest]": lambda: choice.choose(q, k, v, scale, False, tune=tune),
                     "dense+lse [fastest]": lambda: choice.choose(q, k, v, scale, True, tune=tune)}
         for name, fn in contenders.items():
+            if not wanted(name):
+                continue
             self.measure(name, lambda fn=fn: _no_grad(fn), check_o(fn, name.startswith("flash-attn")), 1.0, 1.0,
                          "forward", variants.get(name, lambda name=name: name))
         if not self.backward:
@@ -252,6 +267,8 @@ class _Shape:
         cases["dense [fastest]"] = (lambda: choice.run(qg, kg, vg, scale)[0],
                                     lambda: choice.chosen(qg, kg, vg, scale))
         for name, (fn, variant) in cases.items():
+            if not wanted(name):
+                continue
             self.measure(name, fb(fn), check_grads(fb(fn)), 1.0, 1.0, "forward+backward", variant)
 
     # -- sparse

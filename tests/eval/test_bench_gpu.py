@@ -645,3 +645,24 @@ def test_vsa_rows_time_the_whole_call_and_its_launches_against_its_twin(tmp_path
     flat = bench_gpu.bench_gpu(tmp_path, shapes=(ModelShape("image", (16, 16), 2, head_dim=16),), densities=(0.25,),
                                methods=("vsa",), backward=False, pytest_gpu=False, **QUICK)
     assert not [r for r in flat["rows"] if r["kernel"].startswith("vsa")]
+
+
+def test_a_short_share_times_sdpa_then_the_sparse_rows_before_the_other_dense_candidates(tmp_path, fresh_autotune):
+    """The first H200 run of `bench gpu` (2026-11-27, 130 s for four shapes) spent every shape's share on the
+    dense candidates (SDPA pinned to flash and to cuDNN, the Triton kernel, the fastest with and without the lse)
+    and skipped all of its sparse rows. SDPA, the baseline of every speed-up, comes first; then the sparse rows;
+    the other dense candidates take what is left."""
+    now = [0.0]
+
+    class SlowTimer(FakeTimer):
+        def span(self, fn, calls):
+            now[0] += 10.0
+            return super().span(fn, calls)
+
+    report = bench_gpu.bench_gpu(tmp_path, shapes=TINY[:1], densities=(0.25,), methods=("tile",), budget_s=90,
+                                 **{**QUICK, "timer": SlowTimer(), "calls": 1, "clock": lambda: now[0]})
+    rows = [(r["kernel"], r["pass"], r["status"]) for r in report["rows"]]
+    ok = [(kernel, pass_) for kernel, pass_, status in rows if status == "ok"]
+    assert ok[:2] == [("dense SDPA", "forward"), ("dense SDPA", "forward+backward")], rows
+    assert ("tile [auto, autotune off]", "forward") in ok and ("dense [fastest]", "forward") not in ok, rows
+    assert ("dense [fastest]", "forward", "skipped") in rows, rows
