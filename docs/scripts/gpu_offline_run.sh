@@ -11,7 +11,9 @@
 # Python needs; the vendor kernels' wheels that fit a carry: see that script for which do not and why).
 # BUDGET: seconds for the whole run (each step gets at most its limit and what is left; a step with no time left
 # says `rc=skip`). STEPS: the steps to run (default all, in this order): install selftest generate wan_step
-# bench_gpu ws_probe pytest_gpu sla_parts info.
+# bench_gpu ws_probe pytest_gpu sla_parts info. For a short follow-up lease, narrower steps: SELFTEST_VARIANTS (names,
+# space-separated; default every variant), SELFTEST_BUDGET (default 140), BENCH_SHAPES, BENCH_METHODS,
+# BENCH_DENSITIES, BENCH_BUDGET (defaults below).
 # Logs: $OUT/all.log and $OUT/summary.txt (default ./gpu_out); the self-check verdicts in $OUT/selftest.json
 # ("N of M checked" in the log), each generate's sidecar as $OUT/gen_*.json, the Wan 2.1 1.3B step in
 # $OUT/wan_step.json, the bench report in $OUT/gpu_report/, the ws forward's rows in $OUT/ws_probe.json, SLA's
@@ -46,16 +48,18 @@ diffusers.__version__, torch.version.cuda, torch.cuda.get_device_name(), torch.c
     | tee -a "$L" "$O/summary.txt"
 # The acceptance checks: every kernel variant against its fp32 twin, 8 at a time (the compiles run side by side);
 # its own --budget ends it with its JSON and "N of M checked" before the step's limit would.
-step selftest 170 sh -c "dit-accel selftest --device cuda --json --budget 140 > '$O/selftest.json'"
+SB=${SELFTEST_BUDGET:-140}; SV=""; for v in ${SELFTEST_VARIANTS:-}; do SV="$SV --variant $v"; done
+step selftest $((SB + 30)) sh -c "dit-accel selftest --device cuda --json --budget $SB$SV > '$O/selftest.json'"
 # The README's main job (fp32, its dense run beside it: the sidecar's compare_dense), then the figure users see.
 step generate 90 dit-accel generate --device cuda --out /tmp/gen_fp32.mp4
 cp /tmp/gen_fp32.mp4.json "$O/gen_fp32.json" 2>/dev/null
 step wan_step 120 python3 docs/scripts/wan_step_gpu.py --out "$O/wan_step.json" --sidecar "$O/gen_fp32.json"
 # Timings at the production shapes, the vendor kernels (FA4, cuDNN, NATTEN) beside auto where installed.
-step bench_gpu 150 dit-accel bench gpu --no-pytest --budget 130 --methods tile,gna,sla-topk,vsa \
-    --densities 0.05,0.1 --shapes "14B 480p,14B 720p,1.3B,FastWan" --out "$O/gpu_report"
+BB=${BENCH_BUDGET:-130}
+step bench_gpu $((BB + 20)) dit-accel bench gpu --no-pytest --budget "$BB" --methods "${BENCH_METHODS:-tile,gna,sla-topk,vsa}" \
+    --densities "${BENCH_DENSITIES:-0.05,0.1}" --shapes "${BENCH_SHAPES:-14B 480p,14B 720p,1.3B,FastWan}" --out "$O/gpu_report"
 # Where the (opt-in) warp-specialized forward goes wrong: tile shapes, pipeline depths, dense and sparse layouts.
-step ws_probe 60 python3 docs/scripts/ws_probe.py --out "$O/ws_probe.json"
+step ws_probe 60 python3 docs/scripts/ws_probe.py --time --out "$O/ws_probe.json"
 step pytest_gpu 240 python3 -m pytest -m gpu -o addopts= -p no:cacheprovider -q -rfE --timeout 120 --durations=15 tests
 step sla_parts 120 env OUT="$O" PYTHONPATH=. python3 docs/scripts/sla_gpu_parts.py run --configs --bwd-configs --profile
 step info 30 dit-accel info

@@ -11,10 +11,17 @@ rows go wrong against fp32 attention over the same blocks:
   index (a pointer load inside the warp-specialized loop) shows as a difference between the two.
 
     python docs/scripts/ws_probe.py --out ws_probe.json            # on the GPU
+    python docs/scripts/ws_probe.py --time --out ws_probe.json     # and time the correct ones
     python docs/scripts/ws_probe.py --dry-run --out /tmp/ws.json    # on a CPU: compiles each variant for sm_90
 
 Each row of the JSON: the variant, the layout, whether the kernel ran, the share of non-finite output rows, the
 largest relative row error in the first and the second 64 rows of each 128-row tile, and the first bad row.
+
+``--time`` (GPU): each variant that was correct on both layouts, timed at Wan 2.1 1.3B's size (``--time-tokens``,
+``--time-heads``) on a layout of about 10% density (each query block's own key block and every tenth), beside the
+one-loop kernel the launcher runs by default on the same layout and dense SDPA on the same inputs: milliseconds
+(triton.testing.do_bench's median), the one-loop kernel's time over the variant's, and the efficiency (speed-up
+over SDPA x the true density).
 """
 
 from __future__ import annotations
@@ -32,16 +39,16 @@ LAYOUTS = ("dense", "sparse")
 TOL = 2e-2  # a row is bad past this relative error (bf16 inputs against fp32)
 
 
-def _layout(n: int, kind: str):
-    """Layout of 128-token blocks over ``n`` tokens, every visited block full: all of them, or every other key
-    block (each query block keeps its own diagonal one, so no row is empty)."""
+def _layout(n: int, kind: str, every: int = 2):
+    """Layout of 128-token blocks over ``n`` tokens, every visited block full: all of them, or every ``every``-th
+    key block (each query block keeps its own diagonal one, so no row is empty)."""
     from dit_accel.kernels.layout import BlockLayout
 
     nb = n // 128
     visited = torch.ones(1, nb, nb, dtype=torch.bool)
     if kind == "sparse":
         cols = torch.arange(nb)
-        visited &= ((cols[None, :] % 2) == 0) | (cols[None, :] == torch.arange(nb)[:, None])
+        visited &= ((cols[None, :] % every) == 0) | (cols[None, :] == torch.arange(nb)[:, None])
     return BlockLayout.from_block_masks(visited, q_len=n, kv_len=n, block_q=128, block_k=128)
 
 
@@ -98,6 +105,44 @@ def _run(variant, kind: str, n: int, heads: int) -> dict:
     return {**row, **_row_errors(o, ref)}
 
 
+def _time(variants, n: int, heads: int) -> list:
+    """Each variant against the default one-loop kernel and dense SDPA, bf16, head dim 128, ~10% density."""
+    from triton.testing import do_bench
+
+    from dit_accel.kernels import selfcheck
+    from dit_accel.kernels.block_sparse import triton as bst
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(1, heads, n, 128, device="cuda", generator=g, dtype=torch.bfloat16) for _ in range(3))
+    o = torch.empty_like(q)
+    lse = torch.empty(1, heads, n, device="cuda", dtype=torch.float32)
+    scale = 128 ** -0.5
+    layout = _layout(n, "sparse", every=10).to("cuda")
+    density = float(layout.to_dense_mask().float().mean())
+    sdpa = do_bench(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=scale))
+    one_loop = do_bench(lambda: bst.triton_forward(q, k, v, layout, scale))  # ws off: the launcher's default
+    base_row = {"kernel": "one-loop (default)", "ms": round(one_loop, 4), "sdpa_ms": round(sdpa, 4),
+                "density": round(density, 4), "efficiency": round(sdpa / one_loop * density, 3)}
+    print(json.dumps(base_row), flush=True)
+    rows = [base_row]
+    real = selfcheck.usable_fast
+    selfcheck.usable_fast = lambda *a, **kw: True
+    try:
+        for variant in variants:
+            _, base = _configured(variant)
+            try:
+                ms = do_bench(lambda: bst._ws_forward(q, k, v, o, lse, layout, base, scale, force=True))
+                row = {"kernel": "ws", "variant": list(variant), "ms": round(ms, 4),
+                       "one_loop_over_ws": round(one_loop / ms, 3), "efficiency": round(sdpa / ms * density, 3)}
+            except Exception as exc:  # noqa: BLE001
+                row = {"kernel": "ws", "variant": list(variant), "error": f"{type(exc).__name__}: {str(exc)[:300]}"}
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+    finally:
+        selfcheck.usable_fast = real
+    return rows
+
+
 def _dry_run(variant) -> dict:
     """CPU: compile the ws variant for sm_90 (what the GPU would build first)."""
     from dit_accel.kernels.compile import compile_for_target
@@ -119,9 +164,13 @@ def main(argv=None) -> int:
     parser.add_argument("--tokens", type=int, default=2048, help="tokens (a multiple of 128)")
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--dry-run", action="store_true", help="CPU: compile each variant for sm_90, run nothing")
+    parser.add_argument("--time", action="store_true", help="GPU: time the variants that were correct")
+    parser.add_argument("--time-tokens", type=int, default=32768, help="tokens of the timing (a multiple of 128)")
+    parser.add_argument("--time-heads", type=int, default=12)
     args = parser.parse_args(argv)
-    if args.tokens % 128 or args.tokens <= 0:
-        parser.error(f"--tokens {args.tokens} must be a positive multiple of 128")
+    for flag, value in (("--tokens", args.tokens), ("--time-tokens", args.time_tokens)):
+        if value % 128 or value <= 0:
+            parser.error(f"{flag} {value} must be a positive multiple of 128")
     if not args.dry_run and not torch.cuda.is_available():
         parser.error("no CUDA device: run on an sm_90 GPU, or pass --dry-run on a CPU")
     rows = []
@@ -131,8 +180,14 @@ def main(argv=None) -> int:
         for row in todo:
             print(json.dumps(row), flush=True)
             rows.append(row)
+    timings = []
+    if args.time and not args.dry_run:
+        ok = [tuple(r["variant"]) for r in rows if r.get("ran") and r.get("first_bad_row", 0) is None]
+        ok = [variant for variant in VARIANTS if ok.count(variant) == len(LAYOUTS)]  # correct on both layouts
+        timings = _time(ok, args.time_tokens, args.time_heads)
     with open(args.out, "w") as fh:
-        json.dump({"argv": sys.argv[1:], "triton": __import__("triton").__version__, "rows": rows}, fh, indent=1)
+        json.dump({"argv": sys.argv[1:], "triton": __import__("triton").__version__, "rows": rows,
+                   "timings": timings}, fh, indent=1)
     return 0
 
 
