@@ -219,3 +219,24 @@ def test_length_variants_ship_except_where_they_spill():
             assert (dataclasses.replace(cfg, lengths=True) in shipped) != spills, (arch, cfg)
     assert sum(length_config(c, 100) is None for c in shipped_configs(100) if c.kernel == "fwd" and not c.lengths
                and not c.ws and not c.resume) == 4  # fp16 and bf16 of the two spilling tiles
+
+
+def test_prefix_masks_reads_a_shared_table_once_and_again_after_an_edit(monkeypatch):
+    """Layouts built per call around one mask table (VSA's fine branch) read its prefix count back once; a table
+    edited in place is counted again."""
+    import builtins
+
+    from dit_accel.kernels.block_sparse import lengths
+
+    table = torch.zeros(2, 64, 64, dtype=torch.bool)
+    table[0, :, :40] = True  # a column prefix
+    table[1, ::2, :10] = True  # not one: rows differ
+
+    class Layout:
+        mask_table = table
+
+    reads = []  # the host reads: int() of the count tensor, looked up in the module before the builtins
+    monkeypatch.setattr(lengths, "int", lambda x: reads.append(1) or builtins.int(x), raising=False)
+    assert [prefix_masks(Layout()) for _ in range(3)] == [1, 1, 1] and len(reads) == 1
+    table[1, 1::2, :10] = True  # now every row allows the first 10 columns
+    assert prefix_masks(Layout()) == 2 and len(reads) == 2

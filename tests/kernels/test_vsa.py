@@ -365,3 +365,74 @@ def test_a_vsa_call_copies_nothing_from_the_host(monkeypatch):
     assert cube_sizes(no_sizes, "meta", inverse=False) is cube_sizes(plan.cubes, "meta")
     q_t = plan.cubes.perm.permute(q, dim=-2)
     coarse_attention(q_t, q_t, q_t, no_sizes, 3, 0.25)
+
+
+@interpreter
+def test_the_fine_launch_reads_nothing_back_after_the_first_call_of_its_shape(monkeypatch):
+    """Issue 72, item 5. On an H200 (2026-11-27) VSA's fine launch took 10.1 ms per call back to back and 3.6 ms
+    replayed in a CUDA graph: each call's fresh layout was planned with host reads (the tile plan's width, its
+    length masks) on top of auto's decision (next test). After the first call of a shape, a call with a new
+    selection reaches the Triton launch without reading a value back. The launch itself is stubbed here: the
+    kernels' numbers are checked by the tests above."""
+    from triton.runtime import interpreter as triton_interpreter
+
+    import dit_accel.kernels.vsa.api as api
+    from dit_accel.kernels import selfcheck
+    from dit_accel.kernels.vsa import cubes_of
+
+    launched = []
+    monkeypatch.setattr(triton_interpreter.GridExecutor, "__call__",
+                        lambda self, *a, **k: launched.append(self.fn.__name__))
+    monkeypatch.setattr(selfcheck, "usable_fast", lambda *a, **k: True)
+    monkeypatch.setattr(selfcheck, "gate", lambda *a, **k: True)
+    cubes = cubes_of((5, 6, 7), (4, 4, 4))  # 8 cubes, partial ones among them: element masks and lengths
+    g = torch.Generator().manual_seed(0)
+    q = cubes.perm.permute(torch.randn(1, 3, 210, 64, generator=g).half(), dim=-2)
+
+    def call():
+        selection = torch.rand(1, 3, cubes.count, cubes.count, generator=g).topk(3, dim=-1).indices.sort(-1).values
+        return api._fine_branch(q, q, q, cubes, cubes.perm, None, selection, 0.125, "triton")
+
+    call()
+    for name in ("__int__", "__bool__", "__float__", "item", "tolist"):
+        monkeypatch.setattr(torch.Tensor, name, lambda *a, _n=name, **k: pytest.fail(f"host read: Tensor.{_n}"))
+    launched.clear()
+    call()
+    assert launched == ["_fwd_kernel"]
+
+
+def test_auto_decides_the_fine_backend_once_per_shape_on_cuda(monkeypatch):
+    """A fine branch's layout is new on every call: on CUDA, ``auto`` decides once per shape class (the first
+    eager call, on its layout) and later calls, captured ones too, run that backend by name. A dense verdict is
+    not kept (the next layout may differ), nor is anything decided inside a capture."""
+    import dit_accel.kernels.block_sparse.api as bs_api
+    import dit_accel.kernels.request as request
+    import dit_accel.kernels.vsa.api as api
+    from dit_accel.kernels.vsa import cubes_of
+
+    class OnCuda:  # the attributes the decision reads, of a CUDA tensor (there is no GPU here)
+        device, dtype, requires_grad = torch.device("cuda"), torch.float16, False
+
+        def __init__(self, *shape):
+            self.shape = torch.Size(shape)
+
+    class Layout:
+        kv_indices = torch.zeros(1, 3, 8, 3)
+
+    asked = []
+    verdict = ["triton"]
+    monkeypatch.setattr(api, "_FINE_BACKENDS", {})
+    monkeypatch.setattr(bs_api, "block_sparse_backend", lambda *a, **k: asked.append(a[4]) or verdict[0])
+    cubes = cubes_of((5, 6, 7), (4, 4, 4))
+    q = OnCuda(1, 3, 512, 64)
+    assert [api._fine_backend(q, q, q, Layout(), "auto", cubes) for _ in range(3)] == ["triton"] * 3
+    assert asked == ["auto"]
+    assert api._fine_backend(q, q, q, Layout(), "torch", cubes) == "torch" and asked == ["auto"]
+    other = OnCuda(2, 3, 512, 64)
+    verdict[0] = bs_api.DENSE
+    assert [api._fine_backend(other, other, other, Layout(), "auto", cubes) for _ in range(2)] == ["auto"] * 2
+    assert asked == ["auto"] * 3  # decided again each time: a dense verdict is not kept
+    monkeypatch.setattr(request, "in_graph", lambda: True)
+    third = OnCuda(4, 3, 512, 64)
+    assert api._fine_backend(third, third, third, Layout(), "auto", cubes) == "auto" and len(asked) == 3
+    assert api._fine_backend(q, q, q, Layout(), "auto", cubes) == "triton"  # a capture runs the eager choice

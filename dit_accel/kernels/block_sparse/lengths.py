@@ -20,7 +20,8 @@ The variant has never run on a GPU: it runs only where its first-use self-check
 
 from __future__ import annotations
 
-from typing import Optional
+import weakref
+from typing import Dict, Optional
 
 import torch
 import triton
@@ -78,11 +79,36 @@ def fwd_epilogue(O, LSE, b, h, row0, sob, soh, son, slb, slh, acc, m_i, l_i, q_l
     tl.store(lse_ptrs, lse, mask=offs_m < q_len)
 
 
+#: id(mask table) -> (a weak reference to it, its version counter, its prefix count): layouts built per call around
+#: one mask table (VSA's fine branch: the partial cubes' table, made once per grid) read it back once.
+_PREFIX: Dict[int, tuple] = {}
+_PREFIX_MAX = 64
+
+
 def prefix_masks(layout) -> int:
-    """How many of ``layout``'s element masks allow the same column prefix in every row (one host sync)."""
+    """How many of ``layout``'s element masks allow the same column prefix in every row (one host sync per mask
+    table: kept while the table lives and is not edited)."""
     from ..geometry import column_prefix
 
-    return int(column_prefix(layout.mask_table).sum()) if layout.mask_table.numel() else 0
+    table = layout.mask_table
+    if not table.numel():
+        return 0
+    version = _version(table)
+    hit = _PREFIX.get(id(table))
+    if hit is not None and hit[0]() is table and hit[1] == version:
+        return hit[2]
+    count = int(column_prefix(table).sum())
+    if len(_PREFIX) >= _PREFIX_MAX:
+        _PREFIX.clear()
+    _PREFIX[id(table)] = (weakref.ref(table), version, count)
+    return count
+
+
+def _version(t: torch.Tensor) -> Optional[int]:
+    try:
+        return t._version
+    except RuntimeError:  # an inference-mode tensor keeps no version (and refuses in-place edits outside it)
+        return None
 
 
 def runs_lengths(q: torch.Tensor, layout, forced: Optional[bool], cache) -> bool:

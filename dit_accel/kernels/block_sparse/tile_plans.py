@@ -144,8 +144,11 @@ def tile_plan(layout: BlockLayout, tile_r: int, tile_c: int, transposed: bool = 
     order = torch.sort(kind.to(torch.int8), dim=-1, stable=True).indices
     u, entry = torch.gather(u, -1, order), torch.gather(entry, -1, order)
     n_full, n_part, n_len = full.sum(-1), part.sum(-1), length.sum(-1)
-    if in_graph():  # inside a capture (a layout the eager warm-up did not plan, or copied): no host sync;
-        w = u.shape[-1]  # the widest possible row, whose unused tail entries the kernels never read
+    if in_graph() or (r_sub == 1 and c_sub == 1):
+        # Inside a capture (a layout the eager warm-up did not plan, or copied), or one tile per block: the index
+        # lists' width (their widest row, or the bound the caller declared, as VSA's per-call layouts do) is the
+        # plan's, and no host sync reads it; unused tail entries are never read by the kernels.
+        w = u.shape[-1]
     else:
         w = int((n_full + n_part).max()) if n_full.numel() else 0  # one host sync per (layout, tile shape): cached
     head = [n_full[..., None], n_part[..., None]] + ([] if lengths is None else [n_len[..., None]])

@@ -162,6 +162,39 @@ def vsa_parts(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid: Tuple[int
     return _fine_branch(q_t, k_t, v_t, cubes, perm, coarse, selection, scale, backend)
 
 
+#: The fine branch's shape class (the grid's cubes, the selection's shape, the inputs' shapes, dtype, device, whether
+#: autograd records, the backend asked for and the environment's overrides) -> the backend ``auto`` chose for its
+#: first layout. Each call builds a new layout from its selection; deciding again per layout (the layout's density
+#: read back, the cost model, the tuner) cost about 10 ms of host time per call on an H200 (``bench gpu``,
+#: 2026-11-27), longer than the fine launch itself. A later call of the class runs that backend by name: no host
+#: sync, and a CUDA-graph capture runs what the eager calls ran.
+_FINE_BACKENDS: Dict[tuple, str] = {}
+_FINE_BACKENDS_MAX = 64
+
+
+def _fine_backend(q, k, v, layout: BlockLayout, backend: str, cubes: Cubes) -> str:
+    """The backend the fine branch's call runs: ``backend`` itself unless it is ``auto`` on CUDA (eager or
+    captured, not traced), where the class's first eager call decides (:data:`_FINE_BACKENDS`)."""
+    if backend != "auto" or q.device.type != "cuda" or torch.compiler.is_compiling():
+        return backend
+    from .. import autotune
+    from ..block_sparse.api import DENSE, block_sparse_backend
+    from ..request import env_value, in_graph
+
+    grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
+    key = (cubes.perm.grid, cubes.perm.tile, tuple(layout.kv_indices.shape), tuple(q.shape), tuple(k.shape),
+           q.dtype, q.device, grad, env_value(), autotune.enabled())
+    name = _FINE_BACKENDS.get(key)
+    if name is None and not in_graph():
+        name = block_sparse_backend(q, k, v, layout, backend, return_lse=True)
+        if name == DENSE:  # (modelled slower than dense for this layout: the next layout may differ)
+            return backend
+        if len(_FINE_BACKENDS) >= _FINE_BACKENDS_MAX:
+            _FINE_BACKENDS.clear()
+        _FINE_BACKENDS[key] = name
+    return name or backend
+
+
 def _fine_branch(q_t, k_t, v_t, cubes: Cubes, order, coarse, selection, scale: float, backend: str) -> VSAResult:
     """The fine branch of the selected cubes on tiled ``q_t`` (every query cube, or a ring rank's) against every
     key cube, and every part back in raster order through ``order`` (the grid's permutation, or the share's
@@ -170,9 +203,9 @@ def _fine_branch(q_t, k_t, v_t, cubes: Cubes, order, coarse, selection, scale: f
     b, h, n_q, d = q_t.shape
     n_k = k_t.shape[2]
     # batch folded into heads: one layout head per (batch, head)
-    fine, lse = block_sparse_attention(q_t.reshape(1, b * h, n_q, d), k_t.reshape(1, b * h, n_k, d),
-                                       v_t.reshape(1, b * h, n_k, d), layout, scale=scale, return_lse=True,
-                                       backend=backend)
+    q_f, k_f, v_f = q_t.reshape(1, b * h, n_q, d), k_t.reshape(1, b * h, n_k, d), v_t.reshape(1, b * h, n_k, d)
+    fine, lse = block_sparse_attention(q_f, k_f, v_f, layout, scale=scale, return_lse=True,
+                                       backend=_fine_backend(q_f, k_f, v_f, layout, backend, cubes))
     fine = order.unpermute(fine.view(b, h, n_q, d), dim=-2)
     lse = order.unpermute(lse.view(b, h, n_q), dim=-1)
     coarse_tok = None
