@@ -12,6 +12,7 @@ count). :mod:`.api` runs the fine branch on the block-sparse backends instead, a
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Dict, NamedTuple, Optional, Tuple
 
@@ -49,7 +50,15 @@ def cube_tile(grid: Tuple[int, ...], tile: Tuple[int, ...]) -> Tuple[int, ...]:
 
 def cubes_of(grid: Tuple[int, ...], tile: Tuple[int, ...]) -> Cubes:
     """The cubes of ``tile`` on ``grid`` (both 3-D, checked by the caller; the tile clamped to the grid,
-    :func:`cube_tile`). ValueError when a clamped cube holds more than :data:`MAX_CUBE_TOKENS` tokens."""
+    :func:`cube_tile`). ValueError when a clamped cube holds more than :data:`MAX_CUBE_TOKENS` tokens.
+
+    Kept per (grid, tile): ``vsa_attention`` asks on every call, and building the permutation (a sort of every
+    token on the host) and its device copies again each time cost milliseconds per call at Wan's grids."""
+    return _cubes(tuple(int(g) for g in grid), tuple(int(t) for t in tile))
+
+
+@functools.lru_cache(maxsize=32)
+def _cubes(grid: Tuple[int, ...], tile: Tuple[int, ...]) -> Cubes:
     clamped = cube_tile(grid, tile)
     if math.prod(clamped) > MAX_CUBE_TOKENS:
         raise ValueError(f"VSA: tile={tuple(tile)} on the video token grid {tuple(grid)} makes cubes of "
