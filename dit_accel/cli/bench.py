@@ -98,8 +98,9 @@ def register(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--shapes", default=None, help="comma-separated substrings of the standard shapes to keep")
     g.add_argument("--densities", default=None, help="comma-separated target densities (default 0.05,0.1,0.2)")
     g.add_argument("--methods", default=None,
-                   help="comma-separated of tile,tile-128,gna,radial,sla,sla-topk,vsa (default all; tile-128: Tile at a "
-                        "128-token tile, whose CUDA calls run the 128-row ws forward; sla: with a zero projection whose "
+                   help="comma-separated of tile,tile-fit,tile-128,gna,radial,sla,sla-topk,vsa (default all; tile-fit: "
+                        "the same Tile with its tile fitted to the grid (fit=True: no padded or masked tiles); "
+                        "tile-128: Tile at a 128-token tile, whose CUDA calls run the 128-row ws forward; sla: with a zero projection whose "
                         "linear branch is computed; sla-topk: without one, as pipelines run SLA before fine-tuning; "
                         "vsa: VSA with a gate at sparsity 1 - density, its launches also timed alone)")
     g.add_argument("--autotune", default="both", choices=["both", "on", "off"],

@@ -38,6 +38,8 @@ def _method_cached(name: str, grid, density: float):
         return Radial()  # its density is fixed by its rule
     if name == "tile-128":  # a 128-token STA tile: CUDA calls run 128-row query blocks (sm_90: ws + resume)
         return Tile().at_density(tuple(grid), density, tile=(1, 16, 8) if len(grid) == 3 else (16, 8))
+    if name == "tile-fit":  # the same setting with its tile fitted to the grid (no padded tiles, no masked tiles)
+        return Tile().at_density(tuple(grid), density).replace(fit=True)
     return {"tile": Tile, "gna": GNA}[name]().at_density(tuple(grid), density)
 
 

@@ -56,7 +56,7 @@ cp /tmp/gen_fp32.mp4.json "$O/gen_fp32.json" 2>/dev/null
 step wan_step 120 python3 docs/scripts/wan_step_gpu.py --out "$O/wan_step.json" --sidecar "$O/gen_fp32.json"
 # Timings at the production shapes, the vendor kernels (FA4, cuDNN, NATTEN) beside auto where installed.
 BB=${BENCH_BUDGET:-130}
-step bench_gpu $((BB + 20)) dit-accel bench gpu --no-pytest --budget "$BB" --methods "${BENCH_METHODS:-tile,gna,sla-topk,vsa}" \
+step bench_gpu $((BB + 20)) dit-accel bench gpu --no-pytest --budget "$BB" --methods "${BENCH_METHODS:-tile,tile-fit,gna,sla-topk,vsa}" \
     --densities "${BENCH_DENSITIES:-0.05,0.1}" --shapes "${BENCH_SHAPES:-14B 480p,14B 720p,1.3B,FastWan}" --out "$O/gpu_report"
 # Where the (opt-in) warp-specialized forward goes wrong: tile shapes, pipeline depths, dense and sparse layouts.
 step ws_probe 60 python3 docs/scripts/ws_probe.py --time --out "$O/ws_probe.json"

@@ -666,3 +666,17 @@ def test_a_short_share_times_sdpa_then_the_sparse_rows_before_the_other_dense_ca
     assert ok[:2] == [("dense SDPA", "forward"), ("dense SDPA", "forward+backward")], rows
     assert ("tile [auto, autotune off]", "forward") in ok and ("dense [fastest]", "forward") not in ok, rows
     assert ("dense [fastest]", "forward", "skipped") in rows, rows
+
+
+def test_tile_fit_rows_run_the_setting_with_its_tile_fitted_to_the_grid(tmp_path, fresh_autotune):
+    """``tile-fit``: the Tile row's setting with ``fit=True``. On a grid its 64-token tile does not divide (6 frames
+    of 12 x 12, tile (4, 4, 4): padded work 1.78) the fitted tile does: padded work at most 1.08, and the row is as
+    exact against its twin as any."""
+    shape = ModelShape("ragged video", (6, 12, 12), 2, head_dim=16)
+    report = bench_gpu.bench_gpu(tmp_path, shapes=(shape,), densities=(0.25,), methods=("tile", "tile-fit"),
+                                 budget_s=600, **QUICK)
+    rows = {r["kernel"]: r for r in report["rows"] if r["pass"] == "forward" and r["kernel"].startswith("tile")}
+    plain, fit = rows["tile [auto, autotune off]"], rows["tile-fit [auto, autotune off]"]
+    assert fit["status"] == "ok" and fit["o_error"] < fit["tolerance"], fit
+    assert fit["config"]["fit"] is True and not plain["config"].get("fit")
+    assert fit["padded_work"] <= 1.08 < plain["padded_work"], (fit["padded_work"], plain["padded_work"])
