@@ -161,9 +161,9 @@ WS_TUNED: Dict[Tuple[int, str, int], Tuple[int, int, int, int]] = {
 #: Opt-in switch of the warp-specialized forwards (block-sparse and dense): ``DIT_ACCEL_WS=1``.
 ENV_WS = "DIT_ACCEL_WS"
 #: Why the warp-specialized forwards are off unless asked for (``dit-accel selftest`` prints it).
-WS_OFF_REASON = ("the warp-specialized forward is off by default: on its first GPU run (H100, triton 3.6.0, "
-                 "2026-11-25, BENCHMARKS section 10) it gave non-finite and wrong rows; set DIT_ACCEL_WS=1 to try "
-                 "it (still behind its self-check)")
+WS_OFF_REASON = ("the warp-specialized forward is off by default: on triton 3.6.0 (H100 and H200, 2026-11-25 and 27, "
+                 "BENCHMARKS section 10) its 128-row tiles gave wrong rows, and its one correct tile (64 x 64, 2 stages) "
+                 "ran at 0.55x the one-loop kernel; set DIT_ACCEL_WS=1 to try it (still behind its self-check)")
 
 
 def ws_enabled() -> bool:
