@@ -17,7 +17,8 @@
 # One 600 s command does not hold every step: on the H200 (2026-11-27) install took 9 s, selftest 163, generate 39,
 # wan_step 54, bench_gpu 137 and ws_probe 14, and pytest_gpu (about 190 s) was cut at 125. A 15-minute lease fits
 # two calls: BUDGET=560 for the default order, then at once on the still-warm machine (its installs kept)
-# STEPS="pytest_gpu sla_parts info" BUDGET=230. Each call's $OUT comes back empty: copy /tmp logs into it.
+# STEPS="pytest_gpu sla_parts info" BUDGET=230. The device tool empties its $OUT before each call: give this
+# script OUT=/tmp/gpu_out and copy (or tar) that folder into the tool's $OUT at the end of each call.
 # Logs: $OUT/all.log and $OUT/summary.txt (default ./gpu_out); the self-check verdicts in $OUT/selftest.json
 # ("N of M checked" in the log), each generate's sidecar as $OUT/gen_*.json, the Wan 2.1 1.3B step in
 # $OUT/wan_step.json, the bench report in $OUT/gpu_report/, the ws forward's rows in $OUT/ws_probe.json, SLA's
