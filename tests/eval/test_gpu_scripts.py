@@ -36,7 +36,9 @@ def test_the_wan_step_script_runs_dense_tile_and_vsa_at_a_tiny_size(tmp_path, ca
                      "--sidecar", str(sidecar)]) == 0
     report = json.loads(out.read_text())
     settings = [r["setting"].split(" ")[0] for r in report["rows"]]
-    assert settings == ["dense", "tile", "vsa"], report["rows"]
+    assert settings == ["dense", "tile", "vsa", "tile", "vsa"], report["rows"]
+    labels = [r["setting"] for r in report["rows"]]
+    assert labels[3].startswith("tile at 10% ") and labels[4].startswith("vsa at 10% "), labels
     assert all(r["step_s"] > 0 and "error" not in r for r in report["rows"])
     assert all(r["rel_error_vs_dense"] < 0.1 for r in report["rows"][1:])  # the same model, sparse attention
     assert report["main_job"] == [{"sidecar": str(sidecar), "transformer_speedup": 1.3, "end_to_end_speedup": 1.1,
