@@ -346,8 +346,9 @@ def vsa_coarse_time(tokens: int, cubes: int, *, heads: int = 1, batch: int = 1, 
     """Modelled seconds of VSA's coarse branch without its launches (add ``VSA_COARSE_LAUNCHES x
     dense_per_call_s``): pooling every token into its cube and scoring every (query cube, key cube) pair with the
     top-k, priced with SLA's fitted per-token and per-block-pair constants (the same passes: pooled scores and
-    top-k), and the coarse ``cubes x cubes`` softmax attention as dense tiles. A model, not a measurement: no VSA
-    kernel has been timed on a GPU."""
+    top-k), and the coarse ``cubes x cubes`` softmax attention as dense tiles. A model, not a measurement, and not
+    fitted to VSA's launches: at Wan 1.3B 480p (12 heads, 624 cubes) it gives 3.46 ms with the launches where an H200
+    measured 0.71 ms (BENCHMARKS section 10.5)."""
     c = constants(arch)
     scale = head_dim / _HEAD_DIM
     glue = batch * heads * (tokens * c.sla_per_token_s * scale + cubes * cubes * c.sla_per_block_pair_s)
@@ -373,8 +374,9 @@ def vsa_time(plan, *, heads: int = 1, batch: int = 1, head_dim: int = 128, arch:
     """Modelled seconds of one VSA call (forward) on ``plan``'s grid, its three launches together: cube pooling
     and coarse attention with the fused top-k selection (:func:`vsa_coarse_time` plus
     :data:`VSA_COARSE_LAUNCHES` dense launches), and the fine block-sparse launch over the selected cubes
-    (:func:`block_sparse_time` of :func:`vsa_counts`). A model, not a measurement: no VSA launch has been timed
-    on a GPU, so its terms borrow the fitted block-sparse, dense and SLA constants."""
+    (:func:`block_sparse_time` of :func:`vsa_counts`). A model, not a measurement: its terms borrow the fitted
+    block-sparse, dense and SLA constants, not fitted to VSA's launches (one H200 timing, BENCHMARKS section 10.5:
+    the coarse branch modelled 5x too slow, the fine launch 1.5x too fast)."""
     c = constants(arch)
     coarse = VSA_COARSE_LAUNCHES * c.dense_per_call_s + vsa_coarse_time(
         plan.cubes.perm.num_tokens, plan.cubes.count, heads=heads, batch=batch, head_dim=head_dim, arch=arch)
