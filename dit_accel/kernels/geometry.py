@@ -23,7 +23,7 @@ import torch
 
 from .layout import BlockLayout
 
-__all__ = ["BlockFigures", "block_figures", "efficiency", "column_prefix", "kernel_length_tiles"]
+__all__ = ["BlockFigures", "block_figures", "efficiency", "column_prefix", "prefix_counts", "kernel_length_tiles"]
 
 
 @dataclass(frozen=True)
@@ -116,11 +116,18 @@ def efficiency(speedup: float, true_density: float) -> float:
 def column_prefix(table: torch.Tensor) -> torch.Tensor:
     """bool ``[P]``: which element masks ``[P, block_q, block_k]`` allow the same first ``c >= 1`` columns in every
     row (what the Triton forward's length variant runs with a column count, :mod:`.block_sparse.lengths`)."""
-    t = table.bool()
-    cols = t.all(1)  # [P, block_k]
-    count = cols.sum(-1, keepdim=True)
-    prefix = (cols == t.any(1)) & (cols == (torch.arange(t.shape[-1], device=t.device) < count))
-    return prefix.all(-1) & (count[:, 0] > 0)
+    return prefix_counts(table.bool(), rows=1)[0]
+
+
+def prefix_counts(masks: torch.Tensor, rows: int):
+    """``(prefix, count)`` of bool ``masks`` whose rows run along dimension ``rows`` and columns along the last:
+    whether every row allows the same first ``count >= 1`` columns and nothing else, and that column count (the
+    columns every row allows), each shaped like ``masks`` without those two dimensions."""
+    cols = masks.all(rows)
+    count = cols.sum(-1)
+    first = torch.arange(masks.shape[-1], device=masks.device) < count[..., None]
+    prefix = ((cols == masks.any(rows)) & (cols == first)).all(-1)
+    return prefix & (count > 0), count
 
 
 def kernel_length_tiles(layout: BlockLayout) -> Optional[float]:

@@ -15,6 +15,7 @@ from typing import Callable, Dict, Hashable, Optional, Tuple, TypeVar
 
 import torch
 
+from ..geometry import prefix_counts
 from ..layout import BlockLayout
 from ..request import in_graph
 
@@ -81,10 +82,8 @@ def _mask_stats(table: torch.Tensor, n_cols: int, tile_r: int, tile_c: int):
     all_t = tiles.all(5).all(3)
     words = _pack_bits(both.view(2, p + 1, block_r, c_sub, tile_c))  # [2, P+1, block_r, c_sub, W]
     # A sub-tile whose allowed pairs are its first c columns in every row: a length (its column count).
-    col_all, col_any = tiles.all(3), tiles.any(3)  # [2, P+1, r_sub, c_sub, tile_c]
-    count = col_all.sum(-1)
-    prefix = ((col_all == col_any) & (col_all == (torch.arange(tile_c, device=dev) < count[..., None]))).all(-1)
-    stats = (any_t, all_t, prefix & (count > 0), count)
+    prefix, count = prefix_counts(tiles, rows=3)  # [2, P+1, r_sub, c_sub]
+    stats = (any_t, all_t, prefix, count)
     return stats, words.permute(0, 1, 3, 4, 2).contiguous().view(-1)  # -> [2, P+1, c_sub, W, block_r]
 
 
@@ -133,9 +132,10 @@ def tile_plan(layout: BlockLayout, tile_r: int, tile_c: int, transposed: bool = 
     part = listed & ~full & any_t[var, pm, rs, cs]
     entry = ((var * (p + 1) + pm) * c_sub + cs) * (n_words * block_r) + rs * tile_r
 
-    length = part & prefix[var, pm, rs, cs] & (~ragged if lengths is False else True)
     if lengths is None:
         length = torch.zeros_like(part)
+    else:  # pointer loads (lengths False) keep the ragged last key tile bit-masked
+        length = part & prefix[var, pm, rs, cs] & (~ragged if lengths is False else True)
     entry = torch.where(length, count[var, pm, rs, cs], entry)
 
     hl, rows = u.shape[:2]
