@@ -78,14 +78,21 @@ def _cache_dir() -> Path:
 
 
 @functools.lru_cache(maxsize=1)
+def kernel_modules() -> List[str]:
+    """The modules under ``dit_accel/kernels`` that define ``@triton.jit`` functions, helpers included (paths
+    relative to it): what :func:`_source_digest` reads."""
+    here = Path(__file__).parent
+    return [path.relative_to(here).as_posix() for path in sorted(here.rglob("*.py"))
+            if "@triton.jit" in path.read_text()]
+
+
 def _source_digest() -> str:
     """Hash of every ``@triton.jit`` function of the kernel modules and of where it starts: an edit to
     a kernel, or host code that moves one, invalidates every cached analysis (the analyses record
     source line numbers)."""
     here = Path(__file__).parent
     parts = []
-    for name in ("dense/tiles.py", "dense/triton.py", "block_sparse/triton.py", "block_sparse/bwd_fused.py",
-                 "sla/triton.py"):
+    for name in kernel_modules():
         text = (here / name).read_text()
         for node in ast.parse(text).body:
             if isinstance(node, ast.FunctionDef) and any("jit" in ast.unparse(d) for d in node.decorator_list):
@@ -158,7 +165,9 @@ def _bit_mask_code() -> Callable[[Instruction], bool]:
 
     fn = bit_masked.fn
     src, first = inspect.getsourcelines(fn)
-    path, lines = fn.__code__.co_filename, range(first, first + len(src))
+    # the body only: ptxas puts code of the function above on the decorator and def lines
+    skip = next(i for i, line in enumerate(src) if line.lstrip().startswith("def ")) + 1
+    path, lines = fn.__code__.co_filename, range(first + skip, first + len(src))
     return lambda ins: any(_same_source(f, path) and ln in lines for f, ln in ins.lines)
 
 

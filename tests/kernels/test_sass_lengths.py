@@ -86,3 +86,29 @@ def test_length_path_is_the_longest_through_the_fewest_bit_mask_instructions():
     flagged = lambda i: i.lines[0][0] == "bits.py"  # noqa: E731
     assert sass._fewest_flagged_longest(body, labels, 0xb0, flagged) == 8
     assert sass._fewest_flagged_longest(body, labels, 0xb0, lambda i: False) == 9  # the bit-mask path
+
+
+def test_bit_mask_code_is_the_body_of_bit_masked_not_its_decorator_or_def_line():
+    """ptxas puts code of the function above (the length path's table load) on bit_masked's decorator and def
+    lines: those must not count as bit-mask code, or the length path is measured through the wrong branch."""
+    import inspect
+
+    from dit_accel.kernels.block_sparse.lengths import bit_masked
+    from dit_accel.kernels.sass_parse import Instruction
+
+    src, first = inspect.getsourcelines(bit_masked.fn)
+    path = bit_masked.fn.__code__.co_filename
+    flagged = sass._bit_mask_code()
+    at = lambda line: Instruction(0, None, "LDG", "", ((path, line),), None)  # noqa: E731
+    assert not flagged(at(first)) and not flagged(at(first + 1))  # @triton.jit, def
+    assert flagged(at(first + 2)) and flagged(at(first + len(src) - 1))
+    assert not flagged(at(first + len(src)))
+
+
+def test_the_analysis_cache_is_keyed_by_every_module_with_kernel_code():
+    """An edit to a jit helper outside the five launcher modules (the length tiles' bias product, VSA's and SLA's
+    kernels) must invalidate the cached analyses: the cache digest reads every module that holds one."""
+    modules = set(sass.kernel_modules())
+    assert {"block_sparse/lengths.py", "block_sparse/triton.py", "dense/tiles.py", "vsa/triton.py", "sla/pool.py",
+            "sla/select.py", "sla/operands.py"} <= modules
+    assert "layout.py" not in modules
