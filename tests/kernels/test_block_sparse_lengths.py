@@ -240,3 +240,83 @@ def test_prefix_masks_reads_a_shared_table_once_and_again_after_an_edit(monkeypa
     assert [prefix_masks(Layout()) for _ in range(3)] == [1, 1, 1] and len(reads) == 1
     table[1, 1::2, :10] = True  # now every row allows the first 10 columns
     assert prefix_masks(Layout()) == 2 and len(reads) == 2
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("blocks,d", [((64, 64), 64), ((32, 32), 40)])
+def test_sm90_loop_runs_length_tiles_by_their_entry(monkeypatch, dtype, blocks, d):
+    """The TMA one-loop forward (sm_90, run here by pretending the device is one): length tiles told by the low
+    bits of their column entry and masked by the bias product, exact against the reference and the bit-mask
+    path."""
+    monkeypatch.setattr(bst, "_arch", lambda device: 90)
+    bq, bk = blocks
+    n, m = 3 * bq + 7, 3 * bk + 13
+    layout = prefix_layout(2, n, m, bq, bk, seed=7)
+    q, k, v = make_qkv(1, 2, n, m, d, dtype, seed=1, device="cpu")
+    o, lse = _run(layout, q, k, v, True)
+    assert_attention_close(o, lse, q, k, v, layout.to_dense_mask())
+    launch = [x for x in bst._PLANS.values(layout).values() if isinstance(x, bst._Launch)]
+    assert [(x.cfg.tma, x.cfg.lengths) for x in launch] == [(True, True)]
+    o0, _ = _run(layout, q, k, v, False)
+    torch.testing.assert_close(o.float(), o0.float(), atol=2e-3 if dtype == torch.float16 else 1e-5, rtol=0)
+
+
+def test_masked_columns_with_the_largest_scores_contribute_nothing(monkeypatch):
+    """The bias product sets a length tile's masked scores to -inf, whatever they were: keys past the count that
+    score far above the allowed ones and carry values of 1000 change nothing."""
+    monkeypatch.setattr(bst, "_arch", lambda device: 90)
+    n = m = 64 + 64
+    visited = torch.ones(1, 2, 2, dtype=torch.bool)
+    cols = torch.arange(64)
+    table = torch.stack([cols[None, :].expand(64, 64) < 9])  # every block: its first 9 keys
+    layout = BlockLayout.from_block_masks(visited, q_len=n, kv_len=m, block_q=64, block_k=64,
+                                          mask_ids=torch.zeros(1, 2, 2, dtype=torch.long), mask_table=table)
+    assert prefix_masks(layout) == 1
+    q, k, v = make_qkv(1, 1, n, m, 64, torch.float16, seed=3, device="cpu")
+    q = q.abs()  # positive queries: keys of +4 in every dimension score about 250 x 64 ...
+    k[..., 9:64, :] = 4.0
+    k[..., 64 + 9:, :] = 4.0
+    v[..., 9:64, :] = 1000.0  # ... and carry values that would show
+    v[..., 64 + 9:, :] = 1000.0
+    o, lse = _run(layout, q, k, v, True)
+    assert_attention_close(o, lse, q, k, v, layout.to_dense_mask())
+    assert float(o.abs().max()) < 10
+
+
+def test_column_offsets_encode_each_tile_like_brute_force():
+    """The sm_90 plan's entries decoded by hand: column = entry with the low and PARTIAL bits cleared, a length
+    tile's masked column count in the low bits (its count of allowed columns from the plan with lengths), a
+    bit-masked tile with PARTIAL, a full one with neither."""
+    from dit_accel.kernels.block_sparse.lengths import PARTIAL, column_offsets
+
+    layout = prefix_layout(2, 150, 200, 64, 64, seed=17)
+    plan = tile_plan(layout, 64, 64, lengths=True)
+    packed = column_offsets(plan, 64)
+    assert torch.equal(packed.plan[..., :3], plan.plan[..., :3]) and packed.bits is plan.bits
+    kinds = set()
+    for row, prow in zip(plan.plan.reshape(-1, plan.plan.shape[-1]).tolist(),
+                         packed.plan.reshape(-1, plan.plan.shape[-1]).tolist()):
+        n_full, n_rest, n_len = row[:3]
+        for i in range(n_full + n_rest):
+            tile, entry, got = row[3 + i], row[3 + plan.w + i], prow[3 + i]
+            assert got & ~(PARTIAL.value | 63) == tile * 64
+            if i < n_full:
+                kind, want = "full", (got & 63, got & PARTIAL.value) == (0, 0)
+            elif i < n_full + n_len:
+                kind, want = "length", got & 63 == 64 - entry and 0 < entry < 64 and not got & PARTIAL.value
+            else:
+                kind, want = "masked", got & 63 == 0 and got & PARTIAL.value
+            assert want, (kind, i, row, prow)
+            kinds.add(kind)
+    assert kinds == {"full", "length", "masked"}
+
+
+def test_the_bias_table_reads_count_zeros_then_minus_inf():
+    from dit_accel.kernels.block_sparse.lengths import len_bias_table
+
+    table = len_bias_table(torch.device("cpu"), torch.float16, 64)
+    assert table is len_bias_table("cpu", torch.float16, 64) and table.shape == (128, 16)
+    for r in (1, 9, 63):
+        rows = table[r:r + 64]  # the rows a tile masking its last r columns reads
+        assert torch.equal(rows[:64 - r], torch.zeros(64 - r, 16, dtype=torch.float16))
+        assert (rows[64 - r:, 0] == float("-inf")).all() and not rows[64 - r:, 1:].any()

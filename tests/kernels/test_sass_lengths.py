@@ -42,24 +42,27 @@ def _length_loop(row):
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"sm{c[0]}-d{c[1]}-b{c[2]}")
-def test_length_tile_is_cheaper_than_a_bit_masked_one_and_the_full_loop_is_unchanged(rows, case):
+def test_length_tile_within_1_05x_of_a_full_one_and_the_full_loop_kept(rows, case):
+    """The issue's static target: a length tile's iteration within 1.05x of a full tile's in the same kernel
+    (measured 1.03-1.04x on sm_90, 1.05x on sm_80), a bit-masked one dearer still; a full tile's iteration in the
+    length kernel at most 4 instructions longer than without lengths (sm_90 tells a tile's kind by two uniform
+    tests where the kernel without lengths has one 64-bit compare: +2 at 64 x 64, +4 at 128 x 64)."""
     base, length = _pair(rows, *case)
     assert base["error"] is None and length["error"] is None, (base["error"], length["error"])
     full, full_len = base["loops"]["full"]["instructions"], length["loops"]["full"]["instructions"]
-    assert full_len <= 1.01 * full, (full_len, full)  # full tiles keep their code
+    assert full_len <= full + 4, (full_len, full)
     by_count = _length_loop(length)["instructions"]
     bits = base["loops"]["partial"]["instructions"]
     assert full_len < by_count < bits, (full_len, by_count, bits)
-    assert by_count / full_len <= 1.18, f"length tile {by_count / full_len:.3f}x a full one"
+    assert by_count <= 1.05 * full_len, f"length tile {by_count / full_len:.3f}x a full one"
 
 
-@pytest.mark.xfail(strict=True, reason="measured 1.06x (sm_80 d128) to 1.18x (sm_90 d64) of a full tile: the "
-                   "column compare and -inf select are one instruction per score element (32 per thread at "
-                   "64 x 64 over 4 warps), 8% of a full iteration's ~380 on sm_90")
-def test_length_tile_within_1_05x_of_a_full_one(rows):
-    ratios = [_length_loop(_pair(rows, *c)[1])["instructions"] / _pair(rows, *c)[1]["loops"]["full"]["instructions"]
-              for c in CASES]
-    assert max(ratios) <= 1.05, ratios
+def test_the_sm90_length_kernel_adds_one_product_group_per_iteration(rows):
+    """What makes the length tile cheap on sm_90: the mask is one more tensor-core product group in the loop (the
+    depth-16 bias product), not a compare and select per score element."""
+    for case in CASES[:3]:
+        base, length = _pair(rows, *case)
+        assert length["loops"]["tiles"]["wgmma_groups"] == base["loops"]["tiles"]["wgmma_groups"] + 1, case
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"sm{c[0]}-d{c[1]}-b{c[2]}")

@@ -326,7 +326,7 @@ def fused_config(dtype: torch.dtype, head_dim: int, block_q: int, block_k: int, 
 
 
 # Argument types and divisibility hints: the dense kernels' plus the plan's.
-_ARG_TYPES = {**ARG_TYPES, "PLAN": "*i32", "BITS": "*i64", "ITEMS": "*i32", "DQ32": "*fp32"}
+_ARG_TYPES = {**ARG_TYPES, "PLAN": "*i32", "BITS": "*i64", "LEN_BIAS": "*DT", "ITEMS": "*i32", "DQ32": "*fp32"}
 _DIV16 = DIV16 | {"bits_w", "sgb", "sgh", "sgn"}  # layout block sizes (64, 128, 256); dQ's fp32 buffer (contiguous)
 
 

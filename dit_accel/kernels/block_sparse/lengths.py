@@ -4,22 +4,28 @@ A packed layout's ragged blocks (the last block of a Tile key tile, a VSA partia
 key length) allow every row the same column prefix. The layout carries them as column-prefix masks
 (``mask_table``); the bit-mask path loads a mask word per row per tile for them. With lengths, the tile plan
 (:func:`.tile_plans.tile_plan` with ``lengths``) lists them between the full and the partial tiles with the count
-``c`` in place of their bit offset, and the forward masks them with one compare of the column index against
-``c``: no mask load, no per-row work. The backward and the twin keep running them as masks, and a forward
-that runs lengths takes the one-loop kernel, never the (opt-in) warp-specialized one. Pointer loads (sm_80 /
-89, unaligned tensors) keep the ragged last key tile bit-masked (their length loop loads no row masks); TMA
-loads zero-fill past the keys, so there it is a length tile too.
+``c`` in place of their bit offset. The backward and the twin keep running them as masks, and a forward that runs
+lengths takes the one-loop kernel, never the (opt-in) warp-specialized one. Pointer loads (sm_80 / 89, unaligned
+tensors) keep the ragged last key tile bit-masked (their length loop loads no row masks); TMA loads zero-fill past
+the keys, so there it is a length tile too.
 
-Static cost (``tests/kernels/test_sass_lengths.py``, bf16, instructions per tile-loop iteration): a length
-tile is 1.06x a full one on sm_80 (d128) and 1.15-1.18x on sm_90 (d128 / d64), a bit-masked one 1.27-1.35x:
-the compare and ``-inf`` select are one instruction per score element.
+The mask is added by the tensor cores, not by a compare and select per score element: one more product of depth
+16, ``[1, 0, ..., 0]`` per query row (:func:`length_rows`) times a ``[16, BLOCK_N]`` operand whose first row is
+``0`` for the allowed columns and ``-inf`` for the others, read from a small table (:func:`len_bias_table`) at an
+offset set by the count (:func:`length_bias`): each thread loads and stores one vector, and the masked scores come
+out ``-inf`` exactly, as the bit-mask path writes them. The sm_90 loop reads a tile's kind with its column
+(:func:`column_offsets`): a length tile is told from the others by one test.
 
-The variant has never run on a GPU: it runs only where its first-use self-check
-(:data:`VARIANT`, :mod:`dit_accel.kernels.selfcheck`) passed; elsewhere the bit-mask path runs.
+Static cost (``tests/kernels/test_sass_lengths.py``, bf16, instructions per tile-loop iteration): a length tile is
+1.03-1.04x a full one on sm_90 (d128 and d64) and 1.05x on sm_80 (d128), a bit-masked one 1.27-1.35x.
+
+The variant runs only where its first-use self-check (:data:`VARIANT`, :mod:`dit_accel.kernels.selfcheck`)
+passed; elsewhere the bit-mask path runs.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import weakref
 from typing import Dict, Optional
 
@@ -32,18 +38,22 @@ from ..request import in_graph
 
 from ..dense.tiles import LN2, row_words, words_keep
 
-__all__ = ["VARIANT", "len_step", "bit_masked", "fwd_epilogue", "prefix_masks", "runs_lengths"]
+__all__ = ["VARIANT", "PARTIAL", "len_step", "length_rows", "length_offsets", "length_bias", "bit_masked",
+           "fwd_epilogue", "column_offsets", "len_bias_table", "prefix_masks", "runs_lengths"]
 
 #: The self-check's name of the forward that runs column-prefix tiles by their length.
 VARIANT = "block_sparse.triton.fwd_len"
 
+#: The bit that marks a bit-masked tile in :func:`column_offsets`' entries (key columns stay below it).
+PARTIAL = tl.constexpr(1 << 30)
+
 
 @triton.jit
-def len_step(q, k, v, acc, m_i, l_i, qk_scale, count, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """The online-softmax update with a tile whose first ``count`` (>= 1) key columns are allowed in every
-    row: every row keeps a finite maximum, so no ``-inf`` guard is needed (as in a full tile)."""
+def len_step(q, k, v, acc, m_i, l_i, qk_scale, ones, LEN_BIAS, offsets, r, DOT_PRECISION: tl.constexpr):
+    """The online-softmax update with a tile whose last ``r`` key columns are masked (:func:`length_bias`):
+    every row keeps a finite maximum, so no ``-inf`` guard is needed (as in a full tile)."""
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-    s = tl.where(tl.arange(0, BLOCK_N)[None, :] < count, s, float("-inf"))
+    s = length_bias(s, ones, LEN_BIAS, offsets, r, DOT_PRECISION)
     m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
     p = tl.math.exp2(s * qk_scale - m_new[:, None])
     alpha = tl.math.exp2(m_i - m_new)
@@ -51,6 +61,28 @@ def len_step(q, k, v, acc, m_i, l_i, qk_scale, count, BLOCK_N: tl.constexpr, DOT
     acc = acc * alpha[:, None]
     acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
     return acc, m_new, l_i
+
+
+@triton.jit
+def length_rows(q, BLOCK_M: tl.constexpr):
+    """The left operand of :func:`length_bias`: ``[BLOCK_M, 16]`` in ``q``'s dtype, ``[1, 0, ..., 0]`` per row."""
+    first = (tl.arange(0, 16)[None, :] == 0) & (tl.arange(0, BLOCK_M)[:, None] >= 0)
+    return tl.where(first, 1.0, 0.0).to(q.dtype)
+
+
+@triton.jit
+def length_offsets(BLOCK_N: tl.constexpr):
+    """``[BLOCK_N, 16]`` element offsets of the table's rows (:func:`len_bias_table`), one row per key column."""
+    return tl.arange(0, BLOCK_N)[:, None] * 16 + tl.arange(0, 16)[None, :]
+
+
+@triton.jit
+def length_bias(s, ones, LEN_BIAS, offsets, r, DOT_PRECISION: tl.constexpr):
+    """``s`` with its last ``r`` (``0 .. BLOCK_N - 1``) columns set to ``-inf`` by the tensor cores: ``ones``
+    (:func:`length_rows`) times the table's rows from row ``r`` on (``BLOCK_N - r`` rows of zeros, then ``r``
+    whose first entry is ``-inf``). No instruction touches a score element."""
+    bias = tl.load(LEN_BIAS + (offsets + r * 16))
+    return tl.dot(ones, tl.trans(bias), s, input_precision=DOT_PRECISION)
 
 
 @triton.jit
@@ -102,6 +134,39 @@ def prefix_masks(layout) -> int:
         _PREFIX.clear()
     _PREFIX[id(table)] = (weakref.ref(table), version, count)
     return count
+
+
+def column_offsets(plan, block_n: int):
+    """The sm_90 forward's form of a plan with lengths: each key tile as its first column, its kind in the bits a
+    column offset leaves free. A length tile's low bits hold the number of columns it masks (``block_n - c``, in
+    ``1 .. block_n - 1``), a bit-masked tile carries :data:`PARTIAL`, a full tile neither, so the loop reads a
+    tile's kind and count with the tile itself."""
+    table = plan.plan.clone()
+    w = plan.w
+    slot = torch.arange(w, device=table.device)
+    n_full, n_rest, n_len = table[..., 0:1], table[..., 1:2], table[..., 2:3]
+    counted = (slot >= n_full) & (slot < n_full + n_len)
+    masked = (slot >= n_full + n_len) & (slot < n_full + n_rest)
+    cols = table[..., 3:3 + w] * block_n
+    cols = torch.where(counted, cols + block_n - table[..., 3 + w:], cols)
+    table[..., 3:3 + w] = torch.where(masked, cols + PARTIAL.value, cols)
+    return dataclasses.replace(plan, plan=table)
+
+
+#: (device, dtype, block_n) -> the table :func:`length_bias` reads (``2 * block_n`` rows of 16 values).
+_TABLES: Dict[tuple, torch.Tensor] = {}
+
+
+def len_bias_table(device: torch.device, dtype: torch.dtype, block_n: int) -> torch.Tensor:
+    """``[2 * block_n, 16]`` in ``dtype`` on ``device``: ``block_n`` rows of zeros, then ``block_n`` rows
+    ``[-inf, 0, ..., 0]``. The kernels read ``block_n`` consecutive rows of it (:func:`length_bias`); made once."""
+    key = (torch.device(device), dtype, int(block_n))
+    table = _TABLES.get(key)
+    if table is None:
+        table = torch.zeros(2 * block_n, 16, dtype=dtype, device=device)
+        table[block_n:, 0] = float("-inf")
+        _TABLES[key] = table
+    return table
 
 
 def _version(t: torch.Tensor) -> Optional[int]:

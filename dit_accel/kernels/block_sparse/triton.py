@@ -63,7 +63,8 @@ from .. import occupancy, selfcheck
 from ..layout import BlockLayout
 from ..request import in_graph
 from .lengths import VARIANT as LEN_VARIANT
-from .lengths import bit_masked, fwd_epilogue, len_step, runs_lengths
+from .lengths import (PARTIAL, bit_masked, column_offsets, fwd_epilogue, len_bias_table, len_step, length_bias, length_rows,
+                      length_offsets, runs_lengths)
 from .bwd_fused import _bwd_dkdv_dq_kernel, one_pass_runs, run_fused
 from .configs import (KernelConfig, fused_config, fused_pointer, length_config, pointer_fallback, resume_config,
                       select_config, ws_config, ws_enabled, ws_pays)
@@ -81,7 +82,7 @@ WS_VARIANT = "block_sparse.triton.fwd_ws"
 
 @triton.jit
 def _fwd_item(
-    Q, K, V, O, LSE, PLAN, BITS, pid_m, b, h,  # noqa: E741
+    Q, K, V, O, LSE, PLAN, BITS, LEN_BIAS, pid_m, b, h,  # noqa: E741
     sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son, slb, slh,
     plan_h, plan_r, w, bits_w,
     q_len, kv_len, head_dim, qk_scale,
@@ -143,23 +144,27 @@ def _fwd_item(
         nxt = tl.load(tiles + start, mask=start < n_tot, other=0)
         lo, hi = row_words(BITS, tl.load(bits + n_mask, mask=n_mask < n_tot, other=0), rows, bits_w, BLOCK_N)
         off = tl.load(bits + n_mask + 1, mask=n_mask + 1 < n_tot, other=0)
-        if LENGTHS:
-            count = tl.load(bits + n_full, mask=n_full < n_mask, other=0)  # the first length tile's
+        if LENGTHS:  # the plan lists first columns, a length tile's masked column count in the low bits
+            ones = length_rows(q, BLOCK_M)
+            offsets = length_offsets(BLOCK_N)
         for i in range(start, n_tot):  # loop: tiles
-            col = nxt * BLOCK_N
+            cur = nxt
+            if LENGTHS:
+                col = cur & (PARTIAL - BLOCK_N)
+            else:
+                col = cur * BLOCK_N
             nxt = tl.load(tiles + i + 1, mask=i + 1 < n_tot, other=0)
             k = load_tile(K, k_base, b, h, col, kv_len, skn, head_dim, BLOCK_N, BLOCK_D, TMA, False, EVEN_D)
             v = load_tile(V, v_base, b, h, col, kv_len, svn, head_dim, BLOCK_N, BLOCK_D, TMA, False, EVEN_D)
             s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-            if i >= n_full:
-                if LENGTHS:
-                    if i < n_mask:  # a length tile: its first `count` columns (the next one's read ahead)
-                        s = tl.where(tl.arange(0, BLOCK_N)[None, :] < count, s, float("-inf"))
-                        count = tl.load(bits + i + 1, mask=i + 1 < n_mask, other=0)
-                    else:
-                        s, lo, hi, off = bit_masked(s, lo, hi, off, BITS, bits, i, n_tot, rows, bits_w, BLOCK_N)
-                else:  # a partial tile: its element mask
+            if LENGTHS:  # the tile's kind from its own entry: one test for a length tile, two for a full one
+                r = cur & (BLOCK_N - 1)
+                if r != 0:  # a length tile: all but its last r columns
+                    s = length_bias(s, ones, LEN_BIAS, offsets, r, DOT_PRECISION)
+                elif cur >= PARTIAL:  # a bit-masked tile
                     s, lo, hi, off = bit_masked(s, lo, hi, off, BITS, bits, i, n_tot, rows, bits_w, BLOCK_N)
+            elif i >= n_full:  # a partial tile: its element mask
+                s, lo, hi, off = bit_masked(s, lo, hi, off, BITS, bits, i, n_tot, rows, bits_w, BLOCK_N)
             acc, m_i, l_i = fwd_update(s, v, acc, m_i, l_i, qk_scale, DOT_PRECISION)
     else:
         # Pointer loads (sm_80 / 89, unaligned tensors): a ragged last key tile needs row masks on its
@@ -169,11 +174,15 @@ def _fwd_item(
             k = load_tile(K, k_base, b, h, col, kv_len, skn, head_dim, BLOCK_N, BLOCK_D, TMA, False, EVEN_D)
             v = load_tile(V, v_base, b, h, col, kv_len, svn, head_dim, BLOCK_N, BLOCK_D, TMA, False, EVEN_D)
             acc, m_i, l_i = fwd_step(q, k, v, acc, m_i, l_i, qk_scale, 0, False, DOT_PRECISION)
-        for i in range(n_full, n_mask):  # loop: lengths (none ragged: rows past kv_len stay partial)
-            col = tl.load(tiles + i) * BLOCK_N
-            k = load_tile(K, k_base, b, h, col, kv_len, skn, head_dim, BLOCK_N, BLOCK_D, TMA, False, EVEN_D)
-            v = load_tile(V, v_base, b, h, col, kv_len, svn, head_dim, BLOCK_N, BLOCK_D, TMA, False, EVEN_D)
-            acc, m_i, l_i = len_step(q, k, v, acc, m_i, l_i, qk_scale, tl.load(bits + i), BLOCK_N, DOT_PRECISION)
+        if LENGTHS:
+            ones = length_rows(q, BLOCK_M)
+            offsets = length_offsets(BLOCK_N)
+            for i in range(n_full, n_mask):  # loop: lengths (none ragged: rows past kv_len stay partial)
+                col = tl.load(tiles + i) * BLOCK_N
+                k = load_tile(K, k_base, b, h, col, kv_len, skn, head_dim, BLOCK_N, BLOCK_D, TMA, False, EVEN_D)
+                v = load_tile(V, v_base, b, h, col, kv_len, svn, head_dim, BLOCK_N, BLOCK_D, TMA, False, EVEN_D)
+                acc, m_i, l_i = len_step(q, k, v, acc, m_i, l_i, qk_scale, ones, LEN_BIAS, offsets,
+                                         BLOCK_N - tl.load(bits + i), DOT_PRECISION)
         rows = tl.arange(0, BLOCK_M)
         for i in range(n_mask, n_tot):  # loop: partial
             col = tl.load(tiles + i) * BLOCK_N
@@ -216,7 +225,7 @@ def _fwd_item_ws(
 
 @triton.jit
 def _fwd_kernel(
-    Q, K, V, O, LSE, PLAN, BITS, ITEMS,  # noqa: E741 (the attention output, named like Q, K, V)
+    Q, K, V, O, LSE, PLAN, BITS, LEN_BIAS, ITEMS,  # noqa: E741 (the attention output, named like Q, K, V)
     sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son, slb, slh,
     plan_h, plan_r, w, bits_w, n_items, n_tiles,
     H, q_len, kv_len, head_dim, qk_scale,
@@ -243,13 +252,13 @@ def _fwd_kernel(
             item = tl.load(ITEMS + it)
             bh = item // n_tiles
             b = bh // H
-            _fwd_item(Q, K, V, O, LSE, PLAN, BITS, item - bh * n_tiles, b, bh - b * H,
+            _fwd_item(Q, K, V, O, LSE, PLAN, BITS, LEN_BIAS, item - bh * n_tiles, b, bh - b * H,
                       sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son, slb, slh,
                       plan_h, plan_r, w, bits_w, q_len, kv_len, head_dim, qk_scale,
                       BLOCK_M, BLOCK_N, BLOCK_D, EVEN_D, TMA, DOT_PRECISION, RESUME, LENGTHS)
     else:
         pid_bh = tl.program_id(1)
-        _fwd_item(Q, K, V, O, LSE, PLAN, BITS, tl.program_id(0), pid_bh // H, pid_bh % H,
+        _fwd_item(Q, K, V, O, LSE, PLAN, BITS, LEN_BIAS, tl.program_id(0), pid_bh // H, pid_bh % H,
                   sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son, slb, slh,
                   plan_h, plan_r, w, bits_w, q_len, kv_len, head_dim, qk_scale,
                   BLOCK_M, BLOCK_N, BLOCK_D, EVEN_D, TMA, DOT_PRECISION, False, LENGTHS)
@@ -529,13 +538,17 @@ def _forward_launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.
     lengths = cfg.lengths
     ws_ok = cfg.tma and tma_ok(q) and not lengths  # the one-loop kernel loads Q by pointers, ws by a descriptor
     plan = _plan(layout, cfg.block_m, cfg.block_n, transposed=False, lengths=bool(cfg.tma) if lengths else None)
+    if lengths and cfg.tma:
+        plan = _PLANS.get(layout, ("column_offsets", cfg.block_m, cfg.block_n),
+                          lambda: column_offsets(plan, cfg.block_n))
     q, k, v = _pad_d(cfg, q, k, v)
     pad = q.shape[-1] != d
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device) if pad else o
     n_tiles = triton.cdiv(n, cfg.block_m)
     n_items = b * h * n_tiles
     items = _work_order(layout, plan, cfg.block_m, cfg.block_n, b, h) if cfg.tma else plan.plan  # unread
-    args = (plan.plan, plan.bits, items,
+    table = len_bias_table(q.device, q.dtype, cfg.block_n)  # read only by a forward with lengths
+    args = (plan.plan, plan.bits, table, items,
             *_strides(q), *_strides(k), *_strides(v), *_strides(out), lse.stride(0), lse.stride(1),
             *plan.args(), n_items, n_tiles, h, n, m, q.shape[-1])
     kw = dict(**cfg.constexprs(), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
@@ -653,7 +666,8 @@ def _ws_forward(q, k, v, o, lse, layout: BlockLayout, cfg: KernelConfig, scale: 
     for c, kd, vd, todo in ((ws, k, v, items), (resume_config(ws), *_streamed(cfg, (k, v), ws.block_n), resumed)):
         if todo.numel() == 0:
             continue
-        args = (q, kd, vd, o, lse, plan.plan, plan.bits, todo, *tail, todo.numel(), *sizes)
+        args = (q, kd, vd, o, lse, plan.plan, plan.bits, len_bias_table(q.device, q.dtype, c.block_n), todo, *tail,
+                todo.numel(), *sizes)
         kw = dict(**c.constexprs(), num_warps=c.num_warps, num_stages=c.num_stages)
         grid = (_programs(q.device, c, todo.numel(), lambda: _fwd_kernel.warmup(*args, grid=(1,), **kw)),)
         _fwd_kernel[grid](*args, **kw)
