@@ -54,7 +54,7 @@ def test_the_offline_run_plans_its_steps_inside_one_device_command(tmp_path):
     assert run.returncode == 0, run.stderr
     steps = re.findall(r"^(\w+) \(limit (\d+)s\): (.*)$", run.stdout, re.M)
     names = [s[0] for s in steps]
-    assert names[:6] == ["install", "selftest", "generate", "wan_step", "bench_gpu", "ws_probe"], names
+    assert names[:7] == ["install", "selftest", "generate", "wan_step", "bench_gpu", "lengths_probe", "ws_probe"], names
     cmd = dict((name, (int(limit), line)) for name, limit, line in steps)
     budget = int(re.search(r"--budget (\d+)", cmd["selftest"][1]).group(1))
     assert budget < cmd["selftest"][0]  # selftest ends itself, with its JSON, before the step's limit
@@ -63,6 +63,19 @@ def test_the_offline_run_plans_its_steps_inside_one_device_command(tmp_path):
     # The whole run stays inside one device command (at most 600 s): each step gets at most what is left.
     default = int(re.search(r"BUDGET:-(\d+)", (SCRIPTS / "gpu_offline_run.sh").read_text()).group(1))
     assert default <= 560
+
+
+def test_the_lengths_probe_runs_both_paths_against_fp32_on_the_cpu(tmp_path):
+    """docs/scripts/lengths_probe.py's dry run through the interpreter: a fitted Tile layout and a VSA fine layout
+    with length tiles, each run by count and by bit mask, both within fp32's error of attention over its mask."""
+    out = tmp_path / "lengths.json"
+    run = subprocess.run([sys.executable, str(SCRIPTS / "lengths_probe.py"), "--dry-run", "--out", str(out)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "PYTHONPATH": str(ROOT), "TRITON_INTERPRET": "1"})
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    rows = json.loads(out.read_text())
+    assert [r["layout"] for r in rows] == ["tile-fit", "vsa"]
+    assert all(r["pass"] and r["length_share"] > 0 and r["len_vs_fp32"] < 1e-4 for r in rows), rows
 
 
 def test_the_ws_probe_compiles_each_variant_for_sm90(tmp_path):
