@@ -1,47 +1,39 @@
 """Triton block-sparse attention over a :class:`BlockLayout` (forward and backward).
 
-Three GPU kernels (plus a small preprocess) implement FlashAttention-2 style attention
-restricted to the tiles a layout visits. Each is the in-repo dense kernel
-(:mod:`dit_accel.kernels.dense`) plus a list lookup per tile, written from the same tile
-steps (:mod:`dit_accel.kernels.dense.tiles`):
+Three GPU kernels (plus a small preprocess) implement FlashAttention-2 style attention restricted to the tiles a
+layout visits. Each is the in-repo dense kernel (:mod:`dit_accel.kernels.dense`) plus a list lookup per tile,
+written from the same tile steps (:mod:`dit_accel.kernels.dense.tiles`):
 
-- ``_fwd_kernel``: grid ``(query tiles, B*H)``. Each program keeps its query tile in
-  registers and runs two loops over key tiles: the *full* tiles (every pair allowed: no
-  mask code at all) and then the *partial* tiles (an element mask, bit-packed one int64
-  word per row per 64 keys and loaded as a 1-D vector, or the ragged last key tile).
-- ``_bwd_dkdv_kernel``: grid ``(key tiles, B*H)``, walks the *transposed* plan (only the
-  query tiles that visit this key tile) and recomputes ``P`` from the saved log-sum-exp.
-- ``_bwd_dq_kernel``: grid ``(query tiles, B*H)`` over the forward plan. These two own their outputs (no
-  atomics); where its self-check passed, the one-pass backward of :mod:`.bwd_fused` (5 products per tile
-  instead of 7, dQ by atomic adds) runs instead.
+- ``_fwd_kernel``: a query tile per work item, kept in registers, its key tiles in one loop on sm_90 (persistent)
+  and in a loop per kind elsewhere: *full* tiles (no mask code), length tiles (a column count: :mod:`.lengths`) and
+  *partial* tiles (an element mask, one int64 word per row per 64 keys, loaded as a 1-D vector).
+- ``_bwd_dkdv_kernel``: grid ``(key tiles, B*H)``, walks the *transposed* plan (only the query tiles that visit this
+  key tile) and recomputes ``P`` from the saved log-sum-exp.
+- ``_bwd_dq_kernel``: grid ``(query tiles, B*H)`` over the forward plan. These two own their outputs (no atomics);
+  where its self-check passed, the one-pass backward of :mod:`.bwd_fused` (5 products per tile instead of 7, dQ by
+  atomic adds) runs instead.
 
-The backward kernels keep a program per owned tile on every GPU: persistent variants of both, compiled
-for sm_90, spill at head dim 128 (dK/dV: 96-244 bytes) or lose a CTA per SM (dQ: 166 -> 248 registers).
-Where its self-check passed, the forward runs column-prefix tiles by a column count (:mod:`.lengths`).
+The backward kernels keep a program per owned tile on every GPU: persistent variants of both, compiled for sm_90,
+spill at head dim 128 (dK/dV: 96-244 bytes) or lose a CTA per SM (dQ: 166 -> 248 registers).
 
-The *plan* (:func:`tile_plan`) is the layout at kernel-tile granularity, derived once per
-(layout, tile shape) and cached: per query tile (key tile for dK/dV) the full and partial
-tiles of the other side, and for partial tiles an offset into a table of bit-packed row
-masks (:func:`dit_accel.kernels.dense.tiles.row_bits`). A layout block larger than the
-kernel tile is split into tiles, each classified on its own: a sub-tile of a partial block
-whose pairs are all allowed runs unmasked, an all-masked one is skipped.
+The *plan* (:func:`tile_plan`) is the layout at kernel-tile granularity, derived once per (layout, tile shape) and
+cached: per query tile (key tile for dK/dV) the full and partial tiles of the other side, and for partial tiles an
+offset into a table of bit-packed row masks (:func:`dit_accel.kernels.dense.tiles.row_bits`). A layout block larger
+than the kernel tile is split into tiles, each classified on its own: a sub-tile of a partial block whose pairs are
+all allowed runs unmasked, an all-masked one is skipped.
 
-On sm_90, for 128-token query blocks at head dims <= 128 (fp16 / bf16), the forward can run
-warp-specialized (:func:`_ws_forward`, where :func:`.configs.ws_pays` says it wins for the layout):
-the full tiles in ``_fwd_kernel`` with ``WS`` (a producer warp group issuing TMA loads through
-descriptors made in the kernel, two consumer warp groups of 64 query rows; Triton 3.9 builds these
-partitions only for a branch-free loop), then the partial tiles in a ``RESUME`` pass of the one-loop
-kernel over the query tiles that have any, started from the first pass's O and LSE.
+On sm_90, for 128-token query blocks at head dims <= 128 (fp16 / bf16), the forward can run warp-specialized
+(:func:`_ws_forward`, opt-in, where :func:`.configs.ws_pays` says it wins): the full tiles in ``_fwd_kernel`` with
+``WS`` (a producer warp group issuing TMA loads, two consumer warp groups of 64 query rows; Triton 3.9 builds these
+partitions only for a branch-free loop), then the partial tiles in a ``RESUME`` pass of the one-loop kernel.
 
-On sm_90 K and V (Q and dO for dK/dV; Q, K and V in the ws kernel) are loaded through TMA tensor
-descriptors when their base and strides are 16-byte aligned and no stride is 0 (:func:`tma_ok`);
-otherwise, and on older GPUs, through pointers with 64-bit tile offsets (no int32 overflow past
-~419k tokens in the (B, N, H, D) layout).
+On sm_90 K and V (Q and dO for dK/dV; Q, K and V in the ws kernel) are loaded through TMA tensor descriptors when
+their base and strides are 16-byte aligned and no stride is 0 (:func:`tma_ok`); otherwise, and on older GPUs,
+through pointers with 64-bit tile offsets (no int32 overflow past ~419k tokens in the (B, N, H, D) layout).
 
-Launchers (pure functions, no autograd and no input checks: :mod:`.ops` wraps them in custom
-ops, and :func:`dit_accel.kernels.block_sparse_attention` has checked the inputs and chosen
-this backend): :func:`triton_forward`, :func:`triton_backward`. Launch configurations:
-:mod:`.configs`.
+Launchers (pure functions, no autograd and no input checks: :mod:`.ops` wraps them in custom ops, and
+:func:`dit_accel.kernels.block_sparse_attention` has checked the inputs and chosen this backend):
+:func:`triton_forward`, :func:`triton_backward`. Launch configurations: :mod:`.configs`.
 """
 
 from __future__ import annotations
@@ -149,10 +141,7 @@ def _fwd_item(
             offsets = length_offsets(BLOCK_N)
         for i in range(start, n_tot):  # loop: tiles
             cur = nxt
-            if LENGTHS:
-                col = cur & (PARTIAL - BLOCK_N)
-            else:
-                col = cur * BLOCK_N
+            col = cur & (PARTIAL - BLOCK_N) if LENGTHS else cur * BLOCK_N
             nxt = tl.load(tiles + i + 1, mask=i + 1 < n_tot, other=0)
             k = load_tile(K, k_base, b, h, col, kv_len, skn, head_dim, BLOCK_N, BLOCK_D, TMA, False, EVEN_D)
             v = load_tile(V, v_base, b, h, col, kv_len, svn, head_dim, BLOCK_N, BLOCK_D, TMA, False, EVEN_D)
