@@ -320,3 +320,17 @@ def test_the_bias_table_reads_count_zeros_then_minus_inf():
         rows = table[r:r + 64]  # the rows a tile masking its last r columns reads
         assert torch.equal(rows[:64 - r], torch.zeros(64 - r, 16, dtype=torch.float16))
         assert (rows[64 - r:, 0] == float("-inf")).all() and not rows[64 - r:, 1:].any()
+
+
+def test_a_bias_table_made_inside_a_capture_is_not_kept(monkeypatch):
+    """Inside a CUDA graph capture the table's values are written only on replay: the table made there serves that
+    call and is not cached for later eager calls, which make their own."""
+    from dit_accel.kernels.block_sparse import lengths
+
+    monkeypatch.setattr(lengths, "_TABLES", {})
+    monkeypatch.setattr(lengths, "in_graph", lambda: True)
+    captured = lengths.len_bias_table("cpu", torch.float32, 32)
+    assert lengths._TABLES == {} and captured[32:, 0].eq(float("-inf")).all()
+    monkeypatch.setattr(lengths, "in_graph", lambda: False)
+    eager = lengths.len_bias_table("cpu", torch.float32, 32)
+    assert eager is not captured and lengths.len_bias_table("cpu", torch.float32, 32) is eager

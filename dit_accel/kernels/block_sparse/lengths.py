@@ -159,13 +159,16 @@ _TABLES: Dict[tuple, torch.Tensor] = {}
 
 def len_bias_table(device: torch.device, dtype: torch.dtype, block_n: int) -> torch.Tensor:
     """``[2 * block_n, 16]`` in ``dtype`` on ``device``: ``block_n`` rows of zeros, then ``block_n`` rows
-    ``[-inf, 0, ..., 0]``. The kernels read ``block_n`` consecutive rows of it (:func:`length_bias`); made once."""
+    ``[-inf, 0, ..., 0]``. The kernels read ``block_n`` consecutive rows of it (:func:`length_bias`). Made once, but
+    not kept when made inside a CUDA graph capture: there its values are written only when the graph replays, so
+    it serves that call alone (a temporary of the graph, like its outputs)."""
     key = (torch.device(device), dtype, int(block_n))
     table = _TABLES.get(key)
     if table is None:
         table = torch.zeros(2 * block_n, 16, dtype=dtype, device=device)
         table[block_n:, 0] = float("-inf")
-        _TABLES[key] = table
+        if not in_graph():
+            _TABLES[key] = table
     return table
 
 
