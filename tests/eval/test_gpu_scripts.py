@@ -75,7 +75,7 @@ def test_the_lengths_probe_runs_both_paths_against_fp32_on_the_cpu(tmp_path):
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
     rows = json.loads(out.read_text())
     assert [r["layout"] for r in rows] == ["tile-fit", "vsa"]
-    assert all(r["pass"] and r["length_share"] > 0 and r["len_vs_fp32"] < 1e-4 for r in rows), rows
+    assert all(r["pass"] and r["length_share"] > 0 and r["ran_lengths"] and r["len_vs_fp32"] < 1e-4 for r in rows), rows
 
 
 def test_the_ws_probe_compiles_each_variant_for_sm90(tmp_path):
