@@ -77,7 +77,6 @@ def _cache_dir() -> Path:
     return cache_root() / "sass"
 
 
-@functools.lru_cache(maxsize=1)
 def kernel_modules() -> List[str]:
     """The modules under ``dit_accel/kernels`` that define ``@triton.jit`` functions, helpers included (paths
     relative to it): what :func:`_source_digest` reads."""
@@ -86,6 +85,7 @@ def kernel_modules() -> List[str]:
             if "@triton.jit" in path.read_text()]
 
 
+@functools.lru_cache(maxsize=1)
 def _source_digest() -> str:
     """Hash of every ``@triton.jit`` function of the kernel modules and of where it starts: an edit to
     a kernel, or host code that moves one, invalidates every cached analysis (the analyses record
