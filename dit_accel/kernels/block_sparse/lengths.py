@@ -17,7 +17,7 @@ out ``-inf`` exactly, as the bit-mask path writes them. The sm_90 loop reads a t
 (:func:`column_offsets`): a length tile is told from the others by one test.
 
 Static cost (``tests/kernels/test_sass_lengths.py``, bf16, instructions per tile-loop iteration): a length tile is
-1.03-1.04x a full one on sm_90 (d128 and d64) and 1.05x on sm_80 (d128), a bit-masked one 1.27-1.35x.
+1.03-1.04x a full one on sm_90 (d128 and d64) and 1.05x on sm_80 (d128), a bit-masked one 1.28-1.33x.
 
 The variant runs only where its first-use self-check (:data:`VARIANT`, :mod:`dit_accel.kernels.selfcheck`)
 passed; elsewhere the bit-mask path runs.
