@@ -188,7 +188,7 @@ def _kernel_status() -> dict:
     """What the Triton kernels do with fp32 inputs, under torch.compile and in CUDA graphs, and which triton."""
     from ..kernels import _selfchecks
     from ..kernels.backends import TRITON_CHECKED, TRITON_FLOOR, triton_version, triton_version_reason
-    from ..kernels.block_sparse.configs import WS_OFF_REASON, ws_enabled
+    from ..kernels.block_sparse.configs import LENGTHS_OFF_REASON, WS_OFF_REASON, lengths_enabled, ws_enabled
 
     floor = ".".join(map(str, TRITON_FLOOR))
     return {
@@ -196,6 +196,8 @@ def _kernel_status() -> dict:
                    f"ok (runs from {floor}; compile-time checks pinned to {TRITON_CHECKED})")),
         "fp32": _selfchecks.fp32_bounds_text(),
         "warp-specialized forward": "on (DIT_ACCEL_WS=1), behind its self-check" if ws_enabled() else WS_OFF_REASON,
+        "length tiles": ("on (DIT_ACCEL_LENGTHS=1), behind their self-check" if lengths_enabled()
+                         else LENGTHS_OFF_REASON),
         "torch.compile": ("a traced call reuses the backend an eager call of the same shape chose (autotuned, or "
                           "dense where measured faster); with no eager call first it runs the Triton kernel, "
                           "timing nothing"),

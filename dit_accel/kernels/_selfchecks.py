@@ -78,6 +78,15 @@ def _sm90_applies(device: torch.device) -> Optional[str]:
     return None if ws_enabled() else WS_OFF_REASON
 
 
+def _lengths_applies(device: torch.device) -> Optional[str]:
+    reason = _triton_applies(device)
+    if reason is not None:
+        return reason
+    from .block_sparse.configs import LENGTHS_OFF_REASON, lengths_enabled
+
+    return None if lengths_enabled() else LENGTHS_OFF_REASON
+
+
 def _qkv(b, h, n, m, d, dtype, device, seed):
     g = torch.Generator().manual_seed(seed)
     q, k, v = (torch.randn(b, h, x, d, generator=g) for x in (n, m, m))
@@ -355,7 +364,7 @@ for _v in (
     Variant("block_sparse.triton.fwd", "block_sparse", "triton", _triton_applies, _check_block_sparse_fwd),
     Variant("block_sparse.triton.fwd_ws", "block_sparse", "triton", _sm90_applies, _check_block_sparse_ws,
             dtypes=_half, shapes=_ws_shapes),
-    Variant("block_sparse.triton.fwd_len", "block_sparse", "triton", _triton_applies, _check_block_sparse_len),
+    Variant("block_sparse.triton.fwd_len", "block_sparse", "triton", _lengths_applies, _check_block_sparse_len),
     Variant("block_sparse.triton.bwd", "block_sparse", "triton", _triton_applies, _check_block_sparse_bwd),
     Variant("block_sparse.triton.bwd_dkdv_dq", "block_sparse", "triton", _fused_applies,
             lambda device, dtype, shape: _check_block_sparse_bwd(device, dtype, shape, one_pass=True), dtypes=_half,

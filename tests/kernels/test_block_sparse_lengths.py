@@ -118,11 +118,33 @@ def _lengths_launched(layout):
     return [x.cfg.lengths for x in bst._PLANS.values(layout).values() if isinstance(x, bst._Launch)]
 
 
-def test_default_runs_lengths_only_where_the_self_check_passed(monkeypatch):
-    """None (the default): the length variant runs after its self-check passed; with its output corrupted the
+def test_length_tiles_are_opt_in_and_the_default_runs_bit_masks(monkeypatch):
+    """Timed on an H100 the bit-mask path was faster: without DIT_ACCEL_LENGTHS a layout with column-prefix tiles
+    runs them bit-masked (and never asks the length variant's self-check); the self-check says why it is off."""
+    from dit_accel.kernels import _selfchecks, selfcheck
+    from dit_accel.kernels.block_sparse.configs import LENGTHS_OFF_REASON
+
+    monkeypatch.delenv("DIT_ACCEL_LENGTHS", raising=False)
+    monkeypatch.setenv("DIT_ACCEL_SELFCHECK", "1")
+    asked = []
+    monkeypatch.setattr(selfcheck, "usable_fast", lambda *a, **k: asked.append(a[0]) or True)
+    n, m = 64 + 9, 2 * 64 + 5
+    layout = prefix_layout(2, n, m, 64, 64, seed=11)
+    q, k, v = make_qkv(1, 2, n, m, 32, torch.float16, seed=2, device="cpu")
+    o, lse = bst.triton_forward(q, k, v, layout, 32 ** -0.5)
+    assert_attention_close(o, lse, q, k, v, layout.to_dense_mask())
+    assert _lengths_launched(layout) == [False] and "block_sparse.triton.fwd_len" not in asked
+    assert _selfchecks._lengths_applies(torch.device("cpu")) == LENGTHS_OFF_REASON
+    monkeypatch.setenv("DIT_ACCEL_LENGTHS", "1")
+    assert _selfchecks._lengths_applies(torch.device("cpu")) is None
+
+
+def test_opted_in_lengths_run_only_where_the_self_check_passed(monkeypatch):
+    """DIT_ACCEL_LENGTHS=1: the length variant runs after its self-check passed; with its output corrupted the
     check fails, the variant is disabled with a warning, and the bit-mask path gives the right numbers."""
     from dit_accel.kernels import selfcheck
 
+    monkeypatch.setenv("DIT_ACCEL_LENGTHS", "1")
     monkeypatch.setenv("DIT_ACCEL_SELFCHECK", "1")
     monkeypatch.setattr(selfcheck, "_FAST", {})
     n, m = 64 + 9, 2 * 64 + 5
@@ -143,6 +165,7 @@ def test_default_runs_lengths_only_where_the_self_check_passed(monkeypatch):
 def test_no_length_variant_for_a_layout_without_column_prefix_masks(monkeypatch):
     from dit_accel.kernels import selfcheck
 
+    monkeypatch.setenv("DIT_ACCEL_LENGTHS", "1")
     monkeypatch.setenv("DIT_ACCEL_SELFCHECK", "1")
     asked = []
     monkeypatch.setattr(selfcheck, "usable_fast", lambda *a, **k: asked.append(a[0]) or True)

@@ -166,6 +166,22 @@ WS_OFF_REASON = ("the warp-specialized forward is off by default: on triton 3.6.
                  "ran at 0.55x the one-loop kernel; set DIT_ACCEL_WS=1 to try it (still behind its self-check)")
 
 
+#: Opt-in switch of the forward's length tiles (:mod:`.lengths`): ``DIT_ACCEL_LENGTHS=1``.
+ENV_LENGTHS = "DIT_ACCEL_LENGTHS"
+#: Why the length tiles are off unless asked for (``dit-accel selftest`` and ``dit-accel info`` print it).
+LENGTHS_OFF_REASON = ("the forward's length tiles are off by default: on an H100 (2026-11-28, BENCHMARKS section 10) "
+                      "the bit-mask path ran fitted Tile and VSA layouts faster (length tiles by the bias product "
+                      "0.92-0.93x of its speed, by compare and select 0.96-1.00x), and fp32 does not compile on "
+                      "triton 3.6; set DIT_ACCEL_LENGTHS=1 to try them (behind their self-check)")
+
+
+def lengths_enabled() -> bool:
+    """Whether ``$DIT_ACCEL_LENGTHS`` asks for the forward's length tiles (one environment lookup)."""
+    from ..request import env_get
+
+    return (env_get(ENV_LENGTHS) or "0").strip().lower() in ("1", "true", "on", "yes")
+
+
 def ws_enabled() -> bool:
     """Whether ``$DIT_ACCEL_WS`` asks for the warp-specialized forwards (one environment lookup)."""
     from ..request import env_get

@@ -19,8 +19,12 @@ out ``-inf`` exactly, as the bit-mask path writes them. The sm_90 loop reads a t
 Static cost (``tests/kernels/test_sass_lengths.py``, bf16, instructions per tile-loop iteration): a length tile is
 1.03-1.04x a full one on sm_90 (d128 and d64) and 1.05x on sm_80 (d128), a bit-masked one 1.28-1.33x.
 
-The variant runs only where its first-use self-check (:data:`VARIANT`, :mod:`dit_accel.kernels.selfcheck`)
-passed; elsewhere the bit-mask path runs.
+Timed on an H100 (BENCHMARKS section 10) the bit-mask path was faster on fitted Tile and VSA layouts (this path
+0.92-0.93x of its speed, the earlier compare and select 0.96-1.00x): per length tile the table is loaded without
+read-ahead and stored to shared memory behind a CTA barrier before the second product, where the bit-mask path
+reads its mask words an iteration ahead. So the variant is opt-in (``DIT_ACCEL_LENGTHS=1``,
+:data:`.configs.LENGTHS_OFF_REASON`), and even then runs only where its first-use self-check (:data:`VARIANT`,
+:mod:`dit_accel.kernels.selfcheck`) passed; elsewhere the bit-mask path runs.
 """
 
 from __future__ import annotations
@@ -180,11 +184,16 @@ def _version(t: torch.Tensor) -> Optional[int]:
 
 
 def runs_lengths(q: torch.Tensor, layout, forced: Optional[bool], cache) -> bool:
-    """Whether a forward runs its column-prefix tiles by length: where ``forced`` says so, else where ``layout``
-    has such tiles (:func:`prefix_masks`, kept in the launchers' plan ``cache``; not decided inside a capture)
-    and the variant passed its self-check on this device, dtype and shape."""
+    """Whether a forward runs its column-prefix tiles by length: where ``forced`` says so, else where
+    ``$DIT_ACCEL_LENGTHS`` asks for them (:data:`.configs.LENGTHS_OFF_REASON` says why they are off by default),
+    ``layout`` has such tiles (:func:`prefix_masks`, kept in the launchers' plan ``cache``; not decided inside a
+    capture) and the variant passed its self-check on this device, dtype and shape."""
+    from .configs import lengths_enabled
+
     if forced is not None:
         return forced
+    if not lengths_enabled():
+        return False
     has = cache.get(layout, ("has_lengths",), lambda: None if in_graph() else bool(prefix_masks(layout)))
     return bool(has) and selfcheck.usable_fast(VARIANT, q.device, q.dtype, q.shape[-1], layout.block_q,
                                                layout.block_k)
