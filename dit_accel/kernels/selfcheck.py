@@ -448,22 +448,24 @@ def _pool_check(device: str, name: str, dtype: torch.dtype, shape: dict) -> Tupl
 
 def run_all(device="cpu", names: Optional[List[str]] = None, *, jobs: int = 1, budget_s: Optional[float] = None,
             progress: Optional[Callable[[int, int, dict], None]] = None,
-            clock: Callable[[], float] = time.monotonic) -> List[dict]:
+            clock: Callable[[], float] = time.monotonic, grace_s: float = 10.0) -> List[dict]:
     """Check every variant that applies on ``device`` (or those in ``names``) afresh, at every dtype and
     shape it runs in production there. One row per (variant, dtype, shape), plus one row per variant that
     does not apply here (``verdict`` ``"n/a"`` and the reason).
 
     ``jobs`` > 1 runs the checks in that many worker processes at once: a cold GPU machine spends most of
     the run compiling (about a hundred Triton kernels, one CPU core each), and the workers compile side by
-    side. ``budget_s``: no check starts after that many seconds; the rows not reached say ``"unchecked"``
-    (:data:`UNCHECKED`), so a caller can tell "N of M checked" from a full pass. ``progress(done, total,
-    row)`` is called after each check."""
+    side. ``budget_s``: no check starts after that many seconds, and with workers the checks still running
+    ``grace_s`` later are abandoned (their workers stopped), so the run ends near its budget (on an H100 the
+    in-flight compiles ran it 30 s past a 140 s budget, into the caller's own limit); the rows not reached say
+    ``"unchecked"`` (:data:`UNCHECKED`), so a caller can tell "N of M checked" from a full pass.
+    ``progress(done, total, row)`` is called after each check."""
     device = torch.device(device)
     na, tasks = plan(device, names)
     start = clock()
 
-    def out_of_time() -> bool:
-        return budget_s is not None and clock() - start >= budget_s
+    def out_of_time(extra: float = 0.0) -> bool:
+        return budget_s is not None and clock() - start >= budget_s + extra
 
     rows: List[Optional[dict]] = [None] * len(tasks)
 
@@ -478,11 +480,11 @@ def run_all(device="cpu", names: Optional[List[str]] = None, *, jobs: int = 1, b
                 break
             finish(i, verdict(name, device, dtype, shape, fresh=True))
     else:
-        _run_pool(device, tasks, jobs, out_of_time, finish)
+        _run_pool(device, tasks, jobs, out_of_time, finish, grace_s)
     for i, (name, dtype, shape) in enumerate(tasks):
         if rows[i] is None:
             rows[i] = {"variant": name, "dtype": str(dtype).replace("torch.", ""), "problem": "", "error": None,
-                       "verdict": UNCHECKED, "reason": "the time budget ran out before this check", "seconds": 0.0,
+                       "verdict": UNCHECKED, "reason": "the time budget ran out before this check ended", "seconds": 0.0,
                        "shape": shape}
     return _in_name_order(na, rows)
 
@@ -492,16 +494,18 @@ def _in_name_order(na: List[dict], rows: List[dict]) -> List[dict]:
     return sorted(na + rows, key=lambda r: order.get(r["variant"], len(order)))  # (stable: tasks keep theirs)
 
 
-def _run_pool(device: torch.device, tasks: List[tuple], jobs: int, out_of_time: Callable[[], bool],
-              finish: Callable[[int, dict], None]) -> None:
+def _run_pool(device: torch.device, tasks: List[tuple], jobs: int, out_of_time: Callable[..., bool],
+              finish: Callable[[int, dict], None], grace_s: float = 10.0) -> None:
     """The tasks in ``jobs`` spawned worker processes (spawned, not forked: CUDA does not survive a fork),
-    each task submitted while time is left; a worker that dies is that task's failed check."""
+    each task submitted while time is left; a worker that dies is that task's failed check. Checks still
+    running ``grace_s`` past the budget are abandoned: their workers are stopped and their rows stay unset."""
     import multiprocessing
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
     pending = list(enumerate(tasks))
     running = {}
-    with ProcessPoolExecutor(max_workers=min(jobs, len(tasks)), mp_context=multiprocessing.get_context("spawn")) as ex:
+    ex = ProcessPoolExecutor(max_workers=min(jobs, len(tasks)), mp_context=multiprocessing.get_context("spawn"))
+    try:
         while pending or running:
             while pending and len(running) < 2 * jobs and not out_of_time():
                 i, (name, dtype, shape) = pending.pop(0)
@@ -511,7 +515,7 @@ def _run_pool(device: torch.device, tasks: List[tuple], jobs: int, out_of_time: 
                     for j, _ in [(i, None)] + pending:
                         finish(j, _crash_entry(err, device, tasks[j]))
                     pending = []
-            if not running:
+            if not running or out_of_time(grace_s):
                 break
             done, _ = wait(running, timeout=5.0, return_when=FIRST_COMPLETED)
             for fut in done:
@@ -525,6 +529,13 @@ def _run_pool(device: torch.device, tasks: List[tuple], jobs: int, out_of_time: 
                         _MEMORY[key] = entry
                         _FAST.clear()
                 finish(i, entry)
+    finally:
+        if running:  # abandoned past the budget: stop the workers rather than wait for their compiles
+            for proc in list(getattr(ex, "_processes", {}).values()):
+                proc.terminate()
+            ex.shutdown(wait=False, cancel_futures=True)
+        else:
+            ex.shutdown(wait=True)
 
 
 def _crash_entry(err: BaseException, device: torch.device, task: tuple) -> dict:

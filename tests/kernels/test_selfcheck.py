@@ -319,6 +319,17 @@ def test_selftest_stops_at_its_budget_and_says_n_of_m_checked(capsys):
     assert "--jobs 0: give a positive number" in capsys.readouterr().err
 
 
+def test_selftest_workers_still_running_past_budget_and_grace_are_abandoned():
+    """With workers, a check still running when the budget and its grace have passed is not waited for (on an H100
+    the in-flight compiles ran a 140 s budget 30 s over, into the caller's limit, and no JSON came back): its row
+    says unchecked, and the run returns."""
+    ticks = iter(range(100))
+    rows = selfcheck.run_all(CPU, names=["dense.triton.fwd"], jobs=2, budget_s=1.5, grace_s=0.0,
+                             clock=lambda: next(ticks))
+    assert [r["verdict"] for r in rows] == ["unchecked", "unchecked"], rows  # the first was submitted, then dropped
+    assert all("time budget" in r["reason"] for r in rows)
+
+
 def test_selftest_jobs_run_the_checks_in_worker_processes_and_still_catch_a_fault(monkeypatch):
     """``jobs=2``: the checks run in two spawned workers (where a GPU compiles its kernels side by side); the
     fault switch reaches them, the rows come back in order, the progress counts N of M, and the verdicts are
