@@ -185,11 +185,14 @@ def test_persistent_forward_on_sm90(sm90, compiled):
     assert sm90.warmed == [FWD] and sm90.grids[-1] == (FWD, (expected,))
 
 
-def test_persistent_forward_by_length_on_sm90(sm90, compiled):
+def test_persistent_forward_by_length_on_sm90(sm90, compiled, monkeypatch):
     """The TMA one loop with length tiles (ragged key tiles included: TMA zero-fills past the keys), on a layout
-    of full, column-prefix and element-masked blocks: the launcher takes the length configuration (the self-check
-    trusted here), its plan lists length tiles, and the numbers match the reference and the bit-mask path."""
+    of full, column-prefix and element-masked blocks: opted in (DIT_ACCEL_LENGTHS=1), the launcher takes the length
+    configuration (the self-check trusted here), its plan lists length tiles, and the numbers match the reference
+    and the bit-mask path."""
     from dit_accel.kernels._selfchecks import prefix_layout
+
+    monkeypatch.setenv("DIT_ACCEL_LENGTHS", "1")
 
     n, m = 257, 3 * 64 + 29
     layout = prefix_layout(2, n, m, 64, 64, seed=21)
