@@ -79,12 +79,9 @@ def _sm90_applies(device: torch.device) -> Optional[str]:
 
 
 def _lengths_applies(device: torch.device) -> Optional[str]:
-    reason = _triton_applies(device)
-    if reason is not None:
-        return reason
     from .block_sparse.configs import LENGTHS_OFF_REASON, lengths_enabled
 
-    return None if lengths_enabled() else LENGTHS_OFF_REASON
+    return _triton_applies(device) or (None if lengths_enabled() else LENGTHS_OFF_REASON)
 
 
 def _qkv(b, h, n, m, d, dtype, device, seed):

@@ -495,7 +495,7 @@ def _in_name_order(na: List[dict], rows: List[dict]) -> List[dict]:
 
 
 def _run_pool(device: torch.device, tasks: List[tuple], jobs: int, out_of_time: Callable[..., bool],
-              finish: Callable[[int, dict], None], grace_s: float = 10.0) -> None:
+              finish: Callable[[int, dict], None], grace_s: float) -> None:
     """The tasks in ``jobs`` spawned worker processes (spawned, not forked: CUDA does not survive a fork),
     each task submitted while time is left; a worker that dies is that task's failed check. Checks still
     running ``grace_s`` past the budget are abandoned: their workers are stopped and their rows stay unset."""

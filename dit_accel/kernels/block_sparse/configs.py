@@ -175,18 +175,21 @@ LENGTHS_OFF_REASON = ("the forward's length tiles are off by default: on an H100
                       "triton 3.6; set DIT_ACCEL_LENGTHS=1 to try them (behind their self-check)")
 
 
-def lengths_enabled() -> bool:
-    """Whether ``$DIT_ACCEL_LENGTHS`` asks for the forward's length tiles (one environment lookup)."""
+def _switched_on(name: str) -> bool:
+    """Whether the opt-in switch ``$name`` is on (``1``, ``true``, ``on`` or ``yes``; one environment lookup)."""
     from ..request import env_get
 
-    return (env_get(ENV_LENGTHS) or "0").strip().lower() in ("1", "true", "on", "yes")
+    return (env_get(name) or "0").strip().lower() in ("1", "true", "on", "yes")
+
+
+def lengths_enabled() -> bool:
+    """Whether ``$DIT_ACCEL_LENGTHS`` asks for the forward's length tiles."""
+    return _switched_on(ENV_LENGTHS)
 
 
 def ws_enabled() -> bool:
-    """Whether ``$DIT_ACCEL_WS`` asks for the warp-specialized forwards (one environment lookup)."""
-    from ..request import env_get
-
-    return (env_get(ENV_WS) or "0").strip().lower() in ("1", "true", "on", "yes")
+    """Whether ``$DIT_ACCEL_WS`` asks for the warp-specialized forwards."""
+    return _switched_on(ENV_WS)
 
 
 def ws_config(cfg: KernelConfig, arch: int) -> Optional[KernelConfig]:

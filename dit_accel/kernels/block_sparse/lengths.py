@@ -41,6 +41,7 @@ from .. import selfcheck
 from ..request import in_graph
 
 from ..dense.tiles import LN2, row_words, words_keep
+from .configs import lengths_enabled
 
 __all__ = ["VARIANT", "PARTIAL", "len_step", "length_rows", "length_offsets", "length_bias", "bit_masked",
            "fwd_epilogue", "column_offsets", "len_bias_table", "prefix_masks", "runs_lengths"]
@@ -188,8 +189,6 @@ def runs_lengths(q: torch.Tensor, layout, forced: Optional[bool], cache) -> bool
     ``$DIT_ACCEL_LENGTHS`` asks for them (:data:`.configs.LENGTHS_OFF_REASON` says why they are off by default),
     ``layout`` has such tiles (:func:`prefix_masks`, kept in the launchers' plan ``cache``; not decided inside a
     capture) and the variant passed its self-check on this device, dtype and shape."""
-    from .configs import lengths_enabled
-
     if forced is not None:
         return forced
     if not lengths_enabled():
