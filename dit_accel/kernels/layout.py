@@ -61,6 +61,22 @@ def _pack(visited: torch.Tensor, ids: torch.Tensor, width: Optional[int] = None
     return counts.contiguous(), indices.contiguous(), mask_ids.contiguous()
 
 
+_EMPTY_TABLES: dict = {}
+
+
+def _empty_table(block_q: int, block_k: int, device: torch.device) -> torch.Tensor:
+    """The mask table of a layout without partial blocks, one per (block shape, device): layouts built per call
+    share it, and with it what the launchers derive from their table (``tile_plans._mask_classes``). It holds no
+    element, so no edit can change it."""
+    key = (block_q, block_k, str(device))
+    table = _EMPTY_TABLES.get(key)
+    if table is None:
+        table = torch.zeros(0, block_q, block_k, dtype=torch.bool, device=device)
+        if not (torch.compiler.is_compiling() or torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()):
+            _EMPTY_TABLES[key] = table  # (a traced one is fake, a captured one the graph's: neither is shared)
+    return table
+
+
 @dataclass(frozen=True, eq=False)
 class BlockLayout:
     """Block-sparse visit list shared by every attention backend (see module docstring)."""
@@ -147,12 +163,31 @@ class BlockLayout:
         else:
             mask_ids = mask_ids.to(_INT).expand(visited.shape)
         if mask_table is None:
-            mask_table = torch.zeros(0, block_q, block_k, dtype=torch.bool, device=visited.device)
+            mask_table = _empty_table(block_q, block_k, visited.device)
         mask_ids = torch.where(visited, mask_ids, -1)
         kv_width, q_width = widths if widths is not None else (None, None)
         kv = _pack(visited, mask_ids, kv_width)
         qt = _pack(visited.transpose(-1, -2), mask_ids.transpose(-1, -2), q_width)
         return cls(q_len, kv_len, block_q, block_k, *kv, *qt, mask_table.bool().contiguous())
+
+    @classmethod
+    def _from_full_rows(cls, kv_indices: torch.Tensor, kv_mask_ids: torch.Tensor, *, q_len: int, kv_len: int,
+                        block_q: int, block_k: int, mask_table: Optional[torch.Tensor], q_width: int
+                        ) -> "BlockLayout":
+        """A layout in which every query block visits ``kv_indices.shape[-1]`` key blocks: int32 ``[Hl, nQ, k]``,
+        ascending per row (VSA's top-k selection), with their mask ids (int32, ``-1`` full); ``q_width`` bounds
+        the query blocks that visit one key block. For callers whose lists are valid by construction (they are
+        not checked): built on their device without a host sync, in a third of :meth:`from_block_masks`'s
+        launches (a layout built per call)."""
+        hl, n_q, k = kv_indices.shape
+        dev = kv_indices.device
+        cols = kv_indices.long()
+        visited = torch.zeros(hl, n_q, _cdiv(kv_len, block_k), dtype=torch.bool, device=dev).scatter_(2, cols, True)
+        ids = torch.full(visited.shape, -1, dtype=_INT, device=dev).scatter_(2, cols, kv_mask_ids)
+        q_side = _pack(visited.transpose(-1, -2), ids.transpose(-1, -2), q_width)
+        table = _empty_table(block_q, block_k, dev) if mask_table is None else mask_table
+        return cls(q_len, kv_len, block_q, block_k, torch.full((hl, n_q), k, dtype=_INT, device=dev), kv_indices,
+                   kv_mask_ids, *q_side, table)
 
     @classmethod
     def from_dense_mask(cls, mask: torch.Tensor, block_q: int = 64, block_k: int = 64) -> "BlockLayout":

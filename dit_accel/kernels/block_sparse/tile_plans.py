@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import threading
 import weakref
-from typing import Callable, Dict, Hashable, Optional, Tuple, TypeVar
+from typing import Callable, Dict, Hashable, NamedTuple, Optional, Tuple, TypeVar
 
 import torch
 
@@ -87,6 +87,84 @@ def _mask_stats(table: torch.Tensor, n_cols: int, tile_r: int, tile_c: int):
     return stats, words.permute(0, 1, 3, 4, 2).contiguous().view(-1)  # -> [2, P+1, c_sub, W, block_r]
 
 
+class _Classes(NamedTuple):
+    """Per kind of streamed tile (ragged or not, x its block's mask, x its row and column sub-tile), flat:
+    ``kind`` (0 full, 1 length, 2 partial, 3 skipped: nothing allowed) and ``entry`` (its bit offset, or a
+    length tile's column count); ``bits``: the packed masks. The block's mask index is shifted by one, the
+    all-True mask of full blocks first, so a block's class is its mask id + 1."""
+
+    kind: torch.Tensor
+    entry: torch.Tensor
+    bits: torch.Tensor
+    masks: int
+
+
+def _classes(table: torch.Tensor, n_cols: int, tile_r: int, tile_c: int, lengths: Optional[bool]) -> _Classes:
+    (any_t, all_t, prefix, count), bits = _mask_stats(table, n_cols, tile_r, tile_c)  # [2, P+1, r_sub, c_sub]
+    p, block_r = table.shape[:2]
+    dev = table.device
+    var = torch.arange(2, device=dev)[:, None, None, None]
+    pm = torch.arange(p + 1, device=dev)[None, :, None, None]
+    rs = torch.arange(all_t.shape[2], device=dev)[None, None, :, None]
+    cs = torch.arange(all_t.shape[3], device=dev)
+    full = all_t & (var == 0)  # a ragged tile (past the streamed length) is never full
+    part = ~full & any_t
+    if lengths is None:
+        length = torch.zeros_like(part)
+    else:  # pointer loads (lengths False) keep the ragged last key tile bit-masked
+        length = part & prefix & ((var == 0) if lengths is False else True)
+    kind = torch.where(full, 0, torch.where(length, 1, torch.where(part, 2, 3)))
+    entry = ((var * (p + 1) + pm) * all_t.shape[3] + cs) * (-(-tile_c // 64) * block_r) + rs * tile_r
+    entry = torch.where(length, count, entry)
+    first = lambda x: torch.cat([x[:, p:], x[:, :p]], 1).reshape(-1)  # noqa: E731  (all-True mask first)
+    return _Classes(first(kind).to(torch.int8), first(entry).to(torch.int32), bits, p)
+
+
+#: id(mask table) -> (weak reference to it, {(its version, transposed, sizes, lengths): _Classes}).
+_CLASSES: Dict[int, tuple] = {}
+_CLASSES_LOCK = threading.Lock()
+
+
+def _mask_classes(table: torch.Tensor, transposed: bool, n_cols: int, block_r: int, block_c: int, tile_r: int,
+                  tile_c: int, lengths: Optional[bool]) -> _Classes:
+    """:func:`_classes` of a layout's mask table, kept with the table (layouts built per call share theirs, as
+    VSA's share one per grid): the table as the kernel tile owns its rows (``transposed``: key rows), an empty
+    one for a table without masks. Not kept when built inside a capture or a trace (its tensors would be the
+    graph's, written only when it replays)."""
+    def build() -> _Classes:
+        rows = table.transpose(1, 2) if transposed else table
+        if rows.shape[1:] != (block_r, block_c):  # an empty table may carry any block shape
+            rows = rows.new_zeros((0, block_r, block_c))
+        return _classes(rows, n_cols, tile_r, tile_c, lengths)
+
+    if in_graph():
+        return build()
+    try:
+        version = table._version
+    except (RuntimeError, AttributeError):  # an inference-mode table keeps no version (and refuses edits)
+        version = None
+    key = (version, transposed, n_cols, block_r, block_c, tile_r, tile_c, lengths)
+    slot = _CLASSES.get(id(table))
+    if slot is not None and slot[0]() is table:
+        found = slot[1].get(key)
+        if found is not None:
+            return found
+    value = build()
+    with _CLASSES_LOCK:
+        slot = _CLASSES.get(id(table))
+        if slot is None or slot[0]() is not table:
+            ident = id(table)
+
+            def drop(ref, ident=ident):
+                if _CLASSES.get(ident, (None,))[0] is ref:
+                    _CLASSES.pop(ident, None)
+
+            slot = _CLASSES[ident] = (weakref.ref(table, drop), {})
+        if len(slot[1]) >= 64:
+            slot[1].clear()
+        return slot[1].setdefault(key, value)
+
+
 def tile_plan(layout: BlockLayout, tile_r: int, tile_c: int, transposed: bool = False,
               lengths: Optional[bool] = None) -> TilePlan:
     """The :class:`TilePlan` of ``layout`` for ``(tile_r, tile_c)`` kernel tiles (owned x streamed).
@@ -101,59 +179,53 @@ def tile_plan(layout: BlockLayout, tile_r: int, tile_c: int, transposed: bool = 
     ones with ``c`` in place of its bit offset; the row header is then ``[n_full, n_length + n_partial,
     n_length]``. ``True`` also takes the ragged last key tile as a length (TMA loads zero-fill past the
     streamed length), ``False`` keeps it partial (pointer loads guard it with row masks). None: no lengths.
+
+    A tile's class (kind and entry) is a function of its block's mask, its sub-tile and whether it is
+    ragged: those are worked out once per mask table (:func:`_mask_classes`), and a layout's plan is a
+    lookup per listed tile, a sort and a gather (about 20 launches; VSA builds a layout per call).
     """
     if transposed:
         counts, indices, mask_ids = layout.q_counts, layout.q_indices, layout.q_mask_ids
-        table, n_rows, n_cols = layout.mask_table.transpose(1, 2), layout.kv_len, layout.q_len
-        block_r, block_c = layout.block_k, layout.block_q
+        n_rows, n_cols, block_r, block_c = layout.kv_len, layout.q_len, layout.block_k, layout.block_q
     else:
         counts, indices, mask_ids = layout.kv_counts, layout.kv_indices, layout.kv_mask_ids
-        table, n_rows, n_cols = layout.mask_table, layout.q_len, layout.kv_len
-        block_r, block_c = layout.block_q, layout.block_k
-    if table.shape[1:] != (block_r, block_c):  # an empty table may carry any block shape
-        table = table.new_zeros((0, block_r, block_c))
+        n_rows, n_cols, block_r, block_c = layout.q_len, layout.kv_len, layout.block_q, layout.block_k
+    classes = _mask_classes(layout.mask_table, transposed, n_cols, block_r, block_c, tile_r, tile_c, lengths)
     dev = indices.device
-    p = table.shape[0]
     r_sub, c_sub = block_r // tile_r, block_c // tile_c
-    n_words = -(-tile_c // 64)
-    (any_t, all_t, prefix, count), bits = _mask_stats(table, n_cols, tile_r, tile_c)
-
-    t = torch.arange(-(-n_rows // tile_r), device=dev)
-    rb, rs = t // r_sub, (t % r_sub)[None, :, None, None]
-    width = indices.shape[-1]
-    cs = torch.arange(c_sub, device=dev)
-    u = indices[:, rb].long()[..., None] * c_sub + cs  # [Hl, R, width, c_sub] streamed tile index
-    mid = mask_ids[:, rb].long()[..., None]
-    pm = torch.where(mid >= 0, mid, p).expand_as(u)
-    ragged = (u + 1) * tile_c > n_cols
-    var = ragged.long()
-    listed = (torch.arange(width, device=dev) < counts[:, rb, None])[..., None] & (u * tile_c < n_cols)
-    full = listed & ~ragged & all_t[var, pm, rs, cs]
-    part = listed & ~full & any_t[var, pm, rs, cs]
-    entry = ((var * (p + 1) + pm) * c_sub + cs) * (n_words * block_r) + rs * tile_r
-
-    if lengths is None:
-        length = torch.zeros_like(part)
-    else:  # pointer loads (lengths False) keep the ragged last key tile bit-masked
-        length = part & prefix[var, pm, rs, cs] & (~ragged if lengths is False else True)
-    entry = torch.where(length, count[var, pm, rs, cs], entry)
-
-    hl, rows = u.shape[:2]
-    u, entry, full, part, length = (x.reshape(hl, rows, -1) for x in (u, entry, full, part, length))
-    kind = torch.where(full, 0, torch.where(length, 1, torch.where(part, 2, 3)))
-    order = torch.sort(kind.to(torch.int8), dim=-1, stable=True).indices
-    u, entry = torch.gather(u, -1, order), torch.gather(entry, -1, order)
-    n_full, n_part, n_len = full.sum(-1), part.sum(-1), length.sum(-1)
-    if in_graph() or (r_sub == 1 and c_sub == 1):
-        # Inside a capture (a layout the eager warm-up did not plan, or copied), or one tile per block: the index
-        # lists' width (their widest row, or the bound the caller declared, as VSA's per-call layouts do) is the
-        # plan's, and no host sync reads it; unused tail entries are never read by the kernels.
+    hl, width = indices.shape[0], indices.shape[-1]
+    # A listed tile's class index: ((ragged * (P + 1) + mask id + 1) * r_sub + row sub-tile) * c_sub + column
+    # sub-tile (:class:`_Classes`).
+    code, u = mask_ids + 1, indices
+    listed = torch.arange(width, device=dev) < counts[..., None]  # [Hl, nR, width]
+    if r_sub > 1:  # each block's rows as r_sub owned tiles
+        t = torch.arange(-(-n_rows // tile_r), device=dev)
+        rb, rs = t // r_sub, (t % r_sub)[:, None]
+        code, u, listed = code[:, rb] * r_sub + rs, u[:, rb], listed[:, rb]
+    if c_sub > 1:  # each listed block as c_sub streamed tiles
+        cs = torch.arange(c_sub, device=dev, dtype=u.dtype)
+        code, u = code[..., None] * c_sub + cs, u[..., None] * c_sub + cs
+        listed = listed[..., None].expand(u.shape)
+    if n_cols % block_c:  # tiles reaching past the streamed length (the last block's): the bounded classes
+        code = code + (u >= n_cols // tile_c) * ((classes.masks + 1) * r_sub * c_sub)
+    rows = u.shape[1]
+    kind = torch.where(listed, classes.kind[code], 3).reshape(hl, rows, -1)
+    order = torch.sort(kind, dim=-1, stable=True).indices
+    u = torch.gather(u.reshape(hl, rows, -1), -1, order)
+    entry = torch.gather(classes.entry[code].reshape(hl, rows, -1), -1, order)
+    n_full, n_listed = (kind == 0).sum(-1), (kind < 3).sum(-1)
+    n_part = n_listed - n_full
+    if in_graph() or r_sub * c_sub <= 2:
+        # Inside a capture (a layout the eager warm-up did not plan, or copied), or at most two tiles per block:
+        # the index lists' width (their widest row, or the bound the caller declared, as VSA's per-call layouts
+        # do) times c_sub is the plan's, at most twice the widest row's, and no host sync reads it (a forward or a
+        # backward of VSA's 64-token cubes plans per call); unused tail entries are never read by the kernels.
         w = u.shape[-1]
     else:
-        w = int((n_full + n_part).max()) if n_full.numel() else 0  # one host sync per (layout, tile shape): cached
-    head = [n_full[..., None], n_part[..., None]] + ([] if lengths is None else [n_len[..., None]])
-    plan = torch.cat([*head, u[..., :w], entry[..., :w]], -1)
-    return TilePlan(plan.to(torch.int32).contiguous(), bits, w, block_r)
+        w = int(n_listed.max()) if n_listed.numel() else 0  # one host sync per (layout, tile shape): cached
+    head = [n_full, n_part] + ([] if lengths is None else [(kind == 1).sum(-1)])
+    plan = torch.cat([torch.stack(head, -1).to(torch.int32), u[..., :w].to(torch.int32), entry[..., :w]], -1)
+    return TilePlan(plan.contiguous(), classes.bits, w, block_r)
 
 
 class _PlanCache:
