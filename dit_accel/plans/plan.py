@@ -18,6 +18,7 @@ attend densely to every valid key (METHODS.md, "Text tokens").
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Callable, Dict, Optional, Tuple
 
@@ -26,11 +27,14 @@ import torch.nn.functional as F
 
 from ..kernels import block_sparse_attention, merge_attention
 from ..kernels.backends import Request, env_backend, env_value, resolve
-from ..kernels.block_sparse.api import block_sparse_backend, layout_on, prepare_layout
+from ..kernels import autotune
+from ..kernels.block_sparse import api as _bs_api
+from ..kernels.block_sparse.api import DENSE, block_sparse_backend, layout_on, live_keys, prepare_layout
 from ..kernels._cache import LayoutCache
 from ..kernels.block_sparse.naive import dense_is_faster
 from ..kernels.block_sparse.one_pass import OnePass, one_pass_fits
 from ..kernels.layout import BlockLayout
+from ..kernels.request import in_graph
 from ..kernels.sla import sla_parts_checked
 
 __all__ = ["Plan", "DensePlan", "LayoutPlan", "SLAPlan", "attend_with_lse"]
@@ -77,6 +81,14 @@ DENSE_MASKED = "dense-masked"
 ONE_PASS = "one-pass"
 DENSE_MASK_BYTES = 256 * 2**20  # the largest fp32 additive mask (heads x N x N) the dense path may build
 _DENSE_BIAS = LayoutCache("dense_bias")
+
+
+@functools.cache
+def _dense_run():
+    """:func:`dit_accel.kernels.dense.choice.run`, imported on first use."""
+    from ..kernels.dense.choice import run
+
+    return run
 
 
 class Plan:
@@ -241,7 +253,9 @@ class LayoutPlan(Plan):
         self._wide: Optional[list] = None  # [wide layout or None], built on the first CUDA call
         self._layouts: Dict[tuple, BlockLayout] = {}  # per (device, heads) copies, made once
         self._parts: Dict[tuple, "_Part"] = {}
-        self._short_path: Dict[tuple, Optional[str]] = {}  # (heads, batch, heads of q, head dim) -> see _short
+        self._short_path: Dict[tuple, Optional[str]] = {}  # (heads, batch, heads of q, head dim) -> see _short;
+        #                                                    and ("gpu", ...) -> see _gpu_dense
+        self.dense_reasons: list = []  # why CUDA calls ran dense attention (_gpu_dense), one sentence each
         self._raster_bias: Dict[int, torch.Tensor] = {}  # id of a layout in self._layouts -> raster-order mask
         self._one_pass: Dict[int, OnePass] = {}  # id of a layout in self._layouts -> its one-pass call
         self._prepared = set()  # (device, backend, $DIT_ACCEL_BACKEND) that prepare() has built for
@@ -304,6 +318,8 @@ class LayoutPlan(Plan):
         short = self._short(q, backend)
         if short is not None:
             return short
+        if self._short_path.get(self._gpu_key(q, k, None, lse)) == DENSE:
+            return DENSE
         layout = self.layout_on(q.device, backend=backend)
         if q.shape[-2] != layout.q_len or k.shape[-2] != layout.kv_len:
             # Raster tokens of a padded tiling: the kernels see other lengths. Padding keys are never visited,
@@ -411,15 +427,68 @@ class LayoutPlan(Plan):
             else:
                 o, lse = self._dense_masked(q, k, v, layout, scale)
             return o, lse, None, self.density
+        if self._gpu_dense(q, k, v, layout, scale, backend, heads, want_lse):
+            o, lse = _dense_run()(q, k, v, scale, want_lse)
+            return o, lse, None, self.density
+        return self._sparse(q, k, v, layout, scale, backend, want_lse) + (None, self.density)
+
+    def _sparse(self, q, k, v, layout: BlockLayout, scale, backend: str, want_lse: bool):
+        """``(o, lse or None)`` of the layout's kernels on raster q, k, v (gathered into tiled order and back)."""
         if self.perm is not None:  # tiled order: windows become contiguous blocks
             q, k, v = (self.perm.permute(x, dim=-2) for x in (q, k, v))
         if not want_lse:
             o = block_sparse_attention(q, k, v, layout, scale=scale, backend=backend)
-            return (o if self.perm is None else self.perm.unpermute(o, dim=-2)), None, None, self.density
+            return (o if self.perm is None else self.perm.unpermute(o, dim=-2)), None
         o, lse = block_sparse_attention(q, k, v, layout, scale=scale, return_lse=True, backend=backend)
         if self.perm is not None:
             o, lse = self.perm.unpermute(o, dim=-2), self.perm.unpermute(lse, dim=-1)
-        return o, lse, None, self.density
+        return o, lse
+
+    def _gpu_key(self, q, k, heads, want_lse: bool) -> tuple:
+        return ("gpu", heads, tuple(q.shape), tuple(k.shape), q.dtype, q.device, want_lse)
+
+    def _gpu_dense(self, q, k, v, layout: BlockLayout, scale, backend: str, heads, want_lse: bool) -> bool:
+        """CUDA under ``auto``, without autograd: whether the call runs dense attention over the raster tokens
+        because that measured faster than the sparse path *with its gathers* (the kernels' own rule,
+        :func:`~dit_accel.kernels.block_sparse.api.dense_reason`, sees the kernel alone: at a few thousand
+        tokens and heads the gathers into tiled order and back are launches of their own, and a layout of
+        small blocks loses to one SDPA call). Timed once per call signature on the call's inputs, eager, with
+        the autotuner on; a traced or captured call takes the eager call's answer. Only where every raster key
+        is some query's key: dense attention is then the pattern's unmasked original
+        (:func:`~dit_accel.kernels.block_sparse.api.all_keys_visited`). :attr:`dense_reasons` says why."""
+        if backend != "auto" or not _bs_api._dense_applies(q.device) or env_backend() is not None or (
+                torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)):
+            return False
+        key = self._gpu_key(q, k, heads, want_lse)
+        hit = self._short_path.get(key)
+        if hit is None:
+            if in_graph() or not autotune.enabled():
+                return False
+            hit = self._short_path.setdefault(key, self._measured(q, k, v, layout, scale, backend, want_lse))
+        return hit == DENSE
+
+    def _measured(self, q, k, v, layout: BlockLayout, scale, backend: str, want_lse: bool) -> str:
+        """:data:`DENSE` where dense attention timed faster than :meth:`_sparse` on these inputs, else
+        ``"sparse"`` (also where a raster key is nobody's, or either path cannot be timed here)."""
+        live = live_keys(layout)
+        if self.perm is not None:
+            live = live[:, self.perm.inverse.to(live.device)]
+        if not bool(live.all()):
+            return "sparse"
+        timer = _bs_api._time_ms or (lambda fn: autotune.cuda_event_timer(fn, 2, 5))
+        qd, kd, vd = q.detach(), k.detach(), v.detach()
+        try:
+            with torch.no_grad():
+                sparse_ms = timer(lambda: self._sparse(qd, kd, vd, layout, scale, backend, want_lse))
+                dense_ms = timer(lambda: _dense_run()(qd, kd, vd, scale, want_lse))
+        except Exception:  # (the sparse path runs as before)
+            return "sparse"
+        if dense_ms >= sparse_ms:
+            return "sparse"
+        self.dense_reasons.append(
+            f"measured: sparse with its gathers {sparse_ms:.3f} ms > dense {dense_ms:.3f} ms at N={q.shape[2]}, "
+            f"{q.shape[0]}x{q.shape[1]} heads, d={q.shape[-1]}, {q.dtype}")
+        return DENSE
 
     def attend_part(self, q, k, v, *, rows, shards, scale, backend, proj=None, heads=None):
         part = self._part(tuple(rows), tuple(map(tuple, shards)), heads, q.device)

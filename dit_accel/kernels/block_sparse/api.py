@@ -17,7 +17,7 @@ from ..layout import BlockLayout
 
 __all__ = ["block_sparse_attention", "block_sparse_backend", "layout_on", "prepare_layout", "block_sparse_tuner",
            "memory_skips", "free_memory",
-           "dense_reason", "dense_reasons", "all_keys_visited", "DENSE"]
+           "dense_reason", "dense_reasons", "all_keys_visited", "live_keys", "DENSE"]
 
 _DENSITY = LayoutCache("block_sparse.density")  # visited block fraction per layout (one host sync, once)
 
@@ -255,11 +255,10 @@ def _arch(device: torch.device) -> str:
     return arch_for_device(torch.cuda.get_device_name(device) if device.type == "cuda" else str(device))
 
 
-def all_keys_visited(layout: BlockLayout) -> bool:
-    """Whether every key token (``< kv_len``) is allowed to some query, in every layout head: then dense
-    attention over these keys is the unmasked original of the pattern (padding keys a tiled layout never
-    visits would otherwise take softmax mass). Computed once per layout."""
-    def build() -> bool:
+def live_keys(layout: BlockLayout) -> torch.Tensor:
+    """bool ``[Hl, kv_len]``: whether each key token is allowed to some query, per layout head (on the layout's
+    device; computed once per layout)."""
+    def build() -> torch.Tensor:
         bk = layout.block_k
         cols = torch.cat([layout.mask_table.any(dim=1),  # [P, bk]: columns a partial tile allows
                           torch.ones(1, bk, dtype=torch.bool, device=layout.device)])
@@ -267,9 +266,16 @@ def all_keys_visited(layout: BlockLayout) -> bool:
         visits = slots < layout.q_counts[..., None]  # [Hl, nK, max_q]
         ids = torch.where(layout.q_mask_ids >= 0, layout.q_mask_ids, cols.shape[0] - 1).long()
         live = (cols[ids] & visits[..., None]).any(dim=2)  # [Hl, nK, bk]
-        return bool(live.flatten(1)[:, :layout.kv_len].all())
+        return live.flatten(1)[:, :layout.kv_len]
 
-    return _LIVE.get(layout, "all", build)
+    return _LIVE.get(layout, "live", build)
+
+
+def all_keys_visited(layout: BlockLayout) -> bool:
+    """Whether every key token (``< kv_len``) is allowed to some query, in every layout head (:func:`live_keys`):
+    then dense attention over these keys is the unmasked original of the pattern (padding keys a tiled layout
+    never visits would otherwise take softmax mass). Computed once per layout."""
+    return _LIVE.get(layout, "all", lambda: bool(live_keys(layout).all()))
 
 
 def _eligible(layout: BlockLayout, dtype: torch.dtype, head_dim: int, return_lse: bool, needs_grad: bool) -> bool:
