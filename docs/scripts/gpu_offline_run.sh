@@ -11,7 +11,7 @@
 # Python needs; the vendor kernels' wheels that fit a carry: see that script for which do not and why).
 # BUDGET: seconds for the whole run (each step gets at most its limit and what is left; a step with no time left
 # says `rc=skip`). STEPS: the steps to run (default all, in this order): install selftest generate wan_step
-# bench_gpu lengths_probe ws_probe pytest_gpu sla_parts info. For a short follow-up lease, narrower steps: SELFTEST_VARIANTS (names,
+# bench_gpu lengths_probe bwd_probe ws_probe pytest_gpu sla_parts info. For a short follow-up lease, narrower steps: SELFTEST_VARIANTS (names,
 # space-separated; default every variant), SELFTEST_BUDGET (default 140), BENCH_SHAPES, BENCH_METHODS,
 # BENCH_DENSITIES, BENCH_BUDGET (defaults below).
 # One 600 s command does not hold every step: on the H200 (2026-11-27) install took 9 s, selftest 163, generate 39,
@@ -22,11 +22,12 @@
 # Logs: $OUT/all.log and $OUT/summary.txt (default ./gpu_out); the self-check verdicts in $OUT/selftest.json
 # ("N of M checked" in the log), each generate's sidecar as $OUT/gen_*.json, the Wan 2.1 1.3B step in
 # $OUT/wan_step.json, the bench report in $OUT/gpu_report/, the length tiles' timing in $OUT/lengths_probe.json,
+# the backward's in $OUT/bwd_probe.json,
 # the ws forward's rows in $OUT/ws_probe.json, SLA's parts in $OUT/sla_run.json.
 set -u
 O=${OUT:-$PWD/gpu_out}; W=${WHEELS:-.whl}; mkdir -p "$O/gpu_report"
 T0=$(date +%s); END=$((T0 + ${BUDGET:-540}))
-STEPS=" ${STEPS:-install selftest generate wan_step bench_gpu lengths_probe ws_probe pytest_gpu sla_parts info} "
+STEPS=" ${STEPS:-install selftest generate wan_step bench_gpu lengths_probe bwd_probe ws_probe pytest_gpu sla_parts info} "
 export DIT_ACCEL_CACHE=${DIT_ACCEL_CACHE:-/tmp/dit_accel_cache} TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-/tmp/triton_cache}
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 L=$O/all.log
@@ -65,6 +66,9 @@ step bench_gpu $((BB + 20)) dit-accel bench gpu --no-pytest --budget "$BB" --met
     --densities "${BENCH_DENSITIES:-0.05,0.1}" --shapes "${BENCH_SHAPES:-14B 480p,14B 720p,1.3B,FastWan}" --out "$O/gpu_report"
 # Length tiles by count (the bias product) against the same tiles by bit mask: agreement and milliseconds.
 step lengths_probe 60 python3 docs/scripts/lengths_probe.py --out "$O/lengths_probe.json"
+# The one-pass backward (5 products) in the one sm_90 d128 tile for 64-token blocks that does not spill, against
+# the two-pass backward that ships there: agreement and milliseconds.
+step bwd_probe 60 sh -c "cd docs/scripts && python3 bwd_probe.py --out '$O/bwd_probe.json'"
 # Where the (opt-in) warp-specialized forward goes wrong: tile shapes, pipeline depths, dense and sparse layouts.
 step ws_probe 60 python3 docs/scripts/ws_probe.py --time --out "$O/ws_probe.json"
 step pytest_gpu 240 python3 -m pytest -m gpu -o addopts= -p no:cacheprovider -q -rfE --timeout 120 --durations=15 tests

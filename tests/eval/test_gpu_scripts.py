@@ -54,7 +54,8 @@ def test_the_offline_run_plans_its_steps_inside_one_device_command(tmp_path):
     assert run.returncode == 0, run.stderr
     steps = re.findall(r"^(\w+) \(limit (\d+)s\): (.*)$", run.stdout, re.M)
     names = [s[0] for s in steps]
-    assert names[:7] == ["install", "selftest", "generate", "wan_step", "bench_gpu", "lengths_probe", "ws_probe"], names
+    assert names[:8] == ["install", "selftest", "generate", "wan_step", "bench_gpu", "lengths_probe", "bwd_probe",
+                         "ws_probe"], names
     cmd = dict((name, (int(limit), line)) for name, limit, line in steps)
     budget = int(re.search(r"--budget (\d+)", cmd["selftest"][1]).group(1))
     assert budget < cmd["selftest"][0]  # selftest ends itself, with its JSON, before the step's limit
@@ -76,6 +77,20 @@ def test_the_lengths_probe_runs_both_paths_against_fp32_on_the_cpu(tmp_path):
     rows = json.loads(out.read_text())
     assert [r["layout"] for r in rows] == ["tile-fit", "vsa"]
     assert all(r["pass"] and r["length_share"] > 0 and r["ran_lengths"] and r["len_vs_fp32"] < 1e-4 for r in rows), rows
+
+
+def test_the_backward_probe_runs_both_backwards_against_fp32_on_the_cpu(tmp_path):
+    """docs/scripts/bwd_probe.py's dry run through the interpreter: the one-pass backward in the candidate tile
+    (put in place before the first backward, so the launch runs it) and the two-pass one, on a fitted Tile and a
+    VSA layout, both within fp32's error of attention over the layout's mask."""
+    out = tmp_path / "bwd.json"
+    run = subprocess.run([sys.executable, str(SCRIPTS / "bwd_probe.py"), "--dry-run", "--out", str(out)],
+                         cwd=SCRIPTS, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "PYTHONPATH": str(ROOT), "TRITON_INTERPRET": "1"})
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    rows = json.loads(out.read_text())
+    assert [r["layout"] for r in rows] == ["tile-fit", "vsa"]
+    assert all(r["pass"] and r["ran"] == ["m32n64-w8s2"] and r["one_vs_fp32"] < 1e-4 for r in rows), rows
 
 
 def test_the_ws_probe_compiles_each_variant_for_sm90(tmp_path):
