@@ -80,17 +80,19 @@ def test_the_lengths_probe_runs_both_paths_against_fp32_on_the_cpu(tmp_path):
 
 
 def test_the_backward_probe_runs_both_backwards_against_fp32_on_the_cpu(tmp_path):
-    """docs/scripts/bwd_probe.py's dry run through the interpreter: the one-pass backward in the candidate tile
-    (put in place before the first backward, so the launch runs it) and the two-pass one, on a fitted Tile and a
-    VSA layout, both within fp32's error of attention over the layout's mask."""
+    """docs/scripts/bwd_probe.py's dry run through the interpreter: the one-pass backward in each tile it times (put
+    in place before the first backward, so the launch runs it) and the two-pass one, on a fitted Tile and a VSA
+    layout, both within fp32's error of attention over the layout's mask."""
     out = tmp_path / "bwd.json"
     run = subprocess.run([sys.executable, str(SCRIPTS / "bwd_probe.py"), "--dry-run", "--out", str(out)],
                          cwd=SCRIPTS, capture_output=True, text=True, timeout=300,
                          env={**os.environ, "PYTHONPATH": str(ROOT), "TRITON_INTERPRET": "1"})
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
     rows = json.loads(out.read_text())
-    assert [r["layout"] for r in rows] == ["tile-fit", "vsa"]
-    assert all(r["pass"] and r["ran"] == ["m32n64-w8s2"] and r["one_vs_fp32"] < 1e-4 for r in rows), rows
+    assert [(r["layout"], r["one_pass_tile"]) for r in rows] == [
+        (layout, tile) for layout in ("tile-fit", "vsa") for tile in ([32, 64, 4, 1], [32, 64, 8, 2])]
+    assert all(r["pass"] and r["ran"] == ["m{}n{}-w{}s{}".format(*r["one_pass_tile"])] and r["one_vs_fp32"] < 1e-4
+               for r in rows), rows
 
 
 def test_the_ws_probe_compiles_each_variant_for_sm90(tmp_path):
