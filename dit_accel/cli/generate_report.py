@@ -253,8 +253,9 @@ def _summary_lines(record: dict) -> list:
     ran = record.get("backends_used") or []
     if DENSE in ran:
         some = "some of its" if len(set(ran) - {DENSE, "dense"}) else "its"
-        lines.append(f"note: backend auto ran {some} sparse calls as dense attention: the cost model has the sparse "
-                     "kernel slower at this size on this GPU (--backend triton runs the kernels)")
+        lines.append(f"note: backend auto ran {some} sparse calls as dense attention: dense measured faster at this "
+                     "size on this GPU (the cost model says so where the autotuner is off; --backend triton runs "
+                     "the kernels)")
     if "torch" in ran and str(record["settings"].get("device", "")).startswith("cuda"):
         some = "some of its" if len(set(ran) - {"torch"}) else "its"
         lines.append(f"note: backend auto ran {some} sparse calls on the GPU with the PyTorch twin, not the Triton "

@@ -445,7 +445,9 @@ class LayoutPlan(Plan):
         return o, lse
 
     def _gpu_key(self, q, k, heads, want_lse: bool) -> tuple:
-        return ("gpu", heads, tuple(q.shape), tuple(k.shape), q.dtype, q.device, want_lse)
+        """The call signature of :meth:`_gpu_dense` (the plan's grid fixes the token count; :meth:`backend_for` may
+        see text tokens beside the video ones)."""
+        return ("gpu", heads, q.shape[0], q.shape[1], q.shape[-1], k.shape[1], q.dtype, q.device, want_lse)
 
     def _gpu_dense(self, q, k, v, layout: BlockLayout, scale, backend: str, heads, want_lse: bool) -> bool:
         """CUDA under ``auto``, without autograd: whether the call runs dense attention over the raster tokens

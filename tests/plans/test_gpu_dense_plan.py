@@ -64,6 +64,8 @@ def test_dense_runs_where_it_measured_faster_than_the_sparse_path(gpu_auto, monk
             assert extra is None and density == plan.density < 1
         assert len(timed) == 2  # timed once: the sparse path, then dense
         assert plan.backend_for(q, k, v, "auto") == api.DENSE
+        joint = [torch.cat([x, x[:, :, :7]], 2) for x in (q, k, v)]  # what stats see beside text tokens
+        assert plan.backend_for(*joint, "auto") == api.DENSE
     assert plan.dense_reasons == [plan.dense_reasons[0]]
     assert plan.dense_reasons[0].startswith("measured: sparse with its gathers 2.000 ms > dense 1.000 ms at N=720")
 
