@@ -21,11 +21,14 @@ _SLOW_IMPORT = textwrap.dedent("""
     import importlib.abc, sys, time
 
     class SlowImport(importlib.abc.MetaPathFinder):
-        # stands for the seconds a subcommand's module takes to import torch and Diffusers
+        # stands for the seconds a subcommand's module takes to import torch and Diffusers: work in short steps,
+        # as an import does (one 60 s sleep would miss a SIGINT that lands between the print and the sleep's
+        # system call: the interpreter notices it only when the sleep ends)
         def find_spec(self, name, path, target=None):
             if name == "dit_accel.cli.generate":
                 print("importing", flush=True)
-                time.sleep(60)
+                for _ in range(600):
+                    time.sleep(0.1)
             return None
 
     sys.meta_path.insert(0, SlowImport())
