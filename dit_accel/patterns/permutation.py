@@ -78,11 +78,14 @@ class TilePermutation:
         """Move the index tensors to ``device`` now (``torch.compile`` then traces calls without moving them)."""
         self._indices(device)
 
-    def _indices(self, device) -> Tuple[torch.Tensor, torch.Tensor]:
+    def _indices(self, device) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(gather, inverse, pads)`` on ``device``: the raster token of each tiled position (token 0 at a padded
+        one), the tiled position of each raster token, and the padded positions."""
         device = torch.device(device)
         if device not in self._device_cache:
-            gather = torch.where(self.order >= 0, self.order, self.num_tokens)  # N = the appended zero row
-            self._device_cache[device] = (gather.to(device), self.inverse.to(device))
+            gather = self.order.clamp_min(0)
+            pads = (self.order < 0).nonzero().flatten()
+            self._device_cache[device] = tuple(t.to(device) for t in (gather, self.inverse, pads))
         return self._device_cache[device]
 
     def _check(self, x: torch.Tensor, dim: int, expected: int, what: str) -> int:
@@ -101,18 +104,23 @@ class TilePermutation:
         # (BENCHMARKS.md section 8.7).
         if self.identity:
             return x
-        gather, _ = self._indices(x.device)
-        if self.num_padded == self.num_tokens:  # no padding: one gather, no concatenated copy of x
-            return x.index_select(dim, gather)
-        zero = x.new_zeros(x.shape[:dim] + (1,) + x.shape[dim + 1:])
-        return torch.cat([x, zero], dim).index_select(dim, gather)
+        gather, _, pads = self._indices(x.device)
+        out = x.index_select(dim, gather)
+        # Padded positions gathered token 0: zero them (no concatenated copy of x with a zero row).
+        return out.index_fill_(dim, pads, 0) if pads.numel() else out
 
     def unpermute(self, x: torch.Tensor, dim: int = -2) -> torch.Tensor:
-        """Tiled ``[..., Np, ...]`` -> raster ``[..., N, ...]`` along ``dim``; padded positions are dropped."""
+        """Tiled ``[..., Np, ...]`` -> raster ``[..., N, ...]`` along ``dim``; padded positions are dropped.
+
+        A ``(B, H, Np, D)`` attention output comes back as ``(B, H, N, D)`` laid out as ``(B, N, H, D)`` in memory,
+        as SDPA's CUDA kernels return theirs: a pipeline's ``transpose(1, 2).flatten(2)`` is then a view, not a
+        copy of the whole output."""
         dim = self._check(x, dim, self.num_padded, "Np tiled positions")
         if self.identity:
             return x
-        _, inverse = self._indices(x.device)
+        _, inverse, _ = self._indices(x.device)
+        if x.dim() == 4 and dim == 2:
+            return x.transpose(1, 2).index_select(1, inverse).transpose(1, 2)
         return x.index_select(dim, inverse)
 
     def __repr__(self) -> str:

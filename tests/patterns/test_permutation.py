@@ -1,6 +1,7 @@
 """Tiled orders: the tile a separable pattern is laid out with when none is given."""
 
 import pytest
+import torch
 
 
 @pytest.mark.parametrize("grid, kernel, stride", [((3, 8, 8), (3, 3, 3), 1), ((5, 12, 10), (3, 5, 5), 1),
@@ -75,3 +76,28 @@ def test_permutation_of_whole_rows_is_the_identity(grid, tile, identity):
     expect = torch.stack([x[:, i] if i >= 0 else torch.zeros_like(x[:, 0]) for i in order], 1)
     assert torch.equal(tiled, expect)
     assert torch.equal(perm.unpermute(tiled, dim=1), x)
+
+
+@pytest.mark.parametrize("cls", ["padded", "packed"])
+def test_permute_and_unpermute_against_their_definition(cls):
+    """Tiled position p holds raster token order[p] (zero where order[p] = -1); raster token i comes back from tiled
+    position inverse[i]; gradients flow to every real token once. The attention output comes back laid out as
+    (B, N, H, D) in memory, so a pipeline's transpose(1, 2).flatten(2) is a view."""
+    from dit_accel.patterns.permutation import PackedTilePermutation, TilePermutation
+
+    grid, tile = (3, 5, 7), (2, 2, 4)
+    perm = TilePermutation(grid, tile) if cls == "padded" else PackedTilePermutation(grid, tile, block=16)
+    assert perm.num_padded > perm.num_tokens
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, perm.num_tokens, 8, generator=g).requires_grad_()
+    tiled = perm.permute(x, dim=-2)
+    for p, token in enumerate(perm.order.tolist()):
+        want = x[:, :, token] if token >= 0 else torch.zeros(2, 3, 8)
+        assert torch.equal(tiled[:, :, p], want), p
+    back = perm.unpermute(tiled, dim=-2)
+    assert torch.equal(back, x) and back.transpose(1, 2).is_contiguous()
+    weight = torch.randn(tiled.shape, generator=g)
+    (tiled * weight).sum().backward()
+    assert torch.equal(x.grad, weight[:, :, perm.inverse])
+    lse = torch.randn(2, 3, perm.num_padded, generator=g)
+    assert torch.equal(perm.unpermute(lse, dim=-1), lse[:, :, perm.inverse])

@@ -191,6 +191,6 @@ def run(w: NattenWindow, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scal
     if not return_lse:
         return o, None
     lse = perm.permute(lse.reshape(b, -1, h).transpose(1, 2).float(), dim=2)
-    real = perm._indices(lse.device)[0] < perm.num_tokens  # the device copy the permutation keeps: no upload per call
-    return o, torch.where(real, lse, float("-inf"))
+    pads = perm._indices(lse.device)[2]  # the device copy the permutation keeps: no upload per call
+    return o, lse.index_fill_(2, pads, float("-inf")) if pads.numel() else lse
 
