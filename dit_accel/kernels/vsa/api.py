@@ -111,8 +111,10 @@ def vsa_layout(cubes: Cubes, selection: torch.Tensor) -> BlockLayout:
     ``(B, H, Cq, k)`` (``Cq``: every cube, or a ring rank's consecutive query cubes; the key side is always every
     cube); key cubes with padding carry an element mask of their real columns. Built on the selection's device
     with no host synchronisation: a query cube visits ``k`` key cubes and a key cube is visited by at most all
-    ``Cq`` query cubes, so the index lists' widths are known without reading the selection back. Each row lists
-    its ``k`` cubes as they are (distinct by construction, sorted here): about 20 launches per call."""
+    ``Cq`` query cubes, so the index lists' widths are known without reading the selection back. Each row of
+    ``selection`` must name ``k`` distinct cubes, as a top-k does (the coarse branch's selection; checking it would
+    read the device on every call): a cube named twice would be visited twice. Rows are sorted here; about 20
+    launches per call."""
     b, h, c_q, k = selection.shape
     mask_ids, table = _cube_masks(cubes, selection.device)
     cols = selection.reshape(b * h, c_q, k).sort(-1).values  # (the coarse branch's are ascending already)
