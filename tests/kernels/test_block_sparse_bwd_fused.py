@@ -123,6 +123,50 @@ def test_gpu_default_prefers_one_pass_only_after_its_self_check(monkeypatch):
     assert bwd_fused.one_pass_runs(True, True, torch.device("cpu"), torch.float16, 64, 64, 64)
 
 
+def test_the_default_one_pass_is_kept_only_where_it_timed_faster(monkeypatch):
+    """On a GPU with the autotuner on, the one-pass and two-pass backwards are timed once per shape class on the
+    call's inputs and the faster runs; off the GPU, in a graph or with the autotuner off the default stands."""
+    from dit_accel.kernels import autotune
+    from dit_accel.kernels.block_sparse import triton as bst
+
+    q, k, v, _, layout = _problem(63, 63, 64, 32, torch.float32)
+    runs = []
+    run = runs.append
+    times = {True: 2.0, False: 1.0}  # one-pass 2 ms, two-pass 1 ms
+
+    def timer(fn, warmup, repeats):
+        fn()
+        return times[runs[-1]]
+
+    monkeypatch.setenv(autotune.ENV_AUTOTUNE, "1")
+    assert not bwd_fused.one_pass_faster(layout, q, k, v, run, timer=timer, gpu=True)
+    assert runs == [True, False]
+    assert not bwd_fused.one_pass_faster(layout, q, k, v, run, timer=timer, gpu=True) and len(runs) == 2  # stored
+    other = _problem(63, 63, 64, 32, torch.float16)  # another shape class: timed again, one-pass faster there
+    times.update({True: 0.5})
+    assert bwd_fused.one_pass_faster(other[4], *other[:3], run, timer=timer, gpu=True) and len(runs) == 4
+    assert bwd_fused.one_pass_faster(layout, q, k, v, run, timer=timer, gpu=False)
+    monkeypatch.setattr("dit_accel.kernels.request.in_graph", lambda: True)
+    assert bwd_fused.one_pass_faster(layout, q, k, v, run, timer=timer, gpu=True) and len(runs) == 4
+    monkeypatch.undo()
+    monkeypatch.setenv(autotune.ENV_AUTOTUNE, "0")
+    fresh = _problem(63, 63, 48, 32, torch.float32)
+    assert bwd_fused.one_pass_faster(fresh[4], *fresh[:3], run, timer=timer, gpu=True) and len(runs) == 4
+
+    # The launcher asks once per (layout, call signature) and runs what the answer says.
+    asked = []
+    monkeypatch.setattr(bst, "one_pass_runs", lambda shipped, one_pass, *a: one_pass if one_pass is not None else True)
+    monkeypatch.setattr(bst, "one_pass_faster", lambda *a, **kw: asked.append(1) or False)
+    o, lse = triton_forward(q, k, v, layout, 0.125)
+    do = torch.randn_like(o)
+    for _ in range(2):
+        grads = triton_backward(do, q, k, v, o, lse, layout, 0.125)
+    assert asked == [1]
+    (ran,) = launched_variants(layout)["backward"]
+    assert ran.startswith("bwd_dkdv-") and " + bwd_dq-" in ran
+    assert_grads_close(grads, q, k, v, layout.to_dense_mask(), do, 0.125)
+
+
 def test_forcing_one_pass_without_a_configuration_says_so(monkeypatch):
     n, d = 63, 64
     mask = random_mask(1, n, n, block=32, seed=1)

@@ -14,7 +14,7 @@ prepares the inputs as it does for the two-pass kernels and calls :func:`run_fus
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import triton
@@ -23,7 +23,7 @@ import triton.language as tl
 from .. import selfcheck
 from ..dense.tiles import load_tile, row_bits
 
-__all__ = ["FUSED_VARIANT", "run_fused", "one_pass_runs"]
+__all__ = ["FUSED_VARIANT", "run_fused", "one_pass_runs", "one_pass_faster"]
 
 #: The self-check's name of the one-pass backward.
 FUSED_VARIANT = "block_sparse.triton.bwd_dkdv_dq"
@@ -156,3 +156,24 @@ def one_pass_runs(shipped: bool, asked: Optional[bool], device: torch.device, dt
                          "on sm_80 and sm_90, 65-128 on sm_90 with 128-token key blocks and 16-byte aligned q and "
                          "do; any on the interpreter); pass one_pass=None to take the two-pass backward")
     return bool(asked)
+
+
+def one_pass_faster(layout, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, run: Callable[[bool], object],
+                    timer=None, gpu: Optional[bool] = None) -> bool:
+    """Whether a call that would run the one-pass backward by default (a configuration ships and its self-check
+    passed) keeps it: on a GPU, eager, with the autotuner on, the one-pass and two-pass backwards are timed on
+    the call's own inputs once per shape class (:func:`dit_accel.kernels.autotune.choose`, family
+    ``block_sparse.backward``: stored with the other choices, listed by ``dit-accel info``) and the faster runs;
+    elsewhere the default stands. ``run(one)`` runs the backward with ``one_pass=one``. The launcher asks once
+    per (layout, call signature)."""
+    from .. import autotune
+    from ..request import Request, in_graph
+
+    gpu = q.device.type == "cuda" if gpu is None else gpu
+    if not gpu or in_graph() or not autotune.enabled():
+        return True
+    request = Request.of(q, k, v, layout.block_q, layout.block_k)
+    shape = autotune.ShapeClass.of("block_sparse.backward", request, float(layout.density()))
+    contenders = {"one-pass": lambda: run(True), "two-pass": lambda: run(False)}
+    return autotune.choose(shape, contenders, timer=timer or autotune.cuda_event_timer, warmup=2,
+                           repeats=5) != "two-pass"

@@ -10,11 +10,9 @@ written from the same tile steps (:mod:`dit_accel.kernels.dense.tiles`):
 - ``_bwd_dkdv_kernel``: grid ``(key tiles, B*H)``, walks the *transposed* plan (only the query tiles that visit this
   key tile) and recomputes ``P`` from the saved log-sum-exp.
 - ``_bwd_dq_kernel``: grid ``(query tiles, B*H)`` over the forward plan. These two own their outputs (no atomics);
-  where its self-check passed, the one-pass backward of :mod:`.bwd_fused` (5 products per tile instead of 7, dQ by
-  atomic adds) runs instead.
-
-The backward kernels keep a program per owned tile on every GPU: persistent variants of both, compiled for sm_90,
-spill at head dim 128 (dK/dV: 96-244 bytes) or lose a CTA per SM (dQ: 166 -> 248 registers).
+  where its self-check passed and it timed faster, the one-pass backward of :mod:`.bwd_fused` (5 products per tile
+  instead of 7, dQ by atomic adds) runs instead. A program per owned tile on every GPU: persistent variants of
+  both, compiled for sm_90, spill at head dim 128 (dK/dV: 96-244 bytes) or lose a CTA per SM (dQ: 166 -> 248).
 
 The *plan* (:func:`tile_plan`) is the layout at kernel-tile granularity, derived once per (layout, tile shape) and
 cached: per query tile (key tile for dK/dV) the full and partial tiles of the other side, and for partial tiles an
@@ -57,7 +55,7 @@ from ..request import in_graph
 from .lengths import VARIANT as LEN_VARIANT
 from .lengths import (PARTIAL, bit_masked, column_offsets, fwd_epilogue, len_bias_table, len_step, length_bias, length_rows,
                       length_offsets, runs_lengths)
-from .bwd_fused import _bwd_dkdv_dq_kernel, one_pass_runs, run_fused
+from .bwd_fused import _bwd_dkdv_dq_kernel, one_pass_faster, one_pass_runs, run_fused
 from .configs import (KernelConfig, fused_config, fused_pointer, length_config, pointer_fallback, resume_config,
                       select_config, ws_config, ws_enabled, ws_pays)
 
@@ -774,6 +772,9 @@ def triton_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch
     launch = _PLANS.get(layout, signature, lambda: _backward_launch(q, k, v, do, o, lse, dlse, layout))
 
     one = one_pass_runs(launch.fused is not None, one_pass, dev, q.dtype, d, layout.block_q, layout.block_k)
+    if one and one_pass is None:  # the default where a configuration ships: kept where it timed faster
+        one = _PLANS.get(layout, ("one_pass",) + signature, lambda: one_pass_faster(layout, q, k, v, lambda one: (
+            triton_backward(do, q, k, v, o, lse, layout, scale, dlse, one_pass=one))))
     grid, args, kw = launch.pre
     delta = torch.empty((b * h, n), dtype=torch.float32, device=dev)
     lse2 = torch.empty_like(delta)
