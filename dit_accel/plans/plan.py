@@ -25,9 +25,8 @@ from typing import Callable, Dict, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from ..kernels import block_sparse_attention, merge_attention
+from ..kernels import autotune, block_sparse_attention, merge_attention
 from ..kernels.backends import Request, env_backend, env_value, resolve
-from ..kernels import autotune
 from ..kernels.block_sparse import api as _bs_api
 from ..kernels.block_sparse.api import DENSE, block_sparse_backend, layout_on, live_keys, prepare_layout
 from ..kernels._cache import LayoutCache
