@@ -18,7 +18,12 @@ ROOT = Path(__file__).resolve().parents[2]
 
 # ------------------------------------------------------------------ Ctrl-C in the first seconds
 _SLOW_IMPORT = textwrap.dedent("""
-    import importlib.abc, sys, time
+    import importlib.abc, signal, sys, time
+
+    # Ctrl-C as a terminal delivers it: a test process may run with SIGINT ignored or blocked (inherited by its
+    # children, whose Python then never raises KeyboardInterrupt: two full-suite CI runs timed out here).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
 
     class SlowImport(importlib.abc.MetaPathFinder):
         # stands for the seconds a subcommand's module takes to import torch and Diffusers: work in short steps,
