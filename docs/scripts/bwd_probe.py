@@ -19,8 +19,6 @@ time over the one-pass time. The self-check is bypassed (``one_pass`` forced): t
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 
 import torch
@@ -97,31 +95,10 @@ def run_case(name, grid, amount, candidate, *, heads, head_dim, dtype, device, t
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default=None, help="write the rows here as JSON")
-    parser.add_argument("--dry-run", action="store_true", help="small grids through the interpreter, fp32, untimed")
-    args = parser.parse_args(argv)
-    cuda = torch.cuda.is_available() and not args.dry_run
-    if not cuda and not args.dry_run:
-        print("no GPU: run with --dry-run (and TRITON_INTERPRET=1) to check the probe on a CPU", file=sys.stderr)
-        return 2
-    device = torch.device("cuda" if cuda else "cpu")
-    cases, kw = (GPU_CASES, dict(heads=12, head_dim=128, dtype=torch.bfloat16)) if cuda else \
-        (DRY_CASES, dict(heads=2, head_dim=32, dtype=torch.float32))
-    rows = []
-    for name, grid, amount in cases:
-        for candidate in CANDIDATES:
-            try:
-                row = run_case(name, grid, amount, candidate, device=device, timed=cuda, **kw)
-            except Exception as exc:  # reported, not raised: the other cases still run
-                row = {"layout": name, "grid": list(grid), "amount": amount, "one_pass_tile": list(candidate),
-                       "pass": False, "error": f"{type(exc).__name__}: {str(exc)[:300]}"}
-            rows.append(row)
-            print(json.dumps(row), flush=True)
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(rows, f, indent=1)
-    return 0 if all(r["pass"] for r in rows) else 1
+    from lengths_probe import probe_main
+
+    expand = lambda cases: [(*case, tile) for case in cases for tile in CANDIDATES]  # noqa: E731
+    return probe_main(argv, __doc__.splitlines()[0], expand(GPU_CASES), expand(DRY_CASES), run_case)
 
 
 if __name__ == "__main__":

@@ -93,8 +93,11 @@ def run_case(name, grid, amount, *, heads, head_dim, dtype, device, timed):
     return row
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def probe_main(argv, description: str, gpu_cases, dry_cases, run_case) -> int:
+    """The probes' command line (this one's and ``bwd_probe.py``'s): each case ``(layout, grid, amount, *more)``
+    through ``run_case(*case, device=, timed=, heads=, head_dim=, dtype=)`` on the GPU, or its dry-run cases through
+    the interpreter; one JSON line per row, the rows in ``--out``; exit 0 when every row passed."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--out", default=None, help="write the rows here as JSON")
     parser.add_argument("--dry-run", action="store_true", help="small grids through the interpreter, fp32, untimed")
     args = parser.parse_args(argv)
@@ -103,21 +106,25 @@ def main(argv=None) -> int:
         print("no GPU: run with --dry-run (and TRITON_INTERPRET=1) to check the probe on a CPU", file=sys.stderr)
         return 2
     device = torch.device("cuda" if cuda else "cpu")
-    cases, kw = (GPU_CASES, dict(heads=12, head_dim=128, dtype=torch.bfloat16)) if cuda else \
-        (DRY_CASES, dict(heads=2, head_dim=32, dtype=torch.float32))
+    cases, kw = (gpu_cases, dict(heads=12, head_dim=128, dtype=torch.bfloat16)) if cuda else \
+        (dry_cases, dict(heads=2, head_dim=32, dtype=torch.float32))
     rows = []
-    for name, grid, amount in cases:
+    for case in cases:
         try:
-            row = run_case(name, grid, amount, device=device, timed=cuda, **kw)
+            row = run_case(*case, device=device, timed=cuda, **kw)
         except Exception as exc:  # reported, not raised: the other cases still run
-            row = {"layout": name, "grid": list(grid), "amount": amount, "pass": False,
-                   "error": f"{type(exc).__name__}: {str(exc)[:300]}"}
+            row = {"layout": case[0], "grid": list(case[1]), "amount": case[2], "more": [list(x) for x in case[3:]],
+                   "pass": False, "error": f"{type(exc).__name__}: {str(exc)[:300]}"}
         rows.append(row)
         print(json.dumps(row), flush=True)
     if args.out:
         with open(args.out, "w") as f:
             json.dump(rows, f, indent=1)
     return 0 if all(r["pass"] for r in rows) else 1
+
+
+def main(argv=None) -> int:
+    return probe_main(argv, __doc__.splitlines()[0], GPU_CASES, DRY_CASES, run_case)
 
 
 if __name__ == "__main__":

@@ -66,15 +66,21 @@ def test_the_offline_run_plans_its_steps_inside_one_device_command(tmp_path):
     assert default <= 560
 
 
+def _dry_run(script: str, tmp_path) -> list:
+    """The rows of ``docs/scripts/<script> --dry-run`` through the interpreter, run as the GPU script runs it (from
+    docs/scripts), which must exit 0."""
+    out = tmp_path / "rows.json"
+    run = subprocess.run([sys.executable, str(SCRIPTS / script), "--dry-run", "--out", str(out)], cwd=SCRIPTS,
+                         capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "PYTHONPATH": str(ROOT), "TRITON_INTERPRET": "1"})
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    return json.loads(out.read_text())
+
+
 def test_the_lengths_probe_runs_both_paths_against_fp32_on_the_cpu(tmp_path):
     """docs/scripts/lengths_probe.py's dry run through the interpreter: a fitted Tile layout and a VSA fine layout
     with length tiles, each run by count and by bit mask, both within fp32's error of attention over its mask."""
-    out = tmp_path / "lengths.json"
-    run = subprocess.run([sys.executable, str(SCRIPTS / "lengths_probe.py"), "--dry-run", "--out", str(out)],
-                         cwd=ROOT, capture_output=True, text=True, timeout=300,
-                         env={**os.environ, "PYTHONPATH": str(ROOT), "TRITON_INTERPRET": "1"})
-    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
-    rows = json.loads(out.read_text())
+    rows = _dry_run("lengths_probe.py", tmp_path)
     assert [r["layout"] for r in rows] == ["tile-fit", "vsa"]
     assert all(r["pass"] and r["length_share"] > 0 and r["ran_lengths"] and r["len_vs_fp32"] < 1e-4 for r in rows), rows
 
@@ -83,12 +89,7 @@ def test_the_backward_probe_runs_both_backwards_against_fp32_on_the_cpu(tmp_path
     """docs/scripts/bwd_probe.py's dry run through the interpreter: the one-pass backward in each tile it times (put
     in place before the first backward, so the launch runs it) and the two-pass one, on a fitted Tile and a VSA
     layout, both within fp32's error of attention over the layout's mask."""
-    out = tmp_path / "bwd.json"
-    run = subprocess.run([sys.executable, str(SCRIPTS / "bwd_probe.py"), "--dry-run", "--out", str(out)],
-                         cwd=SCRIPTS, capture_output=True, text=True, timeout=300,
-                         env={**os.environ, "PYTHONPATH": str(ROOT), "TRITON_INTERPRET": "1"})
-    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
-    rows = json.loads(out.read_text())
+    rows = _dry_run("bwd_probe.py", tmp_path)
     assert [(r["layout"], r["one_pass_tile"]) for r in rows] == [
         (layout, tile) for layout in ("tile-fit", "vsa") for tile in ([32, 64, 4, 1], [32, 64, 8, 2])]
     assert all(r["pass"] and r["ran"] == ["m{}n{}-w{}s{}".format(*r["one_pass_tile"])] and r["one_vs_fp32"] < 1e-4
