@@ -100,6 +100,8 @@ class _Classes(NamedTuple):
 
 
 def _classes(table: torch.Tensor, n_cols: int, tile_r: int, tile_c: int, lengths: Optional[bool]) -> _Classes:
+    """The :class:`_Classes` of ``table`` (owned rows first) for ``(tile_r, tile_c)`` tiles and ``n_cols`` streamed
+    columns, by :func:`tile_plan`'s rules (a ragged tile is never full; with ``lengths`` False it stays masked)."""
     (any_t, all_t, prefix, count), bits = _mask_stats(table, n_cols, tile_r, tile_c)  # [2, P+1, r_sub, c_sub]
     p, block_r = table.shape[:2]
     dev = table.device
