@@ -1,5 +1,5 @@
 """On CUDA, a plan under ``auto`` runs dense attention where dense measured faster than its sparse path *with the
-gathers into tiled order and back* (the README's main job on a GPU: 4 heads x 4,608 tokens, five launches per sparse
+gathers into tiled order and back* (the README's main job on a GPU: 4 heads x 4,608 tokens, 11 launches per sparse
 call against SDPA's one, 0.56x dense on an H100). The GPU is mocked for the choice only (the kernels run on the
 CPU) and the timer is a stub: what is checked is which path runs, what it returns and when the choice is taken."""
 
