@@ -61,6 +61,15 @@ def _pack(visited: torch.Tensor, ids: torch.Tensor, width: Optional[int] = None
     return counts.contiguous(), indices.contiguous(), mask_ids.contiguous()
 
 
+def tensor_version(t: torch.Tensor) -> Optional[int]:
+    """``t``'s version counter (an in-place edit moves it), or None for an inference-mode tensor (it keeps none,
+    and refuses in-place edits outside inference mode)."""
+    try:
+        return t._version
+    except RuntimeError:
+        return None
+
+
 _EMPTY_TABLES: dict = {}
 
 

@@ -195,10 +195,10 @@ def test_an_entry_goes_with_its_layout():
     q, k, v = make_qkv(1, 1, N, N, D, seed=14)
     _check(q, k, v, mask, layout)
     anchor = id(layout.kv_indices)
-    assert anchor in bst._PLANS._entries
+    assert anchor in bst._PLANS._anchors._entries
     del layout
     gc.collect()
-    assert anchor not in bst._PLANS._entries
+    assert anchor not in bst._PLANS._anchors._entries
 
 
 def test_the_softmax_scale_is_a_runtime_float(monkeypatch):

@@ -161,7 +161,7 @@ def test_classes_are_kept_with_the_mask_table_and_rebuilt_after_an_edit():
     ident = id(table)
     del layout, table, first
     gc.collect()
-    assert ident not in tile_plans._CLASSES
+    assert ident not in tile_plans._CLASSES._entries
 
 
 def test_layouts_without_masks_share_one_empty_table():
@@ -172,7 +172,7 @@ def test_layouts_without_masks_share_one_empty_table():
     b = BlockLayout.from_block_masks(~visited, q_len=256, kv_len=256, block_q=64, block_k=64)
     assert a.mask_table is b.mask_table and a.mask_table.shape == (0, 64, 64)
     tile_plan(a, 64, 64)
-    classes = tile_plans._CLASSES[id(a.mask_table)][1]
+    classes = tile_plans._CLASSES.peek(a.mask_table)
     before = dict(classes)
     tile_plan(b, 64, 64)
     assert dict(classes) == before
@@ -184,7 +184,7 @@ def test_a_capture_keeps_no_classes(monkeypatch):
     layout = _layout(1, 128, 128, 64, 64, seed=4)
     monkeypatch.setattr(tile_plans, "in_graph", lambda: True)
     tile_plan(layout, 32, 32)
-    assert id(layout.mask_table) not in tile_plans._CLASSES
+    assert tile_plans._CLASSES.peek(layout.mask_table) is None
 
 
 # ------------------------------------------------------------------ VSA's per-call host path

@@ -38,6 +38,7 @@ import triton
 import triton.language as tl
 
 from .. import selfcheck
+from ..layout import tensor_version
 from ..request import in_graph
 
 from ..dense.tiles import LN2, row_words, words_keep
@@ -130,7 +131,7 @@ def prefix_masks(layout) -> int:
     table = layout.mask_table
     if not table.numel():
         return 0
-    version = _version(table)
+    version = tensor_version(table)
     hit = _PREFIX.get(id(table))
     if hit is not None and hit[0]() is table and hit[1] == version:
         return hit[2]
@@ -175,13 +176,6 @@ def len_bias_table(device: torch.device, dtype: torch.dtype, block_n: int) -> to
         if not in_graph():
             _TABLES[key] = table
     return table
-
-
-def _version(t: torch.Tensor) -> Optional[int]:
-    try:
-        return t._version
-    except RuntimeError:  # an inference-mode tensor keeps no version (and refuses in-place edits outside it)
-        return None
 
 
 def runs_lengths(q: torch.Tensor, layout, forced: Optional[bool], cache) -> bool:

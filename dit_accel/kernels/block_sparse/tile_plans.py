@@ -16,7 +16,7 @@ from typing import Callable, Dict, Hashable, NamedTuple, Optional, Tuple, TypeVa
 import torch
 
 from ..geometry import prefix_counts
-from ..layout import BlockLayout
+from ..layout import BlockLayout, tensor_version
 from ..request import in_graph
 
 __all__ = ["TilePlan", "tile_plan", "work_order"]
@@ -122,9 +122,40 @@ def _classes(table: torch.Tensor, n_cols: int, tile_r: int, tile_c: int, lengths
     return _Classes(first(kind).to(torch.int8), first(entry).to(torch.int32), bits, p)
 
 
-#: id(mask table) -> (weak reference to it, {(its version, transposed, sizes, lengths): _Classes}).
-_CLASSES: Dict[int, tuple] = {}
-_CLASSES_LOCK = threading.Lock()
+class _TensorSlots:
+    """A dict per tensor, gone when the tensor goes: keyed by the tensor's id and checked by a weak reference to
+    it (a new tensor that takes a dead one's id finds no slot). Callers keep what they derive from a tensor there:
+    :class:`_PlanCache` per ``kv_indices`` anchor, :func:`_mask_classes` per mask table."""
+
+    def __init__(self) -> None:
+        self._entries: Dict[int, tuple] = {}
+        self._lock = threading.Lock()
+
+    def peek(self, t: torch.Tensor) -> Optional[dict]:
+        """``t``'s dict, or None when it has none."""
+        slot = self._entries.get(id(t))
+        return slot[1] if slot is not None and slot[0]() is t else None
+
+    def get(self, t: torch.Tensor) -> dict:
+        """``t``'s dict, made empty on first use."""
+        found = self.peek(t)
+        if found is not None:
+            return found
+        with self._lock:
+            slot = self._entries.get(id(t))
+            if slot is None or slot[0]() is not t:
+                ident = id(t)
+
+                def drop(ref, ident=ident):
+                    if self._entries.get(ident, (None,))[0] is ref:
+                        self._entries.pop(ident, None)
+
+                slot = self._entries[ident] = (weakref.ref(t, drop), {})
+            return slot[1]
+
+
+#: Per mask table: {(its version, transposed, sizes, lengths): _Classes}.
+_CLASSES = _TensorSlots()
 
 
 def _mask_classes(table: torch.Tensor, transposed: bool, n_cols: int, block_r: int, block_c: int, tile_r: int,
@@ -141,30 +172,14 @@ def _mask_classes(table: torch.Tensor, transposed: bool, n_cols: int, block_r: i
 
     if in_graph():
         return build()
-    try:
-        version = table._version
-    except (RuntimeError, AttributeError):  # an inference-mode table keeps no version (and refuses edits)
-        version = None
-    key = (version, transposed, n_cols, block_r, block_c, tile_r, tile_c, lengths)
-    slot = _CLASSES.get(id(table))
-    if slot is not None and slot[0]() is table:
-        found = slot[1].get(key)
-        if found is not None:
-            return found
-    value = build()
-    with _CLASSES_LOCK:
-        slot = _CLASSES.get(id(table))
-        if slot is None or slot[0]() is not table:
-            ident = id(table)
-
-            def drop(ref, ident=ident):
-                if _CLASSES.get(ident, (None,))[0] is ref:
-                    _CLASSES.pop(ident, None)
-
-            slot = _CLASSES[ident] = (weakref.ref(table, drop), {})
-        if len(slot[1]) >= 64:
-            slot[1].clear()
-        return slot[1].setdefault(key, value)
+    key = (tensor_version(table), transposed, n_cols, block_r, block_c, tile_r, tile_c, lengths)
+    kept = _CLASSES.get(table)
+    found = kept.get(key)
+    if found is None:
+        if len(kept) >= 64:
+            kept.clear()
+        found = kept.setdefault(key, build())
+    return found
 
 
 def tile_plan(layout: BlockLayout, tile_r: int, tile_c: int, transposed: bool = False,
@@ -247,31 +262,19 @@ class _PlanCache:
     max_layouts = 8
 
     def __init__(self) -> None:
-        self._entries: Dict[int, tuple] = {}
+        self._anchors = _TensorSlots()
         self._lock = threading.Lock()
 
     def get(self, layout: BlockLayout, key: Hashable, build: Callable[[], T]) -> T:
-        anchor = layout.kv_indices
-        slot = self._entries.get(id(anchor))
-        if slot is not None and slot[0]() is anchor:
-            held = slot[1].get(_identity(layout))
-            if held is not None:
-                value = held[1].get(key)
-                if value is not None:
-                    return value
+        layouts = self._anchors.peek(layout.kv_indices)
+        held = None if layouts is None else layouts.get(_identity(layout))
+        if held is not None:
+            value = held[1].get(key)
+            if value is not None:
+                return value
         value = build()  # outside the lock: a racing duplicate build is harmless
         with self._lock:
-            slot = self._entries.get(id(anchor))
-            if slot is None or slot[0]() is not anchor:
-                ident = id(anchor)
-
-                def drop(ref, ident=ident):
-                    if self._entries.get(ident, (None,))[0] is ref:
-                        self._entries.pop(ident, None)
-
-                slot = (weakref.ref(anchor, drop), {})
-                self._entries[ident] = slot
-            layouts = slot[1]
+            layouts = self._anchors.get(layout.kv_indices)
             name = _identity(layout)
             held = layouts.get(name)
             if held is None:
@@ -288,10 +291,8 @@ class _PlanCache:
 
     def values(self, layout: BlockLayout) -> dict:
         """``{key: value}`` held for ``layout`` (a copy; for inspection and tests)."""
-        slot = self._entries.get(id(layout.kv_indices))
-        if slot is None or slot[0]() is not layout.kv_indices:
-            return {}
-        held = slot[1].get(_identity(layout))
+        layouts = self._anchors.peek(layout.kv_indices)
+        held = None if layouts is None else layouts.get(_identity(layout))
         return {} if held is None else dict(held[1])
 
 
