@@ -18,7 +18,6 @@ attend densely to every valid key (METHODS.md, "Text tokens").
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import Callable, Dict, Optional, Tuple
 
@@ -28,7 +27,8 @@ import torch.nn.functional as F
 from ..kernels import autotune, block_sparse_attention, merge_attention
 from ..kernels.backends import Request, env_backend, env_value, resolve
 from ..kernels.block_sparse import api as _bs_api
-from ..kernels.block_sparse.api import DENSE, block_sparse_backend, layout_on, live_keys, prepare_layout
+from ..kernels.block_sparse.api import (DENSE, block_sparse_backend, layout_on, live_keys, prepare_layout,
+                                        timed_against_dense)
 from ..kernels._cache import LayoutCache
 from ..kernels.block_sparse.naive import dense_is_faster
 from ..kernels.block_sparse.one_pass import OnePass, one_pass_fits
@@ -80,14 +80,6 @@ DENSE_MASKED = "dense-masked"
 ONE_PASS = "one-pass"
 DENSE_MASK_BYTES = 256 * 2**20  # the largest fp32 additive mask (heads x N x N) the dense path may build
 _DENSE_BIAS = LayoutCache("dense_bias")
-
-
-@functools.cache
-def _dense_run():
-    """:func:`dit_accel.kernels.dense.choice.run`, imported on first use."""
-    from ..kernels.dense.choice import run
-
-    return run
 
 
 class Plan:
@@ -252,8 +244,8 @@ class LayoutPlan(Plan):
         self._wide: Optional[list] = None  # [wide layout or None], built on the first CUDA call
         self._layouts: Dict[tuple, BlockLayout] = {}  # per (device, heads) copies, made once
         self._parts: Dict[tuple, "_Part"] = {}
-        self._short_path: Dict[tuple, Optional[str]] = {}  # (heads, batch, heads of q, head dim) -> see _short;
-        #                                                    and ("gpu", ...) -> see _gpu_dense
+        self._short_path: Dict[tuple, Optional[str]] = {}  # (heads, batch, heads of q, head dim) -> see _short
+        self._gpu_choice: Dict[tuple, str] = {}  # _gpu_key -> DENSE or "sparse", see _gpu_dense
         self.dense_reasons: list = []  # why CUDA calls ran dense attention (_gpu_dense), one sentence each
         self._raster_bias: Dict[int, torch.Tensor] = {}  # id of a layout in self._layouts -> raster-order mask
         self._one_pass: Dict[int, OnePass] = {}  # id of a layout in self._layouts -> its one-pass call
@@ -317,7 +309,7 @@ class LayoutPlan(Plan):
         short = self._short(q, backend)
         if short is not None:
             return short
-        if self._short_path.get(self._gpu_key(q, k, None, lse)) == DENSE:
+        if self._gpu_choice.get(self._gpu_key(q, k, None, lse)) == DENSE:
             return DENSE
         layout = self.layout_on(q.device, backend=backend)
         if q.shape[-2] != layout.q_len or k.shape[-2] != layout.kv_len:
@@ -427,7 +419,7 @@ class LayoutPlan(Plan):
                 o, lse = self._dense_masked(q, k, v, layout, scale)
             return o, lse, None, self.density
         if self._gpu_dense(q, k, v, layout, scale, backend, heads, want_lse):
-            o, lse = _dense_run()(q, k, v, scale, want_lse)
+            o, lse = _bs_api._run_dense(q, k, v, scale, want_lse)
             return o, lse, None, self.density
         return self._sparse(q, k, v, layout, scale, backend, want_lse) + (None, self.density)
 
@@ -461,11 +453,11 @@ class LayoutPlan(Plan):
                 torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)):
             return False
         key = self._gpu_key(q, k, heads, want_lse)
-        hit = self._short_path.get(key)
+        hit = self._gpu_choice.get(key)
         if hit is None:
             if in_graph() or not autotune.enabled():
                 return False
-            hit = self._short_path.setdefault(key, self._measured(q, k, v, layout, scale, backend, want_lse))
+            hit = self._gpu_choice.setdefault(key, self._measured(q, k, v, layout, scale, backend, want_lse))
         return hit == DENSE
 
     def _measured(self, q, k, v, layout: BlockLayout, scale, backend: str, want_lse: bool) -> str:
@@ -476,16 +468,11 @@ class LayoutPlan(Plan):
             live = live[:, self.perm.inverse.to(live.device)]
         if not bool(live.all()):
             return "sparse"
-        timer = _bs_api._time_ms or (lambda fn: autotune.cuda_event_timer(fn, 2, 5))
-        qd, kd, vd = q.detach(), k.detach(), v.detach()
-        try:
-            with torch.no_grad():
-                sparse_ms = timer(lambda: self._sparse(qd, kd, vd, layout, scale, backend, want_lse))
-                dense_ms = timer(lambda: _dense_run()(qd, kd, vd, scale, want_lse))
-        except Exception:  # (the sparse path runs as before)
+        times = timed_against_dense(lambda q, k, v: self._sparse(q, k, v, layout, scale, backend, want_lse),
+                                    q, k, v, scale, want_lse)
+        if times is None or times[1] >= times[0]:
             return "sparse"
-        if dense_ms >= sparse_ms:
-            return "sparse"
+        sparse_ms, dense_ms = times
         self.dense_reasons.append(
             f"measured: sparse with its gathers {sparse_ms:.3f} ms > dense {dense_ms:.3f} ms at N={q.shape[2]}, "
             f"{q.shape[0]}x{q.shape[1]} heads, d={q.shape[-1]}, {q.dtype}")

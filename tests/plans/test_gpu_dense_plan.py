@@ -36,7 +36,7 @@ def _plan(monkeypatch):
     plan = dit_accel.Tile(tile=TILE, window=WINDOW).plan(GRID)
     assert plan.perm is not None and plan.layout.q_len > plan.num_tokens  # gathers and padding
     monkeypatch.setattr(plan, "_short", lambda *a, **kw: None)  # the CPU's own short paths: not a GPU's
-    monkeypatch.setattr(plan, "_short_path", {})
+    monkeypatch.setattr(plan, "_gpu_choice", {})
     monkeypatch.setattr(plan, "dense_reasons", [])
     return plan
 

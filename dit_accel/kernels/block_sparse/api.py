@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import functools
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence, Tuple
 
 import torch
 
@@ -17,7 +17,7 @@ from ..layout import BlockLayout
 
 __all__ = ["block_sparse_attention", "block_sparse_backend", "layout_on", "prepare_layout", "block_sparse_tuner",
            "memory_skips", "free_memory",
-           "dense_reason", "dense_reasons", "all_keys_visited", "live_keys", "DENSE"]
+           "dense_reason", "dense_reasons", "all_keys_visited", "live_keys", "timed_against_dense", "DENSE"]
 
 _DENSITY = LayoutCache("block_sparse.density")  # visited block fraction per layout (one host sync, once)
 
@@ -289,18 +289,29 @@ _time_ms = None
 _REASONS = LayoutCache("block_sparse.dense_reasons")
 
 
-def _measured_reason(q, k, v, layout, scale: float, sparse: str, return_lse: bool, modelled: Optional[str]):
-    """Time the sparse call and the dense one on these very inputs, once per (layout, call signature),
-    when the autotuner is on (``DIT_ACCEL_AUTOTUNE``): the measurement overrides the model. The reason
-    for dense, or None for sparse."""
+def timed_against_dense(run_sparse: Callable, q, k, v, scale, return_lse: bool) -> Optional[Tuple[float, float]]:
+    """``(sparse ms, dense ms)``: ``run_sparse(q, k, v)`` and dense attention on the fastest dense kernel, each on
+    these inputs detached and without autograd (CUDA events; tests replace :data:`_time_ms`); None where either
+    cannot be timed here. The measured half of ``auto``'s dense-or-sparse choice, for a kernel call
+    (:func:`dense_reason`) and for a plan's whole sparse path (``plans.plan.LayoutPlan``)."""
     timer = _time_ms or (lambda fn: autotune.cuda_event_timer(fn, 2, 5))
     qd, kd, vd = q.detach(), k.detach(), v.detach()
     try:
         with torch.no_grad():
-            sparse_ms = timer(lambda: block_sparse_attention(qd, kd, vd, layout, scale=scale, backend=sparse))
-            dense_ms = timer(lambda: _run_dense(qd, kd, vd, scale, return_lse))
-    except Exception:  # the model's answer stands when either cannot be timed here
+            return timer(lambda: run_sparse(qd, kd, vd)), timer(lambda: _run_dense(qd, kd, vd, scale, return_lse))
+    except Exception:  # either cannot be timed here: the caller's default stands
+        return None
+
+
+def _measured_reason(q, k, v, layout, scale: float, sparse: str, return_lse: bool, modelled: Optional[str]):
+    """Time the sparse call and the dense one on these very inputs, once per (layout, call signature),
+    when the autotuner is on (``DIT_ACCEL_AUTOTUNE``): the measurement overrides the model. The reason
+    for dense, or None for sparse."""
+    times = timed_against_dense(lambda q, k, v: block_sparse_attention(q, k, v, layout, scale=scale, backend=sparse),
+                                q, k, v, scale, return_lse)
+    if times is None:  # the model's answer stands when either cannot be timed here
         return modelled
+    sparse_ms, dense_ms = times
     if dense_ms < sparse_ms:
         return (f"measured: sparse [{sparse}] {sparse_ms:.3f} ms > dense {dense_ms:.3f} ms at N={layout.q_len}, "
                 f"M={layout.kv_len}, {q.shape[0]}x{q.shape[1]} heads" + (f" (model: {modelled})" if modelled else ""))

@@ -112,12 +112,17 @@ def vsa_layout(cubes: Cubes, selection: torch.Tensor) -> BlockLayout:
     cube); key cubes with padding carry an element mask of their real columns. Built on the selection's device
     with no host synchronisation: a query cube visits ``k`` key cubes and a key cube is visited by at most all
     ``Cq`` query cubes, so the index lists' widths are known without reading the selection back. Each row of
-    ``selection`` must name ``k`` distinct cubes, as a top-k does (the coarse branch's selection; checking it would
-    read the device on every call): a cube named twice would be visited twice. Rows are sorted here; about 20
-    launches per call."""
+    ``selection`` must name ``k`` distinct cubes, as a top-k does (checking it would read the device): a cube
+    named twice would be visited twice. Rows are sorted here."""
+    return _layout_of_rows(cubes, selection.sort(-1).values)
+
+
+def _layout_of_rows(cubes: Cubes, selection: torch.Tensor) -> BlockLayout:
+    """:func:`vsa_layout` of a selection whose rows are ascending already (the coarse branch's): about 20
+    launches, on every call of the fine branch."""
     b, h, c_q, k = selection.shape
     mask_ids, table = _cube_masks(cubes, selection.device)
-    cols = selection.reshape(b * h, c_q, k).sort(-1).values  # (the coarse branch's are ascending already)
+    cols = selection.reshape(b * h, c_q, k)
     ids = mask_ids[cols] if table is not None else torch.full(cols.shape, -1, dtype=torch.int32,
                                                                  device=cols.device)
     return BlockLayout._from_full_rows(cols.to(torch.int32), ids, q_len=c_q * cubes.volume,
@@ -201,7 +206,7 @@ def _fine_branch(q_t, k_t, v_t, cubes: Cubes, order, coarse, selection, scale: f
     """The fine branch of the selected cubes on tiled ``q_t`` (every query cube, or a ring rank's) against every
     key cube, and every part back in raster order through ``order`` (the grid's permutation, or the share's
     :class:`~.naive.CubeRows`)."""
-    layout = vsa_layout(cubes, selection)
+    layout = _layout_of_rows(cubes, selection)  # (the coarse branch's rows are ascending)
     b, h, n_q, d = q_t.shape
     n_k = k_t.shape[2]
     # batch folded into heads: one layout head per (batch, head)
