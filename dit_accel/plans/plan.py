@@ -246,6 +246,7 @@ class LayoutPlan(Plan):
         self._parts: Dict[tuple, "_Part"] = {}
         self._short_path: Dict[tuple, Optional[str]] = {}  # (heads, batch, heads of q, head dim) -> see _short
         self._gpu_choice: Dict[tuple, str] = {}  # _gpu_key -> DENSE or "sparse", see _gpu_dense
+        self._padded_backends: Dict[tuple, str] = {}  # see backend_for
         self.dense_reasons: list = []  # why CUDA calls ran dense attention (_gpu_dense), one sentence each
         self._raster_bias: Dict[int, torch.Tensor] = {}  # id of a layout in self._layouts -> raster-order mask
         self._one_pass: Dict[int, OnePass] = {}  # id of a layout in self._layouts -> its one-pass call
@@ -314,8 +315,17 @@ class LayoutPlan(Plan):
         layout = self.layout_on(q.device, backend=backend)
         if q.shape[-2] != layout.q_len or k.shape[-2] != layout.kv_len:
             # Raster tokens of a padded tiling: the kernels see other lengths. Padding keys are never visited,
-            # so auto never runs such a layout as dense attention (block_sparse.api.all_keys_visited).
-            return resolve("block_sparse", backend, Request.of(q, k, v, layout.block_q, layout.block_k))
+            # so auto never runs such a layout as dense attention (block_sparse.api.all_keys_visited). Resolved
+            # once per eager call signature, as the kernels' own decision is (stats ask on every call; a traced
+            # call resolves it in the trace, where a dict written at run time would recompile the graph).
+            def resolved() -> str:
+                return resolve("block_sparse", backend, Request.of(q, k, v, layout.block_q, layout.block_k))
+
+            if torch.compiler.is_compiling():
+                return resolved()
+            grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+            key = (backend, env_value(), grad, q.shape, q.dtype, q.device, k.shape, v.shape)
+            return self._padded_backends.get(key) or self._padded_backends.setdefault(key, resolved())
         # The kernels' own cached decision for this call (on CUDA it may be dense attention).
         return block_sparse_backend(q, k, v, layout, backend, return_lse=lse)
 

@@ -57,3 +57,28 @@ def test_attend_with_lse_matches_softmax_in_one_chunk_and_in_several(monkeypatch
     s = s.masked_fill(~valid[:, None, None, :], float("-inf"))
     torch.testing.assert_close(lse, torch.logsumexp(s, -1), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(o, torch.softmax(s, -1) @ v, atol=1e-5, rtol=1e-5)
+
+
+def test_backend_for_a_padded_tiling_resolves_once_per_call_signature(monkeypatch):
+    """Pipelines' statistics ask ``backend_for`` on every attention call; for a tiling that pads the grid (raster
+    lengths differ from the kernels') it resolved the backend table each time: tens of microseconds of host time per
+    call, which a launch-bound GPU pipeline pays (the main job on an H200, BENCHMARKS 10.3). It is resolved once per
+    call signature now, and a new signature (gradients, another backend, ``$DIT_ACCEL_BACKEND``) resolves again."""
+    from dit_accel.plans import plan as plan_module
+
+    plan = dit_accel.Tile(tile=(1, 3, 5), window=(1, 1, 3)).plan((3, 12, 20))
+    assert plan.layout.q_len > plan.num_tokens  # padded: the kernels see other lengths
+    monkeypatch.setattr(plan, "_short", lambda *a, **kw: None)  # not the CPU's own short paths
+    monkeypatch.setattr(plan, "_padded_backends", {})
+    calls = []
+    real = plan_module.resolve
+    monkeypatch.setattr(plan_module, "resolve", lambda *a, **kw: calls.append(a[1]) or real(*a, **kw))
+    q, k, v = _qkv(plan.num_tokens, heads=2, d=32)
+    with torch.no_grad():
+        assert [plan.backend_for(q, k, v, "auto") for _ in range(3)] == ["torch"] * 3
+        assert plan.backend_for(q, k, v, "flex") == "flex"
+    assert calls == ["auto", "flex"]
+    q.requires_grad_(True)
+    assert plan.backend_for(q, k, v, "auto") == "torch" and calls == ["auto", "flex", "auto"]
+    monkeypatch.setenv("DIT_ACCEL_BACKEND", "torch")
+    assert plan.backend_for(q, k, v, "auto") == "torch" and len(calls) == 4
