@@ -11,23 +11,24 @@
 # Python needs; the vendor kernels' wheels that fit a carry: see that script for which do not and why).
 # BUDGET: seconds for the whole run (each step gets at most its limit and what is left; a step with no time left
 # says `rc=skip`). STEPS: the steps to run (default all, in this order): install selftest generate wan_step
-# bench_gpu lengths_probe bwd_probe ws_probe pytest_gpu sla_parts info. For a short follow-up lease, narrower steps: SELFTEST_VARIANTS (names,
-# space-separated; default every variant), SELFTEST_BUDGET (default 140), BENCH_SHAPES, BENCH_METHODS,
-# BENCH_DENSITIES, BENCH_BUDGET (defaults below).
-# One 600 s command does not hold every step: on the H200 (2026-11-27) install took 9 s, selftest 163, generate 39,
-# wan_step 54, bench_gpu 137 and ws_probe 14, and pytest_gpu (about 190 s) was cut at 125. A 15-minute lease fits
-# two calls: BUDGET=560 for the default order, then at once on the still-warm machine (its installs kept)
-# STEPS="pytest_gpu sla_parts info" BUDGET=230. The device tool empties its $OUT before each call: give this
+# host_profile bench_gpu lengths_probe bwd_probe ws_probe pytest_gpu sla_parts info. For a short follow-up lease,
+# narrower steps: SELFTEST_VARIANTS (names, space-separated; default every variant), SELFTEST_BUDGET (default 140),
+# BENCH_SHAPES, BENCH_METHODS, BENCH_DENSITIES, BENCH_BUDGET (defaults below).
+# One 600 s command does not hold every step: on the H200 (2026-11-28, 2e62cde) install took 9 s, selftest 160,
+# generate 40, wan_step 59, bench_gpu 134, lengths_probe 11, bwd_probe 13, ws_probe 16, and then pytest_gpu 134 and
+# sla_parts 67 in later calls. A 15-minute lease (the first start costs about 35 s of it) fits two calls: BUDGET=545
+# for the default order, then at once on the still-warm machine (it goes back after 30 s idle; its installs kept)
+# STEPS="install pytest_gpu sla_parts info" BUDGET=280. The device tool empties its $OUT before each call: give this
 # script OUT=/tmp/gpu_out and copy (or tar) that folder into the tool's $OUT at the end of each call.
 # Logs: $OUT/all.log and $OUT/summary.txt (default ./gpu_out); the self-check verdicts in $OUT/selftest.json
 # ("N of M checked" in the log), each generate's sidecar as $OUT/gen_*.json, the Wan 2.1 1.3B step in
-# $OUT/wan_step.json, the bench report in $OUT/gpu_report/, the length tiles' timing in $OUT/lengths_probe.json,
-# the backward's in $OUT/bwd_probe.json,
-# the ws forward's rows in $OUT/ws_probe.json, SLA's parts in $OUT/sla_run.json.
+# $OUT/wan_step.json, the host profiles in $OUT/host_profile.json, the bench report in $OUT/gpu_report/, the length
+# tiles' timing in $OUT/lengths_probe.json, the backward's in $OUT/bwd_probe.json, the ws forward's rows in
+# $OUT/ws_probe.json, SLA's parts in $OUT/sla_run.json.
 set -u
 O=${OUT:-$PWD/gpu_out}; W=${WHEELS:-.whl}; mkdir -p "$O/gpu_report"
 T0=$(date +%s); END=$((T0 + ${BUDGET:-540}))
-STEPS=" ${STEPS:-install selftest generate wan_step bench_gpu lengths_probe bwd_probe ws_probe pytest_gpu sla_parts info} "
+STEPS=" ${STEPS:-install selftest generate wan_step host_profile bench_gpu lengths_probe bwd_probe ws_probe pytest_gpu sla_parts info} "
 export DIT_ACCEL_CACHE=${DIT_ACCEL_CACHE:-/tmp/dit_accel_cache} TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-/tmp/triton_cache}
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 L=$O/all.log
@@ -60,6 +61,8 @@ step selftest $((SB + 30)) sh -c "dit-accel selftest --device cuda --json --budg
 step generate 90 dit-accel generate --device cuda --out /tmp/gen_fp32.mp4
 cp /tmp/gen_fp32.mp4.json "$O/gen_fp32.json" 2>/dev/null
 step wan_step 120 python3 docs/scripts/wan_step_gpu.py --out "$O/wan_step.json" --sidecar "$O/gen_fp32.json"
+# Where the host time of the main job's self-attention calls (plan and dense) and of VSA's fine branch goes.
+step host_profile 60 python3 docs/scripts/host_profile.py --out "$O/host_profile.json"
 # Timings at the production shapes, the vendor kernels (FA4, cuDNN, NATTEN) beside auto where installed.
 BB=${BENCH_BUDGET:-130}
 step bench_gpu $((BB + 20)) dit-accel bench gpu --no-pytest --budget "$BB" --methods "${BENCH_METHODS:-tile,tile-fit,gna,sla-topk,vsa}" \

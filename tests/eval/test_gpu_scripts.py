@@ -54,8 +54,8 @@ def test_the_offline_run_plans_its_steps_inside_one_device_command(tmp_path):
     assert run.returncode == 0, run.stderr
     steps = re.findall(r"^(\w+) \(limit (\d+)s\): (.*)$", run.stdout, re.M)
     names = [s[0] for s in steps]
-    assert names[:8] == ["install", "selftest", "generate", "wan_step", "bench_gpu", "lengths_probe", "bwd_probe",
-                         "ws_probe"], names
+    assert names[:9] == ["install", "selftest", "generate", "wan_step", "host_profile", "bench_gpu", "lengths_probe",
+                         "bwd_probe", "ws_probe"], names
     cmd = dict((name, (int(limit), line)) for name, limit, line in steps)
     budget = int(re.search(r"--budget (\d+)", cmd["selftest"][1]).group(1))
     assert budget < cmd["selftest"][0]  # selftest ends itself, with its JSON, before the step's limit
@@ -75,6 +75,19 @@ def _dry_run(script: str, tmp_path) -> list:
                          env={**os.environ, "PYTHONPATH": str(ROOT), "TRITON_INTERPRET": "1"})
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
     return json.loads(out.read_text())
+
+
+def test_the_host_profile_runs_both_parts_on_the_cpu(tmp_path):
+    """docs/scripts/host_profile.py's dry run (tiny-wan under Dense and Tile, VSA's fine branch at a small grid): each
+    row has its host time per call and a profile whose groups add up to at most that time's order."""
+    rows = _dry_run("host_profile.py", tmp_path)
+    assert [(r["part"], r.get("method")) for r in rows] == [("main_job", "dense"), ("main_job", "tile"),
+                                                          ("vsa_fine", None)], rows
+    for r in rows:
+        assert "error" not in r and r["host_us_per_call"] > 0 and len(r["top"]) == 25, r
+        assert set(r["self_us_per_call"]) >= {"builtin", "dit_accel"}, r
+    assert rows[0]["attention_calls"] == rows[1]["attention_calls"] > 0  # the same calls, dense and sparse
+    assert rows[1]["self_us_per_call"]["dit_accel"] > rows[0]["self_us_per_call"]["dit_accel"]  # the plan's path
 
 
 def test_the_lengths_probe_runs_both_paths_against_fp32_on_the_cpu(tmp_path):
