@@ -70,6 +70,10 @@ def tensor_version(t: torch.Tensor) -> Optional[int]:
         return None
 
 
+#: A key of :attr:`BlockLayout.derived`, True where every query block visits as many key blocks (built so, by
+#: :meth:`BlockLayout._from_full_rows`; never inferred from the counts, which would read the device).
+UNIFORM_KV_ROWS = "uniform_kv_rows"
+
 _EMPTY_TABLES: dict = {}
 
 
@@ -183,20 +187,22 @@ class BlockLayout:
     def _from_full_rows(cls, kv_indices: torch.Tensor, kv_mask_ids: torch.Tensor, *, q_len: int, kv_len: int,
                         block_q: int, block_k: int, mask_table: Optional[torch.Tensor], q_width: int
                         ) -> "BlockLayout":
-        """A layout in which every query block visits ``kv_indices.shape[-1]`` key blocks: int32 ``[Hl, nQ, k]``,
+        """A layout in which every query block visits ``kv_indices.shape[-1]`` key blocks: int ``[Hl, nQ, k]``,
         ascending per row (VSA's top-k selection), with their mask ids (int32, ``-1`` full); ``q_width`` bounds
         the query blocks that visit one key block. For callers whose lists are valid by construction (they are
         not checked): built on their device without a host sync, in 25 ATen ops where :meth:`from_block_masks`
         takes 42 (VSA at FastWan's grid; a layout built per call)."""
         hl, n_q, k = kv_indices.shape
         dev = kv_indices.device
-        cols = kv_indices.long()
+        cols = kv_indices.long()  # (int64 given: the same tensor, and the int32 lists one conversion)
         visited = torch.zeros(hl, n_q, _cdiv(kv_len, block_k), dtype=torch.bool, device=dev).scatter_(2, cols, True)
         ids = torch.full(visited.shape, -1, dtype=_INT, device=dev).scatter_(2, cols, kv_mask_ids)
         q_side = _pack(visited.transpose(-1, -2), ids.transpose(-1, -2), q_width)
         table = _empty_table(block_q, block_k, dev) if mask_table is None else mask_table
-        return cls(q_len, kv_len, block_q, block_k, torch.full((hl, n_q), k, dtype=_INT, device=dev), kv_indices,
-                   kv_mask_ids, *q_side, table)
+        layout = cls(q_len, kv_len, block_q, block_k, torch.full((hl, n_q), k, dtype=_INT, device=dev),
+                     kv_indices.to(_INT), kv_mask_ids, *q_side, table)
+        layout.derived[UNIFORM_KV_ROWS] = True  # every query block lists k key blocks (launchers: work order)
+        return layout
 
     @classmethod
     def from_dense_mask(cls, mask: torch.Tensor, block_q: int = 64, block_k: int = 64) -> "BlockLayout":

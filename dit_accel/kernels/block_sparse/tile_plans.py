@@ -210,6 +210,8 @@ def tile_plan(layout: BlockLayout, tile_r: int, tile_c: int, transposed: bool = 
     classes = _mask_classes(layout.mask_table, transposed, n_cols, block_r, block_c, tile_r, tile_c, lengths)
     dev = indices.device
     r_sub, c_sub = block_r // tile_r, block_c // tile_c
+    if _whole_blocks(layout.mask_table, r_sub, c_sub, n_cols % block_c):
+        return _lists_plan(counts, indices, classes, lengths, block_r)
     hl, width = indices.shape[0], indices.shape[-1]
     # A listed tile's class index: ((ragged * (P + 1) + mask id + 1) * r_sub + row sub-tile) * c_sub + column
     # sub-tile (:class:`_Classes`).
@@ -243,6 +245,23 @@ def tile_plan(layout: BlockLayout, tile_r: int, tile_c: int, transposed: bool = 
     head = [n_full, n_part] + ([] if lengths is None else [(kind == 1).sum(-1)])
     plan = torch.cat([torch.stack(head, -1).to(torch.int32), u[..., :w].to(torch.int32), entry[..., :w]], -1)
     return TilePlan(plan.contiguous(), classes.bits, w, block_r)
+
+
+def _whole_blocks(table: torch.Tensor, r_sub: int, c_sub: int, ragged: int) -> bool:
+    """Whether a plan's tiles are its layout's blocks, all full: one tile per block, no element mask, no block past
+    the streamed length (:func:`_lists_plan` then builds it)."""
+    return table.shape[0] == 0 and r_sub == c_sub == 1 and not ragged
+
+
+def _lists_plan(counts: torch.Tensor, indices: torch.Tensor, classes: _Classes, lengths: Optional[bool],
+               block_r: int) -> TilePlan:
+    """:func:`tile_plan` where the kernel tile is the block, no block has an element mask and none reaches past the
+    streamed length: every listed tile is full, in the lists' own order, so the plan is the lists with a header and
+    the full class's entry (4 launches where the classification takes 18; VSA's whole cubes plan so per call)."""
+    zero = torch.zeros_like(counts)
+    head = torch.stack([counts, zero] + ([] if lengths is None else [zero]), -1).to(torch.int32)
+    entry = classes.entry[:1].expand(indices.shape)
+    return TilePlan(torch.cat([head, indices.to(torch.int32), entry], -1), classes.bits, indices.shape[-1], block_r)
 
 
 class _PlanCache:
@@ -303,7 +322,7 @@ def _identity(layout: BlockLayout) -> tuple:
             id(layout.mask_table))
 
 
-def work_order(plan: TilePlan, batch: int, heads: int) -> torch.Tensor:
+def work_order(plan: TilePlan, batch: int, heads: int, uniform: bool = False) -> torch.Tensor:
     """The persistent forward's work items, in the order its programs take them.
 
     int32 ``[batch * heads * R]``, item ``(b * heads + h) * R + r`` for query tile ``r`` of head
@@ -311,8 +330,11 @@ def work_order(plan: TilePlan, batch: int, heads: int) -> torch.Tensor:
     ones fill the gaps at the end (GNA's border rows, radial attention's near-diagonal rows); rows
     of equal length stay in (batch, head, query tile) order, so programs running side by side
     share a head's K/V in L2. Host data built on the plan's device without a sync, once per
-    (layout, tile shape, batch, heads): :func:`_work_order` caches it with the plan.
+    (layout, tile shape, batch, heads): :func:`_work_order` caches it with the plan. ``uniform``: the caller knows
+    every row lists as many tiles, so the order is the items' own (one launch, no sort).
     """
+    if uniform:
+        return torch.arange(batch * heads * plan.plan.shape[1], dtype=torch.int32, device=plan.plan.device)
     counts = plan.plan[..., 0] + plan.plan[..., 1]  # [Hl, R] key tiles per row
     hl, r = counts.shape
     dev = counts.device

@@ -50,7 +50,7 @@ from ..dense.tiles import (LOG2E, dkdv_step, dq_step, fwd_step, fwd_update, load
 from ..dense.configs import tma_ok
 from ..dense.triton import _bwd_preprocess_kernel, ensure_allocator
 from .. import occupancy, selfcheck
-from ..layout import BlockLayout
+from ..layout import UNIFORM_KV_ROWS, BlockLayout
 from ..request import in_graph
 from .lengths import VARIANT as LEN_VARIANT
 from .lengths import (PARTIAL, bit_masked, column_offsets, fwd_epilogue, len_bias_table, len_step, length_bias, length_rows,
@@ -396,7 +396,8 @@ def _plan(layout: BlockLayout, tile_r: int, tile_c: int, transposed: bool, lengt
 
 def _work_order(layout: BlockLayout, plan: TilePlan, tile_r: int, tile_c: int, batch: int,
                 heads: int) -> torch.Tensor:
-    return _PLANS.get(layout, ("items", tile_r, tile_c, batch, heads), lambda: work_order(plan, batch, heads))
+    uniform = (tile_r, tile_c) == (layout.block_q, layout.block_k) and layout.derived.get(UNIFORM_KV_ROWS, False)
+    return _PLANS.get(layout, ("items", tile_r, tile_c, batch, heads), lambda: work_order(plan, batch, heads, uniform))
 
 
 # ---------------------------------------------------------------------------

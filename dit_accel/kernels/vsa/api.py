@@ -125,7 +125,7 @@ def _layout_of_rows(cubes: Cubes, selection: torch.Tensor) -> BlockLayout:
     cols = selection.reshape(b * h, c_q, k)
     ids = mask_ids[cols] if table is not None else torch.full(cols.shape, -1, dtype=torch.int32,
                                                                  device=cols.device)
-    return BlockLayout._from_full_rows(cols.to(torch.int32), ids, q_len=c_q * cubes.volume,
+    return BlockLayout._from_full_rows(cols, ids, q_len=c_q * cubes.volume,
                                        kv_len=cubes.perm.num_padded, block_q=cubes.volume, block_k=cubes.volume,
                                        mask_table=table, q_width=c_q)
 
