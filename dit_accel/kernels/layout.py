@@ -191,7 +191,7 @@ class BlockLayout:
         ascending per row (VSA's top-k selection), with their mask ids (int32, ``-1`` full); ``q_width`` bounds
         the query blocks that visit one key block. For callers whose lists are valid by construction (they are
         not checked): built on their device without a host sync, in 20 ATen ops where :meth:`from_block_masks`
-        takes 28 (VSA at FastWan's grid, 2 heads; a layout built per call)."""
+        takes 28 with the widths given (VSA at FastWan's grid, 2 heads; a layout built per call)."""
         hl, n_q, k = kv_indices.shape
         dev = kv_indices.device
         cols = kv_indices.long()  # (int64 given: the same tensor, and the int32 lists one conversion)
