@@ -494,15 +494,35 @@ def _in_name_order(na: List[dict], rows: List[dict]) -> List[dict]:
     return sorted(na + rows, key=lambda r: order.get(r["variant"], len(order)))  # (stable: tasks keep theirs)
 
 
+#: Seconds a check took on a fresh H200 machine (2e62cde, 2026-11-28, 8 workers: its compiles included), per
+#: (variant, dtype) and per variant (any other dtype); other checks took about a second. The SLA fp32 checks ran last
+#: in variant order and the run took 160 s for 551 s of checks; started first, the longest (64 s) fits a run of
+#: about 551 / 8 s.
+_EXPECTED_S = {("sla.triton.bwd", "float32"): 64.0, ("sla.triton.fwd", "float32"): 58.0, "sla.triton.bwd": 15.0,
+               "block_sparse.triton.bwd": 7.0, "dense.triton.bwd": 3.0, "sla.triton.classify": 3.0,
+               "block_sparse.triton.bwd_dkdv_dq": 3.0}
+
+
+def expected_seconds(device: torch.device, name: str, dtype: torch.dtype, shape: dict) -> float:
+    """How long a check of ``name`` at ``dtype`` and ``shape`` should take: its last run's seconds where this
+    machine's verdict cache holds one, else :data:`_EXPECTED_S`'s figure, else 1. The worker pool starts the longest
+    checks first, so none is left to run alone at the end of a run."""
+    entry = _entries().get(_key(name, device, dtype, shape))
+    if entry is not None and entry.get("seconds"):
+        return float(entry["seconds"])
+    dt = str(dtype).replace("torch.", "")
+    return _EXPECTED_S.get((name, dt), _EXPECTED_S.get(name, 1.0))
+
+
 def _run_pool(device: torch.device, tasks: List[tuple], jobs: int, out_of_time: Callable[..., bool],
               finish: Callable[[int, dict], None], grace_s: float) -> None:
-    """The tasks in ``jobs`` spawned worker processes (spawned, not forked: CUDA does not survive a fork),
-    each task submitted while time is left; a worker that dies is that task's failed check. Checks still
+    """The tasks in ``jobs`` spawned worker processes (spawned, not forked: CUDA does not survive a fork), the
+    longest first (:func:`expected_seconds`), each task submitted while time is left; a worker that dies is that task's failed check. Checks still
     running ``grace_s`` past the budget are abandoned: their workers are stopped and their rows stay unset."""
     import multiprocessing
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
-    pending = list(enumerate(tasks))
+    pending = sorted(enumerate(tasks), key=lambda it: -expected_seconds(device, *it[1]))  # the longest first
     running = {}
     ex = ProcessPoolExecutor(max_workers=min(jobs, len(tasks)), mp_context=multiprocessing.get_context("spawn"))
     try:

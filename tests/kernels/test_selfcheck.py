@@ -346,6 +346,44 @@ def test_selftest_jobs_run_the_checks_in_worker_processes_and_still_catch_a_faul
     assert len(kept) == 2 and not any(v["ok"] for v in kept) and all(v["faulted"] for v in kept)
 
 
+def test_the_worker_pool_starts_the_longest_checks_first(monkeypatch, tmp_path):
+    """On a fresh H200 the SLA fp32 checks (about a minute each) came last in variant order: 94 of 96 checks in 160 s
+    for 551 s of work on 8 workers. The pool now submits the longest first (a previous run's seconds from this
+    machine's verdict cache, else the H200's), and the rows still come back in variant order."""
+    from concurrent.futures import Future
+
+    monkeypatch.setenv("DIT_ACCEL_CACHE", str(tmp_path))
+    submitted = []
+
+    class Pool:
+        def __init__(self, max_workers, mp_context):
+            self._processes = {}
+
+        def submit(self, fn, device, name, dtype, shape):
+            submitted.append((name, str(dtype).replace("torch.", "")))
+            fut = Future()
+            entry = {"variant": name, "dtype": str(dtype).replace("torch.", ""), "problem": "p", "error": 0.0,
+                     "tolerance": 1.0, "ok": True, "seconds": 0.5}
+            fut.set_result((None, entry))
+            return fut
+
+        def shutdown(self, wait=True, cancel_futures=False):
+            pass
+
+    monkeypatch.setattr("concurrent.futures.ProcessPoolExecutor", Pool)
+    names = ["dense.triton.fwd", "block_sparse.triton.bwd", "sla.triton.fwd", "sla.triton.bwd"]
+    rows = selfcheck.run_all(CPU, names=names, jobs=2)
+    assert submitted[:2] == [("sla.triton.bwd", "float32"), ("sla.triton.fwd", "float32")], submitted
+    assert submitted[2][0] == "sla.triton.bwd" and submitted[-1][0] in ("dense.triton.fwd", "sla.triton.fwd")
+    order = [v.name for v in selfcheck.variants()]
+    assert [r["variant"] for r in rows] == sorted((r["variant"] for r in rows), key=order.index)  # variant order
+    assert len(rows) == len(submitted) and all(r["verdict"] == "pass" for r in rows)
+    key = selfcheck._key("dense.triton.fwd", CPU, torch.float16, selfcheck.plan(CPU, ["dense.triton.fwd"])[1][0][2])
+    monkeypatch.setitem(selfcheck._MEMORY, key, {"seconds": 500.0})  # this machine's last run: the longest now
+    assert selfcheck.expected_seconds(CPU, "dense.triton.fwd", torch.float16,
+                                      selfcheck.plan(CPU, ["dense.triton.fwd"])[1][0][2]) == 500.0
+
+
 def test_a_spawned_worker_knows_the_variants_registered_outside_the_kernels_core():
     """A spawned worker imports only what unpickling its task needs (``dit_accel.kernels.selfcheck``). VSA's
     variant registers in its own package: on the first GPU run every ``vsa.triton.coarse`` check of
