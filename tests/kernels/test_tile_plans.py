@@ -149,6 +149,33 @@ def test_transposed_plan_matches_brute_force(case):
         _same(_decoded(layout, tile_r, tile_c, True, None), _brute(layout, tile_r, tile_c, True, None))
 
 
+@pytest.mark.parametrize("width", [None, "exact", "wider", "narrower"])
+def test_index_lists_match_a_row_by_row_definition(width):
+    """``layout._pack``, every layout's lists: per row its count, its visited columns ascending then zeros, their
+    mask ids then -1, at the lists' width (the widest row's, or the caller's bound: wider pads, narrower keeps the
+    first columns), against the columns read row by row with ``nonzero``."""
+    from dit_accel.kernels.layout import _pack
+
+    g = torch.Generator().manual_seed(11)
+    for _ in range(40):
+        hl, r, c = (int(x) for x in torch.randint(1, 9, (3,), generator=g))
+        visited = torch.rand(hl, r, c, generator=g) < float(torch.rand(1, generator=g))
+        ids = torch.where(visited, torch.randint(0, 5, visited.shape, generator=g), -1).to(torch.int32)
+        widest = int(visited.sum(-1).max())
+        w = {None: None, "exact": widest, "wider": widest + 2, "narrower": max(widest - 1, 1)}[width]
+        counts, indices, mask_ids = _pack(visited, ids, w)
+        expect_w = max(widest, 1) if w is None else w
+        assert indices.shape == mask_ids.shape == (hl, r, expect_w) and indices.is_contiguous()
+        for h in range(hl):
+            for i in range(r):
+                cols = visited[h, i].nonzero().flatten().tolist()
+                assert counts[h, i] == len(cols)
+                listed = cols[:expect_w]
+                pad = expect_w - len(listed)
+                assert indices[h, i].tolist() == listed + [0] * pad
+                assert mask_ids[h, i].tolist() == [int(ids[h, i, j]) for j in listed] + [-1] * pad
+
+
 def _whole_block_layouts():
     """Layouts whose blocks are all full or skipped, none past the grid's end: drawn block masks (ragged rows of
     visits, one or two layout heads) and VSA's rows (every query block visits k key blocks)."""
