@@ -24,7 +24,8 @@
 # ("N of M checked" in the log), each generate's sidecar as $OUT/gen_*.json, the Wan 2.1 1.3B step in
 # $OUT/wan_step.json, the host profiles in $OUT/host_profile.json, the bench report in $OUT/gpu_report/, the length
 # tiles' timing in $OUT/lengths_probe.json, the backward's in $OUT/bwd_probe.json, the ws forward's rows in
-# $OUT/ws_probe.json, SLA's parts in $OUT/sla_run.json.
+# $OUT/ws_probe.json, SLA's parts in $OUT/sla_run.json. The vendor kernels (FA4, cuDNN) travel in parts:
+# docs/scripts/gpu_vendor.sh says how; its steps vendor_selftest and bench_vendor run only when named in STEPS.
 set -u
 O=${OUT:-$PWD/gpu_out}; W=${WHEELS:-.whl}; mkdir -p "$O/gpu_report"
 T0=$(date +%s); END=$((T0 + ${BUDGET:-540}))
@@ -74,6 +75,13 @@ step lengths_probe 60 python3 docs/scripts/lengths_probe.py --out "$O/lengths_pr
 step bwd_probe 90 sh -c "cd docs/scripts && python3 bwd_probe.py --out '$O/bwd_probe.json'"
 # Where the (opt-in) warp-specialized forward goes wrong: tile shapes, pipeline depths, dense and sparse layouts.
 step ws_probe 60 python3 docs/scripts/ws_probe.py --time --out "$O/ws_probe.json"
+# The vendor kernels, where docs/scripts/gpu_vendor.sh install put them in (named in STEPS, not in the default order):
+# their self-checks, then each timed beside auto.
+VV="--variant block_sparse.fa4.fwd --variant block_sparse.fa4.bwd"
+VV="$VV --variant block_sparse.cudnn.fwd --variant block_sparse.cudnn.bwd"
+step vendor_selftest 120 sh -c "dit-accel selftest --device cuda --json --budget 90 $VV > '$O/vendor_selftest.json'"
+step bench_vendor 150 dit-accel bench gpu --no-pytest --budget 120 --methods tile,vsa --densities 0.1 \
+    --shapes "1.3B,FastWan" --out "$O/gpu_report_vendor"
 step pytest_gpu 240 python3 -m pytest -m gpu -o addopts= -p no:cacheprovider -q -rfE --timeout 120 --durations=15 tests
 step sla_parts 120 env OUT="$O" PYTHONPATH=. python3 docs/scripts/sla_gpu_parts.py run --configs --bwd-configs --profile
 step info 30 dit-accel info

@@ -142,3 +142,53 @@ def test_the_ws_probe_times_only_the_variants_correct_on_both_layouts(tmp_path, 
     assert json.loads(out.read_text())["timings"] == [{"ms": 1}]
     with pytest.raises(SystemExit):
         probe.main(["--time-tokens", "100", "--out", str(out)])
+
+
+def _tiny_wheel(folder: Path, name: str, size: int) -> Path:
+    """A pure-Python wheel of ``name`` with ``size`` bytes of incompressible payload (so a pack has several parts)."""
+    import base64
+    import hashlib
+    import zipfile
+
+    files = {f"{name}/__init__.py": b"PROBE = 1\n", f"{name}/blob.bin": os.urandom(size),
+             f"{name}-1.0.dist-info/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: 1.0\n".encode(),
+             f"{name}-1.0.dist-info/WHEEL": b"Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\n"
+                                           b"Tag: py3-none-any\n"}
+    record = "".join(f"{p},sha256={base64.urlsafe_b64encode(hashlib.sha256(d).digest()).rstrip(b'=').decode()},"
+                     f"{len(d)}\n" for p, d in files.items()) + f"{name}-1.0.dist-info/RECORD,,\n"
+    path = folder / f"{name}-1.0-py3-none-any.whl"
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as z:
+        for p, d in {**files, f"{name}-1.0.dist-info/RECORD": record.encode()}.items():
+            z.writestr(p, d)
+    return path
+
+
+def test_the_vendor_wheels_travel_in_parts_and_install_whole_or_not_at_all(tmp_path):
+    """docs/scripts/gpu_vendor.sh on the CPU: ``pack`` cuts the wheels into parts of PART_MIB (one a device call),
+    each with the pack's checksum; ``install`` joins them, checks the checksum and installs the wheels (into a
+    target folder here); a missing part or no parts is refused with the reason, installing nothing."""
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    _tiny_wheel(wheels, "vendor_probe_a", 1_500_000)
+    _tiny_wheel(wheels, "vendor_probe_b", 800_000)
+    parts, site = tmp_path / "parts", tmp_path / "site"
+    env = {**os.environ, "WHEELS_FROM": str(wheels), "VENDOR_DIR": str(parts), "PART_MIB": "1",
+           "PIP_ARGS": f"--target {site}"}
+    script = str(SCRIPTS / "gpu_vendor.sh")
+    run = subprocess.run(["bash", script, "pack"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    dirs = sorted(p.name for p in parts.iterdir())
+    assert dirs == ["1", "2", "3"] and f'carry ["{parts}/3"]' in run.stdout, (dirs, run.stdout)
+    assert all((parts / d / "vendor.sha256").read_text() == (parts / "1" / "vendor.sha256").read_text() for d in dirs)
+    assert all(f.stat().st_size <= 1 << 20 for f in parts.glob("*/part-*"))
+    (parts / "2" / "part-01").rename(tmp_path / "held")  # a part not carried yet
+    run = subprocess.run(["bash", script, "install"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert run.returncode == 3 and "a part is missing" in run.stderr and not site.exists(), run.stderr
+    (tmp_path / "held").rename(parts / "2" / "part-01")
+    run = subprocess.run(["bash", script, "install"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert (site / "vendor_probe_a" / "blob.bin").stat().st_size == 1_500_000 and (site / "vendor_probe_b").is_dir()
+    assert "vendor_probe_a-1.0-py3-none-any.whl" in run.stdout and "cudnn:" in run.stdout
+    run = subprocess.run(["bash", script, "install"], cwd=ROOT, capture_output=True, text=True, timeout=60,
+                         env={**env, "VENDOR_DIR": str(tmp_path / "none")})
+    assert run.returncode == 2 and "no parts" in run.stderr
