@@ -153,6 +153,38 @@ def test_twin_parts_and_layout_agree():
 
 
 
+def test_a_traced_call_gathers_the_fine_branch_and_agrees_with_the_block_sparse_twin(monkeypatch):
+    """Traced (torch.compile), the fine branch on the PyTorch twin gathers each query cube's selected key cubes
+    (``naive.fine_gathered``: tensor ops, where the twin reads its block lists on the host, which raised under
+    ``fullgraph=True``). Partial cubes and a ring rank's query share, against the eager block-sparse twin and the
+    float64 reference; the CUDA backends still take the block-sparse call."""
+    from dit_accel.kernels.vsa import api, cubes_of, vsa_parts
+    from dit_accel.kernels.vsa.naive import coarse_attention, fine_gathered
+
+    grid, tile = (5, 6, 7), (4, 4, 4)
+    q, k, v, _ = _qkv((2, 2, 210, 8), seed=7)
+    eager = vsa_parts(q, k, v, grid, 3, tile, 8 ** -0.5, backend="torch")
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    traced = vsa_parts(q, k, v, grid, 3, tile, 8 ** -0.5, backend="torch")
+    torch.testing.assert_close(traced.fine, eager.fine, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(traced.lse, eager.lse, atol=1e-5, rtol=1e-5)
+    assert torch.equal(traced.selection, eager.selection)
+    want, _ = vsa_naive(q.double(), k.double(), v.double(), grid, 3, tile)
+    torch.testing.assert_close(traced.fine.double(), want, atol=1e-5, rtol=1e-5)
+    cubes = cubes_of(grid, tile)
+    q_t, k_t, v_t = (cubes.perm.permute(x, dim=-2) for x in (q, k, v))
+    sel = coarse_attention(q_t, k_t, v_t, cubes, 3, 8 ** -0.5, False)[2]
+    whole, lse = fine_gathered(q_t, k_t, v_t, cubes, sel, 8 ** -0.5)
+    rows = slice(2 * 64, 5 * 64)  # query cubes 2..4 (a ring rank's share)
+    share, share_lse = fine_gathered(q_t[:, :, rows], k_t, v_t, cubes, sel[:, :, 2:5], 8 ** -0.5)
+    torch.testing.assert_close(share, whole[:, :, rows])
+    torch.testing.assert_close(share_lse, lse[:, :, rows])
+    assert api._twin("torch", q.device) and api._twin("auto", q.device)
+    assert not api._twin("auto", torch.device("cuda")) and not api._twin("triton", q.device)
+    monkeypatch.setenv("DIT_ACCEL_BACKEND", "torch")
+    assert api._twin("auto", torch.device("cuda"))
+
+
 def test_the_layout_is_built_without_reading_the_device(monkeypatch):
     """vsa_layout (built on every call, on the selection's device) reads no count back (no int()/bool()/item() of
     a tensor, what a CUDA graph capture forbids), and holds the same visits as a layout packed to the widest row."""

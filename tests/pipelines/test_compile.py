@@ -20,6 +20,8 @@ METHODS = {
         "gna": dit_accel.GNA(kernel_size=(2, 5, 5), tile=(1, 8, 8)),
         "radial": dit_accel.Radial(block_size=64),
         "sla": dit_accel.SLA(topk=0.3),
+        # (fullgraph raised on the twin's host read of each call's cube lists: the fine branch gathers when traced)
+        "vsa": dit_accel.VSA(sparsity=0.5),
         "dense": dit_accel.Dense(),
     },
     "flux": {

@@ -22,7 +22,7 @@ import torch
 from ..block_sparse import block_sparse_attention
 from ..checks import check_qkv, check_scale
 from ..layout import BlockLayout
-from .naive import CubeRows, Cubes, coarse_attention, cubes_of, selected_count
+from .naive import CubeRows, Cubes, coarse_attention, cubes_of, fine_gathered, selected_count
 
 __all__ = ["vsa_attention", "vsa_parts", "vsa_parts_rows", "check_vsa_config", "check_vsa_grid", "vsa_layout",
            "VSAResult", "DEFAULT_TILE"]
@@ -202,17 +202,30 @@ def _fine_backend(q, k, v, layout: BlockLayout, backend: str, cubes: Cubes) -> s
     return name or backend
 
 
+def _twin(backend: str, device: torch.device) -> bool:
+    """Whether the fine branch's block-sparse call runs the PyTorch twin: forced, by ``backend`` or
+    ``$DIT_ACCEL_BACKEND``, or ``auto`` off CUDA."""
+    from ..backends import env_backend
+
+    forced = backend if backend != "auto" else env_backend()
+    return forced == "torch" or (forced is None and device.type != "cuda")
+
+
 def _fine_branch(q_t, k_t, v_t, cubes: Cubes, order, coarse, selection, scale: float, backend: str) -> VSAResult:
     """The fine branch of the selected cubes on tiled ``q_t`` (every query cube, or a ring rank's) against every
     key cube, and every part back in raster order through ``order`` (the grid's permutation, or the share's
     :class:`~.naive.CubeRows`)."""
-    layout = _layout_of_rows(cubes, selection)  # (the coarse branch's rows are ascending)
     b, h, n_q, d = q_t.shape
-    n_k = k_t.shape[2]
-    # batch folded into heads: one layout head per (batch, head)
-    q_f, k_f, v_f = q_t.reshape(1, b * h, n_q, d), k_t.reshape(1, b * h, n_k, d), v_t.reshape(1, b * h, n_k, d)
-    fine, lse = block_sparse_attention(q_f, k_f, v_f, layout, scale=scale, return_lse=True,
-                                       backend=_fine_backend(q_f, k_f, v_f, layout, backend, cubes))
+    if torch.compiler.is_compiling() and _twin(backend, q_t.device):
+        # The twin reads its block lists on the host, which a trace cannot: the gathered form, tensor ops only.
+        fine, lse = fine_gathered(q_t, k_t, v_t, cubes, selection, scale)
+    else:
+        layout = _layout_of_rows(cubes, selection)  # (the coarse branch's rows are ascending)
+        n_k = k_t.shape[2]
+        # batch folded into heads: one layout head per (batch, head)
+        q_f, k_f, v_f = q_t.reshape(1, b * h, n_q, d), k_t.reshape(1, b * h, n_k, d), v_t.reshape(1, b * h, n_k, d)
+        fine, lse = block_sparse_attention(q_f, k_f, v_f, layout, scale=scale, return_lse=True,
+                                           backend=_fine_backend(q_f, k_f, v_f, layout, backend, cubes))
     fine = order.unpermute(fine.view(b, h, n_q, d), dim=-2)
     lse = order.unpermute(lse.view(b, h, n_q), dim=-1)
     coarse_tok = None

@@ -20,7 +20,7 @@ import torch
 
 from ...patterns.permutation import PackedTilePermutation, TilePermutation
 
-__all__ = ["Cubes", "cubes_of", "cube_sizes", "cube_tile", "MAX_CUBE_TOKENS", "selected_count", "top_cubes", "coarse_attention", "CubeRows", "cube_rows", "vsa_parts_naive",
+__all__ = ["Cubes", "cubes_of", "cube_sizes", "cube_tile", "MAX_CUBE_TOKENS", "selected_count", "top_cubes", "coarse_attention", "CubeRows", "cube_rows", "vsa_parts_naive", "fine_gathered",
            "vsa_naive", "VSAParts"]
 
 
@@ -199,27 +199,39 @@ def vsa_parts_naive(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid: Tup
     attention of each query over the real tokens of its selected key cubes.
     """
     cubes = cubes_of(grid, tile)
-    perm, c, vol = cubes.perm, cubes.count, cubes.volume
+    perm, vol = cubes.perm, cubes.volume
     q_t, k_t, v_t = (perm.permute(x, dim=-2) for x in (q, k, v))
     dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     coarse, _, sel = coarse_attention(q_t, k_t, v_t, cubes, count, scale, with_coarse, dtype)
-    b, h, _, d = q.shape
-    # Gather the selected key cubes of every query cube: (B, H, C, count*V, D).
-    kv_index = sel[..., None] * vol + torch.arange(vol, device=q.device)  # (B, H, C, count, V)
-    kv_index = kv_index.reshape(b, h, c * count * vol)
-    k_sel = k_t.to(dtype).gather(2, kv_index[..., None].expand(-1, -1, -1, d)).view(b, h, c, count * vol, d)
-    v_sel = v_t.to(dtype).gather(2, kv_index[..., None].expand(-1, -1, -1, d)).view(b, h, c, count * vol, d)
-    key_real = cubes.real.to(q.device).view(-1)[kv_index].view(b, h, c, 1, count * vol)
-    s = torch.matmul(q_t.to(dtype).view(b, h, c, vol, d), k_sel.transpose(-1, -2)) * scale
-    s = s.masked_fill(~key_real, float("-inf"))
-    lse = torch.logsumexp(s, dim=-1)  # every query cube has >= 1 real key: finite
-    fine = torch.matmul(torch.exp(s - lse[..., None]), v_sel)  # (B, H, C, V, D)
-    fine = perm.unpermute(fine.reshape(b, h, c * vol, d), dim=-2)
-    lse = perm.unpermute(lse.reshape(b, h, c * vol), dim=-1)
+    fine, lse = fine_gathered(q_t, k_t, v_t, cubes, sel, scale)
+    fine, lse = perm.unpermute(fine, dim=-2), perm.unpermute(lse, dim=-1)
     coarse_tok = None
     if coarse is not None:  # each token gets its own cube's row
         coarse_tok = perm.unpermute(coarse.repeat_interleave(vol, dim=2), dim=-2)
-    return VSAParts(fine.to(q.dtype), lse, coarse_tok, sel)
+    return VSAParts(fine, lse, coarse_tok, sel)
+
+
+def fine_gathered(q_t: torch.Tensor, k_t: torch.Tensor, v_t: torch.Tensor, cubes: Cubes, selection: torch.Tensor,
+                  scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The fine branch on tiled inputs by gathering each query cube's selected key cubes: ``(fine in q's dtype,
+    lse)``, both tiled, computed in fp32 (float64 for float64). ``q_t`` holds ``Cq`` query cubes (every cube, or a
+    ring rank's), ``selection`` ``(B, H, Cq, count)``. Tensor operations only, no host read, so a traced call takes
+    it (:mod:`.api` runs the block-sparse backends otherwise, whose PyTorch twin reads its block lists)."""
+    b, h, n_q, d = q_t.shape
+    vol, count = cubes.volume, selection.shape[-1]
+    c = n_q // vol
+    dtype = torch.float64 if q_t.dtype == torch.float64 else torch.float32
+    # Gather the selected key cubes of every query cube: (B, H, Cq, count*V, D).
+    kv_index = selection[..., None] * vol + torch.arange(vol, device=q_t.device)  # (B, H, Cq, count, V)
+    kv_index = kv_index.reshape(b, h, c * count * vol)
+    k_sel = k_t.to(dtype).gather(2, kv_index[..., None].expand(-1, -1, -1, d)).view(b, h, c, count * vol, d)
+    v_sel = v_t.to(dtype).gather(2, kv_index[..., None].expand(-1, -1, -1, d)).view(b, h, c, count * vol, d)
+    key_real = cubes.real.to(q_t.device).view(-1)[kv_index].view(b, h, c, 1, count * vol)
+    s = torch.matmul(q_t.to(dtype).view(b, h, c, vol, d), k_sel.transpose(-1, -2)) * scale
+    s = s.masked_fill(~key_real, float("-inf"))
+    lse = torch.logsumexp(s, dim=-1)  # every query cube has >= 1 real key: finite
+    fine = torch.matmul(torch.exp(s - lse[..., None]), v_sel)  # (B, H, Cq, V, D)
+    return fine.reshape(b, h, n_q, d).to(q_t.dtype), lse.reshape(b, h, n_q)
 
 
 def vsa_naive(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid: Tuple[int, int, int], count: int,
