@@ -517,8 +517,9 @@ def expected_seconds(device: torch.device, name: str, dtype: torch.dtype, shape:
 def _run_pool(device: torch.device, tasks: List[tuple], jobs: int, out_of_time: Callable[..., bool],
               finish: Callable[[int, dict], None], grace_s: float) -> None:
     """The tasks in ``jobs`` spawned worker processes (spawned, not forked: CUDA does not survive a fork), the
-    longest first (:func:`expected_seconds`), each task submitted while time is left; a worker that dies is that task's failed check. Checks still
-    running ``grace_s`` past the budget are abandoned: their workers are stopped and their rows stay unset."""
+    longest first (:func:`expected_seconds`), each task submitted while time is left; a worker that dies is that
+    task's failed check. Checks still running ``grace_s`` past the budget are abandoned: their workers are stopped
+    and their rows stay unset."""
     import multiprocessing
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
