@@ -122,6 +122,10 @@ class GpuConstants:
     modelled_kernel: bool = False  # True: the constants model a kernel that was never measured
     #: The backward's own per-call cost (its two launches, autograd's glue); None: ``per_call_s`` again.
     backward_per_call_s: Optional[float] = None
+    #: VSA's coarse branch (pooling, coarse attention, top-k) per token and per (query cube, key cube) pair and head,
+    #: at head dim 128, where fitted (:func:`vsa_coarse_time`); None: priced with SLA's and the dense constants.
+    vsa_coarse_per_token_s: Optional[float] = None
+    vsa_coarse_per_pair_s: Optional[float] = None
 
     @property
     def slots(self) -> int:
@@ -175,9 +179,11 @@ _H200 = dataclasses.replace(
     backward_per_call_s=580e-6, backward_tile_factor=3.87,
     dense_per_call_s=20e-6, dense_per_tile_s=0.90e-6, dense_backward_factor=2.9,
     triton_dense_per_call_s=50e-6, triton_dense_per_tile_s=1.045e-6,
+    vsa_coarse_per_token_s=7.32e-10, vsa_coarse_per_pair_s=8.27e-11,
     source="fit to the H200 rows of 2026-11-26 (dit-accel bench gpu, commit 651d71b), bf16, d=128, batch 1: "
            "7 block-sparse forward rows, 7 forward + backward rows, 2 SDPA and 2 dense Triton rows; SLA "
-           "constants from h100; see dit_accel.kernels.cost")
+           "constants from h100; VSA's coarse branch fitted to its 2 rows of 2026-11-28 (2e62cde); see "
+           "dit_accel.kernels.cost")
 
 #: ``arch`` and ``arch/kernel`` -> constants. ``"h100"`` and ``"h200"`` are measured fits; the others are modelled.
 CONSTANTS: Dict[str, GpuConstants] = {"h200": _H200}
@@ -344,13 +350,16 @@ VSA_COARSE_LAUNCHES = 2
 def vsa_coarse_time(tokens: int, cubes: int, *, heads: int = 1, batch: int = 1, head_dim: int = 128,
                     arch: str = "h100") -> float:
     """Modelled seconds of VSA's coarse branch without its launches (add ``VSA_COARSE_LAUNCHES x
-    dense_per_call_s``): pooling every token into its cube and scoring every (query cube, key cube) pair with the
-    top-k, priced with SLA's fitted per-token and per-block-pair constants (the same passes: pooled scores and
-    top-k), and the coarse ``cubes x cubes`` softmax attention as dense tiles. A model, not a measurement, and not
-    fitted to VSA's launches: at Wan 1.3B 480p (12 heads, 624 cubes) it gives 3.46 ms with the launches where an H200
-    measured 0.71 ms (BENCHMARKS section 10.5)."""
+    dense_per_call_s``): pooling every token into its cube, and scoring, attending and ranking every (query cube,
+    key cube) pair. Where ``arch`` has VSA's own constants (``"h200"``: fitted to the coarse-and-select launches at
+    Wan 1.3B 480p and FastWan's shape, 0.71 and 0.38 ms back to back, 2e62cde), a term per token and one per cube
+    pair; else priced with SLA's per-token and per-block-pair constants (the same passes: pooled scores and top-k)
+    and the coarse softmax attention as dense tiles, which gave 3.46 ms at Wan 1.3B 480p. A model, not a
+    measurement."""
     c = constants(arch)
     scale = head_dim / _HEAD_DIM
+    if c.vsa_coarse_per_token_s is not None:
+        return batch * heads * scale * (tokens * c.vsa_coarse_per_token_s + cubes * cubes * c.vsa_coarse_per_pair_s)
     glue = batch * heads * (tokens * c.sla_per_token_s * scale + cubes * cubes * c.sla_per_block_pair_s)
     tiles = batch * heads * (cubes / _TILE) ** 2 * scale * c.dense_per_tile_s / c.slots
     return glue + tiles
@@ -374,9 +383,10 @@ def vsa_time(plan, *, heads: int = 1, batch: int = 1, head_dim: int = 128, arch:
     """Modelled seconds of one VSA call (forward) on ``plan``'s grid, its three launches together: cube pooling
     and coarse attention with the fused top-k selection (:func:`vsa_coarse_time` plus
     :data:`VSA_COARSE_LAUNCHES` dense launches), and the fine block-sparse launch over the selected cubes
-    (:func:`block_sparse_time` of :func:`vsa_counts`). A model, not a measurement: its terms borrow the fitted
-    block-sparse, dense and SLA constants, not fitted to VSA's launches (one H200 timing, BENCHMARKS section 10.5:
-    the coarse branch modelled 5x too slow, the fine launch 1.5x too fast)."""
+    (:func:`block_sparse_time` of :func:`vsa_counts`). A model, not a measurement: the coarse branch is fitted on
+    ``"h200"`` (:func:`vsa_coarse_time`); the fine launch's tiles take the block-sparse rate, which the H200's
+    graph replays match per tile (4.6-4.8 ns for the fitted 4.6), but not the fine branch's per-call planning
+    launches (0.5-1.0 ms of GPU time at FastWan's and Wan 1.3B's shapes at 2e62cde, fewer since; BENCHMARKS 10.5)."""
     c = constants(arch)
     coarse = VSA_COARSE_LAUNCHES * c.dense_per_call_s + vsa_coarse_time(
         plan.cubes.perm.num_tokens, plan.cubes.count, heads=heads, batch=batch, head_dim=head_dim, arch=arch)
