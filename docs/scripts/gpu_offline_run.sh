@@ -8,7 +8,7 @@
 #     DRY_RUN=1 bash docs/scripts/gpu_offline_run.sh          # prints each step and its limit, runs nothing
 #
 # WHEELS: wheels for what the machine lacks, made here with docs/scripts/gpu_wheels.sh (diffusers and its pure-
-# Python needs; the vendor kernels' wheels that fit a carry: see that script for which do not and why).
+# Python needs; the vendor kernels' wheels, too large for one call, travel in parts: docs/scripts/gpu_vendor.sh).
 # BUDGET: seconds for the whole run (each step gets at most its limit and what is left; a step with no time left
 # says `rc=skip`). STEPS: the steps to run (default all, in this order): install selftest generate wan_step
 # host_profile bench_gpu lengths_probe bwd_probe ws_probe pytest_gpu sla_parts info. For a short follow-up lease,
