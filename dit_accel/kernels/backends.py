@@ -22,7 +22,7 @@ from .request import ENV_BACKEND, BackendUnavailable, Request, env_get, env_valu
 
 __all__ = ["BACKENDS", "ENV_BACKEND", "BackendUnavailable", "Request", "available_backends", "env_backend",
            "resolve", "triton_reason", "interpreting", "TUNED", "Backend", "backend_peers", "backend_reasons",
-           "VENDOR_BACKENDS", "env_get", "env_value"]
+           "VENDOR_BACKENDS", "env_get", "env_value", "runs_twin"]
 
 #: The vendor block-sparse backends (optional packages; :mod:`dit_accel.kernels.block_sparse.backends`).
 VENDOR_BACKENDS = ("fa4", "cudnn", "natten")
@@ -41,6 +41,13 @@ def env_backend() -> Optional[str]:
         raise ValueError(f"environment variable {ENV_BACKEND}={value!r} is not a backend; allowed: "
                          f"{', '.join(BACKENDS)} (or unset it to let dit_accel choose).")
     return value
+
+
+def runs_twin(backend: str, device) -> bool:
+    """Whether a block-sparse call with ``backend`` on ``device`` runs the PyTorch twin: forced, by ``backend`` or
+    ``$DIT_ACCEL_BACKEND``, or ``auto`` off CUDA (where ``auto`` never takes Triton's interpreter)."""
+    forced = backend if backend != "auto" else env_backend()
+    return forced == "torch" or (forced is None and torch.device(device).type != "cuda")
 
 
 #: The oldest triton release the kernels run under: the release their first GPU run used (H100, triton 3.6.0,

@@ -158,7 +158,7 @@ def test_a_traced_call_gathers_the_fine_branch_and_agrees_with_the_block_sparse_
     (``naive.fine_gathered``: tensor ops, where the twin reads its block lists on the host, which raised under
     ``fullgraph=True``). Partial cubes and a ring rank's query share, against the eager block-sparse twin and the
     float64 reference; the CUDA backends still take the block-sparse call."""
-    from dit_accel.kernels.vsa import api, cubes_of, vsa_parts
+    from dit_accel.kernels.vsa import cubes_of, vsa_parts
     from dit_accel.kernels.vsa.naive import coarse_attention, fine_gathered
 
     grid, tile = (5, 6, 7), (4, 4, 4)
@@ -179,10 +179,12 @@ def test_a_traced_call_gathers_the_fine_branch_and_agrees_with_the_block_sparse_
     share, share_lse = fine_gathered(q_t[:, :, rows], k_t, v_t, cubes, sel[:, :, 2:5], 8 ** -0.5)
     torch.testing.assert_close(share, whole[:, :, rows])
     torch.testing.assert_close(share_lse, lse[:, :, rows])
-    assert api._twin("torch", q.device) and api._twin("auto", q.device)
-    assert not api._twin("auto", torch.device("cuda")) and not api._twin("triton", q.device)
+    from dit_accel.kernels.backends import runs_twin
+
+    assert runs_twin("torch", q.device) and runs_twin("auto", q.device)
+    assert not runs_twin("auto", torch.device("cuda")) and not runs_twin("triton", q.device)
     monkeypatch.setenv("DIT_ACCEL_BACKEND", "torch")
-    assert api._twin("auto", torch.device("cuda"))
+    assert runs_twin("auto", torch.device("cuda"))
 
 
 def test_the_layout_is_built_without_reading_the_device(monkeypatch):

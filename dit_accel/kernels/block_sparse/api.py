@@ -10,7 +10,7 @@ import torch
 from .. import autotune
 from .._cache import LayoutCache, layout_on
 from .select_backend import VERIFY_TOL, free_memory, memory_skips  # noqa: F401  (re-exported)
-from ..backends import VENDOR_BACKENDS, Request, env_backend, env_value, resolve
+from ..backends import VENDOR_BACKENDS, Request, env_backend, env_value, resolve, runs_twin
 from ..request import in_graph
 from ..checks import check_qkv, check_scale
 from ..layout import BlockLayout
@@ -28,12 +28,11 @@ def prepare_layout(layout: BlockLayout, device, backend: str = "auto") -> BlockL
     ``torch.compile`` or not, only reads them. Returns the device copy."""
     device = torch.device(device)
     layout = layout_on(layout, device)
-    forced = backend if backend != "auto" else env_backend()
-    if forced == "flex":
+    if (backend if backend != "auto" else env_backend()) == "flex":
         from .flex import prepare
 
         prepare(layout)
-    elif forced == "torch" or (forced is None and device.type != "cuda"):
+    elif runs_twin(backend, device):
         from .naive import prepare
 
         prepare(layout)

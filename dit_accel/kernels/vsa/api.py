@@ -19,6 +19,7 @@ from typing import Dict, NamedTuple, Optional, Tuple
 
 import torch
 
+from ..backends import runs_twin
 from ..block_sparse import block_sparse_attention
 from ..checks import check_qkv, check_scale
 from ..layout import BlockLayout
@@ -202,21 +203,12 @@ def _fine_backend(q, k, v, layout: BlockLayout, backend: str, cubes: Cubes) -> s
     return name or backend
 
 
-def _twin(backend: str, device: torch.device) -> bool:
-    """Whether the fine branch's block-sparse call runs the PyTorch twin: forced, by ``backend`` or
-    ``$DIT_ACCEL_BACKEND``, or ``auto`` off CUDA."""
-    from ..backends import env_backend
-
-    forced = backend if backend != "auto" else env_backend()
-    return forced == "torch" or (forced is None and device.type != "cuda")
-
-
 def _fine_branch(q_t, k_t, v_t, cubes: Cubes, order, coarse, selection, scale: float, backend: str) -> VSAResult:
     """The fine branch of the selected cubes on tiled ``q_t`` (every query cube, or a ring rank's) against every
     key cube, and every part back in raster order through ``order`` (the grid's permutation, or the share's
     :class:`~.naive.CubeRows`)."""
     b, h, n_q, d = q_t.shape
-    if torch.compiler.is_compiling() and _twin(backend, q_t.device):
+    if torch.compiler.is_compiling() and runs_twin(backend, q_t.device):
         # The twin reads its block lists on the host, which a trace cannot: the gathered form, tensor ops only.
         fine, lse = fine_gathered(q_t, k_t, v_t, cubes, selection, scale)
     else:
