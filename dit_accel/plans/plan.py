@@ -475,7 +475,7 @@ class LayoutPlan(Plan):
         ``"sparse"`` (also where a raster key is nobody's, or either path cannot be timed here)."""
         live = live_keys(layout)
         if self.perm is not None:
-            live = live[:, self.perm.inverse.to(live.device)]
+            live = live[:, self.perm._indices(live.device)[1]]  # (the permutation's device copy)
         if not bool(live.all()):
             return "sparse"
         times = timed_against_dense(lambda q, k, v: self._sparse(q, k, v, layout, scale, backend, want_lse),

@@ -199,7 +199,8 @@ def tile_plan(layout: BlockLayout, tile_r: int, tile_c: int, transposed: bool = 
 
     A tile's class (kind and entry) is a function of its block's mask, its sub-tile and whether it is
     ragged: those are worked out once per mask table (:func:`_mask_classes`), and a layout's plan is a
-    lookup per listed tile, a sort and a gather (about 20 launches; VSA builds a layout per call).
+    lookup per listed tile, a sort and a gather (about 20 launches; VSA builds a layout per call), or, where
+    its tiles are whole unmasked blocks, its lists as they are (:func:`_lists_plan`).
     """
     if transposed:
         counts, indices, mask_ids = layout.q_counts, layout.q_indices, layout.q_mask_ids
