@@ -23,9 +23,7 @@ pack)
     if [ -n "${WHEELS_FROM:-}" ]; then
         cp "$WHEELS_FROM"/*.whl "$W"/
     else  # everything FA4 and cuDNN's block-sparse attention import, for Python 3.12 on x86-64 Linux
-        python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-            --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_24_x86_64 \
-            --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform any -d "$W" \
+        WHEELS="$W" bash "$(dirname "$0")/gpu_wheels.sh" \
             flash-attn-4==4.0.0b36 quack-kernels==0.6.5 nvidia-cudnn-frontend==1.32.0 apache-tvm-ffi==0.1.15.post2 \
             torch-c-dlpack-ext==0.1.5 nvidia-cutlass-dsl==4.8.1 nvidia-cutlass-dsl-libs-base==4.8.1 \
             nvidia-cutlass-dsl-libs-core==4.8.1 nvidia-cutlass-dsl-libs-cu13==4.8.1

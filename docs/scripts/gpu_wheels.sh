@@ -1,7 +1,8 @@
 #!/bin/bash
 # The wheels docs/scripts/gpu_offline_run.sh installs on a GPU machine with no package index, downloaded here into
 # .whl/ (ignored by git: add `/.whl/` to .git/info/exclude) for Python 3.12 on x86-64 Linux. Run from the
-# repository root:  bash docs/scripts/gpu_wheels.sh
+# repository root:  bash docs/scripts/gpu_wheels.sh   (or with NAME==VERSION arguments: those wheels alone, no
+# carry check, as docs/scripts/gpu_vendor.sh downloads the vendor kernels')
 #
 # What the lent GPU image lacks (its torch 2.11 + cu130, triton 3.6, cuDNN 9 for CUDA 13 and cuda-bindings are
 # there): diffusers and the pure-Python packages it and `dit-accel generate` need. The whole carry (the checkout
@@ -20,6 +21,7 @@ get() {
         --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform manylinux2010_x86_64 \
         --platform any -d "$D" "$@"
 }
+if [ $# -gt 0 ]; then get "$@"; exit 0; fi
 get diffusers==0.42.1 ftfy==6.3.1 wcwidth==0.9.4 importlib-metadata==10.2.0 imageio-ffmpeg==0.5.1
 tree=$(git ls-files -z | du -cb --files0-from=- | tail -1 | cut -f1)
 wheels=$(du -cb "$D"/*.whl | tail -1 | cut -f1)
