@@ -447,10 +447,10 @@ def _cache_context(pipe, cache, steps):
     return enable_cache(pipe, cache, steps)
 
 
-def _run_pipeline(pipe, call: dict, method, schedule: dict, device: str, cache=None):
+def _run_pipeline(pipe, call: dict, method, schedule: dict, device: str, cache=None, warm: bool = False):
     """Apply the method (and enable ``cache``, a :class:`~dit_accel.pipelines.caches.CacheSpec`), run the
     pipeline timed per stage (``attention``: the self-attention modules the method wraps), and take both off
-    again.
+    again. ``warm``: first an untimed warm-up under the same handle (:func:`_warm_up`).
 
     Returns ``(output, times, transformer calls, stats, summary)``.
     """
@@ -466,6 +466,8 @@ def _run_pipeline(pipe, call: dict, method, schedule: dict, device: str, cache=N
     attention = [m for t in handle.transformers for n, m in t.named_modules() if n in names]
     try:
         handle.fuse_lora()  # a weights= LoRA folded into the weights for the run (remove() restores them exactly)
+        if warm:
+            _warm_up(pipe, handle, call, method)
         with StageTimer(pipe, device, attention_modules=attention) as timer:
             try:
                 with _cache_context(pipe, cache, call.get("num_inference_steps")):
@@ -499,28 +501,29 @@ def _wants_dense_run(args, method) -> bool:
     return bool(wanted or args.side_by_side)
 
 
-def _warm_up(pipe, call: dict, methods, schedule: dict) -> None:
-    """One untimed denoising step with each method, so neither timed run pays for first-call costs
-    (allocations, lazy caches) that the other then skips."""
+def _warm_up(pipe, handle, call: dict, method) -> None:
+    """One untimed denoising step per phase of the method under the ``handle`` the timed run then uses, so that
+    run pays no first-call costs (its plans, their kernel layouts and device copies, ``auto``'s timed choices, the
+    kernels' loading) that the run it is compared with skips. Under a handle of its own a warm-up warmed only what
+    outlives it: the timed run built its plans again (BENCHMARKS, the main job on a GPU). The warm-up's calls
+    are then dropped from the handle's statistics."""
     import torch
-
-    import dit_accel
 
     pipe.set_progress_bar_config(disable=True)
     one_step = {**call, "num_inference_steps": 1}
-    for method in methods:
-        plan = getattr(method, "sparse_plan", None)
-        kwargs = {k: schedule[k] for k in ("backend", "allow_other_grid") if k in schedule}
-        try:
-            with dit_accel.apply(pipe, method, **kwargs) as handle:
-                # A plan's phases name steps of a longer run: one step at the start of each phase, its step
-                # pinned (with no total, which a one-step call would contradict).
-                for step in [p.start for p in plan.phases] if plan is not None and plan.phases else [None]:
-                    if step is not None:
-                        handle.set_step(step, None)
-                    pipe(**{**one_step, "generator": torch.Generator(device="cpu").manual_seed(0)})
-        except ValueError as err:  # e.g. a plan for another token grid: refused before attention runs
-            raise _UsageError(str(err)) from None
+    plan = getattr(method, "sparse_plan", None)
+    try:
+        # A plan's phases name steps of a longer run: one step at the start of each phase, its step pinned (with
+        # no total, which a one-step call would contradict).
+        for step in [p.start for p in plan.phases] if plan is not None and plan.phases else [None]:
+            if step is not None:
+                handle.set_step(step, None)
+            pipe(**{**one_step, "generator": torch.Generator(device="cpu").manual_seed(0)})
+    except ValueError as err:  # e.g. a plan for another token grid: refused before attention runs
+        raise _UsageError(str(err)) from None
+    finally:
+        handle.set_step(None)
+    handle.reset_stats()
 
 
 def _prepare(args, tiny: bool):
@@ -602,11 +605,11 @@ def _dense_for_comparison(args, pipe, call: dict, method, schedule: dict, quiet:
     from ..methods import Dense
     from ..videos import to_uint8_frames
 
-    _warm_up(pipe, call, [Dense(), method], schedule)
     _progress(pipe, quiet, "denoising (dense, for comparison)")
     dense_call = {**call, "generator": torch.Generator(device="cpu").manual_seed(args.seed)}
     dense_output, dense_times, _, _, _ = _run_pipeline(pipe, dense_call, Dense(),
-                                                      {"backend": schedule.get("backend", "auto")}, args.device)
+                                                      {"backend": schedule.get("backend", "auto")}, args.device,
+                                                      warm=True)
     dense = {"frames": to_uint8_frames(_frames_from_output(dense_output, is_video)), "times": dense_times}
     _progress(pipe, quiet, f"denoising ({args.method})")
     return dense
@@ -660,7 +663,8 @@ def _denoise_and_write(args, pipe, call, method, schedule, source, quiet, is_vid
     if _wants_dense_run(args, method):
         dense = _dense_for_comparison(args, pipe, call, method, schedule, quiet, is_video)
     output, times, calls, stats, summary = _run_pipeline(pipe, call, method, schedule, args.device,
-                                                         cache=getattr(args, "_cache_spec", None))
+                                                         cache=getattr(args, "_cache_spec", None),
+                                                         warm=dense is not None)
 
     frames = to_uint8_frames(_frames_from_output(output, is_video))
     t0 = time.perf_counter()

@@ -92,8 +92,8 @@ def _comparison(times: dict, dense, frames, side_by_side):
             "transformer_speedup": ratio("transformer"), "end_to_end_speedup": ratio("total"),
             "psnr_db": float(psnr_per_frame(frames, dense["frames"]).mean()),
             "side_by_side": None if side_by_side is None else str(side_by_side),
-            "note": "same call, seed and pipeline with dit_accel.Dense(), run first; both timed runs follow an "
-                    "untimed one-step warm-up of each method"}
+            "note": "same call, seed and pipeline with dit_accel.Dense(), run first; each timed run follows an "
+                    "untimed step per phase of its method under the same handle (plans and choices built)"}
 
 
 def _quality(model: str, prompt: str, frames, dense):

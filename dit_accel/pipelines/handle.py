@@ -31,7 +31,7 @@ class AccelHandle:
     """The installed configuration, returned by :func:`apply`.
 
     Methods: :meth:`remove` (also on leaving a ``with`` block), :meth:`stats`,
-    :meth:`summary`, :meth:`sla_projections`, :meth:`set_step`, :meth:`plan`.
+    :meth:`summary`, :meth:`reset_stats`, :meth:`sla_projections`, :meth:`set_step`, :meth:`plan`.
     Attributes: ``transformer`` (the first/only transformer), ``transformers``,
     ``method``, ``schedule``, ``backend``, ``removed``, ``warnings`` (every dit_accel warning so far).
 
@@ -409,6 +409,12 @@ class AccelHandle:
         gathered = [None] * dist.get_world_size()
         dist.all_gather_object(gathered, rows)
         return [{**row, "rank": rank} for rank, rank_rows in enumerate(gathered) for row in rank_rows]
+
+    def reset_stats(self) -> None:
+        """Forget the calls, densities and attention times counted so far: after a warm-up run, :meth:`stats` and
+        :meth:`summary` then describe the next runs alone. Plans, kernels and choices already built stay."""
+        self._check_active("reset_stats()")
+        self._runtime.stats.reset()
 
     def summary(self, all_ranks: bool = False) -> dict:
         """Totals over layers (and over ranks with ``all_ranks``, a collective): calls, call-weighted mean

@@ -56,6 +56,10 @@ class Stats:
         self.timing = bool(timing)
         self.layers = [LayerStats() for _ in self.names]
 
+    def reset(self) -> None:
+        """Forget every count, density and time so far (a warm-up's)."""
+        self.layers = [LayerStats() for _ in self.names]
+
     def sparse(self, layer: int, density, backend: Optional[str] = None, token_density: Optional[float] = None) -> None:
         stats = self.layers[layer]
         stats.sparse_calls += 1

@@ -387,6 +387,31 @@ def test_eval_plan_flags_are_checked(tmp_path, capsys):
     assert f"--plan: {bad}: num_layers: must be a whole number >= 1 or null; got \"4\"" in capsys.readouterr().err
 
 
+def test_generate_warms_up_under_the_handle_it_times(tmp_path, monkeypatch):
+    """The timed run's plans are the warm-up's (built once), and its statistics count the timed run alone: a warm-up
+    under a handle of its own left the timed run to build its plans, kernel layouts and choices again."""
+    from dit_accel.cli.main import main
+    from dit_accel.models.tiny_shapes import TINY_SHAPES_GRID
+
+    from dit_accel.cli import generate
+
+    builds, at_record = [], []  # Tile plans built; how many when the runs were done and recorded
+    original, record = dit_accel.Tile.plan, generate._record
+    monkeypatch.setattr(dit_accel.Tile, "plan", lambda self, grid: builds.append(tuple(grid)) or original(self, grid))
+    monkeypatch.setattr(generate, "_record", lambda *a, **k: at_record.append(len(builds)) or record(*a, **k))
+    plan = SparsePlan((Phase(0, 1), Phase(1, None, {i: TILE for i in range(4)})), num_layers=4, num_heads=4,
+                      provenance={"model_class": "WanTransformer3DModel", "grids": [list(TINY_SHAPES_GRID)],
+                                  "steps": 2, "call": {"num_frames": 7, "height": 48, "width": 48}})
+    path = plan.save(tmp_path / "plan.json")
+    assert main(["generate", "--model", "tiny-shapes", "--plan", str(path), "--steps", "2", "--quiet",
+                 "--out", str(tmp_path / "a.gif")]) == 0
+    assert at_record == [1] and builds[0] == tuple(TINY_SHAPES_GRID)  # once, for the warm-up and the timed run
+    meta = json.loads((tmp_path / "a.gif.json").read_text())
+    calls = meta["timing"]["transformer_calls"]
+    for row in meta["density"]["per_layer"]:  # step 0 dense, step 1 sparse: each of the timed run's calls once
+        assert row["sparse_calls"] == row["dense_calls"] == calls // 2
+
+
 def test_generate_plan_prints_the_summary_and_checks_the_grid(tmp_path, capsys):
     from dit_accel.cli.main import main
     from dit_accel.models.tiny_shapes import TINY_SHAPES_GRID
