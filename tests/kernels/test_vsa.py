@@ -135,6 +135,45 @@ def test_topk_and_sparsity_counts():
                                rtol=1e-5)
 
 
+def test_the_gated_term_is_each_tokens_cube_row_in_fp32_rounded_once():
+    """The coarse output per raster token is its cube's row (cube ids from token coordinates here), whole grid and a
+    ring rank's rows alike; the gated output is fine + coarse * gate in fp32, rounded to bf16 once (bit for bit)."""
+    from dit_accel.kernels.vsa import cubes_of, vsa_parts
+    from dit_accel.kernels.vsa.api import vsa_parts_rows
+    from dit_accel.kernels.vsa.naive import coarse_attention, cube_rows
+
+    grid, tile, count, scale = (5, 6, 7), (4, 4, 4), 3, 16 ** -0.5
+    q, k, v, gate = (x.to(torch.bfloat16) for x in _qkv((1, 2, 210, 16), seed=7))
+    t, h, w = torch.meshgrid(*(torch.arange(g) for g in grid), indexing="ij")
+    cube = ((t // 4) * 2 + h // 4) * 2 + w // 4  # 2 x 2 x 2 cubes, t-major
+    cubes = cubes_of(grid, tile)
+    per_cube = coarse_attention(*(cubes.perm.permute(x, dim=-2) for x in (q, k, v)), cubes, count, scale)[0]
+    parts = vsa_parts(q, k, v, grid, count, tile, scale, backend="torch")
+    assert torch.equal(parts.coarse, per_cube[:, :, cube.flatten()])
+    out = dit_accel.vsa_attention(q, k, v, grid, topk=count, tile=tile, gate=gate, scale=scale, backend="torch")
+    assert torch.equal(out, (parts.fine.float() + per_cube[:, :, cube.flatten()] * gate.float()).to(torch.bfloat16))
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Fp32Outputs(TorchDispatchMode):  # fp32 tensors of one row per token and channel the call makes
+        made = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if isinstance(out, torch.Tensor) and out.dtype == torch.float32 and out.numel() >= q.numel() and func.__name__ != "view.default":
+                self.made.append(func.__name__)
+            return out
+
+    with Fp32Outputs():
+        dit_accel.vsa_attention(q, k, v, grid, topk=count, tile=tile, gate=gate, scale=scale, backend="torch")
+    # (the twin's fine branch widens q, k and v first) the gated term: one gather of the cube rows, one product,
+    # the fine output added in place; no fp32 copy of the gate or of the output, no row per padded position
+    made = Fp32Outputs.made
+    assert made[-3:] == ["index_select.default", "mul.Tensor", "add_.Tensor"] and "repeat" not in str(made), made
+    part = cube_rows(cubes, (168, 210))  # the last frame: the second slab of cubes
+    rows = vsa_parts_rows(q[:, :, 168:], k, v, part, cubes, count, scale, backend="torch")
+    torch.testing.assert_close(rows.coarse, per_cube[:, :, cube.flatten()[168:]], atol=1e-6, rtol=1e-6)
+
+
 def test_twin_parts_and_layout_agree():
     grid, tile = (5, 6, 7), (4, 4, 4)
     q, k, v, _ = _qkv((2, 2, 210, 8), seed=5)

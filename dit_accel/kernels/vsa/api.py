@@ -203,6 +203,13 @@ def _fine_backend(q, k, v, layout: BlockLayout, backend: str, cubes: Cubes) -> s
     return name or backend
 
 
+def _row_cubes(order, volume: int, device) -> torch.Tensor:
+    """The cube of each raster row that ``order`` returns (the grid's permutation, or a share's
+    :class:`~.naive.CubeRows`, whose cubes count from its first), as an index on ``device``."""
+    tiled = order.scatter if isinstance(order, CubeRows) else order._indices(device)[1]
+    return torch.div(tiled, volume, rounding_mode="floor")
+
+
 def _fine_branch(q_t, k_t, v_t, cubes: Cubes, order, coarse, selection, scale: float, backend: str) -> VSAResult:
     """The fine branch of the selected cubes on tiled ``q_t`` (every query cube, or a ring rank's) against every
     key cube, and every part back in raster order through ``order`` (the grid's permutation, or the share's
@@ -221,8 +228,8 @@ def _fine_branch(q_t, k_t, v_t, cubes: Cubes, order, coarse, selection, scale: f
     fine = order.unpermute(fine.view(b, h, n_q, d), dim=-2)
     lse = order.unpermute(lse.view(b, h, n_q), dim=-1)
     coarse_tok = None
-    if coarse is not None:
-        coarse_tok = order.unpermute(coarse.repeat_interleave(cubes.volume, dim=2), dim=-2)
+    if coarse is not None:  # each raster row takes its cube's row: one gather, no copy per tiled position first
+        coarse_tok = coarse.index_select(2, _row_cubes(order, cubes.volume, coarse.device))
     return VSAResult(fine, lse, coarse_tok, selection, selection.shape[-1] / cubes.count)
 
 
@@ -281,8 +288,8 @@ def vsa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid, *, to
     parts = vsa_parts(q, k, v, grid, count, tile, scale, with_coarse=gate is not None, backend=backend,
                       cubes=cubes)
     out = parts.fine
-    if gate is not None:
-        out = (out.float() + parts.coarse * gate.float()).to(q.dtype)
+    if gate is not None:  # in fp32 (gate and fine widened on the fly: no fp32 copies of either)
+        out = (parts.coarse * gate).add_(out).to(q.dtype)
     return (out, parts.selection) if return_selection else out
 
 
