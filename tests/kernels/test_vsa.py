@@ -174,6 +174,34 @@ def test_the_gated_term_is_each_tokens_cube_row_in_fp32_rounded_once():
     torch.testing.assert_close(rows.coarse, per_cube[:, :, cube.flatten()[168:]], atol=1e-6, rtol=1e-6)
 
 
+def test_the_coarse_twin_pools_without_widened_copies_of_q_k_v():
+    """The twin's coarse branch (the training path's: the Triton launches are forward only) sums each cube in fp32
+    as it reads bf16, with no fp32 copy of q, k or v (three token-sized tensors per call), and equals the sum of
+    the widened copy bit for bit."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from dit_accel.kernels.vsa import cubes_of
+    from dit_accel.kernels.vsa.naive import _cube_means, coarse_attention
+
+    cubes = cubes_of((5, 6, 7), (4, 4, 4))
+    q, k, v, _ = (cubes.perm.permute(x.to(torch.bfloat16), dim=-2) for x in _qkv((1, 2, 210, 16), seed=3))
+
+    class Copies(TorchDispatchMode):
+        made = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func.__name__.startswith("_to_copy") and out.numel() >= q.numel():
+                self.made.append(out.dtype)
+            return out
+
+    with Copies():
+        coarse_attention(q, k, v, cubes, 3, 0.25)
+    assert Copies.made == []
+    widened = q.float().view(1, 2, cubes.count, cubes.volume, 16).sum(3) / cubes.sizes[:, None]
+    assert torch.equal(_cube_means(q, cubes, torch.float32), widened)
+
+
 def test_twin_parts_and_layout_agree():
     grid, tile = (5, 6, 7), (4, 4, 4)
     q, k, v, _ = _qkv((2, 2, 210, 8), seed=5)

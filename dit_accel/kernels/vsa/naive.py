@@ -116,7 +116,7 @@ def _cube_means(x: torch.Tensor, cubes: Cubes, dtype, first: int = 0) -> torch.T
     cube is the sum of its real tokens)."""
     b, h, n, d = x.shape
     c = n // cubes.volume
-    sums = x.to(dtype).view(b, h, c, cubes.volume, d).sum(3)
+    sums = x.view(b, h, c, cubes.volume, d).sum(3, dtype=dtype)  # (widened as summed: no copy of x in dtype)
     return sums / cube_sizes(cubes, x.device, dtype)[first:first + c, None]
 
 
