@@ -568,3 +568,18 @@ def test_chroma_mask_not_one_on_the_image_runs_dense(models):
         rows = handle.stats()
     assert torch.equal(out, dense)
     assert all(r["sparse_calls"] == 0 and r["dense_calls"] == 1 for r in rows), rows
+
+
+def test_reset_stats_forgets_the_calls_so_far_and_keeps_the_plans():
+    model = T.build_tiny_transformer("wan")
+    handle = dit_accel.apply(model, dit_accel.Tile(tile=(1, 4, 4), window=(1, 1, 1)), backend="torch")
+    first = _tiny_wan_call(model)
+    plans = dict(handle.plans)
+    assert plans and all(row["sparse_calls"] >= 1 for row in handle.stats())
+    handle.reset_stats()
+    assert all(row["sparse_calls"] == row["dense_calls"] == 0 for row in handle.stats())
+    assert torch.equal(_tiny_wan_call(model), first) and all(row["sparse_calls"] >= 1 for row in handle.stats())
+    assert all(handle.plans[key] is plan for key, plan in plans.items())  # (built once, not again)
+    handle.remove()
+    with pytest.raises(RuntimeError, match="reset_stats"):
+        handle.reset_stats()
