@@ -10,15 +10,16 @@
 # WHEELS: wheels for what the machine lacks, made here with docs/scripts/gpu_wheels.sh (diffusers and its pure-
 # Python needs; the vendor kernels' wheels, too large for one call, travel in parts: docs/scripts/gpu_vendor.sh).
 # BUDGET: seconds for the whole run (each step gets at most its limit and what is left; a step with no time left
-# says `rc=skip`). STEPS: the steps to run (default all, in this order): install selftest generate wan_step
-# host_profile bench_gpu lengths_probe bwd_probe ws_probe pytest_gpu sla_parts info. For a short follow-up lease,
+# says `rc=skip`). STEPS: the steps to run (default, in this order): install selftest generate wan_step
+# host_profile bench_gpu pytest_gpu sla_parts info; the probes lengths_probe bwd_probe ws_probe (their answers held
+# on three runs, BENCHMARKS 10) and the vendor steps run only when named. For a short follow-up lease,
 # narrower steps: SELFTEST_VARIANTS (names, space-separated; default every variant), SELFTEST_BUDGET (default 140),
 # BENCH_SHAPES, BENCH_METHODS, BENCH_DENSITIES, BENCH_BUDGET (defaults below).
-# One 600 s command does not hold every step: on the H200 (2026-11-28, 2e62cde) install took 9 s, selftest 160,
-# generate 40, wan_step 59, bench_gpu 134, lengths_probe 11, bwd_probe 13, ws_probe 16, and then pytest_gpu 134 and
-# sla_parts 67 in later calls. A 15-minute lease (the first start costs about 35 s of it) fits two calls: BUDGET=545
-# for the default order, then at once on the still-warm machine (it goes back after 30 s idle; its installs kept)
-# STEPS="install pytest_gpu sla_parts info" BUDGET=280. The device tool empties its $OUT before each call: give this
+# One 600 s command does not hold every step: on the H200 (2026-11-28, cf9d9eb) install took 7 s, selftest 138,
+# generate 33, wan_step 57, host_profile 33, bench_gpu 126, the three probes 37, pytest_gpu 119 and sla_parts 63. A
+# 15-minute lease (the first start costs about 35 s of it) fits two calls: BUDGET=545 for the default order (up to
+# pytest_gpu), then at once on the still-warm machine (it goes back after 30 s idle; its installs kept)
+# STEPS="install sla_parts info lengths_probe bwd_probe ws_probe" BUDGET=280, or the vendor route. The device tool empties its $OUT before each call: give this
 # script OUT=/tmp/gpu_out and copy (or tar) that folder into the tool's $OUT at the end of each call.
 # Logs: $OUT/all.log and $OUT/summary.txt (default ./gpu_out); the self-check verdicts in $OUT/selftest.json
 # ("N of M checked" in the log), each generate's sidecar as $OUT/gen_*.json, the Wan 2.1 1.3B step in
@@ -29,7 +30,7 @@
 set -u
 O=${OUT:-$PWD/gpu_out}; W=${WHEELS:-.whl}; mkdir -p "$O/gpu_report"
 T0=$(date +%s); END=$((T0 + ${BUDGET:-540}))
-STEPS=" ${STEPS:-install selftest generate wan_step host_profile bench_gpu lengths_probe bwd_probe ws_probe pytest_gpu sla_parts info} "
+STEPS=" ${STEPS:-install selftest generate wan_step host_profile bench_gpu pytest_gpu sla_parts info} "
 export DIT_ACCEL_CACHE=${DIT_ACCEL_CACHE:-/tmp/dit_accel_cache} TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-/tmp/triton_cache}
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 L=$O/all.log

@@ -54,8 +54,12 @@ def test_the_offline_run_plans_its_steps_inside_one_device_command(tmp_path):
     assert run.returncode == 0, run.stderr
     steps = re.findall(r"^(\w+) \(limit (\d+)s\): (.*)$", run.stdout, re.M)
     names = [s[0] for s in steps]
-    assert names[:9] == ["install", "selftest", "generate", "wan_step", "host_profile", "bench_gpu", "lengths_probe",
-                         "bwd_probe", "ws_probe"], names
+    assert names == ["install", "selftest", "generate", "wan_step", "host_profile", "bench_gpu", "pytest_gpu",
+                     "sla_parts", "info"], names  # (the probes and the vendor steps when named)
+    named = subprocess.run(["bash", str(SCRIPTS / "gpu_offline_run.sh")], cwd=ROOT, capture_output=True, text=True,
+                           env={**os.environ, "DRY_RUN": "1", "OUT": str(tmp_path), "STEPS": "ws_probe bwd_probe"},
+                           timeout=60)
+    assert re.findall(r"^(\w+) \(limit", named.stdout, re.M) == ["bwd_probe", "ws_probe"]  # (the script's order)
     cmd = dict((name, (int(limit), line)) for name, limit, line in steps)
     budget = int(re.search(r"--budget (\d+)", cmd["selftest"][1]).group(1))
     assert budget < cmd["selftest"][0]  # selftest ends itself, with its JSON, before the step's limit
