@@ -636,8 +636,15 @@ class _VsaCase(_Case):
         return {f"coarse+select ({'triton' if fused else 'torch'})": coarse, "fine": fine}
 
     def variant(self, pass_: str, backend: str) -> str:
-        from ..kernels.vsa.api import _fused_coarse
+        """The coarse branch's path and the backend the fine branch ran (``auto``'s choice for this shape class,
+        made by the warm-up call: with a gradient it may differ from the forward's)."""
+        from ..kernels.vsa.api import _FINE_BACKENDS, _fused_coarse
 
         q_t = self.cubes.perm.permute(self.q[:1, :1], dim=-2)
         fused = pass_ == "forward" and _fused_coarse(q_t, q_t, q_t, True, backend)  # (forward-only launches)
-        return f"vsa: coarse {'triton' if fused else 'torch'}, fine {backend}"
+        b, h, _, d = self.q.shape
+        shape, grad = (1, b * h, self.cubes.perm.num_padded, d), pass_ != "forward"
+        chosen = [name for key, name in _FINE_BACKENDS.items() if key[0] == self.grid and key[3] == shape
+                  and key[7] == grad]
+        fine = f"{backend} ({chosen[-1]})" if backend == "auto" and chosen else backend
+        return f"vsa: coarse {'triton' if fused else 'torch'}, fine {fine}"

@@ -641,6 +641,22 @@ def test_vsa_rows_time_the_whole_call_and_its_launches_against_its_twin(tmp_path
     assert phases == ["vsa coarse+select (torch)", "vsa fine"], rows
     assert all(r["status"] == "ok" and r["time_ms"] > 0 for r in rows if r.get("backend") == "phase")
     assert not report["failures"], report["failures"]
+    # On CUDA the row names the fine branch's backend auto chose for the pass (it may differ with a gradient).
+    from types import SimpleNamespace
+
+    from dit_accel.kernels.vsa import api as vsa_api
+    from dit_accel.kernels.vsa import cubes_of
+
+    case = SimpleNamespace(grid=(4, 8, 16), cubes=cubes_of((4, 8, 16), (4, 4, 4)), q=torch.zeros(1, 2, 512, 16))
+    key = lambda grad: ((4, 8, 16), (4, 4, 4), (2, 8, 4), (1, 2, 512, 16), (1, 2, 512, 16), torch.bfloat16,
+                        torch.device("cuda"), grad, "", False)
+    fine = {key(False): "triton", key(True): "flex"}
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(vsa_api, "_FINE_BACKENDS", fine)
+        variant = bench_gpu_cases._VsaCase.variant
+        assert variant(case, "forward", "auto").endswith("fine auto (triton)")
+        assert variant(case, "forward+backward", "auto") == "vsa: coarse torch, fine auto (flex)"
+        assert variant(case, "forward", "torch").endswith("fine torch")
     # Images have no cubes: the method is skipped there, not failed.
     flat = bench_gpu.bench_gpu(tmp_path, shapes=(ModelShape("image", (16, 16), 2, head_dim=16),), densities=(0.25,),
                                methods=("vsa",), backward=False, pytest_gpu=False, **QUICK)
