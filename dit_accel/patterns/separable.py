@@ -33,7 +33,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 
 from ..kernels.layout import BlockLayout
-from .permutation import TilePermutation, block_box
+from .permutation import PackedTilePermutation, TilePermutation, block_box
 
 __all__ = ["window_1d", "relation_1d", "kron", "covers_grid", "block_boxes", "block_intervals", "separable_blocks",
            "separable_layout", "stack_heads", "wide_query_layout"]
@@ -203,15 +203,20 @@ def wide_query_layout(perm: Optional[TilePermutation], layout: BlockLayout,
     (the sm_90 warp-specialized forward runs 128-row query blocks). Otherwise None: two halves
     with different key lists would visit their union (1.33x the work for a 64-token Tile window
     at 480p). Also None when a wide block is not a box inside one tile of ``perm`` (or ``perm`` is
-    None) or the layout has an odd number of query blocks.
+    None) or the layout has an odd number of query blocks. In packed tile order
+    (:class:`~.permutation.PackedTilePermutation`) a wide block must lie inside one tile's slot (a slot of a
+    multiple of ``block_q`` positions): its rows are then one tile's real tokens and its padding tail.
 
     For sliding tile attention (stride = tile) every query of an STA tile has the same window,
     so whenever the STA tile is the permutation tile and ``block_q`` cuts it into boxes (tile
-    (6, 8, 8) or (1, 16, 8)), every wide block qualifies.
+    (6, 8, 8) or (1, 16, 8)), every wide block qualifies; so does every wide block of a packed
+    tile whose slot holds whole wide blocks (the fitted tiles: (21, 15, 2) at Wan 480p, 630 tokens in 640).
     """
     block_q = int(block_q)
-    if (perm is None or block_q != 2 * layout.block_q or layout.num_q_blocks % 2
-            or block_box(perm.tile, block_q) is None):
+    if perm is None or block_q != 2 * layout.block_q or layout.num_q_blocks % 2:
+        return None
+    if (perm.slot % block_q if isinstance(perm, PackedTilePermutation)
+            else block_box(perm.tile, block_q) is None):
         return None
     # Packed lists first (cheap, no dense matrix): both halves list the same key blocks, full alike.
     counts, idx, ids = layout.kv_counts, layout.kv_indices, layout.kv_mask_ids

@@ -5,6 +5,7 @@ the wide layout itself runs through the Triton interpreter against the fp32 mask
 the mask written by brute force (tests/patterns/test_gna_tile.py).
 """
 
+import math
 import os
 
 import pytest
@@ -107,6 +108,60 @@ def test_wide_gna_layout_with_different_half_masks_through_the_triton_kernel(dty
     o, lse = block_sparse_attention(qt, kt, vt, wide, return_lse=True, backend="triton")
     o, lse = plan.perm.unpermute(o, dim=-2), plan.perm.unpermute(lse, dim=-1)
     assert_attention_close(o, lse, q, k, v, _ref_gna(grid, kernel, 1, 1, False))
+
+
+# Fitted Tile plans: packed tiles (real tokens first, a padding tail) whose slot holds whole 128-row blocks. The
+# fitted tiles at Wan 2.1's grids divide them (BENCHMARKS 2.1); the small grids here run through the interpreter.
+FITTED = [((4, 9, 14), (1, 8, 16), (3, 1, 1)),   # tile (1, 9, 14): 126 tokens in a 128-position slot
+          ((4, 7, 18), (1, 9, 14), (3, 1, 1))]   # tile (2, 7, 18): 252 in 256, two 128-row blocks per slot
+
+
+@pytest.mark.parametrize("grid,tile,window", [*FITTED, ((21, 30, 52), (6, 8, 8), (3, 3, 3)),
+                                              ((21, 45, 80), (6, 8, 8), (3, 3, 3))],
+                         ids=["126-in-128", "252-in-256", "wan-480p-recommended", "wan-720p-recommended"])
+def test_fitted_tile_plans_run_128_row_blocks_on_cuda(grid, tile, window):
+    """A fitted (packed) Tile plan's kernels run 128-row query blocks on CUDA: a wide block lies in one tile's slot,
+    so its halves share the tile's window; same key blocks per token as the 64-row layout (the twin's)."""
+    from dit_accel.patterns.permutation import PackedTilePermutation
+
+    plan = dit_accel.Tile(tile=tile, window=window, fit=True).plan(grid)
+    assert isinstance(plan.perm, PackedTilePermutation) and plan.perm.slot % 128 == 0
+    wide = plan.kernel_layout("cuda")
+    assert plan.layout.block_q == 64 and wide.block_q == 128 and wide.block_k == 64
+    assert plan.kernel_layout("cpu") is plan.layout and plan.kernel_layout("cuda", "torch") is plan.layout
+    assert wide.density() == plan.layout.density() and wide.partial_fraction() == plan.layout.partial_fraction()
+    narrow_lists = plan.layout.kv_indices.masked_fill(
+        torch.arange(plan.layout.kv_indices.shape[-1]) >= plan.layout.kv_counts[..., None], -1)
+    wide_lists = wide.kv_indices.masked_fill(torch.arange(wide.kv_indices.shape[-1]) >= wide.kv_counts[..., None], -1)
+    width = min(narrow_lists.shape[-1], wide_lists.shape[-1])
+    for half in (0, 1):  # each 64-row half of a wide block lists the wide block's key blocks
+        assert torch.equal(narrow_lists[:, half::2, :width], wide_lists[..., :width])
+    if math.prod(grid) <= 512:
+        assert torch.equal(wide.to_dense_mask(), plan.layout.to_dense_mask())
+
+
+def test_a_packed_slot_that_cuts_128_row_blocks_stays_64():
+    """Tile (1, 12, 12): 144 tokens in a 192-position slot; a 128-row block would straddle two tiles."""
+    plan = dit_accel.Tile(tile=(1, 12, 12), window=(3, 1, 1), block_size=144).plan((8, 12, 12))
+    packed = plan.call_plan("cuda")
+    assert packed.perm.slot == 192 and packed.kernel_layout("cuda").block_q == 64
+
+
+@interpreter_only
+@pytest.mark.parametrize("grid,tile,window", FITTED, ids=["126-in-128", "252-in-256"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_fitted_tile_128_row_blocks_through_the_triton_kernel(grid, tile, window, dtype):
+    from dit_accel.patterns.tile import fit_tile
+
+    plan = dit_accel.Tile(tile=tile, window=window, fit=True).plan(grid)
+    wide = plan.kernel_layout("cuda")
+    assert wide.block_q == 128 and wide.q_len <= 512 and wide.partial_fraction() > 0  # ragged key tails
+    n = math.prod(grid)
+    q, k, v = make_qkv(1, 2, n, n, 64, dtype, device="cpu")
+    qt, kt, vt = (plan.perm.permute(x, dim=-2) for x in (q, k, v))
+    o, lse = block_sparse_attention(qt, kt, vt, wide, return_lse=True, backend="triton")
+    o, lse = plan.perm.unpermute(o, dim=-2), plan.perm.unpermute(lse, dim=-1)
+    assert_attention_close(o, lse, q, k, v, _ref_sta(grid, *fit_tile(grid, tile, window)))
 
 
 def test_tile_at_density_with_a_given_tile():
