@@ -432,6 +432,8 @@ class _LayoutCase(_Case):
         self.layout = None if base is None else layout_on(base, s.device)
         if self.layout is None:
             return
+        train = plan.kernel_layout(s.device, grad=True)  # (a training call's: 64-row blocks where base has 128)
+        self.train_layout = self.layout if train is base else layout_on(train, s.device)
         lay, shape = self.layout, s.shape
         np_ = lay.q_len
         self.q, self.k, self.v = (s.randn(shape.batch, shape.heads, np_, shape.head_dim) for _ in range(3))
@@ -446,10 +448,13 @@ class _LayoutCase(_Case):
         self.do = None
         self.ref: Dict[str, object] = {}
 
+    def _layout(self, pass_: str):
+        return self.layout if pass_ == "forward" else self.train_layout
+
     def fn(self, pass_: str, backend: str):
         from ..kernels import block_sparse_attention
 
-        lay = self.layout
+        lay = self._layout(pass_)
         if pass_ == "forward":
             return lambda: _no_grad(lambda: block_sparse_attention(self.q, self.k, self.v, lay, backend=backend))
         qg, kg, vg = self._grad_inputs()
@@ -463,7 +468,7 @@ class _LayoutCase(_Case):
     def check(self, pass_: str, backend: str):
         from ..kernels import block_sparse_attention
 
-        lay = self.layout
+        lay = self._layout(pass_)
         return self._checked(pass_, lambda q, k, v: block_sparse_attention(q, k, v, lay, backend=backend),
                              lambda: self._backend(pass_, backend) == DENSE)
 
@@ -472,7 +477,7 @@ class _LayoutCase(_Case):
         from ..kernels.block_sparse.api import block_sparse_backend
 
         q, k, v = (self.q, self.k, self.v) if pass_ == "forward" else self._grad_inputs()
-        return block_sparse_backend(q, k, v, self.layout, backend, return_lse=False)
+        return block_sparse_backend(q, k, v, self._layout(pass_), backend, return_lse=False)
 
     def variant(self, pass_: str, backend: str) -> str:
         name = self._backend(pass_, backend)
@@ -485,7 +490,7 @@ class _LayoutCase(_Case):
             return name
         from ..kernels.block_sparse.launches import launched_variants
 
-        ran = launched_variants(self.layout)["forward" if pass_ == "forward" else "backward"]
+        ran = launched_variants(self._layout(pass_))["forward" if pass_ == "forward" else "backward"]
         return "triton " + ("; ".join(dict.fromkeys(ran)) if ran else "(no launch recorded)")
 
 

@@ -216,10 +216,12 @@ class DensePlan(Plan):
 class LayoutPlan(Plan):
     """A block layout over the video tokens, in tiled order when ``perm`` is given (raster order otherwise).
 
-    ``wide_q=True`` (Tile and GNA plans): on CUDA, calls whose backend is the Triton kernels (``auto``
-    or ``triton``) run :func:`~dit_accel.patterns.separable.wide_query_layout`, the same pattern in
-    128-row query blocks (the sm_90 warp-specialized forward's), where every 128-row block's two
-    64-row halves visit the same key blocks; else ``layout`` itself. Both visit the same key tiles
+    ``wide_q=True`` (Tile and GNA plans): on CUDA, calls without autograd whose backend is the Triton kernels
+    (``auto`` or ``triton``) run :func:`~dit_accel.patterns.separable.wide_query_layout`, the same pattern in
+    128-row query blocks (the one-loop forward's 128 x 64 tiles), where every 128-row block's two
+    64-row halves visit the same key blocks; else ``layout`` itself. A call that records a backward keeps
+    ``layout``: the 128-row backward ran about 10% slower per visited tile than the 64-row one on an H200
+    (BENCHMARKS 10.1, tile-128 against Tile), where the 128-row forward ran 14% faster. Both visit the same key tiles
     per token, so ``density`` holds for either. CPU calls, the PyTorch twin, FlexAttention forced,
     and ring attention (:meth:`attend_part`) keep ``layout``.
 
@@ -279,23 +281,24 @@ class LayoutPlan(Plan):
             self._kernel_plan = [self._kernel_plan()]
         return self._kernel_plan[0]
 
-    def kernel_layout(self, device, backend: str = "auto") -> BlockLayout:
-        """The layout (on the CPU) that calls on ``device`` with ``backend`` run: see the class docstring. Its
-        token order is :meth:`call_plan`'s (``call_plan(device, backend).perm``)."""
+    def kernel_layout(self, device, backend: str = "auto", grad: bool = False) -> BlockLayout:
+        """The layout (on the CPU) that calls on ``device`` with ``backend`` run (``grad``: calls that record a
+        backward): see the class docstring. Its token order is :meth:`call_plan`'s (``call_plan(device,
+        backend).perm``)."""
         device = device if isinstance(device, torch.device) else torch.device(device)
         runner = self.call_plan(device, backend)
         if runner is not self:
-            return runner.kernel_layout(device, backend)
-        if self.wide_q and device.type == "cuda" and (backend if backend != "auto" else env_backend()) in (
+            return runner.kernel_layout(device, backend, grad)
+        if self.wide_q and not grad and device.type == "cuda" and (backend if backend != "auto" else env_backend()) in (
                 None, "triton"):
             wide = self.wide_layout()
             if wide is not None:
                 return wide
         return self.layout
 
-    def layout_on(self, device, heads=None, backend: str = "auto") -> BlockLayout:
+    def layout_on(self, device, heads=None, backend: str = "auto", grad: bool = False) -> BlockLayout:
         device = device if isinstance(device, torch.device) else torch.device(device)
-        base = self.kernel_layout(device, backend)
+        base = self.kernel_layout(device, backend, grad)
         key = (device, heads if base.num_heads > 1 else None, base.block_q)
         layout = self._layouts.get(key)
         if layout is None:
@@ -312,7 +315,8 @@ class LayoutPlan(Plan):
             return short
         if self._gpu_choice.get(self._gpu_key(q, k, None, lse)) == DENSE:
             return DENSE
-        layout = self.layout_on(q.device, backend=backend)
+        grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+        layout = self.layout_on(q.device, backend=backend, grad=grad)
         if q.shape[-2] != layout.q_len or k.shape[-2] != layout.kv_len:
             # Raster tokens of a padded tiling: the kernels see other lengths. Padding keys are never visited,
             # so auto never runs such a layout as dense attention (block_sparse.api.all_keys_visited). Resolved
@@ -323,7 +327,6 @@ class LayoutPlan(Plan):
 
             if torch.compiler.is_compiling():
                 return resolved()
-            grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
             key = (backend, env_value(), grad, q.shape, q.dtype, q.device, k.shape, v.shape)
             return self._padded_backends.get(key) or self._padded_backends.setdefault(key, resolved())
         # The kernels' own cached decision for this call (on CUDA it may be dense attention).
@@ -401,7 +404,9 @@ class LayoutPlan(Plan):
             runner.prepare(device, backend)
             self._prepared.add(key)
             return
-        prepare_layout(self.layout_on(device, backend=backend), device, backend)
+        inference, training = (self.layout_on(device, backend=backend, grad=grad) for grad in (False, True))
+        for layout in (inference,) if training is inference else (inference, training):  # (128-row: two)
+            prepare_layout(layout, device, backend)
         if self.perm is not None:
             self.perm.prepare(device)
         self._prepared.add(key)
@@ -418,7 +423,8 @@ class LayoutPlan(Plan):
         if runner is not self:  # the same pattern over packed tiles; the call reports this plan's density
             return runner.attend(q, k, v, scale=scale, backend=backend, proj=proj, heads=heads, lse=lse)[:3] + (
                 self.density,)
-        layout = self.layout_on(q.device, heads, backend)
+        grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+        layout = self.layout_on(q.device, heads, backend, grad)
         want_lse = lse
         self._check_heads(layout, q)
         short = self._short(q, backend, heads)

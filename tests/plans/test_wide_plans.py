@@ -27,6 +27,8 @@ def test_tile_plan_runs_128_row_blocks_on_cuda_only(monkeypatch):
     wide = plan.kernel_layout("cuda")
     assert plan.layout.block_q == 64 and wide.block_q == 128 and wide.block_k == 64
     assert wide is plan.wide_layout() and wide is plan.kernel_layout("cuda:0", "triton")
+    # A call that records a backward keeps 64-row blocks (the 128-row backward ran slower per tile).
+    assert plan.kernel_layout("cuda", grad=True) is plan.layout
     # The CPU paths, the PyTorch twin and forced FlexAttention keep the plan's 64-row layout.
     assert plan.kernel_layout("cpu") is plan.layout and plan.kernel_layout("cpu", "triton") is plan.layout
     assert plan.kernel_layout("cuda", "torch") is plan.layout and plan.kernel_layout("cuda", "flex") is plan.layout
@@ -129,6 +131,7 @@ def test_fitted_tile_plans_run_128_row_blocks_on_cuda(grid, tile, window):
     wide = plan.kernel_layout("cuda")
     assert plan.layout.block_q == 64 and wide.block_q == 128 and wide.block_k == 64
     assert plan.kernel_layout("cpu") is plan.layout and plan.kernel_layout("cuda", "torch") is plan.layout
+    assert plan.kernel_layout("cuda", grad=True) is plan.layout  # training calls: 64-row blocks
     assert wide.density() == plan.layout.density() and wide.partial_fraction() == plan.layout.partial_fraction()
     narrow_lists = plan.layout.kv_indices.masked_fill(
         torch.arange(plan.layout.kv_indices.shape[-1]) >= plan.layout.kv_counts[..., None], -1)
