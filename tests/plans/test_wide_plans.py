@@ -189,3 +189,17 @@ def test_tile_plan_on_cuda_runs_128_row_blocks(dtype):
     o, density = plan.run(q, k, v, backend="triton")
     assert plan.layout_on(q.device, backend="triton").block_q == 128 and density == plan.layout.density()
     assert_attention_close(o, None, q, k, v, dit_accel.patterns.tile_mask(grid, tile, window))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_fitted_tile_plan_on_cuda_runs_128_row_blocks(dtype):
+    from dit_accel.patterns.tile import fit_tile
+
+    grid, tile, window = (6, 9, 14), (1, 8, 16), (3, 1, 1)  # fitted: (1, 9, 14), 126 tokens in a 128-token slot
+    plan = dit_accel.Tile(tile=tile, window=window, fit=True).plan(grid)
+    n = math.prod(grid)
+    q, k, v = make_qkv(1, 2, n, n, 128, dtype, device="cuda")
+    o, density = plan.run(q, k, v, backend="triton")
+    assert plan.layout_on(q.device, backend="triton").block_q == 128 and density == plan.layout.density()
+    assert_attention_close(o, None, q, k, v, _ref_sta(grid, *fit_tile(grid, tile, window)))
