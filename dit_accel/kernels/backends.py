@@ -22,7 +22,7 @@ from .request import ENV_BACKEND, BackendUnavailable, Request, env_get, env_valu
 
 __all__ = ["BACKENDS", "ENV_BACKEND", "BackendUnavailable", "Request", "available_backends", "env_backend",
            "resolve", "triton_reason", "interpreting", "TUNED", "Backend", "backend_peers", "backend_reasons",
-           "VENDOR_BACKENDS", "env_get", "env_value", "runs_twin"]
+           "VENDOR_BACKENDS", "env_get", "env_value", "forced_backend", "runs_twin"]
 
 #: The vendor block-sparse backends (optional packages; :mod:`dit_accel.kernels.block_sparse.backends`).
 VENDOR_BACKENDS = ("fa4", "cudnn", "natten")
@@ -43,10 +43,16 @@ def env_backend() -> Optional[str]:
     return value
 
 
+def forced_backend(backend: str) -> Optional[str]:
+    """The backend a call asking for ``backend`` is forced to: ``backend`` itself, or for ``auto`` the one
+    ``$DIT_ACCEL_BACKEND`` names; None when ``auto`` chooses."""
+    return backend if backend != "auto" else env_backend()
+
+
 def runs_twin(backend: str, device) -> bool:
     """Whether a block-sparse call with ``backend`` on ``device`` runs the PyTorch twin: forced, by ``backend`` or
     ``$DIT_ACCEL_BACKEND``, or ``auto`` off CUDA (where ``auto`` never takes Triton's interpreter)."""
-    forced = backend if backend != "auto" else env_backend()
+    forced = forced_backend(backend)
     return forced == "torch" or (forced is None and torch.device(device).type != "cuda")
 
 
@@ -366,7 +372,7 @@ def resolve(family: str, backend: str, request: Request, tuner=None) -> str:
         raise ValueError(f"backend must be one of {('auto',) + BACKENDS}; got {backend!r}.")
     table = _TABLE[family]
     names = [name for name, _, _ in table]
-    forced = backend if backend != "auto" else env_backend()
+    forced = forced_backend(backend)
     if forced is None:
         tuned = _tuned(family, request, tuner)
         if tuned is not None:

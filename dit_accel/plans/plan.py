@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from ..kernels import autotune, block_sparse_attention, merge_attention
-from ..kernels.backends import Request, env_backend, env_value, resolve
+from ..kernels.backends import Request, env_backend, env_value, forced_backend, resolve
 from ..kernels.block_sparse import api as _bs_api
 from ..kernels.block_sparse.api import (DENSE, block_sparse_backend, layout_on, live_keys, prepare_layout,
                                         timed_against_dense)
@@ -274,7 +274,7 @@ class LayoutPlan(Plan):
         if self._kernel_plan is None:
             return self
         device = device if isinstance(device, torch.device) else torch.device(device)
-        chosen = backend if backend != "auto" else env_backend()
+        chosen = forced_backend(backend)
         if chosen == "torch" or (chosen is None and (device.type != "cuda" or not self._kernel_plan_auto)):
             return self
         if callable(self._kernel_plan):
@@ -289,8 +289,7 @@ class LayoutPlan(Plan):
         runner = self.call_plan(device, backend)
         if runner is not self:
             return runner.kernel_layout(device, backend, grad)
-        if self.wide_q and not grad and device.type == "cuda" and (backend if backend != "auto" else env_backend()) in (
-                None, "triton"):
+        if self.wide_q and not grad and device.type == "cuda" and forced_backend(backend) in (None, "triton"):
             wide = self.wide_layout()
             if wide is not None:
                 return wide

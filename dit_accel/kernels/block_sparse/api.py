@@ -10,7 +10,7 @@ import torch
 from .. import autotune
 from .._cache import LayoutCache, layout_on
 from .select_backend import VERIFY_TOL, free_memory, memory_skips  # noqa: F401  (re-exported)
-from ..backends import VENDOR_BACKENDS, Request, env_backend, env_value, resolve, runs_twin
+from ..backends import VENDOR_BACKENDS, Request, env_backend, env_value, forced_backend, resolve, runs_twin
 from ..request import in_graph
 from ..checks import check_qkv, check_scale
 from ..layout import BlockLayout
@@ -28,7 +28,7 @@ def prepare_layout(layout: BlockLayout, device, backend: str = "auto") -> BlockL
     ``torch.compile`` or not, only reads them. Returns the device copy."""
     device = torch.device(device)
     layout = layout_on(layout, device)
-    if (backend if backend != "auto" else env_backend()) == "flex":
+    if forced_backend(backend) == "flex":
         from .flex import prepare
 
         prepare(layout)

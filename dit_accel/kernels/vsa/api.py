@@ -135,9 +135,9 @@ def _fused_coarse(q_t, k_t, v_t, with_coarse: bool, backend: str) -> bool:
     """Whether the coarse branch runs the Triton launches (:mod:`.triton`): on CUDA for ``auto``, wherever Triton
     runs for a forced ``triton`` (the interpreter included), and only when no gradient flows through the coarse
     output (the launches are forward only) and the variant passed its self-check."""
-    from ..backends import env_backend, triton_reason
+    from ..backends import forced_backend, triton_reason
 
-    forced = (backend if backend != "auto" else env_backend()) or "auto"
+    forced = forced_backend(backend) or "auto"
     device = q_t.device
     if forced not in ("auto", "triton") or (forced == "auto" and device.type != "cuda"):
         return False
