@@ -13,7 +13,7 @@ from typing import Optional
 
 import torch
 
-__all__ = ["BackendUnavailable", "Request", "interpreting", "in_graph", "env_value", "env_get", "ENV_BACKEND"]
+__all__ = ["BackendUnavailable", "Request", "interpreting", "in_graph", "records_grad", "env_value", "env_get", "ENV_BACKEND"]
 
 #: Environment variable that overrides ``backend="auto"``.
 ENV_BACKEND = "DIT_ACCEL_BACKEND"
@@ -41,9 +41,14 @@ class Request:
     @classmethod
     def of(cls, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_q: int = 64, block_k: int = 64,
            density: Optional[float] = None) -> "Request":
-        grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+        grad = records_grad(q, k, v)
         return cls(q.device, q.dtype, q.shape[-1], grad, block_q, block_k, density, q.shape[-2], k.shape[-2],
                    q.shape[0] * q.shape[1] if q.dim() == 4 else 1)
+
+
+def records_grad(*tensors: torch.Tensor) -> bool:
+    """Whether a call on ``tensors`` records a backward: autograd on and any of them requiring a gradient."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
 # ---------------------------------------------------------------- environment

@@ -33,7 +33,7 @@ from ..kernels._cache import LayoutCache
 from ..kernels.block_sparse.naive import dense_is_faster
 from ..kernels.block_sparse.one_pass import OnePass, one_pass_fits
 from ..kernels.layout import BlockLayout
-from ..kernels.request import in_graph
+from ..kernels.request import in_graph, records_grad
 from ..kernels.sla import sla_parts_checked
 
 __all__ = ["Plan", "DensePlan", "LayoutPlan", "SLAPlan", "attend_with_lse"]
@@ -314,7 +314,7 @@ class LayoutPlan(Plan):
             return short
         if self._gpu_choice.get(self._gpu_key(q, k, None, lse)) == DENSE:
             return DENSE
-        grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+        grad = records_grad(q, k, v)
         layout = self.layout_on(q.device, backend=backend, grad=grad)
         if q.shape[-2] != layout.q_len or k.shape[-2] != layout.kv_len:
             # Raster tokens of a padded tiling: the kernels see other lengths. Padding keys are never visited,
@@ -422,7 +422,7 @@ class LayoutPlan(Plan):
         if runner is not self:  # the same pattern over packed tiles; the call reports this plan's density
             return runner.attend(q, k, v, scale=scale, backend=backend, proj=proj, heads=heads, lse=lse)[:3] + (
                 self.density,)
-        grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+        grad = records_grad(q, k, v)
         layout = self.layout_on(q.device, heads, backend, grad)
         want_lse = lse
         self._check_heads(layout, q)
@@ -465,7 +465,7 @@ class LayoutPlan(Plan):
         is some query's key: dense attention is then the pattern's unmasked original
         (:func:`~dit_accel.kernels.block_sparse.api.all_keys_visited`). :attr:`dense_reasons` says why."""
         if backend != "auto" or not _bs_api._dense_applies(q.device) or env_backend() is not None or (
-                torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)):
+                records_grad(q, k, v)):
             return False
         key = self._gpu_key(q, k, heads, want_lse)
         hit = self._gpu_choice.get(key)
@@ -570,7 +570,7 @@ class SLAPlan(Plan):
         if torch.compiler.is_compiling():
             return resolve("sla", backend, Request.of(q, k, v, self.params.block_q, self.params.block_k))
         # The statistics ask on every layer call; resolving once per signature keeps that off the call.
-        grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+        grad = records_grad(q, k, v)
         key = (q.device, q.dtype, q.shape[-1], grad, backend, env_value())
         name = self._backends.get(key)
         if name is None:

@@ -11,7 +11,7 @@ from .. import autotune
 from .._cache import LayoutCache, layout_on
 from .select_backend import VERIFY_TOL, free_memory, memory_skips  # noqa: F401  (re-exported)
 from ..backends import VENDOR_BACKENDS, Request, env_backend, env_value, forced_backend, resolve, runs_twin
-from ..request import in_graph
+from ..request import in_graph, records_grad
 from ..checks import check_qkv, check_scale
 from ..layout import BlockLayout
 
@@ -97,7 +97,7 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, la
     elif name == "torch":
         from .naive import torch_block_sparse_attention
 
-        grad = return_lse and torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+        grad = return_lse and records_grad(q, k, v)
         o, lse = torch_block_sparse_attention(q, k, v, layout, scale, lse_grad=grad)
     elif name == DENSE:
         o, lse = _run_dense(q, k, v, scale, return_lse)
@@ -140,7 +140,7 @@ def _call(q, k, v, layout, scale, backend: str, return_lse: bool):
     if type(q) is not torch.Tensor or type(k) is not torch.Tensor or type(v) is not torch.Tensor \
             or type(layout) is not BlockLayout or torch.compiler.is_compiling():
         return _decide(q, k, v, layout, scale, backend, return_lse)
-    grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    grad = records_grad(q, k, v)
     device = q.device
     slot = ("block_sparse.call", (backend, env_value(), autotune.enabled() if device.type == "cuda" else None,
                                   scale, return_lse, grad, q.shape, q.dtype, device, k.shape, k.dtype, k.device,
@@ -173,7 +173,7 @@ def _shape_key(q, k, return_lse: bool, grad: bool):
 def _decide(q, k, v, layout, scale, backend: str, return_lse: bool):
     scale = _check(q, k, v, layout, scale)
     cuda = q.device.type == "cuda"
-    grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    grad = records_grad(q, k, v)
     key = _shape_key(q, k, return_lse, grad) if cuda and backend == "auto" and env_backend() is None else None
     if in_graph():
         hit = None if key is None else _EAGER.peek(layout, key)

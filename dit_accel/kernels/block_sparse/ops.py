@@ -20,6 +20,7 @@ from typing import List, Optional, Tuple
 import torch
 
 from ..layout import BlockLayout
+from ..request import records_grad
 
 __all__ = ["triton_block_sparse_attention", "direct_call_ok"]
 
@@ -152,7 +153,7 @@ def triton_block_sparse_attention(q: Tensor, k: Tensor, v: Tensor, layout: Block
     Eager calls with nothing to intercept them (:func:`direct_call_ok`) call the launcher directly
     (through :class:`_EagerBlockSparse` when autograd records); traced ones go through the op."""
     if direct_call_ok(q, k, v):
-        if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        if records_grad(q, k, v):
             return _EagerBlockSparse.apply(q, k, v, layout, float(scale))
         return _launchers()[0](q, k, v, layout, float(scale))
     tensors: List[Tensor] = [getattr(layout, name) for name in BlockLayout.TENSORS]

@@ -97,8 +97,9 @@ def _verified(q, k, v) -> None:
     """The dense kernels passed their first-use self-check here (:mod:`dit_accel.kernels.selfcheck`), else
     :class:`~dit_accel.kernels.selfcheck.VariantFailed` (callers choosing among dense kernels skip it)."""
     from .. import selfcheck
+    from ..request import records_grad
 
-    grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    grad = records_grad(q, k, v)
     for name in ("dense.triton.fwd", "dense.triton.bwd") if grad else ("dense.triton.fwd",):
         if not selfcheck.usable_fast(name, q.device, q.dtype, q.shape[-1], 64, 64):
             selfcheck.require(name, q.device, q.dtype, {"head_dim": q.shape[-1], "block_q": 64, "block_k": 64})

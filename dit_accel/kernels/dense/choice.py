@@ -38,7 +38,7 @@ from typing import Callable, Dict, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from ..request import in_graph
+from ..request import in_graph, records_grad
 
 __all__ = ["CANDIDATES", "candidates", "why_not", "run", "run_candidate", "choose", "chosen", "default_choice",
            "check_candidate", "normalise_lse", "CHECK_ROWS", "O_TOLERANCE", "LSE_TOLERANCE"]
@@ -100,7 +100,7 @@ def run_candidate(name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     """``(o, lse or None)`` of one candidate, lse as fp32 natural log ``(B, H, N)``."""
     aten = torch.ops.aten
     n = q.shape[2]
-    grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    grad = records_grad(q, k, v)
     if name == "sdpa":
         return F.scaled_dot_product_attention(q, k, v, scale=scale), None
     if name == "triton":
@@ -158,10 +158,6 @@ def _key(q, k, v, scale, return_lse: bool, grad: bool, tuned: bool) -> tuple:
     return (q.device, q.dtype, k.dtype, v.dtype, q.shape, k.shape, v.shape, scale, return_lse, grad, tuned)
 
 
-def _grad(q, k, v) -> bool:
-    return torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-
-
 def choose(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, return_lse: bool, *,
            timer: Optional[Callable] = None, tune: Optional[bool] = None) -> str:
     """The candidate that serves these inputs (see the module docstring), decided once per call signature.
@@ -170,7 +166,7 @@ def choose(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, retu
     candidates (default: on CUDA when the autotuner is on, and not while ``torch.compile`` traces)."""
     from .. import autotune
 
-    grad = _grad(q, k, v)
+    grad = records_grad(q, k, v)
     if tune is None:
         live = q.device.type == "cuda" and autotune.enabled()
         tune = live and not in_graph()

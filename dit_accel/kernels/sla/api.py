@@ -19,6 +19,7 @@ from torch.nn import functional as F
 
 from ..backends import Request, env_value, resolve
 from ..checks import check_qkv, check_scale
+from ..request import records_grad
 from .common import SLAParams, sla_block_counts, sla_classify
 from .naive import sla_torch
 
@@ -109,7 +110,7 @@ def _prepare(q, k, v, method, proj, scale, backend):
     if type(q) is not torch.Tensor or type(k) is not torch.Tensor or type(v) is not torch.Tensor \
             or torch.compiler.is_compiling() or not _frozen(method):
         return _decide(q, k, v, method, proj, scale, backend)
-    grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    grad = records_grad(q, k, v)
     key = (method, scale, type(scale), backend, env_value(), grad, q.shape, q.dtype, q.device, k.shape, k.dtype, k.device,
            v.shape, v.dtype, v.device)
     try:

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from ..._util import cdiv as _cdiv
 from ..block_sparse.naive import CHUNK_BYTES, HAS_CPU_FLASH, SLICES_PER_THREAD, gather, in_threads, pad_blocks, slice_bytes
 from ..block_sparse.one_pass import blocks_to_tokens
+from ..request import records_grad
 from .common import MARGINAL, SLABlocks, SLAParams, feature_map
 
 __all__ = ["sla_torch"]
@@ -51,7 +52,7 @@ def _sparse_branch_torch(q, k, v, critical, block_q, block_k, scale):
 
 
 def _use_fused(q, k, v) -> bool:
-    grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    grad = records_grad(q, k, v)
     return q.device.type == "cpu" and HAS_CPU_FLASH and not grad
 
 

@@ -24,6 +24,7 @@ from torch import Tensor
 
 from ..._util import cdiv as _cdiv
 from .. import selfcheck
+from ..request import records_grad
 from .common import (FEATURE_IDS, FEATURE_MAPS, SLABlocks, SLAParams, classify_pooled,
                      rounded_features, sla_block_counts)
 
@@ -257,7 +258,7 @@ def sla_triton_attention(q: Tensor, k: Tensor, v: Tensor, blocks: SLABlocks, met
 def _direct(*tensors: Tensor) -> bool:
     """Whether this call may run the launcher itself (see ``block_sparse.ops.direct_call_ok``): also no
     autograd recording, which needs the op's registered backward."""
-    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+    if records_grad(*tensors):
         return False
     return _launchers()[2](*tensors)
 

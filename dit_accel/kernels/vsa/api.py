@@ -22,6 +22,7 @@ import torch
 from ..backends import runs_twin
 from ..block_sparse import block_sparse_attention
 from ..checks import check_qkv, check_scale
+from ..request import records_grad
 from ..layout import BlockLayout
 from .naive import CubeRows, Cubes, coarse_attention, cubes_of, fine_gathered, selected_count
 
@@ -141,7 +142,7 @@ def _fused_coarse(q_t, k_t, v_t, with_coarse: bool, backend: str) -> bool:
     device = q_t.device
     if forced not in ("auto", "triton") or (forced == "auto" and device.type != "cuda"):
         return False
-    if with_coarse and torch.is_grad_enabled() and any(x.requires_grad for x in (q_t, k_t, v_t)):
+    if with_coarse and records_grad(q_t, k_t, v_t):
         return False
     if triton_reason(device) is not None or torch.compiler.is_compiling():
         return False
@@ -189,7 +190,7 @@ def _fine_backend(q, k, v, layout: BlockLayout, backend: str, cubes: Cubes) -> s
     from ..block_sparse.api import DENSE, block_sparse_backend
     from ..request import env_value, in_graph
 
-    grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
+    grad = records_grad(q, k, v)
     key = (cubes.perm.grid, cubes.perm.tile, tuple(layout.kv_indices.shape), tuple(q.shape), tuple(k.shape),
            q.dtype, q.device, grad, env_value(), autotune.enabled())
     name = _FINE_BACKENDS.get(key)

@@ -18,7 +18,7 @@ from typing import Callable, Dict, Optional, Tuple
 import torch
 
 from ..._cache import LayoutCache
-from ...request import BackendUnavailable, Request
+from ...request import BackendUnavailable, Request, records_grad
 from ...layout import BlockLayout
 
 __all__ = ["NAMES", "PACKAGES", "versions", "module", "plan", "plan_seconds", "call", "vendor_contenders", "vendor_reasons", "layout_reason"]
@@ -102,7 +102,7 @@ def call(name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: B
          return_lse: bool, source: Optional[BlockLayout] = None) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Run ``layout`` on vendor backend ``name`` (inputs already checked, ``layout`` on q's device).
     BackendUnavailable with the reason when this layout or call cannot be served exactly."""
-    grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    grad = records_grad(q, k, v)
     why = layout_reason(name, layout, q.shape[-1], grad, return_lse, source)
     if why is not None:
         raise BackendUnavailable(f"attention backend {name!r} cannot run this layout: {why}.")
