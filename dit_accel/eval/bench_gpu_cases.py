@@ -643,13 +643,11 @@ class _VsaCase(_Case):
     def variant(self, pass_: str, backend: str) -> str:
         """The coarse branch's path and the backend the fine branch ran (``auto``'s choice for this shape class,
         made by the warm-up call: with a gradient it may differ from the forward's)."""
-        from ..kernels.vsa.api import _FINE_BACKENDS, _fused_coarse
+        from ..kernels.vsa.api import _fused_coarse, chosen_fine_backend
 
         q_t = self.cubes.perm.permute(self.q[:1, :1], dim=-2)
         fused = pass_ == "forward" and _fused_coarse(q_t, q_t, q_t, True, backend)  # (forward-only launches)
         b, h, _, d = self.q.shape
-        shape, grad = (1, b * h, self.cubes.perm.num_padded, d), pass_ != "forward"
-        chosen = [name for key, name in _FINE_BACKENDS.items() if key[0] == self.grid and key[3] == shape
-                  and key[7] == grad]
-        fine = f"{backend} ({chosen[-1]})" if backend == "auto" and chosen else backend
+        chosen = chosen_fine_backend(self.grid, (1, b * h, self.cubes.perm.num_padded, d), pass_ != "forward")
+        fine = f"{backend} ({chosen})" if backend == "auto" and chosen else backend
         return f"vsa: coarse {'triton' if fused else 'torch'}, fine {fine}"

@@ -204,6 +204,14 @@ def _fine_backend(q, k, v, layout: BlockLayout, backend: str, cubes: Cubes) -> s
     return name or backend
 
 
+def chosen_fine_backend(grid, q_shape, grad: bool) -> Optional[str]:
+    """The backend ``auto`` last chose (:data:`_FINE_BACKENDS`) for fine branches on ``grid`` whose folded queries
+    are ``q_shape`` ``(1, B * H, padded tokens, D)``, with or without a gradient; None where none was chosen."""
+    found = [name for key, name in _FINE_BACKENDS.items()
+             if key[0] == tuple(grid) and key[3] == tuple(q_shape) and key[7] == grad]
+    return found[-1] if found else None
+
+
 def _row_cubes(order, volume: int, device) -> torch.Tensor:
     """The cube of each raster row that ``order`` returns (the grid's permutation, or a share's
     :class:`~.naive.CubeRows`, whose cubes count from its first), as an index on ``device``."""
