@@ -54,7 +54,7 @@ class Stats:
     def __init__(self, names: List[str], timing: bool = False):
         self.names = list(names)
         self.timing = bool(timing)
-        self.layers = [LayerStats() for _ in self.names]
+        self.reset()
 
     def reset(self) -> None:
         """Forget every count, density and time so far (a warm-up's)."""
