@@ -489,13 +489,12 @@ def _rebased(template, t: Optional[torch.Tensor]):
 class _Launch:
     """One forward launch as derived from (layout, call signature), once (:func:`_forward_launch`).
 
-    ``args``: the kernel's arguments after the call's own tensors (plan tensors, strides, sizes; the
-    scale comes last, per call); ``grid``: None for the interpreter's persistent grid (read per call,
-    :data:`INTERPRETER_PROGRAMS`); ``kw``: constexprs and launch options; ``prepare``: the inputs
-    need last-dim contiguous or zero-padded copies first, ``pad`` the latter; ``descriptors``: TMA
-    descriptors of K and V, checked, rebased per call (:func:`_rebased`), or None; ``ws_ok``: Q, K and V
-    are TMA-aligned, so the warp-specialized kernel (which makes a descriptor of each) may run.
-    """
+    ``args``: the kernel's arguments after the call's own tensors (the tile plan first, then plan tensors, strides,
+    sizes; the scale comes last, per call); ``grid``: None for the interpreter's persistent grid (read per call,
+    :data:`INTERPRETER_PROGRAMS`); ``kw``: constexprs and launch options; ``prepare``: the inputs need last-dim
+    contiguous or zero-padded copies first, ``pad`` the latter; ``descriptors``: TMA descriptors of K and V,
+    checked, rebased per call (:func:`_rebased`), or None; ``ws_ok``: Q, K and V are TMA-aligned, so the
+    warp-specialized kernel (which makes a descriptor of each) may run."""
 
     cfg: KernelConfig
     args: tuple
@@ -506,10 +505,6 @@ class _Launch:
     pad: bool
     descriptors: Optional[tuple]
     ws_ok: bool = False
-
-
-def _prepared(cfg: KernelConfig, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Tuple[torch.Tensor, ...]:
-    return _pad_d(cfg, *(_last_dim_contiguous(t) for t in (q, k, v)))
 
 
 def _forward_launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
@@ -563,27 +558,22 @@ def triton_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Bl
     """Block-sparse attention forward with the Triton kernel.
 
     Args:
-        q: ``(B, H, N, D)``; k, v: ``(B, H, M, D)``; fp16, bf16 or fp32 (one dtype), any
-            strides, ``D <= 256``. ``N == layout.q_len`` and ``M == layout.kv_len``.
-        layout: :class:`BlockLayout` on q's device with 1 (shared) or ``H`` heads;
-            ``block_q``/``block_k`` in (64, 128, 256) on CUDA, also 16 or 32 under the interpreter.
+        q: ``(B, H, N, D)``; k, v: ``(B, H, M, D)``; fp16, bf16 or fp32 (one dtype), any strides, ``D <= 256``.
+            ``N == layout.q_len`` and ``M == layout.kv_len``.
+        layout: :class:`BlockLayout` on q's device with 1 (shared) or ``H`` heads; ``block_q``/``block_k`` in
+            (64, 128, 256) on CUDA, also 16 or 32 under the interpreter.
         scale: softmax scale.
-        lengths: run column-prefix tiles by a column count (:mod:`.lengths`): None where the layout has
-            them and the variant passed its self-check, True / False forced.
+        lengths: run column-prefix tiles by a column count (:mod:`.lengths`): None where the layout has them and
+            the variant passed its self-check, True / False forced.
 
-    Inputs are not checked here: :func:`dit_accel.kernels.block_sparse_attention` checks them once.
-    What a launch derives from the layout and the inputs' geometry (configuration, tile plan, work
-    order, strides, grid, TMA descriptors) is built once per (layout, shapes, strides, dtypes,
-    device, base alignment) and kept with the layout's tile plans (:class:`_PlanCache`); a
-    repeated call allocates its outputs and launches.
+    Inputs are not checked here (:func:`dit_accel.kernels.block_sparse_attention` did). What a launch derives from
+    the layout and the inputs' geometry (configuration, tile plan, work order, strides, grid, TMA descriptors) is
+    built once per (layout, shapes, strides, dtypes, device, base alignment) and kept with the layout's tile plans
+    (:class:`_PlanCache`, :func:`forward_launch`); a repeated call allocates its outputs and launches.
 
     Returns:
-        ``o`` ``(B, H, N, D)`` in q's dtype (contiguous) and ``lse`` fp32 ``(B, H, N)``
-        natural log. Rows with no allowed key give ``o = 0`` and ``lse = -inf``.
-
-    Example:
-        >>> layout = BlockLayout.from_dense_mask(mask, block_q=64, block_k=64)
-        >>> o, lse = triton_forward(q, k, v, layout, scale=q.shape[-1] ** -0.5)
+        ``o`` ``(B, H, N, D)`` in q's dtype (contiguous) and ``lse`` fp32 ``(B, H, N)`` natural log. Rows with no
+        allowed key give ``o = 0`` and ``lse = -inf``.
     """
     b, h, n, d = q.shape
     dev = q.device
@@ -593,22 +583,35 @@ def triton_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Bl
         return o, lse.fill_(float("-inf"))
     if k.shape[2] == 0:
         return o.zero_(), lse.fill_(float("-inf"))
-    signature = ("fwd", q.shape, q.stride(), k.shape, k.stride(), v.shape, v.stride(), q.dtype, k.dtype, v.dtype,
-                 dev, _arch(dev), q.data_ptr() % 16, k.data_ptr() % 16, v.data_ptr() % 16,
-                 runs_lengths(q, layout, lengths, _PLANS))
-    launch = _PLANS.get(layout, signature, lambda: _forward_launch(q, k, v, o, lse, layout, signature[-1]))
+    launch = forward_launch(q, k, v, o, lse, layout, lengths)
     if launch.ws_ok and _ws_forward(*(_last_dim_contiguous(t) for t in (q, k, v)), o, lse, layout, launch.cfg,
                                       scale):
         return o, lse
+    return launch_forward(launch, q, k, v, o, lse, scale)
+
+
+def forward_launch(q, k, v, o, lse, layout: BlockLayout, lengths: Optional[bool] = None) -> _Launch:
+    """:func:`triton_forward`'s launch for this call signature (``o``, ``lse``: its outputs), kept with the layout."""
+    dev = q.device
+    signature = ("fwd", q.shape, q.stride(), k.shape, k.stride(), v.shape, v.stride(), q.dtype, k.dtype, v.dtype,
+                 dev, _arch(dev), q.data_ptr() % 16, k.data_ptr() % 16, v.data_ptr() % 16,
+                 runs_lengths(q, layout, lengths, _PLANS))
+    return _PLANS.get(layout, signature, lambda: _forward_launch(q, k, v, o, lse, layout, signature[-1]))
+
+
+def launch_forward(launch: _Launch, q, k, v, o, lse, scale: float, plan: Optional[torch.Tensor] = None):
+    """Run ``launch`` (of q, k and v's signature) into ``o`` and ``lse``; ``plan``: a tile plan tensor in place of
+    the launch's own, of its shape (:mod:`dit_accel.kernels.vsa.fine` plans a call without a layout)."""
     if launch.prepare:  # a last dim that is not contiguous, or a head dim the pointer kernel pads
-        q, k, v = _prepared(launch.cfg, q, k, v)
-    out = torch.empty(q.shape, dtype=q.dtype, device=dev) if launch.pad else o
+        q, k, v = _pad_d(launch.cfg, *(_last_dim_contiguous(t) for t in (q, k, v)))
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device) if launch.pad else o
     if launch.descriptors is not None:
         k, v = _rebased(launch.descriptors[0], k), _rebased(launch.descriptors[1], v)
     grid = launch.grid or (max(1, min(launch.n_items, INTERPRETER_PROGRAMS)),)
-    _fwd_kernel[grid](q, k, v, out, lse, *launch.args, scale * _LOG2E, **launch.kw)
+    args = launch.args if plan is None else (plan, *launch.args[1:])
+    _fwd_kernel[grid](q, k, v, out, lse, *args, scale * _LOG2E, **launch.kw)
     if out is not o:
-        o.copy_(out[..., :d])
+        o.copy_(out[..., :o.shape[-1]])
     selfcheck.corrupt("block_sparse.triton.fwd", o)
     if launch.cfg.lengths:
         selfcheck.corrupt(LEN_VARIANT, o)
@@ -633,10 +636,9 @@ def ws_schedule(plan: TilePlan, batch: int, heads: int, cfg: KernelConfig, arch:
 
 
 def _ws_forward(q, k, v, o, lse, layout: BlockLayout, cfg: KernelConfig, scale: float, force: bool = False) -> bool:
-    """sm_90: the full tiles in the warp-specialized kernel, then the partial tiles in the resume
-    pass (the one-loop kernel started from the first's O and LSE). False (nothing run) where there is
-    no ws configuration, the cost model prefers the one-loop kernel for this layout (unless ``force``),
-    or the ws variant failed its self-check (:mod:`dit_accel.kernels.selfcheck`)."""
+    """sm_90: the full tiles in the warp-specialized kernel, then the partial tiles in the resume pass (the one-loop
+    kernel started from the first's O and LSE). False (nothing run) where there is no ws configuration, the cost
+    model prefers the one-loop kernel for this layout (unless ``force``), or the ws variant failed its self-check."""
     ws = ws_config(cfg, _arch(q.device))
     if ws is None or not (force or ws_enabled()) or in_graph():  # opt-in (configs.WS_OFF_REASON); its schedule
         return False                                                  # needs a host sync: one-loop in graphs
@@ -668,12 +670,11 @@ class _BackwardLaunch:
     """The backward's launches as derived from (layout, call signature), once (:func:`_backward_launch`).
 
     ``pre``: the preprocess's grid, static arguments and keywords; ``pad``: the pointer configuration whose ``block_d``
-    the inputs are zero-padded to (None: no padding); ``copies``: dQ, dK, dV allocated like q, k, v
-    would not share their strides, so the kernels get contiguous copies; ``steps``: per kernel (dK/dV,
-    then dQ) its static arguments after the call's tensors (plan, strides, sizes; the scale comes last,
-    per call), grid, keywords and TMA descriptor templates (rebased per call) or None; ``fused``: the one-pass
-    kernel's step (:mod:`.bwd_fused`; same arguments as dK/dV's), None where no configuration ships; ``ran``
-    which of the two the calls took (for :func:`.launches.launched_variants`).
+    the inputs are zero-padded to (None: no padding); ``copies``: dQ, dK, dV allocated like q, k, v would not share
+    their strides, so the kernels get contiguous copies; ``steps``: per kernel (dK/dV, then dQ) its static arguments
+    after the call's tensors (plan, strides, sizes; the scale comes last, per call), grid, keywords and TMA
+    descriptor templates (rebased per call) or None; ``fused``: the one-pass kernel's step (:mod:`.bwd_fused`; same
+    arguments as dK/dV's), None where none ships; ``ran`` which of the two ran (:func:`.launches.launched_variants`).
     """
 
     pre: tuple
@@ -692,9 +693,8 @@ class _BackwardStep(NamedTuple):
 
 
 def _backward_launch(q, k, v, do, o, lse, dlse, layout: BlockLayout) -> _BackwardLaunch:
-    """What :func:`triton_backward` derives from its inputs' geometry and ``layout``: configurations,
-    tile plans, strides, grids and descriptor templates (q, k, v, do, o last-dim contiguous
-    and in q's dtype; lse, dlse fp32 with the same strides)."""
+    """What :func:`triton_backward` derives from its inputs' geometry and ``layout``: configurations, tile plans,
+    strides, grids and descriptor templates (q, k, v, do, o last-dim contiguous and in q's dtype; lse, dlse fp32)."""
     b, h, n, d = q.shape
     m = k.shape[2]
     dev = q.device
@@ -744,16 +744,16 @@ def triton_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch
         do: upstream gradient ``(B, H, N, D)`` (any float dtype; cast to q's dtype).
         q, k, v, layout, scale: exactly as given to :func:`triton_forward`.
         o, lse: its outputs (``lse`` fp32 natural log ``(B, H, N)``).
-        dlse: optional gradient w.r.t. ``lse`` ``(B, H, N)``; it enters as ``delta - dlse``
-            (``d lse_i / d s_ij = P_ij``), at no extra kernel cost.
+        dlse: optional gradient w.r.t. ``lse`` ``(B, H, N)``; it enters as ``delta - dlse`` (``d lse_i / d s_ij =
+            P_ij``), at no extra kernel cost.
 
     Returns:
-        ``(dq, dk, dv)`` shaped and typed like q, k, v (strided like them when last-dim
-        contiguous). ``dk``/``dv`` come from a kernel that walks the transposed plan (only the
-        query tiles that visit each key tile); ``dq`` from one over the forward plan, or, in the one-pass
-        backward (:mod:`.bwd_fused`), from the first kernel's atomic adds. ``one_pass``: None runs the
-        one-pass backward where a configuration ships and its self-check passed on this GPU (never on the
-        interpreter), True forces it (ValueError where none ships), False the two-pass one.
+        ``(dq, dk, dv)`` shaped and typed like q, k, v (strided like them when last-dim contiguous). ``dk``/``dv``
+        come from a kernel that walks the transposed plan (only the query tiles that visit each key tile); ``dq``
+        from one over the forward plan, or, in the one-pass backward (:mod:`.bwd_fused`), from the first kernel's
+        atomic adds. ``one_pass``: None runs the one-pass backward where a configuration ships and its self-check
+        passed on this GPU (never on the interpreter), True forces it (ValueError where none ships), False the
+        two-pass one.
     """
     b, h, n, d = q.shape
     if q.numel() == 0 or k.numel() == 0:
