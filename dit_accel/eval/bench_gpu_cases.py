@@ -644,10 +644,14 @@ class _VsaCase(_Case):
         """The coarse branch's path and the backend the fine branch ran (``auto``'s choice for this shape class,
         made by the warm-up call: with a gradient it may differ from the forward's)."""
         from ..kernels.vsa.api import _fused_coarse, chosen_fine_backend
+        from ..kernels.vsa.fine import has_template
 
         q_t = self.cubes.perm.permute(self.q[:1, :1], dim=-2)
         fused = pass_ == "forward" and _fused_coarse(q_t, q_t, q_t, True, backend)  # (forward-only launches)
         b, h, _, d = self.q.shape
-        chosen = chosen_fine_backend(self.grid, (1, b * h, self.cubes.perm.num_padded, d), pass_ != "forward")
+        folded = (1, b * h, self.cubes.perm.num_padded, d)
+        chosen = chosen_fine_backend(self.grid, folded, pass_ != "forward")
         fine = f"{backend} ({chosen})" if backend == "auto" and chosen else backend
+        if pass_ == "forward" and has_template(self.grid, folded):  # (kernels.vsa.fine: no layout per call)
+            fine += ", planned per call"
         return f"vsa: coarse {'triton' if fused else 'torch'}, fine {fine}"

@@ -657,6 +657,12 @@ def test_vsa_rows_time_the_whole_call_and_its_launches_against_its_twin(tmp_path
         assert variant(case, "forward", "auto").endswith("fine auto (triton)")
         assert variant(case, "forward+backward", "auto") == "vsa: coarse torch, fine auto (flex)"
         assert variant(case, "forward", "torch").endswith("fine torch")
+        from dit_accel.kernels.vsa import fine as vsa_fine  # later forwards planned without a layout
+
+        template_key = ((4, 8, 16), (4, 4, 4), (2, 8, 4), torch.Size((1, 2, 512, 16)))
+        patch.setattr(vsa_fine, "_TEMPLATES", {template_key: object()})
+        assert variant(case, "forward", "auto").endswith("fine auto (triton), planned per call")
+        assert variant(case, "forward+backward", "auto") == "vsa: coarse torch, fine auto (flex)"
     # Images have no cubes: the method is skipped there, not failed.
     flat = bench_gpu.bench_gpu(tmp_path, shapes=(ModelShape("image", (16, 16), 2, head_dim=16),), densities=(0.25,),
                                methods=("vsa",), backward=False, pytest_gpu=False, **QUICK)

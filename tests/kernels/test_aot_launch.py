@@ -244,6 +244,32 @@ def _misaligned(t: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def test_vsa_later_calls_plan_without_a_layout_on_sm90(sm90, compiled, monkeypatch):
+    """VSA's fine branch on the persistent sm_90 forward, on a grid with partial edge cubes: the class's first call
+    (its layout) and a later one planned from the selection alone (:mod:`dit_accel.kernels.vsa.fine`) run the
+    same compiled configuration on the same persistent grid, one warm-up in all, and the later one gives the
+    general path's bits."""
+    from dit_accel.kernels.vsa import api, fine
+    from dit_accel.kernels.vsa.naive import cubes_of
+
+    monkeypatch.delenv("DIT_ACCEL_WS")  # (opted in by the fixture; the template path leaves ws forwards alone)
+    monkeypatch.setattr(fine, "_TEMPLATES", {})
+    cubes = cubes_of((3, 9, 10), (4, 4, 4))  # 9 cubes, 8 of them partial
+    n = cubes.perm.num_padded
+    q, k, v = make_qkv(1, 2, n, n, D, torch.float16, seed=3)
+    g = torch.Generator().manual_seed(4)
+    first, later = (torch.rand(1, 2, 9, 9, generator=g).topk(4, -1).indices.sort(-1).values for _ in range(2))
+    api._fine_branch(q, k, v, cubes, cubes.perm, None, first, D ** -0.5, "triton")
+    assert fine.has_template((3, 9, 10), (1, 2, n, D)) and sm90.warmed == [FWD]
+    launched = sm90.grids[-1]
+    got = api._fine_branch(q, k, v, cubes, cubes.perm, None, later, D ** -0.5, "triton")
+    items = 2 * -(-n // 64)
+    assert sm90.grids[-1] == launched and launched[0] == FWD and sm90.warmed == [FWD] and launched[1][0] < items
+    layout = api.vsa_layout(cubes, later)
+    o, _ = bst.triton_forward(*(x.reshape(1, 2, n, D) for x in (q, k, v)), layout, D ** -0.5)
+    assert torch.equal(got.fine, cubes.perm.unpermute(o.view(1, 2, n, D), dim=-2))
+
+
 def test_tma_ok_rejects_misaligned_and_stride_0():
     q = torch.randn(2, 2, 64, 64, dtype=torch.float16)
     assert tma_ok(q)

@@ -298,17 +298,13 @@ def _device_ops(fn) -> collections.Counter:
     return ops
 
 
-def test_vsa_fine_branch_builds_its_layout_and_plan_in_few_launches(monkeypatch):
-    """FastWan's grid (16, 28, 52), sparsity 0.9: the fine branch's layout, tile plan, work order and launch took
-    120 non-view ops per call before the plan became a lookup in per-table classes (``bench gpu`` on an H100:
-    3.9-5.6 ms of host time per VSA call, more than the kernels' 1.2 ms), 48 after it (the H200 still spent 3.2 ms
-    of host time per call), 30 since whole cubes plan as their lists and uniform rows skip the work order's sort.
-    The sm_90 launch path runs on the CPU here with the kernel itself stubbed (what is counted is everything
-    around it)."""
+def _vsa_fine_call(monkeypatch, grid, heads=2):
+    """The fine branch on ``grid`` at sparsity 0.9 as a zero-argument call, on the sm_90 launch path with the kernel
+    itself stubbed (what is counted is everything around it), and the sm_90 launch path run on the CPU."""
     pytest.importorskip("triton")
     monkeypatch.setenv("DIT_ACCEL_SELFCHECK", "0")
     from dit_accel.kernels.block_sparse import triton as bst
-    from dit_accel.kernels.vsa import api
+    from dit_accel.kernels.vsa import api, fine
     from dit_accel.kernels.vsa.naive import cubes_of, selected_count
 
     class _Stub:
@@ -317,18 +313,39 @@ def test_vsa_fine_branch_builds_its_layout_and_plan_in_few_launches(monkeypatch)
 
     monkeypatch.setattr(bst, "_arch", lambda device: 90)
     monkeypatch.setattr(bst, "_fwd_kernel", _Stub())
-    grid = (16, 28, 52)
+    monkeypatch.setattr(fine, "_TEMPLATES", {})
     cubes = cubes_of(grid, (4, 4, 4))
     count = selected_count(cubes.count, None, 0.9)
     g = torch.Generator().manual_seed(0)
-    heads = 2
     selection = torch.rand(1, heads, cubes.count, cubes.count, generator=g).topk(count, -1).indices.sort(-1).values
     q = torch.randn(1, heads, cubes.perm.num_padded, 128, generator=g).half()
+    return lambda: api._fine_branch(q, q, q, cubes, cubes.perm, None, selection, 0.1, "triton")
 
-    def call():
-        return api._fine_branch(q, q, q, cubes, cubes.perm, None, selection, 0.1, "triton")
 
+def test_vsa_fine_branch_builds_its_layout_and_plan_in_few_launches(monkeypatch):
+    """FastWan's grid (16, 28, 52), sparsity 0.9, every call on the general path (a layout per call): the layout,
+    tile plan, work order and launch took 120 non-view ops per call before the plan became a lookup in per-table
+    classes (``bench gpu`` on an H100: 3.9-5.6 ms of host time per VSA call, more than the kernels' 1.2 ms), 48
+    after it (the H200 still spent 3.2 ms of host time per call), 30 since whole cubes plan as their lists and
+    uniform rows skip the work order's sort."""
+    from dit_accel.kernels.vsa import fine
+
+    call = _vsa_fine_call(monkeypatch, (16, 28, 52))
+    monkeypatch.setattr(fine, "remember", lambda *args: None)  # no template: the general path every call
     call()
     ops = _device_ops(call)
     assert ops["aten::item"] == 0 and ops["aten::_local_scalar_dense"] == 0  # no host sync
     assert sum(ops.values()) <= 30, ops
+
+
+@pytest.mark.parametrize("grid,most", [((16, 28, 52), 8), ((21, 30, 52), 16)], ids=["fastwan-whole", "wan480p-partial"])
+def test_vsa_fine_branch_plans_later_calls_in_a_few_launches(monkeypatch, grid, most):
+    """A class's later calls plan from the selection alone (:mod:`dit_accel.kernels.vsa.fine`): at FastWan's grid
+    (whole cubes) the plan is the lists with a header (the outputs, the launch and the way back make the rest), at
+    Wan 480p's (partial edge cubes) one sort more; no host sync either way. The H200 spent 1.07 ms of host time on
+    the general path's 30 (cf9d9eb, ``docs/scripts/host_profile.py``)."""
+    call = _vsa_fine_call(monkeypatch, grid)
+    call()
+    ops = _device_ops(call)
+    assert ops["aten::item"] == 0 and ops["aten::_local_scalar_dense"] == 0
+    assert sum(ops.values()) <= most, ops

@@ -24,6 +24,7 @@ from ..block_sparse import block_sparse_attention
 from ..checks import check_qkv, check_scale
 from ..request import records_grad
 from ..layout import BlockLayout
+from .fine import fine_rows, remember
 from .naive import CubeRows, Cubes, coarse_attention, cubes_of, fine_gathered, selected_count
 
 __all__ = ["vsa_attention", "vsa_parts", "vsa_parts_rows", "check_vsa_config", "check_vsa_grid", "vsa_layout",
@@ -186,13 +187,10 @@ def _fine_backend(q, k, v, layout: BlockLayout, backend: str, cubes: Cubes) -> s
     captured, not traced), where the class's first eager call decides (:data:`_FINE_BACKENDS`)."""
     if backend != "auto" or q.device.type != "cuda" or torch.compiler.is_compiling():
         return backend
-    from .. import autotune
     from ..block_sparse.api import DENSE, block_sparse_backend
-    from ..request import env_value, in_graph
+    from ..request import in_graph
 
-    grad = records_grad(q, k, v)
-    key = (cubes.perm.grid, cubes.perm.tile, tuple(layout.kv_indices.shape), tuple(q.shape), tuple(k.shape),
-           q.dtype, q.device, grad, env_value(), autotune.enabled())
+    key = _fine_key(q, k, v, cubes, layout.kv_indices.shape)
     name = _FINE_BACKENDS.get(key)
     if name is None and not in_graph():
         name = block_sparse_backend(q, k, v, layout, backend, return_lse=True)
@@ -202,6 +200,23 @@ def _fine_backend(q, k, v, layout: BlockLayout, backend: str, cubes: Cubes) -> s
             _FINE_BACKENDS.clear()
         _FINE_BACKENDS[key] = name
     return name or backend
+
+
+def _fine_key(q, k, v, cubes: Cubes, rows_shape) -> tuple:
+    """:data:`_FINE_BACKENDS`' key of a fine branch on folded q, k, v over key cube rows of ``rows_shape``."""
+    from .. import autotune
+    from ..request import env_value
+
+    return (cubes.perm.grid, cubes.perm.tile, tuple(rows_shape), tuple(q.shape), tuple(k.shape), q.dtype, q.device,
+            records_grad(q, k, v), env_value(), autotune.enabled())
+
+
+def _known_backend(q, k, v, backend: str, cubes: Cubes, rows_shape) -> Optional[str]:
+    """The backend a fine branch runs without its layout: ``backend`` itself unless it is ``auto`` on CUDA, where
+    the class's choice (None before its first eager call)."""
+    if backend != "auto" or q.device.type != "cuda":
+        return backend
+    return _FINE_BACKENDS.get(_fine_key(q, k, v, cubes, rows_shape))
 
 
 def chosen_fine_backend(grid, q_shape, grad: bool) -> Optional[str]:
@@ -228,12 +243,20 @@ def _fine_branch(q_t, k_t, v_t, cubes: Cubes, order, coarse, selection, scale: f
         # The twin reads its block lists on the host, which a trace cannot: the gathered form, tensor ops only.
         fine, lse = fine_gathered(q_t, k_t, v_t, cubes, selection, scale)
     else:
-        layout = _layout_of_rows(cubes, selection)  # (the coarse branch's rows are ascending)
         n_k = k_t.shape[2]
         # batch folded into heads: one layout head per (batch, head)
         q_f, k_f, v_f = q_t.reshape(1, b * h, n_q, d), k_t.reshape(1, b * h, n_k, d), v_t.reshape(1, b * h, n_k, d)
-        fine, lse = block_sparse_attention(q_f, k_f, v_f, layout, scale=scale, return_lse=True,
-                                           backend=_fine_backend(q_f, k_f, v_f, layout, backend, cubes))
+        rows = selection.reshape(b * h, *selection.shape[2:])
+        ran = None
+        if _known_backend(q_f, k_f, v_f, backend, cubes, rows.shape) == "triton":  # no layout at inference
+            ran = fine_rows(q_f, k_f, v_f, cubes, rows, scale)
+        if ran is None:
+            layout = _layout_of_rows(cubes, selection)  # (the coarse branch's rows are ascending)
+            name = _fine_backend(q_f, k_f, v_f, layout, backend, cubes)
+            ran = block_sparse_attention(q_f, k_f, v_f, layout, scale=scale, return_lse=True, backend=name)
+            if name == "triton":
+                remember(q_f, k_f, v_f, cubes, rows, layout, _cube_masks(cubes, q_f.device)[0])
+        fine, lse = ran
     fine = order.unpermute(fine.view(b, h, n_q, d), dim=-2)
     lse = order.unpermute(lse.view(b, h, n_q), dim=-1)
     coarse_tok = None
@@ -250,9 +273,9 @@ def vsa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid, *, to
     The token grid ``(T, H, W)`` is cut into cubes of ``tile`` tokens (t-major, then h, then w; edge cubes
     are partial and hold only their real tokens). *Coarse*: softmax attention between the cube means of
     q, k and v (scale ``scale``), each token taking its cube's row. *Selection*: per (batch, head, query
-    cube), the top-k key cubes by coarse score (an exact tie to the lower cube index, as FastVideo's kernel). *Fine*: exact softmax attention of each query over
-    the real tokens of its selected key cubes. Gradients flow through both branches and the gate, not
-    through the selection.
+    cube), the top-k key cubes by coarse score (an exact tie to the lower cube index, as FastVideo's kernel).
+    *Fine*: exact softmax attention of each query over the real tokens of its selected key cubes. Gradients
+    flow through both branches and the gate, not through the selection.
 
     Args:
         q, k, v: ``(B, H, N, D)`` in raster token order (``idx = t*H*W + h*W + w``), ``N = T*H*W``; float16,
