@@ -29,6 +29,11 @@ Each stage is timed alone:
 - ``sla_small``, ``sla_small_proj``: the two SLA stages at :data:`SMALL_SLA_SHAPE` (one head, 256 tokens),
   where the torch ops compute next to nothing, so their time is host time: Python, dispatch and the
   launches' argument building. (The Triton launches themselves are stubbed everywhere.)
+- ``vsa_fine``: VSA's fine branch (``kernels.vsa.api._fine_branch``, Triton) at :data:`VSA_GRID` (whole 4x4x4
+  cubes, 2 heads, a fixed selection at sparsity 0.875) on a class's later call: planned from the selection alone
+  (:mod:`dit_accel.kernels.vsa.fine`); ``vsa_fine_partial``: the same at :data:`VSA_PARTIAL_GRID` (partial edge
+  cubes: one sort more); ``vsa_fine_layout``: :data:`VSA_GRID` on the general path every call (a layout, the
+  backend decision and the launch derived per call, as every call before the per-call plan).
 
 With ``detail``, each stage also reports the device work one call issues (:func:`count_device_ops`): the
 torch kernels and the Triton launches, each one launch on a GPU (about 5 us of host time there, and of
@@ -51,11 +56,14 @@ import statistics
 import time
 from typing import Callable, Dict, Iterator
 
-__all__ = ["stub_launches", "count_device_ops", "measure_host_path", "main", "SMALL_SLA_SHAPE"]
+__all__ = ["stub_launches", "count_device_ops", "measure_host_path", "main", "SMALL_SLA_SHAPE", "VSA_GRID",
+           "VSA_PARTIAL_GRID"]
 
 #: The ``sla_small*`` stages' q, k, v shape: four 64-token blocks, one head, so the classification's torch ops
 #: compute next to nothing on the CPU and their time is their dispatch, as a launch's would be on a GPU.
 SMALL_SLA_SHAPE = (1, 1, 256, 64)
+#: The ``vsa_fine*`` stages' grids: 32 whole cubes; 28 cubes, 26 of them partial.
+VSA_GRID, VSA_PARTIAL_GRID = (8, 16, 16), (7, 14, 14)
 
 
 class _StubKernel:
@@ -213,6 +221,8 @@ def measure_host_path(*, tokens: int = 1024, heads: int = 2, head_dim: int = 64,
     def grad_call():
         block_sparse_attention(qg, kg, vg, layout, backend="triton")
 
+    vsa_fine, vsa_partial = (_vsa_fine_call(grid, heads, head_dim, dtype, gen) for grid in (VSA_GRID, VSA_PARTIAL_GRID))
+
     cases = {
         "api": lambda: block_sparse_attention(q, k, v, layout, backend="triton"),
         "api_lse": lambda: block_sparse_attention(q, k, v, layout, backend="triton", return_lse=True),
@@ -228,6 +238,7 @@ def measure_host_path(*, tokens: int = 1024, heads: int = 2, head_dim: int = 64,
         "sla_proj": lambda: sla_attention(q, k, v, method, proj, backend="triton"),
         "sla_small": lambda: sla_attention(qs, ks, vs, method, None, backend="triton"),
         "sla_small_proj": lambda: sla_attention(qs, ks, vs, method, proj_s, backend="triton"),
+        "vsa_fine": vsa_fine, "vsa_fine_partial": vsa_partial, "vsa_fine_layout": vsa_fine,
     }
     out = {}
     with stub_launches() as launches:
@@ -235,11 +246,71 @@ def measure_host_path(*, tokens: int = 1024, heads: int = 2, head_dim: int = 64,
             if stages is not None and name not in stages:
                 continue
             n = max(calls // 20, 2) if name == "plan_tiled_text" else calls  # milliseconds of CPU matmuls
-            with torch.set_grad_enabled(name == "api_grad"):
+            with torch.set_grad_enabled(name == "api_grad"), _general_vsa_path(name == "vsa_fine_layout"):
                 out[name] = _per_call_us(fn, n, repeats)
-                if detail:
-                    out[name]["ops"] = count_device_ops(fn, launches)
+                if detail:  # (a dispatch mode sends VSA's fine branch down the general path: the profiler does not)
+                    count = _profiled_ops if name.startswith("vsa_fine") else count_device_ops
+                    out[name]["ops"] = count(fn, launches)
     return out if detail else {name: us["median"] for name, us in out.items()}
+
+
+def _profiled_ops(fn: Callable[[], object], launches: Dict[str, int]) -> Dict[str, int]:
+    """:func:`count_device_ops` read from torch's profiler instead of a dispatch mode (whose presence changes the
+    path of calls that skip their custom op where nothing intercepts them): the top-level aten operators, views
+    and allocations apart."""
+    from torch.profiler import ProfilerActivity, profile
+
+    before = launches["triton"]
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    counts = {"torch": 0, "allocations": 0}
+    for e in prof.events():
+        parent = e.cpu_parent
+        if not e.name.startswith("aten::") or (parent is not None and parent.name.startswith("aten::")):
+            continue
+        name = e.name[len("aten::"):]
+        if name in _ALLOCATIONS:
+            counts["allocations"] += 1
+        elif name not in _PROFILED_VIEWS:
+            counts["torch"] += 1
+    counts["triton"] = launches["triton"] - before
+    counts["kernels"] = counts["torch"] + counts["triton"]
+    return counts
+
+
+_PROFILED_VIEWS = {"view", "reshape", "alias", "unsqueeze", "transpose", "expand", "slice", "select", "expand_as",
+                   "permute", "contiguous", "detach", "_reshape_alias", "as_strided", "squeeze", "lift_fresh", "t",
+                   "unflatten", "flatten", "_unsafe_view"}
+
+
+def _vsa_fine_call(grid, heads: int, head_dim: int, dtype, gen) -> Callable[[], object]:
+    """VSA's fine branch on ``grid`` (4x4x4 cubes) over a fixed selection at sparsity 0.875, as a call."""
+    import torch
+
+    from ..kernels.vsa import api
+    from ..kernels.vsa.naive import cubes_of, selected_count
+
+    cubes = cubes_of(grid, (4, 4, 4))
+    count = selected_count(cubes.count, None, 0.875)
+    selection = torch.rand(1, heads, cubes.count, cubes.count, generator=gen).topk(count, -1).indices.sort(-1).values
+    q, k, v = (torch.randn(1, heads, cubes.perm.num_padded, head_dim, generator=gen, dtype=dtype) for _ in range(3))
+    return lambda: api._fine_branch(q, k, v, cubes, cubes.perm, None, selection, head_dim ** -0.5, "triton")
+
+
+@contextlib.contextmanager
+def _general_vsa_path(on: bool) -> Iterator[None]:
+    """While inside (``on``), VSA's fine branch keeps no template: every call takes the general path."""
+    from ..kernels.vsa import fine
+
+    if not on:
+        yield
+        return
+    saved, remember = fine._TEMPLATES, fine.remember
+    fine._TEMPLATES, fine.remember = {}, lambda *args: None
+    try:
+        yield
+    finally:
+        fine._TEMPLATES, fine.remember = saved, remember
 
 
 def main(argv=None) -> dict:

@@ -17,8 +17,8 @@ def test_measure_host_path_runs_every_stage_and_restores_the_kernels():
     before = (bs._fwd_kernel, dict(sla.KERNELS), dict(pool.KERNELS), dict(operands.KERNELS), dict(select.KERNELS))
     result = measure_host_path(tokens=256, calls=3, repeats=1)
     assert set(result) == {"api", "api_lse", "api_grad", "custom_op", "launcher", "backward_launcher", "plan",
-                           "plan_tiled",
-                           "plan_tiled_text", "sla", "sla_proj", "sla_small", "sla_small_proj"}
+                           "plan_tiled", "plan_tiled_text", "sla", "sla_proj", "sla_small", "sla_small_proj",
+                           "vsa_fine", "vsa_fine_partial", "vsa_fine_layout"}
     assert all(us > 0 for us in result.values())
     assert (bs._fwd_kernel, dict(sla.KERNELS), dict(pool.KERNELS), dict(operands.KERNELS),
             dict(select.KERNELS)) == before
@@ -52,3 +52,19 @@ def test_count_device_ops_counts_kernels_not_views_or_allocations():
     with stub_launches() as launches:
         ops = count_device_ops(lambda: (x.view(8, 4).t() + 1).sum() + torch.empty(3).sum(), launches)
     assert ops == {"torch": 4, "triton": 0, "kernels": 4, "allocations": 1}  # add, sum, sum, add
+
+
+def test_vsa_fine_stages_count_the_per_call_plan_against_the_general_path():
+    """VSA's fine branch on a class's later call: the plan's cast and concatenation, the kernel and the way back
+    (whole cubes), one sort and its bookkeeping more (partial ones); the general path (a layout per call) about 5x
+    the launches. The general-path stage puts the template path back when it ends."""
+    from dit_accel.eval.host_path import measure_host_path
+    from dit_accel.kernels.vsa import fine
+
+    result = measure_host_path(calls=2, repeats=1, stages=("vsa_fine", "vsa_fine_partial", "vsa_fine_layout"),
+                               detail=True)
+    whole, partial, general = (result[n]["ops"] for n in ("vsa_fine", "vsa_fine_partial", "vsa_fine_layout"))
+    assert whole == {"torch": 4, "triton": 1, "kernels": 5, "allocations": 2}  # cast, cat, 2 gathers back
+    assert partial["triton"] == 1 and partial["torch"] == 12
+    assert general["triton"] == 1 and general["torch"] >= 5 * whole["torch"]
+    assert fine.remember.__name__ == "remember" and fine.has_template((8, 16, 16), (1, 2, 2048, 64))

@@ -24,7 +24,7 @@ from ..block_sparse import block_sparse_attention
 from ..checks import check_qkv, check_scale
 from ..request import records_grad
 from ..layout import BlockLayout
-from .fine import fine_rows, remember
+from . import fine as fine_path
 from .naive import CubeRows, Cubes, coarse_attention, cubes_of, fine_gathered, selected_count
 
 __all__ = ["vsa_attention", "vsa_parts", "vsa_parts_rows", "check_vsa_config", "check_vsa_grid", "vsa_layout",
@@ -249,13 +249,13 @@ def _fine_branch(q_t, k_t, v_t, cubes: Cubes, order, coarse, selection, scale: f
         rows = selection.reshape(b * h, *selection.shape[2:])
         ran = None
         if _known_backend(q_f, k_f, v_f, backend, cubes, rows.shape) == "triton":  # no layout at inference
-            ran = fine_rows(q_f, k_f, v_f, cubes, rows, scale)
+            ran = fine_path.fine_rows(q_f, k_f, v_f, cubes, rows, scale)
         if ran is None:
             layout = _layout_of_rows(cubes, selection)  # (the coarse branch's rows are ascending)
             name = _fine_backend(q_f, k_f, v_f, layout, backend, cubes)
             ran = block_sparse_attention(q_f, k_f, v_f, layout, scale=scale, return_lse=True, backend=name)
             if name == "triton":
-                remember(q_f, k_f, v_f, cubes, rows, layout, _cube_masks(cubes, q_f.device)[0])
+                fine_path.remember(q_f, k_f, v_f, cubes, rows, layout, _cube_masks(cubes, q_f.device)[0])
         fine, lse = ran
     fine = order.unpermute(fine.view(b, h, n_q, d), dim=-2)
     lse = order.unpermute(lse.view(b, h, n_q), dim=-1)
