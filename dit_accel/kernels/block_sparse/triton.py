@@ -600,15 +600,15 @@ def forward_launch(q, k, v, o, lse, layout: BlockLayout, lengths: Optional[bool]
 
 
 def launch_forward(launch: _Launch, q, k, v, o, lse, scale: float, plan: Optional[torch.Tensor] = None):
-    """Run ``launch`` (of q, k and v's signature) into ``o`` and ``lse``; ``plan``: a tile plan tensor in place of
-    the launch's own, of its shape (:mod:`dit_accel.kernels.vsa.fine` plans a call without a layout)."""
+    """Run ``launch`` (for q, k, v) into ``o`` and ``lse``; ``plan``: another tile plan of its shape (vsa.fine)."""
     if launch.prepare:  # a last dim that is not contiguous, or a head dim the pointer kernel pads
         q, k, v = _pad_d(launch.cfg, *(_last_dim_contiguous(t) for t in (q, k, v)))
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device) if launch.pad else o
     if launch.descriptors is not None:
         k, v = _rebased(launch.descriptors[0], k), _rebased(launch.descriptors[1], v)
     grid = launch.grid or (max(1, min(launch.n_items, INTERPRETER_PROGRAMS)),)
-    args = launch.args if plan is None else (plan, *launch.args[1:])
+    args = launch.args if plan is None else (plan, *launch.args[1:3], launch.args[3] if launch.cfg.tma else plan,
+                                             *launch.args[4:])  # (pointer kernels: the unread items are the plan)
     _fwd_kernel[grid](q, k, v, out, lse, *args, scale * _LOG2E, **launch.kw)
     if out is not o:
         o.copy_(out[..., :o.shape[-1]])
