@@ -13,6 +13,7 @@ Issue 35 item 5. Every case is checked against an fp32 reference computed here o
 - A query whose base is 2 bytes off 16-byte alignment (and K/V expanded with stride 0 over heads): the
   descriptor kernels must fall back or cope, with the same numbers.
 - ``torch.cuda.CUDAGraph`` capture and ``torch.compile(mode="reduce-overhead")`` against eager.
+- VSA's fine branch planned per call (no layout) against the fp32 gathered twin, the layout path and a capture.
 - Every dense candidate (SDPA's flash / cuDNN / efficient ops with their lse, the in-repo kernel) against fp32.
 - GPU twins of the tests that pretend to be an sm_90 in the interpreter (``monkeypatch`` of ``_arch`` to 90):
   the same test bodies with CUDA tensors on a real sm_90, half precision where the interpreter test checks
@@ -310,6 +311,18 @@ def test_torch_compile_reduce_overhead_matches_eager(wan_1p3b):
             qs, ks, vs = (_randn(*q.shape, seed=seed + i) for i in range(3))
             got = compiled(qs, ks, vs).clone()
             assert rel(got, attend(qs, ks, vs)) <= 1e-3
+
+
+# ----------------------------------------------------------------------------- VSA's fine branch planned per call
+@pytest.mark.parametrize("grid", [(16, 28, 52), (8, 30, 52)], ids=["fastwan-whole-cubes", "partial-cubes"])
+def test_vsa_fine_branch_planned_per_call(monkeypatch, grid):
+    """12 heads, d128, bf16, sparsity 0.9: a later call planned from the selection alone (kernels/vsa/fine.py)
+    against the fp32 gathered twin and, bit for bit, the general path (a layout per call); captured in a CUDA graph
+    and replayed on new inputs and selections like eager."""
+    from tests.kernels.test_vsa_fine import check_planned_per_call
+
+    check_planned_per_call(monkeypatch, grid, device="cuda", dtype=torch.bfloat16, heads=12, d=128, tol=O_TOL,
+                           capture=True)
 
 
 # ----------------------------------------------------------------------------- dense candidates

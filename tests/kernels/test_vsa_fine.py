@@ -220,3 +220,65 @@ def test_auto_off_cuda_never_takes_it():
         api._fine_branch(q, k, v, cubes, cubes.perm, None, _selection(2, cubes.count, cubes.count, count, seed),
                          0.3, "auto")
     assert not fine._TEMPLATES
+
+
+# ----------------------------------------------------------------------------- the check pytest -m gpu runs too
+def check_planned_per_call(monkeypatch, grid, *, device, dtype, heads: int, d: int, tol: float, capture: bool):
+    """A class's first fine-branch call makes its template; a later one, on another selection, matches the fp32
+    gathered twin (within ``tol``) and the general path on the same selection bit for bit; with ``capture`` (CUDA)
+    it captures into a CUDA graph whose replays on new inputs and selections equal eager calls."""
+    from dit_accel.kernels.vsa.naive import fine_gathered
+
+    monkeypatch.setattr(fine, "_TEMPLATES", {})
+    cubes = cubes_of(grid, (4, 4, 4))
+    count = selected_count(cubes.count, None, 0.9)
+    n, scale = cubes.perm.num_padded, d ** -0.5
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(1, heads, n, d, generator=g).to(device=device, dtype=dtype) for _ in range(3))
+
+    def selection(seed):
+        return _selection(heads, cubes.count, cubes.count, count, seed).to(device)
+
+    def call(sel, qq=None):  # q, k, v in cube order, as the fine branch takes them
+        return api._fine_branch(q if qq is None else qq, k, v, cubes, cubes.perm, None, sel, scale, "triton")
+
+    with torch.no_grad():
+        call(selection(0))
+        assert fine.has_template(grid, (1, heads, n, d))
+        sel = selection(1)
+        got = call(sel)
+        ref = fine_gathered(q.float(), k.float(), v.float(), cubes, sel, scale)[0]
+        ref = cubes.perm.unpermute(ref, dim=-2)
+        err = float((got.fine.float() - ref).norm() / ref.norm())
+        assert err <= tol, err
+        with monkeypatch.context() as general:
+            general.setattr(fine, "_TEMPLATES", {})
+            general.setattr(fine, "remember", lambda *args: None)
+            want = call(sel)
+        assert torch.equal(got.fine, want.fine) and torch.equal(got.lse, want.lse)
+        if not capture:
+            return
+        static_q, static_sel = q.clone(), sel.clone()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            call(static_sel, static_q)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = call(static_sel, static_q)
+        for seed in (2, 3):
+            static_q.copy_(torch.randn(static_q.shape, generator=g).to(device=device, dtype=dtype))
+            static_sel.copy_(selection(seed))
+            graph.replay()
+            torch.cuda.synchronize()
+            eager = call(static_sel.clone(), static_q.clone())
+            assert torch.equal(out.fine, eager.fine)
+
+
+@interpreter
+@pytest.mark.parametrize("grid", [(4, 8, 8), (3, 9, 10)], ids=["whole", "partial"])
+def test_planned_per_call_check_on_the_cpu(monkeypatch, grid):
+    """The GPU test's check (tests/kernels/test_gpu_production.py) at interpreter sizes, capture apart."""
+    check_planned_per_call(monkeypatch, grid, device="cpu", dtype=torch.float16, heads=2, d=32, tol=2e-3,
+                           capture=False)
