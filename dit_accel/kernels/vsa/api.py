@@ -185,21 +185,32 @@ _FINE_BACKENDS_MAX = 64
 def _fine_backend(q, k, v, layout: BlockLayout, backend: str, cubes: Cubes) -> str:
     """The backend the fine branch's call runs: ``backend`` itself unless it is ``auto`` on CUDA (eager or
     captured, not traced), where the class's first eager call decides (:data:`_FINE_BACKENDS`)."""
+    known = _known_backend(q, k, v, backend, cubes, layout.kv_indices.shape)
+    return known if known is not None else _decided_backend(q, k, v, layout, backend, cubes)
+
+
+def _known_backend(q, k, v, backend: str, cubes: Cubes, rows_shape) -> Optional[str]:
+    """:func:`_fine_backend` without the layout: None where ``auto`` has not decided for the class yet."""
     if backend != "auto" or q.device.type != "cuda" or torch.compiler.is_compiling():
         return backend
+    return _FINE_BACKENDS.get(_fine_key(q, k, v, cubes, rows_shape))
+
+
+def _decided_backend(q, k, v, layout: BlockLayout, backend: str, cubes: Cubes) -> str:
+    """``auto``'s choice for the class of a fine branch on CUDA that has none yet, decided on ``layout`` by its first
+    eager call and kept (``backend`` itself inside a capture, or where dense attention was modelled faster)."""
     from ..block_sparse.api import DENSE, block_sparse_backend
     from ..request import in_graph
 
-    key = _fine_key(q, k, v, cubes, layout.kv_indices.shape)
-    name = _FINE_BACKENDS.get(key)
-    if name is None and not in_graph():
-        name = block_sparse_backend(q, k, v, layout, backend, return_lse=True)
-        if name == DENSE:  # (modelled slower than dense for this layout: the next layout may differ)
-            return backend
-        if len(_FINE_BACKENDS) >= _FINE_BACKENDS_MAX:
-            _FINE_BACKENDS.clear()
-        _FINE_BACKENDS[key] = name
-    return name or backend
+    if in_graph():
+        return backend
+    name = block_sparse_backend(q, k, v, layout, backend, return_lse=True)
+    if name == DENSE:  # (modelled slower than dense for this layout: the next layout may differ)
+        return backend
+    if len(_FINE_BACKENDS) >= _FINE_BACKENDS_MAX:
+        _FINE_BACKENDS.clear()
+    _FINE_BACKENDS[_fine_key(q, k, v, cubes, layout.kv_indices.shape)] = name
+    return name
 
 
 def _fine_key(q, k, v, cubes: Cubes, rows_shape) -> tuple:
@@ -209,14 +220,6 @@ def _fine_key(q, k, v, cubes: Cubes, rows_shape) -> tuple:
 
     return (cubes.perm.grid, cubes.perm.tile, tuple(rows_shape), tuple(q.shape), tuple(k.shape), q.dtype, q.device,
             records_grad(q, k, v), env_value(), autotune.enabled())
-
-
-def _known_backend(q, k, v, backend: str, cubes: Cubes, rows_shape) -> Optional[str]:
-    """The backend a fine branch runs without its layout: ``backend`` itself unless it is ``auto`` on CUDA, where
-    the class's choice (None before its first eager call)."""
-    if backend != "auto" or q.device.type != "cuda":
-        return backend
-    return _FINE_BACKENDS.get(_fine_key(q, k, v, cubes, rows_shape))
 
 
 def chosen_fine_backend(grid, q_shape, grad: bool) -> Optional[str]:
@@ -247,12 +250,11 @@ def _fine_branch(q_t, k_t, v_t, cubes: Cubes, order, coarse, selection, scale: f
         # batch folded into heads: one layout head per (batch, head)
         q_f, k_f, v_f = q_t.reshape(1, b * h, n_q, d), k_t.reshape(1, b * h, n_k, d), v_t.reshape(1, b * h, n_k, d)
         rows = selection.reshape(b * h, *selection.shape[2:])
-        ran = None
-        if _known_backend(q_f, k_f, v_f, backend, cubes, rows.shape) == "triton":  # no layout at inference
-            ran = fine_path.fine_rows(q_f, k_f, v_f, cubes, rows, scale)
+        name = _known_backend(q_f, k_f, v_f, backend, cubes, rows.shape)
+        ran = fine_path.fine_rows(q_f, k_f, v_f, cubes, rows, scale) if name == "triton" else None  # (no layout)
         if ran is None:
             layout = _layout_of_rows(cubes, selection)  # (the coarse branch's rows are ascending)
-            name = _fine_backend(q_f, k_f, v_f, layout, backend, cubes)
+            name = name if name is not None else _decided_backend(q_f, k_f, v_f, layout, backend, cubes)
             ran = block_sparse_attention(q_f, k_f, v_f, layout, scale=scale, return_lse=True, backend=name)
             if name == "triton":
                 fine_path.remember(q_f, k_f, v_f, cubes, rows, layout, _cube_masks(cubes, q_f.device)[0])
