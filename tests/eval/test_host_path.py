@@ -8,8 +8,11 @@ from dit_accel.kernels.backends import triton_reason
 pytestmark = pytest.mark.skipif(triton_reason("cpu") is not None, reason="needs the Triton interpreter on the CPU")
 
 
-def test_measure_host_path_runs_every_stage_and_restores_the_kernels():
+def test_measure_host_path_runs_every_stage_and_restores_the_kernels(monkeypatch):
     from dit_accel.eval.host_path import measure_host_path, stub_launches
+    from dit_accel.kernels.vsa import fine
+
+    monkeypatch.setattr(fine, "_TEMPLATES", {})  # (the VSA stages' templates stay in this test)
     from dit_accel.kernels.block_sparse import triton as bs
     from dit_accel.kernels.sla import operands, pool, select
     from dit_accel.kernels.sla import triton as sla
@@ -54,13 +57,14 @@ def test_count_device_ops_counts_kernels_not_views_or_allocations():
     assert ops == {"torch": 4, "triton": 0, "kernels": 4, "allocations": 1}  # add, sum, sum, add
 
 
-def test_vsa_fine_stages_count_the_per_call_plan_against_the_general_path():
+def test_vsa_fine_stages_count_the_per_call_plan_against_the_general_path(monkeypatch):
     """VSA's fine branch on a class's later call: the plan's cast and concatenation, the kernel and the way back
     (whole cubes), one sort and its bookkeeping more (partial ones); the general path (a layout per call) about 5x
     the launches. The general-path stage puts the template path back when it ends."""
     from dit_accel.eval.host_path import measure_host_path
     from dit_accel.kernels.vsa import fine
 
+    monkeypatch.setattr(fine, "_TEMPLATES", {})  # (the stages' templates stay in this test)
     result = measure_host_path(calls=2, repeats=1, stages=("vsa_fine", "vsa_fine_partial", "vsa_fine_layout"),
                                detail=True)
     whole, partial, general = (result[n]["ops"] for n in ("vsa_fine", "vsa_fine_partial", "vsa_fine_layout"))

@@ -166,8 +166,9 @@ def test_calls_it_must_not_take_run_the_general_path(monkeypatch):
     call()
     call()
     assert len(built) == 2 and not fine._TEMPLATES
-    monkeypatch.undo()
+    monkeypatch.undo()  # (the fixture's stand-ins too: set again, so no template outlives this test)
     monkeypatch.setenv("DIT_ACCEL_SELFCHECK", "0")
+    monkeypatch.setattr(fine, "_TEMPLATES", {})
     built = _layouts_built(monkeypatch)
     call()  # the template
     assert len(built) == 1
