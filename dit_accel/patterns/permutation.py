@@ -98,16 +98,15 @@ class TilePermutation:
         return dim
 
     def permute(self, x: torch.Tensor, dim: int = -2) -> torch.Tensor:
-        """Raster ``[..., N, ...]`` -> tiled and zero-padded ``[..., Np, ...]`` along ``dim`` (differentiable)."""
+        """Raster ``[..., N, ...]`` -> tiled and zero-padded ``[..., Np, ...]`` along ``dim`` (differentiable: the
+        gradient is :meth:`unpermute`'s gather, no scatter)."""
         dim = self._check(x, dim, self.num_tokens, "N raster tokens")
         # No copy: the four gathers of q, k, v and o cost 5-15% of a whole-frame Tile call's self-attention on CPU
         # (BENCHMARKS.md section 8.7).
         if self.identity:
             return x
-        gather, _, pads = self._indices(x.device)
-        out = x.index_select(dim, gather)
-        # Padded positions gathered token 0: zero them (no concatenated copy of x with a zero row).
-        return out.index_fill_(dim, pads, 0) if pads.numel() else out
+        gather, inverse, pads = self._indices(x.device)
+        return _reindex(x, dim, gather, pads, inverse, None)
 
     def unpermute(self, x: torch.Tensor, dim: int = -2) -> torch.Tensor:
         """Tiled ``[..., Np, ...]`` -> raster ``[..., N, ...]`` along ``dim``; padded positions are dropped.
@@ -118,14 +117,47 @@ class TilePermutation:
         dim = self._check(x, dim, self.num_padded, "Np tiled positions")
         if self.identity:
             return x
-        _, inverse, _ = self._indices(x.device)
-        if x.dim() == 4 and dim == 2:
-            return x.transpose(1, 2).index_select(1, inverse).transpose(1, 2)
-        return x.index_select(dim, inverse)
+        gather, inverse, pads = self._indices(x.device)
+        return _reindex(x, dim, inverse, None, gather, pads)
 
     def __repr__(self) -> str:
         return (f"TilePermutation(grid={self.grid}, tile={self.tile}, padded_grid={self.padded_grid}, "
                 f"N={self.num_tokens}, Np={self.num_padded})")
+
+
+def _reindex(x: torch.Tensor, dim: int, index: torch.Tensor, zero: Optional[torch.Tensor], back: torch.Tensor,
+             back_zero: Optional[torch.Tensor]) -> torch.Tensor:
+    """``x`` gathered along ``dim`` by ``index``, the positions ``zero`` set to zero: one direction of a token
+    permutation, whose gradient is the other direction (gathered by ``back``, ``back_zero`` zeroed).
+
+    Autograd's own backward of a gather is a scatter-add into a zero tensor (a fill, then atomic adds on a GPU): two
+    passes and atomics for what is, between real tokens, a bijection. Here the backward is the inverse gather, one
+    pass, the same values (each real token's gradient has exactly one source; a padded position's is dropped or
+    zero), and itself differentiable."""
+    if torch.is_grad_enabled() and x.requires_grad:
+        return _Reindex.apply(x, dim, index, zero, back, back_zero)
+    return _gather(x, dim, index, zero)
+
+
+def _gather(x: torch.Tensor, dim: int, index: torch.Tensor, zero: Optional[torch.Tensor]) -> torch.Tensor:
+    if zero is None and x.dim() == 4 and dim == 2:  # (B, H, N, D) laid out as (B, N, H, D): see unpermute
+        return x.transpose(1, 2).index_select(1, index).transpose(1, 2)
+    out = x.index_select(dim, index)
+    # Padded positions gathered token 0: zero them (no concatenated copy of x with a zero row).
+    return out.index_fill_(dim, zero, 0) if zero is not None and zero.numel() else out
+
+
+class _Reindex(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, dim, index, zero, back, back_zero):
+        ctx.dim = dim
+        ctx.save_for_backward(index, zero, back, back_zero)
+        return _gather(x, dim, index, zero)
+
+    @staticmethod
+    def backward(ctx, grad):
+        index, zero, back, back_zero = ctx.saved_tensors
+        return _reindex(grad, ctx.dim, back, back_zero, index, zero), None, None, None, None, None
 
 
 class PackedTilePermutation(TilePermutation):

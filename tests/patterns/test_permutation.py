@@ -101,3 +101,41 @@ def test_permute_and_unpermute_against_their_definition(cls):
     assert torch.equal(x.grad, weight[:, :, perm.inverse])
     lse = torch.randn(2, 3, perm.num_padded, generator=g)
     assert torch.equal(perm.unpermute(lse, dim=-1), lse[:, :, perm.inverse])
+
+
+@pytest.mark.parametrize("cls", ["padded", "packed"])
+def test_permutation_gradients_are_the_inverse_gather(cls):
+    """Both directions' gradients are the other direction's gather (a padded position's gradient is zero), with no
+    scatter-add and no zero fill of a gradient: the op list of each backward names neither. Twice differentiable
+    (float64 gradcheck and gradgradcheck)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from dit_accel.patterns.permutation import PackedTilePermutation, TilePermutation
+
+    grid, tile = (3, 5, 7), (2, 2, 4)
+    perm = TilePermutation(grid, tile) if cls == "padded" else PackedTilePermutation(grid, tile, block=16)
+    g = torch.Generator().manual_seed(1)
+    ops = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            ops.append(func._schema.name)
+            return func(*args, **(kwargs or {}))
+
+    t = torch.randn(2, 3, perm.num_padded, 8, generator=g).requires_grad_()
+    raster = perm.unpermute(t, dim=-2)
+    weight = torch.randn(raster.shape, generator=g)
+    with Record():
+        (raster * weight).sum().backward()
+    real = perm.order >= 0
+    want = torch.zeros_like(t)
+    want[:, :, real] = weight[:, :, perm.order[real]]
+    assert torch.equal(t.grad, want)
+    x = torch.randn(2, 3, perm.num_tokens, 8, generator=g).requires_grad_()
+    tiled = perm.permute(x, dim=-2)
+    with Record():
+        tiled.backward(torch.randn(tiled.shape, generator=g))
+    assert not {"aten::index_add", "aten::index_add_", "aten::zeros", "aten::new_zeros"} & set(ops), ops
+    x64 = torch.randn(1, 2, perm.num_tokens, 3, dtype=torch.float64, generator=g).requires_grad_()
+    assert torch.autograd.gradcheck(lambda x: perm.unpermute(perm.permute(x, dim=-2) ** 2, dim=-2), (x64,))
+    assert torch.autograd.gradgradcheck(lambda x: perm.permute(x, dim=-2) ** 2, (x64,))
