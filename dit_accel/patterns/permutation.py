@@ -106,7 +106,8 @@ class TilePermutation:
         if self.identity:
             return x
         gather, inverse, pads = self._indices(x.device)
-        return _reindex(x, dim, gather, pads, inverse, None)
+        # (x's gradient comes back laid out as x is, where x is a (B, N, H, D) tensor viewed as (B, H, N, D))
+        return _reindex(x, dim, gather, pads, inverse, None, back_nhd=_is_nhd(x, dim))
 
     def unpermute(self, x: torch.Tensor, dim: int = -2) -> torch.Tensor:
         """Tiled ``[..., Np, ...]`` -> raster ``[..., N, ...]`` along ``dim``; padded positions are dropped.
@@ -118,7 +119,7 @@ class TilePermutation:
         if self.identity:
             return x
         gather, inverse, pads = self._indices(x.device)
-        return _reindex(x, dim, inverse, None, gather, pads)
+        return _reindex(x, dim, inverse, None, gather, pads, nhd=x.dim() == 4 and dim == 2)
 
     def __repr__(self) -> str:
         return (f"TilePermutation(grid={self.grid}, tile={self.tile}, padded_grid={self.padded_grid}, "
@@ -126,38 +127,42 @@ class TilePermutation:
 
 
 def _reindex(x: torch.Tensor, dim: int, index: torch.Tensor, zero: Optional[torch.Tensor], back: torch.Tensor,
-             back_zero: Optional[torch.Tensor]) -> torch.Tensor:
+             back_zero: Optional[torch.Tensor], *, nhd: bool = False, back_nhd: bool = False) -> torch.Tensor:
     """``x`` gathered along ``dim`` by ``index``, the positions ``zero`` set to zero: one direction of a token
-    permutation, whose gradient is the other direction (gathered by ``back``, ``back_zero`` zeroed).
+    permutation, whose gradient is the other direction (gathered by ``back``, ``back_zero`` zeroed). ``nhd``
+    (``back_nhd`` for the gradient): a 4-D result laid out as ``(B, N, H, D)`` in memory.
 
     Autograd's own backward of a gather is a scatter-add into a zero tensor (a fill, then atomic adds on a GPU): two
     passes and atomics for what is, between real tokens, a bijection. Here the backward is the inverse gather, one
     pass, the same values (each real token's gradient has exactly one source; a padded position's is dropped or
     zero), and itself differentiable."""
     if torch.is_grad_enabled() and x.requires_grad:
-        return _Reindex.apply(x, dim, index, zero, back, back_zero)
-    return _gather(x, dim, index, zero)
+        return _Reindex.apply(x, dim, index, zero, back, back_zero, nhd, back_nhd)
+    return _gather(x, dim, index, zero, nhd)
 
 
-def _gather(x: torch.Tensor, dim: int, index: torch.Tensor, zero: Optional[torch.Tensor]) -> torch.Tensor:
-    if zero is None and x.dim() == 4 and dim == 2:  # (B, H, N, D) laid out as (B, N, H, D): see unpermute
-        return x.transpose(1, 2).index_select(1, index).transpose(1, 2)
-    out = x.index_select(dim, index)
+def _is_nhd(x: torch.Tensor, dim: int) -> bool:
+    return x.dim() == 4 and dim == 2 and x.transpose(1, 2).is_contiguous()
+
+
+def _gather(x: torch.Tensor, dim: int, index: torch.Tensor, zero: Optional[torch.Tensor], nhd: bool) -> torch.Tensor:
+    out = x.transpose(1, 2).index_select(1, index).transpose(1, 2) if nhd else x.index_select(dim, index)
     # Padded positions gathered token 0: zero them (no concatenated copy of x with a zero row).
     return out.index_fill_(dim, zero, 0) if zero is not None and zero.numel() else out
 
 
 class _Reindex(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, dim, index, zero, back, back_zero):
-        ctx.dim = dim
+    def forward(ctx, x, dim, index, zero, back, back_zero, nhd, back_nhd):
+        ctx.dim, ctx.nhd, ctx.back_nhd = dim, nhd, back_nhd
         ctx.save_for_backward(index, zero, back, back_zero)
-        return _gather(x, dim, index, zero)
+        return _gather(x, dim, index, zero, nhd)
 
     @staticmethod
     def backward(ctx, grad):
         index, zero, back, back_zero = ctx.saved_tensors
-        return _reindex(grad, ctx.dim, back, back_zero, index, zero), None, None, None, None, None
+        return (_reindex(grad, ctx.dim, back, back_zero, index, zero, nhd=ctx.back_nhd, back_nhd=ctx.nhd),
+                None, None, None, None, None, None, None)
 
 
 class PackedTilePermutation(TilePermutation):
