@@ -611,7 +611,7 @@ class _VsaCase(_Case):
         q_t, k_t, v_t = (perm.permute(x, dim=-2) for x in (q, k, v))
         coarse = coarse_attention(q_t, k_t, v_t, self.cubes, self.count, self.scale)[0]
         res = _fine_branch(q_t, k_t, v_t, self.cubes, perm, coarse, self.selection()[_S], self.scale, "torch")
-        return res.fine + res.coarse * self.gate[_S].float()
+        return res.gated(self.gate[_S].float(), torch.float32, add_fine=True)
 
     def check(self, pass_: str, backend: str):
         return self._checked(pass_, lambda q, k, v: self._call(q, k, v, backend))

@@ -154,7 +154,7 @@ class VSAPlan(Plan):
         scale = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
         parts = vsa_parts(q, k, v, self.grid, self.count, self.method.tile, scale, with_coarse=gate is not None,
                           backend=backend, cubes=self.cubes)
-        extra = None if gate is None else (parts.coarse * gate).to(q.dtype)  # (fp32: gate widened on the fly)
+        extra = None if gate is None else parts.gated(gate, q.dtype)
         return parts.fine, parts.lse, extra, self.density
 
     def attend_part(self, q, k, v, *, rows, shards, scale, backend, proj=None, heads=None):
@@ -166,7 +166,7 @@ class VSAPlan(Plan):
         scale = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
         parts = vsa_parts_rows(q, k, v, part, self.cubes, self.count, scale, with_coarse=gate is not None,
                                backend=backend)
-        extra = None if gate is None else (parts.coarse * gate).to(q.dtype)
+        extra = None if gate is None else parts.gated(gate, q.dtype)
         return parts.fine, parts.lse, extra, self.density
 
     def describe(self) -> dict:

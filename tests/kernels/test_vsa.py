@@ -149,7 +149,7 @@ def test_the_gated_term_is_each_tokens_cube_row_in_fp32_rounded_once():
     cubes = cubes_of(grid, tile)
     per_cube = coarse_attention(*(cubes.perm.permute(x, dim=-2) for x in (q, k, v)), cubes, count, scale)[0]
     parts = vsa_parts(q, k, v, grid, count, tile, scale, backend="torch")
-    assert torch.equal(parts.coarse, per_cube[:, :, cube.flatten()])
+    assert torch.equal(parts.coarse, per_cube)
     out = dit_accel.vsa_attention(q, k, v, grid, topk=count, tile=tile, gate=gate, scale=scale, backend="torch")
     assert torch.equal(out, (parts.fine.float() + per_cube[:, :, cube.flatten()] * gate.float()).to(torch.bfloat16))
     from torch.utils._python_dispatch import TorchDispatchMode
@@ -165,13 +165,76 @@ def test_the_gated_term_is_each_tokens_cube_row_in_fp32_rounded_once():
 
     with Fp32Outputs():
         dit_accel.vsa_attention(q, k, v, grid, topk=count, tile=tile, gate=gate, scale=scale, backend="torch")
-    # (the twin's fine branch widens q, k and v first) the gated term: one gather of the cube rows, one product,
-    # the fine output added in place; no fp32 copy of the gate or of the output, no row per padded position
+    # (the twin's fine branch widens q, k and v first) the gated term on a grid no dimension of which divides by the
+    # cube's: the cube rows gathered to token resolution (the last of three gathers, one per dimension), then one
+    # pass writes the bf16 output; no fp32 product, sum or copy of the gate or of the output
     made = Fp32Outputs.made
-    assert made[-3:] == ["index_select.default", "mul.Tensor", "add_.Tensor"] and "repeat" not in str(made), made
+    assert made[-1] == "index_select.default" and "mul.Tensor" not in made and "repeat" not in str(made), made
     part = cube_rows(cubes, (168, 210))  # the last frame: the second slab of cubes
     rows = vsa_parts_rows(q[:, :, 168:], k, v, part, cubes, count, scale, backend="torch")
-    torch.testing.assert_close(rows.coarse, per_cube[:, :, cube.flatten()[168:]], atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(rows.coarse, per_cube[:, :, 4:], atol=1e-6, rtol=1e-6)
+    assert torch.equal(rows.gated(gate[:, :, 168:], torch.bfloat16),
+                       (per_cube[:, :, cube.flatten()[168:]] * gate[:, :, 168:].float()).to(torch.bfloat16))
+
+
+@pytest.mark.parametrize("grid", [(8, 8, 12), (5, 8, 12), (5, 6, 12), (8, 6, 7)],
+                         ids=["all-divide", "t-partial", "t-h-partial", "h-w-partial"])
+def test_gated_term_spreads_cube_rows_over_the_tokens(grid):
+    """``VSAResult.gated``: each raster token takes its own cube's coarse row (cube = (t // 4, h // 4, w // 4),
+    t-major, written here from the coordinates), times the gate, plus the fine output when asked, in fp32 rounded
+    once; the same values and gradients as the token-resolution product. Where a dimension divides by the cube's, no
+    fp32 tensor of the tokens' size is made."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from dit_accel.kernels.vsa import cubes_of, vsa_parts
+
+    tile, count, scale = (4, 4, 4), 2, 16 ** -0.5
+    n = math.prod(grid)
+    q, k, v, gate = (x.to(torch.bfloat16) for x in _qkv((1, 2, n, 16), seed=3))
+    t, h, w = torch.meshgrid(*(torch.arange(g) for g in grid), indexing="ij")
+    cubes_per = [-(-g // 4) for g in grid]
+    cube = (((t // 4) * cubes_per[1] + h // 4) * cubes_per[2] + w // 4).flatten()
+    parts = vsa_parts(q, k, v, grid, count, tile, scale, backend="torch")
+    per_token = parts.coarse[:, :, cube]
+    want_extra = (per_token * gate.float()).to(torch.bfloat16)
+    want_out = (parts.fine.float() + per_token * gate.float()).to(torch.bfloat16)
+    assert torch.equal(parts.gated(gate, torch.bfloat16), want_extra)
+    assert torch.equal(parts.gated(gate, torch.bfloat16, add_fine=True), want_out)
+    made = []
+
+    class Fp32Outputs(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if isinstance(out, torch.Tensor) and out.dtype == torch.float32 and out.numel() >= q.numel():
+                made.append(func.__name__)
+            return out
+
+    with Fp32Outputs():
+        parts.gated(gate, torch.bfloat16, add_fine=True)
+    assert made == [], made  # (a dimension that divides keeps the gathered cube rows a quarter of the tokens at most)
+    # Gradients through the coarse rows, the gate and the fine output: those of the per-token product.
+    coarse = parts.coarse.clone().requires_grad_()
+    fine, g32 = parts.fine.float().requires_grad_(), gate.float().requires_grad_()
+    weight = torch.randn(q.shape, generator=torch.Generator().manual_seed(5))
+    out = parts._replace(coarse=coarse, fine=fine).gated(g32, torch.float32, add_fine=True)
+    (out * weight).sum().backward()
+    grads = [x.grad for x in (coarse, fine, g32)]
+    for x in (coarse, fine, g32):
+        x.grad = None
+    ((fine + coarse[:, :, cube] * g32) * weight).sum().backward()
+    for mine, want in zip(grads, (coarse.grad, fine.grad, g32.grad)):
+        torch.testing.assert_close(mine, want, atol=1e-5, rtol=1e-5)
+    # In bf16, the gate's and the fine output's gradients are autograd's bit for bit (the same fp32 products, rounded
+    # once), the cube rows' are the same fp32 sums (in another order, perhaps)
+    fine, g16, coarse.grad = parts.fine.clone().requires_grad_(), gate.clone().requires_grad_(), None
+    parts._replace(coarse=coarse, fine=fine).gated(g16, torch.bfloat16, add_fine=True).backward(weight.bfloat16())
+    grads = [x.grad for x in (coarse, fine, g16)]
+    for x in (coarse, fine, g16):
+        x.grad = None
+    (fine.float() + coarse[:, :, cube] * g16.float()).to(torch.bfloat16).backward(weight.bfloat16())
+    torch.testing.assert_close(grads[0], coarse.grad, atol=1e-5, rtol=1e-5)
+    assert torch.equal(grads[1], fine.grad) and torch.equal(grads[2], g16.grad)
+    assert cubes_of(grid, tile).count == parts.coarse.shape[2]
 
 
 def test_the_coarse_twin_pools_without_widened_copies_of_q_k_v():

@@ -94,7 +94,10 @@ def test_share_selects_its_query_cubes_rows_of_the_whole_selection():
     assert part.cubes == (4, 8)
     mine = vsa_parts_rows(q[:, :, 84:168], k, v, part, plan.cubes, plan.count, 0.3)
     assert torch.equal(mine.selection.sort(-1).values, whole.selection[:, :, 4:8].sort(-1).values)
-    torch.testing.assert_close(mine.coarse, whole.coarse[:, :, 84:168])
+    torch.testing.assert_close(mine.coarse, whole.coarse[:, :, 4:8])  # (per query cube)
+    gate = torch.randn(q.shape, generator=torch.Generator().manual_seed(4))
+    torch.testing.assert_close(mine.gated(gate[:, :, 84:168], torch.float32),
+                               whole.gated(gate, torch.float32)[:, :, 84:168])
     with pytest.raises(ValueError, match="expected the 84 rows 84..167"):
         vsa_parts_rows(q[:, :, 84:160], k, v, part, plan.cubes, plan.count, 0.3)
 

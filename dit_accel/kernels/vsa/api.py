@@ -28,7 +28,7 @@ from . import fine as fine_path
 from .naive import CubeRows, Cubes, coarse_attention, cubes_of, fine_gathered, selected_count
 
 __all__ = ["vsa_attention", "vsa_parts", "vsa_parts_rows", "check_vsa_config", "check_vsa_grid", "vsa_layout",
-           "VSAResult", "DEFAULT_TILE"]
+           "VSAResult", "gated_coarse", "DEFAULT_TILE"]
 
 DEFAULT_TILE = (4, 4, 4)
 
@@ -74,15 +74,24 @@ def check_vsa_grid(grid, *, owner: str = "") -> Tuple[int, int, int]:
 
 
 class VSAResult(NamedTuple):
-    """:func:`vsa_parts`: ``fine`` (q's dtype) and its fp32 ``lse`` ``(B, H, N)``, the per-token ``coarse`` output
-    (fp32, None unless asked), the ``selection`` int64 ``(B, H, C, k)`` of key cubes per query cube (cube order),
-    and ``density``, the fraction of cube pairs the fine branch visits (``k / C``)."""
+    """:func:`vsa_parts`: ``fine`` (q's dtype) and its fp32 ``lse`` ``(B, H, N)`` in raster order, the ``coarse``
+    output per query cube (fp32 ``(B, H, Cq, D)``, None unless asked; :meth:`gated` spreads it over the rows), the
+    ``selection`` int64 ``(B, H, Cq, k)`` of key cubes per query cube (cube order), ``density``, the fraction of
+    cube pairs the fine branch visits (``k / C``), and the ``cubes`` and row ``order`` the parts were cut by."""
 
     fine: torch.Tensor
     lse: torch.Tensor
     coarse: Optional[torch.Tensor]
     selection: torch.Tensor
     density: float
+    cubes: Cubes
+    order: object  # the grid's permutation, or a ring rank's CubeRows
+
+    def gated(self, gate: torch.Tensor, dtype: torch.dtype, *, add_fine: bool = False) -> torch.Tensor:
+        """``coarse * gate`` per raster row (each row takes its cube's coarse row), plus ``fine`` with ``add_fine``:
+        computed in fp32 and rounded once to ``dtype``, without a token-sized fp32 tensor where the grid's
+        dimensions divide by the cube's (the cube rows broadcast over a view of the tokens)."""
+        return gated_coarse(self.coarse, gate, self.cubes, self.order, dtype, self.fine if add_fine else None)
 
 
 # (grid, tile, device) -> (mask ids [C] int32, element mask table [P, V, V] or None) of the partial cubes.
@@ -261,10 +270,99 @@ def _fine_branch(q_t, k_t, v_t, cubes: Cubes, order, coarse, selection, scale: f
         fine, lse = ran
     fine = order.unpermute(fine.view(b, h, n_q, d), dim=-2)
     lse = order.unpermute(lse.view(b, h, n_q), dim=-1)
-    coarse_tok = None
-    if coarse is not None:  # each raster row takes its cube's row: one gather, no copy per tiled position first
-        coarse_tok = coarse.index_select(2, _row_cubes(order, cubes.volume, coarse.device))
-    return VSAResult(fine, lse, coarse_tok, selection, selection.shape[-1] / cubes.count)
+    return VSAResult(fine, lse, coarse, selection, selection.shape[-1] / cubes.count, cubes, order)
+
+
+# (grid, tile, device) -> per dimension of the grid: None where the cube's extent divides it, else the cube
+# coordinate of each token coordinate.
+_SPREADS: Dict[tuple, Tuple[Optional[torch.Tensor], ...]] = {}
+
+
+def gated_coarse(coarse: torch.Tensor, gate: torch.Tensor, cubes: Cubes, order, dtype: torch.dtype,
+                 fine: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``coarse[cube of r] * gate[r] (+ fine[r])`` for every raster row ``r`` of ``gate`` ``(B, H, N, D)`` (``order``
+    says which rows: the grid's permutation, or a ring rank's :class:`~.naive.CubeRows`), from ``coarse`` per query
+    cube ``(B, H, Cq, D)``: in fp32, rounded once to ``dtype``, laid out like ``gate`` (or ``fine``).
+
+    On the whole grid the token axis is viewed as the grid, each dimension that the cube's extent divides split
+    into (cubes, extent), so the cube rows broadcast over their tokens; only a dimension that does not divide
+    gathers the cube rows to token resolution along it (Wan 480p's (21, 30, 52) at (4, 4, 4): a fp32 tensor a
+    quarter of the tokens' size; FastWan's (16, 28, 52): none). The result is written straight in ``dtype``, one
+    pass over gate and fine, with or without autograd (:class:`_Gated`)."""
+    n = gate.shape[2]
+    views = _token_views(coarse, cubes, order)
+    if views is None:  # a ring rank's rows: each row gathers its cube's row (fp32, token-sized)
+        c, tokens = coarse.index_select(2, _row_cubes(order, cubes.volume, coarse.device)), (n,)
+    else:
+        c, tokens = views
+    if torch.is_grad_enabled() and any(x.requires_grad for x in (c, gate, fine) if x is not None):
+        return _Gated.apply(c, gate, fine, tokens, dtype)
+    return _gated(c, gate, fine, tokens, dtype)
+
+
+def _gated(c, gate, fine, tokens, dtype) -> torch.Tensor:
+    out = torch.empty_like(gate if fine is None else fine, dtype=dtype)
+    if fine is None:
+        torch.mul(c, gate.unflatten(2, tokens), out=out.unflatten(2, tokens))
+    else:
+        torch.addcmul(fine.unflatten(2, tokens), c, gate.unflatten(2, tokens), out=out.unflatten(2, tokens))
+    return out
+
+
+class _Gated(torch.autograd.Function):
+    """:func:`gated_coarse` under autograd: the forward written in ``dtype`` in one pass, as without autograd; the
+    backward gives the fine output the incoming gradient itself (its dtype's: the fp32 sum's gradient rounded back
+    is the same values), the gate ``grad * c`` written in its dtype in one pass, and the cube rows the sum of
+    ``grad * gate`` over each cube's tokens in fp32. Autograd's own formulas widened the gradient, multiplied it by
+    1 and cast each result back: about three times the traffic."""
+
+    @staticmethod
+    def forward(ctx, c, gate, fine, tokens, dtype):
+        ctx.tokens, ctx.with_fine = tokens, fine is not None
+        ctx.save_for_backward(c, gate)
+        return _gated(c, gate, fine, tokens, dtype)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        c, gate = ctx.saved_tensors
+        tokens = ctx.tokens
+        g = grad.unflatten(2, tokens)
+        d_c = d_gate = d_fine = None
+        if ctx.needs_input_grad[0]:  # (0 + grad * gate with a fp32 zero: the product in fp32, no widened copy first)
+            zero = c.new_zeros((1,) * c.dim())
+            d_c = torch.addcmul(zero, g, gate.unflatten(2, tokens)).sum_to_size(c.shape)
+        if ctx.needs_input_grad[1]:
+            d_gate = torch.empty_like(gate)
+            torch.mul(g, c, out=d_gate.unflatten(2, tokens))
+        if ctx.with_fine and ctx.needs_input_grad[2]:
+            d_fine = grad
+        return d_c, d_gate, d_fine, None, None
+
+
+def _token_views(coarse: torch.Tensor, cubes: Cubes, order):
+    """``(cube rows shaped to broadcast over the tokens, the token axis's split)`` on the whole grid, or None."""
+    perm = cubes.perm
+    if order is not perm or coarse.shape[2] != cubes.count:
+        return None
+    key = (perm.grid, perm.tile, str(coarse.device))
+    spreads = _SPREADS.get(key)
+    if spreads is None:
+        spreads = _SPREADS[key] = tuple(
+            None if g % t == 0 else torch.div(torch.arange(g), t, rounding_mode="floor").to(coarse.device)
+            for g, t in zip(perm.grid, perm.tile))
+    b, h, _, d = coarse.shape
+    c = coarse.view(b, h, *perm.num_tiles, d)
+    c_shape, tokens = [], []
+    for axis, (g, t, n, spread) in enumerate(zip(perm.grid, perm.tile, perm.num_tiles, spreads)):
+        if spread is None:
+            c_shape += [n, 1]
+            tokens += [n, t]
+        else:
+            c = c.index_select(2 + axis, spread)
+            c_shape.append(g)
+            tokens.append(g)
+    return c.reshape(b, h, *c_shape, d), tuple(tokens)
 
 
 def vsa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid, *, topk: Optional[int] = None,
@@ -321,9 +419,7 @@ def vsa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid, *, to
     count = selected_count(cubes.count, topk, sparsity)
     parts = vsa_parts(q, k, v, grid, count, tile, scale, with_coarse=gate is not None, backend=backend,
                       cubes=cubes)
-    out = parts.fine
-    if gate is not None:  # in fp32 (gate and fine widened on the fly: no fp32 copies of either)
-        out = (parts.coarse * gate).add_(out).to(q.dtype)
+    out = parts.fine if gate is None else parts.gated(gate, q.dtype, add_fine=True)
     return (out, parts.selection) if return_selection else out
 
 
