@@ -1,0 +1,196 @@
+"""Device memory traffic of the PyTorch operators around the kernels, per attention call (MODELLED).
+
+Around its kernels an attention call runs PyTorch operators: the token permutation into tiled order and back,
+VSA's gated term, and under autograd their backward. On a GPU each is a memory-bound kernel, so its cost is the
+bytes it moves. This counts them on the CPU, with the Triton launches stubbed (:func:`~.host_path.stub_launches`;
+VSA's coarse launches return the PyTorch twin's result, worked out before counting; VSA's fine branch planned per
+call where an eager call is): every operator that is not a
+view, an allocation or one of the package's own kernel ops is taken to read each input tensor once and write each
+output once (an expanded input counts the storage it reads, an in-place output once). A model, not a measurement:
+an index fill is charged its whole tensor, and caches are ignored.
+
+Cases, each at ``grid`` (default Wan 2.1 480p's (21, 30, 52)) with ``heads`` heads of ``head_dim``, float16:
+
+- ``tile``, ``tile_train``: the recommended Tile for Wan (fitted, (6, 8, 8) / (3, 3, 3)) through its plan,
+  forward only, and forward + backward;
+- ``vsa``, ``vsa_train``: ``vsa_attention`` with a gate, sparsity 0.9; ``vsa_nogate``: without a gate (the fine
+  branch alone), so ``vsa - vsa_nogate`` is the gated term's traffic.
+
+Totals are given in bytes and in ``units``, the bytes of one q tensor ``(1, heads, N, head_dim)``; a unit scales
+with heads and head dim alike (Wan 2.1 14B 480p, 2 x 40 heads of 128 in bf16: 671 MB).
+
+Run it in its own process (``TRITON_INTERPRET`` must be set before triton is imported)::
+
+    python -m dit_accel.eval.traffic [--grid 21,30,52] [--heads 2] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Callable, Dict, Iterator, Tuple
+
+__all__ = ["count_traffic", "measure_traffic", "main", "CASES"]
+
+CASES = ("tile", "tile_train", "vsa", "vsa_nogate", "vsa_train")
+
+
+def _read_bytes(t) -> int:
+    """Bytes an operator reads from ``t``: its elements, or its storage where that is smaller (an expanded view)."""
+    return min(t.numel() * t.element_size(), t.untyped_storage().nbytes())
+
+
+def count_traffic(fn: Callable[[], object]) -> Dict[str, int]:
+    """``{"ops", "bytes"}`` of the PyTorch operators one call of ``fn`` (and any backward it runs) dispatches, under
+    the module docstring's model; the package's own ops (``dit_accel::``) are the kernels, left out."""
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_flatten
+
+    from .host_path import _ALLOCATIONS
+
+    counts = {"ops": 0, "bytes": 0}
+
+    def tensors(x):
+        return [t for t in tree_flatten(x)[0] if isinstance(t, torch.Tensor)]
+
+    class _Count(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            out = func(*args, **kwargs)
+            name = func._schema.name.split("::")[-1]
+            if func.namespace == "dit_accel" or func.is_view or name in _ALLOCATIONS or name in (
+                    "detach", "alias", "lift_fresh", "_unsafe_view"):
+                return out
+            inputs = tensors((args, kwargs))
+            seen = {t.untyped_storage().data_ptr() for t in inputs}
+            written = [t for t in tensors(out) if t.untyped_storage().data_ptr() not in seen]
+            counts["ops"] += 1
+            # (an in-place op's output is one of its inputs: read and written, counted once as read)
+            counts["bytes"] += sum(_read_bytes(t) for t in inputs) + sum(t.numel() * t.element_size()
+                                                                         for t in written)
+            return out
+
+    with _Count():
+        fn()
+    return counts
+
+
+@contextlib.contextmanager
+def _twin_coarse() -> Iterator[None]:
+    """VSA's coarse launches stubbed: ``coarse_triton`` returns the PyTorch twin's result for the inputs, worked out
+    on the first call of a shape and kept (a GPU's two launches make those tensors; the twin's operators are not
+    counted after the first call)."""
+    from ..kernels.vsa import triton as vsa_triton
+    from ..kernels.vsa.naive import coarse_attention
+
+    saved, kept = vsa_triton.coarse_triton, {}
+
+    def stub(q_t, k_t, v_t, cubes, count, scale, with_output):
+        key = (tuple(q_t.shape), count, with_output)
+        if key not in kept:
+            kept[key] = coarse_attention(q_t, k_t, v_t, cubes, count, scale, with_output)
+        return kept[key]
+
+    vsa_triton.coarse_triton = stub
+    try:
+        yield
+    finally:
+        vsa_triton.coarse_triton = saved
+
+
+@contextlib.contextmanager
+def _planned_fine() -> Iterator[None]:
+    """VSA's fine branch takes its per-call plan (:mod:`~dit_accel.kernels.vsa.fine`) under the counting mode too,
+    as an eager call does without one (the path refuses a dispatch mode, which may intercept its launch; here the
+    launch is a stub and the mode only watches)."""
+    from ..kernels.request import records_grad
+    from ..kernels.vsa import fine
+
+    saved = fine._direct
+    fine._direct = lambda q, k, v: not records_grad(q, k, v)
+    try:
+        yield
+    finally:
+        fine._direct = saved
+
+
+def measure_traffic(*, grid: Tuple[int, int, int] = (21, 30, 52), heads: int = 2, head_dim: int = 64,
+                    cases=CASES, tile=None) -> Dict[str, Dict[str, float]]:
+    """``{case: {"ops", "bytes", "units"}}`` per call (module docstring); ``tile``: the Tile method of the ``tile``
+    cases (default Wan's recommended one; a grid it covers whole runs dense attention, counted as torch operators).
+    Needs ``TRITON_INTERPRET=1`` set before triton was imported; raises RuntimeError otherwise."""
+    import math
+
+    import torch
+
+    from ..kernels.backends import triton_reason
+    from ..kernels.vsa import vsa_attention
+    from ..methods import Tile
+    from .host_path import stub_launches
+
+    if triton_reason("cpu") is not None:
+        raise RuntimeError("measure_traffic needs TRITON_INTERPRET=1 set before triton is imported "
+                           "(run `python -m dit_accel.eval.traffic`)")
+    n = math.prod(grid)
+    gen = torch.Generator().manual_seed(0)
+    shape = (1, heads, n, head_dim)
+    q, k, v, gate, do = (torch.randn(shape, generator=gen, dtype=torch.float16) for _ in range(5))
+    qg, kg, vg, gg = (t.clone().requires_grad_() for t in (q, k, v, gate))
+    plan = (Tile(tile=(6, 8, 8), window=(3, 3, 3), fit=True) if tile is None else tile).plan(tuple(grid))
+
+    def vsa(grad: bool, with_gate: bool = True):
+        args = (qg, kg, vg) if grad else (q, k, v)
+        g = (gg if grad else gate) if with_gate else None
+        return vsa_attention(*args, tuple(grid), sparsity=0.9, gate=g, backend="triton")
+
+    def backward(out):  # (each call's gradients new, as a training step's after zero_grad(set_to_none=True))
+        for t in (qg, kg, vg, gg):
+            t.grad = None
+        out.backward(do)
+
+    runs = {
+        "tile": lambda: plan.run(q, k, v, backend="triton"),
+        "tile_train": lambda: backward(plan.run(qg, kg, vg, backend="triton")[0]),
+        "vsa": lambda: vsa(False),
+        "vsa_nogate": lambda: vsa(False, with_gate=False),
+        "vsa_train": lambda: backward(vsa(True)),
+    }
+    unit = q.numel() * q.element_size()
+    out = {}
+    with stub_launches(), _twin_coarse(), _planned_fine():
+        for name in cases:
+            with torch.set_grad_enabled(name.endswith("_train")):
+                runs[name]()  # (first call: layouts, plans, the coarse twin's kept result)
+                counts = count_traffic(runs[name])
+            out[name] = {**counts, "units": counts["bytes"] / unit}
+    return out
+
+
+def main(argv=None) -> dict:
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--grid", default="21,30,52", help="the video token grid T,H,W")
+    parser.add_argument("--heads", type=int, default=2)
+    parser.add_argument("--head-dim", type=int, default=64)
+    parser.add_argument("--json", default=None, help="write the result here")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+    grid = tuple(int(x) for x in args.grid.split(","))
+    result = measure_traffic(grid=grid, heads=args.heads, head_dim=args.head_dim)
+    print(f"{'case':12s} {'ops':>5s} {'MB':>9s} {'q units':>8s}  (MODELLED, grid {grid}, {args.heads} heads of "
+          f"{args.head_dim}, float16, kernels stubbed)")
+    for name, row in result.items():
+        print(f"{name:12s} {row['ops']:5d} {row['bytes'] / 1e6:9.1f} {row['units']:8.1f}")
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump({"grid": list(grid), "heads": args.heads, "head_dim": args.head_dim, "cases": result}, fh,
+                      indent=1)
+    return result
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+    main()

@@ -1,0 +1,73 @@
+"""The modelled traffic of the PyTorch operators around the kernels (dit_accel.eval.traffic): the counting rule,
+and bounds that keep the permutation's backward a gather and VSA's gated term one pass. The counts are
+deterministic (shapes and dtypes only), so they are bounded here; BENCHMARKS.md records them at Wan's grids."""
+
+import pytest
+import torch
+
+from dit_accel.kernels.backends import triton_reason
+
+pytestmark = pytest.mark.skipif(triton_reason("cpu") is not None, reason="needs the Triton interpreter on the CPU")
+
+
+def test_the_counting_rule():
+    """Each operator reads its inputs once and writes its outputs once; a view, an allocation and the read of an
+    expanded input's repeated elements cost nothing; an in-place output is counted once, as read."""
+    from dit_accel.eval.traffic import count_traffic
+
+    a, b = torch.ones(1000), torch.ones(1000)
+    c = torch.ones(10, 1)
+
+    def fn():
+        x = a + b  # 4000 + 4000 read, 4000 written
+        x.view(10, 100).add_(c.expand(10, 100))  # 4000 + 40 read (in place: not written again)
+        torch.empty(5000)  # an allocation
+
+    assert count_traffic(fn) == {"ops": 2, "bytes": 12000 + 4040}
+
+
+@pytest.fixture(scope="module")
+def traffic():
+    from dit_accel.eval.traffic import measure_traffic
+    from dit_accel.kernels.vsa import fine
+    from dit_accel.methods import Tile
+
+    saved = dict(fine._TEMPLATES)
+    try:  # a grid with a partial dimension (t: 6 = 4 + 2), and one that every cube divides
+        tile = Tile(tile=(2, 4, 8), window=(1, 3, 3))  # (sparse at these grids: Wan's own covers them whole)
+        yield {grid: measure_traffic(grid=grid, heads=1, head_dim=16, tile=tile) for grid in ((6, 16, 16),
+                                                                                             (8, 16, 16))}
+    finally:
+        fine._TEMPLATES.clear()
+        fine._TEMPLATES.update(saved)
+
+
+def test_every_case_runs_and_the_kernels_come_back(traffic):
+    from dit_accel.eval.traffic import CASES
+    from dit_accel.kernels.block_sparse import triton as bs
+    from dit_accel.kernels.vsa import fine, triton as vsa_triton
+
+    for result in traffic.values():
+        assert set(result) == set(CASES) and all(row["bytes"] > 0 and row["ops"] > 0 for row in result.values())
+    assert not isinstance(bs._fwd_kernel, type(None)) and type(bs._fwd_kernel).__name__ != "_StubKernel"
+    assert vsa_triton.coarse_triton.__name__ == "coarse_triton" and fine._direct.__name__ == "_direct"
+
+
+@pytest.mark.parametrize("grid", [(6, 16, 16), (8, 16, 16)], ids=["partial-t", "whole-cubes"])
+def test_backward_permutations_are_gathers(traffic, grid):
+    """The Tile call's backward adds at most the four inverse gathers (q, k, v back to raster order, o's gradient
+    to tiled order with its padding zeroed: about 2.2 q-sized passes each) and nothing else of the tokens' size;
+    autograd's scatter-adds into zero-filled tensors made it about 3.5 each."""
+    result = traffic[grid]
+    backward = result["tile_train"]["units"] - result["tile"]["units"]
+    assert backward <= 4 * 2.5, result
+
+
+@pytest.mark.parametrize("grid", [(6, 16, 16), (8, 16, 16)], ids=["partial-t", "whole-cubes"])
+def test_the_gated_term_is_one_pass(traffic, grid):
+    """The gate costs one pass over gate and fine writing the output (3 q-sized units) and, on a grid with a
+    partial dimension, the cube rows gathered along it (a quarter of the tokens in fp32 at most: 0.5 units more).
+    The per-token fp32 product, sum and cast cost about 13 more."""
+    result = traffic[grid]
+    gated = result["vsa"]["units"] - result["vsa_nogate"]["units"]
+    assert gated <= (3.1 if grid == (8, 16, 16) else 3.7), result
