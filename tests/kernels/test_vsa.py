@@ -265,6 +265,52 @@ def test_the_coarse_twin_pools_without_widened_copies_of_q_k_v():
     assert torch.equal(_cube_means(q, cubes, torch.float32), widened)
 
 
+def test_cube_sum_gradients_meet_the_fine_branch_without_a_copy():
+    """Under autograd the cube sums' gradient is autograd's own (the fp32 gradient cast to the input's dtype, bit for
+    bit) but expanded over each cube, not copied; in a gated training call it meets the fine branch's at the shared
+    (B, H, C, V, D) view, so the backward makes no token-sized cast (the old one per q, k, v) and the gradients of
+    q, k, v and the gate equal the float64 reference's."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from dit_accel.kernels.vsa import cubes_of
+    from dit_accel.kernels.vsa.naive import _cube_means
+
+    cubes = cubes_of((5, 6, 7), (4, 4, 4))
+    x = cubes.perm.permute(_qkv((1, 2, 210, 16), seed=4)[0].to(torch.bfloat16), dim=-2).requires_grad_()
+    grads = []
+    for fn in (lambda: _cube_means(x, cubes, torch.float32),
+               lambda: x.view(1, 2, cubes.count, 64, 16).sum(3, dtype=torch.float32) / cubes.sizes[:, None]):
+        weight = torch.randn(1, 2, cubes.count, 16, generator=torch.Generator().manual_seed(1))
+        grads.append(torch.autograd.grad((fn() * weight).sum(), x)[0])
+    assert torch.equal(grads[0], grads[1])
+    x5 = x.detach().view(1, 2, cubes.count, 64, 16).requires_grad_()
+    out = _cube_means(x5, cubes, torch.float32)
+    (g5,) = torch.autograd.grad(out, x5, torch.ones_like(out), retain_graph=True)
+    assert g5.stride(3) == 0  # expanded, not materialised
+
+    # (float16 on the Triton backend, whose fine backward is one op: the twin's widens q, k, v to fp32 and back)
+    q, k, v, gate = (t.to(torch.float16).requires_grad_() for t in _qkv((1, 2, 210, 16), seed=6))
+    out = dit_accel.vsa_attention(q, k, v, (5, 6, 7), topk=3, gate=gate, backend="triton")
+    casts = []
+
+    class Casts(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            result = func(*args, **(kwargs or {}))
+            if func.__name__.startswith("_to_copy") and result.dtype == torch.float16 and result.numel() >= q.numel():
+                casts.append(tuple(result.shape))
+            return result
+
+    weight = torch.randn(q.shape, generator=torch.Generator().manual_seed(2)).to(torch.float16)
+    with Casts():
+        out.backward(weight)
+    assert casts == [], casts
+    q64, k64, v64, g64 = (t.detach().double().requires_grad_() for t in (q, k, v, gate))
+    want = reference(q64, k64, v64, (5, 6, 7), 3, (4, 4, 4), g64)[0]
+    want.backward(weight.double())
+    for mine, ref in zip((q.grad, k.grad, v.grad, gate.grad), (q64.grad, k64.grad, v64.grad, g64.grad)):
+        torch.testing.assert_close(mine.double(), ref, atol=5e-3, rtol=5e-3)
+
+
 def test_twin_parts_and_layout_agree():
     grid, tile = (5, 6, 7), (4, 4, 4)
     q, k, v, _ = _qkv((2, 2, 210, 8), seed=5)

@@ -171,14 +171,22 @@ def vsa_parts(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid: Tuple[int
     public entry point."""
     cubes = cubes_of(grid, tile) if cubes is None else cubes
     perm = cubes.perm
-    q_t, k_t, v_t = (perm.permute(x, dim=-2) for x in (q, k, v))
+    cut = tuple(_by_cube(perm.permute(x, dim=-2), cubes) for x in (q, k, v))
+    q_t, k_t, v_t = (x.flatten(2, 3) for x in cut)
     if _fused_coarse(q_t, k_t, v_t, with_coarse, backend):
         from .triton import coarse_triton
 
         coarse, _, selection = coarse_triton(q_t, k_t, v_t, cubes, count, scale, with_coarse)
     else:
-        coarse, _, selection = coarse_attention(q_t, k_t, v_t, cubes, count, scale, with_coarse)
+        coarse, _, selection = coarse_attention(*cut, cubes, count, scale, with_coarse)
     return _fine_branch(q_t, k_t, v_t, cubes, perm, coarse, selection, scale, backend)
+
+
+def _by_cube(x_t: torch.Tensor, cubes: Cubes) -> torch.Tensor:
+    """Tiled ``(B, H, C * V, D)`` viewed as ``(B, H, C, V, D)``: both branches take views of this one tensor, so a
+    training call's gradients from the coarse branch's cube sums (expanded over each cube) and from the fine branch
+    meet there, added in one pass (:class:`~.naive._CubeSums`)."""
+    return x_t.unflatten(2, (x_t.shape[2] // cubes.volume, cubes.volume))
 
 
 #: The fine branch's shape class (the grid's cubes, the selection's shape, the inputs' shapes, dtype, device, whether
@@ -440,8 +448,6 @@ def vsa_parts_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, part: Cube
     if q.shape[2] != rows or k.shape[2] != cubes.perm.num_tokens:
         raise ValueError(f"q has {q.shape[2]} tokens and k/v {k.shape[2]}, expected the {rows} rows "
                          f"{part.rows[0]}..{part.rows[1] - 1} and all {cubes.perm.num_tokens} tokens of the grid")
-    q_t = part.permute(q)
-    k_t, v_t = (cubes.perm.permute(x, dim=-2) for x in (k, v))
-    coarse, _, selection = coarse_attention(q_t, k_t, v_t, cubes, count, scale, with_coarse,
-                                            first_query=part.cubes[0])
-    return _fine_branch(q_t, k_t, v_t, cubes, part, coarse, selection, scale, backend)
+    cut = (_by_cube(part.permute(q), cubes),) + tuple(_by_cube(cubes.perm.permute(x, dim=-2), cubes) for x in (k, v))
+    coarse, _, selection = coarse_attention(*cut, cubes, count, scale, with_coarse, first_query=part.cubes[0])
+    return _fine_branch(*(x.flatten(2, 3) for x in cut), cubes, part, coarse, selection, scale, backend)

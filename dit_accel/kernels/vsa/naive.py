@@ -111,20 +111,40 @@ def cube_sizes(cubes: Cubes, device, dtype=torch.float32, *, inverse: bool = Fal
 
 
 def _cube_means(x: torch.Tensor, cubes: Cubes, dtype, first: int = 0) -> torch.Tensor:
-    """``(B, H, C', D)`` means over each cube's real tokens of ``x`` in tiled order ``(B, H, C' * V, D)``, which
-    holds the cubes ``first .. first + C' - 1`` (padding holds zeros after the permutation, so a sum over the
-    cube is the sum of its real tokens)."""
-    b, h, n, d = x.shape
-    c = n // cubes.volume
-    sums = x.view(b, h, c, cubes.volume, d).sum(3, dtype=dtype)  # (widened as summed: no copy of x in dtype)
+    """``(B, H, C', D)`` means over each cube's real tokens of ``x`` in tiled order ``(B, H, C' * V, D)`` (or its
+    view ``(B, H, C', V, D)``), which holds the cubes ``first .. first + C' - 1`` (padding holds zeros after the
+    permutation, so a sum over the cube is the sum of its real tokens)."""
+    x5 = x if x.dim() == 5 else x.unflatten(2, (x.shape[2] // cubes.volume, cubes.volume))
+    c = x5.shape[2]
+    if torch.is_grad_enabled() and x5.requires_grad:
+        sums = _CubeSums.apply(x5, dtype)
+    else:
+        sums = x5.sum(3, dtype=dtype)  # (widened as summed: no copy of x in dtype)
     return sums / cube_sizes(cubes, x.device, dtype)[first:first + c, None]
+
+
+class _CubeSums(torch.autograd.Function):
+    """Sums over each cube's tokens of ``x5`` ``(B, H, C', V, D)`` in ``dtype``, whose gradient is the sums' cast to
+    x's dtype and *expanded* over the cube, not materialised: where the fine branch's gradient meets it at ``x5``
+    (:func:`~.api.vsa_parts` hands both branches views of one ``x5``), autograd adds the two in one pass. Autograd's
+    own sum backward widened, expanded and cast it into a token-sized copy first (two passes more per q, k, v)."""
+
+    @staticmethod
+    def forward(ctx, x5, dtype):
+        ctx.x_dtype, ctx.x_shape = x5.dtype, x5.shape
+        return x5.sum(3, dtype=dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.to(ctx.x_dtype).unsqueeze(3).expand(ctx.x_shape), None
 
 
 def coarse_attention(q_t: torch.Tensor, k_t: torch.Tensor, v_t: torch.Tensor, cubes: Cubes, count: int,
                      scale: float, with_output: bool = True, dtype=None, *, first_query: int = 0):
     """The coarse branch on tiled inputs: ``(coarse (B, H, Cq, D) or None, scores (B, H, Cq, C), selection)``.
 
-    ``k_t`` and ``v_t`` hold every cube; ``q_t`` every cube too (``Cq = C``), or the consecutive query cubes
+    Tiled inputs are ``(B, H, C * V, D)``, or ``(B, H, C, V, D)`` views of them. ``k_t`` and ``v_t`` hold every
+    cube; ``q_t`` every cube too (``Cq = C``), or the consecutive query cubes
     ``first_query .. first_query + Cq - 1`` (a ring rank's share, :class:`CubeRows`): a query cube's row needs
     only its own mean and every key cube's. Scores are ``mean(q) . mean(k) * scale`` per cube pair;
     ``selection`` int64 ``(B, H, Cq, count)`` holds the ``count`` top-scoring key cubes per query cube, ascending
