@@ -360,7 +360,7 @@ def _token_views(coarse: torch.Tensor, cubes: Cubes, order):
             None if g % t == 0 else torch.div(torch.arange(g), t, rounding_mode="floor").to(coarse.device)
             for g, t in zip(perm.grid, perm.tile))
     b, h, _, d = coarse.shape
-    c = coarse.view(b, h, *perm.num_tiles, d)
+    c = coarse.reshape(b, h, *perm.num_tiles, d)
     c_shape, tokens = [], []
     for axis, (g, t, n, spread) in enumerate(zip(perm.grid, perm.tile, perm.num_tiles, spreads)):
         if spread is None:
