@@ -4,10 +4,11 @@ Around its kernels an attention call runs PyTorch operators: the token permutati
 VSA's gated term, and under autograd their backward. On a GPU each is a memory-bound kernel, so its cost is the
 bytes it moves. This counts them on the CPU, with the Triton launches stubbed (:func:`~.host_path.stub_launches`;
 VSA's coarse launches return the PyTorch twin's result, worked out before counting; VSA's fine branch planned per
-call where an eager call is): every operator that is not a
-view, an allocation or one of the package's own kernel ops is taken to read each input tensor once and write each
-output once (an expanded input counts the storage it reads, an in-place output once). A model, not a measurement:
-an index fill is charged its whole tensor, and caches are ignored.
+call where an eager call is): every operator that is not a view or an allocation, inside the package's own ops
+too, is taken to read each input tensor once and write each output once (an expanded input counts the storage it
+reads, an in-place output once). A model, not a measurement: an index fill is charged its whole tensor, caches are
+ignored, and the operators are the CPU's dispatch (a CUDA softmax with ``dtype=`` casts inside, which the CPU does
+in a copy first).
 
 Cases, each at ``grid`` (default Wan 2.1 480p's (21, 30, 52)) with ``heads`` heads of ``head_dim``, float16:
 
@@ -42,8 +43,10 @@ def _read_bytes(t) -> int:
 
 def count_traffic(fn: Callable[[], object]) -> Dict[str, int]:
     """``{"ops", "bytes"}`` of the PyTorch operators one call of ``fn`` (and any backward it runs) dispatches, under
-    the module docstring's model; the package's own ops (``dit_accel::``) are the kernels, left out."""
+    the module docstring's model; inside the package's own ops (``dit_accel::``) too, whose Python bodies run the
+    (stubbed) launches and the operators around them."""
     import torch
+    from torch._library.custom_ops import OPDEFS
     from torch.utils._python_dispatch import TorchDispatchMode
     from torch.utils._pytree import tree_flatten
 
@@ -57,10 +60,12 @@ def count_traffic(fn: Callable[[], object]) -> Dict[str, int]:
     class _Count(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             kwargs = kwargs or {}
+            if func.namespace == "dit_accel":  # count the operators inside, not the op
+                with self:
+                    return OPDEFS[func._schema.name]._init_fn(*args, **kwargs)
             out = func(*args, **kwargs)
             name = func._schema.name.split("::")[-1]
-            if func.namespace == "dit_accel" or func.is_view or name in _ALLOCATIONS or name in (
-                    "detach", "alias", "lift_fresh", "_unsafe_view"):
+            if func.is_view or name in _ALLOCATIONS or name in ("detach", "alias", "lift_fresh", "_unsafe_view"):
                 return out
             inputs = tensors((args, kwargs))
             seen = {t.untyped_storage().data_ptr() for t in inputs}
