@@ -15,7 +15,9 @@ Cases, each at ``grid`` (default Wan 2.1 480p's (21, 30, 52)) with ``heads`` hea
 - ``tile``, ``tile_train``: the recommended Tile for Wan (fitted, (6, 8, 8) / (3, 3, 3)) through its plan,
   forward only, and forward + backward;
 - ``vsa``, ``vsa_train``: ``vsa_attention`` with a gate, sparsity 0.9; ``vsa_nogate``: without a gate (the fine
-  branch alone), so ``vsa - vsa_nogate`` is the gated term's traffic.
+  branch alone), so ``vsa - vsa_nogate`` is the gated term's traffic;
+- ``sla``, ``sla_train``: ``sla_attention`` with a projection (trained SLA), top-k 0.05 (its classification
+  launches stubbed by the PyTorch twin's block lists, worked out before counting).
 
 Totals are given in bytes and in ``units``, the bytes of one q tensor ``(1, heads, N, head_dim)``; a unit scales
 with heads and head dim alike (Wan 2.1 14B 480p, 2 x 40 heads of 128 in bf16: 671 MB).
@@ -33,7 +35,7 @@ from typing import Callable, Dict, Iterator, Tuple
 
 __all__ = ["count_traffic", "measure_traffic", "main", "CASES"]
 
-CASES = ("tile", "tile_train", "vsa", "vsa_nogate", "vsa_train")
+CASES = ("tile", "tile_train", "vsa", "vsa_nogate", "vsa_train", "sla", "sla_train")
 
 
 def _read_bytes(t) -> int:
@@ -105,6 +107,30 @@ def _twin_coarse() -> Iterator[None]:
 
 
 @contextlib.contextmanager
+def _twin_classify() -> Iterator[None]:
+    """SLA's classification launches stubbed: the fused path's classify returns the PyTorch twin's block lists for
+    the inputs, worked out on the first call of a shape and kept (its stubbed launches would leave the lists
+    unwritten, which the backward's list transposition reads)."""
+    from ..kernels.sla import api as sla_api
+    from ..kernels.sla.common import sla_classify
+
+    saved, kept = sla_api._fused, {}
+    attention = saved()[1]
+
+    def classify(q, k, method):
+        key = (tuple(q.shape), method)
+        if key not in kept:
+            kept[key] = sla_classify(q, k, method)
+        return kept[key]
+
+    sla_api._fused = lambda: (classify, attention)
+    try:
+        yield
+    finally:
+        sla_api._fused = saved
+
+
+@contextlib.contextmanager
 def _planned_fine() -> Iterator[None]:
     """VSA's fine branch takes its per-call plan (:mod:`~dit_accel.kernels.vsa.fine`) under the counting mode too,
     as an eager call does without one (the path refuses a dispatch mode, which may intercept its launch; here the
@@ -130,8 +156,9 @@ def measure_traffic(*, grid: Tuple[int, int, int] = (21, 30, 52), heads: int = 2
     import torch
 
     from ..kernels.backends import triton_reason
+    from ..kernels.sla import sla_attention
     from ..kernels.vsa import vsa_attention
-    from ..methods import Tile
+    from ..methods import SLA, Tile
     from .host_path import stub_launches
 
     if triton_reason("cpu") is not None:
@@ -143,6 +170,8 @@ def measure_traffic(*, grid: Tuple[int, int, int] = (21, 30, 52), heads: int = 2
     q, k, v, gate, do = (torch.randn(shape, generator=gen, dtype=torch.float16) for _ in range(5))
     qg, kg, vg, gg = (t.clone().requires_grad_() for t in (q, k, v, gate))
     plan = (Tile(tile=(6, 8, 8), window=(3, 3, 3), fit=True) if tile is None else tile).plan(tuple(grid))
+    proj = torch.nn.Linear(head_dim, head_dim).to(torch.float16).requires_grad_(False)
+    sla = SLA(topk=0.05)
 
     def vsa(grad: bool, with_gate: bool = True):
         args = (qg, kg, vg) if grad else (q, k, v)
@@ -160,10 +189,12 @@ def measure_traffic(*, grid: Tuple[int, int, int] = (21, 30, 52), heads: int = 2
         "vsa": lambda: vsa(False),
         "vsa_nogate": lambda: vsa(False, with_gate=False),
         "vsa_train": lambda: backward(vsa(True)),
+        "sla": lambda: sla_attention(q, k, v, sla, proj, backend="triton"),
+        "sla_train": lambda: backward(sla_attention(qg, kg, vg, sla, proj, backend="triton")),
     }
     unit = q.numel() * q.element_size()
     out = {}
-    with stub_launches(), _twin_coarse(), _planned_fine():
+    with stub_launches(), _twin_coarse(), _twin_classify(), _planned_fine():
         for name in cases:
             with torch.set_grad_enabled(name.endswith("_train")):
                 runs[name]()  # (first call: layouts, plans, the coarse twin's kept result)

@@ -125,8 +125,10 @@ class LargeOutputsInsideOps(LargeOutputs):
 #: kernels' ahead of one pass through phi's backward (phi(q), phi(k) had been computed twice, each gradient cast
 #: down and back up between the halves); 56 (62) with delta and the base-2 lse from the dense kernels' preprocess
 #: launch (no fp32 copies of dO and O); 53 (61) with phi for the backward (softmax) and the gradients' scale
-#: reading q, k and dnum without an fp32 copy or |dnum|.
-MAX_LARGE_BACKWARD = {"softmax": 53, "elu": 61}
+#: reading q, k and dnum without an fp32 copy or |dnum|; 37 (49) with phi's backward fused (softmax) and added to
+#: the kernels' gradient in one rounded write, d num and d den from do_l and o_l without fp32 copies, and the
+#: global sums' fp32 copies of phi(K) and V read again by their gradients.
+MAX_LARGE_BACKWARD = {"softmax": 37, "elu": 49}
 
 
 @pytest.mark.parametrize("feature", ["softmax", "elu"])
@@ -143,3 +145,20 @@ def test_sla_backward_with_global_sums_stays_within_its_count(feature):
     with stub_launches(), counter:
         o.backward(torch.ones_like(o))
     assert len(counter.rows) <= MAX_LARGE_BACKWARD[feature], "\n".join(map(str, counter.rows))
+
+
+@pytest.mark.parametrize("kind", ["softmax", "elu", "relu"])
+def test_feature_gradient_added_and_rounded_once(kind):
+    """``add_feature_grad``: the kernels' fp32 gradient plus phi's backward, written once in the output dtype, equals
+    the explicit chain rule (through autograd on phi in float64) rounded once."""
+    from dit_accel.kernels.sla.common import add_feature_grad, feature_map
+
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(1, 2, 70, 32, generator=gen, dtype=torch.float64).requires_grad_()
+    g_phi, g = torch.randn(x.shape, generator=gen), torch.randn(x.shape, generator=gen)
+    phi = feature_map(x, kind)
+    (back,) = torch.autograd.grad(phi, x, g_phi.double())
+    got = add_feature_grad(g, phi.detach().float(), g_phi, kind, torch.float16)
+    assert got.dtype == torch.float16 and got.is_contiguous()
+    want = (g.double() + back).to(torch.float16)
+    torch.testing.assert_close(got, want, atol=1e-3, rtol=1e-3)

@@ -299,6 +299,21 @@ def fp32_features(x: torch.Tensor, kind: str) -> torch.Tensor:
     return feature_map(x.float(), kind)
 
 
+def add_feature_grad(g: torch.Tensor, f32: torch.Tensor, g_phi: torch.Tensor, kind: str, dtype) -> torch.Tensor:
+    """``g + phi'(x)^T g_phi`` (phi's backward for the upstream fp32 gradient ``g_phi``, from ``f32 = phi(x)``
+    alone), rounded once to ``dtype`` into a new contiguous tensor: all fp32 until the one write.
+
+    softmax: one fused softmax backward, ``f * (g_phi - sum(f * g_phi))`` (four passes as written); elu + 1: 1
+    where x > 0 (there f = x + 1 > 1), else exp(x) = f, i.e. min(f, 1); relu: f > 0."""
+    if kind == "softmax":
+        back = torch._softmax_backward_data(g_phi, f32, -1, torch.float32)
+    elif kind == "elu":
+        back = g_phi * f32.clamp(max=1.0)
+    else:
+        back = g_phi * (f32 > 0)
+    return torch.add(g, back, out=torch.empty(g.shape, dtype=dtype, device=g.device))
+
+
 def rounded_features(x: torch.Tensor, kind: str) -> torch.Tensor:
     """phi(x) computed in fp32 (:func:`fp32_features`) and rounded to x's dtype: the fused kernel's linear-branch
     operand, and, upcast, the operand of the caller's global sums (both read the same rounded values)."""

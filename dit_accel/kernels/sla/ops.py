@@ -168,11 +168,14 @@ def _backward(ctx, do, dlse, dol, dden):
     dlse = torch.zeros_like(lse) if dlse is None else dlse
     qf = kf = None
     if has_lin:
-        # o_l = num / (den + eps): d num = do_l / (den + eps), d den = -(do_l . o_l) / (den + eps).
+        # o_l = num / (den + eps): d num = do_l / (den + eps), d den = -(do_l . o_l) / (den + eps), in fp32 as the
+        # products widen do_l and o_l (no fp32 copies of either; the fp32 zero makes the product fp32).
         inv = 1.0 / (den + lin_eps)
-        dol = torch.zeros(o.shape, dtype=torch.float32, device=o.device) if dol is None else dol.float()
-        dnum = dol * inv[..., None]
-        dden_total = -(dol * o_l.float()).sum(-1) * inv
+        if dol is None:
+            dnum, dden_total = torch.zeros(o.shape, dtype=torch.float32, device=o.device), torch.zeros_like(inv)
+        else:
+            dnum = dol * inv[..., None]
+            dden_total = -torch.addcmul(inv.new_zeros((1,) * dol.dim()), dol, o_l).sum(-1) * inv
         if dden is not None:
             dden_total = dden_total + dden
         name = FEATURE_NAMES[feature]
@@ -189,10 +192,10 @@ def _global_grads(v, qf, kf, dnum, dden) -> Tuple[Tensor, Tensor, Tensor]:
     """fp32 gradients of ``num += phi(q) kv``, ``den += phi(q) . ksum`` (``kv = phi(K)^T V``, ``ksum = sum(phi(K))``
     over all keys) for phi(q), phi(K) and V. Gradients for the features, not for q and k: phi's backward is linear
     in its upstream gradient, so the backward op adds these to the kernels' and runs it once."""
-    kv, ksum = _global_sums(kf, v)
+    kv, ksum, kf32, v32 = _global_sums_rows(kf, v)
     dqf, dkv, dksum = _global_sums_backward(qf, kv, ksum, dnum, dden)
-    dkf = torch.matmul(v.float(), dkv.transpose(-1, -2)) + dksum[..., None, :]  # d phi(K) of kv and ksum
-    return dqf, dkf, torch.matmul(kf.float(), dkv)
+    dkf = torch.matmul(v32, dkv.transpose(-1, -2)).add_(dksum[..., None, :])  # d phi(K) of kv and ksum
+    return dqf, dkf, torch.matmul(kf32, dkv)
 
 
 sla_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -298,22 +301,36 @@ def _fp32_rows(x: Tensor, chunk: int) -> Tensor:
 def _token_sums(x: Tensor, *ys: Tensor) -> Tuple[Tensor, ...]:
     """``x^T y`` for each ``y`` over the tokens of ``(B, H, N, Dx)`` and ``(B, H, N, Dy)``, fp32
     ``(B, H, Dx, Dy)``: sums of :data:`GLOBAL_CHUNK`-token products (x's fp32 rows made once for all)."""
-    b, h, n, _ = x.shape
-    chunk = min(GLOBAL_CHUNK, n)
-    x32 = _fp32_rows(x, chunk).transpose(1, 2)
-    return tuple((x32 @ _fp32_rows(y, chunk)).view(b, h, -1, x.shape[-1], y.shape[-1]).sum(2) for y in ys)
+    chunk = min(GLOBAL_CHUNK, x.shape[2])
+    return _chunk_sums(x.shape, _fp32_rows(x, chunk), *(_fp32_rows(y, chunk) for y in ys))
+
+
+def _chunk_sums(shape, x32: Tensor, *y32: Tensor) -> Tuple[Tensor, ...]:
+    b, h, _, dx = shape
+    return tuple((x32.transpose(1, 2) @ y).view(b, h, -1, dx, y.shape[-1]).sum(2) for y in y32)
 
 
 def _global_sums(kf: Tensor, v: Tensor) -> Tuple[Tensor, Tensor]:
     """The linear branch's sums over all keys, fp32 from the rounded features the kernel reads:
     ``phi(K)^T V`` ``(B, H, D, D)`` and ``sum(phi(K))`` ``(B, H, D)``. Autograd-native (the op returns
     their gradients)."""
-    return _token_sums(kf, v)[0], kf.sum(-2, dtype=torch.float32)
+    return _global_sums_rows(kf, v)[:2]
+
+
+def _global_sums_rows(kf: Tensor, v: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """:func:`_global_sums` and the fp32 copies of ``kf`` and ``v`` it made, as ``(B, H, N, D)`` views (the
+    backward's products read them again instead of widening kf and v a second time)."""
+    b, h, n, d = kf.shape
+    chunk = min(GLOBAL_CHUNK, n)
+    kf32, v32 = _fp32_rows(kf, chunk), _fp32_rows(v, chunk)
+    (kv,) = _chunk_sums(kf.shape, kf32, v32)
+    rows = (x.view(b, h, -1, x.shape[-1])[:, :, :n] for x in (kf32, v32))
+    return (kv, kf.sum(-2, dtype=torch.float32), *rows)
 
 
 def _global_sums_backward(qf: Tensor, kv: Tensor, ksum: Tensor, dnum: Tensor, dden: Tensor):
     """fp32 gradients of ``num += phi(q) kv``, ``den += phi(q) . ksum`` for ``phi(q)``, ``kv`` and ``ksum``."""
     dnum, dden = dnum.float(), dden.float()
-    dqf = torch.matmul(dnum, kv.transpose(-1, -2)) + dden[..., None] * ksum[..., None, :]
+    dqf = torch.matmul(dnum, kv.transpose(-1, -2)).addcmul_(dden[..., None], ksum[..., None, :])
     dkv, dksum = _token_sums(qf, dnum, dden[..., None])
     return dqf, dkv, dksum[..., 0]

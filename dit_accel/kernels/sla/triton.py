@@ -59,7 +59,7 @@ from ..dense.configs import tma_ok
 from ..dense.tiles import LN2, dkdv_step, dq_step, fwd_step, load_tile, slice_descriptors
 from ..dense.tiles import LOG2E_HOST as _LOG2E
 from ..dense.triton import bwd_preprocess, ensure_allocator
-from .common import FEATURE_IDS, fp32_features, true_columns
+from .common import FEATURE_IDS, add_feature_grad, fp32_features, true_columns
 from .configs import BLOCK_K, BLOCK_M, GLOBAL_COLUMNS, SLAKernelConfig, pointer_fallback, select_sla_config
 from .operands import global_operands
 
@@ -534,19 +534,6 @@ def row_scale(qf: torch.Tensor, kf: torch.Tensor, feature: int) -> torch.Tensor:
     return (qf.float().abs().sum(-1) * kmax / SCORE_BOUND).clamp_min(1.0).contiguous()
 
 
-def _feature_backward(f32: torch.Tensor, g: torch.Tensor, feature: int) -> torch.Tensor:
-    """Gradient of phi for the upstream gradient ``g``, from ``f32 = phi(x)`` alone (all fp32).
-
-    elu + 1: 1 where x > 0 (there f = x + 1 > 1), else exp(x) = f, i.e. min(f, 1); relu: f > 0.
-    """
-    name = _FEATURE_NAMES[feature]
-    if name == "softmax":
-        return f32 * (g - (f32 * g).sum(-1, keepdim=True))
-    if name == "elu":
-        return g * f32.clamp(max=1.0)
-    return g * (f32 > 0)
-
-
 def transposed_lists(index: torch.Tensor, n_kb: int):
     """[B, H, nQ, L] key-block lists -> per key block its query blocks ``[B, H, nK, nQ]`` + counts ``[B, H, nK]``.
 
@@ -788,10 +775,11 @@ def sla_backward(do, dlse, dnum, dden, q, k, v, qf, kf, o, lse, critical, lin_bl
         _launch(cfg_lin, (n_kb, b * h), v, qf, kf, dnum_s, dden_s, dscale, inv_s, lin_t, lin_cnt, dv, dkf,
                 *_strides(v), h, nq, nk, dp, n_sub, sign)
     dq, dk, dv, dqf, dkf = (g[..., :d] for g in (dq, dk, dv, dqf, dkf))  # drop padded columns
-    if has_lin:
-        dq = dq + _feature_backward(phi_q, dqf if dqf_g is None else dqf + dqf_g, feature)
-        dk = dk + _feature_backward(phi_k, dkf if dkf_g is None else dkf + dkf_g, feature)
-    if dv_g is not None:
-        dv = dv + dv_g
-    dq, dk, dv = (g.to(v.dtype).contiguous() for g in (dq, dk, dv))
+    name = _FEATURE_NAMES[feature]
+    if has_lin:  # (each written once in v's dtype: the fp32 sum is rounded in the add)
+        dq = add_feature_grad(dq, phi_q, dqf if dqf_g is None else dqf.add_(dqf_g), name, v.dtype)
+        dk = add_feature_grad(dk, phi_k, dkf if dkf_g is None else dkf.add_(dkf_g), name, v.dtype)
+    else:
+        dq, dk = (g.to(v.dtype).contiguous() for g in (dq, dk))
+    dv = dv.to(v.dtype).contiguous() if dv_g is None else torch.add(dv, dv_g, out=torch.empty_like(dv_g, dtype=v.dtype))
     return selfcheck.corrupt("sla.triton.bwd", dq), dk, dv
