@@ -127,8 +127,9 @@ class LargeOutputsInsideOps(LargeOutputs):
 #: launch (no fp32 copies of dO and O); 53 (61) with phi for the backward (softmax) and the gradients' scale
 #: reading q, k and dnum without an fp32 copy or |dnum|; 37 (49) with phi's backward fused (softmax) and added to
 #: the kernels' gradient in one rounded write, d num and d den from do_l and o_l without fp32 copies, and the
-#: global sums' fp32 copies of phi(K) and V read again by their gradients.
-MAX_LARGE_BACKWARD = {"softmax": 37, "elu": 49}
+#: global sums' fp32 copies of phi(K) and V read again by their gradients; 33 (48) with softmax's unit row scale
+#: not multiplied in and the global sums' fp32 operands viewed where a chunk divides the tokens.
+MAX_LARGE_BACKWARD = {"softmax": 33, "elu": 48}
 
 
 @pytest.mark.parametrize("feature", ["softmax", "elu"])
@@ -162,3 +163,18 @@ def test_feature_gradient_added_and_rounded_once(kind):
     assert got.dtype == torch.float16 and got.is_contiguous()
     want = (g.double() + back).to(torch.float16)
     torch.testing.assert_close(got, want, atol=1e-3, rtol=1e-3)
+
+
+def test_global_sums_chunks_divide_the_tokens_where_they_can():
+    """The global sums' token chunk is the largest divisor of N from GLOBAL_CHUNK down to half of it, so a
+    contiguous fp32 operand (d num) is read in place, not copied; otherwise chunks are padded."""
+    from dit_accel.kernels.sla import ops
+
+    assert ops._chunk(32760) == 936 and ops._chunk(75600) == 1008 and ops._chunk(700) == 700
+    assert ops._chunk(1031) == ops.GLOBAL_CHUNK  # a prime: padded
+    x = torch.randn(1, 2, 32760, 8)
+    rows = ops._fp32_rows(x, ops._chunk(32760))
+    assert rows.data_ptr() == x.data_ptr() and rows.shape == (2 * 35, 936, 8)
+    padded = ops._fp32_rows(x[:, :, :1031], ops._chunk(1031))
+    assert padded.shape == (2 * 2, 1024, 8) and torch.equal(padded.view(1, 2, 2048, 8)[:, :, :1031], x[:, :, :1031])
+    assert not padded.view(1, 2, 2048, 8)[:, :, 1031:].any()

@@ -286,11 +286,22 @@ def _launchers():
 GLOBAL_CHUNK = 1024
 
 
+def _chunk(n: int) -> int:
+    """Tokens per chunk of the global sums: :data:`GLOBAL_CHUNK`, or the largest divisor of ``n`` down to half of
+    it (Wan 480p's 32,760 tokens: 936), so a contiguous fp32 operand needs no padded copy."""
+    if n <= GLOBAL_CHUNK:
+        return n
+    return next((c for c in range(GLOBAL_CHUNK, GLOBAL_CHUNK // 2 - 1, -1) if n % c == 0), GLOBAL_CHUNK)
+
+
 def _fp32_rows(x: Tensor, chunk: int) -> Tensor:
     """``x`` ``(B, H, N, D)`` as fp32 ``(B*H*c, chunk, D)``, zero-padded to ``c * chunk`` tokens: one copy
-    whatever x's layout (``x.float().flatten(0, 1)`` makes two of a head-major view)."""
+    whatever x's layout (``x.float().flatten(0, 1)`` makes two of a head-major view), none of a contiguous fp32
+    ``x`` that ``chunk`` divides."""
     b, h, n, d = x.shape
     c = -(-n // chunk)
+    if x.dtype == torch.float32 and x.is_contiguous() and c * chunk == n:
+        return x.view(b * h * c, chunk, d)
     rows = x.new_empty((b, h, c * chunk, d), dtype=torch.float32)
     rows[:, :, :n].copy_(x)
     if c * chunk > n:
@@ -301,7 +312,7 @@ def _fp32_rows(x: Tensor, chunk: int) -> Tensor:
 def _token_sums(x: Tensor, *ys: Tensor) -> Tuple[Tensor, ...]:
     """``x^T y`` for each ``y`` over the tokens of ``(B, H, N, Dx)`` and ``(B, H, N, Dy)``, fp32
     ``(B, H, Dx, Dy)``: sums of :data:`GLOBAL_CHUNK`-token products (x's fp32 rows made once for all)."""
-    chunk = min(GLOBAL_CHUNK, x.shape[2])
+    chunk = _chunk(x.shape[2])
     return _chunk_sums(x.shape, _fp32_rows(x, chunk), *(_fp32_rows(y, chunk) for y in ys))
 
 
@@ -321,7 +332,7 @@ def _global_sums_rows(kf: Tensor, v: Tensor) -> Tuple[Tensor, Tensor, Tensor, Te
     """:func:`_global_sums` and the fp32 copies of ``kf`` and ``v`` it made, as ``(B, H, N, D)`` views (the
     backward's products read them again instead of widening kf and v a second time)."""
     b, h, n, d = kf.shape
-    chunk = min(GLOBAL_CHUNK, n)
+    chunk = _chunk(n)
     kf32, v32 = _fp32_rows(kf, chunk), _fp32_rows(v, chunk)
     (kv,) = _chunk_sums(kf.shape, kf32, v32)
     rows = (x.view(b, h, -1, x.shape[-1])[:, :, :n] for x in (kf32, v32))

@@ -520,6 +520,11 @@ def _pad_d(block_d: int, *tensors: torch.Tensor):
     return tuple(torch.nn.functional.pad(t, (0, block_d - d)) for t in tensors)
 
 
+def _unit_rows(qf: torch.Tensor, feature: int) -> bool:
+    """Whether :func:`row_scale` is 1 on every row without reading anything (softmax features, ``D < 2^15``)."""
+    return _FEATURE_NAMES[feature] == "softmax" and qf.shape[-1] < SCORE_BOUND
+
+
 def row_scale(qf: torch.Tensor, kf: torch.Tensor, feature: int) -> torch.Tensor:
     """Per-row divisor ``s_i >= 1`` of the linear scores, fp32 ``(B, H, Nq)`` (the kernels take ``1 / s``).
 
@@ -528,7 +533,7 @@ def row_scale(qf: torch.Tensor, kf: torch.Tensor, feature: int) -> torch.Tensor:
     Numerator and denominator scale alike, so ``s`` cancels. Softmax features need no reading: each is
     at most 1, so that bound is at most ``D``, and ``s`` is 1 for every ``D < 2^15``.
     """
-    if _FEATURE_NAMES[feature] == "softmax" and qf.shape[-1] < SCORE_BOUND:
+    if _unit_rows(qf, feature):
         return torch.ones(qf.shape[:-1], dtype=torch.float32, device=qf.device)
     kmax = kf.float().abs().amax(dim=(-1, -2))[..., None]
     return (qf.float().abs().sum(-1) * kmax / SCORE_BOUND).clamp_min(1.0).contiguous()
@@ -748,13 +753,17 @@ def sla_backward(do, dlse, dnum, dden, q, k, v, qf, kf, o, lse, critical, lin_bl
         # (max |x| as an inf-norm: no |dnum| tensor)
         dscale = torch.maximum(torch.linalg.vector_norm(dnum, float("inf"), dim=(-1, -2)),
                                torch.linalg.vector_norm(dden, float("inf"), dim=-1)).clamp_min(1e-30)
-        dnum = dnum / dscale[..., None, None]
         dden = dden / dscale[..., None]
         s = row_scale(qf, kf, feature)
-        dnum_s = (dnum * s[..., None]).to(q.dtype).contiguous()
-        dden_s = (dden * s).contiguous()
-        dnum, dden, dscale = dnum.to(q.dtype).contiguous(), dden.contiguous(), dscale.contiguous()
-        inv_s = s.reciprocal_()
+        if _unit_rows(qf, feature):  # s is 1: dnum * s is dnum (each divided and rounded in one write)
+            dnum = dnum_s = torch.div(dnum, dscale[..., None, None], out=torch.empty_like(dnum, dtype=q.dtype))
+            dden_s = dden = dden.contiguous()
+        else:
+            dnum = dnum / dscale[..., None, None]
+            dnum_s = (dnum * s[..., None]).to(q.dtype).contiguous()
+            dden_s = (dden * s).contiguous()
+            dnum, dden = dnum.to(q.dtype).contiguous(), dden.contiguous()
+        dscale, inv_s = dscale.contiguous(), s.reciprocal_()
         dqf = torch.empty(q.shape, dtype=torch.float32, device=q.device)
         dkf = torch.empty(k.shape, dtype=torch.float32, device=k.device)
     else:  # unused by the kernels; any live allocation will do
