@@ -191,32 +191,36 @@ def _whole_block_layouts():
 
 @pytest.mark.parametrize("lengths", [None, False, True], ids=["no-lengths", "pointer-lengths", "tma-lengths"])
 def test_whole_block_plans_are_the_lists_themselves(monkeypatch, lengths):
-    """Where the kernel tile is the block and no block is masked or ragged, tile_plan takes the lists as they are
-    (4 launches: VSA's whole cubes plan per call) instead of classifying each tile (18): the same plan, tensor for
-    tensor, as the classification gives, and the brute-force kinds, forward and transposed."""
+    """Where no block is masked or ragged and a block holds at most two kernel tiles, tile_plan expands the lists
+    (VSA's whole cubes plan so per call, forward and backward) instead of classifying each tile: the same plan,
+    tensor for tensor, as the classification gives, and the brute-force kinds, forward and transposed, at the
+    block and at half-block tiles either way. Four tiles per block take the classification (its width is read from
+    the device), as does a ragged block."""
     taken = []
     lists_plan = tile_plans._lists_plan
     monkeypatch.setattr(tile_plans, "_lists_plan", lambda *a: taken.append(1) or lists_plan(*a))
     for layout in _whole_block_layouts():
         for transposed in (False, True):
-            tr, tc = (layout.block_k, layout.block_q) if transposed else (layout.block_q, layout.block_k)
+            br, bc = (layout.block_k, layout.block_q) if transposed else (layout.block_q, layout.block_k)
             t = None if transposed else lengths
-            _same(_decoded(layout, tr, tc, transposed, t), _brute(layout, tr, tc, transposed, t))
+            for tr, tc in ((br, bc), (br // 2, bc), (br, bc // 2)):
+                _same(_decoded(layout, tr, tc, transposed, t), _brute(layout, tr, tc, transposed, t))
+                before = len(taken)
+                fast = tile_plan(layout, tr, tc, transposed, t)
+                assert len(taken) == before + 1
+                with monkeypatch.context() as m:
+                    m.setattr(tile_plans, "_whole_blocks", lambda *a: False)
+                    general = tile_plan(layout, tr, tc, transposed, t)
+                assert torch.equal(fast.plan, general.plan) and torch.equal(fast.bits, general.bits), (tr, tc)
+                assert (fast.w, fast.bits_w) == (general.w, general.bits_w)
             before = len(taken)
-            fast = tile_plan(layout, tr, tc, transposed, t)
-            assert len(taken) == before + 1
-            with monkeypatch.context() as m:
-                m.setattr(tile_plans, "_whole_blocks", lambda *a: False)
-                general = tile_plan(layout, tr, tc, transposed, t)
-            assert torch.equal(fast.plan, general.plan) and torch.equal(fast.bits, general.bits)
-            assert (fast.w, fast.bits_w) == (general.w, general.bits_w)
-            tile_plan(layout, tr // 2, tc, transposed, t)  # two tiles per block: classified
-            assert len(taken) == before + 1
+            tile_plan(layout, br // 2, bc // 2, transposed, t)  # four tiles per block: classified
+            assert len(taken) == before
     ragged = BlockLayout.from_block_masks(torch.ones(1, 2, 2, dtype=torch.bool), q_len=128, kv_len=100,
                                           block_q=64, block_k=64)
     before = len(taken)
     tile_plan(ragged, 64, 64, False, lengths)  # the last key block reaches past the keys: classified
-    assert len(taken) == before == 16
+    assert len(taken) == before == 48
 
 
 def test_uniform_rows_take_the_items_own_order():

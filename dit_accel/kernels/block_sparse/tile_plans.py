@@ -212,7 +212,7 @@ def tile_plan(layout: BlockLayout, tile_r: int, tile_c: int, transposed: bool = 
     dev = indices.device
     r_sub, c_sub = block_r // tile_r, block_c // tile_c
     if _whole_blocks(layout.mask_table, r_sub, c_sub, n_cols % block_c):
-        return _lists_plan(counts, indices, classes, lengths, block_r)
+        return _lists_plan(counts, indices, classes, lengths, block_r, r_sub, c_sub, -(-n_rows // tile_r))
     hl, width = indices.shape[0], indices.shape[-1]
     # A listed tile's class index: ((ragged * (P + 1) + mask id + 1) * r_sub + row sub-tile) * c_sub + column
     # sub-tile (:class:`_Classes`).
@@ -249,19 +249,33 @@ def tile_plan(layout: BlockLayout, tile_r: int, tile_c: int, transposed: bool = 
 
 
 def _whole_blocks(table: torch.Tensor, r_sub: int, c_sub: int, ragged: int) -> bool:
-    """Whether a plan's tiles are its layout's blocks, all full: one tile per block, no element mask, no block past
-    the streamed length (:func:`_lists_plan` then builds it)."""
-    return table.shape[0] == 0 and r_sub == c_sub == 1 and not ragged
+    """Whether every tile of a plan is full: no element mask and no block past the streamed length, with at most
+    two kernel tiles per block (more take their plan's width from the device, as :func:`tile_plan` does) or inside
+    a capture (:func:`_lists_plan` then builds it)."""
+    return table.shape[0] == 0 and not ragged and (r_sub * c_sub <= 2 or in_graph())
 
 
 def _lists_plan(counts: torch.Tensor, indices: torch.Tensor, classes: _Classes, lengths: Optional[bool],
-               block_r: int) -> TilePlan:
-    """:func:`tile_plan` where the kernel tile is the block, no block has an element mask and none reaches past the
-    streamed length: every listed tile is full, in the lists' own order, so the plan is the lists with a header and
-    the full class's entry (4 launches where the classification takes 18; VSA's whole cubes plan so per call)."""
+               block_r: int, r_sub: int = 1, c_sub: int = 1, rows: Optional[int] = None) -> TilePlan:
+    """:func:`tile_plan` where every tile is full (:func:`_whole_blocks`): the listed tiles keep the lists' own
+    order, each block's ``c_sub`` streamed tiles in turn and each block row as ``r_sub`` owned rows of ``rows``, so
+    the plan is the lists expanded, with a header and each tile's full-class entry; the same plan as the
+    classification's (4 launches with whole-block tiles where that takes 18, no sort of the lists; VSA's cubes plan
+    so per call, the backward's half-block tiles too)."""
+    dev = indices.device
+    if r_sub > 1:  # each block row as r_sub owned tile rows
+        rb = torch.arange(rows, device=dev) // r_sub
+        counts, indices = counts[:, rb], indices[:, rb]
+    hl, n_rows, width = indices.shape
+    if r_sub * c_sub == 1:
+        entry = classes.entry[:1].expand(indices.shape)
+    else:  # a full tile's class (:func:`_classes`) is its row sub-tile * c_sub + its column sub-tile
+        code = (torch.arange(n_rows, device=dev) % r_sub)[:, None] * c_sub + torch.arange(c_sub, device=dev)
+        entry = classes.entry[code][None, :, None, :].expand(hl, n_rows, width, c_sub).reshape(hl, n_rows, -1)
+    if c_sub > 1:  # each listed block as c_sub streamed tiles
+        indices = (indices[..., None] * c_sub + torch.arange(c_sub, device=dev, dtype=indices.dtype)).flatten(-2)
     zero = torch.zeros_like(counts)
-    head = torch.stack([counts, zero] + ([] if lengths is None else [zero]), -1).to(torch.int32)
-    entry = classes.entry[:1].expand(indices.shape)
+    head = torch.stack([counts * c_sub, zero] + ([] if lengths is None else [zero]), -1).to(torch.int32)
     return TilePlan(torch.cat([head, indices.to(torch.int32), entry], -1), classes.bits, indices.shape[-1], block_r)
 
 
