@@ -790,5 +790,7 @@ def sla_backward(do, dlse, dnum, dden, q, k, v, qf, kf, o, lse, critical, lin_bl
         dk = add_feature_grad(dk, phi_k, dkf if dkf_g is None else dkf.add_(dkf_g), name, v.dtype)
     else:
         dq, dk = (g.to(v.dtype).contiguous() for g in (dq, dk))
-    dv = dv.to(v.dtype).contiguous() if dv_g is None else torch.add(dv, dv_g, out=torch.empty_like(dv_g, dtype=v.dtype))
+    if dv_g is not None:  # (the same fp32 sum, rounded as it is written)
+        dv = torch.add(dv, dv_g, out=torch.empty(dv.shape, dtype=v.dtype, device=dv.device))
+    dv = dv.to(v.dtype).contiguous()
     return selfcheck.corrupt("sla.triton.bwd", dq), dk, dv
