@@ -19,14 +19,16 @@
 # generate 33, wan_step 57, host_profile 33, bench_gpu 126, the three probes 37, pytest_gpu 119 and sla_parts 63. A
 # 15-minute lease (the first start costs about 35 s of it) fits two calls: BUDGET=545 for the default order (up to
 # pytest_gpu), then at once on the still-warm machine (it goes back after 30 s idle; its installs kept)
-# STEPS="install sla_parts info lengths_probe bwd_probe ws_probe" BUDGET=280, or the vendor route. The device tool empties its $OUT before each call: give this
+# STEPS="install glue sla_parts info lengths_probe bwd_probe ws_probe" BUDGET=280 (glue: GLUE_BASELINE=.vendor/base
+# carried, `git archive a37e52e dit_accel | tar -x -C .vendor/base`), or the vendor route. The device tool empties its $OUT before each call: give this
 # script OUT=/tmp/gpu_out and copy (or tar) that folder into the tool's $OUT at the end of each call.
 # Logs: $OUT/all.log and $OUT/summary.txt (default ./gpu_out); the self-check verdicts in $OUT/selftest.json
 # ("N of M checked" in the log), each generate's sidecar as $OUT/gen_*.json, the Wan 2.1 1.3B step in
 # $OUT/wan_step.json, the host profiles in $OUT/host_profile.json, the bench report in $OUT/gpu_report/, the length
 # tiles' timing in $OUT/lengths_probe.json, the backward's in $OUT/bwd_probe.json, the ws forward's rows in
-# $OUT/ws_probe.json, SLA's parts in $OUT/sla_run.json. The vendor kernels (FA4, cuDNN) travel in parts:
-# docs/scripts/gpu_vendor.sh says how; its steps vendor_selftest and bench_vendor run only when named in STEPS.
+# $OUT/ws_probe.json, SLA's parts in $OUT/sla_run.json, the glue's calls in $OUT/glue.json. The vendor kernels
+# (FA4, cuDNN) travel in parts: docs/scripts/gpu_vendor.sh says how; its steps vendor_selftest and bench_vendor run
+# only when named in STEPS.
 set -u
 O=${OUT:-$PWD/gpu_out}; W=${WHEELS:-.whl}; mkdir -p "$O/gpu_report"
 T0=$(date +%s); END=$((T0 + ${BUDGET:-540}))
@@ -76,6 +78,9 @@ step lengths_probe 60 python3 docs/scripts/lengths_probe.py --out "$O/lengths_pr
 step bwd_probe 90 sh -c "cd docs/scripts && python3 bwd_probe.py --out '$O/bwd_probe.json'"
 # Where the (opt-in) warp-specialized forward goes wrong: tile shapes, pipeline depths, dense and sparse layouts.
 step ws_probe 60 python3 docs/scripts/ws_probe.py --time --out "$O/ws_probe.json"
+# The calls around which eval.traffic models the operators' bytes (Tile, VSA and SLA training at Wan 1.3B 480p),
+# beside the same calls of an older package where GLUE_BASELINE names its folder (carried: git archive, untarred).
+step glue 120 python3 docs/scripts/glue_gpu.py --warmup 2 --repeats 5 --out "$O/glue.json" ${GLUE_BASELINE:+--baseline "$GLUE_BASELINE"}
 # The vendor kernels, where docs/scripts/gpu_vendor.sh install put them in (named in STEPS, not in the default order):
 # their self-checks, then each timed beside auto.
 VV="--variant block_sparse.fa4.fwd --variant block_sparse.fa4.bwd"

@@ -196,3 +196,21 @@ def test_the_vendor_wheels_travel_in_parts_and_install_whole_or_not_at_all(tmp_p
     run = subprocess.run(["bash", script, "install"], cwd=ROOT, capture_output=True, text=True, timeout=60,
                          env={**env, "VENDOR_DIR": str(tmp_path / "none")})
     assert run.returncode == 2 and "no parts" in run.stderr
+
+
+def test_the_glue_script_times_both_packages_at_a_tiny_size(tmp_path, capsys):
+    """docs/scripts/glue_gpu.py's dry run: every case timed with this checkout's package and, in a subprocess, with
+    the package of ``--baseline`` (here this checkout again), each column saying which package it imported."""
+    spec = importlib.util.spec_from_file_location("glue_gpu", SCRIPTS / "glue_gpu.py")
+    glue = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(glue)
+    out = tmp_path / "glue.json"
+    assert glue.main(["--tiny", "--device", "cpu", "--warmup", "0", "--repeats", "1", "--out", str(out),
+                      "--baseline", str(ROOT)]) == 0
+    report = json.loads(out.read_text())
+    for column in (report, report["baseline"]):
+        assert set(column["ms"]) == set(glue.CASES) and all(isinstance(ms, float) for ms in column["ms"].values())
+        assert column["package"] == str(ROOT / "dit_accel")
+    assert "tile_train" in capsys.readouterr().out
+    if not __import__("torch").cuda.is_available():
+        assert glue.main(["--out", str(out)]) == 2  # the GPU run without a GPU: one line, no traceback
