@@ -56,7 +56,7 @@ import statistics
 import time
 from typing import Callable, Dict, Iterator
 
-__all__ = ["stub_launches", "count_device_ops", "measure_host_path", "main", "SMALL_SLA_SHAPE", "VSA_GRID",
+__all__ = ["stub_launches", "count_device_ops", "run_observed", "measure_host_path", "main", "SMALL_SLA_SHAPE", "VSA_GRID",
            "VSA_PARTIAL_GRID"]
 
 #: The ``sla_small*`` stages' q, k, v shape: four 64-token blocks, one head, so the classification's torch ops
@@ -119,35 +119,50 @@ def stub_launches() -> Iterator[Dict[str, int]]:
 _ALLOCATIONS = ("empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided")
 
 
+#: Operators that neither compute nor allocate: a view of their input.
+_NOT_KERNELS = ("detach", "alias", "lift_fresh", "_unsafe_view")
+
+
+def run_observed(fn: Callable[[], object], observe: Callable[[object, tuple, dict, object], None]) -> None:
+    """Run ``fn`` under a ``TorchDispatchMode`` that hands each aten operator it dispatches, with its arguments and
+    output, to ``observe(func, args, kwargs, out)``; the package's custom ops run their Python bodies under the mode
+    instead (what they launch is observed, not the op), so an eager call that goes to a launcher directly and one
+    through its op are seen alike."""
+    from torch._library.custom_ops import OPDEFS
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class _Observe(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if func.namespace == "dit_accel":
+                with self:
+                    return OPDEFS[func._schema.name]._init_fn(*args, **kwargs)
+            out = func(*args, **kwargs)
+            observe(func, args, kwargs, out)
+            return out
+
+    with _Observe():
+        fn()
+
+
 def count_device_ops(fn: Callable[[], object], launches: Dict[str, int]) -> Dict[str, int]:
     """What one call of ``fn`` would launch on a GPU: ``{"kernels", "torch", "triton", "allocations"}``.
 
     ``torch``: the aten operators it dispatches that compute (not views such as ``view``, ``slice`` or
     ``transpose``, not allocations), each one kernel launch on a GPU; ``triton``: the (stubbed) Triton
-    launches, read from ``launches`` (:func:`stub_launches`' counter); ``kernels`` their sum. Counted under a
-    ``TorchDispatchMode``, inside the package's custom ops too (their Python bodies run under the mode), so
-    an eager call that goes to the launcher directly and one through the op count alike."""
-    from torch._library.custom_ops import OPDEFS
-    from torch.utils._python_dispatch import TorchDispatchMode
-
+    launches, read from ``launches`` (:func:`stub_launches`' counter); ``kernels`` their sum. Counted by
+    :func:`run_observed`, inside the package's custom ops too."""
     counts = {"torch": 0, "allocations": 0}
 
-    class _Count(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            kwargs = kwargs or {}
-            if func.namespace == "dit_accel":  # count the ops inside, not the op
-                with self:
-                    return OPDEFS[func._schema.name]._init_fn(*args, **kwargs)
-            name = func._schema.name.split("::")[-1]
-            if name in _ALLOCATIONS:
-                counts["allocations"] += 1
-            elif not func.is_view and name not in ("detach", "alias", "lift_fresh", "_unsafe_view"):
-                counts["torch"] += 1
-            return func(*args, **kwargs)
+    def observe(func, args, kwargs, out):
+        name = func._schema.name.split("::")[-1]
+        if name in _ALLOCATIONS:
+            counts["allocations"] += 1
+        elif not func.is_view and name not in _NOT_KERNELS:
+            counts["torch"] += 1
 
     before = launches["triton"]
-    with _Count():
-        fn()
+    run_observed(fn, observe)
     counts["triton"] = launches["triton"] - before
     counts["kernels"] = counts["torch"] + counts["triton"]
     return counts

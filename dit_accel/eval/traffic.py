@@ -48,86 +48,68 @@ def count_traffic(fn: Callable[[], object]) -> Dict[str, int]:
     the module docstring's model; inside the package's own ops (``dit_accel::``) too, whose Python bodies run the
     (stubbed) launches and the operators around them."""
     import torch
-    from torch._library.custom_ops import OPDEFS
-    from torch.utils._python_dispatch import TorchDispatchMode
     from torch.utils._pytree import tree_flatten
 
-    from .host_path import _ALLOCATIONS
+    from .host_path import _ALLOCATIONS, _NOT_KERNELS, run_observed
 
     counts = {"ops": 0, "bytes": 0}
 
     def tensors(x):
         return [t for t in tree_flatten(x)[0] if isinstance(t, torch.Tensor)]
 
-    class _Count(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            kwargs = kwargs or {}
-            if func.namespace == "dit_accel":  # count the operators inside, not the op
-                with self:
-                    return OPDEFS[func._schema.name]._init_fn(*args, **kwargs)
-            out = func(*args, **kwargs)
-            name = func._schema.name.split("::")[-1]
-            if func.is_view or name in _ALLOCATIONS or name in ("detach", "alias", "lift_fresh", "_unsafe_view"):
-                return out
-            inputs = tensors((args, kwargs))
-            seen = {t.untyped_storage().data_ptr() for t in inputs}
-            written = [t for t in tensors(out) if t.untyped_storage().data_ptr() not in seen]
-            counts["ops"] += 1
-            # (an in-place op's output is one of its inputs: read and written, counted once as read)
-            counts["bytes"] += sum(_read_bytes(t) for t in inputs) + sum(t.numel() * t.element_size()
-                                                                         for t in written)
-            return out
+    def observe(func, args, kwargs, out):
+        name = func._schema.name.split("::")[-1]
+        if func.is_view or name in _ALLOCATIONS or name in _NOT_KERNELS:
+            return
+        inputs = tensors((args, kwargs))
+        seen = {t.untyped_storage().data_ptr() for t in inputs}
+        written = [t for t in tensors(out) if t.untyped_storage().data_ptr() not in seen]
+        counts["ops"] += 1
+        # (an in-place op's output is one of its inputs: read and written, counted once as read)
+        counts["bytes"] += sum(_read_bytes(t) for t in inputs) + sum(t.numel() * t.element_size() for t in written)
 
-    with _Count():
-        fn()
+    run_observed(fn, observe)
     return counts
 
 
 @contextlib.contextmanager
-def _twin_coarse() -> Iterator[None]:
-    """VSA's coarse launches stubbed: ``coarse_triton`` returns the PyTorch twin's result for the inputs, worked out
-    on the first call of a shape and kept (a GPU's two launches make those tensors; the twin's operators are not
-    counted after the first call)."""
+def _kept(module, name: str, make: Callable[[], Callable], compute: Callable, key: Callable) -> Iterator[None]:
+    """``module.name`` (``make()``'s function) stubbed while inside by ``compute``'s result, worked out on the first
+    call of each ``key(*args)`` and kept (the stubbed launches behind it would leave their outputs unwritten)."""
+    saved, kept = getattr(module, name), {}
+
+    def stub(*args):
+        k = key(*args)
+        if k not in kept:
+            kept[k] = compute(*args)
+        return kept[k]
+
+    setattr(module, name, make(stub))
+    try:
+        yield
+    finally:
+        setattr(module, name, saved)
+
+
+def _twin_coarse():
+    """VSA's coarse launches stubbed: ``coarse_triton`` returns the PyTorch twin's result for the inputs (a GPU's
+    two launches make those tensors; the twin's operators are not counted after the first call)."""
     from ..kernels.vsa import triton as vsa_triton
     from ..kernels.vsa.naive import coarse_attention
 
-    saved, kept = vsa_triton.coarse_triton, {}
-
-    def stub(q_t, k_t, v_t, cubes, count, scale, with_output):
-        key = (tuple(q_t.shape), count, with_output)
-        if key not in kept:
-            kept[key] = coarse_attention(q_t, k_t, v_t, cubes, count, scale, with_output)
-        return kept[key]
-
-    vsa_triton.coarse_triton = stub
-    try:
-        yield
-    finally:
-        vsa_triton.coarse_triton = saved
+    return _kept(vsa_triton, "coarse_triton", lambda stub: stub, coarse_attention,
+                 lambda q_t, k_t, v_t, cubes, count, scale, with_output: (tuple(q_t.shape), count, with_output))
 
 
-@contextlib.contextmanager
-def _twin_classify() -> Iterator[None]:
-    """SLA's classification launches stubbed: the fused path's classify returns the PyTorch twin's block lists for
-    the inputs, worked out on the first call of a shape and kept (its stubbed launches would leave the lists
-    unwritten, which the backward's list transposition reads)."""
+def _twin_classify():
+    """SLA's classification launches stubbed: the fused path's classify returns the PyTorch twin's block lists
+    (its stubbed launches would leave the lists unwritten, which the backward's list transposition reads)."""
     from ..kernels.sla import api as sla_api
     from ..kernels.sla.common import sla_classify
 
-    saved, kept = sla_api._fused, {}
-    attention = saved()[1]
-
-    def classify(q, k, method):
-        key = (tuple(q.shape), method)
-        if key not in kept:
-            kept[key] = sla_classify(q, k, method)
-        return kept[key]
-
-    sla_api._fused = lambda: (classify, attention)
-    try:
-        yield
-    finally:
-        sla_api._fused = saved
+    attention = sla_api._fused()[1]
+    return _kept(sla_api, "_fused", lambda stub: lambda: (stub, attention), sla_classify,
+                 lambda q, k, method: (tuple(q.shape), method))
 
 
 @contextlib.contextmanager

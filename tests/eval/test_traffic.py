@@ -51,6 +51,9 @@ def test_every_case_runs_and_the_kernels_come_back(traffic):
         assert set(result) == set(CASES) and all(row["bytes"] > 0 and row["ops"] > 0 for row in result.values())
     assert not isinstance(bs._fwd_kernel, type(None)) and type(bs._fwd_kernel).__name__ != "_StubKernel"
     assert vsa_triton.coarse_triton.__name__ == "coarse_triton" and fine._direct.__name__ == "_direct"
+    from dit_accel.kernels.sla import api as sla_api
+
+    assert sla_api._fused.__name__ == "_fused" and hasattr(sla_api._fused, "cache_info")
 
 
 @pytest.mark.parametrize("grid", [(6, 16, 16), (8, 16, 16)], ids=["partial-t", "whole-cubes"])
