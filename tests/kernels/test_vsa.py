@@ -237,6 +237,24 @@ def test_gated_term_spreads_cube_rows_over_the_tokens(grid):
     assert cubes_of(grid, tile).count == parts.coarse.shape[2]
 
 
+def test_gated_term_keeps_no_spread_made_in_a_capture(monkeypatch):
+    """The cube coordinates of a partial dimension are made on the device (no host copy) and kept per grid, except
+    when made inside a capture or a trace (their memory would be the graph's, written only when it replays)."""
+    import dit_accel.kernels.request as request
+    from dit_accel.kernels.vsa import api, cubes_of, vsa_parts
+
+    grid = (5, 8, 12)
+    q, k, v, gate = _qkv((1, 1, 480, 16), seed=2)
+    parts = vsa_parts(q, k, v, grid, 2, (4, 4, 4), 0.25, backend="torch")
+    monkeypatch.setattr(api, "_SPREADS", {})
+    monkeypatch.setattr(request, "in_graph", lambda: True)
+    inside = parts.gated(gate, torch.float32)
+    assert api._SPREADS == {}
+    monkeypatch.setattr(request, "in_graph", lambda: False)
+    assert torch.equal(parts.gated(gate, torch.float32), inside) and len(api._SPREADS) == 1
+    assert cubes_of(grid, (4, 4, 4)).perm.grid == grid
+
+
 def test_the_coarse_twin_pools_without_widened_copies_of_q_k_v():
     """The twin's coarse branch (the training path's: the Triton launches are forward only) sums each cube in fp32
     as it reads bf16, with no fp32 copy of q, k or v (three token-sized tensors per call), and equals the sum of

@@ -350,15 +350,19 @@ class _Gated(torch.autograd.Function):
 
 def _token_views(coarse: torch.Tensor, cubes: Cubes, order):
     """``(cube rows shaped to broadcast over the tokens, the token axis's split)`` on the whole grid, or None."""
+    from ..request import in_graph
+
     perm = cubes.perm
     if order is not perm or coarse.shape[2] != cubes.count:
         return None
     key = (perm.grid, perm.tile, str(coarse.device))
     spreads = _SPREADS.get(key)
-    if spreads is None:
-        spreads = _SPREADS[key] = tuple(
-            None if g % t == 0 else torch.div(torch.arange(g), t, rounding_mode="floor").to(coarse.device)
-            for g, t in zip(perm.grid, perm.tile))
+    if spreads is None:  # (made on the device, no host copy; not kept when made in a trace or a capture)
+        spreads = tuple(None if g % t == 0 else torch.div(torch.arange(g, device=coarse.device), t,
+                                                          rounding_mode="floor")
+                        for g, t in zip(perm.grid, perm.tile))
+        if not in_graph():
+            _SPREADS[key] = spreads
     b, h, _, d = coarse.shape
     c = coarse.reshape(b, h, *perm.num_tiles, d)
     c_shape, tokens = [], []
