@@ -311,7 +311,7 @@ def _fp32_rows(x: Tensor, chunk: int) -> Tensor:
 
 def _token_sums(x: Tensor, *ys: Tensor) -> Tuple[Tensor, ...]:
     """``x^T y`` for each ``y`` over the tokens of ``(B, H, N, Dx)`` and ``(B, H, N, Dy)``, fp32
-    ``(B, H, Dx, Dy)``: sums of :data:`GLOBAL_CHUNK`-token products (x's fp32 rows made once for all)."""
+    ``(B, H, Dx, Dy)``: sums of per-chunk products (:func:`_chunk`; x's fp32 rows made once for all)."""
     chunk = _chunk(x.shape[2])
     return _chunk_sums(x.shape, _fp32_rows(x, chunk), *(_fp32_rows(y, chunk) for y in ys))
 
@@ -321,16 +321,11 @@ def _chunk_sums(shape, x32: Tensor, *y32: Tensor) -> Tuple[Tensor, ...]:
     return tuple((x32.transpose(1, 2) @ y).view(b, h, -1, dx, y.shape[-1]).sum(2) for y in y32)
 
 
-def _global_sums(kf: Tensor, v: Tensor) -> Tuple[Tensor, Tensor]:
-    """The linear branch's sums over all keys, fp32 from the rounded features the kernel reads:
-    ``phi(K)^T V`` ``(B, H, D, D)`` and ``sum(phi(K))`` ``(B, H, D)``. Autograd-native (the op returns
-    their gradients)."""
-    return _global_sums_rows(kf, v)[:2]
-
-
 def _global_sums_rows(kf: Tensor, v: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """:func:`_global_sums` and the fp32 copies of ``kf`` and ``v`` it made, as ``(B, H, N, D)`` views (the
-    backward's products read them again instead of widening kf and v a second time)."""
+    """The linear branch's sums over all keys, fp32 from the rounded features the kernel reads: ``phi(K)^T V``
+    ``(B, H, D, D)`` and ``sum(phi(K))`` ``(B, H, D)`` (autograd-native: the op returns their gradients), and the
+    fp32 copies of ``kf`` and ``v`` they were summed from, as ``(B, H, N, D)`` views (the backward's products read
+    them again instead of widening kf and v a second time)."""
     b, h, n, d = kf.shape
     chunk = _chunk(n)
     kf32, v32 = _fp32_rows(kf, chunk), _fp32_rows(v, chunk)

@@ -303,7 +303,7 @@ def gated_coarse(coarse: torch.Tensor, gate: torch.Tensor, cubes: Cubes, order, 
         c, tokens = coarse.index_select(2, _row_cubes(order, cubes.volume, coarse.device)), (n,)
     else:
         c, tokens = views
-    if torch.is_grad_enabled() and any(x.requires_grad for x in (c, gate, fine) if x is not None):
+    if records_grad(*(x for x in (c, gate, fine) if x is not None)):
         return _Gated.apply(c, gate, fine, tokens, dtype)
     return _gated(c, gate, fine, tokens, dtype)
 

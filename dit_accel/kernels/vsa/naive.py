@@ -19,6 +19,7 @@ from typing import Dict, NamedTuple, Optional, Tuple
 import torch
 
 from ...patterns.permutation import PackedTilePermutation, TilePermutation
+from ..request import records_grad
 
 __all__ = ["Cubes", "cubes_of", "cube_sizes", "cube_tile", "MAX_CUBE_TOKENS", "selected_count", "top_cubes", "coarse_attention", "CubeRows", "cube_rows", "vsa_parts_naive", "fine_gathered",
            "vsa_naive", "VSAParts"]
@@ -116,7 +117,7 @@ def _cube_means(x: torch.Tensor, cubes: Cubes, dtype, first: int = 0) -> torch.T
     permutation, so a sum over the cube is the sum of its real tokens)."""
     x5 = x if x.dim() == 5 else x.unflatten(2, (x.shape[2] // cubes.volume, cubes.volume))
     c = x5.shape[2]
-    if torch.is_grad_enabled() and x5.requires_grad:
+    if records_grad(x5):
         sums = _CubeSums.apply(x5, dtype)
     else:
         sums = x5.sum(3, dtype=dtype)  # (widened as summed: no copy of x in dtype)
