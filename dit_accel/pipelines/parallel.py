@@ -270,7 +270,7 @@ def run_split(plan: Optional[Plan], q, k, v, *, split: Split, num_text: int, tex
     else:
         o_text = tq
     if extra is not None:
-        o_video = o_video + extra.to(o_video.dtype)
+        o_video = o_video + extra  # (an fp32 extra: the sum rounded once, below)
     return _finish(o_text, o_video, q.dtype, chunks, text_first, split), density
 
 

@@ -193,7 +193,9 @@ class PerHeadPlan(Plan):
             if extra_g is not None:
                 if extra is None:
                     extra = torch.zeros(q.shape, dtype=extra_g.dtype, device=q.device)
-                extra = extra.index_copy(1, index, extra_g)
+                elif extra.dtype != extra_g.dtype:  # (VSA's extra is fp32 where the caller merges first, SLA's not)
+                    extra = extra.to(torch.promote_types(extra.dtype, extra_g.dtype))
+                extra = extra.index_copy(1, index, extra_g.to(extra.dtype))
             density = density + d_g * len(group.heads)
         return o, lse, extra, density / n_heads
 

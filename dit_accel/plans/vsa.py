@@ -67,6 +67,12 @@ def current_gate() -> Optional[torch.Tensor]:
     return slot[1]
 
 
+def _extra(parts, gate: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """``coarse * gate`` in fp32 for a caller that merges the fine branch first (text keys, ring shards): it adds
+    this to the merged output unrounded, so the sum is rounded once to the model's dtype."""
+    return None if gate is None else parts.gated(gate, torch.float32)
+
+
 class VSAPlan(Plan):
     """VSA on ``grid`` for a :class:`dit_accel.VSA` config; cubes chosen per call (density fixed: ``k / C``).
 
@@ -154,8 +160,9 @@ class VSAPlan(Plan):
         scale = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
         parts = vsa_parts(q, k, v, self.grid, self.count, self.method.tile, scale, with_coarse=gate is not None,
                           backend=backend, cubes=self.cubes)
-        extra = None if gate is None else parts.gated(gate, q.dtype)
-        return parts.fine, parts.lse, extra, self.density
+        if gate is not None and not lse:  # nothing merged: fine + coarse * gate rounded once, as vsa_attention
+            return parts.gated(gate, q.dtype, add_fine=True), None, None, self.density
+        return parts.fine, parts.lse, _extra(parts, gate), self.density
 
     def attend_part(self, q, k, v, *, rows, shards, scale, backend, proj=None, heads=None):
         """Ring attention: the VSA result of the video rows ``rows`` (q holds those, k and v every video token),
@@ -166,8 +173,7 @@ class VSAPlan(Plan):
         scale = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
         parts = vsa_parts_rows(q, k, v, part, self.cubes, self.count, scale, with_coarse=gate is not None,
                                backend=backend)
-        extra = None if gate is None else parts.gated(gate, q.dtype)
-        return parts.fine, parts.lse, extra, self.density
+        return parts.fine, parts.lse, _extra(parts, gate), self.density
 
     def describe(self) -> dict:
         out = super().describe()

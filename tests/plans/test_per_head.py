@@ -86,3 +86,24 @@ def test_per_head_refuses_nested_and_per_head_settings():
         PerHead((dit_accel.Tile(tile=(4, 4, 4), window=((1, 1, 3), (1, 3, 3))),))
     with pytest.raises(ValueError):
         PerHead(())
+
+
+def test_a_gated_vsa_head_beside_a_projected_sla_head_keeps_both_extras():
+    """Where the caller merges text keys, a gated VSA head's extra (``coarse * gate``) comes in fp32 and a
+    projected SLA head's in the model's dtype: the per-head extra holds both, each head's exactly (promoted to fp32,
+    so the VSA head's sum is still rounded once)."""
+    from dit_accel.plans.vsa import gate_scope
+
+    grid = (4, 8, 8)
+    q, k, v, gate = (t.bfloat16() for t in _qkv(256, 2) + _qkv(256, 2, seed=1)[:1])
+    proj = torch.nn.Linear(32, 32).bfloat16()
+    vsa = dit_accel.VSA(topk=2, tile=(2, 4, 4))
+    plan = PerHead((vsa, SLA)).plan(grid)
+    layer_gate = gate.transpose(1, 2).flatten(2)
+    with gate_scope(lambda: layer_gate), torch.no_grad():
+        extra = plan.attend(q, k, v, scale=None, backend="torch", proj=proj)[2]
+        vsa_extra = vsa.plan(grid).attend(q[:, :1], k[:, :1], v[:, :1], scale=None, backend="torch",
+                                          heads=torch.tensor([0]))[2]
+    sla_extra = SLA.plan(grid).attend(q[:, 1:], k[:, 1:], v[:, 1:], scale=None, backend="torch", proj=proj)[2]
+    assert extra.dtype == torch.float32 and vsa_extra.dtype == torch.float32 and sla_extra.dtype == torch.bfloat16
+    assert torch.equal(extra[:, :1], vsa_extra) and torch.equal(extra[:, 1:], sla_extra.float())
