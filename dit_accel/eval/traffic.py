@@ -6,8 +6,8 @@ bytes it moves. This counts them on the CPU, with the Triton launches stubbed (:
 VSA's coarse launches return the PyTorch twin's result, worked out before counting; VSA's fine branch planned per
 call where an eager call is): every operator that is not a view or an allocation, inside the package's own ops
 too, is taken to read each input tensor once and write each output once (an expanded input counts the storage it
-reads, an in-place output once). A model, not a measurement: an index fill is charged its whole tensor, caches are
-ignored, and the operators are the CPU's dispatch (a CUDA softmax with ``dtype=`` casts inside, which the CPU does
+reads, an in-place output once), except that an index select reads, an index fill writes and a gather reads only
+the rows its index names. A model, not a measurement: caches are ignored, and the operators are the CPU's dispatch (a CUDA softmax with ``dtype=`` casts inside, which the CPU does
 in a copy first).
 
 Cases, each at ``grid`` (default Wan 2.1 480p's (21, 30, 52)) with ``heads`` heads of ``head_dim``, float16:
@@ -32,7 +32,7 @@ from __future__ import annotations
 import contextlib
 import os
 import warnings
-from typing import Callable, Dict, Iterator, Tuple
+from typing import Callable, Dict, Iterator, Optional, Tuple
 
 __all__ = ["count_traffic", "measure_traffic", "main", "CASES"]
 
@@ -42,6 +42,28 @@ CASES = ("tile", "tile_train", "vsa", "vsa_nogate", "vsa_train", "sla", "sla_tra
 def _read_bytes(t) -> int:
     """Bytes an operator reads from ``t``: its elements, or its storage where that is smaller (an expanded view)."""
     return min(t.numel() * t.element_size(), t.untyped_storage().nbytes())
+
+
+def _slices(t, dim: int, index) -> int:
+    """Bytes of ``index.numel()`` slices of ``t`` along ``dim`` (what an index operator reads or writes of it)."""
+    return t.numel() // max(t.shape[dim], 1) * index.numel() * t.element_size() if t.dim() else t.element_size()
+
+
+def _indexed(name: str, args: tuple) -> Optional[Tuple[int, Optional[int]]]:
+    """``(read, written or None: its outputs)`` bytes of the index operators that touch only the indexed rows of
+    their big operand, or None for the general rule: an ``index_select`` reads the selected slices and the index,
+    an ``index_fill_`` writes its slices and reads the index, a ``gather`` reads at most one input element per
+    index element."""
+    if name == "index_select":
+        src, dim, index = args[:3]
+        return min(_read_bytes(src), _slices(src, dim, index)) + _read_bytes(index), None
+    if name == "index_fill_":
+        dst, dim, index = args[:3]
+        return _read_bytes(index), _slices(dst, dim, index)
+    if name == "gather":
+        src, _, index = args[:3]
+        return min(_read_bytes(src), index.numel() * src.element_size()) + _read_bytes(index), None
+    return None
 
 
 def count_traffic(fn: Callable[[], object]) -> Dict[str, int]:
@@ -66,8 +88,12 @@ def count_traffic(fn: Callable[[], object]) -> Dict[str, int]:
         seen = {t.untyped_storage().data_ptr() for t in inputs}
         written = [t for t in tensors(out) if t.untyped_storage().data_ptr() not in seen]
         counts["ops"] += 1
-        # (an in-place op's output is one of its inputs: read and written, counted once as read)
-        counts["bytes"] += sum(_read_bytes(t) for t in inputs) + sum(t.numel() * t.element_size() for t in written)
+        indexed = _indexed(name, args)
+        read = sum(_read_bytes(t) for t in inputs) if indexed is None else indexed[0]
+        # (an in-place op's output is one of its inputs: read and written, counted once as read, or as the rows
+        # an index fill writes)
+        counts["bytes"] += read + (sum(t.numel() * t.element_size() for t in written) if indexed is None or
+                                   indexed[1] is None else indexed[1])
 
     run_observed(fn, observe)
     return counts

@@ -74,3 +74,26 @@ def test_the_gated_term_is_one_pass(traffic, grid):
     result = traffic[grid]
     gated = result["vsa"]["units"] - result["vsa_nogate"]["units"]
     assert gated <= (3.1 if grid == (8, 16, 16) else 3.7), result
+
+
+def test_index_operators_are_charged_the_rows_they_name():
+    """A gather of 3 rows of 100 reads those 3 rows (and its index), an index fill of 2 rows writes those 2: the
+    padded permutation's fill and its way back read no padding rows (the general rule charged whole tensors)."""
+    from dit_accel.eval.traffic import count_traffic
+
+    x = torch.ones(100, 10)  # 40 bytes a row
+    index = torch.tensor([5, 7, 9])  # 24 bytes
+    cols = torch.zeros(100, 1, dtype=torch.int64)
+
+    def select():
+        x.index_select(0, index)  # 3 rows read, 3 written
+
+    def fill():
+        x.index_fill_(0, index[:2], 0.0)  # 2 rows written, the index read
+
+    def gather():
+        x.gather(1, cols)  # 100 elements read, 100 written
+
+    assert count_traffic(select) == {"ops": 1, "bytes": 3 * 40 + 24 + 3 * 40}
+    assert count_traffic(fill) == {"ops": 1, "bytes": 16 + 2 * 40}
+    assert count_traffic(gather) == {"ops": 1, "bytes": 100 * 4 + 800 + 100 * 4}
