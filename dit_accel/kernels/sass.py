@@ -46,7 +46,7 @@ from .compile import TARGET_ARCHS, aot_source, compile_for_target, map_in_worker
 from .occupancy import occupancy  # shared with the persistent launcher (a leaf module: no import cycle)
 from .sass_parse import (_SETMAXREG, CLASSES, Instruction, Loop, _name_loops, _same_source, classify, disassemble,
                          find_loops, loop_names, parse_ptxas_log, parse_sass, ptxas_report, resource_usage,
-                         ttgir_facts)
+                         shallowest_ring, ttgir_facts)
 from .sass_rules import (MAIN_LOOP, MASKED_LOOP, PARTIAL_LIMIT, clean, loop_warps, main_loop, rank,  # noqa: F401
                          tile_cycles)
 
@@ -57,7 +57,7 @@ __all__ = ["Instruction", "Loop", "parse_sass", "find_loops", "classify", "CLASS
            "loop_names", "ttgir_facts", "family_of", "main_loop", "main_ring", "loop_warps", "MAIN_LOOP", "MASKED_LOOP", "ONE_LOOP", "ANALYSIS_VERSION"]
 
 #: Bump when the analysis changes, so cached results are recomputed.
-ANALYSIS_VERSION = 14
+ANALYSIS_VERSION = 15
 
 
 # ----------------------------------------------------------------------------- one configuration
@@ -456,9 +456,11 @@ def loop_ratios(row: dict) -> Tuple[Optional[float], Optional[float]]:
 def main_ring(row: dict) -> int:
     """Depth of a row's main-loop ring: the shallowest multi-buffered tile with the streamed operand's rows
     (key tiles; query tiles for dK/dV); 0 without any. An SLA forward's linear loop streams 64-row tiles too, so
-    its rings count."""
+    its rings count; a tile of those rows loaded once per work item (the ws forward's 64-row Q halves) is
+    single-buffered and not the ring."""
     rows = row["tile"][0] if row["kernel"].startswith("bwd_dkdv") else row["tile"][1]
-    return min((depth for depth, n, *_ in row.get("rings") or [] if n == rows), default=row.get("ring") or 0)
+    depths = [depth for depth, n, *_ in row.get("rings") or [] if n == rows]
+    return shallowest_ring(depths) if depths else row.get("ring") or 0
 
 
 _TABLE_CLASSES = ("tensor", "global", "shared", "mufu", "shfl", "barrier", "int", "fp", "branch")

@@ -333,19 +333,27 @@ def ptxas_report(ptx: str, arch: int, fp_fusion: bool = True) -> dict:
 _RING = re.compile(r"ttg\.local_alloc\s*:\s*\(\)\s*->\s*!ttg\.memdesc<(\d+)x(\d+)x(\d+)x(bf16|f16|f32)")
 
 
+def shallowest_ring(depths) -> int:
+    """The shallowest multi-buffered depth in ``depths`` (buffers deeper than 1), else 1 where every buffer is
+    single, 0 for none: a tile loaded once per work item sits in a single buffer beside the ring."""
+    deep = [d for d in depths if d > 1]
+    return min(deep) if deep else min(depths, default=0)
+
+
 def ttgir_facts(ttgir: str, ptx: str = "") -> dict:
     """What the TTGIR says about pipelining and scheduling (no SASS needed):
 
     ``rings``: ``[depth, rows, cols, dtype]`` of every multi-buffered tile allocation of the
     pipeliner (``ttg.local_alloc`` of ``depth x rows x cols``: the K / V rings of a forward kernel);
-    ``ring``: the shallowest of them (0 without any); ``persistent``: the kernel reads the number
+    ``ring``: the shallowest of them deeper than 1 (a tile loaded once per work item, as the ws forward's Q, is
+    single-buffered), else 1 where every one is single, 0 without any; ``persistent``: the kernel reads the number
     of programs (``tt.get_num_programs``: it strides over work items); ``tma_loads``: the TMA copies
     into shared memory (``ttng.async_tma_copy_global_to_local``, from host or in-kernel descriptors);
     ``warp_specialized``: ``ttg.warp_specialize`` partitions, and ``setmaxnreg`` (PTX) whether producer
     and consumer warps re-balance registers.
     """
     rings = [[int(a), int(b), int(c), t] for a, b, c, t in _RING.findall(ttgir)]
-    return {"rings": rings, "ring": min((r[0] for r in rings), default=0),
+    return {"rings": rings, "ring": shallowest_ring([r[0] for r in rings]),
             "persistent": "tt.get_num_programs" in ttgir, "warp_specialized": "ttg.warp_specialize" in ttgir,
             "tma_loads": ttgir.count("ttng.async_tma_copy_global_to_local"),
             "setmaxnreg": "setmaxnreg" in ptx}

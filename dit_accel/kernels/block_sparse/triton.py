@@ -224,10 +224,10 @@ def _fwd_kernel(
     # the host-built work order ((batch * H + head) * n_tiles + query tile, longest rows first).
     # Pointer loads (sm_80 / 89, unaligned tensors) keep a grid of (query tiles, B * H), one tile
     # per program: there the persistent loop's extra live values spill.
-    # WS: the full tiles, warp-specialized (Q, K, V are plain pointers: descriptors are made here);
-    # RESUME (with TMA): the partial tiles of the items in ITEMS, after the WS kernel.
+    # WS: the full tiles, warp-specialized (descriptors made here), the item loop not pipelined (it kept 3 Q tiles
+    # in flight across items: +64 KB); RESUME (with TMA): the partial tiles of the items in ITEMS, after the WS kernel.
     if WS:
-        for it in range(tl.program_id(0), n_items, tl.num_programs(0)):  # loop: items
+        for it in tl.range(tl.program_id(0), n_items, tl.num_programs(0), num_stages=1):  # loop: items
             item = tl.load(ITEMS + it)
             bh = item // n_tiles
             b = bh // H
