@@ -76,8 +76,9 @@ step lengths_probe 60 python3 docs/scripts/lengths_probe.py --out "$O/lengths_pr
 # The one-pass backward (5 products) in two sm_90 d128 tiles for 64-token blocks against the two-pass backward
 # that ships there: agreement and milliseconds.
 step bwd_probe 90 sh -c "cd docs/scripts && python3 bwd_probe.py --out '$O/bwd_probe.json'"
-# Where the (opt-in) warp-specialized forward goes wrong: tile shapes, pipeline depths, dense and sparse layouts.
-step ws_probe 60 python3 docs/scripts/ws_probe.py --time --out "$O/ws_probe.json"
+# Where the (opt-in) warp-specialized forward goes wrong: tile shapes, pipeline depths, dense and sparse layouts, and
+# the kernel's designs (docs/scripts/ws_designs.py: item loop pipelined or not, persistent or one item a program).
+step ws_probe 150 python3 docs/scripts/ws_probe.py --time --out "$O/ws_probe.json"
 # The calls around which eval.traffic models the operators' bytes (Tile, VSA and SLA training at Wan 1.3B 480p),
 # beside the same calls of an older package where GLUE_BASELINE names its folder (carried: git archive, untarred).
 step glue 120 python3 docs/scripts/glue_gpu.py --warmup 2 --repeats 5 --out "$O/glue.json" ${GLUE_BASELINE:+--baseline "$GLUE_BASELINE"}

@@ -17,7 +17,12 @@ rows go wrong against fp32 attention over the same blocks:
 Each row of the JSON: the variant, the layout, whether the kernel ran, the share of non-finite output rows, the
 largest relative row error in the first and the second 64 rows of each 128-row tile, and the first bad row.
 
-``--time`` (GPU): each variant that was correct on both layouts, timed at Wan 2.1 1.3B's size (``--time-tokens``,
+Then the same rows for the designs of :mod:`ws_designs` (``"design"`` in each row), at the 128-row variants: the
+package's kernel up to 293ebb5 (``pipelined``: its item loop software-pipelined), one work item per program with
+and without the tile indices read before the loop (``grid``, ``grid-preload``), and the pipelined kernel without
+the pointer load in its loop (``pipelined-preload``); the package's rows above are the ``flat`` design.
+
+``--time`` (GPU): each variant and design that was correct on both layouts, timed at Wan 2.1 1.3B's size (``--time-tokens``,
 ``--time-heads``) on a layout of about 10% density (each query block's own key block and every tenth), beside the
 one-loop kernel the launcher runs by default on the same layout and dense SDPA on the same inputs: milliseconds
 (triton.testing.do_bench's median), the one-loop kernel's time over the variant's, and the efficiency (speed-up
@@ -35,6 +40,9 @@ import torch
 
 #: (block_m, block_n, warps, stages) of the ws kernel to try; the first is the shipped one.
 VARIANTS = [(128, 64, 4, 3), (128, 64, 4, 2), (64, 64, 4, 3), (64, 64, 4, 2)]
+#: the variants the designs run at (``flat``, the package's, is its rows above)
+DESIGN_VARIANTS = [(128, 64, 4, 3), (128, 64, 4, 2)]
+DESIGN_NAMES = ("pipelined", "grid", "grid-preload", "pipelined-preload")
 LAYOUTS = ("dense", "sparse")
 TOL = 2e-2  # a row is bad past this relative error (bf16 inputs against fp32)
 
@@ -74,6 +82,22 @@ def _row_errors(o: torch.Tensor, ref: torch.Tensor) -> dict:
             "first_bad_row": int(bad[0]) if bad.numel() else None}
 
 
+def _inputs(kind: str, n: int, heads: int, device: str = "cuda"):
+    layout = _layout(n, kind).to(device)
+    g = torch.Generator(device=device).manual_seed(0)
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32  # (the interpreter's bf16 dot is wrong)
+    q, k, v = (torch.randn(1, heads, n, 128, device=device, generator=g, dtype=dtype) for _ in range(3))
+    return layout, q, k, v
+
+
+def _checked(row: dict, layout, q, k, v, o) -> dict:
+    """``row`` with the errors of ``o`` against fp32 attention over the layout's visited blocks."""
+    mask = layout.to_dense_mask()[0].to(q.device)  # [N, N] True = visited
+    ref = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask,
+                                                           scale=128 ** -0.5)
+    return {**row, **_row_errors(o, ref)}
+
+
 def _run(variant, kind: str, n: int, heads: int) -> dict:
     from dit_accel.kernels import selfcheck
     from dit_accel.kernels.block_sparse import triton as bst
@@ -82,31 +106,44 @@ def _run(variant, kind: str, n: int, heads: int) -> dict:
     row = {"variant": list(variant), "layout": kind, "ran": False}
     if ws is None:
         return {**row, "error": "no ws configuration"}
-    layout = _layout(n, kind).to("cuda")
-    g = torch.Generator(device="cuda").manual_seed(0)
-    q, k, v = (torch.randn(1, heads, n, 128, device="cuda", generator=g, dtype=torch.bfloat16) for _ in range(3))
+    layout, q, k, v = _inputs(kind, n, heads)
     o = torch.zeros_like(q)
     lse = torch.zeros(1, heads, n, device="cuda", dtype=torch.float32)
-    scale = 128 ** -0.5
     real = selfcheck.usable_fast
     selfcheck.usable_fast = lambda *a, **kw: True  # the probe runs the variant its self-check would refuse
     try:
         t0 = time.perf_counter()
-        row["ran"] = bool(bst._ws_forward(q, k, v, o, lse, layout, base, scale, force=True))
+        row["ran"] = bool(bst._ws_forward(q, k, v, o, lse, layout, base, 128 ** -0.5, force=True))
         torch.cuda.synchronize()
         row["seconds"] = round(time.perf_counter() - t0, 2)
     except Exception as exc:  # noqa: BLE001 - a compile or launch failure is a finding
         return {**row, "error": f"{type(exc).__name__}: {str(exc)[:300]}"}
     finally:
         selfcheck.usable_fast = real
-    mask = layout.to_dense_mask()[0].to("cuda")  # [N, N] True = visited
-    ref = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask,
-                                                           scale=scale)
-    return {**row, **_row_errors(o, ref)}
+    return _checked(row, layout, q, k, v, o)
 
 
-def _time(variants, n: int, heads: int) -> list:
-    """Each variant against the default one-loop kernel and dense SDPA, bf16, head dim 128, ~10% density."""
+def _run_design(design: str, variant, kind: str, n: int, heads: int, device: str = "cuda") -> dict:
+    """A row of :func:`_run` for a design of :mod:`ws_designs` (its own kernel, not the package's launcher)."""
+    from ws_designs import run_design
+
+    row = {"design": design, "variant": list(variant), "layout": kind, "ran": False}
+    layout, q, k, v = _inputs(kind, n, heads, device)
+    programs = torch.cuda.get_device_properties(q.device).multi_processor_count if device == "cuda" else 3
+    try:
+        t0 = time.perf_counter()
+        o, _ = run_design(design, q, k, v, layout, *variant, programs=programs)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        row.update(ran=True, seconds=round(time.perf_counter() - t0, 2))
+    except Exception as exc:  # noqa: BLE001 - a compile or launch failure is a finding
+        return {**row, "error": f"{type(exc).__name__}: {str(exc)[:300]}"}
+    return _checked(row, layout, q, k, v, o)
+
+
+def _time(variants, n: int, heads: int, designs=()) -> list:
+    """Each variant (and each ``(design, variant)`` of ``designs``) against the default one-loop kernel and dense
+    SDPA, bf16, head dim 128, ~10% density."""
     from triton.testing import do_bench
 
     from dit_accel.kernels import selfcheck
@@ -140,7 +177,32 @@ def _time(variants, n: int, heads: int) -> list:
             rows.append(row)
     finally:
         selfcheck.usable_fast = real
+    if designs:
+        from ws_designs import run_design
+
+        sms = torch.cuda.get_device_properties(q.device).multi_processor_count
+    for design, variant in designs:
+        try:
+            ms = do_bench(lambda: run_design(design, q, k, v, layout, *variant, programs=sms))
+            row = {"kernel": "ws", "design": design, "variant": list(variant), "ms": round(ms, 4),
+                   "one_loop_over_ws": round(one_loop / ms, 3), "efficiency": round(sdpa / ms * density, 3)}
+        except Exception as exc:  # noqa: BLE001
+            row = {"kernel": "ws", "design": design, "variant": list(variant),
+                   "error": f"{type(exc).__name__}: {str(exc)[:300]}"}
+        print(json.dumps(row), flush=True)
+        rows.append(row)
     return rows
+
+
+def _dry_run_design(design: str, variant) -> dict:
+    """CPU: compile the design for sm_90; whether Triton made warp-specialized partitions."""
+    from ws_designs import compile_design
+
+    row = {"design": design, "variant": list(variant)}
+    try:
+        return {**row, "compiled": True, **compile_design(design, *variant)}
+    except Exception as exc:  # noqa: BLE001
+        return {**row, "compiled": False, "error": f"{type(exc).__name__}: {str(exc)[:300]}"}
 
 
 def _dry_run(variant) -> dict:
@@ -180,11 +242,20 @@ def main(argv=None) -> int:
         for row in todo:
             print(json.dumps(row), flush=True)
             rows.append(row)
+    for design in DESIGN_NAMES:
+        for variant in DESIGN_VARIANTS:
+            todo = [_dry_run_design(design, variant)] if args.dry_run else [
+                _run_design(design, variant, kind, args.tokens, args.heads) for kind in LAYOUTS]
+            for row in todo:
+                print(json.dumps(row), flush=True)
+                rows.append(row)
     timings = []
     if args.time and not args.dry_run:
-        ok = [tuple(r["variant"]) for r in rows if r.get("ran") and r.get("first_bad_row", 0) is None]
-        ok = [variant for variant in VARIANTS if ok.count(variant) == len(LAYOUTS)]  # correct on both layouts
-        timings = _time(ok, args.time_tokens, args.time_heads)
+        ok = [(r.get("design"), tuple(r["variant"])) for r in rows if r.get("ran") and
+              r.get("first_bad_row", 0) is None]
+        good = [v for v in VARIANTS if ok.count((None, v)) == len(LAYOUTS)]  # correct on both layouts
+        designs = [(d, v) for d in DESIGN_NAMES for v in DESIGN_VARIANTS if ok.count((d, v)) == len(LAYOUTS)]
+        timings = _time(good, args.time_tokens, args.time_heads, designs)
     with open(args.out, "w") as fh:
         json.dump({"argv": sys.argv[1:], "triton": __import__("triton").__version__, "rows": rows,
                    "timings": timings}, fh, indent=1)

@@ -122,14 +122,47 @@ def test_the_ws_probe_compiles_each_variant_for_sm90(tmp_path):
                          capture_output=True, text=True, env={**env, "PYTHONPATH": str(ROOT)}, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
     rows = json.loads(out.read_text())["rows"]
-    assert [r["variant"] for r in rows] == [[128, 64, 4, 3], [128, 64, 4, 2], [64, 64, 4, 3], [64, 64, 4, 2]]
+    package = [r for r in rows if "design" not in r]
+    assert [r["variant"] for r in package] == [[128, 64, 4, 3], [128, 64, 4, 2], [64, 64, 4, 3], [64, 64, 4, 2]]
     assert all(r.get("compiled") for r in rows), rows
-    assert rows[0]["warps"] == 12  # a producer and consumer warp groups: the kernel did warp-specialize
+    assert package[0]["warps"] == 12  # a producer and consumer warp groups: the kernel did warp-specialize
+    designs = {(r["design"], tuple(r["variant"])): r for r in rows if "design" in r}
+    assert {d for d, _ in designs} == {"pipelined", "grid", "grid-preload", "pipelined-preload"}
+    assert all(r["warp_specialized"] and r["setmaxnreg"] and r["warps"] == 12 for r in designs.values()), designs
+    # The package's item loop is not pipelined since 27c7009: the shared memory of the one-item-per-program design,
+    # where the pipelined one kept Q tiles in flight across items (64 KB more at 3 stages).
+    pipelined, grid = designs[("pipelined", (128, 64, 4, 3))], designs[("grid", (128, 64, 4, 3))]
+    assert pipelined["shared"] - package[0]["shared"] >= 60_000 and abs(package[0]["shared"] - grid["shared"]) < 1024
+
+
+def test_the_ws_designs_match_fp32_attention_in_the_interpreter():
+    """Each design of docs/scripts/ws_designs.py (persistent or one item per program, the item loop pipelined or
+    not, the tile indices read in the loop or before it) on a dense and a sparse layout of 128-token blocks, fp32
+    in the interpreter (which runs the loops as written: what a GPU would compute when the compiler is right)."""
+    from dit_accel.kernels.backends import triton_reason
+
+    if triton_reason("cpu") is not None:
+        pytest.skip("needs the Triton interpreter")
+    sys.path.insert(0, str(SCRIPTS))
+    try:
+        spec = importlib.util.spec_from_file_location("ws_probe", SCRIPTS / "ws_probe.py")
+        probe = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(probe)
+        from ws_designs import DESIGNS
+
+        for design in DESIGNS:
+            for variant in ((128, 64, 4, 3), (64, 64, 4, 2)):
+                for kind in probe.LAYOUTS:
+                    row = probe._run_design(design, variant, kind, 512, 2, device="cpu")
+                    assert row["ran"] and row["first_bad_row"] is None and row["nonfinite_rows"] == 0, row
+                    assert max(row["max_err_rows_0_63"], row["max_err_rows_64_127"]) < 1e-5, row
+    finally:
+        sys.path.remove(str(SCRIPTS))
 
 
 def test_the_ws_probe_times_only_the_variants_correct_on_both_layouts(tmp_path, monkeypatch):
-    """``--time``: the variants whose rows were right on the dense and the sparse layout go to the timing, in
-    their order (the first H200 run, triton 3.6.0: only 64 x 64 at 2 stages was); the others are not timed."""
+    """``--time``: the variants (and designs) whose rows were right on the dense and the sparse layout go to the
+    timing, in their order (the first H200 run, triton 3.6.0: only 64 x 64 at 2 stages was); the others are not."""
     spec = importlib.util.spec_from_file_location("ws_probe", SCRIPTS / "ws_probe.py")
     probe = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(probe)
@@ -138,11 +171,15 @@ def test_the_ws_probe_times_only_the_variants_correct_on_both_layouts(tmp_path, 
     monkeypatch.setattr(probe, "_run", lambda variant, kind, n, heads: {
         "variant": list(variant), "layout": kind, "ran": True,
         "first_bad_row": None if variant in good and (kind == "dense" or variant[0] == 64) else 64})
+    monkeypatch.setattr(probe, "_run_design", lambda design, variant, kind, n, heads: {
+        "design": design, "variant": list(variant), "layout": kind, "ran": True,
+        "first_bad_row": None if design.startswith("grid") and variant[2:] == (4, 3) else 0})
     timed = []
-    monkeypatch.setattr(probe, "_time", lambda variants, n, heads: timed.append((variants, n, heads)) or [{"ms": 1}])
+    monkeypatch.setattr(probe, "_time", lambda variants, n, heads, designs: timed.append((variants, n, heads, designs))
+                        or [{"ms": 1}])
     out = tmp_path / "ws.json"
     assert probe.main(["--time", "--time-tokens", "4096", "--out", str(out)]) == 0
-    assert timed == [([(64, 64, 4, 2)], 4096, 12)]
+    assert timed == [([(64, 64, 4, 2)], 4096, 12, [("grid", (128, 64, 4, 3)), ("grid-preload", (128, 64, 4, 3))])]
     assert json.loads(out.read_text())["timings"] == [{"ms": 1}]
     with pytest.raises(SystemExit):
         probe.main(["--time-tokens", "100", "--out", str(out)])
