@@ -14,7 +14,7 @@ warp-specialized partitions. The probe kernel here keeps the shipped loop body (
 :func:`fwd_step`, the same epilogue) and switches each difference on or off:
 
 - ``PERSISTENT``: the persistent item loop (else one work item per program, a grid of items);
-- ``FLAT``: that loop not software-pipelined (``num_stages=1``);
+- ``ITEM_STAGES``: that loop's pipeline depth (1: not software-pipelined, the ``flat`` designs);
 - ``PRELOAD``: the row's tile indices read into registers before the ws loop (``MAX_TILES`` of them), each
   iteration picking its own with a masked sum (no pointer load inside the loop).
 
@@ -32,9 +32,10 @@ import triton
 import triton.language as tl
 
 from dit_accel.kernels.block_sparse.lengths import fwd_epilogue
+from dit_accel.kernels.block_sparse.triton import _fwd_item_ws
 from dit_accel.kernels.dense.tiles import LOG2E_HOST, fwd_step, slice_descriptors
 
-#: name -> (PERSISTENT, PRELOAD, FLAT). ``pipelined`` is the package's kernel up to 293ebb5 (its item loop
+#: name -> (PERSISTENT, PRELOAD, the item loop flat). ``pipelined`` is the package's kernel up to 293ebb5 (its item loop
 #: software-pipelined, the Q tiles of the next items in flight); ``flat`` is the package's since (the item loop not
 #: pipelined: ``tl.range(..., num_stages=1)``), which ws_probe runs through the package itself.
 DESIGNS: Dict[str, Tuple[bool, bool, bool]] = {
@@ -52,31 +53,29 @@ def _item(Q, K, V, O, LSE, PLAN, pid_m, b, h,  # noqa: E741
           q_len, kv_len, head_dim, qk_scale,
           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
           PRELOAD: tl.constexpr, MAX_TILES: tl.constexpr):
-    row0 = pid_m * BLOCK_M
-    qd, kd, vd = slice_descriptors(Q, K, V, b, h, sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, q_len, kv_len,
-                                   head_dim, BLOCK_M, BLOCK_N, BLOCK_D)
-    q = qd.load([row0, 0])
-    tiles = PLAN + h.to(tl.int64) * plan_h + pid_m.to(tl.int64) * plan_r
-    n_full = tl.load(tiles)
-    tiles += 2
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    if PRELOAD:
+    """One work item: the package's (``_fwd_item_ws``), or with the tile indices read before the ws loop."""
+    if not PRELOAD:
+        _fwd_item_ws(Q, K, V, O, LSE, PLAN, pid_m, b, h,
+                     sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son, slb, slh, plan_h, plan_r,
+                     q_len, kv_len, head_dim, qk_scale, BLOCK_M, BLOCK_N, BLOCK_D, DOT_PRECISION)
+    else:
+        row0 = pid_m * BLOCK_M
+        qd, kd, vd = slice_descriptors(Q, K, V, b, h, sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, q_len, kv_len,
+                                       head_dim, BLOCK_M, BLOCK_N, BLOCK_D)
+        q = qd.load([row0, 0])
+        tiles = PLAN + h.to(tl.int64) * plan_h + pid_m.to(tl.int64) * plan_r
+        n_full = tl.load(tiles)
         slots = tl.arange(0, MAX_TILES)
-        listed = tl.load(tiles + slots, mask=slots < n_full, other=0)
+        listed = tl.load(tiles + 2 + slots, mask=slots < n_full, other=0)
+        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
         for i in tl.range(0, n_full, warp_specialize=True):  # loop: full
             col = tl.sum(tl.where(slots == i, listed, 0)) * BLOCK_N
             k = kd.load([col, 0])
             v = vd.load([col, 0])
             acc, m_i, l_i = fwd_step(q, k, v, acc, m_i, l_i, qk_scale, 0, False, DOT_PRECISION)
-    else:
-        for i in tl.range(0, n_full, warp_specialize=True):  # loop: full
-            col = tl.load(tiles + i) * BLOCK_N
-            k = kd.load([col, 0])
-            v = vd.load([col, 0])
-            acc, m_i, l_i = fwd_step(q, k, v, acc, m_i, l_i, qk_scale, 0, False, DOT_PRECISION)
-    fwd_epilogue(O, LSE, b, h, row0, sob, soh, son, slb, slh, acc, m_i, l_i, q_len, head_dim, BLOCK_M, BLOCK_D)
+        fwd_epilogue(O, LSE, b, h, row0, sob, soh, son, slb, slh, acc, m_i, l_i, q_len, head_dim, BLOCK_M, BLOCK_D)
 
 
 @triton.jit
@@ -85,31 +84,32 @@ def probe_kernel(
     sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son, slb, slh, plan_h, plan_r, n_items, n_tiles,
     H, q_len, kv_len, head_dim, qk_scale,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    PERSISTENT: tl.constexpr, PRELOAD: tl.constexpr, MAX_TILES: tl.constexpr, FLAT: tl.constexpr,
+    PERSISTENT: tl.constexpr, PRELOAD: tl.constexpr, MAX_TILES: tl.constexpr, ITEM_STAGES: tl.constexpr,
 ):
-    if PERSISTENT and FLAT:  # the item loop not software-pipelined
-        for it in tl.range(tl.program_id(0), n_items, tl.num_programs(0), num_stages=1):  # loop: items
-            item = tl.load(ITEMS + it)
-            bh = item // n_tiles
-            b = bh // H
-            _item(Q, K, V, O, LSE, PLAN, item - bh * n_tiles, b, bh - b * H,
-                  sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son, slb, slh, plan_h, plan_r,
-                  q_len, kv_len, head_dim, qk_scale, BLOCK_M, BLOCK_N, BLOCK_D, DOT_PRECISION, PRELOAD, MAX_TILES)
-    elif PERSISTENT:
-        for it in range(tl.program_id(0), n_items, tl.num_programs(0)):  # loop: items
-            item = tl.load(ITEMS + it)
-            bh = item // n_tiles
-            b = bh // H
-            _item(Q, K, V, O, LSE, PLAN, item - bh * n_tiles, b, bh - b * H,
-                  sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son, slb, slh, plan_h, plan_r,
-                  q_len, kv_len, head_dim, qk_scale, BLOCK_M, BLOCK_N, BLOCK_D, DOT_PRECISION, PRELOAD, MAX_TILES)
+    """``PERSISTENT``: programs stride over ``ITEMS`` (``ITEM_STAGES``: that loop's pipeline depth, None for the
+    compiler's default: pipelined); else one item a program, no loop around the ws one."""
+    if PERSISTENT:
+        for it in tl.range(tl.program_id(0), n_items, tl.num_programs(0), num_stages=ITEM_STAGES):  # loop: items
+            _item_at(Q, K, V, O, LSE, PLAN, ITEMS, it, sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son,
+                     slb, slh, plan_h, plan_r, n_tiles, H, q_len, kv_len, head_dim, qk_scale,
+                     BLOCK_M, BLOCK_N, BLOCK_D, DOT_PRECISION, PRELOAD, MAX_TILES)
     else:
-        item = tl.load(ITEMS + tl.program_id(0))
-        bh = item // n_tiles
-        b = bh // H
-        _item(Q, K, V, O, LSE, PLAN, item - bh * n_tiles, b, bh - b * H,
-              sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son, slb, slh, plan_h, plan_r,
-              q_len, kv_len, head_dim, qk_scale, BLOCK_M, BLOCK_N, BLOCK_D, DOT_PRECISION, PRELOAD, MAX_TILES)
+        _item_at(Q, K, V, O, LSE, PLAN, ITEMS, tl.program_id(0), sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob,
+                 soh, son, slb, slh, plan_h, plan_r, n_tiles, H, q_len, kv_len, head_dim, qk_scale,
+                 BLOCK_M, BLOCK_N, BLOCK_D, DOT_PRECISION, PRELOAD, MAX_TILES)
+
+
+@triton.jit
+def _item_at(Q, K, V, O, LSE, PLAN, ITEMS, it, sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son,  # noqa: E741
+             slb, slh, plan_h, plan_r, n_tiles, H, q_len, kv_len, head_dim, qk_scale,
+             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+             PRELOAD: tl.constexpr, MAX_TILES: tl.constexpr):
+    item = tl.load(ITEMS + it)
+    bh = item // n_tiles
+    b = bh // H
+    _item(Q, K, V, O, LSE, PLAN, item - bh * n_tiles, b, bh - b * H,
+          sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son, slb, slh, plan_h, plan_r,
+          q_len, kv_len, head_dim, qk_scale, BLOCK_M, BLOCK_N, BLOCK_D, DOT_PRECISION, PRELOAD, MAX_TILES)
 
 
 def _strides(t: torch.Tensor) -> tuple:
@@ -147,7 +147,8 @@ def run_design(design: str, q, k, v, layout, block_m: int, block_n: int, num_war
     probe_kernel[grid](q, k, v, o, lse, plan.plan, items, *_strides(q), *_strides(k), *_strides(v), *_strides(o),
                        lse.stride(0), lse.stride(1), head, row, items.numel(), n_tiles, h, n, k.shape[2], d,
                        d ** -0.5 * LOG2E_HOST, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=d, DOT_PRECISION=precision,
-                       PERSISTENT=persistent, PRELOAD=preload, MAX_TILES=max_tiles, FLAT=flat, num_warps=num_warps,
+                       PERSISTENT=persistent, PRELOAD=preload, MAX_TILES=max_tiles,
+                       ITEM_STAGES=1 if flat else None, num_warps=num_warps,
                        num_stages=num_stages)
     return o, lse
 
@@ -167,7 +168,8 @@ def compile_design(design: str, block_m: int, block_n: int, num_warps: int, num_
     persistent, preload, flat = DESIGNS[design]
     fn = _jit_function(probe_kernel)
     constexprs = {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_D": head_dim, "DOT_PRECISION": "tf32",
-                  "PERSISTENT": persistent, "PRELOAD": preload, "MAX_TILES": max_tiles, "FLAT": flat}
+                  "PERSISTENT": persistent, "PRELOAD": preload, "MAX_TILES": max_tiles,
+                  "ITEM_STAGES": 1 if flat else None}
     _, signature, constexprs, attrs = aot_signature(fn, {**_ARG_TYPES, "ITEMS": "*i32"}, constexprs, _DIV16,
                                                     torch.bfloat16)
     src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
