@@ -1,6 +1,7 @@
 """The prepared GPU run on the CPU (issue 72, items 6-8): docs/scripts/wan_step_gpu.py's dry run at a tiny size, and
 docs/scripts/gpu_offline_run.sh's plan of steps (DRY_RUN=1), which must fit one device command."""
 
+import importlib
 import importlib.util
 import json
 import os
@@ -148,9 +149,9 @@ def test_the_ws_designs_match_fp32_attention_in_the_interpreter():
         spec = importlib.util.spec_from_file_location("ws_probe", SCRIPTS / "ws_probe.py")
         probe = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(probe)
-        from ws_designs import DESIGNS
+        designs = importlib.import_module("ws_designs").DESIGNS  # (a script beside ws_probe.py, not a package)
 
-        for design in DESIGNS:
+        for design in designs:
             for variant in ((128, 64, 4, 3), (64, 64, 4, 2)):
                 for kind in probe.LAYOUTS:
                     row = probe._run_design(design, variant, kind, 512, 2, device="cpu")
