@@ -165,16 +165,18 @@ def median_ratio(times: Dict[str, List[float]], base: str, other: str) -> float:
 
 
 def main(argv=None) -> int:
+    from ..cli.options import positive_int
+
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--n", type=int, default=8192)
-    p.add_argument("--d", type=int, default=64)
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--block", type=int, default=64)
+    p.add_argument("--n", type=positive_int, default=8192)
+    p.add_argument("--d", type=positive_int, default=64)
+    p.add_argument("--heads", type=positive_int, default=4)
+    p.add_argument("--batch", type=positive_int, default=1)
+    p.add_argument("--block", type=positive_int, default=64)
     p.add_argument("--density", type=float, default=0.10, help="for the synthetic band / window patterns")
     p.add_argument("--patterns", default=",".join(TABLE_PATTERNS),
                    help=f"comma-separated, from {TABLE_PATTERNS + ('band', 'window')}")
-    p.add_argument("--rounds", "--repeats", type=int, default=7, help="interleaved rounds (--repeats: older name)")
+    p.add_argument("--rounds", "--repeats", type=positive_int, default=7, help="interleaved rounds (--repeats: older name)")
     p.add_argument("--threads", default="1,2", help="comma-separated torch.set_num_threads values")
     p.add_argument("--no-flex", dest="flex", action="store_false", help="skip compiled FlexAttention")
     p.add_argument("--backward", action="store_true", help="also time forward+backward (dit vs SDPA)")

@@ -191,9 +191,11 @@ _NAMES = ["tile_layout tile=(6,8,8) window=(3,3,3)", "gna_layout kernel=(13,13,1
 
 
 def main(argv=None) -> int:
+    from ..cli.options import positive_int
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("grid", nargs="*", type=int, default=[30, 48, 80])
-    parser.add_argument("--block", type=int, default=128)
+    parser.add_argument("grid", nargs="*", type=positive_int, default=[30, 48, 80])
+    parser.add_argument("--block", type=positive_int, default=128)
     args = parser.parse_args(argv)
     grid = ",".join(map(str, args.grid))
     for name in _NAMES:

@@ -107,13 +107,15 @@ def _calls(models, inputs, n: int) -> None:
 
 
 def main(argv=None) -> None:
+    from ..cli.options import positive_int
+
     parser = argparse.ArgumentParser(prog="python -m dit_accel.eval.bench_overhead", description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="tiny-wan", choices=MODELS)
     parser.add_argument("--grid", default=None, help="token grid T,H,W (default: the model's, 5,8,8 or 4,12,12)")
-    parser.add_argument("--rounds", type=int, default=30)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--calls", type=int, default=3, help="calls per contender and round")
-    parser.add_argument("--copies", type=int, default=3, help="deep copies of the model per contender, one per round")
+    parser.add_argument("--rounds", type=positive_int, default=30)
+    parser.add_argument("--threads", type=positive_int, default=1)
+    parser.add_argument("--calls", type=positive_int, default=3, help="calls per contender and round")
+    parser.add_argument("--copies", type=positive_int, default=3, help="deep copies of the model per contender, one per round")
     parser.add_argument("--method-config", metavar="FILE", help="methods to time (dit-accel eval's format)")
     args = parser.parse_args(argv)
     grid = tuple(int(x) for x in args.grid.split(",")) if args.grid else None

@@ -333,12 +333,16 @@ def main(argv=None) -> dict:
     import json
     import platform
 
+    from ..cli.options import positive_int
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--calls", type=int, default=400)
-    parser.add_argument("--repeats", type=int, default=9)
-    parser.add_argument("--tokens", type=int, default=1024)
+    parser.add_argument("--calls", type=positive_int, default=400)
+    parser.add_argument("--repeats", type=positive_int, default=9)
+    parser.add_argument("--tokens", type=positive_int, default=1024)
     parser.add_argument("--json", default=None, help="write the result here")
     args = parser.parse_args(argv)
+    if args.tokens % 256:
+        parser.error(f"--tokens {args.tokens}: use a multiple of 256 (the tiled plan's grid is (tokens // 256, 16, 16))")
     os.environ.setdefault("TRITON_INTERPRET", "1")
     import datetime
 

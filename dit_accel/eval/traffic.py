@@ -219,15 +219,25 @@ def main(argv=None) -> dict:
     import argparse
     import json
 
+    from ..cli.options import int_tuple, positive_int
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--grid", default="21,30,52", help="the video token grid T,H,W")
-    parser.add_argument("--heads", type=int, default=2)
-    parser.add_argument("--head-dim", type=int, default=64)
+    parser.add_argument("--grid", default="21,30,52", type=int_tuple, help="the video token grid T,H,W")
+    parser.add_argument("--heads", type=positive_int, default=2)
+    parser.add_argument("--head-dim", type=positive_int, default=64)
     parser.add_argument("--json", default=None, help="write the result here")
     args = parser.parse_args(argv)
+    grid = args.grid if isinstance(args.grid, tuple) else (args.grid,)
+    if len(grid) != 3 or min(grid) < 1:
+        parser.error(f"--grid {','.join(map(str, grid))}: expected a video token grid of three positive ints T,H,W "
+                     "such as 21,30,52 (every case cuts it into 3-D tiles and cubes)")
     os.environ.setdefault("TRITON_INTERPRET", "1")
-    grid = tuple(int(x) for x in args.grid.split(","))
-    result = measure_traffic(grid=grid, heads=args.heads, head_dim=args.head_dim)
+    from ..kernels.request import BackendUnavailable
+
+    try:
+        result = measure_traffic(grid=grid, heads=args.heads, head_dim=args.head_dim)
+    except (ValueError, BackendUnavailable) as exc:  # a grid too small for a case's tiles or the Triton kernels
+        parser.error(f"--grid {','.join(map(str, grid))} --heads {args.heads} --head-dim {args.head_dim}: {exc}")
     print(f"{'case':12s} {'ops':>5s} {'MB':>9s} {'q units':>8s}  (MODELLED, grid {grid}, {args.heads} heads of "
           f"{args.head_dim}, float16, kernels stubbed)")
     for name, row in result.items():

@@ -97,3 +97,17 @@ def test_index_operators_are_charged_the_rows_they_name():
     assert count_traffic(select) == {"ops": 1, "bytes": 3 * 40 + 24 + 3 * 40}
     assert count_traffic(fill) == {"ops": 1, "bytes": 16 + 2 * 40}
     assert count_traffic(gather) == {"ops": 1, "bytes": 100 * 4 + 800 + 100 * 4}
+
+
+@pytest.mark.parametrize("argv,says", [
+    (["--grid", "4,4"], "three positive ints"), (["--grid", "0,4,4"], "three positive ints"),
+    (["--grid", "a,b,c"], "not an int"), (["--heads", "0"], "0 must be >= 1"),
+    (["--grid", "1,1,1"], "--grid 1,1,1 --heads 2 --head-dim 64: attention backend 'triton' cannot run")])
+def test_the_command_refuses_bad_arguments_with_the_reason(argv, says, capsys):
+    """``python -m dit_accel.eval.traffic``: a grid that is not three positive ints, a count below 1, or a grid
+    too small for the cases' kernels ends with a usage error naming the argument, not a traceback."""
+    from dit_accel.eval.traffic import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2 and says in capsys.readouterr().err
