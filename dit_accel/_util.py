@@ -15,7 +15,7 @@ from typing import Callable, Dict, Iterable, List, Optional
 
 __all__ = ["portable_path", "cdiv", "versions", "to_jsonable", "Timer", "time_median", "load_average", "has_cuda_driver", "DitAccelWarning",
            "WarningLog",
-           "use_interpreter_without_cuda", "is_int", "is_number", "format_time", "format_ratio"]
+           "use_interpreter_without_cuda", "is_int", "is_number", "format_time", "format_ratio", "positive_int"]
 
 
 def portable_path(path, base) -> str:
@@ -237,3 +237,16 @@ class WarningLog:
         import warnings
 
         warnings.warn(message, DitAccelWarning, stacklevel=stacklevel)
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: an int >= 1 (counts, sizes), else the usage error naming the value."""
+    import argparse
+
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be >= 1")
+    return value

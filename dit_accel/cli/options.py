@@ -100,17 +100,6 @@ def _number(text: str) -> float:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
 
 
-def positive_int(text: str) -> int:
-    """An argparse type: an int >= 1 (counts, sizes), else the usage error naming the value."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} must be >= 1")
-    return value
-
-
 def _nonneg_int(text: str) -> int:
     try:
         value = int(text)

@@ -165,7 +165,7 @@ def median_ratio(times: Dict[str, List[float]], base: str, other: str) -> float:
 
 
 def main(argv=None) -> int:
-    from ..cli.options import positive_int
+    from .._util import positive_int
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--n", type=positive_int, default=8192)

@@ -191,7 +191,7 @@ _NAMES = ["tile_layout tile=(6,8,8) window=(3,3,3)", "gna_layout kernel=(13,13,1
 
 
 def main(argv=None) -> int:
-    from ..cli.options import positive_int
+    from .._util import positive_int
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("grid", nargs="*", type=positive_int, default=[30, 48, 80])

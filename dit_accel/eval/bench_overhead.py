@@ -107,7 +107,7 @@ def _calls(models, inputs, n: int) -> None:
 
 
 def main(argv=None) -> None:
-    from ..cli.options import positive_int
+    from .._util import positive_int
 
     parser = argparse.ArgumentParser(prog="python -m dit_accel.eval.bench_overhead", description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="tiny-wan", choices=MODELS)

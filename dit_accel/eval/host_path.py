@@ -333,7 +333,7 @@ def main(argv=None) -> dict:
     import json
     import platform
 
-    from ..cli.options import positive_int
+    from .._util import positive_int
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--calls", type=positive_int, default=400)

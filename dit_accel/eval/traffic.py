@@ -219,15 +219,21 @@ def main(argv=None) -> dict:
     import argparse
     import json
 
-    from ..cli.options import int_tuple, positive_int
+    from .._util import positive_int
+
+    def grid_arg(text: str):
+        try:
+            return tuple(int(x) for x in text.split(","))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not comma-separated ints such as 21,30,52") from None
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--grid", default="21,30,52", type=int_tuple, help="the video token grid T,H,W")
+    parser.add_argument("--grid", default="21,30,52", type=grid_arg, help="the video token grid T,H,W")
     parser.add_argument("--heads", type=positive_int, default=2)
     parser.add_argument("--head-dim", type=positive_int, default=64)
     parser.add_argument("--json", default=None, help="write the result here")
     args = parser.parse_args(argv)
-    grid = args.grid if isinstance(args.grid, tuple) else (args.grid,)
+    grid = args.grid
     if len(grid) != 3 or min(grid) < 1:
         parser.error(f"--grid {','.join(map(str, grid))}: expected a video token grid of three positive ints T,H,W "
                      "such as 21,30,52 (every case cuts it into 3-D tiles and cubes)")

@@ -101,7 +101,7 @@ def test_index_operators_are_charged_the_rows_they_name():
 
 @pytest.mark.parametrize("argv,says", [
     (["--grid", "4,4"], "three positive ints"), (["--grid", "0,4,4"], "three positive ints"),
-    (["--grid", "a,b,c"], "not an int"), (["--heads", "0"], "0 must be >= 1"),
+    (["--grid", "a,b,c"], "not comma-separated ints"), (["--heads", "0"], "0 must be >= 1"),
     (["--grid", "1,1,1"], "--grid 1,1,1 --heads 2 --head-dim 64: attention backend 'triton' cannot run")])
 def test_the_command_refuses_bad_arguments_with_the_reason(argv, says, capsys):
     """``python -m dit_accel.eval.traffic``: a grid that is not three positive ints, a count below 1, or a grid
