@@ -176,7 +176,8 @@ def main(argv=None) -> int:
     p.add_argument("--density", type=float, default=0.10, help="for the synthetic band / window patterns")
     p.add_argument("--patterns", default=",".join(TABLE_PATTERNS),
                    help=f"comma-separated, from {TABLE_PATTERNS + ('band', 'window')}")
-    p.add_argument("--rounds", "--repeats", type=positive_int, default=7, help="interleaved rounds (--repeats: older name)")
+    p.add_argument("--rounds", "--repeats", type=positive_int, default=7,
+                   help="interleaved rounds (--repeats: older name)")
     p.add_argument("--threads", default="1,2", help="comma-separated torch.set_num_threads values")
     p.add_argument("--no-flex", dest="flex", action="store_false", help="skip compiled FlexAttention")
     p.add_argument("--backward", action="store_true", help="also time forward+backward (dit vs SDPA)")

@@ -115,7 +115,8 @@ def main(argv=None) -> None:
     parser.add_argument("--rounds", type=positive_int, default=30)
     parser.add_argument("--threads", type=positive_int, default=1)
     parser.add_argument("--calls", type=positive_int, default=3, help="calls per contender and round")
-    parser.add_argument("--copies", type=positive_int, default=3, help="deep copies of the model per contender, one per round")
+    parser.add_argument("--copies", type=positive_int, default=3,
+                        help="deep copies of the model per contender, one per round")
     parser.add_argument("--method-config", metavar="FILE", help="methods to time (dit-accel eval's format)")
     args = parser.parse_args(argv)
     grid = tuple(int(x) for x in args.grid.split(",")) if args.grid else None

@@ -342,7 +342,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--json", default=None, help="write the result here")
     args = parser.parse_args(argv)
     if args.tokens % 256:
-        parser.error(f"--tokens {args.tokens}: use a multiple of 256 (the tiled plan's grid is (tokens // 256, 16, 16))")
+        parser.error(f"--tokens {args.tokens}: use a multiple of 256 (the tiled plan's grid is (tokens // 256, 16, "
+                     "16))")
     os.environ.setdefault("TRITON_INTERPRET", "1")
     import datetime
 

@@ -7,8 +7,8 @@ VSA's coarse launches return the PyTorch twin's result, worked out before counti
 call where an eager call is): every operator that is not a view or an allocation, inside the package's own ops
 too, is taken to read each input tensor once and write each output once (an expanded input counts the storage it
 reads, an in-place output once), except that an index select reads, an index fill writes and a gather reads only
-the rows its index names. A model, not a measurement: caches are ignored, and the operators are the CPU's dispatch (a CUDA softmax with ``dtype=`` casts inside, which the CPU does
-in a copy first).
+the rows its index names. A model, not a measurement: caches are ignored, and the operators are the CPU's dispatch
+(a CUDA softmax with ``dtype=`` casts inside, which the CPU does in a copy first).
 
 Cases, each at ``grid`` (default Wan 2.1 480p's (21, 30, 52)) with ``heads`` heads of ``head_dim``, float16:
 

@@ -164,7 +164,7 @@ class Plan:
             # Video alone: nothing is merged, so no lse is asked for.
             o_video, _, extra, density = self.attend(q, k, v, scale=scale, backend=backend, proj=proj, lse=False)
             if extra is not None:
-                o_video = o_video + extra  # (an fp32 extra: the sum rounded once, below)
+                o_video = o_video + extra
             return (o_video if o_video.dtype == q.dtype else o_video.to(q.dtype)), density
         s = k.shape[2]
         video = slice(num_text, s) if text_first else slice(0, s - num_text)
@@ -177,7 +177,7 @@ class Plan:
         o_text, lse_text = attend_with_lse(q_video, k[:, :, text], v[:, :, text], text_valid, scale_value)
         o_video, _ = merge_attention(o_video, lse, o_text, lse_text)
         if extra is not None:
-            o_video = o_video + extra  # (an fp32 extra: the sum rounded once, below)
+            o_video = o_video + extra  # (VSA's fp32 extra: the sum rounded once, below)
         if not text_queries:
             return o_video.to(q.dtype), density
         tq_mask = key_mask if text_query_mask is None else text_query_mask

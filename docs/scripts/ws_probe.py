@@ -22,8 +22,8 @@ package's kernel up to 293ebb5 (``pipelined``: its item loop software-pipelined)
 and without the tile indices read before the loop (``grid``, ``grid-preload``), and the pipelined kernel without
 the pointer load in its loop (``pipelined-preload``); the package's rows above are the ``flat`` design.
 
-``--time`` (GPU): each variant and design that was correct on both layouts, timed at Wan 2.1 1.3B's size (``--time-tokens``,
-``--time-heads``) on a layout of about 10% density (each query block's own key block and every tenth), beside the
+``--time`` (GPU): each variant and design that was correct on both layouts, timed at Wan 2.1 1.3B's size
+(``--time-tokens``, ``--time-heads``) on a layout of about 10% density (each query block's own key block and every tenth), beside the
 one-loop kernel the launcher runs by default on the same layout and dense SDPA on the same inputs: milliseconds
 (triton.testing.do_bench's median), the one-loop kernel's time over the variant's, and the efficiency (speed-up
 over SDPA x the true density).
