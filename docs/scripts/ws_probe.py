@@ -20,7 +20,8 @@ largest relative row error in the first and the second 64 rows of each 128-row t
 Then the same rows for the designs of :mod:`ws_designs` (``"design"`` in each row), at the 128-row variants: the
 package's kernel up to 293ebb5 (``pipelined``: its item loop software-pipelined), one work item per program with
 and without the tile indices read before the loop (``grid``, ``grid-preload``), and the pipelined kernel without
-the pointer load in its loop (``pipelined-preload``); the package's rows above are the ``flat`` design.
+the pointer load in its loop (``pipelined-preload``); the package's rows above are the ``flat`` design. A control
+row per variant, ``dense-ws``: the in-repo dense kernel's ws forward (no loop around its ws loop) on full attention.
 
 ``--time`` (GPU): each variant and design that was correct on both layouts, timed at Wan 2.1 1.3B's size
 (``--time-tokens``, ``--time-heads``) on a layout of about 10% density (each query block's own key block and every tenth), beside the
@@ -141,6 +142,35 @@ def _run_design(design: str, variant, kind: str, n: int, heads: int, device: str
     return _checked(row, layout, q, k, v, o)
 
 
+def _run_dense_ws(variant, n: int, heads: int, device: str = "cuda") -> dict:
+    """The control: the in-repo dense kernel's warp-specialized forward (no loop around its ws loop, no tile
+    index) in ``variant``, against fp32 attention; ``ws`` says whether its launcher took the ws configuration."""
+    import os
+
+    from dit_accel.kernels.dense import triton as dense
+
+    _configured(variant)
+    row = {"design": "dense-ws", "variant": list(variant), "layout": "dense", "ran": False}
+    layout, q, k, v = _inputs("dense", n, heads, device)
+    saved = os.environ.get("DIT_ACCEL_WS")
+    os.environ["DIT_ACCEL_WS"] = "1"
+    try:
+        row["ws"] = dense._ws_config(dense._config("fwd", q, (k, v)), q) is not None
+        t0 = time.perf_counter()
+        o, _ = dense.dense_forward(q, k, v, 128 ** -0.5)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        row.update(ran=True, seconds=round(time.perf_counter() - t0, 2))
+    except Exception as exc:  # noqa: BLE001 - a compile or launch failure is a finding
+        return {**row, "error": f"{type(exc).__name__}: {str(exc)[:300]}"}
+    finally:
+        if saved is None:
+            os.environ.pop("DIT_ACCEL_WS", None)
+        else:
+            os.environ["DIT_ACCEL_WS"] = saved
+    return _checked(row, layout, q, k, v, o)
+
+
 def _time(variants, n: int, heads: int, designs=()) -> list:
     """Each variant (and each ``(design, variant)`` of ``designs``) against the default one-loop kernel and dense
     SDPA, bf16, head dim 128, ~10% density."""
@@ -249,6 +279,9 @@ def main(argv=None) -> int:
             for row in todo:
                 print(json.dumps(row), flush=True)
                 rows.append(row)
+    for variant in ([] if args.dry_run else DESIGN_VARIANTS):  # the control: the dense kernel's ws forward
+        rows.append(_run_dense_ws(variant, args.tokens, args.heads))
+        print(json.dumps(rows[-1]), flush=True)
     timings = []
     if args.time and not args.dry_run:
         ok = [(r.get("design"), tuple(r["variant"])) for r in rows if r.get("ran") and

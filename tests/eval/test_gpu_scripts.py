@@ -136,7 +136,7 @@ def test_the_ws_probe_compiles_each_variant_for_sm90(tmp_path):
     assert pipelined["shared"] - package[0]["shared"] >= 60_000 and abs(package[0]["shared"] - grid["shared"]) < 1024
 
 
-def test_the_ws_designs_match_fp32_attention_in_the_interpreter():
+def test_the_ws_designs_match_fp32_attention_in_the_interpreter(monkeypatch):
     """Each design of docs/scripts/ws_designs.py (persistent or one item per program, the item loop pipelined or
     not, the tile indices read in the loop or before it) on a dense and a sparse layout of 128-token blocks, fp32
     in the interpreter (which runs the loops as written: what a GPU would compute when the compiler is right)."""
@@ -157,6 +157,11 @@ def test_the_ws_designs_match_fp32_attention_in_the_interpreter():
                     row = probe._run_design(design, variant, kind, 512, 2, device="cpu")
                     assert row["ran"] and row["first_bad_row"] is None and row["nonfinite_rows"] == 0, row
                     assert max(row["max_err_rows_0_63"], row["max_err_rows_64_127"]) < 1e-5, row
+        from dit_accel.kernels.block_sparse import configs
+
+        monkeypatch.setattr(configs, "WS_TUNED", dict(configs.WS_TUNED))  # (the probe sets the variant in it)
+        control = probe._run_dense_ws((128, 64, 4, 3), 512, 2, device="cpu")  # (no ws on a CPU: its path runs)
+        assert control["ran"] and control["ws"] is False and control["first_bad_row"] is None, control
     finally:
         sys.path.remove(str(SCRIPTS))
 
@@ -175,6 +180,8 @@ def test_the_ws_probe_times_only_the_variants_correct_on_both_layouts(tmp_path, 
     monkeypatch.setattr(probe, "_run_design", lambda design, variant, kind, n, heads: {
         "design": design, "variant": list(variant), "layout": kind, "ran": True,
         "first_bad_row": None if design.startswith("grid") and variant[2:] == (4, 3) else 0})
+    monkeypatch.setattr(probe, "_run_dense_ws", lambda variant, n, heads: {
+        "design": "dense-ws", "variant": list(variant), "layout": "dense", "ran": True, "first_bad_row": None})
     timed = []
     monkeypatch.setattr(probe, "_time", lambda variants, n, heads, designs: timed.append((variants, n, heads, designs))
                         or [{"ms": 1}])
