@@ -163,7 +163,8 @@ ENV_WS = "DIT_ACCEL_WS"
 #: Why the warp-specialized forwards are off unless asked for (``dit-accel selftest`` prints it).
 WS_OFF_REASON = ("the warp-specialized forward is off by default: on triton 3.6.0 (H100 and H200, 2026-11-25 and 27, "
                  "BENCHMARKS section 10) its 128-row tiles gave wrong rows, and its one correct tile (64 x 64, 2 stages) "
-                 "ran at 0.55x the one-loop kernel; set DIT_ACCEL_WS=1 to try it (still behind its self-check)")
+                 "ran at 0.55x the one-loop kernel; its loop over work items was software-pipelined then, and is not "
+                 "since (not yet run on a GPU); set DIT_ACCEL_WS=1 to try it (still behind its self-check)")
 
 
 #: Opt-in switch of the forward's length tiles (:mod:`.lengths`): ``DIT_ACCEL_LENGTHS=1``.
