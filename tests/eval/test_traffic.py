@@ -70,10 +70,11 @@ def test_backward_permutations_are_gathers(traffic, grid):
 def test_the_gated_term_is_one_pass(traffic, grid):
     """The gate costs one pass over gate and fine writing the output (3 q-sized units) and, on a grid with a
     partial dimension, the cube rows gathered along it (a quarter of the tokens in fp32 at most: 0.5 units more).
-    The per-token fp32 product, sum and cast cost about 13 more."""
+    The per-token fp32 product, sum and cast cost about 13 more. On a grid of whole cubes that pass reads the fine
+    output in tiled order, so the ungated call's way back to raster order (2 units) is not made: about 1 more."""
     result = traffic[grid]
     gated = result["vsa"]["units"] - result["vsa_nogate"]["units"]
-    assert gated <= (3.1 if grid == (8, 16, 16) else 3.7), result
+    assert gated <= (1.1 if grid == (8, 16, 16) else 3.7), result
 
 
 def test_index_operators_are_charged_the_rows_they_name():

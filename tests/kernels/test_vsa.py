@@ -237,6 +237,57 @@ def test_gated_term_spreads_cube_rows_over_the_tokens(grid):
     assert cubes_of(grid, tile).count == parts.coarse.shape[2]
 
 
+@pytest.mark.parametrize("grid", [(8, 8, 12), (5, 8, 12)], ids=["whole-cubes", "t-partial"])
+def test_a_gated_call_reads_the_fine_output_in_tiled_order_where_the_cubes_are_whole(grid):
+    """``tiled_fine``: on a grid of whole cubes the fine output stays in tiled order, viewed in raster order (each
+    dimension split into cubes and extent), and the gated pass reads it there: no un-permutation of its own (one
+    gather of the output's size fewer); elsewhere the raster fine output as before. The output and every gradient
+    (q, k, v, gate) are the raster path's bit for bit, in bf16 with autograd."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from dit_accel.kernels.vsa import cubes_of, vsa_parts
+
+    tile, count, scale = (4, 4, 4), 2, 16 ** -0.5
+    n, whole = math.prod(grid), all(g % 4 == 0 for g in grid)
+    q, k, v, gate = (x.to(torch.bfloat16).requires_grad_() for x in _qkv((1, 2, n, 16), seed=4))
+    cubes = cubes_of(grid, tile)
+    nested = vsa_parts(q, k, v, grid, count, tile, scale, backend="torch", cubes=cubes, tiled_fine=True)
+    assert nested.fine.dim() == (9 if whole else 4)
+    if whole:
+        assert nested.fine.shape == (1, 2, 2, 4, 2, 4, 3, 4, 16)
+    weight = torch.randn(q.shape, generator=torch.Generator().manual_seed(6)).bfloat16()
+    outs, grads = [], []
+    for tiled in (True, False):
+        parts = vsa_parts(q, k, v, grid, count, tile, scale, backend="torch", cubes=cubes, tiled_fine=tiled)
+        out = parts.gated(gate, torch.bfloat16, add_fine=True)
+        out.backward(weight)
+        outs.append(out)
+        grads.append([x.grad.clone() for x in (q, k, v, gate)])
+        for x in (q, k, v, gate):
+            x.grad = None
+    assert outs[0].shape == q.shape and torch.equal(outs[0], outs[1])
+    for mine, want in zip(*grads):
+        assert torch.equal(mine, want)
+    gathers = []
+
+    class Gathers(TorchDispatchMode):  # token-sized gathers along the token axis: the way back to raster order
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.__name__.startswith("index_select") and args[0].numel() >= q.numel():
+                gathers.append(tuple(args[0].shape))
+            return func(*args, **(kwargs or {}))
+
+    with torch.no_grad():
+        for tiled in (True, False):
+            gathers.clear()
+            with Gathers():
+                vsa_parts(q, k, v, grid, count, tile, scale, backend="torch", cubes=cubes,
+                          tiled_fine=tiled).gated(gate, torch.bfloat16, add_fine=True)
+            if tiled:
+                found = len(gathers)
+            else:
+                assert len(gathers) == found + (1 if whole else 0), (gathers, found)
+
+
 def test_gated_term_keeps_no_spread_made_in_a_capture(monkeypatch):
     """The cube coordinates of a partial dimension are made on the device (no host copy) and kept per grid, except
     when made inside a capture or a trace (their memory would be the graph's, written only when it replays)."""

@@ -77,7 +77,9 @@ class VSAResult(NamedTuple):
     """:func:`vsa_parts`: ``fine`` (q's dtype) and its fp32 ``lse`` ``(B, H, N)`` in raster order, the ``coarse``
     output per query cube (fp32 ``(B, H, Cq, D)``, None unless asked; :meth:`gated` spreads it over the rows), the
     ``selection`` int64 ``(B, H, Cq, k)`` of key cubes per query cube (cube order), ``density``, the fraction of
-    cube pairs the fine branch visits (``k / C``), and the ``cubes`` and row ``order`` the parts were cut by."""
+    cube pairs the fine branch visits (``k / C``), and the ``cubes`` and row ``order`` the parts were cut by.
+    Asked with ``tiled_fine`` on a grid of whole cubes, ``fine`` is the tiled output viewed in raster order,
+    ``(B, H, T/t, t, H/h, h, W/w, w, D)`` (:func:`_raster_nested`): for :meth:`gated` with ``add_fine`` only."""
 
     fine: torch.Tensor
     lse: torch.Tensor
@@ -165,10 +167,11 @@ def _fused_coarse(q_t, k_t, v_t, with_coarse: bool, backend: str) -> bool:
 
 def vsa_parts(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid: Tuple[int, int, int], count: int,
               tile: Tuple[int, int, int], scale: float, *, with_coarse: bool = True,
-              backend: str = "auto", cubes: Optional[Cubes] = None) -> VSAResult:
+              backend: str = "auto", cubes: Optional[Cubes] = None, tiled_fine: bool = False) -> VSAResult:
     """VSA's branches for checked inputs (raster order, ``count`` key cubes per query cube): the plans call
     this on every layer call (with their ``cubes``, built once); :func:`vsa_attention` is the checked
-    public entry point."""
+    public entry point. ``tiled_fine``: the caller reads ``fine`` only through :meth:`VSAResult.gated` with
+    ``add_fine``, so on a grid of whole cubes it is left in tiled order (see :class:`VSAResult`)."""
     cubes = cubes_of(grid, tile) if cubes is None else cubes
     perm = cubes.perm
     cut = tuple(_by_cube(perm.permute(x, dim=-2), cubes) for x in (q, k, v))
@@ -179,7 +182,7 @@ def vsa_parts(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid: Tuple[int
         coarse, _, selection = coarse_triton(q_t, k_t, v_t, cubes, count, scale, with_coarse)
     else:
         coarse, _, selection = coarse_attention(*cut, cubes, count, scale, with_coarse)
-    return _fine_branch(q_t, k_t, v_t, cubes, perm, coarse, selection, scale, backend)
+    return _fine_branch(q_t, k_t, v_t, cubes, perm, coarse, selection, scale, backend, tiled_fine)
 
 
 def _by_cube(x_t: torch.Tensor, cubes: Cubes) -> torch.Tensor:
@@ -254,10 +257,12 @@ def _row_cubes(order, volume: int, device) -> torch.Tensor:
     return torch.div(tiled, volume, rounding_mode="floor")
 
 
-def _fine_branch(q_t, k_t, v_t, cubes: Cubes, order, coarse, selection, scale: float, backend: str) -> VSAResult:
+def _fine_branch(q_t, k_t, v_t, cubes: Cubes, order, coarse, selection, scale: float, backend: str,
+                 tiled_fine: bool = False) -> VSAResult:
     """The fine branch of the selected cubes on tiled ``q_t`` (every query cube, or a ring rank's) against every
     key cube, and every part back in raster order through ``order`` (the grid's permutation, or the share's
-    :class:`~.naive.CubeRows`)."""
+    :class:`~.naive.CubeRows`); with ``tiled_fine`` on a grid of whole cubes, ``fine`` as :func:`_raster_nested`'s
+    view instead."""
     b, h, n_q, d = q_t.shape
     if torch.compiler.is_compiling() and runs_twin(backend, q_t.device):
         # The twin reads its block lists on the host, which a trace cannot: the gathered form, tensor ops only.
@@ -276,9 +281,22 @@ def _fine_branch(q_t, k_t, v_t, cubes: Cubes, order, coarse, selection, scale: f
             if name == "triton":
                 fine_path.remember(q_f, k_f, v_f, cubes, rows, layout, _cube_masks(cubes, q_f.device)[0])
         fine, lse = ran
-    fine = order.unpermute(fine.view(b, h, n_q, d), dim=-2)
+    nested = _raster_nested(fine.view(b, h, n_q, d), cubes) if tiled_fine and order is cubes.perm else None
+    fine = nested if nested is not None else order.unpermute(fine.view(b, h, n_q, d), dim=-2)
     lse = order.unpermute(lse.view(b, h, n_q), dim=-1)
     return VSAResult(fine, lse, coarse, selection, selection.shape[-1] / cubes.count, cubes, order)
+
+
+def _raster_nested(fine_t: torch.Tensor, cubes: Cubes) -> Optional[torch.Tensor]:
+    """Tiled ``(B, H, N, D)`` on a grid of whole cubes (every dimension a multiple of the cube's) as a view in raster
+    order with each grid dimension split into (cubes, extent): ``(B, H, T/t, t, H/h, h, W/w, w, D)``, what
+    :func:`gated_coarse` reads raster rows through, so the way back to raster order is no pass of its own. None
+    where a dimension does not divide (tiled order then holds padding)."""
+    perm = cubes.perm
+    if perm.num_padded != perm.num_tokens:
+        return None
+    b, h, _, d = fine_t.shape
+    return fine_t.view(b, h, *perm.num_tiles, *perm.tile, d).permute(0, 1, 2, 5, 3, 6, 4, 7, 8)
 
 
 # (grid, tile, device) -> per dimension of the grid: None where the cube's extent divides it, else the cube
@@ -309,12 +327,17 @@ def gated_coarse(coarse: torch.Tensor, gate: torch.Tensor, cubes: Cubes, order, 
 
 
 def _gated(c, gate, fine, tokens, dtype) -> torch.Tensor:
-    out = torch.empty_like(gate if fine is None else fine, dtype=dtype)
+    out = torch.empty_like(gate if fine is None or fine.dim() > 4 else fine, dtype=dtype)
     if fine is None:
         torch.mul(c, gate.unflatten(2, tokens), out=out.unflatten(2, tokens))
     else:
-        torch.addcmul(fine.unflatten(2, tokens), c, gate.unflatten(2, tokens), out=out.unflatten(2, tokens))
+        torch.addcmul(_nested(fine, tokens), c, gate.unflatten(2, tokens), out=out.unflatten(2, tokens))
     return out
+
+
+def _nested(x: torch.Tensor, tokens) -> torch.Tensor:
+    """``(B, H, N, D)`` rows split as ``tokens``; a :func:`_raster_nested` view (split already) as it is."""
+    return x if x.dim() > 4 else x.unflatten(2, tokens)
 
 
 class _Gated(torch.autograd.Function):
@@ -326,7 +349,7 @@ class _Gated(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, c, gate, fine, tokens, dtype):
-        ctx.tokens, ctx.with_fine = tokens, fine is not None
+        ctx.tokens, ctx.with_fine, ctx.fine_dim = tokens, fine is not None, None if fine is None else fine.dim()
         ctx.save_for_backward(c, gate)
         return _gated(c, gate, fine, tokens, dtype)
 
@@ -344,7 +367,7 @@ class _Gated(torch.autograd.Function):
             d_gate = torch.empty_like(gate)
             torch.mul(g, c, out=d_gate.unflatten(2, tokens))
         if ctx.with_fine and ctx.needs_input_grad[2]:
-            d_fine = grad
+            d_fine = grad if ctx.fine_dim == 4 else g  # (a nested fine view takes the gradient split like it)
         return d_c, d_gate, d_fine, None, None
 
 
@@ -430,7 +453,7 @@ def vsa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid, *, to
     cubes = cubes_of(grid, tile)
     count = selected_count(cubes.count, topk, sparsity)
     parts = vsa_parts(q, k, v, grid, count, tile, scale, with_coarse=gate is not None, backend=backend,
-                      cubes=cubes)
+                      cubes=cubes, tiled_fine=gate is not None)
     out = parts.fine if gate is None else parts.gated(gate, q.dtype, add_fine=True)
     return (out, parts.selection) if return_selection else out
 
