@@ -15,7 +15,8 @@ from typing import Callable, Dict, Iterable, List, Optional
 
 __all__ = ["portable_path", "cdiv", "versions", "to_jsonable", "Timer", "time_median", "load_average", "has_cuda_driver", "DitAccelWarning",
            "WarningLog",
-           "use_interpreter_without_cuda", "is_int", "is_number", "format_time", "format_ratio", "positive_int"]
+           "use_interpreter_without_cuda", "is_int", "is_number", "format_time", "format_ratio", "positive_int",
+           "int_at_least"]
 
 
 def portable_path(path, base) -> str:
@@ -239,14 +240,21 @@ class WarningLog:
         warnings.warn(message, DitAccelWarning, stacklevel=stacklevel)
 
 
-def positive_int(text: str) -> int:
-    """An argparse type: an int >= 1 (counts, sizes), else the usage error naming the value."""
+def int_at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse type: an int >= ``minimum``, else the usage error naming the value."""
     import argparse
 
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} must be >= 1")
-    return value
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{value} must be >= {minimum}")
+        return value
+
+    return parse
+
+
+#: An argparse type for counts and sizes: an int >= 1.
+positive_int = int_at_least(1)

@@ -28,6 +28,7 @@ import argparse
 import re
 from typing import Dict, List, Optional, Tuple
 
+from .._util import int_at_least
 from ..methods import METHOD_ALIASES, CliOption, Method, canonical_method_name, method_from_name, registered_methods
 
 __all__ = ["BACKENDS", "HelpFormatter", "plain", "add_method_options", "method_from_args", "schedule_from_args", "int_tuple", "int_list",
@@ -100,14 +101,7 @@ def _number(text: str) -> float:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
 
 
-def _nonneg_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{value} must be >= 0")
-    return value
+_nonneg_int = int_at_least(0)
 
 
 _TYPES = {"ints": int_tuple, "int": int, "float": _number, "str": str, "int_list": int_list}
