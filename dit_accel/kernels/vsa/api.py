@@ -349,7 +349,7 @@ class _Gated(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, c, gate, fine, tokens, dtype):
-        ctx.tokens, ctx.with_fine, ctx.fine_dim = tokens, fine is not None, None if fine is None else fine.dim()
+        ctx.tokens, ctx.fine_dim = tokens, None if fine is None else fine.dim()
         ctx.save_for_backward(c, gate)
         return _gated(c, gate, fine, tokens, dtype)
 
@@ -366,7 +366,7 @@ class _Gated(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             d_gate = torch.empty_like(gate)
             torch.mul(g, c, out=d_gate.unflatten(2, tokens))
-        if ctx.with_fine and ctx.needs_input_grad[2]:
+        if ctx.fine_dim is not None and ctx.needs_input_grad[2]:
             d_fine = grad if ctx.fine_dim == 4 else g  # (a nested fine view takes the gradient split like it)
         return d_c, d_gate, d_fine, None, None
 
