@@ -12,7 +12,8 @@ import torch
 from .. import selfcheck
 from ..layout import BlockLayout
 from .configs import resume_config, ws_config
-from .triton import _PLANS, WS_VARIANT, _BackwardLaunch, _Launch
+from .launch_records import _BackwardLaunch, _Launch
+from .triton import _PLANS, WS_VARIANT
 
 __all__ = ["launched_variants"]
 

@@ -36,9 +36,8 @@ Launchers (pure functions, no autograd and no input checks: :mod:`.ops` wraps th
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-from typing import Callable, Dict, NamedTuple, Optional, Tuple, TypeVar
+from typing import Callable, Dict, Optional, Tuple, TypeVar
 
 import torch
 import triton
@@ -56,6 +55,7 @@ from .lengths import VARIANT as LEN_VARIANT
 from .lengths import (PARTIAL, bit_masked, column_offsets, fwd_epilogue, len_bias_table, len_step, length_bias, length_rows,
                       length_offsets, runs_lengths)
 from .bwd_fused import _bwd_dkdv_dq_kernel, one_pass_faster, one_pass_runs, run_fused
+from .launch_records import _BackwardLaunch, _BackwardStep, _Launch
 from .configs import (KernelConfig, fused_config, fused_pointer, length_config, pointer_fallback, resume_config,
                       select_config, ws_config, ws_enabled, ws_pays)
 
@@ -485,28 +485,6 @@ def _rebased(template, t: Optional[torch.Tensor]):
     return desc
 
 
-@dataclasses.dataclass(frozen=True)
-class _Launch:
-    """One forward launch as derived from (layout, call signature), once (:func:`_forward_launch`).
-
-    ``args``: the kernel's arguments after the call's own tensors (the tile plan first, then plan tensors, strides,
-    sizes; the scale comes last, per call); ``grid``: None for the interpreter's persistent grid (read per call,
-    :data:`INTERPRETER_PROGRAMS`); ``kw``: constexprs and launch options; ``prepare``: the inputs need last-dim
-    contiguous or zero-padded copies first, ``pad`` the latter; ``descriptors``: TMA descriptors of K and V,
-    checked, rebased per call (:func:`_rebased`), or None; ``ws_ok``: Q, K and V are TMA-aligned, so the
-    warp-specialized kernel (which makes a descriptor of each) may run."""
-
-    cfg: KernelConfig
-    args: tuple
-    grid: Optional[tuple]
-    kw: dict
-    n_items: int
-    prepare: bool
-    pad: bool
-    descriptors: Optional[tuple]
-    ws_ok: bool = False
-
-
 def _forward_launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
                     layout: BlockLayout, lengths: bool = False) -> _Launch:
     """The forward's configuration, tile plan, work order, strides, grid and descriptors for this call
@@ -663,33 +641,6 @@ def _ws_forward(q, k, v, o, lse, layout: BlockLayout, cfg: KernelConfig, scale: 
         _fwd_kernel[grid](*args, **kw)
     selfcheck.corrupt(WS_VARIANT, o)
     return True
-
-
-@dataclasses.dataclass(frozen=True)
-class _BackwardLaunch:
-    """The backward's launches as derived from (layout, call signature), once (:func:`_backward_launch`).
-
-    ``pre``: the preprocess's grid, static arguments and keywords; ``pad``: the pointer configuration whose ``block_d``
-    the inputs are zero-padded to (None: no padding); ``copies``: dQ, dK, dV allocated like q, k, v would not share
-    their strides, so the kernels get contiguous copies; ``steps``: per kernel (dK/dV, then dQ) its static arguments
-    after the call's tensors (plan, strides, sizes; the scale comes last, per call), grid, keywords and TMA
-    descriptor templates (rebased per call) or None; ``fused``: the one-pass kernel's step (:mod:`.bwd_fused`; same
-    arguments as dK/dV's), None where none ships; ``ran`` which of the two ran (:func:`.launches.launched_variants`).
-    """
-
-    pre: tuple
-    pad: Optional[KernelConfig]
-    copies: bool
-    steps: Tuple["_BackwardStep", "_BackwardStep"]
-    fused: Optional["_BackwardStep"] = None
-    ran: set = dataclasses.field(default_factory=set, compare=False)  # kernels run: True one-pass, False two-pass
-
-
-class _BackwardStep(NamedTuple):
-    args: tuple
-    grid: tuple
-    kw: dict
-    descriptors: Optional[tuple]
 
 
 def _backward_launch(q, k, v, do, o, lse, dlse, layout: BlockLayout) -> _BackwardLaunch:
