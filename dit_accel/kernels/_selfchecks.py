@@ -156,6 +156,32 @@ def _check_block_sparse_ws(device, dtype, shape) -> Result:
     return Result(_fwd_errors(o, lse, ref_o, ref_lse), FWD_TOL[dtype], text + ", ws + resume")
 
 
+def _check_block_sparse_gather(device, dtype, shape) -> Result:
+    """The forward on raster-order tensors through a row table (:mod:`.block_sparse.gather`): a tiled order with
+    padding in every dimension, per-head random tiles over it, no padded key visited; against the fp32 reference
+    on the raster tokens with the mask carried back to raster order."""
+    from ..patterns.permutation import TilePermutation
+    from .block_sparse.gather import row_table
+    from .block_sparse.triton import triton_forward
+    from .layout import BlockLayout
+    from .reference import dense_attention_reference
+
+    b, h, grid = (2, 40, (5, 15, 30)) if _gpu(device) else (1, 2, (3, 5, 7))
+    perm = TilePermutation(grid, (2, 4, 8))
+    mask = _mask(h, perm.num_padded, perm.num_padded, min(shape["block_q"], shape["block_k"]), 4)
+    mask[:, :, perm.order < 0] = False  # (a query never sees a padded key)
+    layout = BlockLayout.from_dense_mask(mask.to(device), block_q=shape["block_q"], block_k=shape["block_k"])
+    q, k, v = _qkv(b, h, perm.num_tokens, perm.num_tokens, shape["head_dim"], dtype, device, 4)
+    scale = shape["head_dim"] ** -0.5
+    o, lse = triton_forward(q, k, v, layout, scale, rows=row_table(perm, device))
+    raster = perm.inverse  # the tiled position of each raster token
+    ref_o, ref_lse = dense_attention_reference(q, k, v, mask[:, raster][:, :, raster].to(device), scale)
+    text = (f"{b}x{h} heads, grid {grid} in (2, 4, 8) tiles ({perm.num_tokens} tokens, {perm.num_padded} tiled "
+            f"positions), d={shape['head_dim']}, {shape['block_q']}x{shape['block_k']} blocks, "
+            f"{str(dtype).replace('torch.', '')}, raster order in and out")
+    return Result(_fwd_errors(o, lse, ref_o, ref_lse), _tol(FWD_TOL, q.device, dtype, True), text)
+
+
 def prefix_layout(h, n, m, block_q, block_k, seed, device="cpu"):
     """A per-head layout over ``n`` x ``m`` tokens whose visited blocks are full, column-prefix (the first ``c``
     keys of every row: 1, 5, half a block plus 3, a block less 1) or element-masked, the last key block ragged."""
@@ -362,6 +388,7 @@ for _v in (
     Variant("block_sparse.triton.fwd_ws", "block_sparse", "triton", _sm90_applies, _check_block_sparse_ws,
             dtypes=_half, shapes=_ws_shapes),
     Variant("block_sparse.triton.fwd_len", "block_sparse", "triton", _lengths_applies, _check_block_sparse_len),
+    Variant("block_sparse.triton.fwd_gather", "block_sparse", "triton", _triton_applies, _check_block_sparse_gather),
     Variant("block_sparse.triton.bwd", "block_sparse", "triton", _triton_applies, _check_block_sparse_bwd),
     Variant("block_sparse.triton.bwd_dkdv_dq", "block_sparse", "triton", _fused_applies,
             lambda device, dtype, shape: _check_block_sparse_bwd(device, dtype, shape, one_pass=True), dtypes=_half,

@@ -39,7 +39,8 @@ def _fresh(tmp_path, monkeypatch):
     _reset()
 
 
-CPU_VARIANTS = ["block_sparse.triton.fwd", "block_sparse.triton.fwd_len", "block_sparse.triton.bwd",
+CPU_VARIANTS = ["block_sparse.triton.fwd", "block_sparse.triton.fwd_len", "block_sparse.triton.fwd_gather",
+                "block_sparse.triton.bwd",
                 "dense.triton.fwd", "dense.triton.bwd", "sla.triton.classify", "sla.triton.fwd", "sla.triton.bwd"]
 
 

@@ -16,8 +16,9 @@ import torch
 from ..checks import SUPPORTED_DTYPES
 from ..dense.configs import ARG_TYPES, DIV16, tma_supported
 
-__all__ = ["KernelConfig", "select_config", "shipped_configs", "pointer_fallback", "candidates", "shared_memory_limit",
-           "ws_config", "resume_config", "length_config", "LENGTHS_SPILL", "ws_pays", "WS_TUNED", "kernel_reason",
+__all__ = ["KernelConfig", "select_config", "shipped_configs", "pointer_fallback", "gather_config", "candidates",
+           "shared_memory_limit", "ws_config", "resume_config", "length_config", "LENGTHS_SPILL", "GATHER_STAGES",
+           "GATHER_VARIANT", "ws_pays", "WS_TUNED", "kernel_reason",
            "block_d_for", "fused_config", "fused_pointer", "FUSED_TUNED",
            "SHARED_MEMORY_LIMITS", "TARGET_ARCHS", "BLOCK_DS", "KERNEL_NAMES"]
 
@@ -51,6 +52,7 @@ class KernelConfig:
     ws: bool = False  # fwd on sm_90: the full tiles in a warp-specialized kernel (see WS_TUNED)
     resume: bool = False  # fwd on sm_90: the partial tiles after a ws kernel, from its (O, LSE)
     lengths: bool = False  # fwd: column-prefix tiles run by a column count (block_sparse.lengths)
+    gather: bool = False  # fwd, pointer loads: raster-order tensors through a row table (block_sparse.gather)
 
     @property
     def dot_precision(self) -> str:
@@ -63,13 +65,14 @@ class KernelConfig:
     def name(self) -> str:
         return (f"{self.kernel}-{_DTYPE_NAMES[self.dtype]}-d{self.block_d}-m{self.block_m}n{self.block_n}"
                 f"-w{self.num_warps}s{self.num_stages}{'-tma' if self.tma else ''}{'' if self.even_d else '-oddd'}"
-                f"{'-ws' if self.ws else ''}{'-resume' if self.resume else ''}{'-len' if self.lengths else ''}")
+                f"{'-ws' if self.ws else ''}{'-resume' if self.resume else ''}{'-len' if self.lengths else ''}"
+                f"{'-gather' if self.gather else ''}")
 
     def constexprs(self) -> dict:
         out = {"BLOCK_M": self.block_m, "BLOCK_N": self.block_n, "BLOCK_D": self.block_d, "EVEN_D": self.even_d,
                "TMA": self.tma, "DOT_PRECISION": self.dot_precision}
         if self.kernel == "fwd":
-            out.update(WS=self.ws, RESUME=self.resume, LENGTHS=self.lengths)
+            out.update(WS=self.ws, RESUME=self.resume, LENGTHS=self.lengths, GATHER=self.gather)
         return out
 
     def dense(self):
@@ -346,7 +349,8 @@ def fused_config(dtype: torch.dtype, head_dim: int, block_q: int, block_k: int, 
 
 
 # Argument types and divisibility hints: the dense kernels' plus the plan's.
-_ARG_TYPES = {**ARG_TYPES, "PLAN": "*i32", "BITS": "*i64", "LEN_BIAS": "*DT", "ITEMS": "*i32", "DQ32": "*fp32"}
+_ARG_TYPES = {**ARG_TYPES, "PLAN": "*i32", "BITS": "*i64", "LEN_BIAS": "*DT", "ITEMS": "*i32", "RIDX": "*i32",
+              "DQ32": "*fp32"}
 _DIV16 = DIV16 | {"bits_w", "sgb", "sgh", "sgn"}  # layout block sizes (64, 128, 256); dQ's fp32 buffer (contiguous)
 
 
@@ -385,6 +389,8 @@ def shipped_configs(arch: Optional[int] = None) -> List[KernelConfig]:
                             if ws is not None:  # where ws_pays: the ws kernel and its resume pass
                                 seen.setdefault(ws, ws)
                                 seen.setdefault(resume_config(ws, a), resume_config(ws, a))
+                            if kernel == "fwd":  # raster-order inference calls (block_sparse.gather)
+                                seen.setdefault(gather_config(cfg, a), None)
                             if cfg.tma:  # the launcher's fallback when a tensor is not TMA-aligned
                                 cfg = pointer_fallback(cfg)
                                 seen.setdefault(cfg, cfg)
@@ -408,8 +414,8 @@ LENGTHS_SPILL = {(100, 64, 128, 128, True), (100, 256, 64, 32, True)}
 
 def length_config(cfg: KernelConfig, arch: int) -> Optional[KernelConfig]:
     """The length variant of forward configuration ``cfg`` on ``sm_<arch>`` (:mod:`.lengths`), None where it
-    spills (:data:`LENGTHS_SPILL`) or ``cfg`` is a ws / resume kernel."""
-    if cfg.kernel != "fwd" or cfg.ws or cfg.resume or \
+    spills (:data:`LENGTHS_SPILL`) or ``cfg`` is a ws, resume or gathered kernel."""
+    if cfg.kernel != "fwd" or cfg.ws or cfg.resume or cfg.gather or \
             (arch, cfg.block_d, cfg.block_m, cfg.block_n, cfg.tma) in LENGTHS_SPILL:
         return None
     return dataclasses.replace(cfg, lengths=True)
@@ -418,6 +424,25 @@ def length_config(cfg: KernelConfig, arch: int) -> Optional[KernelConfig]:
 def pointer_fallback(cfg: KernelConfig) -> KernelConfig:
     """The pointer-load variant of a TMA configuration (same tiles, warps and stages)."""
     return dataclasses.replace(cfg, tma=False, even_d=True, ws=False, resume=False)
+
+
+#: The self-check's name of the gathered forward (:mod:`.gather`; here so the launchers name it without importing it).
+GATHER_VARIANT = "block_sparse.triton.fwd_gather"
+
+
+def gather_config(cfg: KernelConfig, arch: int) -> KernelConfig:
+    """The forward configuration ``cfg`` reading raster-order tensors through a row table (:mod:`.gather`) on
+    ``sm_<arch>``: its pointer-load variant (a TMA box is consecutive rows), without length tiles, and with the
+    pipeline depth of :data:`GATHER_STAGES` where the row offsets would spill at ``cfg``'s."""
+    cfg = dataclasses.replace(pointer_fallback(cfg) if cfg.tma else cfg, lengths=False, gather=True)
+    stages = GATHER_STAGES.get((arch, cfg.block_d, cfg.block_m, cfg.block_n, cfg.num_warps))
+    return cfg if stages is None else dataclasses.replace(cfg, num_stages=stages)
+
+
+#: ``(arch, block_d, block_m, block_n, num_warps) -> num_stages`` of the gathered forwards that spill at their
+#: configuration's depth (triton 3.9, bf16 / fp16: sm_80 and sm_89 d128 128 x 64 with 8 warps, 255 registers and
+#: 52 B of spill stores at 3 stages, none at 2; ``tests/kernels/test_compile_block_sparse.py``).
+GATHER_STAGES = {(80, 128, 128, 64, 8): 2, (89, 128, 128, 64, 8): 2}
 
 
 #: The compute capability each constants entry models (its kernels' configurations are that target's).

@@ -41,7 +41,8 @@ from .. import selfcheck
 from ..layout import tensor_version
 from ..request import in_graph
 
-from ..dense.tiles import LN2, row_words, words_keep
+from ..dense.tiles import row_words, words_keep
+from .gather_tiles import store_rows
 from .configs import lengths_enabled
 
 __all__ = ["VARIANT", "PARTIAL", "len_step", "length_rows", "length_offsets", "length_bias", "bit_masked",
@@ -105,16 +106,7 @@ def fwd_epilogue(O, LSE, b, h, row0, sob, soh, son, slb, slh, acc, m_i, l_i, q_l
                  BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     """O and LSE of a query tile; rows that saw no allowed key get o = 0, lse = -inf."""
     offs_m = row0 + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    o_ptrs = (O + b.to(tl.int64) * sob + h.to(tl.int64) * soh + offs_m.to(tl.int64)[:, None] * son
-              + offs_d[None, :])
-    lse_ptrs = LSE + b.to(tl.int64) * slb + h.to(tl.int64) * slh + offs_m
-    empty = l_i == 0.0
-    l_safe = tl.where(empty, 1.0, l_i)
-    tl.store(o_ptrs, (acc / l_safe[:, None]).to(O.dtype.element_ty),
-             mask=(offs_m < q_len)[:, None] & (offs_d < head_dim)[None, :])
-    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * LN2)
-    tl.store(lse_ptrs, lse, mask=offs_m < q_len)
+    store_rows(O, LSE, b, h, offs_m, offs_m < q_len, sob, soh, son, slb, slh, acc, m_i, l_i, head_dim, BLOCK_D)
 
 
 #: id(mask table) -> (a weak reference to it, its version counter, its prefix count): layouts built per call around

@@ -54,10 +54,11 @@ from ..request import in_graph
 from .lengths import VARIANT as LEN_VARIANT
 from .lengths import (PARTIAL, bit_masked, column_offsets, fwd_epilogue, len_bias_table, len_step, length_bias, length_rows,
                       length_offsets, runs_lengths)
+from .gather_tiles import gathered_epilogue, load_block, load_kv
 from .bwd_fused import _bwd_dkdv_dq_kernel, one_pass_faster, one_pass_runs, run_fused
 from .launch_records import _BackwardLaunch, _BackwardStep, _Launch
-from .configs import (KernelConfig, fused_config, fused_pointer, length_config, pointer_fallback, resume_config,
-                      select_config, ws_config, ws_enabled, ws_pays)
+from .configs import (GATHER_VARIANT, KernelConfig, fused_config, fused_pointer, gather_config, length_config,
+                      pointer_fallback, resume_config, select_config, ws_config, ws_enabled, ws_pays)
 
 __all__ = ["triton_forward", "triton_backward", "KERNELS", "TilePlan", "tile_plan", "work_order", "ws_schedule", "tma_ok"]
 
@@ -72,18 +73,20 @@ WS_VARIANT = "block_sparse.triton.fwd_ws"
 
 @triton.jit
 def _fwd_item(
-    Q, K, V, O, LSE, PLAN, BITS, LEN_BIAS, pid_m, b, h,  # noqa: E741
+    Q, K, V, O, LSE, PLAN, BITS, LEN_BIAS, RIDX, pid_m, b, h,  # noqa: E741
     sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son, slb, slh,
     plan_h, plan_r, w, bits_w,
     q_len, kv_len, head_dim, qk_scale,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
     TMA: tl.constexpr, DOT_PRECISION: tl.constexpr, RESUME: tl.constexpr, LENGTHS: tl.constexpr,
+    GATHER: tl.constexpr,
 ):
     """One work item of the forward: query tile ``pid_m`` of batch ``b``, head ``h``.
 
     ``RESUME`` (TMA only): run the partial tiles alone, starting from the ``(O, LSE)`` that the
     warp-specialized kernel wrote for the full tiles (``acc = O``, ``m = LSE`` in base 2, ``l = 1``:
-    a valid online-softmax state; ``l = 0`` where no key was seen).
+    a valid online-softmax state; ``l = 0`` where no key was seen). ``GATHER`` (pointer loads): q, k, v, o and
+    lse in raster order, tiled position ``i`` being raster row ``RIDX[i]`` (:mod:`.gather`).
     """
     row0 = pid_m * BLOCK_M
     q_base = Q + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh
@@ -93,7 +96,8 @@ def _fwd_item(
     else:
         k_base = K + b.to(tl.int64) * skb + h.to(tl.int64) * skh
         v_base = V + b.to(tl.int64) * svb + h.to(tl.int64) * svh
-    q = load_tile(q_base, q_base, b, h, row0, q_len, sqn, head_dim, BLOCK_M, BLOCK_D, False, True, EVEN_D)
+    q = load_block(q_base, q_base, b, h, row0, q_len, sqn, head_dim, RIDX, BLOCK_M, BLOCK_D, False, True, EVEN_D,
+                   GATHER)
 
     # This query tile's row of the plan: [n_full, n_partial, key tiles (w), bit offsets (w)], the
     # full tiles first.
@@ -158,27 +162,30 @@ def _fwd_item(
         # loads, which only the partial tiles' loop carries, so full and partial tiles keep a loop each.
         for i in range(0, n_full):  # loop: full
             col = tl.load(tiles + i) * BLOCK_N
-            k = load_tile(K, k_base, b, h, col, kv_len, skn, head_dim, BLOCK_N, BLOCK_D, TMA, False, EVEN_D)
-            v = load_tile(V, v_base, b, h, col, kv_len, svn, head_dim, BLOCK_N, BLOCK_D, TMA, False, EVEN_D)
+            k, v = load_kv(K, V, k_base, v_base, b, h, col, kv_len, skn, svn, head_dim, RIDX, BLOCK_N, BLOCK_D, TMA,
+                           False, EVEN_D, GATHER)
             acc, m_i, l_i = fwd_step(q, k, v, acc, m_i, l_i, qk_scale, 0, False, DOT_PRECISION)
         if LENGTHS:
             ones = length_rows(q, BLOCK_M)
             offsets = length_offsets(BLOCK_N)
             for i in range(n_full, n_mask):  # loop: lengths (none ragged: rows past kv_len stay partial)
                 col = tl.load(tiles + i) * BLOCK_N
-                k = load_tile(K, k_base, b, h, col, kv_len, skn, head_dim, BLOCK_N, BLOCK_D, TMA, False, EVEN_D)
-                v = load_tile(V, v_base, b, h, col, kv_len, svn, head_dim, BLOCK_N, BLOCK_D, TMA, False, EVEN_D)
+                k, v = load_kv(K, V, k_base, v_base, b, h, col, kv_len, skn, svn, head_dim, RIDX, BLOCK_N, BLOCK_D, TMA,
+                               False, EVEN_D, GATHER)
                 acc, m_i, l_i = len_step(q, k, v, acc, m_i, l_i, qk_scale, ones, LEN_BIAS, offsets,
                                          BLOCK_N - tl.load(bits + i), DOT_PRECISION)
         rows = tl.arange(0, BLOCK_M)
         for i in range(n_mask, n_tot):  # loop: partial
             col = tl.load(tiles + i) * BLOCK_N
             keep = row_bits(BITS, tl.load(bits + i), rows, bits_w, BLOCK_N)
-            k = load_tile(K, k_base, b, h, col, kv_len, skn, head_dim, BLOCK_N, BLOCK_D, TMA, True, EVEN_D)
-            v = load_tile(V, v_base, b, h, col, kv_len, svn, head_dim, BLOCK_N, BLOCK_D, TMA, True, EVEN_D)
+            k, v = load_kv(K, V, k_base, v_base, b, h, col, kv_len, skn, svn, head_dim, RIDX, BLOCK_N, BLOCK_D, TMA,
+                           True, EVEN_D, GATHER)
             acc, m_i, l_i = fwd_step(q, k, v, acc, m_i, l_i, qk_scale, keep, True, DOT_PRECISION)
-
-    fwd_epilogue(O, LSE, b, h, row0, sob, soh, son, slb, slh, acc, m_i, l_i, q_len, head_dim, BLOCK_M, BLOCK_D)
+    if GATHER:
+        gathered_epilogue(O, LSE, RIDX, b, h, row0, sob, soh, son, slb, slh, acc, m_i, l_i, q_len, head_dim,
+                          BLOCK_M, BLOCK_D)
+    else:
+        fwd_epilogue(O, LSE, b, h, row0, sob, soh, son, slb, slh, acc, m_i, l_i, q_len, head_dim, BLOCK_M, BLOCK_D)
 
 
 @triton.jit
@@ -212,13 +219,13 @@ def _fwd_item_ws(
 
 @triton.jit
 def _fwd_kernel(
-    Q, K, V, O, LSE, PLAN, BITS, LEN_BIAS, ITEMS,  # noqa: E741 (the attention output, named like Q, K, V)
+    Q, K, V, O, LSE, PLAN, BITS, LEN_BIAS, ITEMS, RIDX,  # noqa: E741 (the attention output, named like Q, K, V)
     sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son, slb, slh,
     plan_h, plan_r, w, bits_w, n_items, n_tiles,
     H, q_len, kv_len, head_dim, qk_scale,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
     TMA: tl.constexpr, DOT_PRECISION: tl.constexpr, WS: tl.constexpr = False, RESUME: tl.constexpr = False,
-    LENGTHS: tl.constexpr = False,
+    LENGTHS: tl.constexpr = False, GATHER: tl.constexpr = False,
 ):
     # sm_90 (TMA) is persistent: as many programs as the GPU holds at once, each striding over ITEMS,
     # the host-built work order ((batch * H + head) * n_tiles + query tile, longest rows first).
@@ -239,16 +246,16 @@ def _fwd_kernel(
             item = tl.load(ITEMS + it)
             bh = item // n_tiles
             b = bh // H
-            _fwd_item(Q, K, V, O, LSE, PLAN, BITS, LEN_BIAS, item - bh * n_tiles, b, bh - b * H,
+            _fwd_item(Q, K, V, O, LSE, PLAN, BITS, LEN_BIAS, RIDX, item - bh * n_tiles, b, bh - b * H,
                       sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son, slb, slh,
                       plan_h, plan_r, w, bits_w, q_len, kv_len, head_dim, qk_scale,
-                      BLOCK_M, BLOCK_N, BLOCK_D, EVEN_D, TMA, DOT_PRECISION, RESUME, LENGTHS)
+                      BLOCK_M, BLOCK_N, BLOCK_D, EVEN_D, TMA, DOT_PRECISION, RESUME, LENGTHS, False)
     else:
         pid_bh = tl.program_id(1)
-        _fwd_item(Q, K, V, O, LSE, PLAN, BITS, LEN_BIAS, tl.program_id(0), pid_bh // H, pid_bh % H,
+        _fwd_item(Q, K, V, O, LSE, PLAN, BITS, LEN_BIAS, RIDX, tl.program_id(0), pid_bh // H, pid_bh % H,
                   sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son, slb, slh,
                   plan_h, plan_r, w, bits_w, q_len, kv_len, head_dim, qk_scale,
-                  BLOCK_M, BLOCK_N, BLOCK_D, EVEN_D, TMA, DOT_PRECISION, False, LENGTHS)
+                  BLOCK_M, BLOCK_N, BLOCK_D, EVEN_D, TMA, DOT_PRECISION, False, LENGTHS, GATHER)
 
 
 @triton.jit
@@ -486,18 +493,22 @@ def _rebased(template, t: Optional[torch.Tensor]):
 
 
 def _forward_launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
-                    layout: BlockLayout, lengths: bool = False) -> _Launch:
+                    layout: BlockLayout, lengths: bool = False, rows: Optional[torch.Tensor] = None) -> _Launch:
     """The forward's configuration, tile plan, work order, strides, grid and descriptors for this call
     signature: a function of q/k/v's shapes, strides, dtypes, device and base alignment, of
-    ``layout``, and of ``o`` and ``lse`` (fresh contiguous tensors, so of q's shape)."""
-    b, h, n, d = q.shape
-    m = k.shape[2]
+    ``layout``, of ``o`` and ``lse`` (fresh tensors shaped like q), and of the row table ``rows`` (:mod:`.gather`:
+    q, k, v, o, lse in raster order, the layout over tiled positions)."""
+    b, h, _, d = q.shape
+    n, m = (layout.q_len, layout.kv_len) if rows is not None else (q.shape[2], k.shape[2])
     given = (q, k, v)
     q, k, v = (_last_dim_contiguous(t) for t in given)
     cfg = _config("fwd", q, layout, (k, v))
+    if rows is not None:
+        cfg, lengths = gather_config(cfg, _arch(q.device)), False
     cfg = (length_config(cfg, _arch(q.device)) or cfg) if lengths else cfg
     lengths = cfg.lengths
-    ws_ok = cfg.tma and tma_ok(q) and not lengths  # the one-loop kernel loads Q by pointers, ws by a descriptor
+    # (the one-loop kernel loads Q by pointers, ws by a descriptor; a gathered forward is pointers throughout)
+    ws_ok = cfg.tma and tma_ok(q) and not lengths and rows is None
     plan = _plan(layout, cfg.block_m, cfg.block_n, transposed=False, lengths=bool(cfg.tma) if lengths else None)
     if lengths and cfg.tma:
         plan = _PLANS.get(layout, ("column_offsets", cfg.block_m, cfg.block_n),
@@ -509,7 +520,7 @@ def _forward_launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.
     n_items = b * h * n_tiles
     items = _work_order(layout, plan, cfg.block_m, cfg.block_n, b, h) if cfg.tma else plan.plan  # unread
     table = len_bias_table(q.device, q.dtype, cfg.block_n)  # read only by a forward with lengths
-    args = (plan.plan, plan.bits, table, items,
+    args = (plan.plan, plan.bits, table, items, plan.plan if rows is None else rows,  # (RIDX: unread without rows)
             *_strides(q), *_strides(k), *_strides(v), *_strides(out), lse.stride(0), lse.stride(1),
             *plan.args(), n_items, n_tiles, h, n, m, q.shape[-1])
     kw = dict(**cfg.constexprs(), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
@@ -532,7 +543,8 @@ def _forward_launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.
 # ---------------------------------------------------------------------------
 @occupancy.on_inputs_device
 def triton_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: BlockLayout,
-                   scale: float, lengths: Optional[bool] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+                   scale: float, lengths: Optional[bool] = None, rows: Optional[torch.Tensor] = None
+                   ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Block-sparse attention forward with the Triton kernel.
 
     Args:
@@ -543,6 +555,10 @@ def triton_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Bl
         scale: softmax scale.
         lengths: run column-prefix tiles by a column count (:mod:`.lengths`): None where the layout has them and
             the variant passed its self-check, True / False forced.
+        rows: a row table (:mod:`.gather`): int32 ``[layout.q_len]``, the raster token of each tiled position of
+            the layout (``-1``: padding), for q, k, v in raster order (``N == M``, each raster token named once);
+            ``o`` and ``lse`` come back in raster order, ``o`` laid out as ``(B, N, H, D)``. Pointer kernels only
+            (sm_90 too), no length tiles; row offsets in 32 bits (:func:`.gather.gather_fits` must hold).
 
     Inputs are not checked here (:func:`dit_accel.kernels.block_sparse_attention` did). What a launch derives from
     the layout and the inputs' geometry (configuration, tile plan, work order, strides, grid, TMA descriptors) is
@@ -555,26 +571,32 @@ def triton_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Bl
     """
     b, h, n, d = q.shape
     dev = q.device
-    o = torch.empty((b, h, n, d), dtype=q.dtype, device=dev)
+    if rows is None:
+        o = torch.empty((b, h, n, d), dtype=q.dtype, device=dev)
+    else:  # (as the gathered path's unpermute returns it: a pipeline's transpose(1, 2) is a view)
+        o = torch.empty((b, n, h, d), dtype=q.dtype, device=dev).transpose(1, 2)
     lse = torch.empty((b, h, n), dtype=torch.float32, device=dev)
     if o.numel() == 0:
         return o, lse.fill_(float("-inf"))
     if k.shape[2] == 0:
         return o.zero_(), lse.fill_(float("-inf"))
-    launch = forward_launch(q, k, v, o, lse, layout, lengths)
+    launch = forward_launch(q, k, v, o, lse, layout, lengths, rows)
     if launch.ws_ok and _ws_forward(*(_last_dim_contiguous(t) for t in (q, k, v)), o, lse, layout, launch.cfg,
                                       scale):
         return o, lse
     return launch_forward(launch, q, k, v, o, lse, scale)
 
 
-def forward_launch(q, k, v, o, lse, layout: BlockLayout, lengths: Optional[bool] = None) -> _Launch:
-    """:func:`triton_forward`'s launch for this call signature (``o``, ``lse``: its outputs), kept with the layout."""
+def forward_launch(q, k, v, o, lse, layout: BlockLayout, lengths: Optional[bool] = None,
+                   rows: Optional[torch.Tensor] = None) -> _Launch:
+    """:func:`triton_forward`'s launch for this call signature (``o``, ``lse``: its outputs; ``rows``: its row
+    table, kept by the launch, so its identity is part of the signature), kept with the layout."""
     dev = q.device
     signature = ("fwd", q.shape, q.stride(), k.shape, k.stride(), v.shape, v.stride(), q.dtype, k.dtype, v.dtype,
                  dev, _arch(dev), q.data_ptr() % 16, k.data_ptr() % 16, v.data_ptr() % 16,
-                 runs_lengths(q, layout, lengths, _PLANS))
-    return _PLANS.get(layout, signature, lambda: _forward_launch(q, k, v, o, lse, layout, signature[-1]))
+                 None if rows is None else (rows.data_ptr(), rows.numel()),
+                 rows is None and runs_lengths(q, layout, lengths, _PLANS))
+    return _PLANS.get(layout, signature, lambda: _forward_launch(q, k, v, o, lse, layout, signature[-1], rows))
 
 
 def launch_forward(launch: _Launch, q, k, v, o, lse, scale: float, plan: Optional[torch.Tensor] = None):
@@ -590,7 +612,7 @@ def launch_forward(launch: _Launch, q, k, v, o, lse, scale: float, plan: Optiona
     _fwd_kernel[grid](q, k, v, out, lse, *args, scale * _LOG2E, **launch.kw)
     if out is not o:
         o.copy_(out[..., :o.shape[-1]])
-    selfcheck.corrupt("block_sparse.triton.fwd", o)
+    selfcheck.corrupt(GATHER_VARIANT if launch.cfg.gather else "block_sparse.triton.fwd", o)
     if launch.cfg.lengths:
         selfcheck.corrupt(LEN_VARIANT, o)
     return o, lse
@@ -634,8 +656,8 @@ def _ws_forward(q, k, v, o, lse, layout: BlockLayout, cfg: KernelConfig, scale: 
     for c, kd, vd, todo in ((ws, k, v, items), (resume_config(ws), *_streamed(cfg, (k, v), ws.block_n), resumed)):
         if todo.numel() == 0:
             continue
-        args = (q, kd, vd, o, lse, plan.plan, plan.bits, len_bias_table(q.device, q.dtype, c.block_n), todo, *tail,
-                todo.numel(), *sizes)
+        args = (q, kd, vd, o, lse, plan.plan, plan.bits, len_bias_table(q.device, q.dtype, c.block_n), todo, todo,
+                *tail, todo.numel(), *sizes)
         kw = dict(**c.constexprs(), num_warps=c.num_warps, num_stages=c.num_stages)
         grid = (_programs(q.device, c, todo.numel(), lambda: _fwd_kernel.warmup(*args, grid=(1,), **kw)),)
         _fwd_kernel[grid](*args, **kw)

@@ -1,0 +1,124 @@
+"""The block-sparse forward on raster-order tensors: tiled positions read and written through a row table.
+
+A Tile or GNA layout is built over a *tiled* token order (:mod:`dit_accel.patterns.permutation`), in which a window
+is a few contiguous blocks. The plan's *gathering path* copies q, k and v into that order and the output back: on a
+GPU four memory-bound passes around one compute-bound kernel, 8 q-sized units of traffic per call (BENCHMARKS
+section 6, MODELLED). The *gathered forward* has the kernel read the raster tensors where they are instead: the
+row table (:func:`row_table`) holds, per tiled position, the raster token it stands for (``-1`` for a padded
+position), and every tile the pointer kernel loads (q, each visited k and v tile, one table read for both) and the
+output and lse it stores go through it (:mod:`.gather_tiles`). A tiled position is a raster row, so each row of a
+tile is still one contiguous ``head_dim`` load; a padded position loads zeros and stores nothing, as the gathering
+path's zero rows (the layout never lets a query attend to them). Row offsets inside a (batch, head) slice are 32-bit
+(:func:`gather_fits`), and where the extra addresses would spill at a configuration's pipeline depth it runs one
+stage less (:data:`.configs.GATHER_STAGES`).
+
+The kernel is the pointer one-loop forward (``_fwd_kernel`` with ``GATHER``): TMA tiles are boxes of consecutive
+rows, which a row table is not, and a gathered row costs its own address (more integer instructions per tile). So
+the gathered forward is a trade (no passes against a heavier tile loop, and on sm_90 pointer loads for TMA ones),
+decided per shape class by timing both on the call's inputs (:func:`gather_faster`), and only after the variant's
+first-use self-check (:data:`VARIANT`) passed. Inference only: a call that records a backward takes
+the gathering path, whose backward reads tiled order. This module imports no triton (the plans call it).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable, Optional, Tuple
+
+import torch
+
+from .. import selfcheck
+from ..checks import check_scale
+from ..request import env_get
+from .configs import GATHER_VARIANT
+
+__all__ = ["VARIANT", "ENV_GATHER", "row_table", "gathered_forward", "gather_fits", "gather_forced", "gather_runs",
+           "gather_faster"]
+
+#: The self-check's name of the forward that reads and writes raster order through a row table.
+VARIANT = GATHER_VARIANT
+#: The switch of :func:`gather_forced`.
+ENV_GATHER = "DIT_ACCEL_GATHER"
+
+
+def row_table(perm, device) -> torch.Tensor:
+    """int32 ``[Np]`` on ``device``: the raster token of each tiled position of ``perm`` (a
+    :class:`~dit_accel.patterns.TilePermutation` or packed one), ``-1`` at padded positions; made once per device
+    and kept with the permutation."""
+    device = torch.device(device)
+    cache = perm.__dict__.setdefault("_row_tables", {})
+    if device not in cache:
+        cache[device] = perm.order.to(device=device, dtype=torch.int32)
+    return cache[device]
+
+
+def gathered_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout, scale: float, perm
+                     ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(o, lse)`` in raster order of raster ``q``, ``k``, ``v`` under ``layout``, a layout over ``perm``'s tiled
+    positions: the Triton forward reading and writing through the row table (no autograd, no input checks: the
+    caller's; ``scale`` None: ``1 / sqrt(D)``)."""
+    return _launchers()[0](q, k, v, layout, check_scale(scale, q.shape[-1]), rows=row_table(perm, q.device))
+
+
+def gather_fits(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether every row offset inside a (batch, head) slice of q, k, v and the output fits the gathered kernel's
+    32 bits: ``N * (token stride) + D < 2**31`` (Wan 2.1 14B at 720p, 75,600 tokens of 40 x 128 in the (B, N, H,
+    D) layout: 3.9e8)."""
+    n, d = q.shape[-2], q.shape[-1]
+    out_stride = q.shape[1] * d  # the output's, laid out as (B, N, H, D)
+    return max(q.stride(-2), k.stride(-2), v.stride(-2), out_stride) * n + d < 2 ** 31
+
+
+@functools.cache
+def _launchers():
+    """``(triton_forward,)``, imported on first use (importing this module imports no triton)."""
+    from .triton import triton_forward
+
+    return (triton_forward,)
+
+
+def gather_forced() -> Optional[bool]:
+    """``$DIT_ACCEL_GATHER``: ``1`` (``true``, ``on``, ``yes``) takes the gathered forward wherever the Triton
+    kernel runs an inference call of a permuted layout, the interpreter included (a GPU still checks it first);
+    ``0`` (``false``, ``off``, ``no``) never; unset or empty: the default (:func:`gather_runs`). ValueError
+    naming the variable on anything else."""
+    raw = (env_get(ENV_GATHER) or "").strip().lower()
+    if not raw:
+        return None
+    if raw in ("1", "true", "on", "yes"):
+        return True
+    if raw in ("0", "false", "off", "no"):
+        return False
+    raise ValueError(f"{ENV_GATHER}={raw!r}: expected 1 (read raster order in the kernel wherever it runs), "
+                     "0 (always gather into tiled order) or unset (on a GPU, after the variant's self-check)")
+
+
+def gather_runs(device: torch.device, dtype: torch.dtype, head_dim: int, block_q: int, block_k: int,
+                forced: Optional[bool] = None) -> bool:
+    """Whether an inference call of a permuted layout that runs the Triton kernel may take the gathered forward:
+    ``forced`` (:func:`gather_forced`) False never; None on a GPU where the variant passed its first-use
+    self-check (never on the interpreter, where the gathering path stays the reference); True wherever it passes
+    it, raising :class:`~dit_accel.kernels.selfcheck.VariantFailed` where it failed."""
+    if forced is False or (forced is None and device.type != "cuda"):
+        return False
+    shape = {"head_dim": head_dim, "block_q": block_q, "block_k": block_k}
+    return selfcheck.gate([VARIANT], device, dtype, shape, forced=bool(forced))
+
+
+def gather_faster(layout, q: torch.Tensor, run: Callable[[bool], object], timer=None) -> bool:
+    """Whether a call takes the gathered forward: eager and with the autotuner on, the gathered forward and the
+    gathering path are timed on the call's own inputs once per shape class (:func:`dit_accel.kernels.autotune.choose`,
+    family ``block_sparse.gather``, stored with the other choices) and the faster runs; traced, or with the autotuner
+    off, the gathering path stands. Timed on every GPU: the gathered loop costs more instructions per tile than the
+    pointer kernel's (1.05-1.13x on sm_80 / 89 at d128, 1.08-1.19x against sm_90's pointer kernel: BENCHMARKS
+    section 7, STATIC), which the passes it saves outweigh only below some density. ``run(gather)`` runs a path."""
+    from .. import autotune
+    from ..request import Request, in_graph
+
+    if in_graph() or not autotune.enabled():
+        return False
+    request = Request.of(q, q, q, layout.block_q, layout.block_k)
+    shape = autotune.ShapeClass.of("block_sparse.gather", request, float(layout.density()))
+    contenders = {"gather": lambda: run(True), "permute": lambda: run(False)}
+    return autotune.choose(shape, contenders, timer=timer or autotune.cuda_event_timer, warmup=2,
+                           repeats=5) == "gather"

@@ -1,0 +1,86 @@
+"""The row-table loads and stores of the gathered block-sparse forward (:mod:`.gather`): Triton helpers of
+``_fwd_kernel`` (:mod:`.triton`) and of the epilogue every forward shares (:func:`.lengths.fwd_epilogue`)."""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from ..dense.tiles import LN2, load_tile
+
+__all__ = ["load_block", "load_kv", "store_rows", "gathered_epilogue"]
+
+
+@triton.jit
+def _gathered(base, raster, stride_n, head_dim, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr):
+    """The raster rows ``raster`` of one (batch, head) slice at ``base``; zeros where ``raster < 0``. The row
+    offsets are 32-bit (a 64-bit one per gathered row costs the registers sm_80 / 89's d128 tiles do not have):
+    the launcher runs this only where every offset in the slice fits (:func:`.gather.gather_fits`)."""
+    offs_d = tl.arange(0, BLOCK_D)
+    ptrs = base + (raster * stride_n)[:, None] + offs_d[None, :]
+    if EVEN_D:
+        tile = tl.load(ptrs, mask=(raster >= 0)[:, None], other=0.0)
+    else:
+        tile = tl.load(ptrs, mask=(raster >= 0)[:, None] & (offs_d < head_dim)[None, :], other=0.0)
+    return tile
+
+
+@triton.jit
+def _raster_rows(RIDX, row0, n_rows, ROWS: tl.constexpr):
+    """The raster row of tiled positions ``row0 .. row0 + ROWS``: ``-1`` for padding and past ``n_rows``."""
+    offs = row0 + tl.arange(0, ROWS)
+    return tl.load(RIDX + offs, mask=offs < n_rows, other=-1)
+
+
+@triton.jit
+def load_block(X, base, b, h, row0, n_rows, stride_n, head_dim, RIDX,
+               ROWS: tl.constexpr, BLOCK_D: tl.constexpr, TMA: tl.constexpr, ROW_MASK: tl.constexpr,
+               EVEN_D: tl.constexpr, GATHER: tl.constexpr):
+    """Tiled positions ``row0 .. row0 + ROWS`` as a ``[ROWS, BLOCK_D]`` tile: :func:`load_tile`'s rows, or with
+    ``GATHER`` (pointer loads only) the raster rows the table ``RIDX`` names, zeros for padded positions and
+    positions past ``n_rows`` (``ROW_MASK`` is then moot: every gathered load is row-masked)."""
+    if GATHER:
+        tl.static_assert(not TMA, "a gathered tile is loaded by pointers")
+        tile = _gathered(base, _raster_rows(RIDX, row0, n_rows, ROWS), stride_n, head_dim, BLOCK_D, EVEN_D)
+    else:
+        tile = load_tile(X, base, b, h, row0, n_rows, stride_n, head_dim, ROWS, BLOCK_D, TMA, ROW_MASK, EVEN_D)
+    return tile
+
+
+@triton.jit
+def load_kv(K, V, k_base, v_base, b, h, col, kv_len, skn, svn, head_dim, RIDX,
+            BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, TMA: tl.constexpr, ROW_MASK: tl.constexpr,
+            EVEN_D: tl.constexpr, GATHER: tl.constexpr):
+    """The key and value tiles at tiled position ``col`` (:func:`load_block`; gathered, one read of the table for
+    both)."""
+    if GATHER:
+        tl.static_assert(not TMA, "a gathered tile is loaded by pointers")
+        raster = _raster_rows(RIDX, col, kv_len, BLOCK_N)
+        k = _gathered(k_base, raster, skn, head_dim, BLOCK_D, EVEN_D)
+        v = _gathered(v_base, raster, svn, head_dim, BLOCK_D, EVEN_D)
+    else:
+        k = load_tile(K, k_base, b, h, col, kv_len, skn, head_dim, BLOCK_N, BLOCK_D, TMA, ROW_MASK, EVEN_D)
+        v = load_tile(V, v_base, b, h, col, kv_len, svn, head_dim, BLOCK_N, BLOCK_D, TMA, ROW_MASK, EVEN_D)
+    return k, v
+
+
+@triton.jit
+def store_rows(O, LSE, b, h, rows, ok, sob, soh, son, slb, slh, acc, m_i, l_i, head_dim,  # noqa: E741
+               BLOCK_D: tl.constexpr):
+    """O and LSE of the query rows ``rows`` (where ``ok``); rows that saw no allowed key get o = 0, lse = -inf."""
+    offs_d = tl.arange(0, BLOCK_D)
+    o_ptrs = O + b.to(tl.int64) * sob + h.to(tl.int64) * soh + rows.to(tl.int64)[:, None] * son + offs_d[None, :]
+    empty = l_i == 0.0
+    l_safe = tl.where(empty, 1.0, l_i)
+    tl.store(o_ptrs, (acc / l_safe[:, None]).to(O.dtype.element_ty), mask=ok[:, None] & (offs_d < head_dim)[None, :])
+    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * LN2)
+    tl.store(LSE + b.to(tl.int64) * slb + h.to(tl.int64) * slh + rows, lse, mask=ok)
+
+
+@triton.jit
+def gathered_epilogue(O, LSE, RIDX, b, h, row0, sob, soh, son, slb, slh, acc, m_i, l_i, q_len, head_dim,  # noqa: E741
+                      BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """O and LSE of the query tile at tiled position ``row0``, stored at the raster rows ``RIDX`` names (padded
+    positions and positions past ``q_len`` store nothing)."""
+    raster = _raster_rows(RIDX, row0, q_len, BLOCK_M)
+    store_rows(O, LSE, b, h, raster, raster >= 0, sob, soh, son, slb, slh, acc, m_i, l_i, head_dim, BLOCK_D)
