@@ -13,7 +13,8 @@ the rows its index names. A model, not a measurement: caches are ignored, and th
 Cases, each at ``grid`` (default Wan 2.1 480p's (21, 30, 52)) with ``heads`` heads of ``head_dim``, float16:
 
 - ``tile``, ``tile_train``: the recommended Tile for Wan (fitted, (6, 8, 8) / (3, 3, 3)) through its plan,
-  forward only, and forward + backward;
+  forward only, and forward + backward; ``tile_raster``: its forward with the kernel reading raster order
+  (:mod:`~dit_accel.kernels.block_sparse.gather`, forced: ``DIT_ACCEL_GATHER=1``);
 - ``vsa``, ``vsa_train``: ``vsa_attention`` with a gate, sparsity 0.9; ``vsa_nogate``: without a gate (the fine
   branch alone), so ``vsa - vsa_nogate`` is the gated term's traffic;
 - ``sla``, ``sla_train``: ``sla_attention`` with a projection (trained SLA), top-k 0.05 (its classification
@@ -36,7 +37,7 @@ from typing import Callable, Dict, Iterator, Optional, Tuple
 
 __all__ = ["count_traffic", "measure_traffic", "main", "CASES"]
 
-CASES = ("tile", "tile_train", "vsa", "vsa_nogate", "vsa_train", "sla", "sla_train")
+CASES = ("tile", "tile_raster", "tile_train", "vsa", "vsa_nogate", "vsa_train", "sla", "sla_train")
 
 
 def _read_bytes(t) -> int:
@@ -155,6 +156,22 @@ def _planned_fine() -> Iterator[None]:
         fine._direct = saved
 
 
+@contextlib.contextmanager
+def _gathered(on: bool) -> Iterator[None]:
+    """``DIT_ACCEL_GATHER=1`` while inside where ``on`` (else ``0``: the cases that gather stay as they are)."""
+    from ..kernels.block_sparse.gather import ENV_GATHER
+
+    saved = os.environ.get(ENV_GATHER)
+    os.environ[ENV_GATHER] = "1" if on else "0"
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop(ENV_GATHER, None)
+        else:
+            os.environ[ENV_GATHER] = saved
+
+
 def measure_traffic(*, grid: Tuple[int, int, int] = (21, 30, 52), heads: int = 2, head_dim: int = 64,
                     cases=CASES, tile=None) -> Dict[str, Dict[str, float]]:
     """``{case: {"ops", "bytes", "units"}}`` per call (module docstring); ``tile``: the Tile method of the ``tile``
@@ -194,6 +211,7 @@ def measure_traffic(*, grid: Tuple[int, int, int] = (21, 30, 52), heads: int = 2
 
     runs = {
         "tile": lambda: plan.run(q, k, v, backend="triton"),
+        "tile_raster": lambda: plan.run(q, k, v, backend="triton"),
         "tile_train": lambda: backward(plan.run(qg, kg, vg, backend="triton")[0]),
         "vsa": lambda: vsa(False),
         "vsa_nogate": lambda: vsa(False, with_gate=False),
@@ -208,7 +226,7 @@ def measure_traffic(*, grid: Tuple[int, int, int] = (21, 30, 52), heads: int = 2
         # outputs of stubbed ones: numpy's warnings about their values say nothing about the bytes)
         warnings.simplefilter("ignore", RuntimeWarning)
         for name in cases:
-            with torch.set_grad_enabled(name.endswith("_train")):
+            with torch.set_grad_enabled(name.endswith("_train")), _gathered(name == "tile_raster"):
                 runs[name]()  # (first call: layouts, plans, the coarse twin's kept result)
                 counts = count_traffic(runs[name])
             out[name] = {**counts, "units": counts["bytes"] / unit}

@@ -30,6 +30,7 @@ from ..kernels.block_sparse import api as _bs_api
 from ..kernels.block_sparse.api import (DENSE, block_sparse_backend, layout_on, live_keys, prepare_layout,
                                         timed_against_dense)
 from ..kernels._cache import LayoutCache
+from ..kernels.block_sparse.gather import gather_faster, gather_fits, gather_forced, gather_runs, gathered_forward
 from ..kernels.block_sparse.naive import dense_is_faster
 from ..kernels.block_sparse.one_pass import OnePass, one_pass_fits
 from ..kernels.layout import BlockLayout
@@ -248,6 +249,7 @@ class LayoutPlan(Plan):
         self._parts: Dict[tuple, "_Part"] = {}
         self._short_path: Dict[tuple, Optional[str]] = {}  # (heads, batch, heads of q, head dim) -> see _short
         self._gpu_choice: Dict[tuple, str] = {}  # _gpu_key -> DENSE or "sparse", see _gpu_dense
+        self._gather_choice: Dict[tuple, bool] = {}  # call signature -> whether it reads raster order (_reads_raster)
         self._padded_backends: Dict[tuple, str] = {}  # see backend_for
         self.dense_reasons: list = []  # why CUDA calls ran dense attention (_gpu_dense), one sentence each
         self._raster_bias: Dict[int, torch.Tensor] = {}  # id of a layout in self._layouts -> raster-order mask
@@ -438,8 +440,13 @@ class LayoutPlan(Plan):
             return o, lse, None, self.density
         return self._sparse(q, k, v, layout, scale, backend, want_lse) + (None, self.density)
 
-    def _sparse(self, q, k, v, layout: BlockLayout, scale, backend: str, want_lse: bool):
-        """``(o, lse or None)`` of the layout's kernels on raster q, k, v (gathered into tiled order and back)."""
+    def _sparse(self, q, k, v, layout: BlockLayout, scale, backend: str, want_lse: bool, gather=None):
+        """``(o, lse or None)`` of the layout's kernels on raster q, k, v: gathered into tiled order and back, or
+        read where they are by the kernel (:meth:`_reads_raster`; ``gather`` True / False: that path, forced)."""
+        if self.perm is not None and (gather if gather is not None else
+                                      self._reads_raster(q, k, v, layout, scale, backend, want_lse)):
+            o, lse = gathered_forward(q, k, v, layout, scale, self.perm)
+            return o, (lse if want_lse else None)
         if self.perm is not None:  # tiled order: windows become contiguous blocks
             q, k, v = (self.perm.permute(x, dim=-2) for x in (q, k, v))
         if not want_lse:
@@ -449,6 +456,32 @@ class LayoutPlan(Plan):
         if self.perm is not None:
             o, lse = self.perm.unpermute(o, dim=-2), self.perm.unpermute(lse, dim=-1)
         return o, lse
+
+    def _reads_raster(self, q, k, v, layout: BlockLayout, scale, backend: str, want_lse: bool) -> bool:
+        """Whether this call's kernel reads q, k, v in raster order through the permutation's row table instead of
+        their gathered copies (:mod:`dit_accel.kernels.block_sparse.gather`): an eager inference call whose
+        gathered call runs the Triton kernel, where :func:`~dit_accel.kernels.block_sparse.gather.gather_runs`
+        allows it (on a GPU after its self-check; ``DIT_ACCEL_GATHER``) and it timed faster. Decided
+        once per call signature (asking the kernels' backend choice takes one gathered copy of q, k and v)."""
+        forced = gather_forced()
+        if forced is False or (forced is None and q.device.type != "cuda") or records_grad(q, k, v) or in_graph() \
+                or type(q) is not torch.Tensor or k.shape[-2] != q.shape[-2] or not gather_fits(q, k, v):
+            return False
+        key = (backend, env_value(), forced, want_lse, q.shape, q.stride(), k.shape, k.stride(), v.stride(),
+               q.dtype, q.device)
+        hit = self._gather_choice.get(key)
+        if hit is None:
+            hit = self._gather_choice.setdefault(key, self._gather_decision(q, k, v, layout, scale, backend,
+                                                                           want_lse, forced))
+        return hit
+
+    def _gather_decision(self, q, k, v, layout: BlockLayout, scale, backend: str, want_lse: bool, forced) -> bool:
+        qp, kp, vp = (self.perm.permute(x, dim=-2) for x in (q, k, v))
+        if block_sparse_backend(qp, kp, vp, layout, backend, want_lse) != "triton" or not gather_runs(
+                q.device, q.dtype, q.shape[-1], layout.block_q, layout.block_k, forced):
+            return False
+        return bool(forced) or gather_faster(layout, q, lambda gather: self._sparse(
+            q, k, v, layout, scale, "triton", want_lse, gather))
 
     def _gpu_key(self, q, k, heads, want_lse: bool) -> tuple:
         """The call signature of :meth:`_gpu_dense` (the plan's grid fixes the token count; :meth:`backend_for` may

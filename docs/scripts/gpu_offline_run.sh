@@ -12,23 +12,24 @@
 # BUDGET: seconds for the whole run (each step gets at most its limit and what is left; a step with no time left
 # says `rc=skip`). STEPS: the steps to run (default, in this order): install selftest generate wan_step
 # host_profile bench_gpu pytest_gpu sla_parts info; the probes lengths_probe bwd_probe ws_probe (their answers held
-# on three runs, BENCHMARKS 10) and the vendor steps run only when named. For a short follow-up lease,
-# narrower steps: SELFTEST_VARIANTS (names, space-separated; default every variant), SELFTEST_BUDGET (default 140),
-# BENCH_SHAPES, BENCH_METHODS, BENCH_DENSITIES, BENCH_BUDGET (defaults below).
+# on three runs, BENCHMARKS 10), gather_probe (not run yet) and the vendor steps run only when named. For a short
+# follow-up lease, narrower steps: SELFTEST_VARIANTS (names, space-separated; default every variant),
+# SELFTEST_BUDGET (default 140), BENCH_SHAPES, BENCH_METHODS, BENCH_DENSITIES, BENCH_BUDGET (defaults below).
 # One 600 s command does not hold every step: on the H200 (2026-11-28, cf9d9eb) install took 7 s, selftest 138,
 # generate 33, wan_step 57, host_profile 33, bench_gpu 126, the three probes 37, pytest_gpu 119 and sla_parts 63. A
 # 15-minute lease (the first start costs about 35 s of it) fits two calls: BUDGET=545 for the default order (up to
 # pytest_gpu), then at once on the still-warm machine (it goes back after 30 s idle; its installs kept)
-# STEPS="install glue sla_parts info lengths_probe bwd_probe ws_probe" BUDGET=280 (glue: GLUE_BASELINE=.vendor/base
-# carried, `git archive a37e52e dit_accel | tar -x -C .vendor/base`), or the vendor route. The device tool empties its $OUT before each call: give this
-# script OUT=/tmp/gpu_out and copy (or tar) that folder into the tool's $OUT at the end of each call.
+# STEPS="install gather_probe ws_probe glue sla_parts info" BUDGET=280 (glue: GLUE_BASELINE=.vendor/base carried,
+# `git archive a37e52e dit_accel | tar -x -C .vendor/base`), or the vendor route. The device tool empties its $OUT
+# before each call: give this script OUT=/tmp/gpu_out and copy (or tar) that folder into the tool's $OUT at the end
+# of each call.
 # Logs: $OUT/all.log and $OUT/summary.txt (default ./gpu_out); the self-check verdicts in $OUT/selftest.json
 # ("N of M checked" in the log), each generate's sidecar as $OUT/gen_*.json, the Wan 2.1 1.3B step in
 # $OUT/wan_step.json, the host profiles in $OUT/host_profile.json, the bench report in $OUT/gpu_report/, the length
-# tiles' timing in $OUT/lengths_probe.json, the backward's in $OUT/bwd_probe.json, the ws forward's rows in
-# $OUT/ws_probe.json, SLA's parts in $OUT/sla_run.json, the glue's calls in $OUT/glue.json. The vendor kernels
-# (FA4, cuDNN) travel in parts: docs/scripts/gpu_vendor.sh says how; its steps vendor_selftest and bench_vendor run
-# only when named in STEPS.
+# tiles' timing in $OUT/lengths_probe.json, the raster-reading forward's in $OUT/gather_probe.json, the backward's in
+# $OUT/bwd_probe.json, the ws forward's rows in $OUT/ws_probe.json, SLA's parts in $OUT/sla_run.json, the glue's
+# calls in $OUT/glue.json. The vendor kernels (FA4, cuDNN) travel in parts: docs/scripts/gpu_vendor.sh says how; its
+# steps vendor_selftest and bench_vendor run only when named in STEPS.
 set -u
 O=${OUT:-$PWD/gpu_out}; W=${WHEELS:-.whl}; mkdir -p "$O/gpu_report"
 T0=$(date +%s); END=$((T0 + ${BUDGET:-540}))
@@ -73,6 +74,9 @@ step bench_gpu $((BB + 20)) dit-accel bench gpu --no-pytest --budget "$BB" --met
     --densities "${BENCH_DENSITIES:-0.05,0.1}" --shapes "${BENCH_SHAPES:-14B 480p,14B 720p,1.3B,FastWan}" --out "$O/gpu_report"
 # Length tiles by count (the bias product) against the same tiles by bit mask: agreement and milliseconds.
 step lengths_probe 60 python3 docs/scripts/lengths_probe.py --out "$O/lengths_probe.json"
+# The Tile plan's inference call with the kernel reading raster order (no gathers) against the gathering path (the TMA
+# kernel on sm_90): agreement and milliseconds, the kernel alone and SDPA beside them.
+step gather_probe 90 sh -c "cd docs/scripts && python3 gather_probe.py --out '$O/gather_probe.json'"
 # The one-pass backward (5 products) in two sm_90 d128 tiles for 64-token blocks against the two-pass backward
 # that ships there: agreement and milliseconds.
 step bwd_probe 90 sh -c "cd docs/scripts && python3 bwd_probe.py --out '$O/bwd_probe.json'"

@@ -58,9 +58,9 @@ def test_the_offline_run_plans_its_steps_inside_one_device_command(tmp_path):
     assert names == ["install", "selftest", "generate", "wan_step", "host_profile", "bench_gpu", "pytest_gpu",
                      "sla_parts", "info"], names  # (the probes and the vendor steps when named)
     named = subprocess.run(["bash", str(SCRIPTS / "gpu_offline_run.sh")], cwd=ROOT, capture_output=True, text=True,
-                           env={**os.environ, "DRY_RUN": "1", "OUT": str(tmp_path), "STEPS": "ws_probe bwd_probe"},
-                           timeout=60)
-    assert re.findall(r"^(\w+) \(limit", named.stdout, re.M) == ["bwd_probe", "ws_probe"]  # (the script's order)
+                           env={**os.environ, "DRY_RUN": "1", "OUT": str(tmp_path),
+                                "STEPS": "ws_probe gather_probe bwd_probe"}, timeout=60)
+    assert re.findall(r"^(\w+) \(limit", named.stdout, re.M) == ["gather_probe", "bwd_probe", "ws_probe"]  # (in order)
     cmd = dict((name, (int(limit), line)) for name, limit, line in steps)
     budget = int(re.search(r"--budget (\d+)", cmd["selftest"][1]).group(1))
     assert budget < cmd["selftest"][0]  # selftest ends itself, with its JSON, before the step's limit
@@ -101,6 +101,16 @@ def test_the_lengths_probe_runs_both_paths_against_fp32_on_the_cpu(tmp_path):
     rows = _dry_run("lengths_probe.py", tmp_path)
     assert [r["layout"] for r in rows] == ["tile-fit", "vsa"]
     assert all(r["pass"] and r["length_share"] > 0 and r["ran_lengths"] and r["len_vs_fp32"] < 1e-4 for r in rows), rows
+
+
+def test_the_gather_probe_runs_both_paths_against_fp32_on_the_cpu(tmp_path):
+    """docs/scripts/gather_probe.py's dry run through the interpreter: a fitted and a padded Tile plan, each call
+    through the gathering path and with the kernel reading raster order (the gathered launch configuration ran), bit
+    for bit alike and within fp32's error of attention over the plan's raster mask."""
+    rows = _dry_run("gather_probe.py", tmp_path)
+    assert [r["layout"] for r in rows] == ["tile-fit", "tile"] and rows[1]["tiled"] > rows[1]["tokens"]
+    assert all(r["pass"] and r["gathered_vs_gathering"] == 0 and r["gathered_vs_fp32"] < 1e-4
+               and any(c.endswith("-gather") for c in r["ran"]) for r in rows), rows
 
 
 def test_the_backward_probe_runs_both_backwards_against_fp32_on_the_cpu(tmp_path):

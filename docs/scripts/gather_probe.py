@@ -1,0 +1,95 @@
+"""The Tile plan's inference call with the kernel reading raster order through a row table, against the same call
+gathering q, k and v into tiled order and back (what the plan ran before), at Wan 2.1's grids.
+
+The gathered forward (``dit_accel/kernels/block_sparse/gather.py``) drops four memory-bound passes (8 q-sized units
+of traffic a call, BENCHMARKS section 6, MODELLED) but runs the pointer-load kernel, where sm_90's default forward
+loads K and V by TMA. This probe says what that trade is worth on a GPU and that both paths agree:
+
+    python docs/scripts/gather_probe.py --out gather.json              # on the GPU (bf16, 12 heads, d128)
+    TRITON_INTERPRET=1 python docs/scripts/gather_probe.py --dry-run   # on a CPU: small grids, fp32
+
+Each row of the JSON: the plan (Tile fitted to the grid at a density, as ``dit_accel.recommended`` fits it), its
+density, the launch configuration each path ran, the largest relative row error of the gathered path against the
+gathering one (and, in a dry run, both against fp32 attention over the plan's raster mask), and on a GPU the
+milliseconds (``triton.testing.do_bench`` medians) of the gathering path, of the gathered one, of the kernel alone
+on inputs already in tiled order (so the passes' share is ``ms_gathering - ms_kernel``), and of dense SDPA. The
+self-check and the timed choice are bypassed (each path forced): the rows' errors are the check.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+
+from lengths_probe import _row_error, probe_main
+
+#: (name, grid, density) of the GPU rows: Tile fitted to Wan 2.1 480p and 720p at 10 % and 5 % density.
+GPU_CASES = [("tile-fit", (21, 30, 52), 0.1), ("tile-fit", (21, 30, 52), 0.05), ("tile-fit", (21, 45, 80), 0.1)]
+#: The dry run's: grids the interpreter runs in seconds, one with padded tiles.
+DRY_CASES = [("tile-fit", (3, 9, 14), 0.3), ("tile", (3, 7, 10), 0.4)]
+TOL = 2e-2  # bf16 (the two paths run different kernels on sm_90); the dry run's fp32 is held to 1e-4
+
+
+def plan_of(name: str, grid, density: float):
+    from dit_accel.methods import Tile
+
+    method = Tile().at_density(tuple(grid), density)
+    plan = (method.replace(fit=True) if name == "tile-fit" else method).plan(tuple(grid))
+    if getattr(plan, "perm", None) is None:
+        raise ValueError(f"{name} at {tuple(grid)}, density {density}: no tiled order (dense or raster) to probe")
+    return plan
+
+
+def run_case(name, grid, amount, *, heads, head_dim, dtype, device, timed):
+    from dit_accel.kernels.block_sparse import triton as bst
+
+    plan = plan_of(name, grid, amount)
+    layout = plan.layout_on(device)
+    n = plan.perm.num_tokens
+    g = torch.Generator(device=device).manual_seed(1)
+    q, k, v = (torch.randn(1, n, heads, head_dim, generator=g, device=device).to(dtype).transpose(1, 2)
+               for _ in range(3))  # (B, N, H, D) in memory, as a Diffusers processor hands them over
+    scale = head_dim ** -0.5
+    row = {"layout": name, "grid": list(grid), "amount": amount, "tokens": n, "tiled": plan.perm.num_padded,
+           "heads": heads, "density": round(float(layout.density()), 4)}
+
+    def path(gather: bool):
+        return plan._sparse(q, k, v, layout, scale, "triton", True, gather=gather)
+
+    o_gathering, _ = path(False)
+    o_gathered, _ = path(True)
+    row["ran"] = sorted({x.cfg.name for x in bst._PLANS.values(layout).values() if isinstance(x, bst._Launch)})
+    row["gathered_vs_gathering"] = _row_error(o_gathered, o_gathering)
+    ok = row["gathered_vs_gathering"] <= (TOL if dtype != torch.float32 else 1e-4) and \
+        any(c.endswith("-gather") for c in row["ran"])
+    if not timed:  # small: both against fp32 attention over the plan's mask carried back to raster order
+        from dit_accel.kernels.reference import dense_attention_reference
+
+        raster = plan.perm.inverse.to(device)
+        mask = layout.to_dense_mask()[:, raster][:, :, raster]
+        ref, _ = dense_attention_reference(q.float(), k.float(), v.float(), mask, scale)
+        row["gathered_vs_fp32"], row["gathering_vs_fp32"] = _row_error(o_gathered, ref), _row_error(o_gathering, ref)
+        ok = ok and max(row["gathered_vs_fp32"], row["gathering_vs_fp32"]) <= 1e-4
+    else:
+        import triton
+
+        from dit_accel.kernels.block_sparse.triton import triton_forward
+
+        qt, kt, vt = (plan.perm.permute(x) for x in (q, k, v))
+        row["ms_gathering"] = triton.testing.do_bench(lambda: path(False))
+        row["ms_gathered"] = triton.testing.do_bench(lambda: path(True))
+        row["ms_kernel"] = triton.testing.do_bench(lambda: triton_forward(qt, kt, vt, layout, scale))
+        row["ms_sdpa"] = triton.testing.do_bench(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v))
+        row["gathering_over_gathered"] = round(row["ms_gathering"] / row["ms_gathered"], 3)
+        row["efficiency_gathered"] = round(row["ms_sdpa"] / row["ms_gathered"] * row["density"], 3)
+    row["pass"] = bool(ok)
+    return row
+
+
+def main(argv=None) -> int:
+    return probe_main(argv, __doc__.splitlines()[0], GPU_CASES, DRY_CASES, run_case)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
