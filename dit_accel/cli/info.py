@@ -198,12 +198,29 @@ def _kernel_status() -> dict:
         "warp-specialized forward": "on (DIT_ACCEL_WS=1), behind its self-check" if ws_enabled() else WS_OFF_REASON,
         "length tiles": ("on (DIT_ACCEL_LENGTHS=1), behind their self-check" if lengths_enabled()
                          else LENGTHS_OFF_REASON),
+        "raster-order forward": _gather_status(),
         "torch.compile": ("a traced call reuses the backend an eager call of the same shape chose (autotuned, or "
                           "dense where measured faster); with no eager call first it runs the Triton kernel, "
                           "timing nothing"),
         "CUDA graphs": ("a captured call times nothing and runs no first-use check; CUDA layouts are static "
                         "graph inputs, and a tile plan first built inside a capture takes no host sync"),
     }
+
+
+def _gather_status() -> str:
+    """Whether Tile and GNA inference calls may let the kernel read raster order (kernels/block_sparse/gather.py)."""
+    from ..kernels.block_sparse.gather import ENV_GATHER, gather_forced
+
+    try:
+        forced = gather_forced()
+    except ValueError as exc:
+        return str(exc)
+    if forced is not None:
+        return (f"{'on' if forced else 'off'} ({ENV_GATHER}={int(forced)})" +
+                (", wherever the Triton forward runs, behind its self-check" if forced else ""))
+    return ("Tile and GNA inference calls on a GPU read q, k, v in raster order in the kernel instead of gathering "
+            "them, where its self-check passed and it timed faster per shape class (not yet run on a GPU); "
+            f"{ENV_GATHER}=0 turns it off")
 
 
 def _selfcheck() -> dict:

@@ -196,3 +196,14 @@ def test_gpu_gathered_tile_plan_matches_the_gathering_path(dtype, monkeypatch, t
         o = plan.attend(q, k, v, scale=scale, backend="auto")[0]
         torch.testing.assert_close(o.float(), want.float(), atol=2e-2, rtol=2e-2)
     assert len(plan._gather_choice) == 1  # decided once (timed against the gathering path)
+
+
+def test_info_says_whether_the_raster_order_forward_is_on(monkeypatch):
+    from dit_accel.cli.info import _gather_status
+
+    monkeypatch.delenv(gather.ENV_GATHER, raising=False)
+    assert "timed faster" in _gather_status() and "DIT_ACCEL_GATHER=0 turns it off" in _gather_status()
+    monkeypatch.setenv(gather.ENV_GATHER, "0")
+    assert _gather_status() == "off (DIT_ACCEL_GATHER=0)"
+    monkeypatch.setenv(gather.ENV_GATHER, "maybe")
+    assert "DIT_ACCEL_GATHER='maybe': expected 1" in _gather_status()
