@@ -30,7 +30,8 @@ from ..kernels.block_sparse import api as _bs_api
 from ..kernels.block_sparse.api import (DENSE, block_sparse_backend, layout_on, live_keys, prepare_layout,
                                         timed_against_dense)
 from ..kernels._cache import LayoutCache
-from ..kernels.block_sparse.gather import gather_faster, gather_fits, gather_forced, gather_runs, gathered_forward
+from ..kernels.block_sparse.gather import (gather_faster, gather_fits, gather_forced, gather_runs, gathered_forward,
+                                          padding_unseen)
 from ..kernels.block_sparse.naive import dense_is_faster
 from ..kernels.block_sparse.one_pass import OnePass, one_pass_fits
 from ..kernels.layout import BlockLayout
@@ -477,8 +478,9 @@ class LayoutPlan(Plan):
 
     def _gather_decision(self, q, k, v, layout: BlockLayout, scale, backend: str, want_lse: bool, forced) -> bool:
         qp, kp, vp = (self.perm.permute(x, dim=-2) for x in (q, k, v))
-        if block_sparse_backend(qp, kp, vp, layout, backend, want_lse) != "triton" or not gather_runs(
-                q.device, q.dtype, q.shape[-1], layout.block_q, layout.block_k, forced):
+        if block_sparse_backend(qp, kp, vp, layout, backend, want_lse) != "triton" or \
+                not padding_unseen(layout, self.perm) or \
+                not gather_runs(q.device, q.dtype, q.shape[-1], layout.block_q, layout.block_k, forced):
             return False
         return bool(forced) or gather_faster(layout, q, lambda gather: self._sparse(
             q, k, v, layout, scale, "triton", want_lse, gather))

@@ -48,7 +48,8 @@ CASES = [  # (permutation, head dim, dtype, block_q, block_k)
 
 @interpreter_only
 @pytest.mark.parametrize("perm,d,dtype,block_q,block_k", CASES,
-                         ids=[f"{type(c[0]).__name__}-{c[0].grid}-d{c[1]}-{str(c[2])[6:]}-{c[3]}x{c[4]}" for c in CASES])
+                         ids=[f"{type(c[0]).__name__}-{c[0].grid}-d{c[1]}-{str(c[2])[6:]}-{c[3]}x{c[4]}"
+                              for c in CASES])
 def test_gathered_forward_equals_the_gathering_path_bit_for_bit(perm, d, dtype, block_q, block_k):
     q, k, v, mask, layout = _problem(perm, 2, d, dtype, block_q, block_k, seed=3)
     scale = d ** -0.5
@@ -74,6 +75,15 @@ def test_row_table_is_the_raster_token_of_each_tiled_position_once_per_device():
     assert (perm.permute(x)[0, 0][table < 0] == 0).all()
 
 
+@interpreter_only
+def test_padded_keys_are_never_seen_by_a_plan_layout_and_a_layout_that_sees_one_is_refused():
+    plan = _tile_plan()
+    assert gather.padding_unseen(plan.layout, plan.perm)
+    perm = TilePermutation((3, 5, 7), (2, 4, 8))
+    mask = torch.ones(1, perm.num_padded, perm.num_padded, dtype=torch.bool)  # padded keys too
+    assert not gather.padding_unseen(BlockLayout.from_dense_mask(mask, block_q=64, block_k=64), perm)
+
+
 def test_gather_fits_where_every_row_offset_of_a_slice_fits_32_bits():
     def bnhd(n, h, d):  # (B, H, N, D) views of (B, N, H, D) memory: token stride H * D
         return torch.empty_strided((1, h, n, d), (n * h * d, d, h * d, 1), device="meta")
@@ -83,7 +93,10 @@ def test_gather_fits_where_every_row_offset_of_a_slice_fits_32_bits():
     too_long = bnhd(420_000, 40, 128)  # 420k x 5,120 > 2**31
     assert not gather.gather_fits(too_long, too_long, too_long)
     spread = torch.empty_strided((1, 2, 1000, 64), (0, 64, 2 ** 22, 1), device="meta")  # one stride alone
-    assert not gather.gather_fits(bnhd(1000, 2, 64), spread, bnhd(1000, 2, 64))
+    assert not gather.gather_fits(bnhd(1000, 2, 64), spread, spread)
+    small = bnhd(1000, 2, 64)
+    assert not gather.gather_fits(small, small, small.contiguous())  # k and v strided differently: one table
+    assert not gather.gather_fits(small, small.transpose(-1, -2).contiguous().transpose(-1, -2), small)
 
 
 def _tile_plan():

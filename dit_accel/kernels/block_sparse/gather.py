@@ -9,8 +9,10 @@ position), and every tile the pointer kernel loads (q, each visited k and v tile
 output and lse it stores go through it (:mod:`.gather_tiles`). A tiled position is a raster row, so each row of a
 tile is still one contiguous ``head_dim`` load; a padded position loads zeros and stores nothing, as the gathering
 path's zero rows (the layout never lets a query attend to them). Row offsets inside a (batch, head) slice are 32-bit
-(:func:`gather_fits`), and where the extra addresses would spill at a configuration's pipeline depth it runs one
-stage less (:data:`.configs.GATHER_STAGES`).
+(:func:`gather_fits`), formed in the kernel from the stride (whose divisibility keeps the loads 16-byte copies); a
+full tile's keys load without a row test (no tiled layout lets a query see a padded key: :func:`padding_unseen`);
+where the addresses would spill at a configuration's pipeline depth it runs one stage less
+(:data:`.configs.GATHER_STAGES`).
 
 The kernel is the pointer one-loop forward (``_fwd_kernel`` with ``GATHER``): TMA tiles are boxes of consecutive
 rows, which a row table is not, and a gathered row costs its own address (more integer instructions per tile). So
@@ -32,8 +34,8 @@ from ..checks import check_scale
 from ..request import env_get
 from .configs import GATHER_VARIANT
 
-__all__ = ["VARIANT", "ENV_GATHER", "row_table", "gathered_forward", "gather_fits", "gather_forced", "gather_runs",
-           "gather_faster"]
+__all__ = ["VARIANT", "ENV_GATHER", "row_table", "gathered_forward", "gather_fits", "padding_unseen", "gather_forced",
+           "gather_runs", "gather_faster"]
 
 #: The self-check's name of the forward that reads and writes raster order through a row table.
 VARIANT = GATHER_VARIANT
@@ -60,13 +62,26 @@ def gathered_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout, 
     return _launchers()[0](q, k, v, layout, check_scale(scale, q.shape[-1]), rows=row_table(perm, q.device))
 
 
+def padding_unseen(layout, perm) -> bool:
+    """Whether no query of ``layout`` (over ``perm``'s tiled positions) attends to a padded position, as the
+    gathered kernel assumes (a full tile's keys load without a row test). A tiled layout never lets one; checked
+    once per call signature by the plans (:func:`~.api.live_keys` is kept with the layout)."""
+    from .api import live_keys
+
+    padded = row_table(perm, layout.device) < 0
+    return not bool(live_keys(layout)[:, padded].any())
+
+
 def gather_fits(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
-    """Whether every row offset inside a (batch, head) slice of q, k, v and the output fits the gathered kernel's
-    32 bits: ``N * (token stride) + D < 2**31`` (Wan 2.1 14B at 720p, 75,600 tokens of 40 x 128 in the (B, N, H,
-    D) layout: 3.9e8)."""
+    """Whether the gathered kernel takes these tensors as they are: each row contiguous, k and v with one token
+    stride (one offset table for both), and every row offset inside a (batch, head) slice of q, k, v and the
+    output in 32 bits: ``N * (token stride) + D < 2**31`` (Wan 2.1 14B at 720p, 75,600 tokens of 40 x 128 in the
+    (B, N, H, D) layout: 3.9e8)."""
     n, d = q.shape[-2], q.shape[-1]
     out_stride = q.shape[1] * d  # the output's, laid out as (B, N, H, D)
-    return max(q.stride(-2), k.stride(-2), v.stride(-2), out_stride) * n + d < 2 ** 31
+    if k.stride(-2) != v.stride(-2) or any(t.stride(-1) != 1 for t in (q, k, v)):
+        return False
+    return max(q.stride(-2), k.stride(-2), out_stride) * n + d < 2 ** 31
 
 
 @functools.cache
@@ -110,7 +125,7 @@ def gather_faster(layout, q: torch.Tensor, run: Callable[[bool], object], timer=
     gathering path are timed on the call's own inputs once per shape class (:func:`dit_accel.kernels.autotune.choose`,
     family ``block_sparse.gather``, stored with the other choices) and the faster runs; traced, or with the autotuner
     off, the gathering path stands. Timed on every GPU: the gathered loop costs more instructions per tile than the
-    pointer kernel's (1.05-1.13x on sm_80 / 89 at d128, 1.08-1.19x against sm_90's pointer kernel: BENCHMARKS
+    pointer kernel's (1.03-1.08x on sm_80 / 89 at d128, 1.04-1.10x against sm_90's pointer kernel: BENCHMARKS
     section 7, STATIC), which the passes it saves outweigh only below some density. ``run(gather)`` runs a path."""
     from .. import autotune
     from ..request import Request, in_graph

@@ -11,17 +11,27 @@ from ..dense.tiles import LN2, load_tile
 __all__ = ["load_block", "load_kv", "store_rows", "gathered_epilogue"]
 
 
+
+
 @triton.jit
-def _gathered(base, raster, stride_n, head_dim, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr):
-    """The raster rows ``raster`` of one (batch, head) slice at ``base``; zeros where ``raster < 0``. The row
-    offsets are 32-bit (a 64-bit one per gathered row costs the registers sm_80 / 89's d128 tiles do not have):
-    the launcher runs this only where every offset in the slice fits (:func:`.gather.gather_fits`)."""
+def _gathered(base, raster, stride_n, head_dim, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, ROW_MASK: tl.constexpr):
+    """The raster rows ``raster`` of one (batch, head) slice at ``base``: zeros where ``raster < 0`` with
+    ``ROW_MASK``; without it no row test at all (a full tile, which holds no padded or out-of-range key). The row
+    offsets are 32-bit (a 64-bit one per gathered row costs registers sm_80 / 89's d128 tiles do not have; the
+    launcher runs this only where every offset in the slice fits, :func:`.gather.gather_fits`) and formed here from
+    the stride, whose divisibility the compiler knows (offsets read from a table would cost the 16-byte vector
+    loads, and with them the cp.async pipeline)."""
     offs_d = tl.arange(0, BLOCK_D)
     ptrs = base + (raster * stride_n)[:, None] + offs_d[None, :]
-    if EVEN_D:
-        tile = tl.load(ptrs, mask=(raster >= 0)[:, None], other=0.0)
+    if ROW_MASK:
+        if EVEN_D:
+            tile = tl.load(ptrs, mask=(raster >= 0)[:, None], other=0.0)
+        else:
+            tile = tl.load(ptrs, mask=(raster >= 0)[:, None] & (offs_d < head_dim)[None, :], other=0.0)
+    elif EVEN_D:
+        tile = tl.load(ptrs)
     else:
-        tile = tl.load(ptrs, mask=(raster >= 0)[:, None] & (offs_d < head_dim)[None, :], other=0.0)
+        tile = tl.load(ptrs, mask=(offs_d < head_dim)[None, :], other=0.0)
     return tile
 
 
@@ -36,12 +46,12 @@ def _raster_rows(RIDX, row0, n_rows, ROWS: tl.constexpr):
 def load_block(X, base, b, h, row0, n_rows, stride_n, head_dim, RIDX,
                ROWS: tl.constexpr, BLOCK_D: tl.constexpr, TMA: tl.constexpr, ROW_MASK: tl.constexpr,
                EVEN_D: tl.constexpr, GATHER: tl.constexpr):
-    """Tiled positions ``row0 .. row0 + ROWS`` as a ``[ROWS, BLOCK_D]`` tile: :func:`load_tile`'s rows, or with
-    ``GATHER`` (pointer loads only) the raster rows the table ``RIDX`` names, zeros for padded positions and
-    positions past ``n_rows`` (``ROW_MASK`` is then moot: every gathered load is row-masked)."""
+    """The query tile at tiled positions ``row0 .. row0 + ROWS`` as ``[ROWS, BLOCK_D]``: :func:`load_tile`'s
+    rows, or with ``GATHER`` (pointer loads only) the raster rows the row table ``RIDX`` names, zeros for padded
+    positions and positions past ``n_rows`` (always row-masked)."""
     if GATHER:
         tl.static_assert(not TMA, "a gathered tile is loaded by pointers")
-        tile = _gathered(base, _raster_rows(RIDX, row0, n_rows, ROWS), stride_n, head_dim, BLOCK_D, EVEN_D)
+        tile = _gathered(base, _raster_rows(RIDX, row0, n_rows, ROWS), stride_n, head_dim, BLOCK_D, EVEN_D, True)
     else:
         tile = load_tile(X, base, b, h, row0, n_rows, stride_n, head_dim, ROWS, BLOCK_D, TMA, ROW_MASK, EVEN_D)
     return tile
@@ -51,13 +61,14 @@ def load_block(X, base, b, h, row0, n_rows, stride_n, head_dim, RIDX,
 def load_kv(K, V, k_base, v_base, b, h, col, kv_len, skn, svn, head_dim, RIDX,
             BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, TMA: tl.constexpr, ROW_MASK: tl.constexpr,
             EVEN_D: tl.constexpr, GATHER: tl.constexpr):
-    """The key and value tiles at tiled position ``col`` (:func:`load_block`; gathered, one read of the table for
-    both)."""
+    """The key and value tiles at tiled position ``col``: :func:`load_tile`'s, or with ``GATHER`` the raster rows
+    the row table names (one read of it for both), row-masked in the tiles ``ROW_MASK`` marks (partial ones: a
+    full tile holds no padded or out-of-range key, as the layouts the launcher takes let no query see one)."""
     if GATHER:
         tl.static_assert(not TMA, "a gathered tile is loaded by pointers")
         raster = _raster_rows(RIDX, col, kv_len, BLOCK_N)
-        k = _gathered(k_base, raster, skn, head_dim, BLOCK_D, EVEN_D)
-        v = _gathered(v_base, raster, svn, head_dim, BLOCK_D, EVEN_D)
+        k = _gathered(k_base, raster, skn, head_dim, BLOCK_D, EVEN_D, ROW_MASK)
+        v = _gathered(v_base, raster, svn, head_dim, BLOCK_D, EVEN_D, ROW_MASK)
     else:
         k = load_tile(K, k_base, b, h, col, kv_len, skn, head_dim, BLOCK_N, BLOCK_D, TMA, ROW_MASK, EVEN_D)
         v = load_tile(V, v_base, b, h, col, kv_len, svn, head_dim, BLOCK_N, BLOCK_D, TMA, ROW_MASK, EVEN_D)
@@ -80,7 +91,7 @@ def store_rows(O, LSE, b, h, rows, ok, sob, soh, son, slb, slh, acc, m_i, l_i, h
 @triton.jit
 def gathered_epilogue(O, LSE, RIDX, b, h, row0, sob, soh, son, slb, slh, acc, m_i, l_i, q_len, head_dim,  # noqa: E741
                       BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
-    """O and LSE of the query tile at tiled position ``row0``, stored at the raster rows ``RIDX`` names (padded
-    positions and positions past ``q_len`` store nothing)."""
+    """O and LSE of the query tile at tiled position ``row0``, stored at the raster rows the row table ``RIDX``
+    names (padded positions and positions past ``q_len`` store nothing)."""
     raster = _raster_rows(RIDX, row0, q_len, BLOCK_M)
     store_rows(O, LSE, b, h, raster, raster >= 0, sob, soh, son, slb, slh, acc, m_i, l_i, head_dim, BLOCK_D)
