@@ -463,15 +463,20 @@ class LayoutPlan(Plan):
         their gathered copies (:mod:`dit_accel.kernels.block_sparse.gather`): an eager inference call whose
         gathered call runs the Triton kernel, where :func:`~dit_accel.kernels.block_sparse.gather.gather_runs`
         allows it (on a GPU after its self-check; ``DIT_ACCEL_GATHER``) and it timed faster. Decided
-        once per call signature (asking the kernels' backend choice takes one gathered copy of q, k and v)."""
+        once per call signature and layout (asking the kernels' backend choice takes one gathered copy of q, k and
+        v); a CUDA graph capture takes the eager call's answer, a traced call the gathering path (the gathered
+        launch is no custom op)."""
         forced = gather_forced()
-        if forced is False or (forced is None and q.device.type != "cuda") or records_grad(q, k, v) or in_graph() \
-                or type(q) is not torch.Tensor or k.shape[-2] != q.shape[-2] or not gather_fits(q, k, v):
+        if forced is False or (forced is None and q.device.type != "cuda") or records_grad(q, k, v) \
+                or torch.compiler.is_compiling() or type(q) is not torch.Tensor or k.shape[-2] != q.shape[-2] \
+                or not gather_fits(q, k, v):
             return False
-        key = (backend, env_value(), forced, want_lse, q.shape, q.stride(), k.shape, k.stride(), v.stride(),
-               q.dtype, q.device)
+        key = (id(layout), backend, env_value(), forced, want_lse, q.shape, q.stride(), k.shape, k.stride(),
+               v.stride(), q.dtype, q.device)
         hit = self._gather_choice.get(key)
         if hit is None:
+            if in_graph():  # (a capture decides nothing: it may not time or sync)
+                return False
             hit = self._gather_choice.setdefault(key, self._gather_decision(q, k, v, layout, scale, backend,
                                                                            want_lse, forced))
         return hit

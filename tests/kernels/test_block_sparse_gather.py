@@ -131,6 +131,43 @@ def test_plans_read_raster_order_where_asked_and_match_the_gathering_path(monkey
 
 
 @interpreter_only
+def test_a_capture_takes_the_eager_answer_and_a_trace_the_gathering_path(monkeypatch):
+    plan = _tile_plan()
+    q, k, v = make_qkv(1, 2, plan.perm.num_tokens, plan.perm.num_tokens, 64, torch.float16, seed=12)
+    monkeypatch.setenv(gather.ENV_GATHER, "1")
+    calls = []
+    real = gather.gathered_forward
+    monkeypatch.setattr("dit_accel.plans.plan.gathered_forward", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr("dit_accel.plans.plan.in_graph", lambda: True)  # a capture before any eager call
+    want = _attend(plan, q, k, v)
+    assert calls == [] and not plan._gather_choice  # it decided nothing
+    monkeypatch.undo()
+    monkeypatch.setenv(gather.ENV_GATHER, "1")
+    monkeypatch.setattr("dit_accel.plans.plan.gathered_forward", lambda *a: calls.append(1) or real(*a))
+    _attend(plan, q, k, v)  # eager: decides (gathered)
+    monkeypatch.setattr("dit_accel.plans.plan.in_graph", lambda: True)
+    got = _attend(plan, q, k, v)  # a capture after it: the eager answer
+    assert calls == [1, 1] and torch.equal(got[0], want[0])
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)  # a trace: the gathered launch is no op
+    assert plan._reads_raster(q, k, v, plan.layout_on(q.device), None, "triton", True) is False
+
+
+@interpreter_only
+@pytest.mark.parametrize("text_first", [True, False], ids=["text-first", "text-last"])
+def test_joint_text_calls_read_the_video_part_in_raster_order_bit_for_bit(monkeypatch, text_first):
+    """A pipeline's call with text tokens beside the video ones (its video part a strided slice, merged with the
+    text keys by the lse): the same output either way."""
+    plan = _tile_plan()
+    n = plan.perm.num_tokens + 7
+    q, k, v = make_qkv(1, 2, n, n, 64, torch.float16, seed=13)
+    monkeypatch.setenv(gather.ENV_GATHER, "0")
+    want = plan.run(q, k, v, num_text=7, text_first=text_first, backend="triton")
+    monkeypatch.setenv(gather.ENV_GATHER, "1")
+    got = plan.run(q, k, v, num_text=7, text_first=text_first, backend="triton")
+    assert True in plan._gather_choice.values() and torch.equal(got[0], want[0])
+
+
+@interpreter_only
 def test_calls_that_record_a_backward_keep_the_gathering_path(monkeypatch):
     plan = _tile_plan()
     q, k, v = make_qkv(1, 2, plan.perm.num_tokens, plan.perm.num_tokens, 64, torch.float32, seed=6)
