@@ -6,7 +6,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ..dense.tiles import LN2, load_tile
+from ..dense.tiles import LN2, load_rows, load_tile
 
 __all__ = ["load_block", "load_kv", "store_rows", "gathered_epilogue"]
 
@@ -23,16 +23,7 @@ def _gathered(base, raster, stride_n, head_dim, BLOCK_D: tl.constexpr, EVEN_D: t
     loads, and with them the cp.async pipeline)."""
     offs_d = tl.arange(0, BLOCK_D)
     ptrs = base + (raster * stride_n)[:, None] + offs_d[None, :]
-    if ROW_MASK:
-        if EVEN_D:
-            tile = tl.load(ptrs, mask=(raster >= 0)[:, None], other=0.0)
-        else:
-            tile = tl.load(ptrs, mask=(raster >= 0)[:, None] & (offs_d < head_dim)[None, :], other=0.0)
-    elif EVEN_D:
-        tile = tl.load(ptrs)
-    else:
-        tile = tl.load(ptrs, mask=(offs_d < head_dim)[None, :], other=0.0)
-    return tile
+    return load_rows(ptrs, raster >= 0, offs_d, head_dim, ROW_MASK, EVEN_D)
 
 
 @triton.jit

@@ -17,7 +17,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-__all__ = ["load_tile", "slice_descriptors", "fwd_step", "dkdv_step", "dq_step", "row_bits", "row_words", "words_keep", "fwd_update", "LOG2E", "LOG2E_HOST", "LN2"]
+__all__ = ["load_tile", "load_rows", "slice_descriptors", "fwd_step", "dkdv_step", "dq_step", "row_bits", "row_words",
+           "words_keep", "fwd_update", "LOG2E", "LOG2E_HOST", "LN2"]
 
 LOG2E = tl.constexpr(1.4426950408889634)
 # The same as a plain float, for launchers: ``scale * LOG2E`` would be a tl.constexpr, which a launch bakes into
@@ -45,16 +46,23 @@ def load_tile(X, base, b, h, row0, n_rows, stride_n, head_dim,
         offs_r = tl.arange(0, ROWS)
         offs_d = tl.arange(0, BLOCK_D)
         ptrs = base + row0.to(tl.int64) * stride_n + (offs_r[:, None] * stride_n + offs_d[None, :])
-        if ROW_MASK:
-            if EVEN_D:
-                tile = tl.load(ptrs, mask=(row0 + offs_r < n_rows)[:, None], other=0.0)
-            else:
-                tile = tl.load(ptrs, mask=(row0 + offs_r < n_rows)[:, None] & (offs_d < head_dim)[None, :],
-                               other=0.0)
-        elif EVEN_D:
-            tile = tl.load(ptrs)
+        tile = load_rows(ptrs, row0 + offs_r < n_rows, offs_d, head_dim, ROW_MASK, EVEN_D)
+    return tile
+
+
+@triton.jit
+def load_rows(ptrs, row_ok, offs_d, head_dim, ROW_MASK: tl.constexpr, EVEN_D: tl.constexpr):
+    """A ``[rows, BLOCK_D]`` tile at ``ptrs``: zeros in the rows ``row_ok`` rules out (``ROW_MASK``; no row test
+    without it) and, unless ``EVEN_D``, in the columns past ``head_dim``."""
+    if ROW_MASK:
+        if EVEN_D:
+            tile = tl.load(ptrs, mask=row_ok[:, None], other=0.0)
         else:
-            tile = tl.load(ptrs, mask=(offs_d < head_dim)[None, :], other=0.0)
+            tile = tl.load(ptrs, mask=row_ok[:, None] & (offs_d < head_dim)[None, :], other=0.0)
+    elif EVEN_D:
+        tile = tl.load(ptrs)
+    else:
+        tile = tl.load(ptrs, mask=(offs_d < head_dim)[None, :], other=0.0)
     return tile
 
 
