@@ -1,5 +1,5 @@
-"""The Tile plan's inference call with the kernel reading raster order through a row table, against the same call
-gathering q, k and v into tiled order and back (what the plan ran before), at Wan 2.1's grids.
+"""Tile's and GNA's inference calls with the kernel reading raster order through a row table, against the same calls
+gathering q, k and v into tiled order and back (what the plans ran before), at Wan 2.1's grids.
 
 The gathered forward (``dit_accel/kernels/block_sparse/gather.py``) drops four memory-bound passes (8 q-sized units
 of traffic a call, BENCHMARKS section 6, MODELLED) but runs the pointer-load kernel, where sm_90's default forward
@@ -8,8 +8,8 @@ loads K and V by TMA. This probe says what that trade is worth on a GPU and that
     python docs/scripts/gather_probe.py --out gather.json              # on the GPU (bf16, 12 heads, d128)
     TRITON_INTERPRET=1 python docs/scripts/gather_probe.py --dry-run   # on a CPU: small grids, fp32
 
-Each row of the JSON: the plan (Tile fitted to the grid at a density, as ``dit_accel.recommended`` fits it), its
-density, the launch configuration each path ran, the largest relative row error of the gathered path against the
+Each row of the JSON: the plan (Tile fitted to the grid at a density, as ``dit_accel.recommended`` fits it; GNA with
+``recommended``'s (7, 16, 16) window for Wan, fitted; the amount is then the window), its density, the launch configuration each path ran, the largest relative row error of the gathered path against the
 gathering one (and, in a dry run, both against fp32 attention over the plan's raster mask), and on a GPU the
 milliseconds (``triton.testing.do_bench`` medians) of the gathering path, of the gathered one, of the kernel alone
 on inputs already in tiled order (so the passes' share is ``ms_gathering - ms_kernel``), and of dense SDPA. The
@@ -24,20 +24,25 @@ import torch
 
 from lengths_probe import _row_error, probe_main
 
-#: (name, grid, density) of the GPU rows: Tile fitted to Wan 2.1 480p and 720p at 10 % and 5 % density.
-GPU_CASES = [("tile-fit", (21, 30, 52), 0.1), ("tile-fit", (21, 30, 52), 0.05), ("tile-fit", (21, 45, 80), 0.1)]
+#: (name, grid, density or GNA window) of the GPU rows: Tile fitted to Wan 2.1 480p and 720p at 10 % and 5 % density,
+#: GNA with its recommended window at 480p.
+GPU_CASES = [("tile-fit", (21, 30, 52), 0.1), ("tile-fit", (21, 30, 52), 0.05), ("tile-fit", (21, 45, 80), 0.1),
+             ("gna-fit", (21, 30, 52), (7, 16, 16))]
 #: The dry run's: grids the interpreter runs in seconds, one with padded tiles.
-DRY_CASES = [("tile-fit", (3, 9, 14), 0.3), ("tile", (3, 7, 10), 0.4)]
+DRY_CASES = [("tile-fit", (3, 9, 14), 0.3), ("tile", (3, 7, 10), 0.4), ("gna-fit", (3, 9, 14), (3, 5, 5))]
 TOL = 2e-2  # bf16 (the two paths run different kernels on sm_90); the dry run's fp32 is held to 1e-4
 
 
-def plan_of(name: str, grid, density: float):
-    from dit_accel.methods import Tile
+def plan_of(name: str, grid, amount):
+    from dit_accel.methods import GNA, Tile
 
-    method = Tile().at_density(tuple(grid), density)
-    plan = (method.replace(fit=True) if name == "tile-fit" else method).plan(tuple(grid))
+    if name == "gna-fit":
+        plan = GNA(kernel_size=tuple(amount), fit=True).plan(tuple(grid))
+    else:
+        method = Tile().at_density(tuple(grid), amount)
+        plan = (method.replace(fit=True) if name == "tile-fit" else method).plan(tuple(grid))
     if getattr(plan, "perm", None) is None:
-        raise ValueError(f"{name} at {tuple(grid)}, density {density}: no tiled order (dense or raster) to probe")
+        raise ValueError(f"{name} at {tuple(grid)}, {amount}: no tiled order (dense or raster) to probe")
     return plan
 
 

@@ -104,11 +104,11 @@ def test_the_lengths_probe_runs_both_paths_against_fp32_on_the_cpu(tmp_path):
 
 
 def test_the_gather_probe_runs_both_paths_against_fp32_on_the_cpu(tmp_path):
-    """docs/scripts/gather_probe.py's dry run through the interpreter: a fitted and a padded Tile plan, each call
-    through the gathering path and with the kernel reading raster order (the gathered launch configuration ran), bit
-    for bit alike and within fp32's error of attention over the plan's raster mask."""
+    """docs/scripts/gather_probe.py's dry run through the interpreter: a fitted and a padded Tile plan and a fitted
+    GNA one, each call through the gathering path and with the kernel reading raster order (the gathered launch
+    configuration ran), bit for bit alike and within fp32's error of attention over the plan's raster mask."""
     rows = _dry_run("gather_probe.py", tmp_path)
-    assert [r["layout"] for r in rows] == ["tile-fit", "tile"] and rows[1]["tiled"] > rows[1]["tokens"]
+    assert [r["layout"] for r in rows] == ["tile-fit", "tile", "gna-fit"] and rows[1]["tiled"] > rows[1]["tokens"]
     assert all(r["pass"] and r["gathered_vs_gathering"] == 0 and r["gathered_vs_fp32"] < 1e-4
                and any(c.endswith("-gather") for c in r["ran"]) for r in rows), rows
 
