@@ -43,6 +43,7 @@ CASES = [  # (permutation, head dim, dtype, block_q, block_k)
     (TilePermutation((3, 5, 7), (2, 4, 8)), 40, torch.float16, 32, 64),  # a padded head dim, 32-row tiles
     (TilePermutation((4, 6, 10), (1, 3, 5)), 32, torch.float16, 64, 32),  # no padding
     (PackedTilePermutation((2, 5, 7), (2, 3, 4), block=32), 64, torch.float16, 32, 32),  # fitted: packed tiles
+    (TilePermutation((2, 9, 16), (1, 8, 16)), 64, torch.float16, 128, 64),  # 128-row query blocks (CUDA's wide ones)
 ]
 
 
