@@ -258,3 +258,30 @@ def test_info_says_whether_the_raster_order_forward_is_on(monkeypatch):
     assert _gather_status() == "off (DIT_ACCEL_GATHER=0)"
     monkeypatch.setenv(gather.ENV_GATHER, "maybe")
     assert "DIT_ACCEL_GATHER='maybe': expected 1" in _gather_status()
+
+
+@interpreter_only
+@pytest.mark.filterwarnings("ignore:.*saves no work")  # (grids this small: every key block is some query's)
+@pytest.mark.parametrize("name,grid,method", [
+    ("wan", (3, 8, 10), dit_accel.Tile(tile=(1, 4, 4), window=(1, 3, 3))),  # padded in H and W: 3 x 2 x 3 tiles
+    ("hunyuan", (2, 6, 8), dit_accel.GNA(kernel_size=(2, 3, 5))),  # text beside the video tokens
+], ids=["wan-tile", "hunyuan-gna"])
+def test_a_model_under_apply_reads_raster_order_bit_for_bit(monkeypatch, name, grid, method):
+    """A tiny Diffusers transformer through ``apply`` with the Triton kernel: the same output whether its
+    attention calls gather into tiled order or let the kernel read raster order (which they then did)."""
+    from dit_accel.models import tiny as T
+
+    model = T.build_tiny_transformer(name)
+    kwargs = T.tiny_transformer_inputs(name, model, grid=grid, batch=1)
+    calls = []
+    real = gather.gathered_forward
+    monkeypatch.setattr("dit_accel.plans.plan.gathered_forward", lambda *a: calls.append(1) or real(*a))
+    outs, layers = {}, []
+    for forced in ("0", "1"):
+        monkeypatch.setenv(gather.ENV_GATHER, forced)
+        with dit_accel.apply(model, method, backend="triton") as handle, torch.no_grad():
+            outs[forced] = model(**kwargs)[0]
+            layers.append([r["sparse_calls"] for r in handle.stats()])
+    assert layers[0] == layers[1] and set(layers[0]) == {1}
+    assert len(calls) == len(layers[1])  # every layer's call, with the kernel reading raster order
+    assert torch.equal(outs["0"], outs["1"])
