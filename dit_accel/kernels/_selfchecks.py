@@ -388,7 +388,8 @@ for _v in (
     Variant("block_sparse.triton.fwd_ws", "block_sparse", "triton", _sm90_applies, _check_block_sparse_ws,
             dtypes=_half, shapes=_ws_shapes),
     Variant("block_sparse.triton.fwd_len", "block_sparse", "triton", _lengths_applies, _check_block_sparse_len),
-    Variant("block_sparse.triton.fwd_gather", "block_sparse", "triton", _triton_applies, _check_block_sparse_gather),
+    Variant("block_sparse.triton.fwd_gather", "block_sparse", "triton", _triton_applies, _check_block_sparse_gather,
+            dtypes=_half),  # (what pipelines run; an fp32 call checks its dtype on first use)
     Variant("block_sparse.triton.bwd", "block_sparse", "triton", _triton_applies, _check_block_sparse_bwd),
     Variant("block_sparse.triton.bwd_dkdv_dq", "block_sparse", "triton", _fused_applies,
             lambda device, dtype, shape: _check_block_sparse_bwd(device, dtype, shape, one_pass=True), dtypes=_half,
