@@ -11,8 +11,6 @@ from ..dense.tiles import LN2, load_rows, load_tile
 __all__ = ["load_block", "load_kv", "store_rows", "gathered_epilogue"]
 
 
-
-
 @triton.jit
 def _gathered(base, raster, stride_n, head_dim, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, ROW_MASK: tl.constexpr):
     """The raster rows ``raster`` of one (batch, head) slice at ``base``: zeros where ``raster < 0`` with
