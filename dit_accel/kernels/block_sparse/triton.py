@@ -158,7 +158,7 @@ def _fwd_item(
                 s, lo, hi, off = bit_masked(s, lo, hi, off, BITS, bits, i, n_tot, rows, bits_w, BLOCK_N)
             acc, m_i, l_i = fwd_update(s, v, acc, m_i, l_i, qk_scale, DOT_PRECISION)
     else:
-        # Pointer loads (sm_80 / 89, unaligned tensors): a ragged last key tile needs row masks on its
+        # Pointer loads (sm_80 / 89, unaligned tensors, GATHER): a ragged last key tile needs row masks on its
         # loads, which only the partial tiles' loop carries, so full and partial tiles keep a loop each.
         for i in range(0, n_full):  # loop: full
             col = tl.load(tiles + i) * BLOCK_N
