@@ -5,18 +5,19 @@ Import-light on purpose (torch is imported only inside the functions that need i
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import platform
 import statistics
 import time
 from pathlib import Path
-from typing import Callable, Dict, Iterable, List, Optional
+from typing import Callable, Dict, Iterable, Iterator, List, Optional
 
 __all__ = ["portable_path", "cdiv", "versions", "to_jsonable", "Timer", "time_median", "load_average", "has_cuda_driver", "DitAccelWarning",
            "WarningLog",
            "use_interpreter_without_cuda", "is_int", "is_number", "format_time", "format_ratio", "positive_int",
-           "int_at_least"]
+           "int_at_least", "env_set"]
 
 
 def portable_path(path, base) -> str:
@@ -209,6 +210,22 @@ def has_cuda_driver() -> bool:
     except OSError:
         return False
     return True
+
+
+@contextlib.contextmanager
+def env_set(name: str, value: Optional[str] = None) -> Iterator[None]:
+    """``$name`` set to ``value`` while inside (None: left as it is, for code inside that sets it), and on the way
+    out back to what it was, or unset where it was unset."""
+    saved = os.environ.get(name)
+    if value is not None:
+        os.environ[name] = value
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = saved
 
 
 def use_interpreter_without_cuda() -> None:

@@ -279,10 +279,10 @@ def targets(rows: Sequence[dict]) -> List[dict]:
 
 def _run_shapes(shapes, densities, methods, autotune, forced, device, dtype, backward, timer, calls, repeats, left,
                 rows, notes, log) -> None:
+    from .._util import env_set
     from ..kernels import autotune as tuner
 
-    before = os.environ.get(tuner.ENV_AUTOTUNE)
-    try:
+    with env_set(tuner.ENV_AUTOTUNE):  # (each autotune mode sets it: bench_gpu_cases._set_autotune)
         for i, shape in enumerate(shapes):
             if left() <= 0:
                 rows.append(_skipped(shape, "all", None, "time budget"))
@@ -303,11 +303,6 @@ def _run_shapes(shapes, densities, methods, autotune, forced, device, dtype, bac
             finally:
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
-    finally:
-        if before is None:
-            os.environ.pop(tuner.ENV_AUTOTUNE, None)
-        else:
-            os.environ[tuner.ENV_AUTOTUNE] = before
 
 
 # ----------------------------------------------------------------------------- subprocesses

@@ -87,32 +87,28 @@ def stub_launches() -> Iterator[Dict[str, int]]:
     from ..kernels.sla import operands, pool, select
     from ..kernels.sla import triton as sla
 
+    from .._util import env_set
     from ..kernels.selfcheck import ENV_SELFCHECK
 
     counts = {"triton": 0}
     saved_bs = {name: getattr(bs, name) for name in ("_fwd_kernel", "_bwd_preprocess_kernel", "_bwd_dkdv_kernel",
                                                      "_bwd_dq_kernel")}
-    saved_env = os.environ.get(ENV_SELFCHECK)
-    os.environ[ENV_SELFCHECK] = "0"  # stubbed kernels return nothing: the first-use check would disable them
     tables = (sla.KERNELS, pool.KERNELS, select.KERNELS, operands.KERNELS)
     saved = [dict(table) for table in tables]
-    try:
-        for name in saved_bs:
-            setattr(bs, name, _StubKernel(counts))
-        for table in tables:
-            for name in table:
-                table[name] = _StubKernel(counts)
-        yield counts
-    finally:
-        if saved_env is None:
-            os.environ.pop(ENV_SELFCHECK, None)
-        else:
-            os.environ[ENV_SELFCHECK] = saved_env
-        for name, value in saved_bs.items():
-            setattr(bs, name, value)
-        for table, before in zip(tables, saved):
-            table.clear()
-            table.update(before)
+    with env_set(ENV_SELFCHECK, "0"):  # stubbed kernels return nothing: the first-use check would disable them
+        try:
+            for name in saved_bs:
+                setattr(bs, name, _StubKernel(counts))
+            for table in tables:
+                for name in table:
+                    table[name] = _StubKernel(counts)
+            yield counts
+        finally:
+            for name, value in saved_bs.items():
+                setattr(bs, name, value)
+            for table, before in zip(tables, saved):
+                table.clear()
+                table.update(before)
 
 
 #: Allocations: on a GPU a caching-allocator call, no kernel launch.

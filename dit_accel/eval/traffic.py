@@ -156,22 +156,6 @@ def _planned_fine() -> Iterator[None]:
         fine._direct = saved
 
 
-@contextlib.contextmanager
-def _gathered(on: bool) -> Iterator[None]:
-    """``DIT_ACCEL_GATHER=1`` while inside where ``on`` (else ``0``: the cases that gather stay as they are)."""
-    from ..kernels.block_sparse.gather import ENV_GATHER
-
-    saved = os.environ.get(ENV_GATHER)
-    os.environ[ENV_GATHER] = "1" if on else "0"
-    try:
-        yield
-    finally:
-        if saved is None:
-            os.environ.pop(ENV_GATHER, None)
-        else:
-            os.environ[ENV_GATHER] = saved
-
-
 def measure_traffic(*, grid: Tuple[int, int, int] = (21, 30, 52), heads: int = 2, head_dim: int = 64,
                     cases=CASES, tile=None) -> Dict[str, Dict[str, float]]:
     """``{case: {"ops", "bytes", "units"}}`` per call (module docstring); ``tile``: the Tile method of the ``tile``
@@ -181,7 +165,9 @@ def measure_traffic(*, grid: Tuple[int, int, int] = (21, 30, 52), heads: int = 2
 
     import torch
 
+    from .._util import env_set
     from ..kernels.backends import triton_reason
+    from ..kernels.block_sparse.gather import ENV_GATHER
     from ..kernels.sla import sla_attention
     from ..kernels.vsa import vsa_attention
     from ..methods import SLA, Tile
@@ -226,7 +212,8 @@ def measure_traffic(*, grid: Tuple[int, int, int] = (21, 30, 52), heads: int = 2
         # outputs of stubbed ones: numpy's warnings about their values say nothing about the bytes)
         warnings.simplefilter("ignore", RuntimeWarning)
         for name in cases:
-            with torch.set_grad_enabled(name.endswith("_train")), _gathered(name == "tile_raster"):
+            # (the cases that gather stay as they are: DIT_ACCEL_GATHER=0 but for tile_raster)
+            with torch.set_grad_enabled(name.endswith("_train")), env_set(ENV_GATHER, str(int(name == "tile_raster"))):
                 runs[name]()  # (first call: layouts, plans, the coarse twin's kept result)
                 counts = count_traffic(runs[name])
             out[name] = {**counts, "units": counts["bytes"] / unit}

@@ -26,11 +26,11 @@ Example::
 from __future__ import annotations
 
 import multiprocessing
-import os
 import sys
 from concurrent.futures import ProcessPoolExecutor
 from typing import Optional, Sequence
 
+from .._util import env_set
 from .backends import interpreting
 from .block_sparse.configs import TARGET_ARCHS, KernelConfig, shared_memory_limit
 from .block_sparse.configs import shipped_configs as _block_sparse_configs
@@ -115,9 +115,7 @@ def map_in_workers(fn, jobs: Sequence, workers: int = 2, progress: Optional[str]
     """
     if not jobs:
         return []
-    old = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "0"  # inherited by the spawned workers
-    try:
+    with env_set("TRITON_INTERPRET", "0"):  # inherited by the spawned workers
         ctx = multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(max_workers=max(1, min(workers, len(jobs))), mp_context=ctx) as pool:
             results = pool.map(fn, jobs, chunksize=1)
@@ -126,8 +124,3 @@ def map_in_workers(fn, jobs: Sequence, workers: int = 2, progress: Optional[str]
 
                 results = tqdm(results, total=len(jobs), desc=progress, unit="kernel", file=sys.stderr)
             return list(results)
-    finally:
-        if old is None:
-            os.environ.pop("TRITON_INTERPRET", None)
-        else:
-            os.environ["TRITON_INTERPRET"] = old

@@ -21,3 +21,25 @@ def test_a_bad_count_or_size_is_a_usage_error(module, argv, says, capsys):
     with pytest.raises(SystemExit) as exit_:
         main(argv)
     assert exit_.value.code == 2 and says in capsys.readouterr().err
+
+
+def test_env_set_restores_the_variable_as_it_was(monkeypatch):
+    """The eval commands' and the compile workers' temporary switches (``_util.env_set``): set while inside, back
+    to the old value or unset afterwards, also when the body raises; ``value=None`` only restores."""
+    import os
+
+    from dit_accel._util import env_set
+
+    monkeypatch.delenv("DIT_ACCEL_T", raising=False)
+    with env_set("DIT_ACCEL_T", "1"):
+        assert os.environ["DIT_ACCEL_T"] == "1"
+    assert "DIT_ACCEL_T" not in os.environ
+    monkeypatch.setenv("DIT_ACCEL_T", "old")
+    with pytest.raises(RuntimeError), env_set("DIT_ACCEL_T", "new"):
+        assert os.environ["DIT_ACCEL_T"] == "new"
+        raise RuntimeError
+    assert os.environ["DIT_ACCEL_T"] == "old"
+    with env_set("DIT_ACCEL_T"):
+        assert os.environ["DIT_ACCEL_T"] == "old"
+        os.environ["DIT_ACCEL_T"] = "set inside"
+    assert os.environ["DIT_ACCEL_T"] == "old"
