@@ -161,7 +161,6 @@ def _check_block_sparse_gather(device, dtype, shape) -> Result:
     padding in every dimension, per-head random tiles over it, no padded key visited; against the fp32 reference
     on the raster tokens with the mask carried back to raster order."""
     from ..patterns.permutation import TilePermutation
-    from .block_sparse.gather import row_table
     from .block_sparse.triton import triton_forward
     from .layout import BlockLayout
     from .reference import dense_attention_reference
@@ -173,7 +172,7 @@ def _check_block_sparse_gather(device, dtype, shape) -> Result:
     layout = BlockLayout.from_dense_mask(mask.to(device), block_q=shape["block_q"], block_k=shape["block_k"])
     q, k, v = _qkv(b, h, perm.num_tokens, perm.num_tokens, shape["head_dim"], dtype, device, 4)
     scale = shape["head_dim"] ** -0.5
-    o, lse = triton_forward(q, k, v, layout, scale, rows=row_table(perm, device))
+    o, lse = triton_forward(q, k, v, layout, scale, rows=perm.row_table(device))
     raster = perm.inverse  # the tiled position of each raster token
     ref_o, ref_lse = dense_attention_reference(q, k, v, mask[:, raster][:, :, raster].to(device), scale)
     text = (f"{b}x{h} heads, grid {grid} in (2, 4, 8) tiles ({perm.num_tokens} tokens, {perm.num_padded} tiled "

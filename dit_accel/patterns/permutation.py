@@ -75,8 +75,19 @@ class TilePermutation:
         return out
 
     def prepare(self, device) -> None:
-        """Move the index tensors to ``device`` now (``torch.compile`` then traces calls without moving them)."""
+        """Move the index tensors to ``device`` now (``torch.compile`` then traces calls without moving them, and a
+        CUDA-graph capture copies none)."""
         self._indices(device)
+        self.row_table(device)
+
+    def row_table(self, device) -> torch.Tensor:
+        """int32 ``[Np]`` on ``device``: the raster token of each tiled position, ``-1`` at padded ones (the row
+        table through which the block-sparse kernel reads raster order: ``dit_accel.kernels.block_sparse.gather``);
+        made once per device."""
+        key = ("rows", torch.device(device))
+        if key not in self._device_cache:
+            self._device_cache[key] = self.order.to(device=key[1], dtype=torch.int32)
+        return self._device_cache[key]
 
     def _indices(self, device) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(gather, inverse, pads)`` on ``device``: the raster token of each tiled position (token 0 at a padded

@@ -54,7 +54,7 @@ CASES = [  # (permutation, head dim, dtype, block_q, block_k)
 def test_gathered_forward_equals_the_gathering_path_bit_for_bit(perm, d, dtype, block_q, block_k):
     q, k, v, mask, layout = _problem(perm, 2, d, dtype, block_q, block_k, seed=3)
     scale = d ** -0.5
-    o, lse = triton_forward(q, k, v, layout, scale, rows=gather.row_table(perm, "cpu"))
+    o, lse = triton_forward(q, k, v, layout, scale, rows=perm.row_table("cpu"))
     want_o, want_lse = _gathering(perm, q, k, v, layout, scale)
     assert torch.equal(o, want_o) and torch.equal(lse, want_lse)
     # (B, N, H, D) in memory, as the gathering path's unpermute and SDPA's CUDA kernels return it
@@ -71,7 +71,7 @@ def test_strides_of_their_own_and_a_strided_head_dim_read_the_same():
     q, k, v, mask, layout = _problem(perm, 2, 64, torch.float16, 64, 64, seed=14)
     k = k.transpose(1, 2).contiguous().transpose(1, 2)
     v = v.transpose(-1, -2).contiguous().transpose(-1, -2)
-    o, lse = triton_forward(q, k, v, layout, 0.125, rows=gather.row_table(perm, "cpu"))
+    o, lse = triton_forward(q, k, v, layout, 0.125, rows=perm.row_table("cpu"))
     want_o, want_lse = _gathering(perm, q, k, v, layout, 0.125)
     assert torch.equal(o, want_o) and torch.equal(lse, want_lse)
 
@@ -79,9 +79,9 @@ def test_strides_of_their_own_and_a_strided_head_dim_read_the_same():
 @interpreter_only
 def test_row_table_is_the_raster_token_of_each_tiled_position_once_per_device():
     perm = TilePermutation((3, 5, 7), (2, 4, 8))
-    table = gather.row_table(perm, "cpu")
+    table = perm.row_table("cpu")
     assert table.dtype == torch.int32 and table.shape == (perm.num_padded,)
-    assert gather.row_table(perm, "cpu") is table
+    assert perm.row_table("cpu") is table
     real = table[table >= 0].long()
     assert torch.equal(real.sort().values, torch.arange(perm.num_tokens))  # each raster token named once
     x = torch.randn(1, 1, perm.num_tokens, 4)

@@ -4,7 +4,7 @@ A Tile or GNA layout is built over a *tiled* token order (:mod:`dit_accel.patter
 is a few contiguous blocks. The plan's *gathering path* copies q, k and v into that order and the output back: on a
 GPU four memory-bound passes around one compute-bound kernel, 8 q-sized units of traffic per call (BENCHMARKS
 section 6, MODELLED). The *gathered forward* has the kernel read the raster tensors where they are instead: the
-row table (:func:`row_table`) holds, per tiled position, the raster token it stands for (``-1`` for a padded
+row table (``TilePermutation.row_table``) holds, per tiled position, the raster token it stands for (``-1`` for a padded
 position), and every tile the pointer kernel loads (q, each visited k and v tile, one table read for both) and the
 output and lse it stores go through it (:mod:`.gather_tiles`). A tiled position is a raster row, so each row of a
 tile is still one contiguous ``head_dim`` load; a padded position loads zeros and stores nothing, as the gathering
@@ -34,7 +34,7 @@ from ..checks import check_scale
 from ..request import env_get
 from .configs import GATHER_VARIANT
 
-__all__ = ["VARIANT", "ENV_GATHER", "row_table", "gathered_forward", "gather_fits", "padding_unseen", "gather_forced",
+__all__ = ["VARIANT", "ENV_GATHER", "gathered_forward", "gather_fits", "padding_unseen", "gather_forced",
            "gather_runs", "gather_faster"]
 
 #: The self-check's name of the forward that reads and writes raster order through a row table.
@@ -43,23 +43,12 @@ VARIANT = GATHER_VARIANT
 ENV_GATHER = "DIT_ACCEL_GATHER"
 
 
-def row_table(perm, device) -> torch.Tensor:
-    """int32 ``[Np]`` on ``device``: the raster token of each tiled position of ``perm`` (a
-    :class:`~dit_accel.patterns.TilePermutation` or packed one), ``-1`` at padded positions; made once per device
-    and kept with the permutation."""
-    device = torch.device(device)
-    cache = perm.__dict__.setdefault("_row_tables", {})
-    if device not in cache:
-        cache[device] = perm.order.to(device=device, dtype=torch.int32)
-    return cache[device]
-
-
 def gathered_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout, scale: float, perm
                      ) -> Tuple[torch.Tensor, torch.Tensor]:
     """``(o, lse)`` in raster order of raster ``q``, ``k``, ``v`` under ``layout``, a layout over ``perm``'s tiled
     positions: the Triton forward reading and writing through the row table (no autograd, no input checks: the
     caller's; ``scale`` None: ``1 / sqrt(D)``)."""
-    return _launchers()[0](q, k, v, layout, check_scale(scale, q.shape[-1]), rows=row_table(perm, q.device))
+    return _launchers()[0](q, k, v, layout, check_scale(scale, q.shape[-1]), rows=perm.row_table(q.device))
 
 
 def padding_unseen(layout, perm) -> bool:
@@ -68,7 +57,7 @@ def padding_unseen(layout, perm) -> bool:
     once per call signature by the plans (:func:`~.api.live_keys` is kept with the layout)."""
     from .api import live_keys
 
-    padded = row_table(perm, layout.device) < 0
+    padded = perm.row_table(layout.device) < 0
     return not bool(live_keys(layout)[:, padded].any())
 
 
