@@ -125,7 +125,8 @@ def test_later_calls_run_the_template_and_match_the_general_path(monkeypatch, gr
                                    rtol=2e-3 if dtype == torch.float16 else 1e-5)
     assert fine.has_template(grid, (1, 2, cubes.perm.num_padded, 32))
     (template,) = fine._TEMPLATES.values()  # it keeps no call's plan (tens of MB at Wan 14B): each call brings its own
-    assert template.launch.args[0] is None and template.launch.args[3] is None  # (pointer kernels: the items too)
+    # (pointer kernels: the items too, and without a row table the unread RIDX)
+    assert template.launch.args[0] is None and template.launch.args[3] is None and template.launch.args[4] is None
 
 
 @interpreter

@@ -607,8 +607,9 @@ def launch_forward(launch: _Launch, q, k, v, o, lse, scale: float, plan: Optiona
     if launch.descriptors is not None:
         k, v = _rebased(launch.descriptors[0], k), _rebased(launch.descriptors[1], v)
     grid = launch.grid or (max(1, min(launch.n_items, INTERPRETER_PROGRAMS)),)
+    # (pointer kernels: the unread items are the plan; without a row table, the unread RIDX too)
     args = launch.args if plan is None else (plan, *launch.args[1:3], launch.args[3] if launch.cfg.tma else plan,
-                                             *launch.args[4:])  # (pointer kernels: the unread items are the plan)
+                                             launch.args[4] if launch.cfg.gather else plan, *launch.args[5:])
     _fwd_kernel[grid](q, k, v, out, lse, *args, scale * _LOG2E, **launch.kw)
     if out is not o:
         o.copy_(out[..., :o.shape[-1]])

@@ -136,7 +136,9 @@ def _template(q, k, v, rows, layout, mask_ids) -> Optional[_Template]:
         return None
     # The first call's plan is not kept (launch_forward puts each call's in its place): tens of MB at Wan 14B.
     args = launch.args
-    launch = dataclasses.replace(launch, args=(None, *args[1:3], args[3] if cfg.tma else None, *args[4:]))
+    # (a pointer kernel's unread items, and without a row table its unread RIDX, are the plan too)
+    launch = dataclasses.replace(launch, args=(None, *args[1:3], args[3] if cfg.tma else None,
+                                               args[4] if cfg.gather else None, *args[5:]))
     template = tables._replace(launch=launch)
     built = bst._plan(layout, cfg.block_m, cfg.block_n, False, None).plan  # what the general path ran
     if not torch.equal(rows_plan(rows, template), built):  # (never seen: the tests prove these equal)
