@@ -208,7 +208,8 @@ def _kernel_status() -> dict:
 
 
 def _gather_status() -> str:
-    """Whether Tile and GNA inference calls may let the kernel read raster order (kernels/block_sparse/gather.py)."""
+    """Whether Tile, GNA and VSA inference calls may let the kernels read raster order (kernels/block_sparse/gather.py,
+    kernels/vsa/raster.py)."""
     from ..kernels.block_sparse.gather import ENV_GATHER, gather_forced
 
     try:
@@ -218,8 +219,8 @@ def _gather_status() -> str:
     if forced is not None:
         return (f"{'on' if forced else 'off'} ({ENV_GATHER}={int(forced)})" +
                 (", wherever the Triton forward runs, behind its self-check" if forced else ""))
-    return ("Tile and GNA inference calls on a GPU read q, k, v in raster order in the kernel instead of gathering "
-            "them, where its self-check passed and it timed faster per shape class (not yet run on a GPU); "
+    return ("Tile, GNA and VSA inference calls on a GPU read q, k, v in raster order in the kernels instead of "
+            "gathering them, where the self-check passed and it timed faster per shape class (not yet run on a GPU); "
             f"{ENV_GATHER}=0 turns it off")
 
 

@@ -16,7 +16,8 @@ Cases, each at ``grid`` (default Wan 2.1 480p's (21, 30, 52)) with ``heads`` hea
   forward only, and forward + backward; ``tile_raster``: its forward with the kernel reading raster order
   (:mod:`~dit_accel.kernels.block_sparse.gather`, forced: ``DIT_ACCEL_GATHER=1``);
 - ``vsa``, ``vsa_train``: ``vsa_attention`` with a gate, sparsity 0.9; ``vsa_nogate``: without a gate (the fine
-  branch alone), so ``vsa - vsa_nogate`` is the gated term's traffic;
+  branch alone), so ``vsa - vsa_nogate`` is the gated term's traffic; ``vsa_raster``: ``vsa`` with both branches
+  reading raster order (:mod:`~dit_accel.kernels.vsa.raster`, forced);
 - ``sla``, ``sla_train``: ``sla_attention`` with a projection (trained SLA), top-k 0.05 (its classification
   launches stubbed by the PyTorch twin's block lists, worked out before counting).
 
@@ -37,7 +38,9 @@ from typing import Callable, Dict, Iterator, Optional, Tuple
 
 __all__ = ["count_traffic", "measure_traffic", "main", "CASES"]
 
-CASES = ("tile", "tile_raster", "tile_train", "vsa", "vsa_nogate", "vsa_train", "sla", "sla_train")
+CASES = ("tile", "tile_raster", "tile_train", "vsa", "vsa_raster", "vsa_nogate", "vsa_train", "sla", "sla_train")
+#: The cases whose kernels read raster order (``DIT_ACCEL_GATHER=1``; the others run with it off).
+RASTER = ("tile_raster", "vsa_raster")
 
 
 def _read_bytes(t) -> int:
@@ -106,10 +109,10 @@ def _kept(module, name: str, make: Callable[[], Callable], compute: Callable, ke
     call of each ``key(*args)`` and kept (the stubbed launches behind it would leave their outputs unwritten)."""
     saved, kept = getattr(module, name), {}
 
-    def stub(*args):
-        k = key(*args)
+    def stub(*args, **kw):
+        k = key(*args, **kw)
         if k not in kept:
-            kept[k] = compute(*args)
+            kept[k] = compute(*args, **kw)
         return kept[k]
 
     setattr(module, name, make(stub))
@@ -125,8 +128,14 @@ def _twin_coarse():
     from ..kernels.vsa import triton as vsa_triton
     from ..kernels.vsa.naive import coarse_attention
 
-    return _kept(vsa_triton, "coarse_triton", lambda stub: stub, coarse_attention,
-                 lambda q_t, k_t, v_t, cubes, count, scale, with_output: (tuple(q_t.shape), count, with_output))
+    def twin(q_t, k_t, v_t, cubes, count, scale, with_output, rows=None):
+        if rows is not None:  # raster inputs: the twin takes them in cube order
+            q_t, k_t, v_t = (cubes.perm.permute(x, dim=-2) for x in (q_t, k_t, v_t))
+        return coarse_attention(q_t, k_t, v_t, cubes, count, scale, with_output)
+
+    return _kept(vsa_triton, "coarse_triton", lambda stub: stub, twin,
+                 lambda q_t, k_t, v_t, cubes, count, scale, with_output, rows=None: (tuple(q_t.shape), count,
+                                                                                     with_output))
 
 
 def _twin_classify():
@@ -200,6 +209,7 @@ def measure_traffic(*, grid: Tuple[int, int, int] = (21, 30, 52), heads: int = 2
         "tile_raster": lambda: plan.run(q, k, v, backend="triton"),
         "tile_train": lambda: backward(plan.run(qg, kg, vg, backend="triton")[0]),
         "vsa": lambda: vsa(False),
+        "vsa_raster": lambda: vsa(False),
         "vsa_nogate": lambda: vsa(False, with_gate=False),
         "vsa_train": lambda: backward(vsa(True)),
         "sla": lambda: sla_attention(q, k, v, sla, proj, backend="triton"),
@@ -212,8 +222,8 @@ def measure_traffic(*, grid: Tuple[int, int, int] = (21, 30, 52), heads: int = 2
         # outputs of stubbed ones: numpy's warnings about their values say nothing about the bytes)
         warnings.simplefilter("ignore", RuntimeWarning)
         for name in cases:
-            # (the cases that gather stay as they are: DIT_ACCEL_GATHER=0 but for tile_raster)
-            with torch.set_grad_enabled(name.endswith("_train")), env_set(ENV_GATHER, str(int(name == "tile_raster"))):
+            # (the cases that gather stay as they are: DIT_ACCEL_GATHER=0 but for the raster ones)
+            with torch.set_grad_enabled(name.endswith("_train")), env_set(ENV_GATHER, str(int(name in RASTER))):
                 runs[name]()  # (first call: layouts, plans, the coarse twin's kept result)
                 counts = count_traffic(runs[name])
             out[name] = {**counts, "units": counts["bytes"] / unit}

@@ -1,5 +1,5 @@
-"""Tile's and GNA's inference calls with the kernel reading raster order through a row table, against the same calls
-gathering q, k and v into tiled order and back (what the plans ran before), at Wan 2.1's grids.
+"""Tile's, GNA's and VSA's inference calls with the kernels reading raster order through a row table, against the same
+calls gathering q, k and v into tiled order and back (what the plans ran before), at Wan 2.1's grids.
 
 The gathered forward (``dit_accel/kernels/block_sparse/gather.py``) drops four memory-bound passes (8 q-sized units
 of traffic a call, BENCHMARKS section 6, MODELLED) but runs the pointer-load kernel, where sm_90's default forward
@@ -12,8 +12,11 @@ Each row of the JSON: the plan (Tile fitted to the grid at a density, as ``dit_a
 ``recommended``'s (7, 16, 16) window for Wan, fitted; the amount is then the window), its density, the launch configuration each path ran, the largest relative row error of the gathered path against the
 gathering one (and, in a dry run, both against fp32 attention over the plan's raster mask), and on a GPU the
 milliseconds (``triton.testing.do_bench`` medians) of the gathering path, of the gathered one, of the kernel alone
-on inputs already in tiled order (so the passes' share is ``ms_gathering - ms_kernel``), and of dense SDPA. The
-self-check and the timed choice are bypassed (each path forced): the rows' errors are the check.
+on inputs already in tiled order (so the passes' share is ``ms_gathering - ms_kernel``), and of dense SDPA. VSA's
+rows (``dit_accel/kernels/vsa/raster.py``: the pool launch and the fine branch both reading raster order) time
+``vsa_attention`` with a gate, sparsity 0.9, at FastWan's (16, 28, 52) and Wan 480p's grid, ``DIT_ACCEL_GATHER=0``
+(cube order) against ``=1``. The self-check and the timed choice are bypassed (each path forced): the rows' errors
+are the check.
 """
 
 from __future__ import annotations
@@ -27,9 +30,10 @@ from lengths_probe import _row_error, probe_main
 #: (name, grid, density or GNA window) of the GPU rows: Tile fitted to Wan 2.1 480p and 720p at 10 % and 5 % density,
 #: GNA with its recommended window at 480p.
 GPU_CASES = [("tile-fit", (21, 30, 52), 0.1), ("tile-fit", (21, 30, 52), 0.05), ("tile-fit", (21, 45, 80), 0.1),
-             ("gna-fit", (21, 30, 52), (7, 16, 16))]
-#: The dry run's: grids the interpreter runs in seconds, one with padded tiles.
-DRY_CASES = [("tile-fit", (3, 9, 14), 0.3), ("tile", (3, 7, 10), 0.4), ("gna-fit", (3, 9, 14), (3, 5, 5))]
+             ("gna-fit", (21, 30, 52), (7, 16, 16)), ("vsa", (16, 28, 52), 0.9), ("vsa", (21, 30, 52), 0.9)]
+#: The dry run's: grids the interpreter runs in seconds, one with padded tiles (and VSA's with partial cubes).
+DRY_CASES = [("tile-fit", (3, 9, 14), 0.3), ("tile", (3, 7, 10), 0.4), ("gna-fit", (3, 9, 14), (3, 5, 5)),
+             ("vsa", (5, 6, 7), 0.5)]
 TOL = 2e-2  # bf16 (the two paths run different kernels on sm_90); the dry run's fp32 is held to 1e-4
 
 
@@ -46,9 +50,44 @@ def plan_of(name: str, grid, amount):
     return plan
 
 
+def run_vsa_case(grid, sparsity, *, heads, head_dim, dtype, device, timed):
+    """VSA with a gate at ``sparsity``: cube order against raster order (``DIT_ACCEL_GATHER``)."""
+    from dit_accel._util import env_set
+    from dit_accel.kernels.vsa import vsa_attention
+
+    n = grid[0] * grid[1] * grid[2]
+    g = torch.Generator(device=device).manual_seed(1)
+    q, k, v, gate = (torch.randn(1, n, heads, head_dim, generator=g, device=device).to(dtype).transpose(1, 2)
+                     for _ in range(4))
+    row = {"layout": "vsa", "grid": list(grid), "amount": sparsity, "tokens": n, "heads": heads}
+
+    def path(gather: bool, backend="triton"):
+        with env_set("DIT_ACCEL_GATHER", str(int(gather))):
+            return vsa_attention(q, k, v, tuple(grid), sparsity=sparsity, gate=gate, backend=backend)
+
+    o_cube, o_raster = path(False), path(True)
+    row["gathered_vs_gathering"] = _row_error(o_raster, o_cube)
+    ok = row["gathered_vs_gathering"] <= (TOL if dtype != torch.float32 else 1e-4)
+    if not timed:  # small: both against the PyTorch twin in fp32
+        ref = path(False, backend="torch")
+        row["gathered_vs_fp32"], row["gathering_vs_fp32"] = _row_error(o_raster, ref), _row_error(o_cube, ref)
+        ok = ok and max(row["gathered_vs_fp32"], row["gathering_vs_fp32"]) <= 1e-4
+    else:
+        import triton
+
+        row["ms_gathering"] = triton.testing.do_bench(lambda: path(False))
+        row["ms_gathered"] = triton.testing.do_bench(lambda: path(True))
+        row["ms_sdpa"] = triton.testing.do_bench(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v))
+        row["gathering_over_gathered"] = round(row["ms_gathering"] / row["ms_gathered"], 3)
+    row["pass"] = bool(ok)
+    return row
+
+
 def run_case(name, grid, amount, *, heads, head_dim, dtype, device, timed):
     from dit_accel.kernels.block_sparse import triton as bst
 
+    if name == "vsa":
+        return run_vsa_case(grid, amount, heads=heads, head_dim=head_dim, dtype=dtype, device=device, timed=timed)
     plan = plan_of(name, grid, amount)
     layout = plan.layout_on(device)
     n = plan.perm.num_tokens

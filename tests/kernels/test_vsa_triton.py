@@ -163,17 +163,20 @@ from triton.compiler import ASTSource
 from dit_accel.kernels.sass import ptxas_report, resource_usage
 from dit_accel.kernels.vsa import triton as vt
 
-jobs = [("pool", d, 0, dt, vol, True) for d in (64, 128) for dt in (torch.bfloat16, torch.float32) for vol in (64, 256)]
-jobs += [("coarse", d, c, torch.float32, 64, wo) for d in (64, 128) for c in (624, vt.NK_MAX) for wo in (True, False)]
-jobs += [("coarse", 64, 100, torch.float32, 64, True), ("coarse", 128, vt.NK_MAX + 1, torch.float32, 64, True)]
+jobs = [("pool", d, 0, dt, vol, True, g) for d in (64, 128) for dt in (torch.bfloat16, torch.float32)
+        for vol in (64, 256) for g in (False, True)]  # (g: reading raster order through the row table)
+jobs += [("coarse", d, c, torch.float32, 64, wo, False) for d in (64, 128) for c in (624, vt.NK_MAX)
+         for wo in (True, False)]
+jobs += [("coarse", 64, 100, torch.float32, 64, True, False), ("coarse", 128, vt.NK_MAX + 1, torch.float32, 64, True,
+                                                                 False)]
 out = []
 for arch in (90, 100):
-    for name, d, c, dt, vol, wo in jobs:
-        fn, sig, cx, attrs = vt.aot_source(name, d, c, dt, volume=vol, with_output=wo)
+    for name, d, c, dt, vol, wo, g in jobs:
+        fn, sig, cx, attrs = vt.aot_source(name, d, c, dt, volume=vol, with_output=wo, gather=g)
         ck = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=cx, attrs=attrs),
                             target=GPUTarget("cuda", arch, 32), options={"num_warps": vt.NUM_WARPS})
         rep, res = ptxas_report(ck.asm["ptx"], arch), resource_usage(ck.asm["cubin"])
-        out.append(dict(name=name, arch=arch, d=d, c=c, dtype=str(dt), vol=vol, with_output=wo,
+        out.append(dict(name=name, arch=arch, d=d, c=c, dtype=str(dt), vol=vol, with_output=wo, gather=g,
                         select=cx.get("WITH_SELECT"), group=cx.get("GROUP"), shared=ck.metadata.shared,
                         registers=res["registers"], local=res["local"], stack=rep["stack"],
                         spill_stores=rep["spill_stores"], spill_loads=rep["spill_loads"], warnings=rep["warnings"],
@@ -196,6 +199,7 @@ def test_the_kernels_compile_for_sm90_and_sm100_within_shared_memory(compiled):
     from dit_accel.kernels.vsa.triton import NK_MAX
 
     assert {(r["name"], r["arch"]) for r in compiled} == {(n, a) for n in ("pool", "coarse") for a in (90, 100)}
+    assert {r["gather"] for r in compiled if r["name"] == "pool"} == {False, True}
     assert all(r["shared"] <= 48 * 1024 for r in compiled), compiled
     fused = {(r["c"], r["select"]) for r in compiled if r["name"] == "coarse"}
     assert {(624, True), (NK_MAX, True), (NK_MAX + 1, False)} <= fused

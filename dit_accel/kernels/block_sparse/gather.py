@@ -35,7 +35,7 @@ from ..request import env_get
 from .configs import GATHER_VARIANT
 
 __all__ = ["VARIANT", "ENV_GATHER", "gathered_forward", "gather_fits", "padding_unseen", "gather_forced",
-           "gather_runs", "gather_faster"]
+           "gather_runs", "gather_faster", "raster_faster"]
 
 #: The self-check's name of the forward that reads and writes raster order through a row table.
 VARIANT = GATHER_VARIANT
@@ -113,13 +113,20 @@ def gather_faster(layout, q: torch.Tensor, run: Callable[[bool], object], timer=
     off, the gathering path stands. Timed on every GPU: the gathered loop costs more instructions per tile than the
     pointer kernel's (1.03-1.08x on sm_80 / 89 at d128, 1.04-1.10x against sm_90's pointer kernel: BENCHMARKS
     section 7, STATIC), which the passes it saves outweigh only below some density. ``run(gather)`` runs a path."""
+    return raster_faster("block_sparse.gather", q, layout.block_q, layout.block_k, float(layout.density()), run,
+                         timer)
+
+
+def raster_faster(family: str, q: torch.Tensor, block_q: int, block_k: int, density: float,
+                  run: Callable[[bool], object], timer=None) -> bool:
+    """:func:`gather_faster` for any raster-order path against its gathering one (``family``: the autotune
+    family the choice is stored under; VSA's is ``vsa.gather``)."""
     from .. import autotune
     from ..request import Request, in_graph
 
     if in_graph() or not autotune.enabled():
         return False
-    request = Request.of(q, q, q, layout.block_q, layout.block_k)
-    shape = autotune.ShapeClass.of("block_sparse.gather", request, float(layout.density()))
+    shape = autotune.ShapeClass.of(family, Request.of(q, q, q, block_q, block_k), density)
     contenders = {"gather": lambda: run(True), "permute": lambda: run(False)}
     return autotune.choose(shape, contenders, timer=timer or autotune.cuda_event_timer, warmup=2,
                            repeats=5) == "gather"

@@ -25,6 +25,7 @@ from ..checks import check_qkv, check_scale
 from ..request import records_grad
 from ..layout import BlockLayout
 from . import fine as fine_path
+from . import raster
 from .naive import CubeRows, Cubes, coarse_attention, cubes_of, fine_gathered, selected_count
 
 __all__ = ["vsa_attention", "vsa_parts", "vsa_parts_rows", "check_vsa_config", "check_vsa_grid", "vsa_layout",
@@ -171,8 +172,20 @@ def vsa_parts(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid: Tuple[int
     """VSA's branches for checked inputs (raster order, ``count`` key cubes per query cube): the plans call
     this on every layer call (with their ``cubes``, built once); :func:`vsa_attention` is the checked
     public entry point. ``tiled_fine``: the caller reads ``fine`` only through :meth:`VSAResult.gated` with
-    ``add_fine``, so on a grid of whole cubes it is left in tiled order (see :class:`VSAResult`)."""
+    ``add_fine``, so on a grid of whole cubes it is left in tiled order (see :class:`VSAResult`). An eager
+    inference call may read q, k and v in raster order instead of copying them into cube order (:mod:`.raster`:
+    the same parts, bit for bit)."""
     cubes = cubes_of(grid, tile) if cubes is None else cubes
+    if raster.reads_raster(q, k, v, cubes, count, scale, with_coarse, backend, lambda: _cube_order(
+            q, k, v, cubes, count, scale, with_coarse, backend, tiled_fine)):
+        coarse, selection, fine, lse = raster.raster_forward(q, k, v, cubes, count, scale, with_coarse)
+        return VSAResult(fine, lse, coarse, selection, count / cubes.count, cubes, cubes.perm)
+    return _cube_order(q, k, v, cubes, count, scale, with_coarse, backend, tiled_fine)
+
+
+def _cube_order(q, k, v, cubes: Cubes, count: int, scale: float, with_coarse: bool, backend: str,
+                tiled_fine: bool) -> VSAResult:
+    """:func:`vsa_parts` through copies of q, k, v in cube order."""
     perm = cubes.perm
     cut = tuple(_by_cube(perm.permute(x, dim=-2), cubes) for x in (q, k, v))
     q_t, k_t, v_t = (x.flatten(2, 3) for x in cut)
@@ -242,11 +255,12 @@ def _fine_key(q, k, v, cubes: Cubes, rows_shape) -> tuple:
             records_grad(q, k, v), env_value(), autotune.enabled())
 
 
-def chosen_fine_backend(grid, q_shape, grad: bool) -> Optional[str]:
+def chosen_fine_backend(grid, q_shape, grad: bool, dtype: Optional[torch.dtype] = None) -> Optional[str]:
     """The backend ``auto`` last chose (:data:`_FINE_BACKENDS`) for fine branches on ``grid`` whose folded queries
-    are ``q_shape`` ``(1, B * H, padded tokens, D)``, with or without a gradient; None where none was chosen."""
+    are ``q_shape`` ``(1, B * H, padded tokens, D)`` (of ``dtype``, or any), with or without a gradient; None where
+    none was chosen."""
     found = [name for key, name in _FINE_BACKENDS.items()
-             if key[0] == tuple(grid) and key[3] == tuple(q_shape) and key[7] == grad]
+             if key[0] == tuple(grid) and key[3] == tuple(q_shape) and key[7] == grad and dtype in (None, key[5])]
     return found[-1] if found else None
 
 

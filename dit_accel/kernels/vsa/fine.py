@@ -52,9 +52,19 @@ _TEMPLATES: Dict[tuple, Optional[_Template]] = {}
 _TEMPLATES_MAX = 64
 
 
-def _key(q, k, v, cubes, rows_shape) -> tuple:
+def _key(q, k, v, cubes, rows_shape, table) -> tuple:
     return (cubes.perm.grid, cubes.perm.tile, tuple(rows_shape), q.shape, q.stride(), k.shape, k.stride(), v.shape,
-            v.stride(), q.dtype, k.dtype, v.dtype, q.device, q.data_ptr() % 16, k.data_ptr() % 16, v.data_ptr() % 16)
+            v.stride(), q.dtype, k.dtype, v.dtype, q.device, q.data_ptr() % 16, k.data_ptr() % 16, v.data_ptr() % 16,
+            table is not None)
+
+
+def _outputs(q: torch.Tensor, table: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Fresh ``(o, lse)`` for the folded ``q``: ``o`` in cube order, or read through the row ``table`` in raster
+    order laid out as ``(1, N, B * H, D)`` (what the gathered forward writes, :mod:`.raster`)."""
+    b, h, n, d = q.shape
+    o = (torch.empty((b, h, n, d), dtype=q.dtype, device=q.device) if table is None else
+         torch.empty((b, n, h, d), dtype=q.dtype, device=q.device).transpose(1, 2))
+    return o, torch.empty((b, h, n), dtype=torch.float32, device=q.device)
 
 
 def _direct(q, k, v) -> bool:
@@ -83,51 +93,48 @@ def rows_plan(rows: torch.Tensor, template: _Template) -> torch.Tensor:
     return torch.cat([head, cols, template.entry[cols]], -1)
 
 
-def fine_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cubes, rows: torch.Tensor, scale: float
-              ) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+def fine_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cubes, rows: torch.Tensor, scale: float,
+              table: Optional[torch.Tensor] = None) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
     """``(o, lse)`` of the fine branch on folded ``q`` ``(1, B * H, Cq cubes' tokens, D)``, ``k``, ``v`` over the key
     cubes ``rows`` (int64 ``[B * H, Cq, k]``, ascending) from its class's template, where the ``triton`` backend
-    runs it; None where the general path must run (no template yet, or a call this path does not take)."""
+    runs it; None where the general path must run (no template yet, or a call this path does not take). With the
+    cube permutation's row ``table``, q, k, v and the outputs are in raster order (:mod:`.raster`)."""
     if not _direct(q, k, v):
         return None
-    template = _TEMPLATES.get(_key(q, k, v, cubes, rows.shape))
+    template = _TEMPLATES.get(_key(q, k, v, cubes, rows.shape, table))
     if template is None:
         return None
-    return _launch(q, k, v, template, rows_plan(rows, template), scale)
+    return _launch(q, k, v, template, rows_plan(rows, template), scale, table)
 
 
 @occupancy.on_inputs_device
-def _launch(q, k, v, template: _Template, plan: torch.Tensor, scale: float):
+def _launch(q, k, v, template: _Template, plan: torch.Tensor, scale: float, table: Optional[torch.Tensor]):
     from ..block_sparse.triton import launch_forward
 
-    b, h, n, d = q.shape
-    o = torch.empty((b, h, n, d), dtype=q.dtype, device=q.device)
-    lse = torch.empty((b, h, n), dtype=torch.float32, device=q.device)
-    return launch_forward(template.launch, q, k, v, o, lse, scale, plan=plan)
+    return launch_forward(template.launch, q, k, v, *_outputs(q, table), scale, plan=plan)
 
 
 def remember(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cubes, rows: torch.Tensor, layout,
-             mask_ids: torch.Tensor) -> None:
+             mask_ids: torch.Tensor, table: Optional[torch.Tensor] = None) -> None:
     """After a general-path call that ran the ``triton`` backend on ``layout`` (the layout of ``rows``, on q's
-    device; ``mask_ids``: each key cube's mask id, -1 whole): make its class's template where this path applies to
-    it (once per class; outside captures)."""
+    device; ``mask_ids``: each key cube's mask id, -1 whole; ``table``: the row table it read raster order
+    through, or None): make its class's template where this path applies to it (once per class; outside
+    captures)."""
     if not _direct(q, k, v) or in_graph() or q.numel() == 0 or k.shape[2] == 0:
         return
-    key = _key(q, k, v, cubes, rows.shape)
+    key = _key(q, k, v, cubes, rows.shape, table)
     if key in _TEMPLATES:
         return
     if len(_TEMPLATES) >= _TEMPLATES_MAX:
         _TEMPLATES.clear()
-    _TEMPLATES[key] = _template(q, k, v, rows, layout, mask_ids)
+    _TEMPLATES[key] = _template(q, k, v, rows, layout, mask_ids, table)
 
 
-def _template(q, k, v, rows, layout, mask_ids) -> Optional[_Template]:
+def _template(q, k, v, rows, layout, mask_ids, table) -> Optional[_Template]:
     from ..block_sparse import triton as bst
 
-    b, h, n, d = q.shape
-    o = torch.empty((b, h, n, d), dtype=q.dtype, device=q.device)  # (only their shapes and strides are read)
-    lse = torch.empty((b, h, n), dtype=torch.float32, device=q.device)
-    launch = bst.forward_launch(q, k, v, o, lse, layout)  # the call's own, kept with its layout
+    # (only the outputs' shapes and strides are read)
+    launch = bst.forward_launch(q, k, v, *_outputs(q, table), layout, rows=table)  # the call's own, with its layout
     cfg = launch.cfg
     if cfg.lengths or (cfg.block_m, cfg.block_n) != (layout.block_q, layout.block_k) or layout.kv_len % cfg.block_n:
         return None

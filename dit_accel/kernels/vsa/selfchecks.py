@@ -2,8 +2,9 @@
 
 ``vsa.triton.coarse``: the cube pooling and the coarse attention + selection launches (:mod:`.triton`)
 against the twin's :func:`~.naive.coarse_attention` on partial cubes (a grid that is no multiple of the tile),
-more cube rows than one program holds, and a ragged last block of key cubes. The coarse output and the
-scores must agree within :data:`COARSE_TOL` (relative, fp32 both sides); the selections (the launch's own,
+more cube rows than one program holds, and a ragged last block of key cubes, pooled from cube order and from
+raster order through the row table (which must give the same bits). The coarse output and the scores must
+agree within :data:`COARSE_TOL` (relative, fp32 both sides); the selections (the launch's own,
 ascending, against torch.topk of the twin's scores, compared as sets) may differ in at most
 :data:`SELECTION_TOL` of the query cubes (fp32 sums in another order can turn a near-tie), else the error
 reported is that fraction. Both problems have fewer cubes than ``NK_MAX``, so the launch selects.
@@ -47,7 +48,11 @@ def _check(device: torch.device, dtype: torch.dtype, shape: dict) -> Result:
     with torch.no_grad():
         got = coarse_triton(q_t, k_t, v_t, cubes, count, scale)
         want = coarse_attention(q_t, k_t, v_t, cubes, count, scale)
+        # the pool launch reading raster order through the row table (raster.py): the same sums, so the same bits
+        raster = coarse_triton(q, k, v, cubes, count, scale, rows=cubes.perm.row_table(device))
     error = max(relative_error(got[0], want[0]), relative_error(got[1], want[1]))
+    if not all(torch.equal(a, b) for a, b in zip(raster, got)):
+        error = max(error, relative_error(raster[0], want[0]), relative_error(raster[1], want[1]), COARSE_TOL * 2)
     differ = float((got[2].sort(-1).values != want[2].sort(-1).values).any(-1).float().mean())
     if differ > SELECTION_TOL:
         error = max(error, differ, COARSE_TOL * 2)

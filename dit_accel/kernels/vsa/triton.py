@@ -7,7 +7,9 @@ and the selection, the ``count`` largest scores' key cubes per query cube, liste
 going to the lower index, as the twin's :func:`~.naive.top_cubes` (one plan, one pattern on every device).
 
 - ``_vsa_pool_kernel``: one program per (batch x head, cube) reads the cube's tokens of q, k and v once in
-  tiled order (the permutation's padding holds zeros) and writes the three fp32 means over its real tokens.
+  tiled order (the permutation's padding holds zeros), or with ``GATHER`` in raster order through the cube
+  permutation's row table (:mod:`.raster`), and writes the three fp32 means over its real tokens (the same sums
+  in the same order either way).
 - ``_vsa_coarse_kernel``: one program per (batch x head, block of query cubes) walks the key cubes, writes
   the scores and keeps an online softmax of them against the value means (fp32, IEEE dots: no TF32). Then
   (``WITH_SELECT``) it reads its rows' scores back, ``GROUP`` rows at a time so ``GROUP * BLOCK_C`` values sit
@@ -22,6 +24,8 @@ Registered with the first-use self-check as ``vsa.triton.coarse``.
 """
 
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 import triton
@@ -47,20 +51,25 @@ SELECT_ELEMS = 2048
 
 
 @triton.jit
-def _cube_mean(base, start, stride_n, stride_d, rows, cols, col_ok, inv, VOL: tl.constexpr, ROWS: tl.constexpr):
+def _cube_mean(base, start, stride_n, stride_d, rows, cols, col_ok, inv, RIDX, VOL: tl.constexpr, ROWS: tl.constexpr,
+               GATHER: tl.constexpr):
     acc = tl.zeros(cols.shape, dtype=tl.float32)
     for r in range(0, VOL, ROWS):  # not unrolled: tile (4, 8, 8)'s four steps at d 128 spilled when unrolled
         tok = start + r + rows
+        ok = (r + rows) < VOL
+        if GATHER:  # the raster token of each position of the cube (-1: padding, which adds nothing)
+            tok = tl.load(RIDX + tok, mask=ok, other=-1)
+            ok = tok >= 0
         ptrs = base + tok.to(tl.int64)[:, None] * stride_n + cols[None, :] * stride_d
-        x = tl.load(ptrs, mask=((r + rows) < VOL)[:, None] & col_ok[None, :], other=0.0)
+        x = tl.load(ptrs, mask=ok[:, None] & col_ok[None, :], other=0.0)
         acc += tl.sum(x.to(tl.float32), axis=0)
     return acc * inv
 
 
 @triton.jit
-def _vsa_pool_kernel(Q, K, V, QC, KC, VC, INV,
+def _vsa_pool_kernel(Q, K, V, QC, KC, VC, INV, RIDX,
                      sq_b, sq_n, sq_d, sk_b, sk_n, sk_d, sv_b, sv_n, sv_d, so_b, so_c,
-                     D, VOL: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
+                     D, VOL: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr, GATHER: tl.constexpr):
     bh = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1)
     rows = tl.arange(0, ROWS)
@@ -69,9 +78,12 @@ def _vsa_pool_kernel(Q, K, V, QC, KC, VC, INV,
     inv = tl.load(INV + c)  # 1 / real tokens of the cube
     start = c * VOL
     out = bh * so_b + c.to(tl.int64) * so_c + cols
-    tl.store(QC + out, _cube_mean(Q + bh * sq_b, start, sq_n, sq_d, rows, cols, col_ok, inv, VOL, ROWS), mask=col_ok)
-    tl.store(KC + out, _cube_mean(K + bh * sk_b, start, sk_n, sk_d, rows, cols, col_ok, inv, VOL, ROWS), mask=col_ok)
-    tl.store(VC + out, _cube_mean(V + bh * sv_b, start, sv_n, sv_d, rows, cols, col_ok, inv, VOL, ROWS), mask=col_ok)
+    tl.store(QC + out, _cube_mean(Q + bh * sq_b, start, sq_n, sq_d, rows, cols, col_ok, inv, RIDX, VOL, ROWS,
+                        GATHER), mask=col_ok)
+    tl.store(KC + out, _cube_mean(K + bh * sk_b, start, sk_n, sk_d, rows, cols, col_ok, inv, RIDX, VOL, ROWS,
+                        GATHER), mask=col_ok)
+    tl.store(VC + out, _cube_mean(V + bh * sv_b, start, sv_n, sv_d, rows, cols, col_ok, inv, RIDX, VOL, ROWS,
+                        GATHER), mask=col_ok)
 
 
 @triton.jit
@@ -138,8 +150,8 @@ def _block_d(d: int) -> int:
     return max(16, triton.next_power_of_2(d))
 
 
-def _pool_constexprs(d: int, vol: int) -> dict:
-    return dict(VOL=vol, ROWS=min(ROWS, triton.next_power_of_2(vol)), BLOCK_D=_block_d(d))
+def _pool_constexprs(d: int, vol: int, gather: bool = False) -> dict:
+    return dict(VOL=vol, ROWS=min(ROWS, triton.next_power_of_2(vol)), BLOCK_D=_block_d(d), GATHER=gather)
 
 
 def _coarse_constexprs(c: int, d: int, with_output: bool) -> dict:
@@ -150,8 +162,9 @@ def _coarse_constexprs(c: int, d: int, with_output: bool) -> dict:
 
 
 def aot_source(kernel: str, d: int, c: int = 624, dtype: torch.dtype = torch.bfloat16, volume: int = 64,
-               with_output: bool = True):
-    """``(kernel, signature, constexprs, attrs)`` of ``"pool"`` (q, k, v in ``dtype``, cubes of ``volume``) or
+               with_output: bool = True, gather: bool = False):
+    """``(kernel, signature, constexprs, attrs)`` of ``"pool"`` (q, k, v in ``dtype``, cubes of ``volume``; read
+    through a row table with ``gather``) or
     ``"coarse"`` (``c`` cubes: the fused selection when ``c <= NK_MAX``) at head dim ``d``, for
     ``triton.compile(ASTSource(...))`` (static GPU checks without a GPU, in a process without TRITON_INTERPRET;
     sizes and strides as 32-bit ints, those that are multiples of the head dim marked divisible by 16 as the JIT
@@ -159,30 +172,34 @@ def aot_source(kernel: str, d: int, c: int = 624, dtype: torch.dtype = torch.bfl
     from ..dense.configs import aot_signature
 
     if kernel == "pool":
-        types = {**{n: "*DT" for n in ("Q", "K", "V")}, **{n: "*fp32" for n in ("QC", "KC", "VC", "INV")}}
+        types = {**{n: "*DT" for n in ("Q", "K", "V")}, **{n: "*fp32" for n in ("QC", "KC", "VC", "INV")},
+                 "RIDX": "*i32"}
         div16 = ("sq_b", "sq_n", "sk_b", "sk_n", "sv_b", "sv_n", "so_b", "so_c")
-        return aot_signature(_vsa_pool_kernel, types, _pool_constexprs(d, volume), div16, dtype)
+        return aot_signature(_vsa_pool_kernel, types, _pool_constexprs(d, volume, gather), div16, dtype)
     types = {**{n: "*fp32" for n in ("QC", "KC", "VC", "S", "O")}, "SEL": "*i64", "scale": "fp32"}
     return aot_signature(_vsa_coarse_kernel, types, _coarse_constexprs(c, d, with_output), ("so_b", "so_c"),
                          torch.float32)
 
 
 def coarse_triton(q_t: torch.Tensor, k_t: torch.Tensor, v_t: torch.Tensor, cubes: Cubes, count: int, scale: float,
-                  with_output: bool = True):
+                  with_output: bool = True, rows: Optional[torch.Tensor] = None):
     """:func:`~.naive.coarse_attention` (fp32) in two launches, forward only: ``(coarse or None, scores,
-    selection)``. ``q_t, k_t, v_t``: ``(B, H, Np, D)`` in tiled order (padding zero); ``1 <= count <= C``.
+    selection)``. ``q_t, k_t, v_t``: ``(B, H, Np, D)`` in tiled order (padding zero); ``1 <= count <= C``. With
+    ``rows``, the cube permutation's row table (int32 ``[Np]``: the raster token of each tiled position, -1 at
+    padding), they are ``(B, H, N, D)`` in raster order instead, each folding ``B * H`` as a view (:mod:`.raster`).
 
     ``selection`` int64 ``(B, H, C, count)``: the twin's selection (up to fp32 near-ties), listed ascending with
     exact ties going to the lower index, selected in the launch (:func:`fused_selection`) or past :data:`NK_MAX`
     cubes by :func:`top_cubes`."""
-    b, h, n_pad, d = q_t.shape
+    b, h, n, d = q_t.shape
     c, vol = cubes.count, cubes.volume
     device = q_t.device
-    q3, k3, v3 = (x.reshape(b * h, n_pad, d) for x in (q_t, k_t, v_t))
+    q3, k3, v3 = (x.view(b * h, n, d) if rows is not None else x.reshape(b * h, n, d) for x in (q_t, k_t, v_t))
     qc, kc, vc = (torch.empty(b * h, c, d, dtype=torch.float32, device=device) for _ in range(3))
     inv = cube_sizes(cubes, device, inverse=True)  # made once per device: no host copy per call
-    _vsa_pool_kernel[(b * h, c)](q3, k3, v3, qc, kc, vc, inv, *q3.stride(), *k3.stride(), *v3.stride(),
-                                 qc.stride(0), qc.stride(1), d, **_pool_constexprs(d, vol), num_warps=NUM_WARPS)
+    _vsa_pool_kernel[(b * h, c)](q3, k3, v3, qc, kc, vc, inv, inv if rows is None else rows, *q3.stride(),
+                                 *k3.stride(), *v3.stride(), qc.stride(0), qc.stride(1), d,
+                                 **_pool_constexprs(d, vol, rows is not None), num_warps=NUM_WARPS)
     scores = torch.empty(b * h, c, c, dtype=torch.float32, device=device)
     out = torch.empty(b * h, c, d, dtype=torch.float32, device=device) if with_output else scores
     cx = _coarse_constexprs(c, d, with_output)

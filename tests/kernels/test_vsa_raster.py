@@ -1,0 +1,226 @@
+"""VSA's inference forward on raster-order tensors (kernels/vsa/raster.py).
+
+Both branches read q, k and v where they are (the pool launch and the fine branch's gathered forward through the
+cube permutation's row table) instead of copies in cube order: the same sums and the same tiles reach the same
+products, so every part is the cube-order path's bit for bit, and the float64 reference's within rounding.
+Interpreter tests (fp32 / fp16: its bf16 dot is wrong)."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+import dit_accel
+from dit_accel.kernels import autotune, selfcheck
+from dit_accel.kernels.block_sparse import gather
+from dit_accel.kernels.vsa import api, fine, raster
+from dit_accel.kernels.vsa.naive import cubes_of, selected_count
+from tests.kernels.vsa_reference import reference
+
+triton = pytest.importorskip("triton")
+from dit_accel.kernels.vsa.triton import coarse_triton  # noqa: E402
+
+interpreter = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+                                 reason="runs the Triton interpreter on CPU tensors")
+
+
+@pytest.fixture(autouse=True)
+def _fresh(monkeypatch):
+    monkeypatch.setenv("DIT_ACCEL_SELFCHECK", "0")
+    monkeypatch.setattr(fine, "_TEMPLATES", {})
+    monkeypatch.setattr(raster, "_CHOICES", {})
+
+
+def _qkv(grid, batch=1, heads=2, d=32, dtype=torch.float32, layout="bnhd", n=4, seed=0):
+    """``n`` raster tensors ``(B, H, N, D)``: views of ``(B, N, H, D)`` (a pipeline's) or contiguous."""
+    tokens = grid[0] * grid[1] * grid[2]
+    g = torch.Generator().manual_seed(seed)
+    if layout == "bnhd":
+        return [torch.randn(batch, tokens, heads, d, generator=g).to(dtype).transpose(1, 2) for _ in range(n)]
+    return [torch.randn(batch, heads, tokens, d, generator=g).to(dtype) for _ in range(n)]
+
+
+def _spy(monkeypatch) -> list:
+    calls = []
+    real = raster.raster_forward
+    monkeypatch.setattr(raster, "raster_forward", lambda *a: calls.append(1) or real(*a))
+    return calls
+
+
+@interpreter
+@pytest.mark.parametrize("grid,tile,dtype,batch,layout", [
+    ((5, 6, 7), (2, 2, 4), torch.float32, 1, "bnhd"),  # partial cubes in every dimension
+    ((5, 6, 7), (4, 4, 4), torch.float16, 2, "bhnd"),  # two batches folded into heads
+    ((4, 8, 8), (4, 4, 4), torch.float16, 1, "bnhd"),  # whole cubes
+], ids=["partial-fp32", "partial-b2-fp16", "whole-fp16"])
+@pytest.mark.parametrize("with_output", [True, False], ids=["coarse", "selection-only"])
+def test_the_pool_launch_reads_raster_order_bit_for_bit(grid, tile, dtype, batch, layout, with_output):
+    cubes = cubes_of(grid, tile)
+    q, k, v = _qkv(grid, batch, dtype=dtype, layout=layout, n=3)
+    count = max(1, cubes.count // 4)
+    want = coarse_triton(*(cubes.perm.permute(x, dim=-2) for x in (q, k, v)), cubes, count, 0.2, with_output)
+    got = coarse_triton(q, k, v, cubes, count, 0.2, with_output, rows=cubes.perm.row_table("cpu"))
+    assert all((a is None and b is None) or torch.equal(a, b) for a, b in zip(got, want))
+
+
+@interpreter
+@pytest.mark.parametrize("grid,dtype", [((5, 6, 7), torch.float32), ((3, 9, 10), torch.float16),
+                                        ((4, 8, 8), torch.float16)], ids=["partial-fp32", "partial-fp16", "whole-fp16"])
+def test_vsa_attention_reads_raster_order_bit_for_bit(monkeypatch, grid, dtype):
+    """With a gate, twice (the second call runs the class's raster template, no layout): the cube-order path's bits
+    and the float64 reference's numbers."""
+    calls = _spy(monkeypatch)
+    built = []
+    real_layout = api._layout_of_rows
+    monkeypatch.setattr(api, "_layout_of_rows", lambda *a: built.append(1) or real_layout(*a))
+    for seed in (0, 1):
+        q, k, v, gate = _qkv(grid, dtype=dtype, seed=seed)
+        outs = {}
+        for forced in ("0", "1"):
+            monkeypatch.setenv(gather.ENV_GATHER, forced)
+            outs[forced] = dit_accel.vsa_attention(q, k, v, grid, topk=3, gate=gate, backend="triton",
+                                                   return_selection=True)
+        assert torch.equal(outs["0"][0], outs["1"][0]) and torch.equal(outs["0"][1], outs["1"][1])
+        ref = reference(*(x.double() for x in (q, k, v)), grid, 3, (4, 4, 4), gate.double())[0]
+        tol = 2e-3 if dtype == torch.float16 else 1e-4
+        torch.testing.assert_close(outs["1"][0].double(), ref, atol=tol, rtol=tol)
+    assert calls == [1, 1] and list(raster._CHOICES.values()) == [True]
+    assert len(built) == 2  # each path's first call builds its layout; the second runs its template
+    assert len(fine._TEMPLATES) == 2 and any(key[-1] for key in fine._TEMPLATES)
+
+
+@interpreter
+@pytest.mark.parametrize("grid", [(5, 6, 7), (4, 8, 8)], ids=["partial", "whole"])
+def test_fine_and_lse_come_back_in_raster_order(monkeypatch, grid):
+    """What a caller that merges text keys reads (plans with ``lse``): fine and lse in raster order, equal to the
+    cube-order path's; the fine output laid out as (B, N, H, D), as SDPA returns it."""
+    cubes = cubes_of(grid, (4, 4, 4))
+    count = selected_count(cubes.count, None, 0.5)
+    q, k, v = _qkv(grid, n=3, dtype=torch.float16)
+    parts = {}
+    for forced in ("0", "1"):
+        monkeypatch.setenv(gather.ENV_GATHER, forced)
+        parts[forced] = api.vsa_parts(q, k, v, grid, count, (4, 4, 4), 0.25, backend="triton")
+    for name in ("fine", "lse", "coarse", "selection"):
+        assert torch.equal(getattr(parts["0"], name), getattr(parts["1"], name)), name
+    assert parts["1"].fine.transpose(1, 2).is_contiguous()
+
+
+@interpreter
+def test_joint_text_calls_through_the_plan_match_bit_for_bit(monkeypatch):
+    """A plan call with text tokens after the video ones (its video part a strided slice, merged by the lse)."""
+    grid = (5, 6, 7)
+    plan = dit_accel.VSA(topk=3).plan(grid)
+    n = 5 * 6 * 7 + 7
+    q, k, v = _qkv((1, 1, n), n=3, dtype=torch.float16, seed=4)
+    calls = _spy(monkeypatch)
+    outs = {}
+    for forced in ("0", "1"):
+        monkeypatch.setenv(gather.ENV_GATHER, forced)
+        outs[forced] = plan.run(q, k, v, num_text=7, text_first=False, backend="triton")[0]
+    assert calls == [1] and torch.equal(outs["0"], outs["1"])
+
+
+@interpreter
+def test_calls_it_must_not_take_keep_cube_order(monkeypatch):
+    """A backward to record (whose gradients flow), batches that do not fold into heads as a view, the switch off,
+    a CPU call unasked, the PyTorch twin, a trace: each runs in cube order."""
+    grid = (5, 6, 7)
+    calls = _spy(monkeypatch)
+    monkeypatch.setenv(gather.ENV_GATHER, "1")
+    leaves = [x.requires_grad_() for x in _qkv(grid)]
+    out = dit_accel.vsa_attention(*leaves[:3], grid, topk=3, gate=leaves[3], backend="triton")
+    out.sum().backward()
+    assert all(t.grad is not None and torch.isfinite(t.grad).all() for t in leaves)
+    q, k, v = _qkv(grid, batch=2, n=3)  # (B, N, H, D) with two batches: (B, H) not adjacent
+    assert not raster.folds(q)
+    dit_accel.vsa_attention(q, k, v, grid, topk=3, backend="triton")
+    q, k, v = _qkv(grid, n=3)
+    dit_accel.vsa_attention(q, k, v, grid, topk=3, backend="torch")  # (the twin: decided, cube order)
+    assert calls == [] and list(raster._CHOICES.values()) == [False]
+    monkeypatch.setenv(gather.ENV_GATHER, "0")
+    dit_accel.vsa_attention(q, k, v, grid, topk=3, backend="triton")
+    monkeypatch.delenv(gather.ENV_GATHER)
+    dit_accel.vsa_attention(q, k, v, grid, topk=3, backend="triton")
+    assert calls == [] and len(raster._CHOICES) == 1
+    monkeypatch.setenv(gather.ENV_GATHER, "1")
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    cubes = cubes_of(grid, (4, 4, 4))
+    assert not raster.reads_raster(q, k, v, cubes, 3, 0.2, True, "triton", lambda: pytest.fail("decided"))
+
+
+@interpreter
+def test_a_capture_takes_the_eager_answer_and_decides_nothing(monkeypatch):
+    grid = (5, 6, 7)
+    cubes = cubes_of(grid, (4, 4, 4))
+    q, k, v = _qkv(grid, n=3, dtype=torch.float16)
+    monkeypatch.setenv(gather.ENV_GATHER, "1")
+    monkeypatch.setattr(raster, "in_graph", lambda: True)  # a capture before any eager call
+    assert not raster.reads_raster(q, k, v, cubes, 3, 0.2, True, "triton", lambda: pytest.fail("ran"))
+    assert not raster._CHOICES
+    monkeypatch.setattr(raster, "in_graph", lambda: False)
+    ran = []
+    assert raster.reads_raster(q, k, v, cubes, 3, 0.2, True, "triton", lambda: ran.append(1))  # eager: decides
+    assert ran == [1]  # (the cube-order path ran once, deciding the fine branch's backend)
+    monkeypatch.setattr(raster, "in_graph", lambda: True)
+    assert raster.reads_raster(q, k, v, cubes, 3, 0.2, True, "triton", lambda: pytest.fail("ran"))
+
+
+@interpreter
+def test_unforced_it_is_timed_against_cube_order_once_per_class(monkeypatch, tmp_path):
+    """Unforced (on a GPU, once its self-check passed) the choice is the autotuner's, family vsa.gather: both
+    paths timed on the call's inputs, the faster kept; with the autotuner off, cube order."""
+    monkeypatch.setenv("DIT_ACCEL_CACHE", str(tmp_path))
+    monkeypatch.delenv(gather.ENV_GATHER, raising=False)
+    grid = (5, 6, 7)
+    cubes = cubes_of(grid, (4, 4, 4))
+    q, k, v = _qkv(grid, n=3, dtype=torch.float16)
+    monkeypatch.setattr("dit_accel.kernels.block_sparse.gather.gather_runs", lambda *a: True)
+    timed = []
+
+    def timer(fn, *_):
+        fn()
+        timed.append(1)
+        return 0.5 if len(timed) == 1 else 1.0  # the first contender (the raster path) is faster
+
+    real = gather.raster_faster
+    monkeypatch.setattr("dit_accel.kernels.block_sparse.gather.raster_faster",
+                        lambda *a: real(*a, timer=timer))
+    decide = raster._decide
+    assert decide(q, k, v, cubes, 3, 0.2, True, "triton", None, lambda: None) and len(timed) == 2
+    assert decide(q, k, v, cubes, 3, 0.2, True, "triton", None, lambda: None) and len(timed) == 2  # stored
+    monkeypatch.setenv(autotune.ENV_AUTOTUNE, "0")
+    assert not decide(q, k, v, cubes, 3, 0.3, False, "triton", None, lambda: None) and len(timed) == 2
+
+
+@interpreter
+def test_a_forced_raster_call_whose_variant_fails_its_self_check_raises(monkeypatch, tmp_path):
+    monkeypatch.setenv("DIT_ACCEL_SELFCHECK", "1")
+    monkeypatch.setenv("DIT_ACCEL_CACHE", str(tmp_path))
+    monkeypatch.setenv(selfcheck.ENV_FAULT, gather.VARIANT)
+    monkeypatch.setenv(gather.ENV_GATHER, "1")
+    grid = (5, 6, 7)
+    q, k, v = _qkv(grid, n=3, dtype=torch.float16)
+    with pytest.raises(selfcheck.VariantFailed, match="block_sparse.triton.fwd_gather failed its self-check"):
+        dit_accel.vsa_attention(q, k, v, grid, topk=3, backend="triton")
+
+
+@interpreter
+def test_a_gated_model_under_apply_reads_raster_order_bit_for_bit(monkeypatch, tmp_path):
+    """Tiny Wan with FastVideo's to_gate_compress gates under ``apply(VSA)`` and the Triton kernels: the same output
+    whether its attention calls copy into cube order or read raster order (which every layer then did)."""
+    from dit_accel.models import tiny as T
+    from tests.pipelines.test_vsa_gates import GRID, _gated_checkpoint, _load
+
+    _gated_checkpoint(tmp_path)
+    model = _load(tmp_path)
+    kwargs = T.tiny_transformer_inputs("wan", model, grid=GRID, batch=1)
+    calls = _spy(monkeypatch)
+    outs = {}
+    for forced in ("0", "1"):
+        monkeypatch.setenv(gather.ENV_GATHER, forced)
+        with dit_accel.apply(model, dit_accel.VSA(topk=2), backend="triton") as handle, torch.no_grad():
+            outs[forced] = model(**kwargs)[0]
+            assert len(handle.vsa_gates) == 2
+    assert len(calls) == len(model.blocks) and torch.equal(outs["0"], outs["1"])
