@@ -33,7 +33,12 @@ Each stage is timed alone:
   cubes, 2 heads, a fixed selection at sparsity 0.875) on a class's later call: planned from the selection alone
   (:mod:`dit_accel.kernels.vsa.fine`); ``vsa_fine_partial``: the same at :data:`VSA_PARTIAL_GRID` (partial edge
   cubes: one sort more); ``vsa_fine_layout``: :data:`VSA_GRID` on the general path every call (a layout, the
-  backend decision and the launch derived per call, as every call before the per-call plan).
+  backend decision and the launch derived per call, as every call before the per-call plan);
+- ``vsa``: a whole ``vsa_attention`` call with a gate at :data:`VSA_GRID`, sparsity 0.875, its coarse launches
+  stubbed too (returning the PyTorch twin's selection, worked out once): cube order, the class's later calls;
+  ``vsa_raster``: the same reading raster order (:mod:`dit_accel.kernels.vsa.raster`, forced); ``vsa_partial``,
+  ``vsa_partial_raster``: both at :data:`VSA_PARTIAL_GRID`. Their copies and gated sum run on the CPU, as their
+  launches would on a GPU.
 
 With ``detail``, each stage also reports the device work one call issues (:func:`count_device_ops`): the
 torch kernels and the Triton launches, each one launch on a GPU (about 5 us of host time there, and of
@@ -56,7 +61,7 @@ import statistics
 import time
 from typing import Callable, Dict, Iterator
 
-__all__ = ["stub_launches", "count_device_ops", "run_observed", "measure_host_path", "main", "SMALL_SLA_SHAPE", "VSA_GRID",
+__all__ = ["stub_launches", "kept_stub", "twin_coarse", "count_device_ops", "run_observed", "measure_host_path", "main", "SMALL_SLA_SHAPE", "VSA_GRID",
            "VSA_PARTIAL_GRID"]
 
 #: The ``sla_small*`` stages' q, k, v shape: four 64-token blocks, one head, so the classification's torch ops
@@ -81,11 +86,12 @@ class _StubKernel:
 
 @contextlib.contextmanager
 def stub_launches() -> Iterator[Dict[str, int]]:
-    """Replace the block-sparse and SLA Triton kernels (SLA's pooling, selection and operand kernels too) with
-    :class:`_StubKernel` while inside; yields ``{"triton": launches so far}``."""
+    """Replace the block-sparse, SLA and VSA Triton kernels (SLA's pooling, selection and operand kernels too, VSA's
+    coarse ones) with :class:`_StubKernel` while inside; yields ``{"triton": launches so far}``."""
     from ..kernels.block_sparse import triton as bs
     from ..kernels.sla import operands, pool, select
     from ..kernels.sla import triton as sla
+    from ..kernels.vsa import triton as vsa
 
     from .._util import env_set
     from ..kernels.selfcheck import ENV_SELFCHECK
@@ -93,7 +99,7 @@ def stub_launches() -> Iterator[Dict[str, int]]:
     counts = {"triton": 0}
     saved_bs = {name: getattr(bs, name) for name in ("_fwd_kernel", "_bwd_preprocess_kernel", "_bwd_dkdv_kernel",
                                                      "_bwd_dq_kernel")}
-    tables = (sla.KERNELS, pool.KERNELS, select.KERNELS, operands.KERNELS)
+    tables = (sla.KERNELS, pool.KERNELS, select.KERNELS, operands.KERNELS, vsa.KERNELS)
     saved = [dict(table) for table in tables]
     with env_set(ENV_SELFCHECK, "0"):  # stubbed kernels return nothing: the first-use check would disable them
         try:
@@ -109,6 +115,51 @@ def stub_launches() -> Iterator[Dict[str, int]]:
             for table, before in zip(tables, saved):
                 table.clear()
                 table.update(before)
+
+
+@contextlib.contextmanager
+def kept_stub(module, name: str, make: Callable[[Callable], Callable], compute: Callable,
+              key: Callable) -> Iterator[None]:
+    """``module.name`` (``make(stub)``) stubbed while inside by ``compute``'s result, worked out on the first call of
+    each ``key(*args)`` and kept (the stubbed launches behind it would leave their outputs unwritten)."""
+    saved, kept = getattr(module, name), {}
+
+    def stub(*args, **kw):
+        k = key(*args, **kw)
+        if k not in kept:
+            kept[k] = compute(*args, **kw)
+        return kept[k]
+
+    setattr(module, name, make(stub))
+    try:
+        yield
+    finally:
+        setattr(module, name, saved)
+
+
+def twin_coarse():
+    """Inside :func:`stub_launches`: VSA's ``coarse_triton`` runs as it does (its host work, its two stubbed
+    launches) and returns the PyTorch twin's result for its inputs, worked out on a first call and kept (the stubbed
+    launches leave their outputs unwritten, and the fine branch indexes with the selection)."""
+    from ..kernels.vsa import triton as vsa_triton
+    from ..kernels.vsa.naive import coarse_attention
+
+    real = vsa_triton.coarse_triton
+
+    def twin(q_t, k_t, v_t, cubes, count, scale, with_output, rows=None):
+        if rows is not None:  # raster inputs: the twin takes them in cube order
+            q_t, k_t, v_t = (cubes.perm.permute(x, dim=-2) for x in (q_t, k_t, v_t))
+        return coarse_attention(q_t, k_t, v_t, cubes, count, scale, with_output)
+
+    def make(stub):
+        def coarse_triton(*args, **kw):
+            real(*args, **kw)
+            return stub(*args, **kw)
+        return coarse_triton
+
+    return kept_stub(vsa_triton, "coarse_triton", make, twin,
+                     lambda q_t, k_t, v_t, cubes, count, scale, with_output, rows=None: (
+                         tuple(q_t.shape), tuple(q_t.stride()), count, with_output, rows is not None))
 
 
 #: Allocations: on a GPU a caching-allocator call, no kernel launch.
@@ -193,6 +244,8 @@ def measure_host_path(*, tokens: int = 1024, heads: int = 2, head_dim: int = 64,
     from ..kernels.layout import BlockLayout
     from ..kernels.sla import sla_attention
     from ..methods import SLA, Tile
+    from .._util import env_set
+    from ..kernels.block_sparse.gather import ENV_GATHER
     from ..plans.plan import LayoutPlan
 
     if tokens % 256:
@@ -251,16 +304,19 @@ def measure_host_path(*, tokens: int = 1024, heads: int = 2, head_dim: int = 64,
         "sla_small_proj": lambda: sla_attention(qs, ks, vs, method, proj_s, backend="triton"),
         "vsa_fine": vsa_fine, "vsa_fine_partial": vsa_partial, "vsa_fine_layout": vsa_fine,
     }
+    for grid, stage in ((VSA_GRID, "vsa"), (VSA_PARTIAL_GRID, "vsa_partial")):
+        cases[stage] = cases[stage + "_raster"] = _vsa_call(grid, heads, head_dim, dtype, gen)
     out = {}
-    with stub_launches() as launches:
+    with stub_launches() as launches, twin_coarse():
         for name, fn in cases.items():
             if stages is not None and name not in stages:
                 continue
             n = max(calls // 20, 2) if name == "plan_tiled_text" else calls  # milliseconds of CPU matmuls
-            with torch.set_grad_enabled(name == "api_grad"), _general_vsa_path(name == "vsa_fine_layout"):
+            with torch.set_grad_enabled(name == "api_grad"), _general_vsa_path(name == "vsa_fine_layout"), \
+                    env_set(ENV_GATHER, "1" if name.startswith("vsa") and name.endswith("_raster") else "0"):
                 out[name] = _per_call_us(fn, n, repeats)
                 if detail:  # (a dispatch mode sends VSA's fine branch down the general path: the profiler does not)
-                    count = _profiled_ops if name.startswith("vsa_fine") else count_device_ops
+                    count = _profiled_ops if name.startswith("vsa") else count_device_ops
                     out[name]["ops"] = count(fn, launches)
     return out if detail else {name: us["median"] for name, us in out.items()}
 
@@ -306,6 +362,17 @@ def _vsa_fine_call(grid, heads: int, head_dim: int, dtype, gen) -> Callable[[], 
     selection = torch.rand(1, heads, cubes.count, cubes.count, generator=gen).topk(count, -1).indices.sort(-1).values
     q, k, v = (torch.randn(1, heads, cubes.perm.num_padded, head_dim, generator=gen, dtype=dtype) for _ in range(3))
     return lambda: api._fine_branch(q, k, v, cubes, cubes.perm, None, selection, head_dim ** -0.5, "triton")
+
+
+def _vsa_call(grid, heads: int, head_dim: int, dtype, gen) -> Callable[[], object]:
+    """``vsa_attention`` with a gate on ``grid`` (4x4x4 cubes) at sparsity 0.875, Triton, as a call."""
+    import torch
+
+    from ..kernels.vsa import vsa_attention
+
+    n = grid[0] * grid[1] * grid[2]
+    q, k, v, gate = (torch.randn(1, n, heads, head_dim, generator=gen, dtype=dtype).transpose(1, 2) for _ in range(4))
+    return lambda: vsa_attention(q, k, v, grid, sparsity=0.875, gate=gate, backend="triton")
 
 
 @contextlib.contextmanager
@@ -359,11 +426,11 @@ def main(argv=None) -> dict:
                       "stubbed; wall time median and minimum of repeats, thread CPU time median; device ops per "
                       "call: torch kernels + Triton launches (allocations apart)"}
     result["device_ops_per_call"] = {name: us["ops"] for name, us in detail.items()}
-    print(f"{'stage':16s} {'median':>8s} {'min':>8s} {'cpu':>8s} {'kernels':>8s} {'(torch':>6s} {'triton)':>7s} "
+    print(f"{'stage':18s} {'median':>8s} {'min':>8s} {'cpu':>8s} {'kernels':>8s} {'(torch':>6s} {'triton)':>7s} "
           f"{'allocs':>6s}  us/call (load {result['load_average']})")
     for name, us in detail.items():
         ops = us["ops"]
-        print(f"{name:16s} {us['median']:8.1f} {us['min']:8.1f} {us['cpu']:8.1f} {ops['kernels']:8d} {ops['torch']:6d} "
+        print(f"{name:18s} {us['median']:8.1f} {us['min']:8.1f} {us['cpu']:8.1f} {ops['kernels']:8d} {ops['torch']:6d} "
               f"{ops['triton']:7d} {ops['allocations']:6d}")
     if args.json:
         with open(args.json, "w") as fh:

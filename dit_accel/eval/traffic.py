@@ -103,50 +103,16 @@ def count_traffic(fn: Callable[[], object]) -> Dict[str, int]:
     return counts
 
 
-@contextlib.contextmanager
-def _kept(module, name: str, make: Callable[[], Callable], compute: Callable, key: Callable) -> Iterator[None]:
-    """``module.name`` (``make()``'s function) stubbed while inside by ``compute``'s result, worked out on the first
-    call of each ``key(*args)`` and kept (the stubbed launches behind it would leave their outputs unwritten)."""
-    saved, kept = getattr(module, name), {}
-
-    def stub(*args, **kw):
-        k = key(*args, **kw)
-        if k not in kept:
-            kept[k] = compute(*args, **kw)
-        return kept[k]
-
-    setattr(module, name, make(stub))
-    try:
-        yield
-    finally:
-        setattr(module, name, saved)
-
-
-def _twin_coarse():
-    """VSA's coarse launches stubbed: ``coarse_triton`` returns the PyTorch twin's result for the inputs (a GPU's
-    two launches make those tensors; the twin's operators are not counted after the first call)."""
-    from ..kernels.vsa import triton as vsa_triton
-    from ..kernels.vsa.naive import coarse_attention
-
-    def twin(q_t, k_t, v_t, cubes, count, scale, with_output, rows=None):
-        if rows is not None:  # raster inputs: the twin takes them in cube order
-            q_t, k_t, v_t = (cubes.perm.permute(x, dim=-2) for x in (q_t, k_t, v_t))
-        return coarse_attention(q_t, k_t, v_t, cubes, count, scale, with_output)
-
-    return _kept(vsa_triton, "coarse_triton", lambda stub: stub, twin,
-                 lambda q_t, k_t, v_t, cubes, count, scale, with_output, rows=None: (tuple(q_t.shape), count,
-                                                                                     with_output))
-
-
 def _twin_classify():
     """SLA's classification launches stubbed: the fused path's classify returns the PyTorch twin's block lists
     (its stubbed launches would leave the lists unwritten, which the backward's list transposition reads)."""
     from ..kernels.sla import api as sla_api
     from ..kernels.sla.common import sla_classify
+    from .host_path import kept_stub
 
     attention = sla_api._fused()[1]
-    return _kept(sla_api, "_fused", lambda stub: lambda: (stub, attention), sla_classify,
-                 lambda q, k, method: (tuple(q.shape), method))
+    return kept_stub(sla_api, "_fused", lambda stub: lambda: (stub, attention), sla_classify,
+                     lambda q, k, method: (tuple(q.shape), method))
 
 
 @contextlib.contextmanager
@@ -180,7 +146,7 @@ def measure_traffic(*, grid: Tuple[int, int, int] = (21, 30, 52), heads: int = 2
     from ..kernels.sla import sla_attention
     from ..kernels.vsa import vsa_attention
     from ..methods import SLA, Tile
-    from .host_path import stub_launches
+    from .host_path import stub_launches, twin_coarse
 
     if triton_reason("cpu") is not None:
         raise RuntimeError("measure_traffic needs TRITON_INTERPRET=1 set before triton is imported "
@@ -217,7 +183,7 @@ def measure_traffic(*, grid: Tuple[int, int, int] = (21, 30, 52), heads: int = 2
     }
     unit = q.numel() * q.element_size()
     out = {}
-    with stub_launches(), _twin_coarse(), _twin_classify(), _planned_fine(), warnings.catch_warnings():
+    with stub_launches(), twin_coarse(), _twin_classify(), _planned_fine(), warnings.catch_warnings():
         # (the launches the stubs leave, such as the backward's preprocess in the interpreter, read unwritten
         # outputs of stubbed ones: numpy's warnings about their values say nothing about the bytes)
         warnings.simplefilter("ignore", RuntimeWarning)

@@ -16,15 +16,18 @@ def test_measure_host_path_runs_every_stage_and_restores_the_kernels(monkeypatch
     from dit_accel.kernels.block_sparse import triton as bs
     from dit_accel.kernels.sla import operands, pool, select
     from dit_accel.kernels.sla import triton as sla
+    from dit_accel.kernels.vsa import triton as vsa
 
-    before = (bs._fwd_kernel, dict(sla.KERNELS), dict(pool.KERNELS), dict(operands.KERNELS), dict(select.KERNELS))
+    before = (bs._fwd_kernel, dict(sla.KERNELS), dict(pool.KERNELS), dict(operands.KERNELS), dict(select.KERNELS),
+              dict(vsa.KERNELS), vsa.coarse_triton)
     result = measure_host_path(tokens=256, calls=3, repeats=1)
     assert set(result) == {"api", "api_lse", "api_grad", "custom_op", "launcher", "backward_launcher", "plan",
                            "plan_tiled", "plan_tiled_text", "sla", "sla_proj", "sla_small", "sla_small_proj",
-                           "vsa_fine", "vsa_fine_partial", "vsa_fine_layout"}
+                           "vsa_fine", "vsa_fine_partial", "vsa_fine_layout", "vsa", "vsa_raster", "vsa_partial",
+                           "vsa_partial_raster"}
     assert all(us > 0 for us in result.values())
     assert (bs._fwd_kernel, dict(sla.KERNELS), dict(pool.KERNELS), dict(operands.KERNELS),
-            dict(select.KERNELS)) == before
+            dict(select.KERNELS), dict(vsa.KERNELS), vsa.coarse_triton) == before
     with stub_launches():
         assert bs._fwd_kernel is not before[0] and pool.KERNELS["pool"] is not before[2]["pool"]
         assert select.KERNELS["select"] is not before[4]["select"]
@@ -72,3 +75,21 @@ def test_vsa_fine_stages_count_the_per_call_plan_against_the_general_path(monkey
     assert partial["triton"] == 1 and partial["torch"] == 12
     assert general["triton"] == 1 and general["torch"] >= 5 * whole["torch"]
     assert fine.remember.__name__ == "remember" and fine.has_template((8, 16, 16), (1, 2, 2048, 64))
+
+
+def test_vsa_stages_read_raster_order_with_fewer_kernels(monkeypatch):
+    """A whole gated VSA call on a class's later call, its coarse launches stubbed too: reading raster order drops
+    the three copies into cube order and the fine output's way back (two gathers of the lse and the output where
+    cubes are whole; with partial cubes the copies' padding fills too); the launches stay two coarse + one fine."""
+    from dit_accel.eval.host_path import measure_host_path
+    from dit_accel.kernels.vsa import fine, raster
+
+    monkeypatch.setattr(fine, "_TEMPLATES", {})
+    monkeypatch.setattr(raster, "_CHOICES", {})
+    result = measure_host_path(calls=2, repeats=1, stages=("vsa", "vsa_raster", "vsa_partial", "vsa_partial_raster"),
+                               detail=True)
+    ops = {name: r["ops"] for name, r in result.items()}
+    assert all(o["triton"] == 3 for o in ops.values()), ops
+    assert ops["vsa"]["torch"] - ops["vsa_raster"]["torch"] == 4, ops  # 3 copies in, 1 of the fine output back
+    assert ops["vsa_partial"]["torch"] - ops["vsa_partial_raster"]["torch"] >= 6, ops
+    assert list(raster._CHOICES.values()) == [True, True]  # (decided per grid where switched on; off: no choice)

@@ -197,17 +197,17 @@ def coarse_triton(q_t: torch.Tensor, k_t: torch.Tensor, v_t: torch.Tensor, cubes
     q3, k3, v3 = (x.view(b * h, n, d) if rows is not None else x.reshape(b * h, n, d) for x in (q_t, k_t, v_t))
     qc, kc, vc = (torch.empty(b * h, c, d, dtype=torch.float32, device=device) for _ in range(3))
     inv = cube_sizes(cubes, device, inverse=True)  # made once per device: no host copy per call
-    _vsa_pool_kernel[(b * h, c)](q3, k3, v3, qc, kc, vc, inv, inv if rows is None else rows, *q3.stride(),
-                                 *k3.stride(), *v3.stride(), qc.stride(0), qc.stride(1), d,
-                                 **_pool_constexprs(d, vol, rows is not None), num_warps=NUM_WARPS)
+    KERNELS["pool"][(b * h, c)](q3, k3, v3, qc, kc, vc, inv, inv if rows is None else rows, *q3.stride(),
+                                *k3.stride(), *v3.stride(), qc.stride(0), qc.stride(1), d,
+                                **_pool_constexprs(d, vol, rows is not None), num_warps=NUM_WARPS)
     scores = torch.empty(b * h, c, c, dtype=torch.float32, device=device)
     out = torch.empty(b * h, c, d, dtype=torch.float32, device=device) if with_output else scores
     cx = _coarse_constexprs(c, d, with_output)
     sel = torch.empty(b * h, c, count, dtype=torch.int64, device=device) if cx["WITH_SELECT"] else None
     grid = (b * h, triton.cdiv(c, BLOCK_CUBES))
-    _vsa_coarse_kernel[grid](qc, kc, vc, scores, out, scores if sel is None else sel, c, d, count, float(scale),
-                             qc.stride(0), qc.stride(1), scores.stride(0), scores.stride(1), **cx,
-                             num_warps=NUM_WARPS)
+    KERNELS["coarse"][grid](qc, kc, vc, scores, out, scores if sel is None else sel, c, d, count, float(scale),
+                            qc.stride(0), qc.stride(1), scores.stride(0), scores.stride(1), **cx,
+                            num_warps=NUM_WARPS)
     scores = scores.view(b, h, c, c)
     selection = top_cubes(scores, count) if sel is None else sel.view(b, h, c, count)
     from ..selfcheck import corrupt, faulted
