@@ -224,3 +224,31 @@ def test_a_gated_model_under_apply_reads_raster_order_bit_for_bit(monkeypatch, t
             outs[forced] = model(**kwargs)[0]
             assert len(handle.vsa_gates) == 2
     assert len(calls) == len(model.blocks) and torch.equal(outs["0"], outs["1"])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("grid", [(16, 28, 52), (21, 30, 52)], ids=["fastwan-whole", "wan480p-partial"])
+def test_gpu_raster_order_matches_cube_order(grid, monkeypatch, tmp_path):
+    """FastWan's shape and Wan 480p's (partial cubes), 12 heads of 128 in bf16, gated, sparsity 0.9: the raster
+    path (both branches through the row table) against the cube-order one, the first call and a template's call;
+    and the default choice (self-checks, then timing) made once per class."""
+    from tests.utils import DEVICE
+
+    monkeypatch.setenv("DIT_ACCEL_SELFCHECK", "1")
+    monkeypatch.setenv("DIT_ACCEL_CACHE", str(tmp_path))
+    monkeypatch.delenv(gather.ENV_GATHER, raising=False)
+    q, k, v, gate = (x.to(DEVICE) for x in _qkv(grid, heads=12, d=128, dtype=torch.bfloat16, seed=3))
+    for _ in range(2):
+        outs = {}
+        for forced in ("0", "1"):
+            monkeypatch.setenv(gather.ENV_GATHER, forced)
+            outs[forced] = dit_accel.vsa_attention(q, k, v, grid, sparsity=0.9, gate=gate, backend="triton",
+                                                   return_selection=True)
+        assert torch.equal(outs["0"][1], outs["1"][1])  # the same pools: the same selection
+        torch.testing.assert_close(outs["1"][0].float(), outs["0"][0].float(), atol=2e-2, rtol=2e-2)
+    monkeypatch.delenv(gather.ENV_GATHER)
+    monkeypatch.setattr(raster, "_CHOICES", {})
+    for _ in range(2):
+        out = dit_accel.vsa_attention(q, k, v, grid, sparsity=0.9, gate=gate, backend="triton")
+        torch.testing.assert_close(out.float(), outs["0"][0].float(), atol=2e-2, rtol=2e-2)
+    assert len(raster._CHOICES) == 1  # decided once (timed against cube order where its checks passed)
