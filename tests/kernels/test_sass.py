@@ -280,11 +280,12 @@ def test_main_loops_use_async_tensor_cores(rows):
             assert r["wgmma"], f"{r['name']}: no wgmma on sm_90"
 
 
-def _kernel_source():
+def _kernel_source(module: str = "triton"):
+    """The lines of ``dit_accel/kernels/block_sparse/<module>.py`` (the forward's; the backward's: ``bwd_kernels``)."""
+    from importlib import import_module
     from pathlib import Path
 
-    from dit_accel.kernels.block_sparse import triton as kernels
-
+    kernels = import_module(f"dit_accel.kernels.block_sparse.{module}")
     return Path(kernels.__file__).read_text().splitlines()
 
 
@@ -386,7 +387,7 @@ def test_dkdv_loops_load_block_indices_an_iteration_ahead(rows):
     so no iteration's Q, dO, lse and delta loads wait on an index load of the same iteration."""
     import re
 
-    source = _kernel_source()
+    source = _kernel_source("bwd_kernels")
     plan_entry = re.compile(r"tl\.load\((full|part|bits) \+ i\b")
     dkdv = [r for r in rows.values() if r["family"] == "block_sparse" and r["kernel"] == "bwd_dkdv"]
     assert {r["arch"] for r in dkdv} == {80, 89, 90} and any(r["num_stages"] == 1 for r in dkdv)
