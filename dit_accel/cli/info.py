@@ -219,8 +219,9 @@ def _gather_status() -> str:
     if forced is not None:
         return (f"{'on' if forced else 'off'} ({ENV_GATHER}={int(forced)})" +
                 (", wherever the Triton forward runs, behind its self-check" if forced else ""))
-    return ("Tile, GNA and VSA inference calls on a GPU read q, k, v in raster order in the kernels instead of "
-            "gathering them, where the self-check passed and it timed faster per shape class (not yet run on a GPU); "
+    return ("Tile and GNA calls (training ones in their backward too) and VSA inference calls on a GPU read q, k, v "
+            "in raster order in the kernels instead of gathering them, where the self-checks passed and it timed "
+            "faster per shape class (not yet run on a GPU); "
             f"{ENV_GATHER}=0 turns it off")
 
 

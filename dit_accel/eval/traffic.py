@@ -13,8 +13,8 @@ the rows its index names. A model, not a measurement: caches are ignored, and th
 Cases, each at ``grid`` (default Wan 2.1 480p's (21, 30, 52)) with ``heads`` heads of ``head_dim``, float16:
 
 - ``tile``, ``tile_train``: the recommended Tile for Wan (fitted, (6, 8, 8) / (3, 3, 3)) through its plan,
-  forward only, and forward + backward; ``tile_raster``: its forward with the kernel reading raster order
-  (:mod:`~dit_accel.kernels.block_sparse.gather`, forced: ``DIT_ACCEL_GATHER=1``);
+  forward only, and forward + backward; ``tile_raster``, ``tile_train_raster``: the same with the kernels reading
+  raster order (:mod:`~dit_accel.kernels.block_sparse.gather`, forced: ``DIT_ACCEL_GATHER=1``);
 - ``vsa``, ``vsa_train``: ``vsa_attention`` with a gate, sparsity 0.9; ``vsa_nogate``: without a gate (the fine
   branch alone), so ``vsa - vsa_nogate`` is the gated term's traffic; ``vsa_raster``: ``vsa`` with both branches
   reading raster order (:mod:`~dit_accel.kernels.vsa.raster`, forced);
@@ -38,9 +38,9 @@ from typing import Callable, Dict, Iterator, Optional, Tuple
 
 __all__ = ["count_traffic", "measure_traffic", "main", "CASES"]
 
-CASES = ("tile", "tile_raster", "tile_train", "vsa", "vsa_raster", "vsa_nogate", "vsa_train", "sla", "sla_train")
+CASES = ("tile", "tile_raster", "tile_train", "tile_train_raster", "vsa", "vsa_raster", "vsa_nogate", "vsa_train", "sla", "sla_train")
 #: The cases whose kernels read raster order (``DIT_ACCEL_GATHER=1``; the others run with it off).
-RASTER = ("tile_raster", "vsa_raster")
+RASTER = ("tile_raster", "tile_train_raster", "vsa_raster")
 
 
 def _read_bytes(t) -> int:
@@ -174,6 +174,7 @@ def measure_traffic(*, grid: Tuple[int, int, int] = (21, 30, 52), heads: int = 2
         "tile": lambda: plan.run(q, k, v, backend="triton"),
         "tile_raster": lambda: plan.run(q, k, v, backend="triton"),
         "tile_train": lambda: backward(plan.run(qg, kg, vg, backend="triton")[0]),
+        "tile_train_raster": lambda: backward(plan.run(qg, kg, vg, backend="triton")[0]),
         "vsa": lambda: vsa(False),
         "vsa_raster": lambda: vsa(False),
         "vsa_nogate": lambda: vsa(False, with_gate=False),
@@ -189,7 +190,7 @@ def measure_traffic(*, grid: Tuple[int, int, int] = (21, 30, 52), heads: int = 2
         warnings.simplefilter("ignore", RuntimeWarning)
         for name in cases:
             # (the cases that gather stay as they are: DIT_ACCEL_GATHER=0 but for the raster ones)
-            with torch.set_grad_enabled(name.endswith("_train")), env_set(ENV_GATHER, str(int(name in RASTER))):
+            with torch.set_grad_enabled("_train" in name), env_set(ENV_GATHER, str(int(name in RASTER))):
                 runs[name]()  # (first call: layouts, plans, the coarse twin's kept result)
                 counts = count_traffic(runs[name])
             out[name] = {**counts, "units": counts["bytes"] / unit}
@@ -225,10 +226,10 @@ def main(argv=None) -> dict:
         result = measure_traffic(grid=grid, heads=args.heads, head_dim=args.head_dim)
     except (ValueError, BackendUnavailable) as exc:  # a grid too small for a case's tiles or the Triton kernels
         parser.error(f"--grid {','.join(map(str, grid))} --heads {args.heads} --head-dim {args.head_dim}: {exc}")
-    print(f"{'case':12s} {'ops':>5s} {'MB':>9s} {'q units':>8s}  (MODELLED, grid {grid}, {args.heads} heads of "
+    print(f"{'case':17s} {'ops':>5s} {'MB':>9s} {'q units':>8s}  (MODELLED, grid {grid}, {args.heads} heads of "
           f"{args.head_dim}, float16, kernels stubbed)")
     for name, row in result.items():
-        print(f"{name:12s} {row['ops']:5d} {row['bytes'] / 1e6:9.1f} {row['units']:8.1f}")
+        print(f"{name:17s} {row['ops']:5d} {row['bytes'] / 1e6:9.1f} {row['units']:8.1f}")
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"grid": list(grid), "heads": args.heads, "head_dim": args.head_dim, "cases": result}, fh,

@@ -156,14 +156,11 @@ def _check_block_sparse_ws(device, dtype, shape) -> Result:
     return Result(_fwd_errors(o, lse, ref_o, ref_lse), FWD_TOL[dtype], text + ", ws + resume")
 
 
-def _check_block_sparse_gather(device, dtype, shape) -> Result:
-    """The forward on raster-order tensors through a row table (:mod:`.block_sparse.gather`): a tiled order with
-    padding in every dimension, per-head random tiles over it, no padded key visited; against the fp32 reference
-    on the raster tokens with the mask carried back to raster order."""
+def _gather_problem(device, dtype, shape):
+    """Raster q, k, v, a tiled order with padding in every dimension, per-head random tiles over it with no padded
+    key visited, the row table, the mask carried back to raster order, and the problem's text."""
     from ..patterns.permutation import TilePermutation
-    from .block_sparse.triton import triton_forward
     from .layout import BlockLayout
-    from .reference import dense_attention_reference
 
     b, h, grid = (2, 40, (5, 15, 30)) if _gpu(device) else (1, 2, (3, 5, 7))
     perm = TilePermutation(grid, (2, 4, 8))
@@ -171,14 +168,39 @@ def _check_block_sparse_gather(device, dtype, shape) -> Result:
     mask[:, :, perm.order < 0] = False  # (a query never sees a padded key)
     layout = BlockLayout.from_dense_mask(mask.to(device), block_q=shape["block_q"], block_k=shape["block_k"])
     q, k, v = _qkv(b, h, perm.num_tokens, perm.num_tokens, shape["head_dim"], dtype, device, 4)
-    scale = shape["head_dim"] ** -0.5
-    o, lse = triton_forward(q, k, v, layout, scale, rows=perm.row_table(device))
     raster = perm.inverse  # the tiled position of each raster token
-    ref_o, ref_lse = dense_attention_reference(q, k, v, mask[:, raster][:, :, raster].to(device), scale)
     text = (f"{b}x{h} heads, grid {grid} in (2, 4, 8) tiles ({perm.num_tokens} tokens, {perm.num_padded} tiled "
             f"positions), d={shape['head_dim']}, {shape['block_q']}x{shape['block_k']} blocks, "
             f"{str(dtype).replace('torch.', '')}, raster order in and out")
+    return q, k, v, layout, perm.row_table(device), mask[:, raster][:, :, raster].to(device), text
+
+
+def _check_block_sparse_gather(device, dtype, shape) -> Result:
+    """The forward on raster-order tensors through a row table (:mod:`.block_sparse.gather`) on
+    :func:`_gather_problem`, against the fp32 reference on the raster tokens."""
+    from .block_sparse.triton import triton_forward
+    from .reference import dense_attention_reference
+
+    q, k, v, layout, rows, mask, text = _gather_problem(device, dtype, shape)
+    scale = shape["head_dim"] ** -0.5
+    o, lse = triton_forward(q, k, v, layout, scale, rows=rows)
+    ref_o, ref_lse = dense_attention_reference(q, k, v, mask, scale)
     return Result(_fwd_errors(o, lse, ref_o, ref_lse), _tol(FWD_TOL, q.device, dtype, True), text)
+
+
+def _check_block_sparse_gather_bwd(device, dtype, shape) -> Result:
+    """The two-pass backward reading and writing raster order through the row table, on :func:`_gather_problem`
+    (the gathered forward's o and lse), against the fp32 reference's gradients."""
+    from .block_sparse.triton import triton_backward, triton_forward
+    from .reference import dense_attention_reference
+
+    q, k, v, layout, rows, mask, text = _gather_problem(device, dtype, shape)
+    scale = shape["head_dim"] ** -0.5
+    o, lse = triton_forward(q, k, v, layout, scale, rows=rows)
+    do = torch.randn(o.shape, generator=torch.Generator().manual_seed(3)).to(device)
+    got = triton_backward(do.to(dtype), q, k, v, o, lse, layout, scale, rows=rows)
+    want = _grads(lambda a, b, c: dense_attention_reference(a, b, c, mask, scale)[0], q, k, v, do)
+    return Result(_grad_error(got, want), _tol(BWD_TOL, q.device, dtype, True), text + ", dQ dK dV")
 
 
 def prefix_layout(h, n, m, block_q, block_k, seed, device="cpu"):
@@ -390,6 +412,8 @@ for _v in (
     Variant("block_sparse.triton.fwd_gather", "block_sparse", "triton", _triton_applies, _check_block_sparse_gather,
             dtypes=_half),  # (what pipelines run; an fp32 call checks its dtype on first use)
     Variant("block_sparse.triton.bwd", "block_sparse", "triton", _triton_applies, _check_block_sparse_bwd),
+    Variant("block_sparse.triton.bwd_gather", "block_sparse", "triton", _triton_applies,
+            _check_block_sparse_gather_bwd, dtypes=_half),  # (raster-order training calls)
     Variant("block_sparse.triton.bwd_dkdv_dq", "block_sparse", "triton", _fused_applies,
             lambda device, dtype, shape: _check_block_sparse_bwd(device, dtype, shape, one_pass=True), dtypes=_half,
             shapes=_fused_shapes),

@@ -460,35 +460,50 @@ class LayoutPlan(Plan):
 
     def _reads_raster(self, q, k, v, layout: BlockLayout, scale, backend: str, want_lse: bool) -> bool:
         """Whether this call's kernel reads q, k, v in raster order through the permutation's row table instead of
-        their gathered copies (:mod:`dit_accel.kernels.block_sparse.gather`): an eager inference call whose
-        gathered call runs the Triton kernel, where :func:`~dit_accel.kernels.block_sparse.gather.gather_runs`
-        allows it (on a GPU after its self-check; ``DIT_ACCEL_GATHER``) and it timed faster. Decided
-        once per call signature and layout (asking the kernels' backend choice takes one gathered copy of q, k and
-        v); a CUDA graph capture takes the eager call's answer, a traced call the gathering path (the gathered
+        their gathered copies (:mod:`dit_accel.kernels.block_sparse.gather`): an eager call whose gathered call
+        runs the Triton kernel, where :func:`~dit_accel.kernels.block_sparse.gather.gather_runs` allows it (on a
+        GPU after its self-check, and for a call that records a backward the raster backward's too;
+        ``DIT_ACCEL_GATHER``) and it timed faster (a training call: forward and backward). Decided once per call
+        signature, layout and autograd state (asking the kernels' backend choice takes one gathered copy of q, k
+        and v); a CUDA graph capture takes the eager call's answer, a traced call the gathering path (the gathered
         launch is no custom op)."""
         forced = gather_forced()
-        if forced is False or (forced is None and q.device.type != "cuda") or records_grad(q, k, v) \
+        if forced is False or (forced is None and q.device.type != "cuda") \
                 or torch.compiler.is_compiling() or type(q) is not torch.Tensor or k.shape[-2] != q.shape[-2] \
                 or not gather_fits(q, k, v):
             return False
-        key = (id(layout), backend, env_value(), forced, want_lse, q.shape, q.stride(), k.shape, k.stride(),
+        grad = records_grad(q, k, v)
+        key = (id(layout), backend, env_value(), forced, want_lse, grad, q.shape, q.stride(), k.shape, k.stride(),
                v.stride(), q.dtype, q.device)
         hit = self._gather_choice.get(key)
         if hit is None:
             if in_graph():  # (a capture decides nothing: it may not time or sync)
                 return False
             hit = self._gather_choice.setdefault(key, self._gather_decision(q, k, v, layout, scale, backend,
-                                                                           want_lse, forced))
+                                                                           want_lse, forced, grad))
         return hit
 
-    def _gather_decision(self, q, k, v, layout: BlockLayout, scale, backend: str, want_lse: bool, forced) -> bool:
-        qp, kp, vp = (self.perm.permute(x, dim=-2) for x in (q, k, v))
+    def _gather_decision(self, q, k, v, layout: BlockLayout, scale, backend: str, want_lse: bool, forced,
+                         grad: bool) -> bool:
+        qp, kp, vp = (self.perm.permute(x, dim=-2) for x in (q, k, v))  # (asked with the call's autograd state)
         if block_sparse_backend(qp, kp, vp, layout, backend, want_lse) != "triton" or \
                 not padding_unseen(layout, self.perm) or \
-                not gather_runs(q.device, q.dtype, q.shape[-1], layout.block_q, layout.block_k, forced):
+                not gather_runs(q.device, q.dtype, q.shape[-1], layout.block_q, layout.block_k, forced, grad):
             return False
-        return bool(forced) or gather_faster(layout, q, lambda gather: self._sparse(
-            q, k, v, layout, scale, "triton", want_lse, gather))
+        if forced:
+            return True
+        if not grad:
+            return gather_faster(layout, q, lambda gather: self._sparse(q, k, v, layout, scale, "triton", want_lse,
+                                                                        gather))
+        # A training call: forward and backward timed together, on detached copies (no gradient reaches the
+        # caller's graph).
+        leaves = [x.detach().requires_grad_() for x in (q, k, v)]
+
+        def step(gather: bool):
+            o = self._sparse(*leaves, layout, scale, "triton", want_lse, gather)[0]
+            torch.autograd.grad(o, leaves, torch.ones_like(o))
+
+        return gather_faster(layout, q, step, family="block_sparse.gather_train")
 
     def _gpu_key(self, q, k, heads, want_lse: bool) -> tuple:
         """The call signature of :meth:`_gpu_dense` (the plan's grid fixes the token count; :meth:`backend_for` may

@@ -179,18 +179,6 @@ def test_joint_text_calls_read_the_video_part_in_raster_order_bit_for_bit(monkey
 
 
 @interpreter_only
-def test_calls_that_record_a_backward_keep_the_gathering_path(monkeypatch):
-    plan = _tile_plan()
-    q, k, v = make_qkv(1, 2, plan.perm.num_tokens, plan.perm.num_tokens, 64, torch.float32, seed=6)
-    monkeypatch.setenv(gather.ENV_GATHER, "1")
-    monkeypatch.setattr("dit_accel.plans.plan.gathered_forward", lambda *a: pytest.fail("gathered with autograd"))
-    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-    o, _ = _attend(plan, *leaves)
-    o.sum().backward()
-    assert all(t.grad is not None and torch.isfinite(t.grad).all() for t in leaves)
-
-
-@interpreter_only
 def test_a_forced_gather_that_fails_its_self_check_raises_and_a_bad_switch_is_named(monkeypatch, tmp_path):
     monkeypatch.setenv("DIT_ACCEL_CACHE", str(tmp_path))
     monkeypatch.setenv(selfcheck.ENV_FAULT, gather.VARIANT)

@@ -6,6 +6,12 @@
 - ``_bwd_dq_kernel``: grid ``(query tiles, B*H)`` over the forward plan; dQ accumulated in registers.
 
 Both own their outputs (no atomics). The tile steps are the dense kernel's (:mod:`dit_accel.kernels.dense.tiles`).
+
+``GATHER`` (pointer loads): q, k, v, dO and the gradients are in raster order and every tile is read and written
+through the row table ``RIDX`` (the raster token of each tiled position, -1 at padding; :mod:`.gather`), as the
+gathered forward does; ``LSE2`` and ``DELTA`` stay in tiled order (the preprocess reads through the table too,
+writing +inf and 0 at padding). A padded or out-of-range query row loads zeros with an lse of +inf (P = 0: it adds
+nothing), a padded key row zeros (no query sees one: :func:`.gather.padding_unseen`); nothing is stored at either.
 """
 
 from __future__ import annotations
@@ -14,18 +20,60 @@ import triton
 import triton.language as tl
 
 from ..dense.tiles import dkdv_step, dq_step, load_tile, row_bits
+from .gather_tiles import _gathered, _raster_rows, load_kv
 
 __all__ = ["_bwd_dkdv_kernel", "_bwd_dq_kernel"]
 
 
 @triton.jit
+def _query_rows(Q, DO, q_base, do_base, LSE2, DELTA, rows_at, b, h, row, q_len, sqn, sdn, head_dim, RIDX,
+                BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, TMA: tl.constexpr, ROW_MASK: tl.constexpr,
+                EVEN_D: tl.constexpr, GATHER: tl.constexpr):
+    """Q, dO, lse (base 2) and delta of the query tile at position ``row``: rows past ``q_len`` (``ROW_MASK``) give
+    zeros, lse +inf and delta 0 (P = 0); with ``GATHER`` Q and dO read at the raster rows the row table names
+    (always masked: a padded row reads nothing, and its lse, the preprocess's, is +inf)."""
+    if GATHER:
+        raster = _raster_rows(RIDX, row, q_len, BLOCK_M)
+        q = _gathered(q_base, raster, sqn, head_dim, BLOCK_D, EVEN_D, True)
+        do = _gathered(do_base, raster, sdn, head_dim, BLOCK_D, EVEN_D, True)
+    else:
+        q = load_tile(Q, q_base, b, h, row, q_len, sqn, head_dim, BLOCK_M, BLOCK_D, TMA, ROW_MASK, EVEN_D)
+        do = load_tile(DO, do_base, b, h, row, q_len, sdn, head_dim, BLOCK_M, BLOCK_D, TMA, ROW_MASK, EVEN_D)
+    offs_m = row + tl.arange(0, BLOCK_M)  # (LSE2 / DELTA by tiled position either way: the preprocess's order)
+    if ROW_MASK:
+        m_ok = offs_m < q_len  # rows past q_len: lse = +inf, so P = 0
+        lse = tl.load(LSE2 + rows_at + offs_m, mask=m_ok, other=float("inf"))
+        delta = tl.load(DELTA + rows_at + offs_m, mask=m_ok, other=0.0)
+    else:
+        lse = tl.load(LSE2 + rows_at + offs_m)
+        delta = tl.load(DELTA + rows_at + offs_m)
+    return q, do, lse, delta
+
+
+@triton.jit
+def _store_rows(X, b, h, sxb, sxh, sxn, row0, n_rows, x, head_dim, RIDX, ROWS: tl.constexpr,
+                BLOCK_D: tl.constexpr, GATHER: tl.constexpr):
+    """``x`` ``[ROWS, BLOCK_D]`` at the rows ``row0 ..`` of one (batch, head) slice of ``X`` (those before
+    ``n_rows``), or with ``GATHER`` at the raster rows the row table names."""
+    offs_d = tl.arange(0, BLOCK_D)
+    if GATHER:
+        rows = _raster_rows(RIDX, row0, n_rows, ROWS)
+        ok = rows >= 0
+    else:
+        rows = row0 + tl.arange(0, ROWS)
+        ok = rows < n_rows
+    ptrs = X + b.to(tl.int64) * sxb + h.to(tl.int64) * sxh + rows.to(tl.int64)[:, None] * sxn + offs_d[None, :]
+    tl.store(ptrs, x.to(X.dtype.element_ty), mask=ok[:, None] & (offs_d < head_dim)[None, :])
+
+
+@triton.jit
 def _bwd_dkdv_kernel(
-    Q, K, V, DO, LSE2, DELTA, DK, DV, PLAN, BITS,
+    Q, K, V, DO, LSE2, DELTA, DK, DV, PLAN, BITS, RIDX,
     sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdb, sdh, sdn,
     plan_h, plan_r, w, bits_w,
     H, q_len, kv_len, head_dim, sm_scale, qk_scale,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
-    TMA: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    TMA: tl.constexpr, DOT_PRECISION: tl.constexpr, GATHER: tl.constexpr = False,
 ):
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -40,10 +88,14 @@ def _bwd_dkdv_kernel(
     else:
         q_base = Q + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh
         do_base = DO + b.to(tl.int64) * sdb + h.to(tl.int64) * sdh
-    k = load_tile(k_base, k_base, b, h, col0, kv_len, skn, head_dim, BLOCK_N, BLOCK_D, False, True, EVEN_D)
-    v = load_tile(v_base, v_base, b, h, col0, kv_len, svn, head_dim, BLOCK_N, BLOCK_D, False, True, EVEN_D)
+    if GATHER:
+        own = _raster_rows(RIDX, col0, kv_len, BLOCK_N)
+        k = _gathered(k_base, own, skn, head_dim, BLOCK_D, EVEN_D, True)
+        v = _gathered(v_base, own, svn, head_dim, BLOCK_D, EVEN_D, True)
+    else:
+        k = load_tile(k_base, k_base, b, h, col0, kv_len, skn, head_dim, BLOCK_N, BLOCK_D, False, True, EVEN_D)
+        v = load_tile(v_base, v_base, b, h, col0, kv_len, svn, head_dim, BLOCK_N, BLOCK_D, False, True, EVEN_D)
     rows_at = pid_bh.to(tl.int64) * q_len  # LSE2 / DELTA rows of this (batch, head)
-    offs_m = tl.arange(0, BLOCK_M)
 
     plan = PLAN + h.to(tl.int64) * plan_h + pid_n.to(tl.int64) * plan_r
     n_full = tl.load(plan)
@@ -60,10 +112,8 @@ def _bwd_dkdv_kernel(
     for i in range(0, n_full):  # loop: full
         row = nxt * BLOCK_M
         nxt = tl.load(full + i + 1, mask=i + 1 < n_full, other=0)
-        q = load_tile(Q, q_base, b, h, row, q_len, sqn, head_dim, BLOCK_M, BLOCK_D, TMA, False, EVEN_D)
-        do = load_tile(DO, do_base, b, h, row, q_len, sdn, head_dim, BLOCK_M, BLOCK_D, TMA, False, EVEN_D)
-        lse = tl.load(LSE2 + rows_at + row + offs_m)
-        delta = tl.load(DELTA + rows_at + row + offs_m)
+        q, do, lse, delta = _query_rows(Q, DO, q_base, do_base, LSE2, DELTA, rows_at, b, h, row, q_len, sqn, sdn,
+                                        head_dim, RIDX, BLOCK_M, BLOCK_D, TMA, False, EVEN_D, GATHER)
         dk, dv = dkdv_step(k, v, q, do, lse, delta, dk, dv, qk_scale, 0, False, DOT_PRECISION)
     keys = tl.arange(0, BLOCK_N)
     nxt = tl.load(part, mask=n_part > 0, other=0)
@@ -73,32 +123,22 @@ def _bwd_dkdv_kernel(
         keep = row_bits(BITS, nxt_bits, keys, bits_w, BLOCK_M)
         nxt = tl.load(part + i + 1, mask=i + 1 < n_part, other=0)
         nxt_bits = tl.load(bits + i + 1, mask=i + 1 < n_part, other=0)
-        q = load_tile(Q, q_base, b, h, row, q_len, sqn, head_dim, BLOCK_M, BLOCK_D, TMA, True, EVEN_D)
-        do = load_tile(DO, do_base, b, h, row, q_len, sdn, head_dim, BLOCK_M, BLOCK_D, TMA, True, EVEN_D)
-        m_ok = row + offs_m < q_len  # rows past q_len: lse = +inf, so P = 0
-        lse = tl.load(LSE2 + rows_at + row + offs_m, mask=m_ok, other=float("inf"))
-        delta = tl.load(DELTA + rows_at + row + offs_m, mask=m_ok, other=0.0)
+        q, do, lse, delta = _query_rows(Q, DO, q_base, do_base, LSE2, DELTA, rows_at, b, h, row, q_len, sqn, sdn,
+                                        head_dim, RIDX, BLOCK_M, BLOCK_D, TMA, True, EVEN_D, GATHER)
         dk, dv = dkdv_step(k, v, q, do, lse, delta, dk, dv, qk_scale, keep, True, DOT_PRECISION)
-
-    offs_n = col0 + keys
-    offs_d = tl.arange(0, BLOCK_D)
-    mask = (offs_n < kv_len)[:, None] & (offs_d < head_dim)[None, :]
-    rows = offs_n.to(tl.int64)[:, None]
     # dK / dV are allocated like K / V: same strides.
-    dk_ptrs = DK + b.to(tl.int64) * skb + h.to(tl.int64) * skh + rows * skn + offs_d[None, :]
-    dv_ptrs = DV + b.to(tl.int64) * svb + h.to(tl.int64) * svh + rows * svn + offs_d[None, :]
-    tl.store(dk_ptrs, (dk * sm_scale).to(DK.dtype.element_ty), mask=mask)
-    tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=mask)
+    _store_rows(DK, b, h, skb, skh, skn, col0, kv_len, dk * sm_scale, head_dim, RIDX, BLOCK_N, BLOCK_D, GATHER)
+    _store_rows(DV, b, h, svb, svh, svn, col0, kv_len, dv, head_dim, RIDX, BLOCK_N, BLOCK_D, GATHER)
 
 
 @triton.jit
 def _bwd_dq_kernel(
-    Q, K, V, DO, LSE2, DELTA, DQ, PLAN, BITS,
+    Q, K, V, DO, LSE2, DELTA, DQ, PLAN, BITS, RIDX,
     sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdb, sdh, sdn,
     plan_h, plan_r, w, bits_w,
     H, q_len, kv_len, head_dim, sm_scale, qk_scale,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
-    TMA: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    TMA: tl.constexpr, DOT_PRECISION: tl.constexpr, GATHER: tl.constexpr = False,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -113,13 +153,10 @@ def _bwd_dq_kernel(
     else:
         k_base = K + b.to(tl.int64) * skb + h.to(tl.int64) * skh
         v_base = V + b.to(tl.int64) * svb + h.to(tl.int64) * svh
-    q = load_tile(q_base, q_base, b, h, row0, q_len, sqn, head_dim, BLOCK_M, BLOCK_D, False, True, EVEN_D)
-    do = load_tile(do_base, do_base, b, h, row0, q_len, sdn, head_dim, BLOCK_M, BLOCK_D, False, True, EVEN_D)
+    q, do, lse, delta = _query_rows(q_base, do_base, q_base, do_base, LSE2, DELTA, pid_bh.to(tl.int64) * q_len, b, h,
+                                    row0, q_len, sqn, sdn, head_dim, RIDX, BLOCK_M, BLOCK_D, False, True, EVEN_D,
+                                    GATHER)
     rows = tl.arange(0, BLOCK_M)
-    offs_m = row0 + rows
-    m_ok = offs_m < q_len
-    lse = tl.load(LSE2 + pid_bh.to(tl.int64) * q_len + offs_m, mask=m_ok, other=float("inf"))
-    delta = tl.load(DELTA + pid_bh.to(tl.int64) * q_len + offs_m, mask=m_ok, other=0.0)
 
     plan = PLAN + h.to(tl.int64) * plan_h + pid_m.to(tl.int64) * plan_r
     n_full = tl.load(plan)
@@ -130,17 +167,14 @@ def _bwd_dq_kernel(
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     for i in range(0, n_full):  # loop: full
         col = tl.load(full + i) * BLOCK_N
-        k = load_tile(K, k_base, b, h, col, kv_len, skn, head_dim, BLOCK_N, BLOCK_D, TMA, False, EVEN_D)
-        v = load_tile(V, v_base, b, h, col, kv_len, svn, head_dim, BLOCK_N, BLOCK_D, TMA, False, EVEN_D)
+        k, v = load_kv(K, V, k_base, v_base, b, h, col, kv_len, skn, svn, head_dim, RIDX, BLOCK_N, BLOCK_D, TMA,
+                       False, EVEN_D, GATHER)
         dq = dq_step(q, do, lse, delta, k, v, dq, qk_scale, 0, False, DOT_PRECISION)
     for i in range(0, n_part):  # loop: partial
         col = tl.load(part + i) * BLOCK_N
         keep = row_bits(BITS, tl.load(bits + i), rows, bits_w, BLOCK_N)
-        k = load_tile(K, k_base, b, h, col, kv_len, skn, head_dim, BLOCK_N, BLOCK_D, TMA, True, EVEN_D)
-        v = load_tile(V, v_base, b, h, col, kv_len, svn, head_dim, BLOCK_N, BLOCK_D, TMA, True, EVEN_D)
+        k, v = load_kv(K, V, k_base, v_base, b, h, col, kv_len, skn, svn, head_dim, RIDX, BLOCK_N, BLOCK_D, TMA,
+                       True, EVEN_D, GATHER)
         dq = dq_step(q, do, lse, delta, k, v, dq, qk_scale, keep, True, DOT_PRECISION)
-
-    offs_d = tl.arange(0, BLOCK_D)
-    mask = m_ok[:, None] & (offs_d < head_dim)[None, :]
-    dq_ptrs = DQ + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh + offs_m.to(tl.int64)[:, None] * sqn + offs_d[None, :]
-    tl.store(dq_ptrs, (dq * sm_scale).to(DQ.dtype.element_ty), mask=mask)  # dQ is allocated like Q
+    _store_rows(DQ, b, h, sqb, sqh, sqn, row0, q_len, dq * sm_scale, head_dim, RIDX, BLOCK_M, BLOCK_D,
+                GATHER)  # dQ is allocated like Q

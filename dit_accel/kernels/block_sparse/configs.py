@@ -18,7 +18,7 @@ from ..dense.configs import ARG_TYPES, DIV16, tma_supported
 
 __all__ = ["KernelConfig", "select_config", "shipped_configs", "pointer_fallback", "gather_config", "candidates",
            "shared_memory_limit", "ws_config", "resume_config", "length_config", "LENGTHS_SPILL", "GATHER_STAGES",
-           "GATHER_VARIANT", "ws_pays", "WS_TUNED", "kernel_reason",
+           "GATHER_VARIANT", "GATHER_BWD_VARIANT", "ws_pays", "WS_TUNED", "kernel_reason",
            "block_d_for", "fused_config", "fused_pointer", "FUSED_TUNED",
            "SHARED_MEMORY_LIMITS", "TARGET_ARCHS", "BLOCK_DS", "KERNEL_NAMES"]
 
@@ -52,7 +52,7 @@ class KernelConfig:
     ws: bool = False  # fwd on sm_90: the full tiles in a warp-specialized kernel (see WS_TUNED)
     resume: bool = False  # fwd on sm_90: the partial tiles after a ws kernel, from its (O, LSE)
     lengths: bool = False  # fwd: column-prefix tiles run by a column count (block_sparse.lengths)
-    gather: bool = False  # fwd, pointer loads: raster-order tensors through a row table (block_sparse.gather)
+    gather: bool = False  # fwd, bwd_dkdv, bwd_dq, pointer loads: raster-order tensors through a row table (.gather)
 
     @property
     def dot_precision(self) -> str:
@@ -73,6 +73,8 @@ class KernelConfig:
                "TMA": self.tma, "DOT_PRECISION": self.dot_precision}
         if self.kernel == "fwd":
             out.update(WS=self.ws, RESUME=self.resume, LENGTHS=self.lengths, GATHER=self.gather)
+        elif self.kernel in ("bwd_dkdv", "bwd_dq"):
+            out.update(GATHER=self.gather)
         return out
 
     def dense(self):
@@ -389,7 +391,7 @@ def shipped_configs(arch: Optional[int] = None) -> List[KernelConfig]:
                             if ws is not None:  # where ws_pays: the ws kernel and its resume pass
                                 seen.setdefault(ws, ws)
                                 seen.setdefault(resume_config(ws, a), resume_config(ws, a))
-                            if kernel == "fwd":  # raster-order inference calls (block_sparse.gather)
+                            if kernel in ("fwd", "bwd_dkdv", "bwd_dq"):  # raster-order calls (block_sparse.gather)
                                 seen.setdefault(gather_config(cfg, a), None)
                             if cfg.tma:  # the launcher's fallback when a tensor is not TMA-aligned
                                 cfg = pointer_fallback(cfg)
@@ -428,13 +430,19 @@ def pointer_fallback(cfg: KernelConfig) -> KernelConfig:
 
 #: The self-check's name of the gathered forward (:mod:`.gather`; here so the launchers name it without importing it).
 GATHER_VARIANT = "block_sparse.triton.fwd_gather"
+#: The self-check's name of the two-pass backward reading and writing raster order through a row table.
+GATHER_BWD_VARIANT = "block_sparse.triton.bwd_gather"
 
 
 def gather_config(cfg: KernelConfig, arch: int) -> KernelConfig:
-    """The forward configuration ``cfg`` reading raster-order tensors through a row table (:mod:`.gather`) on
+    """The forward (or two-pass backward) configuration ``cfg`` reading raster-order tensors through a row table (:mod:`.gather`) on
     ``sm_<arch>``: its pointer-load variant (a TMA box is consecutive rows), without length tiles, and with the
     pipeline depth of :data:`GATHER_STAGES` where the row offsets would spill at ``cfg``'s."""
     cfg = dataclasses.replace(pointer_fallback(cfg) if cfg.tma else cfg, lengths=False, gather=True)
+    if cfg.kernel != "fwd":  # the backward's two-pass kernels (bwd_kernels.py)
+        shape = GATHER_BWD_SHAPES.get((arch, cfg.kernel, cfg.dtype, cfg.block_d, cfg.block_m, cfg.block_n,
+                                       cfg.num_warps, cfg.num_stages))
+        return cfg if shape is None else dataclasses.replace(cfg, num_warps=shape[0], num_stages=shape[1])
     stages = GATHER_STAGES.get((arch, cfg.block_d, cfg.block_m, cfg.block_n, cfg.num_warps))
     return cfg if stages is None else dataclasses.replace(cfg, num_stages=stages)
 
@@ -443,6 +451,18 @@ def gather_config(cfg: KernelConfig, arch: int) -> KernelConfig:
 #: configuration's depth (triton 3.9, bf16 / fp16: sm_80 and sm_89 d128 128 x 64 with 8 warps, 255 registers and
 #: 52 B of spill stores at 3 stages, none at 2; ``tests/kernels/test_compile_block_sparse.py``).
 GATHER_STAGES = {(80, 128, 128, 64, 8): 2, (89, 128, 128, 64, 8): 2}
+
+#: ``(arch, kernel, dtype, block_d, block_m, block_n, num_warps, num_stages) -> (num_warps, num_stages)`` of the
+#: gathered two-pass backward kernels that spill at their configuration's (triton 3.9; every row table address is
+#: one more live register per row): 12-16 B of spill stores at these, none at the replacements
+#: (``tests/kernels/test_compile_block_sparse.py``).
+GATHER_BWD_SHAPES = {
+    (90, "bwd_dkdv", torch.float16, 128, 32, 128, 8, 2): (8, 1),
+    (90, "bwd_dkdv", torch.bfloat16, 128, 32, 128, 8, 2): (8, 1),
+    (100, "bwd_dkdv", torch.float16, 128, 32, 64, 4, 1): (8, 1),
+    (100, "bwd_dkdv", torch.bfloat16, 128, 32, 64, 4, 1): (8, 1),
+    (89, "bwd_dkdv", torch.float32, 128, 32, 32, 4, 1): (8, 1),
+}
 
 
 #: The compute capability each constants entry models (its kernels' configurations are that target's).

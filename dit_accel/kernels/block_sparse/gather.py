@@ -18,8 +18,12 @@ The kernel is the pointer one-loop forward (``_fwd_kernel`` with ``GATHER``): TM
 rows, which a row table is not, and a gathered row costs its own address (more integer instructions per tile). So
 the gathered forward is a trade (no passes against a heavier tile loop, and on sm_90 pointer loads for TMA ones),
 decided per shape class by timing both on the call's inputs (:func:`gather_faster`), and only after the variant's
-first-use self-check (:data:`VARIANT`) passed. Inference only: a call that records a backward takes
-the gathering path, whose backward reads tiled order. This module imports no triton (the plans call it).
+first-use self-check (:data:`VARIANT`) passed. A call that records a backward reads raster order in its backward
+too: the two-pass kernels (``bwd_kernels.py`` with ``GATHER``) load q, k, v and dO and store dQ, dK and dV through
+the same table, the preprocess's lse and delta in raster rows (the gathering path's backward scatters the three
+gradients back and gathers dO: 16 units a training call at Wan 480p); decided apart (self-check
+:data:`BWD_VARIANT`, timed forward and backward together), with the one-pass backward left to the gathering path.
+This module imports no triton (the plans call it).
 """
 
 from __future__ import annotations
@@ -31,14 +35,15 @@ import torch
 
 from .. import selfcheck
 from ..checks import check_scale
-from ..request import env_get
-from .configs import GATHER_VARIANT
+from ..request import env_get, records_grad
+from .configs import GATHER_BWD_VARIANT, GATHER_VARIANT
 
-__all__ = ["VARIANT", "ENV_GATHER", "gathered_forward", "gather_fits", "padding_unseen", "gather_forced",
+__all__ = ["VARIANT", "BWD_VARIANT", "ENV_GATHER", "gathered_forward", "gather_fits", "padding_unseen", "gather_forced",
            "gather_runs", "gather_faster", "raster_faster"]
 
-#: The self-check's name of the forward that reads and writes raster order through a row table.
-VARIANT = GATHER_VARIANT
+#: The self-check's names of the forward, and of the two-pass backward, reading and writing raster order through a
+#: row table.
+VARIANT, BWD_VARIANT = GATHER_VARIANT, GATHER_BWD_VARIANT
 #: The switch of :func:`gather_forced`.
 ENV_GATHER = "DIT_ACCEL_GATHER"
 
@@ -46,9 +51,14 @@ ENV_GATHER = "DIT_ACCEL_GATHER"
 def gathered_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout, scale: float, perm
                      ) -> Tuple[torch.Tensor, torch.Tensor]:
     """``(o, lse)`` in raster order of raster ``q``, ``k``, ``v`` under ``layout``, a layout over ``perm``'s tiled
-    positions: the Triton forward reading and writing through the row table (no autograd, no input checks: the
-    caller's; ``scale`` None: ``1 / sqrt(D)``)."""
-    return _launchers()[0](q, k, v, layout, check_scale(scale, q.shape[-1]), rows=perm.row_table(q.device))
+    positions: the Triton forward reading and writing through the row table, and where autograd records, the
+    two-pass backward through it too (no input checks: the caller's; ``scale`` None: ``1 / sqrt(D)``)."""
+    rows, scale = perm.row_table(q.device), check_scale(scale, q.shape[-1])
+    if records_grad(q, k, v):
+        from .ops import _EagerBlockSparse
+
+        return _EagerBlockSparse.apply(q, k, v, layout, scale, rows)
+    return _launchers()[0](q, k, v, layout, scale, rows=rows)
 
 
 def padding_unseen(layout, perm) -> bool:
@@ -95,26 +105,29 @@ def gather_forced() -> Optional[bool]:
 
 
 def gather_runs(device: torch.device, dtype: torch.dtype, head_dim: int, block_q: int, block_k: int,
-                forced: Optional[bool] = None) -> bool:
-    """Whether an inference call of a permuted layout that runs the Triton kernel may take the gathered forward:
-    ``forced`` (:func:`gather_forced`) False never; None on a GPU where the variant passed its first-use
-    self-check (never on the interpreter, where the gathering path stays the reference); True wherever it passes
-    it, raising :class:`~dit_accel.kernels.selfcheck.VariantFailed` where it failed."""
+                forced: Optional[bool] = None, backward: bool = False) -> bool:
+    """Whether a call of a permuted layout that runs the Triton kernel may read raster order (``backward``: a
+    training call, whose backward does too): ``forced`` (:func:`gather_forced`) False never; None on a GPU where
+    the variants passed their first-use self-checks (never on the interpreter, where the gathering path stays
+    the reference); True wherever they pass them, raising :class:`~dit_accel.kernels.selfcheck.VariantFailed`
+    where one failed."""
     if forced is False or (forced is None and device.type != "cuda"):
         return False
     shape = {"head_dim": head_dim, "block_q": block_q, "block_k": block_k}
-    return selfcheck.gate([VARIANT], device, dtype, shape, forced=bool(forced))
+    return selfcheck.gate([VARIANT, BWD_VARIANT] if backward else [VARIANT], device, dtype, shape,
+                          forced=bool(forced))
 
 
-def gather_faster(layout, q: torch.Tensor, run: Callable[[bool], object], timer=None) -> bool:
+def gather_faster(layout, q: torch.Tensor, run: Callable[[bool], object], timer=None,
+                  family: str = "block_sparse.gather") -> bool:
     """Whether a call takes the gathered forward: eager and with the autotuner on, the gathered forward and the
     gathering path are timed on the call's own inputs once per shape class (:func:`dit_accel.kernels.autotune.choose`,
     family ``block_sparse.gather``, stored with the other choices) and the faster runs; traced, or with the autotuner
     off, the gathering path stands. Timed on every GPU: the gathered loop costs more instructions per tile than the
     pointer kernel's (1.03-1.08x on sm_80 / 89 at d128, 1.04-1.10x against sm_90's pointer kernel: BENCHMARKS
-    section 7, STATIC), which the passes it saves outweigh only below some density. ``run(gather)`` runs a path."""
-    return raster_faster("block_sparse.gather", q, layout.block_q, layout.block_k, float(layout.density()), run,
-                         timer)
+    section 7, STATIC), which the passes it saves outweigh only below some density. ``run(gather)`` runs a path;
+    a training call's (forward and backward) is stored under ``family`` ``block_sparse.gather_train``."""
+    return raster_faster(family, q, layout.block_q, layout.block_k, float(layout.density()), run, timer)
 
 
 def raster_faster(family: str, q: torch.Tensor, block_q: int, block_k: int, density: float,

@@ -127,13 +127,14 @@ def _launchers():
 
 
 class _EagerBlockSparse(torch.autograd.Function):
-    """The custom op's autograd, for eager calls that record a graph (same kernels, same lse gradient)."""
+    """The custom op's autograd, for eager calls that record a graph (same kernels, same lse gradient); with a row
+    table ``rows``, raster-order tensors read and written through it both ways (:mod:`.gather`)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, layout, scale):
-        o, lse = _launchers()[0](q, k, v, layout, scale)
+    def forward(ctx, q, k, v, layout, scale, rows=None):
+        o, lse = _launchers()[0](q, k, v, layout, scale, rows=rows)
         ctx.save_for_backward(q, k, v, o, lse)
-        ctx.layout, ctx.scale = layout, scale
+        ctx.layout, ctx.scale, ctx.rows = layout, scale, rows
         ctx.set_materialize_grads(False)
         return o, lse
 
@@ -142,8 +143,8 @@ class _EagerBlockSparse(torch.autograd.Function):
         q, k, v, o, lse = ctx.saved_tensors
         if grad_o is None:
             grad_o = torch.zeros_like(o)
-        dq, dk, dv = _launchers()[1](grad_o, q, k, v, o, lse, ctx.layout, ctx.scale, grad_lse)
-        return dq, dk, dv, None, None
+        dq, dk, dv = _launchers()[1](grad_o, q, k, v, o, lse, ctx.layout, ctx.scale, grad_lse, rows=ctx.rows)
+        return dq, dk, dv, None, None, None
 
 
 def triton_block_sparse_attention(q: Tensor, k: Tensor, v: Tensor, layout: BlockLayout,

@@ -59,7 +59,7 @@ from .gather_tiles import gathered_epilogue, load_block, load_kv
 from .bwd_fused import _bwd_dkdv_dq_kernel, one_pass_faster, one_pass_runs, run_fused
 from .bwd_kernels import _bwd_dkdv_kernel, _bwd_dq_kernel
 from .launch_records import _BackwardLaunch, _BackwardStep, _Launch
-from .configs import (GATHER_VARIANT, KernelConfig, fused_config, fused_pointer, gather_config, length_config,
+from .configs import (GATHER_BWD_VARIANT, GATHER_VARIANT, KernelConfig, fused_config, fused_pointer, gather_config, length_config,
                       pointer_fallback, resume_config, select_config, ws_config, ws_enabled, ws_pays)
 
 __all__ = ["triton_forward", "triton_backward", "KERNELS", "TilePlan", "tile_plan", "work_order", "ws_schedule", "tma_ok"]
@@ -540,18 +540,23 @@ def _ws_forward(q, k, v, o, lse, layout: BlockLayout, cfg: KernelConfig, scale: 
     return True
 
 
-def _backward_launch(q, k, v, do, o, lse, dlse, layout: BlockLayout) -> _BackwardLaunch:
+def _backward_launch(q, k, v, do, o, lse, dlse, layout: BlockLayout, rows: Optional[torch.Tensor] = None
+                     ) -> _BackwardLaunch:
     """What :func:`triton_backward` derives from its inputs' geometry and ``layout``: configurations, tile plans,
-    strides, grids and descriptor templates (q, k, v, do, o last-dim contiguous and in q's dtype; lse, dlse fp32)."""
+    strides, grids and descriptor templates (q, k, v, do, o last-dim contiguous and in q's dtype; lse, dlse fp32;
+    ``rows``: the row table of raster-order inputs, :mod:`.gather`)."""
     b, h, n, d = q.shape
     m = k.shape[2]
     dev = q.device
-    pre_cfg = _selected("bwd_preprocess", o.dtype, d, layout.block_q, layout.block_k, _arch(dev))
-    pre = ((triton.cdiv(n, pre_cfg.block_m), b * h),
-           (*_strides(o), *_strides(do), lse.stride(0), lse.stride(1), h, n, d),
-           dict(BLOCK_M=pre_cfg.block_m, BLOCK_D=pre_cfg.block_d, HAS_DLSE=dlse is not None,
-                num_warps=pre_cfg.num_warps, num_stages=pre_cfg.num_stages))
     cfg_kv, cfg_q = _config("bwd_dkdv", q, layout, (q, do)), _config("bwd_dq", q, layout, (k, v))
+    if rows is not None:  # pointer loads through the row table, over the layout's tiled positions
+        cfg_kv, cfg_q = (gather_config(c, _arch(dev)) for c in (cfg_kv, cfg_q))
+        n, m = layout.q_len, layout.kv_len
+    pre_cfg = _selected("bwd_preprocess", o.dtype, d, layout.block_q, layout.block_k, _arch(dev))
+    pre = ((triton.cdiv(n, pre_cfg.block_m), b * h),  # (lse2 and delta per tiled position with a row table)
+           (*_strides(o), *_strides(do), lse.stride(0), lse.stride(1), h, n, d),
+           dict(BLOCK_M=pre_cfg.block_m, BLOCK_D=pre_cfg.block_d, HAS_DLSE=dlse is not None, GATHER=rows is not None,
+                num_warps=pre_cfg.num_warps, num_stages=pre_cfg.num_stages))
     pad = None if cfg_kv.tma and cfg_q.tma else pointer_fallback(cfg_kv)  # a pointer kernel: odd head dims pad
     if pad is not None:
         q, k, v, do = _pad_d(pad, q, k, v, do)
@@ -562,7 +567,8 @@ def _backward_launch(q, k, v, do, o, lse, dlse, layout: BlockLayout) -> _Backwar
     if copies:
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     strides = (*_strides(q), *_strides(k), *_strides(v), *_strides(do))
-    fused = fused_config(q.dtype, d, layout.block_q, layout.block_k, _arch(dev), dev.type == "cuda")
+    fused = None if rows is not None else fused_config(q.dtype, d, layout.block_q, layout.block_k, _arch(dev),
+                                                           dev.type == "cuda")
     if fused is not None and fused.tma and (pad is not None or not tma_ok(q, do)):
         fused = fused_pointer(fused, _arch(dev))  # inputs prepared for pointer kernels (None: two-pass)
     steps = []
@@ -573,7 +579,11 @@ def _backward_launch(q, k, v, do, o, lse, dlse, layout: BlockLayout) -> _Backwar
         dkdv = cfg.kernel.startswith("bwd_dkdv")
         tile_r, tile_c = (cfg.block_n, cfg.block_m) if dkdv else (cfg.block_m, cfg.block_n)
         plan = _plan(layout, tile_r, tile_c, transposed=dkdv)
-        args = (plan.plan, plan.bits, *strides, *plan.args(), h, n, m, q.shape[-1])
+        if cfg is fused:
+            args = (plan.plan, plan.bits, *strides, *plan.args(), h, n, m, q.shape[-1])
+        else:  # (the row table, or the plan in its unread place)
+            args = (plan.plan, plan.bits, plan.plan if rows is None else rows, *strides, *plan.args(), h, n, m,
+                    q.shape[-1])
         kw = dict(**cfg.constexprs(), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         descriptors = _streamed(cfg, streamed, tile_c) if cfg.tma else None
         if descriptors is not None:  # templates: the launch must not keep this call's tensors alive
@@ -585,7 +595,8 @@ def _backward_launch(q, k, v, do, o, lse, dlse, layout: BlockLayout) -> _Backwar
 @occupancy.on_inputs_device
 def triton_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
                     lse: torch.Tensor, layout: BlockLayout, scale: float, dlse: Optional[torch.Tensor] = None,
-                    one_pass: Optional[bool] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                    one_pass: Optional[bool] = None, rows: Optional[torch.Tensor] = None
+                    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of :func:`triton_forward` w.r.t. q, k, v.
 
     Args:
@@ -602,6 +613,9 @@ def triton_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch
         atomic adds. ``one_pass``: None runs the one-pass backward where a configuration ships and its self-check
         passed on this GPU (never on the interpreter), True forces it (ValueError where none ships), False the
         two-pass one.
+        rows: the row table of raster-order ``q``, ``k``, ``v``, ``do``, ``o`` and ``lse``, as given to
+            :func:`triton_forward` (:mod:`.gather`); the gradients come back in raster order, from the two-pass
+            kernels reading and writing through it (``one_pass=True`` is refused: none ships for it).
     """
     b, h, n, d = q.shape
     if q.numel() == 0 or k.numel() == 0:
@@ -617,17 +631,19 @@ def triton_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch
             lse, dlse = lse.contiguous(), dlse.contiguous()
     signature = ("bwd", q.shape, q.stride(), k.shape, k.stride(), v.shape, v.stride(), do.stride(), o.stride(),
                  lse.stride(), dlse is None, q.dtype, dev, _arch(dev),
-                 q.data_ptr() % 16, k.data_ptr() % 16, v.data_ptr() % 16, do.data_ptr() % 16)
-    launch = _PLANS.get(layout, signature, lambda: _backward_launch(q, k, v, do, o, lse, dlse, layout))
+                 q.data_ptr() % 16, k.data_ptr() % 16, v.data_ptr() % 16, do.data_ptr() % 16,
+                 None if rows is None else (rows.data_ptr(), rows.numel()))
+    launch = _PLANS.get(layout, signature, lambda: _backward_launch(q, k, v, do, o, lse, dlse, layout, rows))
 
     one = one_pass_runs(launch.fused is not None, one_pass, dev, q.dtype, d, layout.block_q, layout.block_k)
     if one and one_pass is None:  # the default where a configuration ships: kept where it timed faster
         one = _PLANS.get(layout, ("one_pass",) + signature, lambda: one_pass_faster(layout, q, k, v, lambda one: (
             triton_backward(do, q, k, v, o, lse, layout, scale, dlse, one_pass=one))))
     grid, args, kw = launch.pre
-    delta = torch.empty((b * h, n), dtype=torch.float32, device=dev)
+    delta = torch.empty((b * h, n if rows is None else layout.q_len), dtype=torch.float32, device=dev)
     lse2 = torch.empty_like(delta)
-    _bwd_preprocess_kernel[grid](o, do, lse, dlse if dlse is not None else lse, delta, lse2, *args, **kw)
+    _bwd_preprocess_kernel[grid](o, do, lse, dlse if dlse is not None else lse, delta, lse2,
+                                 lse2 if rows is None else rows, *args, **kw)
     if launch.pad is not None:
         q, k, v, do = _pad_d(launch.pad, q, k, v, do)
     if launch.copies:
@@ -644,5 +660,5 @@ def triton_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch
         _bwd_dq_kernel[qs.grid](q, kd, vd, do, lse2, delta, dq, *qs.args, scale, scale * _LOG2E, **qs.kw)
     if dq.shape[-1] != d:
         dq, dk, dv = (g[..., :d].contiguous() for g in (dq, dk, dv))
-    selfcheck.corrupt("block_sparse.triton.bwd", dq)
+    selfcheck.corrupt("block_sparse.triton.bwd" if rows is None else GATHER_BWD_VARIANT, dq)
     return dq, dk, dv

@@ -211,13 +211,15 @@ def _dense_dq_kernel(
 
 @triton.jit
 def _bwd_preprocess_kernel(
-    O, DO, LSE, DLSE, DELTA, LSE2,  # noqa: E741 (the attention output, named like Q, K, V)
+    O, DO, LSE, DLSE, DELTA, LSE2, RIDX,  # noqa: E741 (the attention output, named like Q, K, V)
     sob, soh, son, sdb, sdh, sdn, slb, slh,
     H, q_len, head_dim,
-    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, HAS_DLSE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, HAS_DLSE: tl.constexpr, GATHER: tl.constexpr = False,
 ):
     """``delta = rowsum(dO * O) - dlse`` and the base-2 ``lse`` (``+inf`` on rows without keys),
-    both as contiguous ``(B*H, q_len)`` fp32 buffers, so the backward loops read them as they are."""
+    both as contiguous ``(B*H, q_len)`` fp32 buffers, so the backward loops read them as they are.
+    ``GATHER``: O, dO, lse and dlse are in raster order and the buffers' rows are tiled positions, each read from
+    the raster row the row table ``RIDX`` names (-1: padding, whose lse2 is +inf and delta 0: P = 0 there)."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)
@@ -225,15 +227,21 @@ def _bwd_preprocess_kernel(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     m_ok = offs_m < q_len
-    mask = m_ok[:, None] & (offs_d < head_dim)[None, :]
-    rows = offs_m.to(tl.int64)[:, None]
+    if GATHER:
+        src = tl.load(RIDX + offs_m, mask=m_ok, other=-1)
+        src_ok = src >= 0
+    else:
+        src = offs_m
+        src_ok = m_ok
+    mask = src_ok[:, None] & (offs_d < head_dim)[None, :]
+    rows = src.to(tl.int64)[:, None]
     o = tl.load(O + b * sob + h * soh + rows * son + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
     do = tl.load(DO + b * sdb + h * sdh + rows * sdn + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
-    lse_at = b * slb + h * slh + offs_m
+    lse_at = b * slb + h * slh + src
     delta = tl.sum(o * do, 1)
     if HAS_DLSE:  # d lse / d s = P: an lse gradient g shifts delta to delta - g
-        delta -= tl.load(DLSE + lse_at, mask=m_ok, other=0.0)
-    lse = tl.load(LSE + lse_at, mask=m_ok, other=float("-inf"))
+        delta -= tl.load(DLSE + lse_at, mask=src_ok, other=0.0)
+    lse = tl.load(LSE + lse_at, mask=src_ok, other=float("-inf"))
     out = pid_bh.to(tl.int64) * q_len + offs_m
     tl.store(DELTA + out, delta, mask=m_ok)
     tl.store(LSE2 + out, tl.where(lse == float("-inf"), float("inf"), lse * LOG2E), mask=m_ok)
@@ -385,7 +393,7 @@ def bwd_preprocess(o: torch.Tensor, do: torch.Tensor, lse: torch.Tensor,
     delta = torch.empty((b * h, n), dtype=torch.float32, device=o.device)
     lse2 = torch.empty_like(delta)
     _bwd_preprocess_kernel[(triton.cdiv(n, pre.block_m), b * h)](
-        o, do, lse, lse if dlse is None else dlse, delta, lse2, *_strides(o), *_strides(do), lse.stride(0),
+        o, do, lse, lse if dlse is None else dlse, delta, lse2, lse2, *_strides(o), *_strides(do), lse.stride(0),
         lse.stride(1), h, n, d, BLOCK_M=pre.block_m, BLOCK_D=pre.block_d, HAS_DLSE=dlse is not None,
         num_warps=pre.num_warps, num_stages=pre.num_stages)
     return delta, lse2

@@ -1,0 +1,210 @@
+"""The block-sparse backward on raster-order tensors through a row table (bwd_kernels.py with GATHER, gather.py).
+
+A training call that reads raster order in its forward reads it in its backward too: the two-pass kernels load q,
+k, v and dO and store dQ, dK and dV through the permutation's row table. The same tiles reach the same products as
+in the gathering path (gather into tiled order, the kernels, scatter the gradients back), so the gradients are its
+own bit for bit, and the fp32 reference's on the raster mask within rounding. Interpreter tests (fp32 / fp16)."""
+import os
+
+import pytest
+import torch
+
+import dit_accel
+from dit_accel.kernels import autotune, selfcheck
+from dit_accel.kernels.block_sparse import gather
+from dit_accel.kernels.layout import BlockLayout
+from dit_accel.patterns.permutation import PackedTilePermutation, TilePermutation
+from tests.utils import assert_grads_close, make_qkv, random_mask
+
+triton = pytest.importorskip("triton")
+from dit_accel.kernels.block_sparse.triton import triton_backward, triton_forward  # noqa: E402
+
+interpreter_only = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+                                      reason="interpreter test (CPU tensors); its GPU twin runs on CUDA machines")
+
+
+@pytest.fixture(autouse=True)
+def _no_selfcheck(monkeypatch):
+    monkeypatch.setenv("DIT_ACCEL_SELFCHECK", "0")
+
+
+def _problem(perm, heads, d, dtype, block_q, block_k, seed):
+    np_ = perm.num_padded
+    mask = random_mask(heads, np_, np_, block=min(block_q, block_k), seed=seed)
+    mask[:, :, perm.order < 0] = False  # (no query sees a padded key, as in every tiled layout)
+    layout = BlockLayout.from_dense_mask(mask, block_q=block_q, block_k=block_k)
+    q, k, v = make_qkv(2, heads, perm.num_tokens, perm.num_tokens, d, dtype, seed=seed)
+    return q, k, v, mask, layout
+
+
+CASES = [  # (permutation, head dim, dtype, block_q, block_k)
+    (TilePermutation((3, 5, 7), (2, 4, 8)), 64, torch.float32, 64, 64),  # padding in every dimension
+    (TilePermutation((3, 5, 7), (2, 4, 8)), 40, torch.float16, 32, 64),  # a padded head dim, 32-row tiles
+    (PackedTilePermutation((2, 5, 7), (2, 3, 4), block=32), 64, torch.float16, 32, 32),  # fitted: packed tiles
+    (TilePermutation((2, 9, 16), (1, 8, 16)), 64, torch.float16, 128, 64),  # 128-row query blocks (CUDA's wide ones)
+]
+
+
+@interpreter_only
+@pytest.mark.parametrize("perm,d,dtype,block_q,block_k", CASES,
+                         ids=[f"{type(c[0]).__name__}-{c[0].grid}-d{c[1]}-{str(c[2])[6:]}-{c[3]}x{c[4]}"
+                              for c in CASES])
+def test_raster_backward_equals_the_gathering_path_bit_for_bit(perm, d, dtype, block_q, block_k):
+    q, k, v, mask, layout = _problem(perm, 2, d, dtype, block_q, block_k, seed=3)
+    g = torch.Generator().manual_seed(4)
+    do, dlse = torch.randn(q.shape, generator=g).to(dtype), torch.randn(q.shape[:3], generator=g)
+    scale, rows = d ** -0.5, perm.row_table("cpu")
+    o, lse = triton_forward(q, k, v, layout, scale, rows=rows)
+    got = triton_backward(do, q, k, v, o, lse, layout, scale, dlse=dlse, rows=rows)
+    tiled = [perm.permute(x) for x in (q, k, v)]
+    o_t, lse_t = triton_forward(*tiled, layout, scale)
+    want = triton_backward(perm.permute(do), *tiled, o_t, lse_t, layout, scale,
+                           dlse=perm.permute(dlse, dim=-1))
+    for name, a, b, x in zip(("dq", "dk", "dv"), got, want, (q, k, v)):
+        assert torch.equal(a, perm.unpermute(b)), name
+        assert a.shape == x.shape and a.stride() == x.stride(), name  # laid out like its input
+    raster = perm.inverse
+    assert_grads_close(triton_backward(do, q, k, v, o, lse, layout, scale, rows=rows), q, k, v,
+                       mask[:, raster][:, :, raster], do, scale)
+
+
+@interpreter_only
+def test_gradients_of_bnhd_views_come_back_in_their_layout():
+    """q, k, v as a pipeline hands them over ((B, N, H, D) memory): the gradients keep that layout, and match."""
+    perm = TilePermutation((3, 5, 7), (2, 4, 8))
+    q, k, v, mask, layout = _problem(perm, 2, 64, torch.float16, 64, 64, seed=8)
+    q, k, v = (x.transpose(1, 2).contiguous().transpose(1, 2) for x in (q, k, v))
+    do = torch.randn(q.shape, generator=torch.Generator().manual_seed(9)).to(q.dtype)
+    rows = perm.row_table("cpu")
+    o, lse = triton_forward(q, k, v, layout, 0.125, rows=rows)
+    grads = triton_backward(do, q, k, v, o, lse, layout, 0.125, rows=rows)
+    assert all(g.transpose(1, 2).is_contiguous() for g in grads)
+    assert_grads_close(grads, q, k, v, mask[:, perm.inverse][:, :, perm.inverse], do, 0.125)
+    with pytest.raises(ValueError, match="one_pass=True"):  # none ships for raster order
+        triton_backward(do, q, k, v, o, lse, layout, 0.125, rows=rows, one_pass=True)
+
+
+def _tile_plan():
+    plan = dit_accel.Tile(tile=(2, 4, 4), window=(1, 3, 3)).plan((3, 6, 10))
+    assert plan.perm is not None and not plan.perm.identity
+    return plan
+
+
+def _train(plan, q, k, v, text=0):
+    """Forward and backward of a plan call on fresh leaves; ``(o, lse, dq, dk, dv)``."""
+    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    if text:
+        o = plan.run(*leaves, num_text=text, backend="triton")[0]
+        lse = None
+    else:
+        o, lse = plan.attend(*leaves, scale=None, backend="triton")[:2]
+    loss = o.float().square().sum() + (0 if lse is None else lse.sum())  # (the lse's gradient enters too)
+    loss.backward()
+    return (o,) + (() if lse is None else (lse,)) + tuple(x.grad for x in leaves)
+
+
+@interpreter_only
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_plan_training_calls_read_raster_order_bit_for_bit(monkeypatch, dtype):
+    plan = _tile_plan()
+    n = plan.perm.num_tokens
+    q, k, v = make_qkv(1, 2, n, n, 64, dtype, seed=5)
+    calls = []
+    real = gather.gathered_forward
+    monkeypatch.setattr("dit_accel.plans.plan.gathered_forward", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setenv(gather.ENV_GATHER, "0")
+    want = _train(plan, q, k, v)
+    monkeypatch.setenv(gather.ENV_GATHER, "1")
+    got = _train(plan, q, k, v)
+    assert calls == [1] and all(torch.equal(a, b) for a, b in zip(got, want))
+    assert [key[5] for key, hit in plan._gather_choice.items() if hit] == [True]  # (decided for training calls)
+    monkeypatch.delenv(gather.ENV_GATHER)  # unset on a CPU: the gathering path
+    got = _train(plan, q, k, v)
+    assert calls == [1] and all(torch.equal(a, b) for a, b in zip(got, want))
+
+
+@interpreter_only
+def test_joint_text_training_calls_match_bit_for_bit(monkeypatch):
+    """Text tokens beside the video ones: the video part a strided slice, merged with the text keys by the lse,
+    whose gradient reaches the raster backward."""
+    plan = _tile_plan()
+    n = plan.perm.num_tokens + 7
+    q, k, v = make_qkv(1, 2, n, n, 64, torch.float32, seed=13)
+    monkeypatch.setenv(gather.ENV_GATHER, "0")
+    want = _train(plan, q, k, v, text=7)
+    monkeypatch.setenv(gather.ENV_GATHER, "1")
+    got = _train(plan, q, k, v, text=7)
+    assert True in plan._gather_choice.values() and all(torch.equal(a, b) for a, b in zip(got, want))
+
+
+@interpreter_only
+def test_the_training_choice_times_forward_and_backward_on_detached_copies(monkeypatch, tmp_path):
+    """Unforced (on a GPU, once both self-checks passed): the two paths timed forward and backward together under
+    the family block_sparse.gather_train, on copies of the call's inputs, so no gradient reaches the caller's
+    tensors; stored per shape class."""
+    monkeypatch.setenv("DIT_ACCEL_CACHE", str(tmp_path))
+    monkeypatch.setenv(autotune.ENV_AUTOTUNE, "1")
+    plan = _tile_plan()
+    n = plan.perm.num_tokens
+    q, k, v = (x.requires_grad_() for x in make_qkv(1, 2, n, n, 64, torch.float16, seed=6))
+    monkeypatch.setattr("dit_accel.plans.plan.gather_runs", lambda *a: True)
+    families, runs = [], []
+    real = gather.gather_faster
+
+    def timed(layout, q_, run, timer=None, family="block_sparse.gather"):
+        families.append(family)
+
+        def timer_(fn, *_):
+            fn()
+            runs.append(1)
+            return 1.0 if len(runs) % 2 else 2.0  # the first contender, the raster path, faster
+        return real(layout, q_, run, timer=timer_, family=family)
+
+    monkeypatch.setattr("dit_accel.plans.plan.gather_faster", timed)
+    layout = plan.layout_on(q.device)
+    assert plan._gather_decision(q, k, v, layout, None, "triton", True, None, True)
+    assert families == ["block_sparse.gather_train"] and len(runs) == 2
+    assert q.grad is None and k.grad is None and v.grad is None
+    with torch.no_grad():  # an inference call: its own family
+        assert plan._gather_decision(q, k, v, layout, None, "triton", True, None, False)
+    assert families[-1] == "block_sparse.gather"
+
+
+@interpreter_only
+def test_a_forced_training_call_whose_backward_variant_fails_its_self_check_raises(monkeypatch, tmp_path):
+    monkeypatch.setenv("DIT_ACCEL_SELFCHECK", "1")
+    monkeypatch.setenv("DIT_ACCEL_CACHE", str(tmp_path))
+    monkeypatch.setenv(selfcheck.ENV_FAULT, gather.BWD_VARIANT)
+    monkeypatch.setenv(gather.ENV_GATHER, "1")
+    plan = _tile_plan()
+    n = plan.perm.num_tokens
+    q, k, v = make_qkv(1, 2, n, n, 64, torch.float16, seed=7)
+    with pytest.raises(selfcheck.VariantFailed, match="block_sparse.triton.bwd_gather failed its self-check"):
+        _train(plan, q, k, v)
+    with torch.no_grad():  # an inference call asks the forward's check only
+        plan.attend(q, k, v, scale=None, backend="triton")
+
+
+@interpreter_only
+@pytest.mark.filterwarnings("ignore:.*saves no work")  # (grids this small: every key block is some query's)
+def test_a_model_trained_under_apply_reads_raster_order_bit_for_bit(monkeypatch):
+    """A tiny Wan transformer under ``apply(Tile)`` with the Triton kernels: a training step's loss and every
+    parameter's gradient are the same whether its attention calls gather into tiled order or read raster order
+    both ways (which every layer then did)."""
+    from dit_accel.models import tiny as T
+
+    model = T.build_tiny_transformer("wan")
+    kwargs = T.tiny_transformer_inputs("wan", model, grid=(3, 8, 10), batch=1)
+    calls = []
+    real = gather.gathered_forward
+    monkeypatch.setattr("dit_accel.plans.plan.gathered_forward", lambda *a: calls.append(1) or real(*a))
+    grads = {}
+    for forced in ("0", "1"):
+        monkeypatch.setenv(gather.ENV_GATHER, forced)
+        model.zero_grad(set_to_none=True)
+        with dit_accel.apply(model, dit_accel.Tile(tile=(1, 4, 4), window=(1, 3, 3)), backend="triton"):
+            model(**kwargs)[0].float().square().mean().backward()
+        grads[forced] = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    assert len(calls) == len(model.blocks) and grads["0"].keys() == grads["1"].keys() and grads["0"]
+    assert all(torch.equal(grads["0"][name], grads["1"][name]) for name in grads["0"])
+
