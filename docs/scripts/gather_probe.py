@@ -15,8 +15,9 @@ milliseconds (``triton.testing.do_bench`` medians) of the gathering path, of the
 on inputs already in tiled order (so the passes' share is ``ms_gathering - ms_kernel``), and of dense SDPA. VSA's
 rows (``dit_accel/kernels/vsa/raster.py``: the pool launch and the fine branch both reading raster order) time
 ``vsa_attention`` with a gate, sparsity 0.9, at FastWan's (16, 28, 52) and Wan 480p's grid, ``DIT_ACCEL_GATHER=0``
-(cube order) against ``=1``. The self-check and the timed choice are bypassed (each path forced): the rows' errors
-are the check.
+(cube order) against ``=1``. ``tile-fit-train`` rows time a training call (forward and backward, the raster
+backward's two-pass kernels against the gathering path's backward) and compare the gradients. The self-check and
+the timed choice are bypassed (each path forced): the rows' errors are the check.
 """
 
 from __future__ import annotations
@@ -30,10 +31,11 @@ from lengths_probe import _row_error, probe_main
 #: (name, grid, density or GNA window) of the GPU rows: Tile fitted to Wan 2.1 480p and 720p at 10 % and 5 % density,
 #: GNA with its recommended window at 480p.
 GPU_CASES = [("tile-fit", (21, 30, 52), 0.1), ("tile-fit", (21, 30, 52), 0.05), ("tile-fit", (21, 45, 80), 0.1),
-             ("gna-fit", (21, 30, 52), (7, 16, 16)), ("vsa", (16, 28, 52), 0.9), ("vsa", (21, 30, 52), 0.9)]
+             ("gna-fit", (21, 30, 52), (7, 16, 16)), ("vsa", (16, 28, 52), 0.9), ("vsa", (21, 30, 52), 0.9),
+             ("tile-fit-train", (21, 30, 52), 0.1)]
 #: The dry run's: grids the interpreter runs in seconds, one with padded tiles (and VSA's with partial cubes).
 DRY_CASES = [("tile-fit", (3, 9, 14), 0.3), ("tile", (3, 7, 10), 0.4), ("gna-fit", (3, 9, 14), (3, 5, 5)),
-             ("vsa", (5, 6, 7), 0.5)]
+             ("vsa", (5, 6, 7), 0.5), ("tile-fit-train", (3, 9, 14), 0.3)]
 TOL = 2e-2  # bf16 (the two paths run different kernels on sm_90); the dry run's fp32 is held to 1e-4
 
 
@@ -44,7 +46,7 @@ def plan_of(name: str, grid, amount):
         plan = GNA(kernel_size=tuple(amount), fit=True).plan(tuple(grid))
     else:
         method = Tile().at_density(tuple(grid), amount)
-        plan = (method.replace(fit=True) if name == "tile-fit" else method).plan(tuple(grid))
+        plan = (method.replace(fit=True) if name.startswith("tile-fit") else method).plan(tuple(grid))
     if getattr(plan, "perm", None) is None:
         raise ValueError(f"{name} at {tuple(grid)}, {amount}: no tiled order (dense or raster) to probe")
     return plan
@@ -83,11 +85,51 @@ def run_vsa_case(grid, sparsity, *, heads, head_dim, dtype, device, timed):
     return row
 
 
+def run_train_case(grid, density, *, heads, head_dim, dtype, device, timed):
+    """A fitted Tile training call: forward and backward through the gathering path against both reading raster
+    order (the gradients' largest relative row error; on a GPU the milliseconds of each, and of SDPA's)."""
+    plan = plan_of("tile-fit-train", grid, density)
+    layout = plan.layout_on(device)
+    n = plan.perm.num_tokens
+    g = torch.Generator(device=device).manual_seed(1)
+    q, k, v, do = (torch.randn(1, n, heads, head_dim, generator=g, device=device).to(dtype).transpose(1, 2)
+                   for _ in range(4))
+    scale = head_dim ** -0.5
+    row = {"layout": "tile-fit-train", "grid": list(grid), "amount": density, "tokens": n,
+           "tiled": plan.perm.num_padded, "heads": heads, "density": round(float(layout.density()), 4)}
+
+    def step(gather: bool):
+        leaves = [x.detach().requires_grad_() for x in (q, k, v)]
+        o = plan._sparse(*leaves, layout, scale, "triton", False, gather=gather)[0]
+        return [o] + list(torch.autograd.grad(o, leaves, do))
+
+    raster, gathering = step(True), step(False)
+    row["gathered_vs_gathering"] = max(_row_error(a, b) for a, b in zip(raster, gathering))
+    ok = row["gathered_vs_gathering"] <= (TOL if dtype != torch.float32 else 1e-4)
+    if timed:
+        import triton
+
+        def sdpa():
+            leaves = [x.detach().requires_grad_() for x in (q, k, v)]
+            o = torch.nn.functional.scaled_dot_product_attention(*leaves)
+            torch.autograd.grad(o, leaves, do)
+
+        row["ms_gathering"] = triton.testing.do_bench(lambda: step(False))
+        row["ms_gathered"] = triton.testing.do_bench(lambda: step(True))
+        row["ms_sdpa"] = triton.testing.do_bench(sdpa)
+        row["gathering_over_gathered"] = round(row["ms_gathering"] / row["ms_gathered"], 3)
+        row["efficiency_gathered"] = round(row["ms_sdpa"] / row["ms_gathered"] * row["density"], 3)
+    row["pass"] = bool(ok)
+    return row
+
+
 def run_case(name, grid, amount, *, heads, head_dim, dtype, device, timed):
     from dit_accel.kernels.block_sparse import triton as bst
 
     if name == "vsa":
         return run_vsa_case(grid, amount, heads=heads, head_dim=head_dim, dtype=dtype, device=device, timed=timed)
+    if name == "tile-fit-train":
+        return run_train_case(grid, amount, heads=heads, head_dim=head_dim, dtype=dtype, device=device, timed=timed)
     plan = plan_of(name, grid, amount)
     layout = plan.layout_on(device)
     n = plan.perm.num_tokens
