@@ -61,8 +61,8 @@ import statistics
 import time
 from typing import Callable, Dict, Iterator
 
-__all__ = ["stub_launches", "kept_stub", "twin_coarse", "count_device_ops", "run_observed", "measure_host_path", "main", "SMALL_SLA_SHAPE", "VSA_GRID",
-           "VSA_PARTIAL_GRID"]
+__all__ = ["stub_launches", "kept_stub", "twin_coarse", "count_device_ops", "run_observed", "measure_host_path",
+           "main", "SMALL_SLA_SHAPE", "VSA_GRID", "VSA_PARTIAL_GRID"]
 
 #: The ``sla_small*`` stages' q, k, v shape: four 64-token blocks, one head, so the classification's torch ops
 #: compute next to nothing on the CPU and their time is their dispatch, as a launch's would be on a GPU.

@@ -38,7 +38,8 @@ from typing import Callable, Dict, Iterator, Optional, Tuple
 
 __all__ = ["count_traffic", "measure_traffic", "main", "CASES"]
 
-CASES = ("tile", "tile_raster", "tile_train", "tile_train_raster", "vsa", "vsa_raster", "vsa_nogate", "vsa_train", "sla", "sla_train")
+CASES = ("tile", "tile_raster", "tile_train", "tile_train_raster", "vsa", "vsa_raster", "vsa_nogate", "vsa_train",
+         "sla", "sla_train")
 #: The cases whose kernels read raster order (``DIT_ACCEL_GATHER=1``; the others run with it off).
 RASTER = ("tile_raster", "tile_train_raster", "vsa_raster")
 

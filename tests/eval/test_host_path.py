@@ -82,14 +82,14 @@ def test_vsa_stages_read_raster_order_with_fewer_kernels(monkeypatch):
     the three copies into cube order and the fine output's way back (two gathers of the lse and the output where
     cubes are whole; with partial cubes the copies' padding fills too); the launches stay two coarse + one fine."""
     from dit_accel.eval.host_path import measure_host_path
-    from dit_accel.kernels.vsa import fine, raster
+    from dit_accel.kernels.vsa import api, fine
 
     monkeypatch.setattr(fine, "_TEMPLATES", {})
-    monkeypatch.setattr(raster, "_CHOICES", {})
+    monkeypatch.setattr(api, "_RASTER_CHOICES", {})
     result = measure_host_path(calls=2, repeats=1, stages=("vsa", "vsa_raster", "vsa_partial", "vsa_partial_raster"),
                                detail=True)
     ops = {name: r["ops"] for name, r in result.items()}
     assert all(o["triton"] == 3 for o in ops.values()), ops
     assert ops["vsa"]["torch"] - ops["vsa_raster"]["torch"] == 4, ops  # 3 copies in, 1 of the fine output back
     assert ops["vsa_partial"]["torch"] - ops["vsa_partial_raster"]["torch"] >= 6, ops
-    assert list(raster._CHOICES.values()) == [True, True]  # (decided per grid where switched on; off: no choice)
+    assert list(api._RASTER_CHOICES.values()) == [True, True]  # (decided per grid where switched on; off: no choice)

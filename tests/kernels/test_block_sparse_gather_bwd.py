@@ -12,9 +12,9 @@ import torch
 import dit_accel
 from dit_accel.kernels import autotune, selfcheck
 from dit_accel.kernels.block_sparse import gather
-from dit_accel.kernels.layout import BlockLayout
 from dit_accel.patterns.permutation import PackedTilePermutation, TilePermutation
-from tests.utils import assert_grads_close, make_qkv, random_mask
+from tests.kernels.test_block_sparse_gather import _problem, _tile_plan
+from tests.utils import assert_grads_close, make_qkv
 
 triton = pytest.importorskip("triton")
 from dit_accel.kernels.block_sparse.triton import triton_backward, triton_forward  # noqa: E402
@@ -26,15 +26,6 @@ interpreter_only = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
 @pytest.fixture(autouse=True)
 def _no_selfcheck(monkeypatch):
     monkeypatch.setenv("DIT_ACCEL_SELFCHECK", "0")
-
-
-def _problem(perm, heads, d, dtype, block_q, block_k, seed):
-    np_ = perm.num_padded
-    mask = random_mask(heads, np_, np_, block=min(block_q, block_k), seed=seed)
-    mask[:, :, perm.order < 0] = False  # (no query sees a padded key, as in every tiled layout)
-    layout = BlockLayout.from_dense_mask(mask, block_q=block_q, block_k=block_k)
-    q, k, v = make_qkv(2, heads, perm.num_tokens, perm.num_tokens, d, dtype, seed=seed)
-    return q, k, v, mask, layout
 
 
 CASES = [  # (permutation, head dim, dtype, block_q, block_k)
@@ -82,12 +73,6 @@ def test_gradients_of_bnhd_views_come_back_in_their_layout():
     assert_grads_close(grads, q, k, v, mask[:, perm.inverse][:, :, perm.inverse], do, 0.125)
     with pytest.raises(ValueError, match="one_pass=True"):  # none ships for raster order
         triton_backward(do, q, k, v, o, lse, layout, 0.125, rows=rows, one_pass=True)
-
-
-def _tile_plan():
-    plan = dit_accel.Tile(tile=(2, 4, 4), window=(1, 3, 3)).plan((3, 6, 10))
-    assert plan.perm is not None and not plan.perm.identity
-    return plan
 
 
 def _train(plan, q, k, v, text=0):

@@ -29,7 +29,7 @@ interpreter = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
 def _fresh(monkeypatch):
     monkeypatch.setenv("DIT_ACCEL_SELFCHECK", "0")
     monkeypatch.setattr(fine, "_TEMPLATES", {})
-    monkeypatch.setattr(raster, "_CHOICES", {})
+    monkeypatch.setattr(api, "_RASTER_CHOICES", {})
 
 
 def _qkv(grid, batch=1, heads=2, d=32, dtype=torch.float32, layout="bnhd", n=4, seed=0):
@@ -73,7 +73,9 @@ def test_vsa_attention_reads_raster_order_bit_for_bit(monkeypatch, grid, dtype):
     calls = _spy(monkeypatch)
     built = []
     real_layout = api._layout_of_rows
-    monkeypatch.setattr(api, "_layout_of_rows", lambda *a: built.append(1) or real_layout(*a))
+    for module in (api, raster):  # (the cube-order path's layouts, and the raster one's)
+        name = "_layout_of_rows" if module is api else "layout_of_rows"
+        monkeypatch.setattr(module, name, lambda *a: built.append(1) or real_layout(*a))
     for seed in (0, 1):
         q, k, v, gate = _qkv(grid, dtype=dtype, seed=seed)
         outs = {}
@@ -85,7 +87,7 @@ def test_vsa_attention_reads_raster_order_bit_for_bit(monkeypatch, grid, dtype):
         ref = reference(*(x.double() for x in (q, k, v)), grid, 3, (4, 4, 4), gate.double())[0]
         tol = 2e-3 if dtype == torch.float16 else 1e-4
         torch.testing.assert_close(outs["1"][0].double(), ref, atol=tol, rtol=tol)
-    assert calls == [1, 1] and list(raster._CHOICES.values()) == [True]
+    assert calls == [1, 1] and list(api._RASTER_CHOICES.values()) == [True]
     assert len(built) == 2  # each path's first call builds its layout; the second runs its template
     assert len(fine._TEMPLATES) == 2 and any(key[-1] for key in fine._TEMPLATES)
 
@@ -138,16 +140,16 @@ def test_calls_it_must_not_take_keep_cube_order(monkeypatch):
     dit_accel.vsa_attention(q, k, v, grid, topk=3, backend="triton")
     q, k, v = _qkv(grid, n=3)
     dit_accel.vsa_attention(q, k, v, grid, topk=3, backend="torch")  # (the twin: decided, cube order)
-    assert calls == [] and list(raster._CHOICES.values()) == [False]
+    assert calls == [] and list(api._RASTER_CHOICES.values()) == [False]
     monkeypatch.setenv(gather.ENV_GATHER, "0")
     dit_accel.vsa_attention(q, k, v, grid, topk=3, backend="triton")
     monkeypatch.delenv(gather.ENV_GATHER)
     dit_accel.vsa_attention(q, k, v, grid, topk=3, backend="triton")
-    assert calls == [] and len(raster._CHOICES) == 1
+    assert calls == [] and len(api._RASTER_CHOICES) == 1
     monkeypatch.setenv(gather.ENV_GATHER, "1")
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
-    cubes = cubes_of(grid, (4, 4, 4))
-    assert not raster.reads_raster(q, k, v, cubes, 3, 0.2, True, "triton", lambda: pytest.fail("decided"))
+    monkeypatch.setattr(api, "_raster_decision", lambda *a: pytest.fail("decided"))
+    assert not api._reads_raster(q, k, v, cubes_of(grid, (4, 4, 4)), 3, 0.2, True, "triton", False)
 
 
 @interpreter
@@ -156,15 +158,17 @@ def test_a_capture_takes_the_eager_answer_and_decides_nothing(monkeypatch):
     cubes = cubes_of(grid, (4, 4, 4))
     q, k, v = _qkv(grid, n=3, dtype=torch.float16)
     monkeypatch.setenv(gather.ENV_GATHER, "1")
-    monkeypatch.setattr(raster, "in_graph", lambda: True)  # a capture before any eager call
-    assert not raster.reads_raster(q, k, v, cubes, 3, 0.2, True, "triton", lambda: pytest.fail("ran"))
-    assert not raster._CHOICES
-    monkeypatch.setattr(raster, "in_graph", lambda: False)
     ran = []
-    assert raster.reads_raster(q, k, v, cubes, 3, 0.2, True, "triton", lambda: ran.append(1))  # eager: decides
+    real = api._cube_order
+    monkeypatch.setattr(api, "_cube_order", lambda *a: ran.append(1) or real(*a))
+    monkeypatch.setattr("dit_accel.kernels.request.in_graph", lambda: True)  # a capture before any eager call
+    assert not api._reads_raster(q, k, v, cubes, 3, 0.2, True, "triton", False)
+    assert not api._RASTER_CHOICES and ran == []
+    monkeypatch.setattr("dit_accel.kernels.request.in_graph", lambda: False)
+    assert api._reads_raster(q, k, v, cubes, 3, 0.2, True, "triton", False)  # eager: decides
     assert ran == [1]  # (the cube-order path ran once, deciding the fine branch's backend)
-    monkeypatch.setattr(raster, "in_graph", lambda: True)
-    assert raster.reads_raster(q, k, v, cubes, 3, 0.2, True, "triton", lambda: pytest.fail("ran"))
+    monkeypatch.setattr("dit_accel.kernels.request.in_graph", lambda: True)
+    assert api._reads_raster(q, k, v, cubes, 3, 0.2, True, "triton", False) and ran == [1]
 
 
 @interpreter
@@ -187,11 +191,11 @@ def test_unforced_it_is_timed_against_cube_order_once_per_class(monkeypatch, tmp
     real = gather.raster_faster
     monkeypatch.setattr("dit_accel.kernels.block_sparse.gather.raster_faster",
                         lambda *a: real(*a, timer=timer))
-    decide = raster._decide
-    assert decide(q, k, v, cubes, 3, 0.2, True, "triton", None, lambda: None) and len(timed) == 2
-    assert decide(q, k, v, cubes, 3, 0.2, True, "triton", None, lambda: None) and len(timed) == 2  # stored
+    decide = api._raster_decision
+    assert decide(q, k, v, cubes, 3, 0.2, True, "triton", None, False) and len(timed) == 2
+    assert decide(q, k, v, cubes, 3, 0.2, True, "triton", None, False) and len(timed) == 2  # stored
     monkeypatch.setenv(autotune.ENV_AUTOTUNE, "0")
-    assert not decide(q, k, v, cubes, 3, 0.3, False, "triton", None, lambda: None) and len(timed) == 2
+    assert not decide(q, k, v, cubes, 3, 0.3, False, "triton", None, False) and len(timed) == 2
 
 
 @interpreter
@@ -247,8 +251,8 @@ def test_gpu_raster_order_matches_cube_order(grid, monkeypatch, tmp_path):
         assert torch.equal(outs["0"][1], outs["1"][1])  # the same pools: the same selection
         torch.testing.assert_close(outs["1"][0].float(), outs["0"][0].float(), atol=2e-2, rtol=2e-2)
     monkeypatch.delenv(gather.ENV_GATHER)
-    monkeypatch.setattr(raster, "_CHOICES", {})
+    monkeypatch.setattr(api, "_RASTER_CHOICES", {})
     for _ in range(2):
         out = dit_accel.vsa_attention(q, k, v, grid, sparsity=0.9, gate=gate, backend="triton")
         torch.testing.assert_close(out.float(), outs["0"][0].float(), atol=2e-2, rtol=2e-2)
-    assert len(raster._CHOICES) == 1  # decided once (timed against cube order where its checks passed)
+    assert len(api._RASTER_CHOICES) == 1  # decided once (timed against cube order where its checks passed)

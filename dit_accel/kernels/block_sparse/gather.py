@@ -20,8 +20,9 @@ the gathered forward is a trade (no passes against a heavier tile loop, and on s
 decided per shape class by timing both on the call's inputs (:func:`gather_faster`), and only after the variant's
 first-use self-check (:data:`VARIANT`) passed. A call that records a backward reads raster order in its backward
 too: the two-pass kernels (``bwd_kernels.py`` with ``GATHER``) load q, k, v and dO and store dQ, dK and dV through
-the same table, the preprocess's lse and delta in raster rows (the gathering path's backward scatters the three
-gradients back and gathers dO: 16 units a training call at Wan 480p); decided apart (self-check
+the same table, and the preprocess reads o and dO through it, writing lse and delta per tiled position (the
+gathering path's backward gathers dO and scatters the three gradients back: 16 units a training call at Wan 480p,
+with the forward's passes); decided apart (self-check
 :data:`BWD_VARIANT`, timed forward and backward together), with the one-pass backward left to the gathering path.
 This module imports no triton (the plans call it).
 """
@@ -38,8 +39,8 @@ from ..checks import check_scale
 from ..request import env_get, records_grad
 from .configs import GATHER_BWD_VARIANT, GATHER_VARIANT
 
-__all__ = ["VARIANT", "BWD_VARIANT", "ENV_GATHER", "gathered_forward", "gather_fits", "padding_unseen", "gather_forced",
-           "gather_runs", "gather_faster", "raster_faster"]
+__all__ = ["VARIANT", "BWD_VARIANT", "ENV_GATHER", "gathered_forward", "gather_fits", "padding_unseen",
+           "gather_forced", "gather_runs", "gather_faster", "raster_faster"]
 
 #: The self-check's names of the forward, and of the two-pass backward, reading and writing raster order through a
 #: row table.

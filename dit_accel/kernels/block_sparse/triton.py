@@ -59,8 +59,8 @@ from .gather_tiles import gathered_epilogue, load_block, load_kv
 from .bwd_fused import _bwd_dkdv_dq_kernel, one_pass_faster, one_pass_runs, run_fused
 from .bwd_kernels import _bwd_dkdv_kernel, _bwd_dq_kernel
 from .launch_records import _BackwardLaunch, _BackwardStep, _Launch
-from .configs import (GATHER_BWD_VARIANT, GATHER_VARIANT, KernelConfig, fused_config, fused_pointer, gather_config, length_config,
-                      pointer_fallback, resume_config, select_config, ws_config, ws_enabled, ws_pays)
+from .configs import (GATHER_BWD_VARIANT, GATHER_VARIANT, KernelConfig, fused_config, fused_pointer, gather_config,
+                      length_config, pointer_fallback, resume_config, select_config, ws_config, ws_enabled, ws_pays)
 
 __all__ = ["triton_forward", "triton_backward", "KERNELS", "TilePlan", "tile_plan", "work_order", "ws_schedule", "tma_ok"]
 

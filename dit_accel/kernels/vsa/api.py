@@ -26,6 +26,9 @@ from ..request import records_grad
 from ..layout import BlockLayout
 from . import fine as fine_path
 from . import raster
+from .layouts import cube_masks as _cube_masks
+from .layouts import layout_of_rows as _layout_of_rows
+from .layouts import vsa_layout
 from .naive import CubeRows, Cubes, coarse_attention, cubes_of, fine_gathered, selected_count
 
 __all__ = ["vsa_attention", "vsa_parts", "vsa_parts_rows", "check_vsa_config", "check_vsa_grid", "vsa_layout",
@@ -97,54 +100,6 @@ class VSAResult(NamedTuple):
         return gated_coarse(self.coarse, gate, self.cubes, self.order, dtype, self.fine if add_fine else None)
 
 
-# (grid, tile, device) -> (mask ids [C] int32, element mask table [P, V, V] or None) of the partial cubes.
-_CUBE_MASKS: Dict[tuple, Tuple[torch.Tensor, Optional[torch.Tensor]]] = {}
-
-
-def _cube_masks(cubes: Cubes, device: torch.device) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """Which cubes are partial and the element mask of their real columns, worked out once per grid and tile on
-    the CPU and kept per device (a layout built per call reads nothing back from the GPU)."""
-    key = (cubes.perm.grid, cubes.perm.tile, str(device))
-    found = _CUBE_MASKS.get(key)
-    if found is None:
-        real = cubes.real.cpu()
-        partial = ~real.all(-1)  # [C]
-        mask_ids = torch.full((cubes.count,), -1, dtype=torch.int32)
-        table = None
-        if bool(partial.any()):
-            patterns, inverse = torch.unique(real[partial], dim=0, return_inverse=True)
-            mask_ids[partial] = inverse.to(torch.int32)
-            # Every row may see the real columns of the cube, its first `size` (packed order: a length); padded
-            # query rows are dropped on the way back.
-            table = patterns[:, None, :].expand(-1, cubes.volume, -1).contiguous().to(device)
-        found = _CUBE_MASKS[key] = (mask_ids.to(device), table)
-    return found
-
-
-def vsa_layout(cubes: Cubes, selection: torch.Tensor) -> BlockLayout:
-    """The fine branch's layout on cube order: block = cube, one layout head per (batch, head) of ``selection``
-    ``(B, H, Cq, k)`` (``Cq``: every cube, or a ring rank's consecutive query cubes; the key side is always every
-    cube); key cubes with padding carry an element mask of their real columns. Built on the selection's device
-    with no host synchronisation: a query cube visits ``k`` key cubes and a key cube is visited by at most all
-    ``Cq`` query cubes, so the index lists' widths are known without reading the selection back. Each row of
-    ``selection`` must name ``k`` distinct cubes, as a top-k does (checking it would read the device): a cube
-    named twice would be visited twice. Rows are sorted here."""
-    return _layout_of_rows(cubes, selection.sort(-1).values)
-
-
-def _layout_of_rows(cubes: Cubes, selection: torch.Tensor) -> BlockLayout:
-    """:func:`vsa_layout` of a selection whose rows are ascending already (the coarse branch's): about 20
-    launches, on every call of the fine branch."""
-    b, h, c_q, k = selection.shape
-    mask_ids, table = _cube_masks(cubes, selection.device)
-    cols = selection.reshape(b * h, c_q, k)
-    ids = mask_ids[cols] if table is not None else torch.full(cols.shape, -1, dtype=torch.int32,
-                                                                 device=cols.device)
-    return BlockLayout._from_full_rows(cols, ids, q_len=c_q * cubes.volume,
-                                       kv_len=cubes.perm.num_padded, block_q=cubes.volume, block_k=cubes.volume,
-                                       mask_table=table, q_width=c_q)
-
-
 def _fused_coarse(q_t, k_t, v_t, with_coarse: bool, backend: str) -> bool:
     """Whether the coarse branch runs the Triton launches (:mod:`.triton`): on CUDA for ``auto``, wherever Triton
     runs for a forced ``triton`` (the interpreter included), and only when no gradient flows through the coarse
@@ -176,8 +131,7 @@ def vsa_parts(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid: Tuple[int
     inference call may read q, k and v in raster order instead of copying them into cube order (:mod:`.raster`:
     the same parts, bit for bit)."""
     cubes = cubes_of(grid, tile) if cubes is None else cubes
-    if raster.reads_raster(q, k, v, cubes, count, scale, with_coarse, backend, lambda: _cube_order(
-            q, k, v, cubes, count, scale, with_coarse, backend, tiled_fine)):
+    if _reads_raster(q, k, v, cubes, count, scale, with_coarse, backend, tiled_fine):
         coarse, selection, fine, lse = raster.raster_forward(q, k, v, cubes, count, scale, with_coarse)
         return VSAResult(fine, lse, coarse, selection, count / cubes.count, cubes, cubes.perm)
     return _cube_order(q, k, v, cubes, count, scale, with_coarse, backend, tiled_fine)
@@ -196,6 +150,69 @@ def _cube_order(q, k, v, cubes: Cubes, count: int, scale: float, with_coarse: bo
     else:
         coarse, _, selection = coarse_attention(*cut, cubes, count, scale, with_coarse)
     return _fine_branch(q_t, k_t, v_t, cubes, perm, coarse, selection, scale, backend, tiled_fine)
+
+
+#: Class key (:func:`_raster_key`) -> whether its calls read raster order (:mod:`.raster`).
+_RASTER_CHOICES: Dict[tuple, bool] = {}
+_RASTER_CHOICES_MAX = 64
+
+
+def _raster_key(q, k, v, cubes: Cubes, count: int, with_coarse: bool, backend: str, forced) -> tuple:
+    from .. import autotune
+    from ..request import env_value
+
+    return (cubes.perm.grid, cubes.perm.tile, count, with_coarse, backend, forced, env_value(), autotune.enabled(),
+            q.shape, q.stride(), k.stride(), v.stride(), q.dtype, q.device)
+
+
+def _reads_raster(q, k, v, cubes: Cubes, count: int, scale: float, with_coarse: bool, backend: str,
+                  tiled_fine: bool) -> bool:
+    """Whether this call of :func:`vsa_parts` on raster ``q``, ``k``, ``v`` takes :func:`.raster.raster_forward`
+    (the rule in :mod:`.raster`'s docstring), decided by the class's first eager call."""
+    from ..block_sparse.gather import gather_fits, gather_forced
+    from ..request import in_graph
+
+    forced = gather_forced()
+    if forced is False or (forced is None and q.device.type != "cuda") or records_grad(q, k, v) \
+            or torch.compiler.is_compiling() or type(q) is not torch.Tensor or k.shape != q.shape \
+            or v.shape != q.shape or not all(raster.folds(x) for x in (q, k, v)) \
+            or not gather_fits(*(raster.folded(x) for x in (q, k, v))):
+        return False
+    key = _raster_key(q, k, v, cubes, count, with_coarse, backend, forced)
+    hit = _RASTER_CHOICES.get(key)
+    if hit is None:
+        if in_graph():  # (a capture decides nothing: it may not time or sync)
+            return False
+        hit = _raster_decision(q, k, v, cubes, count, scale, with_coarse, backend, forced, tiled_fine)
+        if len(_RASTER_CHOICES) >= _RASTER_CHOICES_MAX:
+            _RASTER_CHOICES.clear()
+        _RASTER_CHOICES[key] = hit
+    return hit
+
+
+def _raster_decision(q, k, v, cubes: Cubes, count: int, scale: float, with_coarse: bool, backend: str, forced,
+                     tiled_fine: bool) -> bool:
+    """The class's first eager call: the cube-order path runs once (deciding the fine branch's backend), then the
+    raster path is taken where both branches run Triton, the gathered forward passed its self-check, and it timed
+    faster (``forced``: without timing)."""
+    from ..block_sparse.gather import gather_runs, raster_faster
+
+    b, h, n, d = q.shape
+    if not _fused_coarse(q, k, v, with_coarse, backend):
+        return False
+
+    def cube_order():
+        return _cube_order(q, k, v, cubes, count, scale, with_coarse, backend, tiled_fine)
+
+    cube_order()
+    fine = backend if backend != "auto" else chosen_fine_backend(
+        cubes.perm.grid, (1, b * h, cubes.perm.num_padded, d), False, q.dtype)
+    vol = cubes.volume
+    if fine != "triton" or not gather_runs(q.device, q.dtype, d, vol, vol, forced):
+        return False
+    return bool(forced) or raster_faster(
+        raster.FAMILY, q, vol, vol, count / cubes.count,
+        lambda gather: raster.raster_forward(q, k, v, cubes, count, scale, with_coarse) if gather else cube_order())
 
 
 def _by_cube(x_t: torch.Tensor, cubes: Cubes) -> torch.Tensor:

@@ -1,6 +1,6 @@
 """VSA's fine branch at inference: a call's kernel plan from its selection alone, no layout per call.
 
-Every call of the fine branch visits other key cubes. The general path (:func:`.api._layout_of_rows`, then
+Every call of the fine branch visits other key cubes. The general path (:func:`.layouts.layout_of_rows`, then
 :func:`~dit_accel.kernels.block_sparse_attention`) builds a :class:`~dit_accel.kernels.BlockLayout` with both of
 its index sides, decides its backend and derives its launch (configuration, tile plan, work order, descriptors,
 grid) on every call: about 30 launches and 1.07 ms of host time per call on an H200 at FastWan's shape

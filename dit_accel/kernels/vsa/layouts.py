@@ -1,0 +1,62 @@
+"""The fine branch's layout per call: a :class:`~dit_accel.kernels.BlockLayout` of the selected key cubes, block =
+cube, and the element masks of the partial cubes' real columns (:func:`vsa_layout`). Shared by the cube-order
+path (:mod:`.api`) and the raster one (:mod:`.raster`)."""
+
+from __future__ import annotations
+
+from typing import Dict, Optional, Tuple
+
+import torch
+
+from ..layout import BlockLayout
+from .naive import Cubes
+
+__all__ = ["vsa_layout", "layout_of_rows", "cube_masks"]
+
+
+# (grid, tile, device) -> (mask ids [C] int32, element mask table [P, V, V] or None) of the partial cubes.
+_CUBE_MASKS: Dict[tuple, Tuple[torch.Tensor, Optional[torch.Tensor]]] = {}
+
+
+def cube_masks(cubes: Cubes, device: torch.device) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Which cubes are partial and the element mask of their real columns, worked out once per grid and tile on
+    the CPU and kept per device (a layout built per call reads nothing back from the GPU)."""
+    key = (cubes.perm.grid, cubes.perm.tile, str(device))
+    found = _CUBE_MASKS.get(key)
+    if found is None:
+        real = cubes.real.cpu()
+        partial = ~real.all(-1)  # [C]
+        mask_ids = torch.full((cubes.count,), -1, dtype=torch.int32)
+        table = None
+        if bool(partial.any()):
+            patterns, inverse = torch.unique(real[partial], dim=0, return_inverse=True)
+            mask_ids[partial] = inverse.to(torch.int32)
+            # Every row may see the real columns of the cube, its first `size` (packed order: a length); padded
+            # query rows are dropped on the way back.
+            table = patterns[:, None, :].expand(-1, cubes.volume, -1).contiguous().to(device)
+        found = _CUBE_MASKS[key] = (mask_ids.to(device), table)
+    return found
+
+
+def vsa_layout(cubes: Cubes, selection: torch.Tensor) -> BlockLayout:
+    """The fine branch's layout on cube order: block = cube, one layout head per (batch, head) of ``selection``
+    ``(B, H, Cq, k)`` (``Cq``: every cube, or a ring rank's consecutive query cubes; the key side is always every
+    cube); key cubes with padding carry an element mask of their real columns. Built on the selection's device
+    with no host synchronisation: a query cube visits ``k`` key cubes and a key cube is visited by at most all
+    ``Cq`` query cubes, so the index lists' widths are known without reading the selection back. Each row of
+    ``selection`` must name ``k`` distinct cubes, as a top-k does (checking it would read the device): a cube
+    named twice would be visited twice. Rows are sorted here."""
+    return layout_of_rows(cubes, selection.sort(-1).values)
+
+
+def layout_of_rows(cubes: Cubes, selection: torch.Tensor) -> BlockLayout:
+    """:func:`vsa_layout` of a selection whose rows are ascending already (the coarse branch's): about 20
+    launches, on every call of the fine branch."""
+    b, h, c_q, k = selection.shape
+    mask_ids, table = cube_masks(cubes, selection.device)
+    cols = selection.reshape(b * h, c_q, k)
+    ids = mask_ids[cols] if table is not None else torch.full(cols.shape, -1, dtype=torch.int32,
+                                                                 device=cols.device)
+    return BlockLayout._from_full_rows(cols, ids, q_len=c_q * cubes.volume,
+                                       kv_len=cubes.perm.num_padded, block_q=cubes.volume, block_k=cubes.volume,
+                                       mask_table=table, q_width=c_q)
