@@ -75,6 +75,16 @@ def test_gradients_of_bnhd_views_come_back_in_their_layout():
         triton_backward(do, q, k, v, o, lse, layout, 0.125, rows=rows, one_pass=True)
 
 
+def test_an_incoming_gradient_whose_rows_pass_32_bits_is_made_dense_first():
+    """dO reaches the backward after gather_fits checked q, k, v and o: the launcher copies one whose row offsets
+    would pass the gathered kernels' 32 bits (a view into a huge buffer) dense first (gather.rows_fit)."""
+    n, d = 1000, 64
+    dense = torch.empty((1, 2, n, d), device="meta")
+    wide = torch.empty_strided((1, 2, n, d), (2 * n * 2 ** 22, 2 ** 22, 2 ** 22 * 2, 1), device="meta")
+    assert gather.rows_fit(dense) and not gather.rows_fit(wide)
+    assert gather.rows_fit(wide.contiguous())
+
+
 def _train(plan, q, k, v, text=0):
     """Forward and backward of a plan call on fresh leaves; ``(o, lse, dq, dk, dv)``."""
     leaves = [x.clone().requires_grad_() for x in (q, k, v)]

@@ -18,7 +18,7 @@ from ..dense.configs import ARG_TYPES, DIV16, tma_supported
 
 __all__ = ["KernelConfig", "select_config", "shipped_configs", "pointer_fallback", "gather_config", "candidates",
            "shared_memory_limit", "ws_config", "resume_config", "length_config", "LENGTHS_SPILL", "GATHER_STAGES",
-           "GATHER_VARIANT", "GATHER_BWD_VARIANT", "ws_pays", "WS_TUNED", "kernel_reason",
+           "GATHER_VARIANT", "GATHER_BWD_VARIANT", "rows_fit", "ws_pays", "WS_TUNED", "kernel_reason",
            "block_d_for", "fused_config", "fused_pointer", "FUSED_TUNED",
            "SHARED_MEMORY_LIMITS", "TARGET_ARCHS", "BLOCK_DS", "KERNEL_NAMES"]
 
@@ -445,6 +445,13 @@ def gather_config(cfg: KernelConfig, arch: int) -> KernelConfig:
         return cfg if shape is None else dataclasses.replace(cfg, num_warps=shape[0], num_stages=shape[1])
     stages = GATHER_STAGES.get((arch, cfg.block_d, cfg.block_m, cfg.block_n, cfg.num_warps))
     return cfg if stages is None else dataclasses.replace(cfg, num_stages=stages)
+
+
+def rows_fit(x: torch.Tensor) -> bool:
+    """Whether every row offset inside a (batch, head) slice of ``(B, H, N, D)`` ``x`` fits the 32 bits the gathered
+    kernels form them in (:func:`.gather.gather_fits` asks it of q, k, v and the output; the backward of the
+    incoming gradient, which arrives after)."""
+    return x.stride(-2) * x.shape[-2] + x.shape[-1] < 2 ** 31
 
 
 #: ``(arch, block_d, block_m, block_n, num_warps) -> num_stages`` of the gathered forwards that spill at their

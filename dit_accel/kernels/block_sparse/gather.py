@@ -37,10 +37,10 @@ import torch
 from .. import selfcheck
 from ..checks import check_scale
 from ..request import env_get, records_grad
-from .configs import GATHER_BWD_VARIANT, GATHER_VARIANT
+from .configs import GATHER_BWD_VARIANT, GATHER_VARIANT, rows_fit
 
 __all__ = ["VARIANT", "BWD_VARIANT", "ENV_GATHER", "gathered_forward", "gather_fits", "padding_unseen",
-           "gather_forced", "gather_runs", "gather_faster", "raster_faster"]
+           "gather_forced", "gather_runs", "gather_faster", "raster_faster", "rows_fit"]
 
 #: The self-check's names of the forward, and of the two-pass backward, reading and writing raster order through a
 #: row table.
@@ -79,6 +79,7 @@ def gather_fits(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     n, d = q.shape[-2], q.shape[-1]
     out_stride = q.shape[1] * d  # the output's, laid out as (B, N, H, D)
     return max(q.stride(-2), k.stride(-2), v.stride(-2), out_stride) * n + d < 2 ** 31
+
 
 
 @functools.cache

@@ -60,7 +60,8 @@ from .bwd_fused import _bwd_dkdv_dq_kernel, one_pass_faster, one_pass_runs, run_
 from .bwd_kernels import _bwd_dkdv_kernel, _bwd_dq_kernel
 from .launch_records import _BackwardLaunch, _BackwardStep, _Launch
 from .configs import (GATHER_BWD_VARIANT, GATHER_VARIANT, KernelConfig, fused_config, fused_pointer, gather_config,
-                      length_config, pointer_fallback, resume_config, select_config, ws_config, ws_enabled, ws_pays)
+                      length_config, pointer_fallback, resume_config, rows_fit, select_config, ws_config, ws_enabled,
+                      ws_pays)
 
 __all__ = ["triton_forward", "triton_backward", "KERNELS", "TilePlan", "tile_plan", "work_order", "ws_schedule", "tma_ok"]
 
@@ -623,6 +624,8 @@ def triton_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch
     dev = q.device
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
     do = _last_dim_contiguous(do.to(q.dtype))
+    if rows is not None and not rows_fit(do):  # (32-bit row offsets: gather_fits checked q, k, v and o, not dO)
+        do = do.contiguous()
     o = _last_dim_contiguous(o.to(q.dtype))
     lse = lse.to(torch.float32)
     if dlse is not None:
