@@ -208,7 +208,7 @@ def _kernel_status() -> dict:
 
 
 def _gather_status() -> str:
-    """Whether Tile, GNA and VSA inference calls may let the kernels read raster order (kernels/block_sparse/gather.py,
+    """Whether Tile and GNA calls and VSA inference calls may let the kernels read raster order (block_sparse/gather.py,
     kernels/vsa/raster.py)."""
     from ..kernels.block_sparse.gather import ENV_GATHER, gather_forced
 

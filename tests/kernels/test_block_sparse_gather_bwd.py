@@ -182,27 +182,32 @@ def test_a_forced_training_call_whose_backward_variant_fails_its_self_check_rais
 
 @interpreter_only
 @pytest.mark.filterwarnings("ignore:.*saves no work")  # (grids this small: every key block is some query's)
-def test_a_model_trained_under_apply_reads_raster_order_bit_for_bit(monkeypatch):
-    """A tiny Wan transformer under ``apply(Tile)`` with the Triton kernels: a training step's loss and every
-    parameter's gradient are the same whether its attention calls gather into tiled order or read raster order
-    both ways (which every layer then did)."""
+@pytest.mark.parametrize("name,grid,method", [
+    ("wan", (3, 8, 10), dit_accel.Tile(tile=(1, 4, 4), window=(1, 3, 3))),  # padded in H and W
+    ("hunyuan", (2, 6, 8), dit_accel.GNA(kernel_size=(2, 3, 5))),  # text beside the video tokens: lse merges
+], ids=["wan-tile", "hunyuan-gna"])
+def test_a_model_trained_under_apply_reads_raster_order_bit_for_bit(monkeypatch, name, grid, method):
+    """A tiny Diffusers transformer under ``apply`` with the Triton kernels: a training step's every parameter
+    gradient is the same whether its attention calls gather into tiled order or read raster order both ways
+    (which every layer then did)."""
     from dit_accel.models import tiny as T
 
-    model = T.build_tiny_transformer("wan")
-    kwargs = T.tiny_transformer_inputs("wan", model, grid=(3, 8, 10), batch=1)
+    model = T.build_tiny_transformer(name)
+    kwargs = T.tiny_transformer_inputs(name, model, grid=grid, batch=1)
     calls = []
     real = gather.gathered_forward
     monkeypatch.setattr("dit_accel.plans.plan.gathered_forward", lambda *a: calls.append(1) or real(*a))
-    grads = {}
+    grads, layers = {}, []
     for forced in ("0", "1"):
         monkeypatch.setenv(gather.ENV_GATHER, forced)
         model.zero_grad(set_to_none=True)
-        with dit_accel.apply(model, dit_accel.Tile(tile=(1, 4, 4), window=(1, 3, 3)), backend="triton"):
+        with dit_accel.apply(model, method, backend="triton") as handle:
             model(**kwargs)[0].float().square().mean().backward()
-        grads[forced] = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
-    assert len(calls) == len(model.blocks) and grads["0"].keys() == grads["1"].keys() and grads["0"]
-    assert all(torch.equal(grads["0"][name], grads["1"][name]) for name in grads["0"])
-
+            layers.append([r["sparse_calls"] for r in handle.stats()])
+        grads[forced] = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    assert layers[0] == layers[1] and set(layers[0]) == {1} and len(calls) == len(layers[1])
+    assert grads["0"] and grads["0"].keys() == grads["1"].keys()
+    assert all(torch.equal(grads["0"][n], grads["1"][n]) for n in grads["0"])
 
 
 @pytest.mark.gpu
