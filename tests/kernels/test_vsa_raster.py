@@ -110,6 +110,27 @@ def test_fine_and_lse_come_back_in_raster_order(monkeypatch, grid):
 
 
 @interpreter
+def test_batches_that_do_not_fold_run_one_at_a_time_bit_for_bit(monkeypatch):
+    """A pipeline's batch of two (B, N, H, D): (B, H) do not fold into one head axis as a view, so each batch runs
+    the raster launches on its own and the parts are joined: the cube-order path's bits all the same."""
+    grid = (5, 6, 7)
+    q, k, v, gate = _qkv(grid, batch=2, dtype=torch.float16, seed=6)
+    assert not raster.folds(q)
+    from dit_accel.kernels.vsa import triton as vsa_triton
+
+    launches = []
+    real = vsa_triton.coarse_triton
+    monkeypatch.setattr(vsa_triton, "coarse_triton", lambda *a, **kw: launches.append(a[0].shape) or real(*a, **kw))
+    outs = {}
+    for forced in ("0", "1"):
+        monkeypatch.setenv(gather.ENV_GATHER, forced)
+        outs[forced] = dit_accel.vsa_attention(q, k, v, grid, topk=3, gate=gate, backend="triton",
+                                               return_selection=True)
+    assert torch.equal(outs["0"][0], outs["1"][0]) and torch.equal(outs["0"][1], outs["1"][1])
+    assert launches[-2:] == [(1, 2, 210, 32)] * 2 and list(api._RASTER_CHOICES.values()) == [True]
+
+
+@interpreter
 def test_joint_text_calls_through_the_plan_match_bit_for_bit(monkeypatch):
     """A plan call with text tokens after the video ones (its video part a strided slice, merged by the lse)."""
     grid = (5, 6, 7)
@@ -126,8 +147,8 @@ def test_joint_text_calls_through_the_plan_match_bit_for_bit(monkeypatch):
 
 @interpreter
 def test_calls_it_must_not_take_keep_cube_order(monkeypatch):
-    """A backward to record (whose gradients flow), batches that do not fold into heads as a view, the switch off,
-    a CPU call unasked, the PyTorch twin, a trace: each runs in cube order."""
+    """A backward to record (whose gradients flow), the switch off, a CPU call unasked, the PyTorch twin, a trace:
+    each runs in cube order."""
     grid = (5, 6, 7)
     calls = _spy(monkeypatch)
     monkeypatch.setenv(gather.ENV_GATHER, "1")
@@ -135,9 +156,6 @@ def test_calls_it_must_not_take_keep_cube_order(monkeypatch):
     out = dit_accel.vsa_attention(*leaves[:3], grid, topk=3, gate=leaves[3], backend="triton")
     out.sum().backward()
     assert all(t.grad is not None and torch.isfinite(t.grad).all() for t in leaves)
-    q, k, v = _qkv(grid, batch=2, n=3)  # (B, N, H, D) with two batches: (B, H) not adjacent
-    assert not raster.folds(q)
-    dit_accel.vsa_attention(q, k, v, grid, topk=3, backend="triton")
     q, k, v = _qkv(grid, n=3)
     dit_accel.vsa_attention(q, k, v, grid, topk=3, backend="torch")  # (the twin: decided, cube order)
     assert calls == [] and list(api._RASTER_CHOICES.values()) == [False]

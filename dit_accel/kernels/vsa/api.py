@@ -175,8 +175,7 @@ def _reads_raster(q, k, v, cubes: Cubes, count: int, scale: float, with_coarse: 
     forced = gather_forced()
     if forced is False or (forced is None and q.device.type != "cuda") or records_grad(q, k, v) \
             or torch.compiler.is_compiling() or type(q) is not torch.Tensor or k.shape != q.shape \
-            or v.shape != q.shape or not all(raster.folds(x) for x in (q, k, v)) \
-            or not gather_fits(*(raster.folded(x) for x in (q, k, v))):
+            or v.shape != q.shape or not gather_fits(*raster.launched(q, k, v)):
         return False
     key = _raster_key(q, k, v, cubes, count, with_coarse, backend, forced)
     hit = _RASTER_CHOICES.get(key)

@@ -13,8 +13,8 @@ Which calls take it is :func:`.api.vsa_parts`' decision (``_reads_raster``): an 
 records a backward, no trace) whose coarse branch runs the Triton launches and whose fine branch runs the
 ``triton`` backend, where the gathered forward passed its first-use self-check
 (:func:`~dit_accel.kernels.block_sparse.gather.gather_runs`; ``DIT_ACCEL_GATHER=1`` forces it, ``0`` turns it off),
-batch folds into heads as a view (:func:`folds`: ``B == 1``, or ``(B, H)`` adjacent in memory), every row offset fits
-32 bits, and it timed faster than the cube-order path on the call's inputs (autotune family :data:`FAMILY`), decided
+every row offset fits 32 bits (a batch that does not fold into heads as a view, :func:`folds`, runs one batch at a
+time), and it timed faster than the cube-order path on the call's inputs (autotune family :data:`FAMILY`), decided
 by the class's first eager call and kept; a CUDA graph capture takes the eager answer, or cube order.
 """
 
@@ -28,7 +28,7 @@ from . import fine as fine_path
 from .layouts import cube_masks, layout_of_rows
 from .naive import Cubes
 
-__all__ = ["FAMILY", "raster_forward", "folds", "folded"]
+__all__ = ["FAMILY", "raster_forward", "folds", "folded", "launched"]
 
 #: The autotune family of the choice between the raster and the cube-order forward.
 FAMILY = "vsa.gather"
@@ -46,15 +46,29 @@ def folded(x: torch.Tensor) -> torch.Tensor:
     return x.view(1, b * h, n, d)
 
 
+def launched(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+    """q, k, v as one launch of :func:`raster_forward` takes them: folded ``(1, B * H, N, D)``, or where a batch does
+    not fold, the first batch (each runs alike)."""
+    if all(folds(x) for x in (q, k, v)):
+        return tuple(folded(x) for x in (q, k, v))
+    return q[:1], k[:1], v[:1]
+
+
 def raster_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cubes: Cubes, count: int, scale: float,
                    with_coarse: bool) -> Tuple[Optional[torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(coarse or None, selection, fine, lse)`` of raster ``q``, ``k``, ``v`` ``(B, H, N, D)`` (each
-    :func:`folds`): :func:`.api.vsa_parts`'s parts, with ``fine`` ``(B, H, N, D)`` and ``lse`` ``(B, H, N)`` in raster
-    order. The caller decided the path (the module docstring); no input checks here."""
+    """``(coarse or None, selection, fine, lse)`` of raster ``q``, ``k``, ``v`` ``(B, H, N, D)``: :func:`.api.vsa_parts`'s
+    parts, with ``fine`` ``(B, H, N, D)`` and ``lse`` ``(B, H, N)`` in raster order. Batches that do not fold into
+    heads as a view (:func:`folds`) run one at a time, their parts joined (one pass over the fine output). The caller
+    decided the path (the module docstring); no input checks here."""
     from ..block_sparse.triton import triton_forward
     from .triton import coarse_triton
 
     b, h, n, d = q.shape
+    if not all(folds(x) for x in (q, k, v)):  # (a pipeline's (B, N, H, D) batch: one batch at a time, then joined)
+        parts = [raster_forward(q[i:i + 1], k[i:i + 1], v[i:i + 1], cubes, count, scale, with_coarse)
+                 for i in range(b)]
+        coarse, selection, fine, lse = (None if p[0] is None else torch.cat(p) for p in zip(*parts))
+        return coarse, selection, fine, lse
     table = cubes.perm.row_table(q.device)
     coarse, _, selection = coarse_triton(q, k, v, cubes, count, scale, with_coarse, rows=table)
     q_f, k_f, v_f = (folded(x) for x in (q, k, v))
