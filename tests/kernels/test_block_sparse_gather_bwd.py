@@ -12,8 +12,8 @@ import torch
 import dit_accel
 from dit_accel.kernels import autotune, selfcheck
 from dit_accel.kernels.block_sparse import gather
-from dit_accel.patterns.permutation import PackedTilePermutation, TilePermutation
-from tests.kernels.test_block_sparse_gather import _problem, _tile_plan
+from dit_accel.patterns.permutation import TilePermutation
+from tests.kernels.test_block_sparse_gather import CASES, _problem, _tile_plan
 from tests.utils import assert_grads_close, make_qkv
 
 triton = pytest.importorskip("triton")
@@ -26,14 +26,6 @@ interpreter_only = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
 @pytest.fixture(autouse=True)
 def _no_selfcheck(monkeypatch):
     monkeypatch.setenv("DIT_ACCEL_SELFCHECK", "0")
-
-
-CASES = [  # (permutation, head dim, dtype, block_q, block_k)
-    (TilePermutation((3, 5, 7), (2, 4, 8)), 64, torch.float32, 64, 64),  # padding in every dimension
-    (TilePermutation((3, 5, 7), (2, 4, 8)), 40, torch.float16, 32, 64),  # a padded head dim, 32-row tiles
-    (PackedTilePermutation((2, 5, 7), (2, 3, 4), block=32), 64, torch.float16, 32, 32),  # fitted: packed tiles
-    (TilePermutation((2, 9, 16), (1, 8, 16)), 64, torch.float16, 128, 64),  # 128-row query blocks (CUDA's wide ones)
-]
 
 
 @interpreter_only
