@@ -89,6 +89,7 @@ def stub_launches() -> Iterator[Dict[str, int]]:
     """Replace the block-sparse, SLA and VSA Triton kernels (SLA's pooling, selection and operand kernels too, VSA's
     coarse ones) with :class:`_StubKernel` while inside; yields ``{"triton": launches so far}``."""
     from ..kernels.block_sparse import triton as bs
+    from ..kernels.dense import triton as dense
     from ..kernels.sla import operands, pool, select
     from ..kernels.sla import triton as sla
     from ..kernels.vsa import triton as vsa
@@ -97,21 +98,23 @@ def stub_launches() -> Iterator[Dict[str, int]]:
     from ..kernels.selfcheck import ENV_SELFCHECK
 
     counts = {"triton": 0}
-    saved_bs = {name: getattr(bs, name) for name in ("_fwd_kernel", "_bwd_preprocess_kernel", "_bwd_dkdv_kernel",
-                                                     "_bwd_dq_kernel")}
+    # (the dense module's preprocess too: SLA's backward launches it through dense.triton.bwd_preprocess)
+    globals_ = [(bs, name) for name in ("_fwd_kernel", "_bwd_preprocess_kernel", "_bwd_dkdv_kernel", "_bwd_dq_kernel")]
+    globals_.append((dense, "_bwd_preprocess_kernel"))
+    saved_globals = [(module, name, getattr(module, name)) for module, name in globals_]
     tables = (sla.KERNELS, pool.KERNELS, select.KERNELS, operands.KERNELS, vsa.KERNELS)
     saved = [dict(table) for table in tables]
     with env_set(ENV_SELFCHECK, "0"):  # stubbed kernels return nothing: the first-use check would disable them
         try:
-            for name in saved_bs:
-                setattr(bs, name, _StubKernel(counts))
+            for module, name in globals_:
+                setattr(module, name, _StubKernel(counts))
             for table in tables:
                 for name in table:
                     table[name] = _StubKernel(counts)
             yield counts
         finally:
-            for name, value in saved_bs.items():
-                setattr(bs, name, value)
+            for module, name, value in saved_globals:
+                setattr(module, name, value)
             for table, before in zip(tables, saved):
                 table.clear()
                 table.update(before)

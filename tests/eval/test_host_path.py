@@ -16,10 +16,11 @@ def test_measure_host_path_runs_every_stage_and_restores_the_kernels(monkeypatch
     from dit_accel.kernels.block_sparse import triton as bs
     from dit_accel.kernels.sla import operands, pool, select
     from dit_accel.kernels.sla import triton as sla
+    from dit_accel.kernels.dense import triton as dense
     from dit_accel.kernels.vsa import triton as vsa
 
     before = (bs._fwd_kernel, dict(sla.KERNELS), dict(pool.KERNELS), dict(operands.KERNELS), dict(select.KERNELS),
-              dict(vsa.KERNELS), vsa.coarse_triton)
+              dict(vsa.KERNELS), vsa.coarse_triton, dense._bwd_preprocess_kernel)
     result = measure_host_path(tokens=256, calls=3, repeats=1)
     assert set(result) == {"api", "api_lse", "api_grad", "custom_op", "launcher", "backward_launcher", "plan",
                            "plan_tiled", "plan_tiled_text", "sla", "sla_proj", "sla_small", "sla_small_proj",
@@ -27,9 +28,10 @@ def test_measure_host_path_runs_every_stage_and_restores_the_kernels(monkeypatch
                            "vsa_partial_raster"}
     assert all(us > 0 for us in result.values())
     assert (bs._fwd_kernel, dict(sla.KERNELS), dict(pool.KERNELS), dict(operands.KERNELS),
-            dict(select.KERNELS), dict(vsa.KERNELS), vsa.coarse_triton) == before
+            dict(select.KERNELS), dict(vsa.KERNELS), vsa.coarse_triton, dense._bwd_preprocess_kernel) == before
     with stub_launches():
         assert bs._fwd_kernel is not before[0] and pool.KERNELS["pool"] is not before[2]["pool"]
+        assert dense._bwd_preprocess_kernel is not before[7]  # (SLA's backward launches the dense module's)
         assert select.KERNELS["select"] is not before[4]["select"]
     assert bs._fwd_kernel is before[0]
 
