@@ -19,8 +19,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ..dense.tiles import dkdv_step, dq_step, load_tile, row_bits
-from .gather_tiles import _gathered, _raster_rows, load_kv
+from ..dense.tiles import dkdv_step, dq_step, row_bits
+from .gather_tiles import _raster_rows, load_kv
 
 __all__ = ["_bwd_dkdv_kernel", "_bwd_dq_kernel"]
 
@@ -32,13 +32,9 @@ def _query_rows(Q, DO, q_base, do_base, LSE2, DELTA, rows_at, b, h, row, q_len, 
     """Q, dO, lse (base 2) and delta of the query tile at position ``row``: rows past ``q_len`` (``ROW_MASK``) give
     zeros, lse +inf and delta 0 (P = 0); with ``GATHER`` Q and dO read at the raster rows the row table names
     (always masked: a padded row reads nothing, and its lse, the preprocess's, is +inf)."""
-    if GATHER:
-        raster = _raster_rows(RIDX, row, q_len, BLOCK_M)
-        q = _gathered(q_base, raster, sqn, head_dim, BLOCK_D, EVEN_D, True)
-        do = _gathered(do_base, raster, sdn, head_dim, BLOCK_D, EVEN_D, True)
-    else:
-        q = load_tile(Q, q_base, b, h, row, q_len, sqn, head_dim, BLOCK_M, BLOCK_D, TMA, ROW_MASK, EVEN_D)
-        do = load_tile(DO, do_base, b, h, row, q_len, sdn, head_dim, BLOCK_M, BLOCK_D, TMA, ROW_MASK, EVEN_D)
+    # (a pair of row tiles read as K and V are; gathered query rows always row-masked: padding can sit in a full tile)
+    q, do = load_kv(Q, DO, q_base, do_base, b, h, row, q_len, sqn, sdn, head_dim, RIDX, BLOCK_M, BLOCK_D, TMA,
+                    ROW_MASK or GATHER, EVEN_D, GATHER)
     offs_m = row + tl.arange(0, BLOCK_M)  # (LSE2 / DELTA by tiled position either way: the preprocess's order)
     if ROW_MASK:
         m_ok = offs_m < q_len  # rows past q_len: lse = +inf, so P = 0
@@ -88,13 +84,8 @@ def _bwd_dkdv_kernel(
     else:
         q_base = Q + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh
         do_base = DO + b.to(tl.int64) * sdb + h.to(tl.int64) * sdh
-    if GATHER:
-        own = _raster_rows(RIDX, col0, kv_len, BLOCK_N)
-        k = _gathered(k_base, own, skn, head_dim, BLOCK_D, EVEN_D, True)
-        v = _gathered(v_base, own, svn, head_dim, BLOCK_D, EVEN_D, True)
-    else:
-        k = load_tile(k_base, k_base, b, h, col0, kv_len, skn, head_dim, BLOCK_N, BLOCK_D, False, True, EVEN_D)
-        v = load_tile(v_base, v_base, b, h, col0, kv_len, svn, head_dim, BLOCK_N, BLOCK_D, False, True, EVEN_D)
+    k, v = load_kv(k_base, v_base, k_base, v_base, b, h, col0, kv_len, skn, svn, head_dim, RIDX, BLOCK_N, BLOCK_D,
+                   False, True, EVEN_D, GATHER)  # (the owned key tile: row-masked, pointer loads)
     rows_at = pid_bh.to(tl.int64) * q_len  # LSE2 / DELTA rows of this (batch, head)
 
     plan = PLAN + h.to(tl.int64) * plan_h + pid_n.to(tl.int64) * plan_r
