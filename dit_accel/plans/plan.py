@@ -31,7 +31,7 @@ from ..kernels.block_sparse.api import (DENSE, block_sparse_backend, layout_on, 
                                         timed_against_dense)
 from ..kernels._cache import LayoutCache
 from ..kernels.block_sparse.gather import (gather_faster, gather_fits, gather_forced, gather_runs, gathered_forward,
-                                          padding_unseen)
+                                          kept_choice, padding_unseen, raster_allowed)
 from ..kernels.block_sparse.naive import dense_is_faster
 from ..kernels.block_sparse.one_pass import OnePass, one_pass_fits
 from ..kernels.layout import BlockLayout
@@ -468,20 +468,13 @@ class LayoutPlan(Plan):
         and v); a CUDA graph capture takes the eager call's answer, a traced call the gathering path (the gathered
         launch is no custom op)."""
         forced = gather_forced()
-        if forced is False or (forced is None and q.device.type != "cuda") \
-                or torch.compiler.is_compiling() or type(q) is not torch.Tensor or k.shape[-2] != q.shape[-2] \
-                or not gather_fits(q, k, v):
+        if not raster_allowed(q, forced) or k.shape[-2] != q.shape[-2] or not gather_fits(q, k, v):
             return False
         grad = records_grad(q, k, v)
         key = (id(layout), backend, env_value(), forced, want_lse, grad, q.shape, q.stride(), k.shape, k.stride(),
                v.stride(), q.dtype, q.device)
-        hit = self._gather_choice.get(key)
-        if hit is None:
-            if in_graph():  # (a capture decides nothing: it may not time or sync)
-                return False
-            hit = self._gather_choice.setdefault(key, self._gather_decision(q, k, v, layout, scale, backend,
-                                                                           want_lse, forced, grad))
-        return hit
+        return kept_choice(self._gather_choice, key, lambda: self._gather_decision(
+            q, k, v, layout, scale, backend, want_lse, forced, grad))
 
     def _gather_decision(self, q, k, v, layout: BlockLayout, scale, backend: str, want_lse: bool, forced,
                          grad: bool) -> bool:

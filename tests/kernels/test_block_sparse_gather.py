@@ -149,14 +149,14 @@ def test_a_capture_takes_the_eager_answer_and_a_trace_the_gathering_path(monkeyp
     calls = []
     real = gather.gathered_forward
     monkeypatch.setattr("dit_accel.plans.plan.gathered_forward", lambda *a: calls.append(1) or real(*a))
-    monkeypatch.setattr("dit_accel.plans.plan.in_graph", lambda: True)  # a capture before any eager call
+    monkeypatch.setattr("dit_accel.kernels.request.in_graph", lambda: True)  # a capture before any eager call
     want = _attend(plan, q, k, v)
     assert calls == [] and not plan._gather_choice  # it decided nothing
     monkeypatch.undo()
     monkeypatch.setenv(gather.ENV_GATHER, "1")
     monkeypatch.setattr("dit_accel.plans.plan.gathered_forward", lambda *a: calls.append(1) or real(*a))
     _attend(plan, q, k, v)  # eager: decides (gathered)
-    monkeypatch.setattr("dit_accel.plans.plan.in_graph", lambda: True)
+    monkeypatch.setattr("dit_accel.kernels.request.in_graph", lambda: True)
     got = _attend(plan, q, k, v)  # a capture after it: the eager answer
     assert calls == [1, 1] and torch.equal(got[0], want[0])
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)  # a trace: the gathered launch is no op

@@ -40,7 +40,8 @@ from ..request import env_get, records_grad
 from .configs import GATHER_BWD_VARIANT, GATHER_VARIANT, rows_fit
 
 __all__ = ["VARIANT", "BWD_VARIANT", "ENV_GATHER", "gathered_forward", "gather_fits", "padding_unseen",
-           "gather_forced", "gather_runs", "gather_faster", "raster_faster", "rows_fit"]
+           "gather_forced", "gather_runs", "gather_faster", "raster_faster", "rows_fit", "raster_allowed",
+           "kept_choice"]
 
 #: The self-check's names of the forward, and of the two-pass backward, reading and writing raster order through a
 #: row table.
@@ -104,6 +105,31 @@ def gather_forced() -> Optional[bool]:
         return False
     raise ValueError(f"{ENV_GATHER}={raw!r}: expected 1 (read raster order in the kernel wherever it runs), "
                      "0 (always gather into tiled order) or unset (on a GPU, after the variant's self-check)")
+
+
+def raster_allowed(q: torch.Tensor, forced: Optional[bool]) -> bool:
+    """What every raster-order choice asks first, whatever the method: not switched off (``forced``,
+    :func:`gather_forced`), on a GPU unless forced, eager (a traced call gathers: the gathered launch is no custom
+    op) and on plain tensors."""
+    return forced is not False and (forced is not None or q.device.type == "cuda") \
+        and not torch.compiler.is_compiling() and type(q) is torch.Tensor
+
+
+def kept_choice(choices: dict, key, decide: Callable[[], bool], limit: Optional[int] = None) -> bool:
+    """``choices[key]``, worked out by ``decide()`` on the key's first eager call and kept (``limit``: at most so
+    many, the dict emptied when full). Inside a CUDA graph capture, which may not time or synchronise, an undecided
+    key answers False (the gathering path) and stays undecided; a decided one gives the eager answer."""
+    from ..request import in_graph
+
+    hit = choices.get(key)
+    if hit is None:
+        if in_graph():
+            return False
+        hit = decide()
+        if limit is not None and len(choices) >= limit:
+            choices.clear()
+        choices[key] = hit
+    return hit
 
 
 def gather_runs(device: torch.device, dtype: torch.dtype, head_dim: int, block_q: int, block_k: int,

@@ -169,24 +169,15 @@ def _reads_raster(q, k, v, cubes: Cubes, count: int, scale: float, with_coarse: 
                   tiled_fine: bool) -> bool:
     """Whether this call of :func:`vsa_parts` on raster ``q``, ``k``, ``v`` takes :func:`.raster.raster_forward`
     (the rule in :mod:`.raster`'s docstring), decided by the class's first eager call."""
-    from ..block_sparse.gather import gather_fits, gather_forced
-    from ..request import in_graph
+    from ..block_sparse.gather import gather_fits, gather_forced, kept_choice, raster_allowed
 
     forced = gather_forced()
-    if forced is False or (forced is None and q.device.type != "cuda") or records_grad(q, k, v) \
-            or torch.compiler.is_compiling() or type(q) is not torch.Tensor or k.shape != q.shape \
-            or v.shape != q.shape or not gather_fits(*raster.launched(q, k, v)):
+    if not raster_allowed(q, forced) or records_grad(q, k, v) or k.shape != q.shape or v.shape != q.shape \
+            or not gather_fits(*raster.launched(q, k, v)):
         return False
     key = _raster_key(q, k, v, cubes, count, with_coarse, backend, forced)
-    hit = _RASTER_CHOICES.get(key)
-    if hit is None:
-        if in_graph():  # (a capture decides nothing: it may not time or sync)
-            return False
-        hit = _raster_decision(q, k, v, cubes, count, scale, with_coarse, backend, forced, tiled_fine)
-        if len(_RASTER_CHOICES) >= _RASTER_CHOICES_MAX:
-            _RASTER_CHOICES.clear()
-        _RASTER_CHOICES[key] = hit
-    return hit
+    return kept_choice(_RASTER_CHOICES, key, lambda: _raster_decision(
+        q, k, v, cubes, count, scale, with_coarse, backend, forced, tiled_fine), _RASTER_CHOICES_MAX)
 
 
 def _raster_decision(q, k, v, cubes: Cubes, count: int, scale: float, with_coarse: bool, backend: str, forced,
