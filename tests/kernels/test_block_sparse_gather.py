@@ -110,6 +110,22 @@ def test_gather_fits_where_every_row_offset_of_a_slice_fits_32_bits():
     assert not gather.gather_fits(bnhd(1000, 2, 64), bnhd(1000, 2, 64), spread)
 
 
+def _spy_gathered(monkeypatch) -> list:
+    """A list that gets an entry for each call the plans make of the gathered forward."""
+    calls = []
+    real = gather.gathered_forward
+    monkeypatch.setattr("dit_accel.plans.plan.gathered_forward", lambda *a: calls.append(1) or real(*a))
+    return calls
+
+
+#: Tiny Diffusers transformers under ``apply`` (name, grid, method), with the tests' ids.
+MODELS = [
+    ("wan", (3, 8, 10), dit_accel.Tile(tile=(1, 4, 4), window=(1, 3, 3))),  # padded in H and W: 3 x 2 x 3 tiles
+    ("hunyuan", (2, 6, 8), dit_accel.GNA(kernel_size=(2, 3, 5))),  # text beside the video tokens: lse merges
+]
+MODEL_IDS = ["wan-tile", "hunyuan-gna"]
+
+
 def _tile_plan():
     plan = dit_accel.Tile(tile=(2, 4, 4), window=(1, 3, 3)).plan((3, 6, 10))
     assert plan.perm is not None and not plan.perm.identity
@@ -126,9 +142,7 @@ def test_plans_read_raster_order_where_asked_and_match_the_gathering_path(monkey
     q, k, v = make_qkv(1, 2, plan.perm.num_tokens, plan.perm.num_tokens, 64, torch.float16, seed=5)
     monkeypatch.setenv(gather.ENV_GATHER, "0")
     want = _attend(plan, q, k, v)
-    calls = []
-    real = gather.gathered_forward
-    monkeypatch.setattr("dit_accel.plans.plan.gathered_forward", lambda *a: calls.append(1) or real(*a))
+    calls = _spy_gathered(monkeypatch)
     assert not calls and set(plan._gather_choice.values()) <= {False}
     monkeypatch.setenv(gather.ENV_GATHER, "1")
     for _ in range(2):
@@ -146,15 +160,13 @@ def test_a_capture_takes_the_eager_answer_and_a_trace_the_gathering_path(monkeyp
     plan = _tile_plan()
     q, k, v = make_qkv(1, 2, plan.perm.num_tokens, plan.perm.num_tokens, 64, torch.float16, seed=12)
     monkeypatch.setenv(gather.ENV_GATHER, "1")
-    calls = []
-    real = gather.gathered_forward
-    monkeypatch.setattr("dit_accel.plans.plan.gathered_forward", lambda *a: calls.append(1) or real(*a))
+    calls = _spy_gathered(monkeypatch)
     monkeypatch.setattr("dit_accel.kernels.request.in_graph", lambda: True)  # a capture before any eager call
     want = _attend(plan, q, k, v)
     assert calls == [] and not plan._gather_choice  # it decided nothing
     monkeypatch.undo()
     monkeypatch.setenv(gather.ENV_GATHER, "1")
-    monkeypatch.setattr("dit_accel.plans.plan.gathered_forward", lambda *a: calls.append(1) or real(*a))
+    calls = _spy_gathered(monkeypatch)  # (counting again, from none: the capture above made none)
     _attend(plan, q, k, v)  # eager: decides (gathered)
     monkeypatch.setattr("dit_accel.kernels.request.in_graph", lambda: True)
     got = _attend(plan, q, k, v)  # a capture after it: the eager answer
@@ -260,10 +272,7 @@ def test_info_says_whether_the_raster_order_forward_is_on(monkeypatch):
 
 @interpreter_only
 @pytest.mark.filterwarnings("ignore:.*saves no work")  # (grids this small: every key block is some query's)
-@pytest.mark.parametrize("name,grid,method", [
-    ("wan", (3, 8, 10), dit_accel.Tile(tile=(1, 4, 4), window=(1, 3, 3))),  # padded in H and W: 3 x 2 x 3 tiles
-    ("hunyuan", (2, 6, 8), dit_accel.GNA(kernel_size=(2, 3, 5))),  # text beside the video tokens
-], ids=["wan-tile", "hunyuan-gna"])
+@pytest.mark.parametrize("name,grid,method", MODELS, ids=MODEL_IDS)
 def test_a_model_under_apply_reads_raster_order_bit_for_bit(monkeypatch, name, grid, method):
     """A tiny Diffusers transformer through ``apply`` with the Triton kernel: the same output whether its
     attention calls gather into tiled order or let the kernel read raster order (which they then did)."""
@@ -271,9 +280,7 @@ def test_a_model_under_apply_reads_raster_order_bit_for_bit(monkeypatch, name, g
 
     model = T.build_tiny_transformer(name)
     kwargs = T.tiny_transformer_inputs(name, model, grid=grid, batch=1)
-    calls = []
-    real = gather.gathered_forward
-    monkeypatch.setattr("dit_accel.plans.plan.gathered_forward", lambda *a: calls.append(1) or real(*a))
+    calls = _spy_gathered(monkeypatch)
     outs, layers = {}, []
     for forced in ("0", "1"):
         monkeypatch.setenv(gather.ENV_GATHER, forced)

@@ -13,7 +13,7 @@ import dit_accel
 from dit_accel.kernels import autotune, selfcheck
 from dit_accel.kernels.block_sparse import gather
 from dit_accel.patterns.permutation import TilePermutation
-from tests.kernels.test_block_sparse_gather import CASES, _problem, _tile_plan
+from tests.kernels.test_block_sparse_gather import CASES, MODEL_IDS, MODELS, _problem, _spy_gathered, _tile_plan
 from tests.utils import assert_grads_close, make_qkv
 
 triton = pytest.importorskip("triton")
@@ -96,9 +96,7 @@ def test_plan_training_calls_read_raster_order_bit_for_bit(monkeypatch, dtype):
     plan = _tile_plan()
     n = plan.perm.num_tokens
     q, k, v = make_qkv(1, 2, n, n, 64, dtype, seed=5)
-    calls = []
-    real = gather.gathered_forward
-    monkeypatch.setattr("dit_accel.plans.plan.gathered_forward", lambda *a: calls.append(1) or real(*a))
+    calls = _spy_gathered(monkeypatch)
     monkeypatch.setenv(gather.ENV_GATHER, "0")
     want = _train(plan, q, k, v)
     monkeypatch.setenv(gather.ENV_GATHER, "1")
@@ -174,10 +172,7 @@ def test_a_forced_training_call_whose_backward_variant_fails_its_self_check_rais
 
 @interpreter_only
 @pytest.mark.filterwarnings("ignore:.*saves no work")  # (grids this small: every key block is some query's)
-@pytest.mark.parametrize("name,grid,method", [
-    ("wan", (3, 8, 10), dit_accel.Tile(tile=(1, 4, 4), window=(1, 3, 3))),  # padded in H and W
-    ("hunyuan", (2, 6, 8), dit_accel.GNA(kernel_size=(2, 3, 5))),  # text beside the video tokens: lse merges
-], ids=["wan-tile", "hunyuan-gna"])
+@pytest.mark.parametrize("name,grid,method", MODELS, ids=MODEL_IDS)
 def test_a_model_trained_under_apply_reads_raster_order_bit_for_bit(monkeypatch, name, grid, method):
     """A tiny Diffusers transformer under ``apply`` with the Triton kernels: a training step's every parameter
     gradient is the same whether its attention calls gather into tiled order or read raster order both ways
@@ -186,9 +181,7 @@ def test_a_model_trained_under_apply_reads_raster_order_bit_for_bit(monkeypatch,
 
     model = T.build_tiny_transformer(name)
     kwargs = T.tiny_transformer_inputs(name, model, grid=grid, batch=1)
-    calls = []
-    real = gather.gathered_forward
-    monkeypatch.setattr("dit_accel.plans.plan.gathered_forward", lambda *a: calls.append(1) or real(*a))
+    calls = _spy_gathered(monkeypatch)
     grads, layers = {}, []
     for forced in ("0", "1"):
         monkeypatch.setenv(gather.ENV_GATHER, forced)
