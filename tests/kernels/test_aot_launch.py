@@ -493,6 +493,7 @@ def test_launchers_run_with_the_inputs_gpu_current(monkeypatch):
     makes cuda:1 current for its launches (and puts it back); on the current device it switches nothing."""
     import contextlib
 
+    from dit_accel.kernels.sla import backward as sla_bwd_launcher
     from dit_accel.kernels.sla import triton as st
 
     current, switches = [0], []
@@ -515,7 +516,7 @@ def test_launchers_run_with_the_inputs_gpu_current(monkeypatch):
     launcher(cpu)
     assert seen[1:] == [(0, 1.0), (0, 1.0)] and switches == [1]
     for fn in (bst.triton_forward, bst.triton_backward, dense_triton.dense_forward, dense_triton.dense_backward,
-               dense_triton.bwd_preprocess, st.sla_forward, st.sla_backward, st.global_sums):
+               dense_triton.bwd_preprocess, st.sla_forward, sla_bwd_launcher.sla_backward, st.global_sums):
         assert fn.__code__ is launcher.__code__, fn.__name__  # each launcher is wrapped
 
 

@@ -19,6 +19,7 @@ from dit_accel.kernels.sass import compile_shipped  # noqa: E402
 from dit_accel.kernels.sla import SLABlocks, sla_classify  # noqa: E402
 from dit_accel.kernels.sla.common import rounded_features  # noqa: E402
 from dit_accel.kernels.sla import configs as sc  # noqa: E402
+from dit_accel.kernels.sla import backward as sla_bwd_launcher  # noqa: E402
 from dit_accel.kernels.sla import triton as st  # noqa: E402
 from dit_accel.methods import SLA  # noqa: E402
 from tests.utils import static_toolchain  # noqa: E402
@@ -128,8 +129,9 @@ def test_shipped_list_spans_dtypes_head_dims_kernels_and_variants():
 def test_launchers_launch_only_shipped_configs(monkeypatch, dtype, path):
     """The forward and backward launchers pick their kernels through select_sla_config: record them."""
     launched = []
-    monkeypatch.setattr(st, "_launch", lambda cfg, grid, *args: launched.append(cfg))
-    monkeypatch.setattr(st, "_arch", lambda device: 90)
+    for module in (st, sla_bwd_launcher):  # (the backward's launcher calls the same two helpers)
+        monkeypatch.setattr(module, "_launch", lambda cfg, grid, *args: launched.append(cfg))
+        monkeypatch.setattr(module, "_arch", lambda device: 90)
     method = SLA(topk=0.3, negligible=0.3, block_q=128)
     q, k, v = (torch.randn(1, 2, 200, 80, dtype=dtype) for _ in range(3))
     blocks: SLABlocks = sla_classify(q.float(), k.float(), method)
@@ -142,8 +144,8 @@ def test_launchers_launch_only_shipped_configs(monkeypatch, dtype, path):
     assert o_l.dtype == dtype and o_l.shape == (q.shape if has_lin else (0,))
     dnum = torch.zeros(q.shape) if has_lin else den
     den_grad = torch.zeros(lse.shape) if has_lin else den
-    st.sla_backward(torch.zeros_like(q), torch.zeros_like(lse), dnum, den_grad, q, k, v, qf, kf, q, lse,
-                    blocks.critical, lin, 0.1, 0, has_lin, sign, 128)
+    sla_bwd_launcher.sla_backward(torch.zeros_like(q), torch.zeros_like(lse), dnum, den_grad, q, k, v, qf, kf, q, lse,
+                                  blocks.critical, lin, 0.1, 0, has_lin, sign, 128)
     glob = ["global"] if has_lin else []  # phi(K) for the linear loop (and the subtract plan's global sums)
     expect = glob + ["fwd", "bwd_dq", "bwd_dkdv"] + (["bwd_dkdv_lin"] if has_lin else [])
     assert [c.kernel for c in launched] == expect

@@ -258,7 +258,7 @@ def test_rounded_features_and_softmax_row_scale(dtype):
     """The kernel's features are phi in fp32 rounded once (softmax reads x through ``dtype=``), and softmax
     features skip reading the row scale: the general bound gives exactly 1 there too, even for extreme q, k."""
     from dit_accel.kernels.sla.common import FEATURE_IDS, feature_map
-    from dit_accel.kernels.sla.triton import row_scale
+    from dit_accel.kernels.sla.backward import row_scale
 
     x = (torch.randn(2, 3, 70, 128) * torch.tensor([1.0, 30.0, 1e4])[None, :, None, None]).to(dtype)
     for kind in ("softmax", "elu", "relu"):

@@ -137,7 +137,7 @@ def sla_bwd(do: Tensor, dlse: Tensor, dnum: Tensor, dden: Tensor, q: Tensor, k: 
     """Fused SLA backward: ``(dq, dk, dv)``. ``dqf_g``, ``dkf_g``, ``dv_g``: the global sums' fp32 gradients for
     phi(q), phi(K) and V (:func:`_global_grads`), added to the kernels' before phi's backward, which then runs
     once."""
-    from .triton import sla_backward
+    from .backward import sla_backward
 
     return sla_backward(do, dlse, dnum, dden, q, k, v, qf, kf, o, lse, critical, lin_blocks, scale, feature,
                         has_lin, lin_sign, block_q, dqf_g, dkf_g, dv_g)

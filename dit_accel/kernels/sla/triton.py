@@ -58,16 +58,15 @@ from .. import occupancy
 from ..dense.configs import tma_ok
 from ..dense.tiles import LN2, dkdv_step, dq_step, fwd_step, load_tile, slice_descriptors
 from ..dense.tiles import LOG2E_HOST as _LOG2E
-from ..dense.triton import bwd_preprocess, ensure_allocator
-from .common import FEATURE_IDS, add_feature_grad, fp32_features, true_columns
+from ..dense.triton import ensure_allocator
+from .common import FEATURE_IDS
 from .configs import BLOCK_K, BLOCK_M, GLOBAL_COLUMNS, SLAKernelConfig, pointer_fallback, select_sla_config
 from .operands import global_operands
+from .phi import phi, phi_stats, phi_tile
 
-__all__ = ["sla_forward", "sla_backward", "global_sums", "FEATURE_IDS", "transposed_lists", "KERNELS", "row_scale"]
+__all__ = ["sla_forward", "global_sums", "FEATURE_IDS", "KERNELS"]
 
 _FEATURE_NAMES = {i: name for name, i in FEATURE_IDS.items()}
-#: Linear scores are divided by a per-row scale so that they stay below this (fp16 max is 65504).
-SCORE_BOUND = 2.0 ** 15
 #: Rows of the global ``phi(K)^T V`` the forward's epilogue multiplies at a time.
 KV_ROWS: tl.constexpr = tl.constexpr(32)
 
@@ -98,35 +97,6 @@ def _dot_split(a, b, acc, DT: tl.constexpr, CHAIN: tl.constexpr):
     a2 = tl.join(hi, lo).reshape([rows, 2 * depth])  # columns hi_0, lo_0, hi_1, lo_1, ...
     b2 = tl.permute(tl.join(b, b), (0, 2, 1)).reshape([2 * depth, cols])  # rows b_0, b_0, b_1, b_1, ...
     return tl.dot(a2, b2, acc, input_precision="ieee")
-
-
-@triton.jit
-def _phi_stats(x, ok, feature):
-    """Softmax statistics of an fp32 tile over its ``ok`` entries: the row max ``m`` and ``l = sum(exp(x - m))``
-    (``m = 0``, ``l = 1`` for the other features and for rows with no ``ok`` entry)."""
-    m = tl.max(tl.where(ok, x, float("-inf")), 1)
-    m = tl.where((m == float("-inf")) | (feature != 0), 0.0, m)
-    l_sum = tl.sum(tl.where(ok, tl.exp(x - m[:, None]), 0.0), 1)
-    return m, tl.where((l_sum == 0.0) | (feature != 0), 1.0, l_sum)
-
-
-@triton.jit
-def _phi(x, ok, m, l_sum, feature):
-    """phi of an fp32 tile on the head dim (``feature``: 0 softmax from :func:`_phi_stats`' ``m``, ``l_sum``;
-    1 elu + 1; 2 relu), fp32, zero outside ``ok`` (rows past N, padded columns). Branch-free, one exp per
-    element (a branch inside a loop of tensor-core products serialises them on sm_90, ptxas C7515), and per
-    element the same operations whatever the tile's width: a column chunk gives the whole tile's values."""
-    e = tl.exp(tl.where(feature == 0, x - m[:, None], tl.minimum(x, 0.0)))
-    f = tl.where(feature == 0, e / l_sum[:, None], tl.where(feature == 1, tl.where(x > 0, x + 1.0, e),
-                                                            tl.maximum(x, 0.0)))
-    return tl.where(ok, f, 0.0)
-
-
-@triton.jit
-def _phi_tile(x, ok, feature):
-    """:func:`_phi` of a whole-row tile (its own softmax statistics)."""
-    m, l_sum = _phi_stats(x, ok, feature)
-    return _phi(x, ok, m, l_sum, feature)
 
 
 @triton.jit
@@ -163,7 +133,7 @@ def _sla_global_kernel(
         k = load_tile(k_base, k_base, b, h, col, NK_TOK, skn, D_REAL, BLOCK_N, BLOCK_D, False, True, True)
         v = load_tile(v_base, v_base, b, h, col, NK_TOK, svn, D_REAL, BLOCK_N, BLOCK_C, False, True, True)
         ok = (col + offs_n < NK_TOK)[:, None] & col_ok
-        kf = _phi_tile(k.to(tl.float32), ok, feature).to(V.dtype.element_ty)
+        kf = phi_tile(k.to(tl.float32), ok, feature).to(V.dtype.element_ty)
         # A predicated store, not a branch (a branch in a loop of tensor-core products serialises sm_90's wgmma).
         tl.store(kf_at + (col + offs_n).to(tl.int64)[:, None] * BLOCK_D, kf, mask=(col + offs_n < kf_rows)[:, None])
         # V^T phi(K), not phi(K)^T V: phi(K) is made in registers, and as the transposed first operand of
@@ -266,8 +236,8 @@ def _sla_fwd_kernel(
         col_ok = (offs_d < D_REAL)[None, :]
         q_ok = m_ok[:, None] & col_ok
         q32 = q.to(tl.float32)
-        qm, ql = _phi_stats(q32, q_ok, feature)
-        qf = _phi(q32, q_ok, qm, ql, feature).to(DT)
+        qm, ql = phi_stats(q32, q_ok, feature)
+        qf = phi(q32, q_ok, qm, ql, feature).to(DT)
         # Scores over a per-row s_i >= 1 (sum|phi(q_i)| max|phi(k)| / 2^15; KMAX is 0 for softmax features).
         inv_s = 1.0 / tl.maximum(tl.sum(tl.abs(qf.to(tl.float32)), 1) * (tl.load(KMAX + pid_bh) / 32768.0), 1.0)
         num = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
@@ -308,7 +278,7 @@ def _sla_fwd_kernel(
         for c0 in range(0, BLOCK_D, KV_ROWS):  # loop: global
             c_ok = m_ok[:, None] & (c0 + offs_c < D_REAL)[None, :]
             q_c = tl.load(q_at + (c0 + offs_c)[None, :], mask=c_ok, other=0.0).to(tl.float32)
-            qf_c = _phi(q_c, c_ok, qm, ql, feature).to(DT)
+            qf_c = phi(q_c, c_ok, qm, ql, feature).to(DT)
             kv_hi = tl.load(kv_at + (c0 + offs_c)[:, None] * BLOCK_D + offs_d[None, :])
             kv_lo = tl.load(kv_at + (BLOCK_D + c0 + offs_c)[:, None] * BLOCK_D + offs_d[None, :])
             num = tl.dot(qf_c, kv_lo, tl.dot(qf_c, kv_hi, num, input_precision="ieee"), input_precision="ieee")
@@ -520,40 +490,6 @@ def _pad_d(block_d: int, *tensors: torch.Tensor):
     return tuple(torch.nn.functional.pad(t, (0, block_d - d)) for t in tensors)
 
 
-def _unit_rows(qf: torch.Tensor, feature: int) -> bool:
-    """Whether :func:`row_scale` is 1 on every row without reading anything (softmax features, ``D < 2^15``)."""
-    return _FEATURE_NAMES[feature] == "softmax" and qf.shape[-1] < SCORE_BOUND
-
-
-def row_scale(qf: torch.Tensor, kf: torch.Tensor, feature: int) -> torch.Tensor:
-    """Per-row divisor ``s_i >= 1`` of the linear scores, fp32 ``(B, H, Nq)`` (the kernels take ``1 / s``).
-
-    ``|phi(q_i) . phi(k_j)| <= sum|phi(q_i)| * max|phi(k)|``, so the scores divided by ``s_i`` stay
-    below :data:`SCORE_BOUND` and fit fp16 (unnormalised relu / elu features overflow it otherwise).
-    Numerator and denominator scale alike, so ``s`` cancels. Softmax features need no reading: each is
-    at most 1, so that bound is at most ``D``, and ``s`` is 1 for every ``D < 2^15``.
-    """
-    if _unit_rows(qf, feature):
-        return torch.ones(qf.shape[:-1], dtype=torch.float32, device=qf.device)
-    kmax = kf.float().abs().amax(dim=(-1, -2))[..., None]
-    return (qf.float().abs().sum(-1) * kmax / SCORE_BOUND).clamp_min(1.0).contiguous()
-
-
-def transposed_lists(index: torch.Tensor, n_kb: int):
-    """[B, H, nQ, L] key-block lists -> per key block its query blocks ``[B, H, nK, nQ]`` + counts ``[B, H, nK]``.
-
-    No host sync: the width is nQ (the worst case), so shapes are static. Query blocks ascend.
-    """
-    b, h, n_qb, width = index.shape
-    visited = torch.zeros(b, h, n_qb, n_kb, dtype=torch.bool, device=index.device)
-    if width:
-        visited.scatter_(-1, index.long(), True)
-    visited = visited.transpose(-1, -2)
-    counts = visited.sum(-1, dtype=torch.int32)
-    order = true_columns(visited, n_qb).to(torch.int32)
-    return order.contiguous(), counts.contiguous()
-
-
 def _live(index: torch.Tensor) -> torch.Tensor:
     """An int32 block list as a kernel argument: an empty one becomes a live one-element allocation
     (empty tensors may carry a null address; the kernels read no entry of it)."""
@@ -719,78 +655,3 @@ def _forward_launch(q, k, v, critical, lin_blocks, scale, feature, has_lin, lin_
 #: scalar arguments): a repeated call allocates its outputs and launches. Bounded; plain values only.
 _FWD_LAUNCHES: Dict[tuple, tuple] = {}
 _MAX_LAUNCHES = 1024
-
-
-@occupancy.on_inputs_device
-def sla_backward(do, dlse, dnum, dden, q, k, v, qf, kf, o, lse, critical, lin_blocks, scale, feature, has_lin,
-                 lin_sign, block_q, dqf_g=None, dkf_g=None, dv_g=None):
-    """Launch the dQ and dK/dV kernels. ``dlse`` (may be zeros) is folded into delta. ``dqf_g``, ``dkf_g``,
-    ``dv_g``: further fp32 gradients for phi(q), phi(K) (added to the kernels' before phi's backward) and V."""
-    b, h, nq, d = q.shape
-    nk = k.shape[-2]
-    arch = _arch(q.device)
-    cfg_dq = select_sla_config("bwd_dq", q.dtype, d, has_lin, arch)
-    cfg_dkdv = select_sla_config("bwd_dkdv", q.dtype, d, has_lin, arch)
-    n_kb = _cdiv(nk, BLOCK_K)
-    do = do.to(q.dtype).contiguous()
-    # d lse / d s = p, so an lse gradient shifts delta: ds = p * (dp - (rowsum(do*o) - dlse)); delta and the
-    # base-2 lse (+inf on rows without keys) in one launch, as contiguous (B*H, Nq) fp32.
-    delta, lse2 = bwd_preprocess(_last_dim_contiguous(o.to(q.dtype)), do, lse, dlse)
-    if has_lin:
-        qf, kf = _pad_d(cfg_dq.block_d, qf.contiguous(), kf.contiguous())
-        phi_q, phi_k = (fp32_features(t, _FEATURE_NAMES[feature]) for t in (q, k))  # for the phi backward
-    q, k, v, do = _pad_d(cfg_dq.block_d, *(_last_dim_contiguous(t) for t in (q, k, v)), do)
-    # With the linear branch, dq / dk leave the kernels in fp32 and get the phi backward added here.
-    # dK / dV leave the kernels in fp32 (the linear kernel adds to dV), and so does dQ with the linear branch.
-    dq = torch.empty(q.shape, dtype=torch.float32 if has_lin else q.dtype, device=q.device)
-    dk = torch.empty(k.shape, dtype=torch.float32, device=k.device)
-    dv = torch.empty(v.shape, dtype=torch.float32, device=v.device)
-    if has_lin:
-        # dnum ~ do / (phi(q) . z) is tiny; the kernels see it rescaled to O(1) per (batch, head)
-        # (every linear-branch gradient is linear in (dnum, dden)) and multiply the scale back.
-        # dK/dV also takes it times the rows' score divisor s (see the kernel).
-        dnum, dden = _pad_d(cfg_dq.block_d, dnum.float())[0], dden.float()
-        # (max |x| as an inf-norm: no |dnum| tensor)
-        dscale = torch.maximum(torch.linalg.vector_norm(dnum, float("inf"), dim=(-1, -2)),
-                               torch.linalg.vector_norm(dden, float("inf"), dim=-1)).clamp_min(1e-30)
-        dden = dden / dscale[..., None]
-        s = row_scale(qf, kf, feature)
-        if _unit_rows(qf, feature):  # s is 1: dnum * s is dnum (each divided and rounded in one write)
-            dnum = dnum_s = torch.div(dnum, dscale[..., None, None], out=torch.empty_like(dnum, dtype=q.dtype))
-            dden_s = dden = dden.contiguous()
-        else:
-            dnum = dnum / dscale[..., None, None]
-            dnum_s = (dnum * s[..., None]).to(q.dtype).contiguous()
-            dden_s = (dden * s).contiguous()
-            dnum, dden = dnum.to(q.dtype).contiguous(), dden.contiguous()
-        dscale, inv_s = dscale.contiguous(), s.reciprocal_()
-        dqf = torch.empty(q.shape, dtype=torch.float32, device=q.device)
-        dkf = torch.empty(k.shape, dtype=torch.float32, device=k.device)
-    else:  # unused by the kernels; any live allocation will do
-        dnum = dden = dscale = inv_s = dnum_s = dden_s = delta
-        qf, kf, dqf, dkf = q, k, dq, dk
-    crit_ptr, lin_ptr = _live(critical), _live(lin_blocks)
-    crit_t, crit_cnt = transposed_lists(critical, n_kb)
-    lin_t, lin_cnt = transposed_lists(lin_blocks, n_kb) if has_lin else (None, None)
-    n_sub, sign = block_q // BLOCK_M, float(lin_sign)
-    strides, dp = (*_strides(q), *_strides(k), *_strides(v)), q.shape[-1]
-    _launch(cfg_dq, (_cdiv(nq, BLOCK_M), b * h),
-            q, k, v, kf, do, lse2, delta, dnum, dden, dscale, crit_ptr, lin_ptr, dq, dqf, *strides,
-            h, nq, nk, dp, critical.shape[-1], lin_blocks.shape[-1], n_sub, scale, scale * _LOG2E, sign)
-    _launch(cfg_dkdv, (n_kb, b * h), q, k, v, do, lse2, delta, crit_t, crit_cnt, dk, dv, *strides,
-            h, nq, nk, dp, n_sub, scale, scale * _LOG2E)
-    if has_lin:
-        cfg_lin = select_sla_config("bwd_dkdv_lin", q.dtype, d, True, arch)
-        _launch(cfg_lin, (n_kb, b * h), v, qf, kf, dnum_s, dden_s, dscale, inv_s, lin_t, lin_cnt, dv, dkf,
-                *_strides(v), h, nq, nk, dp, n_sub, sign)
-    dq, dk, dv, dqf, dkf = (g[..., :d] for g in (dq, dk, dv, dqf, dkf))  # drop padded columns
-    name = _FEATURE_NAMES[feature]
-    if has_lin:  # (each written once in v's dtype: the fp32 sum is rounded in the add)
-        dq = add_feature_grad(dq, phi_q, dqf if dqf_g is None else dqf.add_(dqf_g), name, v.dtype)
-        dk = add_feature_grad(dk, phi_k, dkf if dkf_g is None else dkf.add_(dkf_g), name, v.dtype)
-    else:
-        dq, dk = (g.to(v.dtype).contiguous() for g in (dq, dk))
-    if dv_g is not None:  # (the same fp32 sum, rounded as it is written)
-        dv = torch.add(dv, dv_g, out=torch.empty(dv.shape, dtype=v.dtype, device=dv.device))
-    dv = dv.to(v.dtype).contiguous()
-    return selfcheck.corrupt("sla.triton.bwd", dq), dk, dv
