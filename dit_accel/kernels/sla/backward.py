@@ -88,7 +88,7 @@ def sla_backward(do, dlse, dnum, dden, q, k, v, qf, kf, o, lse, critical, lin_bl
         dden = dden / dscale[..., None]
         s = row_scale(qf, kf, feature)
         if _unit_rows(qf, feature):  # s is 1: dnum * s is dnum (each divided and rounded in one write)
-            dnum = dnum_s = torch.div(dnum, dscale[..., None, None], out=torch.empty_like(dnum, dtype=q.dtype))
+            dnum = dnum_s = torch.div(dnum, dscale[..., None, None], out=torch.empty(dnum.shape, dtype=q.dtype, device=q.device))
             dden_s = dden = dden.contiguous()
         else:
             dnum = dnum / dscale[..., None, None]
