@@ -19,7 +19,13 @@ Cases, each at ``grid`` (default Wan 2.1 480p's (21, 30, 52)) with ``heads`` hea
   branch alone), so ``vsa - vsa_nogate`` is the gated term's traffic; ``vsa_raster``: ``vsa`` with both branches
   reading raster order (:mod:`~dit_accel.kernels.vsa.raster`, forced);
 - ``sla``, ``sla_train``: ``sla_attention`` with a projection (trained SLA), top-k 0.05 (its classification
-  launches stubbed by the PyTorch twin's block lists, worked out before counting).
+  launches stubbed by the PyTorch twin's block lists, worked out before counting); ``sla_train_glue``: the training
+  call with the backward's glue in its Triton kernels (:mod:`~dit_accel.kernels.sla.glue`, forced:
+  ``DIT_ACCEL_SLA_GLUE=1``; the others run with it off).
+
+The SLA cases also report ``kernel_units``: the bytes of every tensor argument of the kernels that do glue work (the
+glue kernels and the global-sums kernel, which makes phi(K)), each read or written once (their partial sums are small):
+work that moved into kernels still moves bytes.
 
 Totals are given in bytes and in ``units``, the bytes of one q tensor ``(1, heads, N, head_dim)``; a unit scales
 with heads and head dim alike (Wan 2.1 14B 480p, 2 x 40 heads of 128 in bf16: 671 MB).
@@ -39,9 +45,11 @@ from typing import Callable, Dict, Iterator, Optional, Tuple
 __all__ = ["count_traffic", "measure_traffic", "main", "CASES"]
 
 CASES = ("tile", "tile_raster", "tile_train", "tile_train_raster", "vsa", "vsa_raster", "vsa_nogate", "vsa_train",
-         "sla", "sla_train")
+         "sla", "sla_train", "sla_train_glue")
 #: The cases whose kernels read raster order (``DIT_ACCEL_GATHER=1``; the others run with it off).
 RASTER = ("tile_raster", "tile_train_raster", "vsa_raster")
+#: The cases whose SLA backward runs its glue kernels (``DIT_ACCEL_SLA_GLUE=1``; the others run with it off).
+GLUE = ("sla_train_glue",)
 
 
 def _read_bytes(t) -> int:
@@ -117,6 +125,37 @@ def _twin_classify():
 
 
 @contextlib.contextmanager
+def _kernel_bytes(counts: Dict[str, int]) -> Iterator[None]:
+    """Inside :func:`~.host_path.stub_launches`: each launch of SLA's glue kernels and of its global-sums kernel adds
+    the bytes of its tensor arguments to ``counts["kernel_bytes"]``."""
+    import torch
+
+    from ..kernels.sla import glue
+    from ..kernels.sla import triton as sla
+
+    class Counting:
+        def __init__(self, stub):
+            self._stub = stub
+
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                counts["kernel_bytes"] += sum(t.numel() * t.element_size() for t in args
+                                              if isinstance(t, torch.Tensor))
+                return self._stub[grid](*args, **kwargs)
+            return launch
+
+    names = [(glue.KERNELS, name) for name in glue.KERNELS] + [(sla.KERNELS, "global")]
+    saved = [(table, name, table[name]) for table, name in names]
+    for table, name, stub in saved:
+        table[name] = Counting(stub)
+    try:
+        yield
+    finally:
+        for table, name, stub in saved:
+            table[name] = stub
+
+
+@contextlib.contextmanager
 def _planned_fine() -> Iterator[None]:
     """VSA's fine branch takes its per-call plan (:mod:`~dit_accel.kernels.vsa.fine`) under the counting mode too,
     as an eager call does without one (the path refuses a dispatch mode, which may intercept its launch; here the
@@ -144,6 +183,7 @@ def measure_traffic(*, grid: Tuple[int, int, int] = (21, 30, 52), heads: int = 2
     from .._util import env_set
     from ..kernels.backends import triton_reason
     from ..kernels.block_sparse.gather import ENV_GATHER
+    from ..kernels.sla.glue import ENV_GLUE
     from ..kernels.sla import sla_attention
     from ..kernels.vsa import vsa_attention
     from ..methods import SLA, Tile
@@ -182,19 +222,25 @@ def measure_traffic(*, grid: Tuple[int, int, int] = (21, 30, 52), heads: int = 2
         "vsa_train": lambda: backward(vsa(True)),
         "sla": lambda: sla_attention(q, k, v, sla, proj, backend="triton"),
         "sla_train": lambda: backward(sla_attention(qg, kg, vg, sla, proj, backend="triton")),
+        "sla_train_glue": lambda: backward(sla_attention(qg, kg, vg, sla, proj, backend="triton")),
     }
     unit = q.numel() * q.element_size()
-    out = {}
-    with stub_launches(), twin_coarse(), _twin_classify(), _planned_fine(), warnings.catch_warnings():
+    out, kernel = {}, {"kernel_bytes": 0}
+    with stub_launches(), twin_coarse(), _twin_classify(), _planned_fine(), _kernel_bytes(kernel), \
+            warnings.catch_warnings():
         # (the launches the stubs leave, such as the backward's preprocess in the interpreter, read unwritten
         # outputs of stubbed ones: numpy's warnings about their values say nothing about the bytes)
         warnings.simplefilter("ignore", RuntimeWarning)
         for name in cases:
             # (the cases that gather stay as they are: DIT_ACCEL_GATHER=0 but for the raster ones)
-            with torch.set_grad_enabled("_train" in name), env_set(ENV_GATHER, str(int(name in RASTER))):
+            with torch.set_grad_enabled("_train" in name), env_set(ENV_GATHER, str(int(name in RASTER))), \
+                    env_set(ENV_GLUE, str(int(name in GLUE))):
                 runs[name]()  # (first call: layouts, plans, the coarse twin's kept result)
+                kernel["kernel_bytes"] = 0
                 counts = count_traffic(runs[name])
             out[name] = {**counts, "units": counts["bytes"] / unit}
+            if name.startswith("sla"):
+                out[name]["kernel_units"] = kernel["kernel_bytes"] / unit
     return out
 
 
@@ -230,7 +276,8 @@ def main(argv=None) -> dict:
     print(f"{'case':17s} {'ops':>5s} {'MB':>9s} {'q units':>8s}  (MODELLED, grid {grid}, {args.heads} heads of "
           f"{args.head_dim}, float16, kernels stubbed)")
     for name, row in result.items():
-        print(f"{name:17s} {row['ops']:5d} {row['bytes'] / 1e6:9.1f} {row['units']:8.1f}")
+        glue = f"  (+ {row['kernel_units']:.1f} in its feature and glue kernels)" if "kernel_units" in row else ""
+        print(f"{name:17s} {row['ops']:5d} {row['bytes'] / 1e6:9.1f} {row['units']:8.1f}{glue}")
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"grid": list(grid), "heads": args.heads, "head_dim": args.head_dim, "cases": result}, fh,

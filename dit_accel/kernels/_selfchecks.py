@@ -335,7 +335,12 @@ def _sla_out(q, k, v, params, proj, blocks, backend, linear: bool = True):
     return o_s.float() + torch.nn.functional.linear(o_l.float(), proj.weight.float(), proj.bias.float())
 
 
-def _check_sla(device, dtype, shape, backward: bool) -> Result:
+def _check_sla(device, dtype, shape, backward: bool, glue: bool = False) -> Result:
+    """The fused forward, or its backward (``glue``: with the glue kernels, :mod:`.sla.glue`, under both linear
+    plans: marginal blocks added, and global sums less the critical blocks; else without them)."""
+    import dataclasses
+
+    from .sla import glue as sla_glue
     from .sla.ops import sla_triton_classify
 
     q, k, v, params, proj, text = _sla_problem(device, dtype, shape)
@@ -351,14 +356,21 @@ def _check_sla(device, dtype, shape, backward: bool) -> Result:
 
         return Result(max(error(True), error(False)), FWD_TOL[dtype], text)
     do = torch.randn(q.shape, generator=torch.Generator().manual_seed(7)).to(device)
+    problems = [(params, blocks, True), (params, blocks, False)]
+    if glue:  # (at top-k 0.4, fewer marginal than critical blocks: the linear branch sums the marginal ones)
+        direct = dataclasses.replace(params, topk=0.4)
+        problems = [problems[0], (direct, sla_triton_classify(q, k, direct), True)]
+        text = text.replace("with and without the linear branch", "the linear branch as global sums less the "
+                            "critical and negligible blocks, and as the marginal blocks (top-k 0.4)")
 
-    def grad_error(linear: bool) -> float:
-        got = _grads(lambda a, b, c: _sla_out(a, b, c, params, proj, blocks, "triton", linear), q, k, v, do)
-        want = _grads(lambda a, b, c: _sla_out(a.float(), b.float(), c.float(), params, proj, blocks, "torch",
-                                               linear), q, k, v, do)
+    def grad_error(p, b, linear: bool) -> float:
+        with sla_glue.forced(glue):
+            got = _grads(lambda x, y, z: _sla_out(x, y, z, p, proj, b, "triton", linear), q, k, v, do)
+        want = _grads(lambda x, y, z: _sla_out(x.float(), y.float(), z.float(), p, proj, b, "torch", linear),
+                      q, k, v, do)
         return _grad_error(got, want)
 
-    return Result(max(grad_error(True), grad_error(False)), BWD_TOL[dtype], text + ", dQ dK dV")
+    return Result(max(grad_error(*problem) for problem in problems), BWD_TOL[dtype], text + ", dQ dK dV")
 
 
 #: Classification: the fraction of (query block, key block) classes that may differ from the twin's (pooled
@@ -426,5 +438,8 @@ for _v in (
             lambda device, dtype, shape: _check_sla(device, dtype, shape, False), shapes=_sla_shapes),
     Variant("sla.triton.bwd", "sla", "triton", _triton_applies,
             lambda device, dtype, shape: _check_sla(device, dtype, shape, True), shapes=_sla_shapes),
+    Variant("sla.triton.bwd_glue", "sla", "triton", _triton_applies,
+            lambda device, dtype, shape: _check_sla(device, dtype, shape, True, glue=True), dtypes=_half,
+            shapes=lambda device: tuple(s for s in _sla_shapes(device) if s["block_q"] == 64)),  # (any block)
 ):
     register(_v)

@@ -291,7 +291,9 @@ def _store(key: str, entry: dict) -> None:
 def _run_check(v: Variant, device: torch.device, dtype: torch.dtype, shape: dict) -> dict:
     start = time.perf_counter()
     try:
-        res = v.check(device, dtype, dict(shape))
+        # (whatever the caller's mode: a backward's check may be asked for inside a backward, where grad is off)
+        with torch.inference_mode(False), torch.enable_grad():
+            res = v.check(device, dtype, dict(shape))
         error, tol, problem, measure = float(res.error), float(res.tolerance), res.problem, res.measure
         ok = res.ok
     except Exception as err:  # a crash is a failed check, with its message
@@ -326,6 +328,13 @@ def verdict(name: str, device, dtype: torch.dtype, shape: dict, *, fresh: bool =
                 _RUNNING.discard(name)
             _store(key, entry)
     return entry
+
+
+def stored(name: str, device, dtype: torch.dtype, shape: dict) -> Optional[bool]:
+    """Variant ``name``'s stored verdict for ``device``/``dtype``/``shape`` (True: passed), None where it has not
+    been checked; runs nothing (a question a trace or a graph capture may ask)."""
+    entry = _entries().get(_key(name, torch.device(device), dtype, shape) + _fault_tag())
+    return None if entry is None else bool(entry["ok"])
 
 
 def _in_graph() -> bool:
@@ -500,7 +509,7 @@ def _in_name_order(na: List[dict], rows: List[dict]) -> List[dict]:
 #: about 551 / 8 s.
 _EXPECTED_S = {("sla.triton.bwd", "float32"): 64.0, ("sla.triton.fwd", "float32"): 58.0, "sla.triton.bwd": 15.0,
                "block_sparse.triton.bwd": 7.0, "dense.triton.bwd": 3.0, "sla.triton.classify": 3.0,
-               "block_sparse.triton.bwd_dkdv_dq": 3.0}
+               "block_sparse.triton.bwd_dkdv_dq": 3.0, "sla.triton.bwd_glue": 15.0}  # (glue: bwd's, not yet run)
 
 
 def expected_seconds(device: torch.device, name: str, dtype: torch.dtype, shape: dict) -> float:

@@ -3,7 +3,8 @@ the interpreter cannot show: the pooling kernel's ticket is a gpu-scope acquire-
 (every thread's stores published before it), the centring program reads the other programs' sums past L1
 (``ld.global.cg``), its means are correctly rounded divisions (``div.rn``), and the operands' hi / lo split
 rounds to nearest (``cvt.rn``; the interpreter truncates to bf16). The selection kernel compiles without spills,
-stack frame or local memory up to its largest key-block count (``select.NK_MAX``) at head dim 128."""
+stack frame or local memory up to its largest key-block count (``select.NK_MAX``) at head dim 128, and so do the
+backward's glue kernels (``glue``) in every form the launchers take, their fp32 products on the tensor cores."""
 import json
 import os
 import subprocess
@@ -116,4 +117,52 @@ def test_select_kernel_does_not_spill(compiled_select):
     became a popcount of predicates packed through a 16-byte stack frame on sm_90)."""
     bad = [r for r in compiled_select
            if r["stack"] or r["spill_stores"] or r["spill_loads"] or r["local"] or r["ptx_local"] or r["warnings"]]
+    assert not bad, bad
+
+
+_GLUE_SCRIPT = r"""
+import json
+import torch, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from dit_accel.kernels.sass import ptxas_report, resource_usage
+from dit_accel.kernels.sla import glue
+
+out = []
+for arch in %(archs)r:
+    for dtype in (torch.float16, torch.bfloat16):
+        for block in (64, 128):
+            for name in glue.KERNELS:
+                for sums in (True, False):
+                    fn, sig, cx, attrs = glue.aot_source(name, dtype, block, sums)
+                    ck = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=cx, attrs=attrs),
+                                        target=GPUTarget("cuda", arch, 32), options=glue.launch_options(name, block))
+                    rep, res = ptxas_report(ck.asm["ptx"], arch), resource_usage(ck.asm["cubin"])
+                    out.append(dict(name=name, arch=arch, dtype=str(dtype), block=block, sums=sums,
+                                    shared=ck.metadata.shared, local=res["local"], stack=rep["stack"],
+                                    spill_stores=rep["spill_stores"], spill_loads=rep["spill_loads"],
+                                    registers=res["registers"], warnings=rep["warnings"],
+                                    mma=ck.asm["ptx"].count("mma.sync") + ck.asm["ptx"].count("wgmma.mma_async")
+                                    + ck.asm["ptx"].count("tcgen05.mma")))
+print(json.dumps(out))
+"""
+
+
+@pytest.fixture(scope="module")
+def compiled_glue():
+    return _compile_rows(_GLUE_SCRIPT, TRITON_DEFAULT_FP_FUSION="1")
+
+
+def test_glue_kernels_compile_for_every_target_and_form(compiled_glue):
+    """3 kernels x with / without the global sums x fp16 / bf16 x head dims 64 / 128 on every target; the products
+    with the ``D x D`` sums (tf32x3) on the tensor cores, within sm_89's shared memory."""
+    assert len(compiled_glue) == 3 * 2 * 2 * 2 * len(TARGET_ARCHS)
+    assert all(r["shared"] <= 99 * 1024 for r in compiled_glue), compiled_glue
+    assert all(r["mma"] > 0 for r in compiled_glue if r["sums"]), [r for r in compiled_glue if r["sums"]]
+
+
+@static_toolchain
+def test_glue_kernels_do_not_spill(compiled_glue):
+    bad = [r for r in compiled_glue
+           if r["stack"] or r["spill_stores"] or r["spill_loads"] or r["local"] or r["warnings"]]
     assert not bad, bad

@@ -41,7 +41,8 @@ def _fresh(tmp_path, monkeypatch):
 
 CPU_VARIANTS = ["block_sparse.triton.fwd", "block_sparse.triton.fwd_len", "block_sparse.triton.fwd_gather",
                 "block_sparse.triton.bwd",
-                "dense.triton.fwd", "dense.triton.bwd", "sla.triton.classify", "sla.triton.fwd", "sla.triton.bwd"]
+                "dense.triton.fwd", "dense.triton.bwd", "sla.triton.classify", "sla.triton.fwd", "sla.triton.bwd",
+                "sla.triton.bwd_glue"]
 
 
 def test_every_registered_variant_is_listed_with_the_names_the_fault_switch_takes():

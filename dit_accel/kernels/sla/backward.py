@@ -9,8 +9,10 @@ from ..._util import cdiv as _cdiv
 from .. import occupancy, selfcheck
 from ..dense.triton import bwd_preprocess
 from .common import FEATURE_IDS, add_feature_grad, fp32_features, true_columns
+from . import glue
 from .configs import BLOCK_K, BLOCK_M, select_sla_config
-from .triton import _LOG2E, _arch, _last_dim_contiguous, _launch, _live, _pad_d, _strides
+from .triton import (_LOG2E, _arch, _global_partials, _last_dim_contiguous, _launch, _live, _pad_d,
+                     _strides)
 
 __all__ = ["sla_backward", "transposed_lists", "row_scale", "SCORE_BOUND"]
 
@@ -55,47 +57,37 @@ def transposed_lists(index: torch.Tensor, n_kb: int):
 
 @occupancy.on_inputs_device
 def sla_backward(do, dlse, dnum, dden, q, k, v, qf, kf, o, lse, critical, lin_blocks, scale, feature, has_lin,
-                 lin_sign, block_q, dqf_g=None, dkf_g=None, dv_g=None):
-    """Launch the dQ and dK/dV kernels. ``dlse`` (may be zeros) is folded into delta. ``dqf_g``, ``dkf_g``,
-    ``dv_g``: further fp32 gradients for phi(q), phi(K) (added to the kernels' before phi's backward) and V."""
+                 lin_sign, block_q, dqf_g=None, dkf_g=None, dv_g=None, with_global=False):
+    """Launch the dQ and dK/dV kernels. ``dlse`` (may be zeros) is folded into delta. With the linear branch,
+    either the caller gives the rounded features ``qf``, ``kf`` and, for the global sums, their fp32 gradients
+    ``dqf_g``, ``dkf_g``, ``dv_g`` for phi(q), phi(K) and V (added to the kernels' before phi's backward, which runs
+    here in PyTorch operators), or ``qf`` is None and the glue kernels (:mod:`.glue`) make the features and, with
+    ``with_global``, the global sums' gradients, and take phi's backward."""
     b, h, nq, d = q.shape
     nk = k.shape[-2]
     arch = _arch(q.device)
     cfg_dq = select_sla_config("bwd_dq", q.dtype, d, has_lin, arch)
     cfg_dkdv = select_sla_config("bwd_dkdv", q.dtype, d, has_lin, arch)
-    n_kb = _cdiv(nk, BLOCK_K)
+    n_kb, dp = _cdiv(nk, BLOCK_K), cfg_dq.block_d
+    glued, sums = has_lin and qf is None, None
     do = do.to(q.dtype).contiguous()
     # d lse / d s = p, so an lse gradient shifts delta: ds = p * (dp - (rowsum(do*o) - dlse)); delta and the
     # base-2 lse (+inf on rows without keys) in one launch, as contiguous (B*H, Nq) fp32.
     delta, lse2 = bwd_preprocess(_last_dim_contiguous(o.to(q.dtype)), do, lse, dlse)
-    if has_lin:
-        qf, kf = _pad_d(cfg_dq.block_d, qf.contiguous(), kf.contiguous())
+    if has_lin and not glued:
+        qf, kf = _pad_d(dp, qf.contiguous(), kf.contiguous())
         phi_q, phi_k = (fp32_features(t, _FEATURE_NAMES[feature]) for t in (q, k))  # for the phi backward
-    q, k, v, do = _pad_d(cfg_dq.block_d, *(_last_dim_contiguous(t) for t in (q, k, v)), do)
-    # With the linear branch, dq / dk leave the kernels in fp32 and get the phi backward added here.
+    q, k, v, do = _pad_d(dp, *(_last_dim_contiguous(t) for t in (q, k, v)), do)
+    # With the linear branch, dq / dk leave the kernels in fp32 and get the phi backward added after them.
     # dK / dV leave the kernels in fp32 (the linear kernel adds to dV), and so does dQ with the linear branch.
     dq = torch.empty(q.shape, dtype=torch.float32 if has_lin else q.dtype, device=q.device)
     dk = torch.empty(k.shape, dtype=torch.float32, device=k.device)
     dv = torch.empty(v.shape, dtype=torch.float32, device=v.device)
     if has_lin:
-        # dnum ~ do / (phi(q) . z) is tiny; the kernels see it rescaled to O(1) per (batch, head)
-        # (every linear-branch gradient is linear in (dnum, dden)) and multiply the scale back.
-        # dK/dV also takes it times the rows' score divisor s (see the kernel).
-        dnum, dden = _pad_d(cfg_dq.block_d, dnum.float())[0], dden.float()
-        # (max |x| as an inf-norm: no |dnum| tensor)
-        dscale = torch.maximum(torch.linalg.vector_norm(dnum, float("inf"), dim=(-1, -2)),
-                               torch.linalg.vector_norm(dden, float("inf"), dim=-1)).clamp_min(1e-30)
-        dden = dden / dscale[..., None]
-        s = row_scale(qf, kf, feature)
-        if _unit_rows(qf, feature):  # s is 1: dnum * s is dnum (each divided and rounded in one write)
-            dnum = dnum_s = torch.div(dnum, dscale[..., None, None], out=torch.empty(dnum.shape, dtype=q.dtype, device=q.device))
-            dden_s = dden = dden.contiguous()
-        else:
-            dnum = dnum / dscale[..., None, None]
-            dnum_s = (dnum * s[..., None]).to(q.dtype).contiguous()
-            dden_s = (dden * s).contiguous()
-            dnum, dden = dnum.to(q.dtype).contiguous(), dden.contiguous()
-        dscale, inv_s = dscale.contiguous(), s.reciprocal_()
+        dnum, dden = _pad_d(dp, dnum.float())[0], dden.float()
+        if glued:
+            qf, kf, sums = _glue_features(q, k, v, dnum, dden, feature, d, with_global)
+        dnum, dden, dscale, inv_s, dnum_s, dden_s = _scaled_linear_grads(dnum, dden, qf, kf, feature, q.dtype)
         dqf = torch.empty(q.shape, dtype=torch.float32, device=q.device)
         dkf = torch.empty(k.shape, dtype=torch.float32, device=k.device)
     else:  # unused by the kernels; any live allocation will do
@@ -105,7 +97,7 @@ def sla_backward(do, dlse, dnum, dden, q, k, v, qf, kf, o, lse, critical, lin_bl
     crit_t, crit_cnt = transposed_lists(critical, n_kb)
     lin_t, lin_cnt = transposed_lists(lin_blocks, n_kb) if has_lin else (None, None)
     n_sub, sign = block_q // BLOCK_M, float(lin_sign)
-    strides, dp = (*_strides(q), *_strides(k), *_strides(v)), q.shape[-1]
+    strides = (*_strides(q), *_strides(k), *_strides(v))
     _launch(cfg_dq, (_cdiv(nq, BLOCK_M), b * h),
             q, k, v, kf, do, lse2, delta, dnum, dden, dscale, crit_ptr, lin_ptr, dq, dqf, *strides,
             h, nq, nk, dp, critical.shape[-1], lin_blocks.shape[-1], n_sub, scale, scale * _LOG2E, sign)
@@ -115,6 +107,11 @@ def sla_backward(do, dlse, dnum, dden, q, k, v, qf, kf, o, lse, critical, lin_bl
         cfg_lin = select_sla_config("bwd_dkdv_lin", q.dtype, d, True, arch)
         _launch(cfg_lin, (n_kb, b * h), v, qf, kf, dnum_s, dden_s, dscale, inv_s, lin_t, lin_cnt, dv, dkf,
                 *_strides(v), h, nq, nk, dp, n_sub, sign)
+    if glued:  # phi's backward and the global terms, each gradient written once in the input dtype
+        dnum32, dden32, kv, ksum, dkv, dksum = sums or (None,) * 6
+        dq = glue.grad_q(q, dq, dqf, d, feature, dnum32, dden32, kv, ksum)
+        dk, dv = glue.grad_k(k, v, dk, dkf, dv, d, feature, dkv, dksum)
+        return selfcheck.corrupt(glue.VARIANT, dq), dk, dv
     dq, dk, dv, dqf, dkf = (g[..., :d] for g in (dq, dk, dv, dqf, dkf))  # drop padded columns
     name = _FEATURE_NAMES[feature]
     if has_lin:  # (each written once in v's dtype: the fp32 sum is rounded in the add)
@@ -126,3 +123,38 @@ def sla_backward(do, dlse, dnum, dden, q, k, v, qf, kf, o, lse, critical, lin_bl
         dv = torch.add(dv, dv_g, out=torch.empty(dv.shape, dtype=v.dtype, device=dv.device))
     dv = dv.to(v.dtype).contiguous()
     return selfcheck.corrupt("sla.triton.bwd", dq), dk, dv
+
+
+def _scaled_linear_grads(dnum, dden, qf, kf, feature, dtype):
+    """``(dnum, dden, dscale, 1 / s, dnum_s, dden_s)``: the linear branch's fp32 gradients as the kernels take them.
+    ``dnum ~ do / (phi(q) . z)`` is tiny; the kernels see it rescaled to O(1) per (batch, head) (every
+    linear-branch gradient is linear in (dnum, dden)) and multiply the scale back. dK/dV also takes it times the
+    rows' score divisor s (see the kernel). ``dnum`` comes contiguous in ``dtype`` whatever its layout."""
+    # (max |x| as an inf-norm: no |dnum| tensor)
+    dscale = torch.maximum(torch.linalg.vector_norm(dnum, float("inf"), dim=(-1, -2)),
+                           torch.linalg.vector_norm(dden, float("inf"), dim=-1)).clamp_min(1e-30)
+    dden = dden / dscale[..., None]
+    s = row_scale(qf, kf, feature)
+    if _unit_rows(qf, feature):  # s is 1: dnum * s is dnum (each divided and rounded in one write)
+        dnum = dnum_s = torch.div(dnum, dscale[..., None, None],
+                                  out=torch.empty(dnum.shape, dtype=dtype, device=dnum.device))
+        dden_s = dden = dden.contiguous()
+    else:
+        dnum = dnum / dscale[..., None, None]
+        dnum_s = (dnum * s[..., None]).to(dtype).contiguous()
+        dden_s = (dden * s).contiguous()
+        dnum, dden = dnum.to(dtype).contiguous(), dden.contiguous()
+    return dnum, dden, dscale.contiguous(), s.reciprocal_(), dnum_s, dden_s
+
+
+def _glue_features(q, k, v, dnum, dden, feature: int, head_dim: int, with_global: bool):
+    """``(qf, kf, sums)`` from the glue kernels on the padded ``q``, ``k``, ``v``: the rounded features and, with the
+    global sums, ``(dnum, dden, kv, ksum, dkv, dksum)`` (fp32, ``dnum`` and ``dden`` contiguous) for phi's backward;
+    phi(K), ``kv`` and ``ksum`` from the forward's global-sums kernel."""
+    if not with_global:
+        return glue.features(q, head_dim, feature)[0], glue.features(k, head_dim, feature)[0], None
+    dnum, dden = dnum.contiguous(), dden.contiguous()
+    kv, ksum, _, kf = _global_partials(k, v, feature, head_dim)
+    kv, ksum = (kv[:, 0], ksum[:, 0]) if kv.shape[1] == 1 else (kv.sum(1), ksum.sum(1))
+    qf, dkv, dksum = glue.features(q, head_dim, feature, dnum, dden)
+    return qf, kf.view(k.shape), (dnum, dden, kv, ksum, dkv, dksum)

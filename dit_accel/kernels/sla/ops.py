@@ -88,7 +88,7 @@ def sla_triton_classify(q: Tensor, k: Tensor, method: SLAParams) -> SLABlocks:
 def _classify(q: Tensor, k: Tensor, method: SLAParams) -> SLABlocks:
     _, n_crit, n_neg, _ = sla_block_counts(k.shape[-2], method)
     if _direct(q, k):  # eager, q and k record nothing: the launchers themselves (their outputs record nothing)
-        pool, _, _, select, fits = _launchers()
+        pool, _, _, select, fits, _ = _launchers()
         qb, kb = pool(q, k, method.block_q, method.block_k)
         if fits(kb.shape[-2], kb.shape[-1]):
             scores, critical, negligible = select(qb, kb, n_crit, n_neg)
@@ -133,19 +133,21 @@ def _(q, k, v, critical, lin_blocks, scale, feature, has_lin, lin_sign, with_glo
 def sla_bwd(do: Tensor, dlse: Tensor, dnum: Tensor, dden: Tensor, q: Tensor, k: Tensor, v: Tensor,
             qf: Optional[Tensor], kf: Optional[Tensor], o: Tensor, lse: Tensor, critical: Tensor, lin_blocks: Tensor,
             scale: float, feature: int, has_lin: bool, lin_sign: int, block_q: int, dqf_g: Optional[Tensor] = None,
-            dkf_g: Optional[Tensor] = None, dv_g: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
+            dkf_g: Optional[Tensor] = None, dv_g: Optional[Tensor] = None,
+            with_global: bool = False) -> Tuple[Tensor, Tensor, Tensor]:
     """Fused SLA backward: ``(dq, dk, dv)``. ``dqf_g``, ``dkf_g``, ``dv_g``: the global sums' fp32 gradients for
     phi(q), phi(K) and V (:func:`_global_grads`), added to the kernels' before phi's backward, which then runs
-    once."""
+    once. ``qf`` None with the linear branch: the glue kernels make the features and (``with_global``) those
+    gradients (:mod:`.glue`)."""
     from .backward import sla_backward
 
     return sla_backward(do, dlse, dnum, dden, q, k, v, qf, kf, o, lse, critical, lin_blocks, scale, feature,
-                        has_lin, lin_sign, block_q, dqf_g, dkf_g, dv_g)
+                        has_lin, lin_sign, block_q, dqf_g, dkf_g, dv_g, with_global)
 
 
 @sla_bwd.register_fake
 def _(do, dlse, dnum, dden, q, k, v, qf, kf, o, lse, critical, lin_blocks, scale, feature, has_lin, lin_sign,
-      block_q, dqf_g=None, dkf_g=None, dv_g=None):
+      block_q, dqf_g=None, dkf_g=None, dv_g=None, with_global=False):
     return (torch.empty_like(q, memory_format=torch.contiguous_format),
             torch.empty_like(k, memory_format=torch.contiguous_format),
             torch.empty_like(v, memory_format=torch.contiguous_format))
@@ -159,9 +161,9 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, do, dlse, dol, dden):
-    """The forward's gradients. What it materialises (the backward may): phi(q), phi(k) rounded (the kernels'
-    operands), ``dnum`` / ``dden`` from ``o_l`` and ``den``, and, with the global sums, those sums again and
-    their per-token gradients, in fp32."""
+    """The forward's gradients. What it materialises: ``dnum`` / ``dden`` from ``o_l`` and ``den``; and, where the
+    glue kernels do not run (:func:`~.glue.glue_runs`), phi(q), phi(k) rounded (the kernels' operands) and, with the
+    global sums, those sums again and their per-token gradients, in fp32."""
     q, k, v, o, lse, o_l, den, critical, lin_blocks = ctx.saved_tensors
     scale, feature, has_lin, lin_sign, with_global, lin_eps, block_q = ctx.args
     do = torch.zeros_like(o) if do is None else do
@@ -178,13 +180,14 @@ def _backward(ctx, do, dlse, dol, dden):
             dden_total = -torch.addcmul(inv.new_zeros((1,) * dol.dim()), dol, o_l).sum(-1) * inv
         if dden is not None:
             dden_total = dden_total + dden
-        name = FEATURE_NAMES[feature]
-        qf, kf = rounded_features(q, name), rounded_features(k, name)
+        if not _launchers()[5](q):  # (else the glue kernels make the features inside the op)
+            name = FEATURE_NAMES[feature]
+            qf, kf = rounded_features(q, name), rounded_features(k, name)
     else:
         dnum, dden_total = lse.new_empty((0,)), lse.new_empty((0,))
-    extra = _global_grads(v, qf, kf, dnum, dden_total) if has_lin and with_global else ()
+    extra = _global_grads(v, qf, kf, dnum, dden_total) if qf is not None and with_global else (None,) * 3
     dq, dk, dv = sla_bwd(do, dlse, dnum, dden_total, q, k, v, qf, kf, o, lse, critical, lin_blocks, scale, feature,
-                         has_lin, lin_sign, block_q, *extra)
+                         has_lin, lin_sign, block_q, *extra, with_global=bool(has_lin and with_global))
     return dq, dk, dv, None, None, None, None, None, None, None, None, None
 
 
@@ -268,16 +271,17 @@ def _direct(*tensors: Tensor) -> bool:
 
 @functools.cache
 def _launchers():
-    """``(pool_blocks, sla_forward, direct_call_ok, select_blocks, select_supported)``, imported on first use
-    (importing this module does not import triton) and then bound: an import statement in the call path costs
+    """``(pool_blocks, sla_forward, direct_call_ok, select_blocks, select_supported, glue_runs)``, imported on first
+    use (importing this module does not import triton) and then bound: an import statement in the call path costs
     a microsecond per call."""
     from ..block_sparse.ops import direct_call_ok
+    from .glue import glue_runs
     from .pool import pool_blocks
     from .select import select_blocks
     from .select import supported as select_supported
     from .triton import sla_forward
 
-    return pool_blocks, sla_forward, direct_call_ok, select_blocks, select_supported
+    return pool_blocks, sla_forward, direct_call_ok, select_blocks, select_supported, glue_runs
 
 
 #: Token chunk of the global sums: ``phi(K)^T V`` reduces 10^4-10^5 tokens into ``D x D`` per head, which as
