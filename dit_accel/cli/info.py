@@ -199,6 +199,7 @@ def _kernel_status() -> dict:
         "length tiles": ("on (DIT_ACCEL_LENGTHS=1), behind their self-check" if lengths_enabled()
                          else LENGTHS_OFF_REASON),
         "raster-order forward": _gather_status(),
+        "SLA backward glue": _glue_status(),
         "torch.compile": ("a traced call reuses the backend an eager call of the same shape chose (autotuned, or "
                           "dense where measured faster); with no eager call first it runs the Triton kernel, "
                           "timing nothing"),
@@ -223,6 +224,24 @@ def _gather_status() -> str:
             "in raster order in the kernels instead of gathering them, where the self-checks passed and it timed "
             "faster per shape class (not yet run on a GPU); "
             f"{ENV_GATHER}=0 turns it off")
+
+
+def _glue_status() -> str:
+    """Whether SLA's backward runs its glue in the Triton kernels of kernels/sla/glue.py."""
+    try:
+        from ..kernels.sla.glue import ENV_GLUE, glue_forced
+
+        forced = glue_forced()
+    except ImportError:
+        return "needs triton"
+    except ValueError as exc:
+        return str(exc)
+    if forced is not None:
+        return (f"{'on' if forced else 'off'} ({ENV_GLUE}={int(forced)})" +
+                (", wherever the fused SLA backward runs, behind its self-check" if forced else ""))
+    return ("a fused SLA backward with a projection on a GPU makes phi, the global sums' gradients and phi's backward in "
+            "three Triton kernels instead of PyTorch operators, where their self-check passed (not yet run on a GPU); "
+            f"{ENV_GLUE}=0 turns it off")
 
 
 def _selfcheck() -> dict:

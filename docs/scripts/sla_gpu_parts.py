@@ -92,12 +92,34 @@ def forward_times(n: int, topks) -> dict:
 
 
 def forward_backward_times() -> dict:
+    """Forward + backward at N = 32,760, top-k 0.05, a random projection: the default (the backward's glue kernels
+    where their self-check passed), with the glue forced to PyTorch operators and to the kernels, and the largest
+    difference of the gradients between the two, relative to their largest value."""
+    from dit_accel.kernels.sla import glue
+
     q, k, v = qkv(32760, grad=True)
     proj = projection(False)
     grad_out = torch.randn(q.shape, device=DEVICE, dtype=q.dtype)
     method = SLA(topk=0.05)
-    return {"sdpa": ms(lambda: F.scaled_dot_product_attention(q, k, v).backward(grad_out)),
-            "0.05/rand": ms(lambda: sla_attention(q, k, v, method, proj, backend="triton").backward(grad_out))}
+
+    def call():
+        sla_attention(q, k, v, method, proj, backend="triton").backward(grad_out)
+
+    out = {"sdpa": ms(lambda: F.scaled_dot_product_attention(q, k, v).backward(grad_out)), "0.05/rand": ms(call),
+           "glue_runs": glue.glue_runs(q)}
+    grads = {}
+    for label, on in (("operators", False), ("glue", True)):
+        with glue.forced(on):
+            try:
+                out[f"0.05/rand/{label}"] = ms(call)
+                q.grad = k.grad = v.grad = None
+                call()
+                grads[label] = [t.grad.float() for t in (q, k, v)]
+            except Exception as exc:  # a glue that fails its check: reported, not raised
+                out[f"0.05/rand/{label}"] = {"error": f"{type(exc).__name__}: {str(exc)[:200]}"}
+    if len(grads) == 2:
+        out["glue_vs_operators"] = max(relative_error(g, r) for g, r in zip(grads["glue"], grads["operators"]))
+    return out
 
 
 def kernel_profile(backward: bool = False) -> str:
@@ -178,13 +200,13 @@ def backward_configs() -> dict:
     from the shipped launch's, relative to their largest value)."""
     import dataclasses
 
+    from dit_accel.kernels.sla import backward as sb
     from dit_accel.kernels.sla import configs as sc
-    from dit_accel.kernels.sla import triton as st
 
     q, k, v = qkv(32760, grad=True)
     proj, method = projection(False), SLA(topk=0.05)
     grad_out = torch.randn(q.shape, device=DEVICE, dtype=q.dtype)
-    shipped = st.select_sla_config
+    shipped = sb.select_sla_config  # (the backward's launcher: sla/backward.py)
 
     def grads():
         q.grad = k.grad = v.grad = None
@@ -199,7 +221,7 @@ def backward_configs() -> dict:
             return dataclasses.replace(cfg, num_warps=c.num_warps, num_stages=c.num_stages) \
                 if kernel == "bwd_dkdv_lin" else cfg
 
-        st.select_sla_config = chosen
+        sb.select_sla_config = chosen
         name = f"w{cand.num_warps}s{cand.num_stages}"
         try:
             got = grads()
@@ -209,7 +231,7 @@ def backward_configs() -> dict:
         except Exception as exc:  # a launch that does not fit or compile: reported, not raised
             out[name] = {"error": f"{type(exc).__name__}: {str(exc)[:200]}"}
         finally:
-            st.select_sla_config = shipped
+            sb.select_sla_config = shipped
     return out
 
 

@@ -237,3 +237,15 @@ def test_gpu_glue_kernels_match_the_operators(dtype, kw, monkeypatch):
         assert err < 1e-2, f"{name}: relative error {err:.2e}"
     monkeypatch.delenv(glue.ENV_GLUE)
     assert glue.glue_runs(q)
+
+
+def test_info_says_whether_the_glue_kernels_run(monkeypatch):
+    from dit_accel.cli.info import _glue_status
+
+    assert "self-check passed" in _glue_status() and "DIT_ACCEL_SLA_GLUE=0 turns it off" in _glue_status()
+    monkeypatch.setenv(glue.ENV_GLUE, "0")
+    assert _glue_status() == "off (DIT_ACCEL_SLA_GLUE=0)"
+    monkeypatch.setenv(glue.ENV_GLUE, "1")
+    assert _glue_status().startswith("on (DIT_ACCEL_SLA_GLUE=1), wherever the fused SLA backward runs")
+    monkeypatch.setenv(glue.ENV_GLUE, "maybe")
+    assert "DIT_ACCEL_SLA_GLUE='maybe': expected 1" in _glue_status()
