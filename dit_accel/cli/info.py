@@ -240,7 +240,7 @@ def _glue_status() -> str:
         return (f"{'on' if forced else 'off'} ({ENV_GLUE}={int(forced)})" +
                 (", wherever the fused SLA backward runs, behind its self-check" if forced else ""))
     return ("a fused SLA backward with a projection on a GPU makes phi, the global sums' gradients and phi's backward in "
-            "three Triton kernels instead of PyTorch operators, where their self-check passed (not yet run on a GPU); "
+            "four Triton kernels instead of PyTorch operators, where their self-check passed (not yet run on a GPU); "
             f"{ENV_GLUE}=0 turns it off")
 
 

@@ -141,12 +141,12 @@ def test_the_command_refuses_bad_arguments_with_the_reason(argv, says, capsys):
 @pytest.mark.parametrize("grid", [(6, 16, 16), (8, 16, 16)])
 def test_the_sla_backward_glue_kernels_take_most_of_its_traffic_off_the_host(traffic, grid):
     """SLA's training call with its glue in Triton kernels (``DIT_ACCEL_SLA_GLUE=1``): around the kernels, the
-    gradient of the linear branch's output and its scale (d num, d den: 9 q units; their scale: 5), the projection and
-    the transposed block lists; the features, the global sums' gradients and phi's backward (about 100 units of fp32
-    operators without the kernels) are gone. Counting the glue kernels' own operands too, it moves under half."""
+    projection (its GEMMs) and the transposed block lists; d num, d den and their scale, the features, the global
+    sums' gradients and phi's backward (about 110 units of mostly fp32 operators without the kernels) are gone.
+    Counting the glue kernels' own operands too, it moves under 40% of what it did."""
     rows = traffic[grid]
     host, glued = rows["sla_train"], rows["sla_train_glue"]
-    assert glued["units"] < 0.25 * host["units"], (glued, host)
-    assert glued["units"] + glued["kernel_units"] < 0.5 * (host["units"] + host["kernel_units"]), (glued, host)
+    assert glued["units"] < 0.1 * host["units"], (glued, host)
+    assert glued["units"] + glued["kernel_units"] < 0.4 * (host["units"] + host["kernel_units"]), (glued, host)
     # (the kernels' operands: q, k, v, d num and the fp32 gradients, each once; phi(K) and the sums' partials)
     assert 20 < glued["kernel_units"] - host["kernel_units"] < 30, (glued, host)

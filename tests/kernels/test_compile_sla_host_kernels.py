@@ -133,8 +133,9 @@ for arch in %(archs)r:
     for dtype in (torch.float16, torch.bfloat16):
         for block in (64, 128):
             for name in glue.KERNELS:
-                for sums in (True, False):
-                    fn, sig, cx, attrs = glue.aot_source(name, dtype, block, sums)
+                for form in glue.FORMS[name]:
+                    fn, sig, cx, attrs = glue.aot_source(name, dtype, block, form)
+                    sums = bool(form.get("WITH_SUMS") or form.get("WITH_GLOBAL"))
                     ck = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=cx, attrs=attrs),
                                         target=GPUTarget("cuda", arch, 32), options=glue.launch_options(name, block))
                     rep, res = ptxas_report(ck.asm["ptx"], arch), resource_usage(ck.asm["cubin"])
@@ -154,9 +155,11 @@ def compiled_glue():
 
 
 def test_glue_kernels_compile_for_every_target_and_form(compiled_glue):
-    """3 kernels x with / without the global sums x fp16 / bf16 x head dims 64 / 128 on every target; the products
-    with the ``D x D`` sums (tf32x3) on the tensor cores, within sm_89's shared memory."""
-    assert len(compiled_glue) == 3 * 2 * 2 * 2 * len(TARGET_ARCHS)
+    """Every kernel in every form its launchers take (``glue.FORMS``) x fp16 / bf16 x head dims 64 / 128 on every
+    target; the products with the ``D x D`` sums (tf32x3) on the tensor cores, within sm_89's shared memory."""
+    from dit_accel.kernels.sla import glue
+
+    assert len(compiled_glue) == sum(map(len, glue.FORMS.values())) * 2 * 2 * len(TARGET_ARCHS)
     assert all(r["shared"] <= 99 * 1024 for r in compiled_glue), compiled_glue
     assert all(r["mma"] > 0 for r in compiled_glue if r["sums"]), [r for r in compiled_glue if r["sums"]]
 

@@ -48,7 +48,7 @@ def _padded(x: torch.Tensor) -> torch.Tensor:
 def test_features_and_the_global_sums_gradients(feature, dtype):
     x = _padded(_randn(1, 2, N, D, seed=0)).to(dtype)
     dnum, dden = _padded(_randn(1, 2, N, D, seed=1, scale=1e-3)), _randn(1, 2, N, seed=2, scale=1e-3)
-    xf, dkv, dksum = glue.features(x, D, FEATURE_IDS[feature], dnum, dden)
+    xf, dkv, dksum, none = glue.features(x, D, FEATURE_IDS[feature], dnum, dden)
     want = _padded(PHI[feature](x[..., :D].double())).to(dtype)
     rtol, atol = ULP[dtype]
     assert xf.dtype == dtype and xf.shape == x.shape and xf.is_contiguous()
@@ -59,7 +59,35 @@ def test_features_and_the_global_sums_gradients(feature, dtype):
                       (dksum, (f * dden.double().flatten(0, 1)[..., None]).sum(1))):  # (fp32 sums of 1,100 terms)
         torch.testing.assert_close(got, want.float(), rtol=1e-5, atol=1e-5 * want.abs().max().item())
     alone = glue.features(x, D, FEATURE_IDS[feature])
-    assert alone[1:] == (None, None) and torch.equal(alone[0], xf)
+    assert none is None and alone[1:] == (None, None, None) and torch.equal(alone[0], xf)
+
+
+@interpreter
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("with_dden", [False, True], ids=["alone", "plus_den_grad"])
+def test_the_linear_branchs_gradients_from_its_outputs_gradient(dtype, with_dden):
+    """From do_l, o_l and ``inv = 1 / (den + eps)`` (softmax features): d den and the per-(batch, head) scale
+    (``linear_grads``), then d num over that scale rounded to the dtype and the sums of d num (``features``), as
+    the PyTorch operators form them: ``d num = do_l inv``, ``d den = -(do_l . o_l) inv``, scale ``max(|d num|,
+    |d den|)``."""
+    dol, o_l = (_padded(_randn(1, 2, N, D, seed=s)).to(dtype) for s in (15, 16))
+    inv = _randn(1, 2, N, seed=17).abs() * 1e-3 + 1e-4
+    dden_in = _randn(1, 2, N, seed=18) * 1e-3 if with_dden else None
+    dden, dscale = glue.linear_grads(dol, o_l, inv, dden_in)
+    dnum = dol.double() * inv.double()[..., None]
+    want_dden = -(dol.double() * o_l.double()).sum(-1) * inv.double() + (0 if dden_in is None else dden_in.double())
+    torch.testing.assert_close(dden, want_dden.float(), rtol=1e-5, atol=1e-6 * want_dden.abs().max().item())
+    want_scale = torch.maximum(dnum.abs().amax((-1, -2)), want_dden.abs().amax(-1)).float()
+    torch.testing.assert_close(dscale, want_scale, rtol=1e-6, atol=0)
+    q = _padded(_randn(1, 2, N, D, seed=19)).to(dtype)
+    xf, dkv, dksum, dnum_s = glue.features(q, D, FEATURE_IDS["softmax"], dol, dden, inv, dscale)
+    dnum32 = dol.float() * inv[..., None]  # (the fp32 product the operators make)
+    assert torch.equal(dnum_s, (dnum32 / dscale[..., None, None]).to(dtype))
+    f = xf.double().flatten(0, 1)
+    want = f.transpose(1, 2) @ dnum32.double().flatten(0, 1)
+    torch.testing.assert_close(dkv, want.float(), rtol=1e-5, atol=1e-5 * want.abs().max().item())
+    alone = glue.features(q, D, FEATURE_IDS["softmax"], dol, None, inv, dscale, sums=False)
+    assert alone[1:3] == (None, None) and torch.equal(alone[3], dnum_s)
 
 
 def _chain(x, feature, g, g_phi):

@@ -57,12 +57,16 @@ def transposed_lists(index: torch.Tensor, n_kb: int):
 
 @occupancy.on_inputs_device
 def sla_backward(do, dlse, dnum, dden, q, k, v, qf, kf, o, lse, critical, lin_blocks, scale, feature, has_lin,
-                 lin_sign, block_q, dqf_g=None, dkf_g=None, dv_g=None, with_global=False):
+                 lin_sign, block_q, dqf_g=None, dkf_g=None, dv_g=None, with_global=False, dol=None, o_l=None,
+                 inv=None):
     """Launch the dQ and dK/dV kernels. ``dlse`` (may be zeros) is folded into delta. With the linear branch,
     either the caller gives the rounded features ``qf``, ``kf`` and, for the global sums, their fp32 gradients
     ``dqf_g``, ``dkf_g``, ``dv_g`` for phi(q), phi(K) and V (added to the kernels' before phi's backward, which runs
     here in PyTorch operators), or ``qf`` is None and the glue kernels (:mod:`.glue`) make the features and, with
-    ``with_global``, the global sums' gradients, and take phi's backward."""
+    ``with_global``, the global sums' gradients, and take phi's backward. ``dnum`` and ``dden``: the gradients of
+    the linear branch's numerator and denominator; or, given the linear output's gradient ``dol``, that output
+    ``o_l`` and ``inv = 1 / (den + eps)`` (softmax features, with the glue kernels), the kernels form them and
+    ``dden`` is the incoming gradient of ``den`` (empty: none)."""
     b, h, nq, d = q.shape
     nk = k.shape[-2]
     arch = _arch(q.device)
@@ -83,10 +87,18 @@ def sla_backward(do, dlse, dnum, dden, q, k, v, qf, kf, o, lse, critical, lin_bl
     dq = torch.empty(q.shape, dtype=torch.float32 if has_lin else q.dtype, device=q.device)
     dk = torch.empty(k.shape, dtype=torch.float32, device=k.device)
     dv = torch.empty(v.shape, dtype=torch.float32, device=v.device)
-    if has_lin:
+    if has_lin and dol is not None:  # (the glue kernels form d num, d den and their scale from do_l)
+        dol, o_l = (t.contiguous() for t in _pad_d(dp, dol, o_l))
+        dden, dscale = glue.linear_grads(dol, o_l, inv, dden if dden.numel() else None)
+        qf, kf, sums, dnum_s = _glue_features(q, k, v, dol, dden, feature, d, with_global, inv, dscale)
+        dden = dden_s = (dden / dscale[..., None]).contiguous()
+        dnum, inv_s = dnum_s, row_scale(qf, kf, feature).reciprocal_()
+        dqf = torch.empty(q.shape, dtype=torch.float32, device=q.device)
+        dkf = torch.empty(k.shape, dtype=torch.float32, device=k.device)
+    elif has_lin:
         dnum, dden = _pad_d(dp, dnum.float())[0], dden.float()
         if glued:
-            qf, kf, sums = _glue_features(q, k, v, dnum, dden, feature, d, with_global)
+            qf, kf, sums, _ = _glue_features(q, k, v, dnum, dden, feature, d, with_global)
         dnum, dden, dscale, inv_s, dnum_s, dden_s = _scaled_linear_grads(dnum, dden, qf, kf, feature, q.dtype)
         dqf = torch.empty(q.shape, dtype=torch.float32, device=q.device)
         dkf = torch.empty(k.shape, dtype=torch.float32, device=k.device)
@@ -109,7 +121,7 @@ def sla_backward(do, dlse, dnum, dden, q, k, v, qf, kf, o, lse, critical, lin_bl
                 *_strides(v), h, nq, nk, dp, n_sub, sign)
     if glued:  # phi's backward and the global terms, each gradient written once in the input dtype
         dnum32, dden32, kv, ksum, dkv, dksum = sums or (None,) * 6
-        dq = glue.grad_q(q, dq, dqf, d, feature, dnum32, dden32, kv, ksum)
+        dq = glue.grad_q(q, dq, dqf, d, feature, dnum32, dden32, kv, ksum, inv)
         dk, dv = glue.grad_k(k, v, dk, dkf, dv, d, feature, dkv, dksum)
         return selfcheck.corrupt(glue.VARIANT, dq), dk, dv
     dq, dk, dv, dqf, dkf = (g[..., :d] for g in (dq, dk, dv, dqf, dkf))  # drop padded columns
@@ -147,14 +159,17 @@ def _scaled_linear_grads(dnum, dden, qf, kf, feature, dtype):
     return dnum, dden, dscale.contiguous(), s.reciprocal_(), dnum_s, dden_s
 
 
-def _glue_features(q, k, v, dnum, dden, feature: int, head_dim: int, with_global: bool):
-    """``(qf, kf, sums)`` from the glue kernels on the padded ``q``, ``k``, ``v``: the rounded features and, with the
-    global sums, ``(dnum, dden, kv, ksum, dkv, dksum)`` (fp32, ``dnum`` and ``dden`` contiguous) for phi's backward;
-    phi(K), ``kv`` and ``ksum`` from the forward's global-sums kernel."""
+def _glue_features(q, k, v, dnum, dden, feature: int, head_dim: int, with_global: bool, inv=None, dscale=None):
+    """``(qf, kf, sums, dnum_s)`` from the glue kernels on the padded ``q``, ``k``, ``v``: the rounded features; with
+    the global sums, ``(dnum, dden, kv, ksum, dkv, dksum)`` for phi's backward (``dnum`` fp32, or the linear output's
+    gradient with ``inv``; ``dden`` fp32; phi(K), ``kv`` and ``ksum`` from the forward's global-sums kernel); with
+    ``dscale``, ``d num / dscale`` in q's dtype (else None)."""
     if not with_global:
-        return glue.features(q, head_dim, feature)[0], glue.features(k, head_dim, feature)[0], None
+        qf, _, _, dnum_s = glue.features(q, head_dim, feature, dnum if dscale is not None else None, None, inv,
+                                         dscale, sums=False)
+        return qf, glue.features(k, head_dim, feature)[0], None, dnum_s
     dnum, dden = dnum.contiguous(), dden.contiguous()
     kv, ksum, _, kf = _global_partials(k, v, feature, head_dim)
     kv, ksum = (kv[:, 0], ksum[:, 0]) if kv.shape[1] == 1 else (kv.sum(1), ksum.sum(1))
-    qf, dkv, dksum = glue.features(q, head_dim, feature, dnum, dden)
-    return qf, kf.view(k.shape), (dnum, dden, kv, ksum, dkv, dksum)
+    qf, dkv, dksum, dnum_s = glue.features(q, head_dim, feature, dnum, dden, inv, dscale)
+    return qf, kf.view(k.shape), (dnum, dden, kv, ksum, dkv, dksum), dnum_s

@@ -1,26 +1,34 @@
-"""The SLA backward's glue in three Triton kernels: the linear branch's features, the gradients of its global sums,
-and phi's backward, which PyTorch operators around the attention kernels did before.
+"""The SLA backward's glue in four Triton kernels: the gradients the linear branch's output sends back, its
+features, the gradients of its global sums and phi's backward, which PyTorch operators around the attention kernels
+did before.
 
-With a projection (trained SLA) the backward needs, around its dQ, dK/dV and linear dK/dV kernels: the features
-``phi(q)``, ``phi(K)`` rounded to the input dtype (the kernels' operands), the global sums ``kv = phi(K)^T V`` and
-``ksum = sum(phi(K))`` again, their gradients ``dkv = phi(q)^T d num``, ``dksum = phi(q)^T d den``, the feature
-gradients those give (``d num kv^T + d den ksum`` for phi(q); ``V dkv^T + dksum`` for phi(K); ``phi(K) dkv`` for V)
-and phi's backward ``dx = g + phi'(x)^T g_phi``, each result rounded once. As PyTorch operators that is about 110
-q-sized passes of fp32 traffic a call (``python -m dit_accel.eval.traffic``; 8 of the 29 ms of SLA's forward +
-backward at Wan 1.3B 480p on an H200). Here:
+With a projection (trained SLA) the backward needs, around its dQ, dK/dV and linear dK/dV kernels: from the linear
+output's gradient ``do_l``, ``d num = do_l / (den + eps)``, ``d den = -(do_l . o_l) / (den + eps)`` and their scale
+per (batch, head) (the kernels take both over it); the features ``phi(q)``, ``phi(K)`` rounded to the input dtype
+(the kernels' operands); the global sums ``kv = phi(K)^T V`` and ``ksum = sum(phi(K))`` again, their gradients
+``dkv = phi(q)^T d num``, ``dksum = phi(q)^T d den``, the feature gradients those give (``d num kv^T + d den ksum``
+for phi(q); ``V dkv^T + dksum`` for phi(K); ``phi(K) dkv`` for V) and phi's backward ``dx = g + phi'(x)^T g_phi``,
+each result rounded once. As PyTorch operators that was about 120 q-sized passes of traffic a call, most of it fp32
+(``python -m dit_accel.eval.traffic``; about 8 of the 29 ms of SLA's forward + backward at Wan 1.3B 480p on an
+H200). Here:
 
-- :func:`features` (``_sla_features_kernel``, one program per 1,024 tokens, (batch, head) and 64 columns of
-  ``d num``): phi(x) rounded to x's dtype, stored by the column block 0 programs, and, given ``d num`` and
-  ``d den``, the chunk's partial sums of ``phi(x)^T d num`` and ``phi(x)^T d den`` (the launcher adds the chunks:
-  a few per head). phi(K) and ``kv``, ``ksum`` come from the forward's global-sums kernel, launched again.
+- :func:`linear_grads` (``_sla_linear_grads_kernel``, one program per row tile; softmax features, whose rows need
+  no score scale): ``d den`` and the largest ``|d num|``, ``|d den|`` per tile, from ``do_l`` and ``o_l``.
+- :func:`features` (``_sla_features_kernel``, one program per 1,024 tokens, (batch, head) and 32 columns of
+  ``d num``): phi(x) rounded to x's dtype, stored by the column block 0 programs; ``d num`` (from ``do_l``) over its
+  scale in x's dtype, what the attention kernels read; and the chunk's partial sums of ``phi(x)^T d num`` and
+  ``phi(x)^T d den`` (the launcher adds the chunks: a few per head). phi(K), ``kv`` and ``ksum`` come from the
+  forward's global-sums kernel, launched again.
 - :func:`grad_q` (``_sla_grad_q_kernel``, one program per row tile): ``dq = g + phi'(q)^T (g_phi + d num kv^T +
   d den ksum)``, phi recomputed from q in fp32, written once in q's dtype.
 - :func:`grad_k` (``_sla_grad_k_kernel``): ``dk = g + phi'(K)^T (g_phi + V dkv^T + dksum)`` and ``dv = g_v +
   phi(K) dkv``, each written once in the input dtype.
 
-Their products with the ``D x D`` sums run in fp32 (``input_precision="ieee"``), as the PyTorch operators'
-``matmul`` did. A variant never timed on a GPU: it runs where its first-use self-check passed
-(:data:`VARIANT`), on a GPU by default, and anywhere with ``DIT_ACCEL_SLA_GLUE=1`` (:func:`glue_runs`).
+elu and relu features (rows scaled by their scores' bound, read from the features) keep ``d num`` and ``d den`` in
+PyTorch operators and take the other three. The products with the ``D x D`` sums run on the tensor cores in tf32x3
+(three tf32 products: about fp32's precision, as the operators' fp32 ``matmul``). A variant never timed on a GPU: it
+runs where its first-use self-check passed (:data:`VARIANT`), on a GPU by default, and anywhere with
+``DIT_ACCEL_SLA_GLUE=1`` (:func:`glue_runs`).
 """
 
 from __future__ import annotations
@@ -38,14 +46,14 @@ from ..request import env_get
 from ..dense.tiles import load_tile
 from .phi import phi, phi_stats, phi_tile
 
-__all__ = ["features", "grad_q", "grad_k", "glue_runs", "glue_forced", "forced", "VARIANT", "ENV_GLUE", "KERNELS",
-           "CHUNK_TILES", "aot_source", "launch_options"]
+__all__ = ["features", "linear_grads", "grad_q", "grad_k", "glue_runs", "glue_forced", "forced", "VARIANT", "ENV_GLUE", "KERNELS",
+           "CHUNK_TILES", "aot_source", "launch_options", "FORMS"]
 
 #: The self-check's name of the glue kernels.
 VARIANT = "sla.triton.bwd_glue"
 ENV_GLUE = "DIT_ACCEL_SLA_GLUE"
 #: Row tiles per program of :func:`features` (1,024 tokens a chunk); columns of ``d num`` per program.
-CHUNK_TILES, FEATURE_ROWS, COLUMNS = 16, 64, 32
+CHUNK_TILES, FEATURE_ROWS, COLUMNS = 32, 32, 32
 #: Columns of the fp32 operand per product with a ``D x D`` sum in the gradient kernels.
 KC = 32
 
@@ -71,15 +79,17 @@ def _rows_at(T, pid_bh, row0, N_TOK, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexp
 
 @triton.jit
 def _sla_features_kernel(
-    X, DNUM, DDEN, XF, DKV_P, DKSUM_P,
+    X, DNUM, INV, DDEN, DSCALE, XF, DNUM_S, DKV_P, DKSUM_P,
     sxb, sxh, sxn,
     H, N_TOK, D_REAL, CHUNK, feature,
-    WITH_SUMS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr,
+    WITH_SUMS: tl.constexpr, HAS_INV: tl.constexpr, SCALED: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """phi(x) rounded to x's dtype over one chunk of ``CHUNK`` row tiles, stored in ``XF`` (contiguous
-    ``(B*H, N, BLOCK_D)``) by the column block 0 programs; ``WITH_SUMS``: the chunk's partial
-    ``(d num^T phi(x))`` (``BLOCK_C`` of its rows: program axis 2; stored transposed, as ``phi(x)^T d num``) and
-    ``phi(x)^T d den`` in fp32."""
+    ``(B*H, N, BLOCK_D)``) by the column block 0 programs. ``d num`` (``BLOCK_C`` of its columns: program axis 2) is
+    ``DNUM`` (fp32), or with ``HAS_INV`` the linear output's gradient ``DNUM`` times ``INV`` per row; ``SCALED``:
+    ``d num / DSCALE`` (per (batch, head)) stored in ``DNUM_S`` in x's dtype; ``WITH_SUMS``: the chunk's partial
+    ``(d num^T phi(x))`` (stored transposed, as ``phi(x)^T d num``) and ``phi(x)^T DDEN`` in fp32."""
     pid_c = tl.program_id(0)
     pid_bh = tl.program_id(1)
     pid_v = tl.program_id(2)
@@ -99,13 +109,20 @@ def _sla_features_kernel(
         x = load_tile(x_base, x_base, b, h, row0, N_TOK, sxn, D_REAL, BLOCK_N, BLOCK_D, False, True, True)
         f = phi_tile(x.to(tl.float32), row_ok[:, None] & col_ok, feature).to(XF.dtype.element_ty)
         tl.store(_rows_at(XF, pid_bh, row0, N_TOK, BLOCK_N, BLOCK_D), f, mask=(row0 + offs_n < xf_rows)[:, None])
-        if WITH_SUMS:
-            f32 = f.to(tl.float32)
-            dnum = tl.load(_rows_at(DNUM, pid_bh, row0, N_TOK, BLOCK_N, BLOCK_D, pid_v * BLOCK_C, BLOCK_C),
-                           mask=row_ok[:, None], other=0.0)
-            acc_t = tl.dot(tl.trans(dnum), f32, acc_t, input_precision="tf32x3")
-            dden = tl.load(DDEN + pid_bh.to(tl.int64) * N_TOK + row0 + offs_n, mask=row_ok, other=0.0)
-            dsum += tl.sum(f32 * dden[:, None], 0)
+        if WITH_SUMS or SCALED:
+            at = _rows_at(DNUM, pid_bh, row0, N_TOK, BLOCK_N, BLOCK_D, pid_v * BLOCK_C, BLOCK_C)
+            dnum = tl.load(at, mask=row_ok[:, None], other=0.0).to(tl.float32)
+            if HAS_INV:
+                dnum = dnum * tl.load(INV + pid_bh.to(tl.int64) * N_TOK + row0 + offs_n, mask=row_ok, other=0.0)[:, None]
+            if SCALED:
+                tl.store(_rows_at(DNUM_S, pid_bh, row0, N_TOK, BLOCK_N, BLOCK_D, pid_v * BLOCK_C, BLOCK_C),
+                         tl.math.div_rn(dnum, tl.load(DSCALE + pid_bh)).to(DNUM_S.dtype.element_ty),
+                         mask=row_ok[:, None])
+            if WITH_SUMS:
+                f32 = f.to(tl.float32)
+                acc_t = tl.dot(tl.trans(dnum), f32, acc_t, input_precision="tf32x3")
+                dden = tl.load(DDEN + pid_bh.to(tl.int64) * N_TOK + row0 + offs_n, mask=row_ok, other=0.0)
+                dsum += tl.sum(f32 * dden[:, None], 0)
     if WITH_SUMS:
         at = pid_bh.to(tl.int64) * tl.num_programs(0) + pid_c
         offs_d = tl.arange(0, BLOCK_D)
@@ -116,14 +133,44 @@ def _sla_features_kernel(
 
 
 @triton.jit
+def _sla_linear_grads_kernel(
+    DOL, OL, INV, DDEN_IN, DDEN, PEAK,
+    H, N_TOK,
+    HAS_DDEN: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """The linear output's gradient on one row tile (``o_l = num / (den + eps)``, ``INV = 1 / (den + eps)``):
+    ``d den = -(DOL . OL) INV`` (+ ``DDEN_IN``) stored fp32, and the tile's largest ``|d num| = |DOL| INV`` and
+    ``|d den|`` in ``PEAK`` (one per program; the launcher takes the largest per (batch, head)). ``DOL``, ``OL``:
+    contiguous ``(B*H, N, BLOCK_D)``."""
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    row0 = pid_n * BLOCK_N
+    rows = row0 + tl.arange(0, BLOCK_N)
+    row_ok = rows < N_TOK
+    dol = tl.load(_rows_at(DOL, pid_bh, row0, N_TOK, BLOCK_N, BLOCK_D), mask=row_ok[:, None], other=0.0)
+    o_l = tl.load(_rows_at(OL, pid_bh, row0, N_TOK, BLOCK_N, BLOCK_D), mask=row_ok[:, None], other=0.0)
+    at = pid_bh.to(tl.int64) * N_TOK + rows
+    inv = tl.load(INV + at, mask=row_ok, other=0.0)
+    dol = dol.to(tl.float32)
+    dden = -tl.sum(dol * o_l.to(tl.float32), 1) * inv
+    if HAS_DDEN:
+        dden += tl.load(DDEN_IN + at, mask=row_ok, other=0.0)
+    tl.store(DDEN + at, dden, mask=row_ok)
+    peak = tl.maximum(tl.max(tl.abs(dol), 1) * inv, tl.abs(dden))
+    tl.store(PEAK + pid_bh.to(tl.int64) * tl.num_programs(0) + pid_n, tl.max(peak, 0))
+
+
+@triton.jit
 def _sla_grad_q_kernel(
-    Q, G, GF, DNUM, DDEN, KV, KSUM, OUT,
+    Q, G, GF, DNUM, INV, DDEN, KV, KSUM, OUT,
     sqb, sqh, sqn, sob, soh, son,
     H, N_TOK, D_REAL, feature,
-    WITH_GLOBAL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, KC: tl.constexpr,
+    WITH_GLOBAL: tl.constexpr, HAS_INV: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    KC: tl.constexpr,
 ):
-    """``OUT = G + phi'(q)^T (GF + DNUM KV^T + DDEN KSUM)`` on one row tile, in OUT's dtype (``G``, ``GF``,
-    ``DNUM``: fp32, contiguous ``(B*H, N, BLOCK_D)``; ``KV``: ``(B*H, BLOCK_D, BLOCK_D)``, ``KSUM``)."""
+    """``OUT = G + phi'(q)^T (GF + d num KV^T + DDEN KSUM)`` on one row tile, in OUT's dtype (``G``, ``GF``: fp32,
+    contiguous ``(B*H, N, BLOCK_D)``, and so is ``DNUM``: ``d num`` itself (fp32), or with ``HAS_INV`` the linear
+    output's gradient, times ``INV`` per row; ``KV``: ``(B*H, BLOCK_D, BLOCK_D)``, ``KSUM``)."""
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // H
@@ -136,8 +183,12 @@ def _sla_grad_q_kernel(
     g_phi = tl.load(_rows_at(GF, pid_bh, row0, N_TOK, BLOCK_N, BLOCK_D), mask=row_ok, other=0.0)
     if WITH_GLOBAL:  # d num kv^T, KC columns of d num (rows of kv^T) at a time
         square = KV + pid_bh.to(tl.int64) * BLOCK_D * BLOCK_D
+        if HAS_INV:
+            inv = tl.load(INV + pid_bh.to(tl.int64) * N_TOK + row0 + offs_n, mask=row0 + offs_n < N_TOK, other=0.0)
         for c in tl.static_range(0, BLOCK_D, KC):
             dnum = tl.load(_rows_at(DNUM, pid_bh, row0, N_TOK, BLOCK_N, BLOCK_D, c, KC), mask=row_ok, other=0.0)
+            if HAS_INV:
+                dnum = dnum.to(tl.float32) * inv[:, None]
             kv_t = tl.load(square + offs_d[None, :] * BLOCK_D + c + tl.arange(0, KC)[:, None])
             g_phi = tl.dot(dnum, kv_t, g_phi, input_precision="tf32x3")
         dden = tl.load(DDEN + pid_bh.to(tl.int64) * N_TOK + row0 + offs_n, mask=row0 + offs_n < N_TOK, other=0.0)
@@ -201,7 +252,8 @@ def _sla_grad_k_kernel(
     tl.store(OUT_K + at + offs_d[None, :], out.to(OUT_K.dtype.element_ty), mask=ok)
 
 
-KERNELS = {"features": _sla_features_kernel, "grad_q": _sla_grad_q_kernel, "grad_k": _sla_grad_k_kernel}
+KERNELS = {"features": _sla_features_kernel, "linear_grads": _sla_linear_grads_kernel, "grad_q": _sla_grad_q_kernel,
+           "grad_k": _sla_grad_k_kernel}
 
 
 def _grad_rows(block_d: int) -> int:
@@ -212,9 +264,7 @@ def _grad_rows(block_d: int) -> int:
 
 def launch_options(kernel: str, block_d: int) -> dict:
     """Warps and stages of a glue kernel at padded head dim ``block_d``."""
-    if kernel == "features":
-        return {"num_warps": 4 if block_d == 64 else 8, "num_stages": 2}
-    return {"num_warps": 8, "num_stages": 1}
+    return {"num_warps": 8, "num_stages": 2 if kernel == "features" else 1}
 
 
 def _launch(kernel: str, grid, block_d: int, *args, **constexprs):
@@ -223,46 +273,71 @@ def _launch(kernel: str, grid, block_d: int, *args, **constexprs):
 
 @occupancy.on_inputs_device
 def features(x: torch.Tensor, head_dim: int, feature: int, dnum: Optional[torch.Tensor] = None,
-             dden: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
-    """``(phi(x), dkv, dksum)``: phi of ``x`` ``(B, H, N, Dp)`` (zero-padded past ``head_dim`` columns) rounded to
-    x's dtype, contiguous ``(B, H, N, Dp)``; given fp32 ``dnum`` (contiguous ``(B, H, N, Dp)``) and ``dden``
-    (``(B, H, N)``), also ``phi(x)^T dnum`` ``(B*H, Dp, Dp)`` and ``phi(x)^T dden`` ``(B*H, Dp)`` in fp32 (else
-    None, None)."""
+             dden: Optional[torch.Tensor] = None, inv: Optional[torch.Tensor] = None,
+             dscale: Optional[torch.Tensor] = None,
+             sums: bool = True) -> Tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """``(phi(x), dkv, dksum, dnum_s)``: phi of ``x`` ``(B, H, N, Dp)`` (zero-padded past ``head_dim`` columns)
+    rounded to x's dtype, contiguous ``(B, H, N, Dp)``. Given ``dnum`` (contiguous ``(B, H, N, Dp)``: ``d num`` in
+    fp32, or with ``inv`` ``(B, H, N)`` the linear output's gradient, ``d num = dnum * inv`` per row) and ``dden``
+    (``(B, H, N)``), also, with ``sums``, ``phi(x)^T d num`` ``(B*H, Dp, Dp)`` and ``phi(x)^T dden`` ``(B*H, Dp)`` in
+    fp32, and with ``dscale`` ``(B, H)``, ``d num / dscale`` in x's dtype, contiguous ``(B, H, N, Dp)`` (else None)."""
     b, h, n, dp = x.shape
-    with_sums = dnum is not None
+    with_sums, scaled = dnum is not None and sums, dscale is not None
     n_chunks = _cdiv(_cdiv(n, FEATURE_ROWS), CHUNK_TILES)
     xf = torch.empty((b, h, n, dp), dtype=x.dtype, device=x.device)
+    dkv = dksum = dnum_s = None
     if with_sums:
         dkv = torch.empty((b * h, n_chunks, dp, dp), dtype=torch.float32, device=x.device)
         dksum = torch.empty((b * h, n_chunks, dp), dtype=torch.float32, device=x.device)
-    else:  # unread: any live allocation
-        dnum = dden = dkv = dksum = xf
-    _launch("features", (n_chunks, b * h, dp // COLUMNS if with_sums else 1), dp, x, dnum, dden, xf, dkv, dksum,
-            *x.stride()[:3], h, n, head_dim, CHUNK_TILES, feature, WITH_SUMS=with_sums, BLOCK_N=FEATURE_ROWS,
-            BLOCK_C=COLUMNS)
-    if not with_sums:
-        return xf, None, None
-    if n_chunks == 1:
-        return xf, dkv[:, 0], dksum[:, 0]
-    return xf, dkv.sum(1), dksum.sum(1)
+    if scaled:
+        dnum_s = torch.empty((b, h, n, dp), dtype=x.dtype, device=x.device)
+    live = [t if t is not None else xf for t in (dnum, inv, dden, dscale, dnum_s, dkv, dksum)]  # (unread: any)
+    _launch("features", (n_chunks, b * h, dp // COLUMNS if with_sums or scaled else 1), dp, x, *live[:4], xf,
+            *live[4:], *x.stride()[:3], h, n, head_dim, CHUNK_TILES, feature, WITH_SUMS=with_sums,
+            HAS_INV=inv is not None, SCALED=scaled, BLOCK_N=FEATURE_ROWS, BLOCK_C=COLUMNS)
+    if with_sums and n_chunks > 1:
+        dkv, dksum = dkv.sum(1), dksum.sum(1)
+    elif with_sums:
+        dkv, dksum = dkv[:, 0], dksum[:, 0]
+    return xf, dkv, dksum, dnum_s
+
+
+@occupancy.on_inputs_device
+def linear_grads(dol: torch.Tensor, o_l: torch.Tensor, inv: torch.Tensor,
+                 dden: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(d den, dscale)`` of the linear branch from its output's gradient ``dol`` and output ``o_l`` (contiguous
+    ``(B, H, N, Dp)``) and ``inv = 1 / (den + eps)`` (``(B, H, N)`` fp32): ``d den = -(dol . o_l) inv`` (+ the
+    incoming ``dden``), fp32 ``(B, H, N)``, and per (batch, head) the largest ``|d num| = |dol| inv`` and ``|d den|``
+    (at least 1e-30), fp32 ``(B, H)``: the scale the attention kernels take d num and d den over."""
+    b, h, n, dp = dol.shape
+    rows = _grad_rows(dp)
+    n_tiles = _cdiv(n, rows)
+    out = torch.empty((b, h, n), dtype=torch.float32, device=dol.device)
+    peak = torch.empty((b, h, n_tiles), dtype=torch.float32, device=dol.device)
+    inv = inv.contiguous()
+    _launch("linear_grads", (n_tiles, b * h), dp, dol, o_l, inv, dden.contiguous() if dden is not None else inv,
+            out, peak, h, n, HAS_DDEN=dden is not None, BLOCK_N=rows)
+    return out, peak.amax(-1).clamp_min_(1e-30)
 
 
 @occupancy.on_inputs_device
 def grad_q(q: torch.Tensor, g: torch.Tensor, g_phi: torch.Tensor, head_dim: int, feature: int,
            dnum: Optional[torch.Tensor] = None, dden: Optional[torch.Tensor] = None,
-           kv: Optional[torch.Tensor] = None, ksum: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """dq, contiguous ``(B, H, N, head_dim)`` in q's dtype: ``g + phi'(q)^T (g_phi + dnum kv^T + dden ksum)``
-    (the global terms where ``kv`` is given). ``q``: ``(B, H, N, Dp)``; ``g``, ``g_phi``, ``dnum``: fp32 contiguous
-    ``(B, H, N, Dp)``; ``kv`` ``(B*H, Dp, Dp)`` (rows: phi's columns), ``ksum`` ``(B*H, Dp)``."""
+           kv: Optional[torch.Tensor] = None, ksum: Optional[torch.Tensor] = None,
+           inv: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """dq, contiguous ``(B, H, N, head_dim)`` in q's dtype: ``g + phi'(q)^T (g_phi + d num kv^T + dden ksum)``
+    (the global terms where ``kv`` is given). ``q``: ``(B, H, N, Dp)``; ``g``, ``g_phi``: fp32 contiguous
+    ``(B, H, N, Dp)``; ``dnum``: the same, ``d num`` in fp32, or with ``inv`` (``(B, H, N)``) the linear output's
+    gradient, ``d num = dnum * inv``; ``kv`` ``(B*H, Dp, Dp)`` (rows: phi's columns), ``ksum`` ``(B*H, Dp)``."""
     b, h, n, dp = q.shape
     with_global = kv is not None
     out = torch.empty((b, h, n, head_dim), dtype=q.dtype, device=q.device)
     if not with_global:
         dnum = dden = kv = ksum = g
     rows = _grad_rows(dp)
-    _launch("grad_q", (_cdiv(n, rows), b * h), dp, q, g, g_phi, dnum, dden, kv.contiguous(), ksum.contiguous(),
-            out, *q.stride()[:3], *out.stride()[:3], h, n, head_dim, feature, WITH_GLOBAL=with_global,
-            BLOCK_N=rows, KC=KC)
+    _launch("grad_q", (_cdiv(n, rows), b * h), dp, q, g, g_phi, dnum, g if inv is None else inv, dden,
+            kv.contiguous(), ksum.contiguous(), out, *q.stride()[:3], *out.stride()[:3], h, n, head_dim, feature,
+            WITH_GLOBAL=with_global, HAS_INV=with_global and inv is not None, BLOCK_N=rows, KC=KC)
     return out
 
 
@@ -337,14 +412,31 @@ def glue_runs(q: torch.Tensor) -> bool:
     return selfcheck.gate([VARIANT], q.device, q.dtype, shape, forced=bool(on))
 
 
-def aot_source(kernel: str, dtype: torch.dtype, block_d: int, with_sums: bool = True):
-    """``(kernel, signature, constexprs, attrs)`` of a glue kernel for ``triton.compile(ASTSource(...))``."""
+#: The constexpr forms each glue kernel is launched in (what :func:`aot_source` compiles for the static tests).
+FORMS = {
+    "features": (dict(WITH_SUMS=True, HAS_INV=True, SCALED=True), dict(WITH_SUMS=False, HAS_INV=True, SCALED=True),
+                 dict(WITH_SUMS=True, HAS_INV=False, SCALED=False),
+                 dict(WITH_SUMS=False, HAS_INV=False, SCALED=False)),
+    "linear_grads": (dict(HAS_DDEN=False), dict(HAS_DDEN=True)),
+    "grad_q": (dict(WITH_GLOBAL=True, HAS_INV=True), dict(WITH_GLOBAL=True, HAS_INV=False),
+               dict(WITH_GLOBAL=False, HAS_INV=False)),
+    "grad_k": (dict(WITH_GLOBAL=True), dict(WITH_GLOBAL=False)),
+}
+
+
+def aot_source(kernel: str, dtype: torch.dtype, block_d: int, form: dict):
+    """``(kernel, signature, constexprs, attrs)`` of a glue kernel in one of its :data:`FORMS` for
+    ``triton.compile(ASTSource(...))``."""
     from ..dense.configs import aot_signature
 
-    fp32 = ("DNUM", "DDEN", "DKV_P", "DKSUM_P", "G", "GF", "GV", "KV", "KSUM", "DKV", "DKSUM")
-    types = {**{n: "*DT" for n in ("X", "XF", "Q", "K", "V", "OUT", "OUT_K", "OUT_V")}, **{n: "*fp32" for n in fp32}}
+    fp32 = ("DDEN", "DKV_P", "DKSUM_P", "G", "GF", "GV", "KV", "KSUM", "DKV", "DKSUM", "INV", "DSCALE", "DDEN_IN",
+            "PEAK")
+    types = {**{n: "*DT" for n in ("X", "XF", "Q", "K", "V", "OUT", "OUT_K", "OUT_V", "DOL", "OL", "DNUM_S")},
+             **{n: "*fp32" for n in fp32}, "DNUM": "*DT" if form.get("HAS_INV") else "*fp32"}
+    rows = FEATURE_ROWS if kernel == "features" else _grad_rows(block_d)
+    constexprs = dict(form, BLOCK_N=rows, BLOCK_D=block_d)
     if kernel == "features":
-        constexprs = dict(WITH_SUMS=with_sums, BLOCK_N=FEATURE_ROWS, BLOCK_D=block_d, BLOCK_C=COLUMNS)
-    else:
-        constexprs = dict(WITH_GLOBAL=with_sums, BLOCK_N=_grad_rows(block_d), BLOCK_D=block_d, KC=KC)
+        constexprs["BLOCK_C"] = COLUMNS
+    elif kernel != "linear_grads":
+        constexprs["KC"] = KC
     return aot_signature(KERNELS[kernel], types, constexprs, ("sxn", "sqn", "skn", "svn", "son"), dtype)

@@ -133,21 +133,23 @@ def _(q, k, v, critical, lin_blocks, scale, feature, has_lin, lin_sign, with_glo
 def sla_bwd(do: Tensor, dlse: Tensor, dnum: Tensor, dden: Tensor, q: Tensor, k: Tensor, v: Tensor,
             qf: Optional[Tensor], kf: Optional[Tensor], o: Tensor, lse: Tensor, critical: Tensor, lin_blocks: Tensor,
             scale: float, feature: int, has_lin: bool, lin_sign: int, block_q: int, dqf_g: Optional[Tensor] = None,
-            dkf_g: Optional[Tensor] = None, dv_g: Optional[Tensor] = None,
-            with_global: bool = False) -> Tuple[Tensor, Tensor, Tensor]:
+            dkf_g: Optional[Tensor] = None, dv_g: Optional[Tensor] = None, with_global: bool = False,
+            dol: Optional[Tensor] = None, o_l: Optional[Tensor] = None,
+            inv: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
     """Fused SLA backward: ``(dq, dk, dv)``. ``dqf_g``, ``dkf_g``, ``dv_g``: the global sums' fp32 gradients for
     phi(q), phi(K) and V (:func:`_global_grads`), added to the kernels' before phi's backward, which then runs
     once. ``qf`` None with the linear branch: the glue kernels make the features and (``with_global``) those
-    gradients (:mod:`.glue`)."""
+    gradients (:mod:`.glue`), and given ``dol`` (``o_l``'s gradient), ``o_l`` and ``inv = 1 / (den + eps)``, d num
+    and d den too (``dnum`` empty, ``dden`` the incoming gradient of den or empty)."""
     from .backward import sla_backward
 
     return sla_backward(do, dlse, dnum, dden, q, k, v, qf, kf, o, lse, critical, lin_blocks, scale, feature,
-                        has_lin, lin_sign, block_q, dqf_g, dkf_g, dv_g, with_global)
+                        has_lin, lin_sign, block_q, dqf_g, dkf_g, dv_g, with_global, dol, o_l, inv)
 
 
 @sla_bwd.register_fake
 def _(do, dlse, dnum, dden, q, k, v, qf, kf, o, lse, critical, lin_blocks, scale, feature, has_lin, lin_sign,
-      block_q, dqf_g=None, dkf_g=None, dv_g=None, with_global=False):
+      block_q, dqf_g=None, dkf_g=None, dv_g=None, with_global=False, dol=None, o_l=None, inv=None):
     return (torch.empty_like(q, memory_format=torch.contiguous_format),
             torch.empty_like(k, memory_format=torch.contiguous_format),
             torch.empty_like(v, memory_format=torch.contiguous_format))
@@ -169,25 +171,32 @@ def _backward(ctx, do, dlse, dol, dden):
     do = torch.zeros_like(o) if do is None else do
     dlse = torch.zeros_like(lse) if dlse is None else dlse
     qf = kf = None
+    raw = (None,) * 3  # (do_l, o_l, 1 / (den + eps)) where the glue kernels take d num and d den from do_l
     if has_lin:
         # o_l = num / (den + eps): d num = do_l / (den + eps), d den = -(do_l . o_l) / (den + eps), in fp32 as the
         # products widen do_l and o_l (no fp32 copies of either; the fp32 zero makes the product fp32).
         inv = 1.0 / (den + lin_eps)
-        if dol is None:
+        glued = _launchers()[5](q)  # (the glue kernels make the features inside the op)
+        if glued and dol is not None and FEATURE_NAMES[feature] == "softmax":
+            # ... and from do_l d num, d den and their scale (rows of unit scale: softmax features)
+            raw, dnum = (dol, o_l, inv), inv.new_empty((0,))
+            dden_total = inv.new_empty((0,)) if dden is None else dden
+        elif dol is None:
             dnum, dden_total = torch.zeros(o.shape, dtype=torch.float32, device=o.device), torch.zeros_like(inv)
         else:
             dnum = dol * inv[..., None]
             dden_total = -torch.addcmul(inv.new_zeros((1,) * dol.dim()), dol, o_l).sum(-1) * inv
-        if dden is not None:
+        if dden is not None and raw[0] is None:
             dden_total = dden_total + dden
-        if not _launchers()[5](q):  # (else the glue kernels make the features inside the op)
+        if not glued:
             name = FEATURE_NAMES[feature]
             qf, kf = rounded_features(q, name), rounded_features(k, name)
     else:
         dnum, dden_total = lse.new_empty((0,)), lse.new_empty((0,))
     extra = _global_grads(v, qf, kf, dnum, dden_total) if qf is not None and with_global else (None,) * 3
     dq, dk, dv = sla_bwd(do, dlse, dnum, dden_total, q, k, v, qf, kf, o, lse, critical, lin_blocks, scale, feature,
-                         has_lin, lin_sign, block_q, *extra, with_global=bool(has_lin and with_global))
+                         has_lin, lin_sign, block_q, *extra, with_global=bool(has_lin and with_global), dol=raw[0],
+                         o_l=raw[1], inv=raw[2])
     return dq, dk, dv, None, None, None, None, None, None, None, None, None
 
 
