@@ -213,35 +213,33 @@ def _gather_status() -> str:
     kernels/vsa/raster.py)."""
     from ..kernels.block_sparse.gather import ENV_GATHER, gather_forced
 
-    try:
-        forced = gather_forced()
-    except ValueError as exc:
-        return str(exc)
-    if forced is not None:
-        return (f"{'on' if forced else 'off'} ({ENV_GATHER}={int(forced)})" +
-                (", wherever the Triton forward runs, behind its self-check" if forced else ""))
-    return ("Tile and GNA calls (training ones in their backward too) and VSA inference calls on a GPU read q, k, v "
-            "in raster order in the kernels instead of gathering them, where the self-checks passed and it timed "
-            "faster per shape class (not yet run on a GPU); "
-            f"{ENV_GATHER}=0 turns it off")
+    return _switch_status(ENV_GATHER, gather_forced, "wherever the Triton forward runs, behind its self-check",
+                          "Tile and GNA calls (training ones in their backward too) and VSA inference calls on a GPU "
+                          "read q, k, v in raster order in the kernels instead of gathering them, where the "
+                          "self-checks passed and it timed faster per shape class (not yet run on a GPU)")
 
 
 def _glue_status() -> str:
     """Whether SLA's backward runs its glue in the Triton kernels of kernels/sla/glue.py."""
     try:
         from ..kernels.sla.glue import ENV_GLUE, glue_forced
-
-        forced = glue_forced()
     except ImportError:
         return "needs triton"
+    return _switch_status(ENV_GLUE, glue_forced, "wherever the fused SLA backward runs, behind its self-check",
+                          "a fused SLA backward with a projection on a GPU makes phi, the global sums' gradients and "
+                          "phi's backward in four Triton kernels instead of PyTorch operators, where their self-check "
+                          "passed (not yet run on a GPU)")
+
+
+def _switch_status(env: str, read, forced_on: str, default: str) -> str:
+    """An ``info`` line for a three-way switch (``read()``: True, False or None from ``$env``)."""
+    try:
+        forced = read()
     except ValueError as exc:
         return str(exc)
     if forced is not None:
-        return (f"{'on' if forced else 'off'} ({ENV_GLUE}={int(forced)})" +
-                (", wherever the fused SLA backward runs, behind its self-check" if forced else ""))
-    return ("a fused SLA backward with a projection on a GPU makes phi, the global sums' gradients and phi's backward in "
-            "four Triton kernels instead of PyTorch operators, where their self-check passed (not yet run on a GPU); "
-            f"{ENV_GLUE}=0 turns it off")
+        return f"{'on' if forced else 'off'} ({env}={int(forced)})" + (f", {forced_on}" if forced else "")
+    return f"{default}; {env}=0 turns it off"
 
 
 def _selfcheck() -> dict:

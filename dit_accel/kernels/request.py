@@ -86,3 +86,17 @@ def env_get(name: str) -> Optional[str]:
         return os.environ.get(name)
     raw = _ENVIRON_DATA.get(os.environ.encodekey(name))
     return None if raw is None else os.environ.decodevalue(raw)
+
+
+def env_switch(name: str, on: str, off: str, unset: str) -> Optional[bool]:
+    """A three-way switch in ``$name``: True for ``1`` (``true``, ``on``, ``yes``), False for ``0`` (``false``,
+    ``off``, ``no``), None unset or empty; ValueError naming the variable and what each value does (``on``, ``off``,
+    ``unset``) on anything else."""
+    raw = (env_get(name) or "").strip().lower()
+    if not raw:
+        return None
+    if raw in ("1", "true", "on", "yes"):
+        return True
+    if raw in ("0", "false", "off", "no"):
+        return False
+    raise ValueError(f"{name}={raw!r}: expected 1 ({on}), 0 ({off}) or unset ({unset})")

@@ -36,7 +36,7 @@ import torch
 
 from .. import selfcheck
 from ..checks import check_scale
-from ..request import env_get, records_grad
+from ..request import env_switch, records_grad
 from .configs import GATHER_BWD_VARIANT, GATHER_VARIANT, rows_fit
 
 __all__ = ["VARIANT", "BWD_VARIANT", "ENV_GATHER", "gathered_forward", "gather_fits", "padding_unseen",
@@ -96,15 +96,8 @@ def gather_forced() -> Optional[bool]:
     kernel runs an inference call of a permuted layout, the interpreter included (a GPU still checks it first);
     ``0`` (``false``, ``off``, ``no``) never; unset or empty: the default (:func:`gather_runs`). ValueError
     naming the variable on anything else."""
-    raw = (env_get(ENV_GATHER) or "").strip().lower()
-    if not raw:
-        return None
-    if raw in ("1", "true", "on", "yes"):
-        return True
-    if raw in ("0", "false", "off", "no"):
-        return False
-    raise ValueError(f"{ENV_GATHER}={raw!r}: expected 1 (read raster order in the kernel wherever it runs), "
-                     "0 (always gather into tiled order) or unset (on a GPU, after the variant's self-check)")
+    return env_switch(ENV_GATHER, "read raster order in the kernel wherever it runs", "always gather into tiled order",
+                      "on a GPU, after the variant's self-check")
 
 
 def raster_allowed(q: torch.Tensor, forced: Optional[bool]) -> bool:

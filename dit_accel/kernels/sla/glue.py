@@ -42,7 +42,7 @@ import triton.language as tl
 
 from ..._util import cdiv as _cdiv
 from .. import occupancy
-from ..request import env_get
+from ..request import env_switch
 from ..dense.tiles import load_tile
 from .phi import phi, phi_stats, phi_tile
 
@@ -75,6 +75,18 @@ def _rows_at(T, pid_bh, row0, N_TOK, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexp
     rows = (row0 + tl.arange(0, BLOCK_N)).to(tl.int64)
     cols = col0 + tl.arange(0, BLOCK_D if COLS is None else COLS)
     return T + pid_bh.to(tl.int64) * N_TOK * BLOCK_D + rows[:, None] * BLOCK_D + cols[None, :]
+
+
+@triton.jit
+def _row_tile(H, N_TOK, D_REAL, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """A row-tile program's ``(pid_bh, b, h, row0, offs_n, offs_d, row_ok, ok)``: program axis 0 the row tile, 1 the
+    (batch, head); ``row_ok`` ``[BLOCK_N, 1]`` rows before ``N_TOK``, ``ok`` those rows' real columns."""
+    pid_bh = tl.program_id(1)
+    row0 = tl.program_id(0) * BLOCK_N
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = (row0 + offs_n < N_TOK)[:, None]
+    return pid_bh, pid_bh // H, pid_bh % H, row0, offs_n, offs_d, row_ok, row_ok & (offs_d < D_REAL)[None, :]
 
 
 @triton.jit
@@ -171,15 +183,7 @@ def _sla_grad_q_kernel(
     """``OUT = G + phi'(q)^T (GF + d num KV^T + DDEN KSUM)`` on one row tile, in OUT's dtype (``G``, ``GF``: fp32,
     contiguous ``(B*H, N, BLOCK_D)``, and so is ``DNUM``: ``d num`` itself (fp32), or with ``HAS_INV`` the linear
     output's gradient, times ``INV`` per row; ``KV``: ``(B*H, BLOCK_D, BLOCK_D)``, ``KSUM``)."""
-    pid_n = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
-    row0 = pid_n * BLOCK_N
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    row_ok = (row0 + offs_n < N_TOK)[:, None]
-    ok = row_ok & (offs_d < D_REAL)[None, :]
+    pid_bh, b, h, row0, offs_n, offs_d, row_ok, ok = _row_tile(H, N_TOK, D_REAL, BLOCK_N, BLOCK_D)
     g_phi = tl.load(_rows_at(GF, pid_bh, row0, N_TOK, BLOCK_N, BLOCK_D), mask=row_ok, other=0.0)
     if WITH_GLOBAL:  # d num kv^T, KC columns of d num (rows of kv^T) at a time
         square = KV + pid_bh.to(tl.int64) * BLOCK_D * BLOCK_D
@@ -213,15 +217,7 @@ def _sla_grad_k_kernel(
     """``OUT_K = G + phi'(K)^T (GF + V DKV^T + DKSUM)`` and ``OUT_V = GV + phi(K) DKV`` (phi rounded to K's dtype,
     the features the forward's sums read) on one row tile, in the outputs' dtype (``G``, ``GF``, ``GV``: fp32,
     contiguous ``(B*H, N, BLOCK_D)``; ``OUT_K`` and ``OUT_V`` share their strides)."""
-    pid_n = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
-    row0 = pid_n * BLOCK_N
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    row_ok = (row0 + offs_n < N_TOK)[:, None]
-    ok = row_ok & (offs_d < D_REAL)[None, :]
+    pid_bh, b, h, row0, offs_n, offs_d, row_ok, ok = _row_tile(H, N_TOK, D_REAL, BLOCK_N, BLOCK_D)
     k_base = K + b.to(tl.int64) * skb + h.to(tl.int64) * skh
     k_rows = k_base + row0.to(tl.int64) * skn + offs_n[:, None] * skn
     m, l_sum = phi_stats(tl.load(k_rows + offs_d[None, :], mask=row_ok, other=0.0).to(tl.float32), ok, feature)
@@ -382,15 +378,8 @@ def glue_forced() -> Optional[bool]:
     with a linear branch, the interpreter included (the variant is self-checked first); ``0`` (``false``, ``off``,
     ``no``) never; unset or empty: on a GPU, where the variant passed its self-check. ValueError naming the variable
     on anything else."""
-    raw = (env_get(ENV_GLUE) or "").strip().lower()
-    if not raw:
-        return None
-    if raw in ("1", "true", "on", "yes"):
-        return True
-    if raw in ("0", "false", "off", "no"):
-        return False
-    raise ValueError(f"{ENV_GLUE}={raw!r}: expected 1 (the SLA backward's glue in Triton kernels wherever the fused "
-                     "kernels run), 0 (PyTorch operators) or unset (on a GPU, after the variant's self-check)")
+    return env_switch(ENV_GLUE, "the SLA backward's glue in Triton kernels wherever the fused kernels run",
+                      "PyTorch operators", "on a GPU, after the variant's self-check")
 
 
 def glue_runs(q: torch.Tensor) -> bool:
