@@ -93,18 +93,16 @@ def sla_backward(do, dlse, dnum, dden, q, k, v, qf, kf, o, lse, critical, lin_bl
         qf, kf, sums, dnum_s = _glue_features(q, k, v, dol, dden, feature, d, with_global, inv, dscale)
         dden = dden_s = (dden / dscale[..., None]).contiguous()
         dnum, inv_s = dnum_s, row_scale(qf, kf, feature).reciprocal_()
-        dqf = torch.empty(q.shape, dtype=torch.float32, device=q.device)
-        dkf = torch.empty(k.shape, dtype=torch.float32, device=k.device)
     elif has_lin:
         dnum, dden = _pad_d(dp, dnum.float())[0], dden.float()
         if glued:
             qf, kf, sums, _ = _glue_features(q, k, v, dnum, dden, feature, d, with_global)
         dnum, dden, dscale, inv_s, dnum_s, dden_s = _scaled_linear_grads(dnum, dden, qf, kf, feature, q.dtype)
-        dqf = torch.empty(q.shape, dtype=torch.float32, device=q.device)
-        dkf = torch.empty(k.shape, dtype=torch.float32, device=k.device)
     else:  # unused by the kernels; any live allocation will do
         dnum = dden = dscale = inv_s = dnum_s = dden_s = delta
-        qf, kf, dqf, dkf = q, k, dq, dk
+        qf, kf = q, k
+    # (the gradients for phi(q) and phi(K), fp32; without the linear branch unused, any live allocation)
+    dqf, dkf = (torch.empty(t.shape, dtype=torch.float32, device=t.device) for t in (q, k)) if has_lin else (dq, dk)
     crit_ptr, lin_ptr = _live(critical), _live(lin_blocks)
     crit_t, crit_cnt = transposed_lists(critical, n_kb)
     lin_t, lin_cnt = transposed_lists(lin_blocks, n_kb) if has_lin else (None, None)
