@@ -6,6 +6,7 @@ forward + backward calls.
 Run from the repository root on a CUDA machine (BENCHMARKS.md section 10)::
 
     PYTHONPATH=. python docs/scripts/sla_gpu_parts.py NAME [--configs] [--bwd-configs] [--profile]
+    TRITON_INTERPRET=1 PYTHONPATH=. python docs/scripts/sla_gpu_parts.py NAME --dry-run   # on a CPU: tiny, fp16
 
 NAME labels the output, ``$OUT/sla_NAME.json`` (or ``./sla_NAME.json``). To compare two versions of the
 package, run it once per version with that version's directory first on ``PYTHONPATH``.
@@ -29,17 +30,28 @@ from tests.kernels.sla_reference import reference_sla
 
 DEVICE = torch.device("cuda")
 HEAD_DIM = 128
+#: The token counts (Wan 2.1 1.3B 480p; 720p's 75,600 for the forward; the accuracy problem), heads and dtypes; the
+#: dry run's (``--dry-run``: the Triton interpreter on a CPU) are tiny, in fp16 (the interpreter's bf16 dot is wrong).
+N_MAIN, N_LONG, N_ACC, HEADS, DTYPES = 32760, 75600, 4096, 12, (torch.bfloat16, torch.float16)
 
 
-def qkv(n: int, heads: int = 12, grad: bool = False, seed: int = 0, dtype=torch.bfloat16):
-    """Random (1, heads, n, 128) q, k, v; the keys share a per-head offset, so blocks rank unevenly."""
-    g = torch.Generator(device="cuda").manual_seed(seed)
+def dry_run() -> None:
+    """The script's sizes for a CPU run through the interpreter (a check that every part runs, timing nothing)."""
+    global DEVICE, HEAD_DIM, N_MAIN, N_LONG, N_ACC, HEADS, DTYPES
+    DEVICE, HEAD_DIM, N_MAIN, N_LONG, N_ACC, HEADS, DTYPES = torch.device("cpu"), 64, 300, 257, 200, 2, (torch.float16,)
+
+
+def qkv(n: int, heads: int = None, grad: bool = False, seed: int = 0, dtype=None):
+    """Random (1, heads, n, HEAD_DIM) q, k, v; the keys share a per-head offset, so blocks rank unevenly."""
+    heads, dtype = heads or HEADS, dtype or DTYPES[0]
+    g = torch.Generator(device=DEVICE).manual_seed(seed)
     q, k, v = (torch.randn(1, heads, n, HEAD_DIM, device=DEVICE, generator=g) for _ in range(3))
     k = k + 0.5 * torch.randn(1, heads, 1, HEAD_DIM, device=DEVICE, generator=g)
     return [t.to(dtype).requires_grad_(grad) for t in (q, k, v)]
 
 
-def projection(zero: bool, dtype=torch.bfloat16) -> torch.nn.Linear:
+def projection(zero: bool, dtype=None) -> torch.nn.Linear:
+    dtype = dtype or DTYPES[0]
     torch.manual_seed(1)
     proj = torch.nn.Linear(HEAD_DIM, HEAD_DIM, device=DEVICE, dtype=dtype)
     if zero:
@@ -49,6 +61,9 @@ def projection(zero: bool, dtype=torch.bfloat16) -> torch.nn.Linear:
 
 
 def ms(fn) -> float:
+    if DEVICE.type != "cuda":  # (the dry run: runs it, times nothing)
+        fn()
+        return 0.0
     return round(time_fn(fn, DEVICE, warmup=3, repeats=10) * 1e3, 3)
 
 
@@ -60,9 +75,9 @@ def accuracy() -> dict:
     """Largest error relative to the largest value, output and gradients, against the fp32 dense reference
     (N = 4,096, 2 heads, topk 0.05, a random projection)."""
     out = {}
-    for dtype in (torch.bfloat16, torch.float16):
+    for dtype in DTYPES:
         for feature in ("softmax", "elu"):
-            q, k, v = qkv(4096, heads=2, grad=True, seed=3, dtype=dtype)
+            q, k, v = qkv(N_ACC, heads=2, grad=True, seed=3, dtype=dtype)
             method = SLA(topk=0.05, feature_map=feature)
             proj = projection(False, dtype)
             o_s, _, o_lp, info = sla_attention(q, k, v, method, proj, backend="triton", return_parts=True)
@@ -97,7 +112,7 @@ def forward_backward_times() -> dict:
     difference of the gradients between the two, relative to their largest value."""
     from dit_accel.kernels.sla import glue
 
-    q, k, v = qkv(32760, grad=True)
+    q, k, v = qkv(N_MAIN, grad=True)
     proj = projection(False)
     grad_out = torch.randn(q.shape, device=DEVICE, dtype=q.dtype)
     method = SLA(topk=0.05)
@@ -126,7 +141,7 @@ def kernel_profile(backward: bool = False) -> str:
     """The CUDA kernels of five N = 32,760 calls with a random projection: forwards, or forwards + backwards."""
     from torch.profiler import ProfilerActivity, profile
 
-    q, k, v = qkv(32760, grad=backward)
+    q, k, v = qkv(N_MAIN, grad=backward)
     proj, method = projection(False), SLA(topk=0.05)
     grad_out = torch.randn(q.shape, device=DEVICE, dtype=q.dtype)
 
@@ -162,7 +177,7 @@ def forward_configs() -> dict:
 
     from dit_accel.kernels.sla import triton as st
 
-    q, k, v = qkv(32760)
+    q, k, v = qkv(N_MAIN)
     proj, method = projection(False), SLA(topk=0.05)
     shipped = st.select_sla_config
 
@@ -203,7 +218,7 @@ def backward_configs() -> dict:
     from dit_accel.kernels.sla import backward as sb
     from dit_accel.kernels.sla import configs as sc
 
-    q, k, v = qkv(32760, grad=True)
+    q, k, v = qkv(N_MAIN, grad=True)
     proj, method = projection(False), SLA(topk=0.05)
     grad_out = torch.randn(q.shape, device=DEVICE, dtype=q.dtype)
     shipped = sb.select_sla_config  # (the backward's launcher: sla/backward.py)
@@ -242,21 +257,25 @@ def main() -> None:
     parser.add_argument("--configs", action="store_true", help="time the d128 linear-branch forward's launches")
     parser.add_argument("--bwd-configs", action="store_true",
                         help="time forward + backward under the linear-branch dK/dV kernel's launches")
+    parser.add_argument("--dry-run", action="store_true", help="run every part tiny on the CPU (TRITON_INTERPRET=1), "
+                        "timing nothing")
     args = parser.parse_args()
+    if args.dry_run:
+        dry_run()
     res = {"name": args.name, "package": dit_accel.__file__, "accuracy_rel_maxerr": accuracy()}
     print(args.name, "accuracy", res["accuracy_rel_maxerr"], flush=True)
-    for n, topks in ((32760, (0.05, 0.2)), (75600, (0.05,))):
+    for n, topks in ((N_MAIN, (0.05, 0.2)), (N_LONG, (0.05,))):
         res[f"fwd_{n}"] = forward_times(n, topks)
         print(args.name, n, res[f"fwd_{n}"], flush=True)
-    res["fwdbwd_32760"] = forward_backward_times()
-    print(args.name, "forward + backward", res["fwdbwd_32760"], flush=True)
+    res[f"fwdbwd_{N_MAIN}"] = forward_backward_times()
+    print(args.name, "forward + backward", res[f"fwdbwd_{N_MAIN}"], flush=True)
     if args.configs:
         res["forward_configs"] = forward_configs()
         print(args.name, "forward launches", res["forward_configs"], flush=True)
     if args.bwd_configs:
         res["backward_configs"] = backward_configs()
         print(args.name, "backward launches", res["backward_configs"], flush=True)
-    if args.profile:
+    if args.profile and DEVICE.type == "cuda":  # (CUDA kernels: nothing to profile in a dry run)
         res["profile"] = kernel_profile()
         res["profile_backward"] = kernel_profile(backward=True)
         print(res["profile"], res["profile_backward"], sep="\n")

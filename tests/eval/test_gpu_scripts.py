@@ -273,3 +273,23 @@ def test_the_glue_script_times_both_packages_at_a_tiny_size(tmp_path, capsys):
     assert "tile_train" in capsys.readouterr().out
     if not __import__("torch").cuda.is_available():
         assert glue.main(["--out", str(out)]) == 2  # the GPU run without a GPU: one line, no traceback
+
+
+def test_sla_parts_runs_every_part_on_the_cpu(tmp_path):
+    """docs/scripts/sla_gpu_parts.py's dry run through the interpreter (tiny, fp16, timing nothing): accuracy against
+    the fp32 reference, the forwards, forward + backward with the backward's glue forced each way (their gradients
+    alike), and the launch candidates of the forward and the linear dK/dV kernel (reported, each run or its error)."""
+    run = subprocess.run([sys.executable, str(SCRIPTS / "sla_gpu_parts.py"), "dry", "--dry-run", "--configs",
+                          "--bwd-configs", "--profile"], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "PYTHONPATH": str(ROOT), "TRITON_INTERPRET": "1", "OUT": str(tmp_path),
+                              "DIT_ACCEL_CACHE": str(tmp_path / "cache")})
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    res = json.loads((tmp_path / "sla_dry.json").read_text())
+    assert set(res["accuracy_rel_maxerr"]) == {"float16/softmax", "float16/elu"}
+    assert all(err < 2e-2 for row in res["accuracy_rel_maxerr"].values() for err in row.values()), res
+    assert set(res["fwd_300"]) == {"sdpa", "0.05/none", "0.05/zero", "0.05/rand", "0.2/none", "0.2/zero", "0.2/rand"}
+    both = res["fwdbwd_300"]
+    assert both["glue_runs"] is False and both["0.05/rand/operators"] == both["0.05/rand/glue"] == 0.0, both
+    assert both["glue_vs_operators"] < 1e-2, both
+    assert res["backward_configs"] and all(r.get("diff") == 0.0 for r in res["backward_configs"].values()), res
+    assert len(res["forward_configs"]) == 8 and "profile" not in res

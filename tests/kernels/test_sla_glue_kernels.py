@@ -187,6 +187,25 @@ def test_the_backward_with_its_glue_kernels_matches_the_reference(monkeypatch, n
         torch.testing.assert_close(got, host, atol=close, rtol=1e-3, msg=lambda m: f"{name} vs operators: {m}")
 
 
+@interpreter
+def test_a_batch_of_strided_videos_with_more_keys_than_queries_matches_the_operators():
+    """Two (B, N, H, D) videos of 3 heads, 130 queries against 257 keys, softmax features (d num and d den from the
+    output's gradient in the kernels), the global sums less the critical blocks: the operators' gradients."""
+    q = _randn(2, 130, 3, 64, seed=60).half().transpose(1, 2)
+    k, v = (_randn(2, 257, 3, 64, seed=s).half().transpose(1, 2) for s in (61, 62))
+    proj, do = make_proj(64).half(), _randn(2, 3, 130, 64, seed=63)
+    grads = []
+    for on in (True, False):
+        with glue.forced(on):
+            leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+            o = sla_attention(*leaves, SLA(topk=0.1), proj, backend="triton")
+            grads.append(torch.autograd.grad((o.float() * do).sum(), leaves))
+    for name, got, want in zip(["dq", "dk", "dv"], *grads):
+        assert got.shape == want.shape and got.stride() == want.stride(), name
+        err = ((got.float() - want.float()).norm() / want.float().norm()).item()
+        assert err < 1e-4, f"{name}: relative difference {err:.1e}"
+
+
 # ----------------------------------------------------------------------------- when they run
 def test_the_switch_reads_its_values_and_names_itself(monkeypatch):
     for raw, want in (("1", True), ("on", True), ("0", False), ("no", False), ("", None)):
