@@ -364,7 +364,7 @@ _OVERRIDE: list = []
 
 @contextlib.contextmanager
 def forced(on: bool) -> Iterator[None]:
-    """Inside, :func:`glue_runs` answers ``on`` for eager calls whatever ``$DIT_ACCEL_SLA_GLUE`` says (the
+    """Inside, :func:`glue_runs` answers as ``$DIT_ACCEL_SLA_GLUE`` set to ``on`` would, whatever it says (the
     self-checks run each path they check this way; a forced True still checks the variant first)."""
     _OVERRIDE.append(bool(on))
     try:
