@@ -206,6 +206,33 @@ def test_a_batch_of_strided_videos_with_more_keys_than_queries_matches_the_opera
         assert err < 1e-4, f"{name}: relative difference {err:.1e}"
 
 
+@interpreter
+def test_a_traced_training_step_runs_the_glue_kernels_as_eager_does(monkeypatch):
+    """Under ``torch.compile`` (AOT autograd traces the backward: the op takes do_l, o_l and 1 / (den + eps) through
+    its fake implementation) with the glue forced, the gradients equal the eager call's, and the eager operators'
+    within rounding."""
+    monkeypatch.setenv(glue.ENV_GLUE, "1")
+    q, k, v = (_randn(1, 2, 256, 64, seed=s).half() for s in (70, 71, 72))
+    proj = make_proj(64).half()
+
+    def step(a, b, c):
+        return sla_attention(a, b, c, SLA(topk=0.1), proj, backend="triton")
+
+    launched = _spy_glue(monkeypatch)
+    grads = {}
+    for name, fn in (("eager", step), ("traced", torch.compile(step, backend="aot_eager"))):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        grads[name] = torch.autograd.grad(fn(*leaves).float().square().sum(), leaves)
+        assert "linear_grads" in launched and "grad_q" in launched
+        launched.clear()
+    monkeypatch.setenv(glue.ENV_GLUE, "0")
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    operators = torch.autograd.grad(step(*leaves).float().square().sum(), leaves)
+    for got, eager, ops in zip(grads["traced"], grads["eager"], operators):
+        assert torch.equal(got, eager)
+        torch.testing.assert_close(got, ops, rtol=1e-3, atol=1e-3 * ops.abs().max().item())
+
+
 # ----------------------------------------------------------------------------- when they run
 def test_the_switch_reads_its_values_and_names_itself(monkeypatch):
     for raw, want in (("1", True), ("on", True), ("0", False), ("no", False), ("", None)):
