@@ -41,6 +41,15 @@ def _qkv(grid, batch=1, heads=2, d=32, dtype=torch.float32, layout="bnhd", n=4, 
     return [torch.randn(batch, heads, tokens, d, generator=g).to(dtype) for _ in range(n)]
 
 
+def _both_orders(monkeypatch, call) -> dict:
+    """``{"0": call(), "1": call()}``: in cube order (``DIT_ACCEL_GATHER=0``), then reading raster order (``1``)."""
+    outs = {}
+    for forced in ("0", "1"):
+        monkeypatch.setenv(gather.ENV_GATHER, forced)
+        outs[forced] = call()
+    return outs
+
+
 def _spy(monkeypatch) -> list:
     calls = []
     real = raster.raster_forward
@@ -78,11 +87,8 @@ def test_vsa_attention_reads_raster_order_bit_for_bit(monkeypatch, grid, dtype):
         monkeypatch.setattr(module, name, lambda *a: built.append(1) or real_layout(*a))
     for seed in (0, 1):
         q, k, v, gate = _qkv(grid, dtype=dtype, seed=seed)
-        outs = {}
-        for forced in ("0", "1"):
-            monkeypatch.setenv(gather.ENV_GATHER, forced)
-            outs[forced] = dit_accel.vsa_attention(q, k, v, grid, topk=3, gate=gate, backend="triton",
-                                                   return_selection=True)
+        outs = _both_orders(monkeypatch, lambda: dit_accel.vsa_attention(q, k, v, grid, topk=3, gate=gate,
+                                                                         backend="triton", return_selection=True))
         assert torch.equal(outs["0"][0], outs["1"][0]) and torch.equal(outs["0"][1], outs["1"][1])
         ref = reference(*(x.double() for x in (q, k, v)), grid, 3, (4, 4, 4), gate.double())[0]
         tol = 2e-3 if dtype == torch.float16 else 1e-4
@@ -100,10 +106,7 @@ def test_fine_and_lse_come_back_in_raster_order(monkeypatch, grid):
     cubes = cubes_of(grid, (4, 4, 4))
     count = selected_count(cubes.count, None, 0.5)
     q, k, v = _qkv(grid, n=3, dtype=torch.float16)
-    parts = {}
-    for forced in ("0", "1"):
-        monkeypatch.setenv(gather.ENV_GATHER, forced)
-        parts[forced] = api.vsa_parts(q, k, v, grid, count, (4, 4, 4), 0.25, backend="triton")
+    parts = _both_orders(monkeypatch, lambda: api.vsa_parts(q, k, v, grid, count, (4, 4, 4), 0.25, backend="triton"))
     for name in ("fine", "lse", "coarse", "selection"):
         assert torch.equal(getattr(parts["0"], name), getattr(parts["1"], name)), name
     assert parts["1"].fine.transpose(1, 2).is_contiguous()
@@ -121,11 +124,8 @@ def test_batches_that_do_not_fold_run_one_at_a_time_bit_for_bit(monkeypatch):
     launches = []
     real = vsa_triton.coarse_triton
     monkeypatch.setattr(vsa_triton, "coarse_triton", lambda *a, **kw: launches.append(a[0].shape) or real(*a, **kw))
-    outs = {}
-    for forced in ("0", "1"):
-        monkeypatch.setenv(gather.ENV_GATHER, forced)
-        outs[forced] = dit_accel.vsa_attention(q, k, v, grid, topk=3, gate=gate, backend="triton",
-                                               return_selection=True)
+    outs = _both_orders(monkeypatch, lambda: dit_accel.vsa_attention(q, k, v, grid, topk=3, gate=gate,
+                                                                     backend="triton", return_selection=True))
     assert torch.equal(outs["0"][0], outs["1"][0]) and torch.equal(outs["0"][1], outs["1"][1])
     assert launches[-2:] == [(1, 2, 210, 32)] * 2 and list(api._RASTER_CHOICES.values()) == [True]
 
@@ -138,10 +138,7 @@ def test_joint_text_calls_through_the_plan_match_bit_for_bit(monkeypatch):
     n = 5 * 6 * 7 + 7
     q, k, v = _qkv((1, 1, n), n=3, dtype=torch.float16, seed=4)
     calls = _spy(monkeypatch)
-    outs = {}
-    for forced in ("0", "1"):
-        monkeypatch.setenv(gather.ENV_GATHER, forced)
-        outs[forced] = plan.run(q, k, v, num_text=7, text_first=False, backend="triton")[0]
+    outs = _both_orders(monkeypatch, lambda: plan.run(q, k, v, num_text=7, text_first=False, backend="triton")[0])
     assert calls == [1] and torch.equal(outs["0"], outs["1"])
 
 
@@ -239,12 +236,14 @@ def test_a_gated_model_under_apply_reads_raster_order_bit_for_bit(monkeypatch, t
     model = _load(tmp_path)
     kwargs = T.tiny_transformer_inputs("wan", model, grid=GRID, batch=1)
     calls = _spy(monkeypatch)
-    outs = {}
-    for forced in ("0", "1"):
-        monkeypatch.setenv(gather.ENV_GATHER, forced)
+
+    def run():
         with dit_accel.apply(model, dit_accel.VSA(topk=2), backend="triton") as handle, torch.no_grad():
-            outs[forced] = model(**kwargs)[0]
+            out = model(**kwargs)[0]
             assert len(handle.vsa_gates) == 2
+        return out
+
+    outs = _both_orders(monkeypatch, run)
     assert len(calls) == len(model.blocks) and torch.equal(outs["0"], outs["1"])
 
 
@@ -261,11 +260,8 @@ def test_gpu_raster_order_matches_cube_order(grid, monkeypatch, tmp_path):
     monkeypatch.delenv(gather.ENV_GATHER, raising=False)
     q, k, v, gate = (x.to(DEVICE) for x in _qkv(grid, heads=12, d=128, dtype=torch.bfloat16, seed=3))
     for _ in range(2):
-        outs = {}
-        for forced in ("0", "1"):
-            monkeypatch.setenv(gather.ENV_GATHER, forced)
-            outs[forced] = dit_accel.vsa_attention(q, k, v, grid, sparsity=0.9, gate=gate, backend="triton",
-                                                   return_selection=True)
+        outs = _both_orders(monkeypatch, lambda: dit_accel.vsa_attention(q, k, v, grid, sparsity=0.9, gate=gate,
+                                                                         backend="triton", return_selection=True))
         assert torch.equal(outs["0"][1], outs["1"][1])  # the same pools: the same selection
         torch.testing.assert_close(outs["1"][0].float(), outs["0"][0].float(), atol=2e-2, rtol=2e-2)
     monkeypatch.delenv(gather.ENV_GATHER)
