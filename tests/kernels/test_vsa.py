@@ -292,17 +292,17 @@ def test_gated_term_keeps_no_spread_made_in_a_capture(monkeypatch):
     """The cube coordinates of a partial dimension are made on the device (no host copy) and kept per grid, except
     when made inside a capture or a trace (their memory would be the graph's, written only when it replays)."""
     import dit_accel.kernels.request as request
-    from dit_accel.kernels.vsa import api, cubes_of, vsa_parts
+    from dit_accel.kernels.vsa import cubes_of, layouts, vsa_parts
 
     grid = (5, 8, 12)
     q, k, v, gate = _qkv((1, 1, 480, 16), seed=2)
     parts = vsa_parts(q, k, v, grid, 2, (4, 4, 4), 0.25, backend="torch")
-    monkeypatch.setattr(api, "_SPREADS", {})
+    monkeypatch.setattr(layouts, "SPREADS", {})
     monkeypatch.setattr(request, "in_graph", lambda: True)
     inside = parts.gated(gate, torch.float32)
-    assert api._SPREADS == {}
+    assert layouts.SPREADS == {}
     monkeypatch.setattr(request, "in_graph", lambda: False)
-    assert torch.equal(parts.gated(gate, torch.float32), inside) and len(api._SPREADS) == 1
+    assert torch.equal(parts.gated(gate, torch.float32), inside) and len(layouts.SPREADS) == 1
     assert cubes_of(grid, (4, 4, 4)).perm.grid == grid
 
 

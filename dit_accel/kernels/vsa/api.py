@@ -28,6 +28,7 @@ from . import fine as fine_path
 from . import raster
 from .layouts import cube_masks as _cube_masks
 from .layouts import layout_of_rows as _layout_of_rows
+from .layouts import token_views
 from .layouts import vsa_layout
 from .naive import CubeRows, Cubes, coarse_attention, cubes_of, fine_gathered, selected_count
 
@@ -320,11 +321,6 @@ def _raster_nested(fine_t: torch.Tensor, cubes: Cubes) -> Optional[torch.Tensor]
     return fine_t.view(b, h, *perm.num_tiles, *perm.tile, d).permute(0, 1, 2, 5, 3, 6, 4, 7, 8)
 
 
-# (grid, tile, device) -> per dimension of the grid: None where the cube's extent divides it, else the cube
-# coordinate of each token coordinate.
-_SPREADS: Dict[tuple, Tuple[Optional[torch.Tensor], ...]] = {}
-
-
 def gated_coarse(coarse: torch.Tensor, gate: torch.Tensor, cubes: Cubes, order, dtype: torch.dtype,
                  fine: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``coarse[cube of r] * gate[r] (+ fine[r])`` for every raster row ``r`` of ``gate`` ``(B, H, N, D)`` (``order``
@@ -337,7 +333,7 @@ def gated_coarse(coarse: torch.Tensor, gate: torch.Tensor, cubes: Cubes, order, 
     quarter of the tokens' size; FastWan's (16, 28, 52): none). The result is written straight in ``dtype``, one
     pass over gate and fine, with or without autograd (:class:`_Gated`)."""
     n = gate.shape[2]
-    views = _token_views(coarse, cubes, order)
+    views = token_views(coarse, cubes, order)
     if views is None:  # a ring rank's rows: each row gathers its cube's row (fp32, token-sized)
         c, tokens = coarse.index_select(2, _row_cubes(order, cubes.volume, coarse.device)), (n,)
     else:
@@ -390,35 +386,6 @@ class _Gated(torch.autograd.Function):
         if ctx.fine_dim is not None and ctx.needs_input_grad[2]:
             d_fine = grad if ctx.fine_dim == 4 else g  # (a nested fine view takes the gradient split like it)
         return d_c, d_gate, d_fine, None, None
-
-
-def _token_views(coarse: torch.Tensor, cubes: Cubes, order):
-    """``(cube rows shaped to broadcast over the tokens, the token axis's split)`` on the whole grid, or None."""
-    from ..request import in_graph
-
-    perm = cubes.perm
-    if order is not perm or coarse.shape[2] != cubes.count:
-        return None
-    key = (perm.grid, perm.tile, str(coarse.device))
-    spreads = _SPREADS.get(key)
-    if spreads is None:  # (made on the device, no host copy; not kept when made in a trace or a capture)
-        spreads = tuple(None if g % t == 0 else torch.div(torch.arange(g, device=coarse.device), t,
-                                                          rounding_mode="floor")
-                        for g, t in zip(perm.grid, perm.tile))
-        if not in_graph():
-            _SPREADS[key] = spreads
-    b, h, _, d = coarse.shape
-    c = coarse.reshape(b, h, *perm.num_tiles, d)
-    c_shape, tokens = [], []
-    for axis, (g, t, n, spread) in enumerate(zip(perm.grid, perm.tile, perm.num_tiles, spreads)):
-        if spread is None:
-            c_shape += [n, 1]
-            tokens += [n, t]
-        else:
-            c = c.index_select(2 + axis, spread)
-            c_shape.append(g)
-            tokens.append(g)
-    return c.reshape(b, h, *c_shape, d), tuple(tokens)
 
 
 def vsa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid, *, topk: Optional[int] = None,

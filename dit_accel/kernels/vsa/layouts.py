@@ -1,6 +1,7 @@
 """The fine branch's layout per call: a :class:`~dit_accel.kernels.BlockLayout` of the selected key cubes, block =
-cube, and the element masks of the partial cubes' real columns (:func:`vsa_layout`). Shared by the cube-order
-path (:mod:`.api`) and the raster one (:mod:`.raster`)."""
+cube, and the element masks of the partial cubes' real columns (:func:`vsa_layout`); and the views that spread a
+row per cube over the cube's raster tokens (:func:`token_views`). Shared by the cube-order path (:mod:`.api`) and
+the raster one (:mod:`.raster`)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import torch
 from ..layout import BlockLayout
 from .naive import Cubes
 
-__all__ = ["vsa_layout", "layout_of_rows", "cube_masks"]
+__all__ = ["vsa_layout", "layout_of_rows", "cube_masks", "token_views"]
 
 
 # (grid, tile, device) -> (mask ids [C] int32, element mask table [P, V, V] or None) of the partial cubes.
@@ -60,3 +61,40 @@ def layout_of_rows(cubes: Cubes, selection: torch.Tensor) -> BlockLayout:
     return BlockLayout._from_full_rows(cols, ids, q_len=c_q * cubes.volume,
                                        kv_len=cubes.perm.num_padded, block_q=cubes.volume, block_k=cubes.volume,
                                        mask_table=table, q_width=c_q)
+
+
+# (grid, tile, device) -> per dimension of the grid: None where the cube's extent divides it, else the cube
+# coordinate of each token coordinate.
+SPREADS: Dict[tuple, Tuple[Optional[torch.Tensor], ...]] = {}
+
+
+def token_views(coarse: torch.Tensor, cubes: Cubes, order):
+    """``(cube rows shaped to broadcast over the tokens, the token axis's split)`` of per-cube rows ``coarse``
+    ``(B, H, C, D)`` on the whole grid (``order`` the grid's permutation), or None (a ring rank's rows): each grid
+    dimension that the cube's extent divides split into (cubes, extent), so a cube's row broadcasts over its
+    tokens; a dimension that does not divide gathers the cube rows to token resolution along it."""
+    from ..request import in_graph
+
+    perm = cubes.perm
+    if order is not perm or coarse.shape[2] != cubes.count:
+        return None
+    key = (perm.grid, perm.tile, str(coarse.device))
+    spreads = SPREADS.get(key)
+    if spreads is None:  # (made on the device, no host copy; not kept when made in a trace or a capture)
+        spreads = tuple(None if g % t == 0 else torch.div(torch.arange(g, device=coarse.device), t,
+                                                          rounding_mode="floor")
+                        for g, t in zip(perm.grid, perm.tile))
+        if not in_graph():
+            SPREADS[key] = spreads
+    b, h, _, d = coarse.shape
+    c = coarse.reshape(b, h, *perm.num_tiles, d)
+    c_shape, tokens = [], []
+    for axis, (g, t, n, spread) in enumerate(zip(perm.grid, perm.tile, perm.num_tiles, spreads)):
+        if spread is None:
+            c_shape += [n, 1]
+            tokens += [n, t]
+        else:
+            c = c.index_select(2 + axis, spread)
+            c_shape.append(g)
+            tokens.append(g)
+    return c.reshape(b, h, *c_shape, d), tuple(tokens)

@@ -34,7 +34,7 @@ import triton.language as tl
 from ..sla.select import NK_MAX, _keys, _top
 from .naive import Cubes, cube_sizes, top_cubes
 
-__all__ = ["coarse_triton", "fused_selection", "aot_source", "KERNELS", "BLOCK_CUBES", "ROWS", "NK_MAX",
+__all__ = ["coarse_triton", "pool_triton", "coarse_of_means", "fused_selection", "aot_source", "KERNELS", "BLOCK_CUBES", "ROWS", "NK_MAX",
            "NUM_WARPS", "VARIANT"]
 
 VARIANT = "vsa.triton.coarse"
@@ -191,6 +191,13 @@ def coarse_triton(q_t: torch.Tensor, k_t: torch.Tensor, v_t: torch.Tensor, cubes
     ``selection`` int64 ``(B, H, C, count)``: the twin's selection (up to fp32 near-ties), listed ascending with
     exact ties going to the lower index, selected in the launch (:func:`fused_selection`) or past :data:`NK_MAX`
     cubes by :func:`top_cubes`."""
+    return coarse_of_means(*pool_triton(q_t, k_t, v_t, cubes, rows), count, scale, with_output)
+
+
+def pool_triton(q_t: torch.Tensor, k_t: torch.Tensor, v_t: torch.Tensor, cubes: Cubes,
+                rows: Optional[torch.Tensor] = None):
+    """The pool launch of :func:`coarse_triton` (its inputs): the fp32 means over each cube's real tokens of q, k
+    and v, each ``(B, H, C, D)``."""
     b, h, n, d = q_t.shape
     c, vol = cubes.count, cubes.volume
     device = q_t.device
@@ -200,6 +207,16 @@ def coarse_triton(q_t: torch.Tensor, k_t: torch.Tensor, v_t: torch.Tensor, cubes
     KERNELS["pool"][(b * h, c)](q3, k3, v3, qc, kc, vc, inv, inv if rows is None else rows, *q3.stride(),
                                 *k3.stride(), *v3.stride(), qc.stride(0), qc.stride(1), d,
                                 **_pool_constexprs(d, vol, rows is not None), num_warps=NUM_WARPS)
+    return qc.view(b, h, c, d), kc.view(b, h, c, d), vc.view(b, h, c, d)
+
+
+def coarse_of_means(qc: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, count: int, scale: float,
+                    with_output: bool = True):
+    """The coarse launch of :func:`coarse_triton` (its result) on the contiguous fp32 cube means ``(B, H, C, D)``
+    of :func:`pool_triton`."""
+    b, h, c, d = qc.shape
+    device = qc.device
+    qc, kc, vc = (x.view(b * h, c, d) for x in (qc, kc, vc))
     scores = torch.empty(b * h, c, c, dtype=torch.float32, device=device)
     out = torch.empty(b * h, c, d, dtype=torch.float32, device=device) if with_output else scores
     cx = _coarse_constexprs(c, d, with_output)
