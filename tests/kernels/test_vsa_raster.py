@@ -1,4 +1,4 @@
-"""VSA's inference forward on raster-order tensors (kernels/vsa/raster.py).
+"""VSA on raster-order tensors (kernels/vsa/raster.py): inference and training calls.
 
 Both branches read q, k and v where they are (the pool launch and the fine branch's gathered forward through the
 cube permutation's row table) instead of copies in cube order: the same sums and the same tiles reach the same
@@ -144,27 +144,108 @@ def test_joint_text_calls_through_the_plan_match_bit_for_bit(monkeypatch):
 
 @interpreter
 def test_calls_it_must_not_take_keep_cube_order(monkeypatch):
-    """A backward to record (whose gradients flow), the switch off, a CPU call unasked, the PyTorch twin, a trace:
-    each runs in cube order."""
+    """The PyTorch twin (with or without a backward to record), the switch off, a CPU call unasked, a trace: each
+    runs in cube order."""
     grid = (5, 6, 7)
     calls = _spy(monkeypatch)
     monkeypatch.setenv(gather.ENV_GATHER, "1")
-    leaves = [x.requires_grad_() for x in _qkv(grid)]
-    out = dit_accel.vsa_attention(*leaves[:3], grid, topk=3, gate=leaves[3], backend="triton")
-    out.sum().backward()
-    assert all(t.grad is not None and torch.isfinite(t.grad).all() for t in leaves)
     q, k, v = _qkv(grid, n=3)
     dit_accel.vsa_attention(q, k, v, grid, topk=3, backend="torch")  # (the twin: decided, cube order)
-    assert calls == [] and list(api._RASTER_CHOICES.values()) == [False]
+    leaves = [x.requires_grad_() for x in _qkv(grid)]
+    dit_accel.vsa_attention(*leaves[:3], grid, topk=3, gate=leaves[3], backend="torch").sum().backward()
+    assert calls == [] and list(api._RASTER_CHOICES.values()) == [False, False]
     monkeypatch.setenv(gather.ENV_GATHER, "0")
     dit_accel.vsa_attention(q, k, v, grid, topk=3, backend="triton")
     monkeypatch.delenv(gather.ENV_GATHER)
     dit_accel.vsa_attention(q, k, v, grid, topk=3, backend="triton")
-    assert calls == [] and len(api._RASTER_CHOICES) == 1
+    assert calls == [] and len(api._RASTER_CHOICES) == 2  # (nothing decided since)
     monkeypatch.setenv(gather.ENV_GATHER, "1")
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
     monkeypatch.setattr(api, "_raster_decision", lambda *a: pytest.fail("decided"))
     assert not api._reads_raster(q, k, v, cubes_of(grid, (4, 4, 4)), 3, 0.2, True, "triton", False)
+
+
+def _train_step(q, k, v, gate, grid, forced: str, monkeypatch, **kw):
+    """``(out, selection, [dq, dk, dv, dgate])`` of one VSA training call on fresh leaves of q, k, v and gate."""
+    monkeypatch.setenv(gather.ENV_GATHER, forced)
+    leaves = [x.detach().clone().requires_grad_() for x in (q, k, v, gate) if x is not None]
+    out, selection = dit_accel.vsa_attention(*leaves[:3], grid, gate=leaves[3] if gate is not None else None,
+                                             return_selection=True, **kw)
+    out.backward(torch.linspace(-1, 1, out.numel(), device=out.device).view(out.shape).to(out.dtype))
+    return out.detach(), selection, [x.grad for x in leaves]
+
+
+def _reference_step(q, k, v, gate, grid, count):
+    """The float64 reference's ``(out, [dq, dk, dv, dgate])`` under the same output gradient."""
+    leaves = [x.detach().double().requires_grad_() for x in (q, k, v, gate) if x is not None]
+    out = reference(*leaves[:3], grid, count, (4, 4, 4), leaves[3] if gate is not None else None)[0]
+    out.backward(torch.linspace(-1, 1, out.numel(), dtype=torch.float64).view(out.shape))
+    return out.detach(), [x.grad for x in leaves]
+
+
+@interpreter
+@pytest.mark.parametrize("grid,batch,layout,gated", [
+    ((5, 6, 7), 1, "bnhd", True),  # partial cubes in every dimension
+    ((4, 8, 8), 1, "bnhd", True),  # whole cubes: each cube's gradient a broadcast
+    ((5, 6, 7), 2, "bhnd", False),  # two batches folded into heads; no gate (the fine branch alone)
+    ((3, 9, 10), 2, "bnhd", True),  # a batch that does not fold: one batch at a time
+], ids=["partial", "whole", "b2-nogate", "b2-unfolded"])
+def test_a_training_call_reads_raster_order_both_ways(monkeypatch, grid, batch, layout, gated):
+    """A call that records a backward reads raster order in its forward and its backward (the gathered two-pass
+    kernels, and each cube's mean gradient added over its tokens in place): the output and every gradient within
+    fp32 rounding of the cube-order path's and of the float64 reference's, the same selection."""
+    calls = []
+    real = raster.raster_train
+    monkeypatch.setattr(raster, "raster_train", lambda *a: calls.append(1) or real(*a))
+    q, k, v, gate = _qkv(grid, batch=batch, heads=3 - batch, layout=layout, seed=4)
+    gate = gate if gated else None
+    count = 3
+    cube = _train_step(q, k, v, gate, grid, "0", monkeypatch, topk=count, backend="triton")
+    assert calls == []
+    got = _train_step(q, k, v, gate, grid, "1", monkeypatch, topk=count, backend="triton")
+    # (a batch that does not fold runs each of its videos through raster_train again)
+    assert calls == [1] * (1 if raster.folds(q) else 1 + batch) and list(api._RASTER_CHOICES.values()) == [True]
+    assert torch.equal(got[1], cube[1])
+    torch.testing.assert_close(got[0], cube[0], atol=1e-5, rtol=1e-5)
+    ref_out, ref_grads = _reference_step(q, k, v, gate, grid, count)
+    torch.testing.assert_close(got[0].double(), ref_out, atol=1e-4, rtol=1e-4)
+    for name, a, b, ref in zip("qkvg", got[2], cube[2], ref_grads):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4, msg=lambda m: f"d{name} against cube order: {m}")
+        torch.testing.assert_close(a.double(), ref, atol=1e-4, rtol=1e-4, msg=lambda m: f"d{name}: {m}")
+
+
+@interpreter
+def test_a_training_class_is_decided_apart_and_timed_with_its_backward(monkeypatch, tmp_path):
+    """The autograd state is part of the class: an inference call's choice is not a training call's. Unforced, a
+    training class times forward and backward of both paths (family vsa.gather_train) and asks for the gathered
+    backward's self-check too."""
+    monkeypatch.setenv("DIT_ACCEL_CACHE", str(tmp_path))
+    monkeypatch.delenv(gather.ENV_GATHER, raising=False)
+    grid = (5, 6, 7)
+    cubes = cubes_of(grid, (4, 4, 4))
+    q, k, v = _qkv(grid, n=3)
+    asked, families, backwards = [], [], []
+    monkeypatch.setattr("dit_accel.kernels.block_sparse.gather.gather_runs",
+                        lambda *a: asked.append(a[-1]) or True)  # (its last argument: backward)
+    monkeypatch.setattr("torch.autograd.grad", lambda *a, real=torch.autograd.grad, **kw: backwards.append(1) or
+                        real(*a, **kw))
+
+    def faster(family, *a, **kw):
+        families.append(family)
+        for gathered in (True, False):
+            a[-1](gathered)
+        return True
+
+    monkeypatch.setattr("dit_accel.kernels.block_sparse.gather.raster_faster", faster)
+    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    args = (cubes, 3, True, "triton", None)
+    assert api._raster_key(q, k, v, *args) != api._raster_key(*leaves, *args)
+    assert api._raster_decision(q, k, v, cubes, 3, 0.2, True, "triton", None, False)
+    assert asked == [False] and families == [raster.FAMILY] and backwards == []
+    assert api._raster_decision(*leaves, cubes, 3, 0.2, True, "triton", None, False)
+    assert asked == [False, True] and families == [raster.FAMILY, raster.TRAIN_FAMILY]
+    assert len(backwards) == 3  # (the decision's cube-order run, then both paths timed)
+    assert all(x.grad is None for x in leaves)  # timed on detached copies
 
 
 @interpreter
@@ -270,3 +351,27 @@ def test_gpu_raster_order_matches_cube_order(grid, monkeypatch, tmp_path):
         out = dit_accel.vsa_attention(q, k, v, grid, sparsity=0.9, gate=gate, backend="triton")
         torch.testing.assert_close(out.float(), outs["0"][0].float(), atol=2e-2, rtol=2e-2)
     assert len(api._RASTER_CHOICES) == 1  # decided once (timed against cube order where its checks passed)
+
+
+@pytest.mark.gpu
+def test_gpu_training_raster_order_matches_cube_order(monkeypatch, tmp_path):
+    """A grid of partial cubes (60 of them), 2 heads of 128 in bf16, gated, 6 key cubes per query cube: a training
+    call reading raster order both ways (the gathered forward and backward, each cube's mean gradient spread in
+    place) against the cube-order one and the float64 reference: the same selection (no near-tie at 60 cubes),
+    the output and every gradient within bf16 rounding. Small enough for the dense reference; at Wan's 798 cubes
+    the two paths' fp32 means (the pool launch's, the twin's) can rank a near-tie apart."""
+    from tests.utils import DEVICE
+
+    monkeypatch.setenv("DIT_ACCEL_SELFCHECK", "1")
+    monkeypatch.setenv("DIT_ACCEL_CACHE", str(tmp_path))
+    grid = (9, 15, 18)
+    q, k, v, gate = (x.to(DEVICE) for x in _qkv(grid, heads=2, d=128, dtype=torch.bfloat16, seed=5))
+    cube = _train_step(q, k, v, gate, grid, "0", monkeypatch, topk=6, backend="triton")
+    got = _train_step(q, k, v, gate, grid, "1", monkeypatch, topk=6, backend="triton")
+    assert torch.equal(got[1], cube[1])
+    ref_out, ref_grads = _reference_step(*(x.cpu() for x in (q, k, v, gate)), grid, 6)
+    torch.testing.assert_close(got[0].float(), cube[0].float(), atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(got[0].double().cpu(), ref_out, atol=2e-2, rtol=2e-2)
+    for a, b, ref in zip(got[2], cube[2], ref_grads):
+        torch.testing.assert_close(a.float(), b.float(), atol=2e-2, rtol=2e-2)
+        torch.testing.assert_close(a.double().cpu(), ref, atol=2e-2, rtol=2e-2)

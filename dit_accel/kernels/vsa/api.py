@@ -2,9 +2,9 @@
 
 The coarse branch (cube means, softmax attention between them, top-k key cubes per query cube) is ``C x C``
 fp32 work for ``C`` cubes (``N / 64`` at the default tile): on CUDA two Triton launches (:mod:`.triton`,
-forward only, under the self-check ``vsa.triton.coarse``), else and under autograd the PyTorch twin; the
-selection is the same either way: picked inside the coarse launch or by the twin's ``top_cubes`` (ascending,
-exact ties to the lower index).
+forward only, under the self-check ``vsa.triton.coarse``), else and under autograd the PyTorch twin (a training
+call reading raster order, :mod:`.raster`: the launches' means under autograd); the selection is the same either
+way: picked inside the coarse launch or by the twin's ``top_cubes`` (ascending, exact ties to the lower index).
 The fine branch is a :class:`~dit_accel.kernels.BlockLayout` whose blocks are the cubes, one layout head
 per (batch, head), run by :func:`~dit_accel.kernels.block_sparse_attention` (its backends and their
 self-checks): no second block-sparse kernel. A partial edge cube's real tokens come first (packed cube order),
@@ -128,12 +128,13 @@ def vsa_parts(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid: Tuple[int
     """VSA's branches for checked inputs (raster order, ``count`` key cubes per query cube): the plans call
     this on every layer call (with their ``cubes``, built once); :func:`vsa_attention` is the checked
     public entry point. ``tiled_fine``: the caller reads ``fine`` only through :meth:`VSAResult.gated` with
-    ``add_fine``, so on a grid of whole cubes it is left in tiled order (see :class:`VSAResult`). An eager
-    inference call may read q, k and v in raster order instead of copying them into cube order (:mod:`.raster`:
-    the same parts, bit for bit)."""
+    ``add_fine``, so on a grid of whole cubes it is left in tiled order (see :class:`VSAResult`). An eager call
+    may read q, k and v in raster order instead of copying them into cube order (:mod:`.raster`: at inference the
+    same parts, bit for bit; a training call's within rounding, its backward reading raster order too)."""
     cubes = cubes_of(grid, tile) if cubes is None else cubes
     if _reads_raster(q, k, v, cubes, count, scale, with_coarse, backend, tiled_fine):
-        coarse, selection, fine, lse = raster.raster_forward(q, k, v, cubes, count, scale, with_coarse)
+        path = raster.raster_train if records_grad(q, k, v) else raster.raster_forward
+        coarse, selection, fine, lse = path(q, k, v, cubes, count, scale, with_coarse)
         return VSAResult(fine, lse, coarse, selection, count / cubes.count, cubes, cubes.perm)
     return _cube_order(q, k, v, cubes, count, scale, with_coarse, backend, tiled_fine)
 
@@ -163,7 +164,7 @@ def _raster_key(q, k, v, cubes: Cubes, count: int, with_coarse: bool, backend: s
     from ..request import env_value
 
     return (cubes.perm.grid, cubes.perm.tile, count, with_coarse, backend, forced, env_value(), autotune.enabled(),
-            q.shape, q.stride(), k.stride(), v.stride(), q.dtype, q.device)
+            records_grad(q, k, v), q.shape, q.stride(), k.stride(), v.stride(), q.dtype, q.device)
 
 
 def _reads_raster(q, k, v, cubes: Cubes, count: int, scale: float, with_coarse: bool, backend: str,
@@ -173,7 +174,7 @@ def _reads_raster(q, k, v, cubes: Cubes, count: int, scale: float, with_coarse: 
     from ..block_sparse.gather import gather_fits, gather_forced, kept_choice, raster_allowed
 
     forced = gather_forced()
-    if not raster_allowed(q, forced) or records_grad(q, k, v) or k.shape != q.shape or v.shape != q.shape \
+    if not raster_allowed(q, forced) or k.shape != q.shape or v.shape != q.shape \
             or not gather_fits(*raster.launched(q, k, v)):
         return False
     key = _raster_key(q, k, v, cubes, count, with_coarse, backend, forced)
@@ -184,26 +185,37 @@ def _reads_raster(q, k, v, cubes: Cubes, count: int, scale: float, with_coarse: 
 def _raster_decision(q, k, v, cubes: Cubes, count: int, scale: float, with_coarse: bool, backend: str, forced,
                      tiled_fine: bool) -> bool:
     """The class's first eager call: the cube-order path runs once (deciding the fine branch's backend), then the
-    raster path is taken where both branches run Triton, the gathered forward passed its self-check, and it timed
-    faster (``forced``: without timing)."""
+    raster path is taken where both branches run Triton, the gathered forward (for a training call, its backward
+    too) passed its self-check, and it timed faster (a training call: forward and backward, on detached copies;
+    ``forced``: without timing)."""
     from ..block_sparse.gather import gather_runs, raster_faster
 
     b, h, n, d = q.shape
-    if not _fused_coarse(q, k, v, with_coarse, backend):
+    grad = records_grad(q, k, v)
+    # (the launches pool and select on a training call too: its gradient takes the means, :mod:`.raster`)
+    if not _fused_coarse(q, k, v, with_coarse and not grad, backend):
         return False
+    leaves = [x.detach().requires_grad_(grad) for x in (q, k, v)]
 
-    def cube_order():
-        return _cube_order(q, k, v, cubes, count, scale, with_coarse, backend, tiled_fine)
+    def run(gather: bool):
+        if gather:
+            coarse, _, fine_out, _ = (raster.raster_train if grad else raster.raster_forward)(
+                *leaves, cubes, count, scale, with_coarse)
+        else:
+            parts = _cube_order(*leaves, cubes, count, scale, with_coarse, backend, tiled_fine)
+            coarse, fine_out = parts.coarse, parts.fine
+        if grad:  # (a gated call's output is made of both)
+            outs = [x for x in (coarse, fine_out) if x is not None]
+            torch.autograd.grad(outs, leaves, [torch.ones_like(x) for x in outs], allow_unused=True)
 
-    cube_order()
+    run(False)
     fine = backend if backend != "auto" else chosen_fine_backend(
-        cubes.perm.grid, (1, b * h, cubes.perm.num_padded, d), False, q.dtype)
+        cubes.perm.grid, (1, b * h, cubes.perm.num_padded, d), grad, q.dtype)
     vol = cubes.volume
-    if fine != "triton" or not gather_runs(q.device, q.dtype, d, vol, vol, forced):
+    if fine != "triton" or not gather_runs(q.device, q.dtype, d, vol, vol, forced, grad):
         return False
-    return bool(forced) or raster_faster(
-        raster.FAMILY, q, vol, vol, count / cubes.count,
-        lambda gather: raster.raster_forward(q, k, v, cubes, count, scale, with_coarse) if gather else cube_order())
+    return bool(forced) or raster_faster(raster.TRAIN_FAMILY if grad else raster.FAMILY, q, vol, vol,
+                                         count / cubes.count, run)
 
 
 def _by_cube(x_t: torch.Tensor, cubes: Cubes) -> torch.Tensor:

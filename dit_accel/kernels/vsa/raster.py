@@ -16,6 +16,19 @@ records a backward, no trace) whose coarse branch runs the Triton launches and w
 every row offset fits 32 bits (a batch that does not fold into heads as a view, :func:`folds`, runs one batch at a
 time), and it timed faster than the cube-order path on the call's inputs (autotune family :data:`FAMILY`), decided
 by the class's first eager call and kept; a CUDA graph capture takes the eager answer, or cube order.
+
+A call that records a backward (:func:`raster_train`) reads raster order both ways too, where the gathered backward
+passed its self-check as well and forward and backward together timed faster (family :data:`TRAIN_FAMILY`). The
+cube-order training path copied q, k and v into cube order, ran the coarse branch's PyTorch twin on the copies
+(the launches are forward only), and in the backward scattered the fine output's gradient into cube order, added
+the coarse branch's gradient (each cube's, expanded over its tokens) to the fine branch's in cube order and
+scattered the sums back. Here one autograd function runs the pool launch (through the row table), selects from
+the means in the coarse launch and runs the gathered forward; the coarse output is computed from its fp32 means
+under autograd (the twin's formula; ``C x C`` work). Its backward runs the gathered two-pass backward, which
+writes dQ, dK and dV in raster order, and adds each cube's mean gradient over the cube's tokens in place
+(:func:`~.layouts.token_views`: a broadcast, no token-sized copy; rounded once from fp32). The means are the pool
+launch's, not the twin's (another fp32 summation order), so the selection is the cube-order path's up to fp32
+near-ties and the gradients are within rounding of it.
 """
 
 from __future__ import annotations
@@ -25,13 +38,14 @@ from typing import Optional, Tuple
 import torch
 
 from . import fine as fine_path
-from .layouts import cube_masks, layout_of_rows
-from .naive import Cubes
+from .layouts import cube_masks, layout_of_rows, token_views
+from .naive import Cubes, cube_sizes
 
-__all__ = ["FAMILY", "raster_forward", "folds", "folded", "launched"]
+__all__ = ["FAMILY", "TRAIN_FAMILY", "raster_forward", "raster_train", "folds", "folded", "launched"]
 
-#: The autotune family of the choice between the raster and the cube-order forward.
-FAMILY = "vsa.gather"
+#: The autotune families of the choice between the raster and the cube-order path: an inference call's forward,
+#: and a training call's forward and backward.
+FAMILY, TRAIN_FAMILY = "vsa.gather", "vsa.gather_train"
 
 
 def folds(x: torch.Tensor) -> bool:
@@ -64,11 +78,8 @@ def raster_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cubes: Cub
     from .triton import coarse_triton
 
     b, h, n, d = q.shape
-    if not all(folds(x) for x in (q, k, v)):  # (a pipeline's (B, N, H, D) batch: one batch at a time, then joined)
-        parts = [raster_forward(q[i:i + 1], k[i:i + 1], v[i:i + 1], cubes, count, scale, with_coarse)
-                 for i in range(b)]
-        coarse, selection, fine, lse = (None if p[0] is None else torch.cat(p) for p in zip(*parts))
-        return coarse, selection, fine, lse
+    if not all(folds(x) for x in (q, k, v)):
+        return _per_batch(raster_forward, q, k, v, cubes, count, scale, with_coarse)
     table = cubes.perm.row_table(q.device)
     coarse, _, selection = coarse_triton(q, k, v, cubes, count, scale, with_coarse, rows=table)
     q_f, k_f, v_f = (folded(x) for x in (q, k, v))
@@ -80,3 +91,66 @@ def raster_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cubes: Cub
         fine_path.remember(q_f, k_f, v_f, cubes, rows, layout, cube_masks(cubes, q.device)[0], table)
     o, lse = ran
     return coarse, selection, o.view(b, h, n, d), lse.view(b, h, n)
+
+
+def _per_batch(fn, q, k, v, *args):
+    """``fn``'s parts of a batch that does not fold into heads as a view (a pipeline's (B, N, H, D) batch): one
+    batch at a time, the parts joined."""
+    parts = [fn(q[i:i + 1], k[i:i + 1], v[i:i + 1], *args) for i in range(q.shape[0])]
+    return tuple(None if p[0] is None else torch.cat(p) for p in zip(*parts))
+
+
+def raster_train(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cubes: Cubes, count: int, scale: float,
+                 with_coarse: bool) -> Tuple[Optional[torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`raster_forward`'s parts for a call that records a backward (the module docstring): gradients flow to
+    q, k and v through the fine output, its lse and (``with_coarse``) the coarse output, not through the
+    selection. The caller decided the path; no input checks here."""
+    if not all(folds(x) for x in (q, k, v)):
+        return _per_batch(raster_train, q, k, v, cubes, count, scale, with_coarse)
+    fine, lse, qc, kc, vc, selection = _RasterTrain.apply(q, k, v, cubes, count, scale)
+    coarse = None
+    if with_coarse:  # (the twin's formula, on the pool launch's means)
+        coarse = torch.matmul(torch.softmax(torch.matmul(qc, kc.transpose(-1, -2)) * scale, dim=-1), vc)
+    return coarse, selection, fine, lse
+
+
+class _RasterTrain(torch.autograd.Function):
+    """The pool launch, the selection and the gathered fine forward of raster ``q``, ``k``, ``v`` (folding into
+    heads): ``(fine, lse, q means, k means, v means, selection)``; the backward is the gathered two-pass one plus
+    each cube's mean gradient spread over its tokens in place."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, cubes: Cubes, count: int, scale: float):
+        from ..block_sparse.triton import triton_forward
+        from .triton import coarse_of_means, pool_triton
+
+        b, h, n, d = q.shape
+        table = cubes.perm.row_table(q.device)
+        means = pool_triton(q, k, v, cubes, rows=table)
+        _, _, selection = coarse_of_means(*means, count, scale, with_output=False)
+        layout = layout_of_rows(cubes, selection)
+        o, lse = triton_forward(folded(q), folded(k), folded(v), layout, scale, rows=table)
+        ctx.save_for_backward(q, k, v, o, lse)
+        ctx.cubes, ctx.layout, ctx.scale, ctx.table = cubes, layout, scale, table
+        ctx.mark_non_differentiable(selection)
+        ctx.set_materialize_grads(False)
+        return (o.view(b, h, n, d), lse.view(b, h, n)) + tuple(means) + (selection,)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, d_fine, d_lse, d_qc, d_kc, d_vc, _):
+        from ..block_sparse.triton import triton_backward
+
+        q, k, v, o, lse = ctx.saved_tensors
+        b, h, n, d = q.shape
+        d_o = torch.zeros_like(o) if d_fine is None else d_fine.reshape(o.shape)
+        d_lse = None if d_lse is None else d_lse.reshape(lse.shape)
+        grads = triton_backward(d_o, folded(q), folded(k), folded(v), o, lse, ctx.layout, ctx.scale, d_lse,
+                                rows=ctx.table)
+        grads = [g.view(b, h, n, d) for g in grads]
+        inv = cube_sizes(ctx.cubes, q.device, inverse=True)[:, None]
+        for g, d_means in zip(grads, (d_qc, d_kc, d_vc)):
+            if d_means is not None:  # d x[r] += d mean[cube of r] / size of that cube, rounded once
+                rows, tokens = token_views(d_means * inv, ctx.cubes, ctx.cubes.perm)
+                g.unflatten(2, tokens).add_(rows)
+        return (*grads, None, None, None)

@@ -19,7 +19,9 @@ going to the lower index, as the twin's :func:`~.naive.top_cubes` (one plan, one
 
 Bound: the fused selection takes ``C <= NK_MAX`` (2048) cubes (FastWan 480p has 624 at 4x4x4); past it the
 launch writes the scores only and the selection is :func:`~.naive.top_cubes` of them (the same rule).
-Forward only: a call that needs gradients through the coarse branch runs the twin (:mod:`.api` decides).
+Forward only: a call that needs gradients through the coarse branch runs the twin (:mod:`.api` decides), or where
+it reads raster order takes the pool launch's means through an autograd function whose backward spreads their
+gradient over the cubes' tokens (:func:`.raster.raster_train`).
 Registered with the first-use self-check as ``vsa.triton.coarse``.
 """
 
