@@ -140,29 +140,45 @@ def kept_stub(module, name: str, make: Callable[[Callable], Callable], compute: 
         setattr(module, name, saved)
 
 
-def twin_coarse():
-    """Inside :func:`stub_launches`: VSA's ``coarse_triton`` runs as it does (its host work, its two stubbed
-    launches) and returns the PyTorch twin's result for its inputs, worked out on a first call and kept (the stubbed
-    launches leave their outputs unwritten, and the fine branch indexes with the selection)."""
+@contextlib.contextmanager
+def twin_coarse() -> Iterator[None]:
+    """Inside :func:`stub_launches`: VSA's ``coarse_triton``, and its ``pool_triton`` and ``coarse_of_means`` where a
+    training call reading raster order calls them apart, run as they do (their host work, their stubbed launches)
+    and return the PyTorch twin's result for their inputs, worked out on a first call and kept (the stubbed launches
+    leave their outputs unwritten, and the fine branch indexes with the selection)."""
+    import torch
+
     from ..kernels.vsa import triton as vsa_triton
-    from ..kernels.vsa.naive import coarse_attention
+    from ..kernels.vsa.naive import _cube_means, coarse_attention, top_cubes
 
-    real = vsa_triton.coarse_triton
-
-    def twin(q_t, k_t, v_t, cubes, count, scale, with_output, rows=None):
+    def cube_order(q_t, k_t, v_t, cubes, rows):
         if rows is not None:  # raster inputs: the twin takes them in cube order
             q_t, k_t, v_t = (cubes.perm.permute(x, dim=-2) for x in (q_t, k_t, v_t))
-        return coarse_attention(q_t, k_t, v_t, cubes, count, scale, with_output)
+        return q_t, k_t, v_t
 
-    def make(stub):
-        def coarse_triton(*args, **kw):
-            real(*args, **kw)
-            return stub(*args, **kw)
-        return coarse_triton
+    def coarse(q_t, k_t, v_t, cubes, count, scale, with_output=True, rows=None):
+        return coarse_attention(*cube_order(q_t, k_t, v_t, cubes, rows), cubes, count, scale, with_output)
 
-    return kept_stub(vsa_triton, "coarse_triton", make, twin,
-                     lambda q_t, k_t, v_t, cubes, count, scale, with_output, rows=None: (
-                         tuple(q_t.shape), tuple(q_t.stride()), count, with_output, rows is not None))
+    def pool(q_t, k_t, v_t, cubes, rows=None):
+        return tuple(_cube_means(x, cubes, torch.float32) for x in cube_order(q_t, k_t, v_t, cubes, rows))
+
+    def of_means(qc, kc, vc, count, scale, with_output=True):
+        scores = torch.matmul(qc, kc.transpose(-1, -2)) * scale
+        out = torch.matmul(torch.softmax(scores, dim=-1), vc) if with_output else None
+        return out, scores, top_cubes(scores, count)
+
+    def runs_then(name):  # (the real function first: its host work and its stubbed launches are counted)
+        real = getattr(vsa_triton, name)
+        return lambda stub: lambda *args, **kw: (real(*args, **kw), stub(*args, **kw))[1]
+
+    def key(x, *rest, **kw):
+        return (tuple(x.shape), tuple(x.stride())) + tuple(r for r in rest if isinstance(r, (int, float))) + \
+            tuple(sorted((name, value is not None if name == "rows" else value) for name, value in kw.items()))
+
+    with kept_stub(vsa_triton, "coarse_triton", runs_then("coarse_triton"), coarse, key), \
+            kept_stub(vsa_triton, "pool_triton", runs_then("pool_triton"), pool, key), \
+            kept_stub(vsa_triton, "coarse_of_means", runs_then("coarse_of_means"), of_means, key):
+        yield
 
 
 #: Allocations: on a GPU a caching-allocator call, no kernel launch.

@@ -16,8 +16,8 @@ Cases, each at ``grid`` (default Wan 2.1 480p's (21, 30, 52)) with ``heads`` hea
   forward only, and forward + backward; ``tile_raster``, ``tile_train_raster``: the same with the kernels reading
   raster order (:mod:`~dit_accel.kernels.block_sparse.gather`, forced: ``DIT_ACCEL_GATHER=1``);
 - ``vsa``, ``vsa_train``: ``vsa_attention`` with a gate, sparsity 0.9; ``vsa_nogate``: without a gate (the fine
-  branch alone), so ``vsa - vsa_nogate`` is the gated term's traffic; ``vsa_raster``: ``vsa`` with both branches
-  reading raster order (:mod:`~dit_accel.kernels.vsa.raster`, forced);
+  branch alone), so ``vsa - vsa_nogate`` is the gated term's traffic; ``vsa_raster``, ``vsa_train_raster``:
+  ``vsa`` and ``vsa_train`` with both branches reading raster order (:mod:`~dit_accel.kernels.vsa.raster`, forced);
 - ``sla``, ``sla_train``: ``sla_attention`` with a projection (trained SLA), top-k 0.05 (its classification
   launches stubbed by the PyTorch twin's block lists, worked out before counting); ``sla_train_glue``: the training
   call with the backward's glue in its Triton kernels (:mod:`~dit_accel.kernels.sla.glue`, forced:
@@ -45,9 +45,9 @@ from typing import Callable, Dict, Iterator, Optional, Tuple
 __all__ = ["count_traffic", "measure_traffic", "main", "CASES"]
 
 CASES = ("tile", "tile_raster", "tile_train", "tile_train_raster", "vsa", "vsa_raster", "vsa_nogate", "vsa_train",
-         "sla", "sla_train", "sla_train_glue")
+         "vsa_train_raster", "sla", "sla_train", "sla_train_glue")
 #: The cases whose kernels read raster order (``DIT_ACCEL_GATHER=1``; the others run with it off).
-RASTER = ("tile_raster", "tile_train_raster", "vsa_raster")
+RASTER = ("tile_raster", "tile_train_raster", "vsa_raster", "vsa_train_raster")
 #: The cases whose SLA backward runs its glue kernels (``DIT_ACCEL_SLA_GLUE=1``; the others run with it off).
 GLUE = ("sla_train_glue",)
 
@@ -220,6 +220,7 @@ def measure_traffic(*, grid: Tuple[int, int, int] = (21, 30, 52), heads: int = 2
         "vsa_raster": lambda: vsa(False),
         "vsa_nogate": lambda: vsa(False, with_gate=False),
         "vsa_train": lambda: backward(vsa(True)),
+        "vsa_train_raster": lambda: backward(vsa(True)),
         "sla": lambda: sla_attention(q, k, v, sla, proj, backend="triton"),
         "sla_train": lambda: backward(sla_attention(qg, kg, vg, sla, proj, backend="triton")),
         "sla_train_glue": lambda: backward(sla_attention(qg, kg, vg, sla, proj, backend="triton")),
