@@ -209,12 +209,12 @@ def _kernel_status() -> dict:
 
 
 def _gather_status() -> str:
-    """Whether Tile and GNA calls and VSA inference calls may let the kernels read raster order (block_sparse/gather.py,
+    """Whether Tile, GNA and VSA calls may let the kernels read raster order (block_sparse/gather.py,
     kernels/vsa/raster.py)."""
     from ..kernels.block_sparse.gather import ENV_GATHER, gather_forced
 
     return _switch_status(ENV_GATHER, gather_forced, "wherever the Triton forward runs, behind its self-check",
-                          "Tile and GNA calls (training ones in their backward too) and VSA inference calls on a GPU "
+                          "Tile, GNA and VSA calls on a GPU (training ones in their backward too) "
                           "read q, k, v in raster order in the kernels instead of gathering them, where the "
                           "self-checks passed and it timed faster per shape class (not yet run on a GPU)")
 
