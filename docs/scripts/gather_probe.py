@@ -1,4 +1,4 @@
-"""Tile's, GNA's and VSA's inference calls with the kernels reading raster order through a row table, against the same
+"""Tile's, GNA's and VSA's calls with the kernels reading raster order through a row table, against the same
 calls gathering q, k and v into tiled order and back (what the plans ran before), at Wan 2.1's grids.
 
 The gathered forward (``dit_accel/kernels/block_sparse/gather.py``) drops four memory-bound passes (8 q-sized units
@@ -16,8 +16,12 @@ on inputs already in tiled order (so the passes' share is ``ms_gathering - ms_ke
 rows (``dit_accel/kernels/vsa/raster.py``: the pool launch and the fine branch both reading raster order) time
 ``vsa_attention`` with a gate, sparsity 0.9, at FastWan's (16, 28, 52) and Wan 480p's grid, ``DIT_ACCEL_GATHER=0``
 (cube order) against ``=1``. ``tile-fit-train`` rows time a training call (forward and backward, the raster
-backward's two-pass kernels against the gathering path's backward) and compare the gradients. The self-check and
-the timed choice are bypassed (each path forced): the rows' errors are the check.
+backward's two-pass kernels against the gathering path's backward) and compare the gradients; ``vsa-train`` rows
+time VSA's gated training call both ways (``raster_train`` against cube order) and compare the output and the
+gradients where the two paths selected alike: the cube-order path's means are the PyTorch twin's sums, the raster
+path's the pool launch's (another fp32 order), so a near-tie may rank apart in a few rows at hundreds of cubes
+(``selection_rows_differing``; the row passes with at most 0.1 % of the rows so, and the errors are then left out).
+The self-check and the timed choice are bypassed (each path forced): the rows' errors are the check.
 """
 
 from __future__ import annotations
@@ -32,10 +36,10 @@ from lengths_probe import _row_error, probe_main
 #: GNA with its recommended window at 480p.
 GPU_CASES = [("tile-fit", (21, 30, 52), 0.1), ("tile-fit", (21, 30, 52), 0.05), ("tile-fit", (21, 45, 80), 0.1),
              ("gna-fit", (21, 30, 52), (7, 16, 16)), ("vsa", (16, 28, 52), 0.9), ("vsa", (21, 30, 52), 0.9),
-             ("tile-fit-train", (21, 30, 52), 0.1)]
+             ("tile-fit-train", (21, 30, 52), 0.1), ("vsa-train", (16, 28, 52), 0.9), ("vsa-train", (21, 30, 52), 0.9)]
 #: The dry run's: grids the interpreter runs in seconds, one with padded tiles (and VSA's with partial cubes).
 DRY_CASES = [("tile-fit", (3, 9, 14), 0.3), ("tile", (3, 7, 10), 0.4), ("gna-fit", (3, 9, 14), (3, 5, 5)),
-             ("vsa", (5, 6, 7), 0.5), ("tile-fit-train", (3, 9, 14), 0.3)]
+             ("vsa", (5, 6, 7), 0.5), ("tile-fit-train", (3, 9, 14), 0.3), ("vsa-train", (5, 6, 7), 0.5)]
 TOL = 2e-2  # bf16 (the two paths run different kernels on sm_90); the dry run's fp32 is held to 1e-4
 
 
@@ -85,6 +89,50 @@ def run_vsa_case(grid, sparsity, *, heads, head_dim, dtype, device, timed):
     return row
 
 
+def run_vsa_train_case(grid, sparsity, *, heads, head_dim, dtype, device, timed):
+    """VSA's gated training call at ``sparsity``: forward and backward in cube order against both reading raster
+    order (``DIT_ACCEL_GATHER``): the selections, and where they agree the output's and the gradients' largest
+    relative row error; on a GPU the milliseconds of each, and of SDPA's forward and backward."""
+    from dit_accel._util import env_set
+    from dit_accel.kernels.vsa import vsa_attention
+
+    n = grid[0] * grid[1] * grid[2]
+    g = torch.Generator(device=device).manual_seed(1)
+    q, k, v, gate, do = (torch.randn(1, n, heads, head_dim, generator=g, device=device).to(dtype).transpose(1, 2)
+                         for _ in range(5))
+    row = {"layout": "vsa-train", "grid": list(grid), "amount": sparsity, "tokens": n, "heads": heads}
+
+    def step(gather: bool):
+        leaves = [x.detach().requires_grad_() for x in (q, k, v, gate)]
+        with env_set("DIT_ACCEL_GATHER", str(int(gather))):
+            o, selection = vsa_attention(*leaves[:3], tuple(grid), sparsity=sparsity, gate=leaves[3],
+                                         backend="triton", return_selection=True)
+            return [o] + list(torch.autograd.grad(o, leaves, do)), selection
+
+    (raster, sel_raster), (cube, sel_cube) = step(True), step(False)
+    differing = int((sel_raster != sel_cube).any(-1).sum())
+    row["selection_rows_differing"] = differing
+    if differing == 0:
+        row["gathered_vs_gathering"] = max(_row_error(a, b) for a, b in zip(raster, cube))
+        ok = row["gathered_vs_gathering"] <= (TOL if dtype != torch.float32 else 1e-4)
+    else:
+        ok = differing <= 1e-3 * sel_cube[..., 0].numel()
+    if timed:
+        import triton
+
+        def sdpa():
+            leaves = [x.detach().requires_grad_() for x in (q, k, v)]
+            o = torch.nn.functional.scaled_dot_product_attention(*leaves)
+            torch.autograd.grad(o, leaves, do)
+
+        row["ms_gathering"] = triton.testing.do_bench(lambda: step(False))
+        row["ms_gathered"] = triton.testing.do_bench(lambda: step(True))
+        row["ms_sdpa"] = triton.testing.do_bench(sdpa)
+        row["gathering_over_gathered"] = round(row["ms_gathering"] / row["ms_gathered"], 3)
+    row["pass"] = bool(ok)
+    return row
+
+
 def run_train_case(grid, density, *, heads, head_dim, dtype, device, timed):
     """A fitted Tile training call: forward and backward through the gathering path against both reading raster
     order (the gradients' largest relative row error; on a GPU the milliseconds of each, and of SDPA's)."""
@@ -128,6 +176,9 @@ def run_case(name, grid, amount, *, heads, head_dim, dtype, device, timed):
 
     if name == "vsa":
         return run_vsa_case(grid, amount, heads=heads, head_dim=head_dim, dtype=dtype, device=device, timed=timed)
+    if name == "vsa-train":
+        return run_vsa_train_case(grid, amount, heads=heads, head_dim=head_dim, dtype=dtype, device=device,
+                                  timed=timed)
     if name == "tile-fit-train":
         return run_train_case(grid, amount, heads=heads, head_dim=head_dim, dtype=dtype, device=device, timed=timed)
     plan = plan_of(name, grid, amount)

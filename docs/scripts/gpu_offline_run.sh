@@ -77,7 +77,7 @@ step bench_gpu $((BB + 20)) dit-accel bench gpu --no-pytest --budget "$BB" --met
 step lengths_probe 60 python3 docs/scripts/lengths_probe.py --out "$O/lengths_probe.json"
 # Tile's, GNA's and VSA's inference calls and a Tile training call with the kernels reading raster order (no
 # gathers) against the gathering path (the TMA kernels on sm_90): agreement and milliseconds, SDPA beside them.
-step gather_probe 150 sh -c "cd docs/scripts && python3 gather_probe.py --out '$O/gather_probe.json'"
+step gather_probe 180 sh -c "cd docs/scripts && python3 gather_probe.py --out '$O/gather_probe.json'"
 # The one-pass backward (5 products) in two sm_90 d128 tiles for 64-token blocks against the two-pass backward
 # that ships there: agreement and milliseconds.
 step bwd_probe 90 sh -c "cd docs/scripts && python3 bwd_probe.py --out '$O/bwd_probe.json'"

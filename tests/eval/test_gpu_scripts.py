@@ -107,14 +107,16 @@ def test_the_gather_probe_runs_both_paths_against_fp32_on_the_cpu(tmp_path):
     """docs/scripts/gather_probe.py's dry run through the interpreter: a fitted and a padded Tile plan, a fitted
     GNA one, VSA with partial cubes and a fitted Tile training call, each call through the gathering path and with
     the kernels reading raster order (the gathered launch configuration ran), bit for bit alike and within fp32's
-    error of attention over the plan's raster mask."""
+    error of attention over the plan's raster mask; and VSA's gated training call both ways, the same selection and
+    within fp32 rounding (its means summed in two orders)."""
     rows = _dry_run("gather_probe.py", tmp_path)
-    assert [r["layout"] for r in rows] == ["tile-fit", "tile", "gna-fit", "vsa", "tile-fit-train"]
+    assert [r["layout"] for r in rows] == ["tile-fit", "tile", "gna-fit", "vsa", "tile-fit-train", "vsa-train"]
     assert rows[1]["tiled"] > rows[1]["tokens"]
     assert all(r["pass"] and r["gathered_vs_gathering"] == 0 and r["gathered_vs_fp32"] < 1e-4
                and any(c.endswith("-gather") for c in r["ran"]) for r in rows[:3]), rows
     assert rows[3]["pass"] and rows[3]["gathered_vs_gathering"] == 0 and rows[3]["gathered_vs_fp32"] < 1e-4, rows
     assert rows[4]["pass"] and rows[4]["gathered_vs_gathering"] == 0, rows  # a training call's o and gradients
+    assert rows[5]["pass"] and rows[5]["selection_rows_differing"] == 0 and rows[5]["gathered_vs_gathering"] < 1e-5
 
 
 def test_the_backward_probe_runs_both_backwards_against_fp32_on_the_cpu(tmp_path):
