@@ -192,3 +192,19 @@ class PerCallReference(TorchFunctionMode):
         self.calls += 1
         return reference(q, k, v, mask, call.get("scale"))[0].to(q.dtype) if mask is not None else func(*args,
                                                                                                           **kwargs)
+
+
+def saved_beyond(fn, inputs) -> int:
+    """Bytes of the tensors that ``fn()`` leaves saved for its backward beyond the storages of ``inputs`` (what a
+    training call keeps alive until its backward runs: copies of the inputs count, the inputs themselves not)."""
+    own = {x.untyped_storage().data_ptr() for x in inputs}
+    saved = {}
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in own:
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(saved.values())

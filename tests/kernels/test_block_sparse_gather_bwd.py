@@ -109,6 +109,25 @@ def test_plan_training_calls_read_raster_order_bit_for_bit(monkeypatch, dtype):
 
 
 @interpreter_only
+def test_a_training_call_reading_raster_order_keeps_no_copy_of_q_k_v(monkeypatch):
+    """What a Tile training call leaves alive for its backward beyond q, k and v themselves: the gathering path
+    keeps their tiled copies and the tiled output (about 4 q-sized tensors); reading raster order, only the output
+    and its lse (about 1)."""
+    from tests.utils import saved_beyond
+
+    plan = _tile_plan()
+    n = plan.perm.num_tokens
+    q, k, v = make_qkv(1, 2, n, n, 64, torch.float32, seed=6)
+    unit = q.numel() * q.element_size()
+    saved = {}
+    for forced in ("0", "1", "0", "1"):  # (the first call of each decides its path: its own runs are not counted)
+        monkeypatch.setenv(gather.ENV_GATHER, forced)
+        leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+        saved[forced] = saved_beyond(lambda: plan.run(*leaves, backend="triton"), leaves) / unit
+    assert saved["0"] >= 3.5 and saved["1"] <= 1.2, saved
+
+
+@interpreter_only
 def test_joint_text_training_calls_match_bit_for_bit(monkeypatch):
     """Text tokens beside the video ones: the video part a strided slice, merged with the text keys by the lse,
     whose gradient reaches the raster backward."""

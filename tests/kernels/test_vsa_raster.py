@@ -221,23 +221,16 @@ def test_a_training_call_keeps_no_copy_of_q_k_v_for_its_backward(monkeypatch, gr
     copies of q, k and v and the tiled output (about 4 q-sized tensors); reading raster order, the output and its
     lse and the cube-sized parts (under 1.2 at whole cubes; the gated term's cube rows, spread along a partial
     dimension in fp32, come on top on a grid of partial ones, in both paths)."""
+    from tests.utils import saved_beyond
+
     q, k, v, gate = _qkv(grid, seed=7)
     unit = q.numel() * q.element_size()
 
     def saved_beyond_inputs(forced: str) -> float:
         monkeypatch.setenv(gather.ENV_GATHER, forced)
         leaves = [x.detach().clone().requires_grad_() for x in (q, k, v, gate)]
-        own = {x.untyped_storage().data_ptr() for x in leaves}
-        saved = {}
-
-        def pack(t):
-            if t.untyped_storage().data_ptr() not in own:
-                saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-            return t
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            dit_accel.vsa_attention(*leaves[:3], grid, topk=3, gate=leaves[3], backend="triton")
-        return sum(saved.values()) / unit
+        return saved_beyond(lambda: dit_accel.vsa_attention(*leaves[:3], grid, topk=3, gate=leaves[3],
+                                                            backend="triton"), leaves) / unit
 
     for forced in ("0", "1"):  # (the first call of each decides its path: its own runs are not counted)
         saved_beyond_inputs(forced)
