@@ -89,6 +89,22 @@ def run_vsa_case(grid, sparsity, *, heads, head_dim, dtype, device, timed):
     return row
 
 
+def _time_training(row: dict, step, q, k, v, do) -> None:
+    """A training row's milliseconds (``triton.testing.do_bench`` medians): ``step(gather)`` both ways, and SDPA's
+    forward and backward on the same q, k, v and output gradient."""
+    import triton
+
+    def sdpa():
+        leaves = [x.detach().requires_grad_() for x in (q, k, v)]
+        o = torch.nn.functional.scaled_dot_product_attention(*leaves)
+        torch.autograd.grad(o, leaves, do)
+
+    row["ms_gathering"] = triton.testing.do_bench(lambda: step(False))
+    row["ms_gathered"] = triton.testing.do_bench(lambda: step(True))
+    row["ms_sdpa"] = triton.testing.do_bench(sdpa)
+    row["gathering_over_gathered"] = round(row["ms_gathering"] / row["ms_gathered"], 3)
+
+
 def run_vsa_train_case(grid, sparsity, *, heads, head_dim, dtype, device, timed):
     """VSA's gated training call at ``sparsity``: forward and backward in cube order against both reading raster
     order (``DIT_ACCEL_GATHER``): the selections, and where they agree the output's and the gradients' largest
@@ -118,17 +134,7 @@ def run_vsa_train_case(grid, sparsity, *, heads, head_dim, dtype, device, timed)
     else:
         ok = differing <= 1e-3 * sel_cube[..., 0].numel()
     if timed:
-        import triton
-
-        def sdpa():
-            leaves = [x.detach().requires_grad_() for x in (q, k, v)]
-            o = torch.nn.functional.scaled_dot_product_attention(*leaves)
-            torch.autograd.grad(o, leaves, do)
-
-        row["ms_gathering"] = triton.testing.do_bench(lambda: step(False))
-        row["ms_gathered"] = triton.testing.do_bench(lambda: step(True))
-        row["ms_sdpa"] = triton.testing.do_bench(sdpa)
-        row["gathering_over_gathered"] = round(row["ms_gathering"] / row["ms_gathered"], 3)
+        _time_training(row, step, q, k, v, do)
     row["pass"] = bool(ok)
     return row
 
@@ -155,17 +161,7 @@ def run_train_case(grid, density, *, heads, head_dim, dtype, device, timed):
     row["gathered_vs_gathering"] = max(_row_error(a, b) for a, b in zip(raster, gathering))
     ok = row["gathered_vs_gathering"] <= (TOL if dtype != torch.float32 else 1e-4)
     if timed:
-        import triton
-
-        def sdpa():
-            leaves = [x.detach().requires_grad_() for x in (q, k, v)]
-            o = torch.nn.functional.scaled_dot_product_attention(*leaves)
-            torch.autograd.grad(o, leaves, do)
-
-        row["ms_gathering"] = triton.testing.do_bench(lambda: step(False))
-        row["ms_gathered"] = triton.testing.do_bench(lambda: step(True))
-        row["ms_sdpa"] = triton.testing.do_bench(sdpa)
-        row["gathering_over_gathered"] = round(row["ms_gathering"] / row["ms_gathered"], 3)
+        _time_training(row, step, q, k, v, do)
         row["efficiency_gathered"] = round(row["ms_sdpa"] / row["ms_gathered"] * row["density"], 3)
     row["pass"] = bool(ok)
     return row

@@ -119,6 +119,25 @@ def test_the_gather_probe_runs_both_paths_against_fp32_on_the_cpu(tmp_path):
     assert rows[5]["pass"] and rows[5]["selection_rows_differing"] == 0 and rows[5]["gathered_vs_gathering"] < 1e-5
 
 
+def test_the_gather_probe_times_a_training_row_both_ways_and_sdpa(monkeypatch):
+    """What the gather probe's training rows run only on a GPU (do_bench stood in for by one call of each): the two
+    paths' steps, SDPA's forward and backward, and the ratio from their milliseconds."""
+    import torch
+    import triton
+
+    monkeypatch.syspath_prepend(str(SCRIPTS))
+    import gather_probe
+
+    times = iter([4.0, 2.0, 1.0])
+    monkeypatch.setattr(triton.testing, "do_bench", lambda fn: fn() or next(times))
+    ran = []
+    q, k, v, do = (torch.randn(1, 2, 16, 8) for _ in range(4))
+    row = {}
+    gather_probe._time_training(row, lambda gather: ran.append(gather), q, k, v, do)
+    assert ran == [False, True] and row == {"ms_gathering": 4.0, "ms_gathered": 2.0, "ms_sdpa": 1.0,
+                                           "gathering_over_gathered": 2.0}
+
+
 def test_the_backward_probe_runs_both_backwards_against_fp32_on_the_cpu(tmp_path):
     """docs/scripts/bwd_probe.py's dry run through the interpreter: the one-pass backward in each tile it times (put
     in place before the first backward, so the launch runs it) and the two-pass one, on a fitted Tile and a VSA
