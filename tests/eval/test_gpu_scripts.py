@@ -125,8 +125,8 @@ def test_the_gather_probe_times_a_training_row_both_ways_and_sdpa(monkeypatch):
     import torch
     import triton
 
-    monkeypatch.syspath_prepend(str(SCRIPTS))
-    import gather_probe
+    monkeypatch.syspath_prepend(str(SCRIPTS))  # (the script imports its sibling lengths_probe)
+    gather_probe = importlib.import_module("gather_probe")
 
     times = iter([4.0, 2.0, 1.0])
     monkeypatch.setattr(triton.testing, "do_bench", lambda fn: fn() or next(times))
