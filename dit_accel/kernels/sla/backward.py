@@ -8,7 +8,7 @@ import torch
 from ..._util import cdiv as _cdiv
 from .. import occupancy, selfcheck
 from ..dense.triton import bwd_preprocess
-from .common import FEATURE_IDS, add_feature_grad, fp32_features, true_columns
+from .common import FEATURE_IDS, add_feature_grad, chunk_totals, fp32_features, true_columns
 from . import glue
 from .configs import BLOCK_K, BLOCK_M, select_sla_config
 from .triton import (_LOG2E, _arch, _global_partials, _last_dim_contiguous, _launch, _live, _pad_d,
@@ -168,6 +168,6 @@ def _glue_features(q, k, v, dnum, dden, feature: int, head_dim: int, with_global
         return qf, glue.features(k, head_dim, feature)[0], None, dnum_s
     dnum, dden = dnum.contiguous(), dden.contiguous()
     kv, ksum, _, kf = _global_partials(k, v, feature, head_dim)
-    kv, ksum = (kv[:, 0], ksum[:, 0]) if kv.shape[1] == 1 else (kv.sum(1), ksum.sum(1))
+    kv, ksum = chunk_totals(kv, ksum)
     qf, dkv, dksum, dnum_s = glue.features(q, head_dim, feature, dnum, dden, inv, dscale)
     return qf, kf.view(k.shape), (dnum, dden, kv, ksum, dkv, dksum), dnum_s

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from ..._util import cdiv as _cdiv
 
 __all__ = ["SLAParams", "SLABlocks", "sla_block_counts", "sla_density", "sla_classify", "classify_pooled",
-           "feature_map", "fp32_features", "rounded_features", "true_columns", "FEATURE_IDS", "MARGINAL", "CRITICAL", "NEGLIGIBLE",
+           "feature_map", "fp32_features", "rounded_features", "true_columns", "chunk_totals", "FEATURE_IDS", "MARGINAL", "CRITICAL", "NEGLIGIBLE",
            "LINEAR_EPS", "REFERENCE_LINEAR_EPS", "FEATURE_MAPS", "LINEAR_TOKENS", "ROUNDINGS"]
 
 # Values of the int8 class map.
@@ -181,6 +181,12 @@ class SLABlocks:
         """Visited (critical) block fraction."""
         n_k = (self.scores if self._classes is None else self._classes).shape[-1]
         return self.critical.shape[-1] / n_k
+
+
+def chunk_totals(*partials: torch.Tensor):
+    """Per-chunk partial sums ``(B*H, chunks, ...)`` (a launch's, one row per chunk of tokens) -> their totals
+    ``(B*H, ...)``, each: the one chunk as a view where there is one (no copy), else the sum over the chunks."""
+    return tuple(p[:, 0] if p.shape[1] == 1 else p.sum(1) for p in partials)
 
 
 def true_columns(mask: torch.Tensor, width: int) -> torch.Tensor:

@@ -44,6 +44,7 @@ from ..._util import cdiv as _cdiv
 from .. import occupancy
 from ..request import env_switch
 from ..dense.tiles import load_tile
+from .common import chunk_totals
 from .phi import phi, phi_stats, phi_tile
 
 __all__ = ["features", "linear_grads", "grad_q", "grad_k", "glue_runs", "glue_forced", "forced", "VARIANT", "ENV_GLUE", "KERNELS",
@@ -291,10 +292,8 @@ def features(x: torch.Tensor, head_dim: int, feature: int, dnum: Optional[torch.
     _launch("features", (n_chunks, b * h, dp // COLUMNS if with_sums or scaled else 1), dp, x, *live[:4], xf,
             *live[4:], *x.stride()[:3], h, n, head_dim, CHUNK_TILES, feature, WITH_SUMS=with_sums,
             HAS_INV=inv is not None, SCALED=scaled, BLOCK_N=FEATURE_ROWS, BLOCK_C=COLUMNS)
-    if with_sums and n_chunks > 1:
-        dkv, dksum = dkv.sum(1), dksum.sum(1)
-    elif with_sums:
-        dkv, dksum = dkv[:, 0], dksum[:, 0]
+    if with_sums:
+        dkv, dksum = chunk_totals(dkv, dksum)
     return xf, dkv, dksum, dnum_s
 
 

@@ -59,7 +59,7 @@ from ..dense.configs import tma_ok
 from ..dense.tiles import LN2, dkdv_step, dq_step, fwd_step, load_tile, slice_descriptors
 from ..dense.tiles import LOG2E_HOST as _LOG2E
 from ..dense.triton import ensure_allocator
-from .common import FEATURE_IDS
+from .common import FEATURE_IDS, chunk_totals
 from .configs import BLOCK_K, BLOCK_M, GLOBAL_COLUMNS, SLAKernelConfig, pointer_fallback, select_sla_config
 from .operands import global_operands
 from .phi import phi, phi_stats, phi_tile
@@ -530,9 +530,8 @@ def global_sums(k, v, feature: int, head_dim: int):
     ``(B*H,)``, zero in padded columns. ``k``, ``v``: the launcher's inputs, zero-padded to ``block_d``
     columns from ``head_dim``."""
     kv, ksum, kmax, _ = _global_partials(k, v, feature, head_dim)
-    if kv.shape[1] == 1:
-        return kv[:, 0], ksum[:, 0], kmax[:, 0]
-    return kv.sum(1), ksum.sum(1), kmax.amax(1)
+    kv, ksum = chunk_totals(kv, ksum)
+    return kv, ksum, kmax[:, 0] if kmax.shape[1] == 1 else kmax.amax(1)  # (the largest over the chunks)
 
 
 def _global_partials(k, v, feature: int, head_dim: int, launch=None):
