@@ -66,6 +66,58 @@ def _pack(visited: torch.Tensor, ids: torch.Tensor, width: Optional[int] = None
     return counts.contiguous(), indices.contiguous(), mask_ids.contiguous()
 
 
+def _transposed_rows(cols: torch.Tensor, ids: Optional[torch.Tensor], n_k: int, width: int
+                     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The transposed side of full rows, as :func:`_pack` of their transposed visit matrix gives it: counts
+    ``[Hl, n_k]``, query blocks and mask ids ``[Hl, n_k, width]`` (ascending; tails 0 and -1) of the key blocks
+    ``cols`` (int64 ``[Hl, nQ, k]``, distinct per row) with mask ids ``ids`` (int32, alike; None: every pair full).
+    A stable sort of the ``nQ * k`` pairs by key block (query blocks stay ascending within one) and a scatter to each
+    pair's place: work in the pairs, where the visit matrix took a dozen passes over ``nQ x n_k`` entries per head
+    (VSA at Wan 480p: 624 x 624 per head for 63 pairs a row), in 14 launches (16 with ``ids``). ``width``: the
+    caller's bound on a key block's count, pairs past it dropped (as :func:`_pack` does)."""
+    hl, n_q, k = cols.shape
+    dev = cols.device
+    key, order = cols.reshape(hl, n_q * k).sort(dim=-1, stable=True)
+    # each pair's place in its key block's list: its index less the block's first (a search of the keys in themselves)
+    place = torch.arange(n_q * k, device=dev) - torch.searchsorted(key, key)
+    spare = width < n_q  # (a place past the bound goes to a spare slot, dropped after)
+    stride = width + spare
+    slot = (place.clamp_(max=width) if spare else place).add_(key, alpha=stride)
+    q_rows = torch.div(order, k, rounding_mode="floor").to(_INT)
+    indices = torch.zeros(hl, n_k * stride, dtype=_INT, device=dev).scatter_(1, slot, q_rows)
+    mask_ids = torch.full((hl, n_k * stride), -1, dtype=_INT, device=dev)
+    if ids is not None:
+        mask_ids.scatter_(1, slot, ids.reshape(hl, n_q * k).to(_INT).gather(1, order))
+    counts = torch.searchsorted(key, _block_bounds(hl, n_k, dev), out_int32=True).diff(dim=1)
+    indices, mask_ids = (t.view(hl, n_k, stride) for t in (indices, mask_ids))
+    if spare:
+        indices, mask_ids = indices[..., :width].contiguous(), mask_ids[..., :width].contiguous()
+    return counts, indices, mask_ids
+
+
+def _sharable() -> bool:
+    """Whether a tensor made now may be kept for later calls: not in a trace (it would be fake) or a capture (the
+    graph's, written only when it replays)."""
+    return not (torch.compiler.is_compiling() or torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
+
+
+_BOUNDS: dict = {}
+
+
+def _block_bounds(hl: int, n_k: int, device: torch.device) -> torch.Tensor:
+    """``0 .. n_k`` per layout head (int64 ``[hl, n_k + 1]``, contiguous: what ``searchsorted`` looks up for each
+    key block's first pair), kept per shape and device outside traces and captures."""
+    key = (hl, n_k, str(device))
+    found = _BOUNDS.get(key)
+    if found is None:
+        found = torch.arange(n_k + 1, device=device).expand(hl, n_k + 1).contiguous()
+        if _sharable():
+            if len(_BOUNDS) >= 64:
+                _BOUNDS.clear()
+            _BOUNDS[key] = found
+    return found
+
+
 def tensor_version(t: torch.Tensor) -> Optional[int]:
     """``t``'s version counter (an in-place edit moves it), or None for an inference-mode tensor (it keeps none,
     and refuses in-place edits outside inference mode)."""
@@ -79,6 +131,11 @@ def tensor_version(t: torch.Tensor) -> Optional[int]:
 #: :meth:`BlockLayout._from_full_rows`; never inferred from the counts, which would read the device).
 UNIFORM_KV_ROWS = "uniform_kv_rows"
 
+#: A key of :attr:`BlockLayout.derived`, True where each listed pair's mask is its key block's, the same element
+#: mask in every query row of the block (VSA's partial cubes: their real columns): each key block's transposed row
+#: then lists tiles of one class (``tile_plans.tile_plan``). Declared by the builder, never inferred.
+KEY_COLUMN_MASKS = "key_column_masks"
+
 _EMPTY_TABLES: dict = {}
 
 
@@ -90,8 +147,8 @@ def _empty_table(block_q: int, block_k: int, device: torch.device) -> torch.Tens
     table = _EMPTY_TABLES.get(key)
     if table is None:
         table = torch.zeros(0, block_q, block_k, dtype=torch.bool, device=device)
-        if not (torch.compiler.is_compiling() or torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()):
-            _EMPTY_TABLES[key] = table  # (a traced one is fake, a captured one the graph's: neither is shared)
+        if _sharable():
+            _EMPTY_TABLES[key] = table
     return table
 
 
@@ -190,23 +247,24 @@ class BlockLayout:
 
     @classmethod
     def _from_full_rows(cls, kv_indices: torch.Tensor, kv_mask_ids: torch.Tensor, *, q_len: int, kv_len: int,
-                        block_q: int, block_k: int, mask_table: Optional[torch.Tensor], q_width: int
-                        ) -> "BlockLayout":
+                        block_q: int, block_k: int, mask_table: Optional[torch.Tensor], q_width: int,
+                        key_column_masks: bool = False) -> "BlockLayout":
         """A layout in which every query block visits ``kv_indices.shape[-1]`` key blocks: int ``[Hl, nQ, k]``,
-        ascending per row (VSA's top-k selection), with their mask ids (int32, ``-1`` full); ``q_width`` bounds
-        the query blocks that visit one key block. For callers whose lists are valid by construction (they are
-        not checked): built on their device without a host sync, in 21 ATen ops where :meth:`from_block_masks`
-        takes 30 with the widths given (VSA at FastWan's grid, 2 heads; a layout built per call)."""
+        ascending per row (VSA's top-k selection), with their mask ids (int32, ``-1`` full; all -1 without a
+        ``mask_table``); ``q_width`` bounds the query blocks that visit one key block. For callers whose lists are valid by construction (they are
+        not checked): built on their device without a host sync, the transposed side from the pairs alone
+        (:func:`_transposed_rows`; VSA builds a layout per call). ``key_column_masks``: the caller declares
+        :data:`KEY_COLUMN_MASKS`."""
         hl, n_q, k = kv_indices.shape
         dev = kv_indices.device
-        cols = kv_indices.long()  # (int64 given: the same tensor, and the int32 lists one conversion)
-        visited = torch.zeros(hl, n_q, _cdiv(kv_len, block_k), dtype=torch.bool, device=dev).scatter_(2, cols, True)
-        ids = torch.full(visited.shape, -1, dtype=_INT, device=dev).scatter_(2, cols, kv_mask_ids)
-        q_side = _pack(visited.transpose(-1, -2), ids.transpose(-1, -2), q_width)
+        q_side = _transposed_rows(kv_indices.long(), None if mask_table is None else kv_mask_ids,
+                                  _cdiv(kv_len, block_k), q_width)
         table = _empty_table(block_q, block_k, dev) if mask_table is None else mask_table
         layout = cls(q_len, kv_len, block_q, block_k, torch.full((hl, n_q), k, dtype=_INT, device=dev),
                      kv_indices.to(_INT), kv_mask_ids, *q_side, table)
         layout.derived[UNIFORM_KV_ROWS] = True  # every query block lists k key blocks (launchers: work order)
+        if key_column_masks:
+            layout.derived[KEY_COLUMN_MASKS] = True
         return layout
 
     @classmethod

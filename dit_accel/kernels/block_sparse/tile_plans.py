@@ -16,7 +16,7 @@ from typing import Callable, Dict, Hashable, NamedTuple, Optional, Tuple, TypeVa
 import torch
 
 from ..geometry import prefix_counts
-from ..layout import BlockLayout, tensor_version
+from ..layout import KEY_COLUMN_MASKS, BlockLayout, tensor_version
 from ..request import in_graph
 
 __all__ = ["TilePlan", "tile_plan", "work_order"]
@@ -217,23 +217,34 @@ def tile_plan(layout: BlockLayout, tile_r: int, tile_c: int, transposed: bool = 
     # A listed tile's class index: ((ragged * (P + 1) + mask id + 1) * r_sub + row sub-tile) * c_sub + column
     # sub-tile (:class:`_Classes`).
     code, u = mask_ids + 1, indices
-    listed = torch.arange(width, device=dev) < counts[..., None]  # [Hl, nR, width]
+    # Each key tile row's listed tiles of one class (the mask is the key block's and the same in every query row,
+    # so every streamed sub-tile of every listed block classifies alike): the stable sort by class would leave the
+    # lists in place, and a row's counts are its class's (VSA's backward, per call: no pass over the lists).
+    uniform = transposed and not n_cols % block_c and layout.derived.get(KEY_COLUMN_MASKS, False)
+    listed = None if uniform else torch.arange(width, device=dev) < counts[..., None]  # [Hl, nR, width]
     if r_sub > 1:  # each block's rows as r_sub owned tiles
         t = torch.arange(-(-n_rows // tile_r), device=dev)
         rb, rs = t // r_sub, (t % r_sub)[:, None]
-        code, u, listed = code[:, rb] * r_sub + rs, u[:, rb], listed[:, rb]
+        code, u, counts = code[:, rb] * r_sub + rs, u[:, rb], counts[:, rb]
+        listed = None if uniform else listed[:, rb]
     if c_sub > 1:  # each listed block as c_sub streamed tiles
         cs = torch.arange(c_sub, device=dev, dtype=u.dtype)
-        code, u = code[..., None] * c_sub + cs, u[..., None] * c_sub + cs
-        listed = listed[..., None].expand(u.shape)
+        code, u = torch.add(cs, code[..., None], alpha=c_sub), torch.add(cs, u[..., None], alpha=c_sub)
+        listed = None if uniform else listed[..., None].expand(u.shape)
     if n_cols % block_c:  # tiles reaching past the streamed length (the last block's): the bounded classes
         code = code + (u >= n_cols // tile_c) * ((classes.masks + 1) * r_sub * c_sub)
     rows = u.shape[1]
-    kind = torch.where(listed, classes.kind[code], 3).reshape(hl, rows, -1)
-    order = torch.sort(kind, dim=-1, stable=True).indices
-    u = torch.gather(u.reshape(hl, rows, -1), -1, order)
-    entry = torch.gather(classes.entry[code].reshape(hl, rows, -1), -1, order)
-    n_full, n_listed = (kind == 0).sum(-1), (kind < 3).sum(-1)
+    if uniform:
+        u, entry = u.reshape(hl, rows, -1), classes.entry[code].reshape(hl, rows, -1)
+        kind = classes.kind[code.reshape(hl, rows, -1)[..., 0]]  # the row's class (its first tile's)
+        tiles_of = lambda kinds: torch.where(kinds, counts.long() * c_sub, 0)  # noqa: E731
+        n_full, n_listed, n_length = tiles_of(kind == 0), tiles_of(kind < 3), tiles_of(kind == 1)
+    else:
+        kind = torch.where(listed, classes.kind[code], 3).reshape(hl, rows, -1)
+        order = torch.sort(kind, dim=-1, stable=True).indices
+        u = torch.gather(u.reshape(hl, rows, -1), -1, order)
+        entry = torch.gather(classes.entry[code].reshape(hl, rows, -1), -1, order)
+        n_full, n_listed, n_length = (kind == 0).sum(-1), (kind < 3).sum(-1), (kind == 1).sum(-1)
     n_part = n_listed - n_full
     if in_graph() or r_sub * c_sub <= 2:
         # Inside a capture (a layout the eager warm-up did not plan, or copied), or at most two tiles per block:
@@ -243,7 +254,7 @@ def tile_plan(layout: BlockLayout, tile_r: int, tile_c: int, transposed: bool = 
         w = u.shape[-1]
     else:
         w = int(n_listed.max()) if n_listed.numel() else 0  # one host sync per (layout, tile shape): cached
-    head = [n_full, n_part] + ([] if lengths is None else [(kind == 1).sum(-1)])
+    head = [n_full, n_part] + ([] if lengths is None else [n_length])
     plan = torch.cat([torch.stack(head, -1).to(torch.int32), u[..., :w].to(torch.int32), entry[..., :w]], -1)
     return TilePlan(plan.contiguous(), classes.bits, w, block_r)
 

@@ -52,7 +52,8 @@ def vsa_layout(cubes: Cubes, selection: torch.Tensor) -> BlockLayout:
 
 def layout_of_rows(cubes: Cubes, selection: torch.Tensor) -> BlockLayout:
     """:func:`vsa_layout` of a selection whose rows are ascending already (the coarse branch's): about 20
-    launches, on every call of the fine branch."""
+    launches, on every call of the fine branch. A partial cube's mask is its real columns in every row
+    (:func:`cube_masks`), so the layout declares ``KEY_COLUMN_MASKS``."""
     b, h, c_q, k = selection.shape
     mask_ids, table = cube_masks(cubes, selection.device)
     cols = selection.reshape(b * h, c_q, k)
@@ -60,7 +61,7 @@ def layout_of_rows(cubes: Cubes, selection: torch.Tensor) -> BlockLayout:
                                                                  device=cols.device)
     return BlockLayout._from_full_rows(cols, ids, q_len=c_q * cubes.volume,
                                        kv_len=cubes.perm.num_padded, block_q=cubes.volume, block_k=cubes.volume,
-                                       mask_table=table, q_width=c_q)
+                                       mask_table=table, q_width=c_q, key_column_masks=True)
 
 
 # (grid, tile, device) -> per dimension of the grid: None where the cube's extent divides it, else the cube
