@@ -87,11 +87,13 @@ class _StubKernel:
 @contextlib.contextmanager
 def stub_launches() -> Iterator[Dict[str, int]]:
     """Replace the block-sparse, SLA and VSA Triton kernels (SLA's pooling, selection, operand and backward glue
-    kernels too, VSA's coarse ones) with :class:`_StubKernel` while inside; yields ``{"triton": launches so far}``."""
+    kernels too, VSA's coarse ones and its gated backward) with :class:`_StubKernel` while inside; yields
+    ``{"triton": launches so far}``."""
     from ..kernels.block_sparse import triton as bs
     from ..kernels.dense import triton as dense
     from ..kernels.sla import glue, operands, pool, select
     from ..kernels.sla import triton as sla
+    from ..kernels.vsa import gated
     from ..kernels.vsa import triton as vsa
 
     from .._util import env_set
@@ -102,7 +104,7 @@ def stub_launches() -> Iterator[Dict[str, int]]:
     globals_ = [(bs, name) for name in ("_fwd_kernel", "_bwd_preprocess_kernel", "_bwd_dkdv_kernel", "_bwd_dq_kernel")]
     globals_.append((dense, "_bwd_preprocess_kernel"))
     saved_globals = [(module, name, getattr(module, name)) for module, name in globals_]
-    tables = (sla.KERNELS, glue.KERNELS, pool.KERNELS, select.KERNELS, operands.KERNELS, vsa.KERNELS)
+    tables = (sla.KERNELS, glue.KERNELS, pool.KERNELS, select.KERNELS, operands.KERNELS, vsa.KERNELS, gated.KERNELS)
     saved = [dict(table) for table in tables]
     with env_set(ENV_SELFCHECK, "0"):  # stubbed kernels return nothing: the first-use check would disable them
         try:

@@ -346,6 +346,12 @@ def gated_coarse(coarse: torch.Tensor, gate: torch.Tensor, cubes: Cubes, order, 
     pass over gate and fine, with or without autograd (:class:`_Gated`)."""
     n = gate.shape[2]
     views = token_views(coarse, cubes, order)
+    if views is not None and (fine is None or fine.dim() == 4) and records_grad(coarse, gate, *(
+            () if fine is None else (fine,))):
+        from .gated import gated_kernel_runs
+
+        if gated_kernel_runs(gate):  # (the whole grid in raster order: the backward in one launch, .gated)
+            return _GatedCubes.apply(coarse, gate, fine, cubes, dtype)
     if views is None:  # a ring rank's rows: each row gathers its cube's row (fp32, token-sized)
         c, tokens = coarse.index_select(2, _row_cubes(order, cubes.volume, coarse.device)), (n,)
     else:
@@ -398,6 +404,33 @@ class _Gated(torch.autograd.Function):
         if ctx.fine_dim is not None and ctx.needs_input_grad[2]:
             d_fine = grad if ctx.fine_dim == 4 else g  # (a nested fine view takes the gradient split like it)
         return d_c, d_gate, d_fine, None, None
+
+
+class _GatedCubes(torch.autograd.Function):
+    """:func:`gated_coarse` under autograd on the whole grid, fine (if any) in raster order: the forward as
+    :class:`_Gated`'s, on the cube rows' token views made inside it; the backward in one launch
+    (:func:`.gated.gated_backward`: the gate's and the cube rows' gradients), the fine output taking the incoming
+    gradient itself."""
+
+    @staticmethod
+    def forward(ctx, coarse, gate, fine, cubes, dtype):
+        ctx.cubes, ctx.with_fine = cubes, fine is not None
+        ctx.save_for_backward(coarse, gate)
+        c, tokens = token_views(coarse, cubes, cubes.perm)
+        return _gated(c, gate, fine, tokens, dtype)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        from .gated import gated_backward
+
+        coarse, gate = ctx.saved_tensors
+        need_c, need_gate, need_fine = ctx.needs_input_grad[:3]
+        d_gate = d_c = None
+        if need_c or need_gate:
+            d_gate, d_c = gated_backward(grad, gate, coarse, ctx.cubes, with_dgate=need_gate, with_dc=need_c)
+            d_c = None if d_c is None else d_c.to(coarse.dtype)  # (fp32 sums: the twin's coarse rows are fp32)
+        return d_c, d_gate, (grad if ctx.with_fine and need_fine else None), None, None
 
 
 def vsa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid, *, topk: Optional[int] = None,

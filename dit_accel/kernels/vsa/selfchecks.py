@@ -8,6 +8,11 @@ agree within :data:`COARSE_TOL` (relative, fp32 both sides); the selections (the
 ascending, against torch.topk of the twin's scores, compared as sets) may differ in at most
 :data:`SELECTION_TOL` of the query cubes (fp32 sums in another order can turn a near-tie), else the error
 reported is that fraction. Both problems have fewer cubes than ``NK_MAX``, so the launch selects.
+
+``vsa.triton.gated_bwd``: the gated term's backward (:mod:`.gated`) on partial cubes, two videos, the gradient and
+the gate laid out ``(B, N, H, D)`` as a model's projections give them, against float64 sums written here from the
+permutation: the gate's gradient and the cube rows' within the forward's bound per dtype (the gate's gradient is
+rounded to it).
 """
 
 from __future__ import annotations
@@ -18,11 +23,12 @@ import torch
 
 from ..selfcheck import Result, Variant, register, relative_error
 
-__all__ = ["COARSE_TOL", "SELECTION_TOL", "VARIANT"]
+__all__ = ["COARSE_TOL", "SELECTION_TOL", "VARIANT", "GATED_VARIANT"]
 
 COARSE_TOL = 1e-4
 SELECTION_TOL = 0.01
 VARIANT = "vsa.triton.coarse"
+GATED_VARIANT = "vsa.triton.gated_bwd"  # (gated.VARIANT: triton loads on first use)
 
 
 def _applies(device: torch.device) -> Optional[str]:
@@ -65,3 +71,49 @@ def _shapes(device):
 
 
 register(Variant(VARIANT, "vsa", "triton", _applies, _check, shapes=_shapes))
+
+
+def _problem(device: torch.device, dtype: torch.dtype, d: int):
+    """The gated backward's problem: ``(cubes, grad, gate, coarse)`` on partial cubes, two videos, grad and gate
+    ``(B, H, N, D)`` views of ``(B, N, H, D)`` tensors."""
+    from .naive import cubes_of
+
+    big = device.type == "cuda"
+    grid, tile = ((13, 30, 52), (4, 4, 4)) if big else ((5, 6, 7), (2, 2, 4))
+    cubes = cubes_of(grid, tile)
+    b, h = (2, 4) if big else (2, 2)
+    g = torch.Generator().manual_seed(23)
+    grad, gate = (torch.randn(b, cubes.perm.num_tokens, h, d, generator=g).to(device=device, dtype=dtype).transpose(1, 2)
+                  for _ in range(2))
+    return cubes, grad, gate, torch.randn(b, h, cubes.count, d, generator=g).to(device)
+
+
+def gated_reference(grad: torch.Tensor, gate: torch.Tensor, coarse: torch.Tensor, cubes):
+    """float64 ``(d gate, d coarse)`` of the gated term: each raster row's cube from the permutation (its tiled
+    position over the cube volume), the products per row and their sums per cube."""
+    cube_of = (cubes.perm.inverse // cubes.volume).to(grad.device)
+    g = grad.double()
+    d_gate = g * coarse.double().index_select(2, cube_of)
+    d_c = torch.zeros(coarse.shape, dtype=torch.float64, device=grad.device).index_add_(2, cube_of, g * gate.double())
+    return d_gate, d_c
+
+
+def _check_gated(device: torch.device, dtype: torch.dtype, shape: dict) -> Result:
+    from .._selfchecks import FWD_TOL
+    from .gated import gated_backward
+
+    cubes, grad, gate, coarse = _problem(device, dtype, shape["head_dim"])
+    with torch.no_grad():
+        got = gated_backward(grad, gate, coarse, cubes)
+    want = gated_reference(grad, gate, coarse, cubes)
+    error = max(relative_error(a, b) for a, b in zip(got, want))
+    text = (f"{grad.shape[0]}x{grad.shape[1]} heads, grid {cubes.perm.grid}, tile {cubes.perm.tile}: {cubes.count} "
+            "cubes, gradient and gate (B, N, H, D)")
+    return Result(error, FWD_TOL[dtype], text)
+
+
+def _gated_dtypes(device):
+    return (torch.bfloat16, torch.float16) if device.type == "cuda" else (torch.float32, torch.float16)
+
+
+register(Variant(GATED_VARIANT, "vsa", "triton", _applies, _check_gated, dtypes=_gated_dtypes, shapes=_shapes))
