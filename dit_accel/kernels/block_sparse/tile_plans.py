@@ -220,7 +220,7 @@ def tile_plan(layout: BlockLayout, tile_r: int, tile_c: int, transposed: bool = 
     # Each key tile row's listed tiles of one class (the mask is the key block's and the same in every query row,
     # so every streamed sub-tile of every listed block classifies alike): the stable sort by class would leave the
     # lists in place, and a row's counts are its class's (VSA's backward, per call: no pass over the lists).
-    uniform = transposed and not n_cols % block_c and layout.derived.get(KEY_COLUMN_MASKS, False)
+    uniform = transposed and width and not n_cols % block_c and layout.derived.get(KEY_COLUMN_MASKS, False)
     listed = None if uniform else torch.arange(width, device=dev) < counts[..., None]  # [Hl, nR, width]
     if r_sub > 1:  # each block's rows as r_sub owned tiles
         t = torch.arange(-(-n_rows // tile_r), device=dev)

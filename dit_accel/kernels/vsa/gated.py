@@ -6,7 +6,7 @@ Its backward gives ``fine`` the incoming gradient ``g`` as it is, the gate ``g *
 once to the gate's dtype) and each cube's coarse row the fp32 sum of ``g * gate`` over its tokens. As PyTorch
 operators that was a product and a sum over token-sized fp32 tensors, the gate's product, and on a grid that a cube
 does not divide the cube rows' gathers and their backward: about 11 q-sized units of traffic a training call at Wan
-480p (``python -m dit_accel.eval.traffic``). ``_vsa_gated_bwd_kernel`` runs one program per (batch x head, cube,
+480p (``python -m dit_accel.eval.traffic``). ``_vsa_gated_bwd_kernel`` runs one program per (cube, batch x head,
 64 columns): it reads the cube's rows of ``g`` and the gate through the row table once, writes the gate's gradient
 and its cube's column sums (3 units).
 
@@ -42,10 +42,10 @@ def _vsa_gated_bwd_kernel(G, GATE, C, RIDX, DGATE, DC, H, D,
                           sg_b, sg_h, sg_n, st_b, st_h, st_n, sd_b, sd_h, sd_n, sc_b, sc_h, sc_c,
                           VOL: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
                           WITH_DGATE: tl.constexpr, WITH_DC: tl.constexpr):
-    bh = tl.program_id(0)
+    cube = tl.program_id(0)  # (cubes on the first axis: the others take at most 65,535)
+    bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
-    cube = tl.program_id(1)
     cols = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
     col_ok = cols < D
     rows = tl.arange(0, ROWS)
@@ -101,7 +101,7 @@ def gated_backward(grad: torch.Tensor, gate: torch.Tensor, coarse: torch.Tensor,
     d_gate = torch.empty_like(gate) if with_dgate else None
     d_c = torch.empty(coarse.shape, dtype=torch.float32, device=coarse.device) if with_dc else None
     dg, dc = (d_gate if with_dgate else gate), (d_c if with_dc else coarse)
-    grid = (b * h, cubes.count, triton.cdiv(d, BLOCK_D))
+    grid = (cubes.count, b * h, triton.cdiv(d, BLOCK_D))
     KERNELS["gated_bwd"][grid](grad, gate, coarse, cubes.perm.row_table(gate.device), dg, dc, h, d,
                                *grad.stride()[:3], *gate.stride()[:3], *dg.stride()[:3], *dc.stride()[:3],
                                **_constexprs(cubes.volume, with_dgate, with_dc), num_warps=NUM_WARPS)
