@@ -73,7 +73,7 @@ def _transposed_rows(cols: torch.Tensor, ids: Optional[torch.Tensor], n_k: int, 
     ``cols`` (int64 ``[Hl, nQ, k]``, distinct per row) with mask ids ``ids`` (int32, alike; None: every pair full).
     A stable sort of the ``nQ * k`` pairs by key block (query blocks stay ascending within one) and a scatter to each
     pair's place: work in the pairs, where the visit matrix took a dozen passes over ``nQ x n_k`` entries per head
-    (VSA at Wan 480p: 624 x 624 per head for 63 pairs a row), in 14 launches (16 with ``ids``). ``width``: the
+    (VSA at Wan 480p: 624 x 624 per head for 63 pairs a row), in 12 launches (14 with ``ids``). ``width``: the
     caller's bound on a key block's count, pairs past it dropped (as :func:`_pack` does)."""
     hl, n_q, k = cols.shape
     dev = cols.device
@@ -251,10 +251,10 @@ class BlockLayout:
                         key_column_masks: bool = False) -> "BlockLayout":
         """A layout in which every query block visits ``kv_indices.shape[-1]`` key blocks: int ``[Hl, nQ, k]``,
         ascending per row (VSA's top-k selection), with their mask ids (int32, ``-1`` full; all -1 without a
-        ``mask_table``); ``q_width`` bounds the query blocks that visit one key block. For callers whose lists are valid by construction (they are
-        not checked): built on their device without a host sync, the transposed side from the pairs alone
-        (:func:`_transposed_rows`; VSA builds a layout per call). ``key_column_masks``: the caller declares
-        :data:`KEY_COLUMN_MASKS`."""
+        ``mask_table``); ``q_width`` bounds the query blocks that visit one key block. For callers whose lists are
+        valid by construction (they are not checked): built on their device without a host sync, the transposed
+        side from the pairs alone (:func:`_transposed_rows`; VSA builds a layout per call). ``key_column_masks``:
+        the caller declares :data:`KEY_COLUMN_MASKS`."""
         hl, n_q, k = kv_indices.shape
         dev = kv_indices.device
         q_side = _transposed_rows(kv_indices.long(), None if mask_table is None else kv_mask_ids,

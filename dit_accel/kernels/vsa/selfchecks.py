@@ -83,8 +83,8 @@ def _problem(device: torch.device, dtype: torch.dtype, d: int):
     cubes = cubes_of(grid, tile)
     b, h = (2, 4) if big else (2, 2)
     g = torch.Generator().manual_seed(23)
-    grad, gate = (torch.randn(b, cubes.perm.num_tokens, h, d, generator=g).to(device=device, dtype=dtype).transpose(1, 2)
-                  for _ in range(2))
+    grad, gate = (torch.randn(b, cubes.perm.num_tokens, h, d, generator=g).to(device=device, dtype=dtype)
+                  .transpose(1, 2) for _ in range(2))
     return cubes, grad, gate, torch.randn(b, h, cubes.count, d, generator=g).to(device)
 
 
