@@ -9,6 +9,7 @@ against a per-row definition written in the test.
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
@@ -50,6 +51,10 @@ static_toolchain = pytest.mark.skipif(
     bool(PINNED_TRITON) and _installed_triton() != PINNED_TRITON,
     reason=f"compile-time thresholds are checked with triton=={PINNED_TRITON} (constraints-cpu.txt); "
            f"installed: {_installed_triton() or 'none'}")
+
+#: Tests that run the Triton interpreter on CPU tensors (``TRITON_INTERPRET=1`` before triton was imported).
+interpreter = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+                                 reason="runs the Triton interpreter on CPU tensors")
 
 DT = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 # (o, lse, grads) absolute/relative tolerances per dtype; fp32 products are tf32 on a GPU.

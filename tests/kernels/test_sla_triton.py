@@ -1,5 +1,4 @@
 """Fused SLA Triton kernel (TRITON_INTERPRET=1 on CPU) against the independent reference in test_sla.py."""
-import os
 
 import pytest
 import torch
@@ -13,8 +12,7 @@ from tests.kernels.sla_reference import make_proj, make_qkv, reference_sla
 
 HAS_CUDA = torch.cuda.is_available()
 # CPU tensors reach Triton only through its interpreter (set by conftest on machines without CUDA).
-interpreter = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
-                                 reason="runs the Triton interpreter on CPU tensors")
+from tests.utils import interpreter  # noqa: E402
 
 
 def _qkv(nq, nk, d, dtype=torch.float32, strided=False, device="cpu"):

@@ -493,8 +493,7 @@ def test_bad_shapes_are_named():
         dit_accel.vsa_attention(q, k, v, (4, 4, 4), topk=1, gate=gate[..., :4])
 
 
-interpreter = pytest.mark.skipif(__import__("os").environ.get("TRITON_INTERPRET") != "1",
-                                 reason="runs the Triton interpreter on CPU tensors")
+from tests.utils import interpreter  # noqa: E402
 
 
 @interpreter

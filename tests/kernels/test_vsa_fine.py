@@ -8,7 +8,6 @@ otherwise, an interceptor, a capture without a template) must take the general p
 
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
@@ -18,8 +17,7 @@ from dit_accel.kernels.vsa import api, fine
 from dit_accel.kernels.vsa.naive import cube_rows, cubes_of, selected_count
 
 _LAYOUT_OF_ROWS = api._layout_of_rows  # (the tests below count the calls of the patched one)
-interpreter = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
-                                 reason="runs the Triton interpreter on CPU tensors")
+from tests.utils import interpreter  # noqa: E402
 
 
 @pytest.fixture(autouse=True)

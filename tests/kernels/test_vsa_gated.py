@@ -21,10 +21,7 @@ from dit_accel.kernels.vsa.naive import cubes_of
 
 triton = pytest.importorskip("triton")
 from dit_accel.kernels.vsa import gated  # noqa: E402
-from tests.utils import static_toolchain  # noqa: E402
-
-interpreter = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
-                                 reason="runs the Triton interpreter on CPU tensors")
+from tests.utils import interpreter, static_toolchain  # noqa: E402
 
 
 @pytest.fixture(autouse=True)

@@ -6,7 +6,6 @@ products, so every part is the cube-order path's bit for bit, and the float64 re
 Interpreter tests (fp32 / fp16: its bf16 dot is wrong)."""
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
@@ -21,8 +20,7 @@ from tests.kernels.vsa_reference import reference
 triton = pytest.importorskip("triton")
 from dit_accel.kernels.vsa.triton import coarse_triton  # noqa: E402
 
-interpreter = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
-                                 reason="runs the Triton interpreter on CPU tensors")
+from tests.utils import interpreter  # noqa: E402
 
 
 @pytest.fixture(autouse=True)

@@ -18,10 +18,7 @@ import torch
 
 pytest.importorskip("triton")
 
-from tests.utils import static_toolchain  # noqa: E402
-
-interpreter = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
-                                 reason="runs the Triton interpreter on CPU tensors")
+from tests.utils import interpreter, static_toolchain  # noqa: E402
 
 
 def _tiled(grid, tile, b=1, h=2, d=24, seed=0):
