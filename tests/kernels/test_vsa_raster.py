@@ -217,8 +217,9 @@ def test_a_training_call_reads_raster_order_both_ways(monkeypatch, grid, batch, 
 def test_a_training_call_keeps_no_copy_of_q_k_v_for_its_backward(monkeypatch, grid):
     """What a training call leaves alive for its backward beyond q, k, v and the gate themselves: in cube order the
     copies of q, k and v and the tiled output (about 4 q-sized tensors); reading raster order, the output and its
-    lse and the cube-sized parts (under 1.2 at whole cubes; the gated term's cube rows, spread along a partial
-    dimension in fp32, come on top on a grid of partial ones, in both paths)."""
+    lse and the cube-sized parts (1.10 at whole cubes, 1.20 at partial ones since the gated term's backward runs in
+    one launch, :mod:`dit_accel.kernels.vsa.gated`: it keeps the cube rows, where the operators kept them spread
+    along a partial dimension in fp32, 2.16 here)."""
     from tests.utils import saved_beyond
 
     q, k, v, gate = _qkv(grid, seed=7)
@@ -234,8 +235,7 @@ def test_a_training_call_keeps_no_copy_of_q_k_v_for_its_backward(monkeypatch, gr
         saved_beyond_inputs(forced)
     cube, raster_ = saved_beyond_inputs("0"), saved_beyond_inputs("1")
     assert cube - raster_ >= 3.0, (cube, raster_)
-    if grid == (4, 8, 8):
-        assert raster_ <= 1.2, raster_
+    assert raster_ <= 1.25, raster_
 
 
 @interpreter
