@@ -490,11 +490,17 @@ def test_descriptor_scratch_is_allocated_on_the_inputs_device(monkeypatch):
 
 def test_launchers_run_with_the_inputs_gpu_current(monkeypatch):
     """Triton launches on the current device: a launcher given tensors on cuda:1 while cuda:0 is current
-    makes cuda:1 current for its launches (and puts it back); on the current device it switches nothing."""
+    makes cuda:1 current for its launches (and puts it back); on the current device it switches nothing. Every
+    launcher a call reaches outside another one is wrapped: SLA's classification (pooling, selection) and VSA's
+    coarse launches were not (a model placed on a second GPU launched them on the first)."""
     import contextlib
 
     from dit_accel.kernels.sla import backward as sla_bwd_launcher
     from dit_accel.kernels.sla import triton as st
+    from dit_accel.kernels.sla import pool as sla_pool
+    from dit_accel.kernels.sla import select as sla_select
+    from dit_accel.kernels.vsa import gated
+    from dit_accel.kernels.vsa import triton as vt
 
     current, switches = [0], []
 
@@ -516,7 +522,8 @@ def test_launchers_run_with_the_inputs_gpu_current(monkeypatch):
     launcher(cpu)
     assert seen[1:] == [(0, 1.0), (0, 1.0)] and switches == [1]
     for fn in (bst.triton_forward, bst.triton_backward, dense_triton.dense_forward, dense_triton.dense_backward,
-               dense_triton.bwd_preprocess, st.sla_forward, sla_bwd_launcher.sla_backward, st.global_sums):
+               dense_triton.bwd_preprocess, st.sla_forward, sla_bwd_launcher.sla_backward, st.global_sums,
+               sla_pool.pool_blocks, sla_select.select_blocks, vt.pool_triton, vt.coarse_of_means, gated.gated_backward):
         assert fn.__code__ is launcher.__code__, fn.__name__  # each launcher is wrapped
 
 

@@ -23,6 +23,7 @@ import triton
 import triton.language as tl
 
 from ..._util import cdiv as _cdiv
+from .. import occupancy
 from .._cache import bounded_get
 
 __all__ = ["pool_blocks", "KERNELS", "PER_PROGRAM", "ROWS"]
@@ -110,6 +111,7 @@ def aot_source(dtype: torch.dtype, block_q: int, block_d: int):
     return aot_signature(_sla_pool_kernel, types, constexprs, (), dtype)
 
 
+@occupancy.on_inputs_device
 def pool_blocks(q: torch.Tensor, k: torch.Tensor, block_q: int, block_k: int) -> Tuple[torch.Tensor, torch.Tensor]:
     """``(qb, kb)``: fp32 ``(B, H, cdiv(Nq, block_q), D)`` query-block means and ``(B, H, cdiv(Nk, block_k), D)``
     means of the key blocks of ``k - mean_tokens(k)``, in one launch (module docstring). ``q``, ``k``: any

@@ -33,6 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .. import occupancy
 from .._cache import bounded_get
 
 __all__ = ["select_blocks", "supported", "aot_source", "KERNELS", "NK_MAX", "D_MAX", "ROWS"]
@@ -161,6 +162,7 @@ def aot_source(n_k: int, d: int, has_neg: bool = True):
 NUM_WARPS = 4
 
 
+@occupancy.on_inputs_device
 def select_blocks(qb: torch.Tensor, kb: torch.Tensor, n_crit: int,
                   n_neg: int) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
     """``(scores, critical, negligible)`` of fp32 ``qb`` ``[B, H, nQ, D]`` and ``kb`` ``[B, H, nK, D]`` (any

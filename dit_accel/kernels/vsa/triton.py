@@ -33,6 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .. import occupancy
 from ..sla.select import NK_MAX, _keys, _top
 from .naive import Cubes, cube_sizes, top_cubes
 
@@ -196,6 +197,7 @@ def coarse_triton(q_t: torch.Tensor, k_t: torch.Tensor, v_t: torch.Tensor, cubes
     return coarse_of_means(*pool_triton(q_t, k_t, v_t, cubes, rows), count, scale, with_output)
 
 
+@occupancy.on_inputs_device
 def pool_triton(q_t: torch.Tensor, k_t: torch.Tensor, v_t: torch.Tensor, cubes: Cubes,
                 rows: Optional[torch.Tensor] = None):
     """The pool launch of :func:`coarse_triton` (its inputs): the fp32 means over each cube's real tokens of q, k
@@ -212,6 +214,7 @@ def pool_triton(q_t: torch.Tensor, k_t: torch.Tensor, v_t: torch.Tensor, cubes: 
     return qc.view(b, h, c, d), kc.view(b, h, c, d), vc.view(b, h, c, d)
 
 
+@occupancy.on_inputs_device
 def coarse_of_means(qc: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, count: int, scale: float,
                     with_output: bool = True):
     """The coarse launch of :func:`coarse_triton` (its result) on the contiguous fp32 cube means ``(B, H, C, D)``
