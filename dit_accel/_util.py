@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Callable, Dict, Iterable, Iterator, List, Optional
 
-__all__ = ["portable_path", "cdiv", "versions", "to_jsonable", "Timer", "time_median", "load_average", "has_cuda_driver", "DitAccelWarning",
+__all__ = ["portable_path", "cdiv", "versions", "to_jsonable", "cuda_event", "Timer", "time_median", "load_average", "has_cuda_driver", "DitAccelWarning",
            "WarningLog",
            "use_interpreter_without_cuda", "is_int", "is_number", "format_time", "format_ratio", "positive_int",
            "int_at_least", "env_set"]
@@ -134,6 +134,17 @@ def to_jsonable(value):
     return str(value)
 
 
+def cuda_event(device=None):
+    """A timing CUDA event recorded now on ``device``'s current stream (None: the current device's). The kernel
+    launchers run with their inputs' GPU current, so a model on a second GPU runs its work on that GPU's stream: an
+    event on the current device's would time nothing of it."""
+    import torch
+
+    event = torch.cuda.Event(enable_timing=True)
+    event.record(torch.cuda.current_stream(device))
+    return event
+
+
 class Timer:
     """Accumulated wall time of ``with`` blocks: CUDA events on a CUDA device (read lazily), else perf_counter.
 
@@ -142,6 +153,7 @@ class Timer:
 
     def __init__(self, device=None):
         self.cuda = device is not None and getattr(device, "type", str(device).split(":")[0]) == "cuda"
+        self.device = device if self.cuda else None
         self.calls = 0
         self._seconds = 0.0
         self._events: List = []
@@ -149,21 +161,14 @@ class Timer:
 
     def __enter__(self) -> "Timer":
         if self.cuda:
-            import torch
-
-            self._start = torch.cuda.Event(enable_timing=True)
-            self._start.record()
+            self._start = cuda_event(self.device)
         else:
             self._start = time.perf_counter()
         return self
 
     def __exit__(self, *exc) -> bool:
         if self.cuda:
-            import torch
-
-            end = torch.cuda.Event(enable_timing=True)
-            end.record()
-            self._events.append((self._start, end))
+            self._events.append((self._start, cuda_event(self.device)))
         else:
             self._seconds += time.perf_counter() - self._start
         self.calls += 1
@@ -172,9 +177,8 @@ class Timer:
     @property
     def seconds(self) -> float:
         if self._events:
-            import torch
-
-            torch.cuda.synchronize()
+            for _, end in self._events:
+                end.synchronize()
             self._seconds += sum(a.elapsed_time(b) for a, b in self._events) / 1e3
             self._events.clear()
         return self._seconds

@@ -121,7 +121,7 @@ def _wall_ms(fn: Callable[[], object], device, repeats: int = 5) -> float:
     if torch.device(device).type == "cuda":
         from ..kernels.autotune import cuda_event_timer
 
-        return cuda_event_timer(fn, warmup=1, repeats=repeats)
+        return cuda_event_timer(fn, warmup=1, repeats=repeats, device=device)
     fn()
     times = []
     for _ in range(repeats):

@@ -31,6 +31,8 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
+from .._util import cuda_event
+
 __all__ = ["StageTimer", "median_times", "CallTiming", "CallTimer", "CudaCallTimer", "CpuCallTimer", "measure_call"]
 
 _TRANSFORMERS = ("transformer", "transformer_2")
@@ -48,7 +50,8 @@ class StageTimer:
     def __init__(self, pipe, device=None, attention_modules=()):
         self.pipe = pipe
         self.attention_modules = list(attention_modules)
-        self.cuda = torch.device(device or _pipe_device(pipe)).type == "cuda"
+        self.device = torch.device(device or _pipe_device(pipe))
+        self.cuda = self.device.type == "cuda"
         self._handles: List = []
         self._restore: List = []
         self._spans: Dict[str, List] = {}
@@ -111,9 +114,7 @@ class StageTimer:
     # --------------------------------------------------------------- spans
     def _begin(self):
         if self.cuda:
-            event = torch.cuda.Event(enable_timing=True)
-            event.record()
-            return event
+            return cuda_event(self.device)
         return time.perf_counter()
 
     def _end(self, stage: str, token) -> None:
@@ -123,7 +124,7 @@ class StageTimer:
     def start(self) -> None:
         self._spans = {}
         if self.cuda:
-            torch.cuda.synchronize()
+            torch.cuda.synchronize(self.device)
         self._t0 = self._begin()
 
     def calls(self, stage: str) -> int:
@@ -134,7 +135,7 @@ class StageTimer:
         """Seconds per stage for the run since :meth:`start` (``total`` = end to end)."""
         self._end("total", self._t0)
         if self.cuda:
-            torch.cuda.synchronize()
+            torch.cuda.synchronize(self.device)
         out = {"total": 0.0, "transformer": 0.0, "vae_decode": 0.0, "text_encoder": 0.0}
         if self.attention_modules:
             out["attention"] = 0.0
@@ -207,7 +208,7 @@ class CpuCallTimer(CallTimer):
 
 
 class CudaCallTimer(CallTimer):
-    """CUDA events on the current stream; graphs captured on a side stream after one warm call."""
+    """CUDA events on ``device``'s current stream; graphs captured on a side stream after one warm call."""
 
     def __init__(self, device=None):
         self.device = torch.device(device or "cuda")
@@ -216,17 +217,20 @@ class CudaCallTimer(CallTimer):
         torch.cuda.synchronize(self.device)
 
     def span(self, fn, calls):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
+        start = cuda_event(self.device)
         host = time.perf_counter()
         for _ in range(calls):
             fn()
         host = time.perf_counter() - host
-        end.record()
+        end = cuda_event(self.device)
         end.synchronize()
         return start.elapsed_time(end) / 1e3, host
 
     def graph(self, fn, calls):
+        with torch.cuda.device(self.device):  # (the capture's side stream and pool on the inputs' GPU)
+            return self._graph(fn, calls)
+
+    def _graph(self, fn, calls):
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):

@@ -34,7 +34,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Mapping, Optional
 
-__all__ = ["ENV_AUTOTUNE", "ShapeClass", "density_bucket", "token_bucket", "enabled", "choose", "cuda_event_timer", "cached_choice",
+__all__ = ["ENV_AUTOTUNE", "ShapeClass", "density_bucket", "token_bucket", "enabled", "choose", "cuda_event_timer", "timer_on", "cached_choice",
            "cached_choices", "info", "clear", "cache_path", "DENSITY_BUCKETS"]
 
 #: Environment variable: ``0`` turns the timing off.
@@ -239,21 +239,27 @@ def clear() -> None:
 
 
 # ----------------------------------------------------------------------------- timing and the decision
-def cuda_event_timer(fn: Callable[[], object], warmup: int = 3, repeats: int = 10) -> float:
-    """Median milliseconds of ``fn()`` on the current CUDA stream, timed with CUDA events after ``warmup`` calls."""
-    import torch
+def cuda_event_timer(fn: Callable[[], object], warmup: int = 3, repeats: int = 10, device=None) -> float:
+    """Median milliseconds of ``fn()`` on ``device``'s current CUDA stream (None: the current device's), timed with
+    CUDA events after ``warmup`` calls."""
+    from .._util import cuda_event
 
     for _ in range(warmup):
         fn()
     times = []
     for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
+        start = cuda_event(device)
         fn()
-        end.record()
+        end = cuda_event(device)
         end.synchronize()
         times.append(start.elapsed_time(end))
     return statistics.median(times)
+
+
+def timer_on(device) -> Timer:
+    """:func:`cuda_event_timer` on ``device``'s stream: what a decision timing a call's own inputs uses (the
+    launchers run on the inputs' GPU, which need not be the current one)."""
+    return lambda fn, warmup=3, repeats=10: cuda_event_timer(fn, warmup, repeats, device=device)
 
 
 def choose(shape: ShapeClass, contenders: Mapping[str, Callable[[], object]], timer: Timer = cuda_event_timer,

@@ -74,3 +74,79 @@ def test_the_scan_finds_an_unwrapped_launch():
     assert {key for key, (_, _, launches) in functions.items() if launches} == {("m.py", "launch"), ("m.py", "inner")}
     assert not _reached_wrapped(functions, ("m.py", "launch"))
     assert _reached_wrapped(functions, ("m.py", "inner"))
+
+
+class _Streams:
+    """Stands in for ``torch.cuda``'s events, streams and synchronisation: records which device's stream each
+    event was recorded on and which device was synchronised."""
+
+    def __init__(self, monkeypatch):
+        import torch
+
+        self.recorded, self.synced = [], []
+        streams = self
+
+        class Event:
+            def __init__(self, enable_timing=False):
+                pass
+
+            def record(self, stream=None):
+                streams.recorded.append(stream)
+
+            def synchronize(self):
+                pass
+
+            def elapsed_time(self, other):
+                return 2.0
+
+        monkeypatch.setattr(torch.cuda, "Event", Event)
+        monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: f"stream of {device}")
+        monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: self.synced.append(device))
+
+
+def test_timers_record_on_the_devices_stream(monkeypatch):
+    """A model on ``cuda:1`` while ``cuda:0`` is current: the kernels run on cuda:1's stream (the launchers make
+    it current), so every timer records its events there and synchronises that device. Events on the current
+    device's stream, as the timers recorded them, timed nothing of the work (the handle's attention seconds,
+    ``generate``'s stage times, ``bench gpu``'s spans and ``auto``'s timed choices)."""
+    import torch
+
+    from dit_accel._util import Timer
+    from dit_accel.eval.timing import CudaCallTimer, StageTimer
+    from dit_accel.kernels import autotune
+
+    streams = _Streams(monkeypatch)
+    cuda1 = torch.device("cuda:1")
+    timer = Timer(cuda1)
+    with timer:
+        pass
+    assert timer.seconds == 2.0 / 1e3
+    stage = StageTimer(torch.nn.Module(), cuda1)
+    stage.start()
+    stage._end("transformer", stage._begin())
+    stage.stop()
+    assert CudaCallTimer(cuda1).span(lambda: None, 3)[0] == 2.0 / 1e3
+    assert autotune.cuda_event_timer(lambda: None, 1, 2, device=cuda1) == 2.0
+    assert autotune.timer_on(cuda1)(lambda: None, 1, 2) == 2.0
+    assert streams.recorded and set(streams.recorded) == {"stream of cuda:1"}, streams.recorded
+    assert set(streams.synced) == {cuda1}, streams.synced
+
+
+def test_decisions_time_on_the_inputs_device(monkeypatch):
+    """The timed choices (raster order or gathering, one- or two-pass backward, the dense kernels, the sparse
+    backends) take their default timer on the call's inputs' device."""
+    import torch
+
+    from dit_accel.kernels import autotune
+    from dit_accel.kernels.block_sparse import gather
+
+    asked = []
+    monkeypatch.setattr(autotune, "timer_on", lambda device: asked.append(device) or (lambda fn, w=3, r=10: 1.0))
+    monkeypatch.setattr(autotune, "enabled", lambda: True)
+    monkeypatch.setattr(autotune, "cached_choice", lambda shape: None)
+    monkeypatch.setattr(autotune, "_store", lambda key, row: None)
+    q = torch.zeros(1, 2, 64, 16)
+    gather.raster_faster("vsa.gather", q, 64, 64, 0.5, lambda gathered: None)
+    assert asked == [q.device]
+    for path in ("block_sparse/bwd_fused.py", "dense/choice.py", "block_sparse/select_backend.py"):
+        assert "autotune.timer_on(q.device)" in (ROOT / path).read_text(), path

@@ -293,7 +293,7 @@ def timed_against_dense(run_sparse: Callable, q, k, v, scale, return_lse: bool) 
     these inputs detached and without autograd (CUDA events; tests replace :data:`_time_ms`); None where either
     cannot be timed here. The measured half of ``auto``'s dense-or-sparse choice, for a kernel call
     (:func:`dense_reason`) and for a plan's whole sparse path (``plans.plan.LayoutPlan``)."""
-    timer = _time_ms or (lambda fn: autotune.cuda_event_timer(fn, 2, 5))
+    timer = _time_ms or (lambda fn: autotune.cuda_event_timer(fn, 2, 5, device=q.device))
     qd, kd, vd = q.detach(), k.detach(), v.detach()
     try:
         with torch.no_grad():

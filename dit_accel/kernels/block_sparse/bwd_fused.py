@@ -175,5 +175,5 @@ def one_pass_faster(layout, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, r
     request = Request.of(q, k, v, layout.block_q, layout.block_k)
     shape = autotune.ShapeClass.of("block_sparse.backward", request, float(layout.density()))
     contenders = {"one-pass": lambda: run(True), "two-pass": lambda: run(False)}
-    return autotune.choose(shape, contenders, timer=timer or autotune.cuda_event_timer, warmup=2,
+    return autotune.choose(shape, contenders, timer=timer or autotune.timer_on(q.device), warmup=2,
                            repeats=5) != "two-pass"

@@ -162,5 +162,5 @@ def raster_faster(family: str, q: torch.Tensor, block_q: int, block_k: int, dens
         return False
     shape = autotune.ShapeClass.of(family, Request.of(q, q, q, block_q, block_k), density)
     contenders = {"gather": lambda: run(True), "permute": lambda: run(False)}
-    return autotune.choose(shape, contenders, timer=timer or autotune.cuda_event_timer, warmup=2,
+    return autotune.choose(shape, contenders, timer=timer or autotune.timer_on(q.device), warmup=2,
                            repeats=5) == "gather"

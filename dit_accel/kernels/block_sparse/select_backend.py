@@ -224,7 +224,7 @@ def measured_tuner(q, k, v, layout: BlockLayout, scale: float, density: Optional
                 got = attention(qd, kd, vd, layout, scale=scale, backend=name)
             return relative_error(got, reference[0]) <= VERIFY_TOL
 
-        return select(shape, contenders, timer or autotune.cuda_event_timer,
+        return select(shape, contenders, timer or autotune.timer_on(q.device),
                       reuses=expected_reuses(layout) if reuses is None else reuses,
                       verified=verified or (lambda name: True), skipped=skipped,
                       verify=verify or matches_twin)

@@ -187,7 +187,7 @@ def choose(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, retu
     shape = autotune.ShapeClass.of(family, Request.of(q, k, v))
     do = torch.randn_like(q) if grad else None
     contenders = {name: _contender(name, q, k, v, scale, return_lse, do) for name in names}
-    picked = autotune.choose(shape, contenders, timer or autotune.cuda_event_timer)
+    picked = autotune.choose(shape, contenders, timer or autotune.timer_on(q.device))
     # None: no candidate ran and passed its check here (nothing stored): the fixed order answers.
     return _CHOSEN.setdefault(key, picked or default_choice(q, k, return_lse))
 
