@@ -108,7 +108,8 @@ def _time_training(row: dict, step, q, k, v, do) -> None:
 def run_vsa_train_case(grid, sparsity, *, heads, head_dim, dtype, device, timed):
     """VSA's gated training call at ``sparsity``: forward and backward in cube order against both reading raster
     order (``DIT_ACCEL_GATHER``): the selections, and where they agree the output's and the gradients' largest
-    relative row error; on a GPU the milliseconds of each, and of SDPA's forward and backward."""
+    relative row error; the raster path with the gated term's backward in PyTorch operators against its launch;
+    on a GPU the milliseconds of each, and of SDPA's forward and backward."""
     from dit_accel._util import env_set
     from dit_accel.kernels.vsa import vsa_attention
 
@@ -125,6 +126,15 @@ def run_vsa_train_case(grid, sparsity, *, heads, head_dim, dtype, device, timed)
                                          backend="triton", return_selection=True)
             return [o] + list(torch.autograd.grad(o, leaves, do)), selection
 
+    def operators_step():  # raster order, the gated term's backward in PyTorch operators (not kernels/vsa/gated.py)
+        from dit_accel.kernels.vsa import gated
+
+        saved, gated.gated_kernel_runs = gated.gated_kernel_runs, lambda gate: False
+        try:
+            return step(True)
+        finally:
+            gated.gated_kernel_runs = saved
+
     (raster, sel_raster), (cube, sel_cube) = step(True), step(False)
     differing = int((sel_raster != sel_cube).any(-1).sum())
     row["selection_rows_differing"] = differing
@@ -133,8 +143,15 @@ def run_vsa_train_case(grid, sparsity, *, heads, head_dim, dtype, device, timed)
         ok = row["gathered_vs_gathering"] <= (TOL if dtype != torch.float32 else 1e-4)
     else:
         ok = differing <= 1e-3 * sel_cube[..., 0].numel()
+    operators = operators_step()[0]
+    row["gate_launch_vs_operators"] = max(_row_error(a, b) for a, b in zip(raster, operators))
+    ok = ok and row["gate_launch_vs_operators"] <= (TOL if dtype != torch.float32 else 1e-4)
     if timed:
         _time_training(row, step, q, k, v, do)
+        import triton
+
+        row["ms_gathered_gate_operators"] = triton.testing.do_bench(operators_step)
+        row["gate_operators_over_launch"] = round(row["ms_gathered_gate_operators"] / row["ms_gathered"], 3)
     row["pass"] = bool(ok)
     return row
 

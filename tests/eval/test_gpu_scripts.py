@@ -108,7 +108,8 @@ def test_the_gather_probe_runs_both_paths_against_fp32_on_the_cpu(tmp_path):
     GNA one, VSA with partial cubes and a fitted Tile training call, each call through the gathering path and with
     the kernels reading raster order (the gathered launch configuration ran), bit for bit alike and within fp32's
     error of attention over the plan's raster mask; and VSA's gated training call both ways, the same selection and
-    within fp32 rounding (its means summed in two orders)."""
+    within fp32 rounding (its means summed in two orders), and reading raster order with the gated term's backward in
+    operators, within fp32 rounding of its launch."""
     rows = _dry_run("gather_probe.py", tmp_path)
     assert [r["layout"] for r in rows] == ["tile-fit", "tile", "gna-fit", "vsa", "tile-fit-train", "vsa-train"]
     assert rows[1]["tiled"] > rows[1]["tokens"]
@@ -117,6 +118,7 @@ def test_the_gather_probe_runs_both_paths_against_fp32_on_the_cpu(tmp_path):
     assert rows[3]["pass"] and rows[3]["gathered_vs_gathering"] == 0 and rows[3]["gathered_vs_fp32"] < 1e-4, rows
     assert rows[4]["pass"] and rows[4]["gathered_vs_gathering"] == 0, rows  # a training call's o and gradients
     assert rows[5]["pass"] and rows[5]["selection_rows_differing"] == 0 and rows[5]["gathered_vs_gathering"] < 1e-5
+    assert rows[5]["gate_launch_vs_operators"] < 1e-5, rows[5]
 
 
 def test_the_gather_probe_times_a_training_row_both_ways_and_sdpa(monkeypatch):
@@ -314,3 +316,19 @@ def test_sla_parts_runs_every_part_on_the_cpu(tmp_path):
     assert both["glue_vs_operators"] < 1e-2, both
     assert res["backward_configs"] and all(r.get("diff") == 0.0 for r in res["backward_configs"].values()), res
     assert len(res["forward_configs"]) == 8 and "profile" not in res
+
+
+def test_the_gather_probe_times_vsa_training_with_the_gated_term_both_ways(monkeypatch):
+    """The VSA training row's GPU-only timings (do_bench stood in for by one call of each): cube order, raster order,
+    SDPA, and raster order with the gated term's backward in operators against its launch."""
+    import torch
+    import triton
+
+    monkeypatch.syspath_prepend(str(SCRIPTS))
+    gather_probe = importlib.import_module("gather_probe")
+    times = iter([4.0, 2.0, 1.0, 3.0])
+    monkeypatch.setattr(triton.testing, "do_bench", lambda fn: (fn(), next(times))[1])
+    row = gather_probe.run_vsa_train_case((5, 6, 7), 0.5, heads=1, head_dim=16, dtype=torch.float32, device="cpu",
+                                          timed=True)
+    assert row["pass"] and row["ms_gathered"] == 2.0 and row["ms_gathered_gate_operators"] == 3.0
+    assert row["gate_operators_over_launch"] == 1.5 and row["gate_launch_vs_operators"] < 1e-5, row
