@@ -19,7 +19,6 @@ from tests.kernels.vsa_reference import reference
 
 triton = pytest.importorskip("triton")
 from dit_accel.kernels.vsa.triton import coarse_triton  # noqa: E402
-
 from tests.utils import interpreter  # noqa: E402
 
 
