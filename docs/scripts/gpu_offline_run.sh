@@ -14,15 +14,15 @@
 # host_profile bench_gpu pytest_gpu sla_parts info; the probes lengths_probe bwd_probe ws_probe (their answers held
 # on three runs, BENCHMARKS 10), gather_probe (not run yet) and the vendor steps run only when named. For a short
 # follow-up lease, narrower steps: SELFTEST_VARIANTS (names, space-separated; default every variant),
-# SELFTEST_BUDGET (default 150), BENCH_SHAPES, BENCH_METHODS, BENCH_DENSITIES, BENCH_BUDGET (defaults below).
+# SELFTEST_BUDGET (default 180), BENCH_SHAPES, BENCH_METHODS, BENCH_DENSITIES, BENCH_BUDGET (defaults below).
 # One 600 s command does not hold every step: on the H200 (2026-11-28, cf9d9eb) install took 7 s, selftest 138,
 # generate 33, wan_step 57, host_profile 33, bench_gpu 126, the three probes 37, pytest_gpu 119 and sla_parts 63. A
 # 15-minute lease (the first start costs about 35 s of it) fits two calls: BUDGET=545 for the default order (up to
-# pytest_gpu), then at once on the still-warm machine (it goes back after 30 s idle; its installs kept)
-# STEPS="install gather_probe ws_probe glue sla_parts info" BUDGET=280 (glue: GLUE_BASELINE=.vendor/base carried,
-# `git archive a37e52e dit_accel | tar -x -C .vendor/base`), or the vendor route. The device tool empties its $OUT
-# before each call: give this script OUT=/tmp/gpu_out and copy (or tar) that folder into the tool's $OUT at the end
-# of each call.
+# bench_gpu; pytest_gpu takes what is left), then at once on the still-warm machine (it goes back after 30 s idle;
+# its installs kept) STEPS="install pytest_gpu gather_probe glue info" BUDGET=280 (glue: GLUE_BASELINE=.vendor/base
+# carried, `git archive a37e52e dit_accel | tar -x -C .vendor/base`), or the vendor route. The device tool empties
+# its $OUT before each call: give this script OUT=/tmp/gpu_out and copy (or tar) that folder into the tool's $OUT at
+# the end of each call.
 # Logs: $OUT/all.log and $OUT/summary.txt (default ./gpu_out); the self-check verdicts in $OUT/selftest.json
 # ("N of M checked" in the log), each generate's sidecar as $OUT/gen_*.json, the Wan 2.1 1.3B step in
 # $OUT/wan_step.json, the host profiles in $OUT/host_profile.json, the bench report in $OUT/gpu_report/, the length
@@ -60,8 +60,9 @@ diffusers.__version__, torch.version.cuda, torch.cuda.get_device_name(), torch.c
     | tee -a "$L" "$O/summary.txt"
 # The acceptance checks: every kernel variant against its fp32 twin, 8 at a time (the compiles run side by side);
 # its own --budget ends it with its JSON and "N of M checked" before the step's limit would (96 checks took 138 s on
-# the H200 at cf9d9eb; the raster backward's and SLA's backward glue's checks have joined since, so 150).
-SB=${SELFTEST_BUDGET:-150}; SV=""; for v in ${SELFTEST_VARIANTS:-}; do SV="$SV --variant $v"; done
+# the H200 at cf9d9eb; the raster paths', SLA's backward glue's and VSA's gated backward's checks have joined since,
+# about 114 in all, so 180).
+SB=${SELFTEST_BUDGET:-180}; SV=""; for v in ${SELFTEST_VARIANTS:-}; do SV="$SV --variant $v"; done
 step selftest $((SB + 30)) sh -c "dit-accel selftest --device cuda --json --budget $SB$SV > '$O/selftest.json'"
 # The README's main job (fp32, its dense run beside it: the sidecar's compare_dense), then the figure users see.
 step generate 90 dit-accel generate --device cuda --out /tmp/gen_fp32.mp4
