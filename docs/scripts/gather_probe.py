@@ -135,17 +135,18 @@ def run_vsa_train_case(grid, sparsity, *, heads, head_dim, dtype, device, timed)
         finally:
             gated.gated_kernel_runs = saved
 
+    tol = TOL if dtype != torch.float32 else 1e-4
     (raster, sel_raster), (cube, sel_cube) = step(True), step(False)
     differing = int((sel_raster != sel_cube).any(-1).sum())
     row["selection_rows_differing"] = differing
     if differing == 0:
         row["gathered_vs_gathering"] = max(_row_error(a, b) for a, b in zip(raster, cube))
-        ok = row["gathered_vs_gathering"] <= (TOL if dtype != torch.float32 else 1e-4)
+        ok = row["gathered_vs_gathering"] <= tol
     else:
         ok = differing <= 1e-3 * sel_cube[..., 0].numel()
     operators = operators_step()[0]
     row["gate_launch_vs_operators"] = max(_row_error(a, b) for a, b in zip(raster, operators))
-    ok = ok and row["gate_launch_vs_operators"] <= (TOL if dtype != torch.float32 else 1e-4)
+    ok = ok and row["gate_launch_vs_operators"] <= tol
     if timed:
         _time_training(row, step, q, k, v, do)
         import triton

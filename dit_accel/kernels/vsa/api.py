@@ -28,7 +28,7 @@ from . import fine as fine_path
 from . import raster
 from .layouts import cube_masks as _cube_masks
 from .layouts import layout_of_rows as _layout_of_rows
-from .layouts import token_views
+from .layouts import on_whole_grid, token_views
 from .layouts import vsa_layout
 from .naive import CubeRows, Cubes, coarse_attention, cubes_of, fine_gathered, selected_count
 
@@ -345,18 +345,18 @@ def gated_coarse(coarse: torch.Tensor, gate: torch.Tensor, cubes: Cubes, order, 
     quarter of the tokens' size; FastWan's (16, 28, 52): none). The result is written straight in ``dtype``, one
     pass over gate and fine, with or without autograd (:class:`_Gated`)."""
     n = gate.shape[2]
-    views = token_views(coarse, cubes, order)
-    if views is not None and (fine is None or fine.dim() == 4) and records_grad(coarse, gate, *(
-            () if fine is None else (fine,))):
+    whole = on_whole_grid(coarse, cubes, order)
+    grad = records_grad(*(x for x in (coarse, gate, fine) if x is not None))
+    if grad and whole and (fine is None or fine.dim() == 4):
         from .gated import gated_kernel_runs
 
         if gated_kernel_runs(gate):  # (the whole grid in raster order: the backward in one launch, .gated)
-            return _GatedCubes.apply(coarse, gate, fine, cubes, dtype)
-    if views is None:  # a ring rank's rows: each row gathers its cube's row (fp32, token-sized)
+            return _GatedCubes.apply(coarse, gate, fine, cubes, dtype)  # (it makes the token views itself)
+    if not whole:  # a ring rank's rows: each row gathers its cube's row (fp32, token-sized)
         c, tokens = coarse.index_select(2, _row_cubes(order, cubes.volume, coarse.device)), (n,)
     else:
-        c, tokens = views
-    if records_grad(*(x for x in (c, gate, fine) if x is not None)):
+        c, tokens = token_views(coarse, cubes, order)
+    if grad:
         return _Gated.apply(c, gate, fine, tokens, dtype)
     return _gated(c, gate, fine, tokens, dtype)
 

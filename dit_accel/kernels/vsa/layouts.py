@@ -12,7 +12,7 @@ import torch
 from ..layout import BlockLayout
 from .naive import Cubes
 
-__all__ = ["vsa_layout", "layout_of_rows", "cube_masks", "token_views"]
+__all__ = ["vsa_layout", "layout_of_rows", "cube_masks", "on_whole_grid", "token_views"]
 
 
 # (grid, tile, device) -> (mask ids [C] int32, element mask table [P, V, V] or None) of the partial cubes.
@@ -69,6 +69,12 @@ def layout_of_rows(cubes: Cubes, selection: torch.Tensor) -> BlockLayout:
 SPREADS: Dict[tuple, Tuple[Optional[torch.Tensor], ...]] = {}
 
 
+def on_whole_grid(coarse: torch.Tensor, cubes: Cubes, order) -> bool:
+    """Whether per-cube rows ``coarse`` ``(B, H, C, D)`` are every cube's in ``order`` the grid's permutation (not a
+    ring rank's rows): what :func:`token_views` spreads."""
+    return order is cubes.perm and coarse.shape[2] == cubes.count
+
+
 def token_views(coarse: torch.Tensor, cubes: Cubes, order):
     """``(cube rows shaped to broadcast over the tokens, the token axis's split)`` of per-cube rows ``coarse``
     ``(B, H, C, D)`` on the whole grid (``order`` the grid's permutation), or None (a ring rank's rows): each grid
@@ -77,7 +83,7 @@ def token_views(coarse: torch.Tensor, cubes: Cubes, order):
     from ..request import in_graph
 
     perm = cubes.perm
-    if order is not perm or coarse.shape[2] != cubes.count:
+    if not on_whole_grid(coarse, cubes, order):
         return None
     key = (perm.grid, perm.tile, str(coarse.device))
     spreads = SPREADS.get(key)
