@@ -3,7 +3,6 @@
 The kernel reads q, k, v where they are and writes o and lse there, instead of the plan gathering them into tiled
 order and back: bit for bit what the gathering path returns (the same tiles reach the same products), and close to
 the fp32 reference on the raster tokens. Interpreter tests (fp32 / fp16: its bf16 dot is wrong)."""
-import os
 
 import pytest
 import torch
@@ -13,13 +12,10 @@ from dit_accel.kernels import autotune, selfcheck
 from dit_accel.kernels.block_sparse import gather
 from dit_accel.kernels.layout import BlockLayout
 from dit_accel.patterns.permutation import PackedTilePermutation, TilePermutation
-from tests.utils import DEVICE, assert_attention_close, make_qkv, random_mask
+from tests.utils import DEVICE, assert_attention_close, interpreter, make_qkv, random_mask
 
 triton = pytest.importorskip("triton")
 from dit_accel.kernels.block_sparse.triton import triton_forward  # noqa: E402
-
-interpreter_only = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
-                                      reason="interpreter test (CPU tensors); its GPU twin runs on CUDA machines")
 
 
 def _problem(perm, heads, d, dtype, block_q, block_k, seed):
@@ -47,7 +43,7 @@ CASES = [  # (permutation, head dim, dtype, block_q, block_k)
 ]
 
 
-@interpreter_only
+@interpreter
 @pytest.mark.parametrize("perm,d,dtype,block_q,block_k", CASES,
                          ids=[f"{type(c[0]).__name__}-{c[0].grid}-d{c[1]}-{str(c[2])[6:]}-{c[3]}x{c[4]}"
                               for c in CASES])
@@ -63,7 +59,7 @@ def test_gathered_forward_equals_the_gathering_path_bit_for_bit(perm, d, dtype, 
     assert_attention_close(o, lse, q, k, v, mask[:, raster][:, :, raster], scale)
 
 
-@interpreter_only
+@interpreter
 def test_strides_of_their_own_and_a_strided_head_dim_read_the_same():
     """q contiguous, k a (B, N, H, D) view, v strided in its head dim (the launcher's contiguous copy): each row
     is found from its own tensor's stride."""
@@ -76,7 +72,7 @@ def test_strides_of_their_own_and_a_strided_head_dim_read_the_same():
     assert torch.equal(o, want_o) and torch.equal(lse, want_lse)
 
 
-@interpreter_only
+@interpreter
 def test_row_table_is_the_raster_token_of_each_tiled_position_once_per_device():
     perm = TilePermutation((3, 5, 7), (2, 4, 8))
     table = perm.row_table("cpu")
@@ -89,7 +85,7 @@ def test_row_table_is_the_raster_token_of_each_tiled_position_once_per_device():
     assert (perm.permute(x)[0, 0][table < 0] == 0).all()
 
 
-@interpreter_only
+@interpreter
 def test_padded_keys_are_never_seen_by_a_plan_layout_and_a_layout_that_sees_one_is_refused():
     plan = _tile_plan()
     assert gather.padding_unseen(plan.layout, plan.perm)
@@ -136,7 +132,7 @@ def _attend(plan, q, k, v):
     return plan.attend(q, k, v, scale=None, backend="triton")[:2]  # (the default scale: 1 / sqrt(D))
 
 
-@interpreter_only
+@interpreter
 def test_plans_read_raster_order_where_asked_and_match_the_gathering_path(monkeypatch):
     plan = _tile_plan()
     q, k, v = make_qkv(1, 2, plan.perm.num_tokens, plan.perm.num_tokens, 64, torch.float16, seed=5)
@@ -155,7 +151,7 @@ def test_plans_read_raster_order_where_asked_and_match_the_gathering_path(monkey
     assert calls == [1, 1] and torch.equal(got[0], want[0])
 
 
-@interpreter_only
+@interpreter
 def test_a_capture_takes_the_eager_answer_and_a_trace_the_gathering_path(monkeypatch):
     plan = _tile_plan()
     q, k, v = make_qkv(1, 2, plan.perm.num_tokens, plan.perm.num_tokens, 64, torch.float16, seed=12)
@@ -175,7 +171,7 @@ def test_a_capture_takes_the_eager_answer_and_a_trace_the_gathering_path(monkeyp
     assert plan._reads_raster(q, k, v, plan.layout_on(q.device), None, "triton", True) is False
 
 
-@interpreter_only
+@interpreter
 @pytest.mark.parametrize("text_first", [True, False], ids=["text-first", "text-last"])
 def test_joint_text_calls_read_the_video_part_in_raster_order_bit_for_bit(monkeypatch, text_first):
     """A pipeline's call with text tokens beside the video ones (its video part a strided slice, merged with the
@@ -190,7 +186,7 @@ def test_joint_text_calls_read_the_video_part_in_raster_order_bit_for_bit(monkey
     assert True in plan._gather_choice.values() and torch.equal(got[0], want[0])
 
 
-@interpreter_only
+@interpreter
 def test_a_forced_gather_that_fails_its_self_check_raises_and_a_bad_switch_is_named(monkeypatch, tmp_path):
     monkeypatch.setenv("DIT_ACCEL_CACHE", str(tmp_path))
     monkeypatch.setenv(selfcheck.ENV_FAULT, gather.VARIANT)
@@ -208,7 +204,7 @@ def test_a_forced_gather_that_fails_its_self_check_raises_and_a_bad_switch_is_na
     assert not gather.gather_runs(torch.device("cpu"), torch.float16, 64, 64, 64, None)  # never unasked off a GPU
 
 
-@interpreter_only
+@interpreter
 def test_gather_faster_times_both_paths_once_per_shape_class(monkeypatch, tmp_path):
     monkeypatch.setenv("DIT_ACCEL_CACHE", str(tmp_path))  # (the choices are stored there)
     perm = TilePermutation((3, 5, 7), (2, 4, 8))
@@ -270,7 +266,7 @@ def test_info_says_whether_the_raster_order_forward_is_on(monkeypatch):
     assert "DIT_ACCEL_GATHER='maybe': expected 1" in _gather_status()
 
 
-@interpreter_only
+@interpreter
 @pytest.mark.filterwarnings("ignore:.*saves no work")  # (grids this small: every key block is some query's)
 @pytest.mark.parametrize("name,grid,method", MODELS, ids=MODEL_IDS)
 def test_a_model_under_apply_reads_raster_order_bit_for_bit(monkeypatch, name, grid, method):

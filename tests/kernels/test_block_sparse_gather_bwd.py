@@ -4,7 +4,6 @@ A training call that reads raster order in its forward reads it in its backward 
 k, v and dO and store dQ, dK and dV through the permutation's row table. The same tiles reach the same products as
 in the gathering path (gather into tiled order, the kernels, scatter the gradients back), so the gradients are its
 own bit for bit, and the fp32 reference's on the raster mask within rounding. Interpreter tests (fp32 / fp16)."""
-import os
 
 import pytest
 import torch
@@ -14,13 +13,10 @@ from dit_accel.kernels import autotune, selfcheck
 from dit_accel.kernels.block_sparse import gather
 from dit_accel.patterns.permutation import TilePermutation
 from tests.kernels.test_block_sparse_gather import CASES, MODEL_IDS, MODELS, _problem, _spy_gathered, _tile_plan
-from tests.utils import assert_grads_close, make_qkv
+from tests.utils import assert_grads_close, interpreter, make_qkv
 
 triton = pytest.importorskip("triton")
 from dit_accel.kernels.block_sparse.triton import triton_backward, triton_forward  # noqa: E402
-
-interpreter_only = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
-                                      reason="interpreter test (CPU tensors); its GPU twin runs on CUDA machines")
 
 
 @pytest.fixture(autouse=True)
@@ -28,7 +24,7 @@ def _no_selfcheck(monkeypatch):
     monkeypatch.setenv("DIT_ACCEL_SELFCHECK", "0")
 
 
-@interpreter_only
+@interpreter
 @pytest.mark.parametrize("perm,d,dtype,block_q,block_k", CASES,
                          ids=[f"{type(c[0]).__name__}-{c[0].grid}-d{c[1]}-{str(c[2])[6:]}-{c[3]}x{c[4]}"
                               for c in CASES])
@@ -51,7 +47,7 @@ def test_raster_backward_equals_the_gathering_path_bit_for_bit(perm, d, dtype, b
                        mask[:, raster][:, :, raster], do, scale)
 
 
-@interpreter_only
+@interpreter
 def test_gradients_of_bnhd_views_come_back_in_their_layout():
     """q, k, v as a pipeline hands them over ((B, N, H, D) memory): the gradients keep that layout, and match."""
     perm = TilePermutation((3, 5, 7), (2, 4, 8))
@@ -90,7 +86,7 @@ def _train(plan, q, k, v, text=0):
     return (o,) + (() if lse is None else (lse,)) + tuple(x.grad for x in leaves)
 
 
-@interpreter_only
+@interpreter
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 def test_plan_training_calls_read_raster_order_bit_for_bit(monkeypatch, dtype):
     plan = _tile_plan()
@@ -108,7 +104,7 @@ def test_plan_training_calls_read_raster_order_bit_for_bit(monkeypatch, dtype):
     assert calls == [1] and all(torch.equal(a, b) for a, b in zip(got, want))
 
 
-@interpreter_only
+@interpreter
 def test_a_training_call_reading_raster_order_keeps_no_copy_of_q_k_v(monkeypatch):
     """What a Tile training call leaves alive for its backward beyond q, k and v themselves: the gathering path
     keeps their tiled copies and the tiled output (about 4 q-sized tensors); reading raster order, only the output
@@ -127,7 +123,7 @@ def test_a_training_call_reading_raster_order_keeps_no_copy_of_q_k_v(monkeypatch
     assert saved["0"] >= 3.5 and saved["1"] <= 1.2, saved
 
 
-@interpreter_only
+@interpreter
 def test_joint_text_training_calls_match_bit_for_bit(monkeypatch):
     """Text tokens beside the video ones: the video part a strided slice, merged with the text keys by the lse,
     whose gradient reaches the raster backward."""
@@ -141,7 +137,7 @@ def test_joint_text_training_calls_match_bit_for_bit(monkeypatch):
     assert True in plan._gather_choice.values() and all(torch.equal(a, b) for a, b in zip(got, want))
 
 
-@interpreter_only
+@interpreter
 def test_the_training_choice_times_forward_and_backward_on_detached_copies(monkeypatch, tmp_path):
     """Unforced (on a GPU, once both self-checks passed): the two paths timed forward and backward together under
     the family block_sparse.gather_train, on copies of the call's inputs, so no gradient reaches the caller's
@@ -174,7 +170,7 @@ def test_the_training_choice_times_forward_and_backward_on_detached_copies(monke
     assert families[-1] == "block_sparse.gather"
 
 
-@interpreter_only
+@interpreter
 def test_a_forced_training_call_whose_backward_variant_fails_its_self_check_raises(monkeypatch, tmp_path):
     monkeypatch.setenv("DIT_ACCEL_SELFCHECK", "1")
     monkeypatch.setenv("DIT_ACCEL_CACHE", str(tmp_path))
@@ -189,7 +185,7 @@ def test_a_forced_training_call_whose_backward_variant_fails_its_self_check_rais
         plan.attend(q, k, v, scale=None, backend="triton")
 
 
-@interpreter_only
+@interpreter
 @pytest.mark.filterwarnings("ignore:.*saves no work")  # (grids this small: every key block is some query's)
 @pytest.mark.parametrize("name,grid,method", MODELS, ids=MODEL_IDS)
 def test_a_model_trained_under_apply_reads_raster_order_bit_for_bit(monkeypatch, name, grid, method):

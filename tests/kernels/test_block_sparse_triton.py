@@ -5,8 +5,6 @@ so sizes stay small (N <= 257, block 32/64/128). bf16 and large-N checks are
 GPU-only (`@pytest.mark.gpu`): the interpreter's bf16 tl.dot is wrong.
 """
 
-import os
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -15,12 +13,10 @@ from dit_accel.kernels import BlockLayout, block_sparse_attention
 from dit_accel.kernels.backends import BackendUnavailable, triton_reason
 from dit_accel.kernels.block_sparse.configs import select_config
 from dit_accel.kernels.block_sparse.triton import triton_backward, triton_forward
-from tests.utils import (DEVICE, DT, TOL, assert_attention_close, assert_grads_close, banded_mask, make_qkv,
-                         random_mask)
+from tests.utils import (DEVICE, DT, TOL, assert_attention_close, assert_grads_close, banded_mask, interpreter,
+                         make_qkv, random_mask)
 
-# CPU tensors through Triton's interpreter (on a CUDA machine the GPU twins below run instead).
-interpreter_only = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
-                                      reason="interpreter test (CPU tensors); its GPU twin runs on CUDA machines")
+# CPU tensors through Triton's interpreter (`interpreter`; on a CUDA machine the GPU twins below run instead).
 
 
 def _scale(q, scale):
@@ -312,7 +308,7 @@ def test_tma_path_through_the_interpreter(monkeypatch, dtype):
     check_backward(q, k, v, mask, layout)
 
 
-@interpreter_only
+@interpreter
 def test_misaligned_tensors_fall_back_to_pointers(monkeypatch):
     from dit_accel.kernels.block_sparse import triton as bst
 
@@ -324,7 +320,7 @@ def test_misaligned_tensors_fall_back_to_pointers(monkeypatch):
     check_forward(base, base, base, banded_mask(64, 64, 8), layout)
 
 
-@interpreter_only
+@interpreter
 def test_token_offsets_are_64_bit_in_the_bnhd_layout():
     """k, v in (B, N, H, D) storage with H*D = 5120: token 420,000 sits at element 2.15e9 > 2^31.
     Only the last key blocks are visited and only they are written: the rest of the 4.3 GB storage

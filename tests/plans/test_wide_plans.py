@@ -6,7 +6,6 @@ the mask written by brute force (tests/patterns/test_gna_tile.py).
 """
 
 import math
-import os
 
 import pytest
 import torch
@@ -16,10 +15,7 @@ from dit_accel.kernels import block_sparse_attention
 from dit_accel.patterns.permutation import TilePermutation
 from dit_accel.plans.per_head import PerHead
 from tests.patterns.test_gna_tile import _ref_gna, _ref_sta
-from tests.utils import assert_attention_close, make_qkv
-
-interpreter_only = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
-                                      reason="interpreter test (CPU tensors)")
+from tests.utils import assert_attention_close, interpreter, make_qkv
 
 
 def test_tile_plan_runs_128_row_blocks_on_cuda_only(monkeypatch):
@@ -77,7 +73,7 @@ def test_per_head_plan_is_wide_when_every_head_agrees():
     assert torch.equal(wide.to_dense_mask(), group.layout.to_dense_mask())
 
 
-@interpreter_only
+@interpreter
 @pytest.mark.parametrize("grid", [(2, 16, 16), (2, 14, 16)], ids=["full-blocks", "padded-partial"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_wide_tile_layout_through_the_triton_kernel(grid, dtype):
@@ -96,7 +92,7 @@ def test_wide_tile_layout_through_the_triton_kernel(grid, dtype):
     assert_attention_close(o, lse, q, k, v, _ref_sta(grid, tile, window))
 
 
-@interpreter_only
+@interpreter
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_wide_gna_layout_with_different_half_masks_through_the_triton_kernel(dtype):
     # Both 64-row halves of each 128-row block visit both key blocks of their frame partially, with other masks.
@@ -150,7 +146,7 @@ def test_a_packed_slot_that_cuts_128_row_blocks_stays_64():
     assert packed.perm.slot == 192 and packed.kernel_layout("cuda").block_q == 64
 
 
-@interpreter_only
+@interpreter
 @pytest.mark.parametrize("grid,tile,window", FITTED, ids=["126-in-128", "252-in-256"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_fitted_tile_128_row_blocks_through_the_triton_kernel(grid, tile, window, dtype):
