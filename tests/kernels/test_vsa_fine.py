@@ -20,10 +20,7 @@ _LAYOUT_OF_ROWS = api._layout_of_rows  # (the tests below count the calls of the
 from tests.utils import interpreter  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def _fresh(monkeypatch):
-    monkeypatch.setenv("DIT_ACCEL_SELFCHECK", "0")
-    monkeypatch.setattr(fine, "_TEMPLATES", {})
+pytestmark = pytest.mark.usefixtures("fresh_vsa")  # (tests/kernels/conftest.py)
 
 
 def _selection(heads: int, rows: int, cubes: int, count: int, seed: int) -> torch.Tensor:

@@ -16,7 +16,6 @@ import torch
 import dit_accel
 from dit_accel.kernels import selfcheck
 from dit_accel.kernels.block_sparse import gather
-from dit_accel.kernels.vsa import api, fine
 from dit_accel.kernels.vsa.naive import cubes_of
 
 triton = pytest.importorskip("triton")
@@ -24,11 +23,7 @@ from dit_accel.kernels.vsa import gated  # noqa: E402
 from tests.utils import interpreter, static_toolchain  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def _fresh(monkeypatch):
-    monkeypatch.setenv("DIT_ACCEL_SELFCHECK", "0")
-    monkeypatch.setattr(fine, "_TEMPLATES", {})
-    monkeypatch.setattr(api, "_RASTER_CHOICES", {})
+pytestmark = pytest.mark.usefixtures("fresh_vsa")  # (tests/kernels/conftest.py)
 
 
 def _rows_of_cubes(cubes):

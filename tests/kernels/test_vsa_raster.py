@@ -22,11 +22,7 @@ from dit_accel.kernels.vsa.triton import coarse_triton  # noqa: E402
 from tests.utils import interpreter  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def _fresh(monkeypatch):
-    monkeypatch.setenv("DIT_ACCEL_SELFCHECK", "0")
-    monkeypatch.setattr(fine, "_TEMPLATES", {})
-    monkeypatch.setattr(api, "_RASTER_CHOICES", {})
+pytestmark = pytest.mark.usefixtures("fresh_vsa")  # (tests/kernels/conftest.py)
 
 
 def _qkv(grid, batch=1, heads=2, d=32, dtype=torch.float32, layout="bnhd", n=4, seed=0):
