@@ -33,6 +33,7 @@ from typing import Optional, Tuple
 import torch
 
 from .._util import cdiv as _cdiv
+from .request import in_graph
 
 __all__ = ["BlockLayout"]
 
@@ -95,12 +96,6 @@ def _transposed_rows(cols: torch.Tensor, ids: Optional[torch.Tensor], n_k: int, 
     return counts, indices, mask_ids
 
 
-def _sharable() -> bool:
-    """Whether a tensor made now may be kept for later calls: not in a trace (it would be fake) or a capture (the
-    graph's, written only when it replays)."""
-    return not (torch.compiler.is_compiling() or torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
-
-
 _BOUNDS: dict = {}
 
 
@@ -111,7 +106,7 @@ def _block_bounds(hl: int, n_k: int, device: torch.device) -> torch.Tensor:
     found = _BOUNDS.get(key)
     if found is None:
         found = torch.arange(n_k + 1, device=device).expand(hl, n_k + 1).contiguous()
-        if _sharable():
+        if not in_graph():  # (a traced tensor is fake, a captured one the graph's: neither is kept)
             if len(_BOUNDS) >= 64:
                 _BOUNDS.clear()
             _BOUNDS[key] = found
@@ -147,7 +142,7 @@ def _empty_table(block_q: int, block_k: int, device: torch.device) -> torch.Tens
     table = _EMPTY_TABLES.get(key)
     if table is None:
         table = torch.zeros(0, block_q, block_k, dtype=torch.bool, device=device)
-        if _sharable():
+        if not in_graph():  # (a traced table is fake, a captured one the graph's: neither is shared)
             _EMPTY_TABLES[key] = table
     return table
 
