@@ -40,10 +40,11 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
+from . import request as _request
 from .request import BackendUnavailable, env_get, interpreting
 
 __all__ = ["ENV_FAULT", "ENV_SELFCHECK", "Variant", "Result", "VariantFailed", "register", "variants", "variant",
-           "usable", "usable_fast", "require", "gate", "corrupt", "faulted", "faults", "relative_error", "plan", "run_all",
+           "usable", "usable_fast", "require", "gate", "gate_unverified", "corrupt", "faulted", "faults", "relative_error", "plan", "run_all",
            "UNCHECKED", "cached_verdicts", "clear", "cache_path", "enabled"]
 
 #: Environment variable naming the variants whose output is corrupted (comma-separated), for proving the check.
@@ -337,12 +338,6 @@ def stored(name: str, device, dtype: torch.dtype, shape: dict) -> Optional[bool]
     return None if entry is None else bool(entry["ok"])
 
 
-def _in_graph() -> bool:
-    if torch.compiler.is_compiling():
-        return True
-    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
-
-
 def usable(name: str, device, dtype: torch.dtype, shape: Optional[dict] = None) -> bool:
     """Whether variant ``name`` passed its self-check for ``device``/``dtype``/``shape`` (checked now on first
     use). A failure warns once per variant, naming it and its error. True while the variant's own check runs
@@ -355,7 +350,7 @@ def usable(name: str, device, dtype: torch.dtype, shape: Optional[dict] = None) 
     if name in _REGISTRY and _REGISTRY[name].applies(device) is not None:
         return False  # does not apply here (selftest says n/a): never run it unchecked
     shape = shape or _default_shapes(device)[0]
-    if _in_graph():
+    if _request.in_graph():
         entry = _entries().get(_key(name, device, dtype, shape) + _fault_tag())
         return entry is None or entry["ok"]
     entry = verdict(name, device, dtype, shape)
@@ -384,7 +379,7 @@ def usable_fast(name: str, device: torch.device, dtype: torch.dtype, head_dim: i
     hit = _FAST.get(key)
     if hit is None:
         hit = usable(name, device, dtype, {"head_dim": head_dim, "block_q": block_q, "block_k": block_k})
-        if name not in _RUNNING and not _in_graph():
+        if name not in _RUNNING and not _request.in_graph():
             _FAST[key] = hit
     return hit
 
@@ -417,6 +412,15 @@ def gate(names, device, dtype: torch.dtype, shape: dict, forced: bool) -> bool:
             require(name, device, dtype, shape)
         return False
     return True
+
+
+def gate_unverified(name: str, device, dtype: torch.dtype, shape: dict, forced: Optional[bool]) -> bool:
+    """:func:`gate` for a variant that has never run on a GPU, asked with its switch's value ``forced`` (True,
+    False, None unset): inside a trace or a CUDA graph capture, which may run no check, an unforced call takes it
+    only where a stored verdict says it passed (:func:`usable` trusts an unchecked variant there)."""
+    if forced is None and _request.in_graph():
+        return stored(name, device, dtype, shape) is True
+    return gate([name], device, dtype, shape, forced=bool(forced))
 
 
 # ----------------------------------------------------------------------------- selftest and info

@@ -11,7 +11,7 @@ import warnings
 import pytest
 import torch
 
-from dit_accel.kernels import BlockLayout, backends, selfcheck
+from dit_accel.kernels import BlockLayout, backends, request, selfcheck
 from dit_accel.kernels.backends import BackendUnavailable, Request
 
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
@@ -211,9 +211,9 @@ def test_a_variant_trusted_inside_a_graph_is_still_checked_on_the_next_eager_cal
     runs = _counting_variant("test.fake.graph", selfcheck.Result(1.0, 1e-2, "wrong"))
     args = ("test.fake.graph", CPU, torch.float16, SHAPE["head_dim"], SHAPE["block_q"], SHAPE["block_k"])
     try:
-        monkeypatch.setattr(selfcheck, "_in_graph", lambda: True)
+        monkeypatch.setattr(request, "in_graph", lambda: True)
         assert selfcheck.usable_fast(*args) and runs == []
-        monkeypatch.setattr(selfcheck, "_in_graph", lambda: False)
+        monkeypatch.setattr(request, "in_graph", lambda: False)
         with pytest.warns(UserWarning, match="test.fake.graph failed its self-check"):
             assert not selfcheck.usable_fast(*args)
         assert runs == [torch.float16]

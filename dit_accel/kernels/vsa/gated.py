@@ -118,12 +118,9 @@ def gated_kernel_runs(gate: torch.Tensor) -> bool:
     which may run no check, an unforced call runs it only where a stored verdict says the variant passed."""
     from .. import selfcheck
     from ..block_sparse.gather import gather_forced, raster_allowed
-    from ..request import in_graph
 
     forced = gather_forced()
     if not raster_allowed(gate, forced) or gate.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         return False
     shape = {"head_dim": gate.shape[-1], "block_q": 64, "block_k": 64}
-    if forced is None and in_graph():
-        return selfcheck.stored(VARIANT, gate.device, gate.dtype, shape) is True
-    return selfcheck.gate([VARIANT], gate.device, gate.dtype, shape, forced=bool(forced))
+    return selfcheck.gate_unverified(VARIANT, gate.device, gate.dtype, shape, forced)
