@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import dit_accel
-from dit_accel.kernels.vsa import selected_count, vsa_naive, vsa_parts_naive
+from dit_accel.kernels.vsa import cubes_of, selected_count, vsa_naive, vsa_parts_naive
 from tests.kernels.vsa_reference import reference
 
 
@@ -599,6 +599,21 @@ def test_a_cube_too_large_for_one_block_is_refused_naming_the_grid():
         dit_accel.vsa_attention(q, q, q, grid, topk=1, tile=(100, 100, 100))
     with pytest.raises(ValueError, match="204800 tokens"):
         dit_accel.VSA(tile=(100, 100, 100)).plan(grid)
+
+
+def test_a_grid_of_more_cubes_than_the_coarse_branch_takes_is_refused_naming_the_tile():
+    """Tile (1, 1, 1) at Wan 720p is 75,600 cubes: the coarse scores (C x C per head) and the pool launch's grid
+    axis (65,535 programs) would fail deep in a launch or an allocation. One cube under the bound is accepted."""
+    grid = (21, 45, 80)
+    q = torch.zeros(1, 1, math.prod(grid), 1)
+    with pytest.raises(ValueError, match=r"tile=\(1, 1, 1\) cuts the video token grid \(21, 45, 80\) into 75,600 "
+                                         r"cubes, more than 65,535 .*22\.9 GB.*\(4, 4, 4\).*1,440 cubes here"):
+        dit_accel.vsa_attention(q, q, q, grid, topk=1, tile=(1, 1, 1))
+    with pytest.raises(ValueError, match="75,600 cubes"):
+        dit_accel.VSA(tile=(1, 1, 1), sparsity=0.9).plan(grid)
+    assert cubes_of((1, 65535, 1), (1, 1, 1)).count == 65535
+    with pytest.raises(ValueError, match="65,536 cubes"):
+        cubes_of((1, 65536, 1), (1, 1, 1))
 
 
 def test_a_vsa_call_copies_nothing_from_the_host(monkeypatch):

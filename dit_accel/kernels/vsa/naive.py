@@ -21,7 +21,7 @@ import torch
 from ...patterns.permutation import PackedTilePermutation, TilePermutation
 from ..request import records_grad
 
-__all__ = ["Cubes", "cubes_of", "cube_sizes", "cube_tile", "MAX_CUBE_TOKENS", "selected_count", "top_cubes", "coarse_attention", "CubeRows", "cube_rows", "vsa_parts_naive", "fine_gathered",
+__all__ = ["Cubes", "cubes_of", "cube_sizes", "cube_tile", "MAX_CUBE_TOKENS", "MAX_CUBES", "selected_count", "top_cubes", "coarse_attention", "CubeRows", "cube_rows", "vsa_parts_naive", "fine_gathered",
            "vsa_naive", "VSAParts"]
 
 
@@ -39,6 +39,10 @@ class Cubes(NamedTuple):
 #: cube's element mask is ``volume x volume``, so a cube past this is refused rather than sized into memory.
 MAX_CUBE_TOKENS = 4096
 
+#: Cubes per grid at most: the coarse branch scores every pair of cubes (``C x C`` fp32 per batch and head, 17 GB
+#: at this count) and its pool launch puts the cubes on a launch-grid axis that holds at most 65,535 programs.
+MAX_CUBES = 65535
+
 
 def cube_tile(grid: Tuple[int, ...], tile: Tuple[int, ...]) -> Tuple[int, ...]:
     """``tile`` clamped to ``grid`` per dimension: the partial-cube rule already makes a tile longer than the grid
@@ -51,7 +55,8 @@ def cube_tile(grid: Tuple[int, ...], tile: Tuple[int, ...]) -> Tuple[int, ...]:
 
 def cubes_of(grid: Tuple[int, ...], tile: Tuple[int, ...]) -> Cubes:
     """The cubes of ``tile`` on ``grid`` (both 3-D, checked by the caller; the tile clamped to the grid,
-    :func:`cube_tile`). ValueError when a clamped cube holds more than :data:`MAX_CUBE_TOKENS` tokens.
+    :func:`cube_tile`). ValueError when a clamped cube holds more than :data:`MAX_CUBE_TOKENS` tokens or the grid
+    takes more than :data:`MAX_CUBES` cubes.
 
     Kept per (grid, tile): ``vsa_attention`` asks on every call, and building the permutation (a sort of every
     token on the host) and its device copies again each time cost milliseconds per call at Wan's grids."""
@@ -66,9 +71,15 @@ def _cubes(grid: Tuple[int, ...], tile: Tuple[int, ...]) -> Cubes:
                          f"{clamped} = {math.prod(clamped)} tokens, more than {MAX_CUBE_TOKENS} (the fine branch "
                          "runs one cube as one block): use a smaller tile such as (4, 4, 4) (FastVideo's default) or "
                          "(4, 8, 8)")
+    count = math.prod(-(-g // t) for g, t in zip(grid, clamped))
+    if count > MAX_CUBES:
+        hint = math.prod(-(-g // t) for g, t in zip(grid, cube_tile(grid, (4, 4, 4))))
+        raise ValueError(f"VSA: tile={tuple(tile)} cuts the video token grid {tuple(grid)} into {count:,} cubes, more "
+                         f"than {MAX_CUBES:,} (the coarse branch scores every pair of cubes, {count:,}^2 fp32 = "
+                         f"{count * count * 4 / 1e9:,.1f} GB per batch and head): use a larger tile such as (4, 4, 4) "
+                         f"(FastVideo's default, {hint:,} cubes here)")
     volume = math.prod(clamped)
     perm = PackedTilePermutation(tuple(grid), clamped, volume)
-    count = perm.num_padded // volume
     real = (perm.order >= 0).view(count, volume)
     return Cubes(perm, volume, count, real, real.sum(-1))
 
