@@ -195,9 +195,9 @@ def _kernel_status() -> dict:
         "triton": (f"{triton_version() or 'not installed'}: " + (triton_version_reason() or
                    f"ok (runs from {floor}; compile-time checks pinned to {TRITON_CHECKED})")),
         "fp32": _selfchecks.fp32_bounds_text(),
-        "warp-specialized forward": "on (DIT_ACCEL_WS=1), behind its self-check" if ws_enabled() else WS_OFF_REASON,
-        "length tiles": ("on (DIT_ACCEL_LENGTHS=1), behind their self-check" if lengths_enabled()
-                         else LENGTHS_OFF_REASON),
+        "warp-specialized forward": _opt_in(ws_enabled, "on (DIT_ACCEL_WS=1), behind its self-check", WS_OFF_REASON),
+        "length tiles": _opt_in(lengths_enabled, "on (DIT_ACCEL_LENGTHS=1), behind their self-check",
+                                LENGTHS_OFF_REASON),
         "raster-order forward": _gather_status(),
         "SLA backward glue": _glue_status(),
         "torch.compile": ("a traced call reuses the backend an eager call of the same shape chose (autotuned, or "
@@ -230,6 +230,14 @@ def _glue_status() -> str:
                           "a fused SLA backward with a projection on a GPU makes phi, the global sums' gradients and "
                           "phi's backward in four Triton kernels instead of PyTorch operators, where their self-check "
                           "passed (not yet run on a GPU)")
+
+
+def _opt_in(read, on: str, off: str) -> str:
+    """An ``info`` line for an opt-in switch (``read()``: whether it is on; its ValueError on a bad value)."""
+    try:
+        return on if read() else off
+    except ValueError as exc:
+        return str(exc)
 
 
 def _switch_status(env: str, read, forced_on: str, default: str) -> str:

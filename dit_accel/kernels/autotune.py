@@ -27,7 +27,6 @@ Example::
 from __future__ import annotations
 
 import datetime
-import os
 import statistics
 import threading
 from dataclasses import asdict, dataclass
@@ -46,8 +45,12 @@ Timer = Callable[[Callable[[], object], int, int], float]
 
 
 def enabled() -> bool:
-    """Whether ``auto`` times its contenders (``$DIT_ACCEL_AUTOTUNE`` unset or not ``0``)."""
-    return os.environ.get(ENV_AUTOTUNE, "1").strip().lower() not in ("0", "false", "off", "no")
+    """Whether ``auto`` times its contenders: ``$DIT_ACCEL_AUTOTUNE`` unset or ``1`` (``true``, ``on``, ``yes``);
+    ``0`` (``false``, ``off``, ``no``) turns the timing off; ValueError naming the variable on any other value."""
+    from .request import env_switch
+
+    return env_switch(ENV_AUTOTUNE, "time auto's contenders", "the cost model alone, no timing",
+                      "time them, the default") is not False
 
 
 def density_bucket(density: Optional[float]) -> str:

@@ -90,8 +90,32 @@ def test_failing_contender_is_never_chosen_and_ties_keep_order():
 
 def test_env_switch(monkeypatch):
     assert autotune.enabled()
-    monkeypatch.setenv(autotune.ENV_AUTOTUNE, "0")
-    assert not autotune.enabled()
+    for off in ("0", " Off ", "no"):
+        monkeypatch.setenv(autotune.ENV_AUTOTUNE, off)
+        assert not autotune.enabled()
+    monkeypatch.setenv(autotune.ENV_AUTOTUNE, "yes")
+    assert autotune.enabled()
+    # A value that is neither (it read as "on" before) is refused, naming the variable and both values.
+    monkeypatch.setenv(autotune.ENV_AUTOTUNE, "disable")
+    with pytest.raises(ValueError, match=r"DIT_ACCEL_AUTOTUNE='disable': expected 1 .*, 0 \(the cost model alone"):
+        autotune.enabled()
+
+
+@pytest.mark.parametrize("env, read", [("DIT_ACCEL_WS", "ws_enabled"), ("DIT_ACCEL_LENGTHS", "lengths_enabled")])
+def test_opt_in_kernel_switches_refuse_a_value_that_is_neither_on_nor_off(monkeypatch, env, read):
+    """A typo (``DIT_ACCEL_WS=treu``) read as off before, silently; ``dit-accel info`` shows the error instead."""
+    from dit_accel.cli.info import _kernel_status
+    from dit_accel.kernels.block_sparse import configs
+
+    assert not getattr(configs, read)()
+    monkeypatch.setenv(env, "On")
+    assert getattr(configs, read)()
+    monkeypatch.setenv(env, "false")
+    assert not getattr(configs, read)()
+    monkeypatch.setenv(env, "treu")
+    with pytest.raises(ValueError, match=f"{env}='treu': expected 1 \\(use the .*\\), 0 \\(off\\) or unset"):
+        getattr(configs, read)()
+    assert f"{env}='treu': expected 1" in " ".join(_kernel_status().values())
 
 
 @pytest.fixture

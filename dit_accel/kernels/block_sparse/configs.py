@@ -181,21 +181,23 @@ LENGTHS_OFF_REASON = ("the forward's length tiles are off by default: on an H100
                       "triton 3.6; set DIT_ACCEL_LENGTHS=1 to try them (behind their self-check)")
 
 
-def _switched_on(name: str) -> bool:
-    """Whether the opt-in switch ``$name`` is on (``1``, ``true``, ``on`` or ``yes``; one environment lookup)."""
-    from ..request import env_get
+def _switched_on(name: str, what: str) -> bool:
+    """Whether the opt-in switch ``$name`` (turning on ``what``) is on: ``1`` (``true``, ``on``, ``yes``); off for
+    ``0`` (``false``, ``off``, ``no``) or unset; ValueError naming the variable on any other value (a typo must not
+    leave the user believing it is on). One environment lookup."""
+    from ..request import env_switch
 
-    return (env_get(name) or "0").strip().lower() in ("1", "true", "on", "yes")
+    return env_switch(name, f"use {what}", "off", "off, the default") is True
 
 
 def lengths_enabled() -> bool:
     """Whether ``$DIT_ACCEL_LENGTHS`` asks for the forward's length tiles."""
-    return _switched_on(ENV_LENGTHS)
+    return _switched_on(ENV_LENGTHS, "the forward's length tiles, behind their self-check")
 
 
 def ws_enabled() -> bool:
     """Whether ``$DIT_ACCEL_WS`` asks for the warp-specialized forwards."""
-    return _switched_on(ENV_WS)
+    return _switched_on(ENV_WS, "the warp-specialized forwards, behind their self-check")
 
 
 def ws_config(cfg: KernelConfig, arch: int) -> Optional[KernelConfig]:
