@@ -54,6 +54,24 @@ def test_hunyuan_and_defaults_elsewhere():
     assert [p.config["linear_tokens"] for p in published_settings(WAN, "sla") if "linear_tokens" in p.config] == ["all"]
 
 
+def test_a_method_or_family_spelled_otherwise_finds_the_setting_and_an_unknown_one_is_refused():
+    """A capitalised method name or a family in other case found nothing before and fell back to the defaults
+    (Radial(decay=1.0, rule='union'), no dense steps), silently; an alias finds its method's settings."""
+    reference = recommended(WAN, "radial", family="Wan 2.1")
+    assert reference[0].rule == "reference"
+    assert recommended(WAN, "Radial") == reference == recommended(WAN, " RADIAL ", family="wan 2.1")
+    assert published_settings(HUNYUAN, "STA") == published_settings(HUNYUAN, "tile") != ()
+    with pytest.raises(ValueError, match=r"family='wan2.1' is not a published family of WanTransformer3DModel: "
+                                         r"choose one of 'Wan 2.1', 'Wan 2.2'"):
+        recommended(WAN, "radial", family="wan2.1")
+    with pytest.raises(ValueError, match="family='Wan 2.1' is not a published family of CogVideoX.*it has none"):
+        published_settings("CogVideoXTransformer3DModel", family="Wan 2.1")
+    with pytest.raises(ValueError, match=r"method='bogus' is not a registered method; choose one of \["):
+        published_settings(WAN, "bogus")
+    with pytest.raises(ValueError, match="method='radiall'"):
+        recommended(WAN, "radiall")
+
+
 def test_family_of_pipelines_and_names():
     wan = T.build_tiny_transformer("wan")
     assert family_of(wan) == "Wan 2.1"

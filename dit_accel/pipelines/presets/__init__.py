@@ -176,10 +176,38 @@ def published_settings(transformer_or_class, method: Optional[str] = None,
     preset = PRESETS.get(_class_name(transformer_or_class))
     if preset is None:
         return ()
+    method = None if method is None else _registered_method(method)
+    family = _known_family(preset, family)
     if family is None and not isinstance(transformer_or_class, (str, type)):
         family = family_of(transformer_or_class)
     return tuple(p for p in preset.published
                  if (method is None or p.method == method) and (family is None or p.family == family))
+
+
+def _registered_method(method) -> str:
+    """``method``'s registered name (case and aliases as :func:`~dit_accel.methods.method_from_name` reads them);
+    ValueError naming the registered ones for anything else, where a lookup would quietly find no setting."""
+    from ...methods import _REGISTRY, METHOD_ALIASES, canonical_method_name
+
+    name = canonical_method_name(method) if isinstance(method, str) else None
+    if name not in _REGISTRY:
+        raise ValueError(f"method={method!r} is not a registered method; choose one of {sorted(_REGISTRY)} "
+                         f"(aliases: {', '.join(f'{a} = {n}' for a, n in METHOD_ALIASES.items())})")
+    return name
+
+
+def _known_family(preset: Preset, family: Optional[str]) -> Optional[str]:
+    """``family`` as ``preset`` spells it (any case); ValueError naming its families for one it does not know,
+    where a lookup would quietly find no setting and fall back to the defaults."""
+    if family is None:
+        return None
+    known = list(dict.fromkeys([p.family for p in preset.published] + [f for _, f in preset.hub_words if f]))
+    for name in known:
+        if isinstance(family, str) and family.strip().lower() == name.lower():
+            return name
+    raise ValueError(f"family={family!r} is not a published family of {preset.class_name}: "
+                     + (f"choose one of {', '.join(map(repr, known))} or leave it unset (the model's own)" if known
+                        else "it has none; leave family unset"))
 
 
 def recommended(transformer_or_class, method: str, family: Optional[str] = None):
@@ -205,6 +233,7 @@ def recommended(transformer_or_class, method: str, family: Optional[str] = None)
     if name not in PRESETS:
         raise ValueError(f"no preset for {name}; supported: {_supported()}")
     _check_not_refused(name, PRESETS[name])
+    method = _registered_method(method)
     check_method_for(name, PRESETS[name], method)
     published = published_settings(transformer_or_class, method, family)
     if published:
