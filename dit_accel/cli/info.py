@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 
 from .. import _util
@@ -77,7 +76,9 @@ def _device_info(device):
     cuda = torch.cuda.is_available()
     dev = device or ("cuda" if cuda else "cpu")
     out = {"selected": dev, "cuda_available": cuda, "cpu_threads": torch.get_num_threads()}
-    if os.environ.get("TRITON_INTERPRET") == "1":
+    from ..kernels.request import interpreting
+
+    if interpreting():
         out["triton_mode"] = "interpreter (TRITON_INTERPRET=1: correct but slow, for tests on CPU)"
     if cuda:
         out["cuda_devices"] = [

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import os
 from dataclasses import dataclass
 from typing import Callable, Dict, Optional, Tuple
 
@@ -118,7 +119,9 @@ def triton_reason(device) -> Optional[str]:
     if device.type == "cpu":
         if interpreting():
             return None
-        return ("triton needs a CUDA device; on CPU it only runs through its interpreter: set "
+        raw = os.environ.get("TRITON_INTERPRET")
+        read = f" (TRITON_INTERPRET={raw!r} is off: triton reads only 1, true, on or yes as on)" if raw else ""
+        return (f"triton needs a CUDA device; on CPU it only runs through its interpreter{read}: set "
                 "TRITON_INTERPRET=1 before anything imports triton (slow, for tests), or use backend='torch'.")
     return f"triton kernels support CUDA (or CPU under TRITON_INTERPRET=1), not {device.type!r}; use backend='torch'."
 

@@ -52,9 +52,15 @@ def records_grad(*tensors: torch.Tensor) -> bool:
 
 
 # ---------------------------------------------------------------- environment
+#: The values of ``$TRITON_INTERPRET`` triton reads as on (any case, nothing stripped: triton 3.9's
+#: ``getenv_bool``; older releases read 1, true and on). Every other value is off for triton, so it is off here too: ``false`` read as on made the
+#: package run kernels on the CPU that triton then compiled for a GPU.
+INTERPRET_ON = ("1", "true", "on", "yes")
+
+
 def interpreting() -> bool:
-    """Triton runs kernels on the CPU through its interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    """Triton runs kernels on the CPU through its interpreter (``TRITON_INTERPRET=1``), read as triton reads it."""
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in INTERPRET_ON
 
 
 def in_graph() -> bool:

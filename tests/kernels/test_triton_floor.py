@@ -46,3 +46,21 @@ def test_info_reports_fp32_compile_and_capture_status(version):
     assert "tf32" in status["fp32"] and "3.9e-03" in status["fp32"]
     assert "off by default" in status["warp-specialized forward"]
     assert "eager call" in status["torch.compile"] and "no host sync" in status["CUDA graphs"]
+
+
+@pytest.mark.parametrize("value, on", [("1", True), ("TRUE", True), ("on", True), ("Yes", True), ("0", False),
+                                       ("false", False), ("off", False), ("treu", False), ("", False)])
+def test_triton_interpret_is_read_as_triton_reads_it(monkeypatch, value, on):
+    """``TRITON_INTERPRET=false`` read as on here (anything but "" and "0") and off by triton: the package then ran
+    kernels on the CPU that triton compiled for a GPU ("0 active drivers"), failing the first-use check. Now the two
+    agree, and the CPU's reason names the value read as off."""
+    from dit_accel.kernels.request import interpreting
+
+    monkeypatch.setattr(backends, "_triton_too_old", lambda: None)
+    monkeypatch.setenv("TRITON_INTERPRET", value)
+    assert interpreting() is on
+    reason = backends.triton_reason("cpu")
+    assert (reason is None) is on
+    if not on:
+        assert reason.startswith("triton needs a CUDA device")
+        assert (f"TRITON_INTERPRET={value!r} is off: triton reads only 1, true, on or yes as on" in reason) is bool(value)
