@@ -35,6 +35,10 @@ def check_qkv(q, k, v) -> None:
     if k.shape[0] != b or k.shape[1] != h or k.shape[3] != d:
         raise ValueError(f"k/v must be (B, H, M, D) with q's B={b}, H={h}, D={d}; got {tuple(k.shape)}. "
                          "Repeat k/v heads for grouped-query attention.")
+    if q.numel() == 0 or k.numel() == 0:  # (a head count or head dim of 0 divided by zero deep inside, or killed
+        # the process in the CPU attention op; keys of length 0 leave a softmax over nothing)
+        raise ValueError(f"q {tuple(q.shape)} and k/v {tuple(k.shape)} must have no empty dimension: B, H, N, M "
+                         "and D are each >= 1 (skip the call for an empty batch)")
 
 
 def check_scale(scale, head_dim: int) -> float:

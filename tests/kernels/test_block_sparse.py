@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import dit_accel
 from dit_accel.kernels import BackendUnavailable, BlockLayout, available_backends, block_sparse_attention
 from dit_accel.kernels import backends as backends_mod
 from dit_accel.kernels.block_sparse import naive
@@ -444,6 +445,24 @@ def test_bad_input_errors_name_the_argument(case):
     args, kwargs, exc, text = _bad_calls()[case]
     with pytest.raises(exc, match=text):
         block_sparse_attention(*args, **kwargs)
+
+
+@pytest.mark.parametrize("shape", [(0, 2, 64, 16), (1, 0, 64, 16), (1, 2, 64, 0)], ids=["batch", "heads", "dim"])
+def test_an_empty_dimension_is_refused_by_every_entry_point(shape):
+    """A head count or head dim of 0 raised ZeroDivisionError deep inside, and SLA with no heads killed the process
+    (SIGFPE in the CPU attention op); every public entry point now names the shapes instead."""
+    from dit_accel.kernels import sla_attention
+    from dit_accel.kernels.dense import dense_attention
+
+    q = torch.randn(*shape)
+    grid_layout = BlockLayout.from_dense_mask(torch.ones(64, 64, dtype=torch.bool), 16, 16)
+    calls = {"block_sparse": lambda: block_sparse_attention(q, q, q, grid_layout),
+             "vsa": lambda: dit_accel.vsa_attention(q, q, q, (4, 4, 4), topk=1),
+             "sla": lambda: sla_attention(q, q, q, dit_accel.SLA(topk=0.5)),
+             "dense": lambda: dense_attention(q, q, q)}
+    for name, call in calls.items():
+        with pytest.raises(ValueError, match=r"must have no empty dimension: B, H, N, M and D are each >= 1"):
+            call()
 
 
 def test_large_head_dims_run_on_the_torch_backend():
