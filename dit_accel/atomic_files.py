@@ -48,7 +48,7 @@ from typing import Callable, Dict, Iterable, Iterator, Optional, Union
 
 __all__ = ["BadFileError", "atomic_write", "atomic_write_text", "atomic_write_json", "atomic_folder", "file_hashes",
            "check_hashes", "sha256_file", "folder_digest", "read_json", "read_text", "load_safetensors", "temp_name", "is_temp_name",
-           "remove_stale_temps", "commit_files", "finish_commit", "finish_for_reader", "locked", "lock_name", "BusyError", "update_json", "commit_journal", "recover", "crash_point", "cache_root", "ENV_KILL_AT"]
+           "remove_stale_temps", "commit_files", "finish_commit", "finish_for_reader", "locked", "lock_name", "BusyError", "update_json", "commit_journal", "recover", "crash_point", "cache_root", "warn_unwritable_cache", "ENV_KILL_AT"]
 
 PathLike = Union[str, os.PathLike]
 ENV_KILL_AT = "DIT_ACCEL_TEST_KILL_AT"
@@ -74,6 +74,26 @@ class BadFileError(ValueError):
 def cache_root() -> Path:
     """dit_accel's own cache folder: ``$DIT_ACCEL_CACHE``, default ``~/.cache/dit_accel``."""
     return Path(os.environ.get("DIT_ACCEL_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "dit_accel"))
+
+
+_UNWRITABLE: set = set()
+
+
+def warn_unwritable_cache(path: PathLike, exc: OSError) -> None:
+    """Warn once per folder that a cache file could not be written (a read-only home, ``$DIT_ACCEL_CACHE`` naming a
+    file): the caller keeps its answer for this process only, so every new process measures again."""
+    import warnings
+
+    folder = str(Path(path).parent)
+    if folder in _UNWRITABLE:
+        return
+    _UNWRITABLE.add(folder)
+    from ._util import DitAccelWarning
+
+    why = "a file, not a folder" if os.path.isfile(folder) else (exc.strerror or str(exc))
+    warnings.warn(f"dit_accel cannot write its cache in {folder} ({why}): first-use checks and "
+                  "timings are kept for this process only and run again in the next; set DIT_ACCEL_CACHE to a "
+                  "writable folder", DitAccelWarning, stacklevel=3)
 
 
 def crash_point() -> None:

@@ -91,10 +91,15 @@ def _device_info(device):
 
 def _backends(device):
     from ..kernels import available_backends  # noqa: F401  (raises here when the kernels cannot load)
-    from ..kernels.backends import backend_reasons
+    from ..kernels.backends import ENV_BACKEND, backend_reasons, env_backend
 
     # The in-repo backends (available_backends) and the vendor ones (fa4, cudnn, natten: optional packages).
-    return {name: ("usable" if why is None else f"not usable: {why}") for name, why in backend_reasons(device).items()}
+    out = {name: ("usable" if why is None else f"not usable: {why}") for name, why in backend_reasons(device).items()}
+    try:  # (first: a value that is no backend fails every call that would read it)
+        forced = env_backend()
+    except ValueError as exc:
+        return {ENV_BACKEND: str(exc), **out}
+    return {ENV_BACKEND: f"{forced}: calls that ask for auto run it"} | out if forced else out
 
 
 def _models():

@@ -190,7 +190,7 @@ def _warn(message: str) -> None:
 def _store(key: str, entry: dict) -> None:
     """Add ``entry``: the file is re-read and merged under its lock file, so processes sharing a cache folder
     keep each other's entries (:func:`dit_accel.atomic_files.update_json`)."""
-    from ..atomic_files import update_json
+    from ..atomic_files import update_json, warn_unwritable_cache
 
     with _LOCK:
         entries = _entries()
@@ -198,7 +198,8 @@ def _store(key: str, entry: dict) -> None:
         try:
             merged = update_json(cache_path(), lambda p: _read(p, warn=False), lambda disk: {**disk, key: entry},
                                  indent=1, sort_keys=True)
-        except OSError:
+        except OSError as exc:
+            warn_unwritable_cache(cache_path(), exc)
             return  # a read-only home still tunes, per process
         entries.update(merged)
 

@@ -160,8 +160,11 @@ def corrupt(name: str, t: torch.Tensor) -> torch.Tensor:
 
 
 def enabled() -> bool:
-    """Whether variants are checked before use (``$DIT_ACCEL_SELFCHECK`` unset or not ``0``)."""
-    return (_env(ENV_SELFCHECK) or "1").strip().lower() not in ("0", "false", "off", "no")
+    """Whether variants are checked before use: ``$DIT_ACCEL_SELFCHECK`` unset or ``1`` (``true``, ``on``,
+    ``yes``); ``0`` (``false``, ``off``, ``no``) trusts them; ValueError naming the variable on any other value
+    (``disable`` left the checks on, silently)."""
+    return _request.env_switch(ENV_SELFCHECK, "check each kernel variant on first use", "trust every variant "
+                               "unchecked, for measurements that stub kernels", "check them, the default") is not False
 
 
 def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -273,7 +276,7 @@ def _entries() -> Dict[str, dict]:
 def _store(key: str, entry: dict) -> None:
     """Add ``entry``: the file is re-read and merged under its lock file, so processes sharing a cache folder
     keep each other's verdicts (:func:`dit_accel.atomic_files.update_json`)."""
-    from ..atomic_files import update_json
+    from ..atomic_files import update_json, warn_unwritable_cache
 
     _MEMORY[key] = entry
     _FAST.clear()
@@ -283,7 +286,8 @@ def _store(key: str, entry: dict) -> None:
     try:
         merged = update_json(cache_path(), lambda p: _read(p, warn=False), lambda disk: {**mine, **disk, key: entry},
                              indent=1, sort_keys=True)
-    except OSError:
+    except OSError as exc:
+        warn_unwritable_cache(cache_path(), exc)
         return  # a read-only home still checks, per process
     for k, v in merged.items():
         _MEMORY.setdefault(k, v)

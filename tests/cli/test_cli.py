@@ -119,6 +119,21 @@ def test_info_runs(capsys):
     assert info["autotune"]["cache"].endswith("autotune.json") and "enabled" in info["autotune"]
 
 
+def test_info_shows_the_backend_the_environment_forces_or_why_its_value_is_none(monkeypatch, capsys):
+    """``DIT_ACCEL_BACKEND=bogus`` fails every call that reads it, while info listed the backends as usable."""
+    monkeypatch.setenv("DIT_ACCEL_BACKEND", "bogus")
+    assert main(["info", "--json"]) == 0
+    backends = json.loads(capsys.readouterr().out)["backends"]
+    assert "DIT_ACCEL_BACKEND='bogus' is not a backend; allowed: triton" in backends["DIT_ACCEL_BACKEND"]
+    monkeypatch.setenv("DIT_ACCEL_BACKEND", "Torch")
+    assert main(["info", "--json"]) == 0
+    backends = json.loads(capsys.readouterr().out)["backends"]
+    assert backends["DIT_ACCEL_BACKEND"] == "torch: calls that ask for auto run it" and backends["torch"] == "usable"
+    monkeypatch.delenv("DIT_ACCEL_BACKEND")
+    assert main(["info", "--json"]) == 0
+    assert "DIT_ACCEL_BACKEND" not in json.loads(capsys.readouterr().out)["backends"]
+
+
 def test_info_lists_the_stored_autotune_choices(tmp_path, monkeypatch, capsys):
     """A choice the autotuner stored (here with injected timings, no GPU) shows in `dit-accel info`."""
     import torch

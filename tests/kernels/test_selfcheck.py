@@ -193,11 +193,39 @@ def test_a_crashing_check_is_a_failure_with_its_message_and_faulted_verdicts_sta
         selfcheck._REGISTRY.pop("test.fake.crash")
 
 
+def test_a_cache_that_cannot_be_written_is_said_once_and_the_verdict_still_holds(tmp_path, monkeypatch):
+    """``DIT_ACCEL_CACHE`` naming a file (or a read-only home): the verdicts were kept per process without a word, so
+    every process checked again. One warning names the folder and what to set."""
+    from dit_accel import atomic_files
+
+    not_a_folder = tmp_path / "cache_file"
+    not_a_folder.write_text("x")
+    monkeypatch.setenv("DIT_ACCEL_CACHE", str(not_a_folder))
+    monkeypatch.setattr(atomic_files, "_UNWRITABLE", set())
+    runs = _counting_variant("test.fake.rocache", selfcheck.Result(1e-4, 1e-2, "tiny"))
+    try:
+        with pytest.warns(UserWarning, match=f"cannot write its cache in {not_a_folder} \\(a file, not a folder\\)"
+                                             ".*set DIT_ACCEL_CACHE to a writable folder"):
+            assert selfcheck.usable("test.fake.rocache", CPU, torch.float16, SHAPE)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # once per folder
+            assert selfcheck.usable("test.fake.rocache", CPU, torch.float32, SHAPE)
+        assert selfcheck.usable("test.fake.rocache", CPU, torch.float16, SHAPE) and len(runs) == 2
+        assert not_a_folder.read_text() == "x"
+    finally:
+        selfcheck._REGISTRY.pop("test.fake.rocache")
+
+
 def test_selfcheck_off_trusts_every_variant(monkeypatch):
     runs = _counting_variant("test.fake.off", selfcheck.Result(1.0, 1e-2, "wrong"))
     try:
         monkeypatch.setenv(selfcheck.ENV_SELFCHECK, "0")
         assert selfcheck.usable("test.fake.off", CPU, torch.float16, SHAPE) and runs == []
+        # A value that is neither on nor off left the checks on without a word: now it names the variable.
+        monkeypatch.setenv(selfcheck.ENV_SELFCHECK, "disable")
+        with pytest.raises(ValueError, match=r"DIT_ACCEL_SELFCHECK='disable': expected 1 .*, 0 \(trust every"):
+            selfcheck.usable("test.fake.off", CPU, torch.float16, SHAPE)
+        assert runs == []
         monkeypatch.delenv(selfcheck.ENV_SELFCHECK)
         with pytest.warns(UserWarning, match="test.fake.off failed its self-check"):
             assert not selfcheck.usable("test.fake.off", CPU, torch.float16, SHAPE)
