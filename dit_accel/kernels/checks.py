@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["SUPPORTED_DTYPES", "check_tensor", "check_qkv", "check_scale"]
+__all__ = ["SUPPORTED_DTYPES", "check_tensor", "check_qkv", "check_scale", "check_flag"]
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -52,3 +52,9 @@ def check_scale(scale, head_dim: int) -> float:
             or scale <= 0:
         raise ValueError(f"scale must be a positive finite number (default 1/sqrt(D)); got {scale!r}.")
     return float(scale)
+
+
+def check_flag(name: str, value) -> None:
+    """``value`` of the switch argument ``name`` is a bool: a string such as ``"no"`` is truthy and would turn it on."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False; got {value!r} ({type(value).__name__})")

@@ -465,6 +465,29 @@ def test_an_empty_dimension_is_refused_by_every_entry_point(shape):
             call()
 
 
+def test_a_switch_argument_that_is_not_a_bool_is_refused_and_a_bad_gate_names_its_dtype():
+    """``return_selection="no"`` (a truthy string) returned a tuple; a long gate was reported by its (matching)
+    shape alone."""
+    from dit_accel.kernels import sla_attention
+    from dit_accel.kernels.dense import dense_attention, fastest_attention
+
+    q = torch.randn(1, 2, 64, 16)
+    layout = BlockLayout.from_dense_mask(torch.ones(64, 64, dtype=torch.bool), 16, 16)
+    calls = {"return_lse": [lambda f: block_sparse_attention(q, q, q, layout, return_lse=f),
+                            lambda f: dense_attention(q, q, q, return_lse=f),
+                            lambda f: fastest_attention(q, q, q, return_lse=f)],
+             "return_selection": [lambda f: dit_accel.vsa_attention(q, q, q, (4, 4, 4), topk=1, return_selection=f)],
+             "return_parts": [lambda f: sla_attention(q, q, q, dit_accel.SLA(topk=0.5), return_parts=f)]}
+    for name, fns in calls.items():
+        for fn in fns:
+            with pytest.raises(TypeError, match=f"{name} must be True or False; got 'no' \\(str\\)"):
+                fn("no")
+            assert isinstance(fn(False), torch.Tensor)
+    with pytest.raises(ValueError, match=r"gate must be a float tensor .* got a torch.int64 tensor of shape "
+                                         r"\(1, 2, 64, 16\)"):
+        dit_accel.vsa_attention(q, q, q, (4, 4, 4), topk=1, gate=torch.ones_like(q, dtype=torch.long))
+
+
 def test_large_head_dims_run_on_the_torch_backend():
     """Only the Triton kernels stop at D = 256; auto on CPU runs the twin at any head dim."""
     q, k, v = qkv(1, 1, 40, 40, 300, torch.float32, grad=False)

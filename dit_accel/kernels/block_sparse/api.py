@@ -12,7 +12,7 @@ from .._cache import LayoutCache, layout_on
 from .select_backend import VERIFY_TOL, free_memory, memory_skips  # noqa: F401  (re-exported)
 from ..backends import VENDOR_BACKENDS, Request, env_backend, env_value, forced_backend, resolve, runs_twin
 from ..request import in_graph, records_grad
-from ..checks import check_qkv, check_scale
+from ..checks import check_flag, check_qkv, check_scale
 from ..layout import BlockLayout
 
 __all__ = ["block_sparse_attention", "block_sparse_backend", "layout_on", "prepare_layout", "block_sparse_tuner",
@@ -172,6 +172,7 @@ def _shape_key(q, k, return_lse: bool, grad: bool):
 
 def _decide(q, k, v, layout, scale, backend: str, return_lse: bool):
     scale = _check(q, k, v, layout, scale)
+    check_flag("return_lse", return_lse)
     cuda = q.device.type == "cuda"
     grad = records_grad(q, k, v)
     key = _shape_key(q, k, return_lse, grad) if cuda and backend == "auto" and env_backend() is None else None

@@ -54,9 +54,10 @@ def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Op
 
         >>> o = dense_attention(q, k, v)  # == F.scaled_dot_product_attention(q, k, v) up to rounding
     """
-    from ..checks import check_qkv, check_scale
+    from ..checks import check_flag, check_qkv, check_scale
 
     check_qkv(q, k, v)
+    check_flag("return_lse", return_lse)
     scale = check_scale(scale, q.shape[-1])
     if q.shape[-1] > 256 or k.shape[2] == 0:
         raise ValueError(f"the dense Triton kernel takes 1 <= M and D <= 256; got M={k.shape[2]}, D={q.shape[-1]}")
@@ -74,10 +75,11 @@ def fastest_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
 
         >>> o, lse = fastest_attention(q, k, v, return_lse=True)  # then merge_attention(o, lse, o2, lse2)
     """
-    from ..checks import check_qkv, check_scale
+    from ..checks import check_flag, check_qkv, check_scale
     from .choice import run
 
     check_qkv(q, k, v)
+    check_flag("return_lse", return_lse)
     o, lse = run(q, k, v, check_scale(scale, q.shape[-1]), return_lse)
     return (o, lse) if return_lse else o
 

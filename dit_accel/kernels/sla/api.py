@@ -18,7 +18,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..backends import Request, env_value, resolve
-from ..checks import check_qkv, check_scale
+from ..checks import check_flag, check_qkv, check_scale
 from ..request import records_grad
 from .common import SLAParams, sla_block_counts, sla_classify
 from .naive import sla_torch
@@ -28,8 +28,6 @@ __all__ = ["sla_attention", "sla_parts", "sla_parts_checked", "is_inert", "inert
 
 def _check(q, k, v, proj, scale) -> float:
     check_qkv(q, k, v)
-    if q.shape[-2] == 0 or k.shape[-2] == 0:
-        raise ValueError("q and k need at least one token")
     _check_proj(proj, q.shape[-1])
     return check_scale(scale, q.shape[-1])
 
@@ -83,6 +81,7 @@ def sla_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, method,
         proj = torch.nn.Linear(64, 64); torch.nn.init.zeros_(proj.weight); torch.nn.init.zeros_(proj.bias)
         o = sla_attention(q, k, v, dit_accel.SLA(topk=0.05), proj)
     """
+    check_flag("return_parts", return_parts)
     if not return_parts:
         method, scale, backend = _prepare(q, k, v, method, proj, scale, backend)
         o_s, _, o_l, proj, _ = _branches(q, k, v, method, proj, scale, backend)

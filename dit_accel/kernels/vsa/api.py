@@ -21,7 +21,7 @@ import torch
 
 from ..backends import runs_twin
 from ..block_sparse import block_sparse_attention
-from ..checks import check_qkv, check_scale
+from ..checks import check_flag, check_qkv, check_scale
 from ..request import records_grad
 from ..layout import BlockLayout
 from . import fine as fine_path
@@ -472,14 +472,17 @@ def vsa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid, *, to
     topk, sparsity, tile = check_vsa_config(topk, sparsity, tile)
     grid = check_vsa_grid(grid)
     check_qkv(q, k, v)
+    check_flag("return_selection", return_selection)
     n = math.prod(grid)
     if q.shape[2] != n or k.shape[2] != n:
         raise ValueError(f"q has {q.shape[2]} and k/v {k.shape[2]} tokens, but grid={grid} holds {n}: q, k and v are "
                          "the grid's video tokens alone, in raster order (split text tokens off first)")
     if gate is not None:
         if not isinstance(gate, torch.Tensor) or gate.shape != q.shape or not gate.is_floating_point():
+            got = (f"a {gate.dtype} tensor of shape {tuple(gate.shape)}" if isinstance(gate, torch.Tensor)
+                   else type(gate).__name__)
             raise ValueError(f"gate must be a float tensor shaped like q {tuple(q.shape)} (per token, head and "
-                             f"channel) or None; got {tuple(getattr(gate, 'shape', ())) or type(gate).__name__}")
+                             f"channel) or None; got {got}")
         if gate.device != q.device:
             raise ValueError(f"gate is on {gate.device} but q on {q.device}: move it to q's device")
     scale = check_scale(scale, q.shape[-1])
