@@ -91,8 +91,29 @@ def _windows(grid, tile, window) -> Tuple[Tuple[int, ...], Tuple[int, ...], Tupl
     grid = as_grid(grid)
     tile, window = check_tile_args(tile, window)
     tile = per_dim("tile", tile, len(grid))
+    _check_padding(grid, tile)
     heads = per_head(window) or (window,)
     return grid, tile, tuple(per_dim("window", w, len(grid)) for w in heads)
+
+
+#: A tile whose padded grid holds more tokens than this many times the grid's own (and more than
+#: :data:`_PADDED_FLOOR`) is refused: a tile far longer than the grid along a dimension was sized into memory
+#: (a terabyte for tile (10**6, 1, 1) at Wan 720p) or overflowed an index.
+_PADDED_RATIO, _PADDED_FLOOR = 64, 1 << 20
+
+
+def _check_padding(grid: Tuple[int, ...], tile: Tuple[int, ...]) -> None:
+    padded = math.prod(-(-g // t) * t for g, t in zip(grid, tile))
+    n = math.prod(grid)
+    if padded > max(_PADDED_RATIO * n, _PADDED_FLOOR):
+        longer = [d for d, (g, t) in enumerate(zip(grid, tile)) if t > g]
+        def count(x) -> str:
+            return f"{x:,.0f}" if x < 1e12 else f"{x:.2e}"
+
+        raise ValueError(f"tile={tuple(tile)} on the grid {tuple(grid)} pads it to {count(padded)} tokens, "
+                         f"{count(padded / n)}x its {n:,}" + (f" (longer than the grid along dimension "
+                                                             f"{', '.join(map(str, longer))})" if longer else "")
+                         + ": a tile covers at most the grid's extent; use one within the grid, such as (6, 8, 8)")
 
 
 def tile_token_density(grid, tile, window) -> float:

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+import dit_accel
 from dit_accel.patterns import TilePermutation, default_tile, gna_mask, tile_mask
 
 
@@ -188,6 +189,19 @@ def test_tile_bad_arguments():
         tile_mask((8, 8), 2, (3, 0))
     with pytest.raises(ValueError, match="tile.*2 dimensions"):
         tile_mask((8, 8), (2, 2, 2), 3)
+
+
+def test_a_tile_far_longer_than_the_grid_is_refused_at_the_plan():
+    """Tile (10**6, 1, 1) at Wan 720p asked for a terabyte, 10**20 overflowed an index; a tile a little longer than
+    a small grid (the published (6, 8, 8) on a tiny model) still runs, padded."""
+    with pytest.raises(ValueError, match=r"tile=\(1000000, 1, 1\) on the grid \(21, 45, 80\) pads it to "
+                                         r"3,600,000,000 tokens, 47,619x its 75,600 \(longer than the grid along "
+                                         r"dimension 0\): a tile covers at most the grid's extent"):
+        dit_accel.Tile(tile=(10**6, 1, 1), window=(1, 1, 1)).plan((21, 45, 80))
+    with pytest.raises(ValueError, match=r"pads it to 1.00e\+60 tokens"):
+        dit_accel.Tile(tile=10**20, window=(1, 1, 1)).plan((21, 45, 80))
+    assert dit_accel.Tile(tile=(6, 8, 8), window=(1, 1, 1)).plan((4, 12, 12)).density > 0
+    assert dit_accel.Tile(tile=(100, 100, 100), window=1).plan((21, 45, 80)).density == 1.0  # (dense: no layout)
 
 
 # -------------------------------------------------------------- permutation
