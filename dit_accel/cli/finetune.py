@@ -56,8 +56,8 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--steps", type=int, default=1000, help="optimizer steps (default 1000)")
     g.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (default 1e-4)")
     g.add_argument("--lr-warmup-steps", type=int, default=0, help="linear warmup steps (default 0)")
-    g.add_argument("--weight-decay", type=float, default=0.0)
-    g.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping, 0 disables (default 1.0)")
+    g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay, >= 0 (default 0)")
+    g.add_argument("--max-grad-norm", type=float, default=1.0, help="clip gradients to this norm, >= 0; 0 disables (default 1.0)")
     g.add_argument("--rank", type=int, default=16, help="LoRA rank (default 16)")
     g.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default: the rank)")
     g.add_argument("--target-modules", default="to_q,to_k,to_v,to_out.0",
@@ -142,7 +142,8 @@ def config_from_args(args: argparse.Namespace):
         frames=args.frames if args.frames is not None else defaults["frames"],
         height=args.height if args.height is not None else defaults["height"],
         width=args.width if args.width is not None else defaults["width"],
-        max_sequence_length=args.max_sequence_length or defaults["max_sequence_length"],
+        max_sequence_length=(args.max_sequence_length if args.max_sequence_length is not None
+                             else defaults["max_sequence_length"]),
         seed=args.seed, checkpoint_every=args.checkpoint_every, checkpoints_total_limit=args.checkpoints_total_limit,
         resume=args.resume, overwrite=args.overwrite, mixed_precision=args.mixed_precision,
         gradient_checkpointing=args.gradient_checkpointing, log_every=args.log_every,
@@ -187,7 +188,8 @@ def _size_defaults(model: str, plan=None) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run the fine-tuning; prints a one-line summary. Input errors: message on stderr, exit status 2."""
+    """Run the fine-tuning; prints a one-line summary. Input errors: message on stderr, exit status 2; a run that
+    diverged (NaN or inf weights or losses): message on stderr, exit status 1, no weights written."""
     try:
         return _run(args)
     finally:
@@ -205,6 +207,8 @@ def _end_process_group() -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from ..errors import NonFiniteOutputError
+
     try:
         config = config_from_args(args)
         from ..training import finetune
@@ -213,6 +217,9 @@ def _run(args: argparse.Namespace) -> int:
     except ValueError as err:
         print(f"dit-accel finetune: error: {err}", file=sys.stderr)
         return 2
+    except NonFiniteOutputError as err:  # the run diverged: nothing written, the output folder as it was
+        print(f"dit-accel finetune: error: {err}", file=sys.stderr)
+        return 1
     except Exception as err:  # model loading errors are one actionable line, not a traceback
         if type(err).__name__ == "ModelLoadError":
             print(f"dit-accel finetune: error: {err}", file=sys.stderr)

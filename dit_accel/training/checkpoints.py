@@ -9,14 +9,15 @@ import random
 import shutil
 import sys
 from pathlib import Path
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 from torch import nn
 
-from ..atomic_files import (BadFileError, atomic_folder, atomic_write_json, cache_root, check_hashes, crash_point,
-                            file_hashes, is_temp_name, load_safetensors, read_json, remove_stale_temps)
+from ..atomic_files import (BadFileError, atomic_folder, atomic_write, atomic_write_json, cache_root, check_hashes,
+                            crash_point, file_hashes, is_temp_name, load_safetensors, read_json, remove_stale_temps,
+                            temp_name)
 from ..checkpoints.finetuned import LORA_FILE, METHOD_FILE, SLA_FILE, VSA_FILE
 from . import data as data_mod
 from .config import _PATHS, _RESUMABLE, CKPT_DIR, LOG_FILE, RUN_FILE, FinetuneConfig
@@ -111,8 +112,72 @@ def _check_output(config: FinetuneConfig, world: int) -> Tuple[Path, list]:
     return out, contents
 
 
-def _init_output(config: FinetuneConfig, accelerator, out: Path, contents: list) -> None:
-    """Main process: clear (--overwrite) and write the run file; all processes wait for it."""
+class _OutputState:
+    """What the output folder held before this session wrote to it, so that a run that fails when its training is
+    over (it diverged: :func:`dit_accel.training.finetune.finetune`) puts the folder back as it was.
+
+    What ``--overwrite`` and the checkpoint limit remove waits in a temporary folder inside the output folder until
+    the run has succeeded (:meth:`commit`) or is undone (:meth:`restore`). A killed run leaves it under a temporary
+    name, which the next run in the folder removes (as if it had been deleted at once)."""
+
+    def __init__(self, out: Path):
+        self.out = out
+        self.existed = out.exists()
+        self.had_checkpoints = (out / CKPT_DIR).exists()
+        self.run_record = (out / RUN_FILE).read_bytes() if (out / RUN_FILE).is_file() else None
+        self.old_checkpoints = {p.name for p in _checkpoints(out)}
+        self.aside: Optional[Path] = None
+        self.moved: List[Tuple[Path, Path]] = []  # (where it was, where it waits)
+
+    def remove(self, path: Path) -> None:
+        """Remove ``path`` from the folder, undoably; this session's own checkpoints go at once."""
+        if path.parent.name == CKPT_DIR and path.name.startswith("step-") and path.name not in self.old_checkpoints:
+            shutil.rmtree(path, ignore_errors=True)
+            return
+        if self.aside is None:
+            self.aside = temp_name(self.out / "replaced")
+            self.aside.mkdir()
+        waiting = self.aside / f"{len(self.moved)}-{path.name}"
+        os.replace(path, waiting)
+        self.moved.append((path, waiting))
+
+    def commit(self) -> None:
+        """The run succeeded (or stopped without being undone): what it replaced goes."""
+        if self.aside is not None:
+            shutil.rmtree(self.aside, ignore_errors=True)
+            self.aside, self.moved = None, []
+
+    def restore(self) -> None:
+        """Undo this session: its checkpoints and run record go, what it replaced comes back."""
+        root = self.out / CKPT_DIR
+        if root.is_dir():
+            for p in root.iterdir():
+                if p.is_dir() and p.name not in self.old_checkpoints and (p.name.startswith("step-") or is_temp_name(p)):
+                    shutil.rmtree(p, ignore_errors=True)
+        for where, waiting in reversed(self.moved):
+            if not where.exists():
+                where.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(waiting, where)
+        self.moved = []
+        self.commit()
+        run_file = self.out / RUN_FILE
+        if self.run_record is None:
+            run_file.unlink(missing_ok=True)
+        else:
+            record = self.run_record
+            atomic_write(run_file, lambda tmp: tmp.write_bytes(record))
+        if not self.had_checkpoints:
+            with contextlib.suppress(OSError):
+                root.rmdir()  # only when empty
+        if not self.existed:
+            with contextlib.suppress(OSError):
+                self.out.rmdir()
+
+
+def _init_output(config: FinetuneConfig, accelerator, out: Path, contents: list,
+                 state: Optional[_OutputState] = None) -> None:
+    """Main process: clear (--overwrite; through ``state`` when given, so it can be undone) and write the run file;
+    all processes wait for it."""
     run_file = out / RUN_FILE
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
@@ -120,9 +185,13 @@ def _init_output(config: FinetuneConfig, accelerator, out: Path, contents: list)
             # The run file goes last (it is replaced below): killed half-way, the folder is still a run that
             # --overwrite may clear, never a heap of files that no run claims.
             for p in _run_outputs(out):
-                if p.name != RUN_FILE:
+                if p.name == RUN_FILE or (state is not None and p == state.aside):
+                    continue
+                if state is not None:
+                    state.remove(p)
+                else:
                     shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
-                    crash_point()
+                crash_point()
             with contextlib.suppress(OSError):
                 (out / CKPT_DIR).rmdir()  # only when empty
         try:
@@ -167,9 +236,11 @@ def _checkpoints(out: Path) -> List[Path]:
 _CKPT_FILES = ("trainable.safetensors", "optimizer.pt")
 
 
-def _save_checkpoint(out: Path, step: int, params: Dict[str, nn.Parameter], optimizer, scaler, losses, limit: int):
+def _save_checkpoint(out: Path, step: int, params: Dict[str, nn.Parameter], optimizer, scaler, losses, limit: int,
+                     state: Optional[_OutputState] = None):
     """One checkpoint folder, built under a temporary name and renamed into place; its state.json records
-    the sha256 of the other files (checked on resume)."""
+    the sha256 of the other files (checked on resume). Checkpoints past ``limit`` are removed (through ``state``
+    when given, so that a run that is undone gets them back)."""
     from safetensors.torch import save_file
 
     root = out / CKPT_DIR
@@ -184,7 +255,7 @@ def _save_checkpoint(out: Path, step: int, params: Dict[str, nn.Parameter], opti
                           indent=None)
     if limit > 0:
         for old in _checkpoints(out)[:-limit]:
-            shutil.rmtree(old, ignore_errors=True)
+            state.remove(old) if state is not None else shutil.rmtree(old, ignore_errors=True)
 
 
 def _read_checkpoint(path: Path, params: Dict[str, nn.Parameter]) -> Tuple[dict, Dict[str, torch.Tensor], dict]:

@@ -225,6 +225,11 @@ def validate_config(config: FinetuneConfig) -> None:
         _require(isinstance(v, int) and v >= 0, f"--{name.replace('_', '-')} {v!r} is invalid: must be an integer >= 0.")
     _require(isinstance(c.log_every, int) and c.log_every > 0, f"--log-every {c.log_every!r} must be a positive integer.")
     _require(isinstance(c.lr, (int, float)) and math.isfinite(c.lr) and c.lr > 0, f"--lr {c.lr!r} must be a positive number.")
+    for name, what in (("weight_decay", "AdamW's decoupled weight decay; default 0"),
+                       ("max_grad_norm", "the gradient norm clipped to; 0 disables clipping; default 1.0")):
+        v = getattr(c, name)
+        _require(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0,
+                 f"--{name.replace('_', '-')} {v!r} is invalid: must be a number >= 0 ({what}).")
     _require(c.alpha is None or (isinstance(c.alpha, (int, float)) and c.alpha > 0),
              f"--alpha {c.alpha!r} must be a positive number (default: the rank).")
     _require(isinstance(c.sla_lr_scale, (int, float)) and c.sla_lr_scale > 0,

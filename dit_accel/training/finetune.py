@@ -44,10 +44,11 @@ Example::
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Dict, List, Optional
 
 import torch
 
@@ -55,10 +56,11 @@ from ..atomic_files import atomic_write_json
 from .._util import versions
 from ..checkpoints.finetuned import save_trained_weights, sla_state_dict
 from . import data as data_mod
-from .checkpoints import _check_output, _init_output
+from ..errors import NonFiniteOutputError
+from .checkpoints import _check_output, _init_output, _load_rng, _OutputState, _save_checkpoint, _save_rng
 from .config import (CKPT_DIR, DISTILL_SAMPLES_PER_STEP, LOG_FILE, RUN_FILE, FinetuneConfig,  # noqa: F401
                      _method_label, finetune_methods, validate_config)
-from .loop import _adapters_disabled, _resume, _train, _Trainer  # noqa: F401  (tests import them from here)
+from .loop import _adapters_disabled, _resume, _train, _Trainer, finite_weights  # noqa: F401  (tests import them)
 
 __all__ = ["FinetuneConfig", "finetune", "validate_config", "finetune_methods", "RUN_FILE", "LOG_FILE"]
 
@@ -119,6 +121,79 @@ def _write_results(trainer: _Trainer, out: Path, result: dict) -> None:
     atomic_write_json(out / LOG_FILE, log)
 
 
+def _number(v: float) -> str:
+    """``v`` as a person writes it on a command line: 1e6, 0.0001, 2e-5."""
+    return f"{v:g}".replace("e+0", "e").replace("e+", "e").replace("e-0", "e-")
+
+
+def _divergence(config: FinetuneConfig, out: Path, losses: List[float], eval_end: Optional[float],
+                finite: bool) -> Optional[str]:
+    """The report of a run that diverged (NaN or inf trainable tensors, last training loss or held-out loss),
+    or None when it did not."""
+    bad_eval = eval_end is not None and not math.isfinite(eval_end)
+    if finite and not bad_eval and (not losses or math.isfinite(losses[-1])):
+        return None
+    what = [] if finite else [f"NaN or inf weights after step {len(losses)}"]
+    if eval_end is not None:
+        what.append(f"held-out loss {eval_end:.3g}")
+    if losses:
+        what.append(f"training loss {losses[0]:.3g} -> {losses[-1]:.3g}")
+    fix = f"lower --lr (now {_number(config.lr)})"
+    if not config.max_grad_norm:
+        fix += " or clip gradients (--max-grad-norm 1)"
+    if config.mixed_precision == "fp16":
+        fix += " or train in bf16 (--mixed-precision bf16), whose range does not overflow"
+    return f"the run diverged ({', '.join(what)}): nothing was written to {out}; {fix}"
+
+
+def _undo_student(trainer: _Trainer) -> None:
+    """A pipeline the caller passed in loses what the run added to it (dit_accel's processors, the SLA projections
+    and VSA gates, the LoRA adapter), so a diverged run does not leave it producing NaN."""
+    if isinstance(trainer.config.model, str):
+        return  # the run loaded the model itself: nobody else holds it
+    trainer.handle.remove()
+    if "default" in (getattr(trainer.transformer, "peft_config", None) or {}):
+        trainer.transformer.delete_adapters("default")
+    trainer.transformer.eval()
+
+
+def _finish(trainer: _Trainer, out: Path, state: Optional[_OutputState], start: int, losses: List[float],
+            eval_start: Optional[float], resumed_from: Optional[int]) -> Dict[str, Any]:
+    """Train from ``start``, then, unless the run diverged, write the last checkpoint, the weights and the log.
+    A run that diverged raises :class:`~dit_accel.errors.NonFiniteOutputError` and leaves ``out`` as it was."""
+    config, accelerator = trainer.config, trainer.accelerator
+    try:
+        seconds = _train(trainer, out, start, losses, state)
+        finite = finite_weights(trainer.params)
+        rng = _save_rng()  # the last checkpoint, written after the held-out loss, holds the generators of now
+        eval_end = trainer.eval_loss() if finite else None
+        _load_rng(rng)
+        problem = _divergence(config, out, losses, eval_end, finite)
+        if problem is not None:
+            raise NonFiniteOutputError(problem)
+        result = {
+            "output": str(out), "loss": losses, "initial_loss": losses[0] if losses else None,
+            "final_loss": losses[-1] if losses else None, "steps": config.steps, "resumed_from": resumed_from,
+            "steps_this_session": config.steps - start, "seconds": seconds,
+            "num_processes": accelerator.num_processes,
+            "samples_per_step": trainer.samples_per_step, "eval_loss_start": eval_start, "eval_loss_end": eval_end,
+        }
+        if accelerator.is_main_process:
+            if config.steps > start:
+                _save_checkpoint(out, config.steps, trainer.params, trainer.optimizer, trainer.scaler, losses,
+                                 config.checkpoints_total_limit, state)
+            _write_results(trainer, out, result)
+    except NonFiniteOutputError:
+        if state is not None:
+            state.restore()
+        _undo_student(trainer)
+        raise
+    finally:
+        if state is not None:
+            state.commit()  # what --overwrite and the checkpoint limit replaced goes (nothing after restore())
+    return result
+
+
 def finetune(config: FinetuneConfig) -> Dict[str, Any]:
     """Fine-tune ``config.model`` for ``config.method`` (or under ``config.plan``) and write the result to
     ``config.output``.
@@ -132,6 +207,12 @@ def finetune(config: FinetuneConfig) -> Dict[str, Any]:
     student, dit_accel installed, LoRA active).
 
     All input errors (ValueError) are raised before the first optimizer step.
+
+    A run that diverges (a trainable tensor, the last training loss or the held-out loss NaN or inf) raises
+    :class:`~dit_accel.errors.NonFiniteOutputError` naming the losses and what to lower: its weights and its last
+    checkpoint are not written, and the output folder is left as it was before the run (a new folder is removed;
+    what ``overwrite`` would have replaced is kept; a resumed run keeps the checkpoints it resumed from). A
+    pipeline passed as ``model`` loses the processors and the LoRA the run added.
     """
     validate_config(config)
     prompts, dataset = _read_inputs(config)
@@ -143,23 +224,14 @@ def finetune(config: FinetuneConfig) -> Dict[str, Any]:
         eval_start = trainer.eval_loss()
     except ValueError as e:
         raise ValueError(f"{_method_label(config)} on token grid {trainer.grid}: {e}") from None
-    _init_output(config, accelerator, out, out_contents)
+    state = _OutputState(out) if accelerator.is_main_process else None
+    _init_output(config, accelerator, out, out_contents, state)
     if config.mode == "distill" and trainer.samples_per_step < DISTILL_SAMPLES_PER_STEP and config.progress \
             and accelerator.is_main_process:
         print(f"note: {trainer.samples_per_step} sample(s) per optimizer step; distillation gradients are mostly "
               "sample-specific, so the held-out loss can rise before it falls. Leave --gradient-accumulation-steps "
               f"unset (>= {DISTILL_SAMPLES_PER_STEP} samples per step) or raise --batch-size.", file=sys.stderr)
-    seconds = _train(trainer, out, start, losses)
-    result = {
-        "output": str(out), "loss": losses, "initial_loss": losses[0] if losses else None,
-        "final_loss": losses[-1] if losses else None, "steps": config.steps, "resumed_from": resumed_from,
-        "steps_this_session": config.steps - start, "seconds": seconds,
-        "num_processes": accelerator.num_processes,
-        "samples_per_step": trainer.samples_per_step, "eval_loss_start": eval_start,
-        "eval_loss_end": trainer.eval_loss(),
-    }
-    if accelerator.is_main_process:
-        _write_results(trainer, out, result)
+    result = _finish(trainer, out, state, start, losses, eval_start, resumed_from)
     accelerator.wait_for_everyone()
     trainer.transformer.eval()
     trainer._use_method(trainer.vsa_method_at(None))  # the trained student runs the target

@@ -424,8 +424,20 @@ def _trainable(transformer, projections, targets, gates=None) -> Dict[str, nn.Pa
     return params
 
 
-def _train(trainer: _Trainer, out: Path, start: int, losses: List[float]) -> float:
-    """The training loop from ``start``; checkpoints on the main process. Returns the seconds it took."""
+def finite_weights(params: Dict[str, nn.Parameter]) -> bool:
+    """Whether every trainable tensor is finite (one host sync)."""
+    with torch.no_grad():
+        return bool(torch.stack([torch.isfinite(p).all() for p in params.values()]).all())
+
+
+def _train(trainer: _Trainer, out: Path, start: int, losses: List[float], state=None) -> float:
+    """The training loop from ``start``; checkpoints on the main process (``state``: the output folder's
+    :class:`~dit_accel.training.checkpoints._OutputState`, which takes the checkpoints the limit removes). Returns
+    the seconds it took.
+
+    The last step's checkpoint is left to the caller, which writes it once the run is known not to have diverged;
+    a step that leaves a trainable tensor NaN or inf ends the loop (every later step would too), before its
+    checkpoint: the caller reports it."""
     from tqdm.auto import tqdm
 
     config, accelerator = trainer.config, trainer.accelerator
@@ -437,11 +449,13 @@ def _train(trainer: _Trainer, out: Path, start: int, losses: List[float]) -> flo
         bar.update(1)
         if (step + 1) % config.log_every == 0 or step + 1 == config.steps:
             bar.set_postfix(loss=f"{losses[-1]:.4g}")
+        if not finite_weights(trainer.params):  # the same on every process: the gradients were combined
+            break
         done = step + 1
-        if accelerator.is_main_process and (
-                done == config.steps or (config.checkpoint_every and done % config.checkpoint_every == 0)):
+        if accelerator.is_main_process and done < config.steps and config.checkpoint_every \
+                and done % config.checkpoint_every == 0:
             _save_checkpoint(out, done, trainer.params, trainer.optimizer, trainer.scaler, losses,
-                             config.checkpoints_total_limit)
+                             config.checkpoints_total_limit, state)
         accelerator.wait_for_everyone()
     bar.close()
     return time.perf_counter() - t0
