@@ -63,6 +63,7 @@ LORA_FILE = "pytorch_lora_weights.safetensors"
 SLA_FILE = "sla_projections.safetensors"
 VSA_FILE = "vsa_gates.safetensors"
 METHOD_FILE = "dit_accel_method.json"
+FORMAT = 1  # the newest layout of METHOD_FILE this dit_accel reads (and the one it writes)
 ADAPTER_NAME = "dit_accel"
 
 
@@ -106,7 +107,7 @@ def save_trained_weights(output_dir, *, transformer: nn.Module, method: Method, 
     ``{"blocks.N.to_gate_compress.weight": ..., ...}`` (FastVideo's key layout), written to :data:`VSA_FILE`.
     """
     info = {
-        "format": 1,
+        "format": FORMAT,
         "method": _json_roundtrip(method.to_dict()),
         "files": {"lora": LORA_FILE if lora_config is not None else None,
                   "sla_projections": SLA_FILE if sla_projections else None,
@@ -174,6 +175,13 @@ def _read_info(folder: Path) -> dict:
         raise ValueError(f"weights={str(folder)!r} has no {METHOD_FILE}; is it the output folder of `dit-accel finetune`?")
     expected = ("the JSON object `dit-accel finetune` writes: {\"method\": {...}, \"files\": {...}, ...}")
     info = read_json(path, expected=expected)
+    version = info.get("format", 1)
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise BadFileError(path, f"its \"format\" is {str(version)[:40]!r}",
+                           f"a whole number, the layout version `dit-accel finetune` writes ({FORMAT})")
+    if version > FORMAT:
+        raise BadFileError(path, f"its \"format\" is {version}, written by a newer dit-accel; this dit_accel reads "
+                                 f"up to {FORMAT}", "a folder this version can read: upgrade dit-accel to load it")
     if not isinstance(info.get("method"), dict) or not isinstance(info["method"].get("method"), str):
         raise BadFileError(path, f"its \"method\" entry is {str(info.get('method'))[:60]!r}",
                            "a method config such as {\"method\": \"sla\", \"topk\": 0.05, ...}")
