@@ -297,6 +297,11 @@ def _evaluate(args) -> int:
             raise _Refused(f"--{flag} is required (unless --compare A B)")
     device, dtype = _device_and_dtype(args)
     _check_counts(args)
+    from ..eval.fid import fid_inputs_error
+
+    problem = fid_inputs_error(args.fid_weights, args.real)  # a typo: refused now, not skipped after the run
+    if problem:
+        raise _Refused(problem)
     prompts = _prompts(args)
     # Tiny models: unset sizes and method options take the grid-sized smoke-run defaults that
     # `dit-accel generate` uses; the pipeline defaults (e.g. Wan 81x480x832, 50 steps) would run for

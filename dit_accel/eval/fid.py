@@ -14,13 +14,17 @@ The distance is torchmetrics' :class:`FrechetInceptionDistance` fed by any
 - ``PATH`` may also be ``package.module:factory``: a callable returning the module.
 
 Without any of these, :func:`create_fid_feature` returns a one-line reason to
-print and FID is skipped.
+print and FID is skipped. :func:`fid_inputs_error` checks ``--fid-weights`` and
+``--real`` before anything is loaded: a path that is not there is the user's
+typo, refused at once rather than skipped after the run.
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import os
+import re
 from typing import Iterable, Optional, Tuple
 
 import torch
@@ -28,11 +32,73 @@ from torch import nn
 
 from .metrics import to_frames
 
-__all__ = ["FID_ENV", "create_fid_feature", "frechet_distance", "TorchScriptInception"]
+__all__ = ["FID_ENV", "REAL_SUFFIXES", "create_fid_feature", "fid_inputs_error", "frechet_distance",
+           "TorchScriptInception"]
 
 FID_ENV = "DIT_ACCEL_FID_WEIGHTS"
-_HOW = (f"pass --fid-weights PATH or set {FID_ENV} to a TorchScript Inception file "
-        "(inception-2015-12-05.pt) or a 'module:factory' returning an nn.Module")
+REAL_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+_WHAT = "a TorchScript Inception file (inception-2015-12-05.pt) or a 'module:factory' returning an nn.Module"
+_HOW = f"pass --fid-weights PATH or set {FID_ENV} to {_WHAT}"
+_REAL_HOW = "pass a folder of .png/.jpg/.jpeg/.webp images"
+_FACTORY = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*")
+
+
+def _factory(spec: str) -> bool:
+    """``package.module:factory`` (not a path that happens to hold a colon)."""
+    return _FACTORY.fullmatch(spec) is not None and not os.path.exists(spec)
+
+
+def _weights_error(spec: str, name: str, how: str) -> Optional[str]:
+    if not spec.strip():
+        return f"{name} is empty; {how}"
+    if _factory(spec):
+        module = spec.partition(":")[0]
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except Exception:  # a parent package that is not there, or fails on import
+            found = False
+        return None if found else f"{name} {spec}: no module {module!r} to import; {how}"
+    if not os.path.exists(spec):
+        return f"{name} {spec}: no such file; {how}"
+    if os.path.isdir(spec):
+        return f"{name} {spec}: is a folder; {how}"
+    return None
+
+
+def _real_images(folder: str):
+    for root, _, names in os.walk(folder):
+        for name in names:
+            if name.lower().endswith(REAL_SUFFIXES):
+                yield os.path.join(root, name)
+
+
+def fid_inputs_error(fid_weights: Optional[str], real_dir: Optional[str], *, weights: bool = True) -> Optional[str]:
+    """The one-line refusal of a ``--fid-weights`` (or ``$DIT_ACCEL_FID_WEIGHTS``) or ``--real`` that cannot be
+    what the user meant (no such file or folder, a folder without images, an empty value), or None.
+
+    Cheap: nothing is loaded or imported (a ``module:factory``'s module is only looked up), so callers run it
+    before the model. What can only fail later (a file that is not an Inception network, a missing optional
+    dependency) stays a skip line. ``weights=False``: only ``real_dir`` (the caller brings its own extractor).
+    """
+    if not weights:
+        problem = None
+    elif fid_weights is not None:
+        problem = _weights_error(fid_weights, "--fid-weights", f"pass {_WHAT}")
+    elif os.environ.get(FID_ENV):
+        problem = _weights_error(os.environ[FID_ENV], FID_ENV, f"set it to {_WHAT}, or unset it")
+    else:
+        problem = None
+    if problem or real_dir is None:
+        return problem
+    if not real_dir.strip():
+        return f"--real is empty; {_REAL_HOW}"
+    if not os.path.exists(real_dir):
+        return f"--real {real_dir}: no such folder; {_REAL_HOW}"
+    if not os.path.isdir(real_dir):
+        return f"--real {real_dir}: is a file, not a folder; {_REAL_HOW}"
+    if next(_real_images(real_dir), None) is None:
+        return f"--real {real_dir}: no .png/.jpg/.jpeg/.webp images in it (subfolders included); {_REAL_HOW}"
+    return None
 
 
 class TorchScriptInception(nn.Module):
@@ -61,7 +127,7 @@ def create_fid_feature(spec: Optional[str] = None, device="cpu") -> Tuple[Option
     spec = spec or os.environ.get(FID_ENV)
     if not spec:
         return None, f"FID skipped: no Inception weights configured; {_HOW}"
-    if ":" in spec and not os.path.exists(spec):
+    if _factory(spec):
         mod_name, _, attr = spec.partition(":")
         try:
             module = getattr(importlib.import_module(mod_name), attr)()

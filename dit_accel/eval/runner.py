@@ -408,33 +408,49 @@ class _Scorers:
 
     def __init__(self, settings: EvalSettings, *, lpips: bool, clip_model, clip_scorer, fid_weights, fid_feature,
                  real_dir, frame_size):
+        import os
+
         from .clip import create_clip_scorer
-        from .fid import create_fid_feature
+        from .fid import FID_ENV, create_fid_feature
         from .metrics import LPIPSScorer
 
-        self.device, self.skipped = settings.device, []
+        # skipped: every metric not computed; warnings: those the user asked for (--fid-weights, --real)
+        self.device, self.skipped, self.warnings = settings.device, [], []
         self.lpips = self._keep(LPIPSScorer.create(device=self.device)) if lpips else None
         self.clip = clip_scorer or self._keep(create_clip_scorer(clip_model, device=self.device))
-        self.fid = fid_feature or self._keep(create_fid_feature(fid_weights, device=self.device))
+        self.fid_asked = bool(fid_feature is not None or fid_weights or os.environ.get(FID_ENV) or real_dir)
+        self.fid = fid_feature or self._keep(create_fid_feature(fid_weights, device=self.device), self.fid_asked)
         self.real = None
         if real_dir:
             try:
                 self.real = _load_real(real_dir, frame_size)
             except (ValueError, OSError) as exc:
-                self.skipped.append(f"FID vs --real skipped: {exc}")
+                self._skip(f"FID vs --real skipped: {exc}", True)
             if self.fid is None:
-                self.skipped.append("FID vs --real skipped: no FID feature extractor (see the FID line)")
+                self._skip("FID vs --real skipped: no FID feature extractor (see the FID line)", True)
 
-    def _keep(self, made):
+    def _skip(self, line: str, warn: bool = False) -> None:
+        self.skipped.append(line)
+        if warn:
+            self.warnings.append(line)
+
+    def _keep(self, made, warn: bool = False):
         value, why = made
         if why:
-            self.skipped.append(why)
+            self._skip(why, warn)
         return value
+
+    def _fid(self, a, b) -> Optional[float]:
+        from .fid import frechet_distance
+
+        try:
+            return frechet_distance(a, b, self.fid, device=self.device)
+        except ValueError as exc:  # e.g. fewer than 2 images a set
+            self._skip(f"FID skipped: {exc}", self.fid_asked)
+            return None
 
     def score(self, row: dict, dense: dict, samples) -> None:
         """Quality of ``row`` against the dense row, and its speedups, written into ``row``."""
-        from .fid import frechet_distance
-
         per_sample = [paired_metrics(v, d, self.lpips) for v, d in zip(row["videos"], dense["videos"])]
         row["samples"] = [{"prompt": p, "seed": s, **m} for (p, s), m in zip(samples, per_sample)]
         for sample, times in zip(row["samples"], row.get("sample_times") or []):
@@ -459,11 +475,9 @@ class _Scorers:
                 sample["clip"] = self.clip(video, prompt)
             row["clip"] = mean_or_none([sample["clip"] for sample in row["samples"]])
         if self.fid is not None:
-            row["fid_dense"] = _safe_fid(frechet_distance, row["videos"], dense["videos"], self.fid, self.device,
-                                         self.skipped)
+            row["fid_dense"] = self._fid(row["videos"], dense["videos"])
             if self.real is not None:
-                row["fid_real"] = _safe_fid(frechet_distance, row["videos"], self.real, self.fid, self.device,
-                                            self.skipped)
+                row["fid_real"] = self._fid(row["videos"], self.real)
         t, dense_t = row["times"] or {}, dense["times"] or {}
         for stage, key in (("transformer", "speedup_transformer"), ("total", "speedup_e2e")):
             if t.get(stage) and dense_t.get(stage):
@@ -577,10 +591,16 @@ def run_eval(settings: EvalSettings, specs: Sequence[MethodSpec], out_dir, *, ca
             ``dit_accel.kernels.dense``, or ``none`` for the seed floor only; see :mod:`.floor`).
         prompt_file: the file the prompts came from (its sha256 goes into the provenance).
 
-    Returns the results dict also written to ``results.json``.
+    Returns the results dict also written to ``results.json``. A ``fid_weights`` or ``real_dir`` path that is not
+    there raises ValueError before anything is loaded or written.
     """
     import dit_accel
 
+    from .fid import fid_inputs_error
+
+    problem = fid_inputs_error(fid_weights, real_dir, weights=fid_feature is None)
+    if problem:
+        raise ValueError(problem)
     if not settings.prompts:
         raise ValueError("no prompts: EvalSettings.prompts is empty; pass --prompts FILE (one prompt per line) or "
                          "--prompt TEXT")
@@ -634,7 +654,8 @@ def run_eval(settings: EvalSettings, specs: Sequence[MethodSpec], out_dir, *, ca
         "dense_times_from_cache": generated < len(samples), "skipped": sorted(set(scorers.skipped)),
         "capture": capture, "groundtruth": groundtruth,
         "rows": [{k: v for k, v in r.items() if k != "videos"} for r in rows],
-        "warnings": sorted({w for r in rows for w in (r.get("summary") or {}).get("warnings", [])}),
+        "warnings": sorted({w for r in rows for w in (r.get("summary") or {}).get("warnings", [])}
+                           | set(scorers.warnings)),
     }
     if is_tiny_model(settings.model):
         results["note"] = "tiny model with RANDOM weights: numbers check the pipeline, not quality"
@@ -673,19 +694,13 @@ def _score_groundtruth(rows: List[dict], samples, model: str, log) -> Optional[d
                       "criterion at once)", "criteria": ["colour", "shape", "motion", "consistency", "all"]}
 
 
-def _safe_fid(fn, a, b, feature, device, skipped) -> Optional[float]:
-    try:
-        return fn(a, b, feature, device=device)
-    except ValueError as exc:
-        skipped.append(f"FID skipped: {exc}")
-        return None
-
-
 def _load_real(real_dir: str, size) -> torch.Tensor:
     """Images of a folder (png/jpg/webp, recursively) resized to the generated frame size."""
     from PIL import Image
 
-    files = sorted(p for p in Path(real_dir).rglob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp"))
+    from .fid import REAL_SUFFIXES
+
+    files = sorted(p for p in Path(real_dir).rglob("*") if p.suffix.lower() in REAL_SUFFIXES)
     if not files:
         raise ValueError(f"--real {real_dir}: no .png/.jpg/.jpeg/.webp images found")
     h, w = int(size[0]), int(size[1])
