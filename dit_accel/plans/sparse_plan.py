@@ -47,6 +47,26 @@ __all__ = ["SparsePlan", "Phase", "PlanMethod", "method_to_json", "method_from_j
            "write_atomic", "FORMAT"]
 
 
+# ------------------------------------------------------------------ where a plan is written
+def _file_to_write(path, what: str, example: str) -> Path:
+    """``path`` as the file :meth:`SparsePlan.save` (or ``to_tile_strategy``) writes; a ValueError that names it
+    when it is a folder (an existing one, or a name ending in a separator) or lies under a file, raised before
+    anything is written (``os.replace`` onto a folder would say only ``IsADirectoryError`` of a temp name)."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path must be a file name (str or pathlib.Path); got {type(path).__name__}")
+    text = str(os.fspath(path))
+    if not text.strip():
+        raise ValueError(f"path={text!r} is empty; pass {what} file name, e.g. {example}")
+    file = Path(text)
+    if file.is_dir() or text.endswith(("/", os.sep)):
+        raise ValueError(f"path={text!r} is a folder; pass {what} file name, e.g. {file / example}")
+    folder = next((parent for parent in file.parents if parent.exists()), None)
+    if folder is not None and not folder.is_dir():
+        raise ValueError(f"path={text!r}: {folder} is a file, not a folder; pass {what} file name in a folder, "
+                         f"e.g. {folder.parent / example}")
+    return file
+
+
 # ------------------------------------------------------------------ reading a phase
 def _phase(r: _Fields, where: str, data, num_layers: Optional[int], num_heads: Optional[int]) -> "Phase":
     r.obj(where, data, 'a phase: {"steps": [start, stop or null], "default": {...}, "layers": {"0": {...}}}')
@@ -261,7 +281,9 @@ class SparsePlan:
         return cls(tuple(phases), num_layers, num_heads, provenance, source=source)
 
     def save(self, path) -> Path:
-        """Write the plan's JSON to ``path`` atomically (temporary file + ``os.replace``)."""
+        """Write the plan's JSON to ``path`` (a file name, e.g. ``plan.json``; missing folders are made)
+        atomically (temporary file + ``os.replace``). A folder is a ValueError, and nothing is written."""
+        path = _file_to_write(path, "the plan's", "plan.json")
         return write_atomic(path, json.dumps(self.to_json(), indent=1) + "\n")
 
     @classmethod
@@ -327,8 +349,10 @@ class SparsePlan:
 
         Dense layers are left out (FastVideo runs an unlisted (step, layer) dense). A dense *head* in a
         layer with Tile heads needs ``grid``: it is written as the window that covers the grid. A phase
-        open to the end needs ``num_steps``.
+        open to the end needs ``num_steps``. A ``path`` that is a folder is a ValueError, and nothing is written.
         """
+        if path is not None:
+            path = _file_to_write(path, "the strategy's", "strategy.json")
         out: Dict[str, List[int]] = {}
         tiles = set()
         heads = self.num_heads
