@@ -4,7 +4,9 @@ presets) and one for a calibrated plan file. Each takes a MODEL and returns the 
 
 Widgets, per config field's CLI metadata: ``ints`` and ``int_list`` fields are text (``6,8,8``; ``none``), ints
 and floats are numbers, fields with choices are lists, flags are booleans; a field whose default is None is
-text, empty for the default. Errors are one line (ComfyUI shows them on the node).
+text, empty for the default. Errors are one line (ComfyUI shows them on the node). Path widgets (the plan
+file, the fine-tuned folder, a FILE/DIR field) drop surrounding whitespace and one pair of surrounding quotes, as
+Windows' "Copy as path" adds them.
 """
 
 from __future__ import annotations
@@ -45,6 +47,29 @@ def _text(value) -> str:
     return str(value)
 
 
+def _path_text(value) -> str:
+    """A path widget's text without surrounding whitespace and one pair of surrounding quotes ("C:\\x\\plan.json"
+    from Windows' "Copy as path")."""
+    text = str(value).strip()
+    if len(text) >= 2 and text[0] == text[-1] and text[0] in "\"'":
+        text = text[1:-1]
+    return text
+
+
+# What a valid text of each widget kind looks like, when the field's default cannot show it (None).
+_EXAMPLES = {"ints": "4,4,4", "int_list": "0,4", "int": "8", "float": "0.5"}
+
+
+def _example(field: dataclasses.Field, opt: CliOption) -> str:
+    """The hint of an invalid widget text: an example of its kind (the default where there is one)."""
+    if field.default is None:
+        return f"e.g. {_EXAMPLES.get(opt.parse, '')}, or blank for the default"
+    example = _text(field.default)
+    if opt.parse == "int_list":
+        return f"e.g. {example}; a comma-separated list of integers, or none"
+    return f"e.g. {example}"
+
+
 def _widget(field: dataclasses.Field, opt: CliOption):
     """The ComfyUI input spec of one config field."""
     tip = {"tooltip": opt.help}
@@ -70,6 +95,8 @@ def _value(name: str, field: dataclasses.Field, opt: CliOption, value):
         return match[0]
     if not isinstance(value, str):
         return value
+    if opt.parse == "str" and opt.metavar in ("FILE", "DIR"):
+        return _path_text(value)
     text = value.strip()
     if text == "" and field.default is None:
         return None
@@ -83,8 +110,8 @@ def _value(name: str, field: dataclasses.Field, opt: CliOption, value):
         if opt.parse == "float":
             return float(text)
     except (ValueError, argparse.ArgumentTypeError):
-        raise ValueError(f"dit_accel: widget {name}={value!r} is invalid: {opt.help} (e.g. "
-                         f"{_text(field.default) or '6,8,8'})") from None
+        raise ValueError(f"dit_accel: widget {name}={value!r} is invalid: {opt.help} ({_example(field, opt)})") \
+            from None
     return text
 
 
@@ -180,10 +207,11 @@ class PlanNode:
         from ..plans.sparse_plan import SparsePlan
         from .patch import patch_model
 
-        if not str(plan_path).strip():
+        path = _path_text(plan_path)
+        if not path:
             raise ValueError("dit_accel: widget plan_path is empty: give the path of a plan JSON written by "
                              "dit-accel calibrate")
-        plan = SparsePlan.load(str(plan_path).strip())
+        plan = SparsePlan.load(path)
         return (patch_model(model, plan, backend=backend, allow_other_grid=bool(allow_other_grid)),)
 
 
@@ -213,7 +241,7 @@ class FinetunedNode:
         from ..checkpoints.finetuned import load_method
         from .patch import patch_model
 
-        folder = str(weights_path).strip()
+        folder = _path_text(weights_path)
         if not folder:
             raise ValueError("dit_accel: widget weights_path is empty: give a dit-accel finetune output folder")
         return (patch_model(model, load_method(folder), backend=backend, allow_other_grid=bool(allow_other_grid),

@@ -69,3 +69,43 @@ def test_the_plan_node_runs_a_calibrated_plan(comfy, wan, tmp_path):
         _node("DitAccelPlan", wan, plan_path=" ", allow_other_grid=False, backend="auto")
     with pytest.raises((ValueError, FileNotFoundError), match="missing.json"):
         _node("DitAccelPlan", wan, plan_path=str(tmp_path / "missing.json"), allow_other_grid=False, backend="auto")
+
+
+@pytest.mark.parametrize("node, widgets, hint", [
+    ("DitAccelVSA", dict(topk="abc"), "(e.g. 8, or blank for the default)"),
+    ("DitAccelTile", dict(block_size="abc"), "(e.g. 8, or blank for the default)"),
+    ("DitAccelVSA", dict(sparsity="most"), "(e.g. 0.5, or blank for the default)"),
+    ("DitAccelGNA", dict(tile="a,b"), "(e.g. 4,4,4, or blank for the default)"),
+    ("DitAccelTile", dict(tile="a,b"), "(e.g. 6,8,8)"),
+    ("DitAccelRadial", dict(sink_frames="first"), "(e.g. 0; a comma-separated list of integers, or none)"),
+], ids=["int-none", "int-none-tile", "float-none", "shape-none", "shape", "int-list"])
+def test_an_invalid_widget_text_gets_an_example_of_its_kind(node, widgets, hint):
+    """The hint shows the widget's own kind: an integer for an int, a shape only for a shape widget, and that
+    blank means the default where the default is None (refused before the model is touched: model=None)."""
+    with pytest.raises(ValueError) as err:
+        _node(node, None, **widgets, **COMMON)
+    name, value = next(iter(widgets.items()))
+    assert str(err.value).startswith(f"dit_accel: widget {name}={value!r} is invalid: ")
+    assert str(err.value).endswith(hint), str(err.value)
+
+
+@pytest.mark.parametrize("quoted", ['"{}"', "  '{}' ", ' "{}"\n'], ids=["copy-as-path", "single-spaced", "newline"])
+def test_path_widgets_drop_one_pair_of_surrounding_quotes(comfy, wan, tmp_path, quoted):
+    """Windows' "Copy as path" gives "C:\\x\\plan.json" with its quotes: the plan, tile-strategy and fine-tuned
+    path widgets read the path inside them."""
+    case = CASES["wan21-t2v"]
+    tile = dit_accel.Tile(tile=(1, 2, 2), window=(3, 1, 1))
+    plan = SparsePlan([Phase(0, None, default=tile)], num_layers=2,
+                      provenance={"model_class": "WanTransformer3DModel", "steps": 2})
+    path = plan.save(tmp_path / "plan.json")
+    patched = _node("DitAccelPlan", wan, plan_path=quoted.format(path), allow_other_grid=False, backend="auto")
+    assert torch.equal(sample(comfy, patched, case), sample(comfy, patch_model(wan, plan), case))
+
+    strategy = tmp_path / "strategy.json"
+    strategy.write_text('{"0_0_0": [3, 1, 1], "0_0_1": [3, 1, 1]}')
+    patched = _node("DitAccelTileStrategy", wan, path=quoted.format(strategy), tile="1,2,2", **COMMON)
+    assert _patch(patched).schedule.method.path == str(strategy)
+
+    with pytest.raises(ValueError) as err:  # the folder named without its quotes
+        _node("DitAccelFinetuned", wan, weights_path=quoted.format(tmp_path / "gone"))
+    assert f"weights={str(tmp_path / 'gone')!r} is not a folder" in str(err.value)
