@@ -111,7 +111,7 @@ def apply(pipe_or_transformer, method: Method, *, dense_steps: int = 0, dense_la
             layer and step). Or an observer with
             :class:`~.capture.Capture`'s ``wants(layer, step)`` and ``save(...)`` (calibration keeps its
             samples in memory this way).
-        capture_layers, capture_steps: restrict capture to these indices (None = all).
+        capture_layers, capture_steps: restrict capture to these indices (None = all); need ``capture``.
         scheduler: the scheduler that drives a *bare* transformer (the step index
             comes from ``scheduler.step_index``). Without it, a bare transformer with
             ``dense_steps``/``dense_last_steps`` needs ``handle.set_step(i, total)``
@@ -165,8 +165,7 @@ def apply(pipe_or_transformer, method: Method, *, dense_steps: int = 0, dense_la
     method, dense_steps, dense_last_steps, dense_layers, layer_methods, capture_layers, capture_steps = \
         _check_apply_args(method, dense_steps, dense_last_steps, dense_layers, layer_methods, backend,
                           capture_layers, capture_steps, scheduler, weights, timing)
-    if capture is not None and not (hasattr(capture, "wants") and hasattr(capture, "save")):  # else an observer
-        capture = Capture(check_capture_dir(capture), capture_layers, capture_steps)
+    capture = _capture(capture, capture_layers, capture_steps)
     found, pipe = _find_transformers(pipe_or_transformer)
     targets = [(prefix, t, preset, attention_modules(t, prefix, preset))
                for prefix, t in found for preset in [preset_for(t)]]
@@ -182,6 +181,17 @@ def apply(pipe_or_transformer, method: Method, *, dense_steps: int = 0, dense_la
     with _APPLYING:
         return _take_over(found, targets, schedule, runtime, steps, ours, log,
                           trained_gates(method, layer_methods, ours) if ours is weights else weights)
+
+
+def _capture(capture, capture_layers, capture_steps):
+    """``capture`` as an observer: a folder becomes a :class:`~.capture.Capture` of those layers and steps. Layers
+    or steps without a place to put them would capture nothing: a ValueError, before the model changes."""
+    if capture is None and (capture_layers is not None or capture_steps is not None):
+        raise ValueError("capture_layers/capture_steps need capture=FOLDER (where the captured q/k/v go); pass "
+                         "capture=, or drop capture_layers/capture_steps")
+    if capture is not None and not (hasattr(capture, "wants") and hasattr(capture, "save")):  # else an observer
+        return Capture(check_capture_dir(capture), capture_layers, capture_steps)
+    return capture
 
 
 def _check_fit(targets, method: Method, layer_methods: Dict[int, Method], allow_other_grid) -> None:
