@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
 from typing import Dict, Tuple
 
 from ..cli.options import int_list, int_tuple
@@ -149,9 +150,19 @@ def published(method_name: str) -> Dict[str, object]:
     return out
 
 
+def _in_widgets(opts: Dict[str, CliOption]) -> Dict[str, CliOption]:
+    """Each field's option with the command-line flags its help names (``or --vsa-sparsity``) written as the
+    node's widget names (``or sparsity``): a node has no flags."""
+    flags = {opt.flag or "--" + name.replace("_", "-"): name for name, opt in opts.items()}
+    pattern = re.compile("|".join(re.escape(flag) + r"\b" for flag in sorted(flags, key=len, reverse=True)))
+    return {name: dataclasses.replace(opt, help=pattern.sub(lambda m: flags[m.group()], opt.help))
+            for name, opt in opts.items()}
+
+
 def node_for(name: str, cls: type, summary: str) -> type:
     """The node class of one registered method."""
     fields = {f.name: f for f in dataclasses.fields(cls) if "cli" in f.metadata}
+    opts = _in_widgets({f: fields[f].metadata["cli"] for f in fields})
     presets = published(name)
 
     def INPUT_TYPES(_cls):  # noqa: N802 (ComfyUI's name)
@@ -159,7 +170,7 @@ def node_for(name: str, cls: type, summary: str) -> type:
         if presets:
             required["preset"] = ([CUSTOM, *presets], {"default": CUSTOM, "tooltip": "a published setting: it sets "
                                                        "the method's widgets and the dense steps/layers it names"})
-        required.update({f: _widget(fields[f], fields[f].metadata["cli"]) for f in fields})
+        required.update({f: _widget(fields[f], opts[f]) for f in fields})
         required.update(_COMMON)
         return {"required": required}
 
@@ -173,7 +184,7 @@ def node_for(name: str, cls: type, summary: str) -> type:
             method, published_options = presets[preset].build()
             options.update(published_options)
         else:
-            config = {f: _value(f, fields[f], fields[f].metadata["cli"], widgets[f]) for f in fields if f in widgets}
+            config = {f: _value(f, fields[f], opts[f], widgets[f]) for f in fields if f in widgets}
             method = method_from_name(name, **{k: v for k, v in config.items() if v is not None})
         return (patch_model(model, method, **options),)
 

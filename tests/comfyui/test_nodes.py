@@ -109,3 +109,22 @@ def test_path_widgets_drop_one_pair_of_surrounding_quotes(comfy, wan, tmp_path, 
     with pytest.raises(ValueError) as err:  # the folder named without its quotes
         _node("DitAccelFinetuned", wan, weights_path=quoted.format(tmp_path / "gone"))
     assert f"weights={str(tmp_path / 'gone')!r} is not a folder" in str(err.value)
+
+
+def test_tooltips_name_the_nodes_widgets_not_the_command_lines_flags():
+    """A node has no flags: VSA's topk tooltip said "or --vsa-sparsity" where the widget beside it is sparsity."""
+    import dataclasses
+    import re
+
+    from dit_accel.methods import registered_methods
+
+    flags = {f.metadata["cli"].flag or "--" + f.name.replace("_", "-") for entry in registered_methods().values()
+             for f in dataclasses.fields(entry.cls) if "cli" in f.metadata}
+    assert "--vsa-sparsity" in flags
+    for name, node in NODE_CLASS_MAPPINGS.items():
+        for widget, spec in node.INPUT_TYPES()["required"].items():
+            tip = spec[1].get("tooltip", "") if len(spec) > 1 and isinstance(spec[1], dict) else ""
+            assert not flags & set(re.findall(r"--[a-z][a-z0-9-]*", tip)), (name, widget, tip)
+    vsa = NODE_CLASS_MAPPINGS["DitAccelVSA"].INPUT_TYPES()["required"]
+    assert vsa["topk"][1]["tooltip"].endswith("; or sparsity")
+    assert "when topk is not given" in vsa["sparsity"][1]["tooltip"]
