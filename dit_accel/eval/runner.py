@@ -24,6 +24,7 @@ import hashlib
 import inspect
 import dataclasses
 import json
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -408,8 +409,6 @@ class _Scorers:
 
     def __init__(self, settings: EvalSettings, *, lpips: bool, clip_model, clip_scorer, fid_weights, fid_feature,
                  real_dir, frame_size):
-        import os
-
         from .clip import create_clip_scorer
         from .fid import FID_ENV, create_fid_feature
         from .metrics import LPIPSScorer
