@@ -222,6 +222,21 @@ def test_calibrate_warmup_search_names_the_options_it_does_not_read(argv, named,
     assert named in err and "not apply to --search warmup" in err and len(err.splitlines()) == 1
 
 
+def test_a_size_past_the_rotary_embeddings_reach_is_refused_before_the_run(tmp_path, capsys):
+    """tiny-wan's rotary table holds 64 positions per axis (patch 2, VAE 8: 1,024 pixels): --width 1040 failed in
+    the first step with "shape '[1, 1, ...]' is invalid"; 1,024 runs."""
+    out = tmp_path / "v.mp4"
+    for flag, value, most in (("--width", "1040", "1024"), ("--height", "1032", "1024"), ("--frames", "257", "253")):
+        assert main(["generate", "--model", "tiny-wan", "--method", "dense", "--no-compare-dense", "--steps", "1",
+                     flag, value, "--quiet", "--out", str(out)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err == (f"dit-accel generate: error: {flag} {value} is past what WanTransformer3DModel's rotary "
+                       f"embedding covers (64 positions per axis, rope_max_seq_len): give {flag} {most} or less")
+        assert not out.exists()
+    assert main(["generate", "--model", "tiny-wan", "--method", "dense", "--no-compare-dense", "--steps", "1",
+                 "--frames", "1", "--height", "16", "--width", "1024", "--quiet", "--out", str(out)]) == 0
+
+
 # ------------------------------------------------------------------ words that were wrong
 def test_the_frames_note_names_the_models_own_frame_rule(tmp_path, capsys):
     """tiny-shapes' VAE compresses time by 2: it takes 2k+1 frames, where Wan's takes 4k+1."""
