@@ -677,7 +677,7 @@ def calibrate(settings: CalibrationSettings, out, *, report_dir=None, progress: 
 
     Returns the result dict that ``calibration.json`` holds.
     """
-    from ..models.loading import load_pipeline
+    from ..models.loading import load_pipeline, rope_reach_error
 
     settings.check()
     out = Path(out)
@@ -689,6 +689,9 @@ def calibrate(settings: CalibrationSettings, out, *, report_dir=None, progress: 
     pipe = load_pipeline(settings.model, device=settings.device, dtype=getattr(torch, settings.dtype))
     pipe.set_progress_bar_config(disable=True)
     call_kwargs = settings.call_kwargs()
+    problem = rope_reach_error(pipe, call_kwargs)
+    if problem:
+        raise ValueError(problem)
     jobs, val_jobs = _calibration_jobs(settings, log)
     bar = _Progress(progress)
     try:

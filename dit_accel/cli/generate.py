@@ -432,31 +432,15 @@ def _pipeline_call(args, pipe, tiny: bool) -> dict:
         value = value if value is not None else suggested.get(key)
         if value is not None and key in accepts:
             call[key] = value
-    _check_rope_reach(pipe, call)
+    from ..models.loading import rope_reach_error
+
+    problem = rope_reach_error(pipe, call)
+    if problem:
+        raise _UsageError(problem)
     call["generator"] = torch.Generator(device="cpu").manual_seed(args.seed)
     call["output_type"] = "np"
     return call
 
-
-def _check_rope_reach(pipe, call: dict) -> None:
-    """A transformer whose rotary table holds ``rope_max_seq_len`` positions per axis (Wan and the models built on
-    it) fails deep in its first step on a call past them (``shape '[1, 1, 25000, -1]' is invalid``): refuse the
-    flag before the run, with the largest value that fits."""
-    config = getattr(getattr(pipe, "transformer", None), "config", None)
-    reach, patch = getattr(config, "rope_max_seq_len", None), getattr(config, "patch_size", None)
-    spatial, temporal = getattr(pipe, "vae_scale_factor_spatial", None), getattr(pipe, "vae_scale_factor_temporal", None)
-    if not isinstance(reach, int) or not isinstance(patch, (tuple, list)) or len(patch) != 3:
-        return
-    for flag, key, scale, step in (("--frames", "num_frames", temporal, patch[0]), ("--height", "height", spatial,
-                                   patch[1]), ("--width", "width", spatial, patch[2])):
-        value = call.get(key)
-        if not isinstance(value, int) or not isinstance(scale, int) or scale < 1:
-            continue
-        latent = (value - 1) // scale + 1 if key == "num_frames" else value // scale
-        if -(-latent // step) > reach:
-            most = (reach * step - 1) * scale + 1 if key == "num_frames" else reach * step * scale
-            raise _UsageError(f"{flag} {value} is past what {type(pipe.transformer).__name__}'s rotary embedding "
-                              f"covers ({reach} positions per axis, rope_max_seq_len): give {flag} {most} or less")
 
 
 def _cache_context(pipe, cache, steps):

@@ -616,6 +616,11 @@ def run_eval(settings: EvalSettings, specs: Sequence[MethodSpec], out_dir, *, ca
         from ..models.loading import load_pipeline
 
         pipe = load_pipeline(settings.model, device=settings.device, dtype=getattr(torch, settings.dtype))
+    from ..models.loading import rope_reach_error
+
+    problem = rope_reach_error(pipe, settings.call_kwargs(pipe))
+    if problem:
+        raise ValueError(problem)
     pipe.set_progress_bar_config(disable=True)
     specs = _fitting(specs, pipe, log)
     with StageTimer(pipe, settings.device) as timer:

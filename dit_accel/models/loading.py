@@ -23,7 +23,8 @@ import torch
 from .tiny import EMBEDDED_MODELS, PIPELINES as TINY_PIPELINES, TINY_MODELS, build_tiny_pipeline
 from .tiny_shapes import TRAINED_MODELS
 
-__all__ = ["load_pipeline", "ModelLoadError", "resolve_model_kind", "model_folder", "model_fingerprint"]
+__all__ = ["load_pipeline", "ModelLoadError", "resolve_model_kind", "model_folder", "model_fingerprint",
+           "rope_reach_error"]
 
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 _PROBE_TIMEOUT_S = 5.0
@@ -205,6 +206,30 @@ class _quiet_loading:
             if enable is not None:
                 enable()
         return False
+
+
+def rope_reach_error(pipe, call: dict) -> Optional[str]:
+    """Why the pipeline call ``call`` (``num_frames``, ``height``, ``width``) goes past the rotary table of a
+    transformer that holds ``rope_max_seq_len`` positions per axis (Wan and the models built on it), naming the
+    flag and the largest value that fits; None where it fits or the model has no such table. Past it, the first
+    step fails deep in the model (``shape '[1, 1, 25000, -1]' is invalid``), so generate, eval and calibrate ask
+    before they run."""
+    config = getattr(getattr(pipe, "transformer", None), "config", None)
+    reach, patch = getattr(config, "rope_max_seq_len", None), getattr(config, "patch_size", None)
+    if not isinstance(reach, int) or not isinstance(patch, (tuple, list)) or len(patch) != 3:
+        return None
+    spatial, temporal = getattr(pipe, "vae_scale_factor_spatial", None), getattr(pipe, "vae_scale_factor_temporal", None)
+    for flag, key, scale, step in (("--frames", "num_frames", temporal, patch[0]),
+                                   ("--height", "height", spatial, patch[1]), ("--width", "width", spatial, patch[2])):
+        value = call.get(key)
+        if not isinstance(value, int) or not isinstance(scale, int) or scale < 1:
+            continue
+        latent = (value - 1) // scale + 1 if key == "num_frames" else value // scale
+        if -(-latent // step) > reach:
+            most = (reach * step - 1) * scale + 1 if key == "num_frames" else reach * step * scale
+            return (f"{flag} {value} is past what {type(pipe.transformer).__name__}'s rotary embedding covers "
+                    f"({reach} positions per axis, rope_max_seq_len): give {flag} {most} or less")
+    return None
 
 
 def _place(pipe, device, offload: bool) -> None:

@@ -235,6 +235,13 @@ def test_a_size_past_the_rotary_embeddings_reach_is_refused_before_the_run(tmp_p
         assert not out.exists()
     assert main(["generate", "--model", "tiny-wan", "--method", "dense", "--no-compare-dense", "--steps", "1",
                  "--frames", "1", "--height", "16", "--width", "1024", "--quiet", "--out", str(out)]) == 0
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a cat\na dog\n")
+    for command in (["eval", "--methods", "tile", "--out", str(tmp_path / "ev")],
+                    ["calibrate", "--prompts", str(prompts), "--min-psnr", "20", "--out", str(tmp_path / "c.json")]):
+        assert main([command[0], "--model", "tiny-wan", "--width", "1040", *command[1:]]) == 2
+        assert "--width 1040 is past what WanTransformer3DModel's rotary embedding covers" in capsys.readouterr().err
+    assert not (tmp_path / "c.json").exists()
 
 
 # ------------------------------------------------------------------ words that were wrong
