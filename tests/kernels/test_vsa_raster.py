@@ -208,6 +208,42 @@ def test_a_training_call_reads_raster_order_both_ways(monkeypatch, grid, batch, 
 
 
 @interpreter
+def test_a_training_calls_coarse_branch_writes_no_cube_by_cube_tensor_but_the_selections(monkeypatch):
+    """The coarse output's autograd on the cube means wrote the C x C scores, their softmax and in the backward
+    their gradients (about 6 q-sized units a call at Wan 480p with 2 heads of 64, MODELLED); one fused attention op
+    writes none of them. What is left is the selection launch's scores (forward only)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_leaves
+
+    grid = (8, 12, 16)  # 2 x 3 x 4 = 24 cubes, head dim 32
+    c = 24
+    q, k, v, gate = _qkv(grid, seed=3)
+    monkeypatch.setenv(gather.ENV_GATHER, "1")
+
+    class Squares(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.made = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func.is_view or func.__name__.startswith("set_"):  # (no new tensor: views, the interpreter's copies)
+                return out
+            self.made += [func.__name__ for t in tree_leaves(out)
+                          if isinstance(t, torch.Tensor) and t.dim() >= 2 and tuple(t.shape[-2:]) == (c, c)]
+            return out
+
+    leaves = [x.detach().clone().requires_grad_() for x in (q, k, v, gate)]
+    dit_accel.vsa_attention(*leaves[:3], grid, topk=3, gate=leaves[3], backend="triton")  # (decides the path)
+    with Squares() as forward:
+        out = dit_accel.vsa_attention(*leaves[:3], grid, topk=3, gate=leaves[3], backend="triton")
+    with Squares() as backward:
+        out.sum().backward()
+    assert list(api._RASTER_CHOICES.values()) == [True]
+    assert forward.made == ["empty.memory_format"] and backward.made == [], (forward.made, backward.made)
+
+
+@interpreter
 @pytest.mark.parametrize("grid", [(4, 8, 8), (5, 6, 7)], ids=["whole", "partial"])
 def test_a_training_call_keeps_no_copy_of_q_k_v_for_its_backward(monkeypatch, grid):
     """What a training call leaves alive for its backward beyond q, k, v and the gate themselves: in cube order the

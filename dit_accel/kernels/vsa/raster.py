@@ -24,7 +24,8 @@ cube-order training path copied q, k and v into cube order, ran the coarse branc
 the coarse branch's gradient (each cube's, expanded over its tokens) to the fine branch's in cube order and
 scattered the sums back. Here one autograd function runs the pool launch (through the row table), selects from
 the means in the coarse launch and runs the gathered forward; the coarse output is computed from its fp32 means
-under autograd (the twin's formula; ``C x C`` work). Its backward runs the gathered two-pass backward, which
+under autograd (the twin's formula, in one fused attention op, so neither pass writes ``C x C`` scores or their
+gradient). Its backward runs the gathered two-pass backward, which
 writes dQ, dK and dV in raster order, and adds each cube's mean gradient over the cube's tokens in place
 (:func:`~.layouts.token_views`: a broadcast, no token-sized copy; rounded once from fp32). The means are the pool
 launch's, not the twin's (another fp32 summation order), so the selection is the cube-order path's up to fp32
@@ -36,6 +37,7 @@ from __future__ import annotations
 from typing import Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 
 from . import fine as fine_path
 from .layouts import cube_masks, layout_of_rows, token_views
@@ -109,8 +111,9 @@ def raster_train(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cubes: Cubes
         return _per_batch(raster_train, q, k, v, cubes, count, scale, with_coarse)
     fine, lse, qc, kc, vc, selection = _RasterTrain.apply(q, k, v, cubes, count, scale)
     coarse = None
-    if with_coarse:  # (the twin's formula, on the pool launch's means)
-        coarse = torch.matmul(torch.softmax(torch.matmul(qc, kc.transpose(-1, -2)) * scale, dim=-1), vc)
+    if with_coarse:  # (the twin's softmax(qc kc^T * scale) vc on the pool launch's means, through one fused
+        # attention op: neither pass writes the C x C scores or their gradient, which the operators' autograd did)
+        coarse = F.scaled_dot_product_attention(qc, kc, vc, scale=scale)
     return coarse, selection, fine, lse
 
 
