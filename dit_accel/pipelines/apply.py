@@ -204,6 +204,17 @@ def _check_fit(targets, method: Method, layer_methods: Dict[int, Method], allow_
     if hasattr(method, "check_model"):
         for _, transformer, _, modules in targets:
             method.check_model(type(transformer).__name__, [_heads_of(module) for _, module in modules])
+    for _, transformer, _, modules in targets:  # per-head windows (Tile, GNA, a strategy file) need the model's heads
+        known = sorted({h for h in (_heads_of(module) for _, module in modules) if h is not None})
+        for m in (method, *layer_methods.values()):
+            want = getattr(m, "heads", None)
+            if isinstance(want, int) and not isinstance(want, bool) and known and known != [want]:
+                path = getattr(m, "path", None)
+                fix = ("use a strategy searched for this model" if path else
+                       "give one window per head, or one window for every head")
+                raise ValueError(f"{path or type(m).__name__} has windows for {want} heads per layer, but "
+                                 f"{type(transformer).__name__}'s attention layers run "
+                                 f"{', '.join(map(str, known))} heads: {fix}")
 
 
 def _build_runtime(targets, pipe, method: Method, options: dict, backend: str, weights, capture, capture_layers,
