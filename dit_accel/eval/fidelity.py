@@ -2,7 +2,8 @@
 
 A capture folder holds ``layer{L:03d}_step{S:03d}.pt`` files, each a dict
 ``{"q", "k", "v": (B, H, N, D) tensors, "grid": tuple, "layer": int,
-"layer_name": str, "step": int}``, written by::
+"layer_name": str, "step": int}`` (read with ``weights_only=True``; context-parallel runs write one
+``..._heads{H0}-{H1}.pt`` per head group, joined back into one capture here), written by::
 
     handle = dit_accel.apply(pipe, dit_accel.Dense(), capture="capture/", capture_layers=[0, 10],
                              capture_steps=[0, 25])
@@ -24,49 +25,116 @@ from __future__ import annotations
 
 import datetime
 import math
-import re
+import pickle
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 
-from ..atomic_files import BadFileError, is_temp_name
+from ..atomic_files import BadFileError
 from ..methods import Method
+from ..pipelines.capture import CAPTURE_NAME, capture_files
 
-__all__ = ["load_capture", "method_attention", "matched_method", "bench_fidelity", "fidelity_table"]
+__all__ = ["load_capture", "capture_groups", "method_attention", "matched_method", "bench_fidelity", "fidelity_table"]
 
-_NAME = re.compile(r"layer(\d+)_step(\d+)(?:_heads\d+-\d+)?\.pt$")
+_EXPECTED = ("a capture file of dit_accel.apply(..., capture=DIR): {'q', 'k', 'v': (B, H, N, D) float tensors, "
+             "'grid': ints whose product is N}")
+
+
+def _name_key(path: Path) -> Tuple[int, int, int]:
+    layer, step, h0, _ = CAPTURE_NAME.match(path.name).groups()
+    return int(layer), int(step), -1 if h0 is None else int(h0)
 
 
 def load_capture(directory) -> List[Path]:
-    """Capture files of ``directory`` sorted by (layer, step); ValueError when there are none."""
+    """Capture files of ``directory`` sorted by (layer, step, first head); ValueError when there are none."""
     directory = Path(directory)
     if not directory.is_dir():
         raise ValueError(f"--capture {directory}: not a folder; make one with `dit-accel eval ... --capture DIR` "
                          "or dit_accel.apply(pipe, Dense(), capture=DIR)")
-    files = sorted((p for p in directory.iterdir() if _NAME.search(p.name) and not is_temp_name(p)),
-                   key=lambda p: tuple(int(x) for x in _NAME.search(p.name).groups()))
+    files = sorted(capture_files(directory), key=_name_key)
     if not files:
         raise ValueError(f"--capture {directory}: no layerLLL_stepSSS.pt files found")
     return files
 
 
+def capture_groups(files: Sequence[Path]) -> List[List[Path]]:
+    """``files`` (sorted by :func:`load_capture`) grouped per (layer, step): one whole-sequence file, or the head
+    files ``_headsH0-H1`` of the context-parallel ranks (one capture, not one step each). ValueError when a
+    (layer, step) has both."""
+    groups: Dict[Tuple[int, int], List[Path]] = {}
+    for path in files:
+        groups.setdefault(_name_key(path)[:2], []).append(path)
+    for group in groups.values():
+        whole = [p for p in group if _name_key(p)[2] < 0]
+        if whole and len(group) > 1:
+            heads = next(p for p in group if _name_key(p)[2] >= 0)
+            raise ValueError(f"--capture {group[0].parent}: {whole[0].name} and {heads.name} both hold that layer "
+                             "and step (a whole capture and a context-parallel head group: two runs in one folder); "
+                             "keep one run's files per folder")
+    return list(groups.values())
+
+
 def _read_capture(path: Path) -> dict:
-    """One capture file, checked: q, k, v ``(B, H, N, D)`` of one shape and the token grid; BadFileError
-    naming the file otherwise (truncated, empty, another pickle)."""
-    expected = "a capture file of dit_accel.apply(..., capture=DIR): {'q', 'k', 'v': (B, H, N, D) tensors, 'grid'}"
-    try:
-        data = torch.load(path, map_location="cpu", weights_only=False)
+    """One capture file, checked: q, k, v ``(B, H, N, D)`` float tensors of one shape, finite, and a token grid
+    of positive ints whose product is N; BadFileError naming the file otherwise (truncated, empty, another
+    pickle, objects that are not tensors or plain types)."""
+    try:  # weights_only: a capture file shared by someone else cannot run code
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        if "weights_only" in str(err) or "Weights only" in str(err):
+            raise BadFileError(path, "holds objects other than tensors and plain types, which are not loaded (a "
+                               "pickle can run code); capture it again with this dit_accel", _EXPECTED) from None
+        raise BadFileError(path, f"cannot be read (UnpicklingError: {' '.join(str(err).split())[:100]})",
+                           _EXPECTED) from None
     except Exception as err:  # zip, pickle and EOF errors come in many types
         raise BadFileError(path, f"cannot be read ({type(err).__name__}: {' '.join(str(err).split())[:100]})",
-                           expected) from None
+                           _EXPECTED) from None
     ok = isinstance(data, dict) and all(isinstance(data.get(n), torch.Tensor) and data[n].dim() == 4
-                                        for n in ("q", "k", "v"))
-    if not ok or not (data["q"].shape == data["k"].shape == data["v"].shape) or not isinstance(
-            data.get("grid"), (tuple, list)):
-        raise BadFileError(path, "holds another structure (or q, k, v of different shapes)", expected)
+                                        and data[n].is_floating_point() for n in ("q", "k", "v"))
+    if not ok or not (data["q"].shape == data["k"].shape == data["v"].shape):
+        raise BadFileError(path, "holds another structure (or q, k, v of different shapes or not float)", _EXPECTED)
+    grid, tokens = data.get("grid"), data["q"].shape[2]
+    if not isinstance(grid, (tuple, list)) or not grid or not all(
+            isinstance(g, int) and not isinstance(g, bool) and g >= 1 for g in grid):
+        raise BadFileError(path, f"has grid {grid!r}, not a tuple of positive ints", _EXPECTED)
+    if math.prod(grid) != tokens:
+        raise BadFileError(path, f"has grid {tuple(grid)} ({math.prod(grid)} tokens) but its q, k, v hold {tokens} "
+                           "tokens", _EXPECTED)
+    for name, kind in (("layer", int), ("step", int), ("layer_name", str)):
+        if name in data and (not isinstance(data[name], kind) or isinstance(data[name], bool)):
+            raise BadFileError(path, f"has {name} {data[name]!r}, not a{'n' * (kind is int)} {kind.__name__}",
+                               _EXPECTED)
+    for name in ("q", "k", "v"):
+        if not bool(torch.isfinite(data[name]).all()):
+            raise BadFileError(path, f"its {name} holds NaN or inf values", _EXPECTED + ", all finite")
     return data
+
+
+def _read_group(group: List[Path]) -> dict:
+    """One capture of a (layer, step): its file, or its context-parallel head files joined along the heads (they
+    must cover heads 0..H without gaps or overlaps, on one grid and shape)."""
+    if len(group) == 1 and _name_key(group[0])[2] < 0:
+        return _read_capture(group[0])
+    parts, start = [], 0
+    for path in group:
+        data = _read_capture(path)
+        _, _, h0, h1 = (int(x) for x in CAPTURE_NAME.match(path.name).groups())
+        heads = data["q"].shape[1]
+        if h0 != start or h1 - h0 != heads:
+            raise BadFileError(path, f"holds heads {h0}-{h1} ({heads} in q) after heads 0-{start} of that layer "
+                               "and step (a head group is missing, overlaps or is from another run)",
+                               "the head files of one context-parallel run: heads 0-a, a-b, ... without gaps")
+        if parts and (tuple(data["grid"]) != tuple(parts[0]["grid"])
+                      or data["q"].shape[::2] != parts[0]["q"].shape[::2]):
+            raise BadFileError(path, f"has grid {tuple(data['grid'])} and q {tuple(data['q'].shape)}, unlike "
+                               f"{group[0].name} ({tuple(parts[0]['grid'])}, {tuple(parts[0]['q'].shape)})",
+                               "the head files of one context-parallel run: one grid, batch, length and head size")
+        parts.append(data)
+        start = h1
+    joined = {n: torch.cat([p[n] for p in parts], dim=1) for n in ("q", "k", "v")}
+    return {**parts[0], **joined}
 
 
 @torch.no_grad()
@@ -110,18 +178,27 @@ def bench_fidelity(capture_dir, methods: Dict[str, Method], *, match_density: Op
         methods: ``{label: method config}``.
         match_density: retune methods to this density (see :func:`matched_method`).
         device: where attention runs; files are loaded to it one at a time.
-        max_files: only the first files (sorted by layer, step).
+        max_files: only the first captures (sorted by layer, step; the head files of one (layer, step),
+            written under context parallelism, count as one).
     """
     from tqdm.auto import tqdm
 
-    files = load_capture(capture_dir)[:max_files]
+    groups = capture_groups(load_capture(capture_dir))[:max_files]
     rows: List[dict] = []
     notes: List[str] = []
     tuned: Dict[tuple, Method] = {}  # (label, grid) -> retuned config, built once per geometry
-    for path in tqdm(files, desc="fidelity", unit="file"):
-        data = _read_capture(path)
+    grids: Dict[int, Tuple[tuple, str]] = {}  # layer -> (grid, file): steps of one layer average on one grid
+    for group in tqdm(groups, desc="fidelity", unit="capture"):
+        data = _read_group(group)
+        path = group[0]
         q, k, v = (data[n].to(device, torch.float32) for n in ("q", "k", "v"))
-        grid = tuple(int(g) for g in data["grid"])
+        grid = tuple(data["grid"])
+        layer = int(data.get("layer", _name_key(path)[0]))
+        first = grids.setdefault(layer, (grid, path.name))
+        if first[0] != grid:
+            raise ValueError(f"--capture {path.parent}: layer {layer} was captured on grid {first[0]} in {first[1]} "
+                             f"and on grid {grid} in {path.name}: two runs in one folder; capture each run into an "
+                             "empty folder")
         ref = F.scaled_dot_product_attention(q, k, v)
         for label, method in methods.items():
             cfg = method
@@ -139,8 +216,8 @@ def bench_fidelity(capture_dir, methods: Dict[str, Method], *, match_density: Op
                 continue
             err = float((out.float() - ref).norm() / ref.norm().clamp_min(1e-30))
             cos = float(F.cosine_similarity(out.float().flatten(), ref.flatten(), dim=0))
-            rows.append({"file": path.name, "layer": int(data.get("layer", -1)),
-                         "layer_name": data.get("layer_name", ""), "step": int(data.get("step", -1)),
+            rows.append({"file": "+".join(p.name for p in group), "layer": layer,
+                         "layer_name": data.get("layer_name", ""), "step": int(data.get("step", _name_key(path)[1])),
                          "grid": list(grid), "tokens": q.shape[-2], "heads": q.shape[1], "method": label,
                          "config": cfg.to_dict(), "density": density, "rel_l2": err, "cosine": cos})
     for line in notes:
@@ -160,7 +237,7 @@ def bench_fidelity(capture_dir, methods: Dict[str, Method], *, match_density: Op
     layers.sort(key=lambda s: (s["layer"], s["method"]))
     import dit_accel
 
-    return {"kind": "fidelity", "capture": str(capture_dir), "files": len(files), "match_density": match_density,
+    return {"kind": "fidelity", "capture": str(capture_dir), "files": sum(map(len, groups)), "match_density": match_density,
             "device": str(device), "methods": {k: m.to_dict() for k, m in methods.items()},
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "versions": {"dit_accel": dit_accel.__version__, "torch": torch.__version__},

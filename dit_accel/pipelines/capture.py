@@ -4,20 +4,35 @@ Files are ``layer{L:03d}_step{S:03d}.pt`` dicts ``{"q", "k", "v": (B, H, N, D) t
 "grid", "layer", "layer_name", "step"}``, one per (layer, step): the first call of
 a step (the conditional branch under classifier-free guidance). Under context
 parallelism each Ulysses rank saves the whole sequence of its heads as
-``layer{L:03d}_step{S:03d}_heads{H0}-{H1}.pt`` (with ``"heads": (H0, H1)``).
+``layer{L:03d}_step{S:03d}_heads{H0}-{H1}.pt`` (with ``"heads": (H0, H1)``). Everything saved is a
+tensor or a plain type, so readers load it with ``torch.load(..., weights_only=True)``.
+
+A folder holds the captures of one run: :func:`check_capture_dir` refuses one that already holds
+capture files (another run's grid or steps would be mixed in silently).
 """
 
 from __future__ import annotations
 
 import os
+import re
 import threading
-from typing import Optional, Sequence
+from pathlib import Path
+from typing import List, Optional, Sequence
 
 import torch
 
-from ..atomic_files import atomic_write
+from ..atomic_files import atomic_write, is_temp_name
 
-__all__ = ["Capture", "check_capture_dir"]
+__all__ = ["Capture", "check_capture_dir", "capture_files", "CAPTURE_NAME"]
+
+#: A capture file's name: layer, step and, under context parallelism, the head range of one rank.
+CAPTURE_NAME = re.compile(r"^layer(\d+)_step(\d+)(?:_heads(\d+)-(\d+))?\.pt$")
+
+
+def capture_files(folder) -> List[Path]:
+    """The capture files in ``folder`` (finished ones: not an unfinished atomic write), sorted by name."""
+    return sorted(p for p in Path(folder).iterdir()
+                  if CAPTURE_NAME.match(p.name) and not is_temp_name(p) and p.is_file())
 
 
 def check_capture_dir(capture) -> str:
@@ -29,6 +44,16 @@ def check_capture_dir(capture) -> str:
         raise ValueError(f"capture={path!r} is not a usable folder path (empty, or a NUL character); pass a folder")
     if os.path.exists(path) and not os.path.isdir(path):
         raise ValueError(f"capture={path!r} is a file; pass a folder for the layerLLL_stepSSS.pt captures")
+    if os.path.isdir(path):  # a folder of one run: another run's grid or steps would be mixed in silently
+        try:
+            held = capture_files(path)
+        except OSError as exc:
+            raise ValueError(f"capture={path!r}: cannot list the folder ({exc.strerror or exc}); "
+                             "pass a readable, writable folder") from None
+        if held:
+            shown = ", ".join(p.name for p in held[:3]) + (", ..." if len(held) > 3 else "")
+            raise ValueError(f"capture={path!r} already holds {len(held)} capture file{'s' * (len(held) != 1)} "
+                             f"({shown}); pass an empty folder or remove them")
     try:
         os.makedirs(path, exist_ok=True)
     except OSError as exc:
@@ -62,9 +87,10 @@ class Capture:
         # clone(): a slice would otherwise save the whole joint sequence's storage.
         data = {key: t.detach().to("cpu").clone(memory_format=torch.contiguous_format)
                 for key, t in (("q", q), ("k", k), ("v", v))}
-        data.update(grid=tuple(grid), layer=layer, layer_name=name, step=step)
-        tag = "" if heads is None else f"_heads{heads[0]}-{heads[1]}"
+        # Plain ints and str only (no numpy or tensor scalars): readers load with weights_only=True.
+        data.update(grid=tuple(int(g) for g in grid), layer=int(layer), layer_name=str(name), step=int(step))
+        tag = "" if heads is None else f"_heads{int(heads[0])}-{int(heads[1])}"
         if heads is not None:
-            data["heads"] = tuple(heads)
+            data["heads"] = (int(heads[0]), int(heads[1]))
         atomic_write(os.path.join(self.folder, f"layer{layer:03d}_step{step:03d}{tag}.pt"),
                      lambda tmp: torch.save(data, tmp))

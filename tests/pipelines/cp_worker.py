@@ -159,7 +159,9 @@ def capture(ulysses, ring) -> float:
     folder = os.path.join(tempfile.gettempdir(),  # one per launch and scenario (a launch runs several)
                           f"dit_accel_cp_capture_{os.environ['TORCHELASTIC_RUN_ID']}_u{ulysses}r{ring}")
     single = build("wan")
-    with dit_accel.apply(single, dit_accel.Tile(tile=(1, 8, 8), window=(3, 1, 1)), capture=folder + "/one",
+    # one folder per rank: every rank runs the single-process model, and a capture folder holds one run
+    one = f"{folder}/one{dist.get_rank()}"
+    with dit_accel.apply(single, dit_accel.Tile(tile=(1, 8, 8), window=(3, 1, 1)), capture=one,
                          capture_layers=[0]):
         run(single, inputs("wan", single))
     model = build("wan")
@@ -168,7 +170,7 @@ def capture(ulysses, ring) -> float:
                          capture_layers=[0]):
         run(model, inputs("wan", model))
     dist.barrier()
-    want = torch.load(f"{folder}/one/layer000_step000.pt")
+    want = torch.load(f"{one}/layer000_step000.pt")
     parts = sorted(os.listdir(folder + "/cp"))
     got = [torch.load(f"{folder}/cp/{p}") for p in parts]
     heads = sorted(tuple(g["heads"]) for g in got)
