@@ -36,15 +36,20 @@ def add_cp_option(parser) -> None:
                              "rank 0 writes the outputs")
 
 
+#: Seconds a process started without torchrun waits for the other ranks (``DIT_ACCEL_CP_TIMEOUT`` overrides).
+RENDEZVOUS_TIMEOUT_S = 60.0
+
+
 def start(degrees: Tuple[int, int], device: Optional[str]):
     """Join the process group torchrun set up; returns ``(ContextParallelConfig, device)``. ValueError (one
-    line) when this is not a torchrun process or the process count does not match."""
+    line) when this is not a torchrun process, the process count does not match, or the other ranks never join
+    (a leftover ``WORLD_SIZE`` from SLURM or accelerate: waited ``DIT_ACCEL_CP_TIMEOUT`` seconds, default 60)."""
     import torch
     import torch.distributed as dist
     from diffusers import ContextParallelConfig
 
     ulysses, ring = degrees
-    world = int(os.environ.get("WORLD_SIZE", "0"))
+    world = _env_int("WORLD_SIZE", 0)
     if world == 0:
         raise ValueError(f"--cp needs one process per rank: run `torchrun --nproc_per_node {ulysses * ring} -m "
                          "dit_accel.cli.generate --cp ...` (or accelerate launch)")
@@ -52,13 +57,88 @@ def start(degrees: Tuple[int, int], device: Optional[str]):
         raise ValueError(f"--cp ulysses={ulysses},ring={ring} needs {ulysses * ring} processes; torchrun started "
                          f"{world}")
     cuda = torch.cuda.is_available() and (device is None or device.startswith("cuda"))
-    if cuda:
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        torch.cuda.set_device(local)
-        device = f"cuda:{local}"
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if cuda else "gloo")
+        rank, store = _rendezvous(world)  # before any CUDA work: a refused start leaves nothing behind
+        if cuda:
+            torch.cuda.set_device(_env_int("LOCAL_RANK", 0))
+        backend = "nccl" if cuda else "gloo"
+        if store is None:
+            dist.init_process_group(backend)
+        else:
+            dist.init_process_group(backend, store=store, rank=rank, world_size=world)
+    elif cuda:
+        torch.cuda.set_device(_env_int("LOCAL_RANK", 0))
+    if cuda:
+        device = f"cuda:{_env_int('LOCAL_RANK', 0)}"
     return ContextParallelConfig(ulysses_degree=ulysses, ring_degree=ring), device or "cpu"
+
+
+def _env_int(name: str, default: int) -> int:
+    text = os.environ.get(name, "").strip()
+    if not text:
+        return default
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(f"--cp: environment variable {name}={text!r} is not an integer; start the ranks with "
+                         "torchrun, which sets it") from None
+
+
+def _rendezvous_timeout() -> float:
+    text = os.environ.get("DIT_ACCEL_CP_TIMEOUT", "").strip()
+    if not text:
+        return RENDEZVOUS_TIMEOUT_S
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 < value < 1e7:
+        raise ValueError(f"DIT_ACCEL_CP_TIMEOUT={text!r}: expected the seconds to wait for the other ranks, a "
+                         "number > 0 (e.g. 300)")
+    return value
+
+
+def _rendezvous(world: int):
+    """``(rank, store)``: the TCP store of the ranks, joined within :func:`_rendezvous_timeout` seconds, or store
+    None under torchrun (its agent hosts the store and started every rank). ValueError (one line) naming what is
+    missing, or how long it waited, instead of torch's 30-minute wait or its raw errors."""
+    import datetime
+
+    import torch.distributed as dist
+    from torch.distributed.constants import default_pg_timeout
+
+    rank = _env_int("RANK", -1)
+    hint = f"start it with torchrun --nproc_per_node {world}"
+    if not 0 <= rank < world:
+        raise ValueError(f"--cp: WORLD_SIZE={world} is set but RANK is {os.environ.get('RANK', 'not set')!r} (0 to "
+                         f"{world - 1} expected): this process was not started by torchrun; {hint}")
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        return rank, None
+    addr, port_text = os.environ.get("MASTER_ADDR", "").strip(), os.environ.get("MASTER_PORT", "").strip()
+    for name, text in (("MASTER_ADDR", addr), ("MASTER_PORT", port_text)):
+        if not text:
+            raise ValueError(f"--cp: WORLD_SIZE={world} is set but {name} is not: this process was not started by "
+                             f"torchrun (a WORLD_SIZE left over from SLURM or accelerate?); {hint}")
+    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise ValueError(f"--cp: MASTER_PORT={port_text!r} is not a port number (1 to 65535); {hint}")
+    timeout = _rendezvous_timeout()
+    try:
+        store = dist.TCPStore(addr, int(port_text), world, is_master=rank == 0,
+                              timeout=datetime.timedelta(seconds=timeout), multi_tenant=True)
+    except (RuntimeError, OSError) as err:  # DistStoreError (timed out), DistNetworkError (port, address)
+        text = " ".join(str(err).split())
+        if "timed out" not in text.lower():
+            raise ValueError(f"--cp: cannot open the rendezvous at MASTER_ADDR={addr} MASTER_PORT={port_text} "
+                             f"({text[:160]}); {hint}") from None
+        joined = re.search(r"(\d+)/(\d+) clients joined", text)
+        who = "only this process joined" if joined is None or joined.group(1) == "1" else \
+            f"only {joined.group(1)} joined"
+        if rank != 0:
+            who = f"rank 0 never answered at {addr}:{port_text}"
+        raise ValueError(f"waited {timeout:g} s for {world} ranks (WORLD_SIZE={world}) but {who}; {hint} "
+                         "(DIT_ACCEL_CP_TIMEOUT=S waits longer)") from None
+    store.set_timeout(default_pg_timeout)  # the ranks are all here: later collectives keep torch's timeout
+    return rank, store
 
 
 def enable(pipe, config) -> None:
