@@ -316,6 +316,9 @@ class TransformerHook:
             self.runtime.warnings.warn(f"dit_accel: dense_steps={schedule.dense_steps} + dense_last_steps="
                                        f"{schedule.dense_last_steps} cover all {total} denoising steps: every step "
                                        "runs dense. Lower them or raise the number of steps")
+        if total is not None:
+            for method in schedule.methods():
+                _warn_unreached_strategy(method, total, self.runtime.warnings)
         if device is not None:
             for plan in {id(p): p for p in plans if p is not None}.values():
                 plan.prepare(device, self.runtime.backend)
@@ -357,6 +360,19 @@ class TransformerHook:
                     f"dit_accel: the attention processor of {layer.name} was replaced after apply() "
                     f"(now {type(getattr(module, 'processor', None)).__name__}); that layer runs the new processor, "
                     "not dit_accel's method, and handle.remove() leaves it in place")
+
+
+def _warn_unreached_strategy(method, total: int, warnings) -> None:
+    """A per-step strategy (TileStrategy) that lists no step below the run's ``total``: every call runs dense (its
+    file was searched for a longer run). Said once per file and step count, at the first call that knows ``total``."""
+    steps = getattr(method, "steps", None) if hasattr(method, "for_layer_step") else None
+    if not steps or min(steps) < total:
+        return
+    listed = f"{steps[0]}-{steps[-1]}" if list(steps) == list(range(steps[0], steps[-1] + 1)) else \
+        ", ".join(map(str, steps[:6])) + (", ..." if len(steps) > 6 else "")
+    warnings.warn(f"dit_accel: {method.path} lists step{'s' * (len(steps) > 1)} {listed}, but this run has {total} "
+                  f"step{'s' * (total != 1)}: every call runs dense. Pass the strategy searched for {total} steps, or "
+                  f"run more steps", key=("strategy steps unreached", method.path, total))
 
 
 def _versions(proj: nn.Module) -> tuple:
