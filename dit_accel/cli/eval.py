@@ -302,6 +302,13 @@ def _evaluate(args) -> int:
     problem = fid_inputs_error(args.fid_weights, args.real)  # a typo: refused now, not skipped after the run
     if problem:
         raise _Refused(problem)
+    if args.capture is not None:  # (a folder of another run's captures: refused now, not after the dense row)
+        from ..pipelines.capture import check_capture_dir
+
+        try:
+            check_capture_dir(args.capture)
+        except ValueError as exc:
+            raise _Refused(f"--capture: {exc}") from None
     prompts = _prompts(args)
     # Tiny models: unset sizes and method options take the grid-sized smoke-run defaults that
     # `dit-accel generate` uses; the pipeline defaults (e.g. Wan 81x480x832, 50 steps) would run for

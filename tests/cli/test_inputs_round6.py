@@ -154,6 +154,17 @@ def test_eval_refuses_what_calibrate_and_generate_refuse(argv, said, tmp_path, c
     assert said in err and len(err.splitlines()) == 1
 
 
+def test_eval_refuses_a_capture_folder_of_another_run_before_the_model_loads(tmp_path, capsys, no_model_load):
+    held = tmp_path / "cap"
+    held.mkdir()
+    (held / "layer000_step000.pt").write_bytes(b"x")
+    assert main(["eval", "--model", "tiny-shapes", "--out", str(tmp_path / "o"), "--capture", str(held)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith("--capture: capture=" + repr(str(held)) + " already holds 1 capture file (layer000_step000.pt);"
+                        " pass an empty folder or remove them") and len(err.splitlines()) == 1
+    assert not (tmp_path / "o").exists()
+
+
 def test_the_seed_check_is_shared_by_generate_eval_and_calibrate(tmp_path, capsys, no_model_load):
     prompts = tmp_path / "p.txt"
     prompts.write_text("a red square moving left\n")
