@@ -4,6 +4,8 @@
   method they were trained with) and ``load_method`` / ``read_weights_info`` / ``apply(weights=...)`` read.
 - :mod:`.vsa_gates`: VSA gate weights (``to_gate_compress``) in sparse-distilled checkpoints such as FastWan,
   which Diffusers drops on load.
+- :mod:`.lora_checks`: the checks both run before a model or folder changes (float, finite tensors; LoRA whose
+  modules exist, are Linear/Conv and take its shapes) and the undo of a LoRA load peft fails part-way.
 - :mod:`.convert`: checkpoints of the SLA reference code (TurboDiffusion, thu-ml/SLA) as weights folders
   (``dit-accel convert``).
 

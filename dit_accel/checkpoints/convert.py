@@ -11,7 +11,8 @@ TurboDiffusion's at commit fcf81c9 (``turbodiffusion/inference/modify_model.py``
     blocks.{i}.self_attn.q.weight, ..., head.head.weight    the Wan model itself
 
 with optional ``net.`` / ``net_ema.`` / ``model.`` / ``module.`` / ``_orig_mod.`` /
-``diffusion_model.`` prefixes and an optional ``{"state_dict": ...}`` wrapper; any
+``diffusion_model.`` prefixes and an optional ``{"state_dict": ...}`` wrapper (also ``"model"``, beside a
+training checkpoint's ``step``/``optimizer`` entries); any
 module path between ``self_attn`` (or Diffusers' ``attn1``) and ``proj_l`` is
 accepted. LoRA tensors (``lora_A``/``lora_B``, ``lora_down``/``lora_up`` + ``alpha``,
 original or Diffusers names) go through Diffusers' own Wan LoRA conversion.
@@ -40,6 +41,7 @@ from .._util import DitAccelWarning
 from ..methods import SLA
 from ..atomic_files import BadFileError
 from .finetuned import LORA_FILE, SLA_FILE, write_weights_folder
+from .lora_checks import check_float_weights
 
 __all__ = ["convert_checkpoint", "read_checkpoint", "split_checkpoint", "SplitCheckpoint", "SUPPORTED_LAYOUT"]
 
@@ -75,7 +77,7 @@ class SplitCheckpoint:
 
 def read_checkpoint(path) -> Dict[str, torch.Tensor]:
     """The tensors of a ``.safetensors``, ``.pt``/``.pth`` (read with ``weights_only=True``) checkpoint,
-    unwrapped from ``{"state_dict": ...}``-style containers."""
+    unwrapped from ``{"state_dict": ..., "step": ...}``-style containers (:func:`_unwrap`)."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"checkpoint {str(path)!r} is not a file")
@@ -90,12 +92,43 @@ def read_checkpoint(path) -> Dict[str, torch.Tensor]:
             raise BadFileError(path, f"cannot be read as a PyTorch state dict ({type(err).__name__}: "
                                      f"{' '.join(str(err).split())[:160]})",
                                "a .safetensors or a .pt/.pth state dict") from None
-    while isinstance(state, dict) and len(state) == 1 and next(iter(state)) in _WRAPPERS:
-        state = next(iter(state.values()))
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise BadFileError(path, f"holds a {type(state).__name__}, not a flat state dict of tensors",
-                           "a state dict (keys -> tensors)")
-    return state
+    return _unwrap(path, state)
+
+
+def _describe(value) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"tensor {tuple(value.shape)}"
+    if isinstance(value, dict):
+        tensors = sum(isinstance(v, torch.Tensor) for v in value.values())
+        return f"dict of {len(value)} entries, {tensors} tensors"
+    return type(value).__name__
+
+
+def _unwrap(path: Path, state):
+    """The flat state dict of tensors in ``state``: itself, or the one under a wrapper key (``state_dict``,
+    ``model``, ...) beside entries that are no tensors (a training checkpoint's ``step``, ``optimizer``)."""
+    while isinstance(state, dict) and not all(isinstance(v, torch.Tensor) for v in state.values()):
+        wrappers = [k for k in _WRAPPERS if isinstance(state.get(k), dict)]
+        loose = any(isinstance(v, torch.Tensor) for v in state.values())
+        if len(wrappers) != 1 or loose:
+            break
+        state = state[wrappers[0]]
+    if isinstance(state, dict) and state and all(isinstance(v, torch.Tensor) for v in state.values()):
+        return state
+    if not isinstance(state, dict) or not state:
+        what = f"holds {'an empty dict' if isinstance(state, dict) else 'a ' + type(state).__name__}"
+    else:
+        odd = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
+        shown = list(state)[:6] + [k for k in odd[:2] if k not in list(state)[:6]]
+        entries = ", ".join(f"{k!r} ({_describe(state[k])})" for k in shown)
+        what = (f"holds a dict of {len(state)} entries that is no flat state dict of tensors: {entries}"
+                f"{', ...' if len(state) > len(shown) else ''}")
+        several = [k for k in _WRAPPERS if isinstance(state.get(k), dict)]
+        if len(several) > 1:
+            what += f" (several state dicts: {', '.join(map(repr, several))}; convert cannot tell which one is meant)"
+    raise BadFileError(path, what, "a state dict (keys -> tensors), alone or under one of "
+                       f"{', '.join(map(repr, _WRAPPERS))} beside entries that are no tensors (step, optimizer, ...); "
+                       "save the state dict to convert alone: torch.save(checkpoint[KEY], PATH)")
 
 
 def _strip(key: str) -> str:
@@ -134,6 +167,15 @@ def split_checkpoint(state: Dict[str, torch.Tensor]) -> SplitCheckpoint:
                          f"{unknown[:6]}{' ...' if len(unknown) > 6 else ''}. Expected {_EXPECTED}. Supported layout: "
                          f"{SUPPORTED_LAYOUT}")
     return out
+
+
+def _check_trained_tensors(path, state: Dict[str, torch.Tensor]) -> None:
+    """BadFileError naming the checkpoint and tensor when an SLA projection or LoRA tensor (what the folder gets)
+    is not float or holds NaN/inf: convert would cast an int8 file silently or write NaN weights with valid
+    hashes. The model's own tensors are never converted, so they are not read here."""
+    trained = {raw: t for raw, t in state.items() if _PROJ.match(_strip(raw)) or _LORA.search(_strip(raw))}
+    check_float_weights(path, trained, any_dtype=(".alpha",),
+                        redo="convert the checkpoint of another (earlier) training step, or download it again")
 
 
 def _projection_tensors(split: SplitCheckpoint, prefix: str, where: str) -> Dict[str, torch.Tensor]:
@@ -229,7 +271,9 @@ def convert_checkpoint(checkpoint, output, *, method: Optional[SLA] = None, tran
     sources = [("", checkpoint)] + ([("transformer_2.", transformer_2)] if transformer_2 is not None else [])
     projections, lora, skipped = {}, {}, 0
     for prefix, path in sources:
-        split = split_checkpoint(read_checkpoint(path))
+        state = read_checkpoint(path)
+        split = split_checkpoint(state)
+        _check_trained_tensors(path, state)
         if split.base and base_weights == "refuse":
             raise ValueError(
                 f"{str(path)!r} carries the model's own weights too ({len(split.base)} tensors, e.g. "

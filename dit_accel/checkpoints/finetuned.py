@@ -52,12 +52,16 @@ from ..atomic_files import (BadFileError, atomic_write_json, check_hashes, crash
 from .._util import DitAccelWarning
 from ..methods import Method, method_from_name
 from ..plans.sparse_plan import PlanMethod, SparsePlan
+from .lora_checks import check_float_weights, check_lora_modules, injection_state, undo_injection
 
 __all__ = [
     "LORA_FILE", "SLA_FILE", "VSA_FILE", "METHOD_FILE", "ADAPTER_NAME",
     "save_trained_weights", "load_into", "load_trained_weights", "load_method", "read_weights_info", "lora_state_dict",
     "sla_state_dict", "method_from_dict", "loaded_lora_adapter", "write_weights_folder", "check_plan_fits",
+    "check_method_fits",
 ]
+#: What to do about a weights file with NaN/inf or non-float tensors.
+_REDO = "train or convert it again"
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
 SLA_FILE = "sla_projections.safetensors"
@@ -241,9 +245,9 @@ def _check_method(folder: Path, saved: dict, method, warn) -> None:
     current = _json_roundtrip(method.to_dict())
     if saved == current:
         return
+    check_method_fits(folder, saved, method)  # another method or plan altogether
     if PlanMethod.name in (saved.get("method"), current.get("method")):
-        _check_plan(folder, saved, current)
-        return
+        return  # one plan (content hash): its provenance may differ
     diff = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
     if diff == ["linear_tokens"]:
         warn(f"dit_accel: weights={str(folder)!r} were trained with SLA linear_tokens={saved['linear_tokens']!r} but "
@@ -256,6 +260,23 @@ def _check_method(folder: Path, saved: dict, method, warn) -> None:
         f"(differs in {diff}). Apply the saved method: "
         f"dit_accel.apply(pipe, dit_accel.load_method({str(folder)!r}), weights=...)."
     )
+
+
+def check_method_fits(folder, saved: dict, method) -> None:
+    """ValueError when a folder's saved method dict (its method file's ``"method"``) names another method than
+    ``method`` (VSA weights applied under SLA) or another plan, saying which method to apply. Configs of one
+    method that differ in their settings pass here (:func:`load_into` compares them)."""
+    current = _json_roundtrip(method.to_dict())
+    if PlanMethod.name in (saved.get("method"), current.get("method")):
+        _check_plan(Path(folder), saved, current)
+        return
+    if saved.get("method") != current.get("method"):
+        try:
+            trained = repr(method_from_dict(saved))
+        except (ValueError, TypeError, KeyError):
+            trained = str(saved)
+        raise ValueError(f"weights={str(folder)!r} were trained for {trained} but apply was given {method!r}; "
+                         f"pass dit_accel.load_method({str(folder)!r}) as the method")
 
 
 def _plan_hash(d: dict) -> Optional[str]:
@@ -294,9 +315,10 @@ def load_into(handle, folder) -> None:
     projections are loaded (:func:`loaded_lora_adapter`); ``handle.lora_adapter`` names the adapter either way.
 
     The whole folder is checked before the model is touched: the method file, every file's sha256
-    against it (folders written since the hashes were added), every file readable, the LoRA's modules
-    and shapes and the SLA projections' names and shapes. So a bad folder raises and leaves the
-    model as it was.
+    against it (folders written since the hashes were added), every file it names there and readable, every
+    tensor float and finite, the LoRA's modules (each in the model, a Linear or Conv) and shapes and the SLA
+    projections' names and shapes. So a bad folder raises and leaves the model as it was; should peft still
+    fail half-way through the LoRA, the layers it wrapped are put back (:func:`~.lora_checks.undo_injection`).
 
     Raises ValueError (:class:`~dit_accel.atomic_files.BadFileError` for a bad file, naming it) when the folder is
     missing files, holds a truncated or half-written file, was trained for a different method config
@@ -332,6 +354,10 @@ def _checked_folder(handle, folder: Path):
     files = info.get("files") or {}
     if "sha256" in info:
         check_hashes(folder, info["sha256"], method_path)
+    for kind, name in sorted(files.items()):  # (without a hash table a missing gates file loaded zero gates)
+        if name is not None and not (folder / name).is_file():
+            raise BadFileError(folder / name, f"does not exist, though {METHOD_FILE} names it as the folder's {kind}",
+                               f"the folder `dit-accel finetune` wrote, whole: {_REDO}")
     lora, loaded = None, None
     if files.get("lora", LORA_FILE) is not None:
         lora = _read_lora(handle.transformer, folder)
@@ -345,6 +371,7 @@ def _checked_folder(handle, folder: Path):
         if not sla_path.is_file():
             raise ValueError(f"weights={str(folder)!r} is missing {SLA_FILE} (the method is SLA).")
         tensors = load_safetensors(sla_path, expected="the SLA projections `dit-accel finetune` writes")
+        check_float_weights(sla_path, tensors, redo=_REDO)
         expected = sla_state_dict(projections)
         missing = sorted(set(expected) - set(tensors))
         unexpected = sorted(set(tensors) - set(expected))
@@ -384,11 +411,13 @@ def _check_lora_targets(transformer: nn.Module, folder: Path, state: Dict[str, t
 
 
 def _read_lora(transformer: nn.Module, folder: Path):
-    """``(state, metadata)`` of the folder's LoRA, checked against ``transformer`` (modules and shapes)."""
+    """``(state, metadata, path)`` of the folder's LoRA, checked against ``transformer`` (modules, their types and
+    shapes, ranks, float and finite values)."""
     lora_path = folder / LORA_FILE
     if not lora_path.is_file():
         raise ValueError(f"weights={str(folder)!r} is missing {LORA_FILE}.")
-    load_safetensors(lora_path, expected="a Diffusers LoRA file (safetensors)")  # readable as a whole
+    raw = load_safetensors(lora_path, expected="a Diffusers LoRA file (safetensors)")  # readable as a whole
+    check_float_weights(lora_path, raw, redo=_REDO, any_dtype=(".alpha",))
     try:
         state, metadata = _lora_mixin().lora_state_dict(str(folder), weight_name=LORA_FILE,
                                                         return_lora_metadata=True)
@@ -399,23 +428,7 @@ def _read_lora(transformer: nn.Module, folder: Path):
     if not state:
         raise BadFileError(lora_path, "holds no LoRA tensors", "the lora_A/lora_B tensors `dit-accel finetune` writes")
     _check_lora_targets(transformer, folder, state)
-    modules = dict(transformer.named_modules())
-    ranks: Dict[str, Dict[str, int]] = {}
-    for key, tensor in state.items():
-        name = key.split("transformer.", 1)[1] if key.startswith("transformer.") else key
-        module_name, _, rest = name.partition(".lora_")
-        base = getattr(modules.get(module_name), "base_layer", modules.get(module_name))
-        weight = getattr(base, "weight", None)
-        if weight is None or tensor.dim() != 2 or weight.dim() != 2:
-            continue
-        side = rest.split(".")[0]
-        want = weight.shape[1] if side == "A" else weight.shape[0] if side == "B" else None
-        got = tensor.shape[1] if side == "A" else tensor.shape[0]
-        if want is not None and got != want:
-            raise ValueError(f"{lora_path}: {key} has shape {tuple(tensor.shape)}, but {module_name} of this "
-                             f"{type(transformer).__name__} has {'inputs' if side == 'A' else 'outputs'} of size "
-                             f"{want}: the weights belong to a model of another size.")
-        ranks.setdefault(module_name, {})[side] = tensor.shape[0] if side == "A" else tensor.shape[1]
+    ranks = check_lora_modules(transformer, lora_path, state)  # every module there, adaptable, of these shapes
     meta = {k.split(".", 1)[-1]: v for k, v in (metadata or {}).items()}  # keys come as "transformer.r"
     meta_rank = meta.get("r") if isinstance(meta.get("r"), int) and not meta.get("rank_pattern") else None
     for module_name, sides in sorted(ranks.items()):
@@ -423,7 +436,7 @@ def _read_lora(transformer: nn.Module, folder: Path):
         if any(r != want for r in sides.values()):
             raise BadFileError(lora_path, f"the LoRA of {module_name} has rank {sides} (lora_A rows / lora_B columns)",
                                f"rank {want} on both sides" + (", as its adapter metadata says" if meta_rank else ""))
-    return state, metadata
+    return state, metadata, lora_path
 
 
 def _adapter_state(transformer: nn.Module, name: str) -> Dict[str, torch.Tensor]:
@@ -511,10 +524,21 @@ def loaded_lora_adapter(transformer: nn.Module, folder, state: Dict[str, torch.T
 
 
 def _load_lora(transformer: nn.Module, lora) -> None:
-    state, metadata = lora
+    state, metadata, path = lora
     if ADAPTER_NAME in (getattr(transformer, "peft_config", None) or {}):
         transformer.delete_adapters(ADAPTER_NAME)  # loading twice replaces, never stacks
-    transformer.load_lora_adapter(state, prefix="transformer", metadata=metadata, adapter_name=ADAPTER_NAME)
+    before = injection_state(transformer)
+    try:
+        transformer.load_lora_adapter(state, prefix="transformer", metadata=metadata, adapter_name=ADAPTER_NAME)
+    except BaseException as err:
+        # _read_lora's checks should have caught it; peft may still fail after wrapping some layers (and before
+        # recording its config, where Diffusers' cleanup does not reach): the model gets its own layers back
+        undo_injection(transformer, ADAPTER_NAME, before)
+        if not isinstance(err, Exception):
+            raise
+        raise ValueError(f"{path}: peft could not load this LoRA into the {type(transformer).__name__} "
+                         f"({type(err).__name__}: {' '.join(str(err).split())[:200]}); the model is as it was. "
+                         "Check that the weights belong to this model, or train or convert them again") from err
 
 
 load_trained_weights = load_into  # the name used before the weights folder format moved here

@@ -222,14 +222,21 @@ def read_gates(folder) -> Dict[int, Dict[str, torch.Tensor]]:
     """``{block index: {"weight": (inner, dim), "bias": (inner,) or absent}}`` of a folder's gates.
 
     ValueError when a block has a bias without a weight, or a weight that is not 2-D; BadFileError when a gate
-    holds NaN or inf, or when ``GATES_FILE`` was saved with other weights than the folder holds."""
+    holds NaN or inf, has two keys (``blocks.N.`` and ``blocks.N.attn1.``), or when ``GATES_FILE`` was saved with other weights than the folder holds."""
     from safetensors import safe_open
 
     _check_bound(Path(folder))
     keys = gate_keys(folder)
     gates: Dict[int, Dict[str, torch.Tensor]] = {}
+    seen: Dict[tuple, str] = {}
     for key, path in sorted(keys.items()):
         block, kind = GATE_KEY.match(key).groups()
+        first = seen.setdefault((block, kind), key)
+        if first != key:  # e.g. FastVideo's and vLLM-Omni's spelling of one gate: which one was trained is unknown
+            where = "" if keys[first] == path else f" (in {keys[first].name} and {path.name})"
+            raise BadFileError(path, f"holds two to_gate_compress {kind}s for block {block}: {first} and {key}{where}",
+                               "one key per gate (blocks.N.to_gate_compress.* or blocks.N.attn1.to_gate_compress.*); "
+                               "remove one of them or save the checkpoint again")
         with safe_open(str(path), framework="pt") as f:
             gates.setdefault(int(block), {})[kind] = f.get_tensor(key)
     for block, parts in gates.items():

@@ -182,10 +182,10 @@ def _check_weights_folder(folder, schedule: Schedule, layers) -> None:
             d = _projection_dim(module)
             expected.update({f"{name}.weight": (d, d), f"{name}.bias": (d,)})
     saved = (info.get("method") or {}).get("method") if isinstance(info.get("method"), dict) else None
-    if "plan" in (saved, schedule.method.name):  # weights of a plan fit that plan only: say so before the shapes
-        from ..checkpoints.finetuned import check_plan_fits
+    # weights of another method (VSA's under SLA) or of a plan: say which to apply before asking for its files
+    from ..checkpoints.finetuned import check_method_fits
 
-        check_plan_fits(folder, info["method"] if saved else {}, schedule.method)
+    check_method_fits(folder, info["method"] if saved else {}, schedule.method)
     if saved == "sla" or expected:
         path = folder / SLA_FILE
         if not path.is_file():

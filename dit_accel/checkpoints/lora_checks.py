@@ -1,0 +1,174 @@
+"""Checks of trained tensors before they reach a model: float and finite weights, LoRA that fits the model.
+
+:mod:`dit_accel.checkpoints.finetuned` (``apply(..., weights=DIR)``) and :mod:`dit_accel.checkpoints.convert`
+(``dit-accel convert``) run these before the model or the output folder changes, so a diverged fine-tune (NaN
+weights), a cast-to-int file or another model's LoRA is a one-line error naming the file and the tensor or
+module, never NaN latents or peft's half-injected adapter. :func:`undo_injection` is the last line behind them:
+when peft fails part-way anyway, the model gets its own layers back.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+import torch
+from torch import nn
+
+from ..atomic_files import BadFileError
+
+__all__ = ["check_float_weights", "lora_module_name", "check_lora_modules", "injection_state", "undo_injection"]
+
+# float64 loads too (cast like the others), though no trainer of ours writes it
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_LORA_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_BLOCK = re.compile(r"^(?:.*\.)?blocks\.(\d+)\.")
+_ABSENT = object()
+
+
+def check_float_weights(path, tensors: Dict[str, torch.Tensor], *, redo: str,
+                        any_dtype: Tuple[str, ...] = ()) -> None:
+    """BadFileError naming ``path`` and the tensor unless every tensor is float16/bfloat16/float32 and finite.
+
+    ``redo``: what the user should do about such a file (e.g. "train or convert it again"). Keys ending in one
+    of ``any_dtype`` (LoRA ``alpha`` scalars) may be of any number type; float ones must still be finite."""
+    for key in sorted(tensors):
+        tensor = tensors[key]
+        if tensor.dtype not in _FLOATS and not (any_dtype and key.endswith(any_dtype)):
+            raise BadFileError(path, f"{key} is {str(tensor.dtype).replace('torch.', '')}",
+                               "float16, bfloat16 or float32 weights; a file of other numbers is not a fine-tune's "
+                               f"output: {redo}")
+        if tensor.dtype.is_floating_point or tensor.dtype.is_complex:
+            bad = int((~torch.isfinite(tensor)).sum())
+            if bad:
+                raise BadFileError(path, f"{key} has {bad} non-finite values (NaN or inf)",
+                                   f"finite float weights; the fine-tune diverged or the file is damaged: {redo}")
+
+
+def lora_module_name(key: str) -> Tuple[str, str]:
+    """``(module, rest)`` of a LoRA key: ``transformer.blocks.0.attn1.to_q.lora_A.weight`` ->
+    ``("blocks.0.attn1.to_q", "A.weight")``."""
+    name = key.split("transformer.", 1)[1] if key.startswith("transformer.") else key
+    module, _, rest = name.partition(".lora_")
+    return module, rest
+
+
+def _base(module: nn.Module) -> nn.Module:
+    get = getattr(module, "get_base_layer", None)  # a peft layer (an adapter loaded before): its plain layer
+    return get() if callable(get) else module
+
+
+def _expected_shape(base: nn.Module, side: str) -> Tuple[object, ...]:
+    """The shape peft gives ``lora_<side>.weight`` on ``base``, with ``"r"`` where the rank goes (``"r/g"`` for a
+    grouped conv's lora_B, which peft makes a conv of the base layer's groups)."""
+    if isinstance(base, nn.Linear):
+        return ("r", base.in_features) if side == "A" else (base.out_features, "r")
+    kernel = tuple(base.kernel_size)  # nn.ConvNd: lora_A a conv of the same kernel, lora_B a 1x..x1 conv
+    if side == "A":
+        return ("r", base.in_channels) + kernel
+    return (base.out_channels, "r" if base.groups == 1 else "r/g") + (1,) * len(kernel)
+
+
+def _rank(shape: Tuple[int, ...], want: Tuple[object, ...], groups: int) -> Optional[int]:
+    """The rank a tensor of ``shape`` has where ``want`` (:func:`_expected_shape`) fits it, else None."""
+    if len(shape) != len(want) or any(w != s for w, s in zip(want, shape) if isinstance(w, int)):
+        return None
+    at = next(i for i, w in enumerate(want) if isinstance(w, str))
+    return shape[at] * (groups if want[at] == "r/g" else 1)
+
+
+def _missing_message(path: Path, cls: str, missing: List[str], modules: Dict[str, nn.Module]) -> str:
+    depth = {int(m.group(1)) for m in map(_BLOCK.match, modules) if m}
+    deeper = depth and all((m := _BLOCK.match(name)) and int(m.group(1)) > max(depth) for name in missing)
+    shown = ", ".join(missing[:4]) + (", ..." if len(missing) > 4 else "")
+    count = f"{len(missing)} module{'s' if len(missing) != 1 else ''}"
+    return (f"{path}: holds LoRA for {count} this {cls} lacks ({shown}): trained on another "
+            f"{'(deeper) ' if deeper else ''}model? Load it into the model it was trained on, or fine-tune this one")
+
+
+def check_lora_modules(transformer: nn.Module, path, state: Dict[str, torch.Tensor]) -> Dict[str, Dict[str, int]]:
+    """Resolve every module ``state``'s LoRA keys name on ``transformer`` before anything is injected: ValueError
+    naming ``path`` and the module when one is missing, is no Linear or Conv (peft cannot adapt a LayerNorm), or
+    its lora_A/lora_B do not have the shapes peft gives them there. Returns ``{module: {"A": rank, "B": rank}}``
+    (lora_A rows, lora_B columns) for the caller's rank check."""
+    path, cls = Path(path), type(transformer).__name__
+    modules = dict(transformer.named_modules())
+    by_module: Dict[str, Dict[str, torch.Tensor]] = {}
+    for key, tensor in state.items():
+        module, rest = lora_module_name(key)
+        by_module.setdefault(module, {})[rest or key] = tensor
+    missing = sorted(m for m in by_module if m not in modules)
+    if missing:
+        raise ValueError(_missing_message(path, cls, missing, modules))
+    ranks: Dict[str, Dict[str, int]] = {}
+    for module, tensors in sorted(by_module.items()):
+        base = _base(modules[module])
+        if not isinstance(base, _LORA_TYPES):
+            raise ValueError(f"{path}: holds LoRA for {module}, a {type(base).__name__} of this {cls}; LoRA adapts "
+                             "Linear and Conv layers only (peft cannot load it there): the file is damaged or was "
+                             "made for another model. Train or convert it again")
+        for rest, tensor in sorted(tensors.items()):
+            side, _, part = rest.partition(".")
+            if side not in ("A", "B") or part != "weight":
+                continue  # lora_B.bias, DoRA magnitudes: peft checks those against its own layers
+            want = _expected_shape(base, side)
+            rank = _rank(tuple(tensor.shape), want, getattr(base, "groups", 1))
+            if rank is None:
+                shown = "(" + ", ".join(map(str, want)) + ")"
+                raise ValueError(f"{path}: lora_{side} of {module} has shape {tuple(tensor.shape)}, but that "
+                                 f"{type(base).__name__} of this {cls} takes lora_{side} of shape {shown} (r the "
+                                 "rank): the weights belong to a model of another size, or the file is damaged")
+            ranks.setdefault(module, {})[side] = rank
+    return ranks
+
+
+def injection_state(transformer: nn.Module) -> dict:
+    """What :func:`undo_injection` puts back: the module tree, each peft layer's adapters, the peft config,
+    Diffusers' loaded flag and every parameter's ``requires_grad``."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    modules = dict(transformer.named_modules())
+    layers = {name: (list(getattr(m, "_active_adapter", [])) if isinstance(getattr(m, "_active_adapter", None), list)
+                     else getattr(m, "_active_adapter", None))
+              for name, m in modules.items() if isinstance(m, BaseTunerLayer)}
+    config = transformer.__dict__.get("peft_config")  # peft adds to this dict in place: keep it and its entries
+    return {"modules": modules, "layers": layers, "has_config": "peft_config" in transformer.__dict__,
+            "config": config, "entries": dict(config) if isinstance(config, dict) else None,
+            "flag": transformer.__dict__.get("_hf_peft_config_loaded", _ABSENT),
+            "grad": {id(p): p.requires_grad for p in transformer.parameters()}}
+
+
+def undo_injection(transformer: nn.Module, adapter: str, before: dict) -> None:
+    """Put ``transformer`` back as :func:`injection_state` found it after a LoRA load of ``adapter`` failed part-way
+    (peft may raise after wrapping some layers and before recording its config, where Diffusers' own cleanup does
+    not reach): wrapped layers become their original modules, layers that held adapters before lose ``adapter``."""
+    modules = before["modules"]
+    for name in sorted(modules, key=lambda n: n.count(".") if n else -1):
+        if not name:
+            continue
+        parent, _, child = name.rpartition(".")
+        owner = transformer.get_submodule(parent) if parent else transformer
+        if owner._modules.get(child) is not modules[name]:
+            owner._modules[child] = modules[name]
+    for name, active in before["layers"].items():
+        layer = modules[name]
+        for attr in getattr(layer, "adapter_layer_names", ()) + getattr(layer, "other_param_names", ()):
+            store = getattr(layer, attr, None)
+            if isinstance(store, (dict, nn.ModuleDict, nn.ParameterDict)) and adapter in store:
+                del store[adapter]
+        layer._active_adapter = active
+    if before["has_config"]:
+        transformer.__dict__["peft_config"] = config = before["config"]
+        if isinstance(config, dict):
+            config.clear()
+            config.update(before["entries"])
+    else:
+        transformer.__dict__.pop("peft_config", None)
+    if before["flag"] is _ABSENT:
+        transformer.__dict__.pop("_hf_peft_config_loaded", None)
+    else:
+        transformer.__dict__["_hf_peft_config_loaded"] = before["flag"]
+    for p in transformer.parameters():
+        if id(p) in before["grad"]:
+            p.requires_grad_(before["grad"][id(p)])
