@@ -568,6 +568,15 @@ def _write_results(out_dir: Path, results: dict, rows: List[dict]) -> None:
                  commit_journal(out_dir / "results.json"))
 
 
+def _check_reach(pipe, settings: EvalSettings) -> None:
+    """ValueError where the sizes go past the model's rotary table (:func:`~dit_accel.models.loading.rope_reach_error`)."""
+    from ..models.loading import rope_reach_error
+
+    problem = rope_reach_error(pipe, settings.call_kwargs(pipe))
+    if problem:
+        raise ValueError(problem)
+
+
 def run_eval(settings: EvalSettings, specs: Sequence[MethodSpec], out_dir, *, cache_dir=None,
              clip_model: Optional[str] = None, fid_weights: Optional[str] = None, fid_feature=None,
              clip_scorer=None, real_dir: Optional[str] = None, lpips: bool = True, capture: Optional[str] = None,
@@ -616,11 +625,7 @@ def run_eval(settings: EvalSettings, specs: Sequence[MethodSpec], out_dir, *, ca
         from ..models.loading import load_pipeline
 
         pipe = load_pipeline(settings.model, device=settings.device, dtype=getattr(torch, settings.dtype))
-    from ..models.loading import rope_reach_error
-
-    problem = rope_reach_error(pipe, settings.call_kwargs(pipe))
-    if problem:
-        raise ValueError(problem)
+    _check_reach(pipe, settings)
     pipe.set_progress_bar_config(disable=True)
     specs = _fitting(specs, pipe, log)
     with StageTimer(pipe, settings.device) as timer:
