@@ -591,26 +591,24 @@ def test_a_tile_larger_than_the_grid_is_clamped_per_dimension():
     torch.testing.assert_close(a.double(), ref, atol=2e-5, rtol=2e-5)
 
 
-def test_a_cube_too_large_for_one_block_is_refused_naming_the_grid():
+@pytest.mark.parametrize("tile, message, short", [
+    ((100, 100, 100), r"tile=\(100, 100, 100\) on the video token grid \(21, 45, 80\) makes cubes of \(32, 64, 100\) "
+                      r"= 204800 tokens.*\(4, 4, 4\)", "204800 tokens"),
+    # 75,600 cubes: the coarse scores (C x C per head) and the pool launch's grid axis (65,535 programs) failed
+    # deep in a launch or an allocation
+    ((1, 1, 1), r"tile=\(1, 1, 1\) cuts the video token grid \(21, 45, 80\) into 75,600 cubes, more than 65,535 "
+                r".*22\.9 GB.*\(4, 4, 4\).*1,440 cubes here", "75,600 cubes"),
+], ids=["cube-too-large", "too-many-cubes"])
+def test_a_tile_the_kernels_cannot_take_is_refused_naming_the_grid(tile, message, short):
     grid = (21, 45, 80)
     q = torch.zeros(1, 1, math.prod(grid), 1)
-    with pytest.raises(ValueError, match=r"tile=\(100, 100, 100\) on the video token grid \(21, 45, 80\) makes "
-                                         r"cubes of \(32, 64, 100\) = 204800 tokens.*\(4, 4, 4\)"):
-        dit_accel.vsa_attention(q, q, q, grid, topk=1, tile=(100, 100, 100))
-    with pytest.raises(ValueError, match="204800 tokens"):
-        dit_accel.VSA(tile=(100, 100, 100)).plan(grid)
+    with pytest.raises(ValueError, match=message):
+        dit_accel.vsa_attention(q, q, q, grid, topk=1, tile=tile)
+    with pytest.raises(ValueError, match=short):
+        dit_accel.VSA(tile=tile, sparsity=0.9).plan(grid)
 
 
-def test_a_grid_of_more_cubes_than_the_coarse_branch_takes_is_refused_naming_the_tile():
-    """Tile (1, 1, 1) at Wan 720p is 75,600 cubes: the coarse scores (C x C per head) and the pool launch's grid
-    axis (65,535 programs) would fail deep in a launch or an allocation. One cube under the bound is accepted."""
-    grid = (21, 45, 80)
-    q = torch.zeros(1, 1, math.prod(grid), 1)
-    with pytest.raises(ValueError, match=r"tile=\(1, 1, 1\) cuts the video token grid \(21, 45, 80\) into 75,600 "
-                                         r"cubes, more than 65,535 .*22\.9 GB.*\(4, 4, 4\).*1,440 cubes here"):
-        dit_accel.vsa_attention(q, q, q, grid, topk=1, tile=(1, 1, 1))
-    with pytest.raises(ValueError, match="75,600 cubes"):
-        dit_accel.VSA(tile=(1, 1, 1), sparsity=0.9).plan(grid)
+def test_the_cube_count_bound_is_the_launch_grids():
     assert cubes_of((1, 65535, 1), (1, 1, 1)).count == 65535
     with pytest.raises(ValueError, match="65,536 cubes"):
         cubes_of((1, 65536, 1), (1, 1, 1))
