@@ -6,6 +6,7 @@ import logging
 from typing import Dict, Optional, Sequence, Union
 
 from .._util import WarningLog, is_int
+from ..kernels.checks import check_flag
 from ..methods import Method
 from ..pipelines.apply_checks import _check_apply_args, _resolve_layers
 from ..plans.sparse_plan import SparsePlan
@@ -123,8 +124,7 @@ def patch_model(model, method: Union[Method, SparsePlan], *, dense_steps: int = 
     method, dense_steps, dense_last_steps, dense_layers, layer_methods, _, _ = _check_apply_args(
         method, dense_steps, dense_last_steps, dense_layers, layer_methods, backend, None, None, None, None, False)
     dense_above_sigma = _check_sigma(dense_above_sigma)
-    if not isinstance(allow_other_grid, bool):
-        raise TypeError(f"allow_other_grid must be True or False; got {allow_other_grid!r}")
+    check_flag("allow_other_grid", allow_other_grid)
     inner = _diffusion_model(model)
     family = family_for(inner)
     if family is None:

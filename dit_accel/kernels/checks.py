@@ -54,7 +54,10 @@ def check_scale(scale, head_dim: int) -> float:
     return float(scale)
 
 
-def check_flag(name: str, value) -> None:
-    """``value`` of the switch argument ``name`` is a bool: a string such as ``"no"`` is truthy and would turn it on."""
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be True or False; got {value!r} ({type(value).__name__})")
+def check_flag(name: str, value) -> bool:
+    """``value`` of the switch argument ``name`` as a bool: True or False (numpy's bool too); TypeError naming it
+    otherwise (a string such as ``"no"`` is truthy and would turn the switch on). The one check of a switch
+    argument: the attention entry points, ``apply`` and the ComfyUI patch call it."""
+    if not isinstance(value, bool) and not (type(value).__name__ == "bool_" and type(value).__module__ == "numpy"):
+        raise TypeError(f"{name}={value!r} is invalid: expected True or False")
+    return bool(value)

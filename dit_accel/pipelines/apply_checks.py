@@ -11,6 +11,7 @@ from torch import nn
 
 from .._util import WarningLog, is_int
 from ..kernels.backends import BACKENDS as _KERNEL_BACKENDS
+from ..kernels.checks import check_flag as _check_bool
 from ..methods import SLA, Method, registered_methods
 from .presets import check_pipeline
 from .schedule import Schedule
@@ -40,12 +41,6 @@ def _check_int_list(name: str, value) -> Optional[Tuple[int, ...]]:
     if not all(is_int(i) and i >= 0 for i in items):
         raise ValueError(f"{name}={value!r} is invalid: expected a list of non-negative ints or None")
     return tuple(int(i) for i in items)
-
-
-def _check_bool(name: str, value) -> bool:
-    if not isinstance(value, bool) and not (type(value).__name__ == "bool_" and type(value).__module__ == "numpy"):
-        raise TypeError(f"{name}={value!r} is invalid: expected True or False")
-    return bool(value)
 
 
 def _check_weights(weights):
