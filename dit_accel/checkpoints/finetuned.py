@@ -52,7 +52,8 @@ from ..atomic_files import (BadFileError, atomic_write_json, check_hashes, crash
 from .._util import DitAccelWarning
 from ..methods import Method, method_from_name
 from ..plans.sparse_plan import PlanMethod, SparsePlan
-from .lora_checks import check_float_weights, check_lora_modules, injection_state, undo_injection
+from .lora_checks import (check_float_weights, check_lora_modules, injection_state, lora_module_name,
+                          undo_injection)
 
 __all__ = [
     "LORA_FILE", "SLA_FILE", "VSA_FILE", "METHOD_FILE", "ADAPTER_NAME",
@@ -392,10 +393,7 @@ def _checked_folder(handle, folder: Path):
 def _check_lora_targets(transformer: nn.Module, folder: Path, state: Dict[str, torch.Tensor]) -> None:
     """ValueError naming the real reason when the LoRA's modules do not exist in ``transformer`` (weights
     trained on another model family), instead of peft's "Target modules ... not found"."""
-    targets = set()
-    for key in state:
-        name = key.split("transformer.", 1)[1] if key.startswith("transformer.") else key
-        targets.add(name.split(".lora_")[0])
+    targets = {lora_module_name(key)[0] for key in state}
     modules = {name for name, _ in transformer.named_modules()}
     if targets and not targets & modules:
         info = _read_info(folder)
