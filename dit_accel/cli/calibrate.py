@@ -193,9 +193,12 @@ def _check_files(args) -> list:
     if not prompts:
         raise _UsageError(f"--prompts {args.prompts}: {'is empty' if not text.strip() else 'holds no prompts'}; "
                           "expected one prompt per line (lines starting with # are comments)")
-    out = Path(args.out)
-    if out.is_dir() or args.out.endswith(("/", os.sep)):
-        raise _UsageError(f"--out {args.out} is a folder; pass the plan's file name, e.g. {Path(args.out) / 'plan.json'}")
+    from ..plans.sparse_plan import file_to_write
+
+    try:  # (the check SparsePlan.save makes when the plan is written, here before the run)
+        out = file_to_write(args.out, "the plan's", "plan.json")
+    except ValueError as exc:
+        raise _UsageError(f"--out: {exc}") from None
     _writable_folder(out.parent if str(out.parent) else Path("."), "--out")
     if args.report_dir is not None:
         rd = Path(args.report_dir)

@@ -44,14 +44,14 @@ from .plan_json import (_CALL_COUNTS, _PHASE_FIELDS, _PLAN_FIELDS, FORMAT, FORMA
 from .plan_text import _CostBasis, _gaps, _grid_text, _heads_text, _span, method_label  # noqa: F401
 
 __all__ = ["SparsePlan", "Phase", "PlanMethod", "method_to_json", "method_from_json", "method_label", "prompts_hash",
-           "write_atomic", "FORMAT"]
+           "write_atomic", "file_to_write", "FORMAT"]
 
 
 # ------------------------------------------------------------------ where a plan is written
-def _file_to_write(path, what: str, example: str) -> Path:
-    """``path`` as the file :meth:`SparsePlan.save` (or ``to_tile_strategy``) writes; a ValueError that names it
-    when it is a folder (an existing one, or a name ending in a separator) or lies under a file, raised before
-    anything is written (``os.replace`` onto a folder would say only ``IsADirectoryError`` of a temp name)."""
+def file_to_write(path, what: str, example: str) -> Path:
+    """``path`` as the file :meth:`SparsePlan.save` (or ``to_tile_strategy``, or ``calibrate --out``) writes; a
+    ValueError that names it when it is a folder (an existing one, or a name ending in a separator) or lies under a
+    file, raised before anything is written (``os.replace`` onto a folder would say only ``IsADirectoryError`` of a temp name)."""
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"path must be a file name (str or pathlib.Path); got {type(path).__name__}")
     text = str(os.fspath(path))
@@ -283,7 +283,7 @@ class SparsePlan:
     def save(self, path) -> Path:
         """Write the plan's JSON to ``path`` (a file name, e.g. ``plan.json``; missing folders are made)
         atomically (temporary file + ``os.replace``). A folder is a ValueError, and nothing is written."""
-        path = _file_to_write(path, "the plan's", "plan.json")
+        path = file_to_write(path, "the plan's", "plan.json")
         return write_atomic(path, json.dumps(self.to_json(), indent=1) + "\n")
 
     @classmethod
@@ -352,7 +352,7 @@ class SparsePlan:
         open to the end needs ``num_steps``. A ``path`` that is a folder is a ValueError, and nothing is written.
         """
         if path is not None:
-            path = _file_to_write(path, "the strategy's", "strategy.json")
+            path = file_to_write(path, "the strategy's", "strategy.json")
         out: Dict[str, List[int]] = {}
         tiles = set()
         heads = self.num_heads
