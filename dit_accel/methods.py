@@ -79,6 +79,8 @@ class Method:
     """Base class of method configs; subclasses are frozen dataclasses registered by :func:`register_method`."""
 
     name: ClassVar[str] = ""
+    #: The token grid rank every config of the method needs (Radial's and VSA's 3); None: any.
+    NEEDS_DIMS: ClassVar[Optional[int]] = None
 
     def plan(self, grid: Tuple[int, ...]):
         """The :class:`~dit_accel.plans.plan.Plan` this method runs on ``grid`` (grid rules are checked here)."""
@@ -572,27 +574,24 @@ class TileStrategy(Method):
 class Radial(Method):
     """Radial attention: dense on nearby frames, a spatial neighbourhood that halves with distance.
 
-    Frame pairs follow the reference rule (METHODS.md): same, adjacent and sink
-    key frames are dense; a farther pair is dropped by the power-of-two split
-    rule or kept with a half-width ``half = max(decay * width, block_size)``
-    tokens that halves each time the frame distance crosses a power of two.
+    Frame pairs follow the reference rule (METHODS.md): same, adjacent and sink key frames are dense; a farther
+    pair is dropped by the power-of-two split rule or kept with a half-width ``half = max(decay * width,
+    block_size)`` tokens that halves each time the frame distance crosses a power of two.
 
     Args:
         decay: band width factor in ``(0, 1]`` (paper: 0.95 to 1.0).
         block_size: block granularity in tokens, 64 or 128 (128 default; 64 for Wan 2.2).
-        sink_frames: key frames every query attends to fully (attention sink);
-            ``(0,)`` is the reference setting for Wan, ``()`` disables it. Frames
-            beyond a clip's length are ignored for that clip.
-        spatial: what a kept far frame pair allows inside the frames.
-            ``"band"`` (default): the reference code, a diagonal band ``|k - l| <= half``
-            over raster positions, reduced to ``block_size`` blocks (raster order).
-            ``"window"``: a true 2-D window, the frame scaled by ``sqrt((2*half + 1) / (H*W))``,
-            pushed inward at borders like GNA, so every query sees ``~2*half + 1`` keys;
-            exact per token, on tiled order (see :mod:`dit_accel.patterns.radial_window`).
-        rule: how the band becomes blocks (``spatial="band"`` only). ``"union"`` (default):
-            METHODS.md's rule on the placed bands. ``"reference"``: the reference code's
-            blocks exactly (per-frame-pair reduction, a fixed 128 in the frame-drop test),
-            for its published numbers; the presets that quote the reference use it.
+        sink_frames: key frames every query attends to fully (attention sink); ``(0,)`` is the reference
+            setting for Wan, ``()`` disables it. Frames beyond a clip's length are ignored for that clip.
+        spatial: what a kept far frame pair allows inside the frames. ``"band"`` (default): the reference code,
+            a diagonal band ``|k - l| <= half`` over raster positions, reduced to ``block_size`` blocks (raster
+            order). ``"window"``: a true 2-D window, the frame scaled by ``sqrt((2*half + 1) / (H*W))``, pushed
+            inward at borders like GNA, so every query sees ``~2*half + 1`` keys; exact per token, on tiled order
+            (see :mod:`dit_accel.patterns.radial_window`).
+        rule: how the band becomes blocks (``spatial="band"`` only). ``"union"`` (default): METHODS.md's rule on
+            the placed bands. ``"reference"``: the reference code's blocks exactly (per-frame-pair reduction, a
+            fixed 128 in the frame-drop test), for its published numbers; the presets that quote the reference
+            use it.
 
     Example::
 
@@ -607,6 +606,7 @@ class Radial(Method):
     spatial: str = option("band", "radial: far frame pairs keep the reference raster band (band) or a 2-D window "
                                   "of rows x columns on tiled order (window)", parse="str", flag="--radial-spatial",
                           choices=("band", "window"))
+    NEEDS_DIMS: ClassVar[int] = 3  # a video's (T, H, W) grid: a rule over frames
     rule: str = option("union", "radial: block rule: union (METHODS.md) or reference (the reference code's blocks "
                                 "exactly, for its published numbers)", parse="str", flag="--radial-rule",
                        choices=RADIAL_RULES)
@@ -759,8 +759,7 @@ class VSA(Method):
         tile: cube shape ``(T, H, W)`` in tokens: ``(4, 4, 4)`` (FastVideo's default) or ``(4, 8, 8)``.
 
     Joint text+video models: text keys are always attended (exactly, merged by log-sum-exp with the fine
-    branch) and text queries are dense (FastVideo's design for packed prefixes). Needs a video grid
-    ``(T, H, W)``.
+    branch) and text queries are dense (FastVideo's design for packed prefixes).
 
     Example::
 
@@ -774,6 +773,7 @@ class VSA(Method):
     tile: IntOrTuple = option((4, 4, 4), "vsa: cube shape in tokens (4,4,4 or 4,8,8)", metavar="T,H,W")
 
     DEFAULT_SPARSITY: ClassVar[float] = 0.8
+    NEEDS_DIMS: ClassVar[int] = 3  # a video's (T, H, W) grid: cubes span frames
 
     def __post_init__(self):
         # Neither given stays None in the config (so CLI defaults layered under a --vsa-topk do not clash) and

@@ -62,7 +62,7 @@ def _check_methods_for(family, methods) -> None:
     preset = PRESETS.get(family.diffusers_class)
     if preset is not None:
         for m in methods:
-            check_method_for(f"{family.name} ({family.diffusers_class})", preset, getattr(m, "name", None))
+            check_method_for(f"{family.name} ({family.diffusers_class})", preset, m)
 
 
 def _call_check(method: Method, allow_other_grid: bool):

@@ -196,11 +196,12 @@ def _capture(capture, capture_layers, capture_steps):
 
 def _check_fit(targets, method: Method, layer_methods: Dict[int, Method], allow_other_grid) -> None:
     """``allow_other_grid`` is a bool, and the methods fit the model: none a class has no use for (Radial on
-    Latte's per-frame 2-D calls), and a SparsePlan's model class, layers and heads are the ones it was made for."""
+    Latte's per-frame 2-D calls) or made for another grid rank (VSA on an image model, a 3-D tile on a 2-D grid),
+    and a SparsePlan's model class, layers and heads are the ones it was made for."""
     _check_bool("allow_other_grid", allow_other_grid)
     for _, t, preset, _ in targets:
         for m in (method, *layer_methods.values()):
-            check_method_for(type(t).__name__, preset, getattr(m, "name", None))
+            check_method_for(type(t).__name__, preset, m)
     if hasattr(method, "check_model"):
         for _, transformer, _, modules in targets:
             method.check_model(type(transformer).__name__, [_heads_of(module) for _, module in modules])

@@ -126,3 +126,75 @@ def test_hub_ids_name_the_right_family(model, cls):
     from dit_accel.pipelines.presets import resolve_model_family
 
     assert resolve_model_family(model)[0] == cls
+
+
+# ------------------------------------------------------------------ the grid rank a class's calls see
+@pytest.mark.parametrize("name", sorted(T.TRANSFORMERS))
+def test_a_preset_declares_the_rank_of_the_grid_its_reader_reads(name):
+    """``Preset.grid_dims`` is what apply refuses methods by: it must be the rank the class's grid reader gives
+    on the class's own calls (a video preset that read 2-D, or an image one 3-D, would refuse the wrong methods)."""
+    entry = T.TRANSFORMERS[name]
+    model = T.build_tiny_transformer(name)
+    info = P.PRESETS[entry.class_name].read_grid(model, T.tiny_transformer_inputs(name, model))
+    assert len(info.grid) == P.PRESETS[entry.class_name].grid_dims
+
+
+def _no_hooks(model) -> bool:
+    return not any(type(getattr(m, "processor", None)).__name__ == "SparseAttnProcessor" for m in model.modules())
+
+
+@pytest.mark.parametrize("method, match", [
+    (dit_accel.VSA(), r"method 'vsa' needs a video's \(T, H, W\) token grid, but the sparse calls of "
+                      r"FluxTransformer2DModel see a 2-D \(H, W\) token grid. Use one of .*tile"),
+    (dit_accel.Radial(), r"method 'radial' needs a video's \(T, H, W\) token grid"),
+    (dit_accel.Tile(), r"Tile's tile=\(6, 8, 8\) is for a 3-D token grid, .* Give 2 values per dimension setting "
+                       r"\(tile=\(8, 8\), say\) or one int"),
+    (dit_accel.Tile(tile=8, window=((3, 3, 3), (1, 5, 5))), r"Tile's window=\(3, 3, 3\) is for a 3-D token grid"),
+    (dit_accel.GNA(kernel_size=(3, 5, 5)), r"GNA's kernel_size=\(3, 5, 5\) is for a 3-D token grid"),
+])
+def test_apply_refuses_a_method_for_another_grid_rank_and_leaves_the_model(method, match):
+    """Before, these were accepted and the first denoising step raised; now apply refuses them, the model as it
+    was."""
+    model = T.build_tiny_transformer("flux")
+    with pytest.raises(ValueError, match=match):
+        dit_accel.apply(model, method)
+    assert _no_hooks(model)
+
+
+def test_video_settings_on_a_video_model_and_2d_ones_on_an_image_model_pass():
+    for name, methods in [("wan", (dit_accel.VSA(), dit_accel.Radial(), dit_accel.Tile(), dit_accel.GNA(
+            kernel_size=(3, 5, 5)), dit_accel.Tile(tile=8, window=3))),
+            ("flux", (dit_accel.Tile(tile=(8, 8), window=(3, 3)), dit_accel.GNA(kernel_size=(5, 5)),
+                      dit_accel.Tile(tile=8, window=((3, 3), (1, 5))), dit_accel.SLA()))]:
+        preset = P.PRESETS[T.TRANSFORMERS[name].class_name]
+        for method in methods:
+            P.check_method_for(preset.class_name, preset, method)
+    with pytest.raises(ValueError, match=r"Tile's tile=\(8, 8\) is for a 2-D token grid, but the sparse calls of "
+                                         r"WanTransformer3DModel see a video's \(T, H, W\) token grid. Give 3 values"):
+        P.check_method_for("WanTransformer3DModel", P.PRESETS["WanTransformer3DModel"], dit_accel.Tile(tile=(8, 8), window=3))
+
+
+@pytest.mark.parametrize("cls", [c for c in P.SUPPORTED])
+def test_recommended_gives_a_setting_the_class_takes_or_refuses_the_method(cls):
+    """Every registered method: what ``recommended`` returns passes apply's check on that class (no 3-D default
+    for an image model); a method for another rank is refused by name."""
+    preset = P.PRESETS[cls]
+    for name in ("tile", "gna", "radial", "sla", "vsa"):
+        try:
+            method, _ = P.recommended(cls, name)
+        except ValueError as err:
+            assert name in ("radial", "vsa") and preset.grid_dims == 2 or name in preset.refused_methods, err
+            continue
+        P.check_method_for(cls, preset, method)
+
+
+def test_every_shipped_preset_declares_its_rank_and_a_registered_one_may_leave_it_open():
+    assert all(P.PRESETS[c].grid_dims in (2, 3) for c in P.SUPPORTED)
+    open_rank = P.Preset("X", attention=(), text_position="none", read_grid=lambda m, a: None, min_diffusers="0")
+    for method in (dit_accel.VSA(), dit_accel.Tile(tile=(8, 8), window=3), dit_accel.Tile()):
+        P.check_method_for("X", open_rank, method)  # (unchecked here: the first call's grid refuses a wrong one)
+    for bad in (4, True, "3"):
+        with pytest.raises(ValueError, match=f"Preset.grid_dims={bad!r} is invalid: the rank of the token grid"):
+            P.register_preset(P.Preset("X", attention=(), text_position="none", read_grid=lambda m, a: None,
+                                       min_diffusers="0", grid_dims=bad))
+    assert "X" not in P.PRESETS

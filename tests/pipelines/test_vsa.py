@@ -88,12 +88,14 @@ def test_joint_text_video_models(name):
 
 
 def test_image_model_is_refused_clearly():
+    """At apply (the preset's grid rank); a plan on a 2-D grid refuses it too (a preset registered with the wrong
+    rank)."""
     model = T.build_tiny_transformer("flux")
-    kwargs = T.tiny_transformer_inputs("flux", model)
-    with dit_accel.apply(model, dit_accel.VSA(topk=1), backend="torch"):
-        with pytest.raises(ValueError, match=r"VSA.*video token grid \(T, H, W\).*FluxTransformer2DModel|"
-                                             r"FluxTransformer2DModel.*video token grid \(T, H, W\)"):
-            _run(model, kwargs)
+    with pytest.raises(ValueError, match=r"'vsa' needs a video's \(T, H, W\) token grid, but the sparse calls of "
+                                         "FluxTransformer2DModel"):
+        dit_accel.apply(model, dit_accel.VSA(topk=1), backend="torch")
+    with pytest.raises(ValueError, match=r"VSA needs a video token grid \(T, H, W\).*on an image model use Tile"):
+        dit_accel.VSA(topk=1).plan((10, 13))
 
 
 def test_ring_attention_is_refused():

@@ -76,7 +76,7 @@ def register_preset(preset: Preset) -> Preset:
     Example::
 
         register_preset(Preset("MyVideoTransformer", attention=(r"blocks\\.\\d+\\.attn1",), text_position="none",
-                               read_grid=my_grid_reader, min_diffusers="0.35.0"))
+                               read_grid=my_grid_reader, min_diffusers="0.35.0", grid_dims=3))
     """
     if not isinstance(preset, Preset):
         raise TypeError(f"preset must be a dit_accel.pipelines.Preset; got {type(preset).__name__}")
@@ -87,6 +87,9 @@ def register_preset(preset: Preset) -> Preset:
     if not isinstance(preset.refused, str):
         raise TypeError(f"Preset.refused must be a str (the reason, or '' for a working preset); "
                         f"got {type(preset.refused).__name__}")
+    if preset.grid_dims is not None and (isinstance(preset.grid_dims, bool) or preset.grid_dims not in (1, 2, 3)):
+        raise ValueError(f"Preset.grid_dims={preset.grid_dims!r} is invalid: the rank of the token grid read_grid "
+                         "returns (3 for a video's (T, H, W), 2 for an image's (H, W)), or None to leave it unchecked")
     PRESETS[preset.class_name] = preset
     return preset
 
@@ -246,11 +249,57 @@ def recommended(transformer_or_class, method: str, family: Optional[str] = None)
     return config, kwargs
 
 
-def check_method_for(class_name: str, preset: Preset, method: str) -> None:
-    """ValueError naming the class when its preset refuses ``method`` (:attr:`Preset.refused_methods`)."""
-    reason = preset.refused_methods.get(method)
+def check_method_for(class_name: str, preset: Preset, method) -> None:
+    """ValueError naming the class when its preset refuses ``method``, a config or a method name: a method the
+    class has no use for (:attr:`Preset.refused_methods`), or one for another token grid rank than its calls'
+    (:attr:`Preset.grid_dims`: VSA or Radial on an image model, a ``tile=(6, 8, 8)`` on a 2-D grid)."""
+    name = method if isinstance(method, str) or method is None else getattr(method, "name", None)
+    reason = preset.refused_methods.get(name)
     if reason:
-        raise ValueError(f"dit_accel: method {method!r} does not apply to {class_name}: {reason}")
+        raise ValueError(f"dit_accel: method {name!r} does not apply to {class_name}: {reason}")
+    why = None if preset.grid_dims is None else _other_rank(method, preset.grid_dims)
+    if why:
+        raise ValueError(f"dit_accel: {why[0]}, but the sparse calls of {class_name} see a "
+                         f"{_rank_words(preset.grid_dims)} token grid. {why[1]}")
+
+
+def _rank_words(dims: int) -> str:
+    return {3: "video's (T, H, W)", 2: "2-D (H, W)"}.get(dims, f"{dims}-D")
+
+
+def _other_rank(method, dims: int) -> Optional[Tuple[str, str]]:
+    """``(what, fix)`` where ``method`` (a config or a method name) needs another grid rank than ``dims``, else
+    None: the class's ``NEEDS_DIMS`` (Radial and VSA: 3), or a per-dimension setting (a field whose command-line
+    form is ``T,H,W``) given as a tuple of another length; per-head windows by each window's. An int broadcasts
+    to any rank."""
+    import dataclasses
+
+    from ...methods import canonical_method_name, registered_methods
+
+    methods = registered_methods()
+    if isinstance(method, str):
+        entry = methods.get(canonical_method_name(method))
+        method = None if entry is None else entry.cls
+    need = getattr(method, "NEEDS_DIMS", None)
+    if need is not None and need != dims:
+        fitting = [n for n, e in methods.items() if getattr(e.cls, "NEEDS_DIMS", None) in (None, dims)
+                   and n != "dense"]
+        return (f"method {method.name!r} needs a {_rank_words(need)} token grid",
+                f"Use one of {', '.join(fitting)} (dit_accel.recommended(pipe.transformer, 'tile') gives a setting "
+                "that fits)")
+    if isinstance(method, type) or not dataclasses.is_dataclass(method):
+        return None
+    for f in dataclasses.fields(method):
+        cli, value = f.metadata.get("cli"), getattr(method, f.name)
+        if cli is None or cli.metavar != "T,H,W" or not isinstance(value, tuple):
+            continue
+        for item in (value if value and all(isinstance(v, tuple) for v in value) else (value,)):
+            if len(item) != dims:
+                example = ", ".join(["8"] * dims)
+                return (f"{type(method).__name__}'s {f.name}={item!r} is for a {len(item)}-D token grid",
+                        f"Give {dims} values per dimension setting ({f.name}=({example}), say) or one int, or take "
+                        f"dit_accel.recommended(pipe.transformer, {method.name!r})")
+    return None
 
 
 def _folder_family(folder: Path) -> Optional[Tuple[str, Optional[str]]]:

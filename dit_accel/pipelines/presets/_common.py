@@ -89,6 +89,10 @@ class Preset:
             rank holds a share of the text and a share of the video, ``[t_r, v_r]``); True (the model splits
             its one sequence contiguously, MiniMax-H3's packed rows, LTX-2's appended tokens: the Ulysses
             gather gives the model's own order back; Ring is refused for such calls).
+        grid_dims: the rank of the token grid the sparse calls see: 3, a video's (T, H, W); 2, an image's (H, W)
+            or one frame's (Latte's spatial blocks). ``apply`` and :func:`recommended` refuse a method or setting
+            for another rank (VSA, Radial or a ``tile=(6, 8, 8)`` on an image model), naming the class. None (a
+            preset that does not say): the first call's grid refuses them instead.
     """
 
     class_name: str
@@ -109,6 +113,7 @@ class Preset:
     additive_mask: Optional[Callable[[Dict[str, object], "GridInfo"], bool]] = None
     split_whole: bool = False
     refused_methods: Dict[str, str] = field(default_factory=dict)
+    grid_dims: Optional[int] = None
 
     @classmethod
     def refusing(cls, class_name: str, reason: str, min_diffusers: str = "0.0.0", **fields) -> "Preset":

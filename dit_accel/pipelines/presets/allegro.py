@@ -30,6 +30,7 @@ PRESETS = (
         "AllegroTransformer3DModel",
         attention=(r"transformer_blocks\.\d+\.attn1",),  # attn2: cross-attention
         text_position="none",
+        grid_dims=3,
         read_grid=_grid,
         grid_key=shapes_key,
         min_diffusers="0.42.1",

@@ -24,6 +24,7 @@ PRESETS = (
         "AuraFlowTransformer2DModel",
         attention=(r"joint_transformer_blocks\.\d+\.attn", r"single_transformer_blocks\.\d+\.attn"),
         text_position="first",
+        grid_dims=2,
         read_grid=_grid,
         grid_key=shapes_key,
         min_diffusers="0.42.1",

@@ -35,6 +35,7 @@ PRESETS = (
         "ChromaTransformer2DModel",
         attention=(r"transformer_blocks\.\d+\.attn", r"single_transformer_blocks\.\d+\.attn"),
         text_position="first",
+        grid_dims=2,
         read_grid=_grid,
         min_diffusers="0.42.1",
         defaults=dict(IMAGE_DEFAULTS),  # dit_accel defaults (as FLUX.1): no published setting for Chroma

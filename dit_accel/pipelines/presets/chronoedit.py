@@ -20,6 +20,7 @@ PRESETS = (
         "ChronoEditTransformer3DModel",
         attention=(r"blocks\.\d+\.attn1",),
         text_position="none",
+        grid_dims=3,
         read_grid=latent_grid_3d,
         grid_key=shapes_key,
         min_diffusers="0.42.1",

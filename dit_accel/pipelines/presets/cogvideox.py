@@ -20,6 +20,7 @@ PRESETS = (
         "CogVideoXTransformer3DModel",
         attention=(r"transformer_blocks\.\d+\.attn1",),
         text_position="first",
+        grid_dims=3,
         read_grid=_grid,
         grid_key=shapes_key,
         min_diffusers="0.35.0",

@@ -23,6 +23,7 @@ PRESETS = (
         "CogView4Transformer2DModel",
         attention=(r"transformer_blocks\.\d+\.attn1",),
         text_position="first",
+        grid_dims=2,
         read_grid=latent_grid_2d,
         grid_key=shapes_key,
         min_diffusers="0.42.1",

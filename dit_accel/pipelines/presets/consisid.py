@@ -23,6 +23,7 @@ PRESETS = (
         "ConsisIDTransformer3DModel",
         attention=(r"transformer_blocks\.\d+\.attn1",),  # perceiver_cross_attention (face tokens): dense
         text_position="first",
+        grid_dims=3,
         read_grid=_grid,
         grid_key=shapes_key,
         min_diffusers="0.42.1",

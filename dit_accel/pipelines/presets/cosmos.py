@@ -37,6 +37,7 @@ PRESETS = (
         "CosmosTransformer3DModel",
         attention=(r"transformer_blocks\.\d+\.attn1",),  # attn2: cross-attention (text, image context)
         text_position="none",
+        grid_dims=3,
         read_grid=_grid,
         grid_key=_grid_key,
         min_diffusers="0.42.1",

@@ -33,6 +33,7 @@ PRESETS = (
         "EasyAnimateTransformer3DModel",
         attention=(r"transformer_blocks\.\d+\.attn1",),
         text_position="first",
+        grid_dims=3,
         read_grid=_grid,
         grid_key=_grid_key,
         min_diffusers="0.42.1",

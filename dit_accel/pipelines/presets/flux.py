@@ -27,6 +27,7 @@ PRESETS = (
         "FluxTransformer2DModel",
         attention=(r"transformer_blocks\.\d+\.attn", r"single_transformer_blocks\.\d+\.attn"),
         text_position="first",
+        grid_dims=2,
         read_grid=_grid,
         min_diffusers="0.35.0",
         defaults=dict(IMAGE_DEFAULTS),

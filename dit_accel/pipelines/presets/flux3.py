@@ -32,6 +32,7 @@ PRESETS = (
         "Flux3Transformer2DModel",
         attention=(r"mode_blocks\.image\.\d+\.attn", r"single_transformer_blocks\.\d+\.attn"),
         text_position="first",
+        grid_dims=2,
         read_grid=_grid,
         min_diffusers="0.42.1",
         defaults=dict(IMAGE_DEFAULTS),  # dit_accel defaults (as FLUX.1): no published setting for FLUX.3

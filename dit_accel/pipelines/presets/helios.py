@@ -57,6 +57,7 @@ PRESETS = (
         "HeliosTransformer3DModel",
         attention=(r"blocks\.\d+\.attn1",),
         text_position="first",  # the packed history, not text: the text is cross-attention (attn2)
+        grid_dims=3,
         read_grid=_grid,
         grid_key=_grid_key,
         min_diffusers="0.42.1",

@@ -69,6 +69,7 @@ PRESETS = (
         "HiDreamImageTransformer2DModel",
         attention=(r"double_stream_blocks\.\d+\.block\.attn1", r"single_stream_blocks\.\d+\.block\.attn1"),
         text_position="last",
+        grid_dims=2,
         read_grid=_grid,
         grid_key=_key,
         min_diffusers="0.42.1",

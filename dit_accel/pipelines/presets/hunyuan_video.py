@@ -31,6 +31,7 @@ PRESETS = (
         # Double- and single-stream blocks; token_refiner (text only) is left alone.
         attention=(r"transformer_blocks\.\d+\.attn", r"single_transformer_blocks\.\d+\.attn"),
         text_position="last",
+        grid_dims=3,
         read_grid=latent_grid_3d,
         grid_key=shapes_key,
         min_diffusers="0.35.0",

@@ -36,6 +36,7 @@ PRESETS = (
         "HunyuanVideo15Transformer3DModel",
         attention=(r"transformer_blocks\.\d+\.attn",),  # context_embedder's token refiner: text only
         text_position="last",
+        grid_dims=3,
         read_grid=_grid,
         grid_key=_grid_key,
         min_diffusers="0.42.1",

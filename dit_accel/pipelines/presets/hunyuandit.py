@@ -13,6 +13,7 @@ PRESETS = (
         "HunyuanDiT2DModel",
         attention=(r"blocks\.\d+\.attn1",),
         text_position="none",
+        grid_dims=2,
         read_grid=image_only_grid_2d,
         grid_key=shapes_key,
         min_diffusers="0.42.1",

@@ -33,6 +33,7 @@ PRESETS = (
         "HunyuanImageTransformer2DModel",
         attention=(r"transformer_blocks\.\d+\.attn", r"single_transformer_blocks\.\d+\.attn"),
         text_position="last",
+        grid_dims=2,
         read_grid=_grid,
         grid_key=_key,
         min_diffusers="0.42.1",

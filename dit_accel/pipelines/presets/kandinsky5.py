@@ -32,6 +32,7 @@ PRESETS = (
         "Kandinsky5Transformer3DModel",
         attention=(r"visual_transformer_blocks\.\d+\.self_attention",),
         text_position="none",
+        grid_dims=3,
         read_grid=_grid,
         grid_key=_grid_key,
         min_diffusers="0.42.1",

@@ -43,6 +43,7 @@ PRESETS = (
         "Kandinsky6Transformer3DModel",
         attention=(r"visual_transformer_blocks\.\d+\.video_dec_block\.self_attention",),
         text_position="last",  # only the appended reference frame sits there (text is cross-attention)
+        grid_dims=3,
         read_grid=_grid,
         grid_key=_grid_key,
         min_diffusers="0.42.1",

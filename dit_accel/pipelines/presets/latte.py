@@ -23,6 +23,7 @@ PRESETS = (
         "LatteTransformer3DModel",
         attention=(r"transformer_blocks\.\d+\.attn1",),  # spatial only: temporal_transformer_blocks stay dense
         text_position="none",
+        grid_dims=2,
         read_grid=_grid,
         grid_key=shapes_key,
         min_diffusers="0.42.1",

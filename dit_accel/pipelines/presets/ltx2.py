@@ -80,6 +80,7 @@ PRESETS = (
         "LTX2VideoTransformer3DModel",
         attention=(r"transformer_blocks\.\d+\.attn1",),  # video self-attention only: audio and cross-modal dense
         text_position="last",  # appended keyframe/reference tokens (conditioning pipelines) run dense
+        grid_dims=3,
         read_grid=_grid,
         grid_key=_grid_key,
         min_diffusers="0.42.1",

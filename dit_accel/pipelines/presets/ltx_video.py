@@ -42,6 +42,7 @@ PRESETS = (
         "LTXVideoTransformer3DModel",
         attention=(r"transformer_blocks\.\d+\.attn1",),  # attn2 is cross-attention
         text_position="none",
+        grid_dims=3,
         read_grid=_grid,
         grid_key=_grid_key,
         min_diffusers="0.35.0",

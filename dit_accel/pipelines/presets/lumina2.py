@@ -31,6 +31,7 @@ PRESETS = (
         "Lumina2Transformer2DModel",
         attention=(r"noise_refiner\.\d+\.attn", r"layers\.\d+\.attn"),
         text_position="first",
+        grid_dims=2,
         read_grid=_grid,
         min_diffusers="0.42.1",
         defaults=dict(IMAGE_DEFAULTS),  # dit_accel defaults: no published setting for Lumina-Image 2.0

@@ -88,6 +88,7 @@ PRESETS = (
         "MiniMaxH3Transformer3DModel",
         attention=(r"transformer_blocks\.\d+\.attn",),  # not token_refiner.*.attn (text only)
         text_position="first",  # text, conditioning rows and audio: one dense prefix before the target video
+        grid_dims=3,
         read_grid=_grid,
         grid_key=None,  # the grid is read from position_ids: read every call
         min_diffusers="0.42.1",

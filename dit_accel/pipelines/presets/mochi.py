@@ -20,6 +20,7 @@ PRESETS = (
         "MochiTransformer3DModel",
         attention=(r"transformer_blocks\.\d+\.attn1",),
         text_position="last",
+        grid_dims=3,
         read_grid=_grid,
         grid_key=shapes_key,
         min_diffusers="0.35.0",

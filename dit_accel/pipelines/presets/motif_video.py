@@ -38,6 +38,7 @@ PRESETS = (
         "MotifVideoTransformer3DModel",
         attention=(r"transformer_blocks\.\d+\.attn", r"single_transformer_blocks\.\d+\.attn"),
         text_position="last",
+        grid_dims=3,
         read_grid=_grid,
         grid_key=_grid_key,
         min_diffusers="0.42.1",

@@ -61,6 +61,7 @@ PRESETS = (
         "QwenImageTransformer2DModel",
         attention=(r"transformer_blocks\.\d+\.attn",),
         text_position="first",
+        grid_dims=2,
         read_grid=_grid,
         grid_key=_key,
         min_diffusers="0.42.1",

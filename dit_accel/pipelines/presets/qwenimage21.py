@@ -54,6 +54,7 @@ PRESETS = (
         "QwenImage21Transformer2DModel",
         attention=(r"transformer_blocks\.\d+\.attn",),
         text_position="first",
+        grid_dims=2,
         read_grid=_grid,
         min_diffusers="0.42.1",
         defaults=dict(IMAGE_DEFAULTS),  # dit_accel defaults: no published setting for Qwen-Image 2.1

@@ -19,6 +19,7 @@ PRESETS = (
         "SD3Transformer2DModel",
         attention=(r"transformer_blocks\.\d+\.attn", r"transformer_blocks\.\d+\.attn2"),
         text_position="last",
+        grid_dims=2,
         read_grid=latent_grid_2d,
         grid_key=shapes_key,
         min_diffusers="0.42.1",

@@ -31,6 +31,7 @@ PRESETS = (
         "SkyReelsV2Transformer3DModel",
         attention=(r"blocks\.\d+\.attn1",),  # attn2 is cross-attention: stays dense
         text_position="none",
+        grid_dims=3,
         read_grid=_grid,
         grid_key=shapes_key,
         min_diffusers="0.42.1",

@@ -53,6 +53,7 @@ PRESETS = (
         "WanTransformer3DModel",
         attention=(r"blocks\.\d+\.attn1",),  # attn2 is cross-attention: stays dense
         text_position="none",
+        grid_dims=3,
         read_grid=latent_grid_3d,
         grid_key=shapes_key,
         min_diffusers="0.35.0",

@@ -53,6 +53,7 @@ PRESETS = (
         "WanAnimateTransformer3DModel",
         attention=(r"blocks\.\d+\.attn1",),  # attn2: text/CLIP cross-attention; face_adapter: motion cross-attention
         text_position="first",  # the leading reference frame runs dense
+        grid_dims=3,
         read_grid=_grid,
         grid_key=_grid_key,
         min_diffusers="0.42.1",

@@ -45,6 +45,7 @@ PRESETS = (
         "WanVACETransformer3DModel",
         attention=(r"blocks\.\d+\.attn1", r"vace_blocks\.\d+\.attn1"),  # attn2: cross-attention, dense
         text_position="first",  # the leading reference frames (if any) run dense
+        grid_dims=3,
         read_grid=_grid,
         grid_key=None,  # the reference count is read from the control values: read every call
         min_diffusers="0.42.1",

@@ -72,6 +72,7 @@ PRESETS = (
         "ZImageTransformer2DModel",
         attention=(r"noise_refiner\.\d+\.attention", r"layers\.\d+\.attention"),
         text_position="last",
+        grid_dims=2,
         read_grid=_grid,
         grid_key=_key,
         min_diffusers="0.42.1",
