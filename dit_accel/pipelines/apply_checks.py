@@ -166,7 +166,9 @@ def _check_weights_folder(folder, schedule: Schedule, layers) -> None:
         path = folder / LORA_FILE
         if not path.is_file():
             raise ValueError(f"weights={str(folder)!r} is missing {LORA_FILE}.")
-        targets = {key.split("transformer.", 1)[-1].split(".lora_")[0] for key in _safetensors_keys(folder, path)}
+        from ..checkpoints.lora_checks import lora_module_name
+
+        targets = {lora_module_name(key)[0] for key in _safetensors_keys(folder, path)}
         if targets and not any(t.startswith(name + ".") for t in targets for name, *_ in layers):
             # LoRA for modules other than these attention layers (another model, most likely): load_into
             # names the model it belongs to, before it loads anything
