@@ -26,7 +26,7 @@ Adding a model family (developer note)
    builder drawing every random tensor from ``rnd``; optionally ``PIPELINES = (TinyPipeline(...),)`` for a
    ``tiny-<family>`` pipeline (its name must contain a ``hub_words`` word of the family's preset).
    Import only from ``._common`` (never from this package: no cycles).
-2. Add its module name to :data:`FAMILIES` below.
+2. Add its module name to :data:`~dit_accel.models.families.FAMILIES` (once, for the presets too).
 3. Nothing else: ``tests/pipelines/test_apply.py`` parametrizes over :data:`TRANSFORMER_NAMES` (dense
    and full-window runs reproduce dense; a sparse run matches the masked reference; ``remove`` restores),
    ``tests/pipelines/test_presets.py`` checks that every family module is registered, that every preset
@@ -45,6 +45,7 @@ from typing import Dict, Tuple
 
 import torch
 
+from ..families import FAMILIES
 from ..tiny_shapes import SHAPES_MODELS
 from ._common import TinyPipeline, TinyTransformer
 
@@ -69,24 +70,6 @@ __all__ = [
     "is_embedded_model",
     "model_label",
 ]
-
-# The family modules, in registry order: adding a family is adding its module name here.
-FAMILIES: Tuple[str, ...] = ("wan", "hunyuan_video", "cogvideox", "mochi", "ltx_video",
-                             # image families (before "flux": its hub word matches FLUX.2 ids)
-                             "flux3", "qwenimage21",  # models-image-b: before flux2/flux and qwenimage
-                             "flux2", "qwenimage", "sd3", "cogview4", "hunyuanimage", "chroma",
-                             "hidream", "lumina2", "zimage",  # models-image-b
-                             "flux",
-                             "cosmos", "allegro", "consisid", "latte", "sana_video", "motif_video")
-# Wan/Hunyuan lineage (wan_vace first: its hub word "vace" is more specific than "wan").
-FAMILIES = ("wan_vace",) + FAMILIES + ("skyreels_v2", "chronoedit", "hunyuan_video_framepack")
-# models-video-c (HunyuanVideo 1.5 first: its hub word is more specific than HunyuanVideo's "hunyuan").
-FAMILIES = ("hunyuan_video15",) + FAMILIES + ("kandinsky5", "kandinsky6", "easyanimate", "helios")
-# models-video-d (issue 28): Wan Animate and LTX-2 before "wan" and "ltx_video" (more specific hub words).
-FAMILIES = ("wan_animate", "ltx2") + FAMILIES + ("minimax_h3",)
-# Image DiTs of issue 38, in the presets' order (Sana and OmniGen are refused: no tiny model).
-FAMILIES = ("hunyuandit",) + FAMILIES + ("pixart", "auraflow", "cogview3plus", "bria", "lumina_next", "sana",
-                                         "omnigen")
 
 _MODULES = tuple(importlib.import_module(f"{__name__}.{name}") for name in FAMILIES)
 

@@ -22,7 +22,8 @@ Adding a model family (developer note)
    from ``._common`` (never from this package: no cycles). A class whose calls carry no single token
    grid (FramePack's packed history, ...) gets ``Preset.refusing(class_name, reason)`` instead: ``apply``
    raises the reason, which says what would work.
-2. Add its module name to :data:`FAMILIES` below (the order is the registry's and ``info``'s).
+2. Add its module name to :data:`~dit_accel.models.families.FAMILIES` (the order is the registry's and
+   ``info``'s; the tiny models' too).
 3. Add ``models/tiny/<family>.py`` with a tiny transformer of each class (see :mod:`dit_accel.models.tiny`):
    ``tests/pipelines/test_apply.py`` then runs every class against the masked reference and
    ``tests/pipelines/test_presets.py`` checks the registration; ``tests/test_published.py`` checks
@@ -38,29 +39,11 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
+from ...models.families import FAMILIES
 from ._common import GridInfo, Preset, Published
 
 __all__ = ["Preset", "PRESETS", "SUPPORTED", "GridInfo", "Published", "FAMILIES", "preset_for", "recommended",
            "register_preset", "unregister_preset", "family_of", "published_settings", "resolve_model_family"]
-
-# The family modules, in registry order: adding a family is adding its module name here.
-FAMILIES: Tuple[str, ...] = ("wan", "hunyuan_video", "cogvideox", "mochi", "ltx_video",
-                             # image families (before "flux": its hub word matches FLUX.2 ids)
-                             "flux3", "qwenimage21",  # models-image-b: before flux2/flux and qwenimage
-                             "flux2", "qwenimage", "sd3", "cogview4", "hunyuanimage", "chroma",
-                             "hidream", "lumina2", "zimage",  # models-image-b
-                             "flux",
-                             "cosmos", "allegro", "consisid", "latte", "sana_video", "motif_video")
-# Wan/Hunyuan lineage (wan_vace first: its hub word "vace" is more specific than "wan").
-FAMILIES = ("wan_vace",) + FAMILIES + ("skyreels_v2", "chronoedit", "hunyuan_video_framepack")
-# models-video-c (HunyuanVideo 1.5 first: its hub word is more specific than HunyuanVideo's "hunyuan").
-FAMILIES = ("hunyuan_video15",) + FAMILIES + ("kandinsky5", "kandinsky6", "easyanimate", "helios")
-# models-video-d (issue 28): Wan Animate and LTX-2 before "wan" and "ltx_video" (more specific hub words).
-FAMILIES = ("wan_animate", "ltx2") + FAMILIES + ("minimax_h3",)
-# Image DiTs of issue 38 (HunyuanDiT first: its hub word is more specific than HunyuanVideo's "hunyuan");
-# Sana and OmniGen are refused with their reasons.
-FAMILIES = ("hunyuandit",) + FAMILIES + ("pixart", "auraflow", "cogview3plus", "bria", "lumina_next", "sana",
-                                                 "omnigen")
 
 PRESETS: Dict[str, Preset] = {
     p.class_name: p for name in FAMILIES for p in importlib.import_module(f"{__name__}.{name}").PRESETS
