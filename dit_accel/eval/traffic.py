@@ -23,10 +23,11 @@ Cases, each at ``grid`` (default Wan 2.1 480p's (21, 30, 52)) with ``heads`` hea
   call with the backward's glue in its Triton kernels (:mod:`~dit_accel.kernels.sla.glue`, forced:
   ``DIT_ACCEL_SLA_GLUE=1``; the others run with it off).
 
-The SLA cases and ``vsa_train_raster`` also report ``kernel_units``: the bytes of every tensor argument of the kernels
-that do glue work (SLA's glue kernels and its global-sums kernel, which makes phi(K); VSA's gated backward,
-:mod:`~dit_accel.kernels.vsa.gated`), each read or written once (their partial sums are small): work that moved into
-kernels still moves bytes.
+The SLA cases, ``vsa_raster`` and ``vsa_train_raster`` also report ``kernel_units``: the bytes of every tensor
+argument of the kernels that do glue work (SLA's glue kernels and its global-sums kernel, which makes phi(K); VSA's
+gated backward, :mod:`~dit_accel.kernels.vsa.gated`), each read or written once (their partial sums are small), and
+the gate and cube rows that VSA's fine launch reads where it adds the gated term (:mod:`~dit_accel.kernels.vsa.raster`):
+work that moved into kernels still moves bytes.
 
 Totals are given in bytes and in ``units``, the bytes of one q tensor ``(1, heads, N, head_dim)``; a unit scales
 with heads and head dim alike (Wan 2.1 14B 480p, 2 x 40 heads of 128 in bf16: 671 MB).
@@ -128,12 +129,13 @@ def _twin_classify():
 @contextlib.contextmanager
 def _kernel_bytes(counts: Dict[str, int]) -> Iterator[None]:
     """Inside :func:`~.host_path.stub_launches`: each launch of SLA's glue kernels, of its global-sums kernel and of
-    VSA's gated backward adds the bytes of its tensor arguments to ``counts["kernel_bytes"]``."""
+    VSA's gated backward adds the bytes of its tensor arguments to ``counts["kernel_bytes"]``, and VSA's fine launch
+    those of the gate and the cube rows where it adds the gated term."""
     import torch
 
     from ..kernels.sla import glue
     from ..kernels.sla import triton as sla
-    from ..kernels.vsa import gated
+    from ..kernels.vsa import fine, gated
 
     class Counting:
         def __init__(self, stub):
@@ -150,11 +152,21 @@ def _kernel_bytes(counts: Dict[str, int]) -> Iterator[None]:
     saved = [(table, name, table[name]) for table, name in names]
     for table, name, stub in saved:
         table[name] = Counting(stub)
+    fine_launch = fine._launch
+
+    def launch(q, k, v, launched, plan, scale, table, gated=None):  # (the fine launch's epilogue reads these once)
+        ran = fine_launch(q, k, v, launched, plan, scale, table, gated)
+        if ran[2]:
+            counts["kernel_bytes"] += sum(t.numel() * t.element_size() for t in gated[:2])
+        return ran
+
+    fine._launch = launch
     try:
         yield
     finally:
         for table, name, stub in saved:
             table[name] = stub
+        fine._launch = fine_launch
 
 
 @contextlib.contextmanager
@@ -242,7 +254,7 @@ def measure_traffic(*, grid: Tuple[int, int, int] = (21, 30, 52), heads: int = 2
                 kernel["kernel_bytes"] = 0
                 counts = count_traffic(runs[name])
             out[name] = {**counts, "units": counts["bytes"] / unit}
-            if name.startswith("sla") or name == "vsa_train_raster":
+            if name.startswith("sla") or name in ("vsa_raster", "vsa_train_raster"):
                 out[name]["kernel_units"] = kernel["kernel_bytes"] / unit
     return out
 
@@ -279,7 +291,7 @@ def main(argv=None) -> dict:
     print(f"{'case':17s} {'ops':>5s} {'MB':>9s} {'q units':>8s}  (MODELLED, grid {grid}, {args.heads} heads of "
           f"{args.head_dim}, float16, kernels stubbed)")
     for name, row in result.items():
-        glue = f"  (+ {row['kernel_units']:.1f} in its glue kernels)" if "kernel_units" in row else ""
+        glue = f"  (+ {row['kernel_units']:.1f} in its kernels' glue)" if "kernel_units" in row else ""
         print(f"{name:17s} {row['ops']:5d} {row['bytes'] / 1e6:9.1f} {row['units']:8.1f}{glue}")
     if args.json:
         with open(args.json, "w") as fh:

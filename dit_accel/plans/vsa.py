@@ -160,7 +160,7 @@ class VSAPlan(Plan):
         scale = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
         summed = gate is not None and not lse  # nothing merged: fine + coarse * gate rounded once, as vsa_attention
         parts = vsa_parts(q, k, v, self.grid, self.count, self.method.tile, scale, with_coarse=gate is not None,
-                          backend=backend, cubes=self.cubes, tiled_fine=summed)
+                          backend=backend, cubes=self.cubes, tiled_fine=summed, gate=gate if summed else None)
         if summed:
             return parts.gated(gate, q.dtype, add_fine=True), None, None, self.density
         return parts.fine, parts.lse, _extra(parts, gate), self.density

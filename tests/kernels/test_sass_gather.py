@@ -3,6 +3,8 @@ test_sass.py: its full-tile loop against the pointer kernel of the same tile, an
 cp.async copies in a pipeline (offsets read from a table instead of formed from the stride lost both: the compiler
 no longer knew the rows' alignment)."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -27,10 +29,19 @@ def _pointer(arch, block, kernel="fwd"):
 BACKWARD = ("bwd_dkdv", "bwd_dq")
 
 
+#: (arch, layout block) of VSA's gated fine launch (kernels/vsa/raster.py): 64-token cubes on the A100 and H100.
+GATED = [(80, 64), (90, 64)]
+
+
+def _gated(arch, block):
+    return dataclasses.replace(gather_config(_pointer(arch, block), arch), gated=True)
+
+
 @pytest.fixture(scope="module")
 def rows():
     jobs = [(cfg, arch) for arch, block in CASES for kernel in ("fwd",) + BACKWARD
             for cfg in (_pointer(arch, block, kernel), gather_config(_pointer(arch, block, kernel), arch))]
+    jobs += [(_gated(arch, block), arch) for arch, block in GATED]
     return {(r["name"], r["arch"]): r for r in sass.analyze_many(list(dict.fromkeys(jobs)), workers=2)}
 
 
@@ -69,3 +80,16 @@ def test_gathered_backward_tiles_within_1_15x_of_the_pointer_kernels_without_spi
                                                                         theirs["instructions"])
         assert ours["async_copies"] >= theirs["async_copies"], (loop, ours, theirs)
     assert not (gathered["stack"] or gathered["spill_stores"]), gathered
+
+
+@pytest.mark.parametrize("case", GATED, ids=lambda c: f"sm{c[0]}-b{c[1]}")
+def test_the_gated_epilogue_leaves_the_tile_loops_alone_without_spill(rows, case):
+    """VSA's gated term in the gathered forward's epilogue (``GATED``: the gate's rows and their cube rows loaded
+    once per query tile, after the key loop) adds no instruction to the tile loops and spills nothing."""
+    arch, block = case
+    plain = rows[(gather_config(_pointer(arch, block), arch).name, arch)]
+    gated = rows[(_gated(arch, block).name, arch)]
+    assert gated["error"] is None, gated["error"]
+    for loop in ("full", "partial"):
+        assert gated["loops"][loop]["instructions"] <= plain["loops"][loop]["instructions"] + 2, (loop, gated, plain)
+    assert not (gated["stack"] or gated["spill_stores"]) and gated["registers"] <= 255, gated

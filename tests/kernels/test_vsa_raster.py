@@ -13,7 +13,7 @@ import torch
 import dit_accel
 from dit_accel.kernels import autotune, selfcheck
 from dit_accel.kernels.block_sparse import gather
-from dit_accel.kernels.vsa import api, fine, raster
+from dit_accel.kernels.vsa import api, fine, layouts, raster
 from dit_accel.kernels.vsa.naive import cubes_of, selected_count
 from tests.kernels.vsa_reference import reference
 
@@ -75,7 +75,7 @@ def test_vsa_attention_reads_raster_order_bit_for_bit(monkeypatch, grid, dtype):
     calls = _spy(monkeypatch)
     built = []
     real_layout = api._layout_of_rows
-    for module in (api, raster):  # (the cube-order path's layouts, and the raster one's)
+    for module in (api, layouts):  # (the cube-order path's layouts, and the raster one's)
         name = "_layout_of_rows" if module is api else "layout_of_rows"
         monkeypatch.setattr(module, name, lambda *a: built.append(1) or real_layout(*a))
     for seed in (0, 1):

@@ -13,11 +13,17 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 GRID = (5, 6, 7)
 
 
-def _gated_checkpoint(folder, key="blocks.{}.to_gate_compress.{}", layers=(0, 1)):
-    """Save the tiny Wan transformer to ``folder`` and add random gates in the given key layout; returns them."""
+def _gated_checkpoint(folder, key="blocks.{}.to_gate_compress.{}", layers=(0, 1), head_dim=None):
+    """Save the tiny Wan transformer (with heads of ``head_dim``, if given) to ``folder`` and add random gates in the
+    given key layout; returns them."""
     from safetensors.torch import load_file, save_file
 
     model = T.build_tiny_transformer("wan")
+    if head_dim is not None:
+        from diffusers import WanTransformer3DModel
+
+        torch.manual_seed(0)
+        model = WanTransformer3DModel(**{**T.TRANSFORMERS["wan"].config, "attention_head_dim": head_dim}).eval()
     model.save_pretrained(folder)
     path = next(folder.glob("*.safetensors"))
     state = load_file(str(path))

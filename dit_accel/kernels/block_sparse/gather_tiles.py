@@ -66,21 +66,41 @@ def load_kv(K, V, k_base, v_base, b, h, col, kv_len, skn, svn, head_dim, RIDX,
 
 @triton.jit
 def store_rows(O, LSE, b, h, rows, ok, sob, soh, son, slb, slh, acc, m_i, l_i, head_dim,  # noqa: E741
-               BLOCK_D: tl.constexpr):
-    """O and LSE of the query rows ``rows`` (where ``ok``); rows that saw no allowed key get o = 0, lse = -inf."""
+               BLOCK_D: tl.constexpr, extra=0.0, EXTRA: tl.constexpr = False):
+    """O and LSE of the query rows ``rows`` (where ``ok``); rows that saw no allowed key get o = 0, lse = -inf.
+    ``EXTRA``: o is ``acc / l + extra`` (fp32 ``[rows, BLOCK_D]``), rounded once."""
     offs_d = tl.arange(0, BLOCK_D)
     o_ptrs = O + b.to(tl.int64) * sob + h.to(tl.int64) * soh + rows.to(tl.int64)[:, None] * son + offs_d[None, :]
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
-    tl.store(o_ptrs, (acc / l_safe[:, None]).to(O.dtype.element_ty), mask=ok[:, None] & (offs_d < head_dim)[None, :])
+    o = acc / l_safe[:, None]
+    if EXTRA:
+        o += extra
+    tl.store(o_ptrs, o.to(O.dtype.element_ty), mask=ok[:, None] & (offs_d < head_dim)[None, :])
     lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * LN2)
     tl.store(LSE + b.to(tl.int64) * slb + h.to(tl.int64) * slh + rows, lse, mask=ok)
 
 
 @triton.jit
 def gathered_epilogue(O, LSE, RIDX, b, h, row0, sob, soh, son, slb, slh, acc, m_i, l_i, q_len, head_dim,  # noqa: E741
-                      BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+                      GATE, CROWS, sgb, sgh, sgn, scb, sch, scc, cube_vol,
+                      BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, GATED: tl.constexpr):
     """O and LSE of the query tile at tiled position ``row0``, stored at the raster rows the row table ``RIDX``
-    names (padded positions and positions past ``q_len`` store nothing)."""
+    names (padded positions and positions past ``q_len`` store nothing). ``GATED`` (VSA's gated sum, the tiled
+    positions in cube order, ``cube_vol`` to a cube): o is ``fine + gate[r] * coarse[cube of r]`` in fp32, rounded
+    once, ``gate`` read at the same raster rows (strides ``sgb, sgh, sgn``), each row's cube row from the fp32
+    ``CROWS`` (``scb, sch, scc``: a few rows, from cache)."""
     raster = _raster_rows(RIDX, row0, q_len, BLOCK_M)
-    store_rows(O, LSE, b, h, raster, raster >= 0, sob, soh, son, slb, slh, acc, m_i, l_i, head_dim, BLOCK_D)
+    ok = raster >= 0
+    if GATED:
+        offs_d = tl.arange(0, BLOCK_D)
+        cols = ok[:, None] & (offs_d < head_dim)[None, :]
+        cube = ((row0 + tl.arange(0, BLOCK_M)) // cube_vol).to(tl.int64)
+        c = tl.load(CROWS + b.to(tl.int64) * scb + h.to(tl.int64) * sch + cube[:, None] * scc + offs_d[None, :],
+                    mask=cols, other=0.0)
+        g = tl.load(GATE + b.to(tl.int64) * sgb + h.to(tl.int64) * sgh + raster.to(tl.int64)[:, None] * sgn
+                    + offs_d[None, :], mask=cols, other=0.0)
+        store_rows(O, LSE, b, h, raster, ok, sob, soh, son, slb, slh, acc, m_i, l_i, head_dim, BLOCK_D,
+                   g.to(tl.float32) * c, True)
+    else:
+        store_rows(O, LSE, b, h, raster, ok, sob, soh, son, slb, slh, acc, m_i, l_i, head_dim, BLOCK_D)

@@ -79,17 +79,18 @@ def _fwd_item(
     Q, K, V, O, LSE, PLAN, BITS, LEN_BIAS, RIDX, pid_m, b, h,  # noqa: E741
     sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son, slb, slh,
     plan_h, plan_r, w, bits_w,
-    q_len, kv_len, head_dim, qk_scale,
+    q_len, kv_len, head_dim, qk_scale, GATE, CROWS, sgb, sgh, sgn, scb, sch, scc, cube_vol,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
     TMA: tl.constexpr, DOT_PRECISION: tl.constexpr, RESUME: tl.constexpr, LENGTHS: tl.constexpr,
-    GATHER: tl.constexpr,
+    GATHER: tl.constexpr, GATED: tl.constexpr,
 ):
     """One work item of the forward: query tile ``pid_m`` of batch ``b``, head ``h``.
 
     ``RESUME`` (TMA only): run the partial tiles alone, starting from the ``(O, LSE)`` that the
     warp-specialized kernel wrote for the full tiles (``acc = O``, ``m = LSE`` in base 2, ``l = 1``:
     a valid online-softmax state; ``l = 0`` where no key was seen). ``GATHER`` (pointer loads): q, k, v, o and
-    lse in raster order, tiled position ``i`` being raster row ``RIDX[i]`` (:mod:`.gather`).
+    lse in raster order, tiled position ``i`` being raster row ``RIDX[i]`` (:mod:`.gather`); with ``GATED`` too,
+    o is VSA's gated sum (:func:`.gather_tiles.gathered_epilogue`).
     """
     row0 = pid_m * BLOCK_M
     q_base = Q + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh
@@ -186,7 +187,7 @@ def _fwd_item(
             acc, m_i, l_i = fwd_step(q, k, v, acc, m_i, l_i, qk_scale, keep, True, DOT_PRECISION)
     if GATHER:
         gathered_epilogue(O, LSE, RIDX, b, h, row0, sob, soh, son, slb, slh, acc, m_i, l_i, q_len, head_dim,
-                          BLOCK_M, BLOCK_D)
+                          GATE, CROWS, sgb, sgh, sgn, scb, sch, scc, cube_vol, BLOCK_M, BLOCK_D, GATED)
     else:
         fwd_epilogue(O, LSE, b, h, row0, sob, soh, son, slb, slh, acc, m_i, l_i, q_len, head_dim, BLOCK_M, BLOCK_D)
 
@@ -225,10 +226,10 @@ def _fwd_kernel(
     Q, K, V, O, LSE, PLAN, BITS, LEN_BIAS, ITEMS, RIDX,  # noqa: E741 (the attention output, named like Q, K, V)
     sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son, slb, slh,
     plan_h, plan_r, w, bits_w, n_items, n_tiles,
-    H, q_len, kv_len, head_dim, qk_scale,
+    H, q_len, kv_len, head_dim, qk_scale, GATE, CROWS, sgb, sgh, sgn, scb, sch, scc, cube_vol,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
     TMA: tl.constexpr, DOT_PRECISION: tl.constexpr, WS: tl.constexpr = False, RESUME: tl.constexpr = False,
-    LENGTHS: tl.constexpr = False, GATHER: tl.constexpr = False,
+    LENGTHS: tl.constexpr = False, GATHER: tl.constexpr = False, GATED: tl.constexpr = False,
 ):
     # sm_90 (TMA) is persistent: as many programs as the GPU holds at once, each striding over ITEMS,
     # the host-built work order ((batch * H + head) * n_tiles + query tile, longest rows first).
@@ -236,6 +237,7 @@ def _fwd_kernel(
     # per program: there the persistent loop's extra live values spill.
     # WS: the full tiles, warp-specialized (descriptors made here), the item loop not pipelined (it kept 3 Q tiles
     # in flight across items: +64 KB); RESUME (with TMA): the partial tiles of the items in ITEMS, after the WS kernel.
+    # GATED (with GATHER): VSA's gated sum in the epilogue, from GATE and CROWS (unread otherwise: any pointers).
     if WS:
         for it in tl.range(tl.program_id(0), n_items, tl.num_programs(0), num_stages=1):  # loop: items
             item = tl.load(ITEMS + it)
@@ -252,13 +254,15 @@ def _fwd_kernel(
             _fwd_item(Q, K, V, O, LSE, PLAN, BITS, LEN_BIAS, RIDX, item - bh * n_tiles, b, bh - b * H,
                       sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son, slb, slh,
                       plan_h, plan_r, w, bits_w, q_len, kv_len, head_dim, qk_scale,
-                      BLOCK_M, BLOCK_N, BLOCK_D, EVEN_D, TMA, DOT_PRECISION, RESUME, LENGTHS, False)
+                      GATE, CROWS, sgb, sgh, sgn, scb, sch, scc, cube_vol,
+                      BLOCK_M, BLOCK_N, BLOCK_D, EVEN_D, TMA, DOT_PRECISION, RESUME, LENGTHS, False, False)
     else:
         pid_bh = tl.program_id(1)
         _fwd_item(Q, K, V, O, LSE, PLAN, BITS, LEN_BIAS, RIDX, tl.program_id(0), pid_bh // H, pid_bh % H,
                   sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son, slb, slh,
                   plan_h, plan_r, w, bits_w, q_len, kv_len, head_dim, qk_scale,
-                  BLOCK_M, BLOCK_N, BLOCK_D, EVEN_D, TMA, DOT_PRECISION, False, LENGTHS, GATHER)
+                  GATE, CROWS, sgb, sgh, sgn, scb, sch, scc, cube_vol,
+                  BLOCK_M, BLOCK_N, BLOCK_D, EVEN_D, TMA, DOT_PRECISION, False, LENGTHS, GATHER, GATED)
 
 
 KERNELS = {"fwd": _fwd_kernel, "bwd_preprocess": _bwd_preprocess_kernel, "bwd_dkdv": _bwd_dkdv_kernel,
@@ -357,6 +361,17 @@ def _strides(t: torch.Tensor) -> Tuple[int, int, int]:
     return t.stride(0), t.stride(1), t.stride(2)
 
 
+def _gate_args(o: torch.Tensor, lse: torch.Tensor, gated: Optional[Tuple[torch.Tensor, torch.Tensor, int]] = None
+               ) -> Tuple[object, ...]:
+    """The forward's ``GATE, CROWS``, their strides and ``cube_vol``: VSA's ``(gate, cube rows, tokens per cube)``
+    (``(B, H, N, D)`` in raster order and fp32 ``(B, H, C, D)``, as the launch's batch and heads see them, last dims
+    contiguous), or where no gated sum is asked for, placeholders of the same types that the kernel does not read."""
+    if gated is None:
+        return (o, lse, 0, 0, 0, 0, 0, 0, 1)
+    gate, rows, volume = gated
+    return (gate, rows, *_strides(gate), *_strides(rows), volume)
+
+
 def _rebased(template, t: Optional[torch.Tensor]):
     """The TMA descriptor ``template`` over ``t``, without its constructor's checks: the launch signature
     (:func:`triton_forward`) holds ``t``'s shape, strides, dtype and base alignment, which ``template``
@@ -404,7 +419,8 @@ def _forward_launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.
         grid = (n_tiles, b * h)
     elif occupancy.on_gpu(q.device):  # persistent: the CTAs the GPU holds at once
         grid = (_programs(q.device, cfg, n_items,
-                          lambda: _fwd_kernel.warmup(q, *descriptors, out, lse, *args, _LOG2E, grid=(1,), **kw)),)
+                          lambda: _fwd_kernel.warmup(q, *descriptors, out, lse, *args, _LOG2E,
+                                                     *_gate_args(out, lse), grid=(1,), **kw)),)
     else:
         grid = None
     prepare = pad or any(x is not y for x, y in zip((q, k, v), given))
@@ -474,8 +490,13 @@ def forward_launch(q, k, v, o, lse, layout: BlockLayout, lengths: Optional[bool]
     return _PLANS.get(layout, signature, lambda: _forward_launch(q, k, v, o, lse, layout, signature[-1], rows))
 
 
-def launch_forward(launch: _Launch, q, k, v, o, lse, scale: float, plan: Optional[torch.Tensor] = None):
-    """Run ``launch`` (for q, k, v) into ``o`` and ``lse``; ``plan``: another tile plan of its shape (vsa.fine)."""
+def launch_forward(launch: _Launch, q, k, v, o, lse, scale: float, plan: Optional[torch.Tensor] = None,
+                   gated: Optional[Tuple[torch.Tensor, torch.Tensor, int]] = None):
+    """Run ``launch`` (for q, k, v) into ``o`` and ``lse``; ``plan``: another tile plan of its shape (vsa.fine);
+    ``gated``: VSA's ``(gate, cube rows, tokens per cube)`` (:func:`_gate_args`), o then being its gated sum (a
+    gathered launch over cube order, head dim unpadded: :func:`gated_launch_ok`)."""
+    if gated is not None and not gated_launch_ok(launch):
+        raise ValueError(f"a gated sum needs a gathered forward with an unpadded head dim; {launch.cfg.name} is not")
     if launch.prepare:  # a last dim that is not contiguous, or a head dim the pointer kernel pads
         q, k, v = _pad_d(launch.cfg, *(_last_dim_contiguous(t) for t in (q, k, v)))
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device) if launch.pad else o
@@ -485,13 +506,20 @@ def launch_forward(launch: _Launch, q, k, v, o, lse, scale: float, plan: Optiona
     # (pointer kernels: the unread items are the plan; without a row table, the unread RIDX too)
     args = launch.args if plan is None else (plan, *launch.args[1:3], launch.args[3] if launch.cfg.tma else plan,
                                              launch.args[4] if launch.cfg.gather else plan, *launch.args[5:])
-    _fwd_kernel[grid](q, k, v, out, lse, *args, scale * _LOG2E, **launch.kw)
+    _fwd_kernel[grid](q, k, v, out, lse, *args, scale * _LOG2E, *_gate_args(out, lse, gated),
+                      **{**launch.kw, "GATED": gated is not None})
     if out is not o:
         o.copy_(out[..., :o.shape[-1]])
     selfcheck.corrupt(GATHER_VARIANT if launch.cfg.gather else "block_sparse.triton.fwd", o)
     if launch.cfg.lengths:
         selfcheck.corrupt(LEN_VARIANT, o)
     return o, lse
+
+
+def gated_launch_ok(launch: _Launch) -> bool:
+    """Whether ``launch`` can write VSA's gated sum (:func:`launch_forward`'s ``gated``): a gathered forward (pointer
+    loads through a row table) whose head dim is not padded."""
+    return launch.cfg.gather and not launch.pad
 
 
 def ws_schedule(plan: TilePlan, batch: int, heads: int, cfg: KernelConfig, arch: str = "h100", force: bool = False
@@ -533,7 +561,7 @@ def _ws_forward(q, k, v, o, lse, layout: BlockLayout, cfg: KernelConfig, scale: 
         if todo.numel() == 0:
             continue
         args = (q, kd, vd, o, lse, plan.plan, plan.bits, len_bias_table(q.device, q.dtype, c.block_n), todo, todo,
-                *tail, todo.numel(), *sizes)
+                *tail, todo.numel(), *sizes, *_gate_args(o, lse))
         kw = dict(**c.constexprs(), num_warps=c.num_warps, num_stages=c.num_stages)
         grid = (_programs(q.device, c, todo.numel(), lambda: _fwd_kernel.warmup(*args, grid=(1,), **kw)),)
         _fwd_kernel[grid](*args, **kw)

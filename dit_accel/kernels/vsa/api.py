@@ -84,7 +84,9 @@ class VSAResult(NamedTuple):
     ``selection`` int64 ``(B, H, Cq, k)`` of key cubes per query cube (cube order), ``density``, the fraction of
     cube pairs the fine branch visits (``k / C``), and the ``cubes`` and row ``order`` the parts were cut by.
     Asked with ``tiled_fine`` on a grid of whole cubes, ``fine`` is the tiled output viewed in raster order,
-    ``(B, H, T/t, t, H/h, h, W/w, w, D)`` (:func:`_raster_nested`): for :meth:`gated` with ``add_fine`` only."""
+    ``(B, H, T/t, t, H/h, h, W/w, w, D)`` (:func:`_raster_nested`): for :meth:`gated` with ``add_fine`` only.
+    ``summed``: ``fine`` is already ``fine + coarse * gate`` of the gate given to :func:`vsa_parts` (the fine launch
+    added it, :func:`.raster.raster_forward`), ``coarse`` None: for :meth:`gated` with ``add_fine`` only."""
 
     fine: torch.Tensor
     lse: torch.Tensor
@@ -93,11 +95,16 @@ class VSAResult(NamedTuple):
     density: float
     cubes: Cubes
     order: object  # the grid's permutation, or a ring rank's CubeRows
+    summed: bool = False
 
     def gated(self, gate: torch.Tensor, dtype: torch.dtype, *, add_fine: bool = False) -> torch.Tensor:
         """``coarse * gate`` per raster row (each row takes its cube's coarse row), plus ``fine`` with ``add_fine``:
         computed in fp32 and rounded once to ``dtype``, without a token-sized fp32 tensor where the grid's
         dimensions divide by the cube's (the cube rows broadcast over a view of the tokens)."""
+        if self.summed:  # (the fine launch wrote the sum of the gate it was given, in q's dtype)
+            if not add_fine or dtype != self.fine.dtype:
+                raise ValueError("these parts hold the gated sum already: ask gated(gate, fine's dtype, add_fine=True)")
+            return self.fine
         return gated_coarse(self.coarse, gate, self.cubes, self.order, dtype, self.fine if add_fine else None)
 
 
@@ -124,19 +131,40 @@ def _fused_coarse(q_t, k_t, v_t, with_coarse: bool, backend: str) -> bool:
 
 def vsa_parts(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid: Tuple[int, int, int], count: int,
               tile: Tuple[int, int, int], scale: float, *, with_coarse: bool = True,
-              backend: str = "auto", cubes: Optional[Cubes] = None, tiled_fine: bool = False) -> VSAResult:
+              backend: str = "auto", cubes: Optional[Cubes] = None, tiled_fine: bool = False,
+              gate: Optional[torch.Tensor] = None) -> VSAResult:
     """VSA's branches for checked inputs (raster order, ``count`` key cubes per query cube): the plans call
     this on every layer call (with their ``cubes``, built once); :func:`vsa_attention` is the checked
     public entry point. ``tiled_fine``: the caller reads ``fine`` only through :meth:`VSAResult.gated` with
     ``add_fine``, so on a grid of whole cubes it is left in tiled order (see :class:`VSAResult`). An eager call
     may read q, k and v in raster order instead of copying them into cube order (:mod:`.raster`: at inference the
-    same parts, bit for bit; a training call's within rounding, its backward reading raster order too)."""
+    same parts, bit for bit; a training call's within rounding, its backward reading raster order too). ``gate``
+    (with ``with_coarse``): the gate of the caller's ``gated(gate, q's dtype, add_fine=True)``, which such an
+    inference call may add in the fine launch where its variant passed the self-check (``summed``)."""
     cubes = cubes_of(grid, tile) if cubes is None else cubes
     if _reads_raster(q, k, v, cubes, count, scale, with_coarse, backend, tiled_fine):
-        path = raster.raster_train if records_grad(q, k, v) else raster.raster_forward
-        coarse, selection, fine, lse = path(q, k, v, cubes, count, scale, with_coarse)
-        return VSAResult(fine, lse, coarse, selection, count / cubes.count, cubes, cubes.perm)
+        if records_grad(q, k, v):
+            coarse, selection, fine, lse = raster.raster_train(q, k, v, cubes, count, scale, with_coarse)
+        else:
+            gate = gate if with_coarse and _fused_gate(gate, q) else None
+            coarse, selection, fine, lse = raster.raster_forward(q, k, v, cubes, count, scale, with_coarse, gate)
+        return VSAResult(fine, lse, coarse, selection, count / cubes.count, cubes, cubes.perm,
+                         summed=gate is not None and coarse is None)
     return _cube_order(q, k, v, cubes, count, scale, with_coarse, backend, tiled_fine)
+
+
+def _fused_gate(gate: Optional[torch.Tensor], q: torch.Tensor) -> bool:
+    """Whether an inference call's fine launch may add ``gate``'s term (:func:`.raster.raster_forward`): a plain
+    gate like q (its dtype, last dim contiguous), nothing recording its gradient, a head dim the kernel does not
+    pad (64, 128, 256), where the variant passed its self-check (:func:`.gated.gated_kernel_runs`)."""
+    from ..block_sparse.configs import block_d_for
+
+    if gate is None or gate.shape != q.shape or gate.dtype != q.dtype or gate.stride(-1) != 1 or records_grad(gate) \
+            or block_d_for(q.shape[-1]) != q.shape[-1]:
+        return False
+    from .gated import FWD_VARIANT, gated_kernel_runs
+
+    return gated_kernel_runs(gate, FWD_VARIANT)
 
 
 def _cube_order(q, k, v, cubes: Cubes, count: int, scale: float, with_coarse: bool, backend: str,
@@ -489,7 +517,7 @@ def vsa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid, *, to
     cubes = cubes_of(grid, tile)
     count = selected_count(cubes.count, topk, sparsity)
     parts = vsa_parts(q, k, v, grid, count, tile, scale, with_coarse=gate is not None, backend=backend,
-                      cubes=cubes, tiled_fine=gate is not None)
+                      cubes=cubes, tiled_fine=gate is not None, gate=gate)
     out = parts.fine if gate is None else parts.gated(gate, q.dtype, add_fine=True)
     return (out, parts.selection) if return_selection else out
 

@@ -33,7 +33,7 @@ import torch
 from .. import occupancy
 from ..request import in_graph, records_grad
 
-__all__ = ["fine_rows", "remember", "rows_plan", "cube_tables", "has_template"]
+__all__ = ["fine_rows", "raster_fine", "remember", "rows_plan", "cube_tables", "has_template"]
 
 
 class _Template(NamedTuple):
@@ -104,14 +104,47 @@ def fine_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cubes, rows: to
     template = _TEMPLATES.get(_key(q, k, v, cubes, rows.shape, table))
     if template is None:
         return None
-    return _launch(q, k, v, template, rows_plan(rows, template), scale, table)
+    return _launch(q, k, v, template.launch, rows_plan(rows, template), scale, table)[:2]
+
+
+def raster_fine(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cubes, selection: torch.Tensor, scale: float,
+                table: torch.Tensor, gated=None) -> Tuple[torch.Tensor, torch.Tensor, bool]:
+    """``(o, lse, summed)`` of the raster path's fine branch (:mod:`.raster`) on folded raster ``q``, ``k``, ``v``
+    over the key cubes ``selection`` (``(B, H, Cq, k)``, B * H the folded heads): from the class's template where
+    there is one, else from the layout of the selection (whose launch then becomes the template). ``gated``:
+    ``(folded gate, folded cube rows, tokens per cube)``, VSA's gated term, which the launch adds in its epilogue
+    where it can (:func:`~dit_accel.kernels.block_sparse.triton.gated_launch_ok`): ``o`` is then ``fine + gate *
+    coarse`` rounded once and ``summed`` True."""
+    from . import layouts
+
+    rows = selection.reshape(-1, *selection.shape[2:])
+    template = _TEMPLATES.get(_key(q, k, v, cubes, rows.shape, table)) if _direct(q, k, v) else None
+    if template is not None:
+        return _launch(q, k, v, template.launch, rows_plan(rows, template), scale, table, gated)
+    layout = layouts.layout_of_rows(cubes, selection)
+    ran = _launch(q, k, v, layout, None, scale, table, gated)
+    remember(q, k, v, cubes, rows, layout, layouts.cube_masks(cubes, q.device)[0], table)
+    return ran
 
 
 @occupancy.on_inputs_device
-def _launch(q, k, v, template: _Template, plan: torch.Tensor, scale: float, table: Optional[torch.Tensor]):
-    from ..block_sparse.triton import launch_forward
+def _launch(q, k, v, launch, plan: Optional[torch.Tensor], scale: float, table: Optional[torch.Tensor],
+            gated=None) -> Tuple[torch.Tensor, torch.Tensor, bool]:
+    """``(o, lse, summed)`` of ``launch`` (a template's) with the tile ``plan``, or with ``plan`` None, of the
+    launch the gathered forward builds for ``launch``, a layout; ``gated`` as :func:`raster_fine` takes it."""
+    from ..block_sparse.triton import forward_launch, gated_launch_ok, launch_forward
 
-    return launch_forward(template.launch, q, k, v, *_outputs(q, table), scale, plan=plan)
+    o, lse = _outputs(q, table)
+    if plan is None:
+        launch = forward_launch(q, k, v, o, lse, launch, rows=table)
+    gated = gated if gated is not None and gated_launch_ok(launch) else None
+    o, lse = launch_forward(launch, q, k, v, o, lse, scale, plan=plan, gated=gated)
+    if gated is not None:
+        from ..selfcheck import corrupt
+        from .gated import FWD_VARIANT
+
+        corrupt(FWD_VARIANT, o)
+    return o, lse, gated is not None
 
 
 def remember(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cubes, rows: torch.Tensor, layout,

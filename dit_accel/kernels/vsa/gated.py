@@ -28,11 +28,12 @@ import triton.language as tl
 from .. import occupancy
 from .naive import Cubes
 
-__all__ = ["gated_backward", "gated_kernel_runs", "aot_source", "KERNELS", "VARIANT", "NUM_WARPS", "ROWS",
-           "BLOCK_D"]
+__all__ = ["gated_backward", "gated_kernel_runs", "aot_source", "KERNELS", "VARIANT", "FWD_VARIANT", "NUM_WARPS",
+           "ROWS", "BLOCK_D"]
 
-#: The self-check's name of the kernel.
-VARIANT = "vsa.triton.gated_bwd"
+#: The self-check's name of the kernel; and of the gathered fine forward adding the gated term in its epilogue
+#: (:func:`.raster.raster_forward`), which this switch also decides.
+VARIANT, FWD_VARIANT = "vsa.triton.gated_bwd", "vsa.triton.gated_fwd"
 #: Token rows per step, columns per program, warps per program.
 ROWS, BLOCK_D, NUM_WARPS = 32, 64, 4
 
@@ -110,8 +111,9 @@ def gated_backward(grad: torch.Tensor, gate: torch.Tensor, coarse: torch.Tensor,
     return (None if d_gate is None else corrupt(VARIANT, d_gate)), (None if d_c is None else corrupt(VARIANT, d_c))
 
 
-def gated_kernel_runs(gate: torch.Tensor) -> bool:
-    """Whether the gated term's backward on a gate like ``gate`` runs this kernel: ``DIT_ACCEL_GATHER``
+def gated_kernel_runs(gate: torch.Tensor, variant: str = VARIANT) -> bool:
+    """Whether the gated term's backward on a gate like ``gate`` runs this kernel (``variant``
+    :data:`FWD_VARIANT`: whether the fine launch adds the gated term): ``DIT_ACCEL_GATHER``
     (:func:`~dit_accel.kernels.block_sparse.gather.gather_forced`) ``0`` never; unset, on a GPU only; eager calls on
     plain tensors; and only where :data:`VARIANT` passed its self-check at the gate's dtype and head dim (a forced
     ``1`` raises :class:`~dit_accel.kernels.selfcheck.VariantFailed` where it failed). Inside a CUDA graph capture,
@@ -123,4 +125,4 @@ def gated_kernel_runs(gate: torch.Tensor) -> bool:
     if not raster_allowed(gate, forced) or gate.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         return False
     shape = {"head_dim": gate.shape[-1], "block_q": 64, "block_k": 64}
-    return selfcheck.gate_unverified(VARIANT, gate.device, gate.dtype, shape, forced)
+    return selfcheck.gate_unverified(variant, gate.device, gate.dtype, shape, forced)

@@ -6,7 +6,8 @@ the fine output and its lse back: five memory-bound passes around the kernels, m
 (BENCHMARKS section 6, MODELLED). Here the pool launch reads each cube's tokens through the cube permutation's row
 table (``_vsa_pool_kernel`` with ``GATHER``: the same sums in the same order) and the fine branch runs the gathered
 block-sparse forward over the same table (:mod:`dit_accel.kernels.block_sparse.gather`), which writes o and lse in
-raster order; what is left is the gated sum's one pass. The selection, and so the pattern, is the cube-order
+raster order; what is left is the gated sum's one pass, which the fine launch takes over where its variant passed
+its self-check (``vsa.triton.gated_fwd``, :func:`raster_forward`). The selection, and so the pattern, is the cube-order
 path's bit for bit, and so are the outputs (the same tiles reach the same products).
 
 Which calls take it is :func:`.api.vsa_parts`' decision (``_reads_raster``): an eager inference call (nothing
@@ -40,7 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from . import fine as fine_path
-from .layouts import cube_masks, layout_of_rows, token_views
+from .layouts import layout_of_rows, token_views
 from .naive import Cubes, cube_sizes
 
 __all__ = ["FAMILY", "TRAIN_FAMILY", "raster_forward", "raster_train", "folds", "folded", "launched"]
@@ -71,34 +72,38 @@ def launched(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Tuple[torch.T
 
 
 def raster_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cubes: Cubes, count: int, scale: float,
-                   with_coarse: bool) -> Tuple[Optional[torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor]:
+                   with_coarse: bool, gate: Optional[torch.Tensor] = None
+                   ) -> Tuple[Optional[torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(coarse or None, selection, fine, lse)`` of raster ``q``, ``k``, ``v`` ``(B, H, N, D)``: :func:`.api.vsa_parts`'s
     parts, with ``fine`` ``(B, H, N, D)`` and ``lse`` ``(B, H, N)`` in raster order. Batches that do not fold into
     heads as a view (:func:`folds`) run one at a time, their parts joined (one pass over the fine output). The caller
-    decided the path (the module docstring); no input checks here."""
-    from ..block_sparse.triton import triton_forward
+    decided the path (the module docstring); no input checks here.
+
+    ``gate`` (``with_coarse``; like q, last dim contiguous): the fine launch adds VSA's gated term in its epilogue
+    where it can (:func:`.fine.raster_fine`): ``fine`` is then ``fine + gate * coarse`` per raster row, in fp32 and
+    rounded once to q's dtype, and ``coarse`` comes back None. That saves the gated sum's pass over fine, gate and
+    the output (and on a grid the cube does not divide, the cube rows' gather): about 4 q-sized units of traffic a
+    call at Wan 480p, the kernel reading the gate once instead (``python -m dit_accel.eval.traffic``, MODELLED)."""
     from .triton import coarse_triton
 
     b, h, n, d = q.shape
     if not all(folds(x) for x in (q, k, v)):
-        return _per_batch(raster_forward, q, k, v, cubes, count, scale, with_coarse)
+        return _per_batch(raster_forward, q, k, v, gate, cubes, count, scale, with_coarse)
     table = cubes.perm.row_table(q.device)
     coarse, _, selection = coarse_triton(q, k, v, cubes, count, scale, with_coarse, rows=table)
     q_f, k_f, v_f = (folded(x) for x in (q, k, v))
-    rows = selection.reshape(b * h, *selection.shape[2:])
-    ran = fine_path.fine_rows(q_f, k_f, v_f, cubes, rows, scale, table)
-    if ran is None:  # the class's first call: its layout, and the template the next calls run
-        layout = layout_of_rows(cubes, selection)
-        ran = triton_forward(q_f, k_f, v_f, layout, scale, rows=table)
-        fine_path.remember(q_f, k_f, v_f, cubes, rows, layout, cube_masks(cubes, q.device)[0], table)
-    o, lse = ran
-    return coarse, selection, o.view(b, h, n, d), lse.view(b, h, n)
+    gated = None
+    if gate is not None and coarse is not None and folds(gate):
+        gated = (folded(gate), coarse.reshape(1, b * h, *coarse.shape[2:]), cubes.volume)
+    o, lse, summed = fine_path.raster_fine(q_f, k_f, v_f, cubes, selection, scale, table, gated)
+    return None if summed else coarse, selection, o.view(b, h, n, d), lse.view(b, h, n)
 
 
-def _per_batch(fn, q, k, v, *args):
+def _per_batch(fn, q, k, v, gate, *args):
     """``fn``'s parts of a batch that does not fold into heads as a view (a pipeline's (B, N, H, D) batch): one
-    batch at a time, the parts joined."""
-    parts = [fn(q[i:i + 1], k[i:i + 1], v[i:i + 1], *args) for i in range(q.shape[0])]
+    batch at a time (with its rows of ``gate``, if any), the parts joined."""
+    parts = [fn(q[i:i + 1], k[i:i + 1], v[i:i + 1], *args, **({} if gate is None else {"gate": gate[i:i + 1]}))
+             for i in range(q.shape[0])]
     return tuple(None if p[0] is None else torch.cat(p) for p in zip(*parts))
 
 
@@ -108,7 +113,7 @@ def raster_train(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cubes: Cubes
     q, k and v through the fine output, its lse and (``with_coarse``) the coarse output, not through the
     selection. The caller decided the path; no input checks here."""
     if not all(folds(x) for x in (q, k, v)):
-        return _per_batch(raster_train, q, k, v, cubes, count, scale, with_coarse)
+        return _per_batch(raster_train, q, k, v, None, cubes, count, scale, with_coarse)
     fine, lse, qc, kc, vc, selection = _RasterTrain.apply(q, k, v, cubes, count, scale)
     coarse = None
     if with_coarse:  # (the twin's softmax(qc kc^T * scale) vc on the pool launch's means, through one fused

@@ -13,6 +13,9 @@ reported is that fraction. Both problems have fewer cubes than ``NK_MAX``, so th
 the gate laid out ``(B, N, H, D)`` as a model's projections give them, against float64 sums written here from the
 permutation: the gate's gradient and the cube rows' within the forward's bound per dtype (the gate's gradient is
 rounded to it).
+
+``vsa.triton.gated_fwd``: the gathered fine forward writing ``fine + gate * coarse`` in its epilogue (:mod:`.raster`)
+on the same problem, against the twin's fine branch over the same selection plus the gated term, in float64.
 """
 
 from __future__ import annotations
@@ -23,12 +26,13 @@ import torch
 
 from ..selfcheck import Result, Variant, register, relative_error
 
-__all__ = ["COARSE_TOL", "SELECTION_TOL", "VARIANT", "GATED_VARIANT"]
+__all__ = ["COARSE_TOL", "SELECTION_TOL", "VARIANT", "GATED_VARIANT", "GATED_FWD_VARIANT"]
 
 COARSE_TOL = 1e-4
 SELECTION_TOL = 0.01
 VARIANT = "vsa.triton.coarse"
 GATED_VARIANT = "vsa.triton.gated_bwd"  # (gated.VARIANT: triton loads on first use)
+GATED_FWD_VARIANT = "vsa.triton.gated_fwd"  # (gated.FWD_VARIANT)
 
 
 def _applies(device: torch.device) -> Optional[str]:
@@ -117,3 +121,35 @@ def _gated_dtypes(device):
 
 
 register(Variant(GATED_VARIANT, "vsa", "triton", _applies, _check_gated, dtypes=_gated_dtypes, shapes=_shapes))
+
+
+def _check_gated_fwd(device: torch.device, dtype: torch.dtype, shape: dict) -> Result:
+    """The gathered fine forward adding the gated term in its epilogue (:func:`.raster.raster_forward` with a gate)
+    on :func:`_problem`'s partial cubes and two videos laid out ``(B, N, H, D)``, against the float64 sum of the
+    twin's fine branch over the same selection (fp32, :func:`~.naive.fine_gathered`) and the gate times the launch's
+    coarse rows; the selection must be the ungated call's and the coarse output taken in."""
+    from .._selfchecks import FWD_TOL
+    from .naive import fine_gathered
+    from .raster import raster_forward
+
+    cubes, gate, q, coarse = _problem(device, dtype, shape["head_dim"])
+    k, v = q.flip(2), gate.flip(2)  # (q, k, v and the gate: four different (B, N, H, D) views)
+    b, h, _, d = q.shape
+    count, scale = max(1, cubes.count // 3), d ** -0.5
+    with torch.no_grad():
+        coarse, selection, _, _ = raster_forward(q, k, v, cubes, count, scale, True)
+        taken, selection2, summed, _ = raster_forward(q, k, v, cubes, count, scale, True, gate)
+        tiled = (cubes.perm.permute(x.float(), dim=-2) for x in (q, k, v))
+        fine = cubes.perm.unpermute(fine_gathered(*tiled, cubes, selection, scale)[0], dim=-2)
+    cube_of = (cubes.perm.inverse // cubes.volume).to(device)
+    want = fine.double() + gate.double() * coarse.double().index_select(2, cube_of)
+    error = relative_error(summed, want)
+    if taken is not None or not torch.equal(selection, selection2):
+        error = max(error, 2 * FWD_TOL[dtype])  # (the term not added in the launch, or another selection)
+    text = (f"{b}x{h} heads, grid {cubes.perm.grid}, tile {cubes.perm.tile}: {cubes.count} cubes, top {count}, "
+            "q, k, v and gate (B, N, H, D)")
+    return Result(error, FWD_TOL[dtype], text)
+
+
+register(Variant(GATED_FWD_VARIANT, "vsa", "triton", _applies, _check_gated_fwd, dtypes=_gated_dtypes,
+                 shapes=_shapes))
