@@ -222,8 +222,9 @@ def _gather_status() -> str:
     return _switch_status(ENV_GATHER, gather_forced, "wherever the Triton forward runs, behind its self-check",
                           "Tile, GNA and VSA calls on a GPU (training ones in their backward too) "
                           "read q, k, v in raster order in the kernels instead of gathering them, where the "
-                          "self-checks passed and it timed faster per shape class; a gated VSA training call's "
-                          "gated term takes its backward in one launch (not yet run on a GPU)")
+                          "self-checks passed and it timed faster per shape class; a gated VSA call's gated term "
+                          "is added by the fine launch (inference) and takes its backward in one launch (training; "
+                          "neither yet run on a GPU)")
 
 
 def _glue_status() -> str:
