@@ -223,8 +223,9 @@ def _gather_status() -> str:
                           "Tile, GNA and VSA calls on a GPU (training ones in their backward too) "
                           "read q, k, v in raster order in the kernels instead of gathering them, where the "
                           "self-checks passed and it timed faster per shape class; a gated VSA call's gated term "
-                          "is added by the fine launch (inference) and takes its backward in one launch (training; "
-                          "neither yet run on a GPU)")
+                          "is added by the fine launch (inference) and takes its backward in one launch, and the "
+                          "cube means' gradients are added by the backward kernels (training; none yet run on a "
+                          "GPU)")
 
 
 def _glue_status() -> str:

@@ -26,8 +26,8 @@ Cases, each at ``grid`` (default Wan 2.1 480p's (21, 30, 52)) with ``heads`` hea
 The SLA cases, ``vsa_raster`` and ``vsa_train_raster`` also report ``kernel_units``: the bytes of every tensor
 argument of the kernels that do glue work (SLA's glue kernels and its global-sums kernel, which makes phi(K); VSA's
 gated backward, :mod:`~dit_accel.kernels.vsa.gated`), each read or written once (their partial sums are small), and
-the gate and cube rows that VSA's fine launch reads where it adds the gated term (:mod:`~dit_accel.kernels.vsa.raster`):
-work that moved into kernels still moves bytes.
+the gate and cube rows that VSA's fine launch reads where it adds the gated term, and the cube means' gradients its
+backward kernels add (:mod:`~dit_accel.kernels.vsa.raster`): work that moved into kernels still moves bytes.
 
 Totals are given in bytes and in ``units``, the bytes of one q tensor ``(1, heads, N, head_dim)``; a unit scales
 with heads and head dim alike (Wan 2.1 14B 480p, 2 x 40 heads of 128 in bf16: 671 MB).
@@ -129,12 +129,14 @@ def _twin_classify():
 @contextlib.contextmanager
 def _kernel_bytes(counts: Dict[str, int]) -> Iterator[None]:
     """Inside :func:`~.host_path.stub_launches`: each launch of SLA's glue kernels, of its global-sums kernel and of
-    VSA's gated backward adds the bytes of its tensor arguments to ``counts["kernel_bytes"]``, and VSA's fine launch
-    those of the gate and the cube rows where it adds the gated term."""
+    VSA's gated backward adds the bytes of its tensor arguments to ``counts["kernel_bytes"]``, VSA's fine launch
+    those of the gate and the cube rows where it adds the gated term, and its backward those of the cube means'
+    gradients it adds."""
     import torch
 
     from ..kernels.sla import glue
     from ..kernels.sla import triton as sla
+    from ..kernels.block_sparse import triton as bst
     from ..kernels.vsa import fine, gated
 
     class Counting:
@@ -161,12 +163,20 @@ def _kernel_bytes(counts: Dict[str, int]) -> Iterator[None]:
         return ran
 
     fine._launch = launch
+    backward = bst.triton_backward
+
+    def spread_backward(*args, spread=None, **kw):  # (the cube means' gradients the backward kernels add, read once)
+        if spread is not None:
+            counts["kernel_bytes"] += sum(t.numel() * t.element_size() for t in spread[:3] if t is not None)
+        return backward(*args, spread=spread, **kw)
+
+    bst.triton_backward = spread_backward
     try:
         yield
     finally:
         for table, name, stub in saved:
             table[name] = stub
-        fine._launch = fine_launch
+        fine._launch, bst.triton_backward = fine_launch, backward
 
 
 @contextlib.contextmanager

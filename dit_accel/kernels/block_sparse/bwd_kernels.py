@@ -12,6 +12,9 @@ through the row table ``RIDX`` (the raster token of each tiled position, -1 at p
 gathered forward does; ``LSE2`` and ``DELTA`` stay in tiled order (the preprocess reads through the table too,
 writing +inf and 0 at padding). A padded or out-of-range query row loads zeros with an lse of +inf (P = 0: it adds
 nothing), a padded key row zeros (no query sees one: :func:`.gather.padding_unseen`); nothing is stored at either.
+``ADD_Q`` / ``ADD_K`` / ``ADD_V`` (with ``GATHER``, VSA's training calls, :mod:`dit_accel.kernels.vsa.raster`): each
+stored gradient row also takes its cube's row of ``ADDQ`` / ``ADDK`` / ``ADDV`` (each cube mean's gradient over the
+cube's size, fp32), before the one rounding: the spread that was a pass of its own over each gradient.
 """
 
 from __future__ import annotations
@@ -48,9 +51,13 @@ def _query_rows(Q, DO, q_base, do_base, LSE2, DELTA, rows_at, b, h, row, q_len, 
 
 @triton.jit
 def _store_rows(X, b, h, sxb, sxh, sxn, row0, n_rows, x, head_dim, RIDX, ROWS: tl.constexpr,
-                BLOCK_D: tl.constexpr, GATHER: tl.constexpr):
+                BLOCK_D: tl.constexpr, GATHER: tl.constexpr, ADD=None, sab=0, sah=0, sac=0, cube_vol=1,
+                ADDED: tl.constexpr = False):
     """``x`` ``[ROWS, BLOCK_D]`` at the rows ``row0 ..`` of one (batch, head) slice of ``X`` (those before
-    ``n_rows``), or with ``GATHER`` at the raster rows the row table names."""
+    ``n_rows``), or with ``GATHER`` at the raster rows the row table names. ``ADDED`` (VSA's cube means' gradient
+    spread over their tokens, the positions in cube order, ``cube_vol`` to a cube, which the tile's rows divide: the
+    layout's blocks are the cubes): the tile's cube row of the fp32 ``ADD`` (strides ``sab, sah, sac``) is added to
+    every row before the one rounding."""
     offs_d = tl.arange(0, BLOCK_D)
     if GATHER:
         rows = _raster_rows(RIDX, row0, n_rows, ROWS)
@@ -58,8 +65,12 @@ def _store_rows(X, b, h, sxb, sxh, sxn, row0, n_rows, x, head_dim, RIDX, ROWS: t
     else:
         rows = row0 + tl.arange(0, ROWS)
         ok = rows < n_rows
+    cols = ok[:, None] & (offs_d < head_dim)[None, :]
+    if ADDED:
+        x += tl.load(ADD + b.to(tl.int64) * sab + h.to(tl.int64) * sah + (row0 // cube_vol).to(tl.int64) * sac
+                     + offs_d, mask=offs_d < head_dim, other=0.0)[None, :]
     ptrs = X + b.to(tl.int64) * sxb + h.to(tl.int64) * sxh + rows.to(tl.int64)[:, None] * sxn + offs_d[None, :]
-    tl.store(ptrs, x.to(X.dtype.element_ty), mask=ok[:, None] & (offs_d < head_dim)[None, :])
+    tl.store(ptrs, x.to(X.dtype.element_ty), mask=cols)
 
 
 @triton.jit
@@ -67,9 +78,10 @@ def _bwd_dkdv_kernel(
     Q, K, V, DO, LSE2, DELTA, DK, DV, PLAN, BITS, RIDX,
     sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdb, sdh, sdn,
     plan_h, plan_r, w, bits_w,
-    H, q_len, kv_len, head_dim, sm_scale, qk_scale,
+    H, q_len, kv_len, head_dim, sm_scale, qk_scale, ADDK, ADDV, sab, sah, sac, cube_vol,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
-    TMA: tl.constexpr, DOT_PRECISION: tl.constexpr, GATHER: tl.constexpr = False,
+    TMA: tl.constexpr, DOT_PRECISION: tl.constexpr, GATHER: tl.constexpr = False, ADD_K: tl.constexpr = False,
+    ADD_V: tl.constexpr = False,
 ):
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -118,8 +130,10 @@ def _bwd_dkdv_kernel(
                                         head_dim, RIDX, BLOCK_M, BLOCK_D, TMA, True, EVEN_D, GATHER)
         dk, dv = dkdv_step(k, v, q, do, lse, delta, dk, dv, qk_scale, keep, True, DOT_PRECISION)
     # dK / dV are allocated like K / V: same strides.
-    _store_rows(DK, b, h, skb, skh, skn, col0, kv_len, dk * sm_scale, head_dim, RIDX, BLOCK_N, BLOCK_D, GATHER)
-    _store_rows(DV, b, h, svb, svh, svn, col0, kv_len, dv, head_dim, RIDX, BLOCK_N, BLOCK_D, GATHER)
+    _store_rows(DK, b, h, skb, skh, skn, col0, kv_len, dk * sm_scale, head_dim, RIDX, BLOCK_N, BLOCK_D, GATHER,
+                ADDK, sab, sah, sac, cube_vol, ADD_K)
+    _store_rows(DV, b, h, svb, svh, svn, col0, kv_len, dv, head_dim, RIDX, BLOCK_N, BLOCK_D, GATHER,
+                ADDV, sab, sah, sac, cube_vol, ADD_V)
 
 
 @triton.jit
@@ -127,9 +141,9 @@ def _bwd_dq_kernel(
     Q, K, V, DO, LSE2, DELTA, DQ, PLAN, BITS, RIDX,
     sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdb, sdh, sdn,
     plan_h, plan_r, w, bits_w,
-    H, q_len, kv_len, head_dim, sm_scale, qk_scale,
+    H, q_len, kv_len, head_dim, sm_scale, qk_scale, ADDQ, sab, sah, sac, cube_vol,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
-    TMA: tl.constexpr, DOT_PRECISION: tl.constexpr, GATHER: tl.constexpr = False,
+    TMA: tl.constexpr, DOT_PRECISION: tl.constexpr, GATHER: tl.constexpr = False, ADD_Q: tl.constexpr = False,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -168,4 +182,4 @@ def _bwd_dq_kernel(
                        True, EVEN_D, GATHER)
         dq = dq_step(q, do, lse, delta, k, v, dq, qk_scale, keep, True, DOT_PRECISION)
     _store_rows(DQ, b, h, sqb, sqh, sqn, row0, q_len, dq * sm_scale, head_dim, RIDX, BLOCK_M, BLOCK_D,
-                GATHER)  # dQ is allocated like Q
+                GATHER, ADDQ, sab, sah, sac, cube_vol, ADD_Q)  # dQ is allocated like Q

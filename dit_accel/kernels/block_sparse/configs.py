@@ -54,6 +54,7 @@ class KernelConfig:
     lengths: bool = False  # fwd: column-prefix tiles run by a column count (block_sparse.lengths)
     gather: bool = False  # fwd, bwd_dkdv, bwd_dq, pointer loads: raster-order tensors through a row table (.gather)
     gated: bool = False  # fwd with gather: VSA's gated sum in the epilogue (vsa.raster); launches set it per call
+    spread: bool = False  # bwd_dkdv, bwd_dq with gather: VSA's means' gradients added as rows are stored (per call)
 
     @property
     def dot_precision(self) -> str:
@@ -67,15 +68,17 @@ class KernelConfig:
         return (f"{self.kernel}-{_DTYPE_NAMES[self.dtype]}-d{self.block_d}-m{self.block_m}n{self.block_n}"
                 f"-w{self.num_warps}s{self.num_stages}{'-tma' if self.tma else ''}{'' if self.even_d else '-oddd'}"
                 f"{'-ws' if self.ws else ''}{'-resume' if self.resume else ''}{'-len' if self.lengths else ''}"
-                f"{'-gather' if self.gather else ''}{'-gated' if self.gated else ''}")
+                f"{'-gather' if self.gather else ''}{'-gated' if self.gated else ''}{'-spread' if self.spread else ''}")
 
     def constexprs(self) -> dict:
         out = {"BLOCK_M": self.block_m, "BLOCK_N": self.block_n, "BLOCK_D": self.block_d, "EVEN_D": self.even_d,
                "TMA": self.tma, "DOT_PRECISION": self.dot_precision}
         if self.kernel == "fwd":
             out.update(WS=self.ws, RESUME=self.resume, LENGTHS=self.lengths, GATHER=self.gather, GATED=self.gated)
-        elif self.kernel in ("bwd_dkdv", "bwd_dq"):
-            out.update(GATHER=self.gather)
+        elif self.kernel == "bwd_dkdv":
+            out.update(GATHER=self.gather, ADD_K=self.spread, ADD_V=self.spread)
+        elif self.kernel == "bwd_dq":
+            out.update(GATHER=self.gather, ADD_Q=self.spread)
         return out
 
     def dense(self):
@@ -355,9 +358,9 @@ def fused_config(dtype: torch.dtype, head_dim: int, block_q: int, block_k: int, 
 
 # Argument types and divisibility hints: the dense kernels' plus the plan's.
 _ARG_TYPES = {**ARG_TYPES, "PLAN": "*i32", "BITS": "*i64", "LEN_BIAS": "*DT", "ITEMS": "*i32", "RIDX": "*i32",
-              "DQ32": "*fp32", "GATE": "*DT", "CROWS": "*fp32"}
+              "DQ32": "*fp32", "GATE": "*DT", "CROWS": "*fp32", "ADDQ": "*fp32", "ADDK": "*fp32", "ADDV": "*fp32"}
 # layout block sizes (64, 128, 256); dQ's fp32 buffer (contiguous); VSA's gate and cube rows (head dims of 16s)
-_DIV16 = DIV16 | {"bits_w", "sgb", "sgh", "sgn", "scb", "sch", "scc"}
+_DIV16 = DIV16 | {"bits_w", "sgb", "sgh", "sgn", "scb", "sch", "scc", "sab", "sah", "sac"}
 
 
 def candidates(kernel: str, dtype: torch.dtype, block_d: int, arch: int) -> List[KernelConfig]:

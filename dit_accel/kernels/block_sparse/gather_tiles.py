@@ -87,20 +87,19 @@ def gathered_epilogue(O, LSE, RIDX, b, h, row0, sob, soh, son, slb, slh, acc, m_
                       BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, GATED: tl.constexpr):
     """O and LSE of the query tile at tiled position ``row0``, stored at the raster rows the row table ``RIDX``
     names (padded positions and positions past ``q_len`` store nothing). ``GATED`` (VSA's gated sum, the tiled
-    positions in cube order, ``cube_vol`` to a cube): o is ``fine + gate[r] * coarse[cube of r]`` in fp32, rounded
-    once, ``gate`` read at the same raster rows (strides ``sgb, sgh, sgn``), each row's cube row from the fp32
-    ``CROWS`` (``scb, sch, scc``: a few rows, from cache)."""
+    positions in cube order, ``cube_vol`` to a cube, which the tile's rows divide: the layout's blocks are the
+    cubes): o is ``fine + gate[r] * coarse[cube]`` in fp32, rounded once, ``gate`` read at the same raster rows
+    (strides ``sgb, sgh, sgn``), the tile's cube row from the fp32 ``CROWS`` (``scb, sch, scc``)."""
     raster = _raster_rows(RIDX, row0, q_len, BLOCK_M)
     ok = raster >= 0
     if GATED:
         offs_d = tl.arange(0, BLOCK_D)
-        cols = ok[:, None] & (offs_d < head_dim)[None, :]
-        cube = ((row0 + tl.arange(0, BLOCK_M)) // cube_vol).to(tl.int64)
-        c = tl.load(CROWS + b.to(tl.int64) * scb + h.to(tl.int64) * sch + cube[:, None] * scc + offs_d[None, :],
-                    mask=cols, other=0.0)
+        d_ok = offs_d < head_dim
+        c = tl.load(CROWS + b.to(tl.int64) * scb + h.to(tl.int64) * sch + (row0 // cube_vol).to(tl.int64) * scc
+                    + offs_d, mask=d_ok, other=0.0)
         g = tl.load(GATE + b.to(tl.int64) * sgb + h.to(tl.int64) * sgh + raster.to(tl.int64)[:, None] * sgn
-                    + offs_d[None, :], mask=cols, other=0.0)
+                    + offs_d[None, :], mask=ok[:, None] & d_ok[None, :], other=0.0)
         store_rows(O, LSE, b, h, raster, ok, sob, soh, son, slb, slh, acc, m_i, l_i, head_dim, BLOCK_D,
-                   g.to(tl.float32) * c, True)
+                   g.to(tl.float32) * c[None, :], True)
     else:
         store_rows(O, LSE, b, h, raster, ok, sob, soh, son, slb, slh, acc, m_i, l_i, head_dim, BLOCK_D)

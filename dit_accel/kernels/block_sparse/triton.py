@@ -59,9 +59,9 @@ from .gather_tiles import gathered_epilogue, load_block, load_kv
 from .bwd_fused import _bwd_dkdv_dq_kernel, one_pass_faster, one_pass_runs, run_fused
 from .bwd_kernels import _bwd_dkdv_kernel, _bwd_dq_kernel
 from .launch_records import _BackwardLaunch, _BackwardStep, _Launch
-from .configs import (GATHER_BWD_VARIANT, GATHER_VARIANT, KernelConfig, fused_config, fused_pointer, gather_config,
-                      length_config, pointer_fallback, resume_config, rows_fit, select_config, ws_config, ws_enabled,
-                      ws_pays)
+from .configs import (GATHER_BWD_VARIANT, GATHER_VARIANT, KernelConfig, block_d_for, fused_config, fused_pointer,
+                      gather_config, length_config, pointer_fallback, resume_config, rows_fit, select_config, ws_config,
+                      ws_enabled, ws_pays)
 
 __all__ = ["triton_forward", "triton_backward", "KERNELS", "TilePlan", "tile_plan", "work_order", "ws_schedule", "tma_ok"]
 
@@ -516,6 +516,11 @@ def launch_forward(launch: _Launch, q, k, v, o, lse, scale: float, plan: Optiona
     return o, lse
 
 
+def spread_fits(q: torch.Tensor) -> bool:
+    """Whether :func:`triton_backward` takes a ``spread`` for raster ``q``'s head dim (one the kernels do not pad)."""
+    return block_d_for(q.shape[-1]) == q.shape[-1]
+
+
 def gated_launch_ok(launch: _Launch) -> bool:
     """Whether ``launch`` can write VSA's gated sum (:func:`launch_forward`'s ``gated``): a gathered forward (pointer
     loads through a row table) whose head dim is not padded."""
@@ -567,6 +572,19 @@ def _ws_forward(q, k, v, o, lse, layout: BlockLayout, cfg: KernelConfig, scale: 
         _fwd_kernel[grid](*args, **kw)
     selfcheck.corrupt(WS_VARIANT, o)
     return True
+
+
+def _spread_args(spread, placeholder: torch.Tensor) -> Tuple[tuple, tuple, dict, dict]:
+    """The two-pass kernels' ``ADDK, ADDV`` / ``ADDQ``, their strides and ``cube_vol``, and their switches:
+    :func:`triton_backward`'s ``spread`` (each ``(B, H, C, D)`` fp32 contiguous, or None), or placeholders that
+    the kernels do not read."""
+    if spread is None:
+        return (placeholder, placeholder, 0, 0, 0, 1), (placeholder, 0, 0, 0, 1), {}, {}
+    add_q, add_k, add_v, volume = spread
+    shared = (*_strides(next(t for t in (add_q, add_k, add_v) if t is not None)), volume)
+    k_or, v_or, q_or = (placeholder if t is None else t for t in (add_k, add_v, add_q))
+    return ((k_or, v_or, *shared), (q_or, *shared), {"ADD_K": add_k is not None, "ADD_V": add_v is not None},
+            {"ADD_Q": add_q is not None})
 
 
 def _backward_launch(q, k, v, do, o, lse, dlse, layout: BlockLayout, rows: Optional[torch.Tensor] = None
@@ -624,7 +642,7 @@ def _backward_launch(q, k, v, do, o, lse, dlse, layout: BlockLayout, rows: Optio
 @occupancy.on_inputs_device
 def triton_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
                     lse: torch.Tensor, layout: BlockLayout, scale: float, dlse: Optional[torch.Tensor] = None,
-                    one_pass: Optional[bool] = None, rows: Optional[torch.Tensor] = None
+                    one_pass: Optional[bool] = None, rows: Optional[torch.Tensor] = None, spread=None
                     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of :func:`triton_forward` w.r.t. q, k, v.
 
@@ -645,6 +663,9 @@ def triton_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch
         rows: the row table of raster-order ``q``, ``k``, ``v``, ``do``, ``o`` and ``lse``, as given to
             :func:`triton_forward` (:mod:`.gather`); the gradients come back in raster order, from the two-pass
             kernels reading and writing through it (``one_pass=True`` is refused: none ships for it).
+        spread: with ``rows`` and a head dim the kernels do not pad (:func:`spread_fits`), VSA's ``(add_q, add_k,
+            add_v, tokens per cube)``: fp32 ``(B, H, C, D)`` contiguous (or None), each cube's row added to the
+            gradient's rows of that cube (tiled positions in cube order) before they are rounded.
     """
     b, h, n, d = q.shape
     if q.numel() == 0 or k.numel() == 0:
@@ -683,12 +704,19 @@ def triton_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch
     kv, qs = launch.fused if one else launch.steps[0], launch.steps[1]
     launch.ran.add(one)
     qd, dod = (q, do) if kv.descriptors is None else (_rebased(kv.descriptors[0], q), _rebased(kv.descriptors[1], do))
+    if spread is not None and (rows is None or launch.pad is not None or kv is launch.fused
+                               or not layout.block_q == layout.block_k == spread[3]):
+        raise ValueError("spread needs the two-pass kernels reading a row table, at a head dim they do not pad, "
+                         "over a layout whose blocks are the cubes")
     if kv is launch.fused:
         run_fused(kv, qd, k, v, dod, lse2, delta, dq, dk, dv, scale, _LOG2E)
     else:
-        _bwd_dkdv_kernel[kv.grid](qd, k, v, dod, lse2, delta, dk, dv, *kv.args, scale, scale * _LOG2E, **kv.kw)
+        add_kv, add_q, on_kv, on_q = _spread_args(spread, delta)
+        _bwd_dkdv_kernel[kv.grid](qd, k, v, dod, lse2, delta, dk, dv, *kv.args, scale, scale * _LOG2E, *add_kv,
+                                  **{**kv.kw, **on_kv})
         kd, vd = (k, v) if qs.descriptors is None else (_rebased(qs.descriptors[0], k), _rebased(qs.descriptors[1], v))
-        _bwd_dq_kernel[qs.grid](q, kd, vd, do, lse2, delta, dq, *qs.args, scale, scale * _LOG2E, **qs.kw)
+        _bwd_dq_kernel[qs.grid](q, kd, vd, do, lse2, delta, dq, *qs.args, scale, scale * _LOG2E, *add_q,
+                                **{**qs.kw, **on_q})
     if dq.shape[-1] != d:
         dq, dk, dv = (g[..., :d].contiguous() for g in (dq, dk, dv))
     selfcheck.corrupt("block_sparse.triton.bwd" if rows is None else GATHER_BWD_VARIANT, dq)

@@ -28,12 +28,13 @@ import triton.language as tl
 from .. import occupancy
 from .naive import Cubes
 
-__all__ = ["gated_backward", "gated_kernel_runs", "aot_source", "KERNELS", "VARIANT", "FWD_VARIANT", "NUM_WARPS",
-           "ROWS", "BLOCK_D"]
+__all__ = ["gated_backward", "gated_kernel_runs", "aot_source", "KERNELS", "VARIANT", "FWD_VARIANT", "SPREAD_VARIANT",
+           "NUM_WARPS", "ROWS", "BLOCK_D"]
 
-#: The self-check's name of the kernel; and of the gathered fine forward adding the gated term in its epilogue
-#: (:func:`.raster.raster_forward`), which this switch also decides.
-VARIANT, FWD_VARIANT = "vsa.triton.gated_bwd", "vsa.triton.gated_fwd"
+#: The self-check's name of the kernel; of the gathered fine forward adding the gated term in its epilogue
+#: (:func:`.raster.raster_forward`); and of the gathered backward adding the cube means' gradients
+#: (:func:`.raster.raster_train`): this switch decides all three.
+VARIANT, FWD_VARIANT, SPREAD_VARIANT = "vsa.triton.gated_bwd", "vsa.triton.gated_fwd", "vsa.triton.spread_bwd"
 #: Token rows per step, columns per program, warps per program.
 ROWS, BLOCK_D, NUM_WARPS = 32, 64, 4
 
@@ -112,8 +113,9 @@ def gated_backward(grad: torch.Tensor, gate: torch.Tensor, coarse: torch.Tensor,
 
 
 def gated_kernel_runs(gate: torch.Tensor, variant: str = VARIANT) -> bool:
-    """Whether the gated term's backward on a gate like ``gate`` runs this kernel (``variant``
-    :data:`FWD_VARIANT`: whether the fine launch adds the gated term): ``DIT_ACCEL_GATHER``
+    """Whether the gated term's backward on a gate like ``gate`` runs this kernel (``variant`` :data:`FWD_VARIANT` /
+    :data:`SPREAD_VARIANT`: whether the fine launch adds the gated term, the backward the means' gradients):
+    ``DIT_ACCEL_GATHER``
     (:func:`~dit_accel.kernels.block_sparse.gather.gather_forced`) ``0`` never; unset, on a GPU only; eager calls on
     plain tensors; and only where :data:`VARIANT` passed its self-check at the gate's dtype and head dim (a forced
     ``1`` raises :class:`~dit_accel.kernels.selfcheck.VariantFailed` where it failed). Inside a CUDA graph capture,

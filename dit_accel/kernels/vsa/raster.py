@@ -26,9 +26,11 @@ the coarse branch's gradient (each cube's, expanded over its tokens) to the fine
 scattered the sums back. Here one autograd function runs the pool launch (through the row table), selects from
 the means in the coarse launch and runs the gathered forward; the coarse output is computed from its fp32 means
 under autograd (the twin's formula, in one fused attention op, so neither pass writes ``C x C`` scores or their
-gradient). Its backward runs the gathered two-pass backward, which
-writes dQ, dK and dV in raster order, and adds each cube's mean gradient over the cube's tokens in place
-(:func:`~.layouts.token_views`: a broadcast, no token-sized copy; rounded once from fp32). The means are the pool
+gradient). Its backward runs the gathered two-pass backward, which writes dQ, dK and dV in raster order and adds
+each cube's mean gradient (over the cube's size) to the cube's rows as it stores them, where that variant passed its
+self-check (``vsa.triton.spread_bwd``, :func:`spread_runs`: heads of 64, 128 or 256); elsewhere the means' gradients
+are added over the cube's tokens in place afterwards (:func:`~.layouts.token_views`: a broadcast, no token-sized
+copy, but a pass over each gradient: about 4.5 q-sized units a call at Wan 480p, MODELLED). The means are the pool
 launch's, not the twin's (another fp32 summation order), so the selection is the cube-order path's up to fp32
 near-ties and the gradients are within rounding of it.
 """
@@ -44,7 +46,8 @@ from . import fine as fine_path
 from .layouts import layout_of_rows, token_views
 from .naive import Cubes, cube_sizes
 
-__all__ = ["FAMILY", "TRAIN_FAMILY", "raster_forward", "raster_train", "folds", "folded", "launched"]
+__all__ = ["FAMILY", "TRAIN_FAMILY", "raster_forward", "raster_train", "spread_runs", "folds", "folded",
+           "launched"]
 
 #: The autotune families of the choice between the raster and the cube-order path: an inference call's forward,
 #: and a training call's forward and backward.
@@ -108,13 +111,17 @@ def _per_batch(fn, q, k, v, gate, *args):
 
 
 def raster_train(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cubes: Cubes, count: int, scale: float,
-                 with_coarse: bool) -> Tuple[Optional[torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor]:
+                 with_coarse: bool, spread: Optional[bool] = None
+                 ) -> Tuple[Optional[torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor]:
     """:func:`raster_forward`'s parts for a call that records a backward (the module docstring): gradients flow to
     q, k and v through the fine output, its lse and (``with_coarse``) the coarse output, not through the
-    selection. The caller decided the path; no input checks here."""
+    selection. The caller decided the path; no input checks here. ``spread``: whether the backward kernels add each
+    cube mean's gradient to the cube's rows as they store them (:func:`spread_runs`, None: asked here), instead of a
+    pass of their own over each gradient."""
     if not all(folds(x) for x in (q, k, v)):
-        return _per_batch(raster_train, q, k, v, None, cubes, count, scale, with_coarse)
-    fine, lse, qc, kc, vc, selection = _RasterTrain.apply(q, k, v, cubes, count, scale)
+        return _per_batch(raster_train, q, k, v, None, cubes, count, scale, with_coarse, spread)
+    spread = spread_runs(q) if spread is None else spread
+    fine, lse, qc, kc, vc, selection = _RasterTrain.apply(q, k, v, cubes, count, scale, spread)
     coarse = None
     if with_coarse:  # (the twin's softmax(qc kc^T * scale) vc on the pool launch's means, through one fused
         # attention op: neither pass writes the C x C scores or their gradient, which the operators' autograd did)
@@ -122,13 +129,23 @@ def raster_train(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cubes: Cubes
     return coarse, selection, fine, lse
 
 
+def spread_runs(q: torch.Tensor) -> bool:
+    """Whether a training call on raster ``q`` has its backward kernels add the cube means' gradients
+    (``vsa.triton.spread_bwd``, :func:`raster_train`): a head dim they do not pad, where that variant passed its
+    self-check, on the raster kernels' switch (:func:`.gated.gated_kernel_runs`)."""
+    from ..block_sparse.triton import spread_fits
+    from .gated import SPREAD_VARIANT, gated_kernel_runs
+
+    return spread_fits(q) and gated_kernel_runs(q, SPREAD_VARIANT)
+
+
 class _RasterTrain(torch.autograd.Function):
     """The pool launch, the selection and the gathered fine forward of raster ``q``, ``k``, ``v`` (folding into
-    heads): ``(fine, lse, q means, k means, v means, selection)``; the backward is the gathered two-pass one plus
-    each cube's mean gradient spread over its tokens in place."""
+    heads): ``(fine, lse, q means, k means, v means, selection)``; the backward is the gathered two-pass one, each
+    cube's mean gradient added over its tokens by its kernels (``spread``) or in place afterwards."""
 
     @staticmethod
-    def forward(ctx, q, k, v, cubes: Cubes, count: int, scale: float):
+    def forward(ctx, q, k, v, cubes: Cubes, count: int, scale: float, spread: bool = False):
         from ..block_sparse.triton import triton_forward
         from .triton import coarse_of_means, pool_triton
 
@@ -139,7 +156,7 @@ class _RasterTrain(torch.autograd.Function):
         layout = layout_of_rows(cubes, selection)
         o, lse = triton_forward(folded(q), folded(k), folded(v), layout, scale, rows=table)
         ctx.save_for_backward(q, k, v, o, lse)
-        ctx.cubes, ctx.layout, ctx.scale, ctx.table = cubes, layout, scale, table
+        ctx.cubes, ctx.layout, ctx.scale, ctx.table, ctx.spread = cubes, layout, scale, table, spread
         ctx.mark_non_differentiable(selection)
         ctx.set_materialize_grads(False)
         return (o.view(b, h, n, d), lse.view(b, h, n)) + tuple(means) + (selection,)
@@ -153,12 +170,21 @@ class _RasterTrain(torch.autograd.Function):
         b, h, n, d = q.shape
         d_o = torch.zeros_like(o) if d_fine is None else d_fine.reshape(o.shape)
         d_lse = None if d_lse is None else d_lse.reshape(lse.shape)
-        grads = triton_backward(d_o, folded(q), folded(k), folded(v), o, lse, ctx.layout, ctx.scale, d_lse,
-                                rows=ctx.table)
-        grads = [g.view(b, h, n, d) for g in grads]
         inv = cube_sizes(ctx.cubes, q.device, inverse=True)[:, None]
-        for g, d_means in zip(grads, (d_qc, d_kc, d_vc)):
-            if d_means is not None:  # d x[r] += d mean[cube of r] / size of that cube, rounded once
-                rows, tokens = token_views(d_means * inv, ctx.cubes, ctx.cubes.perm)
-                g.unflatten(2, tokens).add_(rows)
-        return (*grads, None, None, None)
+        adds = [None if g is None else (g * inv).reshape(1, b * h, *g.shape[2:]).contiguous()
+                for g in (d_qc, d_kc, d_vc)]  # d x[r] += d mean[cube of r] / size of that cube
+        spread = (*adds, ctx.cubes.volume) if ctx.spread and any(a is not None for a in adds) else None
+        grads = triton_backward(d_o, folded(q), folded(k), folded(v), o, lse, ctx.layout, ctx.scale, d_lse,
+                                rows=ctx.table, spread=spread)
+        grads = [g.view(b, h, n, d) for g in grads]
+        if spread is not None:
+            from ..selfcheck import corrupt
+            from .gated import SPREAD_VARIANT
+
+            corrupt(SPREAD_VARIANT, grads[0])
+        else:
+            for g, add in zip(grads, adds):
+                if add is not None:  # (in place over the tokens: a pass of its own over the gradient)
+                    rows, tokens = token_views(add.view(b, h, *add.shape[2:]), ctx.cubes, ctx.cubes.perm)
+                    g.unflatten(2, tokens).add_(rows)
+        return (*grads, None, None, None, None)

@@ -16,6 +16,9 @@ rounded to it).
 
 ``vsa.triton.gated_fwd``: the gathered fine forward writing ``fine + gate * coarse`` in its epilogue (:mod:`.raster`)
 on the same problem, against the twin's fine branch over the same selection plus the gated term, in float64.
+
+``vsa.triton.spread_bwd``: a training call's gathered backward adding each cube mean's gradient to the cube's rows
+as it stores them (:mod:`.raster`), against the same call adding them in PyTorch operators afterwards.
 """
 
 from __future__ import annotations
@@ -26,13 +29,14 @@ import torch
 
 from ..selfcheck import Result, Variant, register, relative_error
 
-__all__ = ["COARSE_TOL", "SELECTION_TOL", "VARIANT", "GATED_VARIANT", "GATED_FWD_VARIANT"]
+__all__ = ["COARSE_TOL", "SELECTION_TOL", "VARIANT", "GATED_VARIANT", "GATED_FWD_VARIANT", "SPREAD_VARIANT"]
 
 COARSE_TOL = 1e-4
 SELECTION_TOL = 0.01
 VARIANT = "vsa.triton.coarse"
 GATED_VARIANT = "vsa.triton.gated_bwd"  # (gated.VARIANT: triton loads on first use)
 GATED_FWD_VARIANT = "vsa.triton.gated_fwd"  # (gated.FWD_VARIANT)
+SPREAD_VARIANT = "vsa.triton.spread_bwd"  # (gated.SPREAD_VARIANT)
 
 
 def _applies(device: torch.device) -> Optional[str]:
@@ -153,3 +157,34 @@ def _check_gated_fwd(device: torch.device, dtype: torch.dtype, shape: dict) -> R
 
 register(Variant(GATED_FWD_VARIANT, "vsa", "triton", _applies, _check_gated_fwd, dtypes=_gated_dtypes,
                  shapes=_shapes))
+
+
+def _check_spread(device: torch.device, dtype: torch.dtype, shape: dict) -> Result:
+    """The gathered backward adding each cube mean's gradient to the cube's rows as it stores them
+    (:func:`.raster.raster_train` with ``spread``) on :func:`_problem`'s partial cubes and two videos (one through the
+    interpreter) laid out ``(B, N, H, D)``, against the same call adding them in PyTorch operators afterwards: dQ, dK and dV, the coarse
+    output's gradient scaled by the cube volume so that the spread term weighs as much as the fine branch's."""
+    from .._selfchecks import BWD_TOL
+    from .raster import raster_train
+
+    cubes, gate, q, _ = _problem(device, dtype, shape["head_dim"])
+    if device.type != "cuda":  # (one video through the interpreter: its backward is the slow part of selftest)
+        gate, q = gate[:1], q[:1]
+    k, v = q.flip(2), gate.flip(2)
+    b, h, _, d = q.shape
+    count, scale = max(1, cubes.count // 3), d ** -0.5
+    grads = []
+    for spread in (True, False):
+        leaves = [x.detach().requires_grad_() for x in (q, k, v)]
+        with torch.enable_grad():
+            coarse, _, fine, _ = raster_train(*leaves, cubes, count, scale, True, spread)
+            d_fine = torch.randn(fine.shape, generator=torch.Generator().manual_seed(29)).to(device, dtype)
+            d_coarse = torch.randn(coarse.shape, generator=torch.Generator().manual_seed(31)).to(device)
+            grads.append(torch.autograd.grad((fine, coarse), leaves, (d_fine, d_coarse * cubes.volume)))
+    error = max(relative_error(a, b) for a, b in zip(*grads))
+    text = (f"{b}x{h} heads, grid {cubes.perm.grid}, tile {cubes.perm.tile}: {cubes.count} cubes, top {count}, "
+            "dQ dK dV, q, k, v (B, N, H, D)")
+    return Result(error, BWD_TOL[dtype], text)
+
+
+register(Variant(SPREAD_VARIANT, "vsa", "triton", _applies, _check_spread, dtypes=_gated_dtypes, shapes=_shapes))
