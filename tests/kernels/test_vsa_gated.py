@@ -129,20 +129,24 @@ def test_the_switch(monkeypatch):
 
 
 @interpreter
-def test_the_self_check_passes_and_catches_a_fault(tmp_path, monkeypatch):
-    """``vsa.triton.gated_bwd`` passes on its problem; with ``$DIT_ACCEL_FAULT`` naming it the launch's results are
-    corrupted and the check fails, and a call forcing the kernel then raises, naming it."""
+@pytest.mark.parametrize("variant", [gated.VARIANT, gated.FWD_VARIANT, gated.SPREAD_VARIANT],
+                         ids=["gated_bwd", "gated_fwd", "spread_bwd"])
+def test_the_self_check_passes_and_catches_a_fault(tmp_path, monkeypatch, variant):
+    """``vsa.triton.gated_bwd`` (this kernel), ``gated_fwd`` (the fine launch adding the gated term,
+    tests/kernels/test_vsa_gated_fwd.py) and ``spread_bwd`` (the backward kernels adding the means' gradients,
+    tests/kernels/test_vsa_spread.py) pass on their problems; with ``$DIT_ACCEL_FAULT`` naming one, the launch's
+    results are corrupted and its check fails, and a call forcing it then raises, naming it."""
     monkeypatch.setenv("DIT_ACCEL_CACHE", str(tmp_path))
     monkeypatch.setenv("DIT_ACCEL_SELFCHECK", "1")
     shape = {"head_dim": 64, "block_q": 64, "block_k": 64}
-    good = selfcheck.verdict(gated.VARIANT, torch.device("cpu"), torch.float16, shape, fresh=True)
+    good = selfcheck.verdict(variant, torch.device("cpu"), torch.float16, shape, fresh=True)
     assert good["ok"] and good["error"] < 1e-3, good
-    monkeypatch.setenv(selfcheck.ENV_FAULT, gated.VARIANT)
-    bad = selfcheck.verdict(gated.VARIANT, torch.device("cpu"), torch.float32, shape, fresh=True)
+    monkeypatch.setenv(selfcheck.ENV_FAULT, variant)
+    bad = selfcheck.verdict(variant, torch.device("cpu"), torch.float32, shape, fresh=True)
     assert not bad["ok"], bad
     monkeypatch.setenv(gather.ENV_GATHER, "1")
-    with pytest.raises(selfcheck.VariantFailed, match="gated_bwd"):
-        gated.gated_kernel_runs(torch.randn(1, 2, 8, 64))
+    with pytest.raises(selfcheck.VariantFailed, match=variant.split(".")[-1]):
+        gated.gated_kernel_runs(torch.randn(1, 2, 8, 64), variant)
 
 
 _SCRIPT = r"""

@@ -14,7 +14,7 @@ import torch
 import dit_accel
 from dit_accel.kernels import selfcheck
 from dit_accel.kernels.block_sparse import gather
-from dit_accel.kernels.vsa import api, fine, gated
+from dit_accel.kernels.vsa import api, fine
 from tests.kernels.vsa_reference import reference
 
 pytest.importorskip("triton")
@@ -116,23 +116,6 @@ def test_it_is_taken_only_where_the_launch_can_add_it(monkeypatch, tmp_path):
     torch.testing.assert_close(dit_accel.vsa_attention(q, k, v, grid, topk=3, gate=gate, backend="triton"), want,
                                atol=1e-5, rtol=1e-5)
     assert flags[:2] == [True, False] and not any(flags[2:])  # (cube order: the term in its own pass)
-
-
-@interpreter
-def test_the_self_check_passes_and_catches_a_fault(tmp_path, monkeypatch):
-    """``vsa.triton.gated_fwd`` passes on its problem; with ``$DIT_ACCEL_FAULT`` naming it the launch's output is
-    corrupted and the check fails, and a call forcing the raster path then raises, naming it."""
-    monkeypatch.setenv("DIT_ACCEL_CACHE", str(tmp_path))
-    monkeypatch.setenv("DIT_ACCEL_SELFCHECK", "1")
-    shape = {"head_dim": 64, "block_q": 64, "block_k": 64}
-    good = selfcheck.verdict(gated.FWD_VARIANT, torch.device("cpu"), torch.float16, shape, fresh=True)
-    assert good["ok"] and good["error"] < 1e-3, good
-    monkeypatch.setenv(selfcheck.ENV_FAULT, gated.FWD_VARIANT)
-    bad = selfcheck.verdict(gated.FWD_VARIANT, torch.device("cpu"), torch.float32, shape, fresh=True)
-    assert not bad["ok"], bad
-    monkeypatch.setenv(gather.ENV_GATHER, "1")
-    with pytest.raises(selfcheck.VariantFailed, match="gated_fwd"):
-        gated.gated_kernel_runs(torch.randn(1, 2, 8, 64), gated.FWD_VARIANT)
 
 
 @pytest.mark.gpu

@@ -12,9 +12,8 @@ import pytest
 import torch
 
 from dit_accel.kernels import selfcheck
-from dit_accel.kernels.block_sparse import gather
 from dit_accel.kernels.block_sparse import triton as bst
-from dit_accel.kernels.vsa import gated, raster
+from dit_accel.kernels.vsa import raster
 from tests.kernels.test_vsa_raster import _qkv, _reference_step, _train_step
 from tests.utils import interpreter
 
@@ -72,23 +71,6 @@ def test_a_head_dim_the_kernels_pad_keeps_the_separate_pass(monkeypatch, tmp_pat
     assert seen and not any(seen)
     for name, a, ref in zip("qkvg", got[2], _reference_step(q, k, v, gate, grid, 3)[1]):
         torch.testing.assert_close(a.double(), ref, atol=1e-4, rtol=1e-4, msg=lambda m: f"d{name}: {m}")
-
-
-@interpreter
-def test_the_self_check_passes_and_catches_a_fault(tmp_path, monkeypatch):
-    """``vsa.triton.spread_bwd`` passes on its problem; with ``$DIT_ACCEL_FAULT`` naming it the gradients the kernels
-    wrote are corrupted and the check fails, and a forced call then raises, naming it."""
-    monkeypatch.setenv("DIT_ACCEL_CACHE", str(tmp_path))
-    monkeypatch.setenv("DIT_ACCEL_SELFCHECK", "1")
-    shape = {"head_dim": 64, "block_q": 64, "block_k": 64}
-    good = selfcheck.verdict(gated.SPREAD_VARIANT, torch.device("cpu"), torch.float16, shape, fresh=True)
-    assert good["ok"] and good["error"] < 2e-3, good
-    monkeypatch.setenv(selfcheck.ENV_FAULT, gated.SPREAD_VARIANT)
-    bad = selfcheck.verdict(gated.SPREAD_VARIANT, torch.device("cpu"), torch.float32, shape, fresh=True)
-    assert not bad["ok"], bad
-    monkeypatch.setenv(gather.ENV_GATHER, "1")
-    with pytest.raises(selfcheck.VariantFailed, match="spread_bwd"):
-        raster.spread_runs(torch.randn(1, 2, 8, 64))
 
 
 @interpreter
