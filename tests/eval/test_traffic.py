@@ -52,6 +52,7 @@ def test_every_case_runs_and_the_kernels_come_back(traffic):
                                                  if name not in ("tile_raster", "tile_train_raster"))
     assert not isinstance(bs._fwd_kernel, type(None)) and type(bs._fwd_kernel).__name__ != "_StubKernel"
     assert vsa_triton.coarse_triton.__name__ == "coarse_triton" and fine._direct.__name__ == "_direct"
+    assert fine._launch.__name__ == "_launch" and bs.triton_backward.__name__ == "triton_backward"  # (counted)
     from dit_accel.kernels.sla import api as sla_api
 
     assert sla_api._fused.__name__ == "_fused" and hasattr(sla_api._fused, "cache_info")
