@@ -79,21 +79,23 @@ def cache_root() -> Path:
 _UNWRITABLE: set = set()
 
 
-def warn_unwritable_cache(path: PathLike, exc: OSError) -> None:
-    """Warn once per folder that a cache file could not be written (a read-only home, ``$DIT_ACCEL_CACHE`` naming a
-    file): the caller keeps its answer for this process only, so every new process measures again."""
+def warn_unwritable_cache(path: PathLike, exc: OSError, *, folder: Optional[PathLike] = None,
+                          kept: str = "first-use checks and timings are kept for this process only and run again in "
+                                      "the next", setting: str = "DIT_ACCEL_CACHE") -> None:
+    """Warn once per folder (``path``'s, or the cache's own ``folder`` above it) that a cache file could not be
+    written (a read-only home, ``$DIT_ACCEL_CACHE`` naming a file): the caller keeps its answer for this process only
+    (``kept`` says what that costs), so every new process works it out again; ``setting``: the variable to set."""
     import warnings
 
-    folder = str(Path(path).parent)
+    folder = str(Path(path).parent if folder is None else folder)
     if folder in _UNWRITABLE:
         return
     _UNWRITABLE.add(folder)
     from ._util import DitAccelWarning
 
     why = "a file, not a folder" if os.path.isfile(folder) else (exc.strerror or str(exc))
-    warnings.warn(f"dit_accel cannot write its cache in {folder} ({why}): first-use checks and "
-                  "timings are kept for this process only and run again in the next; set DIT_ACCEL_CACHE to a "
-                  "writable folder", DitAccelWarning, stacklevel=3)
+    warnings.warn(f"dit_accel cannot write its cache in {folder} ({why}): {kept}; set {setting} to a writable "
+                  "folder", DitAccelWarning, stacklevel=3)
 
 
 def crash_point() -> None:

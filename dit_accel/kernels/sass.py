@@ -41,7 +41,7 @@ import sys
 from pathlib import Path
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
-from ..atomic_files import atomic_write_json, cache_root
+from ..atomic_files import atomic_write_json, cache_root, warn_unwritable_cache
 from .compile import TARGET_ARCHS, aot_source, compile_for_target, map_in_workers, shipped_kernel_configs
 from .occupancy import occupancy  # shared with the persistent launcher (a leaf module: no import cycle)
 from .sass_parse import (_SETMAXREG, CLASSES, Instruction, Loop, _name_loops, _same_source, classify, disassemble,
@@ -296,8 +296,8 @@ def analyze(cfg, arch: int, use_cache: bool = True, loops: bool = True) -> dict:
         path = _cache_dir() / f"{_cache_key(cfg, arch)}.json"
         try:
             atomic_write_json(path, row, indent=None)
-        except OSError:
-            pass
+        except OSError as exc:
+            warn_unwritable_cache(path, exc, kept="SASS analyses are not kept and compile again in the next process")
     return row
 
 

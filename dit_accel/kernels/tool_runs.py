@@ -7,7 +7,7 @@ the output (the parsers) is stored. The static GPU checks re-read every shipped 
 kept, a run on a machine that has already seen a kernel skips ptxas and nvdisasm for it.
 
 Where: ``$DIT_ACCEL_TOOL_CACHE``, else ``$DIT_ACCEL_CACHE/tools``, else ``~/.cache/dit_accel/tools``. A damaged or
-unreadable entry is run again; an unwritable folder only costs the saving.
+unreadable entry is run again; an unwritable folder only costs the saving (said once, as a warning).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import tempfile
 from pathlib import Path
 from typing import Sequence
 
-from ..atomic_files import atomic_write_json, cache_root
+from ..atomic_files import atomic_write_json, cache_root, warn_unwritable_cache
 
 __all__ = ["run_tool", "cache_dir"]
 
@@ -74,6 +74,8 @@ def run_tool(tool: str, flags: Sequence[str], data: bytes, suffix: str, *, check
         return res.returncode, res.stdout, res.stderr
     try:
         atomic_write_json(path, {"stdout": res.stdout, "stderr": res.stderr}, indent=None)
-    except OSError:
-        pass
+    except OSError as exc:
+        warn_unwritable_cache(path, exc, folder=cache_dir(), setting="DIT_ACCEL_TOOL_CACHE (or DIT_ACCEL_CACHE)",
+                              kept="ptxas, nvdisasm and cuobjdump outputs are not kept and run again in the next "
+                                   "process")
     return 0, res.stdout, res.stderr

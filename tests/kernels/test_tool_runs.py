@@ -90,3 +90,24 @@ def test_where_the_outputs_go(monkeypatch, tmp_path):
     assert tool_runs.cache_dir() == tmp_path / "tools"
     monkeypatch.setenv("DIT_ACCEL_TOOL_CACHE", str(tmp_path / "elsewhere"))
     assert tool_runs.cache_dir() == tmp_path / "elsewhere"
+
+
+def test_an_unwritable_cache_is_said_once_and_the_output_still_comes_back(tool, tmp_path, monkeypatch):
+    """``DIT_ACCEL_TOOL_CACHE`` naming a file (or a read-only home): the outputs were dropped without a word, so every
+    process ran ptxas and nvdisasm again. One warning names the folder and what to set; the output comes back."""
+    import warnings
+
+    from dit_accel import atomic_files
+
+    binary, runs = tool
+    not_a_folder = tmp_path / "cache_file"
+    not_a_folder.write_text("x")
+    monkeypatch.setenv("DIT_ACCEL_TOOL_CACHE", str(not_a_folder))
+    monkeypatch.setattr(atomic_files, "_UNWRITABLE", set())
+    with pytest.warns(UserWarning, match=f"cannot write its cache in {not_a_folder} \\(a file, not a folder\\): "
+                                         "ptxas, nvdisasm and cuobjdump outputs are not kept.*DIT_ACCEL_TOOL_CACHE"):
+        assert tool_runs.run_tool(binary, ["-v"], b"kernel A", ".ptx") == (0, "flags: -v\n", "log: kernel A\n")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once per cache folder, whichever key's subfolder failed
+        tool_runs.run_tool(binary, ["-v"], b"kernel B", ".ptx")
+    assert runs() == 2 and not_a_folder.read_text() == "x"
