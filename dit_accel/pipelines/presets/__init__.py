@@ -268,8 +268,8 @@ def _other_rank(method, dims: int) -> Optional[Tuple[str, str]]:
         fitting = [n for n, e in methods.items() if getattr(e.cls, "NEEDS_DIMS", None) in (None, dims)
                    and n != "dense"]
         return (f"method {method.name!r} needs a {_rank_words(need)} token grid",
-                f"Use one of {', '.join(fitting)} (dit_accel.recommended(pipe.transformer, 'tile') gives a setting "
-                "that fits)")
+                f"Use one of {', '.join(fitting)} (dit_accel.recommended(transformer, 'tile') gives a setting that "
+                "fits)")
     if isinstance(method, type) or not dataclasses.is_dataclass(method):
         return None
     for f in dataclasses.fields(method):
@@ -281,7 +281,7 @@ def _other_rank(method, dims: int) -> Optional[Tuple[str, str]]:
                 example = ", ".join(["8"] * dims)
                 return (f"{type(method).__name__}'s {f.name}={item!r} is for a {len(item)}-D token grid",
                         f"Give {dims} values per dimension setting ({f.name}=({example}), say) or one int, or take "
-                        f"dit_accel.recommended(pipe.transformer, {method.name!r})")
+                        f"dit_accel.recommended(transformer, {method.name!r})")
     return None
 
 
