@@ -156,11 +156,10 @@ def _kernel_bytes(counts: Dict[str, int]) -> Iterator[None]:
         table[name] = Counting(stub)
     fine_launch = fine._launch
 
-    def launch(q, k, v, launched, plan, scale, table, gated=None):  # (the fine launch's epilogue reads these once)
-        ran = fine_launch(q, k, v, launched, plan, scale, table, gated)
-        if ran[2]:
+    def launch(q, k, v, launched, plan, scale, table, gated=None, **kw):  # (its epilogue reads these once)
+        if gated is not None:
             counts["kernel_bytes"] += sum(t.numel() * t.element_size() for t in gated[:2])
-        return ran
+        return fine_launch(q, k, v, launched, plan, scale, table, gated, **kw)
 
     fine._launch = launch
     backward = bst.triton_backward

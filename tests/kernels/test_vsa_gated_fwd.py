@@ -32,9 +32,14 @@ def _inputs(grid, batch, layout, dtype, d=64, seed=0):
 
 
 def _summed(monkeypatch) -> list:
-    """The ``summed`` flag of every fine launch (whether it added the gated term)."""
+    """Whether each fine launch was given the gated term to add (``_launch``'s ``gated``, its 8th argument)."""
     flags, real = [], fine._launch
-    monkeypatch.setattr(fine, "_launch", lambda *a, **kw: (lambda out: flags.append(out[2]) or out)(real(*a, **kw)))
+
+    def launch(*args, **kw):
+        flags.append((args[7] if len(args) > 7 else kw.get("gated")) is not None)
+        return real(*args, **kw)
+
+    monkeypatch.setattr(fine, "_launch", launch)
     return flags
 
 

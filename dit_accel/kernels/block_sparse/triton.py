@@ -494,8 +494,8 @@ def launch_forward(launch: _Launch, q, k, v, o, lse, scale: float, plan: Optiona
                    gated: Optional[Tuple[torch.Tensor, torch.Tensor, int]] = None):
     """Run ``launch`` (for q, k, v) into ``o`` and ``lse``; ``plan``: another tile plan of its shape (vsa.fine);
     ``gated``: VSA's ``(gate, cube rows, tokens per cube)`` (:func:`_gate_args`), o then being its gated sum (a
-    gathered launch over cube order, head dim unpadded: :func:`gated_launch_ok`)."""
-    if gated is not None and not gated_launch_ok(launch):
+    gathered launch over cube order, head dim unpadded)."""
+    if gated is not None and (not launch.cfg.gather or launch.pad):
         raise ValueError(f"a gated sum needs a gathered forward with an unpadded head dim; {launch.cfg.name} is not")
     if launch.prepare:  # a last dim that is not contiguous, or a head dim the pointer kernel pads
         q, k, v = _pad_d(launch.cfg, *(_last_dim_contiguous(t) for t in (q, k, v)))
@@ -519,12 +519,6 @@ def launch_forward(launch: _Launch, q, k, v, o, lse, scale: float, plan: Optiona
 def spread_fits(q: torch.Tensor) -> bool:
     """Whether :func:`triton_backward` takes a ``spread`` for raster ``q``'s head dim (one the kernels do not pad)."""
     return block_d_for(q.shape[-1]) == q.shape[-1]
-
-
-def gated_launch_ok(launch: _Launch) -> bool:
-    """Whether ``launch`` can write VSA's gated sum (:func:`launch_forward`'s ``gated``): a gathered forward (pointer
-    loads through a row table) whose head dim is not padded."""
-    return launch.cfg.gather and not launch.pad
 
 
 def ws_schedule(plan: TilePlan, batch: int, heads: int, cfg: KernelConfig, arch: str = "h100", force: bool = False

@@ -104,17 +104,16 @@ def fine_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cubes, rows: to
     template = _TEMPLATES.get(_key(q, k, v, cubes, rows.shape, table))
     if template is None:
         return None
-    return _launch(q, k, v, template.launch, rows_plan(rows, template), scale, table)[:2]
+    return _launch(q, k, v, template.launch, rows_plan(rows, template), scale, table)
 
 
 def raster_fine(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cubes, selection: torch.Tensor, scale: float,
-                table: torch.Tensor, gated=None) -> Tuple[torch.Tensor, torch.Tensor, bool]:
-    """``(o, lse, summed)`` of the raster path's fine branch (:mod:`.raster`) on folded raster ``q``, ``k``, ``v``
-    over the key cubes ``selection`` (``(B, H, Cq, k)``, B * H the folded heads): from the class's template where
-    there is one, else from the layout of the selection (whose launch then becomes the template). ``gated``:
-    ``(folded gate, folded cube rows, tokens per cube)``, VSA's gated term, which the launch adds in its epilogue
-    where it can (:func:`~dit_accel.kernels.block_sparse.triton.gated_launch_ok`): ``o`` is then ``fine + gate *
-    coarse`` rounded once and ``summed`` True."""
+                table: torch.Tensor, gated=None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(o, lse)`` of the raster path's fine branch (:mod:`.raster`) on folded raster ``q``, ``k``, ``v`` over the
+    key cubes ``selection`` (``(B, H, Cq, k)``, B * H the folded heads): from the class's template where there is
+    one, else from the layout of the selection (whose launch then becomes the template). ``gated``: ``(folded gate,
+    folded cube rows, tokens per cube)``, VSA's gated term, which the launch adds in its epilogue (at a head dim the
+    kernel does not pad: the caller's to check): ``o`` is then ``fine + gate * coarse``, rounded once."""
     from . import layouts
 
     rows = selection.reshape(-1, *selection.shape[2:])
@@ -122,29 +121,28 @@ def raster_fine(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cubes, select
     if template is not None:
         return _launch(q, k, v, template.launch, rows_plan(rows, template), scale, table, gated)
     layout = layouts.layout_of_rows(cubes, selection)
-    ran = _launch(q, k, v, layout, None, scale, table, gated)
+    ran = _launch(q, k, v, None, None, scale, table, gated, layout=layout)
     remember(q, k, v, cubes, rows, layout, layouts.cube_masks(cubes, q.device)[0], table)
     return ran
 
 
 @occupancy.on_inputs_device
 def _launch(q, k, v, launch, plan: Optional[torch.Tensor], scale: float, table: Optional[torch.Tensor],
-            gated=None) -> Tuple[torch.Tensor, torch.Tensor, bool]:
-    """``(o, lse, summed)`` of ``launch`` (a template's) with the tile ``plan``, or with ``plan`` None, of the
-    launch the gathered forward builds for ``launch``, a layout; ``gated`` as :func:`raster_fine` takes it."""
-    from ..block_sparse.triton import forward_launch, gated_launch_ok, launch_forward
+            gated=None, layout=None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(o, lse)`` of ``launch`` (a template's) with the tile ``plan``, or where ``launch`` is None, of the launch
+    the gathered forward builds for ``layout`` (its own plan); ``gated`` as :func:`raster_fine` takes it."""
+    from ..block_sparse.triton import forward_launch, launch_forward
 
     o, lse = _outputs(q, table)
-    if plan is None:
-        launch = forward_launch(q, k, v, o, lse, launch, rows=table)
-    gated = gated if gated is not None and gated_launch_ok(launch) else None
+    if launch is None:
+        launch = forward_launch(q, k, v, o, lse, layout, rows=table)
     o, lse = launch_forward(launch, q, k, v, o, lse, scale, plan=plan, gated=gated)
     if gated is not None:
         from ..selfcheck import corrupt
         from .gated import FWD_VARIANT
 
         corrupt(FWD_VARIANT, o)
-    return o, lse, gated is not None
+    return o, lse
 
 
 def remember(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cubes, rows: torch.Tensor, layout,

@@ -82,9 +82,10 @@ def raster_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cubes: Cub
     heads as a view (:func:`folds`) run one at a time, their parts joined (one pass over the fine output). The caller
     decided the path (the module docstring); no input checks here.
 
-    ``gate`` (``with_coarse``; like q, last dim contiguous): the fine launch adds VSA's gated term in its epilogue
-    where it can (:func:`.fine.raster_fine`): ``fine`` is then ``fine + gate * coarse`` per raster row, in fp32 and
-    rounded once to q's dtype, and ``coarse`` comes back None. That saves the gated sum's pass over fine, gate and
+    ``gate`` (``with_coarse``; like q, last dim contiguous, at a head dim the kernel does not pad: the caller's to
+    check, :func:`.api.vsa_parts`): the fine launch adds VSA's gated term in its epilogue (:func:`.fine.raster_fine`):
+    ``fine`` is then ``fine + gate * coarse`` per raster row, in fp32 and rounded once to q's dtype, and ``coarse``
+    comes back None. That saves the gated sum's pass over fine, gate and
     the output (and on a grid the cube does not divide, the cube rows' gather): about 4 q-sized units of traffic a
     call at Wan 480p, the kernel reading the gate once instead (``python -m dit_accel.eval.traffic``, MODELLED)."""
     from .triton import coarse_triton
@@ -98,8 +99,8 @@ def raster_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cubes: Cub
     gated = None
     if gate is not None and coarse is not None and folds(gate):
         gated = (folded(gate), coarse.reshape(1, b * h, *coarse.shape[2:]), cubes.volume)
-    o, lse, summed = fine_path.raster_fine(q_f, k_f, v_f, cubes, selection, scale, table, gated)
-    return None if summed else coarse, selection, o.view(b, h, n, d), lse.view(b, h, n)
+    o, lse = fine_path.raster_fine(q_f, k_f, v_f, cubes, selection, scale, table, gated)
+    return None if gated is not None else coarse, selection, o.view(b, h, n, d), lse.view(b, h, n)
 
 
 def _per_batch(fn, q, k, v, gate, *args):
