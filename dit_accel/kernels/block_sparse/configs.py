@@ -19,7 +19,7 @@ from ..dense.configs import ARG_TYPES, DIV16, tma_supported
 __all__ = ["KernelConfig", "select_config", "shipped_configs", "pointer_fallback", "gather_config", "candidates",
            "shared_memory_limit", "ws_config", "resume_config", "length_config", "LENGTHS_SPILL", "GATHER_STAGES",
            "GATHER_VARIANT", "GATHER_BWD_VARIANT", "rows_fit", "ws_pays", "WS_TUNED", "kernel_reason",
-           "block_d_for", "fused_config", "fused_pointer", "FUSED_TUNED",
+           "block_d_for", "unpadded", "fused_config", "fused_pointer", "FUSED_TUNED",
            "SHARED_MEMORY_LIMITS", "TARGET_ARCHS", "BLOCK_DS", "KERNEL_NAMES"]
 
 TARGET_ARCHS = (80, 89, 90, 100)
@@ -119,6 +119,12 @@ def shared_memory_limit(arch: int) -> int:
 def block_d_for(head_dim: int) -> int:
     """Padded head dim the kernels use: next power of two, at least 64."""
     return max(_MIN_BLOCK_D, 1 << (int(head_dim) - 1).bit_length())
+
+
+def unpadded(head_dim: int) -> bool:
+    """Whether the pointer kernels run ``head_dim`` as it is (64, 128, 256), not on zero-padded copies: what VSA's
+    epilogues need (the gated term, the means' gradients), whose extra operands are not padded."""
+    return block_d_for(head_dim) == head_dim
 
 
 #: fp16 / bf16 launch configurations ranked first by ``dit-accel bench sass --search block_sparse``

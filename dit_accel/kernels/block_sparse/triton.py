@@ -59,9 +59,9 @@ from .gather_tiles import gathered_epilogue, load_block, load_kv
 from .bwd_fused import _bwd_dkdv_dq_kernel, one_pass_faster, one_pass_runs, run_fused
 from .bwd_kernels import _bwd_dkdv_kernel, _bwd_dq_kernel
 from .launch_records import _BackwardLaunch, _BackwardStep, _Launch
-from .configs import (GATHER_BWD_VARIANT, GATHER_VARIANT, KernelConfig, block_d_for, fused_config, fused_pointer,
-                      gather_config, length_config, pointer_fallback, resume_config, rows_fit, select_config, ws_config,
-                      ws_enabled, ws_pays)
+from .configs import (GATHER_BWD_VARIANT, GATHER_VARIANT, KernelConfig, fused_config, fused_pointer, gather_config,
+                      length_config, pointer_fallback, resume_config, rows_fit, select_config, ws_config, ws_enabled,
+                      ws_pays)
 
 __all__ = ["triton_forward", "triton_backward", "KERNELS", "TilePlan", "tile_plan", "work_order", "ws_schedule", "tma_ok"]
 
@@ -516,11 +516,6 @@ def launch_forward(launch: _Launch, q, k, v, o, lse, scale: float, plan: Optiona
     return o, lse
 
 
-def spread_fits(q: torch.Tensor) -> bool:
-    """Whether :func:`triton_backward` takes a ``spread`` for raster ``q``'s head dim (one the kernels do not pad)."""
-    return block_d_for(q.shape[-1]) == q.shape[-1]
-
-
 def ws_schedule(plan: TilePlan, batch: int, heads: int, cfg: KernelConfig, arch: str = "h100", force: bool = False
                 ) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
     """``(items, resumed)`` of the warp-specialized forward, or None where :func:`ws_pays` says the
@@ -657,7 +652,7 @@ def triton_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch
         rows: the row table of raster-order ``q``, ``k``, ``v``, ``do``, ``o`` and ``lse``, as given to
             :func:`triton_forward` (:mod:`.gather`); the gradients come back in raster order, from the two-pass
             kernels reading and writing through it (``one_pass=True`` is refused: none ships for it).
-        spread: with ``rows`` and a head dim the kernels do not pad (:func:`spread_fits`), VSA's ``(add_q, add_k,
+        spread: with ``rows`` and a head dim the kernels do not pad (:func:`.configs.unpadded`), VSA's ``(add_q, add_k,
             add_v, tokens per cube)``: fp32 ``(B, H, C, D)`` contiguous (or None), each cube's row added to the
             gradient's rows of that cube (tiled positions in cube order) before they are rounded.
     """

@@ -157,10 +157,10 @@ def _fused_gate(gate: Optional[torch.Tensor], q: torch.Tensor) -> bool:
     """Whether an inference call's fine launch may add ``gate``'s term (:func:`.raster.raster_forward`): a plain
     gate like q (its dtype, last dim contiguous), nothing recording its gradient, a head dim the kernel does not
     pad (64, 128, 256), where the variant passed its self-check (:func:`.gated.gated_kernel_runs`)."""
-    from ..block_sparse.configs import block_d_for
+    from ..block_sparse.configs import unpadded
 
     if gate is None or gate.shape != q.shape or gate.dtype != q.dtype or gate.stride(-1) != 1 or records_grad(gate) \
-            or block_d_for(q.shape[-1]) != q.shape[-1]:
+            or not unpadded(q.shape[-1]):
         return False
     from .gated import FWD_VARIANT, gated_kernel_runs
 

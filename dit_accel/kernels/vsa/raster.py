@@ -134,10 +134,10 @@ def spread_runs(q: torch.Tensor) -> bool:
     """Whether a training call on raster ``q`` has its backward kernels add the cube means' gradients
     (``vsa.triton.spread_bwd``, :func:`raster_train`): a head dim they do not pad, where that variant passed its
     self-check, on the raster kernels' switch (:func:`.gated.gated_kernel_runs`)."""
-    from ..block_sparse.triton import spread_fits
+    from ..block_sparse.configs import unpadded
     from .gated import SPREAD_VARIANT, gated_kernel_runs
 
-    return spread_fits(q) and gated_kernel_runs(q, SPREAD_VARIANT)
+    return unpadded(q.shape[-1]) and gated_kernel_runs(q, SPREAD_VARIANT)
 
 
 class _RasterTrain(torch.autograd.Function):
