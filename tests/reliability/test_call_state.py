@@ -18,32 +18,17 @@ import dit_accel
 from dit_accel.models.tiny import build_tiny_pipeline, build_tiny_transformer, tiny_transformer_inputs
 from dit_accel.pipelines.hooks import SparseAttnProcessor
 
+from .threads import first_output, run_threads
+
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 GNA = dit_accel.GNA(kernel_size=(2, 3, 3))
 TIMEOUT = 60  # seconds a thread may take before the test calls it stuck (a deadlock would hang forever)
 
 
-def _run(model, kwargs):
-    with torch.no_grad():
-        return model(**kwargs)[0]
-
-
 def _threads(*targets):
     """Run each target in its own thread; re-raise the first error; fail on a thread that does not finish."""
-    errors, threads = [], []
-    for target in targets:
-        def body(target=target):
-            try:
-                target()
-            except BaseException as error:  # surfaced below
-                errors.append(error)
-        threads.append(threading.Thread(target=body, daemon=True))
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(TIMEOUT)
-        assert not t.is_alive(), "a thread did not finish: deadlock"
+    errors = run_threads(*targets, timeout=TIMEOUT)
     if errors:
         raise errors[0]
 
@@ -80,9 +65,9 @@ class Pause:
 def wan():
     model = build_tiny_transformer("wan", seed=1)
     kwargs = tiny_transformer_inputs("wan", model, batch=1)
-    dense = _run(model, kwargs)
+    dense = first_output(model, kwargs)
     with dit_accel.apply(model, GNA, backend="torch"):
-        sparse = _run(model, kwargs)
+        sparse = first_output(model, kwargs)
     assert not torch.equal(dense, sparse)
     return model, kwargs, dense, sparse
 
@@ -98,18 +83,18 @@ def test_set_step_belongs_to_the_calling_thread(wan):
         handle.set_step(step, 2)
         ready.wait()  # both threads have set their step before either calls
         ready.wait()
-        out[name] = _run(model, kwargs)
+        out[name] = first_output(model, kwargs)
 
     _threads(lambda: caller("a", 0), lambda: caller("b", 1))
     assert torch.equal(out["a"], dense) and torch.equal(out["b"], sparse)
     with pytest.raises(ValueError, match="set_step"):  # this thread never set a step: no other thread's
-        _run(model, kwargs)
+        first_output(model, kwargs)
     _state_is_clean(handle)
     handle.set_step(1, 2)
-    assert torch.equal(_run(model, kwargs), sparse)
+    assert torch.equal(first_output(model, kwargs), sparse)
     handle.set_step(None)  # back to "no step known"
     with pytest.raises(ValueError, match="set_step"):
-        _run(model, kwargs)
+        first_output(model, kwargs)
     with pytest.raises(ValueError, match="step=3 is invalid for total=2"):
         handle.set_step(3, 2)
     handle.remove()
@@ -251,12 +236,12 @@ def test_remove_waits_for_a_call_in_flight_and_later_calls_run_the_original_mode
     pause = Pause(model.blocks[1])  # the call is between its two attention layers
     out = {}
     try:
-        caller = threading.Thread(target=lambda: out.setdefault("call", _run(model, kwargs)), daemon=True)
+        caller = threading.Thread(target=lambda: out.setdefault("call", first_output(model, kwargs)), daemon=True)
         caller.start()
         assert pause.reached.wait(TIMEOUT)
         remover = threading.Thread(target=handle.remove, daemon=True)
         remover.start()
-        late = threading.Thread(target=lambda: out.setdefault("late", _run(model, kwargs)), daemon=True)
+        late = threading.Thread(target=lambda: out.setdefault("late", first_output(model, kwargs)), daemon=True)
         time.sleep(0.3)
         late.start()  # starts while remove() waits: runs the original model once the removal is done
         time.sleep(0.3)
@@ -272,7 +257,7 @@ def test_remove_waits_for_a_call_in_flight_and_later_calls_run_the_original_mode
     assert torch.equal(out["call"], sparse)  # wholly sparse: not half sparse, half dense
     assert torch.equal(out["late"], dense)
     assert handle.removed and not model._forward_pre_hooks
-    assert torch.equal(_run(model, kwargs), dense)
+    assert torch.equal(first_output(model, kwargs), dense)
 
 
 def test_remove_inside_a_call_is_refused_and_the_call_finishes_sparse(wan):
@@ -288,7 +273,7 @@ def test_remove_inside_a_call_is_refused_and_the_call_finishes_sparse(wan):
 
     pause = Pause(model.blocks[1], action=remove_inside)
     try:
-        assert torch.equal(_run(model, kwargs), sparse)
+        assert torch.equal(first_output(model, kwargs), sparse)
     finally:
         pause.handle.remove()
     assert len(errors) == 1 and "inside a transformer call" in str(errors[0]) and "\n" not in str(errors[0])
@@ -296,14 +281,14 @@ def test_remove_inside_a_call_is_refused_and_the_call_finishes_sparse(wan):
     _state_is_clean(handle)
     handle.remove()
     handle.remove()  # twice: a no-op
-    assert torch.equal(_run(model, kwargs), dense)
+    assert torch.equal(first_output(model, kwargs), dense)
 
 
 def test_two_threads_removing_at_once_remove_once(wan):
     model, kwargs, dense, _ = wan
     handle = dit_accel.apply(model, GNA, backend="torch")
     _threads(handle.remove, handle.remove)
-    assert handle.removed and torch.equal(_run(model, kwargs), dense)
+    assert handle.removed and torch.equal(first_output(model, kwargs), dense)
 
 
 def test_a_call_that_began_before_apply_runs_dense_throughout(wan):
@@ -311,7 +296,7 @@ def test_a_call_that_began_before_apply_runs_dense_throughout(wan):
     pause = Pause(model.blocks[1])
     out = {}
     try:
-        caller = threading.Thread(target=lambda: out.setdefault("call", _run(model, kwargs)), daemon=True)
+        caller = threading.Thread(target=lambda: out.setdefault("call", first_output(model, kwargs)), daemon=True)
         caller.start()
         assert pause.reached.wait(TIMEOUT)
         handle = dit_accel.apply(model, GNA, backend="torch")
@@ -323,7 +308,7 @@ def test_a_call_that_began_before_apply_runs_dense_throughout(wan):
         pause.go.set()
         pause.handle.remove()
     assert torch.equal(out["call"], dense)  # its second layer did not borrow another call's context
-    assert torch.equal(_run(model, kwargs), sparse)
+    assert torch.equal(first_output(model, kwargs), sparse)
     _state_is_clean(handle)
     handle.remove()
 
@@ -341,20 +326,20 @@ def test_an_exception_inside_a_call_leaves_no_per_call_state(wan, error):
     pause = Pause(model.blocks[1], action=fail)
     try:
         with pytest.raises(error):
-            _run(model, kwargs)
+            first_output(model, kwargs)
     finally:
         pause.handle.remove()
     if error is ValueError:
         _state_is_clean(handle)
-    assert torch.equal(_run(model, kwargs), sparse)
+    assert torch.equal(first_output(model, kwargs), sparse)
     _state_is_clean(handle)
     with pytest.raises(error):  # once more, then remove() right away (it must not wait for the dead call)
         Pause(model.blocks[1], action=fail)
-        _run(model, kwargs)
+        first_output(model, kwargs)
     for hook in list(model.blocks[1]._forward_pre_hooks):
         del model.blocks[1]._forward_pre_hooks[hook]
     _threads(handle.remove)
-    assert torch.equal(_run(model, kwargs), dense)
+    assert torch.equal(first_output(model, kwargs), dense)
 
 
 def test_a_thread_killed_inside_a_call_does_not_block_remove(wan):
@@ -366,7 +351,7 @@ def test_a_thread_killed_inside_a_call_does_not_block_remove(wan):
 
     def call_then_end():
         try:
-            _run(model, kwargs)
+            first_output(model, kwargs)
         except KeyboardInterrupt:  # the thread ends here (caught only to keep pytest's output quiet)
             pass
 
@@ -380,17 +365,17 @@ def test_a_thread_killed_inside_a_call_does_not_block_remove(wan):
         pause.handle.remove()
     assert handle._gate._calls  # the dead call is still recorded ...
     _threads(handle.remove)  # ... and remove() does not wait for it
-    assert torch.equal(_run(model, kwargs), dense)
+    assert torch.equal(first_output(model, kwargs), dense)
 
 
 def test_a_failing_pre_hook_leaves_no_state(wan):
     model, kwargs, _, sparse = wan
     handle = dit_accel.apply(model, GNA, dense_steps=1, backend="torch")  # bare: the step must be set
     with pytest.raises(ValueError, match="set_step"):
-        _run(model, kwargs)
+        first_output(model, kwargs)
     _state_is_clean(handle)
     handle.set_step(1, 2)
-    assert torch.equal(_run(model, kwargs), sparse)
+    assert torch.equal(first_output(model, kwargs), sparse)
     handle.remove()
 
 

@@ -17,42 +17,22 @@ import torch
 import dit_accel
 from dit_accel.models.tiny import build_tiny_pipeline, build_tiny_transformer, tiny_transformer_inputs
 
+from .threads import first_output, run_threads
+
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 METHODS = (dit_accel.GNA(kernel_size=(2, 3, 3)), dit_accel.Tile(tile=(1, 4, 4), window=(1, 1, 1)))
 TIMEOUT = 120
 
 
-def _run(model, kwargs):
-    with torch.no_grad():
-        return model(**kwargs)[0]
-
-
-def _threads(*targets):
-    errors, threads = [], []
-    for target in targets:
-        def body(target=target):
-            try:
-                target()
-            except BaseException as error:  # surfaced below
-                errors.append(error)
-        threads.append(threading.Thread(target=body, daemon=True))
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(TIMEOUT)
-        assert not t.is_alive(), "a thread did not finish: deadlock"
-    return errors
-
-
 def test_two_threads_each_applying_their_own_method_get_their_own_output_or_a_clear_error():
     model = build_tiny_transformer("wan", seed=1)
     kwargs = tiny_transformer_inputs("wan", model, batch=1)
-    dense = _run(model, kwargs)
+    dense = first_output(model, kwargs)
     alone = []
     for method in METHODS:
         with dit_accel.apply(model, method, backend="torch"):
-            alone.append(_run(model, kwargs))
+            alone.append(first_output(model, kwargs))
     assert not torch.equal(alone[0], alone[1]) and not any(torch.equal(a, dense) for a in alone)
     results = {0: [], 1: []}
     refused = {0: [], 1: []}
@@ -69,28 +49,28 @@ def test_two_threads_each_applying_their_own_method_get_their_own_output_or_a_cl
                 continue
             with handle:
                 for _ in range(3):
-                    results[i].append(_run(model, kwargs))
+                    results[i].append(first_output(model, kwargs))
             time.sleep(0.01)  # the other thread's turn
 
-    assert not _threads(lambda: worker(0), lambda: worker(1))
+    assert not run_threads(lambda: worker(0), lambda: worker(1), timeout=TIMEOUT)
     for i in (0, 1):
         for k, out in enumerate(results[i]):
             assert torch.equal(out, alone[i]), f"thread {i}, call {k}: not its own method's output"
         for message in refused[i]:
             assert "one live handle" in message and "remove()" in message and "\n" not in message, message
     assert results[0] and results[1]
-    assert torch.equal(_run(model, kwargs), dense)  # both removed: the original model
+    assert torch.equal(first_output(model, kwargs), dense)  # both removed: the original model
 
 
 def test_apply_from_a_second_thread_while_a_handle_is_live_is_refused_and_changes_nothing():
     model = build_tiny_transformer("wan", seed=1)
     kwargs = tiny_transformer_inputs("wan", model, batch=1)
     handle = dit_accel.apply(model, METHODS[0], backend="torch")
-    first = _run(model, kwargs)
-    errors = _threads(lambda: dit_accel.apply(model, METHODS[1], backend="torch"))
+    first = first_output(model, kwargs)
+    errors = run_threads(lambda: dit_accel.apply(model, METHODS[1], backend="torch"), timeout=TIMEOUT)
     assert len(errors) == 1 and isinstance(errors[0], RuntimeError)
     assert "one live handle" in str(errors[0]) and repr(handle) in str(errors[0])
-    assert not handle.removed and torch.equal(_run(model, kwargs), first)
+    assert not handle.removed and torch.equal(first_output(model, kwargs), first)
     # the same thread replacing its own handle stays allowed (with the warning it always had)
     with pytest.warns(dit_accel.DitAccelWarning, match="was removed first"):
         second = dit_accel.apply(model, METHODS[1], backend="torch")
@@ -98,7 +78,7 @@ def test_apply_from_a_second_thread_while_a_handle_is_live_is_refused_and_change
     # another thread may apply once the handle is removed
     second.remove()
     out = {}
-    assert not _threads(lambda: out.setdefault("h", dit_accel.apply(model, METHODS[1], backend="torch")))
+    assert not run_threads(lambda: out.setdefault("h", dit_accel.apply(model, METHODS[1], backend="torch")), timeout=TIMEOUT)
     out["h"].remove()
 
 
@@ -112,14 +92,14 @@ def test_a_call_held_while_its_thread_replaces_the_handle_runs_wholly_under_the_
     alone = []
     for method in METHODS:
         with dit_accel.apply(model, method, backend="torch"):
-            alone.append(_run(model, kwargs))
+            alone.append(first_output(model, kwargs))
     outs, stop, ready, failed, last = [], threading.Event(), threading.Event(), [], []
 
     def caller():
         try:
             assert ready.wait(TIMEOUT)
             while not stop.is_set():
-                outs.append(_run(model, kwargs))
+                outs.append(first_output(model, kwargs))
         except BaseException:
             failed.append(True)
             raise
@@ -139,7 +119,7 @@ def test_a_call_held_while_its_thread_replaces_the_handle_runs_wholly_under_the_
             ready.set()
             stop.set()
 
-    errors = _threads(caller, replacer)
+    errors = run_threads(caller, replacer, timeout=TIMEOUT)
     assert not errors, errors
     last[0].remove()
     assert len(outs) > 3
