@@ -14,3 +14,19 @@ def fresh_vsa(monkeypatch):
     monkeypatch.setenv("DIT_ACCEL_SELFCHECK", "0")
     monkeypatch.setattr(fine, "_TEMPLATES", {})
     monkeypatch.setattr(api, "_RASTER_CHOICES", {})
+
+
+@pytest.fixture
+def fresh_choices(tmp_path, monkeypatch):
+    """Backend choices as a fresh machine makes them, for one test: an empty cache folder, no autotune or backend
+    setting from the environment, and no autotune results kept in memory before or after."""
+    from dit_accel.kernels import autotune, backends
+
+    monkeypatch.setenv("DIT_ACCEL_CACHE", str(tmp_path))
+    monkeypatch.delenv(autotune.ENV_AUTOTUNE, raising=False)
+    monkeypatch.delenv(backends.ENV_BACKEND, raising=False)
+    autotune._MEMORY.clear()
+    autotune._LOADED.clear()
+    yield
+    autotune._MEMORY.clear()
+    autotune._LOADED.clear()

@@ -10,16 +10,7 @@ from dit_accel.kernels.backends import Request, resolve
 from dit_accel.kernels.block_sparse.api import block_sparse_tuner
 
 
-@pytest.fixture(autouse=True)
-def _fresh_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("DIT_ACCEL_CACHE", str(tmp_path))
-    monkeypatch.delenv(autotune.ENV_AUTOTUNE, raising=False)
-    monkeypatch.delenv(backends.ENV_BACKEND, raising=False)
-    autotune._MEMORY.clear()
-    autotune._LOADED.clear()
-    yield
-    autotune._MEMORY.clear()
-    autotune._LOADED.clear()
+pytestmark = pytest.mark.usefixtures("fresh_choices")
 
 
 def _shape(density=0.1, dtype="bfloat16", head_dim=128, tokens="<=4096x<=4096"):

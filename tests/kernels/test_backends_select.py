@@ -14,16 +14,7 @@ from dit_accel.kernels.block_sparse import backends as vendor
 from dit_accel.kernels.block_sparse.backends import cudnn as vcudnn
 
 
-@pytest.fixture(autouse=True)
-def _fresh_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("DIT_ACCEL_CACHE", str(tmp_path))
-    monkeypatch.delenv(autotune.ENV_AUTOTUNE, raising=False)
-    monkeypatch.delenv(backends.ENV_BACKEND, raising=False)
-    autotune._MEMORY.clear()
-    autotune._LOADED.clear()
-    yield
-    autotune._MEMORY.clear()
-    autotune._LOADED.clear()
+pytestmark = pytest.mark.usefixtures("fresh_choices")
 
 
 def _shape():
