@@ -19,7 +19,7 @@ from torch.overrides import TorchFunctionMode
 from dit_accel.kernels import dense_attention_reference as reference
 
 __all__ = ["DEVICE", "DT", "TOL", "make_qkv", "reference", "random_mask", "banded_mask", "assert_lse_close",
-           "assert_attention_close", "assert_grads_close", "ReferenceAttention"]
+           "assert_attention_close", "assert_grads_close", "ReferenceAttention", "method_mask"]
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -125,6 +125,22 @@ def assert_grads_close(grads, q, k, v, mask, do, scale=None):
         assert got.dtype == x.dtype and got.shape == x.shape, name
         assert torch.isfinite(got).all(), f"{name} has non-finite values"
         torch.testing.assert_close(got.float(), want, atol=tol, rtol=tol, msg=lambda m: f"{name}: {m}")
+
+
+def method_mask(method, grid) -> torch.Tensor:
+    """The raster ``[N, N]`` bool mask of a GNA, Tile or Radial config on ``grid`` (its pattern's, from
+    :mod:`dit_accel.patterns`, whose own tests hold it against brute-force definitions): what the integration
+    tests' masked-dense reference attends by."""
+    from dit_accel import GNA, Radial, Tile
+    from dit_accel.patterns import gna_mask, radial_mask, tile_mask
+
+    if isinstance(method, GNA):
+        return gna_mask(grid, method.kernel_size)
+    if isinstance(method, Tile):
+        return tile_mask(grid, method.tile, method.window)
+    if isinstance(method, Radial):
+        return radial_mask(grid, block_size=method.block_size, decay=method.decay, sink_frames=method.sink_frames)
+    raise TypeError(f"method_mask takes GNA, Tile or Radial; got {type(method).__name__}")
 
 
 class ReferenceAttention(TorchFunctionMode):

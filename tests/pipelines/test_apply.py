@@ -13,10 +13,10 @@ import torch
 
 import dit_accel
 from dit_accel.models import tiny as T
-from dit_accel.patterns import gna_mask, tile_mask
+from dit_accel.patterns import gna_mask
 from dit_accel.pipelines.hooks import SparseAttnProcessor
 from dit_accel.pipelines.presets import PRESETS, SUPPORTED, preset_for
-from tests.utils import ReferenceAttention
+from tests.utils import ReferenceAttention, method_mask
 
 SPARSE = {name: dit_accel.GNA(kernel_size=(3, 5) if len(T.TRANSFORMER_GRIDS[name]) == 2 else (2, 5, 5))
           for name in T.TRANSFORMER_NAMES}
@@ -99,12 +99,7 @@ def test_sparse_matches_masked_reference_and_remove_restores(models, name):
 def test_tile_and_radial_match_reference_on_wan(models, method):
     model, grid = models["wan"], (7, 8, 8)  # 7 frames: radial drops far frame pairs
     kwargs = _inputs("wan", model, batch=1, grid=grid)
-    if isinstance(method, dit_accel.Tile):
-        pattern = tile_mask(grid, method.tile, method.window)
-    else:
-        from dit_accel.patterns import radial_mask
-
-        pattern = radial_mask(grid, block_size=method.block_size, decay=method.decay, sink_frames=method.sink_frames)
+    pattern = method_mask(method, grid)
     assert not pattern.all()
     with ReferenceAttention(pattern, "none"):
         ref = _run(model, kwargs)

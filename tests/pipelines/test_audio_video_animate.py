@@ -13,7 +13,7 @@ from dit_accel.models import tiny as T
 from dit_accel.models.tiny.minimax_h3 import packed_layout
 from dit_accel.patterns import gna_mask
 from dit_accel.pipelines.presets import PRESETS, SUPPORTED
-from tests.utils import ReferenceAttention
+from tests.utils import ReferenceAttention, method_mask
 
 
 def _check_gna(model, kwargs, grid, kernel, position, layers):
@@ -51,14 +51,9 @@ def test_wan_animate_reads_the_grid_after_the_reference_frame_at_other_sizes():
     pytest.param(dit_accel.Radial(block_size=64, decay=1.0, sink_frames=()), id="radial"),
 ])
 def test_tile_and_radial_on_wan_animate_match_the_reference(method):
-    from dit_accel.patterns import radial_mask, tile_mask
-
     model, grid = T.build_tiny_transformer("wan_animate"), (7, 8, 8)  # 7 frames: both drop far frame pairs
     kwargs = T.tiny_transformer_inputs("wan_animate", model, grid=grid, batch=2)
-    if isinstance(method, dit_accel.Tile):
-        pattern = tile_mask(grid, method.tile, method.window)
-    else:
-        pattern = radial_mask(grid, block_size=method.block_size, decay=method.decay, sink_frames=method.sink_frames)
+    pattern = method_mask(method, grid)
     assert not pattern.all()
     with torch.no_grad():
         with ReferenceAttention(pattern, "first"):

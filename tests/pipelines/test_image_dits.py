@@ -8,9 +8,8 @@ import torch
 
 import dit_accel
 from dit_accel.models import tiny as T
-from dit_accel.patterns import gna_mask, tile_mask
 from dit_accel.pipelines import presets as P
-from tests.utils import ReferenceAttention
+from tests.utils import ReferenceAttention, method_mask
 
 NAMES = ("pixart", "hunyuandit", "auraflow", "cogview3plus", "bria", "lumina_next")
 LAYOUT = {"pixart": "none", "hunyuandit": "none", "auraflow": "first", "cogview3plus": "first", "bria": "first",
@@ -38,8 +37,7 @@ def test_image_dit_matches_the_masked_reference(models, name, method):
     assert preset.text_position == LAYOUT[name]
     kwargs = T.tiny_transformer_inputs(name, model, batch=2)
     grid = T.TRANSFORMER_GRIDS[name]
-    pattern = gna_mask(grid, method.kernel_size) if isinstance(method, dit_accel.GNA) else \
-        tile_mask(grid, method.tile, method.window)
+    pattern = method_mask(method, grid)
     assert not pattern.all()
     dense = _run(model, kwargs)
     with ReferenceAttention(pattern, preset.text_position) as ref_mode:

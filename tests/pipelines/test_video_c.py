@@ -10,9 +10,9 @@ import torch
 
 import dit_accel
 from dit_accel.models import tiny as T
-from dit_accel.patterns import gna_mask, radial_mask, tile_mask
+from dit_accel.patterns import gna_mask
 from dit_accel.pipelines import presets as P
-from tests.utils import ReferenceAttention
+from tests.utils import ReferenceAttention, method_mask
 
 GRID = (4, 8, 8)
 
@@ -136,10 +136,7 @@ def test_tile_and_radial_on_helios_with_history_match_the_reference(method):
     grid = (7, 8, 8)  # 7 frames: radial drops far frame pairs
     model = T.build_tiny_transformer("helios")
     kwargs = T.tiny_transformer_inputs("helios", model, grid=grid, batch=2)
-    if isinstance(method, dit_accel.Tile):
-        pattern = tile_mask(grid, method.tile, method.window)
-    else:
-        pattern = radial_mask(grid, block_size=method.block_size, decay=method.decay, sink_frames=method.sink_frames)
+    pattern = method_mask(method, grid)
     assert not pattern.all()
     _check(model, kwargs, pattern, "first", method)
 

@@ -10,7 +10,7 @@ import dit_accel
 from dit_accel.models import tiny as T
 from dit_accel.patterns import gna_mask
 from dit_accel.pipelines.presets import PRESETS, SUPPORTED, family_of
-from tests.utils import ReferenceAttention
+from tests.utils import ReferenceAttention, method_mask
 
 NEW = ("wan_vace", "skyreels_v2", "chronoedit")
 
@@ -166,14 +166,9 @@ def test_finetune_glue_reproduces_the_skyreels_call_and_refuses_vace_and_chronoe
     pytest.param(dit_accel.Radial(block_size=64, decay=1.0, sink_frames=()), id="radial"),
 ])
 def test_tile_and_radial_on_vace_with_a_reference_frame_match_the_reference(method):
-    from dit_accel.patterns import radial_mask, tile_mask
-
     model, grid = T.build_tiny_transformer("wan_vace"), (7, 8, 8)
     kwargs = T.tiny_transformer_inputs("wan_vace", model, grid=grid, batch=2)
-    if isinstance(method, dit_accel.Tile):
-        pattern = tile_mask(grid, method.tile, method.window)
-    else:
-        pattern = radial_mask(grid, block_size=method.block_size, decay=method.decay, sink_frames=method.sink_frames)
+    pattern = method_mask(method, grid)
     assert not pattern.all()
     with torch.no_grad():
         with ReferenceAttention(pattern, "first"):
