@@ -8,6 +8,7 @@ against a per-row definition written in the test.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 
@@ -15,11 +16,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from dit_accel.kernels import dense_attention_reference as reference
 
 __all__ = ["DEVICE", "DT", "TOL", "make_qkv", "reference", "random_mask", "banded_mask", "assert_lse_close",
-           "assert_attention_close", "assert_grads_close", "ReferenceAttention", "method_mask"]
+           "assert_attention_close", "assert_grads_close", "ReferenceAttention", "method_mask", "dispatched", "largest_output"]
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -125,6 +128,36 @@ def assert_grads_close(grads, q, k, v, mask, do, scale=None):
         assert got.dtype == x.dtype and got.shape == x.shape, name
         assert torch.isfinite(got).all(), f"{name} has non-finite values"
         torch.testing.assert_close(got.float(), want, atol=tol, rtol=tol, msg=lambda m: f"{name}: {m}")
+
+
+@contextlib.contextmanager
+def dispatched(observe):
+    """Run the block under a ``TorchDispatchMode`` that hands every ATen operator it runs (the package's custom ops
+    as one operator each), after it ran, to ``observe(func, args, kwargs, out)``: what the tests that count copies,
+    casts, gathers or host operators record."""
+
+    class _Observed(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            out = func(*args, **kwargs)
+            observe(func, args, kwargs, out)
+            return out
+
+    with _Observed():
+        yield
+
+
+def largest_output(fn) -> int:
+    """The most elements of any tensor an ATen operator returns while ``fn()`` runs (its backward too, if it runs
+    one): what a test bounds to show that no N x N tensor is made."""
+    largest = [0]
+
+    def observe(func, args, kwargs, out):
+        largest[0] = max([largest[0]] + [t.numel() for t in tree_leaves(out) if isinstance(t, torch.Tensor)])
+
+    with dispatched(observe):
+        fn()
+    return largest[0]
 
 
 def method_mask(method, grid) -> torch.Tensor:

@@ -16,6 +16,7 @@ from dit_accel.kernels.sla import (CRITICAL, MARGINAL, NEGLIGIBLE, sla_attention
                                    sla_density)
 from dit_accel.methods import SLA
 from tests.kernels.sla_reference import brute_force_classes, make_proj, make_qkv, reference_sla
+from tests.utils import largest_output
 
 
 # ----------------------------------------------------------------------------- classification
@@ -371,21 +372,8 @@ def test_backend_selection(monkeypatch):
 
 
 def test_twin_never_materialises_n_by_n():
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class LargestTensor(TorchDispatchMode):
-        largest = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            for t in out if isinstance(out, (tuple, list)) else (out,):
-                if isinstance(t, torch.Tensor):
-                    LargestTensor.largest = max(LargestTensor.largest, t.numel())
-            return out
-
     n, d = 8192, 16
     q, k, v = make_qkv(1, 1, n, d, requires_grad=True)
-    with LargestTensor():
-        o = sla_attention(q, k, v, SLA(topk=0.05, negligible=0.1), make_proj(d), backend="torch")
-        o.sum().backward()
-    assert LargestTensor.largest < n * n // 8, LargestTensor.largest  # gathered blocks: ~ n * 7 * 64
+    largest = largest_output(lambda: sla_attention(q, k, v, SLA(topk=0.05, negligible=0.1), make_proj(d),
+                                                   backend="torch").sum().backward())
+    assert largest < n * n // 8, largest  # gathered blocks: ~ n * 7 * 64

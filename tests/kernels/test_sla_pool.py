@@ -176,20 +176,17 @@ def test_fused_classification_reads_q_and_k_once():
     """Classification in one pass over q and k: under a dispatch mode (which takes the custom-op path) the only
     operator that receives q or k is the pooling op; everything after works on the pooled (nQ x D, nK x D)
     values."""
-    from torch.utils._python_dispatch import TorchDispatchMode
+    from tests.utils import dispatched
 
     q, k = torch.randn(1, 2, 300, 64, device=DEVICE), torch.randn(1, 2, 300, 64, device=DEVICE)
     seen = []
 
-    class _Record(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            flat = list(args) + list((kwargs or {}).values())
-            if any(isinstance(a, torch.Tensor) and a.untyped_storage().data_ptr() in (
-                    q.untyped_storage().data_ptr(), k.untyped_storage().data_ptr()) for a in flat):
-                seen.append(str(func))
-            return func(*args, **(kwargs or {}))
+    def record(func, args, kwargs, out):
+        if any(isinstance(a, torch.Tensor) and a.untyped_storage().data_ptr() in (
+                q.untyped_storage().data_ptr(), k.untyped_storage().data_ptr()) for a in (*args, *kwargs.values())):
+            seen.append(str(func))
 
-    with _Record():
+    with dispatched(record):
         blocks = sla_triton_classify(q, k, SLAParams.of(SLA(topk=0.3, negligible=0.2)))
     assert seen == ["dit_accel.sla_pool.default"]
     assert torch.equal(blocks.critical.long(), sla_classify(q, k, SLA(topk=0.3, negligible=0.2)).critical)

@@ -141,6 +141,7 @@ def test_the_gated_term_is_each_tokens_cube_row_in_fp32_rounded_once():
     from dit_accel.kernels.vsa import cubes_of, vsa_parts
     from dit_accel.kernels.vsa.api import vsa_parts_rows
     from dit_accel.kernels.vsa.naive import coarse_attention, cube_rows
+    from tests.utils import dispatched
 
     grid, tile, count, scale = (5, 6, 7), (4, 4, 4), 3, 16 ** -0.5
     q, k, v, gate = (x.to(torch.bfloat16) for x in _qkv((1, 2, 210, 16), seed=7))
@@ -152,23 +153,18 @@ def test_the_gated_term_is_each_tokens_cube_row_in_fp32_rounded_once():
     assert torch.equal(parts.coarse, per_cube)
     out = dit_accel.vsa_attention(q, k, v, grid, topk=count, tile=tile, gate=gate, scale=scale, backend="torch")
     assert torch.equal(out, (parts.fine.float() + per_cube[:, :, cube.flatten()] * gate.float()).to(torch.bfloat16))
-    from torch.utils._python_dispatch import TorchDispatchMode
+    made = []
 
-    class Fp32Outputs(TorchDispatchMode):  # fp32 tensors of one row per token and channel the call makes
-        made = []
+    def fp32_rows(func, args, kwargs, out):  # fp32 tensors of one row per token and channel the call makes
+        if isinstance(out, torch.Tensor) and out.dtype == torch.float32 and out.numel() >= q.numel() and \
+                func.__name__ != "view.default":
+            made.append(func.__name__)
 
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            if isinstance(out, torch.Tensor) and out.dtype == torch.float32 and out.numel() >= q.numel() and func.__name__ != "view.default":
-                self.made.append(func.__name__)
-            return out
-
-    with Fp32Outputs():
+    with dispatched(fp32_rows):
         dit_accel.vsa_attention(q, k, v, grid, topk=count, tile=tile, gate=gate, scale=scale, backend="torch")
     # (the twin's fine branch widens q, k and v first) the gated term on a grid no dimension of which divides by the
     # cube's: the cube rows gathered to token resolution (the last of three gathers, one per dimension), then one
     # pass writes the bf16 output; no fp32 product, sum or copy of the gate or of the output
-    made = Fp32Outputs.made
     assert made[-1] == "index_select.default" and "mul.Tensor" not in made and "repeat" not in str(made), made
     part = cube_rows(cubes, (168, 210))  # the last frame: the second slab of cubes
     rows = vsa_parts_rows(q[:, :, 168:], k, v, part, cubes, count, scale, backend="torch")
@@ -184,7 +180,7 @@ def test_gated_term_spreads_cube_rows_over_the_tokens(grid):
     t-major, written here from the coordinates), times the gate, plus the fine output when asked, in fp32 rounded
     once; the same values and gradients as the token-resolution product. Where a dimension divides by the cube's, no
     fp32 tensor of the tokens' size is made."""
-    from torch.utils._python_dispatch import TorchDispatchMode
+    from tests.utils import dispatched
 
     from dit_accel.kernels.vsa import cubes_of, vsa_parts
 
@@ -202,14 +198,11 @@ def test_gated_term_spreads_cube_rows_over_the_tokens(grid):
     assert torch.equal(parts.gated(gate, torch.bfloat16, add_fine=True), want_out)
     made = []
 
-    class Fp32Outputs(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            if isinstance(out, torch.Tensor) and out.dtype == torch.float32 and out.numel() >= q.numel():
-                made.append(func.__name__)
-            return out
+    def fp32_rows(func, args, kwargs, out):
+        if isinstance(out, torch.Tensor) and out.dtype == torch.float32 and out.numel() >= q.numel():
+            made.append(func.__name__)
 
-    with Fp32Outputs():
+    with dispatched(fp32_rows):
         parts.gated(gate, torch.bfloat16, add_fine=True)
     assert made == [], made  # (a dimension that divides keeps the gathered cube rows a quarter of the tokens at most)
     # Gradients through the coarse rows, the gate and the fine output: those of the per-token product.
@@ -243,7 +236,7 @@ def test_a_gated_call_reads_the_fine_output_in_tiled_order_where_the_cubes_are_w
     dimension split into cubes and extent), and the gated pass reads it there: no un-permutation of its own (one
     gather of the output's size fewer); elsewhere the raster fine output as before. The output and every gradient
     (q, k, v, gate) are the raster path's bit for bit, in bf16 with autograd."""
-    from torch.utils._python_dispatch import TorchDispatchMode
+    from tests.utils import dispatched
 
     from dit_accel.kernels.vsa import cubes_of, vsa_parts
 
@@ -270,16 +263,14 @@ def test_a_gated_call_reads_the_fine_output_in_tiled_order_where_the_cubes_are_w
         assert torch.equal(mine, want)
     gathers = []
 
-    class Gathers(TorchDispatchMode):  # token-sized gathers along the token axis: the way back to raster order
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if func.__name__.startswith("index_select") and args[0].numel() >= q.numel():
-                gathers.append(tuple(args[0].shape))
-            return func(*args, **(kwargs or {}))
+    def token_gathers(func, args, kwargs, out):  # token-sized gathers along the token axis: back to raster order
+        if func.__name__.startswith("index_select") and args[0].numel() >= q.numel():
+            gathers.append(tuple(args[0].shape))
 
     with torch.no_grad():
         for tiled in (True, False):
             gathers.clear()
-            with Gathers():
+            with dispatched(token_gathers):
                 vsa_parts(q, k, v, grid, count, tile, scale, backend="torch", cubes=cubes,
                           tiled_fine=tiled).gated(gate, torch.bfloat16, add_fine=True)
             if tiled:
@@ -310,7 +301,7 @@ def test_the_coarse_twin_pools_without_widened_copies_of_q_k_v():
     """The twin's coarse branch (the training path's: the Triton launches are forward only) sums each cube in fp32
     as it reads bf16, with no fp32 copy of q, k or v (three token-sized tensors per call), and equals the sum of
     the widened copy bit for bit."""
-    from torch.utils._python_dispatch import TorchDispatchMode
+    from tests.utils import dispatched
 
     from dit_accel.kernels.vsa import cubes_of
     from dit_accel.kernels.vsa.naive import _cube_means, coarse_attention
@@ -318,18 +309,15 @@ def test_the_coarse_twin_pools_without_widened_copies_of_q_k_v():
     cubes = cubes_of((5, 6, 7), (4, 4, 4))
     q, k, v, _ = (cubes.perm.permute(x.to(torch.bfloat16), dim=-2) for x in _qkv((1, 2, 210, 16), seed=3))
 
-    class Copies(TorchDispatchMode):
-        made = []
+    made = []
 
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            if func.__name__.startswith("_to_copy") and out.numel() >= q.numel():
-                self.made.append(out.dtype)
-            return out
+    def copies(func, args, kwargs, out):
+        if func.__name__.startswith("_to_copy") and out.numel() >= q.numel():
+            made.append(out.dtype)
 
-    with Copies():
+    with dispatched(copies):
         coarse_attention(q, k, v, cubes, 3, 0.25)
-    assert Copies.made == []
+    assert made == []
     widened = q.float().view(1, 2, cubes.count, cubes.volume, 16).sum(3) / cubes.sizes[:, None]
     assert torch.equal(_cube_means(q, cubes, torch.float32), widened)
 
@@ -339,7 +327,7 @@ def test_cube_sum_gradients_meet_the_fine_branch_without_a_copy():
     bit) but expanded over each cube, not copied; in a gated training call it meets the fine branch's at the shared
     (B, H, C, V, D) view, so the backward makes no token-sized cast (the old one per q, k, v) and the gradients of
     q, k, v and the gate equal the float64 reference's."""
-    from torch.utils._python_dispatch import TorchDispatchMode
+    from tests.utils import dispatched
 
     from dit_accel.kernels.vsa import cubes_of
     from dit_accel.kernels.vsa.naive import _cube_means
@@ -362,15 +350,12 @@ def test_cube_sum_gradients_meet_the_fine_branch_without_a_copy():
     out = dit_accel.vsa_attention(q, k, v, (5, 6, 7), topk=3, gate=gate, backend="triton")
     casts = []
 
-    class Casts(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            result = func(*args, **(kwargs or {}))
-            if func.__name__.startswith("_to_copy") and result.dtype == torch.float16 and result.numel() >= q.numel():
-                casts.append(tuple(result.shape))
-            return result
+    def fp16_casts(func, args, kwargs, out):
+        if func.__name__.startswith("_to_copy") and out.dtype == torch.float16 and out.numel() >= q.numel():
+            casts.append(tuple(out.shape))
 
     weight = torch.randn(q.shape, generator=torch.Generator().manual_seed(2)).to(torch.float16)
-    with Casts():
+    with dispatched(fp16_casts):
         out.backward(weight)
     assert casts == [], casts
     q64, k64, v64, g64 = (t.detach().double().requires_grad_() for t in (q, k, v, gate))
@@ -619,7 +604,7 @@ def test_a_vsa_call_copies_nothing_from_the_host(monkeypatch):
     never on the host) a second call through the plan runs no op on a CPU tensor (no host-side tensor copied to
     the device per call, as the cube sizes were) and reads no value back (item/tolist/cpu/bool would raise on
     meta). The fine branch's block-sparse backend is stubbed: its own backends are checked where they live."""
-    from torch.utils._python_dispatch import TorchDispatchMode
+    from tests.utils import dispatched
     from torch.utils._pytree import tree_leaves
 
     import dit_accel.kernels.vsa.api as api
@@ -627,16 +612,11 @@ def test_a_vsa_call_copies_nothing_from_the_host(monkeypatch):
     def fine_stub(q, k, v, layout, scale=None, return_lse=False, backend="auto"):
         return torch.empty_like(q), q.new_empty(q.shape[:-1], dtype=torch.float32)
 
-    class HostOps(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.ops = []
+    host_ops = []
 
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            if any(isinstance(t, torch.Tensor) and t.device.type == "cpu" for t in tree_leaves((args, kwargs, out))):
-                self.ops.append(str(func))
-            return out
+    def on_host(func, args, kwargs, out):
+        if any(isinstance(t, torch.Tensor) and t.device.type == "cpu" for t in tree_leaves((args, kwargs, out))):
+            host_ops.append(str(func))
 
     monkeypatch.setattr(api, "block_sparse_attention", fine_stub)
     grid = (5, 6, 7)
@@ -646,9 +626,9 @@ def test_a_vsa_call_copies_nothing_from_the_host(monkeypatch):
     plan.attend(q, k, v, scale=None, backend="torch")  # first call: per-device tables are made once
     for name in ("item", "tolist", "cpu", "numpy", "__bool__"):
         monkeypatch.setattr(torch.Tensor, name, lambda *a, _n=name, **k: pytest.fail(f"host sync: Tensor.{_n}"))
-    with HostOps() as log:
+    with dispatched(on_host):
         fine, lse, extra, density = plan.attend(q, k, v, scale=None, backend="torch")
-    assert log.ops == [] and fine.device.type == "meta" and density == 3 / 8
+    assert host_ops == [] and fine.device.type == "meta" and density == 3 / 8
     # the launch reuses the sizes made for this device: no call reads cubes.sizes (host) again
     from dit_accel.kernels.vsa.naive import coarse_attention, cube_sizes
 

@@ -212,35 +212,31 @@ def test_a_training_calls_coarse_branch_writes_no_cube_by_cube_tensor_but_the_se
     """The coarse output's autograd on the cube means wrote the C x C scores, their softmax and in the backward
     their gradients (about 6 q-sized units a call at Wan 480p with 2 heads of 64, MODELLED); one fused attention op
     writes none of them. What is left is the selection launch's scores (forward only)."""
-    from torch.utils._python_dispatch import TorchDispatchMode
     from torch.utils._pytree import tree_leaves
+
+    from tests.utils import dispatched
 
     grid = (8, 12, 16)  # 2 x 3 x 4 = 24 cubes, head dim 32
     c = 24
     q, k, v, gate = _qkv(grid, seed=3)
     monkeypatch.setenv(gather.ENV_GATHER, "1")
 
-    class Squares(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.made = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            if func.is_view or func.__name__.startswith("set_"):  # (no new tensor: views, the interpreter's copies)
-                return out
-            self.made += [func.__name__ for t in tree_leaves(out)
-                          if isinstance(t, torch.Tensor) and t.dim() >= 2 and tuple(t.shape[-2:]) == (c, c)]
-            return out
+    def squares(made):  # the C x C tensors an operator writes
+        def record(func, args, kwargs, out):
+            if not (func.is_view or func.__name__.startswith("set_")):  # (views, the interpreter's copies: no tensor)
+                made.extend(func.__name__ for t in tree_leaves(out)
+                            if isinstance(t, torch.Tensor) and t.dim() >= 2 and tuple(t.shape[-2:]) == (c, c))
+        return dispatched(record)
 
     leaves = [x.detach().clone().requires_grad_() for x in (q, k, v, gate)]
     dit_accel.vsa_attention(*leaves[:3], grid, topk=3, gate=leaves[3], backend="triton")  # (decides the path)
-    with Squares() as forward:
+    forward, backward = [], []
+    with squares(forward):
         out = dit_accel.vsa_attention(*leaves[:3], grid, topk=3, gate=leaves[3], backend="triton")
-    with Squares() as backward:
+    with squares(backward):
         out.sum().backward()
     assert list(api._RASTER_CHOICES.values()) == [True]
-    assert forward.made == ["empty.memory_format"] and backward.made == [], (forward.made, backward.made)
+    assert forward == ["empty.memory_format"] and backward == [], (forward, backward)
 
 
 @interpreter

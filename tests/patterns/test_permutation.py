@@ -108,7 +108,7 @@ def test_permutation_gradients_are_the_inverse_gather(cls):
     """Both directions' gradients are the other direction's gather (a padded position's gradient is zero), with no
     scatter-add and no zero fill of a gradient: the op list of each backward names neither. Twice differentiable
     (float64 gradcheck and gradgradcheck)."""
-    from torch.utils._python_dispatch import TorchDispatchMode
+    from tests.utils import dispatched
 
     from dit_accel.patterns.permutation import PackedTilePermutation, TilePermutation
 
@@ -117,15 +117,13 @@ def test_permutation_gradients_are_the_inverse_gather(cls):
     g = torch.Generator().manual_seed(1)
     ops = []
 
-    class Record(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            ops.append(func._schema.name)
-            return func(*args, **(kwargs or {}))
+    def record(func, args, kwargs, out):
+        ops.append(func._schema.name)
 
     t = torch.randn(2, 3, perm.num_padded, 8, generator=g).requires_grad_()
     raster = perm.unpermute(t, dim=-2)
     weight = torch.randn(raster.shape, generator=g)
-    with Record():
+    with dispatched(record):
         (raster * weight).sum().backward()
     real = perm.order >= 0
     want = torch.zeros_like(t)
@@ -136,7 +134,7 @@ def test_permutation_gradients_are_the_inverse_gather(cls):
         x = (x if layout == "BHND" else x.transpose(1, 2).contiguous().transpose(1, 2)).requires_grad_()
         tiled = perm.permute(x, dim=-2)
         ops.clear()
-        with Record():
+        with dispatched(record):
             tiled.backward(torch.randn(tiled.shape, generator=g))
         assert not {"aten::index_add", "aten::index_add_", "aten::zeros", "aten::new_zeros", "aten::copy_"} & set(ops)
         assert x.grad.stride() == x.stride(), layout
