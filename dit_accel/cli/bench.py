@@ -263,6 +263,12 @@ def _run_kernels(args) -> int:
         print(f"dit-accel bench kernels: {message}", file=sys.stderr)
         return 2
 
+    from .checks import file_error
+
+    for flag, path, example in (("--out", args.out, "bench.json"), ("--plot", args.plot, "bench.png")):
+        problem = file_error(path, flag, example) if path is not None else None
+        if problem:  # now, not after the benchmark ran
+            return fail(problem)
     if args.modelled:
         return _run_modelled(args, fail)
     if args.tile:
@@ -337,6 +343,14 @@ def _run_modelled(args, fail) -> int:
 
     if args.device not in (None, "cuda") and not str(args.device).startswith("cuda"):
         return fail("--modelled predicts GPU figures: leave out --device or pass cuda")
+    timed = [flag for flag, value in (("--plot", args.plot), ("--threads", args.threads), ("--repeats", args.repeats),
+                                      ("--warmup", args.warmup), ("--backends", args.backends), ("--dtype", args.dtype))
+             if value is not None]
+    timed += [flag for flag, on in (("--quick", args.quick), ("--no-vsa", args.no_vsa),
+                                    ("--no-flex-compiled", args.no_flex_compiled)) if on]
+    if timed:  # the model reads none of them: they would change nothing, silently
+        return fail(f"{', '.join(timed)} {'applies' if len(timed) == 1 else 'apply'} to the timed benchmark, not "
+                    "--modelled: drop " + ("it" if len(timed) == 1 else "them") + ", or leave out --modelled")
     kernels = [x.strip() for x in args.kernels.split(",") if x.strip()] if args.kernels else None
     if kernels is None and cost.kernels_for(args.arch):
         kernels = cost.kernels_for(args.arch)  # (h100: the measured fit and the modelled ones; h200: its fit)
@@ -371,8 +385,7 @@ def _run_modelled(args, fail) -> int:
     for note in result["notes"]:
         print(f"note: {note}")
     if args.out:
-        with open(args.out, "w") as fh:
-            json.dump(result, fh, indent=2, default=str)
+        atomic_write_json(args.out, result, indent=2, default=str)
         print(f"wrote {args.out}")
     return 0
 
@@ -391,6 +404,10 @@ def _run_fidelity(args) -> int:
         error = f"--density must be in (0, 1]; got {args.density}"
     if error is None and args.max_files is not None and args.max_files < 1:
         error = f"--max-files must be >= 1; got {args.max_files}"
+    if error is None and args.out is not None:
+        from .checks import file_error
+
+        error = file_error(args.out, "--out", "fidelity.json")
     if error:
         print(f"dit-accel bench fidelity: {error}", file=sys.stderr)
         return 2

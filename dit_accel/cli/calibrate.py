@@ -199,6 +199,9 @@ def _check_files(args) -> list:
         out = file_to_write(args.out, "the plan's", "plan.json")
     except ValueError as exc:
         raise _UsageError(f"--out: {exc}") from None
+    if out.exists() and os.path.samefile(out, args.prompts):  # the plan would replace the prompts it was made from
+        raise _UsageError(f"--out {args.out} is the --prompts file: writing the plan there would overwrite the "
+                          "prompts; pass another path, e.g. plan.json")
     _writable_folder(out.parent if str(out.parent) else Path("."), "--out")
     if args.report_dir is not None:
         rd = Path(args.report_dir)
@@ -209,6 +212,13 @@ def _check_files(args) -> list:
         cd = Path(args.capture)
         if cd.exists() and not cd.is_dir():
             raise _UsageError(f"--capture {cd} is a file; pass a folder")
+        if not args.capture.strip() or cd.is_dir():  # an existing folder of another run's captures, or no path
+            from ..pipelines.capture import check_capture_dir  # (it creates the folder: only one that exists)
+
+            try:
+                check_capture_dir(args.capture)
+            except ValueError as exc:
+                raise _UsageError(f"--capture: {exc}") from None
         _writable_folder(cd, "--capture")
     from ..calibrate.run import GROUNDTRUTH_MODELS
 

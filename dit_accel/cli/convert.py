@@ -47,6 +47,9 @@ def run(args) -> int:
     from ..checkpoints.convert import convert_checkpoint
     from ..methods import SLA
 
+    if not args.out.strip():  # "" would name the current folder (and --overwrite would write into it)
+        print("dit-accel convert: --out is empty: give the weights folder to write, e.g. --out turbo-sla")
+        return 2
     try:
         method = SLA.reference(topk=args.topk, block_q=args.block_q, block_k=args.block_k,
                                feature_map=args.feature_map).replace(linear_tokens=args.linear_tokens)

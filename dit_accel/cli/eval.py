@@ -185,7 +185,14 @@ def _check_counts(args) -> None:
         raise _Refused(f"--warmup must be >= 0; got {args.warmup}")
     if not args.seeds:
         raise _Refused("--seeds needs at least one seed, e.g. --seeds 0,1")
-    from .checks import finite_error, seed_error
+    if len(set(args.seeds)) != len(args.seeds):  # a repeated seed repeats its videos: the statistics count them twice
+        raise _Refused(f"--seeds repeats a seed ({','.join(map(str, args.seeds))}): each seed once")
+    from .checks import finite_error, folder_error, seed_error
+
+    for flag, folder in (("--out", args.out), ("--cache-dir", args.cache_dir)):
+        problem = folder_error(folder, flag) if folder is not None else None
+        if problem:
+            raise _Refused(problem)
 
     for problem in (seed_error(args.seeds, "--seeds"), finite_error(args.guidance_scale, "--guidance-scale", minimum=0)):
         if problem:

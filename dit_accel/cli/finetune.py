@@ -132,6 +132,9 @@ def config_from_args(args: argparse.Namespace):
     defaults = _size_defaults(args.model, plan)
     dense_layers = args.dense_layers
     if isinstance(dense_layers, int):
+        if dense_layers < 0:  # range(-1) is empty: every layer would train sparse, as if the flag were not given
+            raise ValueError(f"--dense-layers {dense_layers} is invalid: give a count >= 0 (the first N layers "
+                             "run dense) or a list of layer indices such as 0,5,7.")
         dense_layers = list(range(dense_layers))
     return FinetuneConfig(
         model=args.model, method=method, output=args.output, mode=args.mode, steps=args.steps, lr=args.lr,

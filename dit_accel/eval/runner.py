@@ -101,6 +101,7 @@ class MethodSpec:
         options.pop("method", None)
         label = options.pop("label", None) or label or name
         apply_kwargs = {k: options.pop(k) for k in APPLY_KEYS if k in options}
+        _check_apply_options(apply_kwargs, f"{source}: {name}")
         valid = [f.name for f in dataclasses.fields(registered_methods()[name].cls) if f.init]
         unknown = sorted(set(options) - set(valid))
         if unknown:
@@ -118,6 +119,32 @@ class MethodSpec:
         if self.cache is not None:
             out["cache"] = self.cache.describe()
         return out
+
+
+def _check_apply_options(options: dict, where: str) -> None:
+    """The ``dit_accel.apply`` options of a config entry, checked when the file is read: a bad one would
+    otherwise fail its row only after the model loaded and the dense rows ran."""
+    from .._util import is_int
+    from ..pipelines.apply_checks import BACKENDS
+
+    for key in ("dense_steps", "dense_last_steps"):
+        if key in options and not (is_int(options[key]) and options[key] >= 0):
+            raise ValueError(f"{where}: {key}={options[key]!r} is invalid: expected an int >= 0")
+    layers = options.get("dense_layers")
+    if layers is not None and not (is_int(layers) and layers >= 0) and not (
+            isinstance(layers, list) and all(is_int(i) and i >= 0 for i in layers)):
+        raise ValueError(f"{where}: dense_layers={layers!r} is invalid: expected an int >= 0 (the first N layers) "
+                         "or a list of layer indices such as [0, 5]")
+    if "layer_methods" in options and not (isinstance(options["layer_methods"], dict) and all(
+            is_int(i) and i >= 0 and isinstance(m, Method) for i, m in options["layer_methods"].items())):
+        raise ValueError(f"{where}: layer_methods={options['layer_methods']!r} is invalid: expected {{layer index: "
+                         "dit_accel method config}} (a Python mapping; a JSON/YAML file cannot spell a config: give "
+                         "the layer its own entry instead)")
+    if "backend" in options and options["backend"] not in BACKENDS:
+        raise ValueError(f"{where}: backend={options['backend']!r} is invalid: choose one of {', '.join(BACKENDS)}")
+    if "weights" in options and not isinstance(options["weights"], str):
+        raise ValueError(f"{where}: weights={options['weights']!r} is invalid: expected the path of a "
+                         "`dit-accel finetune` folder")
 
 
 def _read_config(path: str):

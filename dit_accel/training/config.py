@@ -230,10 +230,11 @@ def validate_config(config: FinetuneConfig) -> None:
         v = getattr(c, name)
         _require(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0,
                  f"--{name.replace('_', '-')} {v!r} is invalid: must be a number >= 0 ({what}).")
-    _require(c.alpha is None or (isinstance(c.alpha, (int, float)) and c.alpha > 0),
-             f"--alpha {c.alpha!r} must be a positive number (default: the rank).")
-    _require(isinstance(c.sla_lr_scale, (int, float)) and c.sla_lr_scale > 0,
-             f"--sla-lr-scale {c.sla_lr_scale!r} must be a positive number.")
+    # (an infinite alpha or scale would pass "> 0" and show up only as a diverged run blamed on --lr)
+    _require(c.alpha is None or (isinstance(c.alpha, (int, float)) and math.isfinite(c.alpha) and c.alpha > 0),
+             f"--alpha {c.alpha!r} must be a finite positive number (default: the rank).")
+    _require(isinstance(c.sla_lr_scale, (int, float)) and math.isfinite(c.sla_lr_scale) and c.sla_lr_scale > 0,
+             f"--sla-lr-scale {c.sla_lr_scale!r} must be a finite positive number.")
     _require(c.mixed_precision in MIXED_PRECISION,
              f"--mixed-precision {c.mixed_precision!r} is invalid: choose one of {list(MIXED_PRECISION)}.")
     targets = tuple(c.target_modules) if not isinstance(c.target_modules, str) else tuple(c.target_modules.split(","))
