@@ -19,7 +19,7 @@ from typing import Dict, Tuple
 from ..cli.options import int_list, int_tuple
 from ..methods import CliOption, method_from_name, registered_methods
 from ..pipelines.apply_checks import BACKENDS
-from .families import FAMILIES
+from .families import FAMILIES, family_for
 
 __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "CATEGORY", "node_for", "PlanNode", "FinetunedNode"]
 
@@ -101,6 +101,8 @@ def _value(name: str, field: dataclasses.Field, opt: CliOption, value):
     text = value.strip()
     if text == "" and field.default is None:
         return None
+    if text == "" and opt.parse == "int_list":  # int_list reads blank as none: not this widget's default
+        raise ValueError(f"dit_accel: widget {name}={value!r} is invalid: {opt.help} ({_example(field, opt)})")
     try:
         if opt.parse == "ints":
             return int_tuple(text)
@@ -125,19 +127,25 @@ def _layers(text: str):
     except argparse.ArgumentTypeError:
         raise ValueError(f"dit_accel: widget dense_layers={text!r} is invalid: N (the first N layers), a list "
                          "like 0,5,7, or empty") from None
-    return value[0] if len(value) == 1 and "," not in text else list(value)
+    # "1": the first layer; "1," or "[1]": layer 1, as the command line reads them
+    return value[0] if len(value) == 1 and not re.search(r"[,\[\]()]", text) else list(value)
 
 
 def _options(widgets: dict) -> dict:
     """patch_model's keyword arguments from the common widgets."""
-    sigma = float(widgets.get("dense_above_sigma", 0.0) or 0.0)
+    sigma = widgets.get("dense_above_sigma", 0.0)  # 0: off; anything else (NaN too) goes to patch_model's check
     return dict(dense_steps=int(widgets.get("dense_steps", 0)), dense_last_steps=int(widgets.get("dense_last_steps", 0)),
-                dense_above_sigma=sigma if sigma > 0 else None, dense_layers=_layers(widgets.get("dense_layers", "")),
-                backend=widgets.get("backend", "auto"))
+                dense_above_sigma=None if sigma is None or sigma == 0 else sigma,
+                dense_layers=_layers(widgets.get("dense_layers", "")), backend=widgets.get("backend", "auto"))
 
 
 def published(method_name: str) -> Dict[str, object]:
     """``{preset label: Published}``: the settings the method's authors published for the covered families."""
+    return {label: entry for label, (entry, _) in _published(method_name).items()}
+
+
+def _published(method_name: str) -> Dict[str, tuple]:
+    """``{preset label: (Published, the Family it was published for)}``."""
     from ..pipelines.presets import PRESETS
 
     out = {}
@@ -146,8 +154,18 @@ def published(method_name: str) -> Dict[str, object]:
         for entry in getattr(preset, "published", ()):
             if entry.method == method_name:
                 values = ", ".join(f"{k}={_text(v)}" for k, v in {**entry.config, **entry.apply}.items())
-                out[f"{entry.family}: {values} ({entry.shape})"] = entry
+                out[f"{entry.family}: {values} ({entry.shape})"] = (entry, family)
     return out
+
+
+def _check_preset_for(model, label: str, entry, family) -> None:
+    """A published setting runs on the model family it was published for (another's grid, steps and layers
+    differ); a model patch_model refuses anyway is left to it."""
+    inner = getattr(getattr(model, "model", None), "diffusion_model", None)
+    ours = None if inner is None else family_for(inner)
+    if ours is not None and ours.diffusers_class != family.diffusers_class:
+        raise ValueError(f"dit_accel: preset {label!r} was published for {entry.family} ({family.name}); this MODEL "
+                         f"is {type(inner).__name__} ({ours.name}): choose a preset published for it, or custom")
 
 
 def _in_widgets(opts: Dict[str, CliOption]) -> Dict[str, CliOption]:
@@ -163,7 +181,7 @@ def node_for(name: str, cls: type, summary: str) -> type:
     """The node class of one registered method."""
     fields = {f.name: f for f in dataclasses.fields(cls) if "cli" in f.metadata}
     opts = _in_widgets({f: fields[f].metadata["cli"] for f in fields})
-    presets = published(name)
+    presets = _published(name)
 
     def INPUT_TYPES(_cls):  # noqa: N802 (ComfyUI's name)
         required = {"model": ("MODEL",)}
@@ -181,7 +199,8 @@ def node_for(name: str, cls: type, summary: str) -> type:
         if preset != CUSTOM:
             if preset not in presets:
                 raise ValueError(f"dit_accel: preset {preset!r} is not one of this node's: {', '.join(presets)}")
-            method, published_options = presets[preset].build()
+            _check_preset_for(model, preset, *presets[preset])
+            method, published_options = presets[preset][0].build()
             options.update(published_options)
         else:
             config = {f: _value(f, fields[f], opts[f], widgets[f]) for f in fields if f in widgets}

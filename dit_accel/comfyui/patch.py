@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from typing import Dict, Optional, Sequence, Union
 
 from .._util import WarningLog, is_int
@@ -38,6 +39,20 @@ def _diffusion_model(model):
     return inner
 
 
+def _check_not_patched(model) -> None:
+    """One dit_accel patch per model: a second one would stack on the first (its override gets every call the
+    second declines, so a Dense node after a Tile node still runs Tile; a second LoRA doubles it)."""
+    get = getattr(model, "get_wrappers", None)
+    earlier = get(_diffusion_wrappers(), WRAPPER_KEY) if callable(get) else ()
+    if earlier:
+        patch = getattr(earlier[-1], "__self__", None)
+        method = getattr(getattr(patch, "schedule", None), "method", None)
+        what = "" if method is None else f" ({getattr(method, 'summary_line', lambda: repr(method))()})"
+        raise ValueError(f"dit_accel: this MODEL already comes out of a dit_accel node{what}; a second one would run "
+                         "on top of it. Connect this node's model input to the MODEL before the first dit_accel node "
+                         "(the loader's), or keep one dit_accel node per model")
+
+
 def _heads(module) -> Optional[int]:
     for name in ("num_heads", "heads"):
         value = getattr(module, name, None)
@@ -55,14 +70,42 @@ def _check_sigma(value) -> Optional[float]:
     return float(value)
 
 
+def _check_strength(value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"lora_strength={value!r} is invalid: a finite number (1.0: as trained)")
+    return float(value)
+
+
 def _check_methods_for(family, methods) -> None:
     """The Diffusers preset's refusals hold here too (Radial on an image model: it has no frames)."""
     from ..pipelines.presets import PRESETS, check_method_for
 
     preset = PRESETS.get(family.diffusers_class)
-    if preset is not None:
-        for m in methods:
-            check_method_for(f"{family.name} ({family.diffusers_class})", preset, m)
+    if preset is None:
+        return
+    for m in methods:
+        plan = getattr(m, "sparse_plan", None)
+        for each in (m,) if plan is None else plan.methods():  # a plan's phases, before its first sparse step
+            try:
+                check_method_for(f"{family.name} ({family.diffusers_class})", preset, each)
+            except ValueError as err:
+                if plan is None:
+                    raise
+                name = f"plan {plan.source}" if plan.source else "the plan"
+                raise ValueError(f"{err} ({name} runs it: calibrate a plan for this model)") from None
+
+
+def _check_heads(model_name: str, layers, methods) -> None:
+    """Per-head windows (Tile, GNA, a strategy file) for the heads the model's layers run, as apply checks them:
+    else the first sparse step fails inside the sampler."""
+    known = sorted({h for h in (_heads(m) for m in layers) if h is not None})
+    for m in methods:
+        want = getattr(m, "heads", None)
+        if is_int(want) and known and known != [want]:
+            path = getattr(m, "path", None)
+            fix = "use a strategy searched for this model" if path else "give one window per head, or one for all"
+            raise ValueError(f"dit_accel: {path or type(m).__name__} has windows for {want} heads per layer, but "
+                             f"{model_name}'s self-attention layers run {', '.join(map(str, known))} heads: {fix}")
 
 
 def _call_check(method: Method, allow_other_grid: bool):
@@ -125,13 +168,16 @@ def patch_model(model, method: Union[Method, SparsePlan], *, dense_steps: int = 
         method, dense_steps, dense_last_steps, dense_layers, layer_methods, backend, None, None, None, None, False)
     dense_above_sigma = _check_sigma(dense_above_sigma)
     check_flag("allow_other_grid", allow_other_grid)
+    lora_strength = _check_strength(lora_strength)
     inner = _diffusion_model(model)
+    _check_not_patched(model)
     family = family_for(inner)
     if family is None:
         raise ValueError(f"dit_accel: the ComfyUI model {type(inner).__name__} is not covered (dit_accel knows where "
                          f"the video self-attention of {supported()} is); use ComfyUI's own attention for it")
     _check_methods_for(family, (method, *layer_methods.values()))
     layers = family.layers(inner)
+    _check_heads(type(inner).__name__, layers, (method, *layer_methods.values()))
     log = WarningLog()
     schedule = _resolve_layers(dict(method=method, dense_steps=dense_steps, dense_last_steps=dense_last_steps,
                                     dense_layers=dense_layers, layer_methods=layer_methods), len(layers), None, log)
@@ -158,8 +204,6 @@ def _load_weights(clone, patch: Patch, folder, method: Method, strength, layers)
     from ..checkpoints.finetuned import method_from_dict
     from .weights import check_folder, lora_patches, sla_projections
 
-    if isinstance(strength, bool) or not isinstance(strength, (int, float)):
-        raise ValueError(f"lora_strength={strength!r} is invalid: a number (1.0: as trained)")
     info = check_folder(folder, patch.family)
     saved = method_from_dict(info["method"])
     if saved != method:
