@@ -10,6 +10,8 @@ Examples::
 
 from __future__ import annotations
 
+import sys
+
 import argparse
 
 from .options import HelpFormatter, plain
@@ -48,7 +50,8 @@ def run(args) -> int:
     from ..methods import SLA
 
     if not args.out.strip():  # "" would name the current folder (and --overwrite would write into it)
-        print("dit-accel convert: --out is empty: give the weights folder to write, e.g. --out turbo-sla")
+        print("dit-accel convert: --out is empty: give the weights folder to write, e.g. --out turbo-sla",
+              file=sys.stderr)
         return 2
     try:
         method = SLA.reference(topk=args.topk, block_q=args.block_q, block_k=args.block_k,
@@ -57,7 +60,7 @@ def run(args) -> int:
                                  base_weights="skip" if args.skip_base_weights else "refuse",
                                  overwrite=args.overwrite)
     except (ValueError, TypeError) as err:
-        print(f"dit-accel convert: {err}")
+        print(f"dit-accel convert: {err}", file=sys.stderr)
         return 2
     print(f"dit-accel convert: wrote {out} ({method!r}); run it with dit_accel.apply(pipe, "
           f"dit_accel.load_method({str(out)!r}), weights={str(out)!r}) or dit-accel generate --weights {out}")

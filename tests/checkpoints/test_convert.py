@@ -184,4 +184,4 @@ def test_cli(tmp_path, capsys):
     assert load_method(tmp_path / "w") == dit_accel.SLA.reference(topk=0.5, block_q=128)
     assert "wrote" in capsys.readouterr().out
     assert main(["convert", str(ckpt), "--out", str(tmp_path / "x")]) == 2
-    assert "--skip-base-weights" in capsys.readouterr().out
+    assert "--skip-base-weights" in capsys.readouterr().err  # (errors on stderr, as every other command's)
