@@ -153,5 +153,5 @@ def test_convert_refuses_an_empty_out(tmp_path, monkeypatch, capsys):
     prefix = "blocks.0.self_attn.attn.proj_l"
     torch.save({f"{prefix}.weight": torch.zeros(4, 4), f"{prefix}.bias": torch.zeros(4)}, tmp_path / "ck.pth")
     assert main(["convert", "ck.pth", "--out", "", "--overwrite"]) == 2
-    assert "--out is empty" in capsys.readouterr().out
+    assert "--out is empty" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ck.pth"]
