@@ -61,3 +61,12 @@ def test_every_repository_path_the_docs_and_help_texts_name_exists():
 def test_docs_holds_pages_and_the_scripts_hold_their_inputs():
     loose = sorted(p.name for p in (REPO / "docs").iterdir() if p.is_file() and p.suffix != ".md")
     assert not loose, f"inputs of scripts belong in docs/scripts/, beside the scripts that read them: {loose}"
+
+
+def test_the_readme_counts_the_supported_classes():
+    """The README's count of transformer classes is the presets' (a family added updates it, or this fails)."""
+    from dit_accel.pipelines.presets import SUPPORTED
+
+    text = (REPO / "README.md").read_text()
+    counts = re.findall(r"(\d+) transformer classes", text)
+    assert counts and set(counts) == {str(len(SUPPORTED))}, (counts, len(SUPPORTED))

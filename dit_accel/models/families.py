@@ -10,20 +10,21 @@ from typing import Tuple
 
 __all__ = ["FAMILIES"]
 
-FAMILIES: Tuple[str, ...] = ("wan", "hunyuan_video", "cogvideox", "mochi", "ltx_video",
-                             # image families (before "flux": its hub word matches FLUX.2 ids)
-                             "flux3", "qwenimage21",  # models-image-b: before flux2/flux and qwenimage
-                             "flux2", "qwenimage", "sd3", "cogview4", "hunyuanimage", "chroma",
-                             "hidream", "lumina2", "zimage",  # models-image-b
-                             "flux",
-                             "cosmos", "allegro", "consisid", "latte", "sana_video", "motif_video")
-# Wan/Hunyuan lineage (wan_vace first: its hub word "vace" is more specific than "wan").
-FAMILIES = ("wan_vace",) + FAMILIES + ("skyreels_v2", "chronoedit", "hunyuan_video_framepack")
-# models-video-c (HunyuanVideo 1.5 first: its hub word is more specific than HunyuanVideo's "hunyuan").
-FAMILIES = ("hunyuan_video15",) + FAMILIES + ("kandinsky5", "kandinsky6", "easyanimate", "helios")
-# models-video-d (issue 28): Wan Animate and LTX-2 before "wan" and "ltx_video" (more specific hub words).
-FAMILIES = ("wan_animate", "ltx2") + FAMILIES + ("minimax_h3",)
-# Image DiTs of issue 38 (HunyuanDiT first: its hub word is more specific than HunyuanVideo's "hunyuan");
-# Sana and OmniGen are refused with their reasons (their tiny modules hold no transformer).
-FAMILIES = ("hunyuandit",) + FAMILIES + ("pixart", "auraflow", "cogview3plus", "bria", "lumina_next", "sana",
-                                         "omnigen")
+FAMILIES: Tuple[str, ...] = (
+    # First, those whose hub word is more specific than a later family's that also matches their ids: AnyFlow's
+    # ids name Wan, HunyuanDiT's and HunyuanVideo 1.5's name Hunyuan, Wan Animate's and VACE's name Wan, LTX-2's
+    # name LTX.
+    "anyflow", "hunyuandit", "wan_animate", "ltx2", "hunyuan_video15", "wan_vace",
+    # video
+    "wan", "hunyuan_video", "cogvideox", "mochi", "ltx_video",
+    # image (FLUX.3 and Qwen-Image 2.1 before FLUX.2 / FLUX.1 and Qwen-Image; all of them before "flux")
+    "flux3", "qwenimage21", "flux2", "qwenimage", "sd3", "cogview4", "hunyuanimage", "chroma", "hidream", "lumina2",
+    "zimage", "flux",
+    # video
+    "cosmos", "allegro", "consisid", "latte", "sana_video", "motif_video", "skyreels_v2", "chronoedit",
+    "hunyuan_video_framepack", "kandinsky5", "kandinsky6", "easyanimate", "helios", "minimax_h3",
+    # image (Bria FIBO before Bria 3.x: "briaai/FIBO" holds "bria"); Sana and OmniGen are refused with their
+    # reasons (their tiny modules hold no transformer)
+    "pixart", "auraflow", "cogview3plus", "bria_fibo", "bria", "lumina_next", "sana", "omnigen", "longcat_image",
+    "ovis_image", "krea2",
+)

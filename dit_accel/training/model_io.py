@@ -282,6 +282,11 @@ def model_io_for(pipe, *, max_sequence_length: int = 512) -> ModelIO:
     return cls(pipe, max_sequence_length=max_sequence_length)
 
 
+# AnyFlow: sparse inference works; the trainer builds Wan's call, not AnyFlow's.
+_NOT_YET["AnyFlowTransformer3DModel"] = ("its transformer takes frames-first (B, F, C, H, W) latents and per-frame "
+                                         "source and target timesteps (timestep, r_timestep) of a flow map, which "
+                                         "the trainer does not build")
+
 # models-image-b (issue 28): sparse inference works for these image classes; the trainer does not build their calls.
 _NOT_YET.update({
     "Flux3Transformer2DModel": "the trainer does not yet build its call (Qwen3-VL context, 4-axis position ids, "
@@ -293,4 +298,14 @@ _NOT_YET.update({
     "Lumina2Transformer2DModel": "the trainer does not yet build its call (caption features with their mask)",
     "ZImageTransformer2DModel": "its transformer takes per-sample lists of latents and caption features that the "
                                 "pipeline builds per call",
+})
+# Image classes of Diffusers 0.42.1 added since: sparse inference works; the trainer does not build their calls.
+_NOT_YET.update({
+    "LongCatImageTransformer2DModel": "the trainer does not yet build its call (Qwen2.5-VL text, modality-offset "
+                                      "position ids)",
+    "OvisImageTransformer2DModel": "the trainer does not yet build its call (Qwen3 text, position ids)",
+    "BriaFiboTransformer2DModel": "its transformer takes per-block text-encoder layers and a text key mask that the "
+                                  "pipeline builds per call",
+    "Krea2Transformer2DModel": "its transformer takes a stack of text-encoder layers per token and combined position "
+                               "ids that the pipeline builds per call",
 })

@@ -120,6 +120,19 @@ def test_a_refused_preset_needs_a_str_reason():
     ("HiDream-ai/HiDream-I1-Full", "HiDreamImageTransformer2DModel"),
     ("Alpha-VLLM/Lumina-Image-2.0", "Lumina2Transformer2DModel"),
     ("Tongyi-MAI/Z-Image-Turbo", "ZImageTransformer2DModel"),
+    # AnyFlow ids name Wan 2.1 too; the FAR and VSR ids hold the refused classes
+    ("nvidia/AnyFlow-Wan2.1-T2V-14B-Diffusers", "AnyFlowTransformer3DModel"),
+    ("nvidia/AnyFlow-FAR-Wan2.1-1.3B-Diffusers", "AnyFlowFARTransformer3DModel"),
+    ("kandinskylab/Kandinsky-6.0-VSR-distilled2steps-5s-Diffusers", "Kandinsky6SRTransformer3DModel"),
+    # Diffusers 0.42.1 image classes (ids from the Diffusers docstrings); FIBO's ids hold Bria 3.x's "bria"
+    ("meituan-longcat/LongCat-Image", "LongCatImageTransformer2DModel"),
+    ("meituan-longcat/LongCat-Image-Edit", "LongCatImageTransformer2DModel"),
+    ("AIDC-AI/Ovis-Image-7B", "OvisImageTransformer2DModel"),
+    ("briaai/FIBO", "BriaFiboTransformer2DModel"),
+    ("briaai/Fibo-Edit-1.5-turbo", "BriaFiboTransformer2DModel"),
+    ("briaai/Fibo-Edit-1.5-base", "BriaFiboTransformer2DModel"),
+    ("briaai/BRIA-3.2", "BriaTransformer2DModel"),
+    ("krea/Krea-2-Raw", "Krea2Transformer2DModel"),
 ])
 def test_hub_ids_name_the_right_family(model, cls):
     """A more specific family's hub word wins over a general one that also matches it."""

@@ -163,6 +163,6 @@ def test_info_lists_the_video_c_classes_with_their_notes(capsys):
 
 
 def test_kandinsky6_vsr_ids_are_not_taken_for_the_kandinsky6_transformer():
-    """The VSR checkpoints hold Kandinsky6SRTransformer3DModel, which has no preset."""
-    with pytest.raises(ValueError, match="cannot tell which model"):
-        P.resolve_model_family("kandinskylab/Kandinsky-6.0-VSR-distilled2steps-5s-Diffusers")
+    """The VSR checkpoints hold Kandinsky6SRTransformer3DModel, whose preset refuses it with the reason."""
+    name, _ = P.resolve_model_family("kandinskylab/Kandinsky-6.0-VSR-distilled2steps-5s-Diffusers")
+    assert name == "Kandinsky6SRTransformer3DModel" and P.PRESETS[name].refused and name not in P.SUPPORTED

@@ -12,7 +12,7 @@ from typing import Any, Callable, Dict, Hashable, Optional, Tuple
 import torch
 
 __all__ = ["GridInfo", "GridReader", "Preset", "Published", "tensor_arg", "text_len", "split_patch", "shapes_key",
-           "raster_ids", "RADIAL_REPO", "RADIAL_VIDEO", "SLA_DEFAULT", "IMAGE_DEFAULTS", "WAN_DEFAULTS",
+           "raster_ids", "leading_raster", "RADIAL_REPO", "RADIAL_VIDEO", "SLA_DEFAULT", "IMAGE_DEFAULTS", "WAN_DEFAULTS",
            "LARGE_VIDEO_DEFAULTS", "latent_grid_2d", "latent_grid_3d", "patched_video_grid",
            "channels_last_grid"]
 
@@ -273,6 +273,20 @@ def raster_ids(ids: torch.Tensor, n: int, what: str, row: int = 1, col: int = 2)
                          "conditioning images in the same sequence, or a packed layout); dit_accel cannot place "
                          "them: use the dense model (or call without reference images)")
     return h, w
+
+
+def leading_raster(ids: torch.Tensor, n: int, what: str) -> Tuple[int, int, int]:
+    """``(H, W, after)`` of position ids ``(N, axes)`` (or ``(B, N, axes)``) of ``n`` tokens laid out as
+    [image, after]: the leading run of one value in column 0 (FLUX.2's t, LongCat-Image's modality, FIBO's
+    reference plane) is the generated image, one raster grid (:func:`raster_ids`, ValueError naming ``what``
+    otherwise); the ``after`` tokens behind it, at other values, are the reference images of edit calls."""
+    ids = ids[0] if ids.dim() == 3 else ids
+    target = n
+    if ids.dim() == 2 and ids.shape[0] == n and n:
+        other = (ids[:, 0] != ids[0, 0]).nonzero()  # the first token of another plane: one host sync per call
+        target = int(other[0, 0]) if other.numel() else n
+    h, w = raster_ids(ids[:target] if target < n else ids, target, what)  # (ids of another shape: says so)
+    return h, w, n - target
 
 
 def shapes_key(args: dict) -> Optional[tuple]:

@@ -8,7 +8,7 @@ reference tokens sit in mid-sequence after it and keep exact (dense) rows and co
 
 from __future__ import annotations
 
-from ._common import IMAGE_DEFAULTS, GridInfo, Preset, raster_ids, tensor_arg, text_len
+from ._common import IMAGE_DEFAULTS, GridInfo, Preset, leading_raster, tensor_arg, text_len
 
 __all__ = ["PRESETS"]
 
@@ -18,16 +18,8 @@ def _grid(model, args) -> GridInfo:
         raise ValueError("dit_accel: FLUX.2 calls with a reference-image KV cache (kv_cache_mode) carry reference "
                          "tokens beside the image grid, which dit_accel cannot place; use the dense model")
     x = tensor_arg(args, "hidden_states")  # (B, N, C)
-    ids = tensor_arg(args, "img_ids")
-    ids = ids[0] if ids.dim() == 3 else ids
-    n = x.shape[1]
-    if ids.dim() == 2 and ids.shape[0] == n and n:
-        other = (ids[:, 0] != ids[0, 0]).nonzero()  # the first reference token: another t offset
-        target = int(other[0, 0]) if other.numel() else n
-    else:
-        target = n  # raster_ids says what is wrong with these ids
-    h, w = raster_ids(ids[:target], target, "FLUX.2 image")
-    return GridInfo((h, w), text_len(args) + n - target, num_after=n - target)
+    h, w, after = leading_raster(tensor_arg(args, "img_ids"), x.shape[1], "FLUX.2 image")  # references: other t
+    return GridInfo((h, w), text_len(args) + after, num_after=after)
 
 
 PRESETS = (

@@ -5,7 +5,11 @@ self-attention, the text cross-attentions and the video<->audio cross-attentions
 
 Image conditioning appends the clean reference frame as an extra last frame whose rotary time position is 0
 (``visual_rope_pos``): it is no part of the video's grid, so it is handled densely like text at the end of the
-sequence (``text_position="last"``); the grid is then the frames before it. Other ``visual_rope_pos`` are refused."""
+sequence (``text_position="last"``); the grid is then the frames before it. Other ``visual_rope_pos`` are refused.
+
+Kandinsky 6 video super-resolution (``Kandinsky6SRTransformer3DModel``, the same Diffusers family folder and hub
+ids with "VSR") is refused: it has no dense call; every self-attention call is its own NABLA on flex (see the
+reason)."""
 
 from __future__ import annotations
 
@@ -38,6 +42,14 @@ def _grid_key(args: dict):
     return x.shape if hasattr(x, "shape") and args.get("visual_rope_pos") is None else None
 
 
+_SR_REASON = (
+    "it has no dense self-attention call to make sparse: Kandinsky6SRAttnProcessor, its only processor, runs "
+    "every call of visual_transformer_blocks.*.self_attention as NABLA, a flex_attention call (no SDPA) under a "
+    "BlockMask built per call from the block means of that call's queries and keys (the blocks holding "
+    "nabla_threshold of the attention mass) united with a sliding-tile prior (nabla_window), over tokens "
+    "reordered into 1x8x8 local blocks. Its sparsity is the model's own and depends on the activations; run it "
+    "as it is (compiled, e.g. transformer.compile_repeated_blocks(), as Diffusers documents)")
+
 PRESETS = (
     Preset(
         "Kandinsky6Transformer3DModel",
@@ -52,5 +64,10 @@ PRESETS = (
         notes="Kandinsky 6 T2VA/I2VA; video self-attention visual_transformer_blocks.*.video_dec_block."
               "self_attention; an appended I2V reference frame runs dense like text",
         hub_words=((r"kandinsky-?6(?!.*vsr)", None),),  # the VSR ids hold Kandinsky6SRTransformer3DModel
+    ),
+    Preset.refusing(
+        "Kandinsky6SRTransformer3DModel", _SR_REASON, min_diffusers="0.42.1", grid_dims=3,
+        notes="Kandinsky 6 VSR (text-free video super-resolution); refused (every call is its own NABLA on flex)",
+        hub_words=((r"kandinsky-?6[^/]*vsr", None),),
     ),
 )
