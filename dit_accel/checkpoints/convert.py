@@ -266,8 +266,11 @@ def convert_checkpoint(checkpoint, output, *, method: Optional[SLA] = None, tran
                       "code (TurboDiffusion, thu-ml/SLA) were trained with it on all tokens: the projections will "
                       "see another linear branch than they learned. Use SLA.reference(...)", DitAccelWarning, stacklevel=2)
     out = Path(output)
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not overwrite)):
-        raise ValueError(f"output={str(out)!r} exists and is not an empty folder; pass overwrite=True (--overwrite)")
+    if out.exists() and not out.is_dir():  # (overwrite replaces a folder's files, never a file)
+        raise ValueError(f"output={str(out)!r} is a file; give a folder path (a new or empty folder)")
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise ValueError(f"output={str(out)!r} is a folder with files in it; pass overwrite=True (--overwrite) to "
+                         "replace them, or give a new folder")
     sources = [("", checkpoint)] + ([("transformer_2.", transformer_2)] if transformer_2 is not None else [])
     projections, lora, skipped = {}, {}, 0
     for prefix, path in sources:

@@ -404,6 +404,8 @@ def _run_fidelity(args) -> int:
         error = f"--density must be in (0, 1]; got {args.density}"
     if error is None and args.max_files is not None and args.max_files < 1:
         error = f"--max-files must be >= 1; got {args.max_files}"
+    if error is None and not any(m.strip() for m in args.methods.split(",")):
+        error = f"--methods {args.methods!r} names no method: give a comma-separated list such as gna,tile"
     if error is None and args.out is not None:
         from .checks import file_error
 
@@ -493,7 +495,9 @@ def _run_layouts(args) -> int:
     grids = [name for name in GRIDS if not wanted or any(w.lower() in name.lower() for w in wanted)]
     methods = [m.strip() for m in (args.methods or "").split(",") if m.strip()] or list(METHODS)
     bad = [m for m in methods if m not in METHODS]
-    if not grids or bad:
+    named_none = [flag for flag, value in (("--grids", args.grids), ("--methods", args.methods))
+                  if value is not None and not value.replace(",", "").strip()]  # (given, but empty: not "all")
+    if not grids or bad or named_none:
         print(f"dit-accel bench layouts: --grids takes substrings of {', '.join(GRIDS)}; --methods takes "
               f"{','.join(METHODS)}; got --grids {args.grids!r} --methods {args.methods!r}", file=sys.stderr)
         return 2

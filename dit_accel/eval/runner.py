@@ -200,6 +200,9 @@ def load_method_specs(methods: Optional[Sequence[str]], config_path: Optional[st
         if isinstance(cfg, dict):
             _check_names([str(name) for name in cfg], source)
             for name, value in cfg.items():
+                if value == []:  # (no config at all: the row would vanish, or run the defaults, without a word)
+                    raise ValueError(f"{source}: {name}: an empty list of configs; give at least one mapping of "
+                                     "options ({} for the method's defaults)")
                 for i, opts in enumerate(value if isinstance(value, list) else [value or {}]):
                     label = name if not isinstance(value, list) or len(value) == 1 else f"{name}#{i}"
                     entries.append((name, opts, label))

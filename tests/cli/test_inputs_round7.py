@@ -114,6 +114,14 @@ def test_eval_method_config_apply_options_are_checked_before_the_model_loads(opt
     assert f"--method-config {config}: tile: {said}" in err
 
 
+
+def test_eval_method_config_refuses_an_empty_list_of_configs(tmp_path, capsys, no_model_load):
+    """Before: {"tile": []} gave tile no row at all (or its defaults, when --methods named it), without a word."""
+    config = tmp_path / "methods.json"
+    config.write_text(json.dumps({"tile": []}))
+    assert main(["eval", "--model", "tiny-shapes", "--method-config", str(config), "--out", str(tmp_path / "o")]) == 2
+    assert f"--method-config {config}: tile: an empty list of configs" in _one_line(capsys)
+
 # ------------------------------------------------------------------ bench
 @pytest.mark.parametrize("argv", [
     ["kernels", "--modelled", "--shapes", "FLUX 1024", "--densities", "0.1"],
@@ -144,6 +152,15 @@ def test_bench_kernels_modelled_refuses_the_timed_runs_flags(capsys):
                                       "or leave out --modelled")
 
 
+
+@pytest.mark.parametrize("argv", [["fidelity", "--capture", "nowhere", "--methods", " , "],
+                                  ["layouts", "--methods", ""], ["layouts", "--grids", ","]],
+                         ids=["fidelity-methods", "layouts-methods", "layouts-grids"])
+def test_bench_refuses_a_list_flag_given_empty(argv, capsys):
+    """Before: an empty --methods gave fidelity an empty table and layouts every method (as if it were not given)."""
+    assert main(["bench", *argv]) == 2
+    assert argv[-2] in _one_line(capsys)
+
 # ------------------------------------------------------------------ convert
 def test_convert_refuses_an_empty_out(tmp_path, monkeypatch, capsys):
     """Before: --out '' named the current folder, and with --overwrite the weights were written into it."""
@@ -155,3 +172,15 @@ def test_convert_refuses_an_empty_out(tmp_path, monkeypatch, capsys):
     assert main(["convert", "ck.pth", "--out", "", "--overwrite"]) == 2
     assert "--out is empty" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ck.pth"]
+
+
+def test_convert_says_a_file_at_out_is_a_file(tmp_path, capsys):
+    """Before: --out naming a file said to pass --overwrite, which refused it too."""
+    target = tmp_path / "notes.txt"
+    target.write_text("mine")
+    ckpt = tmp_path / "ck.pth"
+    ckpt.write_bytes(b"")
+    for extra in ([], ["--overwrite"]):
+        assert main(["convert", str(ckpt), "--out", str(target), *extra]) == 2
+        assert f"output={str(target)!r} is a file; give a folder path" in capsys.readouterr().err
+    assert target.read_text() == "mine"
