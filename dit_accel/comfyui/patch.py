@@ -9,7 +9,7 @@ from typing import Dict, Optional, Sequence, Union
 from .._util import WarningLog, is_int
 from ..kernels.checks import check_flag
 from ..methods import Method
-from ..pipelines.apply_checks import _check_apply_args, _resolve_layers
+from ..pipelines.apply_checks import _check_apply_args, _resolve_layers, _warn_unknown_strategy_layers
 from ..plans.sparse_plan import SparsePlan
 from .families import family_for, supported
 from .override import AttentionOverride, Patch
@@ -116,7 +116,7 @@ def _call_check(method: Method, allow_other_grid: bool):
     warned = set()
 
     def on_call(grid, total_steps) -> None:
-        warning = check(grid, total_steps, allow_other_grid)
+        warning = check(grid, total_steps, allow_other_grid, host="comfyui")
         if warning and tuple(grid) not in warned:
             warned.add(tuple(grid))
             LOG.warning(warning)
@@ -181,6 +181,7 @@ def patch_model(model, method: Union[Method, SparsePlan], *, dense_steps: int = 
     log = WarningLog()
     schedule = _resolve_layers(dict(method=method, dense_steps=dense_steps, dense_last_steps=dense_last_steps,
                                     dense_layers=dense_layers, layer_methods=layer_methods), len(layers), None, log)
+    _warn_unknown_strategy_layers((method, *layer_methods.values()), len(layers), type(inner).__name__, log)
     for message in log.messages:  # (e.g. dense_layers covering every layer) into ComfyUI's log too
         LOG.warning(message)
     if hasattr(method, "check_model"):  # a plan: made for this model (its Diffusers class), layers and heads

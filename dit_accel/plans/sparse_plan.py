@@ -149,6 +149,27 @@ class Phase:
         return _phase(_Fields(source), where, data, num_layers, num_heads)
 
 
+#: How :meth:`SparsePlan.check_call`'s messages name the settings to change, per host: the Diffusers path's (the
+#: Python argument and the CLI flag) and ComfyUI's (the sampler's steps, the node's widget).
+_HOST_HINTS = {
+    "diffusers": {"steps": "CLI: --steps {steps}", "any_grid": "pass allow_other_grid=True (CLI: --plan-any-grid)"},
+    "comfyui": {"steps": "the KSampler's steps", "any_grid": "turn on the node's allow_other_grid"},
+}
+
+
+def _size_text(call: dict, host: str) -> str:
+    """The calibration call's size as the host sets it (`` (--frames 81 --height 480 --width 832)``, or ComfyUI's
+    `` (81 frames of 480x832)``); "" when the plan did not record it."""
+    if not {"height", "width"} <= set(call):
+        return ""
+    frames = call.get("num_frames")
+    if host == "comfyui":
+        return f" ({frames} frames of {call['height']}x{call['width']})" if frames else \
+            f" ({call['height']}x{call['width']})"
+    return f" (--frames {frames} --height {call['height']} --width {call['width']})" if frames else \
+        f" (--height {call['height']} --width {call['width']})"
+
+
 @dataclass(frozen=True, eq=False)
 class SparsePlan:
     """Method configs per denoising-step phase, attention layer and head, with where they came from.
@@ -443,32 +464,31 @@ class SparsePlan:
                     raise ValueError(f"{name}: steps {_span(phase)} give layer {layer} {method.heads} per-head "
                                      f"methods; that layer of this model has {heads} heads")
 
-    def check_call(self, grid, total_steps: Optional[int], allow_other_grid: bool = False) -> Optional[str]:
+    def check_call(self, grid, total_steps: Optional[int], allow_other_grid: bool = False,
+                   host: str = "diffusers") -> Optional[str]:
         """Check one transformer call's token ``grid`` and its run's number of denoising steps (None: unknown)
         against what the plan was calibrated for. ValueError naming both values on a mismatch; a grid the plan
-        does not cover is allowed with ``allow_other_grid``, and the warning to give is returned."""
+        does not cover is allowed with ``allow_other_grid``, and the warning to give is returned. ``host``
+        (``"diffusers"`` or ``"comfyui"``): whose settings the messages name."""
         name, grid = self._name(), tuple(int(g) for g in grid)
+        hints = _HOST_HINTS[host]
         warning = None
         grids = [tuple(g) for g in self.provenance.get("grids") or ()]
         if grids and grid not in grids:
             call = self.provenance.get("call") or {}
-            size = (f" (--frames {call['num_frames']} --height {call['height']} --width {call['width']})"
-                    if {"num_frames", "height", "width"} <= set(call) else
-                    f" (--height {call['height']} --width {call['width']})" if {"height", "width"} <= set(call)
-                    else "")
+            size = _size_text(call, host)
             what = (f"{name} was calibrated for token grid {' or '.join(_grid_text(g) for g in grids)}{size}; this "
                     f"call's token grid is {_grid_text(grid)}")
             if not allow_other_grid:
                 raise ValueError(f"{what}: its choices were scored at that size only. Run at the plan's size, "
-                                 "calibrate a plan at this one, or pass allow_other_grid=True (CLI: --plan-any-grid) "
-                                 "to run it anyway")
+                                 f"calibrate a plan at this one, or {hints['any_grid']} to run it anyway")
             warning = f"dit_accel: {what}; running it anyway (allow_other_grid): its quality was not checked here"
         if total_steps is not None:
             steps = self.provenance.get("steps")
             if steps is not None and steps != total_steps:
                 raise ValueError(f"{name} was calibrated for {steps} denoising steps; this run has {total_steps}: "
-                                 f"its phases name steps of a {steps}-step run. Run {steps} steps (CLI: --steps "
-                                 f"{steps}) or calibrate a plan for {total_steps}")
+                                 f"its phases name steps of a {steps}-step run. Run {steps} steps "
+                                 f"({hints['steps'].format(steps=steps)}) or calibrate a plan for {total_steps}")
             for phase in self.phases:
                 if phase.start >= total_steps or (phase.stop is not None and phase.stop > total_steps):
                     raise ValueError(f"{name} has a phase for steps {_span(phase)}; this run has {total_steps} "
@@ -601,9 +621,10 @@ class PlanMethod(Method):
         """:meth:`SparsePlan.check_model`."""
         self.sparse_plan.check_model(model_class, layer_heads)
 
-    def check_call(self, grid, total_steps: Optional[int], allow_other_grid: bool = False) -> Optional[str]:
+    def check_call(self, grid, total_steps: Optional[int], allow_other_grid: bool = False,
+                   host: str = "diffusers") -> Optional[str]:
         """:meth:`SparsePlan.check_call`."""
-        return self.sparse_plan.check_call(grid, total_steps, allow_other_grid)
+        return self.sparse_plan.check_call(grid, total_steps, allow_other_grid, host)
 
     def summary_line(self) -> str:
         return self.sparse_plan.summary_line()

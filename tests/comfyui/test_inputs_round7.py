@@ -161,3 +161,14 @@ def test_a_strategy_for_another_head_count_is_refused_by_the_node(wan, tmp_path)
     with pytest.raises(ValueError, match=r"strategy.json has windows for 1 heads per layer, but WanModel's "
                                          r"self-attention layers run 2 heads: use a strategy searched for this model"):
         _node("DitAccelTileStrategy", wan, path=str(strategy), tile="1,2,2", **COMMON)
+
+
+def test_a_strategy_naming_layers_the_model_lacks_is_said_in_comfyuis_log(wan, tmp_path, caplog):
+    """dit_accel.apply warns of strategy entries for layers the model lacks (the file is another model's); the node
+    said nothing."""
+    strategy = tmp_path / "strategy.json"
+    strategy.write_text('{"0_0_0": [3, 1, 1], "0_0_1": [3, 1, 1], "0_5_0": [3, 1, 1], "0_5_1": [3, 1, 1]}')
+    with caplog.at_level("WARNING", logger="dit_accel.comfyui"):
+        _node("DitAccelTileStrategy", wan, path=str(strategy), tile="1,2,2", **COMMON)
+    assert any("names attention layers 5, but WanModel has 2 (0..1): those entries never run" in r.getMessage()
+               for r in caplog.records), [r.getMessage() for r in caplog.records]

@@ -154,10 +154,12 @@ def test_a_plans_steps_follow_comfyuis_steps(comfy, models):
     lines = _override(patched).patch.report.lines
     assert ["2 layers dense" in lines[0], "1 layers sparse" in lines[1], "1 layers sparse" in lines[2],
             "2 layers sparse" in lines[3]] == [True] * 4
-    with pytest.raises(ValueError, match="calibrated for 4 denoising steps; this run has 3"):
+    with pytest.raises(ValueError, match="calibrated for 4 denoising steps; this run has 3") as err:
         sample(comfy, patch_model(model, plan), case, steps=3)
-    with pytest.raises(ValueError, match="calibrated for token grid"):
+    assert "Run 4 steps (the KSampler's steps)" in str(err.value) and "CLI" not in str(err.value)  # ComfyUI's words
+    with pytest.raises(ValueError, match="calibrated for token grid") as err:
         sample(comfy, patch_model(model, plan), case, steps=4, latent=(1, 16, 3, 8, 12))
+    assert "turn on the node's allow_other_grid" in str(err.value) and "CLI" not in str(err.value)
 
 
 def test_a_plan_for_another_model_is_refused(models):
