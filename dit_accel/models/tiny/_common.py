@@ -10,7 +10,7 @@ from typing import Any, Callable, Dict, Optional, Tuple
 import torch
 
 __all__ = ["TinyTransformer", "TinyPipeline", "byte_tokenizer", "t5_tokenizer", "tiny_t5_settings",
-           "tiny_wan_parts", "WAN_Z_DIM", "TINY_WAN_TRANSFORMER",
+           "tiny_wan_parts", "image_ids", "flux_image_inputs", "WAN_Z_DIM", "TINY_WAN_TRANSFORMER",
            "tiny_image_vae", "four_axis_image_inputs", "TINY_WAN_CALL", "TINY_WAN_METHODS", "TINY_IMAGE_CALL",
            "TINY_IMAGE_METHODS"]
 
@@ -87,7 +87,23 @@ class TinyPipeline:
     requires: Tuple[str, ...] = ()
 
 
-# ----------------------------------------------------------------------------- tokenizers
+# ----------------------------------------------------------------------------- call arguments
+def image_ids(grid) -> torch.Tensor:
+    """FLUX.1's position ids of a ``(H, W)`` image: ``(H * W, 3)`` float rows ``(0, row, column)`` in raster order."""
+    h, w = grid
+    rows, cols = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+    return torch.stack([torch.zeros_like(rows), rows, cols], -1).reshape(-1, 3).float()
+
+
+def flux_image_inputs(cfg, grid, batch, text, rnd, t, mask):
+    """Call arguments of FLUX.1-layout transformers without a pooled projection (Bria 3.x, Ovis-Image): packed
+    ``(B, N, C)`` latents, :func:`image_ids`, zero text ids."""
+    h, w = grid
+    return dict(hidden_states=rnd(batch, h * w, cfg.in_channels), timestep=t / 1000,
+                encoder_hidden_states=rnd(batch, text, cfg.joint_attention_dim), img_ids=image_ids(grid),
+                txt_ids=torch.zeros(text, 3), return_dict=False)
+
+
 def four_axis_image_inputs(cfg, grid, batch, text, rnd, t, mask):
     """Call arguments of FLUX.2 / FLUX.3: packed (B, N, C) latents and 4-axis (t, h, w, l) position ids."""
     h, w = grid

@@ -6,15 +6,14 @@ from __future__ import annotations
 
 import torch
 
-from ._common import TinyTransformer
+from ._common import TinyTransformer, image_ids
 
 __all__ = ["TRANSFORMERS"]
 
 
 def _inputs(cfg, grid, batch, text, rnd, t, mask):
     h, w = grid
-    rows, cols = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
-    img_ids = torch.stack([torch.zeros_like(rows), rows, cols], -1).reshape(-1, 3).float()
+    img_ids = image_ids(grid)
     layers = [rnd(batch, text, cfg.text_encoder_dim) for _ in range(cfg.num_layers + cfg.num_single_layers)]
     kwargs = dict(hidden_states=rnd(batch, h * w, cfg.in_channels), timestep=t,
                   encoder_hidden_states=rnd(batch, text, cfg.joint_attention_dim), text_encoder_layers=layers,

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from ._common import (TINY_IMAGE_CALL, TINY_IMAGE_METHODS, TinyPipeline, TinyTransformer, t5_tokenizer, tiny_image_vae,
-                      tiny_t5_settings)
+from ._common import (TINY_IMAGE_CALL, TINY_IMAGE_METHODS, TinyPipeline, TinyTransformer, image_ids, t5_tokenizer,
+                      tiny_image_vae, tiny_t5_settings)
 
 __all__ = ["TRANSFORMERS", "PIPELINES"]
 
@@ -40,8 +40,7 @@ def _build(seed: int):
 
 def _inputs(cfg, grid, batch, text, rnd, t, mask):
     h, w = grid
-    rows, cols = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
-    img_ids = torch.stack([torch.zeros_like(rows), rows, cols], -1).reshape(-1, 3).float()
+    img_ids = image_ids(grid)
     # ChromaPipeline's attention_mask: 1 on the valid text tokens and the first padding one (its rule), and on
     # every image token, in the latents' float dtype (the blocks add m_i * m_j to the scores).
     valid = mask.sum(1, keepdim=True)

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from ._common import (TINY_IMAGE_CALL, TINY_IMAGE_METHODS, TinyPipeline, TinyTransformer, byte_tokenizer, t5_tokenizer,
-                      tiny_image_vae, tiny_t5_settings)
+from ._common import (TINY_IMAGE_CALL, TINY_IMAGE_METHODS, TinyPipeline, TinyTransformer, byte_tokenizer, image_ids,
+                      t5_tokenizer, tiny_image_vae, tiny_t5_settings)
 
 __all__ = ["TRANSFORMERS", "PIPELINES"]
 
@@ -69,8 +69,7 @@ def _build(seed: int):
 
 def _inputs(cfg, grid, batch, text, rnd, t, mask):
     h, w = grid
-    rows, cols = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
-    img_ids = torch.stack([torch.zeros_like(rows), rows, cols], -1).reshape(-1, 3).float()
+    img_ids = image_ids(grid)
     return dict(hidden_states=rnd(batch, h * w, cfg.in_channels), timestep=t / 1000,
                 encoder_hidden_states=rnd(batch, text, cfg.joint_attention_dim),
                 pooled_projections=rnd(batch, cfg.pooled_projection_dim), img_ids=img_ids,

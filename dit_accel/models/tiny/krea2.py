@@ -6,18 +6,16 @@ from __future__ import annotations
 
 import torch
 
-from ._common import TinyTransformer
+from ._common import TinyTransformer, image_ids
 
 __all__ = ["TRANSFORMERS"]
 
 
 def _inputs(cfg, grid, batch, text, rnd, t, mask):
     h, w = grid
-    rows, cols = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
-    image_ids = torch.stack([torch.zeros_like(rows), rows, cols], -1).reshape(-1, 3).float()
     return dict(hidden_states=rnd(batch, h * w, cfg.in_channels),
                 encoder_hidden_states=rnd(batch, text, cfg.num_text_layers, cfg.text_hidden_dim), timestep=t / 1000,
-                position_ids=torch.cat([torch.zeros(text, 3), image_ids]), encoder_attention_mask=mask.bool(),
+                position_ids=torch.cat([torch.zeros(text, 3), image_ids(grid)]), encoder_attention_mask=mask.bool(),
                 return_dict=False)
 
 
