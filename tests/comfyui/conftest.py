@@ -3,6 +3,7 @@
 import pytest
 
 from tests.comfyui.comfy_env import import_comfy, missing, snapshot
+from tests.comfyui.models import CASES, build
 
 
 @pytest.fixture(scope="session")
@@ -11,3 +12,9 @@ def comfy():
     if path is None:
         pytest.skip(missing())
     return import_comfy(path)
+
+
+@pytest.fixture(scope="module")
+def wan(comfy):
+    """The small Wan 2.1 T2V model of ComfyUI's own class, built once per test module."""
+    return build(comfy, CASES["wan21-t2v"])

@@ -155,3 +155,20 @@ def with_override(patcher, override):
     clone = patcher.clone()
     clone.model_options.setdefault("transformer_options", {})["optimized_attention_override"] = override
     return clone
+
+
+#: The widgets every method node shares, at their defaults.
+COMMON_WIDGETS = dict(dense_steps=0, dense_last_steps=0, dense_above_sigma=0.0, dense_layers="", backend="auto")
+
+
+def run_node(name: str, model, **widgets):
+    """The MODEL the node ``name`` returns for ``model`` and ``widgets``, called as a workflow calls it."""
+    from dit_accel.comfyui import NODE_CLASS_MAPPINGS
+
+    node = NODE_CLASS_MAPPINGS[name]
+    return getattr(node(), node.FUNCTION)(model, **widgets)[0]
+
+
+def override_of(patcher):
+    """The attention override set on a patched MODEL (dit_accel's, or the one set before it)."""
+    return patcher.model_options["transformer_options"]["optimized_attention_override"]

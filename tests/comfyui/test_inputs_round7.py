@@ -12,25 +12,10 @@ import dit_accel
 from dit_accel.checkpoints.finetuned import VSA_FILE, write_weights_folder
 from dit_accel.comfyui import NODE_CLASS_MAPPINGS, patch_model
 from dit_accel.plans.sparse_plan import Phase, SparsePlan
-from tests.comfyui.models import CASES, build, sample
+from tests.comfyui.models import COMMON_WIDGETS as COMMON, CASES, build, override_of, run_node, sample
 from tests.comfyui.test_weights import RANK, _folder, _lora
 
-COMMON = dict(dense_steps=0, dense_last_steps=0, dense_above_sigma=0.0, dense_layers="", backend="auto")
 TILE = dict(preset="custom", tile="1,2,2", window="3,1,1", block_size="", fit=False)
-
-
-@pytest.fixture(scope="module")
-def wan(comfy):
-    return build(comfy, CASES["wan21-t2v"])
-
-
-def _node(name, model, **widgets):
-    node = NODE_CLASS_MAPPINGS[name]
-    return getattr(node(), node.FUNCTION)(model, **widgets)[0]
-
-
-def _patch(patched):
-    return patched.model_options["transformer_options"]["optimized_attention_override"].patch
 
 
 def _one_line(err) -> str:
@@ -42,13 +27,13 @@ def _one_line(err) -> str:
 def test_a_second_dit_accel_node_on_a_patched_model_is_refused(comfy, wan):
     """Tile -> Dense ran Tile (the Dense override declined every call to the Tile one before it)."""
     case = CASES["wan21-t2v"]
-    tiled = _node("DitAccelTile", wan, **TILE, **COMMON)
+    tiled = run_node("DitAccelTile", wan, **TILE, **COMMON)
     before = sample(comfy, tiled, case)
     with pytest.raises(ValueError, match=r"^dit_accel: this MODEL already comes out of a dit_accel node \(Tile") as err:
-        _node("DitAccelDense", tiled, **COMMON)
+        run_node("DitAccelDense", tiled, **COMMON)
     assert "Connect this node's model input to the MODEL before the first dit_accel node" in _one_line(err)
     assert torch.equal(sample(comfy, tiled, case), before)  # the patched model is as it was
-    _node("DitAccelDense", wan, **COMMON)  # the loader's MODEL takes another node
+    run_node("DitAccelDense", wan, **COMMON)  # the loader's MODEL takes another node
 
 
 def test_a_lora_for_another_size_of_wan_is_refused(comfy, wan, tmp_path):
@@ -80,7 +65,7 @@ def test_a_non_finite_lora_strength_is_refused(wan, tmp_path, strength):
     """ComfyUI's FLOAT widget lets NaN through its min/max check: the LoRA patches made the output NaN."""
     folder = _folder(tmp_path / "ft", dit_accel.Dense(), lora=_lora(torch.Generator().manual_seed(3)))
     with pytest.raises(ValueError, match=rf"^lora_strength={strength!r} is invalid: a finite number"):
-        _node("DitAccelFinetuned", wan, weights_path=str(folder), lora_strength=strength, allow_other_grid=False,
+        run_node("DitAccelFinetuned", wan, weights_path=str(folder), lora_strength=strength, allow_other_grid=False,
               backend="auto")
 
 
@@ -90,7 +75,7 @@ def test_sla_projections_of_another_head_dim_are_refused_by_the_node(wan, tmp_pa
     folder = _folder(tmp_path / "ft", dit_accel.SLA(topk=0.5), sla=sla)
     with pytest.raises(ValueError, match=r"blocks.0.attn1.weight has shape \(64, 64\), but layer 0 of this WanModel "
                                          r"takes \(32, 32\) \(its head dim is 32\)"):
-        _node("DitAccelFinetuned", wan, weights_path=str(folder), lora_strength=1.0, allow_other_grid=False,
+        run_node("DitAccelFinetuned", wan, weights_path=str(folder), lora_strength=1.0, allow_other_grid=False,
               backend="torch")
 
 
@@ -104,14 +89,14 @@ def test_a_folder_with_trained_vsa_gates_is_refused(wan, tmp_path):
                                                     str(staging / VSA_FILE)), info)
     with pytest.raises(ValueError, match=r"holds trained VSA gates \(vsa_gates.safetensors\), which ComfyUI's "
                                          r"WanModel has no modules for"):
-        _node("DitAccelFinetuned", wan, weights_path=str(folder), lora_strength=1.0, allow_other_grid=False,
+        run_node("DitAccelFinetuned", wan, weights_path=str(folder), lora_strength=1.0, allow_other_grid=False,
               backend="torch")
 
 
 def test_a_nan_dense_above_sigma_is_refused(wan):
     """NaN > 0 is False, so the node turned it into None: dense_above_sigma silently off."""
     with pytest.raises(ValueError, match=r"^dense_above_sigma=nan is invalid: a sigma >= 0"):
-        _node("DitAccelTile", wan, **TILE, **dict(COMMON, dense_above_sigma=math.nan))
+        run_node("DitAccelTile", wan, **TILE, **dict(COMMON, dense_above_sigma=math.nan))
 
 
 def test_a_plan_naming_a_video_method_is_refused_on_an_image_model(comfy, tmp_path):
@@ -121,7 +106,7 @@ def test_a_plan_naming_a_video_method_is_refused_on_an_image_model(comfy, tmp_pa
     path = plan.save(tmp_path / "plan.json")
     with pytest.raises(ValueError, match=r"method 'radial' needs a video's \(T, H, W\) token grid, but the sparse "
                                          r"calls of FLUX .*\(plan .*plan.json runs it") as err:
-        _node("DitAccelPlan", build(comfy, CASES["flux"]), plan_path=str(path), allow_other_grid=False,
+        run_node("DitAccelPlan", build(comfy, CASES["flux"]), plan_path=str(path), allow_other_grid=False,
               backend="auto")
     _one_line(err)
 
@@ -130,11 +115,11 @@ def test_a_blank_sink_frames_widget_is_refused(wan):
     """Blank read as none (no sink frames), where Radial's default is frame 0; other blank widgets with a
     default are refused or mean the default."""
     with pytest.raises(ValueError, match=r"^dit_accel: widget sink_frames='  ' is invalid: .*or none\)$"):
-        _node("DitAccelRadial", wan, preset="custom", decay=1.0, block_size="128", sink_frames="  ", spatial="band",
+        run_node("DitAccelRadial", wan, preset="custom", decay=1.0, block_size="128", sink_frames="  ", spatial="band",
               rule="union", **COMMON)
-    patched = _node("DitAccelRadial", wan, preset="custom", decay=1.0, block_size="128", sink_frames="none",
+    patched = run_node("DitAccelRadial", wan, preset="custom", decay=1.0, block_size="128", sink_frames="none",
                     spatial="band", rule="union", **COMMON)
-    assert _patch(patched).schedule.method.sink_frames == ()
+    assert override_of(patched).patch.schedule.method.sink_frames == ()
 
 
 def test_a_preset_published_for_another_family_is_refused(wan):
@@ -143,15 +128,16 @@ def test_a_preset_published_for_another_family_is_refused(wan):
     label = next(p for p in presets if p.startswith("HunyuanVideo:"))
     with pytest.raises(ValueError, match=r"was published for HunyuanVideo \(HunyuanVideo\); this MODEL is WanModel "
                                          r"\(Wan\): choose a preset published for it, or custom"):
-        _node("DitAccelTile", wan, **dict(TILE, preset=label), **COMMON)
+        run_node("DitAccelTile", wan, **dict(TILE, preset=label), **COMMON)
 
 
 def test_dense_layers_in_brackets_are_layer_indices_as_on_the_command_line(wan):
     """"[1]" made the first layer dense (as "1" does); the command line reads it as layer 1, like "1,"."""
     for text in ("[1]", "(1)", "1,"):
-        patched = _node("DitAccelTile", wan, **TILE, **dict(COMMON, dense_layers=text))
-        assert _patch(patched).schedule.dense_layers == {1}, text
-    assert _patch(_node("DitAccelTile", wan, **TILE, **dict(COMMON, dense_layers="1"))).schedule.dense_layers == {0}
+        patched = run_node("DitAccelTile", wan, **TILE, **dict(COMMON, dense_layers=text))
+        assert override_of(patched).patch.schedule.dense_layers == {1}, text
+    assert override_of(run_node("DitAccelTile", wan, **TILE, **dict(COMMON, dense_layers="1"))).patch.schedule \
+        .dense_layers == {0}
 
 
 def test_a_strategy_for_another_head_count_is_refused_by_the_node(wan, tmp_path):
@@ -160,7 +146,7 @@ def test_a_strategy_for_another_head_count_is_refused_by_the_node(wan, tmp_path)
     strategy.write_text('{"0_0_0": [3, 1, 1], "0_1_0": [3, 1, 1]}')
     with pytest.raises(ValueError, match=r"strategy.json has windows for 1 heads per layer, but WanModel's "
                                          r"self-attention layers run 2 heads: use a strategy searched for this model"):
-        _node("DitAccelTileStrategy", wan, path=str(strategy), tile="1,2,2", **COMMON)
+        run_node("DitAccelTileStrategy", wan, path=str(strategy), tile="1,2,2", **COMMON)
 
 
 def test_a_strategy_naming_layers_the_model_lacks_is_said_in_comfyuis_log(wan, tmp_path, caplog):
@@ -169,6 +155,6 @@ def test_a_strategy_naming_layers_the_model_lacks_is_said_in_comfyuis_log(wan, t
     strategy = tmp_path / "strategy.json"
     strategy.write_text('{"0_0_0": [3, 1, 1], "0_0_1": [3, 1, 1], "0_5_0": [3, 1, 1], "0_5_1": [3, 1, 1]}')
     with caplog.at_level("WARNING", logger="dit_accel.comfyui"):
-        _node("DitAccelTileStrategy", wan, path=str(strategy), tile="1,2,2", **COMMON)
+        run_node("DitAccelTileStrategy", wan, path=str(strategy), tile="1,2,2", **COMMON)
     assert any("names attention layers 5, but WanModel has 2 (0..1): those entries never run" in r.getMessage()
                for r in caplog.records), [r.getMessage() for r in caplog.records]

@@ -17,7 +17,7 @@ from dit_accel.patterns.radial import radial_mask
 from dit_accel.patterns.tile import tile_mask
 from dit_accel.plans.sparse_plan import Phase, SparsePlan
 
-from tests.comfyui.models import CASES, build, masked_reference, sample, with_override
+from tests.comfyui.models import CASES, build, masked_reference, override_of, sample, with_override
 
 FAMILIES = list(CASES)
 
@@ -32,10 +32,6 @@ def models(comfy):
         return built[name]
 
     return get
-
-
-def _override(patcher):
-    return patcher.model_options["transformer_options"]["optimized_attention_override"]
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -116,7 +112,7 @@ def test_data_dependent_methods_at_full_density_equal_dense(comfy, models, famil
 def _steps(patched):
     """{step: 'sparse' | 'dense'} from the patch's report lines (one per model call)."""
     out = {}
-    for line in _override(patched).patch.report.lines:
+    for line in override_of(patched).patch.report.lines:
         step = int(line.split(" step ")[1].split("/")[0])
         out[step] = "sparse" if "sparse" in line else "dense"
     return out
@@ -130,7 +126,7 @@ def test_dense_steps_follow_comfyuis_sigmas(comfy, models):
     # a second-order sampler calls the model again between steps: each call belongs to the step its sigma is in
     patched = patch_model(model, PATTERNS["tile"][0], dense_steps=2)
     sample(comfy, patched, case, steps=4, sampler="dpmpp_2s_ancestral")
-    lines = _override(patched).patch.report.lines
+    lines = override_of(patched).patch.report.lines
     assert len(lines) > 4  # the inner evaluations ran too
     assert _steps(patched) == {0: "dense", 1: "dense", 2: "sparse", 3: "sparse"}
 
@@ -151,7 +147,7 @@ def test_a_plans_steps_follow_comfyuis_steps(comfy, models):
                       provenance={"model_class": "WanTransformer3DModel", "steps": 4, "grids": [[3, 4, 4]]})
     patched = patch_model(model, plan)
     sample(comfy, patched, case, steps=4)
-    lines = _override(patched).patch.report.lines
+    lines = override_of(patched).patch.report.lines
     assert ["2 layers dense" in lines[0], "1 layers sparse" in lines[1], "1 layers sparse" in lines[2],
             "2 layers sparse" in lines[3]] == [True] * 4
     with pytest.raises(ValueError, match="calibrated for 4 denoising steps; this run has 3") as err:
@@ -184,7 +180,7 @@ def test_the_override_stacks_on_the_one_before(comfy, models):
     out = sample(comfy, patch_model(before, dit_accel.Dense()), case)
     assert sorted(set(seen)) == [8, 48]  # Dense() declines every call: all reach the override before
     assert torch.equal(out, sample(comfy, before, case))
-    assert _override(before) is previous  # the clone got the stack; the model given stays as it was
+    assert override_of(before) is previous  # the clone got the stack; the model given stays as it was
 
 
 def test_what_ran_is_logged(comfy, models, caplog):
@@ -244,5 +240,5 @@ def test_the_triton_kernel_runs_through_the_node(comfy, models):
     reference = sample(comfy, with_override(model, masked_reference(mask_of(case.grid()), case.text)), case)
     patched = patch_model(model, method, backend="triton")
     out = sample(comfy, patched, case)
-    assert "backend triton" in _override(patched).patch.report.lines[-1]
+    assert "backend triton" in override_of(patched).patch.report.lines[-1]
     torch.testing.assert_close(out, reference, rtol=1e-4, atol=1e-4)  # (Triton's interpreter on CPUs, fp32)
