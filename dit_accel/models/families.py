@@ -23,8 +23,9 @@ FAMILIES: Tuple[str, ...] = (
     # video
     "cosmos", "allegro", "consisid", "latte", "sana_video", "motif_video", "skyreels_v2", "chronoedit",
     "hunyuan_video_framepack", "kandinsky5", "kandinsky6", "easyanimate", "helios", "minimax_h3",
+    "sana_wm",  # SANA-WM and its refiner, refused (before Sana: the SANA-WM ids hold "sana")
     # image (Bria FIBO before Bria 3.x: "briaai/FIBO" holds "bria"); Sana and OmniGen are refused with their
     # reasons (their tiny modules hold no transformer)
     "pixart", "auraflow", "cogview3plus", "bria_fibo", "bria", "lumina_next", "sana", "omnigen", "longcat_image",
-    "ovis_image", "krea2",
+    "ovis_image", "krea2", "joyimage", "dit", "glm_image", "ernie_image",
 )

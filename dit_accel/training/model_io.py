@@ -308,4 +308,14 @@ _NOT_YET.update({
                                   "pipeline builds per call",
     "Krea2Transformer2DModel": "its transformer takes a stack of text-encoder layers per token and combined position "
                                "ids that the pipeline builds per call",
+    "DiTTransformer2DModel": "its transformer is class-conditional (ImageNet labels, no text encoder), which the "
+                             "trainer's text-prompt distillation does not build",
+    "GlmImageTransformer2DModel": "its transformer takes glyph embeddings, per-token prior image tokens from the "
+                                  "vision-language model and size conditions that the pipeline builds per call",
+    "ErnieImageTransformer2DModel": "the trainer does not yet build its call (padded text with text_lens)",
+    "JoyImageEditTransformer3DModel": "its transformer takes (B, N, C, T, H, W) latents of [reference image, noise] "
+                                      "items and Qwen3-VL text that the pipeline builds per call",
+    "JoyImageEditPlusTransformer3DModel": "its transformer takes pre-patchified, padded (B, P, C, pt, ph, pw) "
+                                          "latents of [image, references], their shape_list and a text mask that "
+                                          "the pipeline builds per call",
 })

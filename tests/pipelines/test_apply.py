@@ -26,7 +26,7 @@ PADDED |= {"qwenimage", "hunyuanimage"}  # image families with a text padding ma
 PADDED |= {"hunyuan15"}  # models-video-c
 PADDED |= {"qwenimage21", "zimage"}  # models-image-b
 PADDED |= {"chroma"}  # an additive (float) square text mask
-PADDED |= {"bria_fibo", "krea2"}  # Diffusers 0.42.1 image classes with a bool text key mask
+PADDED |= {"bria_fibo", "krea2", "joyimage_plus", "ernie_image"}  # Diffusers 0.42.1 classes: a bool text key mask
 
 
 def _inputs(name, model, batch=2, grid=None):

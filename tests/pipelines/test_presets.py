@@ -124,6 +124,10 @@ def test_a_refused_preset_needs_a_str_reason():
     ("nvidia/AnyFlow-Wan2.1-T2V-14B-Diffusers", "AnyFlowTransformer3DModel"),
     ("nvidia/AnyFlow-FAR-Wan2.1-1.3B-Diffusers", "AnyFlowFARTransformer3DModel"),
     ("kandinskylab/Kandinsky-6.0-VSR-distilled2steps-5s-Diffusers", "Kandinsky6SRTransformer3DModel"),
+    # JoyImage Edit and Edit Plus (ids from the Diffusers docstrings); the SANA-WM id holds Sana's "sana"
+    ("jdopensource/JoyAI-Image-Edit-Diffusers", "JoyImageEditTransformer3DModel"),
+    ("jdopensource/JoyAI-Image-Edit-Plus-Diffusers", "JoyImageEditPlusTransformer3DModel"),
+    ("Efficient-Large-Model/SANA-WM_bidirectional-diffusers", "SanaWMTransformer3DModel"),
     # Diffusers 0.42.1 image classes (ids from the Diffusers docstrings); FIBO's ids hold Bria 3.x's "bria"
     ("meituan-longcat/LongCat-Image", "LongCatImageTransformer2DModel"),
     ("meituan-longcat/LongCat-Image-Edit", "LongCatImageTransformer2DModel"),
@@ -133,6 +137,8 @@ def test_a_refused_preset_needs_a_str_reason():
     ("briaai/Fibo-Edit-1.5-base", "BriaFiboTransformer2DModel"),
     ("briaai/BRIA-3.2", "BriaTransformer2DModel"),
     ("krea/Krea-2-Raw", "Krea2Transformer2DModel"),
+    ("facebook/DiT-XL-2-256", "DiTTransformer2DModel"),  # DiT and GLM-Image: ids from the Diffusers docstrings
+    ("zai-org/GLM-Image", "GlmImageTransformer2DModel"),
 ])
 def test_hub_ids_name_the_right_family(model, cls):
     """A more specific family's hub word wins over a general one that also matches it."""

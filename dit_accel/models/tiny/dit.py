@@ -1,0 +1,27 @@
+"""Tiny DiT (``DiTTransformer2DModel``): the bare ``"dit"`` transformer, image grid (10, 10) after the 2x2 patch
+(square: the model unpatchifies its output as a square); class-conditional, no text."""
+
+from __future__ import annotations
+
+import torch
+
+from ._common import TinyTransformer
+
+__all__ = ["TRANSFORMERS"]
+
+
+def _dit(cfg, grid, batch, text, rnd, t, mask):
+    h, w = grid
+    p = cfg.patch_size
+    return dict(hidden_states=rnd(batch, cfg.in_channels, p * h, p * w), timestep=t.long(),
+                class_labels=torch.arange(batch) * 7 % cfg.num_embeds_ada_norm, return_dict=False)
+
+
+TRANSFORMERS = (
+    TinyTransformer(
+        "dit", "DiTTransformer2DModel",
+        dict(num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=8, num_layers=2,
+             sample_size=20, patch_size=2, num_embeds_ada_norm=10),
+        grid=(10, 10), text=7, inputs=_dit,
+    ),
+)
