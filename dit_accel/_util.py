@@ -54,8 +54,25 @@ def is_number(value) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool) and not _is_numpy_bool(value)
 
 
+def check_registration(name, summary, finetunable, aliases) -> None:
+    """:func:`dit_accel.register_method`'s arguments: a lower-case identifier not taken by an alias, a one-line
+    str summary (``dit-accel info`` prints it) and a bool ``finetunable``; ValueError/TypeError naming the bad one."""
+    if not isinstance(name, str) or not name.isidentifier() or name != name.lower():
+        raise ValueError(f"name={name!r} is invalid: a lower-case identifier such as 'tile' (it becomes a CLI "
+                         "--method value)")
+    if name in aliases:
+        raise ValueError(f"name={name!r} is taken: it is an alias of {aliases[name]!r}; pick another name")
+    if not isinstance(summary, str) or not summary.strip():
+        raise TypeError(f"summary={summary!r} is invalid: expected a non-empty one-line str (dit-accel info and "
+                        "--help print it)")
+    if not isinstance(finetunable, bool) and not _is_numpy_bool(finetunable):
+        raise TypeError(f"finetunable={finetunable!r} is invalid: expected True or False (whether dit-accel "
+                        "finetune can train the method)")
+
+
 def _is_numpy_bool(value) -> bool:
-    return type(value).__name__ == "bool_" and type(value).__module__ == "numpy"
+    # numpy 1 names the type bool_, numpy 2 bool
+    return type(value).__name__ in ("bool_", "bool") and type(value).__module__ == "numpy"
 
 
 def _significant(value: float, digits: int = 3) -> str:

@@ -33,6 +33,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Dict, Optional, Tuple, Union
 
+from ._util import check_registration
 from .kernels.limits import GPU_LAYOUT_BLOCKS
 from .kernels.sla.common import LINEAR_EPS, REFERENCE_LINEAR_EPS, ROUNDINGS
 from .kernels.vsa.api import check_vsa_config
@@ -145,16 +146,15 @@ def register_method(name: str, *, summary: str, finetunable: bool = False):
         @dataclass(frozen=True)
         class Tile(Method): ...
     """
-    if not isinstance(name, str) or not name.isidentifier() or name != name.lower():
-        raise ValueError(f"name={name!r} is invalid: a lower-case identifier such as 'tile' (it becomes a CLI "
-                         "--method value)")
-    if name in METHOD_ALIASES:
-        raise ValueError(f"name={name!r} is taken: it is an alias of {METHOD_ALIASES[name]!r}; pick another name")
+    check_registration(name, summary, finetunable, METHOD_ALIASES)
 
     def decorate(cls):
-        if not (isinstance(cls, type) and issubclass(cls, Method) and dataclasses.is_dataclass(cls)):
-            raise TypeError(f"register_method({name!r}) decorates a dataclass subclass of dit_accel.Method; got {cls!r}")
-        if name in _REGISTRY and _REGISTRY[name].cls.__qualname__ != cls.__qualname__:
+        if not (isinstance(cls, type) and issubclass(cls, Method) and dataclasses.is_dataclass(cls)) or not \
+                cls.__dataclass_params__.frozen:  # (configs key the plan caches: a mutable one is unhashable)
+            raise TypeError(f"register_method({name!r}) decorates a frozen dataclass subclass of dit_accel.Method "
+                            f"(@dataclasses.dataclass(frozen=True)); got {cls!r}")
+        old = _REGISTRY[name].cls if name in _REGISTRY else cls  # (the same class again may register again)
+        if (old.__module__, old.__qualname__) != (cls.__module__, cls.__qualname__):
             raise ValueError(f"a method named {name!r} is already registered ({_REGISTRY[name].cls.__name__}); "
                              "pick another name or unregister_method it first")
         cls.name = name
@@ -428,7 +428,7 @@ class Tile(Method):
 
             dit_accel.apply(pipe, dit_accel.Tile.from_strategy("mask_strategy_hunyuan.json"))
         """
-        return TileStrategy(path=os.fspath(path), tile=tile)
+        return TileStrategy(path=path, tile=tile)  # (which checks the path)
 
     @property
     def heads(self) -> Optional[int]:

@@ -201,7 +201,17 @@ def _read_info(folder: Path) -> dict:
 
 def read_weights_info(folder) -> dict:
     """The contents of a fine-tuned folder's ``dit_accel_method.json`` (method, LoRA settings, dense_layers, shape)."""
-    return _read_info(Path(folder))
+    return _read_info(weights_folder(folder))
+
+
+def weights_folder(folder) -> Path:
+    """A weights folder's path as a Path: TypeError/ValueError naming it unless it is a str or os.PathLike, and not
+    empty (which would name the current folder). The one check of a ``weights=`` path."""
+    if not isinstance(folder, (str, os.PathLike)) or not os.fspath(folder):
+        raise (ValueError if isinstance(folder, str) else TypeError)(
+            f"weights={folder!r} is invalid: expected the path of a weights folder (str or os.PathLike) written by "
+            "dit-accel finetune or dit-accel convert")
+    return Path(folder)
 
 
 def method_from_dict(d: dict) -> Method:
@@ -222,7 +232,7 @@ def method_from_dict(d: dict) -> Method:
 def load_method(folder):
     """The method config a fine-tuned folder was trained with (for ``apply(pipe, load_method(DIR), weights=DIR)``):
     a :class:`~dit_accel.Method`, or the :class:`~dit_accel.SparsePlan` of a ``finetune --plan`` run."""
-    folder = Path(folder)
+    folder = weights_folder(folder)
     method = _saved_method(folder, _read_info(folder))
     return method.sparse_plan if isinstance(method, PlanMethod) else method
 

@@ -383,7 +383,8 @@ def _recommended_method(pipe):
 
     transformer = getattr(pipe, "transformer", None)
     family = family_of(pipe)
-    published = published_settings(transformer, None, family) if transformer is not None else ()
+    known = transformer is not None and type(transformer).__name__ in PRESETS  # (else no preset: dense below)
+    published = published_settings(transformer, None, family) if known else ()
     if published:
         return published[0].method, f"the recommended setting for {family}"
     preset = PRESETS.get(type(transformer).__name__)

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["SUPPORTED_DTYPES", "check_tensor", "check_qkv", "check_scale", "check_flag"]
+from .._util import _is_numpy_bool
+
+__all__ = ["SUPPORTED_DTYPES", "check_tensor", "check_qkv", "check_scale", "check_flag", "unit_stride"]
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -58,6 +60,13 @@ def check_flag(name: str, value) -> bool:
     """``value`` of the switch argument ``name`` as a bool: True or False (numpy's bool too); TypeError naming it
     otherwise (a string such as ``"no"`` is truthy and would turn the switch on). The one check of a switch
     argument: the attention entry points, ``apply`` and the ComfyUI patch call it."""
-    if not isinstance(value, bool) and not (type(value).__name__ == "bool_" and type(value).__module__ == "numpy"):
+    if not isinstance(value, bool) and not _is_numpy_bool(value):
         raise TypeError(f"{name}={value!r} is invalid: expected True or False")
     return bool(value)
+
+
+def unit_stride(*tensors: torch.Tensor):
+    """``tensors`` with a unit stride along their last dim (D), any other copied: ATen's CPU flash-attention op,
+    which the PyTorch twins run, reads D as contiguous and returns wrong values for a strided D (a ``(B, H, D, N)``
+    tensor transposed, an expanded head dim), with no error."""
+    return tuple(t if t.stride(-1) == 1 else t.contiguous() for t in tensors)

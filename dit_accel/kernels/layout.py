@@ -32,7 +32,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from .._util import cdiv as _cdiv
+from .._util import cdiv as _cdiv, is_int
 from .request import in_graph
 
 __all__ = ["BlockLayout"]
@@ -41,10 +41,10 @@ _INT = torch.int32
 
 
 def _check_size(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    if not is_int(value) or value < 1:  # (numpy's ints too, as the method configs take them)
         raise ValueError(f"{name}={value!r} is invalid: expected a positive int such as 64 or 128 "
                          "(the Triton kernels take 16, 32, 64, 128 or 256)")
-    return value
+    return int(value)
 
 
 def _pack(visited: torch.Tensor, ids: torch.Tensor, width: Optional[int] = None

@@ -4,12 +4,12 @@ argument or file, what is allowed and what to do."""
 
 from __future__ import annotations
 
-import os
 from typing import Dict, List, Optional, Tuple
 
 from torch import nn
 
 from .._util import WarningLog, is_int
+from ..checkpoints.finetuned import weights_folder
 from ..kernels.backends import BACKENDS as _KERNEL_BACKENDS
 from ..kernels.checks import check_flag as _check_bool
 from ..methods import SLA, Method, registered_methods
@@ -43,10 +43,10 @@ def _check_int_list(name: str, value) -> Optional[Tuple[int, ...]]:
     return tuple(int(i) for i in items)
 
 
-def _check_weights(weights):
-    if weights is not None and not isinstance(weights, (str, os.PathLike)):
-        raise TypeError(f"weights={weights!r} is invalid: expected the path of a weights folder (str or os.PathLike) "
-                        "written by dit-accel finetune or dit-accel convert, or None")
+def _check_weights(weights, none: bool = True):
+    """``weights``: a folder path (:func:`~dit_accel.checkpoints.finetuned.weights_folder`), or None where ``none``."""
+    if weights is not None or not none:
+        weights_folder(weights)
     return weights
 
 
@@ -57,6 +57,11 @@ def _check_method(name: str, method) -> Method:
         names = [f"{e.cls.__name__}(...)" for e in registered_methods().values()]
         raise TypeError(f"{name} must be a dit_accel method config (dit_accel.{', '.join(names[:-1])} or "
                         f"{names[-1]}); got {type(method).__name__}. Try {hint}")
+    try:
+        hash(method)  # configs key the plan caches at every new grid
+    except TypeError:
+        raise TypeError(f"{name}={method!r} is unhashable: a method config is a frozen dataclass "
+                        "(@dataclasses.dataclass(frozen=True)) of hashable values (tuples, not lists)") from None
     return method
 
 

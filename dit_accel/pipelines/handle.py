@@ -10,10 +10,11 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
+from .._util import is_int
 from ..methods import Method
 from ..plans.plan import Plan
 from ..checkpoints.finetuned import load_into
-from .apply_checks import _check_int, _check_weights, _check_weights_folder
+from .apply_checks import _check_int, _check_method, _check_weights, _check_weights_folder
 from .context import CallGate
 from .hooks import Runtime, SparseAttnProcessor, TransformerHook
 from .schedule import Schedule, StepSource
@@ -145,7 +146,7 @@ class AccelHandle:
         before, and the error is raised.
         """
         self._check_active("load_weights()")
-        _check_weights(folder)
+        _check_weights(folder, none=False)
         _check_weights_folder(folder, self.schedule, [(layer.name, module, layer.index) for hook in self._hooks
                                                       for module, layer in zip(hook._modules, hook.layers)])
         before = [dict(getattr(t, "peft_config", None) or {}) for t in self.transformers]
@@ -370,7 +371,12 @@ class AccelHandle:
     def plan(self, method: Method, grid) -> Plan:
         """The plan ``method`` runs on ``grid`` (the one the attention calls use; built once per geometry)."""
         self._check_active("plan()")
-        return self._runtime.plans.get(method, grid)
+        _check_method("method", method)
+        items = tuple(grid) if isinstance(grid, (tuple, list)) or type(grid).__module__ == "numpy" else ()
+        if not items or not all(is_int(g) and g >= 1 for g in items):
+            raise ValueError(f"grid={grid!r} is invalid: expected the token grid, a tuple of positive ints such as "
+                             "(T, H, W) for a video or (H, W) for an image")
+        return self._runtime.plans.get(method, items)
 
     @property
     def plans(self) -> Dict[tuple, Plan]:

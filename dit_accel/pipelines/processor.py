@@ -48,6 +48,10 @@ class PlanCache:
                 self._plans.move_to_end(key)
                 return plan
         plan = method.plan(key[1])  # outside the lock: plans can take a while; a racing duplicate is harmless
+        if not isinstance(plan, Plan):  # (a registered method's plan(); built once per geometry)
+            raise TypeError(f"{type(method).__name__}.plan(grid) returned {type(plan).__name__}; a method's plan() "
+                            "returns a dit_accel.plans.plan.Plan, e.g. LayoutPlan(self, grid, layout) or "
+                            "DensePlan(self, grid, reason)")
         with self._lock:
             plan = self._plans.setdefault(key, plan)
             self._plans.move_to_end(key)

@@ -22,7 +22,7 @@ from ..plans.plan import Plan, SLAPlan
 from .context import CallContext, CallGate, CallRecord, ContextStack, call_is_running, calling_pipeline
 from .interceptor import _dispatch_module
 from .parallel import Split, check_split
-from .presets import Preset
+from .presets import GridInfo, Preset
 from .processor import Runtime, SparseAttnProcessor, _backend_name
 from .schedule import Schedule, StepSource
 
@@ -231,6 +231,9 @@ class TransformerHook:
             info = grid[1]
         else:
             info = self.preset.read_grid(module, bound)
+            if not isinstance(info, GridInfo):  # (a registered preset's reader)
+                raise TypeError(f"dit_accel: the read_grid of {self.preset.class_name}'s preset returned "
+                                f"{type(info).__name__}; it returns a dit_accel.GridInfo(grid, num_text)")
             self._grid = None if fingerprint is None else (fingerprint, info)
         step, total = self.steps.current(bound, pipeline)
         parallel = self.layers[0].parallel if self.layers else None

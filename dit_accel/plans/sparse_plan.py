@@ -125,12 +125,17 @@ class Phase:
         if self.stop is not None and (not is_int(self.stop) or self.stop <= self.start):
             raise ValueError(f"Phase.stop={self.stop!r} is invalid: a step index > start={self.start}, or None "
                              "(to the last step)")
+        if not isinstance(self.layers, Mapping):
+            raise TypeError(f"Phase.layers={self.layers!r} is invalid: expected a dict {{layer index: method "
+                            "config} ({} for none: the phase's default then runs on every layer)")
         for layer, method in self.layers.items():
             if not is_int(layer) or layer < 0 or not isinstance(method, Method):
                 raise ValueError(f"Phase.layers[{layer!r}]={method!r}: expected {{layer index >= 0: method config}}")
         if not isinstance(self.default, Method):
             raise TypeError(f"Phase.default={self.default!r} is not a method config")
         object.__setattr__(self, "layers", {int(i): self.layers[i] for i in sorted(self.layers)})
+        object.__setattr__(self, "start", int(self.start))  # (numpy ints: to_json and content_hash write them)
+        object.__setattr__(self, "stop", None if self.stop is None else int(self.stop))
 
     def covers(self, step: int) -> bool:
         return self.start <= step and (self.stop is None or step < self.stop)
@@ -201,8 +206,10 @@ class SparsePlan:
                 raise ValueError(f"SparsePlan.{name}={value!r} is invalid: a whole number >= 1, or None")
         if not isinstance(self.provenance, Mapping):
             raise TypeError(f"SparsePlan.provenance must be a mapping; got {type(self.provenance).__name__}")
-        if not all(isinstance(p, Phase) for p in self.phases):
-            raise TypeError("SparsePlan.phases must be Phase objects")
+        if not isinstance(self.phases, (list, tuple)) or not all(isinstance(p, Phase) for p in self.phases):
+            raise TypeError(f"SparsePlan.phases={self.phases!r} is invalid: expected a list or tuple of Phase "
+                            "objects, e.g. [Phase(0, 2), Phase(2, None, default=Tile(...))] ([] for an all-dense plan)")
+        _provenance(_Fields(None), to_jsonable(dict(self.provenance)))  # what apply and check_call read
         phases = tuple(sorted(self.phases, key=lambda p: p.start))
         for a, b in zip(phases, phases[1:]):
             if a.stop is None or a.stop > b.start:
@@ -217,6 +224,9 @@ class SparsePlan:
                                      f"{self.num_heads} heads")
         object.__setattr__(self, "phases", phases)
         object.__setattr__(self, "provenance", dict(self.provenance))
+        for name in ("num_layers", "num_heads"):  # (numpy ints: to_json and content_hash write them)
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, int(getattr(self, name)))
 
     # -------------------------------------------------------------- queries
     def for_layer_step(self, layer: int, step: int) -> Optional[Method]:
@@ -318,6 +328,10 @@ class SparsePlan:
         reason (:func:`dit_accel.atomic_files.finish_for_reader`): never a new plan beside an old report."""
         from ..atomic_files import commit_journal, finish_for_reader, read_json
 
+        if not isinstance(path, (str, os.PathLike)) or not os.fspath(path):
+            raise (ValueError if isinstance(path, str) else TypeError)(
+                f"path={path!r} is invalid: expected the plan's file name (str or pathlib.Path), e.g. "
+                "SparsePlan.load('plan.json')")
         path = Path(path)
         journal = commit_journal(path)
         if journal.exists():  # calibrate killed past its commit point: its report set goes in with the plan
@@ -348,7 +362,7 @@ class SparsePlan:
         :class:`TileStrategy` runs them.
         """
         if not isinstance(strategy, TileStrategy):
-            strategy = TileStrategy(path=os.fspath(strategy), tile=tile)
+            strategy = TileStrategy(path=strategy, tile=tile)  # (which checks the path)
         table = strategy._table  # {(step, layer): per-head windows}, read and checked by TileStrategy
         by_step: Dict[int, Dict[int, Method]] = {}
         for (step, layer) in sorted(table):

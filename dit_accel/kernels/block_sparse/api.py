@@ -12,7 +12,7 @@ from .._cache import LayoutCache, layout_on
 from .select_backend import VERIFY_TOL, free_memory, memory_skips  # noqa: F401  (re-exported)
 from ..backends import VENDOR_BACKENDS, Request, env_backend, env_value, forced_backend, resolve, runs_twin
 from ..request import in_graph, records_grad
-from ..checks import check_flag, check_qkv, check_scale
+from ..checks import check_flag, check_qkv, check_scale, unit_stride
 from ..layout import BlockLayout
 
 __all__ = ["block_sparse_attention", "block_sparse_backend", "layout_on", "prepare_layout", "block_sparse_tuner",
@@ -92,6 +92,8 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, la
     """
     source = layout
     scale, name, layout = _call(q, k, v, layout, scale, backend, return_lse)
+    if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:  # (checked tensors; the twin needs it)
+        q, k, v = unit_stride(q, k, v)
     if name == "triton":
         o, lse = _triton_path()(q, k, v, layout, scale)
     elif name == "torch":

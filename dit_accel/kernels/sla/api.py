@@ -18,7 +18,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..backends import Request, env_value, resolve
-from ..checks import check_flag, check_qkv, check_scale
+from ..checks import check_flag, check_qkv, check_scale, unit_stride
 from ..request import records_grad
 from .common import SLAParams, sla_block_counts, sla_classify
 from .naive import sla_torch
@@ -28,16 +28,20 @@ __all__ = ["sla_attention", "sla_parts", "sla_parts_checked", "is_inert", "inert
 
 def _check(q, k, v, proj, scale) -> float:
     check_qkv(q, k, v)
-    _check_proj(proj, q.shape[-1])
+    _check_proj(proj, q)
     return check_scale(scale, q.shape[-1])
 
 
-def _check_proj(proj, d: int) -> None:
+def _check_proj(proj, q: torch.Tensor) -> None:
+    d = q.shape[-1]
     if proj is not None and not callable(proj):
         raise TypeError(f"proj must be an nn.Module mapping (..., D) -> (..., D) or None, got {type(proj).__name__}")
     if isinstance(proj, nn.Linear) and (proj.in_features, proj.out_features) != (d, d):
         raise ValueError(f"proj must be Linear({d}, {d}) acting on the head dim, "
                          f"got Linear({proj.in_features}, {proj.out_features})")
+    if isinstance(proj, nn.Linear) and proj.weight.device != q.device:  # (a meta one added garbage to the output)
+        raise ValueError(f"proj's weight is on {proj.weight.device} but q on {q.device}: move proj to q's device "
+                         "(proj.to(q.device))")
 
 
 def sla_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, method,
@@ -84,6 +88,8 @@ def sla_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, method,
     check_flag("return_parts", return_parts)
     if not return_parts:
         method, scale, backend = _prepare(q, k, v, method, proj, scale, backend)
+        if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:  # (checked tensors; the twin needs it)
+            q, k, v = unit_stride(q, k, v)
         o_s, _, o_l, proj, _ = _branches(q, k, v, method, proj, scale, backend)
         return o_s if proj is None else _project(proj, o_l, o_s)
     o_s, lse, o_lp, info = sla_parts(q, k, v, method, proj, scale=scale, backend=backend)
@@ -95,6 +101,8 @@ def sla_parts(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, method, proj: O
     """:func:`sla_attention`'s parts ``(o_sparse, lse_sparse, o_linear_projected or None, info)``: None, not
     zeros, when no projected linear branch was computed (``info["linear"]`` False). Same arguments."""
     method, scale, backend = _prepare(q, k, v, method, proj, scale, backend)
+    if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:  # (checked tensors; the twin needs it)
+        q, k, v = unit_stride(q, k, v)
     return sla_parts_checked(q, k, v, method, proj, scale, backend)
 
 
@@ -122,7 +130,7 @@ def _prepare(q, k, v, method, proj, scale, backend):
             _PREPARED.clear()
         _PREPARED[key] = hit
     else:
-        _check_proj(proj, q.shape[-1])
+        _check_proj(proj, q)
     return hit
 
 

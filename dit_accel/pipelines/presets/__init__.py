@@ -73,8 +73,28 @@ def register_preset(preset: Preset) -> Preset:
     if preset.grid_dims is not None and (isinstance(preset.grid_dims, bool) or preset.grid_dims not in (1, 2, 3)):
         raise ValueError(f"Preset.grid_dims={preset.grid_dims!r} is invalid: the rank of the token grid read_grid "
                          "returns (3 for a video's (T, H, W), 2 for an image's (H, W)), or None to leave it unchecked")
+    if not isinstance(preset.min_diffusers, str) or not re.fullmatch(r"\d+(\.\d+){0,2}", preset.min_diffusers):
+        raise ValueError(f"Preset.min_diffusers={preset.min_diffusers!r} is invalid: the lowest Diffusers release "
+                         "that has the class, a version string such as '0.35.0'")
+    _check_attention(preset)
     PRESETS[preset.class_name] = preset
     return preset
+
+
+def _check_attention(preset: Preset) -> None:
+    """A preset's ``attention``: a tuple of regular expressions of module names (ValueError naming the class)."""
+    patterns, problem = preset.attention, None
+    if isinstance(patterns, str):
+        problem = "one string, not a tuple of them"
+    else:
+        try:
+            for pattern in patterns:
+                re.compile(pattern)
+        except (TypeError, re.error) as err:
+            problem = f"{type(err).__name__}: {err}"
+    if problem is not None:
+        raise ValueError(f"Preset {preset.class_name!r}: attention={patterns!r} is invalid ({problem}): expected a "
+                         r"tuple of regular expressions of module names, e.g. (r'blocks\.\d+\.attn1',)")
 
 
 def unregister_preset(class_name: str) -> None:
@@ -160,8 +180,9 @@ def published_settings(transformer_or_class, method: Optional[str] = None,
     """The published settings for a model class (a name, a class or an instance), optionally of one method
     and one family (default: the family of an instance, else every family)."""
     preset = PRESETS.get(_class_name(transformer_or_class))
-    if preset is None:
-        return ()
+    if preset is None:  # (an empty answer would read as "nothing published" for a class dit_accel does not know)
+        raise ValueError(f"{_class_name(transformer_or_class)!r} is not a model class dit_accel knows; "
+                         f"supported: {_supported()}")
     method = None if method is None else _registered_method(method)
     family = _known_family(preset, family)
     if family is None and not isinstance(transformer_or_class, (str, type)):
@@ -173,8 +194,11 @@ def published_settings(transformer_or_class, method: Optional[str] = None,
 def _registered_method(method) -> str:
     """``method``'s registered name (case and aliases as :func:`~dit_accel.methods.method_from_name` reads them);
     ValueError naming the registered ones for anything else, where a lookup would quietly find no setting."""
-    from ...methods import _REGISTRY, METHOD_ALIASES, canonical_method_name
+    from ...methods import _REGISTRY, METHOD_ALIASES, Method, canonical_method_name
 
+    if isinstance(method, Method):  # (a config's own values would be ignored: the answer is a config)
+        raise TypeError(f"method={method!r} is a method config; pass its method's name, {method.name!r}: the "
+                        "recommended config of that method is the answer")
     name = canonical_method_name(method) if isinstance(method, str) else None
     if name not in _REGISTRY:
         raise ValueError(f"method={method!r} is not a registered method; choose one of {sorted(_REGISTRY)} "
