@@ -275,18 +275,21 @@ def raster_ids(ids: torch.Tensor, n: int, what: str, row: int = 1, col: int = 2)
     return h, w
 
 
-def leading_raster(ids: torch.Tensor, n: int, what: str) -> Tuple[int, int, int]:
-    """``(H, W, after)`` of position ids ``(N, axes)`` (or ``(B, N, axes)``) of ``n`` tokens laid out as
-    [image, after]: the leading run of one value in column 0 (FLUX.2's t, LongCat-Image's modality, FIBO's
-    reference plane) is the generated image, one raster grid (:func:`raster_ids`, ValueError naming ``what``
-    otherwise); the ``after`` tokens behind it, at other values, are the reference images of edit calls."""
+def leading_raster(args: dict, what: str) -> GridInfo:
+    """The :class:`GridInfo` of a call of packed ``(B, N, C)`` ``hidden_states`` whose ``img_ids`` ``(N, axes)`` (or
+    ``(B, N, axes)``) lay the tokens out as [image, after], text first: the leading run of one value in column 0
+    (FLUX.2's t, LongCat-Image's modality, FIBO's reference plane) is the generated image, one raster grid
+    (:func:`raster_ids`, ValueError naming ``what`` otherwise); the ``after`` tokens behind it, at other values, are
+    the reference images of edit calls, exact like the text (``num_after``)."""
+    n = tensor_arg(args, "hidden_states").shape[1]
+    ids = tensor_arg(args, "img_ids")
     ids = ids[0] if ids.dim() == 3 else ids
     target = n
     if ids.dim() == 2 and ids.shape[0] == n and n:
         other = (ids[:, 0] != ids[0, 0]).nonzero()  # the first token of another plane: one host sync per call
         target = int(other[0, 0]) if other.numel() else n
     h, w = raster_ids(ids[:target] if target < n else ids, target, what)  # (ids of another shape: says so)
-    return h, w, n - target
+    return GridInfo((h, w), text_len(args) + n - target, num_after=n - target)
 
 
 def shapes_key(args: dict) -> Optional[tuple]:

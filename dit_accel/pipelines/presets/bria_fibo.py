@@ -12,15 +12,13 @@ keep exact (dense) rows and columns, like the text (``GridInfo.num_after``)."""
 
 from __future__ import annotations
 
-from ._common import IMAGE_DEFAULTS, GridInfo, Preset, leading_raster, tensor_arg, text_len
+from ._common import IMAGE_DEFAULTS, GridInfo, Preset, leading_raster
 
 __all__ = ["PRESETS"]
 
 
 def _grid(model, args) -> GridInfo:
-    x = tensor_arg(args, "hidden_states")  # (B, N, C)
-    h, w, after = leading_raster(tensor_arg(args, "img_ids"), x.shape[1], "Bria FIBO image")
-    return GridInfo((h, w), text_len(args) + after, num_after=after)
+    return leading_raster(args, "Bria FIBO image")  # (B, N, C) latents; edit calls' images after the grid
 
 
 PRESETS = (

@@ -8,7 +8,7 @@ reference tokens sit in mid-sequence after it and keep exact (dense) rows and co
 
 from __future__ import annotations
 
-from ._common import IMAGE_DEFAULTS, GridInfo, Preset, leading_raster, tensor_arg, text_len
+from ._common import IMAGE_DEFAULTS, GridInfo, Preset, leading_raster
 
 __all__ = ["PRESETS"]
 
@@ -17,9 +17,7 @@ def _grid(model, args) -> GridInfo:
     if args.get("kv_cache_mode") is not None:
         raise ValueError("dit_accel: FLUX.2 calls with a reference-image KV cache (kv_cache_mode) carry reference "
                          "tokens beside the image grid, which dit_accel cannot place; use the dense model")
-    x = tensor_arg(args, "hidden_states")  # (B, N, C)
-    h, w, after = leading_raster(tensor_arg(args, "img_ids"), x.shape[1], "FLUX.2 image")  # references: other t
-    return GridInfo((h, w), text_len(args) + after, num_after=after)
+    return leading_raster(args, "FLUX.2 image")  # (B, N, C) latents; reference images at another t
 
 
 PRESETS = (
