@@ -123,11 +123,10 @@ def test_handle_plan_checks_its_method_and_grid(model):
         assert handle.plan(TILE, np.array([4, 8, 8])).grid == (4, 8, 8)
 
 
-@pytest.mark.parametrize("call", ["apply", "load_weights", "load_method", "read_weights_info"])
-@pytest.mark.parametrize("folder", [None, ""], ids=["none", "empty"])
+@pytest.mark.parametrize("call, folder", [("apply", ""), *((c, f) for c in ("load_weights", "load_method",
+                                                                            "read_weights_info") for f in (None, ""))])
 def test_a_weights_path_that_is_none_or_empty_is_refused(model, call, folder):
-    if call == "apply" and folder is None:
-        pytest.skip("weights=None is apply's default: no weights")
+    """(apply's weights=None is its default, no weights: not a fault.)"""
     match = r"weights=(None|'') is invalid: expected the path of a weights folder"  # was pathlib's / read "."
     with pytest.raises((TypeError, ValueError), match=match):
         if call == "apply":
