@@ -250,3 +250,19 @@ def test_block_layout_takes_numpy_block_sizes_as_the_configs_do():
     mask = torch.ones(128, 128, dtype=torch.bool)
     layout = BlockLayout.from_dense_mask(mask, block_q=np.int64(64), block_k=np.int64(64))
     assert (layout.block_q, layout.block_k) == (64, 64) and type(layout.block_q) is int
+
+
+@pytest.mark.parametrize("layers", [{0: 1}, "01"], ids=["dict", "str"])
+def test_dense_layers_of_another_kind_than_a_list_is_refused(model, layers):
+    """Before: a dict was read as its keys, without a word (a str was refused already, and still is)."""
+    with pytest.raises(TypeError, match=r"dense_layers=.* is invalid: expected a list of non-negative ints"):
+        dit_accel.apply(model, TILE, dense_layers=layers)
+    assert not model._forward_pre_hooks
+
+
+def test_stats_all_ranks_is_a_switch(model):
+    """Before: all_ranks="no" was truthy and asked every rank for a collective."""
+    with dit_accel.apply(model, TILE) as handle:
+        with pytest.raises(TypeError, match="all_ranks='no' is invalid: expected True or False"):
+            handle.stats(all_ranks="no")
+        assert handle.stats(all_ranks=False) == handle.stats()

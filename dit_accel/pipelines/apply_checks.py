@@ -34,6 +34,8 @@ def _check_int_list(name: str, value) -> Optional[Tuple[int, ...]]:
         return None
     if is_int(value):
         value = [value]
+    if isinstance(value, (str, bytes, dict)):  # (a str would be its characters, a dict its keys)
+        raise TypeError(f"{name}={value!r} is invalid: expected a list of non-negative ints or None")
     try:
         items = tuple(value)
     except TypeError:

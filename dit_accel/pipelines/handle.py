@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from .._util import is_int
+from ..kernels.checks import check_flag
 from ..methods import Method
 from ..plans.plan import Plan
 from ..checkpoints.finetuned import load_into
@@ -406,6 +407,7 @@ class AccelHandle:
         rows, each with its ``rank``.
         """
         self._check_active("stats()")
+        all_ranks = check_flag("all_ranks", all_ranks)
         methods = [self.schedule.layer_method(layer.index).name for layer in self._layers]
         rows = self._runtime.stats.rows(methods)
         if not all_ranks or not _distributed():
