@@ -162,6 +162,23 @@ def _check_methods_and_costs(args) -> None:
             check_candidate_tile(args.tile)
         except ValueError as exc:
             raise _UsageError(f"--tile: {exc}") from None
+        dims = _grid_dims(args.model)
+        if dims is not None and len(args.tile) != dims:  # (else found only after the dense run, minutes later)
+            raise _UsageError(f"--tile {','.join(map(str, args.tile))} has {len(args.tile)} sizes, but "
+                              f"the token grid of {args.model} has {dims} dimensions: give {dims} sizes, "
+                              f"{'T,H,W' if dims == 3 else 'H,W'}")
+
+
+def _grid_dims(model: str):
+    """The token grid rank of ``model``'s calls (its preset's), None where it is not known before loading."""
+    from ..pipelines.presets import PRESETS, resolve_model_family
+
+    try:
+        class_name, _ = resolve_model_family(model)
+    except ValueError:
+        return None
+    preset = PRESETS.get(class_name)
+    return None if preset is None else preset.grid_dims
 
 
 def _device_and_dtype(args):

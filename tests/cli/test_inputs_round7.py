@@ -184,3 +184,12 @@ def test_convert_says_a_file_at_out_is_a_file(tmp_path, capsys):
         assert main(["convert", str(ckpt), "--out", str(target), *extra]) == 2
         assert f"output={str(target)!r} is a file; give a folder path" in capsys.readouterr().err
     assert target.read_text() == "mine"
+
+
+def test_calibrate_refuses_a_tile_of_another_rank_before_the_model_loads(tmp_path, prompts, capsys, no_model_load):
+    """Before: --tile 1,2 on a video model was refused after the dense run (minutes on a real model), without
+    naming --tile."""
+    assert main(["calibrate", "--model", "tiny-shapes", "--prompts", str(prompts), "--min-psnr", "20",
+                 "--out", str(tmp_path / "plan.json"), "--tile", "1,2"]) == 2
+    assert "--tile 1,2 has 2 sizes, but the token grid of tiny-shapes has 3 dimensions: give 3 sizes, T,H,W" in \
+        _one_line(capsys)
