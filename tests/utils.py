@@ -182,8 +182,9 @@ class ReferenceAttention(TorchFunctionMode):
     ``pattern`` is the bool ``[N, N]`` video-video mask; text tokens (``text_position``
     ``"first"``/``"last"``) attend and are attended densely, and a boolean key-padding
     mask of the call (or a full ``(B, 1, S, S)`` one) is honoured; a float mask is added to the scores
-    of the allowed pairs (Chroma's additive ``(B, 1, S, S)`` text mask). With text first, a call of the image's
-    queries alone against [text, image] keys (Qwen-Image 2.1) gets the image rows of that mask.
+    of the allowed pairs (Chroma's additive ``(B, 1, S, S)`` text mask). A call of the image's queries alone against
+    the joint keys ([text, image]: Qwen-Image 2.1, PRX; [image, text]: Nucleus-Image) gets the image rows of that
+    mask.
     Cross-attention and text-only calls pass through.
     ``calls`` counts the calls it replaced.
     """
@@ -199,7 +200,7 @@ class ReferenceAttention(TorchFunctionMode):
         call = dict(zip(("query", "key", "value", "attn_mask"), args), **kwargs)
         q, k, v, mask = call["query"], call["key"], call["value"], call.get("attn_mask")
         nv, s, m = self.pattern.shape[0], q.shape[2], k.shape[2]
-        image_queries = self.position == "first" and s == nv < m  # the image's queries alone vs [text, image] keys
+        image_queries = self.position != "none" and s == nv < m  # the image's queries alone vs the joint keys
         if (m != s and not image_queries) or s < nv or (self.position == "none" and s != nv):
             return func(*args, **kwargs)  # cross-attention, text-only refiner
         allowed = torch.ones(s, m, dtype=torch.bool)

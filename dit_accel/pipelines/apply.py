@@ -95,7 +95,8 @@ def apply(pipe_or_transformer, method: Method, *, dense_steps: int = 0, dense_la
 
     Args:
         pipe_or_transformer: a pipeline (its ``transformer`` and, for Wan 2.2,
-            ``transformer_2``, for MiniMax-H3 ``transformer_ref``, are wrapped) or a transformer of a supported class
+            ``transformer_2``, for MiniMax-H3 ``transformer_ref``, for Ideogram 4 ``unconditional_transformer``, are
+            wrapped) or a transformer of a supported class
             (:data:`dit_accel.pipelines.presets.PRESETS`, or one registered with
             :func:`dit_accel.register_preset`).
         method: ``dit_accel.Dense()``, ``GNA(...)``, ``Tile(...)``, ``Radial(...)``, ``SLA(...)``, any

@@ -74,8 +74,9 @@ def _find_transformers(obj) -> Tuple[List[Tuple[str, nn.Module]], object]:
     else:
         found, pipe = [], obj
         check_pipeline(obj)
-        # Wan 2.2 A14B has a second (low-noise) expert; MiniMax-H3's modular pipeline runs ref2va on transformer_ref
-        for attr in ("transformer", "transformer_2", "transformer_ref"):
+        # Wan 2.2 A14B has a second (low-noise) expert; MiniMax-H3's modular pipeline runs ref2va on transformer_ref;
+        # Ideogram 4 runs its unconditional pass on unconditional_transformer
+        for attr in ("transformer", "transformer_2", "transformer_ref", "unconditional_transformer"):
             module = getattr(obj, attr, None)
             if isinstance(module, nn.Module):
                 found.append(("" if attr == "transformer" else f"{attr}.", module))

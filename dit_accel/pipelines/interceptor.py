@@ -138,8 +138,9 @@ class SDPAInterceptor(TorchFunctionMode):
                 mask = mask[:, :, row:row + 1] - 1
             elif layer.owner.preset.square_mask:  # (Preset.square_mask; one head of a head-expanded mask)
                 mask = mask[:, :1, row:row + 1]
-                if position == "none" and mask.dtype == torch.bool and bool(mask.all()):
-                    mask = None  # an image alone, every token valid (Lumina-Next's one-size batch): no mask
+                if (position == "none" or num_text == 0) and mask.dtype == torch.bool and bool(mask.all()):
+                    mask = None  # an image alone, every token valid (Lumina-Next's one-size batch, Ideogram 4's
+                    # unconditional pass): no mask
         ok_mask, key_mask = _key_padding_mask(mask, q.shape[0], sk, additive=text_rows is not None)
         self_attention = (
             q.dim() == 4 and (sq == sk or image_queries) and k.shape[:2] == q.shape[:2] and v.shape[:3] == k.shape[:3]

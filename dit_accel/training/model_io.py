@@ -318,4 +318,15 @@ _NOT_YET.update({
     "JoyImageEditPlusTransformer3DModel": "its transformer takes pre-patchified, padded (B, P, C, pt, ph, pw) "
                                           "latents of [image, references], their shape_list and a text mask that "
                                           "the pipeline builds per call",
+    "BriaFibo2Transformer2DModel": "its transformer takes stacked text-encoder bundles (Perceiver and injection "
+                                   "blocks), a text mask that sets its gist counts and context latents that the "
+                                   "pipeline builds per call",
+    "Ideogram4Transformer2DModel": "its transformer takes one packed [padding, text, image] sequence with per-token "
+                                   "indicator, segment and position ids that the pipeline builds per call, and an "
+                                   "unconditional transformer of its own",
+    "DreamLiteTransformer2DModel": "it is a block of the DreamLite U-Net (pipe.unet), not a pipeline's transformer; "
+                                   "the trainer does not build U-Net calls",
+    "NucleusMoEImageTransformer2DModel": "its transformer takes packed latents with img_shapes and Qwen3-VL hidden "
+                                         "states with their mask that the pipeline builds per call",
+    "PRXTransformer2DModel": "the trainer does not yet build its call (T5Gemma text with its mask)",
 })

@@ -27,6 +27,8 @@ PADDED |= {"hunyuan15"}  # models-video-c
 PADDED |= {"qwenimage21", "zimage"}  # models-image-b
 PADDED |= {"chroma"}  # an additive (float) square text mask
 PADDED |= {"bria_fibo", "krea2", "joyimage_plus", "ernie_image"}  # Diffusers 0.42.1 classes: a bool text key mask
+PADDED |= {"nucleusmoe_image", "prx"}  # the image's queries against keys with a bool text key mask
+PADDED |= {"bria_fibo2"}  # its text mask sets the gist counts (7 and 3 text tokens: 8 gist tokens each)
 
 
 def _inputs(name, model, batch=2, grid=None):

@@ -139,6 +139,13 @@ def test_a_refused_preset_needs_a_str_reason():
     ("krea/Krea-2-Raw", "Krea2Transformer2DModel"),
     ("facebook/DiT-XL-2-256", "DiTTransformer2DModel"),  # DiT and GLM-Image: ids from the Diffusers docstrings
     ("zai-org/GLM-Image", "GlmImageTransformer2DModel"),
+    # Nucleus-Image and PRX: ids from their pipelines' docstrings
+    ("NucleusAI/NucleusMoE-Image", "NucleusMoEImageTransformer2DModel"),
+    ("Photoroom/prx-512-t2i-sft", "PRXTransformer2DModel"), ("Photoroom/prxpixel-t2i", "PRXTransformer2DModel"),
+    # FIBO 2, Ideogram 4 and DreamLite: ids from their pipelines' docstrings (FIBO 2's holds FIBO's and Bria's words)
+    ("briaai/Fibo-2.0-dev", "BriaFibo2Transformer2DModel"), ("ideogram-ai/ideogram-v4", "Ideogram4Transformer2DModel"),
+    ("carlofkl/DreamLite-base", "DreamLiteTransformer2DModel"),
+    ("carlofkl/DreamLite-mobile", "DreamLiteTransformer2DModel"),
 ])
 def test_hub_ids_name_the_right_family(model, cls):
     """A more specific family's hub word wins over a general one that also matches it."""

@@ -26,7 +26,7 @@ PRESETS = (
         min_diffusers="0.42.1",
         defaults=dict(IMAGE_DEFAULTS),  # dit_accel defaults (as FLUX.1): no published setting for Bria
         notes="Bria 3.x; joint attention [text, image], 2-D grid (H, W) from img_ids",
-        # not FIBO's ids ("briaai/FIBO", "briaai/Fibo-2.0-dev"): other classes (bria_fibo.py; FIBO 2 unsupported)
+        # not FIBO's ids ("briaai/FIBO", "briaai/Fibo-2.0-dev"): other classes (bria_fibo.py, bria_fibo2.py)
         hub_words=((r"bria(?!ai/fibo)", None),),
     ),
 )
