@@ -27,7 +27,7 @@ FAMILIES: Tuple[str, ...] = (
     # image (Bria FIBO before Bria 3.x: "briaai/FIBO" holds "bria"); Sana and OmniGen are refused with their
     # reasons (their tiny modules hold no transformer)
     "pixart", "auraflow", "cogview3plus", "bria_fibo", "bria", "lumina_next", "sana", "omnigen", "longcat_image",
-    "ovis_image", "krea2", "joyimage", "dit", "glm_image", "ernie_image",
-    "nucleusmoe_image", "prx",  # Nucleus-Image, PRX
-    "bria_fibo2", "ideogram4", "dreamlite",  # FIBO 2 (FIBO's and Bria 3.x's words skip its ids), Ideogram 4, DreamLite
+    "ovis_image", "krea2", "joyimage", "dit", "glm_image", "ernie_image", "nucleusmoe_image", "prx",
+    "bria_fibo2",  # (anywhere: FIBO's and Bria 3.x's hub words skip its ids)
+    "ideogram4", "dreamlite",
 )
