@@ -22,7 +22,7 @@ from torch.utils._pytree import tree_leaves
 from dit_accel.kernels import dense_attention_reference as reference
 
 __all__ = ["DEVICE", "DT", "TOL", "make_qkv", "reference", "random_mask", "banded_mask", "assert_lse_close",
-           "assert_attention_close", "assert_grads_close", "ReferenceAttention", "method_mask", "dispatched", "largest_output"]
+           "assert_attention_close", "assert_grads_close", "ReferenceAttention", "method_mask", "dispatched", "largest_output", "first_output"]
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -128,6 +128,12 @@ def assert_grads_close(grads, q, k, v, mask, do, scale=None):
         assert got.dtype == x.dtype and got.shape == x.shape, name
         assert torch.isfinite(got).all(), f"{name} has non-finite values"
         torch.testing.assert_close(got.float(), want, atol=tol, rtol=tol, msg=lambda m: f"{name}: {m}")
+
+
+def first_output(model, kwargs) -> torch.Tensor:
+    """The model's first output for ``kwargs``, without autograd (a transformer call's sample)."""
+    with torch.no_grad():
+        return model(**kwargs)[0]
 
 
 @contextlib.contextmanager

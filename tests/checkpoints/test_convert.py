@@ -17,6 +17,7 @@ from dit_accel.cli.main import main
 from dit_accel.checkpoints.convert import convert_checkpoint, split_checkpoint
 from dit_accel.models import tiny as T
 from dit_accel.checkpoints.finetuned import METHOD_FILE, SLA_FILE, load_method
+from tests.utils import first_output as _run
 
 D = 12  # tiny Wan: 2 layers, 2 heads of 12
 
@@ -46,11 +47,6 @@ def _save(tmp_path, state, name="turbo.pth"):
     path = tmp_path / name
     torch.save({"state_dict": state}, path)
     return path
-
-
-def _run(model, kwargs):
-    with torch.no_grad():
-        return model(**kwargs)[0]
 
 
 def _projection(state, i, part):

@@ -12,7 +12,7 @@ import torch
 import dit_accel
 from dit_accel.models import tiny as T
 from dit_accel.patterns import radial_window_layout, radial_window_mask
-from tests.utils import ReferenceAttention
+from tests.utils import ReferenceAttention, first_output as _run
 
 GRID = (6, 12, 16)  # S = 192, B = 64: far frame pairs get a 9 x 13 window, distance 5 is dropped
 
@@ -21,11 +21,6 @@ GRID = (6, 12, 16)  # S = 192, B = 64: far frame pairs get a 9 x 13 window, dist
 def wan():
     model = T.build_tiny_transformer("wan")
     return model, T.tiny_transformer_inputs("wan", model, grid=GRID, batch=1)
-
-
-def _run(model, kwargs):
-    with torch.no_grad():
-        return model(**kwargs)[0]
 
 
 @pytest.mark.parametrize("sinks", [(0,), ()], ids=["sink0", "nosink"])

@@ -13,11 +13,7 @@ import dit_accel
 from dit_accel.models import tiny as T
 from dit_accel.pipelines.apply import _projection_dim
 from tests.kernels.sla_reference import brute_force_classes, reference_sla
-
-
-def _run(model, kwargs):
-    with torch.no_grad():
-        return model(**kwargs)[0]
+from tests.utils import first_output as _run
 
 
 class SLAReference(TorchFunctionMode):

@@ -14,7 +14,7 @@ from dit_accel.models.tiny.longcat_image import image_ids
 from dit_accel.patterns import gna_mask
 from dit_accel.pipelines import presets as P
 from tests.pipelines.test_call_forms import SpanReference
-from tests.utils import ReferenceAttention, method_mask
+from tests.utils import ReferenceAttention, method_mask, first_output as _run
 
 NAMES = ("longcat_image", "ovis_image", "bria_fibo", "krea2")
 LAYERS = 2  # wrapped attention modules of each tiny model (1 double + 1 single block; Krea 2: 2 blocks)
@@ -24,11 +24,6 @@ MASKED = {"bria_fibo", "krea2"}  # a padded prompt passes a bool key mask
 @pytest.fixture(scope="module")
 def models():
     return {name: T.build_tiny_transformer(name) for name in NAMES}
-
-
-def _run(model, kwargs):
-    with torch.no_grad():
-        return model(**kwargs)[0]
 
 
 def _inputs(name, model, **kw):

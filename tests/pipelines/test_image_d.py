@@ -12,14 +12,9 @@ from dit_accel.models import tiny as T
 from dit_accel.patterns import gna_mask
 from dit_accel.pipelines import presets as P
 from tests.pipelines.test_call_forms import _check
-from tests.utils import ReferenceAttention
+from tests.utils import ReferenceAttention, first_output as _run
 
 METHOD = dit_accel.GNA(kernel_size=(3, 5))
-
-
-def _run(model, kwargs):
-    with torch.no_grad():
-        return model(**kwargs)[0]
 
 
 def test_fibo2_edit_call_keeps_the_context_images_exact():

@@ -9,7 +9,7 @@ import torch
 import dit_accel
 from dit_accel.models import tiny as T
 from dit_accel.pipelines import presets as P
-from tests.utils import ReferenceAttention, method_mask
+from tests.utils import ReferenceAttention, method_mask, first_output as _run
 
 NAMES = ("pixart", "hunyuandit", "auraflow", "cogview3plus", "bria", "lumina_next")
 LAYOUT = {"pixart": "none", "hunyuandit": "none", "auraflow": "first", "cogview3plus": "first", "bria": "first",
@@ -19,11 +19,6 @@ LAYOUT = {"pixart": "none", "hunyuandit": "none", "auraflow": "first", "cogview3
 @pytest.fixture(scope="module")
 def models():
     return {name: T.build_tiny_transformer(name) for name in NAMES}
-
-
-def _run(model, kwargs):
-    with torch.no_grad():
-        return model(**kwargs)[0]
 
 
 @pytest.mark.parametrize("method", [

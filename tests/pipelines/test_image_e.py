@@ -8,6 +8,7 @@ import torch
 import dit_accel
 from dit_accel.models import tiny as T
 from dit_accel.pipelines import presets as P
+from tests.utils import first_output as _run
 
 NAMES = ("nucleusmoe_image", "prx")
 METHOD = dit_accel.GNA(kernel_size=(3, 5))
@@ -16,11 +17,6 @@ METHOD = dit_accel.GNA(kernel_size=(3, 5))
 @pytest.fixture(scope="module")
 def models():
     return {name: T.build_tiny_transformer(name) for name in NAMES}
-
-
-def _run(model, kwargs):
-    with torch.no_grad():
-        return model(**kwargs)[0]
 
 
 @pytest.mark.parametrize("name, position", [("nucleusmoe_image", "last"), ("prx", "first")])

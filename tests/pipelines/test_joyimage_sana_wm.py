@@ -12,14 +12,9 @@ import dit_accel
 from dit_accel.models import tiny as T
 from dit_accel.patterns import gna_mask
 from dit_accel.pipelines.presets import PRESETS, SUPPORTED, GridInfo
-from tests.utils import ReferenceAttention
+from tests.utils import ReferenceAttention, first_output as _run
 
 GRID, TEXT, KERNEL = T.TRANSFORMER_GRIDS["joyimage"], T.TRANSFORMER_TEXT["joyimage"], (3, 5)
-
-
-def _run(model, kwargs):
-    with torch.no_grad():
-        return model(**kwargs)[0]
 
 
 def _check(model, kwargs, after):

@@ -12,14 +12,9 @@ import dit_accel
 from dit_accel.models import tiny as T
 from dit_accel.patterns import gna_mask
 from dit_accel.pipelines import presets as P
-from tests.utils import ReferenceAttention, method_mask
+from tests.utils import ReferenceAttention, method_mask, first_output as _run
 
 GRID = (4, 8, 8)
-
-
-def _run(model, kwargs):
-    with torch.no_grad():
-        return model(**kwargs)[0]
 
 
 def _check(model, kwargs, pattern, position, method, layers=2):

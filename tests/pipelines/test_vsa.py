@@ -10,13 +10,9 @@ import torch
 import dit_accel
 from dit_accel.models import tiny as T
 from tests.kernels.vsa_reference import VSAReference, count_for
+from tests.utils import first_output as _run
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def _run(model, kwargs):
-    with torch.no_grad():
-        return model(**kwargs)[0]
 
 
 @pytest.fixture(scope="module")

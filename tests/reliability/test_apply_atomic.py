@@ -20,6 +20,7 @@ from dit_accel import weights as W
 from dit_accel.models.tiny import build_tiny_transformer, tiny_transformer_inputs
 from dit_accel.pipelines import handle as Hd
 from dit_accel.pipelines import hooks as H
+from tests.utils import first_output as _run
 
 A = importlib.import_module("dit_accel.pipelines.apply")  # the module (dit_accel.pipelines.apply is also the function)
 
@@ -27,11 +28,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 SLA = dit_accel.SLA(topk=0.5)
 GNA = dit_accel.GNA(kernel_size=(2, 3, 3))
-
-
-def _run(model, kwargs):
-    with torch.no_grad():
-        return model(**kwargs)[0]
 
 
 def snapshot(model) -> dict:

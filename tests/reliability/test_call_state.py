@@ -18,7 +18,9 @@ import dit_accel
 from dit_accel.models.tiny import build_tiny_pipeline, build_tiny_transformer, tiny_transformer_inputs
 from dit_accel.pipelines.hooks import SparseAttnProcessor
 
-from .threads import first_output, run_threads
+from tests.utils import first_output
+
+from .threads import run_threads
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -17,7 +17,9 @@ import torch
 import dit_accel
 from dit_accel.models.tiny import build_tiny_pipeline, build_tiny_transformer, tiny_transformer_inputs
 
-from .threads import first_output, run_threads
+from tests.utils import first_output
+
+from .threads import run_threads
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -3,8 +3,6 @@
 import threading
 from typing import Callable, List
 
-import torch
-
 
 def run_threads(*targets: Callable[[], object], timeout: float) -> List[BaseException]:
     """Run each target in its own (daemon) thread, wait for all, and return what they raised, in the order they
@@ -23,9 +21,3 @@ def run_threads(*targets: Callable[[], object], timeout: float) -> List[BaseExce
         t.join(timeout)
         assert not t.is_alive(), "a thread did not finish: deadlock"
     return errors
-
-
-def first_output(model, kwargs) -> torch.Tensor:
-    """The model's first output for ``kwargs``, without autograd."""
-    with torch.no_grad():
-        return model(**kwargs)[0]
