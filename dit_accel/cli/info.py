@@ -172,7 +172,10 @@ def model_settings(model: str) -> dict:
                              f"dit_accel default for {model} (generate and eval use it)")
             methods[name] = [entry] + methods.get(name, [])
         methods = {name: methods[name] for name in [*shapes.methods, *methods] if name in methods}
-    return {"model": model, "transformer": class_name, "family": family, "methods": methods}
+    out = {"model": model, "transformer": class_name, "family": family, "methods": methods}
+    if preset.refused:  # (no settings: say why rather than print an empty table)
+        out["refused"] = preset.refused
+    return out
 
 
 def collect_info(device=None) -> dict:
@@ -348,6 +351,9 @@ def run(args) -> int:
 
 def _print_settings(settings: dict) -> None:
     family = settings["family"] or settings["transformer"]
+    if settings.get("refused"):
+        print(f"settings for {settings['model']} ({family}): none, dit_accel refuses this class: {settings['refused']}")
+        return
     print(f"settings for {settings['model']} ({family}; published by the methods' authors unless marked):")
     for name, entries in settings["methods"].items():
         for entry in entries:

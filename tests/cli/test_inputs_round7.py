@@ -193,3 +193,12 @@ def test_calibrate_refuses_a_tile_of_another_rank_before_the_model_loads(tmp_pat
                  "--out", str(tmp_path / "plan.json"), "--tile", "1,2"]) == 2
     assert "--tile 1,2 has 2 sizes, but the token grid of tiny-shapes has 3 dimensions: give 3 sizes, T,H,W" in \
         _one_line(capsys)
+
+
+# ------------------------------------------------------------------ info
+def test_info_says_a_refused_class_is_refused(capsys):
+    """Before: `info --model` of a refused class printed a settings heading over an empty table."""
+    assert main(["info", "--model", "Efficient-Large-Model/SANA-WM_bidirectional-diffusers"]) == 0
+    out = capsys.readouterr().out
+    assert ("settings for Efficient-Large-Model/SANA-WM_bidirectional-diffusers (SanaWMTransformer3DModel): none, "
+            "dit_accel refuses this class: its self-attention (blocks.*.attn) is no softmax attention") in out, out[-600:]
