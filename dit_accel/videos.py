@@ -19,6 +19,8 @@ torch tensor of either kind) and picks the format from the path:
 
 from __future__ import annotations
 
+import math
+import numbers
 import re
 from pathlib import Path
 
@@ -43,8 +45,16 @@ def to_uint8_frames(frames) -> np.ndarray:
     if isinstance(frames, (list, tuple)):
         if not frames:
             raise ValueError("frames is empty: nothing to save")
-        arr = np.stack([to_uint8_frames(f)[0] if not _is_pil(f) else _pil_rgb(f) for f in frames])
-        return np.ascontiguousarray(arr)
+        items = [to_uint8_frames(f) if not _is_pil(f) else _pil_rgb(f)[None] for f in frames]
+        if any(len(x) != 1 for x in items):  # [video, video] would keep one frame of each
+            raise ValueError(f"frames is a list of {len(frames)} items holding {[len(x) for x in items]} frames; a "
+                             "list must hold one image per frame. Pass one video as an array [F, H, W, 3], or "
+                             "concatenate the videos first")
+        sizes = sorted({x.shape[1:3] for x in items})
+        if len(sizes) > 1:
+            raise ValueError(f"the frames have different sizes (H, W) {sizes}; all frames of a video must have one "
+                             "size: resize them first")
+        return np.ascontiguousarray(np.concatenate(items))
     if _is_pil(frames):
         return _pil_rgb(frames)[None]
     import torch
@@ -65,6 +75,8 @@ def to_uint8_frames(frames) -> np.ndarray:
         )
     if arr.shape[0] == 0:
         raise ValueError("frames is empty: nothing to save")
+    if 0 in arr.shape[1:3]:
+        raise ValueError(f"frames has shape {tuple(arr.shape)}: a frame of height or width 0 holds no image")
     if arr.dtype != np.uint8:
         if np.issubdtype(arr.dtype, np.floating):
             bad = ~np.isfinite(arr)
@@ -83,8 +95,14 @@ def to_uint8_frames(frames) -> np.ndarray:
                 raise ValueError(f"float frames must lie in [0, 1]; got min {lo:.4g}, max {hi:.4g}. Divide 0-255 "
                                  "frames by 255 (or pass uint8), map [-1, 1] frames with (x + 1) / 2")
             arr = (np.clip(arr, 0.0, 1.0) * 255.0).round().astype(np.uint8)
-        elif np.issubdtype(arr.dtype, np.integer) or arr.dtype == bool:
-            arr = np.clip(arr, 0, 255).astype(np.uint8) if arr.dtype != bool else arr.astype(np.uint8) * 255
+        elif np.issubdtype(arr.dtype, np.integer):
+            lo, hi = int(arr.min()), int(arr.max())
+            if lo < 0 or hi > 255:  # clipping 16-bit or signed frames would save a white or dark video
+                raise ValueError(f"integer frames must lie in [0, 255]; got min {lo}, max {hi}. Scale 16-bit frames "
+                                 "to 8 bits (x // 257), or pass float frames in [0, 1]")
+            arr = arr.astype(np.uint8)
+        elif arr.dtype == bool:
+            arr = arr.astype(np.uint8) * 255
         else:
             raise TypeError(f"frames dtype {arr.dtype} is not supported; pass uint8 or float in [0, 1]")
     if arr.shape[-1] == 1:
@@ -109,18 +127,35 @@ def save_video(frames, path, fps: int = 16) -> Path:
         save_video(pipe(prompt).frames[0], "outputs/cat.mp4", fps=16)
     """
     arr = to_uint8_frames(frames)
-    if not isinstance(fps, (int, float)) or fps <= 0:
-        raise ValueError(f"fps={fps!r} is invalid: must be a positive number")
+    # (NaN and inf pass "> 0" and failed deep in ffmpeg or the GIF writer; numpy numbers are numbers)
+    if not isinstance(fps, numbers.Real) or isinstance(fps, bool) or not math.isfinite(fps) or fps < 0.01:
+        raise ValueError(f"fps={fps!r} is invalid: must be a finite number >= 0.01 (frames per second), e.g. 16")
+    fps = float(fps)  # (imageio-ffmpeg refuses numpy numbers)
+    if not isinstance(path, (str, Path)) or not str(path):
+        raise ValueError(f"path={path!r} is invalid: give a file path (.mp4, .gif, .png) or a folder path")
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix and suffix not in VIDEO_SUFFIXES:
         raise ValueError(
             f"cannot write {path.name!r}: unknown suffix {suffix!r}; use .mp4, .gif, .png, or a folder path"
         )
+    _check_output_path(path, suffix, len(arr))
     path.parent.mkdir(parents=True, exist_ok=True)
     with locked(path, wait=False):  # one writer per output: a second one is refused, never mixed with this one
         _write(arr, path, suffix, fps)
     return path
+
+
+def _check_output_path(path: Path, suffix: str, num_frames: int) -> None:
+    """ValueError when something in the way is of the other kind: a file where the frame folder (or a parent
+    folder) goes, a folder where the video file goes."""
+    for parent in [path, *path.parents] if not suffix else path.parents:
+        if parent.exists() and not parent.is_dir():
+            raise ValueError(f"cannot write {str(path)!r}: {str(parent)!r} is a file, not a folder; give another "
+                             "path, or a file suffix (.mp4, .gif, .png) to write a file")
+    if suffix and path.is_dir() and output_files(path, num_frames) == [path]:
+        raise ValueError(f"cannot write {str(path)!r}: it is a folder; give a file path, or a path without suffix "
+                         "to write PNG frames into a folder")
 
 
 def _write(arr, path: Path, suffix: str, fps) -> None:
@@ -192,12 +227,12 @@ def load_video(path) -> np.ndarray:
         files = sorted(p for p in path.iterdir() if p.suffix.lower() == ".png" and not is_temp_name(p))
         if not files:
             raise FileNotFoundError(f"no .png frames in folder {path}")
-        return np.stack([_read_png(p) for p in files])
+        return _read_frames(files)
     if suffix == ".png" and not path.exists():
         pattern = re.compile(re.escape(path.stem) + r"_\d+\.png$")
         files = sorted(p for p in path.parent.glob(f"{path.stem}_*.png") if pattern.match(p.name))
         if files:
-            return np.stack([_read_png(p) for p in files])
+            return _read_frames(files)
     if not path.exists():
         raise FileNotFoundError(f"no such video: {path}")
     read = (lambda: _read_png(path)[None]) if suffix == ".png" else (lambda: _read_gif(path)) if suffix == ".gif" \
@@ -209,6 +244,22 @@ def load_video(path) -> np.ndarray:
     except Exception as err:  # PIL, imageio and ffmpeg raise many types for truncated or damaged files
         raise BadFileError(path, f"cannot be decoded ({type(err).__name__}: {' '.join(str(err).split())[:100]})",
                            "a whole mp4, gif or png") from None
+
+
+def _read_frames(files: list) -> np.ndarray:
+    """A PNG sequence as ``[F, H, W, 3]``; a damaged frame, or frames of two sizes, is a BadFileError naming it."""
+    frames = []
+    for file in files:
+        try:
+            frames.append(_read_png(file))
+        except Exception as err:  # PIL raises many types for truncated or damaged files
+            raise BadFileError(file, f"cannot be decoded ({type(err).__name__}: {' '.join(str(err).split())[:100]})",
+                               "a whole png frame") from None
+        if frames[-1].shape != frames[0].shape:
+            raise BadFileError(file, f"is {frames[-1].shape[1]}x{frames[-1].shape[0]} but {files[0].name} is "
+                                     f"{frames[0].shape[1]}x{frames[0].shape[0]}",
+                               "frames of one size (a sequence of one video)")
+    return np.stack(frames)
 
 
 # ----------------------------------------------------------------------------- formats

@@ -114,6 +114,10 @@ def _unwrap(path: Path, state):
             break
         state = state[wrappers[0]]
     if isinstance(state, dict) and state and all(isinstance(v, torch.Tensor) for v in state.values()):
+        odd = [k for k in state if not isinstance(k, str)]
+        if odd:  # a state dict's keys are module paths; others failed deep in the key matching
+            raise BadFileError(path, f"holds tensors under {len(odd)} keys that are no strings (e.g. {odd[0]!r})",
+                               "a state dict whose keys are parameter names (blocks.0.self_attn.q.weight, ...)")
         return state
     if not isinstance(state, dict) or not state:
         what = f"holds {'an empty dict' if isinstance(state, dict) else 'a ' + type(state).__name__}"
@@ -187,9 +191,9 @@ def _projection_tensors(split: SplitCheckpoint, prefix: str, where: str) -> Dict
     for layer, parts in sorted(split.projections.items()):
         weight, bias = parts.get("weight"), parts.get("bias")
         if weight is None or bias is None or weight.dim() != 2 or weight.shape[0] != weight.shape[1] or \
-                tuple(bias.shape) != (weight.shape[0],):
-            raise ValueError(f"{where}: layer {layer}'s proj_l must be a Linear(D, D) weight [D, D] and bias [D]; "
-                             f"got {({k: tuple(v.shape) for k, v in parts.items()})}")
+                tuple(bias.shape) != (weight.shape[0],) or weight.shape[0] == 0:
+            raise ValueError(f"{where}: layer {layer}'s proj_l must be a Linear(D, D) weight [D, D] and bias [D] with "
+                             f"D > 0; got {({k: tuple(v.shape) for k, v in parts.items()})}")
         dims.add(weight.shape[0])
         out[f"{prefix}blocks.{layer}.attn1.weight"] = weight.float().contiguous()
         out[f"{prefix}blocks.{layer}.attn1.bias"] = bias.float().contiguous()

@@ -209,7 +209,9 @@ def validate_config(config: FinetuneConfig) -> None:
         _require(isinstance(c.method, Method) and c.method.name in finetune_methods(),
                  f"method={c.method!r} is invalid: fine-tuning supports {list(finetune_methods())} configs "
                  "(e.g. dit_accel.SLA(topk=0.05)), or pass a calibrated plan (--plan PLAN.json).")
+    _plain_numbers(c)
     _check_vsa_options(c)
+    _check_sequences(c)
     _require(c.mode in MODES, f"--mode {c.mode!r} is invalid: choose one of {list(MODES)}.")
     for name in ("steps", "rank", "batch_size", "frames", "height", "width", "max_sequence_length"):
         v = getattr(c, name)
@@ -244,6 +246,48 @@ def validate_config(config: FinetuneConfig) -> None:
     _require(c.output is not None and str(c.output).strip() != "", "--output is required: the folder for weights and logs.")
     if c.mode == "distill" and c.data is None:
         data_mod.read_prompts(c.prompts)
+
+
+def _plain_numbers(c: FinetuneConfig) -> None:
+    """numpy integers and floats become Python numbers: the checks below name them otherwise as "not an integer"
+    and the run record (JSON) cannot hold them."""
+    import numpy as np
+
+    for f in fields(c):
+        v = getattr(c, f.name)
+        if isinstance(v, np.integer):
+            setattr(c, f.name, int(v))
+        elif isinstance(v, np.floating):
+            setattr(c, f.name, float(v))
+
+
+def _int_list(value, what: str, minimum: int):
+    """``value`` (a list or tuple of integers, numpy ones too) as a tuple of Python ints >= ``minimum``."""
+    import numpy as np
+
+    items = list(value) if isinstance(value, (list, tuple, np.ndarray)) else None
+    _require(items is not None and all(isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
+                                       and v >= minimum for v in items), what)
+    return tuple(int(v) for v in items)
+
+
+def _check_sequences(c: FinetuneConfig) -> None:
+    """``target_modules``, ``dense_layers`` and ``cp``: the kinds the CLI's parser makes, numpy ones accepted."""
+    _require(isinstance(c.target_modules, (str, list, tuple)),
+             f"--target-modules {c.target_modules!r} is invalid: a comma-separated string or a list of module "
+             "names, e.g. ['to_q', 'to_k', 'to_v', 'to_out.0'].")
+    if c.dense_layers is not None:
+        what = f"--dense-layers {c.dense_layers!r} is invalid: N >= 0 (the first N layers) or a list of layer " \
+               "indices >= 0, e.g. [0, 1]."
+        if isinstance(c.dense_layers, int) and not isinstance(c.dense_layers, bool):  # as apply(dense_layers=N)
+            _require(c.dense_layers >= 0, what)
+            c.dense_layers = list(range(c.dense_layers))
+        else:
+            c.dense_layers = list(_int_list(c.dense_layers, what, 0))
+    if c.cp is not None:
+        cp = _int_list(c.cp, f"--cp {c.cp!r} is invalid: (ulysses, ring), two positive integers, e.g. (2, 1).", 1)
+        _require(len(cp) == 2, f"--cp {c.cp!r} is invalid: (ulysses, ring), two positive integers, e.g. (2, 1).")
+        c.cp = cp
 
 
 def _check_vsa_options(c: FinetuneConfig) -> None:

@@ -35,6 +35,9 @@ def read_prompts(path) -> List[str]:
     """Prompts from a text file, one per line (blank lines and ``#`` comments skipped)."""
     if path is None:
         raise ValueError("--prompts is required in distill mode: a text file with one prompt per line.")
+    if not isinstance(path, (str, Path)):  # (a list of prompts failed in Path() with a bare TypeError)
+        raise ValueError(f"--prompts {path!r} is invalid: give the path of a text file with one prompt per line "
+                         "(write a list of prompts to such a file first).")
     p = Path(path)
     if not p.is_file():
         raise ValueError(f"--prompts {str(p)!r} does not exist or is not a file; pass a text file with one prompt per line.")
