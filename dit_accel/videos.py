@@ -217,6 +217,8 @@ def load_video(path) -> np.ndarray:
     ``path`` may be an mp4, a gif, a PNG, a PNG pattern base (``x.png`` written
     as ``x_00000.png``, ...) or a folder of PNG frames (sorted by name).
     """
+    if not isinstance(path, (str, Path)) or not str(path):
+        raise ValueError(f"path={path!r} is invalid: give the path of a video (.mp4, .gif, .png) or a frame folder")
     path = Path(path)
     suffix = path.suffix.lower()
     if path.is_dir() or suffix == ".png":  # a PNG output a killed save_video committed: finished, or refused

@@ -137,3 +137,32 @@ def test_dense_layers_and_cp_are_checked_when_the_run_is(tmp_path, field, value,
 def test_target_modules_of_another_kind_is_refused_naming_the_option(tmp_path, targets):
     with pytest.raises(ValueError, match="--target-modules .* is invalid: a comma-separated string or a list"):
         validate_config(_config(tmp_path, target_modules=targets))
+
+
+# ------------------------------------------------------------ the last audit's leftovers (the maintainer's)
+@pytest.mark.parametrize("field, value", [("output", 5), ("data", ["clip.mp4"])], ids=["output-int", "data-list"])
+def test_finetune_paths_of_another_kind_are_refused_naming_the_option(tmp_path, field, value):
+    """Before: output=5 was accepted (a folder named "5"), data=[...] failed later in pathlib."""
+    with pytest.raises(ValueError, match=rf"--{field} .* is invalid: expected a path"):
+        validate_config(_config(tmp_path, **{field: value}))
+
+
+@pytest.mark.parametrize("field", ["lr", "log_every", "seed", "alpha", "sla_lr_scale"])
+def test_finetune_numbers_refuse_a_bool(tmp_path, field):
+    """Before: True passed as 1 (an lr of 1.0, a seed of 1, ...)."""
+    with pytest.raises(ValueError, match=rf"--{field.replace('_', '-')} True"):
+        validate_config(_config(tmp_path, **{field: True}))
+
+
+def test_load_video_and_convert_name_a_path_that_is_none(tmp_path):
+    """Before: pathlib's and torch's TypeErrors; the same file as checkpoint and transformer_2 was converted twice."""
+    with pytest.raises(ValueError, match=r"path=None is invalid: give the path of a video"):
+        load_video(None)
+    with pytest.raises(ValueError, match=r"checkpoint=None is invalid: expected a path"):
+        convert_checkpoint(None, tmp_path / "out")
+    path = tmp_path / "ck.pt"
+    torch.save({"blocks.0.self_attn.proj_l.weight": torch.zeros(4, 4), "blocks.0.self_attn.proj_l.bias": torch.zeros(4)},
+               path)
+    with pytest.raises(ValueError, match=r"transformer_2=.* is the checkpoint itself"):
+        convert_checkpoint(path, tmp_path / "out", transformer_2=path)
+    assert not (tmp_path / "out").exists()

@@ -29,6 +29,7 @@ same ones (see docs/api.md, "Converting SLA checkpoints").
 from __future__ import annotations
 
 import json
+import os
 import re
 import warnings
 from dataclasses import dataclass, field
@@ -265,6 +266,14 @@ def convert_checkpoint(checkpoint, output, *, method: Optional[SLA] = None, tran
         raise TypeError(f"method must be a dit_accel.SLA config (e.g. SLA.reference(topk=0.1)); got {method!r}")
     if base_weights not in ("refuse", "skip"):
         raise ValueError(f"base_weights={base_weights!r} is invalid: 'refuse' or 'skip'")
+    for name, value in (("checkpoint", checkpoint), ("output", output), ("transformer_2", transformer_2)):
+        if not (value is None and name == "transformer_2") and (not isinstance(value, (str, os.PathLike))
+                                                                or not os.fspath(value)):
+            raise ValueError(f"{name}={value!r} is invalid: expected a path (str or pathlib.Path)"
+                             + (", or None" if name == "transformer_2" else ""))
+    if transformer_2 is not None and Path(transformer_2).resolve() == Path(checkpoint).resolve():
+        raise ValueError(f"transformer_2={str(transformer_2)!r} is the checkpoint itself: give the low-noise expert's "
+                         "own checkpoint (Wan 2.2 A14B), or None")
     if method.linear_tokens != "all":
         warnings.warn(f"dit_accel: {method!r} runs the linear branch on the marginal blocks, but checkpoints of the reference "
                       "code (TurboDiffusion, thu-ml/SLA) were trained with it on all tokens: the projections will "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Dict, Optional, Sequence, Tuple
@@ -224,18 +225,19 @@ def validate_config(config: FinetuneConfig) -> None:
         "(or unset for the mode's default).")
     for name in ("checkpoint_every", "lr_warmup_steps", "seed", "checkpoints_total_limit", "eval_batches"):
         v = getattr(c, name)
-        _require(isinstance(v, int) and v >= 0, f"--{name.replace('_', '-')} {v!r} is invalid: must be an integer >= 0.")
-    _require(isinstance(c.log_every, int) and c.log_every > 0, f"--log-every {c.log_every!r} must be a positive integer.")
-    _require(isinstance(c.lr, (int, float)) and math.isfinite(c.lr) and c.lr > 0, f"--lr {c.lr!r} must be a positive number.")
+        _require(isinstance(v, int) and not isinstance(v, bool) and v >= 0,
+                 f"--{name.replace('_', '-')} {v!r} is invalid: must be an integer >= 0.")
+    _require(_number(c.log_every, int) and c.log_every > 0, f"--log-every {c.log_every!r} must be a positive integer.")
+    _require(_number(c.lr) and math.isfinite(c.lr) and c.lr > 0, f"--lr {c.lr!r} must be a positive number.")
     for name, what in (("weight_decay", "AdamW's decoupled weight decay; default 0"),
                        ("max_grad_norm", "the gradient norm clipped to; 0 disables clipping; default 1.0")):
         v = getattr(c, name)
         _require(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0,
                  f"--{name.replace('_', '-')} {v!r} is invalid: must be a number >= 0 ({what}).")
     # (an infinite alpha or scale would pass "> 0" and show up only as a diverged run blamed on --lr)
-    _require(c.alpha is None or (isinstance(c.alpha, (int, float)) and math.isfinite(c.alpha) and c.alpha > 0),
+    _require(c.alpha is None or (_number(c.alpha) and math.isfinite(c.alpha) and c.alpha > 0),
              f"--alpha {c.alpha!r} must be a finite positive number (default: the rank).")
-    _require(isinstance(c.sla_lr_scale, (int, float)) and math.isfinite(c.sla_lr_scale) and c.sla_lr_scale > 0,
+    _require(_number(c.sla_lr_scale) and math.isfinite(c.sla_lr_scale) and c.sla_lr_scale > 0,
              f"--sla-lr-scale {c.sla_lr_scale!r} must be a finite positive number.")
     _require(c.mixed_precision in MIXED_PRECISION,
              f"--mixed-precision {c.mixed_precision!r} is invalid: choose one of {list(MIXED_PRECISION)}.")
@@ -244,8 +246,17 @@ def validate_config(config: FinetuneConfig) -> None:
              f"--target-modules {c.target_modules!r} must name at least one module, e.g. to_q,to_k,to_v,to_out.0.")
     _require(not (c.resume and c.overwrite), "--resume and --overwrite exclude each other: continue a run or replace it.")
     _require(c.output is not None and str(c.output).strip() != "", "--output is required: the folder for weights and logs.")
+    for name in ("output", "data"):  # (an int or a list failed later in pathlib, or named a folder "5"; prompts:
+        v = getattr(c, name)          # data.read_prompts)
+        _require(v is None or isinstance(v, (str, os.PathLike)),
+                 f"--{name} {v!r} is invalid: expected a path (str or pathlib.Path).")
     if c.mode == "distill" and c.data is None:
         data_mod.read_prompts(c.prompts)
+
+
+def _number(value, kinds=(int, float)) -> bool:
+    """``value`` is of ``kinds`` and not a bool (``True`` would pass as 1)."""
+    return isinstance(value, kinds) and not isinstance(value, bool)
 
 
 def _plain_numbers(c: FinetuneConfig) -> None:
