@@ -17,7 +17,7 @@ from typing import Callable, Dict, Iterable, Iterator, List, Optional
 __all__ = ["portable_path", "cdiv", "versions", "to_jsonable", "cuda_event", "Timer", "time_median", "load_average", "has_cuda_driver", "DitAccelWarning",
            "WarningLog",
            "use_interpreter_without_cuda", "is_int", "is_number", "format_time", "format_ratio", "positive_int",
-           "int_at_least", "env_set"]
+           "int_at_least", "env_set", "existing_ancestor", "file_in_the_way"]
 
 
 def portable_path(path, base) -> str:
@@ -38,6 +38,22 @@ def portable_path(path, base) -> str:
 def cdiv(a: int, b: int) -> int:
     """Ceiling division of non-negative ints."""
     return -(-a // b)
+
+
+def existing_ancestor(path) -> Optional[Path]:
+    """The nearest of ``path`` and its parents that exists (None when none does): where a new output would go."""
+    here = Path(path)
+    while not here.exists():
+        if here == here.parent:
+            return None
+        here = here.parent
+    return here
+
+
+def file_in_the_way(path) -> Optional[Path]:
+    """The file standing at or above ``path``, where a folder would have to be to write there (None if none)."""
+    here = existing_ancestor(path)
+    return here if here is not None and not here.is_dir() else None
 
 
 def is_int(value) -> bool:

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ._util import file_in_the_way
 from .atomic_files import (BadFileError, atomic_write, commit_files, commit_journal, finish_commit, finish_for_reader,
                            is_temp_name, locked, remove_stale_temps)
 
@@ -149,10 +150,10 @@ def save_video(frames, path, fps: int = 16) -> Path:
 def _check_output_path(path: Path, suffix: str, num_frames: int) -> None:
     """ValueError when something in the way is of the other kind: a file where the frame folder (or a parent
     folder) goes, a folder where the video file goes."""
-    for parent in [path, *path.parents] if not suffix else path.parents:
-        if parent.exists() and not parent.is_dir():
-            raise ValueError(f"cannot write {str(path)!r}: {str(parent)!r} is a file, not a folder; give another "
-                             "path, or a file suffix (.mp4, .gif, .png) to write a file")
+    parent = file_in_the_way(path if not suffix else path.parent)
+    if parent is not None:
+        raise ValueError(f"cannot write {str(path)!r}: {str(parent)!r} is a file, not a folder; give another "
+                         "path, or a file suffix (.mp4, .gif, .png) to write a file")
     if suffix and path.is_dir() and output_files(path, num_frames) == [path]:
         raise ValueError(f"cannot write {str(path)!r}: it is a folder; give a file path, or a path without suffix "
                          "to write PNG frames into a folder")

@@ -27,7 +27,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from .._util import format_ratio, format_time
+from .._util import existing_ancestor, format_ratio, format_time
 from .options import HelpFormatter, plain
 
 __all__ = ["register", "run", "check_args"]
@@ -54,11 +54,7 @@ def _finite(value) -> bool:
 
 def _writable_folder(path: Path, flag: str) -> None:
     """``path``'s nearest existing ancestor is a folder this process can create a file in (probed, then removed)."""
-    folder = path
-    while not folder.exists():
-        if folder.parent == folder:
-            break
-        folder = folder.parent
+    folder = existing_ancestor(path) or path
     if not folder.is_dir():
         raise _UsageError(f"{flag} {path}: {folder} is not a folder; pass a path inside a writable folder")
     try:

@@ -7,6 +7,8 @@ from __future__ import annotations
 import math
 from typing import Iterable, Optional
 
+from .._util import file_in_the_way
+
 __all__ = ["device_error", "seed_error", "finite_error", "folder_error", "file_error"]
 
 
@@ -61,16 +63,6 @@ def finite_error(value, flag: str, *, minimum: Optional[float] = None) -> Option
     return None
 
 
-def _file_above(path):
-    """The nearest existing path at or above ``path`` when it is a file (None when it is a folder or none is)."""
-    from pathlib import Path
-
-    existing = Path(path)
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    return existing if existing.exists() and not existing.is_dir() else None
-
-
 def folder_error(path, flag: str) -> Optional[str]:
     """Why the output folder ``path`` of ``flag`` cannot be written (None when it can): an empty path, a file
     where the folder (or one above it) should be. Nothing is created: a refused command leaves no folder behind."""
@@ -78,7 +70,7 @@ def folder_error(path, flag: str) -> Optional[str]:
 
     if not str(path).strip():
         return f"{flag} is empty: give a folder path"
-    file = _file_above(path)
+    file = file_in_the_way(path)
     if file is not None:
         what = "is a file" if file == Path(path) else f"lies under {file}, which is a file"
         return f"{flag} {path} {what}; pass a folder path"
@@ -94,7 +86,7 @@ def file_error(path, flag: str, example: str) -> Optional[str]:
         return f"{flag} is empty: give a file path, e.g. {example}"
     if Path(path).is_dir():
         return f"{flag} {path} is a folder; give a file path, e.g. {Path(path) / example}"
-    file = _file_above(Path(path).parent)
+    file = file_in_the_way(Path(path).parent)
     if file is not None:
         return f"{flag} {path} lies under {file}, which is a file; choose another path"
     return None

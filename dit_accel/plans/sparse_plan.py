@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
-from .._util import is_int, to_jsonable, versions
+from .._util import file_in_the_way, is_int, to_jsonable, versions
 from ..methods import Dense, Method, Tile, TileStrategy
 from .per_head import PerHead
 
@@ -60,8 +60,8 @@ def file_to_write(path, what: str, example: str) -> Path:
     file = Path(text)
     if file.is_dir() or text.endswith(("/", os.sep)):
         raise ValueError(f"path={text!r} is a folder; pass {what} file name, e.g. {file / example}")
-    folder = next((parent for parent in file.parents if parent.exists()), None)
-    if folder is not None and not folder.is_dir():
+    folder = file_in_the_way(file.parent)
+    if folder is not None:
         raise ValueError(f"path={text!r}: {folder} is a file, not a folder; pass {what} file name in a folder, "
                          f"e.g. {folder.parent / example}")
     return file
