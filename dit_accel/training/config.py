@@ -9,7 +9,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Dict, Optional, Sequence, Tuple
 
-from .._util import portable_path
+from .._util import is_int, is_number, portable_path
 from ..methods import VSA, Dense, Method, registered_methods
 from ..plans.per_head import PerHead
 from ..plans.sparse_plan import PlanMethod, SparsePlan
@@ -216,28 +216,25 @@ def validate_config(config: FinetuneConfig) -> None:
     _require(c.mode in MODES, f"--mode {c.mode!r} is invalid: choose one of {list(MODES)}.")
     for name in ("steps", "rank", "batch_size", "frames", "height", "width", "max_sequence_length"):
         v = getattr(c, name)
-        _require(isinstance(v, int) and not isinstance(v, bool) and v > 0,
-                 f"--{name.replace('_', '-')} {v!r} is invalid: must be a positive integer.")
+        _require(is_int(v) and v > 0, f"--{name.replace('_', '-')} {v!r} is invalid: must be a positive integer.")
     _require(c.gradient_accumulation_steps is None or (
-        isinstance(c.gradient_accumulation_steps, int) and not isinstance(c.gradient_accumulation_steps, bool)
-        and c.gradient_accumulation_steps > 0),
+        is_int(c.gradient_accumulation_steps) and c.gradient_accumulation_steps > 0),
         f"--gradient-accumulation-steps {c.gradient_accumulation_steps!r} is invalid: must be a positive integer "
         "(or unset for the mode's default).")
     for name in ("checkpoint_every", "lr_warmup_steps", "seed", "checkpoints_total_limit", "eval_batches"):
         v = getattr(c, name)
-        _require(isinstance(v, int) and not isinstance(v, bool) and v >= 0,
-                 f"--{name.replace('_', '-')} {v!r} is invalid: must be an integer >= 0.")
-    _require(_number(c.log_every, int) and c.log_every > 0, f"--log-every {c.log_every!r} must be a positive integer.")
-    _require(_number(c.lr) and math.isfinite(c.lr) and c.lr > 0, f"--lr {c.lr!r} must be a positive number.")
+        _require(is_int(v) and v >= 0, f"--{name.replace('_', '-')} {v!r} is invalid: must be an integer >= 0.")
+    _require(is_int(c.log_every) and c.log_every > 0, f"--log-every {c.log_every!r} must be a positive integer.")
+    _require(is_number(c.lr) and math.isfinite(c.lr) and c.lr > 0, f"--lr {c.lr!r} must be a positive number.")
     for name, what in (("weight_decay", "AdamW's decoupled weight decay; default 0"),
                        ("max_grad_norm", "the gradient norm clipped to; 0 disables clipping; default 1.0")):
         v = getattr(c, name)
-        _require(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0,
+        _require(is_number(v) and math.isfinite(v) and v >= 0,
                  f"--{name.replace('_', '-')} {v!r} is invalid: must be a number >= 0 ({what}).")
     # (an infinite alpha or scale would pass "> 0" and show up only as a diverged run blamed on --lr)
-    _require(c.alpha is None or (_number(c.alpha) and math.isfinite(c.alpha) and c.alpha > 0),
+    _require(c.alpha is None or (is_number(c.alpha) and math.isfinite(c.alpha) and c.alpha > 0),
              f"--alpha {c.alpha!r} must be a finite positive number (default: the rank).")
-    _require(_number(c.sla_lr_scale) and math.isfinite(c.sla_lr_scale) and c.sla_lr_scale > 0,
+    _require(is_number(c.sla_lr_scale) and math.isfinite(c.sla_lr_scale) and c.sla_lr_scale > 0,
              f"--sla-lr-scale {c.sla_lr_scale!r} must be a finite positive number.")
     _require(c.mixed_precision in MIXED_PRECISION,
              f"--mixed-precision {c.mixed_precision!r} is invalid: choose one of {list(MIXED_PRECISION)}.")
@@ -252,11 +249,6 @@ def validate_config(config: FinetuneConfig) -> None:
                  f"--{name} {v!r} is invalid: expected a path (str or pathlib.Path).")
     if c.mode == "distill" and c.data is None:
         data_mod.read_prompts(c.prompts)
-
-
-def _number(value, kinds=(int, float)) -> bool:
-    """``value`` is of ``kinds`` and not a bool (``True`` would pass as 1)."""
-    return isinstance(value, kinds) and not isinstance(value, bool)
 
 
 def _plain_numbers(c: FinetuneConfig) -> None:
@@ -277,8 +269,7 @@ def _int_list(value, what: str, minimum: int):
     import numpy as np
 
     items = list(value) if isinstance(value, (list, tuple, np.ndarray)) else None
-    _require(items is not None and all(isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
-                                       and v >= minimum for v in items), what)
+    _require(items is not None and all(is_int(v) and v >= minimum for v in items), what)
     return tuple(int(v) for v in items)
 
 
@@ -290,7 +281,7 @@ def _check_sequences(c: FinetuneConfig) -> None:
     if c.dense_layers is not None:
         what = f"--dense-layers {c.dense_layers!r} is invalid: N >= 0 (the first N layers) or a list of layer " \
                "indices >= 0, e.g. [0, 1]."
-        if isinstance(c.dense_layers, int) and not isinstance(c.dense_layers, bool):  # as apply(dense_layers=N)
+        if is_int(c.dense_layers):  # as apply(dense_layers=N)
             _require(c.dense_layers >= 0, what)
             c.dense_layers = list(range(c.dense_layers))
         else:
