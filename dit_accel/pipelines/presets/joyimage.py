@@ -45,13 +45,18 @@ def _edit_grid(model, args) -> GridInfo:
     return GridInfo((h, w), text_len(args) + after)
 
 
+def _parsed(shapes) -> tuple:
+    """``shape_list`` as a tuple per sample of tuples of ints (``()`` when it is not nested so)."""
+    try:
+        return tuple(tuple(tuple(int(v) for v in thw) for thw in sample) for sample in shapes)
+    except TypeError:
+        return ()
+
+
 def _shape_list(model, args) -> tuple:
     """``shape_list`` as a tuple per sample of ``(t, h, w)`` tuples; ValueError when it cannot be read."""
     shapes = args.get("shape_list")
-    try:
-        per_sample = tuple(tuple(tuple(int(v) for v in thw) for thw in sample) for sample in shapes)
-    except TypeError:
-        per_sample = ()
+    per_sample = _parsed(shapes)
     if not per_sample or any(not sample or any(len(thw) != 3 for thw in sample) for sample in per_sample):
         raise ValueError(f"dit_accel: this {type(model).__name__} call has no shape_list of (t, h, w) per item and "
                          f"sample ({shapes!r}); cannot read the token grid")
@@ -76,12 +81,8 @@ def _plus_grid(model, args) -> GridInfo:
 
 def _plus_key(args):
     x, text = args.get("hidden_states"), args.get("encoder_hidden_states")
-    shapes = args.get("shape_list")
-    try:
-        shapes = tuple(tuple(tuple(int(v) for v in thw) for thw in sample) for sample in shapes)
-    except TypeError:
-        return None
-    return getattr(x, "shape", None), getattr(text, "shape", None), shapes
+    shapes = _parsed(args.get("shape_list"))
+    return (getattr(x, "shape", None), getattr(text, "shape", None), shapes) if shapes else None
 
 
 def _edit_key(args):
