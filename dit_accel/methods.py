@@ -28,16 +28,18 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import math
 import os
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Dict, Optional, Tuple, Union
 
-from ._util import check_registration
+from ._util import DitAccelWarning, check_registration
 from .kernels.limits import GPU_LAYOUT_BLOCKS
 from .kernels.sla.common import LINEAR_EPS, REFERENCE_LINEAR_EPS, ROUNDINGS
 from .kernels.vsa.api import check_vsa_config
-from .patterns.checks import int_or_tuple, number_in, per_head, positive_int
+from .patterns.checks import as_grid, int_or_tuple, number_in, per_head, positive_int
 from .patterns.gna import check_gna_args
 from .patterns.radial import RADIAL_RULES, check_radial_args
 from .patterns.tile import check_tile_args, check_tile_block, read_sta_strategy
@@ -87,9 +89,14 @@ class Method:
         """The :class:`~dit_accel.plans.plan.Plan` this method runs on ``grid`` (grid rules are checked here)."""
         raise NotImplementedError(f"{type(self).__name__} does not implement plan(grid)")
 
-    def at_density(self, grid: Tuple[int, ...], density: float) -> "Method":
-        """A config of this method whose visited density on ``grid`` is near ``density`` (for like-for-like
-        comparisons in ``bench fidelity``); methods whose density is fixed by their rule return themselves."""
+    def at_density(self, grid: Tuple[int, ...], density: float, **search) -> "Method":
+        """A config of this method whose visited density on ``grid`` is near ``density``, a number in (0, 1] (for
+        like-for-like comparisons in ``bench fidelity``); methods whose density is fixed by their rule return
+        themselves. ``search``: the method's own search options (:meth:`Tile._at_density`'s ``tile``)."""
+        density = number_in("density", density, 0.0, 1.0, owner=f"{type(self).__name__}.at_density: ", lo_open=True)
+        return self._at_density(as_grid(grid), density, **search)
+
+    def _at_density(self, grid: Tuple[int, ...], density: float) -> "Method":
         return self
 
     def for_shares(self, grid: Tuple[int, ...], shares: int) -> "Method":
@@ -347,12 +354,9 @@ class GNA(Method):
 
         return self.replace(tile=pick_tile((grid[0] // shares,) + tuple(grid[1:]), (64,)))
 
-    def at_density(self, grid, density):
+    def _at_density(self, grid, density):
         # Rank stride-1 windows by token density prod(k_d / g_d), then keep the nearest of the
         # closest few by the visited *block* density their plans report.
-        import itertools
-
-        grid = tuple(grid)
         scored = []
         # An extent-1 dimension (one latent frame) takes kernel 2, clamped to the extent by fit=True.
         for ks in itertools.product(*[range(2, max(g, 2) + 1) for g in grid]):
@@ -361,10 +365,6 @@ class GNA(Method):
             scored.append((abs(sum(fr) - math.log(density)) + 0.02 * spread, ks))
         scored.sort()
         candidates = [self.replace(kernel_size=ks, stride=1, fit=True) for _, ks in scored[:8]]
-        import warnings
-
-        from ._util import DitAccelWarning
-
         with warnings.catch_warnings():  # the clamping notes of candidates on a one-frame grid
             warnings.simplefilter("ignore", DitAccelWarning)
             return min(candidates, key=lambda m: abs(math.log((m.plan(grid).density or 1.0) / density)))
@@ -486,7 +486,7 @@ class Tile(Method):
         fitted = self.replace(tile=tile, window=window, fit=False)
         return fitted.plan(grid) if tile_covers_grid(grid, tile, window) else fitted._packed_plan(grid, tile, window)
 
-    def at_density(self, grid, density, *, tile=None):
+    def _at_density(self, grid, density, *, tile=None):
         """The Tile whose window visits the block density nearest ``density`` on ``grid``.
 
         ``tile``: the STA tile to search windows for; default a 64-token tile (one query block per tile).
@@ -729,7 +729,7 @@ class SLA(Method):
 
         return SLAPlan(self, tuple(grid), SLAParams.of(self))
 
-    def at_density(self, grid, density):
+    def _at_density(self, grid, density):
         return self.replace(topk=min(max(density, 1e-6), 1.0), negligible=min(self.negligible, 1.0 - density))
 
 
@@ -796,5 +796,5 @@ class VSA(Method):
 
         return VSAPlan(self, grid)
 
-    def at_density(self, grid, density):
+    def _at_density(self, grid, density):
         return self.replace(topk=None, sparsity=min(max(1.0 - float(density), 0.0), 0.999))
