@@ -43,6 +43,13 @@ def to_uint8_frames(frames) -> np.ndarray:
     ``[F, H, W, C]``, ``[H, W, C]`` (one frame), ``[1, F, H, W, C]`` (a batch of
     one) with C in 1, 3, 4 (alpha dropped), uint8 or float in ``[0, 1]``.
     """
+    if isinstance(frames, (list, tuple)) and frames and all(isinstance(f, (list, tuple, numbers.Number))
+                                                             for f in frames):
+        try:  # nested Python lists of numbers: one array (each level read as an image, the numbers had no shape)
+            frames = np.asarray(frames)
+        except ValueError:
+            raise ValueError("frames is a nested list whose lists differ in length; give [F, H, W, 3] numbers, "
+                             "an array or a list of images") from None
     if isinstance(frames, (list, tuple)):
         if not frames:
             raise ValueError("frames is empty: nothing to save")
