@@ -119,7 +119,8 @@ def _unwrap(path: Path, state):
         if odd:  # a state dict's keys are module paths; others failed deep in the key matching
             raise BadFileError(path, f"holds tensors under {len(odd)} keys that are no strings (e.g. {odd[0]!r})",
                                "a state dict whose keys are parameter names (blocks.0.self_attn.q.weight, ...)")
-        return state
+        # (torch.save keeps sparse tensors; the checks and safetensors take strided ones: NotImplementedError before)
+        return {k: v.to_dense() if v.layout != torch.strided else v for k, v in state.items()}
     if not isinstance(state, dict) or not state:
         what = f"holds {'an empty dict' if isinstance(state, dict) else 'a ' + type(state).__name__}"
     else:
@@ -304,6 +305,12 @@ def convert_checkpoint(checkpoint, output, *, method: Optional[SLA] = None, tran
                              "is converted")
         if split.lora:
             lora = _lora_layers(split.lora)
+    sizes = {p: {t.shape[0] for k, t in projections.items() if k.startswith("transformer_2.") == bool(p)}
+             for p, _ in sources}
+    if len(set().union(*sizes.values())) > 1:  # (one folder's layers of two models: refused at load, or never)
+        raise ValueError(f"the projections of checkpoint {str(checkpoint)!r} (head dim {sorted(sizes[''])}) and of "
+                         f"transformer_2 {str(transformer_2)!r} ({sorted(sizes['transformer_2.'])}) differ in size: "
+                         "give the two experts of one model (Wan 2.2 A14B's high- and low-noise checkpoints)")
     info = _method_json(method, lora, [str(p) for _, p in sources], len(projections) // 2, skipped)
 
     def write_tensors(staging: Path) -> None:
