@@ -10,7 +10,12 @@ Its ``diffusers_class`` is the Diffusers transformer of the same model: the publ
 Token layout, checked against ComfyUI's code: Wan patchifies with a Conv3d and ``flatten(2)``, LTX-Video with
 ``b c (f p1) (h p2) (w p3) -> b (f h w) ...``, HunyuanVideo with a Conv3d patch embed and ``flatten(2)``: all
 frame-major, then row, then column, the order of METHODS.md, and so is Cosmos Predict2's
-``b t h w d -> b (t h w) d``; FLUX with ``b c (h ph) (w pw) -> b (h w) ...``.
+``b t h w d -> b (t h w) d``; FLUX and Chroma with ``b c (h ph) (w pw) -> b (h w) ...``, Qwen-Image and Lumina 2
+with a row-major view of 2x2 patches. Wan's subclasses patchify as Wan: VACE and Animate hold reference frames as
+the latent's leading frames (dense, before the grid, as dit_accel's Diffusers presets run them), HuMo appends its
+reference frames after the video. Joint attention: [text, image] for FLUX, Chroma, Qwen-Image and Lumina 2 (the
+caption's valid tokens), [video, text] for HunyuanVideo; reference images added elsewhere in the sequence (FLUX
+Kontext, Qwen-Image-Edit, HunyuanVideo's ref_latent) leave the call off the layout (``Family.off_grid``).
 """
 
 from __future__ import annotations
@@ -35,7 +40,86 @@ def _wan_layers(model: nn.Module) -> List[nn.Module]:
     return [block.self_attn for block in model.blocks]
 
 
-def _wan_grid(model: nn.Module, x) -> Tuple[int, ...]:
+def _wan_grid(model: nn.Module, x, call=None) -> Tuple[int, ...]:
+    return _patched_grid(x.shape, model.patch_size)
+
+
+def _vace_layers(model: nn.Module) -> List[nn.Module]:
+    # The main blocks, then the control blocks: Diffusers' WanVACETransformer3DModel registers ``blocks`` before
+    # ``vace_blocks``, and dit_accel.apply counts ``blocks.*.attn1`` then ``vace_blocks.*.attn1`` in that order.
+    return [*_wan_layers(model), *(block.self_attn for block in getattr(model, "vace_blocks", ()))]
+
+
+def _vace_reference_frames(model: nn.Module, control) -> int:
+    """Leading latent frames of ComfyUI's ``vace_context`` ``(B, contexts, C, F, H, W)`` that are reference images:
+    zero in every channel after the first ``in_dim`` (WanVaceToVideo prepends the reference latent with zeros as its
+    reactive half and its mask), in every sample and context. The rule of dit_accel's WanVACETransformer3DModel
+    preset, so a reference frame runs dense on both hosts."""
+    if not hasattr(control, "dim") or control.dim() != 6 or control.shape[2] <= model.in_dim:
+        return 0
+    zero = (control[:, :, model.in_dim:] == 0).flatten(4).all(dim=-1).all(dim=2).all(dim=1).all(dim=0)  # (F,)
+    nonzero = (~zero).nonzero()
+    return int(zero.shape[0] if nonzero.numel() == 0 else nonzero[0, 0])  # one host sync per model call
+
+
+def _vace_grid(model: nn.Module, x, call=None) -> Tuple[int, ...]:
+    frames, h, w = _wan_grid(model, x)
+    refs = _vace_reference_frames(model, (call or {}).get("vace_context"))
+    pt = int(model.patch_size[0])
+    if refs % pt:
+        raise ValueError(f"dit_accel: {refs} VACE reference frames are not a multiple of the temporal patch {pt}")
+    if refs // pt >= frames:
+        raise ValueError("dit_accel: every latent frame of the call reads as a VACE reference frame; no video grid")
+    return frames - refs // pt, h, w  # the leading reference frames: dense tokens before the grid
+
+
+def _animate_grid(model: nn.Module, x, call=None) -> Tuple[int, ...]:
+    frames, h, w = _wan_grid(model, x)
+    if frames < 2:
+        raise ValueError(f"dit_accel: Wan Animate latents of {x.shape[2]} frames hold the reference frame only; "
+                         "the call needs the reference frame followed by at least one video frame")
+    return frames - 1, h, w  # WanAnimateToVideo's leading reference frame: dense tokens before the grid
+
+
+def _leading_frames(model: nn.Module, x, call, grid) -> int:
+    """The tokens before the grid in a Wan VACE / Animate self-attention call, exactly: the latent's frames before
+    the grid, and the ``reference_latent`` frame a ``ref_conv`` prepends (a call with tokens elsewhere runs
+    ComfyUI's own attention)."""
+    full = _wan_grid(model, x)
+    ref_conv = getattr(model, "ref_conv", None) is not None and call.get("reference_latent") is not None
+    return math.prod(full) - math.prod(grid) + (full[1] * full[2] if ref_conv else 0)
+
+
+def _text_tokens(model: nn.Module, x, call, grid) -> Optional[int]:
+    """The text tokens of a joint-attention call, exactly: ``context`` (and HunyuanImage's ByT5 tokens). Reference
+    images a model adds to the sequence (FLUX Kontext's and Qwen-Image-Edit's after the image, HunyuanVideo's
+    ``ref_latent`` before the video) then leave the call off this layout: it runs ComfyUI's own attention."""
+    context, byt5 = call.get("context"), call.get("txt_byt5")
+    if not hasattr(context, "shape"):
+        return None
+    extra = int(byt5.shape[1]) if getattr(model, "byt5_in", None) is not None and hasattr(byt5, "shape") else 0
+    return int(context.shape[1]) + extra
+
+
+def _image_grid(model: nn.Module, x, call=None) -> Tuple[int, ...]:
+    return _patched_grid((*x.shape[:2], *x.shape[-2:]), model.patch_size)  # Qwen-Image: (B, C, 1, H, W)
+
+
+def _qwen_layers(model: nn.Module) -> List[nn.Module]:
+    return [block.attn for block in model.transformer_blocks]
+
+
+def _lumina_layers(model: nn.Module) -> List[nn.Module]:
+    # The image refiner (image alone), then the joint layers; the caption refiner is text alone: not a layer.
+    return [*(b.attention for b in model.noise_refiner), *(b.attention for b in model.layers)]
+
+
+def _lumina_grid(model: nn.Module, x, call=None) -> Tuple[int, ...]:
+    mask = (call or {}).get("attention_mask")  # passed only when the caption is padded
+    if hasattr(mask, "sum") and mask.dim() == 2 and len(set(mask.sum(dim=1).tolist())) > 1:
+        raise ValueError(f"dit_accel: the samples of this Lumina 2 call have captions of different valid lengths "
+                         f"{mask.sum(dim=1).tolist()}; the model puts each image after its own caption, at different "
+                         "offsets, which dit_accel cannot place: use ComfyUI's own attention for this model")
     return _patched_grid(x.shape, model.patch_size)
 
 
@@ -44,7 +128,7 @@ def _hunyuan_layers(model: nn.Module) -> List[nn.Module]:
     return [*model.double_blocks, *model.single_blocks]
 
 
-def _hunyuan_grid(model: nn.Module, x) -> Tuple[int, ...]:
+def _hunyuan_grid(model: nn.Module, x, call=None) -> Tuple[int, ...]:
     return _patched_grid(x.shape, model.patch_size)  # (also FLUX: an int patch on a (B, C, H, W) latent)
 
 
@@ -52,11 +136,11 @@ def _ltxv_layers(model: nn.Module) -> List[nn.Module]:
     return [block.attn1 for block in model.transformer_blocks]
 
 
-def _ltxv_grid(model: nn.Module, x) -> Tuple[int, ...]:
+def _ltxv_grid(model: nn.Module, x, call=None) -> Tuple[int, ...]:
     return _patched_grid(x.shape, model.patchifier._patch_size)  # (1, p, p): its only record of the patch
 
 
-def _cosmos_grid(model: nn.Module, x) -> Tuple[int, ...]:
+def _cosmos_grid(model: nn.Module, x, call=None) -> Tuple[int, ...]:
     return _patched_grid(x.shape, (model.patch_temporal, model.patch_spatial, model.patch_spatial))
 
 
@@ -72,8 +156,11 @@ class Family:
             through cross-attention), ``"last"`` ([video, text]) or ``"first"`` ([text, video]).
         layers: ``diffusion_model -> [module, ...]``: the modules whose ``forward`` makes the video self-attention
             call, in model order (layer ``i`` is the ``i``-th).
-        grid: ``(diffusion_model, latent x) -> token grid``.
+        grid: ``(diffusion_model, latent x, the call's arguments by name) -> token grid`` (the video frames only;
+            tokens of other frames, as the reference frames of VACE and Animate, sit where ``text_position`` says).
         notes: one line for the docs and the log.
+        off_grid: ``(diffusion_model, latent x, call arguments, grid) -> int``: the exact number of tokens off the
+            grid (at ``text_position``) in each self-attention call, or None: any number (text, extra frames).
     """
 
     name: str
@@ -81,20 +168,40 @@ class Family:
     diffusers_class: str
     text_position: str
     layers: Callable[[nn.Module], List[nn.Module]]
-    grid: Callable[[nn.Module, object], Tuple[int, ...]]
+    grid: Callable[[nn.Module, object, dict], Tuple[int, ...]]
     notes: str = ""
+    off_grid: Optional[Callable[[nn.Module, object, dict, Tuple[int, ...]], int]] = None
 
 
 FAMILIES: Tuple[Family, ...] = (
-    Family("Wan", ("WanModel",), "WanTransformer3DModel", "none", _wan_layers, _wan_grid,
-           "Wan 2.1 and 2.2, T2V and I2V (the I2V image tokens go through cross-attention, which stays dense)"),
+    Family("Wan", ("WanModel", "CameraWanModel"), "WanTransformer3DModel", "none", _wan_layers, _wan_grid,
+           "Wan 2.1 and 2.2, T2V and I2V (the I2V image tokens go through cross-attention, which stays dense); "
+           "Wan Fun Camera (CameraWanModel: camera conditions add to the patch embedding; no Diffusers class)"),
+    Family("Wan HuMo", ("HumoWanModel",), "WanTransformer3DModel", "last", _wan_layers, _wan_grid,
+           "Wan HuMo (no Diffusers class: Wan 2.1's settings): blocks.*.self_attn; the reference latent frames "
+           "appended after the video run dense, audio cross-attention dense"),
+    Family("Wan VACE", ("VaceWanModel",), "WanVACETransformer3DModel", "first", _vace_layers, _vace_grid,
+           "Wan VACE: blocks.*.self_attn then vace_blocks.*.self_attn (the control stream, same tokens); leading "
+           "reference frames dense", _leading_frames),
+    Family("Wan Animate", ("AnimateWanModel",), "WanAnimateTransformer3DModel", "first", _wan_layers,
+           _animate_grid, "Wan 2.2 Animate: blocks.*.self_attn; the leading reference frame dense, face adapter "
+           "and CLIP/text cross-attention dense", _leading_frames),
     Family("HunyuanVideo", ("HunyuanVideo",), "HunyuanVideoTransformer3DModel", "last", _hunyuan_layers,
            _hunyuan_grid, "HunyuanVideo T2V and I2V: double blocks then single blocks, [video, text] with padded "
-           "text masked"),
+           "text masked; calls with a ref_latent (before the video) run ComfyUI's own attention", _text_tokens),
     Family("Cosmos", ("MiniTrainDIT",), "CosmosTransformer3DModel", "none", _wan_layers, _cosmos_grid,
            "Cosmos Predict2 (text/image to image and video): blocks.*.self_attn over video only"),
     Family("FLUX", ("Flux",), "FluxTransformer2DModel", "first", _hunyuan_layers, _hunyuan_grid,
-           "FLUX.1 dev and schnell (image): double blocks then single blocks, [text, image]"),
+           "FLUX.1 dev and schnell (image): double blocks then single blocks, [text, image]; Kontext calls "
+           "(reference images after the image) run ComfyUI's own attention", _text_tokens),
+    Family("Chroma", ("Chroma",), "ChromaTransformer2DModel", "first", _hunyuan_layers, _hunyuan_grid,
+           "Chroma (image): double blocks then single blocks, [text, image]", _text_tokens),
+    Family("Qwen-Image", ("QwenImageTransformer2DModel",), "QwenImageTransformer2DModel", "first", _qwen_layers,
+           _image_grid, "Qwen-Image (image): transformer_blocks.*.attn over [text, image]; Qwen-Image-Edit calls "
+           "(reference images after the image) run ComfyUI's own attention", _text_tokens),
+    Family("Lumina 2", ("NextDiT",), "Lumina2Transformer2DModel", "first", _lumina_layers, _lumina_grid,
+           "Lumina Image 2.0 (image): noise_refiner.*.attention (image alone), then layers.*.attention over "
+           "[caption, image]; the caption refiner dense"),
     Family("LTX-Video", ("LTXVModel",), "LTXVideoTransformer3DModel", "none", _ltxv_layers, _ltxv_grid,
            "LTX-Video: transformer_blocks.*.attn1 over video only"),
 )

@@ -154,7 +154,8 @@ def _published(method_name: str) -> Dict[str, tuple]:
         for entry in getattr(preset, "published", ()):
             if entry.method == method_name:
                 values = ", ".join(f"{k}={_text(v)}" for k, v in {**entry.config, **entry.apply}.items())
-                out[f"{entry.family}: {values} ({entry.shape})"] = (entry, family)
+                # (several families share a Diffusers class, Wan's subclasses: the first listed is the preset's)
+                out.setdefault(f"{entry.family}: {values} ({entry.shape})", (entry, family))
     return out
 
 

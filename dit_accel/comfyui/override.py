@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import collections
 import contextvars
+import inspect
 import logging
 import sys
 from dataclasses import dataclass
@@ -43,12 +44,14 @@ _STACK_DEPTH = 6
 
 @dataclass(frozen=True)
 class CallState:
-    """What one diffusion-model call knows: its token grid, and its step ``(step, total)`` and sigma if sampled."""
+    """What one diffusion-model call knows: its token grid, its step ``(step, total)`` and sigma if sampled, and
+    the exact number of tokens off the grid its self-attention calls hold (None: any number, as text)."""
 
     grid: Tuple[int, ...]
     step: Optional[int]
     total: Optional[int]
     sigma: Optional[float]
+    off_grid: Optional[int] = None
 
     @property
     def num_video(self) -> int:
@@ -149,7 +152,10 @@ class Patch:
         if not isinstance(options, dict):
             options = next((a for a in reversed(args) if isinstance(a, dict)), {})
         step, total, sigma = _step_of(options)
-        state = CallState(self.family.grid(model, x), step, total, sigma)
+        call = _named(executor, x, args, kwargs)
+        grid = self.family.grid(model, x, call)
+        off_grid = None if self.family.off_grid is None else self.family.off_grid(model, x, call, grid)
+        state = CallState(grid, step, total, sigma, off_grid)
         if self.call_check is not None:
             self.call_check(state.grid, total)
         token = self._call.set(state)
@@ -255,6 +261,7 @@ class AttentionOverride:
         key_mask, mask_ok = _key_mask(call.get("mask"), s)
         fits = (k.shape[2] == s and v.shape[2] == s and mask_ok
                 and (num_text == 0 if position == "none" else num_text >= 0)
+                and (state.off_grid is None or num_text == state.off_grid)
                 and (key_mask is None or _video_keys_unmasked(key_mask, n, position == "first")))
         if not fits:
             patch.report.dense(layer, "call does not match the grid")
@@ -268,6 +275,21 @@ class AttentionOverride:
         if call.get("skip_output_reshape"):
             return out
         return out.transpose(1, 2).reshape(b, s, -1)
+
+
+def _named(executor, x, args, kwargs) -> dict:
+    """The diffusion-model call's arguments by name, for the family (``vace_context``, ``context``, ...): bound to
+    the signature of the model's ``_forward`` that the executor runs, its ``**kwargs`` merged in; the keyword
+    arguments alone where that signature cannot be read."""
+    try:
+        bound = inspect.signature(executor.original).bind(x, *args, **kwargs)
+    except (AttributeError, TypeError, ValueError):
+        return dict(kwargs)
+    named = dict(bound.arguments)
+    for p in bound.signature.parameters.values():
+        if p.kind is p.VAR_KEYWORD:
+            named.update(named.pop(p.name, None) or {})
+    return named
 
 
 def _key_mask(mask, s: int):

@@ -28,6 +28,18 @@ COSMOS = dict(image_model="cosmos_predict2", max_img_h=240, max_img_w=240, max_f
 LTXV = dict(image_model="ltxv", in_channels=128, cross_attention_dim=64, attention_head_dim=32, num_attention_heads=2,
             caption_channels=32, num_layers=2)
 
+VACE = dict(WAN, model_type="vace", vace_layers=1, vace_in_dim=96)  # one control block (after main block 0)
+WAN_CAMERA = dict(WAN, model_type="camera", in_dim=32, in_dim_control_adapter=24)
+HUMO = dict(WAN, model_type="humo", audio_token_num=4)
+ANIMATE = dict(WAN, model_type="animate", in_dim=36)
+QWEN = dict(image_model="qwen_image", patch_size=2, in_channels=64, out_channels=16, num_layers=2, attention_head_dim=32,
+            num_attention_heads=2, joint_attention_dim=32, axes_dims_rope=(8, 12, 12))
+CHROMA = dict(image_model="chroma", in_channels=64, out_channels=64, context_in_dim=32, hidden_size=64, mlp_ratio=2.0,
+              num_heads=2, depth=1, depth_single_blocks=1, axes_dim=[8, 12, 12], theta=256, patch_size=2, qkv_bias=True,
+              in_dim=64, out_dim=64, hidden_dim=32, n_layers=1)
+LUMINA2 = dict(image_model="lumina2", patch_size=2, in_channels=16, dim=64, n_layers=2, n_refiner_layers=1, n_heads=2,
+               n_kv_heads=2, multiple_of=16, qk_norm=True, cap_feat_dim=32, axes_dims=[8, 12, 12], axes_lens=[64, 64, 64])
+
 
 @dataclass
 class Case:
@@ -40,9 +52,11 @@ class Case:
     cond: Callable[[], list]  # ComfyUI conditioning [[cross_attn, {extras}]]
     text: str = "none"  # where text sits in self-attention calls: none / last / first
     patch: tuple = (1, 2, 2)  # the model's patch size (LTX-Video patchifies 1 x 1 x 1)
+    reference_frames: int = 0  # leading latent frames that are reference images, off the grid (VACE, Animate)
 
     def grid(self):
-        return tuple(-(-e // p) for e, p in zip(self.latent[2:], self.patch[-len(self.latent[2:]):]))
+        grid = tuple(-(-e // p) for e, p in zip(self.latent[2:], self.patch[-len(self.latent[2:]):]))
+        return grid if not self.reference_frames else (grid[0] - self.reference_frames, *grid[1:])
 
 
 def _wan_cond():
@@ -82,6 +96,43 @@ def _ltxv_cond():
     return [[torch.randn(1, 6, 32, generator=torch.Generator().manual_seed(4)), {"attention_mask": torch.ones(1, 6)}]]
 
 
+def _vace_cond():
+    """WanVaceToVideo's conditioning with a reference image: its latent leads the control frames, with a reactive
+    half that is zero after process_latent_in (ComfyUI's process_out of zeros) and a zero mask."""
+    import comfy.latent_formats
+
+    g = torch.Generator().manual_seed(10)
+    frames = torch.randn(1, 32, 4, 8, 8, generator=g)
+    frames[:, 16:, :1] = comfy.latent_formats.Wan21().process_out(torch.zeros(1, 16, 1, 8, 8))
+    mask = torch.rand(1, 64, 4, 8, 8, generator=g)
+    mask[:, :, :1] = 0
+    return [[torch.randn(1, 8, 4096, generator=g), {"vace_frames": [frames], "vace_mask": [mask],
+                                                   "vace_strength": [1.0]}]]
+
+
+def _camera_cond():
+    cond = _wan_i2v_cond()
+    cond[0][1]["camera_conditions"] = torch.randn(1, 24, 3, 64, 64, generator=torch.Generator().manual_seed(11))
+    return cond
+
+
+def _humo_cond():
+    g = torch.Generator().manual_seed(12)  # one reference frame: 16 tokens appended after the video
+    return [[torch.randn(1, 8, 4096, generator=g), {"reference_latents": [torch.randn(1, 16, 1, 8, 8, generator=g)]}]]
+
+
+def _animate_cond():
+    g = torch.Generator().manual_seed(13)  # WanAnimateToVideo: the reference frame, then 3 frames with pose
+    cond = _wan_i2v_cond()
+    cond[0][1]["concat_latent_image"] = torch.randn(1, 16, 4, 8, 8, generator=g)
+    cond[0][1]["pose_video_latent"] = torch.randn(1, 16, 3, 8, 8, generator=g)
+    return cond
+
+
+def _text_cond(seed: int, **extras):
+    return lambda: [[torch.randn(1, 6, 32, generator=torch.Generator().manual_seed(seed)), dict(extras)]]
+
+
 CASES = {
     "wan21-t2v": Case("wan21-t2v", "WAN21_T2V", WAN, (1, 16, 3, 8, 8), _wan_cond),
     "wan21-i2v": Case("wan21-i2v", "WAN21_I2V", dict(WAN, model_type="i2v", in_dim=36), (1, 16, 3, 8, 8),
@@ -93,6 +144,22 @@ CASES = {
     "cosmos-predict2": Case("cosmos-predict2", "CosmosT2IPredict2", COSMOS, (1, 16, 3, 8, 8), _cosmos_cond),
     "flux": Case("flux", "FluxSchnell", FLUX, (1, 16, 8, 10), _flux_cond, text="first", patch=(2, 2)),
     "ltx-video": Case("ltx-video", "LTXV", LTXV, (1, 128, 3, 4, 4), _ltxv_cond, patch=(1, 1, 1)),
+}
+
+#: ComfyUI classes added later (tests/comfyui/test_families_more.py); a text position "first" / "last" here is
+#: where the tokens off the grid sit (reference frames).
+MORE_CASES = {
+    "wan21-vace": Case("wan21-vace", "WAN21_Vace", VACE, (1, 16, 4, 8, 8), _vace_cond, text="first",
+                       reference_frames=1),
+    "wan21-camera": Case("wan21-camera", "WAN21_Camera", WAN_CAMERA, (1, 16, 3, 8, 8), _camera_cond),
+    "wan21-humo": Case("wan21-humo", "WAN21_HuMo", HUMO, (1, 16, 3, 8, 8), _humo_cond, text="last"),
+    "wan22-animate": Case("wan22-animate", "WAN22_Animate", ANIMATE, (1, 16, 4, 8, 8), _animate_cond, text="first",
+                          reference_frames=1),
+    "qwen-image": Case("qwen-image", "QwenImage", QWEN, (1, 16, 1, 8, 10), _text_cond(14), text="first"),
+    "chroma": Case("chroma", "Chroma", CHROMA, (1, 16, 8, 10), _text_cond(15, pooled_output=torch.zeros(1, 8)),
+                   text="first", patch=(2, 2)),
+    "lumina2": Case("lumina2", "Lumina2", LUMINA2, (1, 16, 8, 10), _text_cond(16, attention_mask=torch.ones(1, 6, dtype=torch.long)),
+                    text="first", patch=(2, 2)),
 }
 
 
