@@ -78,7 +78,9 @@ def _find_transformers(obj) -> Tuple[List[Tuple[str, nn.Module]], object]:
         # Ideogram 4 runs its unconditional pass on unconditional_transformer
         for attr in ("transformer", "transformer_2", "transformer_ref", "unconditional_transformer"):
             module = getattr(obj, attr, None)
-            if isinstance(module, nn.Module):
+            # one module under two names (transformer_2 = transformer, to share the weights) is wrapped once:
+            # twice would nest the wrappers, and remove() could not take the inner ones away
+            if isinstance(module, nn.Module) and not any(module is m for _, m in found):
                 found.append(("" if attr == "transformer" else f"{attr}.", module))
         if not found:
             raise TypeError(f"apply() needs a Diffusers pipeline with a `transformer` or a transformer module; "
