@@ -85,6 +85,7 @@ class SDPAInterceptor(TorchFunctionMode):
         self.routing = False  # a call is being routed: SDPA calls made by the plan itself pass through
         self.counting = False  # eager probe of a processor class (see _AttributeRoute): count who caught what
         self.caught = {"mode": 0, "attribute": 0}
+        self.seen = False  # an SDPA call of the processor reached route() (else it ran attention its own way)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -113,6 +114,7 @@ class SDPAInterceptor(TorchFunctionMode):
             self.routing = False
 
     def route(self, call: dict):
+        self.seen = True
         layer, context, runtime = self.layer, self.context, self.layer.owner.runtime
         q, k, v = call["query"], call["key"], call["value"]
         sq, sk = q.shape[-2], k.shape[-2]

@@ -211,8 +211,22 @@ class SparseAttnProcessor:
         interceptor = SDPAInterceptor(self, context, plan, capture, split)
         if torch.compiler.is_compiling():
             with native_scope(), interceptor:
-                return self.original(attn, *args, **kwargs)
-        return _ROUTE.run(interceptor, type(self.original), lambda: self.original(attn, *args, **kwargs))
+                out = self.original(attn, *args, **kwargs)
+        else:
+            out = _ROUTE.run(interceptor, type(self.original), lambda: self.original(attn, *args, **kwargs))
+        if not interceptor.seen:  # (a Python bool: compiled code decides this when it traces)
+            self._no_sdpa_call()
+        return out
+
+    def _no_sdpa_call(self) -> None:
+        """The processor computed attention without ``scaled_dot_product_attention`` (Diffusers' classic
+        ``AttnProcessor``, xformers, sliced attention): nothing could be made sparse. Said, and counted dense."""
+        kind = type(self.original).__name__
+        self.report.warn(f"dit_accel: the attention processor of {self.name} ({kind}; and of every layer that "
+                         "runs it) computes attention without torch's scaled_dot_product_attention, which is what "
+                         "dit_accel makes sparse: that layer ran dense. Set a processor that calls it (for Diffusers' "
+                         "Attention: AttnProcessor2_0) before dit_accel.apply()", key=("no sdpa call", kind))
+        self.report.dense(f"{kind} makes no SDPA call")
 
     def projection(self, device) -> Optional[nn.Module]:
         """The layer's SLA projection on ``device``.
