@@ -125,9 +125,23 @@ class TransformerHook:
         self.unwrap()
 
     def unhook(self) -> None:
+        """Drop the forward hooks: the last step of every removal (remove(), a replacing apply())."""
         for handle in self._handles:
             handle.remove()
         self._handles = []
+        self._forget_saved_wrappers()
+
+    def _forget_saved_wrappers(self) -> None:
+        """``fuse_qkv_projections()`` (SD3, PixArt, CogVideoX, ...) keeps the processors it replaces in
+        ``original_attn_processors`` for ``unfuse_qkv_projections()`` to set again; fused while applied, those
+        are this hook's wrappers, which would come back after remove(): the originals they wrap go there."""
+        saved = self.transformer.__dict__.get("original_attn_processors")
+        if not isinstance(saved, dict):
+            return
+        originals = {id(layer): layer.original for layer in self.layers}
+        for key, processor in saved.items():
+            if id(processor) in originals:
+                saved[key] = originals[id(processor)]
 
     def unwrap(self) -> None:
         """The original processors back in place of this hook's wrappers (:meth:`rewrap` undoes it)."""
