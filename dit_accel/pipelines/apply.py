@@ -14,6 +14,7 @@ import threading
 import warnings
 from typing import Dict, Iterable, List, Optional, Sequence, Union
 
+import torch
 from torch import nn
 
 from .._util import DitAccelWarning, WarningLog
@@ -40,9 +41,12 @@ def _sla_projection(module: nn.Module) -> nn.Linear:
     """A zero ``Linear(D, D)`` on the module's device and dtype: SLA starts as plain top-k sparse attention."""
     d = _projection_dim(module)
     ref = next(module.parameters())
+    # Quantized weights (GGUF, bitsandbytes) are packed ints: the projection takes the dtype of the module's
+    # first floating-point parameter (a norm's, say), else fp32; each call casts it to q's dtype anyway.
+    dtype = next((p.dtype for p in module.parameters() if p.is_floating_point()), torch.float32)
     # Sequential CPU offload leaves the model's parameters on the meta device: the projection starts on the CPU
     # and moves to the compute device at its first call (SparseAttnProcessor.projection).
-    proj = nn.Linear(d, d, device="cpu" if ref.device.type == "meta" else ref.device, dtype=ref.dtype)
+    proj = nn.Linear(d, d, device="cpu" if ref.device.type == "meta" else ref.device, dtype=dtype)
     nn.init.zeros_(proj.weight)
     nn.init.zeros_(proj.bias)
     return proj
@@ -288,8 +292,14 @@ def _take_over(found, targets, schedule: Schedule, runtime: Runtime, steps: Step
         old._release()
         old.removed = True
         old._gate.finish()
+        # the old handle's other transformers (a pipeline's transformer, when only transformer_2 is applied
+        # again) lose dit_accel too: said by name, or their dense run would pass unnoticed
+        left = [f"{hook.prefix.rstrip('.') or 'transformer'} ({type(hook.transformer).__name__})"
+                for hook in old._hooks if id(hook.transformer) not in successors]
+        also = (f"; it also held {', '.join(left)}, which now run{'s' * (len(left) == 1)} the original (dense) "
+                "model: apply() to it as well (one handle per transformer), or to the pipeline") if left else ""
         log.warn(f"dit_accel: apply() on a model that {name} was applied to: that handle was removed first "
-                 f"(exactly, as handle.remove() does) and the new {handle!r} replaces it", stacklevel=4)
+                 f"(exactly, as handle.remove() does) and the new {handle!r} replaces it{also}", stacklevel=4)
     return handle
 
 
