@@ -195,6 +195,9 @@ def _sla_triton(r: Request) -> Optional[str]:
     if r.block_k != SLA_BLOCK_K:
         return (f"the fused SLA kernel has {SLA_BLOCK_K}-key blocks, not block_k={r.block_k}; SLA(block_k={r.block_k}) "
                 "runs on the PyTorch twin (backend='torch').")
+    if r.block_q % SLA_BLOCK_K:  # (its pooling launch reads 64 rows at a time: a forced call said its self-check failed)
+        return (f"the fused SLA kernel takes query blocks that are multiples of {SLA_BLOCK_K} (SLA's 64 and 128), not "
+                f"block_q={r.block_q}; it runs on the PyTorch twin (backend='torch').")
     if r.device.type == "cuda" and r.dtype not in SLA_DTYPES:
         return (f"the fused SLA kernel takes float16 or bfloat16 on CUDA, not {r.dtype} (fp32 tiles do not fit "
                 "sm_89's shared memory); cast the inputs or use backend='torch'.")
@@ -358,6 +361,14 @@ def _tuned(family: str, request: Request, tuner) -> Optional[str]:
     return tuner(contenders, request) if tuner is not None else None  # None: the table order decides
 
 
+def check_backend_name(backend) -> None:
+    """``backend`` is ``"auto"`` or one of :data:`BACKENDS` (TypeError or ValueError saying which are)."""
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be a string, one of {('auto',) + BACKENDS}; got {type(backend).__name__}")
+    if backend != "auto" and backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {('auto',) + BACKENDS}; got {backend!r}.")
+
+
 def resolve(family: str, backend: str, request: Request, tuner=None) -> str:
     """The backend that runs this call: ``backend`` itself when it can, else BackendUnavailable saying why.
 
@@ -369,10 +380,7 @@ def resolve(family: str, backend: str, request: Request, tuner=None) -> str:
     ``auto``: it is for tests). A backend a family does not have (``"flex"`` for SLA) runs the
     family's PyTorch twin.
     """
-    if not isinstance(backend, str):
-        raise TypeError(f"backend must be a string, one of {('auto',) + BACKENDS}; got {type(backend).__name__}")
-    if backend != "auto" and backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {('auto',) + BACKENDS}; got {backend!r}.")
+    check_backend_name(backend)
     table = _TABLE[family]
     names = [name for name, _, _ in table]
     forced = forced_backend(backend)

@@ -7,7 +7,7 @@ import torch
 
 from .._util import _is_numpy_bool
 
-__all__ = ["SUPPORTED_DTYPES", "check_tensor", "check_qkv", "check_scale", "check_flag", "unit_stride"]
+__all__ = ["SUPPORTED_DTYPES", "check_tensor", "check_qkv", "check_scale", "check_flag", "unit_stride", "meta_outputs"]
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -70,3 +70,14 @@ def unit_stride(*tensors: torch.Tensor):
     which the PyTorch twins run, reads D as contiguous and returns wrong values for a strided D (a ``(B, H, D, N)``
     tensor transposed, an expanded head dim), with no error."""
     return tuple(t if t.stride(-1) == 1 else t.contiguous() for t in tensors)
+
+
+def meta_outputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+    """``(o, lse)`` of an attention call on meta tensors (shape inference: ``init_empty_weights``, a model on the
+    meta device), shaped and typed as a kernel's: ``o`` like q, ``lse`` fp32 ``(B, H, N)``. Where autograd records
+    they depend on q, k and v (a zero-weighted sum; meta computes nothing), so a shape-only backward runs too."""
+    o, lse = q.new_empty(q.shape), q.new_empty(q.shape[:-1], dtype=torch.float32)
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        tie = sum(x.sum() for x in (q, k, v) if x.requires_grad) * 0
+        o, lse = o + tie.to(o.dtype), lse + tie.float()
+    return o, lse

@@ -47,6 +47,13 @@ def _check_size(name: str, value) -> int:
     return int(value)
 
 
+def _check_length(name: str, value) -> int:
+    if not is_int(value) or value < 1:
+        raise ValueError(f"{name}={value!r} is invalid: expected a positive int (the token count; attention needs "
+                         "at least one query and one key)")
+    return int(value)
+
+
 def _pack(visited: torch.Tensor, ids: torch.Tensor, width: Optional[int] = None
           ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """[Hl, R, C] visit matrix -> counts [Hl, R], indices/mask ids [Hl, R, width] (ascending). ``width``: the
@@ -130,6 +137,12 @@ UNIFORM_KV_ROWS = "uniform_kv_rows"
 #: mask in every query row of the block (VSA's partial cubes: their real columns): each key block's transposed row
 #: then lists tiles of one class (``tile_plans.tile_plan``). Declared by the builder, never inferred.
 KEY_COLUMN_MASKS = "key_column_masks"
+
+#: Keys of :attr:`BlockLayout.derived`, True once the index lists were checked (:mod:`.layout_checks`: counts,
+#: indices and mask ids in range, each block listed once, in increasing order) and once the transposed side was
+#: found to list the rows' pairs; set up front by builders whose lists are right by construction.
+CHECKED_LISTS = "checked_lists"
+CHECKED_TRANSPOSED = "checked_transposed"
 
 _EMPTY_TABLES: dict = {}
 
@@ -217,6 +230,7 @@ class BlockLayout:
                 widest row, read from the device.
         """
         block_q, block_k = _check_size("block_q", block_q), _check_size("block_k", block_k)
+        q_len, kv_len = _check_length("q_len", q_len), _check_length("kv_len", kv_len)
         if not isinstance(visited, torch.Tensor) or visited.dim() not in (2, 3):
             raise ValueError("visited must be a bool tensor [nQ, nK] or [Hl, nQ, nK]; got "
                              f"{type(visited).__name__} {tuple(getattr(visited, 'shape', ()))}")
@@ -238,7 +252,9 @@ class BlockLayout:
         kv_width, q_width = widths if widths is not None else (None, None)
         kv = _pack(visited, mask_ids, kv_width)
         qt = _pack(visited.transpose(-1, -2), mask_ids.transpose(-1, -2), q_width)
-        return cls(q_len, kv_len, block_q, block_k, *kv, *qt, mask_table.bool().contiguous())
+        layout = cls(q_len, kv_len, block_q, block_k, *kv, *qt, mask_table.bool().contiguous())
+        layout.derived[CHECKED_TRANSPOSED] = True  # (both sides from one visit matrix; the rows are checked on use)
+        return layout
 
     @classmethod
     def _from_full_rows(cls, kv_indices: torch.Tensor, kv_mask_ids: torch.Tensor, *, q_len: int, kv_len: int,
@@ -258,6 +274,7 @@ class BlockLayout:
         layout = cls(q_len, kv_len, block_q, block_k, torch.full((hl, n_q), k, dtype=_INT, device=dev),
                      kv_indices.to(_INT), kv_mask_ids, *q_side, table)
         layout.derived[UNIFORM_KV_ROWS] = True  # every query block lists k key blocks (launchers: work order)
+        layout.derived[CHECKED_LISTS] = layout.derived[CHECKED_TRANSPOSED] = True  # (valid by construction)
         if key_column_masks:
             layout.derived[KEY_COLUMN_MASKS] = True
         return layout
@@ -357,6 +374,11 @@ class BlockLayout:
                                                    ("cols", cols, self.block_k, self.kv_len)):
             if not (0 <= start < stop <= length) or start % block or (stop % block and stop != length):
                 raise ValueError(f"{name}={(start, stop)} must be block-aligned ({block}) within [0, {length}]")
+        if heads is not None and self.num_heads > 1 and not (
+                isinstance(heads, (tuple, list)) and len(heads) == 2 and all(is_int(x) for x in heads)
+                and 0 <= heads[0] < heads[1] <= self.num_heads):  # (else sliced to 0 heads, or from the end)
+            raise ValueError(f"heads={heads!r} must be (start, stop) with 0 <= start < stop <= {self.num_heads}, "
+                             "the layout's heads")
         visited, mask_ids = self.block_masks()
         if heads is not None and self.num_heads > 1:
             visited, mask_ids = visited[heads[0]:heads[1]], mask_ids[heads[0]:heads[1]]

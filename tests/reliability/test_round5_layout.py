@@ -13,7 +13,7 @@ def _qkv(n=130, d=16, seed=0):
     return [torch.randn(1, 2, n, d, generator=g) for _ in range(3)]
 
 
-@pytest.mark.parametrize("edit", ["kv_indices", "kv_counts", "mask_table", "the mask it was built from"])
+@pytest.mark.parametrize("edit", ["kv_mask_ids", "kv_counts", "mask_table", "the mask it was built from"])
 def test_a_layout_edited_in_place_is_refused_not_run_from_its_cache(edit):
     q, k, v = _qkv()
     n = q.shape[2]
@@ -21,8 +21,8 @@ def test_a_layout_edited_in_place_is_refused_not_run_from_its_cache(edit):
     mask |= torch.eye(n, dtype=torch.bool)
     layout = BlockLayout.from_dense_mask(mask, 32, 32)
     first = block_sparse_attention(q, k, v, layout, backend="torch")
-    if edit == "kv_indices":
-        layout.kv_indices.zero_()
+    if edit == "kv_mask_ids":  # (partial blocks read as full; zeroed kv_indices are refused as such now)
+        layout.kv_mask_ids.fill_(-1)
     elif edit == "kv_counts":
         layout.kv_counts.clamp_(max=1)
     elif edit == "mask_table":

@@ -10,14 +10,16 @@ import torch
 from .. import autotune
 from .._cache import LayoutCache, layout_on
 from .select_backend import VERIFY_TOL, free_memory, memory_skips  # noqa: F401  (re-exported)
-from ..backends import VENDOR_BACKENDS, Request, env_backend, env_value, forced_backend, resolve, runs_twin
+from ..backends import (VENDOR_BACKENDS, Request, check_backend_name, env_backend, env_value, forced_backend, resolve,
+                        runs_twin)
 from ..request import in_graph, records_grad
-from ..checks import check_flag, check_qkv, check_scale, unit_stride
+from ..checks import check_flag, check_qkv, check_scale, meta_outputs, unit_stride
 from ..layout import BlockLayout
+from ..layout_checks import check_layout
 
 __all__ = ["block_sparse_attention", "block_sparse_backend", "layout_on", "prepare_layout", "block_sparse_tuner",
            "memory_skips", "free_memory",
-           "dense_reason", "dense_reasons", "all_keys_visited", "live_keys", "timed_against_dense", "DENSE"]
+           "dense_reason", "dense_reasons", "all_keys_visited", "live_keys", "timed_against_dense", "DENSE", "META"]
 
 _DENSITY = LayoutCache("block_sparse.density")  # visited block fraction per layout (one host sync, once)
 
@@ -44,12 +46,16 @@ def _check(q, k, v, layout, scale) -> float:
     if not isinstance(layout, BlockLayout):
         raise TypeError(f"layout must be a dit_accel.kernels.BlockLayout; got {type(layout).__name__}. "
                         "Build one with BlockLayout.from_dense_mask(mask) or a dit_accel.patterns *_layout function.")
+    check_layout(layout, transposed=records_grad(q, k, v))  # (its values once per layout)
     n, m, h = q.shape[2], k.shape[2], q.shape[1]
     if layout.q_len != n or layout.kv_len != m:
         raise ValueError(f"layout was built for q_len={layout.q_len}, kv_len={layout.kv_len}, but q has N={n} "
                          f"and k/v have M={m} tokens; build the layout for these lengths.")
     if layout.num_heads not in (1, h):
         raise ValueError(f"layout has {layout.num_heads} heads; it must have 1 (shared by all heads) or H={h}.")
+    if layout.device.type == "meta" and q.device.type != "meta":
+        raise ValueError(f"layout is on the meta device (it holds no values) but q on {q.device}: build the layout "
+                         "on a real device (the CPU, or q's)")
     return check_scale(scale, q.shape[-1])
 
 
@@ -83,7 +89,8 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, la
 
     Returns:
         ``o`` ``(B, H, N, D)`` in q's dtype, or ``(o, lse)`` with ``return_lse=True``.
-        Rows with no allowed key give ``o = 0``. Differentiable w.r.t. q, k, v.
+        Rows with no allowed key give ``o = 0``. Differentiable w.r.t. q, k, v. On meta tensors (shape
+        inference) the inputs are checked and the outputs are meta tensors of these shapes; nothing runs.
 
     Example::
 
@@ -107,6 +114,8 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, la
         from .backends import call
 
         o, lse = call(name, q, k, v, layout, scale, return_lse, source=source)
+    elif name == META:
+        o, lse = meta_outputs(q, k, v)
     else:
         from .flex import flex_block_sparse_attention
 
@@ -172,9 +181,16 @@ def _shape_key(q, k, return_lse: bool, grad: bool):
     return (shapes, q.dtype, q.device.type, return_lse, bool(grad))
 
 
+#: The "backend" of a call on meta tensors: checked, then only shaped (no values to compute with).
+META = "meta (shapes only)"
+
+
 def _decide(q, k, v, layout, scale, backend: str, return_lse: bool):
     scale = _check(q, k, v, layout, scale)
     check_flag("return_lse", return_lse)
+    if q.device.type == "meta":  # (shape inference: init_empty_weights, a model on the meta device)
+        check_backend_name(backend)
+        return scale, META, layout
     cuda = q.device.type == "cuda"
     grad = records_grad(q, k, v)
     key = _shape_key(q, k, return_lse, grad) if cuda and backend == "auto" and env_backend() is None else None
