@@ -19,7 +19,8 @@ from typing import Dict, NamedTuple, Optional, Tuple
 
 import torch
 
-from ..backends import runs_twin
+from ..._util import is_number
+from ..backends import check_backend_name, runs_twin
 from ..block_sparse import block_sparse_attention
 from ..checks import check_flag, check_qkv, check_scale
 from ..request import records_grad
@@ -53,8 +54,7 @@ def check_vsa_config(topk, sparsity, tile, *, owner: str = "") -> Tuple[Optional
     if topk is not None and (not _is_int(topk) or int(topk) < 1):
         raise ValueError(f"{owner}topk={topk!r} is invalid: expected an int >= 1 (key cubes kept per query cube)")
     if sparsity is not None:
-        if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not math.isfinite(sparsity) \
-                or not 0.0 <= float(sparsity) < 1.0:
+        if not is_number(sparsity) or not math.isfinite(sparsity) or not 0.0 <= float(sparsity) < 1.0:  # (numpy too)
             raise ValueError(f"{owner}sparsity={sparsity!r} is invalid: expected a number in [0, 1) (the fraction "
                              "of key cubes skipped; 1 would keep none, and at least one is always kept)")
         sparsity = float(sparsity)
@@ -490,7 +490,8 @@ def vsa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid, *, to
             ascending, the same on every device and backend (an exact tie goes to the lower index).
 
     Returns:
-        ``out`` ``(B, H, N, D)`` in q's dtype (and the selection with ``return_selection=True``).
+        ``out`` ``(B, H, N, D)`` in q's dtype (and the selection with ``return_selection=True``); on meta tensors
+        (shape inference) meta tensors of these shapes, nothing computed.
 
     Example::
 
@@ -516,6 +517,9 @@ def vsa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid, *, to
     scale = check_scale(scale, q.shape[-1])
     cubes = cubes_of(grid, tile)
     count = selected_count(cubes.count, topk, sparsity)
+    if q.device.type == "meta":  # (shape inference: the twin's ops; the launchers read tables on the host)
+        check_backend_name(backend)
+        backend = "torch"
     parts = vsa_parts(q, k, v, grid, count, tile, scale, with_coarse=gate is not None, backend=backend,
                       cubes=cubes, tiled_fine=gate is not None, gate=gate)
     out = parts.fine if gate is None else parts.gated(gate, q.dtype, add_fine=True)
