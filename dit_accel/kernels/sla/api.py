@@ -215,8 +215,12 @@ def _project(proj: nn.Module, o_l: torch.Tensor, o_s: Optional[torch.Tensor], dt
         if bias is not None:
             out = out.add_(bias)  # in place: AddmmBackward keeps no output
         return out.view(o_s.shape)
-    o_lp = proj(o_l.to(weight.dtype) if isinstance(weight, torch.Tensor) else o_l).to(dtype)
-    return o_lp if o_s is None else o_s + o_lp
+    o_lp = proj(o_l.to(weight.dtype) if isinstance(weight, torch.Tensor) else o_l)
+    if not isinstance(o_lp, torch.Tensor) or o_lp.shape != o_l.shape:  # (it failed in the sum, or broadcast into it)
+        got = f"shape {tuple(o_lp.shape)}" if isinstance(o_lp, torch.Tensor) else type(o_lp).__name__
+        raise ValueError(f"proj must map the linear branch (..., D) to (..., D), shape {tuple(o_l.shape)}; it returned "
+                         f"{got}. Use a Linear(D, D) per layer (D = {o_l.shape[-1]}, the head dim)")
+    return o_lp.to(dtype) if o_s is None else o_s + o_lp.to(dtype)
 
 
 def is_inert(proj: nn.Module) -> bool:

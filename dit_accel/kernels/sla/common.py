@@ -25,7 +25,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ..._util import cdiv as _cdiv
+from ..._util import cdiv as _cdiv, is_int, is_number
 
 __all__ = ["SLAParams", "SLABlocks", "sla_block_counts", "sla_density", "sla_classify", "classify_pooled",
            "feature_map", "fp32_features", "rounded_features", "true_columns", "chunk_totals", "FEATURE_IDS", "MARGINAL", "CRITICAL", "NEGLIGIBLE",
@@ -68,6 +68,25 @@ class SLAParams:
     rounding: str = "ceil"
     linear_eps: float = LINEAR_EPS
 
+    def __post_init__(self) -> None:
+        # The rules of dit_accel.SLA (block sizes: any positive int, which the PyTorch twin runs): without them a
+        # negative topk ran one block, a misspelt linear_tokens or rounding ran the default, a NaN or a string
+        # failed deep in the block counts.
+        topk = _number("topk", self.topk, 0.0, 1.0, lo_open=True)
+        values = dict(topk=topk, negligible=_number("negligible", self.negligible, 0.0, 1.0 - topk),
+                      linear_eps=_number("linear_eps", self.linear_eps, 0.0, 1.0, lo_open=True))
+        for name in ("block_q", "block_k"):
+            value = getattr(self, name)
+            if not is_int(value) or value < 1:
+                raise ValueError(f"SLAParams.{name}={value!r} is invalid: expected a positive int such as 64 or 128")
+            values[name] = int(value)
+        for name, allowed in (("feature_map", FEATURE_MAPS), ("linear_tokens", LINEAR_TOKENS), ("rounding", ROUNDINGS)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"SLAParams.{name}={getattr(self, name)!r} is invalid: must be one of "
+                                 f"{', '.join(map(repr, allowed))}")
+        for name, value in values.items():  # (plain Python numbers: numpy ones broke the twin's slices)
+            object.__setattr__(self, name, value)
+
     @classmethod
     def of(cls, config) -> "SLAParams":
         """An :class:`SLAParams` from itself or any object with the same attributes (e.g. ``dit_accel.SLA``);
@@ -83,6 +102,15 @@ class SLAParams:
 
 
 _PARAM_NAMES = tuple(f.name for f in dataclasses.fields(SLAParams))
+
+
+def _number(name: str, value, lo: float, hi: float, lo_open: bool = False) -> float:
+    """``value`` as a float in ``[lo, hi]`` (``(lo, hi]`` with ``lo_open``), else ValueError naming it."""
+    inside = is_number(value) and (lo < float(value) <= hi if lo_open else lo <= float(value) <= hi)
+    if not inside:
+        bracket = "(" if lo_open else "["
+        raise ValueError(f"SLAParams.{name}={value!r} is invalid: must be a number in {bracket}{lo:g}, {hi:g}]")
+    return float(value)
 
 
 def sla_block_counts(n_kv: int, method) -> tuple:
@@ -127,9 +155,9 @@ def sla_density(n_tokens: int, method) -> float:
     Example: ``sla_density(32760, SLA(topk=0.05))`` is ``26 / 512``.
     """
     method = SLAParams.of(method)
-    if not isinstance(n_tokens, int) or n_tokens < 1:
+    if not is_int(n_tokens) or n_tokens < 1:  # (numpy's ints too; not True)
         raise ValueError(f"n_tokens must be a positive int, got {n_tokens!r}")
-    n_k, n_crit, _, _ = sla_block_counts(n_tokens, method)
+    n_k, n_crit, _, _ = sla_block_counts(int(n_tokens), method)
     return n_crit / n_k
 
 
