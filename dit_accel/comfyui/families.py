@@ -16,6 +16,10 @@ the latent's leading frames (dense, before the grid, as dit_accel's Diffusers pr
 reference frames after the video. Joint attention: [text, image] for FLUX, Chroma, Qwen-Image and Lumina 2 (the
 caption's valid tokens), [video, text] for HunyuanVideo; reference images added elsewhere in the sequence (FLUX
 Kontext, Qwen-Image-Edit, HunyuanVideo's ref_latent) leave the call off the layout (``Family.off_grid``).
+HunyuanImage 2.1 is ComfyUI's HunyuanVideo class with a 2-D patch (``Family.when`` tells them apart): [image, text,
+ByT5 tokens]. Cosmos 1 patchifies ``b c (t r) (h m) (w n) -> b t h w ...`` and attends over ``(t h w)``; HiDream's
+image is ``B C (H p1) (W p2) -> B (H W) ...``, then T5 and the Llama-3.1 tokens twice, as Diffusers orders them.
+Classes known and refused (``REFUSED``) fail with their reason.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from typing import Callable, List, Optional, Tuple
 
 from torch import nn
 
-__all__ = ["Family", "FAMILIES", "family_for", "supported"]
+__all__ = ["Family", "FAMILIES", "REFUSED", "family_for", "refusal", "supported"]
 
 
 def _patched_grid(shape, patch) -> Tuple[int, ...]:
@@ -144,6 +148,40 @@ def _cosmos_grid(model: nn.Module, x, call=None) -> Tuple[int, ...]:
     return _patched_grid(x.shape, (model.patch_temporal, model.patch_spatial, model.patch_spatial))
 
 
+def _cosmos1_layers(model: nn.Module) -> List[nn.Module]:
+    # blocks["block0"], ...: each a sequence of building blocks ("FA-CA-MLP"); the "fa" ones are self-attention
+    return [sub.block.attn for block in model.blocks.values() for sub in block.blocks
+            if sub.block_type in ("fa", "full_attn")]
+
+
+def _hidream_layers(model: nn.Module) -> List[nn.Module]:
+    return [b.block.attn1 for b in (*model.double_stream_blocks, *model.single_stream_blocks)]
+
+
+def _hidream_grid(model: nn.Module, x, call=None) -> Tuple[int, ...]:
+    # HiDream E1's image_cond is concatenated on the width before patchifying: one wider row-major grid
+    cond = (call or {}).get("image_cond")
+    width = x.shape[-1] + (int(cond.shape[-1]) if hasattr(cond, "shape") else 0)
+    return _patched_grid((*x.shape[:-1], width), model.patch_size)
+
+
+def _hidream_text(model: nn.Module, x, call, grid) -> Optional[int]:
+    """T5 tokens, then the Llama-3.1 tokens twice (the last listed layer's, kept with T5 through the double blocks,
+    and each block's own layer), after the image in every block."""
+    context, llama = call.get("context"), call.get("encoder_hidden_states_llama3")
+    if not hasattr(context, "shape") or not hasattr(llama, "shape"):
+        return None
+    return int(context.shape[1]) + 2 * int(llama.shape[-2])
+
+
+def _hunyuan_video(model: nn.Module) -> bool:
+    return len(model.patch_size) == 3 and getattr(model, "vector_in", None) is not None  # (CLIP's pooled vector)
+
+
+def _hunyuan_image(model: nn.Module) -> bool:
+    return len(model.patch_size) == 2
+
+
 @dataclass(frozen=True)
 class Family:
     """One ComfyUI model family.
@@ -161,6 +199,8 @@ class Family:
         notes: one line for the docs and the log.
         off_grid: ``(diffusion_model, latent x, call arguments, grid) -> int``: the exact number of tokens off the
             grid (at ``text_position``) in each self-attention call, or None: any number (text, extra frames).
+        when: ``diffusion_model -> bool``: for a ComfyUI class several models share (HunyuanVideo's class builds
+            HunyuanImage 2.1 too), whether this model is this family's; None: every model of ``classes``.
     """
 
     name: str
@@ -171,6 +211,7 @@ class Family:
     grid: Callable[[nn.Module, object, dict], Tuple[int, ...]]
     notes: str = ""
     off_grid: Optional[Callable[[nn.Module, object, dict, Tuple[int, ...]], int]] = None
+    when: Optional[Callable[[nn.Module], bool]] = None
 
 
 FAMILIES: Tuple[Family, ...] = (
@@ -188,7 +229,17 @@ FAMILIES: Tuple[Family, ...] = (
            "and CLIP/text cross-attention dense", _leading_frames),
     Family("HunyuanVideo", ("HunyuanVideo",), "HunyuanVideoTransformer3DModel", "last", _hunyuan_layers,
            _hunyuan_grid, "HunyuanVideo T2V and I2V: double blocks then single blocks, [video, text] with padded "
-           "text masked; calls with a ref_latent (before the video) run ComfyUI's own attention", _text_tokens),
+           "text masked; calls with a ref_latent (before the video) run ComfyUI's own attention", _text_tokens,
+           _hunyuan_video),
+    Family("HunyuanImage 2.1", ("HunyuanVideo",), "HunyuanImageTransformer2DModel", "last", _hunyuan_layers,
+           _hunyuan_grid, "HunyuanImage 2.1 (image; ComfyUI's HunyuanVideo class with a 2-D patch): double blocks "
+           "then single blocks, [image, text] (Qwen2.5-VL tokens, then ByT5's), padded text masked", _text_tokens,
+           _hunyuan_image),
+    Family("Cosmos 1", ("GeneralDIT",), "CosmosTransformer3DModel", "none", _cosmos1_layers, _cosmos_grid,
+           "Cosmos 1 (text/video to world): blocks.blockN's full-attention building blocks over video only"),
+    Family("HiDream", ("HiDreamImageTransformer2DModel",), "HiDreamImageTransformer2DModel", "last",
+           _hidream_layers, _hidream_grid, "HiDream-I1 (image): double then single stream blocks, [image, T5, "
+           "Llama-3.1 x 2]; MoE feed-forward untouched", _hidream_text),
     Family("Cosmos", ("MiniTrainDIT",), "CosmosTransformer3DModel", "none", _wan_layers, _cosmos_grid,
            "Cosmos Predict2 (text/image to image and video): blocks.*.self_attn over video only"),
     Family("FLUX", ("Flux",), "FluxTransformer2DModel", "first", _hunyuan_layers, _hunyuan_grid,
@@ -207,15 +258,37 @@ FAMILIES: Tuple[Family, ...] = (
 )
 
 
+#: ComfyUI classes (and models of a shared class) dit_accel refuses, with why: ``(class name, when, reason)``.
+REFUSED: Tuple[Tuple[str, Optional[Callable[[nn.Module], bool]], str], ...] = (
+    ("WanModel_S2V", None, "its blocks do not pass transformer_options on to self-attention, so ComfyUI's attention "
+                           "override never sees those calls"),
+    ("AsymmDiTJoint", None, "Mochi's forward runs no diffusion-model wrapper in ComfyUI, so dit_accel cannot read "
+                            "the latent's token grid for the attention calls of a model call"),
+    ("HunyuanVideo", lambda m: len(m.patch_size) == 3 and getattr(m, "vector_in", None) is None,
+     "a HunyuanVideo-class model with a 3-D patch and no CLIP vector input (HunyuanImage 2.1's refiner) is not "
+     "tested: its token layout is not checked"),
+)
+
+
 def supported() -> str:
     """The covered ComfyUI classes, for messages."""
     return ", ".join(f"{c} ({f.name})" for f in FAMILIES for c in f.classes)
 
 
+def refusal(diffusion_model: nn.Module) -> Optional[str]:
+    """Why dit_accel refuses this ComfyUI ``diffusion_model`` (a known class it cannot place), or None."""
+    name = type(diffusion_model).__name__
+    for cls, when, reason in REFUSED:
+        if name == cls and (when is None or when(diffusion_model)):
+            return (f"dit_accel: the ComfyUI model {name} is not covered: {reason}; use ComfyUI's own attention "
+                    "for it")
+    return None
+
+
 def family_for(diffusion_model: nn.Module) -> Optional[Family]:
-    """The family of a ComfyUI ``diffusion_model`` (by exact class name), or None."""
+    """The family of a ComfyUI ``diffusion_model`` (by exact class name and the family's ``when``), or None."""
     name = type(diffusion_model).__name__
     for family in FAMILIES:
-        if name in family.classes:
+        if name in family.classes and (family.when is None or family.when(diffusion_model)):
             return family
     return None

@@ -253,7 +253,7 @@ class FinetunedNode:
     RETURN_TYPES = ("MODEL",)
     FUNCTION = "patch"
     DESCRIPTION = ("dit_accel fine-tuned weights: the method the folder was trained with, its LoRA (as ComfyUI "
-                   "weight patches) and its SLA projections (Wan)")
+                   "weight patches) and its SLA projections (Wan models)")
 
     @classmethod
     def INPUT_TYPES(cls):  # noqa: N802

@@ -11,7 +11,7 @@ from ..kernels.checks import check_flag
 from ..methods import Method
 from ..pipelines.apply_checks import _check_apply_args, _resolve_layers, _warn_unknown_strategy_layers
 from ..plans.sparse_plan import SparsePlan
-from .families import family_for, supported
+from .families import family_for, refusal, supported
 from .override import AttentionOverride, Patch
 
 __all__ = ["patch_model", "WRAPPER_KEY"]
@@ -150,9 +150,10 @@ def patch_model(model, method: Union[Method, SparsePlan], *, dense_steps: int = 
         layer_methods: ``{layer index: Method}`` overrides of ``method`` per layer.
         backend: kernel backend, ``"auto"``, ``"triton"``, ``"torch"`` or ``"flex"``.
         allow_other_grid: run a SparsePlan on a token grid it was not calibrated for (with a warning).
-        weights: a ``dit-accel finetune`` output folder (Wan): its LoRA becomes ComfyUI weight patches of the
-            clone (at ``lora_strength``), its SLA projections the layers' projections. ``method`` should be the
-            folder's own (``dit_accel.training.load_method(DIR)``); another one is run with a warning.
+        weights: a ``dit-accel finetune`` output folder (Wan, Fun Camera, HuMo, Animate, VACE): its LoRA becomes
+            ComfyUI weight patches of the clone (at ``lora_strength``), its SLA projections the layers'
+            projections. ``method`` should be the folder's own (``dit_accel.training.load_method(DIR)``);
+            another one is run with a warning.
 
     Raises:
         TypeError / ValueError (one line): not a ComfyUI model, a model class no family covers (naming it and
@@ -173,6 +174,8 @@ def patch_model(model, method: Union[Method, SparsePlan], *, dense_steps: int = 
     inner = _diffusion_model(model)
     _check_not_patched(model)
     family = family_for(inner)
+    if family is None and refusal(inner):
+        raise ValueError(refusal(inner))
     if family is None:
         raise ValueError(f"dit_accel: the ComfyUI model {type(inner).__name__} is not covered (dit_accel knows where "
                          f"the video self-attention of {supported()} is); use ComfyUI's own attention for it")
@@ -206,12 +209,12 @@ def _load_weights(clone, patch: Patch, folder, method: Method, strength, layers)
     from ..checkpoints.finetuned import method_from_dict
     from .weights import check_folder, lora_patches, sla_projections
 
-    info = check_folder(folder, patch.family)
+    info = check_folder(folder, patch.family, patch.model_name)
     saved = method_from_dict(info["method"])
     if saved != method:
         LOG.warning("dit_accel: %s was trained with %r; running %r with its weights", folder, saved, method)
-    patch.projections = sla_projections(folder, info, layers)
-    patches = lora_patches(clone, folder, info)
+    patch.projections = sla_projections(folder, info, clone.model.diffusion_model, layers)
+    patches = lora_patches(clone, folder, info, patch.family)
     if patches:
         clone.add_patches(patches, float(strength))
     LOG.info("dit_accel: loaded %s: %d LoRA weight patches, %d SLA projections", folder, len(patches),

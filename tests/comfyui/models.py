@@ -37,6 +37,17 @@ QWEN = dict(image_model="qwen_image", patch_size=2, in_channels=64, out_channels
 CHROMA = dict(image_model="chroma", in_channels=64, out_channels=64, context_in_dim=32, hidden_size=64, mlp_ratio=2.0,
               num_heads=2, depth=1, depth_single_blocks=1, axes_dim=[8, 12, 12], theta=256, patch_size=2, qkv_bias=True,
               in_dim=64, out_dim=64, hidden_dim=32, n_layers=1)
+HUNYUAN_IMAGE21 = dict(HUNYUAN, in_channels=64, out_channels=64, vec_in_dim=None, patch_size=[1, 1], axes_dim=[16, 16],
+                       byt5=True)  # ComfyUI's HunyuanVideo class with a 2-D patch
+COSMOS1 = dict(image_model="cosmos", max_img_h=240, max_img_w=240, max_frames=128, in_channels=16, out_channels=16,
+               patch_spatial=2, patch_temporal=1, model_channels=64, num_blocks=2, num_heads=2, block_config="FA-CA-MLP",
+               crossattn_emb_channels=32, concat_padding_mask=True, pos_emb_cls="rope3d", pos_emb_learnable=False,
+               pos_emb_interpolation="crop", block_x_format="THWBD", affline_emb_norm=True, use_adaln_lora=True,
+               adaln_lora_dim=16, extra_per_block_abs_pos_emb=True, extra_per_block_abs_pos_emb_type="learnable")
+HIDREAM = dict(image_model="hidream", patch_size=2, in_channels=16, out_channels=16, num_layers=1, num_single_layers=1,
+               attention_head_dim=32, num_attention_heads=2, caption_channels=[32, 24], text_emb_dim=8,
+               num_routed_experts=2, num_activated_experts=1, axes_dims_rope=[8, 12, 12], max_resolution=[128, 128],
+               llama_layers=[0, 1])  # caption_channels: [T5, Llama-3.1]
 LUMINA2 = dict(image_model="lumina2", patch_size=2, in_channels=16, dim=64, n_layers=2, n_refiner_layers=1, n_heads=2,
                n_kv_heads=2, multiple_of=16, qk_norm=True, cap_feat_dim=32, axes_dims=[8, 12, 12], axes_lens=[64, 64, 64])
 
@@ -129,6 +140,12 @@ def _animate_cond():
     return cond
 
 
+def _hidream_cond():
+    g = torch.Generator().manual_seed(17)  # T5 (5 tokens), pooled CLIP, 3 Llama-3.1 layers of 4 tokens
+    return [[torch.randn(1, 5, 32, generator=g), {"pooled_output": torch.randn(1, 8, generator=g),
+                                                 "conditioning_llama3": torch.randn(1, 3, 4, 24, generator=g)}]]
+
+
 def _text_cond(seed: int, **extras):
     return lambda: [[torch.randn(1, 6, 32, generator=torch.Generator().manual_seed(seed)), dict(extras)]]
 
@@ -160,6 +177,10 @@ MORE_CASES = {
                    text="first", patch=(2, 2)),
     "lumina2": Case("lumina2", "Lumina2", LUMINA2, (1, 16, 8, 10), _text_cond(16, attention_mask=torch.ones(1, 6, dtype=torch.long)),
                     text="first", patch=(2, 2)),
+    "hunyuan-image21": Case("hunyuan-image21", "HunyuanImage21", HUNYUAN_IMAGE21, (1, 64, 4, 5),
+                            _text_cond(18, attention_mask=torch.tensor([[1, 1, 1, 1, 0, 0]])), text="last", patch=(1, 1)),
+    "cosmos1": Case("cosmos1", "CosmosT2V", COSMOS1, (1, 16, 3, 8, 8), _cosmos_cond),
+    "hidream": Case("hidream", "HiDream", HIDREAM, (1, 16, 8, 10), _hidream_cond, text="last", patch=(2, 2)),
 }
 
 

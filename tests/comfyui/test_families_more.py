@@ -26,6 +26,10 @@ EXPECTED = {
     "qwen-image": ("QwenImageTransformer2DModel", "Qwen-Image", "QwenImageTransformer2DModel", 2, (4, 5), {26}),
     "chroma": ("Chroma", "Chroma", "ChromaTransformer2DModel", 2, (4, 5), {26}),  # 1 double + 1 single block
     "lumina2": ("NextDiT", "Lumina 2", "Lumina2Transformer2DModel", 3, (4, 5), {20, 26}),  # + image refiner
+    "hunyuan-image21": ("HunyuanVideo", "HunyuanImage 2.1", "HunyuanImageTransformer2DModel", 2, (4, 5), {26}),
+    "cosmos1": ("GeneralDIT", "Cosmos 1", "CosmosTransformer3DModel", 2, (3, 4, 4), {48}),
+    "hidream": ("HiDreamImageTransformer2DModel", "HiDream", "HiDreamImageTransformer2DModel", 2, (4, 5),
+                {33}),  # [image, T5 (5), Llama-3.1 (4) twice]
 }
 PATTERNS = {
     "tile": (dit_accel.Tile(tile=(1, 2, 2), window=(3, 1, 1)), lambda g: tile_mask(g, (1, 2, 2), (3, 1, 1))),
@@ -83,7 +87,8 @@ def test_dense_through_the_node_is_comfyuis_own_output(comfy, models, family):
 
 
 @pytest.mark.parametrize("family, pattern", [(f, "tile") for f in FAMILIES]
-                         + [(f, "gna") for f in ("wan21-vace", "wan22-animate", "qwen-image", "lumina2")])
+                         + [(f, "gna") for f in ("wan21-vace", "wan22-animate", "qwen-image", "lumina2",
+                                                 "hunyuan-image21", "cosmos1")])
 def test_a_pattern_equals_the_masked_dense_reference(comfy, models, sparse_calls, family, pattern):
     case, model = MORE_CASES[family], models(family)
     _, _, _, layers, grid, tokens = EXPECTED[family]
@@ -194,3 +199,53 @@ def test_lumina2_refuses_captions_of_different_lengths_in_one_call(models):
     assert family.grid(inner, x, {"attention_mask": torch.ones(2, 6)}) == (4, 5)
     with pytest.raises(ValueError, match="captions of different valid lengths"):
         family.grid(inner, x, {"attention_mask": torch.tensor([[1] * 6, [1] * 4 + [0] * 2])})
+
+
+def test_hunyuan_image21_with_byt5_tokens_after_its_text(comfy, models, sparse_calls):
+    """HunyuanImage 2.1's glyph tokens (ByT5) join the text after the Qwen2.5-VL tokens: [image, text, byt5]."""
+    case, model = MORE_CASES["hunyuan-image21"], models("hunyuan-image21")
+    method, mask_of = IMAGE_PATTERNS["tile"]
+    byt5 = torch.randn(1, 3, 1472, generator=torch.Generator().manual_seed(19))
+    extras = dict(attention_mask=None, conditioning_byt5small=byt5)  # (ComfyUI fails on a padded mask with ByT5)
+    reference = _run(comfy, with_override(model, masked_reference(mask_of(case.grid()), "last")), case, **extras)
+    out = _run(comfy, patch_model(model, method, backend="torch"), case, **extras)
+    assert sparse_calls == [20 + 6 + 3] * 2 * STEPS
+    torch.testing.assert_close(out, reference, rtol=1e-5, atol=1e-5)
+
+
+def test_hunyuan_image21_takes_its_own_presets_not_hunyuan_videos(comfy, models):
+    """One ComfyUI class, two families: the patch's rank decides; HunyuanVideo's published settings are refused on
+    HunyuanImage 2.1, and its refiner (3-D patch, no CLIP vector) is refused until its layout is tested."""
+    image, video = models("hunyuan-image21"), models("hunyuan-video")
+    assert family_for(image.model.diffusion_model).name == "HunyuanImage 2.1"
+    assert family_for(video.model.diffusion_model).name == "HunyuanVideo"
+    tile = NODE_CLASS_MAPPINGS["DitAccelTile"]
+    label = next(p for p in tile.INPUT_TYPES()["required"]["preset"][0] if p.startswith("HunyuanVideo"))
+    with pytest.raises(ValueError, match=r"this MODEL is HunyuanVideo \(HunyuanImage 2\.1\)"):
+        tile().patch(image, preset=label, tile="", window="", block_size="", fit=False, **COMMON_WIDGETS)
+    from tests.comfyui.models import HUNYUAN_IMAGE21, Case
+
+    refiner = build(comfy, Case("refiner", "HunyuanImage21Refiner", dict(HUNYUAN_IMAGE21, patch_size=[1, 1, 1],
+                                                                          axes_dim=[8, 12, 12], byt5=False),
+                                (1, 64, 1, 4, 5), lambda: []))
+    assert family_for(refiner.model.diffusion_model) is None
+    with pytest.raises(ValueError, match=r"^dit_accel: the ComfyUI model HunyuanVideo is not covered: .*refiner"):
+        patch_model(refiner, dit_accel.Dense())
+
+
+def test_hidream_places_e1s_condition_image_beside_the_latent(models):
+    inner = models("hidream").model.diffusion_model
+    family = family_for(inner)
+    x = torch.zeros(1, 16, 8, 10)
+    assert family.grid(inner, x, {}) == (4, 5)
+    assert family.grid(inner, x, {"image_cond": torch.zeros(1, 16, 8, 10)}) == (4, 10)  # concatenated on the width
+    call = {"context": torch.zeros(1, 5, 32), "encoder_hidden_states_llama3": torch.zeros(1, 3, 4, 24)}
+    assert family.off_grid(inner, x, call, (4, 5)) == 13
+
+
+def test_mochi_and_wan_s2v_are_refused_with_their_reason(models):
+    for name, reason in (("AsymmDiTJoint", "no diffusion-model wrapper"), ("WanModel_S2V", "transformer_options")):
+        clone = models("wan21-humo").clone()
+        clone.model = type("BaseModel", (), {"diffusion_model": type(name, (torch.nn.Module,), {})()})()
+        with pytest.raises(ValueError, match=rf"^dit_accel: the ComfyUI model {name} is not covered: .*{reason}"):
+            patch_model(clone, dit_accel.Dense())
