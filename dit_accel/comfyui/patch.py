@@ -139,7 +139,8 @@ def patch_model(model, method: Union[Method, SparsePlan], *, dense_steps: int = 
     Args:
         model: a ComfyUI ``ModelPatcher`` (the MODEL output of a loader node) of a covered family
             (:data:`dit_accel.comfyui.families.FAMILIES`: Wan 2.1/2.2 and its VACE, Animate, HuMo and
-            Fun Camera models, HunyuanVideo, LTX-Video, Cosmos Predict2, FLUX, Chroma, Qwen-Image, Lumina 2).
+            Fun Camera models, HunyuanVideo, LTX-Video, Cosmos 1 and Predict2, FLUX, Chroma, Qwen-Image,
+            Lumina 2, HunyuanImage 2.1, HiDream).
         method: ``Dense()``, ``Tile``, ``GNA``, ``Radial``, ``SLA``, ``VSA`` (any registered method config) or a
             :class:`~dit_accel.SparsePlan` (``dit-accel calibrate``'s output; checked against the model class,
             layers and heads here, the grid and step count at the first sampled call).
