@@ -47,6 +47,11 @@ class QKVSampler:
             sample, only the grid and the shape of the calls (``heads``, ``head_dim``).
         folder: also ``torch.save`` each sample there (``layer{L:03d}_step{S:03d}.pt``, the
             :class:`~dit_accel.pipelines.capture.Capture` format); None keeps nothing on disk.
+
+    A pipeline with several transformers (Wan 2.2's experts, Ideogram 4's unconditional one, MiniMax-H3's
+    ``transformer_ref``) is sampled as one model, as a plan applies to each of them by layer index: the first
+    call per (layer, step) of any of them is kept, and its file on disk carries that transformer's prefix
+    (``transformer_2.layer000_step001.pt``; see :meth:`for_transformer`).
     """
 
     def __init__(self, buckets: Sequence[Tuple[int, int]], *, per_bucket: int = 2, max_bytes: int = 512 * 2**20,
@@ -73,7 +78,11 @@ class QKVSampler:
     def wants(self, layer: int, step: int) -> bool:
         return step in self.steps and (layer, step) not in self._done
 
-    def save(self, layer: int, name: str, grid, step: int, q, k, v, heads=None) -> None:
+    def for_transformer(self, prefix: str):
+        """What ``apply`` hands the transformer wrapped under ``prefix``: this sampler, whose files name it."""
+        return self if not prefix else _TransformerSamples(self, prefix)
+
+    def save(self, layer: int, name: str, grid, step: int, q, k, v, heads=None, prefix: str = "") -> None:
         with self._lock:
             if (layer, step) in self._done:
                 return
@@ -97,7 +106,8 @@ class QKVSampler:
         if self.folder is not None:
             os.makedirs(self.folder, exist_ok=True)
             torch.save({"q": sample[0], "k": sample[1], "v": sample[2], "grid": tuple(grid), "layer": layer,
-                        "layer_name": name, "step": step}, os.path.join(self.folder, f"layer{layer:03d}_step{step:03d}.pt"))
+                        "layer_name": name, "step": step},
+                       os.path.join(self.folder, f"{prefix}layer{layer:03d}_step{step:03d}.pt"))
 
     def set_layers(self, layers: int) -> None:
         """The model's attention layer count (sizes the per-sample budget before the run)."""
@@ -117,3 +127,17 @@ class QKVSampler:
         if not kept:
             return None
         return tuple(torch.cat([s[i] for s in kept]) for i in range(3))
+
+
+class _TransformerSamples:
+    """A :class:`QKVSampler` as seen by one more transformer of the pipeline: the same samples, and files named
+    with the transformer's ``prefix``."""
+
+    def __init__(self, sampler: QKVSampler, prefix: str):
+        self.sampler, self.prefix = sampler, prefix
+
+    def wants(self, layer: int, step: int) -> bool:
+        return self.sampler.wants(layer, step)
+
+    def save(self, layer: int, name: str, grid, step: int, q, k, v, heads=None) -> None:
+        self.sampler.save(layer, name, grid, step, q, k, v, heads=heads, prefix=self.prefix)

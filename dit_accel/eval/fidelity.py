@@ -3,7 +3,11 @@
 A capture folder holds ``layer{L:03d}_step{S:03d}.pt`` files, each a dict
 ``{"q", "k", "v": (B, H, N, D) tensors, "grid": tuple, "layer": int,
 "layer_name": str, "step": int}`` (read with ``weights_only=True``; context-parallel runs write one
-``..._heads{H0}-{H1}.pt`` per head group, joined back into one capture here), written by::
+``..._heads{H0}-{H1}.pt`` per head group, joined back into one capture here). The other transformers of a
+pipeline (Wan 2.2's ``transformer_2``, Ideogram 4's ``unconditional_transformer``, MiniMax-H3's
+``transformer_ref``) write theirs with their prefix, ``transformer_2.layer{L:03d}_step{S:03d}.pt``: they are
+read too, as layers of their own (rows keyed by ``prefix`` and layer, after ``pipe.transformer``'s), so a
+one-transformer folder reads as it always did. Written by::
 
     handle = dit_accel.apply(pipe, dit_accel.Dense(), capture="capture/", capture_layers=[0, 10],
                              capture_steps=[0, 25])
@@ -42,17 +46,21 @@ _EXPECTED = ("a capture file of dit_accel.apply(..., capture=DIR): {'q', 'k', 'v
              "'grid': ints whose product is N}")
 
 
-def _name_key(path: Path) -> Tuple[int, int, int]:
-    layer, step, h0, _ = CAPTURE_NAME.match(path.name).groups()
-    return int(layer), int(step), -1 if h0 is None else int(h0)
+def _name_key(path: Path) -> Tuple[str, int, int, int]:
+    """(transformer prefix, layer, step, first head or -1) of a capture file's name; "" (``pipe.transformer``)
+    sorts first."""
+    name = CAPTURE_NAME.match(path.name)
+    return name["prefix"], int(name["layer"]), int(name["step"]), -1 if name["h0"] is None else int(name["h0"])
 
 
 def load_capture(directory) -> List[Path]:
-    """Capture files of ``directory`` sorted by (layer, step, first head); ValueError when there are none."""
+    """Capture files of ``directory``, of every transformer, sorted by (transformer prefix, layer, step, first
+    head); ValueError when there are none."""
     directory = Path(directory)
     if not directory.is_dir():
         raise ValueError(f"--capture {directory}: not a folder; make one with `dit-accel eval ... --capture DIR` "
                          "or dit_accel.apply(pipe, Dense(), capture=DIR)")
+    # Every transformer's files, read explicitly: keyed by their prefix from here on (groups, grids, rows).
     files = sorted(capture_files(directory), key=_name_key)
     if not files:
         raise ValueError(f"--capture {directory}: no layerLLL_stepSSS.pt files found")
@@ -60,16 +68,16 @@ def load_capture(directory) -> List[Path]:
 
 
 def capture_groups(files: Sequence[Path]) -> List[List[Path]]:
-    """``files`` (sorted by :func:`load_capture`) grouped per (layer, step): one whole-sequence file, or the head
-    files ``_headsH0-H1`` of the context-parallel ranks (one capture, not one step each). ValueError when a
-    (layer, step) has both."""
-    groups: Dict[Tuple[int, int], List[Path]] = {}
+    """``files`` (sorted by :func:`load_capture`) grouped per (transformer, layer, step): one whole-sequence file,
+    or the head files ``_headsH0-H1`` of the context-parallel ranks (one capture, not one step each). ValueError
+    when a (transformer, layer, step) has both."""
+    groups: Dict[Tuple[str, int, int], List[Path]] = {}
     for path in files:
-        groups.setdefault(_name_key(path)[:2], []).append(path)
+        groups.setdefault(_name_key(path)[:3], []).append(path)
     for group in groups.values():
-        whole = [p for p in group if _name_key(p)[2] < 0]
+        whole = [p for p in group if _name_key(p)[3] < 0]
         if whole and len(group) > 1:
-            heads = next(p for p in group if _name_key(p)[2] >= 0)
+            heads = next(p for p in group if _name_key(p)[3] >= 0)
             raise ValueError(f"--capture {group[0].parent}: {whole[0].name} and {heads.name} both hold that layer "
                              "and step (a whole capture and a context-parallel head group: two runs in one folder); "
                              "keep one run's files per folder")
@@ -115,12 +123,13 @@ def _read_capture(path: Path) -> dict:
 def _read_group(group: List[Path]) -> dict:
     """One capture of a (layer, step): its file, or its context-parallel head files joined along the heads (they
     must cover heads 0..H without gaps or overlaps, on one grid and shape)."""
-    if len(group) == 1 and _name_key(group[0])[2] < 0:
+    if len(group) == 1 and _name_key(group[0])[3] < 0:
         return _read_capture(group[0])
     parts, start = [], 0
     for path in group:
         data = _read_capture(path)
-        _, _, h0, h1 = (int(x) for x in CAPTURE_NAME.match(path.name).groups())
+        name = CAPTURE_NAME.match(path.name)
+        h0, h1 = int(name["h0"]), int(name["h1"])
         heads = data["q"].shape[1]
         if h0 != start or h1 - h0 != heads:
             raise BadFileError(path, f"holds heads {h0}-{h1} ({heads} in q) after heads 0-{start} of that layer "
@@ -178,8 +187,11 @@ def bench_fidelity(capture_dir, methods: Dict[str, Method], *, match_density: Op
         methods: ``{label: method config}``.
         match_density: retune methods to this density (see :func:`matched_method`).
         device: where attention runs; files are loaded to it one at a time.
-        max_files: only the first captures (sorted by layer, step; the head files of one (layer, step),
-            written under context parallelism, count as one).
+        max_files: only the first captures (sorted by transformer prefix, layer, step; the head files of one
+            (layer, step), written under context parallelism, count as one).
+
+    Rows and ``per_layer`` entries carry the transformer's ``prefix`` (``""`` for ``pipe.transformer``): the
+    layers of each transformer of a pipeline are their own rows.
     """
     from tqdm.auto import tqdm
 
@@ -187,16 +199,18 @@ def bench_fidelity(capture_dir, methods: Dict[str, Method], *, match_density: Op
     rows: List[dict] = []
     notes: List[str] = []
     tuned: Dict[tuple, Method] = {}  # (label, grid) -> retuned config, built once per geometry
-    grids: Dict[int, Tuple[tuple, str]] = {}  # layer -> (grid, file): steps of one layer average on one grid
+    grids: Dict[Tuple[str, int], Tuple[tuple, str]] = {}  # (prefix, layer) -> (grid, file): one grid per layer
     for group in tqdm(groups, desc="fidelity", unit="capture"):
         data = _read_group(group)
         path = group[0]
         q, k, v = (data[n].to(device, torch.float32) for n in ("q", "k", "v"))
         grid = tuple(data["grid"])
-        layer = int(data.get("layer", _name_key(path)[0]))
-        first = grids.setdefault(layer, (grid, path.name))
+        prefix = _name_key(path)[0]
+        layer = int(data.get("layer", _name_key(path)[1]))
+        first = grids.setdefault((prefix, layer), (grid, path.name))
         if first[0] != grid:
-            raise ValueError(f"--capture {path.parent}: layer {layer} was captured on grid {first[0]} in {first[1]} "
+            which = f"layer {layer}" + (f" of {prefix[:-1]}" if prefix else "")
+            raise ValueError(f"--capture {path.parent}: {which} was captured on grid {first[0]} in {first[1]} "
                              f"and on grid {grid} in {path.name}: two runs in one folder; capture each run into an "
                              "empty folder")
         ref = F.scaled_dot_product_attention(q, k, v)
@@ -216,17 +230,17 @@ def bench_fidelity(capture_dir, methods: Dict[str, Method], *, match_density: Op
                 continue
             err = float((out.float() - ref).norm() / ref.norm().clamp_min(1e-30))
             cos = float(F.cosine_similarity(out.float().flatten(), ref.flatten(), dim=0))
-            rows.append({"file": "+".join(p.name for p in group), "layer": layer,
-                         "layer_name": data.get("layer_name", ""), "step": int(data.get("step", _name_key(path)[1])),
+            rows.append({"file": "+".join(p.name for p in group), "prefix": prefix, "layer": layer,
+                         "layer_name": data.get("layer_name", ""), "step": int(data.get("step", _name_key(path)[2])),
                          "grid": list(grid), "tokens": q.shape[-2], "heads": q.shape[1], "method": label,
                          "config": cfg.to_dict(), "density": density, "rel_l2": err, "cosine": cos})
     for line in notes:
         log(line)
-    per_layer: Dict[Tuple[int, str], dict] = {}
+    per_layer: Dict[Tuple[str, int, str], dict] = {}
     for r in rows:
-        slot = per_layer.setdefault((r["layer"], r["method"]), {"layer": r["layer"], "layer_name": r["layer_name"],
-                                                                 "method": r["method"], "n": 0, "rel_l2": 0.0,
-                                                                 "cosine": 0.0, "density": 0.0})
+        slot = per_layer.setdefault((r["prefix"], r["layer"], r["method"]), {
+            "prefix": r["prefix"], "layer": r["layer"], "layer_name": r["layer_name"], "method": r["method"], "n": 0,
+            "rel_l2": 0.0, "cosine": 0.0, "density": 0.0})
         slot["n"] += 1
         for key in ("rel_l2", "cosine", "density"):
             slot[key] += r[key]
@@ -234,7 +248,7 @@ def bench_fidelity(capture_dir, methods: Dict[str, Method], *, match_density: Op
     for slot in per_layer.values():
         n = slot.pop("n")
         layers.append({**slot, **{k: slot[k] / n for k in ("rel_l2", "cosine", "density")}, "steps": n})
-    layers.sort(key=lambda s: (s["layer"], s["method"]))
+    layers.sort(key=lambda s: (s["prefix"], s["layer"], s["method"]))
     import dit_accel
 
     return {"kind": "fidelity", "capture": str(capture_dir), "files": sum(map(len, groups)), "match_density": match_density,
@@ -245,9 +259,10 @@ def bench_fidelity(capture_dir, methods: Dict[str, Method], *, match_density: Op
 
 
 def fidelity_table(result: dict) -> str:
-    """Markdown: one row per (layer, method) with density, relative L2 and cosine."""
+    """Markdown: one row per (layer, method) with density, relative L2 and cosine; a layer of another transformer
+    than ``pipe.transformer`` shows its prefix (``transformer_2.3``)."""
     from .report import markdown_table
 
-    rows = [[str(s["layer"]), s["layer_name"] or "-", s["method"], f"{s['density']:.3f}", f"{s['rel_l2']:.4f}",
-             f"{s['cosine']:.5f}", str(s["steps"])] for s in result["per_layer"]]
+    rows = [[f"{s.get('prefix', '')}{s['layer']}", s["layer_name"] or "-", s["method"], f"{s['density']:.3f}",
+             f"{s['rel_l2']:.4f}", f"{s['cosine']:.5f}", str(s["steps"])] for s in result["per_layer"]]
     return markdown_table(["layer", "name", "method", "density", "rel. L2 error", "cosine", "steps"], rows)

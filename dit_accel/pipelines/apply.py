@@ -113,9 +113,9 @@ def apply(pipe_or_transformer, method: Method, *, dense_steps: int = 0, dense_la
         backend: kernel backend, one of ``"auto"``, ``"triton"``, ``"torch"``, ``"flex"``.
         weights: folder of fine-tuned weights (LoRA, SLA projections) to load after installing.
         capture: folder; saves video q/k/v of attention calls as ``layer{L:03d}_step{S:03d}.pt`` (first call per
-            layer and step). Or an observer with
-            :class:`~.capture.Capture`'s ``wants(layer, step)`` and ``save(...)`` (calibration keeps its
-            samples in memory this way).
+            layer and step; another transformer of the pipeline after its prefix, ``transformer_2.layer000_step000.pt``,
+            see :mod:`.capture`). Or an observer with :class:`~.capture.Capture`'s ``wants(layer, step)``, ``save(...)``
+            and optionally ``for_transformer(prefix)`` (calibration keeps its samples in memory this way).
         capture_layers, capture_steps: restrict capture to these indices (None = all); need ``capture``.
         scheduler: the scheduler that drives a *bare* transformer (the step index
             comes from ``scheduler.step_index``). Without it, a bare transformer with

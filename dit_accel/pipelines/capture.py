@@ -1,14 +1,19 @@
 """Observer that saves the video q, k, v of chosen attention calls for ``dit-accel bench fidelity``.
 
-Files are ``layer{L:03d}_step{S:03d}.pt`` dicts ``{"q", "k", "v": (B, H, N, D) tensors,
-"grid", "layer", "layer_name", "step"}``, one per (layer, step): the first call of
-a step (the conditional branch under classifier-free guidance). Under context
+Files are ``{prefix}layer{L:03d}_step{S:03d}.pt`` dicts ``{"q", "k", "v": (B, H, N, D) tensors,
+"grid", "layer", "layer_name", "step"}``, one per (transformer, layer, step): the first call of
+a step (the conditional branch under classifier-free guidance). ``prefix`` names the transformer of the
+handle: empty for ``pipe.transformer`` (or a bare transformer), so a one-transformer run's names are the
+plain ``layer000_step000.pt``; the attribute and a dot for the others, as in their layer names
+(``transformer_2.layer000_step000.pt`` for Wan 2.2's second expert, ``unconditional_transformer.`` for
+Ideogram 4, ``transformer_ref.`` for MiniMax-H3). ``L`` is the layer index within that transformer, so two
+transformers that run in one step keep their own files. Under context
 parallelism each Ulysses rank saves the whole sequence of its heads as
-``layer{L:03d}_step{S:03d}_heads{H0}-{H1}.pt`` (with ``"heads": (H0, H1)``). Everything saved is a
+``{prefix}layer{L:03d}_step{S:03d}_heads{H0}-{H1}.pt`` (with ``"heads": (H0, H1)``). Everything saved is a
 tensor or a plain type, so readers load it with ``torch.load(..., weights_only=True)``.
 
 A folder holds the captures of one run: :func:`check_capture_dir` refuses one that already holds
-capture files (another run's grid or steps would be mixed in silently).
+capture files of any transformer (another run's grid or steps would be mixed in silently).
 """
 
 from __future__ import annotations
@@ -25,12 +30,17 @@ from ..atomic_files import atomic_write, is_temp_name
 
 __all__ = ["Capture", "check_capture_dir", "capture_files", "CAPTURE_NAME"]
 
-#: A capture file's name: layer, step and, under context parallelism, the head range of one rank.
-CAPTURE_NAME = re.compile(r"^layer(\d+)_step(\d+)(?:_heads(\d+)-(\d+))?\.pt$")
+_PREFIX = r"(?:[A-Za-z_]\w*\.)?"  # a transformer's prefix: "" or a pipeline attribute and a dot
+
+#: A capture file's name, in named groups: ``prefix`` (the transformer: "" for ``pipe.transformer``, else e.g.
+#: ``"transformer_2."``), ``layer``, ``step`` and, under context parallelism, the head range ``h0``-``h1`` of one rank.
+CAPTURE_NAME = re.compile(rf"^(?P<prefix>{_PREFIX})layer(?P<layer>\d+)_step(?P<step>\d+)"
+                          r"(?:_heads(?P<h0>\d+)-(?P<h1>\d+))?\.pt$", re.ASCII)
 
 
 def capture_files(folder) -> List[Path]:
-    """The capture files in ``folder`` (finished ones: not an unfinished atomic write), sorted by name."""
+    """The capture files in ``folder`` (finished ones: not an unfinished atomic write), of every transformer (their
+    ``CAPTURE_NAME`` ``prefix`` tells which), sorted by name."""
     return sorted(p for p in Path(folder).iterdir()
                   if CAPTURE_NAME.match(p.name) and not is_temp_name(p) and p.is_file())
 
@@ -46,7 +56,7 @@ def check_capture_dir(capture) -> str:
         raise ValueError(f"capture={path!r} is a file; pass a folder for the layerLLL_stepSSS.pt captures")
     if os.path.isdir(path):  # a folder of one run: another run's grid or steps would be mixed in silently
         try:
-            held = capture_files(path)
+            held = capture_files(path)  # any transformer's: a run of a pipeline writes all of theirs
         except OSError as exc:
             raise ValueError(f"capture={path!r}: cannot list the folder ({exc.strerror or exc}); "
                              "pass a readable, writable folder") from None
@@ -63,14 +73,28 @@ def check_capture_dir(capture) -> str:
 
 
 class Capture:
-    """Saves the first call per (layer, step) of ``layers`` x ``steps`` (None: all) under ``folder``."""
+    """Saves the first call per (layer, step) of ``layers`` x ``steps`` (None: all) under ``folder``, as the files
+    of the transformer ``prefix`` (see the module docstring).
 
-    def __init__(self, folder: str, layers: Optional[Sequence[int]] = None, steps: Optional[Sequence[int]] = None):
+    ``apply`` hands each transformer of a handle its own :meth:`for_transformer` view: its layer indices restart
+    at 0, so one observer keyed by (layer, step) would keep only the first transformer's call of a shared step.
+    """
+
+    def __init__(self, folder: str, layers: Optional[Sequence[int]] = None, steps: Optional[Sequence[int]] = None,
+                 prefix: str = ""):
+        if not isinstance(prefix, str) or not re.fullmatch(_PREFIX, prefix, re.ASCII):
+            raise ValueError(f"prefix={prefix!r}: pass '' (pipe.transformer) or a pipeline attribute and a dot, "
+                             "such as 'transformer_2.'")
         self.folder = folder
         self.layers = None if layers is None else frozenset(layers)
         self.steps = None if steps is None else frozenset(steps)
+        self.prefix = prefix
         self._done = set()
         self._lock = threading.Lock()
+
+    def for_transformer(self, prefix: str) -> "Capture":
+        """The observer of the transformer wrapped under ``prefix``: this folder, layers and steps, its own files."""
+        return self if prefix == self.prefix else Capture(self.folder, self.layers, self.steps, prefix)
 
     def wants(self, layer: int, step: int) -> bool:
         if self.layers is not None and layer not in self.layers:
@@ -92,5 +116,5 @@ class Capture:
         tag = "" if heads is None else f"_heads{int(heads[0])}-{int(heads[1])}"
         if heads is not None:
             data["heads"] = (int(heads[0]), int(heads[1]))
-        atomic_write(os.path.join(self.folder, f"layer{layer:03d}_step{step:03d}{tag}.pt"),
+        atomic_write(os.path.join(self.folder, f"{self.prefix}layer{layer:03d}_step{step:03d}{tag}.pt"),
                      lambda tmp: torch.save(data, tmp))

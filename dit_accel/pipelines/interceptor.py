@@ -171,8 +171,8 @@ class SDPAInterceptor(TorchFunctionMode):
             return self._run_split(call, q, k, v, num_text, key_mask)
         if self.capture:  # outside the timer: disk I/O is not attention time
             video = slice(num_text, sk) if position == "first" else slice(0, num_video)
-            runtime.capture.save(layer.index, layer.name, context.grid, context.step,
-                                 q if image_queries else q[:, :, video], k[:, :, video], v[:, :, video])
+            layer.report.observer.save(layer.index, layer.name, context.grid, context.step,
+                                       q if image_queries else q[:, :, video], k[:, :, video], v[:, :, video])
         if runtime.stats.timing:
             with layer.report.timed(q.device):
                 out, density = self._attend(call, q, k, v, num_text, position == "first", key_mask, image_queries,
@@ -244,7 +244,7 @@ class SDPAInterceptor(TorchFunctionMode):
         """Context parallelism: this rank's share through the collectives of :mod:`.parallel`."""
         layer, runtime = self.layer, self.layer.owner.runtime
         context = self.context
-        capture = None if not self.capture else lambda cq, ck, cv, heads: runtime.capture.save(
+        capture = None if not self.capture else lambda cq, ck, cv, heads: layer.report.observer.save(
             layer.index, layer.name, context.grid, context.step, cq, ck, cv, heads=heads)
         with layer.report.timed(q.device):
             out, density = run_split(self.plan, q, k, v, split=self.split, num_text=num_text * self.split.world,

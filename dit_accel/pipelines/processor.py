@@ -75,6 +75,19 @@ class Runtime:
         self.warnings = warnings
         self.call_check = None  # (grid, total steps) -> None: a SparsePlan's checks of the call (apply sets it)
         self._local = threading.local()  # per-thread bypass depth (handle.bypassed())
+        self._captures = {}  # transformer prefix -> its capture observer (capture_for)
+
+    def capture_for(self, prefix: str):
+        """The capture observer of the transformer wrapped under ``prefix`` (None without capture): the observer's
+        ``for_transformer(prefix)`` (a :class:`Capture` writes each transformer's own files), made once per prefix;
+        an observer without that method is shared by every transformer and sees their calls by (layer, step)
+        alone, layer indices restarting at 0 in each transformer."""
+        if self.capture is None:
+            return None
+        if prefix not in self._captures:
+            split = getattr(self.capture, "for_transformer", None)
+            self._captures[prefix] = self.capture if split is None else split(prefix)
+        return self._captures[prefix]
 
     @property
     def bypassed(self) -> bool:
@@ -106,8 +119,9 @@ class LayerReport:
     nothing layer-specific is read, so the blocks of a regionally compiled model share one graph.
     """
 
-    def __init__(self, runtime: Runtime, slot: int, index: int):
+    def __init__(self, runtime: Runtime, slot: int, index: int, prefix: str = ""):
         self.runtime, self.slot, self.index = runtime, slot, index
+        self.observer = runtime.capture_for(prefix)  # capture of this layer's transformer (None: no capture)
         self.call = None  # (sparse, density or dense reason, backend), stored by compiled code
         self.warnings = ()  # ((message, key), ...)
 
@@ -142,7 +156,7 @@ class LayerReport:
             self.warn("dit_accel: capture does not save layers that run inside torch.compile'd code; capture with "
                       "an eager run", key="compiled capture")
             return False
-        return self.runtime.capture.wants(self.index, context.step)
+        return self.observer.wants(self.index, context.step)
 
     def flush(self) -> None:
         """Hand the notes of a compiled call on to the statistics and warnings (eager: nothing to do)."""
@@ -176,7 +190,7 @@ class SparseAttnProcessor:
         parallel = getattr(original, "_parallel_config", None)
         for key, value in (("original", original), ("owner", owner), ("index", index), ("slot", slot),
                            ("name", name), ("sla_proj", sla_proj), ("parallel", parallel),
-                           ("plans", ContextStack()), ("report", LayerReport(owner.runtime, slot, index)),
+                           ("plans", ContextStack()), ("report", LayerReport(owner.runtime, slot, index, owner.prefix)),
                            ("inert", False)):
             object.__setattr__(self, key, value)
         if parallel is not None:  # last: a wrapper that failed to build leaves the original as it was
