@@ -114,8 +114,8 @@ def register(subparsers) -> argparse.ArgumentParser:
 
     f = sub.add_parser("fidelity", help="error of each method vs dense on captured q/k/v")
     f.add_argument("--capture", required=True, metavar="DIR",
-                   help="folder of layerLLL_stepSSS.pt files (dit-accel eval --capture DIR, or "
-                        "dit_accel.apply(pipe, Dense(), capture=DIR))")
+                   help="folder of layerLLL_stepSSS.pt files, transformer_2.layerLLL_stepSSS.pt for a second "
+                        "transformer (dit-accel eval --capture DIR, or dit_accel.apply(pipe, Dense(), capture=DIR))")
     f.add_argument("--methods", default="gna,tile,radial,sla", help="comma-separated methods")
     f.add_argument("--method-config", metavar="FILE", help="JSON/YAML method options, as for dit-accel eval")
     f.add_argument("--density", type=float, default=None, help="retune methods to this visited density")
