@@ -205,6 +205,8 @@ class SparseAttnProcessor:
             return self.original(attn, *args, **kwargs)
         context = owner.stack.current()
         if context is None:  # called outside the transformer's forward: nothing is known about the grid
+            if not owner.attached:  # a removed handle's wrapper set back (a processor dict kept from before)
+                return self.original(attn, *args, **kwargs)
             self.report.warn("dit_accel: attention called outside the transformer forward; running dense")
             self.report.dense()
             return self.original(attn, *args, **kwargs)

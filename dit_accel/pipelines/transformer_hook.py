@@ -115,6 +115,11 @@ class TransformerHook:
             self.remove()
             raise
 
+    @property
+    def attached(self) -> bool:
+        """Whether the forward hooks are on the transformer (False once removed or replaced)."""
+        return bool(self._handles)
+
     def _hook_forward(self) -> None:
         self._handles.append(self.transformer.register_forward_pre_hook(self._pre_forward, with_kwargs=True))
         self._handles.append(self.transformer.register_forward_hook(self._post_forward, always_call=True))

@@ -176,3 +176,18 @@ def test_applying_to_transformer_2_alone_names_the_transformer_it_leaves_dense()
     assert first.removed and not _wrapped(high) and len(_wrapped(low)) == 2
     assert torch.equal(_call("wan", high), dense)
     second.remove()
+
+
+# ------------------------------------------------------------------ a removed handle's wrappers set back
+def test_a_removed_handles_wrappers_set_back_run_the_originals_quietly():
+    """Before: a processor dict kept while applied and set back after remove() ran the originals, but every call
+    warned "attention called outside the transformer forward", which read as a fault of the running model."""
+    model = T.build_tiny_transformer("wan")
+    dense = _call("wan", model)
+    handle = dit_accel.apply(model, TILE, backend="torch")
+    kept = dict(model.attn_processors)
+    handle.remove()
+    model.set_attn_processor(kept)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        torch.testing.assert_close(_call("wan", model), dense, rtol=0, atol=0)
