@@ -17,8 +17,12 @@ reference frames after the video. Joint attention: [text, image] for FLUX, Chrom
 caption's valid tokens), [video, text] for HunyuanVideo; reference images added elsewhere in the sequence (FLUX
 Kontext, Qwen-Image-Edit, HunyuanVideo's ref_latent) leave the call off the layout (``Family.off_grid``).
 HunyuanImage 2.1 is ComfyUI's HunyuanVideo class with a 2-D patch (``Family.when`` tells them apart): [image, text,
-ByT5 tokens]. Cosmos 1 patchifies ``b c (t r) (h m) (w n) -> b t h w ...`` and attends over ``(t h w)``; HiDream's
-image is ``B C (H p1) (W p2) -> B (H W) ...``, then T5 and the Llama-3.1 tokens twice, as Diffusers orders them.
+ByT5 tokens]. Mochi patchifies each frame with a Conv2d, ``(B T) C H W -> B (T H W) C``, and attends over [video, the
+first ``num_tokens`` text tokens] (the padded rest cut off; its text stream projected to the video's heads and head
+size), as Diffusers' ``MochiTransformer3DModel`` attends over [video, valid text]; its forward runs no diffusion-model
+wrapper, so its grid is read around ``BaseModel.apply_model`` (``Family.hook``). Cosmos 1 patchifies
+``b c (t r) (h m) (w n) -> b t h w ...`` and attends over ``(t h w)``; HiDream's image is ``B C (H p1) (W p2) -> B (H
+W) ...``, then T5 and the Llama-3.1 tokens twice, as Diffusers orders them.
 Classes known and refused (``REFUSED``) fail with their reason.
 """
 
@@ -30,7 +34,10 @@ from typing import Callable, List, Optional, Tuple
 
 from torch import nn
 
-__all__ = ["Family", "FAMILIES", "REFUSED", "family_for", "refusal", "supported"]
+__all__ = ["Family", "FAMILIES", "HOOKS", "REFUSED", "family_for", "refusal", "supported"]
+
+#: The ComfyUI wrappers a family may read its calls' grid in (``Family.hook``).
+HOOKS = ("diffusion_model", "apply_model")
 
 
 def _patched_grid(shape, patch) -> Tuple[int, ...]:
@@ -174,6 +181,23 @@ def _hidream_text(model: nn.Module, x, call, grid) -> Optional[int]:
     return int(context.shape[1]) + 2 * int(llama.shape[-2])
 
 
+def _mochi_layers(model: nn.Module) -> List[nn.Module]:
+    return [block.attn for block in model.blocks]
+
+
+def _mochi_grid(model: nn.Module, x, call=None) -> Tuple[int, ...]:
+    return _patched_grid(x.shape, (1, model.patch_size, model.patch_size))  # no temporal patch
+
+
+def _mochi_text(model: nn.Module, x, call, grid) -> Optional[int]:
+    """The text tokens of Mochi's joint attention: the first ``num_tokens`` of ``context`` (``crop_y``; ComfyUI's
+    GenmoMochi sets it to the count of valid tokens, the forward's default where the mask is absent)."""
+    context, num_tokens = call.get("context"), call.get("num_tokens")
+    if not hasattr(context, "shape") or not isinstance(num_tokens, int):
+        return None
+    return min(num_tokens, int(context.shape[1]))
+
+
 def _hunyuan_video(model: nn.Module) -> bool:
     return len(model.patch_size) == 3 and getattr(model, "vector_in", None) is not None  # (CLIP's pooled vector)
 
@@ -201,6 +225,10 @@ class Family:
             grid (at ``text_position``) in each self-attention call, or None: any number (text, extra frames).
         when: ``diffusion_model -> bool``: for a ComfyUI class several models share (HunyuanVideo's class builds
             HunyuanImage 2.1 too), whether this model is this family's; None: every model of ``classes``.
+        hook: the ComfyUI wrapper (``comfy.patcher_extension.WrappersMP``) around each model call that reads its
+            grid and step: ``"diffusion_model"`` (the model's forward runs it) or ``"apply_model"`` (the
+            ``BaseModel.apply_model`` that calls the model; for a forward that runs no wrapper, as Mochi's). The
+            ``grid`` and ``off_grid`` functions get the diffusion model's arguments by name either way.
     """
 
     name: str
@@ -212,6 +240,11 @@ class Family:
     notes: str = ""
     off_grid: Optional[Callable[[nn.Module, object, dict, Tuple[int, ...]], int]] = None
     when: Optional[Callable[[nn.Module], bool]] = None
+    hook: str = "diffusion_model"
+
+    def __post_init__(self):
+        if self.hook not in HOOKS:
+            raise ValueError(f"Family {self.name!r}: hook={self.hook!r} is not one of {', '.join(HOOKS)}")
 
 
 FAMILIES: Tuple[Family, ...] = (
@@ -255,6 +288,9 @@ FAMILIES: Tuple[Family, ...] = (
            "[caption, image]; the caption refiner dense"),
     Family("LTX-Video", ("LTXVModel",), "LTXVideoTransformer3DModel", "none", _ltxv_layers, _ltxv_grid,
            "LTX-Video: transformer_blocks.*.attn1 over video only"),
+    Family("Mochi", ("AsymmDiTJoint",), "MochiTransformer3DModel", "last", _mochi_layers, _mochi_grid,
+           "Mochi 1 preview: blocks.*.attn over [video, valid text] (padded text cut off); grid read around "
+           "apply_model", _mochi_text, hook="apply_model"),
 )
 
 
@@ -262,8 +298,6 @@ FAMILIES: Tuple[Family, ...] = (
 REFUSED: Tuple[Tuple[str, Optional[Callable[[nn.Module], bool]], str], ...] = (
     ("WanModel_S2V", None, "its blocks do not pass transformer_options on to self-attention, so ComfyUI's attention "
                            "override never sees those calls"),
-    ("AsymmDiTJoint", None, "Mochi's forward runs no diffusion-model wrapper in ComfyUI, so dit_accel cannot read "
-                            "the latent's token grid for the attention calls of a model call"),
     ("HunyuanVideo", lambda m: len(m.patch_size) == 3 and getattr(m, "vector_in", None) is None,
      "a HunyuanVideo-class model with a 3-D patch and no CLIP vector input (HunyuanImage 2.1's refiner) is not "
      "tested: its token layout is not checked"),

@@ -20,6 +20,7 @@ from ..cli.options import int_list, int_tuple
 from ..methods import CliOption, method_from_name, registered_methods
 from ..pipelines.apply_checks import BACKENDS
 from .families import FAMILIES, family_for
+from .weights import EXPERTS
 
 __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "CATEGORY", "node_for", "PlanNode", "FinetunedNode"]
 
@@ -211,7 +212,8 @@ def node_for(name: str, cls: type, summary: str) -> type:
     return type(f"DitAccel{cls.__name__}", (), {
         "INPUT_TYPES": classmethod(INPUT_TYPES), "RETURN_TYPES": ("MODEL",), "FUNCTION": "patch",
         "CATEGORY": CATEGORY, "DESCRIPTION": f"dit_accel {cls.__name__}: {summary}. Video self-attention of "
-        "Wan, HunyuanVideo and LTX-Video; everything else runs ComfyUI's own attention.", "patch": patch,
+        "the covered models (Wan, HunyuanVideo, LTX-Video, Cosmos, Mochi, FLUX and others: docs/comfyui.md); everything "
+        "else runs ComfyUI's own attention.", "patch": patch,
         "__module__": __name__, "__doc__": f"dit_accel {cls.__name__} ({summary}) on a ComfyUI MODEL."})
 
 
@@ -253,7 +255,8 @@ class FinetunedNode:
     RETURN_TYPES = ("MODEL",)
     FUNCTION = "patch"
     DESCRIPTION = ("dit_accel fine-tuned weights: the method the folder was trained with, its LoRA (as ComfyUI "
-                   "weight patches) and its SLA projections (Wan models)")
+                   "weight patches) and its SLA projections (Wan models); for Wan 2.2 A14B one node per expert, "
+                   "expert=transformer_2 on the low-noise expert's MODEL")
 
     @classmethod
     def INPUT_TYPES(cls):  # noqa: N802
@@ -265,18 +268,23 @@ class FinetunedNode:
             "allow_other_grid": ("BOOLEAN", {"default": False, "tooltip": "for a plan: run on a token grid it was "
                                                                           "not calibrated for (with a warning)"}),
             "backend": _COMMON["backend"],
+            "expert": (list(EXPERTS), {"default": EXPERTS[0], "tooltip": "Wan 2.2 A14B: which expert this MODEL is "
+                                       "(transformer: high noise; transformer_2: low noise, the folder's "
+                                       "transformer_2 weights)"}),
         }}
 
     def patch(self, model, weights_path: str, lora_strength: float = 1.0, allow_other_grid: bool = False,
-              backend: str = "auto"):
+              backend: str = "auto", expert: str = EXPERTS[0]):
         from ..checkpoints.finetuned import load_method
         from .patch import patch_model
 
         folder = _path_text(weights_path)
         if not folder:
             raise ValueError("dit_accel: widget weights_path is empty: give a dit-accel finetune output folder")
+        if expert not in EXPERTS:
+            raise ValueError(f"dit_accel: widget expert={expert!r} is invalid: choose one of {', '.join(EXPERTS)}")
         return (patch_model(model, load_method(folder), backend=backend, allow_other_grid=bool(allow_other_grid),
-                            weights=folder, lora_strength=lora_strength),)
+                            weights=folder, lora_strength=lora_strength, expert=expert),)
 
 
 def _mappings() -> Tuple[Dict[str, type], Dict[str, str]]:

@@ -2,10 +2,10 @@
 
 Two pieces, both owned by one :class:`Patch` (one ``patch_model`` call):
 
-- :meth:`Patch.wrapper`, a ComfyUI ``diffusion_model`` wrapper: per model call it reads the token grid from the
-  latent and the denoising step from ``transformer_options`` (``sample_sigmas``, ``sigmas``), checks a
-  :class:`~dit_accel.SparsePlan` against them, and keeps them for the calls below (a context variable: threads
-  and nested calls never see each other's);
+- :meth:`Patch.wrapper`, a ComfyUI ``diffusion_model`` wrapper (``apply_model`` for a family whose forward runs
+  none: ``Family.hook``): per model call it reads the token grid from the latent and the denoising step from
+  ``transformer_options`` (``sample_sigmas``, ``sigmas``), checks a :class:`~dit_accel.SparsePlan` against them,
+  and keeps them for the calls below (a context variable: threads and nested calls never see each other's);
 - :class:`AttentionOverride`, set as ``transformer_options["optimized_attention_override"]``: a call made by one
   of the family's self-attention modules (found on the caller's stack: the override receives no module) runs
   ``Plan.run`` of the layer's method for this step, the same plans (``method.plan(grid)``), kernels and
@@ -144,8 +144,11 @@ class Patch:
 
     # ---------------------------------------------------------------- the diffusion_model wrapper
     def wrapper(self, executor, x, *args, **kwargs):
-        """ComfyUI ``WrappersMP.DIFFUSION_MODEL`` wrapper: the call's grid and step, for the attention calls."""
-        model = getattr(executor, "class_obj", None)
+        """ComfyUI ``WrappersMP.DIFFUSION_MODEL`` wrapper (``WrappersMP.APPLY_MODEL`` for a family whose hook is
+        ``apply_model``): the call's grid and step, for the attention calls."""
+        owner = getattr(executor, "class_obj", None)
+        apply_model = self.family.hook == "apply_model"
+        model = getattr(owner, "diffusion_model", None) if apply_model else owner
         if model is not self._model:  # another diffusion model run with these options: not ours to change
             return executor(x, *args, **kwargs)
         options = kwargs.get("transformer_options")
@@ -153,6 +156,8 @@ class Patch:
             options = next((a for a in reversed(args) if isinstance(a, dict)), {})
         step, total, sigma = _step_of(options)
         call = _named(executor, x, args, kwargs)
+        if apply_model:
+            call = _as_model_call(model, call)
         grid = self.family.grid(model, x, call)
         off_grid = None if self.family.off_grid is None else self.family.off_grid(model, x, call, grid)
         state = CallState(grid, step, total, sigma, off_grid)
@@ -290,6 +295,22 @@ def _named(executor, x, args, kwargs) -> dict:
         if p.kind is p.VAR_KEYWORD:
             named.update(named.pop(p.name, None) or {})
     return named
+
+
+def _as_model_call(model: torch.nn.Module, applied: dict) -> dict:
+    """The diffusion model's arguments by name from those of ``BaseModel._apply_model``, as it calls the model
+    (``c_crossattn`` as ``context``, the extra conditions by name), with the defaults of the model's ``forward``
+    for those it leaves out (Mochi's ``num_tokens`` without an attention mask)."""
+    call = {k: v for k, v in applied.items() if k not in ("c_crossattn", "c_concat")}
+    call["context"] = applied.get("c_crossattn")
+    try:
+        parameters = inspect.signature(model.forward).parameters.values()
+    except (TypeError, ValueError):
+        return call
+    for p in parameters:
+        if p.default is not p.empty and p.name not in call:
+            call[p.name] = p.default
+    return call
 
 
 def _key_mask(mask, s: int):

@@ -11,23 +11,23 @@ from ..kernels.checks import check_flag
 from ..methods import Method
 from ..pipelines.apply_checks import _check_apply_args, _resolve_layers, _warn_unknown_strategy_layers
 from ..plans.sparse_plan import SparsePlan
-from .families import family_for, refusal, supported
+from .families import HOOKS, family_for, refusal, supported
 from .override import AttentionOverride, Patch
 
 __all__ = ["patch_model", "WRAPPER_KEY"]
 
 LOG = logging.getLogger("dit_accel.comfyui")
 
-WRAPPER_KEY = "dit_accel"  # the key of the diffusion_model wrapper on the patched clone
+WRAPPER_KEY = "dit_accel"  # the key of the diffusion_model (or apply_model) wrapper on the patched clone
 
 
-def _diffusion_wrappers() -> str:
-    """ComfyUI's name of the diffusion-model wrapper type (its own constant where ComfyUI is importable)."""
+def _wrapper_type(hook: str = "diffusion_model") -> str:
+    """ComfyUI's name of the wrapper type of a ``Family.hook`` (its own constant where ComfyUI is importable)."""
     try:
         from comfy.patcher_extension import WrappersMP
     except ImportError:
-        return "diffusion_model"
-    return WrappersMP.DIFFUSION_MODEL
+        return hook
+    return {"diffusion_model": WrappersMP.DIFFUSION_MODEL, "apply_model": WrappersMP.APPLY_MODEL}[hook]
 
 
 def _diffusion_model(model):
@@ -43,7 +43,7 @@ def _check_not_patched(model) -> None:
     """One dit_accel patch per model: a second one would stack on the first (its override gets every call the
     second declines, so a Dense node after a Tile node still runs Tile; a second LoRA doubles it)."""
     get = getattr(model, "get_wrappers", None)
-    earlier = get(_diffusion_wrappers(), WRAPPER_KEY) if callable(get) else ()
+    earlier = [w for hook in HOOKS for w in get(_wrapper_type(hook), WRAPPER_KEY)] if callable(get) else ()
     if earlier:
         patch = getattr(earlier[-1], "__self__", None)
         method = getattr(getattr(patch, "schedule", None), "method", None)
@@ -127,11 +127,13 @@ def _call_check(method: Method, allow_other_grid: bool):
 def patch_model(model, method: Union[Method, SparsePlan], *, dense_steps: int = 0, dense_last_steps: int = 0,
                 dense_above_sigma: Optional[float] = None, dense_layers: Union[int, Sequence[int], None] = None,
                 layer_methods: Optional[Dict[int, Method]] = None, backend: str = "auto",
-                allow_other_grid: bool = False, weights=None, lora_strength: float = 1.0):
+                allow_other_grid: bool = False, weights=None, lora_strength: float = 1.0,
+                expert: str = "transformer"):
     """A clone of the ComfyUI ``model`` whose video self-attention runs ``method``; ``model`` itself is unchanged.
 
-    The clone carries a ``diffusion_model`` wrapper (token grid from the latent and the model's patch size,
-    step from the sampler's sigmas) and an ``optimized_attention_override``, stacked on any override already
+    The clone carries a ``diffusion_model`` wrapper (``apply_model`` for Mochi, whose forward runs none; token
+    grid from the latent and the model's patch size, step from the sampler's sigmas) and an
+    ``optimized_attention_override``, stacked on any override already
     set: a call it does not make sparse (cross-attention, text tokens' own rows, dense steps and layers, an
     uncovered call) goes to that override, or to ComfyUI's own attention. The sparse calls run the same
     ``Plan.run`` as :func:`dit_accel.apply`: same plans, kernels and self-checks.
@@ -139,7 +141,7 @@ def patch_model(model, method: Union[Method, SparsePlan], *, dense_steps: int = 
     Args:
         model: a ComfyUI ``ModelPatcher`` (the MODEL output of a loader node) of a covered family
             (:data:`dit_accel.comfyui.families.FAMILIES`: Wan 2.1/2.2 and its VACE, Animate, HuMo and
-            Fun Camera models, HunyuanVideo, LTX-Video, Cosmos 1 and Predict2, FLUX, Chroma, Qwen-Image,
+            Fun Camera models, HunyuanVideo, LTX-Video, Cosmos 1 and Predict2, Mochi, FLUX, Chroma, Qwen-Image,
             Lumina 2, HunyuanImage 2.1, HiDream).
         method: ``Dense()``, ``Tile``, ``GNA``, ``Radial``, ``SLA``, ``VSA`` (any registered method config) or a
             :class:`~dit_accel.SparsePlan` (``dit-accel calibrate``'s output; checked against the model class,
@@ -155,6 +157,10 @@ def patch_model(model, method: Union[Method, SparsePlan], *, dense_steps: int = 
             ComfyUI weight patches of the clone (at ``lora_strength``), its SLA projections the layers'
             projections. ``method`` should be the folder's own (``dit_accel.training.load_method(DIR)``);
             another one is run with a warning.
+        expert: which transformer of ``weights`` this MODEL is: ``"transformer"`` (the default; Wan 2.2 A14B's
+            high-noise expert) or ``"transformer_2"`` (its low-noise expert: the folder's ``transformer_2.*``
+            tensors, which ``dit-accel convert --transformer-2`` writes). Each expert is its own ComfyUI MODEL:
+            patch each with its part of the one folder. A folder without the expert's part is refused.
 
     Raises:
         TypeError / ValueError (one line): not a ComfyUI model, a model class no family covers (naming it and
@@ -172,6 +178,7 @@ def patch_model(model, method: Union[Method, SparsePlan], *, dense_steps: int = 
     dense_above_sigma = _check_sigma(dense_above_sigma)
     check_flag("allow_other_grid", allow_other_grid)
     lora_strength = _check_strength(lora_strength)
+    _check_expert_option(expert, weights)
     inner = _diffusion_model(model)
     _check_not_patched(model)
     family = family_for(inner)
@@ -194,32 +201,44 @@ def patch_model(model, method: Union[Method, SparsePlan], *, dense_steps: int = 
     patch = Patch(family, inner, layers, schedule, backend, dense_above_sigma, _call_check(method, allow_other_grid))
     clone = model.clone()
     if weights is not None:
-        _load_weights(clone, patch, weights, method, lora_strength, layers)
+        _load_weights(clone, patch, weights, method, lora_strength, layers, expert)
     options = clone.model_options.setdefault("transformer_options", {})
     options["optimized_attention_override"] = AttentionOverride(patch, options.get("optimized_attention_override"))
-    clone.add_wrapper_with_key(_diffusion_wrappers(), WRAPPER_KEY, patch.wrapper)
+    clone.add_wrapper_with_key(_wrapper_type(family.hook), WRAPPER_KEY, patch.wrapper)
     LOG.info("dit_accel: %s (%s, %d self-attention layers): %s, backend %s%s", type(inner).__name__, family.name,
              len(layers), getattr(method, "summary_line", lambda: repr(method))(), backend,
              _options_text(schedule, dense_above_sigma))
     return clone
 
 
-def _load_weights(clone, patch: Patch, folder, method: Method, strength, layers) -> None:
-    """The folder's SLA projections into ``patch``, its LoRA onto ``clone`` (both new objects: the model given
-    to patch_model keeps its weights and patches)."""
-    from ..checkpoints.finetuned import method_from_dict
-    from .weights import check_folder, lora_patches, sla_projections
+def _check_expert_option(expert, weights) -> None:
+    from .weights import check_expert
 
-    info = check_folder(folder, patch.family, patch.model_name)
+    check_expert(expert)
+    if weights is None and expert != "transformer":
+        raise ValueError(f"dit_accel: expert={expert!r} picks a part of a weights folder, but no weights were given: "
+                         "pass weights=DIR, or leave expert at 'transformer'")
+
+
+def _load_weights(clone, patch: Patch, folder, method: Method, strength, layers, expert: str = "transformer") -> None:
+    """The folder's SLA projections of ``expert`` into ``patch``, its LoRA onto ``clone`` (both new objects: the
+    model given to patch_model keeps its weights and patches)."""
+    from ..checkpoints.finetuned import method_from_dict
+    from .weights import check_folder, experts_in, lora_patches, sla_projections
+
+    info = check_folder(folder, patch.family, patch.model_name, expert)
     saved = method_from_dict(info["method"])
     if saved != method:
         LOG.warning("dit_accel: %s was trained with %r; running %r with its weights", folder, saved, method)
-    patch.projections = sla_projections(folder, info, clone.model.diffusion_model, layers)
-    patches = lora_patches(clone, folder, info, patch.family)
+    patch.projections = sla_projections(folder, info, clone.model.diffusion_model, layers, expert=expert)
+    patches = lora_patches(clone, folder, info, patch.family, expert)
     if patches:
         clone.add_patches(patches, float(strength))
-    LOG.info("dit_accel: loaded %s: %d LoRA weight patches, %d SLA projections", folder, len(patches),
+    LOG.info("dit_accel: loaded %s (%s): %d LoRA weight patches, %d SLA projections", folder, expert, len(patches),
              len(patch.projections))
+    if expert == "transformer" and experts_in(folder, info)["transformer_2"]:
+        LOG.info("dit_accel: %s also holds transformer_2 weights (Wan 2.2 A14B's low-noise expert): load them into "
+                 "that expert's MODEL with expert=transformer_2", folder)
 
 
 def _options_text(schedule, dense_above_sigma) -> str:

@@ -12,6 +12,11 @@ Wan HuMo and Wan Animate (their ``blocks.N`` are Wan's ``WanTransformerBlock``),
 control blocks ``vace_blocks.N``, whose ``proj_in`` / ``proj_out`` ComfyUI calls ``before_proj`` / ``after_proj``).
 Modules off these blocks (Animate's face adapter, HuMo's audio layers, the embeddings) are not mapped: a LoRA on
 them is refused naming the first. For the other families the node says that their weights are not supported.
+
+Wan 2.2 A14B's two experts are two ComfyUI MODELs (two loaders, two samplers). A folder of both (``dit-accel
+convert --transformer-2``) keys the second expert's tensors (Diffusers' ``transformer_2``, the low-noise expert)
+``transformer_2.blocks.N...``: ``expert="transformer_2"`` loads those, and only those, into the low-noise expert's
+MODEL; ``expert="transformer"`` (the default) loads the rest into the high-noise expert's.
 """
 
 from __future__ import annotations
@@ -27,7 +32,12 @@ from ..atomic_files import check_hashes, load_safetensors
 from ..checkpoints.finetuned import METHOD_FILE, SLA_FILE, VSA_FILE, read_weights_info
 from ..checkpoints.lora_checks import check_float_weights
 
-__all__ = ["BLOCKS", "check_folder", "layer_names", "lora_patches", "sla_projections"]
+__all__ = ["BLOCKS", "EXPERTS", "check_expert", "check_folder", "experts_in", "layer_names", "lora_patches",
+           "sla_projections"]
+
+#: The transformers of a weights folder, as the Diffusers pipeline names them (Wan 2.2 A14B: high-, low-noise expert)
+EXPERTS = ("transformer", "transformer_2")
+_SECOND = "transformer_2."  # the key prefix of the second expert's tensors (the first's have none, or "transformer.")
 
 # Diffusers WanTransformer3DModel module -> ComfyUI WanModel module, inside blocks.N
 _WAN_ATTENTION = {"attn1": "self_attn", "attn2": "cross_attn"}
@@ -65,9 +75,64 @@ def layer_names(model: nn.Module, layers) -> List[str]:
     return [re.sub(r"\.self_attn$", ".attn1", names.get(id(layer), "?")) for layer in layers]
 
 
-def check_folder(folder, family, model_name: str = "WanModel") -> dict:
+def check_expert(expert) -> str:
+    """``expert`` if it names one of :data:`EXPERTS`, else a one-line ValueError."""
+    if not isinstance(expert, str) or expert not in EXPERTS:
+        raise ValueError(f"dit_accel: expert={expert!r} is invalid: transformer (the folder's first transformer; Wan "
+                         "2.2 A14B's high-noise expert) or transformer_2 (its low-noise expert)")
+    return expert
+
+
+def _of_expert(key: str, expert: str):
+    """``key`` without the second expert's prefix when it is ``expert``'s tensor, None when it is the other's."""
+    second = key.startswith(_SECOND)
+    if second != (expert == "transformer_2"):
+        return None
+    return key[len(_SECOND):] if second else key
+
+
+def _keys(path: Path) -> List[str]:
+    """The tensor names of a safetensors file, from its header (the whole file where the header cannot be read:
+    ``load_safetensors`` then says what is wrong with it)."""
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            return list(f.keys())
+    except Exception:  # a truncated or corrupt file: its one-line error
+        return list(load_safetensors(path))
+
+
+def experts_in(folder, info: dict) -> Dict[str, int]:
+    """``{expert: number of its tensors}`` in the folder's LoRA and SLA projections."""
+    count = dict.fromkeys(EXPERTS, 0)
+    for kind in ("lora", "sla_projections"):
+        name = (info.get("files") or {}).get(kind)
+        if name:
+            for key in _keys(Path(folder) / name):
+                count["transformer_2" if key.startswith(_SECOND) else "transformer"] += 1
+    return count
+
+
+def _check_expert_in(folder, info: dict, expert: str) -> None:
+    """A folder with tensors, none of them ``expert``'s: the widget names the other expert (a one-line error)."""
+    count = experts_in(folder, info)
+    if count[expert] or not any(count.values()):
+        return
+    if expert == "transformer_2":
+        raise ValueError(f"dit_accel: {folder} has no transformer_2 part (no LoRA or SLA projections keyed "
+                         "transformer_2.*: it is one transformer's weights, not Wan 2.2 A14B's two experts'): load it "
+                         "with expert=transformer, or give a folder of both experts (dit-accel convert "
+                         "--transformer-2)")
+    raise ValueError(f"dit_accel: {folder} holds only transformer_2 weights (Wan 2.2 A14B's low-noise expert's): load "
+                     "it into the low-noise expert's MODEL with expert=transformer_2")
+
+
+def check_folder(folder, family, model_name: str = "WanModel", expert: str = "transformer") -> dict:
     """The folder's ``dit_accel_method.json`` (hashes of its files checked as ``apply`` checks them), or a
-    one-line ValueError for a family whose Diffusers names this module does not map."""
+    one-line ValueError for a family whose Diffusers names this module does not map, or a folder without
+    ``expert``'s tensors."""
+    check_expert(expert)
     if family.name not in BLOCKS:
         raise ValueError(f"dit_accel: loading `dit-accel finetune` weights into ComfyUI's {family.name} model is not "
                          "supported yet (its Diffusers module names are not mapped to ComfyUI's); only "
@@ -82,12 +147,13 @@ def check_folder(folder, family, model_name: str = "WanModel") -> dict:
     if isinstance(info.get("sha256"), dict):
         check_hashes(Path(folder), {n: info["sha256"][n] for n in names if n in info["sha256"]},
                      Path(folder) / METHOD_FILE)
+    _check_expert_in(folder, info, expert)
     return info
 
 
-def lora_patches(patcher, folder, info: dict, family) -> Dict[str, object]:
-    """ComfyUI weight patches of the folder's LoRA for ``patcher``'s model of ``family`` (``{}`` when it has
-    none)."""
+def lora_patches(patcher, folder, info: dict, family, expert: str = "transformer") -> Dict[str, object]:
+    """ComfyUI weight patches of the folder's LoRA of ``expert`` for ``patcher``'s model of ``family`` (``{}``
+    when it has none); the other expert's tensors are left out."""
     name = (info.get("files") or {}).get("lora")
     if not name:
         return {}
@@ -105,7 +171,10 @@ def lora_patches(patcher, folder, info: dict, family) -> Dict[str, object]:
     key_map = comfy.lora.model_lora_keys_unet(patcher.model, {})
     lora, unknown = {}, []
     for key, tensor in state.items():
-        module, sep, rest = key.removeprefix("transformer.").partition(".lora_")
+        own = _of_expert(key, expert)
+        if own is None:  # the other expert's (its own MODEL loads it)
+            continue
+        module, sep, rest = own.removeprefix("transformer.").partition(".lora_")
         target = _wan_module(module, blocks)
         if not sep or target is None or f"diffusion_model.{target}.weight" not in key_map.values():
             unknown.append(key)
@@ -137,9 +206,11 @@ def _check_lora_shape(path, key: str, tensor, model_name: str, target: str, weig
                          "another model (another size of Wan)")
 
 
-def sla_projections(folder, info: dict, model: nn.Module, layers, device=None, dtype=None) -> Dict[int, nn.Linear]:
-    """``{layer index: Linear(D, D)}`` from the folder's SLA projections (``{}`` when it has none): the key
-    ``<Diffusers layer name>.weight`` / ``.bias`` goes to the layer of that name (:func:`layer_names`)."""
+def sla_projections(folder, info: dict, model: nn.Module, layers, device=None, dtype=None,
+                    expert: str = "transformer") -> Dict[int, nn.Linear]:
+    """``{layer index: Linear(D, D)}`` from the folder's SLA projections of ``expert`` (``{}`` when it has none):
+    the key ``<Diffusers layer name>.weight`` / ``.bias`` (``transformer_2.`` in front for the second expert) goes
+    to the layer of that name (:func:`layer_names`); the other expert's keys are left out."""
     name = (info.get("files") or {}).get("sla_projections")
     if not name:
         return {}
@@ -150,7 +221,10 @@ def sla_projections(folder, info: dict, model: nn.Module, layers, device=None, d
     model_name = type(model).__name__
     out: Dict[int, nn.Linear] = {}
     for key, tensor in state.items():
-        module, _, kind = key.rpartition(".")
+        own = _of_expert(key, expert)
+        if own is None:  # the other expert's (its own MODEL loads it)
+            continue
+        module, _, kind = own.rpartition(".")
         layer = index.get(module) if kind in ("weight", "bias") else None
         if layer is None:
             raise ValueError(f"dit_accel: {path} has {key!r}, which is no self-attention layer of this {model_name} "

@@ -260,3 +260,22 @@ def run_node(name: str, model, **widgets):
 def override_of(patcher):
     """The attention override set on a patched MODEL (dit_accel's, or the one set before it)."""
     return patcher.model_options["transformer_options"]["optimized_attention_override"]
+
+
+# Mochi (tests/comfyui/test_mochi.py): ComfyUI's AsymmDiTJoint asserts hidden_size_x * mlp_ratio_x == 1536 * 8; the
+# text stream is narrower than the video's (32 vs 64), as in Mochi (1536 vs 3072)
+MOCHI = dict(image_model="mochi_preview", depth=2, patch_size=2, num_heads=2, hidden_size_x=64, hidden_size_y=32,
+             mlp_ratio_x=192.0, mlp_ratio_y=4.0, learn_sigma=False, in_channels=12, qk_norm=True, qkv_bias=False,
+             out_bias=True, attn_drop=0.0, patch_embed_bias=True, posenc_preserve_area=True, timestep_mlp_bias=True,
+             attend_to_padding=False, timestep_scale=1000.0, use_t5=True, t5_feat_dim=32, t5_token_length=8,
+             rope_theta=10000.0)
+
+
+def _mochi_cond():
+    g = torch.Generator().manual_seed(20)  # two of six T5 tokens padded: GenmoMochi's num_tokens is 4
+    return [[torch.randn(1, 6, 32, generator=g), {"attention_mask": torch.tensor([[1, 1, 1, 1, 0, 0]])}]]
+
+
+MOCHI_CASES = {
+    "mochi": Case("mochi", "GenmoMochi", MOCHI, (1, 12, 3, 8, 8), _mochi_cond, text="last"),
+}
