@@ -2,6 +2,8 @@
 
 import pytest
 
+import dit_accel.plans.plan
+
 from tests.comfyui.comfy_env import import_comfy, missing, snapshot
 from tests.comfyui.models import CASES, build
 
@@ -18,3 +20,17 @@ def comfy():
 def wan(comfy):
     """The small Wan 2.1 T2V model of ComfyUI's own class, built once per test module."""
     return build(comfy, CASES["wan21-t2v"])
+
+
+@pytest.fixture
+def sparse_calls(monkeypatch):
+    """The query lengths of the calls that ran a dit_accel plan (Plan.run: the one sparse execution path)."""
+    seen = []
+    run = dit_accel.plans.plan.Plan.run
+
+    def counted(self, q, *args, **kwargs):
+        seen.append(q.shape[2])
+        return run(self, q, *args, **kwargs)
+
+    monkeypatch.setattr(dit_accel.plans.plan.Plan, "run", counted)
+    return seen

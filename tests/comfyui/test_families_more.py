@@ -54,20 +54,6 @@ def models(comfy):
     return get
 
 
-@pytest.fixture
-def sparse_calls(monkeypatch):
-    """The query lengths of the calls that ran a dit_accel plan (Plan.run: the one sparse execution path)."""
-    seen = []
-    run = dit_accel.plans.plan.Plan.run
-
-    def counted(self, q, *args, **kwargs):
-        seen.append(q.shape[2])
-        return run(self, q, *args, **kwargs)
-
-    monkeypatch.setattr(dit_accel.plans.plan.Plan, "run", counted)
-    return seen
-
-
 @pytest.mark.parametrize("family", FAMILIES)
 def test_the_family_is_the_right_one(models, family):
     cls, name, diffusers_class, layers = EXPECTED[family][:4]

@@ -30,20 +30,6 @@ def mochi(comfy):
     return build(comfy, CASE)
 
 
-@pytest.fixture
-def sparse_calls(monkeypatch):
-    """The query lengths of the calls that ran a dit_accel plan (Plan.run: the one sparse execution path)."""
-    seen = []
-    run = dit_accel.plans.plan.Plan.run
-
-    def counted(self, q, *args, **kwargs):
-        seen.append(q.shape[2])
-        return run(self, q, *args, **kwargs)
-
-    monkeypatch.setattr(dit_accel.plans.plan.Plan, "run", counted)
-    return seen
-
-
 def test_mochi_is_its_own_family_read_around_apply_model(mochi):
     inner = mochi.model.diffusion_model
     family = family_for(inner)
