@@ -135,9 +135,72 @@ class CalibrationSettings:
             raise ValueError(f"--replay-mb must be a finite number of MiB >= 0 (0: off); got {self.replay_mb}")
         if self.search_iters < 0 or self.phases < 1 or self.samples_per_bucket < 1 or self.batch_size < 1:
             raise ValueError("--search-iters >= 0, --phases >= 1, --samples-per-bucket >= 1 and --batch-size >= 1")
+        _check_run_inputs(self)
 
     def call_kwargs(self) -> dict:
         return generation_kwargs(self)
+
+
+def _check_run_inputs(settings: CalibrationSettings) -> None:
+    """What ``dit-accel calibrate`` checks before the model loads, checked for the Python API too: else a bad
+    value ran the dense generation first (a method, arch, kernel or tile refused minutes later, an empty seed list
+    a bare ``max()`` error), or ran to a wrong answer (a NaN or 500 dB budget: a dense plan; a repeated prompt or
+    seed: the same video counted twice, on both sides of the validation split)."""
+    from .._util import is_int, is_number
+    from ..eval.inputs import check_generation_settings
+    from ..eval.metrics import PSNR_CAP
+    from ..kernels.cost import constants
+    from ..pipelines.apply_checks import BACKENDS
+    from .candidates import CALIBRATABLE, GRIDS, check_candidate_tile
+
+    check_generation_settings(settings)
+    psnr = settings.min_psnr
+    if psnr is not None and not (is_number(psnr) and 0 < psnr <= PSNR_CAP):
+        raise ValueError(f"--min-psnr must be a number of dB in (0, {PSNR_CAP:g}], e.g. 30; got {psnr!r}")
+    error = settings.max_layer_error
+    if error is not None and not (is_number(error) and math.isfinite(error)):
+        raise ValueError(f"--max-layer-error must be a finite number > 0 (relative L2, e.g. 0.1); got {error!r}")
+    for name in ("warmup", "cooldown"):
+        values = getattr(settings, name)
+        if not isinstance(values, (list, tuple)) or not all(is_int(v) and v >= 0 for v in values):
+            raise ValueError(f"--{name}-candidates must be step counts >= 0, e.g. (1, 2); got {values!r}")
+    if not (is_number(settings.max_sample_mb) and math.isfinite(settings.max_sample_mb) and settings.max_sample_mb > 0):
+        raise ValueError(f"--max-sample-mb must be a finite number of MiB > 0; got {settings.max_sample_mb!r}")
+    if settings.candidates not in GRIDS:
+        raise ValueError(f"--candidates {settings.candidates!r} is invalid: choose one of {list(GRIDS)}")
+    methods = settings.methods
+    if isinstance(methods, str) or not methods or any(m not in CALIBRATABLE for m in methods):
+        raise ValueError(f"--methods {methods!r} is invalid: a list of methods from {', '.join(CALIBRATABLE)}, "
+                         "e.g. ('tile', 'sla')")
+    try:
+        constants(settings.arch, settings.kernel)
+    except ValueError as exc:
+        raise ValueError(f"--arch {settings.arch} --kernel {settings.kernel}: {exc}") from None
+    if settings.backend not in BACKENDS:
+        raise ValueError(f"--backend {settings.backend!r} is invalid: choose one of {', '.join(BACKENDS)}")
+    _check_tile(settings, check_candidate_tile)
+
+
+def _check_tile(settings: CalibrationSettings, check_candidate_tile) -> None:
+    """``tile``: sizes >= 1, as many as the model's token grid has dimensions where its preset says."""
+    if settings.tile is None:
+        return
+    try:
+        tile = check_candidate_tile(settings.tile)
+    except (ValueError, TypeError):
+        raise ValueError(f"--tile {settings.tile!r} is invalid: one size >= 1 per grid dimension, e.g. (1, 8, 8)") \
+            from None
+    from ..pipelines.presets import PRESETS, resolve_model_family
+
+    try:
+        class_name, _ = resolve_model_family(settings.model)
+    except ValueError:
+        return  # not known before loading: candidate_grid checks it against the grid
+    preset = PRESETS.get(class_name)
+    dims = None if preset is None else preset.grid_dims
+    if dims is not None and len(tile) != dims:
+        raise ValueError(f"--tile {tile} has {len(tile)} sizes, but the token grid of {settings.model} has {dims} "
+                         f"dimensions: give {dims} sizes, {'T,H,W' if dims == 3 else 'H,W'}")
 
 
 def add_quality_options(parser) -> None:

@@ -5,39 +5,11 @@ names the flag, what is allowed and what to do; the commands print it their own 
 from __future__ import annotations
 
 import math
-from typing import Iterable, Optional
+from typing import Optional
 
-from .._util import file_in_the_way
+from .._util import device_error, file_in_the_way  # noqa: F401  (device_error: the commands import it from here)
 
 __all__ = ["device_error", "seed_error", "finite_error", "folder_error", "file_error"]
-
-
-def device_error(device, *, allowed: Iterable[str] = ("cpu", "cuda"), flag: str = "--device",
-                 advice: str = "use --device cpu") -> Optional[str]:
-    """Why ``device`` cannot run a command here (None when it can); ``advice`` ends the message (a command that
-    runs only on a GPU gives its own).
-
-    dit_accel runs on the CPU and on CUDA GPUs: any other device torch knows (``mps``, ``meta``, ``xpu``) is
-    refused by name here rather than failing later inside a model or a kernel with a traceback.
-    """
-    import torch
-
-    allowed = tuple(allowed)
-    spelled = " or ".join("cuda (cuda:N)" if a == "cuda" else a for a in allowed)
-    text = str(device).strip()
-    try:
-        dev = torch.device(text)
-    except (RuntimeError, ValueError, TypeError):
-        return f"{flag} {device} is not a torch device; use {spelled}"
-    if dev.type not in allowed:
-        return f"{flag} {device}: dit-accel runs this on {spelled}, not {dev.type}; {advice}"
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            return f"{flag} {device} but no CUDA device is visible here; {advice}"
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            return f"{flag} {device}: only {torch.cuda.device_count()} CUDA device(s) here (cuda:0 .. " \
-                   f"cuda:{torch.cuda.device_count() - 1})"
-    return None
 
 
 def seed_error(seeds, flag: str = "--seed") -> Optional[str]:

@@ -67,6 +67,18 @@ class EvalSettings:
     def call_kwargs(self, pipe) -> dict:
         return generation_kwargs(self, pipe)
 
+    def check(self) -> None:
+        """ValueError naming the first bad setting (:func:`~.inputs.check_generation_settings`, ``repeats`` >= 1,
+        ``warmup`` >= 0); :func:`run_eval` calls it before anything loads or is written."""
+        from .._util import is_int
+        from .inputs import check_generation_settings
+
+        check_generation_settings(self)
+        for name, least in (("repeats", 1), ("warmup", 0)):
+            value = getattr(self, name)
+            if not (is_int(value) and value >= least):
+                raise ValueError(f"--{name} must be an integer >= {least}; got {value!r}")
+
 
 def generation_kwargs(settings, pipe=None) -> dict:
     """The pipeline call arguments that ``settings`` sets (its ``frames``, ``height``, ``width``, ``steps``,
@@ -639,9 +651,10 @@ def run_eval(settings: EvalSettings, specs: Sequence[MethodSpec], out_dir, *, ca
     problem = fid_inputs_error(fid_weights, real_dir, weights=fid_feature is None)
     if problem:
         raise ValueError(problem)
-    if not settings.prompts:
+    if isinstance(settings.prompts, (list, tuple)) and not settings.prompts:
         raise ValueError("no prompts: EvalSettings.prompts is empty; pass --prompts FILE (one prompt per line) or "
                          "--prompt TEXT")
+    settings.check()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     from ..atomic_files import commit_journal, recover
