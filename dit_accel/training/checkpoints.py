@@ -237,10 +237,11 @@ _CKPT_FILES = ("trainable.safetensors", "optimizer.pt")
 
 
 def _save_checkpoint(out: Path, step: int, params: Dict[str, nn.Parameter], optimizer, scaler, losses, limit: int,
-                     state: Optional[_OutputState] = None):
+                     state: Optional[_OutputState] = None, eval_start: Optional[float] = None):
     """One checkpoint folder, built under a temporary name and renamed into place; its state.json records
-    the sha256 of the other files (checked on resume). Checkpoints past ``limit`` are removed (through ``state``
-    when given, so that a run that is undone gets them back)."""
+    the sha256 of the other files (checked on resume) and ``eval_start``, the held-out loss before the run's first
+    step (a resumed run reports it, not the loss of the weights it resumed from). Checkpoints past ``limit`` are
+    removed (through ``state`` when given, so that a run that is undone gets them back)."""
     from safetensors.torch import save_file
 
     root = out / CKPT_DIR
@@ -251,8 +252,8 @@ def _save_checkpoint(out: Path, step: int, params: Dict[str, nn.Parameter], opti
         crash_point()
         torch.save({"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict() if scaler is not None else None,
                     "rng": _save_rng()}, tmp / "optimizer.pt")
-        atomic_write_json(tmp / "state.json", {"step": step, "loss": losses, "sha256": file_hashes(tmp, _CKPT_FILES)},
-                          indent=None)
+        atomic_write_json(tmp / "state.json", {"step": step, "loss": losses, "eval_loss_start": eval_start,
+                                               "sha256": file_hashes(tmp, _CKPT_FILES)}, indent=None)
     if limit > 0:
         for old in _checkpoints(out)[:-limit]:
             state.remove(old) if state is not None else shutil.rmtree(old, ignore_errors=True)
@@ -291,7 +292,9 @@ def _read_checkpoint(path: Path, params: Dict[str, nn.Parameter]) -> Tuple[dict,
     return state, tensors, blob
 
 
-def _load_checkpoint(path: Path, params: Dict[str, nn.Parameter], optimizer, scaler) -> Tuple[int, List[float]]:
+def _load_checkpoint(path: Path, params: Dict[str, nn.Parameter], optimizer, scaler
+                     ) -> Tuple[int, List[float], Optional[float]]:
+    """``(step, losses, held-out loss before the run's first step or None)`` of a checkpoint loaded into the run."""
     state, tensors, blob = _read_checkpoint(path, params)
     with torch.no_grad():
         for k, p in params.items():
@@ -300,6 +303,7 @@ def _load_checkpoint(path: Path, params: Dict[str, nn.Parameter], optimizer, sca
     if scaler is not None and blob.get("scaler") is not None:
         scaler.load_state_dict(blob["scaler"])
     _load_rng(blob["rng"])
-    return int(state["step"]), list(state["loss"])
+    eval_start = state.get("eval_loss_start")  # (checkpoints of earlier versions have none)
+    return int(state["step"]), list(state["loss"]), float(eval_start) if isinstance(eval_start, (int, float)) else None
 
 

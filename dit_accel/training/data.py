@@ -16,6 +16,7 @@ pure function of ``(seed, epoch)`` so that resumed runs see the same data.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import List, Sequence
 
@@ -61,12 +62,27 @@ def inputs_digest(prompts=None, data=None) -> str:
     if data is not None:
         root = Path(data)
         h.update(b"data:" + sha256_file(root / "metadata.jsonl").encode())
-        for name in sorted(p.name for p in root.iterdir() if p.is_file()
-                           and p.suffix.lower() in IMAGE_EXTENSIONS + VIDEO_EXTENSIONS):
+        names = {p.name for p in root.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS + VIDEO_EXTENSIONS}
+        # and the files metadata.jsonl names in subfolders ("clips/a.mp4"): a resumed run must see those unchanged too
+        names |= {n for n in _named_files(root) if (root / n).is_file()}
+        for name in sorted(names):
             h.update(f"{name}:{sha256_file(root / name)}".encode())
     elif prompts is not None:
         h.update(b"prompts:" + sha256_file(prompts).encode())
     return h.hexdigest()
+
+
+def _named_files(root: Path) -> List[str]:
+    """The ``file_name`` of every readable line of ``root/metadata.jsonl`` (:class:`CaptionDataset` checks them)."""
+    names = []
+    for line in read_text(root / "metadata.jsonl", what="metadata.jsonl").splitlines():
+        try:
+            name = json.loads(line)["file_name"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            continue
+        if isinstance(name, str) and name.strip():
+            names.append(os.path.normpath(name))
+    return names
 
 
 def _load_frames(path: Path) -> np.ndarray:
@@ -124,7 +140,7 @@ class CaptionDataset:
                 f"--data {str(self.root)!r} has no metadata.jsonl; write one line per file: "
                 '{"file_name": "clip.mp4", "text": "its caption"}.'
             )
-        captions = {}
+        captions, lines = {}, {}
         text = read_text(meta, what='metadata.jsonl: UTF-8 text, one {"file_name": ..., "text": ...} per line')
         for n, line in enumerate(text.splitlines(), 1):
             if not line.strip():
@@ -134,11 +150,17 @@ class CaptionDataset:
                 name, text = row["file_name"], row["text"]
             except (json.JSONDecodeError, KeyError, TypeError):
                 raise ValueError(f"{meta}:{n}: expected a JSON object with 'file_name' and 'text'.") from None
+            if not isinstance(name, str) or not name.strip():
+                raise ValueError(f"{meta}:{n}: 'file_name' {name!r} is invalid: the file's name in the folder, "
+                                 "e.g. \"clip.mp4\".")
             if not isinstance(text, str) or not text.strip():
                 raise ValueError(f"{meta}:{n}: the caption ('text') of {name!r} is empty.")
             if not (self.root / name).is_file():
                 raise ValueError(f"{meta}:{n}: file {name!r} does not exist in {str(self.root)!r}.")
-            captions[name] = text.strip()
+            if name in captions:  # (the later line replaced the earlier caption without a word)
+                raise ValueError(f"{meta}:{n}: {name!r} has a caption already (line {lines[name]}); give each file "
+                                 "one line.")
+            captions[name], lines[name] = text.strip(), n
         missing = [m for m in media if m not in captions]
         if missing:
             shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")

@@ -181,7 +181,7 @@ def _finish(trainer: _Trainer, out: Path, state: Optional[_OutputState], start: 
         if accelerator.is_main_process:
             if config.steps > start:
                 _save_checkpoint(out, config.steps, trainer.params, trainer.optimizer, trainer.scaler, losses,
-                                 config.checkpoints_total_limit, state)
+                                 config.checkpoints_total_limit, state, eval_start=eval_start)
             _write_results(trainer, out, result)
     except NonFiniteOutputError:
         if state is not None:
@@ -224,6 +224,9 @@ def finetune(config: FinetuneConfig) -> Dict[str, Any]:
         eval_start = trainer.eval_loss()
     except ValueError as e:
         raise ValueError(f"{_method_label(config)} on token grid {trainer.grid}: {e}") from None
+    if resumed_from is not None and trainer.resumed_eval_start is not None and eval_start is not None:
+        eval_start = trainer.resumed_eval_start  # the run's start, not the checkpoint's weights
+    trainer.eval_start = eval_start
     state = _OutputState(out) if accelerator.is_main_process else None
     _init_output(config, accelerator, out, out_contents, state)
     if config.mode == "distill" and trainer.samples_per_step < DISTILL_SAMPLES_PER_STEP and config.progress \

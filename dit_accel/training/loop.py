@@ -153,6 +153,9 @@ class _Trainer:
         self.accum = config.gradient_accumulation_steps or (
             math.ceil(DISTILL_SAMPLES_PER_STEP / (config.batch_size * self.world)) if config.mode == "distill" else 1)
         self.samples_per_step = config.batch_size * self.accum * self.world
+        # The held-out loss before the run's first step: measured, or read back from the checkpoint resumed from.
+        self.eval_start: Optional[float] = None
+        self.resumed_eval_start: Optional[float] = None
 
     # ------------------------------------------------------------- set-up
     def _prepare_text(self, prompts) -> None:
@@ -455,7 +458,7 @@ def _train(trainer: _Trainer, out: Path, start: int, losses: List[float], state=
         if accelerator.is_main_process and done < config.steps and config.checkpoint_every \
                 and done % config.checkpoint_every == 0:
             _save_checkpoint(out, done, trainer.params, trainer.optimizer, trainer.scaler, losses,
-                             config.checkpoints_total_limit, state)
+                             config.checkpoints_total_limit, state, eval_start=trainer.eval_start)
         accelerator.wait_for_everyone()
     bar.close()
     return time.perf_counter() - t0
@@ -477,7 +480,8 @@ def _resume(trainer: _Trainer, out: Path) -> Tuple[int, List[float], Optional[in
                          "--overwrite to train again from step 0.")
     for path in reversed(found):  # a bad latest checkpoint: the one before it, with a warning
         try:
-            start, losses = _load_checkpoint(path, trainer.params, trainer.optimizer, trainer.scaler)
+            start, losses, trainer.resumed_eval_start = _load_checkpoint(path, trainer.params, trainer.optimizer,
+                                                                         trainer.scaler)
         except BadFileError as err:
             older = [p for p in found if _step_of(p) < _step_of(path)]
             if not older:
