@@ -85,7 +85,11 @@ def check_candidate_tile(tile: Optional[Sequence[int]], grid: Optional[Sequence[
     differs from the grid's dimensions."""
     if tile is None:
         return None
-    tile = tuple(int(t) for t in tile)
+    from .._util import is_int
+
+    if isinstance(tile, (str, bytes)) or not hasattr(tile, "__iter__") or not all(is_int(t) for t in tile):
+        raise ValueError(f"tile={tile!r} is invalid: one whole number >= 1 per grid dimension, e.g. 1,8,8 or 4,4,4")
+    tile = tuple(int(t) for t in tile)  # (before: 1.5 read as 1)
     if not tile or any(t < 1 for t in tile):
         raise ValueError(f"tile={tile} is invalid: one size >= 1 per grid dimension, e.g. 1,8,8 or 4,4,4")
     if grid is not None and len(tile) != len(grid):

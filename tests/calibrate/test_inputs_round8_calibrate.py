@@ -67,3 +67,13 @@ def test_good_settings_reach_the_model_loader(tmp_path, monkeypatch):
         calibrate(_settings(tile=(1, 8, 8), methods=("tile", "sla"), seeds=(0, 1), max_layer_error=0.2),
                   tmp_path / "plan.json", progress=False, log=lambda m: None)
     assert seen == ["tiny-shapes"]
+
+
+@pytest.mark.parametrize("tile", [(1.5, 8, 8), "188", (1, True, 8)], ids=["float", "str", "bool"])
+def test_a_candidate_tile_of_other_than_whole_numbers_is_refused(tile):
+    """Before: check_candidate_tile read 1.5 as 1 and a string as its characters' digits."""
+    from dit_accel.calibrate.candidates import check_candidate_tile
+
+    with pytest.raises(ValueError, match="one whole number >= 1 per grid dimension"):
+        check_candidate_tile(tile)
+    assert check_candidate_tile((1, 8, 8)) == (1, 8, 8)
