@@ -105,6 +105,25 @@ def test_flux2_reference_ids_that_are_no_raster_are_refused_naming_the_image():
         P.PRESETS["Flux2Transformer2DModel"].read_grid(model, dict(kwargs, img_ids=ids))
 
 
+# ------------------------------------------------------------------ FLUX.1 Kontext: the reference image at index 1
+def test_flux_kontext_keeps_the_reference_image_exact_and_the_image_sparse():
+    """FluxKontextPipeline's call: [text, image, reference image], the reference's ids at index 1 (the generated
+    image's at 0), its own raster. Before: refused ("reference-image conditioning such as Kontext is not
+    supported")."""
+    model = T.build_tiny_transformer("flux")
+    grid = T.TRANSFORMER_GRIDS["flux"]
+    kwargs = T.tiny_transformer_inputs("flux", model)
+    rows, cols = torch.meshgrid(torch.arange(5), torch.arange(6), indexing="ij")
+    ref_ids = torch.stack([torch.ones_like(rows), rows, cols], -1).reshape(-1, 3).to(kwargs["img_ids"].dtype)
+    ref = torch.randn(1, 30, model.config.in_channels, generator=torch.Generator().manual_seed(5))
+    kwargs.update(img_ids=torch.cat([kwargs["img_ids"], ref_ids]), hidden_states=torch.cat([kwargs["hidden_states"],
+                                                                                            ref], 1))
+    info = P.PRESETS["FluxTransformer2DModel"].read_grid(model, kwargs)
+    assert info.grid == grid and info.num_after == 30
+    method = dit_accel.GNA(kernel_size=(3, 5))
+    _check(model, kwargs, method, gna_mask(grid, method.kernel_size), 30, layers=2)
+
+
 # ------------------------------------------------------------------ Qwen-Image edit
 def _qwen_edit(model, batch=2, refs=((1, 4, 6),)):
     grid = T.TRANSFORMER_GRIDS["qwenimage"]
