@@ -30,9 +30,10 @@ class SpanReference(TorchFunctionMode):
     (text before, ``after`` reference tokens behind) is allowed; a bool key mask (B, S) / (B, 1, 1, S) is
     honoured. Shorter and cross-attention calls pass through."""
 
-    def __init__(self, pattern, after):
+    def __init__(self, pattern, after, image_alone=False):
         super().__init__()
         self.pattern, self.after, self.calls = pattern, after, 0
+        self.image_alone = image_alone  # calls of the image's tokens alone follow the pattern too (FLUX.3's image mode)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -41,9 +42,10 @@ class SpanReference(TorchFunctionMode):
         call = dict(zip(("query", "key", "value", "attn_mask"), args), **kwargs)
         q, k, v, mask = call["query"], call["key"], call["value"], call.get("attn_mask")
         n, s = self.pattern.shape[0], q.shape[2]
-        if k.shape[2] != s or s < n + self.after:
+        alone = self.image_alone and s == n
+        if k.shape[2] != s or (s < n + self.after and not alone):
             return func(*args, **kwargs)
-        start = s - n - self.after
+        start = 0 if alone else s - n - self.after
         allowed = torch.ones(s, s, dtype=torch.bool)
         allowed[start:start + n, start:start + n] = self.pattern
         outs = []
@@ -55,9 +57,9 @@ class SpanReference(TorchFunctionMode):
         return torch.cat(outs).to(q.dtype)
 
 
-def _check(model, kwargs, method, pattern, after, layers):
+def _check(model, kwargs, method, pattern, after, layers, image_alone=False):
     dense = _run(model, kwargs)
-    with SpanReference(pattern, after) as ref_mode:
+    with SpanReference(pattern, after, image_alone) as ref_mode:
         ref = _run(model, kwargs)
     with dit_accel.apply(model, method, backend="torch") as handle:
         out = _run(model, kwargs)
@@ -122,6 +124,23 @@ def test_flux_kontext_keeps_the_reference_image_exact_and_the_image_sparse():
     assert info.grid == grid and info.num_after == 30
     method = dit_accel.GNA(kernel_size=(3, 5))
     _check(model, kwargs, method, gna_mask(grid, method.kernel_size), 30, layers=2)
+
+
+# ------------------------------------------------------------------ FLUX.3 image-to-image: references after the image
+def test_flux3_reference_images_stay_exact_and_the_image_sparse():
+    """Flux3's joint blocks run [text, image, reference] with image_cond_hidden_states; its image-mode blocks the
+    image alone. Before: refused ("the image is neither first nor last")."""
+    model = T.build_tiny_transformer("flux3")
+    grid = T.TRANSFORMER_GRIDS["flux3"]
+    kwargs = T.tiny_transformer_inputs("flux3", model)
+    rows, cols = torch.meshgrid(torch.arange(4), torch.arange(5), indexing="ij")
+    cond_ids = torch.stack([torch.full_like(rows, 10), rows, cols, torch.zeros_like(rows)], -1).reshape(-1, 4)
+    kwargs.update(image_cond_hidden_states=torch.randn(1, 20, 8, generator=torch.Generator().manual_seed(5)),
+                  image_cond_ids=cond_ids)
+    info = P.PRESETS["Flux3Transformer2DModel"].read_grid(model, kwargs)
+    assert info.grid == grid and info.num_after == 20
+    method = dit_accel.GNA(kernel_size=(3, 5))
+    _check(model, kwargs, method, gna_mask(grid, method.kernel_size), 20, layers=2, image_alone=True)
 
 
 # ------------------------------------------------------------------ Qwen-Image edit

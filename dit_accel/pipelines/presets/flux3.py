@@ -7,10 +7,12 @@ Each token mode first runs per-mode blocks that attend within that mode only: ``
 ``single_transformer_blocks.*.attn`` attend over [text, image] (text first).
 
 Calls with reference images (``image_cond_hidden_states``, image-to-image) append the reference tokens after
-the image in the joint sequence ([text, image, reference]), so the image is neither first nor last beside
-the other tokens: they are refused with the reason (dense works)."""
+the image in the joint sequence ([text, image, reference]): they keep exact (dense) rows and columns, like the
+text (``GridInfo.num_after``); the reference-mode blocks attend within the references and are left alone."""
 
 from __future__ import annotations
+
+import torch
 
 from ._common import IMAGE_DEFAULTS, GridInfo, Preset, raster_ids, tensor_arg, text_len
 
@@ -18,13 +20,11 @@ __all__ = ["PRESETS"]
 
 
 def _grid(model, args) -> GridInfo:
-    if args.get("image_cond_hidden_states") is not None:
-        raise ValueError("dit_accel: this FLUX.3 call has reference images (image_cond_hidden_states), whose tokens "
-                         "follow the image in the joint sequence ([text, image, reference]); dit_accel cannot place "
-                         "them: call without reference images (text-to-image works) or use the dense model")
     x = tensor_arg(args, "hidden_states")  # (B, N, C)
     h, w = raster_ids(tensor_arg(args, "img_ids"), x.shape[1], "FLUX.3 image")
-    return GridInfo((h, w), text_len(args))
+    cond = args.get("image_cond_hidden_states")  # (B, M, C'): the reference tokens, after the image when joint
+    after = int(cond.shape[1]) if isinstance(cond, torch.Tensor) else 0
+    return GridInfo((h, w), text_len(args) + after, num_after=after)
 
 
 PRESETS = (
@@ -37,7 +37,7 @@ PRESETS = (
         min_diffusers="0.42.1",
         defaults=dict(IMAGE_DEFAULTS),  # dit_accel defaults (as FLUX.1): no published setting for FLUX.3
         notes="FLUX.3; image-mode self-attention and joint attention [text, image], 2-D grid (H, W) from img_ids; "
-              "text-mode blocks dense; reference images (image_cond_hidden_states) refused",
+              "text-mode blocks dense; reference images (image_cond_hidden_states) exact like text",
         hub_words=((r"flux[._-]?3", None),),
     ),
 )
