@@ -14,8 +14,9 @@ frame-major, then row, then column, the order of METHODS.md, and so is Cosmos Pr
 with a row-major view of 2x2 patches. Wan's subclasses patchify as Wan: VACE and Animate hold reference frames as
 the latent's leading frames (dense, before the grid, as dit_accel's Diffusers presets run them), HuMo appends its
 reference frames after the video. Joint attention: [text, image] for FLUX, Chroma, Qwen-Image and Lumina 2 (the
-caption's valid tokens), [video, text] for HunyuanVideo; reference images added elsewhere in the sequence (FLUX
-Kontext, Qwen-Image-Edit, HunyuanVideo's ref_latent) leave the call off the layout (``Family.off_grid``).
+caption's valid tokens), [video, text] for HunyuanVideo. Reference images on the grid's other side, FLUX Kontext's and
+Qwen-Image-Edit's after the image ([text, image, references]) and HunyuanVideo's ref_latent before the video
+([reference, video, text]), are counted exactly per call (``Family.references``) and run dense, as text does.
 HunyuanImage 2.1 is ComfyUI's HunyuanVideo class with a 2-D patch (``Family.when`` tells them apart): [image, text,
 ByT5 tokens]. Mochi patchifies each frame with a Conv2d, ``(B T) C H W -> B (T H W) C``, and attends over [video, the
 first ``num_tokens`` text tokens] (the padded rest cut off; its text stream projected to the video's heads and head
@@ -103,13 +104,29 @@ def _leading_frames(model: nn.Module, x, call, grid) -> int:
 
 def _text_tokens(model: nn.Module, x, call, grid) -> Optional[int]:
     """The text tokens of a joint-attention call, exactly: ``context`` (and HunyuanImage's ByT5 tokens). Reference
-    images a model adds to the sequence (FLUX Kontext's and Qwen-Image-Edit's after the image, HunyuanVideo's
-    ``ref_latent`` before the video) then leave the call off this layout: it runs ComfyUI's own attention."""
+    images on the grid's other side are counted apart (``Family.references``)."""
     context, byt5 = call.get("context"), call.get("txt_byt5")
     if not hasattr(context, "shape"):
         return None
     extra = int(byt5.shape[1]) if getattr(model, "byt5_in", None) is not None and hasattr(byt5, "shape") else 0
     return int(context.shape[1]) + extra
+
+
+def _reference_images(model: nn.Module, x, call, grid) -> int:
+    """The tokens FLUX Kontext and Qwen-Image-Edit append after the image, exactly: each latent of ``ref_latents``
+    in list order, padded to whole patches and patchified as the image is (its last two axes; Qwen-Image's
+    ``(B, C, 1, H, W)``). The ``ref_latents_method`` variants ("offset", "index", "uxo") change the references'
+    position ids, not their place or count."""
+    refs = call.get("ref_latents")
+    if refs is None:
+        return 0
+    return sum(math.prod(_patched_grid((*r.shape[:2], *r.shape[-2:]), model.patch_size)) for r in refs)
+
+
+def _reference_latent(model: nn.Module, x, call, grid) -> int:
+    """The tokens of HunyuanVideo's ``ref_latent``, exactly: put before the video by the same patch embedding."""
+    ref = call.get("ref_latent")
+    return 0 if ref is None else math.prod(_patched_grid(ref.shape, model.patch_size))
 
 
 def _image_grid(model: nn.Module, x, call=None) -> Tuple[int, ...]:
@@ -229,6 +246,10 @@ class Family:
             grid and step: ``"diffusion_model"`` (the model's forward runs it) or ``"apply_model"`` (the
             ``BaseModel.apply_model`` that calls the model; for a forward that runs no wrapper, as Mochi's). The
             ``grid`` and ``off_grid`` functions get the diffusion model's arguments by name either way.
+        references: ``(diffusion_model, latent x, call arguments, grid) -> int``: the exact number of tokens on the
+            grid's other side from the text in each self-attention call (reference images: [text, grid, references]
+            when text leads, [references, grid, text] when it trails), which run dense as text does; added to
+            ``off_grid``'s count. None: none.
     """
 
     name: str
@@ -241,10 +262,13 @@ class Family:
     off_grid: Optional[Callable[[nn.Module, object, dict, Tuple[int, ...]], int]] = None
     when: Optional[Callable[[nn.Module], bool]] = None
     hook: str = "diffusion_model"
+    references: Optional[Callable[[nn.Module, object, dict, Tuple[int, ...]], int]] = None
 
     def __post_init__(self):
         if self.hook not in HOOKS:
             raise ValueError(f"Family {self.name!r}: hook={self.hook!r} is not one of {', '.join(HOOKS)}")
+        if self.references is not None and (self.off_grid is None or self.text_position == "none"):
+            raise ValueError(f"Family {self.name!r}: references need a text position and an exact off_grid count")
 
 
 FAMILIES: Tuple[Family, ...] = (
@@ -262,8 +286,8 @@ FAMILIES: Tuple[Family, ...] = (
            "and CLIP/text cross-attention dense", _leading_frames),
     Family("HunyuanVideo", ("HunyuanVideo",), "HunyuanVideoTransformer3DModel", "last", _hunyuan_layers,
            _hunyuan_grid, "HunyuanVideo T2V and I2V: double blocks then single blocks, [video, text] with padded "
-           "text masked; calls with a ref_latent (before the video) run ComfyUI's own attention", _text_tokens,
-           _hunyuan_video),
+           "text masked; a ref_latent (before the video) dense", _text_tokens, _hunyuan_video,
+           references=_reference_latent),
     Family("HunyuanImage 2.1", ("HunyuanVideo",), "HunyuanImageTransformer2DModel", "last", _hunyuan_layers,
            _hunyuan_grid, "HunyuanImage 2.1 (image; ComfyUI's HunyuanVideo class with a 2-D patch): double blocks "
            "then single blocks, [image, text] (Qwen2.5-VL tokens, then ByT5's), padded text masked", _text_tokens,
@@ -276,13 +300,13 @@ FAMILIES: Tuple[Family, ...] = (
     Family("Cosmos", ("MiniTrainDIT",), "CosmosTransformer3DModel", "none", _wan_layers, _cosmos_grid,
            "Cosmos Predict2 (text/image to image and video): blocks.*.self_attn over video only"),
     Family("FLUX", ("Flux",), "FluxTransformer2DModel", "first", _hunyuan_layers, _hunyuan_grid,
-           "FLUX.1 dev and schnell (image): double blocks then single blocks, [text, image]; Kontext calls "
-           "(reference images after the image) run ComfyUI's own attention", _text_tokens),
+           "FLUX.1 dev, schnell and Kontext (image): double blocks then single blocks, [text, image]; Kontext's "
+           "reference images (after the image) dense", _text_tokens, references=_reference_images),
     Family("Chroma", ("Chroma",), "ChromaTransformer2DModel", "first", _hunyuan_layers, _hunyuan_grid,
            "Chroma (image): double blocks then single blocks, [text, image]", _text_tokens),
     Family("Qwen-Image", ("QwenImageTransformer2DModel",), "QwenImageTransformer2DModel", "first", _qwen_layers,
-           _image_grid, "Qwen-Image (image): transformer_blocks.*.attn over [text, image]; Qwen-Image-Edit calls "
-           "(reference images after the image) run ComfyUI's own attention", _text_tokens),
+           _image_grid, "Qwen-Image and Qwen-Image-Edit (image): transformer_blocks.*.attn over [text, image]; "
+           "Edit's reference images (after the image) dense", _text_tokens, references=_reference_images),
     Family("Lumina 2", ("NextDiT",), "Lumina2Transformer2DModel", "first", _lumina_layers, _lumina_grid,
            "Lumina Image 2.0 (image): noise_refiner.*.attention (image alone), then layers.*.attention over "
            "[caption, image]; the caption refiner dense"),

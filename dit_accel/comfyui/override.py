@@ -44,14 +44,17 @@ _STACK_DEPTH = 6
 
 @dataclass(frozen=True)
 class CallState:
-    """What one diffusion-model call knows: its token grid, its step ``(step, total)`` and sigma if sampled, and
-    the exact number of tokens off the grid its self-attention calls hold (None: any number, as text)."""
+    """What one diffusion-model call knows: its token grid, its step ``(step, total)`` and sigma if sampled, the
+    exact number of tokens off the grid its self-attention calls hold (None: any number, as text), and of those the
+    reference tokens on the grid's other side from the text (``Family.references``: after the grid when text
+    leads, before it when text trails)."""
 
     grid: Tuple[int, ...]
     step: Optional[int]
     total: Optional[int]
     sigma: Optional[float]
     off_grid: Optional[int] = None
+    references: int = 0
 
     @property
     def num_video(self) -> int:
@@ -104,6 +107,8 @@ class Report:
         sparse = [c for c in calls.values() if c[0] != "dense"]
         dense = [c for c in calls.values() if c[0] == "dense"]
         head = f"dit_accel: {self.model_name} grid {tuple(state.grid)}"
+        if state.references:
+            head += f" + {state.references} reference tokens (dense)"
         parts = []
         if sparse:
             densities = [float(c[1]) for c in sparse if c[1] is not None]
@@ -158,9 +163,13 @@ class Patch:
         call = _named(executor, x, args, kwargs)
         if apply_model:
             call = _as_model_call(model, call)
-        grid = self.family.grid(model, x, call)
-        off_grid = None if self.family.off_grid is None else self.family.off_grid(model, x, call, grid)
-        state = CallState(grid, step, total, sigma, off_grid)
+        family = self.family
+        grid = family.grid(model, x, call)
+        off_grid = None if family.off_grid is None else family.off_grid(model, x, call, grid)
+        references = 0 if family.references is None else family.references(model, x, call, grid)
+        if off_grid is not None:
+            off_grid += references
+        state = CallState(grid, step, total, sigma, off_grid, references)
         if self.call_check is not None:
             self.call_check(state.grid, total)
         token = self._call.set(state)
@@ -260,23 +269,34 @@ class AttentionOverride:
         else:
             b, d = q.shape[0], q.shape[-1] // heads
             q, k, v = (t.view(b, -1, heads, d).transpose(1, 2) for t in (q, k, v))
-        s, n = q.shape[2], state.num_video
+        s, n, refs = q.shape[2], state.num_video, state.references
         num_text = s - n
         position = patch.family.text_position
+        text_first = position == "first"
         key_mask, mask_ok = _key_mask(call.get("mask"), s)
         fits = (k.shape[2] == s and v.shape[2] == s and mask_ok
-                and (num_text == 0 if position == "none" else num_text >= 0)
-                and (state.off_grid is None or num_text == state.off_grid)
-                and (key_mask is None or _video_keys_unmasked(key_mask, n, position == "first")))
+                and (num_text == 0 if position == "none" else num_text >= refs)
+                and (state.off_grid is None or num_text == state.off_grid))
+        if fits and refs:
+            # The references join the text ([text, grid, refs] -> [text, refs, grid]; [refs, grid, text] ->
+            # [grid, text, refs]), as the Diffusers path routes them; moved back after the plan has run.
+            start, length = (num_text - refs, n) if text_first else (0, refs)
+            q, k, v = (_to_end(t, 2, start, length) for t in (q, k, v))
+            key_mask = None if key_mask is None else _to_end(key_mask, 3, start, length)
+        fits = fits and (key_mask is None or _video_keys_unmasked(key_mask, n, text_first))
         if not fits:
             patch.report.dense(layer, "call does not match the grid")
             LOG.warning("dit_accel: %s layer %d made an attention call of %d queries / %d keys (mask %s) that does "
-                        "not match the token grid %s (%d tokens); it runs ComfyUI's own attention",
-                        patch.model_name, layer, s, k.shape[2], type(call.get("mask")).__name__, state.grid, n)
+                        "not match the token grid %s (%d tokens; off it: %s, of which %d reference tokens); it runs "
+                        "ComfyUI's own attention", patch.model_name, layer, s, k.shape[2],
+                        type(call.get("mask")).__name__, state.grid, n,
+                        "any number" if state.off_grid is None else state.off_grid, refs)
             return None
-        out, density = plan.run(q, k, v, num_text=num_text, text_first=position == "first", key_mask=key_mask,
+        out, density = plan.run(q, k, v, num_text=num_text, text_first=text_first, key_mask=key_mask,
                                 backend=patch.backend, proj=patch.projection(layer, q))
         patch.report.sparse(layer, plan.method, density, plan.backend_for(q, k, v, patch.backend), plan.token_density)
+        if refs:
+            out = _to_end(out, 2, *((num_text - refs, refs) if text_first else (0, s - refs)))
         if call.get("skip_output_reshape"):
             return out
         return out.transpose(1, 2).reshape(b, s, -1)
@@ -323,6 +343,12 @@ def _key_mask(mask, s: int):
     if mask.dim() >= 2 and mask.shape[-2] != 1:
         return None, False
     return mask.reshape(mask.numel() // s, 1, 1, s), True
+
+
+def _to_end(t: torch.Tensor, dim: int, start: int, length: int) -> torch.Tensor:
+    """``t`` with its ``length`` tokens from ``start`` (on ``dim``) moved to the end: [a, b, c] -> [a, c, b]."""
+    return torch.cat([t.narrow(dim, 0, start), t.narrow(dim, start + length, t.shape[dim] - start - length),
+                      t.narrow(dim, start, length)], dim=dim)
 
 
 def _video_keys_unmasked(mask: torch.Tensor, num_video: int, text_first: bool) -> bool:

@@ -158,23 +158,31 @@ def test_animate_needs_a_video_frame_after_its_reference(models):
         family_for(inner).grid(inner, torch.zeros(1, 16, 1, 8, 8), {})
 
 
-@pytest.mark.parametrize("family, extras, queries", [
-    ("qwen-image", dict(reference_latents=[torch.ones(1, 16, 1, 8, 10)]), 46),  # Qwen-Image-Edit: [text, image, ref]
-    ("flux", dict(reference_latents=[torch.ones(1, 16, 8, 10)]), 46),  # FLUX Kontext: [text, image, reference]
-    ("hunyuan-video", dict(ref_latent=torch.ones(1, 16, 1, 8, 8)), 70),  # [reference, video, text]
-], ids=["qwen-image-edit", "flux-kontext", "hunyuan-video-ref-latent"])
-def test_reference_images_off_the_layout_run_comfyuis_attention_and_say_so(comfy, models, caplog, sparse_calls,
-                                                                            family, extras, queries):
-    """The reference tokens sit where the family's layout has none (after the image when text leads, before the
-    video when text trails): the video slice would be shifted, so those calls run ComfyUI's own attention."""
-    case, model = MORE_CASES.get(family) or CASES[family], models(family)
-    method = (PATTERNS if len(case.latent) == 5 and family != "qwen-image" else IMAGE_PATTERNS)["tile"][0]
+def _four_more_tokens(args):
+    """A FLUX ``post_input`` patch (ComfyUI's hook after the input projections) that appends 4 image tokens."""
+    img, ids = args["img"], args["img_ids"]
+    return dict(args, img=torch.cat([img, img[:, :4]], dim=1), img_ids=torch.cat([ids, ids[:, :4]], dim=1))
+
+
+@pytest.mark.parametrize("extras, queries, references", [
+    (dict(), 30, 0),  # [text 6, image 20, 4 more]
+    (dict(reference_latents=[torch.ones(1, 16, 8, 10)]), 50, 20),  # FLUX Kontext: [text, image, reference, 4 more]
+], ids=["flux", "flux-kontext"])
+def test_tokens_off_the_layout_run_comfyuis_attention_and_say_so(comfy, models, caplog, sparse_calls, extras, queries,
+                                                                  references):
+    """Reference images are counted (tests/comfyui/test_reference_images.py); tokens a patch adds that no family
+    counts would shift the grid, so those calls run ComfyUI's own attention, with a warning."""
+    case, model = CASES["flux"], models("flux")
+    method = IMAGE_PATTERNS["tile"][0]
+    extended = model.clone()
+    extended.set_model_patch(_four_more_tokens, "post_input")
     with caplog.at_level(logging.INFO, logger="dit_accel.comfyui"):
-        out = _run(comfy, patch_model(model, method, backend="torch"), case, **extras)
+        out = _run(comfy, patch_model(extended, method, backend="torch"), case, **extras)
     assert f"{queries} queries" in caplog.text and "layers dense (call does not match the grid)" in caplog.text
+    assert f"(20 tokens; off it: {6 + references}, of which {references} reference tokens)" in caplog.text
     assert not sparse_calls
-    assert torch.equal(out, _run(comfy, model, case, **extras))
-    _run(comfy, patch_model(model, method, backend="torch"), case)  # without references: the sparse path
+    assert torch.equal(out, _run(comfy, extended, case, **extras))
+    _run(comfy, patch_model(model, method, backend="torch"), case, **extras)  # without the patch: the sparse path
     assert sparse_calls
 
 
