@@ -409,16 +409,6 @@ def test_a_processor_set_after_apply_is_respected_and_kept_by_remove():
     torch.testing.assert_close(_tiny_wan_call(model), dense, rtol=0, atol=0)
 
 
-def test_ltx_condition_pipeline_is_refused_with_its_reason():
-    from diffusers import LTXConditionPipeline
-
-    pipe = LTXConditionPipeline(scheduler=None, vae=None, text_encoder=None, tokenizer=None,
-                                transformer=T.build_tiny_transformer("ltx"))
-    with pytest.raises(ValueError, match=r"does not support LTXConditionPipeline: .*video_coords.*Use LTXPipeline"):
-        dit_accel.apply(pipe, dit_accel.Tile(tile=(1, 4, 4), window=(1, 3, 3)))
-    assert not any(isinstance(p, SparseAttnProcessor) for p in pipe.transformer.attn_processors.values())
-
-
 def test_a_plan_that_visits_every_block_says_it_saves_nothing():
     """Grid (3, 4, 4) = 48 tokens in one 64-token block: Tile still masks (each frame sees itself) but visits
     every block; the user is told once, and the result is still the method's, not dense."""
