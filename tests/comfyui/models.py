@@ -5,6 +5,7 @@ every valid key."""
 
 from __future__ import annotations
 
+import importlib
 import types
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -110,11 +111,12 @@ def _ltxv_cond():
 def _vace_cond():
     """WanVaceToVideo's conditioning with a reference image: its latent leads the control frames, with a reactive
     half that is zero after process_latent_in (ComfyUI's process_out of zeros) and a zero mask."""
-    import comfy.latent_formats
+    # (ComfyUI is the snapshot the `comfy` fixture put on sys.path, not a package the test extra installs)
+    latent_formats = importlib.import_module("comfy.latent_formats")
 
     g = torch.Generator().manual_seed(10)
     frames = torch.randn(1, 32, 4, 8, 8, generator=g)
-    frames[:, 16:, :1] = comfy.latent_formats.Wan21().process_out(torch.zeros(1, 16, 1, 8, 8))
+    frames[:, 16:, :1] = latent_formats.Wan21().process_out(torch.zeros(1, 16, 1, 8, 8))
     mask = torch.rand(1, 64, 4, 8, 8, generator=g)
     mask[:, :, :1] = 0
     return [[torch.randn(1, 8, 4096, generator=g), {"vace_frames": [frames], "vace_mask": [mask],
