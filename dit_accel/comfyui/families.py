@@ -13,10 +13,13 @@ frame-major, then row, then column, the order of METHODS.md, and so is Cosmos Pr
 ``b t h w d -> b (t h w) d``; FLUX and Chroma with ``b c (h ph) (w pw) -> b (h w) ...``, Qwen-Image and Lumina 2
 with a row-major view of 2x2 patches. Wan's subclasses patchify as Wan: VACE and Animate hold reference frames as
 the latent's leading frames (dense, before the grid, as dit_accel's Diffusers presets run them), HuMo appends its
-reference frames after the video. Joint attention: [text, image] for FLUX, Chroma, Qwen-Image and Lumina 2 (the
-caption's valid tokens), [video, text] for HunyuanVideo. Reference images on the grid's other side, FLUX Kontext's and
-Qwen-Image-Edit's after the image ([text, image, references]) and HunyuanVideo's ref_latent before the video
-([reference, video, text]), are counted exactly per call (``Family.references``) and run dense, as text does.
+reference frames after the video. On Wan's own class, a ``ref_conv`` (Wan 2.2 Fun's reference image, also Animate's)
+puts the ``reference_latent``'s tokens before the video, and Phantom's ``time_dim_concat`` subject frames follow the
+video's frames: [reference, video, subject frames], both counted exactly per call and dense. Joint attention: [text,
+image] for FLUX, Chroma, Qwen-Image and Lumina 2 (the caption's valid tokens), [video, text] for HunyuanVideo.
+Reference images on the grid's other side, FLUX Kontext's and Qwen-Image-Edit's after the image ([text, image,
+references]) and HunyuanVideo's ref_latent before the video ([reference, video, text]), are counted exactly per call
+(``Family.references``) and run dense, as text does.
 HunyuanImage 2.1 is ComfyUI's HunyuanVideo class with a 2-D patch (``Family.when`` tells them apart): [image, text,
 ByT5 tokens]. Mochi patchifies each frame with a Conv2d, ``(B T) C H W -> B (T H W) C``, and attends over [video, the
 first ``num_tokens`` text tokens] (the padded rest cut off; its text stream projected to the video's heads and head
@@ -93,13 +96,29 @@ def _animate_grid(model: nn.Module, x, call=None) -> Tuple[int, ...]:
     return frames - 1, h, w  # WanAnimateToVideo's leading reference frame: dense tokens before the grid
 
 
+def _ref_conv_tokens(model: nn.Module, x, call, grid=None) -> int:
+    """The tokens a ``ref_conv`` puts before the video (Wan 2.2 Fun's reference image, Animate's), exactly: the
+    ``reference_latent`` ``(B, C, H, W)`` through a Conv2d of the spatial patch (stride = kernel, no padding, so
+    whole patches only); none without a ``ref_conv`` or a ``reference_latent``."""
+    ref = call.get("reference_latent")
+    if getattr(model, "ref_conv", None) is None or not hasattr(ref, "shape"):
+        return 0
+    ph, pw = (int(p) for p in model.patch_size[-2:])
+    return (int(ref.shape[-2]) // ph) * (int(ref.shape[-1]) // pw)
+
+
+def _time_concat_tokens(model: nn.Module, x, call, grid=None) -> int:
+    """The tokens of Phantom's subject frames, exactly: ``time_dim_concat`` padded to whole patches and concatenated
+    after the latent's frames before patchifying, so its tokens follow the video's (the output drops them)."""
+    extra = call.get("time_dim_concat")
+    return 0 if not hasattr(extra, "shape") else math.prod(_patched_grid(extra.shape, model.patch_size))
+
+
 def _leading_frames(model: nn.Module, x, call, grid) -> int:
     """The tokens before the grid in a Wan VACE / Animate self-attention call, exactly: the latent's frames before
-    the grid, and the ``reference_latent`` frame a ``ref_conv`` prepends (a call with tokens elsewhere runs
-    ComfyUI's own attention)."""
-    full = _wan_grid(model, x)
-    ref_conv = getattr(model, "ref_conv", None) is not None and call.get("reference_latent") is not None
-    return math.prod(full) - math.prod(grid) + (full[1] * full[2] if ref_conv else 0)
+    the grid, and the ``reference_latent`` a ``ref_conv`` prepends (a call with tokens elsewhere runs ComfyUI's
+    own attention)."""
+    return math.prod(_wan_grid(model, x)) - math.prod(grid) + _ref_conv_tokens(model, x, call)
 
 
 def _text_tokens(model: nn.Module, x, call, grid) -> Optional[int]:
@@ -232,7 +251,9 @@ class Family:
         classes: the ComfyUI ``diffusion_model`` class names it covers (exact names).
         diffusers_class: the Diffusers transformer class of the same model (published settings, plan checks).
         text_position: where text tokens sit in a self-attention call: ``"none"`` (video only; text comes
-            through cross-attention), ``"last"`` ([video, text]) or ``"first"`` ([text, video]).
+            through cross-attention), ``"last"`` ([video, text]) or ``"first"`` ([text, video]). A family whose
+            calls hold tokens off the grid only in some workflows (Wan's reference image) takes their side, with an
+            exact ``off_grid`` that is 0 for the video-alone calls.
         layers: ``diffusion_model -> [module, ...]``: the modules whose ``forward`` makes the video self-attention
             call, in model order (layer ``i`` is the ``i``-th).
         grid: ``(diffusion_model, latent x, the call's arguments by name) -> token grid`` (the video frames only;
@@ -272,9 +293,12 @@ class Family:
 
 
 FAMILIES: Tuple[Family, ...] = (
-    Family("Wan", ("WanModel", "CameraWanModel"), "WanTransformer3DModel", "none", _wan_layers, _wan_grid,
+    # [ref_conv reference, video, Phantom subject frames]: a plain call has neither, its calls the video alone
+    Family("Wan", ("WanModel", "CameraWanModel"), "WanTransformer3DModel", "first", _wan_layers, _wan_grid,
            "Wan 2.1 and 2.2, T2V and I2V (the I2V image tokens go through cross-attention, which stays dense); "
-           "Wan Fun Camera (CameraWanModel: camera conditions add to the patch embedding; no Diffusers class)"),
+           "Wan Fun Camera (CameraWanModel: camera conditions add to the patch embedding; no Diffusers class); "
+           "Wan 2.2 Fun's reference image (ref_conv, before the video) and Phantom's subject frames "
+           "(time_dim_concat, after it) dense", _ref_conv_tokens, references=_time_concat_tokens),
     Family("Wan HuMo", ("HumoWanModel",), "WanTransformer3DModel", "last", _wan_layers, _wan_grid,
            "Wan HuMo (no Diffusers class: Wan 2.1's settings): blocks.*.self_attn; the reference latent frames "
            "appended after the video run dense, audio cross-attention dense"),

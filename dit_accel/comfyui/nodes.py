@@ -212,8 +212,8 @@ def node_for(name: str, cls: type, summary: str) -> type:
     return type(f"DitAccel{cls.__name__}", (), {
         "INPUT_TYPES": classmethod(INPUT_TYPES), "RETURN_TYPES": ("MODEL",), "FUNCTION": "patch",
         "CATEGORY": CATEGORY, "DESCRIPTION": f"dit_accel {cls.__name__}: {summary}. Video self-attention of "
-        "the covered models (Wan, HunyuanVideo, LTX-Video, Cosmos, Mochi, FLUX and others: docs/comfyui.md); everything "
-        "else runs ComfyUI's own attention.", "patch": patch,
+        "the covered models (Wan, HunyuanVideo, LTX-Video, Cosmos, Mochi, FLUX and others: docs/comfyui.md); "
+        "everything else runs ComfyUI's own attention.", "patch": patch,
         "__module__": __name__, "__doc__": f"dit_accel {cls.__name__} ({summary}) on a ComfyUI MODEL."})
 
 
@@ -255,8 +255,8 @@ class FinetunedNode:
     RETURN_TYPES = ("MODEL",)
     FUNCTION = "patch"
     DESCRIPTION = ("dit_accel fine-tuned weights: the method the folder was trained with, its LoRA (as ComfyUI "
-                   "weight patches) and its SLA projections (Wan models); for Wan 2.2 A14B one node per expert, "
-                   "expert=transformer_2 on the low-noise expert's MODEL")
+                   "weight patches) and its SLA projections (Wan, FLUX and HunyuanVideo models); for Wan 2.2 A14B "
+                   "one node per expert, expert=transformer_2 on the low-noise expert's MODEL")
 
     @classmethod
     def INPUT_TYPES(cls):  # noqa: N802

@@ -153,9 +153,9 @@ def patch_model(model, method: Union[Method, SparsePlan], *, dense_steps: int = 
         layer_methods: ``{layer index: Method}`` overrides of ``method`` per layer.
         backend: kernel backend, ``"auto"``, ``"triton"``, ``"torch"`` or ``"flex"``.
         allow_other_grid: run a SparsePlan on a token grid it was not calibrated for (with a warning).
-        weights: a ``dit-accel finetune`` output folder (Wan, Fun Camera, HuMo, Animate, VACE): its LoRA becomes
-            ComfyUI weight patches of the clone (at ``lora_strength``), its SLA projections the layers'
-            projections. ``method`` should be the folder's own (``dit_accel.training.load_method(DIR)``);
+        weights: a ``dit-accel finetune`` output folder (Wan, Fun Camera, HuMo, Animate, VACE, FLUX,
+            HunyuanVideo): its LoRA becomes ComfyUI weight patches of the clone (at ``lora_strength``), its SLA
+            projections the layers' projections. ``method`` should be the folder's own (``dit_accel.training.load_method(DIR)``);
             another one is run with a warning.
         expert: which transformer of ``weights`` this MODEL is: ``"transformer"`` (the default; Wan 2.2 A14B's
             high-noise expert) or ``"transformer_2"`` (its low-noise expert: the folder's ``transformer_2.*``

@@ -11,7 +11,18 @@ Families whose ComfyUI modules are the Diffusers transformer's one to one (:data
 Wan HuMo and Wan Animate (their ``blocks.N`` are Wan's ``WanTransformerBlock``), Wan VACE (``blocks.N`` and the
 control blocks ``vace_blocks.N``, whose ``proj_in`` / ``proj_out`` ComfyUI calls ``before_proj`` / ``after_proj``).
 Modules off these blocks (Animate's face adapter, HuMo's audio layers, the embeddings) are not mapped: a LoRA on
-them is refused naming the first. For the other families the node says that their weights are not supported.
+them is refused naming the first.
+
+Families whose ComfyUI blocks fuse Diffusers modules (:data:`FUSED`): FLUX and HunyuanVideo. ComfyUI builds both
+from the same double- and single-stream blocks (``comfy.ldm.flux.layers``), whose ``img_attn.qkv`` /
+``txt_attn.qkv`` and ``linear1`` hold Diffusers' ``to_q`` / ``to_k`` / ``to_v`` (``add_*_proj``) and ``proj_mlp`` as
+row slices; their Diffusers transformers name these blocks' modules alike (``transformer_blocks.N``,
+``single_transformer_blocks.N``). ComfyUI's own map of Diffusers FLUX names (``comfy.utils.flux_to_diffusers``, with
+the slices, which ``model_lora_keys_unet`` gives Diffusers FLUX LoRAs) maps them: all of it for FLUX, its blocks for
+HunyuanVideo, with its text token refiner's attention and feed-forward modules (``to_q`` / ``to_k`` / ``to_v``
+thirds of ``self_attn.qkv``: ComfyUI has no Diffusers map of them; its embedders are refused). SLA projections:
+``transformer_blocks.N.attn`` is ComfyUI's ``double_blocks.N``, ``single_transformer_blocks.N.attn`` its
+``single_blocks.N``. For the other families the node says that their weights are not supported.
 
 Wan 2.2 A14B's two experts are two ComfyUI MODELs (two loaders, two samplers). A folder of both (``dit-accel
 convert --transformer-2``) keys the second expert's tensors (Diffusers' ``transformer_2``, the low-noise expert)
@@ -23,7 +34,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -32,8 +43,8 @@ from ..atomic_files import check_hashes, load_safetensors
 from ..checkpoints.finetuned import METHOD_FILE, SLA_FILE, VSA_FILE, read_weights_info
 from ..checkpoints.lora_checks import check_float_weights
 
-__all__ = ["BLOCKS", "EXPERTS", "check_expert", "check_folder", "experts_in", "layer_names", "lora_patches",
-           "sla_projections"]
+__all__ = ["BLOCKS", "EXPERTS", "FUSED", "check_expert", "check_folder", "experts_in", "layer_names",
+           "lora_patches", "sla_projections"]
 
 #: The transformers of a weights folder, as the Diffusers pipeline names them (Wan 2.2 A14B: high-, low-noise expert)
 EXPERTS = ("transformer", "transformer_2")
@@ -50,6 +61,18 @@ _REDO = "train or convert it again"  # (what the Diffusers path says of such a f
 #: family name -> the block lists whose modules carry the same index and structure on both hosts
 BLOCKS: Dict[str, Tuple[str, ...]] = {"Wan": ("blocks",), "Wan HuMo": ("blocks",), "Wan Animate": ("blocks",),
                                       "Wan VACE": ("blocks", "vace_blocks")}
+#: family name -> the Diffusers modules ComfyUI's FLUX map is taken for (None: all it maps), for fused blocks
+FUSED: Dict[str, Optional[Tuple[str, ...]]] = {"FLUX": None,
+                                               "HunyuanVideo": ("transformer_blocks.", "single_transformer_blocks.")}
+# Diffusers HunyuanVideo token refiner block (context_embedder.token_refiner.refiner_blocks.N) -> ComfyUI's
+# (txt_in.individual_token_refiner.blocks.N), which ComfyUI has no Diffusers map of: (weight, which third of its rows;
+# None: all), q, k and v being the thirds of self_attn.qkv. (The default --target-modules, to_q ... to_out.0, hit them.)
+_REFINER = {"attn.to_q": ("self_attn.qkv", 0), "attn.to_k": ("self_attn.qkv", 1), "attn.to_v": ("self_attn.qkv", 2),
+            "attn.to_out.0": ("self_attn.proj", None), "ff.net.0.proj": ("mlp.0", None), "ff.net.2": ("mlp.2", None),
+            "norm_out.linear": ("adaLN_modulation.1", None)}
+# ComfyUI layer (Family.layers) -> the Diffusers attention module the SLA projections file names
+_LAYER_NAMES = ((r"\.self_attn$", ".attn1"), (r"^double_blocks\.(\d+)$", r"transformer_blocks.\1.attn"),
+                (r"^single_blocks\.(\d+)$", r"single_transformer_blocks.\1.attn"))
 
 
 def _wan_module(name: str, blocks: Tuple[str, ...] = ("blocks",)):
@@ -69,10 +92,50 @@ def _wan_module(name: str, blocks: Tuple[str, ...] = ("blocks",)):
 
 
 def layer_names(model: nn.Module, layers) -> List[str]:
-    """The Diffusers name of each self-attention layer (``blocks.N.attn1``, ``vace_blocks.N.attn1``), the keys of
-    the SLA projections file: ComfyUI's ``<blocks>.N.self_attn`` with Diffusers' ``attn1``."""
+    """The Diffusers name of each self-attention layer, the keys of the SLA projections file: ComfyUI's
+    ``<blocks>.N.self_attn`` is ``blocks.N.attn1`` (``vace_blocks.N.attn1``), its FLUX / HunyuanVideo
+    ``double_blocks.N`` is ``transformer_blocks.N.attn`` and ``single_blocks.N``
+    ``single_transformer_blocks.N.attn``."""
     names = {id(m): n for n, m in model.named_modules()}
-    return [re.sub(r"\.self_attn$", ".attn1", names.get(id(layer), "?")) for layer in layers]
+    out = []
+    for layer in layers:
+        name = names.get(id(layer), "?")
+        for pattern, diffusers in _LAYER_NAMES:
+            name = re.sub(pattern, diffusers, name)
+        out.append(name)
+    return out
+
+
+def _fused_targets(patcher, family) -> Dict[str, object]:
+    """``{Diffusers module: ComfyUI weight key}`` of a FLUX or HunyuanVideo model (:data:`FUSED`), a key being
+    ``"diffusion_model.<module>.weight"`` or, for a slice of a fused weight, ComfyUI's ``(key, (dim, start, size))``
+    (``(key, None, function)`` where ComfyUI reorders the LoRA's rows), as ``add_patches`` takes them."""
+    try:
+        import comfy.utils
+    except ImportError:  # only reached from ComfyUI, which has it
+        raise RuntimeError("dit_accel: mapping a LoRA onto a ComfyUI model needs ComfyUI (comfy.utils)") from None
+    names = comfy.utils.flux_to_diffusers(patcher.model.model_config.unet_config, output_prefix="diffusion_model.")
+    keep = FUSED[family.name]
+    out = {k[:-len(".weight")]: v for k, v in names.items()
+           if k.endswith(".weight") and (keep is None or k.startswith(keep))}
+    if family.name == "HunyuanVideo":
+        out.update(_refiner_targets(patcher))
+    return out
+
+
+def _refiner_targets(patcher) -> Dict[str, object]:
+    """:data:`_REFINER` for each block of a ComfyUI HunyuanVideo's text token refiner, in :func:`_fused_targets`'
+    form."""
+    txt_in = getattr(patcher.model.diffusion_model, "txt_in", None)
+    blocks = getattr(getattr(txt_in, "individual_token_refiner", None), "blocks", ())
+    hidden = patcher.model.model_config.unet_config["hidden_size"]
+    out = {}
+    for i in range(len(blocks)):
+        for module, (weight, third) in _REFINER.items():
+            key = f"diffusion_model.txt_in.individual_token_refiner.blocks.{i}.{weight}.weight"
+            out[f"context_embedder.token_refiner.refiner_blocks.{i}.{module}"] = (
+                key if third is None else (key, (0, third * hidden, hidden)))
+    return out
 
 
 def check_expert(expert) -> str:
@@ -133,10 +196,10 @@ def check_folder(folder, family, model_name: str = "WanModel", expert: str = "tr
     one-line ValueError for a family whose Diffusers names this module does not map, or a folder without
     ``expert``'s tensors."""
     check_expert(expert)
-    if family.name not in BLOCKS:
+    if family.name not in BLOCKS and family.name not in FUSED:
         raise ValueError(f"dit_accel: loading `dit-accel finetune` weights into ComfyUI's {family.name} model is not "
                          "supported yet (its Diffusers module names are not mapped to ComfyUI's); only "
-                         f"{', '.join(BLOCKS)} are")
+                         f"{', '.join([*BLOCKS, *FUSED])} are")
     info = read_weights_info(folder)
     gates = (info.get("files") or {}).get("vsa_gates")
     if gates:  # FastVideo's to_gate_compress modules: ComfyUI's Wan models have none; VSA without them is another model
@@ -153,7 +216,8 @@ def check_folder(folder, family, model_name: str = "WanModel", expert: str = "tr
 
 def lora_patches(patcher, folder, info: dict, family, expert: str = "transformer") -> Dict[str, object]:
     """ComfyUI weight patches of the folder's LoRA of ``expert`` for ``patcher``'s model of ``family`` (``{}``
-    when it has none); the other expert's tensors are left out."""
+    when it has none); the other expert's tensors are left out. A LoRA on a Diffusers module that ComfyUI holds as
+    a slice of a fused weight (FLUX's and HunyuanVideo's ``to_q`` in ``img_attn.qkv``) patches that slice."""
     name = (info.get("files") or {}).get("lora")
     if not name:
         return {}
@@ -164,9 +228,9 @@ def lora_patches(patcher, folder, info: dict, family, expert: str = "transformer
     path = Path(folder) / name
     state = load_safetensors(path, expected="a Diffusers LoRA file (safetensors)")
     check_float_weights(path, state, redo=_REDO)
-    inner = patcher.model.diffusion_model
-    model_name, blocks = type(inner).__name__, BLOCKS[family.name]
-    modules = dict(inner.named_modules())
+    model_name = type(patcher.model.diffusion_model).__name__
+    weights = patcher.model.state_dict()
+    fused = _fused_targets(patcher, family) if family.name in FUSED else None
     alpha = (info.get("lora") or {}).get("alpha")
     key_map = comfy.lora.model_lora_keys_unet(patcher.model, {})
     lora, unknown = {}, []
@@ -175,35 +239,80 @@ def lora_patches(patcher, folder, info: dict, family, expert: str = "transformer
         if own is None:  # the other expert's (its own MODEL loads it)
             continue
         module, sep, rest = own.removeprefix("transformer.").partition(".lora_")
-        target = _wan_module(module, blocks)
-        if not sep or target is None or f"diffusion_model.{target}.weight" not in key_map.values():
+        target = _target(module, family, fused)
+        weight = target if isinstance(target, str) or target is None else target[0]
+        if not sep or weight not in weights:
             unknown.append(key)
             continue
-        _check_lora_shape(path, key, tensor, model_name, target, modules[target].weight.shape)
+        _check_lora_shape(path, key, tensor, model_name, target, weights[weight].shape, family.name)
         prefix = f"transformer.{module}"
-        key_map[prefix] = f"diffusion_model.{target}.weight"
+        key_map[prefix] = target
         lora[f"{prefix}.lora_{rest}"] = tensor
         if alpha is not None:  # peft scales by alpha / rank; ComfyUI reads alpha from "<prefix>.alpha"
             lora[f"{prefix}.alpha"] = torch.tensor(float(alpha))
     if unknown:
         raise ValueError(f"dit_accel: {path} has LoRA tensors for modules ComfyUI's {model_name} does not have "
-                         f"({unknown[0]}, ... {len(unknown)} in all; dit_accel maps the attention and feed-forward "
-                         f"modules of {' and '.join(b + '.N' for b in blocks)}): the weights are for another model")
+                         f"({unknown[0]}, ... {len(unknown)} in all; dit_accel maps {_mapped(family)}): the weights "
+                         "are for another model")
     return comfy.lora.load_lora(lora, key_map, log_missing=False)
 
 
-def _check_lora_shape(path, key: str, tensor, model_name: str, target: str, weight_shape) -> None:
-    """lora_A is (r, in) and lora_B (out, r) of the weight it patches: ComfyUI would log a mismatch and run
-    without the patch."""
+def _target(module: str, family, fused):
+    """The ComfyUI weight key (or fused slice, :func:`_fused_targets`) a Diffusers ``module``'s LoRA patches, or
+    None."""
+    if fused is not None:
+        return fused.get(module)
+    target = _wan_module(module, BLOCKS[family.name])
+    return None if target is None else f"diffusion_model.{target}.weight"
+
+
+def _mapped(family) -> str:
+    """What the LoRA of ``family`` may be on, for messages."""
+    if family.name in BLOCKS:
+        return f"the attention and feed-forward modules of {' and '.join(b + '.N' for b in BLOCKS[family.name])}"
+    if FUSED[family.name] is None:
+        return "the modules ComfyUI maps for Diffusers FLUX LoRAs (comfy.utils.flux_to_diffusers)"
+    return (f"the modules of {', '.join(b + 'N' for b in FUSED[family.name])} (ComfyUI's FLUX map of its double "
+            "and single blocks) and the attention and feed-forward modules of "
+            "context_embedder.token_refiner.refiner_blocks.N")
+
+
+def _check_lora_shape(path, key: str, tensor, model_name: str, target, weight_shape, family_name: str) -> None:
+    """lora_A is (r, in) and lora_B (out, r) of the weight, or the slice of a fused weight, it patches: ComfyUI
+    would log a mismatch and run without the patch."""
     side = key.partition(".lora_")[2]
     if side not in ("A.weight", "B.weight") or len(weight_shape) != 2:
         return
-    out_f, in_f = (int(n) for n in weight_shape)
-    shape = tuple(tensor.shape)
-    if len(shape) != 2 or (shape[1] != in_f if side == "A.weight" else shape[0] != out_f):
-        raise ValueError(f"dit_accel: {path}: {key} has shape {shape}, but ComfyUI's {model_name} {target} is "
+    shape = [int(n) for n in weight_shape]
+    where = target if isinstance(target, str) else target[0]
+    where = where.removeprefix("diffusion_model.").removesuffix(".weight")
+    offset = None if isinstance(target, str) else target[1]
+    if offset is not None:  # (dim, start, size): rows start:start + size of the fused weight
+        dim, start, size = (int(n) for n in offset)
+        if start + size > shape[dim]:
+            raise ValueError(f"dit_accel: {path}: {key} patches {'rows' if dim == 0 else 'columns'} "
+                             f"{start}:{start + size} of ComfyUI's {model_name} {where}, which is "
+                             f"{shape[0]}x{shape[1]}: the weights are for another model (another size of "
+                             f"{family_name})")
+        where = f"{where} {'rows' if dim == 0 else 'columns'} {start}:{start + size}"
+        shape[dim] = size
+    out_f, in_f = shape
+    got = tuple(tensor.shape)
+    if len(got) != 2 or (got[1] != in_f if side == "A.weight" else got[0] != out_f):
+        raise ValueError(f"dit_accel: {path}: {key} has shape {got}, but ComfyUI's {model_name} {where} is "
                          f"{out_f}x{in_f} (lora_A takes (r, {in_f}), lora_B ({out_f}, r)): the weights are for "
-                         "another model (another size of Wan)")
+                         f"another model (another size of {family_name})")
+
+
+def _head_dim(layer: nn.Module):
+    """The head size of a ComfyUI attention layer: Wan's ``head_dim``; a FLUX / HunyuanVideo block's hidden size
+    (``hidden_size`` / ``hidden_dim``) over ``num_heads``; None where it has neither."""
+    d = getattr(layer, "head_dim", None)
+    if d is not None:
+        return d
+    hidden = getattr(layer, "hidden_size", getattr(layer, "hidden_dim", None))
+    heads = getattr(layer, "num_heads", None)
+    return hidden // heads if isinstance(hidden, int) and isinstance(heads, int) and heads else None
 
 
 def sla_projections(folder, info: dict, model: nn.Module, layers, device=None, dtype=None,
@@ -230,7 +339,7 @@ def sla_projections(folder, info: dict, model: nn.Module, layers, device=None, d
             raise ValueError(f"dit_accel: {path} has {key!r}, which is no self-attention layer of this {model_name} "
                              f"({len(layers)} layers: {', '.join(list(index)[:3])}, ...): the weights are for another "
                              "model")
-        d = getattr(layers[layer], "head_dim", None)
+        d = _head_dim(layers[layer])
         want = None if d is None else ((d, d) if kind == "weight" else (d,))
         if want is not None and tuple(tensor.shape) != want:
             raise ValueError(f"dit_accel: {path}: {key} has shape {tuple(tensor.shape)}, but layer {layer} of this "

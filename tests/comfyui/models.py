@@ -281,3 +281,62 @@ def _mochi_cond():
 MOCHI_CASES = {
     "mochi": Case("mochi", "GenmoMochi", MOCHI, (1, 12, 3, 8, 8), _mochi_cond, text="last"),
 }
+
+
+# FLUX and HunyuanVideo with the blocks of dit_accel's tiny Diffusers transformers (build_tiny_transformer("flux") /
+# ("hunyuan"): hidden size 32 in 2 heads of 16, feed-forward 4x, one double and one single block), so a LoRA written
+# in Diffusers names and shapes fits them (tests/comfyui/test_weights_flux_hunyuan.py)
+FLUX_AS_DIFFUSERS = dict(FLUX, hidden_size=32, mlp_ratio=4.0, context_in_dim=16, axes_dim=[4, 6, 6])
+HUNYUAN_AS_DIFFUSERS = dict(HUNYUAN, hidden_size=32, mlp_ratio=4.0, context_in_dim=16, axes_dim=[4, 6, 6])
+
+
+def _as_diffusers_cond(**extras):
+    """16-wide text (as the tiny Diffusers transformers take it) and the pooled vector."""
+    def cond():
+        g = torch.Generator().manual_seed(21)
+        return [[torch.randn(1, 6, 16, generator=g), {"pooled_output": torch.randn(1, 8, generator=g), **extras}]]
+
+    return cond
+
+
+AS_DIFFUSERS_CASES = {
+    "flux": Case("flux", "FluxSchnell", FLUX_AS_DIFFUSERS, (1, 16, 8, 10), _as_diffusers_cond(), text="first",
+                 patch=(2, 2)),
+    "hunyuan-video": Case("hunyuan-video", "HunyuanVideo", HUNYUAN_AS_DIFFUSERS, (1, 16, 3, 8, 8),
+                          _as_diffusers_cond(attention_mask=torch.tensor([[1, 1, 1, 1, 0, 0]])), text="last"),
+}
+
+
+# Wan's own class with tokens off the video grid (tests/comfyui/test_wan_extras.py): Wan 2.2 Fun Control with a
+# ref_conv (52 input channels: the latent, then Wan22FunControlToVideo's control latent, 4 mask channels at index 16
+# and its start-image latent), and a T2V model with a ref_conv for a call with both kinds of extra tokens
+WAN_FUN = dict(WAN, in_dim=52, in_dim_ref_conv=16)
+WAN_REF = dict(WAN, in_dim_ref_conv=16)
+
+
+def _fun_cond():
+    """Wan22FunControlToVideo's conditioning with a ref_image: ``reference_latents`` (one latent frame)."""
+    g = torch.Generator().manual_seed(40)
+    return [[torch.randn(1, 8, 4096, generator=g), {
+        "concat_latent_image": torch.randn(1, 32, 3, 8, 8, generator=g), "concat_mask": torch.ones(1, 4, 3, 8, 8),
+        "concat_mask_index": 16, "reference_latents": [torch.randn(1, 16, 1, 8, 8, generator=g)]}]]
+
+
+def _phantom_cond():
+    """WanPhantomSubjectToVideo's positive conditioning: two subject images' latents, concatenated on time."""
+    g = torch.Generator().manual_seed(41)
+    return [[torch.randn(1, 8, 4096, generator=g), {"time_dim_concat": torch.randn(1, 16, 2, 8, 8, generator=g)}]]
+
+
+def _ref_and_phantom_cond():
+    cond = _phantom_cond()
+    cond[0][1]["reference_latents"] = [torch.randn(1, 16, 1, 8, 8, generator=torch.Generator().manual_seed(42))]
+    return cond
+
+
+WAN_EXTRA_CASES = {
+    "wan22-fun-ref": Case("wan22-fun-ref", "WAN21_T2V", WAN_FUN, (1, 16, 3, 8, 8), _fun_cond, text="first"),
+    "wan21-phantom": Case("wan21-phantom", "WAN21_T2V", WAN, (1, 16, 3, 8, 8), _phantom_cond, text="last"),
+    "wan-ref-phantom": Case("wan-ref-phantom", "WAN21_T2V", WAN_REF, (1, 16, 3, 8, 8), _ref_and_phantom_cond,
+                            text="first"),
+}

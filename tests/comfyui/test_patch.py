@@ -209,24 +209,6 @@ def test_an_uncovered_model_is_a_one_line_error(models):
         patch_model(models("wan21-t2v"), dit_accel.Tile(), dense_above_sigma=-1)
 
 
-def test_a_call_that_does_not_match_the_grid_runs_comfyuis_attention_and_says_so(comfy, models, caplog):
-    case, model = CASES["wan21-t2v"], models("wan21-t2v")
-    extra = torch.randn(1, 16, 1, 8, 8, generator=torch.Generator().manual_seed(7))
-    cond = case.cond()
-    cond[0][1]["time_dim_concat"] = extra  # Wan appends these frames inside the model: 16 tokens the grid lacks
-
-    def run(patcher):
-        noise = torch.randn(case.latent, generator=torch.Generator().manual_seed(5))
-        return comfy.sample.sample(patcher, noise, 2, 1.0, "euler", "simple", cond, cond, torch.zeros(case.latent),
-                                   seed=0, disable_pbar=True)
-
-    with caplog.at_level(logging.INFO, logger="dit_accel.comfyui"):
-        out = run(patch_model(model, PATTERNS["tile"][0]))
-    assert "does not match the token grid (3, 4, 4)" in caplog.text and "64 queries" in caplog.text
-    assert "2 layers dense (call does not match the grid)" in caplog.text  # never reported as sparse
-    assert torch.equal(out, run(model))
-
-
 def test_a_video_method_on_an_image_model_is_a_one_line_error(comfy, models):
     with pytest.raises(ValueError, match=r"'radial' needs a video's \(T, H, W\) token grid, but the sparse calls "
                                          r"of FLUX \(FluxTransformer2DModel\) see a 2-D") as err:
