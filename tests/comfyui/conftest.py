@@ -5,7 +5,7 @@ import pytest
 import dit_accel.plans.plan
 
 from tests.comfyui.comfy_env import import_comfy, missing, snapshot
-from tests.comfyui.models import CASES, build
+from tests.comfyui.models import ALL_CASES, CASES, build
 
 
 @pytest.fixture(scope="session")
@@ -34,3 +34,17 @@ def sparse_calls(monkeypatch):
 
     monkeypatch.setattr(dit_accel.plans.plan.Plan, "run", counted)
     return seen
+
+
+@pytest.fixture(scope="module")
+def models(comfy):
+    """``models(name)``: the tiny model of the case ``name`` (:data:`~tests.comfyui.models.ALL_CASES`), built once
+    per test module."""
+    built = {}
+
+    def get(name):
+        if name not in built:
+            built[name] = build(comfy, ALL_CASES[name])
+        return built[name]
+
+    return get

@@ -340,3 +340,7 @@ WAN_EXTRA_CASES = {
     "wan-ref-phantom": Case("wan-ref-phantom", "WAN21_T2V", WAN_REF, (1, 16, 3, 8, 8), _ref_and_phantom_cond,
                             text="first"),
 }
+
+
+#: Every family case above by name (the `models` fixture's lookup).
+ALL_CASES = {**CASES, **MORE_CASES, **WAN_EXTRA_CASES}

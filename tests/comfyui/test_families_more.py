@@ -42,17 +42,6 @@ IMAGE_PATTERNS = {  # a (H, W) grid
 STEPS = 2  # model calls per sample at cfg 1
 
 
-@pytest.fixture(scope="module")
-def models(comfy):
-    built = {}
-
-    def get(name):
-        if name not in built:
-            built[name] = build(comfy, MORE_CASES.get(name) or CASES[name])
-        return built[name]
-
-    return get
-
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_the_family_is_the_right_one(models, family):

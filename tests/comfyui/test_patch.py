@@ -17,21 +17,10 @@ from dit_accel.patterns.radial import radial_mask
 from dit_accel.patterns.tile import tile_mask
 from dit_accel.plans.sparse_plan import Phase, SparsePlan
 
-from tests.comfyui.models import CASES, build, masked_reference, override_of, sample, with_override
+from tests.comfyui.models import CASES, masked_reference, override_of, sample, with_override
 
 FAMILIES = list(CASES)
 
-
-@pytest.fixture(scope="module")
-def models(comfy):
-    built = {}
-
-    def get(name):
-        if name not in built:
-            built[name] = build(comfy, CASES[name])
-        return built[name]
-
-    return get
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -16,7 +16,7 @@ from dit_accel.comfyui.families import family_for
 from dit_accel.patterns.gna import gna_mask
 from dit_accel.patterns.tile import tile_mask
 
-from tests.comfyui.models import CASES, COMMON_WIDGETS, MORE_CASES, build, masked_reference, with_override
+from tests.comfyui.models import CASES, COMMON_WIDGETS, MORE_CASES, masked_reference, with_override
 
 STEPS = 2  # model calls per sample at cfg 1
 LAYERS = 2  # self-attention layers of each tiny model (FLUX, HunyuanVideo: 1 double + 1 single block)
@@ -49,17 +49,6 @@ REFERENCES = {
     "hunyuan-video-ref-latent": ("hunyuan-video", lambda: dict(ref_latent=_latent(1, 8, 8, seed=36)), (3, 4, 4), 6, 16),
 }
 
-
-@pytest.fixture(scope="module")
-def models(comfy):
-    built = {}
-
-    def get(name):
-        if name not in built:
-            built[name] = build(comfy, MORE_CASES.get(name) or CASES[name])
-        return built[name]
-
-    return get
 
 
 def _run(comfy, patcher, family, extras, cfg=1.0):

@@ -17,7 +17,7 @@ from dit_accel.comfyui.families import family_for
 from dit_accel.patterns.gna import gna_mask
 from dit_accel.patterns.tile import tile_mask
 
-from tests.comfyui.models import CASES, COMMON_WIDGETS, WAN_EXTRA_CASES, build, masked_reference, sample, with_override
+from tests.comfyui.models import CASES, COMMON_WIDGETS, WAN_EXTRA_CASES, masked_reference, sample, with_override
 
 STEPS = 2  # model calls per sample at cfg 1
 LAYERS = 2  # blocks.*.self_attn of the tiny Wan models
@@ -33,17 +33,6 @@ EXTRAS = {
     "wan-ref-phantom": (16, 32),
 }
 
-
-@pytest.fixture(scope="module")
-def models(comfy):
-    built = {}
-
-    def get(name):
-        if name not in built:
-            built[name] = build(comfy, WAN_EXTRA_CASES.get(name) or CASES[name])
-        return built[name]
-
-    return get
 
 
 def _allowed(name, pattern_mask):

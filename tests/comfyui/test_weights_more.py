@@ -31,17 +31,6 @@ LAYERS = {"wan21-humo": ["blocks.0.attn1", "blocks.1.attn1"], "wan22-animate": [
           "wan21-vace": ["blocks.0.attn1", "blocks.1.attn1", "vace_blocks.0.attn1"]}
 
 
-@pytest.fixture(scope="module")
-def models(comfy):
-    built = {}
-
-    def get(name):
-        if name not in built:
-            built[name] = build(comfy, MORE_CASES[name])
-        return built[name]
-
-    return get
-
 
 def _lora(inner, targets, seed):
     """Random LoRA tensors in Diffusers names for ``targets``, shaped after ComfyUI's modules."""
