@@ -155,6 +155,11 @@ class CaptionDataset:
                                  "e.g. \"clip.mp4\".")
             if not isinstance(text, str) or not text.strip():
                 raise ValueError(f"{meta}:{n}: the caption ('text') of {name!r} is empty.")
+            rel = os.path.normpath(name)  # ("./a.mp4" is "a.mp4": one file, one caption)
+            if os.path.isabs(name) or rel == os.pardir or rel.startswith(os.pardir + os.sep):
+                raise ValueError(f"{meta}:{n}: file {name!r} is outside {str(self.root)!r}: name a file inside the "
+                                 "--data folder, by its path relative to it (the folder is the dataset).")
+            name = rel
             if not (self.root / name).is_file():
                 raise ValueError(f"{meta}:{n}: file {name!r} does not exist in {str(self.root)!r}.")
             if name in captions:  # (the later line replaced the earlier caption without a word)

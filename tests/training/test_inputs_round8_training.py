@@ -59,7 +59,12 @@ def test_the_inputs_digest_covers_the_files_metadata_names_in_subfolders(tmp_pat
     ([{"file_name": "top.png", "text": "red"}, {"file_name": "top.png", "text": "blue"}],
      r"metadata.jsonl:2: 'top.png' has a caption already \(line 1\)"),
     ([{"file_name": 5, "text": "red"}], r"metadata.jsonl:1: 'file_name' 5 is invalid"),
-], ids=["caption-twice", "name-not-text"])
+    # (before: "./top.png" and "top.png" were two entries of one file, and a file outside the folder was read)
+    ([{"file_name": "top.png", "text": "red"}, {"file_name": "./top.png", "text": "blue"}],
+     r"metadata.jsonl:2: 'top.png' has a caption already \(line 1\)"),
+    ([{"file_name": "top.png", "text": "red"}, {"file_name": "../data/top.png", "text": "red"}],
+     r"metadata.jsonl:2: file '../data/top.png' is outside .*: name a file inside the --data folder"),
+], ids=["caption-twice", "name-not-text", "same-file-two-spellings", "outside-the-folder"])
 def test_metadata_lines_that_cannot_both_hold_are_refused_naming_the_line(tmp_path, lines, says):
     """Before: a file captioned twice trained on its last caption without a word; a file_name that is not a text
     raised a bare TypeError from pathlib."""
