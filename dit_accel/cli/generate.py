@@ -14,7 +14,8 @@ against dense, and quality on held-out prompts against uniform SLA at no less
 cost), the visited density, the attention time against dense and the ground-truth quality
 of the sample (colour, shape, motion and consistency of the moving shape, judged
 from the frames by :mod:`dit_accel.eval.groundtruth`). ``--side-by-side`` also
-writes dense and sparse next to each other in one video.
+writes dense and sparse next to each other in one video. ``--image FILE`` gives image-to-video and edit pipelines
+their input image (as read; the pipeline resizes it), the dense run too.
 
 Defaults are layered: explicit flags > the model's defaults (paper presets for
 real models, grid-sized settings for tiny models) > the method config's own
@@ -36,7 +37,8 @@ from .._util import format_time, to_jsonable
 from . import parallel
 from .options import (HelpFormatter, add_cache_option, add_method_options, add_plan_any_grid, cache_from_args,
                       check_method_flags, check_plan_flags, method_from_args, schedule_from_args)
-from .generate_args import _DTYPES, DEFAULT_MODEL, DEFAULT_PROMPT, _check_flags, _UsageError
+from .generate_args import (_DTYPES, DEFAULT_MODEL, DEFAULT_PROMPT, _check_flags, _UsageError, add_image_option,
+                            image_call_error)
 from .generate_report import (_cache_record, _comparison, _provenance, _quality, _record,  # noqa: F401
                               _remove_earlier_side_by_side, _side_by_side, _side_by_side_path, _strip_height,
                               _summary_lines)
@@ -94,6 +96,7 @@ def register(subparsers) -> argparse.ArgumentParser:
                    help="classifier-free guidance scale")
     g.add_argument("--max-sequence-length", type=int, default=None,
                    help=f"text tokens for the text encoder (default: the pipeline's; {text_lengths})")
+    add_image_option(g)
     d = p.add_argument_group("device")
     d.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available, else cpu)")
     d.add_argument("--dtype", choices=_DTYPES, default="auto",
@@ -435,9 +438,12 @@ def _pipeline_call(args, pipe, tiny: bool) -> dict:
             call[key] = value
     from ..models.loading import rope_reach_error
 
-    problem = rope_reach_error(pipe, call)
+    images = [i.image for i in getattr(args, "_images", None) or ()]
+    problem = (image_call_error(pipe, accepts, len(images)) if images else None) or rope_reach_error(pipe, call)
     if problem:
         raise _UsageError(problem)
+    if images:  # as read: the pipeline resizes it as it documents
+        call["image"] = images[0] if len(images) == 1 else images
     call["generator"] = torch.Generator(device="cpu").manual_seed(args.seed)
     call["output_type"] = "np"
     return call

@@ -1,9 +1,11 @@
-"""The arguments of ``dit-accel generate``: the checks that need no model, and the one-line error they raise
-(the parser is :func:`dit_accel.cli.generate.register`)."""
+"""The arguments of ``dit-accel generate``: the checks that need no model, the ``--image`` files and the check of
+the loaded pipeline against them, and the one-line error they raise (the parser is
+:func:`dit_accel.cli.generate.register`)."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import NamedTuple
 
 _DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEFAULT_PROMPT = "a red panda climbing a bamboo stalk, soft morning light"
@@ -37,6 +39,7 @@ def _check_flags(args) -> None:
         raise _UsageError(seed_error(args.seed))
     _check_writable(Path(args.out) if args.out else Path("outputs") / "out.mp4", "--out" if args.out else
                     "the default output folder outputs/ (pass --out PATH)")
+    args._images = [_read_image(path) for path in getattr(args, "image", None) or ()]
 
 
 def _check_writable(out: Path, what: str) -> None:
@@ -59,3 +62,71 @@ def _check_writable(out: Path, what: str) -> None:
     except OSError as err:
         raise _UsageError(f"{what}: cannot write to {folder} ({err.strerror or err}); choose a writable path") \
             from None
+
+
+# ----------------------------------------------------------------------------- --image
+# Pipelines whose ``image`` takes a list of reference images (not a batch): several --image go in as one list.
+IMAGE_LIST_PIPELINES = ("QwenImageEditPlusPipeline", "QwenImage21Pipeline", "Flux2Pipeline", "Flux2KleinPipeline",
+                        "Flux2KleinKVPipeline", "ZImageOmniPipeline", "BriaFiboEditPipeline", "BriaFibo2Pipeline")
+# A text-to-X pipeline -> a model of its family whose pipeline takes an input image.
+IMAGE_MODELS = {"WanPipeline": ("an image-to-video", "Wan-AI/Wan2.1-I2V-14B-480P-Diffusers"),
+                "HunyuanVideoPipeline": ("an image-to-video", "hunyuanvideo-community/HunyuanVideo-I2V"),
+                "CogVideoXPipeline": ("an image-to-video", "THUDM/CogVideoX-5b-I2V"),
+                "FluxPipeline": ("an edit", "black-forest-labs/FLUX.1-Kontext-dev"),
+                "QwenImagePipeline": ("an edit", "Qwen/Qwen-Image-Edit")}
+IMAGE_PIPELINES = ("WanImageToVideoPipeline, HunyuanVideoImageToVideoPipeline, LTXImageToVideoPipeline, "
+                   "CogVideoXImageToVideoPipeline, FluxKontextPipeline, QwenImageEditPipeline")
+
+
+class InputImage(NamedTuple):
+    """One ``--image``: the path as given, the RGB image read from it and the sha256 of the bytes read."""
+
+    path: str
+    image: object
+    sha256: str
+
+
+def add_image_option(group) -> None:
+    group.add_argument("--image", metavar="FILE", action="append", default=None,
+                       help="input image of an image-to-video or edit pipeline (" + IMAGE_PIPELINES + ", ...), "
+                            "read as RGB and passed as is as the call's image=: the pipeline resizes it as it "
+                            "documents (most to --height/--width, edit pipelines to their own resolution); repeat it "
+                            "for pipelines that take several (" + ", ".join(IMAGE_LIST_PIPELINES[:3]) + ", ...). "
+                            "The sidecar records each path and its sha256")
+
+
+def _read_image(path: str) -> InputImage:
+    """The file read once (its sha256 is that of the bytes the image came from), decoded by PIL as RGB."""
+    import hashlib
+    import io
+
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        data = Path(path).expanduser().read_bytes()
+    except FileNotFoundError:
+        raise _UsageError(f"--image {path}: no such file") from None
+    except OSError as err:
+        raise _UsageError(f"--image {path}: cannot read it ({err.strerror or err})") from None
+    try:
+        with Image.open(io.BytesIO(data)) as opened:
+            image = opened.convert("RGB")
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as err:
+        what = "not an image PIL can read" if isinstance(err, UnidentifiedImageError) else f"unreadable image ({err})"
+        raise _UsageError(f"--image {path}: {what}; give a PNG, JPEG or WebP file") from None
+    return InputImage(path, image, hashlib.sha256(data).hexdigest())
+
+
+def image_call_error(pipe, accepts, count: int):
+    """Why ``pipe`` (whose ``__call__`` takes the parameters ``accepts``) cannot take ``count`` input images;
+    None when it can. An image is never dropped in silence."""
+    name = type(pipe).__name__
+    if "image" not in accepts:
+        kind, model = IMAGE_MODELS.get(name, (None, None))
+        use = (f"use {kind} pipeline such as {model}" if model else
+               f"--image needs a pipeline whose call takes an image ({IMAGE_PIPELINES}, ...)")
+        return f"{name} takes no input image: {use}, or drop --image"
+    if count > 1 and name not in IMAGE_LIST_PIPELINES:
+        return (f"{name} takes one input image; got {count} --image (several reference images go to "
+                f"{', '.join(IMAGE_LIST_PIPELINES)})")
+    return None

@@ -144,7 +144,9 @@ def _record(args, pipe, method, schedule, source, call, frames, written, times, 
                      "device": args.device, "dtype": args.dtype, "threads": _threads(), "offload": bool(args.offload),
                      "fps": args.fps, "vae_temporal_compression": getattr(pipe, "vae_scale_factor_temporal", None),
                      "cp": None if args.cp is None else {"ulysses": args.cp[0], "ring": args.cp[1]},
-                     "pipeline_call": {k: v for k, v in call.items() if k not in ("generator", "prompt")}},
+                     "images": _images_record(args),
+                     "pipeline_call": {**{k: v for k, v in call.items() if k not in ("generator", "prompt")},
+                                       **_image_argument(args, call)}},
         "output_shape": list(frames.shape),
         "timing": {**elapsed, "transformer_s": times["transformer"], "transformer_calls": calls,
                    "attention_s": times.get("attention"),
@@ -162,6 +164,20 @@ def _record(args, pipe, method, schedule, source, call, frames, written, times, 
         "command": ["dit-accel", *getattr(args, "_argv", ["generate"])],
         "created_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
+
+
+def _images_record(args):
+    """``--image`` as the run read it: each path as given and the sha256 of its bytes (None without --image)."""
+    images = getattr(args, "_images", None)
+    return [{"path": i.path, "sha256": i.sha256, "size": list(i.image.size)} for i in images] if images else None
+
+
+def _image_argument(args, call) -> dict:
+    """The call's ``image=`` as the path(s) it was read from: one path, or a list when a list was passed."""
+    if "image" not in call:
+        return {}
+    paths = [i.path for i in args._images]
+    return {"image": paths if isinstance(call["image"], list) else paths[0]}
 
 
 def _cache_record(spec, calls, summary):
@@ -190,14 +206,16 @@ def _cache_line(cache) -> list:
 
 
 def _provenance(args, call, record, summary, stats) -> dict:
-    """What exactly ran (dit_accel.eval.provenance): prompt sha256 and seed, versions, commit, device, the
-    backends the calls used, and the full method or plan."""
+    """What exactly ran (dit_accel.eval.provenance): prompt sha256 and seed (and the input images' sha256),
+    versions, commit, device, the backends the calls used, and the full method or plan."""
     from ..eval.provenance import backends_used, provenance
 
     cache = getattr(args, "_cache_spec", None)
     run = {"method": record["method"], "schedule": record["schedule"], "plan": getattr(args, "plan", None),
            "cache": None if cache is None else cache.describe()}
     out = provenance([call["prompt"]], [args.seed], args.device, run=run)
+    if getattr(args, "_images", None):  # the input images decide the sample as much as the prompt does
+        out["images_sha256"] = [i.sha256 for i in args._images]
     out["backends"] = backends_used(summary, stats)
     return out
 
