@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from ..plans.plan import Plan, attend_with_lse
 from ..kernels import merge_attention
 
-__all__ = ["Split", "run_split", "check_split", "enable_context_parallel"]
+__all__ = ["Split", "run_split", "check_split", "check_ring_layers", "enable_context_parallel"]
 
 
 def enable_context_parallel(transformer, config) -> None:
@@ -130,6 +130,35 @@ def check_split(split: Split, num_video: int, num_text: int, plans) -> None:
         for plan in {p for p in plans if p is not None and not p.is_dense}:
             for shard in shards:
                 plan.check_part(shard)
+
+
+# Diffusers attention backends whose step of Diffusers' own Ring raises "... does not support return_lse"
+_NO_LSE = frozenset({"native", "_native_npu", "_native_efficient", "_native_math", "_native_xla", "xformers"})
+
+
+def check_ring_layers(transformer, preset, parallel_config) -> None:
+    """Refuse Ring up front where Diffusers' own Ring would fail mid-call in a layer dit_accel leaves alone.
+
+    Such layers (``preset.ring_unwrapped``, LTX-Video's cross-attention) still run Diffusers' templated Ring,
+    which merges shards by log-sum-exp; the native backend returns none and raises on the first step.
+    """
+    cp = getattr(parallel_config, "context_parallel_config", None)
+    if not preset.ring_unwrapped or cp is None or cp.ring_degree == 1:
+        return
+    from diffusers.models.attention_dispatch import _AttentionBackendRegistry
+
+    default = str(getattr(_AttentionBackendRegistry.get_active_backend()[0], "value", "native"))
+    for name, module in transformer.named_modules():
+        processor = getattr(module, "processor", None)
+        if preset.matches(name) or not hasattr(processor, "_attention_backend"):
+            continue
+        backend = processor._attention_backend
+        backend = default if backend is None else str(getattr(backend, "value", backend))
+        if backend in _NO_LSE:
+            raise ValueError(f"dit_accel: {type(transformer).__name__} under Ring context parallelism fails in "
+                             f"Diffusers' own {preset.ring_unwrapped}, which dit_accel leaves to it ({name}: the "
+                             f"{backend!r} attention backend returns no log-sum-exp, which Diffusers' Ring needs): "
+                             "use Ulysses only (ulysses_degree; --cp ulysses=N)")
 
 
 # ------------------------------------------------------------------ collectives (autograd-capable)

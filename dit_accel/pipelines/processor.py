@@ -21,7 +21,7 @@ from ..plans.plan import Plan
 from .capture import Capture
 from .context import CallContext, ContextStack
 from .interceptor import _ROUTE, SDPAInterceptor, native_scope
-from .parallel import Split
+from .parallel import Split, check_ring_layers
 from .stats import Stats
 
 __all__ = ["SparseAttnProcessor", "Runtime", "PlanCache", "LayerReport"]
@@ -269,6 +269,8 @@ class SparseAttnProcessor:
             object.__setattr__(self, name, value)
         elif name == "_parallel_config":  # enable_parallelism() after apply(): the wrapper runs it
             Split.of(value)  # refuses what dit_accel cannot run, in enable_parallelism itself
+            if self.index == 0:  # (once per model: the check reads every layer)
+                check_ring_layers(self.owner.transformer, self.owner.preset, value)
             object.__setattr__(self, "parallel", value)
         else:  # Diffusers configures processors by attribute (_attention_backend, ...): the original's
             setattr(self.original, name, value)

@@ -21,7 +21,7 @@ from ..kernels.sla import inert_projections
 from ..plans.plan import Plan, SLAPlan
 from .context import CallContext, CallGate, CallRecord, ContextStack, call_is_running, calling_pipeline
 from .interceptor import _dispatch_module
-from .parallel import Split, check_split
+from .parallel import Split, check_ring_layers, check_split
 from .presets import GridInfo, Preset
 from .processor import Runtime, SparseAttnProcessor, _backend_name
 from .schedule import Schedule, StepSource
@@ -109,6 +109,8 @@ class TransformerHook:
                 self.layers.append(wrapper)
                 self._modules.append(module)
                 module.processor = wrapper
+            if self.layers:  # a model made context-parallel before apply()
+                check_ring_layers(self.transformer, self.preset, self.layers[0].parallel)
             self.refresh_inert()
             self._hook_forward()
         except BaseException:

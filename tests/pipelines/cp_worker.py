@@ -251,7 +251,48 @@ def ltx2_appended(method) -> dict:
             "remove_exact": torch.equal(run(model, call(model)), run(plain, call(plain)))}
 
 
+# LTX-Video (test_parallel_ltx.py): Ring fails in Diffusers' own cross-attention on the native backend (refused up
+# front); Ulysses works for calls without a text mask (Diffusers 0.42.1 fails on its own with one, e.g. LTXPipeline's)
+def ltx_scenario() -> dict:
+    def build_ltx():
+        entry = T.TRANSFORMERS["ltx"]
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            return getattr(__import__("diffusers"), entry.class_name)(**entry.config).eval()
+
+    def call(model):
+        kwargs = T.tiny_transformer_inputs("ltx", model, grid=WAN_GRID, batch=1, text=8)
+        return run(model, {**kwargs, "encoder_attention_mask": None})
+
+    tile = METHODS["wan"]["tile"]
+
+    def ring(order):
+        model = build_ltx()
+        if order == "parallel-first":
+            model.enable_parallelism(config=cp_config(1, 2))
+        dit_accel.apply(model, tile, backend="torch")
+        if order == "apply-first":
+            model.enable_parallelism(config=cp_config(1, 2))
+        call(model)
+
+    out = {f"ring/{order}": refused(lambda: ring(order)) for order in ("apply-first", "parallel-first")}
+    plain = build_ltx()
+    plain.enable_parallelism(config=cp_config(1, 2))
+    out["ring/plain"] = refused(lambda: call(plain))  # Diffusers alone: the reason the refusal gives
+    single = build_ltx()
+    with dit_accel.apply(single, tile, backend="torch"):
+        want = call(single)
+    model = build_ltx()
+    handle = dit_accel.apply(model, tile, backend="torch")
+    model.enable_parallelism(config=cp_config(2, 1))
+    got = call(model)
+    out["ulysses/tile"] = {"diff": float((got - want).abs().max()), "sparse_calls": handle.summary()["sparse_calls"]}
+    return out
+
+
 def scenario(name: str) -> dict:
+    if name == "ltx":
+        return ltx_scenario()
     if name == "video_c":
         return {k: v for model_name in VIDEO_C_CP for k, v in _video_c(model_name).items()}
     if name == "av":

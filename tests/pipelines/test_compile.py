@@ -243,3 +243,43 @@ def test_image_b_dense_forwards_break_graphs_by_themselves(model_name):
     torch._dynamo.reset()
     with pytest.raises(Exception), torch.no_grad():
         torch.compile(model, fullgraph=True, backend="eager")(**tiny_transformer_inputs(model_name, model))
+
+
+# ----------------------------------------------------------------- call forms with tokens beside the grid
+def _flux3_reference_call(model):
+    """FLUX.3 image-to-image: a 4 x 5 reference image after the image (routed exact after the grid)."""
+    kwargs = tiny_transformer_inputs("flux3", model)
+    rows, cols = torch.meshgrid(torch.arange(4), torch.arange(5), indexing="ij")
+    ids = torch.stack([torch.full_like(rows, 10), rows, cols, torch.zeros_like(rows)], -1).reshape(-1, 4)
+    return {**kwargs, "image_cond_hidden_states": torch.randn(1, 20, 8, generator=torch.Generator().manual_seed(5)),
+            "image_cond_ids": ids}
+
+
+def _ltx_condition_call(model):
+    """LTXConditionPipeline: the grid read from video_coords, one conditioning frame prepended (exact)."""
+    from tests.pipelines.test_ltx_condition import _condition_call
+
+    return _condition_call(model, extra_frames=1, batch=1)
+
+
+CALL_FORMS = {"flux3-reference": ("flux3", _flux3_reference_call, dit_accel.GNA(kernel_size=(3, 5))),
+              "ltx-condition": ("ltx", _ltx_condition_call, dit_accel.GNA(kernel_size=(3, 6, 6)))}
+
+
+@pytest.mark.parametrize("form", sorted(CALL_FORMS))
+def test_call_forms_with_extra_tokens_compile_fullgraph_after_apply(form):
+    """Reference tokens after the grid and conditioning tokens before it: one whole fullgraph, eager's output."""
+    model_name, call, method = CALL_FORMS[form]
+    eager = build_tiny_transformer(model_name)
+    with dit_accel.apply(eager, method, backend="torch"), torch.no_grad():
+        want = eager(**call(eager))[0]
+    model = build_tiny_transformer(model_name)
+    handle = dit_accel.apply(model, method, backend="torch")
+    compiled = _compiled(model, "whole", "eager")
+    with torch.no_grad():
+        got = compiled(**call(model))[0]
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+    assert counters["stats"]["unique_graphs"] == 1
+    summary = handle.summary()
+    assert (summary["sparse_calls"], summary["dense_calls"]) == (summary["layers"], 0)
+    handle.remove()

@@ -89,6 +89,10 @@ class Preset:
             rank holds a share of the text and a share of the video, ``[t_r, v_r]``); True (the model splits
             its one sequence contiguously, MiniMax-H3's packed rows, LTX-2's appended tokens: the Ulysses
             gather gives the model's own order back; Ring is refused for such calls).
+        ring_unwrapped: the layers dit_accel leaves to Diffusers that Diffusers still runs under its own context
+            parallelism (LTX-Video's cross-attention ``attn2``), named for the error ('': none). Diffusers' Ring
+            merges key shards by log-sum-exp, which the native backend does not return, so ``apply`` and
+            ``enable_parallelism`` refuse Ring while those layers use a backend without one.
         grid_dims: the rank of the token grid the sparse calls see: 3, a video's (T, H, W); 2, an image's (H, W)
             or one frame's (Latte's spatial blocks). ``apply`` and :func:`recommended` refuse a method or setting
             for another rank (VSA, Radial or a ``tile=(6, 8, 8)`` on an image model), naming the class. None (a
@@ -112,6 +116,7 @@ class Preset:
     square_mask: bool = False
     additive_mask: Optional[Callable[[Dict[str, object], "GridInfo"], bool]] = None
     split_whole: bool = False
+    ring_unwrapped: str = ""
     refused_methods: Dict[str, str] = field(default_factory=dict)
     grid_dims: Optional[int] = None
 

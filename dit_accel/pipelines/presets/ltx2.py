@@ -92,5 +92,6 @@ PRESETS = (
               "attention dense); appended conditioning tokens dense",
         hub_words=((r"ltx-?2(?!\d)", None),),
         split_whole=True,  # its _cp_plan splits [video | appended tokens] contiguously (Ulysses; Ring refuses them)
+        ring_unwrapped="audio, cross-modal and text attention",
     ),
 )

@@ -5,8 +5,8 @@ sizes, before or after the patch: ``LTXPipeline``, ``LTXImageToVideoPipeline``) 
 and the conditioning tokens that pipeline prepends (``[extra conditioning frames, video]``, for multi-frame
 conditions or conditions at other frames) run exact, like text placed first. Plain calls have no tokens
 before the grid, so ``text_position="first"`` changes nothing for them. Context parallelism splits
-``[conditioning | video]`` contiguously (``Preset.split_whole``): Ulysses works, Ring is refused for calls with
-conditioning tokens."""
+``[conditioning | video]`` contiguously (``Preset.split_whole``) and runs the cross-attention under its own Ring,
+which fails on the native backend: Ulysses works, Ring is refused (``Preset.ring_unwrapped``)."""
 
 from __future__ import annotations
 
@@ -106,5 +106,6 @@ PRESETS = (
               "prepended conditioning tokens dense",
         hub_words=((r"ltx", None),),
         split_whole=True,  # its _cp_plan splits [conditioning | video] contiguously (Ulysses; Ring refuses them)
+        ring_unwrapped="cross-attention",  # its _cp_plan splits the text too
     ),
 )

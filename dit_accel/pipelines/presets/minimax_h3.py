@@ -97,5 +97,6 @@ PRESETS = (
               "video grid sparse, text/conditioning/audio rows dense",
         hub_words=((r"minimax-?h3", None), (r"pika-?h3", None)),
         split_whole=True,  # its _cp_plan splits the packed sequence contiguously (Ulysses only)
+        ring_unwrapped="text refiner",
     ),
 )
