@@ -29,9 +29,10 @@ DISTILL_SAMPLES_PER_STEP = 8
 
 # Settings that name files or folders: recorded relative to the output folder (FinetuneConfig.settings).
 _PATHS = ("output", "data", "prompts")
-# Settings that may change between a run and its resumption (they do not change the trajectory).
+# Settings that may change between a run and its resumption (they do not change the trajectory). Not eval_batches:
+# the run's start and end held-out losses are over those batches, and the start was measured before the resumption.
 _RESUMABLE = {"steps", "checkpoint_every", "log_every", "resume", "overwrite", "output", "checkpoints_total_limit",
-              "progress", "eval_batches", "plan_path"}
+              "progress", "plan_path"}
 
 
 @dataclass

@@ -30,6 +30,11 @@ def test_a_resumed_run_reports_the_held_out_loss_of_the_runs_start(tmp_path):
     assert resumed["eval_loss_end"] == straight["eval_loss_end"]
     log = json.loads((tmp_path / "resumed" / "finetune_log.json").read_text())
     assert log["eval_loss_start"] == straight["eval_loss_start"]
+    # (before: --eval-batches could change on resume, and the start loss, over the old batches, was set beside an end
+    # loss over the new ones)
+    finetune(_config(tmp_path, tmp_path / "batches", steps=1, checkpoint_every=1))
+    with pytest.raises(ValueError, match=r"--resume: .* holds a different run \(eval_batches: \d+ -> 3\)"):
+        finetune(_config(tmp_path, tmp_path / "batches", resume=True, checkpoint_every=1, eval_batches=3))
 
 
 def _folder(tmp_path, lines):
