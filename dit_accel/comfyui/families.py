@@ -15,7 +15,9 @@ with a row-major view of 2x2 patches. Wan's subclasses patchify as Wan: VACE and
 the latent's leading frames (dense, before the grid, as dit_accel's Diffusers presets run them), HuMo appends its
 reference frames after the video. On Wan's own class, a ``ref_conv`` (Wan 2.2 Fun's reference image, also Animate's)
 puts the ``reference_latent``'s tokens before the video, and Phantom's ``time_dim_concat`` subject frames follow the
-video's frames: [reference, video, subject frames], both counted exactly per call and dense. Joint attention: [text,
+video's frames: [reference, video, subject frames], both counted exactly per call and dense. LTX-Video's guides
+(``LTXVAddGuide``) are latent frames appended after the video's, their tokens the last ``keyframe_idxs.shape[2]``:
+[video, guide frames], the guide frames counted exactly per call and dense. Joint attention: [text,
 image] for FLUX, Chroma, Qwen-Image and Lumina 2 (the caption's valid tokens), [video, text] for HunyuanVideo.
 Reference images on the grid's other side, FLUX Kontext's and Qwen-Image-Edit's after the image ([text, image,
 references]) and HunyuanVideo's ref_latent before the video ([reference, video, text]), are counted exactly per call
@@ -183,8 +185,32 @@ def _ltxv_layers(model: nn.Module) -> List[nn.Module]:
     return [block.attn1 for block in model.transformer_blocks]
 
 
+def _ltxv_guide_frames(model: nn.Module, x, call) -> int:
+    """The latent frames ComfyUI's ``LTXVAddGuide`` appended after the video (each call of the node appends at most
+    its guide's first ``NUM_PREFIX_FRAMES`` latent frames, at the latent's spatial size, and adds their positions to
+    ``keyframe_idxs`` ``(B, 3, tokens)``; the model puts those positions on the last ``tokens`` tokens): whole frames
+    of the spatial grid, or the call is refused. None without ``keyframe_idxs``: 0."""
+    keyframes = (call or {}).get("keyframe_idxs")
+    if not hasattr(keyframes, "shape") or keyframes.dim() != 3:
+        return 0
+    frames, h, w = _patched_grid(x.shape, model.patchifier._patch_size)
+    tokens = int(keyframes.shape[2])
+    if tokens % (h * w) or tokens // (h * w) >= frames:
+        raise ValueError(f"dit_accel: LTX-Video keyframe_idxs of {tokens} guide tokens are not whole frames of the "
+                         f"{h} x {w} token grid before at least one video frame of the {frames} latent frames; use "
+                         "ComfyUI's own attention for this model")
+    return tokens // (h * w)
+
+
 def _ltxv_grid(model: nn.Module, x, call=None) -> Tuple[int, ...]:
-    return _patched_grid(x.shape, model.patchifier._patch_size)  # (1, p, p): its only record of the patch
+    frames, h, w = _patched_grid(x.shape, model.patchifier._patch_size)  # (1, p, p): its only record of the patch
+    return frames - _ltxv_guide_frames(model, x, call), h, w  # the guide frames: dense tokens after the grid
+
+
+def _ltxv_guide_tokens(model: nn.Module, x, call, grid) -> int:
+    """The tokens of ``LTXVAddGuide``'s appended guide frames after the video, exactly: ``keyframe_idxs``'s count
+    (0 without guides: a plain call holds the video alone)."""
+    return _ltxv_guide_frames(model, x, call) * math.prod(grid[1:])
 
 
 def _cosmos_grid(model: nn.Module, x, call=None) -> Tuple[int, ...]:
@@ -334,8 +360,10 @@ FAMILIES: Tuple[Family, ...] = (
     Family("Lumina 2", ("NextDiT",), "Lumina2Transformer2DModel", "first", _lumina_layers, _lumina_grid,
            "Lumina Image 2.0 (image): noise_refiner.*.attention (image alone), then layers.*.attention over "
            "[caption, image]; the caption refiner dense"),
-    Family("LTX-Video", ("LTXVModel",), "LTXVideoTransformer3DModel", "none", _ltxv_layers, _ltxv_grid,
-           "LTX-Video: transformer_blocks.*.attn1 over video only"),
+    # [video, guide frames]: LTXVAddGuide's appended frames (keyframe_idxs) dense; a plain call the video alone
+    Family("LTX-Video", ("LTXVModel",), "LTXVideoTransformer3DModel", "last", _ltxv_layers, _ltxv_grid,
+           "LTX-Video: transformer_blocks.*.attn1 over the video; LTXVAddGuide's guide frames (appended after "
+           "the video, keyframe_idxs) dense", _ltxv_guide_tokens),
     Family("Mochi", ("AsymmDiTJoint",), "MochiTransformer3DModel", "last", _mochi_layers, _mochi_grid,
            "Mochi 1 preview: blocks.*.attn over [video, valid text] (padded text cut off); grid read around "
            "apply_model", _mochi_text, hook="apply_model"),
