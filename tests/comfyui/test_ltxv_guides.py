@@ -7,6 +7,7 @@ equal a masked-dense reference, with every self-attention call of every model ca
 calls hold the video alone, as before. The guides are built as ``LTXVAddGuide`` builds them, with ComfyUI's own
 patchifier and ``latent_to_pixel_coords`` (the node itself needs a VAE)."""
 
+import importlib
 import logging
 
 import pytest
@@ -38,10 +39,11 @@ GUIDES = {
 
 def _keyframe_idxs(frame_idx, guide):
     """``LTXVAddGuide.add_keyframe_index``'s positions of one appended guide latent, from ComfyUI's own functions."""
-    from comfy.ldm.lightricks.symmetric_patchifier import SymmetricPatchifier, latent_to_pixel_coords
+    # (ComfyUI is the snapshot the `comfy` fixture put on sys.path, not a package the test extra installs)
+    patchifier = importlib.import_module("comfy.ldm.lightricks.symmetric_patchifier")
 
-    _, coords = SymmetricPatchifier(1).patchify(guide)
-    pixels = latent_to_pixel_coords(coords, SCALE, causal_fix=frame_idx == 0)
+    _, coords = patchifier.SymmetricPatchifier(1).patchify(guide)
+    pixels = patchifier.latent_to_pixel_coords(coords, SCALE, causal_fix=frame_idx == 0)
     pixels[:, 0] += frame_idx
     return pixels
 
