@@ -47,7 +47,7 @@ from pathlib import Path
 from typing import Callable, Dict, Iterable, Iterator, Optional, Union
 
 __all__ = ["BadFileError", "atomic_write", "atomic_write_text", "atomic_write_json", "atomic_folder", "file_hashes",
-           "check_hashes", "sha256_file", "folder_digest", "read_json", "read_text", "load_safetensors", "temp_name", "is_temp_name",
+           "check_hashes", "sha256_file", "folder_digest", "read_json", "read_text", "load_safetensors", "safetensors_keys", "temp_name", "is_temp_name",
            "remove_stale_temps", "commit_files", "finish_commit", "finish_for_reader", "locked", "lock_name", "BusyError", "update_json", "commit_journal", "recover", "crash_point", "cache_root", "warn_unwritable_cache", "ENV_KILL_AT"]
 
 PathLike = Union[str, os.PathLike]
@@ -654,15 +654,30 @@ def read_entries(path: PathLike, *, expected: str, valid: Callable[[str, object]
 
 def load_safetensors(path: PathLike, *, expected: str = "a safetensors file of tensors"):
     """``{name: tensor}`` of a safetensors file; BadFileError for missing, empty, truncated or corrupt ones."""
+    from safetensors.torch import load_file
+
+    return _read_safetensors(path, expected, load_file)
+
+
+def safetensors_keys(path: PathLike, *, expected: str = "a safetensors file of tensors") -> list:
+    """The tensor names of a safetensors file, from its header alone; BadFileError as :func:`load_safetensors`."""
+    from safetensors import safe_open
+
+    def keys(name: str) -> list:
+        with safe_open(name, framework="pt") as f:
+            return list(f.keys())
+
+    return _read_safetensors(path, expected, keys)
+
+
+def _read_safetensors(path: PathLike, expected: str, read):
     path = Path(path)
     if not path.is_file():
         raise BadFileError(path, "does not exist", expected)
     if path.stat().st_size == 0:
         raise BadFileError(path, "is empty", expected)
-    from safetensors.torch import load_file
-
     try:
-        return load_file(str(path))
+        return read(str(path))
     except Exception as err:  # SafetensorError, OSError, ...: the library's reason, on one line
         reason = " ".join(str(err).split())[:160]
         raise BadFileError(path, f"is not a readable safetensors file ({type(err).__name__}: {reason})",

@@ -19,7 +19,7 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
-from ..atomic_files import BadFileError
+from ..atomic_files import BadFileError, safetensors_keys
 
 __all__ = ["GATE_KEY", "GATES_FILE", "loaded_from", "transformer_folder", "checkpoint_files", "gate_keys",
            "read_gates", "write_gates", "save_with_gates"]
@@ -93,24 +93,13 @@ def checkpoint_files(folder) -> List[Path]:
     return sorted(p for p in folder.glob("*.safetensors") if p.is_file() and not p.name.startswith("."))
 
 
-def _keys(path: Path) -> List[str]:
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            return list(f.keys())
-    except Exception as err:  # the library's reason, on one line
-        raise BadFileError(path, f"is not a readable safetensors file ({type(err).__name__}: "
-                                 f"{' '.join(str(err).split())[:120]})", "a Diffusers transformer checkpoint") from None
-
-
 def gate_keys(folder) -> Dict[str, Path]:
     """``{gate key: file}`` of a model folder's gate tensors (headers only; empty when it has none)."""
     out = {}
     for path in checkpoint_files(folder):
         if not path.is_file():
             raise BadFileError(path, "does not exist", "the shard its safetensors index names")
-        for key in _keys(path):
+        for key in safetensors_keys(path, expected="a Diffusers transformer checkpoint"):
             if GATE_KEY.match(key):
                 out[key] = path
     return out

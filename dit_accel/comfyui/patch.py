@@ -224,9 +224,9 @@ def _load_weights(clone, patch: Patch, folder, method: Method, strength, layers,
     """The folder's SLA projections of ``expert`` into ``patch``, its LoRA onto ``clone`` (both new objects: the
     model given to patch_model keeps its weights and patches)."""
     from ..checkpoints.finetuned import method_from_dict
-    from .weights import check_folder, experts_in, lora_patches, sla_projections
+    from .weights import check_folder, lora_patches, sla_projections
 
-    info = check_folder(folder, patch.family, patch.model_name, expert)
+    info, experts = check_folder(folder, patch.family, patch.model_name, expert)
     saved = method_from_dict(info["method"])
     if saved != method:
         LOG.warning("dit_accel: %s was trained with %r; running %r with its weights", folder, saved, method)
@@ -236,7 +236,7 @@ def _load_weights(clone, patch: Patch, folder, method: Method, strength, layers,
         clone.add_patches(patches, float(strength))
     LOG.info("dit_accel: loaded %s (%s): %d LoRA weight patches, %d SLA projections", folder, expert, len(patches),
              len(patch.projections))
-    if expert == "transformer" and experts_in(folder, info)["transformer_2"]:
+    if expert == "transformer" and experts["transformer_2"]:
         LOG.info("dit_accel: %s also holds transformer_2 weights (Wan 2.2 A14B's low-noise expert): load them into "
                  "that expert's MODEL with expert=transformer_2", folder)
 

@@ -39,7 +39,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
-from ..atomic_files import check_hashes, load_safetensors
+from ..atomic_files import check_hashes, load_safetensors, safetensors_keys
 from ..checkpoints.finetuned import METHOD_FILE, SLA_FILE, VSA_FILE, read_weights_info
 from ..checkpoints.lora_checks import check_float_weights
 
@@ -154,32 +154,20 @@ def _of_expert(key: str, expert: str):
     return key[len(_SECOND):] if second else key
 
 
-def _keys(path: Path) -> List[str]:
-    """The tensor names of a safetensors file, from its header (the whole file where the header cannot be read:
-    ``load_safetensors`` then says what is wrong with it)."""
-    try:
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as f:
-            return list(f.keys())
-    except Exception:  # a truncated or corrupt file: its one-line error
-        return list(load_safetensors(path))
-
-
 def experts_in(folder, info: dict) -> Dict[str, int]:
     """``{expert: number of its tensors}`` in the folder's LoRA and SLA projections."""
     count = dict.fromkeys(EXPERTS, 0)
     for kind in ("lora", "sla_projections"):
         name = (info.get("files") or {}).get(kind)
         if name:
-            for key in _keys(Path(folder) / name):
+            for key in safetensors_keys(Path(folder) / name):
                 count["transformer_2" if key.startswith(_SECOND) else "transformer"] += 1
     return count
 
 
-def _check_expert_in(folder, info: dict, expert: str) -> None:
-    """A folder with tensors, none of them ``expert``'s: the widget names the other expert (a one-line error)."""
-    count = experts_in(folder, info)
+def _check_expert_in(folder, count: Dict[str, int], expert: str) -> None:
+    """A folder with tensors (``count``: :func:`experts_in`), none of them ``expert``'s: the widget names the other
+    expert (a one-line error)."""
     if count[expert] or not any(count.values()):
         return
     if expert == "transformer_2":
@@ -191,10 +179,11 @@ def _check_expert_in(folder, info: dict, expert: str) -> None:
                      "it into the low-noise expert's MODEL with expert=transformer_2")
 
 
-def check_folder(folder, family, model_name: str = "WanModel", expert: str = "transformer") -> dict:
-    """The folder's ``dit_accel_method.json`` (hashes of its files checked as ``apply`` checks them), or a
-    one-line ValueError for a family whose Diffusers names this module does not map, or a folder without
-    ``expert``'s tensors."""
+def check_folder(folder, family, model_name: str = "WanModel", expert: str = "transformer"
+                 ) -> Tuple[dict, Dict[str, int]]:
+    """The folder's ``dit_accel_method.json`` (hashes of its files checked as ``apply`` checks them) and its
+    tensors per expert (:func:`experts_in`), or a one-line ValueError for a family whose Diffusers names this
+    module does not map, or a folder without ``expert``'s tensors."""
     check_expert(expert)
     if family.name not in BLOCKS and family.name not in FUSED:
         raise ValueError(f"dit_accel: loading `dit-accel finetune` weights into ComfyUI's {family.name} model is not "
@@ -210,8 +199,9 @@ def check_folder(folder, family, model_name: str = "WanModel", expert: str = "tr
     if isinstance(info.get("sha256"), dict):
         check_hashes(Path(folder), {n: info["sha256"][n] for n in names if n in info["sha256"]},
                      Path(folder) / METHOD_FILE)
-    _check_expert_in(folder, info, expert)
-    return info
+    count = experts_in(folder, info)
+    _check_expert_in(folder, count, expert)
+    return info, count
 
 
 def lora_patches(patcher, folder, info: dict, family, expert: str = "transformer") -> Dict[str, object]:
