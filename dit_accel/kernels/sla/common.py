@@ -25,7 +25,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ..._util import cdiv as _cdiv, is_int, is_number
+from ..._util import cdiv as _cdiv, is_int
+from ...patterns.checks import number_in
 
 __all__ = ["SLAParams", "SLABlocks", "sla_block_counts", "sla_density", "sla_classify", "classify_pooled",
            "feature_map", "fp32_features", "rounded_features", "true_columns", "chunk_totals", "FEATURE_IDS", "MARGINAL", "CRITICAL", "NEGLIGIBLE",
@@ -72,9 +73,9 @@ class SLAParams:
         # The rules of dit_accel.SLA (block sizes: any positive int, which the PyTorch twin runs): without them a
         # negative topk ran one block, a misspelt linear_tokens or rounding ran the default, a NaN or a string
         # failed deep in the block counts.
-        topk = _number("topk", self.topk, 0.0, 1.0, lo_open=True)
-        values = dict(topk=topk, negligible=_number("negligible", self.negligible, 0.0, 1.0 - topk),
-                      linear_eps=_number("linear_eps", self.linear_eps, 0.0, 1.0, lo_open=True))
+        topk = number_in("topk", self.topk, 0.0, 1.0, owner="SLAParams.", lo_open=True)
+        values = dict(topk=topk, negligible=number_in("negligible", self.negligible, 0.0, 1.0 - topk, owner="SLAParams."),
+                      linear_eps=number_in("linear_eps", self.linear_eps, 0.0, 1.0, owner="SLAParams.", lo_open=True))
         for name in ("block_q", "block_k"):
             value = getattr(self, name)
             if not is_int(value) or value < 1:
@@ -102,15 +103,6 @@ class SLAParams:
 
 
 _PARAM_NAMES = tuple(f.name for f in dataclasses.fields(SLAParams))
-
-
-def _number(name: str, value, lo: float, hi: float, lo_open: bool = False) -> float:
-    """``value`` as a float in ``[lo, hi]`` (``(lo, hi]`` with ``lo_open``), else ValueError naming it."""
-    inside = is_number(value) and (lo < float(value) <= hi if lo_open else lo <= float(value) <= hi)
-    if not inside:
-        bracket = "(" if lo_open else "["
-        raise ValueError(f"SLAParams.{name}={value!r} is invalid: must be a number in {bracket}{lo:g}, {hi:g}]")
-    return float(value)
 
 
 def sla_block_counts(n_kv: int, method) -> tuple:
