@@ -17,7 +17,7 @@ from typing import Callable, Dict, Iterable, Iterator, List, Optional
 __all__ = ["portable_path", "cdiv", "versions", "to_jsonable", "cuda_event", "Timer", "time_median", "load_average", "has_cuda_driver", "DitAccelWarning",
            "WarningLog",
            "use_interpreter_without_cuda", "is_int", "is_number", "format_time", "format_ratio", "positive_int",
-           "int_at_least", "env_set", "existing_ancestor", "file_in_the_way"]
+           "int_at_least", "env_set", "existing_ancestor", "file_in_the_way", "seed_error"]
 
 
 def portable_path(path, base) -> str:
@@ -312,6 +312,17 @@ def int_at_least(minimum: int) -> Callable[[str], int]:
 
 #: An argparse type for counts and sizes: an int >= 1.
 positive_int = int_at_least(1)
+
+
+def seed_error(seeds, flag: str = "--seed") -> Optional[str]:
+    """Why ``seeds`` (one int or several) cannot seed a run (None when they can): torch generators take seeds in
+    [0, 2**63) as given, where a negative one would wrap to another seed than the one recorded."""
+    values = list(seeds) if isinstance(seeds, (list, tuple)) else [seeds]
+    bad = [s for s in values if not 0 <= s < 2**63]
+    if bad:
+        return f"{flag} must be {'an integer' if flag == '--seed' else 'integers'} >= 0 (and < 2**63); got " \
+               f"{', '.join(map(str, bad))}"
+    return None
 
 
 def device_error(device, *, allowed: Iterable[str] = ("cpu", "cuda"), flag: str = "--device",

@@ -98,12 +98,15 @@ def _check_model(args) -> None:
 
 def _check_counts(args) -> list:
     """Sizes, counts and seeds; returns the seeds (default [0])."""
-    for name in ("frames", "height", "width", "steps", "max_sequence_length"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            raise _UsageError(f"--{name.replace('_', '-')} must be >= 1; got {value}")
-    if args.guidance_scale is not None and not (math.isfinite(args.guidance_scale) and args.guidance_scale >= 0):
-        raise _UsageError(f"--guidance-scale must be a finite number >= 0; got {args.guidance_scale}")
+    from ..eval.inputs import check_generation_numbers
+
+    seeds = [0] if args.seeds is None else args.seeds
+    try:  # the rules CalibrationSettings.check applies, by flag
+        check_generation_numbers({name: getattr(args, name) for name in ("frames", "height", "width", "steps",
+                                                                          "max_sequence_length")},
+                                 args.guidance_scale, seeds)
+    except ValueError as exc:
+        raise _UsageError(str(exc)) from None
     for name, least in (("phases", 1), ("samples_per_bucket", 1), ("search_iters", 0), ("batch_size", 1),
                         ("layer_groups", 0), ("uniform_options", 0), ("probe_videos", 1)):
         value = getattr(args, name)
@@ -113,15 +116,6 @@ def _check_counts(args) -> list:
         raise _UsageError(f"--max-sample-mb must be a finite number of MiB > 0; got {args.max_sample_mb}")
     if not (math.isfinite(args.replay_mb) and args.replay_mb >= 0):
         raise _UsageError(f"--replay-mb must be a finite number of MiB >= 0 (0: off); got {args.replay_mb}")
-    if args.seeds is not None and not args.seeds:
-        raise _UsageError("--seeds needs at least one seed, e.g. --seeds 0,1")
-    seeds = args.seeds or [0]
-    from .checks import seed_error
-
-    if seed_error(seeds, "--seeds"):
-        raise _UsageError(seed_error(seeds, "--seeds"))
-    if len(set(seeds)) != len(seeds):
-        raise _UsageError(f"--seeds repeats a seed ({args.seeds}): each seed once")
     for name in ("warmup_candidates", "cooldown_candidates"):
         values = getattr(args, name)
         flag = f"--{name.replace('_', '-')}"

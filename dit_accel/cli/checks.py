@@ -7,20 +7,9 @@ from __future__ import annotations
 import math
 from typing import Optional
 
-from .._util import device_error, file_in_the_way  # noqa: F401  (device_error: the commands import it from here)
+from .._util import device_error, file_in_the_way, seed_error  # noqa: F401  (the commands import them from here)
 
 __all__ = ["device_error", "seed_error", "finite_error", "folder_error", "file_error"]
-
-
-def seed_error(seeds, flag: str = "--seed") -> Optional[str]:
-    """Why ``seeds`` (one int or several) cannot seed a run (None when they can): torch generators take seeds in
-    [0, 2**63) as given, where a negative one would wrap to another seed than the one recorded."""
-    values = list(seeds) if isinstance(seeds, (list, tuple)) else [seeds]
-    bad = [s for s in values if not 0 <= s < 2**63]
-    if bad:
-        return f"{flag} must be {'an integer' if flag == '--seed' else 'integers'} >= 0 (and < 2**63); got " \
-               f"{', '.join(map(str, bad))}"
-    return None
 
 
 def finite_error(value, flag: str, *, minimum: Optional[float] = None) -> Optional[str]:

@@ -177,24 +177,19 @@ def _device_and_dtype(args):
 
 
 def _check_counts(args) -> None:
-    for name in ("frames", "height", "width", "steps", "max_sequence_length", "repeats"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            raise _Refused(f"--{name.replace('_', '-')} must be >= 1; got {value}")
+    from ..eval.inputs import check_generation_numbers
+    from .checks import folder_error
+
+    try:  # the rules EvalSettings.check applies, by flag
+        check_generation_numbers({name: getattr(args, name) for name in ("frames", "height", "width", "steps",
+                                                                          "max_sequence_length", "repeats")},
+                                 args.guidance_scale, args.seeds)
+    except ValueError as exc:
+        raise _Refused(str(exc)) from None
     if args.warmup < 0:
         raise _Refused(f"--warmup must be >= 0; got {args.warmup}")
-    if not args.seeds:
-        raise _Refused("--seeds needs at least one seed, e.g. --seeds 0,1")
-    if len(set(args.seeds)) != len(args.seeds):  # a repeated seed repeats its videos: the statistics count them twice
-        raise _Refused(f"--seeds repeats a seed ({','.join(map(str, args.seeds))}): each seed once")
-    from .checks import finite_error, folder_error, seed_error
-
     for flag, folder in (("--out", args.out), ("--cache-dir", args.cache_dir)):
         problem = folder_error(folder, flag) if folder is not None else None
-        if problem:
-            raise _Refused(problem)
-
-    for problem in (seed_error(args.seeds, "--seeds"), finite_error(args.guidance_scale, "--guidance-scale", minimum=0)):
         if problem:
             raise _Refused(problem)
     if args.methods is not None and not args.methods.strip(" ,"):

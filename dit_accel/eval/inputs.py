@@ -8,9 +8,9 @@ from __future__ import annotations
 import math
 from collections import Counter
 
-from .._util import device_error, is_int, is_number
+from .._util import device_error, is_int, is_number, seed_error
 
-__all__ = ["check_generation_settings"]
+__all__ = ["check_generation_settings", "check_generation_numbers"]
 
 _SIZES = ("frames", "height", "width", "steps", "max_sequence_length")
 
@@ -40,12 +40,14 @@ def _check_seeds(seeds) -> None:
     if isinstance(seeds, np.ndarray) and seeds.ndim == 1:
         seeds = seeds.tolist()
     if isinstance(seeds, (str, bytes)) or not isinstance(seeds, (list, tuple)) or not seeds:
-        raise ValueError(f"--seeds {seeds!r} is invalid: give a list of at least one integer seed, e.g. [0, 1]")
-    bad = [s for s in seeds if not is_int(s) or not 0 <= s < 2**63]
-    if bad:
-        raise ValueError(f"--seeds must be integers >= 0 (and < 2**63); got {bad[0]!r}")
+        raise ValueError(f"--seeds {seeds!r} is invalid: give at least one integer seed, e.g. --seeds 0,1 "
+                         "(seeds=[0, 1] from Python)")
+    not_int = [s for s in seeds if not is_int(s)]
+    problem = seed_error(list(seeds), "--seeds") if not not_int else f"--seeds must be integers; got {not_int[0]!r}"
+    if problem:
+        raise ValueError(problem)
     if len(set(int(s) for s in seeds)) != len(seeds):
-        raise ValueError(f"--seeds repeats a seed ({', '.join(map(str, seeds))}): each seed once (a repeated seed "
+        raise ValueError(f"--seeds repeats a seed ({','.join(map(str, seeds))}): each seed once (a repeated seed "
                          "repeats its videos, which are then counted twice)")
 
 
@@ -61,18 +63,26 @@ def _check_device_and_dtype(device, dtype) -> None:
                          "or float16")
 
 
-def check_generation_settings(settings) -> None:
-    """``settings``' prompts, seeds, sizes (``frames``, ``height``, ``width``, ``steps``,
-    ``max_sequence_length``: None or an integer >= 1), ``guidance_scale`` (None or a finite number >= 0), device
-    and dtype; ValueError naming the first bad one."""
-    _check_prompts(settings.prompts)
-    _check_seeds(settings.seeds)
-    for name in _SIZES:
-        value = getattr(settings, name)
+def check_generation_numbers(sizes: dict, guidance_scale, seeds) -> None:
+    """The numbers of a generation, as the ``dit-accel`` commands and the settings' checks both take them:
+    ``sizes`` (setting name -> None or an integer >= 1: None is the model's default), ``guidance_scale`` (None or a
+    finite number >= 0) and ``seeds`` (distinct integers in [0, 2**63)); ValueError naming the first bad one by
+    its flag."""
+    for name, value in sizes.items():
         if value is not None and not (is_int(value) and value >= 1):
-            raise ValueError(f"{_flag(name)} must be an integer >= 1 (or None: the model's default); got {value!r}")
-    scale = settings.guidance_scale
-    if scale is not None and not (is_number(scale) and math.isfinite(scale) and scale >= 0):
-        raise ValueError(f"--guidance-scale must be a finite number >= 0 (or None: the model's default); "
-                         f"got {scale!r}")
+            raise ValueError(f"{_flag(name)} must be an integer >= 1 (unset: the model's default); got {value!r}")
+    if guidance_scale is not None and not (is_number(guidance_scale) and math.isfinite(guidance_scale)
+                                           and guidance_scale >= 0):
+        raise ValueError(f"--guidance-scale must be a finite number >= 0 (unset: the model's default); "
+                         f"got {guidance_scale!r}")
+    _check_seeds(seeds)
+
+
+def check_generation_settings(settings) -> None:
+    """``settings``' prompts, its numbers (:func:`check_generation_numbers`: ``frames``, ``height``, ``width``,
+    ``steps``, ``max_sequence_length``, ``guidance_scale``, ``seeds``), device and dtype; ValueError naming the
+    first bad one."""
+    _check_prompts(settings.prompts)
+    check_generation_numbers({name: getattr(settings, name) for name in _SIZES}, settings.guidance_scale,
+                             settings.seeds)
     _check_device_and_dtype(settings.device, settings.dtype)

@@ -23,7 +23,7 @@ def no_load(monkeypatch):
 
 @pytest.mark.parametrize("change, says", [
     ({"prompts": ["a cat", "a dog", "a cat"]}, "prompts repeat 'a cat'"),
-    ({"seeds": [0, 1, 0]}, r"--seeds repeats a seed \(0, 1, 0\)"),
+    ({"seeds": [0, 1, 0]}, r"--seeds repeats a seed \(0,1,0\)"),
 ], ids=["repeated-prompt", "repeated-seed"])
 def test_a_repeated_prompt_or_seed_is_refused_not_counted_twice(tmp_path, no_load, change, says):
     """Before: the repeated (prompt, seed) videos were generated twice and counted twice in the paired statistics,
@@ -36,7 +36,7 @@ def test_a_repeated_prompt_or_seed_is_refused_not_counted_twice(tmp_path, no_loa
 @pytest.mark.parametrize("change, says", [
     ({"prompts": "a cat"}, r"prompts='a cat' is invalid: give a list of prompts"),
     ({"seeds": "12"}, r"--seeds '12' is invalid"),
-    ({"seeds": []}, r"--seeds \[\] is invalid: give a list of at least one"),
+    ({"seeds": []}, r"--seeds \[\] is invalid: give at least one integer seed"),
     ({"seeds": [-1]}, r"--seeds must be integers >= 0"),
     ({"frames": 0}, "--frames must be an integer >= 1"),
     ({"guidance_scale": float("nan")}, "--guidance-scale must be a finite number"),
