@@ -47,7 +47,7 @@ from pathlib import Path
 from typing import Callable, Dict, Iterable, Iterator, Optional, Union
 
 __all__ = ["BadFileError", "atomic_write", "atomic_write_text", "atomic_write_json", "atomic_folder", "file_hashes",
-           "check_hashes", "sha256_file", "folder_digest", "read_json", "read_text", "load_safetensors", "safetensors_keys", "temp_name", "is_temp_name",
+           "check_hashes", "sha256_file", "folder_digest", "read_json", "read_text", "load_safetensors", "safetensors_keys", "safetensors_shapes", "temp_name", "is_temp_name",
            "remove_stale_temps", "commit_files", "finish_commit", "finish_for_reader", "locked", "lock_name", "BusyError", "update_json", "commit_journal", "recover", "crash_point", "cache_root", "warn_unwritable_cache", "ENV_KILL_AT"]
 
 PathLike = Union[str, os.PathLike]
@@ -668,6 +668,18 @@ def safetensors_keys(path: PathLike, *, expected: str = "a safetensors file of t
             return list(f.keys())
 
     return _read_safetensors(path, expected, keys)
+
+
+def safetensors_shapes(path: PathLike, *, expected: str = "a safetensors file of tensors") -> dict:
+    """``{name: shape}`` of a safetensors file's tensors, from its header alone; BadFileError as
+    :func:`load_safetensors`."""
+    from safetensors import safe_open
+
+    def shapes(name: str) -> dict:
+        with safe_open(name, framework="pt") as f:
+            return {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
+
+    return _read_safetensors(path, expected, shapes)
 
 
 def _read_safetensors(path: PathLike, expected: str, read):

@@ -213,16 +213,15 @@ def _check_weights_folder(folder, schedule: Schedule, layers) -> None:
 
 
 def _safetensors_keys(folder, path) -> Dict[str, Tuple[int, ...]]:
-    """``{key: shape}`` of a safetensors file, read from its header; ValueError naming the file when it is not
-    a whole safetensors file (truncated, empty, another format)."""
-    from safetensors import safe_open
+    """``{key: shape}`` of a weights folder's safetensors file, from its header; ValueError naming the folder and
+    the file when it is not a whole safetensors file (missing, empty, truncated, another format)."""
+    from ..atomic_files import BadFileError, safetensors_shapes
 
     try:
-        with safe_open(str(path), framework="pt") as f:
-            return {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
-    except Exception as err:  # safetensors raises its own error types
-        raise ValueError(f"weights={str(folder)!r}: {path.name} is not a readable safetensors file "
-                         f"({type(err).__name__}: {err}); it may be truncated: write it again") from None
+        return safetensors_shapes(path, expected=f"a safetensors file of tensors ({path.name} as dit-accel "
+                                                 "finetune writes it): write it again")
+    except BadFileError as err:
+        raise ValueError(f"weights={str(folder)!r}: {err}") from None
 
 
 def _warn_unknown_strategy_layers(methods, n_layers: int, model: str, log: WarningLog) -> None:
