@@ -38,7 +38,7 @@ from . import parallel
 from .options import (HelpFormatter, add_cache_option, add_method_options, add_plan_any_grid, cache_from_args,
                       check_method_flags, check_plan_flags, method_from_args, schedule_from_args)
 from .generate_args import (_DTYPES, DEFAULT_MODEL, DEFAULT_PROMPT, _check_flags, _UsageError, add_image_option,
-                            image_call_error)
+                            image_call_error, image_parameter)
 from .generate_report import (_cache_record, _comparison, _provenance, _quality, _record,  # noqa: F401
                               _remove_earlier_side_by_side, _side_by_side, _side_by_side_path, _strip_height,
                               _summary_lines)
@@ -439,11 +439,12 @@ def _pipeline_call(args, pipe, tiny: bool) -> dict:
     from ..models.loading import rope_reach_error
 
     images = [i.image for i in getattr(args, "_images", None) or ()]
-    problem = (image_call_error(pipe, accepts, len(images)) if images else None) or rope_reach_error(pipe, call)
+    problem = image_call_error(pipe, accepts, len(images)) or rope_reach_error(pipe, call)
     if problem:
         raise _UsageError(problem)
     if images:  # as read: the pipeline resizes it as it documents
-        call["image"] = images[0] if len(images) == 1 else images
+        key = image_parameter(accepts)  # (``images`` takes a list, also of one: JoyImageEditPlusPipeline)
+        call[key] = images[0] if len(images) == 1 and key == "image" else images
     call["generator"] = torch.Generator(device="cpu").manual_seed(args.seed)
     call["output_type"] = "np"
     return call

@@ -102,6 +102,8 @@ def _read_image(path: str) -> InputImage:
 
     from PIL import Image, UnidentifiedImageError
 
+    if not path.strip():  # (Path("") is the current folder: "cannot read it (Is a directory)" before)
+        raise _UsageError(f"--image {path!r}: an empty path; give an image file (PNG, JPEG or WebP)")
     try:
         data = Path(path).expanduser().read_bytes()
     except FileNotFoundError:
@@ -119,14 +121,26 @@ def _read_image(path: str) -> InputImage:
 
 def image_call_error(pipe, accepts, count: int):
     """Why ``pipe`` (whose ``__call__`` takes the parameters ``accepts``) cannot take ``count`` input images;
-    None when it can. An image is never dropped in silence."""
+    None when it can. An image is never dropped in silence, and one the call requires is asked for by name."""
+    import inspect
+
     name = type(pipe).__name__
-    if "image" not in accepts:
+    if not count:  # (an image-to-video pipeline's required image: the call's TypeError traceback before)
+        image = inspect.signature(pipe.__call__).parameters.get("image")
+        needed = image is not None and image.default is inspect.Parameter.empty
+        return f"{name} needs an input image: pass --image FILE (a PNG, JPEG or WebP file)" if needed else None
+    if image_parameter(accepts) is None:
         kind, model = IMAGE_MODELS.get(name, (None, None))
         use = (f"use {kind} pipeline such as {model}" if model else
                f"--image needs a pipeline whose call takes an image ({IMAGE_PIPELINES}, ...)")
         return f"{name} takes no input image: {use}, or drop --image"
-    if count > 1 and name not in IMAGE_LIST_PIPELINES:
+    if count > 1 and name not in IMAGE_LIST_PIPELINES and image_parameter(accepts) == "image":
         return (f"{name} takes one input image; got {count} --image (several reference images go to "
                 f"{', '.join(IMAGE_LIST_PIPELINES)})")
     return None
+
+
+def image_parameter(accepts):
+    """The call parameter the ``--image`` files go to: ``image``, else ``images`` (a list of references, one sample:
+    JoyImageEditPlusPipeline), else None."""
+    return next((name for name in ("image", "images") if name in accepts), None)

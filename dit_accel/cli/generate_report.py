@@ -173,11 +173,13 @@ def _images_record(args):
 
 
 def _image_argument(args, call) -> dict:
-    """The call's ``image=`` as the path(s) it was read from: one path, or a list when a list was passed."""
-    if "image" not in call:
+    """The call's ``image=`` (or ``images=``) as the path(s) it was read from: one path, or a list when a list was
+    passed."""
+    key = next((k for k in ("image", "images") if k in call), None)
+    if key is None or not getattr(args, "_images", None):
         return {}
     paths = [i.path for i in args._images]
-    return {"image": paths if isinstance(call["image"], list) else paths[0]}
+    return {key: paths if isinstance(call[key], list) else paths[0]}
 
 
 def _cache_record(spec, calls, summary):
