@@ -167,6 +167,20 @@ class LayerReport:
             self.warn(message, key)
 
 
+def _unset_parallel(transformer, config) -> None:
+    """Undo what ``enable_parallelism(config=config)`` did before dit_accel refused ``config`` in it: Diffusers
+    records the config on the model and on each processor it reaches before the refusing one, and then refuses a
+    second ``enable_parallelism`` ("already applied"), so the refused call would leave the model unusable with
+    another config (Ulysses after a refused Ring)."""
+    if getattr(transformer, "_parallel_config", None) is config:
+        transformer._parallel_config = None
+    for module in transformer.modules():
+        processor = getattr(module, "processor", None)
+        if processor is not None and not isinstance(processor, SparseAttnProcessor) \
+                and processor.__dict__.get("_parallel_config") is config:
+            processor._parallel_config = None
+
+
 class SparseAttnProcessor:
     """Wraps one attention module's original processor (see the module docstring).
 
@@ -268,9 +282,13 @@ class SparseAttnProcessor:
         if name in self._OWN:
             object.__setattr__(self, name, value)
         elif name == "_parallel_config":  # enable_parallelism() after apply(): the wrapper runs it
-            Split.of(value)  # refuses what dit_accel cannot run, in enable_parallelism itself
-            if self.index == 0:  # (once per model: the check reads every layer)
-                check_ring_layers(self.owner.transformer, self.owner.preset, value)
+            try:
+                Split.of(value)  # refuses what dit_accel cannot run, in enable_parallelism itself
+                if self.index == 0:  # (once per model: the check reads every layer)
+                    check_ring_layers(self.owner.transformer, self.owner.preset, value)
+            except (ValueError, TypeError):
+                _unset_parallel(self.owner.transformer, value)
+                raise
             object.__setattr__(self, "parallel", value)
         else:  # Diffusers configures processors by attribute (_attention_backend, ...): the original's
             setattr(self.original, name, value)

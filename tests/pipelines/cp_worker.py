@@ -266,8 +266,10 @@ def ltx_scenario() -> dict:
 
     tile = METHODS["wan"]["tile"]
 
+    models = {}
+
     def ring(order):
-        model = build_ltx()
+        model = models[order] = build_ltx()
         if order == "parallel-first":
             model.enable_parallelism(config=cp_config(1, 2))
         dit_accel.apply(model, tile, backend="torch")
@@ -287,6 +289,16 @@ def ltx_scenario() -> dict:
     model.enable_parallelism(config=cp_config(2, 1))
     got = call(model)
     out["ulysses/tile"] = {"diff": float((got - want).abs().max()), "sparse_calls": handle.summary()["sparse_calls"]}
+    # the model whose Ring enable_parallelism was refused is as it was: Ulysses on it works
+    retry = models["apply-first"]
+    out["ring-refused/parallel_config"] = repr(retry._parallel_config)
+    try:
+        retry.enable_parallelism(config=cp_config(2, 1))
+        out["ring-refused/then-ulysses"] = ""
+    except (RuntimeError, ValueError) as exc:  # ("Parallelism is already applied" before)
+        out["ring-refused/then-ulysses"] = str(exc)
+    if not out["ring-refused/then-ulysses"]:
+        out["ring-refused/then-ulysses/diff"] = float((call(retry) - want).abs().max())
     return out
 
 

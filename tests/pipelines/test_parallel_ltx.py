@@ -60,3 +60,7 @@ def test_ltx_ring_is_refused_in_both_call_orders_and_ulysses_matches_one_process
     for order in ("apply-first", "parallel-first"):
         assert "Ring context parallelism fails in Diffusers' own cross-attention" in result[f"ring/{order}"], order
     assert result["ulysses/tile"]["diff"] == 0.0 and result["ulysses/tile"]["sparse_calls"] > 0
+    # a refused Ring left the model as it was (Diffusers had recorded the config on it: "Parallelism is already
+    # applied" for the next enable_parallelism before), so Ulysses on the same model runs, exactly
+    assert result["ring-refused/parallel_config"] == "None"
+    assert result["ring-refused/then-ulysses"] == "" and result["ring-refused/then-ulysses/diff"] == 0.0
