@@ -29,7 +29,19 @@ size), as Diffusers' ``MochiTransformer3DModel`` attends over [video, valid text
 wrapper, so its grid is read around ``BaseModel.apply_model`` (``Family.hook``). Cosmos 1 patchifies
 ``b c (t r) (h m) (w n) -> b t h w ...`` and attends over ``(t h w)``; HiDream's image is ``B C (H p1) (W p2) -> B (H
 W) ...``, then T5 and the Llama-3.1 tokens twice, as Diffusers orders them.
-Classes known and refused (``REFUSED``) fail with their reason.
+SD3 / SD3.5 (``OpenAISignatureMMDITWrapper``) patchifies with a Conv2d and ``flatten(2)`` and attends over [register
+tokens (``register_length``: 0 as ComfyUI detects SD3), text, image] in each joint block, SD3.5's dual-attention
+blocks then over the image alone (``x_block.attn2``); both calls are made in the module-level ``_block_mixing``, so
+the family names their layer from that frame (``Family.caller``), and its forward runs no diffusion-model wrapper
+(``apply_model``). AuraFlow
+(``MMDiT``) patchifies row-major and attends over [8 register tokens, text, image] in its double and single layers.
+OmniGen2 patchifies ``b c (h p1) (w p2) -> b (h w) ...``; its image refiner attends over the image alone, its joint
+layers over [text (all of ``context``: no mask there), reference images, image], the references counted exactly per
+call; its forward runs no diffusion-model wrapper either. Chroma Radiance is Chroma on pixels: a Conv2d of its patch
+and ``flatten(2)``, [text, image]. Layers whose calls hold the image alone are ``Family.alone``.
+Classes known and refused (``REFUSED``) fail with their reason: Wan S2V, PixArt and HunyuanDiT (their attention calls
+pass no ``transformer_options``, so ComfyUI's override never sees them), Hunyuan3D 2.0 / 2.1 (3-D shape latents) and
+ACE-Step (audio); any other class fails naming the covered ones.
 """
 
 from __future__ import annotations
@@ -40,7 +52,7 @@ from typing import Callable, List, Optional, Tuple
 
 from torch import nn
 
-__all__ = ["Family", "FAMILIES", "HOOKS", "REFUSED", "family_for", "refusal", "supported"]
+__all__ = ["Family", "FAMILIES", "HOOKS", "REFUSED", "WHAT_TO_DO", "family_for", "refusal", "supported"]
 
 #: The ComfyUI wrappers a family may read its calls' grid in (``Family.hook``).
 HOOKS = ("diffusion_model", "apply_model")
@@ -260,6 +272,73 @@ def _mochi_text(model: nn.Module, x, call, grid) -> Optional[int]:
     return min(num_tokens, int(context.shape[1]))
 
 
+def _sd3_layers(model: nn.Module) -> List[nn.Module]:
+    # Per joint block its joint attention, then SD3.5's image self-attention (x_block.attn2), as Diffusers'
+    # SD3Transformer2DModel registers transformer_blocks.N.attn and then .attn2.
+    layers = []
+    for block in model.joint_blocks:
+        layers.append(block.x_block.attn)
+        if block.x_block.x_block_self_attn:
+            layers.append(block.x_block.attn2)
+    return layers
+
+
+def _sd3_caller(frame, q) -> Optional[nn.Module]:
+    """The layer module of a call made in ComfyUI's module-level ``_block_mixing(context, x, context_block,
+    x_block, ...)``, where no module's ``forward`` names the attention: the ``x_block``'s ``attn2`` for the call on
+    its own ``x_qkv2`` (SD3.5's image self-attention), its ``attn`` for the joint call."""
+    if frame.f_code.co_name != "_block_mixing":
+        return None
+    local = frame.f_locals
+    block, second = local.get("x_block"), local.get("x_qkv2")
+    if not isinstance(block, nn.Module):
+        return None
+    return block.attn2 if second is not None and q is second[0] else block.attn
+
+
+def _sd3_alone(model: nn.Module) -> List[nn.Module]:
+    return [b.x_block.attn2 for b in model.joint_blocks if b.x_block.x_block_self_attn]
+
+
+def _sd3_text(model: nn.Module, x, call, grid) -> int:
+    """The tokens before the image in SD3's joint attention, exactly: the ``register_length`` register tokens, then
+    ``context`` (ComfyUI's forward_core_with_concat)."""
+    context = call.get("context")
+    return int(getattr(model, "register_length", 0)) + (int(context.shape[1]) if hasattr(context, "shape") else 0)
+
+
+def _auraflow(model: nn.Module) -> bool:
+    return hasattr(model, "register_tokens") and hasattr(model, "double_layers")  # (a generic class name: MMDiT)
+
+
+def _aura_layers(model: nn.Module) -> List[nn.Module]:
+    return [*(b.attn for b in model.double_layers), *(b.attn for b in model.single_layers)]
+
+
+def _aura_text(model: nn.Module, x, call, grid) -> Optional[int]:
+    """AuraFlow's register tokens (``register_tokens``, 8) prepended to the ``context``: all before the image."""
+    context = call.get("context")
+    return None if not hasattr(context, "shape") else int(model.register_tokens.shape[1]) + int(context.shape[1])
+
+
+def _omnigen2_layers(model: nn.Module) -> List[nn.Module]:
+    # The image refiner (image alone), then the joint layers; the context and reference-image refiners are not layers.
+    return [*(b.attn for b in model.noise_refiner), *(b.attn for b in model.layers)]
+
+
+def _omnigen2_alone(model: nn.Module) -> List[nn.Module]:
+    return [b.attn for b in model.noise_refiner]
+
+
+def _omnigen2_text(model: nn.Module, x, call, grid) -> Optional[int]:
+    """The tokens before the image in OmniGen2's joint layers, exactly: all of ``context`` (the joint layers run no
+    mask), then the reference images (``ref_latents``, each padded to whole patches), as ComfyUI concatenates them."""
+    context = call.get("context")
+    if not hasattr(context, "shape"):
+        return None
+    return int(context.shape[1]) + _reference_images(model, x, call, grid)
+
+
 def _hunyuan_video(model: nn.Module) -> bool:
     return len(model.patch_size) == 3 and getattr(model, "vector_in", None) is not None  # (CLIP's pooled vector)
 
@@ -297,6 +376,12 @@ class Family:
             grid's other side from the text in each self-attention call (reference images: [text, grid, references]
             when text leads, [references, grid, text] when it trails), which run dense as text does; added to
             ``off_grid``'s count. None: none.
+        alone: ``diffusion_model -> [module, ...]``: the layers (of ``layers``) whose calls hold the grid alone
+            (SD3.5's image self-attention ``attn2``, OmniGen2's image refiner): no token off the grid in their calls;
+            ``off_grid`` and ``references`` count the other layers' calls. None: none.
+        caller: ``(stack frame, q) -> module or None``: for a model that makes attention calls outside any module's
+            ``forward`` (SD3's module-level ``_block_mixing``), the layer module a frame's call belongs to; the
+            stack walk asks it before it reads a frame's ``self``. None: the innermost module decides.
     """
 
     name: str
@@ -310,6 +395,8 @@ class Family:
     when: Optional[Callable[[nn.Module], bool]] = None
     hook: str = "diffusion_model"
     references: Optional[Callable[[nn.Module, object, dict, Tuple[int, ...]], int]] = None
+    alone: Optional[Callable[[nn.Module], List[nn.Module]]] = None
+    caller: Optional[Callable[[object, object], Optional[nn.Module]]] = None
 
     def __post_init__(self):
         if self.hook not in HOOKS:
@@ -367,6 +454,24 @@ FAMILIES: Tuple[Family, ...] = (
     Family("Mochi", ("AsymmDiTJoint",), "MochiTransformer3DModel", "last", _mochi_layers, _mochi_grid,
            "Mochi 1 preview: blocks.*.attn over [video, valid text] (padded text cut off); grid read around "
            "apply_model", _mochi_text, hook="apply_model"),
+    # SD3's forward runs no diffusion-model wrapper: its grid is read around apply_model, as Mochi's
+    Family("SD3", ("OpenAISignatureMMDITWrapper",), "SD3Transformer2DModel", "first", _sd3_layers, _hunyuan_grid,
+           "Stable Diffusion 3 and 3.5 (image): joint_blocks.* over [text, image], each block's SD3.5 image "
+           "self-attention (x_block.attn2) after it; grid read around apply_model", _sd3_text, hook="apply_model",
+           alone=_sd3_alone, caller=_sd3_caller),
+    Family("AuraFlow", ("MMDiT",), "AuraFlowTransformer2DModel", "first", _aura_layers, _hunyuan_grid,
+           "AuraFlow (image): double_layers.*.attn then single_layers.*.attn over [8 register tokens, text, image]",
+           _aura_text, _auraflow),
+    Family("OmniGen2", ("OmniGen2Transformer2DModel",), "Lumina2Transformer2DModel", "first", _omnigen2_layers,
+           _hunyuan_grid, "OmniGen2 (image; no Diffusers class: Lumina-Image 2.0's settings, the backbone it "
+           "extends: an image refiner, then joint layers, a 2-D grid): noise_refiner.*.attn (image alone), then "
+           "layers.*.attn over [text, reference images, image]; the text and reference-image refiners and the "
+           "reference tokens dense; grid read around apply_model", _omnigen2_text, hook="apply_model",
+           alone=_omnigen2_alone),
+    Family("Chroma Radiance", ("ChromaRadiance",), "ChromaTransformer2DModel", "first", _hunyuan_layers,
+           _hunyuan_grid, "Chroma Radiance (pixel-space Chroma, image; no Diffusers class: Chroma's settings, the same "
+           "double and single blocks over [text, image], its pixels patchified by a Conv2d into the same row-major "
+           "2-D grid)", _text_tokens),
 )
 
 
@@ -377,7 +482,20 @@ REFUSED: Tuple[Tuple[str, Optional[Callable[[nn.Module], bool]], str], ...] = (
     ("HunyuanVideo", lambda m: len(m.patch_size) == 3 and getattr(m, "vector_in", None) is None,
      "a HunyuanVideo-class model with a 3-D patch and no CLIP vector input (HunyuanImage 2.1's refiner) is not "
      "tested: its token layout is not checked"),
+    ("PixArtMS", None, "PixArt-alpha / Sigma: its self-attention (AttentionKVCompress) calls ComfyUI's attention "
+                       "without transformer_options, so ComfyUI's attention override never sees those calls"),
+    ("HunYuanDiT", None, "HunyuanDiT: its self-attention (hydit Attention) calls ComfyUI's attention without "
+                         "transformer_options, so ComfyUI's attention override never sees those calls"),
+    ("Hunyuan3Dv2", None, "Hunyuan3D 2.0 generates a 3-D shape latent, a set of tokens with no image or video grid"),
+    ("HunYuanDiTPlain", None, "Hunyuan3D 2.1 generates a 3-D shape latent, a set of tokens with no image or video "
+                              "grid"),
+    ("ACEStepTransformer2DModel", None, "ACE-Step generates audio: its tokens are one sequence over time, no image "
+                                        "or video grid"),
 )
+
+#: What to do about a model dit_accel does not cover (the end of its refusals).
+WHAT_TO_DO = ("use ComfyUI's own attention for it: bypass or remove the dit_accel node on this model's path (the model "
+              "runs as before)")
 
 
 def supported() -> str:
@@ -390,8 +508,7 @@ def refusal(diffusion_model: nn.Module) -> Optional[str]:
     name = type(diffusion_model).__name__
     for cls, when, reason in REFUSED:
         if name == cls and (when is None or when(diffusion_model)):
-            return (f"dit_accel: the ComfyUI model {name} is not covered: {reason}; use ComfyUI's own attention "
-                    "for it")
+            return f"dit_accel: the ComfyUI model {name} is not covered: {reason}; {WHAT_TO_DO}"
     return None
 
 

@@ -141,6 +141,8 @@ class Patch:
         self.model_name = type(model).__name__
         self.layer_of = {id(m): i for i, m in enumerate(layers)}
         self.num_layers = len(layers)
+        # the layers whose calls hold the grid alone (Family.alone): no token off it
+        self.alone = frozenset(self.layer_of[id(m)] for m in (family.alone(model) if family.alone else ()))
         self.plans = PlanCache()
         self.projections: Dict[int, torch.nn.Module] = {}  # layer -> SLA projection (fine-tuned weights)
         self.report = Report(self.model_name)
@@ -180,12 +182,17 @@ class Patch:
             self.report.flush(state)
 
     # ---------------------------------------------------------------- per attention call
-    def layer_from_stack(self, frame) -> Optional[int]:
+    def layer_from_stack(self, frame, q=None) -> Optional[int]:
         """The layer index of the module whose ``forward`` made this call: the innermost ``self`` on the stack
-        that is a module decides (a cross-attention module is one too, and is not a layer)."""
+        that is a module decides (a cross-attention module is one too, and is not a layer), or, first, the
+        family's ``caller`` for a frame it knows (SD3's ``_block_mixing``: ``q`` tells its two calls apart)."""
+        caller = self.family.caller
         for _ in range(_STACK_DEPTH):
             if frame is None:
                 return None
+            owner = caller(frame, q) if caller is not None else None
+            if owner is not None:
+                return self.layer_of.get(id(owner))
             owner = frame.f_locals.get("self")
             if isinstance(owner, torch.nn.Module):
                 return self.layer_of.get(id(owner))
@@ -244,7 +251,7 @@ class AttentionOverride:
         state = patch.current()
         if state is None:
             return self.decline(func, args, kwargs)
-        layer = patch.layer_from_stack(sys._getframe(1))
+        layer = patch.layer_from_stack(sys._getframe(1), args[0] if args else kwargs.get("q"))
         if layer is None:  # cross-attention, a text refiner, another model's module: not a video self-attention
             return self.decline(func, args, kwargs)
         method, why = patch.method_for(layer, state)
@@ -269,14 +276,16 @@ class AttentionOverride:
         else:
             b, d = q.shape[0], q.shape[-1] // heads
             q, k, v = (t.view(b, -1, heads, d).transpose(1, 2) for t in (q, k, v))
-        s, n, refs = q.shape[2], state.num_video, state.references
+        s, n = q.shape[2], state.num_video
+        alone = layer in patch.alone  # (SD3.5's attn2, OmniGen2's image refiner: the grid alone)
+        refs, off_grid = (0, 0) if alone else (state.references, state.off_grid)
         num_text = s - n
         position = patch.family.text_position
         text_first = position == "first"
         key_mask, mask_ok = _key_mask(call.get("mask"), s)
         fits = (k.shape[2] == s and v.shape[2] == s and mask_ok
                 and (num_text == 0 if position == "none" else num_text >= refs)
-                and (state.off_grid is None or num_text == state.off_grid))
+                and (off_grid is None or num_text == off_grid))
         if fits and refs:
             # The references join the text ([text, grid, refs] -> [text, refs, grid]; [refs, grid, text] ->
             # [grid, text, refs]), as the Diffusers path routes them; moved back after the plan has run.
@@ -290,7 +299,7 @@ class AttentionOverride:
                         "not match the token grid %s (%d tokens; off it: %s, of which %d reference tokens); it runs "
                         "ComfyUI's own attention", patch.model_name, layer, s, k.shape[2],
                         type(call.get("mask")).__name__, state.grid, n,
-                        "any number" if state.off_grid is None else state.off_grid, refs)
+                        "any number" if off_grid is None else off_grid, refs)
             return None
         out, density = plan.run(q, k, v, num_text=num_text, text_first=text_first, key_mask=key_mask,
                                 backend=patch.backend, proj=patch.projection(layer, q))

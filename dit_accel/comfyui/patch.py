@@ -11,7 +11,7 @@ from ..kernels.checks import check_flag
 from ..methods import Method
 from ..pipelines.apply_checks import _check_apply_args, _resolve_layers, _warn_unknown_strategy_layers
 from ..plans.sparse_plan import SparsePlan
-from .families import HOOKS, family_for, refusal, supported
+from .families import HOOKS, WHAT_TO_DO, family_for, refusal, supported
 from .override import AttentionOverride, Patch
 
 __all__ = ["patch_model", "WRAPPER_KEY"]
@@ -54,7 +54,7 @@ def _check_not_patched(model) -> None:
 
 
 def _heads(module) -> Optional[int]:
-    for name in ("num_heads", "heads"):
+    for name in ("num_heads", "heads", "n_heads"):  # (n_heads: AuraFlow's attention modules)
         value = getattr(module, name, None)
         if is_int(value):
             return int(value)
@@ -131,18 +131,18 @@ def patch_model(model, method: Union[Method, SparsePlan], *, dense_steps: int = 
                 expert: str = "transformer"):
     """A clone of the ComfyUI ``model`` whose video self-attention runs ``method``; ``model`` itself is unchanged.
 
-    The clone carries a ``diffusion_model`` wrapper (``apply_model`` for Mochi, whose forward runs none; token
-    grid from the latent and the model's patch size, step from the sampler's sigmas) and an
-    ``optimized_attention_override``, stacked on any override already
-    set: a call it does not make sparse (cross-attention, text tokens' own rows, dense steps and layers, an
-    uncovered call) goes to that override, or to ComfyUI's own attention. The sparse calls run the same
-    ``Plan.run`` as :func:`dit_accel.apply`: same plans, kernels and self-checks.
+    The clone carries a ``diffusion_model`` wrapper (``apply_model`` for Mochi, SD3 and OmniGen2, whose forwards
+    run none; token grid from the latent and the model's patch size, step from the sampler's sigmas) and an
+    ``optimized_attention_override``, stacked on any override already set: a call it does not make sparse
+    (cross-attention, text tokens' own rows, dense steps and layers, an uncovered call) goes to that override, or
+    to ComfyUI's own attention. The sparse calls run the same ``Plan.run`` as :func:`dit_accel.apply`: same
+    plans, kernels and self-checks.
 
     Args:
         model: a ComfyUI ``ModelPatcher`` (the MODEL output of a loader node) of a covered family
             (:data:`dit_accel.comfyui.families.FAMILIES`: Wan 2.1/2.2 and its VACE, Animate, HuMo and
-            Fun Camera models, HunyuanVideo, LTX-Video, Cosmos 1 and Predict2, Mochi, FLUX, Chroma, Qwen-Image,
-            Lumina 2, HunyuanImage 2.1, HiDream).
+            Fun Camera models, HunyuanVideo, LTX-Video, Cosmos 1 and Predict2, Mochi, FLUX, Chroma, Chroma
+            Radiance, Qwen-Image, Lumina 2, HunyuanImage 2.1, HiDream, SD3 / SD3.5, AuraFlow, OmniGen2).
         method: ``Dense()``, ``Tile``, ``GNA``, ``Radial``, ``SLA``, ``VSA`` (any registered method config) or a
             :class:`~dit_accel.SparsePlan` (``dit-accel calibrate``'s output; checked against the model class,
             layers and heads here, the grid and step count at the first sampled call).
@@ -186,7 +186,7 @@ def patch_model(model, method: Union[Method, SparsePlan], *, dense_steps: int = 
         raise ValueError(refusal(inner))
     if family is None:
         raise ValueError(f"dit_accel: the ComfyUI model {type(inner).__name__} is not covered (dit_accel knows where "
-                         f"the video self-attention of {supported()} is); use ComfyUI's own attention for it")
+                         f"the video self-attention of {supported()} is); {WHAT_TO_DO}")
     _check_methods_for(family, (method, *layer_methods.values()))
     layers = family.layers(inner)
     _check_heads(type(inner).__name__, layers, (method, *layer_methods.values()))

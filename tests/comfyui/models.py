@@ -65,6 +65,7 @@ class Case:
     text: str = "none"  # where text sits in self-attention calls: none / last / first
     patch: tuple = (1, 2, 2)  # the model's patch size (LTX-Video patchifies 1 x 1 x 1)
     reference_frames: int = 0  # leading latent frames that are reference images, off the grid (VACE, Animate)
+    scale: float = 0.05  # of the random weights (at 0.05 AuraFlow's and Chroma Radiance's attention barely shows)
 
     def grid(self):
         grid = tuple(-(-e // p) for e, p in zip(self.latent[2:], self.patch[-len(self.latent[2:]):]))
@@ -194,7 +195,7 @@ def build(comfy, case: Case, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+            p.copy_(torch.randn(p.shape, generator=g) * case.scale)
     cpu = torch.device("cpu")
     return comfy.model_patcher.ModelPatcher(model, load_device=cpu, offload_device=cpu)
 
@@ -210,9 +211,10 @@ def sample(comfy, patcher, case: Case, steps: int = 2, sampler: str = "euler", l
                                seed=0, disable_pbar=True)
 
 
-def masked_reference(mask: torch.Tensor, text: str, calls: Optional[list] = None):
+def masked_reference(mask: torch.Tensor, text: str, calls: Optional[list] = None, lengths=None):
     """An ``optimized_attention_override``: calls of ``N + text`` queries and keys (``N`` = the mask's side) run
-    fp32 softmax attention with ``mask`` on the video pairs; every other call runs ComfyUI's own attention."""
+    fp32 softmax attention with ``mask`` on the video pairs; every other call runs ComfyUI's own attention.
+    ``lengths``: the only query lengths that are such calls (None: any of at least ``N``)."""
     n = mask.shape[-1]
 
     def override(func, *args, **kwargs):
@@ -221,7 +223,7 @@ def masked_reference(mask: torch.Tensor, text: str, calls: Optional[list] = None
         q, k, v, heads, key_mask = call["q"], call["k"], call["v"], call["heads"], call.get("mask")
         axis = 2 if call.get("skip_reshape") else 1
         s = q.shape[axis]
-        if k.shape[axis] != s or s < n or (text == "none" and s != n):  # not a video self-attention call
+        if k.shape[axis] != s or s < n or (text == "none" and s != n) or (lengths is not None and s not in lengths):
             return func(*args, **kwargs)
         if not call.get("skip_reshape"):
             q, k, v = (t.view(t.shape[0], s, heads, -1).transpose(1, 2) for t in (q, k, v))
@@ -342,5 +344,49 @@ WAN_EXTRA_CASES = {
 }
 
 
+# Image models (tests/comfyui/test_families_image.py). SD3 as ComfyUI's model detection writes it (hidden size
+# 64 x depth, depth heads): SD3.5's image self-attention (x_block.attn2) in block 0 of 2. Without num_patches its
+# position embedding is computed (sin-cos), not a pos_embed buffer, which random weights would leave uninitialised
+SD3 = dict(in_channels=16, out_channels=16, patch_size=2, depth=2, input_size=None, adm_in_channels=8,
+           context_embedder_config={"target": "torch.nn.Linear", "params": {"in_features": 32, "out_features": 128}},
+           pos_embed_scaling_factor=None, qk_norm="rms", x_block_self_attn_layers=[0])
+AURAFLOW = dict(in_channels=4, out_channels=4, patch_size=2, dim=64, n_layers=3, n_double_layers=1, n_heads=2,
+                global_conddim=64, cond_seq_dim=32, max_seq=256)  # 1 double layer, 2 single layers
+OMNIGEN2 = dict(image_model="omnigen2", patch_size=2, in_channels=16, hidden_size=64, num_layers=2,
+                num_refiner_layers=1, num_attention_heads=2, num_kv_heads=1, multiple_of=16, axes_dim_rope=(8, 12, 12),
+                axes_lens=(64, 64, 64), text_feat_dim=32)
+CHROMA_RADIANCE = dict(CHROMA, image_model="chroma_radiance", in_channels=3, out_channels=3, patch_size=4,
+                       nerf_hidden_size=16, nerf_mlp_ratio=2, nerf_depth=1, nerf_max_freqs=4, nerf_tile_size=0,
+                       nerf_final_head_type="linear", nerf_embedder_dtype=None)  # pixels in 4 x 4 patches
+
+
+def _omnigen2_cond(*refs):
+    """OmniGen2's conditioning: an unpadded prompt (ComfyUI's model fails on a padded one: its rotary embedding
+    covers the valid tokens, the joint layers every token), and reference latents (``reference_latents``)."""
+    def cond():
+        g = torch.Generator().manual_seed(50)
+        extras = {"attention_mask": torch.ones(1, 6, dtype=torch.long)}
+        if refs:
+            extras["reference_latents"] = [torch.randn(1, 16, *shape, generator=g) for shape in refs]
+        return [[torch.randn(1, 6, 32, generator=g), extras]]
+
+    return cond
+
+
+IMAGE_CASES = {
+    "sd3": Case("sd3", "SD3", SD3, (1, 16, 8, 10), _text_cond(51, pooled_output=torch.zeros(1, 8)), text="first",
+                patch=(2, 2)),
+    "auraflow": Case("auraflow", "AuraFlow", AURAFLOW, (1, 4, 8, 10), _text_cond(52), text="first", patch=(2, 2),
+                     scale=0.1),
+    "omnigen2": Case("omnigen2", "Omnigen2", OMNIGEN2, (1, 16, 8, 10), _omnigen2_cond(), text="first", patch=(2, 2)),
+    # two references of 12 (6 x 7, padded to 6 x 8) and 20 tokens: [text 6, references 32, image 20]
+    "omnigen2-edit": Case("omnigen2-edit", "Omnigen2", OMNIGEN2, (1, 16, 8, 10), _omnigen2_cond((6, 7), (8, 10)),
+                          text="first", patch=(2, 2)),
+    "chroma-radiance": Case("chroma-radiance", "ChromaRadiance", CHROMA_RADIANCE, (1, 3, 16, 20),
+                            _text_cond(53, pooled_output=torch.zeros(1, 8)), text="first", patch=(4, 4),
+                            scale=0.3),  # its NeRF head multiplies weights the transformer's output makes
+}
+
+
 #: Every family case above by name (the `models` fixture's lookup).
-ALL_CASES = {**CASES, **MORE_CASES, **WAN_EXTRA_CASES}
+ALL_CASES = {**CASES, **MORE_CASES, **WAN_EXTRA_CASES, **IMAGE_CASES}
