@@ -255,7 +255,9 @@ class FinetunedNode:
     RETURN_TYPES = ("MODEL",)
     FUNCTION = "patch"
     DESCRIPTION = ("dit_accel fine-tuned weights: the method the folder was trained with, its LoRA (as ComfyUI "
-                   "weight patches) and its SLA projections (Wan, FLUX and HunyuanVideo models); for Wan 2.2 A14B "
+                   "weight patches) and its SLA projections (the models with a Diffusers transformer: Wan, FLUX, "
+                   "HunyuanVideo, Qwen-Image, LTX-Video, Cosmos, Chroma, Lumina 2, HiDream, Mochi, HunyuanImage 2.1; "
+                   "docs/comfyui.md); for Wan 2.2 A14B "
                    "one node per expert, expert=transformer_2 on the low-noise expert's MODEL")
 
     @classmethod

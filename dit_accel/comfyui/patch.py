@@ -153,8 +153,8 @@ def patch_model(model, method: Union[Method, SparsePlan], *, dense_steps: int = 
         layer_methods: ``{layer index: Method}`` overrides of ``method`` per layer.
         backend: kernel backend, ``"auto"``, ``"triton"``, ``"torch"`` or ``"flex"``.
         allow_other_grid: run a SparsePlan on a token grid it was not calibrated for (with a warning).
-        weights: a ``dit-accel finetune`` output folder (Wan, Fun Camera, HuMo, Animate, VACE, FLUX,
-            HunyuanVideo): its LoRA becomes ComfyUI weight patches of the clone (at ``lora_strength``), its SLA
+        weights: a ``dit-accel finetune`` output folder (Wan and its variants, FLUX, Chroma, HunyuanVideo,
+            HunyuanImage 2.1, Qwen-Image, HiDream, LTX-Video, Cosmos, Cosmos 1, Lumina 2, Mochi): its LoRA becomes ComfyUI weight patches of the clone (at ``lora_strength``), its SLA
             projections the layers' projections. ``method`` should be the folder's own (``dit_accel.training.load_method(DIR)``);
             another one is run with a warning.
         expert: which transformer of ``weights`` this MODEL is: ``"transformer"`` (the default; Wan 2.2 A14B's

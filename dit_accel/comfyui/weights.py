@@ -13,16 +13,22 @@ control blocks ``vace_blocks.N``, whose ``proj_in`` / ``proj_out`` ComfyUI calls
 Modules off these blocks (Animate's face adapter, HuMo's audio layers, the embeddings) are not mapped: a LoRA on
 them is refused naming the first.
 
-Families whose ComfyUI blocks fuse Diffusers modules (:data:`FUSED`): FLUX and HunyuanVideo. ComfyUI builds both
-from the same double- and single-stream blocks (``comfy.ldm.flux.layers``), whose ``img_attn.qkv`` /
-``txt_attn.qkv`` and ``linear1`` hold Diffusers' ``to_q`` / ``to_k`` / ``to_v`` (``add_*_proj``) and ``proj_mlp`` as
-row slices; their Diffusers transformers name these blocks' modules alike (``transformer_blocks.N``,
-``single_transformer_blocks.N``). ComfyUI's own map of Diffusers FLUX names (``comfy.utils.flux_to_diffusers``, with
-the slices, which ``model_lora_keys_unet`` gives Diffusers FLUX LoRAs) maps them: all of it for FLUX, its blocks for
-HunyuanVideo, with its text token refiner's attention and feed-forward modules (``to_q`` / ``to_k`` / ``to_v``
-thirds of ``self_attn.qkv``: ComfyUI has no Diffusers map of them; its embedders are refused). SLA projections:
-``transformer_blocks.N.attn`` is ComfyUI's ``double_blocks.N``, ``single_transformer_blocks.N.attn`` its
-``single_blocks.N``. For the other families the node says that their weights are not supported.
+The other families with a Diffusers transformer (:data:`MAPPED`: FLUX, HunyuanVideo, HunyuanImage 2.1, Chroma,
+Qwen-Image, HiDream, LTX-Video, Cosmos Predict2, Cosmos 1, Lumina 2, Mochi) take their map from
+:mod:`~dit_accel.comfyui.weight_maps`: ``{Diffusers module: ComfyUI weight}``, a weight being a key, the rows of a
+fused weight (FLUX-style ``img_attn.qkv`` / ``linear1``, Lumina 2's ``attention.qkv``, Mochi's ``qkv_x``) or a weight
+whose halves ComfyUI orders the other way (Mochi's ``final_layer.mod``). ComfyUI's own maps are used where it has
+them: ``comfy.utils.flux_to_diffusers`` (FLUX, Chroma, the blocks of HunyuanVideo and HunyuanImage 2.1) and the
+``transformer.<module>`` keys ``comfy.lora.model_lora_keys_unet`` gives Qwen-Image and HiDream, whose ComfyUI modules
+carry the Diffusers names one to one. A LoRA on a module the map does not have, or refuses (Mochi's feed-forward input
+projections: ComfyUI gates the other half of their output), is a one-line error naming the first such key and the
+family; families without a Diffusers transformer (:data:`UNMAPPED`) and the rest say that their weights are not
+supported. SLA projections: each family's layers by their Diffusers names
+(:func:`~dit_accel.comfyui.weight_maps.diffusers_layer_name`): FLUX-style ``double_blocks.N`` is
+``transformer_blocks.N.attn`` and ``single_blocks.N`` ``single_transformer_blocks.N.attn``, Cosmos Predict2's
+``blocks.N.self_attn``, Cosmos 1's full-attention building block of ``blocks.blockN`` and Mochi's ``blocks.N.attn``
+are ``transformer_blocks.N.attn1``, Lumina 2's ``<noise_refiner|layers>.N.attention`` is ``<...>.N.attn``; Qwen-Image,
+HiDream and LTX-Video keep their names.
 
 Wan 2.2 A14B's two experts are two ComfyUI MODELs (two loaders, two samplers). A folder of both (``dit-accel
 convert --transformer-2``) keys the second expert's tensors (Diffusers' ``transformer_2``, the low-noise expert)
@@ -34,7 +40,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Tuple
 
 import torch
 from torch import nn
@@ -42,8 +48,9 @@ from torch import nn
 from ..atomic_files import check_hashes, load_safetensors, safetensors_keys
 from ..checkpoints.finetuned import METHOD_FILE, SLA_FILE, VSA_FILE, read_weights_info
 from ..checkpoints.lora_checks import check_float_weights
+from .weight_maps import MAPS, describe, diffusers_layer_name, refused_module, targets
 
-__all__ = ["BLOCKS", "EXPERTS", "FUSED", "check_expert", "check_folder", "experts_in", "layer_names",
+__all__ = ["BLOCKS", "EXPERTS", "MAPPED", "UNMAPPED", "check_expert", "check_folder", "experts_in", "layer_names",
            "lora_patches", "sla_projections"]
 
 #: The transformers of a weights folder, as the Diffusers pipeline names them (Wan 2.2 A14B: high-, low-noise expert)
@@ -61,18 +68,15 @@ _REDO = "train or convert it again"  # (what the Diffusers path says of such a f
 #: family name -> the block lists whose modules carry the same index and structure on both hosts
 BLOCKS: Dict[str, Tuple[str, ...]] = {"Wan": ("blocks",), "Wan HuMo": ("blocks",), "Wan Animate": ("blocks",),
                                       "Wan VACE": ("blocks", "vace_blocks")}
-#: family name -> the Diffusers modules ComfyUI's FLUX map is taken for (None: all it maps), for fused blocks
-FUSED: Dict[str, Optional[Tuple[str, ...]]] = {"FLUX": None,
-                                               "HunyuanVideo": ("transformer_blocks.", "single_transformer_blocks.")}
-# Diffusers HunyuanVideo token refiner block (context_embedder.token_refiner.refiner_blocks.N) -> ComfyUI's
-# (txt_in.individual_token_refiner.blocks.N), which ComfyUI has no Diffusers map of: (weight, which third of its rows;
-# None: all), q, k and v being the thirds of self_attn.qkv. (The default --target-modules, to_q ... to_out.0, hit them.)
-_REFINER = {"attn.to_q": ("self_attn.qkv", 0), "attn.to_k": ("self_attn.qkv", 1), "attn.to_v": ("self_attn.qkv", 2),
-            "attn.to_out.0": ("self_attn.proj", None), "ff.net.0.proj": ("mlp.0", None), "ff.net.2": ("mlp.2", None),
-            "norm_out.linear": ("adaLN_modulation.1", None)}
-# ComfyUI layer (Family.layers) -> the Diffusers attention module the SLA projections file names
-_LAYER_NAMES = ((r"\.self_attn$", ".attn1"), (r"^double_blocks\.(\d+)$", r"transformer_blocks.\1.attn"),
-                (r"^single_blocks\.(\d+)$", r"single_transformer_blocks.\1.attn"))
+#: The families whose ComfyUI modules are renamed, fused or the same as the Diffusers transformer's (the maps of
+#: :mod:`~dit_accel.comfyui.weight_maps`)
+MAPPED: Tuple[str, ...] = tuple(MAPS)
+#: family name -> why its weights cannot be loaded (no Diffusers transformer `dit-accel finetune` could train)
+UNMAPPED: Dict[str, str] = {
+    "Chroma Radiance": "it has no Diffusers transformer, so no `dit-accel finetune` folder is its",
+    "OmniGen2": "it has no Diffusers transformer (dit_accel runs it with Lumina 2's settings), so no `dit-accel "
+                "finetune` folder is its",
+}
 
 
 def _wan_module(name: str, blocks: Tuple[str, ...] = ("blocks",)):
@@ -92,50 +96,17 @@ def _wan_module(name: str, blocks: Tuple[str, ...] = ("blocks",)):
 
 
 def layer_names(model: nn.Module, layers) -> List[str]:
-    """The Diffusers name of each self-attention layer, the keys of the SLA projections file: ComfyUI's
+    """The Diffusers name of each self-attention layer, the keys of the SLA projections file
+    (:func:`~dit_accel.comfyui.weight_maps.diffusers_layer_name` for the model's family): ComfyUI's
     ``<blocks>.N.self_attn`` is ``blocks.N.attn1`` (``vace_blocks.N.attn1``), its FLUX / HunyuanVideo
-    ``double_blocks.N`` is ``transformer_blocks.N.attn`` and ``single_blocks.N``
-    ``single_transformer_blocks.N.attn``."""
+    ``double_blocks.N`` is ``transformer_blocks.N.attn``, Cosmos Predict2's ``blocks.N.self_attn``
+    ``transformer_blocks.N.attn1``, and so on."""
+    from .families import family_for
+
+    family = family_for(model)
     names = {id(m): n for n, m in model.named_modules()}
-    out = []
-    for layer in layers:
-        name = names.get(id(layer), "?")
-        for pattern, diffusers in _LAYER_NAMES:
-            name = re.sub(pattern, diffusers, name)
-        out.append(name)
-    return out
-
-
-def _fused_targets(patcher, family) -> Dict[str, object]:
-    """``{Diffusers module: ComfyUI weight key}`` of a FLUX or HunyuanVideo model (:data:`FUSED`), a key being
-    ``"diffusion_model.<module>.weight"`` or, for a slice of a fused weight, ComfyUI's ``(key, (dim, start, size))``
-    (``(key, None, function)`` where ComfyUI reorders the LoRA's rows), as ``add_patches`` takes them."""
-    try:
-        import comfy.utils
-    except ImportError:  # only reached from ComfyUI, which has it
-        raise RuntimeError("dit_accel: mapping a LoRA onto a ComfyUI model needs ComfyUI (comfy.utils)") from None
-    names = comfy.utils.flux_to_diffusers(patcher.model.model_config.unet_config, output_prefix="diffusion_model.")
-    keep = FUSED[family.name]
-    out = {k[:-len(".weight")]: v for k, v in names.items()
-           if k.endswith(".weight") and (keep is None or k.startswith(keep))}
-    if family.name == "HunyuanVideo":
-        out.update(_refiner_targets(patcher))
-    return out
-
-
-def _refiner_targets(patcher) -> Dict[str, object]:
-    """:data:`_REFINER` for each block of a ComfyUI HunyuanVideo's text token refiner, in :func:`_fused_targets`'
-    form."""
-    txt_in = getattr(patcher.model.diffusion_model, "txt_in", None)
-    blocks = getattr(getattr(txt_in, "individual_token_refiner", None), "blocks", ())
-    hidden = patcher.model.model_config.unet_config["hidden_size"]
-    out = {}
-    for i in range(len(blocks)):
-        for module, (weight, third) in _REFINER.items():
-            key = f"diffusion_model.txt_in.individual_token_refiner.blocks.{i}.{weight}.weight"
-            out[f"context_embedder.token_refiner.refiner_blocks.{i}.{module}"] = (
-                key if third is None else (key, (0, third * hidden, hidden)))
-    return out
+    return [diffusers_layer_name(None if family is None else family.name, names.get(id(layer), "?"))
+            for layer in layers]
 
 
 def check_expert(expert) -> str:
@@ -185,10 +156,13 @@ def check_folder(folder, family, model_name: str = "WanModel", expert: str = "tr
     tensors per expert (:func:`experts_in`), or a one-line ValueError for a family whose Diffusers names this
     module does not map, or a folder without ``expert``'s tensors."""
     check_expert(expert)
-    if family.name not in BLOCKS and family.name not in FUSED:
+    if family.name in UNMAPPED:
+        raise ValueError(f"dit_accel: loading `dit-accel finetune` weights into ComfyUI's {family.name} model is not "
+                         f"supported: {UNMAPPED[family.name]}")
+    if family.name not in BLOCKS and family.name not in MAPPED:
         raise ValueError(f"dit_accel: loading `dit-accel finetune` weights into ComfyUI's {family.name} model is not "
                          "supported yet (its Diffusers module names are not mapped to ComfyUI's); only "
-                         f"{', '.join([*BLOCKS, *FUSED])} are")
+                         f"{', '.join([*BLOCKS, *MAPPED])} are")
     info = read_weights_info(folder)
     gates = (info.get("files") or {}).get("vsa_gates")
     if gates:  # FastVideo's to_gate_compress modules: ComfyUI's Wan models have none; VSA without them is another model
@@ -207,7 +181,9 @@ def check_folder(folder, family, model_name: str = "WanModel", expert: str = "tr
 def lora_patches(patcher, folder, info: dict, family, expert: str = "transformer") -> Dict[str, object]:
     """ComfyUI weight patches of the folder's LoRA of ``expert`` for ``patcher``'s model of ``family`` (``{}``
     when it has none); the other expert's tensors are left out. A LoRA on a Diffusers module that ComfyUI holds as
-    a slice of a fused weight (FLUX's and HunyuanVideo's ``to_q`` in ``img_attn.qkv``) patches that slice."""
+    a slice of a fused weight (FLUX's and HunyuanVideo's ``to_q`` in ``img_attn.qkv``) patches that slice. A LoRA
+    on a module the family's map refuses (:data:`~dit_accel.comfyui.weight_maps.REFUSED_MODULES`) or does not have is
+    a one-line ValueError naming the first such key and the family."""
     name = (info.get("files") or {}).get("lora")
     if not name:
         return {}
@@ -220,16 +196,20 @@ def lora_patches(patcher, folder, info: dict, family, expert: str = "transformer
     check_float_weights(path, state, redo=_REDO)
     model_name = type(patcher.model.diffusion_model).__name__
     weights = patcher.model.state_dict()
-    fused = _fused_targets(patcher, family) if family.name in FUSED else None
     alpha = (info.get("lora") or {}).get("alpha")
     key_map = comfy.lora.model_lora_keys_unet(patcher.model, {})
+    mapped = targets(patcher, family, key_map) if family.name in MAPPED else None
     lora, unknown = {}, []
     for key, tensor in state.items():
         own = _of_expert(key, expert)
         if own is None:  # the other expert's (its own MODEL loads it)
             continue
         module, sep, rest = own.removeprefix("transformer.").partition(".lora_")
-        target = _target(module, family, fused)
+        why = refused_module(family.name, module)
+        if why is not None:
+            raise ValueError(f"dit_accel: {path} has a LoRA on {module} ({key}), which ComfyUI's {family.name} "
+                             f"({model_name}) cannot take exactly: {why}; train without it (--target-modules)")
+        target = _target(module, family, mapped)
         weight = target if isinstance(target, str) or target is None else target[0]
         if not sep or weight not in weights:
             unknown.append(key)
@@ -243,15 +223,15 @@ def lora_patches(patcher, folder, info: dict, family, expert: str = "transformer
     if unknown:
         raise ValueError(f"dit_accel: {path} has LoRA tensors for modules ComfyUI's {model_name} does not have "
                          f"({unknown[0]}, ... {len(unknown)} in all; dit_accel maps {_mapped(family)}): the weights "
-                         "are for another model")
+                         f"are for another model than this {family.name}")
     return comfy.lora.load_lora(lora, key_map, log_missing=False)
 
 
-def _target(module: str, family, fused):
-    """The ComfyUI weight key (or fused slice, :func:`_fused_targets`) a Diffusers ``module``'s LoRA patches, or
-    None."""
-    if fused is not None:
-        return fused.get(module)
+def _target(module: str, family, mapped):
+    """The ComfyUI weight key (or fused slice, :mod:`~dit_accel.comfyui.weight_maps`) a Diffusers ``module``'s LoRA
+    patches, or None."""
+    if mapped is not None:
+        return mapped.get(module)
     target = _wan_module(module, BLOCKS[family.name])
     return None if target is None else f"diffusion_model.{target}.weight"
 
@@ -260,11 +240,7 @@ def _mapped(family) -> str:
     """What the LoRA of ``family`` may be on, for messages."""
     if family.name in BLOCKS:
         return f"the attention and feed-forward modules of {' and '.join(b + '.N' for b in BLOCKS[family.name])}"
-    if FUSED[family.name] is None:
-        return "the modules ComfyUI maps for Diffusers FLUX LoRAs (comfy.utils.flux_to_diffusers)"
-    return (f"the modules of {', '.join(b + 'N' for b in FUSED[family.name])} (ComfyUI's FLUX map of its double "
-            "and single blocks) and the attention and feed-forward modules of "
-            "context_embedder.token_refiner.refiner_blocks.N")
+    return describe(family.name)
 
 
 def _check_lora_shape(path, key: str, tensor, model_name: str, target, weight_shape, family_name: str) -> None:
@@ -295,14 +271,17 @@ def _check_lora_shape(path, key: str, tensor, model_name: str, target, weight_sh
 
 
 def _head_dim(layer: nn.Module):
-    """The head size of a ComfyUI attention layer: Wan's ``head_dim``; a FLUX / HunyuanVideo block's hidden size
-    (``hidden_size`` / ``hidden_dim``) over ``num_heads``; None where it has neither."""
-    d = getattr(layer, "head_dim", None)
-    if d is not None:
-        return d
-    hidden = getattr(layer, "hidden_size", getattr(layer, "hidden_dim", None))
-    heads = getattr(layer, "num_heads", None)
-    return hidden // heads if isinstance(hidden, int) and isinstance(heads, int) and heads else None
+    """The head size of a ComfyUI attention layer: its ``head_dim`` / ``dim_head`` (Wan, Cosmos, Lumina 2, Mochi,
+    Qwen-Image, LTX-Video); a FLUX-style block's or HiDream's width (``hidden_size`` / ``hidden_dim`` /
+    ``inner_dim``) over its heads (``num_heads`` / ``heads``); None where it has neither."""
+    for name in ("head_dim", "dim_head"):
+        d = getattr(layer, name, None)
+        if isinstance(d, int):
+            return d
+    hidden = next((getattr(layer, n) for n in ("hidden_size", "hidden_dim", "inner_dim")
+                   if isinstance(getattr(layer, n, None), int)), None)
+    heads = next((getattr(layer, n) for n in ("num_heads", "heads") if isinstance(getattr(layer, n, None), int)), None)
+    return hidden // heads if hidden is not None and heads else None
 
 
 def sla_projections(folder, info: dict, model: nn.Module, layers, device=None, dtype=None,

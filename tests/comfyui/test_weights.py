@@ -93,7 +93,7 @@ def test_weights_that_do_not_fit_are_one_line_errors(comfy, wan, tmp_path):
     folder = _folder(tmp_path / "ok", dit_accel.Dense(), lora=_lora(torch.Generator().manual_seed(14)))
     with pytest.raises(ValueError, match="modules ComfyUI's HunyuanVideo does not have"):  # (Wan's modules)
         patch_model(build(comfy, CASES["hunyuan-video"]), dit_accel.Dense(), weights=folder)
-    with pytest.raises(ValueError, match="into ComfyUI's LTX-Video model is not supported yet"):
+    with pytest.raises(ValueError, match="modules ComfyUI's LTXVModel does not have"):  # (Wan's modules)
         patch_model(build(comfy, CASES["ltx-video"]), dit_accel.Dense(), weights=folder)
     (folder / LORA_FILE).write_bytes(b"truncated")
     with pytest.raises(ValueError, match=LORA_FILE):
