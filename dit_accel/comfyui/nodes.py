@@ -256,7 +256,8 @@ class FinetunedNode:
     FUNCTION = "patch"
     DESCRIPTION = ("dit_accel fine-tuned weights: the method the folder was trained with, its LoRA (as ComfyUI "
                    "weight patches) and its SLA projections (the models with a Diffusers transformer: Wan, FLUX, "
-                   "HunyuanVideo, Qwen-Image, LTX-Video, Cosmos, Chroma, Lumina 2, HiDream, Mochi, HunyuanImage 2.1; "
+                   "HunyuanVideo, Qwen-Image, LTX-Video, Cosmos, Chroma, Lumina 2, HiDream, Mochi, HunyuanImage 2.1, "
+                   "SD3 / SD3.5, AuraFlow; "
                    "docs/comfyui.md); for Wan 2.2 A14B "
                    "one node per expert, expert=transformer_2 on the low-noise expert's MODEL")
 

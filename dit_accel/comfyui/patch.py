@@ -154,7 +154,8 @@ def patch_model(model, method: Union[Method, SparsePlan], *, dense_steps: int = 
         backend: kernel backend, ``"auto"``, ``"triton"``, ``"torch"`` or ``"flex"``.
         allow_other_grid: run a SparsePlan on a token grid it was not calibrated for (with a warning).
         weights: a ``dit-accel finetune`` output folder (Wan and its variants, FLUX, Chroma, HunyuanVideo,
-            HunyuanImage 2.1, Qwen-Image, HiDream, LTX-Video, Cosmos, Cosmos 1, Lumina 2, Mochi): its LoRA becomes ComfyUI weight patches of the clone (at ``lora_strength``), its SLA
+            HunyuanImage 2.1, Qwen-Image, HiDream, LTX-Video, Cosmos, Cosmos 1, Lumina 2, Mochi, SD3 / SD3.5,
+            AuraFlow): its LoRA becomes ComfyUI weight patches of the clone (at ``lora_strength``), its SLA
             projections the layers' projections. ``method`` should be the folder's own (``dit_accel.training.load_method(DIR)``);
             another one is run with a warning.
         expert: which transformer of ``weights`` this MODEL is: ``"transformer"`` (the default; Wan 2.2 A14B's

@@ -7,7 +7,8 @@ as rows of a fused weight, ``(key, (0, first row, rows))``, or ``(key, None, fun
 (``function`` takes the Diffusers-ordered LoRA difference to ComfyUI's order), as ``ModelPatcher.add_patches`` takes
 them. Each map rests on the conversion between the two names (ComfyUI loads the original checkpoints; Diffusers'
 ``scripts/convert_*_to_diffusers.py`` renames and splits them), and, where ComfyUI has one, on ComfyUI's own map of
-Diffusers names (``comfy.utils.flux_to_diffusers``, ``comfy.lora.model_lora_keys_unet``):
+Diffusers names (``comfy.utils.flux_to_diffusers``, ``mmdit_to_diffusers``, ``auraflow_to_diffusers``,
+``comfy.lora.model_lora_keys_unet``):
 
 - FLUX, Chroma: ``flux_to_diffusers`` (the fused ``img_attn.qkv`` / ``txt_attn.qkv`` / ``linear1`` slices), all of it;
   Chroma's distilled guidance layer besides (its ``layers.N.linear_1`` / ``linear_2`` are ComfyUI's ``in_layer`` /
@@ -25,6 +26,14 @@ Diffusers names (``comfy.utils.flux_to_diffusers``, ``comfy.lora.model_lora_keys
   ``final_layer.mod`` with its shift and scale halves swapped. Its feed-forward input projections are refused
   (:data:`REFUSED_MODULES`): ComfyUI's Mochi applies SiLU to the first half of ``w1``'s output, Diffusers' SwiGLU to
   the second, so the same weight is not the same function.
+- SD3 / SD3.5: ``comfy.utils.mmdit_to_diffusers`` (ComfyUI's map of Diffusers SD3 LoRAs), all of it: ``to_q`` /
+  ``to_k`` / ``to_v`` (``add_*_proj``, SD3.5's ``attn2.to_*``) the thirds of ``x_block.attn.qkv``
+  (``context_block.attn.qkv``, ``x_block.attn2.qkv``); the last block's context half is pre-only (no ``to_add_out`` or
+  ``ff_context`` on either host) and its ``norm1_context.linear``, like ``norm_out.linear``, has its shift and scale
+  halves swapped.
+- AuraFlow: ``comfy.utils.auraflow_to_diffusers``, all of it: module by module (the double layers' image ``to_*`` are
+  ComfyUI's ``w2*``, the text ``add_*_proj`` / ``to_add_out`` its ``w1*``; ``ff.linear_1`` / ``linear_2`` /
+  ``out_projection`` its ``c_fc1`` / ``c_fc2`` / ``c_proj``), ``norm_out.linear`` ``modF.1`` with its halves swapped.
 """
 
 from __future__ import annotations
@@ -106,6 +115,16 @@ def _flux(patcher, keep: Optional[Tuple[str, ...]] = None) -> Dict[str, object]:
     names = _comfy("comfy.utils").flux_to_diffusers(patcher.model.model_config.unet_config, output_prefix=_W)
     return {k[:-len(".weight")]: v for k, v in names.items()
             if k.endswith(".weight") and (keep is None or k.startswith(keep))}
+
+
+def _comfy_map(function: str):
+    """The map of ``comfy.utils.<function>`` (SD3's ``mmdit_to_diffusers``, AuraFlow's ``auraflow_to_diffusers``:
+    the Diffusers names ComfyUI maps for those families' Diffusers LoRAs), weights only."""
+    def mapped(patcher, key_map) -> Dict[str, object]:
+        names = getattr(_comfy("comfy.utils"), function)(patcher.model.model_config.unet_config, output_prefix=_W)
+        return {k[:-len(".weight")]: v for k, v in names.items() if k.endswith(".weight")}
+
+    return mapped
 
 
 def _refiner(patcher) -> Dict[str, object]:
@@ -222,7 +241,8 @@ def _mochi(patcher, key_map) -> Dict[str, object]:
 MAPS: Dict[str, Callable[[object, dict], Dict[str, object]]] = {
     "FLUX": lambda patcher, key_map: _flux(patcher), "HunyuanVideo": _hunyuan, "HunyuanImage 2.1": _hunyuan,
     "Chroma": _chroma, "Qwen-Image": _same, "HiDream": _same, "LTX-Video": _ltxv, "Cosmos": _cosmos2,
-    "Cosmos 1": _cosmos1, "Lumina 2": _lumina, "Mochi": _mochi,
+    "Cosmos 1": _cosmos1, "Lumina 2": _lumina, "Mochi": _mochi, "SD3": _comfy_map("mmdit_to_diffusers"),
+    "AuraFlow": _comfy_map("auraflow_to_diffusers"),
 }
 
 _DESCRIBE = {
@@ -241,6 +261,12 @@ _DESCRIBE = {
                 "x_embedder, time_caption_embed, norm_out",
     "Mochi": "the attention and norm modules of transformer_blocks.N, ff.net.2 and ff_context.net.2, patch_embed, "
              "time_embed, norm_out and proj_out",
+    "SD3": "the modules ComfyUI maps for Diffusers SD3 LoRAs (comfy.utils.mmdit_to_diffusers): the attention "
+           "(SD3.5's attn2 too), feed-forward and norm modules of transformer_blocks.N, pos_embed, time_text_embed, "
+           "context_embedder, norm_out and proj_out",
+    "AuraFlow": "the modules ComfyUI maps for Diffusers AuraFlow LoRAs (comfy.utils.auraflow_to_diffusers): the "
+                "attention, feed-forward and norm modules of joint_transformer_blocks.N and "
+                "single_transformer_blocks.N, pos_embed, time_step_proj, context_embedder, norm_out and proj_out",
 }
 _DESCRIBE["HunyuanImage 2.1"] = _DESCRIBE["HunyuanVideo"]
 _DESCRIBE["Cosmos 1"] = _DESCRIBE["Cosmos"]
@@ -272,6 +298,9 @@ _LAYER_NAMES = {
     "Cosmos 1": ((r"^blocks\.block(\d+)\.blocks\.\d+\.block\.attn$", r"transformer_blocks.\1.attn1"),),
     "Lumina 2": ((r"^(noise_refiner|layers)\.(\d+)\.attention$", r"\1.\2.attn"),),
     "Mochi": ((r"^blocks\.(\d+)\.attn$", r"transformer_blocks.\1.attn1"),),
+    "SD3": ((r"^joint_blocks\.(\d+)\.x_block\.(attn2?)$", r"transformer_blocks.\1.\2"),),
+    "AuraFlow": ((r"^double_layers\.(\d+)\.attn$", r"joint_transformer_blocks.\1.attn"),
+                 (r"^single_layers\.(\d+)\.attn$", r"single_transformer_blocks.\1.attn")),
     "Qwen-Image": (), "HiDream": (), "LTX-Video": (),  # (the Diffusers names)
 }
 _WAN_LAYERS = ((r"\.self_attn$", ".attn1"),)

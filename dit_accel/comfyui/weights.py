@@ -14,21 +14,24 @@ Modules off these blocks (Animate's face adapter, HuMo's audio layers, the embed
 them is refused naming the first.
 
 The other families with a Diffusers transformer (:data:`MAPPED`: FLUX, HunyuanVideo, HunyuanImage 2.1, Chroma,
-Qwen-Image, HiDream, LTX-Video, Cosmos Predict2, Cosmos 1, Lumina 2, Mochi) take their map from
-:mod:`~dit_accel.comfyui.weight_maps`: ``{Diffusers module: ComfyUI weight}``, a weight being a key, the rows of a
-fused weight (FLUX-style ``img_attn.qkv`` / ``linear1``, Lumina 2's ``attention.qkv``, Mochi's ``qkv_x``) or a weight
-whose halves ComfyUI orders the other way (Mochi's ``final_layer.mod``). ComfyUI's own maps are used where it has
-them: ``comfy.utils.flux_to_diffusers`` (FLUX, Chroma, the blocks of HunyuanVideo and HunyuanImage 2.1) and the
-``transformer.<module>`` keys ``comfy.lora.model_lora_keys_unet`` gives Qwen-Image and HiDream, whose ComfyUI modules
-carry the Diffusers names one to one. A LoRA on a module the map does not have, or refuses (Mochi's feed-forward input
-projections: ComfyUI gates the other half of their output), is a one-line error naming the first such key and the
-family; families without a Diffusers transformer (:data:`UNMAPPED`) and the rest say that their weights are not
+Qwen-Image, HiDream, LTX-Video, Cosmos Predict2, Cosmos 1, Lumina 2, Mochi, SD3 / SD3.5, AuraFlow) take their map
+from :mod:`~dit_accel.comfyui.weight_maps`: ``{Diffusers module: ComfyUI weight}``, a weight being a key, the rows of a
+fused weight (FLUX-style ``img_attn.qkv`` / ``linear1``, Lumina 2's ``attention.qkv``, Mochi's ``qkv_x``, SD3's
+``x_block.attn.qkv``) or a weight whose halves ComfyUI orders the other way (Mochi's ``final_layer.mod``, SD3's and
+AuraFlow's final modulation). ComfyUI's own maps are used where it has them: ``comfy.utils.flux_to_diffusers`` (FLUX,
+Chroma, the blocks of HunyuanVideo and HunyuanImage 2.1), ``mmdit_to_diffusers`` (SD3), ``auraflow_to_diffusers``
+(AuraFlow) and the ``transformer.<module>`` keys ``comfy.lora.model_lora_keys_unet`` gives Qwen-Image and HiDream,
+whose ComfyUI modules carry the Diffusers names one to one. A LoRA on a module the map does not have, or refuses
+(Mochi's feed-forward input projections: ComfyUI gates the other half of their output), is a one-line error naming the
+first such key and the family; families without a Diffusers transformer (:data:`UNMAPPED`) and the rest say that their weights are not
 supported. SLA projections: each family's layers by their Diffusers names
 (:func:`~dit_accel.comfyui.weight_maps.diffusers_layer_name`): FLUX-style ``double_blocks.N`` is
 ``transformer_blocks.N.attn`` and ``single_blocks.N`` ``single_transformer_blocks.N.attn``, Cosmos Predict2's
 ``blocks.N.self_attn``, Cosmos 1's full-attention building block of ``blocks.blockN`` and Mochi's ``blocks.N.attn``
-are ``transformer_blocks.N.attn1``, Lumina 2's ``<noise_refiner|layers>.N.attention`` is ``<...>.N.attn``; Qwen-Image,
-HiDream and LTX-Video keep their names.
+are ``transformer_blocks.N.attn1``, Lumina 2's ``<noise_refiner|layers>.N.attention`` is ``<...>.N.attn``, SD3's
+``joint_blocks.N.x_block.attn`` / ``.attn2`` ``transformer_blocks.N.attn`` / ``.attn2``, AuraFlow's
+``double_layers.N.attn`` / ``single_layers.N.attn`` ``joint_transformer_blocks.N.attn`` /
+``single_transformer_blocks.N.attn``; Qwen-Image, HiDream and LTX-Video keep their names.
 
 Wan 2.2 A14B's two experts are two ComfyUI MODELs (two loaders, two samplers). A folder of both (``dit-accel
 convert --transformer-2``) keys the second expert's tensors (Diffusers' ``transformer_2``, the low-noise expert)

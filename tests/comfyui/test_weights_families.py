@@ -1,9 +1,9 @@
 """``dit-accel finetune`` folders on the other ComfyUI families with a Diffusers transformer: Qwen-Image, HiDream,
-LTX-Video, Cosmos Predict2, Cosmos 1, Chroma, Lumina 2, Mochi and HunyuanImage 2.1. Per family, the folder is written
-as ``dit-accel finetune`` writes it (a peft LoRA on the family's Diffusers transformer, the SLA projections of the
-attention modules ``dit_accel.apply`` finds) from a Diffusers transformer of the same sizes as the ComfyUI model
-(tests/comfyui/weights_families.py), and loaded through the fine-tuned weights node: ComfyUI's patched weights must be
-its base weights plus alpha / rank * B @ A at the rows the oracle names, and nowhere else."""
+LTX-Video, Cosmos Predict2, Cosmos 1, Chroma, Lumina 2, Mochi, HunyuanImage 2.1, SD3 / SD3.5 and AuraFlow. Per
+family, the folder is written as ``dit-accel finetune`` writes it (a peft LoRA on the family's Diffusers transformer,
+the SLA projections of the attention modules ``dit_accel.apply`` finds) from a Diffusers transformer of the same sizes
+as the ComfyUI model (tests/comfyui/weights_families.py), and loaded through the fine-tuned weights node: ComfyUI's
+patched weights must be its base weights plus alpha / rank * B @ A at the rows the oracle names, and nowhere else."""
 
 import pytest
 import torch
@@ -100,7 +100,8 @@ def test_the_lora_patches_the_comfyui_rows_of_its_diffusers_modules(loaded, case
     base = {k: v.detach().clone() for k, v in model.model.diffusion_model.state_dict().items()}
     expected = {k: v.clone() for k, v in base.items()}
     for module, (weight, row, swapped) in oracle.items():
-        delta = ALPHA / RANK * lora[f"transformer.{module}.lora_B.weight"] @ lora[f"transformer.{module}.lora_A.weight"]
+        a, b = lora[f"transformer.{module}.lora_A.weight"], lora[f"transformer.{module}.lora_B.weight"]
+        delta = (ALPHA / RANK * b.flatten(1) @ a.flatten(1)).reshape(b.shape[0], *a.shape[1:])  # (SD3's conv too)
         expected[f"{weight}.weight"][row:row + delta.shape[0]] += _swap(delta) if swapped else delta
     got = _weights(patched)
     assert sorted(got) == sorted(expected)
@@ -152,6 +153,8 @@ def _bad_lora(module: str, out_f: int = 32, in_f: int = 32):
     ("cosmos1", "transformer_blocks.5.attn1.to_q"), ("chroma", "single_transformer_blocks.3.attn.to_q"),
     ("lumina2", "context_refiner.0.norm1.linear"), ("mochi", "transformer_blocks.0.attn2.to_q"),
     ("hunyuan-image21", "context_embedder_2.linear_1"),
+    ("sd3", "transformer_blocks.1.attn.to_add_out"), ("sd3", "transformer_blocks.1.attn2.to_q"),
+    ("auraflow", "single_transformer_blocks.0.attn.add_q_proj"), ("auraflow", "joint_transformer_blocks.0.attn2.to_q"),
 ])
 def test_a_module_no_comfyui_weight_holds_is_refused_naming_the_key_and_family(comfy, loaded, tmp_path, case, module):
     folder = _folder(tmp_path / "bad", dit_accel.Dense(), lora=_bad_lora(module))
@@ -178,10 +181,11 @@ def test_families_without_a_diffusers_transformer_are_refused_by_name(comfy, tmp
         patch_model(build(comfy, IMAGE_CASES[case]), dit_accel.Dense(), weights=folder)
 
 
-@pytest.mark.parametrize("case", ["qwen-image", "hidream", "ltx-video", "cosmos1", "lumina2", "mochi"])
+@pytest.mark.parametrize("case", ["qwen-image", "hidream", "ltx-video", "cosmos1", "lumina2", "mochi", "sd3",
+                                  "auraflow"])
 def test_sla_projections_of_another_head_size_are_refused(comfy, loaded, tmp_path, case):
-    layer = PAIRS[case].layers[0]
+    layer, d = PAIRS[case].layers[0], PAIRS[case].head_dim
     folder = _folder(tmp_path / "sla", dit_accel.SLA(topk=0.5), sla={f"{layer}.weight": torch.zeros(16, 16)})
     with pytest.raises(ValueError, match=rf"{layer.replace('.', '[.]')}\.weight has shape \(16, 16\), but layer 0 of "
-                                         r"this \w+ takes \(32, 32\) \(its head dim is 32\)"):
+                                         rf"this \w+ takes \({d}, {d}\) \(its head dim is {d}\)"):
         patch_model(loaded[case][0], dit_accel.SLA(topk=0.5), weights=folder, backend="torch")

@@ -10,7 +10,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from tests.comfyui.models import CHROMA, COSMOS, COSMOS1, HIDREAM, HUNYUAN_IMAGE21, LTXV, LUMINA2, MOCHI, QWEN, Case
+from tests.comfyui.models import (CHROMA, COSMOS, COSMOS1, HIDREAM, HUNYUAN_IMAGE21, IMAGE_CASES, LTXV, LUMINA2,
+                                  MOCHI, QWEN, Case)
 
 
 @dataclass
@@ -100,6 +101,43 @@ def _cosmos2_block(n: int) -> dict:
             f"{at}.norm3.linear_1": (f"{to}.adaln_modulation_mlp.1", 0)}
 
 
+def _sd3_block(i: int, dual: bool, last: bool) -> dict:
+    """SD3 joint block i (Diffusers transformer_blocks.i, ComfyUI joint_blocks.i): the image stream is x_block, the
+    text stream context_block; q, k, v the thirds of each qkv (hidden 128). The last block's context_block is pre-only:
+    no proj, no mlp, and its 2-way modulation is (shift, scale) where Diffusers' AdaLayerNormContinuous is (scale,
+    shift)."""
+    h, at, to = 128, f"transformer_blocks.{i}", f"joint_blocks.{i}"
+    rows = {"attn.to_q": ("x_block.attn.qkv", 0), "attn.to_k": ("x_block.attn.qkv", h),
+            "attn.to_v": ("x_block.attn.qkv", 2 * h), "attn.add_q_proj": ("context_block.attn.qkv", 0),
+            "attn.add_k_proj": ("context_block.attn.qkv", h), "attn.add_v_proj": ("context_block.attn.qkv", 2 * h),
+            "attn.to_out.0": ("x_block.attn.proj", 0), "ff.net.0.proj": ("x_block.mlp.fc1", 0),
+            "ff.net.2": ("x_block.mlp.fc2", 0), "norm1.linear": ("x_block.adaLN_modulation.1", 0)}
+    if dual:  # SD3.5's image self-attention
+        rows.update({"attn2.to_q": ("x_block.attn2.qkv", 0), "attn2.to_k": ("x_block.attn2.qkv", h),
+                     "attn2.to_v": ("x_block.attn2.qkv", 2 * h), "attn2.to_out.0": ("x_block.attn2.proj", 0)})
+    if not last:
+        rows.update({"attn.to_add_out": ("context_block.attn.proj", 0), "ff_context.net.2": ("context_block.mlp.fc2", 0),
+                     "ff_context.net.0.proj": ("context_block.mlp.fc1", 0)})
+    out = {f"{at}.{d}": (f"{to}.{c}", r, False) for d, (c, r) in rows.items()}
+    out[f"{at}.norm1_context.linear"] = (f"{to}.context_block.adaLN_modulation.1", 0, last)
+    return out
+
+
+# AuraFlow: ComfyUI's DoubleAttention projects the text with w1*, the image with w2*; SingleAttention has w1* only
+_AURA_DOUBLE = {"attn.to_q": "attn.w2q", "attn.to_k": "attn.w2k", "attn.to_v": "attn.w2v", "attn.to_out.0": "attn.w2o",
+                "attn.add_q_proj": "attn.w1q", "attn.add_k_proj": "attn.w1k", "attn.add_v_proj": "attn.w1v",
+                "attn.to_add_out": "attn.w1o", "ff.linear_1": "mlpX.c_fc1", "ff.linear_2": "mlpX.c_fc2",
+                "ff.out_projection": "mlpX.c_proj", "ff_context.linear_1": "mlpC.c_fc1",
+                "ff_context.out_projection": "mlpC.c_proj", "norm1.linear": "modX.1", "norm1_context.linear": "modC.1"}
+_AURA_SINGLE = {"attn.to_q": "attn.w1q", "attn.to_k": "attn.w1k", "attn.to_v": "attn.w1v", "attn.to_out.0": "attn.w1o",
+                "ff.linear_1": "mlp.c_fc1", "ff.linear_2": "mlp.c_fc2", "ff.out_projection": "mlp.c_proj",
+                "norm1.linear": "modCX.1"}
+_AURAFLOW = {**{f"joint_transformer_blocks.0.{d}": (f"double_layers.0.{c}", 0) for d, c in _AURA_DOUBLE.items()},
+             **{f"single_transformer_blocks.1.{d}": (f"single_layers.1.{c}", 0) for d, c in _AURA_SINGLE.items()},
+             "pos_embed.proj": ("init_x_linear", 0), "context_embedder": ("cond_seq_linear", 0),
+             "time_step_proj.linear_1": ("t_embedder.mlp.0", 0), "time_step_proj.linear_2": ("t_embedder.mlp.2", 0),
+             "proj_out": ("final_linear", 0)}
+
 _COSMOS_DIFFUSERS = dict(in_channels=16, out_channels=16, num_attention_heads=2, attention_head_dim=32, num_layers=2,
                          mlp_ratio=4.0, text_embed_dim=32, adaln_lora_dim=16, max_size=(128, 240, 240),
                          patch_size=(1, 2, 2), concat_padding_mask=True)
@@ -185,6 +223,28 @@ PAIRS = {
         _rows({**_flux_blocks(32), **{f"context_embedder.token_refiner.refiner_blocks.1.{k}":
                                       (f"txt_in.individual_token_refiner.blocks.1.{w}", r) for k, (w, r) in _REFINER.items()}}),
         ["transformer_blocks.0.attn", "single_transformer_blocks.0.attn"], 16),
+    # SD3 as tests/comfyui/models.py builds it (hidden 64 x depth 2, 2 heads; SD3.5's attn2 in block 0)
+    "sd3": Pair(
+        IMAGE_CASES["sd3"], "SD3Transformer2DModel",
+        dict(sample_size=8, patch_size=2, in_channels=16, num_layers=2, attention_head_dim=64, num_attention_heads=2,
+             joint_attention_dim=32, caption_projection_dim=128, pooled_projection_dim=8, out_channels=16,
+             pos_embed_max_size=16, dual_attention_layers=(0,), qk_norm="rms_norm"),
+        {**_sd3_block(0, dual=True, last=False), **_sd3_block(1, dual=False, last=True),
+         **_rows({"pos_embed.proj": ("x_embedder.proj", 0), "context_embedder": ("context_embedder", 0),
+                  "time_text_embed.timestep_embedder.linear_1": ("t_embedder.mlp.0", 0),
+                  "time_text_embed.text_embedder.linear_2": ("y_embedder.mlp.2", 0),
+                  "proj_out": ("final_layer.linear", 0)}),
+         "norm_out.linear": ("final_layer.adaLN_modulation.1", 0, True)},  # Diffusers' (scale, shift): (shift, scale)
+        ["transformer_blocks.0.attn", "transformer_blocks.0.attn2", "transformer_blocks.1.attn"], 64),
+    # AuraFlow as tests/comfyui/models.py builds it (dim 64 in 2 heads; 1 double layer, 2 single layers)
+    "auraflow": Pair(
+        IMAGE_CASES["auraflow"], "AuraFlowTransformer2DModel",
+        dict(sample_size=8, patch_size=2, in_channels=4, num_mmdit_layers=1, num_single_dit_layers=2,
+             attention_head_dim=32, num_attention_heads=2, joint_attention_dim=32, caption_projection_dim=64,
+             out_channels=4, pos_embed_max_size=256),
+        {**_rows(_AURAFLOW), "norm_out.linear": ("modF.1", 0, True)},  # Diffusers' (scale, shift): (shift, scale)
+        ["joint_transformer_blocks.0.attn", "single_transformer_blocks.0.attn", "single_transformer_blocks.1.attn"],
+        32),
 }
 
 
