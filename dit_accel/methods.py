@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import itertools
 import math
 import os
 import warnings
@@ -268,10 +267,11 @@ class GNA(Method):
             raise ValueError(f"GNA.fit={self.fit!r} is invalid: must be True or False")
         ks, st, dl, ca = check_gna_args(self.kernel_size, self.stride, self.dilation, self.is_causal, owner="GNA.")
         tile = None if self.tile is None else int_or_tuple("GNA.", "tile", self.tile, minimum=1)
-        lengths = {len(v) for v in (ks, st, dl, ca, tile) if isinstance(v, tuple)}
+        kernels = per_head(ks) or (ks,)  # (per-head kernel sizes: one value per grid dimension in each)
+        lengths = {len(v) for v in (*kernels, st, dl, ca, tile) if isinstance(v, tuple)}
         if len(lengths) > 1:
-            raise ValueError(f"GNA.tile={tile!r} has a different number of dimensions than kernel_size, stride, "
-                             "dilation or is_causal; give one value per grid dimension everywhere")
+            raise ValueError(f"GNA.kernel_size={ks!r}, stride={st!r}, dilation={dl!r}, is_causal={ca!r}, tile={tile!r}"
+                             ": these have different numbers of dimensions; give one value per grid dimension")
         _freeze(self, kernel_size=ks, stride=st, dilation=dl, is_causal=ca, tile=tile)
 
     @property
@@ -355,19 +355,14 @@ class GNA(Method):
         return self.replace(tile=pick_tile((grid[0] // shares,) + tuple(grid[1:]), (64,)))
 
     def _at_density(self, grid, density):
-        # Rank stride-1 windows by token density prod(k_d / g_d), then keep the nearest of the
-        # closest few by the visited *block* density their plans report.
-        scored = []
-        # An extent-1 dimension (one latent frame) takes kernel 2, clamped to the extent by fit=True.
-        for ks in itertools.product(*[range(2, max(g, 2) + 1) for g in grid]):
-            fr = [math.log(min(k, g) / g) for k, g in zip(ks, grid)]
-            spread = sum((f - sum(fr) / len(fr)) ** 2 for f in fr)
-            scored.append((abs(sum(fr) - math.log(density)) + 0.02 * spread, ks))
-        scored.sort()
-        candidates = [self.replace(kernel_size=ks, stride=1, fit=True) for _, ks in scored[:8]]
+        from .patterns.gna import kernels_at_density
+
+        def config(ks):  # stride 1; an extent-1 dimension (one latent frame) takes kernel 2, clamped by fit=True
+            return self.replace(kernel_size=ks, stride=1, fit=True)
+
         with warnings.catch_warnings():  # the clamping notes of candidates on a one-frame grid
             warnings.simplefilter("ignore", DitAccelWarning)
-            return min(candidates, key=lambda m: abs(math.log((m.plan(grid).density or 1.0) / density)))
+            return config(kernels_at_density(grid, density, lambda ks: config(ks).plan(grid).density))
 
 
 @register_method("tile", finetunable=True,
@@ -538,7 +533,10 @@ class TileStrategy(Method):
         path = os.fspath(self.path)
         table = read_sta_strategy(path)
         some = next(iter(table.values()))
-        tile, _ = check_tile_args(self.tile, some, owner="TileStrategy.")
+        try:
+            tile, _ = check_tile_args(self.tile, some, owner="TileStrategy.")
+        except ValueError as err:  # (windows of another rank than the tile: name the file they came from)
+            raise ValueError(f"{path!r}: {err}") from None
         _freeze(self, path=path, tile=tile)
         object.__setattr__(self, "_table", table)
         object.__setattr__(self, "_tiles", {})  # (step, layer) -> Tile, made on first use

@@ -38,7 +38,7 @@ from typing import Dict, List, Optional
 
 import torch
 
-from .._util import DitAccelWarning
+from .._util import DitAccelWarning, file_in_the_way
 from ..methods import SLA
 from ..atomic_files import BadFileError
 from .finetuned import LORA_FILE, SLA_FILE, write_weights_folder
@@ -280,8 +280,10 @@ def convert_checkpoint(checkpoint, output, *, method: Optional[SLA] = None, tran
                       "code (TurboDiffusion, thu-ml/SLA) were trained with it on all tokens: the projections will "
                       "see another linear branch than they learned. Use SLA.reference(...)", DitAccelWarning, stacklevel=2)
     out = Path(output)
-    if out.exists() and not out.is_dir():  # (overwrite replaces a folder's files, never a file)
-        raise ValueError(f"output={str(out)!r} is a file; give a folder path (a new or empty folder)")
+    in_the_way = file_in_the_way(out)  # (overwrite replaces a folder's files, never a file)
+    if in_the_way is not None:
+        where = "is a file" if in_the_way == out else f"lies under {str(in_the_way)!r}, which is a file"
+        raise ValueError(f"output={str(out)!r} {where}; give a folder path (a new or empty folder)")
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise ValueError(f"output={str(out)!r} is a folder with files in it; pass overwrite=True (--overwrite) to "
                          "replace them, or give a new folder")

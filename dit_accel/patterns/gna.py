@@ -9,7 +9,9 @@ a mask per head and a per-head layout (:func:`~.separable.stack_heads`).
 
 from __future__ import annotations
 
-from typing import Sequence, Tuple, Union
+import itertools
+import math
+from typing import Callable, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -18,7 +20,7 @@ from .checks import as_grid, bool_or_tuple, int_or_tuple, per_dim, per_dim_bool,
 from .permutation import TilePermutation, permutation_for
 from .separable import kron, relation_1d, separable_layout, stack_heads
 
-__all__ = ["gna_mask", "gna_layout", "check_gna_args", "gna_relations"]
+__all__ = ["gna_mask", "gna_layout", "check_gna_args", "gna_relations", "kernels_at_density"]
 
 IntOrTuple = Union[int, Sequence[int]]
 
@@ -139,3 +141,39 @@ def gna_layout(grid, kernel_size, stride=1, dilation=1, is_causal=False, *, tile
     if heads is None:
         return perm, layouts[kernels[0]]
     return perm, stack_heads([layouts[k] for k in kernels])
+
+
+def kernels_at_density(grid, density: float, visited: Callable[[Tuple[int, ...]], Optional[float]], *,
+                       keep: int = 8, rounds: int = 3, close: float = 1.05, reach: float = 1.25) -> Tuple[int, ...]:
+    """Stride-1 kernel sizes whose visited density on ``grid`` (``visited(kernel_size)``, a plan's block density;
+    None: dense) is nearest ``density``: what :meth:`dit_accel.GNA.at_density` runs.
+
+    Windows are ranked by token density ``prod(k_d / g_d)`` (cube-like first) and the ``keep`` nearest are
+    priced by ``visited``. Partial blocks make the visited density exceed the token density (Wan 480p at 0.1:
+    0.16), so each further round ranks again for the token density the best one's excess says reaches the
+    target, until one lands within ``close`` of it or ``rounds`` end. A later round's window counts only when it
+    lands within ``reach`` of the target: where none does (a grid of a few blocks, whose densities are coarse),
+    the first round's stays, whose token density is the target's (a later one's can be a thin strip).
+    """
+    windows = list(itertools.product(*[range(2, max(g, 2) + 1) for g in grid]))
+
+    def ranked(goal: float):
+        scored = []
+        for ks in windows:
+            fr = [math.log(min(k, g) / g) for k, g in zip(ks, grid)]
+            spread = sum((f - sum(fr) / len(fr)) ** 2 for f in fr)
+            scored.append((abs(sum(fr) - math.log(goal)) + 0.02 * spread, ks))
+        scored.sort()
+        return [ks for _, ks in scored[:keep]]
+
+    seen, goal, first = {}, density, None
+    for _ in range(rounds):
+        for ks in ranked(goal):
+            if ks not in seen:
+                seen[ks] = visited(ks) or 1.0
+        best = min(seen, key=lambda ks: abs(math.log(seen[ks] / density)))
+        first = first or best
+        if abs(math.log(seen[best] / density)) <= math.log(close):
+            break
+        goal = min(1.0, goal * density / seen[best])
+    return best if abs(math.log(seen[best] / density)) <= math.log(reach) else first

@@ -152,6 +152,10 @@ def _method_entry(r: _Fields, where: str, data, heads: Optional[int] = None, inn
         reason = " ".join(str(err).split()) or type(err).__name__
         key = next((k for k in values if re.search(rf"(^|[ .]){re.escape(k)}(\[[0-9]+\])?=", reason)), None)
         r.fail(f"{where}.{key}" if key else where, reason)
+    own = getattr(method, "heads", None)  # a Tile's per-head windows, a GNA's per-head kernel sizes
+    if heads is not None and own is not None and own != heads:
+        r.fail(where, f"{type(method).__name__} has windows for {own} heads; the plan is for {heads} heads "
+                      "(num_heads): give one window per head, or one window for every head")
     return method
 
 

@@ -215,12 +215,15 @@ class SparsePlan:
             if a.stop is None or a.stop > b.start:
                 raise ValueError(f"SparsePlan phases overlap: steps {a.start}..{a.stop} and {b.start}..{b.stop}")
         for phase in phases:
-            for layer, method in phase.layers.items():
+            for layer in phase.layers:
                 if self.num_layers is not None and layer >= self.num_layers:
                     raise ValueError(f"phase {phase.start}..{phase.stop} names layer {layer} but the plan is for "
                                      f"{self.num_layers} layers")
-                if isinstance(method, PerHead) and self.num_heads is not None and method.heads != self.num_heads:
-                    raise ValueError(f"layer {layer} has {method.heads} head methods; the plan is for "
+            for layer, method in (*phase.layers.items(), ("default", phase.default)):
+                heads = getattr(method, "heads", None)  # PerHead's, or a Tile's/GNA's per-head windows
+                if heads is not None and self.num_heads is not None and heads != self.num_heads:
+                    raise ValueError(f"{'the default' if layer == 'default' else f'layer {layer}'} of phase "
+                                     f"{phase.start}..{phase.stop} has {heads} head methods; the plan is for "
                                      f"{self.num_heads} heads")
         object.__setattr__(self, "phases", phases)
         object.__setattr__(self, "provenance", dict(self.provenance))
@@ -333,8 +336,8 @@ class SparsePlan:
                 f"path={path!r} is invalid: expected the plan's file name (str or pathlib.Path), e.g. "
                 "SparsePlan.load('plan.json')")
         path = Path(path)
-        journal = commit_journal(path)
-        if journal.exists():  # calibrate killed past its commit point: its report set goes in with the plan
+        journal = commit_journal(path) if path.name else None  # ("." or "/": a folder, which read_json names)
+        if journal is not None and journal.exists():  # calibrate killed past its commit point: its reports too
             finish_for_reader(journal, path)
         try:
             data = read_json(path, expected="a dit_accel sparse plan (the JSON that plan.save or dit-accel "
@@ -386,8 +389,14 @@ class SparsePlan:
         layer with Tile heads needs ``grid``: it is written as the window that covers the grid. A phase
         open to the end needs ``num_steps``. A ``path`` that is a folder is a ValueError, and nothing is written.
         """
+        from ..patterns.checks import as_grid
+
         if path is not None:
             path = file_to_write(path, "the strategy's", "strategy.json")
+        if num_steps is not None and (not is_int(num_steps) or num_steps < 1):
+            raise ValueError(f"num_steps={num_steps!r} is invalid: the run's number of denoising steps, a whole "
+                             "number >= 1")
+        grid = None if grid is None else as_grid(grid.tolist() if hasattr(grid, "tolist") else grid)  # (numpy)
         out: Dict[str, List[int]] = {}
         tiles = set()
         heads = self.num_heads
@@ -395,6 +404,9 @@ class SparsePlan:
             stop = phase.stop if phase.stop is not None else num_steps
             if stop is None:
                 raise ValueError(f"phase {phase.start}..end is open: pass num_steps to write every step")
+            if self.num_layers is None and not _is_dense(phase.default):  # (its layers would be left out: dense)
+                raise ValueError(f"steps {_span(phase)} run {phase.default!r} on every layer they do not list, but the "
+                                 "plan does not say its layer count (num_layers), so those layers cannot be written")
             layers = set(phase.layers) | (set(range(self.num_layers or 0)) if not _is_dense(phase.default) else set())
             for layer in sorted(layers):
                 method = phase.method(layer)
@@ -437,6 +449,9 @@ class SparsePlan:
                     raise ValueError("a dense head beside Tile heads is written as the window covering the grid: "
                                      "pass grid=(T, H, W)")
                 tile = next(iter(tiles))
+                if len(grid) != len(tile):
+                    raise ValueError(f"grid={grid} has {len(grid)} dimensions but the plan's tile {tile} has "
+                                     f"{len(tile)}: pass the token grid the plan runs on")
                 windows.append(tuple(-(-g // t) for g, t in zip(grid, tile)))
             else:
                 windows.append(m.window if isinstance(m.window, tuple) else (m.window,) * 3)
@@ -474,8 +489,9 @@ class SparsePlan:
         for phase in self.phases:
             for layer in range(n):
                 method, heads = phase.method(layer), layer_heads[layer]
-                if isinstance(method, PerHead) and heads is not None and method.heads != heads:
-                    raise ValueError(f"{name}: steps {_span(phase)} give layer {layer} {method.heads} per-head "
+                own = getattr(method, "heads", None)  # PerHead's, or a Tile's/GNA's per-head windows
+                if own is not None and heads is not None and own != heads:
+                    raise ValueError(f"{name}: steps {_span(phase)} give layer {layer} {own} per-head "
                                      f"methods; that layer of this model has {heads} heads")
 
     def check_call(self, grid, total_steps: Optional[int], allow_other_grid: bool = False,
