@@ -125,7 +125,8 @@ def _resolve_layers(schedule_args: dict, n_layers: int, capture_layers, warnings
                           ("capture_layers", capture_layers or ())):
         bad = sorted(i for i in indices if i >= n_layers)
         if bad:
-            raise ValueError(f"{name} has layer indices {bad} but the model has {n_layers} attention layers "
+            shown = ", ".join(map(str, bad[:6])) + (f", ... {bad[-1]} ({len(bad)} in all)" if len(bad) > 6 else "")
+            raise ValueError(f"{name} has layer indices {shown} but the model has {n_layers} attention layers "
                              f"(0..{n_layers - 1})")
     if n_layers and set(range(n_layers)) <= schedule.dense_layers and schedule.sparse:
         warnings.warn(f"dit_accel: dense_layers covers all {n_layers} attention layers: {schedule.method.name} "

@@ -40,15 +40,22 @@ def _check_method_fits(method: Method, io: ModelIO, config: FinetuneConfig) -> T
 
 def _check_plan_fits(plan: SparsePlan, io: ModelIO, config: FinetuneConfig, transformer) -> Tuple[int, ...]:
     """Token grid for the chosen shape; ValueError when the plan was calibrated for another model class or
-    token grid, or one of its methods cannot run on this grid."""
-    io.check_geometry(config.frames, config.height, config.width)
-    grid = io.token_grid(config.frames, config.height, config.width)
+    token grid, or one of its methods cannot run on this grid. The model comes first: a plan for another model
+    is said to be one, not a size of its that does not fit this model."""
+    from ..pipelines.apply_checks import _heads_of
+    from ..pipelines.hooks import attention_modules
+    from ..pipelines.presets import preset_for
+
     prov = plan.provenance
     ours = type(transformer).__name__
     if prov.get("model_class") and prov["model_class"] != ours:
         raise ValueError(f"--plan {config.plan} was calibrated for a {prov['model_class']} "
                          f"({prov.get('model_id', 'unknown model')}); this model's transformer is a {ours}: "
                          f"calibrate a plan for it (dit-accel calibrate --model {config.settings()['model']} ...).")
+    heads = [_heads_of(module) for _, module in attention_modules(transformer, "", preset_for(transformer))]
+    plan.check_model(ours, heads)  # (its message names the plan file)
+    io.check_geometry(config.frames, config.height, config.width)
+    grid = io.token_grid(config.frames, config.height, config.width)
     grids = [tuple(g) for g in prov.get("grids") or ()]
     if grids and tuple(grid) not in grids:
         call = prov.get("call") or {}
