@@ -50,6 +50,7 @@ import math
 from dataclasses import dataclass
 from typing import Callable, List, Optional, Tuple
 
+import torch
 from torch import nn
 
 __all__ = ["Family", "FAMILIES", "HOOKS", "REFUSED", "WHAT_TO_DO", "family_for", "refusal", "supported"]
@@ -286,13 +287,16 @@ def _sd3_layers(model: nn.Module) -> List[nn.Module]:
 def _sd3_caller(frame, q) -> Optional[nn.Module]:
     """The layer module of a call made in ComfyUI's module-level ``_block_mixing(context, x, context_block,
     x_block, ...)``, where no module's ``forward`` names the attention: the ``x_block``'s ``attn2`` for the call on
-    its own ``x_qkv2`` (SD3.5's image self-attention), its ``attn`` for the joint call."""
+    its own ``x_qkv2`` (SD3.5's image self-attention), its ``attn`` for the joint call. Under torch.compile the
+    frame's locals hold the arguments alone (no ``x_qkv2``): then the call over ``x``'s tokens alone is ``attn2``."""
     if frame.f_code.co_name != "_block_mixing":
         return None
     local = frame.f_locals
-    block, second = local.get("x_block"), local.get("x_qkv2")
+    block, second, x = local.get("x_block"), local.get("x_qkv2"), local.get("x")
     if not isinstance(block, nn.Module):
         return None
+    if "x_qkv2" not in local and block.x_block_self_attn and isinstance(q, torch.Tensor) and isinstance(x, torch.Tensor):
+        return block.attn2 if q.shape[1] == x.shape[1] else block.attn
     return block.attn2 if second is not None and q is second[0] else block.attn
 
 

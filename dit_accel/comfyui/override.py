@@ -3,9 +3,10 @@
 Two pieces, both owned by one :class:`Patch` (one ``patch_model`` call):
 
 - :meth:`Patch.wrapper`, a ComfyUI ``diffusion_model`` wrapper (``apply_model`` for a family whose forward runs
-  none: ``Family.hook``): per model call it reads the token grid from the latent and the denoising step from
-  ``transformer_options`` (``sample_sigmas``, ``sigmas``), checks a :class:`~dit_accel.SparsePlan` against them,
-  and keeps them for the calls below (a context variable: threads and nested calls never see each other's);
+  none: ``Family.hook``): per model call it reads the token grid from the latent and the denoising step (the
+  sampler's loop index, else the call's place in ``transformer_options``' ``sample_sigmas``), checks a
+  :class:`~dit_accel.SparsePlan` against them, and keeps them for the calls below (a context variable: threads
+  and nested calls never see each other's);
 - :class:`AttentionOverride`, set as ``transformer_options["optimized_attention_override"]``: a call made by one
   of the family's self-attention modules (found on the caller's stack: the override receives no module) runs
   ``Plan.run`` of the layer's method for this step, the same plans (``method.plan(grid)``), kernels and
@@ -40,6 +41,9 @@ _ARGS = ("q", "k", "v", "heads", "mask", "attn_precision", "skip_reshape", "skip
 # Frames between the override and the module that made the call: ComfyUI's wrap_attn wrapper, then at most a
 # helper such as comfy.ldm.flux.math.attention (HunyuanVideo's blocks) before the module's forward.
 _STACK_DEPTH = 6
+# Frames between a diffusion-model call and the sampler function that made it (ComfyUI's wrapper executors, CFG
+# guider, sampling_function, calc_cond_batch, apply_model: about 25 in ComfyUI 0.3.64), with room for more wrappers.
+_SAMPLER_DEPTH = 64
 
 
 @dataclass(frozen=True)
@@ -64,12 +68,15 @@ class CallState:
         return n
 
 
-def _step_of(transformer_options: dict) -> Tuple[Optional[int], Optional[int], Optional[float]]:
+def _step_of(transformer_options: dict, frame=None) -> Tuple[Optional[int], Optional[int], Optional[float]]:
     """``(step, total, sigma)`` of a sampler's model call; Nones outside a sampler.
 
     ComfyUI's samplers put the schedule (``sample_sigmas``, falling, its last entry where sampling ends) and the
-    call's sigma (``sigmas``) in ``transformer_options``. Step ``i`` is the call at ``sample_sigmas[i]``; a call
-    between two entries (a second-order sampler's inner evaluations) belongs to the step whose interval holds it.
+    call's sigma (``sigmas``) in ``transformer_options``. The step is the sampler's own: the index of its loop over
+    those sigmas (:func:`_sampler_step`, from ``frame`` up), so every call one step makes counts as that step,
+    Heun's at the next step's sigma and a midpoint below it too, as Diffusers' ``step_index // order`` counts them.
+    A sampler without such a loop (``dpm_fast``, ``uni_pc``): step ``i`` is the call at ``sample_sigmas[i]``, and
+    a call between two entries belongs to the step whose interval holds it.
     """
     sigma = transformer_options.get("sigmas")
     if not isinstance(sigma, torch.Tensor) or sigma.numel() == 0:
@@ -78,10 +85,31 @@ def _step_of(transformer_options: dict) -> Tuple[Optional[int], Optional[int], O
     sigmas = transformer_options.get("sample_sigmas")
     if not isinstance(sigmas, torch.Tensor) or sigmas.numel() < 2:
         return None, None, value
-    sigmas = sigmas.detach().reshape(-1).double().cpu()
     total = sigmas.numel() - 1
+    step = _sampler_step(frame, total)
+    if step is not None:
+        return step, total, value
+    sigmas = sigmas.detach().reshape(-1).double().cpu()
     at_or_above = (sigmas[:total] >= value * (1 - 1e-4)).nonzero()
     return (int(at_or_above[-1, 0]) if at_or_above.numel() else 0), total, value
+
+
+def _sampler_step(frame, total: int) -> Optional[int]:
+    """The loop index ``i`` of the innermost sampler function on the stack from ``frame`` up: a frame whose
+    locals hold ``sigmas``, a tensor of ``total + 1`` entries (the schedule ComfyUI's KSAMPLER hands it), and
+    ``i`` in ``[0, total)`` (k-diffusion's ``for i in trange(len(sigmas) - 1)``); None where there is none."""
+    for _ in range(_SAMPLER_DEPTH):
+        if frame is None:
+            return None
+        names = frame.f_code.co_varnames
+        if "i" in names and "sigmas" in names:
+            local = frame.f_locals
+            i, sigmas = local.get("i"), local.get("sigmas")
+            if (isinstance(sigmas, torch.Tensor) and sigmas.numel() == total + 1 and isinstance(i, int)
+                    and not isinstance(i, bool) and 0 <= i < total):
+                return i
+        frame = frame.f_back
+    return None
 
 
 class Report:
@@ -156,12 +184,13 @@ class Patch:
         owner = getattr(executor, "class_obj", None)
         apply_model = self.family.hook == "apply_model"
         model = getattr(owner, "diffusion_model", None) if apply_model else owner
+        model = getattr(model, "_orig_mod", model)  # (TorchCompileModel swaps in torch.compile's module around it)
         if model is not self._model:  # another diffusion model run with these options: not ours to change
             return executor(x, *args, **kwargs)
         options = kwargs.get("transformer_options")
         if not isinstance(options, dict):
             options = next((a for a in reversed(args) if isinstance(a, dict)), {})
-        step, total, sigma = _step_of(options)
+        step, total, sigma = _step_of(options, sys._getframe(1))
         call = _named(executor, x, args, kwargs)
         if apply_model:
             call = _as_model_call(model, call)

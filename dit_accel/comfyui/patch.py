@@ -146,8 +146,9 @@ def patch_model(model, method: Union[Method, SparsePlan], *, dense_steps: int = 
         method: ``Dense()``, ``Tile``, ``GNA``, ``Radial``, ``SLA``, ``VSA`` (any registered method config) or a
             :class:`~dit_accel.SparsePlan` (``dit-accel calibrate``'s output; checked against the model class,
             layers and heads here, the grid and step count at the first sampled call).
-        dense_steps, dense_last_steps: run the first / last N sampling steps dense (the step is the current
-            sigma's place in the sampler's sigmas, so both calls of classifier-free guidance share it).
+        dense_steps, dense_last_steps: run the first / last N sampling steps dense (the step is the sampler's
+            loop index over its sigmas, else the current sigma's place in them, so both calls of classifier-free
+            guidance and every call of a second-order step share it).
         dense_above_sigma: run dense while the current sigma is above this value (None: off).
         dense_layers: int N (the first N self-attention layers dense) or a list of layer indices.
         layer_methods: ``{layer index: Method}`` overrides of ``method`` per layer.
