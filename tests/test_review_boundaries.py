@@ -123,7 +123,7 @@ def test_bench_fidelity_rejects_bad_flags(argv, expected, tmp_path, capsys):
 
 # -------------------------------------------------------------- eval CLI
 @pytest.mark.parametrize("argv, expected", [
-    (["--frames", "0"], "--frames must be >= 1"), (["--steps", "-2"], "--steps must be >= 1"),
+    (["--frames", "0"], "--frames must be an integer >= 1"), (["--steps", "-2"], "--steps must be an integer >= 1"),
     (["--device", "mps"], "--device mps"), (["--prompts", "/nonexistent/prompts.txt"], "--prompts"),
     (["--warmup", "-1"], "--warmup must be >= 0"),
 ], ids=["frames", "steps", "device", "prompts-file", "warmup"])
