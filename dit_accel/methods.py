@@ -38,7 +38,7 @@ from ._util import DitAccelWarning, check_registration
 from .kernels.limits import GPU_LAYOUT_BLOCKS
 from .kernels.sla.common import LINEAR_EPS, REFERENCE_LINEAR_EPS, ROUNDINGS
 from .kernels.vsa.api import check_vsa_config
-from .patterns.checks import as_grid, int_or_tuple, number_in, per_head, positive_int
+from .patterns.checks import as_grid, check_search, flag, int_or_tuple, number_in, per_head, positive_int
 from .patterns.gna import check_gna_args
 from .patterns.radial import RADIAL_RULES, check_radial_args
 from .patterns.tile import check_tile_args, check_tile_block, read_sta_strategy
@@ -91,8 +91,10 @@ class Method:
     def at_density(self, grid: Tuple[int, ...], density: float, **search) -> "Method":
         """A config of this method whose visited density on ``grid`` is near ``density``, a number in (0, 1] (for
         like-for-like comparisons in ``bench fidelity``); methods whose density is fixed by their rule return
-        themselves. ``search``: the method's own search options (:meth:`Tile._at_density`'s ``tile``)."""
+        themselves. ``search``: the method's own search options (:meth:`Tile._at_density`'s ``tile``; TypeError
+        naming the ones it takes for others)."""
         density = number_in("density", density, 0.0, 1.0, owner=f"{type(self).__name__}.at_density: ", lo_open=True)
+        check_search(self, search)
         return self._at_density(as_grid(grid), density, **search)
 
     def _at_density(self, grid: Tuple[int, ...], density: float) -> "Method":
@@ -263,8 +265,7 @@ class GNA(Method):
                               "refusing the grid", parse="flag", flag="--fit-grid")
 
     def __post_init__(self):
-        if not isinstance(self.fit, bool):
-            raise ValueError(f"GNA.fit={self.fit!r} is invalid: must be True or False")
+        fit = flag("GNA.", "fit", self.fit)
         ks, st, dl, ca = check_gna_args(self.kernel_size, self.stride, self.dilation, self.is_causal, owner="GNA.")
         tile = None if self.tile is None else int_or_tuple("GNA.", "tile", self.tile, minimum=1)
         kernels = per_head(ks) or (ks,)  # (per-head kernel sizes: one value per grid dimension in each)
@@ -272,7 +273,7 @@ class GNA(Method):
         if len(lengths) > 1:
             raise ValueError(f"GNA.kernel_size={ks!r}, stride={st!r}, dilation={dl!r}, is_causal={ca!r}, tile={tile!r}"
                              ": these have different numbers of dimensions; give one value per grid dimension")
-        _freeze(self, kernel_size=ks, stride=st, dilation=dl, is_causal=ca, tile=tile)
+        _freeze(self, kernel_size=ks, stride=st, dilation=dl, is_causal=ca, tile=tile, fit=fit)
 
     @property
     def heads(self) -> Optional[int]:
@@ -399,11 +400,10 @@ class Tile(Method):
                        flag="--fit-grid")
 
     def __post_init__(self):
-        if not isinstance(self.fit, bool):
-            raise ValueError(f"Tile.fit={self.fit!r} is invalid: must be True or False")
+        fit = flag("Tile.", "fit", self.fit)
         tile, window = check_tile_args(self.tile, self.window, owner="Tile.")
         block = None if self.block_size is None else positive_int("block_size", self.block_size, owner="Tile.")
-        _freeze(self, tile=tile, window=window, block_size=block)
+        _freeze(self, tile=tile, window=window, block_size=block, fit=fit)
 
     def to_dict(self) -> dict:
         d = super().to_dict()
@@ -579,8 +579,8 @@ class Radial(Method):
     Args:
         decay: band width factor in ``(0, 1]`` (paper: 0.95 to 1.0).
         block_size: block granularity in tokens, 64 or 128 (128 default; 64 for Wan 2.2).
-        sink_frames: key frames every query attends to fully (attention sink); ``(0,)`` is the reference
-            setting for Wan, ``()`` disables it. Frames beyond a clip's length are ignored for that clip.
+        sink_frames: key frames every query attends to fully (attention sink), each listed once; ``(0,)`` is
+            the reference setting for Wan, ``()`` disables it. A frame the clip does not have is refused.
         spatial: what a kept far frame pair allows inside the frames. ``"band"`` (default): the reference code,
             a diagonal band ``|k - l| <= half`` over raster positions, reduced to ``block_size`` blocks (raster
             order). ``"window"``: a true 2-D window, the frame scaled by ``sqrt((2*half + 1) / (H*W))``, pushed

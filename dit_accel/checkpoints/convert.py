@@ -88,12 +88,29 @@ def read_checkpoint(path) -> Dict[str, torch.Tensor]:
         state = load_safetensors(path, expected="a checkpoint of tensors in the SLA reference layout")
     else:
         try:
-            state = torch.load(str(path), map_location="cpu", weights_only=True)
-        except Exception as err:  # pickle errors come in many types: say what the file must be
-            raise BadFileError(path, f"cannot be read as a PyTorch state dict ({type(err).__name__}: "
-                                     f"{' '.join(str(err).split())[:160]})",
-                               "a .safetensors or a .pt/.pth state dict") from None
+            with warnings.catch_warnings():  # (a pickle protocol note on stderr, beside the one-line answer)
+                warnings.filterwarnings("ignore", "Detected pickle protocol", UserWarning)
+                state = torch.load(str(path), map_location="cpu", weights_only=True)
+        except Exception as err:  # pickle errors come in many types, PyTorch's with a page of advice: say what to do
+            raise BadFileError(path, "not a PyTorch checkpoint that torch.load can read with weights_only=True "
+                                     f"({_load_error(err)})",
+                               "a .safetensors file or a .pt/.pth state dict of tensors: if you trust the file, "
+                               "load it yourself, save its state dict with torch.save (or safetensors' save_file), "
+                               "then convert that file") from None
     return _unwrap(path, state)
+
+
+def _load_error(err: Exception) -> str:
+    """What torch.load's ``err`` says is wrong, without its weights-only advice (the unpickler's own reason, e.g.
+    ``Unsupported global: GLOBAL collections.Counter``, where it gives one)."""
+    text = str(err)
+    if "WeightsUnpickler error:" in text:
+        text = text.split("WeightsUnpickler error:", 1)[1]
+    elif "Weights only load failed" in text or isinstance(err, KeyError):  # (a KeyError's text is a bare key)
+        text = ""
+    reason = next((line.strip() for line in text.splitlines() if line.strip()), "")
+    reason = reason.split(". ", 1)[0].rstrip(".")[:120]
+    return f"{type(err).__name__}: {reason}" if reason else type(err).__name__
 
 
 def _describe(value) -> str:

@@ -490,16 +490,19 @@ def _run_sass(args) -> int:
 def _run_layouts(args) -> int:
     """``dit-accel bench layouts``: the layouts' own figures, as JSON lines or a table."""
     from ..eval.bench_layouts import GRIDS, METHODS, layout_rows
+    from ..methods import canonical_method_name
 
     wanted = [w.strip() for w in (args.grids or "").split(",") if w.strip()]
     grids = [name for name in GRIDS if not wanted or any(w.lower() in name.lower() for w in wanted)]
-    methods = [m.strip() for m in (args.methods or "").split(",") if m.strip()] or list(METHODS)
+    # (any case, and the sta alias, as --method takes them)
+    methods = [canonical_method_name(m) for m in (args.methods or "").split(",") if m.strip()] or list(METHODS)
     bad = [m for m in methods if m not in METHODS]
     named_none = [flag for flag, value in (("--grids", args.grids), ("--methods", args.methods))
                   if value is not None and not value.replace(",", "").strip()]  # (given, but empty: not "all")
     if not grids or bad or named_none:
         print(f"dit-accel bench layouts: --grids takes substrings of {', '.join(GRIDS)}; --methods takes "
-              f"{','.join(METHODS)}; got --grids {args.grids!r} --methods {args.methods!r}", file=sys.stderr)
+              f"{','.join(METHODS)} (sta = tile); got --grids {args.grids!r} --methods {args.methods!r}",
+              file=sys.stderr)
         return 2
     if args.json:
         layout_rows(grids, methods, log=lambda row: print(json.dumps(row), flush=True))

@@ -141,11 +141,13 @@ def _rounded(x: Optional[float]) -> Optional[float]:
 def layout_rows(grids: Optional[Sequence[str]] = None, methods: Optional[Sequence[str]] = None,
                 log=None) -> List[dict]:
     """The rows of ``dit-accel bench layouts`` for the named grids of :data:`GRIDS` (default all) and methods
-    (default all of :data:`METHODS`)."""
+    (default all of :data:`METHODS`; any case, and the ``sta`` alias)."""
     import warnings
 
     from .._util import DitAccelWarning
+    from ..methods import canonical_method_name
 
+    methods = [canonical_method_name(m) for m in methods or ()]
     rows = []
     for name in grids or GRIDS:
         class_name, family = MODEL_OF_GRID[name]

@@ -4,17 +4,17 @@ Shape-free checks (an int or a tuple of ints, a bool or a tuple of bools, a
 positive block size) run when a method config is built; grid checks (one value
 per grid dimension) run in the pattern functions once the grid is known. The
 ``owner`` prefix (``"GNA."``) names the config a value came from. Numpy integer
-scalars count as ints.
+scalars count as ints and numpy bools as bools (stored as Python's).
 """
 
 from __future__ import annotations
 
 from typing import Optional, Tuple, Union
 
-from .._util import is_int, is_number
+from .._util import _is_numpy_bool, is_int, is_number
 
-__all__ = ["as_grid", "int_or_tuple", "bool_or_tuple", "per_dim", "per_dim_bool", "positive_int", "number_in",
-           "ints", "per_head"]
+__all__ = ["as_grid", "int_or_tuple", "bool_or_tuple", "flag", "per_dim", "per_dim_bool", "positive_int",
+           "number_in", "ints", "per_head", "check_search"]
 
 IntOrTuple = Union[int, Tuple[int, ...]]
 
@@ -59,12 +59,24 @@ def per_head(value) -> Optional[tuple]:
     return None
 
 
+def _is_bool(value) -> bool:
+    return isinstance(value, bool) or _is_numpy_bool(value)
+
+
+def flag(owner: str, name: str, value) -> bool:
+    """A switch field: True or False (numpy's too), as a Python bool; ValueError otherwise (a string such as
+    ``"no"`` is truthy and would turn it on)."""
+    if not _is_bool(value):
+        _fail(owner, name, value, "must be True or False")
+    return bool(value)
+
+
 def bool_or_tuple(owner: str, name: str, value) -> Union[bool, Tuple[bool, ...]]:
-    """Shape-free: a bool or a non-empty tuple of bools."""
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, (tuple, list)) and value and all(isinstance(v, bool) for v in value) and len(value) <= 3:
-        return tuple(value)
+    """Shape-free: a bool or a non-empty tuple of bools (Python bools either way)."""
+    if _is_bool(value):
+        return bool(value)
+    if isinstance(value, (tuple, list)) and value and all(_is_bool(v) for v in value) and len(value) <= 3:
+        return tuple(bool(v) for v in value)
     _fail(owner, name, value, "expected a bool or a tuple of bools, one per grid dimension", TypeError)
 
 
@@ -109,3 +121,19 @@ def number_in(name: str, value, lo: float, hi: float, *, owner: str = "", lo_ope
     if not (lo < value <= hi if lo_open else lo <= value <= hi):
         _fail(owner, name, value, f"must be a number in {bracket}{lo:g}, {hi:g}]")
     return value
+
+
+def check_search(config, given: dict) -> None:
+    """``config.at_density``'s search options ``given`` against the keyword-only ones its ``_at_density``
+    takes: TypeError naming the public ``<Method>.at_density`` (not the private worker) and what it takes."""
+    import inspect
+
+    params = inspect.signature(config._at_density).parameters.values()
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return
+    allowed = [p.name for p in params if p.kind is p.KEYWORD_ONLY]
+    unknown = [name for name in given if name not in allowed]
+    if unknown:
+        where = f"{type(config).__name__}.at_density"
+        takes = f"it takes {', '.join(f'{a}=' for a in allowed)}" if allowed else "it takes no search options"
+        raise TypeError(f"{where}(grid, density) got {', '.join(map(repr, unknown))}: {takes}")

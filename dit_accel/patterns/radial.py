@@ -57,13 +57,19 @@ _DROP, _FULL = 0, 1
 
 def check_radial_args(block_size, decay, sink_frames, *, owner: str = "", block_sizes: Tuple[int, ...] = ()):
     """Shape-free radial rules: a positive block size (one of ``block_sizes`` when given), ``decay`` in
-    ``(0, 1]``, sink frames a tuple of non-negative frame indices. Returns ``(block_size, decay, sinks)``."""
+    ``(0, 1]``, sink frames a tuple of distinct non-negative frame indices (the rule asks ``kf in sink_frames``,
+    so a frame listed twice changes nothing but the config). Returns ``(block_size, decay, sinks)``."""
     block_size = positive_int("block_size", block_size, owner=owner, allowed=block_sizes)
     decay = number_in("decay", decay, 0.0, 1.0, owner=owner, lo_open=True)
     frames = tuple(sink_frames) if isinstance(sink_frames, (tuple, list)) else None
     if frames is None or not all(is_int(f) and f >= 0 for f in frames):
         raise ValueError(f"{owner}sink_frames={sink_frames!r} is invalid: expected a tuple of non-negative frame "
                          "indices, () to disable the attention sink")
+    twice = sorted({int(f) for f in frames if frames.count(f) > 1})
+    if twice:
+        raise ValueError(f"{owner}sink_frames={sink_frames!r} is invalid: frame{'s' if len(twice) > 1 else ''} "
+                         f"{', '.join(map(str, twice))} {'are' if len(twice) > 1 else 'is'} listed twice; list "
+                         "each sink frame once")
     return block_size, decay, tuple(int(f) for f in frames)
 
 
