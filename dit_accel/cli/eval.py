@@ -252,7 +252,7 @@ def _method_specs(args, tiny: bool) -> list:
             raise _Refused(f"--plan: {exc}") from None
     elif args.plan_any_grid:
         raise _Refused("--plan-any-grid applies to --plan: drop it, or give the plan it is for")
-    specs += [_weights_spec(folder) for folder in args.weights or ()]
+    specs += [_weights_spec(folder, args.model) for folder in args.weights or ()]
     specs += stacks
     if cache is not None:  # --cache: every row's method stacked with it (the dense baseline stays uncached)
         for spec in specs:
@@ -262,18 +262,25 @@ def _method_specs(args, tiny: bool) -> list:
     return specs
 
 
-def _weights_spec(folder: str):
-    """The row of a fine-tuned folder: its saved method (a plan runs as one) applied with ``weights=folder``."""
+def _weights_spec(folder: str, model: str):
+    """The row of a fine-tuned folder: its saved method (a plan runs as one) applied with ``weights=folder``;
+    refused when the folder was trained on another ``model`` (as ``generate --weights`` refuses it)."""
     from pathlib import Path
 
     from ..eval.runner import MethodSpec
+    from ..models.loading import same_model
     from ..plans.sparse_plan import SparsePlan
-    from ..checkpoints.finetuned import load_method
+    from ..checkpoints.finetuned import METHOD_FILE, load_method, read_weights_info
 
     try:
         method = load_method(folder)
+        trained_on = read_weights_info(folder).get("model")
     except (ValueError, OSError) as exc:
         raise _Refused(f"--weights {folder}: {exc}") from None
+    if isinstance(trained_on, str) and not same_model(trained_on, model):
+        raise _Refused(f"--weights {folder} was trained on {trained_on} (its {METHOD_FILE}), not on --model {model}: "
+                       f"its weights fit only that model; pass --model {trained_on}, or weights fine-tuned from "
+                       f"{model}")
     if isinstance(method, SparsePlan):
         method = method.as_method()
     return MethodSpec(Path(folder).name, method, {"weights": str(folder)})

@@ -6,7 +6,8 @@ diffusers versions, the device (GPU name or CPU model) and the run's method, pla
 :func:`backends_used` reads from a ``handle.summary()`` / ``handle.stats()`` which attention
 backend each call actually used, dense calls included.
 
-Two eval folders can be compared (:func:`same_inputs`) only when their prompts and seeds agree.
+Two eval folders can be compared (:func:`same_inputs`) only when their prompts, seeds and the settings that
+change the videos agree.
 """
 
 from __future__ import annotations
@@ -101,7 +102,8 @@ def provenance(prompts: Sequence[str], seeds: Sequence[int], device, *, prompt_f
 
 
 def same_inputs(a: dict, b: dict) -> Optional[str]:
-    """None when two results share prompts and seeds, else a one-line description of what differs."""
+    """None when two results share prompts, seeds and the settings that change the videos, else a one-line
+    description of what differs."""
     pa, pb = a.get("provenance") or {}, b.get("provenance") or {}
     sa, sb = a.get("settings") or {}, b.get("settings") or {}
     ha = pa.get("prompts_sha256") or prompts_sha256(sa.get("prompts") or [])
@@ -112,4 +114,15 @@ def same_inputs(a: dict, b: dict) -> Optional[str]:
     seeds_a, seeds_b = list(sa.get("seeds") or []), list(sb.get("seeds") or [])
     if seeds_a != seeds_b:
         return f"the seeds differ ({seeds_a} vs {seeds_b})"
+    from ..models.loading import same_model
+
+    other = [f"{k}: {sa.get(k)!r} vs {sb.get(k)!r}" for k in _GENERATION_SETTINGS
+             if (not same_model(sa.get(k), sb.get(k)) if k == "model" else sa.get(k) != sb.get(k))]
+    if other:  # other videos (and another dense baseline): their differences are not the methods'
+        return f"the runs made other videos ({', '.join(other)}); run both evals with the same settings"
     return None
+
+
+# The settings of EvalSettings that change the videos (repeats, warm-up and device change the timing only).
+_GENERATION_SETTINGS = ("model", "frames", "height", "width", "steps", "guidance_scale", "max_sequence_length",
+                        "dtype")
