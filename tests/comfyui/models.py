@@ -390,3 +390,12 @@ IMAGE_CASES = {
 
 #: Every family case above by name (the `models` fixture's lookup).
 ALL_CASES = {**CASES, **MORE_CASES, **WAN_EXTRA_CASES, **IMAGE_CASES}
+
+
+def patched_weights(patcher) -> dict:
+    """The diffusion model's weights with the patcher's patches applied by ComfyUI (then taken off again)."""
+    patcher.patch_model(torch.device("cpu"))
+    try:
+        return {k: v.detach().clone() for k, v in patcher.model.diffusion_model.state_dict().items()}
+    finally:
+        patcher.unpatch_model(torch.device("cpu"))

@@ -61,19 +61,6 @@ def test_two_ksampler_advanced_number_steps_within_their_part(comfy, wan):
         assert _steps(patched)[:3] == [(0, "dense"), (0, "dense"), (1, "sparse")]
 
 
-@pytest.fixture
-def plan_runs(monkeypatch):
-    seen = []
-    run = dit_accel.plans.plan.Plan.run
-
-    def counted(self, q, *args, **kwargs):
-        seen.append(q.shape[2])
-        return run(self, q, *args, **kwargs)
-
-    monkeypatch.setattr(dit_accel.plans.plan.Plan, "run", counted)
-    return seen
-
-
 def _compiled(model):
     """``model`` as ComfyUI's TorchCompileModel node leaves it, with Dynamo's eager backend (no compiler on CPUs)."""
     torch_helpers = importlib.import_module("comfy_api.torch_helpers")
@@ -84,15 +71,15 @@ def _compiled(model):
 
 @pytest.mark.parametrize("order", ["compile-then-node", "node-then-compile"])
 @pytest.mark.parametrize("family", ["sd3", "wan21-t2v"])
-def test_torch_compile_model_before_or_after_the_node(comfy, models, plan_runs, family, order):
+def test_torch_compile_model_before_or_after_the_node(comfy, models, sparse_calls, family, order):
     """SD3 reads its grid in an apply_model wrapper: behind TorchCompileModel's it saw torch.compile's module, not
     its model, and every call ran dense; under Dynamo its ``_block_mixing`` frame holds no ``x_qkv2``, so SD3.5's
     ``attn2`` was taken for the joint attention (and ran dense with a warning)."""
     case, model = ALL_CASES[family], models(family)
     method = TILE_2D if len(case.latent) == 4 else TILE_3D
     reference = sample(comfy, patch_model(model, method, backend="torch"), case)
-    eager_runs = list(plan_runs)
-    plan_runs.clear()
+    eager_runs = list(sparse_calls)
+    sparse_calls.clear()
     torch._dynamo.reset()
     try:
         if order == "compile-then-node":
@@ -102,5 +89,5 @@ def test_torch_compile_model_before_or_after_the_node(comfy, models, plan_runs, 
         out = sample(comfy, patched, case)
     finally:
         torch._dynamo.reset()
-    assert plan_runs == eager_runs and len(eager_runs) == (6 if family == "sd3" else 4)
+    assert sparse_calls == eager_runs and len(eager_runs) == (6 if family == "sd3" else 4)
     torch.testing.assert_close(out, reference, rtol=1e-5, atol=1e-5)

@@ -18,7 +18,7 @@ from dit_accel.comfyui.weights import layer_names
 from dit_accel.pipelines.presets import preset_for
 from dit_accel.pipelines.transformer_hook import attention_modules
 from dit_accel.training.config import DEFAULT_TARGETS
-from tests.comfyui.models import IMAGE_CASES, build
+from tests.comfyui.models import IMAGE_CASES, build, patched_weights
 from tests.comfyui.test_weights import _folder
 from tests.comfyui.weights_families import PAIRS, build_diffusers
 
@@ -71,15 +71,6 @@ def loaded(comfy, tmp_path_factory):
     return out
 
 
-def _weights(patcher) -> dict:
-    """The diffusion model's weights with the patcher's patches applied by ComfyUI (then taken off again)."""
-    patcher.patch_model(torch.device("cpu"))
-    try:
-        return {k: v.detach().clone() for k, v in patcher.model.diffusion_model.state_dict().items()}
-    finally:
-        patcher.unpatch_model(torch.device("cpu"))
-
-
 @pytest.mark.parametrize("case", FAMILIES)
 def test_the_diffusers_modules_are_the_comfyui_weights_rows_by_construction(comfy, loaded, case):
     """Each oracle module of the Diffusers transformer has the shape of the ComfyUI rows it names."""
@@ -103,13 +94,13 @@ def test_the_lora_patches_the_comfyui_rows_of_its_diffusers_modules(loaded, case
         a, b = lora[f"transformer.{module}.lora_A.weight"], lora[f"transformer.{module}.lora_B.weight"]
         delta = (ALPHA / RANK * b.flatten(1) @ a.flatten(1)).reshape(b.shape[0], *a.shape[1:])  # (SD3's conv too)
         expected[f"{weight}.weight"][row:row + delta.shape[0]] += _swap(delta) if swapped else delta
-    got = _weights(patched)
+    got = patched_weights(patched)
     assert sorted(got) == sorted(expected)
     for key in expected:
         torch.testing.assert_close(got[key], expected[key], rtol=1e-6, atol=1e-6, msg=key)
     changed = {k for k in base if not torch.equal(got[k], base[k])}
     assert changed == {f"{w}.weight" for w, _, _ in oracle.values()}
-    assert all(torch.equal(v, base[k]) for k, v in _weights(model).items())  # the model given keeps its weights
+    assert all(torch.equal(v, base[k]) for k, v in patched_weights(model).items())  # the model given keeps its weights
 
 
 @pytest.mark.parametrize("case", FAMILIES)

@@ -19,7 +19,7 @@ from dit_accel.comfyui.weights import layer_names
 from dit_accel.models.tiny import build_tiny_transformer
 from dit_accel.pipelines.presets import preset_for
 from dit_accel.pipelines.transformer_hook import attention_modules
-from tests.comfyui.models import AS_DIFFUSERS_CASES, CASES, build, sample
+from tests.comfyui.models import AS_DIFFUSERS_CASES, CASES, build, patched_weights, sample
 from tests.comfyui.test_weights import _folder
 
 RANK, ALPHA = 2, 4.0
@@ -90,15 +90,6 @@ def loaded(comfy, tmp_path_factory):
     return out
 
 
-def _weights(patcher) -> dict:
-    """The diffusion model's weights with the patcher's patches applied by ComfyUI (then taken off again)."""
-    patcher.patch_model(torch.device("cpu"))
-    try:
-        return {k: v.detach().clone() for k, v in patcher.model.diffusion_model.state_dict().items()}
-    finally:
-        patcher.unpatch_model(torch.device("cpu"))
-
-
 @pytest.mark.parametrize("case", list(TINY))
 def test_a_lora_on_a_diffusers_module_patches_its_rows_of_comfyuis_fused_weight(loaded, case):
     model, _, lora, _, patched = loaded[case]
@@ -108,13 +99,13 @@ def test_a_lora_on_a_diffusers_module_patches_its_rows_of_comfyuis_fused_weight(
         a = lora[f"transformer.{module}.lora_A.weight"]
         b = lora[f"transformer.{module}.lora_B.weight"]
         expected[f"{weight}.weight"][row:row + b.shape[0]] += ALPHA / RANK * b @ a
-    got = _weights(patched)
+    got = patched_weights(patched)
     assert sorted(got) == sorted(expected)
     for key in expected:
         torch.testing.assert_close(got[key], expected[key], rtol=1e-6, atol=1e-6, msg=key)
     changed = {k for k in base if not torch.equal(got[k], base[k])}
     assert changed == {f"{w}.weight" for w, _ in ROWS[case].values()}  # the fused weights and no others
-    assert all(torch.equal(v, base[k]) for k, v in _weights(model).items())  # the model given keeps its weights
+    assert all(torch.equal(v, base[k]) for k, v in patched_weights(model).items())  # the model given keeps its weights
 
 
 @pytest.mark.parametrize("case", list(TINY))
@@ -175,7 +166,7 @@ def test_weights_of_another_size_are_refused(comfy, loaded, tmp_path):
 
 
 @pytest.mark.parametrize("case", list(TINY))
-def test_the_node_samples_with_the_folders_weights(comfy, loaded, case):
+def test_the_node_samples_with_the_folderspatched_weights(comfy, loaded, case):
     model, _, _, _, patched = loaded[case]
     spec = AS_DIFFUSERS_CASES[case]
     trained = sample(comfy, patched, spec)
