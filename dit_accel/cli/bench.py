@@ -220,9 +220,9 @@ def _run_gpu(args, **overrides) -> int:
     densities = _floats(args.densities) if args.densities else list(gpu.STANDARD_DENSITIES)
     if not densities or any(not 0 < d <= 1 for d in densities):
         return fail(f"--densities must be comma-separated numbers in (0, 1]; got {args.densities!r}")
-    methods = [m.strip() for m in (args.methods or ",".join(gpu.STANDARD_METHODS)).split(",") if m.strip()]
+    methods = [_gpu_method_name(m) for m in (args.methods or ",".join(gpu.STANDARD_METHODS)).split(",") if m.strip()]
     if not methods or set(methods) - set(gpu.STANDARD_METHODS):
-        return fail(f"--methods takes {', '.join(gpu.STANDARD_METHODS)}; got {args.methods!r}")
+        return fail(f"--methods takes {', '.join(gpu.STANDARD_METHODS)} (any case; sta = tile); got {args.methods!r}")
     budget = gpu.BUDGET_S if args.budget is None else args.budget
     if not budget > 0:
         return fail(f"--budget must be positive seconds; got {args.budget}")
@@ -485,6 +485,15 @@ def _run_sass(args) -> int:
         atomic_write_json(args.json, result, indent=1, default=str)
         print(f"wrote {args.json}")
     return 0
+
+
+def _gpu_method_name(name: str) -> str:
+    """A ``bench gpu --methods`` entry as its row name: any case, the method aliases (``sta`` = ``tile``) with a
+    variant suffix kept (``STA-fit`` = ``tile-fit``)."""
+    from ..methods import canonical_method_name
+
+    base, dash, variant = name.strip().lower().partition("-")
+    return canonical_method_name(base) + dash + variant
 
 
 def _run_layouts(args) -> int:

@@ -42,3 +42,14 @@ def test_convert_of_a_non_pickle_pth_says_what_it_is_not_in_one_line(content, tm
     assert "In PyTorch 2.6" not in line and "KeyError: 101" not in line
     assert "save its state dict with torch.save" in line and line.endswith("then convert that file")
     assert not (tmp_path / "out").exists()
+
+
+def test_bench_gpu_takes_method_names_in_any_case_and_the_sta_alias(tmp_path, capsys):
+    """``bench gpu --methods STA,Tile-Fit`` was refused as unknown methods; the names now reach the device check
+    (which refuses this CPU), as ``tile,tile-fit`` do, and an unknown name is still refused by name."""
+    argv = ["bench", "gpu", "--out", str(tmp_path), "--device", "cpu", "--methods"]
+    assert main([*argv, "STA,Tile-Fit"]) == 2
+    err = capsys.readouterr().err
+    assert "--methods takes" not in err and "bench gpu times GPU kernels" in err
+    assert main([*argv, "tile,magic"]) == 2
+    assert "--methods takes tile, tile-fit" in capsys.readouterr().err
