@@ -185,6 +185,20 @@ def _lumina_grid(model: nn.Module, x, call=None) -> Tuple[int, ...]:
     return _patched_grid(x.shape, model.patch_size)
 
 
+def _lumina_alone(model: nn.Module) -> List[nn.Module]:
+    return [b.attention for b in model.noise_refiner]
+
+
+def _lumina_text(model: nn.Module, x, call, grid) -> Optional[int]:
+    """The caption tokens before the image in Lumina 2's joint layers, exactly: the caption's valid length, the
+    attention mask's count (the same in every sample: :func:`_lumina_grid` refuses other calls), else
+    ``num_tokens`` (ComfyUI's count of it when no token is padded); None (any) without either."""
+    mask, num_tokens = call.get("attention_mask"), call.get("num_tokens")
+    if hasattr(mask, "sum") and mask.dim() == 2:
+        return int(mask[0].sum())
+    return int(num_tokens) if isinstance(num_tokens, (int, float)) and not isinstance(num_tokens, bool) else None
+
+
 def _hunyuan_layers(model: nn.Module) -> List[nn.Module]:
     # Double-stream blocks, then single-stream blocks, as the Diffusers transformer orders its attention layers.
     return [*model.double_blocks, *model.single_blocks]
@@ -381,7 +395,7 @@ class Family:
             when text leads, [references, grid, text] when it trails), which run dense as text does; added to
             ``off_grid``'s count. None: none.
         alone: ``diffusion_model -> [module, ...]``: the layers (of ``layers``) whose calls hold the grid alone
-            (SD3.5's image self-attention ``attn2``, OmniGen2's image refiner): no token off the grid in their calls;
+            (SD3.5's image self-attention ``attn2``, the image refiners of OmniGen2 and Lumina 2): no token off the grid in their calls;
             ``off_grid`` and ``references`` count the other layers' calls. None: none.
         caller: ``(stack frame, q) -> module or None``: for a model that makes attention calls outside any module's
             ``forward`` (SD3's module-level ``_block_mixing``), the layer module a frame's call belongs to; the
@@ -450,7 +464,7 @@ FAMILIES: Tuple[Family, ...] = (
            "Edit's reference images (after the image) dense", _text_tokens, references=_reference_images),
     Family("Lumina 2", ("NextDiT",), "Lumina2Transformer2DModel", "first", _lumina_layers, _lumina_grid,
            "Lumina Image 2.0 (image): noise_refiner.*.attention (image alone), then layers.*.attention over "
-           "[caption, image]; the caption refiner dense"),
+           "[caption, image]; the caption refiner dense", _lumina_text, alone=_lumina_alone),
     # [video, guide frames]: LTXVAddGuide's appended frames (keyframe_idxs) dense; a plain call the video alone
     Family("LTX-Video", ("LTXVModel",), "LTXVideoTransformer3DModel", "last", _ltxv_layers, _ltxv_grid,
            "LTX-Video: transformer_blocks.*.attn1 over the video; LTXVAddGuide's guide frames (appended after "
