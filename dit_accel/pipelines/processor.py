@@ -181,6 +181,17 @@ def _unset_parallel(transformer, config) -> None:
             processor._parallel_config = None
 
 
+def _skipped_attention(kwargs: dict) -> bool:
+    """Whether the processor was told to skip attention altogether for every sample: LTX-2's
+    ``LTX2PerturbedAttnProcessor`` in a spatio-temporal-guidance pass (``all_perturbed``, or a ``perturbation_mask``
+    of zeros) returns the value projection without an SDPA call. Such a call computes no attention to make sparse
+    (nor dense): it is neither said nor counted. Read only after a call made no SDPA call."""
+    skipped, mask = kwargs.get("all_perturbed"), kwargs.get("perturbation_mask")
+    if skipped is None and isinstance(mask, torch.Tensor):
+        skipped = (mask == 0).all()
+    return skipped is not None and bool(skipped)
+
+
 class SparseAttnProcessor:
     """Wraps one attention module's original processor (see the module docstring).
 
@@ -244,7 +255,8 @@ class SparseAttnProcessor:
                 out = self.original(attn, *args, **kwargs)
         else:
             out = _ROUTE.run(interceptor, type(self.original), lambda: self.original(attn, *args, **kwargs))
-        if not interceptor.seen:  # (a Python bool: compiled code decides this when it traces)
+        # (Python bools: compiled code decides them when it traces)
+        if not interceptor.seen and not _skipped_attention(kwargs):
             self._no_sdpa_call()
         return out
 
