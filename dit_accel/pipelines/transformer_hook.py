@@ -383,7 +383,8 @@ class TransformerHook:
                 self.runtime.warnings.warn(
                     f"dit_accel: the attention processor of {layer.name} was replaced after apply() "
                     f"(now {type(getattr(module, 'processor', None)).__name__}); that layer runs the new processor, "
-                    "not dit_accel's method, and handle.remove() leaves it in place")
+                    "not dit_accel's method, and handle.remove() leaves it in place. Where a Diffusers call replaced "
+                    "it (CogVideoX's fuse_qkv_projections() sets fused processors), make that call before apply()")
 
 
 def _warn_unreached_strategy(method, total: int, warnings) -> None:

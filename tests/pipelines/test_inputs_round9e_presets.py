@@ -63,3 +63,27 @@ def test_an_ltx2_stg_pass_that_perturbs_some_samples_stays_sparse(ltx23):
         rows = handle.stats()
     torch.testing.assert_close(out, want, atol=2e-4, rtol=2e-4)
     assert [(r["sparse_calls"], r["dense_calls"]) for r in rows] == [(1, 0)] * 2
+
+
+def test_cogvideox_fused_after_apply_says_to_fuse_first_and_fused_before_stays_sparse():
+    """CogVideoX's fuse_qkv_projections() sets fused processors, so after apply() its layers run dense (said, as any
+    replaced processor is); the warning now says what keeps dit_accel: fusing before apply()."""
+    import diffusers
+
+    entry = T.TRANSFORMERS["cogvideox"]
+    method = dit_accel.Tile(tile=(1, 2, 2), window=(1, 1, 1))
+    model = getattr(diffusers, entry.class_name)(**entry.config).eval()
+    kwargs = T.tiny_transformer_inputs("cogvideox", model)
+    with dit_accel.apply(model, method, backend="torch") as handle:
+        model.fuse_qkv_projections()
+        with pytest.warns(dit_accel.DitAccelWarning, match=r"was replaced after apply\(\).*CogVideoX's "
+                                                           r"fuse_qkv_projections\(\).*make that call before apply"):
+            _call(model, kwargs)
+        assert handle.summary()["sparse_calls"] == 0
+    fused = getattr(diffusers, entry.class_name)(**entry.config).eval()
+    fused.fuse_qkv_projections()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", dit_accel.DitAccelWarning)
+        with dit_accel.apply(fused, method, backend="torch") as handle:
+            _call(fused, kwargs)
+            assert handle.summary()["sparse_calls"] == len(handle.layers)
