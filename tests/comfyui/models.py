@@ -389,7 +389,7 @@ IMAGE_CASES = {
 
 
 #: Every family case above by name (the `models` fixture's lookup).
-ALL_CASES = {**CASES, **MORE_CASES, **WAN_EXTRA_CASES, **IMAGE_CASES}
+ALL_CASES = {**CASES, **MORE_CASES, **WAN_EXTRA_CASES, **IMAGE_CASES, **MOCHI_CASES}
 
 
 def patched_weights(patcher) -> dict:

@@ -69,12 +69,17 @@ def _compiled(model):
     return clone
 
 
+# each tiny model's self-attention layers (SD3: 2 joint and block 0's attn2; OmniGen2: the image refiner and 2 joint)
+SELF_ATTENTION_LAYERS = {"sd3": 3, "wan21-t2v": 2, "mochi": 2, "omnigen2": 3}
+
+
 @pytest.mark.parametrize("order", ["compile-then-node", "node-then-compile"])
-@pytest.mark.parametrize("family", ["sd3", "wan21-t2v"])
+@pytest.mark.parametrize("family", ["sd3", "wan21-t2v", "mochi", "omnigen2"])
 def test_torch_compile_model_before_or_after_the_node(comfy, models, sparse_calls, family, order):
     """SD3 reads its grid in an apply_model wrapper: behind TorchCompileModel's it saw torch.compile's module, not
     its model, and every call ran dense; under Dynamo its ``_block_mixing`` frame holds no ``x_qkv2``, so SD3.5's
-    ``attn2`` was taken for the joint attention (and ran dense with a warning)."""
+    ``attn2`` was taken for the joint attention (and ran dense with a warning). Mochi and OmniGen2 read theirs
+    around ``apply_model`` too (``Family.hook``)."""
     case, model = ALL_CASES[family], models(family)
     method = TILE_2D if len(case.latent) == 4 else TILE_3D
     reference = sample(comfy, patch_model(model, method, backend="torch"), case)
@@ -89,5 +94,5 @@ def test_torch_compile_model_before_or_after_the_node(comfy, models, sparse_call
         out = sample(comfy, patched, case)
     finally:
         torch._dynamo.reset()
-    assert sparse_calls == eager_runs and len(eager_runs) == (6 if family == "sd3" else 4)
+    assert sparse_calls == eager_runs and len(eager_runs) == SELF_ATTENTION_LAYERS[family] * 2  # 2 steps
     torch.testing.assert_close(out, reference, rtol=1e-5, atol=1e-5)
