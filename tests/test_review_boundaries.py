@@ -126,7 +126,8 @@ def test_bench_fidelity_rejects_bad_flags(argv, expected, tmp_path, capsys):
     (["--frames", "0"], "--frames must be an integer >= 1"), (["--steps", "-2"], "--steps must be an integer >= 1"),
     (["--device", "mps"], "--device mps"), (["--prompts", "/nonexistent/prompts.txt"], "--prompts"),
     (["--warmup", "-1"], "--warmup must be >= 0"),
-], ids=["frames", "steps", "device", "prompts-file", "warmup"])
+    (["--repeats", "0"], "--repeats must be >= 1 (timed generations per row); got 0"),  # (not a model default)
+], ids=["frames", "steps", "device", "prompts-file", "warmup", "repeats"])
 def test_eval_rejects_bad_flags_with_one_line(argv, expected, tmp_path, capsys):
     from dit_accel.cli.main import main
 

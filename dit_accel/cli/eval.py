@@ -182,10 +182,12 @@ def _check_counts(args) -> None:
 
     try:  # the rules EvalSettings.check applies, by flag
         check_generation_numbers({name: getattr(args, name) for name in ("frames", "height", "width", "steps",
-                                                                          "max_sequence_length", "repeats")},
+                                                                          "max_sequence_length")},
                                  args.guidance_scale, args.seeds)
     except ValueError as exc:
         raise _Refused(str(exc)) from None
+    if args.repeats < 1:
+        raise _Refused(f"--repeats must be >= 1 (timed generations per row); got {args.repeats}")
     if args.warmup < 0:
         raise _Refused(f"--warmup must be >= 0; got {args.warmup}")
     for flag, folder in (("--out", args.out), ("--cache-dir", args.cache_dir)):
