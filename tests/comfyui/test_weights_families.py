@@ -8,10 +8,9 @@ patched weights must be its base weights plus alpha / rank * B @ A at the rows t
 import pytest
 import torch
 from safetensors.torch import load_file
-from torch import nn
 
 import dit_accel
-from dit_accel.checkpoints.finetuned import LORA_FILE, SLA_FILE, save_trained_weights
+from dit_accel.checkpoints.finetuned import LORA_FILE, SLA_FILE
 from dit_accel.comfyui import NODE_CLASS_MAPPINGS, patch_model
 from dit_accel.comfyui.families import family_for
 from dit_accel.comfyui.weights import layer_names
@@ -20,7 +19,7 @@ from dit_accel.pipelines.transformer_hook import attention_modules
 from dit_accel.training.config import DEFAULT_TARGETS
 from tests.comfyui.models import IMAGE_CASES, build, patched_weights
 from tests.comfyui.test_weights import _folder
-from tests.comfyui.weights_families import PAIRS, build_diffusers
+from tests.comfyui.weights_families import PAIRS, build_diffusers, save_random_finetune
 
 RANK, ALPHA = 2, 4.0
 FAMILIES = list(PAIRS)
@@ -37,19 +36,8 @@ def _write(path, pair, targets, seed: int):
     the folder and the LoRA as written."""
     from peft import LoraConfig
 
-    transformer = build_diffusers(pair)
     config = LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=targets)
-    transformer.add_adapter(config)
-    names = [n for n, _ in attention_modules(transformer, "", preset_for(transformer))]
-    projections = {n: nn.Linear(pair.head_dim, pair.head_dim) for n in names}
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in [*transformer.named_parameters(), *((n, p) for m in projections.values()
-                                                            for n, p in m.named_parameters())]:
-            if "lora_" in name or name in ("weight", "bias"):
-                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
-    save_trained_weights(path, transformer=transformer, method=dit_accel.SLA(topk=0.5), lora_config=config,
-                         sla_projections=projections)
+    save_random_finetune(path, build_diffusers(pair), config, pair.head_dim, seed)
     return path, load_file(str(path / LORA_FILE))
 
 

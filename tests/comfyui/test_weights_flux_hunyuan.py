@@ -8,19 +8,17 @@ the fine-tuned weights node into a ComfyUI model of the same block sizes (``AS_D
 import pytest
 import torch
 from safetensors.torch import load_file
-from torch import nn
 
 import dit_accel
-from dit_accel.checkpoints.finetuned import LORA_FILE, SLA_FILE, save_trained_weights
+from dit_accel.checkpoints.finetuned import LORA_FILE, SLA_FILE
 from dit_accel.training.config import DEFAULT_TARGETS
 from dit_accel.comfyui import NODE_CLASS_MAPPINGS, patch_model
 from dit_accel.comfyui.families import family_for
 from dit_accel.comfyui.weights import layer_names
 from dit_accel.models.tiny import build_tiny_transformer
-from dit_accel.pipelines.presets import preset_for
-from dit_accel.pipelines.transformer_hook import attention_modules
 from tests.comfyui.models import AS_DIFFUSERS_CASES, CASES, build, patched_weights, sample
 from tests.comfyui.test_weights import _folder
+from tests.comfyui.weights_families import save_random_finetune
 
 RANK, ALPHA = 2, 4.0
 TINY = {"flux": "flux", "hunyuan-video": "hunyuan"}  # ComfyUI case -> dit_accel's tiny Diffusers transformer
@@ -61,19 +59,8 @@ def _write_folder(path, case: str, seed: int, targets=None):
     module; returns the folder, the LoRA as written and the projections' names."""
     from peft import LoraConfig
 
-    transformer = build_tiny_transformer(TINY[case])
     config = LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=targets or sorted(ROWS[case]))
-    transformer.add_adapter(config)
-    g = torch.Generator().manual_seed(seed)
-    names = [n for n, _ in attention_modules(transformer, "", preset_for(transformer))]
-    projections = {n: nn.Linear(16, 16) for n in names}
-    with torch.no_grad():
-        for name, p in [*transformer.named_parameters(), *((n, p) for m in projections.values()
-                                                            for n, p in m.named_parameters())]:
-            if "lora_" in name or name in ("weight", "bias"):
-                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
-    save_trained_weights(path, transformer=transformer, method=dit_accel.SLA(topk=0.5), lora_config=config,
-                         sla_projections=projections)
+    names = save_random_finetune(path, build_tiny_transformer(TINY[case]), config, 16, seed)
     return path, load_file(str(path / LORA_FILE)), names
 
 

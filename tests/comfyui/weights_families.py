@@ -255,3 +255,26 @@ def build_diffusers(pair: Pair, seed: int = 0):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return getattr(diffusers, pair.diffusers_class)(**pair.diffusers_config).eval()
+
+
+def save_random_finetune(path, transformer, config, head_dim: int, seed: int) -> list:
+    """Write ``path`` as ``dit-accel finetune`` would: the peft LoRA ``config`` on ``transformer`` and an SLA
+    projection per attention module (``dit_accel.apply``'s names, which it returns), every LoRA and projection
+    tensor drawn at random from ``seed``."""
+    import dit_accel
+    from dit_accel.checkpoints.finetuned import save_trained_weights
+    from dit_accel.pipelines.presets import preset_for
+    from dit_accel.pipelines.transformer_hook import attention_modules
+
+    transformer.add_adapter(config)
+    names = [n for n, _ in attention_modules(transformer, "", preset_for(transformer))]
+    projections = {n: torch.nn.Linear(head_dim, head_dim) for n in names}
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in [*transformer.named_parameters(), *((n, p) for m in projections.values()
+                                                            for n, p in m.named_parameters())]:
+            if "lora_" in name or name in ("weight", "bias"):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    save_trained_weights(path, transformer=transformer, method=dit_accel.SLA(topk=0.5), lora_config=config,
+                         sla_projections=projections)
+    return names
