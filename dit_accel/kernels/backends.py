@@ -399,6 +399,9 @@ def resolve(family: str, backend: str, request: Request, tuner=None) -> str:
         return forced
     reason = dict((n, c) for n, c, _ in table)[forced](request)
     if reason is not None:
+        if backend == "auto":  # (forced by the environment: "use backend='torch'" alone named an argument not given)
+            reason += (f" It was forced by the environment, {ENV_BACKEND}={env_value()!r}: unset it to let "
+                       "dit_accel choose.")
         raise BackendUnavailable(f"attention backend {forced!r} cannot run on {request.device}: {reason}")
     _verified(family, forced, request, forced=True)
     return forced

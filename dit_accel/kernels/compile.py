@@ -30,7 +30,7 @@ import sys
 from concurrent.futures import ProcessPoolExecutor
 from typing import Optional, Sequence
 
-from .._util import env_set
+from .._util import env_set, is_int
 from .backends import interpreting
 from .block_sparse.configs import TARGET_ARCHS, KernelConfig, shared_memory_limit
 from .block_sparse.configs import shipped_configs as _block_sparse_configs
@@ -51,6 +51,9 @@ def shipped_kernel_configs(arch: Optional[int] = None, family: Optional[str] = N
     """
     if family not in (None, "block_sparse", "sla"):
         raise ValueError(f"family must be None, 'block_sparse' or 'sla'; got {family!r}")
+    if arch is not None and (not is_int(arch) or arch < 80):  # (8.9 listed sm_80's configurations, silently)
+        raise ValueError(f"arch={arch!r} is invalid: expected an int compute capability of 80 or more (the kernels "
+                         f"need sm_80), major * 10 + minor, such as {', '.join(map(str, TARGET_ARCHS))}; or None")
     out: list = []
     if family in (None, "block_sparse"):
         out += _block_sparse_configs(arch)

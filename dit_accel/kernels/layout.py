@@ -54,6 +54,35 @@ def _check_length(name: str, value) -> int:
     return int(value)
 
 
+def _check_block_tensors(visited: torch.Tensor, mask_ids, mask_table, block_q: int, block_k: int) -> None:
+    """``from_block_masks``' visit matrix ``[Hl, nQ, nK]`` (bool, or 0/1 ints), mask ids and table: a float matrix
+    (scores, probabilities) read as "nonzero" and float mask ids truncated, silently; mask ids of another shape
+    raised torch's expand error, zero heads gave a layout whose repr divided by zero, and a table of another
+    shape was refused only at the call, telling the user to build the layout with this very function."""
+    if mask_table is not None and (not isinstance(mask_table, torch.Tensor) or mask_table.dim() != 3
+                                   or tuple(mask_table.shape[1:]) != (block_q, block_k)):
+        got = tuple(mask_table.shape) if isinstance(mask_table, torch.Tensor) else type(mask_table).__name__
+        raise ValueError(f"mask_table has shape {got}; expected [P, block_q, block_k] = [P, {block_q}, {block_k}], "
+                         "one bool element mask per distinct partial block")
+    if visited.dtype != torch.bool and (visited.is_floating_point() or visited.is_complex()):
+        raise TypeError(f"visited must be a bool tensor (True where a block pair is visited); got {visited.dtype}. "
+                        "Threshold scores first, e.g. visited = scores > 0")
+    if visited.shape[0] == 0:
+        raise ValueError(f"visited has 0 heads {tuple(visited.shape)}; expected [nQ, nK] or [Hl, nQ, nK] with Hl >= 1")
+    if mask_ids is None:
+        return
+    if not isinstance(mask_ids, torch.Tensor) or mask_ids.is_floating_point() or mask_ids.dtype == torch.bool:
+        got = mask_ids.dtype if isinstance(mask_ids, torch.Tensor) else type(mask_ids).__name__
+        raise TypeError(f"mask_ids must be an integer tensor (-1 for full blocks, else a row of mask_table); got {got}")
+    try:
+        fits = torch.broadcast_shapes(mask_ids.shape, visited.shape) == visited.shape
+    except RuntimeError:
+        fits = False
+    if not fits:
+        raise ValueError(f"mask_ids has shape {tuple(mask_ids.shape)}; expected the visit matrix's "
+                         f"{tuple(visited.shape[-2:])} (or [Hl, nQ, nK] = {tuple(visited.shape)})")
+
+
 def _pack(visited: torch.Tensor, ids: torch.Tensor, width: Optional[int] = None
           ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """[Hl, R, C] visit matrix -> counts [Hl, R], indices/mask ids [Hl, R, width] (ascending). ``width``: the
@@ -236,6 +265,7 @@ class BlockLayout:
                              f"{type(visited).__name__} {tuple(getattr(visited, 'shape', ()))}")
         if visited.dim() == 2:
             visited = visited[None]
+        _check_block_tensors(visited, mask_ids, mask_table, block_q, block_k)
         visited = visited.bool()
         n_q, n_k = _cdiv(q_len, block_q), _cdiv(kv_len, block_k)
         if visited.shape[-2:] != (n_q, n_k):
@@ -370,8 +400,12 @@ class BlockLayout:
         """
         rows = (0, self.q_len) if rows is None else rows
         cols = (0, self.kv_len) if cols is None else cols
-        for name, (start, stop), block, length in (("rows", rows, self.block_q, self.q_len),
-                                                   ("cols", cols, self.block_k, self.kv_len)):
+        for name, pair, block, length in (("rows", rows, self.block_q, self.q_len),
+                                          ("cols", cols, self.block_k, self.kv_len)):
+            if not (isinstance(pair, (tuple, list)) and len(pair) == 2 and all(is_int(x) for x in pair)):
+                # (floats raised "slice indices must be integers" from inside)
+                raise ValueError(f"{name}={pair!r} must be (start, stop), two ints")
+            start, stop = pair
             if not (0 <= start < stop <= length) or start % block or (stop % block and stop != length):
                 raise ValueError(f"{name}={(start, stop)} must be block-aligned ({block}) within [0, {length}]")
         if heads is not None and self.num_heads > 1 and not (

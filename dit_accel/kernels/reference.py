@@ -24,11 +24,15 @@ def dense_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
     Materialises the ``N x M`` score matrix: for tests and small sizes only.
     """
+    for name, t in (("q", q), ("k", k), ("v", v), ("mask", mask)):
+        if not isinstance(t, torch.Tensor) and (name != "mask" or t is not None):
+            raise TypeError(f"{name} must be a torch.Tensor; got {type(t).__name__}")
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError("q, k, v must be (B, H, N, D) tensors")
-    if k.shape[:-1] != v.shape[:-1] or q.shape[-1] != k.shape[-1]:
+    if k.shape[:-1] != v.shape[:-1] or q.shape[-1] != k.shape[-1] or k.shape[:2] != q.shape[:2]:
+        # (matmul would broadcast a batch or head of 1: an output of k's batch, or k/v shared by every head)
         raise ValueError(f"k and v must be (B, H, M, D) matching q {tuple(q.shape)}; got k {tuple(k.shape)}, "
-                         f"v {tuple(v.shape)}")
+                         f"v {tuple(v.shape)}. Repeat k/v heads for grouped-query attention")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     q, k, v = q.float(), k.float(), v.float()
     scores = torch.matmul(q, k.transpose(-1, -2)) * scale

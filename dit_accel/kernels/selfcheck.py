@@ -395,15 +395,20 @@ def _describe(entry: dict) -> str:
     return f"{measure}: {entry['error']:.3g} > its bound {entry['tolerance']:.1e} on {entry['problem']}"
 
 
-def require(name: str, device, dtype: torch.dtype, shape: Optional[dict] = None) -> None:
-    """Raise :class:`VariantFailed` when variant ``name`` fails its self-check (for forced backends)."""
+#: What a forced backend's caller can do where a variant failed (:func:`require`).
+FORCED_ADVICE = "use backend='auto' (it takes the next verified variant) or backend='torch'"
+
+
+def require(name: str, device, dtype: torch.dtype, shape: Optional[dict] = None, *,
+            advice: str = FORCED_ADVICE) -> None:
+    """Raise :class:`VariantFailed` when variant ``name`` fails its self-check (for forced backends); ``advice``
+    says what the caller can do instead (an entry point without a ``backend`` argument says its own)."""
     if not usable(name, device, dtype, shape):
         entry = _entries().get(_key(name, torch.device(device), dtype, shape or _default_shapes(torch.device(device))[0])
                                + _fault_tag()) or {}
         raise VariantFailed(f"kernel variant {name} failed its self-check on {_arch(torch.device(device))} "
                             f"({_describe(entry) if entry else 'see dit-accel selftest'}), so it does not run: "
-                            "use backend='auto' (it takes the next verified variant) or backend='torch', and "
-                            "report the selftest output (`dit-accel selftest --json`).")
+                            f"{advice}, and report the selftest output (`dit-accel selftest --json`).")
 
 
 def gate(names, device, dtype: torch.dtype, shape: dict, forced: bool) -> bool:

@@ -13,7 +13,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
-from .._util import cdiv
+from .._util import cdiv, is_int
 from .checks import as_grid, per_dim, positive_int
 
 __all__ = ["TilePermutation", "PackedTilePermutation", "default_tile", "block_box", "pick_tile", "least_work_tile", "permutation_for",
@@ -100,6 +100,10 @@ class TilePermutation:
         return self._device_cache[device]
 
     def _check(self, x: torch.Tensor, dim: int, expected: int, what: str) -> int:
+        if not isinstance(x, torch.Tensor):  # (AttributeError "'list' object has no attribute 'dim'")
+            raise TypeError(f"x must be a torch.Tensor; got {type(x).__name__}")
+        if not is_int(dim):  # (a float dim raised "tuple indices must be integers" from inside)
+            raise TypeError(f"dim={dim!r} is invalid: expected an int, the token axis of x")
         if not -x.dim() <= dim < x.dim():
             raise ValueError(f"dim={dim} is out of range for a tensor with {x.dim()} dimensions")
         dim %= x.dim()

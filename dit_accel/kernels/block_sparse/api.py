@@ -49,8 +49,11 @@ def _check(q, k, v, layout, scale) -> float:
     check_layout(layout, transposed=records_grad(q, k, v))  # (its values once per layout)
     n, m, h = q.shape[2], k.shape[2], q.shape[1]
     if layout.q_len != n or layout.kv_len != m:
+        # (a layout of gna_layout / tile_layout / radial_window_layout is longer: its tiled order pads the grid)
+        tiled = (" A pattern's layout is in tiled order: pass perm.permute(q), perm.permute(k), perm.permute(v) "
+                 "(perm, layout = tile_layout(...)), and perm.unpermute the output.") if layout.q_len > n else ""
         raise ValueError(f"layout was built for q_len={layout.q_len}, kv_len={layout.kv_len}, but q has N={n} "
-                         f"and k/v have M={m} tokens; build the layout for these lengths.")
+                         f"and k/v have M={m} tokens; build the layout for these lengths.{tiled}")
     if layout.num_heads not in (1, h):
         raise ValueError(f"layout has {layout.num_heads} heads; it must have 1 (shared by all heads) or H={h}.")
     if layout.device.type == "meta" and q.device.type != "meta":
@@ -153,9 +156,10 @@ def _call(q, k, v, layout, scale, backend: str, return_lse: bool):
         return _decide(q, k, v, layout, scale, backend, return_lse)
     grad = records_grad(q, k, v)
     device = q.device
+    # (the types too: True == 1 would take scale=1's or return_lse=True's checked answer, unchecked)
     slot = ("block_sparse.call", (backend, env_value(), autotune.enabled() if device.type == "cuda" else None,
-                                  scale, return_lse, grad, q.shape, q.dtype, device, k.shape, k.dtype, k.device,
-                                  v.shape, v.dtype, v.device))
+                                  scale, type(scale), return_lse, type(return_lse), grad, q.shape, q.dtype, device,
+                                  k.shape, k.dtype, k.device, v.shape, v.dtype, v.device))
     try:
         hit = layout.derived.get(slot)
     except TypeError:  # an unhashable scale: the checks below say what is wrong with it

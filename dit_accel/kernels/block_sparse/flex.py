@@ -97,6 +97,9 @@ def flex_block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
         raise NotImplementedError(
             "backend='flex' cannot return the log-sum-exp under torch.compile on CPU (compiled FlexAttention "
             "on CPU is forward-only and has no return_lse); call it with return_lse=False, or use backend='torch'.")
+    if q.device.type == "cpu" and not torch.is_grad_enabled():
+        # FlexAttention on CPU refuses an input that requires grad even under torch.no_grad(), where nothing records
+        q, k, v = q.detach(), k.detach(), v.detach()
     options = kernel_options(layout, q.device)
     flex = flex_function(q.device)
     if not return_lse:

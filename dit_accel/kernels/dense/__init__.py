@@ -65,6 +65,7 @@ def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Op
     if q.device.type == "meta":  # (shape inference: the self-check, which has no meta verdict, said it had failed)
         o, lse = meta_outputs(q, k, v)
     else:
+        _runnable(q)
         _verified(q, k, v)
         o, lse = _DenseAttention.apply(q, k, v, scale)
     return (o, lse) if return_lse else o
@@ -99,6 +100,26 @@ def triton_variant(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str:
     return (_ws_config(cfg, q) or cfg).name
 
 
+#: What a :func:`dense_attention` caller can do where its kernels cannot run (it has no ``backend`` argument).
+_NO_BACKEND = ("dense_attention runs only these kernels: call dit_accel.kernels.dense.fastest_attention (it takes "
+               "the fastest verified dense kernel) or torch.nn.functional.scaled_dot_product_attention")
+
+
+def _runnable(q: torch.Tensor) -> None:
+    """BackendUnavailable where the kernels cannot run on q's device and dtype: the self-check said it had failed
+    there ("use backend='auto'", an argument this function lacks), on a CPU without the interpreter too."""
+    import re
+
+    from ..backends import BackendUnavailable, triton_reason
+
+    reason = triton_reason(q.device)
+    if reason is None and q.device.type == "cpu" and q.dtype == torch.bfloat16:
+        reason = "the Triton interpreter's bfloat16 dot is wrong (values off by about 1e8): cast to float32 on the CPU"
+    if reason is not None:
+        reason = re.sub(r"[;,.]? *(or )?[Uu]se backend='torch'[^.]*\.?$", "", reason)
+        raise BackendUnavailable(f"dense_attention cannot run on {q.device} ({q.dtype}): {reason}; {_NO_BACKEND}.")
+
+
 def _verified(q, k, v) -> None:
     """The dense kernels passed their first-use self-check here (:mod:`dit_accel.kernels.selfcheck`), else
     :class:`~dit_accel.kernels.selfcheck.VariantFailed` (callers choosing among dense kernels skip it)."""
@@ -108,7 +129,8 @@ def _verified(q, k, v) -> None:
     grad = records_grad(q, k, v)
     for name in ("dense.triton.fwd", "dense.triton.bwd") if grad else ("dense.triton.fwd",):
         if not selfcheck.usable_fast(name, q.device, q.dtype, q.shape[-1], 64, 64):
-            selfcheck.require(name, q.device, q.dtype, {"head_dim": q.shape[-1], "block_q": 64, "block_k": 64})
+            selfcheck.require(name, q.device, q.dtype, {"head_dim": q.shape[-1], "block_q": 64, "block_k": 64},
+                              advice=_NO_BACKEND)
 
 
 def dense_contenders(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

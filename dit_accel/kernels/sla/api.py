@@ -20,7 +20,7 @@ from torch.nn import functional as F
 from ..backends import Request, env_value, resolve
 from ..checks import check_flag, check_qkv, check_scale, unit_stride
 from ..request import records_grad
-from .common import SLAParams, sla_block_counts, sla_classify
+from .common import SLAParams, classify_checked, sla_block_counts
 from .naive import sla_torch
 
 __all__ = ["sla_attention", "sla_parts", "sla_parts_checked", "is_inert", "inert_projections"]
@@ -172,7 +172,7 @@ def _branches(q, k, v, method: SLAParams, proj, scale: float, backend: str):
     (None given, or inert), else ``o_linear`` before the projection (q's dtype from the fused kernel, fp32
     from the twin)."""
     if backend == "torch":
-        blocks = sla_classify(q, k, method)
+        blocks = classify_checked(q, k, method)
     else:
         blocks = _fused()[0](q, k, method)
     if proj is not None and is_inert(proj):  # proj(anything) is exactly 0: the linear branch adds nothing

@@ -255,7 +255,15 @@ def sla_classify(q: torch.Tensor, k: torch.Tensor, method) -> SLABlocks:
     Returns:
         :class:`SLABlocks`.
     """
+    from ..checks import check_qkv
+
     method = SLAParams.of(method)
+    check_qkv(q, k, k)  # (unchecked: torch's unpacking or bmm errors, and a k of one head broadcast silently)
+    return classify_checked(q, k, method)
+
+
+def classify_checked(q: torch.Tensor, k: torch.Tensor, method: SLAParams) -> SLABlocks:
+    """:func:`sla_classify` of checked inputs and an :class:`SLAParams` (the attention call's path)."""
     if torch.is_grad_enabled():
         with torch.no_grad():
             return _classify(q, k, method)

@@ -517,6 +517,7 @@ def vsa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid, *, to
     scale = check_scale(scale, q.shape[-1])
     cubes = cubes_of(grid, tile)
     count = selected_count(cubes.count, topk, sparsity)
+    _check_cube_blocks(q, backend, grid, tile, cubes.volume)
     if q.device.type == "meta":  # (shape inference: the twin's ops; the launchers read tables on the host)
         check_backend_name(backend)
         backend = "torch"
@@ -524,6 +525,22 @@ def vsa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid, *, to
                       cubes=cubes, tiled_fine=gate is not None, gate=gate)
     out = parts.fine if gate is None else parts.gated(gate, q.dtype, add_fine=True)
     return (out, parts.selection) if return_selection else out
+
+
+def _check_cube_blocks(q: torch.Tensor, backend: str, grid, tile, volume: int) -> None:
+    """A forced ``triton`` fine branch runs blocks of one cube: a cube of a size its kernels do not take was refused
+    from inside with "rebuild the layout with blocks of 64 or 128", a layout this call's user never built."""
+    from ..backends import BackendUnavailable, forced_backend
+    from ..limits import GPU_LAYOUT_BLOCKS, INTERPRETER_LAYOUT_BLOCKS
+
+    if forced_backend(backend) != "triton" or q.device.type == "meta":
+        return
+    allowed = GPU_LAYOUT_BLOCKS if q.device.type == "cuda" else INTERPRETER_LAYOUT_BLOCKS
+    if volume not in allowed:
+        raise BackendUnavailable(
+            f"attention backend 'triton' cannot run VSA on {q.device}: tile={tile} on grid={grid} gives cubes of "
+            f"{volume} tokens, and its kernels take cubes of {', '.join(map(str, allowed))} tokens; use tile "
+            "(4, 4, 4) or (4, 8, 8) on a grid at least that large, or backend='torch' (or 'auto').")
 
 
 def vsa_parts_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, part: CubeRows, cubes: Cubes, count: int,
