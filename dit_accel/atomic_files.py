@@ -597,7 +597,9 @@ def folder_digest(folder: PathLike, memo: Optional[PathLike] = None, warn: Calla
 
 # ----------------------------------------------------------------------------- readers
 def read_text(path: PathLike, *, what: str = "a UTF-8 text file") -> str:
-    """The text of ``path``; BadFileError for a missing, unreadable or binary (not UTF-8) file."""
+    """The text of ``path``, without the byte-order mark Windows editors put first (it stayed on the first prompt, an
+    invisible character the text encoder saw, and made JSON files unreadable); BadFileError for a missing,
+    unreadable or binary (not UTF-8) file."""
     path = Path(path)
     try:
         data = path.read_bytes()
@@ -610,7 +612,7 @@ def read_text(path: PathLike, *, what: str = "a UTF-8 text file") -> str:
     if b"\x00" in data:
         raise BadFileError(path, "is binary (holds NUL bytes)", what)
     try:
-        return data.decode("utf-8")
+        return data.decode("utf-8-sig")
     except UnicodeDecodeError as err:
         raise BadFileError(path, f"is not UTF-8 text (byte {err.start}: {data[err.start:err.start + 1]!r})",
                            what) from None

@@ -40,9 +40,9 @@ import torch
 
 from .._util import DitAccelWarning, file_in_the_way
 from ..methods import SLA
-from ..atomic_files import BadFileError
-from .finetuned import LORA_FILE, SLA_FILE, write_weights_folder
-from .lora_checks import check_float_weights
+from ..atomic_files import BadFileError, is_temp_name
+from .finetuned import LORA_FILE, METHOD_FILE, SLA_FILE, write_weights_folder
+from .lora_checks import check_float_weights, check_lora_pairs, lora_ranks
 
 __all__ = ["convert_checkpoint", "read_checkpoint", "split_checkpoint", "SplitCheckpoint", "SUPPORTED_LAYOUT"]
 
@@ -170,9 +170,15 @@ def split_checkpoint(state: Dict[str, torch.Tensor]) -> SplitCheckpoint:
     Raises ValueError for quantized checkpoints (TurboDiffusion's ``-quant`` files) and for any key
     that is none of these, listing what was found and what was expected.
     """
-    out, unknown = SplitCheckpoint(), []
+    out, unknown, seen = SplitCheckpoint(), [], {}
     for raw, tensor in state.items():
         key = _strip(raw)
+        first = seen.setdefault(key, raw)
+        if first != raw:  # (before: the later one, e.g. net_ema.'s over net.'s, was converted without a word)
+            raise ValueError(f"{first!r} and {raw!r} are one tensor under two prefixes (a model and its EMA copy?): "
+                             "convert cannot tell which one is meant. Save the state dict of one alone, e.g. "
+                             "torch.save({k[len('net_ema.'):]: v for k, v in state.items() if k.startswith('net_ema.')}"
+                             ", PATH), then convert that file")
         proj = _PROJ.match(key)
         if proj is not None:
             out.projections.setdefault(int(proj.group(1)), {})[proj.group(2)] = tensor
@@ -251,6 +257,25 @@ def _method_json(method: SLA, lora: Dict[str, torch.Tensor], sources: List[str],
     }
 
 
+def _check_output(out: Path, overwrite: bool) -> Path:
+    """``out`` unless it is a file, or a folder with files that ``overwrite`` does not allow replacing (a weights
+    folder only: before, overwrite wrote into any folder, deleting a LoRA file of its own)."""
+    in_the_way = file_in_the_way(out)  # (overwrite replaces a folder's files, never a file)
+    if in_the_way is not None:
+        where = "is a file" if in_the_way == out else f"lies under {str(in_the_way)!r}, which is a file"
+        raise ValueError(f"output={str(out)!r} {where}; give a folder path (a new or empty folder)")
+    held = sorted(p.name for p in out.iterdir() if not is_temp_name(p)) if out.is_dir() else []
+    if held and not overwrite:
+        raise ValueError(f"output={str(out)!r} is a folder with files in it; pass overwrite=True (--overwrite) to "
+                         "replace them, or give a new folder")
+    if held and METHOD_FILE not in held:
+        shown = ", ".join(held[:4]) + (f" and {len(held) - 4} more" if len(held) > 4 else "")
+        raise ValueError(f"output={str(out)!r} holds {len(held)} file(s) that are no weights folder ({shown}; no "
+                         f"{METHOD_FILE}): overwrite replaces a weights folder only, and nothing there is deleted. "
+                         "Give a new or empty folder")
+    return out
+
+
 def convert_checkpoint(checkpoint, output, *, method: Optional[SLA] = None, transformer_2=None,
                        base_weights: str = "refuse", overwrite: bool = False) -> Path:
     """Write a weights folder (LoRA + SLA projections + method) from an SLA reference checkpoint of Wan.
@@ -289,6 +314,12 @@ def convert_checkpoint(checkpoint, output, *, method: Optional[SLA] = None, tran
                                                                 or not os.fspath(value)):
             raise ValueError(f"{name}={value!r} is invalid: expected a path (str or pathlib.Path)"
                              + (", or None" if name == "transformer_2" else ""))
+    # (before: a missing transformer_2 was called "checkpoint", after the first one had been read)
+    for name, value in (("checkpoint", checkpoint), ("transformer_2", transformer_2)):
+        if value is not None and not Path(value).is_file():
+            raise ValueError(f"{name}={os.fspath(value)!r} is not a file: give the "
+                             + ("checkpoint to convert" if name == "checkpoint" else "low-noise expert's checkpoint")
+                             + " (.pth, .pt or .safetensors)")
     if transformer_2 is not None and Path(transformer_2).resolve() == Path(checkpoint).resolve():
         raise ValueError(f"transformer_2={str(transformer_2)!r} is the checkpoint itself: give the low-noise expert's "
                          "own checkpoint (Wan 2.2 A14B), or None")
@@ -296,14 +327,7 @@ def convert_checkpoint(checkpoint, output, *, method: Optional[SLA] = None, tran
         warnings.warn(f"dit_accel: {method!r} runs the linear branch on the marginal blocks, but checkpoints of the reference "
                       "code (TurboDiffusion, thu-ml/SLA) were trained with it on all tokens: the projections will "
                       "see another linear branch than they learned. Use SLA.reference(...)", DitAccelWarning, stacklevel=2)
-    out = Path(output)
-    in_the_way = file_in_the_way(out)  # (overwrite replaces a folder's files, never a file)
-    if in_the_way is not None:
-        where = "is a file" if in_the_way == out else f"lies under {str(in_the_way)!r}, which is a file"
-        raise ValueError(f"output={str(out)!r} {where}; give a folder path (a new or empty folder)")
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise ValueError(f"output={str(out)!r} is a folder with files in it; pass overwrite=True (--overwrite) to "
-                         "replace them, or give a new folder")
+    out = _check_output(Path(output), overwrite)
     sources = [("", checkpoint)] + ([("transformer_2.", transformer_2)] if transformer_2 is not None else [])
     projections, lora, skipped = {}, {}, 0
     for prefix, path in sources:
@@ -324,6 +348,8 @@ def convert_checkpoint(checkpoint, output, *, method: Optional[SLA] = None, tran
                              "is converted")
         if split.lora:
             lora = _lora_layers(split.lora)
+            # (Diffusers converts a lone lora_A; the folder then loaded with that module's lora_B zero, without a word)
+            check_lora_pairs(path, lora_ranks(lora), redo="convert a complete checkpoint, or download it again")
     sizes = {p: {t.shape[0] for k, t in projections.items() if k.startswith("transformer_2.") == bool(p)}
              for p, _ in sources}
     if len(set().union(*sizes.values())) > 1:  # (one folder's layers of two models: refused at load, or never)

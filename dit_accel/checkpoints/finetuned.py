@@ -36,6 +36,7 @@ imports the other.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -52,8 +53,8 @@ from ..atomic_files import (BadFileError, atomic_write_json, check_hashes, crash
 from .._util import DitAccelWarning
 from ..methods import Method, method_from_name
 from ..plans.sparse_plan import PlanMethod, SparsePlan
-from .lora_checks import (check_float_weights, check_lora_modules, injection_state, lora_module_name,
-                          undo_injection)
+from .lora_checks import (check_float_weights, check_lora_modules, check_lora_pairs, injection_state,
+                          lora_module_name, undo_injection)
 
 __all__ = [
     "LORA_FILE", "SLA_FILE", "VSA_FILE", "METHOD_FILE", "ADAPTER_NAME",
@@ -111,6 +112,13 @@ def save_trained_weights(output_dir, *, transformer: nn.Module, method: Method, 
     ``lora_config=None`` writes no LoRA (``files.lora`` is null). ``vsa_gates``: VSA's trained gates as
     ``{"blocks.N.to_gate_compress.weight": ..., ...}`` (FastVideo's key layout), written to :data:`VSA_FILE`.
     """
+    if not isinstance(method, Method):
+        raise TypeError(f"method={method!r} is invalid: the dit_accel method config the weights were trained for "
+                        "(e.g. dit_accel.SLA(topk=0.05))")
+    adapters = list(getattr(transformer, "peft_config", None) or {})
+    if lora_config is not None and adapter_name not in adapters:  # (before: AttributeError/KeyError, an empty folder)
+        raise ValueError(f"adapter_name={adapter_name!r}: the transformer has no such LoRA adapter (its adapters: "
+                         f"{adapters}); name the adapter that was trained, or pass lora_config=None to write no LoRA")
     info = {
         "format": FORMAT,
         "method": _json_roundtrip(method.to_dict()),
@@ -151,6 +159,7 @@ def write_weights_folder(output_dir, write_tensors, info: dict) -> Path:
     file, with their sha256, is written last. Files of an earlier folder that ``info`` no longer names
     (``LORA_FILE``/``SLA_FILE``) are removed after it."""
     out = Path(output_dir)
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(out)
     names = [n for n in (info.get("files") or {}).values() if n]
@@ -164,6 +173,12 @@ def write_weights_folder(output_dir, write_tensors, info: dict) -> Path:
             os.replace(staging / name, out / name)
         crash_point()
         atomic_write_json(out / METHOD_FILE, info)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        if created:  # a folder this call made and could not fill: gone again, not left empty
+            with contextlib.suppress(OSError):
+                out.rmdir()
+        raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     for stale in (LORA_FILE, SLA_FILE, VSA_FILE):
@@ -439,6 +454,7 @@ def _read_lora(transformer: nn.Module, folder: Path):
     ranks = check_lora_modules(transformer, lora_path, state)  # every module there, adaptable, of these shapes
     meta = {k.split(".", 1)[-1]: v for k, v in (metadata or {}).items()}  # keys come as "transformer.r"
     meta_rank = meta.get("r") if isinstance(meta.get("r"), int) and not meta.get("rank_pattern") else None
+    check_lora_pairs(lora_path, {m: sides for m, sides in ranks.items() if len(sides) < 2}, redo=_REDO)
     for module_name, sides in sorted(ranks.items()):
         want = meta_rank if meta_rank is not None else sides.get("A")
         if any(r != want for r in sides.values()):

@@ -18,7 +18,8 @@ from torch import nn
 
 from ..atomic_files import BadFileError
 
-__all__ = ["check_float_weights", "lora_module_name", "check_lora_modules", "injection_state", "undo_injection"]
+__all__ = ["check_float_weights", "lora_module_name", "check_lora_modules", "lora_ranks", "check_lora_pairs",
+           "injection_state", "undo_injection"]
 
 # float64 loads too (cast like the others), though no trainer of ours writes it
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -121,6 +122,31 @@ def check_lora_modules(transformer: nn.Module, path, state: Dict[str, torch.Tens
                                  "rank): the weights belong to a model of another size, or the file is damaged")
             ranks.setdefault(module, {})[side] = rank
     return ranks
+
+
+def lora_ranks(state: Dict[str, torch.Tensor]) -> Dict[str, Dict[str, int]]:
+    """``{module: {"A": lora_A rows, "B": lora_B columns}}`` of a LoRA state dict, without a model (the side a module
+    lacks is absent)."""
+    ranks: Dict[str, Dict[str, int]] = {}
+    for key, tensor in state.items():
+        module, rest = lora_module_name(key)
+        if rest in ("A.weight", "B.weight") and tensor.dim() >= 2:
+            ranks.setdefault(module, {})[rest[0]] = int(tensor.shape[0 if rest[0] == "A" else 1])
+    return ranks
+
+
+def check_lora_pairs(path, ranks: Dict[str, Dict[str, int]], *, redo: str) -> None:
+    """BadFileError naming ``path`` and the module when a module has lora_A without lora_B (or the reverse), or the
+    two differ in rank: peft would fill the missing half with its initial values (lora_B zeros) and load the rest,
+    a LoRA that is silently not the trained one."""
+    for module, sides in sorted(ranks.items()):
+        if set(sides) != {"A", "B"}:
+            have = next(iter(sides))
+            raise BadFileError(path, f"holds lora_{have} of {module} but no lora_{'B' if have == 'A' else 'A'}",
+                               f"both lora_A and lora_B of every module it adapts (the LoRA is incomplete): {redo}")
+        if sides["A"] != sides["B"]:
+            raise BadFileError(path, f"the LoRA of {module} has rank {sides} (lora_A rows / lora_B columns)",
+                               f"one rank on both sides: {redo}")
 
 
 def injection_state(transformer: nn.Module) -> dict:

@@ -141,6 +141,10 @@ class _OutputState:
         os.replace(path, waiting)
         self.moved.append((path, waiting))
 
+    def new_checkpoints(self) -> bool:
+        """Whether this session wrote a checkpoint (a failed run that did is resumable: its folder stays)."""
+        return any(p.name not in self.old_checkpoints for p in _checkpoints(self.out))
+
     def commit(self) -> None:
         """The run succeeded (or stopped without being undone): what it replaced goes."""
         if self.aside is not None:

@@ -91,6 +91,12 @@ def _load_frames(path: Path) -> np.ndarray:
         from PIL import Image
 
         with Image.open(path) as im:
+            if im.mode.startswith("I"):  # 16-bit greyscale (PNG: "I;16" or "I"): convert("RGB") clipped it at 255,
+                grey = np.asarray(im).astype(np.float64)  # a picture of nearly all white
+                grey = np.clip(np.round(grey / 257.0), 0, 255).astype(np.uint8)
+                return np.repeat(grey[..., None], 3, axis=-1)[None]
+            if im.mode == "F":
+                raise ValueError("a 32-bit float image (mode F) has no standard brightness range; save it as 8-bit RGB")
             return np.asarray(im.convert("RGB"))[None]
     from ..videos import load_video
 
@@ -162,6 +168,9 @@ class CaptionDataset:
             name = rel
             if not (self.root / name).is_file():
                 raise ValueError(f"{meta}:{n}: file {name!r} does not exist in {str(self.root)!r}.")
+            if Path(name).suffix.lower() not in IMAGE_EXTENSIONS + VIDEO_EXTENSIONS:  # (found when a step drew it)
+                raise ValueError(f"{meta}:{n}: {name!r} is neither an image ({', '.join(IMAGE_EXTENSIONS)}) nor a "
+                                 f"video ({', '.join(VIDEO_EXTENSIONS)}); list only those in metadata.jsonl.")
             if name in captions:  # (the later line replaced the earlier caption without a word)
                 raise ValueError(f"{meta}:{n}: {name!r} has a caption already (line {lines[name]}); give each file "
                                  "one line.")

@@ -52,7 +52,7 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
-from ..atomic_files import atomic_write_json
+from ..atomic_files import BadFileError, atomic_write_json
 from .._util import versions
 from ..checkpoints.finetuned import save_trained_weights, sla_state_dict
 from . import data as data_mod
@@ -146,21 +146,12 @@ def _divergence(config: FinetuneConfig, out: Path, losses: List[float], eval_end
     return f"the run diverged ({', '.join(what)}): nothing was written to {out}; {fix}"
 
 
-def _undo_student(trainer: _Trainer) -> None:
-    """A pipeline the caller passed in loses what the run added to it (dit_accel's processors, the SLA projections
-    and VSA gates, the LoRA adapter), so a diverged run does not leave it producing NaN."""
-    if isinstance(trainer.config.model, str):
-        return  # the run loaded the model itself: nobody else holds it
-    trainer.handle.remove()
-    if "default" in (getattr(trainer.transformer, "peft_config", None) or {}):
-        trainer.transformer.delete_adapters("default")
-    trainer.transformer.eval()
-
-
 def _finish(trainer: _Trainer, out: Path, state: Optional[_OutputState], start: int, losses: List[float],
             eval_start: Optional[float], resumed_from: Optional[int]) -> Dict[str, Any]:
     """Train from ``start``, then, unless the run diverged, write the last checkpoint, the weights and the log.
-    A run that diverged raises :class:`~dit_accel.errors.NonFiniteOutputError` and leaves ``out`` as it was."""
+    A run that diverged raises :class:`~dit_accel.errors.NonFiniteOutputError` and leaves ``out`` as it was; so does
+    a run that fails (an undecodable data file, an interrupt) before it wrote a checkpoint. One that fails later keeps
+    its checkpoints, for ``resume``."""
     config, accelerator = trainer.config, trainer.accelerator
     try:
         seconds = _train(trainer, out, start, losses, state)
@@ -183,10 +174,11 @@ def _finish(trainer: _Trainer, out: Path, state: Optional[_OutputState], start: 
                 _save_checkpoint(out, config.steps, trainer.params, trainer.optimizer, trainer.scaler, losses,
                                  config.checkpoints_total_limit, state, eval_start=eval_start)
             _write_results(trainer, out, result)
-    except NonFiniteOutputError:
-        if state is not None:
+    except BaseException as err:
+        # (before: only a diverged run was undone; any other failure deleted what --overwrite had set aside and left
+        # a run record without weights)
+        if state is not None and (isinstance(err, NonFiniteOutputError) or not state.new_checkpoints()):
             state.restore()
-        _undo_student(trainer)
         raise
     finally:
         if state is not None:
@@ -211,24 +203,42 @@ def finetune(config: FinetuneConfig) -> Dict[str, Any]:
     A run that diverges (a trainable tensor, the last training loss or the held-out loss NaN or inf) raises
     :class:`~dit_accel.errors.NonFiniteOutputError` naming the losses and what to lower: its weights and its last
     checkpoint are not written, and the output folder is left as it was before the run (a new folder is removed;
-    what ``overwrite`` would have replaced is kept; a resumed run keeps the checkpoints it resumed from). A
-    pipeline passed as ``model`` loses the processors and the LoRA the run added.
+    what ``overwrite`` would have replaced is kept; a resumed run keeps the checkpoints it resumed from); so is a run
+    that fails otherwise before writing a checkpoint. A pipeline passed as ``model`` loses the processors and the
+    LoRA a failed run added; one that already holds LoRA adapters is refused (fuse or delete them first).
     """
     validate_config(config)
     prompts, dataset = _read_inputs(config)
     accelerator = _accelerator(config)
     out, out_contents = _check_output(config, accelerator.num_processes)
     trainer = _Trainer(config, accelerator, prompts, dataset)
+    try:
+        return _run(trainer, out, out_contents)
+    except BaseException:
+        trainer.undo()  # a pipeline passed in as model= gets back what the failed run added to it
+        raise
+
+
+def _run(trainer: _Trainer, out: Path, out_contents: list) -> Dict[str, Any]:
+    """:func:`finetune` once the student is installed."""
+    config, accelerator = trainer.config, trainer.accelerator
     start, losses, resumed_from = _resume(trainer, out)
     try:  # the first forward finds model/method mismatches before anything is trained
         eval_start = trainer.eval_loss()
+    except BadFileError:
+        raise  # a data file that cannot be read: no fault of the method (it was blamed on its token grid)
     except ValueError as e:
         raise ValueError(f"{_method_label(config)} on token grid {trainer.grid}: {e}") from None
     if resumed_from is not None and trainer.resumed_eval_start is not None and eval_start is not None:
         eval_start = trainer.resumed_eval_start  # the run's start, not the checkpoint's weights
     trainer.eval_start = eval_start
     state = _OutputState(out) if accelerator.is_main_process else None
-    _init_output(config, accelerator, out, out_contents, state)
+    try:
+        _init_output(config, accelerator, out, out_contents, state)
+    except BaseException:
+        if state is not None:
+            state.restore()  # what --overwrite had set aside comes back
+        raise
     if config.mode == "distill" and trainer.samples_per_step < DISTILL_SAMPLES_PER_STEP and config.progress \
             and accelerator.is_main_process:
         print(f"note: {trainer.samples_per_step} sample(s) per optimizer step; distillation gradients are mostly "

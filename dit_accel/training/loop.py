@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from ..atomic_files import BadFileError
+from ..checkpoints.lora_checks import injection_state, undo_injection
 from .._util import DitAccelWarning
 from ..methods import SLA, VSA, Dense, Method, Radial
 from ..plans.sparse_plan import SparsePlan
@@ -104,6 +105,21 @@ def _plan_timesteps(plan: SparsePlan, pipe) -> Optional[List[float]]:
     return [float(t) for t in scheduler.timesteps[::order]]
 
 
+def _check_no_adapters(model) -> None:
+    """ValueError when a pipeline passed in already holds peft adapters: the run trains its own adapter and its dense
+    teacher runs with adapters disabled, so a LoRA of the user's would silently be left out of both (and the run's
+    adapter would deactivate it on the pipeline)."""
+    if isinstance(model, str):
+        return
+    names = list(getattr(getattr(model, "transformer", None), "peft_config", None) or {})
+    if names:
+        raise ValueError(
+            f"model: its transformer already holds LoRA adapters {names} (pipe.load_lora_weights or add_adapter); "
+            "finetune trains its own adapter against the model without adapters (the dense teacher runs with "
+            "adapters disabled), so yours would be left out. Fuse it into the weights first (pipe.fuse_lora(); "
+            f"pipe.unload_lora_weights()) or remove it (pipe.delete_adapters({names!r})), then fine-tune.")
+
+
 def _load_pipe(config: FinetuneConfig, device, dtype):
     if not isinstance(config.model, str):
         return config.model.to(device=device, dtype=dtype) if dtype != torch.float32 else config.model.to(device)
@@ -138,7 +154,16 @@ class _Trainer:
             config.mixed_precision]
         # Under context parallelism every process trains on the same samples: one data-parallel rank.
         self.rank, self.world = (0, 1) if config.cp else (accelerator.process_index, accelerator.num_processes)
+        _check_no_adapters(config.model)
+        self.handle, self._undo_flags = None, None
         self.pipe = _load_pipe(config, self.device, self.weight_dtype)
+        try:
+            self._set_up(config, prompts)
+        except BaseException:
+            self.undo()  # a refused run leaves the caller's pipeline as it was
+            raise
+
+    def _set_up(self, config: FinetuneConfig, prompts) -> None:
         self.io = model_io_for(self.pipe, max_sequence_length=config.max_sequence_length)
         if config.mode == "data" and not self.io.data_mode:
             raise ValueError(f"--mode data supports Wan models only ({self.io.family} needs its own VAE encoding); "
@@ -164,6 +189,24 @@ class _Trainer:
         self.eval_start: Optional[float] = None
         self.resumed_eval_start: Optional[float] = None
 
+    def undo(self) -> None:
+        """A pipeline the caller passed in loses what the run added to it (dit_accel's processors, the SLA projections
+        and VSA gates, the LoRA adapter) and gets its trainable flags, gradient checkpointing and train/eval mode
+        back, so a failed run does not leave it running sparse, or producing NaN. Idempotent."""
+        if isinstance(self.config.model, str) or self._undo_flags is None:
+            return  # the run loaded the model itself (nobody else holds it), or changed nothing yet
+        flags, self._undo_flags = self._undo_flags, None
+        transformer = self.transformer
+        if self.handle is not None:
+            self.handle.remove()
+        if flags.get("injection") is not None:  # the layers peft wrapped become the model's own again (delete_adapters
+            undo_injection(transformer, "default", flags["injection"])  # left them wrapped, renaming their weights)
+        for name, p in transformer.named_parameters():
+            p.requires_grad_(flags["grad"].get(name, p.requires_grad))
+        if flags["checkpointing"] is False and getattr(transformer, "is_gradient_checkpointing", False):
+            transformer.disable_gradient_checkpointing()
+        transformer.train(flags["training"])
+
     # ------------------------------------------------------------- set-up
     def _prepare_text(self, prompts) -> None:
         # Up to _CACHED_PROMPTS texts are embedded once and the text encoder leaves the device; more
@@ -184,6 +227,9 @@ class _Trainer:
         from peft import LoraConfig
 
         config, transformer = self.config, self.transformer
+        self._undo_flags = {"grad": {n: p.requires_grad for n, p in transformer.named_parameters()},
+                            "checkpointing": getattr(transformer, "is_gradient_checkpointing", None),
+                            "training": transformer.training}
         transformer.requires_grad_(False)
         apply_kwargs = {"backend": config.backend}
         if config.dense_layers is not None:
@@ -197,9 +243,11 @@ class _Trainer:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.seed)  # LoRA A init draws from the global generator
             try:
+                self._undo_flags["injection"] = injection_state(transformer)
                 transformer.add_adapter(self.lora_config)
             except ValueError as e:
                 raise ValueError(f"--target-modules {','.join(targets)}: {e}") from None
+        _check_targets(transformer, targets)
         self.projections = self.handle.sla_projections()
         self.gates = {}
         if isinstance(config.method, VSA):  # zero-initialised to_gate_compress per layer: step 0 is training-free VSA
@@ -393,7 +441,7 @@ class _Trainer:
                 with self._quiet_decay():
                     micro_loss = self.loss(self.batch(step * self.accum + micro), grad=True) / self.accum
             except ValueError as e:
-                if first:  # a model/method mismatch found by the first forward: nothing trained yet
+                if first and not isinstance(e, BadFileError):  # a model/method mismatch found by the first forward
                     raise ValueError(f"{_method_label(config)} on token grid {self.grid}: {e}") from None
                 raise
             self.accelerator.backward(micro_loss)
@@ -432,6 +480,29 @@ def _trainable(transformer, projections, targets, gates=None) -> Dict[str, nn.Pa
         p.requires_grad_(True)
         p.data = p.data.float()  # trainable tensors in fp32 whatever the frozen weights use
     return params
+
+
+def _check_targets(transformer, targets: Sequence[str]) -> None:
+    """ValueError naming the target that matched no layer when others did: peft skips it without a word, so a typo
+    (``to_out0``) trained fewer layers than asked while the weights folder listed it as trained."""
+    import difflib
+
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    wrapped = {n for n, m in transformer.named_modules() if isinstance(m, BaseTunerLayer)}
+    unmatched = [t for t in targets if not any(n == t or n.endswith("." + t) for n in wrapped)]
+    if not unmatched:
+        return
+    names = set()  # the Linear layers' names as targets name them (peft's own layers inside a wrapped one aside)
+    for n, m in transformer.named_modules():
+        if n and (n in wrapped or (isinstance(m, nn.Linear) and not any(n.startswith(w + ".") for w in wrapped))):
+            parts = n.split(".")
+            names.add(".".join(parts[-2:]) if parts[-1].isdigit() and len(parts) > 1 else parts[-1])
+    close = difflib.get_close_matches(unmatched[0], sorted(names), n=3)
+    raise ValueError(f"--target-modules {','.join(targets)}: {', '.join(unmatched)} matched no layer of "
+                     f"{type(transformer).__name__} (the other names did)"
+                     + (f"; did you mean {' or '.join(close)}?" if close else "")
+                     + f" Layers LoRA can adapt there end in e.g. {', '.join(sorted(names)[:8])}.")
 
 
 def finite_weights(params: Dict[str, nn.Parameter]) -> bool:
