@@ -18,12 +18,16 @@ __all__ = ["add_cp_option", "parse_cp", "start", "enable", "is_main"]
 
 def parse_cp(text: str) -> Tuple[int, int]:
     """``"ulysses=2"``, ``"ring=2"``, ``"ulysses=2,ring=2"`` -> ``(ulysses, ring)``."""
-    degrees = {"ulysses": 1, "ring": 1}
+    degrees, given = {"ulysses": 1, "ring": 1}, set()
     for part in filter(None, re.split(r"[,\s]+", text.strip())):
         name, _, value = part.partition("=")
-        if name not in degrees or not value.isdigit() or int(value) < 1:
+        if name not in degrees or not re.fullmatch("[0-9]+", value) or int(value) < 1:
             raise argparse.ArgumentTypeError(f"--cp {text!r}: expected ulysses=N and/or ring=M with N, M >= 1, "
                                              "e.g. ulysses=2 or ulysses=2,ring=2")
+        if name in given:  # (the last one won before: ulysses=2,ulysses=4 ran 4 ranks, the typo unsaid)
+            raise argparse.ArgumentTypeError(f"--cp {text!r}: {name} is given twice; give each of ulysses=N and "
+                                             "ring=M once, e.g. ulysses=2,ring=2")
+        given.add(name)
         degrees[name] = int(value)
     if degrees["ulysses"] * degrees["ring"] == 1:
         raise argparse.ArgumentTypeError(f"--cp {text!r}: ulysses or ring must be > 1")

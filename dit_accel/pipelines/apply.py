@@ -42,8 +42,10 @@ def _sla_projection(module: nn.Module) -> nn.Linear:
     d = _projection_dim(module)
     ref = next(module.parameters())
     # Quantized weights (GGUF, bitsandbytes) are packed ints: the projection takes the dtype of the module's
-    # first floating-point parameter (a norm's, say), else fp32; each call casts it to q's dtype anyway.
-    dtype = next((p.dtype for p in module.parameters() if p.is_floating_point()), torch.float32)
+    # first floating-point parameter (a norm's, say), else fp32; each call casts it to q's dtype anyway. Weights
+    # stored in 8 bits (enable_layerwise_casting's float8) are a storage dtype, not one a Linear can hold.
+    dtype = next((p.dtype for p in module.parameters() if p.is_floating_point() and p.dtype.itemsize > 1),
+                 torch.float32)
     # Sequential CPU offload leaves the model's parameters on the meta device: the projection starts on the CPU
     # and moves to the compute device at its first call (SparseAttnProcessor.projection).
     proj = nn.Linear(d, d, device="cpu" if ref.device.type == "meta" else ref.device, dtype=dtype)

@@ -98,6 +98,8 @@ class CacheSpec:
             k, eq, v = item.partition("=")
             if not eq or not k.strip():
                 raise ValueError(f"{source} {text!r}: option {item!r} is not key=value")
+            if k.strip() in options:  # (the last one won before, the other value unsaid)
+                raise ValueError(f"{source} {text!r}: option {k.strip()!r} is given twice; give it once")
             options[k.strip()] = _value(v)
         spec = cls(key, options)
         spec._check(source)

@@ -338,7 +338,8 @@ class AccelHandle:
         """Tell a bare transformer which denoising step comes next (``0 <= step < total``).
 
         Needed for ``dense_steps``/``dense_last_steps`` when apply() got a bare
-        transformer and no ``scheduler=``; overrides the scheduler when set.
+        transformer and no ``scheduler=``; overrides the scheduler when set. With ``dense_last_steps`` the
+        ``total`` is needed too (ValueError without it).
         The step belongs to the calling thread: it applies to the transformer calls this thread makes
         until its next ``set_step``, and never to another thread's calls. ``set_step(None)`` hands this
         thread's calls back to the scheduler.
@@ -350,6 +351,9 @@ class AccelHandle:
             self._steps.set(None)
             return
         step = _check_int("step", step)
+        if total is None and self.schedule.dense_last_steps:  # (without it the last steps ran sparse, unsaid)
+            raise ValueError(f"set_step({step}) has no total, but dense_last_steps={self.schedule.dense_last_steps} "
+                             f"counts back from the run's last step: call set_step({step}, total)")
         if total is not None:
             total = _check_int("total", total, 1)
             if step >= total:

@@ -120,7 +120,9 @@ class StepSource:
                              "handle.set_step(i, total) before each transformer call")
         order = max(int(getattr(scheduler, "order", 1) or 1), 1)
         timesteps = getattr(scheduler, "timesteps", None)
-        total = len(timesteps) // order if timesteps is not None else None
+        # A second-order scheduler (Heun, KDPM2) makes two calls per step but one at the last: 2N - 1 timesteps
+        # for N steps, so the count rounds up (rounded down, dense_last_steps and a plan's steps were one off)
+        total = -(-len(timesteps) // order) if timesteps is not None else None
         if not hasattr(scheduler, "step_index"):
             # DDIM-style schedulers (CogVideoX's DDIM and DPM among them) keep no step counter:
             # the position is where this call's timestep sits in the schedule.

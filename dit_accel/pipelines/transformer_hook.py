@@ -19,6 +19,7 @@ from torch import nn
 from ..kernels.backends import env_value
 from ..kernels.sla import inert_projections
 from ..plans.plan import Plan, SLAPlan
+from .capture import Capture
 from .context import CallContext, CallGate, CallRecord, ContextStack, call_is_running, calling_pipeline
 from .interceptor import _dispatch_module
 from .parallel import Split, check_ring_layers, check_split
@@ -26,7 +27,7 @@ from .presets import GridInfo, Preset
 from .processor import Runtime, SparseAttnProcessor, _backend_name
 from .schedule import Schedule, StepSource
 
-__all__ = ["TransformerHook", "attention_modules"]
+__all__ = ["TransformerHook", "attention_modules", "warn_unreached_strategy"]
 
 
 def attention_modules(transformer: nn.Module, prefix: str, preset: Preset) -> List[Tuple[str, nn.Module]]:
@@ -342,7 +343,8 @@ class TransformerHook:
                                        "runs dense. Lower them or raise the number of steps")
         if total is not None:
             for method in schedule.methods():
-                _warn_unreached_strategy(method, total, self.runtime.warnings)
+                warn_unreached_strategy(method, total, self.runtime.warnings)
+            _warn_unreached_capture(self.runtime.capture, total, self.runtime.warnings)
         if device is not None:
             for plan in {id(p): p for p in plans if p is not None}.values():
                 plan.prepare(device, self.runtime.backend)
@@ -387,7 +389,7 @@ class TransformerHook:
                     "it (CogVideoX's fuse_qkv_projections() sets fused processors), make that call before apply()")
 
 
-def _warn_unreached_strategy(method, total: int, warnings) -> None:
+def warn_unreached_strategy(method, total: int, warnings) -> None:
     """A per-step strategy (TileStrategy) that lists no step below the run's ``total``: every call runs dense (its
     file was searched for a longer run). Said once per file and step count, at the first call that knows ``total``."""
     steps = getattr(method, "steps", None) if hasattr(method, "for_layer_step") else None
@@ -398,6 +400,20 @@ def _warn_unreached_strategy(method, total: int, warnings) -> None:
     warnings.warn(f"dit_accel: {method.path} lists step{'s' * (len(steps) > 1)} {listed}, but this run has {total} "
                   f"step{'s' * (total != 1)}: every call runs dense. Pass the strategy searched for {total} steps, or "
                   f"run more steps", key=("strategy steps unreached", method.path, total))
+
+
+def _warn_unreached_capture(capture, total: int, warnings) -> None:
+    """``capture_steps`` at or past the run's ``total`` steps capture nothing (the folder stayed empty, unsaid). Said
+    once per step count, at the first call that knows ``total``."""
+    steps = sorted(capture.steps) if isinstance(capture, Capture) and capture.steps is not None else ()
+    past = [s for s in steps if s >= total]
+    if not past:
+        return
+    shown = ", ".join(map(str, past[:6])) + (", ..." if len(past) > 6 else "")
+    what = "nothing is captured" if len(past) == len(steps) else "no files are written for them"
+    warnings.warn(f"dit_accel: capture_steps {shown} {'are' if len(past) > 1 else 'is'} past this run's {total} "
+                  f"denoising step{'s' * (total != 1)} (0..{total - 1}): {what}. Pass steps below {total}, or run "
+                  "more steps", key=("capture steps unreached", tuple(past), total))
 
 
 def _versions(proj: nn.Module) -> tuple:
