@@ -36,8 +36,23 @@ def install(comfyui: Path) -> Path:
     if target.exists() and not target.read_text(encoding="utf-8", errors="replace").startswith(MARKER):
         raise ValueError(f"{target} exists and was not written by this command: move that folder away first (it "
                          "is another node pack named dit_accel)")
+    _check_folder(target.parent)
     target.parent.mkdir(exist_ok=True)
     return atomic_write_text(target, SHIM)
+
+
+def _check_folder(folder: Path) -> None:
+    """A ``custom_nodes/dit_accel`` without the shim is the command's only when it holds nothing else (ComfyUI's
+    ``__pycache__`` of an earlier shim aside): else it is someone's (a clone of a repository), not written into."""
+    if not folder.exists() or (folder / "__init__.py").exists():
+        return
+    if not folder.is_dir():
+        raise ValueError(f"{folder} exists and is not a folder: move it away first")
+    other = sorted(p.name for p in folder.iterdir() if p.name != "__pycache__")
+    if other:
+        shown = ", ".join(other[:3]) + (", ..." if len(other) > 3 else "")
+        raise ValueError(f"{folder} exists and holds files this command did not write ({shown}): move that folder "
+                         "away first (it is another node pack, or a clone, named dit_accel)")
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import re
 from typing import Dict, Tuple
 
@@ -51,11 +52,11 @@ def _text(value) -> str:
 
 def _path_text(value) -> str:
     """A path widget's text without surrounding whitespace and one pair of surrounding quotes ("C:\\x\\plan.json"
-    from Windows' "Copy as path")."""
+    from Windows' "Copy as path"), a leading ``~`` as the user's home (no shell expands it in a widget)."""
     text = str(value).strip()
     if len(text) >= 2 and text[0] == text[-1] and text[0] in "\"'":
         text = text[1:-1]
-    return text
+    return os.path.expanduser(text) if text.startswith("~") else text
 
 
 # What a valid text of each widget kind looks like, when the field's default cannot show it (None).
@@ -179,6 +180,19 @@ def _in_widgets(opts: Dict[str, CliOption]) -> Dict[str, CliOption]:
             for name, opt in opts.items()}
 
 
+def _method(name: str, config: dict, opts: Dict[str, CliOption]):
+    """The method config of the widgets' values; an empty path widget the config refuses is said as a widget (the
+    config's own error names its Python API)."""
+    try:
+        return method_from_name(name, **{k: v for k, v in config.items() if v is not None})
+    except ValueError:
+        empty = [f for f, v in config.items() if v == "" and opts[f].metavar in ("FILE", "DIR")]
+        if empty:
+            raise ValueError(f"dit_accel: widget {empty[0]} is empty: give the path of the "
+                             f"{opts[empty[0]].help.split(': ', 1)[-1]}") from None
+        raise
+
+
 def node_for(name: str, cls: type, summary: str) -> type:
     """The node class of one registered method."""
     fields = {f.name: f for f in dataclasses.fields(cls) if "cli" in f.metadata}
@@ -206,7 +220,7 @@ def node_for(name: str, cls: type, summary: str) -> type:
             options.update(published_options)
         else:
             config = {f: _value(f, fields[f], opts[f], widgets[f]) for f in fields if f in widgets}
-            method = method_from_name(name, **{k: v for k, v in config.items() if v is not None})
+            method = _method(name, config, opts)
         return (patch_model(model, method, **options),)
 
     return type(f"DitAccel{cls.__name__}", (), {

@@ -13,6 +13,11 @@ Two pieces, both owned by one :class:`Patch` (one ``patch_model`` call):
   self-checks as ``dit_accel.apply``. Every other call (cross-attention, the text refiner, dense steps and
   layers, calls that do not match the grid) goes to the override that was set before, or to ComfyUI's own
   attention.
+
+Settings that leave the method unrun are said once in ComfyUI's log, as ``dit_accel.apply`` warns of them: dense
+steps, a per-step strategy or a dense_above_sigma covering a sampler's steps, a plan that is dense (or visits every
+key block) at a call's grid, and a model call none of whose self-attention calls reached the override (another
+node's, set after it).
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ import torch
 
 from ..pipelines.processor import PlanCache
 from ..pipelines.schedule import Schedule
+from ..pipelines.transformer_hook import warn_unreached_strategy
 from .families import Family
 
 __all__ = ["Patch", "AttentionOverride", "CallState"]
@@ -128,9 +134,10 @@ class Report:
     def dense(self, layer: int, reason: str) -> None:
         self.calls[layer] = ("dense", reason, None)
 
-    def flush(self, state: CallState) -> None:
+    def flush(self, state: CallState) -> bool:
+        """Log the call's layers; False when no layer made a call."""
         if not self.calls:
-            return
+            return False
         calls, self.calls = self.calls, {}
         sparse = [c for c in calls.values() if c[0] != "dense"]
         dense = [c for c in calls.values() if c[0] == "dense"]
@@ -155,6 +162,25 @@ class Report:
         if (head, body) != self.last_line:  # one line per change, not one per step
             self.last_line = (head, body)
             LOG.info(self.lines[-1])
+        return True
+
+
+class _LogOnce:
+    """Warnings into ComfyUI's log, each (or each ``key``) once: a sampler calls the model every step."""
+
+    def __init__(self) -> None:
+        self._keys = set()
+
+    def first(self, key) -> bool:
+        """Whether ``key`` is new (and from now on seen)."""
+        if key in self._keys:
+            return False
+        self._keys.add(key)
+        return True
+
+    def warn(self, message: str, key=None) -> None:
+        if self.first(message if key is None else key):
+            LOG.warning(message)
 
 
 class Patch:
@@ -174,6 +200,8 @@ class Patch:
         self.plans = PlanCache()
         self.projections: Dict[int, torch.nn.Module] = {}  # layer -> SLA projection (fine-tuned weights)
         self.report = Report(self.model_name)
+        self.warnings = _LogOnce()  # said in ComfyUI's log, once each
+        self._sigmas_seen = None  # the last schedule dense_above_sigma was checked against
         self._model = model
         self._call: contextvars.ContextVar = contextvars.ContextVar(f"dit_accel_comfyui_{id(self)}", default=None)
 
@@ -203,12 +231,54 @@ class Patch:
         state = CallState(grid, step, total, sigma, off_grid, references)
         if self.call_check is not None:
             self.call_check(state.grid, total)
+        if total is not None:
+            self._warn_steps(total, options.get("sample_sigmas"))
         token = self._call.set(state)
         try:
-            return executor(x, *args, **kwargs)
+            out = executor(x, *args, **kwargs)
         finally:
             self._call.reset(token)
-            self.report.flush(state)
+            reached = self.report.flush(state)
+        if not reached and self.num_layers:
+            self._warn_unreached(options)
+        return out
+
+    def _warn_steps(self, total: int, sigmas) -> None:
+        """As ``dit_accel.apply`` says them, once per step count: dense steps or a per-step strategy that leave
+        no step of this sampler's ``total`` sparse (a 4-step run with the dense_steps of a 30-step one); and, once
+        per schedule, a dense_above_sigma below every step's sigma (flow models' sigmas stay high: Wan's last step
+        of 30 starts near 0.2)."""
+        schedule = self.schedule
+        if schedule.sparse and schedule.dense_steps + schedule.dense_last_steps >= total:
+            self.warnings.warn(f"dit_accel: dense_steps={schedule.dense_steps} + dense_last_steps="
+                               f"{schedule.dense_last_steps} cover all {total} sampling steps of this sampler: every "
+                               "step runs dense. Lower them or raise the number of steps",
+                               key=("dense steps", total))
+        for method in schedule.methods():
+            warn_unreached_strategy(method, total, self.warnings)
+        threshold = self.dense_above_sigma
+        if (schedule.sparse and threshold is not None and isinstance(sigmas, torch.Tensor)
+                and sigmas.numel() > total and sigmas is not self._sigmas_seen):
+            self._sigmas_seen = sigmas  # (one host sync per schedule, not per model call)
+            lowest = float(sigmas.detach().reshape(-1)[:total].min())
+            if lowest > threshold:
+                self.warnings.warn(f"dit_accel: dense_above_sigma={threshold:g} is below the sigma of every step of "
+                                   f"this sampler (the last starts at {lowest:.4g}): every step runs dense. Raise it "
+                                   "(calls above it run dense), or set 0 (off)", key=("dense sigma", threshold, lowest))
+
+    def _warn_unreached(self, options: dict) -> None:
+        """Once: a model call none of whose self-attention calls reached this patch's override, because the
+        call's ``optimized_attention_override`` is another node's that does not hand calls on to it."""
+        current = options.get("optimized_attention_override")
+        if isinstance(current, AttentionOverride) and current.patch is self:
+            return  # ours (a model call that skipped its blocks, such as a cache node's)
+        what = "none" if current is None else getattr(current, "__qualname__", type(current).__qualname__)
+        self.warnings.warn(f"dit_accel: no self-attention call of {self.model_name} reached dit_accel: the sampled "
+                           f"MODEL's transformer_options['optimized_attention_override'] is another node's ({what}), "
+                           "set after the dit_accel node, which runs them without handing them on, so the model runs "
+                           "without dit_accel's method (that node's attention, or ComfyUI's). Put that node before the "
+                           "dit_accel node (dit_accel hands every call it does not make sparse on to it), or remove "
+                           "one of them", key="unreached")
 
     # ---------------------------------------------------------------- per attention call
     def layer_from_stack(self, frame, q=None) -> Optional[int]:
@@ -240,6 +310,23 @@ class Patch:
                              "transformer_options): sample with a KSampler, or patch without step options")
         method = self.schedule.method_for(layer, state.step or 0, state.total)
         return method, None if method is not None else "dense step"
+
+    def warn_no_speedup(self, layer: int, method, plan) -> None:
+        """As ``dit_accel.apply`` says them, once per method and grid: a plan that runs dense (a window covering the
+        grid: settings for a larger video) or visits every key block. Not for a per-step method or plan, whose
+        full windows are chosen."""
+        if method.name == "dense" or hasattr(self.schedule.layer_methods.get(layer, self.schedule.method),
+                                             "for_layer_step"):
+            return
+        if not self.warnings.first((plan.is_dense, method, plan.grid)):  # (each call: the message is built once)
+            return
+        where = f"{method!r} on {self.model_name} layer {layer} (and every layer it runs on)"
+        if plan.is_dense:
+            LOG.warning(f"dit_accel: {where}: {plan.dense_reason}, so it runs dense attention (no speedup)")
+        else:
+            LOG.warning(f"dit_accel: {where} visits every key block of grid {tuple(plan.grid)}: it masks tokens inside "
+                        "the blocks but saves no work (no speedup); a larger grid or a smaller window or block makes it "
+                        "sparse")
 
     def _needs_step(self) -> bool:
         s = self.schedule
@@ -285,6 +372,8 @@ class AttentionOverride:
             return self.decline(func, args, kwargs)
         method, why = patch.method_for(layer, state)
         plan = None if method is None else patch.plans.get(method, state.grid)
+        if plan is not None and (plan.is_dense or (plan.density or 0.0) >= 1.0):
+            patch.warn_no_speedup(layer, method, plan)
         if plan is None or plan.is_dense:
             patch.report.dense(layer, why if plan is None else plan.dense_reason)
             return self.decline(func, args, kwargs)

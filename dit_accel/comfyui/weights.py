@@ -50,7 +50,7 @@ from torch import nn
 
 from ..atomic_files import check_hashes, load_safetensors, safetensors_keys
 from ..checkpoints.finetuned import METHOD_FILE, SLA_FILE, VSA_FILE, read_weights_info
-from ..checkpoints.lora_checks import check_float_weights
+from ..checkpoints.lora_checks import check_float_weights, check_lora_pairs
 from .weight_maps import MAPS, describe, diffusers_layer_name, refused_module, targets
 
 __all__ = ["BLOCKS", "EXPERTS", "MAPPED", "UNMAPPED", "check_expert", "check_folder", "experts_in", "layer_names",
@@ -202,7 +202,7 @@ def lora_patches(patcher, folder, info: dict, family, expert: str = "transformer
     alpha = (info.get("lora") or {}).get("alpha")
     key_map = comfy.lora.model_lora_keys_unet(patcher.model, {})
     mapped = targets(patcher, family, key_map) if family.name in MAPPED else None
-    lora, unknown = {}, []
+    lora, unknown, ranks = {}, [], {}
     for key, tensor in state.items():
         own = _of_expert(key, expert)
         if own is None:  # the other expert's (its own MODEL loads it)
@@ -212,6 +212,12 @@ def lora_patches(patcher, folder, info: dict, family, expert: str = "transformer
         if why is not None:
             raise ValueError(f"dit_accel: {path} has a LoRA on {module} ({key}), which ComfyUI's {family.name} "
                              f"({model_name}) cannot take exactly: {why}; train without it (--target-modules)")
+        if sep and rest not in ("A.weight", "B.weight"):  # ComfyUI's LoRA loader would drop it without a word
+            raise ValueError(f"dit_accel: {path} has {key}, which ComfyUI's LoRA loader does not apply (it takes "
+                             "lora_A and lora_B weights; no LoRA bias or DoRA magnitude): run that LoRA with "
+                             "dit_accel.apply on the Diffusers model, or train without it")
+        if sep and tensor.dim() == 2:
+            ranks.setdefault(module, {})[rest[0]] = int(tensor.shape[0 if rest[0] == "A" else 1])
         target = _target(module, family, mapped)
         weight = target if isinstance(target, str) or target is None else target[0]
         if not sep or weight not in weights:
@@ -227,6 +233,7 @@ def lora_patches(patcher, folder, info: dict, family, expert: str = "transformer
         raise ValueError(f"dit_accel: {path} has LoRA tensors for modules ComfyUI's {model_name} does not have "
                          f"({unknown[0]}, ... {len(unknown)} in all; dit_accel maps {_mapped(family)}): the weights "
                          f"are for another model than this {family.name}")
+    check_lora_pairs(path, ranks, redo=_REDO)  # (ComfyUI skips a lone lora_A, fails on a lone lora_B)
     return comfy.lora.load_lora(lora, key_map, log_missing=False)
 
 
