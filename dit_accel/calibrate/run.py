@@ -62,15 +62,20 @@ class _Progress:
 
 def _uint8(frames) -> np.ndarray:
     arr = np.asarray(frames)
-    return arr if arr.dtype == np.uint8 else (np.clip(arr, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+    if arr.dtype == np.uint8:
+        return arr
+    arr = np.nan_to_num(arr, nan=0.0, posinf=1.0, neginf=0.0)  # a candidate's NaN: black, a failing score
+    return (np.clip(arr, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
 
 
 def generate_videos(pipe, jobs: Sequence[Tuple[str, int]], call_kwargs: dict, batch_size: int,
                     on_step: Optional[Callable[[], None]] = None,
-                    replay: Optional[DenseReplay] = None) -> List[np.ndarray]:
+                    replay: Optional[DenseReplay] = None, reference: bool = False) -> List[np.ndarray]:
     """uint8 videos ``[F, H, W, 3]`` of every ``(prompt, seed)``, ``batch_size`` per pipeline call; the noise of a
     sample depends on its seed only. ``replay``: told each call's jobs (it records or gives back their
-    transformer outputs, :mod:`.replay`)."""
+    transformer outputs, :mod:`.replay`). ``reference``: the dense videos every plan is scored against, which
+    must be finite (a candidate's NaN becomes black frames that fail the budget; the reference's would be the
+    target)."""
     videos = []
     for i in range(0, len(jobs), batch_size):
         chunk = jobs[i:i + batch_size]
@@ -87,8 +92,22 @@ def generate_videos(pipe, jobs: Sequence[Tuple[str, int]], call_kwargs: dict, ba
                        output_type="np", callback_on_step_end=tick, **call_kwargs)
         frames = getattr(out, "frames", None)
         frames = frames if frames is not None else out.images
+        if reference:
+            _check_finite(frames, chunk)
         videos.extend(_uint8(f) for f in frames)
     return videos
+
+
+def _check_finite(frames, chunk) -> None:
+    """ValueError when the dense reference videos hold NaN or inf (cast to uint8 they were black frames, the
+    target every plan was calibrated against)."""
+    for frame, (prompt, seed) in zip(frames, chunk):
+        arr = np.asarray(frame)
+        bad = 0 if arr.dtype == np.uint8 else int(np.count_nonzero(~np.isfinite(arr)))
+        if bad:
+            raise ValueError(f"the dense run returned {bad} NaN or inf value(s) for prompt {prompt!r}, seed {seed} "
+                             "(e.g. a half-precision overflow): there is no reference to calibrate against; try "
+                             "--dtype float32")
 
 
 def _step_timesteps(scheduler) -> Optional[List[float]]:
@@ -219,7 +238,7 @@ def _validate(pipe, settings: CalibrationSettings, space: SearchSpace, verify, b
             return generate_videos(pipe, val_jobs, call_kwargs, settings.batch_size, bar.update,
                                    replay=replay if dense_steps else None)
     prompts = [p for p, _ in val_jobs]
-    dense_gt = groundtruth_scores(dense_videos, prompts) if settings.model in GROUNDTRUTH_MODELS else None
+    dense_gt = groundtruth_scores(dense_videos, prompts) if settings.scores_groundtruth() else None
     tried = []
     checked: Dict[int, dict] = {}
 
@@ -459,7 +478,8 @@ def _dense_run(pipe, settings: CalibrationSettings, jobs, call_kwargs: dict, bar
         layers = len(handle.layers)
         sampler.set_layers(layers)
         with replay.recording(pipe.transformer, len(jobs)) if replay else contextlib.nullcontext():
-            dense_videos = generate_videos(pipe, jobs, call_kwargs, settings.batch_size, bar.update, replay=replay)
+            dense_videos = generate_videos(pipe, jobs, call_kwargs, settings.batch_size, bar.update, replay=replay,
+                                           reference=True)
         dense_ms = _attention_ms(handle)
         transformer = handle.transformer
         timesteps = _step_timesteps(pipe.scheduler)
@@ -486,7 +506,7 @@ class _Verifier:
         self.early = settings.min_psnr is not None and settings.budget_on == "worst" and len(jobs) > 1
         self.score_groundtruth = None
         self.dense_groundtruth = None
-        if settings.model in GROUNDTRUTH_MODELS:
+        if settings.scores_groundtruth():
             from ..eval.groundtruth import score_many
 
             def score_groundtruth(videos, prompts=None):
@@ -693,6 +713,8 @@ def calibrate(settings: CalibrationSettings, out, *, report_dir=None, progress: 
     if problem:
         raise ValueError(problem)
     jobs, val_jobs = _calibration_jobs(settings, log)
+    if settings.groundtruth_prompt_error():  # --groundtruth report: the PSNR budget alone, said
+        log(f"note: ground truth not reported: {settings.groundtruth_prompt_error()}")
     bar = _Progress(progress)
     try:
         # 1. the dense run, sampled

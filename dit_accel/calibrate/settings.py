@@ -97,6 +97,24 @@ class CalibrationSettings:
         """Whether a verified plan must keep the calibration videos' ground truth (``groundtruth``)."""
         return self.groundtruth == "require"
 
+    def groundtruth_prompt_error(self) -> Optional[str]:
+        """Why the ground-truth checker cannot judge these prompts (one outside its grammar), None when it can or
+        the model has no checker: known before the model loads, not after the dense run."""
+        if self.model not in GROUNDTRUTH_MODELS:
+            return None
+        from ..eval.groundtruth import parse_prompt
+
+        for prompt in self.prompts:
+            try:
+                parse_prompt(prompt)
+            except ValueError as err:
+                return str(err)
+        return None
+
+    def scores_groundtruth(self) -> bool:
+        """Whether the videos are judged against their prompts (a model with a checker, every prompt in its grammar)."""
+        return self.model in GROUNDTRUTH_MODELS and self.groundtruth_prompt_error() is None
+
     def check(self) -> None:
         if self.min_psnr is None and self.max_layer_error is None:
             raise ValueError("give a budget: --min-psnr DB (final output vs dense) and/or --max-layer-error E "
@@ -124,6 +142,10 @@ class CalibrationSettings:
         if self.groundtruth == "require" and self.model not in GROUNDTRUTH_MODELS:
             raise ValueError(f"--groundtruth require: {self.model!r} has no ground-truth checker (only "
                              f"{', '.join(GROUNDTRUTH_MODELS)} has); use --groundtruth report")
+        if self.groundtruth == "require" and self.groundtruth_prompt_error():
+            raise ValueError(f"--groundtruth require: {self.groundtruth_prompt_error()}; write every prompt as "
+                             "'a COLOUR SHAPE moving DIRECTION' (e.g. 'a red circle moving left'), or use "
+                             "--groundtruth report")
         if self.layer_groups < 0:
             raise ValueError(f"--layer-groups must be >= 0 (0: no layer probes); got {self.layer_groups}")
         if self.validate is not None and self.validate < 0:

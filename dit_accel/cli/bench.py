@@ -151,6 +151,13 @@ def register(subparsers) -> argparse.ArgumentParser:
     return p
 
 
+def _kept_shapes(text: str, shapes) -> list:
+    """The ``shapes`` whose names hold one of ``--shapes``' comma-separated substrings (any case); none for a text
+    that names no substring (``,`` or ``""`` matched every shape, starting a full benchmark)."""
+    keep = [x.strip().lower() for x in text.split(",") if x.strip()]
+    return [s for s in shapes if any(k in s.name.lower() for k in keep)]
+
+
 def _floats(text):
     try:
         return [float(x) for x in text.split(",") if x.strip()]
@@ -212,9 +219,8 @@ def _run_gpu(args, **overrides) -> int:
         return 2
 
     shapes = list(gpu.STANDARD_SHAPES)
-    if args.shapes:
-        keep = [x.strip().lower() for x in args.shapes.split(",") if x.strip()]
-        shapes = [s for s in shapes if any(k in s.name.lower() for k in keep)]
+    if args.shapes is not None:
+        shapes = _kept_shapes(args.shapes, shapes)
         if not shapes:
             return fail(f"--shapes {args.shapes!r} matches none of {', '.join(s.name for s in gpu.STANDARD_SHAPES)}")
     densities = _floats(args.densities) if args.densities else list(gpu.STANDARD_DENSITIES)
@@ -290,10 +296,8 @@ def _run_kernels(args) -> int:
         shapes = bench.GPU_SHAPES[:1] if args.quick else bench.GPU_SHAPES
     else:
         shapes = bench.CPU_QUICK_SHAPES if args.quick else bench.CPU_SHAPES
-    if args.shapes:
-        keep = [s.strip().lower() for s in args.shapes.split(",")]
-        available = shapes
-        shapes = [s for s in shapes if any(k in s.name.lower() for k in keep)]
+    if args.shapes is not None:
+        available, shapes = shapes, _kept_shapes(args.shapes, shapes)
         if not shapes:
             return fail(f"--shapes {args.shapes!r} matches none of the {'GPU' if cuda else 'CPU'} shapes: "
                         f"{', '.join(s.name for s in available)}")

@@ -312,6 +312,10 @@ def run(args) -> int:
 
         autotune.clear()
         selfcheck.clear()
+        if getattr(args, "json", False):  # a script reading --json gets JSON, not a sentence
+            print(json.dumps({"cleared": {"autotune": str(autotune.cache_path()),
+                                          "selfcheck": str(selfcheck.cache_path())}}))
+            return 0
         print(f"dit-accel info: cleared the autotune choices ({autotune.cache_path()}) and the kernel self-check "
               f"verdicts ({selfcheck.cache_path()}); both are measured again on next use.")
         return 0

@@ -37,9 +37,32 @@ def load_results(folder) -> dict:
         results = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise ValueError(f"--compare {path}: cannot be read ({type(err).__name__}); run the eval again") from None
-    if not isinstance(results, dict) or not isinstance(results.get("rows"), list) or "settings" not in results:
+    if not isinstance(results, dict) or not isinstance(results.get("rows"), list) \
+            or not isinstance(results.get("settings"), dict):
         raise ValueError(f"--compare {path}: not a dit-accel eval results file (no settings and rows)")
+    problem = _rows_problem(results["rows"])
+    if problem:  # else a KeyError or AttributeError traceback half-way through the pairing
+        raise ValueError(f"--compare {path}: not a dit-accel eval results file ({problem}); compare the "
+                         "results.json of two `dit-accel eval --out` runs")
     return results
+
+
+def _rows_problem(rows: list) -> str:
+    """What the pairing needs and a row lacks: a label, and samples of a prompt and an integer seed each."""
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict) or not isinstance(row.get("label"), str):
+            return f"row {i} has no label"
+        samples = row.get("samples") or []
+        if not isinstance(samples, list) or not all(
+                isinstance(s, dict) and isinstance(s.get("prompt"), str) and isinstance(s.get("seed"), int)
+                and not isinstance(s.get("seed"), bool) for s in samples):
+            return f"row {row['label']!r} has samples without a prompt and an integer seed"
+        for sample in samples:
+            bad = [key for key, _, _ in METRICS if key != "groundtruth" and sample.get(key) is not None
+                   and (isinstance(sample[key], bool) or not isinstance(sample[key], (int, float)))]
+            if bad:
+                return f"row {row['label']!r} has a {bad[0]} of {sample[bad[0]]!r}, not a number"
+    return ""
 
 
 def _values(row: dict, key: str) -> dict:

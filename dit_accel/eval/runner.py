@@ -321,6 +321,10 @@ def _frames_of(output) -> np.ndarray:
     if arr.ndim == 3:
         arr = arr[None]
     if arr.dtype != np.uint8:
+        bad = int(np.count_nonzero(~np.isfinite(arr)))
+        if bad:  # cast to uint8 they would be black pixels, scored as if the model had drawn them
+            raise ValueError(f"the pipeline returned {bad} NaN or inf value(s) in {arr.size} (frames "
+                             f"{tuple(arr.shape)}), e.g. a half-precision overflow; try --dtype float32 or another method config")
         arr = (np.clip(arr, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
     return arr
 

@@ -61,9 +61,11 @@ def check_tile_block(grid, tile, block: int) -> None:
     """ValueError unless blocks of ``block`` tokens are boxes inside ``tile`` (one per grid dimension)."""
     tile = per_dim("tile", tile, len(as_grid(grid)))
     if block_box(tile, int(block)) is None:
-        raise ValueError(f"Tile.block_size={block} is invalid for tile {tile} ({math.prod(tile)} tokens): a block must "
-                         f"be a box of whole trailing tile dimensions, e.g. {math.prod(tile)} (the whole tile) or "
-                         f"{math.prod(tile[1:])}; or leave block_size unset for 64-token blocks")
+        volume = math.prod(tile)  # (the largest boxes, distinct: a 1-frame tile listed its size twice)
+        boxes = [b for b in range(volume, 1, -1) if volume % b == 0 and block_box(tile, b) is not None][:3]
+        raise ValueError(f"Tile.block_size={block} is invalid for tile {tile} ({volume} tokens): a block must "
+                         f"be a box of whole trailing tile dimensions, e.g. {volume} (the whole tile)"
+                         + "".join(f" or {b}" for b in boxes[1:]) + "; or leave block_size unset for 64-token blocks")
 
 
 def tile_relations(grid, tile, window) -> Tuple[Tuple[int, ...], Tuple[int, ...], list]:

@@ -379,7 +379,8 @@ class SparsePlan:
             else:
                 phases.append(Phase(step, step + 1, layers))
         return cls(tuple(phases), None, strategy.heads, {"source": "FastVideo STA strategy", "strategy_path":
-                                                          strategy.path, "tile": list(strategy.tile)})
+                                                          strategy.path, "tile": list(strategy.tile)},
+                   source=str(strategy.path))  # (its refusals named "the plan", not the file)
 
     def to_tile_strategy(self, path=None, *, num_steps: Optional[int] = None, grid=None) -> dict:
         """FastVideo's STA mask-strategy JSON (``{"step_layer_head": [wt, wh, ww]}``) of a plan whose sparse

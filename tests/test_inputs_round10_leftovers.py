@@ -1,0 +1,58 @@
+"""Round 10, leftovers found by the area rounds: messages that named a wrong or repeated value."""
+
+import pytest
+
+import dit_accel
+
+
+def test_a_one_frame_tiles_block_size_advice_names_distinct_valid_sizes():
+    """Before: "e.g. 16 (the whole tile) or 16" for a (1, 4, 4) tile (the whole tile, then its trailing dims,
+    which are the same 16 tokens)."""
+    with pytest.raises(ValueError, match=r"e\.g\. 16 \(the whole tile\) or 8 or 4;") as err:
+        dit_accel.Tile(tile=(1, 4, 4), window=(1, 1, 1), block_size=63).plan((2, 8, 8))
+    assert "or 16" not in str(err.value)
+    for size in (16, 8, 4):  # each named size is a valid block for that tile
+        dit_accel.Tile(tile=(1, 4, 4), window=(1, 1, 1), block_size=size).plan((2, 8, 8))
+
+
+def test_a_plan_read_from_an_sta_strategy_names_the_file_when_refused(tmp_path):
+    """Before: "the plan is for 1 heads per attention layer ..." (the ComfyUI plan node and apply read the file)."""
+    path = tmp_path / "mask_strategy.json"
+    path.write_text('{"0_0_0": [3, 3, 3], "0_1_0": [3, 3, 3]}')
+    plan = dit_accel.SparsePlan.load(path)
+    with pytest.raises(ValueError, match=f"^plan {path} is for 1 heads per attention layer; this model's layers have 2"):
+        plan.check_model("WanTransformer3DModel", [2, 2])
+
+
+def test_calibrate_refuses_a_dense_reference_with_nan_and_still_scores_a_candidates_nan_as_failing():
+    """Before: the dense run's NaN frames were cast to black, and every plan was calibrated against them."""
+    import types
+
+    import numpy as np
+
+    from dit_accel.calibrate.run import generate_videos
+
+    def pipe(prompt, generator, output_type, callback_on_step_end, **kwargs):
+        frames = np.full((len(prompt), 2, 4, 4, 3), 0.5, dtype=np.float32)
+        frames[-1, 1, 0, 0, 0] = np.nan
+        return types.SimpleNamespace(frames=frames)
+
+    jobs = [("a red circle moving left", 0), ("a blue square moving up", 3)]
+    with pytest.raises(ValueError, match=r"^the dense run returned 1 NaN or inf value\(s\) for prompt 'a blue square "
+                                         r"moving up', seed 3 .*try --dtype float32$"):
+        generate_videos(pipe, jobs, {}, batch_size=2, reference=True)
+    videos = generate_videos(pipe, jobs, {}, batch_size=2)  # a candidate's: scored (black pixel, a low PSNR)
+    assert videos[1].dtype == np.uint8 and videos[1][1, 0, 0, 0] == 0 and videos[0].min() == 128
+
+
+@pytest.mark.parametrize("command", ["kernels", "gpu"])
+@pytest.mark.parametrize("shapes", [",", "", " , "])
+def test_bench_shapes_that_name_no_substring_are_refused_not_read_as_every_shape(command, shapes, capsys, tmp_path):
+    """Before: `bench kernels --shapes ,` kept every shape (the empty substring is in every name) and started the
+    full benchmark (over 100 s on a CPU)."""
+    from dit_accel.cli.main import main
+
+    args = ["bench", command, "--shapes", shapes] + (["--quick"] if command == "kernels" else ["--out", str(tmp_path / "g")])
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"--shapes {shapes!r} matches none of" in err
