@@ -56,3 +56,32 @@ def test_bench_shapes_that_name_no_substring_are_refused_not_read_as_every_shape
     assert main(args) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and f"--shapes {shapes!r} matches none of" in err
+
+
+@pytest.mark.parametrize("options, calls", [
+    ({"dense_steps": 2}, (4, 0)),        # steps 2 and 3 of 4 (before: the first call counted as step 0, dense)
+    ({"dense_steps": 3}, (2, 2)),        # step 2 dense, step 3 sparse
+    ({"dense_last_steps": 1}, (2, 2)),   # step 3 dense
+], ids=["dense_steps=2", "dense_steps=3", "dense_last_steps=1"])
+def test_video_to_video_at_half_strength_numbers_steps_in_the_full_schedule(options, calls):
+    """WanVideoToVideoPipeline at strength 0.5 of 4 steps runs steps 2 and 3 without set_begin_index: the
+    scheduler finds its first index from the timestep. Before: dit_accel counted that first call as step 0 and the
+    second as step 3, so dense_steps=2 made half the run dense (2 sparse, 2 dense layer calls)."""
+    import numpy as np
+    import torch
+    from diffusers import WanVideoToVideoPipeline
+    from PIL import Image
+
+    from dit_accel.models import tiny as T
+
+    base = T.build_tiny_pipeline("tiny-wan")
+    pipe = WanVideoToVideoPipeline(**{k: base.components[k] for k in
+                                      ("tokenizer", "text_encoder", "transformer", "vae", "scheduler")})
+    video = [Image.fromarray((np.random.RandomState(i).rand(128, 128, 3) * 255).astype(np.uint8)) for i in range(9)]
+    tile = dit_accel.Tile(tile=(1, 4, 4), window=(1, 1, 1))
+    with dit_accel.apply(pipe, tile, backend="torch", **options) as handle:
+        pipe(video=video, prompt="a cat", num_inference_steps=4, strength=0.5, height=128, width=128,
+             max_sequence_length=16, guidance_scale=1.0, output_type="latent",
+             generator=torch.Generator().manual_seed(0))
+        summary = handle.summary()
+    assert (summary["sparse_calls"], summary["dense_calls"]) == calls

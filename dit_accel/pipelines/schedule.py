@@ -129,8 +129,24 @@ class StepSource:
             return self._timestep_position(scheduler, timesteps, args), total
         index = scheduler.step_index
         if index is None:  # before the first scheduler.step() of this run
-            index = getattr(scheduler, "begin_index", None) or 0
+            index = getattr(scheduler, "begin_index", None)
+            if index is None:  # the scheduler will find it from the timestep, as here (0 when it is not there)
+                index = self._first_position(timesteps, args)
         return int(index) // order, total
+
+    @staticmethod
+    def _first_position(timesteps, args: dict) -> int:
+        """The index of a run's first call in ``timesteps``: 0, unless the pipeline started part-way without
+        ``set_begin_index`` (Wan's and LTX's video-to-video at ``strength`` < 1), where the scheduler's first
+        ``step`` finds the index from the timestep. Before, that first call counted as step 0 and the next as the
+        real index (steps 0, 3 of 4). One host sync per run. Of two equal timesteps (a second-order scheduler's), the
+        second, as Diffusers' ``index_for_timestep`` takes it."""
+        t = args.get("timestep")
+        if timesteps is None or not len(timesteps) or not isinstance(t, torch.Tensor) or not t.numel():
+            return 0
+        t = t.detach().reshape(-1)[:1].to(device=timesteps.device, dtype=torch.float64)
+        hits = torch.isclose(timesteps.to(torch.float64), t).nonzero().reshape(-1)
+        return int(hits[1] if hits.numel() > 1 else hits[0]) if hits.numel() else 0
 
     def _timestep_position(self, scheduler, timesteps, args: dict) -> int:
         t = args.get("timestep")
