@@ -30,7 +30,7 @@ from ._util import file_in_the_way
 from .atomic_files import (BadFileError, atomic_write, commit_files, commit_journal, finish_commit, finish_for_reader,
                            is_temp_name, locked, remove_stale_temps)
 
-__all__ = ["save_video", "load_video", "to_uint8_frames", "output_files", "frames_journal", "VIDEO_SUFFIXES"]
+__all__ = ["save_video", "load_video", "to_uint8_frames", "output_files", "frames_journal", "pil_rgb", "VIDEO_SUFFIXES"]
 
 VIDEO_SUFFIXES = (".mp4", ".gif", ".png")
 _GIF_TAG = b"dit_accel"
@@ -53,7 +53,7 @@ def to_uint8_frames(frames) -> np.ndarray:
     if isinstance(frames, (list, tuple)):
         if not frames:
             raise ValueError("frames is empty: nothing to save")
-        items = [to_uint8_frames(f) if not _is_pil(f) else _pil_rgb(f)[None] for f in frames]
+        items = [to_uint8_frames(f) if not _is_pil(f) else pil_rgb(f)[None] for f in frames]
         if any(len(x) != 1 for x in items):  # [video, video] would keep one frame of each
             raise ValueError(f"frames is a list of {len(frames)} items holding {[len(x) for x in items]} frames; a "
                              "list must hold one image per frame. Pass one video as an array [F, H, W, 3], or "
@@ -64,7 +64,7 @@ def to_uint8_frames(frames) -> np.ndarray:
                              "size: resize them first")
         return np.ascontiguousarray(np.concatenate(items))
     if _is_pil(frames):
-        return _pil_rgb(frames)[None]
+        return pil_rgb(frames)[None]
     import torch
 
     if isinstance(frames, torch.Tensor):
@@ -279,7 +279,14 @@ def _is_pil(x) -> bool:
     return isinstance(x, Image.Image)
 
 
-def _pil_rgb(img) -> np.ndarray:
+def pil_rgb(img) -> np.ndarray:
+    """``uint8 [H, W, 3]``. convert("RGB") clips 16-bit greyscale (a PNG's "I;16" or "I") at 255, a picture of
+    nearly all white, and rounds a float ("F") image in [0, 1] to black: those are scaled instead."""
+    if img.mode.startswith("I"):
+        grey = np.clip(np.round(np.asarray(img).astype(np.float64) / 257.0), 0, 255).astype(np.uint8)
+        return np.repeat(grey[..., None], 3, axis=-1)
+    if img.mode == "F":  # as a float array: [0, 1], its range checked
+        return to_uint8_frames(np.asarray(img, dtype=np.float32)[..., None])[0]
     return np.asarray(img.convert("RGB"), dtype=np.uint8)
 
 
@@ -293,7 +300,7 @@ def _read_png(path: Path) -> np.ndarray:
     from PIL import Image
 
     with Image.open(path) as im:
-        return _pil_rgb(im)
+        return pil_rgb(im)
 
 
 def _write_mp4(arr: np.ndarray, path: Path, fps) -> None:
@@ -356,7 +363,7 @@ def _read_gif(path: Path) -> np.ndarray:
         comment = im.info.get("comment", b"") or b""
         frames, durations = [], []
         for frame in ImageSequence.Iterator(im):
-            frames.append(_pil_rgb(frame))
+            frames.append(pil_rgb(frame))
             durations.append(frame.info.get("duration", 0))
     meta = dict(re.findall(rb"(\w+)=(\d+)", comment)) if comment.startswith(_GIF_TAG) else {}
     if b"frame_ms" in meta and len(frames) < int(meta.get(b"frames", 0)):

@@ -38,10 +38,10 @@ from . import parallel
 from .options import (HelpFormatter, add_cache_option, add_method_options, add_plan_any_grid, cache_from_args,
                       check_method_flags, check_plan_flags, method_from_args, schedule_from_args)
 from .generate_args import (_DTYPES, DEFAULT_MODEL, DEFAULT_PROMPT, _check_flags, _UsageError, add_image_option,
-                            image_call_error, image_parameter)
-from .generate_report import (_cache_record, _comparison, _provenance, _quality, _record,  # noqa: F401
-                              _remove_earlier_side_by_side, _side_by_side, _side_by_side_path, _strip_height,
-                              _summary_lines)
+                            _check_cache_under_cp, image_call_error, image_parameter, unused_flag_error)
+from .generate_report import (_cache_record, _check_side_by_side_path, _comparison, _output_notes,  # noqa: F401
+                              _provenance, _quality, _record, _remove_earlier_side_by_side, _side_by_side,
+                              _side_by_side_path, _strip_height, _summary_lines)
 from .parallel import add_cp_option
 from ..methods import METHOD_ALIASES
 from ..models.tiny_shapes import SHAPES_MODELS, TINY_SHAPES_PROMPT, shapes_model
@@ -430,6 +430,9 @@ def _pipeline_call(args, pipe, tiny: bool) -> dict:
     wanted = {"negative_prompt": args.negative_prompt, "num_frames": args.frames, "height": args.height,
               "width": args.width, "num_inference_steps": args.steps, "guidance_scale": args.guidance,
               "max_sequence_length": args.max_sequence_length}
+    problem = unused_flag_error(pipe, accepts, wanted)
+    if problem:
+        raise _UsageError(problem)
     shapes = shapes_model(args.model)
     call = {"prompt": args.prompt if args.prompt is not None else shapes.prompt if shapes is not None else DEFAULT_PROMPT}
     for key, value in wanted.items():
@@ -556,6 +559,7 @@ def _prepare(args, tiny: bool):
         resolve_model_kind(args.model)
     except (ModelLoadError, ValueError) as err:
         raise _UsageError(str(err)) from None
+    _check_cache_under_cp(args)
     cp_config = None
     if args.cp is not None:
         try:
@@ -650,6 +654,8 @@ def generate(args) -> dict:
     is_video = "num_frames" in call
     out = Path(args.out) if args.out else Path("outputs") / f"{_slug(args.model)}-{args.method}" \
         f"{'.mp4' if is_video else '.png'}"
+    if args.side_by_side:
+        _check_side_by_side_path(out, call.get("num_frames") or 1)
     if not parallel.is_main():  # every rank holds the same frames; rank 0 writes them
         return _denoise_and_write(args, pipe, call, method, schedule, source, quiet, is_video, out, t_total, load_s)
     created = [p for p in (out.parent, *out.parent.parents) if not p.exists()]
@@ -670,7 +676,7 @@ def generate(args) -> dict:
 def _denoise_and_write(args, pipe, call, method, schedule, source, quiet, is_video, out: Path, t_total: float,
                        load_s: float) -> dict:
     """The denoising (and the dense run it is compared with), then the video and its sidecar."""
-    from ..atomic_files import atomic_write_json
+    from ..atomic_files import atomic_write, atomic_write_json
     from ..videos import output_files, save_video, to_uint8_frames
 
     dense = None
@@ -685,10 +691,17 @@ def _denoise_and_write(args, pipe, call, method, schedule, source, quiet, is_vid
     if not parallel.is_main():
         return {"output": None, "rank": None}
     sidecar = Path(str(out) + ".json")
-    if not args.side_by_side:
-        _remove_earlier_side_by_side(sidecar, out)
+    earlier = sidecar.read_bytes() if sidecar.is_file() else None
     sidecar.unlink(missing_ok=True)  # an earlier run's record must not stay beside this run's video
-    save_video(frames, out, fps=args.fps)
+    try:
+        save_video(frames, out, fps=args.fps)
+    except BaseException:  # (a full disk) the earlier video is still there, so its record goes back beside it
+        if earlier is not None and not sidecar.exists():
+            with contextlib.suppress(OSError):  # (the error that stopped the video is the one to report)
+                atomic_write(sidecar, lambda tmp: tmp.write_bytes(earlier))
+        raise
+    if not args.side_by_side:
+        _remove_earlier_side_by_side(earlier, out)
     written = output_files(out, len(frames))
     side_by_side = None
     if args.side_by_side:
@@ -705,7 +718,9 @@ def _denoise_and_write(args, pipe, call, method, schedule, source, quiet, is_vid
             record["warnings"] = [*record.get("warnings", []), args._plan_model_note]
     if getattr(args, "_default_note", None):
         record["default_note"] = args._default_note
-    record["cache"] = to_jsonable(_cache_record(getattr(args, "_cache_spec", None), calls, summary))
+    record["output_notes"] = _output_notes(record)
+    ranks = 1 if args.cp is None else args.cp[0] * args.cp[1]  # (the summary sums every rank's calls)
+    record["cache"] = to_jsonable(_cache_record(getattr(args, "_cache_spec", None), calls, summary, ranks))
     record["compare_dense"] = to_jsonable(_comparison(times, dense, frames, side_by_side))
     record["quality"] = to_jsonable(_quality(args.model, call["prompt"], frames, dense))
     record["provenance"] = to_jsonable(_provenance(args, call, record, summary, stats))
@@ -735,11 +750,8 @@ def run(args) -> int:
     files = record["output"]
     what = files if isinstance(files, str) else f"{len(files)} frames {files[0]} .. {Path(files[-1]).name}"
     print(f"wrote {what} ({shape}, {record['method']['method']}) and {record['sidecar']}")
-    asked, made = record["settings"]["frames"], record["output_shape"][0]
-    if asked is not None and record["settings"]["pipeline_call"].get("num_frames") is not None and made != asked:
-        factor = record["settings"].get("vae_temporal_compression")  # Wan 4, tiny-shapes 2: frames = factor*k+1
-        takes = f"{factor}k+1 frames" if isinstance(factor, int) and factor > 1 else "another frame count"
-        print(f"note: {record['pipeline']} made {made} frames for --frames {asked} (its VAE takes {takes})")
+    for note in record.get("output_notes", []):
+        print(f"note: {note}")
     print(f"pipeline {format_time(t['end_to_end_s'])}, transformer {format_time(t['transformer_s'])} over "
           f"{t['transformer_calls']} calls" + (f", mean density of the sparse attention calls {density:.3f}"
                                                if density is not None else ""))

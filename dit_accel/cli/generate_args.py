@@ -4,6 +4,7 @@ the loaded pipeline against them, and the one-line error they raise (the parser 
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import NamedTuple
 
@@ -30,6 +31,12 @@ def _check_flags(args) -> None:
     if args.out is not None and not args.out.strip():
         raise _UsageError("--out is empty: give a file (.mp4, .gif, .png) or folder path, or leave --out out for "
                           "the default outputs/<model>-<method>.mp4")
+    if args.out is not None and args.out.startswith("~"):  # (--out=~/x.mp4, which the shell leaves: a ./~ folder)
+        try:
+            args.out = str(Path(args.out).expanduser())
+        except RuntimeError:  # ~name of no user
+            raise _UsageError(f"--out {args.out}: {args.out.split('/')[0]} names no user's home folder; give the "
+                              "path in full") from None
     if args.out and Path(args.out).suffix and Path(args.out).suffix.lower() not in VIDEO_SUFFIXES:
         raise _UsageError(f"--out {args.out}: unknown suffix {Path(args.out).suffix!r}; use .mp4, .gif, .png "
                           "or a folder path (PNG frames)")
@@ -55,6 +62,7 @@ def _check_writable(out: Path, what: str) -> None:
         existing = existing.parent
     if existing.exists() and not existing.is_dir():
         raise _UsageError(f"{what}: {existing} is a file, so the folder {folder} cannot be made; choose another path")
+    created = [p for p in (folder, *folder.parents) if not p.exists()]
     try:
         folder.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=folder, prefix=".dit-accel-write-check-"):
@@ -62,6 +70,46 @@ def _check_writable(out: Path, what: str) -> None:
     except OSError as err:
         raise _UsageError(f"{what}: cannot write to {folder} ({err.strerror or err}); choose a writable path") \
             from None
+    finally:  # made again when the output is written: a run refused later leaves no folders behind
+        for made in created:
+            with contextlib.suppress(OSError):
+                made.rmdir()
+
+
+# Caches whose hook compares a block's output with its input: under --cp Diffusers splits the sequence between the
+# two, and the first step failed with a raw "size of tensor a (288) must match ... b (576)" traceback.
+_CACHES_NOT_UNDER_CP = {"fbcache": "FirstBlockCache compares the first block's output",
+                        "magcache": "MagCache compares the blocks' output"}
+
+
+def _check_cache_under_cp(args) -> None:
+    """``--cache`` with ``--cp``: refused before loading for the caches that fail under context parallelism."""
+    spec = getattr(args, "_cache_spec", None)
+    if args.cp is None or spec is None or spec.name not in _CACHES_NOT_UNDER_CP:
+        return
+    raise _UsageError(f"--cache {spec.name} does not run under --cp: Diffusers' {_CACHES_NOT_UNDER_CP[spec.name]} "
+                      "with its input, which context parallelism splits between the ranks; use --cache taylorseer "
+                      "or pab (which run under --cp), or drop --cp")
+
+
+def unused_flag_error(pipe, accepts, wanted: dict):
+    """Why a value given on the command line (``wanted``: call parameter -> value, None when not given) would not
+    reach ``pipe``, whose ``__call__`` takes the parameters ``accepts``; None when each does. Left out in silence
+    before, while the sidecar recorded them as given."""
+    import inspect
+
+    name = type(pipe).__name__
+    dropped = [key for key, value in wanted.items() if value is not None and key not in accepts
+               and (key, value) != ("num_frames", 1)]  # (an image pipeline makes the one frame asked for)
+    if dropped:
+        flags = {"num_inference_steps": "--steps", "guidance_scale": "--guidance-scale"}
+        named = ", ".join(flags.get(k, "--" + k.replace("_", "-")) for k in dropped)
+        return f"{named}: {name} takes no {', '.join(dropped)}; drop {'it' if len(dropped) == 1 else 'them'}"
+    true_cfg = inspect.signature(pipe.__call__).parameters.get("true_cfg_scale")
+    if wanted.get("negative_prompt") is not None and true_cfg is not None and (true_cfg.default or 0) <= 1:
+        return (f"--negative-prompt: {name} uses a negative prompt only with true_cfg_scale > 1, and its default is "
+                f"{true_cfg.default} (no flag sets it): the prompt would be ignored; drop --negative-prompt")
+    return None
 
 
 # ----------------------------------------------------------------------------- --image

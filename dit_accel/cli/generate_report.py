@@ -15,14 +15,33 @@ def _side_by_side_path(out: Path) -> Path:
     return out.with_name(f"{out.stem}-vs-dense{out.suffix}") if out.suffix else Path(f"{out}-vs-dense")
 
 
-def _remove_earlier_side_by_side(sidecar: Path, out: Path) -> None:
+def _check_side_by_side_path(out: Path, num_frames: int) -> None:
+    """``OUT-vs-dense`` can be written: checked before the denoising, because it is written after the video (a
+    folder in its place raised a traceback once the earlier video was replaced and its sidecar removed)."""
+    from .._util import file_in_the_way
+    from ..videos import output_files
+    from .generate_args import _UsageError
+
+    path = _side_by_side_path(out)
+    parent = file_in_the_way(path.parent if path.suffix else path)
+    if parent is not None:
+        what = f"{parent} is a file"
+    elif path.suffix and path.is_dir() and output_files(path, num_frames) == [path]:
+        what = f"{path} is a folder"
+    else:
+        return
+    raise _UsageError(f"--side-by-side writes the comparison to {path}, but {what}: move it away or choose "
+                      "another --out")
+
+
+def _remove_earlier_side_by_side(earlier, out: Path) -> None:
     """An earlier run at this ``--out`` wrote ``OUT-vs-dense`` and this one writes none: remove those files, so
-    no comparison of another run stays beside this run's video. Only what that run's sidecar records as its
-    side-by-side output at exactly this path is removed."""
+    no comparison of another run stays beside this run's video. Only what that run's sidecar (``earlier``: its
+    bytes, or None) records as its side-by-side output at exactly this path is removed."""
     from ..videos import output_files
 
     try:
-        earlier = json.loads(sidecar.read_text())
+        earlier = json.loads(earlier)
         recorded = Path((earlier.get("compare_dense") or {}).get("side_by_side") or "")
         frames = int(earlier["output_shape"][0])
     except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError):
@@ -146,7 +165,8 @@ def _record(args, pipe, method, schedule, source, call, frames, written, times, 
                      "cp": None if args.cp is None else {"ulysses": args.cp[0], "ring": args.cp[1]},
                      "images": _images_record(args),
                      "pipeline_call": {**{k: v for k, v in call.items() if k not in ("generator", "prompt")},
-                                       **_image_argument(args, call)}},
+                                       **_image_argument(args, call)},
+                     "pipeline_defaults": _pipeline_defaults(pipe, call)},
         "output_shape": list(frames.shape),
         "timing": {**elapsed, "transformer_s": times["transformer"], "transformer_calls": calls,
                    "attention_s": times.get("attention"),
@@ -166,6 +186,49 @@ def _record(args, pipe, method, schedule, source, call, frames, written, times, 
     }
 
 
+_CALL_SETTINGS = ("num_frames", "height", "width", "num_inference_steps", "guidance_scale", "max_sequence_length")
+
+
+def _pipeline_defaults(pipe, call: dict) -> dict:
+    """The values the pipeline's call ran with for the settings the call left out, as its signature declares them
+    (the settings above say None for them); a default of None (the pipeline picks, e.g. from its config) is left
+    out."""
+    import inspect
+
+    params = inspect.signature(pipe.__call__).parameters
+    return {k: params[k].default for k in _CALL_SETTINGS if k in params and k not in call
+            and params[k].default not in (None, inspect.Parameter.empty)}
+
+
+def _output_notes(record: dict) -> list:
+    """What the pipeline made where it differs from what was asked: a frame count the VAE rounds, a height or
+    width it rounds (Flux: to its multiple, with only a log line, which --quiet hides). Printed as notes and kept
+    in the sidecar's ``output_notes``."""
+    settings, shape, pipeline = record["settings"], record["output_shape"], record["pipeline"]
+    notes = []
+    asked, made = settings["frames"], shape[0]
+    if asked is not None and settings["pipeline_call"].get("num_frames") is not None and made != asked:
+        factor = settings.get("vae_temporal_compression")  # Wan 4, tiny-shapes 2: frames = factor*k+1
+        takes = f"{factor}k+1 frames" if isinstance(factor, int) and factor > 1 else "another frame count"
+        notes.append(f"{pipeline} made {made} frames for --frames {asked} (its VAE takes {takes})")
+    asked_size = [(flag, settings[key]) for flag, key, size in (("--height", "height", shape[1]),
+                                                                ("--width", "width", shape[2]))
+                  if settings["pipeline_call"].get(key) is not None and settings[key] != size]
+    if asked_size:
+        notes.append(f"{pipeline} made {shape[1]}x{shape[2]} (height x width) for "
+                     + " ".join(f"{flag} {value}" for flag, value in asked_size)
+                     + ": it rounds sizes to a multiple its VAE and patches take; pass a size it takes to get it")
+    output, fps = record["output"], settings["fps"]
+    if isinstance(output, str) and output.lower().endswith(".gif"):
+        from ..videos import _gif_frame_ms
+
+        played = 1000.0 / _gif_frame_ms(fps)
+        if abs(played - fps) > 0.01 * fps:  # (the sidecar's fps alone said --fps)
+            notes.append(f"{Path(output).name} plays at {played:.3g} frames per second for --fps {fps}: a GIF's "
+                         "frame delays are whole hundredths of a second, at least 0.02 s; write .mp4 for this fps")
+    return notes
+
+
 def _images_record(args):
     """``--image`` as the run read it: each path as given and the sha256 of its bytes (None without --image)."""
     images = getattr(args, "_images", None)
@@ -182,14 +245,15 @@ def _image_argument(args, call) -> dict:
     return {key: paths if isinstance(call[key], list) else paths[0]}
 
 
-def _cache_record(spec, calls, summary):
+def _cache_record(spec, calls, summary, ranks: int = 1):
     """What a step cache skipped: the self-attention calls the method's layers would have made in ``calls``
     transformer calls, and those that ran (a block or attention module the cache skips calls no processor, so it
-    is not counted). None without a cache."""
+    is not counted). ``ranks``: the context-parallel ranks whose calls ``summary`` sums (``calls`` is one rank's:
+    every rank runs each call on its share). None without a cache."""
     if spec is None:
         return None
     layers = int(summary.get("layers") or 0)
-    ran = int(summary.get("sparse_calls") or 0) + int(summary.get("dense_calls") or 0)
+    ran = (int(summary.get("sparse_calls") or 0) + int(summary.get("dense_calls") or 0)) // max(ranks, 1)
     expected = layers * int(calls or 0)
     return {**spec.describe(), "label": spec.label, "attention_calls_expected": expected, "attention_calls_ran": ran,
             "attention_calls_skipped": max(expected - ran, 0),
@@ -309,7 +373,10 @@ def _with_dense_calls(record: dict) -> str:
     density = record["density"]["mean"]
     if not dense or not sparse or density is None:
         return ""
-    return f"; {(sparse * density + dense) / (sparse + dense):.3f} with its {dense} dense calls counted as 1"
+    cp = (record.get("settings") or {}).get("cp") or {}
+    ranks = (cp.get("ulysses") or 1) * (cp.get("ring") or 1)  # the summary sums every rank's share of a call
+    return (f"; {(sparse * density + dense) / (sparse + dense):.3f} with its {dense // ranks} dense calls counted "
+            "as 1")
 
 
 def _plan_quality_lines(quality) -> list:

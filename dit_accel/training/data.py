@@ -90,14 +90,10 @@ def _load_frames(path: Path) -> np.ndarray:
     if path.suffix.lower() in IMAGE_EXTENSIONS:
         from PIL import Image
 
+        from ..videos import pil_rgb
+
         with Image.open(path) as im:
-            if im.mode.startswith("I"):  # 16-bit greyscale (PNG: "I;16" or "I"): convert("RGB") clipped it at 255,
-                grey = np.asarray(im).astype(np.float64)  # a picture of nearly all white
-                grey = np.clip(np.round(grey / 257.0), 0, 255).astype(np.uint8)
-                return np.repeat(grey[..., None], 3, axis=-1)[None]
-            if im.mode == "F":
-                raise ValueError("a 32-bit float image (mode F) has no standard brightness range; save it as 8-bit RGB")
-            return np.asarray(im.convert("RGB"))[None]
+            return pil_rgb(im)[None]  # (16-bit greyscale scaled: convert("RGB") clipped it, nearly all white)
     from ..videos import load_video
 
     return np.asarray(load_video(str(path)))
