@@ -130,7 +130,18 @@ def _from_pretrained(source: str, dtype, **kwargs):
     with warnings.catch_warnings():
         # Newer Diffusers renamed torch_dtype to dtype; the old name works across all supported versions.
         warnings.simplefilter("ignore", FutureWarning)
-        return DiffusionPipeline.from_pretrained(source, torch_dtype=dtype, **kwargs)
+        try:
+            return DiffusionPipeline.from_pretrained(source, torch_dtype=dtype, **kwargs)
+        except AttributeError as err:
+            # model_index.json names a pipeline class this Diffusers lacks (saved by a newer release): Diffusers
+            # raises a bare AttributeError from its lazy module, which no caller's error handling expects.
+            missing = re.fullmatch(r"module '?diffusers'? has no attribute '?(\w+)'?", str(err).strip())
+            if missing is None:
+                raise
+            import diffusers
+
+            raise ModelLoadError(f"{source} holds a {missing.group(1)}, which the installed Diffusers "
+                                 f"{diffusers.__version__} does not have: upgrade it (pip install -U diffusers)") from err
 
 
 def _hint(model: str) -> str:
@@ -243,15 +254,43 @@ def _place(pipe, device, offload: bool) -> None:
 
 
 def _from_folder(folder: Path, dtype):
+    if folder.is_file():  # a single-file checkpoint (.safetensors, .ckpt) or a component's file
+        raise ModelLoadError(
+            f"{folder} is a file, not a Diffusers pipeline folder (with model_index.json): pass the folder that "
+            "`pipe.save_pretrained()` or `huggingface-cli download` produced (a single-file checkpoint: load it with "
+            "the pipeline class's from_single_file and save_pretrained it to a folder first)"
+        )
     if not (folder / "model_index.json").is_file():
+        parent = folder.resolve().parent
+        if (parent / "model_index.json").is_file():  # the transformer's (or another component's) own folder
+            raise ModelLoadError(f"{folder} is a component of the pipeline folder {parent}, not a pipeline folder "
+                                 f"(no model_index.json): pass {parent}")
         raise ModelLoadError(
             f"{folder} is not a Diffusers pipeline folder (no model_index.json); pass the folder that "
             "`pipe.save_pretrained()` or `huggingface-cli download` produced"
         )
+    _check_index(folder)
     try:
         return _from_pretrained(str(folder), dtype, local_files_only=True)
     except (OSError, ValueError) as err:
         raise ModelLoadError(f"could not load the pipeline in {folder}: {_first_line(err)}") from err
+
+
+def _check_index(folder: Path) -> None:
+    """ModelLoadError when ``folder``'s model_index.json is JSON but no object naming the pipeline class
+    (``_class_name``): Diffusers fails on one with a bare KeyError or TypeError. A file that is not JSON is left to
+    Diffusers, whose error says so."""
+    import json
+
+    try:
+        index = json.loads((folder / "model_index.json").read_text(encoding="utf-8-sig"))
+    except (OSError, ValueError):
+        return
+    if not isinstance(index, dict) or not index.get("_class_name"):
+        found = "no _class_name" if isinstance(index, dict) else f"a JSON {type(index).__name__}"
+        raise ModelLoadError(f"{folder / 'model_index.json'} holds {found}, not a Diffusers pipeline index (a JSON "
+                             "object naming the pipeline class in _class_name and its components): pass the folder "
+                             "that `pipe.save_pretrained()` or `huggingface-cli download` produced")
 
 
 def _from_hub(model: str, dtype):
@@ -261,8 +300,16 @@ def _from_hub(model: str, dtype):
     except (OSError, ValueError) as err:
         cache_error = err
     if _offline():
+        cached = model_folder(model)
+        if cached is not None:  # a snapshot is there: say what is wrong with it, not that it is missing
+            what = ("holds no model_index.json (not a Diffusers pipeline: pass a pipeline's hub id or folder)"
+                    if not (cached / "model_index.json").is_file() else
+                    f"could not be loaded from it ({_first_line(cache_error)}); download it again where there is "
+                    "network")
+            raise ModelLoadError(f"{model!r} is in the local Hugging Face cache ({cached}) but {what}") from cache_error
         raise ModelLoadError(
-            f"{model!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE=1 forbids downloading; "
+            f"{model!r} is neither a folder here nor in the local Hugging Face cache, and HF_HUB_OFFLINE=1 forbids "
+            "downloading; "
             + _hint(model)
         ) from cache_error
     # 2. One short probe before a download, so no connection means one line, not minutes of retries.

@@ -77,8 +77,31 @@ def register_preset(preset: Preset) -> Preset:
         raise ValueError(f"Preset.min_diffusers={preset.min_diffusers!r} is invalid: the lowest Diffusers release "
                          "that has the class, a version string such as '0.35.0'")
     _check_attention(preset)
+    _check_hub_words(preset)
     PRESETS[preset.class_name] = preset
     return preset
+
+
+def _check_hub_words(preset: Preset) -> None:
+    """A preset's ``hub_words``: ``(regex, family or None)`` pairs (ValueError naming the class). Checked here, since
+    :func:`resolve_model_family` searches every registered preset's words for an id the earlier ones do not name."""
+    words, problem = preset.hub_words, None
+    if isinstance(words, str) or not isinstance(words, (tuple, list)):
+        problem = f"a {type(words).__name__}, not a tuple of pairs"
+    else:
+        for pair in words:
+            if not (isinstance(pair, (tuple, list)) and len(pair) == 2 and isinstance(pair[0], str)
+                    and (pair[1] is None or isinstance(pair[1], str))):
+                problem = f"{pair!r} is not a (regex, family or None) pair"
+                break
+            try:
+                re.compile(pair[0])
+            except re.error as err:
+                problem = f"{pair[0]!r}: {err}"
+                break
+    if problem is not None:
+        raise ValueError(f"Preset {preset.class_name!r}: hub_words={words!r} is invalid ({problem}): expected a tuple "
+                         "of (regular expression, family name or None) pairs, e.g. ((r'my-?model', None),)")
 
 
 def _check_attention(preset: Preset) -> None:
@@ -155,6 +178,8 @@ def _check_not_refused(name: str, preset: Preset) -> None:
 def _class_name(transformer_or_class) -> str:
     if isinstance(transformer_or_class, str):
         return transformer_or_class
+    if not isinstance(transformer_or_class, type):  # torch.compile's OptimizedModule reads as the module it wraps
+        transformer_or_class = getattr(transformer_or_class, "_orig_mod", transformer_or_class)
     cls = transformer_or_class if isinstance(transformer_or_class, type) else type(transformer_or_class)
     return cls.__name__
 

@@ -41,6 +41,7 @@ PRESETS = (
         },
         notes="HunyuanVideo; joint attention [video, text] with padded-text key mask",
         published=_PUBLISHED,
-        hub_words=((r"hunyuan(?!-?image)", "HunyuanVideo"),),  # HunyuanImage ids name their own family
+        # HunyuanImage ids name their own family, also under the "hunyuanvideo-community" organisation
+        hub_words=((r"^(?!.*hunyuan-?image).*hunyuan", "HunyuanVideo"),),
     ),
 )

@@ -1,7 +1,8 @@
-"""HunyuanImage 2.1 (``HunyuanImageTransformer2DModel``): latent (B, C, H, W) (or (B, C, F, H, W)), patch
-``config.patch_size`` per axis; joint attention [image, text] (text last, padded-text key mask) in the double-
-and single-stream blocks. The text is ``encoder_hidden_states`` plus, when given, ``encoder_hidden_states_2``
-(the glyph encoder's tokens); the token refiner (text only) is left alone."""
+"""HunyuanImage 2.1 (``HunyuanImageTransformer2DModel``): latent (B, C, H, W) (or the refiner's (B, C, 1, H, W)
+under a 3-D patch: one frame, read as the image's (H, W) grid), patch ``config.patch_size`` per axis; joint
+attention [image, text] (text last, padded-text key mask) in the double- and single-stream blocks. The text is
+``encoder_hidden_states`` plus, when given, ``encoder_hidden_states_2`` (the glyph encoder's tokens); the token
+refiner (text only) is left alone."""
 
 from __future__ import annotations
 
@@ -18,6 +19,11 @@ def _grid(model, args) -> GridInfo:
         raise ValueError(f"dit_accel: HunyuanImage latent {tuple(x.shape)} does not match patch_size {patch}")
     names = ("frames", "height", "width")[-len(sizes):]
     grid = tuple(split_patch(n, p, what) for n, p, what in zip(sizes, patch, names))
+    if len(grid) == 3:  # the refiner's (1, 1, 1) patch over (B, C, 1, H, W): one frame, the (H, W) raster
+        if grid[0] != 1:
+            raise ValueError(f"dit_accel: this HunyuanImage call's latent {tuple(x.shape)} holds {grid[0]} latent "
+                             "frames after the patch, not one image grid; use the dense model")
+        grid = grid[1:]
     second = args.get("encoder_hidden_states_2")
     extra = int(second.shape[1]) if getattr(model, "context_embedder_2", None) is not None and second is not None else 0
     return GridInfo(grid, text_len(args) + extra)

@@ -60,7 +60,9 @@ PRESETS = (
         defaults=dict(WAN_DEFAULTS),  # radial: see published (SLA too, for Wan 2.1)
         notes="Wan 2.1 / 2.2 T2V and I2V; self-attention blocks.*.attn1 (video only)",
         published=_PUBLISHED,
-        hub_words=((r"wan-?2[._]?2", "Wan 2.2"), (r"wan", "Wan 2.1")),  # "wan2.2" before "wan"
+        # "wan2.2" before "wan"; "wan" then a digit, a separator, "video" or "x" (FastWan2.1, WanVideo, Wanx), not
+        # another word ("wangfuyun/AnimateLCM", a U-Net)
+        hub_words=((r"wan-?2[._]?2", "Wan 2.2"), (r"wan(?=[\W_\d]|video|x|$)", "Wan 2.1")),
         read_family=_family,
         read_index_family=_index_family,
     ),
