@@ -3,7 +3,6 @@ NonFiniteOutputError; CLI: one line, exit status 1); optimizer flags out of rang
 loads, naming the flag."""
 
 import re
-from pathlib import Path
 
 import pytest
 import torch
@@ -13,6 +12,7 @@ from dit_accel.errors import NonFiniteOutputError
 from dit_accel.models.tiny import build_tiny_pipeline
 from dit_accel.training import FinetuneConfig, finetune, validate_config
 from dit_accel.training import loop
+from tests.training import probe, snapshot
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: one torch thread (tests/conftest.py)
 
@@ -30,35 +30,21 @@ def _config(output, prompts, **kw):
     return FinetuneConfig(**base)
 
 
-def _snapshot(folder: Path) -> dict:
-    """Every path under ``folder`` with the bytes of its files (None for folders)."""
-    return {str(p.relative_to(folder)): (p.read_bytes() if p.is_file() else None) for p in sorted(folder.rglob("*"))}
-
-
-def _probe(transformer):
-    g = torch.Generator().manual_seed(5)
-    x = torch.randn(1, 4, 3, 8, 16, generator=g)
-    emb = torch.randn(1, 16, transformer.config.text_dim, generator=g)
-    with torch.no_grad():
-        return transformer(hidden_states=x, timestep=torch.tensor([500.0]), encoder_hidden_states=emb,
-                           return_dict=False)[0]
-
-
 def test_diverged_run_writes_nothing_and_leaves_folder_and_model_as_they_were(prompts_file, tmp_path):
     out = tmp_path / "ft"
     finetune(_config(out, prompts_file, steps=1))  # a good run: its weights must survive the bad --overwrite below
-    before = _snapshot(out)
+    before = snapshot(out)
     assert "dit_accel_method.json" in before and "checkpoints/step-000001/trainable.safetensors" in before
     pipe = build_tiny_pipeline("tiny-wan")
-    reference = _probe(pipe.transformer)
+    reference = probe(pipe.transformer)
     with pytest.raises(NonFiniteOutputError, match=r"^the run diverged \(held-out loss nan, training loss [0-9.e-]+ "
                                                    r"-> [0-9.e+-]+\): nothing was written to .*ft; lower --lr "
                                                    r"\(now 1e6\)$"):
         finetune(_config(out, prompts_file, model=pipe, lr=DIVERGES, overwrite=True))
-    assert _snapshot(out) == before  # the earlier run's weights, log, run record and checkpoint, byte for byte
+    assert snapshot(out) == before  # the earlier run's weights, log, run record and checkpoint, byte for byte
     # the caller's pipeline: no dit_accel processors, no LoRA, the same output as before the run
     assert not getattr(pipe.transformer, "peft_config", None)
-    assert torch.equal(_probe(pipe.transformer), reference)
+    assert torch.equal(probe(pipe.transformer), reference)
 
     new = tmp_path / "new"
     with pytest.raises(NonFiniteOutputError, match="nothing was written"):
@@ -72,7 +58,7 @@ def test_diverged_resume_keeps_the_checkpoints_it_resumed_from(prompts_file, tmp
     out = tmp_path / "ft"
     kw = dict(steps=2, checkpoint_every=1, checkpoints_total_limit=1, eval_batches=0)
     finetune(_config(out, prompts_file, **kw))
-    before = _snapshot(out)
+    before = snapshot(out)
     assert [k for k in before if k.startswith("checkpoints/step-") and "/" not in k[12:]] == ["checkpoints/step-000002"]
     saved = []
     real_step, real_save = loop._Trainer.step, loop._save_checkpoint
@@ -93,7 +79,7 @@ def test_diverged_resume_keeps_the_checkpoints_it_resumed_from(prompts_file, tmp
     with pytest.raises(NonFiniteOutputError, match=r"diverged \(NaN or inf weights after step 4, training loss"):
         finetune(_config(out, prompts_file, **dict(kw, steps=4, resume=True)))
     assert saved == [3]  # step 3 was checkpointed (and removed step 2's), step 4 was not
-    assert _snapshot(out) == before
+    assert snapshot(out) == before
 
 
 def test_cli_diverged_run_exits_1_with_one_line(prompts_file, tmp_path, capsys):

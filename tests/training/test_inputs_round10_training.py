@@ -16,6 +16,7 @@ from dit_accel.models import tiny as T
 from dit_accel.models.tiny import build_tiny_pipeline
 from dit_accel.training import FinetuneConfig, finetune
 from dit_accel.training import loop
+from tests.training import probe, snapshot
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: one torch thread (tests/conftest.py)
 
@@ -30,26 +31,12 @@ def _config(output, prompts, **kw):
     return FinetuneConfig(**{**base, **kw})
 
 
-def _snapshot(folder: Path) -> dict:
-    """Every path under ``folder`` with the bytes of its files (None for folders)."""
-    return {str(p.relative_to(folder)): (p.read_bytes() if p.is_file() else None) for p in sorted(folder.rglob("*"))}
-
-
-def _probe(transformer):
-    g = torch.Generator().manual_seed(5)
-    x = torch.randn(1, 4, 3, 8, 16, generator=g)
-    emb = torch.randn(1, 16, transformer.config.text_dim, generator=g)
-    with torch.no_grad():
-        return transformer(hidden_states=x, timestep=torch.tensor([500.0]), encoder_hidden_states=emb,
-                           return_dict=False)[0]
-
-
 def _model_state(transformer):
     """What a run may change on a pipeline passed in: processors, adapters, trainable flags, mode, output."""
     return {"processors": {k: type(v).__name__ for k, v in transformer.attn_processors.items()},
             "adapters": list(getattr(transformer, "peft_config", None) or {}),
             "grad": {n: p.requires_grad for n, p in transformer.named_parameters()},
-            "training": transformer.training, "output": _probe(transformer)}
+            "training": transformer.training, "output": probe(transformer)}
 
 
 def _same(a, b):
@@ -91,7 +78,7 @@ def test_a_pipeline_that_holds_lora_is_refused_naming_its_adapters(name, prompts
     pipe.fuse_lora(components=["transformer"])  # the advice: the LoRA goes into the weights, no adapter stays
     pipe.unload_lora_weights()
     assert not getattr(pipe.transformer, "peft_config", None)
-    assert torch.allclose(_probe(pipe.transformer), before["output"], atol=1e-5)
+    assert torch.allclose(probe(pipe.transformer), before["output"], atol=1e-5)
 
 
 def _data_folder(root: Path, broken: str = "") -> Path:
@@ -121,12 +108,12 @@ def test_a_run_that_fails_mid_training_puts_back_what_overwrite_replaced(tmp_pat
     only the new run record."""
     out = tmp_path / "ft"
     finetune(_data_config(out, _data_folder(tmp_path / "good")))
-    before = _snapshot(out)
+    before = snapshot(out)
     assert LORA_FILE in before and "checkpoints/step-000001/trainable.safetensors" in before
     bad = _data_folder(tmp_path / "bad", broken="img3.png")  # 4 pictures, 4 steps: every one is drawn
     with pytest.raises(BadFileError, match=r"img3\.png: cannot be decoded"):
         finetune(_data_config(out, bad, steps=4, overwrite=True))
-    assert _snapshot(out) == before
+    assert snapshot(out) == before
     with pytest.raises(BadFileError, match=r"img3\.png: cannot be decoded"):
         finetune(_data_config(tmp_path / "new", bad, steps=4))
     assert not (tmp_path / "new").exists()
@@ -278,12 +265,12 @@ def test_convert_overwrite_replaces_a_weights_folder_only(tmp_path):
     mine.mkdir()
     save_file({"transformer.blocks.0.attn1.to_q.lora_A.weight": _A}, str(mine / LORA_FILE))
     (mine / "README.md").write_text("my LoRA")
-    before = _snapshot(mine)
+    before = snapshot(mine)
     with pytest.raises(ValueError, match=r"holds 2 file\(s\) that are no weights folder \(README\.md, "
                                          r"pytorch_lora_weights\.safetensors; no dit_accel_method\.json\): overwrite "
                                          r"replaces a weights folder only, and nothing there is deleted"):
         convert_checkpoint(path, mine, overwrite=True)
-    assert _snapshot(mine) == before
+    assert snapshot(mine) == before
     out = convert_checkpoint(path, tmp_path / "w")  # a weights folder is replaced, as before
     assert convert_checkpoint(path, out, overwrite=True) == out
 
@@ -333,7 +320,7 @@ def test_a_weights_folder_that_cannot_be_written_leaves_no_empty_folder(tmp_path
     (kept / "notes.txt").write_text("mine")
     with pytest.raises(RuntimeError, match="share memory"):
         write_weights_folder(kept, write, info)
-    assert _snapshot(kept) == {"notes.txt": b"mine"}
+    assert snapshot(kept) == {"notes.txt": b"mine"}
 
 
 def test_a_16_bit_greyscale_picture_keeps_its_brightness(tmp_path):
