@@ -85,3 +85,14 @@ def test_video_to_video_at_half_strength_numbers_steps_in_the_full_schedule(opti
              generator=torch.Generator().manual_seed(0))
         summary = handle.summary()
     assert (summary["sparse_calls"], summary["dense_calls"]) == calls
+
+
+@pytest.mark.parametrize("topk", ["nan", "0", "1.5", "inf"])
+def test_convert_names_its_topk_flag(topk, tmp_path, capsys):
+    """Before: "SLA.topk=nan is invalid" (the config's name; the user typed --topk)."""
+    from dit_accel.cli.main import main
+
+    assert main(["convert", str(tmp_path / "x.pth"), "--out", str(tmp_path / "w"), "--topk", topk]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("dit-accel convert: --topk must be a number in (0, 1]") and "\n" not in err
+    assert not (tmp_path / "w").exists()

@@ -10,9 +10,9 @@ Examples::
 
 from __future__ import annotations
 
-import sys
-
 import argparse
+import math
+import sys
 
 from .options import HelpFormatter, plain
 
@@ -52,6 +52,10 @@ def run(args) -> int:
     if not args.out.strip():  # "" would name the current folder (and --overwrite would write into it)
         print("dit-accel convert: --out is empty: give the weights folder to write, e.g. --out turbo-sla",
               file=sys.stderr)
+        return 2
+    if not (math.isfinite(args.topk) and 0 < args.topk <= 1):  # (the config's error named SLA.topk, not the flag)
+        print(f"dit-accel convert: --topk must be a number in (0, 1], the top-k fraction the weights were trained "
+              f"with (TurboDiffusion's default 0.1); got {args.topk}", file=sys.stderr)
         return 2
     try:
         method = SLA.reference(topk=args.topk, block_q=args.block_q, block_k=args.block_k,
