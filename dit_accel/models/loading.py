@@ -295,12 +295,14 @@ def _check_index(folder: Path) -> None:
 
 def _from_hub(model: str, dtype):
     # 1. The cache, without touching the network (fast, and works offline).
+    cached = model_folder(model)
+    if cached is not None and (cached / "model_index.json").is_file():
+        _check_index(cached)  # (an index naming no pipeline class: Diffusers' bare KeyError)
     try:
         return _from_pretrained(model, dtype, local_files_only=True)
     except (OSError, ValueError) as err:
         cache_error = err
     if _offline():
-        cached = model_folder(model)
         if cached is not None:  # a snapshot is there: say what is wrong with it, not that it is missing
             what = ("holds no model_index.json (not a Diffusers pipeline: pass a pipeline's hub id or folder)"
                     if not (cached / "model_index.json").is_file() else

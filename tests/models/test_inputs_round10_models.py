@@ -227,3 +227,15 @@ def test_a_model_index_that_names_no_pipeline_class_is_one_line(tmp_path, text, 
     (folder / "model_index.json").write_text(text)
     with pytest.raises(ModelLoadError, match=f"model_index.json {found}, not a Diffusers pipeline index"):
         load_pipeline(str(folder))
+
+
+def test_a_cached_hub_snapshot_whose_index_names_no_pipeline_class_is_one_line(tmp_path, monkeypatch):
+    """Before: Diffusers' bare ``KeyError: '_class_name'`` (local folders were already checked)."""
+    import huggingface_hub.constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    snapshot = _cached(tmp_path, "org/no-class", {"model_index.json": json.dumps({"_diffusers_version": "0.42.1"})})
+    with pytest.raises(ModelLoadError, match="holds no _class_name, not a Diffusers pipeline index") as err:
+        load_pipeline("org/no-class")
+    assert str(snapshot / "model_index.json") in str(err.value)
