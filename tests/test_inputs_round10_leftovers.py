@@ -96,3 +96,28 @@ def test_convert_names_its_topk_flag(topk, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("dit-accel convert: --topk must be a number in (0, 1]") and "\n" not in err
     assert not (tmp_path / "w").exists()
+
+
+def test_run_eval_from_python_gives_a_tiny_model_its_smoke_run_sizes(tmp_path, monkeypatch):
+    """Before: ``run_eval(EvalSettings(model="tiny-wan", ...))`` without sizes ran Wan's own 81x480x832 at 50 steps
+    (hours on a CPU, looking hung); only the CLI filled in the tiny sizes. A size the caller gives is kept."""
+    from dit_accel.eval import runner
+    from dit_accel.models.tiny import TINY_DEFAULTS
+
+    seen = {}
+
+    def stop(settings, *args, **kwargs):
+        seen["settings"] = settings
+        raise RuntimeError("stop before loading")
+
+    monkeypatch.setattr(runner, "_check_reach", lambda pipe, settings: stop(settings))
+    settings = runner.EvalSettings(model="tiny-wan", prompts=["a cat"], height=64)
+    with pytest.raises(RuntimeError, match="stop before loading"):
+        runner.run_eval(settings, [], tmp_path / "eval", pipe=object())
+    filled = seen["settings"]
+    want = TINY_DEFAULTS["tiny-wan"]
+    assert (filled.frames, filled.height, filled.width, filled.steps, filled.max_sequence_length) == (
+        want["num_frames"], 64, want["width"], want["num_inference_steps"], want["max_sequence_length"])
+    assert filled.guidance_scale is None and settings.frames is None  # (not in its defaults; the caller's unchanged)
+    other = runner.EvalSettings(model="org/some-model", prompts=["a cat"])
+    assert other.with_tiny_defaults() is other

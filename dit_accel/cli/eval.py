@@ -315,7 +315,7 @@ def _run(args) -> int:
 
 def _evaluate(args) -> int:
     from ..eval.runner import EvalSettings, run_eval
-    from ..models.tiny import TINY_DEFAULTS, is_embedded_model
+    from ..models.tiny import is_embedded_model
 
     if args.compare:
         return _compare(args)
@@ -345,17 +345,11 @@ def _evaluate(args) -> int:
         from .generate import _one_thread_for_tiny
 
         _one_thread_for_tiny(device, args.model)
-    suggested = TINY_DEFAULTS.get(args.model, {}) if tiny else {}
-
-    def pick(value, key):
-        return value if value is not None else suggested.get(key)
-
     specs = _method_specs(args, tiny)
-    settings = EvalSettings(model=args.model, prompts=prompts, seeds=args.seeds, frames=pick(args.frames, "num_frames"),
-                            height=pick(args.height, "height"), width=pick(args.width, "width"),
-                            steps=pick(args.steps, "num_inference_steps"), guidance_scale=pick(args.guidance_scale, "guidance_scale"),
-                            max_sequence_length=pick(args.max_sequence_length, "max_sequence_length"),
-                            device=device, dtype=dtype, repeats=args.repeats, warmup=args.warmup)
+    settings = EvalSettings(model=args.model, prompts=prompts, seeds=args.seeds, frames=args.frames,
+                            height=args.height, width=args.width, steps=args.steps, guidance_scale=args.guidance_scale,
+                            max_sequence_length=args.max_sequence_length, device=device, dtype=dtype,
+                            repeats=args.repeats, warmup=args.warmup).with_tiny_defaults()
     from ..models.loading import ModelLoadError
 
     try:

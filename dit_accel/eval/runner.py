@@ -67,6 +67,19 @@ class EvalSettings:
     def call_kwargs(self, pipe) -> dict:
         return generation_kwargs(self, pipe)
 
+    def with_tiny_defaults(self) -> "EvalSettings":
+        """These settings, a model shipped with dit_accel taking its grid-sized smoke-run sizes where they are unset
+        (as ``dit-accel generate`` does): the pipeline's own (Wan's 81x480x832, 50 steps) run for hours on a CPU."""
+        from ..models.tiny import TINY_DEFAULTS, is_embedded_model
+
+        if not isinstance(self.model, str) or not is_embedded_model(self.model):
+            return self
+        suggested = TINY_DEFAULTS.get(self.model, {})
+        keys = {"frames": "num_frames", "height": "height", "width": "width", "steps": "num_inference_steps",
+                "guidance_scale": "guidance_scale", "max_sequence_length": "max_sequence_length"}
+        return dataclasses.replace(self, **{f: suggested.get(k) for f, k in keys.items()
+                                            if getattr(self, f) is None and suggested.get(k) is not None})
+
     def check(self) -> None:
         """ValueError naming the first bad setting (:func:`~.inputs.check_generation_settings`, ``repeats`` >= 1,
         ``warmup`` >= 0); :func:`run_eval` calls it before anything loads or is written."""
@@ -659,6 +672,7 @@ def run_eval(settings: EvalSettings, specs: Sequence[MethodSpec], out_dir, *, ca
         raise ValueError("no prompts: EvalSettings.prompts is empty; pass --prompts FILE (one prompt per line) or "
                          "--prompt TEXT")
     settings.check()
+    settings = settings.with_tiny_defaults()  # (from Python: the pipeline's own sizes ran for hours on a CPU)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     from ..atomic_files import commit_journal, recover
