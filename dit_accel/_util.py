@@ -16,7 +16,7 @@ from typing import Callable, Dict, Iterable, Iterator, List, Optional
 
 __all__ = ["portable_path", "cdiv", "versions", "to_jsonable", "cuda_event", "Timer", "time_median", "load_average", "has_cuda_driver", "DitAccelWarning",
            "WarningLog",
-           "use_interpreter_without_cuda", "is_int", "is_number", "format_time", "format_ratio", "positive_int",
+           "use_interpreter_without_cuda", "is_int", "is_number", "is_bool", "format_time", "format_ratio", "positive_int",
            "int_at_least", "env_set", "existing_ancestor", "file_in_the_way", "seed_error"]
 
 
@@ -60,14 +60,14 @@ def is_int(value) -> bool:
     """A Python or numpy integer, not a bool."""
     import numbers
 
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and not _is_numpy_bool(value)
+    return isinstance(value, numbers.Integral) and not is_bool(value)
 
 
 def is_number(value) -> bool:
     """A finite-or-not real number (Python or numpy scalar), not a bool."""
     import numbers
 
-    return isinstance(value, numbers.Real) and not isinstance(value, bool) and not _is_numpy_bool(value)
+    return isinstance(value, numbers.Real) and not is_bool(value)
 
 
 def check_registration(name, summary, finetunable, aliases) -> None:
@@ -81,7 +81,7 @@ def check_registration(name, summary, finetunable, aliases) -> None:
     if not isinstance(summary, str) or not summary.strip():
         raise TypeError(f"summary={summary!r} is invalid: expected a non-empty one-line str (dit-accel info and "
                         "--help print it)")
-    if not isinstance(finetunable, bool) and not _is_numpy_bool(finetunable):
+    if not is_bool(finetunable):
         raise TypeError(f"finetunable={finetunable!r} is invalid: expected True or False (whether dit-accel "
                         "finetune can train the method)")
 
@@ -89,6 +89,11 @@ def check_registration(name, summary, finetunable, aliases) -> None:
 def _is_numpy_bool(value) -> bool:
     # numpy 1 names the type bool_, numpy 2 bool
     return type(value).__name__ in ("bool_", "bool") and type(value).__module__ == "numpy"
+
+
+def is_bool(value) -> bool:
+    """A Python or numpy bool."""
+    return isinstance(value, bool) or _is_numpy_bool(value)
 
 
 def _significant(value: float, digits: int = 3) -> str:
@@ -276,19 +281,29 @@ class DitAccelWarning(UserWarning):
 
 
 class WarningLog:
-    """Warn once per message, and keep every message (for ``handle.warnings`` and the JSON sidecars)."""
+    """Warn once per message, and keep every message (for ``handle.warnings`` and the JSON sidecars). ``emit``:
+    where a message goes instead of Python's warnings (ComfyUI's log)."""
 
-    def __init__(self) -> None:
+    def __init__(self, emit: Optional[Callable[[str], None]] = None) -> None:
         self.messages: List[str] = []
         self._keys = set()
+        self._emit = emit
+
+    def first(self, key) -> bool:
+        """Whether ``key`` is new (and from now on seen)."""
+        if key in self._keys:
+            return False
+        self._keys.add(key)
+        return True
 
     def warn(self, message: str, stacklevel: int = 3, key=None) -> None:
         """Warn unless this message (or ``key``, for messages that differ in detail) was warned before."""
-        key = message if key is None else key
-        if key in self._keys:
+        if not self.first(message if key is None else key):
             return
-        self._keys.add(key)
         self.messages.append(message)
+        if self._emit is not None:
+            self._emit(message)
+            return
         import warnings
 
         warnings.warn(message, DitAccelWarning, stacklevel=stacklevel)

@@ -32,6 +32,7 @@ from typing import Deque, Dict, List, Optional, Tuple
 
 import torch
 
+from .._util import WarningLog
 from ..pipelines.processor import PlanCache
 from ..pipelines.schedule import Schedule
 from ..pipelines.transformer_hook import warn_unreached_strategy
@@ -165,24 +166,6 @@ class Report:
         return True
 
 
-class _LogOnce:
-    """Warnings into ComfyUI's log, each (or each ``key``) once: a sampler calls the model every step."""
-
-    def __init__(self) -> None:
-        self._keys = set()
-
-    def first(self, key) -> bool:
-        """Whether ``key`` is new (and from now on seen)."""
-        if key in self._keys:
-            return False
-        self._keys.add(key)
-        return True
-
-    def warn(self, message: str, key=None) -> None:
-        if self.first(message if key is None else key):
-            LOG.warning(message)
-
-
 class Patch:
     """The state of one ``patch_model``: family, layers, schedule, plans, report. Shared by the wrapper and the
     override (and by clones of the patched model: ComfyUI's clone deep-copies the override, which keeps this)."""
@@ -200,7 +183,7 @@ class Patch:
         self.plans = PlanCache()
         self.projections: Dict[int, torch.nn.Module] = {}  # layer -> SLA projection (fine-tuned weights)
         self.report = Report(self.model_name)
-        self.warnings = _LogOnce()  # said in ComfyUI's log, once each
+        self.warnings = WarningLog(emit=LOG.warning)  # said in ComfyUI's log, once each
         self._sigmas_seen = None  # the last schedule dense_above_sigma was checked against
         self._model = model
         self._call: contextvars.ContextVar = contextvars.ContextVar(f"dit_accel_comfyui_{id(self)}", default=None)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from .._util import _is_numpy_bool
+from .._util import is_bool
 
 __all__ = ["SUPPORTED_DTYPES", "check_tensor", "check_qkv", "check_scale", "check_flag", "unit_stride", "meta_outputs"]
 
@@ -60,7 +60,7 @@ def check_flag(name: str, value) -> bool:
     """``value`` of the switch argument ``name`` as a bool: True or False (numpy's bool too); TypeError naming it
     otherwise (a string such as ``"no"`` is truthy and would turn the switch on). The one check of a switch
     argument: the attention entry points, ``apply`` and the ComfyUI patch call it."""
-    if not isinstance(value, bool) and not _is_numpy_bool(value):
+    if not is_bool(value):
         raise TypeError(f"{name}={value!r} is invalid: expected True or False")
     return bool(value)
 

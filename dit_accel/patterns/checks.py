@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Optional, Tuple, Union
 
-from .._util import _is_numpy_bool, is_int, is_number
+from .._util import is_bool, is_int, is_number
 
 __all__ = ["as_grid", "int_or_tuple", "bool_or_tuple", "flag", "per_dim", "per_dim_bool", "positive_int",
            "number_in", "ints", "per_head", "check_search"]
@@ -59,23 +59,19 @@ def per_head(value) -> Optional[tuple]:
     return None
 
 
-def _is_bool(value) -> bool:
-    return isinstance(value, bool) or _is_numpy_bool(value)
-
-
 def flag(owner: str, name: str, value) -> bool:
     """A switch field: True or False (numpy's too), as a Python bool; ValueError otherwise (a string such as
     ``"no"`` is truthy and would turn it on)."""
-    if not _is_bool(value):
+    if not is_bool(value):
         _fail(owner, name, value, "must be True or False")
     return bool(value)
 
 
 def bool_or_tuple(owner: str, name: str, value) -> Union[bool, Tuple[bool, ...]]:
     """Shape-free: a bool or a non-empty tuple of bools (Python bools either way)."""
-    if _is_bool(value):
+    if is_bool(value):
         return bool(value)
-    if isinstance(value, (tuple, list)) and value and all(_is_bool(v) for v in value) and len(value) <= 3:
+    if isinstance(value, (tuple, list)) and value and all(is_bool(v) for v in value) and len(value) <= 3:
         return tuple(bool(v) for v in value)
     _fail(owner, name, value, "expected a bool or a tuple of bools, one per grid dimension", TypeError)
 
