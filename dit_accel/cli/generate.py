@@ -41,7 +41,7 @@ from .generate_args import (_DTYPES, DEFAULT_MODEL, DEFAULT_PROMPT, _check_flags
                             _check_cache_under_cp, image_call_error, image_parameter, unused_flag_error)
 from .generate_report import (_cache_record, _check_side_by_side_path, _comparison, _output_notes,  # noqa: F401
                               _provenance, _quality, _record, _remove_earlier_side_by_side, _side_by_side,
-                              _side_by_side_path, _strip_height, _summary_lines)
+                              _side_by_side_path, _strip_height, _summary_lines, cp_ranks)
 from .parallel import add_cp_option
 from ..methods import METHOD_ALIASES
 from ..models.tiny_shapes import SHAPES_MODELS, TINY_SHAPES_PROMPT, shapes_model
@@ -719,8 +719,8 @@ def _denoise_and_write(args, pipe, call, method, schedule, source, quiet, is_vid
     if getattr(args, "_default_note", None):
         record["default_note"] = args._default_note
     record["output_notes"] = _output_notes(record)
-    ranks = 1 if args.cp is None else args.cp[0] * args.cp[1]  # (the summary sums every rank's calls)
-    record["cache"] = to_jsonable(_cache_record(getattr(args, "_cache_spec", None), calls, summary, ranks))
+    record["cache"] = to_jsonable(_cache_record(getattr(args, "_cache_spec", None), calls, summary,
+                                                cp_ranks(record)))
     record["compare_dense"] = to_jsonable(_comparison(times, dense, frames, side_by_side))
     record["quality"] = to_jsonable(_quality(args.model, call["prompt"], frames, dense))
     record["provenance"] = to_jsonable(_provenance(args, call, record, summary, stats))

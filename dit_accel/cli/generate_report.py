@@ -245,6 +245,13 @@ def _image_argument(args, call) -> dict:
     return {key: paths if isinstance(call[key], list) else paths[0]}
 
 
+def cp_ranks(record: dict) -> int:
+    """The context-parallel ranks of a run's record (1 without ``--cp``): ``handle.summary(all_ranks=True)`` sums
+    every rank's share of each call."""
+    cp = (record.get("settings") or {}).get("cp") or {}
+    return (cp.get("ulysses") or 1) * (cp.get("ring") or 1)
+
+
 def _cache_record(spec, calls, summary, ranks: int = 1):
     """What a step cache skipped: the self-attention calls the method's layers would have made in ``calls``
     transformer calls, and those that ran (a block or attention module the cache skips calls no processor, so it
@@ -373,10 +380,8 @@ def _with_dense_calls(record: dict) -> str:
     density = record["density"]["mean"]
     if not dense or not sparse or density is None:
         return ""
-    cp = (record.get("settings") or {}).get("cp") or {}
-    ranks = (cp.get("ulysses") or 1) * (cp.get("ring") or 1)  # the summary sums every rank's share of a call
-    return (f"; {(sparse * density + dense) / (sparse + dense):.3f} with its {dense // ranks} dense calls counted "
-            "as 1")
+    return (f"; {(sparse * density + dense) / (sparse + dense):.3f} with its {dense // cp_ranks(record)} dense calls "
+            "counted as 1")
 
 
 def _plan_quality_lines(quality) -> list:

@@ -215,11 +215,10 @@ class SparsePlan:
             if a.stop is None or a.stop > b.start:
                 raise ValueError(f"SparsePlan phases overlap: steps {a.start}..{a.stop} and {b.start}..{b.stop}")
         for phase in phases:
-            for layer in phase.layers:
-                if self.num_layers is not None and layer >= self.num_layers:
+            for layer, method in (*phase.layers.items(), ("default", phase.default)):
+                if layer != "default" and self.num_layers is not None and layer >= self.num_layers:
                     raise ValueError(f"phase {phase.start}..{phase.stop} names layer {layer} but the plan is for "
                                      f"{self.num_layers} layers")
-            for layer, method in (*phase.layers.items(), ("default", phase.default)):
                 heads = getattr(method, "heads", None)  # PerHead's, or a Tile's/GNA's per-head windows
                 if heads is not None and self.num_heads is not None and heads != self.num_heads:
                     raise ValueError(f"{'the default' if layer == 'default' else f'layer {layer}'} of phase "
