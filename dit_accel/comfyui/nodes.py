@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
+import math
 import os
 import re
 from typing import Dict, Tuple
@@ -59,6 +61,30 @@ def _path_text(value) -> str:
     return os.path.expanduser(text) if text.startswith("~") else text
 
 
+_HASHED = 1 << 20  # files up to this size are compared by content (plans, strategies, a folder's method file)
+
+
+def _file_state(value) -> str:
+    """A path widget's ``IS_CHANGED``: ComfyUI keeps a node's output while its inputs are the same, so a plan (or
+    strategy, or fine-tuned folder) written again at the same path ran the old one. This is what the path holds: a
+    small file's content hash, a larger one's size and modification time (a folder: each of its files'), else the
+    text itself (the node's own error says what is wrong)."""
+    path = _path_text(value) if isinstance(value, str) else ""
+    try:
+        files = sorted(p.path for p in os.scandir(path) if p.is_file()) if os.path.isdir(path) else [path]
+        parts = []
+        for file in files:
+            stat = os.stat(file)
+            if stat.st_size > _HASHED:
+                parts.append(f"{file}:{stat.st_size}:{stat.st_mtime_ns}")
+            else:
+                with open(file, "rb") as f:
+                    parts.append(f"{file}:{hashlib.sha256(f.read()).hexdigest()}")
+    except OSError:
+        return str(value)
+    return "\n".join(parts)
+
+
 # What a valid text of each widget kind looks like, when the field's default cannot show it (None).
 _EXAMPLES = {"ints": "4,4,4", "int_list": "0,4", "int": "8", "float": "0.5"}
 
@@ -73,6 +99,15 @@ def _example(field: dataclasses.Field, opt: CliOption) -> str:
     return f"e.g. {example}"
 
 
+def _float_step(default: float) -> float:
+    """A FLOAT widget's step: 0.001, or the default's own decimal where it is smaller. ComfyUI's frontend shows
+    and rounds a FLOAT to the decimals of its step, so at 0.001 SLA's linear_eps (1e-6; its reference, 1e-5)
+    showed 0.000 and a typed 1e-5 became 0."""
+    if 0 < default < 0.001:
+        return 10.0 ** math.floor(math.log10(default))
+    return 0.001
+
+
 def _widget(field: dataclasses.Field, opt: CliOption):
     """The ComfyUI input spec of one config field."""
     tip = {"tooltip": opt.help}
@@ -84,7 +119,8 @@ def _widget(field: dataclasses.Field, opt: CliOption):
     if opt.parse == "int" and default is not None:
         return ("INT", {"default": int(default), "min": 0, "max": 1 << 20, **tip})
     if opt.parse == "float" and default is not None:
-        return ("FLOAT", {"default": float(default), "min": 0.0, "max": 1e6, "step": 0.001, **tip})
+        return ("FLOAT", {"default": float(default), "min": 0.0, "max": 1e6, "step": _float_step(float(default)),
+                          **tip})
     return ("STRING", {"default": _text(default), **tip})
 
 
@@ -223,8 +259,15 @@ def node_for(name: str, cls: type, summary: str) -> type:
             method = _method(name, config, opts)
         return (patch_model(model, method, **options),)
 
+    paths = [f for f in fields if opts[f].metavar in ("FILE", "DIR")]
+
+    def IS_CHANGED(_cls, **widgets):  # noqa: N802 (ComfyUI's name)
+        """The state of the files its path widgets name (:func:`_file_state`): a strategy written again is read."""
+        return "\n".join(_file_state(widgets.get(f, "")) for f in paths)
+
+    extra = {"IS_CHANGED": classmethod(IS_CHANGED)} if paths else {}
     return type(f"DitAccel{cls.__name__}", (), {
-        "INPUT_TYPES": classmethod(INPUT_TYPES), "RETURN_TYPES": ("MODEL",), "FUNCTION": "patch",
+        **extra, "INPUT_TYPES": classmethod(INPUT_TYPES), "RETURN_TYPES": ("MODEL",), "FUNCTION": "patch",
         "CATEGORY": CATEGORY, "DESCRIPTION": f"dit_accel {cls.__name__}: {summary}. Video self-attention of "
         "the covered models (Wan, HunyuanVideo, LTX-Video, Cosmos, Mochi, FLUX and others: docs/comfyui.md); "
         "everything else runs ComfyUI's own attention.", "patch": patch,
@@ -249,6 +292,11 @@ class PlanNode:
                                                                           "calibrated for (with a warning)"}),
             "backend": _COMMON["backend"],
         }}
+
+    @classmethod
+    def IS_CHANGED(cls, plan_path: str = "", **_):  # noqa: N802 (ComfyUI's name)
+        """The plan file's state: a plan calibrated again at the same path is read again (:func:`_file_state`)."""
+        return _file_state(plan_path)
 
     def patch(self, model, plan_path: str, allow_other_grid: bool = False, backend: str = "auto"):
         from ..plans.sparse_plan import SparsePlan
@@ -290,9 +338,15 @@ class FinetunedNode:
                                        "transformer_2 weights)"}),
         }}
 
+    @classmethod
+    def IS_CHANGED(cls, weights_path: str = "", **_):  # noqa: N802 (ComfyUI's name)
+        """The folder's state: weights trained again into the same folder are loaded again (:func:`_file_state`)."""
+        return _file_state(weights_path)
+
     def patch(self, model, weights_path: str, lora_strength: float = 1.0, allow_other_grid: bool = False,
               backend: str = "auto", expert: str = EXPERTS[0]):
-        from ..checkpoints.finetuned import load_method
+        from ..checkpoints.finetuned import load_method, read_weights_info
+        from ..plans.sparse_plan import SparsePlan
         from .patch import patch_model
 
         folder = _path_text(weights_path)
@@ -300,8 +354,19 @@ class FinetunedNode:
             raise ValueError("dit_accel: widget weights_path is empty: give a dit-accel finetune output folder")
         if expert not in EXPERTS:
             raise ValueError(f"dit_accel: widget expert={expert!r} is invalid: choose one of {', '.join(EXPERTS)}")
-        return (patch_model(model, load_method(folder), backend=backend, allow_other_grid=bool(allow_other_grid),
-                            weights=folder, lora_strength=lora_strength, expert=expert),)
+        method = load_method(folder)
+        # the layers it was trained with dense run dense, as `dit-accel generate --weights` runs them (a plan's
+        # phases hold its own)
+        dense_layers = None if isinstance(method, SparsePlan) else read_weights_info(folder).get("dense_layers")
+        try:
+            return (patch_model(model, method, backend=backend, allow_other_grid=bool(allow_other_grid),
+                                dense_layers=dense_layers, weights=folder, lora_strength=lora_strength,
+                                expert=expert),)
+        except (ValueError, TypeError) as err:  # (the node has no dense_layers widget: the folder's are named)
+            if dense_layers is None or not str(err).startswith("dense_layers"):
+                raise
+            raise ValueError(f"dit_accel: {folder} was trained with dense_layers={dense_layers!r}, which this MODEL "
+                             f"cannot run ({err}): the weights are for another model") from None
 
 
 def _mappings() -> Tuple[Dict[str, type], Dict[str, str]]:

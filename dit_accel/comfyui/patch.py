@@ -230,9 +230,10 @@ def _load_weights(clone, patch: Patch, folder, method: Method, strength, layers,
 
     info, experts = check_folder(folder, patch.family, patch.model_name, expert)
     saved = method_from_dict(info["method"])
-    if saved != method:
+    if not _same_method(saved, method):
         LOG.warning("dit_accel: %s was trained with %r; running %r with its weights", folder, saved, method)
     patch.projections = sla_projections(folder, info, clone.model.diffusion_model, layers, expert=expert)
+    _check_projections_cover(folder, info, patch, saved, layers, expert)
     patches = lora_patches(clone, folder, info, patch.family, expert)
     if patches:
         clone.add_patches(patches, float(strength))
@@ -241,6 +242,40 @@ def _load_weights(clone, patch: Patch, folder, method: Method, strength, layers,
     if expert == "transformer" and experts["transformer_2"]:
         LOG.info("dit_accel: %s also holds transformer_2 weights (Wan 2.2 A14B's low-noise expert): load them into "
                  "that expert's MODEL with expert=transformer_2", folder)
+
+
+def _same_method(saved: Method, method: Method) -> bool:
+    """Whether ``method`` is the folder's own: for a plan (compared by identity) the same content, as
+    ``dit_accel.apply`` compares them; a plan folder run as recorded warned it ran another."""
+    plans = getattr(saved, "sparse_plan", None), getattr(method, "sparse_plan", None)
+    if None not in plans:
+        return plans[0].content_hash() == plans[1].content_hash()
+    return saved == method
+
+
+def _check_projections_cover(folder, info: dict, patch: Patch, saved: Method, layers, expert: str) -> None:
+    """Every layer that runs SLA here, and ran it in training, has its projection (``dit_accel.apply`` refuses a
+    folder without them too): else that layer would run a zero projection, training-free SLA, without a word."""
+    from ..pipelines.apply_checks import _runs_sla
+    from .weights import layer_names
+
+    schedule = patch.schedule
+    missing = [i for i in range(len(layers)) if i not in patch.projections and i not in schedule.dense_layers
+               and _runs_sla(saved, i) and _runs_sla(schedule.layer_methods.get(i, schedule.method), i)]
+    if not missing:
+        return
+    from ..checkpoints.finetuned import SLA_FILE
+
+    names = layer_names(patch._model, layers)
+    shown = ", ".join(f"{i} ({names[i]})" for i in missing[:3]) + (f", ... ({len(missing)} in all)"
+                                                                  if len(missing) > 3 else "")
+    where = "" if expert == "transformer" else f"{expert} "
+    held = (info.get("files") or {}).get("sla_projections")
+    file = f"its {held} holds" if held else f"it has no {SLA_FILE}, so it holds"
+    raise ValueError(f"dit_accel: {folder} was trained with SLA, but {file} no {where}SLA projection for layers "
+                     f"{shown} of this {patch.model_name}, which run SLA: "
+                     "they would run untrained (a zero projection). The weights are for another model, or the file "
+                     "is incomplete: train or convert it again")
 
 
 def _options_text(schedule, dense_above_sigma) -> str:

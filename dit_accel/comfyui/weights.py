@@ -305,9 +305,11 @@ def sla_projections(folder, info: dict, model: nn.Module, layers, device=None, d
     path = Path(folder) / name
     state = load_safetensors(path, expected=f"the SLA projections `dit-accel finetune` writes ({SLA_FILE})")
     check_float_weights(path, state, redo=_REDO)
-    index = {n: i for i, n in enumerate(layer_names(model, layers))}
+    names = layer_names(model, layers)
+    index = {n: i for i, n in enumerate(names)}
     model_name = type(model).__name__
     out: Dict[int, nn.Linear] = {}
+    kinds: Dict[int, set] = {}
     for key, tensor in state.items():
         own = _of_expert(key, expert)
         if own is None:  # the other expert's (its own MODEL loads it)
@@ -328,6 +330,14 @@ def sla_projections(folder, info: dict, model: nn.Module, layers, device=None, d
             out[layer] = nn.Linear(d, d, device=device, dtype=torch.float32)
         with torch.no_grad():
             getattr(out[layer], kind).copy_(tensor.float())
+        kinds.setdefault(layer, set()).add(kind)
+    half = next((i for i, k in kinds.items() if len(k) < 2), None)
+    if half is not None:  # (nn.Linear's other half would be its random initialisation)
+        have = next(iter(kinds[half]))
+        lost = "bias" if have == "weight" else "weight"
+        raise ValueError(f"dit_accel: {path} has the {have} of layer {half}'s SLA projection "
+                         f"({names[half]}.{have}) but not its {lost}: each projection is a Linear(D, D) weight "
+                         f"and bias, as dit-accel finetune writes them; {_REDO}")
     for proj in out.values():
         proj.requires_grad_(False)
         if dtype is not None:
