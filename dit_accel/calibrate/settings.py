@@ -133,6 +133,13 @@ class CalibrationSettings:
             raise ValueError(f"--cost-terms {self.cost_terms!r} is invalid: choose one of {list(COST_TERMS)}")
         if self.costs not in COST_SOURCES:
             raise ValueError(f"--costs {self.costs!r} is invalid: choose one of {list(COST_SOURCES)}")
+        defaults = CalibrationSettings.__dataclass_fields__
+        given = [f"--{name.replace('_', '-')} {getattr(self, name)}" for name in ("arch", "kernel", "cost_terms")
+                 if self.costs == "measured" and getattr(self, name) != defaults[name].default]
+        if given:  # (the cost model's settings: with measured costs they changed nothing, without a word)
+            raise ValueError(f"{', '.join(given)} {'prices' if len(given) == 1 else 'price'} the cost model, which "
+                             "--costs measured does not use (it times each candidate on --device): drop "
+                             + ("it" if len(given) == 1 else "them") + ", or use --costs model")
         if self.budget_on not in BUDGET_RULES:
             raise ValueError(f"--budget-on {self.budget_on!r} is invalid: choose one of {list(BUDGET_RULES)}")
         if self.sensitivity not in SENSITIVITY:

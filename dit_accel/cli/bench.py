@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from ..atomic_files import atomic_write_json
@@ -275,6 +276,10 @@ def _run_kernels(args) -> int:
         problem = file_error(path, flag, example) if path is not None else None
         if problem:  # now, not after the benchmark ran
             return fail(problem)
+    if args.out and args.plot and os.path.abspath(os.path.expanduser(args.out)) == \
+            os.path.abspath(os.path.expanduser(args.plot)):  # (the plot was written over the results)
+        return fail(f"--out {args.out} and --plot {args.plot} name one file: the plot would replace the results; "
+                    "give two paths, e.g. --out bench.json --plot bench.png")
     if args.modelled:
         return _run_modelled(args, fail)
     if args.tile:
@@ -364,9 +369,8 @@ def _run_modelled(args, fail) -> int:
     except ValueError as exc:
         return fail(str(exc))
     shapes = list(bench.GPU_SHAPES)
-    if args.shapes:
-        keep = [s.strip().lower() for s in args.shapes.split(",")]
-        shapes = [s for s in shapes if any(k in s.name.lower() for k in keep)]
+    if args.shapes is not None:  # (as the timed run reads it: an empty entry matched every shape)
+        shapes = _kept_shapes(args.shapes, shapes)
         if not shapes:
             return fail(f"--shapes {args.shapes!r} matches none of the GPU shapes: "
                         f"{', '.join(s.name for s in bench.GPU_SHAPES)}")
@@ -500,6 +504,19 @@ def _gpu_method_name(name: str) -> str:
     return canonical_method_name(base) + dash + variant
 
 
+def _layouts_missing(grids, methods) -> str:
+    """Why ``bench layouts`` would print no row (empty when it prints some): no setting of those methods at those
+    grids, naming the methods each grid has."""
+    from ..eval.bench_layouts import grid_settings
+
+    have = {name: sorted({method for method, _, _ in grid_settings(name)}) for name in grids}
+    if any(set(methods) & set(found) for found in have.values()):
+        return ""
+    return (f"no setting of --methods {','.join(methods)} at {', '.join(grids)} (there: "
+            + "; ".join(f"{name}: {','.join(found) or 'none'}" for name, found in have.items())
+            + "); choose from those")
+
+
 def _run_layouts(args) -> int:
     """``dit-accel bench layouts``: the layouts' own figures, as JSON lines or a table."""
     from ..eval.bench_layouts import GRIDS, METHODS, layout_rows
@@ -516,6 +533,10 @@ def _run_layouts(args) -> int:
         print(f"dit-accel bench layouts: --grids takes substrings of {', '.join(GRIDS)}; --methods takes "
               f"{','.join(METHODS)} (sta = tile); got --grids {args.grids!r} --methods {args.methods!r}",
               file=sys.stderr)
+        return 2
+    missing = _layouts_missing(grids, methods)
+    if missing:  # (else an empty table, or no JSON line at all, and exit 0)
+        print(f"dit-accel bench layouts: {missing}", file=sys.stderr)
         return 2
     if args.json:
         layout_rows(grids, methods, log=lambda row: print(json.dumps(row), flush=True))

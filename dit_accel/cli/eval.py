@@ -146,7 +146,7 @@ class _Refused(Exception):
 
 def _compare(args) -> int:
     """--compare A B: two results folders side by side."""
-    from ..eval.compare import compare_results, format_comparison, load_results
+    from ..eval.compare import compare_results, format_comparison, load_results, unpaired_rows
 
     first, second = (os.path.realpath(folder) for folder in args.compare)
     if first == second:
@@ -158,7 +158,10 @@ def _compare(args) -> int:
     except ValueError as exc:
         raise _Refused(str(exc)) from None
     print(format_comparison(*args.compare, comparison))
-    if comparison and all(row["a"] == row["b"] for row in comparison):
+    unpaired = unpaired_rows(a, b)
+    for line in unpaired:
+        print(f"note: not compared: {line}")
+    if comparison and not unpaired and all(row["a"] == row["b"] for row in comparison):
         print("note: A and B hold the same mean for every row and metric: the folders may be copies of one run")
     return 0
 

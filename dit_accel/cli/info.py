@@ -299,6 +299,22 @@ def _print_section(title: str, body) -> None:
         print(f"  {body}")
 
 
+def _lone_flag_error(args):
+    """Why ``--clear`` or ``--plan`` cannot take the other flags given (None when they can): each does one thing and
+    exits, so a ``--model`` (or ``--plan``, ``--device``) beside it was dropped without a word (``--plan p.json
+    --model m`` read as if the plan had been checked against ``m``)."""
+    for flag, does in (("clear", "forgets the stored choices and verdicts, and exits"),
+                       ("plan", "prints that plan alone")):
+        if not getattr(args, flag, None):
+            continue
+        others = [f"--{name}" for name in ("model", "plan", "device")
+                  if name != flag and getattr(args, name, None) is not None]
+        if others:
+            return (f"{' and '.join(others)} {'does' if len(others) == 1 else 'do'} not apply to --{flag} (it {does}): "
+                    f"drop {'it' if len(others) == 1 else 'them'}, or run `dit-accel info` for them apart")
+    return None
+
+
 def run(args) -> int:
     from .checks import device_error
 
@@ -306,6 +322,10 @@ def run(args) -> int:
     error = None if device is None else device_error(device)
     if error is not None:
         print(f"dit-accel info: {error}", file=sys.stderr)
+        return 2
+    problem = _lone_flag_error(args)
+    if problem:
+        print(f"dit-accel info: {problem}", file=sys.stderr)
         return 2
     if getattr(args, "clear", False):
         from ..kernels import autotune, selfcheck

@@ -125,6 +125,37 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt:
         print("dit-accel: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader closed stdout (`dit-accel bench layouts --json | head -1`): stop quietly
+        if not _stdout_closed():
+            raise  # (another pipe broke: its traceback is the useful part)
+        _drop_stdout()
+        return 141  # what a shell reports for a writer a closed pipe ended (128 + SIGPIPE)
+
+
+def _stdout_closed() -> bool:
+    """Whether stdout's reader has gone: what is left in its buffer cannot be written, or the pipe reports an error."""
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:
+        return True
+    except (OSError, ValueError, AttributeError):
+        return False
+    try:
+        import select
+
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poller.poll(0))
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _drop_stdout() -> None:
+    """stdout pointed at the null device: the interpreter flushes it on exit, which would raise again."""
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # (a stdout with no file behind it, as under a test's capture)
+        pass
 
 
 def _main(argv: Optional[Sequence[str]]) -> int:

@@ -170,7 +170,10 @@ def bench_gpu(out_dir, *, device="cuda", shapes: Sequence[ModelShape] = STANDARD
     report["total_seconds"] = clock() - start
     report["failures"] = failures(report)
     report["targets"] = targets(report["rows"])
-    (out_dir / "gpu_report.json").write_text(json.dumps(report, indent=1, default=str) + "\n")
+    from .._util import to_jsonable
+
+    # (a kernel's non-finite error is inf: JSON has none, so null there; its failure line names it)
+    (out_dir / "gpu_report.json").write_text(json.dumps(to_jsonable(report), indent=1, allow_nan=False) + "\n")
     (out_dir / "gpu_report.md").write_text(gpu_markdown(report))
     log(f"wrote {out_dir / 'gpu_report.json'} and {out_dir / 'gpu_report.md'} ({report['total_seconds']:.0f} s)")
     return report

@@ -24,7 +24,7 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 import torch
 
 __all__ = ["GRIDS", "MODEL_OF_GRID", "SHIPPED_PLAN_OF_GRID", "layout_rows", "configurations", "plan_configurations",
-           "figures_row", "main"]
+           "grid_settings", "figures_row", "main"]
 
 #: The grids ``bench layouts`` reports, by name.
 GRIDS: Dict[str, Tuple[int, int, int]] = {
@@ -134,6 +134,13 @@ def figures_row(grid_name: str, grid, method: str, source: str, config, *, heads
             "visited_tiles": fig.visited_tiles, "tokens": fig.tokens_q}
 
 
+def grid_settings(name: str) -> Iterator[Tuple[str, str, object]]:
+    """``(method, source, config)`` of every setting ``bench layouts`` reports at the grid ``name`` of :data:`GRIDS`."""
+    if name in SHIPPED_PLAN_OF_GRID:
+        return plan_configurations(SHIPPED_PLAN_OF_GRID[name])
+    return configurations(*MODEL_OF_GRID[name])
+
+
 def _rounded(x: Optional[float]) -> Optional[float]:
     return None if x is None else round(x, 4)
 
@@ -150,10 +157,7 @@ def layout_rows(grids: Optional[Sequence[str]] = None, methods: Optional[Sequenc
     methods = [canonical_method_name(m) for m in methods or ()]
     rows = []
     for name in grids or GRIDS:
-        class_name, family = MODEL_OF_GRID[name]
-        settings = (plan_configurations(SHIPPED_PLAN_OF_GRID[name]) if name in SHIPPED_PLAN_OF_GRID
-                    else configurations(class_name, family))
-        for method, source, config in settings:
+        for method, source, config in grid_settings(name):
             if methods and method not in methods:
                 continue
             with warnings.catch_warnings():  # GNA's fit notes on short grids

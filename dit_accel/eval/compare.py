@@ -17,7 +17,7 @@ from typing import List
 
 from .stats import METRICS, paired_test, summarize
 
-__all__ = ["load_results", "compare_results", "format_comparison"]
+__all__ = ["load_results", "compare_results", "unpaired_rows", "format_comparison"]
 
 
 def load_results(folder) -> dict:
@@ -104,6 +104,30 @@ def compare_results(a: dict, b: dict) -> List[dict]:
                         "diff": summarize([y - x for x, y in zip(xa, xb)], [k[0] for k in keys]),
                         "test": paired_test(xb, xa)})
     return out
+
+
+def unpaired_rows(a: dict, b: dict) -> List[str]:
+    """The rows of either folder that :func:`compare_results` could not pair, one line each: a row that failed (no
+    scored samples) in A or B, or a label only one folder has. Else a method that broke after a change would leave
+    the table without a word."""
+    rows = {side: {r["label"]: r for r in results["rows"]} for side, results in (("A", a), ("B", b))}
+    out = []
+    for label in dict.fromkeys([*rows["A"], *rows["B"]]):
+        present = {side: rows[side].get(label) for side in ("A", "B")}
+        missing = [side for side, row in present.items() if row is None]
+        if missing:
+            out.append(f"{label}: only in {'B' if missing == ['A'] else 'A'}")
+            continue
+        failed = [f"failed in {side} ({_short(row.get('error'))})" for side, row in present.items()
+                  if not row.get("samples")]
+        if failed:
+            out.append(f"{label}: {', '.join(failed)}")
+    return out
+
+
+def _short(error) -> str:
+    """A row's error on one line (a traceback's text may span several), or what its absence means."""
+    return " ".join(error.split())[:120] if isinstance(error, str) else "no scored samples"
 
 
 def format_comparison(a_dir, b_dir, comparison: List[dict]) -> str:

@@ -200,6 +200,7 @@ def bench_fidelity(capture_dir, methods: Dict[str, Method], *, match_density: Op
     notes: List[str] = []
     tuned: Dict[tuple, Method] = {}  # (label, grid) -> retuned config, built once per geometry
     grids: Dict[Tuple[str, int], Tuple[tuple, str]] = {}  # (prefix, layer) -> (grid, file): one grid per layer
+    failed: Optional[Tuple[str, tuple]] = None  # the first method call that failed, and its grid
     for group in tqdm(groups, desc="fidelity", unit="capture"):
         data = _read_group(group)
         path = group[0]
@@ -227,6 +228,7 @@ def bench_fidelity(capture_dir, methods: Dict[str, Method], *, match_density: Op
                 out, density = method_attention(q, k, v, cfg, grid, backend=backend)
             except (ValueError, TypeError, RuntimeError) as exc:
                 notes.append(f"{label} on {path.name}: {type(exc).__name__}: {exc}"[:300])
+                failed = failed or (notes[-1], grid)
                 continue
             err = float((out.float() - ref).norm() / ref.norm().clamp_min(1e-30))
             cos = float(F.cosine_similarity(out.float().flatten(), ref.flatten(), dim=0))
@@ -234,6 +236,9 @@ def bench_fidelity(capture_dir, methods: Dict[str, Method], *, match_density: Op
                          "layer_name": data.get("layer_name", ""), "step": int(data.get("step", _name_key(path)[2])),
                          "grid": list(grid), "tokens": q.shape[-2], "heads": q.shape[1], "method": label,
                          "config": cfg.to_dict(), "density": density, "rel_l2": err, "cosine": cos})
+    if failed and not rows:  # (else an empty table, exit 0 and a results file of no rows)
+        raise ValueError(f"no method ran on the captures of {capture_dir}: {failed[0]}; give methods, and options "
+                         f"through --method-config, that fit their token grid {failed[1]}")
     for line in notes:
         log(line)
     per_layer: Dict[Tuple[str, int, str], dict] = {}

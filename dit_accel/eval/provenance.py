@@ -6,8 +6,8 @@ diffusers versions, the device (GPU name or CPU model) and the run's method, pla
 :func:`backends_used` reads from a ``handle.summary()`` / ``handle.stats()`` which attention
 backend each call actually used, dense calls included.
 
-Two eval folders can be compared (:func:`same_inputs`) only when their prompts, seeds and the settings that
-change the videos agree.
+Two eval folders can be compared (:func:`same_inputs`) only when their prompts, seeds, the settings that
+change the videos and (where both record it) the model's weights agree.
 """
 
 from __future__ import annotations
@@ -120,6 +120,10 @@ def same_inputs(a: dict, b: dict) -> Optional[str]:
              if (not same_model(sa.get(k), sb.get(k)) if k == "model" else sa.get(k) != sb.get(k))]
     if other:  # other videos (and another dense baseline): their differences are not the methods'
         return f"the runs made other videos ({', '.join(other)}); run both evals with the same settings"
+    ma, mb = pa.get("model_sha256"), pb.get("model_sha256")
+    if ma and mb and ma != mb:  # one --model name, other weights: a relative path from two folders, retrained files
+        return (f"the model's weights differ (--model {sa.get('model')}: sha256 {str(ma)[:18]} vs {str(mb)[:18]}), "
+                "so did the dense baselines; compare runs of the same weights")
     return None
 
 

@@ -379,7 +379,7 @@ def _summary_density(handle) -> tuple:
 
 # ------------------------------------------------------------------ the run
 def _dense_row(pipe, timer, settings: EvalSettings, samples, cache_dir: Path, log,
-               desc: str = "dense", prefix: str = "dense") -> Tuple[dict, int]:
+               desc: str = "dense", prefix: str = "dense", model_sha256: Optional[str] = None) -> Tuple[dict, int]:
     """The dense baseline row, from the cache where it has the sample; ``(row, samples generated)``.
 
     The cache is keyed by the content of the model's weights (see :func:`dense_cache_key`); an entry that
@@ -391,7 +391,7 @@ def _dense_row(pipe, timer, settings: EvalSettings, samples, cache_dir: Path, lo
     from ..atomic_files import atomic_write, remove_stale_temps
 
     remove_stale_temps(cache_dir)  # entries killed evals left half-written: each may be as large as a video
-    model_sha256 = model_fingerprint(settings.model, pipe, cache_dir, log)
+    model_sha256 = model_sha256 or model_fingerprint(settings.model, pipe, cache_dir, log)
     pipeline = type(pipe).__name__
     videos, runs, missing = [None] * len(samples), [], []
     sample_times = [None] * len(samples)
@@ -543,7 +543,7 @@ class _Scorers:
 
 
 def _floor_rows(pipe, timer, settings: EvalSettings, samples, dense: dict, cache_dir: Path, backend: str,
-                log) -> List[dict]:
+                log, model_sha256: Optional[str] = None) -> List[dict]:
     """The dense-vs-dense floor rows (see :mod:`dit_accel.eval.floor`): another seed pairing, and dense
     attention through another backend (``backend``: auto, sdpa-math, dit_accel.kernels.dense or none)."""
     from tqdm.auto import tqdm
@@ -566,7 +566,7 @@ def _floor_rows(pipe, timer, settings: EvalSettings, samples, dense: dict, cache
         shifted = [(prompt, seed + 1) for prompt, seed in samples]
         # cached beside the baseline under their own prefix: dense_*.npz stays the baseline's samples
         seed_row, _ = _dense_row(pipe, timer, settings, shifted, cache_dir, log, desc="dense~seed",
-                                 prefix="floor_dense")
+                                 prefix="floor_dense", model_sha256=model_sha256)
         config["pairing"] = "seed + 1 against seed (one seed per prompt)"
     seed_row.update(label="dense~seed", floor="seed", config=config, density=1.0, summary={}, stats=[])
     rows = [{k: v for k, v in seed_row.items()}]
@@ -689,12 +689,13 @@ def run_eval(settings: EvalSettings, specs: Sequence[MethodSpec], out_dir, *, ca
     _check_reach(pipe, settings)
     pipe.set_progress_bar_config(disable=True)
     specs = _fitting(specs, pipe, log)
+    model_sha256 = model_fingerprint(settings.model, pipe, cache_dir, log)  # (the cache key; --compare reads it)
     with StageTimer(pipe, settings.device) as timer:
-        dense, generated = _dense_row(pipe, timer, settings, samples, cache_dir, log)
+        dense, generated = _dense_row(pipe, timer, settings, samples, cache_dir, log, model_sha256=model_sha256)
         if capture:
             with dit_accel.apply(pipe, Dense(), capture=capture):
                 _generate(pipe, timer, settings, *samples[0])
-        floors = _floor_rows(pipe, timer, settings, samples, dense, cache_dir, floor_backend, log)
+        floors = _floor_rows(pipe, timer, settings, samples, dense, cache_dir, floor_backend, log, model_sha256)
         rows = [dense] + floors + _method_rows(pipe, timer, settings, samples, specs, log)
 
     scorers = _Scorers(settings, lpips=lpips, clip_model=clip_model, clip_scorer=clip_scorer, fid_weights=fid_weights,
@@ -717,8 +718,8 @@ def run_eval(settings: EvalSettings, specs: Sequence[MethodSpec], out_dir, *, ca
     results = {
         "settings": asdict(settings), "versions": {**versions(("torch", "triton", "diffusers", "transformers",
                                                                  "torchmetrics")), "load_average": load_average()},
-        "provenance": provenance(settings.prompts, settings.seeds, settings.device, prompt_file=prompt_file,
-                                 run=[s.describe() for s in specs]),
+        "provenance": {**provenance(settings.prompts, settings.seeds, settings.device, prompt_file=prompt_file,
+                                    run=[s.describe() for s in specs]), "model_sha256": model_sha256},
         "methods": [s.describe() for s in specs], "dense_generated": generated,
         "dense_cached": len(samples) - generated, "cache_dir": str(cache_dir),
         "dense_times_from_cache": generated < len(samples), "skipped": sorted(set(scorers.skipped)),
