@@ -19,7 +19,8 @@ def merge_attention(o_a: torch.Tensor, lse_a: torch.Tensor, o_b: torch.Tensor, l
 
     Returns:
         ``(o, lse)`` as if attention had run over the union of both key sets.
-        Rows empty on both sides give ``o = 0`` and ``lse = -inf`` (never NaN).
+        Rows empty on both sides give ``o = 0`` and ``lse = -inf`` (never NaN). A row with a NaN lse on
+        either side, or ``+inf`` on both, gives NaN (``o`` and ``lse``); ``+inf`` on one side keeps that side.
 
     Example::
 
@@ -41,6 +42,15 @@ def merge_attention(o_a: torch.Tensor, lse_a: torch.Tensor, o_b: torch.Tensor, l
         raise ValueError(f"lse_a and lse_b must have shape {tuple(o_a.shape[:-1])} (o without its last dim); "
                          f"got {tuple(lse_a.shape)} and {tuple(lse_b.shape)}")
     lse_a, lse_b = lse_a.float(), lse_b.float()
+    # A NaN lse (a NaN query, a diverged layer) or +inf on both sides has no merged value: the row is NaN, as
+    # attention over the union gives, not the other side's output or 0. A +inf on one side (its sum overflowed)
+    # outweighs any finite one: the limit of the formula, that side alone. Both by where(): no sync, no NaN
+    # reaching exp() (whose backward would spread it).
+    big_a, big_b = torch.isposinf(lse_a), torch.isposinf(lse_b)
+    bad = torch.isnan(lse_a) | torch.isnan(lse_b) | (big_a & big_b)
+    big = big_a | big_b
+    lse_a = torch.where(bad | big, torch.where(big_a & ~bad, 0.0, float("-inf")), lse_a)
+    lse_b = torch.where(bad | big, torch.where(big_b & ~bad, 0.0, float("-inf")), lse_b)
     top = torch.maximum(lse_a, lse_b)
     # Both sides -inf: shift by 0 so the weights are exp(-inf) = 0 rather than NaN.
     top = torch.where(torch.isinf(top), torch.zeros_like(top), top)
@@ -52,5 +62,6 @@ def merge_attention(o_a: torch.Tensor, lse_a: torch.Tensor, o_b: torch.Tensor, l
     # for fully masked rows: where(), not multiplication by 0.
     part_a = torch.where((w_a > 0)[..., None], o_a.float() * (w_a / denom)[..., None], 0.0)
     part_b = torch.where((w_b > 0)[..., None], o_b.float() * (w_b / denom)[..., None], 0.0)
-    o = part_a + part_b
+    o = torch.where(bad[..., None], float("nan"), part_a + part_b)
+    lse = torch.where(bad, float("nan"), torch.where(big, float("inf"), lse))
     return o.to(o_a.dtype), lse

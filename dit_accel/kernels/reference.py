@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
+
+from .checks import check_scale
 
 __all__ = ["dense_attention_reference"]
 
@@ -33,7 +33,8 @@ def dense_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         # (matmul would broadcast a batch or head of 1: an output of k's batch, or k/v shared by every head)
         raise ValueError(f"k and v must be (B, H, M, D) matching q {tuple(q.shape)}; got k {tuple(k.shape)}, "
                          f"v {tuple(v.shape)}. Repeat k/v heads for grouped-query attention")
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    # The kernels' rule (a bool, a string, 0, a negative or NaN scale ran here as float() read it).
+    scale = check_scale(scale, q.shape[-1])
     q, k, v = q.float(), k.float(), v.float()
     scores = torch.matmul(q, k.transpose(-1, -2)) * scale
     if mask is not None:

@@ -30,6 +30,7 @@ class _DenseAttention(torch.autograd.Function):
         o, lse = dense_forward(q, k, v, scale)
         ctx.save_for_backward(q, k, v, o, lse)
         ctx.scale = scale
+        ctx.set_materialize_grads(False)  # an unused lse gives dlse None: the backward launches as before
         return o, lse
 
     @staticmethod
@@ -37,7 +38,11 @@ class _DenseAttention(torch.autograd.Function):
         from .triton import dense_backward
 
         q, k, v, o, lse = ctx.saved_tensors
-        return (*dense_backward(do, q, k, v, o, lse, ctx.scale), None)
+        if do is None:  # only the lse was used
+            do = torch.zeros_like(o)
+        # (The lse's gradient was dropped: dense_attention(..., return_lse=True) merged with other keys trained
+        # on wrong dq and dk, without a word.)
+        return (*dense_backward(do, q, k, v, o, lse, ctx.scale, dlse), None)
 
 
 def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optional[float] = None,

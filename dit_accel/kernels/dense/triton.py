@@ -400,13 +400,15 @@ def bwd_preprocess(o: torch.Tensor, do: torch.Tensor, lse: torch.Tensor,
 
 
 @occupancy.on_inputs_device
-def dense_backward(do, q, k, v, o, lse, scale: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(dq, dk, dv)`` of :func:`dense_forward` (FlashAttention-2's two passes, no atomics)."""
+def dense_backward(do, q, k, v, o, lse, scale: float, dlse: Optional[torch.Tensor] = None
+                   ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(dq, dk, dv)`` of :func:`dense_forward` (FlashAttention-2's two passes, no atomics); ``dlse``, the
+    gradient w.r.t. ``lse`` (a merge differentiates it), enters the preprocess as ``delta - dlse``."""
     b, h, n, d = q.shape
     m = k.shape[2]
     q, k, v = (t.contiguous() for t in (q, k, v))
     do, o = do.to(q.dtype).contiguous(), o.to(q.dtype).contiguous()
-    delta, lse2 = bwd_preprocess(o, do, lse)
+    delta, lse2 = bwd_preprocess(o, do, lse, dlse)
     cfg, cfg_q = _config("bwd_dkdv", q, (q, do)), _config("bwd_dq", q, (k, v))
     if not (cfg.tma and cfg_q.tma):  # a pointer kernel among them: odd head dims run padded
         q, k, v, do = _pad_d(dataclasses.replace(cfg, tma=False), q, k, v, do)

@@ -36,12 +36,39 @@ def _check_proj(proj, q: torch.Tensor) -> None:
     d = q.shape[-1]
     if proj is not None and not callable(proj):
         raise TypeError(f"proj must be an nn.Module mapping (..., D) -> (..., D) or None, got {type(proj).__name__}")
-    if isinstance(proj, nn.Linear) and (proj.in_features, proj.out_features) != (d, d):
-        raise ValueError(f"proj must be Linear({d}, {d}) acting on the head dim, "
-                         f"got Linear({proj.in_features}, {proj.out_features})")
+    # (An nn.LazyLinear(D) has in_features 0 until its first call, which sets D: it was told it was "Linear(0, D)".)
+    lazy = isinstance(proj, nn.Linear) and nn.parameter.is_lazy(proj.weight)
+    if isinstance(proj, nn.Linear) and (proj.in_features if not lazy else d, proj.out_features) != (d, d):
+        got = f"LazyLinear({proj.out_features})" if lazy else f"Linear({proj.in_features}, {proj.out_features})"
+        raise ValueError(f"proj must be Linear({d}, {d}) acting on the head dim, got {got}")
     if isinstance(proj, nn.Linear) and proj.weight.device != q.device:  # (a meta one added garbage to the output)
         raise ValueError(f"proj's weight is on {proj.weight.device} but q on {q.device}: move proj to q's device "
                          "(proj.to(q.device))")
+    if isinstance(proj, nn.Module) and not isinstance(proj, nn.Linear):
+        # Any other module (an nn.Sequential) on another device, or not yet materialised (meta), failed inside
+        # torch with "Tensor on device meta is not on the expected device cpu!".
+        for name, t in _named_tensors(proj):
+            if t.device != q.device and not nn.parameter.is_lazy(t):
+                raise ValueError(f"proj's {name} is on {t.device} but q on {q.device}: move proj to q's device "
+                                 "(proj.to(q.device)); load its weights first if it is on the meta device")
+
+
+def _named_tensors(proj: nn.Module):
+    """``proj``'s parameters, then its buffers, with their names."""
+    yield from proj.named_parameters()
+    yield from proj.named_buffers()
+
+
+def _param_dtype(proj: nn.Module):
+    """The dtype of ``proj``'s first floating-point parameter (its weights), None for a module without any."""
+    weight = getattr(proj, "weight", None)
+    if isinstance(weight, torch.Tensor):
+        return weight.dtype
+    if isinstance(proj, nn.Module):
+        for t in proj.parameters():
+            if t.is_floating_point() and not nn.parameter.is_lazy(t):
+                return t.dtype
+    return None
 
 
 def sla_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, method,
@@ -215,7 +242,10 @@ def _project(proj: nn.Module, o_l: torch.Tensor, o_s: Optional[torch.Tensor], dt
         if bias is not None:
             out = out.add_(bias)  # in place: AddmmBackward keeps no output
         return out.view(o_s.shape)
-    o_lp = proj(o_l.to(weight.dtype) if isinstance(weight, torch.Tensor) else o_l)
+    # In the module's own dtype (a bf16 nn.Sequential refused the twin's fp32 O_l: "mat1 and mat2 must have the
+    # same dtype").
+    proj_dtype = _param_dtype(proj)
+    o_lp = proj(o_l if proj_dtype is None else o_l.to(proj_dtype))
     if not isinstance(o_lp, torch.Tensor) or o_lp.shape != o_l.shape:  # (it failed in the sum, or broadcast into it)
         got = f"shape {tuple(o_lp.shape)}" if isinstance(o_lp, torch.Tensor) else type(o_lp).__name__
         raise ValueError(f"proj must map the linear branch (..., D) to (..., D), shape {tuple(o_l.shape)}; it returned "
