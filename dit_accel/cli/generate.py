@@ -38,10 +38,12 @@ from . import parallel
 from .options import (HelpFormatter, add_cache_option, add_method_options, add_plan_any_grid, cache_from_args,
                       check_method_flags, check_plan_flags, method_from_args, schedule_from_args)
 from .generate_args import (_DTYPES, DEFAULT_MODEL, DEFAULT_PROMPT, _check_flags, _UsageError, add_image_option,
-                            _check_cache_under_cp, image_call_error, image_parameter, unused_flag_error)
-from .generate_report import (_cache_record, _check_side_by_side_path, _comparison, _output_notes,  # noqa: F401
-                              _provenance, _quality, _record, _remove_earlier_side_by_side, _side_by_side,
-                              _side_by_side_path, _strip_height, _summary_lines, cp_ranks)
+                            _check_cache_under_cp, check_sidecar, image_call_error, image_parameter,
+                            text_length_error, unused_flag_error)
+from .generate_report import (_cache_record, _calls_per_transformer, _check_side_by_side_path,  # noqa: F401
+                              _comparison, _output_notes, _provenance, _quality, _record,
+                              _remove_earlier_side_by_side, _side_by_side, _side_by_side_path, _strip_height,
+                              _summary_lines, cp_ranks)
 from .parallel import add_cp_option
 from ..methods import METHOD_ALIASES
 from ..models.tiny_shapes import SHAPES_MODELS, TINY_SHAPES_PROMPT, shapes_model
@@ -430,7 +432,7 @@ def _pipeline_call(args, pipe, tiny: bool) -> dict:
     wanted = {"negative_prompt": args.negative_prompt, "num_frames": args.frames, "height": args.height,
               "width": args.width, "num_inference_steps": args.steps, "guidance_scale": args.guidance,
               "max_sequence_length": args.max_sequence_length}
-    problem = unused_flag_error(pipe, accepts, wanted)
+    problem = unused_flag_error(pipe, accepts, wanted) or text_length_error(pipe, args.max_sequence_length)
     if problem:
         raise _UsageError(problem)
     shapes = shapes_model(args.model)
@@ -485,7 +487,8 @@ def _run_pipeline(pipe, call: dict, method, schedule: dict, device: str, cache=N
         handle.fuse_lora()  # a weights= LoRA folded into the weights for the run (remove() restores them exactly)
         if warm:
             _warm_up(pipe, handle, call, method)
-        with StageTimer(pipe, device, attention_modules=attention) as timer:
+        with StageTimer(pipe, device, attention_modules=attention) as timer, _calls_per_transformer(handle) as \
+                per_transformer:
             try:
                 with _cache_context(pipe, cache, call.get("num_inference_steps")):
                     timer.start()
@@ -496,6 +499,7 @@ def _run_pipeline(pipe, call: dict, method, schedule: dict, device: str, cache=N
             calls = timer.calls("transformer")
         # Under --cp every rank counts its own share: gather the rows of all ranks (a collective).
         summary = handle.summary(all_ranks=True)
+        summary["attention_calls_expected"] = per_transformer()
         summary["token_grids"] = sorted({tuple(grid) for _, grid in handle.plans})  # video token grids planned
         return output, times, calls, handle.stats(all_ranks=True), summary
     finally:
@@ -654,6 +658,7 @@ def generate(args) -> dict:
     is_video = "num_frames" in call
     out = Path(args.out) if args.out else Path("outputs") / f"{_slug(args.model)}-{args.method}" \
         f"{'.mp4' if is_video else '.png'}"
+    check_sidecar(out, "--out" if args.out else "the default output (pass --out PATH)")  # (known only now)
     if args.side_by_side:
         _check_side_by_side_path(out, call.get("num_frames") or 1)
     if not parallel.is_main():  # every rank holds the same frames; rank 0 writes them

@@ -40,13 +40,33 @@ def _check_flags(args) -> None:
     if args.out and Path(args.out).suffix and Path(args.out).suffix.lower() not in VIDEO_SUFFIXES:
         raise _UsageError(f"--out {args.out}: unknown suffix {Path(args.out).suffix!r}; use .mp4, .gif, .png "
                           "or a folder path (PNG frames)")
+    for flag, text in (("--prompt", args.prompt), ("--negative-prompt", args.negative_prompt)):
+        _check_utf8(flag, text)
     if args.fps <= 0:
         raise _UsageError(f"--fps must be >= 1; got {args.fps}")
     if seed_error(args.seed):
         raise _UsageError(seed_error(args.seed))
     _check_writable(Path(args.out) if args.out else Path("outputs") / "out.mp4", "--out" if args.out else
                     "the default output folder outputs/ (pass --out PATH)")
+    if args.out:  # (the default's name is known once the method is: checked then)
+        check_sidecar(Path(args.out))
     args._images = [_read_image(path) for path in getattr(args, "image", None) or ()]
+
+
+def _check_utf8(flag: str, text) -> None:
+    """A prompt is UTF-8 text: bytes of another encoding (``--prompt "$(cat latin1.txt)"``) reach Python as lone
+    surrogates, which failed with a raw traceback once the model had loaded (UnicodeEncodeError, or the
+    tokenizer's TypeError)."""
+    if text is None:
+        return
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        char = text[err.start]
+        shown = f"byte {char.encode('utf-8', 'surrogateescape')!r}" if "\udc80" <= char <= "\udcff" else \
+            f"character {char!r}"
+        raise _UsageError(f"{flag}: {shown} at position {err.start} is not UTF-8 text; save the prompt as UTF-8 "
+                          "(e.g. iconv -f latin1 -t utf-8)") from None
 
 
 def _check_writable(out: Path, what: str) -> None:
@@ -76,18 +96,33 @@ def _check_writable(out: Path, what: str) -> None:
                 made.rmdir()
 
 
+def check_sidecar(out: Path, what: str = "--out") -> None:
+    """The sidecar ``OUT.json`` is not a folder: checked before the generation (its removal and writing raised an
+    IsADirectoryError traceback once the video was written)."""
+    sidecar = Path(str(out) + ".json")
+    if sidecar.is_dir():
+        raise _UsageError(f"{what}: the sidecar {sidecar} this run writes beside {out} is a folder; move it away or "
+                          "choose another --out")
+
+
 # Caches whose hook compares a block's output with its input: under --cp Diffusers splits the sequence between the
-# two, and the first step failed with a raw "size of tensor a (288) must match ... b (576)" traceback.
-_CACHES_NOT_UNDER_CP = {"fbcache": "FirstBlockCache compares the first block's output",
-                        "magcache": "MagCache compares the blocks' output"}
+# two, and the first step failed with a raw "size of tensor a (288) must match ... b (576)" traceback. cache-dit's
+# DBCache compares the first blocks' residuals the same way and is not tested under --cp: refused too, by name,
+# before cache-dit is imported (a run without it failed on every rank only after the model had loaded).
+_CACHES_NOT_UNDER_CP = {"fbcache": "Diffusers' FirstBlockCache compares the first block's output",
+                        "magcache": "Diffusers' MagCache compares the blocks' output",
+                        "dbcache": "cache-dit's DBCache compares the first blocks' output",
+                        "cachedit-taylorseer": "cache-dit's DBCache (with TaylorSeer) compares the first blocks' "
+                                               "output"}
 
 
 def _check_cache_under_cp(args) -> None:
-    """``--cache`` with ``--cp``: refused before loading for the caches that fail under context parallelism."""
+    """``--cache`` with ``--cp``: refused before loading for the caches that fail (or are untested) under context
+    parallelism."""
     spec = getattr(args, "_cache_spec", None)
     if args.cp is None or spec is None or spec.name not in _CACHES_NOT_UNDER_CP:
         return
-    raise _UsageError(f"--cache {spec.name} does not run under --cp: Diffusers' {_CACHES_NOT_UNDER_CP[spec.name]} "
+    raise _UsageError(f"--cache {spec.name} does not run under --cp: {_CACHES_NOT_UNDER_CP[spec.name]} "
                       "with its input, which context parallelism splits between the ranks; use --cache taylorseer "
                       "or pab (which run under --cp), or drop --cp")
 
@@ -110,6 +145,19 @@ def unused_flag_error(pipe, accepts, wanted: dict):
         return (f"--negative-prompt: {name} uses a negative prompt only with true_cfg_scale > 1, and its default is "
                 f"{true_cfg.default} (no flag sets it): the prompt would be ignored; drop --negative-prompt")
     return None
+
+
+def text_length_error(pipe, length):
+    """Why ``--max-sequence-length length`` is more than ``pipe``'s tokenizers take (their ``model_max_length``,
+    the longest where there are two); None when it is not, or not known. Padded to that length, a typo such as
+    100000 failed inside the text encoder with a raw out-of-memory traceback."""
+    limits = [getattr(getattr(pipe, name, None), "model_max_length", None) for name in ("tokenizer", "tokenizer_2",
+                                                                                          "tokenizer_3")]
+    limits = [n for n in limits if isinstance(n, int) and 0 < n < 1_000_000]  # (1e30: "no limit" in transformers)
+    if length is None or not limits or length <= max(limits):
+        return None
+    return (f"--max-sequence-length {length}: the tokenizer of {type(pipe).__name__} takes at most {max(limits)} "
+            f"tokens; give a length of at most {max(limits)} (or leave the flag out for the pipeline's default)")
 
 
 # ----------------------------------------------------------------------------- --image

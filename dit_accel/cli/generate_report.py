@@ -3,6 +3,7 @@ dense, the ground-truth quality, the sidecar record and the summary lines."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from pathlib import Path
@@ -261,11 +262,30 @@ def _cache_record(spec, calls, summary, ranks: int = 1):
         return None
     layers = int(summary.get("layers") or 0)
     ran = (int(summary.get("sparse_calls") or 0) + int(summary.get("dense_calls") or 0)) // max(ranks, 1)
-    expected = layers * int(calls or 0)
+    expected = summary.get("attention_calls_expected")  # each transformer's layers x its calls (Wan 2.2: two)
+    expected = layers * int(calls or 0) if expected is None else int(expected)
     return {**spec.describe(), "label": spec.label, "attention_calls_expected": expected, "attention_calls_ran": ran,
             "attention_calls_skipped": max(expected - ran, 0),
             "note": "self-attention calls of the layers the method wraps: layers x transformer calls expected, "
                     "those that ran counted by the attention processors"}
+
+
+@contextlib.contextmanager
+def _calls_per_transformer(handle):
+    """Counts each wrapped transformer's calls while open; yields a function giving the self-attention calls its
+    layers would make without a cache (each call runs its own transformer's layers: Wan 2.2's two experts
+    counted as one model's made twice the calls, and the cache report skips that never happened)."""
+    counts = {}
+
+    def count(module, args):
+        counts[id(module)] = counts.get(id(module), 0) + 1
+
+    handles = [t.register_forward_pre_hook(count) for t in {id(t): t for t in handle.transformers}.values()]
+    try:
+        yield lambda: sum(len(hook.layers) * counts.get(id(hook.transformer), 0) for hook in handle._hooks)
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def _cache_line(cache) -> list:

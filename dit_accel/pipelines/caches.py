@@ -167,6 +167,7 @@ class CacheSpec:
             options["spatial_attention_block_skip_range"] = 2  # PAB's documented example setting
         if self.name == "fastercache" and "tensor_format" not in options:
             options["tensor_format"] = "BCFHW" if "num_frames" in _call_params(pipe) else "BCHW"
+        options = _typed_options(config_name, options)
         try:
             return getattr(diffusers, config_name)(**options)
         except (TypeError, ValueError) as err:
@@ -185,13 +186,64 @@ def _shown(value) -> str:
     return "/".join(map(str, value)) if isinstance(value, tuple) else str(value)
 
 
+_DTYPE_NAMES = ("float32", "float16", "bfloat16")
+
+
+def _kinds(annotation) -> list:
+    """The types an option annotation allows: the members of a union (``int | None``), else the annotation."""
+    import types
+    import typing
+
+    union = typing.get_origin(annotation) in (typing.Union, types.UnionType)
+    return list(typing.get_args(annotation)) if union else [annotation]
+
+
+def _names_list(kinds) -> Optional[type]:
+    """``list`` or ``tuple`` when the option is a sequence of strings (module-name patterns), else None."""
+    import typing
+
+    for kind in kinds:
+        if typing.get_origin(kind) in (list, tuple) and typing.get_args(kind)[:1] == (str,):
+            return typing.get_origin(kind)
+    return None
+
+
+def _typed_options(config_name: str, options: dict) -> dict:
+    """The command line's values as the Diffusers config takes them: a dtype's name as the torch dtype (the string
+    reached ``tensor.to("float16")``, a RuntimeError mid-run), and one pattern where a list of patterns goes as a
+    list of one (a string was iterated by character: no module matched and the cache did nothing, in silence)."""
+    import diffusers
+    import torch
+
+    declared = {f.name: f.type for f in dataclasses.fields(getattr(diffusers, config_name))}
+    typed = dict(options)
+    for key, value in options.items():
+        kinds = _kinds(declared.get(key))
+        if torch.dtype in kinds and isinstance(value, str):
+            typed[key] = getattr(torch, value)
+        elif _names_list(kinds) is not None and value is not None:
+            typed[key] = _names_list(kinds)(str(v) for v in (value if isinstance(value, tuple) else (value,)))
+    return typed
+
+
 def _option_problem(key: str, value, annotation) -> Optional[str]:
     """What is wrong with ``value`` for a Diffusers cache option of type ``annotation`` (None when nothing is):
-    numbers must be numbers of the option's kind, finite and in range; flags true or false. Options of other
-    types (callables, dtypes, identifier lists) are left to Diffusers."""
+    numbers must be numbers of the option's kind, finite and in range; flags true or false; a dtype one of
+    :data:`_DTYPE_NAMES`; a callable cannot be given. Options of other types (identifier lists) are left to
+    Diffusers."""
+    import collections.abc
     import math
     import typing
 
+    import torch
+
+    if typing.get_origin(annotation) is collections.abc.Callable:  # (a raw "unhashable type: 'list'" before)
+        return "takes a Python function, which the command line cannot give; leave it out"
+    if torch.dtype in _kinds(annotation):  # (the name reached tensor.to(), a RuntimeError mid-run)
+        if value is None and type(None) in _kinds(annotation):
+            return None
+        optional = " or none" if type(None) in _kinds(annotation) else ""
+        return None if value in _DTYPE_NAMES else f"must be one of {', '.join(_DTYPE_NAMES)}{optional}"
     if typing.get_origin(annotation) in (tuple, list):  # e.g. timestep ranges a/b: numbers, any sign
         inner = [a for a in typing.get_args(annotation) if a is not Ellipsis]
         if inner and inner[0] in (int, float):
@@ -224,28 +276,44 @@ def _call_params(pipe):
 
 @contextlib.contextmanager
 def enable_cache(pipe, spec: CacheSpec, steps: Optional[int] = None):
-    """Enable ``spec`` on ``pipe.transformer`` for the block and disable it after (also on error). A cache
-    that cannot run on this pipeline raises ValueError with the reason before anything is changed."""
+    """Enable ``spec`` on ``pipe.transformer`` (and Wan 2.2's ``transformer_2``) for the block and disable it after
+    (also on error). A cache that cannot run on this pipeline raises ValueError with the reason before anything is
+    changed. ``steps``: the run's denoising steps, by default the pipeline call's default."""
     transformer = getattr(pipe, "transformer", None)
     if transformer is None:
         raise ValueError(f"--cache {spec.name}: {type(pipe).__name__} has no transformer to cache")
+    if steps is None:  # (MagCache took its own 28 and started its schedule over mid-run: Wan's calls make 50)
+        default = getattr(_call_params(pipe).get("num_inference_steps"), "default", None)
+        steps = default if isinstance(default, int) and not isinstance(default, bool) else None
     if CACHES[spec.name][0] is None:
         with _cache_dit(pipe, spec):
             yield spec
         return
-    if not hasattr(transformer, "enable_cache"):
-        raise ValueError(f"--cache {spec.name}: {type(transformer).__name__} does not support Diffusers' caches "
-                         "(no CacheMixin)")
-    config = spec.config(pipe, steps)
+    # Wan 2.2's low-noise expert (transformer_2) runs the later steps: it ran uncached before, in silence.
+    experts = [t for t in (transformer, getattr(pipe, "transformer_2", None)) if t is not None]
+    experts = [t for i, t in enumerate(experts) if all(t is not other for other in experts[:i])]
+    for model in experts:
+        if not hasattr(model, "enable_cache"):
+            raise ValueError(f"--cache {spec.name}: {type(model).__name__} does not support Diffusers' caches "
+                             "(no CacheMixin)")
+    if spec.name == "magcache" and len(experts) > 1:
+        raise ValueError(f"--cache magcache: {type(pipe).__name__}'s two transformers (transformer, transformer_2) "
+                         "split the steps, and MagCache's schedule counts the steps of one; use fbcache, taylorseer "
+                         "or pab")
+    configs = [spec.config(pipe, steps) for _ in experts]  # (its refusals before anything is changed)
+    enabled = []
     try:
-        transformer.enable_cache(config)
-    except (ValueError, TypeError, NotImplementedError) as err:
-        raise ValueError(f"--cache {spec.label}: {type(transformer).__name__} refuses it: "
-                         f"{' '.join(str(err).split())[:300]}") from None
-    try:
+        for model, config in zip(experts, configs):
+            try:
+                model.enable_cache(config)
+            except (ValueError, TypeError, NotImplementedError) as err:
+                raise ValueError(f"--cache {spec.label}: {type(model).__name__} refuses it: "
+                                 f"{' '.join(str(err).split())[:300]}") from None
+            enabled.append(model)
         yield spec
-    finally:
-        transformer.disable_cache()
+    finally:  # (also when the second refuses: the first is left as it was)
+        for model in enabled:
+            model.disable_cache()
 
 
 @contextlib.contextmanager
