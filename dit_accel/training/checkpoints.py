@@ -20,7 +20,7 @@ from ..atomic_files import (BadFileError, atomic_folder, atomic_write, atomic_wr
                             temp_name)
 from ..checkpoints.finetuned import LORA_FILE, METHOD_FILE, SLA_FILE, VSA_FILE
 from . import data as data_mod
-from .config import _PATHS, _RESUMABLE, CKPT_DIR, LOG_FILE, RUN_FILE, FinetuneConfig
+from .config import _PATHS, _RESUMABLE, CKPT_DIR, LOG_FILE, RUN_FILE, FinetuneConfig, target_names
 
 
 def _run_record(config: FinetuneConfig, world: int) -> dict:
@@ -93,6 +93,8 @@ def _check_output(config: FinetuneConfig, world: int) -> Tuple[Path, list]:
         for key in _PATHS:  # earlier run files named their files by absolute path
             if isinstance(previous.get(key), str) and os.path.isabs(previous[key]):
                 previous[key] = config.portable(previous[key])
+        if isinstance(previous.get("target_modules"), (str, list)):  # earlier run files kept the string as given
+            previous["target_modules"] = list(target_names(previous["target_modules"]))
         if config.__dict__.get("_vsa_decay_default") and isinstance(previous.get("vsa_decay_steps"), int):
             config.vsa_decay_steps = previous["vsa_decay_steps"]  # the length the run started with, not --steps // 4
         current = _run_record(config, world)

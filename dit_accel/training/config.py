@@ -212,6 +212,7 @@ def validate_config(config: FinetuneConfig) -> None:
                  f"method={c.method!r} is invalid: fine-tuning supports {list(finetune_methods())} configs "
                  "(e.g. dit_accel.SLA(topk=0.05)), or pass a calibrated plan (--plan PLAN.json).")
     _plain_numbers(c)
+    _check_model(c)
     _check_vsa_options(c)
     _check_sequences(c)
     _require(c.mode in MODES, f"--mode {c.mode!r} is invalid: choose one of {list(MODES)}.")
@@ -225,6 +226,10 @@ def validate_config(config: FinetuneConfig) -> None:
     for name in ("checkpoint_every", "lr_warmup_steps", "seed", "checkpoints_total_limit", "eval_batches"):
         v = getattr(c, name)
         _require(is_int(v) and v >= 0, f"--{name.replace('_', '-')} {v!r} is invalid: must be an integer >= 0.")
+    # (torch's generators take 64 bits: a larger seed failed after the model loaded, as "Overflow when unpacking long
+    # long", naming no option)
+    _require(c.seed < 2 ** 64, f"--seed {c.seed} is invalid: must be an integer from 0 to 2**64 - 1 "
+                               f"({2 ** 64 - 1}), the seeds torch's generators take.")
     _require(is_int(c.log_every) and c.log_every > 0, f"--log-every {c.log_every!r} must be a positive integer.")
     _require(is_number(c.lr) and math.isfinite(c.lr) and c.lr > 0, f"--lr {c.lr!r} must be a positive number.")
     for name, what in (("weight_decay", "AdamW's decoupled weight decay; default 0"),
@@ -248,8 +253,31 @@ def validate_config(config: FinetuneConfig) -> None:
         v = getattr(c, name)          # data.read_prompts)
         _require(v is None or isinstance(v, (str, os.PathLike)),
                  f"--{name} {v!r} is invalid: expected a path (str or pathlib.Path).")
+    # (before: --prompts was ignored without a word when --data was given; the run used the captions)
+    _require(c.data is None or c.prompts is None,
+             "--prompts and --data exclude each other: with --data the prompts are its captions (metadata.jsonl), so "
+             "--prompts would be ignored. Drop --prompts, or drop --data to distill on --prompts with random latents.")
     if c.mode == "distill" and c.data is None:
         data_mod.read_prompts(c.prompts)
+
+
+def _check_model(c: FinetuneConfig) -> None:
+    """``model``: a name or path (a pathlib.Path becomes its string, as the loader takes it), or a pipeline with a
+    ``transformer``. Before: None, a number or a Path failed after set-up with AttributeError "'PosixPath' object has
+    no attribute 'to'", and a bare transformer was refused as a model that "has NoneType"."""
+    if isinstance(c.model, os.PathLike):
+        c.model = os.fspath(c.model)
+    if isinstance(c.model, str) or getattr(c.model, "transformer", None) is not None:
+        return
+    if hasattr(c.model, "components"):
+        what = f"a {type(c.model).__name__} without a transformer (fine-tuning adapts a DiT pipeline's transformer)"
+    elif hasattr(c.model, "forward"):
+        what = (f"a {type(c.model).__name__}, a transformer without its pipeline (the run needs the pipeline's text "
+                "encoder, VAE and scheduler too)")
+    else:
+        what = f"{c.model!r}"[:80]
+    raise ValueError(f"model= is {what}: pass a pipeline that holds the transformer (e.g. WanPipeline.from_pretrained"
+                     "(...)), an embedded model name (e.g. \"tiny-wan\"), a local Diffusers folder or a hub id.")
 
 
 def _plain_numbers(c: FinetuneConfig) -> None:
@@ -279,6 +307,11 @@ def _check_sequences(c: FinetuneConfig) -> None:
     _require(isinstance(c.target_modules, (str, list, tuple)),
              f"--target-modules {c.target_modules!r} is invalid: a comma-separated string or a list of module "
              "names, e.g. ['to_q', 'to_k', 'to_v', 'to_out.0'].")
+    # One spelling, the CLI's: "to_q, to_k" trained no " to_k" (refused as "did you mean to_k?"), and a run recorded
+    # with the string could not be resumed with the list (or from the CLI).
+    names = target_names(c.target_modules)
+    if names and all(isinstance(t, str) and t for t in names):  # (else refused below, as given)
+        c.target_modules = names
     if c.dense_layers is not None:
         what = f"--dense-layers {c.dense_layers!r} is invalid: N >= 0 (the first N layers) or a list of layer " \
                "indices >= 0, e.g. [0, 1]."
@@ -291,6 +324,14 @@ def _check_sequences(c: FinetuneConfig) -> None:
         cp = _int_list(c.cp, f"--cp {c.cp!r} is invalid: (ulysses, ring), two positive integers, e.g. (2, 1).", 1)
         _require(len(cp) == 2, f"--cp {c.cp!r} is invalid: (ulysses, ring), two positive integers, e.g. (2, 1).")
         c.cp = cp
+
+
+def target_names(targets) -> Tuple:
+    """``--target-modules`` as a tuple of names without surrounding spaces (a string split at its commas, empty
+    pieces dropped, as the CLI does)."""
+    if isinstance(targets, str):
+        return tuple(t.strip() for t in targets.split(",") if t.strip())
+    return tuple(t.strip() if isinstance(t, str) else t for t in targets)
 
 
 def _check_vsa_options(c: FinetuneConfig) -> None:

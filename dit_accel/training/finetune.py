@@ -205,7 +205,9 @@ def finetune(config: FinetuneConfig) -> Dict[str, Any]:
     checkpoint are not written, and the output folder is left as it was before the run (a new folder is removed;
     what ``overwrite`` would have replaced is kept; a resumed run keeps the checkpoints it resumed from); so is a run
     that fails otherwise before writing a checkpoint. A pipeline passed as ``model`` loses the processors and the
-    LoRA a failed run added; one that already holds LoRA adapters is refused (fuse or delete them first).
+    LoRA a failed run added and gets back, bit for bit, the tensors its cast to ``mixed_precision`` replaced (they
+    are kept until the run ends) and a dit_accel handle it held (a run that succeeds replaces that handle, with a
+    warning); one that already holds LoRA adapters is refused (fuse or delete them first).
     """
     validate_config(config)
     prompts, dataset = _read_inputs(config)
@@ -213,10 +215,12 @@ def finetune(config: FinetuneConfig) -> Dict[str, Any]:
     out, out_contents = _check_output(config, accelerator.num_processes)
     trainer = _Trainer(config, accelerator, prompts, dataset)
     try:
-        return _run(trainer, out, out_contents)
+        result = _run(trainer, out, out_contents)
     except BaseException:
         trainer.undo()  # a pipeline passed in as model= gets back what the failed run added to it
         raise
+    trainer.commit()
+    return result
 
 
 def _run(trainer: _Trainer, out: Path, out_contents: list) -> Dict[str, Any]:

@@ -19,27 +19,52 @@ from ..methods import SLA, VSA, Dense, Method, Radial
 from ..plans.sparse_plan import SparsePlan
 from . import data as data_mod
 from .checkpoints import _checkpoints, _load_checkpoint, _save_checkpoint, _step_of
+from .callers_pipe import cast_keeping, park_handles
 from .config import (_CACHED_PROMPTS, CKPT_DIR, DISTILL_SAMPLES_PER_STEP, FinetuneConfig, _method_label,
                      vsa_sparsity_at)
 from .model_io import ModelIO, model_io_for, take
 
 
-def _check_method_fits(method: Method, io: ModelIO, config: FinetuneConfig) -> Tuple[int, ...]:
-    """Token grid for the chosen shape; ValueError when the method cannot run on it."""
+def _check_method_fits(method: Method, io: ModelIO, config: FinetuneConfig, dataset=None) -> Tuple[int, ...]:
+    """Token grid for the chosen shape; ValueError when the method cannot run on it, or runs dense attention there
+    (the run would train the dense model: before, a Radial or a Tile whose window covers the grid trained without a
+    sparse step, with a runtime warning only). In data mode an image is one frame whatever ``--frames`` says, so the
+    images' grid is checked too."""
     io.check_geometry(config.frames, config.height, config.width)
     grid = io.token_grid(config.frames, config.height, config.width)
-    try:
-        method.plan(grid)  # the same validation apply() runs at the first call
-    except (ValueError, TypeError) as e:
-        raise ValueError(f"--method {method.name} does not fit this model at {config.frames}x{config.height}x"
-                         f"{config.width} (token grid {grid}): {e}") from None
+    size = f"{config.frames}x{config.height}x{config.width}"
     if isinstance(method, Radial) and grid[0] < 3:
         raise ValueError(f"--method radial needs at least 3 latent frames to be sparse; token grid {grid} has "
                          f"{grid[0]}. Use more --frames (e.g. {io.vae_scale_temporal * 4 + 1}).")
+    _check_grid(method, grid, f"this model at {size} (token grid {grid})",
+                "change the method's settings or the sample size (--frames, --height, --width)")
+    image = _image_grid(io, config, dataset)
+    if image is not None:
+        _check_grid(method, image, f"the images of --data {str(dataset.root)!r} (one frame each, whatever --frames "
+                                   f"says: token grid {image})",
+                    "train on videos only, or a method that is sparse on one frame (e.g. sla)")
     return grid
 
 
-def _check_plan_fits(plan: SparsePlan, io: ModelIO, config: FinetuneConfig, transformer) -> Tuple[int, ...]:
+def _image_grid(io: ModelIO, config: FinetuneConfig, dataset) -> Optional[Tuple[int, ...]]:
+    """The token grid of the images of a caption folder when it holds images and ``--frames`` is not 1, else None."""
+    if dataset is None or config.frames == 1 or not any(dataset.num_frames(i) == 1 for i in range(len(dataset))):
+        return None
+    return tuple(io.token_grid(1, config.height, config.width))
+
+
+def _check_grid(method: Method, grid, where: str, fix: str) -> None:
+    try:
+        plan = method.plan(grid)  # the same validation apply() runs at the first call
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"--method {method.name} does not fit {where}: {e}") from None
+    if plan.is_dense:
+        raise ValueError(f"--method {method.name} runs dense attention on {where}: {plan.dense_reason}. Fine-tuning "
+                         f"would train the dense model, not the method: {fix}.")
+
+
+def _check_plan_fits(plan: SparsePlan, io: ModelIO, config: FinetuneConfig, transformer,
+                     dataset=None) -> Tuple[int, ...]:
     """Token grid for the chosen shape; ValueError when the plan was calibrated for another model class or
     token grid, or one of its methods cannot run on this grid. The model comes first: a plan for another model
     is said to be one, not a size of its that does not fit this model."""
@@ -65,6 +90,11 @@ def _check_plan_fits(plan: SparsePlan, io: ModelIO, config: FinetuneConfig, tran
         raise ValueError(f"--plan {config.plan} was calibrated on token grid {grids[0]}{size}; this run trains at "
                          f"{config.frames}x{config.height}x{config.width}, token grid {tuple(grid)}. Train at the "
                          "plan's size, or calibrate a plan at this size.")
+    image = _image_grid(io, config, dataset)  # (before: found by the first forward, named the grid of --frames)
+    if grids and image is not None and image not in grids:
+        raise ValueError(f"--plan {config.plan} was calibrated on token grid {grids[0]}; the images of --data "
+                         f"{str(dataset.root)!r} are one frame each, whatever --frames says (token grid {image}). "
+                         "Train the plan on videos only, or calibrate a plan for images.")
     for method in plan.methods():
         if isinstance(method, Dense):
             continue
@@ -121,11 +151,13 @@ def _check_no_adapters(model) -> None:
 
 
 def _load_pipe(config: FinetuneConfig, device, dtype):
+    """``(pipeline, what its cast replaced)``: a pipeline passed in is cast in place, its original tensors kept
+    until the run ends (a failed run puts them back: fp32 values do not survive a cast to bf16 and back)."""
     if not isinstance(config.model, str):
-        return config.model.to(device=device, dtype=dtype) if dtype != torch.float32 else config.model.to(device)
+        return config.model, cast_keeping(config.model, device, dtype)
     from ..models.loading import load_pipeline
 
-    return load_pipeline(config.model, device=device, dtype=dtype, seed=0)
+    return load_pipeline(config.model, device=device, dtype=dtype, seed=0), None
 
 
 def _sync_grads(params: Sequence[nn.Parameter], accelerator, reduction: str = "mean") -> None:
@@ -155,8 +187,8 @@ class _Trainer:
         # Under context parallelism every process trains on the same samples: one data-parallel rank.
         self.rank, self.world = (0, 1) if config.cp else (accelerator.process_index, accelerator.num_processes)
         _check_no_adapters(config.model)
-        self.handle, self._undo_flags = None, None
-        self.pipe = _load_pipe(config, self.device, self.weight_dtype)
+        self.handle, self._undo_flags, self._parked = None, None, None
+        self.pipe, self._kept = _load_pipe(config, self.device, self.weight_dtype)
         try:
             self._set_up(config, prompts)
         except BaseException:
@@ -175,10 +207,10 @@ class _Trainer:
         self.plan = config.sparse_plan()
         self.method = config.method if self.plan is None else self.plan.as_method()
         if self.plan is None:
-            self.grid = _check_method_fits(config.method, self.io, config)
+            self.grid = _check_method_fits(config.method, self.io, config, self.dataset)
             self.plan_timesteps = None
         else:
-            self.grid = _check_plan_fits(self.plan, self.io, config, self.transformer)
+            self.grid = _check_plan_fits(self.plan, self.io, config, self.transformer, self.dataset)
             self.plan_timesteps = _plan_timesteps(self.plan, self.pipe)
         self._prepare_text(prompts)
         self._install_student()
@@ -192,10 +224,20 @@ class _Trainer:
     def undo(self) -> None:
         """A pipeline the caller passed in loses what the run added to it (dit_accel's processors, the SLA projections
         and VSA gates, the LoRA adapter) and gets its trainable flags, gradient checkpointing and train/eval mode
-        back, so a failed run does not leave it running sparse, or producing NaN. Idempotent."""
-        if isinstance(self.config.model, str) or self._undo_flags is None:
-            return  # the run loaded the model itself (nobody else holds it), or changed nothing yet
+        back, so a failed run does not leave it running sparse, or producing NaN; then the tensors its cast to the
+        run's dtype replaced, and the dit_accel handle it held before the run. Idempotent."""
+        if isinstance(self.config.model, str):
+            return  # the run loaded the model itself (nobody else holds it)
         flags, self._undo_flags = self._undo_flags, None
+        kept, parked, self._kept, self._parked = self._kept, self._parked, None, None
+        if flags is not None:
+            self._undo_install(flags)
+        if kept is not None:
+            kept.restore()
+        if parked is not None:
+            parked.restore()
+
+    def _undo_install(self, flags: dict) -> None:
         transformer = self.transformer
         if self.handle is not None:
             self.handle.remove()
@@ -206,6 +248,13 @@ class _Trainer:
         if flags["checkpointing"] is False and getattr(transformer, "is_gradient_checkpointing", False):
             transformer.disable_gradient_checkpointing()
         transformer.train(flags["training"])
+
+    def commit(self) -> None:
+        """The run succeeded: the pipeline keeps its cast and the student, and a handle it held goes for good."""
+        kept, parked, self._kept, self._parked = self._kept, self._parked, None, None
+        del kept  # (the original tensors are freed)
+        if parked is not None:
+            parked.release(self.handle)
 
     # ------------------------------------------------------------- set-up
     def _prepare_text(self, prompts) -> None:
@@ -235,7 +284,14 @@ class _Trainer:
         if config.dense_layers is not None:
             apply_kwargs["dense_layers"] = list(config.dense_layers)
         self.dense_layers = apply_kwargs.get("dense_layers")
+        if not isinstance(config.model, str):  # the caller's own handle waits aside until the run succeeds
+            self._parked = park_handles(transformer)
         self.handle = dit_accel.apply(transformer, self.method, **apply_kwargs)
+        layers = len(self.handle.layers)  # (before: such a run trained the dense model, held-out loss 0.0, silently)
+        if self.dense_layers is not None and len(set(self.dense_layers)) >= layers:
+            raise ValueError(f"--dense-layers {sorted(set(self.dense_layers))} names every attention layer of this "
+                             f"model ({layers}): the run would train the dense model, not {_method_label(config)}. "
+                             "Leave at least one layer sparse.")
         targets = tuple(config.target_modules.split(",")) if isinstance(config.target_modules, str) else tuple(
             config.target_modules)
         self.lora_config = LoraConfig(r=config.rank, lora_alpha=config.alpha if config.alpha is not None else

@@ -279,6 +279,12 @@ def model_io_for(pipe, *, max_sequence_length: int = 512) -> ModelIO:
             f"fine-tuning supports pipelines whose transformer is one of {list(SUPPORTED_TRANSFORMERS)}; "
             f"this model has {name}" + (f" ({why})" if why else "") +
             ". Use a Wan, HunyuanVideo or FLUX model (e.g. --model tiny-wan or --model tiny-flux).")
+    if getattr(pipe, "transformer_2", None) is not None:  # (before: trained, then its folder did not load back)
+        raise ValueError(
+            f"fine-tuning supports pipelines with one transformer; this {type(pipe).__name__} has two experts "
+            "(transformer, and transformer_2 below its boundary_ratio, as Wan 2.2 A14B): the run would train "
+            "transformer alone at every noise level, and its weights folder would not load into this pipeline. "
+            "Fine-tune a one-transformer model (e.g. Wan 2.1, or Wan 2.2 TI2V-5B).")
     return cls(pipe, max_sequence_length=max_sequence_length)
 
 
