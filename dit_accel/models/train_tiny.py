@@ -45,7 +45,7 @@ from ..atomic_files import atomic_folder, atomic_write_json
 from .attention_locality import AttentionLocality
 from .clips import COLOURS, DIRECTIONS, SHAPES, make_prompt, render_batch
 from .tiny_shapes import TINY_SHAPES_DEFAULTS
-from .train_tiny_checks import checked_out_dir, checked_shape, flag_words, usage_error
+from .train_tiny_checks import checked_numbers, checked_out_dir, checked_shape, flag_words, usage_error
 
 __all__ = ["TRANSFORMER_CONFIG", "TEXT_ENCODER_CONFIG", "HEADS", "transformer_config", "build_pipeline",
            "build_pixel_codec", "pack_latents", "checked_out_dir", "train", "main"]
@@ -404,6 +404,9 @@ def train(out_dir, *, steps: int = 3600, batch_size: int = 16, lr: float = 1.5e-
     _check_choices(init=init, heads=heads, local_max_noise=local_max_noise, precision=precision,
                    noise_levels=noise_levels, local=local, locality=locality)
     frames, canvas = checked_shape(frames, size, object_canvas, local_pull)
+    checked_numbers(steps=steps, batch_size=batch_size, lr=lr, warmup=warmup, short_fraction=short_fraction,
+                    ema_decay=ema_decay, save_every=save_every, time_limit=time_limit, local_weight=local_weight,
+                    locality_weight=locality_weight, locality_queries=locality_queries)
     settings = {"steps": steps, "batch_size": batch_size, "lr": lr, "warmup": warmup,
                 "short_fraction": short_fraction, "short_frames": _SHORT_FRAMES, "ema_decay": ema_decay,
                 "seed": seed, "threads": torch.get_num_threads(), "scheduler_shift": SCHEDULER_SHIFT,
@@ -701,6 +704,9 @@ def main(argv=None) -> None:
         _check_choices(init=args.init, heads=args.heads, local_max_noise=args.local_max_noise,
                        precision=args.precision, noise_levels=args.noise_levels, local=local, locality=locality)
         checked_shape(args.frames, args.size, args.object_canvas, args.local_pull)
+        checked_numbers(**{k: getattr(args, k) for k in ("steps", "batch_size", "lr", "warmup", "short_fraction",
+                                                          "ema_decay", "save_every", "time_limit", "local_weight",
+                                                          "locality_weight", "locality_queries")})
     except ValueError as err:
         usage_error(parser, flag_words(str(err)))
     torch.set_num_threads(args.threads or os.cpu_count() or 1)

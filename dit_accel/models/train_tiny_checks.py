@@ -3,6 +3,7 @@ its output folder, its clip shape, and the command line's one-line usage errors.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from pathlib import Path
@@ -10,7 +11,7 @@ from pathlib import Path
 from ..atomic_files import is_temp_name
 from .tiny_shapes import TINY_SHAPES_DEFAULTS
 
-__all__ = ["checked_out_dir", "checked_shape", "usage_error", "flag_words"]
+__all__ = ["checked_out_dir", "checked_shape", "checked_numbers", "usage_error", "flag_words"]
 
 
 def checked_out_dir(out_dir, init=None) -> Path:
@@ -54,6 +55,39 @@ def checked_shape(frames, size, object_canvas, local_pull):
     return frames, canvas
 
 
+#: ``{setting: (whole number?, least, most, least excluded?, most excluded?, what it is)}`` of the numbers a run takes.
+_NUMBERS = {
+    "steps": (True, 1, None, False, False, "the training steps"),
+    "batch_size": (True, 1, None, False, False, "clips per step"),
+    "lr": (False, 0.0, None, True, False, "the peak learning rate"),
+    "warmup": (True, 0, None, False, False, "the learning-rate warm-up steps"),
+    "short_fraction": (False, 0.0, 1.0, False, False, "the share of steps on short clips"),
+    "ema_decay": (False, 0.0, 1.0, False, True, "the weight of the moving average's past; 1 would never move"),
+    "save_every": (True, 0, None, False, False, "steps between checkpoints, 0 for none"),
+    "time_limit": (False, 0.0, None, False, False, "seconds (0: save the starting weights), or unset for no limit"),
+    "local_weight": (False, 0.0, None, False, False, "the weight of the --local term"),
+    "locality_weight": (False, 0.0, None, False, False, "the weight of the --locality term"),
+    "locality_queries": (True, 1, None, False, False, "queries sampled per attention call"),
+}
+
+
+def checked_numbers(**values) -> None:
+    """ValueError, before anything is built or written, for a number of a run out of its range (a step count below 1,
+    an EMA decay of 1 or more, a NaN weight): each would fail part way, or train and save a model silently wrong."""
+    for name, value in values.items():
+        whole, low, high, low_open, high_open, what = _NUMBERS[name]
+        if value is None and name == "time_limit":
+            continue
+        number = isinstance(value, (int, float)) and not isinstance(value, bool) and (
+            isinstance(value, int) or (not whole and math.isfinite(value)))
+        if not number or value < low or (low_open and value == low) or (high is not None and (
+                value > high or (high_open and value == high))):
+            span = (f"({low}, " if low_open else f"[{low}, ") + (f"{high}{')' if high_open else ']'}" if high is not None
+                                                                  else "inf)")
+            raise ValueError(f"{name} must be {'a whole number' if whole else 'a number'} in {span} ({what}), "
+                             f"got {value!r}")
+
+
 def usage_error(parser, message: str) -> None:
     """Exit 2 with one line on stderr: what is wrong and what is allowed (no usage block, no traceback)."""
     parser.exit(2, f"{parser.prog}: error: {message}\n")
@@ -62,5 +96,6 @@ def usage_error(parser, message: str) -> None:
 def flag_words(message: str) -> str:
     """train()'s messages with its keyword names as the command line spells them (``object_canvas`` ->
     ``--object-canvas``)."""
-    return re.sub(r"\b(frames|size|object_canvas|local_max_noise|heads|precision|noise_levels|local_pull)\b(?= must| is)",
+    return re.sub(r"\b(frames|size|object_canvas|local_max_noise|heads|precision|noise_levels|local_pull|"
+                  + "|".join(_NUMBERS) + r")\b(?= must| is)",
                   lambda m: "--" + m.group(1).replace("_", "-"), message)

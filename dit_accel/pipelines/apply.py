@@ -10,6 +10,8 @@ projection submodule per attention layer, all of which ``remove()`` takes away.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import threading
 import warnings
 from typing import Dict, Iterable, List, Optional, Sequence, Union
@@ -172,33 +174,68 @@ def apply(pipe_or_transformer, method: Method, *, dense_steps: int = 0, dense_la
     method, dense_steps, dense_last_steps, dense_layers, layer_methods, capture_layers, capture_steps = \
         _check_apply_args(method, dense_steps, dense_last_steps, dense_layers, layer_methods, backend,
                           capture_layers, capture_steps, scheduler, weights, timing)
-    capture = _capture(capture, capture_layers, capture_steps)
-    found, pipe = _find_transformers(pipe_or_transformer)
-    targets = [(prefix, t, preset, attention_modules(t, prefix, preset))
-               for prefix, t in found for preset in [preset_for(t)]]
-    _check_fit(targets, method, layer_methods, allow_other_grid)
-    options = dict(dense_steps=dense_steps, dense_last_steps=dense_last_steps, dense_layers=dense_layers,
-                   layer_methods=layer_methods)
-    ours = None if gates_folder(method, layer_methods, weights) else weights  # else: a VSA checkpoint's gates
-    schedule, runtime, steps, log = _build_runtime(targets, pipe, method, options, backend, ours, capture,
-                                                   capture_layers, capture_steps, scheduler, timing, allow_other_grid)
-    # Everything above only reads the model. From here on it changes, so every step is undone on failure:
-    # the model (and any handle already applied to it) is then exactly as before. One apply() at a time
-    # finds the model's live handle and takes its place: two threads never both find the model free.
-    with _APPLYING:
-        return _take_over(found, targets, schedule, runtime, steps, ours, log,
-                          trained_gates(method, layer_methods, ours) if ours is weights else weights)
+    with _capture(capture, capture_layers, capture_steps) as capture:  # (a failed apply() takes its folders away)
+        found, pipe = _find_transformers(pipe_or_transformer)
+        targets = [(prefix, t, preset, attention_modules(t, prefix, preset))
+                   for prefix, t in found for preset in [preset_for(t)]]
+        _check_fit(targets, method, layer_methods, allow_other_grid)
+        options = dict(dense_steps=dense_steps, dense_last_steps=dense_last_steps, dense_layers=dense_layers,
+                       layer_methods=layer_methods)
+        ours = None if gates_folder(method, layer_methods, weights) else weights  # else: a VSA checkpoint's gates
+        schedule, runtime, steps, log = _build_runtime(targets, pipe, method, options, backend, ours, capture,
+                                                       capture_layers, capture_steps, scheduler, timing, allow_other_grid)
+        # Everything above only reads the model. From here on it changes, so every step is undone on failure:
+        # the model (and any handle already applied to it) is then exactly as before. One apply() at a time
+        # finds the model's live handle and takes its place: two threads never both find the model free.
+        with _APPLYING:
+            return _take_over(found, targets, schedule, runtime, steps, ours, log,
+                              trained_gates(method, layer_methods, ours) if ours is weights else weights)
 
 
+def _folders_to_make(capture) -> List[str]:
+    """The folders that :func:`~.capture.check_capture_dir` will create for a ``capture`` path, deepest first
+    (none for an observer or a folder that exists)."""
+    if not isinstance(capture, (str, os.PathLike)) or not os.fspath(capture):
+        return []
+    made, path = [], os.path.abspath(os.fspath(capture))
+    while not os.path.lexists(path) and os.path.dirname(path) != path:
+        made.append(path)
+        path = os.path.dirname(path)
+    return made
+
+
+def _remove_empty(folders: List[str]) -> None:
+    """Remove ``folders`` (deepest first) while they are empty: a failed apply() leaves no capture folder behind."""
+    for folder in folders:
+        try:
+            os.rmdir(folder)
+        except OSError:  # not empty (or gone): what is above it stays too
+            return
+
+
+@contextlib.contextmanager
 def _capture(capture, capture_layers, capture_steps):
     """``capture`` as an observer: a folder becomes a :class:`~.capture.Capture` of those layers and steps. Layers
-    or steps without a place to put them would capture nothing: a ValueError, before the model changes."""
+    or steps without a place to put them would capture nothing: a ValueError, before the model changes. The
+    folders made for it (:func:`~.capture.check_capture_dir`) are taken away again, while still empty, when the
+    block fails: a failed apply() leaves the user's files as they were."""
     if capture is None and (capture_layers is not None or capture_steps is not None):
         raise ValueError("capture_layers/capture_steps need capture=FOLDER (where the captured q/k/v go); pass "
                          "capture=, or drop capture_layers/capture_steps")
-    if capture is not None and not (hasattr(capture, "wants") and hasattr(capture, "save")):  # else an observer
-        return Capture(check_capture_dir(capture), capture_layers, capture_steps)
-    return capture
+    observer = hasattr(capture, "wants") and hasattr(capture, "save")
+    if observer and (capture_layers is not None or capture_steps is not None):  # (they would be ignored, unsaid)
+        raise ValueError(f"capture_layers/capture_steps choose what a capture folder saves; the observer "
+                         f"{type(capture).__name__} chooses its own layers and steps (its wants(layer, step)): drop "
+                         "them, or pass capture=FOLDER")
+    made = []
+    if capture is not None and not observer:
+        made = _folders_to_make(capture)
+        capture = Capture(check_capture_dir(capture), capture_layers, capture_steps)
+    try:
+        yield capture
+    except BaseException:
+        _remove_empty(made)
+        raise
 
 
 def _check_fit(targets, method: Method, layer_methods: Dict[int, Method], allow_other_grid) -> None:
@@ -209,6 +246,11 @@ def _check_fit(targets, method: Method, layer_methods: Dict[int, Method], allow_
     for _, t, preset, _ in targets:
         for m in (method, *layer_methods.values()):
             check_method_for(type(t).__name__, preset, m)
+            for inner, note in _inner_configs(m):  # a plan's entries, a PerHead's heads: refused here, not mid-run
+                try:
+                    check_method_for(type(t).__name__, preset, inner)
+                except ValueError as err:  # (worded as ComfyUI's node says it of a plan)
+                    raise ValueError(f"{err} ({note})") from None
     if hasattr(method, "check_model"):
         for _, transformer, _, modules in targets:
             method.check_model(type(transformer).__name__, [_heads_of(module) for _, module in modules])
@@ -223,6 +265,20 @@ def _check_fit(targets, method: Method, layer_methods: Dict[int, Method], allow_
                 raise ValueError(f"{path or type(m).__name__} has windows for {want} heads per layer, but "
                                  f"{type(transformer).__name__}'s attention layers run "
                                  f"{', '.join(map(str, known))} heads: {fix}")
+
+
+def _inner_configs(method: Method):
+    """``(config, which part runs it)`` for each config that ``method`` runs inside it: a plan's entries (defaults,
+    layers, and their heads), a :class:`~dit_accel.plans.per_head.PerHead`'s heads; none for a plain config."""
+    plan = getattr(method, "sparse_plan", None)
+    if isinstance(plan, SparsePlan):
+        note = f"{f'plan {plan.source}' if plan.source else 'the plan'} runs it: calibrate a plan for this model"
+        for entry in plan.methods():
+            yield entry, note
+            yield from ((head, note) for head in getattr(entry, "methods", ()))
+    elif isinstance(getattr(method, "methods", None), tuple):  # PerHead
+        yield from ((head, f"head {h} of the {type(method).__name__} config runs it")
+                    for h, head in enumerate(method.methods))
 
 
 def _build_runtime(targets, pipe, method: Method, options: dict, backend: str, weights, capture, capture_layers,

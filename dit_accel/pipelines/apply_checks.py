@@ -13,6 +13,8 @@ from ..checkpoints.finetuned import weights_folder
 from ..kernels.backends import BACKENDS as _KERNEL_BACKENDS
 from ..kernels.checks import check_flag as _check_bool
 from ..methods import SLA, Method, registered_methods
+from ..plans.sparse_plan import SparsePlan
+from .context import TRANSFORMER_ATTRS
 from .presets import check_pipeline
 from .schedule import Schedule
 
@@ -74,9 +76,7 @@ def _find_transformers(obj) -> Tuple[List[Tuple[str, nn.Module]], object]:
     else:
         found, pipe = [], obj
         check_pipeline(obj)
-        # Wan 2.2 A14B has a second (low-noise) expert; MiniMax-H3's modular pipeline runs ref2va on transformer_ref;
-        # Ideogram 4 runs its unconditional pass on unconditional_transformer
-        for attr in ("transformer", "transformer_2", "transformer_ref", "unconditional_transformer"):
+        for attr in TRANSFORMER_ATTRS:
             module = getattr(obj, attr, None)
             # one module under two names (transformer_2 = transformer, to share the weights) is wrapped once:
             # twice would nest the wrappers, and remove() could not take the inner ones away
@@ -105,6 +105,13 @@ def _check_apply_args(method, dense_steps, dense_last_steps, dense_layers, layer
         dense_layers = _check_int("dense_layers", dense_layers)
     if layer_methods is not None and not isinstance(layer_methods, dict):
         raise TypeError(f"layer_methods must be a dict {{layer index: Method}}; got {type(layer_methods).__name__}")
+    for i, m in (layer_methods or {}).items():
+        if isinstance(m, SparsePlan) or isinstance(getattr(m, "sparse_plan", None), SparsePlan):
+            # (as a layer's method its checks of the model, grid and steps would be skipped, and its layer numbers
+            # would name other layers than the one it was given for)
+            raise TypeError(f"layer_methods[{i!r}] is a SparsePlan: a plan is the schedule of every layer (its "
+                            "phases name the layers and their methods); pass it as the method, "
+                            "dit_accel.apply(pipe, plan), or give layer_methods a config such as dit_accel.Tile(...)")
     layer_methods = {_check_int("layer_methods key", i): _check_method(f"layer_methods[{i}]", m)
                      for i, m in (layer_methods or {}).items()}
     if not isinstance(backend, str) or backend not in BACKENDS:
@@ -241,8 +248,11 @@ def _warn_unknown_strategy_layers(methods, n_layers: int, model: str, log: Warni
 
 
 def _heads_of(module: nn.Module) -> Optional[int]:
-    heads = getattr(module, "heads", None)
-    return int(heads) if is_int(heads) else None
+    """The module's (query) head count: Diffusers' ``heads``, else ``num_heads`` and the like (Kandinsky 5/6, Krea 2,
+    Ideogram 4), or None. Read by the checks of per-head settings and of a plan's ``num_heads``, which a model
+    whose heads went unread would run unchecked."""
+    heads = next((getattr(module, n) for n in _HEAD_COUNTS if is_int(getattr(module, n, None))), None)
+    return int(heads) if heads is not None else None
 
 
 def _plan_call_check(method: Method, allow_other_grid: bool, log: WarningLog):

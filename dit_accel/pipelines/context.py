@@ -90,10 +90,14 @@ class ContextStack:
 
 _MAX_FRAMES = 64  # pipelines call their transformer about 10 frames up (more under offload hooks)
 
+#: The pipeline attributes that hold a transformer apply() wraps: Wan 2.2 A14B's second (low-noise) expert, MiniMax-H3's
+#: ref2va model, Ideogram 4's unconditional pass. A pipeline making a call through any of them gives its step.
+TRANSFORMER_ATTRS = ("transformer", "transformer_2", "transformer_ref", "unconditional_transformer")
+
 
 def calling_pipeline(transformer) -> Tuple[Optional[object], Optional[object]]:
     """``(frame, pipeline)`` of the innermost pipeline ``__call__`` on this thread's stack that uses
-    ``transformer`` (as ``transformer`` or ``transformer_2``, possibly wrapped by ``torch.compile``) and has
+    ``transformer`` (under one of :data:`TRANSFORMER_ATTRS`, possibly wrapped by ``torch.compile``) and has
     a ``scheduler``; ``(None, None)`` for a call no pipeline makes.
 
     The pipeline making a call is on the calling thread's stack for exactly as long as its call runs,
@@ -112,7 +116,7 @@ def calling_pipeline(transformer) -> Tuple[Optional[object], Optional[object]]:
             owner = frame.f_locals.get("self")
             attrs = None if owner is None or isinstance(owner, nn.Module) else getattr(owner, "__dict__", None)
             if attrs is not None and attrs.get("scheduler") is not None:
-                for name in ("transformer", "transformer_2"):
+                for name in TRANSFORMER_ATTRS:  # (Ideogram 4's unconditional pass too: its own step, not 0)
                     module = attrs.get(name)
                     if module is not None and (module is transformer
                                                or getattr(module, "_orig_mod", None) is transformer):

@@ -69,7 +69,7 @@ class StepSource:
        ``set_step`` never moves another thread's call;
     2. the scheduler of the pipeline whose ``__call__`` is making this transformer call: the
        innermost frame on the calling thread's stack whose ``self`` holds this transformer as
-       ``transformer``/``transformer_2`` and has a ``scheduler``;
+       ``transformer``/``transformer_2`` (or another of :data:`~.context.TRANSFORMER_ATTRS`) and has a ``scheduler``;
     3. ``apply(..., scheduler=...)``, then the scheduler of the pipeline given to ``apply``
        (a bare transformer called from the user's own loop).
 
@@ -114,10 +114,10 @@ class StepSource:
         if scheduler is None:
             if not self._needs_step:
                 return 0, None
-            raise ValueError("dense_steps/dense_last_steps/capture_steps and per-step methods (Tile.from_strategy) "
-                             "need the denoising step: apply() got a bare "
-                             "transformer, so pass scheduler=pipe.scheduler to apply() or call "
-                             "handle.set_step(i, total) before each transformer call")
+            raise ValueError("dense_steps/dense_last_steps/capture_steps and per-step methods (a SparsePlan, "
+                             "Tile.from_strategy) need the denoising step: apply() got a bare transformer, so pass "
+                             "scheduler=pipe.scheduler to apply() or call handle.set_step(i, total) before each "
+                             "transformer call")
         order = max(int(getattr(scheduler, "order", 1) or 1), 1)
         timesteps = getattr(scheduler, "timesteps", None)
         # A second-order scheduler (Heun, KDPM2) makes two calls per step but one at the last: 2N - 1 timesteps

@@ -35,10 +35,19 @@ __all__ = ["VSAGates", "attach_gates", "gates_folder", "trained_gates", "runs_vs
 _BLOCK = re.compile(r"(?:^|\.)blocks\.(\d+)\.")
 
 
+def _has_vsa(method, layer: Optional[int] = None) -> bool:
+    """Whether ``method`` may run VSA (on ``layer``, when given): a VSA config, a :class:`~dit_accel.PerHead` with a
+    VSA head, or a plan (``SparsePlan.as_method()``) with such an entry in some phase (its VSA layers run the
+    checkpoint's gates as apply(VSA) does, not without them)."""
+    plan = getattr(method, "sparse_plan", None)
+    if plan is not None:
+        return any(_has_vsa(m) for m in (plan.methods() if layer is None else [p.method(layer) for p in plan.phases]))
+    return isinstance(method, VSA) or any(isinstance(h, VSA) for h in getattr(method, "methods", ()))
+
+
 def runs_vsa(schedule) -> bool:
     """Whether any layer of ``schedule`` may run VSA (on some heads, for a :class:`~dit_accel.PerHead`)."""
-    methods = [schedule.method, *schedule.layer_methods.values()]
-    return any(isinstance(m, VSA) or any(isinstance(h, VSA) for h in getattr(m, "methods", ())) for m in methods)
+    return any(_has_vsa(m) for m in (schedule.method, *schedule.layer_methods.values()))
 
 
 def gates_folder(method, layer_methods, weights) -> bool:
@@ -47,9 +56,7 @@ def gates_folder(method, layer_methods, weights) -> bool:
     gate tensors and no ``dit_accel_method.json``."""
     from ..checkpoints.finetuned import METHOD_FILE
 
-    methods = (method, *(layer_methods or {}).values())
-    if weights is None or not any(isinstance(m, VSA) or any(isinstance(h, VSA) for h in getattr(m, "methods", ()))
-                                  for m in methods):
+    if weights is None or not any(_has_vsa(m) for m in (method, *(layer_methods or {}).values())):
         return False
     folder = Path(weights)
     if (folder / METHOD_FILE).is_file():
@@ -71,9 +78,7 @@ def trained_gates(method, layer_methods, weights):
     :func:`dit_accel.checkpoints.finetuned.load_into`. Else None."""
     from ..checkpoints.finetuned import METHOD_FILE, VSA_FILE
 
-    methods = (method, *(layer_methods or {}).values())
-    if weights is None or not any(isinstance(m, VSA) or any(isinstance(h, VSA) for h in getattr(m, "methods", ()))
-                                  for m in methods):
+    if weights is None or not any(_has_vsa(m) for m in (method, *(layer_methods or {}).values())):
         return None
     folder = Path(weights)
     return weights if (folder / METHOD_FILE).is_file() and (folder / VSA_FILE).is_file() else None
@@ -126,8 +131,7 @@ def runs_vsa_layer(schedule, index: int) -> bool:
     """Whether layer ``index`` of ``schedule`` may run VSA (a dense layer does not)."""
     if index in schedule.dense_layers:
         return False
-    m = schedule.layer_methods.get(index, schedule.method)
-    return isinstance(m, VSA) or any(isinstance(h, VSA) for h in getattr(m, "methods", ()))
+    return _has_vsa(schedule.layer_methods.get(index, schedule.method), index)
 
 
 def gate_state_dict(gates: Dict[str, nn.Module]) -> Dict[str, torch.Tensor]:
