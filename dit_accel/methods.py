@@ -38,7 +38,7 @@ from ._util import DitAccelWarning, check_registration
 from .kernels.limits import GPU_LAYOUT_BLOCKS
 from .kernels.sla.common import LINEAR_EPS, REFERENCE_LINEAR_EPS, ROUNDINGS
 from .kernels.vsa.api import check_vsa_config
-from .patterns.checks import as_grid, check_search, flag, int_or_tuple, number_in, per_head, positive_int
+from .patterns.checks import as_grid, check_search, flag, int_or_tuple, number_in, per_dim, per_head, positive_int
 from .patterns.gna import check_gna_args
 from .patterns.radial import RADIAL_RULES, check_radial_args
 from .patterns.tile import check_tile_args, check_tile_block, read_sta_strategy
@@ -456,8 +456,10 @@ class Tile(Method):
         # blocks over packed tiles, built on first use; auto on CUDA where that pads by at most KERNEL_PACKED_WORK.
         packed = (functools.partial(self._packed_plan, tuple(grid), self.tile, self.window)
                   if block not in GPU_LAYOUT_BLOCKS and per_head(self.window) is None else None)
+        tile_tokens = math.prod(per_dim("tile", self.tile, len(grid), owner="Tile."))  # (a tile=4 failed here)
         return LayoutPlan(self, perm.grid, layout, perm, token_density=tile_token_density(grid, self.tile, self.window),
-                          wide_q=True, kernel_plan=packed, kernel_plan_auto=packed_work(math.prod(self.tile)) <= KERNEL_PACKED_WORK)
+                          wide_q=True, kernel_plan=packed,
+                          kernel_plan_auto=packed_work(tile_tokens) <= KERNEL_PACKED_WORK)
 
     def _packed_plan(self, grid, tile, window):
         """The plan of ``tile`` and ``window`` on ``grid`` in packed tile order (64-token blocks, every block full

@@ -1,0 +1,29 @@
+"""Round 11, leftovers found by the area rounds outside their own files."""
+
+import torch
+
+import dit_accel
+
+
+def _same_tile_reference(q, k, v, grid, tile):
+    """Attention where a token sees exactly the tokens of its own tile (STA with a window of one tile), raster order:
+    written here from the definition, not from the package's layouts."""
+    coords = torch.stack(torch.meshgrid(*[torch.arange(n) for n in grid], indexing="ij"), -1).reshape(-1, len(grid))
+    tiles = coords // torch.tensor(tile)
+    mask = (tiles[:, None, :] == tiles[None, :, :]).all(-1)
+    scores = (q.double() @ k.double().transpose(-1, -2)) / q.shape[-1] ** 0.5
+    return torch.softmax(scores.masked_fill(~mask, float("-inf")), -1) @ v.double()
+
+
+def test_a_tile_given_as_one_int_runs_as_that_tile_in_every_dimension():
+    """Before: ``Tile(tile=4, window=1)`` (the ComfyUI node's ``tile="4"`` too) was accepted and then failed at its
+    first call with a raw "TypeError: 'int' object is not iterable" (``math.prod(self.tile)``)."""
+    from dit_accel.eval.fidelity import method_attention
+
+    grid = (8, 8, 8)
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 512, 16) for _ in range(3))
+    out, density = method_attention(q, k, v, dit_accel.Tile(tile=4, window=1), grid, backend="torch")
+    want = _same_tile_reference(q, k, v, grid, (4, 4, 4))
+    torch.testing.assert_close(out.double(), want, atol=1e-5, rtol=1e-5)
+    assert abs(density - 64 / 512) < 1e-9
