@@ -27,3 +27,25 @@ def test_a_tile_given_as_one_int_runs_as_that_tile_in_every_dimension():
     want = _same_tile_reference(q, k, v, grid, (4, 4, 4))
     torch.testing.assert_close(out.double(), want, atol=1e-5, rtol=1e-5)
     assert abs(density - 64 / 512) < 1e-9
+
+
+def test_taylorseer_without_module_patterns_caches_wans_attention(tmp_path):
+    """Before: Diffusers' default patterns (``^blocks.*attn``, whole-name matches) fit no module of Wan, whose
+    attention modules are ``blocks.N.attn1`` and ``attn2``: ``--cache taylorseer`` hooked nothing ("skipped 0 of
+    N"). Now they run as the same patterns numbered; the reference is those patterns given by hand."""
+    import json
+
+    import numpy as np
+
+    from dit_accel.cli.main import main
+    from dit_accel.io import load_video
+
+    common = ["generate", "--model", "tiny-wan", "--method", "dense", "--frames", "5", "--height", "32", "--width",
+              "32", "--steps", "6", "--quiet"]
+    options = "disable_cache_before_step=1,cache_interval=2"
+    for name, cache in (("default", options), ("named", f"cache_identifiers=^blocks.*attn\\d*,{options}")):
+        assert main([*common, "--out", str(tmp_path / f"{name}.mp4"), "--cache", f"taylorseer:{cache}"]) == 0
+    default, named = (json.loads((tmp_path / f"{name}.mp4.json").read_text())["cache"]
+                      for name in ("default", "named"))
+    assert default["attention_calls_skipped"] == named["attention_calls_skipped"] > 0
+    np.testing.assert_array_equal(load_video(tmp_path / "default.mp4"), load_video(tmp_path / "named.mp4"))

@@ -274,6 +274,29 @@ def _call_params(pipe):
     return inspect.signature(pipe.__call__).parameters
 
 
+# The modules Diffusers' TaylorSeer hooks when told none: whole names (re.fullmatch) of its blocks' attention. They
+# fit FLUX's ``transformer_blocks.N.attn`` but not Wan's numbered ``blocks.N.attn1`` / ``attn2``: there the cache hooked
+# nothing and every call ran (the report: "skipped 0 of N").
+_TAYLORSEER_ATTENTION = ("^blocks.*attn", "^transformer_blocks.*attn", "^single_transformer_blocks.*attn",
+                         "^temporal_transformer_blocks.*attn")
+
+
+def _taylorseer_modules(model, config):
+    """``config`` for ``model``: where the user named no modules and Diffusers' default patterns fit none of
+    ``model``'s, the same attention modules numbered (``attn1``, ``attn2``), as those patterns mean them."""
+    import re
+
+    if config.cache_identifiers is not None or config.skip_predict_identifiers is not None or config.use_lite_mode:
+        return config
+    names = [name for name, _ in model.named_modules()]
+    if any(re.fullmatch(p, name) for p in _TAYLORSEER_ATTENTION for name in names):
+        return config
+    numbered = [p + r"\d*" for p in _TAYLORSEER_ATTENTION]
+    if not any(re.fullmatch(p, name) for p in numbered for name in names):
+        return config
+    return dataclasses.replace(config, cache_identifiers=numbered)
+
+
 @contextlib.contextmanager
 def enable_cache(pipe, spec: CacheSpec, steps: Optional[int] = None):
     """Enable ``spec`` on ``pipe.transformer`` (and Wan 2.2's ``transformer_2``) for the block and disable it after
@@ -301,6 +324,8 @@ def enable_cache(pipe, spec: CacheSpec, steps: Optional[int] = None):
                          "split the steps, and MagCache's schedule counts the steps of one; use fbcache, taylorseer "
                          "or pab")
     configs = [spec.config(pipe, steps) for _ in experts]  # (its refusals before anything is changed)
+    if spec.name == "taylorseer":
+        configs = [_taylorseer_modules(model, config) for model, config in zip(experts, configs)]
     enabled = []
     try:
         for model, config in zip(experts, configs):
