@@ -1,5 +1,6 @@
 """Round 11, leftovers found by the area rounds outside their own files."""
 
+import pytest
 import torch
 
 import dit_accel
@@ -49,3 +50,26 @@ def test_taylorseer_without_module_patterns_caches_wans_attention(tmp_path):
                       for name in ("default", "named"))
     assert default["attention_calls_skipped"] == named["attention_calls_skipped"] > 0
     np.testing.assert_array_equal(load_video(tmp_path / "default.mp4"), load_video(tmp_path / "named.mp4"))
+
+
+@pytest.mark.parametrize("command", [
+    ["eval", "--model", "tiny-wan", "--methods", "dense", "--prompt", "a fox", "--frames", "5", "--height", "32",
+     "--width", "32", "--steps", "1"],
+    ["calibrate", "--model", "tiny-wan", "--prompts", "PROMPTS", "--frames", "5", "--height", "32", "--width", "32",
+     "--steps", "2", "--min-psnr", "20"],
+    ["finetune", "--model", "tiny-wan", "--method", "tile", "--tile", "1,2,2", "--window", "1,1,1", "--prompts",
+     "PROMPTS", "--steps", "1", "--frames", "5", "--height", "32", "--width", "32"],
+], ids=["eval", "calibrate", "finetune"])
+def test_a_text_length_beyond_the_tokenizer_is_one_line_in_every_command(command, tmp_path, capsys):
+    """Before: ``--max-sequence-length 100000`` (tiny-wan's tokenizer takes 512) padded the prompts to 100,000
+    tokens and failed in the text encoder with a raw out-of-memory traceback (``generate`` was mended first)."""
+    from dit_accel.cli.main import main
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a fox\na cat\n")
+    command = [str(prompts) if word == "PROMPTS" else word for word in command]
+    out = ["--output" if command[0] == "finetune" else "--out", str(tmp_path / "out")]
+    assert main([*command, *out, "--max-sequence-length", "100000"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert "--max-sequence-length 100000: the tokenizer of WanPipeline takes at most 512 tokens" in err

@@ -697,7 +697,7 @@ def calibrate(settings: CalibrationSettings, out, *, report_dir=None, progress: 
 
     Returns the result dict that ``calibration.json`` holds.
     """
-    from ..models.loading import load_pipeline, rope_reach_error
+    from ..models.loading import load_pipeline, rope_reach_error, text_length_error
 
     settings.check()
     out = Path(out)
@@ -709,7 +709,7 @@ def calibrate(settings: CalibrationSettings, out, *, report_dir=None, progress: 
     pipe = load_pipeline(settings.model, device=settings.device, dtype=getattr(torch, settings.dtype))
     pipe.set_progress_bar_config(disable=True)
     call_kwargs = settings.call_kwargs()
-    problem = rope_reach_error(pipe, call_kwargs)
+    problem = rope_reach_error(pipe, call_kwargs) or text_length_error(pipe, call_kwargs.get("max_sequence_length"))
     if problem:
         raise ValueError(problem)
     jobs, val_jobs = _calibration_jobs(settings, log)

@@ -39,7 +39,7 @@ from .options import (HelpFormatter, add_cache_option, add_method_options, add_p
                       check_method_flags, check_plan_flags, method_from_args, schedule_from_args)
 from .generate_args import (_DTYPES, DEFAULT_MODEL, DEFAULT_PROMPT, _check_flags, _UsageError, add_image_option,
                             _check_cache_under_cp, check_sidecar, image_call_error, image_parameter,
-                            text_length_error, unused_flag_error)
+                            unused_flag_error)
 from .generate_report import (_cache_record, _calls_per_transformer, _check_side_by_side_path,  # noqa: F401
                               _comparison, _output_notes, _provenance, _quality, _record,
                               _remove_earlier_side_by_side, _side_by_side, _side_by_side_path, _strip_height,
@@ -432,6 +432,8 @@ def _pipeline_call(args, pipe, tiny: bool) -> dict:
     wanted = {"negative_prompt": args.negative_prompt, "num_frames": args.frames, "height": args.height,
               "width": args.width, "num_inference_steps": args.steps, "guidance_scale": args.guidance,
               "max_sequence_length": args.max_sequence_length}
+    from ..models.loading import text_length_error
+
     problem = unused_flag_error(pipe, accepts, wanted) or text_length_error(pipe, args.max_sequence_length)
     if problem:
         raise _UsageError(problem)

@@ -147,19 +147,6 @@ def unused_flag_error(pipe, accepts, wanted: dict):
     return None
 
 
-def text_length_error(pipe, length):
-    """Why ``--max-sequence-length length`` is more than ``pipe``'s tokenizers take (their ``model_max_length``,
-    the longest where there are two); None when it is not, or not known. Padded to that length, a typo such as
-    100000 failed inside the text encoder with a raw out-of-memory traceback."""
-    limits = [getattr(getattr(pipe, name, None), "model_max_length", None) for name in ("tokenizer", "tokenizer_2",
-                                                                                          "tokenizer_3")]
-    limits = [n for n in limits if isinstance(n, int) and 0 < n < 1_000_000]  # (1e30: "no limit" in transformers)
-    if length is None or not limits or length <= max(limits):
-        return None
-    return (f"--max-sequence-length {length}: the tokenizer of {type(pipe).__name__} takes at most {max(limits)} "
-            f"tokens; give a length of at most {max(limits)} (or leave the flag out for the pipeline's default)")
-
-
 # ----------------------------------------------------------------------------- --image
 # Pipelines whose ``image`` takes a list of reference images (not a batch): several --image go in as one list.
 IMAGE_LIST_PIPELINES = ("QwenImageEditPlusPipeline", "QwenImage21Pipeline", "Flux2Pipeline", "Flux2KleinPipeline",

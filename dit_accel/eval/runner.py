@@ -628,10 +628,12 @@ def _write_results(out_dir: Path, results: dict, rows: List[dict]) -> None:
 
 
 def _check_reach(pipe, settings: EvalSettings) -> None:
-    """ValueError where the sizes go past the model's rotary table (:func:`~dit_accel.models.loading.rope_reach_error`)."""
-    from ..models.loading import rope_reach_error
+    """ValueError where the sizes go past the model's rotary table, or the text length past its tokenizer
+    (:func:`~dit_accel.models.loading.rope_reach_error`, :func:`~dit_accel.models.loading.text_length_error`)."""
+    from ..models.loading import rope_reach_error, text_length_error
 
-    problem = rope_reach_error(pipe, settings.call_kwargs(pipe))
+    problem = rope_reach_error(pipe, settings.call_kwargs(pipe)) or text_length_error(pipe,
+                                                                                       settings.max_sequence_length)
     if problem:
         raise ValueError(problem)
 

@@ -24,7 +24,7 @@ from .tiny import EMBEDDED_MODELS, PIPELINES as TINY_PIPELINES, TINY_MODELS, bui
 from .tiny_shapes import TRAINED_MODELS
 
 __all__ = ["load_pipeline", "ModelLoadError", "resolve_model_kind", "model_folder", "model_fingerprint",
-           "rope_reach_error"]
+           "rope_reach_error", "text_length_error"]
 
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 _PROBE_TIMEOUT_S = 5.0
@@ -241,6 +241,20 @@ def rope_reach_error(pipe, call: dict) -> Optional[str]:
             return (f"{flag} {value} is past what {type(pipe.transformer).__name__}'s rotary embedding covers "
                     f"({reach} positions per axis, rope_max_seq_len): give {flag} {most} or less")
     return None
+
+
+def text_length_error(pipe, length) -> Optional[str]:
+    """Why ``--max-sequence-length length`` is more than ``pipe``'s tokenizers take (their ``model_max_length``,
+    the longest where there are two); None when it is not, or not known. Padded to that length, a typo such as
+    100000 failed inside the text encoder with a raw out-of-memory traceback (generate, eval, calibrate and
+    finetune ask before they run)."""
+    limits = [getattr(getattr(pipe, name, None), "model_max_length", None) for name in ("tokenizer", "tokenizer_2",
+                                                                                          "tokenizer_3")]
+    limits = [n for n in limits if isinstance(n, int) and 0 < n < 1_000_000]  # (1e30: "no limit" in transformers)
+    if length is None or not limits or length <= max(limits):
+        return None
+    return (f"--max-sequence-length {length}: the tokenizer of {type(pipe).__name__} takes at most {max(limits)} "
+            f"tokens; give a length of at most {max(limits)} (or leave the flag out for the pipeline's default)")
 
 
 def _place(pipe, device, offload: bool) -> None:

@@ -196,6 +196,11 @@ class _Trainer:
             raise
 
     def _set_up(self, config: FinetuneConfig, prompts) -> None:
+        from ..models.loading import text_length_error
+
+        problem = text_length_error(self.pipe, config.max_sequence_length)  # (padded to it: out of memory)
+        if problem:
+            raise ValueError(problem)
         self.io = model_io_for(self.pipe, max_sequence_length=config.max_sequence_length)
         if config.mode == "data" and not self.io.data_mode:
             raise ValueError(f"--mode data supports Wan models only ({self.io.family} needs its own VAE encoding); "
