@@ -41,6 +41,7 @@ Adding a model family (developer note)
 from __future__ import annotations
 
 import importlib
+import numbers
 from typing import Dict, Tuple
 
 import torch
@@ -197,8 +198,18 @@ def tiny_transformer_inputs(name: str, model, grid=None, batch: int = 1, text: i
 
     ``text_valid``: per-sample valid text lengths (HunyuanVideo/Mochi padding masks).
     """
+    if name not in TRANSFORMERS:
+        raise ValueError(f"unknown tiny transformer {name!r}; choose one of {TRANSFORMER_NAMES}")
     entry = TRANSFORMERS[name]
-    grid = tuple(grid or entry.grid)
+    grid = entry.grid if grid is None else grid
+    # (a grid of another rank failed in the family's builder as a bare unpacking error)
+    if not (isinstance(grid, (tuple, list)) and len(grid) == len(entry.grid)
+            and all(isinstance(g, numbers.Integral) and not isinstance(g, bool) and g > 0 for g in grid)):
+        raise ValueError(f"grid={grid!r} is invalid for tiny {name!r}: {len(entry.grid)} positive ints (its token grid "
+                         f"after the patch, e.g. {entry.grid})")
+    if text_valid is not None and len(text_valid) != batch:
+        raise ValueError(f"text_valid={text_valid!r} is invalid: one valid text length per sample ({batch})")
+    grid = tuple(grid)
     text = text or entry.text
     g = torch.Generator().manual_seed(seed)
 

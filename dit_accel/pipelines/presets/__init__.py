@@ -63,6 +63,15 @@ def register_preset(preset: Preset) -> Preset:
     """
     if not isinstance(preset, Preset):
         raise TypeError(f"preset must be a dit_accel.pipelines.Preset; got {type(preset).__name__}")
+    name = preset.class_name
+    # (a class or a blank key was stored as given: never found by apply, and every later "supported: ..." list
+    # failed on it with a bare TypeError)
+    if isinstance(name, type):
+        raise TypeError(f"Preset.class_name={name!r} is a class: pass its name, Preset({name.__name__!r}, ...) "
+                        "(apply finds a preset by the transformer's class name)")
+    if not isinstance(name, str) or not name.isidentifier():
+        raise ValueError(f"Preset.class_name={name!r} is invalid: the transformer's class name, a Python identifier "
+                         "such as 'MyVideoTransformer3DModel'")
     if preset.text_position not in ("none", "first", "last"):
         raise ValueError(f"Preset.text_position={preset.text_position!r} is invalid: 'none', 'first' or 'last'")
     if not callable(preset.read_grid):
@@ -181,7 +190,9 @@ def _class_name(transformer_or_class) -> str:
     if not isinstance(transformer_or_class, type):  # torch.compile's OptimizedModule reads as the module it wraps
         transformer_or_class = getattr(transformer_or_class, "_orig_mod", transformer_or_class)
     cls = transformer_or_class if isinstance(transformer_or_class, type) else type(transformer_or_class)
-    return cls.__name__
+    # A subclass of a supported class reads as it, as preset_for (apply) takes it: else its published settings and
+    # family were "unknown" for a model apply runs
+    return next((base.__name__ for base in cls.__mro__ if base.__name__ in PRESETS), cls.__name__)
 
 
 def family_of(pipe_or_transformer) -> Optional[str]:

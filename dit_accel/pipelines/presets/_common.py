@@ -14,7 +14,7 @@ import torch
 __all__ = ["GridInfo", "GridReader", "Preset", "Published", "tensor_arg", "text_len", "split_patch", "shapes_key",
            "raster_ids", "leading_raster", "RADIAL_REPO", "RADIAL_VIDEO", "SLA_DEFAULT", "IMAGE_DEFAULTS", "WAN_DEFAULTS",
            "LARGE_VIDEO_DEFAULTS", "latent_grid_2d", "latent_grid_3d", "patched_video_grid",
-           "channels_last_grid"]
+           "channels_last_grid", "video_latent"]
 
 
 @dataclass(frozen=True)
@@ -200,7 +200,7 @@ IMAGE_DEFAULTS = {"tile": {"method": {"tile": (8, 8), "window": (3, 3)}, "apply"
 def patched_video_grid(model, args) -> Tuple[int, int, int]:
     """Token grid of a video model called with latents ``(B, C, F, H, W)``: its config's patch is a
     ``(pt, ph, pw)`` tuple (Wan) or a spatial ``patch_size`` with a temporal ``patch_size_t`` (HunyuanVideo)."""
-    x = tensor_arg(args, "hidden_states")
+    x = video_latent(args)
     patch = model.config.patch_size
     pt, ph, pw = tuple(patch) if isinstance(patch, (tuple, list)) else (model.config.patch_size_t, patch, patch)
     return (split_patch(x.shape[2], pt, "frames"), split_patch(x.shape[3], ph, "height"),
@@ -210,9 +210,7 @@ def patched_video_grid(model, args) -> Tuple[int, int, int]:
 def channels_last_grid(model, args) -> Tuple[int, int, int]:
     """Token grid of a channels-last video latent ``(B, F, H, W, C)`` and a ``(pt, ph, pw)`` config patch
     (Kandinsky 5 / 6)."""
-    x = tensor_arg(args, "hidden_states")
-    if x.dim() != 5:
-        raise ValueError(f"dit_accel: hidden_states of shape {tuple(x.shape)} is not a (B, F, H, W, C) video latent")
+    x = video_latent(args, "(B, F, H, W, C)")
     pt, ph, pw = tuple(model.config.patch_size)
     return (split_patch(x.shape[1], pt, "frames"), split_patch(x.shape[2], ph, "height"),
             split_patch(x.shape[3], pw, "width"))
@@ -243,6 +241,16 @@ def tensor_arg(args: dict, name: str) -> torch.Tensor:
     if not isinstance(value, torch.Tensor):
         raise ValueError(f"dit_accel: the transformer was called without a tensor `{name}`; cannot read the token grid")
     return value
+
+
+def video_latent(args: dict, layout: str = "(B, C, F, H, W)") -> torch.Tensor:
+    """The ``hidden_states`` of a video model's call, a 5-D ``layout`` latent; ValueError for another rank (an image
+    latent, a packed sequence), which a reader indexing its axes would meet as a bare IndexError."""
+    x = tensor_arg(args, "hidden_states")
+    if x.dim() != 5:
+        raise ValueError(f"dit_accel: hidden_states of shape {tuple(x.shape)} is not a {layout} video latent; call "
+                         "the transformer with the 5-D latent its pipeline builds")
+    return x
 
 
 def text_len(args: dict) -> int:

@@ -11,15 +11,15 @@ from ._common import (
     Preset,
     shapes_key,
     split_patch,
-    tensor_arg,
     text_len,
+    video_latent,
 )
 
 __all__ = ["PRESETS"]
 
 
 def _grid(model, args) -> GridInfo:
-    x = tensor_arg(args, "hidden_states")  # (B, C, F, H, W)
+    x = video_latent(args)  # (B, C, F, H, W)
     p = model.config.patch_size
     grid = (int(x.shape[2]), split_patch(x.shape[3], p, "height"), split_patch(x.shape[4], p, "width"))
     return GridInfo(grid, text_len(args))

@@ -3,13 +3,13 @@ channels), token grid (F/patch_size_t or F, H/p, W/p); joint attention [text, vi
 
 from __future__ import annotations
 
-from ._common import RADIAL_VIDEO, SLA_DEFAULT, GridInfo, Preset, shapes_key, split_patch, tensor_arg, text_len
+from ._common import RADIAL_VIDEO, SLA_DEFAULT, GridInfo, Preset, shapes_key, split_patch, text_len, video_latent
 
 __all__ = ["PRESETS"]
 
 
 def _grid(model, args) -> GridInfo:
-    x = tensor_arg(args, "hidden_states")  # (B, F, C, H, W): frames before channels
+    x = video_latent(args, "(B, F, C, H, W)")  # frames before channels
     p, pt = model.config.patch_size, model.config.patch_size_t or 1
     grid = (x.shape[1] // pt, split_patch(x.shape[3], p, "height"), split_patch(x.shape[4], p, "width"))
     return GridInfo(grid, text_len(args))

@@ -5,13 +5,13 @@ from video to face tokens, separate from the joint sequence): they stay dense.""
 
 from __future__ import annotations
 
-from ._common import RADIAL_VIDEO, SLA_DEFAULT, GridInfo, Preset, shapes_key, split_patch, tensor_arg, text_len
+from ._common import RADIAL_VIDEO, SLA_DEFAULT, GridInfo, Preset, shapes_key, split_patch, text_len, video_latent
 
 __all__ = ["PRESETS"]
 
 
 def _grid(model, args) -> GridInfo:
-    x = tensor_arg(args, "hidden_states")  # (B, F, C, H, W): frames before channels
+    x = video_latent(args, "(B, F, C, H, W)")  # frames before channels
     p, pt = model.config.patch_size, getattr(model.config, "patch_size_t", None) or 1
     grid = (split_patch(x.shape[1], pt, "frames"), split_patch(x.shape[3], p, "height"),
             split_patch(x.shape[4], p, "width"))

@@ -6,13 +6,13 @@ extra input channels, not tokens."""
 
 from __future__ import annotations
 
-from ._common import LARGE_VIDEO_DEFAULTS, GridInfo, Preset, split_patch, tensor_arg, text_len
+from ._common import LARGE_VIDEO_DEFAULTS, GridInfo, Preset, split_patch, text_len, video_latent
 
 __all__ = ["PRESETS"]
 
 
 def _grid(model, args) -> GridInfo:
-    x = tensor_arg(args, "hidden_states")
+    x = video_latent(args)
     p = model.config.patch_size
     t5 = args.get("encoder_hidden_states_t5")
     extra = int(t5.shape[1]) if hasattr(t5, "shape") and t5.dim() == 3 else 0

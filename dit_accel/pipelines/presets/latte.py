@@ -7,13 +7,13 @@ temporal attention (F tokens) and the text cross-attention dense."""
 
 from __future__ import annotations
 
-from ._common import SLA_DEFAULT, GridInfo, Preset, shapes_key, split_patch, tensor_arg
+from ._common import SLA_DEFAULT, GridInfo, Preset, shapes_key, split_patch, video_latent
 
 __all__ = ["PRESETS"]
 
 
 def _grid(model, args) -> GridInfo:
-    x = tensor_arg(args, "hidden_states")  # (B, C, F, H, W)
+    x = video_latent(args)  # (B, C, F, H, W)
     p = model.config.patch_size
     return GridInfo((split_patch(x.shape[3], p, "height"), split_patch(x.shape[4], p, "width")), 0)
 

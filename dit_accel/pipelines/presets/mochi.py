@@ -3,13 +3,13 @@
 
 from __future__ import annotations
 
-from ._common import RADIAL_VIDEO, SLA_DEFAULT, GridInfo, Preset, shapes_key, split_patch, tensor_arg, text_len
+from ._common import RADIAL_VIDEO, SLA_DEFAULT, GridInfo, Preset, shapes_key, split_patch, text_len, video_latent
 
 __all__ = ["PRESETS"]
 
 
 def _grid(model, args) -> GridInfo:
-    x = tensor_arg(args, "hidden_states")  # (B, C, F, H, W); no temporal patch
+    x = video_latent(args)  # (B, C, F, H, W); no temporal patch
     p = model.config.patch_size
     grid = (x.shape[2], split_patch(x.shape[3], p, "height"), split_patch(x.shape[4], p, "width"))
     return GridInfo(grid, text_len(args))

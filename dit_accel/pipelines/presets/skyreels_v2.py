@@ -10,7 +10,6 @@ from ._common import (
     GridInfo,
     Preset,
     patched_video_grid,
-    shapes_key,
     text_len,
 )
 
@@ -33,7 +32,9 @@ PRESETS = (
         text_position="none",
         grid_dims=3,
         read_grid=_grid,
-        grid_key=shapes_key,
+        # Read every call (shapes only): SkyReelsV2DiffusionForcingPipeline sets num_frame_per_block on the model
+        # (_set_ar_attention) between calls of one shape, and a cached grid skipped the block-causal refusal
+        grid_key=None,
         min_diffusers="0.42.1",
         defaults={**WAN_DEFAULTS, "radial": RADIAL_VIDEO},  # Wan 2.1's: nothing published for SkyReels-V2
         notes="SkyReels-V2 T2V/I2V (Wan layout); self-attention blocks.*.attn1; block-causal DF refused",

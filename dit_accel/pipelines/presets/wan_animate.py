@@ -13,13 +13,13 @@ grid (see the reason below)."""
 
 from __future__ import annotations
 
-from ._common import RADIAL_VIDEO, WAN_DEFAULTS, GridInfo, Preset, split_patch, tensor_arg
+from ._common import RADIAL_VIDEO, WAN_DEFAULTS, GridInfo, Preset, split_patch, video_latent
 
 __all__ = ["PRESETS"]
 
 
 def _grid(model, args) -> GridInfo:
-    x = tensor_arg(args, "hidden_states")  # (B, 2C + 4, 1 + T, H, W)
+    x = video_latent(args)  # (B, 2C + 4, 1 + T, H, W)
     pt, ph, pw = model.config.patch_size
     frames = split_patch(x.shape[2], pt, "frames")
     h, w = split_patch(x.shape[3], ph, "height"), split_patch(x.shape[4], pw, "width")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from ._common import RADIAL_VIDEO, WAN_DEFAULTS, GridInfo, Preset, split_patch, tensor_arg
+from ._common import RADIAL_VIDEO, WAN_DEFAULTS, GridInfo, Preset, split_patch, video_latent
 
 __all__ = ["PRESETS"]
 
@@ -27,7 +27,7 @@ def _reference_frames(model, control) -> int:
 
 
 def _grid(model, args) -> GridInfo:
-    x = tensor_arg(args, "hidden_states")  # (B, C, F, H, W)
+    x = video_latent(args)  # (B, C, F, H, W)
     pt, ph, pw = model.config.patch_size
     frames = split_patch(x.shape[2], pt, "frames")
     h, w = split_patch(x.shape[3], ph, "height"), split_patch(x.shape[4], pw, "width")
