@@ -13,7 +13,8 @@ def merge_attention(o_a: torch.Tensor, lse_a: torch.Tensor, o_b: torch.Tensor, l
     ``O = (e^{lse_a} O_a + e^{lse_b} O_b) / (e^{lse_a} + e^{lse_b})``, computed stably.
 
     Args:
-        o_a, o_b: ``(B, H, N, D)`` outputs (any float dtype; the result has o_a's dtype).
+        o_a, o_b: ``(B, H, N, D)`` outputs (any float dtype; the result has o_a's dtype, computed in fp32, or
+            fp64 for fp64 inputs).
         lse_a, lse_b: ``(B, H, N)`` natural-log sum-exp of each part; ``-inf`` marks
             a row that saw no key in that part (its output is ignored).
 
@@ -41,7 +42,9 @@ def merge_attention(o_a: torch.Tensor, lse_a: torch.Tensor, o_b: torch.Tensor, l
     if lse_a.shape != o_a.shape[:-1] or lse_b.shape != o_b.shape[:-1]:
         raise ValueError(f"lse_a and lse_b must have shape {tuple(o_a.shape[:-1])} (o without its last dim); "
                          f"got {tuple(lse_a.shape)} and {tuple(lse_b.shape)}")
-    lse_a, lse_b = lse_a.float(), lse_b.float()
+    # fp32 at least; fp64 kept (a reference computed in fp64 lost its precision here)
+    acc = torch.float64 if torch.float64 in (o_a.dtype, lse_a.dtype) else torch.float32
+    lse_a, lse_b = lse_a.to(acc), lse_b.to(acc)
     # A NaN lse (a NaN query, a diverged layer) or +inf on both sides has no merged value: the row is NaN, as
     # attention over the union gives, not the other side's output or 0. A +inf on one side (its sum overflowed)
     # outweighs any finite one: the limit of the formula, that side alone. Both by where(): no sync, no NaN
@@ -60,8 +63,8 @@ def merge_attention(o_a: torch.Tensor, lse_a: torch.Tensor, o_b: torch.Tensor, l
     denom = torch.where(total > 0, total, torch.ones_like(total))
     # A side with weight 0 (lse = -inf) is ignored even if its output holds NaN, as SDPA gives
     # for fully masked rows: where(), not multiplication by 0.
-    part_a = torch.where((w_a > 0)[..., None], o_a.float() * (w_a / denom)[..., None], 0.0)
-    part_b = torch.where((w_b > 0)[..., None], o_b.float() * (w_b / denom)[..., None], 0.0)
+    part_a = torch.where((w_a > 0)[..., None], o_a.to(acc) * (w_a / denom)[..., None], 0.0)
+    part_b = torch.where((w_b > 0)[..., None], o_b.to(acc) * (w_b / denom)[..., None], 0.0)
     o = torch.where(bad[..., None], float("nan"), part_a + part_b)
     lse = torch.where(bad, float("nan"), torch.where(big, float("inf"), lse))
     return o.to(o_a.dtype), lse
