@@ -320,10 +320,12 @@ class Patch:
         return self._call.get()
 
     def projection(self, layer: int, like: torch.Tensor):
-        """The layer's SLA projection on ``like``'s device and dtype (moved once), or None."""
+        """The layer's SLA projection on ``like``'s device (moved once), or None. Kept in fp32, as
+        ``dit_accel.apply`` keeps it: a bf16 model's calls project the linear branch in fp32 there too (and a
+        cast in place would round the folder's weights for every later call)."""
         proj = self.projections.get(layer)
-        if proj is not None and (proj.weight.device != like.device or proj.weight.dtype != like.dtype):
-            proj.to(device=like.device, dtype=like.dtype)
+        if proj is not None and proj.weight.device != like.device:
+            proj.to(device=like.device)
         return proj
 
 

@@ -67,6 +67,16 @@ _WAN_FFN = {"ffn.net.0.proj": "ffn.0", "ffn.net.2": "ffn.2"}
 # Diffusers WanVACETransformerBlock module -> ComfyUI VaceWanAttentionBlock module, inside vace_blocks.N
 _VACE_PROJECTIONS = {"proj_in": "before_proj", "proj_out": "after_proj"}
 _REDO = "train or convert it again"  # (what the Diffusers path says of such a file)
+# family name -> modules (and their submodules) of its Diffusers transformer that the node does not map: a LoRA on
+# one is a real module of this model that the node cannot patch, not another model's weights
+_WAN_UNPATCHED = ("patch_embedding", "pose_patch_embedding", "vace_patch_embedding", "condition_embedder",
+                  "motion_encoder", "face_encoder", "face_adapter", "proj_out")
+_HUNYUAN_UNPATCHED = ("x_embedder", "context_embedder.proj_in", "context_embedder.time_text_embed", "norm_out",
+                      "proj_out")
+_UNPATCHED: Dict[str, Tuple[str, ...]] = {
+    "Wan": _WAN_UNPATCHED, "Wan HuMo": _WAN_UNPATCHED, "Wan VACE": _WAN_UNPATCHED, "Wan Animate": _WAN_UNPATCHED,
+    "HunyuanVideo": (*_HUNYUAN_UNPATCHED, "time_text_embed"),
+    "HunyuanImage 2.1": (*_HUNYUAN_UNPATCHED, "context_embedder_2", "time_guidance_embed")}
 
 #: family name -> the block lists whose modules carry the same index and structure on both hosts
 BLOCKS: Dict[str, Tuple[str, ...]] = {"Wan": ("blocks",), "Wan HuMo": ("blocks",), "Wan Animate": ("blocks",),
@@ -220,6 +230,11 @@ def lora_patches(patcher, folder, info: dict, family, expert: str = "transformer
             ranks.setdefault(module, {})[rest[0]] = int(tensor.shape[0 if rest[0] == "A" else 1])
         target = _target(module, family, mapped)
         weight = target if isinstance(target, str) or target is None else target[0]
+        if target is None and any(module == m or module.startswith(m + ".") for m in _UNPATCHED.get(family.name, ())):
+            raise ValueError(f"dit_accel: {path} has a LoRA on {module} ({key}), a module of Diffusers' "
+                             f"{family.diffusers_class} that the node does not patch on ComfyUI's {model_name} (it "
+                             f"maps {_mapped(family)}): train without it (--target-modules), or run the folder with "
+                             "dit_accel.apply on the Diffusers pipeline")
         if not sep or weight not in weights:
             unknown.append(key)
             continue

@@ -131,7 +131,7 @@ def _bad_lora(module: str, out_f: int = 32, in_f: int = 32):
     ("ltx-video", "transformer_blocks.0.attn3.to_q"), ("cosmos-predict2", "transformer_blocks.0.attn3.to_q"),
     ("cosmos1", "transformer_blocks.5.attn1.to_q"), ("chroma", "single_transformer_blocks.3.attn.to_q"),
     ("lumina2", "context_refiner.0.norm1.linear"), ("mochi", "transformer_blocks.0.attn2.to_q"),
-    ("hunyuan-image21", "context_embedder_2.linear_1"),
+    ("hunyuan-image21", "context_embedder_3.linear_1"),
     ("sd3", "transformer_blocks.1.attn.to_add_out"), ("sd3", "transformer_blocks.1.attn2.to_q"),
     ("auraflow", "single_transformer_blocks.0.attn.add_q_proj"), ("auraflow", "joint_transformer_blocks.0.attn2.to_q"),
 ])

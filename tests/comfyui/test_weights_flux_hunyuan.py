@@ -119,13 +119,20 @@ def _bad_lora(**extra):
 
 @pytest.mark.parametrize("case, module, message", [
     ("hunyuan-video", "context_embedder.proj_in",
-     r"modules ComfyUI's HunyuanVideo does not have \(transformer\.context_embedder\.proj_in\.lora_A\.weight, "
+     r"has a LoRA on context_embedder\.proj_in \(transformer\.context_embedder\.proj_in\.lora_A\.weight\), a "
+     r"module of Diffusers' HunyuanVideoTransformer3DModel that the node does not patch on ComfyUI's HunyuanVideo \(it "
+     r"maps the modules of transformer_blocks\.N, single_transformer_blocks\.N \(ComfyUI's FLUX map of its double and "
+     r"single blocks\) and the attention and feed-forward modules of "
+     r"context_embedder\.token_refiner\.refiner_blocks\.N\)"),
+    ("hunyuan-video", "context_embedder.proj_out",
+     r"modules ComfyUI's HunyuanVideo does not have \(transformer\.context_embedder\.proj_out\.lora_A\.weight, "
      r"\.\.\. 2 in all; dit_accel maps the modules of transformer_blocks\.N, single_transformer_blocks\.N "
      r"\(ComfyUI's FLUX map of its double and single blocks\) and the attention and feed-forward modules of "
-     r"context_embedder\.token_refiner\.refiner_blocks\.N\)"),
+     r"context_embedder\.token_refiner\.refiner_blocks\.N\): the weights are for another model than this "
+     r"HunyuanVideo$"),
     ("flux", "single_transformer_blocks.3.attn.to_q",
      r"modules ComfyUI's Flux does not have \(transformer\.single_transformer_blocks\.3\.attn\.to_q\.lora_A"),
-], ids=["hunyuan-text-embedder", "flux-no-such-block"])
+], ids=["hunyuan-text-embedder", "hunyuan-no-such-module", "flux-no-such-block"])
 def test_modules_comfyui_does_not_map_are_refused_naming_the_first(comfy, loaded, tmp_path, case, module, message):
     lora = _bad_lora(**{f"transformer.{module}.lora_A.weight": torch.zeros(RANK, HIDDEN),
                         f"transformer.{module}.lora_B.weight": torch.zeros(HIDDEN, RANK)})

@@ -117,7 +117,8 @@ def test_every_block_module_of_the_diffusers_twin_has_its_comfyui_module(models,
 
 @pytest.mark.parametrize("family, key, match", [
     ("wan22-animate", "transformer.face_adapter.0.to_q.lora_A.weight",
-     "modules ComfyUI's AnimateWanModel does not have"),
+     "a LoRA on face_adapter.0.to_q .*, a module of Diffusers' WanAnimateTransformer3DModel that the node does not "
+     "patch on ComfyUI's AnimateWanModel"),
     ("wan21-humo", "transformer.vace_blocks.0.attn1.to_q.lora_A.weight", "modules ComfyUI's HumoWanModel does not"),
     ("wan21-vace", "transformer.vace_blocks.1.attn1.to_q.lora_A.weight", "modules ComfyUI's VaceWanModel does not"),
 ], ids=["animate-face-adapter", "humo-control-block", "vace-missing-control-block"])
