@@ -78,21 +78,22 @@ def _check_strength(value) -> float:
 
 def _check_methods_for(family, methods) -> None:
     """The Diffusers preset's refusals hold here too (Radial on an image model: it has no frames)."""
+    from ..pipelines.apply_checks import inner_configs
     from ..pipelines.presets import PRESETS, check_method_for
 
     preset = PRESETS.get(family.diffusers_class)
     if preset is None:
         return
     for m in methods:
-        plan = getattr(m, "sparse_plan", None)
-        for each in (m,) if plan is None else plan.methods():  # a plan's phases, before its first sparse step
+        # a plan's phases and a PerHead's heads, before the first sparse step (a PerHead's were not looked into)
+        outer = [] if getattr(m, "sparse_plan", None) is not None else [(m, None)]
+        for each, note in [*outer, *inner_configs(m)]:
             try:
                 check_method_for(f"{family.name} ({family.diffusers_class})", preset, each)
             except ValueError as err:
-                if plan is None:
+                if note is None:
                     raise
-                name = f"plan {plan.source}" if plan.source else "the plan"
-                raise ValueError(f"{err} ({name} runs it: calibrate a plan for this model)") from None
+                raise ValueError(f"{err} ({note})") from None
 
 
 def _check_heads(model_name: str, layers, methods) -> None:

@@ -25,7 +25,7 @@ from ..plans.sparse_plan import SparsePlan
 from .apply_checks import (BACKENDS, _check_apply_args, _check_bool, _check_int, _check_int_list,  # noqa: F401
                            _check_method, _check_weights, _check_weights_folder, _find_transformers, _heads_of,
                            _plan_call_check, _projection_dim, _resolve_layers, _runs_sla,
-                           _warn_unknown_strategy_layers)
+                           _warn_unknown_strategy_layers, inner_configs)
 from .capture import Capture, check_capture_dir
 from .context import CallGate
 from .handle import AccelHandle, _active_adapters, _distributed  # noqa: F401
@@ -246,7 +246,7 @@ def _check_fit(targets, method: Method, layer_methods: Dict[int, Method], allow_
     for _, t, preset, _ in targets:
         for m in (method, *layer_methods.values()):
             check_method_for(type(t).__name__, preset, m)
-            for inner, note in _inner_configs(m):  # a plan's entries, a PerHead's heads: refused here, not mid-run
+            for inner, note in inner_configs(m):  # a plan's entries, a PerHead's heads: refused here, not mid-run
                 try:
                     check_method_for(type(t).__name__, preset, inner)
                 except ValueError as err:  # (worded as ComfyUI's node says it of a plan)
@@ -265,20 +265,6 @@ def _check_fit(targets, method: Method, layer_methods: Dict[int, Method], allow_
                 raise ValueError(f"{path or type(m).__name__} has windows for {want} heads per layer, but "
                                  f"{type(transformer).__name__}'s attention layers run "
                                  f"{', '.join(map(str, known))} heads: {fix}")
-
-
-def _inner_configs(method: Method):
-    """``(config, which part runs it)`` for each config that ``method`` runs inside it: a plan's entries (defaults,
-    layers, and their heads), a :class:`~dit_accel.plans.per_head.PerHead`'s heads; none for a plain config."""
-    plan = getattr(method, "sparse_plan", None)
-    if isinstance(plan, SparsePlan):
-        note = f"{f'plan {plan.source}' if plan.source else 'the plan'} runs it: calibrate a plan for this model"
-        for entry in plan.methods():
-            yield entry, note
-            yield from ((head, note) for head in getattr(entry, "methods", ()))
-    elif isinstance(getattr(method, "methods", None), tuple):  # PerHead
-        yield from ((head, f"head {h} of the {type(method).__name__} config runs it")
-                    for h, head in enumerate(method.methods))
 
 
 def _build_runtime(targets, pipe, method: Method, options: dict, backend: str, weights, capture, capture_layers,

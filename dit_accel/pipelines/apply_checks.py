@@ -273,3 +273,18 @@ def _runs_sla(method: Method, layer: int) -> bool:
     """Whether ``method`` may run SLA on ``layer`` (plans and per-head configs say per layer)."""
     runs_sla = getattr(method, "runs_sla", None)
     return isinstance(method, SLA) or (runs_sla is not None and bool(runs_sla(layer)))
+
+
+def inner_configs(method: Method):
+    """``(config, which part runs it)`` for each config that ``method`` runs inside it: a plan's entries (defaults,
+    layers, and their heads), a :class:`~dit_accel.plans.per_head.PerHead`'s heads; none for a plain config.
+    apply() and ComfyUI's node check each against the model, not only the outer method."""
+    plan = getattr(method, "sparse_plan", None)
+    if isinstance(plan, SparsePlan):
+        note = f"{f'plan {plan.source}' if plan.source else 'the plan'} runs it: calibrate a plan for this model"
+        for entry in plan.methods():
+            yield entry, note
+            yield from ((head, note) for head in getattr(entry, "methods", ()))
+    elif isinstance(getattr(method, "methods", None), tuple):  # PerHead
+        yield from ((head, f"head {h} of the {type(method).__name__} config runs it")
+                    for h, head in enumerate(method.methods))

@@ -14,7 +14,7 @@ from dit_accel.comfyui import patch_model
 from dit_accel.comfyui.override import CallState
 from dit_accel.kernels.sla.api import sla_attention
 
-from tests.comfyui.models import CASES, override_of, sample
+from tests.comfyui.models import CASES, build, override_of, sample
 from tests.comfyui.test_weights import RANK, _folder, _lora
 
 SLA = dit_accel.SLA(topk=0.5)
@@ -157,3 +157,17 @@ def test_a_bf16_model_sampled_through_the_node_keeps_the_projections_fp32(comfy,
     for i in (0, 1):
         assert patch.projections[i].weight.dtype == torch.float32
         assert torch.equal(patch.projections[i].weight, sla[f"blocks.{i}.attn1.weight"])
+
+
+def test_a_per_head_config_whose_heads_need_another_grid_is_refused(comfy):
+    """Before: patch_model(flux, PerHead((Tile(tile=(1, 4, 4)), ...))) passed (the node looked into a plan's phases
+    but not into a PerHead's heads) and failed at the first sparse step, inside the sampler. Now refused when the
+    node runs, as apply() refuses it, and the MODEL is unchanged."""
+    model = build(comfy, CASES["flux"])
+    config = dit_accel.PerHead((dit_accel.Tile(tile=(1, 4, 4), window=(1, 1, 1)),
+                                dit_accel.Tile(tile=(2, 2), window=(1, 1))))
+    before = sample(comfy, model, CASES["flux"])
+    with pytest.raises(ValueError, match=r"Tile's tile=\(1, 4, 4\) is for a 3-D token grid.* \(head 0 of the "
+                                         r"PerHead config runs it\)$"):
+        patch_model(model, config)
+    assert torch.equal(sample(comfy, model, CASES["flux"]), before)
