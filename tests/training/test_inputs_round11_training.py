@@ -49,6 +49,14 @@ def _fail_in_training(monkeypatch):
     monkeypatch.setattr(loop._Trainer, "step", failing)
 
 
+def _failing(when: str, monkeypatch, **kw):
+    """``(finetune keywords, the error they raise)``: a run refused by its checks, or one that fails in training."""
+    if when == "refused":
+        return {**kw, "target_modules": ("nothing_here",)}, ValueError
+    _fail_in_training(monkeypatch)
+    return kw, RuntimeError
+
+
 @pytest.mark.parametrize("when", ["refused", "in-training"])
 def test_a_failed_run_leaves_the_pipeline_it_cast_bit_identical(when, prompts_file, tmp_path, monkeypatch):
     """Before: finetune(model=pipe, mixed_precision="bf16") cast the caller's pipeline to bf16 before its checks, and a
@@ -57,13 +65,7 @@ def test_a_failed_run_leaves_the_pipeline_it_cast_bit_identical(when, prompts_fi
     pipe = build_tiny_pipeline("tiny-wan")
     before = _tensors(pipe)
     assert {dtype for dtype, _ in before.values() if dtype.is_floating_point} == {torch.float32}
-    kw = dict(model=pipe, mixed_precision="bf16")
-    if when == "refused":
-        kw["target_modules"] = ("nothing_here",)
-        error = ValueError
-    else:
-        _fail_in_training(monkeypatch)
-        error = RuntimeError
+    kw, error = _failing(when, monkeypatch, model=pipe, mixed_precision="bf16")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # (Diffusers: modules that should be kept in float32)
         with pytest.raises(error):
@@ -96,13 +98,7 @@ def test_a_failed_run_gives_back_the_handle_the_pipeline_held(when, prompts_file
     handle = dit_accel.apply(pipe, dit_accel.Tile(tile=(1, 2, 2), window=(1, 1, 1)), backend="torch")
     sparse, processors = probe(pipe.transformer), _state(pipe.transformer)
     assert not torch.allclose(sparse, dense)
-    kw = dict(model=pipe)
-    if when == "refused":
-        kw["target_modules"] = ("nothing_here",)
-        error = ValueError
-    else:
-        _fail_in_training(monkeypatch)
-        error = RuntimeError
+    kw, error = _failing(when, monkeypatch, model=pipe)
     with pytest.raises(error):
         finetune(_config(tmp_path / "out", prompts_file, **kw))
     assert handle.removed is False and _state(pipe.transformer) == processors

@@ -36,8 +36,9 @@ def _check_proj(proj, q: torch.Tensor) -> None:
     d = q.shape[-1]
     if proj is not None and not callable(proj):
         raise TypeError(f"proj must be an nn.Module mapping (..., D) -> (..., D) or None, got {type(proj).__name__}")
-    # (An nn.LazyLinear(D) has in_features 0 until its first call, which sets D: it was told it was "Linear(0, D)".)
-    lazy = isinstance(proj, nn.Linear) and nn.parameter.is_lazy(proj.weight)
+    # (An nn.LazyLinear(D) has in_features 0 until its first call, which sets D: it was told it was "Linear(0, D)".
+    # isinstance, not nn.parameter.is_lazy: torch.compile(fullgraph=True) traces the one, not the other.)
+    lazy = isinstance(proj, nn.Linear) and isinstance(proj.weight, nn.parameter.UninitializedTensorMixin)
     if isinstance(proj, nn.Linear) and (proj.in_features if not lazy else d, proj.out_features) != (d, d):
         got = f"LazyLinear({proj.out_features})" if lazy else f"Linear({proj.in_features}, {proj.out_features})"
         raise ValueError(f"proj must be Linear({d}, {d}) acting on the head dim, got {got}")
@@ -48,7 +49,7 @@ def _check_proj(proj, q: torch.Tensor) -> None:
         # Any other module (an nn.Sequential) on another device, or not yet materialised (meta), failed inside
         # torch with "Tensor on device meta is not on the expected device cpu!".
         for name, t in _named_tensors(proj):
-            if t.device != q.device and not nn.parameter.is_lazy(t):
+            if t.device != q.device and not isinstance(t, nn.parameter.UninitializedTensorMixin):
                 raise ValueError(f"proj's {name} is on {t.device} but q on {q.device}: move proj to q's device "
                                  "(proj.to(q.device)); load its weights first if it is on the meta device")
 
@@ -66,7 +67,7 @@ def _param_dtype(proj: nn.Module):
         return weight.dtype
     if isinstance(proj, nn.Module):
         for t in proj.parameters():
-            if t.is_floating_point() and not nn.parameter.is_lazy(t):
+            if t.is_floating_point() and not isinstance(t, nn.parameter.UninitializedTensorMixin):
                 return t.dtype
     return None
 
