@@ -11,7 +11,7 @@ TurboDiffusion's at commit fcf81c9 (``turbodiffusion/inference/modify_model.py``
     blocks.{i}.self_attn.q.weight, ..., head.head.weight    the Wan model itself
 
 with optional ``net.`` / ``net_ema.`` / ``model.`` / ``module.`` / ``_orig_mod.`` /
-``diffusion_model.`` prefixes and an optional ``{"state_dict": ...}`` wrapper (also ``"model"``, beside a
+``diffusion_model.`` / ``transformer.`` prefixes and an optional ``{"state_dict": ...}`` wrapper (also ``"model"``, beside a
 training checkpoint's ``step``/``optimizer`` entries); any
 module path between ``self_attn`` (or Diffusers' ``attn1``) and ``proj_l`` is
 accepted. LoRA tensors (``lora_A``/``lora_B``, ``lora_down``/``lora_up`` + ``alpha``,
@@ -49,11 +49,15 @@ __all__ = ["convert_checkpoint", "read_checkpoint", "split_checkpoint", "SplitCh
 SUPPORTED_LAYOUT = ("TurboDiffusion@fcf81c9 / thu-ml SLA in Wan: blocks.{i}.self_attn.<...>.proj_l.{weight,bias} "
                     "(+ the original Wan model's keys, + optional LoRA)")
 
-_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "net_ema.", "net.", "model.", "module.", "_orig_mod.")
+_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "net_ema.", "net.", "model.", "module.", "_orig_mod.",
+             "transformer.")
 _WRAPPERS = ("state_dict", "model", "net", "net_ema", "module")
 _PROJ = re.compile(r"^blocks\.(\d+)\.(?:self_attn|attn1)\.(?:\w+\.)*?proj_l\.(weight|bias)$")
 _LORA = re.compile(r"\.(lora_A|lora_B|lora_down|lora_up)\.|\.alpha$")
 _QUANTIZED = re.compile(r"\.(int8_weight|scale)$")
+# Diffusers' Wan module names (the original model's are self_attn/cross_attn.q, ffn.0, head.head, *_embedding).
+_DIFFUSERS_NAMES = re.compile(r"\.(attn1|attn2)\.|\.(to_q|to_k|to_v|to_out|add_k_proj|add_v_proj)\.|\.ffn\.net\.|"
+                              r"^(proj_out|condition_embedder)\.")
 # The Wan model's own tensors, in the original layout and in Diffusers' (recognised, never converted).
 _BASE = re.compile(
     r"^(patch_embedding|text_embedding|time_embedding|time_projection|head|img_emb|condition_embedder|proj_out|"
@@ -77,12 +81,12 @@ class SplitCheckpoint:
 
 
 def read_checkpoint(path) -> Dict[str, torch.Tensor]:
-    """The tensors of a ``.safetensors``, ``.pt``/``.pth`` (read with ``weights_only=True``) checkpoint,
-    unwrapped from ``{"state_dict": ..., "step": ...}``-style containers (:func:`_unwrap`)."""
+    """The tensors of a ``.safetensors`` (told by its content, whatever its name) or ``.pt``/``.pth`` (read with
+    ``weights_only=True``) checkpoint, unwrapped from ``{"state_dict": ...}``-style containers (:func:`_unwrap`)."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"checkpoint {str(path)!r} is not a file")
-    if path.suffix == ".safetensors":
+    if path.suffix.lower() == ".safetensors" or _is_safetensors(path):
         from ..atomic_files import load_safetensors
 
         state = load_safetensors(path, expected="a checkpoint of tensors in the SLA reference layout")
@@ -98,6 +102,15 @@ def read_checkpoint(path) -> Dict[str, torch.Tensor]:
                                "load it yourself, save its state dict with torch.save (or safetensors' save_file), "
                                "then convert that file") from None
     return _unwrap(path, state)
+
+
+def _is_safetensors(path: Path) -> bool:
+    """Whether the file starts as a safetensors file does (an 8-byte little-endian header length, then the JSON
+    header's ``{``), whatever its name: a renamed one (``.pth``, ``.bin``) went to torch.load, which said the file
+    was no ``.safetensors`` file."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+    return len(head) == 9 and head[8:] == b"{" and 0 < int.from_bytes(head[:8], "little") <= path.stat().st_size - 8
 
 
 def _load_error(err: Exception) -> str:
@@ -122,6 +135,19 @@ def _describe(value) -> str:
     return type(value).__name__
 
 
+def _refuse_a_second_copy(path: Path, state: dict, chosen: str) -> None:
+    """BadFileError when an entry beside ``state[chosen]`` holds tensors of the same names (``{"model": ...,
+    "ema": ...}``): before, the wrapper's were converted and the other copy, perhaps the one meant, dropped without a
+    word (an optimizer's state, ``step`` and the like have other keys and pass)."""
+    names = {_strip(k) for k in state[chosen] if isinstance(k, str)}
+    for key, value in state.items():
+        if key != chosen and isinstance(value, dict) and names & {_strip(k) for k in value if isinstance(k, str)}:
+            raise BadFileError(path, f"holds two state dicts of one model, {chosen!r} and {key!r} (its EMA copy?), and "
+                                     "convert cannot tell which one is meant",
+                               f"one state dict: save the one to convert alone, e.g. torch.save(checkpoint[{key!r}], "
+                               "PATH), then convert that file")
+
+
 def _unwrap(path: Path, state):
     """The flat state dict of tensors in ``state``: itself, or the one under a wrapper key (``state_dict``,
     ``model``, ...) beside entries that are no tensors (a training checkpoint's ``step``, ``optimizer``)."""
@@ -130,6 +156,7 @@ def _unwrap(path: Path, state):
         loose = any(isinstance(v, torch.Tensor) for v in state.values())
         if len(wrappers) != 1 or loose:
             break
+        _refuse_a_second_copy(path, state, wrappers[0])
         state = state[wrappers[0]]
     if isinstance(state, dict) and state and all(isinstance(v, torch.Tensor) for v in state.values()):
         odd = [k for k in state if not isinstance(k, str)]
@@ -170,7 +197,7 @@ def split_checkpoint(state: Dict[str, torch.Tensor]) -> SplitCheckpoint:
     Raises ValueError for quantized checkpoints (TurboDiffusion's ``-quant`` files) and for any key
     that is none of these, listing what was found and what was expected.
     """
-    out, unknown, seen = SplitCheckpoint(), [], {}
+    out, unknown, seen, copies = SplitCheckpoint(), [], {}, {}
     for raw, tensor in state.items():
         key = _strip(raw)
         first = seen.setdefault(key, raw)
@@ -180,6 +207,8 @@ def split_checkpoint(state: Dict[str, torch.Tensor]) -> SplitCheckpoint:
                              "torch.save({k[len('net_ema.'):]: v for k, v in state.items() if k.startswith('net_ema.')}"
                              ", PATH), then convert that file")
         proj = _PROJ.match(key)
+        if proj is not None or _LORA.search(key):
+            copies.setdefault("net_ema." in raw[:len(raw) - len(key)], raw)
         if proj is not None:
             out.projections.setdefault(int(proj.group(1)), {})[proj.group(2)] = tensor
         elif _LORA.search(key):
@@ -191,6 +220,10 @@ def split_checkpoint(state: Dict[str, torch.Tensor]) -> SplitCheckpoint:
             out.base.append(raw)
         else:
             unknown.append(raw)
+    if len(copies) == 2:  # (before: layer 0's projection of the model and layer 1's of its EMA, converted as one)
+        raise ValueError(f"the trained tensors come from a model and its EMA copy ({copies[False]!r}, "
+                         f"{copies[True]!r}): convert cannot tell which one is meant. Save the state dict of one "
+                         "alone (every key under net. or every key under net_ema.), then convert that file")
     if unknown:
         raise ValueError(f"{len(unknown)} keys are neither SLA projections, LoRA nor Wan model weights: "
                          f"{unknown[:6]}{' ...' if len(unknown) > 6 else ''}. Expected {_EXPECTED}. Supported layout: "
@@ -212,6 +245,12 @@ def _projection_tensors(split: SplitCheckpoint, prefix: str, where: str) -> Dict
     if not split.projections:
         raise ValueError(f"{where} has no SLA projections (blocks.{{i}}.self_attn.<...>.proj_l.weight); expected "
                          f"{SUPPORTED_LAYOUT}")
+    gaps = sorted(set(range(max(split.projections) + 1)) - set(split.projections))
+    if gaps:  # (before: converted, then refused at load as a dense_layers mismatch)
+        raise ValueError(f"{where} has no SLA projection (proj_l) for layer(s) {gaps[:8]}"
+                         f"{' ...' if len(gaps) > 8 else ''} but has them up to layer {max(split.projections)}: the "
+                         "reference trains one for every self-attention layer, so the checkpoint is incomplete. "
+                         "Convert the whole checkpoint (download it again, or save every layer's proj_l)")
     out, dims = {}, set()
     for layer, parts in sorted(split.projections.items()):
         weight, bias = parts.get("weight"), parts.get("bias")
@@ -220,10 +259,27 @@ def _projection_tensors(split: SplitCheckpoint, prefix: str, where: str) -> Dict
             raise ValueError(f"{where}: layer {layer}'s proj_l must be a Linear(D, D) weight [D, D] and bias [D] with "
                              f"D > 0; got {({k: tuple(v.shape) for k, v in parts.items()})}")
         dims.add(weight.shape[0])
-        out[f"{prefix}blocks.{layer}.attn1.weight"] = weight.float().contiguous()
-        out[f"{prefix}blocks.{layer}.attn1.bias"] = bias.float().contiguous()
+        # copies: one tensor tied to two layers (or saved twice by torch.save) is two tensors to safetensors, which
+        # refused them as shared memory with a raw traceback
+        out[f"{prefix}blocks.{layer}.attn1.weight"] = weight.float().clone(memory_format=torch.contiguous_format)
+        out[f"{prefix}blocks.{layer}.attn1.bias"] = bias.float().clone(memory_format=torch.contiguous_format)
     if len(dims) > 1:
         raise ValueError(f"{where}: the projections have different head dims {sorted(dims)}")
+    return out
+
+
+def _fold_alphas(lora: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """Diffusers-named LoRA with ``<module>.alpha``: the scale ``alpha / rank`` folded into ``lora_A``, as Diffusers
+    does for the original names. Diffusers keeps these alphas as they are, and a folder holding one failed to load
+    ("a module this model lacks")."""
+    out = {k: v for k, v in lora.items() if not k.endswith(".alpha")}
+    for key in sorted(set(lora) - set(out)):
+        module = key[:-len(".alpha")]
+        down = out.get(f"{module}.lora_A.weight")
+        if down is None or lora[key].numel() != 1:
+            raise ValueError(f"{key} is no LoRA scale of a module with lora_A/lora_B weights (a one-element alpha "
+                             f"beside {module}.lora_A.weight); found e.g. {sorted(lora)[:4]}")
+        out[f"{module}.lora_A.weight"] = down.float() * (float(lora[key]) / down.shape[0])
     return out
 
 
@@ -231,15 +287,18 @@ def _lora_layers(lora: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     """LoRA tensors in Diffusers' Wan naming without the ``transformer.`` prefix (Diffusers converts them)."""
     from diffusers.loaders.lora_pipeline import WanLoraLoaderMixin
 
-    diffusers_names = any(".attn1." in k or ".to_q." in k for k in lora)
+    # (before: only attn1/to_q told Diffusers' names apart, so an ffn-only LoRA went to the wrong conversion)
+    diffusers_names = any(_DIFFUSERS_NAMES.search(k) for k in lora)
     prefix = "transformer." if diffusers_names else "diffusion_model."
+    if diffusers_names:
+        lora = _fold_alphas(lora)
     try:
         converted = WanLoraLoaderMixin.lora_state_dict({prefix + k: v for k, v in lora.items()})
     except Exception as err:  # Diffusers raises several types for layouts it does not know
         raise ValueError(f"Diffusers cannot convert the checkpoint's LoRA tensors ({type(err).__name__}: {err}); "
                          f"found e.g. {sorted(lora)[:4]}") from None
-    return {k[len("transformer."):] if k.startswith("transformer.") else k: v.float().contiguous()
-            for k, v in converted.items()}
+    return {k[len("transformer."):] if k.startswith("transformer.") else k:
+            v.float().clone(memory_format=torch.contiguous_format) for k, v in converted.items()}
 
 
 def _method_json(method: SLA, lora: Dict[str, torch.Tensor], sources: List[str], layers: int, skipped: int) -> dict:
@@ -356,6 +415,11 @@ def convert_checkpoint(checkpoint, output, *, method: Optional[SLA] = None, tran
         raise ValueError(f"the projections of checkpoint {str(checkpoint)!r} (head dim {sorted(sizes[''])}) and of "
                          f"transformer_2 {str(transformer_2)!r} ({sorted(sizes['transformer_2.'])}) differ in size: "
                          "give the two experts of one model (Wan 2.2 A14B's high- and low-noise checkpoints)")
+    layers = {p: sum(k.startswith("transformer_2.") == bool(p) for k in projections) // 2 for p, _ in sources}
+    if len(set(layers.values())) > 1:  # (Wan 2.1 1.3B and 14B share head dim 128: refused at load as dense_layers)
+        raise ValueError(f"checkpoint {str(checkpoint)!r} has SLA projections for {layers['']} layers and transformer_2 "
+                         f"{str(transformer_2)!r} for {layers['transformer_2.']}: give the two experts of one model "
+                         "(Wan 2.2 A14B's high- and low-noise checkpoints, 40 layers each)")
     info = _method_json(method, lora, [str(p) for _, p in sources], len(projections) // 2, skipped)
 
     def write_tensors(staging: Path) -> None:

@@ -36,6 +36,9 @@ def check_float_weights(path, tensors: Dict[str, torch.Tensor], *, redo: str,
     of ``any_dtype`` (LoRA ``alpha`` scalars) may be of any number type; float ones must still be finite."""
     for key in sorted(tensors):
         tensor = tensors[key]
+        if tensor.is_meta:  # (its finiteness check raised a raw "cannot be called on meta tensors")
+            raise BadFileError(path, f"{key} is a meta tensor (a shape without values: saved from a model built "
+                                     "without its weights)", f"weights with their values: {redo}")
         if tensor.dtype not in _FLOATS and not (any_dtype and key.endswith(any_dtype)):
             raise BadFileError(path, f"{key} is {str(tensor.dtype).replace('torch.', '')}",
                                "float16, bfloat16 or float32 weights; a file of other numbers is not a fine-tune's "
