@@ -34,7 +34,10 @@ def write_atomic(path, data) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = data.encode() if isinstance(data, str) else bytes(data)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as err:
+        raise _naming(err, path) from None
     try:
         umask = os.umask(0)
         os.umask(umask)
@@ -44,18 +47,67 @@ def write_atomic(path, data) -> Path:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         try:
             os.unlink(tmp)
         except OSError:
             pass
+        if isinstance(err, OSError) and err.errno is not None:
+            raise _naming(err, path) from None
         raise
     return path
+
+
+def _naming(err: OSError, path: Path) -> OSError:
+    """``err`` (same class and errno) naming ``path``, not the temporary file beside it that is gone."""
+    try:
+        return type(err)(err.errno, f"{err.strerror or err}; nothing written", str(path))
+    except TypeError:  # an OSError subclass of another signature: as it was
+        return err
 
 
 def prompts_hash(prompts: Iterable[str]) -> str:
     """sha256 of the prompts, one per line (the calibration set's fingerprint in a plan's provenance)."""
     return hashlib.sha256("\n".join(prompts).encode()).hexdigest()
+
+
+class _Pairs(dict):
+    """A JSON object that remembers the keys its text gave more than once (``json`` keeps the last silently)."""
+
+    def __init__(self, pairs):
+        super().__init__(pairs)
+        self.repeated = []
+        if len(self) < len(pairs):  # (a FastVideo strategy holds steps x layers x heads keys: no pairwise search)
+            seen = set()
+            for key, _ in pairs:
+                if key in seen:
+                    self.repeated.append(key)
+                seen.add(key)
+
+
+def _field(where: str, key) -> str:
+    """``where`` and one more step into it, spelled as the plan's messages spell fields."""
+    if isinstance(key, int):
+        return f"{where}[{key}]"
+    if key.isidentifier():
+        return f"{where}.{key}" if where else key
+    return f"{where}[{json.dumps(key)}]"
+
+
+def repeated_key(text: str) -> Optional[str]:
+    """The field (``phases[1].layers["3"]``) of the first key that ``text``, valid JSON, gives twice in one object,
+    or None: a hand-edited plan's second entry for a layer would otherwise replace its first without a word."""
+    def walk(value, where: str) -> Optional[str]:
+        if isinstance(value, _Pairs) and value.repeated:
+            return _field(where, value.repeated[0])
+        items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+        for key, item in items:
+            found = walk(item, _field(where, key))
+            if found:
+                return found
+        return None
+
+    return walk(json.loads(text, object_pairs_hook=_Pairs), "")
 
 
 def method_to_json(method: Method) -> dict:
@@ -201,6 +253,11 @@ def _provenance(r: _Fields, data) -> dict:
             isinstance(t, (int, float)) and not isinstance(t, bool) and math.isfinite(t) and t >= 0
             for t in timesteps)):
         r.fail("provenance.timesteps", f"must be a list of numbers >= 0 (one per step) or null; got {_show(timesteps)}")
+    elif timesteps and isinstance(out.get("steps"), int) and len(timesteps) != out["steps"]:
+        # (finetune --plan finds a noise level's step by its place in this list: 3 timesteps for 4 steps trained
+        # step 3 never, and the last noise level as step 2, without a word)
+        r.fail("provenance.timesteps", f"has {len(timesteps)} entries; the plan is for {out['steps']} steps "
+                                       "(provenance.steps): one timestep per step, in step order")
     call = data.get("call")
     if call is not None:
         r.obj("provenance.call", call, "an object of the pipeline call's settings or null")

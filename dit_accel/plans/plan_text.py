@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Dict, List, Mapping, Optional, Sequence
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 from .._util import is_int
 from ..methods import Dense, Method
@@ -59,11 +59,30 @@ def method_label(method: Method) -> str:
     return method.name + (f"({', '.join(parts)})" if parts else "")
 
 
+def own_heads(method: Method) -> Optional[Tuple[Method, ...]]:
+    """Each head's single-head config of a config holding its own per-head values (a Tile's windows, a GNA's kernel
+    sizes), or None: ``tile(window=((1, 1, 3), (1, 3, 3)))`` is not one window that every head runs."""
+    from ..patterns.checks import per_head
+
+    for f in dataclasses.fields(method):
+        values = per_head(getattr(method, f.name)) if f.init else None
+        if values is not None:
+            try:
+                return tuple(dataclasses.replace(method, **{f.name: v}) for v in values)
+            except (ValueError, TypeError):  # a head's value alone is not a valid config: the whole one stands
+                return None
+    return None
+
+
 def _heads_text(method: Method, heads: int) -> str:
     """``"all heads sla(topk=0.2)"`` or ``"heads 0-5 sla(topk=0.2); head 6 dense"``."""
-    if not isinstance(method, PerHead):
-        return f"all heads {method_label(method)}"
-    labels = [method_label(m) for m in method.methods]
+    if isinstance(method, PerHead):
+        labels = [method_label(m) for m in method.methods]
+    else:
+        split = own_heads(method)
+        if split is None:
+            return f"all heads {method_label(method)}"
+        labels = [method_label(m) for m in split]
     parts, start = [], 0
     while start < len(labels):
         stop = start
@@ -127,6 +146,15 @@ class _CostBasis:
                 counts = dataclasses.replace(counts, ctas=0, heads=0)
             secs = c.sla_time(counts, head_dim=d, arch=self.arch) - c.constants(self.arch).sla_per_call_s
             return name, secs, sla_density(n, method)
+        if hasattr(plan, "cubes"):  # VSA: k of C cube tiles per query cube, and its coarse branch (as calibrate)
+            counts = c.vsa_counts(plan, heads=1)
+            if self.terms == "tiles":  # the critical tiles only: the coarse branch is glue
+                counts = dataclasses.replace(counts, ctas=0)
+            secs = (c.block_sparse_time(counts, head_dim=d, arch=self.arch, kernel=self.kernel)
+                    - c.constants(self.arch, self.kernel).per_call_s)
+            if self.terms != "tiles":
+                secs += c.vsa_coarse_time(n, plan.cubes.count, head_dim=d, arch=self.arch)
+            return name, secs, plan.density
         layout = plan.layout
         counts = c.tile_counts(layout, heads=layout.num_heads)
         if self.terms == "tiles":

@@ -40,8 +40,8 @@ from .per_head import PerHead
 
 from .plan_json import (_CALL_COUNTS, _PHASE_FIELDS, _PLAN_FIELDS, FORMAT, FORMAT_VERSION,  # noqa: F401
                                _Fields, _method_entry, _provenance, _show, _tuples, method_from_json,
-                               method_to_json, prompts_hash, write_atomic)
-from .plan_text import _CostBasis, _gaps, _grid_text, _heads_text, _span, method_label  # noqa: F401
+                               method_to_json, prompts_hash, repeated_key, write_atomic)
+from .plan_text import _CostBasis, _gaps, _grid_text, _heads_text, _span, method_label, own_heads  # noqa: F401
 
 __all__ = ["SparsePlan", "Phase", "PlanMethod", "method_to_json", "method_from_json", "method_label", "prompts_hash",
            "write_atomic", "file_to_write", "FORMAT"]
@@ -209,11 +209,16 @@ class SparsePlan:
         if not isinstance(self.phases, (list, tuple)) or not all(isinstance(p, Phase) for p in self.phases):
             raise TypeError(f"SparsePlan.phases={self.phases!r} is invalid: expected a list or tuple of Phase "
                             "objects, e.g. [Phase(0, 2), Phase(2, None, default=Tile(...))] ([] for an all-dense plan)")
-        _provenance(_Fields(None), to_jsonable(dict(self.provenance)))  # what apply and check_call read
+        steps = _provenance(_Fields(None), to_jsonable(dict(self.provenance))).get("steps")  # what apply reads
         phases = tuple(sorted(self.phases, key=lambda p: p.start))
         for a, b in zip(phases, phases[1:]):
             if a.stop is None or a.stop > b.start:
                 raise ValueError(f"SparsePlan phases overlap: steps {a.start}..{a.stop} and {b.start}..{b.stop}")
+        late = next((p for p in phases if steps is not None and (p.start >= steps or (p.stop or 0) > steps)), None)
+        if late is not None:  # (as load refuses it: a plan that saves must load back)
+            raise ValueError(f"SparsePlan phase steps {_span(late)} run past the last step: provenance steps="
+                             f"{steps} (steps 0..{steps - 1}); end the phase by step {steps}, or record the "
+                             "run's step count")
         for phase in phases:
             for layer, method in (*phase.layers.items(), ("default", phase.default)):
                 if layer != "default" and self.num_layers is not None and layer >= self.num_layers:
@@ -244,11 +249,18 @@ class SparsePlan:
         return tuple(dict.fromkeys(m for p in self.phases for m in (p.default, *p.layers.values())))
 
     def head_methods(self, layer: int, step: int, heads: int) -> Tuple[Method, ...]:
-        """The config of each of ``heads`` heads of ``layer`` at ``step`` (``Dense()`` where dense)."""
+        """The config of each of ``heads`` heads of ``layer`` at ``step`` (``Dense()`` where dense): a Tile's or
+        GNA's per-head windows as one single-head config each; ValueError when the entry is for another head count."""
         method = self.for_layer_step(layer, step)
         if method is None:
             return (Dense(),) * heads
-        return method.methods if isinstance(method, PerHead) else (method,) * heads
+        split = method.methods if isinstance(method, PerHead) else own_heads(method)
+        if split is None:
+            return (method,) * heads
+        if len(split) != heads:
+            raise ValueError(f"{self._name()}: layer {layer} at step {step} runs {len(split)} per-head methods; "
+                             f"heads={heads}")
+        return tuple(split)
 
     def runs_sla(self, layer: int) -> bool:
         """Whether some phase runs SLA on some head of ``layer`` (apply() gives that layer an SLA projection)."""
@@ -328,7 +340,7 @@ class SparsePlan:
         plan's, is a ValueError of one line naming the file and the field. A plan whose writer (``calibrate``)
         was killed after its commit point is finished first, with its report folder, or refused with the
         reason (:func:`dit_accel.atomic_files.finish_for_reader`): never a new plan beside an old report."""
-        from ..atomic_files import commit_journal, finish_for_reader, read_json
+        from ..atomic_files import commit_journal, finish_for_reader, read_json, read_text
 
         if not isinstance(path, (str, os.PathLike)) or not os.fspath(path):
             raise (ValueError if isinstance(path, str) else TypeError)(
@@ -341,8 +353,12 @@ class SparsePlan:
         try:
             data = read_json(path, expected="a dit_accel sparse plan (the JSON that plan.save or dit-accel "
                                             "calibrate writes)", kind=None)
+            twice = repeated_key(read_text(path))
         except RecursionError:
             raise ValueError(f"{path}: format: nested too deeply to be a plan") from None
+        if twice is not None:
+            raise ValueError(f"{path}: {twice}: given twice in one object (JSON would keep only the last, without a "
+                             "word): keep one of them")
         if isinstance(data, dict) and "format" not in data and data and \
                 all(isinstance(k, str) and re.fullmatch(r"[0-9]+_[0-9]+_[0-9]+", k) for k in data):
             return cls.from_tile_strategy(path)
@@ -601,12 +617,12 @@ class SparsePlan:
             lines.append("provenance: " + "; ".join(facts))
         lines.append(f"shares: {prof['basis']}")
         heads = prof["heads"]
-        layers = prof["layers"]
+        named = prof["layers"] if self.num_layers is not None else max(self.layers_named(), default=-1) + 1
         if not self.phases:
             lines.append("every step: every layer dense (the plan has no phases)")
         for phase in self.phases:
             lines.append(f"steps {_span(phase)}:")
-            rows = [(layer, _heads_text(phase.method(layer), heads)) for layer in range(layers)]
+            rows = [(layer, _heads_text(phase.method(layer), heads)) for layer in range(named)]
             start = 0
             while start < len(rows):
                 stop = start
@@ -615,6 +631,9 @@ class SparsePlan:
                 which = f"layer {start}" if stop == start else f"layers {start}-{stop}"
                 lines.append(f"  {which}: {rows[start][1]}")
                 start = stop + 1
+            if self.num_layers is None:  # the default runs on every layer past the named ones too
+                which = f"layers {named} and up" if named else "every layer"
+                lines.append(f"  {which} (num_layers not recorded): {_heads_text(phase.default, heads)}")
         gaps = _gaps(self.phases, prof["steps"])
         if gaps:
             lines.append(f"steps {', '.join(gaps)}: no phase, every layer dense")

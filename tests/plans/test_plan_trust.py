@@ -68,7 +68,7 @@ def _valid_mutation(path, value) -> bool:
     if text in ("provenance.timesteps", "provenance.call"):
         return deleted or value is None or value == ([] if text.endswith("timesteps") else {})
     if text.startswith("provenance.timesteps["):
-        return deleted or value == 1.5
+        return value == 1.5  # (deleting one leaves fewer timesteps than steps: refused)
     if deleted:
         return text in ("num_layers", "num_heads", "provenance", "format_version", "phases[0]", "phases[1]",
                         "provenance.grids[0]") or text.startswith("provenance.") or \
