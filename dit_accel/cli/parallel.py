@@ -22,8 +22,10 @@ def parse_cp(text: str) -> Tuple[int, int]:
     for part in filter(None, re.split(r"[,\s]+", text.strip())):
         name, _, value = part.partition("=")
         if name not in degrees or not re.fullmatch("[0-9]+", value) or int(value) < 1:
+            what = ("no spaces around '='" if re.search(r"\s=|=\s", text) else f"{name!r} is not a key"
+                    if name not in degrees else f"{part!r} is not a whole number >= 1")
             raise argparse.ArgumentTypeError(f"--cp {text!r}: expected ulysses=N and/or ring=M with N, M >= 1, "
-                                             "e.g. ulysses=2 or ulysses=2,ring=2")
+                                             f"e.g. ulysses=2 or ulysses=2,ring=2 ({what})")
         if name in given:  # (the last one won before: ulysses=2,ulysses=4 ran 4 ranks, the typo unsaid)
             raise argparse.ArgumentTypeError(f"--cp {text!r}: {name} is given twice; give each of ulysses=N and "
                                              "ring=M once, e.g. ulysses=2,ring=2")
@@ -146,16 +148,17 @@ def _rendezvous(world: int):
 
 
 def enable(pipe, config) -> None:
-    """Context parallelism on the pipeline's transformer(s); ValueError when a model has no plan for it."""
-    from ..pipelines.parallel import enable_context_parallel
+    """Context parallelism on the pipeline's transformer(s); ValueError when a model has no plan for it or its
+    heads do not split, checked for every transformer before any is changed."""
+    from ..pipelines.parallel import _check_heads, enable_context_parallel
 
-    for name in ("transformer", "transformer_2"):
-        transformer = getattr(pipe, name, None)
-        if transformer is None:
-            continue
+    transformers = [t for t in (getattr(pipe, n, None) for n in ("transformer", "transformer_2")) if t is not None]
+    for transformer in transformers:
         if getattr(transformer, "_cp_plan", None) is None:
             raise ValueError(f"{type(transformer).__name__} has no context-parallel plan in this Diffusers "
                              "release (Wan, FLUX and LTX-Video have one); run it without --cp")
+        _check_heads(transformer, config)
+    for transformer in transformers:
         enable_context_parallel(transformer, config)
 
 

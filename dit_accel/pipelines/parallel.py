@@ -46,8 +46,9 @@ def enable_context_parallel(transformer, config) -> None:
     config, a division by zero on a CPU-only machine. There every rank's device is the CPU and the device
     mesh is a CPU (gloo) mesh, so for this one call the transformer resolves its config with that placement;
     everything after it (the plan, the hooks, the processors) is Diffusers' own. ValueError (one line) where
-    this Diffusers release resolves configs differently.
+    this Diffusers release resolves configs differently, or where the Ulysses degree does not divide the heads.
     """
+    _check_heads(transformer, config)
     if torch.accelerator.device_count() > 0:
         transformer.enable_parallelism(config=config)
         return
@@ -76,6 +77,19 @@ def enable_context_parallel(transformer, config) -> None:
         transformer.enable_parallelism(config=config)
     finally:
         del transformer._resolve_parallel_config
+
+
+def _check_heads(transformer, config) -> None:
+    """Refuse a Ulysses degree that does not divide the model's heads before the model changes: found otherwise
+    only at the first attention call, after the model loaded and the prompt was encoded."""
+    cp = getattr(config, "context_parallel_config", config)
+    ulysses = getattr(cp, "ulysses_degree", 1) or 1
+    heads = getattr(getattr(transformer, "config", None), "num_attention_heads", None)
+    if ulysses > 1 and isinstance(heads, int) and heads > 0 and heads % ulysses:
+        fits = ", ".join(str(n) for n in range(2, heads + 1) if heads % n == 0) or "none above 1"
+        raise ValueError(f"context parallelism with ulysses_degree={ulysses} (--cp ulysses={ulysses}) splits the "
+                         f"attention heads into {ulysses} equal groups, but {type(transformer).__name__} has "
+                         f"num_attention_heads={heads}: use a Ulysses degree that divides it ({fits}), or ring")
 
 
 @dataclass(frozen=True)
