@@ -293,7 +293,7 @@ def _build_runtime(targets, pipe, method: Method, options: dict, backend: str, w
 _APPLYING = threading.RLock()
 
 
-def _refuse_other_threads(found) -> None:
+def refuse_other_threads(found) -> None:
     """RuntimeError when a live handle on these transformers belongs to another running thread: a model takes
     one live handle at a time, and replacing it would change the model under that thread's calls."""
     for old in _applied_handles(found):
@@ -310,8 +310,8 @@ def _take_over(found, targets, schedule: Schedule, runtime: Runtime, steps: Step
                log: WarningLog, gates_from=None) -> AccelHandle:
     """Install the new handle in place of the model's earlier ones (same thread only), all or nothing.
     ``gates_from``: the folder of a VSA checkpoint's gates given as ``weights=`` (see :mod:`.vsa_gates`)."""
-    _refuse_other_threads(found)
-    previous = _replace_previous(found)
+    refuse_other_threads(found)
+    previous = suspend_handles(found)
     gate, handle = CallGate(), None
     try:
         handle = AccelHandle(_install(targets, schedule, runtime, steps, gate), schedule, runtime, steps, gate)
@@ -325,8 +325,18 @@ def _take_over(found, targets, schedule: Schedule, runtime: Runtime, steps: Step
     except BaseException:
         if handle is not None:
             handle.remove()
-        _restore_previous(previous)
+        restore_handles(previous)
         raise
+    retire_handles(previous, handle, log.warn, "apply()", "the new",
+                   ": apply() to it as well (one handle per transformer), or to the pipeline")
+    return handle
+
+
+def retire_handles(previous: List[AccelHandle], handle: AccelHandle, warn, who: str, new: str,
+                   advice: str = "") -> None:
+    """The earlier handles go for good, ``handle`` taking their calls (apply() replacing them, or a fine-tuning run
+    that succeeded): each is said by ``warn``, with the transformers it held that ``handle`` does not (they now run
+    the original model)."""
     successors = {id(hook.transformer): hook for hook in handle._hooks}
     for old in previous:
         name = repr(old)
@@ -341,30 +351,30 @@ def _take_over(found, targets, schedule: Schedule, runtime: Runtime, steps: Step
         left = [f"{hook.prefix.rstrip('.') or 'transformer'} ({type(hook.transformer).__name__})"
                 for hook in old._hooks if id(hook.transformer) not in successors]
         also = (f"; it also held {', '.join(left)}, which now run{'s' * (len(left) == 1)} the original (dense) "
-                "model: apply() to it as well (one handle per transformer), or to the pipeline") if left else ""
-        log.warn(f"dit_accel: apply() on a model that {name} was applied to: that handle was removed first "
-                 f"(exactly, as handle.remove() does) and the new {handle!r} replaces it{also}", stacklevel=4)
-    return handle
+                f"model{advice}") if left else ""
+        warn(f"dit_accel: {who} on a model that {name} was applied to: that handle was removed first (exactly, as "
+             f"handle.remove() does) and {new} {handle!r} replaces it{also}", stacklevel=5)
 
 
-def _replace_previous(found) -> List[AccelHandle]:
-    """apply() on an applied model: the earlier handles' hooks and processors come off (reversibly; their
-    adapters stay until the new handle is installed). Their calls in flight finish first."""
+def suspend_handles(found, what: str = "apply()") -> List[AccelHandle]:
+    """The earlier handles on these transformers, their hooks and processors taken off (reversibly: their adapters
+    stay, and :func:`restore_handles` puts them back) for ``what`` (apply(), or a fine-tuning run) to install its
+    own. Their calls in flight finish first."""
     previous = []
     try:
         for old in _applied_handles(found):
-            if old._gate.close("apply()"):
+            if old._gate.close(what):
                 previous.append(old)
                 for hook in old._hooks:  # the forward hooks stay until the new handle is in (kept ids, order)
                     hook.unwrap()
     except BaseException:
-        _restore_previous(previous)
+        restore_handles(previous)
         raise
     return previous
 
 
-def _restore_previous(previous: List[AccelHandle]) -> None:
-    """Put back handles that :func:`_replace_previous` took off (apply() failed after it)."""
+def restore_handles(previous: List[AccelHandle]) -> None:
+    """Put back handles that :func:`suspend_handles` took off (what replaced them failed)."""
     for old in previous:
         if old._released:  # its adapters went for the new weights: it cannot come back, so it is removed for good
             for hook in old._hooks:

@@ -4,13 +4,10 @@ back), and a dit_accel handle applied to it before the run (apply() would remove
 
 from __future__ import annotations
 
-import warnings
-from typing import List, Optional
+from typing import Optional
 
 import torch
 from torch import nn
-
-from .._util import DitAccelWarning
 
 
 class KeptTensors:
@@ -79,64 +76,39 @@ def cast_keeping(pipe, device, dtype) -> KeptTensors:
 
 
 class ParkedHandles:
-    """The caller's live dit_accel handles on ``transformer``, set aside for the run's own apply(): their
-    processors go back to the originals and their hooks stay but let every call through, so a failed run puts
-    them back exactly as they were (:meth:`restore`); a run that succeeds removes them as apply() would have
-    (:meth:`release`). A handle another running thread holds is left for apply() to refuse."""
+    """The caller's live dit_accel handles on ``transformer``, set aside for the run's own apply(), as apply() sets
+    aside the handles it replaces (:func:`~dit_accel.pipelines.apply.suspend_handles`): their processors go back to
+    the originals, and their hooks stay but let every call through while the run trains. A failed run puts them
+    back exactly as they were (:meth:`restore`); a run that succeeds removes them as apply() would have
+    (:meth:`release`). A handle another running thread holds is refused, as apply() refuses it."""
 
     def __init__(self, transformer):
-        import threading
+        from ..pipelines.apply import refuse_other_threads, suspend_handles
 
-        from ..pipelines.apply import _applied_handles
-
-        self._handles: List = []
-        self._names: List[str] = []
-        try:
-            for old in _applied_handles([("", transformer)]):
-                if old._thread is not threading.current_thread() and old._thread.is_alive():
-                    continue
-                name = repr(old)
-                if not old._gate.close("finetune()"):
-                    continue
-                for hook in old._hooks:
-                    hook.unwrap()
-                old.removed = True  # (apply() leaves it alone, and its methods say it is not in use)
-                old._gate.finish()  # its hooks, still in place, run every call as the model's own
-                self._handles.append(old)
-                self._names.append(name)
-        except BaseException:
-            self.restore()
-            raise
+        found = [("", transformer)]
+        refuse_other_threads(found)
+        self._handles = suspend_handles(found, "finetune()")
+        for old in self._handles:
+            old.removed = True  # (apply() leaves it alone, and its methods say it is not in use)
+            old._gate.finish()  # its hooks, still in place, run every call as the model's own
 
     def restore(self) -> None:
         """The run failed: the handles are active again, as before it."""
+        from ..pipelines.apply import restore_handles
+
         handles, self._handles = self._handles, []
         for old in handles:
-            for hook in old._hooks:
-                hook.rewrap()
             old.removed = False
-            old._gate.reopen()
+        restore_handles(handles)
 
     def release(self, new_handle) -> None:
         """The run's student stays: the parked handles go for good, as apply() replacing them would do."""
+        from ..pipelines.apply import retire_handles
+
         handles, self._handles = self._handles, []
-        successors = {id(hook.transformer): hook for hook in getattr(new_handle, "_hooks", [])}
-        for old, name in zip(handles, self._names):
-            for hook in old._hooks:
-                hook.unhook()
-                hook.successor = successors.get(id(hook.transformer))
-            old._release()
-            left = [f"{hook.prefix.rstrip('.') or 'transformer'} ({type(hook.transformer).__name__})"
-                    for hook in old._hooks if id(hook.transformer) not in successors]
-            also = (f"; it also held {', '.join(left)}, which now run{'s' * (len(left) == 1)} the original (dense) "
-                    "model") if left else ""
-            message = (f"dit_accel: finetune() on a model that {name} was applied to: that handle was removed (as "
-                       f"handle.remove() does) and the trained student {new_handle!r} replaces it{also}")
-            log = getattr(getattr(new_handle, "_runtime", None), "warnings", None)
-            if log is not None:
-                log.warn(message, stacklevel=4)
-            else:
-                warnings.warn(message, DitAccelWarning, stacklevel=4)
+        for old in handles:
+            old.removed = False  # (parked, not yet removed: the warning names it as the caller held it, active)
+        retire_handles(handles, new_handle, new_handle._runtime.warnings.warn, "finetune()", "the trained student")
 
     def __bool__(self) -> bool:
         return bool(self._handles)
