@@ -21,9 +21,10 @@ def _run(pipe, **extra):
     return pipe(**WAN_CALL, **extra, generator=torch.Generator().manual_seed(0)).frames
 
 
-def _per_call_reference(pipe, sparse_calls):
-    """While active, the i-th transformer call runs the masked-dense Tile reference where ``sparse_calls[i]``, else
-    the model's own dense attention: the expected output of a schedule, written out call by call."""
+def _per_call_reference(pipe, sparse_calls, **call):
+    """The output of ``pipe`` run with ``call`` where its i-th transformer call runs the masked-dense Tile reference
+    where ``sparse_calls[i]``, else the model's own dense attention: the expected output of a schedule, written out
+    call by call."""
     mode, calls = ReferenceAttention(method_mask(TILE, (3, 8, 8)), "none"), [0]
 
     def enter(*_):
@@ -35,7 +36,12 @@ def _per_call_reference(pipe, sparse_calls):
             mode.__exit__(None, None, None)
         calls[0] += 1
 
-    return [pipe.transformer.register_forward_pre_hook(enter), pipe.transformer.register_forward_hook(leave)]
+    hooks = [pipe.transformer.register_forward_pre_hook(enter), pipe.transformer.register_forward_hook(leave)]
+    try:
+        return _run(pipe, **call)
+    finally:
+        for hook in hooks:
+            hook.remove()
 
 
 # ------------------------------------------------------------------ second-order schedulers
@@ -55,12 +61,7 @@ def test_dense_last_steps_under_a_second_order_scheduler_makes_only_the_last_ste
     dense_last_steps=1 also ran step 1 dense (2 of 3 steps dense, 4 sparse and 6 dense layer calls). Now the
     count is 3: the calls of steps 0 and 1 are sparse, the last step's call dense, as the masked-dense
     reference written call by call."""
-    hooks = _per_call_reference(heun_wan, [True, True, True, True, False])
-    try:
-        want = _run(heun_wan, num_inference_steps=3)
-    finally:
-        for hook in hooks:
-            hook.remove()
+    want = _per_call_reference(heun_wan, [True, True, True, True, False], num_inference_steps=3)
     with dit_accel.apply(heun_wan, TILE, backend="torch", dense_last_steps=1) as handle:
         got = _run(heun_wan, num_inference_steps=3)
         summary = handle.summary()
@@ -72,12 +73,7 @@ def test_a_plan_for_n_steps_runs_n_steps_of_a_second_order_scheduler(heun_wan):
     """Before: a plan calibrated for 3 steps was refused on a 3-step Heun run ("was calibrated for 3 denoising steps;
     this run has 2"). Now it runs, its sparse phase on the calls of its steps."""
     plan = SparsePlan((Phase(1, 3, default=TILE),), num_layers=2, provenance={"steps": 3})
-    hooks = _per_call_reference(heun_wan, [False, False, True, True, True])
-    try:
-        want = _run(heun_wan, num_inference_steps=3)
-    finally:
-        for hook in hooks:
-            hook.remove()
+    want = _per_call_reference(heun_wan, [False, False, True, True, True], num_inference_steps=3)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         with dit_accel.apply(heun_wan, plan, backend="torch") as handle:
