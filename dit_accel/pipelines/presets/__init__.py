@@ -155,12 +155,7 @@ def preset_for(transformer: torch.nn.Module, diffusers_version: Optional[str] = 
     """The preset for ``transformer``'s class; ValueError for unsupported or refused classes (with the
     preset's reason) or old Diffusers."""
     name = type(transformer).__name__
-    preset = PRESETS.get(name)
-    if preset is None:
-        for base in type(transformer).__mro__[1:]:  # subclasses of a supported class work too
-            preset = PRESETS.get(base.__name__)
-            if preset is not None:
-                break
+    preset = PRESETS.get(_class_name(type(transformer)))  # subclasses of a supported class work too
     if preset is None:
         raise ValueError(f"dit_accel does not support transformer class {name}; supported: {_supported()}. "
                          "Support another class with dit_accel.register_preset(Preset(...))")
@@ -190,8 +185,8 @@ def _class_name(transformer_or_class) -> str:
     if not isinstance(transformer_or_class, type):  # torch.compile's OptimizedModule reads as the module it wraps
         transformer_or_class = getattr(transformer_or_class, "_orig_mod", transformer_or_class)
     cls = transformer_or_class if isinstance(transformer_or_class, type) else type(transformer_or_class)
-    # A subclass of a supported class reads as it, as preset_for (apply) takes it: else its published settings and
-    # family were "unknown" for a model apply runs
+    # A subclass of a supported class reads as it (preset_for, and so apply, takes it; its published settings and
+    # family were "unknown" before)
     return next((base.__name__ for base in cls.__mro__ if base.__name__ in PRESETS), cls.__name__)
 
 
