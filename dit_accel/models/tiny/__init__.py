@@ -178,6 +178,7 @@ def build_tiny_transformer(name: str, seed: int = 0):
 
     if name not in TRANSFORMERS:
         raise ValueError(f"unknown tiny transformer {name!r}; choose one of {TRANSFORMER_NAMES}")
+    _check_seed(seed)
     entry = TRANSFORMERS[name]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -192,25 +193,45 @@ def build_tiny_transformer(name: str, seed: int = 0):
     return model.eval()
 
 
+def _positive_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value > 0
+
+
+def _check_seed(seed) -> None:
+    """(a str or float seed failed in torch as "invalid literal for int()" or "manual_seed expected a long")"""
+    if not isinstance(seed, numbers.Integral) or isinstance(seed, bool):
+        raise ValueError(f"seed={seed!r} is invalid: the random seed, an int")
+
+
 def tiny_transformer_inputs(name: str, model, grid=None, batch: int = 1, text: int = None, seed: int = 1,
                             text_valid=None):
     """Forward kwargs for ``model`` whose latent has token grid ``grid``.
 
-    ``text_valid``: per-sample valid text lengths (HunyuanVideo/Mochi padding masks).
+    ``batch`` samples of ``text`` text tokens (None: the family's default, :data:`TRANSFORMER_TEXT`); ``text_valid``:
+    per-sample valid text lengths, 1 to ``text`` (HunyuanVideo/Mochi padding masks). ValueError for other values.
     """
     if name not in TRANSFORMERS:
         raise ValueError(f"unknown tiny transformer {name!r}; choose one of {TRANSFORMER_NAMES}")
     entry = TRANSFORMERS[name]
     grid = entry.grid if grid is None else grid
     # (a grid of another rank failed in the family's builder as a bare unpacking error)
-    if not (isinstance(grid, (tuple, list)) and len(grid) == len(entry.grid)
-            and all(isinstance(g, numbers.Integral) and not isinstance(g, bool) and g > 0 for g in grid)):
+    if not (isinstance(grid, (tuple, list)) and len(grid) == len(entry.grid) and all(map(_positive_int, grid))):
         raise ValueError(f"grid={grid!r} is invalid for tiny {name!r}: {len(entry.grid)} positive ints (its token grid "
                          f"after the patch, e.g. {entry.grid})")
-    if text_valid is not None and len(text_valid) != batch:
-        raise ValueError(f"text_valid={text_valid!r} is invalid: one valid text length per sample ({batch})")
+    # (text=0 quietly gave the default length, batch=0 an empty call, a negative one a bare RuntimeError; a valid
+    # length past the text or below 0 was sliced quietly: [9] of 6 tokens all valid, [-1] five of them)
+    if not _positive_int(batch):
+        raise ValueError(f"batch={batch!r} is invalid: the number of samples, a positive int")
+    if text is not None and not _positive_int(text):
+        raise ValueError(f"text={text!r} is invalid: the number of text tokens, a positive int (None: {entry.text})")
+    text = entry.text if text is None else text
+    if text_valid is not None and (isinstance(text_valid, (str, bytes)) or not hasattr(text_valid, "__len__")
+                                   or len(text_valid) != batch
+                                   or not all(_positive_int(n) and n <= text for n in text_valid)):
+        raise ValueError(f"text_valid={text_valid!r} is invalid: one valid text length per sample ({batch}), each "
+                         f"from 1 to the text tokens ({text})")
+    _check_seed(seed)
     grid = tuple(grid)
-    text = text or entry.text
     g = torch.Generator().manual_seed(seed)
 
     def rnd(*shape):

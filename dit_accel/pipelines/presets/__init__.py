@@ -87,8 +87,71 @@ def register_preset(preset: Preset) -> Preset:
                          "that has the class, a version string such as '0.35.0'")
     _check_attention(preset)
     _check_hub_words(preset)
+    _check_settings(preset)
     PRESETS[preset.class_name] = preset
     return preset
+
+
+# The apply() keywords a preset's default may carry: the schedule (tests hold it to apply's signature).
+SETTING_APPLY_KEYS = ("dense_steps", "dense_last_steps", "dense_layers", "layer_methods")
+
+
+def _check_settings(preset: Preset) -> None:
+    """A preset's ``defaults``, ``refused_methods`` and ``published`` (ValueError naming the class and the entry).
+    Checked here: a misspelt method name was never looked up (``recommended`` quietly gave the method's own defaults,
+    and a refused method ran), and a malformed entry failed every later ``recommended`` with a bare KeyError or
+    TypeError."""
+    from ...methods import method_from_name
+
+    def bad(what: str, problem: str) -> ValueError:
+        return ValueError(f"Preset {preset.class_name!r}: {what} is invalid ({problem})")
+
+    for what, table in (("defaults", preset.defaults), ("refused_methods", preset.refused_methods)):
+        if not isinstance(table, dict):
+            raise bad(f"{what}={table!r}", "a dict keyed by method name")
+        for name in table:
+            try:
+                if _registered_method(name) != name:
+                    raise ValueError("an alias or another spelling")
+            except (TypeError, ValueError) as err:
+                raise bad(f"{what}[{name!r}]", f"{err}; key it by a registered method's name") from None
+    for name, reason in preset.refused_methods.items():
+        if not isinstance(reason, str) or not reason.strip():
+            raise bad(f"refused_methods[{name!r}]={reason!r}", "the reason, a non-empty str")
+    for name, entry in preset.defaults.items():
+        what = f"defaults[{name!r}]={entry!r}"
+        if not (isinstance(entry, dict) and set(entry) == {"method", "apply"} and isinstance(entry["method"], dict)
+                and isinstance(entry["apply"], dict)):
+            raise bad(what, "expected {'method': {config fields}, 'apply': {apply keywords}}")
+        other = sorted(set(entry["apply"]) - set(SETTING_APPLY_KEYS))
+        if other:
+            raise bad(what, f"apply keywords {other}; allowed: {', '.join(SETTING_APPLY_KEYS)}")
+        try:
+            check_method_for(preset.class_name, preset, method_from_name(name, **entry["method"]))
+        except (TypeError, ValueError) as err:
+            raise bad(what, str(err)) from None
+    _check_published(preset, bad)
+
+
+def _check_published(preset: Preset, bad) -> None:
+    """A preset's ``published`` settings (``bad(what, problem)`` makes the error): each builds, for a registered
+    method's own name (a misspelt one was never found by ``recommended``), with the keywords a setting carries."""
+    if not isinstance(preset.published, (tuple, list)) or not all(isinstance(p, Published) for p in preset.published):
+        raise bad(f"published={preset.published!r}", "a tuple of dit_accel.pipelines.presets.Published")
+    for i, setting in enumerate(preset.published):
+        try:
+            if _registered_method(setting.method) != setting.method:
+                raise ValueError(f"method={setting.method!r} is an alias or another spelling")
+            config, kwargs = setting.build()
+            check_method_for(preset.class_name, preset, config)
+        except (TypeError, ValueError) as err:
+            raise bad(f"published[{i}] ({setting.family}, {setting.method!r})", str(err)) from None
+        if not isinstance(setting.family, str) or not setting.family.strip():
+            raise bad(f"published[{i}].family={setting.family!r}", "the model family's name, a non-empty str")
+        other = sorted(set(kwargs) - set(SETTING_APPLY_KEYS))
+        if other:
+            raise bad(f"published[{i}] ({setting.family}, {setting.method!r})",
+                      f"apply keywords {other}; allowed: {', '.join(SETTING_APPLY_KEYS)}")
 
 
 def _check_hub_words(preset: Preset) -> None:
@@ -182,6 +245,9 @@ def _check_not_refused(name: str, preset: Preset) -> None:
 def _class_name(transformer_or_class) -> str:
     if isinstance(transformer_or_class, str):
         return transformer_or_class
+    if not isinstance(transformer_or_class, (type, torch.nn.Module)):  # a pipeline reads as its transformer, as in
+        # family_of (it was "no preset for WanPipeline", and Wan 2.2 A14B's experts alone read as Wan 2.1)
+        transformer_or_class = getattr(transformer_or_class, "transformer", None) or transformer_or_class
     if not isinstance(transformer_or_class, type):  # torch.compile's OptimizedModule reads as the module it wraps
         transformer_or_class = getattr(transformer_or_class, "_orig_mod", transformer_or_class)
     cls = transformer_or_class if isinstance(transformer_or_class, type) else type(transformer_or_class)
@@ -208,8 +274,8 @@ def family_of(pipe_or_transformer) -> Optional[str]:
 
 def published_settings(transformer_or_class, method: Optional[str] = None,
                        family: Optional[str] = None) -> Tuple[Published, ...]:
-    """The published settings for a model class (a name, a class or an instance), optionally of one method
-    and one family (default: the family of an instance, else every family)."""
+    """The published settings for a model class (a name, a class, an instance or a pipeline: its transformer),
+    optionally of one method and one family (default: the family of an instance or pipeline, else every family)."""
     preset = PRESETS.get(_class_name(transformer_or_class))
     if preset is None:  # (an empty answer would read as "nothing published" for a class dit_accel does not know)
         raise ValueError(f"{_class_name(transformer_or_class)!r} is not a model class dit_accel knows; "
@@ -252,7 +318,8 @@ def _known_family(preset: Preset, family: Optional[str]) -> Optional[str]:
 
 
 def recommended(transformer_or_class, method: str, family: Optional[str] = None):
-    """The settings for ``method`` on a model: ``(Method, apply_kwargs)``.
+    """The settings for ``method`` on a model (a transformer, its class or class name, or a pipeline: a pipeline
+    also tells Wan 2.2 A14B, whose experts alone read as Wan 2.1): ``(Method, apply_kwargs)``.
 
     The first published setting of the model's family (:class:`Published`, e.g. the radial
     reference scripts' decay and dense steps) when there is one, else dit_accel's preset
@@ -265,7 +332,7 @@ def recommended(transformer_or_class, method: str, family: Optional[str] = None)
 
     Example::
 
-        m, kw = recommended(pipe.transformer, "radial")   # Wan 2.1: Radial(decay=0.2, rule="reference"), ...
+        m, kw = recommended(pipe, "radial")   # Wan 2.1: Radial(decay=0.2, rule="reference"), ...
         dit_accel.apply(pipe, m, **kw)
     """
     from ...methods import method_from_name
