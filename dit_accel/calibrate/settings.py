@@ -153,21 +153,34 @@ class CalibrationSettings:
             raise ValueError(f"--groundtruth require: {self.groundtruth_prompt_error()}; write every prompt as "
                              "'a COLOUR SHAPE moving DIRECTION' (e.g. 'a red circle moving left'), or use "
                              "--groundtruth report")
-        if self.layer_groups < 0:
-            raise ValueError(f"--layer-groups must be >= 0 (0: no layer probes); got {self.layer_groups}")
-        if self.validate is not None and self.validate < 0:
-            raise ValueError(f"--validate must be >= 0 (0: no validation set); got {self.validate}")
-        if self.uniform_options < 0 or self.probe_videos < 1:
-            raise ValueError(f"--uniform-options must be >= 0 and --probe-videos >= 1; got {self.uniform_options} "
-                             f"and {self.probe_videos}")
-        if not (math.isfinite(self.replay_mb) and self.replay_mb >= 0):
-            raise ValueError(f"--replay-mb must be a finite number of MiB >= 0 (0: off); got {self.replay_mb}")
-        if self.search_iters < 0 or self.phases < 1 or self.samples_per_bucket < 1 or self.batch_size < 1:
-            raise ValueError("--search-iters >= 0, --phases >= 1, --samples-per-bucket >= 1 and --batch-size >= 1")
+        _check_counts(self)
         _check_run_inputs(self)
 
     def call_kwargs(self) -> dict:
         return generation_kwargs(self)
+
+
+#: The counts of a calibration and their least values: whole numbers, as the CLI's flags parse them (a 2.5 or a
+#: fraction such as validate=0.3 was a TypeError from range() after the model had loaded, a str one from "<").
+_COUNTS = (("phases", 1), ("samples_per_bucket", 1), ("search_iters", 0), ("batch_size", 1), ("layer_groups", 0),
+           ("validate", 0), ("uniform_options", 0), ("probe_videos", 1))
+
+
+def _check_counts(settings: CalibrationSettings) -> None:
+    """Every count of :data:`_COUNTS` a whole number at or above its least value (``validate`` also None: a third of
+    the prompts), ``replay_mb`` a finite number >= 0."""
+    from .._util import is_int, is_number
+
+    for name, least in _COUNTS:
+        value = getattr(settings, name)
+        if name == "validate" and value is None:
+            continue
+        if not (is_int(value) and value >= least):
+            meaning = {"layer_groups": " (0: no layer probes)", "validate": " (0: no validation set)"}.get(name, "")
+            raise ValueError(f"--{name.replace('_', '-')} must be a whole number >= {least}{meaning}; got {value!r}")
+    replay = settings.replay_mb
+    if not (is_number(replay) and math.isfinite(replay) and replay >= 0):
+        raise ValueError(f"--replay-mb must be a finite number of MiB >= 0 (0: off); got {replay!r}")
 
 
 def _check_run_inputs(settings: CalibrationSettings) -> None:

@@ -108,7 +108,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true",
                    help="no warnings on the terminal (results.json lists them)")
     p.add_argument("--capture", metavar="DIR", help="also save the dense run's q/k/v for `dit-accel bench fidelity`")
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, _parser=p)
     return p
 
 
@@ -148,6 +148,14 @@ def _compare(args) -> int:
     """--compare A B: two results folders side by side."""
     from ..eval.compare import compare_results, format_comparison, load_results, unpaired_rows
 
+    parser = getattr(args, "_parser", None)
+    given = [] if parser is None else [
+        (action.option_strings or [action.dest])[0] for action in parser._actions
+        if action.dest not in ("help", "compare", "quiet") and getattr(args, action.dest, None) != action.default]
+    if given:  # (else dropped without a word: `--compare A B --methods sla` compared every row)
+        raise _Refused(f"{', '.join(given)} {'does' if len(given) == 1 else 'do'} not apply to --compare (it pairs the "
+                       "rows of two results folders and generates nothing): drop "
+                       + ("it" if len(given) == 1 else "them") + ", or run the eval without --compare")
     first, second = (os.path.realpath(folder) for folder in args.compare)
     if first == second:
         raise _Refused(f"--compare {args.compare[0]} {args.compare[1]}: both name the same folder, so every "

@@ -41,6 +41,10 @@ def register(subparsers) -> argparse.ArgumentParser:
     return p
 
 
+#: The keys of every ``--json`` row, as its help lists them; n/a and unchecked rows also carry their ``reason``.
+_JSON_KEYS = ("variant", "dtype", "problem", "error", "tolerance", "verdict", "seconds")
+
+
 def _fail(message: str) -> int:
     print(f"dit-accel selftest: {message}", file=sys.stderr)
     return 2
@@ -73,8 +77,8 @@ def run(args) -> int:
               f"({row['seconds']:.1f} s)", file=sys.stderr, flush=True)
 
     rows = selfcheck.run_all(device, names=args.variant, jobs=jobs, budget_s=args.budget, progress=progress)
-    if args.json:
-        json.dump(rows, sys.stdout, indent=1)
+    if args.json:  # every row with the keys --help lists (null where they do not apply: n/a rows have no dtype)
+        json.dump([{**{key: r.get(key) for key in _JSON_KEYS}, **r} for r in rows], sys.stdout, indent=1)
         print()
     else:
         _print(rows)

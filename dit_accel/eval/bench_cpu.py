@@ -88,6 +88,8 @@ def make_layout(name: str, args) -> BlockLayout:
         return band_layout(args.n, args.block, args.density)
     if name == "window":
         return window_layout(args.n, args.block, args.density)
+    if name not in TABLE_PATTERNS:
+        raise SystemExit(f"unknown pattern {name!r}")
     if args.n != 8192 or args.block != 64:
         raise SystemExit(f"--patterns {name} uses fixed grids: keep --n 8192 --block 64")
     grid = (8, 32, 32)
@@ -103,7 +105,7 @@ def make_layout(name: str, args) -> BlockLayout:
         return radial_layout((128, 8, 8), 64)
     if name == "radial-0.296":
         return radial_layout((64, 8, 16), 64)
-    raise SystemExit(f"unknown pattern {name!r}")
+    raise SystemExit(f"pattern {name!r} has no layout (sla-* patterns run the SLA twin)")
 
 
 def contenders(name: str, q, k, v, args):
@@ -164,6 +166,30 @@ def median_ratio(times: Dict[str, List[float]], base: str, other: str) -> float:
     return statistics.median(b / o for b, o in zip(times[base], times[other]))
 
 
+def _argument_error(args) -> str:
+    """Why ``--threads``, ``--density`` or ``--patterns`` cannot run (empty when they can)."""
+    import math
+
+    threads = [t.strip() for t in args.threads.split(",")]
+    if not all(t.isdigit() and int(t) >= 1 for t in threads):
+        return f"--threads must be comma-separated counts >= 1 such as 1,2; got {args.threads!r}"
+    if not (math.isfinite(args.density) and 0 < args.density <= 1):
+        return f"--density must be a fraction in (0, 1] such as 0.1; got {args.density}"
+    for name in args.patterns.split(","):
+        if name.startswith("sla-"):
+            try:
+                topk = float(name[len("sla-"):])
+            except ValueError:
+                topk = math.nan
+            if not 0 < topk <= 1:
+                return f"--patterns {name}: sla-TOPK takes a fraction in (0, 1], e.g. sla-0.2"
+        elif name not in TABLE_PATTERNS + ("band", "window"):
+            return f"--patterns {name!r} is not a pattern; choose from {', '.join(TABLE_PATTERNS + ('band', 'window'))}"
+        elif name not in ("band", "window") and (args.n != 8192 or args.block != 64):
+            return f"--patterns {name} uses fixed grids: keep --n 8192 --block 64 (or time band / window)"
+    return ""
+
+
 def main(argv=None) -> int:
     from .._util import positive_int
 
@@ -182,6 +208,9 @@ def main(argv=None) -> int:
     p.add_argument("--no-flex", dest="flex", action="store_false", help="skip compiled FlexAttention")
     p.add_argument("--backward", action="store_true", help="also time forward+backward (dit vs SDPA)")
     args = p.parse_args(argv)
+    problem = _argument_error(args)
+    if problem:  # before any work: else a bad --threads or pattern ended the run in a traceback minutes in
+        p.error(problem)
     cmd = "python -m dit_accel.eval.bench_cpu " + " ".join(argv if argv is not None else sys.argv[1:])
     load0 = os.getloadavg()
     started = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")

@@ -119,14 +119,23 @@ def main(argv=None) -> None:
                         help="deep copies of the model per contender, one per round")
     parser.add_argument("--method-config", metavar="FILE", help="methods to time (dit-accel eval's format)")
     args = parser.parse_args(argv)
-    grid = tuple(int(x) for x in args.grid.split(",")) if args.grid else None
-    methods = None
-    if args.method_config:
-        from .runner import load_method_specs
+    grid = None
+    if args.grid:
+        sizes = [x.strip() for x in args.grid.split(",")]
+        if len(sizes) != 3 or not all(x.isdigit() and int(x) >= 1 for x in sizes):
+            parser.error(f"--grid must be three token counts >= 1, T,H,W such as 5,8,8; got {args.grid!r}")
+        grid = tuple(int(x) for x in sizes)
+    # A file, method or grid the run refuses is a usage error (one line, exit 2), not a traceback.
+    try:
+        methods = None
+        if args.method_config:
+            from .runner import load_method_specs
 
-        methods = {spec.label: spec.method for spec in load_method_specs(None, args.method_config)}
-    result = run(grid, rounds=args.rounds, threads=args.threads, calls_per_round=args.calls, methods=methods,
-                 model=args.model, copies=args.copies)
+            methods = {spec.label: spec.method for spec in load_method_specs(None, args.method_config)}
+        result = run(grid, rounds=args.rounds, threads=args.threads, calls_per_round=args.calls, methods=methods,
+                     model=args.model, copies=args.copies)
+    except ValueError as exc:
+        parser.error(str(exc))
     for row in result["rows"]:
         density = f"  density {row['density']:.3f}" if row["density"] is not None else ""
         print(f"{row['name']:<30} {row['ms']:10.3f} ms  {row['vs_unwrapped']:.3f}x the unwrapped call's time, "
