@@ -296,10 +296,14 @@ def _check_dense(device, dtype, shape, backward: bool) -> Result:
     if not backward:
         ref_o, ref_lse = dense_attention_reference(q, k, v, None, scale)
         return Result(_fwd_errors(o, lse, ref_o, ref_lse), _tol(FWD_TOL, q.device, dtype, True), text)
-    do = torch.randn(o.shape, generator=torch.Generator().manual_seed(5)).to(device)
-    got = dense_backward(do.to(dtype), q, k, v, o, lse, scale)
-    want = _grads(lambda a, c, e: dense_attention_reference(a, c, e, None, scale)[0], q, k, v, do)
-    return Result(_grad_error(got, want), _tol(BWD_TOL, q.device, dtype, True), text + ", dQ dK dV")
+    gen = torch.Generator().manual_seed(5)
+    do, dlse = torch.randn(o.shape, generator=gen).to(device), torch.randn(lse.shape, generator=gen).to(device)
+    # (with an upstream lse gradient, as dense_attention(..., return_lse=True) merged with other keys trains)
+    got = dense_backward(do.to(dtype), q, k, v, o, lse, scale, dlse)
+    leaves = [t.detach().float().requires_grad_(True) for t in (q, k, v)]
+    ref_o, ref_lse = dense_attention_reference(*leaves, None, scale)
+    want = torch.autograd.grad((ref_o * do).sum() + (ref_lse * dlse).sum(), leaves)
+    return Result(_grad_error(got, want), _tol(BWD_TOL, q.device, dtype, True), text + ", dQ dK dV (o and lse used)")
 
 
 # ----------------------------------------------------------------------------- SLA

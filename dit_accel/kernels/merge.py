@@ -59,8 +59,10 @@ def merge_attention(o_a: torch.Tensor, lse_a: torch.Tensor, o_b: torch.Tensor, l
     top = torch.where(torch.isinf(top), torch.zeros_like(top), top)
     w_a, w_b = torch.exp(lse_a - top), torch.exp(lse_b - top)
     total = w_a + w_b
-    lse = top + torch.log(total)  # -inf where both sides are empty
     denom = torch.where(total > 0, total, torch.ones_like(total))
+    # -inf where both sides are empty; log(denom), not log(total): log(0)'s infinite slope times the zero weights
+    # gave lse_a and lse_b a NaN gradient there (a merged lse fed onward: a second merge, a loss).
+    lse = torch.where(total > 0, top + torch.log(denom), float("-inf"))
     # A side with weight 0 (lse = -inf) is ignored even if its output holds NaN, as SDPA gives
     # for fully masked rows: where(), not multiplication by 0.
     part_a = torch.where((w_a > 0)[..., None], o_a.to(acc) * (w_a / denom)[..., None], 0.0)

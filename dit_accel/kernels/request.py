@@ -7,13 +7,15 @@ for by name raises. The environment reads here are the per-call ones (one dictio
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
-__all__ = ["BackendUnavailable", "Request", "interpreting", "in_graph", "records_grad", "env_value", "env_get", "ENV_BACKEND"]
+__all__ = ["BackendUnavailable", "Request", "interpreting", "in_graph", "records_grad", "kernel_backward", "env_value",
+           "env_get", "ENV_BACKEND"]
 
 #: Environment variable that overrides ``backend="auto"``.
 ENV_BACKEND = "DIT_ACCEL_BACKEND"
@@ -49,6 +51,52 @@ class Request:
 def records_grad(*tensors: torch.Tensor) -> bool:
     """Whether a call on ``tensors`` records a backward: autograd on and any of them requiring a gradient."""
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+class _NoSecondDerivative(torch.autograd.Function):
+    """The gradients a kernel's backward returned, passed through; differentiating them raises (``what`` says whose).
+    Its inputs include the function's saved inputs, so that a second gradient taken with respect to them reaches
+    this node (a detached stand-in, as ``once_differentiable`` uses, is skipped by ``autograd.grad(.., q)``)."""
+
+    @staticmethod
+    def forward(ctx, what, count, *tensors):
+        ctx.what = what
+        return tuple(g.clone() for g in tensors[:count])  # (copies: a view of a custom Function's input may not
+        # be modified in place, as clip_grad_norm_ does to a .grad left by backward(create_graph=True))
+
+    @staticmethod
+    def backward(ctx, *_):
+        raise RuntimeError(
+            f"{ctx.what} has no second derivative: autograd cannot differentiate its hand-written backward, so a "
+            "gradient taken with create_graph=True (a gradient penalty, a Hessian-vector product) cannot be "
+            "differentiated again. Take that gradient without create_graph, or compute that term with dense "
+            "PyTorch attention (dit_accel.kernels.dense_attention_reference)")
+
+
+def kernel_backward(what: str):
+    """Decorator for an ``autograd.Function`` backward that runs kernels: it runs under ``no_grad``, and under
+    ``create_graph=True`` every gradient it returns is marked so that differentiating it raises, naming ``what``.
+    (Unmarked, those gradients were constants to autograd: a penalty on them trained without their second-order
+    terms, silently; ``once_differentiable`` did the same where no incoming gradient required grad, as after
+    ``out.sum()``, and for ``autograd.grad`` with respect to q.)"""
+
+    def wrap(fn):
+        @functools.wraps(fn)
+        def backward(ctx, *grads):
+            with torch.no_grad():
+                out = fn(ctx, *grads)
+            if not torch.is_grad_enabled():
+                return out
+            tensors = [o for o in out if isinstance(o, torch.Tensor)]
+            if not tensors:
+                return out
+            anchors = [t for t in ctx.saved_tensors if t.requires_grad]
+            marked = iter(_NoSecondDerivative.apply(what, len(tensors), *tensors, *anchors))
+            return tuple(next(marked) if isinstance(o, torch.Tensor) else o for o in out)
+
+        return backward
+
+    return wrap
 
 
 # ---------------------------------------------------------------- environment

@@ -20,7 +20,7 @@ from typing import List, Optional, Tuple
 import torch
 
 from ..layout import BlockLayout
-from ..request import records_grad
+from ..request import kernel_backward, records_grad
 
 __all__ = ["triton_block_sparse_attention", "direct_call_ok"]
 
@@ -139,6 +139,7 @@ class _EagerBlockSparse(torch.autograd.Function):
         return o, lse
 
     @staticmethod
+    @kernel_backward("block-sparse attention's Triton kernel")
     def backward(ctx, grad_o, grad_lse):
         q, k, v, o, lse = ctx.saved_tensors
         if grad_o is None:

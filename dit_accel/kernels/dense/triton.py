@@ -408,6 +408,8 @@ def dense_backward(do, q, k, v, o, lse, scale: float, dlse: Optional[torch.Tenso
     m = k.shape[2]
     q, k, v = (t.contiguous() for t in (q, k, v))
     do, o = do.to(q.dtype).contiguous(), o.to(q.dtype).contiguous()
+    if selfcheck.faulted("dense.triton.bwd_dlse"):  # $DIT_ACCEL_FAULT: the lse's gradient dropped, as before
+        dlse = None
     delta, lse2 = bwd_preprocess(o, do, lse, dlse)
     cfg, cfg_q = _config("bwd_dkdv", q, (q, do)), _config("bwd_dq", q, (k, v))
     if not (cfg.tma and cfg_q.tma):  # a pointer kernel among them: odd head dims run padded

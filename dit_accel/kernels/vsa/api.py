@@ -23,7 +23,7 @@ from ..._util import is_number
 from ..backends import check_backend_name, runs_twin
 from ..block_sparse import block_sparse_attention
 from ..checks import check_flag, check_qkv, check_scale
-from ..request import records_grad
+from ..request import kernel_backward, records_grad
 from ..layout import BlockLayout
 from . import fine as fine_path
 from . import raster
@@ -417,7 +417,7 @@ class _Gated(torch.autograd.Function):
         return _gated(c, gate, fine, tokens, dtype)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @kernel_backward("VSA's gated coarse branch")
     def backward(ctx, grad):
         c, gate = ctx.saved_tensors
         tokens = ctx.tokens
@@ -448,7 +448,7 @@ class _GatedCubes(torch.autograd.Function):
         return _gated(c, gate, fine, tokens, dtype)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @kernel_backward("VSA's gated coarse branch")
     def backward(ctx, grad):
         from .gated import gated_backward
 

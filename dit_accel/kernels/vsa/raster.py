@@ -42,6 +42,7 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from ..request import kernel_backward
 from . import fine as fine_path
 from .layouts import layout_of_rows, token_views
 from .naive import Cubes, cube_sizes
@@ -163,7 +164,7 @@ class _RasterTrain(torch.autograd.Function):
         return (o.view(b, h, n, d), lse.view(b, h, n)) + tuple(means) + (selection,)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @kernel_backward("VSA's Triton kernels")
     def backward(ctx, d_fine, d_lse, d_qc, d_kc, d_vc, _):
         from ..block_sparse.triton import triton_backward
 

@@ -20,6 +20,7 @@ import torch
 from ...._util import cdiv
 from ..._cache import LayoutCache
 from ...layout import BlockLayout
+from ...request import kernel_backward
 from .common import FULL, MIXED, block_states, cuda_arch, cuda_reason, package_reason, packed_lists, vendor_import
 
 __all__ = ["NAME", "CudnnBlocks", "to_cudnn", "reason", "plan", "run", "block_size_for"]
@@ -130,6 +131,7 @@ class _CudnnBlockSparse(torch.autograd.Function):
         return o[:, :, :n], lse[:, :, :n].float()
 
     @staticmethod
+    @kernel_backward("block-sparse attention's cuDNN kernel")
     def backward(ctx, do, dlse):
         BSA = vendor_import(MODULE, "nvidia-cudnn-frontend", "cudnn").BSA
 
