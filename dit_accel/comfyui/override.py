@@ -398,11 +398,14 @@ class AttentionOverride:
         fits = fits and (key_mask is None or _video_keys_unmasked(key_mask, n, text_first))
         if not fits:
             patch.report.dense(layer, "call does not match the grid")
-            LOG.warning("dit_accel: %s layer %d made an attention call of %d queries / %d keys (mask %s) that does "
-                        "not match the token grid %s (%d tokens; off it: %s, of which %d reference tokens); it runs "
-                        "ComfyUI's own attention", patch.model_name, layer, s, k.shape[2],
-                        type(call.get("mask")).__name__, state.grid, n,
-                        "any number" if off_grid is None else off_grid, refs)
+            mask = type(call.get("mask")).__name__
+            # once per kind of call: every layer of every step makes it (thousands of lines in ComfyUI's log)
+            if patch.warnings.first(("unmatched call", tuple(state.grid), s, k.shape[2], mask, off_grid, refs)):
+                LOG.warning("dit_accel: %s layer %d made an attention call of %d queries / %d keys (mask %s) that "
+                            "does not match the token grid %s (%d tokens; off it: %s, of which %d reference tokens); "
+                            "it runs ComfyUI's own attention, as does every such call (said once)", patch.model_name,
+                            layer, s, k.shape[2], mask, state.grid, n, "any number" if off_grid is None else off_grid,
+                            refs)
             return None
         out, density = plan.run(q, k, v, num_text=num_text, text_first=text_first, key_mask=key_mask,
                                 backend=patch.backend, proj=patch.projection(layer, q))

@@ -41,6 +41,7 @@ MODEL; ``expert="transformer"`` (the default) loads the rest into the high-noise
 
 from __future__ import annotations
 
+import functools
 import re
 from pathlib import Path
 from typing import Dict, List, Tuple
@@ -67,16 +68,50 @@ _WAN_FFN = {"ffn.net.0.proj": "ffn.0", "ffn.net.2": "ffn.2"}
 # Diffusers WanVACETransformerBlock module -> ComfyUI VaceWanAttentionBlock module, inside vace_blocks.N
 _VACE_PROJECTIONS = {"proj_in": "before_proj", "proj_out": "after_proj"}
 _REDO = "train or convert it again"  # (what the Diffusers path says of such a file)
-# family name -> modules (and their submodules) of its Diffusers transformer that the node does not map: a LoRA on
-# one is a real module of this model that the node cannot patch, not another model's weights
-_WAN_UNPATCHED = ("patch_embedding", "pose_patch_embedding", "vace_patch_embedding", "condition_embedder",
-                  "motion_encoder", "face_encoder", "face_adapter", "proj_out")
-_HUNYUAN_UNPATCHED = ("x_embedder", "context_embedder.proj_in", "context_embedder.time_text_embed", "norm_out",
-                      "proj_out")
-_UNPATCHED: Dict[str, Tuple[str, ...]] = {
-    "Wan": _WAN_UNPATCHED, "Wan HuMo": _WAN_UNPATCHED, "Wan VACE": _WAN_UNPATCHED, "Wan Animate": _WAN_UNPATCHED,
-    "HunyuanVideo": (*_HUNYUAN_UNPATCHED, "time_text_embed"),
-    "HunyuanImage 2.1": (*_HUNYUAN_UNPATCHED, "context_embedder_2", "time_guidance_embed")}
+# Options of a Diffusers transformer that its tiny config (dit_accel.models.tiny) leaves off but a published model
+# sets: built too, so that their modules are known as the family's (HunyuanImage 2.1's ByT5 embedder)
+_PUBLISHED_OPTIONS: Dict[str, dict] = {"HunyuanImageTransformer2DModel": {"text_embed_2_dim": 8}}
+
+
+def _indexless(name: str) -> str:
+    """A module name with its block indices as ``N`` (``blocks.N.attn1``): one name for every size of a model."""
+    return re.sub(r"\.\d+(?=\.|$)", ".N", name)
+
+
+@functools.lru_cache(maxsize=None)
+def _diffusers_modules(class_name: str) -> Tuple[frozenset, frozenset]:
+    """``(module names without indices, top-level module names)`` of the Diffusers transformer ``class_name``, as
+    its tiny config builds it (on the meta device: no weights); two empty sets where it has none."""
+    import diffusers
+
+    from ..models.tiny import TRANSFORMERS
+
+    config = next((t.config for t in TRANSFORMERS.values() if t.class_name == class_name), None)
+    if config is None or not hasattr(diffusers, class_name):
+        return frozenset(), frozenset()
+    try:
+        with torch.device("meta"):
+            model = getattr(diffusers, class_name)(**{**config, **_PUBLISHED_OPTIONS.get(class_name, {})})
+    except Exception:  # noqa: BLE001 - a Diffusers release that builds it otherwise: the message says another model
+        return frozenset(), frozenset()
+    return frozenset(_indexless(n) for n, _ in model.named_modules() if n), frozenset(n for n, _ in
+                                                                                       model.named_children())
+
+
+def _unpatched(module: str, family, mapped) -> bool:
+    """Whether the Diffusers ``module`` (which the node does not map) is a module of ``family``'s Diffusers
+    transformer that the node does not patch (an embedder, ``proj_out``), not another model's: it is one of that
+    transformer's modules (block indices aside) and not one the map has at another index (a block past this
+    model's), or it lies under a top-level module none of whose modules the node maps."""
+    names, tops = _diffusers_modules(family.diffusers_class)
+    plain = _indexless(module)
+    has = {_indexless(m) for m in mapped} if mapped is not None else {f"{b}.N" for b in BLOCKS[family.name]}
+    if plain in has:
+        return False
+    top = module.partition(".")[0]
+    covered = any(m == top or m.startswith(top + ".") for m in has)
+    return plain in names or (top in tops and not covered)
+
 
 #: family name -> the block lists whose modules carry the same index and structure on both hosts
 BLOCKS: Dict[str, Tuple[str, ...]] = {"Wan": ("blocks",), "Wan HuMo": ("blocks",), "Wan Animate": ("blocks",),
@@ -212,7 +247,7 @@ def lora_patches(patcher, folder, info: dict, family, expert: str = "transformer
     alpha = (info.get("lora") or {}).get("alpha")
     key_map = comfy.lora.model_lora_keys_unet(patcher.model, {})
     mapped = targets(patcher, family, key_map) if family.name in MAPPED else None
-    lora, unknown, ranks = {}, [], {}
+    lora, unknown, ranks, unpatched = {}, [], {}, {}
     for key, tensor in state.items():
         own = _of_expert(key, expert)
         if own is None:  # the other expert's (its own MODEL loads it)
@@ -230,11 +265,9 @@ def lora_patches(patcher, folder, info: dict, family, expert: str = "transformer
             ranks.setdefault(module, {})[rest[0]] = int(tensor.shape[0 if rest[0] == "A" else 1])
         target = _target(module, family, mapped)
         weight = target if isinstance(target, str) or target is None else target[0]
-        if target is None and any(module == m or module.startswith(m + ".") for m in _UNPATCHED.get(family.name, ())):
-            raise ValueError(f"dit_accel: {path} has a LoRA on {module} ({key}), a module of Diffusers' "
-                             f"{family.diffusers_class} that the node does not patch on ComfyUI's {model_name} (it "
-                             f"maps {_mapped(family)}): train without it (--target-modules), or run the folder with "
-                             "dit_accel.apply on the Diffusers pipeline")
+        if target is None and sep and _unpatched(module, family, mapped):
+            unpatched.setdefault("key", (module, key))  # (said after the loop: another model's keys come first)
+            continue
         if not sep or weight not in weights:
             unknown.append(key)
             continue
@@ -248,6 +281,12 @@ def lora_patches(patcher, folder, info: dict, family, expert: str = "transformer
         raise ValueError(f"dit_accel: {path} has LoRA tensors for modules ComfyUI's {model_name} does not have "
                          f"({unknown[0]}, ... {len(unknown)} in all; dit_accel maps {_mapped(family)}): the weights "
                          f"are for another model than this {family.name}")
+    if unpatched:
+        module, key = unpatched["key"]
+        raise ValueError(f"dit_accel: {path} has a LoRA on {module} ({key}), a module of Diffusers' "
+                         f"{family.diffusers_class} that the node does not patch on ComfyUI's {model_name} (it maps "
+                         f"{_mapped(family)}): train without it (--target-modules), or run the folder with "
+                         "dit_accel.apply on the Diffusers pipeline")
     check_lora_pairs(path, ranks, redo=_REDO)  # (ComfyUI skips a lone lora_A, fails on a lone lora_B)
     return comfy.lora.load_lora(lora, key_map, log_missing=False)
 
