@@ -377,6 +377,7 @@ def _checked_folder(handle, folder: Path):
     if method is not None:  # the handle's warning log (its sidecars list the warning), else a plain warning
         log = getattr(getattr(handle, "_runtime", None), "warnings", None)
         _check_method(folder, saved, method, log.warn if log is not None else _warn)
+    _check_dense_layers(folder, info, handle)
     files = info.get("files") or {}
     if "sha256" in info:
         check_hashes(folder, info["sha256"], method_path)
@@ -413,6 +414,28 @@ def _checked_folder(handle, folder: Path):
                                  f"{tuple(ref.shape)}.")
         sla = (tensors, projections)
     return lora, sla, loaded
+
+
+def _check_dense_layers(folder: Path, info: dict, handle) -> None:
+    """The layers that ran dense in training must run dense under the handle: their LoRA learned next to dense
+    attention. Before, ``apply(pipe, load_method(DIR), weights=DIR)`` ran them sparse, silently unlike the trained
+    model (``dit-accel generate --weights`` passed the recorded layers; the Python one-liner did not). More dense
+    layers than trained are the caller's choice, as ``dense_steps`` is."""
+    from ..methods import Dense
+
+    trained, schedule = info.get("dense_layers"), getattr(handle, "schedule", None)
+    if schedule is None or not isinstance(trained, list) or not all(isinstance(i, int) for i in trained):
+        return
+    layers = len(getattr(handle, "layers", None) or ()) or None  # (another model's layers: the LoRA check says so)
+    sparse = sorted({i for i in trained if (layers is None or i < layers)
+                     and not isinstance(schedule.layer_method(i), Dense)})
+    if sparse:
+        dense = sorted(set(trained))
+        raise ValueError(
+            f"weights={str(folder)!r} were trained with dense_layers={dense} (dense attention there while the LoRA "
+            f"learned), but layer(s) {sparse} run {schedule.layer_method(sparse[0]).name} here, so the output would "
+            f"not be the trained model's. Pass dense_layers={dense} to apply() (dit-accel generate --weights does so "
+            "itself).")
 
 
 def _check_lora_targets(transformer: nn.Module, folder: Path, state: Dict[str, torch.Tensor]) -> None:

@@ -25,16 +25,54 @@ from .config import _PATHS, _RESUMABLE, CKPT_DIR, LOG_FILE, RUN_FILE, FinetuneCo
 
 def _run_record(config: FinetuneConfig, world: int) -> dict:
     """What identifies a run (written to RUN_FILE): the settings, the number of processes and the sha256 of
-    the contents of the inputs (the prompts file or the caption folder) and of the model's files (a local,
-    embedded or cached hub model; None for a model built in code or passed as an object): a path alone does
-    not say what it holds."""
+    the contents of the inputs (the prompts file or the caption folder) and of the model's weights (the files of a
+    local, embedded or cached hub model; a sample of the transformer's tensors of a pipeline passed as an object,
+    :func:`_pipe_fingerprint`): a path or an object alone does not say what it holds."""
     from ..models.loading import model_fingerprint
 
-    model = config.model if isinstance(config.model, str) else None
+    if not isinstance(config.model, str):
+        model_sha = _pipe_fingerprint(config)
+    else:
+        model_sha = model_fingerprint(config.model, memo=cache_root() / "model_hashes.json",
+                                      warn=lambda m: print(m, file=sys.stderr))
     return {**config.settings(), "num_processes": world,
-            "inputs_sha256": data_mod.inputs_digest(config.prompts, config.data),
-            "model_sha256": model_fingerprint(model, memo=cache_root() / "model_hashes.json",
-                                              warn=lambda m: print(m, file=sys.stderr))}
+            "inputs_sha256": data_mod.inputs_digest(config.prompts, config.data), "model_sha256": model_sha}
+
+
+_SAMPLE = 1 << 16  # elements hashed per tensor: all of a small one, an evenly strided sample of a larger one
+
+
+def _pipe_fingerprint(config: FinetuneConfig, fresh: bool = False) -> Optional[str]:
+    """``"sample:<sha256>"`` of the transformer of a pipeline passed as ``model`` (the names, shapes and dtypes of its
+    parameters and buffers, and up to 65,536 evenly spaced values of each, in the dtype the run casts them to), so
+    that ``resume`` on a pipeline with other weights is refused (before: such runs recorded no fingerprint and went on
+    training adapters made for other weights). Taken ``fresh`` by :func:`_check_output`, before the run casts the
+    pipeline and adds its LoRA; the run record written later reuses it."""
+    import hashlib
+
+    cached = config.__dict__.get("_pipe_fingerprint")
+    if not fresh and cached is not None and cached[0] is config.model:
+        return cached[1]
+    transformer = getattr(config.model, "transformer", None)
+    if not isinstance(transformer, nn.Module):
+        return None
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(config.mixed_precision)
+    h = hashlib.sha256()
+    with torch.no_grad():
+        for name, t in sorted(transformer.state_dict(keep_vars=False).items()):
+            try:
+                flat = t.detach().reshape(-1)
+                if flat.numel() > _SAMPLE:
+                    flat = flat[::flat.numel() // _SAMPLE][:_SAMPLE]
+                if dtype is not None and t.is_floating_point():
+                    flat = flat.to(dtype)  # (what the run trains against: an fp32 and a bf16 copy of one model agree)
+                h.update(f"{name}:{flat.dtype}:{tuple(t.shape)}".encode())
+                if not flat.is_meta:  # (an offloaded tensor has no values here)
+                    h.update(flat.cpu().contiguous().view(torch.uint8).numpy().tobytes())
+            except (RuntimeError, TypeError, NotImplementedError):  # a quantized tensor type: its name and shape
+                h.update(f"{name}:{type(t).__name__}:{tuple(t.shape)}".encode())
+    config.__dict__["_pipe_fingerprint"] = (config.model, "sample:" + h.hexdigest())
+    return config.__dict__["_pipe_fingerprint"][1]
 
 
 # What a run writes in its output folder: --overwrite removes these and nothing else.
@@ -72,6 +110,10 @@ def _check_output(config: FinetuneConfig, world: int) -> Tuple[Path, list]:
     if not out.exists() and parent is not None and (not parent.is_dir() or not os.access(parent, os.W_OK)):
         raise ValueError(f"--output {str(out)!r} cannot be created: {str(parent)!r} is "
                          f"{'not a folder' if not parent.is_dir() else 'not writable'}; choose another folder.")
+    if not isinstance(config.model, str):
+        _pipe_fingerprint(config, fresh=True)  # (the weights as passed in: the run casts them and adds its LoRA)
+    else:
+        _check_outside_model(config, out)
     contents = [p for p in out.iterdir() if not is_temp_name(p)] if out.is_dir() else []
     run_file = out / RUN_FILE
     if contents and not run_file.is_file():
@@ -101,17 +143,38 @@ def _check_output(config: FinetuneConfig, world: int) -> Tuple[Path, list]:
         for key in ("inputs_sha256", "model_sha256", "vsa_decay_steps", "vsa_decay_interval"):  # older run files
             if key not in previous:
                 current.pop(key)
+        if previous.get("model_sha256") is None and not isinstance(config.model, str):
+            current.pop("model_sha256", None)  # (run files before round 12 recorded none for a pipeline object)
         diff = sorted(k for k in set(previous) | set(current)
                       if k not in _RESUMABLE and previous.get(k) != current.get(k))
         if diff:
             changed = {"inputs_sha256": f"the contents of {'--data' if config.data else '--prompts'} changed",
-                       "model_sha256": f"the files of --model {config.settings()['model']} changed",
+                       "model_sha256": (f"the files of --model {config.settings()['model']} changed"
+                                        if isinstance(config.model, str) else
+                                        "the transformer weights of the pipeline passed as model= are not those the "
+                                        f"run trained on (fingerprint {str(previous.get('model_sha256'))[:19]} -> "
+                                        f"{str(current.get('model_sha256'))[:19]})"),
                        "plan": "the plan's content changed (content hash "
                                f"{str(previous.get('plan'))[:12]} -> {str(current.get('plan'))[:12]})"}
             detail = ", ".join(changed.get(k) or f"{k}: {previous.get(k)!r} -> {current.get(k)!r}" for k in diff[:4])
             raise ValueError(f"--resume: {str(out)!r} holds a different run ({detail}); "
                              "use the same settings and inputs, another --output, or --overwrite.")
     return out, contents
+
+
+def _check_outside_model(config: FinetuneConfig, out: Path) -> None:
+    """Refuse an output folder inside the folder the model loads from. The run's fingerprint of the model is a
+    hash of every file there, so the run's own checkpoints and weights changed it: ``--resume`` was refused as
+    "the files of --model ... changed" (they had not), and the run wrote into the user's model folder."""
+    from ..models.loading import model_folder
+
+    folder = model_folder(config.model)
+    if folder is None or not out.resolve().is_relative_to(folder.resolve()):
+        return
+    where = "" if Path(config.model).expanduser() == folder else f" ({str(folder)!r})"
+    raise ValueError(f"--output {str(out)!r} is inside the folder of --model {config.model}{where}: the "
+                     "run's files would count as the model's (its fingerprint covers every file there, so --resume "
+                     "would find the model changed). Choose an --output outside the model's folder.")
 
 
 class _OutputState:

@@ -207,7 +207,9 @@ def finetune(config: FinetuneConfig) -> Dict[str, Any]:
     that fails otherwise before writing a checkpoint. A pipeline passed as ``model`` loses the processors and the
     LoRA a failed run added and gets back, bit for bit, the tensors its cast to ``mixed_precision`` replaced (they
     are kept until the run ends) and a dit_accel handle it held (a run that succeeds replaces that handle, with a
-    warning); one that already holds LoRA adapters is refused (fuse or delete them first).
+    warning); one that already holds LoRA adapters is refused (fuse or delete them first). ``resume`` on such a
+    pipeline is refused when its transformer's weights are not those the run started from (the run record holds a
+    fingerprint of a sample of its tensors, as it holds the sha256 of a model folder's files).
     """
     validate_config(config)
     prompts, dataset = _read_inputs(config)

@@ -95,14 +95,19 @@ def _check_plan_fits(plan: SparsePlan, io: ModelIO, config: FinetuneConfig, tran
         raise ValueError(f"--plan {config.plan} was calibrated on token grid {grids[0]}; the images of --data "
                          f"{str(dataset.root)!r} are one frame each, whatever --frames says (token grid {image}). "
                          "Train the plan on videos only, or calibrate a plan for images.")
+    sparse = False
     for method in plan.methods():
         if isinstance(method, Dense):
             continue
         try:
-            method.plan(grid)
+            sparse = not method.plan(grid).is_dense or sparse
         except (ValueError, TypeError) as e:
             raise ValueError(f"--plan {config.plan}: {method!r} does not fit this model at token grid {grid}: "
                              f"{e}") from None
+    if not sparse:  # (before: such a run trained the dense model, loss 0.0 from the first step, and wrote weights)
+        raise ValueError(f"{_method_label(config)} runs dense attention at every layer, head and step on token grid "
+                         f"{tuple(grid)}: fine-tuning would train the dense model, not a sparse one. Calibrate a plan "
+                         "with sparse entries at this size, or train one method (--method).")
     return grid
 
 
