@@ -417,16 +417,24 @@ def _checked_folder(handle, folder: Path):
 
 
 def _check_dense_layers(folder: Path, info: dict, handle) -> None:
-    """The layers that ran dense in training must run dense under the handle: their LoRA learned next to dense
-    attention. Before, ``apply(pipe, load_method(DIR), weights=DIR)`` ran them sparse, silently unlike the trained
-    model (``dit-accel generate --weights`` passed the recorded layers; the Python one-liner did not). More dense
-    layers than trained are the caller's choice, as ``dense_steps`` is."""
+    """:func:`check_trained_dense_layers` for a handle's schedule and layers."""
+    schedule = getattr(handle, "schedule", None)
+    if schedule is not None:
+        check_trained_dense_layers(folder, info, schedule, len(getattr(handle, "layers", None) or ()) or None)
+
+
+def check_trained_dense_layers(folder, info: dict, schedule, layers: Optional[int]) -> None:
+    """The layers that ran dense in training (the folder's ``dense_layers``) must run dense under ``schedule``: their
+    LoRA learned next to dense attention. Before, ``apply(pipe, load_method(DIR), weights=DIR)`` (and ComfyUI's
+    ``patch_model(..., weights=DIR)``) ran them sparse, silently unlike the trained model (``dit-accel generate
+    --weights`` passed the recorded layers). More dense layers than trained are the caller's choice, as
+    ``dense_steps`` is. ``layers``: the model's layer count (None: unknown; another model's layers are the LoRA
+    check's to name)."""
     from ..methods import Dense
 
-    trained, schedule = info.get("dense_layers"), getattr(handle, "schedule", None)
-    if schedule is None or not isinstance(trained, list) or not all(isinstance(i, int) for i in trained):
+    trained = info.get("dense_layers")
+    if not isinstance(trained, list) or not all(isinstance(i, int) for i in trained):
         return
-    layers = len(getattr(handle, "layers", None) or ()) or None  # (another model's layers: the LoRA check says so)
     sparse = sorted({i for i in trained if (layers is None or i < layers)
                      and not isinstance(schedule.layer_method(i), Dense)})
     if sparse:
@@ -434,8 +442,8 @@ def _check_dense_layers(folder: Path, info: dict, handle) -> None:
         raise ValueError(
             f"weights={str(folder)!r} were trained with dense_layers={dense} (dense attention there while the LoRA "
             f"learned), but layer(s) {sparse} run {schedule.layer_method(sparse[0]).name} here, so the output would "
-            f"not be the trained model's. Pass dense_layers={dense} to apply() (dit-accel generate --weights does so "
-            "itself).")
+            f"not be the trained model's. Pass dense_layers={dense} (dit-accel generate --weights and ComfyUI's "
+            "fine-tuned node do so themselves).")
 
 
 def _check_lora_targets(transformer: nn.Module, folder: Path, state: Dict[str, torch.Tensor]) -> None:

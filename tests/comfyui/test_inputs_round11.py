@@ -130,7 +130,11 @@ def test_the_finetuned_node_runs_the_layers_trained_dense_dense(comfy, wan, tmp_
     out = sample(comfy, patched, case)
     torch.testing.assert_close(out, sample(comfy, patch_model(wan, SLA, weights=folder, dense_layers=[0],
                                                               backend="torch"), case), rtol=0, atol=0)
-    assert (out - sample(comfy, patch_model(wan, SLA, weights=folder, backend="torch"), case)).abs().max() > 1e-4
+    # (patch_model without them ran layer 0 sparse, silently unlike the trained model: refused since round 12)
+    patches = dict(wan.patches)
+    with pytest.raises(ValueError, match=r"were trained with dense_layers=\[0\] .*but layer\(s\) \[0\] run sla here"):
+        patch_model(wan, SLA, weights=folder, backend="torch")
+    assert wan.patches == patches
     none = _trained_with_dense_layers(tmp_path / "none", SLA, _projections(8), None)
     assert override_of(_finetuned(wan, none)).patch.schedule.dense_layers == frozenset()
     wrong = _trained_with_dense_layers(tmp_path / "wrong", SLA, _projections(8), [0, 7])
