@@ -442,8 +442,8 @@ def check_trained_dense_layers(folder, info: dict, schedule, layers: Optional[in
         raise ValueError(
             f"weights={str(folder)!r} were trained with dense_layers={dense} (dense attention there while the LoRA "
             f"learned), but layer(s) {sparse} run {schedule.layer_method(sparse[0]).name} here, so the output would "
-            f"not be the trained model's. Pass dense_layers={dense} (dit-accel generate --weights and ComfyUI's "
-            "fine-tuned node do so themselves).")
+            f"not be the trained model's. Pass dense_layers={dense} to apply() or patch_model() (dit-accel generate "
+            "--weights and ComfyUI's fine-tuned node do so themselves).")
 
 
 def _check_lora_targets(transformer: nn.Module, folder: Path, state: Dict[str, torch.Tensor]) -> None:
