@@ -38,8 +38,8 @@ from . import parallel
 from .options import (HelpFormatter, add_cache_option, add_method_options, add_plan_any_grid, cache_from_args,
                       check_method_flags, check_plan_flags, method_from_args, schedule_from_args)
 from .generate_args import (_DTYPES, DEFAULT_MODEL, DEFAULT_PROMPT, _check_flags, _UsageError, add_image_option,
-                            _check_cache_under_cp, check_sidecar, image_call_error, image_parameter,
-                            unused_flag_error)
+                            _check_cache_under_cp, _check_plan_with_weights, check_sidecar, image_call_error,
+                            image_parameter, unused_flag_error)
 from .generate_report import (_cache_record, _calls_per_transformer, _check_side_by_side_path,  # noqa: F401
                               _comparison, _output_notes, _provenance, _quality, _record,
                               _remove_earlier_side_by_side, _side_by_side, _side_by_side_path, _strip_height,
@@ -579,6 +579,7 @@ def _prepare(args, tiny: bool):
     _default_plan(args)
     plan = _early_plan(args)
     saved = _early_method(args, parser, tiny)
+    _check_plan_with_weights(args, plan, saved)
     _check_side_by_side(args)
     return cp_config, dtype, plan, saved
 
@@ -707,8 +708,9 @@ def _denoise_and_write(args, pipe, call, method, schedule, source, quiet, is_vid
             with contextlib.suppress(OSError):  # (the error that stopped the video is the one to report)
                 atomic_write(sidecar, lambda tmp: tmp.write_bytes(earlier))
         raise
-    if not args.side_by_side:
-        _remove_earlier_side_by_side(earlier, out)
+    # (also before this run writes its own: one interrupted while writing it left the earlier run's comparison
+    # beside this video, with no sidecar left to say whose it was)
+    _remove_earlier_side_by_side(earlier, out)
     written = output_files(out, len(frames))
     side_by_side = None
     if args.side_by_side:

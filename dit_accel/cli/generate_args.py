@@ -105,6 +105,25 @@ def check_sidecar(out: Path, what: str = "--out") -> None:
                           "choose another --out")
 
 
+def _check_plan_with_weights(args, plan, saved) -> None:
+    """``--plan`` beside ``--weights``: the weights fit only what they were trained under, so the plan may only
+    repeat the folder's own plan. Refused before loading (apply() refused it once the model had loaded, pointing
+    to its Python API)."""
+    from ..plans.sparse_plan import SparsePlan
+
+    if plan is None or saved is None:
+        return
+    if isinstance(saved, SparsePlan):
+        if plan.content_hash() == saved.content_hash():
+            return
+        trained = f"under the calibrated plan {saved.content_hash()[:12]}, not this plan ({plan.content_hash()[:12]})"
+    else:
+        trained = f"for {saved}"
+    raise _UsageError(f"--plan {args.plan} disagrees with --weights {args.weights}, which was trained {trained}: its "
+                      "weights fit only that; drop --plan (the folder's method runs), or pass weights fine-tuned under "
+                      "this plan (dit-accel finetune --plan)")
+
+
 # Caches whose hook compares a block's output with its input: under --cp Diffusers splits the sequence between the
 # two, and the first step failed with a raw "size of tensor a (288) must match ... b (576)" traceback. cache-dit's
 # DBCache compares the first blocks' residuals the same way and is not tested under --cp: refused too, by name,
@@ -195,11 +214,23 @@ def _read_image(path: str) -> InputImage:
         raise _UsageError(f"--image {path}: cannot read it ({err.strerror or err})") from None
     try:
         with Image.open(io.BytesIO(data)) as opened:
-            image = opened.convert("RGB")
+            image = _upright(opened).convert("RGB")
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as err:
         what = "not an image PIL can read" if isinstance(err, UnidentifiedImageError) else f"unreadable image ({err})"
         raise _UsageError(f"--image {path}: {what}; give a PNG, JPEG or WebP file") from None
     return InputImage(path, image, hashlib.sha256(data).hexdigest())
+
+
+def _upright(image):
+    """``image`` turned as its EXIF orientation says, as a viewer shows it and Diffusers' ``load_image`` reads it: a
+    phone's portrait photo is stored sideways with such a turn (it reached the pipeline sideways before). A damaged
+    EXIF block leaves the image as stored."""
+    from PIL import ImageOps
+
+    try:
+        return ImageOps.exif_transpose(image)
+    except Exception:  # (Pillow raises several types for malformed EXIF data)
+        return image
 
 
 def image_call_error(pipe, accepts, count: int):

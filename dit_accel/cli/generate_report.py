@@ -36,9 +36,10 @@ def _check_side_by_side_path(out: Path, num_frames: int) -> None:
 
 
 def _remove_earlier_side_by_side(earlier, out: Path) -> None:
-    """An earlier run at this ``--out`` wrote ``OUT-vs-dense`` and this one writes none: remove those files, so
-    no comparison of another run stays beside this run's video. Only what that run's sidecar (``earlier``: its
-    bytes, or None) records as its side-by-side output at exactly this path is removed."""
+    """An earlier run at this ``--out`` wrote ``OUT-vs-dense``: remove those files (before this run writes its own,
+    if it does), so no comparison of another run stays beside this run's video. Only what that run's sidecar
+    (``earlier``: its bytes, or None) records as its side-by-side output at exactly this path is removed, and not
+    when a sidecar beside that path says a later run wrote its own video there (``--out OUT-vs-dense.mp4``)."""
     from ..videos import output_files
 
     try:
@@ -48,7 +49,7 @@ def _remove_earlier_side_by_side(earlier, out: Path) -> None:
     except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError):
         return  # no readable record of an earlier run: nothing is known to be ours
     path = _side_by_side_path(out)
-    if recorded.resolve() != path.resolve():
+    if recorded.resolve() != path.resolve() or Path(f"{path}.json").exists():
         return
     for file in output_files(path, frames):
         Path(file).unlink(missing_ok=True)
@@ -380,8 +381,12 @@ def _summary_lines(record: dict) -> list:
         lines.append((attention + "; " if attention else "") + f"transformer {format_time(t['transformer_s'])} vs "
                      f"dense {format_time(cmp['dense_transformer_s'])} ({format_ratio(cmp['transformer_speedup'])}); "
                      f"PSNR vs dense {cmp['psnr_db']:.1f} dB")
-        if cmp.get("side_by_side"):
-            lines.append(f"side by side (left dense, right {method['method']}): {cmp['side_by_side']}")
+        if cmp.get("side_by_side"):  # (a PNG sequence: its frames, not the name they are numbered from)
+            from ..videos import output_files
+
+            files = output_files(cmp["side_by_side"], record["output_shape"][0])
+            shown = files[0] if len(files) == 1 else f"{len(files)} frames {files[0]} .. {files[-1].name}"
+            lines.append(f"side by side (left dense, right {method['method']}): {shown}")
     quality = record.get("quality")
     if quality and quality.get("skipped"):
         lines.append(f"ground-truth quality: skipped ({quality['skipped']})")

@@ -151,6 +151,12 @@ class CacheSpec:
                 raise ValueError("--cache magcache: MagCache needs the model's magnitude ratios: pass "
                                  "magcache:mag_ratios=flux (Diffusers' Flux ratios), ratios as a/b/c..., or "
                                  "magcache:calibrate=true to measure them (no skipping in that run)")
+            given = options.get("num_inference_steps")
+            if steps is not None and given is not None and given != int(steps):  # (its ratios read at the wrong steps)
+                raise ValueError(f"--cache {self.label}: num_inference_steps={given} but the run makes {int(steps)} "
+                                 f"steps; MagCache spreads its magnitude ratios over num_inference_steps and counts "
+                                 f"the run's steps against them: drop num_inference_steps (it defaults to the run's "
+                                 f"steps) or give {int(steps)}")
             if steps is not None:
                 options.setdefault("num_inference_steps", int(steps))
         if self.name == "fastercache":
@@ -250,6 +256,11 @@ def _option_problem(key: str, value, annotation) -> Optional[str]:
             parts = value if isinstance(value, tuple) else (value,)
             if any(isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) for v in parts):
                 return "must be finite numbers separated by / (e.g. 100/800)"
+            # (one number failed mid-run with a raw "'int' object is not subscriptable"; a third was dropped)
+            if Ellipsis not in typing.get_args(annotation) and len(parts) != len(inner):
+                return f"must be {len(inner)} numbers separated by / (e.g. 100/800)"
+            if key.endswith("timestep_skip_range") and not parts[0] < parts[1]:  # (an empty range: never skips)
+                return "must be a range LOW/HIGH of timesteps with LOW < HIGH (e.g. 100/800)"
         return None
     kinds = set(typing.get_args(annotation)) or {annotation}
     if value is None:
@@ -297,6 +308,61 @@ def _taylorseer_modules(model, config):
     return dataclasses.replace(config, cache_identifiers=numbered)
 
 
+def _hooks_in(model) -> int:
+    """The Diffusers hooks on ``model``'s modules (a cache registers one on each block or attention module it
+    caches)."""
+    return sum(len(getattr(module._diffusers_hook, "hooks", ())) for module in model.modules()
+               if hasattr(module, "_diffusers_hook"))
+
+
+def _check_hooked(spec: CacheSpec, model, before: int) -> None:
+    """ValueError when enabling ``spec`` hooked no module of ``model``: module patterns that match none of its
+    names made a cache that skips nothing, reported as "skipped 0" after a whole run."""
+    if _hooks_in(model) > before:
+        return
+    given = [key for key in spec.options if key.endswith("identifiers")]
+    how = "whole module names (re.fullmatch)" if spec.name == "taylorseer" else "parts of module names (re.search)"
+    names = [name for name, _ in model.named_modules() if name.rpartition(".")[2].startswith("attn")][:3]
+    what = (f"{', '.join(f'{k}={_shown(spec.options[k])}' for k in given)} match{'es' if len(given) == 1 else ''} "
+            f"no module ({how}; its attention modules are named {', '.join(names) or 'otherwise'}, ...)"
+            if given else "it found no module to cache")
+    raise ValueError(f"--cache {spec.label}: {CACHES[spec.name][0]} hooked no module of {type(model).__name__}: "
+                     f"{what}; give patterns that match, or leave them out for the cache's default modules")
+
+
+def _pab_per_branch(model) -> None:
+    """One PyramidAttentionBroadcast state per guidance branch. Diffusers' hook keeps one per attention module, and
+    the pipelines call the transformer once per branch (Wan: ``cache_context("cond")``, then ``"uncond"``): the
+    unconditional call reused the conditional call's attention output of the same step, where PAB reuses a
+    branch's own output of an earlier step. Each hook now keys its state by the pipeline's cache context (the
+    one state as before outside one)."""
+    from diffusers.hooks.hooks import StateManager
+    from diffusers.hooks.pyramid_attention_broadcast import (PyramidAttentionBroadcastHook,
+                                                             PyramidAttentionBroadcastState)
+
+    class PerBranchHook(PyramidAttentionBroadcastHook):
+        @property
+        def state(self):
+            branches = self.__dict__["_branches"]
+            return branches.get_state() if branches._context is not None else self.__dict__["_state"]
+
+        @state.setter
+        def state(self, value):
+            self.__dict__["_state"] = value
+
+        def reset_state(self, module):
+            self.__dict__["_branches"].reset()
+            return super().reset_state(module)
+
+    for module in model.modules():
+        hooks = getattr(getattr(module, "_diffusers_hook", None), "hooks", {})
+        for hook in hooks.values():
+            if type(hook) is PyramidAttentionBroadcastHook:
+                hook.__dict__["_state"] = hook.__dict__.pop("state")
+                hook.__dict__["_branches"] = StateManager(PyramidAttentionBroadcastState)  # (found by the context)
+                hook.__class__ = PerBranchHook
+
+
 @contextlib.contextmanager
 def enable_cache(pipe, spec: CacheSpec, steps: Optional[int] = None):
     """Enable ``spec`` on ``pipe.transformer`` (and Wan 2.2's ``transformer_2``) for the block and disable it after
@@ -326,7 +392,7 @@ def enable_cache(pipe, spec: CacheSpec, steps: Optional[int] = None):
     configs = [spec.config(pipe, steps) for _ in experts]  # (its refusals before anything is changed)
     if spec.name == "taylorseer":
         configs = [_taylorseer_modules(model, config) for model, config in zip(experts, configs)]
-    enabled = []
+    enabled, before = [], {id(model): _hooks_in(model) for model in experts}
     try:
         for model, config in zip(experts, configs):
             try:
@@ -335,6 +401,9 @@ def enable_cache(pipe, spec: CacheSpec, steps: Optional[int] = None):
                 raise ValueError(f"--cache {spec.label}: {type(model).__name__} refuses it: "
                                  f"{' '.join(str(err).split())[:300]}") from None
             enabled.append(model)
+            _check_hooked(spec, model, before[id(model)])
+            if spec.name == "pab":
+                _pab_per_branch(model)
         yield spec
     finally:  # (also when the second refuses: the first is left as it was)
         for model in enabled:
