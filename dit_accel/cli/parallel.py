@@ -150,14 +150,14 @@ def _rendezvous(world: int):
 def enable(pipe, config) -> None:
     """Context parallelism on the pipeline's transformer(s); ValueError when a model has no plan for it or its
     heads do not split, checked for every transformer before any is changed."""
-    from ..pipelines.parallel import _check_heads, enable_context_parallel
+    from ..pipelines.parallel import check_ulysses_heads, enable_context_parallel
 
     transformers = [t for t in (getattr(pipe, n, None) for n in ("transformer", "transformer_2")) if t is not None]
     for transformer in transformers:
         if getattr(transformer, "_cp_plan", None) is None:
             raise ValueError(f"{type(transformer).__name__} has no context-parallel plan in this Diffusers "
                              "release (Wan, FLUX and LTX-Video have one); run it without --cp")
-        _check_heads(transformer, config)
+        check_ulysses_heads(transformer, config)
     for transformer in transformers:
         enable_context_parallel(transformer, config)
 

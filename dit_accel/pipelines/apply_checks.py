@@ -4,6 +4,7 @@ argument or file, what is allowed and what to do."""
 
 from __future__ import annotations
 
+import inspect
 from typing import Dict, List, Optional, Tuple
 
 from torch import nn
@@ -261,8 +262,10 @@ def _plan_call_check(method: Method, allow_other_grid: bool, log: WarningLog):
     if check is None:
         return None
 
-    def on_call(grid, total_steps) -> None:
-        warning = check(grid, total_steps, allow_other_grid)
+    takes_step = "step" in inspect.signature(check).parameters  # (a registered method's check_call may not)
+
+    def on_call(grid, total_steps, step=None) -> None:
+        warning = check(grid, total_steps, allow_other_grid, **({"step": step} if takes_step else {}))
         if warning:
             log.warn(warning, key=("plan on another grid", tuple(grid)))
 

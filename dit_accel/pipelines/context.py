@@ -19,6 +19,7 @@ outside a backward pass it finds none and runs dense, with a warning.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import sys
 import threading
@@ -27,7 +28,8 @@ from typing import Optional, Tuple
 
 import torch
 
-__all__ = ["CallContext", "ContextStack", "CallRecord", "CallGate", "call_is_running", "calling_pipeline"]
+__all__ = ["CallContext", "ContextStack", "CallRecord", "CallGate", "call_is_running", "calling_pipeline",
+           "lasting_tensors"]
 
 
 @dataclass(frozen=True)
@@ -286,3 +288,22 @@ class CallGate:
         with self._cond:
             self.closed = self._closing = False
             self._cond.notify_all()
+
+
+_NO_SCOPE = contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def _normal_mode():
+    with torch.inference_mode(False), torch.no_grad():
+        yield
+
+
+def lasting_tensors():
+    """Where dit_accel builds what outlives the call (plans, their device layouts, permutations and masks, made on
+    first use): outside ``torch.inference_mode``, under ``no_grad`` (nothing is recorded either way). Built inside,
+    they would be inference tensors, which a later call that records a backward cannot save ("Inference tensors
+    cannot be saved for backward": fine-tuning after a preview generated under inference_mode)."""
+    if torch.compiler.is_compiling() or not torch.is_inference_mode_enabled():
+        return _NO_SCOPE
+    return _normal_mode()

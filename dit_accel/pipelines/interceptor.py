@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 from ..plans.plan import Plan
-from .context import CallContext
+from .context import CallContext, lasting_tensors
 from .parallel import Split, run_split
 
 __all__ = ["SDPAInterceptor", "native_scope"]
@@ -225,9 +225,10 @@ class SDPAInterceptor(TorchFunctionMode):
         proj = None
         if layer.sla_proj is not None and not layer.inert:
             proj = layer.projection(q.device)
-        return plan.run(q, k, v, num_text=num_text, text_first=text_first, key_mask=key_mask,
-                        scale=call.get("scale"), backend=layer.owner.runtime.backend, proj=proj, sdpa=_SDPA,
-                        text_queries=not image_queries, text_query_mask=text_rows)
+        with lasting_tensors():  # (the plan's caches, made on first use)
+            return plan.run(q, k, v, num_text=num_text, text_first=text_first, key_mask=key_mask,
+                            scale=call.get("scale"), backend=layer.owner.runtime.backend, proj=proj, sdpa=_SDPA,
+                            text_queries=not image_queries, text_query_mask=text_rows)
 
     def _count(self, density, q, k, v, lse: bool = True) -> None:
         layer, plan = self.layer, self.plan
@@ -246,7 +247,7 @@ class SDPAInterceptor(TorchFunctionMode):
         context = self.context
         capture = None if not self.capture else lambda cq, ck, cv, heads: layer.report.observer.save(
             layer.index, layer.name, context.grid, context.step, cq, ck, cv, heads=heads)
-        with layer.report.timed(q.device):
+        with layer.report.timed(q.device), lasting_tensors():
             out, density = run_split(self.plan, q, k, v, split=self.split, num_text=num_text * self.split.world,
                                      text_first=layer.owner.preset.text_position == "first", key_mask=key_mask,
                                      scale=call.get("scale"), backend=runtime.backend,

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from ..plans.plan import Plan, attend_with_lse
 from ..kernels import merge_attention
 
-__all__ = ["Split", "run_split", "check_split", "check_ring_layers", "enable_context_parallel"]
+__all__ = ["Split", "run_split", "check_split", "check_ring_layers", "check_ulysses_heads", "enable_context_parallel"]
 
 
 def enable_context_parallel(transformer, config) -> None:
@@ -48,7 +48,7 @@ def enable_context_parallel(transformer, config) -> None:
     everything after it (the plan, the hooks, the processors) is Diffusers' own. ValueError (one line) where
     this Diffusers release resolves configs differently, or where the Ulysses degree does not divide the heads.
     """
-    _check_heads(transformer, config)
+    check_ulysses_heads(transformer, config)
     if torch.accelerator.device_count() > 0:
         transformer.enable_parallelism(config=config)
         return
@@ -79,7 +79,7 @@ def enable_context_parallel(transformer, config) -> None:
         del transformer._resolve_parallel_config
 
 
-def _check_heads(transformer, config) -> None:
+def check_ulysses_heads(transformer, config) -> None:
     """Refuse a Ulysses degree that does not divide the model's heads before the model changes: found otherwise
     only at the first attention call, after the model loaded and the prompt was encoded."""
     cp = getattr(config, "context_parallel_config", config)

@@ -19,9 +19,9 @@ from .._util import WarningLog
 from ..methods import Method
 from ..plans.plan import Plan
 from .capture import Capture
-from .context import CallContext, ContextStack
+from .context import CallContext, ContextStack, lasting_tensors
 from .interceptor import _ROUTE, SDPAInterceptor, native_scope
-from .parallel import Split, check_ring_layers
+from .parallel import Split, check_ulysses_heads, check_ring_layers
 from .stats import Stats
 
 __all__ = ["SparseAttnProcessor", "Runtime", "PlanCache", "LayerReport"]
@@ -47,7 +47,8 @@ class PlanCache:
             if plan is not None:
                 self._plans.move_to_end(key)
                 return plan
-        plan = method.plan(key[1])  # outside the lock: plans can take a while; a racing duplicate is harmless
+        with lasting_tensors():  # outside the lock: plans can take a while; a racing duplicate is harmless
+            plan = method.plan(key[1])
         if not isinstance(plan, Plan):  # (a registered method's plan(); built once per geometry)
             raise TypeError(f"{type(method).__name__}.plan(grid) returned {type(plan).__name__}; a method's plan() "
                             "returns a dit_accel.plans.plan.Plan, e.g. LayoutPlan(self, grid, layout) or "
@@ -73,7 +74,7 @@ class Runtime:
         self.stats = stats
         self.capture = capture
         self.warnings = warnings
-        self.call_check = None  # (grid, total steps) -> None: a SparsePlan's checks of the call (apply sets it)
+        self.call_check = None  # (grid, total steps, step) -> None: a SparsePlan's checks of the call (apply sets it)
         self._local = threading.local()  # per-thread bypass depth (handle.bypassed())
         self._captures = {}  # transformer prefix -> its capture observer (capture_for)
 
@@ -294,8 +295,9 @@ class SparseAttnProcessor:
         if name in self._OWN:
             object.__setattr__(self, name, value)
         elif name == "_parallel_config":  # enable_parallelism() after apply(): the wrapper runs it
-            try:
-                Split.of(value)  # refuses what dit_accel cannot run, in enable_parallelism itself
+            try:  # refuses what dit_accel cannot run in enable_parallelism itself, not at the first attention call
+                check_ulysses_heads(self.owner.transformer, value)
+                Split.of(value)
                 if self.index == 0:  # (once per model: the check reads every layer)
                     check_ring_layers(self.owner.transformer, self.owner.preset, value)
             except (ValueError, TypeError):

@@ -20,9 +20,10 @@ from ..kernels.backends import env_value
 from ..kernels.sla import inert_projections
 from ..plans.plan import Plan, SLAPlan
 from .capture import Capture
-from .context import CallContext, CallGate, CallRecord, ContextStack, call_is_running, calling_pipeline
+from .context import (CallContext, CallGate, CallRecord, ContextStack, call_is_running, calling_pipeline,
+                      lasting_tensors)
 from .interceptor import _dispatch_module
-from .parallel import Split, check_ring_layers, check_split
+from .parallel import Split, check_ulysses_heads, check_ring_layers, check_split
 from .presets import GridInfo, Preset
 from .processor import Runtime, SparseAttnProcessor, _backend_name
 from .schedule import Schedule, StepSource
@@ -110,7 +111,8 @@ class TransformerHook:
                 self.layers.append(wrapper)
                 self._modules.append(module)
                 module.processor = wrapper
-            if self.layers:  # a model made context-parallel before apply()
+            if self.layers and self.layers[0].parallel is not None:  # a model made context-parallel before apply()
+                check_ulysses_heads(self.transformer, self.layers[0].parallel)
                 check_ring_layers(self.transformer, self.preset, self.layers[0].parallel)
             self.refresh_inert()
             self._hook_forward()
@@ -269,7 +271,8 @@ class TransformerHook:
         if last is not None and last[0] == key and last[2] is parallel:
             context = last[1]
         else:
-            context = self._context(info, step, total, parallel, device, additive_ok)
+            with lasting_tensors():  # (plans and their device data outlive the call)
+                context = self._context(info, step, total, parallel, device, additive_ok)
             self._last = (key, context, parallel)
         self._check_processors()
         sla = []
@@ -330,7 +333,7 @@ class TransformerHook:
                  additive_ok: bool = False) -> CallContext:
         """The call's context: each layer's plan (built, checked and prepared on ``device``), warnings said."""
         if self.runtime.call_check is not None:  # a calibrated plan's grid and step count, before any attention
-            self.runtime.call_check(info.grid, total)
+            self.runtime.call_check(info.grid, total, step)
         split = Split.of(parallel)
         plans = tuple(self._plan(layer, step, total, info.grid, split) for layer in self.layers)
         if split is not None:

@@ -589,11 +589,16 @@ class LayoutPlan(Plan):
                 span = None
         length = self.layout.q_len
         if span is None or span[0] % block or (span[1] % block and span[1] != length):
+            # The tiles named are the layout's: a Tile whose own tile holds under one block is ordered by another
+            tile = None if self.perm is None else tuple(self.perm.tile)
+            axis = "frame" if len(self.grid) == 3 else "row"
+            advice = (f"whole slabs of its {tile} tiles along the first axis, e.g. a latent {axis} count that is a "
+                      f"multiple of the ring degree x {tile[0]}" if tile else
+                      f"whole blocks, e.g. a video token count that is a multiple of the ring degree x {block}")
             raise ValueError(
                 f"tokens {rows[0]}..{rows[1] - 1} of grid {self.grid} do not fill whole {block}-token blocks of "
-                f"{self.method!r}'s layout{' (tiled order)' if self.perm is not None else ''}: split the sequence "
-                "so every rank holds whole blocks (for tiled patterns whole tile slabs along the first axis), e.g. a "
-                "frame count that is a multiple of the ring degree times the tile depth")
+                f"{self.method!r}'s layout{' (tiled order)' if tile else ''}: split the sequence so every rank holds "
+                f"{advice}")
         return span
 
 

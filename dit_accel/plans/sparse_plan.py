@@ -511,11 +511,12 @@ class SparsePlan:
                                      f"methods; that layer of this model has {heads} heads")
 
     def check_call(self, grid, total_steps: Optional[int], allow_other_grid: bool = False,
-                   host: str = "diffusers") -> Optional[str]:
+                   host: str = "diffusers", step: Optional[int] = None) -> Optional[str]:
         """Check one transformer call's token ``grid`` and its run's number of denoising steps (None: unknown)
         against what the plan was calibrated for. ValueError naming both values on a mismatch; a grid the plan
         does not cover is allowed with ``allow_other_grid``, and the warning to give is returned. ``host``
-        (``"diffusers"`` or ``"comfyui"``): whose settings the messages name."""
+        (``"diffusers"`` or ``"comfyui"``): whose settings the messages name. ``step``: the call's step, checked
+        when the total is unknown (``handle.set_step(i)``): a step past the plan's last ran dense, unsaid."""
         name, grid = self._name(), tuple(int(g) for g in grid)
         hints = _HOST_HINTS[host]
         warning = None
@@ -529,8 +530,12 @@ class SparsePlan:
                 raise ValueError(f"{what}: its choices were scored at that size only. Run at the plan's size, "
                                  f"calibrate a plan at this one, or {hints['any_grid']} to run it anyway")
             warning = f"dit_accel: {what}; running it anyway (allow_other_grid): its quality was not checked here"
+        steps = self.provenance.get("steps")
+        if total_steps is None and step is not None and steps is not None and step >= steps:
+            raise ValueError(f"{name} was calibrated for {steps} denoising steps (0..{steps - 1}); this call is step "
+                             f"{step}, past its last: run {steps} steps, or calibrate a plan for this many (call "
+                             "handle.set_step(step, total) to have the run's total checked too)")
         if total_steps is not None:
-            steps = self.provenance.get("steps")
             if steps is not None and steps != total_steps:
                 raise ValueError(f"{name} was calibrated for {steps} denoising steps; this run has {total_steps}: "
                                  f"its phases name steps of a {steps}-step run. Run {steps} steps "
@@ -671,9 +676,9 @@ class PlanMethod(Method):
         self.sparse_plan.check_model(model_class, layer_heads)
 
     def check_call(self, grid, total_steps: Optional[int], allow_other_grid: bool = False,
-                   host: str = "diffusers") -> Optional[str]:
+                   host: str = "diffusers", step: Optional[int] = None) -> Optional[str]:
         """:meth:`SparsePlan.check_call`."""
-        return self.sparse_plan.check_call(grid, total_steps, allow_other_grid, host)
+        return self.sparse_plan.check_call(grid, total_steps, allow_other_grid, host, step)
 
     def summary_line(self) -> str:
         return self.sparse_plan.summary_line()
