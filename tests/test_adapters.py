@@ -186,3 +186,24 @@ def test_save_pretrained_without_weights_writes_the_projections_and_the_method(t
     fresh = build_tiny_pipeline("tiny-wan")
     with dit_accel.apply(fresh, load_method(tmp_path / "s"), weights=tmp_path / "s"):
         torch.testing.assert_close(_probe(fresh.transformer), trained, rtol=0, atol=1e-6)
+
+
+def test_save_pretrained_records_the_dense_layers_the_weights_were_trained_beside(tmp_path):
+    """A student trained with dense layers and saved while applied wrote no dense_layers, so its folder reloaded with
+    apply(pipe, load_method(DIR), weights=DIR) ran those layers sparse, unlike the trained model."""
+    import json
+
+    pipe = build_tiny_pipeline("tiny-wan")
+    method = dit_accel.SLA(topk=0.5)
+    with dit_accel.apply(pipe, method, dense_layers=[0]) as handle:
+        with torch.no_grad():
+            for proj in handle.sla_projections().values():
+                proj.weight.normal_(0, 0.1)
+        trained = _probe(pipe.transformer)
+        pipe.transformer.save_pretrained(tmp_path / "s")
+    assert json.loads((tmp_path / "s" / METHOD_FILE).read_text())["dense_layers"] == [0]
+    fresh = build_tiny_pipeline("tiny-wan")
+    with pytest.raises(ValueError, match=r"trained with dense_layers=\[0\] .* layer\(s\) \[0\] run sla here"):
+        dit_accel.apply(fresh, load_method(tmp_path / "s"), weights=tmp_path / "s")
+    with dit_accel.apply(fresh, load_method(tmp_path / "s"), weights=tmp_path / "s", dense_layers=[0]):
+        torch.testing.assert_close(_probe(fresh.transformer), trained, rtol=0, atol=1e-6)

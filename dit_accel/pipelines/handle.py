@@ -330,7 +330,10 @@ class AccelHandle:
             save_trained_weights(
                 save_directory, transformer=transformer, method=self.method,
                 lora_config=transformer.peft_config[ours] if ours else None, sla_projections=projections or None,
-                adapter_name=ours or "default", extra={"model": cls, "saved_by": "save_pretrained"})
+                adapter_name=ours or "default", extra={"model": cls, "saved_by": "save_pretrained",
+                                                        # (the layers that learned beside dense attention: the
+                                                        # folder refuses to run them sparse, as finetune's does)
+                                                        "dense_layers": sorted(self.schedule.dense_layers) or None})
         return result
 
     # ---------------------------------------------------------------- schedule
