@@ -52,6 +52,8 @@ from ..atomic_files import (BadFileError, atomic_write_json, check_hashes, crash
                   read_json, remove_stale_temps, temp_name)
 from .._util import DitAccelWarning
 from ..methods import Method, method_from_name
+from ..plans.per_head import PerHead
+from ..plans.plan_json import _tuples
 from ..plans.sparse_plan import PlanMethod, SparsePlan
 from .lora_checks import (check_float_weights, check_lora_modules, check_lora_pairs, injection_state,
                           lora_module_name, undo_injection)
@@ -238,10 +240,13 @@ def method_from_dict(d: dict) -> Method:
         if not isinstance(d.get("plan"), dict):
             raise ValueError(f"a plan entry needs \"plan\": the SparsePlan's JSON object; got {d.get('plan')!r}")
         return SparsePlan.from_json(d["plan"]).as_method()
-    for k, v in d.items():  # JSON turned tuples into lists
-        if isinstance(v, list):
-            d[k] = tuple(tuple(x) if isinstance(x, list) else x for x in v)
-    return method_from_name(name, **d)
+    if name == PerHead.name:  # (save_pretrained under apply(pipe, PerHead(...)) writes one; it was refused on load)
+        heads = d.get("heads")
+        if set(d) != {"heads"} or not isinstance(heads, list) or not all(isinstance(h, dict) for h in heads):
+            raise ValueError(f"a per_head entry is {{\"method\": \"per_head\", \"heads\": [one method config per "
+                             f"head]}}; got {str(d)[:80]}")
+        return PerHead(tuple(method_from_dict(h) for h in heads))
+    return method_from_name(name, **{k: _tuples(v) for k, v in d.items()})  # JSON turned tuples into lists
 
 
 def load_method(folder):
@@ -268,13 +273,14 @@ def _warn(message: str) -> None:
 def _check_method(folder: Path, saved: dict, method, warn) -> None:
     """The handle's method must be the one the weights were trained for; only SLA's linear-token rule
     may differ (a warning: the projections then see another linear branch than they learned)."""
-    current = _json_roundtrip(method.to_dict())
-    if saved == current:
+    current = _json_roundtrip(method.ran_dict())
+    plans = PlanMethod.name in (saved.get("method"), current.get("method"))
+    if saved == current or (not plans and _same_setting(saved, current)):
         return
     check_method_fits(folder, saved, method)  # another method or plan altogether
-    if PlanMethod.name in (saved.get("method"), current.get("method")):
+    if plans:
         return  # one plan (content hash): its provenance may differ
-    diff = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
+    diff = sorted(k for k in set(saved) | set(current) if not _same_setting(saved.get(k), current.get(k)))
     if diff == ["linear_tokens"]:
         warn(f"dit_accel: weights={str(folder)!r} were trained with SLA linear_tokens={saved['linear_tokens']!r} but "
              f"the method runs linear_tokens={current['linear_tokens']!r}: the projections learned one linear branch "
@@ -286,6 +292,20 @@ def _check_method(folder: Path, saved: dict, method, warn) -> None:
         f"(differs in {diff}). Apply the saved method: "
         f"dit_accel.apply(pipe, dit_accel.load_method({str(folder)!r}), weights=...)."
     )
+
+
+def _same_setting(a, b) -> bool:
+    """Two JSON method values equal, one number given for every dimension (or head) counting as that number
+    spelt out: ``window=3`` is ``window=[3, 3, 3]`` on the model the folder's method ran on. (Compared as
+    written, a folder trained with ``--window 3`` refused ``Tile(window=(3, 3, 3))`` as another method.)"""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return set(a) == set(b) and all(_same_setting(a[k], b[k]) for k in a)
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(_same_setting(x, y) for x, y in zip(a, b))
+    if isinstance(a, list) or isinstance(b, list):
+        spelt, one = (a, b) if isinstance(a, list) else (b, a)
+        return isinstance(one, int) and bool(spelt) and all(_same_setting(x, one) for x in spelt)
+    return a == b
 
 
 def check_method_fits(folder, saved: dict, method) -> None:
@@ -371,8 +391,9 @@ def _checked_folder(handle, folder: Path):
     ``loaded`` already holds it); every check that can fail runs here."""
     info = _read_info(folder)
     method_path = folder / METHOD_FILE
-    # Through the config and back: fields added since the folder was written take their defaults.
-    saved = _json_roundtrip(_saved_method(folder, info).to_dict())
+    # Through the config and back as it runs (``ran_dict``: VSA's open sparsity is the 0.8 that runs, as a given 0.8
+    # is): fields added since the folder was written take their defaults.
+    saved = _json_roundtrip(_saved_method(folder, info).ran_dict())
     method = getattr(handle, "method", None)
     if method is not None:  # the handle's warning log (its sidecars list the warning), else a plain warning
         log = getattr(getattr(handle, "_runtime", None), "warnings", None)

@@ -326,6 +326,7 @@ def read_sta_strategy(path) -> Dict[Tuple[int, int], Tuple[Tuple[int, ...], ...]
     path = Path(path)
     heads: Dict[Tuple[int, int], Dict[int, Tuple[int, ...]]] = {}
     dims = set()
+    named: Dict[Tuple[int, int, int], str] = {}  # (step, layer, head) -> its key
     for key, value in _strategy_entries(path).items():
         match = _KEY.match(str(key))
         if match is None:
@@ -335,6 +336,10 @@ def read_sta_strategy(path) -> Dict[Tuple[int, int], Tuple[Tuple[int, ...], ...]
             raise ValueError(f"{str(path)!r}: {key!r} maps to {value!r}; expected a window in tiles, a list of 1 to "
                              "3 positive ints such as [3, 6, 10]")
         step, layer, head = map(int, match.groups())
+        first = named.setdefault((step, layer, head), str(key))
+        if first != key:  # ("01_0_0" beside "1_0_0": the later window replaced the earlier, silently)
+            raise ValueError(f"{str(path)!r}: keys {first!r} and {key!r} both name step {step}, layer {layer}, head "
+                             f"{head}; keep one of them")
         heads.setdefault((step, layer), {})[head] = tuple(int(v) for v in value)
         dims.add(len(value))
     if len(dims) > 1:

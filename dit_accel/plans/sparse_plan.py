@@ -34,6 +34,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
+import torch
+
 from .._util import file_in_the_way, is_int, to_jsonable, versions
 from ..methods import Dense, Method, Tile, TileStrategy
 from .per_head import PerHead
@@ -102,6 +104,30 @@ def _phase(r: _Fields, where: str, data, num_layers: Optional[int], num_heads: O
                                "from 0)")
         methods[index] = _method_entry(r, field_name, entry, num_heads)
     return Phase(start, None if stop is None else int(stop), methods, default)
+
+
+def _tile_as_run(tile: Tile, grid) -> Tile:
+    """``tile`` as a strategy writes it: a ``fit=True`` one re-tiles at plan time (:meth:`Tile._fitted_plan`), so
+    its windows as set are written only where they attend what the fitted tile does on ``grid`` (STA is a product
+    of one relation per dimension); ValueError otherwise (a FastVideo strategy holds windows only: written as set,
+    they ran another pattern, silently)."""
+    from ..patterns.checks import per_dim, per_head
+    from ..patterns.tile import fit_tile, tile_covers_grid, tile_mask
+
+    if not tile.fit or tile.block_size is not None or per_head(tile.window) is not None:
+        return tile
+    if grid is None:
+        raise ValueError(f"{tile!r} fits its tile to the grid of each call (fit=True), so its windows depend on the "
+                         "grid: pass grid=(T, H, W), the token grid the plan runs on")
+    if tile_covers_grid(grid, tile.tile, tile.window):
+        return tile.replace(fit=False)
+    fitted, window = fit_tile(grid, tile.tile, tile.window)
+    own = zip(grid, per_dim("tile", tile.tile, len(grid)), per_dim("window", tile.window, len(grid)), fitted, window)
+    if not all(torch.equal(tile_mask((g,), (t,), (w,)), tile_mask((g,), (ft,), (fw,))) for g, t, w, ft, fw in own):
+        raise ValueError(f"{tile!r} runs tile={fitted}, window={window} on grid {tuple(grid)} (fit=True), another "
+                         "pattern than its windows as set, and a FastVideo strategy holds windows only, not their "
+                         f"tile: build the plan with Tile(tile={fitted}, window={window}) to export it")
+    return tile.replace(fit=False)
 
 
 def _is_dense(method: Optional[Method]) -> bool:
@@ -394,7 +420,7 @@ class SparsePlan:
             else:
                 phases.append(Phase(step, step + 1, layers))
         return cls(tuple(phases), None, strategy.heads, {"source": "FastVideo STA strategy", "strategy_path":
-                                                          strategy.path, "tile": list(strategy.tile)},
+                                                          strategy.path, "tile": to_jsonable(strategy.tile)},
                    source=str(strategy.path))  # (its refusals named "the plan", not the file)
 
     def to_tile_strategy(self, path=None, *, num_steps: Optional[int] = None, grid=None) -> dict:
@@ -402,8 +428,9 @@ class SparsePlan:
         entries are all Tile windows of one tile; written atomically to ``path`` when given.
 
         Dense layers are left out (FastVideo runs an unlisted (step, layer) dense). A dense *head* in a
-        layer with Tile heads needs ``grid``: it is written as the window that covers the grid. A phase
-        open to the end needs ``num_steps``. A ``path`` that is a folder is a ValueError, and nothing is written.
+        layer with Tile heads needs ``grid``: it is written as the window that covers the grid; so does a
+        ``Tile(fit=True)``, whose tile depends on the grid (refused where the tile fitted there attends otherwise).
+        A phase open to the end needs ``num_steps``. A ``path`` that is a folder is a ValueError, and nothing is written.
         """
         from ..patterns.checks import as_grid
 
@@ -443,7 +470,10 @@ class SparsePlan:
     def _windows(method: Method, heads: Optional[int], grid, tiles: set) -> List[Tuple[int, ...]]:
         from ..patterns.checks import per_head
 
-        inner = method.methods if isinstance(method, PerHead) else (method,)
+        if isinstance(method, Tile):
+            method = _tile_as_run(method, grid)
+        inner = tuple(_tile_as_run(m, grid) if isinstance(m, Tile) else m
+                      for m in (method.methods if isinstance(method, PerHead) else (method,)))
         for m in inner:
             if not isinstance(m, (Tile, Dense)):
                 raise ValueError(f"{m!r} is not a Tile window: only plans of Tile windows (and dense heads) export to "
