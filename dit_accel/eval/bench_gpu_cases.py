@@ -563,8 +563,8 @@ class _VsaCase(_Case):
     """VSA (FastWan's video sparse attention, (4, 4, 4) cubes) through ``vsa_attention`` with a gate, so the coarse
     branch counts as in FastWan's checkpoints: pooling, coarse attention and the cube selection, then the fine
     block-sparse branch. The fp32 twin takes the timed call's own selection (a bf16 coarse score may pick another
-    cube where two nearly tie); ``density``: the selected share of the cubes, the true pair density where every cube
-    is whole (FastWan's (16, 28, 52)). ``phases`` are the coarse-and-select and the fine launches, timed alone."""
+    cube where two nearly tie); ``density``: the true pair density of that selection (:meth:`density`).
+    ``phases`` are the coarse-and-select and the fine launches, timed alone."""
 
     def __init__(self, s: _Shape, sparsity: float):
         from ..kernels.vsa.naive import cubes_of, selected_count
@@ -576,13 +576,12 @@ class _VsaCase(_Case):
         self.q, self.k, self.v = s.q, s.k, s.v
         self.gate = s.randn(*s.q.shape)
         self.scale = s.shape.head_dim ** -0.5
-        self.density = self.count / self.cubes.count
-        self.work = self.density * (self.cubes.perm.num_padded / s.shape.tokens) ** 2
+        self.work = self.count / self.cubes.count * (self.cubes.perm.num_padded / s.shape.tokens) ** 2
         self.facts = {"config": {"method": "vsa", "sparsity": sparsity, "tile": list(VSA_TILE)},
                       "cubes": self.cubes.count, "topk": self.count}
         self.grad_inputs = self.do = None
         self.ref: Dict[str, object] = {}
-        self._selection = None
+        self._selection = self._density = None
 
     def _call(self, q, k, v, backend: str, **kw):
         from ..kernels.vsa.api import vsa_attention
@@ -595,6 +594,22 @@ class _VsaCase(_Case):
             return lambda: _no_grad(lambda: self._call(self.q, self.k, self.v, backend))
         qg, kg, vg = self._grad_inputs()
         return lambda: self._call(qg, kg, vg, backend).backward(self.do)
+
+    @property
+    def density(self) -> float:
+        """Real (query, key) token pairs the timed calls' selection visits / N^2, the efficiency's true density
+        (issue 72). The selected share of the cubes equals it only where every cube is whole: Wan's 21 frames and
+        720p's 45 rows leave partial cubes, which hold fewer tokens and which random inputs select more often
+        (0.19, not 0.25, at sparsity 0.75 on (5, 6, 10)): the share overstated the efficiency."""
+        if self._density is None:
+            try:
+                sel = self.selection()
+            except Exception:  # (the row's own call fails the same way and says so; no density to report)
+                return float("nan")
+            sizes = self.cubes.sizes.to(sel.device, torch.float64)
+            pairs = (sizes[None, None, :, None] * sizes[sel]).sum().item()
+            self._density = pairs / (sel.shape[0] * sel.shape[1] * self.s.shape.tokens ** 2)
+        return self._density
 
     def selection(self) -> torch.Tensor:
         """The cube selection of the timed calls (``auto``, the backend every VSA row runs), made once."""

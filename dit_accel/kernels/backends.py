@@ -19,7 +19,7 @@ from typing import Callable, Dict, Optional, Tuple
 import torch
 
 from .limits import GPU_LAYOUT_BLOCKS, INTERPRETER_LAYOUT_BLOCKS, SLA_BLOCK_K, SLA_DTYPES, SLA_MAX_HEAD_DIM
-from .request import ENV_BACKEND, BackendUnavailable, Request, env_get, env_value, in_graph, interpreting
+from .request import ENV_BACKEND, BackendUnavailable, Request, env_get, env_value, in_functorch, in_graph, interpreting
 
 __all__ = ["BACKENDS", "ENV_BACKEND", "BackendUnavailable", "Request", "available_backends", "env_backend",
            "resolve", "triton_reason", "interpreting", "TUNED", "Backend", "backend_peers", "backend_reasons",
@@ -351,8 +351,8 @@ def _tuned(family: str, request: Request, tuner) -> Optional[str]:
 
     if not autotune.enabled() or in_graph():  # no timing in a traced or captured call (its caller reuses the
         return None                           # eager decision stored for this shape)
-    contenders = [name for name, can_run, _ in _TABLE[family]
-                  if name in TUNED.get(family, ()) and can_run(request) is None and _verified(family, name, request)]
+    contenders = [name for name, can_run, _ in _TABLE[family] if name in TUNED.get(family, ()) and can_run(request) is None
+                  and _transform_reason(name, request) is None and _verified(family, name, request)]
     if len(contenders) < 2:
         return None
     stored = autotune.cached_choice(autotune.ShapeClass.of(family, request, request.density))
@@ -390,14 +390,14 @@ def resolve(family: str, backend: str, request: Request, tuner=None) -> str:
             return tuned
         for name, can_run, auto in table:
             if auto and (name != "triton" or request.device.type == "cuda") and can_run(request) is None \
-                    and _verified(family, name, request):
+                    and _transform_reason(name, request) is None and _verified(family, name, request):
                 return name
         return "torch"
     if forced not in names:
         return "torch"
     if in_graph():  # checked when the graph was first traced; no host work in the graph
         return forced
-    reason = dict((n, c) for n, c, _ in table)[forced](request)
+    reason = dict((n, c) for n, c, _ in table)[forced](request) or _transform_reason(forced, request)
     if reason is not None:
         if backend == "auto":  # (forced by the environment: "use backend='torch'" alone named an argument not given)
             reason += (f" It was forced by the environment, {ENV_BACKEND}={env_value()!r}: unset it to let "
@@ -405,6 +405,16 @@ def resolve(family: str, backend: str, request: Request, tuner=None) -> str:
         raise BackendUnavailable(f"attention backend {forced!r} cannot run on {request.device}: {reason}")
     _verified(family, forced, request, forced=True)
     return forced
+
+
+def _transform_reason(name: str, request: Request) -> Optional[str]:
+    """Why backend ``name`` cannot record this call's backward under a torch.func transform (None where it can):
+    the kernels' hand-written backward is an ``autograd.Function`` without ``setup_context``, which torch.func
+    refuses with a message about that internal (``torch.func.grad`` over a forced ``backend="triton"``)."""
+    if name in ("torch", "flex") or not request.needs_grad or not in_functorch():
+        return None
+    return ("its kernels' hand-written backward takes plain tensors, not those of torch.func transforms (grad, "
+            "jacrev, vjp); use backend='torch' under torch.func, or take the gradient with torch.autograd.grad.")
 
 
 def _check_names(family: str, name: str, needs_grad: bool) -> Tuple[str, ...]:

@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 
 __all__ = ["BackendUnavailable", "Request", "interpreting", "in_graph", "records_grad", "kernel_backward", "env_value",
-           "env_get", "ENV_BACKEND"]
+           "env_get", "ENV_BACKEND", "in_functorch"]
 
 #: Environment variable that overrides ``backend="auto"``.
 ENV_BACKEND = "DIT_ACCEL_BACKEND"
@@ -51,6 +51,10 @@ class Request:
 def records_grad(*tensors: torch.Tensor) -> bool:
     """Whether a call on ``tensors`` records a backward: autograd on and any of them requiring a gradient."""
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+#: Whether a torch.func transform (grad, vmap, jacrev) is active: torch's own query (absent in some versions: none).
+in_functorch = getattr(torch._C, "_are_functorch_transforms_active", None) or (lambda: False)
 
 
 class _NoSecondDerivative(torch.autograd.Function):

@@ -12,7 +12,7 @@ from .._cache import LayoutCache, layout_on
 from .select_backend import VERIFY_TOL, free_memory, memory_skips  # noqa: F401  (re-exported)
 from ..backends import (VENDOR_BACKENDS, Request, check_backend_name, env_backend, env_value, forced_backend, resolve,
                         runs_twin)
-from ..request import in_graph, records_grad
+from ..request import in_functorch, in_graph, records_grad
 from ..checks import check_flag, check_qkv, check_scale, meta_outputs, unit_stride
 from ..layout import BlockLayout
 from ..layout_checks import check_layout
@@ -155,6 +155,7 @@ def _call(q, k, v, layout, scale, backend: str, return_lse: bool):
             or type(layout) is not BlockLayout or torch.compiler.is_compiling():
         return _decide(q, k, v, layout, scale, backend, return_lse)
     grad = records_grad(q, k, v)
+    grad = grad and (2 if in_functorch() else 1)  # (a torch.func gradient does not take an eager one's backend)
     device = q.device
     # (the types too: True == 1 would take scale=1's or return_lse=True's checked answer, unchecked)
     slot = ("block_sparse.call", (backend, env_value(), autotune.enabled() if device.type == "cuda" else None,

@@ -16,7 +16,7 @@ from typing import Callable, Dict, Optional
 
 import torch
 
-from ..request import kernel_backward
+from ..request import in_functorch, kernel_backward
 
 __all__ = ["dense_attention", "dense_contenders", "fastest_attention", "triton_variant", "DENSE_CONTENDERS"]
 
@@ -113,10 +113,6 @@ _NO_BACKEND = ("dense_attention runs only these kernels: call dit_accel.kernels.
                "the fastest verified dense kernel) or torch.nn.functional.scaled_dot_product_attention")
 
 
-#: Whether a torch.func transform is active (torch's own query; absent in some versions: then assume none is).
-_in_functorch = getattr(torch._C, "_are_functorch_transforms_active", None) or (lambda: False)
-
-
 def _runnable(q: torch.Tensor) -> None:
     """BackendUnavailable where the kernels cannot run on q's device and dtype: the self-check said it had failed
     there ("use backend='auto'", an argument this function lacks), on a CPU without the interpreter too."""
@@ -125,7 +121,7 @@ def _runnable(q: torch.Tensor) -> None:
     from ..backends import BackendUnavailable, triton_reason
 
     reason = triton_reason(q.device)
-    if _in_functorch():  # (else torch's "must override the setup_context staticmethod", or a storage error)
+    if in_functorch():  # (else torch's "must override the setup_context staticmethod", or a storage error)
         reason = "its Triton kernels take plain tensors, not those of torch.func transforms (grad, vmap, jacrev)"
     if reason is None and q.device.type == "cpu" and q.dtype == torch.bfloat16:
         reason = "the Triton interpreter's bfloat16 dot is wrong (values off by about 1e8): cast to float32 on the CPU"

@@ -38,7 +38,7 @@ from typing import Callable, Dict, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from ..request import in_graph, records_grad
+from ..request import in_functorch, in_graph, records_grad
 
 __all__ = ["CANDIDATES", "candidates", "why_not", "run", "run_candidate", "choose", "chosen", "default_choice",
            "check_candidate", "normalise_lse", "CHECK_ROWS", "O_TOLERANCE", "LSE_TOLERANCE"]
@@ -66,6 +66,8 @@ def why_not(name: str, q: torch.Tensor, k: torch.Tensor, return_lse: bool) -> Op
     if name == "triton":
         from ..backends import triton_reason
 
+        if in_functorch():  # (its autograd.Function and launches take plain tensors: dense_attention refuses)
+            return "runs no torch.func transform (grad, vmap, jacrev)"
         return triton_reason(q.device) or (f"head dim {d} > 256" if d > 256 else None) or (
             "no keys" if k.shape[2] == 0 else None)
     if name == "sdpa-flash":
@@ -163,10 +165,13 @@ def choose(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, retu
     """The candidate that serves these inputs (see the module docstring), decided once per call signature.
 
     ``timer``: autotune's ``(fn, warmup, repeats) -> ms`` (default CUDA events); ``tune``: time the
-    candidates (default: on CUDA when the autotuner is on, and not while ``torch.compile`` traces)."""
+    candidates (default: on CUDA when the autotuner is on, and not while ``torch.compile`` traces; never under a
+    torch.func transform, whose calls take the fixed order less the Triton kernel)."""
     from .. import autotune
 
     grad = records_grad(q, k, v)
+    if in_functorch():  # (not the eager call's choice, which may be the Triton kernel; nothing timed or stored)
+        grad, tune = ("functorch", grad), False
     if tune is None:
         live = q.device.type == "cuda" and autotune.enabled()
         tune = live and not in_graph()

@@ -19,7 +19,7 @@ from torch.nn import functional as F
 
 from ..backends import Request, env_value, resolve
 from ..checks import check_flag, check_qkv, check_scale, unit_stride
-from ..request import records_grad
+from ..request import in_functorch, records_grad
 from .common import SLAParams, classify_checked, sla_block_counts
 from .naive import sla_torch
 
@@ -146,6 +146,7 @@ def _prepare(q, k, v, method, proj, scale, backend):
             or torch.compiler.is_compiling() or not _frozen(method):
         return _decide(q, k, v, method, proj, scale, backend)
     grad = records_grad(q, k, v)
+    grad = grad and (2 if in_functorch() else 1)  # (a torch.func gradient does not take an eager one's backend)
     key = (method, scale, type(scale), backend, env_value(), grad, q.shape, q.dtype, q.device, k.shape, k.dtype, k.device,
            v.shape, v.dtype, v.device)
     try:

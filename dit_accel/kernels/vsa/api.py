@@ -23,7 +23,7 @@ from ..._util import is_number
 from ..backends import check_backend_name, runs_twin
 from ..block_sparse import block_sparse_attention
 from ..checks import check_flag, check_qkv, check_scale
-from ..request import kernel_backward, records_grad
+from ..request import BackendUnavailable, in_functorch, kernel_backward, records_grad
 from ..layout import BlockLayout
 from . import fine as fine_path
 from . import raster
@@ -502,6 +502,11 @@ def vsa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid, *, to
     grid = check_vsa_grid(grid)
     check_qkv(q, k, v)
     check_flag("return_selection", return_selection)
+    if in_functorch():  # (else torch's "must override the setup_context staticmethod", or a storage or scatter error)
+        raise BackendUnavailable(
+            "vsa_attention cannot run under torch.func transforms (grad, vmap, jacrev), on any backend: its branches "
+            "are autograd.Functions and kernels that take plain tensors; take the gradient with torch.autograd.grad "
+            "and batch along q's batch dim instead of vmap")
     n = math.prod(grid)
     if q.shape[2] != n or k.shape[2] != n:
         raise ValueError(f"q has {q.shape[2]} and k/v {k.shape[2]} tokens, but grid={grid} holds {n}: q, k and v are "
