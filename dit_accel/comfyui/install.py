@@ -8,6 +8,7 @@ upgrading dit_accel upgrades the nodes and nothing is copied.
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -27,18 +28,32 @@ __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]
 
 def install(comfyui: Path) -> Path:
     """Write the shim into ``comfyui``'s ``custom_nodes``; the file written. ValueError (one line) for a folder
-    that is not ComfyUI, or a ``custom_nodes/dit_accel/__init__.py`` this command did not write."""
+    that is not ComfyUI, a ``custom_nodes/dit_accel/__init__.py`` this command did not write, or a folder it cannot
+    write into (left as it was)."""
     root = Path(comfyui).expanduser()
-    if not (root / "custom_nodes").is_dir() or not (root / "comfy").is_dir():
+    if not _is_comfyui(root):
+        near = [p for p in (root.parent, root / "ComfyUI") if _is_comfyui(p)]  # custom_nodes/; the portable's
+        hint = f" ({near[0]}, it seems)" if near else ""
         raise ValueError(f"{root} is not a ComfyUI folder (it has no comfy/ and custom_nodes/ folders): give the "
-                         "folder of ComfyUI's main.py")
+                         f"folder of ComfyUI's main.py{hint}")
     target = root / "custom_nodes" / "dit_accel" / "__init__.py"
     if target.exists() and not target.read_text(encoding="utf-8", errors="replace").startswith(MARKER):
         raise ValueError(f"{target} exists and was not written by this command: move that folder away first (it "
                          "is another node pack named dit_accel)")
     _check_folder(target.parent)
-    target.parent.mkdir(exist_ok=True)
-    return atomic_write_text(target, SHIM)
+    created = not target.parent.exists()
+    try:
+        target.parent.mkdir(exist_ok=True)
+        return atomic_write_text(target, SHIM)
+    except OSError as err:
+        if created:  # an empty custom_nodes/dit_accel left behind: ComfyUI logs it as a node pack that failed
+            shutil.rmtree(target.parent, ignore_errors=True)
+        raise ValueError(f"cannot write {target} ({err.strerror or err}): run the command as a user who may write "
+                         f"into {root / 'custom_nodes'}; nothing was changed") from None
+
+
+def _is_comfyui(root: Path) -> bool:
+    return (root / "custom_nodes").is_dir() and (root / "comfy").is_dir()
 
 
 def _check_folder(folder: Path) -> None:

@@ -216,17 +216,42 @@ def _in_widgets(opts: Dict[str, CliOption]) -> Dict[str, CliOption]:
             for name, opt in opts.items()}
 
 
-def _method(name: str, config: dict, opts: Dict[str, CliOption]):
-    """The method config of the widgets' values; an empty path widget the config refuses is said as a widget (the
-    config's own error names its Python API)."""
+def _method(name: str, config: dict, opts: Dict[str, CliOption], widgets: dict, cls: type):
+    """The method config of the widgets' values; an empty path widget the config refuses is said as a widget, and
+    so is a value it refuses (its own error names its Python API: ``VSA.tile=(1, 1) is invalid``)."""
     try:
         return method_from_name(name, **{k: v for k, v in config.items() if v is not None})
-    except ValueError:
+    except ValueError as err:
         empty = [f for f, v in config.items() if v == "" and opts[f].metavar in ("FILE", "DIR")]
         if empty:
             raise ValueError(f"dit_accel: widget {empty[0]} is empty: give the path of the "
                              f"{opts[empty[0]].help.split(': ', 1)[-1]}") from None
-        raise
+        text = _as_widget(str(err), cls.__name__, config, widgets)
+        if text == str(err):
+            raise
+        raise ValueError(text) from None
+
+
+def _as_widget(message: str, owner: str, config: dict, widgets: dict) -> str:
+    """A config's ``Owner.field=value`` refusal as the node's: ``widget field='text'`` (as typed) where the field is a
+    widget, else the field alone (a strategy file's windows, its path leading)."""
+    match = re.search(rf"{re.escape(owner)}\.(\w+)=", message)
+    if match is None:
+        return message
+    field = match.group(1)
+    shown = f"{owner}.{field}={config.get(field)!r}"
+    if field in widgets and field in config and message.startswith(shown, match.start()):
+        return f"dit_accel: widget {field}={widgets[field]!r}{message[match.start() + len(shown):]}"
+    return f"dit_accel: {message[:match.start()]}{message[match.start() + len(owner) + 1:]}"
+
+
+def _check_model(model) -> None:
+    """The MODEL before any widget's file is read: a MODEL that already comes out of a dit_accel node (or no MODEL)
+    is the error to say, not a bad path the node would not have run anyway."""
+    from .patch import _check_not_patched, _diffusion_model
+
+    _diffusion_model(model)
+    _check_not_patched(model)
 
 
 def node_for(name: str, cls: type, summary: str) -> type:
@@ -234,6 +259,7 @@ def node_for(name: str, cls: type, summary: str) -> type:
     fields = {f.name: f for f in dataclasses.fields(cls) if "cli" in f.metadata}
     opts = _in_widgets({f: fields[f].metadata["cli"] for f in fields})
     presets = _published(name)
+    paths = [f for f in fields if opts[f].metavar in ("FILE", "DIR")]
 
     def INPUT_TYPES(_cls):  # noqa: N802 (ComfyUI's name)
         required = {"model": ("MODEL",)}
@@ -256,10 +282,10 @@ def node_for(name: str, cls: type, summary: str) -> type:
             options.update(published_options)
         else:
             config = {f: _value(f, fields[f], opts[f], widgets[f]) for f in fields if f in widgets}
-            method = _method(name, config, opts)
+            if paths:
+                _check_model(model)
+            method = _method(name, config, opts, widgets, cls)
         return (patch_model(model, method, **options),)
-
-    paths = [f for f in fields if opts[f].metavar in ("FILE", "DIR")]
 
     def IS_CHANGED(_cls, **widgets):  # noqa: N802 (ComfyUI's name)
         """The state of the files its path widgets name (:func:`_file_state`): a strategy written again is read."""
@@ -299,6 +325,7 @@ class PlanNode:
         return _file_state(plan_path)
 
     def patch(self, model, plan_path: str, allow_other_grid: bool = False, backend: str = "auto"):
+        from ..checkpoints.finetuned import METHOD_FILE
         from ..plans.sparse_plan import SparsePlan
         from .patch import patch_model
 
@@ -306,6 +333,10 @@ class PlanNode:
         if not path:
             raise ValueError("dit_accel: widget plan_path is empty: give the path of a plan JSON written by "
                              "dit-accel calibrate")
+        _check_model(model)
+        if os.path.isfile(os.path.join(path, METHOD_FILE)):  # (the plan file's error: "it is a folder")
+            raise ValueError(f"dit_accel: widget plan_path={path!r} is a dit-accel finetune output folder, not a plan: "
+                             "load it with the dit_accel fine-tuned weights node (weights_path)")
         plan = SparsePlan.load(path)
         return (patch_model(model, plan, backend=backend, allow_other_grid=bool(allow_other_grid)),)
 
@@ -354,7 +385,16 @@ class FinetunedNode:
             raise ValueError("dit_accel: widget weights_path is empty: give a dit-accel finetune output folder")
         if expert not in EXPERTS:
             raise ValueError(f"dit_accel: widget expert={expert!r} is invalid: choose one of {', '.join(EXPERTS)}")
-        method = load_method(folder)
+        _check_model(model)
+        try:
+            method = load_method(folder)
+        except ValueError as err:  # (its own error names the Python API's weights=)
+            text = str(err)
+            if not text.startswith("weights="):
+                raise
+            if os.path.isfile(folder) and folder.lower().endswith(".json"):  # a plan, as `dit-accel calibrate` writes
+                text += " A plan JSON goes into the dit_accel plan node (plan_path)."
+            raise ValueError(f"dit_accel: widget weights_path{text[len('weights'):]}") from None
         # the layers it was trained with dense run dense, as `dit-accel generate --weights` runs them (a plan's
         # phases hold its own)
         dense_layers = None if isinstance(method, SparsePlan) else read_weights_info(folder).get("dense_layers")

@@ -204,7 +204,7 @@ def test_path_widgets_read_a_leading_tilde_as_the_home_folder(wan, tmp_path, mon
                                                         for h in range(2)}))
     patched = run_node("DitAccelTileStrategy", wan, path="~/strategy.json", tile="1,2,2", **COMMON)
     assert override_of(patched).patch.schedule.method.path == str(tmp_path / "strategy.json")
-    with pytest.raises(ValueError, match=r"weights='.*/nothing' is not a folder"):  # the expanded path is named
+    with pytest.raises(ValueError, match=r"widget weights_path='.*/nothing' is not a folder"):  # the expanded path is named
         run_node("DitAccelFinetuned", wan, weights_path="~/nothing", lora_strength=1.0, allow_other_grid=False,
                  backend="auto", expert="transformer")
 

@@ -92,7 +92,7 @@ def test_path_widgets_drop_one_pair_of_surrounding_quotes(comfy, wan, tmp_path, 
 
     with pytest.raises(ValueError) as err:  # the folder named without its quotes
         run_node("DitAccelFinetuned", wan, weights_path=quoted.format(tmp_path / "gone"))
-    assert f"weights={str(tmp_path / 'gone')!r} is not a folder" in str(err.value)
+    assert f"widget weights_path={str(tmp_path / 'gone')!r} is not a folder" in str(err.value)
 
 
 def test_tooltips_name_the_nodes_widgets_not_the_command_lines_flags():
