@@ -294,6 +294,12 @@ def _check_method(folder: Path, saved: dict, method, warn) -> None:
     )
 
 
+def same_setting(saved: Method, method: Method) -> bool:
+    """Whether two method configs run alike as a folder records them (:func:`_same_setting` on their ``ran_dict``):
+    ``Tile(window=3)`` and ``Tile(window=(3, 3, 3))``, ``VSA()`` and ``VSA(sparsity=0.8)``."""
+    return _same_setting(_json_roundtrip(saved.ran_dict()), _json_roundtrip(method.ran_dict()))
+
+
 def _same_setting(a, b) -> bool:
     """Two JSON method values equal, one number given for every dimension (or head) counting as that number
     spelt out: ``window=3`` is ``window=[3, 3, 3]`` on the model the folder's method ran on. (Compared as

@@ -249,10 +249,13 @@ def _load_weights(clone, patch: Patch, folder, method: Method, strength, layers,
 def _same_method(saved: Method, method: Method) -> bool:
     """Whether ``method`` is the folder's own: for a plan (compared by identity) the same content, as
     ``dit_accel.apply`` compares them; a plan folder run as recorded warned it ran another."""
+    from ..checkpoints.finetuned import same_setting
+
     plans = getattr(saved, "sparse_plan", None), getattr(method, "sparse_plan", None)
     if None not in plans:
         return plans[0].content_hash() == plans[1].content_hash()
-    return saved == method
+    # (as apply compares them: `saved == method` warned "trained with Tile(window=3)" when running window=(3, 3, 3))
+    return saved == method or (type(saved) is type(method) and same_setting(saved, method))
 
 
 def _check_projections_cover(folder, info: dict, patch: Patch, saved: Method, layers, expert: str) -> None:

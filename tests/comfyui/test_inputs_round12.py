@@ -149,3 +149,17 @@ def test_one_patched_model_at_two_latent_sizes_and_cloned_by_another_node(comfy,
     reference = sample(comfy, _shifted(with_override(wan, masked_reference(TILE_MASK((3, 4, 4)), "none"))), case)
     torch.testing.assert_close(sample(comfy, _shifted(patched), case), reference, rtol=1e-5, atol=1e-5)
     assert sparse_calls == [96] * 4 + [48] * 8  # 2 layers x 2 steps per run
+
+
+def test_a_folders_setting_spelt_out_per_dimension_runs_without_the_trained_with_warning(comfy, wan, tmp_path,
+                                                                                           caplog):
+    """patch_model compared a folder's method with ``==``: a folder trained with Tile(window=3) warned "was trained
+    with ...; running ..." under Tile(window=(3, 3, 3)), the same setting, as apply no longer does."""
+    folder = _folder(tmp_path / "ft", dit_accel.Tile(tile=(1, 2, 2), window=3), lora=_lora(torch.Generator()
+                                                                                             .manual_seed(3)))
+    with caplog.at_level(logging.WARNING, logger="dit_accel"):
+        patch_model(wan, dit_accel.Tile(tile=(1, 2, 2), window=(3, 3, 3)), weights=folder, backend="torch")
+    assert "was trained with" not in caplog.text
+    with caplog.at_level(logging.WARNING, logger="dit_accel"):
+        patch_model(wan, dit_accel.Tile(tile=(1, 2, 2), window=(3, 1, 1)), weights=folder, backend="torch")
+    assert "was trained with" in caplog.text
