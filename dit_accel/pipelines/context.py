@@ -27,9 +27,24 @@ from dataclasses import dataclass
 from typing import Optional, Tuple
 
 import torch
+import torch._dynamo
+import torch._guards
 
 __all__ = ["CallContext", "ContextStack", "CallRecord", "CallGate", "call_is_running", "calling_pipeline",
-           "lasting_tensors"]
+           "lasting_tensors", "tracing"]
+
+
+@torch._dynamo.assume_constant_result  # (traced: called once, at trace time, in the tracing thread)
+def _traced_in_this_thread() -> bool:
+    return torch._guards.TracingContext.try_get() is not None
+
+
+def tracing() -> bool:
+    """Whether torch.compile is tracing this code, in this thread. ``torch.compiler.is_compiling()`` alone is one
+    flag for the whole process while Dynamo compiles: eager calls of other threads (running a graph compiled
+    before, or another model) read it too, and took the traced paths: their calls went uncounted, capture
+    and timing were skipped, an SLA projection written since the last read was taken as still zero."""
+    return torch.compiler.is_compiling() and _traced_in_this_thread()
 
 
 @dataclass(frozen=True)
@@ -85,7 +100,7 @@ class ContextStack:
             return stack[-1]
         # Only a backward pass recomputing layers may borrow the last call's context: a layer of a call
         # that began before apply() (or after remove() in another thread) must not run another call's grid.
-        if torch.compiler.is_compiling() or torch._C._current_graph_task_id() != -1:
+        if tracing() or torch._C._current_graph_task_id() != -1:
             return self._last
         return None
 
@@ -304,6 +319,6 @@ def lasting_tensors():
     first use): outside ``torch.inference_mode``, under ``no_grad`` (nothing is recorded either way). Built inside,
     they would be inference tensors, which a later call that records a backward cannot save ("Inference tensors
     cannot be saved for backward": fine-tuning after a preview generated under inference_mode)."""
-    if torch.compiler.is_compiling() or not torch.is_inference_mode_enabled():
+    if tracing() or not torch.is_inference_mode_enabled():
         return _NO_SCOPE
     return _normal_mode()

@@ -19,7 +19,7 @@ from .._util import WarningLog
 from ..methods import Method
 from ..plans.plan import Plan
 from .capture import Capture
-from .context import CallContext, ContextStack, lasting_tensors
+from .context import CallContext, ContextStack, lasting_tensors, tracing
 from .interceptor import _ROUTE, SDPAInterceptor, native_scope
 from .parallel import Split, check_ulysses_heads, check_ring_layers
 from .stats import Stats
@@ -118,34 +118,51 @@ class LayerReport:
     only stores a note, which the compiled code repeats on every call and the transformer's
     post-hook hands on (:meth:`flush`). Only attributes of this object are written there, and
     nothing layer-specific is read, so the blocks of a regionally compiled model share one graph.
+    The notes are per thread: two threads running the compiled model at once each hand on their own
+    call (one shared note was overwritten: a call counted twice, or lost).
     """
 
     def __init__(self, runtime: Runtime, slot: int, index: int, prefix: str = ""):
         self.runtime, self.slot, self.index = runtime, slot, index
         self.observer = runtime.capture_for(prefix)  # capture of this layer's transformer (None: no capture)
-        self.call = None  # (sparse, density or dense reason, backend), stored by compiled code
-        self.warnings = ()  # ((message, key), ...)
+        self._notes = threading.local()  # .call, .warnings: what this thread's compiled code stored
+        self.ready()
+
+    def ready(self) -> None:
+        """Empty notes for the calling thread, before its first call: a trace that found them missing would guard
+        on that, and recompile once they exist."""
+        self._notes.call, self._notes.warnings = None, ()
+
+    @property
+    def call(self):
+        """(sparse, density or dense reason, backend), stored by this thread's compiled code (None: none)."""
+        return getattr(self._notes, "call", None)
+
+    @property
+    def warnings(self) -> tuple:
+        """((message, key), ...) stored by this thread's compiled code."""
+        return getattr(self._notes, "warnings", ())
 
     def warn(self, message: str, key=None) -> None:
-        if torch.compiler.is_compiling():
-            self.warnings = (*self.warnings, (message, key))
+        if tracing():
+            self._notes.warnings = (*self.warnings, (message, key))
         else:
             self.runtime.warnings.warn(message, key=key)
 
     def dense(self, reason: Optional[str] = None) -> None:
-        if torch.compiler.is_compiling():
-            self.call = (False, reason, None)
+        if tracing():
+            self._notes.call = (False, reason, None)
         else:
             self.runtime.stats.dense(self.slot, reason)
 
     def sparse(self, density, backend: Optional[str] = None, token_density: Optional[float] = None) -> None:
-        if torch.compiler.is_compiling():
-            self.call = (True, density, backend, token_density)
+        if tracing():
+            self._notes.call = (True, density, backend, token_density)
         else:
             self.runtime.stats.sparse(self.slot, density, backend, token_density)
 
     def timed(self, device):
-        if torch.compiler.is_compiling():
+        if tracing():
             if self.runtime.stats.timing:
                 self.warn("dit_accel: attention time is not measured inside torch.compile'd code (stats time_ms "
                           "covers eager calls only); time the compiled model as a whole", key="compiled timing")
@@ -153,7 +170,7 @@ class LayerReport:
         return self.runtime.stats.timed(self.slot, device)
 
     def capture(self, context: CallContext) -> bool:
-        if torch.compiler.is_compiling():  # reading the step would specialise the graph to it
+        if tracing():  # reading the step would specialise the graph to it
             self.warn("dit_accel: capture does not save layers that run inside torch.compile'd code; capture with "
                       "an eager run", key="compiled capture")
             return False
@@ -161,7 +178,8 @@ class LayerReport:
 
     def flush(self) -> None:
         """Hand the notes of a compiled call on to the statistics and warnings (eager: nothing to do)."""
-        call, warnings, self.call, self.warnings = self.call, self.warnings, None, ()
+        call, warnings = self.call, self.warnings
+        self.ready()
         if call is not None:
             self.sparse(*call[1:]) if call[0] else self.dense(call[1])
         for message, key in warnings:
@@ -251,7 +269,7 @@ class SparseAttnProcessor:
             self.report.dense(None if plan is None else plan.dense_reason)
             return self.original(attn, *args, **kwargs)
         interceptor = SDPAInterceptor(self, context, plan, capture, split)
-        if torch.compiler.is_compiling():
+        if tracing():
             with native_scope(), interceptor:
                 out = self.original(attn, *args, **kwargs)
         else:

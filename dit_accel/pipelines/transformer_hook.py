@@ -21,7 +21,7 @@ from ..kernels.sla import inert_projections
 from ..plans.plan import Plan, SLAPlan
 from .capture import Capture
 from .context import (CallContext, CallGate, CallRecord, ContextStack, call_is_running, calling_pipeline,
-                      lasting_tensors)
+                      lasting_tensors, tracing)
 from .interceptor import _dispatch_module
 from .parallel import Split, check_ulysses_heads, check_ring_layers, check_split
 from .presets import GridInfo, Preset
@@ -216,8 +216,10 @@ class TransformerHook:
         exception skipping forward hooks (KeyboardInterrupt) cut short: they are cleaned up first.
         """
         calls = getattr(self._calls, "list", None)
-        if calls is None:
+        if calls is None:  # this thread's first call
             calls = self._calls.list = []
+            for layer in self.layers:
+                layer.report.ready()
         while calls and not call_is_running(calls[-1]):
             self._end(calls.pop())
         call_frame = _module_call_frame()
@@ -312,7 +314,7 @@ class TransformerHook:
         def kept(layer) -> bool:  # the last verdict, unless this call trains the projection
             return layer.inert and not (grad and any(p.requires_grad for p in layer.sla_proj.parameters()))
 
-        if torch.compiler.is_compiling():
+        if tracing():
             return [kept(layer) for layer in sla]
         if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
             return [kept(layer) and self._inert_seen.get(layer.index) == _versions(layer.sla_proj) for layer in sla]
