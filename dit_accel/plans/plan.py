@@ -35,7 +35,7 @@ from ..kernels.block_sparse.gather import (gather_faster, gather_fits, gather_fo
 from ..kernels.block_sparse.naive import dense_is_faster
 from ..kernels.block_sparse.one_pass import OnePass, one_pass_fits
 from ..kernels.layout import BlockLayout
-from ..kernels.request import in_graph, records_grad
+from ..kernels.request import in_functorch, in_graph, records_grad
 from ..kernels.sla import sla_parts_checked
 
 __all__ = ["Plan", "DensePlan", "LayoutPlan", "SLAPlan", "attend_with_lse"]
@@ -329,7 +329,7 @@ class LayoutPlan(Plan):
 
             if torch.compiler.is_compiling():
                 return resolved()
-            key = (backend, env_value(), grad, q.shape, q.dtype, q.device, k.shape, v.shape)
+            key = (backend, env_value(), grad, in_functorch(), q.shape, q.dtype, q.device, k.shape, v.shape)
             return self._padded_backends.get(key) or self._padded_backends.setdefault(key, resolved())
         # The kernels' own cached decision for this call (on CUDA it may be dense attention).
         return block_sparse_backend(q, k, v, layout, backend, return_lse=lse)
@@ -624,7 +624,7 @@ class SLAPlan(Plan):
             return resolve("sla", backend, Request.of(q, k, v, self.params.block_q, self.params.block_k))
         # The statistics ask on every layer call; resolving once per signature keeps that off the call.
         grad = records_grad(q, k, v)
-        key = (q.device, q.dtype, q.shape[-1], grad, backend, env_value())
+        key = (q.device, q.dtype, q.shape[-1], grad, in_functorch(), backend, env_value())  # (torch.func: the twin)
         name = self._backends.get(key)
         if name is None:
             name = self._backends[key] = resolve("sla", backend, Request.of(q, k, v, self.params.block_q,

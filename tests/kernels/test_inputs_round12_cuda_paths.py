@@ -226,3 +226,16 @@ def test_the_dense_choice_under_torch_func_takes_no_triton_kernel_an_eager_call_
     want, = torch.autograd.grad(_brute(ref, k, v, torch.ones(32, 32, dtype=torch.bool)).pow(2).sum(), ref)  # (scale
     # 0.25 = 1/sqrt(16), the brute force's)
     torch.testing.assert_close(got.double(), want, atol=1e-4, rtol=1e-4)
+
+
+def test_a_plans_cached_backend_is_not_reused_under_torch_func(trusted):
+    """An applied plan resolves its backend once per eager call signature: an eager training call's "triton" was
+    reused by a torch.func.grad call of the same signature (which the kernels then refuse with torch's raw
+    setup_context error). The key says whether torch.func is active, so the refusal names the twin."""
+    import dit_accel
+
+    plan = dit_accel.SLA(topk=0.5).plan((2, 8, 8))
+    q, k, v = (t.requires_grad_() for t in _qkv(128, 16, h=1))
+    assert plan.backend_for(q, k, v, "triton") == "triton"
+    with pytest.raises(BackendUnavailable, match=REFUSED):
+        torch.func.grad(lambda a: plan.backend_for(a, k, v, "triton") and a.sum())(q.detach())
