@@ -107,6 +107,11 @@ def _check_counts(args) -> list:
                                  args.guidance_scale, seeds)
     except ValueError as exc:
         raise _UsageError(str(exc)) from None
+    from ..models.loading import early_size_error
+
+    problem = early_size_error(args.model, args.height, args.width)  # (else refused only once the model loaded)
+    if problem:
+        raise _UsageError(problem)
     for name, least in (("phases", 1), ("samples_per_bucket", 1), ("search_iters", 0), ("batch_size", 1),
                         ("layer_groups", 0), ("uniform_options", 0), ("probe_videos", 1)):
         value = getattr(args, name)

@@ -197,6 +197,11 @@ def _check_counts(args) -> None:
                                  args.guidance_scale, args.seeds)
     except ValueError as exc:
         raise _Refused(str(exc)) from None
+    from ..models.loading import early_size_error
+
+    problem = early_size_error(args.model, args.height, args.width)  # (else refused only once the model loaded)
+    if problem:
+        raise _Refused(problem)
     if args.repeats < 1:
         raise _Refused(f"--repeats must be >= 1 (timed generations per row); got {args.repeats}")
     if args.warmup < 0:
@@ -263,9 +268,13 @@ def _method_specs(args, tiny: bool) -> list:
             specs += [MethodSpec(Path(f).stem, SparsePlan.load(f).as_method(), dict(extra)) for f in args.plan]
         except ValueError as exc:
             raise _Refused(f"--plan: {exc}") from None
-    elif args.plan_any_grid:
-        raise _Refused("--plan-any-grid applies to --plan: drop it, or give the plan it is for")
-    specs += [_weights_spec(folder, args.model) for folder in args.weights or ()]
+    for spec in specs:
+        _check_config_weights(spec, args.model)
+    weights = [_weights_spec(folder, args.model, args.plan_any_grid) for folder in args.weights or ()]
+    if args.plan_any_grid and not args.plan and not any("allow_other_grid" in w.apply_kwargs for w in weights):
+        raise _Refused("--plan-any-grid applies to --plan or a --weights folder trained under a plan (finetune "
+                       "--plan): drop it, or give the plan it is for")
+    specs += weights
     specs += stacks
     if cache is not None:  # --cache: every row's method stacked with it (the dense baseline stays uncached)
         for spec in specs:
@@ -291,9 +300,39 @@ def _unique_labels(specs) -> None:
         seen.add(spec.label)
 
 
-def _weights_spec(folder: str, model: str):
-    """The row of a fine-tuned folder: its saved method (a plan runs as one) applied with ``weights=folder``;
-    refused when the folder was trained on another ``model`` (as ``generate --weights`` refuses it)."""
+def _check_config_weights(spec, model: str) -> None:
+    """A --method-config entry with ``weights`` (apply()'s keyword) must run the method the folder was trained for,
+    and on its model: refused before loading. Else its row failed after the dense rows had run, with apply()'s
+    advice in Python (``dit_accel.apply(pipe, dit_accel.load_method(DIR), weights=...)``)."""
+    from pathlib import Path
+
+    from ..checkpoints import finetuned
+    from ..models.loading import same_model
+
+    folder = spec.apply_kwargs.get("weights")
+    if folder is None:
+        return
+    try:
+        info, saved = finetuned.read_weights_info(folder), finetuned.load_method(folder)
+    except (ValueError, TypeError, OSError) as exc:
+        raise _Refused(f"--method-config: row {spec.label}: weights: {exc}") from None
+    try:
+        finetuned._check_method(Path(folder), info.get("method"), spec.method, lambda message: None)
+    except (ValueError, TypeError):
+        trained = f"the calibrated plan {saved.content_hash()[:12]}" if hasattr(saved, "content_hash") else saved
+        raise _Refused(f"--method-config: row {spec.label} runs {spec.method} with weights {folder}, which were "
+                       f"trained for {trained}: give that row the settings they were trained with, or pass the "
+                       f"folder as --weights {folder} instead (a row that runs its own method)") from None
+    trained_on = info.get("model")
+    if isinstance(trained_on, str) and not same_model(trained_on, model):
+        raise _Refused(f"--method-config: row {spec.label}: weights {folder} were trained on {trained_on}, not on "
+                       f"--model {model}: its weights fit only that model")
+
+
+def _weights_spec(folder: str, model: str, any_grid: bool = False):
+    """The row of a fine-tuned folder: its saved method (a plan runs as one, at any grid with ``any_grid``: the
+    --plan-any-grid that a refusal at another size names) applied with ``weights=folder``; refused when the folder
+    was trained on another ``model`` (as ``generate --weights`` refuses it)."""
     from pathlib import Path
 
     from ..eval.runner import MethodSpec
@@ -310,9 +349,11 @@ def _weights_spec(folder: str, model: str):
         raise _Refused(f"--weights {folder} was trained on {trained_on} (its {METHOD_FILE}), not on --model {model}: "
                        f"its weights fit only that model; pass --model {trained_on}, or weights fine-tuned from "
                        f"{model}")
+    extra = {}
     if isinstance(method, SparsePlan):
         method = method.as_method()
-    return MethodSpec(Path(folder).name, method, {"weights": str(folder)})
+        extra = {"allow_other_grid": True} if any_grid else {}
+    return MethodSpec(Path(folder).name, method, {"weights": str(folder), **extra})
 
 
 def _run(args) -> int:

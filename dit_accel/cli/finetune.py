@@ -44,7 +44,16 @@ _DESCRIPTION = (
 
 
 def _add_arguments(p: argparse.ArgumentParser) -> None:
+    from ..methods import METHOD_ALIASES
+
     add_method_options(p, default_method=None, weights=False)
+    for action in p._actions:  # (the shared help offered dense "as a baseline" and denoising-step flags: refused here)
+        if action.dest == "method":
+            action.help = ("the sparse method to adapt the model to (required unless --plan): sla, radial, tile, "
+                           "gna or vsa (dense has nothing to adapt to); aliases: "
+                           + ", ".join(f"{a} = {n}" for a, n in METHOD_ALIASES.items()))
+        elif action.dest in ("dense_steps", "dense_last_steps"):
+            action.help = argparse.SUPPRESS  # a denoising-loop schedule; finetune trains single transformer calls
     g = p.add_argument_group("fine-tuning")
     g.add_argument("--plan", default=None, metavar="PLAN.json",
                    help="train under a calibrated SparsePlan (dit-accel calibrate --out) instead of --method: "
@@ -130,6 +139,11 @@ def config_from_args(args: argparse.Namespace):
     bare = argparse.Namespace(**{k: v for k, v in vars(args).items() if k != "_parser"})
     method = method_from_args(bare, parser=None) if plan is None else None
     defaults = _size_defaults(args.model, plan)
+    from ..models.loading import early_size_error
+
+    problem = early_size_error(args.model, args.height, args.width)  # (else refused only once the model loaded)
+    if problem:
+        raise ValueError(problem)
     dense_layers = args.dense_layers
     if isinstance(dense_layers, int):
         if dense_layers < 0:  # range(-1) is empty: every layer would train sparse, as if the flag were not given

@@ -38,8 +38,8 @@ from . import parallel
 from .options import (HelpFormatter, add_cache_option, add_method_options, add_plan_any_grid, cache_from_args,
                       check_method_flags, check_plan_flags, method_from_args, schedule_from_args)
 from .generate_args import (_DTYPES, DEFAULT_MODEL, DEFAULT_PROMPT, _check_flags, _UsageError, add_image_option,
-                            _check_cache_under_cp, _check_plan_with_weights, check_sidecar, image_call_error,
-                            image_parameter, unused_flag_error)
+                            _check_cache_under_cp, _check_plan_with_weights, check_sidecar, early_call_error,
+                            flag_call_error, image_parameter)
 from .generate_report import (_cache_record, _calls_per_transformer, _check_side_by_side_path,  # noqa: F401
                               _comparison, _output_notes, _provenance, _quality, _record,
                               _remove_earlier_side_by_side, _side_by_side, _side_by_side_path, _strip_height,
@@ -252,6 +252,9 @@ def _method_for_weights(args, saved, parser):
     from .options import method_options_given
 
     given = method_options_given(args)
+    if args.plan_any_grid and not isinstance(saved, SparsePlan) and not args.plan:
+        raise _UsageError(f"--plan-any-grid applies to a plan, and --weights {args.weights} was trained for {saved}, "
+                          "not under a plan: drop --plan-any-grid")
     if isinstance(saved, SparsePlan):  # trained under a calibrated plan (finetune --plan): the plan runs
         flags = (["--method"] if args.method != "plan" else []) + list(given)
         if flags:
@@ -409,8 +412,10 @@ def _method_and_schedule(args, pipe, saved, parser):
         method = method_from_args(args, defaults=fields, parser=parser)
     elif not hasattr(saved, "name"):  # a SparsePlan (finetune --plan): its phases hold the dense steps and layers
         schedule = schedule_from_args(args)
-        return saved.as_method(), {k: schedule[k] for k in ("backend", "weights") if k in schedule}, \
-            f"--weights {args.weights}"
+        schedule = {k: schedule[k] for k in ("backend", "weights") if k in schedule}
+        if args.plan_any_grid:  # (it was refused as "applies to --plan", while the refusal at another size named it)
+            schedule["allow_other_grid"] = True
+        return saved.as_method(), schedule, f"--weights {args.weights}"
     else:
         method, source = saved, f"--weights {args.weights}"
         trained_dense = _saved_dense_layers(args.weights)
@@ -427,14 +432,12 @@ def _pipeline_call(args, pipe, tiny: bool) -> dict:
 
     accepts = _accepts(pipe)
     suggested = dict(TINY_DEFAULTS.get(args.model, {})) if tiny else {}
-    if "num_frames" not in accepts and args.frames not in (None, 1):
-        raise _UsageError(f"--frames {args.frames}: {type(pipe).__name__} generates images; drop --frames")
     wanted = {"negative_prompt": args.negative_prompt, "num_frames": args.frames, "height": args.height,
               "width": args.width, "num_inference_steps": args.steps, "guidance_scale": args.guidance,
               "max_sequence_length": args.max_sequence_length}
     from ..models.loading import text_length_error
 
-    problem = unused_flag_error(pipe, accepts, wanted) or text_length_error(pipe, args.max_sequence_length)
+    problem = flag_call_error(args, pipe, accepts) or text_length_error(pipe, args.max_sequence_length)
     if problem:
         raise _UsageError(problem)
     shapes = shapes_model(args.model)
@@ -443,10 +446,10 @@ def _pipeline_call(args, pipe, tiny: bool) -> dict:
         value = value if value is not None else suggested.get(key)
         if value is not None and key in accepts:
             call[key] = value
-    from ..models.loading import rope_reach_error
+    from ..models.loading import rope_reach_error, size_error
 
     images = [i.image for i in getattr(args, "_images", None) or ()]
-    problem = image_call_error(pipe, accepts, len(images)) or rope_reach_error(pipe, call)
+    problem = rope_reach_error(pipe, call) or size_error(pipe, call)
     if problem:
         raise _UsageError(problem)
     if images:  # as read: the pipeline resizes it as it documents
@@ -553,7 +556,7 @@ def _prepare(args, tiny: bool):
     """Every check that needs no model, in order; returns ``(cp_config, dtype, plan, saved)``: the context-parallel
     config, the torch dtype, a calibrated plan (``--plan`` or tiny-shapes' default) and the method a weights
     folder was trained for."""
-    from ..models.loading import ModelLoadError, resolve_model_kind
+    from ..models.loading import ModelLoadError, early_size_error, resolve_model_kind
 
     parser = getattr(args, "_parser", None)
     _check_flags(args)
@@ -565,6 +568,10 @@ def _prepare(args, tiny: bool):
         resolve_model_kind(args.model)
     except (ModelLoadError, ValueError) as err:
         raise _UsageError(str(err)) from None
+    # (the pipeline's own refusals come after loading)
+    problem = early_size_error(args.model, args.height, args.width) or early_call_error(args)
+    if problem:
+        raise _UsageError(problem)
     _check_cache_under_cp(args)
     cp_config = None
     if args.cp is not None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import contextlib
 from pathlib import Path
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 _DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEFAULT_PROMPT = "a red panda climbing a bamboo stalk, soft morning light"
@@ -164,6 +164,46 @@ def unused_flag_error(pipe, accepts, wanted: dict):
         return (f"--negative-prompt: {name} uses a negative prompt only with true_cfg_scale > 1, and its default is "
                 f"{true_cfg.default} (no flag sets it): the prompt would be ignored; drop --negative-prompt")
     return None
+
+
+def flag_call_error(args, pipe, accepts) -> Optional[str]:
+    """Why the flags' call values (``--frames``, sizes, steps, guidance, text length, ``--image``) do not fit
+    ``pipe``, whose ``__call__`` takes ``accepts``; None when they do. Run once the model is loaded, and before
+    where its folder names its pipeline class (:func:`early_call_error`)."""
+    if "num_frames" not in accepts and args.frames not in (None, 1):
+        return f"--frames {args.frames}: {type(pipe).__name__} generates images; drop --frames"
+    wanted = {"negative_prompt": args.negative_prompt, "num_frames": args.frames, "height": args.height,
+              "width": args.width, "num_inference_steps": args.steps, "guidance_scale": args.guidance,
+              "max_sequence_length": args.max_sequence_length}
+    return unused_flag_error(pipe, accepts, wanted) or image_call_error(pipe, accepts,
+                                                                         len(getattr(args, "_images", None) or ()))
+
+
+def early_call_error(args) -> Optional[str]:
+    """:func:`flag_call_error` before the model loads, where its folder's model_index.json names a Diffusers
+    pipeline class: its call's parameters are known from the class (a FLUX folder given --frames, a Wan folder
+    given --image, were refused only once the model had loaded)."""
+    import inspect
+
+    from ..models.loading import index_class_name
+
+    name = index_class_name(args.model)
+    if name is None:
+        return None
+    try:
+        import diffusers
+
+        cls = getattr(diffusers, name, None)
+    except Exception:  # (a broken optional dependency: the load that follows names it)
+        return None
+    if not isinstance(cls, type):
+        return None
+    try:
+        stand_in = cls.__new__(cls)  # (no weights: only its class name and call signature are read)
+        accepts = set(inspect.signature(stand_in.__call__).parameters)
+    except (TypeError, ValueError):  # a class that cannot stand in so: the check after loading covers it
+        return None
+    return flag_call_error(args, stand_in, accepts)
 
 
 # ----------------------------------------------------------------------------- --image

@@ -179,7 +179,8 @@ def check_plan_flags(args: argparse.Namespace) -> None:
     ``--method`` and the method options (the plan names the method of every layer, head and step), and the
     schedule flags (its phases and entries say which steps and layers run dense)."""
     if not getattr(args, "plan", None):
-        if getattr(args, "plan_any_grid", False):
+        # (with --weights, generate checks it once the folder is read: one trained under a plan takes it)
+        if getattr(args, "plan_any_grid", False) and not getattr(args, "weights", None):
             raise ValueError("--plan-any-grid applies to --plan: drop it, or give the plan it is for")
         return
     given = ["--method"] * (getattr(args, "method", None) is not None) + list(method_options_given(args))
@@ -196,8 +197,8 @@ def check_plan_flags(args: argparse.Namespace) -> None:
 def add_plan_any_grid(parser) -> None:
     """``--plan-any-grid``: run a plan on a token grid it was not calibrated for (``allow_other_grid``)."""
     parser.add_argument("--plan-any-grid", action="store_true",
-                        help="run --plan at a size (token grid) it was not calibrated for, with a warning, instead "
-                             "of refusing (dit_accel.apply's allow_other_grid)")
+                        help="run --plan (or a --weights folder trained under a plan, finetune --plan) at a size "
+                             "(token grid) it was not calibrated for, with a warning, instead of refusing")
 
 
 def _fields_of(name: str) -> Dict[str, str]:

@@ -24,7 +24,8 @@ from .tiny import EMBEDDED_MODELS, PIPELINES as TINY_PIPELINES, TINY_MODELS, bui
 from .tiny_shapes import TRAINED_MODELS
 
 __all__ = ["load_pipeline", "ModelLoadError", "resolve_model_kind", "model_folder", "model_fingerprint",
-           "rope_reach_error", "text_length_error"]
+           "rope_reach_error", "text_length_error", "size_error", "early_size_error",
+           "index_class_name"]
 
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 _PROBE_TIMEOUT_S = 5.0
@@ -255,6 +256,91 @@ def text_length_error(pipe, length) -> Optional[str]:
         return None
     return (f"--max-sequence-length {length}: the tokenizer of {type(pipe).__name__} takes at most {max(limits)} "
             f"tokens; give a length of at most {max(limits)} (or leave the flag out for the pipeline's default)")
+
+
+# Pipelines whose check_inputs refuse (raise, not round) a height or width off a fixed multiple: Diffusers writes
+# the number out (Wan's VAE 8x by its 2x2 patches is 16; LTX's and Sana's VAEs are 32). Pipelines that round a size
+# themselves (FLUX, Chroma, Qwen-Image, FLUX.2) warn and take the size below: they are not here, nor refused.
+_FIXED_SIZE_MULTIPLES = {
+    **dict.fromkeys(("WanPipeline", "WanImageToVideoPipeline", "WanVideoToVideoPipeline", "WanAnimatePipeline",
+                     "SkyReelsV2Pipeline", "SkyReelsV2ImageToVideoPipeline", "SkyReelsV2DiffusionForcingPipeline",
+                     "SkyReelsV2DiffusionForcingImageToVideoPipeline", "SkyReelsV2DiffusionForcingVideoToVideoPipeline",
+                     "CogView4Pipeline", "CogView4ControlPipeline", "EasyAnimatePipeline", "LucyEditPipeline",
+                     "TinyMiniMaxH3Pipeline"), 16),
+    **dict.fromkeys(("LTXPipeline", "LTXImageToVideoPipeline", "LTXConditionPipeline", "LTX2Pipeline",
+                     "LTX2ImageToVideoPipeline", "SanaPipeline", "SanaSprintPipeline", "SanaVideoPipeline",
+                     "SanaImageToVideoPipeline"), 32),
+    **dict.fromkeys(("CogVideoXPipeline", "CogVideoXImageToVideoPipeline", "CogVideoXVideoToVideoPipeline",
+                     "HunyuanDiTPipeline", "PixArtAlphaPipeline", "PixArtSigmaPipeline", "CogView3PlusPipeline"), 8),
+}
+
+
+def _size_multiple(pipe) -> Optional[int]:
+    """The multiple ``pipe`` refuses a height or width off, or None where it rounds or it is not known. Beside the
+    fixed ones, SD3 (VAE factor x patch size) and Wan VACE (spatial VAE factor x spatial patch) read their config."""
+    name = type(pipe).__name__
+    if name in _FIXED_SIZE_MULTIPLES:
+        return _FIXED_SIZE_MULTIPLES[name]
+    try:
+        if name.startswith("StableDiffusion3"):
+            multiple = pipe.vae_scale_factor * pipe.patch_size
+        elif name == "WanVACEPipeline":
+            multiple = pipe.vae_scale_factor_spatial * pipe.transformer.config.patch_size[1]
+        else:
+            return None
+    except (AttributeError, TypeError, IndexError):
+        return None
+    return multiple if isinstance(multiple, int) and multiple > 1 else None
+
+
+def _size_message(what: str, multiple: int, sizes) -> Optional[str]:
+    off = [(flag, value) for flag, value in sizes if isinstance(value, int) and value % multiple]
+    if not off:
+        return None
+    near = ", ".join(f"{flag} " + " or ".join(str(v) for v in sorted({max(multiple, value // multiple * multiple),
+                                                                         (value // multiple + 1) * multiple}))
+                     for flag, value in off)
+    given = " ".join(f"{flag} {value}" for flag, value in off)
+    return (f"{given}: {what} takes only heights and widths that are multiples of {multiple} (its VAE and patches); "
+            f"give {near}")
+
+
+def size_error(pipe, call: dict) -> Optional[str]:
+    """Why the pipeline call ``call`` (``height``, ``width``) has a size ``pipe`` refuses, naming --height/--width
+    and the nearest sizes it takes; None where it takes them or rounds them itself. The pipeline's own message
+    (\`height\` and \`width\` have to be divisible by 16) names no flag."""
+    multiple = _size_multiple(pipe)
+    if multiple is None:
+        return None
+    return _size_message(type(pipe).__name__, multiple, (("--height", call.get("height")),
+                                                          ("--width", call.get("width"))))
+
+
+def early_size_error(model, height, width) -> Optional[str]:
+    """:func:`size_error` before ``model`` loads (minutes for a real model), where its folder's model_index.json
+    names a pipeline with a fixed multiple; None otherwise (the check after loading covers the rest)."""
+    if height is None and width is None:
+        return None
+    name = index_class_name(model)
+    multiple = _FIXED_SIZE_MULTIPLES.get(name) if name is not None else None
+    if multiple is None:
+        return None
+    return _size_message(name, multiple, (("--height", height), ("--width", width)))
+
+
+def index_class_name(model) -> Optional[str]:
+    """The pipeline class ``model``'s folder (a local or embedded model's, or a cached hub snapshot's) names in its
+    model_index.json, read without loading anything; None where there is none."""
+    folder = model_folder(model)
+    if folder is None:
+        return None
+    import json
+
+    try:
+        name = json.loads((folder / "model_index.json").read_text(encoding="utf-8-sig")).get("_class_name")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return name if isinstance(name, str) and name.isidentifier() else None
 
 
 def _place(pipe, device, offload: bool) -> None:
