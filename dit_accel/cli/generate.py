@@ -38,7 +38,7 @@ from . import parallel
 from .options import (HelpFormatter, add_cache_option, add_method_options, add_plan_any_grid, cache_from_args,
                       check_method_flags, check_plan_flags, method_from_args, schedule_from_args)
 from .generate_args import (_DTYPES, DEFAULT_MODEL, DEFAULT_PROMPT, _check_flags, _UsageError, add_image_option,
-                            _check_cache_under_cp, _check_plan_with_weights, check_sidecar, early_call_error,
+                            _check_cache_under_cp, _method_for_weights, _check_plan_with_weights, check_sidecar, early_call_error,
                             flag_call_error, image_parameter)
 from .generate_report import (_cache_record, _calls_per_transformer, _check_side_by_side_path,  # noqa: F401
                               _comparison, _output_notes, _provenance, _quality, _record,
@@ -244,38 +244,6 @@ def _saved_method(args):
                           f"{args.model}: its weights fit only that model; pass --model {trained_on}, or weights "
                           f"fine-tuned from {args.model}")
     return method
-
-
-def _method_for_weights(args, saved, parser):
-    """The saved method; method flags may repeat it but must not change it (the weights fit only it)."""
-    from ..plans.sparse_plan import SparsePlan
-    from .options import method_options_given
-
-    given = method_options_given(args)
-    if args.plan_any_grid and not isinstance(saved, SparsePlan) and not args.plan:
-        raise _UsageError(f"--plan-any-grid applies to a plan, and --weights {args.weights} was trained for {saved}, "
-                          "not under a plan: drop --plan-any-grid")
-    if isinstance(saved, SparsePlan):  # trained under a calibrated plan (finetune --plan): the plan runs
-        flags = (["--method"] if args.method != "plan" else []) + list(given)
-        if flags:
-            raise _UsageError(f"{', '.join(flags)} disagree{'s' if len(flags) == 1 else ''} with --weights "
-                              f"{args.weights}, which was trained under a calibrated plan; drop "
-                              f"{'it' if len(flags) == 1 else 'them'} (the plan is read from the folder).")
-        return saved
-    if args.method != saved.name:
-        raise _UsageError(f"--method {args.method} disagrees with --weights {args.weights}, which was trained for "
-                          f"{saved.name} ({saved}); drop --method (it is read from the folder) or pass --method "
-                          f"{saved.name}.")
-    if not given:
-        return saved
-    wanted = method_from_args(args, defaults={k: v for k, v in saved.to_dict().items() if k != "method"},
-                              parser=parser)
-    if wanted.to_dict() != saved.to_dict():
-        diff = sorted(k for k in saved.to_dict() if saved.to_dict()[k] != wanted.to_dict().get(k))
-        raise _UsageError(f"method options {', '.join('--' + k.replace('_', '-') for k in diff)} disagree with "
-                          f"--weights {args.weights}, which was trained for {saved}; drop them (the method is read "
-                          "from the folder).")
-    return saved
 
 
 def _default_plan(args) -> None:

@@ -298,3 +298,48 @@ def image_parameter(accepts):
     """The call parameter the ``--image`` files go to: ``image``, else ``images`` (a list of references, one sample:
     JoyImageEditPlusPipeline), else None."""
     return next((name for name in ("image", "images") if name in accepts), None)
+
+
+def _method_for_weights(args, saved, parser):
+    """The saved method; method flags may repeat it but must not change it (the weights fit only it)."""
+    from ..plans.sparse_plan import SparsePlan
+    from .options import method_from_args, method_options_given
+
+    given = method_options_given(args)
+    if args.plan_any_grid and not isinstance(saved, SparsePlan) and not args.plan:
+        raise _UsageError(f"--plan-any-grid applies to a plan, and --weights {args.weights} was trained for {saved}, "
+                          "not under a plan: drop --plan-any-grid")
+    if isinstance(saved, SparsePlan):  # trained under a calibrated plan (finetune --plan): the plan runs
+        flags = (["--method"] if args.method != "plan" else []) + list(given)
+        if flags:
+            raise _UsageError(f"{', '.join(flags)} disagree{'s' if len(flags) == 1 else ''} with --weights "
+                              f"{args.weights}, which was trained under a calibrated plan; drop "
+                              f"{'it' if len(flags) == 1 else 'them'} (the plan is read from the folder).")
+        return saved
+    if args.method != saved.name:
+        raise _UsageError(f"--method {args.method} disagrees with --weights {args.weights}, which was trained for "
+                          f"{saved.name} ({saved}); drop --method (it is read from the folder) or pass --method "
+                          f"{saved.name}.")
+    if not given:
+        return saved
+    wanted = method_from_args(args, defaults={k: v for k, v in saved.to_dict().items() if k != "method"},
+                              parser=parser)
+    if getattr(saved, "fit", False) and not getattr(wanted, "fit", True):  # (--tile repeating the folder's dropped
+        wanted = wanted.replace(fit=True)  # its fit, as it drops a preset's: the folder's tile re-fits as trained)
+    return _same_as_saved(args, saved, wanted)
+
+
+def _same_as_saved(args, saved, wanted):
+    """``saved`` where the flags' method ``wanted`` runs alike (compared as ``apply`` compares a folder's method:
+    ``--window 3,3,3`` repeats a folder trained with ``--window 3``), else the usage error naming the flags."""
+    from ..checkpoints.finetuned import _same_setting, same_setting
+    from .options import _fields_of
+
+    if same_setting(saved, wanted):
+        return saved
+    mine, theirs = saved.ran_dict(), wanted.ran_dict()
+    flags = {field: flag for flag, field in _fields_of(saved.name).items()}
+    diff = sorted(flags.get(k, "--" + k.replace("_", "-")) for k in set(mine) | set(theirs)
+                  if not _same_setting(mine.get(k), theirs.get(k)))
+    raise _UsageError(f"method options {', '.join(diff)} disagree with --weights {args.weights}, which was trained "
+                      f"for {saved}; drop them (the method is read from the folder).")

@@ -245,3 +245,27 @@ def test_an_image_for_a_text_to_video_folder_is_refused_before_loading(tmp_path,
                  str(tmp_path / "x.mp4")]) == 2
     assert _one_line(capsys, "generate").endswith("WanPipeline takes no input image: use an image-to-video pipeline "
                                                   "such as Wan-AI/Wan2.1-I2V-14B-480P-Diffusers, or drop --image")
+
+
+@pytest.mark.parametrize("saved, flags, refused", [
+    (dict(tile=(1, 2, 2), window=3), ["--window", "3,3,3"], None),
+    (dict(tile=(6, 8, 8), window=(3, 3, 3), fit=True), ["--tile", "6,8,8"], None),
+    (dict(tile=(1, 2, 2), window=(3, 3, 3)), ["--fit-grid"], "--fit-grid"),
+    (dict(tile=(1, 2, 2), window=(3, 3, 3)), ["--window", "1,3,3"], "--window"),
+], ids=["window-spelt-out", "fit-folder-tile-repeated", "fit-added", "window-changed"])
+def test_method_flags_beside_weights_are_compared_as_apply_compares_them(saved, flags, refused):
+    """``generate --weights DIR`` compared the flags' method with ``to_dict() ==``: ``--window 3,3,3`` was refused
+    beside a folder trained with ``--window 3``; ``--tile`` repeating a fit=True folder's tile said "--fit disagree"
+    (no such flag); ``--fit-grid`` beside a folder without it named no option at all."""
+    import dit_accel
+    from dit_accel.cli.generate_args import _method_for_weights, _UsageError
+    from dit_accel.cli.main import build_parser
+
+    folder = dit_accel.Tile(**saved)
+    args = build_parser("generate").parse_args(["generate", "--weights", "w", *flags])
+    args.method = "tile"
+    if refused is None:
+        assert _method_for_weights(args, folder, None) is folder
+    else:
+        with pytest.raises(_UsageError, match=rf"^method options {refused} disagree with --weights w"):
+            _method_for_weights(args, folder, None)
