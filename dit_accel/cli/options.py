@@ -143,7 +143,10 @@ def add_method_options(parser: argparse.ArgumentParser, *, default_method: Optio
                         f"; dense runs through the same path as a baseline; aliases: {aliases}; "
                         "`dit-accel info` describes each")
     g.add_argument("--backend", choices=BACKENDS, default=None,
-                   help="kernel backend: auto (Triton on GPU, PyTorch otherwise), triton, torch, flex")
+                   help="kernel backend: auto (on a GPU the self-checked kernels, by timing where autotune is on; PyTorch "
+                        "otherwise) or one "
+                        f"of {', '.join(b for b in BACKENDS if b != 'auto')} (vendor ones need their package; "
+                        "`dit-accel info` lists what this machine has)")
     m = parser.add_argument_group("method options (per-dimension tuples like 6,8,8 for T,H,W; each flag names the "
                                   "methods it applies to)")
     for flag, (opt, users) in method_flags().items():
