@@ -76,8 +76,20 @@ def _check_strength(value) -> float:
     return float(value)
 
 
-def _check_methods_for(family, methods) -> None:
-    """The Diffusers preset's refusals hold here too (Radial on an image model: it has no frames)."""
+def _trained_with(folder, method) -> bool:
+    """Whether ``folder``'s recorded method is ``method`` (False where it cannot be read: its own check says why)."""
+    from ..checkpoints.finetuned import load_method
+
+    try:
+        return load_method(folder) == method
+    except (OSError, ValueError, TypeError):
+        return False
+
+
+def _check_methods_for(family, methods, weights=None) -> None:
+    """The Diffusers preset's refusals hold here too (Radial on an image model: it has no frames), said in the
+    node's words: a setting typed in widgets is told its widgets and nodes (``dit_accel.recommended`` is no node's),
+    one read from a file (a plan, a strategy, a ``weights`` folder) what to do about the file."""
     from ..pipelines.apply_checks import inner_configs
     from ..pipelines.presets import PRESETS, check_method_for
 
@@ -88,8 +100,11 @@ def _check_methods_for(family, methods) -> None:
         # a plan's phases and a PerHead's heads, before the first sparse step (a PerHead's were not looked into)
         outer = [] if getattr(m, "sparse_plan", None) is not None else [(m, None)]
         for each, note in [*outer, *inner_configs(m)]:
+            if note is None and weights is not None and _trained_with(weights, m):
+                note = f"{weights} was trained with it: the weights are for another model"
             try:
-                check_method_for(f"{family.name} ({family.diffusers_class})", preset, each)
+                check_method_for(f"{family.name} ({family.diffusers_class})", preset, each,
+                                 host="comfyui" if note is None else "comfyui-file")
             except ValueError as err:
                 if note is None:
                     raise
@@ -190,7 +205,7 @@ def patch_model(model, method: Union[Method, SparsePlan], *, dense_steps: int = 
     if family is None:
         raise ValueError(f"dit_accel: the ComfyUI model {type(inner).__name__} is not covered (dit_accel knows where "
                          f"the video self-attention of {supported()} is); {WHAT_TO_DO}")
-    _check_methods_for(family, (method, *layer_methods.values()))
+    _check_methods_for(family, (method, *layer_methods.values()), weights)
     layers = family.layers(inner)
     _check_heads(type(inner).__name__, layers, (method, *layer_methods.values()))
     log = WarningLog()

@@ -81,15 +81,23 @@ def enable_context_parallel(transformer, config) -> None:
 
 def check_ulysses_heads(transformer, config) -> None:
     """Refuse a Ulysses degree that does not divide the model's heads before the model changes: found otherwise
-    only at the first attention call, after the model loaded and the prompt was encoded."""
+    only at the first attention call, after the model loaded and the prompt was encoded. Every ``*num_attention_heads``
+    field of the config is split (LTX-2's ``audio_num_attention_heads`` too: its audio attention is split as well)."""
     cp = getattr(config, "context_parallel_config", config)
     ulysses = getattr(cp, "ulysses_degree", 1) or 1
-    heads = getattr(getattr(transformer, "config", None), "num_attention_heads", None)
-    if ulysses > 1 and isinstance(heads, int) and heads > 0 and heads % ulysses:
+    if ulysses <= 1:
+        return
+    model_config = getattr(transformer, "config", None)  # (Diffusers' FrozenDict; a plain object in stubs)
+    values = dict(model_config) if isinstance(model_config, dict) else dict(getattr(model_config, "__dict__", {}))
+    for field in sorted(values, key=lambda f: (f != "num_attention_heads", f)):  # (the main one said first)
+        heads = values[field]
+        if not (field.endswith("num_attention_heads") and isinstance(heads, int) and not isinstance(heads, bool)
+                and heads > 0 and heads % ulysses):
+            continue
         fits = ", ".join(str(n) for n in range(2, heads + 1) if heads % n == 0) or "none above 1"
         raise ValueError(f"context parallelism with ulysses_degree={ulysses} (--cp ulysses={ulysses}) splits the "
                          f"attention heads into {ulysses} equal groups, but {type(transformer).__name__} has "
-                         f"num_attention_heads={heads}: use a Ulysses degree that divides it ({fits}), or ring")
+                         f"{field}={heads}: use a Ulysses degree that divides it ({fits}), or ring")
 
 
 @dataclass(frozen=True)

@@ -354,29 +354,33 @@ def recommended(transformer_or_class, method: str, family: Optional[str] = None)
     return config, kwargs
 
 
-def check_method_for(class_name: str, preset: Preset, method) -> None:
+def check_method_for(class_name: str, preset: Preset, method, host: str = "diffusers") -> None:
     """ValueError naming the class when its preset refuses ``method``, a config or a method name: a method the
     class has no use for (:attr:`Preset.refused_methods`), or one for another token grid rank than its calls'
-    (:attr:`Preset.grid_dims`: VSA or Radial on an image model, a ``tile=(6, 8, 8)`` on a 2-D grid)."""
+    (:attr:`Preset.grid_dims`: VSA or Radial on an image model, a ``tile=(6, 8, 8)`` on a 2-D grid). ``host`` words
+    the fix (:func:`_other_rank`): ``"diffusers"`` (Python), ``"comfyui"`` (the node's widgets and presets),
+    ``"comfyui-file"`` (a plan's or a fine-tuned folder's setting: the caller says what to do)."""
     name = method if isinstance(method, str) or method is None else getattr(method, "name", None)
     reason = preset.refused_methods.get(name)
     if reason:
         raise ValueError(f"dit_accel: method {name!r} does not apply to {class_name}: {reason}")
-    why = None if preset.grid_dims is None else _other_rank(method, preset.grid_dims)
+    choices = [p.family for p in preset.published if p.method == name]
+    why = None if preset.grid_dims is None else _other_rank(method, preset.grid_dims, host, choices)
     if why:
         raise ValueError(f"dit_accel: {why[0]}, but the sparse calls of {class_name} see a "
-                         f"{_rank_words(preset.grid_dims)} token grid. {why[1]}")
+                         f"{_rank_words(preset.grid_dims)} token grid.{' ' + why[1] if why[1] else ''}")
 
 
 def _rank_words(dims: int) -> str:
     return {3: "video's (T, H, W)", 2: "2-D (H, W)"}.get(dims, f"{dims}-D")
 
 
-def _other_rank(method, dims: int) -> Optional[Tuple[str, str]]:
+def _other_rank(method, dims: int, host: str = "diffusers", presets=()) -> Optional[Tuple[str, str]]:
     """``(what, fix)`` where ``method`` (a config or a method name) needs another grid rank than ``dims``, else
     None: the class's ``NEEDS_DIMS`` (Radial and VSA: 3), or a per-dimension setting (a field whose command-line
     form is ``T,H,W``) given as a tuple of another length; per-head windows by each window's. An int broadcasts
-    to any rank."""
+    to any rank. The fix is said for ``host`` (:func:`check_method_for`): a ComfyUI node has no
+    ``dit_accel.recommended``, but widgets, other nodes and the ``presets`` (families) published for the model."""
     import dataclasses
 
     from ...methods import canonical_method_name, registered_methods
@@ -387,11 +391,13 @@ def _other_rank(method, dims: int) -> Optional[Tuple[str, str]]:
         method = None if entry is None else entry.cls
     need = getattr(method, "NEEDS_DIMS", None)
     if need is not None and need != dims:
-        fitting = [n for n, e in methods.items() if getattr(e.cls, "NEEDS_DIMS", None) in (None, dims)
-                   and n != "dense"]
-        return (f"method {method.name!r} needs a {_rank_words(need)} token grid",
-                f"Use one of {', '.join(fitting)} (dit_accel.recommended(transformer, 'tile') gives a setting that "
-                "fits)")
+        fitting = {n: e.cls.__name__ for n, e in methods.items()
+                   if getattr(e.cls, "NEEDS_DIMS", None) in (None, dims) and n != "dense"}
+        nodes = list(fitting.values())
+        fix = {"diffusers": f"Use one of {', '.join(fitting)} (dit_accel.recommended(transformer, 'tile') gives a "
+                            "setting that fits)",
+               "comfyui": f"Use the dit_accel {', '.join(nodes[:-1])} or {nodes[-1]} node instead"}
+        return f"method {method.name!r} needs a {_rank_words(need)} token grid", fix.get(host, "")
     if isinstance(method, type) or not dataclasses.is_dataclass(method):
         return None
     for f in dataclasses.fields(method):
@@ -400,11 +406,23 @@ def _other_rank(method, dims: int) -> Optional[Tuple[str, str]]:
             continue
         for item in (value if value and all(isinstance(v, tuple) for v in value) else (value,)):
             if len(item) != dims:
-                example = ", ".join(["8"] * dims)
-                return (f"{type(method).__name__}'s {f.name}={item!r} is for a {len(item)}-D token grid",
-                        f"Give {dims} values per dimension setting ({f.name}=({example}), say) or one int, or take "
-                        f"dit_accel.recommended(transformer, {method.name!r})")
+                return _other_length(method, f.name, item, dims, host, presets)
     return None
+
+
+def _other_length(method, field: str, item: tuple, dims: int, host: str, presets) -> Tuple[str, str]:
+    """:func:`_other_rank`'s ``(what, fix)`` of a per-dimension setting ``item`` of another length than ``dims``."""
+    if host == "diffusers":
+        example = ", ".join(["8"] * dims)
+        return (f"{type(method).__name__}'s {field}={item!r} is for a {len(item)}-D token grid",
+                f"Give {dims} values per dimension setting ({field}=({example}), say) or one int, or take "
+                f"dit_accel.recommended(transformer, {method.name!r})")
+    what = f"{type(method).__name__}'s {field}={','.join(map(str, item))} is for a {len(item)}-D token grid"
+    if host != "comfyui":
+        return what, ""
+    preset = f", or choose the node's preset for {' or '.join(dict.fromkeys(presets))}" if presets else ""
+    example = (item[:1] * (dims - len(item)) + item)[-dims:] or (8,) * dims  # (the user's: 6,8,8 -> 8,8; 8,8 -> 8,8,8)
+    return what, f"Set the widget {field} to {dims} values ({','.join(map(str, example))}, say) or one{preset}"
 
 
 def _folder_family(folder: Path) -> Optional[Tuple[str, Optional[str]]]:
