@@ -321,20 +321,18 @@ class GNA(Method):
 
         from ._util import DitAccelWarning
         from .patterns.checks import as_grid, per_dim, per_dim_bool
-        from .patterns.gna import gna_relations
+        from .patterns.gna import clamp_to_grid, gna_relations
         from .patterns.separable import relation_1d
 
         grid = as_grid(grid)
         nd = len(grid)
         ks, st = per_dim("kernel_size", self.kernel_size, nd, minimum=2), per_dim("stride", self.stride, nd)
         dl, ca = per_dim("dilation", self.dilation, nd), per_dim_bool("is_causal", self.is_causal, nd)
-        over = [d for d in range(nd) if ks[d] * dl[d] > grid[d]]
-        if not over:
+        clamped = clamp_to_grid(grid, ks, st, dl)
+        if clamped is None:
             return None
-        ks, st, dl = list(ks), list(st), list(dl)
-        for d in over:  # the whole extent (undilated): the widest window that fits
-            ks[d], dl[d] = grid[d], 1
-            st[d] = min(st[d], ks[d])
+        over = [d for d in range(nd) if clamped[0][d] != ks[d] or clamped[2][d] != dl[d]]
+        ks, st, dl = clamped
         rels = []
         for d in range(nd):
             if grid[d] < 2:  # a single latent frame: GNA's kernels are >= 2, so the relation is built here

@@ -154,6 +154,8 @@ def _record(args, pipe, method, schedule, source, call, frames, written, times, 
         "pipeline": type(pipe).__name__,
         "transformer": type(getattr(pipe, "transformer", None)).__name__,
         "method": method.ran_dict(),  # what ran (VSA's default sparsity resolved)
+        # as it ran on each token grid ("21x30x52"): a fit=True Tile's fitted tile and window, the method elsewhere
+        "ran_on_grid": summary.get("ran_on_grid") or {},
         "schedule": schedule,
         "backends_used": summary.get("backends_used", []),  # what "backend" (auto: the best available) ran
         "defaults_source": source,
@@ -305,7 +307,8 @@ def _provenance(args, call, record, summary, stats) -> dict:
     from ..eval.provenance import backends_used, provenance
 
     cache = getattr(args, "_cache_spec", None)
-    run = {"method": record["method"], "schedule": record["schedule"], "plan": getattr(args, "plan", None),
+    run = {"method": record["method"], "ran_on_grid": record.get("ran_on_grid"), "schedule": record["schedule"],
+           "plan": getattr(args, "plan", None),
            "cache": None if cache is None else cache.describe()}
     out = provenance([call["prompt"]], [args.seed], args.device, run=run)
     if getattr(args, "_images", None):  # the input images decide the sample as much as the prompt does
@@ -360,6 +363,7 @@ def _summary_lines(record: dict) -> list:
         lines.append(f"method {method['method']} ({options}): visited density "
                      + (f"{density:.3f}" if density is not None else "1.000 (ran dense)")
                      + " of the video attention blocks")
+        lines += _ran_lines(record)
     from ..kernels.block_sparse.api import DENSE
 
     ran = record.get("backends_used") or []
@@ -394,6 +398,18 @@ def _summary_lines(record: dict) -> list:
         lines.append(f"ground truth for \"{quality['prompt']}\": {_verdict(quality['method'])} "
                      f"[{_passed(quality['method'])}" + (f"; dense {_passed(quality['dense'])}]"
                                                         if quality.get("dense") else "]"))
+    return lines
+
+
+def _ran_lines(record: dict) -> list:
+    """One line per token grid on which the method ran other settings than it was given (a ``fit=True`` Tile
+    re-tiles to the grid): the line above says the settings as given."""
+    method, lines = record["method"], []
+    for grid, ran in (record.get("ran_on_grid") or {}).items():
+        if ran != method:
+            options = ", ".join(f"{k}={tuple(v) if isinstance(v, list) else v}" for k, v in ran.items()
+                                if k != "method")
+            lines.append(f"on token grid ({', '.join(grid.split('x'))}) it ran {ran['method']} ({options})")
     return lines
 
 

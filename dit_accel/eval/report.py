@@ -42,9 +42,16 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence]) -> str:
     return "\n".join(lines)
 
 
-def _config_text(config: dict) -> str:
+def _config_text(config: dict, ran_on_grid=None) -> str:
+    """The row's settings as given, then, per token grid where the method ran others (a ``fit=True`` Tile's
+    fitted tile and window: ``summary.ran_on_grid``), those."""
     skip = {"label", "method", "plan"}
     text = ", ".join(f"{k}={v}" for k, v in config.items() if k not in skip)
+    for grid, ran in (ran_on_grid or {}).items():
+        changed = [f"{k}={_as_tuple(v)}" for k, v in ran.items() if k not in skip
+                   and _as_tuple(v) != _as_tuple(config.get(k))]
+        if changed:
+            text += f"; ran on grid {grid}: " + ", ".join(changed)
     if isinstance(config.get("plan"), dict):  # a SparsePlan: its one-line summary, not its JSON
         from ..plans.sparse_plan import SparsePlan
 
@@ -54,6 +61,15 @@ def _config_text(config: dict) -> str:
             summary = f"plan ({err})"
         return summary.replace("|", "/") + (f"; {text}" if text else "")
     return text or "defaults"
+
+
+def _as_tuple(value):
+    """Lists (a row read back from JSON) as the tuples they were."""
+    return tuple(_as_tuple(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+def _ran_on_grid(row: dict):
+    return (row.get("summary") or {}).get("ran_on_grid")
 
 
 def write_report(results: dict, path) -> None:
@@ -71,8 +87,8 @@ def write_report(results: dict, path) -> None:
                          + ["-"] * (len(header) - 3))
             continue
         gt = [_fmt((r.get("groundtruth") or {}).get(name), 3) for name in criteria]
-        table.append([r["label"], _config_text(r["config"]), r.get("density"), *gt, _fmt(r.get("psnr"), 2),
-                      _fmt(r.get("ssim"), 4), _fmt(r.get("lpips"), 4), _fmt(r.get("clip"), 2),
+        table.append([r["label"], _config_text(r["config"], _ran_on_grid(r)), r.get("density"), *gt,
+                      _fmt(r.get("psnr"), 2), _fmt(r.get("ssim"), 4), _fmt(r.get("lpips"), 4), _fmt(r.get("clip"), 2),
                       _fmt(r.get("fid_dense"), 4), _fmt(r.get("fid_real"), 4), _time(t.get("transformer")),
                       _time(t.get("total")), _speedup(r.get("speedup_transformer")), _speedup(r.get("speedup_e2e")),
                       _time(t.get("vae_decode")), _time(t.get("text_encoder"))])

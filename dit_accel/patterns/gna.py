@@ -177,3 +177,17 @@ def kernels_at_density(grid, density: float, visited: Callable[[Tuple[int, ...]]
             break
         goal = min(1.0, goal * density / seen[best])
     return best if abs(math.log(seen[best] / density)) <= math.log(reach) else first
+
+
+def clamp_to_grid(grid, kernel_size, stride, dilation):
+    """GNA's per-dimension ``(kernel_size, stride, dilation)`` with every kernel that reaches past its extent of
+    ``grid`` (``kernel x dilation > extent``) set to the whole extent, undilated, its stride at most that: the
+    widest window that fits (``GNA(fit=True)``); None where every kernel fits as it is."""
+    over = [d for d in range(len(grid)) if kernel_size[d] * dilation[d] > grid[d]]
+    if not over:
+        return None
+    ks, st, dl = list(kernel_size), list(stride), list(dilation)
+    for d in over:
+        ks[d], dl[d] = grid[d], 1
+        st[d] = min(st[d], ks[d])
+    return tuple(ks), tuple(st), tuple(dl)

@@ -433,12 +433,29 @@ class AccelHandle:
 
     def summary(self, all_ranks: bool = False) -> dict:
         """Totals over layers (and over ranks with ``all_ranks``, a collective): calls, call-weighted mean
-        density and sparsity, attention time, the settings."""
+        density and sparsity, attention time, the settings: ``config`` as set, ``ran_on_grid`` as it ran on each
+        token grid (:meth:`_ran_on_grid`)."""
         self._check_active("summary()")
         s = self.schedule
-        return {"method": self.method.name, "config": self.method.ran_dict(), **self._runtime.stats.summarize(
-            self.stats(all_ranks)), "dense_steps": s.dense_steps, "dense_last_steps": s.dense_last_steps,
-            "dense_layers": sorted(s.dense_layers), "backend": self.backend, "warnings": self.warnings}
+        return {"method": self.method.name, "config": self.method.ran_dict(), "ran_on_grid": self._ran_on_grid(),
+                **self._runtime.stats.summarize(self.stats(all_ranks)), "dense_steps": s.dense_steps,
+                "dense_last_steps": s.dense_last_steps, "dense_layers": sorted(s.dense_layers),
+                "backend": self.backend, "warnings": self.warnings}
+
+    def _ran_on_grid(self) -> Dict[str, dict]:
+        """The method as it ran on each token grid planned so far, by ``"TxHxW"``: its plan's method, which for a
+        ``fit=True`` Tile is the fitted tile and window (``config`` says the tile as set, the same on every grid),
+        a ``fit=True`` GNA's clamped kernel (:func:`_as_ran`); the config itself where the method has no plan of
+        its own there (a per-step strategy or plan). Read from the plans already built, so no attention call pays
+        for it; plans outlive :meth:`reset_stats`."""
+        out: Dict[str, dict] = {}
+        for (method, grid), plan in sorted(self._runtime.plans.items().items(), key=lambda item: item[0][1]):
+            key = "x".join(str(g) for g in grid)
+            if method == self.method:
+                out[key] = _as_ran(plan.method, grid)
+            else:
+                out.setdefault(key, self.method.ran_dict())
+        return out
 
     def sla_projections(self) -> Dict[str, nn.Linear]:
         """SLA output projections by attention module name (empty unless a layer runs SLA)."""
@@ -448,6 +465,25 @@ class AccelHandle:
     def __repr__(self) -> str:
         state = "removed" if self.removed else "active"
         return f"AccelHandle({self.method!r}, layers={len(self._layers)}, backend={self.backend!r}, {state})"
+
+
+def _as_ran(method: Method, grid) -> dict:
+    """``method.ran_dict()``; for a ``fit=True`` GNA, with each kernel longer than its extent of ``grid`` as it ran
+    there (:meth:`~dit_accel.methods.GNA._fitted_relations`: the whole extent, undilated, its stride at most that),
+    which its plan's method does not say (it is the config itself)."""
+    from ..patterns.checks import per_dim, per_head
+    from ..patterns.gna import clamp_to_grid
+
+    out = method.ran_dict()
+    if method.name != "gna" or not getattr(method, "fit", False) or per_head(method.kernel_size) is not None:
+        return out
+    names = ("kernel_size", "stride", "dilation")
+    given = [per_dim(k, getattr(method, k), len(grid)) for k in names]
+    clamped = clamp_to_grid(grid, *given)
+    if clamped is None:
+        return out
+    # (only what changed: a stride given as 1 that still is 1 everywhere stays written as given)
+    return {**out, **{k: v for k, v, g in zip(names, clamped, given) if v != g}}
 
 
 def _unmerge(transformer: nn.Module, names: Sequence[str]) -> bool:
