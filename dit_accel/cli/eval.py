@@ -317,7 +317,9 @@ def _check_config_weights(spec, model: str) -> None:
     except (ValueError, TypeError, OSError) as exc:
         raise _Refused(f"--method-config: row {spec.label}: weights: {exc}") from None
     try:
-        finetuned._check_method(Path(folder), info.get("method"), spec.method, lambda message: None)
+        recorded = info.get("method") if hasattr(saved, "content_hash") else finetuned._json_roundtrip(saved.ran_dict())
+        # (as apply reads it: through the config, so fields added since and VSA's open sparsity compare as they run)
+        finetuned._check_method(Path(folder), recorded, spec.method, lambda message: None)
     except (ValueError, TypeError):
         trained = f"the calibrated plan {saved.content_hash()[:12]}" if hasattr(saved, "content_hash") else saved
         raise _Refused(f"--method-config: row {spec.label} runs {spec.method} with weights {folder}, which were "

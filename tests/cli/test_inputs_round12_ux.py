@@ -269,3 +269,26 @@ def test_method_flags_beside_weights_are_compared_as_apply_compares_them(saved, 
     else:
         with pytest.raises(_UsageError, match=rf"^method options {refused} disagree with --weights w"):
             _method_for_weights(args, folder, None)
+
+
+def test_a_method_config_row_reads_the_folders_method_as_apply_does(tmp_path, capsys, no_model_load):
+    """The row's check compared the method file's raw dict: a VSA folder trained at the default sparsity (recorded
+    as null) was refused beside ``{"vsa": {"sparsity": 0.8, ...}}``, the sparsity that runs, which apply() takes."""
+    import json
+
+    import dit_accel
+    from peft import LoraConfig
+
+    from dit_accel.checkpoints.finetuned import save_trained_weights
+    from dit_accel.models.tiny import build_tiny_transformer
+
+    folder = tmp_path / "vsa"
+    model = build_tiny_transformer("wan")
+    lora = LoraConfig(r=2, lora_alpha=2, target_modules=["to_q"], init_lora_weights=False)
+    model.add_adapter(lora)
+    save_trained_weights(folder, transformer=model, method=dit_accel.VSA(), lora_config=lora)
+    config = tmp_path / "c.json"
+    config.write_text(json.dumps({"vsa": {"sparsity": 0.8, "weights": str(folder)}}))
+    with pytest.raises(AssertionError, match="the model was loaded"):
+        main(["eval", "--model", "tiny-wan", "--methods", "vsa", "--method-config", str(config), "--out",
+              str(tmp_path / "e")])
