@@ -76,14 +76,14 @@ def _check_strength(value) -> float:
     return float(value)
 
 
-def _trained_with(folder, method) -> bool:
-    """Whether ``folder``'s recorded method is ``method`` (False where it cannot be read: its own check says why)."""
+def _recorded_method(folder):
+    """``folder``'s recorded method (None where there is no folder, or it cannot be read: its own check says why)."""
     from ..checkpoints.finetuned import load_method
 
     try:
-        return load_method(folder) == method
+        return None if folder is None else load_method(folder)
     except (OSError, ValueError, TypeError):
-        return False
+        return None
 
 
 def _check_methods_for(family, methods, weights=None) -> None:
@@ -96,11 +96,12 @@ def _check_methods_for(family, methods, weights=None) -> None:
     preset = PRESETS.get(family.diffusers_class)
     if preset is None:
         return
+    trained = _recorded_method(weights)  # (read once, not once per method and head)
     for m in methods:
         # a plan's phases and a PerHead's heads, before the first sparse step (a PerHead's were not looked into)
         outer = [] if getattr(m, "sparse_plan", None) is not None else [(m, None)]
         for each, note in [*outer, *inner_configs(m)]:
-            if note is None and weights is not None and _trained_with(weights, m):
+            if note is None and trained is not None and trained == m:
                 note = f"{weights} was trained with it: the weights are for another model"
             try:
                 check_method_for(f"{family.name} ({family.diffusers_class})", preset, each,
