@@ -280,7 +280,7 @@ def _check_method(folder: Path, saved: dict, method, warn) -> None:
     check_method_fits(folder, saved, method)  # another method or plan altogether
     if plans:
         return  # one plan (content hash): its provenance may differ
-    diff = sorted(k for k in set(saved) | set(current) if not _same_setting(saved.get(k), current.get(k)))
+    diff = _setting_diff(saved, current)
     if diff == ["linear_tokens"]:
         warn(f"dit_accel: weights={str(folder)!r} were trained with SLA linear_tokens={saved['linear_tokens']!r} but "
              f"the method runs linear_tokens={current['linear_tokens']!r}: the projections learned one linear branch "
@@ -298,6 +298,15 @@ def same_setting(saved: Method, method: Method) -> bool:
     """Whether two method configs run alike as a folder records them (:func:`_same_setting` on their ``ran_dict``):
     ``Tile(window=3)`` and ``Tile(window=(3, 3, 3))``, ``VSA()`` and ``VSA(sparsity=0.8)``."""
     return _same_setting(_json_roundtrip(saved.ran_dict()), _json_roundtrip(method.ran_dict()))
+
+
+def differing_settings(saved: Method, method: Method) -> List[str]:
+    """The config fields in which two methods run otherwise, compared as :func:`same_setting` compares them."""
+    return _setting_diff(_json_roundtrip(saved.ran_dict()), _json_roundtrip(method.ran_dict()))
+
+
+def _setting_diff(saved: dict, current: dict) -> List[str]:
+    return sorted(k for k in set(saved) | set(current) if not _same_setting(saved.get(k), current.get(k)))
 
 
 def _same_setting(a, b) -> bool:

@@ -332,14 +332,13 @@ def _method_for_weights(args, saved, parser):
 def _same_as_saved(args, saved, wanted):
     """``saved`` where the flags' method ``wanted`` runs alike (compared as ``apply`` compares a folder's method:
     ``--window 3,3,3`` repeats a folder trained with ``--window 3``), else the usage error naming the flags."""
-    from ..checkpoints.finetuned import _same_setting, same_setting
+    from ..checkpoints.finetuned import differing_settings
     from .options import _fields_of
 
-    if same_setting(saved, wanted):
+    fields = differing_settings(saved, wanted)
+    if not fields:
         return saved
-    mine, theirs = saved.ran_dict(), wanted.ran_dict()
     flags = {field: flag for flag, field in _fields_of(saved.name).items()}
-    diff = sorted(flags.get(k, "--" + k.replace("_", "-")) for k in set(mine) | set(theirs)
-                  if not _same_setting(mine.get(k), theirs.get(k)))
+    diff = sorted(flags.get(k, "--" + k.replace("_", "-")) for k in fields)
     raise _UsageError(f"method options {', '.join(diff)} disagree with --weights {args.weights}, which was trained "
                       f"for {saved}; drop them (the method is read from the folder).")
