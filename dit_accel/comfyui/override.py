@@ -51,6 +51,9 @@ _STACK_DEPTH = 6
 # Frames between a diffusion-model call and the sampler function that made it (ComfyUI's wrapper executors, CFG
 # guider, sampling_function, calc_cond_batch, apply_model: about 25 in ComfyUI 0.3.64), with room for more wrappers.
 _SAMPLER_DEPTH = 64
+# Frames between a diffusion-model call and ComfyUI's KSampler.sample above the sampler function (comfy.samplers'
+# sample, CFGGuider's sample, outer_sample, inner_sample and their wrapper executors: about 40 in 0.3.64).
+_KSAMPLER_DEPTH = 128
 
 
 @dataclass(frozen=True)
@@ -75,30 +78,70 @@ class CallState:
         return n
 
 
-def _step_of(transformer_options: dict, frame=None) -> Tuple[Optional[int], Optional[int], Optional[float]]:
-    """``(step, total, sigma)`` of a sampler's model call; Nones outside a sampler.
+def _step_of(transformer_options: dict, frame=None) -> Tuple[Optional[int], Optional[int], Optional[float], int]:
+    """``(step, total, sigma, first)`` of a sampler's model call; Nones (and 0) outside a sampler.
 
     ComfyUI's samplers put the schedule (``sample_sigmas``, falling, its last entry where sampling ends) and the
     call's sigma (``sigmas``) in ``transformer_options``. The step is the sampler's own: the index of its loop over
     those sigmas (:func:`_sampler_step`, from ``frame`` up), so every call one step makes counts as that step,
     Heun's at the next step's sigma and a midpoint below it too, as Diffusers' ``step_index // order`` counts them.
     A sampler without such a loop (``dpm_fast``, ``uni_pc``): step ``i`` is the call at ``sample_sigmas[i]``, and
-    a call between two entries belongs to the step whose interval holds it.
+    a call between two entries belongs to the step whose interval holds it. A sampler that runs part of a KSampler's
+    schedule (``denoise`` < 1, KSamplerAdvanced's start/end steps) counts the steps of the whole schedule from
+    ``first``, the part's first step, as Diffusers counts them (:func:`_schedule_part`).
     """
     sigma = transformer_options.get("sigmas")
     if not isinstance(sigma, torch.Tensor) or sigma.numel() == 0:
-        return None, None, None
+        return None, None, None, 0
     value = float(sigma.reshape(-1)[0])  # one host sync per model call, not per attention call
     sigmas = transformer_options.get("sample_sigmas")
     if not isinstance(sigmas, torch.Tensor) or sigmas.numel() < 2:
-        return None, None, value
+        return None, None, value, 0
     total = sigmas.numel() - 1
+    offset, full = _schedule_part(frame, sigmas, total)
     step = _sampler_step(frame, total)
     if step is not None:
-        return step, total, value
+        return offset + step, full, value, offset
     sigmas = sigmas.detach().reshape(-1).double().cpu()
     at_or_above = (sigmas[:total] >= value * (1 - 1e-4)).nonzero()
-    return (int(at_or_above[-1, 0]) if at_or_above.numel() else 0), total, value
+    return offset + (int(at_or_above[-1, 0]) if at_or_above.numel() else 0), full, value, offset
+
+
+def _schedule_part(frame, sigmas: torch.Tensor, total: int) -> Tuple[int, int]:
+    """``(offset, full total)``: where the ``total`` steps a sampler runs sit in the schedule they were cut from,
+    as Diffusers numbers them (``strength`` < 1 and Wan 2.2 A14B's two experts count the steps of the one
+    schedule). ComfyUI's ``KSampler`` cuts it: ``denoise`` < 1 runs the last ``steps`` of ``int(steps / denoise)``,
+    KSamplerAdvanced's ``start_at_step``/``end_at_step`` a slice of it. Read from its ``sample`` frame on the stack
+    (from ``frame`` up) and checked against the sigmas the sampler got; ``(0, total)`` where no such frame is found
+    (a custom sampler given its own sigmas: the part is the whole schedule known)."""
+    ksampler = getattr(sys.modules.get("comfy.samplers"), "KSampler", None)
+    for _ in range(_KSAMPLER_DEPTH):
+        if frame is None or ksampler is None:
+            break
+        code = frame.f_code
+        if code.co_name == "sample" and "start_step" in code.co_varnames and "self" in code.co_varnames:
+            owner = frame.f_locals.get("self")
+            if isinstance(owner, ksampler):
+                return _part_of(owner, frame.f_locals.get("start_step"), sigmas, total)
+        frame = frame.f_back
+    return 0, total
+
+
+def _part_of(ksampler, start_step, sigmas: torch.Tensor, total: int) -> Tuple[int, int]:
+    """:func:`_schedule_part` of one ``comfy.samplers.KSampler``: its ``sigmas`` are the last ``steps + 1`` of
+    ``int(steps / denoise) + 1`` (all of them at ``denoise`` 1), the sampler's a slice of those from ``start_step``."""
+    steps, denoise, own = getattr(ksampler, "steps", None), getattr(ksampler, "denoise", None), ksampler.sigmas
+    if not isinstance(steps, int) or steps < 1 or not isinstance(own, torch.Tensor) or own.numel() != steps + 1:
+        return 0, total
+    full = steps if denoise is None or denoise > 0.9999 else int(steps / denoise)
+    start = start_step if isinstance(start_step, int) and 0 <= start_step < steps else 0
+    if start + total > steps or full < steps:
+        return 0, total
+    # (the sigmas the sampler got are this slice, unless the KSampler was handed its own: its last may be 0)
+    if not torch.allclose(sigmas.detach().reshape(-1)[:total].double().cpu(),
+                          own.detach().reshape(-1)[start:start + total].double().cpu()):
+        return 0, total
+    return full - steps + start, full
 
 
 def _sampler_step(frame, total: int) -> Optional[int]:
@@ -201,7 +244,7 @@ class Patch:
         options = kwargs.get("transformer_options")
         if not isinstance(options, dict):
             options = next((a for a in reversed(args) if isinstance(a, dict)), {})
-        step, total, sigma = _step_of(options, sys._getframe(1))
+        step, total, sigma, first = _step_of(options, sys._getframe(1))
         call = _named(executor, x, args, kwargs)
         if apply_model:
             call = _as_model_call(model, call)
@@ -213,9 +256,9 @@ class Patch:
             off_grid += references
         state = CallState(grid, step, total, sigma, off_grid, references)
         if self.call_check is not None:
-            self.call_check(state.grid, total)
+            self._check_call(state.grid, total, options.get("sample_sigmas"), first)
         if total is not None:
-            self._warn_steps(total, options.get("sample_sigmas"))
+            self._warn_steps(total, options.get("sample_sigmas"), first)
         token = self._call.set(state)
         try:
             out = executor(x, *args, **kwargs)
@@ -226,7 +269,20 @@ class Patch:
             self._warn_unreached(options)
         return out
 
-    def _warn_steps(self, total: int, sigmas) -> None:
+    def _check_call(self, grid, total: Optional[int], sigmas, first: int) -> None:
+        """A plan's checks of the call (:func:`~.patch._call_check`); a refused step count of a sampler running part
+        of a schedule says which part, and what its step count is (the KSampler's steps is not, at denoise < 1)."""
+        try:
+            self.call_check(grid, total)
+        except ValueError as err:
+            count = sigmas.numel() - 1 if isinstance(sigmas, torch.Tensor) else None
+            if total is None or count is None or count >= total or "steps" not in str(err):
+                raise
+            raise ValueError(f"{err} (this sampler runs steps {first}-{first + count - 1} of the {total}-step schedule: "
+                             "denoise below 1 runs the last steps of int(steps / denoise), KSamplerAdvanced's start/end "
+                             "steps a part of its steps; a plan's steps are the whole schedule's)") from None
+
+    def _warn_steps(self, total: int, sigmas, first: int = 0) -> None:
         """As ``dit_accel.apply`` says them, once per step count: dense steps or a per-step strategy that leave
         no step of this sampler's ``total`` sparse (a 4-step run with the dense_steps of a 30-step one); and, once
         per schedule, a dense_above_sigma below every step's sigma (flow models' sigmas stay high: Wan's last step
@@ -237,17 +293,30 @@ class Patch:
                                f"{schedule.dense_last_steps} cover all {total} sampling steps of this sampler: every "
                                "step runs dense. Lower them or raise the number of steps",
                                key=("dense steps", total))
+        elif schedule.sparse and isinstance(sigmas, torch.Tensor) and sigmas.numel() - 1 < total:
+            self._warn_dense_part(total, first, sigmas.numel() - 1)
         for method in schedule.methods():
             warn_unreached_strategy(method, total, self.warnings)
         threshold = self.dense_above_sigma
         if (schedule.sparse and threshold is not None and isinstance(sigmas, torch.Tensor)
-                and sigmas.numel() > total and sigmas is not self._sigmas_seen):
+                and sigmas.numel() > 1 and sigmas is not self._sigmas_seen):
             self._sigmas_seen = sigmas  # (one host sync per schedule, not per model call)
-            lowest = float(sigmas.detach().reshape(-1)[:total].min())
+            lowest = float(sigmas.detach().reshape(-1)[:-1].min())  # (this sampler's steps: a part's too)
             if lowest > threshold:
                 self.warnings.warn(f"dit_accel: dense_above_sigma={threshold:g} is below the sigma of every step of "
                                    f"this sampler (the last starts at {lowest:.4g}): every step runs dense. Raise it "
                                    "(calls above it run dense), or set 0 (off)", key=("dense sigma", threshold, lowest))
+
+    def _warn_dense_part(self, total: int, first: int, count: int) -> None:
+        """Once per part: dense steps that cover every step of a sampler running part of a schedule (steps 0-9 of 20
+        on Wan 2.2 A14B's high-noise expert with dense_steps=10), which then runs dense."""
+        schedule, last = self.schedule, first + count - 1
+        if all(s < schedule.dense_steps or s >= total - schedule.dense_last_steps for s in range(first, last + 1)):
+            self.warnings.warn(f"dit_accel: dense_steps={schedule.dense_steps} + dense_last_steps="
+                               f"{schedule.dense_last_steps} cover steps {first}-{last} of {total}, all the steps this "
+                               "sampler runs (its part of the schedule: KSamplerAdvanced's start/end steps, or denoise "
+                               "below 1): every step runs dense. Steps count in the whole schedule; lower them",
+                               key=("dense part", first, count, total))
 
     def _warn_unreached(self, options: dict) -> None:
         """Once: a model call none of whose self-attention calls reached this patch's override, because the

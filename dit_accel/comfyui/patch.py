@@ -165,7 +165,8 @@ def patch_model(model, method: Union[Method, SparsePlan], *, dense_steps: int = 
             layers and heads here, the grid and step count at the first sampled call).
         dense_steps, dense_last_steps: run the first / last N sampling steps dense (the step is the sampler's
             loop index over its sigmas, else the current sigma's place in them, so both calls of classifier-free
-            guidance and every call of a second-order step share it).
+            guidance and every call of a second-order step share it). A KSampler's part of a schedule (denoise
+            < 1, KSamplerAdvanced's start/end steps) counts the steps of the whole schedule, as Diffusers does.
         dense_above_sigma: run dense while the current sigma is above this value (None: off).
         dense_layers: int N (the first N self-attention layers dense) or a list of layer indices.
         layer_methods: ``{layer index: Method}`` overrides of ``method`` per layer.

@@ -1,7 +1,7 @@
 """Tiny models of ComfyUI's own classes (random weights, fp32, CPU), their inputs, a short ComfyUI sampling
-run, and the masked-dense reference attention the tests compare against, written here from the definition
-(METHODS.md "Text tokens"): video queries see the pattern's video keys plus every valid text key, text queries
-every valid key."""
+run, and the masked-dense reference attention the tests compare against (one, for a fixed pattern and for one chosen
+per call), written here from the definition (METHODS.md "Text tokens"): video queries see the pattern's video keys
+plus every valid text key, text queries every valid key."""
 
 from __future__ import annotations
 
@@ -211,11 +211,19 @@ def sample(comfy, patcher, case: Case, steps: int = 2, sampler: str = "euler", l
                                seed=0, disable_pbar=True)
 
 
-def masked_reference(mask: torch.Tensor, text: str, calls: Optional[list] = None, lengths=None):
-    """An ``optimized_attention_override``: calls of ``N + text`` queries and keys (``N`` = the mask's side) run
-    fp32 softmax attention with ``mask`` on the video pairs; every other call runs ComfyUI's own attention.
-    ``lengths``: the only query lengths that are such calls (None: any of at least ``N``)."""
-    n = mask.shape[-1]
+def masked_reference(mask, text: str, calls: Optional[list] = None, lengths=None, *, n: Optional[int] = None,
+                     batches: Optional[list] = None):
+    """An ``optimized_attention_override``: calls of ``N + text`` queries and keys run fp64 softmax attention with
+    the allowed video pairs ``mask`` gives, every valid text key and every text row whole; every other call runs
+    ComfyUI's own attention. ``mask``: an ``(N, N)`` bool tensor (``N`` its side), or ``select(q_video, k_video)``,
+    the pairs of each call, batch and head from the call's own q and k (VSA, SLA), with ``n`` = ``N``.
+    ``lengths``: the only query lengths that are such calls (None: any of at least ``N``). ``calls`` gets each such
+    call's query length, ``batches`` its batch size."""
+    select = mask if callable(mask) else None
+    if select is None:
+        n = mask.shape[-1]
+    elif n is None:
+        raise TypeError("masked_reference(select, ...) needs n, the number of video tokens")
 
     def override(func, *args, **kwargs):
         call = dict(zip(("q", "k", "v", "heads", "mask"), args))
@@ -229,9 +237,12 @@ def masked_reference(mask: torch.Tensor, text: str, calls: Optional[list] = None
             q, k, v = (t.view(t.shape[0], s, heads, -1).transpose(1, 2) for t in (q, k, v))
         if calls is not None:
             calls.append(s)
-        allowed = torch.ones(s, s, dtype=torch.bool)
+        if batches is not None:
+            batches.append(q.shape[0])
         video = slice(s - n, s) if text == "first" else slice(0, n)
-        allowed[video, video] = mask  # text rows and columns stay allowed
+        allowed = torch.ones(*q.shape[:2], s, s, dtype=torch.bool)  # text rows and columns stay allowed
+        allowed[..., video, video] = mask if select is None else select(q[..., video, :].double(),
+                                                                        k[..., video, :].double())
         scores = (q.double() @ k.double().transpose(-1, -2)) / q.shape[-1] ** 0.5
         if key_mask is not None:
             scores = scores + key_mask.double().reshape(-1, 1, 1, s)

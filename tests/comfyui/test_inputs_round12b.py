@@ -17,7 +17,8 @@ import dit_accel.comfyui.install
 from dit_accel.comfyui import NODE_CLASS_MAPPINGS
 from dit_accel.comfyui.install import main as install_main
 
-from tests.comfyui.models import CASES, COMMON_WIDGETS, MOCHI_CASES, MORE_CASES, run_node, sample, with_override
+from tests.comfyui.models import (CASES, COMMON_WIDGETS, MOCHI_CASES, MORE_CASES, masked_reference, run_node, sample,
+                                  with_override)
 
 
 def _cubes(grid, tile) -> torch.Tensor:
@@ -62,34 +63,6 @@ def sla_select(topk, block=64):
     return select
 
 
-def selected_reference(select, n: int, text: str, calls: list):
-    """An ``optimized_attention_override``: self-attention calls of ``n`` video tokens (and the text, ``first`` or
-    ``last``) run fp64 softmax attention over the video pairs ``select(q_video, k_video)`` allows, per batch and head,
-    with every valid text key and every text row whole; every other call runs ComfyUI's own attention."""
-    def override(func, *args, **kwargs):
-        call = dict(zip(("q", "k", "v", "heads", "mask"), args))
-        call.update(kwargs)
-        q, k, v, heads, key_mask = call["q"], call["k"], call["v"], call["heads"], call.get("mask")
-        axis = 2 if call.get("skip_reshape") else 1
-        s = q.shape[axis]
-        if k.shape[axis] != s or s < n or (text == "none" and s != n):
-            return func(*args, **kwargs)
-        if not call.get("skip_reshape"):
-            q, k, v = (t.view(t.shape[0], s, heads, -1).transpose(1, 2) for t in (q, k, v))
-        calls.append((q.shape[0], s))
-        video = slice(s - n, s) if text == "first" else slice(0, n)
-        allowed = torch.ones(*q.shape[:2], s, s, dtype=torch.bool)
-        allowed[..., video, video] = select(q[..., video, :].double(), k[..., video, :].double())
-        scores = (q.double() @ k.double().transpose(-1, -2)) / q.shape[-1] ** 0.5
-        if key_mask is not None:
-            scores = scores + key_mask.double().reshape(-1, 1, 1, s)
-        scores = scores.masked_fill(~allowed, float("-inf"))
-        out = (scores.softmax(-1) @ v.double()).to(q.dtype)
-        return out if call.get("skip_output_reshape") else out.transpose(1, 2).reshape(out.shape[0], s, -1)
-
-    return override
-
-
 VIDEO_CASES = {**CASES, **MORE_CASES, **MOCHI_CASES}
 
 
@@ -113,11 +86,11 @@ def test_vsa_at_a_partial_density_equals_the_reference_on_each_video_familys_lay
     case, model = _case(family, cfg), models(family)
     grid = case.grid()
     tile, topk = (2, 2, 2), 3  # grid (3, 4, 4): 8 cubes, the second frame slab partial; 3 of 8 key cubes kept
-    calls = []
-    reference = sample(comfy, with_override(model, selected_reference(vsa_select(grid, tile, topk),
-                                                                      math.prod(grid), case.text, calls)), case,
+    batches = []
+    reference = sample(comfy, with_override(model, masked_reference(vsa_select(grid, tile, topk), case.text,
+                                                                    n=math.prod(grid), batches=batches)), case,
                        cfg=cfg)
-    assert calls and all(b == (2 if cfg > 1 else 1) for b, _ in calls)
+    assert batches and all(b == (2 if cfg > 1 else 1) for b in batches)
     out = sample(comfy, run_node("DitAccelVSA", model, topk=str(topk), sparsity="", tile="2,2,2", dense_steps=0,
                                  dense_last_steps=0, dense_above_sigma=0.0, dense_layers="", backend="torch"),
                  case, cfg=cfg)
@@ -129,8 +102,8 @@ def test_vsa_at_a_partial_density_equals_the_reference_on_each_video_familys_lay
 def test_vsas_sparsity_widget_keeps_the_ceiling_of_its_share_of_cubes(comfy, wan, sparsity, kept):
     """ceil((1 - sparsity) * cubes) key cubes, at least one: 4 and 1 of 8."""
     case, calls = CASES["wan21-t2v"], []
-    reference = sample(comfy, with_override(wan, selected_reference(vsa_select(case.grid(), (2, 2, 2), kept), 48,
-                                                                    "none", calls)), case, cfg=2.0)
+    reference = sample(comfy, with_override(wan, masked_reference(vsa_select(case.grid(), (2, 2, 2), kept), "none",
+                                                                  calls, n=48)), case, cfg=2.0)
     out = sample(comfy, run_node("DitAccelVSA", wan, **_widgets("DitAccelVSA", sparsity=sparsity, tile="2,2,2",
                                                                 backend="torch")), case, cfg=2.0)
     assert calls
@@ -142,7 +115,7 @@ def test_sla_at_a_partial_density_equals_the_reference(comfy, models, family, cf
     case, model = _case(family, cfg), models(family)
     latent = (1, case.latent[1], 2, 16, 16)  # grid (2, 8, 8): 2 blocks of 64 tokens, 1 kept per query block
     calls = []
-    reference = sample(comfy, with_override(model, selected_reference(sla_select(0.5), 128, case.text, calls)), case,
+    reference = sample(comfy, with_override(model, masked_reference(sla_select(0.5), case.text, calls, n=128)), case,
                        latent=latent, cfg=cfg)
     assert calls
     out = sample(comfy, dit_accel.comfyui.patch_model(model, dit_accel.SLA(topk=0.5), backend="torch"), case,

@@ -2,7 +2,7 @@
 several times per step (each call counts as the step the sampler is making, as Diffusers' ``step_index // order``
 counts it), ComfyUI's TorchCompileModel before or after the node (torch.compile's module swapped in around
 ``apply_model``; Dynamo's frames without the locals the stack walk read), and the A14B split of one schedule over
-two KSamplerAdvanced (steps numbered within each part, as docs/comfyui.md says)."""
+two KSamplerAdvanced (the steps of the one schedule, as docs/comfyui.md says)."""
 
 import importlib
 
@@ -48,17 +48,19 @@ def test_every_model_call_of_a_step_counts_as_that_step(comfy, wan, sampler):
     assert _steps(patched) == expected
 
 
-def test_two_ksampler_advanced_number_steps_within_their_part(comfy, wan):
-    """Wan 2.2 A14B's split (high-noise steps 0-2, low-noise 2-4 of one schedule): each part counts from 0."""
+def test_two_ksampler_advanced_count_the_steps_of_their_one_schedule(comfy, wan):
+    """Wan 2.2 A14B's split (high-noise steps 0-2, low-noise 2-4 of one schedule): the one schedule's steps, as
+    Diffusers counts them over the two experts (dense_steps=1: step 0 alone is dense)."""
     case = CASES["wan21-t2v"]
     noise = torch.randn(case.latent, generator=torch.Generator().manual_seed(5))
     cond = case.cond()
     negative = [[torch.flip(c, dims=(1,)), extra] for c, extra in cond]
+    expected = {0: [(0, "dense"), (0, "dense"), (1, "sparse")], 2: [(2, "sparse"), (2, "sparse"), (3, "sparse")]}
     for start, end in ((0, 2), (2, 4)):
         patched = patch_model(wan, TILE_3D, dense_steps=1, backend="torch")
         comfy.sample.sample(patched, noise, 4, 1.0, "heun", "simple", cond, negative, torch.zeros(case.latent),
                             seed=0, disable_pbar=True, start_step=start, last_step=end, force_full_denoise=end == 4)
-        assert _steps(patched)[:3] == [(0, "dense"), (0, "dense"), (1, "sparse")]
+        assert _steps(patched)[:3] == expected[start]
 
 
 def _compiled(model):
