@@ -13,13 +13,13 @@ from __future__ import annotations
 import itertools
 import math
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 from ..methods import GNA, SLA, VSA, Dense, Method, Radial, Tile
 from ..plans.per_head import MAX_CONVERTED_TOKENS
 
-__all__ = ["Candidate", "candidate_grid", "check_candidate_tile", "GRIDS", "METHODS", "OPTIONAL_METHODS",
-           "CALIBRATABLE"]
+__all__ = ["Candidate", "candidate_grid", "sparse_candidates", "check_candidate_tile", "GRIDS", "METHODS",
+           "OPTIONAL_METHODS", "CALIBRATABLE", "VIDEO_ONLY"]
 
 #: Sizes of the parameter grid: "small" (one or two per method: tests, smoke runs), "default", "large".
 GRIDS = ("small", "default", "large")
@@ -28,6 +28,8 @@ METHODS = ("tile", "gna", "radial", "sla")
 #: as its checkpoint was trained (a FastWan) or training-free, so it is no default candidate of other models.
 OPTIONAL_METHODS = ("vsa",)
 CALIBRATABLE = METHODS + OPTIONAL_METHODS
+#: Methods with candidates on video grids (T, H, W) only: none on an image model's (H, W) grid.
+VIDEO_ONLY = ("radial", "vsa")
 
 
 @dataclass(frozen=True)
@@ -177,4 +179,23 @@ def candidate_grid(grid: Sequence[int], *, size: str = "default", methods: Seque
                 continue
             counts.add(plan.count)
             out.append(Candidate(VSA(sparsity=sparsity), "vsa", plan.density))
+    return out
+
+
+def sparse_candidates(grid: Sequence[int], *, size: str = "default", methods: Sequence[str] = METHODS,
+                      tile: Optional[Sequence[int]] = None, log: Callable[[str], None] = print) -> List[Candidate]:
+    """:func:`candidate_grid`, with a note to ``log`` when it holds dense alone: the plan can then only be dense
+    (before, a calibration ran its search to a dense plan and wrote it, saying nothing of why)."""
+    out = candidate_grid(grid, size=size, methods=methods, tile=tile)
+    if len(out) > 1:
+        return out
+    grid = tuple(int(g) for g in grid)
+    if len(grid) == 2 and set(methods) <= set(VIDEO_ONLY):
+        why, fix = f"{', '.join(methods)} {'has' if len(methods) == 1 else 'have'} candidates on video grids only", \
+            "other --methods, e.g. tile,sla"
+    else:
+        why, fix = "each candidate runs dense there or visits more than 90% of the key blocks", \
+            "a larger size (--frames, --height, --width), --candidates large or other --methods"
+    log(f"note: --methods {','.join(methods)}: no candidate is sparse on token grid {grid} ({why}), so the plan "
+        f"is dense; for a sparse one pass {fix}")
     return out

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Dict, Sequence
 
@@ -11,7 +12,7 @@ from ..eval.report import markdown_table
 from ..plans.sparse_plan import SparsePlan, write_atomic
 from .search import COST_TIE
 
-__all__ = ["write_report", "plot_heatmap", "render_report", "heatmap_png"]
+__all__ = ["write_report", "plot_heatmap", "render_report", "heatmap_png", "check_outputs"]
 
 
 def _weights(values) -> str:
@@ -257,6 +258,36 @@ def write_outputs(out, report_dir, plan: SparsePlan, result: dict, densities: Di
              report_dir / "heatmap.png": heatmap_png(result["phase_tables"], densities, result["plan_sha256"]),
              report_dir / "calibration.json": json.dumps(to_jsonable(result), indent=1) + "\n"}
     commit_files(files, commit_journal(out))
+
+
+def check_outputs(out, report_dir=None) -> None:
+    """ValueError naming ``out`` or ``report_dir`` (None: ``PLAN_report/`` beside the plan) when
+    :func:`write_outputs` could not write both, checked before the calibration runs: ``out`` a folder or under a
+    file, ``report_dir`` a file or under one, or the two overlapping.
+    Before, a folder failed only at the end of the run; and ``out`` at ``report_dir/calibration.json`` (or another
+    report file) got the report in place of the plan, silently: the plan was lost."""
+    from .._util import file_in_the_way
+    from ..plans.sparse_plan import file_to_write
+
+    try:
+        out = file_to_write(out, "the plan's", "plan.json")
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"out: {exc}") from None
+    if report_dir is None:
+        report_dir = out.with_name(out.stem + "_report")
+    if not isinstance(report_dir, (str, os.PathLike)) or not str(os.fspath(report_dir)).strip():
+        raise ValueError(f"report_dir={report_dir!r} is invalid: pass a folder path (default: PLAN_report/ beside "
+                         "the plan)")
+    report_dir = Path(report_dir)
+    in_the_way = file_in_the_way(report_dir)
+    if in_the_way is not None:
+        where = "is a file" if in_the_way == report_dir else f"lies under {in_the_way}, a file"
+        raise ValueError(f"report_dir={str(report_dir)!r} {where}; pass a folder for {', '.join(OUTPUT_FILES)}")
+    plan, folder = out.absolute(), report_dir.absolute()
+    if plan in {folder / name for name in OUTPUT_FILES} or folder == plan or plan in folder.parents:
+        raise ValueError(f"out={str(out)!r} and report_dir={str(report_dir)!r} overlap: the plan and the report "
+                         f"files ({', '.join(OUTPUT_FILES)}) would be written to one path. Put the plan beside the "
+                         "report folder, e.g. out=plan.json, report_dir=plan_report")
 
 
 def recover_outputs(out, report_dir) -> None:

@@ -18,11 +18,11 @@ from ..methods import Dense
 from ..plans.sparse_plan import SparsePlan, prompts_hash
 from .budget import (_GROUNDTRUTH_CHECKS, VerifiedRuns, _describe, groundtruth_close, groundtruth_kept,
                      groundtruth_scores, passes_budget, search_budget, warmup_search)
-from .candidates import candidate_grid
+from .candidates import sparse_candidates
 from .costs import CostModel, MeasuredCostModel
 from .probes import probe_layer_weights, probe_step_weights
 from .replay import DenseReplay, dense_prefix
-from .report import OUTPUT_FILES, recover_outputs, write_outputs  # noqa: F401  (also importable from here)
+from .report import OUTPUT_FILES, check_outputs, recover_outputs, write_outputs  # noqa: F401  (also importable from here)
 from .sampling import QKVSampler, step_buckets
 from .scoring import score_candidates
 from .search import Assignment, SearchSpace, UniformAssignment, uniform_options
@@ -700,6 +700,7 @@ def calibrate(settings: CalibrationSettings, out, *, report_dir=None, progress: 
     from ..models.loading import load_pipeline, rope_reach_error, text_length_error
 
     settings.check()
+    check_outputs(out, report_dir)  # (before: a folder or a clash was found when the plan was written, at the end)
     out = Path(out)
     report_dir = Path(report_dir) if report_dir is not None else out.with_name(out.stem + "_report")
     recover_outputs(out, report_dir)
@@ -708,7 +709,7 @@ def calibrate(settings: CalibrationSettings, out, *, report_dir=None, progress: 
     _fill_model_defaults(settings)
     pipe = load_pipeline(settings.model, device=settings.device, dtype=getattr(torch, settings.dtype))
     pipe.set_progress_bar_config(disable=True)
-    call_kwargs = settings.call_kwargs()
+    call_kwargs = settings.call_kwargs(pipe)  # (those the pipeline takes: an image pipeline has no num_frames)
     problem = rope_reach_error(pipe, call_kwargs) or text_length_error(pipe, call_kwargs.get("max_sequence_length"))
     if problem:
         raise ValueError(problem)
@@ -722,8 +723,8 @@ def calibrate(settings: CalibrationSettings, out, *, report_dir=None, progress: 
         seconds["dense run"] = time.perf_counter() - t0
         # 2. candidates, scored
         t = time.perf_counter()
-        candidates = candidate_grid(dense.grid, size=settings.candidates, methods=settings.methods,
-                                    tile=settings.tile)
+        candidates = sparse_candidates(dense.grid, size=settings.candidates, methods=settings.methods,
+                                       tile=settings.tile, log=log)
         errors = {}  # --search warmup verifies whole plans only: nothing to score
         if settings.search == "allocation":
             bar.stage("scoring candidates", dense.layers * len(dense.buckets) * len(candidates))

@@ -121,8 +121,12 @@ class CalibrationSettings:
                              "(relative L2 of each layer's attention)")
         if not self.prompts:
             raise ValueError("no calibration prompts: pass --prompts FILE (one per line)")
-        if self.max_layer_error is not None and not self.max_layer_error > 0:
-            raise ValueError(f"--max-layer-error must be > 0; got {self.max_layer_error}")
+        from .._util import is_number
+
+        # (a string such as "0.1" was a TypeError from ">", naming no setting)
+        if self.max_layer_error is not None and not (is_number(self.max_layer_error) and self.max_layer_error > 0):
+            raise ValueError(f"--max-layer-error must be a finite number > 0 (relative L2, e.g. 0.1); got "
+                             f"{self.max_layer_error!r}")
         if self.search not in SEARCHES:
             raise ValueError(f"--search {self.search!r} is invalid: choose one of {list(SEARCHES)}")
         if self.search == "warmup" and (self.min_psnr is None or self.max_layer_error is not None):
@@ -156,8 +160,23 @@ class CalibrationSettings:
         _check_counts(self)
         _check_run_inputs(self)
 
-    def call_kwargs(self) -> dict:
-        return generation_kwargs(self)
+    def call_kwargs(self, pipe=None) -> dict:
+        """The pipeline call's size, steps and text settings; with ``pipe``, those its ``__call__`` takes. An image
+        pipeline takes no ``num_frames``: a one-frame size (an image model's default) is left out, and a setting the
+        pipeline does not take is refused by its flag (before: FluxPipeline.__call__'s TypeError "unexpected keyword
+        argument 'num_frames'" after the model loaded, for every tiny image model)."""
+        wanted = generation_kwargs(self)
+        if pipe is None:
+            return wanted
+        takes = generation_kwargs(self, pipe)
+        extra = [k for k, v in wanted.items() if k not in takes and not (k == "num_frames" and v == 1)]
+        if extra:
+            flags = {"num_frames": "frames", "num_inference_steps": "steps"}
+            given = ", ".join(f"--{flags.get(k, k).replace('_', '-')} {wanted[k]}" for k in extra)
+            raise ValueError(f"{given}: {type(pipe).__name__} takes no {', '.join(extra)}"
+                             + (" (it makes images)" if "num_frames" in extra else "") + "; drop "
+                             + ("it" if len(extra) == 1 else "them"))
+        return takes
 
 
 #: The counts of a calibration and their least values: whole numbers, as the CLI's flags parse them (a 2.5 or a
@@ -221,10 +240,57 @@ def _check_run_inputs(settings: CalibrationSettings) -> None:
     if settings.backend not in BACKENDS:
         raise ValueError(f"--backend {settings.backend!r} is invalid: choose one of {', '.join(BACKENDS)}")
     _check_tile(settings, check_candidate_tile)
+    _check_switches_and_capture(settings)
+
+
+def _check_switches_and_capture(settings: CalibrationSettings) -> None:
+    """``extend_seeds`` and ``baseline`` True or False (a string such as "no" is truthy: it ran the baseline, or
+    added seeds, without a word), and ``capture_dir`` a folder that holds no other run's captures (before: a file
+    was a FileExistsError in the middle of the dense run, and another run's captures were silently mixed in; the
+    CLI refused both)."""
+    from .._util import is_bool
+
+    for name in ("extend_seeds", "baseline"):
+        value = getattr(settings, name)
+        if not is_bool(value):
+            raise ValueError(f"{name}={value!r} is invalid: True or False")
+    capture = settings.capture_dir
+    if capture is None:
+        return
+    import os
+
+    if not isinstance(capture, (str, os.PathLike)) or not str(os.fspath(capture)).strip():
+        raise ValueError(f"--capture {capture!r} is invalid: pass a folder path for the q/k/v captures")
+    if os.path.exists(capture):  # (check_capture_dir creates the folder: only one that exists is checked here)
+        from ..pipelines.capture import check_capture_dir
+
+        check_capture_dir(capture)
+
+
+def _grid_dims(model) -> Optional[int]:
+    """The number of dimensions of ``model``'s token grid where its preset says, before it loads (else None)."""
+    from ..pipelines.presets import PRESETS, resolve_model_family
+
+    try:
+        class_name, _ = resolve_model_family(model)
+    except ValueError:
+        return None  # not known before loading: candidate_grid checks the tile against the grid
+    preset = PRESETS.get(class_name)
+    return None if preset is None else preset.grid_dims
 
 
 def _check_tile(settings: CalibrationSettings, check_candidate_tile) -> None:
-    """``tile``: sizes >= 1, as many as the model's token grid has dimensions where its preset says."""
+    """``tile``: sizes >= 1, as many as the model's token grid has dimensions where its preset says; and ``methods``
+    not only video ones (Radial, VSA) on an image model, where they have no candidate (before: the calibration
+    ran to a dense plan and wrote it)."""
+    from .candidates import VIDEO_ONLY
+
+    dims = _grid_dims(settings.model)
+    if dims == 2 and set(settings.methods) <= set(VIDEO_ONLY):
+        raise ValueError(f"--methods {','.join(settings.methods)}: {settings.model} makes images (token grid H, W), "
+                         f"and {', '.join(settings.methods)} {'has' if len(settings.methods) == 1 else 'have'} "
+                         "candidates on video grids (T, H, W) only: the plan could only be dense. Pass other "
+                         "--methods, e.g. tile,sla")
     if settings.tile is None:
         return
     try:
@@ -232,14 +298,6 @@ def _check_tile(settings: CalibrationSettings, check_candidate_tile) -> None:
     except (ValueError, TypeError):
         raise ValueError(f"--tile {settings.tile!r} is invalid: one size >= 1 per grid dimension, e.g. (1, 8, 8)") \
             from None
-    from ..pipelines.presets import PRESETS, resolve_model_family
-
-    try:
-        class_name, _ = resolve_model_family(settings.model)
-    except ValueError:
-        return  # not known before loading: candidate_grid checks it against the grid
-    preset = PRESETS.get(class_name)
-    dims = None if preset is None else preset.grid_dims
     if dims is not None and len(tile) != dims:
         raise ValueError(f"--tile {tile} has {len(tile)} sizes, but the token grid of {settings.model} has {dims} "
                          f"dimensions: give {dims} sizes, {'T,H,W' if dims == 3 else 'H,W'}")
