@@ -272,14 +272,25 @@ def _sparse_contenders(shape: ModelShape, target: float, q, k, v, gen, device, d
 
 
 def _vsa_contender(grid, target: float, q, k, v):
-    """``(call, row fields)`` of VSA at the top-k that keeps ``target`` of the key cubes (at least one)."""
+    """``(call, row fields)`` of VSA at the top-k that keeps ``target`` of the key cubes (at least one).
+
+    ``token_density``: the real token pairs the call's selection visits / N^2, and ``padded_tokens``: the cubes'
+    positions, as ``bench gpu``'s VSA rows: where cubes are partial (Wan's 21 frames, an extent under 4, which
+    shrinks the cube) the share of the cubes is neither the true density nor the work."""
     from ..kernels.vsa import vsa_attention
+    from ..kernels.vsa.naive import cubes_of
 
     tile = (4, 4, 4)
-    cubes = math.prod(-(-g // t) for g, t in zip(grid, tile))
-    topk = max(1, round(target * cubes))
+    cubes = cubes_of(tuple(grid), tile)  # (the tile clamped to the grid, as the call cuts it)
+    topk = max(1, round(target * cubes.count))
+    with torch.no_grad():
+        selection = vsa_attention(q, k, v, tuple(grid), topk=topk, tile=tile, return_selection=True)[1]
+    sizes = cubes.sizes.to(selection.device, torch.float64)
+    pairs = float((sizes[None, None, :, None] * sizes[selection]).sum())
+    true = pairs / (selection.shape[0] * selection.shape[1] * math.prod(grid) ** 2)
     return (partial(vsa_attention, q, k, v, tuple(grid), topk=topk, tile=tile),
-            dict(density=topk / cubes, target_density=target, cubes=cubes, topk=topk))
+            dict(density=topk / cubes.count, target_density=target, cubes=cubes.count, topk=topk,
+                 token_density=true, padded_tokens=cubes.perm.num_padded))
 
 
 def _bench_shape(shape: ModelShape, densities, device, dtype, warmup, repeats, backends, sla, flex_compiled, notes,

@@ -440,7 +440,10 @@ class _LayoutCase(_Case):
         # The efficiency is speedup x the pattern's true density (issue 72); the padded blocks' work is its own
         # column (padded_work), never folded into the ideal.
         self.density = _true_density(plan)
-        self.work = lay.density() * (np_ / shape.tokens) ** 2
+        # Every visited block is worked in full, a ragged last block too (a radial layout of T*H*W tokens):
+        # block_figures' padded work, not the layout's positions (which made it < 1 there).
+        worked = lay.num_q_blocks * lay.block_q * lay.num_kv_blocks * lay.block_k
+        self.work = lay.density() * worked / shape.tokens ** 2
         self.facts = {"config": method.to_dict(), "padded_tokens": np_, "layout_density": lay.density(),
                       "block_q": lay.block_q, "block_k": lay.block_k}
         self.twin_layout = lay if lay.num_heads == 1 else lay.select(heads=(0, TWIN_HEADS))

@@ -66,6 +66,10 @@ class ClipScorer:
 
     def score_many(self, videos: Sequence, prompts: Sequence[str]) -> float:
         """Mean score over all frames of all videos (one prompt per video)."""
+        videos, prompts = list(videos), list(prompts)
+        if len(videos) != len(prompts) or not videos:  # (zip would drop the unmatched videos from the mean)
+            raise ValueError(f"score_many needs one prompt per video (and at least one video); got {len(videos)} "
+                             f"videos and {len(prompts)} prompts")
         scores = [self.per_frame(v, p) for v, p in zip(videos, prompts)]
         return float(torch.cat(scores).mean())
 

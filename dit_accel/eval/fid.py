@@ -187,5 +187,14 @@ def frechet_distance(set_a, set_b, feature, *, device="cpu", batch_size: int = 3
 
 def _stack(frames) -> torch.Tensor:
     if isinstance(frames, (list, tuple)):
-        return torch.cat([to_frames(f) for f in frames])
+        videos = [to_frames(f) for f in frames]
+        if not videos:
+            raise ValueError("FID needs at least 2 images per set; got an empty list of videos")
+        sizes = [tuple(v.shape[1:]) for v in videos]
+        other = next((i for i, size in enumerate(sizes) if size != sizes[0]), None)
+        if other is not None:  # (torch.cat's "Sizes of tensors must match" named no video)
+            raise ValueError(f"FID takes frames of one size per set: video 0 has {sizes[0][1]}x{sizes[0][2]} frames "
+                             f"({sizes[0][0]} channels), video {other} {sizes[other][1]}x{sizes[other][2]} "
+                             f"({sizes[other][0]} channels); resize them to one size first")
+        return torch.cat(videos)
     return to_frames(frames)

@@ -32,6 +32,9 @@ def to_frames(video) -> torch.Tensor:
         raise ValueError(f"video must be [F, H, W, 3] or [F, 3, H, W]; got shape {tuple(x.shape)}")
     if x.shape[-1] in (1, 3) and x.shape[1] not in (1, 3):
         x = x.permute(0, 3, 1, 2)
+    if x.shape[1] not in (1, 3):  # RGBA [F, H, W, 4] was read as H channels of W x 4 images: SSIM silently wrong
+        raise ValueError(f"video must be [F, H, W, 3] or [F, 3, H, W] (RGB); got shape {tuple(x.shape)}, which has "
+                         "no axis of 3 (or 1) colour channels. Drop an alpha channel with video[..., :3]")
     if x.dtype == torch.uint8:
         x = x.float() / 255.0
     elif not x.is_floating_point():
@@ -39,7 +42,11 @@ def to_frames(video) -> torch.Tensor:
     elif x.numel():
         # Clamping a [0, 255] or [-1, 1] float video would silently wreck every metric.
         lo, hi = float(x.min()), float(x.max())
-        if lo < -_RANGE_SLACK or hi > 1.0 + _RANGE_SLACK or math.isnan(lo) or math.isnan(hi):
+        if not (math.isfinite(lo) and math.isfinite(hi)):
+            bad = int((~torch.isfinite(x)).flatten(1).any(1).sum())
+            raise ValueError(f"video holds NaN or inf values in {bad} of its {x.shape[0]} frames: no metric of them "
+                             "means anything; check the generation that made them (its dtype, a diverged run)")
+        if lo < -_RANGE_SLACK or hi > 1.0 + _RANGE_SLACK:
             raise ValueError(f"float video values must lie in [0, 1]; got min {lo:.4g}, max {hi:.4g}. "
                              "Divide 0-255 frames by 255 (or pass uint8), map [-1, 1] frames with (x + 1) / 2")
     return x.float().clamp(0.0, 1.0).contiguous()
@@ -68,7 +75,8 @@ def ssim_per_frame(pred, ref) -> torch.Tensor:
     pred, ref = to_frames(pred), to_frames(ref)
     _check_pair(pred, ref)
     side = min(pred.shape[-2:])
-    kernel = 11 if side >= 11 else max(3, side - (1 - side % 2))  # odd and <= the frame side
+    # Odd and fitting the frame (a 1-pixel side takes a 1-pixel window: the reflection padding of 3 needs 2).
+    kernel = 11 if side >= 11 else 1 if side < 2 else max(3, side - (1 - side % 2))
     # In float64: the variances are E[x^2] - E[x]^2, which float32 cancels to noise against C2 = 9e-4 on flat
     # regions (identical grey frames scored 0.9996, not 1). A few frames at a time bounds the memory of the doubles.
     values = [structural_similarity_index_measure(p.double(), r.double(), data_range=1.0, reduction="none",
@@ -121,6 +129,7 @@ class LPIPSScorer:
     @torch.no_grad()
     def __call__(self, pred, ref) -> torch.Tensor:
         pred, ref = to_frames(pred), to_frames(ref)
+        _check_pair(pred, ref)  # (zip would score the shorter video's frames only)
         device = next(self.metric.parameters(), torch.empty(0)).device
         values = []
         for a, b in zip(pred, ref):

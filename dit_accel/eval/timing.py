@@ -122,7 +122,9 @@ class StageTimer:
         self._spans.setdefault(stage, []).append((token, end))
 
     def start(self) -> None:
-        self._spans = {}
+        # A call that raised inside a hooked module left its span open (no forward hook ran): closed by the next
+        # run's call, it timed the failed run too (transformer seconds above the total), so a new run starts clean.
+        self._spans, self._open, self._tokens = {}, {}, {}
         if self.cuda:
             torch.cuda.synchronize(self.device)
         self._t0 = self._begin()

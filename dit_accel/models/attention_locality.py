@@ -45,15 +45,31 @@ def pattern_mask(method, grid: Tuple[int, ...]) -> torch.Tensor:
     Tile and GNA, the methods whose pattern is fixed by the grid (dense: everything). Others raise
     ValueError: their pattern depends on the data, so there is no one mask to stay inside.
     """
+    import warnings
+
+    from .._util import DitAccelWarning
     from ..methods import GNA, Tile
+    from ..patterns.checks import per_head
     from ..patterns.gna import gna_mask
-    from ..patterns.tile import tile_mask
+    from ..patterns.separable import kron
+    from ..patterns.tile import fit_tile, tile_mask
 
     check_pattern_method(method)
     grid = tuple(int(g) for g in grid)
+    # fit=True: the pattern its plan runs on this grid (Tile._fitted_plan's tile and window, GNA's kernels clamped
+    # to the grid), not the one given: the term measured another pattern's mass, or refused a GNA kernel it runs.
     if isinstance(method, Tile):
-        return tile_mask(grid, method.tile, method.window)
+        tile, window = method.tile, method.window
+        if method.fit and method.block_size is None and per_head(window) is None:
+            tile, window = fit_tile(grid, tile, window)
+        return tile_mask(grid, tile, window)
     if isinstance(method, GNA):
+        if method.fit and per_head(method.kernel_size) is None:
+            with warnings.catch_warnings():  # (the plan notes the clamp)
+                warnings.simplefilter("ignore", DitAccelWarning)
+                fitted = method._fitted_relations(grid)
+            if fitted is not None:
+                return kron(fitted[1])
         return gna_mask(grid, method.kernel_size, method.stride, method.dilation, method.is_causal)
     n = _tokens(grid)
     return torch.ones(n, n, dtype=torch.bool)  # Dense
