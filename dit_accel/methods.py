@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import math
 import os
 import warnings
@@ -403,12 +404,8 @@ class Tile(Method):
         block = None if self.block_size is None else positive_int("block_size", self.block_size, owner="Tile.")
         _freeze(self, tile=tile, window=window, block_size=block, fit=fit)
 
-    def to_dict(self) -> dict:
-        d = super().to_dict()
-        for name in ("block_size", "fit"):  # the defaults: plans written before the fields existed read the same
-            if d[name] in (None, False):
-                del d[name]
-        return d
+    def to_dict(self) -> dict:  # without the defaults: plans written before the fields existed read the same
+        return {k: v for k, v in super().to_dict().items() if k not in ("block_size", "fit") or v not in (None, False)}
 
     @classmethod
     def from_strategy(cls, path, *, tile=(6, 8, 8)) -> "TileStrategy":
@@ -539,7 +536,11 @@ class TileStrategy(Method):
             raise ValueError(f"{path!r}: {err}") from None
         _freeze(self, path=path, tile=tile)
         object.__setattr__(self, "_table", table)
+        object.__setattr__(self, "_sha256", hashlib.sha256(repr(sorted(table.items())).encode()).hexdigest())
         object.__setattr__(self, "_tiles", {})  # (step, layer) -> Tile, made on first use
+
+    def ran_dict(self) -> dict:  # the windows that ran, by hash: the path alone names what the file holds later
+        return {**self.to_dict(), "windows_sha256": self._sha256}
 
     @property
     def heads(self) -> int:
@@ -780,9 +781,7 @@ class VSA(Method):
         _freeze(self, topk=topk, sparsity=None if self.sparsity is None else sparsity, tile=tile)
 
     def ran_dict(self) -> dict:
-        d = self.to_dict()
-        d["sparsity"] = self.effective_sparsity  # neither given: DEFAULT_SPARSITY runs, not "None"
-        return d
+        return {**self.to_dict(), "sparsity": self.effective_sparsity}  # neither given: DEFAULT_SPARSITY, not None
 
     @property
     def effective_sparsity(self) -> Optional[float]:

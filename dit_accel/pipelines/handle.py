@@ -377,14 +377,17 @@ class AccelHandle:
             hook.set_schedule(schedule)
 
     def plan(self, method: Method, grid) -> Plan:
-        """The plan ``method`` runs on ``grid`` (the one the attention calls use; built once per geometry)."""
+        """The plan ``method`` runs on ``grid`` (the one the attention calls use; built once per geometry): under
+        ring context parallelism, the plan of its config for the ranks' shares (:meth:`Method.for_shares`)."""
         self._check_active("plan()")
         _check_method("method", method)
         items = tuple(grid) if isinstance(grid, (tuple, list)) or type(grid).__module__ == "numpy" else ()
         if not items or not all(is_int(g) and g >= 1 for g in items):
             raise ValueError(f"grid={grid!r} is invalid: expected the token grid, a tuple of positive ints such as "
                              "(T, H, W) for a video or (H, W) for an image")
-        return self._runtime.plans.get(method, items)
+        items = tuple(int(g) for g in items)
+        ring = self._ring_degree()
+        return self._runtime.plans.get(method if ring == 1 else method.for_shares(items, ring), items)
 
     @property
     def plans(self) -> Dict[tuple, Plan]:
@@ -443,19 +446,37 @@ class AccelHandle:
                 "backend": self.backend, "warnings": self.warnings}
 
     def _ran_on_grid(self) -> Dict[str, dict]:
-        """The method as it ran on each token grid planned so far, by ``"TxHxW"``: its plan's method, which for a
-        ``fit=True`` Tile is the fitted tile and window (``config`` says the tile as set, the same on every grid),
-        a ``fit=True`` GNA's clamped kernel (:func:`_as_ran`); the config itself where the method has no plan of
-        its own there (a per-step strategy or plan). Read from the plans already built, so no attention call pays
-        for it; plans outlive :meth:`reset_stats`."""
-        out: Dict[str, dict] = {}
-        for (method, grid), plan in sorted(self._runtime.plans.items().items(), key=lambda item: item[0][1]):
-            key = "x".join(str(g) for g in grid)
-            if method == self.method:
-                out[key] = _as_ran(plan.method, grid)
+        """The method as it ran on each token grid of the calls since :meth:`reset_stats` (as the other summary
+        keys count them), by ``"TxHxW"``: its plan's method, which for a ``fit=True`` Tile is the fitted tile and
+        window (``config`` says the tile as set, the same on every grid), a ``fit=True`` GNA's clamped kernel
+        (:func:`_as_ran`), and under ring context parallelism the config each rank's share ran
+        (:meth:`~dit_accel.methods.Method.for_shares`: GNA's tile for one rank's slab); the config itself where the
+        method has no plan of its own there (a per-step strategy or plan, or a plan dropped from the cache). Read
+        from the plans already built, so no attention call pays for it."""
+        seen = set(self._runtime.stats.grids)
+        ring = self._ring_degree()
+        out: Dict[tuple, dict] = {}
+        for (method, grid), plan in self._runtime.plans.items().items():
+            if grid not in seen:
+                continue
+            if method == self.method or (ring > 1 and method == self.method.for_shares(grid, ring)):
+                out[grid] = _as_ran(plan.method, grid)
             else:
-                out.setdefault(key, self.method.ran_dict())
-        return out
+                out.setdefault(grid, self.method.ran_dict())
+        for grid in seen - set(out):
+            out[grid] = self.method.ran_dict()
+        return {"x".join(str(g) for g in grid): out[grid] for grid in sorted(out)}
+
+    def _ring_degree(self) -> int:
+        """The ring degree of the wrapped layers' context parallelism (1 without)."""
+        from .parallel import Split
+
+        for hook in self._hooks:
+            for layer in hook.layers[:1]:
+                split = Split.of(layer.parallel) if layer.parallel is not None else None
+                if split is not None:
+                    return split.ring
+        return 1
 
     def sla_projections(self) -> Dict[str, nn.Linear]:
         """SLA output projections by attention module name (empty unless a layer runs SLA)."""

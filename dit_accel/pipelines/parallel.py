@@ -36,7 +36,8 @@ import torch.nn.functional as F
 from ..plans.plan import Plan, attend_with_lse
 from ..kernels import merge_attention
 
-__all__ = ["Split", "run_split", "check_split", "check_ring_layers", "check_ulysses_heads", "enable_context_parallel"]
+__all__ = ["Split", "run_split", "check_split", "check_ring_layers", "check_ulysses_heads", "check_per_head",
+           "enable_context_parallel"]
 
 
 def enable_context_parallel(transformer, config) -> None:
@@ -152,6 +153,21 @@ def check_split(split: Split, num_video: int, num_text: int, plans) -> None:
         for plan in {p for p in plans if p is not None and not p.is_dense}:
             for shard in shards:
                 plan.check_part(shard)
+
+
+def check_per_head(schedule, parallel_config) -> None:
+    """Refuse context parallelism for a schedule that may run a per-head config (``PerHead``, a calibrated plan's
+    per-head entries) before the model runs: otherwise found at the first call that reaches one, which for a
+    plan's later phase is part way through a generation."""
+    from ..plans.per_head import CONTEXT_PARALLEL_REFUSAL
+
+    cp = getattr(parallel_config, "context_parallel_config", None)
+    if cp is None or (cp.ulysses_degree or 1) * (cp.ring_degree or 1) == 1:
+        return
+    for method in schedule.methods():
+        plan = getattr(method, "sparse_plan", None)  # a SparsePlan's PlanMethod: every config it names
+        if any(m.name == "per_head" for m in (plan.methods() if plan is not None else (method,))):
+            raise ValueError(CONTEXT_PARALLEL_REFUSAL)
 
 
 # Diffusers attention backends whose step of Diffusers' own Ring raises "... does not support return_lse"

@@ -21,7 +21,7 @@ from ..plans.plan import Plan
 from .capture import Capture
 from .context import CallContext, ContextStack, lasting_tensors, tracing
 from .interceptor import _ROUTE, SDPAInterceptor, native_scope
-from .parallel import Split, check_ulysses_heads, check_ring_layers
+from .parallel import Split, check_per_head, check_ulysses_heads, check_ring_layers
 from .stats import Stats
 
 __all__ = ["SparseAttnProcessor", "Runtime", "PlanCache", "LayerReport"]
@@ -318,6 +318,7 @@ class SparseAttnProcessor:
                 Split.of(value)
                 if self.index == 0:  # (once per model: the check reads every layer)
                     check_ring_layers(self.owner.transformer, self.owner.preset, value)
+                    check_per_head(self.owner.schedule, value)
             except (ValueError, TypeError):
                 _unset_parallel(self.owner.transformer, value)
                 raise

@@ -57,8 +57,9 @@ class Stats:
         self.reset()
 
     def reset(self) -> None:
-        """Forget every count, density and time so far (a warm-up's)."""
+        """Forget every count, density and time so far (a warm-up's), and the grids they ran on."""
         self.layers = [LayerStats() for _ in self.names]
+        self.grids = set()  # token grids of the calls counted since (a plan ran there: summary's ran_on_grid)
 
     def sparse(self, layer: int, density, backend: Optional[str] = None, token_density: Optional[float] = None) -> None:
         stats = self.layers[layer]

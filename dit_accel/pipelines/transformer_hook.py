@@ -23,7 +23,7 @@ from .capture import Capture
 from .context import (CallContext, CallGate, CallRecord, ContextStack, call_is_running, calling_pipeline,
                       lasting_tensors, tracing)
 from .interceptor import _dispatch_module
-from .parallel import Split, check_ulysses_heads, check_ring_layers, check_split
+from .parallel import Split, check_per_head, check_ulysses_heads, check_ring_layers, check_split
 from .presets import GridInfo, Preset
 from .processor import Runtime, SparseAttnProcessor, _backend_name
 from .schedule import Schedule, StepSource
@@ -93,7 +93,7 @@ class TransformerHook:
         self.layers: List[SparseAttnProcessor] = []
         self._modules: List[nn.Module] = []
         self._handles = []
-        self._last = None  # (key, context, parallel config) of the last call (see _pre_forward)
+        self._last = None  # (key, context, parallel config, any plan) of the last call (see _pre_forward)
         self._inert_seen: Dict[int, tuple] = {}  # layer index -> its projection's versions when read as inert
         self._grid = None  # (the preset's fingerprint, GridInfo) of the last call that had a fingerprint
         self.successor: Optional["TransformerHook"] = None  # the hook of the handle that replaced this one
@@ -114,6 +114,7 @@ class TransformerHook:
             if self.layers and self.layers[0].parallel is not None:  # a model made context-parallel before apply()
                 check_ulysses_heads(self.transformer, self.layers[0].parallel)
                 check_ring_layers(self.transformer, self.preset, self.layers[0].parallel)
+                check_per_head(self.schedule, self.layers[0].parallel)
             self.refresh_inert()
             self._hook_forward()
         except BaseException:
@@ -271,11 +272,14 @@ class TransformerHook:
         key = (tuple(info.grid), info.num_text, info.num_after, step, total, device, env_value(), additive_ok)
         last = self._last
         if last is not None and last[0] == key and last[2] is parallel:
-            context = last[1]
+            context, planned = last[1], last[3]
         else:
             with lasting_tensors():  # (plans and their device data outlive the call)
                 context = self._context(info, step, total, parallel, device, additive_ok)
-            self._last = (key, context, parallel)
+            planned = any(plan is not None for plan in context.plans)
+            self._last = (key, context, parallel, planned)
+        if planned and not self.runtime.bypassed:  # a grid summary()'s ran_on_grid lists (until reset_stats)
+            self.runtime.stats.grids.add(context.grid)
         self._check_processors()
         sla = []
         record.pushed = True  # (pushes cannot fail part way: the stacks are lists)

@@ -255,7 +255,9 @@ def _load(gates: VSAGates, targets, weights, log) -> int:
     for prefix, transformer, _, modules in targets:
         if weights is not None:
             folder = Path(weights)
-            folder = folder if gate_keys(folder) else folder / "transformer"
+            if not gate_keys(folder):  # a pipeline folder: each transformer's own (Wan 2.2: transformer_2/ too)
+                folder = folder / (prefix.rstrip(".") or "transformer")
+                folder = folder if folder.is_dir() else None
         else:
             folder = transformer_folder(transformer)
             name = loaded_from(transformer)

@@ -31,10 +31,17 @@ from ..methods import Dense, Method
 from .plan import DensePlan, LayoutPlan, Plan, SLAPlan
 from .vsa import VSAPlan
 
-__all__ = ["PerHead", "PerHeadPlan", "MAX_CONVERTED_TOKENS"]
+__all__ = ["PerHead", "PerHeadPlan", "MAX_CONVERTED_TOKENS", "CONTEXT_PARALLEL_REFUSAL"]
 
 #: Largest token count at which a head laid out in another token order is converted through its N x N mask.
 MAX_CONVERTED_TOKENS = 8192
+
+#: Why a per-head config is refused under context parallelism (ring shares or Ulysses head groups).
+CONTEXT_PARALLEL_REFUSAL = ("dit_accel: a per-head method config (PerHead, or a calibrated plan's per-head entries) "
+                            "runs every head of a layer in one process, so it does not run under context "
+                            "parallelism, neither ring nor Ulysses: run it without context parallelism (no "
+                            "enable_parallelism, no --cp), or use one method for every head (a Tile or GNA with "
+                            "per-head windows runs under both)")
 
 
 @dataclass(frozen=True)
@@ -168,8 +175,7 @@ class PerHeadPlan(Plan):
     # ------------------------------------------------------------------ run
     def attend(self, q, k, v, *, scale, backend, proj=None, heads=None, lse: bool = True):
         if heads is not None:
-            raise ValueError("per-head plans run on every head of a layer; context parallelism that splits heads "
-                             "(Ulysses) is not supported for them")
+            raise ValueError(CONTEXT_PARALLEL_REFUSAL)
         n_heads = len(self.method.methods)
         if q.shape[1] != n_heads:
             raise ValueError(f"{self.method.name} holds {n_heads} head methods but the layer has {q.shape[1]} heads; "
@@ -200,8 +206,7 @@ class PerHeadPlan(Plan):
         return o, lse, extra, density / n_heads
 
     def check_part(self, rows) -> None:
-        raise ValueError("per-head plans do not run under ring attention (context parallelism): run the plan "
-                         "on one device or with Ulysses off")
+        raise ValueError(CONTEXT_PARALLEL_REFUSAL)
 
     def backend_for(self, q, k, v, backend: str, lse: bool = True) -> str:
         names = []
