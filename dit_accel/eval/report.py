@@ -46,7 +46,9 @@ def _config_text(config: dict, ran_on_grid=None) -> str:
     """The row's settings as given, then, per token grid where the method ran others (a ``fit=True`` Tile's
     fitted tile and window: ``summary.ran_on_grid``), those."""
     skip = {"label", "method", "plan"}
-    text = ", ".join(f"{k}={v}" for k, v in config.items() if k not in skip)
+    # (a TileStrategy's windows hash: its first 12 digits tell two files apart in a table)
+    text = ", ".join(f"{k}={v[:12] if k == 'windows_sha256' and isinstance(v, str) else v}"
+                     for k, v in config.items() if k not in skip)
     for grid, ran in (ran_on_grid or {}).items():
         changed = [f"{k}={_as_tuple(v)}" for k, v in ran.items() if k not in skip
                    and _as_tuple(v) != _as_tuple(config.get(k))]

@@ -300,3 +300,11 @@ def test_stage_timer_after_a_run_that_raised_in_the_transformer_times_only_the_n
         times = timer.stop()
     assert timer.calls("transformer") == 1
     assert 0 < times["transformer"] <= times["total"]  # it was 0.046 s in a 0.023 s run
+
+
+def test_the_report_shows_a_strategy_windows_hash_by_its_first_twelve_digits():
+    """A TileStrategy's record carries the 64-digit hash of its windows: the eval table shows 12 of them."""
+    from dit_accel.eval.report import _config_text
+
+    text = _config_text({"label": "s", "method": "tile_strategy", "path": "s.json", "windows_sha256": "ab" * 32})
+    assert text == "path=s.json, windows_sha256=" + ("ab" * 6)
