@@ -469,6 +469,11 @@ def _run_sass(args) -> int:
             return refuse(f"{flag} takes {expected}; got {bad or 'nothing'}")
     if args.workers < 1:
         return refuse(f"--workers must be >= 1; got {args.workers}")
+    from .checks import file_error
+
+    problem = file_error(args.json, "--json", "sass.json") if args.json is not None else None
+    if problem:  # now, not after the compiles (minutes; an hour for --search)
+        return refuse(problem)
     if args.search:
         groups = sass.search(args.search, archs, workers=args.workers, progress=True)
         result = {"kind": "sass-search", "family": args.search, "versions": versions(),

@@ -166,10 +166,11 @@ def _check_methods_and_costs(args) -> None:
 
 def _grid_dims(model: str):
     """The token grid rank of ``model``'s calls (its preset's), None where it is not known before loading."""
-    from ..pipelines.presets import PRESETS, resolve_model_family
+    from ..pipelines.presets import PRESETS
+    from .checks import model_family
 
     try:
-        class_name, _ = resolve_model_family(model)
+        class_name, _ = model_family(model)
     except ValueError:
         return None
     preset = PRESETS.get(class_name)

@@ -281,6 +281,11 @@ def _method_specs(args, tiny: bool) -> list:
             if spec.cache is None:
                 spec.cache = cache
                 spec.label += "+" + cache.name
+        if not any(spec.cache is cache for spec in specs):  # (it ran no row with it, exit 0, nothing said)
+            raise _Refused(f"--cache {cache.label} stacks with the method rows, and there is none to take it (the "
+                           "dense baseline stays uncached; --stacks rows keep their own cache): add a method "
+                           "(--methods dense,sla), or give the stack as a row (--stacks dense+"
+                           f"{cache.label.replace(',', ';')})")
     _unique_labels(specs)
     return specs
 

@@ -177,7 +177,7 @@ def _size_defaults(model: str, plan=None) -> dict:
     (tiny-flux makes images: 1 frame), else 81 frames at 480x832 for video models and one 1024x1024 image
     for image models."""
     from ..models.tiny import TINY_DEFAULTS
-    from ..pipelines.presets import resolve_model_family
+    from .checks import model_family
 
     if plan is not None:
         from ..plans.sparse_plan import SparsePlan
@@ -196,7 +196,7 @@ def _size_defaults(model: str, plan=None) -> dict:
         return {"frames": sizes["num_frames"], "height": sizes["height"], "width": sizes["width"],
                 "max_sequence_length": 32}
     try:
-        image = resolve_model_family(model)[0].endswith("2DModel")
+        image = model_family(model)[0].endswith("2DModel")
     except ValueError:  # unknown here: the loader names the problem
         image = False
     if image:

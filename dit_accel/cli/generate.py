@@ -41,7 +41,7 @@ from .generate_args import (_DTYPES, DEFAULT_MODEL, DEFAULT_PROMPT, _check_flags
                             _check_cache_under_cp, _method_for_weights, _check_plan_with_weights, check_sidecar, early_call_error,
                             flag_call_error, image_parameter)
 from .generate_report import (_cache_record, _calls_per_transformer, _check_side_by_side_path,  # noqa: F401
-                              _comparison, _output_notes, _provenance, _quality, _record,
+                              _comparison, magcache_ratios, _output_notes, _provenance, _quality, _record,
                               _remove_earlier_side_by_side, _side_by_side, _side_by_side_path, _strip_height,
                               _summary_lines, cp_ranks)
 from .parallel import add_cp_option
@@ -460,10 +460,11 @@ def _run_pipeline(pipe, call: dict, method, schedule: dict, device: str, cache=N
         handle.fuse_lora()  # a weights= LoRA folded into the weights for the run (remove() restores them exactly)
         if warm:
             _warm_up(pipe, handle, call, method)
+        measured = []  # magcache:calibrate=true: the ratios it printed, per guidance branch
         with StageTimer(pipe, device, attention_modules=attention) as timer, _calls_per_transformer(handle) as \
                 per_transformer:
             try:
-                with _cache_context(pipe, cache, call.get("num_inference_steps")):
+                with _cache_context(pipe, cache, call.get("num_inference_steps")), magcache_ratios(cache, measured):
                     timer.start()
                     output = pipe(**call)
             except ValueError as err:  # e.g. a window larger than this grid: raised before attention runs
@@ -474,6 +475,8 @@ def _run_pipeline(pipe, call: dict, method, schedule: dict, device: str, cache=N
         summary = handle.summary(all_ranks=True)
         summary["attention_calls_expected"] = per_transformer()
         summary["token_grids"] = sorted({tuple(grid) for _, grid in handle.plans})  # video token grids planned
+        if measured:
+            summary["mag_ratios_measured"] = measured
         return output, times, calls, handle.stats(all_ranks=True), summary
     finally:
         handle.remove()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import re
 from pathlib import Path
 
 from .._util import format_ratio, format_time, versions
@@ -267,10 +268,45 @@ def _cache_record(spec, calls, summary, ranks: int = 1):
     ran = (int(summary.get("sparse_calls") or 0) + int(summary.get("dense_calls") or 0)) // max(ranks, 1)
     expected = summary.get("attention_calls_expected")  # each transformer's layers x its calls (Wan 2.2: two)
     expected = layers * int(calls or 0) if expected is None else int(expected)
-    return {**spec.describe(), "label": spec.label, "attention_calls_expected": expected, "attention_calls_ran": ran,
-            "attention_calls_skipped": max(expected - ran, 0),
-            "note": "self-attention calls of the layers the method wraps: layers x transformer calls expected, "
-                    "those that ran counted by the attention processors"}
+    record = {**spec.describe(), "label": spec.label, "attention_calls_expected": expected,
+              "attention_calls_ran": ran, "attention_calls_skipped": max(expected - ran, 0),
+              "note": "self-attention calls of the layers the method wraps: layers x transformer calls expected, "
+                      "those that ran counted by the attention processors"}
+    if summary.get("mag_ratios_measured"):  # magcache:calibrate=true: what it measured, one list per branch
+        record["mag_ratios_measured"] = summary["mag_ratios_measured"]
+    return record
+
+
+# Diffusers' MagCache prints its calibration (magcache:calibrate=true) at the last step of each cache context:
+# a line saying so, then the ratios as a Python list, then a blank line.
+_MAGCACHE_PRINT = re.compile(r"\n?\[MagCache\] Calibration Complete\.[^\n]*\n(\[[^\n]*\])\n\n?")
+
+
+@contextlib.contextmanager
+def magcache_ratios(spec, found: list):
+    """While open, take the ratios Diffusers' MagCache prints when it calibrates (``magcache:calibrate=true``) off
+    stdout into ``found``, one list per guidance branch (its cache context), in the order printed; anything else
+    printed meanwhile is passed on. They came through under ``--quiet`` as a Python list no flag takes, and no
+    record kept them: the sidecar's ``cache.mag_ratios_measured`` and one summary line now do."""
+    if spec is None or spec.name != "magcache" or not spec.options.get("calibrate"):
+        yield found
+        return
+    import ast
+    import io
+    import sys
+
+    buffer = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(buffer):
+            yield found
+    finally:
+        text = buffer.getvalue()
+        for match in _MAGCACHE_PRINT.finditer(text):
+            with contextlib.suppress(ValueError, SyntaxError, TypeError):
+                found.append([float(v) for v in ast.literal_eval(match.group(1))])
+        rest = _MAGCACHE_PRINT.sub("", text)
+        if rest:
+            sys.stdout.write(rest)
 
 
 @contextlib.contextmanager
@@ -297,8 +333,16 @@ def _cache_line(cache) -> list:
         return []
     expected, skipped = cache["attention_calls_expected"], cache["attention_calls_skipped"]
     share = f" ({100 * skipped / expected:.0f}%)" if expected else ""
-    return [f"cache {cache['label']}: skipped {skipped} of {expected} self-attention calls{share}, reusing or "
-            "predicting their blocks' outputs from earlier steps"]
+    lines = [f"cache {cache['label']}: skipped {skipped} of {expected} self-attention calls{share}, reusing or "
+             "predicting their blocks' outputs from earlier steps"]
+    measured = cache.get("mag_ratios_measured")
+    if measured:
+        shown = ["/".join(f"{v:.4g}" for v in ratios) for ratios in measured]
+        lines.append(f"magcache calibration: mag_ratios measured {'; '.join(shown)}"
+                     + (" (one list per guidance branch)" if len(shown) > 1 else "")
+                     + f"; run with --cache magcache:mag_ratios={shown[0]} to skip by them (the sidecar's "
+                       "cache.mag_ratios_measured holds them in full)")
+    return lines
 
 
 def _provenance(args, call, record, summary, stats) -> dict:

@@ -147,9 +147,10 @@ def model_settings(model: str) -> dict:
     """Per registered method, the published settings for ``model`` (or dit_accel's preset default), each with
     its config, ``apply`` kwargs, density on the published grid and source."""
     from ..methods import registered_methods
-    from ..pipelines.presets import PRESETS, published_settings, recommended, resolve_model_family
+    from ..pipelines.presets import PRESETS, published_settings, recommended
+    from .checks import model_family
 
-    class_name, family = resolve_model_family(model)
+    class_name, family = model_family(model)
     preset = PRESETS[class_name]
     known = published_settings(class_name, family=family)
     grid, where = (known[0].grid, known[0].shape) if known else (None, None)

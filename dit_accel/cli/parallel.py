@@ -55,6 +55,10 @@ def start(degrees: Tuple[int, int], device: Optional[str]):
     from diffusers import ContextParallelConfig
 
     ulysses, ring = degrees
+    if device is not None and ":" in str(device):  # (it was replaced by cuda:LOCAL_RANK without a word)
+        raise ValueError(f"--device {device} with --cp: each rank runs on its own device, the GPU torchrun numbers "
+                         "it (cuda:LOCAL_RANK); give --device cuda or leave --device out, and choose the GPUs with "
+                         "CUDA_VISIBLE_DEVICES")
     world = _env_int("WORLD_SIZE", 0)
     if world == 0:
         raise ValueError(f"--cp needs one process per rank: run `torchrun --nproc_per_node {ulysses * ring} -m "

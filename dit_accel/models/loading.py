@@ -325,7 +325,32 @@ def early_size_error(model, height, width) -> Optional[str]:
     multiple = _FIXED_SIZE_MULTIPLES.get(name) if name is not None else None
     if multiple is None:
         return None
-    return _size_message(name, multiple, (("--height", height), ("--width", width)))
+    return (_early_reach_error(model_folder(model), height, width)
+            or _size_message(name, multiple, (("--height", height), ("--width", width))))
+
+
+def _early_reach_error(folder: Optional[Path], height, width) -> Optional[str]:
+    """:func:`rope_reach_error` for the height and width, read from ``folder``'s transformer and VAE configs (a
+    Wan-style ``rope_max_seq_len``, ``patch_size`` and ``scale_factor_spatial``); None where they fit or are not
+    there. Checked first, as after loading: a size past the reach and off the multiple was told "give 4096 or
+    4112", and 4112 was then refused, after the load, as past the reach."""
+    import json
+
+    try:
+        config = json.loads((folder / "transformer" / "config.json").read_text(encoding="utf-8-sig"))
+        scale = json.loads((folder / "vae" / "config.json").read_text(encoding="utf-8-sig")).get("scale_factor_spatial")
+        reach, patch = config.get("rope_max_seq_len"), config.get("patch_size")
+    except (OSError, ValueError, AttributeError, TypeError):
+        return None
+    if not (isinstance(reach, int) and isinstance(scale, int) and scale >= 1 and isinstance(patch, list)
+            and len(patch) == 3 and all(isinstance(p, int) and p >= 1 for p in patch)):
+        return None
+    for flag, value, step in (("--height", height, patch[1]), ("--width", width, patch[2])):
+        if isinstance(value, int) and -(-(value // scale) // step) > reach:
+            return (f"{flag} {value} is past what {config.get('_class_name') or 'the transformer'}'s rotary "
+                    f"embedding covers ({reach} positions per axis, rope_max_seq_len): give {flag} "
+                    f"{reach * step * scale} or less")
+    return None
 
 
 def index_class_name(model) -> Optional[str]:
