@@ -186,9 +186,9 @@ def _size_defaults(model: str, plan=None) -> dict:
             call = SparsePlan.load(plan).provenance.get("call") or {}
         except ValueError as err:
             raise ValueError(f"--plan {plan}: {err}") from None
-        if {"num_frames", "height", "width"} <= set(call):
+        if {"height", "width"} <= set(call):  # (an image model's plan records no num_frames: one frame)
             sizes = _size_defaults(model)
-            return {"frames": call["num_frames"], "height": call["height"], "width": call["width"],
+            return {"frames": call.get("num_frames", 1), "height": call["height"], "width": call["width"],
                     "max_sequence_length": call.get("max_sequence_length") or sizes["max_sequence_length"]}
 
     if model in TINY_DEFAULTS:

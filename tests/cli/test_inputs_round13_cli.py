@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+import dit_accel
 from dit_accel.cli.main import main
 
 
@@ -172,3 +173,18 @@ def test_a_height_past_the_rotary_reach_is_refused_with_a_size_that_fits(tmp_pat
                  "--out", str(tmp_path / "a.mp4")]) == 2
     err = _one_line(capsys, "generate")
     assert "give --height 4096 or less" in err and "4112 " not in err.split("give")[-1]
+
+
+def test_finetune_takes_an_image_plans_size_which_records_no_frames(tmp_path):
+    """calibrate's plan of an image model records height and width, no num_frames (its call takes none):
+    ``finetune --plan`` sampled the model's default size then, and the plan made at its own size was refused."""
+    from dit_accel.cli.finetune import _size_defaults
+    from dit_accel.plans.sparse_plan import Phase, SparsePlan
+
+    plan = SparsePlan([Phase(0, None, default=dit_accel.Tile(tile=(4, 4), window=(3, 3)))], num_layers=2,
+                      num_heads=2, provenance={"grids": [[6, 6]], "steps": 2,
+                                               "call": {"height": 96, "width": 96, "num_inference_steps": 2}})
+    path = tmp_path / "plan.json"
+    plan.save(path)
+    sizes = _size_defaults("tiny-flux", str(path))
+    assert (sizes["frames"], sizes["height"], sizes["width"]) == (1, 96, 96)
