@@ -411,6 +411,10 @@ def _transform_reason(name: str, request: Request) -> Optional[str]:
     """Why backend ``name`` cannot record this call's backward under a torch.func transform (None where it can):
     the kernels' hand-written backward is an ``autograd.Function`` without ``setup_context``, which torch.func
     refuses with a message about that internal (``torch.func.grad`` over a forced ``backend="triton"``)."""
+    if request.forward_ad and name != "torch":
+        return ("it has no forward-mode derivative (torch.func.jvp, jacfwd, hessian, torch.autograd.forward_ad): "
+                "its tangent would be dropped. Use backend='torch' (the PyTorch twin follows tangents), or take the "
+                "gradient in reverse mode (torch.func.grad, torch.autograd.grad).")
     if name in ("torch", "flex") or not request.needs_grad or not in_functorch():
         return None
     return ("its kernels' hand-written backward takes plain tensors, not those of torch.func transforms (grad, "

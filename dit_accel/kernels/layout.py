@@ -33,7 +33,7 @@ from typing import Optional, Tuple
 import torch
 
 from .._util import cdiv as _cdiv, is_int
-from .request import in_graph
+from .request import in_graph, tracing
 
 __all__ = ["BlockLayout"]
 
@@ -222,7 +222,7 @@ class BlockLayout:
     def derived(self) -> dict:
         """What backends derived from this layout (launch decisions, device copies, plans); RuntimeError when
         the layout's tensors were changed in place since it was built (a layout is an immutable value)."""
-        if self._stamp is not None and not torch.compiler.is_compiling():
+        if self._stamp is not None and not tracing():
             now = self._versions()
             if now != self._stamp:
                 changed = [name for name, a, b in zip(self.TENSORS, self._stamp, now or self._stamp) if a != b]

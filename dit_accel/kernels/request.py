@@ -13,9 +13,11 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
+import torch._guards
+import torch.autograd.forward_ad as _forward_ad
 
 __all__ = ["BackendUnavailable", "Request", "interpreting", "in_graph", "records_grad", "kernel_backward", "env_value",
-           "env_get", "ENV_BACKEND", "in_functorch"]
+           "env_get", "ENV_BACKEND", "in_functorch", "tracing", "forward_ad"]
 
 #: Environment variable that overrides ``backend="auto"``.
 ENV_BACKEND = "DIT_ACCEL_BACKEND"
@@ -39,18 +41,28 @@ class Request:
     q_len: int = 0  # tokens (0: not known), for autotune's token buckets and memory estimates
     kv_len: int = 0
     batch_heads: int = 0
+    forward_ad: bool = False  # a forward-mode tangent rides on q, k or v (torch.func.jvp, jacfwd): only twins follow it
 
     @classmethod
     def of(cls, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_q: int = 64, block_k: int = 64,
            density: Optional[float] = None) -> "Request":
         grad = records_grad(q, k, v)
         return cls(q.device, q.dtype, q.shape[-1], grad, block_q, block_k, density, q.shape[-2], k.shape[-2],
-                   q.shape[0] * q.shape[1] if q.dim() == 4 else 1)
+                   q.shape[0] * q.shape[1] if q.dim() == 4 else 1, grad and forward_ad(q, k, v))
+
+
+def forward_ad(*tensors: torch.Tensor) -> bool:
+    """Whether any of ``tensors`` carries a forward-mode tangent (``torch.func.jvp``, ``jacfwd``, ``hessian``,
+    ``torch.autograd.forward_ad``): one module attribute read outside a forward-AD level."""
+    if getattr(_forward_ad, "_current_level", 0) < 0:  # (torch's own level; absent: look at the tensors)
+        return False
+    return any(_forward_ad.unpack_dual(t).tangent is not None for t in tensors)
 
 
 def records_grad(*tensors: torch.Tensor) -> bool:
-    """Whether a call on ``tensors`` records a backward: autograd on and any of them requiring a gradient."""
-    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+    """Whether a call on ``tensors`` is differentiated: autograd on and any of them requiring a gradient, or any
+    carrying a forward-mode tangent (which the kernels' hand-written backward would drop: a zero tangent)."""
+    return (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)) or forward_ad(*tensors)
 
 
 #: Whether a torch.func transform (grad, vmap, jacrev) is active: torch's own query (absent in some versions: none).
@@ -115,11 +127,30 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").lower() in INTERPRET_ON
 
 
+def _traced_in_this_thread() -> bool:
+    return torch._guards.TracingContext.try_get() is not None
+
+
+# Dynamo calls it once, at trace time, in the tracing thread, and keeps the answer: the mark
+# ``torch._dynamo.assume_constant_result`` sets, set here without importing Dynamo (seconds) for every kernel user.
+_traced_in_this_thread._dynamo_marked_constant = True  # type: ignore[attr-defined]
+
+
+def tracing() -> bool:
+    """Whether torch.compile (or torch.export) is tracing this code, in this thread. ``torch.compiler.is_compiling()``
+    alone is one flag for the whole process while Dynamo compiles: eager calls of other threads (running a graph
+    compiled before, or another model) read it too and took the traced paths: their calls went uncounted, capture
+    and timing were skipped, an SLA projection written since the last read was taken as still zero, a forced
+    backend ran unchecked (raw errors from inside torch), FlexAttention's CPU log-sum-exp was refused and kernel
+    variants never self-checked were trusted. (:func:`dit_accel.pipelines.context.tracing` is this function.)"""
+    return torch.compiler.is_compiling() and _traced_in_this_thread()
+
+
 def in_graph() -> bool:
-    """Whether this call is being traced (``torch.compile``) or captured into a CUDA graph: then nothing may
-    time, synchronise or run a first-use check (a ``synchronize()`` inside a capture breaks it); choices
-    come from what eager calls stored."""
-    if torch.compiler.is_compiling():
+    """Whether this call is being traced (``torch.compile``, in this thread) or captured into a CUDA graph: then
+    nothing may time, synchronise or run a first-use check (a ``synchronize()`` inside a capture breaks it);
+    choices come from what eager calls stored."""
+    if tracing():
         return True
     return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 

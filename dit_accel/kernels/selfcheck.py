@@ -29,6 +29,7 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import hashlib
 import math
@@ -293,11 +294,19 @@ def _store(key: str, entry: dict) -> None:
         _MEMORY.setdefault(k, v)
 
 
+def _no_functorch():
+    """A scope where torch.func transforms active around it do not apply (torch's own switch; absent: none)."""
+    disable = getattr(torch._C, "_DisableFuncTorch", None)
+    return disable() if disable is not None else contextlib.nullcontext()
+
+
 def _run_check(v: Variant, device: torch.device, dtype: torch.dtype, shape: dict) -> dict:
     start = time.perf_counter()
     try:
-        # (whatever the caller's mode: a backward's check may be asked for inside a backward, where grad is off)
-        with torch.inference_mode(False), torch.enable_grad():
+        # (whatever the caller's mode: a backward's check may be asked for inside a backward, where grad is off;
+        # and outside the caller's torch.func transforms: inside vmap, grad or jvp every check crashed, and the
+        # failed verdict, stored, disabled a sound variant on this machine)
+        with torch.inference_mode(False), torch.enable_grad(), _no_functorch():
             res = v.check(device, dtype, dict(shape))
         error, tol, problem, measure = float(res.error), float(res.tolerance), res.problem, res.measure
         ok = res.ok

@@ -27,24 +27,12 @@ from dataclasses import dataclass
 from typing import Optional, Tuple
 
 import torch
-import torch._dynamo
-import torch._guards
+import torch._dynamo  # noqa: F401  (loaded with the pipelines, as before: mark_static_address is looked up on it)
+
+from ..kernels.request import tracing  # (re-exported: the one thread-local check, below the pipelines)
 
 __all__ = ["CallContext", "ContextStack", "CallRecord", "CallGate", "call_is_running", "calling_pipeline",
            "lasting_tensors", "tracing"]
-
-
-@torch._dynamo.assume_constant_result  # (traced: called once, at trace time, in the tracing thread)
-def _traced_in_this_thread() -> bool:
-    return torch._guards.TracingContext.try_get() is not None
-
-
-def tracing() -> bool:
-    """Whether torch.compile is tracing this code, in this thread. ``torch.compiler.is_compiling()`` alone is one
-    flag for the whole process while Dynamo compiles: eager calls of other threads (running a graph compiled
-    before, or another model) read it too, and took the traced paths: their calls went uncounted, capture
-    and timing were skipped, an SLA projection written since the last read was taken as still zero."""
-    return torch.compiler.is_compiling() and _traced_in_this_thread()
 
 
 @dataclass(frozen=True)

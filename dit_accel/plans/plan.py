@@ -35,7 +35,7 @@ from ..kernels.block_sparse.gather import (gather_faster, gather_fits, gather_fo
 from ..kernels.block_sparse.naive import dense_is_faster
 from ..kernels.block_sparse.one_pass import OnePass, one_pass_fits
 from ..kernels.layout import BlockLayout
-from ..kernels.request import in_functorch, in_graph, records_grad
+from ..kernels.request import forward_ad, in_functorch, in_graph, records_grad, tracing
 from ..kernels.sla import sla_parts_checked
 
 __all__ = ["Plan", "DensePlan", "LayoutPlan", "SLAPlan", "attend_with_lse"]
@@ -327,9 +327,10 @@ class LayoutPlan(Plan):
             def resolved() -> str:
                 return resolve("block_sparse", backend, Request.of(q, k, v, layout.block_q, layout.block_k))
 
-            if torch.compiler.is_compiling():
+            if tracing():
                 return resolved()
-            key = (backend, env_value(), grad, in_functorch(), q.shape, q.dtype, q.device, k.shape, v.shape)
+            key = (backend, env_value(), grad, in_functorch(), grad and forward_ad(q, k, v), q.shape, q.dtype, q.device,
+                   k.shape, v.shape)
             return self._padded_backends.get(key) or self._padded_backends.setdefault(key, resolved())
         # The kernels' own cached decision for this call (on CUDA it may be dense attention).
         return block_sparse_backend(q, k, v, layout, backend, return_lse=lse)
@@ -341,8 +342,8 @@ class LayoutPlan(Plan):
         half the key blocks); else masked dense attention when
         :func:`~dit_accel.kernels.block_sparse.naive.dense_is_faster` says so and its mask stays within
         :data:`DENSE_MASK_BYTES`. Decided once per (heads, batch, heads of q, head dim)."""
-        if (backend != "auto" or q.device.type != "cpu" or torch.compiler.is_compiling()
-                or (torch.is_grad_enabled() and q.requires_grad) or env_backend() is not None):
+        if (backend != "auto" or q.device.type != "cpu" or tracing()
+                or (torch.is_grad_enabled() and q.requires_grad) or env_backend() is not None or forward_ad(q)):
             return None  # (a backend forced by $DIT_ACCEL_BACKEND runs as forced)
         key = (heads, q.shape[0], q.shape[1], q.shape[-1])
         try:
@@ -620,11 +621,12 @@ class SLAPlan(Plan):
         self._backends: Dict[tuple, str] = {}  # what backend_for resolved, per eager call signature
 
     def backend_for(self, q, k, v, backend: str, lse: bool = True) -> str:
-        if torch.compiler.is_compiling():
+        if tracing():
             return resolve("sla", backend, Request.of(q, k, v, self.params.block_q, self.params.block_k))
         # The statistics ask on every layer call; resolving once per signature keeps that off the call.
         grad = records_grad(q, k, v)
-        key = (q.device, q.dtype, q.shape[-1], grad, in_functorch(), backend, env_value())  # (torch.func: the twin)
+        key = (q.device, q.dtype, q.shape[-1], grad, in_functorch(), grad and forward_ad(q, k, v), backend,
+               env_value())  # (torch.func: the twin)
         name = self._backends.get(key)
         if name is None:
             name = self._backends[key] = resolve("sla", backend, Request.of(q, k, v, self.params.block_q,

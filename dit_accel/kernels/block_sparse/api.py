@@ -12,7 +12,7 @@ from .._cache import LayoutCache, layout_on
 from .select_backend import VERIFY_TOL, free_memory, memory_skips  # noqa: F401  (re-exported)
 from ..backends import (VENDOR_BACKENDS, Request, check_backend_name, env_backend, env_value, forced_backend, resolve,
                         runs_twin)
-from ..request import in_functorch, in_graph, records_grad
+from ..request import forward_ad, in_functorch, in_graph, records_grad, tracing
 from ..checks import check_flag, check_qkv, check_scale, meta_outputs, unit_stride
 from ..layout import BlockLayout
 from ..layout_checks import check_layout
@@ -152,10 +152,11 @@ def _call(q, k, v, layout, scale, backend: str, return_lse: bool):
     whether autograd records, ``scale``, ``backend``, ``return_lse`` and the environment overrides.
     Traced calls, tensor subclasses and non-layouts take the checked path every time."""
     if type(q) is not torch.Tensor or type(k) is not torch.Tensor or type(v) is not torch.Tensor \
-            or type(layout) is not BlockLayout or torch.compiler.is_compiling():
+            or type(layout) is not BlockLayout or tracing():
         return _decide(q, k, v, layout, scale, backend, return_lse)
     grad = records_grad(q, k, v)
-    grad = grad and (2 if in_functorch() else 1)  # (a torch.func gradient does not take an eager one's backend)
+    # (a torch.func gradient, or a forward-mode tangent, does not take an eager gradient's backend)
+    grad = grad and (3 if forward_ad(q, k, v) else 2 if in_functorch() else 1)
     device = q.device
     # (the types too: True == 1 would take scale=1's or return_lse=True's checked answer, unchecked)
     slot = ("block_sparse.call", (backend, env_value(), autotune.enabled() if device.type == "cuda" else None,
@@ -249,7 +250,8 @@ def _decide_eager(q, k, v, layout, scale: float, backend: str, return_lse: bool)
         from .select_backend import layout_fallback
 
         name = layout_fallback(name, device_layout, request, return_lse, source=layout)
-    if backend == "auto" and _dense_applies(q.device) and env_backend() is None and not in_graph():
+    if backend == "auto" and _dense_applies(q.device) and env_backend() is None and not in_graph() \
+            and not request.forward_ad:  # (the dense kernel's backward drops a tangent too)
         reason = dense_reason(layout, batch=q.shape[0], heads=q.shape[1], head_dim=q.shape[-1], dtype=q.dtype,
                               return_lse=return_lse, needs_grad=request.needs_grad, arch=_arch(q.device))
         if _eligible(layout, q.dtype, q.shape[-1], return_lse, request.needs_grad) and autotune.enabled():

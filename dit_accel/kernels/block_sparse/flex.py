@@ -21,6 +21,7 @@ from torch.nn.attention import flex_attention as _flex
 
 from .._cache import LayoutCache
 from ..layout import BlockLayout
+from ..request import tracing
 
 __all__ = ["flex_block_sparse_attention", "layout_to_block_mask", "kernel_options", "prepare", "flex_function",
            "materialises"]
@@ -93,7 +94,7 @@ def flex_block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     is requested only when ``return_lse`` (compiled FlexAttention on CPU cannot return it).
     """
     block_mask = _block_mask(layout)
-    if return_lse and q.device.type == "cpu" and torch.compiler.is_compiling():
+    if return_lse and q.device.type == "cpu" and tracing():
         raise NotImplementedError(
             "backend='flex' cannot return the log-sum-exp under torch.compile on CPU (compiled FlexAttention "
             "on CPU is forward-only and has no return_lse); call it with return_lse=False, or use backend='torch'.")
@@ -129,4 +130,4 @@ def flex_function(device: torch.device):
 
 def materialises(device: torch.device) -> bool:
     """Whether FlexAttention on ``device`` holds the whole (B, H, N, M) score matrix (eager: off CUDA)."""
-    return device.type != "cuda" or torch.compiler.is_compiling()
+    return device.type != "cuda" or tracing()

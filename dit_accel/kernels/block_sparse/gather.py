@@ -36,7 +36,7 @@ import torch
 
 from .. import selfcheck
 from ..checks import check_scale
-from ..request import env_switch, records_grad
+from ..request import env_switch, records_grad, tracing
 from .configs import GATHER_BWD_VARIANT, GATHER_VARIANT, rows_fit
 
 __all__ = ["VARIANT", "BWD_VARIANT", "ENV_GATHER", "gathered_forward", "gather_fits", "padding_unseen",
@@ -105,7 +105,7 @@ def raster_allowed(q: torch.Tensor, forced: Optional[bool]) -> bool:
     :func:`gather_forced`), on a GPU unless forced, eager (a traced call gathers: the gathered launch is no custom
     op) and on plain tensors."""
     return forced is not False and (forced is not None or q.device.type == "cuda") \
-        and not torch.compiler.is_compiling() and type(q) is torch.Tensor
+        and not tracing() and type(q) is torch.Tensor
 
 
 def kept_choice(choices: dict, key, decide: Callable[[], bool], limit: Optional[int] = None) -> bool:

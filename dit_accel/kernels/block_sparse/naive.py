@@ -46,6 +46,7 @@ import torch.nn.functional as F
 
 from .._cache import LayoutCache
 from ..layout import BlockLayout
+from ..request import forward_ad, tracing
 
 __all__ = ["torch_block_sparse_attention", "prepare", "dense_is_faster", "sparse_cost_ratio"]
 
@@ -394,7 +395,7 @@ _SCRATCH = _Scratch()
 def gather(x: torch.Tensor, dim: int, index: torch.Tensor, scratch: Optional[str] = None) -> torch.Tensor:
     """``x.index_select(dim, index)``; with ``scratch`` (a buffer name; eager, no autograd) into that buffer
     of the thread's :class:`_Scratch`, valid until the thread's next gather into the same name."""
-    if scratch is None or torch.compiler.is_compiling():
+    if scratch is None or tracing():
         return x.index_select(dim, index)
     shape = list(x.shape)
     shape[dim] = index.numel()
@@ -412,7 +413,7 @@ def _use_fused(device: torch.device) -> bool:
 def slice_bytes() -> int:
     """The slice budget for this process's thread count (:data:`CHUNK_BYTES` under ``torch.compile``,
     which cannot trace ``torch.get_num_threads``)."""
-    if torch.compiler.is_compiling():
+    if tracing():
         return CHUNK_BYTES
     threads = torch.get_num_threads()
     return CHUNK_BYTES if threads == 1 else CHUNK_BYTES_PER_THREAD * threads
@@ -445,11 +446,12 @@ def torch_block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     hl, n_q, n_k = layout.num_heads, layout.num_q_blocks, layout.num_kv_blocks
     bq, bk = layout.block_q, layout.block_k
     bg = b * (h // hl)
-    fused = (_use_fused(q.device) and not lse_grad) if fused is None else fused
+    # (ATen's fused CPU kernel has no forward-mode derivative: a tangent takes the matmul path)
+    fused = (_use_fused(q.device) and not lse_grad and not forward_ad(q, k, v)) if fused is None else fused
     plan = _plan_of(layout)
     scratch = q.device.type == "cpu" and not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad
                                                                             or v.requires_grad))
-    workers = 1 if not scratch or torch.compiler.is_compiling() else torch.get_num_threads()
+    workers = 1 if not scratch or tracing() else torch.get_num_threads()
 
     # Heads split as (g, hl): head = g_idx * hl + hl_idx, matching both Hl = 1 and Hl = H.
     qb = pad_blocks(q.float(), bq).reshape(bg, hl * n_q, bq, d)
@@ -498,7 +500,7 @@ def _kv_blocks(k: torch.Tensor, v: torch.Tensor, bg: int, blocks: Tuple[int, int
     bk = blocks[1]
     kf, vf = k.float(), v.float()
     # (a traced call neither views nor reads the eager scratch)
-    eager_whole = k.shape[2] % bk == 0 and not torch.compiler.is_compiling()
+    eager_whole = k.shape[2] % bk == 0 and not tracing()
     if eager_whole:
         kb, vb = _view_or_none(kf, (bg, *blocks)), _view_or_none(vf, (bg, *blocks))
         if kb is not None and vb is not None:

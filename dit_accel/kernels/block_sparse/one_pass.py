@@ -20,6 +20,7 @@ from typing import Dict, Optional
 import torch
 
 from ..layout import BlockLayout
+from ..request import tracing
 
 __all__ = ["OnePass", "one_pass_fits", "blocks_to_tokens", "ONE_PASS_BYTES", "ONE_PASS_WIDTH"]
 
@@ -130,7 +131,7 @@ class OnePass:
         o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q_g, k_g, v_g,
                                                                            attn_mask=self._mask(b), scale=scale)[:2]
         # o's memory is (B * nQ, bq, H, D): (B, H, N, D) tokens over (B, N, H, D) raster rows.
-        eager = not torch.compiler.is_compiling()
+        eager = not tracing()
         o, lse = (blocks_to_tokens(x, b, self.n_q, self.block_q, eager) for x in (o, lse))
         if self._place is None:
             o, lse = o[:, :, :n], lse[:, :, :n]

@@ -20,7 +20,7 @@ from typing import List, Optional, Tuple
 import torch
 
 from ..layout import BlockLayout
-from ..request import kernel_backward, records_grad
+from ..request import kernel_backward, records_grad, tracing
 
 __all__ = ["triton_block_sparse_attention", "direct_call_ok"]
 
@@ -104,7 +104,7 @@ def direct_call_ok(*tensors: Tensor) -> bool:
     transform is active, and the tensors are plain. The op's dispatch, its re-packing of the layout and
     its autograd wrapper cost about 90 us of host time per call (``dit_accel.eval.host_path``); with
     nothing to intercept them, the launcher gives the same outputs without them."""
-    if torch.compiler.is_compiling() or _dispatch_modes() or _functorch_active():
+    if tracing() or _dispatch_modes() or _functorch_active():
         return False
     for t in tensors:
         if type(t) is not torch.Tensor:

@@ -16,7 +16,7 @@ from typing import Callable, Dict, Optional
 
 import torch
 
-from ..request import in_functorch, kernel_backward
+from ..request import forward_ad, in_functorch, kernel_backward
 
 __all__ = ["dense_attention", "dense_contenders", "fastest_attention", "triton_variant", "DENSE_CONTENDERS"]
 
@@ -73,7 +73,7 @@ def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Op
     if q.device.type == "meta":  # (shape inference: the self-check, which has no meta verdict, said it had failed)
         o, lse = meta_outputs(q, k, v)
     else:
-        _runnable(q)
+        _runnable(q, k, v)
         _verified(q, k, v)
         o, lse = _DenseAttention.apply(q, k, v, scale)
     return (o, lse) if return_lse else o
@@ -113,7 +113,7 @@ _NO_BACKEND = ("dense_attention runs only these kernels: call dit_accel.kernels.
                "the fastest verified dense kernel) or torch.nn.functional.scaled_dot_product_attention")
 
 
-def _runnable(q: torch.Tensor) -> None:
+def _runnable(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
     """BackendUnavailable where the kernels cannot run on q's device and dtype: the self-check said it had failed
     there ("use backend='auto'", an argument this function lacks), on a CPU without the interpreter too."""
     import re
@@ -123,6 +123,8 @@ def _runnable(q: torch.Tensor) -> None:
     reason = triton_reason(q.device)
     if in_functorch():  # (else torch's "must override the setup_context staticmethod", or a storage error)
         reason = "its Triton kernels take plain tensors, not those of torch.func transforms (grad, vmap, jacrev)"
+    elif forward_ad(q, k, v):  # (else torch's "You must implement the jvp function", from inside autograd)
+        reason = "its kernels have no forward-mode derivative (torch.autograd.forward_ad dual tensors)"
     if reason is None and q.device.type == "cpu" and q.dtype == torch.bfloat16:
         reason = "the Triton interpreter's bfloat16 dot is wrong (values off by about 1e8): cast to float32 on the CPU"
     if reason is not None:

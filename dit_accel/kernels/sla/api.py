@@ -19,7 +19,7 @@ from torch.nn import functional as F
 
 from ..backends import Request, env_value, resolve
 from ..checks import check_flag, check_qkv, check_scale, unit_stride
-from ..request import in_functorch, records_grad
+from ..request import forward_ad, in_functorch, records_grad, tracing
 from .common import SLAParams, classify_checked, sla_block_counts
 from .naive import sla_torch
 
@@ -143,10 +143,11 @@ def _prepare(q, k, v, method, proj, scale, backend):
     method, ``scale``, ``backend``, ``$DIT_ACCEL_BACKEND``, whether autograd records, and q, k, v's shapes,
     dtypes and devices (frozen configs only). ``proj`` is checked on every call (it is not part of the signature)."""
     if type(q) is not torch.Tensor or type(k) is not torch.Tensor or type(v) is not torch.Tensor \
-            or torch.compiler.is_compiling() or not _frozen(method):
+            or tracing() or not _frozen(method):
         return _decide(q, k, v, method, proj, scale, backend)
     grad = records_grad(q, k, v)
-    grad = grad and (2 if in_functorch() else 1)  # (a torch.func gradient does not take an eager one's backend)
+    # (a torch.func gradient, or a forward-mode tangent, does not take an eager gradient's backend)
+    grad = grad and (3 if forward_ad(q, k, v) else 2 if in_functorch() else 1)
     key = (method, scale, type(scale), backend, env_value(), grad, q.shape, q.dtype, q.device, k.shape, k.dtype, k.device,
            v.shape, v.dtype, v.device)
     try:
@@ -305,7 +306,7 @@ def _all_zero_on_device(pairs) -> List[bool]:
 def _candidate(proj: nn.Module):
     """``(weight, bias)`` of a projection that may be inert (an ``nn.Linear`` whose gradient nobody asks for,
     outside ``torch.compile``), else ``(None, None)``."""
-    if type(proj) is not nn.Linear or torch.compiler.is_compiling():
+    if type(proj) is not nn.Linear or tracing():
         return None, None
     params = proj._parameters  # (the module's attribute lookup costs about a microsecond a name)
     weight, bias = params["weight"], params["bias"]

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from ..._util import cdiv as _cdiv, is_int
 from ...patterns.checks import number_in
+from ..request import tracing
 
 __all__ = ["SLAParams", "SLABlocks", "sla_block_counts", "sla_density", "sla_classify", "classify_pooled",
            "feature_map", "fp32_features", "rounded_features", "true_columns", "chunk_totals", "FEATURE_IDS", "MARGINAL", "CRITICAL", "NEGLIGIBLE",
@@ -114,7 +115,7 @@ def sla_block_counts(n_kv: int, method) -> tuple:
     never overlap). The counts are the same for every query block.
     """
     method = SLAParams.of(method)
-    if type(n_kv) is int and not torch.compiler.is_compiling():  # (a SymInt under torch.compile: computed)
+    if type(n_kv) is int and not tracing():  # (a SymInt under torch.compile: computed)
         key = (n_kv, method)
         hit = _COUNTS.get(key)
         if hit is None:

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from ..._util import cdiv as _cdiv
 from ..block_sparse.naive import CHUNK_BYTES, HAS_CPU_FLASH, SLICES_PER_THREAD, gather, in_threads, pad_blocks, slice_bytes
 from ..block_sparse.one_pass import blocks_to_tokens
-from ..request import records_grad
+from ..request import records_grad, tracing
 from .common import MARGINAL, SLABlocks, SLAParams, feature_map
 
 __all__ = ["sla_torch"]
@@ -70,7 +70,7 @@ def _sparse_branch_fused(q, k, v, critical, block_q, block_k, scale, chunk_bytes
         return _one_pass(q, k, v, critical, block_q, block_k, scale)
     # Several torch threads: slices of the one-thread size, shared out between threads (as the
     # block-sparse twin does with its gathered slices), when there are enough of them.
-    workers = 1 if torch.compiler.is_compiling() else torch.get_num_threads()
+    workers = 1 if tracing() else torch.get_num_threads()
     step = max(1, (chunk_bytes or CHUNK_BYTES) // per_block)
     if workers == 1 or -(-n_q // step) < SLICES_PER_THREAD * workers:
         workers, step = 1, max(1, (chunk_bytes or slice_bytes()) // per_block)
@@ -131,7 +131,7 @@ def _one_pass(q, k, v, critical, block_q, block_k, scale):
     n_k = k.shape[2] // block_k
     rows = (critical + _row_offsets(b, h, n_k, q.device)).view(-1)  # (B, H, nQ, kc) flat key-block rows
     width = kc * block_k
-    eager = not torch.compiler.is_compiling()
+    eager = not tracing()
 
     def gather_blocks(x):  # (B * nQ, H, kc * Bk, D): a view for batch 1, a copy otherwise
         blocks = x.reshape(b * h * n_k, block_k, d).index_select(0, rows)  # (B, H, nQ, kc * Bk, D) memory
@@ -155,7 +155,7 @@ _OFFSETS: dict = {}
 
 def _row_offsets(b: int, h: int, n_k: int, device) -> torch.Tensor:
     """``(B, H, 1, 1)`` first key-block row of each (batch, head) in ``(B * H * nK)`` rows (made once per shape)."""
-    if torch.compiler.is_compiling():
+    if tracing():
         return (torch.arange(b * h, device=device) * n_k).view(b, h, 1, 1)
     key = (b, h, n_k, device)
     offsets = _OFFSETS.get(key)

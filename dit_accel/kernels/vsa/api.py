@@ -23,7 +23,7 @@ from ..._util import is_number
 from ..backends import check_backend_name, runs_twin
 from ..block_sparse import block_sparse_attention
 from ..checks import check_flag, check_qkv, check_scale
-from ..request import BackendUnavailable, in_functorch, kernel_backward, records_grad
+from ..request import BackendUnavailable, in_functorch, kernel_backward, records_grad, tracing
 from ..layout import BlockLayout
 from . import fine as fine_path
 from . import raster
@@ -120,7 +120,7 @@ def _fused_coarse(q_t, k_t, v_t, with_coarse: bool, backend: str) -> bool:
         return False
     if with_coarse and records_grad(q_t, k_t, v_t):
         return False
-    if triton_reason(device) is not None or torch.compiler.is_compiling():
+    if triton_reason(device) is not None or tracing():
         return False
     from .. import selfcheck
     from .selfchecks import VARIANT
@@ -272,7 +272,7 @@ def _fine_backend(q, k, v, layout: BlockLayout, backend: str, cubes: Cubes) -> s
 
 def _known_backend(q, k, v, backend: str, cubes: Cubes, rows_shape) -> Optional[str]:
     """:func:`_fine_backend` without the layout: None where ``auto`` has not decided for the class yet."""
-    if backend != "auto" or q.device.type != "cuda" or torch.compiler.is_compiling():
+    if backend != "auto" or q.device.type != "cuda" or tracing():
         return backend
     return _FINE_BACKENDS.get(_fine_key(q, k, v, cubes, rows_shape))
 
@@ -326,7 +326,7 @@ def _fine_branch(q_t, k_t, v_t, cubes: Cubes, order, coarse, selection, scale: f
     :class:`~.naive.CubeRows`); with ``tiled_fine`` on a grid of whole cubes, ``fine`` as :func:`_raster_nested`'s
     view instead."""
     b, h, n_q, d = q_t.shape
-    if torch.compiler.is_compiling() and runs_twin(backend, q_t.device):
+    if tracing() and runs_twin(backend, q_t.device):
         # The twin reads its block lists on the host, which a trace cannot: the gathered form, tensor ops only.
         fine, lse = fine_gathered(q_t, k_t, v_t, cubes, selection, scale)
     else:
