@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import types
 
 import pytest
 import torch
@@ -269,3 +270,20 @@ def saved_beyond(fn, inputs) -> int:
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         fn()
     return sum(saved.values())
+
+
+def resolved_here(model) -> None:
+    """Let ``model.enable_parallelism`` run in this one process: its config is resolved as on rank 0 of a launch
+    (Diffusers' own resolver needs torch.distributed and builds a device mesh across the ranks). The rest of
+    ``enable_parallelism`` (processors given the config, the context-parallel hooks) is Diffusers' own."""
+    from diffusers import ParallelConfig
+
+    def resolve(config):
+        config = ParallelConfig(context_parallel_config=config)
+        cp = config.context_parallel_config
+        cp._ulysses_local_rank = cp._ring_local_rank = 0
+        cp._ulysses_mesh = cp._ring_mesh = types.SimpleNamespace(get_group=lambda: None)
+        model._parallel_config = config
+        return config
+
+    model._resolve_parallel_config = resolve  # this instance only

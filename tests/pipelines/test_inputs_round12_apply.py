@@ -3,7 +3,6 @@ divide the heads (before or after apply), a plan's steps under ``set_step`` with
 a layout's tiles, a preview under ``torch.inference_mode`` before training. Tiny models on the CPU, one process;
 each test names what was wrong before its fix."""
 
-import types
 
 import pytest
 import torch
@@ -11,7 +10,7 @@ import torch
 import dit_accel
 from dit_accel.models import tiny as T
 from dit_accel.pipelines.hooks import SparseAttnProcessor
-from tests.utils import ReferenceAttention, first_output, method_mask
+from tests.utils import ReferenceAttention, first_output, method_mask, resolved_here
 
 TILE = dit_accel.Tile(tile=(1, 4, 4), window=(1, 1, 1))  # on tiny-wan's (4, 8, 8) grid: one 4x4 tile per row
 
@@ -24,21 +23,6 @@ def _wan(heads: int = 2):
 
 
 # ------------------------------------------------------------------ Diffusers' own enable_parallelism
-def _resolved_here(model):
-    """Let ``model.enable_parallelism`` run in this one process: its config is resolved as on rank 0 of a launch
-    (Diffusers' own resolver needs torch.distributed and builds a device mesh across the ranks). The rest of
-    ``enable_parallelism`` (processors given the config, the context-parallel hooks) is Diffusers' own."""
-    from diffusers import ParallelConfig
-
-    def resolve(config):
-        config = ParallelConfig(context_parallel_config=config)
-        cp = config.context_parallel_config
-        cp._ulysses_local_rank = cp._ring_local_rank = 0
-        cp._ulysses_mesh = cp._ring_mesh = types.SimpleNamespace(get_group=lambda: None)
-        model._parallel_config = config
-        return config
-
-    model._resolve_parallel_config = resolve  # this instance only
 
 
 def _parallel_configs(model):
@@ -60,7 +44,7 @@ def test_enable_parallelism_after_apply_refuses_a_ulysses_degree_that_does_not_d
 
     model = _wan(2)
     handle = dit_accel.apply(model, TILE)
-    _resolved_here(model)
+    resolved_here(model)
     with pytest.raises(ValueError, match=_HEADS_SAID):
         model.enable_parallelism(config=ContextParallelConfig(ulysses_degree=4))
     assert model._parallel_config is None and not any(_parallel_configs(model))
@@ -73,7 +57,7 @@ def test_apply_after_enable_parallelism_refuses_a_ulysses_degree_that_does_not_d
     from diffusers import ContextParallelConfig
 
     model = _wan(2)
-    _resolved_here(model)
+    resolved_here(model)
     model.enable_parallelism(config=ContextParallelConfig(ulysses_degree=4))
     before = {name: id(p) for name, p in model.attn_processors.items()}
     configs = _parallel_configs(model)

@@ -10,6 +10,7 @@ import torch
 
 import dit_accel
 from dit_accel.models import tiny as T
+from tests.utils import resolved_here
 
 GRID = T.TRANSFORMER_GRIDS["wan"]  # (4, 8, 8)
 
@@ -120,19 +121,6 @@ def _per_head():
     return PerHead((TILE, dit_accel.Dense()))  # tiny Wan's 2 heads: one tiled, one dense
 
 
-def _resolved_here(model):
-    """Let ``model.enable_parallelism`` run in this process: its config resolved as on rank 0 of a launch."""
-    from diffusers import ParallelConfig
-
-    def resolve(config):
-        config = ParallelConfig(context_parallel_config=config)
-        cp = config.context_parallel_config
-        cp._ulysses_local_rank = cp._ring_local_rank = 0
-        cp._ulysses_mesh = cp._ring_mesh = types.SimpleNamespace(get_group=lambda: None)
-        model._parallel_config = config
-        return config
-
-    model._resolve_parallel_config = resolve
 
 
 _PER_HEAD_SAID = (r"a per-head method config \(PerHead, or a calibrated plan's per-head entries\) runs every head of "
@@ -148,7 +136,7 @@ def test_enable_parallelism_refuses_a_per_head_config_up_front():
 
     model = T.build_tiny_transformer("wan")
     handle = dit_accel.apply(model, _per_head(), backend="torch")
-    _resolved_here(model)
+    resolved_here(model)
     for config in (ContextParallelConfig(ulysses_degree=2), ContextParallelConfig(ring_degree=2)):
         with pytest.raises(ValueError, match=_PER_HEAD_SAID):
             model.enable_parallelism(config=config)
@@ -168,7 +156,7 @@ def test_apply_refuses_a_plan_with_per_head_entries_in_a_later_phase_under_conte
 
     plan = SparsePlan([Phase(0, 2, default=TILE), Phase(2, 4, layers={1: _per_head()}, default=TILE)])
     model = T.build_tiny_transformer("wan")
-    _resolved_here(model)
+    resolved_here(model)
     model.enable_parallelism(config=ContextParallelConfig(ring_degree=2))
     before = {name: id(p) for name, p in model.attn_processors.items()}
     with pytest.raises(ValueError, match=_PER_HEAD_SAID):
