@@ -287,3 +287,12 @@ def resolved_here(model) -> None:
         return config
 
     model._resolve_parallel_config = resolve  # this instance only
+
+
+def pretend_tracing(monkeypatch) -> None:
+    """Make this thread's calls take the traced paths (``dit_accel.kernels.request.tracing()`` true), as inside
+    torch.compile's trace: both of its conditions, the process-wide flag and the trace in this thread."""
+    import torch
+
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    monkeypatch.setattr("dit_accel.kernels.request._traced_in_this_thread", lambda: True)

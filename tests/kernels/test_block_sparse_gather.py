@@ -12,7 +12,7 @@ from dit_accel.kernels import autotune, selfcheck
 from dit_accel.kernels.block_sparse import gather
 from dit_accel.kernels.layout import BlockLayout
 from dit_accel.patterns.permutation import PackedTilePermutation, TilePermutation
-from tests.utils import DEVICE, assert_attention_close, interpreter, make_qkv, random_mask
+from tests.utils import DEVICE, assert_attention_close, interpreter, make_qkv, pretend_tracing, random_mask
 
 triton = pytest.importorskip("triton")
 from dit_accel.kernels.block_sparse.triton import triton_forward  # noqa: E402
@@ -167,7 +167,7 @@ def test_a_capture_takes_the_eager_answer_and_a_trace_the_gathering_path(monkeyp
     monkeypatch.setattr("dit_accel.kernels.request.in_graph", lambda: True)
     got = _attend(plan, q, k, v)  # a capture after it: the eager answer
     assert calls == [1, 1] and torch.equal(got[0], want[0])
-    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)  # a trace: the gathered launch is no op
+    pretend_tracing(monkeypatch)  # a trace: the gathered launch is no op
     assert plan._reads_raster(q, k, v, plan.layout_on(q.device), None, "triton", True) is False
 
 

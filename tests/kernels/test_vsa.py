@@ -394,7 +394,7 @@ def test_a_traced_call_gathers_the_fine_branch_and_agrees_with_the_block_sparse_
     grid, tile = (5, 6, 7), (4, 4, 4)
     q, k, v, _ = _qkv((2, 2, 210, 8), seed=7)
     eager = vsa_parts(q, k, v, grid, 3, tile, 8 ** -0.5, backend="torch")
-    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    pretend_tracing(monkeypatch)
     traced = vsa_parts(q, k, v, grid, 3, tile, 8 ** -0.5, backend="torch")
     torch.testing.assert_close(traced.fine, eager.fine, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(traced.lse, eager.lse, atol=1e-5, rtol=1e-5)
@@ -478,7 +478,7 @@ def test_bad_shapes_are_named():
         dit_accel.vsa_attention(q, k, v, (4, 4, 4), topk=1, gate=gate[..., :4])
 
 
-from tests.utils import interpreter  # noqa: E402
+from tests.utils import interpreter, pretend_tracing  # noqa: E402
 
 
 @interpreter

@@ -19,7 +19,7 @@ from tests.kernels.vsa_reference import reference
 
 triton = pytest.importorskip("triton")
 from dit_accel.kernels.vsa.triton import coarse_triton  # noqa: E402
-from tests.utils import interpreter  # noqa: E402
+from tests.utils import interpreter, pretend_tracing  # noqa: E402
 
 
 pytestmark = pytest.mark.usefixtures("fresh_vsa")  # (tests/kernels/conftest.py)
@@ -153,7 +153,7 @@ def test_calls_it_must_not_take_keep_cube_order(monkeypatch):
     dit_accel.vsa_attention(q, k, v, grid, topk=3, backend="triton")
     assert calls == [] and len(api._RASTER_CHOICES) == 2  # (nothing decided since)
     monkeypatch.setenv(gather.ENV_GATHER, "1")
-    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    pretend_tracing(monkeypatch)
     monkeypatch.setattr(api, "_raster_decision", lambda *a: pytest.fail("decided"))
     assert not api._reads_raster(q, k, v, cubes_of(grid, (4, 4, 4)), 3, 0.2, True, "triton", False)
 
