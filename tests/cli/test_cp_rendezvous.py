@@ -41,7 +41,8 @@ def _start(**env):
 
 def _refusal(**env) -> str:
     proc = _start(**env)
-    out, err = proc.communicate(timeout=20)
+    # (a guard against a hang, not a measure: importing torch and Diffusers took over 20 s on a loaded 2-core machine)
+    out, err = proc.communicate(timeout=90)
     assert proc.returncode == 3, out + err
     line = out.strip().splitlines()[-1]
     assert line.startswith("REFUSED ") and line.endswith(" INIT False"), line
