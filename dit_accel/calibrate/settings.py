@@ -267,12 +267,14 @@ def _check_switches_and_capture(settings: CalibrationSettings) -> None:
         check_capture_dir(capture)
 
 
-def _grid_dims(model) -> Optional[int]:
-    """The number of dimensions of ``model``'s token grid where its preset says, before it loads (else None)."""
+def grid_dims(model, resolve=None) -> Optional[int]:
+    """The number of dimensions of ``model``'s token grid where its preset says, before it loads (else None).
+    ``resolve``: ``(class name, family)`` of a model (default ``resolve_model_family``; the CLI's reads a cached
+    hub snapshot too)."""
     from ..pipelines.presets import PRESETS, resolve_model_family
 
     try:
-        class_name, _ = resolve_model_family(model)
+        class_name, _ = (resolve or resolve_model_family)(model)
     except ValueError:
         return None  # not known before loading: candidate_grid checks the tile against the grid
     preset = PRESETS.get(class_name)
@@ -285,7 +287,7 @@ def _check_tile(settings: CalibrationSettings, check_candidate_tile) -> None:
     ran to a dense plan and wrote it)."""
     from .candidates import VIDEO_ONLY
 
-    dims = _grid_dims(settings.model)
+    dims = grid_dims(settings.model)
     if dims == 2 and set(settings.methods) <= set(VIDEO_ONLY):
         raise ValueError(f"--methods {','.join(settings.methods)}: {settings.model} makes images (token grid H, W), "
                          f"and {', '.join(settings.methods)} {'has' if len(settings.methods) == 1 else 'have'} "

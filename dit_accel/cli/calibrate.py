@@ -166,15 +166,10 @@ def _check_methods_and_costs(args) -> None:
 
 def _grid_dims(model: str):
     """The token grid rank of ``model``'s calls (its preset's), None where it is not known before loading."""
-    from ..pipelines.presets import PRESETS
+    from ..calibrate.settings import grid_dims
     from .checks import model_family
 
-    try:
-        class_name, _ = model_family(model)
-    except ValueError:
-        return None
-    preset = PRESETS.get(class_name)
-    return None if preset is None else preset.grid_dims
+    return grid_dims(model, model_family)
 
 
 def _device_and_dtype(args):
