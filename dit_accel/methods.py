@@ -212,25 +212,6 @@ class Dense(Method):
         return DensePlan(self, grid, "Dense()")
 
 
-def _separable_plan(method: Method, grid, relations, tile, what: str, attach=None):
-    """Dense when the window covers the grid, else a tiled-order block layout of the relations (``attach(layout,
-    perm)`` then records what a vendor kernel needs to know of the pattern, e.g. NATTEN's window)."""
-    from .patterns.permutation import permutation_for
-    from .patterns.separable import covers_grid, separable_layout
-    from .plans.plan import DensePlan, LayoutPlan
-
-    if covers_grid(relations):
-        return DensePlan(method, grid, f"the {what} covers the whole grid {tuple(grid)}; a smaller {what} makes it "
-                                       "sparse")
-    # Without a tile: the one under which the pattern visits least work (partial blocks cost more).
-    perm = permutation_for(tuple(grid), tile, 64, 64, relations)
-    token_density = math.prod(float(r.float().mean()) for r in relations)
-    layout = separable_layout(perm, relations, 64, 64)
-    if attach is not None:
-        attach(layout, perm)
-    return LayoutPlan(method, grid, layout, perm, token_density=token_density, wide_q=True)
-
-
 @register_method("gna", finetunable=True,
                  summary="generalized neighborhood attention (NATTEN semantics: kernel, stride, dilation, causal)")
 @dataclass(frozen=True)
@@ -286,7 +267,7 @@ class GNA(Method):
         from .patterns.checks import per_dim
         from .patterns.gna import gna_layout, gna_relations
         from .patterns.separable import covers_grid
-        from .plans.plan import DensePlan, LayoutPlan
+        from .plans.plan import DensePlan, LayoutPlan, separable_plan
 
         kernels = per_head(self.kernel_size)
         if self.fit and kernels is None:
@@ -294,11 +275,11 @@ class GNA(Method):
             if fitted is not None:
                 grid, rels = fitted
                 tile = None if self.tile is None else per_dim("tile", self.tile, len(grid), owner="GNA.")
-                return _separable_plan(self, grid, rels, tile, "window")
+                return separable_plan(self, grid, rels, tile, "window")
         if kernels is None:
             grid, rels = gna_relations(grid, self.kernel_size, self.stride, self.dilation, self.is_causal)
             tile = None if self.tile is None else per_dim("tile", self.tile, len(grid), owner="GNA.")
-            return _separable_plan(self, grid, rels, tile, "window", attach=self._natten)
+            return separable_plan(self, grid, rels, tile, "window", attach=self._natten)
         # Per-head kernel sizes: one per-head block layout, run by the kernels in one launch.
         per = [gna_relations(grid, k, self.stride, self.dilation, self.is_causal) for k in kernels]
         grid = per[0][0]
