@@ -82,6 +82,9 @@ class Method:
     """Base class of method configs; subclasses are frozen dataclasses registered by :func:`register_method`."""
 
     name: ClassVar[str] = ""
+    #: Keys :meth:`ran_dict` adds beside the fields (a record of what ran): a config built from a record takes them
+    #: back, and :meth:`check_record` refuses one that no longer matches.
+    RECORD_KEYS: ClassVar[Tuple[str, ...]] = ()
     #: The token grid rank every config of the method needs (Radial's and VSA's 3); None: any.
     NEEDS_DIMS: ClassVar[Optional[int]] = None
 
@@ -114,6 +117,10 @@ class Method:
         """:meth:`to_dict` with every default that the config leaves open resolved to the value that runs: what a
         report prints and records (``to_dict`` keeps the open defaults, so saved configs layer under flags)."""
         return self.to_dict()
+
+    def check_record(self, record: dict) -> None:
+        """ValueError when ``record`` (the :data:`RECORD_KEYS` of a :meth:`ran_dict`) names another setting than
+        this config runs."""
 
     def replace(self, **changes) -> "Method":
         return dataclasses.replace(self, **changes)
@@ -192,7 +199,10 @@ def method_from_name(name: str, **options) -> Method:
     if entry is None:
         raise ValueError(f"name={name!r} is not a registered method; choose one of {sorted(_REGISTRY)} "
                          f"(aliases: {', '.join(f'{a} = {n}' for a, n in METHOD_ALIASES.items())})")
-    return entry.cls(**options)
+    record = {key: options.pop(key) for key in entry.cls.RECORD_KEYS if key in options}
+    method = entry.cls(**options)
+    method.check_record(record)  # (a record's ran_dict, fed back: its file must still hold what ran)
+    return method
 
 
 def _freeze(obj, **values) -> None:
@@ -520,8 +530,17 @@ class TileStrategy(Method):
         object.__setattr__(self, "_sha256", hashlib.sha256(repr(sorted(table.items())).encode()).hexdigest())
         object.__setattr__(self, "_tiles", {})  # (step, layer) -> Tile, made on first use
 
+    RECORD_KEYS: ClassVar[Tuple[str, ...]] = ("windows_sha256",)
+
     def ran_dict(self) -> dict:  # the windows that ran, by hash: the path alone names what the file holds later
         return {**self.to_dict(), "windows_sha256": self._sha256}
+
+    def check_record(self, record: dict) -> None:
+        recorded = record.get("windows_sha256")
+        if recorded is not None and recorded != self._sha256:
+            raise ValueError(f"windows_sha256={str(recorded)[:12]}... names other windows than {self.path!r} holds "
+                             f"now ({self._sha256[:12]}...): the strategy file changed since the record was made; "
+                             "pass the file that ran, or drop windows_sha256 to run the file as it is")
 
     @property
     def heads(self) -> int:

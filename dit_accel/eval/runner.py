@@ -127,7 +127,8 @@ class MethodSpec:
         label = options.pop("label", None) or label or name
         apply_kwargs = {k: options.pop(k) for k in APPLY_KEYS if k in options}
         _check_apply_options(apply_kwargs, f"{source}: {name}")
-        valid = [f.name for f in dataclasses.fields(registered_methods()[name].cls) if f.init]
+        entry = registered_methods()[name]
+        valid = [f.name for f in dataclasses.fields(entry.cls) if f.init] + list(entry.cls.RECORD_KEYS)
         unknown = sorted(set(options) - set(valid))
         if unknown:
             raise ValueError(f"{source}: {name} has no option {unknown[0]!r}; valid options: "

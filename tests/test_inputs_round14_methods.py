@@ -1,0 +1,39 @@
+"""Round 14: a record of what ran, fed back as a config."""
+import json
+
+import pytest
+
+import dit_accel
+from dit_accel.eval.runner import MethodSpec
+from dit_accel.methods import method_from_name
+
+
+def _write_strategy(path, window) -> None:
+    path.write_text(json.dumps({f"0_{layer}_{head}": list(window) for layer in range(2) for head in range(2)}))
+
+
+def test_a_strategy_record_builds_the_config_again_and_refuses_a_changed_file(tmp_path):
+    """A TileStrategy's record (``ran_dict``: the generate sidecar's ``method``, an eval report's row) carries
+    ``windows_sha256``. Before: that record, fed back (``method_from_name(**record)``, an eval --method-config row
+    copied from a report) was refused as an unknown option. Now it builds the config, and refuses a file whose
+    windows changed since, instead of running other windows than the record names."""
+    path = tmp_path / "strategy.json"
+    _write_strategy(path, (1, 1, 1))
+    record = dit_accel.Tile.from_strategy(path, tile=(1, 4, 4)).ran_dict()
+    options = {k: v for k, v in record.items() if k != "method"}
+    assert method_from_name(record["method"], **options).ran_dict() == record
+    assert MethodSpec.parse(record["method"], dict(options)).method.ran_dict() == record
+    _write_strategy(path, (1, 3, 3))
+    with pytest.raises(ValueError, match=r"windows_sha256=.*changed since the record was made"):
+        method_from_name(record["method"], **options)
+    with pytest.raises(ValueError, match=r"--method-config: tile_strategy: windows_sha256="):
+        MethodSpec.parse(record["method"], dict(options))
+    assert method_from_name("tile_strategy", path=str(path), tile=(1, 4, 4)).ran_dict()["windows_sha256"] \
+        != record["windows_sha256"]  # without the hash, the file runs as it is now
+
+
+def test_other_methods_still_refuse_the_record_key():
+    with pytest.raises(TypeError, match="windows_sha256"):
+        method_from_name("tile", windows_sha256="ab")
+    with pytest.raises(ValueError, match="has no option 'windows_sha256'"):
+        MethodSpec.parse("tile", {"windows_sha256": "ab"})
