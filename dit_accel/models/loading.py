@@ -231,6 +231,12 @@ def rope_reach_error(pipe, call: dict) -> Optional[str]:
     if not isinstance(reach, int) or not isinstance(patch, (tuple, list)) or len(patch) != 3:
         return None
     spatial, temporal = getattr(pipe, "vae_scale_factor_spatial", None), getattr(pipe, "vae_scale_factor_temporal", None)
+    return _reach_message(type(pipe.transformer).__name__, reach, patch, spatial, temporal, call)
+
+
+def _reach_message(owner: str, reach: int, patch, spatial, temporal, call: dict) -> Optional[str]:
+    """:func:`rope_reach_error`'s rule, on the transformer's ``rope_max_seq_len`` and ``patch_size`` and the VAE's
+    scale factors (None where not known: that axis is not checked)."""
     for flag, key, scale, step in (("--frames", "num_frames", temporal, patch[0]),
                                    ("--height", "height", spatial, patch[1]), ("--width", "width", spatial, patch[2])):
         value = call.get(key)
@@ -239,7 +245,7 @@ def rope_reach_error(pipe, call: dict) -> Optional[str]:
         latent = (value - 1) // scale + 1 if key == "num_frames" else value // scale
         if -(-latent // step) > reach:
             most = (reach * step - 1) * scale + 1 if key == "num_frames" else reach * step * scale
-            return (f"{flag} {value} is past what {type(pipe.transformer).__name__}'s rotary embedding covers "
+            return (f"{flag} {value} is past what {owner}'s rotary embedding covers "
                     f"({reach} positions per axis, rope_max_seq_len): give {flag} {most} or less")
     return None
 
@@ -342,15 +348,11 @@ def _early_reach_error(folder: Optional[Path], height, width) -> Optional[str]:
         reach, patch = config.get("rope_max_seq_len"), config.get("patch_size")
     except (OSError, ValueError, AttributeError, TypeError):
         return None
-    if not (isinstance(reach, int) and isinstance(scale, int) and scale >= 1 and isinstance(patch, list)
-            and len(patch) == 3 and all(isinstance(p, int) and p >= 1 for p in patch)):
+    if not (isinstance(reach, int) and isinstance(patch, list) and len(patch) == 3
+            and all(isinstance(p, int) and p >= 1 for p in patch)):
         return None
-    for flag, value, step in (("--height", height, patch[1]), ("--width", width, patch[2])):
-        if isinstance(value, int) and -(-(value // scale) // step) > reach:
-            return (f"{flag} {value} is past what {config.get('_class_name') or 'the transformer'}'s rotary "
-                    f"embedding covers ({reach} positions per axis, rope_max_seq_len): give {flag} "
-                    f"{reach * step * scale} or less")
-    return None
+    return _reach_message(config.get("_class_name") or "the transformer", reach, patch, scale, None,
+                          {"height": height, "width": width})
 
 
 def index_class_name(model) -> Optional[str]:
