@@ -37,3 +37,27 @@ def test_other_methods_still_refuse_the_record_key():
         method_from_name("tile", windows_sha256="ab")
     with pytest.raises(ValueError, match="has no option 'windows_sha256'"):
         MethodSpec.parse("tile", {"windows_sha256": "ab"})
+
+
+def test_python_calibrate_reads_a_cached_hub_snapshot_before_loading(tmp_path, monkeypatch):
+    """A hub id that names no family, with its snapshot in the local cache: the CLI read the snapshot (round 13),
+    but the Python calibrate's checks did not, so a tile of the wrong rank for a renamed FLUX ran the dense model
+    before it was refused. Now the checks before loading read the snapshot, as the CLI does."""
+    import huggingface_hub.constants
+
+    from dit_accel.calibrate.settings import CalibrationSettings, _check_run_inputs, grid_dims
+
+    cache, repo = tmp_path / "hub", "models--someone--renamed-model"
+    snapshot = cache / repo / "snapshots" / ("a" * 40)
+    snapshot.mkdir(parents=True)
+    (cache / repo / "refs").mkdir()
+    (cache / repo / "refs" / "main").write_text("a" * 40)
+    (snapshot / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline",
+                                                           "transformer": ["diffusers", "FluxTransformer2DModel"]}))
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    assert grid_dims("someone/renamed-model") == 2
+    assert grid_dims("someone/not-cached") is None  # not known before loading: checked on the grid later
+    with pytest.raises(ValueError, match="2 dimensions|H,W"):  # (whether built or checked after: before loading)
+        _check_run_inputs(CalibrationSettings(model="someone/renamed-model", prompts=["a fox"], min_psnr=20.0,
+                                              tile=(2, 2, 2)))

@@ -267,14 +267,13 @@ def _check_switches_and_capture(settings: CalibrationSettings) -> None:
         check_capture_dir(capture)
 
 
-def grid_dims(model, resolve=None) -> Optional[int]:
-    """The number of dimensions of ``model``'s token grid where its preset says, before it loads (else None).
-    ``resolve``: ``(class name, family)`` of a model (default ``resolve_model_family``; the CLI's reads a cached
-    hub snapshot too)."""
-    from ..pipelines.presets import PRESETS, resolve_model_family
+def grid_dims(model) -> Optional[int]:
+    """The number of dimensions of ``model``'s token grid where its preset says (a cached hub snapshot read as a
+    folder is), before it loads; else None."""
+    from ..pipelines.presets import PRESETS, model_family
 
     try:
-        class_name, _ = (resolve or resolve_model_family)(model)
+        class_name, _ = model_family(model)
     except ValueError:
         return None  # not known before loading: candidate_grid checks the tile against the grid
     preset = PRESETS.get(class_name)

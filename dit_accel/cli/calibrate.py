@@ -152,24 +152,17 @@ def _check_methods_and_costs(args) -> None:
         raise _UsageError(f"--arch {args.arch} --kernel {args.kernel}: {exc}") from None
     if args.tile is not None:
         from ..calibrate.candidates import check_candidate_tile
+        from ..calibrate.settings import grid_dims
 
         try:
             check_candidate_tile(args.tile)
         except ValueError as exc:
             raise _UsageError(f"--tile: {exc}") from None
-        dims = _grid_dims(args.model)
+        dims = grid_dims(args.model)
         if dims is not None and len(args.tile) != dims:  # (else found only after the dense run, minutes later)
             raise _UsageError(f"--tile {','.join(map(str, args.tile))} has {len(args.tile)} sizes, but "
                               f"the token grid of {args.model} has {dims} dimensions: give {dims} sizes, "
                               f"{'T,H,W' if dims == 3 else 'H,W'}")
-
-
-def _grid_dims(model: str):
-    """The token grid rank of ``model``'s calls (its preset's), None where it is not known before loading."""
-    from ..calibrate.settings import grid_dims
-    from .checks import model_family
-
-    return grid_dims(model, model_family)
 
 
 def _device_and_dtype(args):

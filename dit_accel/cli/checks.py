@@ -9,7 +9,7 @@ from typing import Optional
 
 from .._util import device_error, file_in_the_way, seed_error  # noqa: F401  (the commands import them from here)
 
-__all__ = ["device_error", "seed_error", "finite_error", "folder_error", "file_error", "model_family"]
+__all__ = ["device_error", "seed_error", "finite_error", "folder_error", "file_error"]
 
 
 def finite_error(value, flag: str, *, minimum: Optional[float] = None) -> Optional[str]:
@@ -51,31 +51,3 @@ def file_error(path, flag: str, example: str) -> Optional[str]:
     if file is not None:
         return f"{flag} {path} lies under {file}, which is a file; choose another path"
     return None
-
-
-def model_family(model: str):
-    """``(transformer class name, family)`` of a ``--model`` value, before it loads: as
-    :func:`~dit_accel.pipelines.presets.resolve_model_family`, but a hub id whose snapshot is in the local cache is
-    read from the snapshot's model_index.json, as a folder is. By its name alone, a hub id that names no family
-    (an ERNIE-Image, PixArt or any renamed model: most classes have no hub word) was refused by ``info`` with the
-    list of every class, and ``finetune`` sized an image model's samples as a video's (81 frames, then a late
-    ``--frames 81 is invalid`` the user never gave). ValueError (one line) when it cannot be told."""
-    from ..models.loading import ModelLoadError, model_folder, resolve_model_kind
-    from ..pipelines.presets import PRESETS, resolve_model_family
-
-    try:
-        hub = resolve_model_kind(model) == "hub"
-    except (ValueError, ModelLoadError):
-        hub = False
-    snapshot = model_folder(model) if hub else None
-    if snapshot is not None and (snapshot / "model_index.json").is_file():
-        return resolve_model_family(str(snapshot))
-    try:
-        return resolve_model_family(model)
-    except ValueError:
-        if not hub:
-            raise
-    raise ValueError(f"the hub id {model!r} names no model family dit_accel knows, and no snapshot of it is in the "
-                     "local Hugging Face cache to read its transformer from: download it (`huggingface-cli download "
-                     f"{model}`) or pass its transformer class instead ({len(PRESETS)} are supported; `dit-accel "
-                     "info` lists them)") from None

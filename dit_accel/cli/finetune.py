@@ -177,7 +177,7 @@ def _size_defaults(model: str, plan=None) -> dict:
     (tiny-flux makes images: 1 frame), else 81 frames at 480x832 for video models and one 1024x1024 image
     for image models."""
     from ..models.tiny import TINY_DEFAULTS
-    from .checks import model_family
+    from ..pipelines.presets import model_family
 
     if plan is not None:
         from ..plans.sparse_plan import SparsePlan

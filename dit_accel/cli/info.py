@@ -148,7 +148,7 @@ def model_settings(model: str) -> dict:
     its config, ``apply`` kwargs, density on the published grid and source."""
     from ..methods import registered_methods
     from ..pipelines.presets import PRESETS, published_settings, recommended
-    from .checks import model_family
+    from ..pipelines.presets import model_family
 
     class_name, family = model_family(model)
     preset = PRESETS[class_name]

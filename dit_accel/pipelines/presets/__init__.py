@@ -43,7 +43,8 @@ from ...models.families import FAMILIES
 from ._common import GridInfo, Preset, Published
 
 __all__ = ["Preset", "PRESETS", "SUPPORTED", "GridInfo", "Published", "FAMILIES", "preset_for", "recommended",
-           "register_preset", "unregister_preset", "family_of", "published_settings", "resolve_model_family"]
+           "register_preset", "unregister_preset", "family_of", "published_settings", "resolve_model_family",
+           "model_family"]
 
 PRESETS: Dict[str, Preset] = {
     p.class_name: p for name in FAMILIES for p in importlib.import_module(f"{__name__}.{name}").PRESETS
@@ -486,3 +487,30 @@ def resolve_model_family(model: str) -> Tuple[str, Optional[str]]:
                 return class_name, family
     raise ValueError(f"cannot tell which model {model!r} is: pass a transformer class ({', '.join(PRESETS)}), a "
                      f"family ({', '.join(families)}), a Diffusers folder or a hub id naming the model")
+
+
+def model_family(model: str):
+    """``(transformer class name, family)`` of a ``--model`` value, before it loads: as
+    :func:`resolve_model_family`, but a hub id whose snapshot is in the local cache is
+    read from the snapshot's model_index.json, as a folder is. By its name alone, a hub id that names no family
+    (an ERNIE-Image, PixArt or any renamed model: most classes have no hub word) was refused by ``info`` with the
+    list of every class, and ``finetune`` sized an image model's samples as a video's (81 frames, then a late
+    ``--frames 81 is invalid`` the user never gave). ValueError (one line) when it cannot be told."""
+    from ...models.loading import ModelLoadError, model_folder, resolve_model_kind
+
+    try:
+        hub = resolve_model_kind(model) == "hub"
+    except (ValueError, ModelLoadError):
+        hub = False
+    snapshot = model_folder(model) if hub else None
+    if snapshot is not None and (snapshot / "model_index.json").is_file():
+        return resolve_model_family(str(snapshot))
+    try:
+        return resolve_model_family(model)
+    except ValueError:
+        if not hub:
+            raise
+    raise ValueError(f"the hub id {model!r} names no model family dit_accel knows, and no snapshot of it is in the "
+                     "local Hugging Face cache to read its transformer from: download it (`huggingface-cli download "
+                     f"{model}`) or pass its transformer class instead ({len(PRESETS)} are supported; `dit-accel "
+                     "info` lists them)") from None
