@@ -4,6 +4,7 @@ import json
 import pytest
 
 import dit_accel
+from dit_accel.models import tiny as T
 from dit_accel.eval.runner import MethodSpec
 from dit_accel.methods import method_from_name
 
@@ -61,3 +62,30 @@ def test_python_calibrate_reads_a_cached_hub_snapshot_before_loading(tmp_path, m
     with pytest.raises(ValueError, match="2 dimensions|H,W"):  # (whether built or checked after: before loading)
         _check_run_inputs(CalibrationSettings(model="someone/renamed-model", prompts=["a fox"], min_psnr=20.0,
                                               tile=(2, 2, 2)))
+
+
+def test_vsa_weights_of_one_transformer_on_two_experts_say_both_get_its_gates(tmp_path):
+    """``apply(pipe, VSA(...), weights=<one transformer's folder>)`` on Wan 2.2's two experts. Before: both experts
+    ran that folder's gates, and nothing said so (the low-noise expert's trained gates were never read). Now a
+    warning names the transformers that share them and how to give each its own; one transformer says nothing."""
+    import warnings
+
+    from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline
+
+    from tests.pipelines.test_inputs_round13_apply import _gated_folder
+
+    high = _gated_folder(tmp_path / "transformer", 0)
+    low = T.build_tiny_transformer("wan", seed=1)
+    pipe = WanPipeline(tokenizer=None, text_encoder=None, vae=None, scheduler=FlowMatchEulerDiscreteScheduler(),
+                       transformer=high, transformer_2=low)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        with dit_accel.apply(pipe, dit_accel.VSA(topk=1), backend="torch", weights=tmp_path / "transformer") as h:
+            assert set(h.vsa_gates.values()) == {str(tmp_path / "transformer")} and len(h.vsa_gates) == 4
+    said = [str(w.message) for w in seen if "each gets these same gates" in str(w.message)]
+    assert len(said) == 1 and "transformer, transformer_2" in said[0], [str(w.message) for w in seen]
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        with dit_accel.apply(high, dit_accel.VSA(topk=1), backend="torch", weights=tmp_path / "transformer"):
+            pass
+    assert not [w for w in seen if "same gates" in str(w.message)]

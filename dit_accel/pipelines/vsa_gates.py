@@ -17,6 +17,7 @@ Where no layer runs VSA and the transformer's checkpoint holds gates, it warns t
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -252,6 +253,12 @@ def attach_gates(handle, targets, weights=None) -> Optional[VSAGates]:
 def _load(gates: VSAGates, targets, weights, log) -> int:
     """Add the gate of every targeted layer its checkpoint has one for; the number of targeted layers."""
     total = 0
+    if weights is not None and len(targets) > 1 and gate_keys(Path(weights)):
+        names = ", ".join(prefix.rstrip(".") or "transformer" for prefix, *_ in targets)
+        log.warn(f"dit_accel: VSA: weights={os.fspath(weights)!r} holds one transformer's to_gate_compress gates, and "
+                 f"the pipeline runs VSA in {len(targets)} ({names}): each gets these same gates. If its experts were "
+                 "trained apart (Wan 2.2 A14B), pass the pipeline folder, with a folder per transformer, so each "
+                 "loads its own", key=("one folder, two transformers", os.fspath(weights)), stacklevel=5)
     for prefix, transformer, _, modules in targets:
         if weights is not None:
             folder = Path(weights)
