@@ -19,7 +19,8 @@ from typing import Callable, Dict, Optional, Tuple
 import torch
 
 from .limits import GPU_LAYOUT_BLOCKS, INTERPRETER_LAYOUT_BLOCKS, SLA_BLOCK_K, SLA_DTYPES, SLA_MAX_HEAD_DIM
-from .request import ENV_BACKEND, BackendUnavailable, Request, env_get, env_value, in_functorch, in_graph, interpreting
+from .request import (ENV_BACKEND, BackendUnavailable, Request, env_get, env_value, in_functorch, in_graph, in_vmap,
+                      interpreting)
 
 __all__ = ["BACKENDS", "ENV_BACKEND", "BackendUnavailable", "Request", "available_backends", "env_backend",
            "resolve", "triton_reason", "interpreting", "TUNED", "Backend", "backend_peers", "backend_reasons",
@@ -415,6 +416,9 @@ def _transform_reason(name: str, request: Request) -> Optional[str]:
         return ("it has no forward-mode derivative (torch.func.jvp, jacfwd, hessian, torch.autograd.forward_ad): "
                 "its tangent would be dropped. Use backend='torch' (the PyTorch twin follows tangents), or take the "
                 "gradient in reverse mode (torch.func.grad, torch.autograd.grad).")
+    if name == "flex" and in_vmap():  # (torch's own error comes from deep in its FlexAttention trace)
+        return ("FlexAttention cannot run under torch.vmap; use backend='torch' under torch.vmap, or "
+                "put the batch in the leading dimension of q, k and v instead of mapping over it.")
     if name in ("torch", "flex") or not request.needs_grad or not in_functorch():
         return None
     return ("its kernels' hand-written backward takes plain tensors, not those of torch.func transforms (grad, "

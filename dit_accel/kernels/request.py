@@ -17,7 +17,7 @@ import torch._guards
 import torch.autograd.forward_ad as _forward_ad
 
 __all__ = ["BackendUnavailable", "Request", "interpreting", "in_graph", "records_grad", "kernel_backward", "env_value",
-           "env_get", "ENV_BACKEND", "in_functorch", "tracing", "forward_ad"]
+           "env_get", "ENV_BACKEND", "in_functorch", "in_vmap", "tracing", "forward_ad"]
 
 #: Environment variable that overrides ``backend="auto"``.
 ENV_BACKEND = "DIT_ACCEL_BACKEND"
@@ -67,6 +67,17 @@ def records_grad(*tensors: torch.Tensor) -> bool:
 
 #: Whether a torch.func transform (grad, vmap, jacrev) is active: torch's own query (absent in some versions: none).
 in_functorch = getattr(torch._C, "_are_functorch_transforms_active", None) or (lambda: False)
+
+
+def in_vmap() -> bool:
+    """Whether the call runs under ``torch.vmap`` (at any level of nested torch.func transforms)."""
+    if not in_functorch():
+        return False
+    try:
+        from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+    except ImportError:  # (another torch: not known, so not refused)
+        return False
+    return any(i.key().name == "Vmap" for i in retrieve_all_functorch_interpreters())
 
 
 class _NoSecondDerivative(torch.autograd.Function):
