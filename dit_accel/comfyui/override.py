@@ -37,6 +37,7 @@ from ..pipelines.processor import PlanCache
 from ..pipelines.schedule import Schedule
 from ..pipelines.transformer_hook import warn_unreached_strategy
 from .families import Family
+from .steps import SEARCH_STEPS, Places, step_of
 
 __all__ = ["Patch", "AttentionOverride", "CallState"]
 
@@ -48,12 +49,9 @@ _ARGS = ("q", "k", "v", "heads", "mask", "attn_precision", "skip_reshape", "skip
 # Frames between the override and the module that made the call: ComfyUI's wrap_attn wrapper, then at most a
 # helper such as comfy.ldm.flux.math.attention (HunyuanVideo's blocks) before the module's forward.
 _STACK_DEPTH = 6
-# Frames between a diffusion-model call and the sampler function that made it (ComfyUI's wrapper executors, CFG
-# guider, sampling_function, calc_cond_batch, apply_model: about 25 in ComfyUI 0.3.64), with room for more wrappers.
-_SAMPLER_DEPTH = 64
-# Frames between a diffusion-model call and ComfyUI's KSampler.sample above the sampler function (comfy.samplers'
-# sample, CFGGuider's sample, outer_sample, inner_sample and their wrapper executors: about 40 in 0.3.64).
-_KSAMPLER_DEPTH = 128
+# Frames between the override and ComfyUI's wrap_attn wrapper: those of overrides set after this one that hand the
+# call on to it (ComfyUI's sparse-attention node, a chain of decorators), none where it is the last one set.
+_CHAIN_DEPTH = 32
 
 
 @dataclass(frozen=True)
@@ -76,90 +74,6 @@ class CallState:
         for g in self.grid:
             n *= g
         return n
-
-
-def _step_of(transformer_options: dict, frame=None) -> Tuple[Optional[int], Optional[int], Optional[float], int]:
-    """``(step, total, sigma, first)`` of a sampler's model call; Nones (and 0) outside a sampler.
-
-    ComfyUI's samplers put the schedule (``sample_sigmas``, falling, its last entry where sampling ends) and the
-    call's sigma (``sigmas``) in ``transformer_options``. The step is the sampler's own: the index of its loop over
-    those sigmas (:func:`_sampler_step`, from ``frame`` up), so every call one step makes counts as that step,
-    Heun's at the next step's sigma and a midpoint below it too, as Diffusers' ``step_index // order`` counts them.
-    A sampler without such a loop (``dpm_fast``, ``uni_pc``): step ``i`` is the call at ``sample_sigmas[i]``, and
-    a call between two entries belongs to the step whose interval holds it. A sampler that runs part of a KSampler's
-    schedule (``denoise`` < 1, KSamplerAdvanced's start/end steps) counts the steps of the whole schedule from
-    ``first``, the part's first step, as Diffusers counts them (:func:`_schedule_part`).
-    """
-    sigma = transformer_options.get("sigmas")
-    if not isinstance(sigma, torch.Tensor) or sigma.numel() == 0:
-        return None, None, None, 0
-    value = float(sigma.reshape(-1)[0])  # one host sync per model call, not per attention call
-    sigmas = transformer_options.get("sample_sigmas")
-    if not isinstance(sigmas, torch.Tensor) or sigmas.numel() < 2:
-        return None, None, value, 0
-    total = sigmas.numel() - 1
-    offset, full = _schedule_part(frame, sigmas, total)
-    step = _sampler_step(frame, total)
-    if step is not None:
-        return offset + step, full, value, offset
-    sigmas = sigmas.detach().reshape(-1).double().cpu()
-    at_or_above = (sigmas[:total] >= value * (1 - 1e-4)).nonzero()
-    return offset + (int(at_or_above[-1, 0]) if at_or_above.numel() else 0), full, value, offset
-
-
-def _schedule_part(frame, sigmas: torch.Tensor, total: int) -> Tuple[int, int]:
-    """``(offset, full total)``: where the ``total`` steps a sampler runs sit in the schedule they were cut from,
-    as Diffusers numbers them (``strength`` < 1 and Wan 2.2 A14B's two experts count the steps of the one
-    schedule). ComfyUI's ``KSampler`` cuts it: ``denoise`` < 1 runs the last ``steps`` of ``int(steps / denoise)``,
-    KSamplerAdvanced's ``start_at_step``/``end_at_step`` a slice of it. Read from its ``sample`` frame on the stack
-    (from ``frame`` up) and checked against the sigmas the sampler got; ``(0, total)`` where no such frame is found
-    (a custom sampler given its own sigmas: the part is the whole schedule known)."""
-    ksampler = getattr(sys.modules.get("comfy.samplers"), "KSampler", None)
-    for _ in range(_KSAMPLER_DEPTH):
-        if frame is None or ksampler is None:
-            break
-        code = frame.f_code
-        if code.co_name == "sample" and "start_step" in code.co_varnames and "self" in code.co_varnames:
-            owner = frame.f_locals.get("self")
-            if isinstance(owner, ksampler):
-                return _part_of(owner, frame.f_locals.get("start_step"), sigmas, total)
-        frame = frame.f_back
-    return 0, total
-
-
-def _part_of(ksampler, start_step, sigmas: torch.Tensor, total: int) -> Tuple[int, int]:
-    """:func:`_schedule_part` of one ``comfy.samplers.KSampler``: its ``sigmas`` are the last ``steps + 1`` of
-    ``int(steps / denoise) + 1`` (all of them at ``denoise`` 1), the sampler's a slice of those from ``start_step``."""
-    steps, denoise, own = getattr(ksampler, "steps", None), getattr(ksampler, "denoise", None), ksampler.sigmas
-    if not isinstance(steps, int) or steps < 1 or not isinstance(own, torch.Tensor) or own.numel() != steps + 1:
-        return 0, total
-    full = steps if denoise is None or denoise > 0.9999 else int(steps / denoise)
-    start = start_step if isinstance(start_step, int) and 0 <= start_step < steps else 0
-    if start + total > steps or full < steps:
-        return 0, total
-    # (the sigmas the sampler got are this slice, unless the KSampler was handed its own: its last may be 0)
-    if not torch.allclose(sigmas.detach().reshape(-1)[:total].double().cpu(),
-                          own.detach().reshape(-1)[start:start + total].double().cpu()):
-        return 0, total
-    return full - steps + start, full
-
-
-def _sampler_step(frame, total: int) -> Optional[int]:
-    """The loop index ``i`` of the innermost sampler function on the stack from ``frame`` up: a frame whose
-    locals hold ``sigmas``, a tensor of ``total + 1`` entries (the schedule ComfyUI's KSAMPLER hands it), and
-    ``i`` in ``[0, total)`` (k-diffusion's ``for i in trange(len(sigmas) - 1)``); None where there is none."""
-    for _ in range(_SAMPLER_DEPTH):
-        if frame is None:
-            return None
-        names = frame.f_code.co_varnames
-        if "i" in names and "sigmas" in names:
-            local = frame.f_locals
-            i, sigmas = local.get("i"), local.get("sigmas")
-            if (isinstance(sigmas, torch.Tensor) and sigmas.numel() == total + 1 and isinstance(i, int)
-                    and not isinstance(i, bool) and 0 <= i < total):
-                return i
-        frame = frame.f_back
-    return None
 
 
 class Report:
@@ -228,6 +142,7 @@ class Patch:
         self.report = Report(self.model_name)
         self.warnings = WarningLog(emit=LOG.warning)  # said in ComfyUI's log, once each
         self._sigmas_seen = None  # the last schedule dense_above_sigma was checked against
+        self._places = Places()  # where a custom sampler's sigmas sit in a whole schedule (once per sampling run)
         self._model = model
         self._call: contextvars.ContextVar = contextvars.ContextVar(f"dit_accel_comfyui_{id(self)}", default=None)
 
@@ -244,7 +159,10 @@ class Patch:
         options = kwargs.get("transformer_options")
         if not isinstance(options, dict):
             options = next((a for a in reversed(args) if isinstance(a, dict)), {})
-        step, total, sigma, first = _step_of(options, sys._getframe(1))
+        at = step_of(options, sys._getframe(1), self._places, search=self._counts_steps())
+        step, total, sigma, first = at.step, at.total, at.sigma, at.first
+        if not at.placed:
+            self._warn_unplaced(options.get("sample_sigmas"), total)
         call = _named(executor, x, args, kwargs)
         if apply_model:
             call = _as_model_call(model, call)
@@ -256,7 +174,7 @@ class Patch:
             off_grid += references
         state = CallState(grid, step, total, sigma, off_grid, references)
         if self.call_check is not None:
-            self._check_call(state.grid, total, options.get("sample_sigmas"), first)
+            self._check_call(state.grid, total, options.get("sample_sigmas"), first, options.get("context_window"))
         if total is not None:
             self._warn_steps(total, options.get("sample_sigmas"), first)
         token = self._call.set(state)
@@ -269,18 +187,26 @@ class Patch:
             self._warn_unreached(options)
         return out
 
-    def _check_call(self, grid, total: Optional[int], sigmas, first: int) -> None:
+    def _check_call(self, grid, total: Optional[int], sigmas, first: int, window=None) -> None:
         """A plan's checks of the call (:func:`~.patch._call_check`); a refused step count of a sampler running part
-        of a schedule says which part, and what its step count is (the KSampler's steps is not, at denoise < 1)."""
+        of a schedule says which part, and what its step count is (the KSampler's steps is not, at denoise < 1); a
+        refused grid of a call that ComfyUI's context windows made (``window``) says that the model runs a window of
+        the latent, not the latent the user sized (whose size the plan may well have)."""
         try:
             self.call_check(grid, total)
         except ValueError as err:
+            length = getattr(window, "context_length", None)
+            if length is not None and "token grid" in str(err):
+                raise ValueError(f"{err} (this call is one of ComfyUI's context windows, set by a Context Windows "
+                                 f"node: the model runs {length} latent entries of dim {getattr(window, 'dim', '?')} at "
+                                 f"a time, not the whole latent, so this grid is the window's: calibrate the plan at "
+                                 "the window's size, or leave the context windows out)") from None
             count = sigmas.numel() - 1 if isinstance(sigmas, torch.Tensor) else None
             if total is None or count is None or count >= total or "steps" not in str(err):
                 raise
             raise ValueError(f"{err} (this sampler runs steps {first}-{first + count - 1} of the {total}-step schedule: "
                              "denoise below 1 runs the last steps of int(steps / denoise), KSamplerAdvanced's start/end "
-                             "steps a part of its steps; a plan's steps are the whole schedule's)") from None
+                             "steps or SplitSigmas a part of its steps; a plan's steps are the whole schedule's)") from None
 
     def _warn_steps(self, total: int, sigmas, first: int = 0) -> None:
         """As ``dit_accel.apply`` says them, once per step count: dense steps or a per-step strategy that leave
@@ -314,9 +240,30 @@ class Patch:
         if all(s < schedule.dense_steps or s >= total - schedule.dense_last_steps for s in range(first, last + 1)):
             self.warnings.warn(f"dit_accel: dense_steps={schedule.dense_steps} + dense_last_steps="
                                f"{schedule.dense_last_steps} cover steps {first}-{last} of {total}, all the steps this "
-                               "sampler runs (its part of the schedule: KSamplerAdvanced's start/end steps, or denoise "
-                               "below 1): every step runs dense. Steps count in the whole schedule; lower them",
+                               "sampler runs (its part of the schedule: KSamplerAdvanced's start/end steps, denoise "
+                               "below 1, SplitSigmas): every step runs dense. Steps count in the whole schedule; "
+                               "lower them",
                                key=("dense part", first, count, total))
+
+    def _counts_steps(self) -> bool:
+        """Whether a step's place in the whole schedule changes what runs: dense steps, a per-step method (a plan's
+        phases) or a plan's recorded step count."""
+        return self._needs_step() or self.call_check is not None
+
+    def _warn_unplaced(self, sigmas, total: int) -> None:
+        """Once per step count: a custom sampler's sigmas that are neither a whole schedule nor a piece found in one of
+        ComfyUI's schedulers' (:class:`~.steps.Places`), whose steps then count as a whole schedule's."""
+        ends = ""
+        if isinstance(sigmas, torch.Tensor) and sigmas.numel() > 1:
+            column = sigmas.detach().reshape(-1)
+            ends = f" (sigmas {float(column[0]):.4g} to {float(column[-1]):.4g})"
+        self.warnings.warn(f"dit_accel: this custom sampler's {total} steps{ends} are not a whole schedule (from the "
+                           "model's sigma_max to 0) nor a piece dit_accel finds in a schedule of ComfyUI's schedulers "
+                           f"(BasicScheduler's, up to {SEARCH_STEPS} steps, cut by denoise, SplitSigmas or "
+                           f"SplitSigmasDenoise), so dense_steps, dense_last_steps and a plan's steps count them as "
+                           f"steps 0-{total - 1} of a {total}-step schedule. For a part of a schedule, cut "
+                           "BasicScheduler's sigmas with SplitSigmas, or sample with KSamplerAdvanced's start/end "
+                           "steps", key=("unplaced", total))
 
     def _warn_unreached(self, options: dict) -> None:
         """Once: a model call none of whose self-attention calls reached this patch's override, because the
@@ -338,6 +285,7 @@ class Patch:
         that is a module decides (a cross-attention module is one too, and is not a layer), or, first, the
         family's ``caller`` for a frame it knows (SD3's ``_block_mixing``: ``q`` tells its two calls apart)."""
         caller = self.family.caller
+        frame = _attention_entry(frame) or frame  # (past the frames of overrides set after this one)
         for _ in range(_STACK_DEPTH):
             if frame is None:
                 return None
@@ -484,6 +432,19 @@ class AttentionOverride:
         if call.get("skip_output_reshape"):
             return out
         return out.transpose(1, 2).reshape(b, s, -1)
+
+
+def _attention_entry(frame):
+    """The frame of ComfyUI's ``wrap_attn`` wrapper (``comfy.ldm.modules.attention``) that called the chain of
+    attention overrides this call came through, from ``frame`` up; None where there is none (another ComfyUI)."""
+    for _ in range(_CHAIN_DEPTH):
+        if frame is None:
+            return None
+        code = frame.f_code
+        if code.co_name == "wrapper" and "remove_attn_wrapper_key" in code.co_varnames:
+            return frame
+        frame = frame.f_back
+    return None
 
 
 def _named(executor, x, args, kwargs) -> dict:
