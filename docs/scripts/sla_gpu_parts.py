@@ -38,7 +38,7 @@ N_MAIN, N_LONG, N_ACC, HEADS, DTYPES = 32760, 75600, 4096, 12, (torch.bfloat16, 
 def dry_run() -> None:
     """The script's sizes for a CPU run through the interpreter (a check that every part runs, timing nothing)."""
     global DEVICE, HEAD_DIM, N_MAIN, N_LONG, N_ACC, HEADS, DTYPES
-    DEVICE, HEAD_DIM, N_MAIN, N_LONG, N_ACC, HEADS, DTYPES = torch.device("cpu"), 64, 300, 257, 200, 2, (torch.float16,)
+    DEVICE, HEAD_DIM, N_MAIN, N_LONG, N_ACC, HEADS, DTYPES = torch.device("cpu"), 64, 130, 129, 130, 2, (torch.float16,)
 
 
 def qkv(n: int, heads: int = None, grad: bool = False, seed: int = 0, dtype=None):
