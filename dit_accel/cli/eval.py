@@ -27,6 +27,7 @@ Stacks of a method and a step cache, and the comparison of two result folders:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 
@@ -66,7 +67,8 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--stacks", metavar="LIST",
                    help="comma-separated stacks, each METHOD, METHOD+CACHE or CACHE (dense with it), measured as rows "
                         "with the same prompts and seeds, e.g. \"sla,sla+fbcache,tile+taylorseer,dense+fbcache\"; "
-                        "cache options after ':' separated by ';' (tile+fbcache:threshold=0.1). Without --methods "
+                        "method and cache options after ':' separated by ';', tuples with '/' (sla:topk=0.1+fbcache:threshold=0.1, "
+                        "tile:tile=1/8/8;window=3/1/1). Without --methods "
                         "only the stacks (and dense) are rows")
     add_cache_option(p)
     p.add_argument("--method-config", metavar="FILE",
@@ -116,18 +118,47 @@ def _stacks(text, defaults):
     """``--stacks`` -> one MethodSpec per stack (label: the stack as written), the tiny models' grid-sized
     method defaults applied; ValueError naming the stack."""
     from ..eval.runner import MethodSpec
+    from ..methods import canonical_method_name
     from ..pipelines.caches import parse_stack
 
+    if text is not None and not text.strip(" ,"):  # (given, but empty: the default methods ran, exit 0)
+        raise ValueError(f"--stacks {text!r} names no stack: give comma-separated stacks such as "
+                         "sla,sla+fbcache, or leave --stacks out")
     specs = []
     for item in (text or "").split(","):
         if not item.strip():
             continue
+        if any(not part.strip() for part in item.split("+")):  # ("tile+" ran tile alone, labelled "tile+")
+            raise ValueError(f"--stacks {item.strip()!r}: a stack is METHOD, METHOD+CACHE or CACHE, with a name on "
+                             "each side of '+' (e.g. sla+fbcache)")
         method, cache = parse_stack(item)
-        name = method.partition(":")[0]
-        spec = MethodSpec.parse(name, dict((defaults or {}).get(name, {})), label=item.strip(), source="--stacks")
+        name, _, given = method.partition(":")
+        # (by the canonical name: "sta" took the paper's tile (6, 8, 8), not the tiny model's grid-sized one)
+        options = {**(defaults or {}).get(canonical_method_name(name.strip()), {}), **_stack_options(item.strip(), given)}
+        spec = MethodSpec.parse(name.strip(), options, label=item.strip(), source=f"--stacks {item.strip()!r}")
         spec.cache = cache
         specs.append(spec)
     return specs
+
+
+def _stack_options(item: str, text: str) -> dict:
+    """A stack's method options, ``METHOD:k=v;k=v`` (tuples as ``1/8/8``), as the cache's options are written. Before,
+    everything after the method's ':' was dropped: ``sla:topk=0.1+fbcache`` ran SLA's default top-k under that
+    label."""
+    from ..pipelines.caches import option_value
+
+    options = {}
+    for part in text.split(";"):
+        if not part.strip():
+            continue
+        key, eq, value = part.partition("=")
+        if not eq or not key.strip() or not value.strip():
+            raise ValueError(f"--stacks {item!r}: method option {part.strip()!r} is not key=value (e.g. "
+                             "sla:topk=0.1+fbcache, tile:tile=1/8/8;window=3/1/1)")
+        if key.strip() in options:
+            raise ValueError(f"--stacks {item!r}: method option {key.strip()!r} is given twice; give it once")
+        options[key.strip()] = option_value(value)
+    return options
 
 
 def run(args) -> int:
@@ -172,6 +203,19 @@ def _compare(args) -> int:
     if comparison and not unpaired and all(row["a"] == row["b"] for row in comparison):
         print("note: A and B hold the same mean for every row and metric: the folders may be copies of one run")
     return 0
+
+
+def _folders_to_make(*paths) -> list:
+    """The folders (and their missing parents) that ``paths`` would create, deepest first."""
+    from pathlib import Path
+
+    missing = []
+    for path in paths:
+        for folder in (Path(path), *Path(path).parents):
+            if folder.exists():
+                break
+            missing.append(str(folder))
+    return sorted(set(missing), key=lambda f: -len(Path(f).parts))
 
 
 def _device_and_dtype(args):
@@ -411,11 +455,17 @@ def _evaluate(args) -> int:
                             repeats=args.repeats, warmup=args.warmup).with_tiny_defaults()
     from ..models.loading import ModelLoadError
 
+    created = _folders_to_make(args.out, args.cache_dir or os.path.join(args.out, "cache"))
     try:
         results = run_eval(settings, specs, args.out, cache_dir=args.cache_dir, clip_model=args.clip_model,
                            fid_weights=args.fid_weights, real_dir=args.real, lpips=not args.no_lpips,
                            capture=args.capture, floor_backend=args.floor_backend, prompt_file=args.prompts)
-    except (ModelLoadError, ValueError, OSError) as exc:
+    except BaseException as exc:
+        for folder in created:  # a failed eval leaves no empty folders it made (a cache it filled stays)
+            with contextlib.suppress(OSError):
+                os.rmdir(folder)
+        if not isinstance(exc, (ModelLoadError, ValueError, OSError)):
+            raise
         print(f"dit-accel eval: {exc}", file=sys.stderr)
         return 2
     with open(os.path.join(args.out, "report.md"), encoding="utf-8") as fh:

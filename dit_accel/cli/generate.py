@@ -673,9 +673,15 @@ def _denoise_and_write(args, pipe, call, method, schedule, source, quiet, is_vid
                                                          warm=dense is not None)
 
     frames = to_uint8_frames(_frames_from_output(output, is_video))
-    t0 = time.perf_counter()
     if not parallel.is_main():
         return {"output": None, "rank": None}
+    # The whole record first (its scores, notes and provenance), then the files: a record that fails leaves the
+    # earlier run's video and sidecar as they were, not this run's video beside no sidecar.
+    side_by_side = _side_by_side_path(out) if args.side_by_side else None
+    both = None if side_by_side is None else _side_by_side(dense["frames"], frames, ("dense", method.name))
+    record = _sidecar_record(args, pipe, method, schedule, source, call, frames, output_files(out, len(frames)),
+                             (times, calls, stats, summary), dense, side_by_side, load_s)
+    t0 = time.perf_counter()
     sidecar = Path(str(out) + ".json")
     earlier = sidecar.read_bytes() if sidecar.is_file() else None
     sidecar.unlink(missing_ok=True)  # an earlier run's record must not stay beside this run's video
@@ -689,12 +695,20 @@ def _denoise_and_write(args, pipe, call, method, schedule, source, quiet, is_vid
     # (also before this run writes its own: one interrupted while writing it left the earlier run's comparison
     # beside this video, with no sidecar left to say whose it was)
     _remove_earlier_side_by_side(earlier, out)
-    written = output_files(out, len(frames))
-    side_by_side = None
-    if args.side_by_side:
-        side_by_side = _side_by_side_path(out)
-        save_video(_side_by_side(dense["frames"], frames, ("dense", method.name)), side_by_side, fps=args.fps)
-    elapsed = {"load_s": load_s, "save_s": time.perf_counter() - t0, "total_s": time.perf_counter() - t_total}
+    if side_by_side is not None:
+        save_video(both, side_by_side, fps=args.fps)
+    record["timing"].update(save_s=time.perf_counter() - t0, total_s=time.perf_counter() - t_total)
+    atomic_write_json(sidecar, record)  # written last: a sidecar names a complete output
+    record["sidecar"] = str(sidecar)
+    return record
+
+
+def _sidecar_record(args, pipe, method, schedule, source, call, frames, written, ran, dense, side_by_side,
+                    load_s: float) -> dict:
+    """The sidecar's record of this run (``ran``: its times, calls, stats and summary); the save time and the
+    total are filled in once the files are written."""
+    times, calls, stats, summary = ran
+    elapsed = {"load_s": load_s, "save_s": None, "total_s": None}
     record = to_jsonable(_record(args, pipe, method, schedule, source, call, frames, written, times, calls, stats,
                                  summary, elapsed))
     if hasattr(method, "summary_line"):  # a plan: its one-line summary, not its whole JSON
@@ -711,8 +725,6 @@ def _denoise_and_write(args, pipe, call, method, schedule, source, quiet, is_vid
     record["compare_dense"] = to_jsonable(_comparison(times, dense, frames, side_by_side))
     record["quality"] = to_jsonable(_quality(args.model, call["prompt"], frames, dense))
     record["provenance"] = to_jsonable(_provenance(args, call, record, summary, stats))
-    atomic_write_json(sidecar, record)  # written last: a sidecar names a complete output
-    record["sidecar"] = str(sidecar)
     return record
 
 

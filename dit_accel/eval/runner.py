@@ -243,6 +243,11 @@ def load_method_specs(methods: Optional[Sequence[str]], config_path: Optional[st
     names = [canonical_method_name(m) for m in methods if m.strip()] if methods else None
     if names is not None:
         _check_names(names, "--methods")
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:  # (it ran again as a second row "tile'", as if another config)
+            given = [m.strip() for m in methods if m.strip() and canonical_method_name(m) == twice[0]]
+            raise ValueError(f"--methods names {twice[0]} more than once ({', '.join(given)}); name each method "
+                             "once (--method-config gives one method several configs)")
         entries = [e for e in entries if canonical_method_name(e[0]) in names]
         configured = {canonical_method_name(e[0]) for e in entries}
         entries += [(n, dict((defaults or {}).get(n, {})), n) for n in names if n not in configured]

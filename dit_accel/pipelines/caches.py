@@ -58,14 +58,16 @@ _ALIASES = {"firstblockcache": "fbcache", "first_block_cache": "fbcache", "taylo
             "pyramidattentionbroadcast": "pab"}
 
 
-def _value(text: str):
+def option_value(text: str):
+    """An option's value as written in a stack (``threshold=0.1``, ``tile=1/8/8``): a bool, None, a tuple (``/``),
+    an int, a float, else the text."""
     low = text.strip().lower()
     if low in ("true", "false"):
         return low == "true"
     if low in ("none", "null"):
         return None
     if "/" in text:
-        return tuple(_value(part) for part in text.split("/"))
+        return tuple(option_value(part) for part in text.split("/"))
     for kind in (int, float):
         try:
             return kind(text)
@@ -100,7 +102,7 @@ class CacheSpec:
                 raise ValueError(f"{source} {text!r}: option {item!r} is not key=value")
             if k.strip() in options:  # (the last one won before, the other value unsaid)
                 raise ValueError(f"{source} {text!r}: option {k.strip()!r} is given twice; give it once")
-            options[k.strip()] = _value(v)
+            options[k.strip()] = option_value(v)
         spec = cls(key, options)
         spec._check(source)
         return spec
