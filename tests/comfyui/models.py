@@ -277,6 +277,15 @@ def override_of(patcher):
     return patcher.model_options["transformer_options"]["optimized_attention_override"]
 
 
+def report_steps(patched):
+    """``(step, total, sparse or dense)`` of each model call of a patched MODEL, in order (its report lines)."""
+    out = []
+    for line in override_of(patched).patch.report.lines:
+        step, total = line.split(" step ")[1].split(":")[0].split("/")
+        out.append((int(step), int(total), "sparse" if "sparse" in line else "dense"))
+    return out
+
+
 # Mochi (tests/comfyui/test_mochi.py): ComfyUI's AsymmDiTJoint asserts hidden_size_x * mlp_ratio_x == 1536 * 8; the
 # text stream is narrower than the video's (32 vs 64), as in Mochi (1536 vs 3072)
 MOCHI = dict(image_model="mochi_preview", depth=2, patch_size=2, num_heads=2, hidden_size_x=64, hidden_size_y=32,

@@ -11,19 +11,10 @@ import torch
 import dit_accel
 from dit_accel.comfyui import patch_model
 
-from tests.comfyui.models import CASES, override_of
+from tests.comfyui.models import CASES, report_steps
 
 CASE = CASES["wan21-t2v"]
 TILE = dit_accel.Tile(tile=(1, 2, 2), window=(3, 1, 1))
-
-
-def _steps(patched):
-    """``(step, total, sparse or dense)`` of each model call, in order (the patch's report lines)."""
-    out = []
-    for line in override_of(patched).patch.report.lines:
-        step, total = line.split(" step ")[1].split(":")[0].split("/")
-        out.append((int(step), int(total), "sparse" if "sparse" in line else "dense"))
-    return out
 
 
 def _sample(comfy, patched, steps=4, denoise=1.0, start=None, end=None, sampler="euler", latent=None):
@@ -45,7 +36,7 @@ def test_denoise_below_one_counts_the_steps_of_the_whole_schedule(comfy, wan, sa
     dense_last_steps=1 only step 7 runs dense (before: steps 0-3 of 4, steps 0 and 3 dense)."""
     patched = patch_model(wan, TILE, dense_steps=1, dense_last_steps=1, backend="torch")
     _sample(comfy, patched, denoise=0.5, sampler=sampler)
-    assert sorted(set(_steps(patched))) == [(4, 8, "sparse"), (5, 8, "sparse"), (6, 8, "sparse"), (7, 8, "dense")]
+    assert sorted(set(report_steps(patched))) == [(4, 8, "sparse"), (5, 8, "sparse"), (6, 8, "sparse"), (7, 8, "dense")]
 
 
 def test_the_two_parts_of_one_schedule_count_its_steps(comfy, wan, caplog):
@@ -56,7 +47,7 @@ def test_the_two_parts_of_one_schedule_count_its_steps(comfy, wan, caplog):
         for start, end in ((0, 2), (2, 4)):
             patched = patch_model(wan, TILE, dense_steps=1, dense_last_steps=1, backend="torch")
             _sample(comfy, patched, start=start, end=end)
-            seen += _steps(patched)
+            seen += report_steps(patched)
     assert seen == [(0, 4, "dense"), (1, 4, "sparse"), (2, 4, "sparse"), (3, 4, "dense")]
     assert "every step runs dense" not in caplog.text
 
@@ -78,7 +69,7 @@ def test_the_low_noise_part_runs_the_plans_phase_of_its_steps(comfy, wan):
     for plan in (_plan(), _plan(steps=4)):
         patched = patch_model(wan, plan, backend="torch")
         out = _sample(comfy, patched, start=2, end=4, latent=high)
-        assert [s for s, _, _ in _steps(patched)] == [2, 3]
+        assert [s for s, _, _ in report_steps(patched)] == [2, 3]
         torch.testing.assert_close(out, tile, rtol=1e-5, atol=1e-5)
 
 
@@ -87,7 +78,7 @@ def test_dense_steps_that_cover_a_part_are_said(comfy, wan, caplog):
     patched = patch_model(wan, TILE, dense_steps=2, backend="torch")
     with caplog.at_level(logging.WARNING, logger="dit_accel.comfyui"):
         _sample(comfy, patched, start=0, end=2)
-    assert [s for _, _, s in _steps(patched)] == ["dense", "dense"]
+    assert [s for _, _, s in report_steps(patched)] == ["dense", "dense"]
     assert "dense_steps=2 + dense_last_steps=0 cover steps 0-1 of 4, all the steps this sampler runs" in caplog.text
 
 
@@ -107,6 +98,6 @@ def test_a_dense_above_sigma_over_a_parts_every_step_is_still_said(comfy, wan, c
     patched = patch_model(wan, TILE, dense_above_sigma=0.9, backend="torch")
     with caplog.at_level(logging.WARNING, logger="dit_accel.comfyui"):
         _sample(comfy, patched, start=0, end=2)
-    assert [s for _, _, s in _steps(patched)] == ["dense", "dense"]
+    assert [s for _, _, s in report_steps(patched)] == ["dense", "dense"]
     assert "dense_above_sigma=0.9 is below the sigma of every step of this sampler (the last starts at 0.96" \
         in caplog.text

@@ -11,19 +11,10 @@ import torch
 import dit_accel
 from dit_accel.comfyui import patch_model, steps
 
-from tests.comfyui.models import CASES, override_of, sample, with_override
+from tests.comfyui.models import CASES, override_of, report_steps, sample, with_override
 
 CASE = CASES["wan21-t2v"]
 TILE = dit_accel.Tile(tile=(1, 2, 2), window=(3, 1, 1))
-
-
-def _steps(patched):
-    """``(step, total, sparse or dense)`` of each model call, in order (the patch's report lines)."""
-    out = []
-    for line in override_of(patched).patch.report.lines:
-        step, total = line.split(" step ")[1].split(":")[0].split("/")
-        out.append((int(step), int(total), "sparse" if "sparse" in line else "dense"))
-    return out
 
 
 def _schedule(comfy, wan, steps_, scheduler="simple"):
@@ -52,7 +43,7 @@ def test_the_two_pieces_of_split_sigmas_count_the_steps_of_the_whole_schedule(co
         for piece in (full[:4], full[3:]):
             patched = patch_model(wan, TILE, dense_steps=1, dense_last_steps=1, backend="torch")
             _custom(comfy, patched, piece)
-            seen += _steps(patched)
+            seen += report_steps(patched)
     assert seen == [(0, 6, "dense"), *((s, 6, "sparse") for s in range(1, 5)), (5, 6, "dense")]
     assert "custom sampler" not in caplog.text
 
@@ -62,7 +53,7 @@ def test_basic_scheduler_denoise_below_one_counts_the_steps_of_the_whole_schedul
     KSampler's denoise counts them; dense_last_steps=1 runs step 7 dense alone (before: steps 0-3 of 4)."""
     patched = patch_model(wan, TILE, dense_last_steps=1, backend="torch")
     _custom(comfy, patched, _schedule(comfy, wan, 8)[-5:])
-    assert _steps(patched) == [(4, 8, "sparse"), (5, 8, "sparse"), (6, 8, "sparse"), (7, 8, "dense")]
+    assert report_steps(patched) == [(4, 8, "sparse"), (5, 8, "sparse"), (6, 8, "sparse"), (7, 8, "dense")]
 
 
 def _plan(**provenance):
@@ -82,7 +73,7 @@ def test_the_low_noise_piece_runs_the_plans_phase_of_its_steps(comfy, wan):
     assert (tile - dense).abs().max() > 1e-4  # the phase changes the result
     patched = patch_model(wan, _plan(steps=6), backend="torch")
     out = _custom(comfy, patched, full[3:], latent=high)
-    assert [s for s, _, _ in _steps(patched)] == [3, 4, 5]
+    assert [s for s, _, _ in report_steps(patched)] == [3, 4, 5]
     torch.testing.assert_close(out, tile, rtol=1e-5, atol=1e-5)
 
 
@@ -93,7 +84,7 @@ def test_sigmas_that_are_no_piece_of_a_known_schedule_are_said_once(comfy, wan, 
     patched = patch_model(wan, TILE, dense_steps=1, backend="torch")
     with caplog.at_level(logging.WARNING, logger="dit_accel.comfyui"):
         _custom(comfy, patched, torch.tensor([0.9, 0.5, 0.0]))
-    assert _steps(patched) == [(0, 2, "dense"), (1, 2, "sparse")]
+    assert report_steps(patched) == [(0, 2, "dense"), (1, 2, "sparse")]
     assert caplog.text.count("this custom sampler's 2 steps (sigmas 0.9 to 0) are not a whole schedule") == 1
     assert "count them as steps 0-1 of a 2-step schedule" in caplog.text
 
@@ -122,7 +113,7 @@ def test_a_whole_schedule_or_settings_without_steps_look_for_no_piece(comfy, wan
     patched = patch_model(wan, TILE, dense_steps=1, backend="torch")
     with caplog.at_level(logging.WARNING, logger="dit_accel.comfyui"):
         _custom(comfy, patched, _schedule(comfy, wan, 3, "karras"))
-    assert _steps(patched) == [(0, 3, "dense"), (1, 3, "sparse"), (2, 3, "sparse")]
+    assert report_steps(patched) == [(0, 3, "dense"), (1, 3, "sparse"), (2, 3, "sparse")]
     assert "custom sampler" not in caplog.text
 
 
@@ -138,7 +129,7 @@ def test_a_ksamplers_part_is_placed_once_per_sampling_run(comfy, wan, monkeypatc
     noise = torch.randn(CASE.latent, generator=torch.Generator().manual_seed(5))
     comfy.sample.sample(patched, noise, 4, 1.0, "euler", "simple", cond, negative, torch.zeros(CASE.latent),
                         denoise=0.5, seed=0, disable_pbar=True)
-    assert _steps(patched) == [(4, 8, "sparse"), (5, 8, "sparse"), (6, 8, "sparse"), (7, 8, "dense")]
+    assert report_steps(patched) == [(4, 8, "sparse"), (5, 8, "sparse"), (6, 8, "sparse"), (7, 8, "dense")]
     assert len(checked) == 1
 
 
@@ -167,7 +158,7 @@ def test_a_plan_refused_on_a_context_windows_grid_says_the_grid_is_the_windows(c
                                 provenance=dict(grids=[(3, 4, 4)], steps=2))
     patched = patch_model(wan, plan, backend="torch")
     sample(comfy, _context_windows(comfy, patched), CASE, latent=(1, 16, 5, 8, 8))
-    assert [s for _, _, s in _steps(patched)] == ["sparse"] * 4  # two windows a step
+    assert [s for _, _, s in report_steps(patched)] == ["sparse"] * 4  # two windows a step
 
 
 class _ModuleOverride(torch.nn.Module):
