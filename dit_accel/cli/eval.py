@@ -128,9 +128,6 @@ def _stacks(text, defaults):
     for item in (text or "").split(","):
         if not item.strip():
             continue
-        if any(not part.strip() for part in item.split("+")):  # ("tile+" ran tile alone, labelled "tile+")
-            raise ValueError(f"--stacks {item.strip()!r}: a stack is METHOD, METHOD+CACHE or CACHE, with a name on "
-                             "each side of '+' (e.g. sla+fbcache)")
         method, cache = parse_stack(item)
         name, _, given = method.partition(":")
         # (by the canonical name: "sta" took the paper's tile (6, 8, 8), not the tiny model's grid-sized one)

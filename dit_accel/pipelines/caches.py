@@ -436,9 +436,10 @@ def _cache_dit(pipe, spec: CacheSpec):
 def parse_stack(text: str, source: str = "--stacks"):
     """``"tile+fbcache:threshold=0.1"`` -> ``(method name, CacheSpec or None)``; ``"fbcache"`` alone is
     dense with that cache."""
-    parts = [p.strip() for p in str(text).split("+") if p.strip()]
-    if not parts or len(parts) > 2:
-        raise ValueError(f"{source} {text!r}: a stack is METHOD, METHOD+CACHE or CACHE (e.g. sla+fbcache)")
+    parts = [p.strip() for p in str(text).split("+")]
+    if not all(parts) or len(parts) > 2:  # ("tile+" ran tile alone, labelled "tile+")
+        raise ValueError(f"{source} {text!r}: a stack is METHOD, METHOD+CACHE or CACHE, with a name on each side of "
+                         "'+' (e.g. sla+fbcache)")
     first = parts[0].partition(":")[0].lower()
     if len(parts) == 1 and (first in CACHES or first in _ALIASES):
         return "dense", CacheSpec.parse(parts[0], source)
