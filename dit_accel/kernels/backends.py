@@ -416,6 +416,10 @@ def _transform_reason(name: str, request: Request) -> Optional[str]:
         return ("it has no forward-mode derivative (torch.func.jvp, jacfwd, hessian, torch.autograd.forward_ad): "
                 "its tangent would be dropped. Use backend='torch' (the PyTorch twin follows tangents), or take the "
                 "gradient in reverse mode (torch.func.grad, torch.autograd.grad).")
+    if request.deterministic and name in VENDOR_BACKENDS:
+        return ("torch.use_deterministic_algorithms(True) is on, and its backward is not deterministic (the vendor "
+                "kernels' backwards sum dQ with atomic adds in no fixed order by default): use backend='triton' (its "
+                "two-pass backward is deterministic) or 'torch', or turn the flag off for this call.")
     if name == "flex" and in_vmap():  # (torch's own error comes from deep in its FlexAttention trace)
         return ("FlexAttention cannot run under torch.vmap; use backend='torch' under torch.vmap, or "
                 "put the batch in the leading dimension of q, k and v instead of mapping over it.")

@@ -3,11 +3,14 @@ Triton launchers, SLA), so a bad q/k/v reads the same everywhere."""
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from .._util import is_bool
 
-__all__ = ["SUPPORTED_DTYPES", "check_tensor", "check_qkv", "check_scale", "check_flag", "unit_stride", "meta_outputs"]
+__all__ = ["SUPPORTED_DTYPES", "check_tensor", "check_qkv", "check_scale", "check_flag", "unit_stride", "meta_outputs",
+           "autocast_qkv", "in_autocast", "no_autocast", "sdpa_autocast"]
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -63,6 +66,55 @@ def check_flag(name: str, value) -> bool:
     if not is_bool(value):
         raise TypeError(f"{name}={value!r} is invalid: expected True or False")
     return bool(value)
+
+
+#: Device types with a ``torch.autocast`` (``torch.is_autocast_enabled`` raises for others, the meta device's).
+_AUTOCAST_KINDS = frozenset({"cuda", "cpu", "xpu", "mps", "hpu"})
+
+
+def in_autocast(q) -> bool:
+    """Whether an autocast region of ``q``'s device type is active here (then an entry point runs
+    :func:`autocast_qkv`'s casts and itself under :func:`no_autocast`)."""
+    kind = q.device.type if isinstance(q, torch.Tensor) else None
+    return kind in _AUTOCAST_KINDS and torch.is_autocast_enabled(kind)
+
+
+def autocast_qkv(q, k, v):
+    """``(q, k, v)`` as ``torch.autocast`` hands them to ``scaled_dot_product_attention``: inside an autocast region
+    of their device type, each float tensor but fp64 in the region's dtype (fp16 on CUDA, bf16 on the CPU by
+    default), so the call runs and returns in it, as SDPA does, and q bf16 with k fp32 (a norm with fp32 weights
+    on q and k alone, as Diffusers' RMSNorm under autocast) runs; unchanged outside a region. Before, the torch
+    and Triton backends ran fp32 inputs in fp32 and returned fp32, FlexAttention returned the region's dtype, and
+    a mixed q, k, v was refused."""
+    if not in_autocast(q):
+        return q, k, v
+    kind = q.device.type
+    dt = torch.get_autocast_dtype(kind)
+    return tuple(t.to(dt) if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype not in (dt, torch.float64)
+                 and t.device.type == kind else t for t in (q, k, v))
+
+
+def sdpa_autocast(fn):
+    """``fn(q, k, v, ...)`` (an internal entry the plans call: ``vsa_parts``, ``sla_parts_checked``) with
+    :func:`autocast_qkv`'s casts and run under :func:`no_autocast` inside an autocast region, as the public entry
+    points run."""
+    @functools.wraps(fn)
+    def wrapper(q, k, v, *args, **kwargs):
+        if in_autocast(q):
+            q, k, v = autocast_qkv(q, k, v)
+            with no_autocast(q.device.type):
+                return fn(q, k, v, *args, **kwargs)
+        return fn(q, k, v, *args, **kwargs)
+
+    return wrapper
+
+
+def no_autocast(kind: str):
+    """A scope where autocast of device type ``kind`` is off: the kernels' own fp32 math (the PyTorch twins'
+    explicit fp32 scores and softmax, SLA's and VSA's pooled means, the text branch's log-sum-exp) stays fp32 inside
+    a caller's region, as SDPA's accumulation does. Under a region it ran in the region's dtype: the same bf16
+    inputs gave SLA and VSA outputs 0.03 apart in and out of a CPU bf16 region, and a bf16 lse."""
+    return torch.autocast(kind, enabled=False)
 
 
 def unit_stride(*tensors: torch.Tensor):

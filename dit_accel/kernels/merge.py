@@ -64,9 +64,10 @@ def merge_attention(o_a: torch.Tensor, lse_a: torch.Tensor, o_b: torch.Tensor, l
     # gave lse_a and lse_b a NaN gradient there (a merged lse fed onward: a second merge, a loss).
     lse = torch.where(total > 0, top + torch.log(denom), float("-inf"))
     # A side with weight 0 (lse = -inf) is ignored even if its output holds NaN, as SDPA gives
-    # for fully masked rows: where(), not multiplication by 0.
-    part_a = torch.where((w_a > 0)[..., None], o_a.to(acc) * (w_a / denom)[..., None], 0.0)
-    part_b = torch.where((w_b > 0)[..., None], o_b.to(acc) * (w_b / denom)[..., None], 0.0)
+    # for fully masked rows: its output is zeroed by where() before the product, not after it (after, the
+    # product's backward gave that row's lse_a and lse_b the NaN gradient 0 * NaN).
+    part_a = torch.where((w_a > 0)[..., None], o_a.to(acc), 0.0) * (w_a / denom)[..., None]
+    part_b = torch.where((w_b > 0)[..., None], o_b.to(acc), 0.0) * (w_b / denom)[..., None]
     o = torch.where(bad[..., None], float("nan"), part_a + part_b)
     lse = torch.where(bad, float("nan"), torch.where(big, float("inf"), lse))
     return o.to(o_a.dtype), lse

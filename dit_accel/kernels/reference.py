@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .checks import check_scale
+from .checks import check_scale, in_autocast, no_autocast
 
 __all__ = ["dense_attention_reference"]
 
@@ -22,7 +22,7 @@ def dense_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         ``(o, lse)``: o fp32 ``(B, H, N, D)``, lse fp32 ``(B, H, N)`` (natural log).
         A row with no allowed key gives ``o = 0`` and ``lse = -inf``.
 
-    Materialises the ``N x M`` score matrix: for tests and small sizes only.
+    In fp32 inside a ``torch.autocast`` region too. Materialises the ``N x M`` score matrix: for tests and small sizes only.
     """
     for name, t in (("q", q), ("k", k), ("v", v), ("mask", mask)):
         if not isinstance(t, torch.Tensor) and (name != "mask" or t is not None):
@@ -35,6 +35,9 @@ def dense_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                          f"v {tuple(v.shape)}. Repeat k/v heads for grouped-query attention")
     # The kernels' rule (a bool, a string, 0, a negative or NaN scale ran here as float() read it).
     scale = check_scale(scale, q.shape[-1])
+    if in_autocast(q):  # (the oracle is fp32: inside a region its matmuls ran in bf16, 0.26 off at |s| ~ 9)
+        with no_autocast(q.device.type):
+            return dense_attention_reference(q, k, v, mask, scale)
     q, k, v = q.float(), k.float(), v.float()
     scores = torch.matmul(q, k.transpose(-1, -2)) * scale
     if mask is not None:

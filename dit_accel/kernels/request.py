@@ -17,7 +17,8 @@ import torch._guards
 import torch.autograd.forward_ad as _forward_ad
 
 __all__ = ["BackendUnavailable", "Request", "interpreting", "in_graph", "records_grad", "kernel_backward", "env_value",
-           "env_get", "ENV_BACKEND", "in_functorch", "in_vmap", "tracing", "forward_ad"]
+           "env_get", "ENV_BACKEND", "in_functorch", "in_vmap", "tracing", "forward_ad",
+           "lasting_caches"]
 
 #: Environment variable that overrides ``backend="auto"``.
 ENV_BACKEND = "DIT_ACCEL_BACKEND"
@@ -42,13 +43,17 @@ class Request:
     kv_len: int = 0
     batch_heads: int = 0
     forward_ad: bool = False  # a forward-mode tangent rides on q, k or v (torch.func.jvp, jacfwd): only twins follow it
+    # torch.use_deterministic_algorithms(True) is on and the call records a backward: backends whose backward sums
+    # with atomic adds in no fixed order (the vendor kernels' by default) may not run it
+    deterministic: bool = False
 
     @classmethod
     def of(cls, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_q: int = 64, block_k: int = 64,
            density: Optional[float] = None) -> "Request":
         grad = records_grad(q, k, v)
         return cls(q.device, q.dtype, q.shape[-1], grad, block_q, block_k, density, q.shape[-2], k.shape[-2],
-                   q.shape[0] * q.shape[1] if q.dim() == 4 else 1, grad and forward_ad(q, k, v))
+                   q.shape[0] * q.shape[1] if q.dim() == 4 else 1, grad and forward_ad(q, k, v),
+                   grad and torch.are_deterministic_algorithms_enabled())
 
 
 def forward_ad(*tensors: torch.Tensor) -> bool:
@@ -155,6 +160,22 @@ def tracing() -> bool:
     backend ran unchecked (raw errors from inside torch), FlexAttention's CPU log-sum-exp was refused and kernel
     variants never self-checked were trusted. (:func:`dit_accel.pipelines.context.tracing` is this function.)"""
     return torch.compiler.is_compiling() and _traced_in_this_thread()
+
+
+def lasting_caches(fn):
+    """``fn`` run outside ``torch.inference_mode`` (under ``no_grad``) when called inside it, eager: the tensors it
+    keeps between calls (cube permutations and their device copies, per-cube sizes) are then normal tensors. Built
+    as inference tensors, a later call that records a backward could not save them: torch's "Inference tensors
+    cannot be saved for backward" from deep in the op (fine-tuning after a preview generated under inference_mode,
+    as ComfyUI runs). Its outputs are normal tensors, which inference-mode code takes like its own."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        if not tracing() and torch.is_inference_mode_enabled():
+            with torch.inference_mode(False), torch.no_grad():
+                return fn(*args, **kwargs)
+        return fn(*args, **kwargs)
+
+    return wrapper
 
 
 def in_graph() -> bool:

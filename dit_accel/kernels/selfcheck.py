@@ -300,13 +300,26 @@ def _no_functorch():
     return disable() if disable is not None else contextlib.nullcontext()
 
 
+def _no_autocast():
+    """A scope where the caller's ``torch.autocast`` regions (any device type) do not apply: a check asked inside one
+    computed its fp32 reference in the region's half precision, failed a sound kernel (under CPU bf16 autocast, against
+    a bound of 1e-4: 0.0096 for the fp32 block-sparse forward, 0.0032 for VSA's coarse kernel, 0.0026 for SLA's
+    forward) and stored the failure, which disabled the variant on this machine for every later run."""
+    stack = contextlib.ExitStack()
+    for kind in ("cuda", "cpu", "xpu", "mps", "hpu"):
+        if torch.amp.is_autocast_available(kind) and torch.is_autocast_enabled(kind):
+            stack.enter_context(torch.autocast(kind, enabled=False))
+    return stack
+
+
 def _run_check(v: Variant, device: torch.device, dtype: torch.dtype, shape: dict) -> dict:
     start = time.perf_counter()
     try:
         # (whatever the caller's mode: a backward's check may be asked for inside a backward, where grad is off;
         # and outside the caller's torch.func transforms: inside vmap, grad or jvp every check crashed, and the
         # failed verdict, stored, disabled a sound variant on this machine)
-        with torch.inference_mode(False), torch.enable_grad(), _no_functorch():
+        # (and outside the caller's autocast)
+        with torch.inference_mode(False), torch.enable_grad(), _no_functorch(), _no_autocast():
             res = v.check(device, dtype, dict(shape))
         error, tol, problem, measure = float(res.error), float(res.tolerance), res.problem, res.measure
         ok = res.ok

@@ -13,7 +13,8 @@ from .select_backend import VERIFY_TOL, free_memory, memory_skips  # noqa: F401 
 from ..backends import (VENDOR_BACKENDS, Request, check_backend_name, env_backend, env_value, forced_backend, resolve,
                         runs_twin)
 from ..request import forward_ad, in_functorch, in_graph, records_grad, tracing
-from ..checks import check_flag, check_qkv, check_scale, meta_outputs, unit_stride
+from ..checks import (autocast_qkv, check_flag, check_qkv, check_scale, in_autocast, meta_outputs, no_autocast,
+                      unit_stride)
 from ..layout import BlockLayout
 from ..layout_checks import check_layout
 
@@ -91,7 +92,8 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, la
             :func:`dense_reason`); :func:`block_sparse_backend` then answers :data:`DENSE`.
 
     Returns:
-        ``o`` ``(B, H, N, D)`` in q's dtype, or ``(o, lse)`` with ``return_lse=True``.
+        ``o`` ``(B, H, N, D)`` in q's dtype, or ``(o, lse)`` with ``return_lse=True``. Inside ``torch.autocast``
+        q, k and v are cast as SDPA's are (:func:`~dit_accel.kernels.checks.autocast_qkv`): ``o`` in the region's dtype.
         Rows with no allowed key give ``o = 0``. Differentiable w.r.t. q, k, v. On meta tensors (shape
         inference) the inputs are checked and the outputs are meta tensors of these shapes; nothing runs.
 
@@ -100,6 +102,10 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, la
         >>> layout = BlockLayout.from_dense_mask(mask, block_q=64, block_k=64)  # mask [N, N] bool
         >>> o = block_sparse_attention(q, k, v, layout)
     """
+    if in_autocast(q):  # SDPA's casts, then the backends' own math outside the region
+        q, k, v = autocast_qkv(q, k, v)
+        with no_autocast(q.device.type):
+            return block_sparse_attention(q, k, v, layout, scale=scale, return_lse=return_lse, backend=backend)
     source = layout
     scale, name, layout = _call(q, k, v, layout, scale, backend, return_lse)
     if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:  # (checked tensors; the twin needs it)
@@ -157,6 +163,8 @@ def _call(q, k, v, layout, scale, backend: str, return_lse: bool):
     grad = records_grad(q, k, v)
     # (a torch.func gradient, or a forward-mode tangent, does not take an eager gradient's backend)
     grad = grad and (3 if forward_ad(q, k, v) else 2 if in_functorch() else 1)
+    # (and a backward under torch.use_deterministic_algorithms(True) does not take another's vendor backend)
+    grad = grad and (grad + 3 if torch.are_deterministic_algorithms_enabled() else grad)
     device = q.device
     # (the types too: True == 1 would take scale=1's or return_lse=True's checked answer, unchecked)
     slot = ("block_sparse.call", (backend, env_value(), autotune.enabled() if device.type == "cuda" else None,

@@ -18,7 +18,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..backends import Request, env_value, resolve
-from ..checks import check_flag, check_qkv, check_scale, unit_stride
+from ..checks import (autocast_qkv, check_flag, check_qkv, check_scale, in_autocast, no_autocast, sdpa_autocast,
+                      unit_stride)
 from ..request import forward_ad, in_functorch, records_grad, tracing
 from .common import SLAParams, classify_checked, sla_block_counts
 from .naive import sla_torch
@@ -100,7 +101,8 @@ def sla_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, method,
         return_parts: also return the parts, for log-sum-exp merging with other keys.
 
     Returns:
-        ``o`` ``(B, H, Nq, D)`` in q's dtype; with ``return_parts=True`` the tuple
+        ``o`` ``(B, H, Nq, D)`` in q's dtype (inside ``torch.autocast``: q, k, v cast as SDPA's are, and ``o``
+        in the region's dtype); with ``return_parts=True`` the tuple
         ``(o_sparse, lse_sparse, o_linear_projected, info)``: ``o_sparse`` in q's dtype,
         ``lse_sparse`` fp32 ``(B, H, Nq)`` (natural log), ``o_linear_projected`` in q's dtype
         (zeros when ``proj`` is None or inert, see :func:`is_inert`) and ``info`` a dict with ``density``
@@ -114,6 +116,10 @@ def sla_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, method,
         o = sla_attention(q, k, v, dit_accel.SLA(topk=0.05), proj)
     """
     check_flag("return_parts", return_parts)
+    if in_autocast(q):  # SDPA's casts, then SLA's own math (and proj, in its dtype) outside the region
+        q, k, v = autocast_qkv(q, k, v)
+        with no_autocast(q.device.type):
+            return sla_attention(q, k, v, method, proj, scale=scale, backend=backend, return_parts=return_parts)
     if not return_parts:
         method, scale, backend = _prepare(q, k, v, method, proj, scale, backend)
         if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:  # (checked tensors; the twin needs it)
@@ -128,6 +134,10 @@ def sla_parts(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, method, proj: O
               scale: Optional[float] = None, backend: str = "auto"):
     """:func:`sla_attention`'s parts ``(o_sparse, lse_sparse, o_linear_projected or None, info)``: None, not
     zeros, when no projected linear branch was computed (``info["linear"]`` False). Same arguments."""
+    if in_autocast(q):
+        q, k, v = autocast_qkv(q, k, v)
+        with no_autocast(q.device.type):
+            return sla_parts(q, k, v, method, proj, scale=scale, backend=backend)
     method, scale, backend = _prepare(q, k, v, method, proj, scale, backend)
     if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:  # (checked tensors; the twin needs it)
         q, k, v = unit_stride(q, k, v)
@@ -187,6 +197,7 @@ _PREPARED: Dict[tuple, tuple] = {}
 _MAX_PREPARED = 1024
 
 
+@sdpa_autocast  # (the plans' entry: SLA's own math outside a caller's autocast region, as sla_attention's)
 def sla_parts_checked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, method: SLAParams,
                       proj: Optional[nn.Module], scale: float, backend: str):
     """:func:`sla_parts` for inputs already checked (the pipelines' plans, on every layer call): ``method`` an

@@ -22,8 +22,8 @@ import torch
 from ..._util import is_number
 from ..backends import check_backend_name, runs_twin
 from ..block_sparse import block_sparse_attention
-from ..checks import check_flag, check_qkv, check_scale
-from ..request import BackendUnavailable, in_functorch, kernel_backward, records_grad, tracing
+from ..checks import autocast_qkv, check_flag, check_qkv, check_scale, in_autocast, no_autocast, sdpa_autocast
+from ..request import BackendUnavailable, in_functorch, kernel_backward, lasting_caches, records_grad, tracing
 from ..layout import BlockLayout
 from . import fine as fine_path
 from . import raster
@@ -129,6 +129,8 @@ def _fused_coarse(q_t, k_t, v_t, with_coarse: bool, backend: str) -> bool:
     return selfcheck.gate([VARIANT], device, q_t.dtype, shape, forced=forced == "triton")
 
 
+@lasting_caches
+@sdpa_autocast  # (the plans' entry: VSA's own math outside a caller's autocast region, as vsa_attention's)
 def vsa_parts(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid: Tuple[int, int, int], count: int,
               tile: Tuple[int, int, int], scale: float, *, with_coarse: bool = True,
               backend: str = "auto", cubes: Optional[Cubes] = None, tiled_fine: bool = False,
@@ -461,6 +463,7 @@ class _GatedCubes(torch.autograd.Function):
         return d_c, d_gate, (grad if ctx.with_fine and need_fine else None), None, None
 
 
+@lasting_caches
 def vsa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid, *, topk: Optional[int] = None,
                   sparsity: Optional[float] = None, tile=DEFAULT_TILE, gate: Optional[torch.Tensor] = None,
                   scale: Optional[float] = None, backend: str = "auto", return_selection: bool = False):
@@ -490,7 +493,8 @@ def vsa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid, *, to
             ascending, the same on every device and backend (an exact tie goes to the lower index).
 
     Returns:
-        ``out`` ``(B, H, N, D)`` in q's dtype (and the selection with ``return_selection=True``); on meta tensors
+        ``out`` ``(B, H, N, D)`` in q's dtype (inside ``torch.autocast``: q, k, v cast as SDPA's are, ``out`` in the
+        region's dtype) (and the selection with ``return_selection=True``); on meta tensors
         (shape inference) meta tensors of these shapes, nothing computed.
 
     Example::
@@ -500,6 +504,11 @@ def vsa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid, *, to
     """
     topk, sparsity, tile = check_vsa_config(topk, sparsity, tile)
     grid = check_vsa_grid(grid)
+    if in_autocast(q):  # SDPA's casts, then VSA's own math outside the region
+        q, k, v = autocast_qkv(q, k, v)
+        with no_autocast(q.device.type):
+            return vsa_attention(q, k, v, grid, topk=topk, sparsity=sparsity, tile=tile, gate=gate, scale=scale,
+                                 backend=backend, return_selection=return_selection)
     check_qkv(q, k, v)
     check_flag("return_selection", return_selection)
     if in_functorch():  # (else torch's "must override the setup_context staticmethod", or a storage or scatter error)
@@ -548,6 +557,8 @@ def _check_cube_blocks(q: torch.Tensor, backend: str, grid, tile, volume: int) -
             "(4, 4, 4) or (4, 8, 8) on a grid at least that large, or backend='torch' (or 'auto').")
 
 
+@lasting_caches
+@sdpa_autocast
 def vsa_parts_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, part: CubeRows, cubes: Cubes, count: int,
                    scale: float, *, with_coarse: bool = True, backend: str = "auto") -> VSAResult:
     """VSA's branches for the query rows of ``part`` (:func:`~.naive.cube_rows`: raster rows that fill whole
