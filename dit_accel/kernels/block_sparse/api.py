@@ -13,8 +13,7 @@ from .select_backend import VERIFY_TOL, free_memory, memory_skips  # noqa: F401 
 from ..backends import (VENDOR_BACKENDS, Request, check_backend_name, env_backend, env_value, forced_backend, resolve,
                         runs_twin)
 from ..request import forward_ad, in_functorch, in_graph, records_grad, tracing
-from ..checks import (autocast_qkv, check_flag, check_qkv, check_scale, in_autocast, meta_outputs, no_autocast,
-                      unit_stride)
+from ..checks import check_flag, check_qkv, check_scale, meta_outputs, sdpa_autocast, unit_stride
 from ..layout import BlockLayout
 from ..layout_checks import check_layout
 
@@ -63,6 +62,7 @@ def _check(q, k, v, layout, scale) -> float:
     return check_scale(scale, q.shape[-1])
 
 
+@sdpa_autocast  # SDPA's casts, then the backends' own math outside the region
 def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: BlockLayout, *,
                            scale: Optional[float] = None, return_lse: bool = False, backend: str = "auto"):
     """Softmax attention restricted to the blocks (and element masks) of ``layout``.
@@ -102,10 +102,6 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, la
         >>> layout = BlockLayout.from_dense_mask(mask, block_q=64, block_k=64)  # mask [N, N] bool
         >>> o = block_sparse_attention(q, k, v, layout)
     """
-    if in_autocast(q):  # SDPA's casts, then the backends' own math outside the region
-        q, k, v = autocast_qkv(q, k, v)
-        with no_autocast(q.device.type):
-            return block_sparse_attention(q, k, v, layout, scale=scale, return_lse=return_lse, backend=backend)
     source = layout
     scale, name, layout = _call(q, k, v, layout, scale, backend, return_lse)
     if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:  # (checked tensors; the twin needs it)

@@ -63,12 +63,8 @@ def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Op
 
         >>> o = dense_attention(q, k, v)  # == F.scaled_dot_product_attention(q, k, v) up to rounding
     """
-    from ..checks import autocast_qkv, check_flag, check_qkv, check_scale, in_autocast, meta_outputs, no_autocast
+    from ..checks import check_flag, check_qkv, check_scale, meta_outputs
 
-    if in_autocast(q):  # SDPA's casts, then the kernels outside the region
-        q, k, v = autocast_qkv(q, k, v)
-        with no_autocast(q.device.type):
-            return dense_attention(q, k, v, scale, return_lse)
     check_qkv(q, k, v)
     check_flag("return_lse", return_lse)
     scale = check_scale(scale, q.shape[-1])
@@ -92,13 +88,9 @@ def fastest_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
 
         >>> o, lse = fastest_attention(q, k, v, return_lse=True)  # then merge_attention(o, lse, o2, lse2)
     """
-    from ..checks import autocast_qkv, check_flag, check_qkv, check_scale, in_autocast, no_autocast
+    from ..checks import check_flag, check_qkv, check_scale
     from .choice import run
 
-    if in_autocast(q):
-        q, k, v = autocast_qkv(q, k, v)
-        with no_autocast(q.device.type):
-            return fastest_attention(q, k, v, scale, return_lse)
     check_qkv(q, k, v)
     check_flag("return_lse", return_lse)
     o, lse = run(q, k, v, check_scale(scale, q.shape[-1]), return_lse)

@@ -18,8 +18,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..backends import Request, env_value, resolve
-from ..checks import (autocast_qkv, check_flag, check_qkv, check_scale, in_autocast, no_autocast, sdpa_autocast,
-                      unit_stride)
+from ..checks import check_flag, check_qkv, check_scale, sdpa_autocast, unit_stride
 from ..request import forward_ad, in_functorch, records_grad, tracing
 from .common import SLAParams, classify_checked, sla_block_counts
 from .naive import sla_torch
@@ -73,6 +72,7 @@ def _param_dtype(proj: nn.Module):
     return None
 
 
+@sdpa_autocast  # SDPA's casts, then SLA's own math (and proj, in its dtype) outside the region
 def sla_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, method,
                   proj: Optional[nn.Module] = None, *, scale: Optional[float] = None,
                   backend: str = "auto", return_parts: bool = False):
@@ -116,10 +116,6 @@ def sla_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, method,
         o = sla_attention(q, k, v, dit_accel.SLA(topk=0.05), proj)
     """
     check_flag("return_parts", return_parts)
-    if in_autocast(q):  # SDPA's casts, then SLA's own math (and proj, in its dtype) outside the region
-        q, k, v = autocast_qkv(q, k, v)
-        with no_autocast(q.device.type):
-            return sla_attention(q, k, v, method, proj, scale=scale, backend=backend, return_parts=return_parts)
     if not return_parts:
         method, scale, backend = _prepare(q, k, v, method, proj, scale, backend)
         if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:  # (checked tensors; the twin needs it)
@@ -130,14 +126,11 @@ def sla_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, method,
     return o_s, lse, (o_lp if o_lp is not None else torch.zeros_like(o_s)), info
 
 
+@sdpa_autocast
 def sla_parts(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, method, proj: Optional[nn.Module] = None, *,
               scale: Optional[float] = None, backend: str = "auto"):
     """:func:`sla_attention`'s parts ``(o_sparse, lse_sparse, o_linear_projected or None, info)``: None, not
     zeros, when no projected linear branch was computed (``info["linear"]`` False). Same arguments."""
-    if in_autocast(q):
-        q, k, v = autocast_qkv(q, k, v)
-        with no_autocast(q.device.type):
-            return sla_parts(q, k, v, method, proj, scale=scale, backend=backend)
     method, scale, backend = _prepare(q, k, v, method, proj, scale, backend)
     if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:  # (checked tensors; the twin needs it)
         q, k, v = unit_stride(q, k, v)

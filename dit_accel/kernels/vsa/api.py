@@ -22,7 +22,7 @@ import torch
 from ..._util import is_number
 from ..backends import check_backend_name, runs_twin
 from ..block_sparse import block_sparse_attention
-from ..checks import autocast_qkv, check_flag, check_qkv, check_scale, in_autocast, no_autocast, sdpa_autocast
+from ..checks import check_flag, check_qkv, check_scale, sdpa_autocast
 from ..request import BackendUnavailable, in_functorch, kernel_backward, lasting_caches, records_grad, tracing
 from ..layout import BlockLayout
 from . import fine as fine_path
@@ -464,6 +464,7 @@ class _GatedCubes(torch.autograd.Function):
 
 
 @lasting_caches
+@sdpa_autocast  # SDPA's casts, then VSA's own math outside the region
 def vsa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid, *, topk: Optional[int] = None,
                   sparsity: Optional[float] = None, tile=DEFAULT_TILE, gate: Optional[torch.Tensor] = None,
                   scale: Optional[float] = None, backend: str = "auto", return_selection: bool = False):
@@ -504,11 +505,6 @@ def vsa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid, *, to
     """
     topk, sparsity, tile = check_vsa_config(topk, sparsity, tile)
     grid = check_vsa_grid(grid)
-    if in_autocast(q):  # SDPA's casts, then VSA's own math outside the region
-        q, k, v = autocast_qkv(q, k, v)
-        with no_autocast(q.device.type):
-            return vsa_attention(q, k, v, grid, topk=topk, sparsity=sparsity, tile=tile, gate=gate, scale=scale,
-                                 backend=backend, return_selection=return_selection)
     check_qkv(q, k, v)
     check_flag("return_selection", return_selection)
     if in_functorch():  # (else torch's "must override the setup_context staticmethod", or a storage or scatter error)
