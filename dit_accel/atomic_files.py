@@ -44,7 +44,7 @@ import socket
 import threading
 import uuid
 from pathlib import Path
-from typing import Callable, Dict, Iterable, Iterator, Optional, Union
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Union
 
 __all__ = ["BadFileError", "atomic_write", "atomic_write_text", "atomic_write_json", "atomic_folder", "file_hashes",
            "check_hashes", "sha256_file", "folder_digest", "read_json", "read_text", "load_safetensors", "safetensors_keys", "safetensors_shapes", "temp_name", "is_temp_name",
@@ -696,3 +696,24 @@ def _read_safetensors(path: PathLike, expected: str, read):
         reason = " ".join(str(err).split())[:160]
         raise BadFileError(path, f"is not a readable safetensors file ({type(err).__name__}: {reason})",
                            expected) from None
+
+
+def folders_to_make(*paths) -> List[str]:
+    """The folders (each path and its missing parents) that making ``paths`` would create, deepest first: what
+    :func:`remove_empty` takes back when the operation that made them fails."""
+    made = set()
+    for path in paths:
+        if not isinstance(path, (str, os.PathLike)) or not os.fspath(path):
+            continue
+        path = os.path.abspath(os.fspath(path))
+        while not os.path.lexists(path) and os.path.dirname(path) != path:
+            made.add(path)
+            path = os.path.dirname(path)
+    return sorted(made, key=lambda f: (-f.count(os.sep), f))
+
+
+def remove_empty(folders: Iterable[PathLike]) -> None:
+    """Remove each of ``folders`` (deepest first) that is empty: a failed operation leaves no folder it made."""
+    for folder in folders:
+        with contextlib.suppress(OSError):  # not empty (a cache it filled), or gone
+            os.rmdir(folder)

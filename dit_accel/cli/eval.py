@@ -27,7 +27,6 @@ Stacks of a method and a step cache, and the comparison of two result folders:
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import sys
 
@@ -200,19 +199,6 @@ def _compare(args) -> int:
     if comparison and not unpaired and all(row["a"] == row["b"] for row in comparison):
         print("note: A and B hold the same mean for every row and metric: the folders may be copies of one run")
     return 0
-
-
-def _folders_to_make(*paths) -> list:
-    """The folders (and their missing parents) that ``paths`` would create, deepest first."""
-    from pathlib import Path
-
-    missing = []
-    for path in paths:
-        for folder in (Path(path), *Path(path).parents):
-            if folder.exists():
-                break
-            missing.append(str(folder))
-    return sorted(set(missing), key=lambda f: -len(Path(f).parts))
 
 
 def _device_and_dtype(args):
@@ -452,15 +438,15 @@ def _evaluate(args) -> int:
                             repeats=args.repeats, warmup=args.warmup).with_tiny_defaults()
     from ..models.loading import ModelLoadError
 
-    created = _folders_to_make(args.out, args.cache_dir or os.path.join(args.out, "cache"))
+    from ..atomic_files import folders_to_make, remove_empty
+
+    created = folders_to_make(args.out, args.cache_dir or os.path.join(args.out, "cache"))
     try:
         results = run_eval(settings, specs, args.out, cache_dir=args.cache_dir, clip_model=args.clip_model,
                            fid_weights=args.fid_weights, real_dir=args.real, lpips=not args.no_lpips,
                            capture=args.capture, floor_backend=args.floor_backend, prompt_file=args.prompts)
     except BaseException as exc:
-        for folder in created:  # a failed eval leaves no empty folders it made (a cache it filled stays)
-            with contextlib.suppress(OSError):
-                os.rmdir(folder)
+        remove_empty(created)  # a failed eval leaves no empty folders it made (a cache it filled stays)
         if not isinstance(exc, (ModelLoadError, ValueError, OSError)):
             raise
         print(f"dit-accel eval: {exc}", file=sys.stderr)

@@ -11,7 +11,6 @@ projection submodule per attention layer, all of which ``remove()`` takes away.
 from __future__ import annotations
 
 import contextlib
-import os
 import threading
 import warnings
 from typing import Dict, Iterable, List, Optional, Sequence, Union
@@ -19,6 +18,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Union
 import torch
 from torch import nn
 
+from ..atomic_files import folders_to_make, remove_empty
 from .._util import DitAccelWarning, WarningLog
 from ..methods import Method
 from ..plans.sparse_plan import SparsePlan
@@ -192,27 +192,6 @@ def apply(pipe_or_transformer, method: Method, *, dense_steps: int = 0, dense_la
                               trained_gates(method, layer_methods, ours) if ours is weights else weights)
 
 
-def _folders_to_make(capture) -> List[str]:
-    """The folders that :func:`~.capture.check_capture_dir` will create for a ``capture`` path, deepest first
-    (none for an observer or a folder that exists)."""
-    if not isinstance(capture, (str, os.PathLike)) or not os.fspath(capture):
-        return []
-    made, path = [], os.path.abspath(os.fspath(capture))
-    while not os.path.lexists(path) and os.path.dirname(path) != path:
-        made.append(path)
-        path = os.path.dirname(path)
-    return made
-
-
-def _remove_empty(folders: List[str]) -> None:
-    """Remove ``folders`` (deepest first) while they are empty: a failed apply() leaves no capture folder behind."""
-    for folder in folders:
-        try:
-            os.rmdir(folder)
-        except OSError:  # not empty (or gone): what is above it stays too
-            return
-
-
 @contextlib.contextmanager
 def _capture(capture, capture_layers, capture_steps):
     """``capture`` as an observer: a folder becomes a :class:`~.capture.Capture` of those layers and steps. Layers
@@ -229,12 +208,12 @@ def _capture(capture, capture_layers, capture_steps):
                          "them, or pass capture=FOLDER")
     made = []
     if capture is not None and not observer:
-        made = _folders_to_make(capture)
+        made = folders_to_make(capture)
         capture = Capture(check_capture_dir(capture), capture_layers, capture_steps)
     try:
         yield capture
     except BaseException:
-        _remove_empty(made)
+        remove_empty(made)
         raise
 
 
