@@ -229,10 +229,11 @@ def load_video(path) -> np.ndarray:
         raise ValueError(f"path={path!r} is invalid: give the path of a video (.mp4, .gif, .png) or a frame folder")
     path = Path(path)
     suffix = path.suffix.lower()
-    if path.is_dir() or suffix == ".png":  # a PNG output a killed save_video committed: finished, or refused
-        journal = frames_journal(path) if path.is_dir() else commit_journal(path)
-        if journal.exists():
-            finish_for_reader(journal, path)
+    # a set a killed writer committed (save_video's PNG frames, generate's video + comparison + sidecar): finished,
+    # or refused
+    journal = frames_journal(path) if path.is_dir() else commit_journal(path)
+    if journal.exists():
+        finish_for_reader(journal, path)
     if path.is_dir():  # not the temporaries a killed save_video left
         files = sorted(p for p in path.iterdir() if p.suffix.lower() == ".png" and not is_temp_name(p))
         if not files:

@@ -41,9 +41,9 @@ from .generate_args import (_DTYPES, DEFAULT_MODEL, DEFAULT_PROMPT, _check_flags
                             _check_cache_under_cp, _method_for_weights, _check_plan_with_weights, check_sidecar, early_call_error,
                             flag_call_error, image_parameter)
 from .generate_report import (_cache_record, _calls_per_transformer, _check_side_by_side_path,  # noqa: F401
-                              _comparison, magcache_ratios, _output_notes, _provenance, _quality, _record,
-                              _remove_earlier_side_by_side, _side_by_side, _side_by_side_path, _strip_height,
-                              _summary_lines, cp_ranks)
+                              _commit_with_comparison, _comparison, _one_file_each, magcache_ratios, _output_notes,
+                              _provenance, _quality, _record, _remove_earlier_side_by_side, _side_by_side,
+                              _side_by_side_path, _strip_height, _summary_lines, cp_ranks)
 from .parallel import add_cp_option
 from ..methods import METHOD_ALIASES
 from ..models.tiny_shapes import SHAPES_MODELS, TINY_SHAPES_PROMPT, shapes_model
@@ -662,7 +662,7 @@ def generate(args) -> dict:
 def _denoise_and_write(args, pipe, call, method, schedule, source, quiet, is_video, out: Path, t_total: float,
                        load_s: float) -> dict:
     """The denoising (and the dense run it is compared with), then the video and its sidecar."""
-    from ..atomic_files import atomic_write, atomic_write_json
+    from ..atomic_files import atomic_write, atomic_write_json, commit_journal, finish_commit
     from ..videos import output_files, save_video, to_uint8_frames
 
     dense = None
@@ -682,6 +682,11 @@ def _denoise_and_write(args, pipe, call, method, schedule, source, quiet, is_vid
     record = _sidecar_record(args, pipe, method, schedule, source, call, frames, output_files(out, len(frames)),
                              (times, calls, stats, summary), dense, side_by_side, load_s)
     t0 = time.perf_counter()
+    finish_commit(commit_journal(out))  # a set an earlier run committed before it was killed: in place first
+    if side_by_side is not None and _one_file_each(out, side_by_side, len(frames)):
+        record["sidecar"] = str(_commit_with_comparison(out, frames, side_by_side, both, record, args.fps, t0,
+                                                        t_total))
+        return record
     sidecar = Path(str(out) + ".json")
     earlier = sidecar.read_bytes() if sidecar.is_file() else None
     sidecar.unlink(missing_ok=True)  # an earlier run's record must not stay beside this run's video

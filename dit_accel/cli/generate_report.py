@@ -36,6 +36,36 @@ def _check_side_by_side_path(out: Path, num_frames: int) -> None:
                       "another --out")
 
 
+def _one_file_each(out: Path, side_by_side: Path, num_frames: int) -> bool:
+    """Whether the video and its comparison are one file each (mp4, gif, a one-frame PNG), so that they and the
+    sidecar can be committed as one set."""
+    from ..videos import output_files
+
+    return all(output_files(path, num_frames) == [path] for path in (out, side_by_side))
+
+
+def _commit_with_comparison(out: Path, frames, side_by_side: Path, both, record: dict, fps: float,
+                            started: float, t_total: float) -> Path:
+    """The video, its side-by-side comparison and the sidecar written as one set (``commit_files``): an
+    interrupted or failed write leaves the earlier run's three files as they were, and a kill after the commit
+    point is finished by the next writer (or a reader of the set). Returns the sidecar's path."""
+    import time
+
+    from ..atomic_files import commit_files, commit_journal
+    from ..videos import save_video
+
+    sidecar = Path(f"{out}.json")
+
+    def write_sidecar(tmp: Path) -> None:  # last: its timing counts both videos
+        record["timing"].update(save_s=time.perf_counter() - started, total_s=time.perf_counter() - t_total)
+        tmp.write_text(json.dumps(record, indent=2) + "\n")
+
+    commit_files({out: lambda tmp: save_video(frames, tmp, fps=fps),
+                  side_by_side: lambda tmp: save_video(both, tmp, fps=fps),
+                  sidecar: write_sidecar}, commit_journal(out))
+    return sidecar
+
+
 def _remove_earlier_side_by_side(earlier, out: Path) -> None:
     """An earlier run at this ``--out`` wrote ``OUT-vs-dense``: remove those files (before this run writes its own,
     if it does), so no comparison of another run stays beside this run's video. Only what that run's sidecar

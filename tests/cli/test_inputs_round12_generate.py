@@ -3,6 +3,9 @@ before (a silent wrong answer, or a traceback where one line belongs)."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 
 from dit_accel.cli.main import main
@@ -177,18 +180,19 @@ def test_the_folders_own_plan_beside_it_is_taken(monkeypatch):
 
 
 # ----------------------------------------------------------------------------- an interrupted --side-by-side
-def test_an_interrupted_side_by_side_leaves_no_earlier_comparison_beside_the_new_video(tmp_path, monkeypatch):
+def test_an_interrupted_side_by_side_leaves_the_earlier_runs_files_as_they_were(tmp_path, monkeypatch):
     """Before: a second ``--side-by-side`` run into the same --out, interrupted (Ctrl-C) while writing its
     comparison, left the new x.mp4 beside the first run's x-vs-dense.mp4 (dense against the first run's frames),
-    and no sidecar to say whose it was; a later run without --side-by-side kept it too (no record of it)."""
+    and no sidecar to say whose it was. Then (round 12): the new video alone, no comparison, no sidecar. Now the
+    video, its comparison and the sidecar are one set: the first run's three files stay as they were."""
     import dit_accel.videos as videos
-    from dit_accel.io import load_video
+    from dit_accel.atomic_files import is_temp_name
 
-    out, comparison = tmp_path / "x.mp4", tmp_path / "x-vs-dense.mp4"
+    out, comparison, sidecar = tmp_path / "x.mp4", tmp_path / "x-vs-dense.mp4", tmp_path / "x.mp4.json"
     args = ["generate", "--model", "tiny-wan", "--method", "tile", "--frames", "5", "--height", "32", "--width", "32",
             "--steps", "2", "--quiet", "--side-by-side", "--out", str(out)]
     assert main(args) == 0 and comparison.is_file()
-    first = load_video(out)
+    before = {p.name: p.read_bytes() for p in (out, comparison, sidecar)}
     save = videos.save_video
 
     def interrupted(frames, path, fps=16):
@@ -198,8 +202,46 @@ def test_an_interrupted_side_by_side_leaves_no_earlier_comparison_beside_the_new
 
     monkeypatch.setattr(videos, "save_video", interrupted)
     assert main(args + ["--seed", "1"]) == 130
-    assert not (first == load_video(out)).all()  # the new run's video is in place ...
-    assert not comparison.exists() and not (tmp_path / "x.mp4.json").exists()  # ... with no comparison of another
+    assert {p.name: p.read_bytes() for p in (out, comparison, sidecar)} == before
+    assert not [p for p in tmp_path.iterdir() if is_temp_name(p) or "commit" in p.name]
+    monkeypatch.setattr(videos, "save_video", save)
+    assert main(args + ["--seed", "1"]) == 0  # and a run that finishes replaces all three
+    assert all(p.read_bytes() != before[p.name] for p in (out, comparison, sidecar))
+    assert json.loads(sidecar.read_text())["compare_dense"]["side_by_side"] == str(comparison)
+
+
+@pytest.mark.parametrize("reader", [False, True], ids=["next-run", "load_video-first"])
+def test_a_side_by_side_set_killed_after_its_commit_point_is_finished_by_the_next_run(tmp_path, monkeypatch, reader):
+    """A run killed between the set's commit point (its journal) and the renames: the next run at that --out, or
+    ``load_video`` of the video, puts the committed set in place before anything reads it, so no run's video
+    stays beside another's record."""
+    import dit_accel.atomic_files as atomic_files
+    from dit_accel.atomic_files import commit_journal
+    from dit_accel.io import load_video
+
+    out, comparison, sidecar = tmp_path / "x.mp4", tmp_path / "x-vs-dense.mp4", tmp_path / "x.mp4.json"
+    args = ["generate", "--model", "tiny-wan", "--method", "tile", "--frames", "5", "--height", "32", "--width", "32",
+            "--steps", "2", "--quiet", "--side-by-side", "--out", str(out)]
+    finish = atomic_files.finish_commit
+
+    def killed_after_the_journal(journal):
+        if Path(journal).exists():
+            raise KeyboardInterrupt  # (what a kill leaves: the journal and the staged files)
+        return finish(journal)
+
+    monkeypatch.setattr(atomic_files, "finish_commit", killed_after_the_journal)
+    assert main(args) == 130
+    assert commit_journal(out).exists() and not out.exists() and not sidecar.exists()
+    monkeypatch.setattr(atomic_files, "finish_commit", finish)
+    if reader:  # a reader of the video finishes the set too
+        assert load_video(out).shape[0] == 5
+        assert comparison.is_file() and json.loads(sidecar.read_text())["settings"]["seed"] == 0
+        assert not commit_journal(out).exists()
+    args_plain = [a for a in args if a != "--side-by-side"]
+    assert main(args_plain + ["--seed", "1"]) == 0
+    record = json.loads(sidecar.read_text())
+    assert record["settings"]["seed"] == 1 and not (record.get("compare_dense") or {}).get("side_by_side")
+    assert not commit_journal(out).exists() and not comparison.exists()  # the committed comparison: removed as earlier
 
 
 # ----------------------------------------------------------------------------- --image with an EXIF turn
