@@ -48,52 +48,8 @@ def _strict_interpreter_launches() -> None:
     interpreter.GridExecutor.__call__ = strict_call
 
 
-def _patch_the_language_once_per_launch() -> None:
-    """The interpreter patches triton.language on every launch and again on every call of a @triton.jit helper
-    inside the kernel: an ``inspect.getmembers`` walk of four modules per call (about 0.3 ms), a fifth of a kernel
-    test's time. Inside a launch the language is already patched (a helper's own walk finds no builtin left to wrap
-    and re-sets the same wrappers), so a helper called during a launch from its thread, whose modules the launch
-    patched, skips the walk. The launch's own patch and restore are unchanged."""
-    import threading
-
-    from triton.runtime import interpreter
-
-    tl = interpreter.tl
-    patch_lang, call = interpreter._patch_lang, interpreter.GridExecutor.__call__
-    launch = threading.local()
-
-    class _Nothing:
-        def restore(self):
-            pass
-
-    def langs_of(fn):
-        return {id(v) for v in fn.__globals__.values() if v is tl or v is tl.core}
-
-    def patch_once(fn):
-        patched = getattr(launch, "langs", None)
-        if patched is None:  # not inside a launch of this thread
-            return patch_lang(fn)
-        here = langs_of(fn)
-        if patched and here <= patched:
-            return _Nothing()
-        scope = patch_lang(fn)
-        patched |= here
-        return scope
-
-    def launch_call(self, *args, **kwargs):
-        outer, launch.langs = getattr(launch, "langs", None), set()
-        try:
-            return call(self, *args, **kwargs)
-        finally:
-            launch.langs = outer
-
-    interpreter._patch_lang = patch_once
-    interpreter.GridExecutor.__call__ = launch_call
-
-
 if os.environ.get("TRITON_INTERPRET") == "1":
     _strict_interpreter_launches()
-    _patch_the_language_once_per_launch()
 
 
 # Worker seconds of the modules that take longest (the suite's junit report on the 2-core machine, 2026-11-30, dcae608;
