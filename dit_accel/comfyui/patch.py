@@ -12,6 +12,7 @@ from ..methods import Method
 from ..pipelines.apply_checks import _check_apply_args, _resolve_layers, _warn_unknown_strategy_layers
 from ..plans.sparse_plan import SparsePlan
 from .families import HOOKS, WHAT_TO_DO, family_for, refusal, supported
+from .merges import watch_merges
 from .override import AttentionOverride, Patch
 
 __all__ = ["patch_model", "WRAPPER_KEY"]
@@ -39,15 +40,23 @@ def _diffusion_model(model):
     return inner
 
 
+def patched_by(model) -> Optional[str]:
+    """`` (the method's summary)`` when ``model`` comes out of a dit_accel node (``""`` when its method is not known),
+    else None."""
+    get = getattr(model, "get_wrappers", None)
+    earlier = [w for hook in HOOKS for w in get(_wrapper_type(hook), WRAPPER_KEY)] if callable(get) else ()
+    if not earlier:
+        return None
+    patch = getattr(earlier[-1], "__self__", None)
+    method = getattr(getattr(patch, "schedule", None), "method", None)
+    return "" if method is None else f" ({getattr(method, 'summary_line', lambda: repr(method))()})"
+
+
 def _check_not_patched(model) -> None:
     """One dit_accel patch per model: a second one would stack on the first (its override gets every call the
     second declines, so a Dense node after a Tile node still runs Tile; a second LoRA doubles it)."""
-    get = getattr(model, "get_wrappers", None)
-    earlier = [w for hook in HOOKS for w in get(_wrapper_type(hook), WRAPPER_KEY)] if callable(get) else ()
-    if earlier:
-        patch = getattr(earlier[-1], "__self__", None)
-        method = getattr(getattr(patch, "schedule", None), "method", None)
-        what = "" if method is None else f" ({getattr(method, 'summary_line', lambda: repr(method))()})"
+    what = patched_by(model)
+    if what is not None:
         raise ValueError(f"dit_accel: this MODEL already comes out of a dit_accel node{what}; a second one would run "
                          "on top of it. Connect this node's model input to the MODEL before the first dit_accel node "
                          "(the loader's), or keep one dit_accel node per model")
@@ -225,6 +234,7 @@ def patch_model(model, method: Union[Method, SparsePlan], *, dense_steps: int = 
     options = clone.model_options.setdefault("transformer_options", {})
     options["optimized_attention_override"] = AttentionOverride(patch, options.get("optimized_attention_override"))
     clone.add_wrapper_with_key(_wrapper_type(family.hook), WRAPPER_KEY, patch.wrapper)
+    watch_merges(patched_by)  # (a merge node this MODEL reaches as its second model drops it: said in the log)
     LOG.info("dit_accel: %s (%s, %d self-attention layers): %s, backend %s%s", type(inner).__name__, family.name,
              len(layers), getattr(method, "summary_line", lambda: repr(method))(), backend,
              _options_text(schedule, dense_above_sigma))

@@ -13,6 +13,7 @@ ComfyUI's own imports need ``einops``, ``torchsde`` and ``psutil`` (the ``test``
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 import sys
@@ -62,6 +63,19 @@ def _stand_in() -> dict:
     tv.__path__ = []
     tv.transforms = types.ModuleType("torchvision.transforms")
     return {"torchvision": tv, "torchvision.transforms": tv.transforms}
+
+
+@contextlib.contextmanager
+def torchvision_stand_in():
+    """The stand-in torchvision in ``sys.modules`` for a later import of ComfyUI's (``comfy.sd``, the merge nodes),
+    where torchvision does not load; nothing where it does."""
+    stand_in = {} if _torchvision_loads() else _stand_in()
+    sys.modules.update(stand_in)
+    try:
+        yield
+    finally:
+        for name in stand_in:
+            sys.modules.pop(name, None)
 
 
 def import_comfy(path: Path) -> types.SimpleNamespace:
