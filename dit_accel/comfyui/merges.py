@@ -36,9 +36,13 @@ def _dropped_message(node: str, what: str) -> str:
 def _watched(merge):
     @functools.wraps(merge)
     def merge_and_say(self, model1, model2, *args, **kwargs):
-        patched_by = _PATCHED_BY[0]
-        what = patched_by(model2)
-        if what is not None and patched_by(model1) is None:
+        try:
+            patched_by = _PATCHED_BY[0]
+            what = patched_by(model2)
+            dropped = what is not None and patched_by(model1) is None
+        except Exception:  # (never in the way of the merge: a MODEL this check cannot read is not said)
+            dropped = False
+        if dropped:
             LOG.warning(_dropped_message(_NAMES.get(type(self), type(self).__name__), what))
         return merge(self, model1, model2, *args, **kwargs)
 
