@@ -50,6 +50,10 @@ def _strict_interpreter_launches() -> None:
 
 if os.environ.get("TRITON_INTERPRET") == "1":
     _strict_interpreter_launches()
+    # the interpreter's repatching at every @triton.jit helper call skipped (a third of a kernel test's time)
+    from dit_accel.kernels.interpreter import patch_language_once_per_launch  # noqa: E402
+
+    patch_language_once_per_launch()
 
 
 # Worker seconds of the modules that take longest (the suite's junit report on the 2-core machine, 2026-11-30, dcae608;

@@ -2,10 +2,10 @@
 
 The interpreter patches ``triton.language`` at each launch, and again at every call of a ``@triton.jit`` helper
 inside the kernel: an ``inspect.getmembers`` walk of four modules per call (about 0.3 ms), a fifth to two fifths
-of a kernel's time on the CPU (``dit-accel selftest --device cpu``, the test suite). Inside a launch the language
-is already patched (a helper's walk finds no builtin left to wrap and sets the same wrappers again), so a helper
-called during a launch, from the launching thread, whose modules the launch patched, skips the walk. A launch's
-own patch and restore are unchanged.
+of a kernel's time on the CPU. Inside a launch the language is already patched (a helper's walk finds no builtin
+left to wrap and sets the same wrappers again), so a helper called during a launch, from the launching thread,
+whose modules the launch patched, skips the walk. A launch's own patch and restore are unchanged. Applied by
+``dit-accel selftest`` on a CPU and by the test suite (importing :mod:`dit_accel.kernels` imports no triton).
 """
 
 from __future__ import annotations

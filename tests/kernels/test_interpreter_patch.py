@@ -8,6 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
+from dit_accel.kernels.interpreter import patch_language_once_per_launch
 from dit_accel.kernels.request import interpreting
 
 pytestmark = pytest.mark.skipif(not interpreting(), reason="Triton's interpreter only (TRITON_INTERPRET=1)")
@@ -46,7 +47,7 @@ def _walks(monkeypatch, run) -> int:
 
 
 def test_helpers_called_inside_a_launch_walk_the_language_no_more_and_compute_the_same(monkeypatch):
-    import dit_accel.kernels  # noqa: F401  (applies it)
+    assert patch_language_once_per_launch()  # (tests/conftest.py applied it already: once per process)
 
     kernel, x = _kernels(), torch.arange(16, dtype=torch.float32)
     outs, walks = {}, {}
@@ -61,7 +62,7 @@ def test_helpers_called_inside_a_launch_walk_the_language_no_more_and_compute_th
 
 def test_a_launch_in_another_thread_during_one_patches_for_itself(monkeypatch):
     """The skip is per thread: a launch started in another thread walks the language itself."""
-    import dit_accel.kernels  # noqa: F401
+    patch_language_once_per_launch()
 
     kernel, x = _kernels(), torch.arange(16, dtype=torch.float32)
     out = torch.empty_like(x)
