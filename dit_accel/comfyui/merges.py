@@ -9,6 +9,7 @@ says nothing; :func:`watch_merges` makes each such merge say it in ComfyUI's log
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
 import sys
 from typing import Callable, Optional
@@ -17,6 +18,17 @@ LOG = logging.getLogger("dit_accel.comfyui")
 _WATCHED = "__dit_accel_watched__"
 _NAMES: dict = {}  # node class -> its name in ComfyUI's registry (ModelAdd is "ModelMergeAdd" in a workflow)
 _PATCHED_BY: list = []  # patch.patched_by (passed in: this module is below patch.py)
+_SEEN: set = set()  # the registry's classes already looked at
+
+
+def _takes_two_models(function) -> bool:
+    """Whether ``function`` has ``model1`` and ``model2`` parameters: read from its signature, so that only such a
+    node's ``INPUT_TYPES`` is called (a loader's lists model folders on disk)."""
+    try:
+        names = inspect.signature(function).parameters
+    except (TypeError, ValueError):
+        return False
+    return "model1" in names and "model2" in names
 
 
 def _reads_a_second_model(cls) -> bool:
@@ -50,25 +62,32 @@ def _watched(merge):
     return merge_and_say
 
 
+def _watch(name: str, cls) -> None:
+    """Wrap ``cls``'s function (where it is defined: the per-architecture merges inherit ModelMergeBlocks') when
+    the node takes ``model1`` and ``model2`` MODEL inputs."""
+    function = getattr(cls, "FUNCTION", None)
+    if not isinstance(function, str):
+        return
+    owner = next((c for c in getattr(cls, "__mro__", ()) if function in vars(c)), None)
+    merge = None if owner is None else vars(owner)[function]
+    if not callable(merge) or not _takes_two_models(merge) or not _reads_a_second_model(cls):
+        return
+    _NAMES[cls] = name
+    if not getattr(merge, _WATCHED, False):
+        setattr(owner, function, _watched(merge))
+
+
 def watch_merges(patched_by: Callable[[object], Optional[str]]) -> int:
     """Wrap the function of every node in ComfyUI's registry (``nodes.NODE_CLASS_MAPPINGS``, read only when
-    ComfyUI has imported it) that takes ``model1`` and ``model2`` MODEL inputs, once; returns how many are
-    watched. ``patched_by(model)``: what dit_accel node a MODEL comes out of (None: none). The merge itself is
-    unchanged."""
+    ComfyUI has imported it) that takes ``model1`` and ``model2`` MODEL inputs, once; each class is looked at once
+    per process. Returns how many of the registry's nodes are watched. ``patched_by(model)``: what dit_accel node a
+    MODEL comes out of (None: none). The merge itself is unchanged."""
     _PATCHED_BY[:] = [patched_by]
     registry = getattr(sys.modules.get("nodes"), "NODE_CLASS_MAPPINGS", None)
     if not isinstance(registry, dict):
         return 0
-    count = 0
     for name, cls in list(registry.items()):
-        function = getattr(cls, "FUNCTION", None)
-        if not isinstance(function, str) or not _reads_a_second_model(cls):
-            continue
-        _NAMES[cls] = name
-        owner = next((c for c in getattr(cls, "__mro__", ()) if function in vars(c)), None)
-        if owner is None or not callable(vars(owner)[function]):
-            continue
-        if not getattr(vars(owner)[function], _WATCHED, False):
-            setattr(owner, function, _watched(vars(owner)[function]))
-        count += 1
-    return count
+        if cls not in _SEEN:
+            _SEEN.add(cls)
+            _watch(name, cls)
+    return sum(1 for cls in registry.values() if cls in _NAMES)

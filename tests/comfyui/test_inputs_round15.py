@@ -75,3 +75,37 @@ def test_every_node_with_two_model_inputs_is_watched_once(running):
     assert count == watch_merges(patched_by) >= 8  # Simple, Add, Subtract, Blocks and the per-architecture forms
     merge = running["ModelMergeSimple"].merge
     assert watch_merges(patched_by) and running["ModelMergeSimple"].merge is merge  # not wrapped twice
+
+
+def test_only_nodes_whose_function_takes_two_models_are_asked_their_inputs_once(registry, monkeypatch):
+    """A loader's INPUT_TYPES lists model folders on disk: the watch, run by every dit_accel node, reads a node's
+    inputs only when its function takes ``model1`` and ``model2``, and each class once per process."""
+    asked = []
+
+    class Loader:
+        FUNCTION = "load"
+
+        @classmethod
+        def INPUT_TYPES(cls):
+            asked.append("loader")
+            return {"required": {"ckpt_name": (["a.safetensors"],)}}
+
+        def load(self, ckpt_name):
+            return (ckpt_name,)
+
+    class Merge:
+        FUNCTION = "merge"
+
+        @classmethod
+        def INPUT_TYPES(cls):
+            asked.append("merge")
+            return {"required": {"model1": ("MODEL",), "model2": ("MODEL",)}}
+
+        def merge(self, model1, model2):
+            return (model1,)
+
+    monkeypatch.setitem(sys.modules, "nodes", types.SimpleNamespace(
+        NODE_CLASS_MAPPINGS={**registry, "TestLoader": Loader, "TestMerge": Merge}))
+    watch_merges(patched_by)
+    watch_merges(patched_by)
+    assert asked == ["merge"] and getattr(Merge.merge, "__dit_accel_watched__", False)
