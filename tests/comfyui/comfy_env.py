@@ -83,17 +83,14 @@ def import_comfy(path: Path) -> types.SimpleNamespace:
     if "comfy.sample" in sys.modules:
         return types.SimpleNamespace(**{n.split(".")[-1]: sys.modules[n] for n in _MODULES})
     importlib.import_module("transformers")  # first: it records torchvision as absent, not as the stand-in
-    stand_in = {} if _torchvision_loads() else _stand_in()
     saved_argv = sys.argv
-    sys.modules.update(stand_in)
     sys.dont_write_bytecode = True  # kept: ComfyUI imports more of itself later (samplers, model code)
     sys.path.insert(0, str(path))
     sys.argv = [saved_argv[0] if saved_argv else "pytest", "--cpu"]
     try:
-        importlib.import_module("comfy.options").enable_args_parsing()
-        modules = {n.split(".")[-1]: importlib.import_module(n) for n in _MODULES}
+        with torchvision_stand_in():
+            importlib.import_module("comfy.options").enable_args_parsing()
+            modules = {n.split(".")[-1]: importlib.import_module(n) for n in _MODULES}
     finally:
         sys.argv = saved_argv
-        for name in stand_in:
-            sys.modules.pop(name, None)
     return types.SimpleNamespace(**modules)
