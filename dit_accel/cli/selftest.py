@@ -69,7 +69,7 @@ def run(args) -> int:
         return _fail(f"--jobs {args.jobs}: give a positive number of worker processes (1 runs the checks here)")
     if args.budget is not None and not args.budget >= 0:
         return _fail(f"--budget {args.budget}: give the seconds (>= 0) after which no check starts")
-    if interpreting():  # the CPU's checks run in Triton's interpreter: a third quicker without its repatching
+    if interpreting():  # the CPU's checks run in Triton's interpreter: a quarter quicker without its repatching
         patch_language_once_per_launch()
     jobs = args.jobs or (min(8, os.cpu_count() or 1) if device == "cuda" else 1)
     if not args.json:
