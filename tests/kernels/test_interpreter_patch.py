@@ -1,5 +1,7 @@
 """dit_accel.kernels.interpreter: Triton's interpreter patches the language once per launch, not again at every
-call of a @triton.jit helper inside it, and leaves the language as it found it."""
+call of a @triton.jit helper inside it, and leaves the language as it found it; it builds no overflow check that
+device_assert would throw away, and keeps numpy's dtype per Triton dtype name, with the same answers."""
+import dataclasses
 import inspect
 import threading
 
@@ -8,7 +10,8 @@ import torch
 import triton
 import triton.language as tl
 
-from dit_accel.kernels.interpreter import patch_language_once_per_launch
+from dit_accel.kernels.interpreter import np_dtypes_by_name, patch_language_once_per_launch, speed_up_interpreter
+from dit_accel.kernels.interpreter import skip_discarded_overflow_checks
 from dit_accel.kernels.request import interpreting
 
 pytestmark = pytest.mark.skipif(not interpreting(), reason="Triton's interpreter only (TRITON_INTERPRET=1)")
@@ -78,3 +81,74 @@ def test_a_launch_in_another_thread_during_one_patches_for_itself(monkeypatch):
     thread.join()
     kernel[(1,)](x, out, CALLS=3)
     assert torch.equal(result["out"], x * 4) and torch.equal(out, x * 8)
+
+
+@triton.jit
+def _int_kernel(x_ptr, out_ptr, ADD: tl.constexpr):
+    offs = tl.arange(0, 8)
+    x = tl.load(x_ptr + offs)
+    tl.store(out_ptr + offs, (x + ADD) * 3 - offs)
+
+
+def _casts_to_int64(monkeypatch, run) -> int:
+    """How many casts to int64 ``run`` builds (the overflow check's first step; the kernel has none of its own)."""
+    from triton.language.semantic import TritonSemantic
+
+    count, real = [0], TritonSemantic.cast
+
+    def counting(self, value, dst_ty, *a, **k):
+        count[0] += dst_ty == tl.int64
+        return real(self, value, dst_ty, *a, **k)
+
+    monkeypatch.setattr(TritonSemantic, "cast", counting)
+    run()
+    monkeypatch.setattr(TritonSemantic, "cast", real)
+    return count[0]
+
+
+def test_overflow_checks_are_built_only_when_device_assert_keeps_them(monkeypatch):
+    """With the options' debug off (the interpreter's own) the int32 + - * build no 64-bit check, and an overflowing
+    sum wraps as before; with debug on the check is built and an overflow raises, as triton's own check does."""
+    from triton.runtime import interpreter
+
+    assert speed_up_interpreter() and skip_discarded_overflow_checks()  # applied once; again changes nothing
+    builder = interpreter.interpreter_builder
+    assert not builder.options.debug
+    x = torch.arange(8, dtype=torch.int32)
+    out = torch.empty_like(x)
+    assert _casts_to_int64(monkeypatch, lambda: _int_kernel[(1,)](x, out, ADD=5)) == 0
+    assert torch.equal(out, (x + 5) * 3 - torch.arange(8, dtype=torch.int32))
+    big = torch.full((8,), 2**31 - 2, dtype=torch.int32)
+    _int_kernel[(1,)](big, out, ADD=5)  # wraps, unchecked, as it did before
+    want = ((big.long() + 5 + 2**31) % 2**32 - 2**31) * 3 - torch.arange(8)
+    assert torch.equal(out.long(), (want + 2**31) % 2**32 - 2**31)
+
+    monkeypatch.setattr(builder, "options", dataclasses.replace(builder.options, debug=True))
+    assert _casts_to_int64(monkeypatch, lambda: _int_kernel[(1,)](x, out, ADD=5)) > 0
+    assert torch.equal(out, (x + 5) * 3 - torch.arange(8, dtype=torch.int32))
+    with pytest.raises(Exception, match="int32 overflow detected"):
+        _int_kernel[(1,)](big, out, ADD=5)
+
+
+def test_numpy_dtypes_by_name_answer_as_the_table_does():
+    """Every Triton dtype, alone, in a block and behind a pointer: the same numpy dtype as triton's own table; an
+    unknown one raises as it did, and is not kept."""
+    from triton.runtime import interpreter
+
+    assert np_dtypes_by_name()
+    fast = interpreter._get_np_dtype
+    table = fast.__wrapped__
+    dtypes = [v for v in vars(tl).values() if isinstance(v, tl.dtype) and not isinstance(v, tl.pointer_type)]
+    assert len(dtypes) >= 15
+    for dt in dtypes:
+        forms = [dt, tl.pointer_type(dt), tl.block_type(dt, [4, 2]), tl.block_type(tl.pointer_type(dt), [4])]
+        for form in forms:
+            try:
+                want = table(form)
+            except KeyError:
+                with pytest.raises(KeyError):
+                    fast(form)
+                with pytest.raises(KeyError):  # (again: not kept)
+                    fast(form)
+                continue
+            assert fast(form) == want and fast(form) == want, form
