@@ -46,7 +46,7 @@ import uuid
 from pathlib import Path
 from typing import Callable, Dict, Iterable, Iterator, List, Optional, Union
 
-__all__ = ["BadFileError", "atomic_write", "atomic_write_text", "atomic_write_json", "atomic_folder", "file_hashes",
+__all__ = ["BadFileError", "atomic_write", "atomic_write_text", "atomic_write_json", "json_text", "atomic_folder", "file_hashes",
            "check_hashes", "sha256_file", "folder_digest", "read_json", "read_text", "load_safetensors", "safetensors_keys", "safetensors_shapes", "temp_name", "is_temp_name",
            "remove_stale_temps", "commit_files", "finish_commit", "finish_for_reader", "locked", "lock_name", "BusyError", "update_json", "commit_journal", "recover", "crash_point", "cache_root", "warn_unwritable_cache", "ENV_KILL_AT"]
 
@@ -178,9 +178,14 @@ def atomic_write_text(path: PathLike, text: str) -> Path:
     return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
+def json_text(obj, *, indent: Optional[int] = 2, **kwargs) -> str:
+    """``obj`` as the JSON text dit_accel's files hold: indented, with a final newline."""
+    return json.dumps(obj, indent=indent, **kwargs) + "\n"
+
+
 def atomic_write_json(path: PathLike, obj, *, indent: Optional[int] = 2, **kwargs) -> Path:
-    """Write ``obj`` as JSON (with a final newline) to ``path`` atomically."""
-    return atomic_write_text(path, json.dumps(obj, indent=indent, **kwargs) + "\n")
+    """Write ``obj`` as JSON (:func:`json_text`) to ``path`` atomically."""
+    return atomic_write_text(path, json_text(obj, indent=indent, **kwargs))
 
 
 @contextlib.contextmanager

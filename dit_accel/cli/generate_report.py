@@ -51,14 +51,14 @@ def _commit_with_comparison(out: Path, frames, side_by_side: Path, both, record:
     point is finished by the next writer (or a reader of the set). Returns the sidecar's path."""
     import time
 
-    from ..atomic_files import commit_files, commit_journal
+    from ..atomic_files import commit_files, commit_journal, json_text
     from ..videos import save_video
 
     sidecar = Path(f"{out}.json")
 
     def write_sidecar(tmp: Path) -> None:  # last: its timing counts both videos
         record["timing"].update(save_s=time.perf_counter() - started, total_s=time.perf_counter() - t_total)
-        tmp.write_text(json.dumps(record, indent=2) + "\n")
+        tmp.write_text(json_text(record))
 
     commit_files({out: lambda tmp: save_video(frames, tmp, fps=fps),
                   side_by_side: lambda tmp: save_video(both, tmp, fps=fps),

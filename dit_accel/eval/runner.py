@@ -621,11 +621,11 @@ REPORT_FILES = ("results.json", "report.md", "pareto.png", "grid.png")
 
 
 def _write_results(out_dir: Path, results: dict, rows: List[dict]) -> None:
-    from ..atomic_files import commit_files, commit_journal
+    from ..atomic_files import commit_files, commit_journal, json_text
     from . import report
 
     shown = [r for r in rows if "videos" in r]
-    commit_files({out_dir / "results.json": json.dumps(results, indent=2) + "\n",
+    commit_files({out_dir / "results.json": json_text(results),
                   out_dir / "report.md": lambda tmp: report.write_report(results, tmp),
                   out_dir / "pareto.png": lambda tmp: report.plot_pareto(results, tmp),
                   out_dir / "grid.png": lambda tmp: report.frame_grid([r["label"] for r in shown],
