@@ -20,7 +20,8 @@ visited token pairs over ``N^2`` (Tile rows: the window's ``token_density``),
 so the ideal is ``1/true_density`` (issue 72). The work the padded blocks add is
 its own column, ``padded_work``: the kernel's visited block density scaled to the
 dense computation over the real tokens, ``work_vs_dense = density * (Np/N)^2``
-(``Np`` = tokens after tile padding), over the true density. The contenders of a shape and density run in
+(``Np`` = tokens after tile padding), over the true density. SLA rows take both from the timed call's own top-k
+(:func:`dit_accel.kernels.sla.sla_visited`): whether a ragged last key block is picked is the data's. The contenders of a shape and density run in
 interleaved rounds, and speedups are medians of per-round ratios. On CPU the
 shapes are reduced (fewer tokens and heads) and the output says so; every case
 runs at each requested thread count.
@@ -207,7 +208,9 @@ def _shape_row(shape: ModelShape, threads, kernel: str, times: List[float], base
     seconds = statistics.median(times)
     flops = 4.0 * shape.batch * shape.heads * shape.tokens ** 2 * shape.head_dim
     speedup = statistics.median(s / t for s, t in zip(base, times))
-    work = density * (extra.get("padded_tokens", shape.tokens) / shape.tokens) ** 2  # vs dense on N tokens
+    work = extra.pop("work_vs_dense", None)  # (SLA's: its call's visited blocks in full)
+    if work is None:  # vs dense on N tokens
+        work = density * (extra.get("padded_tokens", shape.tokens) / shape.tokens) ** 2
     true = extra.get("token_density") or density  # the pattern's visited pairs / N^2 (issue 72)
     timing = extra.pop("call_timing", None)
     out = {"shape": shape.name, "grid": list(shape.grid), "tokens": shape.tokens, "heads": shape.heads,
@@ -227,7 +230,7 @@ def _sparse_contenders(shape: ModelShape, target: float, q, k, v, gen, device, d
     """The sparse calls timed at one target density, ``(name -> call, name -> row fields)``: the tile layout on
     each backend (and compiled FlexAttention), and SLA."""
     from ..kernels import block_sparse_attention
-    from ..kernels.sla import sla_attention, sla_density
+    from ..kernels.sla import sla_attention, sla_density, sla_visited
     from ..methods import SLA
     from ..patterns.tile import tile_token_density
 
@@ -265,7 +268,10 @@ def _sparse_contenders(shape: ModelShape, target: float, q, k, v, gen, device, d
         torch.nn.init.zeros_(proj.weight)
         torch.nn.init.zeros_(proj.bias)
         calls["SLA (sparse+linear)"] = partial(sla_attention, q, k, v, method, proj)
-        meta["SLA (sparse+linear)"] = dict(density=sla_density(n, method), target_density=target)
+        visited = sla_visited(q, k, method)  # (this call's top-k: a ragged last key block's share is the data's)
+        meta["SLA (sparse+linear)"] = dict(density=sla_density(n, method), target_density=target,
+                                           token_density=visited["true_density"],
+                                           work_vs_dense=visited["work_vs_dense"])
     if vsa and len(shape.grid) == 3:  # VSA (training-free: no gate) keeps the same fraction of its 4x4x4 cubes
         calls["VSA (cubes, no gate)"], meta["VSA (cubes, no gate)"] = _vsa_contender(shape.grid, target, q, k, v)
     return calls, meta

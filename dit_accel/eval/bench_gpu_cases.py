@@ -522,14 +522,15 @@ class _SlaCase(_Case):
     every projection is still zero), against the PyTorch twin."""
 
     def __init__(self, s: _Shape, method, projection: bool = True):
-        from ..kernels.sla import sla_density
+        from ..kernels.sla import sla_density, sla_visited
 
         self.s, self.method, self.layout, self.why = s, method, None, None
         d = s.shape.head_dim
         self.proj = _zero_projection(d, s.device, s.dtype) if projection else None
         self.q, self.k, self.v = s.q, s.k, s.v
-        self.density = self.work = sla_density(s.shape.tokens, method)
-        self.facts = {"config": method.to_dict()}
+        visited = sla_visited(s.q, s.k, method)  # (the timed call's own top-k: a ragged last block's share is data's)
+        self.density, self.work = visited["true_density"], visited["work_vs_dense"]
+        self.facts = {"config": method.to_dict(), "block_density": sla_density(s.shape.tokens, method)}
         self.grad_inputs = self.do = None
         self.ref: Dict[str, object] = {}
 

@@ -29,7 +29,7 @@ from ..._util import cdiv as _cdiv, is_int
 from ...patterns.checks import number_in
 from ..request import tracing
 
-__all__ = ["SLAParams", "SLABlocks", "sla_block_counts", "sla_density", "sla_classify", "classify_pooled",
+__all__ = ["SLAParams", "SLABlocks", "sla_block_counts", "sla_density", "sla_visited", "sla_classify", "classify_pooled",
            "feature_map", "fp32_features", "rounded_features", "true_columns", "chunk_totals", "FEATURE_IDS", "MARGINAL", "CRITICAL", "NEGLIGIBLE",
            "LINEAR_EPS", "REFERENCE_LINEAR_EPS", "FEATURE_MAPS", "LINEAR_TOKENS", "ROUNDINGS"]
 
@@ -152,6 +152,29 @@ def sla_density(n_tokens: int, method) -> float:
         raise ValueError(f"n_tokens must be a positive int, got {n_tokens!r}")
     n_k, n_crit, _, _ = sla_block_counts(int(n_tokens), method)
     return n_crit / n_k
+
+
+def sla_visited(q: torch.Tensor, k: torch.Tensor, method) -> dict:
+    """What one SLA call's sparse branch visits, from its own classification of ``q`` and ``k``:
+    ``{"true_density": visited query-key pairs / (Nq * Nk), "work_vs_dense": the work of its visited blocks, each in
+    full (``block_q x block_k``, as the kernel runs a ragged last block), over Nq * Nk}``, both averaged over batch and
+    heads. :func:`sla_density` is the share of key blocks, which a ragged last key block makes neither: whether the
+    top-k picks it depends on the data.
+
+    Example: at 130 tokens in blocks of 64 (the last one of 2 tokens) with one critical block per query block, the
+    true density is 64/130 when the top-k picks a full block, 2/130 when it picks the last one; the work is 64/130."""
+    method = SLAParams.of(method)
+    critical = sla_classify(q, k, method).critical  # [B, H, nQ, kc]
+    n_q, n_k = q.shape[-2], k.shape[-2]
+
+    def sizes(n: int, block: int) -> torch.Tensor:
+        return (n - torch.arange(0, n, block, device=critical.device)).clamp(max=block).to(torch.float64)
+
+    rows, cols = sizes(n_q, method.block_q), sizes(n_k, method.block_k)
+    pairs = (rows[:, None] * cols[critical.long()]).sum()
+    calls = critical.shape[0] * critical.shape[1]
+    work = critical.numel() * method.block_q * method.block_k
+    return {"true_density": float(pairs) / (calls * n_q * n_k), "work_vs_dense": work / (calls * n_q * n_k)}
 
 
 class SLABlocks:
