@@ -30,7 +30,8 @@ from ._util import file_in_the_way
 from .atomic_files import (BadFileError, atomic_write, commit_files, commit_journal, finish_commit, finish_for_reader,
                            is_temp_name, locked, remove_stale_temps)
 
-__all__ = ["save_video", "load_video", "to_uint8_frames", "output_files", "frames_journal", "pil_rgb", "VIDEO_SUFFIXES"]
+__all__ = ["save_video", "video_files", "load_video", "to_uint8_frames", "output_files", "frames_journal",
+           "pending_journals", "pil_rgb", "VIDEO_SUFFIXES"]
 
 VIDEO_SUFFIXES = (".mp4", ".gif", ".png")
 _GIF_TAG = b"dit_accel"
@@ -134,6 +135,24 @@ def save_video(frames, path, fps: int = 16) -> Path:
 
         save_video(pipe(prompt).frames[0], "outputs/cat.mp4", fps=16)
     """
+    arr, path, suffix, fps = _checked(frames, path, fps)
+    with locked(path, wait=False):  # one writer per output: a second one is refused, never mixed with this one
+        _write(arr, path, suffix, fps)
+    return path
+
+
+def video_files(frames, path, fps: int = 16) -> tuple:
+    """What :func:`save_video` would write at ``path``, as a set for a writer that commits it together with other
+    files (``atomic_files.commit_files``: ``dit-accel generate``'s video, comparison and sidecar):
+    ``({final path: write(temporary)}, [files of an earlier output at path that these leave behind])``. The
+    arguments are checked as :func:`save_video` checks them; a killed earlier save's frames are put in place first."""
+    arr, path, suffix, fps = _checked(frames, path, fps)
+    remove_stale_temps(path.parent)
+    return _files(arr, path, suffix, fps)
+
+
+def _checked(frames, path, fps) -> tuple:
+    """:func:`save_video`'s arguments checked: ``(uint8 frames, path, suffix, fps)``; the parent folder made."""
     arr = to_uint8_frames(frames)
     # (NaN and inf pass "> 0" and failed deep in ffmpeg or the GIF writer; numpy numbers are numbers)
     if not isinstance(fps, numbers.Real) or isinstance(fps, bool) or not math.isfinite(fps) or fps < 0.01:
@@ -149,9 +168,7 @@ def save_video(frames, path, fps: int = 16) -> Path:
         )
     _check_output_path(path, suffix, len(arr))
     path.parent.mkdir(parents=True, exist_ok=True)
-    with locked(path, wait=False):  # one writer per output: a second one is refused, never mixed with this one
-        _write(arr, path, suffix, fps)
-    return path
+    return arr, path, suffix, fps
 
 
 def _check_output_path(path: Path, suffix: str, num_frames: int) -> None:
@@ -169,21 +186,29 @@ def _check_output_path(path: Path, suffix: str, num_frames: int) -> None:
 def _write(arr, path: Path, suffix: str, fps) -> None:
     """:func:`save_video`'s writing, under the output's lock."""
     remove_stale_temps(path.parent)  # what killed writers left: each may be as large as a video
-    if suffix == ".mp4":
-        atomic_write(path, lambda tmp: _write_mp4(arr, tmp, fps))
-    elif suffix == ".gif":
-        atomic_write(path, lambda tmp: _write_gif(arr, tmp, fps))
-    elif suffix == ".png" or not suffix:
-        if not suffix:
-            path.mkdir(parents=True, exist_ok=True)
-            remove_stale_temps(path)
-        journal = frames_journal(path)
-        finish_commit(journal)  # a killed earlier save's frames go in first, never over these
-        files = output_files(path, len(arr))
+    files, remove = _files(arr, path, suffix, fps)
+    if suffix in (".mp4", ".gif"):
+        atomic_write(path, files[path])
+    else:
         # The frames, and the removal of an earlier output's frames these do not overwrite, are one commit: a
         # kill leaves the earlier sequence or this one, never [new, new, old, old] (load_video finishes it).
-        commit_files({file: (lambda tmp, frame=frame: _write_png(frame, tmp)) for frame, file in zip(arr, files)},
-                     journal, remove=_stale_frames(path, files))
+        commit_files(files, frames_journal(path), remove=remove)
+
+
+def _files(arr, path: Path, suffix: str, fps) -> tuple:
+    """``({final path: write(tmp)}, [an earlier output's files to remove])`` of checked arguments."""
+    for journal in pending_journals(path):  # a killed earlier writer's committed files go in first, never over these
+        finish_commit(journal)
+    if suffix == ".mp4":
+        return {path: lambda tmp: _write_mp4(arr, tmp, fps)}, []
+    if suffix == ".gif":
+        return {path: lambda tmp: _write_gif(arr, tmp, fps)}, []
+    if not suffix:
+        path.mkdir(parents=True, exist_ok=True)
+        remove_stale_temps(path)
+    files = output_files(path, len(arr))
+    return ({file: (lambda tmp, frame=frame: _write_png(frame, tmp)) for frame, file in zip(arr, files)},
+            _stale_frames(path, files))
 
 
 def frames_journal(path) -> Path:
@@ -191,6 +216,17 @@ def frames_journal(path) -> Path:
     folder), beside a ``NAME.png`` sequence."""
     path = Path(path)
     return path / ".frames.dit_accel-commit.json" if not path.suffix else commit_journal(path)
+
+
+def pending_journals(path) -> list:
+    """The commit journals a killed writer of the output at ``path`` may have left, oldest writer's first:
+    ``dit-accel generate``'s set (the video, its comparison and sidecar) beside it, and a PNG output's own frames
+    (the same file for a ``NAME.png`` sequence; inside a frame folder)."""
+    path = Path(path)
+    journals = [commit_journal(path)]
+    if path.suffix.lower() in (".png", ""):
+        journals += [j for j in [frames_journal(path)] if j != journals[0]]
+    return journals
 
 
 def _stale_frames(path: Path, files: list) -> list:
@@ -231,9 +267,9 @@ def load_video(path) -> np.ndarray:
     suffix = path.suffix.lower()
     # a set a killed writer committed (save_video's PNG frames, generate's video + comparison + sidecar): finished,
     # or refused
-    journal = frames_journal(path) if path.is_dir() else commit_journal(path)
-    if journal.exists():
-        finish_for_reader(journal, path)
+    for journal in pending_journals(path):
+        if journal.exists():
+            finish_for_reader(journal, path)
     if path.is_dir():  # not the temporaries a killed save_video left
         files = sorted(p for p in path.iterdir() if p.suffix.lower() == ".png" and not is_temp_name(p))
         if not files:

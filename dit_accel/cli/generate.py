@@ -41,7 +41,7 @@ from .generate_args import (_DTYPES, DEFAULT_MODEL, DEFAULT_PROMPT, _check_flags
                             _check_cache_under_cp, _method_for_weights, _check_plan_with_weights, check_sidecar, early_call_error,
                             flag_call_error, image_parameter)
 from .generate_report import (_cache_record, _calls_per_transformer, _check_side_by_side_path,  # noqa: F401
-                              _commit_with_comparison, _comparison, _one_file_each, magcache_ratios, _output_notes,
+                              _commit_with_comparison, _comparison, magcache_ratios, _output_notes,
                               _provenance, _quality, _record, _remove_earlier_side_by_side, _side_by_side,
                               _side_by_side_path, _strip_height, _summary_lines, cp_ranks)
 from .parallel import add_cp_option
@@ -683,7 +683,7 @@ def _denoise_and_write(args, pipe, call, method, schedule, source, quiet, is_vid
                              (times, calls, stats, summary), dense, side_by_side, load_s)
     t0 = time.perf_counter()
     finish_commit(commit_journal(out))  # a set an earlier run committed before it was killed: in place first
-    if side_by_side is not None and _one_file_each(out, side_by_side, len(frames)):
+    if side_by_side is not None:
         record["sidecar"] = str(_commit_with_comparison(out, frames, side_by_side, both, record, args.fps, t0,
                                                         t_total))
         return record
@@ -700,8 +700,6 @@ def _denoise_and_write(args, pipe, call, method, schedule, source, quiet, is_vid
     # (also before this run writes its own: one interrupted while writing it left the earlier run's comparison
     # beside this video, with no sidecar left to say whose it was)
     _remove_earlier_side_by_side(earlier, out)
-    if side_by_side is not None:
-        save_video(both, side_by_side, fps=args.fps)
     record["timing"].update(save_s=time.perf_counter() - t0, total_s=time.perf_counter() - t_total)
     atomic_write_json(sidecar, record)  # written last: a sidecar names a complete output
     record["sidecar"] = str(sidecar)

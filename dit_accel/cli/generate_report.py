@@ -36,33 +36,29 @@ def _check_side_by_side_path(out: Path, num_frames: int) -> None:
                       "another --out")
 
 
-def _one_file_each(out: Path, side_by_side: Path, num_frames: int) -> bool:
-    """Whether the video and its comparison are one file each (mp4, gif, a one-frame PNG), so that they and the
-    sidecar can be committed as one set."""
-    from ..videos import output_files
-
-    return all(output_files(path, num_frames) == [path] for path in (out, side_by_side))
-
-
 def _commit_with_comparison(out: Path, frames, side_by_side: Path, both, record: dict, fps: float,
                             started: float, t_total: float) -> Path:
-    """The video, its side-by-side comparison and the sidecar written as one set (``commit_files``): an
-    interrupted or failed write leaves the earlier run's three files as they were, and a kill after the commit
-    point is finished by the next writer (or a reader of the set). Returns the sidecar's path."""
+    """The video, its side-by-side comparison and the sidecar written as one set (``commit_files``), whatever the
+    output's form (a file, a PNG sequence, a frame folder): an interrupted or failed write leaves the earlier run's
+    files as they were, and a kill after the commit point is finished by the next writer (or a reader of the set).
+    Frames of an earlier output that the new ones do not overwrite go in the same commit. Returns the sidecar's
+    path."""
     import time
 
     from ..atomic_files import commit_files, commit_journal, json_text
-    from ..videos import save_video
+    from ..videos import video_files
 
     sidecar = Path(f"{out}.json")
+    files, remove = video_files(frames, out, fps=fps)
+    comparison, stale = video_files(both, side_by_side, fps=fps)
+    files.update(comparison)
 
     def write_sidecar(tmp: Path) -> None:  # last: its timing counts both videos
         record["timing"].update(save_s=time.perf_counter() - started, total_s=time.perf_counter() - t_total)
         tmp.write_text(json_text(record))
 
-    commit_files({out: lambda tmp: save_video(frames, tmp, fps=fps),
-                  side_by_side: lambda tmp: save_video(both, tmp, fps=fps),
-                  sidecar: write_sidecar}, commit_journal(out))
+    files[sidecar] = write_sidecar
+    commit_files(files, commit_journal(out), remove=remove + stale)
     return sidecar
 
 

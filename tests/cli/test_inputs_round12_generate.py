@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from dit_accel.cli.main import main
+from dit_accel.io import load_video
 from dit_accel.pipelines.caches import CacheSpec
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -180,48 +181,71 @@ def test_the_folders_own_plan_beside_it_is_taken(monkeypatch):
 
 
 # ----------------------------------------------------------------------------- an interrupted --side-by-side
-def test_an_interrupted_side_by_side_leaves_the_earlier_runs_files_as_they_were(tmp_path, monkeypatch):
+#: --out forms: a file, a PNG sequence beside ``x.png``, a frame folder; the comparison beside each (as
+#: load_video takes it) and its first file.
+FORMS = {"mp4": ("x.mp4", "x-vs-dense.mp4", "x-vs-dense.mp4"),
+         "png-sequence": ("x.png", "x-vs-dense.png", "x-vs-dense_00000.png"),
+         "frame-folder": ("x", "x-vs-dense", "x-vs-dense/frame_00000.png")}
+
+
+def _files_of(folder: Path) -> dict:
+    """Every file under ``folder`` but the lock files: {relative path: bytes}."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file() and not p.name.endswith(".lock")}
+
+
+def _side_by_side_args(out: Path, frames: int = 5) -> list:
+    return ["generate", "--model", "tiny-wan", "--method", "tile", "--frames", str(frames), "--height", "32",
+            "--width", "32", "--steps", "2", "--quiet", "--side-by-side", "--out", str(out)]
+
+
+@pytest.mark.parametrize("form", sorted(FORMS))
+def test_an_interrupted_side_by_side_leaves_the_earlier_runs_files_as_they_were(tmp_path, monkeypatch, form):
     """Before: a second ``--side-by-side`` run into the same --out, interrupted (Ctrl-C) while writing its
     comparison, left the new x.mp4 beside the first run's x-vs-dense.mp4 (dense against the first run's frames),
-    and no sidecar to say whose it was. Then (round 12): the new video alone, no comparison, no sidecar. Now the
-    video, its comparison and the sidecar are one set: the first run's three files stay as they were."""
+    and no sidecar to say whose it was. Then (round 12): the new video alone, no comparison, no sidecar. Round 15:
+    one set for a file output; PNG frames kept the old order. Now the video, its comparison and the sidecar are
+    one set in every form, and the first run's files stay as they were, byte for byte."""
     import dit_accel.videos as videos
     from dit_accel.atomic_files import is_temp_name
 
-    out, comparison, sidecar = tmp_path / "x.mp4", tmp_path / "x-vs-dense.mp4", tmp_path / "x.mp4.json"
-    args = ["generate", "--model", "tiny-wan", "--method", "tile", "--frames", "5", "--height", "32", "--width", "32",
-            "--steps", "2", "--quiet", "--side-by-side", "--out", str(out)]
-    assert main(args) == 0 and comparison.is_file()
-    before = {p.name: p.read_bytes() for p in (out, comparison, sidecar)}
-    save = videos.save_video
+    name, comparison, first = FORMS[form]
+    out, sidecar = tmp_path / name, tmp_path / f"{name}.json"
+    assert main(_side_by_side_args(out, frames=9)) == 0 and (tmp_path / first).is_file()
+    before = _files_of(tmp_path)
+    writer = "_write_mp4" if form == "mp4" else "_write_png"
+    write = getattr(videos, writer)
 
-    def interrupted(frames, path, fps=16):
-        if str(path).endswith("-vs-dense.mp4"):
+    def interrupted(frames, path, *rest):
+        if "-vs-dense" in str(path):
             raise KeyboardInterrupt
-        return save(frames, path, fps=fps)
+        return write(frames, path, *rest)
 
-    monkeypatch.setattr(videos, "save_video", interrupted)
-    assert main(args + ["--seed", "1"]) == 130
-    assert {p.name: p.read_bytes() for p in (out, comparison, sidecar)} == before
-    assert not [p for p in tmp_path.iterdir() if is_temp_name(p) or "commit" in p.name]
-    monkeypatch.setattr(videos, "save_video", save)
-    assert main(args + ["--seed", "1"]) == 0  # and a run that finishes replaces all three
-    assert all(p.read_bytes() != before[p.name] for p in (out, comparison, sidecar))
-    assert json.loads(sidecar.read_text())["compare_dense"]["side_by_side"] == str(comparison)
+    monkeypatch.setattr(videos, writer, interrupted)
+    assert main(_side_by_side_args(out) + ["--seed", "1"]) == 130  # (5 frames: fewer than the first run's 9)
+    assert _files_of(tmp_path) == before
+    monkeypatch.setattr(videos, writer, write)
+    assert main(_side_by_side_args(out) + ["--seed", "1"]) == 0  # and a run that finishes replaces them all
+    assert json.loads(sidecar.read_text())["settings"]["seed"] == 1
+    assert load_video(out).shape[0] == load_video(tmp_path / comparison).shape[0] == 5  # none of the first run's 9
+    after = _files_of(tmp_path)
+    assert not [k for k in after if "commit" in k or is_temp_name(k)], sorted(after)
+    assert after[first] != before[first]
 
 
+@pytest.mark.parametrize("form", sorted(FORMS))
 @pytest.mark.parametrize("reader", [False, True], ids=["next-run", "load_video-first"])
-def test_a_side_by_side_set_killed_after_its_commit_point_is_finished_by_the_next_run(tmp_path, monkeypatch, reader):
+def test_a_side_by_side_set_killed_after_its_commit_point_is_finished_by_the_next_run(tmp_path, monkeypatch, reader,
+                                                                                       form):
     """A run killed between the set's commit point (its journal) and the renames: the next run at that --out, or
     ``load_video`` of the video, puts the committed set in place before anything reads it, so no run's video
     stays beside another's record."""
     import dit_accel.atomic_files as atomic_files
     from dit_accel.atomic_files import commit_journal
-    from dit_accel.io import load_video
 
-    out, comparison, sidecar = tmp_path / "x.mp4", tmp_path / "x-vs-dense.mp4", tmp_path / "x.mp4.json"
-    args = ["generate", "--model", "tiny-wan", "--method", "tile", "--frames", "5", "--height", "32", "--width", "32",
-            "--steps", "2", "--quiet", "--side-by-side", "--out", str(out)]
+    name, _, first = FORMS[form]
+    out, sidecar, comparison = tmp_path / name, tmp_path / f"{name}.json", tmp_path / first
+    args = _side_by_side_args(out)
     finish = atomic_files.finish_commit
 
     def killed_after_the_journal(journal):
@@ -231,7 +255,7 @@ def test_a_side_by_side_set_killed_after_its_commit_point_is_finished_by_the_nex
 
     monkeypatch.setattr(atomic_files, "finish_commit", killed_after_the_journal)
     assert main(args) == 130
-    assert commit_journal(out).exists() and not out.exists() and not sidecar.exists()
+    assert commit_journal(out).exists() and not comparison.exists() and not sidecar.exists()
     monkeypatch.setattr(atomic_files, "finish_commit", finish)
     if reader:  # a reader of the video finishes the set too
         assert load_video(out).shape[0] == 5
