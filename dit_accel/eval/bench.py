@@ -21,8 +21,8 @@ so the ideal is ``1/true_density`` (issue 72). The work the padded blocks add is
 its own column, ``padded_work``: the kernel's visited block density scaled to the
 dense computation over the real tokens, ``work_vs_dense = density * (Np/N)^2``
 (``Np`` = tokens after tile padding), over the true density. SLA rows take both from the timed call's own top-k
-(:func:`dit_accel.kernels.sla.sla_visited`): whether a ragged last key block is picked is the data's. The contenders of a shape and density run in
-interleaved rounds, and speedups are medians of per-round ratios. On CPU the
+(:func:`dit_accel.kernels.sla.sla_visited`): whether a ragged last key block is picked is the data's. The
+contenders of a shape and density run in interleaved rounds, and speedups are medians of per-round ratios. On CPU the
 shapes are reduced (fewer tokens and heads) and the output says so; every case
 runs at each requested thread count.
 

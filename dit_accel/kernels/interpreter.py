@@ -14,8 +14,8 @@
    entries built afresh at every splat, cast and load (each entry hashed in Python). Triton dtypes are equal when
    their names are, so the answer is kept per name.
 
-Applied by ``dit-accel selftest`` on a CPU and by the test suite (importing :mod:`dit_accel.kernels` imports no
-triton).
+Applied (:func:`speed_up_interpreter`) by ``dit-accel selftest`` on a CPU, by the test suite and by the dry runs of
+``docs/scripts``; importing :mod:`dit_accel.kernels` applies nothing and imports no triton.
 """
 
 from __future__ import annotations

@@ -162,7 +162,8 @@ def sla_visited(q: torch.Tensor, k: torch.Tensor, method) -> dict:
     top-k picks it depends on the data.
 
     Example: at 130 tokens in blocks of 64 (the last one of 2 tokens) with one critical block per query block, the
-    true density is 64/130 when the top-k picks a full block, 2/130 when it picks the last one; the work is 64/130."""
+    true density is 64/130 when the top-k picks a full block and 2/130 when it picks the last one; the work is
+    3 x 64 x 64 / 130^2 either way (three query blocks, one 64 x 64 block each)."""
     method = SLAParams.of(method)
     critical = sla_classify(q, k, method).critical  # [B, H, nQ, kc]
     n_q, n_k = q.shape[-2], k.shape[-2]
