@@ -697,8 +697,7 @@ def _denoise_and_write(args, pipe, call, method, schedule, source, quiet, is_vid
             with contextlib.suppress(OSError):  # (the error that stopped the video is the one to report)
                 atomic_write(sidecar, lambda tmp: tmp.write_bytes(earlier))
         raise
-    # (also before this run writes its own: one interrupted while writing it left the earlier run's comparison
-    # beside this video, with no sidecar left to say whose it was)
+    # an earlier --side-by-side run's comparison must not stay beside this run's video (this run writes none)
     _remove_earlier_side_by_side(earlier, out)
     record["timing"].update(save_s=time.perf_counter() - t0, total_s=time.perf_counter() - t_total)
     atomic_write_json(sidecar, record)  # written last: a sidecar names a complete output

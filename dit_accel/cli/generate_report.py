@@ -63,8 +63,8 @@ def _commit_with_comparison(out: Path, frames, side_by_side: Path, both, record:
 
 
 def _remove_earlier_side_by_side(earlier, out: Path) -> None:
-    """An earlier run at this ``--out`` wrote ``OUT-vs-dense``: remove those files (before this run writes its own,
-    if it does), so no comparison of another run stays beside this run's video. Only what that run's sidecar
+    """An earlier run at this ``--out`` wrote ``OUT-vs-dense`` and this one writes none: remove those files, so no
+    comparison of another run stays beside this run's video. Only what that run's sidecar
     (``earlier``: its bytes, or None) records as its side-by-side output at exactly this path is removed, and not
     when a sidecar beside that path says a later run wrote its own video there (``--out OUT-vs-dense.mp4``)."""
     from ..videos import output_files
