@@ -591,8 +591,10 @@ def model_kernels(shapes: Sequence[ModelShape], densities: Sequence[float], *, a
                 method_sla = SLA(topk=target)
                 dens = sla_density(n, method_sla)
                 counts_sla = cost.sla_counts(n, method_sla, heads=h, batch=b)
+                # (a top-k that picks blocks alike visits the block share; each block runs in full, ragged or not)
+                sla_work = counts_sla.full_tiles * counts_sla.block_q * counts_sla.block_k / (b * h * n * n)
                 rows.append(row("SLA (sparse+linear) [modelled]", cost.sla_time(counts_sla, head_dim=d, arch=arch),
-                                dens, dens, target_density=target, constants=base.name))
+                                dens, sla_work, target_density=target, constants=base.name))
     return _modelled_result(arch, kernels, base, skipped, rows)
 
 

@@ -61,6 +61,17 @@ def test_modelled_rows_fit_section_10_flux_1024():
     assert table.startswith("**MODELLED, not measured**") and "section 10" in table
 
 
+def test_the_modelled_sla_row_counts_the_ragged_blocks_work_as_padding():
+    """A top-k that picks key blocks alike visits their share of the pairs, and the kernel runs every block in full:
+    at 130 tokens in 64-token blocks (3 of each, the last of 2 tokens) the padded work is (192 / 130)^2."""
+    shape = ModelShape("ragged", (2, 5, 13), 2, head_dim=64)
+    rows = [r for r in model_kernels([shape], (0.3,), kernels=["current"])["rows"] if r["kernel"].startswith("SLA")]
+    assert len(rows) == 1 and rows[0]["tokens"] == 130
+    assert rows[0]["true_density"] == pytest.approx(1 / 3)  # one critical key block of three
+    assert rows[0]["padded_work"] == pytest.approx((192 / 130) ** 2)
+    assert rows[0]["work_vs_dense"] == pytest.approx(3 * 64 * 64 / 130**2)
+
+
 def test_bench_kernels_modelled_cli(tmp_path, capsys):
     out = tmp_path / "m.json"
     assert main(["bench", "kernels", "--modelled", "--shapes", "FLUX 1024", "--densities", "0.05",
