@@ -6,7 +6,8 @@ from __future__ import annotations
 import torch
 
 __all__ = ["GPU_LAYOUT_BLOCKS", "INTERPRETER_LAYOUT_BLOCKS", "SLA_BLOCK_K", "SLA_DTYPES", "SLA_BLOCK_DS",
-           "SLA_MAX_HEAD_DIM"]
+           "SLA_MAX_HEAD_DIM", "SHARED_MEMORY_LIMITS", "shared_memory_limit", "large_shared_memory",
+           "config_target"]
 
 #: Layout block sizes the block-sparse Triton kernels take on a GPU (the compiled, checked tiles); the
 #: interpreter also takes 16 and 32, which keeps CPU tests fast.
@@ -18,3 +19,30 @@ SLA_BLOCK_K = 64
 SLA_DTYPES = (torch.float16, torch.bfloat16)
 SLA_BLOCK_DS = (64, 128)
 SLA_MAX_HEAD_DIM = SLA_BLOCK_DS[-1]
+
+#: Dynamic shared memory per block (bytes), from the CUDA programming guide's compute capability table:
+#: sm_80/87 163 KB, sm_86/89/120 99 KB, sm_90/100 227 KB.
+SHARED_MEMORY_LIMITS = {80: 166912, 86: 101376, 87: 166912, 89: 101376, 90: 232448, 100: 232448, 120: 101376}
+
+
+def shared_memory_limit(arch: int) -> int:
+    """Max dynamic shared memory per block for compute capability ``arch`` (e.g. 90); an unlisted part gets the
+    99 KB of the smallest listed ones."""
+    return SHARED_MEMORY_LIMITS.get(arch, 101376)
+
+
+def large_shared_memory(arch: int) -> bool:
+    """Whether ``sm_<arch>`` has the 163-227 KB per block that the sm_80, sm_90 and sm_100 configurations are sized
+    for (deeper pipelines, TMA rings). The 99 KB parts (sm_86, sm_89, and consumer Blackwell: sm_120) run sm_89's
+    configurations, whatever their instruction set."""
+    return shared_memory_limit(arch) >= 160 * 1024
+
+
+def config_target(arch: int) -> int:
+    """The compiled and checked target (80, 89, 90 or 100) whose launch configurations ``sm_<arch>`` runs: its
+    shared memory decides. sm_86 and consumer Blackwell (sm_120, 99 KB) run sm_89's, sm_87 sm_80's; a part this
+    table does not list runs sm_89's, which fit every part. The suite compiles every target's configurations, so
+    a part runs none that was not compiled and checked (for sm_120 itself too: tests/kernels/test_small_parts.py)."""
+    if not large_shared_memory(arch):
+        return 89
+    return 100 if arch >= 100 else (90 if arch >= 90 else 80)

@@ -26,6 +26,7 @@ TARGET_ARCHS = (80, 89, 90, 100)
 BLOCK_DS = (64, 128, 256)  # padded head dims (head dim <= 256)
 KERNEL_NAMES = ("fwd", "bwd_preprocess", "bwd_dkdv", "bwd_dq")
 from ..limits import GPU_LAYOUT_BLOCKS, INTERPRETER_LAYOUT_BLOCKS  # noqa: E402,F401  (re-exported: the layout blocks)
+from ..limits import SHARED_MEMORY_LIMITS, config_target, large_shared_memory, shared_memory_limit  # noqa: E402,F401,E501  (re-exported)
 _MIN_BLOCK_D = 64  # smaller heads are padded: fewer kernel variants to ship
 _DTYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 
@@ -102,18 +103,6 @@ class KernelConfig:
             rows = self.block_m if kv_owned else self.block_n
             tma = {name: (1, 1, rows, self.block_d) for name in tma_args("bwd_dkdv" if kv_owned else self.kernel)}
         return aot_signature(fn, _ARG_TYPES, consts, _DIV16, self.dtype, tma)
-
-
-# Dynamic shared memory per block (bytes), from the CUDA programming guide's
-# compute capability table: sm_80/87 163 KB, sm_86/89/120 99 KB, sm_90/100 227 KB.
-SHARED_MEMORY_LIMITS = {80: 166912, 86: 101376, 87: 166912, 89: 101376, 90: 232448, 100: 232448, 120: 101376}
-
-
-def shared_memory_limit(arch: int) -> int:
-    """Max dynamic shared memory per block for compute capability ``arch`` (e.g. 90)."""
-    if arch in SHARED_MEMORY_LIMITS:
-        return SHARED_MEMORY_LIMITS[arch]
-    return 101376  # conservative default for unknown parts
 
 
 def block_d_for(head_dim: int) -> int:
@@ -215,6 +204,7 @@ def ws_config(cfg: KernelConfig, arch: int) -> Optional[KernelConfig]:
     is none: not sm_90 (its tiles and warp roles are Hopper's; sm_100 has no row), fp32, head dim 256,
     pointer loads, or a tile smaller than the ws tile). Whether it runs is the launchers' question
     (:func:`ws_enabled`)."""
+    arch = config_target(arch)  # (the compiled target whose configurations this part runs)
     if cfg.kernel != "fwd" or not cfg.tma or cfg.ws or cfg.resume or arch != 90:
         return None
     tuned = WS_TUNED.get((90, "fwd", cfg.block_d)) if cfg.dtype != torch.float32 else None
@@ -250,8 +240,7 @@ def _tuned(kernel: str, dtype: torch.dtype, bd: int, block_q: int, block_k: int,
     """The searched ``(block_m, block_n, warps, stages)`` for these layout blocks, or None."""
     if dtype == torch.float32:
         return None
-    big = shared_memory_limit(arch) >= 160 * 1024  # (sm_120, consumer Blackwell: 99 KB, sm_89's tiles)
-    target = 100 if arch >= 100 and big else (90 if arch >= 90 and big else (80 if big else 89))
+    target = config_target(arch)  # (sm_120, consumer Blackwell: 99 KB, sm_89's tiles)
     choices = next((TUNED[key] for key in ((target, kernel, bd), (min(target, 90), kernel, bd),
                                            (min(target, 80), kernel, bd)) if key in TUNED), None)
     if choices is None:
@@ -276,10 +265,12 @@ def select_config(kernel: str, dtype: torch.dtype, head_dim: int, block_q: int, 
 
     Tiles never exceed the layout block (``min(tile, block)``). On sm_90 K/V (Q/dO for dK/dV)
     load through TMA descriptors. Every result is listed by :func:`shipped_configs` and compiled
-    for sm_80/89/90 by the test suite.
+    for sm_80/89/90/100 by the test suite; another part runs its :func:`~dit_accel.kernels.limits.config_target`'s
+    (sm_120, consumer Blackwell, sm_89's: their TMA variants would need up to 139 KB of its 99).
     """
+    arch = config_target(arch)  # (the compiled target whose configurations this part runs)
     bd = block_d_for(head_dim)
-    big_smem = shared_memory_limit(arch) >= 160 * 1024
+    big_smem = large_shared_memory(arch)
     wide = dtype == torch.float32  # 4-byte elements: smaller tiles
     stages = 3 if big_smem else 2
     if kernel == "bwd_preprocess":  # one variant per dtype: masked loads serve every head dim
@@ -342,6 +333,7 @@ FUSED_POINTER_SPILLS = {(90, 128)}
 def fused_pointer(cfg: KernelConfig, arch: int) -> Optional[KernelConfig]:
     """The pointer-load variant of one-pass configuration ``cfg``, or None where it spills (the two-pass
     backward serves those inputs)."""
+    arch = config_target(arch)  # (the compiled target whose configurations this part runs)
     return None if (arch, cfg.block_d) in FUSED_POINTER_SPILLS else pointer_fallback(cfg)
 
 
@@ -352,6 +344,7 @@ def fused_config(dtype: torch.dtype, head_dim: int, block_q: int, block_k: int, 
     :data:`FUSED_TUNED` entry (sm_89's 99 KB, sm_100, sm_80 at d128) and layout blocks smaller than the tile
     (a smaller tile is another kernel to compile and check). ``gpu=False`` (the interpreter, which runs sm_80's
     tiles, at every head dim) takes fp32 too, so the kernel is checked in fp32 on the CPU."""
+    arch = config_target(arch)  # (the compiled target whose configurations this part runs)
     bd = block_d_for(head_dim)
     tuned = FUSED_TUNED.get((arch, bd)) or (None if gpu else FUSED_TUNED[(80, 64)])
     if tuned is None or (gpu and (dtype == torch.float32 or tuned[0] > block_q or tuned[1] > block_k)):
@@ -376,7 +369,7 @@ def candidates(kernel: str, dtype: torch.dtype, block_d: int, arch: int) -> List
     tiles = {"fwd": [(64, 64), (128, 64), (128, 128)], "bwd_dkdv": [(32, 64), (64, 64), (32, 128)],
              "bwd_dq": [(64, 32), (64, 64), (128, 32)]}[kernel]
     stages = {"fwd": (2, 3, 4), "bwd_dkdv": (1, 2), "bwd_dq": (1, 2)}[kernel]
-    if shared_memory_limit(arch) < 160 * 1024:
+    if not large_shared_memory(arch):
         stages = stages[:-1]
     tma = tma_supported(arch, dtype, block_d)
     return [KernelConfig(kernel, dtype, block_d, bm, bn, w, st, tma, not tma)
@@ -430,6 +423,7 @@ LENGTHS_SPILL = {(100, 64, 128, 128, True), (100, 256, 64, 32, True)}
 def length_config(cfg: KernelConfig, arch: int) -> Optional[KernelConfig]:
     """The length variant of forward configuration ``cfg`` on ``sm_<arch>`` (:mod:`.lengths`), None where it
     spills (:data:`LENGTHS_SPILL`) or ``cfg`` is a ws, resume or gathered kernel."""
+    arch = config_target(arch)  # (the compiled target whose configurations this part runs)
     if cfg.kernel != "fwd" or cfg.ws or cfg.resume or cfg.gather or \
             (arch, cfg.block_d, cfg.block_m, cfg.block_n, cfg.tma) in LENGTHS_SPILL:
         return None
@@ -451,6 +445,7 @@ def gather_config(cfg: KernelConfig, arch: int) -> KernelConfig:
     """The forward (or two-pass backward) configuration ``cfg`` reading raster-order tensors through a row table (:mod:`.gather`) on
     ``sm_<arch>``: its pointer-load variant (a TMA box is consecutive rows), without length tiles, and with the
     pipeline depth of :data:`GATHER_STAGES` where the row offsets would spill at ``cfg``'s."""
+    arch = config_target(arch)  # (the compiled target whose configurations this part runs)
     cfg = dataclasses.replace(pointer_fallback(cfg) if cfg.tma else cfg, lengths=False, gather=True)
     if cfg.kernel != "fwd":  # the backward's two-pass kernels (bwd_kernels.py)
         shape = GATHER_BWD_SHAPES.get((arch, cfg.kernel, cfg.dtype, cfg.block_d, cfg.block_m, cfg.block_n,

@@ -47,12 +47,16 @@ def aot_signature(fn, types: Dict[str, str], constexprs: Dict[str, object], div1
 
 
 def tma_supported(arch: int, dtype: torch.dtype, block_d: int) -> bool:
-    """Whether the configuration for ``sm_<arch>`` loads K/V through TMA descriptors (Hopper and later).
+    """Whether the configuration for ``sm_<arch>`` loads K/V through TMA descriptors: Hopper and data-centre
+    Blackwell (sm_90, sm_100). Consumer Blackwell (sm_120) has TMA but 99 KB of shared memory a block, and runs
+    sm_89's pointer-load tiles: their TMA variants needed up to 139 KB there (the largest forward's length variant).
 
     The launcher still falls back to pointer loads when a tensor's base or strides are not
     16-byte aligned (:func:`tma_ok`).
     """
-    return arch >= 90
+    from ..limits import large_shared_memory
+
+    return arch >= 90 and large_shared_memory(arch)
 
 
 #: Argument types of the attention kernels by name ("DT": the q/k/v dtype); others are i32.

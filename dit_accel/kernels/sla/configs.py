@@ -83,12 +83,11 @@ _LINEAR_ONLY = ("global", "bwd_dkdv_lin")
 
 
 def _target(arch: int) -> int:
-    """The configured target an arch runs: 90 (Hopper and later), 80 (A100-class shared memory) or 89."""
-    from ..block_sparse.configs import shared_memory_limit
+    """The configured target an arch runs: 90 (Hopper and data-centre Blackwell), 80 (A100-class shared memory)
+    or 89 (99 KB a block: sm_86, sm_89 and consumer Blackwell, sm_120, whose sm_90 tiles needed up to 104 KB)."""
+    from ..limits import config_target
 
-    if arch >= 90:
-        return 90
-    return 80 if shared_memory_limit(arch) >= 160 * 1024 else 89
+    return min(config_target(arch), 90)
 
 
 @dataclass(frozen=True)
