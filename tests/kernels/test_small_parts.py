@@ -2,7 +2,7 @@
 by their shared memory: sm_86 and consumer Blackwell (sm_120, RTX 50 series, 99 KB a block) sm_89's, sm_87
 sm_80's. Before, sm_120 took sm_89's tiles with sm_90's TMA loads and SLA's sm_90 configurations: six kernels
 needed 104-139 KB of its 99 and could not launch. The largest of sm_120's kernels compile for sm_120 itself here
-and fit (no GPU needed); all 114 did (at most 91 KB), 9 of them with 12-52 B of spill stores (`compile_shipped([120],
+and fit (no GPU needed); all 114 did (at most 91 KB), 10 of them with 12-52 B of spill stores (`compile_shipped([120],
 configs={120: shipped_kernel_configs(120)})`, 2026-11-30)."""
 import pytest
 import torch
