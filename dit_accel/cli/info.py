@@ -81,12 +81,23 @@ def _device_info(device):
     if interpreting():
         out["triton_mode"] = "interpreter (TRITON_INTERPRET=1: correct but slow, for tests on CPU)"
     if cuda:
-        out["cuda_devices"] = [
-            f"{i}: {torch.cuda.get_device_name(i)} (sm_{''.join(map(str, torch.cuda.get_device_capability(i)))})"
-            for i in range(torch.cuda.device_count())
-        ]
+        out["cuda_devices"] = [_gpu_line(i) for i in range(torch.cuda.device_count())]
         out["cuda_runtime"] = torch.version.cuda
     return out
+
+
+def _gpu_line(index: int) -> str:
+    """``"0: NVIDIA GeForce RTX 5090 (sm_120; Triton kernels: sm_89's configurations)"``: a GPU that is not a
+    compiled target runs the configurations of the one whose shared memory it has (kernels.limits.config_target)."""
+    import torch
+
+    from ..kernels.limits import config_target
+
+    major, minor = torch.cuda.get_device_capability(index)
+    arch = major * 10 + minor
+    target = config_target(arch)
+    runs = "its own" if target == arch else f"sm_{target}'s"
+    return f"{index}: {torch.cuda.get_device_name(index)} (sm_{major}{minor}; Triton kernels: {runs} configurations)"
 
 
 def _backends(device):

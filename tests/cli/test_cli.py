@@ -119,6 +119,23 @@ def test_info_runs(capsys):
     assert info["autotune"]["cache"].endswith("autotune.json") and "enabled" in info["autotune"]
 
 
+def test_info_names_the_configurations_each_gpu_runs(monkeypatch):
+    """A GPU outside the compiled targets runs the configurations of the one whose shared memory it has."""
+    import torch
+
+    from dit_accel.cli.info import _device_info
+
+    gpus = [("NVIDIA H100 80GB HBM3", (9, 0)), ("NVIDIA GeForce RTX 5090", (12, 0)), ("NVIDIA A10", (8, 6))]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: len(gpus))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i: gpus[i][0])
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i: gpus[i][1])
+    assert _device_info("cuda")["cuda_devices"] == [
+        "0: NVIDIA H100 80GB HBM3 (sm_90; Triton kernels: its own configurations)",
+        "1: NVIDIA GeForce RTX 5090 (sm_120; Triton kernels: sm_89's configurations)",
+        "2: NVIDIA A10 (sm_86; Triton kernels: sm_89's configurations)"]
+
+
 def test_info_shows_the_backend_the_environment_forces_or_why_its_value_is_none(monkeypatch, capsys):
     """``DIT_ACCEL_BACKEND=bogus`` fails every call that reads it, while info listed the backends as usable."""
     monkeypatch.setenv("DIT_ACCEL_BACKEND", "bogus")
