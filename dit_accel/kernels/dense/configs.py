@@ -13,6 +13,8 @@ from typing import Dict, Iterable, Optional, Tuple
 
 import torch
 
+from ..limits import large_shared_memory
+
 __all__ = ["DenseConfig", "aot_signature", "ARG_TYPES", "DIV16", "tma_args", "tma_ok", "select_dense_config", "DTYPE_NAMES",
            "PTR_DTYPE", "tma_supported"]
 
@@ -54,8 +56,6 @@ def tma_supported(arch: int, dtype: torch.dtype, block_d: int) -> bool:
     The launcher still falls back to pointer loads when a tensor's base or strides are not
     16-byte aligned (:func:`tma_ok`).
     """
-    from ..limits import large_shared_memory
-
     return arch >= 90 and large_shared_memory(arch)
 
 

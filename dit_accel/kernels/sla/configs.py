@@ -26,6 +26,7 @@ __all__ = ["SLAKernelConfig", "select_sla_config", "shipped_configs", "SLA_KERNE
 
 BLOCK_M = 64  # query rows per program; a 128-row classification block is two tiles
 from ..limits import SLA_BLOCK_DS, SLA_DTYPES, SLA_MAX_HEAD_DIM  # noqa: E402  (what the fused kernel takes)
+from ..limits import config_target  # noqa: E402  (the compiled target a part runs)
 from ..limits import SLA_BLOCK_K as BLOCK_K  # noqa: E402  (key rows per block, SLA's block_k)
 GLOBAL_COLUMNS = 64  # columns of phi(K)^T V per program of the global-sums kernel
 # global: the linear branch's sums over all keys; bwd_dkdv_lin: linear-branch dK/dV
@@ -85,8 +86,6 @@ _LINEAR_ONLY = ("global", "bwd_dkdv_lin")
 def _target(arch: int) -> int:
     """The configured target an arch runs: 90 (Hopper and data-centre Blackwell), 80 (A100-class shared memory)
     or 89 (99 KB a block: sm_86, sm_89 and consumer Blackwell, sm_120, whose sm_90 tiles needed up to 104 KB)."""
-    from ..limits import config_target
-
     return min(config_target(arch), 90)
 
 
