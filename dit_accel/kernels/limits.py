@@ -26,9 +26,14 @@ SHARED_MEMORY_LIMITS = {80: 166912, 86: 101376, 87: 166912, 89: 101376, 90: 2324
 
 
 def shared_memory_limit(arch: int) -> int:
-    """Max dynamic shared memory per block for compute capability ``arch`` (e.g. 90); an unlisted part gets the
-    99 KB of the smallest listed ones."""
-    return SHARED_MEMORY_LIMITS.get(arch, 101376)
+    """Max dynamic shared memory per block for compute capability ``arch`` (e.g. 90). An unlisted part gets the
+    figure of the nearest lower listed part of its own major, as the occupancy table's rows do
+    (:func:`~dit_accel.kernels.occupancy.sm_limits`): sm_103 (B300, of the sm_100 family) sm_100's 227 KB, sm_121
+    sm_120's 99 KB; a part with no listed sibling gets the 99 KB of the smallest."""
+    if arch in SHARED_MEMORY_LIMITS:
+        return SHARED_MEMORY_LIMITS[arch]
+    same = [a for a in SHARED_MEMORY_LIMITS if a // 10 == arch // 10 and a <= arch]
+    return SHARED_MEMORY_LIMITS[max(same)] if same else 101376
 
 
 def large_shared_memory(arch: int) -> bool:
@@ -40,9 +45,10 @@ def large_shared_memory(arch: int) -> bool:
 
 def config_target(arch: int) -> int:
     """The compiled and checked target (80, 89, 90 or 100) whose launch configurations ``sm_<arch>`` runs: its
-    shared memory decides. sm_86 and consumer Blackwell (sm_120, 99 KB) run sm_89's, sm_87 sm_80's; a part this
-    table does not list runs sm_89's, which fit every part. The suite compiles every target's configurations, so
-    a part runs none that was not compiled and checked (for sm_120 itself too: tests/kernels/test_small_parts.py)."""
+    shared memory decides. sm_86 and consumer Blackwell (sm_120, 99 KB) run sm_89's, sm_87 sm_80's, sm_103 (B300)
+    sm_100's; a part with no listed sibling of its major runs sm_89's, which fit every part. The suite compiles every
+    target's configurations, so a part runs none that was not compiled and checked (for sm_120 and sm_103 themselves
+    too: tests/kernels/test_small_parts.py)."""
     if not large_shared_memory(arch):
         return 89
     return 100 if arch >= 100 else (90 if arch >= 90 else 80)

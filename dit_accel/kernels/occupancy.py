@@ -19,10 +19,12 @@ __all__ = ["occupancy", "cubin_resources", "compiled_resources", "resident_ctas"
 
 F = TypeVar("F", bound=Callable)
 
-# Per-SM limits from NVIDIA's CUDA occupancy tables (compute capability 8.0, 8.6, 8.9, 9.0, 10.0, 12.0).
+# Per-SM limits from NVIDIA's CUDA occupancy tables (compute capability 8.0, 8.6, 8.7, 8.9, 9.0, 10.0, 12.0). A block
+# may take all of an SM's shared memory but the 1 KB the driver keeps: kernels.limits' per-block table (its twin).
 _SM = {
     80: dict(warps=64, ctas=32, smem=167936, regs=65536),
     86: dict(warps=48, ctas=16, smem=102400, regs=65536),
+    87: dict(warps=48, ctas=16, smem=167936, regs=65536),  # Jetson Orin: sm_86's warps, sm_80's shared memory
     89: dict(warps=48, ctas=24, smem=102400, regs=65536),
     90: dict(warps=64, ctas=32, smem=233472, regs=65536),
     100: dict(warps=64, ctas=32, smem=233472, regs=65536),
