@@ -50,13 +50,13 @@ from torch import nn
 
 from ..atomic_files import (BadFileError, atomic_write_json, check_hashes, crash_point, file_hashes, load_safetensors,
                   read_json, remove_stale_temps, temp_name)
-from .._util import DitAccelWarning
+from .._util import DitAccelWarning, file_in_the_way
 from ..methods import Method, method_from_name
 from ..plans.per_head import PerHead
 from ..plans.plan_json import _tuples
 from ..plans.sparse_plan import PlanMethod, SparsePlan
-from .lora_checks import (check_float_weights, check_lora_modules, check_lora_pairs, injection_state,
-                          lora_module_name, undo_injection)
+from .lora_checks import (check_float_weights, check_lora_coverage, check_lora_modules, check_lora_pairs,
+                          injection_state, lora_module_name, undo_injection)
 
 __all__ = [
     "LORA_FILE", "SLA_FILE", "VSA_FILE", "METHOD_FILE", "ADAPTER_NAME",
@@ -161,6 +161,7 @@ def write_weights_folder(output_dir, write_tensors, info: dict) -> Path:
     file, with their sha256, is written last. Files of an earlier folder that ``info`` no longer names
     (``LORA_FILE``/``SLA_FILE``) are removed after it."""
     out = Path(output_dir)
+    _check_folder_path(out)
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(out)
@@ -187,6 +188,17 @@ def write_weights_folder(output_dir, write_tensors, info: dict) -> Path:
         if stale not in names:
             (out / stale).unlink(missing_ok=True)
     return out
+
+
+def _check_folder_path(out: Path) -> None:
+    """ValueError naming ``out`` when a file stands where the weights folder (or a folder above it) would go: before,
+    a raw ``FileExistsError`` (``save_pretrained("model.safetensors")``, whose own save only logs the mistake)."""
+    in_the_way = file_in_the_way(out)
+    if in_the_way is not None:
+        where = "is a file" if in_the_way == out else f"lies under {str(in_the_way)!r}, which is a file"
+        example = str(in_the_way.parent / "weights")
+        raise ValueError(f"{str(out)!r} {where}: the weights are written to a folder (e.g. {example!r}); give a "
+                         "folder path")
 
 
 def _read_info(folder: Path) -> dict:
@@ -259,11 +271,20 @@ def load_method(folder):
 
 def _saved_method(folder: Path, info: dict) -> Method:
     try:
-        return method_from_dict(info["method"])
+        method = method_from_dict(info["method"])
     except (ValueError, TypeError, KeyError) as err:
         raise BadFileError(folder / METHOD_FILE, f"its method config is not valid ({err})",
                            "the method config `dit-accel finetune` wrote (e.g. {\"method\": \"sla\", \"topk\": 0.05})"
                            ) from None
+    trained = info.get("plan_sha256")
+    if isinstance(method, PlanMethod) and trained is not None and trained != method.sparse_plan.content_hash():
+        # (before: a plan edited in the method file loaded, and its weights ran under it, without a word)
+        raise BadFileError(folder / METHOD_FILE, f"its plan has content sha256 {method.sparse_plan.content_hash()[:12]}"
+                           f", but the weights were trained under the plan of content sha256 {str(trained)[:12]} "
+                           "(its plan_sha256): the plan was changed after training",
+                           "the plan `dit-accel finetune --plan` wrote: put the trained plan back, or fine-tune "
+                           "under the new one")
+    return method
 
 
 def _warn(message: str) -> None:
@@ -517,8 +538,16 @@ def _read_lora(transformer: nn.Module, folder: Path):
                            "the Diffusers-format LoRA `dit-accel finetune` writes") from None
     if not state:
         raise BadFileError(lora_path, "holds no LoRA tensors", "the lora_A/lora_B tensors `dit-accel finetune` writes")
+    loose = sorted(k for k in state if not k.startswith("transformer."))
+    if loose:  # (before: Diffusers' loader keeps "transformer." keys only; bare keys loaded as no LoRA at all)
+        raise BadFileError(lora_path, f"holds {len(loose)} LoRA tensor(s) without the \"transformer.\" prefix (e.g. "
+                                      f"{loose[0]}), which Diffusers' loader (apply(weights=...), "
+                                      "pipe.load_lora_weights) skips without an error",
+                           "Diffusers-format keys transformer.<module>.lora_A.weight / .lora_B.weight: save the file "
+                           "again with \"transformer.\" before every key")
     _check_lora_targets(transformer, folder, state)
     ranks = check_lora_modules(transformer, lora_path, state)  # every module there, adaptable, of these shapes
+    check_lora_coverage(transformer, lora_path, state, metadata)  # and every module its config names in the file
     meta = {k.split(".", 1)[-1]: v for k, v in (metadata or {}).items()}  # keys come as "transformer.r"
     meta_rank = meta.get("r") if isinstance(meta.get("r"), int) and not meta.get("rank_pattern") else None
     check_lora_pairs(lora_path, {m: sides for m, sides in ranks.items() if len(sides) < 2}, redo=_REDO)

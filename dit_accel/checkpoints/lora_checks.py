@@ -18,8 +18,8 @@ from torch import nn
 
 from ..atomic_files import BadFileError
 
-__all__ = ["check_float_weights", "lora_module_name", "check_lora_modules", "lora_ranks", "check_lora_pairs",
-           "injection_state", "undo_injection"]
+__all__ = ["check_float_weights", "lora_module_name", "check_lora_modules", "check_lora_coverage", "lora_ranks",
+           "check_lora_pairs", "injection_state", "undo_injection"]
 
 # float64 loads too (cast like the others), though no trainer of ours writes it
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -125,6 +125,49 @@ def check_lora_modules(transformer: nn.Module, path, state: Dict[str, torch.Tens
                                  "rank): the weights belong to a model of another size, or the file is damaged")
             ranks.setdefault(module, {})[side] = rank
     return ranks
+
+
+#: The fields of a LoRA's adapter metadata that say which modules it adapts (peft's own matching reads them).
+_TARGET_FIELDS = ("target_modules", "exclude_modules", "layers_to_transform", "layers_pattern", "modules_to_save")
+#: LoRA tensors peft makes only where the adapter metadata's flag says so: ``(part of the key, flag)``.
+_FLAGGED = ((".lora_B.bias", "lora_bias"), (".lora_magnitude_vector", "use_dora"))
+
+
+def check_lora_coverage(transformer: nn.Module, path, state: Dict[str, torch.Tensor],
+                        metadata: Optional[dict]) -> None:
+    """ValueError naming ``path`` and the modules when the LoRA's adapter metadata (``target_modules`` and the
+    fields beside it, as peft matches them) names Linear/Conv modules of ``transformer`` that ``state`` holds no
+    LoRA for. Trained, the LoRA adapted every module its config names on the model it was trained on, so such a
+    module means another model: one with more layers of the same width (before: peft loaded the LoRA into the
+    layers the file has with a RuntimeWarning, and the rest ran without it). Without metadata (converted
+    folders) there is nothing to compare."""
+    meta = {k.split(".", 1)[-1]: v for k, v in (metadata or {}).items()}  # keys come as "transformer.r"
+    if not meta.get("target_modules"):
+        return
+    for key in sorted(state):  # tensors the config makes no place for: peft dropped them with a log line
+        part, flag = next(((p, f) for p, f in _FLAGGED if p in key), (None, None))
+        if part is not None and not meta.get(flag):
+            raise ValueError(f"{path}: holds {key}, but its adapter metadata says {flag}={meta.get(flag)!r}, so peft "
+                             f"would make no {part.lstrip('.')} and skip it: the LoRA would load without it. The "
+                             "file is damaged or its metadata is another LoRA's: train or convert it again")
+    try:
+        from peft import LoraConfig
+        from peft.tuners.tuners_utils import check_target_module_exists
+
+        config = LoraConfig(**{k: meta[k] for k in _TARGET_FIELDS if meta.get(k) is not None})
+    except Exception:  # noqa: BLE001 - metadata this peft cannot read: Diffusers' load says what is wrong
+        return
+    have = {lora_module_name(key)[0] for key in state}
+    lacking = sorted(name for name, module in transformer.named_modules()
+                     if name and name not in have and isinstance(_base(module), _LORA_TYPES)
+                     and ".lora_" not in f".{name}" and ".base_layer" not in f".{name}."
+                     and bool(check_target_module_exists(config, name)))
+    if lacking:
+        shown = ", ".join(lacking[:4]) + (", ..." if len(lacking) > 4 else "")
+        raise ValueError(f"{path}: its adapter metadata says the LoRA adapts target_modules={meta['target_modules']}, "
+                         f"but it holds no LoRA for {len(lacking)} such module(s) of this {type(transformer).__name__} "
+                         f"({shown}): it was trained on another model (one with fewer layers?), and those would run "
+                         "without it. Load it into the model it was trained on, or fine-tune this one")
 
 
 def lora_ranks(state: Dict[str, torch.Tensor]) -> Dict[str, Dict[str, int]]:

@@ -19,6 +19,7 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
+from .._util import file_in_the_way
 from ..atomic_files import BadFileError, safetensors_keys
 
 __all__ = ["GATE_KEY", "GATES_FILE", "loaded_from", "transformer_folder", "checkpoint_files", "gate_keys",
@@ -84,9 +85,16 @@ def checkpoint_files(folder) -> List[Path]:
     index = folder / _INDEX
     if index.is_file():
         try:
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            weight_map = json.loads(index.read_text())["weight_map"]
         except (ValueError, KeyError, TypeError):
             raise BadFileError(index, "is not a safetensors index", "{\"weight_map\": {key: shard file}}") from None
+        # (a weight_map that is no object, or names a shard by no file name, failed with a raw AttributeError or
+        # TypeError)
+        if not isinstance(weight_map, dict) or not all(isinstance(s, str) and s for s in weight_map.values()):
+            raise BadFileError(index, f"its weight_map is {json.dumps(weight_map)[:60]}, not an object naming each "
+                               "tensor's shard file", "{\"weight_map\": {key: shard file}}: download the checkpoint "
+                               "again or save it again")
+        shards = sorted(set(weight_map.values()))
         extra = [folder / GATES_FILE] if (folder / GATES_FILE).is_file() and GATES_FILE not in shards else []
         return [folder / s for s in shards] + extra
     # (a killed writer's hidden temporary, e.g. of vsa_gates.safetensors, is no checkpoint file: never read it)
@@ -153,6 +161,11 @@ def save_with_gates(save_directory, save: Callable[[Path], object], tensors: Dic
     if bad:
         raise ValueError(f"not VSA gate keys: {bad[:3]} (expected blocks.N.to_gate_compress.weight / .bias)")
     data = {k: v.detach().to("cpu").float().contiguous() for k, v in tensors.items()}
+    in_the_way = file_in_the_way(folder)
+    if in_the_way is not None:  # (before: a raw FileExistsError; Diffusers' own save only logs it)
+        where = "is a file" if in_the_way == folder else f"lies under {str(in_the_way)!r}, which is a file"
+        raise ValueError(f"save_directory={str(folder)!r} {where}: save_pretrained writes the model to a folder; "
+                         "give a folder path")
     folder.mkdir(parents=True, exist_ok=True)
     journal = commit_journal(folder / GATES_FILE)
     recover(journal, [folder, folder.parent])
@@ -239,10 +252,11 @@ def read_gates(folder) -> Dict[int, Dict[str, torch.Tensor]]:
             raise ValueError(f"{folder}: the to_gate_compress bias of block {block} has shape {tuple(bias.shape)}, "
                              f"its weight {tuple(weight.shape)}")
         for kind, tensor in parts.items():  # a NaN gate turns every output of the layer into NaN
-            if not tensor.is_floating_point() or not bool(torch.isfinite(tensor).all()):
+            # (float8 has no isfinite kernel: its check raised a raw NotImplementedError; it is cast when loaded)
+            if not tensor.is_floating_point() or not bool(torch.isfinite(tensor.float()).all()):
                 key = next(k for k in keys if GATE_KEY.match(k).groups() == (str(block), kind))
                 what = f"dtype {tensor.dtype}" if not tensor.is_floating_point() else \
-                    f"{int((~torch.isfinite(tensor)).sum())} non-finite values (NaN or inf)"
+                    f"{int((~torch.isfinite(tensor.float())).sum())} non-finite values (NaN or inf)"
                 raise BadFileError(keys[key], f"the to_gate_compress {kind} of block {block} ({key}) has {what}",
                                    "finite float gate weights; the checkpoint is damaged: download or save it again")
     return gates

@@ -65,6 +65,10 @@ class PerHead(Method):
     name = "per_head"
 
     def __post_init__(self):
+        if not isinstance(self.methods, (list, tuple)):  # (one config: a raw "not iterable"; a name: one per letter)
+            raise TypeError(f"PerHead.methods={self.methods!r} is invalid: expected a tuple or list of method configs, "
+                            "one per attention head, e.g. PerHead((Tile(...), Dense())); for one method on every "
+                            "head pass that config itself")
         methods = tuple(self.methods)
         if not methods:
             raise ValueError("PerHead.methods is empty: give one method config per attention head")

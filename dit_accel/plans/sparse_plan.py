@@ -130,6 +130,22 @@ def _tile_as_run(tile: Tile, grid) -> Tile:
     return tile.replace(fit=False)
 
 
+def _tile_dims(tile: Tile, grid) -> int:
+    """The grid dimensions ``tile`` runs on: its tile's or window's length where one is a tuple, else the grid's
+    (a strategy of an image plan holds 2 values per window), else 3 (FastVideo's video windows)."""
+    from ..patterns.checks import per_head
+
+    for value in (tile.tile, *(per_head(tile.window) or (tile.window,))):
+        if isinstance(value, tuple):
+            return len(value)
+    return len(grid) if grid is not None else 3
+
+
+def _spelt(value, dims: int) -> Tuple[int, ...]:
+    """A tile or window as one value per dimension (an int broadcast)."""
+    return tuple(value) if isinstance(value, tuple) else (value,) * dims
+
+
 def _is_dense(method: Optional[Method]) -> bool:
     return method is None or isinstance(method, Dense) or (
         isinstance(method, PerHead) and all(isinstance(m, Dense) for m in method.methods))
@@ -159,6 +175,11 @@ class Phase:
                 raise ValueError(f"Phase.layers[{layer!r}]={method!r}: expected {{layer index >= 0: method config}}")
         if not isinstance(self.default, Method):
             raise TypeError(f"Phase.default={self.default!r} is not a method config")
+        for where, method in (*((f"layers[{i}]", m) for i, m in self.layers.items()), ("default", self.default)):
+            if hasattr(method, "for_layer_step"):  # (before: built, then refused at its first call)
+                raise TypeError(f"Phase.{where}={type(method).__name__}(...) is a schedule (a method per layer and "
+                                "step), not one layer's method config: a phase holds configs such as Tile(...) or "
+                                "PerHead(...); import a FastVideo strategy with SparsePlan.from_tile_strategy(path)")
         object.__setattr__(self, "layers", {int(i): self.layers[i] for i in sorted(self.layers)})
         object.__setattr__(self, "start", int(self.start))  # (numpy ints: to_json and content_hash write them)
         object.__setattr__(self, "stop", None if self.stop is None else int(self.stop))
@@ -479,15 +500,15 @@ class SparsePlan:
                 raise ValueError(f"{m!r} is not a Tile window: only plans of Tile windows (and dense heads) export to "
                                  "a FastVideo STA strategy")
             if isinstance(m, Tile):
-                tiles.add(m.tile if isinstance(m.tile, tuple) else (m.tile,) * 3)
+                tiles.add(_spelt(m.tile, _tile_dims(m, grid)))
         if isinstance(method, Tile):
+            dims = _tile_dims(method, grid)
             wins = per_head(method.window)
             if wins is not None:
-                return [w if isinstance(w, tuple) else (w,) * 3 for w in wins]
+                return [_spelt(w, dims) for w in wins]
             if heads is None:
                 raise ValueError("the plan does not say its head count (num_heads): needed to write per-head windows")
-            w = method.window if isinstance(method.window, tuple) else (method.window,) * 3
-            return [w] * heads
+            return [_spelt(method.window, dims)] * heads
         windows = []
         for m in inner:
             if isinstance(m, Dense):
@@ -500,7 +521,7 @@ class SparsePlan:
                                      f"{len(tile)}: pass the token grid the plan runs on")
                 windows.append(tuple(-(-g // t) for g, t in zip(grid, tile)))
             else:
-                windows.append(m.window if isinstance(m.window, tuple) else (m.window,) * 3)
+                windows.append(_spelt(m.window, _tile_dims(m, grid)))
         return windows
 
     # -------------------------------------------------------------- what the plan is for
