@@ -198,6 +198,7 @@ class VSAGates:
             if match is None:
                 continue
             gate = self.projections[gated[id(module)]]
+            gate = getattr(gate, "proj", gate)  # (a gate being trained holds its Linear: saving it raised a raw error)
             out[f"blocks.{match.group(1)}.to_gate_compress.weight"] = gate.weight.detach().float()
             if gate.bias is not None:
                 out[f"blocks.{match.group(1)}.to_gate_compress.bias"] = gate.bias.detach().float()

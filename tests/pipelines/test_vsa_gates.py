@@ -241,6 +241,35 @@ def test_save_pretrained_under_vsa_keeps_the_gates(tmp_path):
     assert not (tmp_path / "plain" / GATES_FILE).exists()
 
 
+def test_save_pretrained_with_gates_being_trained_writes_them(tmp_path):
+    """Gates being trained (``add_trainable_gates``) are saved like checkpoint gates, and load back as the gates VSA
+    runs: before, ``save_pretrained`` raised a raw AttributeError ('_TrainableGate' has no 'weight')."""
+    from safetensors.torch import load_file
+
+    from dit_accel.checkpoints.vsa_gates import GATES_FILE
+    from dit_accel.pipelines.vsa_gates import add_trainable_gates
+
+    model = T.build_tiny_transformer("wan")
+    kwargs = T.tiny_transformer_inputs("wan", model, grid=GRID)
+    method = dit_accel.VSA(topk=2)
+    with dit_accel.apply(model, method, backend="torch") as handle, torch.no_grad():
+        gates = add_trainable_gates(handle)
+        for i, gate in enumerate(gates.values()):
+            gate.proj.weight.normal_(0, 0.3, generator=torch.Generator().manual_seed(i))
+            gate.proj.bias.fill_(0.1 * (i + 1))
+        out = model(**kwargs)[0]
+        model.save_pretrained(tmp_path / "saved")
+    written = load_file(str(tmp_path / "saved" / GATES_FILE))
+    assert len(written) == 2 * len(gates) > 0
+    for (name, gate), block in zip(gates.items(), sorted({k.split(".")[1] for k in written}, key=int)):
+        assert torch.equal(written[f"blocks.{block}.to_gate_compress.weight"], gate.proj.weight), name
+        assert torch.equal(written[f"blocks.{block}.to_gate_compress.bias"], gate.proj.bias), name
+    again = _load(tmp_path / "saved")
+    with dit_accel.apply(again, method, backend="torch") as handle, torch.no_grad():
+        assert len(handle.vsa_gates) == len(gates)
+        torch.testing.assert_close(again(**kwargs)[0], out)
+
+
 def test_a_nan_gate_is_refused_naming_the_file_and_the_block(tmp_path):
     """Issue 74, item 8: a NaN in a gate made every output NaN (and generate painted the video black)."""
     from safetensors.torch import load_file, save_file
