@@ -210,6 +210,11 @@ def _check_weights_folder(folder, schedule: Schedule, layers) -> None:
         if not expected:  # trained for SLA, applied with another method: load_into says so (method check)
             return
         missing, unexpected = sorted(set(expected) - set(shapes)), sorted(set(shapes) - set(expected))
+        if shapes and not set(shapes) & set(expected):  # (dense_layers could not help: it names no layer here)
+            raise ValueError(f"weights={str(folder)!r}: none of the {len(shapes)} tensors of {SLA_FILE} names an "
+                             f"attention layer of this model (it holds e.g. {sorted(shapes)[0]}, the model's SLA "
+                             f"layers are e.g. {sorted(expected)[0]}): it was trained on another model; load it into "
+                             "that model, or fine-tune this one.")
         if missing or unexpected:
             raise ValueError(f"weights={str(folder)!r}: {SLA_FILE} does not match the model's SLA layers: missing "
                              f"{missing[:4]}, unexpected {unexpected[:4]}; was it trained on a different model? It "

@@ -571,3 +571,21 @@ def test_reset_stats_forgets_the_calls_so_far_and_keeps_the_plans():
     handle.remove()
     with pytest.raises(RuntimeError, match="reset_stats"):
         handle.reset_stats()
+
+
+def test_sla_projections_of_another_model_say_so_not_dense_layers(tmp_path):
+    """SLA projections saved from a tiny Wan, applied to a tiny Flux: none of their names is a layer of Flux. Before,
+    the error advised passing the same dense_layers to apply(), which could not help."""
+    from dit_accel.checkpoints.finetuned import save_trained_weights
+
+    wan, flux = T.build_tiny_transformer("wan", seed=3), T.build_tiny_transformer("flux", seed=3)
+    method = dit_accel.SLA(topk=0.5)
+    with dit_accel.apply(wan, method, backend="torch") as handle:
+        save_trained_weights(tmp_path, transformer=wan, method=method, lora_config=None,
+                             sla_projections=handle.sla_projections())
+    before = {k: v.clone() for k, v in flux.state_dict().items()}
+    with pytest.raises(ValueError, match=r"none of the \d+ tensors of sla_projections\.safetensors names an attention "
+                                         r"layer of this model .*it was trained on another model"):
+        dit_accel.apply(flux, method, backend="torch", weights=tmp_path)
+    assert all(torch.equal(v, before[k]) for k, v in flux.state_dict().items())
+    _clean(flux)
