@@ -61,7 +61,7 @@ from .lora_checks import (check_float_weights, check_lora_coverage, check_lora_m
 __all__ = [
     "LORA_FILE", "SLA_FILE", "VSA_FILE", "METHOD_FILE", "ADAPTER_NAME",
     "save_trained_weights", "load_into", "load_trained_weights", "load_method", "read_weights_info", "lora_state_dict",
-    "sla_state_dict", "method_from_dict", "loaded_lora_adapter", "write_weights_folder", "check_plan_fits",
+    "sla_state_dict", "method_from_dict", "saved_method", "loaded_lora_adapter", "write_weights_folder", "check_plan_fits",
     "check_method_fits",
 ]
 #: What to do about a weights file with NaN/inf or non-float tensors.
@@ -265,11 +265,13 @@ def load_method(folder):
     """The method config a fine-tuned folder was trained with (for ``apply(pipe, load_method(DIR), weights=DIR)``):
     a :class:`~dit_accel.Method`, or the :class:`~dit_accel.SparsePlan` of a ``finetune --plan`` run."""
     folder = weights_folder(folder)
-    method = _saved_method(folder, _read_info(folder))
+    method = saved_method(folder, _read_info(folder))
     return method.sparse_plan if isinstance(method, PlanMethod) else method
 
 
-def _saved_method(folder: Path, info: dict) -> Method:
+def saved_method(folder: Path, info: dict) -> Method:
+    """The method config a weights folder's ``info`` (its method file) records; a plan's content checked against the
+    hash recorded when it was trained (BadFileError naming the file)."""
     try:
         method = method_from_dict(info["method"])
     except (ValueError, TypeError, KeyError) as err:
@@ -429,7 +431,7 @@ def _checked_folder(handle, folder: Path):
     method_path = folder / METHOD_FILE
     # Through the config and back as it runs (``ran_dict``: VSA's open sparsity is the 0.8 that runs, as a given 0.8
     # is): fields added since the folder was written take their defaults.
-    saved = _json_roundtrip(_saved_method(folder, info).ran_dict())
+    saved = _json_roundtrip(saved_method(folder, info).ran_dict())
     method = getattr(handle, "method", None)
     if method is not None:  # the handle's warning log (its sidecars list the warning), else a plain warning
         log = getattr(getattr(handle, "_runtime", None), "warnings", None)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+from pathlib import Path
 from typing import Dict, Optional, Sequence, Union
 
 from .._util import WarningLog, is_int
@@ -253,12 +254,12 @@ def _check_expert_option(expert, weights) -> None:
 def _load_weights(clone, patch: Patch, folder, method: Method, strength, layers, expert: str = "transformer") -> None:
     """The folder's SLA projections of ``expert`` into ``patch``, its LoRA onto ``clone`` (both new objects: the
     model given to patch_model keeps its weights and patches)."""
-    from ..checkpoints.finetuned import check_trained_dense_layers, method_from_dict
+    from ..checkpoints.finetuned import check_trained_dense_layers, saved_method
     from .weights import check_folder, lora_patches, sla_projections
 
     info, experts = check_folder(folder, patch.family, patch.model_name, expert)
     check_trained_dense_layers(folder, info, patch.schedule, len(layers))
-    saved = method_from_dict(info["method"])
+    saved = saved_method(Path(folder), info)  # (a plan edited after training is refused, as apply refuses it)
     if not _same_method(saved, method):
         LOG.warning("dit_accel: %s was trained with %r; running %r with its weights", folder, saved, method)
     patch.projections = sla_projections(folder, info, clone.model.diffusion_model, layers, expert=expert)

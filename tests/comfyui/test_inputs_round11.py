@@ -211,3 +211,21 @@ def test_a_plan_folder_run_as_recorded_is_not_said_to_run_another_method(comfy, 
     assert [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING] == [
         f"dit_accel: {folder} was trained with {override_of(patched).patch.schedule.method!r}; running "
         f"{other.as_method()!r} with its weights"]
+
+
+def test_a_plan_edited_in_a_finetune_folder_is_refused_by_the_node_as_by_apply(wan, tmp_path):
+    """`finetune --plan` records the plan's content hash (plan_sha256); apply refuses a folder whose plan no longer
+    matches it. The node read the method file on its own and ran the edited plan with the weights, unsaid."""
+    trained = SparsePlan([Phase(0, 1), Phase(1, None, {1: SLA})], num_layers=2)
+    edited = SparsePlan([Phase(0, None, {1: SLA})], num_layers=2)
+    info = {"format": 1, "method": {"method": "plan", "plan": edited.to_json()}, "plan_sha256": trained.content_hash(),
+            "files": {"lora": None, "sla_projections": SLA_FILE}}
+    folder = write_weights_folder(tmp_path / "ft", lambda staging: save_file(_projections(11, layers=(1,)),
+                                                                             str(staging / SLA_FILE)), info)
+    with pytest.raises(ValueError, match=r"dit_accel_method\.json: its plan has content sha256 \w+, but the weights "
+                                         r"were trained under the plan of content sha256 \w+ \(its plan_sha256\)"):
+        patch_model(wan, edited, weights=folder)
+    info["plan_sha256"] = edited.content_hash()  # recorded as trained: it runs
+    folder = write_weights_folder(tmp_path / "ok", lambda staging: save_file(_projections(11, layers=(1,)),
+                                                                             str(staging / SLA_FILE)), info)
+    assert sorted(override_of(patch_model(wan, edited, weights=folder)).patch.projections) == [1]
