@@ -188,6 +188,13 @@ def sparse_candidates(grid: Sequence[int], *, size: str = "default", methods: Se
     (before, a calibration ran its search to a dense plan and wrote it, saying nothing of why)."""
     out = candidate_grid(grid, size=size, methods=methods, tile=tile)
     if len(out) > 1:
+        tiled = [{"tile": "Tile", "gna": "GNA"}[m] for m in ("tile", "gna") if m in methods]
+        if tile is not None and tiled and not any(c.kind == "block_sparse" for c in out):
+            # (before: a --tile as large as the grid dropped every Tile and GNA candidate without a word)
+            others = ", ".join(sorted({c.label.split()[0] for c in out[1:]}))
+            log(f"note: --tile {','.join(map(str, tile))}: no {' or '.join(tiled)} candidate is sparse on token grid "
+                f"{tuple(int(g) for g in grid)} (a window of one tile covers the grid or visits more than 90% of it), "
+                f"so the search has {others} only; pass a smaller --tile, or leave it out for a 64-token tile")
         return out
     grid = tuple(int(g) for g in grid)
     if len(grid) == 2 and set(methods) <= set(VIDEO_ONLY):
@@ -195,6 +202,7 @@ def sparse_candidates(grid: Sequence[int], *, size: str = "default", methods: Se
             "other --methods, e.g. tile,sla"
     else:
         why, fix = "each candidate runs dense there or visits more than 90% of the key blocks", \
+            ("a smaller --tile, " if tile is not None else "") + \
             "a larger size (--frames, --height, --width), --candidates large or other --methods"
     log(f"note: --methods {','.join(methods)}: no candidate is sparse on token grid {grid} ({why}), so the plan "
         f"is dense; for a sparse one pass {fix}")

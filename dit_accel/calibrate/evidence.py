@@ -154,7 +154,7 @@ def main(argv=None) -> int:
     costs = CostModel(grid, head_dim, arch=settings.arch, kernel=settings.kernel,
                       terms=result["cost_model"]["terms"])  # the terms the search used (auto resolved)
     space = SearchSpace(cands, {}, costs, layers, [(0, steps)], heads, costs.dense_head())
-    calls = 2 if (settings.guidance_scale or 0) > 1 else 1
+    calls = result["settings"]["passes_per_step"]  # (the transformer passes per step the search priced)
     plan_ms = result["final"]["modelled_ms"]
     call = settings.call_kwargs()
     jobs = [(prompt, int(s)) for s in args.heldout_seeds.split(",") for prompt in heldout]
@@ -183,7 +183,7 @@ def main(argv=None) -> int:
     best = max(uniform, key=lambda r: r["psnr"]) if uniform else None
     from .._util import load_average, versions
 
-    evidence = {"calibration": {"prompts": calib_prompts, "seeds": settings.seeds, "min_psnr": args.min_psnr,
+    evidence = {"calibration": {"prompts": calib_prompts, "seeds": result["search_seeds"], "min_psnr": args.min_psnr,
                                 "budget_on": args.budget_on, "groundtruth": args.groundtruth,
                                 "sensitivity": args.sensitivity, "layer_groups": args.layer_groups,
                                 "seconds": calibrate_s, "final": result["final"], "grid": list(grid),

@@ -24,7 +24,7 @@ import torch
 
 from ..plans.sparse_plan import SparsePlan
 
-__all__ = ["DenseReplay", "dense_prefix"]
+__all__ = ["DenseReplay", "dense_prefix", "PassCounter"]
 
 
 def dense_prefix(plan: SparsePlan, steps: int, layers: int) -> int:
@@ -77,6 +77,10 @@ class DenseReplay:
     def calls(self, key: Hashable) -> int:
         """The calls recorded for video ``key``."""
         return len(self.outputs.get(key, ()))
+
+    def kept_calls(self) -> int:
+        """The calls recorded for every video (0 when none were: a budget below one call's output per video)."""
+        return min((len(calls) for calls in self.outputs.values()), default=0) if self.enabled else 0
 
     @contextmanager
     def recording(self, transformer: torch.nn.Module, videos: int = 1):
@@ -170,3 +174,35 @@ class DenseReplay:
         sample = torch.stack([self.outputs[k][index] for k in self._chunk], dim=1).flatten(0, 1)
         sample = sample.to(self._device)
         return (sample,) if self._kind is tuple else self._kind(sample=sample)
+
+
+class PassCounter:
+    """The transformer passes each video makes per denoising step, counted in a run: the batch rows of the
+    ``hidden_states`` the pipeline's transformers take, over videos x steps. Classifier-free guidance makes 2,
+    one call per branch or both branches in one call; FLUX's guidance embedding 1, whatever its scale (before,
+    calibrate guessed 2 from ``guidance_scale > 1`` and 1 when it was left to the pipeline's default, so a Wan
+    model's modelled attention per sample was half its own, and a FLUX model's twice)."""
+
+    def __init__(self):
+        self.rows: Optional[int] = 0  # None: a call whose batch was not known
+
+    @contextmanager
+    def counting(self, transformers: Sequence[torch.nn.Module]):
+        def hook(_module, args, kwargs):
+            x = kwargs.get("hidden_states", args[0] if args else None)
+            if self.rows is not None:
+                self.rows = self.rows + int(x.shape[0]) if isinstance(x, torch.Tensor) and x.dim() else None
+
+        handles = [t.register_forward_pre_hook(hook, with_kwargs=True) for t in transformers]
+        try:
+            yield self
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def per_step(self, videos: int, steps: int) -> Optional[int]:
+        """Passes per video and step (a whole number >= 1), or None when the rows do not divide into them."""
+        each = videos * steps
+        if not self.rows or not each or self.rows % each:
+            return None
+        return self.rows // each

@@ -21,13 +21,13 @@ from .budget import (_GROUNDTRUTH_CHECKS, VerifiedRuns, _describe, groundtruth_c
 from .candidates import sparse_candidates
 from .costs import CostModel, MeasuredCostModel
 from .probes import probe_layer_weights, probe_step_weights
-from .replay import DenseReplay, dense_prefix
+from .replay import DenseReplay, PassCounter, dense_prefix
 from .report import OUTPUT_FILES, check_outputs, recover_outputs, write_outputs  # noqa: F401  (also importable from here)
 from .sampling import QKVSampler, step_buckets
 from .scoring import score_candidates
 from .search import Assignment, SearchSpace, UniformAssignment, uniform_options
 from .settings import (BUDGET_RULES, COST_TERMS, GROUNDTRUTH_MODELS, GROUNDTRUTH_RULES,  # noqa: F401  (also from here)
-                       MIN_VIDEOS, SENSITIVITY, CalibrationSettings, add_quality_options)
+                       MIN_VIDEOS, SENSITIVITY, CalibrationSettings, add_quality_options, check_step_borders)
 
 __all__ = ["CalibrationSettings", "calibrate", "generate_videos", "search_budget", "passes_budget", "BUDGET_RULES",
            "GROUNDTRUTH_RULES", "groundtruth_kept", "probe_step_weights", "probe_layer_weights",
@@ -377,7 +377,9 @@ def _replayed(pipe, replay: Optional[DenseReplay], plan: SparsePlan, layers: int
     transformer outputs for the plan's leading dense steps (:mod:`.replay`); a null context where there are none
     or nothing was recorded."""
     per_step = None if replay is None or not replay.enabled else replay.calls_per_step(steps)
-    dense_steps = dense_prefix(plan, steps, layers) if per_step else 0
+    # Only the steps kept for every video are read (before: the plan's whole dense prefix was counted as read, and
+    # its dense-run time added to the measured time of steps computed again, under a small --replay-mb).
+    dense_steps = min(dense_prefix(plan, steps, layers), replay.kept_calls() // per_step) if per_step else 0
     if not dense_steps:
         return contextlib.nullcontext(), 0
     return replay.replaying(pipe.transformer, dense_steps * per_step), dense_steps
@@ -427,6 +429,7 @@ def _fill_model_defaults(settings: CalibrationSettings) -> None:
             setattr(settings, name, suggested[key])
     if settings.steps is None:
         raise ValueError("--steps is needed for this model (the denoising steps the plan is calibrated for)")
+    check_step_borders(settings)
 
 
 def _calibration_jobs(settings: CalibrationSettings, log) -> Tuple[list, list]:
@@ -459,6 +462,7 @@ class _DenseRun:
     heads: int
     head_dim: int
     grid: tuple
+    passes_per_step: Optional[int] = None  # transformer passes per video and step, as counted (None: not known)
 
 
 def _dense_run(pipe, settings: CalibrationSettings, jobs, call_kwargs: dict, bar) -> _DenseRun:
@@ -474,10 +478,12 @@ def _dense_run(pipe, settings: CalibrationSettings, jobs, call_kwargs: dict, bar
     bar.stage("dense run (sampling q/k/v)" if keep else "dense run", chunks * settings.steps)
     replay = _new_replay(pipe, settings)
     handle = dit_accel.apply(pipe, Dense(), capture=sampler, timing=True, backend=settings.backend)
+    passes = PassCounter()
     try:
         layers = len(handle.layers)
         sampler.set_layers(layers)
-        with replay.recording(pipe.transformer, len(jobs)) if replay else contextlib.nullcontext():
+        with replay.recording(pipe.transformer, len(jobs)) if replay else contextlib.nullcontext(), \
+                passes.counting(handle.transformers):
             dense_videos = generate_videos(pipe, jobs, call_kwargs, settings.batch_size, bar.update, replay=replay,
                                            reference=True)
         dense_ms = _attention_ms(handle)
@@ -488,7 +494,8 @@ def _dense_run(pipe, settings: CalibrationSettings, jobs, call_kwargs: dict, bar
     if sampler.grid is None:
         raise ValueError(f"{settings.model}: no self-attention call was sampled; is it a supported video/image DiT?")
     return _DenseRun(sampler, buckets, layers, dense_videos, dense_ms, transformer, timesteps, replay,
-                     heads=sampler.heads, head_dim=sampler.head_dim, grid=sampler.grid)
+                     heads=sampler.heads, head_dim=sampler.head_dim, grid=sampler.grid,
+                     passes_per_step=passes.per_step(len(jobs), settings.steps))
 
 
 class _Verifier:
@@ -616,7 +623,8 @@ def _result(settings: CalibrationSettings, out, dense: _DenseRun, space: SearchS
     sampler = dense.sampler
     step_weights, layer_weights = weights
     return {
-        "settings": {**asdict(settings), "heads": dense.heads, "layers": dense.layers, "grid": list(dense.grid)},
+        "settings": {**asdict(settings), "heads": dense.heads, "layers": dense.layers, "grid": list(dense.grid),
+                     "passes_per_step": calls_per_step},
         "plan_path": str(out), "plan_summary": {"phases": len(plan.phases), "lines": plan.summary()},
         "budget": budget or "none", "objective": objective, "cost_model": costs.describe(),
         "cost_terms_note": terms_note,
@@ -640,9 +648,15 @@ def _result(settings: CalibrationSettings, out, dense: _DenseRun, space: SearchS
                   for r in trace],
         "chosen": best.get("label"),
         "phase_tables": assignment.phase_tables(), "groundtruth": groundtruth, "validation": validation,
-        "search_videos": len(jobs),
+        "search_videos": len(jobs), "search_seeds": _search_seeds(jobs),
         "prompts_sha256": prompts_hash(settings.prompts),
     }
+
+
+def _search_seeds(jobs) -> List[int]:
+    """The seeds the search videos ran on, in order: the given ones and those :func:`split_jobs` added (before,
+    a plan's provenance named the given seeds only: ``[0]`` for a search on seeds 0-3)."""
+    return list(dict.fromkeys(s for _, s in jobs))
 
 
 def _add_seconds(result: dict, seconds: Dict[str, float], validation: Optional[dict], videos: int) -> None:
@@ -737,7 +751,7 @@ def calibrate(settings: CalibrationSettings, out, *, report_dir=None, progress: 
                                          dense.heads, settings)
         if terms_note:
             log(f"note: {terms_note}")
-        calls_per_step = 2 if (settings.guidance_scale or 0) > 1 else 1
+        calls_per_step = dense.passes_per_step or (2 if (settings.guidance_scale or 0) > 1 else 1)
         verify = _Verifier(pipe, settings, jobs, dense, call_kwargs, bar, calls_per_step)
         best, trace, weights = _search(pipe, settings, space, verify, jobs, dense, call_kwargs, bar, seconds)
         seconds["search and verification"] = time.perf_counter() - t - seconds.get("sensitivity probes", 0.0)
@@ -758,7 +772,7 @@ def calibrate(settings: CalibrationSettings, out, *, report_dir=None, progress: 
         budget, objective = _budget_and_objective(settings, space.costs)
         provenance = SparsePlan.provenance_now(
             model_class=type(dense.transformer).__name__, model_id=settings.model, grids=[list(dense.grid)],
-            prompts_sha256=prompts_hash(settings.prompts), seeds=list(settings.seeds), budget=budget,
+            prompts_sha256=prompts_hash(settings.prompts), seeds=_search_seeds(jobs), budget=budget,
             objective=objective, steps=settings.steps, timesteps=dense.timesteps, call=call_kwargs,
             candidates=[c.label for c in candidates], cost_model=space.costs.describe(),
             quality=_quality_record(best, len(jobs), validation, assignment, calls_per_step,

@@ -8,6 +8,7 @@ nothing goes to disk unless a folder is given.
 
 from __future__ import annotations
 
+import math
 import os
 import threading
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -120,6 +121,13 @@ class QKVSampler:
         while self.per_bucket > 1 and per_row * q.shape[0] * self.per_bucket * slots > self.max_bytes:
             self.per_bucket -= 1
         self.rows = int(max(0, min(q.shape[0], self.max_bytes // max(per_row * self.per_bucket * slots, 1))))
+        if self.rows == 0 and self.max_bytes > 0:  # (before: no sample kept, nothing scored, a dense allocation)
+            need = per_row * slots / 2**20
+            raise ValueError(f"--max-sample-mb {self.max_bytes / 2**20:.4g} holds no q/k/v sample: one batch row per "
+                             f"(layer, step bucket) takes {need:.4g} MiB here ({layers} layers x {len(self.buckets)} "
+                             f"buckets x {per_row / 2**20:.3g} MiB); give --max-sample-mb {math.ceil(need)} or more, "
+                             "fewer buckets (--phases, --warmup-candidates, --cooldown-candidates), or --search "
+                             "warmup, which keeps no sample")
 
     def bucket_samples(self, layer: int, bucket: int):
         """``(q, k, v)`` of every kept call of ``layer`` in ``bucket``, concatenated on the batch axis, or None."""

@@ -88,7 +88,11 @@ class SearchSpace:
             if not block and sla is None:
                 continue
             cost = sum(self.costs.launch(kind) for kind in launches)
-            heads, error = [], 0.0
+            heads, error, sparse = [], 0.0, []
+
+            def score(o):
+                return o[1] + lam * weight * o[2]
+
             for h in range(self.heads):
                 # (index, cost, error) of every head option allowed under these launches
                 opts = []
@@ -97,12 +101,22 @@ class SearchSpace:
                     opts += [(i, float(self.head_cost[i]), float(errors[i, h])) for i in block]
                 if sla is not None:
                     opts.append((sla, float(self.head_cost[sla]), float(errors[sla, h])))
-                i, c, e = min(opts, key=lambda o: o[1] + lam * weight * o[2])
+                i, c, e = min(opts, key=score)
                 heads.append(i)
                 cost += c
                 error += e
+                sparse += [(score(o), h, o) for o in opts if o[0] != -1]  # (a head's sparse options, for below)
             if sla is not None and sla not in heads:
                 continue  # that structure without an SLA head is the block-only one
+            if all(i == -1 for i in heads):
+                # Every head dense inside the launch is the dense layer, whose plan runs one dense call (Dense):
+                # priced as a launch it undercut the dense layer (before: a block-sparse launch timed cheaper than
+                # SDPA's, --costs measured, made exact plans cheaper than dense, with no warm-up). The structure's
+                # own option is its best with one sparse head.
+                if not sparse:
+                    continue
+                _, h, (i, c, e) = min(sparse, key=lambda t: t[0])
+                heads[h], cost, error = i, cost - self.full_head_cost + c, error + e
             if "block_sparse" in launches and sla is not None and all(i == sla for i in heads):
                 continue
             if max_error is not None and error > max_error ** 2:
@@ -289,8 +303,11 @@ class UniformAssignment(Assignment):
                  "labels": [["dense" if c is None else self.space.candidates[c].label] * heads for _ in range(layers)]}
                 for start, stop, c in self.spans()]
 
-    def max_layer_error(self) -> float:
-        """The largest relative L2 attention error of a layer in a bucket where a step runs sparse."""
+    def max_layer_error(self) -> Optional[float]:
+        """The largest relative L2 attention error of a layer in a bucket where a step runs sparse; None where no
+        error was scored (``--search warmup`` scores none: before, a sparse plan's report said 0.0000)."""
+        if not self.space.errors and any(c is not None for _, _, c in self.spans()):
+            return None
         worst = 0.0
         for (l, b), errors in self.space.errors.items():
             first, end = self.space.buckets[b]
@@ -354,7 +371,8 @@ def uniform_options(space: SearchSpace, max_ms: float, calls_per_step: int, coun
         if pick is None:
             continue
         option = UniformAssignment(space, i, pick[1])
-        if max_error is not None and option.max_layer_error() > max_error:
+        error = option.max_layer_error()  # (None: not scored, so not known to be within max_error)
+        if max_error is not None and (error is None or error > max_error):
             continue
         options.append(option)
     options.sort(key=lambda o: (o.predicted_error(), o.cost_per_sample(calls_per_step)))

@@ -133,6 +133,8 @@ class CalibrationSettings:
             raise ValueError("--search warmup verifies whole plans against --min-psnr and scores no per-layer "
                              "attention errors: give --min-psnr without --max-layer-error (or use --search "
                              "allocation)")
+        if self.search == "warmup":
+            _check_warmup_options(self)
         if self.cost_terms not in COST_TERMS:
             raise ValueError(f"--cost-terms {self.cost_terms!r} is invalid: choose one of {list(COST_TERMS)}")
         if self.costs not in COST_SOURCES:
@@ -177,6 +179,29 @@ class CalibrationSettings:
                              + (" (it makes images)" if "num_frames" in extra else "") + "; drop "
                              + ("it" if len(extra) == 1 else "them"))
         return takes
+
+
+#: What ``search="warmup"`` does not read: the allocation search's options and (without ``capture_dir``) the q/k/v
+#: sample's step buckets and size (the CLI refuses the same flags).
+_ALLOCATION_ONLY = ("search_iters", "uniform_options", "probe_videos", "sensitivity", "layer_groups")
+_SAMPLE_ONLY = ("phases", "warmup", "cooldown", "samples_per_bucket", "max_sample_mb")
+
+
+def _check_warmup_options(settings: CalibrationSettings) -> None:
+    """``search="warmup"`` with a setting it does not read at another value than its default: refused by name (it
+    would change nothing; before, the calibration ran as if it had not been given)."""
+    fields = CalibrationSettings.__dataclass_fields__
+    names = _ALLOCATION_ONLY + (_SAMPLE_ONLY if settings.capture_dir is None else ())
+    flags = {"warmup": "warmup-candidates", "cooldown": "cooldown-candidates"}
+    given = []
+    for name in names:
+        value = getattr(settings, name)
+        if (tuple(value) if isinstance(value, list) else value) != fields[name].default:
+            given.append(f"--{flags.get(name, name.replace('_', '-'))} {value!r}")
+    if given:
+        raise ValueError(f"{', '.join(given)} {'does' if len(given) == 1 else 'do'} not apply to --search warmup "
+                         "(no scoring, no probes, every warm-up length tried, no q/k/v sample without --capture): "
+                         "drop " + ("it" if len(given) == 1 else "them") + ", or use --search allocation")
 
 
 #: The counts of a calibration and their least values: whole numbers, as the CLI's flags parse them (a 2.5 or a
@@ -241,6 +266,26 @@ def _check_run_inputs(settings: CalibrationSettings) -> None:
         raise ValueError(f"--backend {settings.backend!r} is invalid: choose one of {', '.join(BACKENDS)}")
     _check_tile(settings, check_candidate_tile)
     _check_switches_and_capture(settings)
+    check_step_borders(settings)
+
+
+def check_step_borders(settings: CalibrationSettings) -> None:
+    """``warmup`` and ``cooldown`` candidates shorter than ``steps`` (once known: a tiny model's default fills it
+    in). Before, one at or past the step count was dropped without a word (``--warmup-candidates 15`` on 12
+    steps: no 15-step warm-up was searched, and none could be)."""
+    steps, defaults = settings.steps, CalibrationSettings.__dataclass_fields__
+    if not isinstance(steps, int) or isinstance(steps, bool):
+        return
+    for name, what in (("warmup", "dense warm-up"), ("cooldown", "last-steps phase")):
+        values = getattr(settings, name)
+        if tuple(values) == defaults[name].default:  # (the defaults fit any step count they can)
+            continue
+        long = [v for v in values if v >= steps]
+        if long:
+            raise ValueError(f"--{name}-candidates {','.join(map(str, values))}: a {what} must be shorter than the "
+                             f"{steps} steps the plan is calibrated for (--steps); give lengths below {steps}"
+                             + (" (all the steps dense is the dense plan, always a choice)" if name == "warmup"
+                                else ""))
 
 
 def _check_switches_and_capture(settings: CalibrationSettings) -> None:

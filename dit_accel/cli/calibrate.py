@@ -231,20 +231,30 @@ def _check_files(args) -> list:
 
 # The allocation search's options, which --search warmup (no scoring, no probes) does not read.
 _ALLOCATION_ONLY = ("search_iters", "uniform_options", "probe_videos", "sensitivity", "layer_groups")
+# The q/k/v sample's step buckets and size, which --search warmup (every warm-up length open, no sample) reads only
+# to sample what --capture writes.
+_SAMPLE_ONLY = ("phases", "warmup_candidates", "cooldown_candidates", "samples_per_bucket", "max_sample_mb")
 
 
 def _check_search(args) -> None:
-    """--search warmup with options only the allocation search reads, set to other values than their defaults:
-    refused by name, as its help says they do not apply (they would change nothing)."""
+    """--search warmup with options only the allocation search reads (or, without --capture, only its q/k/v
+    sample), set to other values than their defaults: refused by name, as its help says they do not apply (they
+    would change nothing; before, --phases, --warmup-candidates and the sample's sizes were dropped silently)."""
     parser = getattr(args, "_parser", None)
     if getattr(args, "search", None) != "warmup" or parser is None:
         return
-    given = [f"--{name.replace('_', '-')} {getattr(args, name)}" for name in _ALLOCATION_ONLY
+    names = _ALLOCATION_ONLY + (_SAMPLE_ONLY if getattr(args, "capture", None) is None else ())
+
+    def shown(value) -> str:
+        return ",".join(map(str, value)) if isinstance(value, (list, tuple)) else f"{value:g}" \
+            if isinstance(value, float) else str(value)
+
+    given = [f"--{name.replace('_', '-')} {shown(getattr(args, name))}" for name in names
              if hasattr(args, name) and getattr(args, name) != parser.get_default(name)]
     if given:
         raise _UsageError(f"{', '.join(given)} {'does' if len(given) == 1 else 'do'} not apply to --search warmup "
-                          "(no scoring, no probes): drop " + ("it" if len(given) == 1 else "them")
-                          + ", or use --search allocation")
+                          "(no scoring, no probes, every warm-up length tried, no q/k/v sample without --capture): "
+                          "drop " + ("it" if len(given) == 1 else "them") + ", or use --search allocation")
 
 
 def check_args(args) -> dict:
@@ -325,7 +335,9 @@ def register(subparsers) -> argparse.ArgumentParser:
                         "warm-up, then one candidate on every head, each candidate's warm-up bisected on verified "
                         "runs, the last dense step bridged by a wider candidate of the method where one passes (no "
                         "scoring, no probes: a fraction of the time; needs --min-psnr; --search-iters, "
-                        "--uniform-options, --probe-videos, --sensitivity and --layer-groups do not apply)")
+                        "--uniform-options, --probe-videos, --sensitivity and --layer-groups do not apply, nor, "
+                        "without --capture, --phases, --warmup-candidates, --cooldown-candidates, "
+                        "--samples-per-bucket and --max-sample-mb)")
     p.add_argument("--search-iters", type=int, default=6, help="bisection steps of the PSNR search (default 6)")
     p.add_argument("--uniform-options", type=int, default=3, metavar="N",
                    help="also verify the N most promising step-structured plans (dense warm-up, then one method "
