@@ -13,7 +13,7 @@ from .candidates import METHODS
 from .costs import COST_SOURCES, CostModel
 
 __all__ = ["CalibrationSettings", "add_quality_options", "BUDGET_RULES", "GROUNDTRUTH_RULES", "SENSITIVITY",
-           "MIN_VIDEOS", "GROUNDTRUTH_MODELS", "COST_TERMS", "SEARCHES"]
+           "MIN_VIDEOS", "GROUNDTRUTH_MODELS", "COST_TERMS", "SEARCHES", "ALLOCATION_ONLY", "SAMPLE_ONLY"]
 
 #: How ``min_psnr`` is checked on the calibration videos: every video (``worst``, the default) or their mean.
 BUDGET_RULES = ("worst", "mean")
@@ -183,15 +183,15 @@ class CalibrationSettings:
 
 #: What ``search="warmup"`` does not read: the allocation search's options and (without ``capture_dir``) the q/k/v
 #: sample's step buckets and size (the CLI refuses the same flags).
-_ALLOCATION_ONLY = ("search_iters", "uniform_options", "probe_videos", "sensitivity", "layer_groups")
-_SAMPLE_ONLY = ("phases", "warmup", "cooldown", "samples_per_bucket", "max_sample_mb")
+ALLOCATION_ONLY = ("search_iters", "uniform_options", "probe_videos", "sensitivity", "layer_groups")
+SAMPLE_ONLY = ("phases", "warmup", "cooldown", "samples_per_bucket", "max_sample_mb")
 
 
 def _check_warmup_options(settings: CalibrationSettings) -> None:
     """``search="warmup"`` with a setting it does not read at another value than its default: refused by name (it
     would change nothing; before, the calibration ran as if it had not been given)."""
     fields = CalibrationSettings.__dataclass_fields__
-    names = _ALLOCATION_ONLY + (_SAMPLE_ONLY if settings.capture_dir is None else ())
+    names = ALLOCATION_ONLY + (SAMPLE_ONLY if settings.capture_dir is None else ())
     flags = {"warmup": "warmup-candidates", "cooldown": "cooldown-candidates"}
     given = []
     for name in names:

@@ -229,11 +229,8 @@ def _check_files(args) -> list:
     return prompts
 
 
-# The allocation search's options, which --search warmup (no scoring, no probes) does not read.
-_ALLOCATION_ONLY = ("search_iters", "uniform_options", "probe_videos", "sensitivity", "layer_groups")
-# The q/k/v sample's step buckets and size, which --search warmup (every warm-up length open, no sample) reads only
-# to sample what --capture writes.
-_SAMPLE_ONLY = ("phases", "warmup_candidates", "cooldown_candidates", "samples_per_bucket", "max_sample_mb")
+# The argparse names of the flags of calibration settings named otherwise
+_DESTS = {"warmup": "warmup_candidates", "cooldown": "cooldown_candidates"}
 
 
 def _check_search(args) -> None:
@@ -243,7 +240,10 @@ def _check_search(args) -> None:
     parser = getattr(args, "_parser", None)
     if getattr(args, "search", None) != "warmup" or parser is None:
         return
-    names = _ALLOCATION_ONLY + (_SAMPLE_ONLY if getattr(args, "capture", None) is None else ())
+    from ..calibrate.settings import ALLOCATION_ONLY, SAMPLE_ONLY  # (the settings it does not read)
+
+    names = [_DESTS.get(name, name) for name in
+             ALLOCATION_ONLY + (SAMPLE_ONLY if getattr(args, "capture", None) is None else ())]
 
     def shown(value) -> str:
         return ",".join(map(str, value)) if isinstance(value, (list, tuple)) else f"{value:g}" \
