@@ -486,11 +486,13 @@ def _wide_query_facts(method, perm, layout, facts: dict, h: int, b: int, arch: s
     if wide is not None:
         wc = cost.tile_counts(wide, heads=h, batch=b)
         resumed = float((wide.kv_mask_ids >= 0).any(-1).sum()) * b * (h if wide.num_heads == 1 else 1)
-        facts["ws_pays"] = ws_pays(wc.full_tiles, wc.partial_tiles, resumed, 128, 64, arch)
+        if "ws" in cost.kernels_for(arch):  # (h200 has no ws constants: ws_pays raised there, a raw traceback)
+            facts["ws_pays"] = ws_pays(wc.full_tiles, wc.partial_tiles, resumed, 128, 64, arch)
     return name, resumed
 
 
-def _modelled_result(arch: str, kernels, base, skipped: Dict[str, str], rows: List[dict]) -> dict:
+def _modelled_result(arch: str, kernels, base, skipped: Dict[str, str], rows: List[dict],
+                     notes: Sequence[str] = ()) -> dict:
     """:func:`model_kernels`'s table with what it modelled: the constants, their sources, the notes."""
     from ..kernels import cost
 
@@ -505,7 +507,7 @@ def _modelled_result(arch: str, kernels, base, skipped: Dict[str, str], rows: Li
                 "modelled rows: time = per_call + (CTAs x per_cta + tiles x per_tile) / (SMs x CTAs per SM); "
                 "the 'current' constants are a fit to BENCHMARKS.md section 10 (H100); the other kernel variants "
                 "model kernels not yet measured"] + [f"no '{k}' rows where the layout cannot run it: {why}"
-                                                     for k, why in skipped.items()], "rows": rows}
+                                                     for k, why in skipped.items()] + list(notes), "rows": rows}
 
 
 def model_kernels(shapes: Sequence[ModelShape], densities: Sequence[float], *, arch: str = "h100",
@@ -525,7 +527,10 @@ def model_kernels(shapes: Sequence[ModelShape], densities: Sequence[float], *, a
     With 128-row blocks the sm_90 warp-specialized forward applies where
     :func:`~dit_accel.kernels.block_sparse.configs.ws_pays` says so (``ws_pays``), and a
     ``ws+resume`` row adds the resume pass's per-CTA term that ``ws_pays`` charges. A variant the layout
-    cannot run (:func:`~dit_accel.kernels.block_sparse.configs.kernel_reason`: ``ws`` on 64-row blocks) gets no row.
+    cannot run (:func:`~dit_accel.kernels.block_sparse.configs.kernel_reason`: ``ws`` on 64-row blocks) gets no row;
+    ``ws_pays`` is None on an ``arch`` without ``ws`` constants (``h200``). A density without a Tile layout (a 3-D
+    ``tile`` at an image shape) keeps its SLA row and says why in the result's ``notes`` (``log``: unused, kept for
+    callers).
     """
     from ..kernels import cost
     from ..kernels.block_sparse.configs import kernel_reason
@@ -537,6 +542,7 @@ def model_kernels(shapes: Sequence[ModelShape], densities: Sequence[float], *, a
     base = cost.constants(arch)
     rows: List[dict] = []
     skipped: Dict[str, str] = {}  # variant -> why a layout could not run it (the first reason)
+    notes: List[str] = []  # densities without a tile layout (their SLA rows still run)
     for shape in shapes:
         b, h, n, d = shape.batch, shape.heads, shape.tokens, shape.head_dim
         flops = 4.0 * b * h * n * n * d
@@ -559,34 +565,34 @@ def model_kernels(shapes: Sequence[ModelShape], densities: Sequence[float], *, a
         for target in densities:
             try:
                 method, perm, layout = _tile_case(shape.grid, target, tile=tile)
-            except Exception as exc:
-                if log:
-                    log(f"{shape.name} density {target}: no tile layout ({exc})")
-                continue
-            counts = cost.tile_counts(layout, heads=h, batch=b)
-            work = cost.work_vs_dense(layout.density(), perm.num_padded, n)
-            facts = dict(target_density=target, window=list(method.window), padded_tokens=perm.num_padded,
-                         token_density=tile_token_density(shape.grid, method.tile, method.window),
-                         partial_fraction=layout.partial_fraction(), ctas=counts.ctas,
-                         tiles_per_q_block=counts.tiles_per_q_block)
-            name, resumed = "block-sparse tile", None
-            if tile is not None:
-                name, resumed = _wide_query_facts(method, perm, layout, facts, h, b, arch)
-            block_q = facts.get("cuda_block_q", layout.block_q)  # the rows the launch would run
-            for kernel in kernels:
-                why = kernel_reason(kernel, block_q, layout.block_k, d, arch)
-                if why is not None:
-                    skipped.setdefault(kernel, why)
-                    continue
-                c = cost.constants(arch, kernel)
-                label = f"{name} [triton] [modelled: {kernel}]"
-                rows.append(row(label, cost.block_sparse_time(counts, head_dim=d, arch=arch, kernel=kernel),
-                                layout.density(), work, constants=c.name, **facts))
-                if kernel == "ws" and facts.get("ws_pays"):  # + the resume pass over 128-row blocks with partials
-                    extra = resumed * c.per_cta_s * 2 / c.slots
-                    rows.append(row(f"{name} [triton] [modelled: ws+resume]",
-                                    cost.block_sparse_time(counts, head_dim=d, arch=arch, kernel=kernel) + extra,
+            except Exception as exc:  # (a 3-D --tile at an image shape): a note; the SLA row still runs
+                notes.append(f"{shape.name} density {target}: no tile layout ({exc})")  # (the CLI prints notes)
+                layout = None
+            if layout is not None:
+                counts = cost.tile_counts(layout, heads=h, batch=b)
+                work = cost.work_vs_dense(layout.density(), perm.num_padded, n)
+                facts = dict(target_density=target, window=list(method.window), padded_tokens=perm.num_padded,
+                             token_density=tile_token_density(shape.grid, method.tile, method.window),
+                             partial_fraction=layout.partial_fraction(), ctas=counts.ctas,
+                             tiles_per_q_block=counts.tiles_per_q_block)
+                name, resumed = "block-sparse tile", None
+                if tile is not None:
+                    name, resumed = _wide_query_facts(method, perm, layout, facts, h, b, arch)
+                block_q = facts.get("cuda_block_q", layout.block_q)  # the rows the launch would run
+                for kernel in kernels:
+                    why = kernel_reason(kernel, block_q, layout.block_k, d, arch)
+                    if why is not None:
+                        skipped.setdefault(kernel, why)
+                        continue
+                    c = cost.constants(arch, kernel)
+                    label = f"{name} [triton] [modelled: {kernel}]"
+                    rows.append(row(label, cost.block_sparse_time(counts, head_dim=d, arch=arch, kernel=kernel),
                                     layout.density(), work, constants=c.name, **facts))
+                    if kernel == "ws" and facts.get("ws_pays"):  # + the resume pass over 128-row blocks with partials
+                        extra = resumed * c.per_cta_s * 2 / c.slots
+                        rows.append(row(f"{name} [triton] [modelled: ws+resume]",
+                                        cost.block_sparse_time(counts, head_dim=d, arch=arch, kernel=kernel) + extra,
+                                        layout.density(), work, constants=c.name, **facts))
             if sla:
                 method_sla = SLA(topk=target)
                 dens = sla_density(n, method_sla)
@@ -595,11 +601,18 @@ def model_kernels(shapes: Sequence[ModelShape], densities: Sequence[float], *, a
                 sla_work = counts_sla.full_tiles * counts_sla.block_q * counts_sla.block_k / (b * h * n * n)
                 rows.append(row("SLA (sparse+linear) [modelled]", cost.sla_time(counts_sla, head_dim=d, arch=arch),
                                 dens, sla_work, target_density=target, constants=base.name))
-    return _modelled_result(arch, kernels, base, skipped, rows)
+    return _modelled_result(arch, kernels, base, skipped, rows, notes)
+
+
+def _true(row: dict) -> float:
+    """A row's true density (its ``true_density``; rows written before it had one: ``token_density`` or ``density``)."""
+    return row.get("true_density") or row.get("token_density") or row["density"]
 
 
 def plot_kernels(result: dict, path) -> None:
-    """Speedup vs density per shape, one line per kernel, with the 1/density ideal."""
+    """Speedup vs true density (visited token pairs / N^2) per shape, one line per kernel, with the 1/true-density
+    ideal of the table's "ideal" column (the visited-block density put a Tile, VSA or SLA point above an ideal line
+    it does not reach)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -611,17 +624,17 @@ def plot_kernels(result: dict, path) -> None:
     for ax, shape in zip(axes[0], shapes):
         rows = [r for r in result["rows"] if r["shape"] == shape and r["density"] < 1.0]
         for kernel, threads in dict.fromkeys((r["kernel"], r.get("threads")) for r in rows):
-            pts = sorted((r["density"], r["speedup"]) for r in rows
+            pts = sorted((_true(r), r["speedup"]) for r in rows
                          if r["kernel"] == kernel and r.get("threads") == threads and r["speedup"])
             if pts:
                 ax.plot(*zip(*pts), marker="o", label=kernel + (f", {threads} threads" if threads else ""))
-        ds = sorted({r["density"] for r in rows})
+        ds = sorted({_true(r) for r in rows})
         if ds:
-            ax.plot(ds, [1 / x for x in ds], "k--", alpha=0.5, label="ideal 1/density")
+            ax.plot(ds, [1 / x for x in ds], "k--", alpha=0.5, label="ideal 1/true density")
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # minor labels overlap
-        ax.set_xlabel("visited density")
+        ax.set_xlabel("true density (visited token pairs / N^2)")
         ax.set_ylabel("speedup vs dense SDPA")
         ax.set_title(shape, fontsize=9)
         ax.grid(alpha=0.3, which="both")

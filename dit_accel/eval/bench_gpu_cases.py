@@ -134,10 +134,14 @@ class _Shape:
     def sparse_at(self, densities, methods, autotune, forced) -> None:
         for i, target in enumerate(densities):
             for name in methods:
-                if name == "radial" and (len(self.shape.grid) != 3 or i):
-                    continue  # video only; its rule fixes its density: once per shape
-                if name == "vsa" and len(self.shape.grid) != 3:
-                    continue  # video only
+                if name in ("radial", "vsa") and len(self.shape.grid) != 3:  # video only: said, not silently left out
+                    note = (f"{self.shape.name}: no {name} rows ({name} takes video grids (T, H, W); this grid "
+                            f"{tuple(self.shape.grid)} is an image's)")
+                    if note not in self.notes:
+                        self.notes.append(note)
+                    continue
+                if name == "radial" and i:
+                    continue  # its rule fixes its density: once per shape
                 for mode in autotune:
                     self.sparse_rows(name, target, mode, forced)
             self.log(f"{self.shape.name}: density {target}, autotune {'/'.join(autotune)} done "

@@ -154,7 +154,12 @@ def layout_rows(grids: Optional[Sequence[str]] = None, methods: Optional[Sequenc
     from .._util import DitAccelWarning
     from ..methods import canonical_method_name
 
-    methods = [canonical_method_name(m) for m in methods or ()]
+    methods = [canonical_method_name(m) for m in ([methods] if isinstance(methods, str) else methods or ())]
+    grids = [grids] if isinstance(grids, str) else grids  # (a name, not a list: each letter was a grid)
+    unknown = [g for g in grids or () if g not in GRIDS]
+    if unknown:  # (a raw KeyError)
+        raise ValueError(f"grids={unknown!r}: not a grid of bench layouts; choose from {', '.join(map(repr, GRIDS))} "
+                         "(the exact names; `dit-accel bench layouts --grids` takes parts of them)")
     rows = []
     for name in grids or GRIDS:
         for method, source, config in grid_settings(name):
