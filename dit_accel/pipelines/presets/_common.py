@@ -5,6 +5,7 @@ family modules and ``__init__`` both build on it without a cycle."""
 from __future__ import annotations
 
 import math
+import numbers
 import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Hashable, Optional, Tuple
@@ -27,9 +28,34 @@ class GridInfo:
     num_after: int = 0  # of num_text, the tokens that follow the grid in the joint sequence (text first only):
     # [text, grid, after] (FLUX.2 / Qwen-Image-Edit reference images); their rows and columns run exact
 
+    def __post_init__(self) -> None:
+        # A registered preset's reader is user code: a float size, or a negative num_after, failed deep in the plan as
+        # a bare TypeError ("slice indices must be integers") or RuntimeError ("upper bound and lower bound
+        # inconsistent with step sign"), and num_after past num_text ran. Shape sizes of a traced call (SymInt) pass.
+        if not isinstance(self.grid, (tuple, list)) or not self.grid or not all(map(_whole, self.grid)):
+            raise ValueError(f"dit_accel: GridInfo(grid={self.grid!r}) is invalid: the token grid is a tuple of ints "
+                             "(T, H, W) or (H, W) after the patch; a preset's read_grid builds it from the call's shapes")
+        for name in ("num_text", "num_after"):
+            if not _whole(getattr(self, name)) or (type(getattr(self, name)) is int and getattr(self, name) < 0):
+                raise ValueError(f"dit_accel: GridInfo({name}={getattr(self, name)!r}) is invalid: a count of tokens, "
+                                 "an int >= 0")
+        if type(self.num_text) is int and type(self.num_after) is int and self.num_after > self.num_text:
+            raise ValueError(f"dit_accel: GridInfo(num_after={self.num_after}) is more than num_text={self.num_text}: "
+                             "the tokens after the grid are counted in num_text too (num_text: every token beside the "
+                             "grid; num_after: those of them that follow it)")
+
     @property
     def num_video(self) -> int:
         return math.prod(self.grid)
+
+
+def _whole(n) -> bool:
+    """An int-valued size: a Python or NumPy int, a traced SymInt or a 0-d integer tensor (not a bool or a float)."""
+    if isinstance(n, bool):
+        return False
+    if isinstance(n, torch.Tensor):
+        return n.dim() == 0 and not n.is_floating_point() and not n.is_complex() and n.dtype != torch.bool
+    return isinstance(n, (numbers.Integral, torch.SymInt))
 
 
 GridReader = Callable[[torch.nn.Module, Dict[str, object]], GridInfo]

@@ -17,7 +17,8 @@ __all__ = ["PRESETS"]
 
 
 def _shapes(args) -> tuple:
-    """The (F, H, W) shapes of the first sample's images (``img_shapes``: a shape, a list, or a list per sample)."""
+    """The (F, H, W) shapes of the first sample's images (``img_shapes``: one shape, one shape per sample, or a list of
+    shapes per sample)."""
     shapes = args.get("img_shapes")
     if shapes is None:
         raise ValueError("dit_accel: the Qwen-Image transformer was called without img_shapes; cannot read the grid")
@@ -29,7 +30,13 @@ def _shapes(args) -> tuple:
                              "model")
         return per_sample[0]
     if isinstance(shapes, (list, tuple)) and shapes and isinstance(shapes[0], (list, tuple)):
-        return tuple(tuple(int(v) for v in s) for s in shapes)
+        # A flat list of (F, H, W) is one image per sample (the form Diffusers' QwenImagePipeline passed before
+        # nesting it): the model's rotary reads the first entry alone, as its one image, whatever the batch.
+        per_sample = [tuple(int(v) for v in s) for s in shapes]
+        if any(s != per_sample[0] for s in per_sample):
+            raise ValueError(f"dit_accel: the samples of this Qwen-Image call have different img_shapes {per_sample}; "
+                             "use the dense model")
+        return (per_sample[0],)
     return (tuple(int(v) for v in shapes),)
 
 

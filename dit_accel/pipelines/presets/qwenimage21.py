@@ -38,7 +38,12 @@ def _grid(model, args) -> GridInfo:
     if not isinstance(shapes, (list, tuple)) or not shapes or not shapes[0]:
         raise ValueError("dit_accel: the Qwen-Image 2.1 transformer was called without img_shapes; cannot read the "
                          "grid")
-    f, h, w = (int(v) for v in shapes[0][-1])
+    target = shapes[0][-1]
+    if not (isinstance(target, (list, tuple)) and len(target) == 3):  # (a flat [(F, H, W)] failed as a bare TypeError)
+        raise ValueError(f"dit_accel: the Qwen-Image 2.1 transformer was called with img_shapes {shapes!r}; it reads "
+                         "img_shapes[0][-1], the target image's (F, H, W), from a list per sample of (F, H, W) "
+                         "shapes (the target last): pass [[(1, H, W)]] per sample, as QwenImage21Pipeline does")
+    f, h, w = (int(v) for v in target)
     if f != 1:
         raise ValueError(f"dit_accel: the Qwen-Image 2.1 target image of this call has {f} frames; dit_accel needs "
                          "one (H, W) grid: use the dense model")
