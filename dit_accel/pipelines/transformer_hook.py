@@ -20,6 +20,7 @@ from ..kernels.backends import env_value
 from ..kernels.sla import inert_projections
 from ..plans.plan import Plan, SLAPlan
 from .capture import Capture
+from .checkpointing import checkpointing_modules, keep_call_context, restore_checkpointing
 from .context import (CallContext, CallGate, CallRecord, ContextStack, call_is_running, calling_pipeline,
                       lasting_tensors, tracing)
 from .interceptor import _dispatch_module
@@ -97,6 +98,7 @@ class TransformerHook:
         self._inert_seen: Dict[int, tuple] = {}  # layer index -> its projection's versions when read as inert
         self._grid = None  # (the preset's fingerprint, GridInfo) of the last call that had a fingerprint
         self.successor: Optional["TransformerHook"] = None  # the hook of the handle that replaced this one
+        self._checkpointing = checkpointing_modules(transformer)  # (see .checkpointing)
 
     def install(self, modules: List[Tuple[str, nn.Module]], first_slot: int, projections: Dict[int, nn.Module]):
         """Wrap the processors of ``modules`` (``projections``: SLA ``Linear(D, D)`` per layer index), hook forward.
@@ -141,6 +143,7 @@ class TransformerHook:
             handle.remove()
         self._handles = []
         self._forget_saved_wrappers()
+        restore_checkpointing(self._checkpointing, self)
 
     def _forget_saved_wrappers(self) -> None:
         """``fuse_qkv_projections()`` (SD3, PixArt, CogVideoX, ...) keeps the processors it replaces in
@@ -294,6 +297,8 @@ class TransformerHook:
             for layer, inert in zip(sla, self._inert_now(sla) if device is not None else [False] * len(sla)):
                 if layer.inert != inert:
                     layer.inert = inert
+        if self._checkpointing and torch.is_grad_enabled():  # blocks recomputed in backward: under this call's plans
+            keep_call_context(self._checkpointing, self)
 
     def refresh_inert(self) -> None:
         """Read now, eagerly, which SLA projections are still zero (at ``apply`` and after ``load_weights``): a
