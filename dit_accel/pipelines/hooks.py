@@ -47,7 +47,8 @@ All other state is in the hooks and the :class:`Runtime` they share.
 
 Where each piece lives: the layer (:class:`SparseAttnProcessor`, :class:`Runtime`) in :mod:`.processor`, the
 interception (:class:`SDPAInterceptor`) in :mod:`.interceptor`, the transformer hook and its call gate
-(:class:`TransformerHook`) in :mod:`.transformer_hook`. This module names them all, as it always did.
+(:class:`TransformerHook`) in :mod:`.transformer_hook`, the blocks that gradient checkpointing recomputes under
+their own call's context in :mod:`.checkpointing`. This module names them all, as it always did.
 """
 
 from __future__ import annotations
