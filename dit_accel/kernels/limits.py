@@ -3,11 +3,13 @@ kernel folders all read (so the table never reaches up into a kernel's folder to
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 __all__ = ["GPU_LAYOUT_BLOCKS", "INTERPRETER_LAYOUT_BLOCKS", "SLA_BLOCK_K", "SLA_DTYPES", "SLA_BLOCK_DS",
            "SLA_MAX_HEAD_DIM", "SHARED_MEMORY_LIMITS", "shared_memory_limit", "large_shared_memory",
-           "config_target"]
+           "config_target", "listed_part"]
 
 #: Layout block sizes the block-sparse Triton kernels take on a GPU (the compiled, checked tiles); the
 #: interpreter also takes 16 and 32, which keeps CPU tests fast.
@@ -25,15 +27,22 @@ SLA_MAX_HEAD_DIM = SLA_BLOCK_DS[-1]
 SHARED_MEMORY_LIMITS = {80: 166912, 86: 101376, 87: 166912, 89: 101376, 90: 232448, 100: 232448, 120: 101376}
 
 
+def listed_part(arch: int, listed) -> Optional[int]:
+    """The compute capability of ``listed`` that stands for ``sm_<arch>``: itself, else the nearest lower one of its
+    own major (sm_103, B300, of the sm_100 family: sm_100; sm_121: sm_120), else None. The rule of this module's
+    per-block table and of the occupancy table's per-SM rows (:func:`~dit_accel.kernels.occupancy.sm_limits`)."""
+    if arch in listed:
+        return arch
+    same = [a for a in listed if a // 10 == arch // 10 and a <= arch]
+    return max(same) if same else None
+
+
 def shared_memory_limit(arch: int) -> int:
     """Max dynamic shared memory per block for compute capability ``arch`` (e.g. 90). An unlisted part gets the
-    figure of the nearest lower listed part of its own major, as the occupancy table's rows do
-    (:func:`~dit_accel.kernels.occupancy.sm_limits`): sm_103 (B300, of the sm_100 family) sm_100's 227 KB, sm_121
-    sm_120's 99 KB; a part with no listed sibling gets the 99 KB of the smallest."""
-    if arch in SHARED_MEMORY_LIMITS:
-        return SHARED_MEMORY_LIMITS[arch]
-    same = [a for a in SHARED_MEMORY_LIMITS if a // 10 == arch // 10 and a <= arch]
-    return SHARED_MEMORY_LIMITS[max(same)] if same else 101376
+    figure of the part that stands for it (:func:`listed_part`: sm_103 sm_100's 227 KB, sm_121 sm_120's 99 KB); a
+    part with no listed sibling gets the 99 KB of the smallest."""
+    part = listed_part(arch, SHARED_MEMORY_LIMITS)
+    return 101376 if part is None else SHARED_MEMORY_LIMITS[part]
 
 
 def large_shared_memory(arch: int) -> bool:

@@ -15,6 +15,8 @@ import functools
 import struct
 from typing import Callable, Optional, TypeVar
 
+from .limits import listed_part
+
 __all__ = ["occupancy", "cubin_resources", "compiled_resources", "resident_ctas", "on_gpu", "on_inputs_device"]
 
 F = TypeVar("F", bound=Callable)
@@ -33,12 +35,10 @@ _SM = {
 
 
 def sm_limits(arch: int) -> dict:
-    """The per-SM limits of ``sm_<arch>``: its row, else the row of the nearest lower capability of the same
-    major (sm_103 takes sm_100's), else the smallest part (sm_86's)."""
-    if arch in _SM:
-        return _SM[arch]
-    same = [a for a in _SM if a // 10 == arch // 10 and a <= arch]
-    return _SM[max(same)] if same else _SM[86]
+    """The per-SM limits of ``sm_<arch>``: the row of the part that stands for it
+    (:func:`~dit_accel.kernels.limits.listed_part`: sm_103 takes sm_100's), else the smallest part's (sm_86's)."""
+    part = listed_part(arch, _SM)
+    return _SM[86 if part is None else part]
 _SMEM_RESERVED = 1024  # per CTA, reserved by the driver (sm_80+)
 _MAX_REGISTERS = 255  # per thread: what an unreadable kernel is assumed to use (the fewest CTAs)
 
