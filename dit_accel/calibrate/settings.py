@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 from ..eval.runner import generation_kwargs
 from ..models.tiny_shapes import SHAPES_MODELS
@@ -13,7 +13,8 @@ from .candidates import METHODS
 from .costs import COST_SOURCES, CostModel
 
 __all__ = ["CalibrationSettings", "add_quality_options", "BUDGET_RULES", "GROUNDTRUTH_RULES", "SENSITIVITY",
-           "MIN_VIDEOS", "GROUNDTRUTH_MODELS", "COST_TERMS", "SEARCHES", "ALLOCATION_ONLY", "SAMPLE_ONLY"]
+           "MIN_VIDEOS", "GROUNDTRUTH_MODELS", "COST_TERMS", "SEARCHES", "ALLOCATION_ONLY", "SAMPLE_ONLY", "unread_by_warmup",
+           "warmup_refusal"]
 
 #: How ``min_psnr`` is checked on the calibration videos: every video (``worst``, the default) or their mean.
 BUDGET_RULES = ("worst", "mean")
@@ -187,21 +188,38 @@ ALLOCATION_ONLY = ("search_iters", "uniform_options", "probe_videos", "sensitivi
 SAMPLE_ONLY = ("phases", "warmup", "cooldown", "samples_per_bucket", "max_sample_mb")
 
 
+def unread_by_warmup(capture: bool) -> Tuple[str, ...]:
+    """The settings ``search="warmup"`` does not read (with ``capture``, the sample's are read: they size it)."""
+    return ALLOCATION_ONLY + (() if capture else SAMPLE_ONLY)
+
+
+def warmup_refusal(changed: Dict[str, object]) -> Optional[str]:
+    """The one-line refusal of ``--search warmup`` given settings it does not read (``{setting: value}``, those set to
+    other values than their defaults; the CLI's flags and the API's settings alike), or None for none."""
+    if not changed:
+        return None
+    flags = {"warmup": "warmup-candidates", "cooldown": "cooldown-candidates"}
+
+    def shown(value) -> str:
+        return ",".join(map(str, value)) if isinstance(value, (list, tuple)) else f"{value:g}" \
+            if isinstance(value, float) else str(value)
+
+    given = [f"--{flags.get(name, name.replace('_', '-'))} {shown(value)}" for name, value in changed.items()]
+    return (f"{', '.join(given)} {'does' if len(given) == 1 else 'do'} not apply to --search warmup (no scoring, no "
+            "probes, every warm-up length tried, no q/k/v sample without --capture): drop "
+            + ("it" if len(given) == 1 else "them") + ", or use --search allocation")
+
+
 def _check_warmup_options(settings: CalibrationSettings) -> None:
     """``search="warmup"`` with a setting it does not read at another value than its default: refused by name (it
     would change nothing; before, the calibration ran as if it had not been given)."""
     fields = CalibrationSettings.__dataclass_fields__
-    names = ALLOCATION_ONLY + (SAMPLE_ONLY if settings.capture_dir is None else ())
-    flags = {"warmup": "warmup-candidates", "cooldown": "cooldown-candidates"}
-    given = []
-    for name in names:
-        value = getattr(settings, name)
-        if (tuple(value) if isinstance(value, list) else value) != fields[name].default:
-            given.append(f"--{flags.get(name, name.replace('_', '-'))} {value!r}")
-    if given:
-        raise ValueError(f"{', '.join(given)} {'does' if len(given) == 1 else 'do'} not apply to --search warmup "
-                         "(no scoring, no probes, every warm-up length tried, no q/k/v sample without --capture): "
-                         "drop " + ("it" if len(given) == 1 else "them") + ", or use --search allocation")
+    values = {name: getattr(settings, name) for name in unread_by_warmup(settings.capture_dir is not None)}
+    changed = {name: value for name, value in values.items()
+               if (tuple(value) if isinstance(value, list) else value) != fields[name].default}
+    message = warmup_refusal(changed)
+    if message is not None:
+        raise ValueError(message)
 
 
 #: The counts of a calibration and their least values: whole numbers, as the CLI's flags parse them (a 2.5 or a

@@ -240,21 +240,13 @@ def _check_search(args) -> None:
     parser = getattr(args, "_parser", None)
     if getattr(args, "search", None) != "warmup" or parser is None:
         return
-    from ..calibrate.settings import ALLOCATION_ONLY, SAMPLE_ONLY  # (the settings it does not read)
+    from ..calibrate.settings import unread_by_warmup, warmup_refusal
 
-    names = [_DESTS.get(name, name) for name in
-             ALLOCATION_ONLY + (SAMPLE_ONLY if getattr(args, "capture", None) is None else ())]
-
-    def shown(value) -> str:
-        return ",".join(map(str, value)) if isinstance(value, (list, tuple)) else f"{value:g}" \
-            if isinstance(value, float) else str(value)
-
-    given = [f"--{name.replace('_', '-')} {shown(getattr(args, name))}" for name in names
-             if hasattr(args, name) and getattr(args, name) != parser.get_default(name)]
-    if given:
-        raise _UsageError(f"{', '.join(given)} {'does' if len(given) == 1 else 'do'} not apply to --search warmup "
-                          "(no scoring, no probes, every warm-up length tried, no q/k/v sample without --capture): "
-                          "drop " + ("it" if len(given) == 1 else "them") + ", or use --search allocation")
+    dests = {name: _DESTS.get(name, name) for name in unread_by_warmup(getattr(args, "capture", None) is not None)}
+    message = warmup_refusal({name: getattr(args, dest) for name, dest in dests.items()
+                              if hasattr(args, dest) and getattr(args, dest) != parser.get_default(dest)})
+    if message is not None:
+        raise _UsageError(message)
 
 
 def check_args(args) -> dict:
