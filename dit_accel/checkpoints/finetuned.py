@@ -549,8 +549,8 @@ def _read_lora(transformer: nn.Module, folder: Path):
                            "again with \"transformer.\" before every key")
     _check_lora_targets(transformer, folder, state)
     ranks = check_lora_modules(transformer, lora_path, state)  # every module there, adaptable, of these shapes
-    check_lora_coverage(transformer, lora_path, state, metadata)  # and every module its config names in the file
     meta = {k.split(".", 1)[-1]: v for k, v in (metadata or {}).items()}  # keys come as "transformer.r"
+    check_lora_coverage(transformer, lora_path, state, meta)  # and every module its config names in the file
     meta_rank = meta.get("r") if isinstance(meta.get("r"), int) and not meta.get("rank_pattern") else None
     check_lora_pairs(lora_path, {m: sides for m, sides in ranks.items() if len(sides) < 2}, redo=_REDO)
     for module_name, sides in sorted(ranks.items()):

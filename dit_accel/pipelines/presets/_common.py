@@ -5,12 +5,13 @@ family modules and ``__init__`` both build on it without a cycle."""
 from __future__ import annotations
 
 import math
-import numbers
 import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Hashable, Optional, Tuple
 
 import torch
+
+from ..._util import is_int
 
 __all__ = ["GridInfo", "GridReader", "Preset", "Published", "tensor_arg", "text_len", "split_patch", "shapes_key",
            "raster_ids", "leading_raster", "RADIAL_REPO", "RADIAL_VIDEO", "SLA_DEFAULT", "IMAGE_DEFAULTS", "WAN_DEFAULTS",
@@ -35,10 +36,9 @@ class GridInfo:
         if not isinstance(self.grid, (tuple, list)) or not self.grid or not all(map(_whole, self.grid)):
             raise ValueError(f"dit_accel: GridInfo(grid={self.grid!r}) is invalid: the token grid is a tuple of ints "
                              "(T, H, W) or (H, W) after the patch; a preset's read_grid builds it from the call's shapes")
-        for name in ("num_text", "num_after"):
-            if not _whole(getattr(self, name)) or (type(getattr(self, name)) is int and getattr(self, name) < 0):
-                raise ValueError(f"dit_accel: GridInfo({name}={getattr(self, name)!r}) is invalid: a count of tokens, "
-                                 "an int >= 0")
+        for name, count in (("num_text", self.num_text), ("num_after", self.num_after)):
+            if not _whole(count) or (type(count) is int and count < 0):
+                raise ValueError(f"dit_accel: GridInfo({name}={count!r}) is invalid: a count of tokens, an int >= 0")
         if type(self.num_text) is int and type(self.num_after) is int and self.num_after > self.num_text:
             raise ValueError(f"dit_accel: GridInfo(num_after={self.num_after}) is more than num_text={self.num_text}: "
                              "the tokens after the grid are counted in num_text too (num_text: every token beside the "
@@ -51,11 +51,9 @@ class GridInfo:
 
 def _whole(n) -> bool:
     """An int-valued size: a Python or NumPy int, a traced SymInt or a 0-d integer tensor (not a bool or a float)."""
-    if isinstance(n, bool):
-        return False
     if isinstance(n, torch.Tensor):
         return n.dim() == 0 and not n.is_floating_point() and not n.is_complex() and n.dtype != torch.bool
-    return isinstance(n, (numbers.Integral, torch.SymInt))
+    return is_int(n) or isinstance(n, torch.SymInt)
 
 
 GridReader = Callable[[torch.nn.Module, Dict[str, object]], GridInfo]
