@@ -385,8 +385,7 @@ def _run_modelled(args, fail) -> int:
             tile = ()
         if not tile or any(t < 1 for t in tile):
             return fail(f"--tile must be comma-separated positive ints such as 1,16,8; got {args.tile!r}")
-    result = bench.model_kernels(shapes, densities, arch=args.arch, kernels=kernels, sla=not args.no_sla,
-                                 log=lambda m: print(f"note: {m}"), tile=tile)
+    result = bench.model_kernels(shapes, densities, arch=args.arch, kernels=kernels, sla=not args.no_sla, tile=tile)
     result["command"] = _command_line(args) + " --modelled"
     print(f"MODELLED {args.arch} (a model, not a measurement): {result['constants_source']}")
     print(bench.kernels_table(result))

@@ -511,7 +511,7 @@ def _modelled_result(arch: str, kernels, base, skipped: Dict[str, str], rows: Li
 
 
 def model_kernels(shapes: Sequence[ModelShape], densities: Sequence[float], *, arch: str = "h100",
-                  kernels: Optional[Sequence[str]] = None, sla: bool = True, log=None, tile=None) -> dict:
+                  kernels: Optional[Sequence[str]] = None, sla: bool = True, tile=None) -> dict:
     """The :func:`bench_kernels` table predicted by the cost model (:mod:`dit_accel.kernels.cost`), no GPU.
 
     Static facts only: each shape's Tile layout at each target density (built on the CPU, as the
@@ -529,14 +529,11 @@ def model_kernels(shapes: Sequence[ModelShape], densities: Sequence[float], *, a
     ``ws+resume`` row adds the resume pass's per-CTA term that ``ws_pays`` charges. A variant the layout
     cannot run (:func:`~dit_accel.kernels.block_sparse.configs.kernel_reason`: ``ws`` on 64-row blocks) gets no row;
     ``ws_pays`` is None on an ``arch`` without ``ws`` constants (``h200``). A density without a Tile layout (a 3-D
-    ``tile`` at an image shape) keeps its SLA row and says why in the result's ``notes`` (``log``: unused, kept for
-    callers).
+    ``tile`` at an image shape) keeps its SLA row and says why in the result's ``notes``.
     """
     from ..kernels import cost
-    from ..kernels.block_sparse.configs import kernel_reason
     from ..kernels.sla import sla_density
     from ..methods import SLA
-    from ..patterns.tile import tile_token_density
 
     kernels = list(kernels or cost.KERNELS)
     base = cost.constants(arch)
@@ -564,35 +561,11 @@ def model_kernels(shapes: Sequence[ModelShape], densities: Sequence[float], *, a
                         constants=base.name))
         for target in densities:
             try:
-                method, perm, layout = _tile_case(shape.grid, target, tile=tile)
+                case = _tile_case(shape.grid, target, tile=tile)
             except Exception as exc:  # (a 3-D --tile at an image shape): a note; the SLA row still runs
                 notes.append(f"{shape.name} density {target}: no tile layout ({exc})")  # (the CLI prints notes)
-                layout = None
-            if layout is not None:
-                counts = cost.tile_counts(layout, heads=h, batch=b)
-                work = cost.work_vs_dense(layout.density(), perm.num_padded, n)
-                facts = dict(target_density=target, window=list(method.window), padded_tokens=perm.num_padded,
-                             token_density=tile_token_density(shape.grid, method.tile, method.window),
-                             partial_fraction=layout.partial_fraction(), ctas=counts.ctas,
-                             tiles_per_q_block=counts.tiles_per_q_block)
-                name, resumed = "block-sparse tile", None
-                if tile is not None:
-                    name, resumed = _wide_query_facts(method, perm, layout, facts, h, b, arch)
-                block_q = facts.get("cuda_block_q", layout.block_q)  # the rows the launch would run
-                for kernel in kernels:
-                    why = kernel_reason(kernel, block_q, layout.block_k, d, arch)
-                    if why is not None:
-                        skipped.setdefault(kernel, why)
-                        continue
-                    c = cost.constants(arch, kernel)
-                    label = f"{name} [triton] [modelled: {kernel}]"
-                    rows.append(row(label, cost.block_sparse_time(counts, head_dim=d, arch=arch, kernel=kernel),
-                                    layout.density(), work, constants=c.name, **facts))
-                    if kernel == "ws" and facts.get("ws_pays"):  # + the resume pass over 128-row blocks with partials
-                        extra = resumed * c.per_cta_s * 2 / c.slots
-                        rows.append(row(f"{name} [triton] [modelled: ws+resume]",
-                                        cost.block_sparse_time(counts, head_dim=d, arch=arch, kernel=kernel) + extra,
-                                        layout.density(), work, constants=c.name, **facts))
+            else:
+                rows += _modelled_tile_rows(shape, target, case, tile, kernels, arch, row, skipped)
             if sla:
                 method_sla = SLA(topk=target)
                 dens = sla_density(n, method_sla)
@@ -602,6 +575,43 @@ def model_kernels(shapes: Sequence[ModelShape], densities: Sequence[float], *, a
                 rows.append(row("SLA (sparse+linear) [modelled]", cost.sla_time(counts_sla, head_dim=d, arch=arch),
                                 dens, sla_work, target_density=target, constants=base.name))
     return _modelled_result(arch, kernels, base, skipped, rows, notes)
+
+
+def _modelled_tile_rows(shape: ModelShape, target: float, case, tile, kernels, arch: str, row,
+                        skipped: Dict[str, str]) -> List[dict]:
+    """:func:`model_kernels`' block-sparse rows of one shape at one density: one per kernel variant the layout can
+    run (``skipped`` gets why the others cannot), and a ``ws+resume`` row where the warp-specialized forward pays."""
+    from ..kernels import cost
+    from ..kernels.block_sparse.configs import kernel_reason
+    from ..patterns.tile import tile_token_density
+
+    method, perm, layout = case
+    b, h, n, d = shape.batch, shape.heads, shape.tokens, shape.head_dim
+    counts = cost.tile_counts(layout, heads=h, batch=b)
+    work = cost.work_vs_dense(layout.density(), perm.num_padded, n)
+    facts = dict(target_density=target, window=list(method.window), padded_tokens=perm.num_padded,
+                 token_density=tile_token_density(shape.grid, method.tile, method.window),
+                 partial_fraction=layout.partial_fraction(), ctas=counts.ctas,
+                 tiles_per_q_block=counts.tiles_per_q_block)
+    name, resumed = "block-sparse tile", None
+    if tile is not None:
+        name, resumed = _wide_query_facts(method, perm, layout, facts, h, b, arch)
+    block_q = facts.get("cuda_block_q", layout.block_q)  # the rows the launch would run
+    rows = []
+    for kernel in kernels:
+        why = kernel_reason(kernel, block_q, layout.block_k, d, arch)
+        if why is not None:
+            skipped.setdefault(kernel, why)
+            continue
+        c = cost.constants(arch, kernel)
+        seconds = cost.block_sparse_time(counts, head_dim=d, arch=arch, kernel=kernel)
+        rows.append(row(f"{name} [triton] [modelled: {kernel}]", seconds, layout.density(), work, constants=c.name,
+                        **facts))
+        if kernel == "ws" and facts.get("ws_pays"):  # + the resume pass over 128-row blocks with partials
+            extra = resumed * c.per_cta_s * 2 / c.slots
+            rows.append(row(f"{name} [triton] [modelled: ws+resume]", seconds + extra, layout.density(), work,
+                            constants=c.name, **facts))
+    return rows
 
 
 def _true(row: dict) -> float:
