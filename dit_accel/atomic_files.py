@@ -677,6 +677,18 @@ def safetensors_keys(path: PathLike, *, expected: str = "a safetensors file of t
     return _read_safetensors(path, expected, keys)
 
 
+def safetensors_metadata(path: PathLike, *, expected: str = "a safetensors file of tensors") -> dict:
+    """The ``__metadata__`` strings of a safetensors file's header (``{}`` when it has none); BadFileError as
+    :func:`load_safetensors`."""
+    from safetensors import safe_open
+
+    def metadata(name: str) -> dict:
+        with safe_open(name, framework="pt") as f:
+            return dict(f.metadata() or {})
+
+    return _read_safetensors(path, expected, metadata)
+
+
 def safetensors_shapes(path: PathLike, *, expected: str = "a safetensors file of tensors") -> dict:
     """``{name: shape}`` of a safetensors file's tensors, from its header alone; BadFileError as
     :func:`load_safetensors`."""

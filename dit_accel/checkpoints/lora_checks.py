@@ -11,14 +11,15 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Iterable, List, Optional, Tuple
 
 import torch
 from torch import nn
 
 from ..atomic_files import BadFileError
 
-__all__ = ["check_float_weights", "lora_module_name", "check_lora_modules", "check_lora_coverage", "lora_ranks",
+__all__ = ["check_float_weights", "lora_module_name", "check_lora_modules", "check_lora_coverage", "lacking_lora",
+           "check_lora_covers", "lora_ranks",
            "check_lora_pairs", "injection_state", "undo_injection"]
 
 # float64 loads too (cast like the others), though no trainer of ours writes it
@@ -148,24 +149,38 @@ def check_lora_coverage(transformer: nn.Module, path, state: Dict[str, torch.Ten
             raise ValueError(f"{path}: holds {key}, but its adapter metadata says {flag}={meta.get(flag)!r}, so peft "
                              f"would make no {part.lstrip('.')} and skip it: the LoRA would load without it. The "
                              "file is damaged or its metadata is another LoRA's: train or convert it again")
+    lacking = lacking_lora((name for name, module in transformer.named_modules()
+                            if name and isinstance(_base(module), _LORA_TYPES) and ".lora_" not in f".{name}"
+                            and ".base_layer" not in f".{name}."), state, meta)
+    check_lora_covers(path, meta, lacking, f"this {type(transformer).__name__}")
+
+
+def lacking_lora(names: Iterable[str], state: Dict[str, torch.Tensor], meta: dict) -> List[str]:
+    """The module ``names`` that the adapter metadata ``meta`` names (``target_modules`` and the fields beside it,
+    matched as peft matches them) and that ``state`` holds no LoRA for, sorted; ``[]`` without metadata, or with
+    metadata this peft cannot read (Diffusers' load says what is wrong)."""
+    if not meta.get("target_modules"):
+        return []
     try:
         from peft import LoraConfig
         from peft.tuners.tuners_utils import check_target_module_exists
 
         config = LoraConfig(**{k: meta[k] for k in _TARGET_FIELDS if meta.get(k) is not None})
-    except Exception:  # noqa: BLE001 - metadata this peft cannot read: Diffusers' load says what is wrong
-        return
+    except Exception:  # noqa: BLE001 - metadata this peft cannot read
+        return []
     have = {lora_module_name(key)[0] for key in state}
-    lacking = sorted(name for name, module in transformer.named_modules()
-                     if name and name not in have and isinstance(_base(module), _LORA_TYPES)
-                     and ".lora_" not in f".{name}" and ".base_layer" not in f".{name}."
-                     and bool(check_target_module_exists(config, name)))
+    return sorted(name for name in set(names) if name not in have and bool(check_target_module_exists(config, name)))
+
+
+def check_lora_covers(path, meta: dict, lacking: List[str], model: str) -> None:
+    """ValueError naming ``path`` and the ``lacking`` modules (:func:`lacking_lora`) of ``model`` (words: "this
+    WanTransformer3DModel") when there are any: the LoRA was trained on another model."""
     if lacking:
         shown = ", ".join(lacking[:4]) + (", ..." if len(lacking) > 4 else "")
         raise ValueError(f"{path}: its adapter metadata says the LoRA adapts target_modules={meta['target_modules']}, "
-                         f"but it holds no LoRA for {len(lacking)} such module(s) of this {type(transformer).__name__} "
-                         f"({shown}): it was trained on another model (one with fewer layers?), and those would run "
-                         "without it. Load it into the model it was trained on, or fine-tune this one")
+                         f"but it holds no LoRA for {len(lacking)} such module(s) of {model} ({shown}): it was "
+                         "trained on another model (one with fewer layers?), and those would run without it. Load it "
+                         "into the model it was trained on, or fine-tune this one")
 
 
 def lora_ranks(state: Dict[str, torch.Tensor]) -> Dict[str, Dict[str, int]]:

@@ -42,6 +42,7 @@ MODEL; ``expert="transformer"`` (the default) loads the rest into the high-noise
 from __future__ import annotations
 
 import functools
+import json
 import re
 from pathlib import Path
 from typing import Dict, List, Tuple
@@ -49,9 +50,9 @@ from typing import Dict, List, Tuple
 import torch
 from torch import nn
 
-from ..atomic_files import check_hashes, load_safetensors, safetensors_keys
+from ..atomic_files import check_hashes, load_safetensors, safetensors_keys, safetensors_metadata
 from ..checkpoints.finetuned import METHOD_FILE, SLA_FILE, VSA_FILE, read_weights_info
-from ..checkpoints.lora_checks import check_float_weights, check_lora_pairs
+from ..checkpoints.lora_checks import check_float_weights, check_lora_covers, check_lora_pairs, lacking_lora
 from .weight_maps import MAPS, describe, diffusers_layer_name, refused_module, targets
 
 __all__ = ["BLOCKS", "EXPERTS", "MAPPED", "UNMAPPED", "check_expert", "check_folder", "experts_in", "layer_names",
@@ -264,7 +265,7 @@ def lora_patches(patcher, folder, info: dict, family, expert: str = "transformer
         if sep and tensor.dim() == 2:
             ranks.setdefault(module, {})[rest[0]] = int(tensor.shape[0 if rest[0] == "A" else 1])
         target = _target(module, family, mapped)
-        weight = target if isinstance(target, str) or target is None else target[0]
+        weight = _weight_key(target)
         if target is None and sep and _unpatched(module, family, mapped):
             unpatched.setdefault("key", (module, key))  # (said after the loop: another model's keys come first)
             continue
@@ -288,7 +289,40 @@ def lora_patches(patcher, folder, info: dict, family, expert: str = "transformer
                          f"{_mapped(family)}): train without it (--target-modules), or run the folder with "
                          "dit_accel.apply on the Diffusers pipeline")
     check_lora_pairs(path, ranks, redo=_REDO)  # (ComfyUI skips a lone lora_A, fails on a lone lora_B)
+    if expert == "transformer":  # (the metadata Diffusers writes describes the "transformer" adapter)
+        names = ([m for m, t in mapped.items() if _weight_key(t) in weights]  # (the map may name absent ones)
+                 if mapped is not None else _wan_names(weights, BLOCKS[family.name]))
+        own = {key: tensor for key, tensor in state.items() if _of_expert(key, expert) is not None}
+        meta = _adapter_metadata(path)
+        check_lora_covers(path, meta, lacking_lora(names, own, meta), f"ComfyUI's {model_name}")
     return comfy.lora.load_lora(lora, key_map, log_missing=False)
+
+
+#: The safetensors header entry where Diffusers' ``save_lora_weights`` keeps the adapter's peft config
+_ADAPTER_METADATA = "lora_adapter_metadata"
+
+
+def _adapter_metadata(path: Path) -> dict:
+    """The LoRA file's adapter metadata (peft's LoraConfig fields) of the ``transformer`` adapter, without the
+    ``transformer.`` prefix Diffusers writes; ``{}`` when the file has none (a converted folder) or it is not JSON."""
+    try:
+        data = json.loads(safetensors_metadata(path).get(_ADAPTER_METADATA) or "{}")
+    except ValueError:
+        return {}
+    if not isinstance(data, dict):
+        return {}
+    return {key.removeprefix("transformer."): value for key, value in data.items() if key.startswith("transformer.")}
+
+
+def _wan_names(weights, blocks: Tuple[str, ...]) -> List[str]:
+    """The Diffusers names of the modules of ``blocks`` (:func:`_wan_module`) that ComfyUI's model (its state
+    dict's keys ``weights``) has: the modules a LoRA of this model can patch."""
+    found = {m.groups() for m in (re.match(r"diffusion_model\.(\w+)\.(\d+)\.", key) for key in weights)
+             if m is not None and m.group(1) in blocks}
+    rests = [f"{a}.{p}" for a in _WAN_ATTENTION for p in _WAN_PROJECTIONS] + [*_WAN_FFN, *_VACE_PROJECTIONS]
+    names = (f"{block}.{index}.{rest}" for block, index in found for rest in rests)
+    return [name for name in names if (target := _wan_module(name, blocks)) is not None
+            and f"diffusion_model.{target}.weight" in weights]
 
 
 def _target(module: str, family, mapped):
@@ -298,6 +332,11 @@ def _target(module: str, family, mapped):
         return mapped.get(module)
     target = _wan_module(module, BLOCKS[family.name])
     return None if target is None else f"diffusion_model.{target}.weight"
+
+
+def _weight_key(target):
+    """The ComfyUI weight key of a :func:`_target` (a key, or a fused slice whose first item is the key), or None."""
+    return target if isinstance(target, str) or target is None else target[0]
 
 
 def _mapped(family) -> str:

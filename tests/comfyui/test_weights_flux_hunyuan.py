@@ -15,7 +15,7 @@ from dit_accel.training.config import DEFAULT_TARGETS
 from dit_accel.comfyui import NODE_CLASS_MAPPINGS, patch_model
 from dit_accel.comfyui.families import family_for
 from dit_accel.comfyui.weights import layer_names
-from dit_accel.models.tiny import build_tiny_transformer
+from dit_accel.models.tiny import TRANSFORMERS, build_tiny_transformer
 from tests.comfyui.models import AS_DIFFUSERS_CASES, CASES, build, patched_weights, sample
 from tests.comfyui.test_weights import _folder
 from tests.comfyui.weights_families import save_random_finetune
@@ -42,15 +42,26 @@ def _rows(h: int) -> dict:
 
 def _refiner_rows(h: int) -> dict:
     """HunyuanVideo's text token refiner, as :func:`_rows` (Diffusers' HunyuanVideoIndividualTokenRefinerBlock,
-    ComfyUI's TokenRefinerBlock: q, k, v the thirds of self_attn.qkv); the default --target-modules hit it."""
+    ComfyUI's TokenRefinerBlock: q, k, v the thirds of self_attn.qkv), both of its blocks (ComfyUI builds two, as the
+    published model has); the default --target-modules hit it."""
     block = {"attn.to_q": ("self_attn.qkv", 0), "attn.to_k": ("self_attn.qkv", h),
              "attn.to_v": ("self_attn.qkv", 2 * h), "attn.to_out.0": ("self_attn.proj", 0),
              "ff.net.0.proj": ("mlp.0", 0), "ff.net.2": ("mlp.2", 0), "norm_out.linear": ("adaLN_modulation.1", 0)}
-    return {f"context_embedder.token_refiner.refiner_blocks.0.{k}":
-            (f"txt_in.individual_token_refiner.blocks.0.{w}", r) for k, (w, r) in block.items()}
+    return {f"context_embedder.token_refiner.refiner_blocks.{i}.{k}":
+            (f"txt_in.individual_token_refiner.blocks.{i}.{w}", r) for i in range(2) for k, (w, r) in block.items()}
 
 
 ROWS = {"flux": _rows(HIDDEN), "hunyuan-video": {**_rows(HIDDEN), **_refiner_rows(HIDDEN)}}
+
+
+def _diffusers(case: str):
+    """The tiny Diffusers transformer of ``case``; HunyuanVideo's with the two token refiner blocks ComfyUI's has
+    (a LoRA of one would leave the second without it, which the node refuses)."""
+    if case != "hunyuan-video":
+        return build_tiny_transformer(TINY[case])
+    import diffusers
+
+    return diffusers.HunyuanVideoTransformer3DModel(**{**TRANSFORMERS["hunyuan"].config, "num_refiner_layers": 2})
 
 
 def _write_folder(path, case: str, seed: int, targets=None):
@@ -60,7 +71,7 @@ def _write_folder(path, case: str, seed: int, targets=None):
     from peft import LoraConfig
 
     config = LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=targets or sorted(ROWS[case]))
-    names = save_random_finetune(path, build_tiny_transformer(TINY[case]), config, 16, seed)
+    names = save_random_finetune(path, _diffusers(case), config, 16, seed)
     return path, load_file(str(path / LORA_FILE)), names
 
 
