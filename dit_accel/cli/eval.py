@@ -410,9 +410,11 @@ def _evaluate(args) -> int:
             raise _Refused(f"--{flag} is required (unless --compare A B)")
     device, dtype = _device_and_dtype(args)
     _check_counts(args)
+    from ..eval.clip import clip_inputs_error
     from ..eval.fid import fid_inputs_error
 
-    problem = fid_inputs_error(args.fid_weights, args.real)  # a typo: refused now, not skipped after the run
+    # a typo: refused now, not skipped after the run
+    problem = fid_inputs_error(args.fid_weights, args.real) or clip_inputs_error(args.clip_model)
     if problem:
         raise _Refused(problem)
     if args.capture is not None:  # (a folder of another run's captures: refused now, not after the dense row)

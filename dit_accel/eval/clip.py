@@ -2,8 +2,9 @@
 
 Same definition as torchmetrics' ``CLIPScore``, computed here so any
 ``transformers.CLIPModel`` works (a local folder, a hub id when online, or a
-tiny model built in a test), with image preprocessing done in torch (resize to
-the model's image size, CLIP mean/std) so only a tokenizer is needed.
+tiny model built in a test), with image preprocessing done in torch as CLIP's
+image processor does it (shorter side resized to the model's image size, centre
+square crop, CLIP mean/std) so only a tokenizer is needed.
 
 Where the model comes from: ``--clip-model PATH_OR_ID`` or env
 ``DIT_ACCEL_CLIP_MODEL``. Without either, :func:`create_clip_scorer` returns a
@@ -13,6 +14,7 @@ one-line reason and the metric is skipped.
 from __future__ import annotations
 
 import os
+import re
 from typing import Optional, Sequence, Tuple
 
 import torch
@@ -20,11 +22,14 @@ import torch.nn.functional as F
 
 from .metrics import to_frames
 
-__all__ = ["CLIP_ENV", "ClipScorer", "create_clip_scorer"]
+__all__ = ["CLIP_ENV", "ClipScorer", "clip_inputs_error", "create_clip_scorer"]
 
 CLIP_ENV = "DIT_ACCEL_CLIP_MODEL"
 _MEAN = (0.48145466, 0.4578275, 0.40821073)
 _STD = (0.26862954, 0.26130258, 0.27577711)
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")  # "openai/clip-vit-base-patch32"
+_WHAT = ("a folder holding a transformers CLIPModel and its tokenizer (config.json beside the weights), or a hub id "
+         "such as openai/clip-vit-base-patch32 (online, or in the local cache)")
 
 
 class ClipScorer:
@@ -46,9 +51,7 @@ class ClipScorer:
     @torch.no_grad()
     def per_frame(self, frames, prompt: str) -> torch.Tensor:
         """Score of every frame, ``[F]``."""
-        x = to_frames(frames).to(self.device)
-        x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bicubic", align_corners=False,
-                          antialias=True).clamp(0, 1)
+        x = _clip_view(to_frames(frames).to(self.device), self.image_size)
         mean = torch.tensor(_MEAN, device=self.device)[:, None, None]
         std = torch.tensor(_STD, device=self.device)[:, None, None]
         dtype = next(self.model.parameters()).dtype
@@ -74,6 +77,20 @@ class ClipScorer:
         return float(torch.cat(scores).mean())
 
 
+def _clip_view(x: torch.Tensor, size: int) -> torch.Tensor:
+    """Frames ``[F, C, H, W]`` as CLIP's image processor (and so torchmetrics' ``CLIPScore``) shows them to the
+    model: the shorter side resized to ``size`` (bicubic), then the centre ``size`` x ``size`` square. Squashing a
+    480x832 frame to a square instead changed every shape's proportions, and the score with them."""
+    h, w = x.shape[-2:]
+    short, long = (h, w) if h <= w else (w, h)
+    long = int(size * long / short)  # (as transformers' get_resize_output_image_size rounds)
+    new_h, new_w = (size, long) if h <= w else (long, size)
+    if (new_h, new_w) != (h, w):
+        x = F.interpolate(x, size=(new_h, new_w), mode="bicubic", align_corners=False, antialias=True).clamp(0, 1)
+    top, left = (new_h - size) // 2, (new_w - size) // 2
+    return x[..., top:top + size, left:left + size]
+
+
 def _embeds(out) -> torch.Tensor:
     # transformers 5 may return a model output object instead of a tensor.
     if isinstance(out, torch.Tensor):
@@ -83,6 +100,29 @@ def _embeds(out) -> torch.Tensor:
         if isinstance(value, torch.Tensor):
             return value
     raise TypeError(f"unexpected CLIP output {type(out).__name__}")
+
+
+def clip_inputs_error(spec: Optional[str]) -> Optional[str]:
+    """The one-line refusal of a ``--clip-model`` (or ``$DIT_ACCEL_CLIP_MODEL``) that cannot be what the user meant,
+    or None. Cheap (nothing is loaded), so callers run it before the model: a local path that is not there, a file,
+    a folder without a ``config.json``, or an empty value. A hub id (``org/name``) passes: whether it loads offline
+    is known only when it is loaded (then the metric is skipped with a line saying why)."""
+    name = "--clip-model"
+    if spec is None:
+        spec, name = os.environ.get(CLIP_ENV), CLIP_ENV
+        if not spec:
+            return None
+    if not spec.strip():
+        return f"{name} is empty; give {_WHAT}"
+    if os.path.isdir(spec):
+        if not os.path.isfile(os.path.join(spec, "config.json")):
+            return f"{name} {spec}: a folder without config.json, so no transformers model; give {_WHAT}"
+        return None
+    if os.path.exists(spec):
+        return f"{name} {spec}: is a file, not a folder; give {_WHAT}"
+    if _HUB_ID.fullmatch(spec) and not spec.startswith("."):
+        return None
+    return f"{name} {spec}: no such folder (and not a hub id); give {_WHAT}"
 
 
 def create_clip_scorer(spec: Optional[str] = None, device="cpu") -> Tuple[Optional[ClipScorer], Optional[str]]:

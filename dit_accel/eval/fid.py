@@ -76,8 +76,9 @@ def fid_inputs_error(fid_weights: Optional[str], real_dir: Optional[str], *, wei
     """The one-line refusal of a ``--fid-weights`` (or ``$DIT_ACCEL_FID_WEIGHTS``) or ``--real`` that cannot be
     what the user meant (no such file or folder, a folder without images, an empty value), or None.
 
-    Cheap: nothing is loaded or imported (a ``module:factory``'s module is only looked up), so callers run it
-    before the model. What can only fail later (a file that is not an Inception network, a missing optional
+    Cheap: nothing is loaded or imported (a ``module:factory``'s module is only looked up; of ``real_dir``'s
+    images only the headers are read, so a file that is not an image is refused too), so callers run it before
+    the model. What can only fail later (a file that is not an Inception network, a missing optional
     dependency) stays a skip line. ``weights=False``: only ``real_dir`` (the caller brings its own extractor).
     """
     if not weights:
@@ -98,6 +99,21 @@ def fid_inputs_error(fid_weights: Optional[str], real_dir: Optional[str], *, wei
         return f"--real {real_dir}: is a file, not a folder; {_REAL_HOW}"
     if next(_real_images(real_dir), None) is None:
         return f"--real {real_dir}: no .png/.jpg/.jpeg/.webp images in it (subfolders included); {_REAL_HOW}"
+    return _unreadable_image(real_dir)
+
+
+def _unreadable_image(folder: str) -> Optional[str]:
+    """The refusal naming the first image of ``folder`` whose header PIL cannot read (an empty or non-image file
+    with an image's suffix), or None. Else it surfaced only after every row had run, as 'FID vs --real skipped'."""
+    from PIL import Image
+
+    for path in sorted(_real_images(folder)):
+        try:
+            with Image.open(path):  # (the header is parsed on open; the pixels are not read)
+                pass
+        except Exception as err:  # UnidentifiedImageError (an OSError), a decompression bomb, ...
+            return (f"--real {folder}: {path} is not a readable image ({type(err).__name__}); remove it or replace "
+                    "it with the image it should be")
     return None
 
 
@@ -158,7 +174,8 @@ def _batches(frames: torch.Tensor, size: int) -> Iterable[torch.Tensor]:
 
 @torch.no_grad()
 def frechet_distance(set_a, set_b, feature, *, device="cpu", batch_size: int = 32) -> float:
-    """FID between two frame sets (``[N, 3, H, W]`` in [0, 1], or lists of videos).
+    """FID between two frame sets (``[N, 3, H, W]`` in [0, 1], grey ``[N, 1, H, W]`` read as RGB, or lists of
+    videos).
 
     ``set_b`` is the reference ("real") set. ``feature`` is an ``nn.Module``
     (features ``[N, C]`` from ``[0, 1]`` images) or a value returned by
@@ -168,6 +185,10 @@ def frechet_distance(set_a, set_b, feature, *, device="cpu", batch_size: int = 3
     """
     from torchmetrics.image.fid import FrechetInceptionDistance
 
+    from .._util import is_int
+
+    if not (is_int(batch_size) and batch_size >= 1):  # (0: range()'s error; < 0: "more than one sample is required")
+        raise ValueError(f"batch_size={batch_size!r} is invalid: expected an integer >= 1 (images per forward pass)")
     a, b = _stack(set_a), _stack(set_b)
     if a.shape[0] < 2 or b.shape[0] < 2:
         raise ValueError(f"FID needs at least 2 images per set; got {a.shape[0]} and {b.shape[0]}")
@@ -185,9 +206,16 @@ def frechet_distance(set_a, set_b, feature, *, device="cpu", batch_size: int = 3
     return max(float(metric.compute()), 0.0)  # tiny negative values are round-off
 
 
+def _rgb(frames) -> torch.Tensor:
+    """:func:`to_frames`, grey frames (one channel) as RGB, as the FID references read a grey image: every feature
+    network takes 3 channels (before, a grey set reached its first convolution and failed there)."""
+    x = to_frames(frames)
+    return x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
+
+
 def _stack(frames) -> torch.Tensor:
     if isinstance(frames, (list, tuple)):
-        videos = [to_frames(f) for f in frames]
+        videos = [_rgb(f) for f in frames]
         if not videos:
             raise ValueError("FID needs at least 2 images per set; got an empty list of videos")
         sizes = [tuple(v.shape[1:]) for v in videos]
@@ -197,4 +225,4 @@ def _stack(frames) -> torch.Tensor:
                              f"({sizes[0][0]} channels), video {other} {sizes[other][1]}x{sizes[other][2]} "
                              f"({sizes[other][0]} channels); resize them to one size first")
         return torch.cat(videos)
-    return to_frames(frames)
+    return _rgb(frames)

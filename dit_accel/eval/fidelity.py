@@ -195,6 +195,15 @@ def bench_fidelity(capture_dir, methods: Dict[str, Method], *, match_density: Op
     """
     from tqdm.auto import tqdm
 
+    from .._util import is_int, is_number
+
+    # (as `bench fidelity` checks its flags: max_files=-1 dropped the last capture, 0 gave an empty table, and
+    # match_density=0 compared the methods' own densities, each without a word)
+    if max_files is not None and not (is_int(max_files) and max_files >= 1):
+        raise ValueError(f"max_files={max_files!r} is invalid: expected an integer >= 1 (or None: every capture)")
+    if match_density is not None and not (is_number(match_density) and 0 < match_density <= 1):
+        raise ValueError(f"match_density={match_density!r} is invalid: expected a density in (0, 1] (or None: "
+                         "each method's own)")
     groups = capture_groups(load_capture(capture_dir))[:max_files]
     rows: List[dict] = []
     notes: List[str] = []

@@ -35,6 +35,9 @@ def to_frames(video) -> torch.Tensor:
     if x.shape[1] not in (1, 3):  # RGBA [F, H, W, 4] was read as H channels of W x 4 images: SSIM silently wrong
         raise ValueError(f"video must be [F, H, W, 3] or [F, 3, H, W] (RGB); got shape {tuple(x.shape)}, which has "
                          "no axis of 3 (or 1) colour channels. Drop an alpha channel with video[..., :3]")
+    if 0 in x.shape:  # (else every mean over it was NaN, dropped from the row's means without a word)
+        raise ValueError(f"video of shape {tuple(x.shape)} [F, C, H, W] has no pixels to score: it needs at least "
+                         "one frame of at least 1x1; check the generation that made it")
     if x.dtype == torch.uint8:
         x = x.float() / 255.0
     elif not x.is_floating_point():
@@ -130,6 +133,8 @@ class LPIPSScorer:
     def __call__(self, pred, ref) -> torch.Tensor:
         pred, ref = to_frames(pred), to_frames(ref)
         _check_pair(pred, ref)  # (zip would score the shorter video's frames only)
+        if pred.shape[1] == 1:  # grey frames as RGB, as LPIPS reads a grey image (its networks take 3 channels)
+            pred, ref = pred.expand(-1, 3, -1, -1), ref.expand(-1, 3, -1, -1)
         device = next(self.metric.parameters(), torch.empty(0)).device
         values = []
         for a, b in zip(pred, ref):

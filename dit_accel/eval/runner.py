@@ -474,14 +474,16 @@ class _Scorers:
 
     def __init__(self, settings: EvalSettings, *, lpips: bool, clip_model, clip_scorer, fid_weights, fid_feature,
                  real_dir, frame_size):
-        from .clip import create_clip_scorer
+        from .clip import CLIP_ENV, create_clip_scorer
         from .fid import FID_ENV, create_fid_feature
         from .metrics import LPIPSScorer
 
-        # skipped: every metric not computed; warnings: those the user asked for (--fid-weights, --real)
+        # skipped: every metric not computed; warnings: those asked for (--fid-weights, --real, --clip-model)
         self.device, self.skipped, self.warnings = settings.device, [], []
         self.lpips = self._keep(LPIPSScorer.create(device=self.device)) if lpips else None
-        self.clip = clip_scorer or self._keep(create_clip_scorer(clip_model, device=self.device))
+        # (asked for, by --clip-model or the variable, and not loaded: a warning, as FID's, not only a skip line)
+        self.clip = clip_scorer or self._keep(create_clip_scorer(clip_model, device=self.device),
+                                              bool(clip_model or os.environ.get(CLIP_ENV)))
         self.fid_asked = bool(fid_feature is not None or fid_weights or os.environ.get(FID_ENV) or real_dir)
         self.fid = fid_feature or self._keep(create_fid_feature(fid_weights, device=self.device), self.fid_asked)
         self.real = None
@@ -644,6 +646,22 @@ def _check_reach(pipe, settings: EvalSettings) -> None:
         raise ValueError(problem)
 
 
+def _check_inputs(settings: EvalSettings, fid_weights, real_dir, fid_feature, clip_model, clip_scorer) -> None:
+    """ValueError before anything loads or is written: the settings, and a FID, ``--real`` or CLIP input that
+    cannot be what the user meant (:func:`~.fid.fid_inputs_error`, :func:`~.clip.clip_inputs_error`)."""
+    from .clip import clip_inputs_error
+    from .fid import fid_inputs_error
+
+    problem = fid_inputs_error(fid_weights, real_dir, weights=fid_feature is None) or (
+        clip_inputs_error(clip_model) if clip_scorer is None else None)
+    if problem:
+        raise ValueError(problem)
+    if isinstance(settings.prompts, (list, tuple)) and not settings.prompts:
+        raise ValueError("no prompts: EvalSettings.prompts is empty; pass --prompts FILE (one prompt per line) or "
+                         "--prompt TEXT")
+    settings.check()
+
+
 def run_eval(settings: EvalSettings, specs: Sequence[MethodSpec], out_dir, *, cache_dir=None,
              clip_model: Optional[str] = None, fid_weights: Optional[str] = None, fid_feature=None,
              clip_scorer=None, real_dir: Optional[str] = None, lpips: bool = True, capture: Optional[str] = None,
@@ -667,19 +685,12 @@ def run_eval(settings: EvalSettings, specs: Sequence[MethodSpec], out_dir, *, ca
         prompt_file: the file the prompts came from (its sha256 goes into the provenance).
 
     Returns the results dict also written to ``results.json``. A ``fid_weights`` or ``real_dir`` path that is not
-    there raises ValueError before anything is loaded or written.
+    there, or a ``clip_model`` path that is not a model folder, raises ValueError before anything is loaded or
+    written.
     """
     import dit_accel
 
-    from .fid import fid_inputs_error
-
-    problem = fid_inputs_error(fid_weights, real_dir, weights=fid_feature is None)
-    if problem:
-        raise ValueError(problem)
-    if isinstance(settings.prompts, (list, tuple)) and not settings.prompts:
-        raise ValueError("no prompts: EvalSettings.prompts is empty; pass --prompts FILE (one prompt per line) or "
-                         "--prompt TEXT")
-    settings.check()
+    _check_inputs(settings, fid_weights, real_dir, fid_feature, clip_model, clip_scorer)
     settings = settings.with_tiny_defaults()  # (from Python: the pipeline's own sizes ran for hours on a CPU)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

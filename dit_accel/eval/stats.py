@@ -96,8 +96,10 @@ def t_ppf(p: float, df: float) -> float:
     return 0.5 * (lo + hi)
 
 
-def _clean(values: Sequence[Optional[float]]) -> List[float]:
-    return [float(v) for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+def _missing(value) -> bool:
+    """None or NaN, of any float type: a numpy float32 or a 0-d tensor is no ``float``, and its NaN was kept
+    (a mean of NaN over n pairs called meaningful)."""
+    return value is None or math.isnan(float(value))
 
 
 def bootstrap_ci(values: Sequence[float], clusters: Optional[Sequence] = None, *, resamples: int = 2000,
@@ -131,8 +133,11 @@ def summarize(values: Sequence[Optional[float]], clusters: Optional[Sequence] = 
     for n < 2), ``ci_bootstrap`` (over ``clusters``, see :func:`bootstrap_ci`), ``meaningful`` (n >=
     :data:`MIN_PAIRS`) and ``note`` when it is not.
     """
+    values = list(values)
+    if clusters is not None and len(clusters) != len(values):  # (zip dropped the values past the shorter list)
+        raise ValueError(f"clusters: {len(clusters)} labels for {len(values)} values; give one label per value")
     pairs = [(v, c) for v, c in zip(values, clusters if clusters is not None else range(len(values)))
-             if v is not None and not (isinstance(v, float) and math.isnan(v))]
+             if not _missing(v)]
     if not pairs:
         return None
     x = np.array([float(v) for v, _ in pairs])

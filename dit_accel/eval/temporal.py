@@ -53,7 +53,9 @@ def temporal_error(video, reference) -> float:
 def is_frozen(video, level: float = FROZEN_LEVEL) -> bool:
     """True when the median change between consecutive frames is below ``level`` (a still video)."""
     m = motion(video)
-    return bool(m.numel()) and float(m.median()) < level
+    # torch.median of an even count is the lower middle value: a video still for one step and moving the next
+    # (3 frames) read as still. The median is the mean of the two middle values.
+    return bool(m.numel()) and float(m.double().quantile(0.5)) < level
 
 
 def loop_period(video) -> Optional[int]:
