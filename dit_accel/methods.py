@@ -275,7 +275,7 @@ class GNA(Method):
 
     def plan(self, grid):
         from .patterns.checks import per_dim
-        from .patterns.gna import gna_layout, gna_relations
+        from .patterns.gna import gna_layout, gna_relations, heads_layout
         from .patterns.separable import covers_grid
         from .plans.plan import DensePlan, LayoutPlan, separable_plan
 
@@ -290,14 +290,18 @@ class GNA(Method):
             grid, rels = gna_relations(grid, self.kernel_size, self.stride, self.dilation, self.is_causal)
             tile = None if self.tile is None else per_dim("tile", self.tile, len(grid), owner="GNA.")
             return separable_plan(self, grid, rels, tile, "window", attach=self._natten)
-        # Per-head kernel sizes: one per-head block layout, run by the kernels in one launch.
-        per = [gna_relations(grid, k, self.stride, self.dilation, self.is_causal) for k in kernels]
+        # Per-head kernel sizes: one per-head block layout, run by the kernels in one launch (fit=True: clamped).
+        fitted = [self._fitted_relations(grid, k) if self.fit else None for k in kernels]
+        per = [f or gna_relations(grid, k, self.stride, self.dilation, self.is_causal) for f, k in zip(fitted, kernels)]
         grid = per[0][0]
         if all(covers_grid(rels) for _, rels in per):
             return DensePlan(self, grid, f"every head's window covers the whole grid {tuple(grid)}; smaller "
                                          "kernel sizes make it sparse")
         tile = None if self.tile is None else per_dim("tile", self.tile, len(grid), owner="GNA.")
-        perm, layout = gna_layout(grid, self.kernel_size, self.stride, self.dilation, self.is_causal, tile=tile)
+        if any(fitted):
+            perm, layout = heads_layout(grid, kernels, [rels for _, rels in per], tile)
+        else:
+            perm, layout = gna_layout(grid, self.kernel_size, self.stride, self.dilation, self.is_causal, tile=tile)
         token_density = sum(math.prod(float(r.float().mean()) for r in rels) for _, rels in per) / len(per)
         return LayoutPlan(self, grid, layout, perm, token_density=token_density, wide_q=True)
 
@@ -306,33 +310,21 @@ class GNA(Method):
         from .kernels.block_sparse.backends.natten import attach_gna
 
         attach_gna(layout, perm, self.kernel_size, self.stride, self.dilation, self.is_causal)
-    def _fitted_relations(self, grid):
+
+    def _fitted_relations(self, grid, kernel_size=None):
         """``(grid, relations)`` with every kernel longer than its extent clamped to it (noted once per plan),
-        or None when the kernel fits as it is."""
-        import warnings
+        or None when the kernel fits as it is. ``kernel_size``: one head's (per-head kernel sizes), else the
+        config's."""
+        from .patterns.gna import fitted_relations
 
-        from ._util import DitAccelWarning
-        from .patterns.checks import as_grid, per_dim, per_dim_bool
-        from .patterns.gna import clamp_to_grid, gna_relations
-        from .patterns.separable import relation_1d
-
-        grid = as_grid(grid)
-        nd = len(grid)
-        ks, st = per_dim("kernel_size", self.kernel_size, nd, minimum=2), per_dim("stride", self.stride, nd)
-        dl, ca = per_dim("dilation", self.dilation, nd), per_dim_bool("is_causal", self.is_causal, nd)
-        clamped = clamp_to_grid(grid, ks, st, dl)
-        if clamped is None:
+        given = self.kernel_size if kernel_size is None else kernel_size
+        fitted = fitted_relations(grid, given, self.stride, self.dilation, self.is_causal)
+        if fitted is None:
             return None
-        over = [d for d in range(nd) if clamped[0][d] != ks[d] or clamped[2][d] != dl[d]]
-        ks, st, dl = clamped
-        rels = []
-        for d in range(nd):
-            if grid[d] < 2:  # a single latent frame: GNA's kernels are >= 2, so the relation is built here
-                rels.append(relation_1d(grid[d], grid[d], 1, 1, False))
-            else:
-                rels.append(gna_relations((grid[d],), ks[d], st[d], dl[d], ca[d])[1][0])
-        warnings.warn(f"dit_accel: {self!r} on grid {grid}: kernel_size exceeds the grid extent along dimension(s) "
-                      f"{over}; clamped to {tuple(ks)} (those dimensions are attended whole)", DitAccelWarning,
+        grid, rels, ks, over = fitted
+        head = "" if kernel_size is None else f" (a head's kernel_size {kernel_size!r})"
+        warnings.warn(f"dit_accel: {self!r} on grid {grid}: kernel_size{head} exceeds the grid extent along "
+                      f"dimension(s) {over}; clamped to {ks} (those dimensions are attended whole)", DitAccelWarning,
                       stacklevel=4)
         return grid, rels
 
@@ -393,6 +385,9 @@ class Tile(Method):
         fit = flag("Tile.", "fit", self.fit)
         tile, window = check_tile_args(self.tile, self.window, owner="Tile.")
         block = None if self.block_size is None else positive_int("block_size", self.block_size, owner="Tile.")
+        if fit and per_head(window) is not None:  # (fit re-tiles one window; it was ignored here, unsaid)
+            raise ValueError(f"Tile.fit=True is invalid with per-head windows {window!r}: fit picks one tile and window "
+                             "for the grid, and per-head windows keep their tile; pass fit=False (or one window)")
         _freeze(self, tile=tile, window=window, block_size=block, fit=fit)
 
     def to_dict(self) -> dict:  # without the defaults: plans written before the fields existed read the same
@@ -464,7 +459,7 @@ class Tile(Method):
         from .patterns.tile import fit_tile, tile_covers_grid
 
         tile, window = fit_tile(grid, self.tile, self.window)
-        if tile == self.tile:
+        if tile == per_dim("tile", self.tile, len(tile)):  # (tile=5 kept, as (5, 5): not re-run as packed tiles)
             return None
         fitted = self.replace(tile=tile, window=window, fit=False)
         return fitted.plan(grid) if tile_covers_grid(grid, tile, window) else fitted._packed_plan(grid, tile, window)
@@ -695,7 +690,10 @@ class SLA(Method):
 
     def __post_init__(self):
         topk = number_in("topk", self.topk, 0.0, 1.0, owner="SLA.", lo_open=True)
-        negligible = number_in("negligible", self.negligible, 0.0, 1.0 - topk, owner="SLA.")
+        # topk + negligible = 1 (no marginal blocks) is allowed; 1.0 - 0.9 is 0.09999999999999998 in floats, so a
+        # negligible=0.1 beside topk=0.9 is held to it rather than refused as more than "[0, 0.1]".
+        negligible = number_in("negligible", self.negligible, 0.0, 1.0 - topk + 1e-9, owner="SLA.")
+        negligible = min(negligible, 1.0 - topk)
         block_q = positive_int("block_q", self.block_q, owner="SLA.", allowed=(64, 128))
         block_k = positive_int("block_k", self.block_k, owner="SLA.", allowed=(64, 128))
         linear_eps = number_in("linear_eps", self.linear_eps, 0.0, 1.0, owner="SLA.", lo_open=True)

@@ -20,7 +20,8 @@ from .checks import as_grid, bool_or_tuple, int_or_tuple, per_dim, per_dim_bool,
 from .permutation import TilePermutation, permutation_for
 from .separable import kron, relation_1d, separable_layout, stack_heads
 
-__all__ = ["gna_mask", "gna_layout", "check_gna_args", "gna_relations", "kernels_at_density"]
+__all__ = ["gna_mask", "gna_layout", "check_gna_args", "gna_relations", "heads_layout", "kernels_at_density",
+           "fitted_relations"]
 
 IntOrTuple = Union[int, Sequence[int]]
 
@@ -70,6 +71,8 @@ def gna_relations(grid, kernel_size, stride=1, dilation=1, is_causal=False):
             # Kernels are >= 2, so an extent-1 dimension (a single latent frame) cannot take one.
             advice = ("GNA needs at least 2 tokens along every dimension: use Tile (window 1 on that dimension) "
                       "or more frames" if grid[d] < 2 else "use a smaller kernel_size or dilation")
+            # (fit=True runs such a grid as it is: that dimension attended whole, a single frame included)
+            advice += ", or GNA(..., fit=True) to clamp the kernel to the grid"
             raise ValueError(f"kernel_size*dilation = {ks[d]}*{dl[d]} = {ks[d] * dl[d]} exceeds the grid extent "
                              f"{grid[d]} along dimension {d} of grid={grid}; the limit is kernel_size*dilation <= "
                              f"extent: {advice}")
@@ -143,6 +146,19 @@ def gna_layout(grid, kernel_size, stride=1, dilation=1, is_causal=False, *, tile
     return perm, stack_heads([layouts[k] for k in kernels])
 
 
+def heads_layout(grid, kernels, relations, tile=None, *, block_q: int = 64,
+                 block_k: int = 64) -> Tuple[TilePermutation, BlockLayout]:
+    """``(perm, per-head layout)`` of per-head relations already built (``relations[h]``: head ``h``'s, one per
+    dimension; a ``fit=True`` GNA's clamped kernels), as :func:`gna_layout` lays out per-head kernel sizes. Heads
+    of one kernel size (``kernels[h]``) share its layout; ``tile`` None: the least-padding tile."""
+    perm = permutation_for(as_grid(grid), tile, block_q, block_k, None)
+    layouts = {}
+    for kernel, rels in zip(kernels, relations):
+        if kernel not in layouts:
+            layouts[kernel] = separable_layout(perm, rels, block_q, block_k)
+    return perm, stack_heads([layouts[k] for k in kernels])
+
+
 def kernels_at_density(grid, density: float, visited: Callable[[Tuple[int, ...]], Optional[float]], *,
                        keep: int = 8, rounds: int = 3, close: float = 1.05, reach: float = 1.25) -> Tuple[int, ...]:
     """Stride-1 kernel sizes whose visited density on ``grid`` (``visited(kernel_size)``, a plan's block density;
@@ -191,3 +207,22 @@ def clamp_to_grid(grid, kernel_size, stride, dilation):
         ks[d], dl[d] = grid[d], 1
         st[d] = min(st[d], ks[d])
     return tuple(ks), tuple(st), tuple(dl)
+
+
+def fitted_relations(grid, kernel_size, stride=1, dilation=1, is_causal=False):
+    """``GNA(fit=True)``'s pattern of one kernel size on ``grid``: ``(grid, relations, kernel sizes, dimensions
+    clamped)`` with every kernel longer than its extent clamped (:func:`clamp_to_grid`; causality kept), or None
+    where every kernel fits as it is."""
+    grid = as_grid(grid)
+    nd = len(grid)
+    ks, st = per_dim("kernel_size", kernel_size, nd, minimum=2), per_dim("stride", stride, nd)
+    dl, ca = per_dim("dilation", dilation, nd), per_dim_bool("is_causal", is_causal, nd)
+    clamped = clamp_to_grid(grid, ks, st, dl)
+    if clamped is None:
+        return None
+    over = [d for d in range(nd) if clamped[0][d] != ks[d] or clamped[2][d] != dl[d]]
+    ks, st, dl = clamped
+    # A single latent frame: GNA's kernels are >= 2, so that relation is built here.
+    rels = [relation_1d(g, g, 1, 1, False) if g < 2 else gna_relations((g,), k, s, d_, c)[1][0]
+            for g, k, s, d_, c in zip(grid, ks, st, dl, ca)]
+    return grid, rels, tuple(ks), over

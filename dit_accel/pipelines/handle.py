@@ -491,20 +491,33 @@ class AccelHandle:
 def _as_ran(method: Method, grid) -> dict:
     """``method.ran_dict()``; for a ``fit=True`` GNA, with each kernel longer than its extent of ``grid`` as it ran
     there (:meth:`~dit_accel.methods.GNA._fitted_relations`: the whole extent, undilated, its stride at most that),
-    which its plan's method does not say (it is the config itself)."""
+    which its plan's method does not say (it is the config itself). Per-head kernel sizes are clamped head by head:
+    ``kernel_size`` one entry per head, and a stride or dilation that the clamp changed on some heads only, one per
+    head too."""
     from ..patterns.checks import per_dim, per_head
     from ..patterns.gna import clamp_to_grid
 
     out = method.ran_dict()
-    if method.name != "gna" or not getattr(method, "fit", False) or per_head(method.kernel_size) is not None:
+    if method.name != "gna" or not getattr(method, "fit", False):
         return out
     names = ("kernel_size", "stride", "dilation")
-    given = [per_dim(k, getattr(method, k), len(grid)) for k in names]
-    clamped = clamp_to_grid(grid, *given)
-    if clamped is None:
+    heads = per_head(method.kernel_size) or [method.kernel_size]
+    rows = []  # per head: (kernel_size, stride, dilation) as given, and as it ran
+    for kernel in heads:
+        given = [per_dim("kernel_size", kernel, len(grid))] + [per_dim(k, getattr(method, k), len(grid))
+                                                                for k in names[1:]]
+        rows.append((given, clamp_to_grid(grid, *given) or tuple(given)))
+    if all(tuple(g) == tuple(r) for g, r in rows):
         return out
-    # (only what changed: a stride given as 1 that still is 1 everywhere stays written as given)
-    return {**out, **{k: v for k, v, g in zip(names, clamped, given) if v != g}}
+    if per_head(method.kernel_size) is None:
+        # (only what changed: a stride given as 1 that still is 1 everywhere stays written as given)
+        return {**out, **{k: v for k, v, g in zip(names, rows[0][1], rows[0][0]) if v != g}}
+    ran = {"kernel_size": [r[0] for _, r in rows]}
+    for i, k in enumerate(names[1:], 1):
+        values = [r[i] for _, r in rows]
+        if any(v != rows[0][0][i] for v in values):
+            ran[k] = values[0] if all(v == values[0] for v in values) else values
+    return {**out, **ran}
 
 
 def _unmerge(transformer: nn.Module, names: Sequence[str]) -> bool:

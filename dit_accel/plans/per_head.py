@@ -6,9 +6,11 @@ launch a kernel per head; instead the heads are grouped by what can share one la
 
 - **block-sparse heads** (GNA, Tile, Radial and the dense heads among them): one per-head
   :class:`~dit_accel.kernels.layout.BlockLayout` (``Hl`` = number of these heads) over one token
-  order, run by one block-sparse call. Heads whose pattern was laid out in another token order
-  (Radial's raster band beside Tile's tiled order) are moved into the shared order through their
-  token mask, which costs ``N x N`` bits once per plan (refused above :data:`MAX_CONVERTED_TOKENS`);
+  order, run by one block-sparse call. A GNA or Tile head laid out in another tiled order (a Tile
+  (6, 8, 8) beside GNA heads of a default tile) is laid out again from its per-dimension relations;
+  other heads in another order (Radial's raster band beside Tile's tiled order) are moved into the
+  shared order through their token mask, which costs ``N x N`` bits once per plan (refused above
+  :data:`MAX_CONVERTED_TOKENS`);
 - **SLA heads**: one SLA call per distinct SLA config (a calibrated plan gives the SLA heads of a
   layer one config, so at most one);
 - dense heads when no head is block-sparse: one dense call.
@@ -243,7 +245,9 @@ def _order_key(plan: Plan):
 
 def _shared_layout(plans: Sequence[Plan], grid) -> Tuple[BlockLayout, object]:
     """``(per-head layout, permutation)``: every plan's pattern in the token order most of them use."""
+    from ..patterns.permutation import PackedTilePermutation
     from ..patterns.separable import separable_layout, stack_heads
+    from ..patterns.tile import packed_tile_layout
 
     keys = [_order_key(p) for p in plans if isinstance(p, LayoutPlan)]
     ref_key = max(dict.fromkeys(keys), key=keys.count)
@@ -258,6 +262,8 @@ def _shared_layout(plans: Sequence[Plan], grid) -> Tuple[BlockLayout, object]:
                     n_q, n_k = ref.layout.num_q_blocks, ref.layout.num_kv_blocks
                     full = BlockLayout.from_block_masks(torch.ones(n_q, n_k, dtype=torch.bool), q_len=ref.layout.q_len,
                                                         kv_len=ref.layout.kv_len, block_q=block_q, block_k=block_k)
+                elif isinstance(perm, PackedTilePermutation):  # (a fit=True Tile's): a window over every tile
+                    full = packed_tile_layout(perm.grid, perm.tile, perm.num_tiles, block=perm.block)[1]
                 else:  # padded keys stay masked: the all-true relation on the real grid
                     full = separable_layout(perm, [torch.ones(g, g, dtype=torch.bool) for g in perm.grid], block_q,
                                             block_k)
@@ -279,8 +285,39 @@ def _raster_mask(plan: LayoutPlan) -> torch.Tensor:
     return mask
 
 
+def _separable_relations(plan: LayoutPlan):
+    """The per-dimension relations of a single-window GNA or Tile ``plan`` (what its layout was built from), or None
+    for other patterns."""
+    import warnings
+
+    from .._util import DitAccelWarning
+    from ..patterns.checks import per_head
+    from ..patterns.gna import gna_relations
+    from ..patterns.tile import tile_relations
+
+    method = plan.method
+    if method.name == "tile" and per_head(method.window) is None:
+        return tile_relations(plan.grid, method.tile, method.window)[2]
+    if method.name == "gna" and per_head(method.kernel_size) is None:
+        with warnings.catch_warnings():  # (the plan noted a clamped kernel already)
+            warnings.simplefilter("ignore", DitAccelWarning)
+            fitted = method._fitted_relations(plan.grid) if method.fit else None
+        if fitted is not None:
+            return fitted[1]
+        return gna_relations(plan.grid, method.kernel_size, method.stride, method.dilation, method.is_causal)[1]
+    return None
+
+
 def _convert(plan: LayoutPlan, perm, block_q: int, block_k: int) -> BlockLayout:
-    """``plan``'s pattern laid out in ``perm``'s token order (raster when None), through its token mask."""
+    """``plan``'s pattern laid out in ``perm``'s token order (raster when None): a GNA or Tile window from its
+    relations on any tiled order (no ``N x N``), other patterns through their token mask."""
+    from ..patterns.permutation import PackedTilePermutation
+    from ..patterns.separable import separable_layout
+
+    if perm is not None and not isinstance(perm, PackedTilePermutation):
+        relations = _separable_relations(plan)
+        if relations is not None:  # (a Tile(6, 8, 8) head beside GNA heads of another tile: refused above 8192)
+            return separable_layout(perm, relations, block_q, block_k)
     n = math.prod(plan.grid)
     if n > MAX_CONVERTED_TOKENS:
         raise ValueError(f"{plan.method!r} lays its heads out in another token order than the other block-sparse "
