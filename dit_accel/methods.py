@@ -388,6 +388,9 @@ class Tile(Method):
         if fit and per_head(window) is not None:  # (fit re-tiles one window; it was ignored here, unsaid)
             raise ValueError(f"Tile.fit=True is invalid with per-head windows {window!r}: fit picks one tile and window "
                              "for the grid, and per-head windows keep their tile; pass fit=False (or one window)")
+        if fit and block is not None:  # (likewise: an explicit block keeps the tile given)
+            raise ValueError(f"Tile.fit=True is invalid with block_size={block}: fit picks a tile packed into 64-token "
+                             "blocks, and an explicit block_size keeps the tile given; pass one of them")
         _freeze(self, tile=tile, window=window, block_size=block, fit=fit)
 
     def to_dict(self) -> dict:  # without the defaults: plans written before the fields existed read the same

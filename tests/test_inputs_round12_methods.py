@@ -34,7 +34,8 @@ def _brute_tile_mask(grid, tile, window):
 
 
 ROUND_TRIPS = [
-    dit_accel.Tile(tile=(2, 4, 4), window=(1, 2, 3), block_size=32, fit=True),
+    dit_accel.Tile(tile=(2, 4, 4), window=(1, 2, 3), block_size=32),
+    dit_accel.Tile(tile=(2, 4, 4), window=(1, 2, 3), fit=True),
     dit_accel.Tile(tile=4, window=((1, 1, 3), (3, 3, 1))),
     dit_accel.GNA(kernel_size=(3, 5, 5), stride=(1, 2, 2), dilation=(1, 1, 2), is_causal=(True, False, False),
                   tile=(2, 4, 8), fit=True),

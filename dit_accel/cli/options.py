@@ -246,7 +246,7 @@ def method_from_args(args: argparse.Namespace, defaults: Optional[dict] = None,
     options = {k: v for k, v in (defaults or {}).items() if k in fields}
     given = {own[flag]: value for flag, value in method_options_given(args).items()}
     _check_dimensions(name, given, options, own, parser)
-    if name == "tile" and {"tile", "window"} & set(given) and "fit" not in given:
+    if name == "tile" and {"tile", "window", "block_size"} & set(given) and "fit" not in given:
         options.pop("fit", None)  # a preset's fit=True re-tiles at plan time: never the tile a user spelled out
     options.update(given)
     try:

@@ -300,3 +300,30 @@ def test_the_record_of_per_head_gna_kernels_with_fit_says_each_heads_kernel_as_i
     # by hand: 9 > 8 on the two spatial dimensions of the second head, so its window is the whole 8 there
     assert [tuple(k) for k in ran["kernel_size"]] == [(2, 5, 5), (3, 8, 8)]
     assert ran["stride"] == 1 and ran["dilation"] == 1
+
+
+def test_tile_fit_with_an_explicit_block_size_is_refused_and_the_cli_drops_a_presets_fit_for_it():
+    """Before: ``Tile(fit=True, block_size=144)`` ran the tile given, fit ignored without a word. Now it is refused
+    when built; ``--block-size`` beside a preset's fit=True keeps the preset's tile with that block (as it ran)."""
+    import argparse
+
+    from dit_accel.cli.options import add_method_options, method_from_args
+
+    with pytest.raises(ValueError, match=r"Tile\.fit=True is invalid with block_size=144: .*pass one of them"):
+        dit_accel.Tile(tile=(1, 12, 12), window=(3, 1, 1), block_size=144, fit=True)
+    parser = argparse.ArgumentParser(prog="t")
+    add_method_options(parser)
+    args = parser.parse_args(["--method", "tile", "--block-size", "144"])
+    preset = {"tile": (1, 12, 12), "window": (3, 1, 1), "fit": True}
+    assert method_from_args(args, defaults=preset) == dit_accel.Tile(tile=(1, 12, 12), window=(3, 1, 1),
+                                                                     block_size=144)
+
+
+def test_sla_params_take_topk_and_negligible_summing_to_one():
+    """``SLAParams`` (the kernels' settings) refused topk=0.9, negligible=0.1 as ``SLA`` did: 1 - 0.9 in floats."""
+    from dit_accel.kernels.sla.common import SLAParams
+
+    params = SLAParams(topk=0.9, negligible=0.1)
+    assert params.topk + params.negligible <= 1.0 and params.negligible == pytest.approx(0.1)
+    with pytest.raises(ValueError, match="negligible"):
+        SLAParams(topk=0.9, negligible=0.11)
