@@ -247,6 +247,7 @@ def validate_config(config: FinetuneConfig) -> None:
     targets = tuple(c.target_modules) if not isinstance(c.target_modules, str) else tuple(c.target_modules.split(","))
     _require(bool(targets) and all(isinstance(t, str) and t.strip() for t in targets),
              f"--target-modules {c.target_modules!r} must name at least one module, e.g. to_q,to_k,to_v,to_out.0.")
+    _check_switches(c)
     _require(not (c.resume and c.overwrite), "--resume and --overwrite exclude each other: continue a run or replace it.")
     _require(c.output is not None and str(c.output).strip() != "", "--output is required: the folder for weights and logs.")
     for name in ("output", "data"):  # (an int or a list failed later in pathlib, or named a folder "5"; prompts:
@@ -261,13 +262,34 @@ def validate_config(config: FinetuneConfig) -> None:
         data_mod.read_prompts(c.prompts)
 
 
+def _check_switches(c: FinetuneConfig) -> None:
+    """The on/off settings are True or False (numpy's too), and ``backend`` one of apply()'s. Before: a string was
+    truthy, so ``overwrite="no"`` (a config read from text) replaced the run in the output folder and
+    ``resume="false"`` resumed, and a backend that is no backend was refused only once the model had loaded."""
+    import numpy as np
+
+    from ..pipelines.apply_checks import BACKENDS
+
+    for name in ("resume", "overwrite", "gradient_checkpointing", "progress"):
+        v = getattr(c, name)
+        if isinstance(v, np.bool_):
+            setattr(c, name, bool(v))
+        _require(isinstance(getattr(c, name), bool), f"{name}={v!r} is invalid: True or False.")
+    _require(isinstance(c.backend, str) and c.backend in BACKENDS,
+             f"--backend {c.backend!r} is invalid: choose one of {', '.join(BACKENDS)}.")
+
+
 def _check_model(c: FinetuneConfig) -> None:
     """``model``: a name or path (a pathlib.Path becomes its string, as the loader takes it), or a pipeline with a
     ``transformer``. Before: None, a number or a Path failed after set-up with AttributeError "'PosixPath' object has
     no attribute 'to'", and a bare transformer was refused as a model that "has NoneType"."""
     if isinstance(c.model, os.PathLike):
         c.model = os.fspath(c.model)
-    if isinstance(c.model, str) or getattr(c.model, "transformer", None) is not None:
+    if isinstance(c.model, str):
+        _check_family(c)
+        return
+    if getattr(c.model, "transformer", None) is not None:
+        _check_pipe_dtype(c)
         return
     if hasattr(c.model, "components"):
         what = f"a {type(c.model).__name__} without a transformer (fine-tuning adapts a DiT pipeline's transformer)"
@@ -278,6 +300,42 @@ def _check_model(c: FinetuneConfig) -> None:
         what = f"{c.model!r}"[:80]
     raise ValueError(f"model= is {what}: pass a pipeline that holds the transformer (e.g. WanPipeline.from_pretrained"
                      "(...)), an embedded model name (e.g. \"tiny-wan\"), a local Diffusers folder or a hub id.")
+
+
+def _check_pipe_dtype(c: FinetuneConfig) -> None:
+    """A pipeline passed in with a 16-bit transformer under ``mixed_precision="no"``, which trains in float32 and casts
+    nothing (before: the first forward failed with a raw RuntimeError "Input type (float) and bias type
+    (c10::BFloat16) should be the same", as with ``WanPipeline.from_pretrained(..., torch_dtype=torch.bfloat16)``)."""
+    import torch
+
+    if c.mixed_precision != "no" or not isinstance(c.model.transformer, torch.nn.Module):
+        return
+    half = {torch.bfloat16: "bf16", torch.float16: "fp16"}
+    dtype = next((p.dtype for p in c.model.transformer.parameters() if p.dtype in half), None)
+    if dtype is not None:
+        raise ValueError(f"model=: the pipeline's transformer holds {dtype} weights, and mixed_precision='no' trains in "
+                         f"float32 (nothing is cast): pass mixed_precision='{half[dtype]}' (--mixed-precision "
+                         f"{half[dtype]}), or cast the pipeline to float32 first (pipe.to(torch.float32)).")
+
+
+def _check_family(c: FinetuneConfig) -> None:
+    """A model whose transformer the trainer cannot call (or, in ``--mode data``, encode clips for), refused before
+    it loads, as it would be once loaded (before: after minutes of loading a real model). Only where the class is
+    known for sure (a tiny or embedded model, a folder or a cached snapshot: their model_index.json), not guessed
+    from a hub id's words."""
+    from ..models.loading import ModelLoadError, model_folder, resolve_model_kind
+    from ..pipelines.presets import model_family
+    from .model_io import family_error
+
+    try:
+        if resolve_model_kind(c.model) != "tiny" and model_folder(c.model) is None:
+            return
+        class_name = model_family(c.model)[0]
+    except (ValueError, ModelLoadError):
+        return  # (the loader names what is wrong with the model)
+    problem = family_error(class_name, c.mode)
+    if problem is not None:
+        raise ValueError(f"--model {c.model}: {problem}")
 
 
 def _plain_numbers(c: FinetuneConfig) -> None:

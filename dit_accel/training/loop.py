@@ -428,7 +428,9 @@ class _Trainer:
         noisy = (1.0 - s) * clean + s * noise
         text = take(self.embeds, choice, self.device) if self.embeds is not None else self.io.encode_prompts(
             [self.texts[i] for i in choice], self.device, self.weight_dtype)
-        return (noisy.to(self.device, self.weight_dtype), (sigma * 1000.0).to(self.device, self.weight_dtype),
+        # The timesteps stay fp32, as the pipelines pass the scheduler's (before: cast to bf16 with the latents, the
+        # model was told t=788 for sigma 0.7874, and a plan's step was picked from the rounded value).
+        return (noisy.to(self.device, self.weight_dtype), (sigma * 1000.0).to(self.device, torch.float32),
                 text, (noise - clean).to(self.device))
 
     def loss(self, batch, *, grad: bool):

@@ -267,18 +267,40 @@ _NOT_YET.update({
 })
 
 
+def _family_of(transformer_class) -> Optional[type]:
+    """The :class:`ModelIO` of a transformer class (by its own or a base class's name), or None."""
+    return next((_FAMILIES[b.__name__] for b in transformer_class.__mro__ if b.__name__ in _FAMILIES), None)
+
+
+def _unsupported(name: str) -> str:
+    why = _NOT_YET.get(name)
+    return (f"fine-tuning supports pipelines whose transformer is one of {list(SUPPORTED_TRANSFORMERS)}; "
+            f"this model has {name}" + (f" ({why})" if why else "") +
+            ". Use a Wan, HunyuanVideo or FLUX model (e.g. --model tiny-wan or --model tiny-flux).")
+
+
+def family_error(class_name: str, mode: str) -> Optional[str]:
+    """What :func:`model_io_for` and the trainer would refuse about a model whose transformer is the Diffusers class
+    ``class_name`` (read from its model_index.json before it loads), in ``mode``; None when they would not, or when
+    dit_accel does not know the class (the check after loading covers it). By name, without importing Diffusers'
+    transformers (seconds): no class with a preset subclasses a supported one without being listed here itself."""
+    from ..pipelines.presets import PRESETS
+
+    cls = _FAMILIES.get(class_name)
+    if cls is None:
+        return _unsupported(class_name) if class_name in PRESETS or class_name in _NOT_YET else None
+    if mode == "data" and not cls.data_mode:
+        return (f"--mode data supports Wan models only ({cls.family} needs its own VAE encoding); use --mode distill "
+                "(the dense model is the teacher, no data needed).")
+    return None
+
+
 def model_io_for(pipe, *, max_sequence_length: int = 512) -> ModelIO:
     """The glue for ``pipe``'s family; ValueError naming the supported families (and why not) otherwise."""
     transformer = getattr(pipe, "transformer", None)
-    name = type(transformer).__name__
-    cls = None if transformer is None else next(
-        (_FAMILIES[b.__name__] for b in type(transformer).__mro__ if b.__name__ in _FAMILIES), None)
+    cls = None if transformer is None else _family_of(type(transformer))
     if cls is None:
-        why = _NOT_YET.get(name)
-        raise ValueError(
-            f"fine-tuning supports pipelines whose transformer is one of {list(SUPPORTED_TRANSFORMERS)}; "
-            f"this model has {name}" + (f" ({why})" if why else "") +
-            ". Use a Wan, HunyuanVideo or FLUX model (e.g. --model tiny-wan or --model tiny-flux).")
+        raise ValueError(_unsupported(type(transformer).__name__))
     if getattr(pipe, "transformer_2", None) is not None:  # (before: trained, then its folder did not load back)
         raise ValueError(
             f"fine-tuning supports pipelines with one transformer; this {type(pipe).__name__} has two experts "
