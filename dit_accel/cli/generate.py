@@ -40,10 +40,11 @@ from .options import (HelpFormatter, add_cache_option, add_method_options, add_p
 from .generate_args import (_DTYPES, DEFAULT_MODEL, DEFAULT_PROMPT, _check_flags, _UsageError, add_image_option,
                             _check_cache_under_cp, _method_for_weights, _check_plan_with_weights, check_sidecar, early_call_error,
                             flag_call_error, image_parameter)
-from .generate_report import (_cache_record, _calls_per_transformer, _check_side_by_side_path,  # noqa: F401
-                              _commit_with_comparison, _comparison, magcache_ratios, _output_notes,
-                              _provenance, _quality, _record, _remove_earlier_side_by_side, _side_by_side,
-                              _side_by_side_path, _strip_height, _summary_lines, cp_ranks)
+from .generate_report import (_audio_of, _cache_record, _calls_per_transformer,  # noqa: F401
+                              _check_side_by_side_path, _commit_with_comparison, _comparison, magcache_ratios,
+                              _output_notes, _prompt_notes, _provenance, _quality, _record,
+                              _remove_earlier_side_by_side, _side_by_side, _side_by_side_path, _strip_height,
+                              _summary_lines, cp_ranks)
 from .parallel import add_cp_option
 from ..methods import METHOD_ALIASES
 from ..models.tiny_shapes import SHAPES_MODELS, TINY_SHAPES_PROMPT, shapes_model
@@ -464,7 +465,8 @@ def _run_pipeline(pipe, call: dict, method, schedule: dict, device: str, cache=N
         with StageTimer(pipe, device, attention_modules=attention) as timer, _calls_per_transformer(handle) as \
                 per_transformer:
             try:
-                with _cache_context(pipe, cache, call.get("num_inference_steps")), magcache_ratios(cache, measured):
+                with _cache_context(pipe, cache, call.get("num_inference_steps")) as ran_cache, \
+                        magcache_ratios(cache, measured):
                     timer.start()
                     output = pipe(**call)
             except ValueError as err:  # e.g. a window larger than this grid: raised before attention runs
@@ -477,6 +479,8 @@ def _run_pipeline(pipe, call: dict, method, schedule: dict, device: str, cache=N
         summary["token_grids"] = sorted({tuple(grid) for _, grid in handle.plans})  # video token grids planned
         if measured:
             summary["mag_ratios_measured"] = measured
+        if ran_cache is not None and ran_cache.filled:  # what the cache ran with beyond the options given
+            summary["cache_filled_in"] = ran_cache.filled
         return output, times, calls, handle.stats(all_ranks=True), summary
     finally:
         handle.remove()
@@ -678,9 +682,11 @@ def _denoise_and_write(args, pipe, call, method, schedule, source, quiet, is_vid
     # The whole record first (its scores, notes and provenance), then the files: a record that fails leaves the
     # earlier run's video and sidecar as they were, not this run's video beside no sidecar.
     side_by_side = _side_by_side_path(out) if args.side_by_side else None
-    both = None if side_by_side is None else _side_by_side(dense["frames"], frames, ("dense", method.name))
+    cache = getattr(args, "_cache_spec", None)  # (it ran on the right side only: named there)
+    both = None if side_by_side is None else _side_by_side(dense["frames"], frames, ("dense", method.name + (
+        "" if cache is None else f"+{cache.name}")))
     record = _sidecar_record(args, pipe, method, schedule, source, call, frames, output_files(out, len(frames)),
-                             (times, calls, stats, summary), dense, side_by_side, load_s)
+                             (times, calls, stats, summary), dense, side_by_side, load_s, audio=_audio_of(output))
     t0 = time.perf_counter()
     finish_commit(commit_journal(out))  # a set an earlier run committed before it was killed: in place first
     if side_by_side is not None:
@@ -706,9 +712,10 @@ def _denoise_and_write(args, pipe, call, method, schedule, source, quiet, is_vid
 
 
 def _sidecar_record(args, pipe, method, schedule, source, call, frames, written, ran, dense, side_by_side,
-                    load_s: float) -> dict:
+                    load_s: float, audio=None) -> dict:
     """The sidecar's record of this run (``ran``: its times, calls, stats and summary); the save time and the
-    total are filled in once the files are written."""
+    total are filled in once the files are written. ``audio``: the pipeline's audio output (LTX-2, Kandinsky 6,
+    MiniMax-H3), which is not written: said in a note and recorded."""
     times, calls, stats, summary = ran
     elapsed = {"load_s": load_s, "save_s": None, "total_s": None}
     record = to_jsonable(_record(args, pipe, method, schedule, source, call, frames, written, times, calls, stats,
@@ -721,10 +728,16 @@ def _sidecar_record(args, pipe, method, schedule, source, call, frames, written,
             record["warnings"] = [*record.get("warnings", []), args._plan_model_note]
     if getattr(args, "_default_note", None):
         record["default_note"] = args._default_note
-    record["output_notes"] = _output_notes(record)
+    record["output_notes"] = _output_notes(record) + _prompt_notes(pipe, call)
+    if audio is not None:
+        record["audio"] = {"shape": [int(n) for n in audio.shape], "written": False}
+        record["output_notes"].append(f"{record['pipeline']} also made audio (shape {tuple(audio.shape)}), which "
+                                      "dit-accel generate does not write: the output holds the video only; call the "
+                                      "pipeline from Python to keep its audio (output.audio)")
     record["cache"] = to_jsonable(_cache_record(getattr(args, "_cache_spec", None), calls, summary,
                                                 cp_ranks(record)))
-    record["compare_dense"] = to_jsonable(_comparison(times, dense, frames, side_by_side))
+    record["compare_dense"] = to_jsonable(_comparison(times, dense, frames, side_by_side,
+                                                      getattr(args, "_cache_spec", None)))
     record["quality"] = to_jsonable(_quality(args.model, call["prompt"], frames, dense))
     record["provenance"] = to_jsonable(_provenance(args, call, record, summary, stats))
     return record

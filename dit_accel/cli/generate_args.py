@@ -163,7 +163,42 @@ def unused_flag_error(pipe, accepts, wanted: dict):
     if wanted.get("negative_prompt") is not None and true_cfg is not None and (true_cfg.default or 0) <= 1:
         return (f"--negative-prompt: {name} uses a negative prompt only with true_cfg_scale > 1, and its default is "
                 f"{true_cfg.default} (no flag sets it): the prompt would be ignored; drop --negative-prompt")
-    return None
+    return _guidance_off_error(pipe, wanted)
+
+
+def _guidance_off_error(pipe, wanted: dict):
+    """Why ``--negative-prompt`` would not reach ``pipe``: the call's guidance scale turns its classifier-free
+    guidance off (Wan, CogVideoX, SD3 run it only at ``guidance_scale > 1``), and with it the negative prompt; None
+    when it does reach it, or when the pipeline does not say (its ``do_classifier_free_guidance`` read from the scale
+    alone). A run at ``--guidance-scale 1`` made the same frames with and without the negative prompt, which its
+    sidecar recorded as given."""
+    import inspect
+    import types
+
+    if wanted.get("negative_prompt") is None:
+        return None
+    prop = inspect.getattr_static(type(pipe), "do_classifier_free_guidance", None)
+    scale = wanted.get("guidance_scale")
+    if scale is None:  # the pipeline's default
+        scale = getattr(inspect.signature(pipe.__call__).parameters.get("guidance_scale"), "default", None)
+    if not isinstance(prop, property) or isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        return None
+
+    def guided(value):
+        try:
+            return bool(prop.fget(types.SimpleNamespace(_guidance_scale=float(value))))
+        except Exception:  # (it reads more than the scale: the pipeline decides at the call)
+            return None
+
+    if guided(scale) is not False or guided(max(scale, 1.0) + 1.0) is not True:
+        return None
+    name = type(pipe).__name__
+    above = " above 1" if guided(1.0 + 1e-6) else ""
+    scale_is = (f"--guidance-scale {scale:g}" if wanted.get("guidance_scale") is not None
+                else f"its default guidance_scale {scale:g}")
+    return (f"--negative-prompt: {name} uses a negative prompt only with classifier-free guidance, which "
+            f"{scale_is} turns off: the prompt would be ignored; give a --guidance-scale{above} or drop "
+            "--negative-prompt")
 
 
 def flag_call_error(args, pipe, accepts) -> Optional[str]:

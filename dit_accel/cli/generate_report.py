@@ -124,8 +124,9 @@ def _label_strip(text: str, width: int):
     return np.asarray(image, dtype=np.uint8)
 
 
-def _comparison(times: dict, dense, frames, side_by_side):
-    """Times of the dense run beside the method's, their ratios and the PSNR of the method against dense."""
+def _comparison(times: dict, dense, frames, side_by_side, cache=None):
+    """Times of the dense run beside the method's, their ratios and the PSNR of the method against dense.
+    ``cache``: the ``--cache`` the method's run stacked, which the dense run runs without."""
     if dense is None:
         return None
     from ..eval.metrics import psnr_per_frame
@@ -141,7 +142,9 @@ def _comparison(times: dict, dense, frames, side_by_side):
             "psnr_db": float(psnr_per_frame(frames, dense["frames"]).mean()),
             "side_by_side": None if side_by_side is None else str(side_by_side),
             "note": "same call, seed and pipeline with dit_accel.Dense(), run first; each timed run follows an "
-                    "untimed step per phase of its method under the same handle (plans and choices built)"}
+                    "untimed step per phase of its method under the same handle (plans and choices built)"
+                    + ("" if cache is None else f"; the dense run has no cache, the method's run --cache "
+                       f"{cache.label}: the speedups and PSNR are those of the method and the cache together")}
 
 
 def _quality(model: str, prompt: str, frames, dense):
@@ -250,13 +253,51 @@ def _output_notes(record: dict) -> list:
                      + " ".join(f"{flag} {value}" for flag, value in asked_size)
                      + ": it rounds sizes to a multiple its VAE and patches take; pass a size it takes to get it")
     output, fps = record["output"], settings["fps"]
-    if isinstance(output, str) and output.lower().endswith(".gif"):
+    if isinstance(output, str) and output.lower().endswith(".gif") and made > 1:  # (one frame: no rate to play)
         from ..videos import _gif_frame_ms
 
         played = 1000.0 / _gif_frame_ms(fps)
         if abs(played - fps) > 0.01 * fps:  # (the sidecar's fps alone said --fps)
             notes.append(f"{Path(output).name} plays at {played:.3g} frames per second for --fps {fps}: a GIF's "
                          "frame delays are whole hundredths of a second, at least 0.02 s; write .mp4 for this fps")
+    return notes
+
+
+def _audio_of(output):
+    """The audio an audio-video pipeline returned beside the frames (``output.audio``: LTX-2, Kandinsky 6,
+    MiniMax-H3), else None."""
+    audio = getattr(output, "audio", None)
+    return audio if audio is not None and hasattr(audio, "shape") else None
+
+
+def _prompt_notes(pipe, call: dict) -> list:
+    """A note for a prompt (or negative prompt) longer than the text the pipeline encodes: its tokenizer cuts the
+    prompt at ``max_sequence_length`` tokens without a word (Wan's T5), so the sidecar recorded words the model never
+    saw. Counted with the tokenizer that length applies to (the last of ``tokenizer_3``, ``tokenizer_2``,
+    ``tokenizer``: FLUX's and SD3's T5); nothing where the call takes no such length or the count fails."""
+    import inspect
+
+    params = inspect.signature(pipe.__call__).parameters
+    length = call.get("max_sequence_length", getattr(params.get("max_sequence_length"), "default", None))
+    tokenizer = next((t for t in (getattr(pipe, n, None) for n in ("tokenizer_3", "tokenizer_2", "tokenizer"))
+                      if t is not None), None)
+    if "max_sequence_length" not in params or not isinstance(length, int) or isinstance(length, bool) \
+            or not callable(tokenizer):
+        return []
+    limit = getattr(tokenizer, "model_max_length", None)
+    room = f" (its tokenizer takes up to {limit})" if isinstance(limit, int) and length < limit < 1_000_000 else ""
+    notes = []
+    for flag, key in (("--prompt", "prompt"), ("--negative-prompt", "negative_prompt")):
+        text = call.get(key)
+        try:
+            count = len(tokenizer(text, add_special_tokens=False).input_ids)
+            special = int(tokenizer.num_special_tokens_to_add())
+        except Exception:  # (no text, or a tokenizer of another kind: nothing known)
+            continue
+        if count + special > length:
+            notes.append(f"{flag} is {count} tokens and {type(pipe).__name__} encodes {length - special} of them "
+                         f"(max_sequence_length {length}): the words past them did not reach the model; shorten it"
+                         + (f" or raise --max-sequence-length{room}" if room else ""))
     return notes
 
 
@@ -298,6 +339,8 @@ def _cache_record(spec, calls, summary, ranks: int = 1):
               "attention_calls_ran": ran, "attention_calls_skipped": max(expected - ran, 0),
               "note": "self-attention calls of the layers the method wraps: layers x transformer calls expected, "
                       "those that ran counted by the attention processors"}
+    if summary.get("cache_filled_in"):  # set for the run where no option was given (pab's skip range 2)
+        record["filled_in"] = summary["cache_filled_in"]
     if summary.get("mag_ratios_measured"):  # magcache:calibrate=true: what it measured, one list per branch
         record["mag_ratios_measured"] = summary["mag_ratios_measured"]
     return record
@@ -379,7 +422,7 @@ def _provenance(args, call, record, summary, stats) -> dict:
     cache = getattr(args, "_cache_spec", None)
     run = {"method": record["method"], "ran_on_grid": record.get("ran_on_grid"), "schedule": record["schedule"],
            "plan": getattr(args, "plan", None),
-           "cache": None if cache is None else cache.describe()}
+           "cache": None if cache is None else {**cache.describe(), **summary.get("cache_filled_in", {})}}
     out = provenance([call["prompt"]], [args.seed], args.device, run=run)
     if getattr(args, "_images", None):  # the input images decide the sample as much as the prompt does
         out["images_sha256"] = [i.sha256 for i in args._images]
@@ -460,7 +503,8 @@ def _summary_lines(record: dict) -> list:
 
             files = output_files(cmp["side_by_side"], record["output_shape"][0])
             shown = files[0] if len(files) == 1 else f"{len(files)} frames {files[0]} .. {files[-1].name}"
-            lines.append(f"side by side (left dense, right {method['method']}): {shown}")
+            cache = f"+{record['cache']['cache']}" if record.get("cache") else ""
+            lines.append(f"side by side (left dense, right {method['method']}{cache}): {shown}")
     quality = record.get("quality")
     if quality and quality.get("skipped"):
         lines.append(f"ground-truth quality: skipped ({quality['skipped']})")

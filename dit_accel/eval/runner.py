@@ -20,9 +20,10 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import hashlib
 import inspect
-import dataclasses
 import json
 import os
 from dataclasses import asdict, dataclass, field
@@ -434,8 +435,6 @@ def _dense_row(pipe, timer, settings: EvalSettings, samples, cache_dir: Path, lo
 
 def _cache_context(pipe, cache, steps):
     """The stack's cache enabled on the pipeline (after dit_accel.apply), or nothing."""
-    import contextlib
-
     if cache is None:
         return contextlib.nullcontext()
     from ..pipelines.caches import enable_cache
@@ -456,10 +455,12 @@ def _method_rows(pipe, timer, settings: EvalSettings, samples, specs: Sequence[M
             row = {"label": spec.label, "config": spec.describe()}
             try:
                 with dit_accel.apply(pipe, spec.method, **spec.apply_kwargs) as handle, \
-                        _cache_context(pipe, spec.cache, settings.steps):
+                        _cache_context(pipe, spec.cache, settings.steps) as ran_cache:
                     handle.fuse_lora()  # a weights= row runs as generate does: its LoRA folded in, restored after
                     videos, runs = _timed_runs(pipe, timer, settings, samples, bar)
                     row["density"], row["summary"], row["stats"] = _summary_density(handle)
+                if getattr(ran_cache, "filled", None):  # what the cache ran with beyond its options (pab's skips)
+                    row["config"]["cache"] = {**row["config"]["cache"], **ran_cache.filled}
                 row.update(videos=videos, times=median_times(runs), sample_times=runs[:len(samples)])
             except Exception as exc:  # one bad config must not sink the report
                 row["error"] = f"{type(exc).__name__}: {exc}"

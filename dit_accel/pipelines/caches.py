@@ -82,6 +82,9 @@ class CacheSpec:
 
     name: str
     options: Dict[str, object] = field(default_factory=dict)
+    # What :func:`enable_cache` set beyond ``options`` where Diffusers' default would differ (PAB's skip range,
+    # MagCache's steps, TaylorSeer's numbered modules), on the spec it yields; not part of the label.
+    filled: Dict[str, object] = field(default_factory=dict, compare=False)
 
     @classmethod
     def parse(cls, text: str, source: str = "--cache") -> "CacheSpec":
@@ -310,6 +313,25 @@ def _taylorseer_modules(model, config):
     return dataclasses.replace(config, cache_identifiers=numbered)
 
 
+def _filled_in(spec: CacheSpec, config) -> dict:
+    """The options of ``config`` that :meth:`CacheSpec.config` set where ``spec`` gave none and that differ from
+    Diffusers' own defaults, as JSON values: what ran beyond the options given (a record of ``pab`` alone said
+    nothing of the skip range 2 it ran with, where Diffusers' default skips nothing)."""
+    import torch
+
+    filled = {}
+    for declared in dataclasses.fields(config):
+        value = getattr(config, declared.name)
+        if declared.name.startswith("_") or declared.name in spec.options or callable(value):
+            continue
+        default = (declared.default_factory() if declared.default_factory is not dataclasses.MISSING
+                   else declared.default)
+        if default is dataclasses.MISSING or value != default:
+            filled[declared.name] = (str(value).removeprefix("torch.") if isinstance(value, torch.dtype)
+                                     else list(value) if isinstance(value, tuple) else value)
+    return filled
+
+
 def _hooks_in(model) -> int:
     """The Diffusers hooks on ``model``'s modules (a cache registers one on each block or attention module it
     caches)."""
@@ -394,6 +416,7 @@ def enable_cache(pipe, spec: CacheSpec, steps: Optional[int] = None):
     configs = [spec.config(pipe, steps) for _ in experts]  # (its refusals before anything is changed)
     if spec.name == "taylorseer":
         configs = [_taylorseer_modules(model, config) for model, config in zip(experts, configs)]
+    ran = dataclasses.replace(spec, filled=_filled_in(spec, configs[0]))
     enabled, before = [], {id(model): _hooks_in(model) for model in experts}
     try:
         for model, config in zip(experts, configs):
@@ -406,7 +429,7 @@ def enable_cache(pipe, spec: CacheSpec, steps: Optional[int] = None):
             _check_hooked(spec, model, before[id(model)])
             if spec.name == "pab":
                 _pab_per_branch(model)
-        yield spec
+        yield ran
     finally:  # (also when the second refuses: the first is left as it was)
         for model in enabled:
             model.disable_cache()
