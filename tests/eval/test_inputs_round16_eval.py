@@ -15,6 +15,7 @@ import torch
 
 from dit_accel.cli.main import main
 from tests.eval.offline_models import tiny_clip
+from tests.eval.test_metrics import _reference_clip
 
 
 # ------------------------------------------------------------------ temporal: the median of the changes
@@ -38,18 +39,6 @@ def test_a_video_is_frozen_when_the_true_median_of_its_changes_is_below_half_a_g
 
 
 # ------------------------------------------------------------------ CLIP: centre square, not squashed
-def _centre_reference(model, tokenizer, frames, prompt):
-    """100 * max(cos, 0) of frames already at the model's 32x32, through the sub-modules directly."""
-    mean = torch.tensor([0.48145466, 0.4578275, 0.40821073])[:, None, None]
-    std = torch.tensor([0.26862954, 0.26130258, 0.27577711])[:, None, None]
-    with torch.no_grad():
-        img = model.visual_projection(model.vision_model(pixel_values=(frames - mean) / std).pooler_output)
-        ids = tokenizer([prompt], return_tensors="pt")
-        txt = model.text_projection(model.text_model(input_ids=ids["input_ids"],
-                                                     attention_mask=ids["attention_mask"]).pooler_output)
-    return 100 * torch.nn.functional.cosine_similarity(img, txt, dim=-1).clamp(min=0)
-
-
 @pytest.mark.parametrize("shape, crop", [((32, 64), (slice(None), slice(16, 48))),
                                          ((48, 32), (slice(8, 40), slice(None)))], ids=["wide", "tall"])
 def test_clip_scores_a_non_square_frame_on_its_centre_square_as_clips_processor_does(shape, crop):
@@ -65,7 +54,7 @@ def test_clip_scores_a_non_square_frame_on_its_centre_square_as_clips_processor_
     frames[(..., *crop)] = 0.1 * torch.rand(3, 3, 32, 32, generator=g)
     centre = frames[(..., *crop)]
     for prompt in ("a red cat", "video"):
-        want = _centre_reference(model, tokenizer, centre, prompt)
+        want = _reference_clip(model, tokenizer, centre, prompt)
         assert want.min() > 10  # (a score clamped to 0 would tell nothing)
         assert torch.allclose(scorer.per_frame(frames, prompt), want, atol=1e-4)
     band = (..., slice(0, 8), slice(None)) if shape[0] > shape[1] else (..., slice(None), slice(0, 16))
