@@ -168,16 +168,20 @@ def _load_pipe(config: FinetuneConfig, device, dtype):
 def _sync_grads(params: Sequence[nn.Parameter], accelerator, reduction: str = "mean") -> None:
     """Combine gradients over processes in one flat all-reduce (no DDP wrapper: the SLA projections live
     outside the transformer's module tree and the teacher shares its weights). Data parallelism averages;
-    context parallelism sums (each process holds the gradient through its own share of the tokens)."""
+    context parallelism sums (each process holds the gradient through its own share of the tokens). A parameter
+    that no process has a gradient for keeps none, as in one process, where the optimizer skips it (before: a zero
+    gradient, which AdamW's momentum and weight decay still moved: an SLA projection on a step that runs no SLA)."""
     if accelerator.num_processes == 1:
         return
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    flat = accelerator.reduce(flat, reduction=reduction)
+    has = torch.tensor([float(p.grad is not None) for p in params], device=grads[0].device if grads else None,
+                       dtype=grads[0].dtype if grads else None)
+    flat = accelerator.reduce(torch.cat([g.reshape(-1) for g in grads] + [has]), reduction=reduction)
+    kept = (flat[flat.numel() - len(params):] > 0).tolist()  # (one host sync for all of them)
     offset = 0
-    for p, g in zip(params, grads):
+    for p, g, keep in zip(params, grads, kept):
         n = g.numel()
-        p.grad = flat[offset:offset + n].view_as(p).clone()
+        p.grad = flat[offset:offset + n].view_as(p).clone() if keep else None
         offset += n
 
 

@@ -103,3 +103,28 @@ def test_a_16_bit_pipeline_without_mixed_precision_is_refused_naming_the_setting
                                          r"\(nothing is cast\): pass mixed_precision='bf16'"):
         finetune(_config(tmp_path, prompts_file, model=pipe))
     assert not (tmp_path / "out").exists() and pipe.transformer.weight.dtype == torch.bfloat16
+
+
+def test_a_parameter_no_process_has_a_gradient_for_keeps_none_and_adamw_leaves_it():
+    """Before: with two processes, ``_sync_grads`` gave a parameter without a gradient on any rank a zero gradient,
+    which AdamW (momentum from earlier steps, weight decay) still moved; one process left it untouched. Two ranks
+    are stood in for by a reduce that averages this rank's flat gradients with another rank's."""
+    import types
+
+    from dit_accel.training.loop import _sync_grads
+
+    used, unused = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(2))
+    used.grad = torch.tensor([1.0, 2.0, 3.0])
+    def reduce(flat, reduction):  # the other rank: a gradient for `used` only (and its flags, if any are sent)
+        assert reduction == "mean"
+        other = torch.zeros_like(flat)
+        other[:3] = torch.tensor([3.0, 2.0, 1.0])
+        if flat.numel() == 7:
+            other[5] = 1.0
+        return (flat + other) / 2
+
+    _sync_grads([used, unused], types.SimpleNamespace(num_processes=2, reduce=reduce))
+    assert torch.equal(used.grad, torch.tensor([2.0, 2.0, 2.0])) and unused.grad is None
+    opt = torch.optim.AdamW([unused], lr=0.1, weight_decay=0.1)
+    opt.step()
+    assert torch.equal(unused.detach(), torch.ones(2))  # skipped, as in one process
