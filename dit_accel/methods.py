@@ -39,7 +39,8 @@ from ._util import DitAccelWarning, check_registration
 from .kernels.limits import GPU_LAYOUT_BLOCKS
 from .kernels.sla.common import LINEAR_EPS, REFERENCE_LINEAR_EPS, ROUNDINGS
 from .kernels.vsa.api import check_vsa_config
-from .patterns.checks import as_grid, check_search, flag, int_or_tuple, number_in, per_dim, per_head, positive_int
+from .patterns.checks import (as_grid, check_search, flag, int_or_tuple, number_in, per_dim, per_head, positive_int,
+                              share_beside)
 from .patterns.gna import check_gna_args
 from .patterns.radial import RADIAL_RULES, check_radial_args
 from .patterns.tile import check_tile_args, check_tile_block, read_sta_strategy
@@ -275,7 +276,7 @@ class GNA(Method):
 
     def plan(self, grid):
         from .patterns.checks import per_dim
-        from .patterns.gna import gna_layout, gna_relations, heads_layout
+        from .patterns.gna import gna_relations, heads_layout
         from .patterns.separable import covers_grid
         from .plans.plan import DensePlan, LayoutPlan, separable_plan
 
@@ -298,10 +299,7 @@ class GNA(Method):
             return DensePlan(self, grid, f"every head's window covers the whole grid {tuple(grid)}; smaller "
                                          "kernel sizes make it sparse")
         tile = None if self.tile is None else per_dim("tile", self.tile, len(grid), owner="GNA.")
-        if any(fitted):
-            perm, layout = heads_layout(grid, kernels, [rels for _, rels in per], tile)
-        else:
-            perm, layout = gna_layout(grid, self.kernel_size, self.stride, self.dilation, self.is_causal, tile=tile)
+        perm, layout = heads_layout(grid, kernels, [rels for _, rels in per], tile)
         token_density = sum(math.prod(float(r.float().mean()) for r in rels) for _, rels in per) / len(per)
         return LayoutPlan(self, grid, layout, perm, token_density=token_density, wide_q=True)
 
@@ -693,10 +691,7 @@ class SLA(Method):
 
     def __post_init__(self):
         topk = number_in("topk", self.topk, 0.0, 1.0, owner="SLA.", lo_open=True)
-        # topk + negligible = 1 (no marginal blocks) is allowed; 1.0 - 0.9 is 0.09999999999999998 in floats, so a
-        # negligible=0.1 beside topk=0.9 is held to it rather than refused as more than "[0, 0.1]".
-        negligible = number_in("negligible", self.negligible, 0.0, 1.0 - topk + 1e-9, owner="SLA.")
-        negligible = min(negligible, 1.0 - topk)
+        negligible = share_beside("negligible", self.negligible, topk, owner="SLA.")  # (topk + negligible <= 1)
         block_q = positive_int("block_q", self.block_q, owner="SLA.", allowed=(64, 128))
         block_k = positive_int("block_k", self.block_k, owner="SLA.", allowed=(64, 128))
         linear_eps = number_in("linear_eps", self.linear_eps, 0.0, 1.0, owner="SLA.", lo_open=True)

@@ -14,7 +14,7 @@ from typing import Optional, Tuple, Union
 from .._util import is_bool, is_int, is_number
 
 __all__ = ["as_grid", "int_or_tuple", "bool_or_tuple", "flag", "per_dim", "per_dim_bool", "positive_int",
-           "number_in", "ints", "per_head", "check_search"]
+           "number_in", "share_beside", "ints", "per_head", "check_search"]
 
 IntOrTuple = Union[int, Tuple[int, ...]]
 
@@ -117,6 +117,13 @@ def number_in(name: str, value, lo: float, hi: float, *, owner: str = "", lo_ope
     if not (lo < value <= hi if lo_open else lo <= value <= hi):
         _fail(owner, name, value, f"must be a number in {bracket}{lo:g}, {hi:g}]")
     return value
+
+
+def share_beside(name: str, value, taken: float, *, owner: str = "") -> float:
+    """A fraction in ``[0, 1 - taken]``, as :func:`number_in` checks it, beside the fraction ``taken``: the two may
+    sum to 1 exactly, which ``1 - taken`` in floats can fall short of (1 - 0.9 is 0.0999...: SLA's ``negligible=0.1``
+    beside ``topk=0.9`` was refused), so a value within rounding of the bound is taken as the bound."""
+    return min(number_in(name, value, 0.0, 1.0 - taken + 1e-9, owner=owner), 1.0 - taken)
 
 
 def check_search(config, given: dict) -> None:

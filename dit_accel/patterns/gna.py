@@ -138,12 +138,10 @@ def gna_layout(grid, kernel_size, stride=1, dilation=1, is_causal=False, *, tile
     kernels = tuple(tuple(k) if isinstance(k, list) else k for k in (heads or (kernel_size,)))
     grid = as_grid(grid)
     relations = {k: gna_relations(grid, k, stride, dilation, is_causal)[1] for k in dict.fromkeys(kernels)}
-    # Without a tile: the least-work tile of a single kernel size; per-head sizes take the least-padding one.
-    perm = permutation_for(grid, tile, block_q, block_k, None if heads else relations[kernels[0]])
-    layouts = {k: separable_layout(perm, rels, block_q, block_k) for k, rels in relations.items()}
-    if heads is None:
-        return perm, layouts[kernels[0]]
-    return perm, stack_heads([layouts[k] for k in kernels])
+    if heads is not None:  # (without a tile: the least-padding one)
+        return heads_layout(grid, kernels, [relations[k] for k in kernels], tile, block_q=block_q, block_k=block_k)
+    perm = permutation_for(grid, tile, block_q, block_k, relations[kernels[0]])  # (without a tile: least work)
+    return perm, separable_layout(perm, relations[kernels[0]], block_q, block_k)
 
 
 def heads_layout(grid, kernels, relations, tile=None, *, block_q: int = 64,

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from ..._util import cdiv as _cdiv, is_int
-from ...patterns.checks import number_in
+from ...patterns.checks import number_in, share_beside
 from ..request import tracing
 
 __all__ = ["SLAParams", "SLABlocks", "sla_block_counts", "sla_density", "sla_visited", "sla_classify", "classify_pooled",
@@ -75,9 +75,7 @@ class SLAParams:
         # negative topk ran one block, a misspelt linear_tokens or rounding ran the default, a NaN or a string
         # failed deep in the block counts.
         topk = number_in("topk", self.topk, 0.0, 1.0, owner="SLAParams.", lo_open=True)
-        # (topk + negligible = 1 is allowed: 1.0 - 0.9 is 0.0999... in floats, so 0.1 is held to it, as SLA does)
-        negligible = min(number_in("negligible", self.negligible, 0.0, 1.0 - topk + 1e-9, owner="SLAParams."),
-                         1.0 - topk)
+        negligible = share_beside("negligible", self.negligible, topk, owner="SLAParams.")  # (as SLA checks it)
         values = dict(topk=topk, negligible=negligible,
                       linear_eps=number_in("linear_eps", self.linear_eps, 0.0, 1.0, owner="SLAParams.", lo_open=True))
         for name in ("block_q", "block_k"):
