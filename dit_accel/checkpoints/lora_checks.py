@@ -137,10 +137,10 @@ _FLAGGED = ((".lora_B.bias", "lora_bias"), (".lora_magnitude_vector", "use_dora"
 def check_lora_coverage(transformer: nn.Module, path, state: Dict[str, torch.Tensor], meta: dict) -> None:
     """ValueError naming ``path`` and the modules when the LoRA's adapter metadata ``meta`` (keys without Diffusers'
     ``transformer.`` prefix; ``target_modules`` and the fields beside it, as peft matches them) names Linear/Conv
-    modules of ``transformer`` that ``state`` holds no LoRA for. Trained, the LoRA adapted every module its config names on the model it was trained on, so such a
-    module means another model: one with more layers of the same width (before: peft loaded the LoRA into the
-    layers the file has with a RuntimeWarning, and the rest ran without it). Without metadata (converted
-    folders) there is nothing to compare."""
+    modules of ``transformer`` that ``state`` holds no LoRA for. Trained, the LoRA adapted every module its config
+    names on the model it was trained on, so such a module means another model: one with more layers of the same
+    width (before: peft loaded the LoRA into the layers the file has with a RuntimeWarning, and the rest ran without
+    it). Without metadata (converted folders) there is nothing to compare."""
     if not meta.get("target_modules"):
         return
     for key in sorted(state):  # tensors the config makes no place for: peft dropped them with a log line

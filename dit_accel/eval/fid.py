@@ -30,7 +30,7 @@ from typing import Iterable, Optional, Tuple
 import torch
 from torch import nn
 
-from .metrics import to_frames
+from .metrics import as_rgb, to_frames
 
 __all__ = ["FID_ENV", "REAL_SUFFIXES", "create_fid_feature", "fid_inputs_error", "frechet_distance",
            "TorchScriptInception"]
@@ -206,16 +206,9 @@ def frechet_distance(set_a, set_b, feature, *, device="cpu", batch_size: int = 3
     return max(float(metric.compute()), 0.0)  # tiny negative values are round-off
 
 
-def _rgb(frames) -> torch.Tensor:
-    """:func:`to_frames`, grey frames (one channel) as RGB, as the FID references read a grey image: every feature
-    network takes 3 channels (before, a grey set reached its first convolution and failed there)."""
-    x = to_frames(frames)
-    return x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
-
-
 def _stack(frames) -> torch.Tensor:
     if isinstance(frames, (list, tuple)):
-        videos = [_rgb(f) for f in frames]
+        videos = [as_rgb(to_frames(f)) for f in frames]
         if not videos:
             raise ValueError("FID needs at least 2 images per set; got an empty list of videos")
         sizes = [tuple(v.shape[1:]) for v in videos]
@@ -225,4 +218,4 @@ def _stack(frames) -> torch.Tensor:
                              f"({sizes[0][0]} channels), video {other} {sizes[other][1]}x{sizes[other][2]} "
                              f"({sizes[other][0]} channels); resize them to one size first")
         return torch.cat(videos)
-    return _rgb(frames)
+    return as_rgb(to_frames(frames))

@@ -16,7 +16,7 @@ from typing import Dict, List, Optional
 import numpy as np
 import torch
 
-__all__ = ["PSNR_CAP", "to_frames", "psnr_per_frame", "ssim_per_frame", "paired_metrics", "LPIPSScorer"]
+__all__ = ["PSNR_CAP", "to_frames", "as_rgb", "psnr_per_frame", "ssim_per_frame", "paired_metrics", "LPIPSScorer"]
 
 PSNR_CAP = 100.0  # dB, = -10 log10(1e-10): what identical frames report
 _RANGE_SLACK = 1e-2  # float frames may overshoot [0, 1] by rounding, not by a different convention
@@ -53,6 +53,12 @@ def to_frames(video) -> torch.Tensor:
             raise ValueError(f"float video values must lie in [0, 1]; got min {lo:.4g}, max {hi:.4g}. "
                              "Divide 0-255 frames by 255 (or pass uint8), map [-1, 1] frames with (x + 1) / 2")
     return x.float().clamp(0.0, 1.0).contiguous()
+
+
+def as_rgb(frames: torch.Tensor) -> torch.Tensor:
+    """Frames ``[F, C, H, W]`` of :func:`to_frames` with grey ones (one channel) as RGB, as FID's and LPIPS's
+    references read a grey image: their networks take 3 channels (a grey video failed in their first convolution)."""
+    return frames.expand(-1, 3, -1, -1) if frames.shape[1] == 1 else frames
 
 
 def _check_pair(pred: torch.Tensor, ref: torch.Tensor) -> None:
@@ -133,8 +139,7 @@ class LPIPSScorer:
     def __call__(self, pred, ref) -> torch.Tensor:
         pred, ref = to_frames(pred), to_frames(ref)
         _check_pair(pred, ref)  # (zip would score the shorter video's frames only)
-        if pred.shape[1] == 1:  # grey frames as RGB, as LPIPS reads a grey image (its networks take 3 channels)
-            pred, ref = pred.expand(-1, 3, -1, -1), ref.expand(-1, 3, -1, -1)
+        pred, ref = as_rgb(pred), as_rgb(ref)  # (its networks take 3 channels)
         device = next(self.metric.parameters(), torch.empty(0)).device
         values = []
         for a, b in zip(pred, ref):

@@ -263,18 +263,15 @@ def validate_config(config: FinetuneConfig) -> None:
 
 
 def _check_switches(c: FinetuneConfig) -> None:
-    """The on/off settings are True or False (numpy's too), and ``backend`` one of apply()'s. Before: a string was
-    truthy, so ``overwrite="no"`` (a config read from text) replaced the run in the output folder and
-    ``resume="false"`` resumed, and a backend that is no backend was refused only once the model had loaded."""
-    import numpy as np
-
+    """The on/off settings are True or False (numpy's made so by :func:`_plain_numbers`), and ``backend`` one of
+    apply()'s. Before: a string was truthy, so ``overwrite="no"`` (a config read from text) replaced the run in the
+    output folder and ``resume="false"`` resumed, and a backend that is no backend was refused only once the model had
+    loaded."""
     from ..pipelines.apply_checks import BACKENDS
 
     for name in ("resume", "overwrite", "gradient_checkpointing", "progress"):
         v = getattr(c, name)
-        if isinstance(v, np.bool_):
-            setattr(c, name, bool(v))
-        _require(isinstance(getattr(c, name), bool), f"{name}={v!r} is invalid: True or False.")
+        _require(isinstance(v, bool), f"{name}={v!r} is invalid: True or False.")
     _require(isinstance(c.backend, str) and c.backend in BACKENDS,
              f"--backend {c.backend!r} is invalid: choose one of {', '.join(BACKENDS)}.")
 
@@ -339,13 +336,15 @@ def _check_family(c: FinetuneConfig) -> None:
 
 
 def _plain_numbers(c: FinetuneConfig) -> None:
-    """numpy integers and floats become Python numbers: the checks below name them otherwise as "not an integer"
-    and the run record (JSON) cannot hold them."""
+    """numpy bools, integers and floats become Python ones: the checks below name them otherwise as "not an integer"
+    (or not True or False) and the run record (JSON) cannot hold them."""
     import numpy as np
 
     for f in fields(c):
         v = getattr(c, f.name)
-        if isinstance(v, np.integer):
+        if isinstance(v, np.bool_):
+            setattr(c, f.name, bool(v))
+        elif isinstance(v, np.integer):
             setattr(c, f.name, int(v))
         elif isinstance(v, np.floating):
             setattr(c, f.name, float(v))
