@@ -32,8 +32,8 @@ from torch import nn
 
 from .metrics import as_rgb, to_frames
 
-__all__ = ["FID_ENV", "REAL_SUFFIXES", "create_fid_feature", "fid_inputs_error", "frechet_distance",
-           "TorchScriptInception"]
+__all__ = ["FID_ENV", "REAL_SUFFIXES", "FidReference", "FrameFolder", "create_fid_feature", "fid_inputs_error",
+           "frechet_distance", "TorchScriptInception"]
 
 FID_ENV = "DIT_ACCEL_FID_WEIGHTS"
 REAL_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
@@ -172,38 +172,90 @@ def _batches(frames: torch.Tensor, size: int) -> Iterable[torch.Tensor]:
         yield frames[i:i + size]
 
 
-@torch.no_grad()
+class FrameFolder:
+    """The images of ``folder`` (.png/.jpg/.jpeg/.webp, subfolders included, in sorted order) resized to ``size``
+    (height, width), read a batch at a time: a reference set of 50k frames is never held in memory at once (as
+    float32 frames at 480x832 it would take about 240 GB)."""
+
+    def __init__(self, folder: str, size):
+        self.folder, self.files = folder, sorted(_real_images(folder))
+        if not self.files:
+            raise ValueError(f"--real {folder}: no .png/.jpg/.jpeg/.webp images found")
+        self.size = (int(size[0]), int(size[1]))
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def batches(self, size: int) -> Iterable[torch.Tensor]:
+        """``[n, 3, H, W]`` frames in ``[0, 1]``, ``size`` images at a time."""
+        import numpy as np
+        from PIL import Image
+
+        h, w = self.size
+        for i in range(0, len(self.files), size):
+            images = [np.asarray(Image.open(path).convert("RGB").resize((w, h), Image.BICUBIC))
+                      for path in self.files[i:i + size]]
+            yield to_frames(np.stack(images))
+
+
+class FidReference:
+    """The reference side of FID, its features computed once and compared with any number of sets.
+
+    ``reference``: frames or videos as :func:`frechet_distance` takes them, or a :class:`FrameFolder` (read a
+    batch at a time). torchmetrics keeps the reference's feature sums across :meth:`distance` calls
+    (``reset_real_features=False``), so eval scores each row against ``--real`` and the dense row without
+    running the reference through the network again. ``feature`` as in :func:`frechet_distance`."""
+
+    @torch.no_grad()
+    def __init__(self, reference, feature, *, device="cpu", batch_size: int = 32):
+        from torchmetrics.image.fid import FrechetInceptionDistance
+
+        from .._util import is_int
+
+        if not (is_int(batch_size) and batch_size >= 1):  # (0: range()'s error; < 0: "more than one sample is required")
+            raise ValueError(f"batch_size={batch_size!r} is invalid: expected an integer >= 1 (images per forward pass)")
+        self.device, self.batch_size = device, batch_size
+        if isinstance(reference, FrameFolder):
+            self.count, batches = len(reference), reference.batches(batch_size)
+            shape = (3, *reference.size)
+        else:
+            frames = _stack(reference)
+            self.count, batches, shape = frames.shape[0], _batches(frames, batch_size), tuple(frames.shape[1:])
+        if isinstance(feature, str) and feature.startswith("torchmetrics:"):
+            metric = FrechetInceptionDistance(feature=2048, normalize=True, reset_real_features=False,
+                                              feature_extractor_weights_path=feature.split(":", 1)[1])
+        else:
+            metric = FrechetInceptionDistance(feature=feature, normalize=True, reset_real_features=False,
+                                              input_img_size=shape)
+        self.metric = metric.to(device)
+        if self.count >= 2:  # (fewer: refused by distance(), naming both counts)
+            for chunk in batches:
+                self.metric.update(chunk.to(device), real=True)
+
+    @torch.no_grad()
+    def distance(self, frames) -> float:
+        """FID of ``frames`` (``set_a`` of :func:`frechet_distance`) against the reference."""
+        a = _stack(frames)
+        if a.shape[0] < 2 or self.count < 2:
+            raise ValueError(f"FID needs at least 2 images per set; got {a.shape[0]} and {self.count}")
+        self.metric.reset()  # the generated side only
+        for chunk in _batches(a, self.batch_size):
+            self.metric.update(chunk.to(self.device), real=False)
+        return max(float(self.metric.compute()), 0.0)  # tiny negative values are round-off
+
+
 def frechet_distance(set_a, set_b, feature, *, device="cpu", batch_size: int = 32) -> float:
     """FID between two frame sets (``[N, 3, H, W]`` in [0, 1], grey ``[N, 1, H, W]`` read as RGB, or lists of
     videos).
 
-    ``set_b`` is the reference ("real") set. ``feature`` is an ``nn.Module``
+    ``set_b`` is the reference ("real") set, also a :class:`FrameFolder`. ``feature`` is an ``nn.Module``
     (features ``[N, C]`` from ``[0, 1]`` images) or a value returned by
     :func:`create_fid_feature`. Each set needs at least 2 images; with fewer
     images than feature dimensions the covariance is rank deficient and the
-    number is only comparable between runs of the same size.
+    number is only comparable between runs of the same size. To compare many sets with one reference, keep a
+    :class:`FidReference`.
     """
-    from torchmetrics.image.fid import FrechetInceptionDistance
-
-    from .._util import is_int
-
-    if not (is_int(batch_size) and batch_size >= 1):  # (0: range()'s error; < 0: "more than one sample is required")
-        raise ValueError(f"batch_size={batch_size!r} is invalid: expected an integer >= 1 (images per forward pass)")
-    a, b = _stack(set_a), _stack(set_b)
-    if a.shape[0] < 2 or b.shape[0] < 2:
-        raise ValueError(f"FID needs at least 2 images per set; got {a.shape[0]} and {b.shape[0]}")
-    if isinstance(feature, str) and feature.startswith("torchmetrics:"):
-        metric = FrechetInceptionDistance(feature=2048, normalize=True,
-                                          feature_extractor_weights_path=feature.split(":", 1)[1])
-    else:
-        metric = FrechetInceptionDistance(feature=feature, normalize=True,
-                                          input_img_size=tuple(a.shape[1:]))
-    metric = metric.to(device)
-    for chunk in _batches(b, batch_size):
-        metric.update(chunk.to(device), real=True)
-    for chunk in _batches(a, batch_size):
-        metric.update(chunk.to(device), real=False)
-    return max(float(metric.compute()), 0.0)  # tiny negative values are round-off
+    return FidReference(set_b, feature, device=device, batch_size=batch_size).distance(set_a)
 
 
 def _stack(frames) -> torch.Tensor:

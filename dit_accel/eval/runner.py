@@ -37,7 +37,7 @@ from .._util import load_average, to_jsonable, versions
 from ..methods import METHOD_ALIASES, Dense, Method, canonical_method_name, method_from_name, registered_methods
 from ..models.tiny import is_tiny_model, model_label
 from ..models.tiny_shapes import shapes_model
-from .metrics import mean_or_none, paired_metrics, to_frames
+from .metrics import mean_or_none, paired_metrics
 from .timing import StageTimer, median_times
 
 __all__ = ["EvalSettings", "generation_kwargs", "MethodSpec", "load_method_specs", "run_eval", "dense_cache_key",
@@ -487,10 +487,13 @@ class _Scorers:
                                               bool(clip_model or os.environ.get(CLIP_ENV)))
         self.fid_asked = bool(fid_feature is not None or fid_weights or os.environ.get(FID_ENV) or real_dir)
         self.fid = fid_feature or self._keep(create_fid_feature(fid_weights, device=self.device), self.fid_asked)
-        self.real = None
+        self.real = None  # the --real folder; its features are computed once (at the first row), then kept
+        self._references = {}  # id of a reference set -> (the set, its FidReference)
         if real_dir:
+            from .fid import FrameFolder
+
             try:
-                self.real = _load_real(real_dir, frame_size)
+                self.real = FrameFolder(real_dir, frame_size)
             except (ValueError, OSError) as exc:
                 self._skip(f"FID vs --real skipped: {exc}", True)
             if self.fid is None:
@@ -508,11 +511,16 @@ class _Scorers:
         return value
 
     def _fid(self, a, b) -> Optional[float]:
-        from .fid import frechet_distance
+        """FID of ``a`` against the reference ``b`` (the dense row's videos or ``--real``), whose features are
+        computed at its first use and kept for the other rows."""
+        from .fid import FidReference
 
         try:
-            return frechet_distance(a, b, self.fid, device=self.device)
-        except ValueError as exc:  # e.g. fewer than 2 images a set
+            kept = self._references.get(id(b))
+            if kept is None or kept[0] is not b:
+                kept = self._references[id(b)] = (b, FidReference(b, self.fid, device=self.device))
+            return kept[1].distance(a)
+        except (ValueError, OSError) as exc:  # e.g. fewer than 2 images a set; a --real image unreadable by now
             self._skip(f"FID skipped: {exc}", self.fid_asked)
             return None
 
@@ -783,18 +791,3 @@ def _score_groundtruth(rows: List[dict], samples, model: str, log) -> Optional[d
     return {"metric": "dit_accel.eval.groundtruth: fraction of videos whose object has the prompt's colour, shape "
                       "and direction of motion, and is one object of stable size in every frame ('all': every "
                       "criterion at once)", "criteria": ["colour", "shape", "motion", "consistency", "all"]}
-
-
-def _load_real(real_dir: str, size) -> torch.Tensor:
-    """Images of a folder (png/jpg/webp, recursively) resized to the generated frame size."""
-    from PIL import Image
-
-    from .fid import REAL_SUFFIXES
-
-    files = sorted(p for p in Path(real_dir).rglob("*") if p.suffix.lower() in REAL_SUFFIXES)
-    if not files:
-        raise ValueError(f"--real {real_dir}: no .png/.jpg/.jpeg/.webp images found")
-    h, w = int(size[0]), int(size[1])
-    imgs = [np.asarray(Image.open(p).convert("RGB").resize((w, h), Image.BICUBIC)) for p in files]
-    return to_frames(np.stack(imgs))
-
