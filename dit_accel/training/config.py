@@ -219,6 +219,7 @@ def validate_config(config: FinetuneConfig) -> None:
     for name in ("steps", "rank", "batch_size", "frames", "height", "width", "max_sequence_length"):
         v = getattr(c, name)
         _require(is_int(v) and v > 0, f"--{name.replace('_', '-')} {v!r} is invalid: must be a positive integer.")
+    _check_geometry(c)
     _require(c.gradient_accumulation_steps is None or (
         is_int(c.gradient_accumulation_steps) and c.gradient_accumulation_steps > 0),
         f"--gradient-accumulation-steps {c.gradient_accumulation_steps!r} is invalid: must be a positive integer "
@@ -333,6 +334,26 @@ def _check_family(c: FinetuneConfig) -> None:
     problem = family_error(class_name, c.mode)
     if problem is not None:
         raise ValueError(f"--model {c.model}: {problem}")
+
+
+def _check_geometry(c: FinetuneConfig) -> None:
+    """``--frames``/``--height``/``--width`` that the model's VAE factors and patch size refuse, read from its folder's
+    configs before it loads, as the trainer refuses them once loaded (before: after minutes of loading a real
+    model). Models built in code (tiny ones) and uncached hub ids are checked once they load."""
+    from ..models.loading import ModelLoadError, model_folder, resolve_model_kind
+    from ..pipelines.presets import model_family
+    from .model_io import geometry_error
+
+    if not isinstance(c.model, str):
+        return
+    try:
+        folder = model_folder(c.model) if resolve_model_kind(c.model) != "tiny" else None
+        class_name = model_family(c.model)[0] if folder is not None else None
+    except (ValueError, ModelLoadError):
+        return
+    problem = class_name and geometry_error(folder, class_name, c.frames, c.height, c.width)
+    if problem:
+        raise ValueError(problem)
 
 
 def _plain_numbers(c: FinetuneConfig) -> None:

@@ -24,7 +24,7 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-__all__ = ["ModelIO", "HunyuanVideoIO", "FluxIO", "model_io_for", "take", "SUPPORTED_TRANSFORMERS"]
+__all__ = ["ModelIO", "HunyuanVideoIO", "FluxIO", "geometry_error", "model_io_for", "take", "SUPPORTED_TRANSFORMERS"]
 
 Text = Dict[str, torch.Tensor]
 
@@ -56,6 +56,12 @@ class ModelIO:
     def _patch(self) -> tuple:
         """The transformer's (time, height, width) patch."""
         return tuple(self.transformer.config.patch_size)
+
+    @staticmethod
+    def pipe_scales(vae: dict) -> dict:
+        """The pipeline's VAE factors as its ``__init__`` derives them from ``vae`` (the VAE's config.json)."""
+        return {"vae_scale_factor_temporal": int(vae.get("scale_factor_temporal", 4)),
+                "vae_scale_factor_spatial": int(vae.get("scale_factor_spatial", 8))}
 
     def check_geometry(self, frames: int, height: int, width: int) -> None:
         """Raise ValueError when (frames, height, width) do not map onto the latent token grid."""
@@ -147,6 +153,11 @@ class HunyuanVideoIO(ModelIO):
         c = self.transformer.config
         return (int(c.patch_size_t), int(c.patch_size), int(c.patch_size))
 
+    @staticmethod
+    def pipe_scales(vae: dict) -> dict:
+        return {"vae_scale_factor_temporal": int(vae.get("temporal_compression_ratio", 4)),
+                "vae_scale_factor_spatial": int(vae.get("spatial_compression_ratio", 8))}
+
     def _encode_one(self, prompt: str, device, dtype) -> Text:
         emb, pooled, mask = self.pipe.encode_prompt(
             prompt, prompt_2=None, num_videos_per_prompt=1, device=device, dtype=dtype,
@@ -174,6 +185,10 @@ class FluxIO(ModelIO):
     @property
     def vae_scale_spatial(self) -> int:
         return int(getattr(self.pipe, "vae_scale_factor", 8))
+
+    @staticmethod
+    def pipe_scales(vae: dict) -> dict:
+        return {"vae_scale_factor": 2 ** (len(vae["block_out_channels"]) - 1) if "block_out_channels" in vae else 8}
 
     def check_geometry(self, frames: int, height: int, width: int) -> None:
         step = 2 * self.vae_scale_spatial
@@ -292,6 +307,33 @@ def family_error(class_name: str, mode: str) -> Optional[str]:
     if mode == "data" and not cls.data_mode:
         return (f"--mode data supports Wan models only ({cls.family} needs its own VAE encoding); use --mode distill "
                 "(the dense model is the teacher, no data needed).")
+    return None
+
+
+def geometry_error(folder, class_name: str, frames: int, height: int, width: int) -> Optional[str]:
+    """What :meth:`ModelIO.check_geometry` will refuse about ``--frames``/``--height``/``--width`` once the model in
+    ``folder`` (a Diffusers folder whose transformer is ``class_name``) has loaded, read from its
+    ``transformer/config.json`` and ``vae/config.json`` before it loads (minutes for a real model); None when it
+    will not, or when the configs do not say (the check after loading covers it)."""
+    import json
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    cls = _FAMILIES.get(class_name)
+    if cls is None:
+        return None
+    try:
+        configs = {name: json.loads((Path(folder) / name / "config.json").read_text()) for name in ("transformer", "vae")}
+        io = cls(SimpleNamespace(transformer=SimpleNamespace(config=SimpleNamespace(**configs["transformer"])),
+                                 **cls.pipe_scales(configs["vae"])))
+    except (OSError, ValueError, AttributeError, TypeError, KeyError):
+        return None
+    try:
+        io.check_geometry(frames, height, width)
+    except ValueError as err:
+        return str(err)
+    except (AttributeError, TypeError, KeyError):  # (a config without the patch size: the check after loading)
+        return None
     return None
 
 
