@@ -40,6 +40,7 @@ import torch.nn.functional as F
 
 from ..kernels import BlockLayout, block_sparse_attention
 from ..kernels.geometry import block_figures
+from .bench import percent_down
 
 TABLE_PATTERNS = ("tile-0.117", "gna-strided-0.094", "gna-0.105", "gna-0.282", "radial-0.109", "radial-0.296",
                   "sla-0.2")
@@ -227,7 +228,7 @@ def main(argv=None) -> int:
                 times = run_rounds(calls, args.rounds)
             ms = {c: statistics.median(t) * 1e3 for c, t in times.items()}
             vs_sdpa = median_ratio(times, "sdpa", "dit")
-            ideal = f"{vs_sdpa * density:.0%}" if density else ""
+            ideal = percent_down(vs_sdpa * density) if density else ""
             vs_flex = f"{median_ratio(times, 'flex', 'dit'):.2f}x" if "flex" in times else ""
             flex_ms = f"{ms['flex']:.1f}" if "flex" in ms else ""
             dens = f"{density:.3f}" if density else name.split("-")[1]

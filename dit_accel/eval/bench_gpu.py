@@ -54,7 +54,7 @@ from typing import Callable, List, Optional, Sequence
 
 import torch
 
-from .bench import ModelShape
+from .bench import ModelShape, percent_down
 from .bench_gpu_cases import GRAD_TOLERANCE, O_TOLERANCE, _Shape, _short, _skipped, fp32_dense, relative_error
 
 __all__ = ["STANDARD_SHAPES", "STANDARD_DENSITIES", "STANDARD_METHODS", "AUTOTUNE_MODES", "BUDGET_S",
@@ -454,8 +454,8 @@ def gpu_markdown(report: dict) -> str:
                   num(r.get("o_error"), ".1e"), num(r.get("grad_error"), ".1e"),
                   ms(r.get("time_ms")), ms(r.get("latency_ms")), ms(r.get("graph_ms")),
                   num(r.get("host_us"), ".0f"), num(r.get("speedup"), ".2f") + ("x" if r.get("speedup") else ""),
-                  num(100 * r["fraction_of_ideal"] if r.get("fraction_of_ideal") else None, ".0f") +
-                  ("%" if r.get("fraction_of_ideal") else ""), num(r.get("padded_work"), ".2f"),
+                  percent_down(r["fraction_of_ideal"]) if r.get("fraction_of_ideal") else "-",
+                  num(r.get("padded_work"), ".2f"),
                   num(r.get("tflops_visited_throughput"), ".0f")]
                  for r in rows]
         head += [f"**{pass_}**", "", markdown_table(header, table), ""]

@@ -104,6 +104,22 @@ def test_kernels_table_shows_call_timings_when_present():
     assert "| latency | back-to-back |" in table and "| 1.50 ms | 0.900 ms | - | 40 |" in table
 
 
+def test_the_share_of_the_ideal_is_printed_to_a_tenth_of_a_percent():
+    """0.796 of the ideal was printed "80%" beside an ">= 80%" target it misses; both tables now print 79.6%, and a
+    share just under a whole percent is rounded down."""
+    from dit_accel.eval.bench import percent_down
+    from dit_accel.eval.bench_gpu import gpu_markdown
+    from tests.eval.test_inputs_round15_figures import _report
+
+    row = {"shape": "s", "tokens": 8, "heads": 1, "kernel": "k", "density": 0.1, "time_ms": 1.0,
+           "tflops_dense_equiv": 1.0, "tflops_visited": 0.5, "speedup": 7.96, "ideal_speedup": 10.0,
+           "fraction_of_ideal": 0.796}
+    assert "| 79.6% |" in kernels_table({"rows": [row]})
+    gpu = {**row, "pass": "forward", "status": "ok"}
+    assert "| 79.6% |" in gpu_markdown({**_report([]), "rows": [gpu]})
+    assert [percent_down(x) for x in (0.7996, 0.8, 0.85, 0.056, 1.0)] == ["79.9%", "80.0%", "85.0%", "5.6%", "100.0%"]
+
+
 TINY = (ModelShape("tiny video", (4, 8, 8), 2, head_dim=16), ModelShape("tiny image", (16, 16), 2, head_dim=16))
 
 
