@@ -100,6 +100,9 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--log-every", type=int, default=10, help="progress-bar loss update interval (default 10)")
     g.add_argument("--eval-batches", type=int, default=2,
                    help="held-out batches whose loss is logged before and after training (default 2, 0 disables)")
+    g.add_argument("--eval-data", default=None, metavar="DIR",
+                   help="with --data: a caption folder of clips kept out of training, for the held-out batches "
+                        "(default: --data's clips at noise levels and timesteps of their own)")
     g.add_argument("--sla-lr-scale", type=float, default=1.0, help="SLA projection learning rate relative to --lr")
     g.add_argument("--vsa-decay-steps", type=int, default=None, metavar="N",
                    help="--method vsa: steps over which the sparsity rises from 0 (dense) to the target, FastVideo's "
@@ -166,6 +169,7 @@ def config_from_args(args: argparse.Namespace):
         gradient_checkpointing=args.gradient_checkpointing, log_every=args.log_every,
         weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm, lr_warmup_steps=args.lr_warmup_steps,
         backend=args.backend or "auto", dense_layers=dense_layers, eval_batches=args.eval_batches,
+        eval_data=args.eval_data,
         sla_lr_scale=args.sla_lr_scale,
         progress=not args.quiet, cp=args.cp, plan=plan,
         vsa_decay_steps=args.vsa_decay_steps, vsa_decay_interval=args.vsa_decay_interval,

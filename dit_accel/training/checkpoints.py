@@ -36,7 +36,8 @@ def _run_record(config: FinetuneConfig, world: int) -> dict:
         model_sha = model_fingerprint(config.model, memo=cache_root() / "model_hashes.json",
                                       warn=lambda m: print(m, file=sys.stderr))
     return {**config.settings(), "num_processes": world,
-            "inputs_sha256": data_mod.inputs_digest(config.prompts, config.data), "model_sha256": model_sha}
+            "inputs_sha256": data_mod.inputs_digest(config.prompts, config.data), "model_sha256": model_sha,
+            **({"eval_inputs_sha256": data_mod.inputs_digest(data=config.eval_data)} if config.eval_data else {})}
 
 
 _SAMPLE = 1 << 16  # elements hashed per tensor: all of a small one, an evenly strided sample of a larger one
@@ -149,6 +150,7 @@ def _check_output(config: FinetuneConfig, world: int) -> Tuple[Path, list]:
                       if k not in _RESUMABLE and previous.get(k) != current.get(k))
         if diff:
             changed = {"inputs_sha256": f"the contents of {'--data' if config.data else '--prompts'} changed",
+                       "eval_inputs_sha256": "the contents of --eval-data changed",
                        "model_sha256": (f"the files of --model {config.settings()['model']} changed"
                                         if isinstance(config.model, str) else
                                         "the transformer weights of the pipeline passed as model= are not those the "

@@ -28,7 +28,7 @@ _CACHED_PROMPTS = 256
 DISTILL_SAMPLES_PER_STEP = 8
 
 # Settings that name files or folders: recorded relative to the output folder (FinetuneConfig.settings).
-_PATHS = ("output", "data", "prompts")
+_PATHS = ("output", "data", "prompts", "eval_data")
 # Settings that may change between a run and its resumption (they do not change the trajectory). Not eval_batches:
 # the run's start and end held-out losses are over those batches, and the start was measured before the resumption.
 _RESUMABLE = {"steps", "checkpoint_every", "log_every", "resume", "overwrite", "output", "checkpoints_total_limit",
@@ -70,6 +70,9 @@ class FinetuneConfig:
         sla_lr_scale: learning rate of the SLA projections relative to ``lr``.
         eval_batches: fixed held-out batches whose loss is measured before the
             first and after the last step (``eval_loss_start``/``eval_loss_end``; 0 disables).
+        eval_data: with ``data``: a caption folder of clips kept out of training, which the held-out batches
+            are drawn from. Without it they are drawn from ``data`` at noise levels and timesteps of their own:
+            the loss then says how well the run fits its clips, not how it does on others.
         vsa_decay_steps: ``--method vsa`` only: the optimizer steps over which the sparsity rises from 0
             (dense) to the method's target, FastVideo's VSA sparsity decay (see :func:`vsa_sparsity_at`).
             ``None``: a quarter of ``steps``, written into the run record, which a resumed run keeps.
@@ -124,6 +127,7 @@ class FinetuneConfig:
     plan: Any = None
     vsa_decay_steps: Optional[int] = None
     vsa_decay_interval: int = 1
+    eval_data: Optional[str] = None
 
     def sparse_plan(self) -> Optional[SparsePlan]:
         """``plan`` as a :class:`SparsePlan` (read from its file when a path), or None."""
@@ -251,16 +255,32 @@ def validate_config(config: FinetuneConfig) -> None:
     _check_switches(c)
     _require(not (c.resume and c.overwrite), "--resume and --overwrite exclude each other: continue a run or replace it.")
     _require(c.output is not None and str(c.output).strip() != "", "--output is required: the folder for weights and logs.")
-    for name in ("output", "data"):  # (an int or a list failed later in pathlib, or named a folder "5"; prompts:
+    for name in ("output", "data", "eval_data"):  # (an int or a list failed later in pathlib, or named a folder "5";
         v = getattr(c, name)          # data.read_prompts)
         _require(v is None or isinstance(v, (str, os.PathLike)),
-                 f"--{name} {v!r} is invalid: expected a path (str or pathlib.Path).")
+                 f"--{name.replace('_', '-')} {v!r} is invalid: expected a path (str or pathlib.Path).")
+    _check_eval_data(c)
     # (before: --prompts was ignored without a word when --data was given; the run used the captions)
     _require(c.data is None or c.prompts is None,
              "--prompts and --data exclude each other: with --data the prompts are its captions (metadata.jsonl), so "
              "--prompts would be ignored. Drop --prompts, or drop --data to distill on --prompts with random latents.")
     if c.mode == "distill" and c.data is None:
         data_mod.read_prompts(c.prompts)
+
+
+def _check_eval_data(c: FinetuneConfig) -> None:
+    """``eval_data``: other clips than ``data``'s, for held-out batches that exist."""
+    if c.eval_data is None:
+        return
+    _require(c.data is not None, f"--eval-data {c.eval_data} needs --data: it holds the clips kept out of training "
+                                 "from a caption folder (without --data the held-out batches are random latents "
+                                 "with their own prompts already). Drop --eval-data, or train on --data.")
+    _require(is_int(c.eval_batches) and c.eval_batches > 0,
+             f"--eval-data {c.eval_data} is unused with --eval-batches {c.eval_batches}: give --eval-batches 1 or "
+             "more, or drop --eval-data.")
+    same = os.path.isdir(c.data) and os.path.isdir(c.eval_data) and os.path.samefile(c.data, c.eval_data)
+    _require(not same, f"--eval-data {c.eval_data} is --data itself: the held-out loss would be measured on the "
+                       "training clips. Give a folder of other clips, or drop --eval-data (held-out noise on --data).")
 
 
 def _check_switches(c: FinetuneConfig) -> None:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import List, Sequence
+from typing import List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -117,6 +117,7 @@ class CaptionDataset:
         root: the folder.
         frames, height, width: the pixel shape every sample is brought to
             (images always give 1 frame).
+        flag: the option that named the folder, for the messages (``--data`` or ``--eval-data``).
 
     Raises ValueError (naming the folder and what to fix) when the folder is
     missing or empty, ``metadata.jsonl`` is missing or malformed, a listed file
@@ -124,22 +125,23 @@ class CaptionDataset:
     ``item(i)`` returns ``(pixels [3, F, H, W] in [-1, 1], caption)``.
     """
 
-    def __init__(self, root, *, frames: int, height: int, width: int):
+    def __init__(self, root, *, frames: int, height: int, width: int, flag: str = "--data"):
         if root is None:
             raise ValueError("--data is required in data mode: a folder with metadata.jsonl and images/videos.")
-        self.root = Path(root)
+        self.root, self.flag = Path(root), flag
+        self.held_out: Optional["CaptionDataset"] = None  # the run's --eval-data clips, set beside its --data
         if not self.root.is_dir():
-            raise ValueError(f"--data {str(self.root)!r} does not exist or is not a folder.")
+            raise ValueError(f"{flag} {str(self.root)!r} does not exist or is not a folder.")
         media = sorted(p.name for p in self.root.iterdir()
                        if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS + VIDEO_EXTENSIONS)
         meta = self.root / "metadata.jsonl"
         if not media:
             raise ValueError(
-                f"--data {str(self.root)!r} holds no images or videos ({', '.join(IMAGE_EXTENSIONS + VIDEO_EXTENSIONS)})."
+                f"{flag} {str(self.root)!r} holds no images or videos ({', '.join(IMAGE_EXTENSIONS + VIDEO_EXTENSIONS)})."
             )
         if not meta.is_file():
             raise ValueError(
-                f"--data {str(self.root)!r} has no metadata.jsonl; write one line per file: "
+                f"{flag} {str(self.root)!r} has no metadata.jsonl; write one line per file: "
                 '{"file_name": "clip.mp4", "text": "its caption"}.'
             )
         captions, lines = {}, {}
@@ -160,7 +162,7 @@ class CaptionDataset:
             rel = os.path.normpath(name)  # ("./a.mp4" is "a.mp4": one file, one caption)
             if os.path.isabs(name) or rel == os.pardir or rel.startswith(os.pardir + os.sep):
                 raise ValueError(f"{meta}:{n}: file {name!r} is outside {str(self.root)!r}: name a file inside the "
-                                 "--data folder, by its path relative to it (the folder is the dataset).")
+                                 f"{flag} folder, by its path relative to it (the folder is the dataset).")
             name = rel
             if not (self.root / name).is_file():
                 raise ValueError(f"{meta}:{n}: file {name!r} does not exist in {str(self.root)!r}.")
@@ -174,7 +176,7 @@ class CaptionDataset:
         missing = [m for m in media if m not in captions]
         if missing:
             shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
-            raise ValueError(f"--data {str(self.root)!r}: no caption in metadata.jsonl for {shown}.")
+            raise ValueError(f"{flag} {str(self.root)!r}: no caption in metadata.jsonl for {shown}.")
         self.files: List[str] = sorted(captions)
         self.captions = [captions[f] for f in self.files]
         self.frames, self.height, self.width = frames, height, width
@@ -239,7 +241,8 @@ def check_batchable(dataset: CaptionDataset, batch_size: int) -> None:
     kinds = {dataset.num_frames(i) for i in range(len(dataset))}
     if batch_size > 1 and len(kinds) > 1:
         raise ValueError(
-            f"--data {str(dataset.root)!r} mixes images and videos; with --batch-size {batch_size} their "
+            f"{getattr(dataset, 'flag', '--data')} {str(dataset.root)!r} mixes images and videos; with --batch-size "
+            f"{batch_size} their "
             "latents cannot be stacked. Use --batch-size 1 or a folder of one kind."
         )
 

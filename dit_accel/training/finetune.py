@@ -66,10 +66,16 @@ __all__ = ["FinetuneConfig", "finetune", "validate_config", "finetune_methods", 
 
 
 def _read_inputs(config: FinetuneConfig):
-    """``(prompts, dataset)``: the prompt list (distill without data) or the caption folder, checked."""
+    """``(prompts, dataset)``: the prompt list (distill without data) or the caption folder (with the folder of held-out
+    clips, ``eval_data``, as its ``held_out``), checked."""
     if config.data is not None:
-        dataset = data_mod.CaptionDataset(config.data, frames=config.frames, height=config.height, width=config.width)
+        dataset, held_out = (None if folder is None else data_mod.CaptionDataset(
+            folder, frames=config.frames, height=config.height, width=config.width, flag=flag)
+            for folder, flag in ((config.data, "--data"), (config.eval_data, "--eval-data")))
         data_mod.check_batchable(dataset, config.batch_size)
+        if held_out is not None:
+            data_mod.check_batchable(held_out, config.batch_size)
+            dataset.held_out = held_out  # (the trainer draws the held-out batches from it)
         return None, dataset
     if config.mode == "data":
         data_mod.CaptionDataset(None, frames=1, height=1, width=1)  # raises the "--data is required" error

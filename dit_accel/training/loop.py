@@ -38,12 +38,22 @@ def _check_method_fits(method: Method, io: ModelIO, config: FinetuneConfig, data
                          f"{grid[0]}. Use more --frames (e.g. {io.vae_scale_temporal * 4 + 1}).")
     _check_grid(method, grid, f"this model at {size} (token grid {grid})",
                 "change the method's settings or the sample size (--frames, --height, --width)")
-    image = _image_grid(io, config, dataset)
-    if image is not None:
-        _check_grid(method, image, f"the images of --data {str(dataset.root)!r} (one frame each, whatever --frames "
-                                   f"says: token grid {image})",
-                    "train on videos only, or a method that is sparse on one frame (e.g. sla)")
+    for folder in _folders(dataset):
+        image = _image_grid(io, config, folder)
+        if image is not None:
+            _check_grid(method, image, f"the images of {folder.flag} {str(folder.root)!r} (one frame each, whatever "
+                                       f"--frames says: token grid {image})",
+                        "train on videos only, or a method that is sparse on one frame (e.g. sla)")
     return grid
+
+
+def _folders(dataset) -> list:
+    """The caption folders of a run: ``dataset`` (its training clips) and its held-out clips (``dataset.held_out``,
+    ``--eval-data``) where it has them."""
+    if dataset is None:
+        return []
+    held_out = getattr(dataset, "held_out", None)
+    return [dataset] + ([held_out] if held_out is not None else [])
 
 
 def _image_grid(io: ModelIO, config: FinetuneConfig, dataset) -> Optional[Tuple[int, ...]]:
@@ -90,11 +100,12 @@ def _check_plan_fits(plan: SparsePlan, io: ModelIO, config: FinetuneConfig, tran
         raise ValueError(f"--plan {config.plan} was calibrated on token grid {grids[0]}{size}; this run trains at "
                          f"{config.frames}x{config.height}x{config.width}, token grid {tuple(grid)}. Train at the "
                          "plan's size, or calibrate a plan at this size.")
-    image = _image_grid(io, config, dataset)  # (before: found by the first forward, named the grid of --frames)
-    if grids and image is not None and image not in grids:
-        raise ValueError(f"--plan {config.plan} was calibrated on token grid {grids[0]}; the images of --data "
-                         f"{str(dataset.root)!r} are one frame each, whatever --frames says (token grid {image}). "
-                         "Train the plan on videos only, or calibrate a plan for images.")
+    for folder in _folders(dataset):  # (before: found by the first forward, named the grid of --frames)
+        image = _image_grid(io, config, folder)
+        if grids and image is not None and image not in grids:
+            raise ValueError(f"--plan {config.plan} was calibrated on token grid {grids[0]}; the images of "
+                             f"{folder.flag} {str(folder.root)!r} are one frame each, whatever --frames says (token "
+                             f"grid {image}). Train the plan on videos only, or calibrate a plan for images.")
     sparse = False
     for method in plan.methods():
         if isinstance(method, Dense):
@@ -274,7 +285,8 @@ class _Trainer:
     def _prepare_text(self, prompts) -> None:
         # Up to _CACHED_PROMPTS texts are embedded once and the text encoder leaves the device; more
         # (a large caption set) are embedded per batch so memory does not grow with the dataset.
-        self.texts = sorted(set(self.dataset.captions)) if self.dataset is not None else prompts
+        self.texts = sorted({c for folder in _folders(self.dataset) for c in folder.captions}) \
+            if self.dataset is not None else prompts
         self.text_index = {t: i for i, t in enumerate(self.texts)}
         self.embeds = None
         if len(self.texts) <= _CACHED_PROMPTS:
@@ -415,10 +427,11 @@ class _Trainer:
         rank, world = (0, 1) if held_out else (self.rank, self.world)
         g = data_mod.step_generator(seed, step, rank)
         sigma = torch.rand(config.batch_size, generator=g)
-        if self.dataset is not None:
-            idx = data_mod.sample_indices(len(self.dataset), seed=seed, step=step, batch=config.batch_size, rank=rank,
+        if self.dataset is not None:  # (held out: the --eval-data clips where given, else --data's)
+            folder = (getattr(self.dataset, "held_out", None) if held_out else None) or self.dataset
+            idx = data_mod.sample_indices(len(folder), seed=seed, step=step, batch=config.batch_size, rank=rank,
                                           world=world)
-            items = [self.dataset.item(i) for i in idx]
+            items = [folder.item(i) for i in idx]
             if getattr(self.pipe.vae, "device", None) != self.device:
                 self.pipe.vae.to(self.device)
             clean = self.io.encode_video(torch.stack([x for x, _ in items])).float().cpu()
