@@ -64,6 +64,11 @@ def _check_block_tensors(visited: torch.Tensor, mask_ids, mask_table, block_q: i
         got = tuple(mask_table.shape) if isinstance(mask_table, torch.Tensor) else type(mask_table).__name__
         raise ValueError(f"mask_table has shape {got}; expected [P, block_q, block_k] = [P, {block_q}, {block_k}], "
                          "one bool element mask per distinct partial block")
+    if mask_table is not None and (mask_table.is_floating_point() or mask_table.is_complex()):
+        # (an additive float mask, SDPA's attn_mask form, 0 allowed and -inf masked, was read as "nonzero": the
+        # element masks inverted, silently)
+        raise TypeError(f"mask_table must be a bool tensor (True = allowed); got {mask_table.dtype}. For an additive "
+                        "float mask (0 = allowed, -inf = masked) pass mask_table == 0")
     if visited.dtype != torch.bool and (visited.is_floating_point() or visited.is_complex()):
         raise TypeError(f"visited must be a bool tensor (True where a block pair is visited); got {visited.dtype}. "
                         "Threshold scores first, e.g. visited = scores > 0")

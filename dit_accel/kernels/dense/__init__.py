@@ -82,7 +82,7 @@ def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Op
 def fastest_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optional[float] = None,
                       return_lse: bool = False):
     """Dense softmax attention on the fastest dense kernel measured on this machine (:mod:`.choice`):
-    ``o``, or ``(o, lse)`` with ``lse`` the fp32 natural-log log-sum-exp ``(B, H, N)`` (not differentiable).
+    ``o``, or ``(o, lse)`` with ``lse`` the fp32 natural-log log-sum-exp ``(B, H, N)`` (both differentiable).
 
     Example::
 

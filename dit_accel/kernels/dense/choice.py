@@ -12,8 +12,9 @@ The candidates (:data:`CANDIDATES`):
 
 Every lse is the natural-log log-sum-exp of the scaled scores (PyTorch's context-parallel attention
 merges all three aten lse with one formula); :func:`run` hands back ``(B, H, N)`` fp32 in every case.
-All of them have a backward through autograd for ``o``; none gives a gradient through ``lse`` (``auto``
-never asks for one: see :func:`dit_accel.kernels.block_sparse.api.dense_reason`).
+All of them have a backward through autograd for ``o``; :func:`run` gives the aten ops' lse its exact gradient
+(two more SDPA calls in the backward, only where it is used; ``auto`` never asks for one: see
+:func:`dit_accel.kernels.block_sparse.api.dense_reason`).
 
 On CUDA with the autotuner on (``DIT_ACCEL_AUTOTUNE``), :func:`choose` times the candidates that can
 run once per shape class (:func:`dit_accel.kernels.autotune.choose`, family ``"dense"``,
@@ -230,6 +231,46 @@ def chosen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optional[fl
 def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optional[float] = None, return_lse: bool = False
         ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Dense attention on the chosen candidate: ``(o, lse)`` with ``lse`` fp32 natural log ``(B, H, N)``, or
-    ``(o, None)`` when ``return_lse`` is False. ``o`` is differentiable w.r.t. q, k, v; ``lse`` is not."""
+    ``(o, None)`` when ``return_lse`` is False. Both are differentiable w.r.t. q, k, v."""
     scale = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
-    return run_candidate(choose(q, k, v, scale, return_lse), q, k, v, scale, return_lse)
+    name = choose(q, k, v, scale, return_lse)
+    o, lse = run_candidate(name, q, k, v, scale, return_lse)
+    if lse is not None and name != "triton" and records_grad(q, k, v):
+        # aten's attention ops give their lse no gradient: an lse merged with other keys (merge_attention) trained
+        # on dq and dk without its terms, silently (0.99 off at 65 x 3 tokens). The in-repo kernel's has one.
+        lse = _LseGrad.apply(lse.detach(), q, k, scale)
+    return o, lse
+
+
+class _LseGrad(torch.autograd.Function):
+    """``lse`` (of attention over q, k at ``scale``) as it is, with its exact gradient: ``lse_i`` gives
+    ``dq_i = scale g_i (P K)_i`` (attention of q over k with k as values) and ``dk = scale P^T (g q)`` (attention's
+    gradient for its values); none for v. Both by SDPA, which keeps no score matrix, as differentiable ops (a
+    gradient penalty differentiates them again); ``setup_context`` so that ``torch.func.grad`` takes it too."""
+
+    @staticmethod
+    def forward(lse, q, k, scale):
+        return lse.clone()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _, q, k, scale = inputs
+        ctx.save_for_backward(q, k)
+        ctx.scale = scale
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, k = ctx.saved_tensors
+        create = torch.is_grad_enabled()  # (create_graph=True: these gradients are differentiated again)
+        if not create:
+            q, k = q.detach(), k.detach()
+        weight = (grad.float() * ctx.scale)[..., None]
+        dq = dk = None
+        if ctx.needs_input_grad[1]:
+            dq = (weight * F.scaled_dot_product_attention(q, k, k, scale=ctx.scale).float()).to(q.dtype)
+        if ctx.needs_input_grad[2]:
+            with torch.enable_grad():
+                values = torch.zeros_like(k, requires_grad=True)
+                o = F.scaled_dot_product_attention(q, k, values, scale=ctx.scale)
+                (dk,) = torch.autograd.grad(o, values, (weight * q.float()).to(o.dtype), create_graph=create)
+        return None, dq, dk, None
