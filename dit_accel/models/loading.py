@@ -20,7 +20,7 @@ from typing import Optional
 
 import torch
 
-from .tiny import EMBEDDED_MODELS, PIPELINES as TINY_PIPELINES, TINY_MODELS, build_tiny_pipeline
+from .tiny import EMBEDDED_MODELS, PIPELINES as TINY_PIPELINES, TINY_MODELS, as_dtype, build_tiny_pipeline
 from .tiny_shapes import TRAINED_MODELS
 
 __all__ = ["load_pipeline", "ModelLoadError", "resolve_model_kind", "model_folder", "model_fingerprint",
@@ -37,7 +37,8 @@ class ModelLoadError(RuntimeError):
 
 def resolve_model_kind(model: str) -> str:
     """``"tiny"`` (random weights, built in code), ``"embedded"`` (trained, shipped in the package),
-    ``"folder"`` or ``"hub"`` for a ``--model`` value (no I/O beyond a stat)."""
+    ``"folder"`` or ``"hub"`` for a ``--model`` value (no I/O beyond a stat); a ``pathlib.Path`` is a folder's."""
+    model = _as_str(model)
     if not isinstance(model, str) or not model:
         raise ValueError(f"model={model!r} is invalid: pass an embedded name ({', '.join(EMBEDDED_MODELS)}), "
                          "a folder or a hub id")
@@ -55,9 +56,16 @@ def resolve_model_kind(model: str) -> str:
     )
 
 
+def _as_str(model):
+    """A ``pathlib.Path`` (any ``os.PathLike``) as the string of its path; anything else as it is. (A Path, which
+    Diffusers' from_pretrained takes, was refused as "invalid: pass ... a folder" and fingerprinted as no folder.)"""
+    return os.fspath(model) if isinstance(model, os.PathLike) else model
+
+
 def model_folder(model) -> Optional[Path]:
     """The folder a ``--model`` value loads from: a local folder, an embedded model's folder, or a hub id's
     snapshot in the local cache; None for models built in code, objects and uncached hub ids."""
+    model = _as_str(model)
     if not isinstance(model, str):
         return None
     try:
@@ -159,10 +167,10 @@ def load_pipeline(model: str, *, device="cpu", dtype: torch.dtype = torch.float3
         model: an embedded model (``"tiny-shapes"``: trained on synthetic clips,
             shipped in the package; ``"tiny-wan"``, ``"tiny-flux"``: random
             weights built offline), a local folder holding a Diffusers pipeline
-            (``model_index.json``), or a hub id such as
+            (``model_index.json``; a str or a ``pathlib.Path``), or a hub id such as
             ``"Wan-AI/Wan2.1-T2V-1.3B-Diffusers"``.
         device: where the modules go (``"cpu"``, ``"cuda"``, ...).
-        dtype: weight dtype (``torch.float32``, ``torch.bfloat16``, ...).
+        dtype: weight dtype (``torch.float32``, ``torch.bfloat16``, ...; or its name: ``"bf16"``, ``"float16"``).
         offload: ``enable_model_cpu_offload`` onto ``device`` instead of moving
             the whole pipeline there (for big models on small GPUs).
         seed: weight seed of the tiny models (ignored otherwise).
@@ -170,13 +178,16 @@ def load_pipeline(model: str, *, device="cpu", dtype: torch.dtype = torch.float3
     Raises:
         ModelLoadError: with one line that says what to do (offline and not
             cached, hub unreachable, missing folder, not a pipeline folder).
+        ValueError: ``dtype`` is no floating dtype or dtype name (``"auto"``, ``torch.int8``).
 
     Example::
 
         pipe = load_pipeline("tiny-wan")
         pipe = load_pipeline("Wan-AI/Wan2.1-T2V-1.3B-Diffusers", device="cuda", dtype=torch.bfloat16)
     """
+    model = _as_str(model)
     kind = resolve_model_kind(model)
+    dtype = as_dtype(dtype)  # (a name such as "bf16" loaded fp32 weights from a folder or the hub, without a word)
     if kind == "tiny":
         missing = [name for name in TINY_PIPELINES[model].requires if importlib.util.find_spec(name) is None]
         if missing:  # e.g. ftfy: Diffusers' SkyReels-V2 / VACE pipelines fail on the prompt without it
@@ -242,7 +253,10 @@ def _reach_message(owner: str, reach: int, patch, spatial, temporal, call: dict)
         value = call.get(key)
         if not isinstance(value, int) or not isinstance(scale, int) or scale < 1:
             continue
-        latent = (value - 1) // scale + 1 if key == "num_frames" else value // scale
+        # Frames: the Wan-lineage pipelines round num_frames - 1 off a multiple of the VAE's stride to
+        # num_frames // scale * scale + 1 before they encode ((256 - 1) // 4 + 1 = 64 latent frames were checked
+        # where the call made 65 and failed deep in the model).
+        latent = value // scale + 1 if key == "num_frames" else value // scale
         if -(-latent // step) > reach:
             most = (reach * step - 1) * scale + 1 if key == "num_frames" else reach * step * scale
             return (f"{flag} {value} is past what {owner}'s rotary embedding covers "
@@ -279,6 +293,19 @@ _FIXED_SIZE_MULTIPLES = {
     **dict.fromkeys(("CogVideoXPipeline", "CogVideoXImageToVideoPipeline", "CogVideoXVideoToVideoPipeline",
                      "HunyuanDiTPipeline", "PixArtAlphaPipeline", "PixArtSigmaPipeline", "CogView3PlusPipeline"), 8),
 }
+# Of those, the pipelines whose check is the VAE's 8 alone while their transformer also patches the latent
+# (``patch_size``, 2 in every checkpoint): a size off 8 x patch passed their check, the transformer dropped the odd
+# latent row (or refused it) and the first scheduler step failed on the shape, so the multiple is 8 x patch.
+_PATCHED_AFTER_VAE = frozenset(("CogVideoXPipeline", "CogVideoXImageToVideoPipeline", "CogVideoXVideoToVideoPipeline",
+                                "HunyuanDiTPipeline", "PixArtAlphaPipeline", "PixArtSigmaPipeline",
+                                "CogView3PlusPipeline"))
+
+
+def _times_patch(name: str, multiple: int, patch) -> int:
+    """``multiple`` times the transformer's spatial ``patch`` for the pipelines of :data:`_PATCHED_AFTER_VAE`."""
+    if name in _PATCHED_AFTER_VAE and isinstance(patch, int) and not isinstance(patch, bool) and patch > 1:
+        return multiple * patch
+    return multiple
 
 
 def _size_multiple(pipe) -> Optional[int]:
@@ -286,7 +313,8 @@ def _size_multiple(pipe) -> Optional[int]:
     fixed ones, SD3 (VAE factor x patch size) and Wan VACE (spatial VAE factor x spatial patch) read their config."""
     name = type(pipe).__name__
     if name in _FIXED_SIZE_MULTIPLES:
-        return _FIXED_SIZE_MULTIPLES[name]
+        patch = getattr(getattr(getattr(pipe, "transformer", None), "config", None), "patch_size", None)
+        return _times_patch(name, _FIXED_SIZE_MULTIPLES[name], patch)
     try:
         if name.startswith("StableDiffusion3"):
             multiple = pipe.vae_scale_factor * pipe.patch_size
@@ -331,6 +359,7 @@ def early_size_error(model, height, width) -> Optional[str]:
     multiple = _FIXED_SIZE_MULTIPLES.get(name) if name is not None else None
     if multiple is None:
         return None
+    multiple = _times_patch(name, multiple, _transformer_config(model_folder(model)).get("patch_size"))
     return (_early_reach_error(model_folder(model), height, width)
             or _size_message(name, multiple, (("--height", height), ("--width", width))))
 
@@ -353,6 +382,17 @@ def _early_reach_error(folder: Optional[Path], height, width) -> Optional[str]:
         return None
     return _reach_message(config.get("_class_name") or "the transformer", reach, patch, scale, None,
                           {"height": height, "width": width})
+
+
+def _transformer_config(folder: Optional[Path]) -> dict:
+    """``folder``'s transformer/config.json ({} where there is none or it is no JSON object)."""
+    import json
+
+    try:
+        config = json.loads((folder / "transformer" / "config.json").read_text(encoding="utf-8-sig"))
+    except (OSError, ValueError, TypeError):
+        return {}
+    return config if isinstance(config, dict) else {}
 
 
 def index_class_name(model) -> Optional[str]:
@@ -382,6 +422,12 @@ def _place(pipe, device, offload: bool) -> None:
 
 def _from_folder(folder: Path, dtype):
     if folder.is_file():  # a single-file checkpoint (.safetensors, .ckpt) or a component's file
+        # (model_index.json itself, or a component's weights or config, was called a single-file checkpoint to
+        # convert: the pipeline folder is right above it)
+        above = next((p for p in folder.resolve().parents[:2] if (p / "model_index.json").is_file()), None)
+        if above is not None:
+            raise ModelLoadError(f"{folder} is a file of the Diffusers pipeline folder {above}, not the folder: "
+                                 f"pass {above}")
         raise ModelLoadError(
             f"{folder} is a file, not a Diffusers pipeline folder (with model_index.json): pass the folder that "
             "`pipe.save_pretrained()` or `huggingface-cli download` produced (a single-file checkpoint: load it with "
@@ -400,6 +446,7 @@ def _from_folder(folder: Path, dtype):
     try:
         return _from_pretrained(str(folder), dtype, local_files_only=True)
     except (OSError, ValueError) as err:
+        _check_components(folder)  # (what is missing, where Diffusers' message names the wrong folder or file)
         raise ModelLoadError(f"could not load the pipeline in {folder}: {_first_line(err)}") from err
 
 
@@ -418,6 +465,47 @@ def _check_index(folder: Path) -> None:
         raise ModelLoadError(f"{folder / 'model_index.json'} holds {found}, not a Diffusers pipeline index (a JSON "
                              "object naming the pipeline class in _class_name and its components): pass the folder "
                              "that `pipe.save_pretrained()` or `huggingface-cli download` produced")
+
+
+def _check_components(folder: Path) -> None:
+    """ModelLoadError naming the component folders that ``folder``'s model_index.json lists (a ``[library, class]``
+    entry) and that are not there: Diffusers said "no file named config.json found in directory <the pipeline
+    folder>", which names neither the component nor its folder (a partial download or copy)."""
+    import json
+
+    try:
+        index = json.loads((folder / "model_index.json").read_text(encoding="utf-8-sig"))
+    except (OSError, ValueError):
+        return
+    missing = [f"{name} ({entry[1]})" for name, entry in index.items()
+               if not name.startswith("_") and isinstance(entry, list) and len(entry) == 2
+               and isinstance(entry[1], str) and entry[0] is not None and not (folder / name).is_dir()]
+    if missing:
+        raise ModelLoadError(f"{folder} lacks the component folder{'s' if len(missing) > 1 else ''} "
+                             f"{', '.join(missing)} that its model_index.json names: copy or download the whole "
+                             "pipeline folder again")
+    for name in sorted(n for n in index if not n.startswith("_") and (folder / n).is_dir()):
+        variant = _variant_only(folder / name)
+        if variant is not None:
+            raise ModelLoadError(
+                f"{folder / name} holds only {variant!r}-variant weights (such as *.{variant}.safetensors), and "
+                f"dit_accel loads the plain ones: save the pipeline without the variant once (DiffusionPipeline."
+                f"from_pretrained(folder, variant={variant!r}).save_pretrained(new_folder)) and pass that folder")
+
+
+_WEIGHTS = re.compile(r"^(?:diffusion_pytorch_model|model)(?:-\d+-of-\d+)?(?:\.(\w+))?\.(?:safetensors|bin)$")
+
+
+def _variant_only(component: Path) -> Optional[str]:
+    """The variant (``"fp16"``) of a component folder whose weight files all carry one (a download of a variant's
+    files only), else None. Diffusers, asked for the plain weights, said "no file named diffusion_pytorch_model.bin
+    found", while the folder plainly holds diffusion_pytorch_model.fp16.safetensors."""
+    try:
+        names = [f.name for f in component.iterdir()]
+    except OSError:
+        return None
+    variants = {m.group(1) for m in map(_WEIGHTS.match, names) if m is not None}
+    return next(iter(variants)) if len(variants) == 1 and None not in variants else None
 
 
 def _from_hub(model: str, dtype):

@@ -70,6 +70,7 @@ __all__ = [
     "is_tiny_model",
     "is_embedded_model",
     "model_label",
+    "as_dtype",
 ]
 
 _MODULES = tuple(importlib.import_module(f"{__name__}.{name}") for name in FAMILIES)
@@ -130,6 +131,26 @@ def model_label(name) -> str | None:
     return model.label if model is not None else None
 
 
+_DTYPE_NAMES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+                "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+                "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+def as_dtype(dtype) -> torch.dtype:
+    """``dtype`` as a floating torch.dtype: a torch.dtype, or its name as Diffusers users write it (``"bf16"``,
+    ``"float16"``, ``"torch.bfloat16"``); None is float32. ValueError for anything else: a string reached
+    ``pipe.to`` as a bare TypeError (tiny models), or Diffusers' ``from_pretrained`` logged "Defaulting to
+    torch.float32" and loaded fp32 weights where fp16 were asked for (folders and hub ids)."""
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, torch.dtype) and dtype.is_floating_point:
+        return dtype
+    if isinstance(dtype, str) and dtype.strip().lower().removeprefix("torch.") in _DTYPE_NAMES:
+        return _DTYPE_NAMES[dtype.strip().lower().removeprefix("torch.")]
+    raise ValueError(f"dtype={dtype!r} is invalid: the weight dtype, a floating torch.dtype (torch.bfloat16) or its "
+                     f"name ({', '.join(repr(n) for n in _DTYPE_NAMES)}); 'auto' is not taken: give the dtype")
+
+
 def build_tiny_pipeline(name: str, *, seed: int = 0, device="cpu", dtype: torch.dtype = torch.float32):
     """Build an embedded tiny pipeline with random weights (no download).
 
@@ -147,6 +168,7 @@ def build_tiny_pipeline(name: str, *, seed: int = 0, device="cpu", dtype: torch.
     """
     if name not in PIPELINES:
         raise ValueError(f"unknown tiny model {name!r}; choose one of {sorted(TINY_MODELS)}")
+    dtype = as_dtype(dtype)
     # fork_rng: weight init draws from the global generator; do not disturb the caller's stream.
     # Builders seed after their imports: a first-time import may itself draw random numbers.
     with torch.random.fork_rng(devices=[]):

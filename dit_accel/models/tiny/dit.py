@@ -12,6 +12,9 @@ __all__ = ["TRANSFORMERS"]
 
 def _dit(cfg, grid, batch, text, rnd, t, mask):
     h, w = grid
+    if h != w:  # (the model itself failed: "shape '[-1, 5, 5, 2, 2, 8]' is invalid for input of size 2240")
+        raise ValueError(f"grid={tuple(grid)!r} is invalid for tiny 'dit': DiTTransformer2DModel unpatchifies its "
+                         "output as a square, so give a square grid (H == W), e.g. (10, 10)")
     p = cfg.patch_size
     return dict(hidden_states=rnd(batch, cfg.in_channels, p * h, p * w), timestep=t.long(),
                 class_labels=torch.arange(batch) * 7 % cfg.num_embeds_ada_norm, return_dict=False)
