@@ -107,9 +107,10 @@ def _check_counts(args) -> list:
                                  args.guidance_scale, seeds)
     except ValueError as exc:
         raise _UsageError(str(exc)) from None
-    from ..models.loading import early_size_error
+    from ..models.loading import early_size_error, early_text_length_error
 
-    problem = early_size_error(args.model, args.height, args.width)  # (else refused only once the model loaded)
+    problem = (early_size_error(args.model, args.height, args.width)  # (else refused only once the model loaded)
+               or early_text_length_error(args.model, args.max_sequence_length))
     if problem:
         raise _UsageError(problem)
     for name, least in (("phases", 1), ("samples_per_bucket", 1), ("search_iters", 0), ("batch_size", 1),

@@ -224,9 +224,10 @@ def _check_counts(args) -> None:
                                  args.guidance_scale, args.seeds)
     except ValueError as exc:
         raise _Refused(str(exc)) from None
-    from ..models.loading import early_size_error
+    from ..models.loading import early_size_error, early_text_length_error
 
-    problem = early_size_error(args.model, args.height, args.width)  # (else refused only once the model loaded)
+    problem = (early_size_error(args.model, args.height, args.width)  # (else refused only once the model loaded)
+               or early_text_length_error(args.model, args.max_sequence_length))
     if problem:
         raise _Refused(problem)
     if args.repeats < 1:

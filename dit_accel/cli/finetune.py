@@ -142,9 +142,10 @@ def config_from_args(args: argparse.Namespace):
     bare = argparse.Namespace(**{k: v for k, v in vars(args).items() if k != "_parser"})
     method = method_from_args(bare, parser=None) if plan is None else None
     defaults = _size_defaults(args.model, plan)
-    from ..models.loading import early_size_error
+    from ..models.loading import early_size_error, early_text_length_error
 
-    problem = early_size_error(args.model, args.height, args.width)  # (else refused only once the model loaded)
+    problem = (early_size_error(args.model, args.height, args.width)  # (else refused only once the model loaded)
+               or early_text_length_error(args.model, args.max_sequence_length))
     if problem:
         raise ValueError(problem)
     dense_layers = args.dense_layers

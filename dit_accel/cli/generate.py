@@ -531,7 +531,7 @@ def _prepare(args, tiny: bool):
     """Every check that needs no model, in order; returns ``(cp_config, dtype, plan, saved)``: the context-parallel
     config, the torch dtype, a calibrated plan (``--plan`` or tiny-shapes' default) and the method a weights
     folder was trained for."""
-    from ..models.loading import ModelLoadError, early_size_error, resolve_model_kind
+    from ..models.loading import ModelLoadError, early_size_error, early_text_length_error, resolve_model_kind
 
     parser = getattr(args, "_parser", None)
     _check_flags(args)
@@ -544,7 +544,8 @@ def _prepare(args, tiny: bool):
     except (ModelLoadError, ValueError) as err:
         raise _UsageError(str(err)) from None
     # (the pipeline's own refusals come after loading)
-    problem = early_size_error(args.model, args.height, args.width) or early_call_error(args)
+    problem = (early_size_error(args.model, args.height, args.width) or early_call_error(args)
+               or early_text_length_error(args.model, args.max_sequence_length))
     if problem:
         raise _UsageError(problem)
     _check_cache_under_cp(args)

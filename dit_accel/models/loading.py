@@ -24,7 +24,7 @@ from .tiny import EMBEDDED_MODELS, PIPELINES as TINY_PIPELINES, TINY_MODELS, as_
 from .tiny_shapes import TRAINED_MODELS
 
 __all__ = ["load_pipeline", "ModelLoadError", "resolve_model_kind", "model_folder", "model_fingerprint",
-           "rope_reach_error", "text_length_error", "size_error", "early_size_error",
+           "rope_reach_error", "text_length_error", "early_text_length_error", "size_error", "early_size_error",
            "index_class_name"]
 
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
@@ -269,13 +269,39 @@ def text_length_error(pipe, length) -> Optional[str]:
     the longest where there are two); None when it is not, or not known. Padded to that length, a typo such as
     100000 failed inside the text encoder with a raw out-of-memory traceback (generate, eval, calibrate and
     finetune ask before they run)."""
-    limits = [getattr(getattr(pipe, name, None), "model_max_length", None) for name in ("tokenizer", "tokenizer_2",
-                                                                                          "tokenizer_3")]
+    limits = [getattr(getattr(pipe, name, None), "model_max_length", None) for name in _TOKENIZERS]
+    return _text_length_message(type(pipe).__name__, limits, length)
+
+
+_TOKENIZERS = ("tokenizer", "tokenizer_2", "tokenizer_3")
+
+
+def _text_length_message(owner: str, limits, length) -> Optional[str]:
     limits = [n for n in limits if isinstance(n, int) and 0 < n < 1_000_000]  # (1e30: "no limit" in transformers)
     if length is None or not limits or length <= max(limits):
         return None
-    return (f"--max-sequence-length {length}: the tokenizer of {type(pipe).__name__} takes at most {max(limits)} "
+    return (f"--max-sequence-length {length}: the tokenizer of {owner} takes at most {max(limits)} "
             f"tokens; give a length of at most {max(limits)} (or leave the flag out for the pipeline's default)")
+
+
+def early_text_length_error(model, length) -> Optional[str]:
+    """:func:`text_length_error` before ``model`` loads, from the ``model_max_length`` of its folder's tokenizers
+    (``tokenizer*/tokenizer_config.json``, as transformers reads it), with the same words; None where the folder
+    does not say (a model built in code, an uncached hub id): it is asked once the model has loaded."""
+    import json
+
+    name = index_class_name(model) if length is not None else None
+    folder = model_folder(model) if name is not None else None
+    if folder is None:
+        return None
+    limits = []
+    for tokenizer in _TOKENIZERS:
+        try:
+            config = json.loads((folder / tokenizer / "tokenizer_config.json").read_text(encoding="utf-8-sig"))
+        except (OSError, ValueError):
+            continue
+        limits.append(config.get("model_max_length") if isinstance(config, dict) else None)
+    return _text_length_message(name, limits, length)
 
 
 # Pipelines whose check_inputs refuse (raise, not round) a height or width off a fixed multiple: Diffusers writes

@@ -357,10 +357,11 @@ def _check_family(c: FinetuneConfig) -> None:
 
 
 def _check_geometry(c: FinetuneConfig) -> None:
-    """``--frames``/``--height``/``--width`` that the model's VAE factors and patch size refuse, read from its folder's
-    configs before it loads, as the trainer refuses them once loaded (before: after minutes of loading a real
-    model). Models built in code (tiny ones) and uncached hub ids are checked once they load."""
-    from ..models.loading import ModelLoadError, model_folder, resolve_model_kind
+    """``--frames``/``--height``/``--width`` that the model's VAE factors and patch size refuse, and a
+    ``--max-sequence-length`` past its tokenizers', read from its folder's configs before it loads, as the trainer
+    refuses them once loaded (before: after minutes of loading a real model). Models built in code (tiny ones) and
+    uncached hub ids are checked once they load."""
+    from ..models.loading import ModelLoadError, early_text_length_error, model_folder, resolve_model_kind
     from ..pipelines.presets import model_family
     from .model_io import geometry_error
 
@@ -371,7 +372,8 @@ def _check_geometry(c: FinetuneConfig) -> None:
         class_name = model_family(c.model)[0] if folder is not None else None
     except (ValueError, ModelLoadError):
         return
-    problem = class_name and geometry_error(folder, class_name, c.frames, c.height, c.width)
+    problem = (class_name and geometry_error(folder, class_name, c.frames, c.height, c.width)) or (
+        folder is not None and early_text_length_error(c.model, c.max_sequence_length))
     if problem:
         raise ValueError(problem)
 
