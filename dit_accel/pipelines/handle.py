@@ -65,7 +65,8 @@ class AccelHandle:
         self.removed = False
         # LoRA adapters that weights= loaded: (transformer, names, the LoRA state before, see _lora_state)
         self._adapters: List[Tuple[nn.Module, List[str], tuple]] = []
-        self._fused: List[Tuple[nn.Module, List[str], torch.Tensor]] = []  # fuse_lora(): (layer, adapters, weight before)
+        # fuse_lora(): (layer, adapters, weight before, the adapters merged into it before)
+        self._fused: List[Tuple[nn.Module, List[str], torch.Tensor, List[str]]] = []
         self._fuse_guards: List[nn.Module] = []  # transformers whose fuse_lora this handle refuses
         self._save_guards: List[nn.Module] = []  # transformers whose save_pretrained this handle wraps
         self.lora_adapter: Optional[str] = None
@@ -167,12 +168,14 @@ class AccelHandle:
                     continue
                 self._adapters.append((transformer, new, state))
                 if users:
-                    # Loading activates only the new adapter; keep the user's active ones on beside it (weight 1 each).
+                    # Loading activates only the new adapter; keep the user's active ones on beside it, at the
+                    # weights the user gave them (set_adapters makes every weight 1.0), the new one at 1.0.
                     transformer.set_adapters(users + [a for a in new if a not in users])
+                    _restore_scales(transformer, state)
                     self._runtime.warnings.warn(
                         f"weights= loaded LoRA adapter {new} beside the active adapters {users}: both are active "
-                        f"(weight 1.0 each; change with transformer.set_adapters). remove() deletes {new} and "
-                        f"leaves {users} active.")
+                        f"({new} at weight 1.0, {users} at the weights you set; change with "
+                        f"transformer.set_adapters). remove() deletes {new} and leaves {users} active.")
                 self._guard_fuse(transformer)
         except BaseException:
             self._adapters = recorded
@@ -186,6 +189,7 @@ class AccelHandle:
                     _unload_adapters(transformer, new, state)
                     if users:
                         transformer.set_adapters(users)
+                        _restore_scales(transformer, state)
             with torch.no_grad():
                 for name, proj in self.sla_projections().items():
                     for key, value in proj.state_dict().items():
@@ -214,18 +218,23 @@ class AccelHandle:
                 if not mine:
                     continue
                 weight = module.get_base_layer().weight
-                self._fused.append((module, mine, weight.detach().clone()))
+                self._fused.append((module, mine, weight.detach().clone(), sorted(merged)))
                 module.merge(adapter_names=mine)
                 fused += 1
         return fused
 
     def _unfuse(self) -> None:
-        """Undo :meth:`fuse_lora` exactly: each fused layer gets its weight copy back."""
+        """Undo :meth:`fuse_lora` exactly: each fused layer gets its weight copy back. Adapters the user merged into
+        it since (``transformer.fuse_lora(adapter_names=[...])`` of their own) are merged again onto that copy:
+        the copy holds none of them, and peft would still count them merged (their LoRA lost without a word)."""
         fused, self._fused = self._fused, []
-        for module, names, weight in reversed(fused):
+        for module, names, weight, merged_before in reversed(fused):
+            later = [a for a in module.merged_adapters if a not in names and a not in merged_before]
             with torch.no_grad():
                 module.get_base_layer().weight.copy_(weight)
-            module.merged_adapters[:] = [a for a in module.merged_adapters if a not in names]
+            module.merged_adapters[:] = [a for a in module.merged_adapters if a not in names and a not in later]
+            if later:
+                module.merge(adapter_names=later)
 
     def _guard_fuse(self, transformer: nn.Module) -> None:
         """Refuse ``transformer.fuse_lora`` over this handle's adapters (an instance attribute, taken away by
@@ -560,18 +569,39 @@ _ABSENT = object()
 
 
 def _lora_state(transformer: nn.Module) -> tuple:
-    """What unloading must restore: (had LoRA, Diffusers' flag, the names of the modules that were peft layers)."""
+    """What unloading must restore: (had LoRA, Diffusers' flag, the names of the modules that were peft layers, and
+    each one's adapter scales: the weights ``set_adapters(names, weights)`` gave the user's adapters)."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
-    tuned = frozenset(n for n, m in transformer.named_modules() if isinstance(m, BaseTunerLayer))
-    return bool(getattr(transformer, "peft_config", None)), transformer.__dict__.get(_PEFT_FLAG, _ABSENT), tuned
+    layers = {n: m for n, m in transformer.named_modules() if isinstance(m, BaseTunerLayer)}
+    scales = {n: dict(getattr(m, "scaling", None) or {}) for n, m in layers.items()}
+    return (bool(getattr(transformer, "peft_config", None)), transformer.__dict__.get(_PEFT_FLAG, _ABSENT),
+            frozenset(layers), scales)
+
+
+def _restore_scales(transformer: nn.Module, state: tuple) -> None:
+    """The adapter scales of ``state`` back on the adapters still there: ``set_adapters(names)`` (which activating
+    the user's adapters beside dit_accel's, or again without it, takes) sets every weight to 1.0, so an adapter the
+    user ran at 0.5 ran at 1.0 while applied and after remove()."""
+    for name, scales in state[3].items():
+        try:
+            module = transformer.get_submodule(name)
+        except AttributeError:
+            continue
+        scaling = getattr(module, "scaling", None)
+        if isinstance(scaling, dict):
+            scaling.update({a: s for a, s in scales.items() if a in scaling})
 
 
 def _unload_adapters(transformer: nn.Module, names: Sequence[str], state: tuple) -> None:
     """Delete the LoRA adapters ``names`` (those still there) and put the model back in ``state``
     (:func:`_lora_state`): modules that were plain layers are their own base layers again."""
-    had_lora, flag, tuned = state
-    if not had_lora:  # no LoRA before: take the peft layers out entirely (the base layers are the originals)
+    had_lora, flag, tuned, _ = state
+    now = _lora_state(transformer)  # (the user's adapters keep the weights they run at: set_adapters resets them)
+    others = [a for a in (getattr(transformer, "peft_config", None) or {}) if a not in names]
+    # No LoRA before and none of anyone else's now: take the peft layers out entirely (the base layers are the
+    # originals). An adapter the user loaded since (pipe.load_lora_weights after apply) stays: below, only ours go.
+    if not had_lora and not others:
         if getattr(transformer, "peft_config", None) is not None:
             transformer.unload_lora()
         if flag is _ABSENT:
@@ -595,6 +625,7 @@ def _unload_adapters(transformer: nn.Module, names: Sequence[str], state: tuple)
             setattr(transformer.get_submodule(parent) if parent else transformer, child, module.get_base_layer())
     if users and present:
         transformer.set_adapters(users)
+    _restore_scales(transformer, now)
 
 
 def _active_adapters(transformer) -> List[str]:

@@ -90,6 +90,7 @@ class StepSource:
         self._reads_step = needs_step or reads_step  # capture names its files by step (0 when unknown)
         self._warn = warn
         self._local = threading.local()  # per-thread set_step
+        self._stepless = 0  # calls that capture saw without a step (see current)
 
     def set(self, step: Optional[Tuple[int, Optional[int]]]) -> None:
         """``(step, total)`` for this thread's next transformer calls (None: back to the scheduler)."""
@@ -112,7 +113,14 @@ class StepSource:
         if scheduler is None:
             scheduler = self._scheduler_of()
         if scheduler is None:
-            if not self._needs_step:
+            if not self._needs_step:  # capture alone: its files are named by step, and no call has one
+                self._stepless += 1
+                if self._stepless == 2:  # (a second call: from here on calls of step 0 went unsaved, unsaid)
+                    self._warn("capture names its files by denoising step, but this transformer's calls come "
+                               "without one (a bare transformer: no scheduler= given to apply() and no "
+                               "handle.set_step): every call counts as step 0, so only the first call of each layer "
+                               "is saved. Pass scheduler=pipe.scheduler to apply(), or call handle.set_step(i, "
+                               "total) before each transformer call")
                 return 0, None
             raise ValueError("dense_steps/dense_last_steps/capture_steps and per-step methods (a SparsePlan, "
                              "Tile.from_strategy) need the denoising step: apply() got a bare transformer, so pass "

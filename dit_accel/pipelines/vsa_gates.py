@@ -291,8 +291,13 @@ def _load(gates: VSAGates, targets, weights, log) -> int:
                                  "dim to heads x head dim): the gates belong to a model of another size")
             ref = next(module.parameters(), None)
             if ref is not None and ref.device.type != "meta":  # (offloaded models: moved at the first call)
-                weight = weight.to(ref.device, ref.dtype)
-                bias = None if bias is None else bias.to(ref.device, ref.dtype)
+                # The dtype of the module's first floating-point parameter of 16 bits or more (a norm's), as SLA's
+                # projections take it: its first weight may be a storage dtype (float8 layerwise casting, packed
+                # GGUF/bitsandbytes ints), which rounded the gates (0.016 off on tiny Wan) or truncated them.
+                dtype = next((p.dtype for p in module.parameters() if p.is_floating_point() and p.dtype.itemsize > 1),
+                             weight.dtype)
+                weight = weight.to(ref.device, dtype)
+                bias = None if bias is None else bias.to(ref.device, dtype)
             gates.add(name, module, _Gate(weight, bias), str(folder))
     return total
 
