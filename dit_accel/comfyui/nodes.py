@@ -61,6 +61,16 @@ def _path_text(value) -> str:
     return os.path.expanduser(text) if text.startswith("~") else text
 
 
+def _check_found(widget: str, path) -> None:
+    """A relative path widget whose file or folder is not there, said with the folder a relative path is read from:
+    ComfyUI's working folder, which is not ComfyUI's own where it was started from another (the Windows portable
+    starts in the folder above it), so "no such file" alone named a path the user sees in the ComfyUI folder."""
+    if isinstance(path, str) and path and not os.path.isabs(path) and not os.path.exists(path):
+        raise ValueError(f"dit_accel: widget {widget}={path!r} is not there: a relative path is read from ComfyUI's "
+                         f"working folder {os.getcwd()}, not from ComfyUI's folder or its models folder; give the full "
+                         "path")
+
+
 _HASHED = 1 << 20  # files up to this size are compared by content (plans, strategies, a folder's method file)
 
 
@@ -284,7 +294,16 @@ def node_for(name: str, cls: type, summary: str) -> type:
             config = {f: _value(f, fields[f], opts[f], widgets[f]) for f in fields if f in widgets}
             if paths:
                 _check_model(model)
+                for f in paths:
+                    _check_found(f, config.get(f))
             method = _method(name, config, opts, widgets, cls)
+            try:
+                return (patch_model(model, method, **options),)
+            except ValueError as err:  # (a refusal of the widgets' config, named as its widget)
+                text = _as_widget(str(err), cls.__name__, config, widgets)
+                if text == str(err):
+                    raise
+                raise ValueError(text) from None
         return (patch_model(model, method, **options),)
 
     def IS_CHANGED(_cls, **widgets):  # noqa: N802 (ComfyUI's name)
@@ -334,6 +353,7 @@ class PlanNode:
             raise ValueError("dit_accel: widget plan_path is empty: give the path of a plan JSON written by "
                              "dit-accel calibrate")
         _check_model(model)
+        _check_found("plan_path", path)
         if os.path.isfile(os.path.join(path, METHOD_FILE)):  # (the plan file's error: "it is a folder")
             raise ValueError(f"dit_accel: widget plan_path={path!r} is a dit-accel finetune output folder, not a plan: "
                              "load it with the dit_accel fine-tuned weights node (weights_path)")
@@ -386,6 +406,7 @@ class FinetunedNode:
         if expert not in EXPERTS:
             raise ValueError(f"dit_accel: widget expert={expert!r} is invalid: choose one of {', '.join(EXPERTS)}")
         _check_model(model)
+        _check_found("weights_path", folder)
         try:
             method = load_method(folder)
         except ValueError as err:  # (its own error names the Python API's weights=)

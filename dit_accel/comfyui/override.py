@@ -333,6 +333,16 @@ class Patch:
         return bool(s.dense_steps or s.dense_last_steps
                     or any(hasattr(m, "for_layer_step") for m in s.methods()))
 
+    def plan(self, method, grid):
+        """The method's plan at ``grid``; a grid it refuses (GNA's kernel of 7 frames on a 3-frame latent) said as
+        dit_accel's, with the model and this call's grid: ComfyUI shows it on the sampler node, not on ours, and the
+        grid is known only when the sampler calls the model."""
+        try:
+            return self.plans.get(method, grid)
+        except ValueError as err:
+            raise ValueError(f"dit_accel: {method!r} cannot run on the token grid {tuple(grid)} of this "
+                             f"{self.model_name} call (the latent's size in patches): {err}") from None
+
     def current(self) -> Optional[CallState]:
         return self._call.get()
 
@@ -373,7 +383,7 @@ class AttentionOverride:
         if layer is None:  # cross-attention, a text refiner, another model's module: not a video self-attention
             return self.decline(func, args, kwargs)
         method, why = patch.method_for(layer, state)
-        plan = None if method is None else patch.plans.get(method, state.grid)
+        plan = None if method is None else patch.plan(method, state.grid)
         if plan is not None and (plan.is_dense or (plan.density or 0.0) >= 1.0):
             patch.warn_no_speedup(layer, method, plan)
         if plan is None or plan.is_dense:

@@ -116,10 +116,23 @@ def _check_methods_for(family, methods, weights=None) -> None:
             try:
                 check_method_for(f"{family.name} ({family.diffusers_class})", preset, each,
                                  host="comfyui" if note is None else "comfyui-file")
+                _check_tile_block(each, preset.grid_dims)
             except ValueError as err:
                 if note is None:
                     raise
                 raise ValueError(f"{err} ({note})") from None
+
+
+def _check_tile_block(method, dims) -> None:
+    """A Tile's explicit ``block_size`` that is no box of its tile (``tile=(2, 4, 4)``, 32 tokens, in 64-token blocks):
+    wrong at any grid of the family's rank, so said here, not at the first sampling step (where ``Tile.plan``
+    refuses it, deep in the sampler)."""
+    from ..patterns.tile import check_tile_block
+
+    block, tile = getattr(method, "block_size", None), getattr(method, "tile", None)
+    if getattr(method, "name", None) != "tile" or block is None or tile is None or not dims:
+        return
+    check_tile_block((1,) * dims, tile, block)
 
 
 def _check_heads(model_name: str, layers, methods) -> None:

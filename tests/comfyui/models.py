@@ -244,7 +244,9 @@ def masked_reference(mask, text: str, calls: Optional[list] = None, lengths=None
         allowed[..., video, video] = mask if select is None else select(q[..., video, :].double(),
                                                                         k[..., video, :].double())
         scores = (q.double() @ k.double().transpose(-1, -2)) / q.shape[-1] ** 0.5
-        if key_mask is not None:
+        if key_mask is not None and key_mask.dtype == torch.bool:  # (ComfyUI's bool masks: True attends)
+            scores = scores.masked_fill(~key_mask.reshape(-1, 1, 1, s), float("-inf"))
+        elif key_mask is not None:
             scores = scores + key_mask.double().reshape(-1, 1, 1, s)
         scores = scores.masked_fill(~allowed, float("-inf"))
         out = (scores.softmax(-1) @ v.double()).to(q.dtype)
