@@ -389,6 +389,10 @@ class Tile(Method):
         if fit and block is not None:  # (likewise: an explicit block keeps the tile given)
             raise ValueError(f"Tile.fit=True is invalid with block_size={block}: fit picks a tile packed into 64-token "
                              "blocks, and an explicit block_size keeps the tile given; pass one of them")
+        if block is not None and isinstance(tile, tuple):  # (else refused at the first sparse call, deep in a run)
+            from .patterns.tile import check_tile_block
+
+            check_tile_block((1,) * len(tile), tile, block)
         _freeze(self, tile=tile, window=window, block_size=block, fit=fit)
 
     def to_dict(self) -> dict:  # without the defaults: plans written before the fields existed read the same
