@@ -154,17 +154,20 @@ def atomic_write(path: PathLike, write: Callable[[Path], object]) -> Path:
     """``write(tmp)`` writes the file at the temporary path ``tmp``; then it replaces ``path`` in one rename.
 
     For libraries that write by path (safetensors, ``torch.save``, ``np.savez``, imageio). On any error
-    the temporary file is removed and ``path`` is untouched. Returns ``path``.
+    the temporary file is removed and ``path`` is untouched. A ``path`` that is a symbolic link has the file it
+    names replaced, as those libraries' own writes do, not the link (the renamed file took the link's place, and
+    the file the link named kept the old content). Returns ``path``.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_name(path)
+    target = Path(os.path.realpath(path)) if path.is_symlink() else path
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_name(target)
     try:
         with _naming(path):
             write(tmp)
         _fsync(tmp)
         crash_point()
-        os.replace(tmp, path)
+        os.replace(tmp, target)
     except BaseException:
         with contextlib.suppress(OSError):
             tmp.unlink()
@@ -194,9 +197,11 @@ def atomic_folder(path: PathLike) -> Iterator[Path]:
     is replaced), on an error it is removed and ``final`` is untouched.
 
     The swap is two renames (old aside, new in); a kill between them leaves no ``final`` and the old
-    folder under a temporary name, never a mixed one.
+    folder under a temporary name, never a mixed one. A ``final`` that is a symbolic link has the folder it names
+    replaced, not the link (as :func:`atomic_write`).
     """
     path = Path(path)
+    path = Path(os.path.realpath(path)) if path.is_symlink() else path
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_name(path)
     tmp.mkdir()
@@ -264,6 +269,7 @@ def _commit_files(files: Dict[PathLike, Content], journal: Path, remove: Iterabl
     try:
         for final, content in files.items():
             final = Path(final)
+            final = Path(os.path.realpath(final)) if final.is_symlink() else final  # (as atomic_write: the file named)
             final.parent.mkdir(parents=True, exist_ok=True)
             tmp = temp_name(final)
             staged.append((tmp, final))
@@ -601,9 +607,30 @@ def folder_digest(folder: PathLike, memo: Optional[PathLike] = None, warn: Calla
 
 
 # ----------------------------------------------------------------------------- readers
+_WIDE_BOMS = ((b"\xff\xfe\x00\x00", "utf-32-le"), (b"\x00\x00\xfe\xff", "utf-32-be"), (b"\xff\xfe", "utf-16-le"),
+              (b"\xfe\xff", "utf-16-be"))
+
+
+def _wide_text(data: bytes) -> Optional[str]:
+    """``data`` as UTF-16 or UTF-32 text when it starts with that byte-order mark (Notepad's "Unicode", PowerShell
+    5's ``>``) and decodes to text: some ASCII (a JSON file's brackets, a newline) and no control character other
+    than tab and newlines. None otherwise: bytes that merely start like a mark are binary, or not UTF-8."""
+    for bom, codec in _WIDE_BOMS:
+        if data.startswith(bom):
+            try:
+                text = data[len(bom):].decode(codec)
+            except UnicodeDecodeError:
+                return None
+            if any(c < "\x80" for c in text) and not any(c < " " and c not in "\t\n\r" for c in text):
+                return text
+            return None
+    return None
+
+
 def read_text(path: PathLike, *, what: str = "a UTF-8 text file") -> str:
     """The text of ``path``, without the byte-order mark Windows editors put first (it stayed on the first prompt, an
-    invisible character the text encoder saw, and made JSON files unreadable); BadFileError for a missing,
+    invisible character the text encoder saw, and made JSON files unreadable). UTF-16 and UTF-32 text that starts with
+    its byte-order mark (Notepad's "Unicode", PowerShell 5's ``>``) is read too; BadFileError for a missing,
     unreadable or binary (not UTF-8) file."""
     path = Path(path)
     try:
@@ -614,6 +641,9 @@ def read_text(path: PathLike, *, what: str = "a UTF-8 text file") -> str:
         raise BadFileError(path, "cannot read it: it is a folder", what) from None
     except OSError as err:
         raise BadFileError(path, f"cannot read it ({err.strerror or err})", what) from None
+    text = _wide_text(data)
+    if text is not None:
+        return text
     if b"\x00" in data:
         raise BadFileError(path, "is binary (holds NUL bytes)", what)
     try:

@@ -259,7 +259,8 @@ def load_video(path) -> np.ndarray:
     """Read a video written by :func:`save_video` (or any mp4/gif/png) as ``uint8 [F, H, W, 3]``.
 
     ``path`` may be an mp4, a gif, a PNG, a PNG pattern base (``x.png`` written
-    as ``x_00000.png``, ...) or a folder of PNG frames (sorted by name).
+    as ``x_00000.png``, ...) or a folder of PNG frames (sorted by name, numbers by value: ``2.png`` before
+    ``10.png``).
     """
     if not isinstance(path, (str, Path)) or not str(path):
         raise ValueError(f"path={path!r} is invalid: give the path of a video (.mp4, .gif, .png) or a frame folder")
@@ -271,13 +272,14 @@ def load_video(path) -> np.ndarray:
         if journal.exists():
             finish_for_reader(journal, path)
     if path.is_dir():  # not the temporaries a killed save_video left
-        files = sorted(p for p in path.iterdir() if p.suffix.lower() == ".png" and not is_temp_name(p))
+        files = sorted((p for p in path.iterdir() if p.suffix.lower() == ".png" and not is_temp_name(p)),
+                       key=_frame_order)
         if not files:
             raise FileNotFoundError(f"no .png frames in folder {path}")
         return _read_frames(files)
     if suffix == ".png" and not path.exists():
         pattern = re.compile(re.escape(path.stem) + r"_\d+\.png$")
-        files = sorted(p for p in path.parent.glob(f"{path.stem}_*.png") if pattern.match(p.name))
+        files = sorted((p for p in path.parent.glob(f"{path.stem}_*.png") if pattern.match(p.name)), key=_frame_order)
         if files:
             return _read_frames(files)
     if not path.exists():
@@ -291,6 +293,13 @@ def load_video(path) -> np.ndarray:
     except Exception as err:  # PIL, imageio and ffmpeg raise many types for truncated or damaged files
         raise BadFileError(path, f"cannot be decoded ({type(err).__name__}: {' '.join(str(err).split())[:100]})",
                            "a whole mp4, gif or png") from None
+
+
+def _frame_order(path: Path) -> tuple:
+    """Sort key of a frame file: its name with each run of digits read as a number, so the frames of a tool that
+    does not pad its numbers (ffmpeg's ``%d.png``: 1, 2, ..., 10) come in their order, not as 1, 10, 11, 2."""
+    return tuple((0, int(part), part) if part.isdigit() else (1, 0, part)
+                 for part in re.split(r"(\d+)", path.name.lower()))
 
 
 def _read_frames(files: list) -> np.ndarray:

@@ -51,6 +51,10 @@ Compile-time analysis, not a measurement. Results are cached in $DIT_ACCEL_CACHE
 example: dit-accel bench sass --arch 90 --family block_sparse --kernel fwd --dtype bfloat16 --head-dim 128"""
 
 
+#: ``bench sass``'s ``--family`` default: given otherwise beside ``--search``, it was dropped.
+_SASS_FAMILIES = "block_sparse,sla"
+
+
 def register(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("bench", help="benchmark kernels (speed) or methods on captured q/k/v (fidelity)",
                               description=plain(__doc__), formatter_class=HelpFormatter)
@@ -130,7 +134,7 @@ def register(subparsers) -> argparse.ArgumentParser:
                                     "occupancy (compile-time, no GPU needed)",
                        description=plain(_SASS_DESCRIPTION), formatter_class=HelpFormatter)
     s.add_argument("--arch", default="80,89,90", help="comma-separated compute capabilities (default 80,89,90)")
-    s.add_argument("--family", default="block_sparse,sla", help="block_sparse, sla or both (default)")
+    s.add_argument("--family", default=_SASS_FAMILIES, help="block_sparse, sla or both (default)")
     s.add_argument("--kernel", default=None, help="kernel names, e.g. fwd,bwd_dq (default: all)")
     s.add_argument("--dtype", default=None, help="e.g. bfloat16,float16 (default: all shipped)")
     s.add_argument("--head-dim", default=None, help="padded head dims, e.g. 64,128 (default: all shipped)")
@@ -188,6 +192,20 @@ def _gpu_device_error(device: str, cuda_available: bool):
     return device_error(device, allowed=("cuda",), advice=advice)
 
 
+def _plot_error(path) -> "str | None":
+    """Why ``--plot`` cannot name the picture (None when it can): a suffix that is no image format matplotlib
+    writes (``.txt``; none at all, where it writes ``NAME.png`` instead)."""
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    formats = sorted(FigureCanvasBase.get_supported_filetypes())
+    suffix = os.path.splitext(str(path))[1].lower().lstrip(".")
+    if suffix in formats:
+        return None
+    what = f"its suffix .{suffix} is no image format" if suffix else "it has no suffix to pick the image format"
+    return (f"--plot {path}: {what}; end it with one of {', '.join('.' + f for f in formats)}, e.g. "
+            f"{os.path.splitext(str(path))[0] or 'bench'}.png")
+
+
 def _command_line(args) -> str:
     parts = ["dit-accel bench kernels"]
     for name in ("device", "densities", "shapes", "backends", "threads", "repeats", "warmup", "dtype", "out", "plot"):
@@ -219,6 +237,11 @@ def _run_gpu(args, **overrides) -> int:
         print(f"dit-accel bench gpu: {message}", file=sys.stderr)
         return 2
 
+    from .checks import folder_error
+
+    problem = folder_error(args.out, "--out")
+    if problem:  # ("" wrote the reports into the working folder; a file stopped the run with an OSError, status 1)
+        return fail(problem)
     shapes = list(gpu.STANDARD_SHAPES)
     if args.shapes is not None:
         shapes = _kept_shapes(args.shapes, shapes)
@@ -276,6 +299,9 @@ def _run_kernels(args) -> int:
         problem = file_error(path, flag, example) if path is not None else None
         if problem:  # now, not after the benchmark ran
             return fail(problem)
+    problem = _plot_error(args.plot) if args.plot is not None and not args.modelled else None
+    if problem:  # (matplotlib refused it after the whole benchmark, or added ".png" to a name printed without it)
+        return fail(problem)
     if args.out and args.plot and os.path.abspath(os.path.expanduser(args.out)) == \
             os.path.abspath(os.path.expanduser(args.plot)):  # (the plot was written over the results)
         return fail(f"--out {args.out} and --plot {args.plot} name one file: the plot would replace the results; "
@@ -468,6 +494,11 @@ def _run_sass(args) -> int:
             return refuse(f"{flag} takes {expected}; got {bad or 'nothing'}")
     if args.workers < 1:
         return refuse(f"--workers must be >= 1; got {args.workers}")
+    ignored = _search_ignores(args)
+    if ignored:  # (the search compiles every candidate of its family: these filters changed nothing, silently)
+        return refuse(f"{', '.join(ignored)} {'does' if len(ignored) == 1 else 'do'} not apply to --search (it ranks "
+                      f"every candidate configuration of --search {args.search} at --arch): drop "
+                      + ("it" if len(ignored) == 1 else "them") + ", or leave out --search for the shipped table")
     from .checks import file_error
 
     problem = file_error(args.json, "--json", "sass.json") if args.json is not None else None
@@ -480,9 +511,9 @@ def _run_sass(args) -> int:
         for key, ranked in groups.items():
             best = ranked[0]
             cyc = sass.tile_cycles(best) if best.get("error") is None else None
-            print(f"{' '.join(map(str, key)):<48} best {best['name']:<44} "
+            print(f"{' '.join(map(str, key)):<48} " + (f"best {best['name']:<44} "
                   f"{'clean' if sass.clean(best) else 'NOT CLEAN'} "
-                  f"{cyc['per_pair']:.4f} cyc/pair ({cyc['bound']})" if cyc else "no candidate compiled")
+                  f"{cyc['per_pair']:.4f} cyc/pair ({cyc['bound']})" if cyc else "no candidate compiled"))
     else:
         rows = sass.report(archs, families, words(args.kernel), words(args.dtype), head_dims, dense=not args.no_dense,
                            workers=args.workers, progress=True)
@@ -497,6 +528,16 @@ def _run_sass(args) -> int:
         atomic_write_json(args.json, result, indent=1, default=str)
         print(f"wrote {args.json}")
     return 0
+
+
+def _search_ignores(args) -> list:
+    """The ``bench sass`` flags given beside ``--search`` that it does not read (empty without ``--search``)."""
+    if not args.search:
+        return []
+    given = [flag for flag, value in (("--kernel", args.kernel), ("--dtype", args.dtype), ("--head-dim", args.head_dim))
+             if value is not None]
+    given += ["--no-dense"] if args.no_dense else []
+    return given + (["--family"] if args.family != _SASS_FAMILIES else [])
 
 
 def _gpu_method_name(name: str) -> str:
