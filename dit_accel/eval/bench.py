@@ -662,7 +662,9 @@ def plot_kernels(result: dict, path) -> None:
     fig.suptitle(f"{result['device_name']} ({result['dtype']})" + (" - reduced CPU shapes" if result["reduced_sizes"]
                                                                       else ""), fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    from ..atomic_files import atomic_write
+
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100))  # (a failed write leaves the old plot, as report.py's)
     plt.close(fig)
 
 

@@ -92,6 +92,7 @@ def test_the_kernels_plot_puts_each_point_at_its_true_density_against_the_true_i
 
     ax = mock.MagicMock()
     fig = mock.MagicMock()
+    fig.savefig.side_effect = lambda path, **k: open(path, "wb").close()  # (the plot is written by a rename)
     monkeypatch.setattr(plt, "subplots", lambda *a, **k: (fig, [[ax]]))
     monkeypatch.setattr(plt, "close", lambda f: None)
     rows = [{"shape": "odd", "kernel": "dense SDPA", "density": 1.0, "speedup": 1.0},
@@ -102,6 +103,27 @@ def test_the_kernels_plot_puts_each_point_at_its_true_density_against_the_true_i
     assert list(points[0]) == [0.152, 0.4] and list(points[1]) == [5.0, 2.0]
     assert list(ideal[0]) == [0.152, 0.4] and list(ideal[1]) == pytest.approx([1 / 0.152, 1 / 0.4])
     assert "true density" in ax.set_xlabel.call_args.args[0]
+
+
+def test_a_kernels_plot_that_fails_to_write_leaves_the_old_one(tmp_path, monkeypatch):
+    """bench kernels --plot wrote in place: a write that failed halfway left a broken picture (report.py's figures
+    were already written by a rename)."""
+    from matplotlib.figure import Figure
+
+    from dit_accel.eval import bench
+
+    old = tmp_path / "speed.png"
+    old.write_bytes(b"the old plot")
+
+    def broken(self, path, **kw):
+        open(path, "wb").write(b"half")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(Figure, "savefig", broken)
+    rows = [{"shape": "s", "kernel": "k", "density": 0.5, "true_density": 0.5, "speedup": 1.5}]
+    with pytest.raises(OSError, match="disk full"):
+        bench.plot_kernels({"rows": rows, "device_name": "cpu", "dtype": "f32", "reduced_sizes": False}, old)
+    assert old.read_bytes() == b"the old plot" and sorted(p.name for p in tmp_path.iterdir()) == ["speed.png"]
 
 
 def test_layout_rows_takes_one_name_as_a_name_and_names_the_grids_it_has():
