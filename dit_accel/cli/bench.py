@@ -299,13 +299,13 @@ def _run_kernels(args) -> int:
         problem = file_error(path, flag, example) if path is not None else None
         if problem:  # now, not after the benchmark ran
             return fail(problem)
-    problem = _plot_error(args.plot) if args.plot is not None and not args.modelled else None
-    if problem:  # (matplotlib refused it after the whole benchmark, or added ".png" to a name printed without it)
-        return fail(problem)
     if args.out and args.plot and os.path.abspath(os.path.expanduser(args.out)) == \
             os.path.abspath(os.path.expanduser(args.plot)):  # (the plot was written over the results)
         return fail(f"--out {args.out} and --plot {args.plot} name one file: the plot would replace the results; "
                     "give two paths, e.g. --out bench.json --plot bench.png")
+    problem = _plot_error(args.plot) if args.plot is not None and not args.modelled else None
+    if problem:  # (matplotlib refused it after the whole benchmark, or added ".png" to a name printed without it)
+        return fail(problem)
     if args.modelled:
         return _run_modelled(args, fail)
     if args.tile:

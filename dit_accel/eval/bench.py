@@ -53,6 +53,7 @@ import torch
 import torch.nn.functional as F
 
 from .._util import load_average, time_median, versions
+from .report import percent_down
 
 __all__ = ["ModelShape", "GPU_SHAPES", "CPU_SHAPES", "CPU_QUICK_SHAPES", "DENSITIES", "bench_kernels",
            "tile_layout_for_density", "time_fn", "bench_sla", "model_kernels", "kernels_table",
@@ -435,16 +436,6 @@ def _device_name(device: torch.device) -> str:
         return torch.cuda.get_device_name(device)
     cpu = platform.processor() or platform.machine()
     return f"{cpu} CPU, {os.cpu_count()} cores, {torch.get_num_threads()} threads"
-
-
-def percent_down(fraction: float) -> str:
-    """``fraction`` as a percent to a tenth, rounded down: a share of the ideal printed beside an "at least" target
-    never reads as met when it is not (0.7996 is "79.9%", not "80.0%"; whole percents printed 0.796 as "80%")."""
-    from decimal import ROUND_FLOOR, Decimal
-
-    if not math.isfinite(fraction):
-        return f"{fraction}"
-    return f"{(Decimal(repr(float(fraction))) * 100).quantize(Decimal('0.1'), rounding=ROUND_FLOOR)}%"
 
 
 def kernels_table(result: dict) -> str:

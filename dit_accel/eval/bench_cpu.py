@@ -40,7 +40,7 @@ import torch.nn.functional as F
 
 from ..kernels import BlockLayout, block_sparse_attention
 from ..kernels.geometry import block_figures
-from .bench import percent_down
+from .report import percent_down
 
 TABLE_PATTERNS = ("tile-0.117", "gna-strided-0.094", "gna-0.105", "gna-0.282", "radial-0.109", "radial-0.296",
                   "sla-0.2")

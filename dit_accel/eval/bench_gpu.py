@@ -54,7 +54,8 @@ from typing import Callable, List, Optional, Sequence
 
 import torch
 
-from .bench import ModelShape, percent_down
+from .bench import ModelShape
+from .report import percent_down
 from .bench_gpu_cases import GRAD_TOLERANCE, O_TOLERANCE, _Shape, _short, _skipped, fp32_dense, relative_error
 
 __all__ = ["STANDARD_SHAPES", "STANDARD_DENSITIES", "STANDARD_METHODS", "AUTOTUNE_MODES", "BUDGET_S",

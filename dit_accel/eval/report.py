@@ -36,6 +36,17 @@ def _speedup(value) -> str:
     return f"{value:.2f}x" if value else "-"
 
 
+def percent_down(fraction: float) -> str:
+    """``fraction`` as a percent to a tenth, rounded down: a share of the ideal printed beside an "at least" target
+    never reads as met when it is not (0.7996 is "79.9%", not "80.0%"; whole percents printed 0.796 as "80%")."""
+    import math
+    from decimal import ROUND_FLOOR, Decimal
+
+    if not math.isfinite(fraction):
+        return f"{fraction}"
+    return f"{(Decimal(repr(float(fraction))) * 100).quantize(Decimal('0.1'), rounding=ROUND_FLOOR)}%"
+
+
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(_fmt(c) if not isinstance(c, str) else c for c in r) + " |" for r in rows]

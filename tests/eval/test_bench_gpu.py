@@ -107,7 +107,7 @@ def test_kernels_table_shows_call_timings_when_present():
 def test_the_share_of_the_ideal_is_printed_to_a_tenth_of_a_percent():
     """0.796 of the ideal was printed "80%" beside an ">= 80%" target it misses; both tables now print 79.6%, and a
     share just under a whole percent is rounded down."""
-    from dit_accel.eval.bench import percent_down
+    from dit_accel.eval.report import percent_down
     from dit_accel.eval.bench_gpu import gpu_markdown
     from tests.eval.test_inputs_round15_figures import _report
 
