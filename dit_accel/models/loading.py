@@ -288,19 +288,12 @@ def early_text_length_error(model, length) -> Optional[str]:
     """:func:`text_length_error` before ``model`` loads, from the ``model_max_length`` of its folder's tokenizers
     (``tokenizer*/tokenizer_config.json``, as transformers reads it), with the same words; None where the folder
     does not say (a model built in code, an uncached hub id): it is asked once the model has loaded."""
-    import json
-
     name = index_class_name(model) if length is not None else None
     folder = model_folder(model) if name is not None else None
     if folder is None:
         return None
-    limits = []
-    for tokenizer in _TOKENIZERS:
-        try:
-            config = json.loads((folder / tokenizer / "tokenizer_config.json").read_text(encoding="utf-8-sig"))
-        except (OSError, ValueError):
-            continue
-        limits.append(config.get("model_max_length") if isinstance(config, dict) else None)
+    limits = [component_config(folder, tokenizer, "tokenizer_config.json").get("model_max_length")
+              for tokenizer in _TOKENIZERS]
     return _text_length_message(name, limits, length)
 
 
@@ -385,7 +378,7 @@ def early_size_error(model, height, width) -> Optional[str]:
     multiple = _FIXED_SIZE_MULTIPLES.get(name) if name is not None else None
     if multiple is None:
         return None
-    multiple = _times_patch(name, multiple, _transformer_config(model_folder(model)).get("patch_size"))
+    multiple = _times_patch(name, multiple, component_config(model_folder(model), "transformer").get("patch_size"))
     return (_early_reach_error(model_folder(model), height, width)
             or _size_message(name, multiple, (("--height", height), ("--width", width))))
 
@@ -410,12 +403,13 @@ def _early_reach_error(folder: Optional[Path], height, width) -> Optional[str]:
                           {"height": height, "width": width})
 
 
-def _transformer_config(folder: Optional[Path]) -> dict:
-    """``folder``'s transformer/config.json ({} where there is none or it is no JSON object)."""
+def component_config(folder: Optional[Path], component: str, file: str = "config.json") -> dict:
+    """A pipeline folder's ``component/file`` (``transformer/config.json``, ``tokenizer/tokenizer_config.json``) as
+    a dict, read without loading anything; {} where there is none or it is no JSON object."""
     import json
 
     try:
-        config = json.loads((folder / "transformer" / "config.json").read_text(encoding="utf-8-sig"))
+        config = json.loads((Path(folder) / component / file).read_text(encoding="utf-8-sig"))
     except (OSError, ValueError, TypeError):
         return {}
     return config if isinstance(config, dict) else {}

@@ -315,15 +315,15 @@ def geometry_error(folder, class_name: str, frames: int, height: int, width: int
     ``folder`` (a Diffusers folder whose transformer is ``class_name``) has loaded, read from its
     ``transformer/config.json`` and ``vae/config.json`` before it loads (minutes for a real model); None when it
     will not, or when the configs do not say (the check after loading covers it)."""
-    import json
-    from pathlib import Path
     from types import SimpleNamespace
 
+    from ..models.loading import component_config
+
     cls = _FAMILIES.get(class_name)
-    if cls is None:
+    configs = {name: component_config(folder, name) for name in ("transformer", "vae")}
+    if cls is None or not all(configs.values()):  # (a config missing or unreadable: the check after loading)
         return None
     try:
-        configs = {name: json.loads((Path(folder) / name / "config.json").read_text()) for name in ("transformer", "vae")}
         io = cls(SimpleNamespace(transformer=SimpleNamespace(config=SimpleNamespace(**configs["transformer"])),
                                  **cls.pipe_scales(configs["vae"])))
     except (OSError, ValueError, AttributeError, TypeError, KeyError):
