@@ -461,19 +461,21 @@ class AccelHandle:
         (:func:`_as_ran`), and under ring context parallelism the config each rank's share ran
         (:meth:`~dit_accel.methods.Method.for_shares`: GNA's tile for one rank's slab); the config itself where the
         method has no plan of its own there (a per-step strategy or plan, or a plan dropped from the cache). Read
-        from the plans already built, so no attention call pays for it."""
+        from the plans already built, so no attention call pays for it. The method is the one running now: during
+        fine-tuning's VSA sparsity decay, the decay's sparsity, not ``config``'s."""
         seen = set(self._runtime.stats.grids)
         ring = self._ring_degree()
+        running = self.schedule.method  # (self.method is the config as set; the decay runs another sparsity)
         out: Dict[tuple, dict] = {}
         for (method, grid), plan in self._runtime.plans.items().items():
             if grid not in seen:
                 continue
-            if method == self.method or (ring > 1 and method == self.method.for_shares(grid, ring)):
+            if method == running or (ring > 1 and method == running.for_shares(grid, ring)):
                 out[grid] = _as_ran(plan.method, grid)
             else:
-                out.setdefault(grid, self.method.ran_dict())
+                out.setdefault(grid, running.ran_dict())
         for grid in seen - set(out):
-            out[grid] = self.method.ran_dict()
+            out[grid] = running.ran_dict()
         return {"x".join(str(g) for g in grid): out[grid] for grid in sorted(out)}
 
     def _ring_degree(self) -> int:
