@@ -340,8 +340,10 @@ class Patch:
         try:
             return self.plans.get(method, grid)
         except ValueError as err:
+            # (the pattern's advice names its Python API; on ComfyUI it is the node's fit widget)
+            text = str(err).replace(f"{type(method).__name__}(..., fit=True)", "the node's fit widget (on)")
             raise ValueError(f"dit_accel: {method!r} cannot run on the token grid {tuple(grid)} of this "
-                             f"{self.model_name} call (the latent's size in patches): {err}") from None
+                             f"{self.model_name} call (the latent's size in patches): {text}") from None
 
     def current(self) -> Optional[CallState]:
         return self._call.get()

@@ -1,0 +1,21 @@
+"""ComfyUI, round 18: the advice of a grid the method refuses names the node's widget, not the Python API."""
+
+import pytest
+
+from tests.comfyui.models import CASES, COMMON_WIDGETS, run_node, sample
+
+
+def test_a_refused_grid_advises_the_nodes_fit_widget_not_the_python_api(comfy, wan):
+    """GNA's kernel of 7 on a 3-frame latent: the sampler's message said "or GNA(..., fit=True) to clamp the kernel
+    to the grid", a call the ComfyUI user never writes; the node has a fit widget, which is what it now names."""
+    patched = run_node("DitAccelGNA", wan, kernel_size="7", stride="1", dilation="1", is_causal=False, tile="",
+                       fit=False, **COMMON_WIDGETS)
+    with pytest.raises(ValueError) as err:
+        sample(comfy, patched, CASES["wan21-t2v"], steps=1)
+    text = str(err.value)
+    assert "GNA(..., fit=True)" not in text and "or the node's fit widget (on) to clamp the kernel to the grid" in text
+    # and with the widget on, the same grid runs (the kernel clamped to its 3 frames)
+    fitted = run_node("DitAccelGNA", wan, kernel_size="7", stride="1", dilation="1", is_causal=False, tile="",
+                      fit=True, **COMMON_WIDGETS)
+    with pytest.warns(Warning, match="clamp"):
+        sample(comfy, fitted, CASES["wan21-t2v"], steps=1)
