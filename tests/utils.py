@@ -192,17 +192,39 @@ class ReferenceAttention(TorchFunctionMode):
     of the allowed pairs (Chroma's additive ``(B, 1, S, S)`` text mask). A call of the image's queries alone against
     the joint keys ([text, image]: Qwen-Image 2.1, PRX; [image, text]: Nucleus-Image) gets the image rows of that
     mask.
-    Cross-attention and text-only calls pass through.
+    Cross-attention and text-only calls pass through: those shorter than the image by their length, and the calls
+    of the modules ``text_only`` names (a caption refiner over as many tokens as the image or more: Z-Image's and
+    Lumina 2's ``context_refiner`` on small grids, which the length alone would take for joint calls).
     ``calls`` counts the calls it replaced.
     """
 
-    def __init__(self, pattern: torch.Tensor, text_position: str):
+    def __init__(self, pattern: torch.Tensor, text_position: str, *, text_only=()):
         super().__init__()
         self.pattern, self.position, self.calls = pattern, text_position, 0
+        self._text_only = list(text_only)
+        self._inside, self._hooks = 0, []
+
+    def _enter_text_only(self, *_):
+        self._inside += 1
+
+    def _leave_text_only(self, *_):
+        self._inside -= 1
+
+    def __enter__(self):
+        for module in self._text_only:
+            self._hooks += [module.register_forward_pre_hook(self._enter_text_only),
+                            module.register_forward_hook(self._leave_text_only, always_call=True)]
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks, self._inside = [], 0
+        return super().__exit__(*exc)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func is not F.scaled_dot_product_attention:
+        if func is not F.scaled_dot_product_attention or self._inside:
             return func(*args, **kwargs)
         call = dict(zip(("query", "key", "value", "attn_mask"), args), **kwargs)
         q, k, v, mask = call["query"], call["key"], call["value"], call.get("attn_mask")

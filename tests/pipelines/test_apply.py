@@ -75,7 +75,8 @@ def test_sparse_matches_masked_reference_and_remove_restores(models, name):
     processors = {n: m.processor for n, m in model.named_modules() if hasattr(m, "processor")}
     dense = _run(model, kwargs)
     method, grid = SPARSE[name], T.TRANSFORMER_GRIDS[name]
-    with ReferenceAttention(gna_mask(grid, method.kernel_size), PRESETS[type(model).__name__].text_position) as ref_mode:
+    with ReferenceAttention(gna_mask(grid, method.kernel_size), PRESETS[type(model).__name__].text_position,
+                            text_only=getattr(model, "context_refiner", ())) as ref_mode:
         ref = _run(model, kwargs)
     handle = dit_accel.apply(model, method, backend="torch")
     out = _run(model, kwargs)

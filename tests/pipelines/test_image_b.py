@@ -27,7 +27,8 @@ def _run(model, kwargs):
 def _check_against(model, name, method, pattern, kwargs, calls=1):
     """``method`` on ``model`` matches the masked reference and differs from dense; returns the handle's rows."""
     dense = _run(model, kwargs)
-    with ReferenceAttention(pattern, PRESETS[type(model).__name__].text_position) as ref_mode:
+    with ReferenceAttention(pattern, PRESETS[type(model).__name__].text_position,
+                            text_only=getattr(model, "context_refiner", ())) as ref_mode:
         ref = _run(model, kwargs)
     with dit_accel.apply(model, method, backend="torch") as handle:
         out = _run(model, kwargs)
