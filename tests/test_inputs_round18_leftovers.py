@@ -58,3 +58,51 @@ def test_the_masked_reference_leaves_z_images_caption_refiner_dense_on_small_gri
             layers = len(handle.stats())
     assert ref_mode.calls == layers  # the image refiner and the joint layer; not the caption refiner
     torch.testing.assert_close(out, ref, atol=2e-4, rtol=2e-4)
+
+
+# ------------------------------------------------------------------ fastest_attention's lse under transforms
+def _lse_loss(fn, v, w):
+    from dit_accel.kernels.dense import fastest_attention
+
+    def ours(q, k, w):
+        o, lse = fastest_attention(q, k, v, return_lse=True)
+        return o.sum() * 0.5 + (lse * w).sum()
+
+    def ref(q, k, w):
+        s = (q @ k.transpose(-1, -2)) * 0.25
+        return (torch.softmax(s, -1) @ v).sum() * 0.5 + (torch.logsumexp(s, -1) * w).sum()
+
+    return ours if fn == "ours" else ref
+
+
+@pytest.mark.filterwarnings("ignore:There is a performance drop")  # (torch's: SDPA has no batching rule on CPU)
+def test_fastest_attention_lse_takes_per_sample_gradients():
+    """``vmap(grad(...))`` (per-sample gradients) over a loss of fastest_attention's lse raised torch's "You tried to
+    vmap over _LseGrad, but it does not have vmap support": the lse's gradient Function had no vmap rule. Now it
+    has one, and the per-sample gradients are the reference's."""
+    g = torch.Generator().manual_seed(0)
+    q, k = (torch.randn(3, 1, 2, 17, 16, generator=g) for _ in range(2))
+    v, w = torch.randn(1, 2, 17, 16, generator=g), torch.randn(3, 1, 2, 17, generator=g)
+    got, want = (torch.vmap(torch.func.grad(_lse_loss(fn, v, w), argnums=(0, 1)))(q, k, w) for fn in ("ours", "ref"))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_a_gradient_penalty_through_fastest_attentions_lse():
+    """A gradient penalty (create_graph=True, then the gradient of the gradients' norm) through the lse raised
+    torch's "derivative for aten::_scaled_dot_product_flash_attention_for_cpu_backward is not implemented": the
+    lse's gradient ran SDPA's fused kernel, which has no second derivative. It now runs SDPA's math kernel there."""
+    from dit_accel.kernels.dense import fastest_attention
+
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(1, 2, 17, 16, generator=g) for _ in range(3))
+    w = torch.randn(1, 2, 17, generator=g)
+    out = []
+    for ours in (True, False):
+        qq, kk = q.clone().requires_grad_(), k.clone().requires_grad_()
+        lse = (fastest_attention(qq, kk, v, return_lse=True)[1] if ours
+               else torch.logsumexp((qq @ kk.transpose(-1, -2)) * 0.25, -1))
+        grads = torch.autograd.grad((lse * w).sum(), (qq, kk), create_graph=True)
+        out.append(torch.autograd.grad(sum((x ** 2).sum() for x in grads), (qq, kk)))
+    for a, b in zip(*out):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)

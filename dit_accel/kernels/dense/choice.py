@@ -33,6 +33,7 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Callable, Dict, Optional, Tuple
 
@@ -245,8 +246,12 @@ def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optional[float
 class _LseGrad(torch.autograd.Function):
     """``lse`` (of attention over q, k at ``scale``) as it is, with its exact gradient: ``lse_i`` gives
     ``dq_i = scale g_i (P K)_i`` (attention of q over k with k as values) and ``dk = scale P^T (g q)`` (attention's
-    gradient for its values); none for v. Both by SDPA, which keeps no score matrix, as differentiable ops (a
-    gradient penalty differentiates them again); ``setup_context`` so that ``torch.func.grad`` takes it too."""
+    gradient for its values, by ``torch.func.vjp``); none for v. Both by SDPA, which keeps no score matrix, as
+    differentiable ops: a gradient penalty differentiates them again, through SDPA's math kernel (the fused ones
+    have no second derivative). ``setup_context`` and a generated vmap rule so that ``torch.func.grad`` and
+    ``vmap(grad(...))`` (per-sample gradients) take it too."""
+
+    generate_vmap_rule = True
 
     @staticmethod
     def forward(lse, q, k, scale):
@@ -260,17 +265,19 @@ class _LseGrad(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
         q, k = ctx.saved_tensors
         create = torch.is_grad_enabled()  # (create_graph=True: these gradients are differentiated again)
         if not create:
             q, k = q.detach(), k.detach()
         weight = (grad.float() * ctx.scale)[..., None]
         dq = dk = None
-        if ctx.needs_input_grad[1]:
-            dq = (weight * F.scaled_dot_product_attention(q, k, k, scale=ctx.scale).float()).to(q.dtype)
-        if ctx.needs_input_grad[2]:
-            with torch.enable_grad():
-                values = torch.zeros_like(k, requires_grad=True)
-                o = F.scaled_dot_product_attention(q, k, values, scale=ctx.scale)
-                (dk,) = torch.autograd.grad(o, values, (weight * q.float()).to(o.dtype), create_graph=create)
+        with sdpa_kernel(SDPBackend.MATH) if create else contextlib.nullcontext():
+            if ctx.needs_input_grad[1]:
+                dq = (weight * F.scaled_dot_product_attention(q, k, k, scale=ctx.scale).float()).to(q.dtype)
+            if ctx.needs_input_grad[2]:
+                _, pull = torch.func.vjp(lambda values: F.scaled_dot_product_attention(q, k, values, scale=ctx.scale),
+                                         torch.zeros_like(k))
+                (dk,) = pull((weight * q.float()).to(q.dtype))
         return None, dq, dk, None
