@@ -106,3 +106,26 @@ def test_a_gradient_penalty_through_fastest_attentions_lse():
         out.append(torch.autograd.grad(sum((x ** 2).sum() for x in grads), (qq, kk)))
     for a, b in zip(*out):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+# ------------------------------------------------------------------ a vendor backend that is not installed
+@pytest.mark.parametrize("backend, package", [("fa4", "flash-attn-4"), ("cudnn", "nvidia-cudnn-frontend"),
+                                              ("natten", "natten")])
+def test_a_vendor_backend_whose_package_is_missing_is_refused_at_apply(monkeypatch, backend, package):
+    """``apply(..., backend="fa4")`` without flash-attn-4 installed was taken, and the first attention call (minutes
+    into a run; on ComfyUI the first sampling step, as the node took it too) raised the missing package. The
+    package does not depend on the device the model moves to later: it is refused at apply, the model unchanged."""
+    from dit_accel.kernels.block_sparse.backends import common
+
+    real = common.importlib.util.find_spec
+    monkeypatch.setattr(common.importlib.util, "find_spec",
+                        lambda name, *a: None if name.split(".")[0] in ("flash_attn", "cudnn", "natten")
+                        else real(name, *a))
+    model = T.build_tiny_transformer("wan")
+    processors = {n: m.processor for n, m in model.named_modules() if hasattr(m, "processor")}
+    with pytest.raises(ValueError, match=rf"^backend='{backend}' cannot run in this environment: the {package} "
+                                         r"package is not installed \(`pip install"):
+        dit_accel.apply(model, dit_accel.Tile(tile=(2, 4, 4), window=(1, 1, 1)), backend=backend)
+    assert processors == {n: m.processor for n, m in model.named_modules() if hasattr(m, "processor")}
+    monkeypatch.setattr(common.importlib.util, "find_spec", lambda name, *a: object())  # (installed: taken)
+    dit_accel.apply(model, dit_accel.Tile(tile=(2, 4, 4), window=(1, 1, 1)), backend=backend).remove()

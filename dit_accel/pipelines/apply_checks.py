@@ -93,6 +93,17 @@ def _find_transformers(obj) -> Tuple[List[Tuple[str, nn.Module]], object]:
     return found, pipe
 
 
+def _check_vendor_installed(backend: str) -> None:
+    """A vendor backend (fa4, cudnn, natten) asked for by name whose package is not installed is refused here, not
+    at the first attention call (minutes into a run, or ComfyUI's first sampling step). The device, dtype and
+    layout it needs are judged per call: a model may still move to the GPU."""
+    from ..kernels.block_sparse.backends import NAMES, install_reason
+
+    why = install_reason(backend) if backend in NAMES else None
+    if why is not None:
+        raise ValueError(f"backend={backend!r} cannot run in this environment: {why}")
+
+
 def _check_apply_args(method, dense_steps, dense_last_steps, dense_layers, layer_methods, backend, capture_layers,
                       capture_steps, scheduler, weights, timing):
     method = _check_method("method", method)
@@ -117,6 +128,7 @@ def _check_apply_args(method, dense_steps, dense_last_steps, dense_layers, layer
                      for i, m in (layer_methods or {}).items()}
     if not isinstance(backend, str) or backend not in BACKENDS:
         raise ValueError(f"backend={backend!r} is invalid: choose one of {', '.join(BACKENDS)}")
+    _check_vendor_installed(backend)
     if scheduler is not None and not hasattr(scheduler, "timesteps"):
         raise TypeError(f"scheduler={type(scheduler).__name__} has no `timesteps`; pass a Diffusers scheduler")
     return (method, dense_steps, dense_last_steps, dense_layers, layer_methods,

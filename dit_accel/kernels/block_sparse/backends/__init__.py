@@ -51,6 +51,12 @@ def module(name: str):
     return importlib.import_module(f".{name}", __name__)
 
 
+def install_reason(name: str) -> Optional[str]:
+    """Why vendor backend ``name`` cannot run any call in this environment, whatever the device: its package is
+    not installed (None when it is; the device, dtype and layout are judged per call)."""
+    return module(name).install_reason()
+
+
 def plan(name: str, layout: BlockLayout, head_dim: int, source: Optional[BlockLayout] = None):
     """Backend ``name``'s structure for ``layout`` (on the device it runs on), built once per layout, or the
     sentence saying why this layout cannot be served exactly. ``source``: the layout the caller passed, when

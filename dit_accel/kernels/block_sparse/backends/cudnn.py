@@ -71,10 +71,14 @@ def to_cudnn(layout: BlockLayout, block: int) -> Union[CudnnBlocks, str]:
     return CudnnBlocks(block, index, nums, sizes, bool((nums == 0).any()))
 
 
+def install_reason() -> Optional[str]:
+    """Why cuDNN's block-sparse attention cannot run any call here, whatever the device (None when installed)."""
+    return package_reason(MODULE, "nvidia-cudnn-frontend", "cudnn")
+
+
 def reason(request) -> Optional[str]:
     """Why cuDNN's block-sparse attention cannot run a call like ``request`` here (None when it can)."""
-    why = package_reason(MODULE, "nvidia-cudnn-frontend", "cudnn") or \
-        cuda_reason(request.device, "cuDNN's block-sparse attention")
+    why = install_reason() or cuda_reason(request.device, "cuDNN's block-sparse attention")
     if why is not None:
         return why
     from importlib import util

@@ -150,10 +150,15 @@ def block_sizes(arch: int, head_dim: int, q_len: int,
     return fwd, bwd
 
 
+def install_reason() -> Optional[str]:
+    """Why FA4 cannot run any call here, whatever the device (None when it is installed)."""
+    return package_reason(MODULE, "flash-attn-4", "fa4")
+
+
 def reason(request) -> Optional[str]:
     """Why FA4 cannot run a call like ``request`` here (None when it can): the package, CUDA, the
     architecture, dtype, head dim. Layout-specific limits come from :func:`plan`."""
-    why = package_reason(MODULE, "flash-attn-4", "fa4") or cuda_reason(request.device, "FA4")
+    why = install_reason() or cuda_reason(request.device, "FA4")
     if why is not None:
         return why
     major = torch.cuda.get_device_capability(request.device)[0]

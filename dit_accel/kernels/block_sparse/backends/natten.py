@@ -130,9 +130,14 @@ def window(layout: BlockLayout) -> Union[NattenWindow, str]:
     return layout.derived.get((_WINDOWS.name, "window"), _NO_WINDOW)
 
 
+def install_reason() -> Optional[str]:
+    """Why NATTEN cannot run any call here, whatever the device (None when it is installed)."""
+    return package_reason(MODULE, "natten", "natten")
+
+
 def reason(request) -> Optional[str]:
     """Why NATTEN cannot run a call like ``request`` here (None when it can); the window comes from :func:`plan`."""
-    why = package_reason(MODULE, "natten", "natten") or cuda_reason(request.device, "NATTEN") or libnatten_reason()
+    why = install_reason() or cuda_reason(request.device, "NATTEN") or libnatten_reason()
     if why is not None:
         return why
     if request.dtype not in DTYPES:
