@@ -414,7 +414,7 @@ class AttentionOverride:
         num_text = s - n
         position = patch.family.text_position
         text_first = position == "first"
-        key_mask, mask_ok = _key_mask(call.get("mask"), s)
+        key_mask, mask_ok = _key_mask(call.get("mask"), s, q.shape[0])
         fits = (k.shape[2] == s and v.shape[2] == s and mask_ok
                 and (num_text == 0 if position == "none" else num_text >= refs)
                 and (off_grid is None or num_text == off_grid))
@@ -490,16 +490,22 @@ def _as_model_call(model: torch.nn.Module, applied: dict) -> dict:
     return call
 
 
-def _key_mask(mask, s: int):
+def _key_mask(mask, s: int, batch: int):
     """``(key mask (B or 1, 1, 1, S), ok)`` from ComfyUI's mask: None, or a per-key mask of ``s`` entries
-    (HunyuanVideo's additive text padding mask ``(1, 1, S)``). A mask per query row cannot be made sparse."""
+    (HunyuanVideo's additive text padding mask ``(1, 1, S)``), one for the batch or one per sample. A mask per
+    query row, or per head (``(B, H, 1, S)``: its rows are no samples), cannot be made sparse: not ok."""
     if mask is None:
         return None, True
-    if not isinstance(mask, torch.Tensor) or mask.shape[-1] != s or mask.numel() % s:
+    if not isinstance(mask, torch.Tensor) or mask.dim() == 0 or mask.shape[-1] != s or mask.numel() % s:
         return None, False
     if mask.dim() >= 2 and mask.shape[-2] != 1:
         return None, False
-    return mask.reshape(mask.numel() // s, 1, 1, s), True
+    if mask.dim() == 4 and mask.shape[1] != 1:
+        return None, False
+    rows = mask.numel() // s
+    if rows not in (1, batch):
+        return None, False
+    return mask.reshape(rows, 1, 1, s), True
 
 
 def _to_end(t: torch.Tensor, dim: int, start: int, length: int) -> torch.Tensor:

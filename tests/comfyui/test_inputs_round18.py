@@ -19,3 +19,21 @@ def test_a_refused_grid_advises_the_nodes_fit_widget_not_the_python_api(comfy, w
                       fit=True, **COMMON_WIDGETS)
     with pytest.warns(Warning, match="clamp"):
         sample(comfy, fitted, CASES["wan21-t2v"], steps=1)
+
+
+def test_a_per_head_key_mask_runs_comfyuis_own_attention_not_a_misread_one():
+    """A ``(B, H, 1, S)`` key mask (one row per head) was reshaped to ``(B * H, 1, 1, S)`` and read as B * H
+    samples' masks: sample 1 took head 1's mask of sample 0. Such a mask (and one whose rows match no batch) is
+    now declined, so the call runs ComfyUI's own attention; the masks the families pass are read as before."""
+    import torch
+
+    from dit_accel.comfyui.override import _key_mask
+
+    s = 6
+    per_head = torch.ones(2, 3, 1, s, dtype=torch.bool)
+    assert _key_mask(per_head, s, 2) == (None, False)
+    assert _key_mask(torch.ones(3, 1, s), s, 2) == (None, False)  # 3 rows for 2 samples
+    mask, ok = _key_mask(torch.zeros(1, 1, s), s, 2)  # HunyuanVideo's additive text padding mask
+    assert ok and mask.shape == (1, 1, 1, s)
+    mask, ok = _key_mask(torch.ones(2, 1, 1, s, dtype=torch.bool), s, 2)
+    assert ok and mask.shape == (2, 1, 1, s)
