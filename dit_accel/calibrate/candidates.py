@@ -187,6 +187,16 @@ def sparse_candidates(grid: Sequence[int], *, size: str = "default", methods: Se
     """:func:`candidate_grid`, with a note to ``log`` when it holds dense alone: the plan can then only be dense
     (before, a calibration ran its search to a dense plan and wrote it, saying nothing of why)."""
     out = candidate_grid(grid, size=size, methods=methods, tile=tile)
+    tokens = math.prod(int(g) for g in grid)
+    # (before: Radial was dropped above MAX_CONVERTED_TOKENS without a word, and --methods radial alone was told to
+    # pass a larger size, where a smaller one is what gives it candidates)
+    radial_out = "radial" in methods and len(grid) == 3 and tokens > MAX_CONVERTED_TOKENS
+    radial_why = (f"Radial has candidates on grids of up to {MAX_CONVERTED_TOKENS} tokens only: its raster band joins "
+                  "a layer of tiled heads through an N x N token mask")
+    if radial_out and len(out) > 1:
+        others = ", ".join(sorted({c.label.split()[0] for c in out[1:]}))
+        log(f"note: --methods {','.join(methods)}: no Radial candidate on token grid {tuple(int(g) for g in grid)} "
+            f"({tokens} tokens): {radial_why}, so the search has {others} only")
     if len(out) > 1:
         tiled = [{"tile": "Tile", "gna": "GNA"}[m] for m in ("tile", "gna") if m in methods]
         if tile is not None and tiled and not any(c.kind == "block_sparse" for c in out):
@@ -200,10 +210,14 @@ def sparse_candidates(grid: Sequence[int], *, size: str = "default", methods: Se
     if len(grid) == 2 and set(methods) <= set(VIDEO_ONLY):
         why, fix = f"{', '.join(methods)} {'has' if len(methods) == 1 else 'have'} candidates on video grids only", \
             "other --methods, e.g. tile,sla"
+    elif radial_out and set(methods) == {"radial"}:
+        why, fix = radial_why, "a smaller size (--frames, --height, --width) or other --methods, e.g. tile,sla"
     else:
         why, fix = "each candidate runs dense there or visits more than 90% of the key blocks", \
             ("a smaller --tile, " if tile is not None else "") + \
             "a larger size (--frames, --height, --width), --candidates large or other --methods"
+        if radial_out:
+            why += f"; {radial_why}"
     log(f"note: --methods {','.join(methods)}: no candidate is sparse on token grid {grid} ({why}), so the plan "
         f"is dense; for a sparse one pass {fix}")
     return out

@@ -260,10 +260,11 @@ def write_outputs(out, report_dir, plan: SparsePlan, result: dict, densities: Di
     commit_files(files, commit_journal(out))
 
 
-def check_outputs(out, report_dir=None) -> None:
+def check_outputs(out, report_dir=None, capture_dir=None) -> None:
     """ValueError naming ``out`` or ``report_dir`` (None: ``PLAN_report/`` beside the plan) when
     :func:`write_outputs` could not write both, checked before the calibration runs: ``out`` a folder or under a
-    file, ``report_dir`` a file or under one, or the two overlapping.
+    file, ``report_dir`` a file or under one, the two overlapping, or ``capture_dir`` (``--capture``) at or under
+    the plan or a report file.
     Before, a folder failed only at the end of the run; and ``out`` at ``report_dir/calibration.json`` (or another
     report file) got the report in place of the plan, silently: the plan was lost."""
     from .._util import file_in_the_way
@@ -273,7 +274,8 @@ def check_outputs(out, report_dir=None) -> None:
         out = file_to_write(out, "the plan's", "plan.json")
     except (TypeError, ValueError) as exc:
         raise ValueError(f"out: {exc}") from None
-    if report_dir is None:
+    default = report_dir is None
+    if default:
         report_dir = out.with_name(out.stem + "_report")
     if not isinstance(report_dir, (str, os.PathLike)) or not str(os.fspath(report_dir)).strip():
         raise ValueError(f"report_dir={report_dir!r} is invalid: pass a folder path (default: PLAN_report/ beside "
@@ -282,12 +284,27 @@ def check_outputs(out, report_dir=None) -> None:
     in_the_way = file_in_the_way(report_dir)
     if in_the_way is not None:
         where = "is a file" if in_the_way == report_dir else f"lies under {in_the_way}, a file"
+        if default:  # (before: named report_dir=, which the user never gave)
+            raise ValueError(f"the report folder {str(report_dir)!r} (the default beside the plan, "
+                             f"{out.stem}_report) {where}; pass --report-dir DIR (report_dir=), a folder for "
+                             f"{', '.join(OUTPUT_FILES)}, or another --out")
         raise ValueError(f"report_dir={str(report_dir)!r} {where}; pass a folder for {', '.join(OUTPUT_FILES)}")
     plan, folder = out.absolute(), report_dir.absolute()
     if plan in {folder / name for name in OUTPUT_FILES} or folder == plan or plan in folder.parents:
         raise ValueError(f"out={str(out)!r} and report_dir={str(report_dir)!r} overlap: the plan and the report "
                          f"files ({', '.join(OUTPUT_FILES)}) would be written to one path. Put the plan beside the "
                          "report folder, e.g. out=plan.json, report_dir=plan_report")
+    if capture_dir is not None:
+        # The dense run makes the capture folder: at the plan's path (or a report file's) the calibration ran to
+        # its end and then failed to write there (IsADirectoryError), the whole run lost.
+        capture = Path(capture_dir).absolute()
+        for name, path in (("out", plan), *((f"report_dir's {f}", folder / f) for f in OUTPUT_FILES)):
+            if capture == path or path in capture.parents:
+                where = "at" if capture == path else "under"
+                raise ValueError(f"--capture {str(capture_dir)!r} (capture_dir) is {where} {name} {str(path)!r}: the "
+                                 "captures would make a folder where that file is "
+                                 "written at the end of the run. Pass a capture folder beside the plan, e.g. "
+                                 f"{plan.parent / 'qkv'}")
 
 
 def recover_outputs(out, report_dir) -> None:

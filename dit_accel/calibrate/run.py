@@ -6,7 +6,7 @@ import contextlib
 import itertools
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -77,8 +77,10 @@ def generate_videos(pipe, jobs: Sequence[Tuple[str, int]], call_kwargs: dict, ba
     must be finite (a candidate's NaN becomes black frames that fail the budget; the reference's would be the
     target)."""
     videos = []
-    for i in range(0, len(jobs), batch_size):
-        chunk = jobs[i:i + batch_size]
+    one = takes_one_prompt(pipe)
+    callback = _takes(pipe, "callback_on_step_end")
+    for i in range(0, len(jobs), 1 if one else batch_size):
+        chunk = jobs[i:i + (1 if one else batch_size)]
         if replay is not None:
             replay.begin(chunk)
 
@@ -87,15 +89,51 @@ def generate_videos(pipe, jobs: Sequence[Tuple[str, int]], call_kwargs: dict, ba
                 on_step()
             return kwargs
 
-        with torch.no_grad():
-            out = pipe(prompt=[p for p, _ in chunk], generator=[torch.Generator().manual_seed(s) for _, s in chunk],
-                       output_type="np", callback_on_step_end=tick, **call_kwargs)
+        prompts = [p for p, _ in chunk]
+        generators = [torch.Generator().manual_seed(s) for _, s in chunk]
+        with torch.no_grad():  # (a one-prompt pipeline: one str and its generator; the same noise as a list of one)
+            out = pipe(prompt=prompts[0] if one else prompts, generator=generators[0] if one else generators,
+                       output_type="np", **({"callback_on_step_end": tick} if callback else {}), **call_kwargs)
+        if not callback and on_step is not None:  # (the progress bar counts steps: the call's, at its end)
+            for _ in range(int(call_kwargs.get("num_inference_steps") or 0)):
+                on_step()
         frames = getattr(out, "frames", None)
         frames = frames if frames is not None else out.images
         if reference:
             _check_finite(frames, chunk)
         videos.extend(_uint8(f) for f in frames)
     return videos
+
+
+def _takes(pipe, name: str) -> bool:
+    """Whether ``pipe``'s ``__call__`` takes the keyword ``name`` (or any keyword)."""
+    import inspect
+
+    try:
+        params = inspect.signature(type(pipe).__call__).parameters
+    except (TypeError, ValueError):
+        return True
+    return name in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+
+
+#: Pipelines that refuse a list of prompts although their ``__call__`` says ``Union[str, List[str]]`` (Diffusers'
+#: check_inputs: "Passing a list of prompts is not yet supported").
+ONE_PROMPT_PIPELINES = ("WanVACEPipeline",)
+
+
+def takes_one_prompt(pipe) -> bool:
+    """Whether ``pipe`` generates one prompt per call (a ``str`` prompt only): :data:`ONE_PROMPT_PIPELINES`, or a
+    ``__call__`` whose ``prompt`` is annotated ``str`` alone (tiny-minimax-h3). Calibration then calls it once per
+    video (before: the first dense call failed with the pipeline's refusal of a list, after the model loaded)."""
+    import inspect
+
+    if type(pipe).__name__ in ONE_PROMPT_PIPELINES:
+        return True
+    try:
+        prompt = inspect.signature(type(pipe).__call__).parameters.get("prompt")
+    except (TypeError, ValueError):
+        return False
+    return prompt is not None and prompt.annotation in (str, "str")
 
 
 def _check_finite(frames, chunk) -> None:
@@ -480,7 +518,10 @@ def _dense_run(pipe, settings: CalibrationSettings, jobs, call_kwargs: dict, bar
     handle = dit_accel.apply(pipe, Dense(), capture=sampler, timing=True, backend=settings.backend)
     passes = PassCounter()
     try:
-        layers = len(handle.layers)
+        # A plan applies to each transformer of the pipeline by layer index (Wan 2.2's two experts: 2 x 40 layers,
+        # a plan of 40); before, the layers of every transformer were counted into one plan, which apply() refused
+        # at the first verified plan ("the plan is for 80 attention layers; this model has 40").
+        layers = len(handle.layers) // max(1, len(handle.transformers))
         sampler.set_layers(layers)
         with replay.recording(pipe.transformer, len(jobs)) if replay else contextlib.nullcontext(), \
                 passes.counting(handle.transformers):
@@ -493,6 +534,17 @@ def _dense_run(pipe, settings: CalibrationSettings, jobs, call_kwargs: dict, bar
         handle.remove()
     if sampler.grid is None:
         raise ValueError(f"{settings.model}: no self-attention call was sampled; is it a supported video/image DiT?")
+    if len(handle.transformers) > 1 and sampler.layers_seen * len(handle.transformers) != len(handle.layers):
+        raise ValueError(f"{settings.model}: its {len(handle.transformers)} transformers have different numbers of "
+                         f"attention layers ({len(handle.layers)} in all), and a plan names layers by their index in "
+                         "each: calibrate cannot make one plan for them; run it with a method config instead")
+    if timesteps and len(timesteps) != settings.steps:
+        # (before: found when the plan was made, at the end of the run: "provenance.timesteps has 1 entries; the
+        # plan is for 2 steps"; or at the first verified plan, refused by the run's own step count)
+        raise ValueError(f"--steps {settings.steps}: {type(pipe).__name__} ran {len(timesteps)} denoising step(s) per "
+                         f"video (its scheduler's timesteps), not {settings.steps}: a plan names the steps the "
+                         "transformer runs, and calibrate runs num_inference_steps = --steps, so it cannot calibrate "
+                         "this pipeline's schedule; run it with a method config instead (e.g. generate --method tile)")
     return _DenseRun(sampler, buckets, layers, dense_videos, dense_ms, transformer, timesteps, replay,
                      heads=sampler.heads, head_dim=sampler.head_dim, grid=sampler.grid,
                      passes_per_step=passes.per_step(len(jobs), settings.steps))
@@ -692,7 +744,7 @@ def _search(pipe, settings: CalibrationSettings, space: SearchSpace, verify, job
 
 
 def calibrate(settings: CalibrationSettings, out, *, report_dir=None, progress: bool = True,
-              log: Callable[[str], None] = print) -> dict:
+              log: Optional[Callable[[str], None]] = print) -> dict:
     """Calibrate a :class:`~dit_accel.SparsePlan` for ``settings.model`` and write it to ``out``.
 
     1. runs the dense model once on the prompts x seeds, keeping a bounded sample of q/k/v per
@@ -709,12 +761,23 @@ def calibrate(settings: CalibrationSettings, out, *, report_dir=None, progress: 
     6. writes the plan, ``report.md``, ``heatmap.png`` and ``calibration.json`` as one unit
        (:func:`write_outputs`), after finishing or sweeping what a killed run left (:func:`recover_outputs`).
 
+    ``log``: where the notes go, one line each (default ``print``; None: nowhere).
     Returns the result dict that ``calibration.json`` holds.
     """
     from ..models.loading import load_pipeline, rope_reach_error, text_length_error
 
+    if not isinstance(settings, CalibrationSettings):  # (a dict: AttributeError 'dict' object has no attribute 'check')
+        raise TypeError(f"settings must be a CalibrationSettings; got {type(settings).__name__}: build one, e.g. "
+                        "CalibrationSettings('tiny-shapes', prompts, min_psnr=30)")
+    if log is None:  # no notes wanted (before: TypeError 'NoneType' object is not callable, after the model loaded)
+        def log(message: str) -> None:
+            pass
+    elif not callable(log):
+        raise TypeError(f"log={log!r} is invalid: a function taking one line of text (default print), or None for "
+                        "no notes")
     settings.check()
-    check_outputs(out, report_dir)  # (before: a folder or a clash was found when the plan was written, at the end)
+    # (before: a folder or a clash was found when the plan was written, at the end)
+    check_outputs(out, report_dir, settings.capture_dir)
     out = Path(out)
     report_dir = Path(report_dir) if report_dir is not None else out.with_name(out.stem + "_report")
     recover_outputs(out, report_dir)
@@ -724,6 +787,9 @@ def calibrate(settings: CalibrationSettings, out, *, report_dir=None, progress: 
     pipe = load_pipeline(settings.model, device=settings.device, dtype=getattr(torch, settings.dtype))
     pipe.set_progress_bar_config(disable=True)
     call_kwargs = settings.call_kwargs(pipe)  # (those the pipeline takes: an image pipeline has no num_frames)
+    if takes_one_prompt(pipe) and settings.batch_size > 1:
+        log(f"note: {type(pipe).__name__} takes one prompt per call: --batch-size {settings.batch_size} becomes 1")
+        settings = replace(settings, batch_size=1)  # (a copy: the caller's settings stay as given)
     problem = rope_reach_error(pipe, call_kwargs) or text_length_error(pipe, call_kwargs.get("max_sequence_length"))
     if problem:
         raise ValueError(problem)

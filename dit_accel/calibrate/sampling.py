@@ -110,6 +110,11 @@ class QKVSampler:
                         "layer_name": name, "step": step},
                        os.path.join(self.folder, f"{prefix}layer{layer:03d}_step{step:03d}.pt"))
 
+    @property
+    def layers_seen(self) -> int:
+        """1 + the largest layer index a call was offered for (each transformer's indices start at 0)."""
+        return 1 + max((layer for layer, _ in self._done), default=-1)
+
     def set_layers(self, layers: int) -> None:
         """The model's attention layer count (sizes the per-sample budget before the run)."""
         self._layers = int(layers)

@@ -409,6 +409,10 @@ class SparsePlan:
         if isinstance(data, dict) and "format" not in data and data and \
                 all(isinstance(k, str) and re.fullmatch(r"[0-9]+_[0-9]+_[0-9]+", k) for k in data):
             return cls.from_tile_strategy(path)
+        if isinstance(data, dict) and "format" not in data and isinstance(data.get("plan_path"), str) and \
+                "settings" in data:  # (before: "format: must be ...; got nothing", and no word of the plan's file)
+            raise ValueError(f"{path}: format: this is the record of a calibration (calibration.json of its report "
+                             f"folder), not a plan; the plan it wrote is {data['plan_path']}: pass that file")
         return cls.from_json(data, source=path)
 
     @staticmethod
@@ -451,7 +455,9 @@ class SparsePlan:
         Dense layers are left out (FastVideo runs an unlisted (step, layer) dense). A dense *head* in a
         layer with Tile heads needs ``grid``: it is written as the window that covers the grid; so does a
         ``Tile(fit=True)``, whose tile depends on the grid (refused where the tile fitted there attends otherwise).
-        A phase open to the end needs ``num_steps``. A ``path`` that is a folder is a ValueError, and nothing is written.
+        A phase open to the end needs ``num_steps`` (default: the steps the plan records, ``provenance.steps``, and
+        no other: its phases name steps of a run of that many). A ``path`` that is a folder is a ValueError, and
+        nothing is written.
         """
         from ..patterns.checks import as_grid
 
@@ -460,6 +466,18 @@ class SparsePlan:
         if num_steps is not None and (not is_int(num_steps) or num_steps < 1):
             raise ValueError(f"num_steps={num_steps!r} is invalid: the run's number of denoising steps, a whole "
                              "number >= 1")
+        steps = self.provenance.get("steps")
+        if num_steps is not None and steps is not None and num_steps != steps:
+            # (before: a 4-step plan's last phase was written for steps up to 49, a schedule it was never scored on)
+            raise ValueError(f"num_steps={num_steps}: {self._name()} was calibrated for {steps} denoising steps "
+                             f"(provenance.steps): its phases name steps of a {steps}-step run. Pass num_steps={steps} "
+                             f"(or leave it out), or calibrate a plan for {num_steps} steps")
+        num_steps = steps if num_steps is None else num_steps
+        late = next((p for p in self.phases if num_steps is not None and p.stop is not None and p.stop > num_steps),
+                    None)
+        if late is not None:  # (before: its steps past the run were written, and num_steps said nothing)
+            raise ValueError(f"num_steps={num_steps}: {self._name()} has a phase for steps {_span(late)}, past the "
+                             f"run's last step {num_steps - 1}: pass num_steps={late.stop} or more")
         grid = None if grid is None else as_grid(grid.tolist() if hasattr(grid, "tolist") else grid)  # (numpy)
         out: Dict[str, List[int]] = {}
         tiles = set()
