@@ -100,7 +100,12 @@ class Method:
         naming the ones it takes for others)."""
         density = number_in("density", density, 0.0, 1.0, owner=f"{type(self).__name__}.at_density: ", lo_open=True)
         check_search(self, search)
-        return self._at_density(as_grid(grid), density, **search)
+        grid = as_grid(grid)
+        if self.NEEDS_DIMS is not None and len(grid) != self.NEEDS_DIMS:  # (a config no plan of the grid can run)
+            raise ValueError(f"{type(self).__name__}.at_density: grid={grid} has {len(grid)} dimensions, but "
+                             f"{self.name} runs on {self.NEEDS_DIMS}-D token grids ((T, H, W): a video's); use tile, "
+                             "gna or sla on this grid")
+        return self._at_density(grid, density, **search)
 
     def _at_density(self, grid: Tuple[int, ...], density: float) -> "Method":
         return self
@@ -124,6 +129,7 @@ class Method:
         this config runs."""
 
     def replace(self, **changes) -> "Method":
+        _check_options(f"{type(self).__name__}.replace", type(self), changes, record=False)
         return dataclasses.replace(self, **changes)
 
 
@@ -200,10 +206,22 @@ def method_from_name(name: str, **options) -> Method:
     if entry is None:
         raise ValueError(f"name={name!r} is not a registered method; choose one of {sorted(_REGISTRY)} "
                          f"(aliases: {', '.join(f'{a} = {n}' for a, n in METHOD_ALIASES.items())})")
+    _check_options(f"method_from_name({entry.name!r})", entry.cls, options)
     record = {key: options.pop(key) for key in entry.cls.RECORD_KEYS if key in options}
     method = entry.cls(**options)
     method.check_record(record)  # (a record's ran_dict, fed back: its file must still hold what ran)
     return method
+
+
+def _check_options(where: str, cls: type, options: dict, record: bool = True) -> None:
+    """TypeError naming ``cls``'s options for keys in ``options`` it does not take (its fields, and its
+    :attr:`Method.RECORD_KEYS` where ``record``): the dataclass's own "__init__() got an unexpected keyword
+    argument" named neither the method nor what it takes."""
+    valid = [f.name for f in dataclasses.fields(cls) if f.init] + (list(cls.RECORD_KEYS) if record else [])
+    unknown = [key for key in options if key not in valid]
+    if unknown:
+        raise TypeError(f"{where}: {cls.__name__} has no option {', '.join(map(repr, unknown))}; valid options: "
+                        f"{', '.join(valid) or 'none'}")
 
 
 def _freeze(obj, **values) -> None:

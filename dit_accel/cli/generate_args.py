@@ -26,6 +26,11 @@ def _check_flags(args) -> None:
         value = getattr(args, flag)
         if value is not None and value < 1:
             raise _UsageError(f"--{flag.replace('_', '-')} must be >= 1; got {value}")
+    layers = getattr(args, "dense_layers", None)
+    if isinstance(layers, int) and layers < 0 or isinstance(layers, list) and any(n < 0 for n in layers):
+        shown = layers if isinstance(layers, int) else ",".join(map(str, layers))  # (apply refused it once loaded)
+        raise _UsageError(f"--dense-layers {shown}: layer counts and indices are >= 0 (0 is the first layer); give N "
+                          "(the first N layers dense) or L,L,... (those layers)")
     if finite_error(args.guidance, "--guidance-scale", minimum=0):  # a NaN would silently turn guidance off
         raise _UsageError(finite_error(args.guidance, "--guidance-scale", minimum=0))
     if args.out is not None and not args.out.strip():
@@ -239,6 +244,96 @@ def early_call_error(args) -> Optional[str]:
     except (TypeError, ValueError):  # a class that cannot stand in so: the check after loading covers it
         return None
     return flag_call_error(args, stand_in, accepts)
+
+
+def _folder_class(model):
+    """``(transformer class name, family, preset)`` that ``model``'s folder (a local one or a cached hub snapshot)
+    names in its model_index.json, read without loading anything; None where it names no class with a preset."""
+    from ..models.loading import model_folder
+
+    folder = model_folder(model)
+    if folder is None or not (folder / "model_index.json").is_file():
+        return None
+    from ..pipelines.presets import PRESETS, resolve_model_family
+
+    try:
+        class_name, family = resolve_model_family(str(folder))
+    except ValueError:  # (not a class with a preset: the load that follows says what it is)
+        return None
+    preset = PRESETS.get(class_name)
+    return None if preset is None or preset.refused else (class_name, family, preset)
+
+
+def early_method_error(args) -> Optional[str]:
+    """Why ``--method`` (and its per-dimension flags) cannot run on the model, where its folder names its
+    transformer class (:func:`_folder_class`): a method the class refuses, Radial or VSA on an image model,
+    ``--tile 6,8,8`` on a 2-D token grid. None when they fit or the class is not known before loading. Before:
+    refused by ``apply`` only once the model had loaded (minutes, for a FLUX or a Wan 14B)."""
+    from .options import method_flags, method_options_given
+
+    known = _folder_class(args.model) if args.method else None
+    if known is None:
+        return None
+    class_name, _, preset = known
+    problem = _refusal(class_name, preset, args.method)
+    if problem:
+        fits = [n for n in ("tile", "gna", "sla", "radial", "vsa") if not _refusal(class_name, preset, n)]
+        others = " or ".join(filter(None, (", ".join(fits[:-1]), fits[-1]))) if fits else None
+        return (f"--method {args.method}: {problem.removeprefix('dit_accel: ')} "
+                + (f"Pass --method {others}, or leave" if others else "Leave")
+                + " --method out for the model's recommended setting")
+    dims = preset.grid_dims
+    flags = method_flags()
+    for flag, value in method_options_given(args).items():
+        if dims is not None and flags[flag][0].metavar == "T,H,W" and isinstance(value, tuple) and len(value) != dims:
+            axes = "T,H,W" if dims == 3 else "H,W" if dims == 2 else "one per dimension"
+            return (f"{flag} {','.join(map(str, value))} has {len(value)} values, but the sparse calls of "
+                    f"{class_name} see a {dims}-D token grid: give {flag} {dims} values ({axes}) or one int")
+    return None
+
+
+def early_plan_error(args, plan) -> Optional[str]:
+    """Why ``--plan`` cannot run on the model, where the plan names the transformer class it was calibrated for and
+    the model's folder names its own (:func:`_folder_class`); None otherwise. Before: ``apply`` refused it (the same
+    words) once the model had loaded."""
+    made_for = None if plan is None else plan.provenance.get("model_class")
+    known = _folder_class(args.model) if isinstance(made_for, str) else None
+    if known is None or known[0] == made_for:
+        return None
+    model_id = plan.provenance.get("model_id")
+    return (f"--plan {args.plan} was calibrated for {made_for}{f' ({model_id})' if model_id else ''}; the "
+            f"transformer of {args.model} is {known[0]}: calibrate a plan for this model (dit-accel calibrate)")
+
+
+def early_method_defaults(args) -> Optional[dict]:
+    """The method field defaults the run will layer under the flags (``generate._model_defaults``), where they are
+    known before loading: none with ``--no-model-defaults``, the preset's ``recommended`` setting where the model's
+    folder names its class; None where they are not known. With them the flags' values are checked before a long
+    load (``--topk 2`` on a Wan folder was refused once the model had loaded)."""
+    if args.no_model_defaults:
+        return {}
+    known = _folder_class(args.model)
+    if known is None:
+        return None
+    from ..pipelines.presets import recommended
+
+    class_name, family, _ = known
+    try:
+        method, _ = recommended(class_name, args.method, family=family)
+    except (ValueError, TypeError):  # no preset setting for it: the config's own defaults (as after loading)
+        return {}
+    return {k: v for k, v in method.to_dict().items() if k != "method"}
+
+
+def _refusal(class_name, preset, method) -> Optional[str]:
+    """:func:`~dit_accel.pipelines.presets.check_method_for`'s refusal as a message, or None."""
+    from ..pipelines.presets import check_method_for
+
+    try:
+        check_method_for(class_name, preset, method, host="comfyui-file")
+    except ValueError as err:
+        return str(err)
+    return None
 
 
 # ----------------------------------------------------------------------------- --image

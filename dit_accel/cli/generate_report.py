@@ -473,9 +473,10 @@ def _summary_lines(record: dict) -> list:
         lines += _plan_quality_lines(record.get("plan_quality"))
     elif method["method"] != "dense":
         options = ", ".join(f"{k}={tuple(v) if isinstance(v, list) else v}" for k, v in method.items() if k != "method")
-        lines.append(f"method {method['method']} ({options}): visited density "
+        lines.append(f"method {method['method']} ({options}): visited density "  # (of its sparse calls: said)
                      + (f"{density:.3f}" if density is not None else "1.000 (ran dense)")
-                     + " of the video attention blocks")
+                     + " of the video attention blocks" + (" in its sparse calls" + _with_dense_calls(record)
+                                                           if _with_dense_calls(record) else ""))
         lines += _ran_lines(record)
     from ..kernels.block_sparse.api import DENSE
 

@@ -349,7 +349,12 @@ def recommended(transformer_or_class, method: str, family: Optional[str] = None)
         config, kwargs = published[0].build()
     else:
         entry = PRESETS[name].defaults.get(method, {"method": {}, "apply": {}})
-        config, kwargs = method_from_name(method, **entry["method"]), dict(entry["apply"])
+        try:
+            config, kwargs = method_from_name(method, **entry["method"]), dict(entry["apply"])
+        except (TypeError, ValueError) as err:  # (a method whose config has no default to run: tile_strategy's file)
+            raise ValueError(f"dit_accel has no recommended {method!r} setting for {name}: the method has no "
+                             f"published setting or preset default here, and its config's own defaults do not run "
+                             f"({err}); build the config yourself") from None
     if hasattr(config, "fit") and not config.fit:  # the grid of the call is not known here: fit it there
         config = config.replace(fit=True)
     return config, kwargs
