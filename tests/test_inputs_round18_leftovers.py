@@ -129,3 +129,16 @@ def test_a_vendor_backend_whose_package_is_missing_is_refused_at_apply(monkeypat
     assert processors == {n: m.processor for n, m in model.named_modules() if hasattr(m, "processor")}
     monkeypatch.setattr(common.importlib.util, "find_spec", lambda name, *a: object())  # (installed: taken)
     dit_accel.apply(model, dit_accel.Tile(tile=(2, 4, 4), window=(1, 1, 1)), backend=backend).remove()
+
+
+# ------------------------------------------------------------------ generate's advice in flags
+def test_generate_advises_the_fit_grid_flag_for_a_kernel_longer_than_the_grid(tmp_path, capsys):
+    """A GNA kernel of 9 frames on tiny-wan's 5-frame grid: generate said "or GNA(..., fit=True) to clamp the kernel
+    to the grid", the Python API; the command line's way is --fit-grid."""
+    from dit_accel.cli.main import main
+
+    code = main(["generate", "--model", "tiny-wan", "--method", "gna", "--kernel-size", "9,3,3", "--steps", "1",
+                 "--out", str(tmp_path / "g.mp4")])
+    err = capsys.readouterr().err
+    assert code == 2 and "exceeds the grid extent 5" in err
+    assert "GNA(..., fit=True)" not in err and "or --fit-grid to clamp the kernel to the grid" in err

@@ -478,7 +478,7 @@ def _run_pipeline(pipe, call: dict, method, schedule: dict, device: str, cache=N
                     timer.start()
                     output = pipe(**call)
             except ValueError as err:  # e.g. a window larger than this grid: raised before attention runs
-                raise _UsageError(str(err)) from err
+                raise _UsageError(_in_flags(str(err))) from err
             times = timer.stop()
             calls = timer.calls("transformer")
         # Under --cp every rank counts its own share: gather the rows of all ranks (a collective).
@@ -492,6 +492,12 @@ def _run_pipeline(pipe, call: dict, method, schedule: dict, device: str, cache=N
         return output, times, calls, handle.stats(all_ranks=True), summary
     finally:
         handle.remove()
+
+
+def _in_flags(message: str) -> str:
+    """A refusal raised in the run, its advice in the command line's words: the pattern's ``GNA(..., fit=True)`` is
+    ``--fit-grid`` here."""
+    return message.replace("GNA(..., fit=True)", "--fit-grid")
 
 
 def _check_dense_schedule(args) -> None:
@@ -547,7 +553,7 @@ def _warm_up(pipe, handle, call: dict, method) -> None:
                 handle.set_step(step, None)
             pipe(**{**one_step, "generator": torch.Generator(device="cpu").manual_seed(0)})
     except ValueError as err:  # e.g. a plan for another token grid: refused before attention runs
-        raise _UsageError(str(err)) from None
+        raise _UsageError(_in_flags(str(err))) from None
     finally:
         handle.set_step(None)
     handle.reset_stats()
