@@ -142,3 +142,21 @@ def test_generate_advises_the_fit_grid_flag_for_a_kernel_longer_than_the_grid(tm
     err = capsys.readouterr().err
     assert code == 2 and "exceeds the grid extent 5" in err
     assert "GNA(..., fit=True)" not in err and "or --fit-grid to clamp the kernel to the grid" in err
+
+
+def test_the_command_line_refuses_a_vendor_backend_whose_package_is_missing(monkeypatch, tmp_path, capsys):
+    """``generate --backend natten`` without natten loaded the model, and apply (before its fix, the first attention
+    call) refused it; the flag is now refused as it is read, in the command line's words."""
+    from dit_accel.cli.main import main
+    from dit_accel.kernels.block_sparse.backends import common
+    from dit_accel.models import loading
+
+    monkeypatch.setattr(common.importlib.util, "find_spec", lambda name, *a: None)
+    monkeypatch.setattr(loading, "load_pipeline", lambda *a, **k: pytest.fail("loaded before --backend was read"))
+    with pytest.raises(SystemExit) as code:  # (argparse's exit, as for any flag it refuses)
+        main(["generate", "--model", "tiny-wan", "--method", "tile", "--backend", "natten",
+              "--out", str(tmp_path / "g.mp4")])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code.value.code == 2 and err == ("dit-accel generate: error: argument --backend: 'natten' cannot run in this "
+                                 "environment: the natten package is not installed (`pip install natten` or `pip "
+                                 "install \"dit_accel[natten]\"`); use --backend auto or --backend triton.")

@@ -121,6 +121,18 @@ def method_flags() -> Dict[str, Tuple[CliOption, List[Tuple[str, str]]]]:
     return flags
 
 
+def _backend(text: str) -> str:
+    """``--backend``: a vendor backend whose package is not installed is refused as the flags are read (before:
+    by ``apply`` once the model had loaded, or at the first attention call)."""
+    from ..kernels.block_sparse.backends import NAMES, install_reason
+
+    why = install_reason(text) if text in NAMES else None
+    if why is not None:
+        why = why.replace("backend='auto' or backend='triton'", "--backend auto or --backend triton")
+        raise argparse.ArgumentTypeError(f"{text!r} cannot run in this environment: {why}")
+    return text
+
+
 def _dest(flag: str) -> str:
     return flag.lstrip("-").replace("-", "_")
 
@@ -142,7 +154,7 @@ def add_method_options(parser: argparse.ArgumentParser, *, default_method: Optio
                    help="attention method" + (f" (default: {default_method})" if default_method else "") +
                         f"; dense runs through the same path as a baseline; aliases: {aliases}; "
                         "`dit-accel info` describes each")
-    g.add_argument("--backend", choices=BACKENDS, default=None,
+    g.add_argument("--backend", type=_backend, choices=BACKENDS, default=None,
                    help="kernel backend: auto (on a GPU the self-checked kernels, by timing where autotune is on; PyTorch "
                         "otherwise) or one "
                         f"of {', '.join(b for b in BACKENDS if b != 'auto')} (vendor ones need their package; "
