@@ -160,6 +160,7 @@ def atomic_write(path: PathLike, write: Callable[[Path], object]) -> Path:
     """
     path = Path(path)
     target = Path(os.path.realpath(path)) if path.is_symlink() else path
+    made = folders_to_make(target.parent)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_name(target)
     try:
@@ -171,6 +172,7 @@ def atomic_write(path: PathLike, write: Callable[[Path], object]) -> Path:
     except BaseException:
         with contextlib.suppress(OSError):
             tmp.unlink()
+        remove_empty(made)  # (before: the folders made for the file stayed, empty)
         raise
     crash_point()
     return path
@@ -666,6 +668,11 @@ def read_json(path: PathLike, *, expected: str = "a JSON object", kind: type = d
         truncated = err.pos >= len(text.rstrip()) or err.msg.startswith("Unterminated string")
         why = "is truncated" if truncated else "is not valid JSON"
         raise BadFileError(path, f"{why} ({err.msg} at line {err.lineno}, column {err.colno})", expected) from None
+    except RecursionError:  # Python's parser recurses once per nested bracket
+        raise BadFileError(path, "nests its arrays or objects too deeply to be read (thousands of levels)",
+                           expected) from None
+    except ValueError as err:  # (an integer of over 4300 digits: Python's own limit, a ValueError without the file)
+        raise BadFileError(path, f"is not valid JSON ({' '.join(str(err).split())[:100]})", expected) from None
     if kind is not None and not isinstance(value, kind):
         raise BadFileError(path, f"holds a JSON {type(value).__name__}", expected)
     return value
@@ -733,6 +740,8 @@ def safetensors_shapes(path: PathLike, *, expected: str = "a safetensors file of
 
 def _read_safetensors(path: PathLike, expected: str, read):
     path = Path(path)
+    if path.is_dir():  # (it was said not to exist)
+        raise BadFileError(path, "is a folder, not a file", expected)
     if not path.is_file():
         raise BadFileError(path, "does not exist", expected)
     if path.stat().st_size == 0:

@@ -54,6 +54,8 @@ _PREFIXES = ("model.diffusion_model.", "diffusion_model.", "net_ema.", "net.", "
 _WRAPPERS = ("state_dict", "model", "net", "net_ema", "module")
 _PROJ = re.compile(r"^blocks\.(\d+)\.(?:self_attn|attn1)\.(?:\w+\.)*?proj_l\.(weight|bias)$")
 _LORA = re.compile(r"\.(lora_A|lora_B|lora_down|lora_up)\.|\.alpha$")
+# peft's state_dict() names the adapter: <module>.lora_A.<adapter>.weight
+_ADAPTER_NAMED = re.compile(r"\.(lora_A|lora_B|lora_down|lora_up)\.(\w+)\.(weight|bias)$")
 _QUANTIZED = re.compile(r"\.(int8_weight|scale)$")
 # Diffusers' Wan module names (the original model's are self_attn/cross_attn.q, ffn.0, head.head, *_embedding).
 _DIFFUSERS_NAMES = re.compile(r"\.(attn1|attn2)\.|\.(to_q|to_k|to_v|to_out|add_k_proj|add_v_proj)\.|\.ffn\.net\.|"
@@ -197,7 +199,7 @@ def split_checkpoint(state: Dict[str, torch.Tensor]) -> SplitCheckpoint:
     Raises ValueError for quantized checkpoints (TurboDiffusion's ``-quant`` files) and for any key
     that is none of these, listing what was found and what was expected.
     """
-    out, unknown, seen, copies = SplitCheckpoint(), [], {}, {}
+    out, unknown, seen, copies, diffs = SplitCheckpoint(), [], {}, {}, []
     for raw, tensor in state.items():
         key = _strip(raw)
         first = seen.setdefault(key, raw)
@@ -213,6 +215,8 @@ def split_checkpoint(state: Dict[str, torch.Tensor]) -> SplitCheckpoint:
             out.projections.setdefault(int(proj.group(1)), {})[proj.group(2)] = tensor
         elif _LORA.search(key):
             out.lora[key] = tensor
+        elif key.endswith((".diff", ".diff_b")):  # (before: taken for the model's own weights, and dropped silently
+            diffs.append(raw)                     # by base_weights="skip")
         elif _QUANTIZED.search(key):
             raise ValueError(f"{raw!r} is a quantized weight (Int8Linear): this is a quantized checkpoint "
                              "(TurboDiffusion's *-quant.pth); convert the unquantized one (*.pth without -quant)")
@@ -224,6 +228,11 @@ def split_checkpoint(state: Dict[str, torch.Tensor]) -> SplitCheckpoint:
         raise ValueError(f"the trained tensors come from a model and its EMA copy ({copies[False]!r}, "
                          f"{copies[True]!r}): convert cannot tell which one is meant. Save the state dict of one "
                          "alone (every key under net. or every key under net_ema.), then convert that file")
+    if diffs:
+        raise ValueError(f"{len(diffs)} tensors are trained weight differences (.diff / .diff_b, e.g. {diffs[:3]}), "
+                         "which a weights folder cannot hold (LoRA lora_A/lora_B and SLA projections only) and which "
+                         "are no weights of the model to skip. Load that LoRA with Diffusers (pipe.load_lora_weights) "
+                         "and convert a checkpoint without them")
     if unknown:
         raise ValueError(f"{len(unknown)} keys are neither SLA projections, LoRA nor Wan model weights: "
                          f"{unknown[:6]}{' ...' if len(unknown) > 6 else ''}. Expected {_EXPECTED}. Supported layout: "
@@ -238,6 +247,16 @@ def _check_trained_tensors(path, state: Dict[str, torch.Tensor]) -> None:
     trained = {raw: t for raw, t in state.items() if _PROJ.match(_strip(raw)) or _LORA.search(_strip(raw))}
     check_float_weights(path, trained, any_dtype=(".alpha",),
                         redo="convert the checkpoint of another (earlier) training step, or download it again")
+    for raw in sorted(k for k in trained if k.endswith(".alpha")):
+        alpha = trained[raw]
+        # (before: a negative alpha hung Diffusers' conversion for ever; an alpha of 0, scale 1 to kohya-style
+        # trainers, became a LoRA of zeros, silently)
+        if alpha.numel() == 1 and (alpha.dtype == torch.bool or not float(alpha) > 0):
+            raise BadFileError(path, f"{raw} is {alpha.item()}, no positive LoRA alpha (the LoRA's scale is alpha / "
+                                     "rank)", "a positive alpha: an alpha of 0 means scale 1 to kohya-style trainers "
+                                              "but a LoRA switched off to Diffusers, so convert cannot tell which was "
+                                              "meant. Save the checkpoint with alpha = rank (scale 1), or without its "
+                                              "alpha tensors, then convert it")
 
 
 def _projection_tensors(split: SplitCheckpoint, prefix: str, where: str) -> Dict[str, torch.Tensor]:
@@ -283,15 +302,44 @@ def _fold_alphas(lora: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     return out
 
 
+def _renamed(lora: Dict[str, torch.Tensor], rename) -> Dict[str, torch.Tensor]:
+    """``lora`` under the keys ``rename(key)`` gives; ValueError when two keys become one."""
+    out: Dict[str, torch.Tensor] = {}
+    for key, tensor in lora.items():
+        new = rename(key)
+        if new in out:
+            first = next(k for k in lora if rename(k) == new)
+            raise ValueError(f"the checkpoint holds {first} and {key}, one LoRA tensor twice ({new}): convert cannot "
+                             "tell which one is meant. Save the checkpoint with one of them, then convert it")
+        out[new] = tensor
+    return out
+
+
+def _without_adapter_names(lora: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """``lora`` with peft's adapter name taken out of its keys (``<module>.lora_A.default.weight``, as a peft model's
+    ``state_dict()`` names them) as ``get_peft_model_state_dict`` does. Before, the folder kept the name, and the
+    LoRA loaded as no LoRA at all (peft skipped the keys with a log line)."""
+    names = sorted({m.group(2) for m in map(_ADAPTER_NAMED.search, lora) if m})
+    if len(names) > 1:
+        raise ValueError(f"the checkpoint holds the LoRA of {len(names)} peft adapters ({', '.join(names[:4])}): "
+                         "convert takes one. Save the state dict of the adapter to convert alone "
+                         "(peft.get_peft_model_state_dict(model, adapter_name=NAME)), then convert that file")
+    return _renamed(lora, lambda k: _ADAPTER_NAMED.sub(r".\1.\3", k)) if names else lora
+
+
 def _lora_layers(lora: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     """LoRA tensors in Diffusers' Wan naming without the ``transformer.`` prefix (Diffusers converts them)."""
     from diffusers.loaders.lora_pipeline import WanLoraLoaderMixin
 
+    lora = _without_adapter_names(lora)
     # (before: only attn1/to_q told Diffusers' names apart, so an ffn-only LoRA went to the wrong conversion)
     diffusers_names = any(_DIFFUSERS_NAMES.search(k) for k in lora)
     prefix = "transformer." if diffusers_names else "diffusion_model."
     if diffusers_names:
-        lora = _fold_alphas(lora)
+        # lora_down/lora_up are lora_A/lora_B (kohya's names): Diffusers keeps them as they are in Diffusers' module
+        # names, and the folder failed to load ("peft could not load this LoRA ... IndexError")
+        lora = _fold_alphas(_renamed(lora, lambda k: k.replace(".lora_down.", ".lora_A.").replace(".lora_up.",
+                                                                                                 ".lora_B.")))
     try:
         converted = WanLoraLoaderMixin.lora_state_dict({prefix + k: v for k, v in lora.items()})
     except Exception as err:  # Diffusers raises several types for layouts it does not know

@@ -36,7 +36,6 @@ imports the other.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
@@ -48,8 +47,8 @@ from typing import Dict, List, Optional
 import torch
 from torch import nn
 
-from ..atomic_files import (BadFileError, atomic_write_json, check_hashes, crash_point, file_hashes, load_safetensors,
-                  read_json, remove_stale_temps, temp_name)
+from ..atomic_files import (BadFileError, atomic_write_json, check_hashes, crash_point, file_hashes, folders_to_make,
+                            load_safetensors, read_json, remove_empty, remove_stale_temps, temp_name)
 from .._util import DitAccelWarning, file_in_the_way
 from ..methods import Method, method_from_name
 from ..plans.per_head import PerHead
@@ -162,7 +161,7 @@ def write_weights_folder(output_dir, write_tensors, info: dict) -> Path:
     (``LORA_FILE``/``SLA_FILE``) are removed after it."""
     out = Path(output_dir)
     _check_folder_path(out)
-    created = not out.exists()
+    made = folders_to_make(out)  # (before: only the last one was taken back on a failure, its parents stayed)
     out.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(out)
     names = [n for n in (info.get("files") or {}).values() if n]
@@ -178,9 +177,7 @@ def write_weights_folder(output_dir, write_tensors, info: dict) -> Path:
         atomic_write_json(out / METHOD_FILE, info)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
-        if created:  # a folder this call made and could not fill: gone again, not left empty
-            with contextlib.suppress(OSError):
-                out.rmdir()
+        remove_empty(made)  # the folders this call made and could not fill: gone again, not left empty
         raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)

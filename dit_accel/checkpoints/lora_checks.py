@@ -103,6 +103,12 @@ def check_lora_modules(transformer: nn.Module, path, state: Dict[str, torch.Tens
     for key, tensor in state.items():
         module, rest = lora_module_name(key)
         by_module.setdefault(module, {})[rest or key] = tensor
+    alphas = sorted(m for m in by_module if m.endswith(".alpha") and m[:-len(".alpha")] in modules)
+    if alphas:  # (it was called a module this model lacks: "trained on another model?")
+        raise ValueError(f"{path}: holds {alphas[0]}, a kohya-style LoRA alpha, which Diffusers' loader does not "
+                         "apply (a Diffusers-format LoRA keeps its scale in the adapter metadata's lora_alpha): the "
+                         "LoRA would not load at its trained scale. Convert the checkpoint with dit-accel convert "
+                         "(it folds alpha / rank into lora_A), or save the file without the alpha tensors")
     missing = sorted(m for m in by_module if m not in modules)
     if missing:
         raise ValueError(_missing_message(path, cls, missing, modules))
@@ -115,6 +121,11 @@ def check_lora_modules(transformer: nn.Module, path, state: Dict[str, torch.Tens
                              "made for another model. Train or convert it again")
         for rest, tensor in sorted(tensors.items()):
             side, _, part = rest.partition(".")
+            if side in ("A", "B") and part not in ("weight", "bias"):  # (peft skipped it with a log line: no LoRA)
+                raise ValueError(f"{path}: holds {module}.lora_{rest}, a LoRA tensor under peft's adapter name "
+                                 f"{part.rsplit('.', 1)[0]!r}, which Diffusers' loader skips: the LoRA would not load. "
+                                 f"Save the file with keys <module>.lora_{side}.weight (as peft's "
+                                 "get_peft_model_state_dict gives them), or convert it with dit-accel convert")
             if side not in ("A", "B") or part != "weight":
                 continue  # lora_B.bias, DoRA magnitudes: peft checks those against its own layers
             want = _expected_shape(base, side)

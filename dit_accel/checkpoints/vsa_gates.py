@@ -20,7 +20,7 @@ from typing import Callable, Dict, List, Optional
 import torch
 
 from .._util import file_in_the_way
-from ..atomic_files import BadFileError, safetensors_keys
+from ..atomic_files import BadFileError, read_json, safetensors_keys, safetensors_metadata
 
 __all__ = ["GATE_KEY", "GATES_FILE", "loaded_from", "transformer_folder", "checkpoint_files", "gate_keys",
            "read_gates", "write_gates", "save_with_gates"]
@@ -84,10 +84,9 @@ def checkpoint_files(folder) -> List[Path]:
     folder = Path(folder)
     index = folder / _INDEX
     if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (ValueError, KeyError, TypeError):
-            raise BadFileError(index, "is not a safetensors index", "{\"weight_map\": {key: shard file}}") from None
+        # (read_json: a byte-order mark was called "not a safetensors index", deep nesting a raw RecursionError)
+        weight_map = read_json(index, expected="a safetensors index, {\"weight_map\": {key: shard file}}").get(
+            "weight_map")
         # (a weight_map that is no object, or names a shard by no file name, failed with a raw AttributeError or
         # TypeError)
         if not isinstance(weight_map, dict) or not all(isinstance(s, str) and s for s in weight_map.values()):
@@ -191,21 +190,20 @@ def save_with_gates(save_directory, save: Callable[[Path], object], tensors: Dic
 
 def _check_bound(folder: Path) -> None:
     """BadFileError unless the files that ``GATES_FILE`` was saved with are the folder's files now."""
-    from safetensors import safe_open
-
     from ..atomic_files import finish_for_reader, commit_journal, sha256_file
 
     path = folder / GATES_FILE
     finish_for_reader(commit_journal(path), path)  # a save killed after its commit point: finish it first
     if not path.is_file():
         return
-    with safe_open(str(path), framework="pt") as f:
-        bound = (f.metadata() or {}).get(_BOUND)
+    # (a truncated or empty gates file raised a raw SafetensorError here)
+    bound = safetensors_metadata(path, expected="VSA gates (blocks.N.to_gate_compress.weight / .bias) saved by "
+                                                "save_pretrained under dit_accel.VSA; save the model again").get(_BOUND)
     if bound is None:  # written before the binding existed: nothing to compare
         return
     try:
         recorded = json.loads(bound)
-    except ValueError:
+    except (ValueError, RecursionError):
         recorded = None
     if not isinstance(recorded, dict):
         raise BadFileError(path, f"its {_BOUND} metadata is not a JSON table of files", "a gates file written by "

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 
 from .options import HelpFormatter, plain
@@ -47,6 +48,7 @@ def register(subparsers) -> argparse.ArgumentParser:
 
 def run(args) -> int:
     from ..checkpoints.convert import convert_checkpoint
+    from ..errors import one_line_error
     from ..methods import SLA
 
     if not args.out.strip():  # "" would name the current folder (and --overwrite would write into it)
@@ -66,6 +68,18 @@ def run(args) -> int:
     except (ValueError, TypeError) as err:
         print(f"dit-accel convert: {err}", file=sys.stderr)
         return 2
+    except OSError as err:  # (before: a raw traceback for an --out where this user may not write, say)
+        if one_line_error(err) is not None:  # a full disk: main's one line
+            raise
+        why = f"{err.strerror or err}" + (f": {err.filename}" if err.filename else "")
+        inputs = {os.path.abspath(p) for p in (args.checkpoint, args.transformer_2) if p}
+        if err.filename and os.path.abspath(os.fsdecode(err.filename)) in inputs:
+            print(f"dit-accel convert: cannot read the checkpoint ({why}); give a file you can read",
+                  file=sys.stderr)
+        else:
+            print(f"dit-accel convert: cannot write --out {args.out} ({why}); give a folder "
+                  "you can write to", file=sys.stderr)
+        return 1
     print(f"dit-accel convert: wrote {out} ({method!r}); run it with dit_accel.apply(pipe, "
           f"dit_accel.load_method({str(out)!r}), weights={str(out)!r}) or dit-accel generate --weights {out}")
     return 0
