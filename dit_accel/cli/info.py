@@ -173,17 +173,24 @@ def model_settings(model: str) -> dict:
         elif name in preset.defaults:
             source = "dit_accel preset default (no published setting for this model)"
             methods[name] = [_setting(*recommended(class_name, name, family), grid, where, source)]
+    from ..methods import method_from_name
+    from ..models.tiny import TINY_METHOD_DEFAULTS
     from ..models.tiny_shapes import shapes_model
 
     shapes = shapes_model(model)
-    if shapes is not None:  # what generate and eval run on it: options sized to its grid, first
-        from ..methods import method_from_name
-
-        for name, options in reversed(list(shapes.methods.items())):
-            entry = _setting(method_from_name(name, **options), {}, shapes.grid, f"{shapes.size()}, its size",
-                             f"dit_accel default for {model} (generate and eval use it)")
-            methods[name] = [entry] + methods.get(name, [])
-        methods = {name: methods[name] for name in [*shapes.methods, *methods] if name in methods}
+    # What generate and eval run on an embedded model, first: options sized to its grid, and a shapes model's
+    # schedule (its dense warm-up steps). A random-weight tiny model's token grid needs the model built: no density.
+    own = shapes.methods if shapes is not None else TINY_METHOD_DEFAULTS.get(model, {}) if isinstance(model, str) \
+        else {}
+    for name, options in reversed(list(own.items())):
+        if shapes is not None:
+            entry = _setting(method_from_name(name, **options), dict(shapes.schedule), shapes.grid,
+                             f"{shapes.size()}, its size", f"dit_accel default for {model} (generate and eval use it)")
+        else:
+            entry = _setting(method_from_name(name, **options), {}, None, None,
+                             f"dit_accel default for {model} at its default size (generate and eval use it)")
+        methods[name] = [entry] + methods.get(name, [])
+    methods = {name: methods[name] for name in [*own, *methods] if name in methods}
     out = {"model": model, "transformer": class_name, "family": family, "methods": methods}
     if preset.refused:  # (no settings: say why rather than print an empty table)
         out["refused"] = preset.refused

@@ -517,5 +517,5 @@ def model_family(model: str):
             raise
     raise ValueError(f"the hub id {model!r} names no model family dit_accel knows, and no snapshot of it is in the "
                      "local Hugging Face cache to read its transformer from: download it (`huggingface-cli download "
-                     f"{model}`) or pass its transformer class instead ({len(PRESETS)} are supported; `dit-accel "
+                     f"{model}`) or pass its transformer class instead ({len(SUPPORTED)} are supported; `dit-accel "
                      "info` lists them)") from None
