@@ -127,6 +127,11 @@ def test_a_vendor_backend_whose_package_is_missing_is_refused_at_apply(monkeypat
                                          r"package is not installed \(`pip install"):
         dit_accel.apply(model, dit_accel.Tile(tile=(2, 4, 4), window=(1, 1, 1)), backend=backend)
     assert processors == {n: m.processor for n, m in model.named_modules() if hasattr(m, "processor")}
+    monkeypatch.setenv("DIT_ACCEL_BACKEND", backend)  # the same backend forced on auto's calls
+    with pytest.raises(ValueError, match=rf"^environment variable DIT_ACCEL_BACKEND='{backend}' cannot run in this "
+                                         rf"environment: the {package} package is not installed"):
+        dit_accel.apply(model, dit_accel.Tile(tile=(2, 4, 4), window=(1, 1, 1)))
+    monkeypatch.delenv("DIT_ACCEL_BACKEND")
     monkeypatch.setattr(common.importlib.util, "find_spec", lambda name, *a: object())  # (installed: taken)
     dit_accel.apply(model, dit_accel.Tile(tile=(2, 4, 4), window=(1, 1, 1)), backend=backend).remove()
 

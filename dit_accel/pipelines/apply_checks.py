@@ -97,11 +97,14 @@ def _check_vendor_installed(backend: str) -> None:
     """A vendor backend (fa4, cudnn, natten) asked for by name whose package is not installed is refused here, not
     at the first attention call (minutes into a run, or ComfyUI's first sampling step). The device, dtype and
     layout it needs are judged per call: a model may still move to the GPU."""
+    from ..kernels.backends import ENV_BACKEND, forced_backend
     from ..kernels.block_sparse.backends import NAMES, install_reason
 
-    why = install_reason(backend) if backend in NAMES else None
+    name = forced_backend(backend)  # (auto: the one $DIT_ACCEL_BACKEND forces, if any)
+    why = install_reason(name) if name in NAMES else None
     if why is not None:
-        raise ValueError(f"backend={backend!r} cannot run in this environment: {why}")
+        given = f"backend={backend!r}" if backend != "auto" else f"environment variable {ENV_BACKEND}={name!r}"
+        raise ValueError(f"{given} cannot run in this environment: {why}")
 
 
 def _check_apply_args(method, dense_steps, dense_last_steps, dense_layers, layer_methods, backend, capture_layers,
