@@ -39,8 +39,8 @@ from ._util import DitAccelWarning, check_registration
 from .kernels.limits import GPU_LAYOUT_BLOCKS
 from .kernels.sla.common import LINEAR_EPS, REFERENCE_LINEAR_EPS, ROUNDINGS
 from .kernels.vsa.api import check_vsa_config
-from .patterns.checks import (as_grid, check_search, flag, int_or_tuple, number_in, per_dim, per_head, positive_int,
-                              share_beside)
+from .patterns.checks import (as_grid, check_options, check_search, flag, int_or_tuple, number_in, per_dim, per_head,
+                              positive_int, share_beside)
 from .patterns.gna import check_gna_args
 from .patterns.radial import RADIAL_RULES, check_radial_args
 from .patterns.tile import check_tile_args, check_tile_block, read_sta_strategy
@@ -94,17 +94,15 @@ class Method:
         raise NotImplementedError(f"{type(self).__name__} does not implement plan(grid)")
 
     def at_density(self, grid: Tuple[int, ...], density: float, **search) -> "Method":
-        """A config of this method whose visited density on ``grid`` is near ``density``, a number in (0, 1] (for
-        like-for-like comparisons in ``bench fidelity``); methods whose density is fixed by their rule return
-        themselves. ``search``: the method's own search options (:meth:`Tile._at_density`'s ``tile``; TypeError
-        naming the ones it takes for others)."""
+        """A config of this method whose visited density on ``grid`` is near ``density``, in (0, 1] (for like-for-like
+        comparisons in ``bench fidelity``); a method whose rule fixes its density returns itself, and one for another
+        grid rank refuses it. ``search``: the method's own search options (:meth:`Tile._at_density`'s ``tile``)."""
         density = number_in("density", density, 0.0, 1.0, owner=f"{type(self).__name__}.at_density: ", lo_open=True)
         check_search(self, search)
         grid = as_grid(grid)
         if self.NEEDS_DIMS is not None and len(grid) != self.NEEDS_DIMS:  # (a config no plan of the grid can run)
-            raise ValueError(f"{type(self).__name__}.at_density: grid={grid} has {len(grid)} dimensions, but "
-                             f"{self.name} runs on {self.NEEDS_DIMS}-D token grids ((T, H, W): a video's); use tile, "
-                             "gna or sla on this grid")
+            raise ValueError(f"{type(self).__name__}.at_density: grid={grid} has {len(grid)} dimensions; {self.name} "
+                             f"runs on {self.NEEDS_DIMS}-D (video) token grids: use tile, gna or sla on this grid")
         return self._at_density(grid, density, **search)
 
     def _at_density(self, grid: Tuple[int, ...], density: float) -> "Method":
@@ -125,11 +123,10 @@ class Method:
         return self.to_dict()
 
     def check_record(self, record: dict) -> None:
-        """ValueError when ``record`` (the :data:`RECORD_KEYS` of a :meth:`ran_dict`) names another setting than
-        this config runs."""
+        """ValueError when ``record`` (a :meth:`ran_dict`'s :data:`RECORD_KEYS`) names a setting it does not run."""
 
     def replace(self, **changes) -> "Method":
-        _check_options(f"{type(self).__name__}.replace", type(self), changes, record=False)
+        check_options(f"{type(self).__name__}.replace", type(self), changes)
         return dataclasses.replace(self, **changes)
 
 
@@ -206,22 +203,11 @@ def method_from_name(name: str, **options) -> Method:
     if entry is None:
         raise ValueError(f"name={name!r} is not a registered method; choose one of {sorted(_REGISTRY)} "
                          f"(aliases: {', '.join(f'{a} = {n}' for a, n in METHOD_ALIASES.items())})")
-    _check_options(f"method_from_name({entry.name!r})", entry.cls, options)
+    check_options(f"method_from_name({entry.name!r})", entry.cls, options, entry.cls.RECORD_KEYS)
     record = {key: options.pop(key) for key in entry.cls.RECORD_KEYS if key in options}
     method = entry.cls(**options)
     method.check_record(record)  # (a record's ran_dict, fed back: its file must still hold what ran)
     return method
-
-
-def _check_options(where: str, cls: type, options: dict, record: bool = True) -> None:
-    """TypeError naming ``cls``'s options for keys in ``options`` it does not take (its fields, and its
-    :attr:`Method.RECORD_KEYS` where ``record``): the dataclass's own "__init__() got an unexpected keyword
-    argument" named neither the method nor what it takes."""
-    valid = [f.name for f in dataclasses.fields(cls) if f.init] + (list(cls.RECORD_KEYS) if record else [])
-    unknown = [key for key in options if key not in valid]
-    if unknown:
-        raise TypeError(f"{where}: {cls.__name__} has no option {', '.join(map(repr, unknown))}; valid options: "
-                        f"{', '.join(valid) or 'none'}")
 
 
 def _freeze(obj, **values) -> None:
@@ -328,9 +314,8 @@ class GNA(Method):
         attach_gna(layout, perm, self.kernel_size, self.stride, self.dilation, self.is_causal)
 
     def _fitted_relations(self, grid, kernel_size=None):
-        """``(grid, relations)`` with every kernel longer than its extent clamped to it (noted once per plan),
-        or None when the kernel fits as it is. ``kernel_size``: one head's (per-head kernel sizes), else the
-        config's."""
+        """``(grid, relations)`` with every kernel longer than its extent clamped to it (noted once per plan), or
+        None when the kernel fits as it is. ``kernel_size``: one head's (per-head kernel sizes), else the config's."""
         from .patterns.gna import fitted_relations
 
         given = self.kernel_size if kernel_size is None else kernel_size

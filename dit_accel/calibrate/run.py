@@ -20,6 +20,7 @@ from .budget import (_GROUNDTRUTH_CHECKS, VerifiedRuns, _describe, groundtruth_c
                      groundtruth_scores, passes_budget, search_budget, warmup_search)
 from .candidates import sparse_candidates
 from .costs import CostModel, MeasuredCostModel
+from .generation import generate_videos, takes_one_prompt
 from .probes import probe_layer_weights, probe_step_weights
 from .replay import DenseReplay, PassCounter, dense_prefix
 from .report import OUTPUT_FILES, check_outputs, recover_outputs, write_outputs  # noqa: F401  (also importable from here)
@@ -58,94 +59,6 @@ class _Progress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
-
-
-def _uint8(frames) -> np.ndarray:
-    arr = np.asarray(frames)
-    if arr.dtype == np.uint8:
-        return arr
-    arr = np.nan_to_num(arr, nan=0.0, posinf=1.0, neginf=0.0)  # a candidate's NaN: black, a failing score
-    return (np.clip(arr, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
-
-
-def generate_videos(pipe, jobs: Sequence[Tuple[str, int]], call_kwargs: dict, batch_size: int,
-                    on_step: Optional[Callable[[], None]] = None,
-                    replay: Optional[DenseReplay] = None, reference: bool = False) -> List[np.ndarray]:
-    """uint8 videos ``[F, H, W, 3]`` of every ``(prompt, seed)``, ``batch_size`` per pipeline call; the noise of a
-    sample depends on its seed only. ``replay``: told each call's jobs (it records or gives back their
-    transformer outputs, :mod:`.replay`). ``reference``: the dense videos every plan is scored against, which
-    must be finite (a candidate's NaN becomes black frames that fail the budget; the reference's would be the
-    target)."""
-    videos = []
-    one = takes_one_prompt(pipe)
-    callback = _takes(pipe, "callback_on_step_end")
-    for i in range(0, len(jobs), 1 if one else batch_size):
-        chunk = jobs[i:i + (1 if one else batch_size)]
-        if replay is not None:
-            replay.begin(chunk)
-
-        def tick(_pipe, _i, _t, kwargs):
-            if on_step is not None:
-                on_step()
-            return kwargs
-
-        prompts = [p for p, _ in chunk]
-        generators = [torch.Generator().manual_seed(s) for _, s in chunk]
-        with torch.no_grad():  # (a one-prompt pipeline: one str and its generator; the same noise as a list of one)
-            out = pipe(prompt=prompts[0] if one else prompts, generator=generators[0] if one else generators,
-                       output_type="np", **({"callback_on_step_end": tick} if callback else {}), **call_kwargs)
-        if not callback and on_step is not None:  # (the progress bar counts steps: the call's, at its end)
-            for _ in range(int(call_kwargs.get("num_inference_steps") or 0)):
-                on_step()
-        frames = getattr(out, "frames", None)
-        frames = frames if frames is not None else out.images
-        if reference:
-            _check_finite(frames, chunk)
-        videos.extend(_uint8(f) for f in frames)
-    return videos
-
-
-def _takes(pipe, name: str) -> bool:
-    """Whether ``pipe``'s ``__call__`` takes the keyword ``name`` (or any keyword)."""
-    import inspect
-
-    try:
-        params = inspect.signature(type(pipe).__call__).parameters
-    except (TypeError, ValueError):
-        return True
-    return name in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-
-
-#: Pipelines that refuse a list of prompts although their ``__call__`` says ``Union[str, List[str]]`` (Diffusers'
-#: check_inputs: "Passing a list of prompts is not yet supported").
-ONE_PROMPT_PIPELINES = ("WanVACEPipeline",)
-
-
-def takes_one_prompt(pipe) -> bool:
-    """Whether ``pipe`` generates one prompt per call (a ``str`` prompt only): :data:`ONE_PROMPT_PIPELINES`, or a
-    ``__call__`` whose ``prompt`` is annotated ``str`` alone (tiny-minimax-h3). Calibration then calls it once per
-    video (before: the first dense call failed with the pipeline's refusal of a list, after the model loaded)."""
-    import inspect
-
-    if type(pipe).__name__ in ONE_PROMPT_PIPELINES:
-        return True
-    try:
-        prompt = inspect.signature(type(pipe).__call__).parameters.get("prompt")
-    except (TypeError, ValueError):
-        return False
-    return prompt is not None and prompt.annotation in (str, "str")
-
-
-def _check_finite(frames, chunk) -> None:
-    """ValueError when the dense reference videos hold NaN or inf (cast to uint8 they were black frames, the
-    target every plan was calibrated against)."""
-    for frame, (prompt, seed) in zip(frames, chunk):
-        arr = np.asarray(frame)
-        bad = 0 if arr.dtype == np.uint8 else int(np.count_nonzero(~np.isfinite(arr)))
-        if bad:
-            raise ValueError(f"the dense run returned {bad} NaN or inf value(s) for prompt {prompt!r}, seed {seed} "
-                             "(e.g. a half-precision overflow): there is no reference to calibrate against; try "
-                             "--dtype float32")
 
 
 def _step_timesteps(scheduler) -> Optional[List[float]]:
@@ -743,6 +656,36 @@ def _search(pipe, settings: CalibrationSettings, space: SearchSpace, verify, job
     return best, trace, weights
 
 
+def _checked_call(settings, log) -> Callable[[str], None]:
+    """:func:`calibrate`'s ``settings`` and ``log`` checked before anything loads; the log to write notes to."""
+    if not isinstance(settings, CalibrationSettings):  # (a dict: AttributeError 'dict' object has no attribute 'check')
+        raise TypeError(f"settings must be a CalibrationSettings; got {type(settings).__name__}: build one, e.g. "
+                        "CalibrationSettings('tiny-shapes', prompts, min_psnr=30)")
+    if log is None:  # no notes wanted (before: TypeError 'NoneType' object is not callable, after the model loaded)
+        return lambda message: None
+    if not callable(log):
+        raise TypeError(f"log={log!r} is invalid: a function taking one line of text (default print), or None for "
+                        "no notes")
+    return log
+
+
+def _loaded(settings: CalibrationSettings, log):
+    """``(pipeline, its call's keyword arguments, settings)`` of a calibration, checked against the loaded
+    pipeline; a pipeline of one prompt per call gets settings of batch size 1 (a copy: the caller's stay)."""
+    from ..models.loading import load_pipeline, rope_reach_error, text_length_error
+
+    pipe = load_pipeline(settings.model, device=settings.device, dtype=getattr(torch, settings.dtype))
+    pipe.set_progress_bar_config(disable=True)
+    call_kwargs = settings.call_kwargs(pipe)  # (those the pipeline takes: an image pipeline has no num_frames)
+    if takes_one_prompt(pipe) and settings.batch_size > 1:
+        log(f"note: {type(pipe).__name__} takes one prompt per call: --batch-size {settings.batch_size} becomes 1")
+        settings = replace(settings, batch_size=1)
+    problem = rope_reach_error(pipe, call_kwargs) or text_length_error(pipe, call_kwargs.get("max_sequence_length"))
+    if problem:
+        raise ValueError(problem)
+    return pipe, call_kwargs, settings
+
+
 def calibrate(settings: CalibrationSettings, out, *, report_dir=None, progress: bool = True,
               log: Optional[Callable[[str], None]] = print) -> dict:
     """Calibrate a :class:`~dit_accel.SparsePlan` for ``settings.model`` and write it to ``out``.
@@ -764,17 +707,7 @@ def calibrate(settings: CalibrationSettings, out, *, report_dir=None, progress: 
     ``log``: where the notes go, one line each (default ``print``; None: nowhere).
     Returns the result dict that ``calibration.json`` holds.
     """
-    from ..models.loading import load_pipeline, rope_reach_error, text_length_error
-
-    if not isinstance(settings, CalibrationSettings):  # (a dict: AttributeError 'dict' object has no attribute 'check')
-        raise TypeError(f"settings must be a CalibrationSettings; got {type(settings).__name__}: build one, e.g. "
-                        "CalibrationSettings('tiny-shapes', prompts, min_psnr=30)")
-    if log is None:  # no notes wanted (before: TypeError 'NoneType' object is not callable, after the model loaded)
-        def log(message: str) -> None:
-            pass
-    elif not callable(log):
-        raise TypeError(f"log={log!r} is invalid: a function taking one line of text (default print), or None for "
-                        "no notes")
+    log = _checked_call(settings, log)
     settings.check()
     # (before: a folder or a clash was found when the plan was written, at the end)
     check_outputs(out, report_dir, settings.capture_dir)
@@ -784,15 +717,7 @@ def calibrate(settings: CalibrationSettings, out, *, report_dir=None, progress: 
     seconds: Dict[str, float] = {}
     t0 = time.perf_counter()
     _fill_model_defaults(settings)
-    pipe = load_pipeline(settings.model, device=settings.device, dtype=getattr(torch, settings.dtype))
-    pipe.set_progress_bar_config(disable=True)
-    call_kwargs = settings.call_kwargs(pipe)  # (those the pipeline takes: an image pipeline has no num_frames)
-    if takes_one_prompt(pipe) and settings.batch_size > 1:
-        log(f"note: {type(pipe).__name__} takes one prompt per call: --batch-size {settings.batch_size} becomes 1")
-        settings = replace(settings, batch_size=1)  # (a copy: the caller's settings stay as given)
-    problem = rope_reach_error(pipe, call_kwargs) or text_length_error(pipe, call_kwargs.get("max_sequence_length"))
-    if problem:
-        raise ValueError(problem)
+    pipe, call_kwargs, settings = _loaded(settings, log)
     jobs, val_jobs = _calibration_jobs(settings, log)
     if settings.groundtruth_prompt_error():  # --groundtruth report: the PSNR budget alone, said
         log(f"note: ground truth not reported: {settings.groundtruth_prompt_error()}")

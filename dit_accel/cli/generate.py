@@ -40,7 +40,7 @@ from .options import (HelpFormatter, add_cache_option, add_method_options, add_p
 from .generate_args import (_DTYPES, DEFAULT_MODEL, DEFAULT_PROMPT, _check_flags, _UsageError, add_image_option,
                             _check_cache_under_cp, _method_for_weights, _check_plan_with_weights, check_sidecar,
                             early_call_error, early_method_defaults, early_method_error, early_plan_error,
-                            flag_call_error, image_parameter)
+                            flag_call_error, image_parameter, _check_dense_schedule, _check_side_by_side, _in_flags)
 from .generate_report import (_audio_of, _cache_record, _calls_per_transformer,  # noqa: F401
                               _check_side_by_side_path, _commit_with_comparison, _comparison, magcache_ratios,
                               _output_notes, _prompt_notes, _provenance, _quality, _record,
@@ -492,38 +492,6 @@ def _run_pipeline(pipe, call: dict, method, schedule: dict, device: str, cache=N
         return output, times, calls, handle.stats(all_ranks=True), summary
     finally:
         handle.remove()
-
-
-def _in_flags(message: str) -> str:
-    """A refusal raised in the run, its advice in the command line's words: the pattern's ``GNA(..., fit=True)`` is
-    ``--fit-grid`` here."""
-    return message.replace("GNA(..., fit=True)", "--fit-grid")
-
-
-def _check_dense_schedule(args) -> None:
-    """The schedule flags with ``--method dense`` (given, or the model's default): they say which steps and layers
-    of a sparse method run dense, and a dense run has none to spare. Ignored before, while the sidecar recorded them
-    as the schedule that ran."""
-    from .options import _SCHEDULE_FLAGS, _dest
-
-    given = [flag for flag in _SCHEDULE_FLAGS if getattr(args, _dest(flag), None) is not None]
-    if args.method != "dense" or not given:
-        return
-    whose = "--method dense" if args.method_choice == "--method" else f"dense attention ({args.method_choice})"
-    raise _UsageError(f"{', '.join(given)}: {whose} runs every step and layer dense already; drop "
-                      f"{'it' if len(given) == 1 else 'them'}, or pick a sparse method with --method (e.g. tile)")
-
-
-def _check_side_by_side(args) -> None:
-    """``--side-by-side`` needs a dense run and a method to put beside it (checked before loading)."""
-    if args.side_by_side and args.compare_dense is False:
-        raise _UsageError("--side-by-side needs the dense run; drop --no-compare-dense")
-    if args.side_by_side and args.method == "dense":
-        raise _UsageError("--side-by-side puts dense next to a sparse method; pick one with --method (e.g. tile)")
-    if args.compare_dense and args.method == "dense":  # (dropped before, with no comparison in the sidecar)
-        whose = "--method dense" if args.method_choice == "--method" else f"dense attention ({args.method_choice})"
-        raise _UsageError(f"--compare-dense compares a sparse method with dense, and {whose} is dense already; "
-                          "drop --compare-dense, or pick a sparse method with --method (e.g. tile)")
 
 
 def _wants_dense_run(args, method) -> bool:

@@ -126,6 +126,19 @@ def share_beside(name: str, value, taken: float, *, owner: str = "") -> float:
     return min(number_in(name, value, 0.0, 1.0 - taken + 1e-9, owner=owner), 1.0 - taken)
 
 
+def check_options(where: str, cls: type, options: dict, extra=()) -> None:
+    """TypeError naming the options of config class ``cls`` for keys in ``options`` it does not take (its fields,
+    and ``extra`` ones such as a record's keys): the dataclass's own "__init__() got an unexpected keyword
+    argument" named neither the method nor what it takes."""
+    import dataclasses
+
+    valid = [f.name for f in dataclasses.fields(cls) if f.init] + list(extra)
+    unknown = [key for key in options if key not in valid]
+    if unknown:
+        raise TypeError(f"{where}: {cls.__name__} has no option {', '.join(map(repr, unknown))}; valid options: "
+                        f"{', '.join(valid) or 'none'}")
+
+
 def check_search(config, given: dict) -> None:
     """``config.at_density``'s search options ``given`` against the keyword-only ones its ``_at_density``
     takes: TypeError naming the public ``<Method>.at_density`` (not the private worker) and what it takes."""

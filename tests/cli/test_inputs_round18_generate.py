@@ -142,8 +142,8 @@ def test_compare_dense_with_dense_attention_is_refused(tmp_path, capsys):
 def test_at_density_refuses_a_grid_the_method_cannot_run(method):
     """Before: ``VSA().at_density((16, 16), 0.3)`` returned a VSA for an image grid (and Radial itself), which failed
     only when planned, later (``bench fidelity`` on an image capture)."""
-    with pytest.raises(ValueError, match=rf"{type(method).__name__}\.at_density: grid=\(16, 16\) has 2 dimensions, "
-                                         rf"but {method.name} runs on 3-D token grids"):
+    with pytest.raises(ValueError, match=rf"{type(method).__name__}\.at_density: grid=\(16, 16\) has 2 dimensions; "
+                                         rf"{method.name} runs on 3-D \(video\) token grids"):
         method.at_density((16, 16), 0.3)
     assert type(method.at_density((4, 16, 16), 0.3)) is type(method)
 

@@ -1,0 +1,101 @@
+"""The pipeline calls of a calibration: the videos of ``(prompt, seed)`` jobs, batched where the pipeline takes
+a list of prompts, one per call where it takes one."""
+
+from __future__ import annotations
+
+from typing import Callable, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from .replay import DenseReplay
+
+__all__ = ["generate_videos", "takes_one_prompt", "ONE_PROMPT_PIPELINES"]
+
+
+def _uint8(frames) -> np.ndarray:
+    arr = np.asarray(frames)
+    if arr.dtype == np.uint8:
+        return arr
+    arr = np.nan_to_num(arr, nan=0.0, posinf=1.0, neginf=0.0)  # a candidate's NaN: black, a failing score
+    return (np.clip(arr, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+
+
+def generate_videos(pipe, jobs: Sequence[Tuple[str, int]], call_kwargs: dict, batch_size: int,
+                    on_step: Optional[Callable[[], None]] = None,
+                    replay: Optional[DenseReplay] = None, reference: bool = False) -> List[np.ndarray]:
+    """uint8 videos ``[F, H, W, 3]`` of every ``(prompt, seed)``, ``batch_size`` per pipeline call; the noise of a
+    sample depends on its seed only. ``replay``: told each call's jobs (it records or gives back their
+    transformer outputs, :mod:`.replay`). ``reference``: the dense videos every plan is scored against, which
+    must be finite (a candidate's NaN becomes black frames that fail the budget; the reference's would be the
+    target)."""
+    videos = []
+    one = takes_one_prompt(pipe)
+    callback = _takes(pipe, "callback_on_step_end")
+    for i in range(0, len(jobs), 1 if one else batch_size):
+        chunk = jobs[i:i + (1 if one else batch_size)]
+        if replay is not None:
+            replay.begin(chunk)
+
+        def tick(_pipe, _i, _t, kwargs):
+            if on_step is not None:
+                on_step()
+            return kwargs
+
+        prompts = [p for p, _ in chunk]
+        generators = [torch.Generator().manual_seed(s) for _, s in chunk]
+        with torch.no_grad():  # (a one-prompt pipeline: one str and its generator; the same noise as a list of one)
+            out = pipe(prompt=prompts[0] if one else prompts, generator=generators[0] if one else generators,
+                       output_type="np", **({"callback_on_step_end": tick} if callback else {}), **call_kwargs)
+        if not callback and on_step is not None:  # (the progress bar counts steps: the call's, at its end)
+            for _ in range(int(call_kwargs.get("num_inference_steps") or 0)):
+                on_step()
+        frames = getattr(out, "frames", None)
+        frames = frames if frames is not None else out.images
+        if reference:
+            _check_finite(frames, chunk)
+        videos.extend(_uint8(f) for f in frames)
+    return videos
+
+
+def _takes(pipe, name: str) -> bool:
+    """Whether ``pipe``'s ``__call__`` takes the keyword ``name`` (or any keyword)."""
+    import inspect
+
+    try:
+        params = inspect.signature(type(pipe).__call__).parameters
+    except (TypeError, ValueError):
+        return True
+    return name in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+
+
+#: Pipelines that refuse a list of prompts although their ``__call__`` says ``Union[str, List[str]]`` (Diffusers'
+#: check_inputs: "Passing a list of prompts is not yet supported").
+ONE_PROMPT_PIPELINES = ("WanVACEPipeline",)
+
+
+def takes_one_prompt(pipe) -> bool:
+    """Whether ``pipe`` generates one prompt per call (a ``str`` prompt only): :data:`ONE_PROMPT_PIPELINES`, or a
+    ``__call__`` whose ``prompt`` is annotated ``str`` alone (tiny-minimax-h3). Calibration then calls it once per
+    video (before: the first dense call failed with the pipeline's refusal of a list, after the model loaded)."""
+    import inspect
+
+    if type(pipe).__name__ in ONE_PROMPT_PIPELINES:
+        return True
+    try:
+        prompt = inspect.signature(type(pipe).__call__).parameters.get("prompt")
+    except (TypeError, ValueError):
+        return False
+    return prompt is not None and prompt.annotation in (str, "str")
+
+
+def _check_finite(frames, chunk) -> None:
+    """ValueError when the dense reference videos hold NaN or inf (cast to uint8 they were black frames, the
+    target every plan was calibrated against)."""
+    for frame, (prompt, seed) in zip(frames, chunk):
+        arr = np.asarray(frame)
+        bad = 0 if arr.dtype == np.uint8 else int(np.count_nonzero(~np.isfinite(arr)))
+        if bad:
+            raise ValueError(f"the dense run returned {bad} NaN or inf value(s) for prompt {prompt!r}, seed {seed} "
+                             "(e.g. a half-precision overflow): there is no reference to calibrate against; try "
+                             "--dtype float32")
