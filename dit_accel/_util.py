@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Callable, Dict, Iterable, Iterator, List, Optional
 
 __all__ = ["portable_path", "cdiv", "versions", "to_jsonable", "cuda_event", "Timer", "time_median", "load_average", "has_cuda_driver", "DitAccelWarning",
-           "WarningLog",
+           "WarningLog", "run_each",
            "use_interpreter_without_cuda", "is_int", "is_number", "is_bool", "format_time", "format_ratio", "positive_int",
            "int_at_least", "env_set", "existing_ancestor", "file_in_the_way", "seed_error"]
 
@@ -366,3 +366,17 @@ def device_error(device, *, allowed: Iterable[str] = ("cpu", "cuda"), flag: str 
             return f"{flag} {device}: only {torch.cuda.device_count()} CUDA device(s) here (cuda:0 .. " \
                    f"cuda:{torch.cuda.device_count() - 1})"
     return None
+
+
+def run_each(steps) -> None:
+    """Call every one of ``steps`` even when one raises (an undo cut short half way is worse than one that
+    finishes), then raise the first error."""
+    error = None
+    for step in steps:
+        try:
+            step()
+        except BaseException as err:
+            if error is None:
+                error = err
+    if error is not None:
+        raise error

@@ -302,9 +302,14 @@ def _take_over(found, targets, schedule: Schedule, runtime: Runtime, steps: Step
             handle.load_weights(weights)
         handle._guard_save()
     except BaseException:
-        if handle is not None:
-            handle.remove()
-        restore_handles(previous)
+        try:
+            if handle is not None:
+                try:
+                    handle.remove()
+                except BaseException:  # cut short (a second Ctrl-C): a second call finishes what it left
+                    handle.remove()
+        finally:  # (before: skipped when that remove() raised, so the earlier handle stayed taken off, its calls
+            restore_handles(previous)  # waiting for a removal that never ended)
         raise
     retire_handles(previous, handle, log.warn, "apply()", "the new",
                    ": apply() to it as well (one handle per transformer), or to the pipeline")

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import threading
 import warnings
+from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
-from .._util import is_int
+from .._util import is_int, run_each
 from ..kernels.checks import check_flag
 from ..methods import Method
 from ..plans.plan import Plan
@@ -91,43 +92,67 @@ class AccelHandle:
         (:class:`~.context.CallGate`). From the pipeline's own step callback (``callback_on_step_end``)
         it does not wait for its own call: the remaining steps run the original model. From inside a
         transformer call of this handle (an attention processor, a forward hook) it raises RuntimeError.
+
+        Cut short (a KeyboardInterrupt, an error while unloading the LoRA), it still undoes every other part, then
+        raises; the handle stays live (``removed`` False), and ``remove()`` again finishes the job.
         """
         if not self._gate.close("handle.remove()"):
             return
+        done = False
         try:
-            self._detach()
-            self._release()
+            run_each([self._detach, self._release])
+            done = True
         finally:
-            self.removed = True
-            self._gate.finish()
+            if done:
+                self.removed = True
+                self._gate.finish()
+            else:
+                # Cut short (a KeyboardInterrupt, an error of peft's): every other step still ran, and the handle
+                # stays live, so remove() again finishes the job (before: it was marked removed, and its
+                # remaining wrappers, hooks or adapters stayed on the model for good)
+                self._gate.reopen()
 
     def _detach(self) -> None:
-        """Drop the hooks and put the original processors back."""
-        for hook in self._hooks:
-            hook.remove()
+        """Drop the hooks and put the original processors back (each transformer's, even when one fails)."""
+        run_each([hook.remove for hook in self._hooks])
 
     def _release(self) -> None:
-        """The irreversible part of :meth:`remove`: the fuse_lora guards and dit_accel's LoRA adapters."""
+        """The irreversible part of :meth:`remove`: the fuse_lora guards and dit_accel's LoRA adapters. Each step
+        runs even when one before it fails, and each forgets what it undid only once undone, so a second call
+        finishes what an interrupted one left."""
         self._released = True
-        self._unfuse()
+        run_each([self._unfuse, self._drop_gates, self._drop_guards, self._drop_adapters])
+
+    def _drop_gates(self) -> None:
         if getattr(self, "_gates", None) is not None:  # VSA's checkpoint gates (pipelines/vsa_gates.py)
             self._gates.remove()
-        for transformer in self._fuse_guards:
-            _drop_fuse_guard(transformer, self)
-        self._fuse_guards = []
-        for transformer in self._save_guards:
-            _drop_save_guard(transformer, self)
-        self._save_guards = []
-        adapters, self._adapters = self._adapters, []
-        for transformer, names, state in adapters:
+
+    def _drop_guards(self) -> None:
+        while self._fuse_guards:
+            _drop_fuse_guard(self._fuse_guards[-1], self)
+            self._fuse_guards.pop()
+        while self._save_guards:
+            _drop_save_guard(self._save_guards[-1], self)
+            self._save_guards.pop()
+
+    def _drop_adapters(self) -> None:
+        while self._adapters:
+            transformer, names, state = self._adapters[0]
             if _unmerge(transformer, names):
                 self._runtime.warnings.warn(
                     f"dit_accel: LoRA adapter {names} was merged into the weights of {type(transformer).__name__} "
                     "(not through fuse_lora, which dit_accel refuses): remove() unmerged it, which restores the "
                     "weights up to float rounding, not bit for bit")
             _unload_adapters(transformer, names, state)
+            self._adapters.pop(0)
 
     def __enter__(self) -> "AccelHandle":
+        # (before: a with block on a removed handle, e.g. the second `with handle:` of one apply(), ran the
+        # original model, dense, without a word)
+        if self.removed:
+            raise RuntimeError(f"dit_accel: `with` on a removed handle ({self!r}): leaving a with block removes "
+                               "the handle, so its block would run the original model. Use `with "
+                               "dit_accel.apply(...)` for each block, or one with block around all the calls")
         return self
 
     def __exit__(self, *exc) -> bool:
@@ -145,7 +170,8 @@ class AccelHandle:
 
         All or nothing: when loading fails (a missing or truncated file, another model's weights), the
         LoRA adapters it loaded are unloaded again, the active adapters and the SLA projections are as
-        before, and the error is raised.
+        before, and the error is raised. After :meth:`fuse_lora`, the fused LoRA is taken out of the weights
+        before loading, and the handle's LoRA is fused again after it (the old one, when loading failed).
         """
         self._check_active("load_weights()")
         _check_weights(folder, none=False)
@@ -156,6 +182,12 @@ class AccelHandle:
         active = [_active_adapters(t) for t in self.transformers]
         projections = {name: {k: v.detach().clone() for k, v in p.state_dict().items()}
                        for name, p in self.sla_projections().items()}
+        # A LoRA fused by fuse_lora() goes out of the weights first (exactly), and is fused again after: before, it
+        # stayed in them under the newly loaded LoRA, which then ran on top of the old one without a word
+        fused = bool(self._fused)
+        self._unfuse()
+        # load_into replaces the adapter of dit_accel's name (an earlier load_weights'): kept, to come back on failure
+        kept = [_adapter_copy(t) for t in self.transformers]
         recorded, guarded = list(self._adapters), list(self._fuse_guards)
         try:
             with warnings.catch_warnings():  # peft's "multiple adapters" notice: composing them is the point
@@ -167,6 +199,9 @@ class AccelHandle:
                 if not new:
                     continue
                 self._adapters.append((transformer, new, state))
+                # (an adapter the load replaced, an earlier load_weights' "dit_accel", is not one of the user's: before,
+                # the warning below said it was loaded "beside the active adapters ['dit_accel']")
+                users = [a for a in users if a not in new]
                 if users:
                     # Loading activates only the new adapter; keep the user's active ones on beside it, at the
                     # weights the user gave them (set_adapters makes every weight 1.0), the new one at 1.0.
@@ -182,11 +217,13 @@ class AccelHandle:
             for transformer in self._fuse_guards[len(guarded):]:
                 _drop_fuse_guard(transformer, self)
             self._fuse_guards = guarded
-            for transformer, old, users, state in zip(self.transformers, before, active, states):
+            for transformer, old, users, state, copy in zip(self.transformers, before, active, states, kept):
                 config = getattr(transformer, "peft_config", None) or {}
                 new = [a for a in config if a not in old or config[a] is not old[a]]
                 if new or _lora_state(transformer) != state:
                     _unload_adapters(transformer, new, state)
+                    if copy is not None:  # (before: lost, so the handle ran without the LoRA it had loaded)
+                        _add_adapter_copy(transformer, copy)
                     if users:
                         transformer.set_adapters(users)
                         _restore_scales(transformer, state)
@@ -198,6 +235,8 @@ class AccelHandle:
         finally:  # the projections may have changed: read again which are still zero (compiled calls keep it)
             for hook in self._hooks:
                 hook.refresh_inert()
+            if fused:  # (the old LoRA after a failure, bit for bit as before: the same weights merged again)
+                self.fuse_lora()
 
     def fuse_lora(self) -> int:
         """Fold the LoRA that ``weights=`` loaded into the weights under it, so calls run no LoRA matmuls (on a
@@ -208,31 +247,37 @@ class AccelHandle:
         self._check_active("fuse_lora()")
         from peft.tuners.tuners_utils import BaseTunerLayer
 
-        fused = 0
-        for transformer, names, _ in self._adapters:
-            for module in transformer.modules():
-                if not isinstance(module, BaseTunerLayer):
-                    continue
-                merged = set(module.merged_adapters or ())
-                mine = [a for a in names if a in getattr(module, "lora_A", {}) and a not in merged]
-                if not mine:
-                    continue
-                weight = module.get_base_layer().weight
-                self._fused.append((module, mine, weight.detach().clone(), sorted(merged)))
-                module.merge(adapter_names=mine)
-                fused += 1
+        fused, before = 0, len(self._fused)
+        try:
+            for transformer, names, _ in self._adapters:
+                for module in transformer.modules():
+                    if not isinstance(module, BaseTunerLayer):
+                        continue
+                    merged = set(module.merged_adapters or ())
+                    mine = [a for a in names if a in getattr(module, "lora_A", {}) and a not in merged]
+                    if not mine:
+                        continue
+                    weight = module.get_base_layer().weight
+                    self._fused.append((module, mine, weight.detach().clone(), sorted(merged)))
+                    module.merge(adapter_names=mine)
+                    fused += 1
+        except BaseException:  # all or nothing (before: the layers fused so far stayed fused, the rest not)
+            self._unfuse(before)
+            raise
         return fused
 
-    def _unfuse(self) -> None:
-        """Undo :meth:`fuse_lora` exactly: each fused layer gets its weight copy back. Adapters the user merged into
-        it since (``transformer.fuse_lora(adapter_names=[...])`` of their own) are merged again onto that copy:
-        the copy holds none of them, and peft would still count them merged (their LoRA lost without a word)."""
-        fused, self._fused = self._fused, []
-        for module, names, weight, merged_before in reversed(fused):
+    def _unfuse(self, keep: int = 0) -> None:
+        """Undo :meth:`fuse_lora` exactly (the layers it fused after the first ``keep``): each fused layer gets its
+        weight copy back. Adapters the user merged into it since (``transformer.fuse_lora(adapter_names=[...])`` of
+        their own) are merged again onto that copy: the copy holds none of them, and peft would still count them
+        merged (their LoRA lost without a word)."""
+        while len(self._fused) > keep:
+            module, names, weight, merged_before = self._fused[-1]
             later = [a for a in module.merged_adapters if a not in names and a not in merged_before]
             with torch.no_grad():
                 module.get_base_layer().weight.copy_(weight)
             module.merged_adapters[:] = [a for a in module.merged_adapters if a not in names and a not in later]
+            self._fused.pop()
             if later:
                 module.merge(adapter_names=later)
 
@@ -286,7 +331,7 @@ class AccelHandle:
         is merged into the weights (the base model could not be told from it)."""
         from peft.tuners.tuners_utils import BaseTunerLayer
 
-        from ..checkpoints.finetuned import save_trained_weights
+        from ..checkpoints.finetuned import METHOD_FILE, save_trained_weights
 
         ours = self.lora_adapter if self.lora_adapter in (getattr(transformer, "peft_config", None) or {}) else None
         active = _active_adapters(transformer)
@@ -335,7 +380,12 @@ class AccelHandle:
                     write_gates(save_directory, gates)
         finally:
             transformer.__dict__.pop("state_dict", None)
-        if first and (ours or projections) and main:
+        # The weights folder an earlier save_pretrained under dit_accel left in DIR (another model's LoRA and method)
+        # is replaced too, by this handle's method alone: before, it stayed beside the new weights, and
+        # apply(load_method(DIR), weights=DIR) ran that method and LoRA on this model without a word. (A
+        # `dit-accel finetune` output is the user's own: left as it is.)
+        stale = _saved_by_save_pretrained(Path(save_directory) / METHOD_FILE)
+        if first and (ours or projections or stale) and main:
             save_trained_weights(
                 save_directory, transformer=transformer, method=self.method,
                 lora_config=transformer.peft_config[ours] if ours else None, sla_projections=projections or None,
@@ -628,6 +678,41 @@ def _unload_adapters(transformer: nn.Module, names: Sequence[str], state: tuple)
     if users and present:
         transformer.set_adapters(users)
     _restore_scales(transformer, now)
+
+
+def _saved_by_save_pretrained(method_file: Path) -> bool:
+    """Whether ``method_file`` is the method file of a weights folder that save_pretrained wrote while applied."""
+    import json
+
+    try:
+        info = json.loads(method_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # none, or unreadable: nothing of ours to replace
+        return False
+    return isinstance(info, dict) and info.get("saved_by") == "save_pretrained"
+
+
+def _adapter_copy(transformer: nn.Module):
+    """``(config, tensors)`` of the transformer's adapter of dit_accel's name (copies), or None without one."""
+    from ..checkpoints.finetuned import ADAPTER_NAME
+
+    config = (getattr(transformer, "peft_config", None) or {}).get(ADAPTER_NAME)
+    if config is None:
+        return None
+    from peft.utils import get_peft_model_state_dict
+
+    tensors = get_peft_model_state_dict(transformer, adapter_name=ADAPTER_NAME)
+    return config, {k: v.detach().clone() for k, v in tensors.items()}
+
+
+def _add_adapter_copy(transformer: nn.Module, copy) -> None:
+    """The adapter :func:`_adapter_copy` kept, back in ``transformer`` (its config, its tensors bit for bit)."""
+    from peft.utils import set_peft_model_state_dict
+
+    from ..checkpoints.finetuned import ADAPTER_NAME
+
+    config, tensors = copy
+    transformer.add_adapter(config, adapter_name=ADAPTER_NAME)
+    set_peft_model_state_dict(transformer, tensors, adapter_name=ADAPTER_NAME)
 
 
 def _active_adapters(transformer) -> List[str]:

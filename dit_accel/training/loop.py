@@ -14,7 +14,7 @@ from torch import nn
 
 from ..atomic_files import BadFileError
 from ..checkpoints.lora_checks import injection_state, undo_injection
-from .._util import DitAccelWarning
+from .._util import DitAccelWarning, run_each
 from ..methods import SLA, VSA, Dense, Method, Radial
 from ..plans.sparse_plan import SparsePlan
 from . import data as data_mod
@@ -253,26 +253,37 @@ class _Trainer:
         run's dtype replaced, and the dit_accel handle it held before the run. Idempotent."""
         if isinstance(self.config.model, str):
             return  # the run loaded the model itself (nobody else holds it)
+
         flags, self._undo_flags = self._undo_flags, None
         kept, parked, self._kept, self._parked = self._kept, self._parked, None, None
-        if flags is not None:
-            self._undo_install(flags)
-        if kept is not None:
-            kept.restore()
-        if parked is not None:
-            parked.restore()
+        # Each part even when one before it fails (a second Ctrl-C, an error unloading the LoRA): before, the
+        # tensors the cast replaced and the caller's handle were then lost, the pipeline left in the run's dtype
+        run_each([lambda: flags is not None and self._undo_install(flags),
+               lambda: kept is not None and kept.restore(),
+               lambda: parked is not None and parked.restore()])
 
     def _undo_install(self, flags: dict) -> None:
+
         transformer = self.transformer
-        if self.handle is not None:
-            self.handle.remove()
-        if flags.get("injection") is not None:  # the layers peft wrapped become the model's own again (delete_adapters
-            undo_injection(transformer, "default", flags["injection"])  # left them wrapped, renaming their weights)
-        for name, p in transformer.named_parameters():
-            p.requires_grad_(flags["grad"].get(name, p.requires_grad))
-        if flags["checkpointing"] is False and getattr(transformer, "is_gradient_checkpointing", False):
-            transformer.disable_gradient_checkpointing()
-        transformer.train(flags["training"])
+
+        def remove_handle():
+            if self.handle is not None:
+                self.handle.remove()
+
+        def injection_back():  # the layers peft wrapped become the model's own again (delete_adapters left them
+            if flags.get("injection") is not None:  # wrapped, renaming their weights)
+                undo_injection(transformer, "default", flags["injection"])
+
+        def flags_back():
+            for name, p in transformer.named_parameters():
+                p.requires_grad_(flags["grad"].get(name, p.requires_grad))
+            if flags["checkpointing"] is False and getattr(transformer, "is_gradient_checkpointing", False):
+                transformer.disable_gradient_checkpointing()
+            transformer.train(flags["training"])
+
+        # Each part even when one before it fails, and the handle's removal once more at the end: a remove() cut
+        # short stays live and finishes when called again (a removed handle's remove() does nothing)
+        run_each([remove_handle, injection_back, flags_back, remove_handle])
 
     def commit(self) -> None:
         """The run succeeded: the pipeline keeps its cast and the student, and a handle it held goes for good."""
