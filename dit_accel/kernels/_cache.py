@@ -11,6 +11,10 @@ from __future__ import annotations
 import threading
 from typing import Callable, Dict, Hashable, TypeVar
 
+import torch
+
+from .request import tracing
+
 __all__ = ["LayoutCache", "layout_on", "bounded_get"]
 
 T = TypeVar("T")
@@ -28,7 +32,14 @@ class LayoutCache:
         value = layout.derived.get(slot)
         if value is not None:
             return value
-        value = build()  # outside the lock: builds may be slow; a racing duplicate build is harmless
+        if torch.is_inference_mode_enabled() and not tracing():
+            # (kept tensors built as inference tensors: a later call that records a backward could not save them,
+            # torch's "Inference tensors cannot be saved for backward" from inside the twin, after one call under
+            # torch.inference_mode, a preview or a validation step, on the same layout)
+            with torch.inference_mode(False), torch.no_grad():
+                value = build()
+        else:
+            value = build()  # outside the lock: builds may be slow; a racing duplicate build is harmless
         with self._lock:
             return layout.derived.setdefault(slot, value)
 

@@ -284,7 +284,13 @@ class BlockLayout:
         if mask_table is None:
             mask_table = _empty_table(block_q, block_k, visited.device)
         mask_ids = torch.where(visited, mask_ids, -1)
-        kv_width, q_width = widths if widths is not None else (None, None)
+        if widths is not None and not (isinstance(widths, (tuple, list)) and len(widths) == 2
+                                       and all(is_int(w) and w >= 1 for w in widths)):
+            # (a negative bound raised torch's "index -1 is out of bounds", a float one torch.Size's TypeError)
+            raise ValueError(f"widths={widths!r} is invalid: expected (kv, q), two positive ints bounding the key "
+                             "blocks any query block visits and the query blocks any key block is visited by; or "
+                             "None (read from the visit matrix)")
+        kv_width, q_width = (int(w) for w in widths) if widths is not None else (None, None)
         kv = _pack(visited, mask_ids, kv_width)
         qt = _pack(visited.transpose(-1, -2), mask_ids.transpose(-1, -2), q_width)
         layout = cls(q_len, kv_len, block_q, block_k, *kv, *qt, mask_table.bool().contiguous())

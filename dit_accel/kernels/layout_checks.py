@@ -119,8 +119,10 @@ def _side_problem(layout: BlockLayout, side: str, blocks: int) -> Optional[str]:
         if hit:
             where = tuple(int(x) for x in bad.nonzero()[0])
             row = "layout head {}, {} block {}".format(where[0], "query" if side == "kv" else "key", where[1])
-            if i == 0:
-                return f"{rule}; got count {int(counts[where])} at {row}"
+            if i == 0:  # (built by from_block_masks with widths= below a row's count: the lists were cut there)
+                return (f"{rule}; got count {int(counts[where])} at {row}. A layout built by "
+                        f"BlockLayout.from_block_masks(..., widths=(kv, q)) with {side} = {indices.shape[-1]} below "
+                        "that count lost the blocks past it: pass widths that bound every count, or widths=None")
             value = ids if i == len(faults) - 1 else indices
             return f"{rule}; got {int(value[where])} in slot {where[2]} at {row}"
     return None

@@ -86,7 +86,8 @@ class TilePermutation:
         made once per device."""
         key = ("rows", torch.device(device))
         if key not in self._device_cache:
-            self._device_cache[key] = self.order.to(device=key[1], dtype=torch.int32)
+            with torch.inference_mode(False):  # (kept: see _kept)
+                self._device_cache[key] = _kept(self.order.to(dtype=torch.int32), key[1])
         return self._device_cache[key]
 
     def _indices(self, device) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -94,9 +95,10 @@ class TilePermutation:
         one), the tiled position of each raster token, and the padded positions."""
         device = torch.device(device)
         if device not in self._device_cache:
-            gather = self.order.clamp_min(0)
-            pads = (self.order < 0).nonzero().flatten()
-            self._device_cache[device] = tuple(t.to(device) for t in (gather, self.inverse, pads))
+            with torch.inference_mode(False):  # (kept: see _kept)
+                gather = self.order.clamp_min(0)
+                pads = (self.order < 0).nonzero().flatten()
+                self._device_cache[device] = tuple(_kept(t, device) for t in (gather, self.inverse, pads))
         return self._device_cache[device]
 
     def _check(self, x: torch.Tensor, dim: int, expected: int, what: str) -> int:
@@ -139,6 +141,16 @@ class TilePermutation:
     def __repr__(self) -> str:
         return (f"TilePermutation(grid={self.grid}, tile={self.tile}, padded_grid={self.padded_grid}, "
                 f"N={self.num_tokens}, Np={self.num_padded})")
+
+
+def _kept(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``t`` on ``device`` as a normal tensor, for the index tables a permutation keeps between calls (made with
+    ``torch.inference_mode(False)``): made as inference tensors (a first call under ``torch.inference_mode``, a preview
+    or a validation step), a later permute that records a backward could not save them, torch's "Inference tensors
+    cannot be saved for backward". A copy where ``t`` itself is one (a permutation built in inference mode), which
+    ``to()`` returns as it is."""
+    t = t.to(device)
+    return t.clone() if t.is_inference() else t
 
 
 def _reindex(x: torch.Tensor, dim: int, index: torch.Tensor, zero: Optional[torch.Tensor], back: torch.Tensor,

@@ -25,7 +25,7 @@ import torch
 
 from .._util import cdiv, is_int
 from ..kernels.layout import BlockLayout
-from .checks import as_grid, int_or_tuple, per_dim, per_head, positive_int
+from .checks import as_grid, int_or_tuple, number_in, per_dim, per_head, positive_int
 from .permutation import PackedTilePermutation, TilePermutation, block_box, permutation_for
 from .separable import covers_grid, kron, relation_1d, separable_layout, stack_heads
 
@@ -236,6 +236,7 @@ def fit_tile(grid, tile, window, *, block: int = 64) -> Tuple[Tuple[int, ...], T
     grid, tile, windows = _windows(grid, tile, window)
     if len(windows) != 1 or per_head(window) is not None:
         raise ValueError("fit_tile takes one window (per-head windows keep their tile)")
+    block = positive_int("block", block)  # (0 or a negative one returned the given tile as fitted, silently)
     window = windows[0]
     if all(g % t == 0 for g, t in zip(grid, tile)) and block_box(tile, block) is not None:
         return tile, window
@@ -360,7 +361,11 @@ def window_at_density(grid, tile, density: float) -> Tuple[int, ...]:
     of the blocks. Nearest density first; among near ties the most even window. Odd windows, plus ``n + 1`` on an
     even tile count ``n`` (the odd window that covers the dimension).
     """
-    n_tiles = TilePermutation(tuple(grid), tuple(tile)).num_tiles
+    # (a density of 0 or below raised "math domain error", above 1 or NaN returned a window, silently; an int grid
+    # or tile "'int' object is not iterable")
+    density = number_in("density", density, 0.0, 1.0, lo_open=True)
+    grid = as_grid(grid)
+    n_tiles = TilePermutation(grid, per_dim("tile", tile, len(grid))).num_tiles
     candidates = [list(range(1, n + 1, 2)) + ([n + 1] if n % 2 == 0 else []) for n in n_tiles]
     best = None
     for window in itertools.product(*candidates):

@@ -49,6 +49,15 @@ def _check(q, k, v, layout, scale) -> float:
     check_layout(layout, transposed=records_grad(q, k, v))  # (its values once per layout)
     n, m, h = q.shape[2], k.shape[2], q.shape[1]
     if layout.q_len != n or layout.kv_len != m:
+        if q.shape[1] == layout.q_len and k.shape[1] == layout.kv_len:  # (told to permute, or to rebuild the layout)
+            raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} look like (B, N, H, D) tensors: the layout's "
+                             f"q_len={layout.q_len}, kv_len={layout.kv_len} are their dim 1, and attention takes "
+                             "(B, H, N, D) like scaled_dot_product_attention; pass q.transpose(1, 2), "
+                             "k.transpose(1, 2), v.transpose(1, 2) (and transpose the output back).")
+        if n != m and layout.q_len == m and layout.kv_len == n:  # (told to permute where q_len > N)
+            raise ValueError(f"layout was built for q_len={layout.q_len}, kv_len={layout.kv_len}, but q has N={n} "
+                             f"and k/v have M={m} tokens: queries and keys swapped. A token mask is [N, M] (queries, "
+                             "keys): build the layout from mask.transpose(-1, -2).")
         # (a layout of gna_layout / tile_layout / radial_window_layout is longer: its tiled order pads the grid)
         tiled = (" A pattern's layout is in tiled order: pass perm.permute(q), perm.permute(k), perm.permute(v) "
                  "(perm, layout = tile_layout(...)), and perm.unpermute the output.") if layout.q_len > n else ""

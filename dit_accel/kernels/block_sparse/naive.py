@@ -385,7 +385,11 @@ class _Scratch(threading.local):
         numel = math.prod(shape)
         buffer = self.buffers.get(name)
         if buffer is None or buffer.numel() < numel or buffer.dtype != like.dtype or buffer.device != like.device:
-            buffer = self.buffers[name] = torch.empty(numel, dtype=like.dtype, device=like.device)
+            # (a normal tensor, under torch.inference_mode too: one made there is an inference tensor, and the
+            # thread's next call outside it, under no_grad, raised "Inplace update to inference tensor outside
+            # InferenceMode is not allowed" from its first gather)
+            with torch.inference_mode(False):
+                buffer = self.buffers[name] = torch.empty(numel, dtype=like.dtype, device=like.device)
         return buffer[:numel].view(shape)
 
 
@@ -489,7 +493,19 @@ def torch_block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
         o, lse = _assemble(plan, outs, lses, qb)
     o = o.reshape(b, h, n_q * bq, d)[:, :, : layout.q_len]
     lse = lse.reshape(b, h, n_q * bq)[:, :, : layout.q_len]
+    if not plan.chunks:  # (always: under vmap an input that requires grad reads requires_grad False)
+        o, lse = _tied(o, lse, q, k, v)
     return o.to(q.dtype), lse
+
+
+def _tied(o: torch.Tensor, lse: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+    """``o`` and ``lse`` of a layout that visits no key block, unchanged in value but part of the graph of q, k and
+    v, with a zero gradient for each (as the Triton kernels give): they were built by ``new_zeros`` and came back
+    with no ``grad_fn``, so ``backward()`` or ``torch.autograd.grad`` on them raised "does not require grad". A
+    ``where`` on a False condition, not ``x * 0``: an inf or NaN input would make the product NaN."""
+    never = torch.zeros((), dtype=torch.bool, device=o.device)
+    tie = sum(torch.where(never, t[0, 0, 0, 0].float(), 0.0) for t in (q, k, v))
+    return o + tie, lse + tie
 
 
 def _kv_blocks(k: torch.Tensor, v: torch.Tensor, bg: int, blocks: Tuple[int, int, int], scratch: bool

@@ -69,7 +69,8 @@ def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Op
     check_flag("return_lse", return_lse)
     scale = check_scale(scale, q.shape[-1])
     if q.shape[-1] > 256 or k.shape[2] == 0:
-        raise ValueError(f"the dense Triton kernel takes 1 <= M and D <= 256; got M={k.shape[2]}, D={q.shape[-1]}")
+        raise ValueError(f"the dense Triton kernel takes 1 <= M and D <= 256; got M={k.shape[2]}, D={q.shape[-1]}: "
+                         f"{_NO_BACKEND}")
     if q.device.type == "meta":  # (shape inference: the self-check, which has no meta verdict, said it had failed)
         o, lse = meta_outputs(q, k, v)
     else:

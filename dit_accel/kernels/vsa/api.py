@@ -514,6 +514,11 @@ def vsa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid, *, to
             "and batch along q's batch dim instead of vmap")
     n = math.prod(grid)
     if q.shape[2] != n or k.shape[2] != n:
+        if q.shape[1] == n and k.shape[1] == n:  # (told to split text tokens off, which were not there)
+            raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} look like (B, N, H, D) tensors: grid={grid} "
+                             f"holds {n} tokens, their dim 1, and vsa_attention takes (B, H, N, D) like "
+                             "scaled_dot_product_attention; pass q.transpose(1, 2), k.transpose(1, 2), "
+                             "v.transpose(1, 2) (and transpose the output back)")
         raise ValueError(f"q has {q.shape[2]} and k/v {k.shape[2]} tokens, but grid={grid} holds {n}: q, k and v are "
                          "the grid's video tokens alone, in raster order (split text tokens off first)")
     if gate is not None:
