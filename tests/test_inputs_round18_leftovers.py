@@ -165,3 +165,15 @@ def test_the_command_line_refuses_a_vendor_backend_whose_package_is_missing(monk
     assert code.value.code == 2 and err == ("dit-accel generate: error: argument --backend: 'natten' cannot run in this "
                                  "environment: the natten package is not installed (`pip install natten` or `pip "
                                  "install \"dit_accel[natten]\"`); use --backend auto or --backend triton.")
+
+
+def test_an_image_models_summary_speaks_of_image_tokens(tmp_path, capsys):
+    """``generate --model tiny-sd3`` printed "token grid (16, 16) = 256 video tokens" and "of the video attention
+    blocks" for an image: the summary now names what the grid holds."""
+    from dit_accel.cli.main import main
+
+    assert main(["generate", "--model", "tiny-sd3", "--method", "gna", "--steps", "1", "--height", "64", "--width",
+                 "64", "--out", str(tmp_path / "i.png")]) == 0
+    printed = capsys.readouterr().out
+    assert "video tokens" not in printed and "video attention" not in printed, printed
+    assert "= 256 image tokens" in printed and "of the image attention blocks" in printed, printed

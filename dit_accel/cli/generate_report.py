@@ -462,20 +462,21 @@ def _summary_lines(record: dict) -> list:
         lines.append(f"method {method['method']}: {record['method_choice']}; settings: {record['defaults_source']}")
     density = record["density"]["mean"]
     grids = record["summary"].get("token_grids") or []
+    media = "image" if grids and all(len(g) == 2 for g in grids) else "video"  # (an image model's grid is (H, W))
     if grids:
-        lines.append("token grid " + ", ".join(f"{tuple(g)} = {math.prod(g):,} video tokens" for g in grids))
+        lines.append("token grid " + ", ".join(f"{tuple(g)} = {math.prod(g):,} {media} tokens" for g in grids))
     if record.get("default_note"):
         lines.append(f"note: {record['default_note']}")
     if record.get("plan_summary"):
         lines.append(f"{record['method_choice']}: {record['plan_summary']}")
-        lines.append("plan: " + (f"its sparse calls visit {density:.3f} of the video attention blocks"
+        lines.append("plan: " + (f"its sparse calls visit {density:.3f} of the {media} attention blocks"
                                  + _with_dense_calls(record) if density is not None else "every call ran dense"))
         lines += _plan_quality_lines(record.get("plan_quality"))
     elif method["method"] != "dense":
         options = ", ".join(f"{k}={tuple(v) if isinstance(v, list) else v}" for k, v in method.items() if k != "method")
         lines.append(f"method {method['method']} ({options}): visited density "  # (of its sparse calls: said)
                      + (f"{density:.3f}" if density is not None else "1.000 (ran dense)")
-                     + " of the video attention blocks" + (" in its sparse calls" + _with_dense_calls(record)
+                     + f" of the {media} attention blocks" + (" in its sparse calls" + _with_dense_calls(record)
                                                            if _with_dense_calls(record) else ""))
         lines += _ran_lines(record)
     from ..kernels.block_sparse.api import DENSE
