@@ -59,26 +59,7 @@ def assert_unchanged(model, before: dict) -> None:
         assert after[key] == before[key], key
 
 
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    """A weights folder (LoRA + SLA projections) for the tiny Wan transformer."""
-    from peft import LoraConfig
-
-    path = tmp_path_factory.mktemp("weights")
-    model = build_tiny_transformer("wan", seed=3)
-    lora = LoraConfig(r=2, lora_alpha=2, target_modules=["to_q", "to_v"], init_lora_weights=False)
-    with dit_accel.apply(model, SLA, backend="torch") as handle:
-        model.add_adapter(lora)
-        for p in handle.sla_projections().values():
-            torch.nn.init.normal_(p.weight, std=0.3)
-        W.save_trained_weights(path, transformer=model, method=SLA, lora_config=lora,
-                               sla_projections=handle.sla_projections())
-    return path
-
-
-@pytest.fixture()
-def model():
-    return build_tiny_transformer("wan", seed=3)
+# (fixtures `folder` and `model`: tests/reliability/conftest.py)
 
 
 def _broken_copy(folder, tmp_path, name, action):

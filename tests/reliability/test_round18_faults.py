@@ -22,26 +22,8 @@ SLA = dit_accel.SLA(topk=0.5)
 GNA = dit_accel.GNA(kernel_size=(2, 3, 3))
 
 
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    """A weights folder (LoRA on to_q/to_v + SLA projections) for the tiny Wan transformer."""
-    from peft import LoraConfig
-
-    path = tmp_path_factory.mktemp("weights")
-    model = build_tiny_transformer("wan", seed=3)
-    lora = LoraConfig(r=2, lora_alpha=2, target_modules=["to_q", "to_v"], init_lora_weights=False)
-    with dit_accel.apply(model, SLA, backend="torch") as handle:
-        model.add_adapter(lora)
-        for p in handle.sla_projections().values():
-            torch.nn.init.normal_(p.weight, std=0.3)
-        W.save_trained_weights(path, transformer=model, method=SLA, lora_config=lora,
-                               sla_projections=handle.sla_projections())
-    return path
-
-
-@pytest.fixture()
-def model():
-    return build_tiny_transformer("wan", seed=3)
+# (fixtures `folder`, a weights folder of LoRA on to_q/to_v + SLA projections, and `model`, the tiny Wan
+# transformer it is for: tests/reliability/conftest.py)
 
 
 def _applied(model, **kw):
@@ -235,19 +217,20 @@ def test_a_failed_apply_whose_undo_is_cut_short_still_gives_back_the_earlier_han
 @pytest.fixture(scope="module")
 def other_folder(tmp_path_factory):
     """A second weights folder of the same shape, other values."""
-    from peft import LoraConfig
+    from tests.reliability.conftest import write_weights_folder
 
-    path = tmp_path_factory.mktemp("weights_b")
-    model = build_tiny_transformer("wan", seed=3)
-    torch.manual_seed(11)
-    lora = LoraConfig(r=2, lora_alpha=2, target_modules=["to_q", "to_v"], init_lora_weights=False)
-    with dit_accel.apply(model, SLA, backend="torch") as handle:
-        model.add_adapter(lora)
-        for p in handle.sla_projections().values():
-            torch.nn.init.normal_(p.weight, std=0.3)
-        W.save_trained_weights(path, transformer=model, method=SLA, lora_config=lora,
-                               sla_projections=handle.sla_projections())
-    return path
+    return write_weights_folder(tmp_path_factory.mktemp("weights_b"), lora_seed=11)
+
+
+def _failing_lora_load(monkeypatch):
+    """``_load_lora`` loads, then raises: a load_weights() that fails after its LoRA went in."""
+    real = W._load_lora
+
+    def load_then_fail(transformer, path):
+        real(transformer, path)
+        raise RuntimeError("injected after the LoRA loaded")
+
+    monkeypatch.setattr(W, "_load_lora", load_then_fail)
 
 
 def test_load_weights_after_fuse_lora_runs_the_new_weights_alone(model, folder, other_folder, monkeypatch):
@@ -261,13 +244,7 @@ def test_load_weights_after_fuse_lora_runs_the_new_weights_alone(model, folder, 
     first = _run(model, kwargs)
     assert handle.fuse_lora() == 8
     fused_state = _state(model)
-    real = W._load_lora
-
-    def load_then_fail(transformer, path):
-        real(transformer, path)
-        raise RuntimeError("injected after the LoRA loaded")
-
-    monkeypatch.setattr(W, "_load_lora", load_then_fail)
+    _failing_lora_load(monkeypatch)
     with pytest.raises(RuntimeError, match="injected"):
         handle.load_weights(other_folder)
     monkeypatch.undo()
@@ -289,13 +266,7 @@ def test_a_failed_load_weights_keeps_the_lora_an_earlier_load_gave_the_handle(mo
     handle = _applied(model, weights=folder)
     first = _run(model, kwargs)
     before = _state(model)
-    real = W._load_lora
-
-    def load_then_fail(transformer, path):
-        real(transformer, path)
-        raise RuntimeError("injected after the LoRA loaded")
-
-    monkeypatch.setattr(W, "_load_lora", load_then_fail)
+    _failing_lora_load(monkeypatch)
     with pytest.raises(RuntimeError, match="injected"):
         handle.load_weights(other_folder)
     monkeypatch.undo()
