@@ -177,3 +177,23 @@ def test_an_image_models_summary_speaks_of_image_tokens(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "video tokens" not in printed and "video attention" not in printed, printed
     assert "= 256 image tokens" in printed and "of the image attention blocks" in printed, printed
+
+
+def test_fastest_attentions_lse_gradient_compiles_fullgraph():
+    """``torch.compile(fullgraph=True)`` of a training step through the lse failed in Dynamo ("Create the tensor
+    outside the compiled region": the lse's backward made a ``requires_grad`` tensor to take SDPA's gradient for
+    its values); it now takes that gradient by ``torch.func.vjp``, which Dynamo traces."""
+    from dit_accel.kernels.dense import fastest_attention
+
+    def step(q, k, v, w):
+        o, lse = fastest_attention(q, k, v, return_lse=True)
+        return o.sum() + (lse * w).sum()
+
+    g = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(1, 2, 17, 16, generator=g).requires_grad_() for _ in range(3))
+    w = torch.randn(1, 2, 17, generator=g)
+    torch._dynamo.reset()
+    got = torch.autograd.grad(torch.compile(step, fullgraph=True, backend="aot_eager")(q, k, v, w), (q, k))
+    want = torch.autograd.grad(step(q, k, v, w), (q, k))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
