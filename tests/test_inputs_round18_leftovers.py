@@ -197,3 +197,19 @@ def test_fastest_attentions_lse_gradient_compiles_fullgraph():
     want = torch.autograd.grad(step(q, k, v, w), (q, k))
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+# ------------------------------------------------------------------ a per-dimension flag with a value left out
+@pytest.mark.parametrize("text", ["1,,1,1", ",3,3", "3,3,,"])
+def test_a_per_dimension_value_left_out_is_refused_not_dropped(text):
+    """``--window 1,,1,1`` (a 4-value typo, or a value left out) was read as (1, 1, 1): the empty item dropped, a
+    window the user did not write run without a word. Separators in a row are refused; the forms the flags take
+    (``6,8,8``, ``6x8x8``, ``6 8 8``, ``(6, 8, 8)``, a trailing comma) read as before."""
+    import argparse
+
+    from dit_accel.cli.options import int_tuple
+
+    with pytest.raises(argparse.ArgumentTypeError, match="has an empty item"):
+        int_tuple(text)
+    assert {int_tuple(t) for t in ("6,8,8", "6x8x8", " 6 8 8 ", "(6, 8, 8)", "6 , 8 , 8")} == {(6, 8, 8)}
+    assert int_tuple("1,") == int_tuple("1") == 1

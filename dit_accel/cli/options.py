@@ -67,8 +67,14 @@ def plain(docstring: str) -> str:
 
 
 def int_tuple(text: str):
-    """``"6,8,8"`` / ``"6x8x8"`` / ``"(6, 8, 8)"`` -> ``(6, 8, 8)``; ``"7"`` -> ``7``."""
-    parts = [p for p in re.split(r"[,x\s]+", text.strip().strip("()[]")) if p]
+    """``"6,8,8"`` / ``"6x8x8"`` / ``"(6, 8, 8)"`` -> ``(6, 8, 8)``; ``"7"`` -> ``7``. An empty item (``1,,1,1``: a
+    value left out) is refused, where it was dropped (a 3-D window from a 4-value typo); one trailing comma is
+    Python's one-tuple (``1,``)."""
+    body = text.strip().strip("()[]").strip()
+    body = body[:-1].rstrip() if body.endswith(",") else body
+    parts = re.split(r"\s*[,x]\s*|\s+", body) if body else []
+    if "" in parts:
+        raise argparse.ArgumentTypeError(f"{text!r} has an empty item: give every value, e.g. 6,8,8")
     try:
         values = tuple(int(p) for p in parts)
     except ValueError:
