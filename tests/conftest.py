@@ -11,9 +11,14 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 # dit_accel's own cache (self-check verdicts, autotune choices) per test process: a verdict a test provokes
 # (a fault, a stubbed kernel) never reaches the user's ~/.cache, and every run checks the kernels afresh.
 if "DIT_ACCEL_CACHE" not in os.environ:
+    import atexit
+    import shutil
     import tempfile
 
     os.environ["DIT_ACCEL_CACHE"] = tempfile.mkdtemp(prefix="dit_accel_tests_")
+    # removed by the process that made it (subprocesses inherit the variable and finish first): 180 of these were
+    # left in /tmp by a day's runs
+    atexit.register(shutil.rmtree, os.environ["DIT_ACCEL_CACHE"], ignore_errors=True)
 # ptxas / nvdisasm / cuobjdump outputs are a pure function of tool, flags and input bytes (dit_accel.kernels.tool_runs):
 # kept across runs like triton's own cache, so a run after the first re-reads no unchanged kernel.
 os.environ.setdefault("DIT_ACCEL_TOOL_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "dit_accel", "tools"))

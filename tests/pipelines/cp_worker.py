@@ -154,6 +154,7 @@ def gradients(name, method, ulysses, ring):
 
 def capture(ulysses, ring) -> float:
     """Captured q/k/v under context parallelism (one file per head group) == the single-process capture."""
+    import shutil
     import tempfile
 
     folder = os.path.join(tempfile.gettempdir(),  # one per launch and scenario (a launch runs several)
@@ -176,6 +177,9 @@ def capture(ulysses, ring) -> float:
     heads = sorted(tuple(g["heads"]) for g in got)
     q = torch.cat([g["q"] for g in sorted(got, key=lambda g: g["heads"])], dim=1)
     assert heads == [(i * 4 // ulysses, (i + 1) * 4 // ulysses) for i in range(ulysses)], heads
+    dist.barrier()  # every rank has read the folder
+    if dist.get_rank() == 0:
+        shutil.rmtree(folder, ignore_errors=True)
     return float((q - want["q"]).abs().max())
 
 
