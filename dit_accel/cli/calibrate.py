@@ -28,16 +28,15 @@ import tempfile
 from pathlib import Path
 
 from .._util import existing_ancestor, format_ratio, format_time
-from .options import HelpFormatter, plain
+from .options import HelpFormatter, int_list, plain
 
 __all__ = ["register", "run", "check_args"]
 
 
 def _int_list(text: str):
-    try:
-        return [int(s) for s in text.split(",") if s.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 0,1; got {text!r}") from None
+    """``0,1`` -> ``[0, 1]``; an empty item (``0,,1``) or an ``x`` is refused (:func:`.options.int_list`). No value
+    at all (``,``) is the empty list, which the flag's own check refuses with its rule."""
+    return [] if not text.replace(",", "").strip() else list(int_list(text))
 
 
 class _UsageError(ValueError):

@@ -85,9 +85,13 @@ def int_tuple(text: str):
 
 
 def int_list(text: str):
-    """``"none"`` / ``""`` -> ``()``; ``"0,1"`` / ``"[0, 1]"`` -> ``(0, 1)``."""
+    """``"none"`` / ``""`` -> ``()``; ``"0,1"`` / ``"[0, 1]"`` -> ``(0, 1)``. ``x`` is refused: it separates a
+    grid's sizes (``6x8x8``), and ``1x2`` read as the list 1, 2 (layers 1 and 2, for a typo of 1,2 or 12)."""
     if text.strip().lower() in ("", "none", "off", "[]"):
         return ()
+    if "x" in text.lower():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a list of integers: separate them by commas, e.g. 0,5,7 "
+                                         "(x separates a grid's sizes, as in 6x8x8)")
     value = int_tuple(text)
     return value if isinstance(value, tuple) else (value,)
 
