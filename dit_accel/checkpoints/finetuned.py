@@ -202,6 +202,9 @@ def _read_info(folder: Path) -> dict:
     if not folder.is_dir():
         raise ValueError(f"weights={str(folder)!r} is not a folder; pass the output folder of `dit-accel finetune`.")
     path = folder / METHOD_FILE
+    from .vsa_gates import finish_saved_set
+
+    finish_saved_set(folder, path)  # (save_pretrained under dit_accel writes the folder with the model, as one set)
     if not path.is_file():
         raise ValueError(f"weights={str(folder)!r} has no {METHOD_FILE}; is it the output folder of `dit-accel finetune`?")
     expected = ("the JSON object `dit-accel finetune` writes: {\"method\": {...}, \"files\": {...}, ...}")

@@ -15,7 +15,7 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
@@ -140,15 +140,17 @@ def _is_weights(name: str) -> bool:
     return name.endswith((".safetensors", ".bin", ".index.json")) and name != GATES_FILE
 
 
-def save_with_gates(save_directory, save: Callable[[Path], object], tensors: Dict[str, torch.Tensor]):
+def save_with_gates(save_directory, save: Callable[[Path], object], tensors: Dict[str, torch.Tensor],
+                    replaces: Sequence[str] = ()):
     """``save(folder)`` (Diffusers' ``save_pretrained``) and the gates as one commit: a kill at any instant leaves the
     previous model with its gates or the new one with its own, never one model's weights beside the other's gates.
 
     ``save`` writes into a temporary sibling folder; its files and ``GATES_FILE`` (``tensors``; with none, a gates
     file already in the folder, another model's, is removed) are then one :func:`~dit_accel.atomic_files.
     commit_files` set. The gates file records the sha256 of every file saved with it, so gates that a later save
-    without dit_accel left beside other weights are refused when read (:func:`read_gates`). Returns ``save``'s
-    result."""
+    without dit_accel left beside other weights are refused when read (:func:`read_gates`). ``replaces``: names of
+    files in the folder that go when this save does not write them (the weights folder's LoRA and projections, when
+    ``save`` writes a weights folder too). Returns ``save``'s result."""
     import shutil
 
     from safetensors.torch import save_file
@@ -179,7 +181,8 @@ def save_with_gates(save_directory, save: Callable[[Path], object], tensors: Dic
                                                                                         _BOUND: bound})
         names = {p.name for p in saved}
         # a previous model's gates, and the weight shards of a previous save that this one has no place for
-        remove = [p for p in _model_files(folder) if p.name not in names and p.name.startswith("diffusion_pytorch_model")]
+        remove = [p for p in _model_files(folder)
+                  if p.name not in names and (p.name.startswith("diffusion_pytorch_model") or p.name in replaces)]
         if not data and (folder / GATES_FILE).is_file():
             remove.append(folder / GATES_FILE)
         commit_files(files, journal, remove=remove)
@@ -188,12 +191,20 @@ def save_with_gates(save_directory, save: Callable[[Path], object], tensors: Dic
     return result
 
 
+def finish_saved_set(folder: Path, what: Path) -> None:
+    """What a reader of a folder that :func:`save_with_gates` writes does first: finish a save killed after its commit
+    point (the model, its gates and its weights folder are one set), or refuse ``what`` (BadFileError)."""
+    from ..atomic_files import commit_journal, finish_for_reader
+
+    finish_for_reader(commit_journal(folder / GATES_FILE), what)
+
+
 def _check_bound(folder: Path) -> None:
     """BadFileError unless the files that ``GATES_FILE`` was saved with are the folder's files now."""
-    from ..atomic_files import finish_for_reader, commit_journal, sha256_file
+    from ..atomic_files import sha256_file
 
     path = folder / GATES_FILE
-    finish_for_reader(commit_journal(path), path)  # a save killed after its commit point: finish it first
+    finish_saved_set(folder, path)  # a save killed after its commit point: finish it first
     if not path.is_file():
         return
     # (a truncated or empty gates file raised a raw SafetensorError here)

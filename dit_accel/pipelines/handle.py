@@ -353,46 +353,56 @@ class AccelHandle:
             self._runtime.warnings.warn(
                 f"dit_accel: save_pretrained({str(save_directory)!r}) saves {cls}'s base model without the LoRA "
                 f"adapters {others} (not dit_accel's): save them with the pipeline's save_lora_weights", stacklevel=4)
-        if tuned:  # the weights under the LoRA layers, by their plain names: what from_pretrained reads
-            full = type(transformer).state_dict(transformer)
-            base = {}
-            for key, value in full.items():
-                owner = next((n for n in tuned if key.startswith(n + ".")), None)
-                if owner is None:
-                    base[key] = value
-                elif key.startswith(owner + ".base_layer."):
-                    base[owner + "." + key[len(owner) + len(".base_layer."):]] = value
-            transformer.__dict__["state_dict"] = lambda *a, **k: base
-        main = kwargs.get("is_main_process", args[0] if args else True)
-        gates = self._gates.state_dict_of(transformer) if getattr(self, "_gates", None) is not None else {}
-        try:
-            if main and not kwargs.get("push_to_hub"):
-                # VSA's gates, which Diffusers does not save, beside the weights in FastVideo's layout, and the
-                # weights in one commit (no gates: a previous model's gates file goes)
-                from ..checkpoints.vsa_gates import save_with_gates
-
-                result = save_with_gates(save_directory, lambda folder: original(folder, *args, **kwargs), gates)
-            else:
-                result = original(save_directory, *args, **kwargs)
-                if gates and main:  # (pushed to the hub from the folder: the gates beside it, as before)
-                    from ..checkpoints.vsa_gates import write_gates
-
-                    write_gates(save_directory, gates)
-        finally:
-            transformer.__dict__.pop("state_dict", None)
+        base = _base_state(transformer, tuned) if tuned else None
         # The weights folder an earlier save_pretrained under dit_accel left in DIR (another model's LoRA and method)
         # is replaced too, by this handle's method alone: before, it stayed beside the new weights, and
         # apply(load_method(DIR), weights=DIR) ran that method and LoRA on this model without a word. (A
         # `dit-accel finetune` output is the user's own: left as it is.)
         stale = _saved_by_save_pretrained(Path(save_directory) / METHOD_FILE)
-        if first and (ours or projections or stale) and main:
+        main = kwargs.get("is_main_process", args[0] if args else True)
+        with_folder = first and (ours or projections or stale) and main
+
+        def save_model(folder):
+            if base is not None:  # the weights under the LoRA layers, by their plain names: what from_pretrained reads
+                transformer.__dict__["state_dict"] = lambda *a, **k: base
+            try:
+                return original(folder, *args, **kwargs)
+            finally:
+                transformer.__dict__.pop("state_dict", None)
+
+        def save_folder(folder):
             save_trained_weights(
-                save_directory, transformer=transformer, method=self.method,
+                folder, transformer=transformer, method=self.method,
                 lora_config=transformer.peft_config[ours] if ours else None, sla_projections=projections or None,
                 adapter_name=ours or "default", extra={"model": cls, "saved_by": "save_pretrained",
                                                         # (the layers that learned beside dense attention: the
                                                         # folder refuses to run them sparse, as finetune's does)
                                                         "dense_layers": sorted(self.schedule.dense_layers) or None})
+
+        gates = self._gates.state_dict_of(transformer) if getattr(self, "_gates", None) is not None else {}
+        if main and not kwargs.get("push_to_hub"):
+            # The model, VSA's gates (which Diffusers does not save; FastVideo's layout) and the weights folder in one
+            # commit: before, the folder came in a second one, which removed the gates the first had written (a
+            # VSA model with a LoRA, saved, ran without its gates) and left a kill between the two a new model
+            # beside the old LoRA
+            from ..checkpoints.finetuned import LORA_FILE, SLA_FILE
+            from ..checkpoints.vsa_gates import save_with_gates
+
+            def save(folder):
+                result = save_model(folder)
+                if with_folder:
+                    save_folder(folder)
+                return result
+
+            return save_with_gates(save_directory, save, gates,
+                                   replaces=(LORA_FILE, SLA_FILE, METHOD_FILE) if with_folder else ())
+        result = save_model(save_directory)
+        if gates and main:  # (pushed to the hub from the folder: the gates beside it, as before)
+            from ..checkpoints.vsa_gates import write_gates
+
+            write_gates(save_directory, gates)
+        if with_folder:
+            save_folder(save_directory)
         return result
 
     # ---------------------------------------------------------------- schedule
@@ -678,6 +688,19 @@ def _unload_adapters(transformer: nn.Module, names: Sequence[str], state: tuple)
     if users and present:
         transformer.set_adapters(users)
     _restore_scales(transformer, now)
+
+
+def _base_state(transformer: nn.Module, tuned: Sequence[str]) -> dict:
+    """The transformer's state dict with the LoRA layers' base weights under their plain names (what
+    ``from_pretrained`` reads) and without the LoRA tensors."""
+    base = {}
+    for key, value in type(transformer).state_dict(transformer).items():
+        owner = next((n for n in tuned if key.startswith(n + ".")), None)
+        if owner is None:
+            base[key] = value
+        elif key.startswith(owner + ".base_layer."):
+            base[owner + "." + key[len(owner) + len(".base_layer."):]] = value
+    return base
 
 
 def _saved_by_save_pretrained(method_file: Path) -> bool:
