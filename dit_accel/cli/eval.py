@@ -238,6 +238,10 @@ def _check_counts(args) -> None:
         problem = folder_error(folder, flag) if folder is not None else None
         if problem:
             raise _Refused(problem)
+    default_cache = os.path.join(args.out, "cache")
+    if args.cache_dir is None and folder_error(default_cache, "--cache-dir"):  # (else "[Errno 17] File exists")
+        raise _Refused(f"--out {args.out}: {default_cache} is a file, where the dense cache goes (--cache-dir's "
+                       "default, OUT/cache); move the file, or pass --cache-dir DIR")
     if args.methods is not None and not args.methods.strip(" ,"):
         raise _Refused(f"--methods {args.methods!r} names no method: give comma-separated methods such as "
                        f"{DEFAULT_METHODS}, or leave --methods out for that default")

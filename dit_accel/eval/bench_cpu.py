@@ -234,13 +234,11 @@ def main(argv=None) -> int:
             dens = f"{density:.3f}" if density else name.split("-")[1]
             rows.append(f"| {name} | {dens} | {threads} | {ms['sdpa']:.1f} | {ms['dit']:.1f} | {flex_ms} | "
                         f"{vs_sdpa:.2f}x | {ideal} | {vs_flex} |")
-            if args.backward and density:
+            if args.backward:  # (sla-* too: before, its fwd+bwd row was left out without a word)
                 qg, kg, vg = (t.clone().requires_grad_() for t in (q, k, v))
-                layout = make_layout(name, args)
+                dit = contenders(name, qg, kg, vg, argparse.Namespace(**{**vars(args), "flex": False}))[0]["dit"]
                 times = run_rounds({"sdpa": lambda: F.scaled_dot_product_attention(qg, kg, vg).sum().backward(),
-                                    "dit": lambda: block_sparse_attention(qg, kg, vg, layout,
-                                                                          backend="torch").sum().backward()},
-                                   args.rounds)
+                                    "dit": lambda: dit().sum().backward()}, args.rounds)
                 ms = {c: statistics.median(t) * 1e3 for c, t in times.items()}
                 rows.append(f"| {name} fwd+bwd | {dens} | {threads} | {ms['sdpa']:.1f} | {ms['dit']:.1f} | | "
                             f"{median_ratio(times, 'sdpa', 'dit'):.2f}x | | |")

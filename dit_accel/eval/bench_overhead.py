@@ -10,7 +10,8 @@ masked dense attention (see :func:`dit_accel.kernels.block_sparse.naive.dense_is
 
 ``--method-config FILE`` (the YAML/JSON of ``dit-accel eval --method-config``) replaces the
 sparse contenders, e.g. to time the transformer at a large grid with the methods at chosen
-densities.
+densities; a row's ``backend``, ``dense_layers`` and ``layer_methods`` go to ``dit_accel.apply``, and its
+``dense_steps``, ``dense_last_steps`` or ``weights`` (which a lone transformer call cannot run) are refused.
 
 Commands::
 
@@ -37,10 +38,11 @@ MODELS = ("tiny-wan", "tiny-shapes")
 
 
 def run(grid=None, rounds: int = 30, threads: int = 1, calls_per_round: int = 3, methods=None,
-        model: str = "tiny-wan", copies: int = 3) -> dict:
+        model: str = "tiny-wan", copies: int = 3, apply_kwargs=None) -> dict:
     """``{"rows": [{name, ms, vs_unwrapped, vs_dense, density}], ...}``: median ms per forward call, ``calls_per_round``
     calls per contender and round (:func:`dit_accel.eval.bench_cpu.run_rounds`, one warm-up call per copy).
-    ``methods``: ``{label: method config}`` to time instead of the default sparse contenders.
+    ``methods``: ``{label: method config}`` to time instead of the default sparse contenders; ``apply_kwargs``:
+    ``{label: dit_accel.apply options}`` of those (``backend``, ``dense_layers``, ``layer_methods``).
     ``model``: ``"tiny-wan"`` (random weights, 2 heads of 12; grid default (5, 8, 8)) or ``"tiny-shapes"``
     (the shipped trained transformer of the README's main job, 4 heads of 32; grid default (4, 12, 12)).
     ``copies``: deep copies of the model per contender, round ``r`` calling copy ``r % copies`` (where a
@@ -67,7 +69,8 @@ def run(grid=None, rounds: int = 30, threads: int = 1, calls_per_round: int = 3,
     handles = {}
     for name, method in methods.items():
         contenders[name] = [copy.deepcopy(base) for _ in range(copies)]
-        handles[name] = [dit_accel.apply(contender, method) for contender in contenders[name]]
+        options = (apply_kwargs or {}).get(name, {})
+        handles[name] = [dit_accel.apply(contender, method, **options) for contender in contenders[name]]
     load_start = load_average()
     with torch.no_grad():
         calls = {n: functools.partial(_calls, m, inputs, calls_per_round) for n, m in contenders.items()}
@@ -96,6 +99,21 @@ def default_methods(model: str = "tiny-wan") -> dict:
         methods["Tile(1x4x4, window 1)"] = dit_accel.Tile(tile=(1, 4, 4), window=(1, 1, 1))
         methods["GNA(3, 5, 5)"] = dit_accel.GNA(kernel_size=(3, 5, 5))
     return methods
+
+
+#: The dit_accel.apply options of a --method-config row that a lone transformer call cannot take: it has no
+#: denoising steps to count, and a fine-tuned folder's LoRA is folded in by a pipeline run, not here.
+_LONE_CALL_REFUSES = ("dense_steps", "dense_last_steps", "weights")
+
+
+def _check_apply_options(specs, path) -> None:
+    """ValueError naming the row and option of ``--method-config`` that the timed calls would not honour."""
+    for spec in specs:
+        given = [key for key in _LONE_CALL_REFUSES if key in spec.apply_kwargs]
+        if given:
+            raise ValueError(f"--method-config {path}: row {spec.label} sets {given[0]}, which a lone transformer "
+                             "call cannot run (no denoising steps, no pipeline to fold weights in): drop it, or time "
+                             "the row with dit-accel eval; backend, dense_layers and layer_methods apply here")
 
 
 def _calls(models, inputs, n: int) -> None:
@@ -127,13 +145,16 @@ def main(argv=None) -> None:
         grid = tuple(int(x) for x in sizes)
     # A file, method or grid the run refuses is a usage error (one line, exit 2), not a traceback.
     try:
-        methods = None
+        methods, options = None, None
         if args.method_config:
             from .runner import load_method_specs
 
-            methods = {spec.label: spec.method for spec in load_method_specs(None, args.method_config)}
+            specs = load_method_specs(None, args.method_config)
+            _check_apply_options(specs, args.method_config)
+            methods = {spec.label: spec.method for spec in specs}
+            options = {spec.label: spec.apply_kwargs for spec in specs}  # (dropped before: backend: flex ran auto's)
         result = run(grid, rounds=args.rounds, threads=args.threads, calls_per_round=args.calls, methods=methods,
-                     model=args.model, copies=args.copies)
+                     model=args.model, copies=args.copies, apply_kwargs=options)
     except ValueError as exc:
         parser.error(str(exc))
     for row in result["rows"]:

@@ -1,6 +1,6 @@
 """``dit-accel eval --compare A B``: the paired comparison of two eval results folders.
 
-Both folders must hold results of the same prompts and seeds, made with the same model, sizes, steps,
+Both folders must hold results of the same prompts and seeds (in any order), made with the same model, sizes, steps,
 guidance, max_sequence_length and dtype (else a one-line refusal naming what differs). Rows with the same label are paired sample by sample (same prompt and seed); for each metric
 the table gives A's and B's means and the mean of B - A with its 95% t-interval and paired-test p.
 

@@ -193,9 +193,21 @@ class FrameFolder:
 
         h, w = self.size
         for i in range(0, len(self.files), size):
-            images = [np.asarray(Image.open(path).convert("RGB").resize((w, h), Image.BICUBIC))
+            images = [np.asarray(_rgb8(Image.open(path)).resize((w, h), Image.BICUBIC))
                       for path in self.files[i:i + size]]
             yield to_frames(np.stack(images))
+
+
+def _rgb8(image):
+    """``image`` as 8-bit RGB. A 16-bit grey PNG (mode I;16, or I) is scaled from 0-65535: PIL's own conversion
+    clips it at 255, so every pixel above 255 of 65535 read as white and FID vs --real compared white frames."""
+    import numpy as np
+    from PIL import Image
+
+    if image.mode.startswith("I;16") or image.mode == "I":
+        grey = np.asarray(image, dtype=np.float64) / 65535.0 * 255.0
+        image = Image.fromarray(np.clip(grey + 0.5, 0, 255).astype(np.uint8))  # (2-D uint8: mode L)
+    return image.convert("RGB")
 
 
 class FidReference:

@@ -414,7 +414,6 @@ def _general_vsa_path(on: bool) -> Iterator[None]:
 
 def main(argv=None) -> dict:
     import argparse
-    import json
     import platform
 
     from .._util import positive_int
@@ -428,6 +427,11 @@ def main(argv=None) -> dict:
     if args.tokens % 256:
         parser.error(f"--tokens {args.tokens}: use a multiple of 256 (the tiled plan's grid is (tokens // 256, 16, "
                      "16))")
+    from ..cli.checks import file_error
+
+    problem = file_error(args.json, "--json", "host_path.json") if args.json is not None else None
+    if problem:  # now, not in a traceback after the measurement
+        parser.error(problem)
     os.environ.setdefault("TRITON_INTERPRET", "1")
     import datetime
 
@@ -454,8 +458,9 @@ def main(argv=None) -> dict:
         print(f"{name:18s} {us['median']:8.1f} {us['min']:8.1f} {us['cpu']:8.1f} {ops['kernels']:8d} {ops['torch']:6d} "
               f"{ops['triton']:7d} {ops['allocations']:6d}")
     if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(result, fh, indent=1)
+        from ..atomic_files import atomic_write_json
+
+        atomic_write_json(args.json, result, indent=1)
     return result
 
 

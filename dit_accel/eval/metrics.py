@@ -120,7 +120,10 @@ class LPIPSScorer:
         self.metric = metric
 
     @classmethod
-    def create(cls, net: str = "alex", device="cpu"):
+    def create(cls, net: str = "alex", device="cpu", frame_size=None):
+        """``frame_size`` ``(H, W)``: the frames it will score, tried once here; a backbone whose pooling cannot
+        take frames that small (AlexNet below about 30 pixels) is a skip line, not the RuntimeError that ended an
+        eval in a traceback after every row had been generated."""
         try:
             import torchvision  # noqa: F401
         except ImportError:
@@ -133,7 +136,16 @@ class LPIPSScorer:
         except Exception as exc:  # offline without cached backbone weights: one line, not a traceback
             return None, (f"LPIPS skipped: the {net} backbone weights could not be loaded "
                           f"({type(exc).__name__}); run once online to cache them in $TORCH_HOME/hub/checkpoints")
-        return cls(metric), None
+        scorer = cls(metric)
+        if frame_size is not None:
+            blank = torch.zeros(1, 3, *frame_size)
+            try:
+                scorer(blank, blank)
+            except RuntimeError as exc:
+                return None, (f"LPIPS skipped: its {net} backbone cannot take {frame_size[0]}x{frame_size[1]} frames "
+                              f"({' '.join(str(exc).split())[:120]}); generate larger frames (--height, --width) to "
+                              "score LPIPS")
+        return scorer, None
 
     @torch.no_grad()
     def __call__(self, pred, ref) -> torch.Tensor:

@@ -108,11 +108,12 @@ def same_inputs(a: dict, b: dict) -> Optional[str]:
     sa, sb = a.get("settings") or {}, b.get("settings") or {}
     ha = pa.get("prompts_sha256") or prompts_sha256(sa.get("prompts") or [])
     hb = pb.get("prompts_sha256") or prompts_sha256(sb.get("prompts") or [])
-    if ha != hb:
+    if ha != hb and not _reordered(sa.get("prompts"), ha, sb.get("prompts"), hb):
+        only = _only_in_one(sa.get("prompts"), sb.get("prompts"))
         return (f"the prompts differ ({len(sa.get('prompts') or [])} prompts, sha256 {ha[:12]} vs "
-                f"{len(sb.get('prompts') or [])} prompts, sha256 {hb[:12]})")
+                f"{len(sb.get('prompts') or [])} prompts, sha256 {hb[:12]}{only})")
     seeds_a, seeds_b = list(sa.get("seeds") or []), list(sb.get("seeds") or [])
-    if seeds_a != seeds_b:
+    if sorted(seeds_a, key=repr) != sorted(seeds_b, key=repr):  # (samples pair by prompt and seed: in any order)
         return f"the seeds differ ({seeds_a} vs {seeds_b})"
     from ..models.loading import same_model
 
@@ -125,6 +126,26 @@ def same_inputs(a: dict, b: dict) -> Optional[str]:
         return (f"the model's weights differ (--model {sa.get('model')}: sha256 {str(ma)[:18]} vs {str(mb)[:18]}), "
                 "so did the dense baselines; compare runs of the same weights")
     return None
+
+
+def _reordered(a, hash_a: str, b, hash_b: str) -> bool:
+    """True when two prompt lists, each matching its recorded sha256, hold the same prompts in another order (a
+    prompt file sorted or shuffled): the samples pair by prompt and seed, so they pair as they are. Before, such
+    folders were refused as 'the prompts differ'."""
+    if not (isinstance(a, list) and isinstance(b, list) and all(isinstance(p, str) for p in a + b)):
+        return False
+    return prompts_sha256(a) == hash_a and prompts_sha256(b) == hash_b and sorted(a) == sorted(b)
+
+
+def _only_in_one(a, b) -> str:
+    """``; 'PROMPT' only in A`` (or B) for two prompt lists, where one holds a prompt the other does not."""
+    if not (isinstance(a, list) and isinstance(b, list)):
+        return ""
+    for side, mine, other in (("A", a, b), ("B", b, a)):
+        extra = next((p for p in mine if p not in other), None)
+        if extra is not None:
+            return f"; {str(extra)[:60]!r} only in {side}"
+    return ""
 
 
 # The settings of EvalSettings that change the videos (repeats, warm-up and device change the timing only).

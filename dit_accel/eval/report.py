@@ -96,7 +96,9 @@ def write_report(results: dict, path) -> None:
     for r in results["rows"]:
         t = r.get("times") or {}
         if r.get("error"):
-            table.append([r["label"], _config_text(r["config"]), "failed: " + r["error"].replace("|", "/")]
+            # (on one line: a Triton compile error's lines broke the table, each later row out of its columns)
+            error = " ".join(r["error"].split()).replace("|", "/")
+            table.append([r["label"], _config_text(r["config"]), "failed: " + error]
                          + ["-"] * (len(header) - 3))
             continue
         gt = [_fmt((r.get("groundtruth") or {}).get(name), 3) for name in criteria]
@@ -147,6 +149,8 @@ def paired_section(results: dict) -> List[str]:
     """report.md's paired statistics: per row and metric the mean of the per-sample differences against
     dense (same prompt and seed) with its 95% t-interval, the verdict, and the paired test against the best
     other row; the dense-vs-dense floor rows first."""
+    from .stats import MIN_PAIRS
+
     rows = [r for r in results["rows"][1:] if r.get("paired")]
     if not rows:
         return []
@@ -178,13 +182,17 @@ def paired_section(results: dict) -> List[str]:
             continue
         for key, name, digits in keys:
             verdict = (r.get("verdict") or {}).get(key)
+            # (below MIN_PAIRS pairs the list claimed "worse than dense" of 2 samples with no word of their count)
+            few = "" if r["paired"].get(key, {}).get("meaningful", True) else \
+                f" (n = {r['paired'][key]['n']} < {MIN_PAIRS} pairs: not meaningful)"
             if verdict and verdict.startswith(("better", "worse", "differs")):
-                significant.append(f"- {r['label']}, {name}: {verdict}")
+                significant.append(f"- {r['label']}, {name}: {verdict}{few}")
             test = (r.get("tests") or {}).get(key)
             if test:
                 word = "significant" if test["significant"] else "not significant"
                 tests.append(f"- {r['label']} vs {test['against']}, {name}: difference {test['mean']:+.{digits}f}, "
-                             f"t = {test['t']:.2f}, p = {test['p']:.3g} ({word}, n = {test['n']})")
+                             f"t = {test['t']:.2f}, p = {test['p']:.3g} ({word}, n = {test['n']}"
+                             + (f" < {MIN_PAIRS} pairs: not meaningful" if test["n"] < MIN_PAIRS else "") + ")")
     lines += notes + ([""] if notes else [])
     lines += ["### Significant differences from dense", ""] + (significant or ["- none beyond the floor"]) + [""]
     if tests:

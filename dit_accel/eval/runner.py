@@ -358,18 +358,21 @@ def _generate(pipe, timer: StageTimer, settings: EvalSettings, prompt: str, seed
     return _frames_of(out), times
 
 
-def _timed_runs(pipe, timer, settings, samples, progress) -> tuple:
-    """Generate every sample once (timed), plus warm-up and extra timing repeats of the first."""
+def _timed_runs(pipe, timer, settings, samples, progress, done=None) -> tuple:
+    """Generate every sample once (timed), plus warm-up and extra timing repeats of the first; ``done(i, video,
+    times)`` is called as each sample is made (the dense cache keeps it then)."""
     warmup = settings.warmup
     prompt0, seed0 = samples[0]
     for _ in range(warmup):
         _generate(pipe, timer, settings, prompt0, seed0)
     videos, runs = [], []
-    for prompt, seed in samples:
+    for i, (prompt, seed) in enumerate(samples):
         video, times = _generate(pipe, timer, settings, prompt, seed)
         videos.append(video)
         runs.append(times)
         progress.update(1)
+        if done is not None:
+            done(i, video, times)
     for _ in range(max(settings.repeats - 1, 0)):
         runs.append(_generate(pipe, timer, settings, prompt0, seed0)[1])
     return videos, runs
@@ -391,7 +394,7 @@ def _dense_row(pipe, timer, settings: EvalSettings, samples, cache_dir: Path, lo
 
     The cache is keyed by the content of the model's weights (see :func:`dense_cache_key`); an entry that
     cannot be read (truncated, wrong structure) is dropped with a warning and generated again. Entries are
-    written whole (temporary file, then a rename), so a killed eval leaves no half entry.
+    written whole (temporary file, then a rename) as each sample is made: a killed eval keeps those it finished.
     """
     from tqdm.auto import tqdm
 
@@ -400,8 +403,7 @@ def _dense_row(pipe, timer, settings: EvalSettings, samples, cache_dir: Path, lo
     remove_stale_temps(cache_dir)  # entries killed evals left half-written: each may be as large as a video
     model_sha256 = model_sha256 or model_fingerprint(settings.model, pipe, cache_dir, log)
     pipeline = type(pipe).__name__
-    videos, runs, missing = [None] * len(samples), [], []
-    sample_times = [None] * len(samples)
+    videos, sample_times, runs, missing = [None] * len(samples), [None] * len(samples), [], []
     with tqdm(total=len(samples), desc=desc, unit="video") as bar:
         for i, (prompt, seed) in enumerate(samples):
             key = dense_cache_key(settings, prompt, seed, model_sha256=model_sha256, pipeline=pipeline)
@@ -421,12 +423,12 @@ def _dense_row(pipe, timer, settings: EvalSettings, samples, cache_dir: Path, lo
             else:
                 missing.append((i, path))
         if missing:  # one warm-up for all uncached samples, then each is generated and cached
-            new_videos, new_runs = _timed_runs(pipe, timer, settings, [samples[i] for i, _ in missing], bar)
-            runs.extend(new_runs)
-            for (i, path), video, times in zip(missing, new_videos, new_runs):
-                videos[i] = video
-                sample_times[i] = times
+            def keep(j, video, times):  # (cached as made: else a failure at the last sample lost every one before)
+                i, path = missing[j]
+                videos[i], sample_times[i] = video, times
                 atomic_write(path, lambda tmp: np.savez_compressed(tmp, frames=video, times=json.dumps(times)))
+
+            runs.extend(_timed_runs(pipe, timer, settings, [samples[i] for i, _ in missing], bar, keep)[1])
     log(f"{desc}: {len(missing)} generated, {len(samples) - len(missing)} from cache ({cache_dir})")
     row = {"label": "dense", "config": {"method": "dense", "label": "dense"}, "videos": videos,
            "times": median_times(runs), "sample_times": sample_times, "density": 1.0, "summary": {}, "stats": []}
@@ -480,8 +482,8 @@ class _Scorers:
         from .metrics import LPIPSScorer
 
         # skipped: every metric not computed; warnings: those asked for (--fid-weights, --real, --clip-model)
-        self.device, self.skipped, self.warnings = settings.device, [], []
-        self.lpips = self._keep(LPIPSScorer.create(device=self.device)) if lpips else None
+        self.device, self.skipped, self.warnings, self.frame_size = settings.device, [], [], tuple(frame_size)
+        self.lpips = self._keep(LPIPSScorer.create(device=self.device, frame_size=frame_size)) if lpips else None
         # (asked for, by --clip-model or the variable, and not loaded: a warning, as FID's, not only a skip line)
         self.clip = clip_scorer or self._keep(create_clip_scorer(clip_model, device=self.device),
                                               bool(clip_model or os.environ.get(CLIP_ENV)))
@@ -520,8 +522,12 @@ class _Scorers:
             if kept is None or kept[0] is not b:
                 kept = self._references[id(b)] = (b, FidReference(b, self.fid, device=self.device))
             return kept[1].distance(a)
-        except (ValueError, OSError) as exc:  # e.g. fewer than 2 images a set; a --real image unreadable by now
-            self._skip(f"FID skipped: {exc}", self.fid_asked)
+        except (ValueError, OSError, RuntimeError, TypeError) as exc:  # fewer than 2 images a set; a --real image
+            # unreadable by now; a network built for other sizes (its RuntimeError lost every row's generations)
+            self._skip(f"FID skipped: {exc}" if isinstance(exc, (ValueError, OSError)) else
+                       f"FID skipped: the feature network failed on {self.frame_size[0]}x{self.frame_size[1]} frames "
+                       f"({type(exc).__name__}: {' '.join(str(exc).split())[:160]}); give --fid-weights a network "
+                       "that takes frames of this size", self.fid_asked)
             return None
 
     def score(self, row: dict, dense: dict, samples) -> None:

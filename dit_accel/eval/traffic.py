@@ -270,7 +270,6 @@ def measure_traffic(*, grid: Tuple[int, int, int] = (21, 30, 52), heads: int = 2
 
 def main(argv=None) -> dict:
     import argparse
-    import json
 
     from .._util import positive_int
 
@@ -290,6 +289,11 @@ def main(argv=None) -> dict:
     if len(grid) != 3 or min(grid) < 1:
         parser.error(f"--grid {','.join(map(str, grid))}: expected a video token grid of three positive ints T,H,W "
                      "such as 21,30,52 (every case cuts it into 3-D tiles and cubes)")
+    from ..cli.checks import file_error
+
+    problem = file_error(args.json, "--json", "traffic.json") if args.json is not None else None
+    if problem:  # now, not in a traceback after the counting
+        parser.error(problem)
     os.environ.setdefault("TRITON_INTERPRET", "1")
     from ..kernels.request import BackendUnavailable
 
@@ -303,9 +307,10 @@ def main(argv=None) -> dict:
         glue = f"  (+ {row['kernel_units']:.1f} in its kernels' glue)" if "kernel_units" in row else ""
         print(f"{name:17s} {row['ops']:5d} {row['bytes'] / 1e6:9.1f} {row['units']:8.1f}{glue}")
     if args.json:
-        with open(args.json, "w") as fh:
-            json.dump({"grid": list(grid), "heads": args.heads, "head_dim": args.head_dim, "cases": result}, fh,
-                      indent=1)
+        from ..atomic_files import atomic_write_json
+
+        atomic_write_json(args.json, {"grid": list(grid), "heads": args.heads, "head_dim": args.head_dim,
+                                      "cases": result}, indent=1)
     return result
 
 
