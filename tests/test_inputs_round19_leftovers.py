@@ -121,3 +121,18 @@ def torch_equal(a, b) -> bool:
     import torch
 
     return torch.equal(a, b)
+
+
+def test_the_dense_cache_is_kept_per_gpu_model(monkeypatch):
+    """Before: the dense cache key held the device type only, so a cache shared by two GPUs (a network home) gave an
+    H100 run the dense times an A100 measured, and every speed-up of the report was against them."""
+    import torch
+
+    from dit_accel.eval import runner
+
+    settings = runner.EvalSettings(model="tiny-wan", prompts=["a"], device="cuda")
+    names = iter(["NVIDIA A100-SXM4-80GB", "NVIDIA H100 80GB HBM3", "NVIDIA H100 80GB HBM3"])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: next(names))
+    a100, h100, again = (runner.dense_cache_key(settings, "a", 0, model_sha256="state:x") for _ in range(3))
+    assert a100 != h100 == again

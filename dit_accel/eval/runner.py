@@ -38,7 +38,7 @@ from ..methods import METHOD_ALIASES, Dense, Method, canonical_method_name, meth
 from ..models.tiny import is_tiny_model, model_label
 from ..models.tiny_shapes import shapes_model
 from .metrics import mean_or_none, paired_metrics
-from .timing import StageTimer, median_times
+from .timing import StageTimer, median_times, timing_device
 
 __all__ = ["EvalSettings", "generation_kwargs", "MethodSpec", "load_method_specs", "run_eval", "dense_cache_key",
            "model_fingerprint", "APPLY_KEYS"]
@@ -271,7 +271,7 @@ def dense_cache_key(settings: EvalSettings, prompt: str, seed: int, *, model_sha
 
     ``model_sha256`` is the content of the weights (:func:`model_fingerprint`), so changing the files of a
     local model folder changes the key; ``pipeline`` is the pipeline class. The generation settings, dtype,
-    device and the versions of torch, Diffusers, Transformers and dit_accel are part of it too. The model's
+    device (the GPU's name: the entry's dense times are compared with this run's) and the versions of torch, Diffusers, Transformers and dit_accel are part of it too. The model's
     name is part of it unless its files were hashed (``"files:..."``, configs included): the same folder
     under another path then shares its entries.
     """
@@ -282,7 +282,7 @@ def dense_cache_key(settings: EvalSettings, prompt: str, seed: int, *, model_sha
                        "frames": settings.frames, "height": settings.height,
                        "width": settings.width, "steps": settings.steps, "guidance": settings.guidance_scale,
                        "max_sequence_length": settings.max_sequence_length, "dtype": settings.dtype,
-                       "device": torch.device(settings.device).type, "prompt": prompt, "seed": int(seed),
+                       "device": timing_device(settings.device), "prompt": prompt, "seed": int(seed),
                        "versions": {**versions(("torch", "diffusers", "transformers")), "dit_accel": __version__}},
                       sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:20]

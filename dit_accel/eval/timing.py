@@ -149,6 +149,18 @@ class StageTimer:
         return out
 
 
+def timing_device(device) -> str:
+    """What a timing depends on beyond the settings: the GPU's name (``"cuda:NVIDIA H100 80GB HBM3"``), or the CPU
+    type and core count (``"cpu:x86_64:2"``); a dense cache entry's times are reused only on the same one."""
+    import os
+    import platform
+
+    device = torch.device(device)
+    if device.type == "cuda" and torch.cuda.is_available():
+        return f"cuda:{torch.cuda.get_device_name(device)}"
+    return f"{device.type}:{platform.machine()}:{os.cpu_count()}"
+
+
 def median_times(runs: List[Dict[str, float]]) -> Optional[Dict[str, float]]:
     """Median over repeated runs, per stage (``None`` without runs)."""
     if not runs:
