@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Dict, Optional, Sequence, Tuple
 
 from .._util import is_int, is_number, portable_path
-from ..methods import VSA, Dense, Method, registered_methods
+from ..methods import SLA, VSA, Dense, Method, registered_methods
 from ..plans.per_head import PerHead
 from ..plans.sparse_plan import PlanMethod, SparsePlan
 from . import data as data_mod
@@ -247,6 +247,10 @@ def validate_config(config: FinetuneConfig) -> None:
              f"--alpha {c.alpha!r} must be a finite positive number (default: the rank).")
     _require(is_number(c.sla_lr_scale) and math.isfinite(c.sla_lr_scale) and c.sla_lr_scale > 0,
              f"--sla-lr-scale {c.sla_lr_scale!r} must be a finite positive number.")
+    # (before: ignored without a word where no SLA projection trains)
+    _require(c.sla_lr_scale == 1.0 or _runs_sla(c),
+             f"--sla-lr-scale {c.sla_lr_scale:g} applies to the SLA projections, which only --method sla (or a "
+             f"--plan with SLA heads) trains; {_method_label(c)} has none. Drop --sla-lr-scale.")
     _require(c.mixed_precision in MIXED_PRECISION,
              f"--mixed-precision {c.mixed_precision!r} is invalid: choose one of {list(MIXED_PRECISION)}.")
     targets = tuple(c.target_modules) if not isinstance(c.target_modules, str) else tuple(c.target_modules.split(","))
@@ -260,6 +264,7 @@ def validate_config(config: FinetuneConfig) -> None:
         _require(v is None or isinstance(v, (str, os.PathLike)),
                  f"--{name.replace('_', '-')} {v!r} is invalid: expected a path (str or pathlib.Path).")
     _check_eval_data(c)
+    _warn_schedules(c)
     # (before: --prompts was ignored without a word when --data was given; the run used the captions)
     _require(c.data is None or c.prompts is None,
              "--prompts and --data exclude each other: with --data the prompts are its captions (metadata.jsonl), so "
@@ -281,6 +286,27 @@ def _check_eval_data(c: FinetuneConfig) -> None:
     same = os.path.isdir(c.data) and os.path.isdir(c.eval_data) and os.path.samefile(c.data, c.eval_data)
     _require(not same, f"--eval-data {c.eval_data} is --data itself: the held-out loss would be measured on the "
                        "training clips. Give a folder of other clips, or drop --eval-data (held-out noise on --data).")
+
+
+def _warn_schedules(c: FinetuneConfig) -> None:
+    """A warning when the learning-rate warmup or VSA's sparsity decay outlasts the run (before: without a word, the
+    run ended below --lr, or below the sparsity its weights folder names). Not refused: a run trained in sessions
+    (--resume with more --steps) continues the schedule."""
+    from .._util import DitAccelWarning
+
+    late = []
+    if c.lr_warmup_steps > c.steps:
+        late.append(f"--lr-warmup-steps {c.lr_warmup_steps} is past --steps {c.steps}: the last step trains at "
+                    f"{c.steps / c.lr_warmup_steps:.0%} of --lr")
+    if isinstance(c.method, VSA) and not c.__dict__.get("_vsa_decay_default") and c.vsa_decay_steps > c.steps:
+        late.append(f"--vsa-decay-steps {c.vsa_decay_steps} is past --steps {c.steps}: the last step trains at "
+                    f"{vsa_sparsity_at(c.steps - 1, 1.0, c.vsa_decay_steps, c.vsa_decay_interval):.0%} of the "
+                    "target sparsity, which the weights folder names")
+    if late:
+        import warnings
+
+        warnings.warn(f"dit_accel: {'; '.join(late)}. Shorten the schedule, or raise --steps (a --resume with more "
+                      "--steps continues it).", DitAccelWarning, stacklevel=3)
 
 
 def _check_switches(c: FinetuneConfig) -> None:
@@ -337,7 +363,7 @@ def _check_pipe_dtype(c: FinetuneConfig) -> None:
 
 
 def _check_family(c: FinetuneConfig) -> None:
-    """A model whose transformer the trainer cannot call (or, in ``--mode data``, encode clips for), refused before
+    """A model whose transformer the trainer cannot call (or, with ``--data``, encode clips for), refused before
     it loads, as it would be once loaded (before: after minutes of loading a real model). Only where the class is
     known for sure (a tiny or embedded model, a folder or a cached snapshot: their model_index.json), not guessed
     from a hub id's words."""
@@ -351,7 +377,7 @@ def _check_family(c: FinetuneConfig) -> None:
         class_name = model_family(c.model)[0]
     except (ValueError, ModelLoadError):
         return  # (the loader names what is wrong with the model)
-    problem = family_error(class_name, c.mode)
+    problem = family_error(class_name, c.mode, c.data, c.cp)
     if problem is not None:
         raise ValueError(f"--model {c.model}: {problem}")
 
@@ -454,6 +480,14 @@ def _check_vsa_options(c: FinetuneConfig) -> None:
              and c.vsa_decay_steps >= 0,
              f"--vsa-decay-steps {c.vsa_decay_steps!r} is invalid: must be an integer >= 0 (steps from dense to the "
              "target sparsity; 0: the target from the start; default a quarter of --steps).")
+
+
+def _runs_sla(c: FinetuneConfig) -> bool:
+    """Whether the run trains SLA projections: under SLA, or a plan with SLA heads."""
+    plan = c.sparse_plan()
+    methods = plan.methods() if plan is not None else [c.method]
+    inner = [m for method in methods for m in (method.methods if isinstance(method, PerHead) else (method,))]
+    return any(isinstance(m, SLA) for m in inner)
 
 
 def _check_plan_methods(plan: SparsePlan) -> None:

@@ -8,7 +8,7 @@ Data folders use the usual Diffusers training layout::
       photo.png
 
 Images become 1-frame videos. Videos are cut to the first ``frames`` frames
-(the last frame is repeated when a clip is shorter). Every sample is resized so
+(the last frame is repeated when a clip is shorter, with a warning naming the clip). Every sample is resized so
 that it covers ``(height, width)`` and centre-cropped. The sample order is a
 pure function of ``(seed, epoch)`` so that resumed runs see the same data.
 """
@@ -23,6 +23,7 @@ from typing import List, Optional, Sequence
 import numpy as np
 import torch
 
+from .._util import WarningLog
 from ..atomic_files import BadFileError, read_text
 
 __all__ = ["read_prompts", "inputs_digest", "CaptionDataset", "IMAGE_EXTENSIONS", "VIDEO_EXTENSIONS", "sample_indices",
@@ -88,11 +89,14 @@ def _named_files(root: Path) -> List[str]:
 def _load_frames(path: Path) -> np.ndarray:
     """File -> uint8 array [F, H, W, 3]."""
     if path.suffix.lower() in IMAGE_EXTENSIONS:
-        from PIL import Image
+        from PIL import Image, ImageOps
 
         from ..videos import pil_rgb
 
         with Image.open(path) as im:
+            # Upright as viewers show it (before: a phone photo stored sideways with an EXIF Orientation tag trained
+            # sideways, without a word)
+            im = ImageOps.exif_transpose(im)
             return pil_rgb(im)[None]  # (16-bit greyscale scaled: convert("RGB") clipped it, nearly all white)
     from ..videos import load_video
 
@@ -135,10 +139,12 @@ class CaptionDataset:
         media = sorted(p.name for p in self.root.iterdir()
                        if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS + VIDEO_EXTENSIONS)
         meta = self.root / "metadata.jsonl"
-        if not media:
-            raise ValueError(
-                f"{flag} {str(self.root)!r} holds no images or videos ({', '.join(IMAGE_EXTENSIONS + VIDEO_EXTENSIONS)})."
-            )
+        # (before: a folder whose clips all sit in subfolders, named by metadata.jsonl as "clips/a.mp4", was refused
+        # as holding no images or videos)
+        no_media = (f"{flag} {str(self.root)!r} holds no images or videos "
+                    f"({', '.join(IMAGE_EXTENSIONS + VIDEO_EXTENSIONS)}), nor a metadata.jsonl that names any.")
+        if not media and not meta.is_file():
+            raise ValueError(no_media)
         if not meta.is_file():
             raise ValueError(
                 f"{flag} {str(self.root)!r} has no metadata.jsonl; write one line per file: "
@@ -173,13 +179,17 @@ class CaptionDataset:
                 raise ValueError(f"{meta}:{n}: {name!r} has a caption already (line {lines[name]}); give each file "
                                  "one line.")
             captions[name], lines[name] = text.strip(), n
+        if not captions and not media:
+            raise ValueError(no_media)
         missing = [m for m in media if m not in captions]
         if missing:
             shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
             raise ValueError(f"{flag} {str(self.root)!r}: no caption in metadata.jsonl for {shown}.")
+        _check_readable(self.root, sorted(captions), flag)
         self.files: List[str] = sorted(captions)
         self.captions = [captions[f] for f in self.files]
         self.frames, self.height, self.width = frames, height, width
+        self.warnings = WarningLog()  # (once per short clip, not at every step that draws it)
 
     def __len__(self) -> int:
         return len(self.files)
@@ -200,10 +210,28 @@ class CaptionDataset:
         want = self.num_frames(i)
         frames = frames[:want]
         if frames.shape[0] < want:  # short clip: hold the last frame
+            # (before: without a word, so a folder of 33-frame clips under the default 81 frames trained on clips
+            # whose last 48 frames stand still)
+            self.warnings.warn(f"dit_accel: {self.flag} {self.files[i]} has {frames.shape[0]} frame(s), fewer than "
+                               f"--frames {want}: its last frame is repeated {want - frames.shape[0]} times, a still "
+                               "tail the run trains on. Lower --frames to the clips' length, or leave out the short "
+                               "clips.", key=self.files[i])
             frames = np.concatenate([frames, np.repeat(frames[-1:], want - frames.shape[0], axis=0)])
         x = torch.from_numpy(np.array(frames, dtype=np.uint8)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
         x = _resize_crop(x, self.height, self.width).clamp(-1, 1)
         return x.permute(1, 0, 2, 3).contiguous(), self.captions[i]
+
+
+def _check_readable(root: Path, names: List[str], flag: str) -> None:
+    """ValueError naming the empty (0-byte) files of a caption folder, as an interrupted copy or download leaves them,
+    before the model loads. Before: each was found when a step first drew it, at any step of a long run, and a run
+    resumed once the file was fixed or left out is refused (its inputs changed). (Other files are decoded only when
+    drawn.)"""
+    empty = [name for name in names if (root / name).stat().st_size == 0]
+    if empty:
+        shown = ", ".join(empty[:5]) + (f" and {len(empty) - 5} more" if len(empty) > 5 else "")
+        raise ValueError(f"{flag} {str(root)!r}: {shown} {'is' if len(empty) == 1 else 'are'} empty (0 bytes); "
+                         "copy the file(s) again, or leave them out of the folder and its metadata.jsonl.")
 
 
 def _generator(*parts: int) -> torch.Generator:

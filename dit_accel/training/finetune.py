@@ -61,6 +61,7 @@ from .checkpoints import _check_output, _init_output, _load_rng, _OutputState, _
 from .config import (CKPT_DIR, DISTILL_SAMPLES_PER_STEP, LOG_FILE, RUN_FILE, FinetuneConfig,  # noqa: F401
                      _method_label, finetune_methods, validate_config)
 from .loop import _adapters_disabled, _resume, _train, _Trainer, finite_weights  # noqa: F401  (tests import them)
+from .loop import check_cp_processes, check_method_before_load
 
 __all__ = ["FinetuneConfig", "finetune", "validate_config", "finetune_methods", "RUN_FILE", "LOG_FILE"]
 
@@ -95,10 +96,21 @@ def _accelerator(config: FinetuneConfig):
     return Accelerator(mixed_precision=config.mixed_precision, cpu=use_cpu)
 
 
+def _trained_on(config: FinetuneConfig) -> Optional[str]:
+    """The model a weights folder records (``generate``/``eval --weights`` refuse it on another ``--model``): the name
+    or path given, or, for a pipeline passed in, the name or folder it was loaded from (``pipe.name_or_path``), else
+    None (not known). Before: the pipeline's type ("<WanPipeline object>"), so those commands refused the folder on
+    every model, telling the user to pass ``--model <WanPipeline object>``."""
+    if isinstance(config.model, str):
+        return config.model
+    origin = getattr(config.model, "name_or_path", None)
+    return os.fspath(origin) if isinstance(origin, (str, os.PathLike)) and os.fspath(origin) else None
+
+
 def _write_results(trainer: _Trainer, out: Path, result: dict) -> None:
     """The weights folder and the log (main process)."""
     config = trainer.config
-    extra = {"model": config.settings()["model"], "token_grid": list(trainer.grid),
+    extra = {"model": _trained_on(config), "token_grid": list(trainer.grid),
              "dense_layers": trainer.dense_layers, "frames": config.frames, "height": config.height,
              "width": config.width}
     if trainer.plan is not None:
@@ -219,7 +231,9 @@ def finetune(config: FinetuneConfig) -> Dict[str, Any]:
     """
     validate_config(config)
     prompts, dataset = _read_inputs(config)
+    check_method_before_load(config, dataset)
     accelerator = _accelerator(config)
+    check_cp_processes(config, accelerator.num_processes)
     out, out_contents = _check_output(config, accelerator.num_processes)
     trainer = _Trainer(config, accelerator, prompts, dataset)
     try:

@@ -22,7 +22,7 @@ from .checkpoints import _checkpoints, _load_checkpoint, _save_checkpoint, _step
 from .callers_pipe import cast_keeping, park_handles
 from .config import (_CACHED_PROMPTS, CKPT_DIR, DISTILL_SAMPLES_PER_STEP, FinetuneConfig, _method_label,
                      vsa_sparsity_at)
-from .model_io import ModelIO, model_io_for, take
+from .model_io import ModelIO, cp_error, data_error, model_io_for, take
 
 
 def _check_method_fits(method: Method, io: ModelIO, config: FinetuneConfig, dataset=None) -> Tuple[int, ...]:
@@ -45,6 +45,38 @@ def _check_method_fits(method: Method, io: ModelIO, config: FinetuneConfig, data
                                        f"--frames says: token grid {image})",
                         "train on videos only, or a method that is sparse on one frame (e.g. sla)")
     return grid
+
+
+def check_method_before_load(config: FinetuneConfig, dataset=None) -> None:
+    """:func:`_check_method_fits` (a plan: its model class and :func:`_check_plan_grid`) before the model loads, on the
+    token grid read from its folder's configs (a local folder, an embedded model or a cached snapshot). Before: a
+    method that cannot run, or runs dense, at the training size (Radial on fewer than 3 latent frames, a Tile whose
+    window covers the grid), or a plan for another model or grid, was refused only once the model had loaded
+    (minutes for a real one). Pipelines passed in and models without readable configs are checked once loaded."""
+    from ..models.loading import ModelLoadError, model_folder, resolve_model_kind
+    from ..pipelines.presets import model_family
+    from .model_io import io_from_configs
+
+    if not isinstance(config.model, str):
+        return
+    try:
+        folder = model_folder(config.model) if resolve_model_kind(config.model) != "tiny" else None
+        class_name = model_family(config.model)[0] if folder is not None else None
+        io = io_from_configs(folder, class_name) if folder is not None else None
+    except (ValueError, ModelLoadError):
+        return
+    if io is None:
+        return
+    try:
+        io.token_grid(config.frames, config.height, config.width)
+    except (AttributeError, TypeError, KeyError, ValueError):  # (configs that do not say: the check after loading)
+        return
+    plan = config.sparse_plan()
+    if plan is None:
+        _check_method_fits(config.method, io, config, dataset)
+        return
+    _check_plan_model(plan, config, class_name)
+    _check_plan_grid(plan, io, config, dataset)
 
 
 def _folders(dataset) -> list:
@@ -82,14 +114,26 @@ def _check_plan_fits(plan: SparsePlan, io: ModelIO, config: FinetuneConfig, tran
     from ..pipelines.hooks import attention_modules
     from ..pipelines.presets import preset_for
 
-    prov = plan.provenance
     ours = type(transformer).__name__
+    _check_plan_model(plan, config, ours)
+    heads = [_heads_of(module) for _, module in attention_modules(transformer, "", preset_for(transformer))]
+    plan.check_model(ours, heads)  # (its message names the plan file)
+    return _check_plan_grid(plan, io, config, dataset)
+
+
+def _check_plan_model(plan: SparsePlan, config: FinetuneConfig, ours: str) -> None:
+    """ValueError when the plan was calibrated for another transformer class than ``ours``."""
+    prov = plan.provenance
     if prov.get("model_class") and prov["model_class"] != ours:
         raise ValueError(f"--plan {config.plan} was calibrated for a {prov['model_class']} "
                          f"({prov.get('model_id', 'unknown model')}); this model's transformer is a {ours}: "
                          f"calibrate a plan for it (dit-accel calibrate --model {config.settings()['model']} ...).")
-    heads = [_heads_of(module) for _, module in attention_modules(transformer, "", preset_for(transformer))]
-    plan.check_model(ours, heads)  # (its message names the plan file)
+
+
+def _check_plan_grid(plan: SparsePlan, io: ModelIO, config: FinetuneConfig, dataset=None) -> Tuple[int, ...]:
+    """Token grid for the chosen shape; ValueError when the plan was calibrated for another token grid, or none of
+    its methods is sparse on this one."""
+    prov = plan.provenance
     io.check_geometry(config.frames, config.height, config.width)
     grid = io.token_grid(config.frames, config.height, config.width)
     grids = [tuple(g) for g in prov.get("grids") or ()]
@@ -151,13 +195,35 @@ def _plan_timesteps(plan: SparsePlan, pipe) -> Optional[List[float]]:
     return [float(t) for t in scheduler.timesteps[::order]]
 
 
+def check_cp_processes(config: FinetuneConfig, processes: int) -> None:
+    """ValueError when ``--cp`` asks for another number of processes than were launched (checked before the model
+    loads: before, after minutes of loading a real one)."""
+    if not config.cp:
+        return
+    ulysses, ring = config.cp
+    if ulysses * ring != processes:
+        raise ValueError(f"--cp ulysses={ulysses},ring={ring} needs {ulysses * ring} processes; {processes} "
+                         f"{'was' if processes == 1 else 'were'} launched. Launch {ulysses * ring} (accelerate launch "
+                         f"--multi_gpu --num_processes {ulysses * ring} -m dit_accel.cli.finetune ...), or give --cp "
+                         f"degrees whose product is {processes}.")
+
+
 def _check_no_adapters(model) -> None:
     """ValueError when a pipeline passed in already holds peft adapters: the run trains its own adapter and its dense
     teacher runs with adapters disabled, so a LoRA of the user's would silently be left out of both (and the run's
     adapter would deactivate it on the pipeline)."""
     if isinstance(model, str):
         return
+    from ..checkpoints.finetuned import ADAPTER_NAME
+
     names = list(getattr(getattr(model, "transformer", None), "peft_config", None) or {})
+    if ADAPTER_NAME in names:  # (before: told to pipe.fuse_lora(), which dit_accel refuses on its own adapter)
+        raise ValueError(
+            f"model: its transformer holds the LoRA of a dit_accel weights folder (adapter {ADAPTER_NAME!r}, loaded by "
+            "dit_accel.apply(..., weights=DIR) or handle.load_weights); finetune trains its own adapter against the "
+            "model without adapters, so that one would be left out. Call handle.remove() first (the pipeline gets "
+            "its own weights back); to continue the run that wrote the folder, resume it instead (resume=True, "
+            "output=DIR; dit-accel finetune --resume --output DIR).")
     if names:
         raise ValueError(
             f"model: its transformer already holds LoRA adapters {names} (pipe.load_lora_weights or add_adapter); "
@@ -222,12 +288,9 @@ class _Trainer:
         if problem:
             raise ValueError(problem)
         self.io = model_io_for(self.pipe, max_sequence_length=config.max_sequence_length)
-        if config.mode == "data" and not self.io.data_mode:
-            raise ValueError(f"--mode data supports Wan models only ({self.io.family} needs its own VAE encoding); "
-                             "use --mode distill (the dense model is the teacher, no data needed).")
-        if config.cp and self.io.family != "Wan":
-            raise ValueError(f"--cp: context-parallel fine-tuning is tested on Wan only, not {self.io.family}; "
-                             "run it on one process.")
+        problem = data_error(type(self.io), config.mode, config.data) or cp_error(type(self.io), config.cp)
+        if problem:
+            raise ValueError(problem)
         self.transformer = self.pipe.transformer
         self.plan = config.sparse_plan()
         self.method = config.method if self.plan is None else self.plan.as_method()
@@ -339,7 +402,8 @@ class _Trainer:
                 self._undo_flags["injection"] = injection_state(transformer)
                 transformer.add_adapter(self.lora_config)
             except ValueError as e:
-                raise ValueError(f"--target-modules {','.join(targets)}: {e}") from None
+                raise ValueError(f"--target-modules {','.join(targets)}: "
+                                 f"{_unadaptable(transformer, targets) or e}") from None
         _check_targets(transformer, targets)
         self.projections = self.handle.sla_projections()
         self.gates = {}
@@ -419,10 +483,8 @@ class _Trainer:
 
         from ..pipelines.parallel import enable_context_parallel
 
-        (ulysses, ring), processes = self.config.cp, self.accelerator.num_processes
-        if ulysses * ring != processes:
-            raise ValueError(f"--cp ulysses={ulysses},ring={ring} needs {ulysses * ring} processes; "
-                             f"{processes} were launched")
+        check_cp_processes(self.config, self.accelerator.num_processes)
+        ulysses, ring = self.config.cp
         enable_context_parallel(self.transformer, ContextParallelConfig(ulysses_degree=ulysses, ring_degree=ring))
 
     # ------------------------------------------------------------- batches and losses
@@ -599,6 +661,29 @@ def _check_targets(transformer, targets: Sequence[str]) -> None:
                      f"{type(transformer).__name__} (the other names did)"
                      + (f"; did you mean {' or '.join(close)}?" if close else "")
                      + f" Layers LoRA can adapt there end in e.g. {', '.join(sorted(names)[:8])}.")
+
+
+def _unadaptable(transformer, targets: Sequence[str]) -> Optional[str]:
+    """What peft refused about targets that name layers LoRA cannot adapt (a norm, a block of layers), or None.
+    Before: peft's message printed the whole module, dozens of lines for a block, naming neither the target nor a
+    layer to name instead."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    # (peft's own layers: those it wrapped before it reached the target it refused)
+    kinds = (nn.Linear, nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.MultiheadAttention, BaseTunerLayer)
+    for target in targets:
+        bad = [(n, m) for n, m in transformer.named_modules()
+               if (n == target or n.endswith("." + target)) and not isinstance(m, kinds)]
+        if not bad:
+            continue
+        name, module = bad[0]
+        inside = [f"{name}.{n}" for n, m in module.named_modules() if n and isinstance(m, kinds)
+                  and not any(p.startswith(("lora_", "base_layer")) for p in n.split("."))]
+        fix = (f"name the layers inside it instead, e.g. {', '.join(inside[:3])}" if inside else
+               "name Linear layers instead, e.g. to_q,to_k,to_v,to_out.0")
+        return (f"{target} names {type(module).__name__} layers (e.g. {name}), which LoRA cannot adapt: it adapts "
+                f"Linear, Conv and Embedding layers; {fix}.")
+    return None
 
 
 def finite_weights(params: Dict[str, nn.Parameter]) -> bool:

@@ -24,7 +24,8 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-__all__ = ["ModelIO", "HunyuanVideoIO", "FluxIO", "geometry_error", "model_io_for", "take", "SUPPORTED_TRANSFORMERS"]
+__all__ = ["ModelIO", "HunyuanVideoIO", "FluxIO", "cp_error", "data_error", "geometry_error", "io_from_configs",
+           "model_io_for", "take", "SUPPORTED_TRANSFORMERS"]
 
 Text = Dict[str, torch.Tensor]
 
@@ -294,20 +295,60 @@ def _unsupported(name: str) -> str:
             ". Use a Wan, HunyuanVideo or FLUX model (e.g. --model tiny-wan or --model tiny-flux).")
 
 
-def family_error(class_name: str, mode: str) -> Optional[str]:
+def data_error(io_class, mode: str, data) -> Optional[str]:
+    """What is refused about a caption folder (``--data``) for a family whose clips the trainer cannot encode
+    (``data_mode`` False), in either mode; None otherwise. Before: in distill mode FLUX's 2-D VAE failed at the
+    first batch, blamed on the method ("--method sla on token grid (16, 16): too many values to unpack"), and
+    HunyuanVideo's latents were used without its VAE's scaling factor (a teacher and student fed mis-scaled
+    latents, without a word)."""
+    if io_class.data_mode or (mode != "data" and data is None):
+        return None
+    if mode == "data":
+        return (f"--mode data supports Wan models only ({io_class.family} needs its own VAE encoding); use --mode "
+                "distill (the dense model is the teacher, no data needed).")
+    return (f"--data supports Wan models only: its clips are encoded with the model's VAE, which the trainer does "
+            f"for Wan alone ({io_class.family} needs its own VAE encoding). Distill on --prompts instead (random "
+            "latents, the dense model is the teacher), or fine-tune a Wan model on --data.")
+
+
+def cp_error(io_class, cp) -> Optional[str]:
+    """What is refused about ``--cp`` for a family (context parallelism is tested on Wan only), or None."""
+    if cp is None or io_class.family == "Wan":  # (cp may be a numpy array here, not yet checked)
+        return None
+    return f"--cp: context-parallel fine-tuning is tested on Wan only, not {io_class.family}; run it on one process."
+
+
+def family_error(class_name: str, mode: str, data=None, cp=None) -> Optional[str]:
     """What :func:`model_io_for` and the trainer would refuse about a model whose transformer is the Diffusers class
-    ``class_name`` (read from its model_index.json before it loads), in ``mode``; None when they would not, or when
-    dit_accel does not know the class (the check after loading covers it). By name, without importing Diffusers'
-    transformers (seconds): no class with a preset subclasses a supported one without being listed here itself."""
+    ``class_name`` (read from its model_index.json before it loads), in ``mode`` with the caption folder ``data``
+    (or None) and the context-parallel degrees ``cp`` (or None); None when they would not, or when dit_accel does
+    not know the class (the check after loading covers it). By name, without importing Diffusers' transformers
+    (seconds): no class with a preset subclasses a supported one without being listed here itself."""
     from ..pipelines.presets import PRESETS
 
     cls = _FAMILIES.get(class_name)
     if cls is None:
         return _unsupported(class_name) if class_name in PRESETS or class_name in _NOT_YET else None
-    if mode == "data" and not cls.data_mode:
-        return (f"--mode data supports Wan models only ({cls.family} needs its own VAE encoding); use --mode distill "
-                "(the dense model is the teacher, no data needed).")
-    return None
+    return data_error(cls, mode, data) or cp_error(cls, cp)
+
+
+def io_from_configs(folder, class_name: str) -> Optional[ModelIO]:
+    """The :class:`ModelIO` of the model in ``folder`` (a Diffusers folder whose transformer is ``class_name``) built
+    from its ``transformer/config.json`` and ``vae/config.json`` alone, for its geometry before it loads; None when
+    the class is not one the trainer calls or a config is missing or unreadable (the checks after loading cover it)."""
+    from types import SimpleNamespace
+
+    from ..models.loading import component_config
+
+    cls = _FAMILIES.get(class_name)
+    configs = {name: component_config(folder, name) for name in ("transformer", "vae")}
+    if cls is None or not all(configs.values()):
+        return None
+    try:
+        return cls(SimpleNamespace(transformer=SimpleNamespace(config=SimpleNamespace(**configs["transformer"])),
+                                   **cls.pipe_scales(configs["vae"])))
+    except (OSError, ValueError, AttributeError, TypeError, KeyError):
+        return None
 
 
 def geometry_error(folder, class_name: str, frames: int, height: int, width: int) -> Optional[str]:
@@ -315,18 +356,8 @@ def geometry_error(folder, class_name: str, frames: int, height: int, width: int
     ``folder`` (a Diffusers folder whose transformer is ``class_name``) has loaded, read from its
     ``transformer/config.json`` and ``vae/config.json`` before it loads (minutes for a real model); None when it
     will not, or when the configs do not say (the check after loading covers it)."""
-    from types import SimpleNamespace
-
-    from ..models.loading import component_config
-
-    cls = _FAMILIES.get(class_name)
-    configs = {name: component_config(folder, name) for name in ("transformer", "vae")}
-    if cls is None or not all(configs.values()):  # (a config missing or unreadable: the check after loading)
-        return None
-    try:
-        io = cls(SimpleNamespace(transformer=SimpleNamespace(config=SimpleNamespace(**configs["transformer"])),
-                                 **cls.pipe_scales(configs["vae"])))
-    except (OSError, ValueError, AttributeError, TypeError, KeyError):
+    io = io_from_configs(folder, class_name)
+    if io is None:
         return None
     try:
         io.check_geometry(frames, height, width)
