@@ -136,3 +136,18 @@ def test_the_dense_cache_is_kept_per_gpu_model(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: next(names))
     a100, h100, again = (runner.dense_cache_key(settings, "a", 0, model_sha256="state:x") for _ in range(3))
     assert a100 != h100 == again
+
+
+def test_an_unfinished_finetune_run_given_as_weights_is_told_to_resume(tmp_path):
+    """Before: ``weights=`` of an interrupted first run's output said "has no dit_accel_method.json; is it the output
+    folder of `dit-accel finetune`?" of a folder that is one, not finished. Reported by the training helper."""
+    import pytest
+
+    from dit_accel.checkpoints.finetuned import _RUN_FILE, read_weights_info
+    from dit_accel.training.config import CKPT_DIR, RUN_FILE
+
+    assert RUN_FILE == _RUN_FILE
+    (tmp_path / RUN_FILE).write_text("{}")
+    (tmp_path / CKPT_DIR).mkdir()
+    with pytest.raises(ValueError, match=r"has not finished .* finetune --resume --output"):
+        read_weights_info(tmp_path)

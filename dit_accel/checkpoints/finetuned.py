@@ -70,6 +70,7 @@ LORA_FILE = "pytorch_lora_weights.safetensors"
 SLA_FILE = "sla_projections.safetensors"
 VSA_FILE = "vsa_gates.safetensors"
 METHOD_FILE = "dit_accel_method.json"
+_RUN_FILE = "finetune_run.json"  # a fine-tuning run's record (training.config.RUN_FILE; training imports this module)
 FORMAT = 1  # the newest layout of METHOD_FILE this dit_accel reads (and the one it writes)
 ADAPTER_NAME = "dit_accel"
 
@@ -206,6 +207,11 @@ def _read_info(folder: Path) -> dict:
 
     finish_saved_set(folder, path)  # (save_pretrained under dit_accel writes the folder with the model, as one set)
     if not path.is_file():
+        if (folder / _RUN_FILE).is_file():  # (before: "is it the output folder of `dit-accel finetune`?" of one)
+            raise ValueError(f"weights={str(folder)!r} is a `dit-accel finetune` run that has not finished (no "
+                             f"{METHOD_FILE} yet: a run writes its weights folder at its end): resume it with "
+                             f"`dit-accel finetune --resume --output {folder}` (the same flags), or give a finished "
+                             "run's folder")
         raise ValueError(f"weights={str(folder)!r} has no {METHOD_FILE}; is it the output folder of `dit-accel finetune`?")
     expected = ("the JSON object `dit-accel finetune` writes: {\"method\": {...}, \"files\": {...}, ...}")
     info = read_json(path, expected=expected)
