@@ -1,11 +1,25 @@
 """Fine-tuning tests. :data:`PROMPTS`: the prompts every tiny fine-tune here trains and evaluates on;
-:func:`snapshot` and :func:`probe`: what a failed run must leave as it was (files, the model's output)."""
+:func:`tiny_config`: a one-step fine-tune's config; :func:`snapshot` and :func:`probe`: what a failed run must leave as it was (files, the model's output)."""
 
 from pathlib import Path
 
 import torch
 
 PROMPTS = ["a red fox in snow", "waves at sunset", "a city street at night", "a cat on a sofa"]
+
+#: The sample size of the tiny fine-tunes of the input tests (:func:`tiny_config`).
+SHAPE = dict(frames=9, height=64, width=128, max_sequence_length=16)
+
+
+def tiny_config(tmp_path, prompts_file, **kw):
+    """A one-step SLA fine-tune of tiny-wan into ``tmp_path/out`` at :data:`SHAPE`, with ``kw`` over it."""
+    import dit_accel
+    from dit_accel.training import FinetuneConfig
+
+    base = dict(model="tiny-wan", method=dit_accel.SLA(topk=0.5), output=str(tmp_path / "out"),
+                prompts=str(prompts_file), steps=1, rank=4, seed=3, progress=False, eval_batches=0,
+                gradient_accumulation_steps=1, **SHAPE)
+    return FinetuneConfig(**{**base, **kw})
 
 
 def snapshot(folder: Path) -> dict:

@@ -6,22 +6,13 @@ import numpy as np
 import pytest
 import torch
 
-import dit_accel
 from dit_accel.models import loading
-from dit_accel.training import FinetuneConfig, finetune
+from dit_accel.training import finetune
 from dit_accel.training import data as data_mod
 from dit_accel.training.loop import _Trainer
+from tests.training import tiny_config as _config
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: one torch thread (tests/conftest.py)
-
-SHAPE = dict(frames=9, height=64, width=128, max_sequence_length=16)
-
-
-def _config(tmp_path, prompts_file, **kw):
-    base = dict(model="tiny-wan", method=dit_accel.SLA(topk=0.5), output=str(tmp_path / "out"),
-                prompts=str(prompts_file), steps=1, rank=4, seed=3, progress=False, eval_batches=0,
-                gradient_accumulation_steps=1, **SHAPE)
-    return FinetuneConfig(**{**base, **kw})
 
 
 @pytest.fixture
