@@ -108,6 +108,13 @@ class AttentionLocality:
         self._modules = [m for name, m in transformer.named_modules() if name.endswith("attn1")]
         if not self._modules:
             raise ValueError(f"{type(transformer).__name__} has no 'attn1' self-attention modules to watch")
+        heads = sorted({h for h in (getattr(m, "heads", None) for m in self._modules) if isinstance(h, int)})
+        for m in self.methods:  # (before: a raw "size of tensor a (4) must match ... (2)" at the first forward)
+            own = getattr(m, "heads", None)  # a Tile's or GNA's per-head windows
+            if isinstance(own, int) and heads and heads != [own]:
+                raise ValueError(f"method {m!r} has windows for {own} heads, but the attn1 layers of "
+                                 f"{type(transformer).__name__} have {', '.join(map(str, heads))}: give one window "
+                                 "per head, or one window for every head")
         self._handles: List = []
         self._terms: List[torch.Tensor] = []
         self._grid = None

@@ -22,6 +22,8 @@ Edges are anti-aliased (coverage of a one-pixel ramp), positions are sub-pixel.
 
 from __future__ import annotations
 
+import numbers
+
 import numpy as np
 import torch
 
@@ -64,6 +66,8 @@ def render_clip(colour: str, shape: str, direction: str, seed: int = 0, frames: 
     for value, allowed, what in ((colour, COLOURS, "colour"), (shape, SHAPES, "shape"), (direction, DIRECTIONS, "direction")):
         if value not in allowed:
             raise ValueError(f"unknown {what} {value!r}; choose one of {list(allowed)}")
+    if not isinstance(seed, numbers.Integral) or isinstance(seed, bool):  # (before: "x" raw, 2.7 taken as 2)
+        raise ValueError(f"seed={seed!r} is invalid: the start position's random seed, an int")
     generator = torch.Generator().manual_seed(int(seed))
     ids = [torch.tensor([list(table).index(value)]) for value, table in
            ((colour, COLOURS), (shape, SHAPES), (direction, DIRECTIONS))]
@@ -89,6 +93,9 @@ def render_batch(colour_ids: torch.Tensor, shape_ids: torch.Tensor, direction_id
         x = render_batch(torch.tensor([0, 3]), torch.tensor([1, 0]), torch.tensor([2, 2]),
                          generator=g, frames=7, height=48, width=48)   # (2, 7, 48, 48, 3)
     """
+    for name, value in (("frames", frames), ("height", height), ("width", width)):
+        if not isinstance(value, numbers.Integral) or isinstance(value, bool):  # (before: a raw torch TypeError)
+            raise ValueError(f"{name}={value!r} is invalid: a whole number (frames >= 2, height and width >= 8)")
     if frames < 2 or height < 8 or width < 8:
         raise ValueError(f"need at least 2 frames and an 8x8 canvas, got frames={frames}, {height}x{width}")
     if object_canvas is not None and not 8 <= object_canvas <= min(height, width):

@@ -148,7 +148,18 @@ def _as_float_frames(frames) -> np.ndarray:
         raise ValueError(f"expected frames [F, H, W, 3], got shape {video.shape}")
     if video.dtype == np.uint8:
         return video.astype(np.float32) / 255.0
-    return video.astype(np.float32)
+    if video.dtype.kind not in "fiu":
+        raise ValueError(f"frames are of dtype {video.dtype}; expected floats in [0, 1] (a pipeline's "
+                         "output_type='np') or uint8")
+    video = video.astype(np.float32)
+    low, high = (float(video.min()), float(video.max())) if video.size else (0.0, 0.0)
+    # (before: frames in [0, 255] or [-1, 1] were scored as [0, 1] ones: the grey background's noise became
+    # objects, a dark object none, and the scores were wrong without a word; NaN frames are scored as found)
+    if low < -1e-3 or high > 1 + 1e-3:
+        raise ValueError(f"frames hold values from {low:g} to {high:g}; expected floats in [0, 1] (a pipeline's "
+                         "output_type='np'): divide [0, 255] frames by 255, map [-1, 1] ones by (x + 1) / 2, or pass "
+                         "uint8")
+    return video
 
 
 def _components(mask: np.ndarray) -> np.ndarray:

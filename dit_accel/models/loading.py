@@ -178,7 +178,9 @@ def load_pipeline(model: str, *, device="cpu", dtype: torch.dtype = torch.float3
     Raises:
         ModelLoadError: with one line that says what to do (offline and not
             cached, hub unreachable, missing folder, not a pipeline folder).
-        ValueError: ``dtype`` is no floating dtype or dtype name (``"auto"``, ``torch.int8``).
+        ValueError: ``dtype`` is no floating dtype or dtype name (``"auto"``, ``torch.int8``); ``device`` is no
+            torch device, or a CUDA device that is not here (checked before anything loads); ``seed`` is no int.
+        TypeError: ``offload`` is not True or False.
 
     Example::
 
@@ -188,6 +190,7 @@ def load_pipeline(model: str, *, device="cpu", dtype: torch.dtype = torch.float3
     model = _as_str(model)
     kind = resolve_model_kind(model)
     dtype = as_dtype(dtype)  # (a name such as "bf16" loaded fp32 weights from a folder or the hub, without a word)
+    _check_place(device, offload, seed)
     if kind == "tiny":
         missing = [name for name in TINY_PIPELINES[model].requires if importlib.util.find_spec(name) is None]
         if missing:  # e.g. ftfy: Diffusers' SkyReels-V2 / VACE pipelines fail on the prompt without it
@@ -209,6 +212,37 @@ def load_pipeline(model: str, *, device="cpu", dtype: torch.dtype = torch.float3
     if kind != "tiny" or offload:
         _place(pipe, device, offload)
     return pipe
+
+
+def _check_place(device, offload, seed) -> None:
+    """ValueError or TypeError naming ``device``, ``offload`` or ``seed`` of :func:`load_pipeline` before anything
+    loads. Before: ``device="cuda"`` on a machine without one (or ``"cuda:1"`` with one GPU, or ``"gpu"``) failed
+    with a raw "Torch not compiled with CUDA enabled" only after the model had loaded (minutes for a real one),
+    ``offload="no"`` turned offloading on, and ``seed="x"`` was a raw "invalid literal for int()"."""
+    from .._util import device_error
+    from ..kernels.checks import check_flag
+    from .tiny import _check_seed
+
+    check_flag("offload", offload)
+    _check_seed(seed)
+    try:
+        dev = torch.device(device) if isinstance(device, (torch.device, int)) and not isinstance(device, bool) \
+            else torch.device(str(device))
+    except (RuntimeError, ValueError, TypeError) as err:
+        if isinstance(device, int) and not isinstance(device, bool) and device >= 0:  # an accelerator's index
+            raise ValueError(f"device={device!r}: no accelerator is visible here ({_first_line(err)}); pass "
+                             "device='cpu'") from None
+        raise ValueError(f"device={device!r} is invalid: a torch device such as 'cpu', 'cuda' or 'cuda:1'") from None
+    if dev.type == "cuda":
+        error = device_error(str(dev), flag="device", advice="pass device='cpu'")
+        if error is not None:
+            raise ValueError(error)
+    elif dev.type not in ("cpu", "meta"):
+        try:  # (mps, xpu, ...: "PyTorch is not linked with support for mps devices" once the model had loaded)
+            torch.empty(0, device=dev)
+        except (RuntimeError, AssertionError) as err:
+            reason = _first_line(err).split(". ")[0].rstrip(".")
+            raise ValueError(f"device={device!r} cannot be used here ({reason}); pass device='cpu'") from None
 
 
 class _quiet_loading:
@@ -458,16 +492,147 @@ def _from_folder(folder: Path, dtype):
         if (parent / "model_index.json").is_file():  # the transformer's (or another component's) own folder
             raise ModelLoadError(f"{folder} is a component of the pipeline folder {parent}, not a pipeline folder "
                                  f"(no model_index.json): pass {parent}")
+        alone = component_config(folder, ".").get("_class_name")
+        if isinstance(alone, str) and alone:  # (before: "not a pipeline folder", as for any other folder)
+            raise ModelLoadError(
+                f"{folder} holds a {alone} alone (its config.json and weights), not a Diffusers pipeline (no "
+                "model_index.json): pass the pipeline folder or hub id it belongs to; to run these weights in that "
+                f"pipeline, load it in Python with {alone}.from_pretrained({str(folder)!r}) as its component and "
+                "pass the pipeline to dit_accel.apply")
+        inside = _pipelines_in(folder)
+        if inside:  # a folder of models (before: "not a pipeline folder", naming none of them)
+            many = len(inside) > 1
+            raise ModelLoadError(f"{folder} is not a Diffusers pipeline folder (no model_index.json); the pipeline "
+                                 f"folder{'s' if many else ''} in it: {', '.join(str(p) for p in inside[:3])}"
+                                 f"{', ...' if len(inside) > 3 else ''}: pass {'one of them' if many else 'it'}")
         raise ModelLoadError(
             f"{folder} is not a Diffusers pipeline folder (no model_index.json); pass the folder that "
             "`pipe.save_pretrained()` or `huggingface-cli download` produced"
         )
     _check_index(folder)
     try:
-        return _from_pretrained(str(folder), dtype, local_files_only=True)
-    except (OSError, ValueError) as err:
+        pipe = _from_pretrained(str(folder), dtype, local_files_only=True)
+    except (OSError, ValueError, TypeError) as err:  # (TypeError: a config value of the wrong type, e.g. "4")
         _check_components(folder)  # (what is missing, where Diffusers' message names the wrong folder or file)
-        raise ModelLoadError(f"could not load the pipeline in {folder}: {_first_line(err)}") from err
+        raise ModelLoadError(_load_failure(err, folder)) from err
+    _check_weights_fit(pipe, folder)
+    return pipe
+
+
+def _load_failure(err: BaseException, folder: Path) -> str:
+    """The line for a pipeline folder Diffusers could not load: the component it was loading (read from its
+    ``load_sub_model`` frame) and, where that component's config.json is the cause, the file and the value. Before:
+    "'str' object cannot be interpreted as an integer" as a raw TypeError, or, for a config.json holding a JSON
+    list, "We couldn't connect to 'https://huggingface.co'", naming neither the component nor the file."""
+    import json
+    import traceback
+
+    name = next((frame.f_locals.get("name") for frame, _ in traceback.walk_tb(err.__traceback__)
+                 if frame.f_code.co_name == "load_sub_model"), None)
+    if not isinstance(name, str) or not (folder / name).is_dir():
+        return f"could not load the pipeline in {folder}: {_first_line(err)}"
+    config_file = folder / name / "config.json"
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8-sig"))
+    except (OSError, ValueError):
+        config = {}
+    if not isinstance(config, dict):
+        return (f"{config_file} holds a JSON {type(config).__name__}, not the {name}'s config (a JSON object of its "
+                f"settings): copy or download {folder / name} again")
+    typed = _mistyped(config) if isinstance(err, TypeError) else []
+    hint = (f"; in {config_file}, {', '.join(typed)} (numbers are written without quotes)" if typed else
+            f"; check the values in {config_file}" if isinstance(err, TypeError) and config_file.is_file() else "")
+    return f"could not load the {name} of the pipeline in {folder}: {_first_line(err)}{hint}"
+
+
+def _mistyped(config: dict) -> list:
+    """``key: "4" is text`` for each value of ``config`` that its class (``_class_name`` in Diffusers) defaults to a
+    number but the file gives as a string."""
+    import inspect
+
+    import diffusers
+
+    cls = getattr(diffusers, str(config.get("_class_name")), None) if config.get("_class_name") else None
+    try:
+        params = inspect.signature(cls.__init__).parameters if cls is not None else {}
+    except (TypeError, ValueError):
+        return []
+    return [f"{key}: {value!r} is text, not a number" for key, value in config.items()
+            if key in params and isinstance(value, str) and isinstance(params[key].default, (int, float))
+            and not isinstance(params[key].default, bool)]
+
+
+def _check_weights_fit(pipe, folder: Optional[Path]) -> None:
+    """ModelLoadError when a loaded Diffusers model of ``pipe`` (from ``folder``) does not match its weight files: a
+    tensor its config.json makes that the weights do not hold (left on the meta device: ``pipe.to`` then failed
+    with a raw "Cannot copy out of meta tensor"), or whole layers in the weights that the config makes no place for
+    (Diffusers dropped them with a log line, and the pipeline ran a model missing those layers, silently)."""
+    from diffusers import ModelMixin
+
+    for name, module in sorted((getattr(pipe, "components", None) or {}).items()):
+        if not isinstance(module, torch.nn.Module):
+            continue
+        where = folder / name if folder is not None else name
+        missing = [key for key, t in (*module.named_parameters(), *module.named_buffers()) if t.is_meta]
+        if missing:
+            raise ModelLoadError(
+                f"{where}: its weights lack {len(missing)} tensor{'s' if len(missing) > 1 else ''} that its "
+                f"config.json makes ({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}): the config and "
+                f"the weights are of different models (a config edited by hand, or files of two downloads): copy or "
+                f"download {where} again")
+        extra = _layers_past(module, folder / name) if isinstance(module, ModelMixin) and folder is not None else None
+        if extra is not None:
+            prefix, have, given = extra
+            raise ModelLoadError(
+                f"{where}: its weights hold {given} layers of {prefix}, and its config.json makes {have} "
+                f"({prefix}.{have} and up would be dropped, and the model would run without them): the config and "
+                f"the weights are of different models (a config edited by hand, or files of two downloads): copy or "
+                f"download {where} again")
+
+
+def _layers_past(module: torch.nn.Module, component: Path) -> Optional[tuple]:
+    """``(list name, layers the model has, layers the weights hold)`` for a layer list (``blocks``) of ``module``
+    whose plain safetensors weights in ``component`` hold more layers than the module; None otherwise."""
+    try:
+        files = sorted(f for f in component.iterdir() if f.suffix == ".safetensors"
+                       and (lambda m: m is not None and m.group(1) is None)(_WEIGHTS.match(f.name)))
+    except OSError:
+        return None
+    if not files:
+        return None
+    from safetensors import safe_open
+
+    keys = set()
+    try:
+        for file in files:
+            with safe_open(str(file), framework="pt") as handle:
+                keys.update(handle.keys())
+    except Exception:  # noqa: BLE001 - a file safetensors cannot read was loaded by Diffusers: not this check's
+        return None
+    own = set(module.state_dict())
+    layers = {}  # list name -> layer indices the model has
+    for key in own:
+        match = _LAYER.match(key)
+        if match is not None:
+            layers.setdefault(match.group(1), set()).add(int(match.group(2)))
+    for key in sorted(keys - own):
+        match = _LAYER.match(key)
+        if match is not None and match.group(1) in layers and int(match.group(2)) not in layers[match.group(1)]:
+            prefix = match.group(1)
+            given = {int(m.group(2)) for m in map(_LAYER.match, keys) if m is not None and m.group(1) == prefix}
+            return prefix, len(layers[prefix]), len(given)
+    return None
+
+
+_LAYER = re.compile(r"^((?:[A-Za-z_]\w*\.)*?[A-Za-z_]\w*)\.(\d+)\.")  # "blocks.3.attn1..." -> ("blocks", "3")
+
+
+def _pipelines_in(folder: Path) -> list:
+    """The subfolders of ``folder`` that are Diffusers pipeline folders (hold a model_index.json), sorted."""
+    try:
+        return sorted(p for p in folder.iterdir() if (p / "model_index.json").is_file())
+    except OSError:
+        return []
 
 
 def _check_index(folder: Path) -> None:
@@ -485,6 +650,24 @@ def _check_index(folder: Path) -> None:
         raise ModelLoadError(f"{folder / 'model_index.json'} holds {found}, not a Diffusers pipeline index (a JSON "
                              "object naming the pipeline class in _class_name and its components): pass the folder "
                              "that `pipe.save_pretrained()` or `huggingface-cli download` produced")
+    for name in _component_names(index["_class_name"]):  # (before: "too many values to unpack (expected 2)")
+        entry = index.get(name)
+        if name in index and not (isinstance(entry, list) and len(entry) == 2
+                                  and all(e is None or isinstance(e, str) for e in entry)):
+            raise ModelLoadError(f"{folder / 'model_index.json'}: {name} is {json.dumps(entry)}; a component is "
+                                 "named by [library, class], such as [\"diffusers\", \"WanTransformer3DModel\"] "
+                                 "([null, null] for none): write the entry so, or download the folder again")
+
+
+def _component_names(pipeline_class) -> tuple:
+    """The component names the Diffusers pipeline class called ``pipeline_class`` takes; () where it is unknown."""
+    import diffusers
+
+    try:
+        cls = getattr(diffusers, pipeline_class) if isinstance(pipeline_class, str) else None
+        return tuple(cls._get_signature_keys(cls)[0]) if cls is not None else ()
+    except Exception:  # noqa: BLE001 - a class this Diffusers lacks, or another signature: Diffusers says so later
+        return ()
 
 
 def _check_components(folder: Path) -> None:
@@ -534,9 +717,16 @@ def _from_hub(model: str, dtype):
     if cached is not None and (cached / "model_index.json").is_file():
         _check_index(cached)  # (an index naming no pipeline class: Diffusers' bare KeyError)
     try:
-        return _from_pretrained(model, dtype, local_files_only=True)
+        pipe = _from_pretrained(model, dtype, local_files_only=True)
     except (OSError, ValueError) as err:
         cache_error = err
+    except TypeError as err:  # a config value of the wrong type in the cached snapshot (before: the raw TypeError)
+        if cached is None:
+            raise
+        raise ModelLoadError(f"{model!r} (in the local Hugging Face cache): {_load_failure(err, cached)}") from err
+    else:
+        _check_weights_fit(pipe, model_folder(model))
+        return pipe
     if _offline():
         if cached is not None:  # a snapshot is there: say what is wrong with it, not that it is missing
             what = ("holds no model_index.json (not a Diffusers pipeline: pass a pipeline's hub id or folder)"
@@ -552,9 +742,11 @@ def _from_hub(model: str, dtype):
     # 2. One short probe before a download, so no connection means one line, not minutes of retries.
     _probe_hub(model)
     try:
-        return _from_pretrained(model, dtype)
+        pipe = _from_pretrained(model, dtype)
     except (OSError, ValueError) as err:
         raise ModelLoadError(f"could not download {model!r}: {_first_line(err)}; " + _hint(model)) from err
+    _check_weights_fit(pipe, model_folder(model))
+    return pipe
 
 
 def _probe_hub(model: str) -> None:

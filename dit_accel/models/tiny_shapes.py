@@ -235,7 +235,9 @@ def balanced_prompts(n: int = 8) -> list:
     """
     from .clips import COLOURS, DIRECTIONS, SHAPES, make_prompt
 
-    if n % 4 or not 4 <= n <= 32:
+    from .._util import is_int
+
+    if not is_int(n) or n % 4 or not 4 <= n <= 32:  # (before: "8" or 8.0 a raw TypeError of the arithmetic)
         raise ValueError(f"n={n!r} is invalid: a multiple of 4 from 4 to 32")
     colours, directions = list(COLOURS), list(DIRECTIONS)
     out = []
@@ -264,6 +266,10 @@ def load_tiny_shapes(device="cpu", dtype=None):
     import torch
     from diffusers import DiffusionPipeline
 
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        # (before: Diffusers logged "Defaulting to torch.float32" and loaded fp32 weights where "bf16" was asked for)
+        raise ValueError(f"dtype={dtype!r} is invalid: a floating torch.dtype such as torch.bfloat16 (None: float32); "
+                         "load_pipeline('tiny-shapes', dtype='bf16') takes a dtype's name too")
     if not (TINY_SHAPES_DIR / "model_index.json").is_file():
         raise FileNotFoundError(f"the tiny-shapes weights are missing from {TINY_SHAPES_DIR}; reinstall dit-accel "
                                 "or retrain them with `python -m dit_accel.models.train_tiny`")
@@ -301,9 +307,10 @@ def evaluate(pipe=None, prompts=None, seeds=(0, 1), batch_size: int = 8, **call_
     from .groundtruth import score_many
     from .clips import PROMPTS
 
+    prompts, seeds = _checked_jobs(prompts or PROMPTS, seeds, batch_size)
     pipe = pipe if pipe is not None else load_tiny_shapes()
     settings = {**TINY_SHAPES_DEFAULTS, **call_kwargs}
-    jobs = [(p, s) for s in seeds for p in (prompts or PROMPTS)]
+    jobs = [(p, s) for s in seeds for p in prompts]
     videos, seconds = [], 0.0
     for i in range(0, len(jobs), batch_size):
         chunk = jobs[i:i + batch_size]
@@ -316,6 +323,30 @@ def evaluate(pipe=None, prompts=None, seeds=(0, 1), batch_size: int = 8, **call_
     result["seconds_per_sample"] = seconds / len(jobs)
     result["settings"] = settings
     return result
+
+
+def _checked_jobs(prompts, seeds, batch_size) -> tuple:
+    """``(prompts, seeds)`` of :func:`evaluate` as lists, checked before anything is generated: a ValueError naming
+    the argument. Before: one prompt string was taken letter by letter (one video per character), a prompt off the
+    grammar was refused only after every video was made, and ``batch_size=0`` was a raw ``range()`` error."""
+    from .._util import is_int
+    from .groundtruth import parse_prompt
+
+    if isinstance(prompts, str) or not isinstance(prompts, (list, tuple)) or not prompts:
+        raise ValueError(f"prompts={prompts!r} is invalid: a non-empty list of prompts such as "
+                         f"[{TINY_SHAPES_PROMPT!r}] (None: all 32)")
+    for i, prompt in enumerate(prompts):
+        try:
+            parse_prompt(prompt)
+        except ValueError as err:
+            raise ValueError(f"prompts[{i}]: {err} (the videos are scored against the prompt's colour, shape and "
+                             "direction)") from None
+    if isinstance(seeds, (str, bytes)) or not isinstance(seeds, (list, tuple, range)) or not seeds \
+            or not all(is_int(s) and s >= 0 for s in seeds):
+        raise ValueError(f"seeds={seeds!r} is invalid: a non-empty list of whole numbers >= 0, e.g. (0, 1)")
+    if not is_int(batch_size) or batch_size < 1:
+        raise ValueError(f"batch_size={batch_size!r} is invalid: the prompts per pipeline call, a whole number >= 1")
+    return list(prompts), [int(s) for s in seeds]
 
 
 def main(argv=None) -> None:

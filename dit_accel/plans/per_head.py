@@ -147,7 +147,9 @@ class PerHeadPlan(Plan):
     def build(cls, method: PerHead, grid: Tuple[int, ...]) -> Plan:
         plans = {m: m.plan(grid) for m in dict.fromkeys(method.methods)}
         if len(plans) == 1:  # every head runs the same method: its own plan, nothing to group
-            return next(iter(plans.values()))
+            plan = next(iter(plans.values()))
+            plan.for_heads = len(method.methods)  # (before: it ran on any head count, silently; Plan.run checks it)
+            return plan
         heads = {"layout": [], "dense": [], "sla": {}}
         for h, m in enumerate(method.methods):
             plan = plans[m]

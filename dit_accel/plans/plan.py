@@ -24,6 +24,7 @@ from typing import Callable, Dict, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from .._util import is_int
 from ..kernels import autotune, block_sparse_attention, merge_attention
 from ..kernels.backends import Request, env_backend, env_value, forced_backend, resolve
 from ..kernels.block_sparse import api as _bs_api
@@ -100,6 +101,7 @@ class Plan:
     """
 
     kind = "abstract"
+    for_heads: Optional[int] = None  # the head count of the PerHead config the plan runs (None: any); Plan.run checks it
 
     def __init__(self, method, grid: Tuple[int, ...], *, density: Optional[float] = None,
                  dense_reason: Optional[str] = None, token_density: Optional[float] = None):
@@ -156,7 +158,7 @@ class Plan:
 
         Args:
             q, k, v: ``(B, H, S, D)`` with ``S = num_tokens + num_text``.
-            key_mask: bool key-padding mask broadcastable to ``(B, 1, 1, S)`` (True = attend) or None; or a
+            key_mask: bool key-padding mask of shape ``(B or 1, 1, 1, S)`` (True = attend) or None; or a
                 float bias of that shape added to the scores, which must be zero on every video key (the
                 sparse part takes no bias): the text keys' bias enters the dense text branch.
             text_query_mask: the text queries' own mask ``(B or 1, 1, num_text, S)`` for their dense attention
@@ -167,7 +169,12 @@ class Plan:
             text_queries: False when ``q`` holds the video queries alone (``(B, H, num_tokens, D)``) against
                 the whole sequence of keys (Qwen-Image 2.1's target call); only video rows are returned.
         Returns ``(o (B, H, S, D), density)`` (``(B, H, num_tokens, D)`` without text queries).
+
+        Raises:
+            ValueError: q, k, v are not 4-D, or their lengths and ``num_text`` are not the plan's grid plus the
+                text (a Tile plan returned 256 of a 264-token sequence's rows for ``num_text=0``, without a word).
         """
+        self._check_run(q, k, v, num_text, text_queries, key_mask)
         if num_text == 0:
             # Video alone: nothing is merged, so no lse is asked for.
             o_video, _, extra, density = self.attend(q, k, v, scale=scale, backend=backend, proj=proj, lse=False)
@@ -192,6 +199,45 @@ class Plan:
         o_tq = sdpa(q[:, :, text], k, v, attn_mask=tq_mask, scale=scale).to(q.dtype)  # text: dense over all keys
         parts = [o_tq, o_video.to(q.dtype)] if text_first else [o_video.to(q.dtype), o_tq]
         return torch.cat(parts, dim=2), density
+
+    def _check_run(self, q, k, v, num_text, text_queries: bool, key_mask) -> None:
+        """ValueError naming the argument unless ``q, k, v`` (B, H, S, D) hold this plan's grid tokens and
+        ``num_text`` text tokens (shapes only: no host sync). Before, a sequence of another length than the grid
+        was cut (a tiled plan returned ``num_tokens`` rows), ran on whatever length came (SLA, dense), or failed
+        in a kernel with a raw shape error."""
+        def shapes() -> str:
+            return ", ".join(str(tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__)
+                             for t in (q, k, v))
+
+        if any(not isinstance(t, torch.Tensor) or t.dim() != 4 for t in (q, k, v)):
+            raise ValueError(f"Plan.run: q, k, v must be tensors of shape (B, H, S, D); got {shapes()}")
+        if k.shape[:3] != v.shape[:3] or (q.shape[0], q.shape[1], q.shape[3]) != (k.shape[0], k.shape[1], k.shape[3]):
+            raise ValueError(f"Plan.run: q, k, v must share their batch and heads (B, H), q and k their head dim, and "
+                             f"k and v their length; got {shapes()}")  # (before: a raw reshape error in a kernel)
+        if self.for_heads is not None and q.shape[1] != self.for_heads:
+            raise ValueError(f"Plan.run: this plan runs a per_head config of {self.for_heads} head methods (all "
+                             f"alike), but q holds {q.shape[1]} heads: give one method per head of the layer "
+                             "(calibrate the plan on this model)")
+        s, n = k.shape[2], self.num_tokens
+        if not (is_int(num_text) or isinstance(num_text, torch.SymInt)) or not 0 <= num_text <= s:
+            raise ValueError(f"Plan.run: num_text={num_text!r} is invalid: the text tokens in the sequence, a whole "
+                             f"number from 0 to {s} (k's length)")
+        if s - num_text != n:
+            fix = (f"pass num_text={s - n} (the text tokens in the sequence)" if s > n else
+                   "pass the whole sequence")
+            raise ValueError(f"Plan.run: the plan of {self.method!r} is for grid {self.grid} ({n} video tokens); k "
+                             f"holds {s} tokens with num_text={num_text}, so {s - num_text} video tokens: {fix}, or "
+                             "build the plan for the grid of these tokens (method.plan(grid))")
+        if key_mask is not None:  # (before: a raw "shape '[2, 264]' is invalid" or broadcast error mid-call)
+            shape = tuple(key_mask.shape) if isinstance(key_mask, torch.Tensor) else ()
+            if len(shape) != 4 or shape[3] != s or shape[1:3] != (1, 1) or shape[0] not in (1, q.shape[0]):
+                raise ValueError(f"Plan.run: key_mask must be a tensor of shape (B or 1, 1, 1, S) = ({q.shape[0]}, "
+                                 f"1, 1, {s}) (one row of keys per sample); got "
+                                 f"{tuple(key_mask.shape) if isinstance(key_mask, torch.Tensor) else key_mask!r}")
+        want = s if text_queries else n
+        if q.shape[2] != want:
+            raise ValueError(f"Plan.run: q holds {q.shape[2]} queries; with text_queries={text_queries} it holds "
+                             f"{'every token of k' if text_queries else 'the grid tokens alone'} ({want})")
 
     def describe(self) -> dict:
         """What the plan runs, for stats and sidecars."""

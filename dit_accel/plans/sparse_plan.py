@@ -59,7 +59,7 @@ def file_to_write(path, what: str, example: str) -> Path:
     text = str(os.fspath(path))
     if not text.strip():
         raise ValueError(f"path={text!r} is empty; pass {what} file name, e.g. {example}")
-    file = Path(text)
+    file = Path(text).expanduser()  # (before: "~/plan.json" was written to a folder named "~" in the working one)
     if file.is_dir() or text.endswith(("/", os.sep)):
         raise ValueError(f"path={text!r} is a folder; pass {what} file name, e.g. {file / example}")
     folder = file_in_the_way(file.parent)
@@ -393,7 +393,7 @@ class SparsePlan:
             raise (ValueError if isinstance(path, str) else TypeError)(
                 f"path={path!r} is invalid: expected the plan's file name (str or pathlib.Path), e.g. "
                 "SparsePlan.load('plan.json')")
-        path = Path(path)
+        path = Path(path).expanduser()  # (as save writes it, and as load_pipeline reads a model folder)
         journal = commit_journal(path) if path.name else None  # ("." or "/": a folder, which read_json names)
         if journal is not None and journal.exists():  # calibrate killed past its commit point: its reports too
             finish_for_reader(journal, path)
