@@ -17,7 +17,7 @@ from typing import Callable, Dict, Iterable, Iterator, List, Optional
 __all__ = ["portable_path", "cdiv", "versions", "to_jsonable", "cuda_event", "Timer", "time_median", "load_average", "has_cuda_driver", "DitAccelWarning",
            "WarningLog", "run_each",
            "use_interpreter_without_cuda", "is_int", "is_number", "is_bool", "format_time", "format_ratio", "positive_int",
-           "int_at_least", "env_set", "existing_ancestor", "file_in_the_way", "seed_error"]
+           "int_at_least", "env_set", "existing_ancestor", "file_in_the_way", "file_error", "seed_error"]
 
 
 def portable_path(path, base) -> str:
@@ -380,3 +380,19 @@ def run_each(steps) -> None:
                 error = err
     if error is not None:
         raise error
+
+
+def file_error(path, flag: str, example: str) -> Optional[str]:
+    """Why the output file ``path`` of ``flag`` cannot be written (None when it can): an empty path, an existing
+    folder or a path ending with a slash (a folder's name), or a file where a folder above it should be; checked
+    before a run whose result would go there."""
+    if not str(path).strip():
+        return f"{flag} is empty: give a file path, e.g. {example}"
+    if Path(path).is_dir():
+        return f"{flag} {path} is a folder; give a file path, e.g. {Path(path) / example}"
+    if str(path).endswith(("/", os.sep)):  # (pathlib drops the slash: a file named like the folder was written)
+        return f"{flag} {path} ends with a slash, a folder's name; give a file path, e.g. {Path(path) / example}"
+    file = file_in_the_way(Path(path).parent)
+    if file is not None:
+        return f"{flag} {path} lies under {file}, which is a file; choose another path"
+    return None

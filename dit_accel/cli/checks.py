@@ -5,10 +5,9 @@ names the flag, what is allowed and what to do; the commands print it their own 
 from __future__ import annotations
 
 import math
-import os
 from typing import Optional
 
-from .._util import device_error, file_in_the_way, seed_error  # noqa: F401  (the commands import them from here)
+from .._util import device_error, file_error, file_in_the_way, seed_error  # noqa: F401  (the commands import them from here)
 
 __all__ = ["device_error", "seed_error", "finite_error", "folder_error", "file_error"]
 
@@ -36,22 +35,4 @@ def folder_error(path, flag: str) -> Optional[str]:
     if file is not None:
         what = "is a file" if file == Path(path) else f"lies under {file}, which is a file"
         return f"{flag} {path} {what}; pass a folder path"
-    return None
-
-
-def file_error(path, flag: str, example: str) -> Optional[str]:
-    """Why the output file ``path`` of ``flag`` cannot be written (None when it can): an empty path, an existing
-    folder or a path ending with a slash (a folder's name), or a file where a folder above it should be; checked
-    before a run whose result would go there."""
-    from pathlib import Path
-
-    if not str(path).strip():
-        return f"{flag} is empty: give a file path, e.g. {example}"
-    if Path(path).is_dir():
-        return f"{flag} {path} is a folder; give a file path, e.g. {Path(path) / example}"
-    if str(path).endswith(("/", os.sep)):  # (pathlib drops the slash: a file named like the folder was written)
-        return f"{flag} {path} ends with a slash, a folder's name; give a file path, e.g. {Path(path) / example}"
-    file = file_in_the_way(Path(path).parent)
-    if file is not None:
-        return f"{flag} {path} lies under {file}, which is a file; choose another path"
     return None

@@ -427,7 +427,7 @@ def main(argv=None) -> dict:
     if args.tokens % 256:
         parser.error(f"--tokens {args.tokens}: use a multiple of 256 (the tiled plan's grid is (tokens // 256, 16, "
                      "16))")
-    from ..cli.checks import file_error
+    from .._util import file_error
 
     problem = file_error(args.json, "--json", "host_path.json") if args.json is not None else None
     if problem:  # now, not in a traceback after the measurement

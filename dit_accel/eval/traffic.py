@@ -289,7 +289,7 @@ def main(argv=None) -> dict:
     if len(grid) != 3 or min(grid) < 1:
         parser.error(f"--grid {','.join(map(str, grid))}: expected a video token grid of three positive ints T,H,W "
                      "such as 21,30,52 (every case cuts it into 3-D tiles and cubes)")
-    from ..cli.checks import file_error
+    from .._util import file_error
 
     problem = file_error(args.json, "--json", "traffic.json") if args.json is not None else None
     if problem:  # now, not in a traceback after the counting
