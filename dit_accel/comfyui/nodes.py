@@ -14,10 +14,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import hashlib
+import logging
 import math
 import os
 import re
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 from ..cli.options import int_list, int_tuple
 from ..methods import CliOption, method_from_name, registered_methods
@@ -72,6 +73,66 @@ def _check_found(widget: str, path) -> None:
 
 
 _HASHED = 1 << 20  # files up to this size are compared by content (plans, strategies, a folder's method file)
+
+# Each file kind the path nodes read, as the node that reads it names it
+_NODE_OF = {"plan": "the dit_accel plan node (plan_path)", "strategy": "the dit_accel TileStrategy node (path)",
+            "finetune": "the dit_accel fine-tuned weights node (weights_path)"}
+
+
+def _kind_of(path) -> Optional[str]:
+    """What a path widget's file or folder is, where it is another path node's input: ``"finetune"`` (a ``dit-accel
+    finetune`` output folder, or a file of one), ``"plan"`` (a calibrated plan JSON), ``"strategy"`` (FastVideo's STA
+    mask strategy, as :meth:`~dit_accel.SparsePlan.load` tells one); None for anything else (the node's own reader
+    says what is wrong with it)."""
+    from ..atomic_files import read_json
+    from ..checkpoints.finetuned import METHOD_FILE
+
+    if not isinstance(path, str) or not path:
+        return None
+    if os.path.isfile(os.path.join(path, METHOD_FILE)):
+        return "finetune"
+    if not os.path.isfile(path):
+        return None
+    try:  # (a JSON file, or a small one: a plan or strategy; not a LoRA's safetensors)
+        data = read_json(path, kind=None) if path.lower().endswith(".json") or os.path.getsize(path) <= _HASHED \
+            else None
+    except (OSError, ValueError):
+        data = None
+    if isinstance(data, dict) and data.get("format") == "dit_accel.sparse_plan":
+        return "plan"
+    if isinstance(data, dict) and data and "format" not in data and \
+            all(re.fullmatch(r"[0-9]+_[0-9]+_[0-9]+", str(k)) for k in data):
+        return "strategy"
+    folder = os.path.dirname(os.path.abspath(path))
+    return "finetune" if os.path.isfile(os.path.join(folder, METHOD_FILE)) else None
+
+
+def _for_another_node(widget: str, path: str, kind: str, wanted: str) -> ValueError:
+    """The refusal of a path another path node reads (:func:`_kind_of`): what it is, what this widget takes
+    (``wanted``), and the node that reads it."""
+    what = {"plan": "a dit_accel plan (dit-accel calibrate's JSON)", "strategy": "a FastVideo STA mask strategy",
+            "finetune": "a dit-accel finetune output folder" if os.path.isdir(path) else
+            f"a file of the dit-accel finetune output folder {os.path.dirname(os.path.abspath(path))}"}[kind]
+    give = "its folder" if kind == "finetune" and not os.path.isdir(path) else "it"
+    return ValueError(f"dit_accel: widget {widget}={path!r} is {what}, not {wanted}: load {give} with "
+                      f"{_NODE_OF[kind]}")
+
+
+def _check_not_a_report(path: str) -> None:
+    """A calibration's report folder (its ``calibration.json`` records the plan it wrote) in the plan widget: said
+    with that plan's path, which is what goes there (the plan reader said "it is a folder", naming no plan)."""
+    from ..atomic_files import read_json
+
+    record = os.path.join(path, "calibration.json")
+    if not os.path.isfile(record):
+        return
+    try:
+        plan = read_json(record).get("plan_path")
+    except (OSError, ValueError):
+        return
+    if isinstance(plan, str) and plan:
+        raise ValueError(f"dit_accel: widget plan_path={path!r} is the report folder of a calibration, not a plan: "
+                         f"the plan it wrote is {plan}; give that file")
 
 
 def _file_state(value) -> str:
@@ -217,6 +278,24 @@ def _check_preset_for(model, label: str, entry, family) -> None:
                          f"is {type(inner).__name__} ({ours.name}): choose a preset published for it, or custom")
 
 
+def _warn_preset_ignores(label: str, entry, fields: dict, widgets: dict, options: dict, published: dict) -> None:
+    """Said in ComfyUI's log: the widgets a chosen preset sets, whose own value (changed from the widget's default,
+    and not the preset's) the node does not run: the method's, and the dense steps/layers the preset names."""
+    ignored = []
+    for name, field in fields.items():
+        shown = widgets.get(name)
+        if name in widgets and name in entry.config and str(shown).strip() != _text(field.default) \
+                and str(shown).strip() != _text(entry.config[name]):
+            ignored.append(f"{name}={shown!r} (the preset's: {_text(entry.config[name])})")
+    for name, value in published.items():
+        if options.get(name) not in (None, 0) and options.get(name) != value:
+            ignored.append(f"{name}={widgets.get(name)!r} (the preset's: {_text(value)})")
+    if ignored:
+        logging.getLogger("dit_accel.comfyui").warning(
+            "dit_accel: preset %r sets the widgets %s, which run as the preset's, not as set; choose preset custom "
+            "to run the widgets' values", label, ", ".join(ignored))
+
+
 def _in_widgets(opts: Dict[str, CliOption]) -> Dict[str, CliOption]:
     """Each field's option with the command-line flags its help names (``or --vsa-sparsity``) written as the
     node's widget names (``or sparsity``): a node has no flags."""
@@ -232,10 +311,17 @@ def _method(name: str, config: dict, opts: Dict[str, CliOption], widgets: dict, 
     try:
         return method_from_name(name, **{k: v for k, v in config.items() if v is not None})
     except ValueError as err:
-        empty = [f for f, v in config.items() if v == "" and opts[f].metavar in ("FILE", "DIR")]
+        paths = [f for f in config if opts[f].metavar in ("FILE", "DIR")]
+        empty = [f for f in paths if config[f] == ""]
         if empty:
             raise ValueError(f"dit_accel: widget {empty[0]} is empty: give the path of the "
                              f"{opts[empty[0]].help.split(': ', 1)[-1]}") from None
+        # a file another path node reads, refused by this config as a file of its own kind ("key 'format' is not
+        # \"step_layer_head\"" for a plan in the strategy node)
+        other = [(f, _kind_of(config[f])) for f in paths if _kind_of(config[f]) in ("plan", "finetune")]
+        if other:
+            field, kind = other[0]
+            raise _for_another_node(field, config[field], kind, f"a {opts[field].help.split(': ', 1)[-1]}") from None
         text = _as_widget(str(err), cls.__name__, config, widgets)
         if text == str(err):
             raise
@@ -289,6 +375,7 @@ def node_for(name: str, cls: type, summary: str) -> type:
                 raise ValueError(f"dit_accel: preset {preset!r} is not one of this node's: {', '.join(presets)}")
             _check_preset_for(model, preset, *presets[preset])
             method, published_options = presets[preset][0].build()
+            _warn_preset_ignores(preset, presets[preset][0], fields, widgets, options, published_options)
             options.update(published_options)
         else:
             config = {f: _value(f, fields[f], opts[f], widgets[f]) for f in fields if f in widgets}
@@ -344,7 +431,6 @@ class PlanNode:
         return _file_state(plan_path)
 
     def patch(self, model, plan_path: str, allow_other_grid: bool = False, backend: str = "auto"):
-        from ..checkpoints.finetuned import METHOD_FILE
         from ..plans.sparse_plan import SparsePlan
         from .patch import patch_model
 
@@ -354,9 +440,12 @@ class PlanNode:
                              "dit-accel calibrate")
         _check_model(model)
         _check_found("plan_path", path)
-        if os.path.isfile(os.path.join(path, METHOD_FILE)):  # (the plan file's error: "it is a folder")
-            raise ValueError(f"dit_accel: widget plan_path={path!r} is a dit-accel finetune output folder, not a plan: "
-                             "load it with the dit_accel fine-tuned weights node (weights_path)")
+        # (the plan file's errors: "it is a folder", "format: must be ..."; a strategy loaded as a plan took the tile
+        # (6, 8, 8) without a word, where the strategy node has a tile widget)
+        kind = _kind_of(path)
+        if kind in ("finetune", "strategy"):
+            raise _for_another_node("plan_path", path, kind, "a plan")
+        _check_not_a_report(path)
         plan = SparsePlan.load(path)
         return (patch_model(model, plan, backend=backend, allow_other_grid=bool(allow_other_grid)),)
 
@@ -413,6 +502,9 @@ class FinetunedNode:
             text = str(err)
             if not text.startswith("weights="):
                 raise
+            kind = _kind_of(folder)
+            if kind in ("strategy", "finetune") and not os.path.isdir(folder):  # (a file: "is not a folder")
+                raise _for_another_node("weights_path", folder, kind, "a dit-accel finetune output folder") from None
             if os.path.isfile(folder) and folder.lower().endswith(".json"):  # a plan, as `dit-accel calibrate` writes
                 text += " A plan JSON goes into the dit_accel plan node (plan_path)."
             raise ValueError(f"dit_accel: widget weights_path{text[len('weights'):]}") from None

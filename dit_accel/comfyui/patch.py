@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import logging
 import math
+import sys
 from pathlib import Path
 from typing import Dict, Optional, Sequence, Union
+
+import torch
 
 from .._util import WarningLog, is_int
 from ..kernels.checks import check_flag
@@ -39,6 +42,35 @@ def _diffusion_model(model):
         raise TypeError(f"dit_accel.comfyui.patch_model(model=...) needs a ComfyUI MODEL (a comfy.model_patcher."
                         f"ModelPatcher, the output of a model loader node); got {type(model).__name__}")
     return inner
+
+
+def _check_attention_override() -> None:
+    """The running ComfyUI hands its attention calls to ``transformer_options["optimized_attention_override"]``
+    (its ``wrap_attn``, in ComfyUI 0.3.64): one that does not (an older ComfyUI) would run every call as its own,
+    the node doing nothing without a word. Probed once per patch on a 1-token call; nothing where ComfyUI's
+    attention module is not loaded (not inside ComfyUI)."""
+    attention = sys.modules.get("comfy.ldm.modules.attention")
+    call = getattr(attention, "optimized_attention", None)
+    if not callable(call):
+        return
+    seen = []
+
+    def probe(func, q, *args, **kwargs):
+        seen.append(func)
+        return q
+
+    q = torch.zeros(1, 1, 1)
+    try:
+        call(q, q, q, 1, transformer_options={"optimized_attention_override": probe})
+    except Exception:  # noqa: BLE001 (an attention function without transformer_options: an older ComfyUI)
+        pass
+    if not seen:
+        raise ValueError("dit_accel: this ComfyUI's attention does not call transformer_options"
+                         "['optimized_attention_override'] (the hook the dit_accel nodes set, which ComfyUI 0.3.64 "
+                         "has), so the node would change nothing: an older ComfyUI (update ComfyUI), or a custom node "
+                         "that replaced comfy.ldm.modules.attention.optimized_attention with its own function (a "
+                         "SageAttention patch: use ComfyUI's --use-sage-attention instead); else remove the dit_accel "
+                         "node")
 
 
 def patched_by(model) -> Optional[str]:
@@ -224,6 +256,7 @@ def patch_model(model, method: Union[Method, SparsePlan], *, dense_steps: int = 
     _check_expert_option(expert, weights)
     inner = _diffusion_model(model)
     _check_not_patched(model)
+    _check_attention_override()
     family = family_for(inner)
     if family is None and refusal(inner):
         raise ValueError(refusal(inner))

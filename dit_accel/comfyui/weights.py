@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import re
 from pathlib import Path
 from typing import Dict, List, Tuple
@@ -245,7 +246,9 @@ def lora_patches(patcher, folder, info: dict, family, expert: str = "transformer
     check_float_weights(path, state, redo=_REDO)
     model_name = type(patcher.model.diffusion_model).__name__
     weights = patcher.model.state_dict()
-    alpha = (info.get("lora") or {}).get("alpha")
+    alpha = _lora_alpha(folder, info)
+    meta = _adapter_metadata(path)
+    rslora = _check_lora_scaling(path, meta)
     key_map = comfy.lora.model_lora_keys_unet(patcher.model, {})
     mapped = targets(patcher, family, key_map) if family.name in MAPPED else None
     lora, unknown, ranks, unpatched = {}, [], {}, {}
@@ -278,6 +281,11 @@ def lora_patches(patcher, folder, info: dict, family, expert: str = "transformer
         lora[f"{prefix}.lora_{rest}"] = tensor
         if alpha is not None:  # peft scales by alpha / rank; ComfyUI reads alpha from "<prefix>.alpha"
             lora[f"{prefix}.alpha"] = torch.tensor(float(alpha))
+    if alpha is not None and rslora:  # (peft's rsLoRA scales by alpha / sqrt(rank); ComfyUI divides alpha by rank)
+        for module, sides in ranks.items():
+            rank = sides.get("A", sides.get("B"))
+            if f"transformer.{module}.alpha" in lora and rank:
+                lora[f"transformer.{module}.alpha"] = torch.tensor(float(alpha) * math.sqrt(rank))
     if unknown:
         raise ValueError(f"dit_accel: {path} has LoRA tensors for modules ComfyUI's {model_name} does not have "
                          f"({unknown[0]}, ... {len(unknown)} in all; dit_accel maps {_mapped(family)}): the weights "
@@ -293,7 +301,6 @@ def lora_patches(patcher, folder, info: dict, family, expert: str = "transformer
         names = ([m for m, t in mapped.items() if _weight_key(t) in weights]  # (the map may name absent ones)
                  if mapped is not None else _wan_names(weights, BLOCKS[family.name]))
         own = {key: tensor for key, tensor in state.items() if _of_expert(key, expert) is not None}
-        meta = _adapter_metadata(path)
         check_lora_covers(path, meta, lacking_lora(names, own, meta), f"ComfyUI's {model_name}")
     return comfy.lora.load_lora(lora, key_map, log_missing=False)
 
@@ -312,6 +319,31 @@ def _adapter_metadata(path: Path) -> dict:
     if not isinstance(data, dict):
         return {}
     return {key.removeprefix("transformer."): value for key, value in data.items() if key.startswith("transformer.")}
+
+
+def _lora_alpha(folder, info: dict):
+    """The folder's recorded LoRA alpha (``lora.alpha`` of its method file; None: none), or a one-line ValueError for
+    one that is no finite number (a NaN made every patched weight, and the output, NaN)."""
+    alpha = (info.get("lora") or {}).get("alpha") if isinstance(info.get("lora"), dict) else None
+    if alpha is not None and (isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or
+                              not math.isfinite(alpha)):
+        raise ValueError(f"dit_accel: {Path(folder) / METHOD_FILE}: lora.alpha={alpha!r} is invalid: a finite number "
+                         f"(the LoRA's scale is alpha / rank) or null; {_REDO}")
+    return alpha
+
+
+def _check_lora_scaling(path: Path, meta: dict) -> bool:
+    """Whether the LoRA's adapter metadata (peft's LoraConfig) scales it as rsLoRA (``alpha / sqrt(rank)``, which
+    ``dit_accel.apply`` loads as trained); a per-module ``alpha_pattern``, which ComfyUI's loader cannot be given as
+    Diffusers reads it, is a one-line ValueError (the LoRA would run at another scale on some modules)."""
+    pattern = meta.get("alpha_pattern")
+    if isinstance(pattern, dict) and pattern:
+        first = next(iter(pattern))
+        raise ValueError(f"dit_accel: {path}'s adapter metadata sets alpha_pattern (per-module LoRA alphas: {first!r} "
+                         f"and {len(pattern) - 1} more), which the node cannot apply as Diffusers does: the LoRA would "
+                         "run at another scale on those modules. Run the folder with dit_accel.apply on the Diffusers "
+                         "pipeline, or train with one lora_alpha")
+    return meta.get("use_rslora") is True
 
 
 def _wan_names(weights, blocks: Tuple[str, ...]) -> List[str]:
