@@ -201,6 +201,11 @@ def _capture(capture, capture_layers, capture_steps):
     if capture is None and (capture_layers is not None or capture_steps is not None):
         raise ValueError("capture_layers/capture_steps need capture=FOLDER (where the captured q/k/v go); pass "
                          "capture=, or drop capture_layers/capture_steps")
+    for name, chosen in (("capture_layers", capture_layers), ("capture_steps", capture_steps)):
+        if chosen is not None and not chosen:  # (before: taken, and the run captured nothing, unsaid)
+            what = name.split("_")[1]
+            raise ValueError(f"{name}=[] names no {what[:-1]}, so nothing would be captured: pass the {what} to "
+                             f"capture, or leave {name} out (None: every {what[:-1]})")
     observer = hasattr(capture, "wants") and hasattr(capture, "save")
     if observer and (capture_layers is not None or capture_steps is not None):  # (they would be ignored, unsaid)
         raise ValueError(f"capture_layers/capture_steps choose what a capture folder saves; the observer "

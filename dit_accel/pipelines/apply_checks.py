@@ -7,6 +7,7 @@ from __future__ import annotations
 import inspect
 from typing import Dict, List, Optional, Tuple
 
+import torch
 from torch import nn
 
 from .._util import WarningLog, is_int
@@ -56,6 +57,9 @@ def _check_weights(weights, none: bool = True):
 
 
 def _check_method(name: str, method) -> Method:
+    if isinstance(method, type) and issubclass(method, Method):  # (before: "got type. Try dit_accel.Tile(...)")
+        raise TypeError(f"{name}={method.__name__} is the method's class; pass a config made from it, "
+                        f"dit_accel.{method.__name__}(...) (its defaults: dit_accel.{method.__name__}())")
     if not isinstance(method, Method):
         hint = f"dit_accel.method_from_name({method!r})" if isinstance(method, str) else "dit_accel.Tile(...)"
         # the list comes from the registry, so a method added later is named too
@@ -102,6 +106,13 @@ def _check_vendor_installed(backend: str) -> None:
 
     name = forced_backend(backend)  # (auto: the one $DIT_ACCEL_BACKEND forces, if any)
     why = install_reason(name) if name in NAMES else None
+    if name == "triton":
+        # Triton on no device of this machine (no usable GPU, no interpreter): refused here, not at the first
+        # attention call after the model loaded and the prompt was encoded. A usable GPU leaves it to the call.
+        from ..kernels.backends import triton_reason
+
+        reasons = [triton_reason(device) for device in ("cuda", "cpu")]
+        why = None if None in reasons else reasons[0 if torch.cuda.is_available() else 1]
     if why is not None:
         given = f"backend={backend!r}" if backend != "auto" else f"environment variable {ENV_BACKEND}={name!r}"
         raise ValueError(f"{given} cannot run in this environment: {why}")
@@ -132,8 +143,12 @@ def _check_apply_args(method, dense_steps, dense_last_steps, dense_layers, layer
     if not isinstance(backend, str) or backend not in BACKENDS:
         raise ValueError(f"backend={backend!r} is invalid: choose one of {', '.join(BACKENDS)}")
     _check_vendor_installed(backend)
+    if isinstance(scheduler, type):  # (before: "scheduler=type has no `timesteps`", naming no class)
+        raise TypeError(f"scheduler={scheduler.__name__} is a class; pass the scheduler object that drives the "
+                        "transformer's steps, e.g. scheduler=pipe.scheduler")
     if scheduler is not None and not hasattr(scheduler, "timesteps"):
-        raise TypeError(f"scheduler={type(scheduler).__name__} has no `timesteps`; pass a Diffusers scheduler")
+        raise TypeError(f"scheduler={type(scheduler).__name__} has no `timesteps`; pass a Diffusers scheduler "
+                        "object, e.g. scheduler=pipe.scheduler")
     return (method, dense_steps, dense_last_steps, dense_layers, layer_methods,
             _check_int_list("capture_layers", capture_layers), _check_int_list("capture_steps", capture_steps))
 
@@ -151,6 +166,15 @@ def _resolve_layers(schedule_args: dict, n_layers: int, capture_layers, warnings
             shown = ", ".join(map(str, bad[:6])) + (f", ... {bad[-1]} ({len(bad)} in all)" if len(bad) > 6 else "")
             raise ValueError(f"{name} has layer indices {shown} but the model has {n_layers} attention layers "
                              f"(0..{n_layers - 1})")
+    # (before: the dense layer won without a word, and the method given for it never ran)
+    clash = sorted(i for i, m in schedule.layer_methods.items() if i in schedule.dense_layers and m.name != "dense")
+    if clash:
+        shown = ", ".join(f"{i}: {schedule.layer_methods[i].name}" for i in clash[:6]) + (", ..." if len(clash) > 6
+                                                                                          else "")
+        raise ValueError(f"layer_methods gives layer{'s' * (len(clash) > 1)} {{{shown}}} a method, but dense_layers "
+                         f"makes {'them' if len(clash) > 1 else 'it'} dense (dense_layers=N: layers 0..N-1), so that "
+                         f"method would never run: drop layer{'s' * (len(clash) > 1)} {', '.join(map(str, clash))} "
+                         "from dense_layers or from layer_methods")
     if n_layers and set(range(n_layers)) <= schedule.dense_layers and schedule.sparse:
         warnings.warn(f"dit_accel: dense_layers covers all {n_layers} attention layers: {schedule.method.name} "
                       "never runs and the model stays dense. Pass fewer layers (e.g. dense_layers=1)", stacklevel=5)

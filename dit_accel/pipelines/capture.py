@@ -103,6 +103,12 @@ class Capture:
             return False
         return (layer, step) not in self._done
 
+    def skip(self, layer: int, step: int) -> None:
+        """Record ``(layer, step)`` as saved without writing it: a ring rank whose call the first ring rank of its
+        head group saves (every rank's :meth:`wants` must answer alike: a capture gathers q across the ring)."""
+        with self._lock:
+            self._done.add((layer, step))
+
     def save(self, layer: int, name: str, grid, step: int, q, k, v, heads=None) -> None:
         with self._lock:
             if (layer, step) in self._done:

@@ -160,7 +160,9 @@ class SDPAInterceptor(TorchFunctionMode):
                 raise ValueError(f"dit_accel: {layer.name} made an SDPA call it cannot run under context "
                                  "parallelism (see the warning above)")
             if (sq == sk and sq >= num_video) or image_queries:  # the image's attention, run dense
-                layer.report.dense()
+                plan = self.plan  # (why, where the schedule asked for the method: before, no reason in stats)
+                layer.report.dense(None if plan is None else plan.dense_reason if plan.is_dense else
+                                   "an SDPA call it cannot make sparse")
             # (other calls, Qwen-Image 2.1's prompt-prefix segments, are not the image's attention: not counted)
             return _SDPA(**call)
         if split is not None:
@@ -245,8 +247,7 @@ class SDPAInterceptor(TorchFunctionMode):
         """Context parallelism: this rank's share through the collectives of :mod:`.parallel`."""
         layer, runtime = self.layer, self.layer.owner.runtime
         context = self.context
-        capture = None if not self.capture else lambda cq, ck, cv, heads: layer.report.observer.save(
-            layer.index, layer.name, context.grid, context.step, cq, ck, cv, heads=heads)
+        capture = None if not self.capture else functools.partial(_save_share, layer, context, self.split.ring_rank)
         with layer.report.timed(q.device), lasting_tensors():
             out, density = run_split(self.plan, q, k, v, split=self.split, num_text=num_text * self.split.world,
                                      text_first=layer.owner.preset.text_position == "first", key_mask=key_mask,
@@ -255,6 +256,20 @@ class SDPAInterceptor(TorchFunctionMode):
                                      whole=layer.owner.preset.split_whole)
         self._count(density, q, k, v)
         return out
+
+
+def _save_share(layer, context: CallContext, ring_rank: int, q, k, v, heads) -> None:
+    """Capture one context-parallel call (every ring rank of a head group holds the same gathered q, k, v): the
+    first ring rank saves it; the others record it as saved (the observer's ``skip``, else its ``save``), so their
+    next ``wants`` answers as the first rank's does. Before, only the first rank recorded it, and the second call of
+    a step (classifier-free guidance) made the ring gather for the capture on the other ranks alone: the ranks'
+    collectives no longer matched, and the run hung."""
+    observer = layer.report.observer
+    skip = getattr(observer, "skip", None) if ring_rank else None
+    if skip is not None:
+        skip(layer.index, context.step)
+    else:
+        observer.save(layer.index, layer.name, context.grid, context.step, q, k, v, heads=heads)
 
 
 class _AttributeRoute:

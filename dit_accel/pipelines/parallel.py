@@ -277,7 +277,8 @@ def run_split(plan: Optional[Plan], q, k, v, *, split: Split, num_text: int, tex
             together) and the video tokens, in the order the model uses (``text_first``).
         key_mask: this rank's bool key-padding mask ``(B, 1, 1, S_local)`` or None.
         capture: ``capture(q, k, v, heads)`` of the whole video sequence of this rank's heads, called by
-            the first ring rank of each head group (None: no capture).
+            every ring rank of each head group, which all hold it (None: no capture): the first one saves it, the
+            others record it as saved, so each rank's next capture decision, and the gather it makes, match.
         whole: the model split its one sequence contiguously (``Preset.split_whole``): the shares are not
             ``[text, video]`` each, and the Ulysses gather gives back the model's order.
     Returns ``(o (B, H, S_local, D), density or None)``.
@@ -300,8 +301,7 @@ def run_split(plan: Optional[Plan], q, k, v, *, split: Split, num_text: int, tex
     if capture is not None:
         with torch.no_grad():
             all_q = ring_gather(vq, split) if split.ring > 1 else vq
-        if split.ring_rank == 0:
-            capture(all_q, vk, vv, heads)
+        capture(all_q, vk, vv, heads)
     mask_text = mask_video = None
     if mask is not None:  # gathered shares in (ring, ulysses) order, each [text, video] like the tokens
         m_text, m_video = _split_joint(mask.reshape(mask.shape[0], 1, -1, 1), *((1, num_text) if whole else (

@@ -152,15 +152,15 @@ class StepSource:
         t = args.get("timestep")
         if timesteps is None or not len(timesteps) or not isinstance(t, torch.Tensor) or not t.numel():
             return 0
-        t = t.detach().reshape(-1)[:1].to(device=timesteps.device, dtype=torch.float64)
+        t = _noise_level(t).to(device=timesteps.device, dtype=torch.float64)
         hits = torch.isclose(timesteps.to(torch.float64), t).nonzero().reshape(-1)
         return int(hits[1] if hits.numel() > 1 else hits[0]) if hits.numel() else 0
 
     def _timestep_position(self, scheduler, timesteps, args: dict) -> int:
         t = args.get("timestep")
-        if timesteps is not None and len(timesteps) and t is not None:
+        if timesteps is not None and len(timesteps) and t is not None and torch.as_tensor(t).numel():
             # One host sync per transformer call, only for schedulers without step_index.
-            t = torch.as_tensor(t).reshape(-1)[:1].to(device=timesteps.device, dtype=torch.float64)
+            t = _noise_level(torch.as_tensor(t)).to(device=timesteps.device, dtype=torch.float64)
             hits = torch.isclose(timesteps.to(torch.float64), t).nonzero()
             if hits.numel():
                 return int(hits[0, 0])
@@ -169,3 +169,13 @@ class StepSource:
                        "scheduler.timesteps; every call counts as step 0 for dense_steps/dense_last_steps/"
                        "capture_steps (use handle.set_step(i, total) to say which step runs)")
         return 0
+
+
+def _noise_level(t: torch.Tensor) -> torch.Tensor:
+    """The timestep of a call's generated tokens, shape (1,): the first sample's largest. Per-token timesteps give
+    conditioning tokens a cleaner (lower) one: LTXConditionPipeline's conditioning frames ``min(t, (1 - mask) *
+    1000)``, Wan 2.2 TI2V's first frame 0. Read at their first token, a call at strength < 1 whose video starts with
+    a conditioning frame found no position and counted as step 0 (``dense_steps`` made it dense), as did every call of
+    SkyReels-V2's diffusion forcing over a prefix video (its prefix frames' timestep is ``addnoise_condition``)."""
+    t = t.detach()
+    return (t.reshape(t.shape[0], -1)[0] if t.dim() else t.reshape(1)).amax().reshape(1)
