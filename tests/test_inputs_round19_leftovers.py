@@ -151,3 +151,36 @@ def test_an_unfinished_finetune_run_given_as_weights_is_told_to_resume(tmp_path)
     (tmp_path / CKPT_DIR).mkdir()
     with pytest.raises(ValueError, match=r"has not finished .* finetune --resume --output"):
         read_weights_info(tmp_path)
+
+
+def test_a_plan_fits_a_subclass_of_the_transformer_class_it_was_calibrated_for():
+    """Before: a plan calibrated for WanTransformer3DModel was refused on a user's subclass of it ("was calibrated for
+    WanTransformer3DModel; this pipeline's transformer is MyWan"), which runs the same layers. Another class is still
+    refused. Reported by the models helper."""
+    import pytest
+    import torch
+    from diffusers import WanTransformer3DModel
+
+    import dit_accel
+    from dit_accel.models import tiny as T
+    from dit_accel.plans.sparse_plan import Phase, SparsePlan
+
+    class MyWan(WanTransformer3DModel):
+        pass
+
+    base = T.build_tiny_transformer("wan")
+    model = MyWan(**T.TRANSFORMERS["wan"].config).eval()
+    model.load_state_dict(base.state_dict())
+    tile = dit_accel.Tile(tile=(1, 4, 4), window=(1, 1, 1))
+    plan = SparsePlan((Phase(0, None, default=tile),), provenance={"model_class": "WanTransformer3DModel"})
+    kwargs = T.tiny_transformer_inputs("wan", model, grid=(2, 8, 8))
+    with torch.no_grad():
+        with dit_accel.apply(model, plan, backend="torch") as handle:
+            handle.set_step(0, 1)
+            got = model(**kwargs)[0]
+        with dit_accel.apply(base, tile, backend="torch"):
+            want = base(**kwargs)[0]
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    other = SparsePlan((Phase(0, None, default=tile),), provenance={"model_class": "FluxTransformer2DModel"})
+    with pytest.raises(ValueError, match="calibrated for FluxTransformer2DModel"):
+        dit_accel.apply(model, other, backend="torch")

@@ -237,7 +237,7 @@ def _check_fit(targets, method: Method, layer_methods: Dict[int, Method], allow_
                     raise ValueError(f"{err} ({note})") from None
     if hasattr(method, "check_model"):
         for _, transformer, _, modules in targets:
-            method.check_model(type(transformer).__name__, [_heads_of(module) for _, module in modules])
+            method.check_model(type(transformer), [_heads_of(module) for _, module in modules])
     for _, transformer, _, modules in targets:  # per-head windows (Tile, GNA, a strategy file) need the model's heads
         known = sorted({h for h in (_heads_of(module) for _, module in modules) if h is not None})
         for m in (method, *layer_methods.values()):

@@ -550,12 +550,15 @@ class SparsePlan:
         """Every layer index some phase names."""
         return tuple(sorted({i for p in self.phases for i in p.layers}))
 
-    def check_model(self, model_class: str, layer_heads: Sequence[Optional[int]]) -> None:
-        """ValueError (naming both values) unless this plan fits a transformer of class ``model_class`` whose
-        attention layers have ``layer_heads[i]`` heads (None where a layer does not say)."""
+    def check_model(self, model_class, layer_heads: Sequence[Optional[int]]) -> None:
+        """ValueError (naming both values) unless this plan fits a transformer of class ``model_class`` (its name, or
+        the class: a subclass of the class the plan was calibrated for fits too) whose attention layers have
+        ``layer_heads[i]`` heads (None where a layer does not say)."""
         name, n = self._name(), len(layer_heads)
         made_for = self.provenance.get("model_class")
-        if made_for and made_for != model_class:
+        fits = ({c.__name__ for c in model_class.__mro__} if isinstance(model_class, type) else {model_class})
+        model_class = model_class.__name__ if isinstance(model_class, type) else model_class
+        if made_for and made_for not in fits:  # (before: a user's subclass of WanTransformer3DModel was refused)
             model = self.provenance.get("model_id")
             raise ValueError(f"{name} was calibrated for {made_for}{f' ({model})' if model else ''}; this pipeline's "
                              f"transformer is {model_class}: calibrate a plan for this model (dit-accel calibrate)")
@@ -740,7 +743,7 @@ class PlanMethod(Method):
     def runs_sla(self, layer: int) -> bool:
         return self.sparse_plan.runs_sla(layer)
 
-    def check_model(self, model_class: str, layer_heads: Sequence[Optional[int]]) -> None:
+    def check_model(self, model_class, layer_heads: Sequence[Optional[int]]) -> None:
         """:meth:`SparsePlan.check_model`."""
         self.sparse_plan.check_model(model_class, layer_heads)
 
