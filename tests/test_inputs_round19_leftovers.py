@@ -143,10 +143,11 @@ def test_an_unfinished_finetune_run_given_as_weights_is_told_to_resume(tmp_path)
     folder of `dit-accel finetune`?" of a folder that is one, not finished. Reported by the training helper."""
     import pytest
 
-    from dit_accel.checkpoints.finetuned import _RUN_FILE, read_weights_info
+    from dit_accel.checkpoints.finetuned import RUN_FILE as FOLDER_RUN_FILE
+    from dit_accel.checkpoints.finetuned import read_weights_info
     from dit_accel.training.config import CKPT_DIR, RUN_FILE
 
-    assert RUN_FILE == _RUN_FILE
+    assert RUN_FILE == FOLDER_RUN_FILE
     (tmp_path / RUN_FILE).write_text("{}")
     (tmp_path / CKPT_DIR).mkdir()
     with pytest.raises(ValueError, match=r"has not finished .* finetune --resume --output"):

@@ -41,7 +41,7 @@ import torch
 from .._util import DitAccelWarning, file_in_the_way
 from ..methods import SLA
 from ..atomic_files import BadFileError, is_temp_name
-from .finetuned import LORA_FILE, METHOD_FILE, SLA_FILE, write_weights_folder
+from .finetuned import LORA_FILE, METHOD_FILE, RUN_FILE, SLA_FILE, write_weights_folder
 from .lora_checks import check_float_weights, check_lora_pairs, lora_ranks
 
 __all__ = ["convert_checkpoint", "read_checkpoint", "split_checkpoint", "SplitCheckpoint", "SUPPORTED_LAYOUT"]
@@ -364,11 +364,6 @@ def _method_json(method: SLA, lora: Dict[str, torch.Tensor], sources: List[str],
     }
 
 
-#: The run record of a `dit-accel finetune` output folder (dit_accel.training.config.RUN_FILE; this module sits below
-#: dit_accel.training and does not import it).
-_FINETUNE_RUN = "finetune_run.json"
-
-
 def _check_output(out: Path, overwrite: bool) -> Path:
     """``out`` unless it is a file, or a folder with files that ``overwrite`` does not allow replacing (a weights
     folder only: before, overwrite wrote into any folder, deleting a LoRA file of its own)."""
@@ -385,10 +380,10 @@ def _check_output(out: Path, overwrite: bool) -> Path:
         raise ValueError(f"output={str(out)!r} holds {len(held)} file(s) that are no weights folder ({shown}; no "
                          f"{METHOD_FILE}): overwrite replaces a weights folder only, and nothing there is deleted. "
                          "Give a new or empty folder")
-    if _FINETUNE_RUN in held:  # (before: its weights were replaced and its LoRA deleted, while its run record, log
+    if RUN_FILE in held:  # (before: its weights were replaced and its LoRA deleted, while its run record, log
         # and checkpoints stayed, describing a training the folder no longer held; finetune --resume then put the
         # run's weights back over the converted ones, silently)
-        raise ValueError(f"output={str(out)!r} holds a fine-tuning run ({_FINETUNE_RUN}): overwrite replaces a weights "
+        raise ValueError(f"output={str(out)!r} holds a fine-tuning run ({RUN_FILE}): overwrite replaces a weights "
                          "folder only, not a run's weights beside its record and checkpoints, and nothing there is "
                          "deleted. Give a new or empty folder")
     return out

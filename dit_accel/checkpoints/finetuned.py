@@ -56,9 +56,10 @@ from ..plans.plan_json import _tuples
 from ..plans.sparse_plan import PlanMethod, SparsePlan
 from .lora_checks import (check_float_weights, check_lora_coverage, check_lora_modules, check_lora_pairs,
                           injection_state, lora_module_name, undo_injection)
+from .vsa_gates import finish_saved_set
 
 __all__ = [
-    "LORA_FILE", "SLA_FILE", "VSA_FILE", "METHOD_FILE", "ADAPTER_NAME",
+    "LORA_FILE", "SLA_FILE", "VSA_FILE", "METHOD_FILE", "RUN_FILE", "ADAPTER_NAME",
     "save_trained_weights", "load_into", "load_trained_weights", "load_method", "read_weights_info", "lora_state_dict",
     "sla_state_dict", "method_from_dict", "saved_method", "loaded_lora_adapter", "write_weights_folder", "check_plan_fits",
     "check_method_fits",
@@ -70,7 +71,7 @@ LORA_FILE = "pytorch_lora_weights.safetensors"
 SLA_FILE = "sla_projections.safetensors"
 VSA_FILE = "vsa_gates.safetensors"
 METHOD_FILE = "dit_accel_method.json"
-_RUN_FILE = "finetune_run.json"  # a fine-tuning run's record (training.config.RUN_FILE; training imports this module)
+RUN_FILE = "finetune_run.json"  # a `dit-accel finetune` run's record in its output folder (dit_accel.training writes it)
 FORMAT = 1  # the newest layout of METHOD_FILE this dit_accel reads (and the one it writes)
 ADAPTER_NAME = "dit_accel"
 
@@ -203,11 +204,9 @@ def _read_info(folder: Path) -> dict:
     if not folder.is_dir():
         raise ValueError(f"weights={str(folder)!r} is not a folder; pass the output folder of `dit-accel finetune`.")
     path = folder / METHOD_FILE
-    from .vsa_gates import finish_saved_set
-
     finish_saved_set(folder, path)  # (save_pretrained under dit_accel writes the folder with the model, as one set)
     if not path.is_file():
-        if (folder / _RUN_FILE).is_file():  # (before: "is it the output folder of `dit-accel finetune`?" of one)
+        if (folder / RUN_FILE).is_file():  # (before: "is it the output folder of `dit-accel finetune`?" of one)
             raise ValueError(f"weights={str(folder)!r} is a `dit-accel finetune` run that has not finished (no "
                              f"{METHOD_FILE} yet: a run writes its weights folder at its end): resume it with "
                              f"`dit-accel finetune --resume --output {folder}` (the same flags), or give a finished "

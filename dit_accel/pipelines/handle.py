@@ -395,7 +395,7 @@ class AccelHandle:
                 return result
 
             return save_with_gates(save_directory, save, gates,
-                                   replaces=(LORA_FILE, SLA_FILE, METHOD_FILE) if with_folder else ())
+                                   replaces=(LORA_FILE, SLA_FILE) if with_folder else ())
         result = save_model(save_directory)
         if gates and main:  # (pushed to the hub from the folder: the gates beside it, as before)
             from ..checkpoints.vsa_gates import write_gates

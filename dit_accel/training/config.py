@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, Dict, Optional, Sequence, Tuple
 
 from .._util import is_int, is_number, portable_path
+from ..checkpoints.finetuned import RUN_FILE
 from ..methods import SLA, VSA, Dense, Method, registered_methods
 from ..plans.per_head import PerHead
 from ..plans.sparse_plan import PlanMethod, SparsePlan
@@ -19,7 +20,6 @@ __all__ = ["FinetuneConfig", "validate_config", "finetune_methods", "RUN_FILE", 
 
 MODES = ("distill", "data")
 MIXED_PRECISION = ("no", "fp16", "bf16")
-RUN_FILE = "finetune_run.json"
 LOG_FILE = "finetune_log.json"
 CKPT_DIR = "checkpoints"
 DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
