@@ -46,8 +46,12 @@ class QKVSampler:
         max_bytes: the memory the samples may take; fewer steps per bucket, then fewer batch rows,
             are kept when one (layer, step) sample times the layers and buckets would exceed it. 0 keeps no
             sample, only the grid and the shape of the calls (``heads``, ``head_dim``).
-        folder: also ``torch.save`` each sample there (``layer{L:03d}_step{S:03d}.pt``, the
-            :class:`~dit_accel.pipelines.capture.Capture` format); None keeps nothing on disk.
+        folder: also ``torch.save`` each sample there (``layer{L:03d}_step{S:03d}.pt``, under context
+            parallelism ``..._heads{H0}-{H1}.pt``: the :class:`~dit_accel.pipelines.capture.Capture` format); None
+            keeps nothing on disk.
+
+    Under Ring context parallelism only the first ring rank of each head group is handed a call (the others'
+    samplers keep nothing), and under Ulysses each rank keeps its own heads (``heads`` counts those).
 
     A pipeline with several transformers (Wan 2.2's experts, Ideogram 4's unconditional one, MiniMax-H3's
     ``transformer_ref``) is sampled as one model, as a plan applies to each of them by layer index: the first
@@ -106,9 +110,14 @@ class QKVSampler:
             self.bytes += sum(t.numel() * 4 for t in sample)
         if self.folder is not None:
             os.makedirs(self.folder, exist_ok=True)
-            torch.save({"q": sample[0], "k": sample[1], "v": sample[2], "grid": tuple(grid), "layer": layer,
-                        "layer_name": name, "step": step},
-                       os.path.join(self.folder, f"{prefix}layer{layer:03d}_step{step:03d}.pt"))
+            data = {"q": sample[0], "k": sample[1], "v": sample[2], "grid": tuple(grid), "layer": layer,
+                    "layer_name": name, "step": step}
+            # Under Ulysses context parallelism each rank holds some heads: their files are named by the heads, as
+            # Capture's are (before, every rank wrote the same name, and the last rank's heads stood for the layer)
+            tag = "" if heads is None else f"_heads{int(heads[0])}-{int(heads[1])}"
+            if heads is not None:
+                data["heads"] = (int(heads[0]), int(heads[1]))
+            torch.save(data, os.path.join(self.folder, f"{prefix}layer{layer:03d}_step{step:03d}{tag}.pt"))
 
     @property
     def layers_seen(self) -> int:

@@ -151,12 +151,24 @@ def _rendezvous(world: int):
     return rank, store
 
 
+#: The pipeline attributes whose transformers ``--cp`` splits (the denoising transformers; Wan 2.2's two experts).
+SPLIT_ATTRS = ("transformer", "transformer_2")
+
+
 def enable(pipe, config) -> None:
     """Context parallelism on the pipeline's transformer(s); ValueError when a model has no plan for it or its
-    heads do not split, checked for every transformer before any is changed."""
+    heads do not split, checked for every transformer before any is changed. The pipeline's other transformers
+    (MiniMax-H3's ``transformer_ref``, Ideogram 4's ``unconditional_transformer``) are not split: each rank runs
+    them whole, which is right but not faster, and is said once (a :class:`~dit_accel.DitAccelWarning`)."""
+    from .._util import DitAccelWarning
+    from ..pipelines.context import TRANSFORMER_ATTRS
     from ..pipelines.parallel import check_ulysses_heads, enable_context_parallel
 
-    transformers = [t for t in (getattr(pipe, n, None) for n in ("transformer", "transformer_2")) if t is not None]
+    split = [n for n in SPLIT_ATTRS if getattr(pipe, n, None) is not None]
+    transformers = []
+    for t in (getattr(pipe, n) for n in split):  # (one module under two names, shared weights: split once)
+        if not any(t is seen for seen in transformers):
+            transformers.append(t)
     for transformer in transformers:
         if getattr(transformer, "_cp_plan", None) is None:
             raise ValueError(f"{type(transformer).__name__} has no context-parallel plan in this Diffusers "
@@ -164,6 +176,15 @@ def enable(pipe, config) -> None:
         check_ulysses_heads(transformer, config)
     for transformer in transformers:
         enable_context_parallel(transformer, config)
+    whole = [f"{name} ({type(t).__name__})" for name in TRANSFORMER_ATTRS if name not in SPLIT_ATTRS
+             for t in [getattr(pipe, name, None)] if t is not None and not any(t is s for s in transformers)]
+    if whole and is_main():  # (before: unsaid, so the run looked split where each rank ran these in full)
+        import warnings
+
+        warnings.warn(f"--cp splits {type(pipe).__name__}'s {' and '.join(split)} "
+                      f"across the ranks, not {', '.join(whole)}: every rank runs "
+                      f"{'that transformer' if len(whole) == 1 else 'those'} whole, which gives the same output but "
+                      "no speed-up for its calls", DitAccelWarning, stacklevel=2)
 
 
 def is_main() -> bool:

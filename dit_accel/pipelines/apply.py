@@ -146,9 +146,9 @@ def apply(pipe_or_transformer, method: Method, *, dense_steps: int = 0, dense_la
 
     Returns:
         :class:`AccelHandle`; ``handle.remove()`` (or leaving ``with``) restores the
-        model exactly. Calling apply() again on the same model replaces the first handle: it is
-        removed exactly as ``handle.remove()`` does, with a warning that names it (the new handle's
-        ``warnings`` list it too).
+        model exactly. Calling apply() again on the same model replaces the first handle: it is removed exactly
+        as ``handle.remove()`` does, with a warning that names it (the new handle's ``warnings`` list it too).
+        Inside the first handle's ``with`` block it is a RuntimeError (the block would go on dense after).
 
     All or nothing: every argument, the model's layers and the ``weights`` folder are checked
     before the model changes, and a failure after that (an error while installing or loading)
@@ -290,11 +290,25 @@ def refuse_other_threads(found) -> None:
                                "its own copy of the model")
 
 
+def refuse_inside_with(found) -> None:
+    """RuntimeError when a live handle on these transformers is inside its ``with`` block: replacing it would leave
+    the rest of that block running the original (dense) model once the new handle goes (before: a warning, and
+    ``with apply(m, A): with apply(m, B): ...`` ran A's block dense after B's block, without another word)."""
+    for old in _applied_handles(found):
+        if old._blocks:
+            raise RuntimeError(f"dit_accel: apply() inside the `with` block of {old!r} on the same model: the new "
+                               "handle would replace it, and the rest of that block would run the original (dense) "
+                               "model once the new one is removed. Leave that with block first (one method per "
+                               "model at a time), or apply the second method to its own copy of the model")
+
+
 def _take_over(found, targets, schedule: Schedule, runtime: Runtime, steps: StepSource, weights,
                log: WarningLog, gates_from=None) -> AccelHandle:
-    """Install the new handle in place of the model's earlier ones (same thread only), all or nothing.
-    ``gates_from``: the folder of a VSA checkpoint's gates given as ``weights=`` (see :mod:`.vsa_gates`)."""
+    """Install the new handle in place of the model's earlier ones (same thread only, and none inside its ``with``
+    block), all or nothing. ``gates_from``: the folder of a VSA checkpoint's gates given as ``weights=`` (see
+    :mod:`.vsa_gates`)."""
     refuse_other_threads(found)
+    refuse_inside_with(found)
     previous = suspend_handles(found)
     gate, handle = CallGate(), None
     try:

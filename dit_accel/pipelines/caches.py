@@ -111,6 +111,9 @@ class CacheSpec:
         return spec
 
     def _check(self, source: str) -> None:
+        problem = self._refusal()  # (before: said by enable_cache, after the model loaded and the prompt was encoded)
+        if problem is not None:
+            raise ValueError(f"{source} {problem}")
         config_name = CACHES[self.name][0]
         if config_name is None:
             return
@@ -129,6 +132,18 @@ class CacheSpec:
                 example = (f" (Diffusers' default: {key}={str(default).lower() if isinstance(default, bool) else default})"
                            if isinstance(default, (int, float)) else "")
                 raise ValueError(f"{source} {self.name}:{key}={_shown(value)}: {key} {problem}{example}")
+
+    def _refusal(self) -> Optional[str]:
+        """Why this cache runs on no pipeline as given (the same on every model, so said when it is parsed), or None."""
+        if self.name == "fastercache":
+            return (f"{self.name}: refused: Diffusers' FasterCache splits the unconditional and conditional branches "
+                    "out of one batch, but the pipelines dit_accel supports call the transformer once per branch (it "
+                    "fails inside the hook with an IndexError); use pab, fbcache, taylorseer or magcache")
+        if self.name == "magcache" and self.options.get("mag_ratios") is None and not self.options.get("calibrate"):
+            return (f"{self.name}: MagCache needs the model's magnitude ratios: pass magcache:mag_ratios=flux "
+                    "(Diffusers' Flux ratios), ratios as a/b/c..., or magcache:calibrate=true to measure them (no "
+                    "skipping in that run)")
+        return None
 
     @property
     def label(self) -> str:

@@ -73,6 +73,7 @@ class AccelHandle:
         self.lora_adapter: Optional[str] = None
         self._released = False  # its adapters are gone (remove(), or a replacing apply() with weights=)
         self._thread = threading.current_thread()  # the thread that applied it (one live handle per model)
+        self._blocks = 0  # `with` blocks of this handle entered and not left (apply() inside one is refused)
         for hook in hooks:
             hook.handle = self
 
@@ -153,9 +154,11 @@ class AccelHandle:
             raise RuntimeError(f"dit_accel: `with` on a removed handle ({self!r}): leaving a with block removes "
                                "the handle, so its block would run the original model. Use `with "
                                "dit_accel.apply(...)` for each block, or one with block around all the calls")
+        self._blocks += 1
         return self
 
     def __exit__(self, *exc) -> bool:
+        self._blocks = max(0, self._blocks - 1)
         self.remove()
         return False
 

@@ -15,8 +15,8 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 from ..plans.plan import Plan
-from .context import CallContext, lasting_tensors
-from .parallel import Split, run_split
+from .context import CallContext, lasting_tensors, tracing
+from .parallel import Split, ring_first_says, run_split
 
 __all__ = ["SDPAInterceptor", "native_scope"]
 
@@ -232,7 +232,8 @@ class SDPAInterceptor(TorchFunctionMode):
                             scale=call.get("scale"), backend=layer.owner.runtime.backend, proj=proj, sdpa=_SDPA,
                             text_queries=not image_queries, text_query_mask=text_rows)
 
-    def _count(self, density, q, k, v, lse: bool = True) -> None:
+    def _count(self, density, q, k, v, lse: bool = True, ran: Optional[str] = None) -> None:
+        """Count the call; ``ran``: the backend it ran, where the caller knows it (context parallelism's)."""
         layer, plan = self.layer, self.plan
         if layer.owner.runtime.bypassed:
             return
@@ -240,36 +241,41 @@ class SDPAInterceptor(TorchFunctionMode):
             layer.report.dense(None if plan is None else plan.dense_reason)
         else:
             # (lse: the plan asks for it only where text keys are merged in, as Plan.run does)
-            layer.report.sparse(density, plan.backend_for(q, k, v, layer.owner.runtime.backend, lse=lse),
+            layer.report.sparse(density, ran or plan.backend_for(q, k, v, layer.owner.runtime.backend, lse=lse),
                                 plan.token_density)
 
     def _run_split(self, call, q, k, v, num_text, key_mask):
         """Context parallelism: this rank's share through the collectives of :mod:`.parallel`."""
         layer, runtime = self.layer, self.layer.owner.runtime
         context = self.context
-        capture = None if not self.capture else functools.partial(_save_share, layer, context, self.split.ring_rank)
+        wanted = self.capture
+        if self.split.ring > 1 and layer.report.observer is not None and not tracing():
+            # Every ring rank must make the capture's gather alike: the first ring rank's observer decides (before,
+            # each rank asked its own, and an observer without skip() got save() on every ring rank)
+            wanted = ring_first_says(wanted, self.split, q.device)
+        capture = None if not wanted else functools.partial(_save_share, layer, context, self.split.ring_rank)
         with layer.report.timed(q.device), lasting_tensors():
-            out, density = run_split(self.plan, q, k, v, split=self.split, num_text=num_text * self.split.world,
-                                     text_first=layer.owner.preset.text_position == "first", key_mask=key_mask,
-                                     scale=call.get("scale"), backend=runtime.backend,
-                                     proj=layer.projection(q.device), capture=capture,
-                                     whole=layer.owner.preset.split_whole)
-        self._count(density, q, k, v)
+            out, density, ran = run_split(self.plan, q, k, v, split=self.split,
+                                          num_text=num_text * self.split.world,
+                                          text_first=layer.owner.preset.text_position == "first", key_mask=key_mask,
+                                          scale=call.get("scale"), backend=runtime.backend,
+                                          proj=layer.projection(q.device), capture=capture,
+                                          whole=layer.owner.preset.split_whole)
+        self._count(density, q, k, v, ran=ran)
         return out
 
 
 def _save_share(layer, context: CallContext, ring_rank: int, q, k, v, heads) -> None:
     """Capture one context-parallel call (every ring rank of a head group holds the same gathered q, k, v): the
-    first ring rank saves it; the others record it as saved (the observer's ``skip``, else its ``save``), so their
-    next ``wants`` answers as the first rank's does. Before, only the first rank recorded it, and the second call of
-    a step (classifier-free guidance) made the ring gather for the capture on the other ranks alone: the ranks'
-    collectives no longer matched, and the run hung."""
+    first ring rank saves it; the others record it as saved where the observer can (its ``skip``), and are never
+    handed it (before, an observer without ``skip``, calibration's sampler, got ``save`` on every ring rank: the
+    same sample kept, and its file written, once per ring rank). Whether a call is captured is the first ring
+    rank's decision on every ring rank (:func:`~.parallel.ring_first_says`), so their gathers match."""
     observer = layer.report.observer
-    skip = getattr(observer, "skip", None) if ring_rank else None
-    if skip is not None:
-        skip(layer.index, context.step)
-    else:
+    if not ring_rank:
         observer.save(layer.index, layer.name, context.grid, context.step, q, k, v, heads=heads)
+    elif getattr(observer, "skip", None) is not None:
+        observer.skip(layer.index, context.step)
 
 
 class _AttributeRoute:

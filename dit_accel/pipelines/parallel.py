@@ -37,7 +37,7 @@ from ..plans.plan import Plan, attend_with_lse
 from ..kernels import merge_attention
 
 __all__ = ["Split", "run_split", "check_split", "check_ring_layers", "check_ulysses_heads", "check_per_head",
-           "enable_context_parallel"]
+           "enable_context_parallel", "ring_first_says"]
 
 
 def enable_context_parallel(transformer, config) -> None:
@@ -120,8 +120,8 @@ class Split:
             return None
         if getattr(cp, "ulysses_anything", False) or getattr(cp, "ring_anything", False):
             raise ValueError("dit_accel runs context parallelism with equal shares per rank; ulysses_anything / "
-                             "ring_anything (uneven shares) are not supported. Choose sizes whose token count is a "
-                             "multiple of the number of ranks")
+                             "ring_anything (uneven shares) are not supported. Build the ContextParallelConfig "
+                             "without them, and choose sizes whose token count is a multiple of the number of ranks")
         return cls(cp.ulysses_degree, cp.ring_degree, cp._ulysses_local_rank, cp._ring_local_rank,
                    cp._ulysses_mesh.get_group(), cp._ring_mesh.get_group())
 
@@ -232,6 +232,16 @@ def ulysses_scatter(x: torch.Tensor, split: Split) -> torch.Tensor:
     return x.transpose(0, 1).reshape(b, u * h, us // u, d)
 
 
+def ring_first_says(value: bool, split: Split, device) -> bool:
+    """The first ring rank's ``value`` on every ring rank of this head group (one small collective): a decision
+    that every ring rank must take alike, such as whether to make the capture's ring gather."""
+    import torch.distributed as dist
+
+    flag = torch.tensor([int(bool(value)) if split.ring_rank == 0 else 0], device=device)
+    dist.all_reduce(flag, group=split.ring_group)
+    return bool(flag.item())
+
+
 def ring_gather(x: torch.Tensor, split: Split, dim: int = 2) -> torch.Tensor:
     """Concatenate the ring members' tensors along ``dim`` (ring order), with an autograd backward."""
     return _wait(_funcol().all_gather_tensor_autograd(x.contiguous(), dim, split.ring_group))
@@ -277,11 +287,11 @@ def run_split(plan: Optional[Plan], q, k, v, *, split: Split, num_text: int, tex
             together) and the video tokens, in the order the model uses (``text_first``).
         key_mask: this rank's bool key-padding mask ``(B, 1, 1, S_local)`` or None.
         capture: ``capture(q, k, v, heads)`` of the whole video sequence of this rank's heads, called by
-            every ring rank of each head group, which all hold it (None: no capture): the first one saves it, the
-            others record it as saved, so each rank's next capture decision, and the gather it makes, match.
+            every ring rank of each head group, which all hold it (None: no capture; every ring rank passes one
+            or none alike, the first ring rank's decision: :func:`ring_first_says`): the first one saves it.
         whole: the model split its one sequence contiguously (``Preset.split_whole``): the shares are not
             ``[text, video]`` each, and the Ulysses gather gives back the model's order.
-    Returns ``(o (B, H, S_local, D), density or None)``.
+    Returns ``(o (B, H, S_local, D), density or None, the kernel backend it ran or None)``.
     """
     if whole and num_text and split.ring > 1:
         raise ValueError("dit_accel: this model's context parallelism splits its one joint sequence contiguously, "
@@ -318,7 +328,7 @@ def run_split(plan: Optional[Plan], q, k, v, *, split: Split, num_text: int, tex
         n_first = order[0][0].shape[2]
         o_text, o_video = (out[:, :, :n_first], out[:, :, n_first:]) if text_first else (
             out[:, :, n_first:], out[:, :, :n_first])
-        return _finish(o_text, o_video, q.dtype, chunks, text_first, split), None
+        return _finish(o_text, o_video, q.dtype, chunks, text_first, split), None, None
     scale_value = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
     num_video = vk.shape[2]
     if split.ring > 1:
@@ -338,7 +348,27 @@ def run_split(plan: Optional[Plan], q, k, v, *, split: Split, num_text: int, tex
         o_text = tq
     if extra is not None:
         o_video = o_video + extra  # (an fp32 extra: the sum rounded once, below)
-    return _finish(o_text, o_video, q.dtype, chunks, text_first, split), density
+    return _finish(o_text, o_video, q.dtype, chunks, text_first, split), density, _ran_backend(plan, vq, vk, vv,
+                                                                                             split, backend)
+
+
+def _ran_backend(plan: Plan, vq, vk, vv, split: Split, backend: str) -> Optional[str]:
+    """The kernel backend of this rank's part of a call, for the statistics: asked with the tensors as the plan ran
+    them (the whole video sequence of this rank's heads; under Ring its query rows against one key shard at a time,
+    which a layout plan's :meth:`~dit_accel.plans.plan.Plan.attend_part` hands the block-sparse kernels), not with
+    this rank's share of the layer's input (before: a ring run on a CPU was reported as the one-call
+    ``dense-masked`` path, which ring attention never takes; it ran ``torch``)."""
+    from ..kernels.backends import resolve
+    from ..kernels.request import Request
+    from ..plans.plan import LayoutPlan
+
+    if not isinstance(plan, LayoutPlan) or (split.ring == 1 and plan.layout.num_heads == 1):
+        return plan.backend_for(vq, vk, vv, backend)
+    if split.ring == 1:  # a layout per head, of which this rank runs some heads: asked as before (None)
+        return None
+    start, stop = split.shards(vk.shape[2])[0]  # ring: the kernels' choice for one key shard
+    return resolve("block_sparse", backend, Request.of(vq, vk[:, :, start:stop], vv[:, :, start:stop],
+                                                       plan.layout.block_q, plan.layout.block_k))
 
 
 def _finish(o_text, o_video, dtype, chunks: int, text_first: bool, split: Split) -> torch.Tensor:

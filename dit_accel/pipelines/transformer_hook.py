@@ -114,6 +114,7 @@ class TransformerHook:
                 self._modules.append(module)
                 module.processor = wrapper
             if self.layers and self.layers[0].parallel is not None:  # a model made context-parallel before apply()
+                Split.of(self.layers[0].parallel)  # (uneven shares: refused here, not at the first attention call)
                 check_ulysses_heads(self.transformer, self.layers[0].parallel)
                 check_ring_layers(self.transformer, self.preset, self.layers[0].parallel)
                 check_per_head(self.schedule, self.layers[0].parallel)
