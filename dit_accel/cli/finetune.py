@@ -183,15 +183,9 @@ def _mixed_precision(flag: Optional[str]) -> str:
     """``--mixed-precision``, else what ``accelerate launch --mixed_precision`` (or its config file) asked for. Before:
     the option's default "no" overrode it, so `accelerate launch --mixed_precision bf16 -m dit_accel.cli.finetune`
     trained in float32 (twice the memory) without a word."""
-    import os
+    from ..training.config import launched_mixed_precision
 
-    if flag is not None:
-        return flag
-    launched = os.environ.get("ACCELERATE_MIXED_PRECISION", "").strip().lower()
-    if launched in ("", "no", "fp16", "bf16"):
-        return launched or "no"
-    raise ValueError(f"accelerate launch --mixed_precision {launched} (ACCELERATE_MIXED_PRECISION) is not one "
-                     "finetune trains in: choose no, fp16 or bf16 there, or pass --mixed-precision no|fp16|bf16.")
+    return flag if flag is not None else launched_mixed_precision()
 
 
 def _size_defaults(model: str, plan=None) -> dict:
@@ -286,7 +280,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     _add_arguments(parser)
     args = parser.parse_args(argv)
     args._parser = parser
-    return run(args)
+    from .main import _show_warnings
+
+    # (as `dit-accel finetune` shows them: before, `accelerate launch -m dit_accel.cli.finetune --quiet` printed every
+    # warning in Python's format all the same)
+    with _show_warnings(args.quiet):
+        return run(args)
 
 
 if __name__ == "__main__":

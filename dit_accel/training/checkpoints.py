@@ -141,6 +141,10 @@ def _check_output(config: FinetuneConfig, world: int) -> Tuple[Path, list]:
         if config.__dict__.get("_vsa_decay_default") and isinstance(previous.get("vsa_decay_steps"), int):
             config.vsa_decay_steps = previous["vsa_decay_steps"]  # the length the run started with, not --steps // 4
         current = _run_record(config, world)
+        for key in ("target_modules", "dense_layers"):
+            if _same_names(previous.get(key), current.get(key)):
+                # (before: the same modules or layers in another order, or one named twice, were "a different run")
+                current[key] = previous[key]
         for key in ("inputs_sha256", "model_sha256", "vsa_decay_steps", "vsa_decay_interval"):  # older run files
             if key not in previous:
                 current.pop(key)
@@ -156,12 +160,23 @@ def _check_output(config: FinetuneConfig, world: int) -> Tuple[Path, list]:
                                         "the transformer weights of the pipeline passed as model= are not those the "
                                         f"run trained on (fingerprint {str(previous.get('model_sha256'))[:19]} -> "
                                         f"{str(current.get('model_sha256'))[:19]})"),
+                       "mixed_precision": (f"mixed_precision: {previous.get('mixed_precision')!r} -> "
+                                           f"{current.get('mixed_precision')!r} (an unset --mixed-precision follows "
+                                           "accelerate launch; pass --mixed-precision "
+                                           f"{previous.get('mixed_precision')} to continue in the run's)"),
                        "plan": "the plan's content changed (content hash "
                                f"{str(previous.get('plan'))[:12]} -> {str(current.get('plan'))[:12]})"}
             detail = ", ".join(changed.get(k) or f"{k}: {previous.get(k)!r} -> {current.get(k)!r}" for k in diff[:4])
             raise ValueError(f"--resume: {str(out)!r} holds a different run ({detail}); "
                              "use the same settings and inputs, another --output, or --overwrite.")
     return out, contents
+
+
+def _same_names(a, b) -> bool:
+    """Whether two recorded ``target_modules`` (or ``dense_layers``) name the same modules (layers), in whatever order
+    and however often (peft adapts each matching layer once; a layer runs dense once)."""
+    return (isinstance(a, list) and isinstance(b, list) and all(isinstance(t, (str, int)) for t in a + b)
+            and set(a) == set(b))
 
 
 def _check_outside_model(config: FinetuneConfig, out: Path) -> None:

@@ -64,7 +64,9 @@ class FinetuneConfig:
         resume: continue from the last checkpoint in ``output``.
         overwrite: delete ``output`` contents when it holds another run.
         mixed_precision: ``"no"``, ``"fp16"`` or ``"bf16"`` (frozen weights in
-            that dtype, trainable ones in fp32, forward under autocast).
+            that dtype, trainable ones in fp32, forward under autocast). ``None`` (default): what
+            ``accelerate launch --mixed_precision`` (or its config) says, else ``"no"``; resolved by
+            :func:`validate_config` and recorded.
         gradient_checkpointing: recompute transformer blocks in backward.
         log_every: progress-bar/log print interval in steps.
         sla_lr_scale: learning rate of the SLA projections relative to ``lr``.
@@ -111,7 +113,7 @@ class FinetuneConfig:
     checkpoints_total_limit: int = 2
     resume: bool = False
     overwrite: bool = False
-    mixed_precision: str = "no"
+    mixed_precision: Optional[str] = None
     gradient_checkpointing: bool = False
     log_every: int = 10
     weight_decay: float = 0.0
@@ -194,6 +196,17 @@ def finetune_methods() -> Tuple[str, ...]:
     return tuple(name for name, entry in registered_methods().items() if entry.finetunable)
 
 
+def launched_mixed_precision() -> str:
+    """The precision ``accelerate launch --mixed_precision`` (or its config file) asked for, passed on as
+    ``ACCELERATE_MIXED_PRECISION``; "no" when not launched so. ValueError for one fine-tuning does not train in."""
+    launched = os.environ.get("ACCELERATE_MIXED_PRECISION", "").strip().lower()
+    if launched in ("",) + MIXED_PRECISION:
+        return launched or "no"
+    raise ValueError(f"accelerate launch --mixed_precision {launched} (ACCELERATE_MIXED_PRECISION) is not one "
+                     "finetune trains in: choose no, fp16 or bf16 there, or pass --mixed-precision no|fp16|bf16 "
+                     "(mixed_precision=).")
+
+
 def _require(ok: bool, message: str) -> None:
     if not ok:
         raise ValueError(message)
@@ -216,6 +229,8 @@ def validate_config(config: FinetuneConfig) -> None:
                  f"method={c.method!r} is invalid: fine-tuning supports {list(finetune_methods())} configs "
                  "(e.g. dit_accel.SLA(topk=0.05)), or pass a calibrated plan (--plan PLAN.json).")
     _plain_numbers(c)
+    if c.mixed_precision is None:  # (before: "no", which overrode `accelerate launch --mixed_precision bf16`)
+        c.mixed_precision = launched_mixed_precision()
     _check_model(c)
     _check_vsa_options(c)
     _check_sequences(c)
@@ -302,11 +317,20 @@ def _warn_schedules(c: FinetuneConfig) -> None:
         late.append(f"--vsa-decay-steps {c.vsa_decay_steps} is past --steps {c.steps}: the last step trains at "
                     f"{vsa_sparsity_at(c.steps - 1, 1.0, c.vsa_decay_steps, c.vsa_decay_interval):.0%} of the "
                     "target sparsity, which the weights folder names")
-    if late:
-        import warnings
+    import warnings
 
-        warnings.warn(f"dit_accel: {'; '.join(late)}. Shorten the schedule, or raise --steps (a --resume with more "
-                      "--steps continues it).", DitAccelWarning, stacklevel=3)
+    said = c.__dict__.setdefault("_warnings", [])  # (the run's log lists them: --quiet keeps them off the terminal)
+    if isinstance(c.method, VSA) and c.vsa_decay_steps and 1 < c.vsa_decay_interval >= c.vsa_decay_steps:
+        # (before: without a word, a decay with no stair in it)
+        said.append(f"dit_accel: --vsa-decay-interval {c.vsa_decay_interval} is not below --vsa-decay-steps "
+                    f"{c.vsa_decay_steps}: steps 1 to {c.vsa_decay_steps} train dense (sparsity 0) and the next jumps "
+                    "to the target, with no stair between. Lower --vsa-decay-interval (default 1), or give "
+                    "--vsa-decay-steps 0 to train at the target from the start.")
+        warnings.warn(said[-1], DitAccelWarning, stacklevel=3)
+    if late:
+        said.append(f"dit_accel: {'; '.join(late)}. Shorten the schedule, or raise --steps (a --resume with more "
+                    "--steps continues it).")
+        warnings.warn(said[-1], DitAccelWarning, stacklevel=3)
 
 
 def _check_switches(c: FinetuneConfig) -> None:
@@ -437,7 +461,7 @@ def _check_sequences(c: FinetuneConfig) -> None:
     # with the string could not be resumed with the list (or from the CLI).
     names = target_names(c.target_modules)
     if names and all(isinstance(t, str) and t for t in names):  # (else refused below, as given)
-        c.target_modules = names
+        c.target_modules = tuple(dict.fromkeys(names))  # a name given twice adapts its layers once
     if c.dense_layers is not None:
         what = f"--dense-layers {c.dense_layers!r} is invalid: N >= 0 (the first N layers) or a list of layer " \
                "indices >= 0, e.g. [0, 1]."
@@ -445,7 +469,7 @@ def _check_sequences(c: FinetuneConfig) -> None:
             _require(c.dense_layers >= 0, what)
             c.dense_layers = list(range(c.dense_layers))
         else:
-            c.dense_layers = list(_int_list(c.dense_layers, what, 0))
+            c.dense_layers = sorted(set(_int_list(c.dense_layers, what, 0)))  # (one spelling: 1,0 is 0,1)
     if c.cp is not None:
         cp = _int_list(c.cp, f"--cp {c.cp!r} is invalid: (ulysses, ring), two positive integers, e.g. (2, 1).", 1)
         _require(len(cp) == 2, f"--cp {c.cp!r} is invalid: (ulysses, ring), two positive integers, e.g. (2, 1).")

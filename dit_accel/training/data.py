@@ -27,7 +27,7 @@ from .._util import WarningLog
 from ..atomic_files import BadFileError, read_text
 
 __all__ = ["read_prompts", "inputs_digest", "CaptionDataset", "IMAGE_EXTENSIONS", "VIDEO_EXTENSIONS", "sample_indices",
-           "step_generator", "check_batchable"]
+           "step_generator", "check_batchable", "check_held_out"]
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 VIDEO_EXTENSIONS = (".mp4", ".gif", ".webm", ".mov", ".mkv", ".avi")
@@ -86,8 +86,8 @@ def _named_files(root: Path) -> List[str]:
     return names
 
 
-def _load_frames(path: Path) -> np.ndarray:
-    """File -> uint8 array [F, H, W, 3]."""
+def _load_frames(path: Path, limit: int) -> np.ndarray:
+    """File -> uint8 array [F, H, W, 3], at most ``limit`` frames of a video."""
     if path.suffix.lower() in IMAGE_EXTENSIONS:
         from PIL import Image, ImageOps
 
@@ -98,9 +98,24 @@ def _load_frames(path: Path) -> np.ndarray:
             # sideways, without a word)
             im = ImageOps.exif_transpose(im)
             return pil_rgb(im)[None]  # (16-bit greyscale scaled: convert("RGB") clipped it, nearly all white)
-    from ..videos import load_video
+    if path.suffix.lower() == ".gif":
+        from ..videos import load_video
 
-    return np.asarray(load_video(str(path)))
+        return np.asarray(load_video(str(path)))[:limit]
+    # Only the frames a sample takes (before: every frame of the clip was decoded each time a step drew it, gigabytes
+    # for a minute of HD video, where the run keeps the first --frames)
+    import imageio.v2 as iio
+
+    reader = iio.get_reader(str(path), format="FFMPEG")
+    try:
+        frames = []
+        for frame in reader:
+            frames.append(np.asarray(frame, dtype=np.uint8)[..., :3])
+            if len(frames) == limit:
+                break
+    finally:
+        reader.close()
+    return np.stack(frames) if frames else np.zeros((0, 0, 0, 3), dtype=np.uint8)
 
 
 def _resize_crop(frames: torch.Tensor, height: int, width: int) -> torch.Tensor:
@@ -186,6 +201,7 @@ class CaptionDataset:
             shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
             raise ValueError(f"{flag} {str(self.root)!r}: no caption in metadata.jsonl for {shown}.")
         _check_readable(self.root, sorted(captions), flag)
+        _check_decodable(self.root, sorted(captions), flag)
         self.files: List[str] = sorted(captions)
         self.captions = [captions[f] for f in self.files]
         self.frames, self.height, self.width = frames, height, width
@@ -201,7 +217,7 @@ class CaptionDataset:
         path = self.root / self.files[i]
         expected = f"an image ({', '.join(IMAGE_EXTENSIONS)}) or a video ({', '.join(VIDEO_EXTENSIONS)})"
         try:
-            frames = _load_frames(path)
+            frames = _load_frames(path, self.num_frames(i))
         except Exception as err:  # PIL, imageio and ffmpeg raise many types for damaged files
             raise BadFileError(path, f"cannot be decoded ({type(err).__name__}: {' '.join(str(err).split())[:100]})",
                                expected) from None
@@ -232,6 +248,53 @@ def _check_readable(root: Path, names: List[str], flag: str) -> None:
         shown = ", ".join(empty[:5]) + (f" and {len(empty) - 5} more" if len(empty) > 5 else "")
         raise ValueError(f"{flag} {str(root)!r}: {shown} {'is' if len(empty) == 1 else 'are'} empty (0 bytes); "
                          "copy the file(s) again, or leave them out of the folder and its metadata.jsonl.")
+
+
+def _probe(path: Path) -> None:
+    """Open ``path`` as training reads it and decode a little of it: a picture (and a gif's first frame) decoded whole
+    (a JPEG at 1/8 size: its whole stream is read all the same), a video's header and first frame. Raises what the
+    decoder raises."""
+    if path.suffix.lower() in IMAGE_EXTENSIONS + (".gif",):
+        from PIL import Image
+
+        with Image.open(path) as im:
+            im.draft(None, (64, 64))
+            im.load()
+        return
+    import imageio.v2 as iio
+
+    reader = iio.get_reader(str(path), format="FFMPEG")
+    try:
+        reader.get_data(0)
+    finally:
+        reader.close()
+
+
+def _check_decodable(root: Path, names: List[str], flag: str) -> None:
+    """BadFileError naming the first file of a caption folder that does not open, or whose first frame does not
+    decode (a damaged or truncated copy, a text file renamed .png), before the model loads. Before: found only when a
+    step first drew it, possibly hours into a run. (A video damaged after its first frame is still found when drawn.)"""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def problem(name: str) -> Optional[str]:
+        try:
+            _probe(root / name)
+        except Exception as err:  # PIL, imageio and ffmpeg raise many types for damaged files
+            return f"{type(err).__name__}: {' '.join(str(err).split())[:100]}"
+        return None
+
+    # (ffmpeg runs as processes; every launched process checks its folder: a share of the cores each)
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if os.environ.get("LOCAL_WORLD_SIZE", "").isdigit() else 1
+    with ThreadPoolExecutor(max_workers=max(1, min(8, (os.cpu_count() or 1) // max(local, 1)))) as pool:
+        problems = list(pool.map(problem, names))
+    bad = [(name, p) for name, p in zip(names, problems) if p is not None]
+    if bad:
+        name, first = bad[0]
+        others = f"; {len(bad) - 1} more file(s) of the folder do not decode either" if len(bad) > 1 else ""
+        raise BadFileError(root / name, f"cannot be decoded ({first}){others}",
+                           f"an image ({', '.join(IMAGE_EXTENSIONS)}) or a video ({', '.join(VIDEO_EXTENSIONS)}) "
+                           f"that decodes: copy the file(s) again, or leave them out of {flag} {str(root)!r} and its "
+                           "metadata.jsonl")
 
 
 def _generator(*parts: int) -> torch.Generator:
@@ -273,6 +336,32 @@ def check_batchable(dataset: CaptionDataset, batch_size: int) -> None:
             f"{batch_size} their "
             "latents cannot be stacked. Use --batch-size 1 or a folder of one kind."
         )
+
+
+def check_held_out(dataset: CaptionDataset, held_out: CaptionDataset) -> None:
+    """ValueError when the held-out folder (``--eval-data``) holds files the training folder holds too (the same
+    bytes, under any name). Before: only the same folder was refused, so clips copied into ``--eval-data`` and left in
+    ``--data`` made a "held-out" loss measured on clips the run trains on."""
+    from ..atomic_files import sha256_file
+
+    by_size: dict = {}
+    for name in dataset.files:
+        by_size.setdefault((dataset.root / name).stat().st_size, []).append(name)
+    digests: dict = {}  # (training files hashed once, and only those of a size a held-out file has)
+    shared = []
+    for name in held_out.files:
+        path = held_out.root / name
+        for other in by_size.get(path.stat().st_size, ()):
+            if other not in digests:
+                digests[other] = sha256_file(dataset.root / other)
+            if digests[other] == sha256_file(path):
+                shared.append(f"{name} = {other}" if name != other else name)
+                break
+    if shared:
+        shown = ", ".join(shared[:5]) + (f" and {len(shared) - 5} more" if len(shared) > 5 else "")
+        raise ValueError(f"{held_out.flag} {str(held_out.root)!r} holds {len(shared)} file(s) that {dataset.flag} "
+                         f"{str(dataset.root)!r} trains on too ({shown}): the held-out loss would be measured on "
+                         "training clips. Leave them out of one of the folders (and its metadata.jsonl).")
 
 
 def stack(items: Sequence[torch.Tensor]) -> torch.Tensor:

@@ -76,6 +76,7 @@ def _read_inputs(config: FinetuneConfig):
         data_mod.check_batchable(dataset, config.batch_size)
         if held_out is not None:
             data_mod.check_batchable(held_out, config.batch_size)
+            data_mod.check_held_out(dataset, held_out)
             dataset.held_out = held_out  # (the trainer draws the held-out batches from it)
         return None, dataset
     if config.mode == "data":
@@ -93,6 +94,10 @@ def _accelerator(config: FinetuneConfig):
     # accelerate keeps one process-global state; a second finetune() call in the same process (other
     # mixed precision) must be able to configure it again. The process group (PartialState) is kept.
     AcceleratorState._reset_state(reset_partial_state=False)
+    if config.mixed_precision is None:  # (validate_config resolves it; a config not validated yet, here)
+        from .config import launched_mixed_precision
+
+        config.mixed_precision = launched_mixed_precision()
     return Accelerator(mixed_precision=config.mixed_precision, cpu=use_cpu)
 
 
@@ -134,9 +139,23 @@ def _write_results(trainer: _Trainer, out: Path, result: dict) -> None:
         "initial_loss": result["initial_loss"], "final_loss": result["final_loss"],
         "eval_loss_start": result["eval_loss_start"], "eval_loss_end": result["eval_loss_end"],
     }
+    log["warnings"] = _run_warnings(trainer)
     if trainer.gates:  # the sparsity each step trained at (FastVideo's decay from dense to the target)
         log["vsa_sparsity"] = [{"step": i + 1, "sparsity": trainer.vsa_sparsity(i)} for i in range(len(losses))]
     atomic_write_json(out / LOG_FILE, log)
+
+
+def _run_warnings(trainer: _Trainer) -> List[str]:
+    """What the run warned about (its schedules, short clips, the method on this model), for the log: ``--quiet`` keeps
+    them off the terminal. Before: nowhere, though ``--quiet`` said the log kept them. Not the decay's own dense
+    steps under VSA, which are meant (and not shown)."""
+    from .loop import _folders
+
+    found = list(trainer.config.__dict__.get("_warnings", ()))
+    for folder in _folders(trainer.dataset):
+        found += folder.warnings.messages
+    found += [m for m in trainer.handle.warnings if not (trainer.gates and "visits every key block" in m)]
+    return list(dict.fromkeys(found))
 
 
 def _number(v: float) -> str:

@@ -402,9 +402,12 @@ class _Trainer:
                 self._undo_flags["injection"] = injection_state(transformer)
                 transformer.add_adapter(self.lora_config)
             except ValueError as e:
-                raise ValueError(f"--target-modules {','.join(targets)}: "
-                                 f"{_unadaptable(transformer, targets) or e}") from None
+                named = any(n == t or n.endswith("." + t) for n, _ in transformer.named_modules() for t in targets)
+                problem = _unadaptable(transformer, targets) or (None if named else _unmatched_targets(transformer,
+                                                                                                        targets))
+                raise ValueError(f"--target-modules {','.join(targets)}: {problem or e}") from None
         _check_targets(transformer, targets)
+        _check_rank(transformer, config.rank)
         self.projections = self.handle.sla_projections()
         self.gates = {}
         if isinstance(config.method, VSA):  # zero-initialised to_gate_compress per layer: step 0 is training-free VSA
@@ -643,6 +646,15 @@ def _trainable(transformer, projections, targets, gates=None) -> Dict[str, nn.Pa
 def _check_targets(transformer, targets: Sequence[str]) -> None:
     """ValueError naming the target that matched no layer when others did: peft skips it without a word, so a typo
     (``to_out0``) trained fewer layers than asked while the weights folder listed it as trained."""
+    problem = _unmatched_targets(transformer, targets)
+    if problem:
+        raise ValueError(f"--target-modules {','.join(targets)}: {problem}")
+
+
+def _unmatched_targets(transformer, targets: Sequence[str]) -> Optional[str]:
+    """The targets that matched no layer peft wrapped (all of them when it wrapped none), with the closest names of
+    layers LoRA can adapt, or None when each matched. Before, when none matched: peft's "Target modules {'to_Q'} not
+    found in the base model", naming no layer that is there."""
     import difflib
 
     from peft.tuners.tuners_utils import BaseTunerLayer
@@ -650,17 +662,36 @@ def _check_targets(transformer, targets: Sequence[str]) -> None:
     wrapped = {n for n, m in transformer.named_modules() if isinstance(m, BaseTunerLayer)}
     unmatched = [t for t in targets if not any(n == t or n.endswith("." + t) for n in wrapped)]
     if not unmatched:
-        return
+        return None
     names = set()  # the Linear layers' names as targets name them (peft's own layers inside a wrapped one aside)
     for n, m in transformer.named_modules():
         if n and (n in wrapped or (isinstance(m, nn.Linear) and not any(n.startswith(w + ".") for w in wrapped))):
             parts = n.split(".")
             names.add(".".join(parts[-2:]) if parts[-1].isdigit() and len(parts) > 1 else parts[-1])
-    close = difflib.get_close_matches(unmatched[0], sorted(names), n=3)
-    raise ValueError(f"--target-modules {','.join(targets)}: {', '.join(unmatched)} matched no layer of "
-                     f"{type(transformer).__name__} (the other names did)"
-                     + (f"; did you mean {' or '.join(close)}?" if close else "")
-                     + f" Layers LoRA can adapt there end in e.g. {', '.join(sorted(names)[:8])}.")
+    lower = {name.lower(): name for name in names}  # (to_Q: to_q first)
+    close = [lower[c] for c in difflib.get_close_matches(unmatched[0].lower(), sorted(lower), n=3)]
+    where = type(transformer).__name__
+    said = (f"{', '.join(unmatched)} matched no layer of {where} (the other names did)" if len(unmatched) < len(targets)
+            else f"{', '.join(unmatched)} not found: no layer of {where} is named so")
+    return (said + (f"; did you mean {' or '.join(close)}?" if close else "")
+            + f" Layers LoRA can adapt there end in e.g. {', '.join(sorted(names)[:8])}.")
+
+
+def _check_rank(transformer, rank: int) -> None:
+    """ValueError when ``--rank`` is past the width of an adapted layer (the fewer of its input and output features):
+    a rank-r product there has rank at most that width, so the rest trains nothing but memory, and alpha / r scales the
+    update down for ranks it cannot have. Before: a rank of 512 on 64-wide layers was taken without a word."""
+    from peft.tuners.lora import LoraLayer
+
+    widths = [(min(m.in_features, m.out_features), n, m.in_features, m.out_features)
+              for n, m in transformer.named_modules() if isinstance(m, LoraLayer)
+              and all(isinstance(getattr(m, k, None), int) for k in ("in_features", "out_features"))]
+    if not widths or rank <= min(widths)[0]:
+        return
+    width, name, fan_in, fan_out = min(widths)
+    raise ValueError(f"--rank {rank} is past the width of the adapted layer {name} ({fan_in} -> {fan_out} features): a "
+                     f"LoRA's rank is at most the fewer of a layer's input and output features, so the widest allowed "
+                     f"here is {width}. Pass --rank {width} or less (or leave such layers out of --target-modules).")
 
 
 def _unadaptable(transformer, targets: Sequence[str]) -> Optional[str]:
