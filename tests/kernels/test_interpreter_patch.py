@@ -1,6 +1,7 @@
 """dit_accel.kernels.interpreter: Triton's interpreter patches the language once per launch, not again at every
 call of a @triton.jit helper inside it, and leaves the language as it found it; it builds no overflow check that
-device_assert would throw away, and keeps numpy's dtype per Triton dtype name, with the same answers."""
+device_assert would throw away, keeps numpy's dtype per Triton dtype name, and keeps the checked parts of a shape,
+with the same answers and the same errors."""
 import dataclasses
 import inspect
 import threading
@@ -11,7 +12,7 @@ import triton
 import triton.language as tl
 
 from dit_accel.kernels.interpreter import np_dtypes_by_name, patch_language_once_per_launch, speed_up_interpreter
-from dit_accel.kernels.interpreter import skip_discarded_overflow_checks
+from dit_accel.kernels.interpreter import shapes_kept, skip_discarded_overflow_checks
 from dit_accel.kernels.request import interpreting
 
 pytestmark = pytest.mark.skipif(not interpreting(), reason="Triton's interpreter only (TRITON_INTERPRET=1)")
@@ -152,3 +153,59 @@ def test_numpy_dtypes_by_name_answer_as_the_table_does():
                     fast(form)
                 continue
             assert fast(form) == want and fast(form) == want, form
+
+
+def _state(value) -> dict:
+    """Every attribute of a block type or tensor, the shape's language tuple as (its values, its type)."""
+    from triton.language import core
+
+    out = {}
+    for name, item in vars(value).items():
+        if type(item) is core.tuple:
+            item = ([(type(v), getattr(v, "value", v)) for v in item.values], item.type)
+        elif type(item) is core.constexpr:
+            item = (core.constexpr, item.value)
+        out[name] = item
+    return out
+
+
+@pytest.mark.parametrize("shape", [[4, 2], [tl.constexpr(16)], (tl.constexpr(8), 2), [1, 64, 32]],
+                         ids=["list", "constexpr", "language-tuple", "three"])
+def test_kept_shapes_build_the_types_and_tensors_triton_builds(shape):
+    """A block type and a tensor made through the kept shapes, first and second time, equal Triton's own in every
+    attribute (its shape a language tuple of its own, not one shared by two types)."""
+    from triton.language import core
+
+    assert shapes_kept() and shapes_kept()  # applied once; again changes nothing
+    shape = core.tuple(list(shape)) if type(shape) is tuple else shape
+    for dt in (tl.float32, tl.pointer_type(tl.float16), tl.int1):
+        want = object.__new__(tl.block_type)
+        tl.block_type.__init__.__wrapped__(want, dt, shape)
+        for _ in range(2):
+            got = tl.block_type(dt, shape)
+            assert _state(got) == _state(want) and got == want and str(got) == str(want)
+            assert got.shape is not tl.block_type(dt, shape).shape
+            want_t = object.__new__(tl.tensor)
+            tl.tensor.__init__.__wrapped__(want_t, "handle", want)
+            got_t = tl.tensor("handle", got)
+            assert _state(got_t) == _state(want_t) and got_t.shape is not tl.tensor("handle", got).shape
+    scalar = object.__new__(tl.tensor)
+    tl.tensor.__init__.__wrapped__(scalar, None, tl.float32)
+    assert _state(tl.tensor(None, tl.float32)) == _state(scalar) and tl.tensor(None, tl.float32).shape == ()
+
+
+@pytest.mark.parametrize("shape, error", [([3, 4], ValueError), ([True, 4], None), ([2.0, 4], TypeError),
+                                          ((4, 2), AssertionError), ([1 << 21], ValueError)])
+def test_shapes_triton_refuses_or_reads_otherwise_take_its_own_path(shape, error):
+    """Not a power of two, past the element limit, a float, a Python tuple (Triton asserts a list or language
+    tuple): the same error as before, twice (nothing kept); a bool, which Triton reads as 1, kept apart from 1."""
+    assert shapes_kept()
+    for _ in range(2):
+        if error is None:
+            want = object.__new__(tl.block_type)
+            tl.block_type.__init__.__wrapped__(want, tl.float32, shape)
+            assert _state(tl.block_type(tl.float32, shape)) == _state(want)
+            assert str(tl.block_type(tl.float32, [1, 4])) != str(want)
+        else:
+            with pytest.raises(error):
+                tl.block_type(tl.float32, shape)
