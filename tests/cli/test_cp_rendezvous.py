@@ -2,6 +2,7 @@
 bounded wait (``DIT_ACCEL_CP_TIMEOUT``), never torch's 30-minute rendezvous or its raw errors; ranks started by hand
 with the env:// variables (as SLURM's srun does) still form the group. Each case runs in its own processes, with a
 wall-clock limit, so a hang fails the test instead of stalling the suite."""
+import json
 import os
 import socket
 import subprocess
@@ -62,18 +63,47 @@ def test_a_lone_rank_1_waits_the_bounded_time_then_says_so():
                     "with torchrun --nproc_per_node 2 (DIT_ACCEL_CP_TIMEOUT=S waits longer)")
 
 
-@pytest.mark.parametrize("env, says", [
-    (dict(RANK=0, MASTER_PORT=29500), "--cp: WORLD_SIZE=2 is set but MASTER_ADDR is not: this process was not "
-                                      "started by torchrun"),
-    (dict(RANK=0, MASTER_ADDR="127.0.0.1"), "--cp: WORLD_SIZE=2 is set but MASTER_PORT is not"),
-    (dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=29500), "--cp: WORLD_SIZE=2 is set but RANK is 'not set'"),
-    (dict(RANK=0, MASTER_ADDR="127.0.0.1", MASTER_PORT="x"), "--cp: MASTER_PORT='x' is not a port number"),
-    (dict(RANK=0, MASTER_ADDR="127.0.0.1", MASTER_PORT=29500, DIT_ACCEL_CP_TIMEOUT="soon"),
-     "DIT_ACCEL_CP_TIMEOUT='soon': expected the seconds to wait for the other ranks"),
-], ids=["no-addr", "no-port", "no-rank", "bad-port", "bad-timeout"])
-def test_missing_or_bad_variables_are_one_line(env, says):
-    said = _refusal(WORLD_SIZE=2, **env)
-    assert said.startswith(says), said
+BAD_VARIABLES = {
+    "no-addr": (dict(RANK=0, MASTER_PORT=29500), "--cp: WORLD_SIZE=2 is set but MASTER_ADDR is not: this process was "
+                                                 "not started by torchrun"),
+    "no-port": (dict(RANK=0, MASTER_ADDR="127.0.0.1"), "--cp: WORLD_SIZE=2 is set but MASTER_PORT is not"),
+    "no-rank": (dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=29500), "--cp: WORLD_SIZE=2 is set but RANK is 'not set'"),
+    "bad-port": (dict(RANK=0, MASTER_ADDR="127.0.0.1", MASTER_PORT="x"), "--cp: MASTER_PORT='x' is not a port number"),
+    "bad-timeout": (dict(RANK=0, MASTER_ADDR="127.0.0.1", MASTER_PORT=29500, DIT_ACCEL_CP_TIMEOUT="soon"),
+                    "DIT_ACCEL_CP_TIMEOUT='soon': expected the seconds to wait for the other ranks"),
+}
+# each case's variables set in turn in one process (they are refused before any rendezvous, so nothing carries over
+# from one case to the next but what the script resets): one Python start-up instead of five
+EACH = ("import json, os, sys, torch.distributed as dist\n"
+        "from dit_accel.cli import parallel\n"
+        "names = ('MASTER_ADDR', 'MASTER_PORT', 'RANK', 'DIT_ACCEL_CP_TIMEOUT')\n"
+        "for case, env in json.loads(sys.argv[1]).items():\n"
+        "    for name in names:\n"
+        "        os.environ.pop(name, None)\n"
+        "    os.environ.update(env)\n"
+        "    try:\n"
+        "        parallel.start((2, 1), 'cpu')\n"
+        "        said = None\n"
+        "    except ValueError as err:\n"
+        "        said = str(err)\n"
+        "    print(json.dumps([case, said, dist.is_initialized()]))\n")
+
+
+@pytest.fixture(scope="module")
+def refusals():
+    cases = {case: {k: str(v) for k, v in env.items()} for case, (env, _) in BAD_VARIABLES.items()}
+    res = subprocess.run([sys.executable, "-c", EACH, json.dumps(cases)], cwd=REPO, env=_env(WORLD_SIZE=2),
+                         capture_output=True, text=True, timeout=90)
+    assert res.returncode == 0, res.stdout + res.stderr[-3000:]
+    return {case: (said, initialised) for case, said, initialised in map(json.loads, res.stdout.strip().splitlines())}
+
+
+@pytest.mark.parametrize("case", list(BAD_VARIABLES))
+def test_missing_or_bad_variables_are_one_line(refusals, case):
+    said, initialised = refusals[case]
+    says = BAD_VARIABLES[case][1]
+    assert said is not None and not initialised, (case, said)
+    assert "\n" not in said and said.startswith(says), said
     assert "torchrun" in said or says.startswith("DIT_ACCEL_CP_TIMEOUT"), said
 
 
